@@ -1,0 +1,231 @@
+-- paygate.sql: one SQL API over two engines.
+--
+--   sqlite:PATH[?opt=v&...]        embedded default (writer thread, group
+--                                  commit, reader threads; see src/lsqlite.c)
+--   postgres://user@host:port/db   libpq on the loop (see src/lpg.c)
+--
+-- Parameters are always bound, never spliced: write $1, $2 ... (both
+-- engines) or ? (SQLite only), and pass the values as an array. Use
+-- sql.null (or params.n) for a NULL in the middle of the array.
+--
+-- Every failure returns nil, err with err.kind one of: constraint (with
+-- err.constraint naming it), unavailable, timeout, serialization, busy,
+-- syntax, misuse, error; err.retryable says whether trying again can help.
+
+local sqlite_core = require "paygate.sqlite.core"
+
+local _M = { _VERSION = "0.1.0" }
+
+_M.null = sqlite_core.null            -- NULL light userdata (== cjson.null)
+_M.now = sqlite_core.now              -- wall clock, seconds
+
+local DEFAULT_RETRIES = 5
+
+local DB = {}
+DB.__index = DB
+
+local TX = {}
+TX.__index = TX
+
+local unpack = unpack or table.unpack
+
+local function pack(...)
+  return { n = select("#", ...), ... }
+end
+
+local function parse_query(qs, opts)
+  for k, v in qs:gmatch("([^&=]+)=([^&]*)") do
+    if opts[k] == nil then
+      opts[k] = tonumber(v) or v
+    end
+  end
+  return opts
+end
+
+local function copy(t)
+  local c = {}
+  for k, v in pairs(t or {}) do
+    c[k] = v
+  end
+  return c
+end
+
+local function is_retryable_tx(err)
+  return type(err) == "table"
+    and (err.kind == "serialization" or err.kind == "busy")
+end
+
+local function sleep(s)
+  local ok, paygate = pcall(require, "paygate")
+  if ok and type(paygate) == "table" and paygate.sleep then
+    paygate.sleep(s)
+  end
+end
+
+local function open_sqlite(rest, opts)
+  local path, qs = rest:match("^([^?]*)%??(.*)$")
+  if path:sub(1, 2) == "//" then
+    path = path:sub(3)
+  end
+  if path == "" then
+    error("sql.open: sqlite url needs a path (sqlite:/var/lib/app.db)", 3)
+  end
+  opts = parse_query(qs, opts)
+  local h = sqlite_core.open(path, opts)
+  local ok, err = h:connect()
+  if not ok then
+    h:close()
+    return nil, err
+  end
+  return setmetatable({ engine = "sqlite", h = h, path = path,
+                        retries = opts.retries or DEFAULT_RETRIES }, DB)
+end
+
+local function open_pg(url, opts)
+  local pg_core = require "paygate.pg.core"
+  local base, qs = url:match("^([^?]*)%??(.*)$")
+  -- Our options leave the URL; the rest (sslmode, ...) goes to libpq.
+  local ours = { pool = true, connect_timeout = true, query_timeout = true,
+                 retries = true, down_for = true }
+  local keep = {}
+  for k, v in qs:gmatch("([^&=]+)=([^&]*)") do
+    if ours[k] then
+      if opts[k] == nil then
+        opts[k] = tonumber(v) or v
+      end
+    else
+      keep[#keep + 1] = k .. "=" .. v
+    end
+  end
+  if opts.connect_timeout then
+    keep[#keep + 1] = "connect_timeout=" .. math.ceil(opts.connect_timeout)
+  end
+  local conninfo = base
+  if #keep > 0 then
+    conninfo = base .. "?" .. table.concat(keep, "&")
+  end
+  local h = pg_core.open(conninfo, opts)
+  local ok, err = h:connect()
+  if not ok then
+    h:close()
+    return nil, err
+  end
+  return setmetatable({ engine = "postgres", h = h,
+                        retries = opts.retries or DEFAULT_RETRIES }, DB)
+end
+
+-- syntax: db, err = sql.open(url [, opts])
+-- returns: a db handle, or nil, err (err.kind "unavailable" ...)
+-- yields: until the first connection is usable
+function _M.open(url, opts)
+  if type(url) ~= "string" then
+    error("sql.open: url must be a string", 2)
+  end
+  opts = copy(opts)
+  local scheme, rest = url:match("^(%a[%w+.-]*):(.*)$")
+  if scheme == "sqlite" or scheme == "sqlite3" then
+    return open_sqlite(rest, opts)
+  elseif scheme == "postgres" or scheme == "postgresql" then
+    return open_pg(url, opts)
+  end
+  error("sql.open: unknown url scheme in " .. url
+        .. " (want sqlite:PATH or postgres://...)", 2)
+end
+
+-- syntax: rows, err = db:query(sql, params)
+-- returns: an array of rows (column name -> value; NULL columns absent)
+-- yields: until the rows are read (SQLite: on a reader thread)
+function DB:query(sql, params)
+  return self.h:query(sql, params)
+end
+
+-- syntax: res, err = db:exec(sql, params)
+-- returns: { changes = n, last_id = id [, rows = RETURNING rows] }, only
+--          after the change is durable
+-- yields: until committed (SQLite: together with its batch)
+function DB:exec(sql, params)
+  return self.h:exec(sql, params)
+end
+
+-- syntax: ok, err = db:exec_script(sql)
+-- returns: true once all statements (no parameters) are committed
+function DB:exec_script(sql)
+  return self.h:script(sql)
+end
+
+-- syntax: ... , err = db:transaction(fn [, { retries = n }])
+-- fn(tx) runs with tx:query / tx:exec / tx:exec_script. Commits when fn
+-- returns (and returns fn's values, or true when fn returned none); rolls
+-- back when fn raises or returns nil, err. A serialization failure or a
+-- busy database retries fn from the start, at most `retries` times.
+-- Errors that are not tables (programmer errors) are raised again after
+-- the rollback.
+-- yields: until committed and durable
+function DB:transaction(fn, opts)
+  if type(fn) ~= "function" then
+    error("db:transaction: fn must be a function", 2)
+  end
+  local attempts = (opts and opts.retries) or self.retries
+  local err
+  for attempt = 1, attempts do
+    local txid
+    txid, err = self.h:begin()
+    if txid then
+      local tx = setmetatable({ h = self.h, id = txid, db = self,
+                                engine = self.engine }, TX)
+      local res = pack(pcall(fn, tx))
+      if not res[1] then
+        self.h:rollback(txid)
+        if type(res[2]) ~= "table" then
+          error(res[2], 0)
+        end
+        err = res[2]
+      elseif res[2] == nil and type(res[3]) == "table" then
+        self.h:rollback(txid)
+        err = res[3]
+      else
+        local ok, cerr = self.h:commit(txid)
+        if ok then
+          if res.n == 1 then
+            return true
+          end
+          return unpack(res, 2, res.n)
+        end
+        err = cerr
+      end
+    end
+    if not is_retryable_tx(err) or attempt == attempts then
+      return nil, err
+    end
+    sleep(0.002 * attempt * (0.5 + math.random()))
+  end
+  return nil, err
+end
+
+-- syntax: db:close()  -- pending writes still complete; safe to call twice
+function DB:close()
+  if self.h then
+    self.h:close()
+  end
+end
+
+function TX:query(sql, params)
+  return self.h:tx_query(self.id, sql, params)
+end
+
+function TX:exec(sql, params)
+  return self.h:tx_exec(self.id, sql, params)
+end
+
+function TX:exec_script(sql)
+  return self.h:tx_script(self.id, sql)
+end
+
+function TX:transaction()
+  error("nested transactions are not supported", 2)
+end
+
+_M.DB = DB
+_M.TX = TX
+
+return _M

@@ -1,0 +1,1386 @@
+/*
+ * lsqlite.c -- paygate.sqlite.core: SQLite that never blocks the loop.
+ *
+ * One database handle owns one writer thread (one read-write connection)
+ * and a few reader threads (read-only connections; WAL lets them read
+ * while the writer writes). The loop thread only queues jobs and turns
+ * finished jobs into Lua values.
+ *
+ * Group commit: the writer takes every job that is queued, runs each one
+ * inside its own SAVEPOINT within one BEGIN IMMEDIATE ... COMMIT, and
+ * resumes the waiting coroutines only after COMMIT returned (with
+ * synchronous=FULL in WAL mode, COMMIT fsyncs the log). A job that fails
+ * is rolled back to its savepoint and answered at once with its own
+ * error; its neighbours in the batch are not affected.
+ *
+ * Interactive transactions (db:transaction(fn) in Lua): BEGIN takes a
+ * savepoint in the current batch and the writer then serves only that
+ * transaction's statements until COMMIT/ROLLBACK (or tx_timeout), so other
+ * writers queue up and join the same batch afterwards. COMMIT of such a
+ * transaction resumes the coroutine after the batch is durable.
+ *
+ * Lifetime: struct gw_sqldb is reference counted by the Lua handle and by
+ * each thread; whoever drops the last reference frees it. A job is owned
+ * by the queue, then by the thread running it, then by the loop callback
+ * that delivers it (which frees it). A coroutine abandoned while waiting
+ * only clears job->co; delivery then frees the job without waking.
+ */
+#include <dirent.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <sqlite3.h>
+#include <lauxlib.h>
+
+#include "runtime.h"
+#include "store.h"
+
+#define LSQLITE_MT        "paygate.sqlite.db"
+#define LSQLITE_CACHE     64      /* prepared statements per connection */
+#define LSQLITE_READERS   2
+#define LSQLITE_BATCH_MAX 1024    /* jobs per group commit */
+
+enum gw_sqlop {
+    GW_SQLOP_OPEN,      /* writer: open + pragmas */
+    GW_SQLOP_STMT,      /* one statement with parameters */
+    GW_SQLOP_SCRIPT,    /* several statements, no parameters */
+    GW_SQLOP_BEGIN,     /* start an interactive transaction */
+    GW_SQLOP_COMMIT,    /* end it, durable on return */
+    GW_SQLOP_ROLLBACK   /* end it, discarding its effects */
+};
+
+struct gw_sqljob {
+    enum gw_sqlop      op;
+    struct gw_sqldb   *db;       /* borrowed; the db outlives its jobs */
+    struct gw_co      *co;       /* waiting coroutine; NULL if abandoned */
+    int                want_rows;/* 1: query (rows), 0: exec (changes) */
+    long               txid;     /* interactive transaction, 0 if none */
+    char              *sql;      /* owned */
+    struct gw_sqlv    *params;   /* owned, nparams values */
+    int                nparams;
+    /* results, written by the thread that runs the job */
+    int                rc;       /* SQLITE_OK or a primary result code */
+    int                xrc;      /* extended result code */
+    int                at_prepare;/* 1 when the failure was in prepare */
+    char              *errmsg;   /* owned; NULL on success */
+    int64_t            changes;  /* rows changed (exec) */
+    int64_t            last_id;  /* last insert rowid (exec) */
+    int                ncols;
+    char             **cols;     /* owned column names, ncols */
+    struct gw_sqlv    *cells;    /* owned, nrows * ncols, row-major */
+    int                nrows;
+    int                cap;      /* rows allocated in cells */
+    struct gw_sqljob  *next;     /* queue / delivery list link */
+};
+
+struct gw_sqlcache {
+    char         *sql[LSQLITE_CACHE];  /* owned keys */
+    sqlite3_stmt *st[LSQLITE_CACHE];   /* owned statements */
+};
+
+struct gw_sqlconn {
+    sqlite3            *h;       /* owned by the thread using it */
+    struct gw_sqlcache  cache;
+};
+
+struct gw_sqldb {
+    pthread_mutex_t    mu;       /* guards everything below */
+    pthread_cond_t     wcond;    /* writer: wq or txq got a job */
+    pthread_cond_t     rcond;    /* readers: rq got a job */
+    int                refs;     /* Lua handle + running threads */
+    int                closing;  /* threads exit when their queue drains */
+    struct gw_sqljob  *wq, *wq_tail;   /* writer jobs */
+    struct gw_sqljob  *txq, *txq_tail; /* active transaction's jobs */
+    struct gw_sqljob  *rq, *rq_tail;   /* reader jobs */
+    long               active_tx;/* txid the writer serves, 0 if none */
+    long               next_txid;
+    int                open_ok;  /* writer opened the file */
+    /* configuration, read-only after open */
+    char              *path;
+    int                nreaders;
+    int                batch_max;    /* 1 disables group commit */
+    int                busy_ms;      /* busy_timeout for other processes */
+    int                tx_timeout_ms;/* idle interactive tx is rolled back */
+    int                synchronous;  /* PRAGMA synchronous value */
+};
+
+struct gw_sqlud {
+    struct gw_sqldb *db;         /* reference; NULL once closed */
+};
+
+/* ---------------------------------------------------------------- jobs */
+
+static void
+job_free(struct gw_sqljob *j)
+{
+    int i;
+
+    if (j == NULL) {
+        return;
+    }
+    free(j->sql);
+    gw_sqlv_free(j->params, j->nparams);
+    free(j->errmsg);
+    for (i = 0; i < j->ncols; i++) {
+        free(j->cols[i]);
+    }
+    free(j->cols);
+    gw_sqlv_free(j->cells, j->nrows * j->ncols);
+    free(j);
+}
+
+static void
+job_fail(struct gw_sqljob *j, int rc, const char *msg)
+{
+    j->rc = rc;
+    j->xrc = rc;
+    free(j->errmsg);
+    j->errmsg = strdup(msg != NULL ? msg : sqlite3_errstr(rc));
+}
+
+static void
+job_fail_db(struct gw_sqljob *j, sqlite3 *h, int rc)
+{
+    j->rc = rc & 0xff;
+    j->xrc = h != NULL ? sqlite3_extended_errcode(h) : rc;
+    free(j->errmsg);
+    j->errmsg = strdup(h != NULL ? sqlite3_errmsg(h) : sqlite3_errstr(rc));
+}
+
+static void
+queue_push(struct gw_sqljob **head, struct gw_sqljob **tail,
+           struct gw_sqljob *j)
+{
+    j->next = NULL;
+    if (*tail != NULL) {
+        (*tail)->next = j;
+    } else {
+        *head = j;
+    }
+    *tail = j;
+}
+
+static struct gw_sqljob *
+queue_pop(struct gw_sqljob **head, struct gw_sqljob **tail)
+{
+    struct gw_sqljob *j = *head;
+
+    if (j != NULL) {
+        *head = j->next;
+        if (*head == NULL) {
+            *tail = NULL;
+        }
+        j->next = NULL;
+    }
+    return j;
+}
+
+static void
+db_unref(struct gw_sqldb *db)
+{
+    int last;
+
+    pthread_mutex_lock(&db->mu);
+    last = --db->refs == 0;
+    pthread_mutex_unlock(&db->mu);
+    if (last) {
+        pthread_mutex_destroy(&db->mu);
+        pthread_cond_destroy(&db->wcond);
+        pthread_cond_destroy(&db->rcond);
+        free(db->path);
+        free(db);
+    }
+}
+
+/* ------------------------------------------------------ delivery (loop) */
+
+static const char *
+constraint_name(const char *msg)
+{
+    const char *p = msg != NULL ? strstr(msg, "constraint failed: ") : NULL;
+
+    return p != NULL ? p + strlen("constraint failed: ") : NULL;
+}
+
+/* Pushes nil + a classified error table for a failed job. Returns 2. */
+static int
+push_job_error(lua_State *L, struct gw_sqljob *j)
+{
+    const char *kind = "error";
+    const char *msg = j->errmsg != NULL ? j->errmsg : "unknown error";
+    int         retry = 0;
+
+    switch (j->rc) {
+    case SQLITE_CONSTRAINT:
+        kind = "constraint";
+        break;
+    case SQLITE_BUSY:
+    case SQLITE_LOCKED:
+        kind = "busy";
+        retry = 1;
+        break;
+    case SQLITE_IOERR:
+    case SQLITE_FULL:
+    case SQLITE_CANTOPEN:
+    case SQLITE_CORRUPT:
+    case SQLITE_NOTADB:
+    case SQLITE_READONLY:
+    case SQLITE_PERM:
+        kind = "unavailable";
+        retry = j->rc == SQLITE_IOERR || j->rc == SQLITE_FULL;
+        break;
+    case SQLITE_ABORT:
+        kind = "timeout";
+        retry = 1;
+        break;
+    case SQLITE_MISUSE:
+    case SQLITE_RANGE:
+    case SQLITE_MISMATCH:
+        kind = "misuse";
+        break;
+    case SQLITE_ERROR:
+        kind = j->at_prepare ? "syntax" : "error";
+        break;
+    default:
+        break;
+    }
+    gw_push_error(L, kind, retry, "sqlite: %s", msg);
+    lua_pushinteger(L, j->xrc);
+    lua_setfield(L, -2, "code");
+    if (j->rc == SQLITE_CONSTRAINT && constraint_name(msg) != NULL) {
+        lua_pushstring(L, constraint_name(msg));
+        lua_setfield(L, -2, "constraint");
+    }
+    return 2;
+}
+
+static void
+push_rows(lua_State *L, struct gw_sqljob *j)
+{
+    int r, c;
+
+    lua_createtable(L, j->nrows, 0);
+    for (r = 0; r < j->nrows; r++) {
+        lua_createtable(L, 0, j->ncols);
+        for (c = 0; c < j->ncols; c++) {
+            struct gw_sqlv *v = &j->cells[r * j->ncols + c];
+
+            if (v->type == GW_SQLV_NULL) {
+                continue;
+            }
+            gw_sqlv_push(L, v);
+            lua_setfield(L, -2, j->cols[c]);
+        }
+        lua_rawseti(L, -2, r + 1);
+    }
+}
+
+/* Pushes the job's Lua results onto L; returns how many. */
+static int
+push_job_result(lua_State *L, struct gw_sqljob *j)
+{
+    if (j->rc != SQLITE_OK) {
+        return push_job_error(L, j);
+    }
+    switch (j->op) {
+    case GW_SQLOP_BEGIN:
+        lua_pushnumber(L, (lua_Number)j->txid);
+        return 1;
+    case GW_SQLOP_STMT:
+        if (j->want_rows) {
+            push_rows(L, j);
+            return 1;
+        }
+        lua_createtable(L, 0, 3);
+        lua_pushnumber(L, (lua_Number)j->changes);
+        lua_setfield(L, -2, "changes");
+        lua_pushnumber(L, (lua_Number)j->last_id);
+        lua_setfield(L, -2, "last_id");
+        if (j->nrows > 0) {
+            push_rows(L, j);
+            lua_setfield(L, -2, "rows");
+        }
+        return 1;
+    default:
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+}
+
+/* Loop thread: delivers a list of finished jobs (linked by next). */
+static void
+deliver(void *arg)
+{
+    struct gw_sqljob *j = arg, *next;
+
+    for (; j != NULL; j = next) {
+        next = j->next;
+        if (j->co != NULL) {
+            struct gw_co *co = j->co;
+            lua_State    *L = gw_co_state(co);
+            int           n = push_job_result(L, j);
+
+            job_free(j);
+            gw_co_wake(co, n);
+        } else {
+            job_free(j);
+        }
+    }
+}
+
+/* Worker thread: hands a list of finished jobs to the loop. */
+static void
+post_jobs(struct gw_sqljob *list)
+{
+    if (list == NULL) {
+        return;
+    }
+    if (gw_loop_post(deliver, list) != GW_OK) {
+        gw_log(GW_LOG_ERROR, "sqlite: cannot post results: out of memory");
+    }
+}
+
+static void
+post_one(struct gw_sqljob *j)
+{
+    j->next = NULL;
+    post_jobs(j);
+}
+
+/* Loop thread: the coroutine waiting on job is abandoned. */
+static void
+job_cancel(void *arg)
+{
+    struct gw_sqljob *j = arg;
+
+    j->co = NULL;
+}
+
+/* ------------------------------------------------ statements (threads) */
+
+static unsigned
+hash_sql(const char *s)
+{
+    unsigned h = 2166136261u;
+
+    for (; *s != '\0'; s++) {
+        h = (h ^ (unsigned char)*s) * 16777619u;
+    }
+    return h;
+}
+
+static void
+cache_clear(struct gw_sqlcache *c)
+{
+    int i;
+
+    for (i = 0; i < LSQLITE_CACHE; i++) {
+        sqlite3_finalize(c->st[i]);
+        free(c->sql[i]);
+        c->st[i] = NULL;
+        c->sql[i] = NULL;
+    }
+}
+
+static int
+only_space(const char *s)
+{
+    for (; *s != '\0'; s++) {
+        if (*s != ' ' && *s != '\t' && *s != '\n' && *s != '\r'
+            && *s != ';')
+        {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* Returns a cached or newly prepared statement for j->sql, or NULL with
+ * the error recorded in j. The cache owns the statement. */
+static sqlite3_stmt *
+stmt_get(struct gw_sqlconn *c, struct gw_sqljob *j)
+{
+    unsigned      slot = hash_sql(j->sql) % LSQLITE_CACHE;
+    sqlite3_stmt *st = NULL;
+    const char   *tail = NULL;
+    int           rc;
+
+    if (c->cache.sql[slot] != NULL && strcmp(c->cache.sql[slot], j->sql) == 0)
+    {
+        return c->cache.st[slot];
+    }
+    rc = sqlite3_prepare_v2(c->h, j->sql, -1, &st, &tail);
+    if (rc != SQLITE_OK) {
+        j->at_prepare = 1;
+        job_fail_db(j, c->h, rc);
+        return NULL;
+    }
+    if (st == NULL) {
+        j->at_prepare = 1;
+        job_fail(j, SQLITE_MISUSE, "empty statement");
+        return NULL;
+    }
+    if (tail != NULL && !only_space(tail)) {
+        sqlite3_finalize(st);
+        j->at_prepare = 1;
+        job_fail(j, SQLITE_MISUSE, "several statements in one call: "
+                 "use a script (no parameters) or one call each");
+        return NULL;
+    }
+    sqlite3_finalize(c->cache.st[slot]);
+    free(c->cache.sql[slot]);
+    c->cache.sql[slot] = strdup(j->sql);
+    c->cache.st[slot] = c->cache.sql[slot] != NULL ? st : NULL;
+    if (c->cache.st[slot] == NULL) {
+        sqlite3_finalize(st);
+        job_fail(j, SQLITE_NOMEM, NULL);
+        return NULL;
+    }
+    return st;
+}
+
+static int
+bind_params(sqlite3_stmt *st, struct gw_sqljob *j)
+{
+    int i, n = sqlite3_bind_parameter_count(st);
+
+    for (i = 1; i <= n; i++) {
+        const char     *name = sqlite3_bind_parameter_name(st, i);
+        int             k = i;
+        struct gw_sqlv *v;
+        int             rc;
+
+        /* $1, $2 ... (the PostgreSQL spelling) name a Lua position. */
+        if (name != NULL && name[0] == '$' && name[1] >= '0'
+            && name[1] <= '9')
+        {
+            k = atoi(name + 1);
+        }
+        if (k < 1 || k > j->nparams) {
+            rc = sqlite3_bind_null(st, i);
+        } else {
+            v = &j->params[k - 1];
+            switch (v->type) {
+            case GW_SQLV_INT:
+                rc = sqlite3_bind_int64(st, i, v->i);
+                break;
+            case GW_SQLV_REAL:
+                rc = sqlite3_bind_double(st, i, v->d);
+                break;
+            case GW_SQLV_TEXT:
+                rc = sqlite3_bind_text(st, i, v->s, (int)v->len,
+                                       SQLITE_STATIC);
+                break;
+            default:
+                rc = sqlite3_bind_null(st, i);
+                break;
+            }
+        }
+        if (rc != SQLITE_OK) {
+            return rc;
+        }
+    }
+    return SQLITE_OK;
+}
+
+static int
+add_row(struct gw_sqljob *j, sqlite3_stmt *st)
+{
+    int c;
+
+    if (j->nrows == 0 && j->cols == NULL) {
+        j->ncols = sqlite3_column_count(st);
+        j->cols = calloc((size_t)j->ncols + 1, sizeof(char *));
+        if (j->cols == NULL) {
+            j->ncols = 0;
+            return SQLITE_NOMEM;
+        }
+        for (c = 0; c < j->ncols; c++) {
+            j->cols[c] = gw_store_strdup(sqlite3_column_name(st, c));
+            if (j->cols[c] == NULL) {
+                return SQLITE_NOMEM;
+            }
+        }
+    }
+    if (j->nrows == j->cap) {
+        int             cap = j->cap == 0 ? 8 : j->cap * 2;
+        struct gw_sqlv *cells = realloc(j->cells, (size_t)cap * j->ncols
+                                        * sizeof(*cells) + 1);
+
+        if (cells == NULL) {
+            return SQLITE_NOMEM;
+        }
+        j->cells = cells;
+        j->cap = cap;
+    }
+    for (c = 0; c < j->ncols; c++) {
+        struct gw_sqlv *v = &j->cells[j->nrows * j->ncols + c];
+
+        memset(v, 0, sizeof(*v));
+        switch (sqlite3_column_type(st, c)) {
+        case SQLITE_INTEGER:
+            v->type = GW_SQLV_INT;
+            v->i = sqlite3_column_int64(st, c);
+            break;
+        case SQLITE_FLOAT:
+            v->type = GW_SQLV_REAL;
+            v->d = sqlite3_column_double(st, c);
+            break;
+        case SQLITE_TEXT:
+        case SQLITE_BLOB:
+            v->len = (size_t)sqlite3_column_bytes(st, c);
+            v->s = malloc(v->len + 1);
+            if (v->s == NULL) {
+                return SQLITE_NOMEM;
+            }
+            if (v->len > 0) {
+                memcpy(v->s, sqlite3_column_blob(st, c), v->len);
+            }
+            v->s[v->len] = '\0';
+            v->type = GW_SQLV_TEXT;
+            break;
+        default:
+            v->type = GW_SQLV_NULL;
+            break;
+        }
+    }
+    j->nrows++;
+    return SQLITE_OK;
+}
+
+/* Runs one statement job on connection c. Returns j->rc. */
+static int
+run_stmt(struct gw_sqlconn *c, struct gw_sqljob *j)
+{
+    sqlite3_stmt *st = stmt_get(c, j);
+    int           rc;
+
+    if (st == NULL) {
+        return j->rc;
+    }
+    rc = bind_params(st, j);
+    if (rc != SQLITE_OK) {
+        job_fail_db(j, c->h, rc);
+        goto done;
+    }
+    for (;;) {
+        rc = sqlite3_step(st);
+        if (rc == SQLITE_ROW) {
+            rc = add_row(j, st);
+            if (rc != SQLITE_OK) {
+                job_fail(j, rc, NULL);
+                goto done;
+            }
+            continue;
+        }
+        if (rc == SQLITE_DONE) {
+            j->rc = SQLITE_OK;
+            j->changes = sqlite3_changes(c->h);
+            j->last_id = sqlite3_last_insert_rowid(c->h);
+        } else {
+            job_fail_db(j, c->h, rc);
+        }
+        break;
+    }
+done:
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);
+    return j->rc;
+}
+
+static int
+run_script(struct gw_sqlconn *c, struct gw_sqljob *j)
+{
+    char *msg = NULL;
+    int   rc = sqlite3_exec(c->h, j->sql, NULL, NULL, &msg);
+
+    if (rc != SQLITE_OK) {
+        j->rc = rc & 0xff;
+        j->xrc = sqlite3_extended_errcode(c->h);
+        j->errmsg = strdup(msg != NULL ? msg : sqlite3_errstr(rc));
+    }
+    sqlite3_free(msg);
+    return j->rc;
+}
+
+static int
+run_job(struct gw_sqlconn *c, struct gw_sqljob *j)
+{
+    return j->op == GW_SQLOP_SCRIPT ? run_script(c, j) : run_stmt(c, j);
+}
+
+/* Runs a fixed statement (BEGIN, SAVEPOINT ...) through the cache. */
+static int
+run_fixed(struct gw_sqlconn *c, const char *sql, char **errmsg)
+{
+    struct gw_sqljob j;
+    int              rc;
+
+    memset(&j, 0, sizeof(j));
+    j.sql = (char *)sql;
+    rc = run_stmt(c, &j);
+    if (errmsg != NULL) {
+        *errmsg = j.errmsg;
+    } else {
+        free(j.errmsg);
+    }
+    return rc;
+}
+
+static int
+conn_open(struct gw_sqlconn *c, struct gw_sqldb *db, int readonly,
+          char **errmsg)
+{
+    int  flags = readonly ? SQLITE_OPEN_READONLY
+                          : SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE;
+    int  rc;
+    char pragmas[256];
+
+    flags |= SQLITE_OPEN_NOMUTEX;
+    rc = sqlite3_open_v2(db->path, &c->h, flags, NULL);
+    if (rc != SQLITE_OK) {
+        goto err;
+    }
+    sqlite3_extended_result_codes(c->h, 1);
+    sqlite3_busy_timeout(c->h, db->busy_ms);
+    if (readonly) {
+        return SQLITE_OK;
+    }
+    snprintf(pragmas, sizeof(pragmas),
+             "PRAGMA journal_mode=WAL; PRAGMA synchronous=%d;"
+             " PRAGMA foreign_keys=ON;", db->synchronous);
+    rc = sqlite3_exec(c->h, pragmas, NULL, NULL, NULL);
+    if (rc != SQLITE_OK) {
+        goto err;
+    }
+    return SQLITE_OK;
+err:
+    *errmsg = strdup(c->h != NULL ? sqlite3_errmsg(c->h) : sqlite3_errstr(rc));
+    sqlite3_close(c->h);
+    c->h = NULL;
+    return rc & 0xff;
+}
+
+static void
+conn_close(struct gw_sqlconn *c)
+{
+    cache_clear(&c->cache);
+    if (c->h != NULL) {
+        sqlite3_close(c->h);
+        c->h = NULL;
+    }
+}
+
+/* ------------------------------------------------------- writer thread */
+
+struct gw_batch {
+    struct gw_sqljob *done;      /* jobs that wait for COMMIT */
+    struct gw_sqljob *done_tail;
+    int               began;     /* BEGIN IMMEDIATE is open */
+};
+
+/* The outer transaction ended underneath us (I/O error, full disk):
+ * every job waiting for COMMIT has lost its effect. */
+static void
+batch_abort(struct gw_batch *b, int rc, const char *msg)
+{
+    struct gw_sqljob *j;
+
+    for (j = b->done; j != NULL; j = j->next) {
+        job_fail(j, rc, msg);
+    }
+    post_jobs(b->done);
+    b->done = b->done_tail = NULL;
+    b->began = 0;
+}
+
+static void
+batch_defer(struct gw_batch *b, struct gw_sqljob *j)
+{
+    queue_push(&b->done, &b->done_tail, j);
+}
+
+/* After a job: when SQLite rolled back the whole transaction itself,
+ * the deferred jobs must not be acknowledged. */
+static void
+batch_check(struct gw_batch *b, struct gw_sqlconn *c)
+{
+    if (b->began && sqlite3_get_autocommit(c->h)) {
+        batch_abort(b, SQLITE_IOERR, "transaction rolled back by sqlite");
+    }
+}
+
+static int
+batch_begin(struct gw_batch *b, struct gw_sqlconn *c, struct gw_sqljob *j)
+{
+    char *msg = NULL;
+    int   rc;
+
+    if (b->began) {
+        return SQLITE_OK;
+    }
+    rc = run_fixed(c, "BEGIN IMMEDIATE", &msg);
+    if (rc != SQLITE_OK) {
+        job_fail(j, rc, msg);
+        free(msg);
+        return rc;
+    }
+    b->began = 1;
+    return SQLITE_OK;
+}
+
+static void
+savepoint_undo(struct gw_sqlconn *c)
+{
+    run_fixed(c, "ROLLBACK TO gw", NULL);
+    run_fixed(c, "RELEASE gw", NULL);
+}
+
+/* Serves the interactive transaction txid until it ends. */
+static void
+serve_tx(struct gw_sqldb *db, struct gw_sqlconn *c, struct gw_batch *b,
+         long txid)
+{
+    struct gw_sqljob *j;
+    struct timespec   deadline;
+    int               rc;
+
+    pthread_mutex_lock(&db->mu);
+    for (;;) {
+        clock_gettime(CLOCK_REALTIME, &deadline);
+        deadline.tv_sec += db->tx_timeout_ms / 1000;
+        deadline.tv_nsec += (long)(db->tx_timeout_ms % 1000) * 1000000L;
+        if (deadline.tv_nsec >= 1000000000L) {
+            deadline.tv_sec++;
+            deadline.tv_nsec -= 1000000000L;
+        }
+        rc = 0;
+        while (db->txq == NULL && rc != ETIMEDOUT) {
+            rc = pthread_cond_timedwait(&db->wcond, &db->mu, &deadline);
+        }
+        j = queue_pop(&db->txq, &db->txq_tail);
+        if (j == NULL) {
+            /* Idle too long (an abandoned coroutine, or a handler that
+             * waits on something slow inside a transaction). */
+            db->active_tx = 0;
+            pthread_mutex_unlock(&db->mu);
+            gw_log(GW_LOG_WARN, "sqlite: transaction %ld idle for %d ms,"
+                   " rolled back", txid, db->tx_timeout_ms);
+            savepoint_undo(c);
+            batch_check(b, c);
+            return;
+        }
+        if (j->op == GW_SQLOP_COMMIT || j->op == GW_SQLOP_ROLLBACK) {
+            db->active_tx = 0;
+        }
+        pthread_mutex_unlock(&db->mu);
+
+        switch (j->op) {
+        case GW_SQLOP_COMMIT:
+            rc = run_fixed(c, "RELEASE gw", &j->errmsg);
+            if (rc != SQLITE_OK) {
+                j->rc = rc;
+                j->xrc = rc;
+                savepoint_undo(c);
+                post_one(j);
+            } else {
+                batch_defer(b, j);
+            }
+            batch_check(b, c);
+            return;
+        case GW_SQLOP_ROLLBACK:
+            savepoint_undo(c);
+            post_one(j);
+            batch_check(b, c);
+            return;
+        default:
+            run_job(c, j);
+            post_one(j);
+            if (b->began && sqlite3_get_autocommit(c->h)) {
+                /* The statement's failure ended the whole transaction. */
+                pthread_mutex_lock(&db->mu);
+                db->active_tx = 0;
+                pthread_mutex_unlock(&db->mu);
+                batch_check(b, c);
+                return;
+            }
+            break;
+        }
+        pthread_mutex_lock(&db->mu);
+    }
+}
+
+/* Runs one writer job inside the current batch. */
+static void
+batch_run_job(struct gw_sqldb *db, struct gw_sqlconn *c, struct gw_batch *b,
+              struct gw_sqljob *j)
+{
+    int rc;
+
+    if (batch_begin(b, c, j) != SQLITE_OK) {
+        post_one(j);
+        return;
+    }
+    rc = run_fixed(c, "SAVEPOINT gw", &j->errmsg);
+    if (rc != SQLITE_OK) {
+        j->rc = rc;
+        j->xrc = rc;
+        post_one(j);
+        batch_check(b, c);
+        return;
+    }
+    if (j->op == GW_SQLOP_BEGIN) {
+        pthread_mutex_lock(&db->mu);
+        db->active_tx = j->txid;
+        pthread_mutex_unlock(&db->mu);
+        post_one(j);
+        serve_tx(db, c, b, j->txid);
+        return;
+    }
+    if (j->op == GW_SQLOP_COMMIT || j->op == GW_SQLOP_ROLLBACK) {
+        job_fail(j, SQLITE_MISUSE, "transaction is not active");
+        run_fixed(c, "RELEASE gw", NULL);
+        post_one(j);
+        return;
+    }
+    if (run_job(c, j) != SQLITE_OK) {
+        savepoint_undo(c);
+        post_one(j);
+        batch_check(b, c);
+        return;
+    }
+    rc = run_fixed(c, "RELEASE gw", NULL);
+    if (rc != SQLITE_OK) {
+        job_fail_db(j, c->h, rc);
+        post_one(j);
+        batch_check(b, c);
+        return;
+    }
+    batch_defer(b, j);
+    batch_check(b, c);
+}
+
+static void
+batch_commit(struct gw_sqlconn *c, struct gw_batch *b)
+{
+    char *msg = NULL;
+    int   rc;
+
+    if (!b->began) {
+        post_jobs(b->done);
+        b->done = b->done_tail = NULL;
+        return;
+    }
+    rc = run_fixed(c, "COMMIT", &msg);
+    if (rc != SQLITE_OK) {
+        run_fixed(c, "ROLLBACK", NULL);
+        batch_abort(b, rc, msg);
+        free(msg);
+        return;
+    }
+    b->began = 0;
+    post_jobs(b->done);
+    b->done = b->done_tail = NULL;
+}
+
+static void *
+writer_main(void *arg)
+{
+    struct gw_sqldb   *db = arg;
+    struct gw_sqlconn  c;
+    struct gw_batch    b;
+    struct gw_sqljob  *j;
+    int                n;
+
+    memset(&c, 0, sizeof(c));
+    memset(&b, 0, sizeof(b));
+    pthread_mutex_lock(&db->mu);
+    for (;;) {
+        while (db->wq == NULL && !db->closing) {
+            pthread_cond_wait(&db->wcond, &db->mu);
+        }
+        if (db->wq == NULL) {
+            break;
+        }
+        n = 0;
+        while (n < db->batch_max) {
+            j = queue_pop(&db->wq, &db->wq_tail);
+            if (j == NULL) {
+                break;
+            }
+            pthread_mutex_unlock(&db->mu);
+            if (j->op == GW_SQLOP_OPEN) {
+                char *msg = NULL;
+                int   rc = conn_open(&c, db, 0, &msg);
+
+                if (rc != SQLITE_OK) {
+                    job_fail(j, rc, msg);
+                    free(msg);
+                }
+                pthread_mutex_lock(&db->mu);
+                db->open_ok = rc == SQLITE_OK;
+                pthread_mutex_unlock(&db->mu);
+                post_one(j);
+            } else if (c.h == NULL) {
+                job_fail(j, SQLITE_CANTOPEN, "database is not open");
+                post_one(j);
+            } else {
+                batch_run_job(db, &c, &b, j);
+                n++;
+            }
+            pthread_mutex_lock(&db->mu);
+        }
+        pthread_mutex_unlock(&db->mu);
+        if (c.h != NULL) {
+            batch_commit(&c, &b);
+        }
+        pthread_mutex_lock(&db->mu);
+    }
+    pthread_mutex_unlock(&db->mu);
+    conn_close(&c);
+    db_unref(db);
+    return NULL;
+}
+
+/* ------------------------------------------------------- reader threads */
+
+static void *
+reader_main(void *arg)
+{
+    struct gw_sqldb   *db = arg;
+    struct gw_sqlconn  c;
+    struct gw_sqljob  *j;
+    sqlite3_stmt      *st;
+
+    memset(&c, 0, sizeof(c));
+    pthread_mutex_lock(&db->mu);
+    for (;;) {
+        while (db->rq == NULL && !db->closing) {
+            pthread_cond_wait(&db->rcond, &db->mu);
+        }
+        j = queue_pop(&db->rq, &db->rq_tail);
+        if (j == NULL) {
+            break;
+        }
+        pthread_mutex_unlock(&db->mu);
+        if (c.h == NULL) {
+            char *msg = NULL;
+            int   rc = conn_open(&c, db, 1, &msg);
+
+            if (rc != SQLITE_OK) {
+                job_fail(j, rc, msg);
+                free(msg);
+                post_one(j);
+                pthread_mutex_lock(&db->mu);
+                continue;
+            }
+        }
+        st = stmt_get(&c, j);
+        if (st != NULL && !sqlite3_stmt_readonly(st)) {
+            /* A query that writes (INSERT ... RETURNING): the writer
+             * runs it, durably, like an exec. */
+            pthread_mutex_lock(&db->mu);
+            queue_push(&db->wq, &db->wq_tail, j);
+            pthread_cond_signal(&db->wcond);
+            continue;
+        }
+        if (st != NULL) {
+            run_stmt(&c, j);
+        }
+        post_one(j);
+        pthread_mutex_lock(&db->mu);
+    }
+    pthread_mutex_unlock(&db->mu);
+    conn_close(&c);
+    db_unref(db);
+    return NULL;
+}
+
+/* ----------------------------------------------------------- Lua side */
+
+static struct gw_sqldb *
+check_db(lua_State *L)
+{
+    struct gw_sqlud *ud = luaL_checkudata(L, 1, LSQLITE_MT);
+
+    if (ud->db == NULL) {
+        luaL_error(L, "sqlite: database is closed");
+    }
+    return ud->db;
+}
+
+static struct gw_sqljob *
+job_new(lua_State *L, struct gw_sqldb *db, enum gw_sqlop op)
+{
+    struct gw_sqljob *j = calloc(1, sizeof(*j));
+
+    if (j == NULL) {
+        return NULL;
+    }
+    j->op = op;
+    j->db = db;
+    return j;
+}
+
+enum gw_sqlq { GW_SQLQ_WRITER, GW_SQLQ_TX, GW_SQLQ_READER };
+
+/* Queues j and yields until it is delivered. Frees j on failure. */
+static int
+submit(lua_State *L, struct gw_sqljob *j, enum gw_sqlq q)
+{
+    struct gw_sqldb *db = j->db;
+
+    j->co = gw_co_current(L);
+    pthread_mutex_lock(&db->mu);
+    if (q == GW_SQLQ_TX) {
+        if (db->active_tx != j->txid) {
+            pthread_mutex_unlock(&db->mu);
+            job_free(j);
+            return gw_push_error(L, "timeout", 1, "sqlite: transaction is no"
+                                 " longer active (rolled back after %d ms"
+                                 " idle, or already ended)",
+                                 db->tx_timeout_ms);
+        }
+        queue_push(&db->txq, &db->txq_tail, j);
+        pthread_cond_signal(&db->wcond);
+    } else if (q == GW_SQLQ_READER) {
+        queue_push(&db->rq, &db->rq_tail, j);
+        pthread_cond_signal(&db->rcond);
+    } else {
+        queue_push(&db->wq, &db->wq_tail, j);
+        pthread_cond_signal(&db->wcond);
+    }
+    pthread_mutex_unlock(&db->mu);
+    return gw_co_wait(L, job_cancel, j);
+}
+
+static int
+opt_int(lua_State *L, int idx, const char *name, int def)
+{
+    int v = def;
+
+    if (lua_istable(L, idx)) {
+        lua_getfield(L, idx, name);
+        if (lua_isnumber(L, -1)) {
+            v = (int)lua_tointeger(L, -1);
+        }
+        lua_pop(L, 1);
+    }
+    return v;
+}
+
+/*
+ * core.open(path, opts) -> handle (threads started; then h:connect())
+ * opts: readers, batch_max, busy_timeout (ms), tx_timeout (ms),
+ * synchronous (0..3, default 2 = FULL).
+ */
+static int
+lsqlite_open(lua_State *L)
+{
+    const char       *path = luaL_checkstring(L, 1);
+    struct gw_sqlud  *ud;
+    struct gw_sqldb  *db;
+    pthread_t         tid;
+    int               i;
+
+    db = calloc(1, sizeof(*db));
+    if (db == NULL) {
+        return gw_push_error(L, "unavailable", 0, "sqlite: out of memory");
+    }
+    pthread_mutex_init(&db->mu, NULL);
+    pthread_cond_init(&db->wcond, NULL);
+    pthread_cond_init(&db->rcond, NULL);
+    db->refs = 1;
+    db->next_txid = 1;
+    db->path = strdup(path);
+    db->nreaders = opt_int(L, 2, "readers", LSQLITE_READERS);
+    db->batch_max = opt_int(L, 2, "batch_max", LSQLITE_BATCH_MAX);
+    db->busy_ms = opt_int(L, 2, "busy_timeout", 5000);
+    db->tx_timeout_ms = opt_int(L, 2, "tx_timeout", 30000);
+    db->synchronous = opt_int(L, 2, "synchronous", 2);
+    if (db->batch_max < 1) {
+        db->batch_max = 1;
+    }
+    if (db->nreaders < 1) {
+        db->nreaders = 1;
+    }
+    ud = lua_newuserdata(L, sizeof(*ud));
+    ud->db = db;                         /* __gc now owns our reference */
+    luaL_getmetatable(L, LSQLITE_MT);
+    lua_setmetatable(L, -2);
+    if (db->path == NULL) {
+        return gw_push_error(L, "unavailable", 0, "sqlite: out of memory");
+    }
+    for (i = 0; i < 1 + db->nreaders; i++) {
+        pthread_attr_t attr;
+        int            rc;
+
+        pthread_mutex_lock(&db->mu);
+        db->refs++;
+        pthread_mutex_unlock(&db->mu);
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        rc = pthread_create(&tid, &attr, i == 0 ? writer_main : reader_main,
+                            db);
+        pthread_attr_destroy(&attr);
+        if (rc != 0) {
+            db_unref(db);
+            return gw_push_error(L, "unavailable", 0, "sqlite: cannot start"
+                                 " a thread: %s", strerror(rc));
+        }
+    }
+    return 1;
+}
+
+/* h:connect() -> true | nil, err   (yields until the writer opened the
+ * file and set WAL mode; call once, right after core.open) */
+static int
+lsqlite_connect(lua_State *L)
+{
+    struct gw_sqldb  *db = check_db(L);
+    struct gw_sqljob *j;
+
+    gw_co_current(L);
+    j = job_new(L, db, GW_SQLOP_OPEN);
+    if (j == NULL) {
+        return gw_push_error(L, "unavailable", 0, "sqlite: out of memory");
+    }
+    return submit(L, j, GW_SQLQ_WRITER);
+}
+
+static int
+lsqlite_gc(lua_State *L)
+{
+    struct gw_sqlud *ud = luaL_checkudata(L, 1, LSQLITE_MT);
+    struct gw_sqldb *db = ud->db;
+
+    if (db == NULL) {
+        return 0;
+    }
+    ud->db = NULL;
+    pthread_mutex_lock(&db->mu);
+    db->closing = 1;
+    pthread_cond_broadcast(&db->wcond);
+    pthread_cond_broadcast(&db->rcond);
+    pthread_mutex_unlock(&db->mu);
+    db_unref(db);
+    return 0;
+}
+
+static struct gw_sqljob *
+stmt_job(lua_State *L, struct gw_sqldb *db, int sql_idx, int params_idx,
+         enum gw_sqlop op)
+{
+    const char       *sql = luaL_checkstring(L, sql_idx);
+    struct gw_sqljob *j;
+    struct gw_sqlv   *params = NULL;
+    int               nparams = 0;
+
+    gw_co_current(L);
+    /* May raise on a value that cannot be bound: before any allocation. */
+    if (params_idx > 0
+        && gw_sqlv_from_lua(L, params_idx, &params, &nparams) != GW_OK)
+    {
+        return NULL;
+    }
+    j = job_new(L, db, op);
+    if (j == NULL) {
+        gw_sqlv_free(params, nparams);
+        return NULL;
+    }
+    j->params = params;
+    j->nparams = nparams;
+    j->sql = strdup(sql);
+    if (j->sql == NULL) {
+        job_free(j);
+        return NULL;
+    }
+    return j;
+}
+
+/* h:exec(sql, params) -> { changes, last_id [, rows] } | nil, err */
+static int
+lsqlite_exec(lua_State *L)
+{
+    struct gw_sqldb  *db = check_db(L);
+    struct gw_sqljob *j = stmt_job(L, db, 2, 3, GW_SQLOP_STMT);
+
+    if (j == NULL) {
+        return gw_push_error(L, "unavailable", 0, "sqlite: out of memory");
+    }
+    return submit(L, j, GW_SQLQ_WRITER);
+}
+
+/* h:query(sql, params) -> rows | nil, err   (reader connections) */
+static int
+lsqlite_query(lua_State *L)
+{
+    struct gw_sqldb  *db = check_db(L);
+    struct gw_sqljob *j = stmt_job(L, db, 2, 3, GW_SQLOP_STMT);
+
+    if (j == NULL) {
+        return gw_push_error(L, "unavailable", 0, "sqlite: out of memory");
+    }
+    j->want_rows = 1;
+    return submit(L, j, GW_SQLQ_READER);
+}
+
+/* h:script(sql) -> true | nil, err   (several statements, one savepoint) */
+static int
+lsqlite_script(lua_State *L)
+{
+    struct gw_sqldb  *db = check_db(L);
+    struct gw_sqljob *j = stmt_job(L, db, 2, 0, GW_SQLOP_SCRIPT);
+
+    if (j == NULL) {
+        return gw_push_error(L, "unavailable", 0, "sqlite: out of memory");
+    }
+    return submit(L, j, GW_SQLQ_WRITER);
+}
+
+/* h:begin() -> txid | nil, err */
+static int
+lsqlite_begin(lua_State *L)
+{
+    struct gw_sqldb  *db = check_db(L);
+    struct gw_sqljob *j;
+
+    gw_co_current(L);
+    j = job_new(L, db, GW_SQLOP_BEGIN);
+    if (j == NULL) {
+        return gw_push_error(L, "unavailable", 0, "sqlite: out of memory");
+    }
+    pthread_mutex_lock(&db->mu);
+    j->txid = db->next_txid++;
+    pthread_mutex_unlock(&db->mu);
+    return submit(L, j, GW_SQLQ_WRITER);
+}
+
+static int
+tx_stmt(lua_State *L, enum gw_sqlop op, int want_rows)
+{
+    struct gw_sqldb  *db = check_db(L);
+    long              txid = (long)luaL_checknumber(L, 2);
+    struct gw_sqljob *j;
+
+    if (op == GW_SQLOP_STMT || op == GW_SQLOP_SCRIPT) {
+        j = stmt_job(L, db, 3, op == GW_SQLOP_STMT ? 4 : 0, op);
+    } else {
+        gw_co_current(L);
+        j = job_new(L, db, op);
+    }
+    if (j == NULL) {
+        return gw_push_error(L, "unavailable", 0, "sqlite: out of memory");
+    }
+    j->txid = txid;
+    j->want_rows = want_rows;
+    return submit(L, j, GW_SQLQ_TX);
+}
+
+/* h:tx_exec(txid, sql, params), h:tx_query(txid, sql, params),
+ * h:tx_script(txid, sql), h:commit(txid), h:rollback(txid) */
+static int
+lsqlite_tx_exec(lua_State *L)
+{
+    return tx_stmt(L, GW_SQLOP_STMT, 0);
+}
+
+static int
+lsqlite_tx_query(lua_State *L)
+{
+    return tx_stmt(L, GW_SQLOP_STMT, 1);
+}
+
+static int
+lsqlite_tx_script(lua_State *L)
+{
+    return tx_stmt(L, GW_SQLOP_SCRIPT, 0);
+}
+
+static int
+lsqlite_commit(lua_State *L)
+{
+    return tx_stmt(L, GW_SQLOP_COMMIT, 0);
+}
+
+static int
+lsqlite_rollback(lua_State *L)
+{
+    return tx_stmt(L, GW_SQLOP_ROLLBACK, 0);
+}
+
+/* core.now() -> wall clock seconds */
+static int
+lsqlite_now(lua_State *L)
+{
+    lua_pushnumber(L, gw_store_now());
+    return 1;
+}
+
+/* core.listdir(path) -> { names } | nil, err  (startup only: blocking) */
+static int
+lsqlite_listdir(lua_State *L)
+{
+    const char    *path = luaL_checkstring(L, 1);
+    DIR           *d = opendir(path);
+    struct dirent *e;
+    int            n = 0;
+
+    if (d == NULL) {
+        return gw_push_error(L, "unavailable", 0, "listdir %s: %s", path,
+                             strerror(errno));
+    }
+    lua_newtable(L);
+    for (e = readdir(d); e != NULL; e = readdir(d)) {
+        if (e->d_name[0] == '.') {
+            continue;
+        }
+        lua_pushstring(L, e->d_name);
+        lua_rawseti(L, -2, ++n);
+    }
+    closedir(d);
+    return 1;
+}
+
+static const luaL_Reg lsqlite_methods[] = {
+    { "connect", lsqlite_connect },
+    { "exec", lsqlite_exec },
+    { "query", lsqlite_query },
+    { "script", lsqlite_script },
+    { "begin", lsqlite_begin },
+    { "tx_exec", lsqlite_tx_exec },
+    { "tx_query", lsqlite_tx_query },
+    { "tx_script", lsqlite_tx_script },
+    { "commit", lsqlite_commit },
+    { "rollback", lsqlite_rollback },
+    { "close", lsqlite_gc },
+    { NULL, NULL }
+};
+
+static const luaL_Reg lsqlite_funcs[] = {
+    { "open", lsqlite_open },
+    { "now", lsqlite_now },
+    { "listdir", lsqlite_listdir },
+    { NULL, NULL }
+};
+
+int
+luaopen_paygate_sqlite_core(lua_State *L)
+{
+    luaL_newmetatable(L, LSQLITE_MT);
+    lua_pushcfunction(L, lsqlite_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_newtable(L);
+    luaL_register(L, NULL, lsqlite_methods);
+    lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
+    lua_newtable(L);
+    luaL_register(L, NULL, lsqlite_funcs);
+    lua_pushlightuserdata(L, NULL);
+    lua_setfield(L, -2, "null");
+    lua_pushstring(L, sqlite3_libversion());
+    lua_setfield(L, -2, "version");
+    return 1;
+}

@@ -1,0 +1,151 @@
+/*
+ * store.c -- helpers shared by the storage drivers; see store.h.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <lauxlib.h>
+
+#include "runtime.h"
+#include "store.h"
+
+static int
+param_count(lua_State *L, int idx)
+{
+    int n;
+
+    lua_getfield(L, idx, "n");
+    if (lua_isnumber(L, -1)) {
+        n = (int)lua_tointeger(L, -1);
+    } else {
+        n = (int)lua_objlen(L, idx);
+    }
+    lua_pop(L, 1);
+    return n;
+}
+
+int
+gw_sqlv_from_lua(lua_State *L, int idx, struct gw_sqlv **out, int *n)
+{
+    struct gw_sqlv *v;
+    int             i, cnt, t;
+
+    *out = NULL;
+    *n = 0;
+    if (lua_isnoneornil(L, idx)) {
+        return GW_OK;
+    }
+    luaL_checktype(L, idx, LUA_TTABLE);
+    cnt = param_count(L, idx);
+    if (cnt <= 0) {
+        return GW_OK;
+    }
+    /* Check every value first: raising must not leak the copies. */
+    for (i = 1; i <= cnt; i++) {
+        lua_rawgeti(L, idx, i);
+        t = lua_type(L, -1);
+        lua_pop(L, 1);
+        if (t == LUA_TLIGHTUSERDATA || t == LUA_TNIL || t == LUA_TBOOLEAN
+            || t == LUA_TNUMBER || t == LUA_TSTRING)
+        {
+            continue;
+        }
+        luaL_error(L, "sql parameter %d: cannot bind a %s", i,
+                   lua_typename(L, t));
+    }
+    v = calloc((size_t)cnt, sizeof(*v));
+    if (v == NULL) {
+        return GW_ERR;
+    }
+    for (i = 0; i < cnt; i++) {
+        const char *s;
+        size_t      len;
+        double      d;
+
+        lua_rawgeti(L, idx, i + 1);
+        switch (lua_type(L, -1)) {
+        case LUA_TBOOLEAN:
+            v[i].type = GW_SQLV_INT;
+            v[i].i = lua_toboolean(L, -1);
+            break;
+        case LUA_TNUMBER:
+            d = lua_tonumber(L, -1);
+            if (d == floor(d) && fabs(d) < 9.2e18) {
+                v[i].type = GW_SQLV_INT;
+                v[i].i = (int64_t)d;
+            } else {
+                v[i].type = GW_SQLV_REAL;
+                v[i].d = d;
+            }
+            break;
+        case LUA_TSTRING:
+            s = lua_tolstring(L, -1, &len);
+            v[i].s = malloc(len + 1);
+            if (v[i].s == NULL) {
+                lua_pop(L, 1);
+                gw_sqlv_free(v, cnt);
+                return GW_ERR;
+            }
+            memcpy(v[i].s, s, len + 1);
+            v[i].len = len;
+            v[i].type = GW_SQLV_TEXT;
+            break;
+        default:
+            v[i].type = GW_SQLV_NULL;
+            break;
+        }
+        lua_pop(L, 1);
+    }
+    *out = v;
+    *n = cnt;
+    return GW_OK;
+}
+
+void
+gw_sqlv_free(struct gw_sqlv *v, int n)
+{
+    int i;
+
+    if (v == NULL) {
+        return;
+    }
+    for (i = 0; i < n; i++) {
+        free(v[i].s);
+    }
+    free(v);
+}
+
+void
+gw_sqlv_push(lua_State *L, const struct gw_sqlv *v)
+{
+    switch (v->type) {
+    case GW_SQLV_INT:
+        lua_pushnumber(L, (lua_Number)v->i);
+        break;
+    case GW_SQLV_REAL:
+        lua_pushnumber(L, v->d);
+        break;
+    case GW_SQLV_TEXT:
+        lua_pushlstring(L, v->s, v->len);
+        break;
+    default:
+        lua_pushnil(L);
+        break;
+    }
+}
+
+double
+gw_store_now(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+char *
+gw_store_strdup(const char *s)
+{
+    return s == NULL ? NULL : strdup(s);
+}
