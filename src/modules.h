@@ -11,7 +11,9 @@
     X("paygate.core", luaopen_paygate_core)             \
     X("paygate.http.core", luaopen_paygate_http_core)   \
     /* crypto (#3) */                                   \
-    /* storage (#4) */
+    /* storage (#4) */                                  \
+    X("paygate.sqlite.core", luaopen_paygate_sqlite_core) \
+    X("paygate.redis.core", luaopen_paygate_redis_core)
 
 #define GW_MODULE_DECL(name, fn) int fn(lua_State *L);
 GW_MODULE_LIST(GW_MODULE_DECL)

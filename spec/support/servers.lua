@@ -1,0 +1,216 @@
+-- spec/support/servers.lua: real Redis and PostgreSQL servers on loopback
+-- for specs, each in its own temporary directory on a free port.
+--
+--   local servers = require "spec.support.servers"
+--   local r = servers.redis()        -- { port, url, dir, stop(), start() }
+--   local pg = servers.postgres()    -- { port, url, dir, stop(), start() }
+--   servers.stop_all()               -- in teardown()
+--
+-- Readiness is waited for with a deadline (redis-cli PING, pg_ctl -w):
+-- never a fixed sleep. PostgreSQL refuses to run as root, so as root the
+-- cluster belongs to the `postgres` user (runuser); otherwise to us.
+--
+-- These helpers block the loop while a server starts or stops (os.execute);
+-- that is fine in specs, never in the runtime.
+
+local _M = {}
+
+local PG_BIN = os.getenv("PG_BIN") or "/usr/lib/postgresql/15/bin"
+
+local started = {}
+
+local function sh(cmd)
+  local ok, how, code = os.execute(cmd)
+  if type(ok) == "number" then           -- Lua 5.1 / LuaJIT without 5.2 compat
+    return ok == 0
+  end
+  return ok == true and how == "exit" and code == 0
+end
+
+local function read_cmd(cmd)
+  local f = io.popen(cmd)
+  local out = f:read("*a")
+  f:close()
+  return out
+end
+
+local function now()
+  local ok, paygate = pcall(require, "paygate")
+  if ok and type(paygate) == "table" and paygate.now then
+    return paygate.now()
+  end
+  return os.time()
+end
+
+local function pause(s)
+  local ok, paygate = pcall(require, "paygate")
+  if ok and type(paygate) == "table" and paygate.sleep then
+    paygate.sleep(s)
+  else
+    sh("sleep " .. s)
+  end
+end
+
+-- Waits until check() is true, polling every 20 ms, for at most `secs`.
+function _M.wait_for(check, secs, what)
+  local deadline = now() + secs
+  while now() < deadline do
+    if check() then
+      return true
+    end
+    pause(0.02)
+  end
+  error("timed out after " .. secs .. " s waiting for " .. (what or "it"), 2)
+end
+
+local function is_root()
+  return read_cmd("id -u"):match("^0") ~= nil
+end
+
+local function mktemp(owner)
+  local dir = read_cmd("mktemp -d /tmp/paygate-spec.XXXXXX"):gsub("%s+$", "")
+  if owner then
+    assert(sh("chown " .. owner .. " " .. dir), "chown " .. dir)
+  end
+  return dir
+end
+
+-- A port nothing listens on now (random in 20000..59999; ss confirms).
+local function free_port()
+  math.randomseed(os.time() + tonumber(tostring({}):match("0x(%x+)"), 16))
+  local listening = read_cmd("ss -Htln 2>/dev/null")
+  for _ = 1, 50 do
+    local p = math.random(20000, 59999)
+    if not listening:find(":" .. p .. "%s") then
+      return p
+    end
+  end
+  error("no free port")
+end
+
+local function redis_ping(port)
+  return read_cmd("redis-cli -h 127.0.0.1 -p " .. port
+                  .. " PING 2>/dev/null"):match("PONG") ~= nil
+end
+
+-- syntax: srv = servers.redis([{ appendfsync = "always" }])
+function _M.redis(opts)
+  opts = opts or {}
+  local srv = { dir = mktemp(), kind = "redis" }
+  srv.port = free_port()
+  srv.url = "redis://127.0.0.1:" .. srv.port
+  srv.pidfile = srv.dir .. "/redis.pid"
+
+  function srv.start()
+    local args = {
+      "redis-server", "--port", srv.port, "--bind", "127.0.0.1",
+      "--dir", srv.dir, "--save", "''", "--daemonize", "yes",
+      "--pidfile", srv.pidfile, "--logfile", srv.dir .. "/redis.log",
+    }
+    if opts.appendfsync then
+      args[#args + 1] = "--appendonly yes --appendfsync " .. opts.appendfsync
+    else
+      args[#args + 1] = "--appendonly no"
+    end
+    assert(sh(table.concat(args, " ")), "redis-server did not start")
+    _M.wait_for(function() return redis_ping(srv.port) end, 10,
+                "redis on port " .. srv.port)
+    srv.running = true
+  end
+
+  function srv.stop()
+    if not srv.running then
+      return
+    end
+    local f = io.open(srv.pidfile)
+    local pid = f and f:read("*l")
+    if f then
+      f:close()
+    end
+    if pid then
+      sh("kill " .. pid)
+      _M.wait_for(function() return not sh("kill -0 " .. pid .. " 2>/dev/null") end,
+                  10, "redis to exit")
+    end
+    srv.running = false
+  end
+
+  function srv.cleanup()
+    srv.stop()
+    sh("rm -rf " .. srv.dir)
+  end
+
+  srv.start()
+  started[#started + 1] = srv
+  return srv
+end
+
+-- syntax: srv = servers.postgres()
+-- A fresh cluster (trust auth on 127.0.0.1), database "postgres".
+function _M.postgres()
+  local root = is_root()
+  local owner = root and "postgres" or nil
+  local as = root and "runuser -u postgres -- " or ""
+  local srv = { dir = mktemp(owner), kind = "postgres" }
+  srv.port = free_port()
+  srv.url = "postgres://postgres@127.0.0.1:" .. srv.port .. "/postgres"
+  srv.data = srv.dir .. "/data"
+
+  assert(sh(as .. PG_BIN .. "/initdb -D " .. srv.data
+            .. " -A trust -U postgres --no-sync -E UTF8 >"
+            .. (root and "/dev/null" or srv.dir .. "/initdb.log") .. " 2>&1"),
+         "initdb failed (as root it runs as the postgres user)")
+
+  function srv.start()
+    local o = "-p " .. srv.port .. " -k " .. srv.dir
+      .. " -c listen_addresses=127.0.0.1 -c fsync=on"
+      .. " -c synchronous_commit=on -c max_connections=50"
+    assert(sh(as .. PG_BIN .. "/pg_ctl -D " .. srv.data .. " -l "
+              .. srv.dir .. "/pg.log -o '" .. o .. "' -w -t 30 start"
+              .. " >/dev/null 2>&1"),
+           "pg_ctl start failed, see " .. srv.dir .. "/pg.log")
+    srv.running = true
+  end
+
+  function srv.stop(mode)
+    if not srv.running then
+      return
+    end
+    sh(as .. PG_BIN .. "/pg_ctl -D " .. srv.data .. " -m " .. (mode or "fast")
+       .. " -w -t 30 stop >/dev/null 2>&1")
+    srv.running = false
+  end
+
+  function srv.cleanup()
+    srv.stop("immediate")
+    sh("rm -rf " .. srv.dir)
+  end
+
+  srv.start()
+  started[#started + 1] = srv
+  return srv
+end
+
+-- Are the server programs installed? (specs skip an engine when not)
+function _M.have_redis()
+  return sh("command -v redis-server >/dev/null 2>&1")
+end
+
+function _M.have_postgres()
+  return sh("test -x " .. PG_BIN .. "/initdb")
+end
+
+function _M.stop_all()
+  for i = #started, 1, -1 do
+    started[i].cleanup()
+    started[i] = nil
+  end
+end
+
+-- A fresh temporary directory (removed by the caller).
+_M.mktemp = mktemp
+_M.sh = sh
+_M.read_cmd = read_cmd
+_M.now = now
+
+return _M

@@ -1,0 +1,773 @@
+/*
+ * lredis.c -- paygate.redis.core: Redis through hiredis's async API on
+ * the process's event base (hiredis/adapters/libevent.h).
+ *
+ * A client is a small pool of connections to one server. Commands from
+ * many coroutines share a connection: hiredis queues them and writes them
+ * together, so concurrent callers are pipelined for free. A connection
+ * that breaks is forgotten; the next command opens a new one
+ * (reconnection). While the server is down a command fails at once with
+ * "unavailable" (loopback connects are refused immediately; a connect
+ * that hangs is bounded by connect_timeout).
+ *
+ * Timeouts: a once-per-100-ms tick checks each connection; when it has
+ * replies outstanding and none arrived for `timeout` seconds, the
+ * connection is dropped and every command on it fails with "timeout".
+ *
+ * Lifetime: struct gw_redis is freed when the Lua handle was closed and
+ * every hiredis context has called its disconnect callback (refs). An op
+ * lives until all its replies (or NULLs, when a context is freed) came;
+ * an abandoned coroutine only clears op->co.
+ */
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <event2/event.h>
+#include <hiredis/hiredis.h>
+#include <hiredis/async.h>
+#include <hiredis/adapters/libevent.h>
+#include <openssl/sha.h>
+#include <lauxlib.h>
+
+#include "runtime.h"
+#include "store.h"
+
+#define LREDIS_MT       "paygate.redis.client"
+#define LREDIS_MAXARGS  1024
+#define LREDIS_MAXPOOL  16
+
+struct gw_redis;
+
+struct gw_rconn {
+    struct gw_redis    *cl;      /* owner */
+    redisAsyncContext  *ac;      /* NULL when not connected */
+    int                 ready;   /* connect callback reported success */
+    int                 pending; /* replies outstanding on ac */
+    double              since;   /* monotonic s: last reply or first send */
+    double              opened;  /* monotonic s: connect started */
+    int                 timedout;/* we dropped ac for a timeout */
+};
+
+struct gw_redis {
+    char            *host;       /* owned */
+    int              port;
+    char            *password;   /* owned, NULL for none */
+    int              dbnum;      /* SELECT after connect, 0 = default */
+    double           timeout;    /* s without a reply before failing */
+    double           connect_timeout; /* s */
+    int              npool;
+    int              rr;         /* round-robin cursor */
+    struct gw_rconn  conns[LREDIS_MAXPOOL];
+    struct event    *tick;       /* owned; deadline checks */
+    int              refs;       /* Lua handle + live contexts */
+    int              closed;     /* Lua closed it */
+    lua_State       *T;          /* anchored thread for registry work */
+    int              tref;       /* registry ref anchoring T */
+};
+
+struct gw_rop {
+    struct gw_co    *co;         /* waiting coroutine; NULL if abandoned */
+    struct gw_redis *cl;         /* borrowed; cl outlives its ops (refs) */
+    int              ncmds;      /* replies expected */
+    int              got;        /* replies received */
+    int              results;    /* registry ref of the results table
+                                    (pipeline), LUA_NOREF for one command */
+    char             kind[16];   /* first transport error kind, or "" */
+    char             msg[160];   /* its message */
+};
+
+struct gw_rud {
+    struct gw_redis *cl;         /* NULL once closed */
+};
+
+static double
+mono_now(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void
+client_unref(struct gw_redis *cl)
+{
+    if (--cl->refs > 0) {
+        return;
+    }
+    if (cl->tick != NULL) {
+        event_free(cl->tick);
+    }
+    if (cl->T != NULL) {
+        luaL_unref(cl->T, LUA_REGISTRYINDEX, cl->tref);
+    }
+    free(cl->host);
+    free(cl->password);
+    free(cl);
+}
+
+/* ------------------------------------------------------------- replies */
+
+static const char *
+error_kind(const char *s, int *retryable)
+{
+    *retryable = 0;
+    if (strncmp(s, "NOSCRIPT", 8) == 0) {
+        return "noscript";
+    }
+    if (strncmp(s, "BUSY", 4) == 0 || strncmp(s, "TRYAGAIN", 8) == 0) {
+        *retryable = 1;
+        return "busy";
+    }
+    if (strncmp(s, "LOADING", 7) == 0 || strncmp(s, "READONLY", 8) == 0
+        || strncmp(s, "MASTERDOWN", 10) == 0
+        || strncmp(s, "CLUSTERDOWN", 11) == 0)
+    {
+        *retryable = 1;
+        return "unavailable";
+    }
+    if (strncmp(s, "OOM", 3) == 0) {
+        return "unavailable";
+    }
+    if (strncmp(s, "WRONGTYPE", 9) == 0) {
+        return "constraint";
+    }
+    if (strncmp(s, "ERR unknown command", 19) == 0
+        || strncmp(s, "ERR wrong number", 16) == 0
+        || strncmp(s, "ERR syntax", 10) == 0
+        || strncmp(s, "ERR Error compiling", 19) == 0)
+    {
+        return "syntax";
+    }
+    return "error";
+}
+
+static void
+push_reply_error(lua_State *L, const char *s, size_t len)
+{
+    int         retry;
+    const char *kind = error_kind(s, &retry);
+    size_t      w = strcspn(s, " ");
+
+    gw_push_error(L, kind, retry, "redis: %.*s", (int)len, s);
+    lua_pushlstring(L, s, w);
+    lua_setfield(L, -2, "code");
+    lua_remove(L, -2);                   /* keep the table, drop nil */
+}
+
+/* Pushes one Lua value for r (an error reply becomes an error table). */
+static void
+push_reply(lua_State *L, redisReply *r)
+{
+    size_t i;
+
+    switch (r->type) {
+    case REDIS_REPLY_STRING:
+    case REDIS_REPLY_STATUS:
+        lua_pushlstring(L, r->str, r->len);
+        break;
+    case REDIS_REPLY_INTEGER:
+        lua_pushnumber(L, (lua_Number)r->integer);
+        break;
+    case REDIS_REPLY_ARRAY:
+        lua_createtable(L, (int)r->elements, 0);
+        for (i = 0; i < r->elements; i++) {
+            push_reply(L, r->element[i]);
+            lua_rawseti(L, -2, (int)i + 1);
+        }
+        break;
+    case REDIS_REPLY_ERROR:
+        push_reply_error(L, r->str, r->len);
+        break;
+    default:
+        lua_pushlightuserdata(L, NULL);  /* nil reply: redis.null */
+        break;
+    }
+}
+
+static void
+op_transport_error(struct gw_rop *op, struct gw_rconn *c,
+                   const redisAsyncContext *ac)
+{
+    if (op->kind[0] != '\0') {
+        return;
+    }
+    if (c != NULL && c->timedout) {
+        snprintf(op->kind, sizeof(op->kind), "timeout");
+        snprintf(op->msg, sizeof(op->msg), "redis: no reply within %.3g s",
+                 op->cl->timeout);
+    } else if (op->cl->closed) {
+        snprintf(op->kind, sizeof(op->kind), "closed");
+        snprintf(op->msg, sizeof(op->msg), "redis: client closed");
+    } else {
+        snprintf(op->kind, sizeof(op->kind), "unavailable");
+        snprintf(op->msg, sizeof(op->msg), "redis: %s",
+                 ac != NULL && ac->errstr[0] != '\0' ? ac->errstr
+                                                     : "connection lost");
+    }
+}
+
+static void
+op_finish(struct gw_rop *op)
+{
+    struct gw_co    *co = op->co;
+    struct gw_redis *cl = op->cl;
+    lua_State       *L;
+    int              n;
+
+    if (co == NULL) {
+        if (op->results != LUA_NOREF) {
+            luaL_unref(cl->T, LUA_REGISTRYINDEX, op->results);
+        }
+        free(op);
+        client_unref(cl);
+        return;
+    }
+    L = gw_co_state(co);
+    if (op->results != LUA_NOREF) {
+        if (op->kind[0] != '\0') {
+            n = gw_push_error(L, op->kind, 1, "%s", op->msg);
+        } else {
+            lua_rawgeti(L, LUA_REGISTRYINDEX, op->results);
+            n = 1;
+        }
+        luaL_unref(L, LUA_REGISTRYINDEX, op->results);
+    } else {
+        n = gw_push_error(L, op->kind, 1, "%s", op->msg);
+    }
+    free(op);
+    client_unref(cl);
+    gw_co_wake(co, n);
+}
+
+static struct gw_rconn *
+conn_of(redisAsyncContext *ac)
+{
+    return ac->data;
+}
+
+/* hiredis callback for every command we send. */
+static void
+on_reply(redisAsyncContext *ac, void *reply, void *privdata)
+{
+    struct gw_rop   *op = privdata;
+    struct gw_rconn *c = conn_of(ac);
+    redisReply      *r = reply;
+
+    if (c != NULL) {
+        c->pending--;
+        c->since = mono_now();
+    }
+    op->got++;
+    if (r == NULL) {
+        op_transport_error(op, c, ac);
+    } else if (op->co != NULL && op->results != LUA_NOREF) {
+        lua_State *T = op->cl->T;
+
+        lua_rawgeti(T, LUA_REGISTRYINDEX, op->results);
+        push_reply(T, r);
+        lua_rawseti(T, -2, op->got);
+        lua_pop(T, 1);
+    } else if (op->co != NULL) {
+        /* One command: answer now, straight from the reply. */
+        struct gw_co    *co = op->co;
+        struct gw_redis *cl = op->cl;
+        lua_State       *L = gw_co_state(co);
+        int              n = 1;
+
+        if (r->type == REDIS_REPLY_ERROR) {
+            lua_pushnil(L);
+            push_reply_error(L, r->str, r->len);
+            n = 2;
+        } else {
+            push_reply(L, r);
+        }
+        free(op);
+        client_unref(cl);
+        gw_co_wake(co, n);
+        return;
+    }
+    if (op->got == op->ncmds) {
+        op_finish(op);
+    }
+}
+
+/* Internal commands (AUTH, SELECT): a failure drops the connection. */
+static void
+on_setup_reply(redisAsyncContext *ac, void *reply, void *privdata)
+{
+    struct gw_rconn *c = conn_of(ac);
+    redisReply      *r = reply;
+
+    if (c != NULL) {
+        c->pending--;
+        c->since = mono_now();
+    }
+    if (r != NULL && r->type == REDIS_REPLY_ERROR) {
+        gw_log(GW_LOG_ERROR, "redis: connection setup failed: %s", r->str);
+        redisAsyncDisconnect(ac);
+    }
+}
+
+static void
+on_connect(const redisAsyncContext *ac, int status)
+{
+    struct gw_rconn *c = ac->data;
+
+    if (c == NULL) {
+        return;
+    }
+    if (status == REDIS_OK) {
+        c->ready = 1;
+        return;
+    }
+    /* hiredis frees a context whose connect failed without calling the
+     * disconnect callback: forget it here. Its pending commands get NULL
+     * replies next ("unavailable"). */
+    if (c->ac == ac) {
+        c->ac = NULL;
+    }
+    ((redisAsyncContext *)ac)->data = NULL;
+    client_unref(c->cl);
+}
+
+/* Drops a connection now: pending commands get NULL replies. */
+static void
+conn_drop(struct gw_rconn *c)
+{
+    redisAsyncContext *ac = c->ac;
+
+    if (ac == NULL) {
+        return;
+    }
+    if (c->ready) {
+        redisAsyncFree(ac);          /* on_disconnect clears c->ac */
+        return;
+    }
+    /* Never connected: no callback will tell us, so clean up here. */
+    c->ac = NULL;
+    redisAsyncFree(ac);
+    ac = NULL;
+    client_unref(c->cl);
+}
+
+static void
+on_disconnect(const redisAsyncContext *ac, int status)
+{
+    struct gw_rconn *c = ac->data;
+    struct gw_redis *cl;
+
+    if (c == NULL) {
+        return;
+    }
+    cl = c->cl;
+    if (c->ac == ac) {
+        c->ac = NULL;
+        c->ready = 0;
+        c->pending = 0;
+    }
+    client_unref(cl);
+}
+
+/* Opens a connection (non-blocking). Returns GW_OK, or GW_ERR with a
+ * message in err. */
+static int
+conn_open(struct gw_rconn *c, char *err, size_t errlen)
+{
+    struct gw_redis   *cl = c->cl;
+    redisAsyncContext *ac = redisAsyncConnect(cl->host, cl->port);
+
+    if (ac == NULL) {
+        snprintf(err, errlen, "redis: out of memory");
+        return GW_ERR;
+    }
+    if (ac->err) {
+        snprintf(err, errlen, "redis: connect %s:%d: %s", cl->host,
+                 cl->port, ac->errstr);
+        redisAsyncFree(ac);
+        return GW_ERR;
+    }
+    if (redisLibeventAttach(ac, gw_loop_base()) != REDIS_OK) {
+        snprintf(err, errlen, "redis: cannot attach to the loop");
+        redisAsyncFree(ac);
+        return GW_ERR;
+    }
+    ac->data = c;
+    redisAsyncSetConnectCallback(ac, on_connect);
+    redisAsyncSetDisconnectCallback(ac, on_disconnect);
+    c->ac = ac;
+    c->ready = 0;
+    c->pending = 0;
+    c->timedout = 0;
+    c->opened = mono_now();
+    c->since = c->opened;
+    cl->refs++;                          /* released in on_disconnect */
+    if (cl->password != NULL) {
+        redisAsyncCommand(ac, on_setup_reply, NULL, "AUTH %s",
+                          cl->password);
+        c->pending++;
+    }
+    if (cl->dbnum != 0) {
+        redisAsyncCommand(ac, on_setup_reply, NULL, "SELECT %d", cl->dbnum);
+        c->pending++;
+    }
+    return GW_OK;
+}
+
+/* Picks a connection, opening one when needed. NULL + err on failure. */
+static struct gw_rconn *
+pick_conn(struct gw_redis *cl, char *err, size_t errlen)
+{
+    int i, k;
+
+    for (i = 0; i < cl->npool; i++) {
+        k = (cl->rr + i) % cl->npool;
+        if (cl->conns[k].ac == NULL) {
+            continue;
+        }
+        cl->rr = k + 1;
+        return &cl->conns[k];
+    }
+    k = cl->rr++ % cl->npool;
+    if (conn_open(&cl->conns[k], err, errlen) != GW_OK) {
+        return NULL;
+    }
+    return &cl->conns[k];
+}
+
+/* Timer: fail connections that stopped answering, or never connected. */
+static void
+on_tick(evutil_socket_t fd, short what, void *arg)
+{
+    struct gw_redis *cl = arg;
+    double           now = mono_now();
+    int              i;
+
+    for (i = 0; i < cl->npool; i++) {
+        struct gw_rconn *c = &cl->conns[i];
+
+        if (c->ac == NULL) {
+            continue;
+        }
+        if ((c->pending > 0 && now - c->since > cl->timeout)
+            || (!c->ready && now - c->opened > cl->connect_timeout))
+        {
+            c->timedout = 1;
+            conn_drop(c);                /* NULL replies, then disconnect */
+        }
+    }
+}
+
+/* ------------------------------------------------------------ Lua side */
+
+static struct gw_redis *
+check_client(lua_State *L)
+{
+    struct gw_rud *ud = luaL_checkudata(L, 1, LREDIS_MT);
+
+    if (ud->cl == NULL) {
+        luaL_error(L, "redis: client is closed");
+    }
+    return ud->cl;
+}
+
+static double
+opt_num(lua_State *L, int idx, const char *name, double def)
+{
+    double v = def;
+
+    if (lua_istable(L, idx)) {
+        lua_getfield(L, idx, name);
+        if (lua_isnumber(L, -1)) {
+            v = lua_tonumber(L, -1);
+        }
+        lua_pop(L, 1);
+    }
+    return v;
+}
+
+/*
+ * core.new(host, port, opts) -> client (no I/O yet)
+ * opts: password, db, pool, timeout (s), connect_timeout (s)
+ */
+static int
+lredis_new(lua_State *L)
+{
+    const char      *host = luaL_checkstring(L, 1);
+    int              port = (int)luaL_checkinteger(L, 2);
+    struct gw_redis *cl;
+    struct gw_rud   *ud;
+    struct timeval   tv = { 0, 100000 };
+    int              i;
+
+    ud = lua_newuserdata(L, sizeof(*ud));
+    ud->cl = NULL;
+    luaL_getmetatable(L, LREDIS_MT);
+    lua_setmetatable(L, -2);
+    cl = calloc(1, sizeof(*cl));
+    if (cl == NULL) {
+        return luaL_error(L, "redis: out of memory");
+    }
+    ud->cl = cl;
+    cl->refs = 1;
+    cl->host = strdup(host);
+    cl->port = port;
+    cl->timeout = opt_num(L, 3, "timeout", 5);
+    cl->connect_timeout = opt_num(L, 3, "connect_timeout", 2);
+    cl->npool = (int)opt_num(L, 3, "pool", 2);
+    cl->dbnum = (int)opt_num(L, 3, "db", 0);
+    if (cl->npool < 1) {
+        cl->npool = 1;
+    }
+    if (cl->npool > LREDIS_MAXPOOL) {
+        cl->npool = LREDIS_MAXPOOL;
+    }
+    if (lua_istable(L, 3)) {
+        lua_getfield(L, 3, "password");
+        if (lua_isstring(L, -1)) {
+            cl->password = strdup(lua_tostring(L, -1));
+        }
+        lua_pop(L, 1);
+    }
+    for (i = 0; i < cl->npool; i++) {
+        cl->conns[i].cl = cl;
+    }
+    cl->T = lua_newthread(L);
+    cl->tref = luaL_ref(L, LUA_REGISTRYINDEX);
+    cl->tick = event_new(gw_loop_base(), -1, EV_PERSIST, on_tick, cl);
+    if (cl->host == NULL || cl->tick == NULL) {
+        return luaL_error(L, "redis: out of memory");
+    }
+    event_add(cl->tick, &tv);
+    return 1;
+}
+
+static int
+lredis_close(lua_State *L)
+{
+    struct gw_rud   *ud = luaL_checkudata(L, 1, LREDIS_MT);
+    struct gw_redis *cl = ud->cl;
+    int              i;
+
+    if (cl == NULL) {
+        return 0;
+    }
+    ud->cl = NULL;
+    cl->closed = 1;
+    event_del(cl->tick);
+    cl->refs++;                          /* conn_drop may drop the last */
+    for (i = 0; i < cl->npool; i++) {
+        /* Pending commands get NULL replies ("closed"); inside a hiredis
+         * callback the free is deferred by hiredis. */
+        conn_drop(&cl->conns[i]);
+    }
+    client_unref(cl);
+    client_unref(cl);
+    return 0;
+}
+
+/* Collects argv from Lua values at [first, last] of L into args/lens. */
+static int
+collect_args(lua_State *L, int tbl, int first, int last, const char **args,
+             size_t *lens)
+{
+    int i, n = 0;
+
+    for (i = first; i <= last; i++) {
+        if (n == LREDIS_MAXARGS) {
+            return luaL_error(L, "redis: more than %d arguments",
+                              LREDIS_MAXARGS);
+        }
+        if (tbl) {
+            lua_rawgeti(L, tbl, i);
+        } else {
+            lua_pushvalue(L, i);
+        }
+        if (lua_type(L, -1) == LUA_TBOOLEAN) {
+            lua_pushstring(L, lua_toboolean(L, -1) ? "1" : "0");
+            lua_replace(L, -2);
+        }
+        if (!lua_isstring(L, -1)) {
+            return luaL_error(L, "redis: argument %d must be a string or"
+                              " number, got %s", n + 1, luaL_typename(L, -1));
+        }
+        /* Keep it on the stack (anchored) until the command is sent. */
+        args[n] = lua_tolstring(L, -1, &lens[n]);
+        n++;
+    }
+    return n;
+}
+
+/* Loop thread: the coroutine waiting on op is abandoned. */
+static void
+op_cancel(void *arg)
+{
+    struct gw_rop *op = arg;
+
+    op->co = NULL;
+}
+
+/* client:call(cmd, ...) -> reply | nil, err */
+static int
+lredis_call(lua_State *L)
+{
+    struct gw_redis *cl = check_client(L);
+    const char      *args[LREDIS_MAXARGS];
+    size_t           lens[LREDIS_MAXARGS];
+    struct gw_rconn *c;
+    struct gw_rop   *op;
+    char             err[200];
+    int              top = lua_gettop(L), n;
+
+    gw_co_current(L);
+    luaL_checkstring(L, 2);
+    luaL_checkstack(L, top + 8, "redis: too many arguments");
+    if (top - 1 > LREDIS_MAXARGS) {
+        return luaL_error(L, "redis: more than %d arguments",
+                          LREDIS_MAXARGS);
+    }
+    n = collect_args(L, 0, 2, top, args, lens);
+    c = pick_conn(cl, err, sizeof(err));
+    if (c == NULL) {
+        return gw_push_error(L, "unavailable", 1, "%s", err);
+    }
+    op = calloc(1, sizeof(*op));
+    if (op == NULL) {
+        return gw_push_error(L, "unavailable", 1, "redis: out of memory");
+    }
+    op->cl = cl;
+    op->ncmds = 1;
+    op->results = LUA_NOREF;
+    if (redisAsyncCommandArgv(c->ac, on_reply, op, n, args, lens)
+        != REDIS_OK)
+    {
+        free(op);
+        return gw_push_error(L, "unavailable", 1, "redis: cannot send: %s",
+                             c->ac->errstr);
+    }
+    cl->refs++;
+    if (c->pending++ == 0) {
+        c->since = mono_now();
+    }
+    op->co = gw_co_current(L);
+    return gw_co_wait(L, op_cancel, op);
+}
+
+/* client:pipeline({ {cmd, ...}, ... }) -> { reply or err, ... } | nil, err */
+static int
+lredis_pipeline(lua_State *L)
+{
+    struct gw_redis *cl = check_client(L);
+    const char      *args[LREDIS_MAXARGS];
+    size_t           lens[LREDIS_MAXARGS];
+    struct gw_rconn *c;
+    struct gw_rop   *op;
+    char             err[200];
+    int              i, ncmds, n, base;
+
+    gw_co_current(L);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    ncmds = (int)lua_objlen(L, 2);
+    for (i = 1; i <= ncmds; i++) {
+        lua_rawgeti(L, 2, i);
+        if (!lua_istable(L, -1) || lua_objlen(L, -1) < 1) {
+            return luaL_error(L, "redis: pipeline command %d must be a"
+                              " non-empty array", i);
+        }
+        lua_pop(L, 1);
+    }
+    lua_createtable(L, ncmds, 0);
+    if (ncmds == 0) {
+        return 1;
+    }
+    c = pick_conn(cl, err, sizeof(err));
+    if (c == NULL) {
+        return gw_push_error(L, "unavailable", 1, "%s", err);
+    }
+    op = calloc(1, sizeof(*op));
+    if (op == NULL) {
+        return gw_push_error(L, "unavailable", 1, "redis: out of memory");
+    }
+    op->cl = cl;
+    op->ncmds = ncmds;
+    op->results = luaL_ref(L, LUA_REGISTRYINDEX);
+    cl->refs++;
+    for (i = 1; i <= ncmds; i++) {
+        lua_rawgeti(L, 2, i);
+        base = lua_gettop(L);
+        luaL_checkstack(L, (int)lua_objlen(L, base) + 8, "redis: too many"
+                        " arguments");
+        n = collect_args(L, base, 1, (int)lua_objlen(L, base), args, lens);
+        if (c->ac == NULL
+            || redisAsyncCommandArgv(c->ac, on_reply, op, n, args, lens)
+               != REDIS_OK)
+        {
+            /* Count the unsent ones as failed replies. */
+            snprintf(op->kind, sizeof(op->kind), "unavailable");
+            snprintf(op->msg, sizeof(op->msg), "redis: cannot send");
+            op->ncmds = i - 1;
+            lua_settop(L, base - 1);
+            break;
+        }
+        if (c->pending++ == 0) {
+            c->since = mono_now();
+        }
+        lua_settop(L, base - 1);
+    }
+    if (op->ncmds == 0) {
+        luaL_unref(L, LUA_REGISTRYINDEX, op->results);
+        free(op);
+        client_unref(cl);
+        return gw_push_error(L, "unavailable", 1, "redis: cannot send");
+    }
+    op->co = gw_co_current(L);
+    return gw_co_wait(L, op_cancel, op);
+}
+
+/* core.sha1hex(s) -> 40 hex digits (script ids for EVALSHA) */
+static int
+lredis_sha1hex(lua_State *L)
+{
+    size_t        len;
+    const char   *s = luaL_checklstring(L, 1, &len);
+    unsigned char md[SHA_DIGEST_LENGTH];
+    char          hex[2 * SHA_DIGEST_LENGTH + 1];
+    int           i;
+
+    SHA1((const unsigned char *)s, len, md);
+    for (i = 0; i < SHA_DIGEST_LENGTH; i++) {
+        snprintf(hex + 2 * i, 3, "%02x", md[i]);
+    }
+    lua_pushlstring(L, hex, 2 * SHA_DIGEST_LENGTH);
+    return 1;
+}
+
+static const luaL_Reg lredis_methods[] = {
+    { "call", lredis_call },
+    { "pipeline", lredis_pipeline },
+    { "close", lredis_close },
+    { NULL, NULL }
+};
+
+static const luaL_Reg lredis_funcs[] = {
+    { "new", lredis_new },
+    { "sha1hex", lredis_sha1hex },
+    { NULL, NULL }
+};
+
+int
+luaopen_paygate_redis_core(lua_State *L)
+{
+    luaL_newmetatable(L, LREDIS_MT);
+    lua_pushcfunction(L, lredis_close);
+    lua_setfield(L, -2, "__gc");
+    lua_newtable(L);
+    luaL_register(L, NULL, lredis_methods);
+    lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
+    lua_newtable(L);
+    luaL_register(L, NULL, lredis_funcs);
+    lua_pushlightuserdata(L, NULL);
+    lua_setfield(L, -2, "null");
+    return 1;
+}
