@@ -1,0 +1,253 @@
+-- paygate: the API a handler author sees.
+--
+--   local paygate = require "paygate"
+--   paygate.route("GET", "/orders/:id", function(req)
+--     return 200, { id = req.params.id }
+--   end)
+--
+-- Conventions: functions that can fail return value or nil, err (err has
+-- kind, message, retryable); misuse raises; I/O yields the coroutine.
+
+local core = require "paygate.core"
+local json = require "cjson.safe"
+local router = require "paygate.router"
+
+local type, pairs, error, tostring, setmetatable, select =
+      type, pairs, error, tostring, setmetatable, select
+
+local _M = { version = "0.1.0" }
+
+local error_mt = core.error_mt()
+
+--- syntax: err = paygate.error(kind, message[, fields])
+-- returns: an error table with the shared metatable (tostring "kind: msg").
+function _M.error(kind, message, fields)
+  local e = fields or {}
+  e.kind, e.message = kind, message
+  if e.retryable == nil then e.retryable = false end
+  return setmetatable(e, error_mt)
+end
+
+--- syntax: paygate.abort(status, kind, message)
+-- Ends the request now with status and a JSON error body. Raises.
+function _M.abort(status, kind, message)
+  if type(status) ~= "number" or status < 400 or status > 599 then
+    error("abort: status must be 400..599", 2)
+  end
+  error(setmetatable({ status = status, kind = kind or "error",
+                       message = message or "" }, error_mt), 0)
+end
+
+-- scheduling primitives (C) -------------------------------------------
+
+_M.sleep = core.sleep          -- paygate.sleep(seconds): yields
+_M.spawn = core.spawn          -- task = paygate.spawn(fn, ...)
+_M.now = core.now              -- cached seconds since the epoch
+_M.update_time = core.update_time
+
+_M.timer = {}
+
+--- syntax: handle = paygate.timer.at(delay, fn, ...)
+-- Runs fn(...) in its own coroutine after delay seconds.
+-- returns: a task; handle:cancel() stops it before it runs.
+function _M.timer.at(delay, fn, ...)
+  if type(delay) ~= "number" or delay < 0 then
+    error("timer.at: delay must be a number >= 0", 2)
+  end
+  if type(fn) ~= "function" then error("timer.at: fn must be a function", 2) end
+  return core.spawn(function(...)
+    core.sleep(delay)
+    return fn(...)
+  end, ...)
+end
+
+--- syntax: handle = paygate.timer.every(interval, fn, ...)
+-- Runs fn(...) every interval seconds, never two at once; an error in fn
+-- is logged and the next tick still runs. handle:cancel() stops it.
+function _M.timer.every(interval, fn, ...)
+  if type(interval) ~= "number" or interval <= 0 then
+    error("timer.every: interval must be a number > 0", 2)
+  end
+  if type(fn) ~= "function" then
+    error("timer.every: fn must be a function", 2)
+  end
+  local n, args = select("#", ...), { ... }
+  return core.spawn(function()
+    while true do
+      core.sleep(interval)
+      local ok, err = pcall(fn, unpack(args, 1, n))
+      if not ok then
+        _M.log.error("timer.every: tick failed", { error = tostring(err) })
+      end
+    end
+  end)
+end
+
+-- logging ---------------------------------------------------------------
+
+local log = {}
+_M.log = log
+
+local function emit(level, msg, fields)
+  if not core.log_enabled(level) then return end
+  local f
+  if fields ~= nil then
+    if type(fields) ~= "table" then
+      error("log: fields must be a table", 3)
+    end
+    f = json.encode(fields)
+  end
+  core.log(level, tostring(msg), f)
+end
+
+--- syntax: paygate.log.info(msg[, fields]) (also debug, warn, error)
+-- One JSON line with ts, level, pid, request_id, msg and fields.
+function log.debug(msg, fields) emit(0, msg, fields) end
+function log.info(msg, fields) emit(1, msg, fields) end
+function log.warn(msg, fields) emit(2, msg, fields) end
+function log.error(msg, fields) emit(3, msg, fields) end
+
+-- HTTP client -----------------------------------------------------------
+
+_M.http = require "paygate.http"
+
+-- config ----------------------------------------------------------------
+
+local function freeze(t, path)
+  for k, v in pairs(t) do
+    if type(v) == "table" then t[k] = freeze(v, path .. "." .. tostring(k)) end
+  end
+  return setmetatable({}, {
+    __index = t,
+    __newindex = function(_, k)
+      error("config is read-only (" .. path .. "." .. tostring(k) .. ")", 2)
+    end,
+    __pairs = function() return pairs(t) end,
+    __len = function() return #t end,
+  })
+end
+
+do
+  local rt = package.loaded["paygate.runtime"] or { mode = "exec" }
+  _M.runtime = rt
+  local conf = {}
+  if rt.config_file then
+    local chunk, err = loadfile(rt.config_file)
+    if not chunk then error("config: " .. err) end
+    conf = chunk()
+  end
+  _M.config = freeze(conf, "config")
+end
+
+-- routing and the request -------------------------------------------------
+
+local routes = router.new()
+local before, after = {}, {}
+
+--- syntax: paygate.route(method, path, fn)
+-- path may hold parameters: "/orders/:id" gives req.params.id. fn(req)
+-- returns status, body[, headers]; a table body is sent as JSON.
+function _M.route(method, path, fn)
+  if type(method) ~= "string" or not method:match("^[A-Z]+$") then
+    error("route: method must be an upper-case HTTP method", 2)
+  end
+  if type(path) ~= "string" or path:sub(1, 1) ~= "/" then
+    error("route: path must start with /", 2)
+  end
+  if type(fn) ~= "function" then error("route: fn must be a function", 2) end
+  routes:add(method, path, fn)
+end
+
+--- syntax: paygate.before(fn) -- fn(req) runs before every handler; if it
+-- returns a status, that response is sent and the handler is skipped.
+function _M.before(fn)
+  if type(fn) ~= "function" then error("before: fn must be a function", 2) end
+  before[#before + 1] = fn
+end
+
+--- syntax: paygate.after(fn) -- fn(req, res) runs after every handler;
+-- res = { status, body, headers } may be changed in place.
+function _M.after(fn)
+  if type(fn) ~= "function" then error("after: fn must be a function", 2) end
+  after[#after + 1] = fn
+end
+
+-- request methods (req:json(), req:query(), ...) ---------------------------
+
+local req_methods = {}
+
+--- syntax: value = req:json()
+-- returns: the decoded body. Invalid JSON ends the request with 400.
+function req_methods.json(req)
+  local body = req.body
+  local v, err = json.decode(body)
+  if v == nil and body ~= "null" then
+    _M.abort(400, "invalid_json", "request body is not valid JSON: "
+             .. tostring(err):sub(1, 120))
+  end
+  return v
+end
+
+local function unescape(s)
+  s = s:gsub("+", " ")
+  return (s:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
+end
+
+--- syntax: args = req:query()
+-- returns: the query string decoded into a table (repeats give the last).
+function req_methods.query(req)
+  local t = {}
+  for pair in req.query_string:gmatch("[^&]+") do
+    local k, v = pair:match("^([^=]*)=?(.*)$")
+    if k ~= "" then t[unescape(k)] = unescape(v) end
+  end
+  return t
+end
+
+-- req.params when the route has none: shared, read-only, empty
+req_methods.params = setmetatable({}, {
+  __newindex = function() error("req.params is read-only", 2) end })
+
+core.request_methods(req_methods)
+
+local JSON_CT = "application/json"
+
+local function finish(req, status, body, headers, pattern)
+  local ctype
+  if type(body) == "table" then
+    local s, err = json.encode(body)
+    if not s then error("response body: " .. tostring(err), 0) end
+    body, ctype = s, JSON_CT
+  end
+  if after[1] then
+    local res = { status = status, body = body, headers = headers }
+    for i = 1, #after do after[i](req, res) end
+    status, body, headers = res.status, res.body, res.headers
+    if type(body) == "table" then body, ctype = json.encode(body), JSON_CT end
+  end
+  return status, body, headers, pattern, ctype
+end
+
+-- Called by the C server for every request, in the request's coroutine.
+function _M._dispatch(req, method, path)
+  local fn, pattern, params, allowed = routes:find(method, path)
+  if params then req.params = params end
+  for i = 1, #before do
+    local s, b, h = before[i](req)
+    if s then return finish(req, s, b, h, pattern) end
+  end
+  if not fn then
+    if allowed then
+      return finish(req, 405, { error = "method_not_allowed",
+                                message = "allowed: " .. allowed },
+                    { Allow = allowed }, pattern)
+    end
+    return finish(req, 404, { error = "not_found",
+                              message = "no route for " .. method .. " "
+                                        .. path:sub(1, 200) })
+  end
+  local status, body, headers = fn(req)
+  return finish(req, status, body, headers, pattern)
+end
+
+return _M

@@ -1,0 +1,134 @@
+-- paygate.router: method + path to handler. Static paths are one table
+-- lookup; paths with parameters ("/orders/:id", "/files/*rest") are
+-- matched segment by segment, static segments first.
+
+local type, error, pairs, concat, sort = type, error, pairs, table.concat,
+                                          table.sort
+
+local _M = {}
+local mt = { __index = _M }
+
+function _M.new()
+  return setmetatable({ static = {}, dynamic = {}, methods = {} }, mt)
+end
+
+local function split(path)
+  local segs = {}
+  for seg in path:gmatch("[^/]+") do segs[#segs + 1] = seg end
+  return segs
+end
+
+--- syntax: router:add(method, path, fn)
+-- Raises when the same method and path are registered twice.
+function _M:add(method, path, fn)
+  self.methods[path] = self.methods[path] or {}
+  if not path:find("[:*]") then
+    local t = self.static[method] or {}
+    self.static[method] = t
+    if t[path] then error("route: " .. method .. " " .. path .. " twice", 3) end
+    t[path] = fn
+  else
+    local segs = split(path)
+    local spec = { fn = fn, pattern = path, segs = {}, names = {} }
+    for i, seg in ipairs(segs) do
+      local c = seg:sub(1, 1)
+      if c == ":" or c == "*" then
+        local name = seg:sub(2)
+        if not name:match("^[%a_][%w_]*$") then
+          error("route: bad parameter name in " .. path, 3)
+        end
+        if c == "*" and i ~= #segs then
+          error("route: *" .. name .. " must be the last segment", 3)
+        end
+        spec.segs[i] = c
+        spec.names[i] = name
+      else
+        spec.segs[i] = seg
+      end
+    end
+    local list = self.dynamic[method] or {}
+    self.dynamic[method] = list
+    for _, other in ipairs(list) do
+      if other.pattern == path then
+        error("route: " .. method .. " " .. path .. " twice", 3)
+      end
+    end
+    list[#list + 1] = spec
+    -- more static segments first, then longer
+    sort(list, function(a, b)
+      local sa, sb = 0, 0
+      for _, s in ipairs(a.segs) do if #s > 1 or (s ~= ":" and s ~= "*") then sa = sa + 1 end end
+      for _, s in ipairs(b.segs) do if #s > 1 or (s ~= ":" and s ~= "*") then sb = sb + 1 end end
+      if sa ~= sb then return sa > sb end
+      return #a.segs > #b.segs
+    end)
+  end
+  self.methods[path][method] = true
+end
+
+local function match(spec, segs)
+  local n = #spec.segs
+  local params
+  for i = 1, n do
+    local want, got = spec.segs[i], segs[i]
+    if want == "*" then
+      params = params or {}
+      params[spec.names[i]] = concat(segs, "/", i)
+      return params
+    end
+    if got == nil then return nil end
+    if want == ":" then
+      params = params or {}
+      params[spec.names[i]] = got
+    elseif want ~= got then
+      return nil
+    end
+  end
+  if #segs ~= n then return nil end
+  return params or {}
+end
+
+local function unescape(s)
+  return (s:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
+end
+
+--- syntax: fn, pattern, params, allowed = router:find(method, path)
+-- fn nil: no route; allowed then lists the methods the path has (405).
+function _M:find(method, path)
+  local t = self.static[method]
+  local fn = t and t[path]
+  if fn then return fn, path end
+  local list = self.dynamic[method]
+  local segs
+  if list then
+    segs = split(path)
+    for i = 1, #list do
+      local spec = list[i]
+      local params = match(spec, segs)
+      if params then
+        for k, v in pairs(params) do params[k] = unescape(v) end
+        return spec.fn, spec.pattern, params
+      end
+    end
+  end
+  -- does another method have this path? (405 rather than 404)
+  local allowed = {}
+  for m, st in pairs(self.static) do
+    if m ~= method and st[path] then allowed[#allowed + 1] = m end
+  end
+  segs = segs or split(path)
+  for m, l in pairs(self.dynamic) do
+    if m ~= method then
+      for i = 1, #l do
+        if match(l[i], segs) then allowed[#allowed + 1] = m break end
+      end
+    end
+  end
+  if #allowed > 0 then
+    sort(allowed)
+    return nil, nil, nil, concat(allowed, ", ")
+  end
+  return nil
+end
+
+return _M

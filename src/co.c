@@ -1,0 +1,216 @@
+/*
+ * co.c -- managed coroutines. A coroutine is created per request or task,
+ * resumed by loop callbacks through gw_co_wake(), and reported to its owner
+ * when it ends. Threads are mapped to their struct through a registry table
+ * keyed by the thread, so gw_co_current() is one table lookup.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include <event2/event.h>
+
+#include "co.h"
+#include "log.h"
+#include "loop.h"
+
+static const char co_map_key = 'c';     /* registry: thread -> lightud */
+static lua_State *main_L;               /* not owned */
+long gw_co_alive;
+
+void
+gw_co_init(lua_State *L)
+{
+    main_L = L;
+    lua_pushlightuserdata(L, (void *) &co_map_key);
+    lua_newtable(L);
+    lua_rawset(L, LUA_REGISTRYINDEX);
+}
+
+lua_State *
+gw_co_main(void)
+{
+    return main_L;
+}
+
+struct gw_co *
+gw_co_find(lua_State *L)
+{
+    struct gw_co *co;
+
+    lua_pushlightuserdata(L, (void *) &co_map_key);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+    lua_pushthread(L);
+    lua_rawget(L, -2);
+    co = lua_touserdata(L, -1);
+    lua_pop(L, 2);
+    return co;
+}
+
+struct gw_co *
+gw_co_current(lua_State *L)
+{
+    struct gw_co *co = gw_co_find(L);
+
+    if (co == NULL) {
+        luaL_error(L, "this call yields: use it inside a request handler, "
+                      "a paygate.spawn()ed task or a paygate exec script, "
+                      "not at a module's top level or in a coroutine you "
+                      "created");
+    }
+    return co;
+}
+
+lua_State *
+gw_co_state(struct gw_co *co)
+{
+    return co->L;
+}
+
+static void co_resume(struct gw_co *co, int nargs);
+
+static void
+co_tick(evutil_socket_t fd, short what, void *arg)
+{
+    co_resume(arg, 0);
+}
+
+/* Runs co until it waits, yields bare or ends. */
+static void
+co_resume(struct gw_co *co, int nargs)
+{
+    lua_State *L = co->L;
+    int rc;
+
+    co->running = 1;
+    rc = lua_resume(L, nargs);
+    co->running = 0;
+    if (rc == LUA_YIELD) {
+        if (co->waiting) {
+            if (co->owner->suspended != NULL) {
+                co->owner->suspended(co);
+            }
+            return;
+        }
+        /* A bare coroutine.yield(): give others a turn, resume next pass. */
+        lua_settop(L, 0);
+        if (co->tick == NULL) {
+            co->tick = evtimer_new(gw_loop_base(), co_tick, co);
+        }
+        if (co->tick != NULL) {
+            struct timeval zero = { 0, 0 };
+            evtimer_add(co->tick, &zero);
+            return;
+        }
+        rc = LUA_ERRMEM;
+        lua_pushliteral(L, "no memory to reschedule a yielding coroutine");
+    }
+    co->ended = 1;
+    if (rc == 0) {
+        co->owner->done(co, lua_gettop(L));
+        return;
+    }
+    {
+        const char *msg = lua_tostring(L, -1);
+        lua_State *top = main_L;
+        const char *tb;
+
+        if (msg == NULL) {
+            msg = lua_isnil(L, -1) ? "nil error" : luaL_typename(L, -1);
+        }
+        luaL_traceback(top, L, msg, 0);
+        tb = lua_tostring(top, -1);
+        co->owner->fail(co, tb != NULL ? tb : msg);
+        lua_pop(top, 1);
+    }
+}
+
+struct gw_co *
+gw_co_start(lua_State *L, int nargs, const struct gw_co_owner *owner,
+            void *data, const char *request_id)
+{
+    struct gw_co *co = calloc(1, sizeof(*co));
+
+    if (co == NULL) {
+        lua_pop(L, nargs + 1);
+        return NULL;
+    }
+    co->owner = owner;
+    co->data = data;
+    co->request_id = request_id;
+    co->L = lua_newthread(L);
+    lua_pushlightuserdata(L, (void *) &co_map_key);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+    lua_pushvalue(L, -2);
+    lua_pushlightuserdata(L, co);
+    lua_rawset(L, -3);
+    lua_pop(L, 1);
+    co->ref = luaL_ref(L, LUA_REGISTRYINDEX);    /* pops the thread */
+    lua_xmove(L, co->L, nargs + 1);
+    gw_co_alive++;
+    co_resume(co, nargs);
+    return co;
+}
+
+int
+gw_co_wait(lua_State *L, gw_cancel_fn cancel, void *arg)
+{
+    struct gw_co *co = gw_co_current(L);
+
+    co->cancel = cancel;
+    co->cancel_arg = arg;
+    co->waiting = 1;
+    return lua_yield(L, 0);
+}
+
+void
+gw_co_wake(struct gw_co *co, int nargs)
+{
+    if (!co->waiting || co->running) {
+        gw_log(GW_LOG_ERROR, "co: wake of a coroutine that is not waiting");
+        lua_pop(co->L, nargs);
+        return;
+    }
+    co->waiting = 0;
+    co->cancel = NULL;
+    co->cancel_arg = NULL;
+    gw_loop_update_time();
+    co_resume(co, nargs);
+}
+
+void
+gw_co_abandon(struct gw_co *co)
+{
+    gw_cancel_fn cancel = co->cancel;
+
+    co->ended = 1;
+    if (co->tick != NULL) {
+        evtimer_del(co->tick);
+    }
+    if (co->waiting && cancel != NULL) {
+        co->cancel = NULL;
+        co->waiting = 0;
+        cancel(co->cancel_arg);
+    }
+    co->waiting = 0;
+}
+
+void
+gw_co_free(struct gw_co *co)
+{
+    if (co == NULL) {
+        return;
+    }
+    if (co->tick != NULL) {
+        event_free(co->tick);
+        co->tick = NULL;
+    }
+    lua_pushlightuserdata(main_L, (void *) &co_map_key);
+    lua_rawget(main_L, LUA_REGISTRYINDEX);
+    lua_rawgeti(main_L, LUA_REGISTRYINDEX, co->ref);
+    lua_pushnil(main_L);
+    lua_rawset(main_L, -3);
+    lua_pop(main_L, 1);
+    luaL_unref(main_L, LUA_REGISTRYINDEX, co->ref);
+    gw_co_alive--;
+    free(co);
+}

@@ -1,0 +1,291 @@
+/*
+ * config.c -- see config.h.
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <lualib.h>
+
+#include "config.h"
+#include "log.h"
+#include "lstate.h"
+
+void
+gw_opts_defaults(struct gw_opts *o)
+{
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+
+    memset(o, 0, sizeof(*o));
+    snprintf(o->listen, sizeof(o->listen), "127.0.0.1:8080");
+    snprintf(o->admin, sizeof(o->admin), "127.0.0.1:9090");
+    o->workers = n > 0 ? (int) n : 1;
+    o->shutdown_timeout = 30;
+    o->log_level = GW_LOG_INFO;
+    gw_server_conf_defaults(&o->server);
+}
+
+struct key {
+    const char *name;
+    int         type;           /* 's' string, 'n' number, 'i' integer,
+                                   'b' boolean, 'z' size in bytes */
+    size_t      off;
+    size_t      size;           /* for strings: buffer size */
+};
+
+#define S(f) offsetof(struct gw_opts, f), sizeof(((struct gw_opts *) 0)->f)
+#define N(f) offsetof(struct gw_opts, f), 0
+
+static const struct key top_keys[] = {
+    { "listen", 's', S(listen) },
+    { "admin", 's', S(admin) },
+    { "pid_file", 's', S(pid_file) },
+    { "workers", 'i', N(workers) },
+    { "shutdown_timeout", 'n', N(shutdown_timeout) },
+    { NULL, 0, 0, 0 }
+};
+
+static const struct key tls_keys[] = {
+    { "cert", 's', S(tls_cert) },
+    { "key", 's', S(tls_key) },
+    { "client_ca", 's', S(tls_client_ca) },
+    { NULL, 0, 0, 0 }
+};
+
+#define L_(f) offsetof(struct gw_opts, server.f), 0
+static const struct key limit_keys[] = {
+    { "header_bytes", 'z', L_(max_header_bytes) },
+    { "body_bytes", 'z', L_(max_body_bytes) },
+    { "connections", 'i', L_(max_connections) },
+    { "header_timeout", 'n', L_(header_timeout) },
+    { "body_timeout", 'n', L_(body_timeout) },
+    { "write_timeout", 'n', L_(write_timeout) },
+    { "keepalive_timeout", 'n', L_(keepalive_timeout) },
+    { "keepalive_requests", 'i', L_(keepalive_requests) },
+    { "request_timeout", 'n', L_(request_timeout) },
+    { NULL, 0, 0, 0 }
+};
+
+/* Reads t[k] per keys; strict == 1 rejects unknown keys. */
+static int
+read_keys(lua_State *L, int t, const char *where, const struct key *keys,
+          int strict, struct gw_opts *o, char *err, size_t errlen)
+{
+    lua_pushnil(L);
+    while (lua_next(L, t) != 0) {
+        const struct key *k = NULL;
+        const char *name;
+
+        if (lua_type(L, -2) != LUA_TSTRING) {
+            lua_pop(L, 1);
+            if (strict) {
+                snprintf(err, errlen, "%s: keys must be strings", where);
+                return GW_ERR;
+            }
+            continue;
+        }
+        name = lua_tostring(L, -2);
+        for (const struct key *x = keys; x->name != NULL; x++) {
+            if (strcmp(x->name, name) == 0) {
+                k = x;
+                break;
+            }
+        }
+        if (k == NULL) {
+            lua_pop(L, 1);
+            if (strict) {
+                snprintf(err, errlen, "%s: unknown key '%.64s'", where, name);
+                return GW_ERR;
+            }
+            continue;
+        }
+        if (k->type == 's') {
+            size_t len;
+            const char *v;
+
+            if (lua_type(L, -1) != LUA_TSTRING) {
+                snprintf(err, errlen, "%s.%s must be a string", where, name);
+                return GW_ERR;
+            }
+            v = lua_tolstring(L, -1, &len);
+            if (len >= k->size) {
+                snprintf(err, errlen, "%s.%s is too long", where, name);
+                return GW_ERR;
+            }
+            memcpy((char *) o + k->off, v, len + 1);
+        } else if (k->type == 'b') {
+            *(int *) ((char *) o + k->off) = lua_toboolean(L, -1);
+        } else {
+            double v;
+
+            if (lua_type(L, -1) != LUA_TNUMBER) {
+                snprintf(err, errlen, "%s.%s must be a number", where, name);
+                return GW_ERR;
+            }
+            v = lua_tonumber(L, -1);
+            if (!(v > 0) || v > 1e12
+                || (k->type != 'n' && v != (double) (long long) v)) {
+                snprintf(err, errlen, "%s.%s must be a positive %s", where,
+                         name, k->type == 'n' ? "number" : "integer");
+                return GW_ERR;
+            }
+            if (k->type == 'n') {
+                *(double *) ((char *) o + k->off) = v;
+            } else if (k->type == 'z') {
+                *(size_t *) ((char *) o + k->off) = (size_t) v;
+            } else {
+                if (v > 1e9) {
+                    snprintf(err, errlen, "%s.%s is too large", where, name);
+                    return GW_ERR;
+                }
+                *(int *) ((char *) o + k->off) = (int) v;
+            }
+        }
+        lua_pop(L, 1);
+    }
+    return GW_OK;
+}
+
+int
+gw_opts_load_file(struct gw_opts *o, const char *path, char *err,
+                  size_t errlen)
+{
+    lua_State *L = luaL_newstate();
+    int rc = GW_ERR;
+
+    if (L == NULL) {
+        snprintf(err, errlen, "no memory");
+        return GW_ERR;
+    }
+    luaL_openlibs(L);
+    if (gw_lstate_dofile(L, path, 1) != GW_OK) {
+        snprintf(err, errlen, "config %s: %s", path, lua_tostring(L, -1));
+        goto done;
+    }
+    if (!lua_istable(L, -1)) {
+        snprintf(err, errlen, "config %s: must return a table", path);
+        goto done;
+    }
+    if (read_keys(L, 1, "config", top_keys, 0, o, err, errlen) != GW_OK) {
+        goto done;
+    }
+    lua_getfield(L, 1, "log_level");
+    if (!lua_isnil(L, -1)) {
+        if (!lua_isstring(L, -1)
+            || gw_log_parse_level(lua_tostring(L, -1), &o->log_level)
+               != GW_OK) {
+            snprintf(err, errlen, "config.log_level must be one of debug, "
+                                  "info, warn, error");
+            goto done;
+        }
+    }
+    lua_pop(L, 1);
+    lua_getfield(L, 1, "access_log");
+    if (!lua_isnil(L, -1)) {
+        o->server.access_log = lua_toboolean(L, -1);
+    }
+    lua_pop(L, 1);
+    lua_getfield(L, 1, "tls");
+    if (lua_istable(L, -1)) {
+        if (read_keys(L, lua_gettop(L), "config.tls", tls_keys, 1, o, err,
+                      errlen) != GW_OK) {
+            goto done;
+        }
+    } else if (!lua_isnil(L, -1)) {
+        snprintf(err, errlen, "config.tls must be a table");
+        goto done;
+    }
+    lua_pop(L, 1);
+    lua_getfield(L, 1, "limits");
+    if (lua_istable(L, -1)) {
+        if (read_keys(L, lua_gettop(L), "config.limits", limit_keys, 1, o,
+                      err, errlen) != GW_OK) {
+            goto done;
+        }
+    } else if (!lua_isnil(L, -1)) {
+        snprintf(err, errlen, "config.limits must be a table");
+        goto done;
+    }
+    rc = GW_OK;
+done:
+    lua_close(L);
+    return rc;
+}
+
+int
+gw_listen(const char *spec, int backlog, char *err, size_t errlen)
+{
+    char host[256] = "127.0.0.1", port[16];
+    const char *colon;
+    struct addrinfo hints, *res = NULL;
+    int fd = -1, one = 1, rc;
+
+    if (spec[0] == '[') {
+        const char *close_br = strchr(spec, ']');
+
+        if (close_br == NULL || close_br[1] != ':'
+            || (size_t) (close_br - spec - 1) >= sizeof(host)) {
+            snprintf(err, errlen, "bad address '%s' (want [IPv6]:PORT)", spec);
+            return -1;
+        }
+        memcpy(host, spec + 1, (size_t) (close_br - spec - 1));
+        host[close_br - spec - 1] = '\0';
+        colon = close_br + 1;
+    } else {
+        colon = strrchr(spec, ':');
+        if (colon != NULL) {
+            if ((size_t) (colon - spec) >= sizeof(host)) {
+                snprintf(err, errlen, "bad address '%s'", spec);
+                return -1;
+            }
+            memcpy(host, spec, (size_t) (colon - spec));
+            host[colon - spec] = '\0';
+        }
+    }
+    snprintf(port, sizeof(port), "%s", colon != NULL ? colon + 1 : spec);
+    if (port[0] == '\0' || strspn(port, "0123456789") != strlen(port)
+        || atoi(port) > 65535) {
+        snprintf(err, errlen, "bad port in '%s' (want HOST:PORT)", spec);
+        return -1;
+    }
+    memset(&hints, 0, sizeof(hints));
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV | AI_NUMERICHOST;
+    rc = getaddrinfo(host[0] ? host : NULL, port, &hints, &res);
+    if (rc != 0) {
+        snprintf(err, errlen, "bad address '%s': %s (use a numeric IP)",
+                 spec, gai_strerror(rc));
+        return -1;
+    }
+    fd = socket(res->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC,
+                0);
+    if (fd < 0) {
+        snprintf(err, errlen, "socket: %s", strerror(errno));
+        goto fail;
+    }
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (bind(fd, res->ai_addr, res->ai_addrlen) != 0) {
+        snprintf(err, errlen, "cannot listen on %s: %s", spec,
+                 strerror(errno));
+        goto fail;
+    }
+    if (listen(fd, backlog) != 0) {
+        snprintf(err, errlen, "listen %s: %s", spec, strerror(errno));
+        goto fail;
+    }
+    freeaddrinfo(res);
+    return fd;
+fail:
+    if (fd >= 0) {
+        close(fd);
+    }
+    freeaddrinfo(res);
+    return -1;
+}

@@ -1,0 +1,41 @@
+/*
+ * config.h -- `paygate run` options: defaults, then the config file (a Lua
+ * table), then command-line flags, validated once.
+ */
+#ifndef GW_CONFIG_H
+#define GW_CONFIG_H
+
+#include "http_server.h"
+#include "runtime.h"
+
+struct gw_opts {
+    const char           *app_dir;        /* argv; not owned */
+    const char           *config_file;    /* argv, or NULL */
+    char                  listen[256];    /* "HOST:PORT" */
+    char                  admin[256];     /* "HOST:PORT", or "" for none */
+    char                  pid_file[1024]; /* or "" */
+    char                  tls_cert[1024]; /* PEM paths, or "" */
+    char                  tls_key[1024];
+    char                  tls_client_ca[1024];
+    int                   workers;        /* processes; >= 1 */
+    double                shutdown_timeout; /* s to drain on TERM */
+    enum gw_log_level     log_level;
+    struct gw_server_conf server;
+};
+
+/* Defaults: 127.0.0.1:8080, admin 127.0.0.1:9090, a worker per core. */
+void gw_opts_defaults(struct gw_opts *o);
+
+/*
+ * Reads the config file's known keys into o. Unknown top-level keys are
+ * the app's (paygate.config); unknown keys inside limits/tls are typos and
+ * an error. Returns GW_OK, or GW_ERR with a one-line reason in err.
+ */
+int gw_opts_load_file(struct gw_opts *o, const char *path, char *err,
+                      size_t errlen);
+
+/* Splits "HOST:PORT" / "[V6]:PORT" / "PORT" and binds a listening socket
+ * (non-blocking). Returns the fd, or -1 with a reason in err. */
+int gw_listen(const char *spec, int backlog, char *err, size_t errlen);
+
+#endif

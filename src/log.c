@@ -1,0 +1,146 @@
+/*
+ * log.c -- JSON-lines logger. See log.h.
+ */
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "log.h"
+
+enum gw_log_level gw_log_min = GW_LOG_INFO;
+
+static const char *const level_names[] = { "debug", "info", "warn", "error" };
+
+int
+gw_log_parse_level(const char *s, enum gw_log_level *out)
+{
+    for (int i = 0; i < 4; i++) {
+        if (strcmp(s, level_names[i]) == 0) {
+            *out = (enum gw_log_level) i;
+            return GW_OK;
+        }
+    }
+    return GW_ERR;
+}
+
+size_t
+gw_json_quote(char *buf, size_t cap, const char *s, size_t len)
+{
+    static const char hex[] = "0123456789abcdef";
+    size_t n = 0;
+
+    if (cap < 2) {
+        return 0;
+    }
+    buf[n++] = '"';
+    for (size_t i = 0; i < len; i++) {
+        unsigned char c = (unsigned char) s[i];
+
+        if (n + 7 >= cap) {
+            return 0;
+        }
+        if (c == '"' || c == '\\') {
+            buf[n++] = '\\';
+            buf[n++] = (char) c;
+        } else if (c == '\n') {
+            buf[n++] = '\\';
+            buf[n++] = 'n';
+        } else if (c == '\t') {
+            buf[n++] = '\\';
+            buf[n++] = 't';
+        } else if (c < 0x20 || c == 0x7f) {
+            buf[n++] = '\\';
+            buf[n++] = 'u';
+            buf[n++] = '0';
+            buf[n++] = '0';
+            buf[n++] = hex[c >> 4];
+            buf[n++] = hex[c & 15];
+        } else {
+            buf[n++] = (char) c;
+        }
+    }
+    if (n + 1 >= cap) {
+        return 0;
+    }
+    buf[n++] = '"';
+    return n;
+}
+
+void
+gw_log_line(enum gw_log_level level, const char *request_id,
+            const char *msg, size_t msg_len, const char *fields_json,
+            size_t fields_len)
+{
+    char buf[16384];
+    struct timeval tv;
+    struct tm tm;
+    size_t n, q;
+    int w;
+
+    if (level < gw_log_min) {
+        return;
+    }
+    gettimeofday(&tv, NULL);
+    gmtime_r(&tv.tv_sec, &tm);
+    w = snprintf(buf, sizeof(buf),
+                 "{\"ts\":\"%04d-%02d-%02dT%02d:%02d:%02d.%03dZ\","
+                 "\"level\":\"%s\",\"pid\":%d",
+                 tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour,
+                 tm.tm_min, tm.tm_sec, (int) (tv.tv_usec / 1000),
+                 level_names[level], (int) getpid());
+    n = (size_t) w;
+    if (request_id != NULL) {
+        memcpy(buf + n, ",\"request_id\":", 14);
+        n += 14;
+        q = gw_json_quote(buf + n, 200, request_id, strlen(request_id));
+        n += q;
+    }
+    memcpy(buf + n, ",\"msg\":", 7);
+    n += 7;
+    if (msg_len > 4096) {
+        msg_len = 4096;     /* a runaway message must not hide the line */
+    }
+    q = gw_json_quote(buf + n, sizeof(buf) - n - 64, msg, msg_len);
+    if (q == 0) {
+        q = gw_json_quote(buf + n, 64, "(message too long)", 18);
+    }
+    n += q;
+    /* fields_json is "{...}": splice its members in. */
+    if (fields_json != NULL && fields_len > 2 && fields_json[0] == '{'
+        && n + fields_len + 2 < sizeof(buf)) {
+        buf[n++] = ',';
+        memcpy(buf + n, fields_json + 1, fields_len - 1);
+        n += fields_len - 1;
+    } else {
+        buf[n++] = '}';
+    }
+    buf[n++] = '\n';
+    if (write(STDERR_FILENO, buf, n) < 0) {
+        /* nowhere left to report it */
+    }
+}
+
+void
+gw_log(enum gw_log_level level, const char *fmt, ...)
+{
+    char msg[4096];
+    va_list ap;
+    int n;
+
+    if (level < gw_log_min) {
+        return;
+    }
+    va_start(ap, fmt);
+    n = vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    if (n < 0) {
+        return;
+    }
+    if ((size_t) n >= sizeof(msg)) {
+        n = sizeof(msg) - 1;
+    }
+    gw_log_line(level, NULL, msg, (size_t) n, NULL, 0);
+}

@@ -1,0 +1,23 @@
+/*
+ * loop.h -- the process's single event loop, and the queue that lets worker
+ * threads hand results back to it.
+ */
+#ifndef GW_LOOP_H
+#define GW_LOOP_H
+
+#include <event2/event.h>
+#include "runtime.h"
+
+/* Creates the event base and the post queue. GW_OK or GW_ERR. */
+int gw_loop_init(void);
+
+/* Frees the base (after the loop ended). Safe to call twice. */
+void gw_loop_free(void);
+
+/* Seconds since the epoch, cached per loop pass (like ngx.now()). */
+double gw_loop_now(void);
+
+/* Refreshes the cached time. */
+void gw_loop_update_time(void);
+
+#endif

@@ -1,0 +1,477 @@
+/*
+ * lpaygate.c -- paygate.core: the scheduling primitives every handler uses
+ * (now, sleep, spawn/task) and the logger's C half.
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <math.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <event2/event.h>
+
+#include "co.h"
+#include "http_server.h"
+#include "log.h"
+#include "loop.h"
+#include "lstate.h"
+
+#define LTASK_MT "paygate.task"
+
+/* ---- sleep ---------------------------------------------------------- */
+
+struct gw_sleep {
+    struct event *ev;           /* owned */
+    struct gw_co *co;           /* waiting coroutine; not owned */
+};
+
+static void
+sleep_fire(evutil_socket_t fd, short what, void *arg)
+{
+    struct gw_sleep *s = arg;
+    struct gw_co *co = s->co;
+
+    event_free(s->ev);
+    free(s);
+    gw_co_wake(co, 0);
+}
+
+static void
+sleep_cancel(void *arg)
+{
+    struct gw_sleep *s = arg;
+
+    event_free(s->ev);
+    free(s);
+}
+
+/*
+ * syntax: paygate.sleep(seconds)
+ * yields: until the time has passed (0 gives other coroutines a turn).
+ */
+static int
+lcore_sleep(lua_State *L)
+{
+    double secs = luaL_checknumber(L, 1);
+    struct gw_co *co = gw_co_current(L);
+    struct gw_sleep *s;
+    struct timeval tv;
+
+    if (!(secs >= 0) || secs > 1e8) {
+        return luaL_argerror(L, 1, "seconds must be between 0 and 1e8");
+    }
+    s = malloc(sizeof(*s));
+    if (s == NULL) {
+        return luaL_error(L, "no memory");
+    }
+    s->co = co;
+    s->ev = evtimer_new(gw_loop_base(), sleep_fire, s);
+    if (s->ev == NULL) {
+        free(s);
+        return luaL_error(L, "no memory");
+    }
+    tv.tv_sec = (time_t) secs;
+    tv.tv_usec = (suseconds_t) ((secs - (double) tv.tv_sec) * 1e6);
+    evtimer_add(s->ev, &tv);
+    return gw_co_wait(L, sleep_cancel, s);
+}
+
+static int
+lcore_now(lua_State *L)
+{
+    lua_pushnumber(L, gw_loop_now());
+    return 1;
+}
+
+static int
+lcore_update_time(lua_State *L)
+{
+    gw_loop_update_time();
+    lua_pushnumber(L, gw_loop_now());
+    return 1;
+}
+
+/* ---- tasks ---------------------------------------------------------- */
+
+struct gw_waiter {
+    struct gw_co     *co;       /* waiting coroutine; not owned */
+    struct gw_task   *task;     /* the task waited on; not owned */
+    struct gw_waiter *next;     /* list link, owned by the task */
+};
+
+struct gw_task {
+    struct gw_co     *co;       /* running coroutine, NULL once ended */
+    int               self_ref; /* registry ref keeping the ud alive
+                                   while running; LUA_NOREF after */
+    int               results;  /* registry ref to a results table */
+    int               ok;       /* 1 returned, 0 raised (after end) */
+    int               ended;    /* 1 after done, fail or cancel */
+    struct gw_waiter *waiters;  /* owned list */
+    char              rid[48];  /* request id inherited from the spawner */
+};
+
+
+static void
+task_wake_all(struct gw_task *t)
+{
+    while (t->waiters != NULL) {
+        struct gw_waiter *w = t->waiters;
+        lua_State *L = gw_co_state(w->co);
+        int n;
+
+        t->waiters = w->next;
+        lua_rawgeti(L, LUA_REGISTRYINDEX, t->results);
+        n = (int) lua_objlen(L, -1);
+        if (!t->ok) {
+            lua_pushnil(L);
+            lua_rawgeti(L, -2, 1);
+            lua_remove(L, -3);
+            n = 2;
+        } else {
+            int base = lua_gettop(L);
+            luaL_checkstack(L, n, "too many results");
+            for (int i = 1; i <= n; i++) {
+                lua_rawgeti(L, base, i);
+            }
+            lua_remove(L, base);
+        }
+        {
+            struct gw_co *co = w->co;
+            free(w);
+            gw_co_wake(co, n);
+        }
+    }
+}
+
+static void
+task_finish(struct gw_task *t)
+{
+    t->ended = 1;
+    t->co = NULL;
+    task_wake_all(t);
+    luaL_unref(gw_co_main(), LUA_REGISTRYINDEX, t->self_ref);
+    t->self_ref = LUA_NOREF;
+}
+
+static void
+task_done(struct gw_co *co, int nres)
+{
+    struct gw_task *t = co->data;
+    lua_State *L = gw_co_state(co);
+
+    lua_createtable(L, nres, 1);
+    lua_insert(L, 1);
+    for (int i = nres; i >= 1; i--) {
+        lua_rawseti(L, 1, i);
+    }
+    lua_pushinteger(L, nres);
+    lua_setfield(L, 1, "n");
+    t->results = luaL_ref(L, LUA_REGISTRYINDEX);
+    t->ok = 1;
+    gw_co_free(co);
+    task_finish(t);
+}
+
+static void
+task_fail(struct gw_co *co, const char *msg)
+{
+    struct gw_task *t = co->data;
+
+    gw_log_line(GW_LOG_ERROR, co->request_id, msg, strlen(msg), NULL, 0);
+    lua_createtable(gw_co_main(), 1, 0);
+    lua_pushstring(gw_co_main(), msg);
+    lua_rawseti(gw_co_main(), -2, 1);
+    t->results = luaL_ref(gw_co_main(), LUA_REGISTRYINDEX);
+    t->ok = 0;
+    gw_co_free(co);
+    task_finish(t);
+}
+
+static const struct gw_co_owner task_owner = { task_done, task_fail, NULL };
+
+/*
+ * syntax: task = paygate.spawn(fn, ...)
+ * Runs fn(...) in a new coroutine, now, until it first waits.
+ * returns: a task handle (task:wait(), task:cancel(), task:finished()).
+ */
+static int
+lcore_spawn(lua_State *L)
+{
+    int nargs = lua_gettop(L) - 1;
+    struct gw_co *parent = gw_co_find(L);
+    struct gw_task *t;
+    struct gw_co *co;
+
+    luaL_checktype(L, 1, LUA_TFUNCTION);
+    t = lua_newuserdata(L, sizeof(*t));
+    memset(t, 0, sizeof(*t));
+    t->results = LUA_NOREF;
+    luaL_getmetatable(L, LTASK_MT);
+    lua_setmetatable(L, -2);
+    lua_pushvalue(L, -1);
+    t->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_insert(L, 1);                       /* task, fn, args... */
+    if (parent != NULL && parent->request_id != NULL) {
+        snprintf(t->rid, sizeof(t->rid), "%s", parent->request_id);
+    }
+    co = gw_co_start(L, nargs, &task_owner, t, t->rid[0] ? t->rid : NULL);
+    if (co == NULL) {
+        luaL_unref(L, LUA_REGISTRYINDEX, t->self_ref);
+        t->self_ref = LUA_NOREF;
+        t->ended = 1;
+        return luaL_error(L, "no memory for a coroutine");
+    }
+    if (!t->ended) {
+        t->co = co;
+    }
+    lua_settop(L, 1);
+    return 1;
+}
+
+static void
+waiter_cancel(void *arg)
+{
+    struct gw_waiter *w = arg;
+    struct gw_waiter **pp = &w->task->waiters;
+
+    while (*pp != NULL && *pp != w) {
+        pp = &(*pp)->next;
+    }
+    if (*pp == w) {
+        *pp = w->next;
+    }
+    free(w);
+}
+
+/*
+ * syntax: ... = task:wait()
+ * returns: the task function's results, or nil, err when it raised.
+ * yields: until the task ends (not when it already has).
+ */
+static int
+ltask_wait(lua_State *L)
+{
+    struct gw_task *t = luaL_checkudata(L, 1, LTASK_MT);
+    struct gw_waiter *w;
+
+    if (t->ended) {
+        int n;
+
+        if (t->results == LUA_NOREF) {
+            lua_pushnil(L);
+            lua_pushliteral(L, "task was cancelled");
+            return 2;
+        }
+        lua_rawgeti(L, LUA_REGISTRYINDEX, t->results);
+        if (!t->ok) {
+            lua_pushnil(L);
+            lua_rawgeti(L, -2, 1);
+            return 2;
+        }
+        n = (int) lua_objlen(L, -1);
+        luaL_checkstack(L, n, "too many results");
+        for (int i = 1; i <= n; i++) {
+            lua_rawgeti(L, 2, i);
+        }
+        return n;
+    }
+    w = malloc(sizeof(*w));
+    if (w == NULL) {
+        return luaL_error(L, "no memory");
+    }
+    w->co = gw_co_current(L);
+    w->task = t;
+    w->next = t->waiters;
+    t->waiters = w;
+    return gw_co_wait(L, waiter_cancel, w);
+}
+
+/*
+ * syntax: task:cancel()
+ * Stops the task where it waits (its pending operation is cancelled);
+ * waiters get nil, "task was cancelled". No effect on an ended task.
+ */
+static int
+ltask_cancel(lua_State *L)
+{
+    struct gw_task *t = luaL_checkudata(L, 1, LTASK_MT);
+    struct gw_co *co = t->co;
+
+    if (t->ended || co == NULL) {
+        return 0;
+    }
+    if (co->running) {
+        return luaL_error(L, "a task cannot cancel itself");
+    }
+    gw_co_abandon(co);
+    gw_co_free(co);
+    lua_createtable(L, 1, 0);
+    lua_pushliteral(L, "task was cancelled");
+    lua_rawseti(L, -2, 1);
+    t->results = luaL_ref(L, LUA_REGISTRYINDEX);
+    t->ok = 0;
+    task_finish(t);
+    return 0;
+}
+
+static int
+ltask_finished(lua_State *L)
+{
+    struct gw_task *t = luaL_checkudata(L, 1, LTASK_MT);
+
+    lua_pushboolean(L, t->ended);
+    return 1;
+}
+
+static int
+ltask_gc(lua_State *L)
+{
+    struct gw_task *t = luaL_checkudata(L, 1, LTASK_MT);
+
+    if (t->results != LUA_NOREF) {
+        luaL_unref(L, LUA_REGISTRYINDEX, t->results);
+        t->results = LUA_NOREF;
+    }
+    return 0;
+}
+
+/* ---- logging -------------------------------------------------------- */
+
+/*
+ * syntax: paygate.core.log(level, msg[, fields_json])
+ * level is 0 debug .. 3 error. The request id of the current coroutine,
+ * if any, is added.
+ */
+static int
+lcore_log(lua_State *L)
+{
+    int level = (int) luaL_checkinteger(L, 1);
+    size_t mlen, flen = 0;
+    const char *msg = luaL_checklstring(L, 2, &mlen);
+    const char *fields = luaL_optlstring(L, 3, NULL, &flen);
+    struct gw_co *co;
+
+    if (level < GW_LOG_DEBUG || level > GW_LOG_ERROR) {
+        return luaL_argerror(L, 1, "level must be 0..3");
+    }
+    if ((enum gw_log_level) level < gw_log_min) {
+        return 0;
+    }
+    co = gw_co_find(L);
+    gw_log_line((enum gw_log_level) level, co ? co->request_id : NULL,
+                msg, mlen, fields, flen);
+    return 0;
+}
+
+static int
+lcore_log_enabled(lua_State *L)
+{
+    int level = (int) luaL_checkinteger(L, 1);
+
+    lua_pushboolean(L, (enum gw_log_level) level >= gw_log_min);
+    return 1;
+}
+
+static int
+lcore_request_id(lua_State *L)
+{
+    struct gw_co *co = gw_co_find(L);
+
+    if (co == NULL || co->request_id == NULL) {
+        return 0;
+    }
+    lua_pushstring(L, co->request_id);
+    return 1;
+}
+
+static int
+lcore_in_coroutine(lua_State *L)
+{
+    lua_pushboolean(L, gw_co_find(L) != NULL);
+    return 1;
+}
+
+static int
+lcore_coroutines(lua_State *L)
+{
+    lua_pushinteger(L, gw_co_alive);
+    return 1;
+}
+
+/*
+ * syntax: port = paygate.core.free_port([host])
+ * A TCP port free on host (default 127.0.0.1) right now: for tests.
+ */
+static int
+lcore_free_port(lua_State *L)
+{
+    const char *host = luaL_optstring(L, 1, "127.0.0.1");
+    struct sockaddr_in a;
+    socklen_t len = sizeof(a);
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+    memset(&a, 0, sizeof(a));
+    a.sin_family = AF_INET;
+    if (fd < 0 || inet_pton(AF_INET, host, &a.sin_addr) != 1
+        || bind(fd, (struct sockaddr *) &a, sizeof(a)) != 0
+        || getsockname(fd, (struct sockaddr *) &a, &len) != 0) {
+        if (fd >= 0) {
+            close(fd);
+        }
+        return gw_push_error(L, "connect", 0, "free_port: %s",
+                             strerror(errno));
+    }
+    close(fd);
+    lua_pushinteger(L, ntohs(a.sin_port));
+    return 1;
+}
+
+static int
+lcore_pid(lua_State *L)
+{
+    lua_pushinteger(L, getpid());
+    return 1;
+}
+
+static const luaL_Reg ltask_methods[] = {
+    { "wait", ltask_wait },
+    { "cancel", ltask_cancel },
+    { "finished", ltask_finished },
+    { NULL, NULL }
+};
+
+static const luaL_Reg lcore_funcs[] = {
+    { "sleep", lcore_sleep },
+    { "now", lcore_now },
+    { "update_time", lcore_update_time },
+    { "spawn", lcore_spawn },
+    { "log", lcore_log },
+    { "log_enabled", lcore_log_enabled },
+    { "request_id", lcore_request_id },
+    { "in_coroutine", lcore_in_coroutine },
+    { "coroutines", lcore_coroutines },
+    { "pid", lcore_pid },
+    { "free_port", lcore_free_port },
+    { "error_mt", gw_push_error_mt },
+    { NULL, NULL }
+};
+
+int
+luaopen_paygate_core(lua_State *L)
+{
+    luaL_newmetatable(L, LTASK_MT);
+    lua_pushcfunction(L, ltask_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_newtable(L);
+    luaL_register(L, NULL, ltask_methods);
+    lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
+    lua_newtable(L);
+    luaL_register(L, NULL, lcore_funcs);
+    gw_request_register(L);
+    return 1;
+}

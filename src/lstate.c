@@ -1,0 +1,159 @@
+/*
+ * lstate.c -- the Lua state every process runs: package paths, preloaded C
+ * modules, and the paygate error metatable used by gw_push_error().
+ */
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <lualib.h>
+
+#include "co.h"
+#include "lstate.h"
+#include "modules.h"
+
+static const char error_mt_key = 'e';   /* registry: the error metatable */
+
+static int
+is_dir(const char *p)
+{
+    struct stat st;
+
+    return stat(p, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+const char *
+gw_lua_dir(void)
+{
+    static char dir[PATH_MAX + 64];
+    char exe[PATH_MAX];
+    const char *env;
+    ssize_t n;
+    char *slash;
+
+    if (dir[0] != '\0') {
+        return dir;
+    }
+    env = getenv("PAYGATE_LUA_DIR");
+    if (env != NULL && is_dir(env)) {
+        snprintf(dir, sizeof(dir), "%s", env);
+        return dir;
+    }
+    /* build/paygate → ../lua, then the source tree it was built from. */
+    n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+    if (n > 0) {
+        exe[n] = '\0';
+        slash = strrchr(exe, '/');
+        if (slash != NULL) {
+            *slash = '\0';
+            snprintf(dir, sizeof(dir), "%s/../lua/paygate", exe);
+            if (is_dir(dir)) {
+                snprintf(dir, sizeof(dir), "%s/../lua", exe);
+                return dir;
+            }
+        }
+    }
+    snprintf(dir, sizeof(dir), "%s/lua", PAYGATE_SOURCE_DIR);
+    return dir;
+}
+
+static int
+error_tostring(lua_State *L)
+{
+    lua_getfield(L, 1, "kind");
+    lua_getfield(L, 1, "message");
+    lua_pushfstring(L, "%s: %s", luaL_optstring(L, -2, "error"),
+                    luaL_optstring(L, -1, ""));
+    return 1;
+}
+
+int
+gw_push_error(lua_State *L, const char *kind, int retryable,
+              const char *fmt, ...)
+{
+    char msg[1024];
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    lua_pushnil(L);
+    lua_createtable(L, 0, 3);
+    lua_pushstring(L, kind);
+    lua_setfield(L, -2, "kind");
+    lua_pushstring(L, msg);
+    lua_setfield(L, -2, "message");
+    lua_pushboolean(L, retryable);
+    lua_setfield(L, -2, "retryable");
+    lua_pushlightuserdata(L, (void *) &error_mt_key);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+    lua_setmetatable(L, -2);
+    return 2;
+}
+
+/* paygate.core.error_mt(): the shared metatable, for Lua-made errors. */
+int
+gw_push_error_mt(lua_State *L)
+{
+    lua_pushlightuserdata(L, (void *) &error_mt_key);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+    return 1;
+}
+
+lua_State *
+gw_lstate_new(const char *app_dir)
+{
+    lua_State *L = luaL_newstate();
+    const char *dir = gw_lua_dir();
+
+    if (L == NULL) {
+        return NULL;
+    }
+    luaL_openlibs(L);
+
+    lua_getglobal(L, "package");
+    if (app_dir != NULL) {
+        lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;%s/?.lua;%s/?/init.lua;",
+                        app_dir, app_dir, dir, dir);
+    } else {
+        lua_pushfstring(L, "./?.lua;%s/?.lua;%s/?/init.lua;", dir, dir);
+    }
+    lua_getfield(L, -2, "path");
+    lua_concat(L, 2);
+    lua_setfield(L, -2, "path");
+
+    lua_getfield(L, -1, "preload");
+#define GW_MODULE_PRELOAD(name, fn)     \
+    lua_pushcfunction(L, fn);           \
+    lua_setfield(L, -2, name);
+    GW_MODULE_LIST(GW_MODULE_PRELOAD)
+#undef GW_MODULE_PRELOAD
+    lua_pop(L, 2);
+
+    lua_pushlightuserdata(L, (void *) &error_mt_key);
+    lua_createtable(L, 0, 2);
+    lua_pushcfunction(L, error_tostring);
+    lua_setfield(L, -2, "__tostring");
+    lua_pushliteral(L, "paygate.error");
+    lua_setfield(L, -2, "__name");
+    lua_rawset(L, LUA_REGISTRYINDEX);
+
+    gw_co_init(L);
+    return L;
+}
+
+int
+gw_lstate_dofile(lua_State *L, const char *path, int nres)
+{
+    if (luaL_loadfile(L, path) != 0) {
+        return GW_ERR;
+    }
+    if (lua_pcall(L, 0, nres, 0) != 0) {
+        return GW_ERR;
+    }
+    return GW_OK;
+}

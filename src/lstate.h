@@ -1,0 +1,24 @@
+/*
+ * lstate.h -- creating the process's Lua state with the framework on its
+ * path, the C modules preloaded and the error convention installed.
+ */
+#ifndef GW_LSTATE_H
+#define GW_LSTATE_H
+
+#include "runtime.h"
+
+/* Directory of the framework's Lua files (…/lua), found once. */
+const char *gw_lua_dir(void);
+
+/* New state with libs open; app_dir (may be NULL) goes first on
+ * package.path. Returns NULL when out of memory. */
+lua_State *gw_lstate_new(const char *app_dir);
+
+/* Runs a Lua file on the main state (config files, not apps). On failure
+ * returns GW_ERR with the message on the stack; else nres results. */
+int gw_lstate_dofile(lua_State *L, const char *path, int nres);
+
+/* Pushes the paygate error metatable (for errors made in Lua). */
+int gw_push_error_mt(lua_State *L);
+
+#endif

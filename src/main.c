@@ -1,0 +1,315 @@
+/*
+ * main.c -- the `paygate` command: run, exec, reload, help.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "config.h"
+#include "log.h"
+#include "master.h"
+#include "worker.h"
+
+#define PAYGATE_VERSION "0.1.0"
+
+static const char usage_main[] =
+"usage: paygate COMMAND [ARGS]\n"
+"\n"
+"A payment gateway runtime for WeChat Pay API v3, scripted in Lua.\n"
+"\n"
+"commands:\n"
+"  run APP_DIR     serve an app (its entry is APP_DIR/app.lua)\n"
+"  exec SCRIPT     run a Lua script inside the runtime (tests, tools)\n"
+"  reload          load new code into a running server (like kill -HUP)\n"
+"  version         print the version\n"
+"\n"
+"`paygate COMMAND --help` describes each command.\n"
+"exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error\n";
+
+static const char usage_run[] =
+"usage: paygate run APP_DIR [options]\n"
+"\n"
+"Serve APP_DIR/app.lua with a master process and N worker processes.\n"
+"\n"
+"options:\n"
+"  --listen HOST:PORT    public listener (default 127.0.0.1:8080)\n"
+"  --workers N           worker processes (default: one per core)\n"
+"  --config FILE         a Lua file returning a table (see README)\n"
+"  --admin HOST:PORT     /metrics and /healthz (default 127.0.0.1:9090;\n"
+"                        'off' disables it)\n"
+"  --pid-file FILE       write the master's pid here\n"
+"  --tls-cert FILE       serve HTTPS with this PEM certificate chain\n"
+"  --tls-key FILE        ... and this PEM private key\n"
+"  --tls-client-ca FILE  require client certificates issued by this CA\n"
+"  --log-level LEVEL     debug, info (default), warn, error\n"
+"  --no-access-log       no line per request\n"
+"  -h, --help            this text\n"
+"\n"
+"signals: HUP reloads the code (and TLS files), TERM/INT stop gracefully.\n";
+
+static const char usage_exec[] =
+"usage: paygate exec SCRIPT.lua [ARGS...]\n"
+"\n"
+"Run SCRIPT inside the runtime: the event loop runs and every paygate.*\n"
+"module is available, so the script may call yielding functions\n"
+"(paygate.sleep, paygate.http.request, database calls). ARGS are in `arg`\n"
+"and passed as the chunk's varargs. The exit status is the script's\n"
+"os.exit() code, or the number it returns, or 0; 1 when it raises.\n"
+"\n"
+"example: paygate exec \"$(command -v busted)\" spec/\n";
+
+static const char usage_reload[] =
+"usage: paygate reload --pid-file FILE\n"
+"\n"
+"Ask the server whose master pid is in FILE to load its code again (the\n"
+"same as kill -HUP). New workers load the code; only when all of them\n"
+"loaded it do the old ones finish their requests and exit. Code that\n"
+"fails to load is refused and the old code keeps serving; the server's\n"
+"log says why.\n";
+
+static int
+is_help(const char *a)
+{
+    return strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0;
+}
+
+static int
+copy_opt(char *dst, size_t cap, const char *v, const char *name)
+{
+    if (strlen(v) >= cap) {
+        fprintf(stderr, "paygate: %s is too long\n", name);
+        return -1;
+    }
+    memcpy(dst, v, strlen(v) + 1);
+    return 0;
+}
+
+static int
+cmd_run(int argc, char **argv)
+{
+    static const struct option longopts[] = {
+        { "listen", required_argument, NULL, 'l' },
+        { "workers", required_argument, NULL, 'w' },
+        { "config", required_argument, NULL, 'c' },
+        { "admin", required_argument, NULL, 'a' },
+        { "pid-file", required_argument, NULL, 'p' },
+        { "tls-cert", required_argument, NULL, 'C' },
+        { "tls-key", required_argument, NULL, 'K' },
+        { "tls-client-ca", required_argument, NULL, 'A' },
+        { "log-level", required_argument, NULL, 'L' },
+        { "no-access-log", no_argument, NULL, 'N' },
+        { "help", no_argument, NULL, 'h' },
+        { NULL, 0, NULL, 0 }
+    };
+    struct gw_opts o;
+    char err[512];
+    const char *config = NULL;
+    struct stat st;
+    char app_lua[4096];
+    int c;
+
+    gw_opts_defaults(&o);
+    /* the config file first, so that flags override it */
+    for (int i = 1; i < argc; i++) {
+        if (is_help(argv[i])) {
+            fputs(usage_run, stdout);
+            return 0;
+        }
+        if (strcmp(argv[i], "--config") == 0 && i + 1 < argc) {
+            config = argv[i + 1];
+        } else if (strncmp(argv[i], "--config=", 9) == 0) {
+            config = argv[i] + 9;
+        }
+    }
+    if (config != NULL) {
+        if (gw_opts_load_file(&o, config, err, sizeof(err)) != GW_OK) {
+            fprintf(stderr, "paygate: %s\n", err);
+            return 2;
+        }
+        o.config_file = config;
+    }
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
+        switch (c) {
+        case 'l':
+            if (copy_opt(o.listen, sizeof(o.listen), optarg, "--listen")) {
+                return 2;
+            }
+            break;
+        case 'w': {
+            char *end;
+            long n = strtol(optarg, &end, 10);
+
+            if (*end != '\0' || n < 1 || n > 128) {
+                fprintf(stderr, "paygate: --workers must be 1..128\n");
+                return 2;
+            }
+            o.workers = (int) n;
+            break;
+        }
+        case 'c':
+            break;
+        case 'a':
+            if (copy_opt(o.admin, sizeof(o.admin), optarg, "--admin")) {
+                return 2;
+            }
+            break;
+        case 'p':
+            if (copy_opt(o.pid_file, sizeof(o.pid_file), optarg,
+                         "--pid-file")) {
+                return 2;
+            }
+            break;
+        case 'C':
+            if (copy_opt(o.tls_cert, sizeof(o.tls_cert), optarg,
+                         "--tls-cert")) {
+                return 2;
+            }
+            break;
+        case 'K':
+            if (copy_opt(o.tls_key, sizeof(o.tls_key), optarg, "--tls-key")) {
+                return 2;
+            }
+            break;
+        case 'A':
+            if (copy_opt(o.tls_client_ca, sizeof(o.tls_client_ca), optarg,
+                         "--tls-client-ca")) {
+                return 2;
+            }
+            break;
+        case 'L':
+            if (gw_log_parse_level(optarg, &o.log_level) != GW_OK) {
+                fprintf(stderr, "paygate: --log-level must be debug, info, "
+                                "warn or error\n");
+                return 2;
+            }
+            break;
+        case 'N':
+            o.server.access_log = 0;
+            break;
+        case 'h':
+            fputs(usage_run, stdout);
+            return 0;
+        default:
+            fputs(usage_run, stderr);
+            return 2;
+        }
+    }
+    if (optind != argc - 1) {
+        fprintf(stderr, "paygate run: give exactly one APP_DIR "
+                        "(see paygate run --help)\n");
+        return 2;
+    }
+    o.app_dir = argv[optind];
+    snprintf(app_lua, sizeof(app_lua), "%s/app.lua", o.app_dir);
+    if (stat(app_lua, &st) != 0 || !S_ISREG(st.st_mode)) {
+        fprintf(stderr, "paygate run: %s not found (an app is a folder "
+                        "with an app.lua)\n", app_lua);
+        return 2;
+    }
+    return gw_master_main(&o);
+}
+
+static int
+cmd_exec(int argc, char **argv)
+{
+    if (argc < 2) {
+        fputs(usage_exec, stderr);
+        return 2;
+    }
+    if (is_help(argv[1])) {
+        fputs(usage_exec, stdout);
+        return 0;
+    }
+    if (access(argv[1], R_OK) != 0) {
+        fprintf(stderr, "paygate exec: cannot read %s: %s\n", argv[1],
+                strerror(errno));
+        return 2;
+    }
+    return gw_exec_main(argv[1], argc - 2, argv + 2);
+}
+
+static int
+cmd_reload(int argc, char **argv)
+{
+    const char *pid_file = NULL;
+    FILE *f;
+    int pid = 0;
+
+    for (int i = 1; i < argc; i++) {
+        if (is_help(argv[i])) {
+            fputs(usage_reload, stdout);
+            return 0;
+        }
+        if (strcmp(argv[i], "--pid-file") == 0 && i + 1 < argc) {
+            pid_file = argv[++i];
+        } else if (strncmp(argv[i], "--pid-file=", 11) == 0) {
+            pid_file = argv[i] + 11;
+        } else {
+            fputs(usage_reload, stderr);
+            return 2;
+        }
+    }
+    if (pid_file == NULL) {
+        fputs(usage_reload, stderr);
+        return 2;
+    }
+    f = fopen(pid_file, "r");
+    if (f == NULL) {
+        fprintf(stderr, "paygate reload: cannot read %s: %s (is the server "
+                        "running with --pid-file?)\n", pid_file,
+                strerror(errno));
+        return 1;
+    }
+    if (fscanf(f, "%d", &pid) != 1 || pid <= 1) {
+        fclose(f);
+        fprintf(stderr, "paygate reload: %s holds no pid\n", pid_file);
+        return 1;
+    }
+    fclose(f);
+    if (kill(pid, SIGHUP) != 0) {
+        fprintf(stderr, "paygate reload: cannot signal pid %d: %s\n", pid,
+                strerror(errno));
+        return 1;
+    }
+    printf("paygate reload: asked pid %d to reload; its log says the "
+           "outcome\n", pid);
+    return 0;
+}
+
+int
+main(int argc, char **argv)
+{
+    const char *cmd;
+
+    if (argc < 2) {
+        fputs(usage_main, stderr);
+        return 2;
+    }
+    cmd = argv[1];
+    if (is_help(cmd) || strcmp(cmd, "help") == 0) {
+        fputs(usage_main, stdout);
+        return 0;
+    }
+    if (strcmp(cmd, "version") == 0 || strcmp(cmd, "--version") == 0) {
+        printf("paygate %s\n", PAYGATE_VERSION);
+        return 0;
+    }
+    if (strcmp(cmd, "run") == 0) {
+        return cmd_run(argc - 1, argv + 1);
+    }
+    if (strcmp(cmd, "exec") == 0) {
+        return cmd_exec(argc - 1, argv + 1);
+    }
+    if (strcmp(cmd, "reload") == 0) {
+        return cmd_reload(argc - 1, argv + 1);
+    }
+    fprintf(stderr, "paygate: unknown command '%s' (see paygate --help)\n",
+            cmd);
+    return 2;
+}

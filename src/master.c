@@ -1,0 +1,619 @@
+/*
+ * master.c -- `paygate run`: binds the port, forks the workers, restarts
+ * the ones that die, reloads code on HUP by starting a new generation and
+ * draining the old one only once every new worker has loaded the app, and
+ * serves the admin listener (/metrics, /healthz).
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/event.h>
+#include <openssl/ssl.h>
+
+#include "config.h"
+#include "http_parser.h"
+#include "log.h"
+#include "loop.h"
+#include "master.h"
+#include "metrics.h"
+#include "tls.h"
+#include "worker.h"
+
+#define MAX_WORKERS 256
+#define READY_TIMEOUT 60.0      /* s for a new worker to load the app */
+
+enum wstate { W_FREE, W_STARTING, W_READY, W_DRAINING };
+
+struct gw_worker {
+    pid_t         pid;          /* 0 when the entry is free */
+    enum wstate   state;
+    int           gen;          /* code generation it runs */
+    int           slot;         /* metrics slot */
+    int           ready_fd;     /* read end of its ready pipe, or -1 */
+    struct event *ready_ev;     /* owned: watches ready_fd */
+    double        started;      /* s */
+};
+
+static struct {
+    struct gw_opts   *o;            /* not owned */
+    int               listen_fd;
+    int               admin_fd;
+    SSL_CTX          *ssl_ctx;      /* owned: current generation's */
+    SSL_CTX          *ssl_next;     /* owned: a reload's, until it wins */
+    int               gen;          /* current generation */
+    int               next_gen;     /* generation being started, or 0 */
+    int               reload_again; /* HUP arrived during a reload */
+    int               stopping;
+    int               failed_start; /* a first-generation worker failed */
+    int               crashes;      /* recent, for the restart backoff */
+    double            last_crash;   /* s */
+    int               pending_restarts;
+    struct gw_worker  w[MAX_WORKERS];
+    struct event     *restart_ev;   /* owned */
+    struct event     *reload_timer; /* owned */
+    struct event     *stop_timer;   /* owned */
+    struct event     *admin_ev;     /* owned */
+} m;
+
+static void spawn_worker(int gen);
+static void reload_abort(const char *why);
+
+static int
+count(int gen, enum wstate st)
+{
+    int n = 0;
+
+    for (int i = 0; i < MAX_WORKERS; i++) {
+        if (m.w[i].pid != 0 && m.w[i].gen == gen && m.w[i].state == st) {
+            n++;
+        }
+    }
+    return n;
+}
+
+static int
+alive(void)
+{
+    int n = 0;
+
+    for (int i = 0; i < MAX_WORKERS; i++) {
+        n += m.w[i].pid != 0;
+    }
+    return n;
+}
+
+static void
+signal_gen(int gen, int sig, enum wstate new_state)
+{
+    for (int i = 0; i < MAX_WORKERS; i++) {
+        if (m.w[i].pid != 0 && m.w[i].gen == gen) {
+            kill(m.w[i].pid, sig);
+            if (new_state != W_FREE) {
+                m.w[i].state = new_state;
+            }
+        }
+    }
+}
+
+static void
+reload_commit(void)
+{
+    int old = m.gen;
+
+    m.gen = m.next_gen;
+    m.next_gen = 0;
+    evtimer_del(m.reload_timer);
+    if (m.ssl_next != NULL) {
+        SSL_CTX_free(m.ssl_ctx);
+        m.ssl_ctx = m.ssl_next;
+        m.ssl_next = NULL;
+    }
+    signal_gen(old, SIGTERM, W_DRAINING);
+    gw_metrics_reload(1);
+    gw_log(GW_LOG_INFO, "reload: generation %d serving; generation %d "
+                        "draining", m.gen, old);
+    if (m.reload_again) {
+        m.reload_again = 0;
+        raise(SIGHUP);
+    }
+}
+
+static void
+on_ready(evutil_socket_t fd, short what, void *arg)
+{
+    struct gw_worker *wk = arg;
+    char c = 0;
+    ssize_t n = read(fd, &c, 1);
+
+    event_free(wk->ready_ev);
+    wk->ready_ev = NULL;
+    close(fd);
+    wk->ready_fd = -1;
+    if (n == 1 && c == 'R') {
+        wk->state = W_READY;
+        if (m.next_gen != 0 && wk->gen == m.next_gen
+            && count(m.next_gen, W_READY) == m.o->workers) {
+            reload_commit();
+        }
+        return;
+    }
+    /* 'F' or EOF: it could not load the app; its log line says why */
+    if (wk->gen == m.next_gen) {
+        reload_abort("a new worker failed to load the app");
+    } else if (m.gen == 1 && wk->gen == 1 && count(1, W_READY) == 0
+               && !m.stopping) {
+        m.failed_start = 1;
+    }
+}
+
+static void
+spawn_worker(int gen)
+{
+    struct gw_worker *wk = NULL;
+    int p[2], slot;
+    pid_t pid;
+
+    for (int i = 0; i < MAX_WORKERS; i++) {
+        if (m.w[i].pid == 0) {
+            wk = &m.w[i];
+            break;
+        }
+    }
+    slot = gw_metrics_free_slot();
+    if (wk == NULL || slot < 0 || pipe2(p, O_CLOEXEC) != 0) {
+        gw_log(GW_LOG_ERROR, "master: cannot start a worker (no slot)");
+        return;
+    }
+    pid = fork();
+    if (pid < 0) {
+        gw_log(GW_LOG_ERROR, "master: fork: %s", strerror(errno));
+        close(p[0]);
+        close(p[1]);
+        return;
+    }
+    if (pid == 0) {
+        int rc;
+
+        close(p[0]);
+        if (m.admin_fd >= 0) {
+            close(m.admin_fd);
+        }
+        for (int i = 0; i < MAX_WORKERS; i++) {
+            if (m.w[i].ready_fd >= 0 && m.w[i].pid != 0) {
+                close(m.w[i].ready_fd);
+            }
+        }
+        signal(SIGTERM, SIG_DFL);
+        signal(SIGINT, SIG_DFL);
+        rc = gw_worker_main(m.o, m.listen_fd,
+                            gen == m.gen ? m.ssl_ctx
+                            : (m.ssl_next ? m.ssl_next : m.ssl_ctx),
+                            p[1], slot);
+        _exit(rc);
+    }
+    close(p[1]);
+    memset(wk, 0, sizeof(*wk));
+    wk->pid = pid;
+    wk->gen = gen;
+    wk->slot = slot;
+    wk->state = W_STARTING;
+    wk->ready_fd = p[0];
+    wk->started = gw_loop_now();
+    wk->ready_ev = event_new(gw_loop_base(), p[0], EV_READ, on_ready, wk);
+    event_add(wk->ready_ev, NULL);
+}
+
+static void
+reload_abort(const char *why)
+{
+    int gen = m.next_gen;
+
+    if (gen == 0) {
+        return;
+    }
+    m.next_gen = 0;
+    evtimer_del(m.reload_timer);
+    signal_gen(gen, SIGKILL, W_DRAINING);
+    if (m.ssl_next != NULL) {
+        SSL_CTX_free(m.ssl_next);
+        m.ssl_next = NULL;
+    }
+    gw_metrics_reload(0);
+    gw_log(GW_LOG_ERROR, "reload refused: %s; generation %d keeps serving",
+           why, m.gen);
+    if (m.reload_again) {
+        m.reload_again = 0;
+        raise(SIGHUP);
+    }
+}
+
+static void
+on_reload_timeout(evutil_socket_t fd, short what, void *arg)
+{
+    reload_abort("new workers did not load the app in time");
+}
+
+static void
+on_hup(evutil_socket_t sig, short what, void *arg)
+{
+    struct timeval tv = { (time_t) READY_TIMEOUT, 0 };
+    char err[512];
+
+    if (m.stopping) {
+        return;
+    }
+    if (m.next_gen != 0) {
+        m.reload_again = 1;
+        return;
+    }
+    gw_log(GW_LOG_INFO, "reload: loading the new code");
+    if (m.o->tls_cert[0] != '\0') {
+        m.ssl_next = gw_tls_server_ctx(m.o->tls_cert, m.o->tls_key,
+                                       m.o->tls_client_ca, err, sizeof(err));
+        if (m.ssl_next == NULL) {
+            gw_metrics_reload(0);
+            gw_log(GW_LOG_ERROR, "reload refused: %s; generation %d keeps "
+                                 "serving", err, m.gen);
+            return;
+        }
+    }
+    m.next_gen = m.gen + 1;
+    for (int i = 0; i < m.o->workers; i++) {
+        spawn_worker(m.next_gen);
+    }
+    evtimer_add(m.reload_timer, &tv);
+}
+
+static void
+on_restart(evutil_socket_t fd, short what, void *arg)
+{
+    gw_loop_update_time();
+    while (m.pending_restarts > 0 && !m.stopping) {
+        m.pending_restarts--;
+        spawn_worker(m.gen);
+        gw_metrics_worker_restart();
+    }
+}
+
+static void
+describe_exit(int status, char *buf, size_t len)
+{
+    if (WIFEXITED(status)) {
+        snprintf(buf, len, "exited with status %d", WEXITSTATUS(status));
+    } else if (WIFSIGNALED(status)) {
+        snprintf(buf, len, "killed by signal %d (%s)%s", WTERMSIG(status),
+                 strsignal(WTERMSIG(status)),
+                 WCOREDUMP(status) ? ", core dumped" : "");
+    } else {
+        snprintf(buf, len, "ended (status %d)", status);
+    }
+}
+
+static void
+on_chld(evutil_socket_t sig, short what, void *arg)
+{
+    int status;
+    pid_t pid;
+
+    gw_loop_update_time();
+    while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+        struct gw_worker *wk = NULL;
+        char why[128];
+
+        for (int i = 0; i < MAX_WORKERS; i++) {
+            if (m.w[i].pid == pid) {
+                wk = &m.w[i];
+                break;
+            }
+        }
+        if (wk == NULL) {
+            continue;
+        }
+        describe_exit(status, why, sizeof(why));
+        if (wk->ready_ev != NULL) {
+            event_free(wk->ready_ev);
+            close(wk->ready_fd);
+        }
+        gw_metrics_retire(wk->slot);
+        if (wk->state == W_DRAINING || m.stopping) {
+            gw_log(GW_LOG_INFO, "worker %d (generation %d) %s", (int) pid,
+                   wk->gen, why);
+        } else if (wk->gen == m.next_gen) {
+            wk->pid = 0;
+            reload_abort("a new worker died while loading the app");
+            continue;
+        } else if (wk->state == W_STARTING && wk->gen == 1 && m.gen == 1
+                   && count(1, W_READY) == 0) {
+            m.failed_start = 1;
+            gw_log(GW_LOG_ERROR, "worker %d %s before serving", (int) pid,
+                   why);
+        } else {
+            /* a serving worker died: restart it, backing off on repeats */
+            double delay;
+            struct timeval tv;
+
+            if (gw_loop_now() - m.last_crash > 60) {
+                m.crashes = 0;
+            }
+            m.last_crash = gw_loop_now();
+            delay = 0.1 * (double) (1 << (m.crashes < 8 ? m.crashes : 8));
+            if (delay > 30) {
+                delay = 30;
+            }
+            m.crashes++;
+            gw_log(GW_LOG_ERROR, "worker %d %s; restarting in %.1f s",
+                   (int) pid, why, delay);
+            m.pending_restarts++;
+            tv.tv_sec = (time_t) delay;
+            tv.tv_usec = (suseconds_t) ((delay - (double) tv.tv_sec) * 1e6);
+            evtimer_add(m.restart_ev, &tv);
+        }
+        wk->pid = 0;
+    }
+    if (m.failed_start) {
+        gw_log(GW_LOG_ERROR, "paygate: the app failed to start (see the "
+                             "log line above); stopping");
+        signal_gen(1, SIGKILL, W_DRAINING);
+        event_base_loopbreak(gw_loop_base());
+        return;
+    }
+    if (m.stopping && alive() == 0) {
+        event_base_loopbreak(gw_loop_base());
+    }
+}
+
+static void
+on_stop_deadline(evutil_socket_t fd, short what, void *arg)
+{
+    gw_log(GW_LOG_WARN, "master: workers still running after the "
+                        "shutdown deadline; killing them");
+    for (int i = 0; i < MAX_WORKERS; i++) {
+        if (m.w[i].pid != 0) {
+            kill(m.w[i].pid, SIGKILL);
+        }
+    }
+}
+
+static void
+on_term(evutil_socket_t sig, short what, void *arg)
+{
+    /* workers get their own deadline; ours is a little later */
+    double secs = m.o->shutdown_timeout + 2;
+    struct timeval tv;
+
+    if (m.stopping) {
+        return;
+    }
+    m.stopping = 1;
+    gw_log(GW_LOG_INFO, "master: stopping (draining in-flight requests)");
+    if (m.admin_ev != NULL) {
+        event_del(m.admin_ev);
+    }
+    for (int i = 0; i < MAX_WORKERS; i++) {
+        if (m.w[i].pid != 0) {
+            kill(m.w[i].pid, SIGTERM);
+            m.w[i].state = W_DRAINING;
+        }
+    }
+    tv.tv_sec = (time_t) secs;
+    tv.tv_usec = 0;
+    evtimer_add(m.stop_timer, &tv);
+    if (alive() == 0) {
+        event_base_loopbreak(gw_loop_base());
+    }
+}
+
+/* ---- admin listener -------------------------------------------------- */
+
+static void
+admin_reply(struct bufferevent *bev, int status, const char *ctype,
+            const char *body, size_t len)
+{
+    struct evbuffer *out = bufferevent_get_output(bev);
+
+    evbuffer_add_printf(out, "HTTP/1.1 %d %s\r\nContent-Type: %s\r\n"
+                             "Content-Length: %zu\r\nConnection: close\r\n"
+                             "\r\n", status,
+                        status == 200 ? "OK" : status == 404 ? "Not Found"
+                        : status == 503 ? "Service Unavailable"
+                        : "Bad Request", ctype, len);
+    evbuffer_add(out, body, len);
+}
+
+static void
+admin_written(struct bufferevent *bev, void *arg)
+{
+    bufferevent_free(bev);
+}
+
+static void
+admin_event(struct bufferevent *bev, short what, void *arg)
+{
+    bufferevent_free(bev);
+}
+
+static void
+admin_read(struct bufferevent *bev, void *arg)
+{
+    struct evbuffer *in = bufferevent_get_input(bev);
+    size_t len = evbuffer_get_length(in), scanned = 0, end;
+    struct gw_http_head *h;
+    char *buf;
+
+    if (len > 8192) {
+        bufferevent_free(bev);
+        return;
+    }
+    buf = (char *) evbuffer_pullup(in, -1);
+    end = gw_http_head_end(buf, len, &scanned);
+    if (end == 0) {
+        return;
+    }
+    h = malloc(sizeof(*h));
+    if (h == NULL || gw_http_parse_head(buf, end, h) != 0) {
+        admin_reply(bev, 400, "text/plain", "bad request\n", 12);
+    } else if (h->path_len == 8 && memcmp(h->path, "/metrics", 8) == 0) {
+        size_t n = 0;
+        char *text = gw_metrics_render(&n);
+
+        if (text == NULL) {
+            admin_reply(bev, 503, "text/plain", "no memory\n", 10);
+        } else {
+            admin_reply(bev, 200, "text/plain; version=0.0.4", text, n);
+            free(text);
+        }
+    } else if (h->path_len == 8 && memcmp(h->path, "/healthz", 8) == 0) {
+        char body[128];
+        int ready = count(m.gen, W_READY);
+        int n = snprintf(body, sizeof(body),
+                         "{\"status\":\"%s\",\"workers\":%d,"
+                         "\"generation\":%d}\n",
+                         ready > 0 && !m.stopping ? "ok" : "unavailable",
+                         ready, m.gen);
+
+        admin_reply(bev, ready > 0 && !m.stopping ? 200 : 503,
+                    "application/json", body, (size_t) n);
+    } else {
+        admin_reply(bev, 404, "text/plain", "not found\n", 10);
+    }
+    free(h);
+    bufferevent_disable(bev, EV_READ);
+    bufferevent_setcb(bev, NULL, admin_written, admin_event, NULL);
+}
+
+static void
+on_admin_accept(evutil_socket_t lfd, short what, void *arg)
+{
+    int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    struct bufferevent *bev;
+    struct timeval tv = { 5, 0 };
+
+    if (fd < 0) {
+        return;
+    }
+    bev = bufferevent_socket_new(gw_loop_base(), fd, BEV_OPT_CLOSE_ON_FREE);
+    if (bev == NULL) {
+        close(fd);
+        return;
+    }
+    bufferevent_setcb(bev, admin_read, NULL, admin_event, NULL);
+    bufferevent_set_timeouts(bev, &tv, &tv);
+    bufferevent_enable(bev, EV_READ);
+}
+
+/* ---- entry ---------------------------------------------------------- */
+
+static int
+write_pid_file(const char *path)
+{
+    FILE *f = fopen(path, "w");
+
+    if (f == NULL) {
+        return GW_ERR;
+    }
+    fprintf(f, "%d\n", (int) getpid());
+    return fclose(f) == 0 ? GW_OK : GW_ERR;
+}
+
+int
+gw_master_main(struct gw_opts *o)
+{
+    char err[512];
+    struct event *hup, *term, *intr, *chld;
+    int code = 0;
+
+    memset(&m, 0, sizeof(m));
+    m.o = o;
+    m.admin_fd = -1;
+    gw_log_min = o->log_level;
+    if (o->workers < 1 || o->workers > MAX_WORKERS / 2) {
+        fprintf(stderr, "paygate: --workers must be 1..%d\n",
+                MAX_WORKERS / 2);
+        return 2;
+    }
+    if (o->tls_cert[0] != '\0' || o->tls_key[0] != '\0') {
+        if (o->tls_cert[0] == '\0' || o->tls_key[0] == '\0') {
+            fprintf(stderr, "paygate: --tls-cert and --tls-key go "
+                            "together\n");
+            return 2;
+        }
+        m.ssl_ctx = gw_tls_server_ctx(o->tls_cert, o->tls_key,
+                                      o->tls_client_ca, err, sizeof(err));
+        if (m.ssl_ctx == NULL) {
+            fprintf(stderr, "paygate: %s\n", err);
+            return 2;
+        }
+    } else if (o->tls_client_ca[0] != '\0') {
+        fprintf(stderr, "paygate: --tls-client-ca needs --tls-cert and "
+                        "--tls-key\n");
+        return 2;
+    }
+    m.listen_fd = gw_listen(o->listen, 4096, err, sizeof(err));
+    if (m.listen_fd < 0) {
+        fprintf(stderr, "paygate: %s\n", err);
+        return 2;
+    }
+    if (o->admin[0] != '\0' && strcmp(o->admin, "off") != 0) {
+        m.admin_fd = gw_listen(o->admin, 64, err, sizeof(err));
+        if (m.admin_fd < 0) {
+            fprintf(stderr, "paygate: admin: %s\n", err);
+            return 2;
+        }
+    }
+    if (o->pid_file[0] != '\0' && write_pid_file(o->pid_file) != GW_OK) {
+        fprintf(stderr, "paygate: cannot write pid file %s: %s\n",
+                o->pid_file, strerror(errno));
+        return 2;
+    }
+    if (gw_metrics_init(MAX_WORKERS) != GW_OK || gw_loop_init() != GW_OK) {
+        fprintf(stderr, "paygate: cannot set up the master\n");
+        return 1;
+    }
+    signal(SIGPIPE, SIG_IGN);
+    hup = evsignal_new(gw_loop_base(), SIGHUP, on_hup, NULL);
+    term = evsignal_new(gw_loop_base(), SIGTERM, on_term, NULL);
+    intr = evsignal_new(gw_loop_base(), SIGINT, on_term, NULL);
+    chld = evsignal_new(gw_loop_base(), SIGCHLD, on_chld, NULL);
+    evsignal_add(hup, NULL);
+    evsignal_add(term, NULL);
+    evsignal_add(intr, NULL);
+    evsignal_add(chld, NULL);
+    m.restart_ev = evtimer_new(gw_loop_base(), on_restart, NULL);
+    m.reload_timer = evtimer_new(gw_loop_base(), on_reload_timeout, NULL);
+    m.stop_timer = evtimer_new(gw_loop_base(), on_stop_deadline, NULL);
+    if (m.admin_fd >= 0) {
+        m.admin_ev = event_new(gw_loop_base(), m.admin_fd,
+                               EV_READ | EV_PERSIST, on_admin_accept, NULL);
+        event_add(m.admin_ev, NULL);
+    }
+    for (int i = 0; i < MAX_WORKERS; i++) {
+        m.w[i].ready_fd = -1;
+    }
+    m.gen = 1;
+    gw_log(GW_LOG_INFO, "paygate: serving %s on %s%s with %d worker%s%s%s",
+           o->app_dir, m.ssl_ctx ? "https://" : "http://", o->listen,
+           o->workers, o->workers == 1 ? "" : "s",
+           m.admin_fd >= 0 ? "; admin on " : "",
+           m.admin_fd >= 0 ? o->admin : "");
+    for (int i = 0; i < o->workers; i++) {
+        spawn_worker(1);
+    }
+    event_base_dispatch(gw_loop_base());
+    if (m.failed_start) {
+        code = 1;
+    }
+    if (o->pid_file[0] != '\0') {
+        unlink(o->pid_file);
+    }
+    gw_log(GW_LOG_INFO, "master: exited");
+    return code;
+}

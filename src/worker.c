@@ -1,0 +1,295 @@
+/*
+ * worker.c -- see worker.h.
+ */
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <unistd.h>
+
+#include <curl/curl.h>
+#include <event2/event.h>
+
+#include "co.h"
+#include "log.h"
+#include "loop.h"
+#include "lstate.h"
+#include "metrics.h"
+#include "worker.h"
+
+static struct {
+    const struct gw_opts *o;        /* not owned */
+    lua_State            *L;        /* owned */
+    int                   listen_fd;
+    SSL_CTX              *ssl_ctx;  /* not owned */
+    int                   ready_fd; /* pipe to the master, or -1 */
+    int                   exit_code;
+    struct event         *gauges;   /* owned: 1 s gauge refresh */
+    struct event         *sigterm, *sigint, *deadline;
+    int                   stopping;
+} w;
+
+/* Sets package.loaded["paygate.runtime"] = { mode, app_dir, config_file }*/
+static void
+push_runtime_info(lua_State *L, const char *mode, const char *app_dir,
+                  const char *config_file)
+{
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "loaded");
+    lua_createtable(L, 0, 4);
+    lua_pushstring(L, mode);
+    lua_setfield(L, -2, "mode");
+    if (app_dir != NULL) {
+        lua_pushstring(L, app_dir);
+        lua_setfield(L, -2, "app_dir");
+    }
+    if (config_file != NULL) {
+        lua_pushstring(L, config_file);
+        lua_setfield(L, -2, "config_file");
+    }
+    lua_pushstring(L, gw_lua_dir());
+    lua_setfield(L, -2, "lua_dir");
+    lua_setfield(L, -2, "paygate.runtime");
+    lua_pop(L, 2);
+}
+
+static void
+ready(char c)
+{
+    if (w.ready_fd >= 0) {
+        if (write(w.ready_fd, &c, 1) < 0) {
+            /* the master is gone; PDEATHSIG ends us */
+        }
+        close(w.ready_fd);
+        w.ready_fd = -1;
+    }
+}
+
+static void
+on_drained(void)
+{
+    event_base_loopbreak(gw_loop_base());
+}
+
+static void
+on_deadline(evutil_socket_t fd, short what, void *arg)
+{
+    gw_log(GW_LOG_WARN, "worker: shutdown deadline passed with %d "
+                        "connections left; closing them",
+           gw_server_connections());
+    gw_server_close_all();
+    event_base_loopbreak(gw_loop_base());
+}
+
+static void
+on_stop(evutil_socket_t sig, short what, void *arg)
+{
+    struct timeval tv;
+
+    if (w.stopping) {
+        return;
+    }
+    w.stopping = 1;
+    tv.tv_sec = (time_t) w.o->shutdown_timeout;
+    tv.tv_usec = (suseconds_t) ((w.o->shutdown_timeout
+                                 - (double) tv.tv_sec) * 1e6);
+    w.deadline = evtimer_new(gw_loop_base(), on_deadline, NULL);
+    if (w.deadline != NULL) {
+        evtimer_add(w.deadline, &tv);
+    }
+    gw_server_drain(on_drained);
+}
+
+static void
+on_gauges(evutil_socket_t fd, short what, void *arg)
+{
+    int64_t kb = lua_gc(w.L, LUA_GCCOUNT, 0);
+    int64_t b = lua_gc(w.L, LUA_GCCOUNTB, 0);
+
+    gw_metrics_gauges(kb * 1024 + b, gw_server_in_flight(),
+                      gw_server_connections());
+}
+
+static void
+app_done(struct gw_co *co, int nres)
+{
+    lua_State *L = w.L;
+    int ref;
+
+    gw_co_free(co);
+    lua_getglobal(L, "require");
+    lua_pushliteral(L, "paygate");
+    if (lua_pcall(L, 1, 1, 0) != 0 || !lua_istable(L, -1)) {
+        gw_log(GW_LOG_ERROR, "worker: paygate framework failed to load");
+        w.exit_code = 1;
+        ready('F');
+        event_base_loopbreak(gw_loop_base());
+        return;
+    }
+    lua_getfield(L, -1, "_dispatch");
+    ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_pop(L, 1);
+    if (gw_server_start(L, w.listen_fd, ref, &w.o->server, w.ssl_ctx)
+        != GW_OK) {
+        gw_log(GW_LOG_ERROR, "worker: cannot watch the listening socket");
+        w.exit_code = 1;
+        ready('F');
+        event_base_loopbreak(gw_loop_base());
+        return;
+    }
+    ready('R');
+}
+
+static void
+app_fail(struct gw_co *co, const char *msg)
+{
+    gw_log(GW_LOG_ERROR, "app failed to load: %s", msg);
+    gw_co_free(co);
+    w.exit_code = 1;
+    ready('F');
+    event_base_loopbreak(gw_loop_base());
+}
+
+static const struct gw_co_owner app_owner = { app_done, app_fail, NULL };
+
+static int
+runtime_init(const char *app_dir)
+{
+    signal(SIGPIPE, SIG_IGN);
+    gw_loop_free();                 /* a base inherited across fork */
+    if (gw_loop_init() != GW_OK) {
+        fprintf(stderr, "paygate: cannot create the event loop\n");
+        return GW_ERR;
+    }
+    if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
+        fprintf(stderr, "paygate: cannot initialise libcurl\n");
+        return GW_ERR;
+    }
+    w.L = gw_lstate_new(app_dir);
+    if (w.L == NULL) {
+        fprintf(stderr, "paygate: no memory for the Lua state\n");
+        return GW_ERR;
+    }
+    return GW_OK;
+}
+
+int
+gw_worker_main(const struct gw_opts *o, int listen_fd, SSL_CTX *ctx,
+               int ready_fd, int slot)
+{
+    char path[4096];
+    struct timeval one = { 1, 0 };
+
+    w.o = o;
+    w.listen_fd = listen_fd;
+    w.ssl_ctx = ctx;
+    w.ready_fd = ready_fd;
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    signal(SIGHUP, SIG_IGN);
+    signal(SIGCHLD, SIG_DFL);
+    gw_metrics_attach(slot);
+    if (runtime_init(o->app_dir) != GW_OK) {
+        ready('F');
+        return 1;
+    }
+    push_runtime_info(w.L, "worker", o->app_dir, o->config_file);
+
+    w.sigterm = evsignal_new(gw_loop_base(), SIGTERM, on_stop, NULL);
+    w.sigint = evsignal_new(gw_loop_base(), SIGINT, on_stop, NULL);
+    evsignal_add(w.sigterm, NULL);
+    evsignal_add(w.sigint, NULL);
+    w.gauges = event_new(gw_loop_base(), -1, EV_PERSIST, on_gauges, NULL);
+    evtimer_add(w.gauges, &one);
+
+    snprintf(path, sizeof(path), "%s/app.lua", o->app_dir);
+    if (luaL_loadfile(w.L, path) != 0) {
+        gw_log(GW_LOG_ERROR, "app failed to load: %s",
+               lua_tostring(w.L, -1));
+        ready('F');
+        return 1;
+    }
+    /* The app's top level runs in a coroutine: it may wait (migrations). */
+    w.exit_code = 0;
+    if (gw_co_start(w.L, 0, &app_owner, NULL, NULL) == NULL) {
+        ready('F');
+        return 1;
+    }
+    if (w.exit_code == 0) {
+        event_base_dispatch(gw_loop_base());
+    }
+    if (w.exit_code == 0 && w.stopping) {
+        gw_log(GW_LOG_INFO, "worker: stopped");
+    }
+    return w.exit_code;
+}
+
+/* ---- exec ----------------------------------------------------------- */
+
+static void
+exec_done(struct gw_co *co, int nres)
+{
+    lua_State *L = gw_co_state(co);
+
+    w.exit_code = 0;
+    if (nres >= 1 && lua_type(L, 1) == LUA_TNUMBER) {
+        w.exit_code = (int) lua_tointeger(L, 1);
+    } else if (nres >= 1 && lua_type(L, 1) == LUA_TBOOLEAN) {
+        w.exit_code = lua_toboolean(L, 1) ? 0 : 1;
+    }
+    gw_co_free(co);
+    event_base_loopbreak(gw_loop_base());
+}
+
+static void
+exec_fail(struct gw_co *co, const char *msg)
+{
+    fprintf(stderr, "paygate exec: %s\n", msg);
+    gw_co_free(co);
+    w.exit_code = 1;
+    event_base_loopbreak(gw_loop_base());
+}
+
+static const struct gw_co_owner exec_owner = { exec_done, exec_fail, NULL };
+
+int
+gw_exec_main(const char *script, int argc, char **argv)
+{
+    lua_State *L;
+
+    if (runtime_init(NULL) != GW_OK) {
+        return 1;
+    }
+    L = w.L;
+    gw_metrics_attach(-1);
+    push_runtime_info(L, "exec", NULL, NULL);
+
+    /* arg, as the standalone interpreter sets it (busted reads it) */
+    lua_createtable(L, argc, 1);
+    lua_pushstring(L, script);
+    lua_rawseti(L, -2, 0);
+    for (int i = 0; i < argc; i++) {
+        lua_pushstring(L, argv[i]);
+        lua_rawseti(L, -2, i + 1);
+    }
+    lua_setglobal(L, "arg");
+
+    if (luaL_loadfile(L, script) != 0) {
+        fprintf(stderr, "paygate exec: %s\n", lua_tostring(L, -1));
+        return 2;
+    }
+    for (int i = 0; i < argc; i++) {
+        lua_pushstring(L, argv[i]);
+    }
+    w.exit_code = -1;
+    if (gw_co_start(L, argc, &exec_owner, NULL, NULL) == NULL) {
+        fprintf(stderr, "paygate exec: no memory\n");
+        return 1;
+    }
+    if (w.exit_code == -1) {
+        event_base_dispatch(gw_loop_base());
+    }
+    fflush(stdout);
+    return w.exit_code < 0 ? 1 : w.exit_code;
+}

@@ -1,0 +1,20 @@
+/*
+ * worker.h -- a worker process (serves an app) and the exec process (runs
+ * one script); both are one loop + one Lua state.
+ */
+#ifndef GW_WORKER_H
+#define GW_WORKER_H
+
+#include <openssl/ssl.h>
+
+#include "config.h"
+
+/* Runs a worker until it is stopped; returns the process exit code. It
+ * writes 'R' to ready_fd once the app loaded, or 'F' if it failed. */
+int gw_worker_main(const struct gw_opts *o, int listen_fd, SSL_CTX *ctx,
+                   int ready_fd, int slot);
+
+/* `paygate exec SCRIPT [ARGS]`: returns the exit code. */
+int gw_exec_main(const char *script, int argc, char **argv);
+
+#endif
