@@ -1,0 +1,1222 @@
+/*
+ * lpg.c -- paygate.pg.core: PostgreSQL through libpq's non-blocking API
+ * on the process's event base.
+ *
+ * A pool holds up to `pool` connections. Each connection is in pipeline
+ * mode: statements from many coroutines are sent back to back, each one
+ * as [Parse (first use on this connection)] + Bind/Execute + Sync, so an
+ * error in one does not abort its neighbours, and the prepared statement
+ * is cached per connection (name "gwN"). A transaction reserves one idle
+ * connection from BEGIN until COMMIT/ROLLBACK. A script (several
+ * statements, no parameters) leaves pipeline mode on an idle connection
+ * for the simple query protocol.
+ *
+ * Failure handling: a broken connection fails its statements with
+ * "unavailable" (retryable; for a write the outcome is unknown) and is
+ * replaced on demand (reconnection after a server restart). A connect
+ * attempt that fails marks the pool down for `down_for` seconds, during
+ * which statements fail at once instead of hanging. A connection that has
+ * statements outstanding and received nothing for `query_timeout`
+ * seconds is closed and its statements fail with "timeout".
+ *
+ * Lifetime: ops are owned by the pool's wait queue, then by their
+ * connection's in-flight queue, then freed on delivery. An abandoned
+ * coroutine only clears op->co. The pool is freed by close/__gc; its
+ * ops are failed first ("closed").
+ */
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <event2/event.h>
+#include <libpq-fe.h>
+#include <lauxlib.h>
+
+#include "runtime.h"
+#include "store.h"
+
+#define LPG_MT        "paygate.pg.pool"
+#define LPG_MAXPOOL   32
+#define LPG_CACHE     64
+#define LPG_DEPTH     64       /* statements in flight per connection */
+
+enum gw_pgop_kind { GW_PGOP_STMT, GW_PGOP_SCRIPT };
+
+enum gw_pgconn_state { GW_PGC_FREE, GW_PGC_CONNECTING, GW_PGC_READY };
+
+struct gw_pgop {
+    enum gw_pgop_kind kind;
+    struct gw_co     *co;        /* waiting coroutine; NULL if abandoned */
+    int               want_rows; /* query (rows) vs exec (changes) */
+    long              txid;      /* transaction this op belongs to, 0 none */
+    int               tx_begin;  /* 1: BEGIN, reserves a connection */
+    int               tx_end;    /* 1: COMMIT/ROLLBACK, releases it */
+    char             *sql;       /* owned */
+    struct gw_sqlv   *params;    /* owned */
+    int               nparams;
+    /* progress on the connection */
+    int               phase;     /* 0 prepare, 1 execute, 2 sync, 3 done */
+    int               has_prepare;
+    int               cache_slot;/* slot to forget if the prepare fails */
+    PGresult         *res;       /* owned; the statement's result */
+    PGresult         *err;       /* owned; first error result */
+    char              errkind[16];/* transport error kind or "" */
+    char              errmsg[200];
+    struct gw_pgop   *next;
+};
+
+struct gw_pgconn {
+    struct gw_pg        *pg;     /* owner */
+    enum gw_pgconn_state state;
+    PGconn              *pc;     /* owned */
+    int                  fd;     /* socket the events watch */
+    struct event        *rev;    /* owned; persistent read */
+    struct event        *wev;    /* owned; one-shot write (flush) */
+    struct gw_pgop      *head, *tail; /* in flight, in send order */
+    int                  inflight;
+    long                 txid;   /* reserved by this transaction, 0 none */
+    double               since;  /* monotonic s: last progress */
+    double               opened; /* monotonic s: connect started */
+    unsigned             next_name;
+    char                *cache_sql[LPG_CACHE];  /* owned */
+    unsigned             cache_name[LPG_CACHE];
+};
+
+struct gw_pg {
+    char             *conninfo;  /* owned */
+    int               npool;     /* max connections */
+    double            connect_timeout; /* s */
+    double            query_timeout;   /* s */
+    double            down_for;  /* s to fail fast after a failed connect */
+    double            down_until;/* monotonic s */
+    char              down_msg[200];
+    long              next_txid;
+    struct gw_pgconn  conns[LPG_MAXPOOL];
+    struct gw_pgop   *wq, *wq_tail;  /* waiting for a connection */
+    struct event     *tick;      /* owned */
+    int               closed;
+    int               dispatching;
+};
+
+struct gw_pgud {
+    struct gw_pg *pg;            /* NULL once closed */
+};
+
+static void conn_event(evutil_socket_t fd, short what, void *arg);
+static void dispatch(struct gw_pg *pg);
+
+static double
+mono_now(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* --------------------------------------------------------------- ops */
+
+static void
+op_free(struct gw_pgop *op)
+{
+    free(op->sql);
+    gw_sqlv_free(op->params, op->nparams);
+    if (op->res != NULL) {
+        PQclear(op->res);
+    }
+    if (op->err != NULL) {
+        PQclear(op->err);
+    }
+    free(op);
+}
+
+static void
+op_set_error(struct gw_pgop *op, const char *kind, const char *msg)
+{
+    if (op->errkind[0] != '\0' || op->err != NULL) {
+        return;
+    }
+    snprintf(op->errkind, sizeof(op->errkind), "%s", kind);
+    snprintf(op->errmsg, sizeof(op->errmsg), "%s", msg);
+}
+
+static int
+push_pg_error(lua_State *L, PGresult *r)
+{
+    const char *state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
+    const char *cname = PQresultErrorField(r, PG_DIAG_CONSTRAINT_NAME);
+    const char *msg = PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY);
+    const char *kind = "error";
+    int         retry = 0;
+
+    if (state == NULL) {
+        state = "";
+    }
+    if (strncmp(state, "23", 2) == 0) {
+        kind = "constraint";
+    } else if (strcmp(state, "40001") == 0 || strcmp(state, "40P01") == 0) {
+        kind = "serialization";
+        retry = 1;
+    } else if (strncmp(state, "42", 2) == 0) {
+        kind = "syntax";
+    } else if (strcmp(state, "57014") == 0) {
+        kind = "timeout";
+        retry = 1;
+    } else if (strcmp(state, "55P03") == 0) {
+        kind = "busy";
+        retry = 1;
+    } else if (strncmp(state, "08", 2) == 0 || strncmp(state, "57P", 3) == 0
+               || strncmp(state, "53", 2) == 0)
+    {
+        kind = "unavailable";
+        retry = 1;
+    }
+    gw_push_error(L, kind, retry, "postgres: %s",
+                  msg != NULL ? msg : PQresultErrorMessage(r));
+    lua_pushstring(L, state);
+    lua_setfield(L, -2, "code");
+    if (cname != NULL) {
+        lua_pushstring(L, cname);
+        lua_setfield(L, -2, "constraint");
+    }
+    return 2;
+}
+
+static void
+push_cell(lua_State *L, PGresult *r, int row, int col)
+{
+    const char *v = PQgetvalue(r, row, col);
+
+    switch (PQftype(r, col)) {
+    case 16:                             /* bool */
+        lua_pushboolean(L, v[0] == 't');
+        break;
+    case 20:                             /* int8 */
+    case 21:                             /* int2 */
+    case 23:                             /* int4 */
+    case 26:                             /* oid */
+    case 700:                            /* float4 */
+    case 701:                            /* float8 */
+        lua_pushnumber(L, strtod(v, NULL));
+        break;
+    default:
+        lua_pushlstring(L, v, (size_t)PQgetlength(r, row, col));
+        break;
+    }
+}
+
+static void
+push_rows(lua_State *L, PGresult *r)
+{
+    int nrows = PQntuples(r), ncols = PQnfields(r), i, c;
+
+    lua_createtable(L, nrows, 0);
+    for (i = 0; i < nrows; i++) {
+        lua_createtable(L, 0, ncols);
+        for (c = 0; c < ncols; c++) {
+            if (PQgetisnull(r, i, c)) {
+                continue;
+            }
+            push_cell(L, r, i, c);
+            lua_setfield(L, -2, PQfname(r, c));
+        }
+        lua_rawseti(L, -2, i + 1);
+    }
+}
+
+static int
+push_op_result(lua_State *L, struct gw_pgop *op)
+{
+    PGresult *r = op->res;
+
+    if (op->err != NULL) {
+        return push_pg_error(L, op->err);
+    }
+    if (op->errkind[0] != '\0') {
+        return gw_push_error(L, op->errkind,
+                             strcmp(op->errkind, "closed") != 0, "%s",
+                             op->errmsg);
+    }
+    if (op->tx_begin) {
+        lua_pushnumber(L, (lua_Number)op->txid);
+        return 1;
+    }
+    if (op->kind == GW_PGOP_SCRIPT || op->tx_end) {
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    if (op->want_rows) {
+        if (r == NULL) {
+            lua_newtable(L);
+        } else {
+            push_rows(L, r);
+        }
+        return 1;
+    }
+    lua_createtable(L, 0, 3);
+    if (r != NULL) {
+        const char *ct = PQcmdTuples(r);
+
+        lua_pushnumber(L, ct[0] != '\0' ? strtod(ct, NULL) : 0);
+        lua_setfield(L, -2, "changes");
+        if (PQntuples(r) > 0) {
+            if (PQnfields(r) > 0 && !PQgetisnull(r, 0, 0)) {
+                push_cell(L, r, 0, 0);
+                lua_setfield(L, -2, "last_id");
+            }
+            push_rows(L, r);
+            lua_setfield(L, -2, "rows");
+        }
+    }
+    return 1;
+}
+
+/* Loop thread: wakes the op's coroutine (if any) and frees the op. */
+static void
+op_deliver(struct gw_pgop *op)
+{
+    struct gw_co *co = op->co;
+
+    if (co != NULL) {
+        lua_State *L = gw_co_state(co);
+        int        n = push_op_result(L, op);
+
+        op_free(op);
+        gw_co_wake(co, n);
+    } else {
+        op_free(op);
+    }
+}
+
+static void
+deliver_list(struct gw_pgop *list)
+{
+    struct gw_pgop *next;
+
+    for (; list != NULL; list = next) {
+        next = list->next;
+        list->next = NULL;
+        op_deliver(list);
+    }
+}
+
+static void
+deliver_cb(void *arg)
+{
+    deliver_list(arg);
+}
+
+/* Delivers on a later loop turn: for code that may run inside a
+ * coroutine (submit, close), where waking another one is not allowed. */
+static void
+post_list(struct gw_pgop *list)
+{
+    if (list != NULL && gw_loop_post(deliver_cb, list) != GW_OK) {
+        gw_log(GW_LOG_ERROR, "postgres: cannot post results: no memory");
+    }
+}
+
+static void
+op_cancel(void *arg)
+{
+    struct gw_pgop *op = arg;
+
+    op->co = NULL;
+}
+
+/* ------------------------------------------------------- connections */
+
+static void
+conn_reset(struct gw_pgconn *c)
+{
+    int i;
+
+    if (c->rev != NULL) {
+        event_free(c->rev);
+        c->rev = NULL;
+    }
+    if (c->wev != NULL) {
+        event_free(c->wev);
+        c->wev = NULL;
+    }
+    if (c->pc != NULL) {
+        PQfinish(c->pc);
+        c->pc = NULL;
+    }
+    for (i = 0; i < LPG_CACHE; i++) {
+        free(c->cache_sql[i]);
+        c->cache_sql[i] = NULL;
+    }
+    c->state = GW_PGC_FREE;
+    c->fd = -1;
+    c->txid = 0;
+    c->inflight = 0;
+}
+
+/* Closes c and moves its in-flight ops to *out with the given error. */
+static void
+conn_fail(struct gw_pgconn *c, const char *kind, const char *msg,
+          struct gw_pgop **out)
+{
+    struct gw_pgop *op, *next;
+
+    for (op = c->head; op != NULL; op = next) {
+        next = op->next;
+        op_set_error(op, kind, msg);
+        op->next = *out;
+        *out = op;
+    }
+    c->head = c->tail = NULL;
+    conn_reset(c);
+}
+
+static int
+conn_watch(struct gw_pgconn *c)
+{
+    int fd = PQsocket(c->pc);
+
+    if (fd == c->fd && c->rev != NULL) {
+        return GW_OK;
+    }
+    if (c->rev != NULL) {
+        event_free(c->rev);
+        event_free(c->wev);
+        c->rev = c->wev = NULL;
+    }
+    if (fd < 0) {
+        return GW_ERR;
+    }
+    c->fd = fd;
+    c->rev = event_new(gw_loop_base(), fd, EV_READ | EV_PERSIST, conn_event,
+                       c);
+    c->wev = event_new(gw_loop_base(), fd, EV_WRITE, conn_event, c);
+    if (c->rev == NULL || c->wev == NULL) {
+        return GW_ERR;
+    }
+    return GW_OK;
+}
+
+/* Connect state machine step. Returns GW_OK, GW_AGAIN or GW_ERR. */
+static int
+conn_poll_connect(struct gw_pgconn *c)
+{
+    PostgresPollingStatusType st = PQconnectPoll(c->pc);
+
+    if (st == PGRES_POLLING_FAILED) {
+        return GW_ERR;
+    }
+    if (conn_watch(c) != GW_OK) {
+        return GW_ERR;
+    }
+    if (st == PGRES_POLLING_OK) {
+        if (PQsetnonblocking(c->pc, 1) != 0
+            || PQenterPipelineMode(c->pc) != 1)
+        {
+            return GW_ERR;
+        }
+        event_del(c->wev);
+        event_add(c->rev, NULL);
+        c->state = GW_PGC_READY;
+        c->since = mono_now();
+        return GW_OK;
+    }
+    if (st == PGRES_POLLING_WRITING) {
+        event_del(c->rev);
+        event_add(c->wev, NULL);
+    } else {
+        event_del(c->wev);
+        event_add(c->rev, NULL);
+    }
+    return GW_AGAIN;
+}
+
+static void
+pool_mark_down(struct gw_pg *pg, const char *msg)
+{
+    pg->down_until = mono_now() + pg->down_for;
+    snprintf(pg->down_msg, sizeof(pg->down_msg), "%s", msg);
+}
+
+/* Fails every waiting op when no connection can serve them soon. */
+static void
+pool_fail_waiting(struct gw_pg *pg, const char *kind, const char *msg,
+                  struct gw_pgop **out)
+{
+    struct gw_pgop *op;
+
+    while (pg->wq != NULL) {
+        op = pg->wq;
+        pg->wq = op->next;
+        op_set_error(op, kind, msg);
+        op->next = *out;
+        *out = op;
+    }
+    pg->wq_tail = NULL;
+}
+
+static int
+pool_has_live(struct gw_pg *pg)
+{
+    int i;
+
+    for (i = 0; i < pg->npool; i++) {
+        if (pg->conns[i].state != GW_PGC_FREE) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static void
+conn_connect_failed(struct gw_pgconn *c, struct gw_pgop **out)
+{
+    struct gw_pg *pg = c->pg;
+    char          msg[200];
+    const char   *why = c->pc != NULL ? PQerrorMessage(c->pc) : "no memory";
+    size_t        n;
+
+    snprintf(msg, sizeof(msg), "postgres: connect: %s", why);
+    n = strlen(msg);
+    while (n > 0 && (msg[n - 1] == '\n' || msg[n - 1] == ' ')) {
+        msg[--n] = '\0';
+    }
+    conn_fail(c, "unavailable", msg, out);
+    pool_mark_down(pg, msg);
+    if (!pool_has_live(pg)) {
+        pool_fail_waiting(pg, "unavailable", msg, out);
+    }
+}
+
+static int
+conn_start(struct gw_pgconn *c)
+{
+    struct gw_pg *pg = c->pg;
+
+    c->pc = PQconnectStart(pg->conninfo);
+    c->fd = -1;
+    c->state = GW_PGC_CONNECTING;
+    c->opened = mono_now();
+    c->since = c->opened;
+    if (c->pc == NULL || PQstatus(c->pc) == CONNECTION_BAD) {
+        return GW_ERR;
+    }
+    return conn_poll_connect(c) == GW_ERR ? GW_ERR : GW_OK;
+}
+
+/* ------------------------------------------------------------ sending */
+
+static unsigned
+hash_sql(const char *s)
+{
+    unsigned h = 2166136261u;
+
+    for (; *s != '\0'; s++) {
+        h = (h ^ (unsigned char)*s) * 16777619u;
+    }
+    return h;
+}
+
+static int
+conn_flush(struct gw_pgconn *c)
+{
+    int rc = PQflush(c->pc);
+
+    if (rc < 0) {
+        return GW_ERR;
+    }
+    if (rc > 0) {
+        event_add(c->wev, NULL);
+    }
+    return GW_OK;
+}
+
+/* Sends op on c. Returns GW_OK, or GW_ERR (the connection is broken). */
+static int
+conn_send(struct gw_pgconn *c, struct gw_pgop *op)
+{
+    const char *values[256];
+    int         lengths[256];
+    char        numbuf[256][32];
+    char        name[24];
+    unsigned    slot;
+    int         i;
+
+    if (op->kind == GW_PGOP_SCRIPT) {
+        if (PQexitPipelineMode(c->pc) != 1
+            || PQsendQuery(c->pc, op->sql) != 1)
+        {
+            return GW_ERR;
+        }
+        op->phase = 1;
+        op->has_prepare = 0;
+        goto sent;
+    }
+    if (op->nparams > 256) {
+        op_set_error(op, "misuse", "postgres: more than 256 parameters");
+        return GW_AGAIN;
+    }
+    slot = hash_sql(op->sql) % LPG_CACHE;
+    if (c->cache_sql[slot] == NULL || strcmp(c->cache_sql[slot], op->sql)) {
+        free(c->cache_sql[slot]);
+        c->cache_sql[slot] = strdup(op->sql);
+        c->cache_name[slot] = c->next_name++;
+        snprintf(name, sizeof(name), "gw%u", c->cache_name[slot]);
+        if (c->cache_sql[slot] == NULL
+            || PQsendPrepare(c->pc, name, op->sql, 0, NULL) != 1)
+        {
+            return GW_ERR;
+        }
+        op->has_prepare = 1;
+        op->phase = 0;
+    } else {
+        op->phase = 1;
+    }
+    op->cache_slot = (int)slot;
+    snprintf(name, sizeof(name), "gw%u", c->cache_name[slot]);
+    for (i = 0; i < op->nparams; i++) {
+        struct gw_sqlv *v = &op->params[i];
+
+        lengths[i] = 0;
+        switch (v->type) {
+        case GW_SQLV_INT:
+            snprintf(numbuf[i], sizeof(numbuf[i]), "%lld", (long long)v->i);
+            values[i] = numbuf[i];
+            break;
+        case GW_SQLV_REAL:
+            snprintf(numbuf[i], sizeof(numbuf[i]), "%.17g", v->d);
+            values[i] = numbuf[i];
+            break;
+        case GW_SQLV_TEXT:
+            values[i] = v->s;
+            break;
+        default:
+            values[i] = NULL;
+            break;
+        }
+    }
+    if (PQsendQueryPrepared(c->pc, name, op->nparams, values, lengths, NULL,
+                            0) != 1
+        || PQpipelineSync(c->pc) != 1)
+    {
+        return GW_ERR;
+    }
+sent:
+    op->next = NULL;
+    if (c->tail != NULL) {
+        c->tail->next = op;
+    } else {
+        c->head = op;
+    }
+    c->tail = op;
+    if (c->inflight++ == 0) {
+        c->since = mono_now();
+    }
+    if (op->tx_begin) {
+        c->txid = op->txid;
+    }
+    /* A failed flush leaves op queued: the read side sees the broken
+     * connection next and fails everything on it. */
+    conn_flush(c);
+    return GW_OK;
+}
+
+/* ------------------------------------------------------------ results */
+
+static void
+conn_pop_head(struct gw_pgconn *c, struct gw_pgop **out)
+{
+    struct gw_pgop *op = c->head;
+
+    c->head = op->next;
+    if (c->head == NULL) {
+        c->tail = NULL;
+    }
+    c->inflight--;
+    if (op->tx_end || (op->tx_begin && (op->err != NULL
+                                        || op->errkind[0] != '\0')))
+    {
+        c->txid = 0;
+    }
+    op->next = *out;
+    *out = op;
+}
+
+/* Reads every available result. Returns GW_ERR when the connection is
+ * broken. Finished ops are moved to *out. */
+static int
+conn_read(struct gw_pgconn *c, struct gw_pgop **out)
+{
+    PGresult       *r;
+    struct gw_pgop *op;
+
+    if (PQconsumeInput(c->pc) != 1) {
+        return GW_ERR;
+    }
+    c->since = mono_now();
+    while ((op = c->head) != NULL && !PQisBusy(c->pc)) {
+        ExecStatusType st;
+
+        r = PQgetResult(c->pc);
+        if (r == NULL) {
+            /* End of one command's results. */
+            if (op->kind == GW_PGOP_SCRIPT) {
+                conn_pop_head(c, out);
+                if (PQenterPipelineMode(c->pc) != 1) {
+                    return GW_ERR;
+                }
+                continue;
+            }
+            if (op->phase < 2) {
+                op->phase++;
+            }
+            continue;
+        }
+        st = PQresultStatus(r);
+        if (st == PGRES_PIPELINE_SYNC) {
+            PQclear(r);
+            conn_pop_head(c, out);
+            continue;
+        }
+        if (st == PGRES_FATAL_ERROR || st == PGRES_NONFATAL_ERROR) {
+            if (op->phase == 0 && op->has_prepare) {
+                /* Forget the statement so the next use prepares again. */
+                int s = op->cache_slot;
+
+                free(c->cache_sql[s]);
+                c->cache_sql[s] = NULL;
+            }
+            if (op->err == NULL && st == PGRES_FATAL_ERROR) {
+                op->err = r;
+            } else {
+                PQclear(r);
+            }
+            continue;
+        }
+        if (st == PGRES_PIPELINE_ABORTED) {
+            PQclear(r);
+            op_set_error(op, "error", "postgres: pipeline aborted");
+            continue;
+        }
+        if (op->phase == 0 && op->has_prepare) {
+            PQclear(r);                  /* the Parse's COMMAND_OK */
+            continue;
+        }
+        if (op->res != NULL) {
+            PQclear(op->res);
+        }
+        op->res = r;
+    }
+    return GW_OK;
+}
+
+static void
+conn_event(evutil_socket_t fd, short what, void *arg)
+{
+    struct gw_pgconn *c = arg;
+    struct gw_pg     *pg = c->pg;
+    struct gw_pgop   *done = NULL, *rev = NULL, *next;
+    int               rc;
+
+    if (c->state == GW_PGC_CONNECTING) {
+        rc = conn_poll_connect(c);
+        if (rc == GW_ERR) {
+            conn_connect_failed(c, &done);
+        }
+    } else if (c->state == GW_PGC_READY) {
+        if ((what & EV_WRITE) && conn_flush(c) != GW_OK) {
+            conn_fail(c, "unavailable", "postgres: connection lost"
+                      " (outcome unknown)", &done);
+        } else if ((what & EV_READ) && conn_read(c, &done) != GW_OK) {
+            char msg[200];
+
+            snprintf(msg, sizeof(msg), "postgres: connection lost (outcome"
+                     " unknown): %s", PQerrorMessage(c->pc));
+            conn_fail(c, "unavailable", msg, &done);
+        }
+    }
+    /* done is newest-first: deliver in completion order. */
+    for (; done != NULL; done = next) {
+        next = done->next;
+        done->next = rev;
+        rev = done;
+    }
+    dispatch(pg);
+    deliver_list(rev);
+}
+
+/* --------------------------------------------------------- dispatching */
+
+static struct gw_pgconn *
+choose_conn(struct gw_pg *pg, struct gw_pgop *op, int *fail)
+{
+    struct gw_pgconn *best = NULL, *c;
+    int               i, free_slot = -1, connecting = 0;
+
+    *fail = 0;
+    for (i = 0; i < pg->npool; i++) {
+        c = &pg->conns[i];
+        if (c->state == GW_PGC_FREE) {
+            if (free_slot < 0) {
+                free_slot = i;
+            }
+            continue;
+        }
+        if (c->state == GW_PGC_CONNECTING) {
+            connecting++;
+            continue;
+        }
+        if (op->txid != 0 && !op->tx_begin) {
+            if (c->txid == op->txid) {
+                return c->inflight == 0 ? c : NULL;
+            }
+            continue;
+        }
+        if (c->txid != 0) {
+            continue;
+        }
+        if (op->tx_begin || op->kind == GW_PGOP_SCRIPT) {
+            if (c->inflight == 0) {
+                return c;
+            }
+            continue;
+        }
+        if (c->inflight < LPG_DEPTH
+            && (best == NULL || c->inflight < best->inflight))
+        {
+            best = c;
+        }
+    }
+    if (op->txid != 0 && !op->tx_begin) {
+        *fail = 1;                       /* its connection is gone */
+        return NULL;
+    }
+    if ((best == NULL || best->inflight > 0) && free_slot >= 0
+        && connecting == 0 && mono_now() >= pg->down_until)
+    {
+        struct gw_pgconn *n = &pg->conns[free_slot];
+        struct gw_pgop   *lost = NULL;
+
+        n->pg = pg;
+        if (conn_start(n) != GW_OK) {
+            conn_connect_failed(n, &lost);
+            post_list(lost);
+        }
+    }
+    if (best == NULL && !pool_has_live(pg)) {
+        *fail = 2;                       /* down, nothing to wait for */
+    }
+    return best;
+}
+
+static void
+dispatch(struct gw_pg *pg)
+{
+    struct gw_pgop *op, *prev = NULL, *next, *done = NULL;
+    int             fail;
+
+    if (pg->dispatching) {
+        return;
+    }
+    pg->dispatching = 1;
+    for (op = pg->wq; op != NULL; op = next) {
+        struct gw_pgconn *c;
+
+        next = op->next;
+        c = choose_conn(pg, op, &fail);
+        if (c == NULL && fail == 0) {
+            prev = op;
+            continue;
+        }
+        /* unlink op */
+        if (prev != NULL) {
+            prev->next = next;
+        } else {
+            pg->wq = next;
+        }
+        if (pg->wq_tail == op) {
+            pg->wq_tail = prev;
+        }
+        op->next = NULL;
+        if (c == NULL) {
+            if (fail == 1) {
+                op_set_error(op, "timeout", "postgres: transaction is"
+                             " no longer active (its connection was lost)");
+            } else {
+                op_set_error(op, "unavailable", pg->down_msg[0] ? pg->down_msg
+                                             : "postgres: unavailable");
+            }
+            op->next = done;
+            done = op;
+            continue;
+        }
+        {
+            int rc = conn_send(c, op);
+
+            if (rc == GW_AGAIN) {
+                op->next = done;
+                done = op;
+            } else if (rc != GW_OK) {
+                struct gw_pgop *lost = NULL;
+
+                /* op was not queued on c: fail it with c's ops. */
+                op_set_error(op, "unavailable", PQerrorMessage(c->pc));
+                op->next = lost;
+                lost = op;
+                conn_fail(c, "unavailable", "postgres: connection lost"
+                          " (outcome unknown)", &lost);
+                while (lost != NULL) {
+                    struct gw_pgop *l = lost;
+
+                    lost = l->next;
+                    l->next = done;
+                    done = l;
+                }
+            }
+        }
+    }
+    pg->dispatching = 0;
+    post_list(done);
+}
+
+static void
+on_tick(evutil_socket_t fd, short what, void *arg)
+{
+    struct gw_pg   *pg = arg;
+    struct gw_pgop *done = NULL;
+    double          now = mono_now();
+    int             i;
+
+    for (i = 0; i < pg->npool; i++) {
+        struct gw_pgconn *c = &pg->conns[i];
+
+        if (c->state == GW_PGC_CONNECTING
+            && now - c->opened > pg->connect_timeout)
+        {
+            conn_fail(c, "unavailable", "postgres: connect timed out",
+                      &done);
+            pool_mark_down(pg, "postgres: connect timed out");
+            if (!pool_has_live(pg)) {
+                pool_fail_waiting(pg, "unavailable",
+                                  "postgres: connect timed out", &done);
+            }
+        } else if (c->state == GW_PGC_READY && c->inflight > 0
+                   && now - c->since > pg->query_timeout)
+        {
+            char msg[100];
+
+            snprintf(msg, sizeof(msg), "postgres: no reply within %.3g s",
+                     pg->query_timeout);
+            conn_fail(c, "timeout", msg, &done);
+        }
+    }
+    dispatch(pg);
+    deliver_list(done);
+}
+
+/* ------------------------------------------------------------ Lua side */
+
+static struct gw_pg *
+check_pool(lua_State *L)
+{
+    struct gw_pgud *ud = luaL_checkudata(L, 1, LPG_MT);
+
+    if (ud->pg == NULL) {
+        luaL_error(L, "postgres: pool is closed");
+    }
+    return ud->pg;
+}
+
+static double
+opt_num(lua_State *L, int idx, const char *name, double def)
+{
+    double v = def;
+
+    if (lua_istable(L, idx)) {
+        lua_getfield(L, idx, name);
+        if (lua_isnumber(L, -1)) {
+            v = lua_tonumber(L, -1);
+        }
+        lua_pop(L, 1);
+    }
+    return v;
+}
+
+/* core.open(conninfo, opts) -> pool (no I/O yet)
+ * opts: pool (connections, default 4), connect_timeout (s, 2),
+ * query_timeout (s, 10), down_for (s, 0.5) */
+static int
+lpg_open(lua_State *L)
+{
+    const char     *ci = luaL_checkstring(L, 1);
+    struct gw_pgud *ud;
+    struct gw_pg   *pg;
+    struct timeval  tv = { 0, 50000 };
+    int             i;
+
+    ud = lua_newuserdata(L, sizeof(*ud));
+    ud->pg = NULL;
+    luaL_getmetatable(L, LPG_MT);
+    lua_setmetatable(L, -2);
+    pg = calloc(1, sizeof(*pg));
+    if (pg == NULL) {
+        return luaL_error(L, "postgres: out of memory");
+    }
+    ud->pg = pg;
+    pg->conninfo = strdup(ci);
+    pg->npool = (int)opt_num(L, 2, "pool", 4);
+    pg->connect_timeout = opt_num(L, 2, "connect_timeout", 2);
+    pg->query_timeout = opt_num(L, 2, "query_timeout", 10);
+    pg->down_for = opt_num(L, 2, "down_for", 0.5);
+    pg->next_txid = 1;
+    if (pg->npool < 1) {
+        pg->npool = 1;
+    }
+    if (pg->npool > LPG_MAXPOOL) {
+        pg->npool = LPG_MAXPOOL;
+    }
+    for (i = 0; i < LPG_MAXPOOL; i++) {
+        pg->conns[i].pg = pg;
+        pg->conns[i].fd = -1;
+    }
+    pg->tick = event_new(gw_loop_base(), -1, EV_PERSIST, on_tick, pg);
+    if (pg->conninfo == NULL || pg->tick == NULL) {
+        return luaL_error(L, "postgres: out of memory");
+    }
+    event_add(pg->tick, &tv);
+    return 1;
+}
+
+static int
+lpg_close(lua_State *L)
+{
+    struct gw_pgud *ud = luaL_checkudata(L, 1, LPG_MT);
+    struct gw_pg   *pg = ud->pg;
+    struct gw_pgop *done = NULL;
+    int             i;
+
+    if (pg == NULL) {
+        return 0;
+    }
+    ud->pg = NULL;
+    pg->closed = 1;
+    for (i = 0; i < LPG_MAXPOOL; i++) {
+        conn_fail(&pg->conns[i], "closed", "postgres: pool closed", &done);
+    }
+    pool_fail_waiting(pg, "closed", "postgres: pool closed", &done);
+    event_free(pg->tick);
+    free(pg->conninfo);
+    free(pg);
+    post_list(done);
+    return 0;
+}
+
+static int
+submit(lua_State *L, struct gw_pg *pg, struct gw_pgop *op)
+{
+    op->co = gw_co_current(L);
+    if (!pool_has_live(pg) && mono_now() < pg->down_until) {
+        /* Fail fast during an outage. */
+        op_free(op);
+        return gw_push_error(L, "unavailable", 1, "%s (pool down, retry"
+                             " later)", pg->down_msg);
+    }
+    if (pg->wq_tail != NULL) {
+        pg->wq_tail->next = op;
+    } else {
+        pg->wq = op;
+    }
+    pg->wq_tail = op;
+    dispatch(pg);                        /* answers come on later turns */
+    return gw_co_wait(L, op_cancel, op);
+}
+
+static struct gw_pgop *
+new_op(lua_State *L, int sql_idx, int params_idx, enum gw_pgop_kind kind)
+{
+    struct gw_pgop *op;
+    struct gw_sqlv *params = NULL;
+    int             n = 0;
+
+    gw_co_current(L);
+    if (sql_idx > 0) {
+        luaL_checkstring(L, sql_idx);
+    }
+    if (params_idx > 0 && gw_sqlv_from_lua(L, params_idx, &params, &n)
+        != GW_OK)
+    {
+        return NULL;
+    }
+    op = calloc(1, sizeof(*op));
+    if (op == NULL) {
+        gw_sqlv_free(params, n);
+        return NULL;
+    }
+    op->kind = kind;
+    op->params = params;
+    op->nparams = n;
+    op->sql = strdup(sql_idx > 0 ? lua_tostring(L, sql_idx) : "");
+    if (op->sql == NULL) {
+        op_free(op);
+        return NULL;
+    }
+    return op;
+}
+
+static int
+run_op(lua_State *L, struct gw_pg *pg, int sql_idx, int params_idx,
+       enum gw_pgop_kind kind, int want_rows, long txid)
+{
+    struct gw_pgop *op = new_op(L, sql_idx, params_idx, kind);
+
+    if (op == NULL) {
+        return gw_push_error(L, "unavailable", 0, "postgres: out of memory");
+    }
+    op->want_rows = want_rows;
+    op->txid = txid;
+    return submit(L, pg, op);
+}
+
+/* h:exec(sql, params) */
+static int
+lpg_exec(lua_State *L)
+{
+    return run_op(L, check_pool(L), 2, 3, GW_PGOP_STMT, 0, 0);
+}
+
+/* h:query(sql, params) */
+static int
+lpg_query(lua_State *L)
+{
+    return run_op(L, check_pool(L), 2, 3, GW_PGOP_STMT, 1, 0);
+}
+
+/* h:script(sql) */
+static int
+lpg_script(lua_State *L)
+{
+    return run_op(L, check_pool(L), 2, 0, GW_PGOP_SCRIPT, 0, 0);
+}
+
+/* h:connect() -> true | nil, err  (one round trip on a new connection) */
+static int
+lpg_connect(lua_State *L)
+{
+    struct gw_pg   *pg = check_pool(L);
+    struct gw_pgop *op;
+
+    lua_settop(L, 1);
+    lua_pushliteral(L, "SELECT 1");
+    op = new_op(L, 2, 0, GW_PGOP_STMT);
+    if (op == NULL) {
+        return gw_push_error(L, "unavailable", 0, "postgres: out of memory");
+    }
+    op->tx_end = 1;                      /* answer "true" */
+    return submit(L, pg, op);
+}
+
+/* h:begin() -> txid | nil, err  (reserves an idle connection) */
+static int
+lpg_begin(lua_State *L)
+{
+    struct gw_pg   *pg = check_pool(L);
+    struct gw_pgop *op;
+
+    lua_settop(L, 1);
+    lua_pushliteral(L, "BEGIN");
+    op = new_op(L, 2, 0, GW_PGOP_STMT);
+    if (op == NULL) {
+        return gw_push_error(L, "unavailable", 0, "postgres: out of memory");
+    }
+    op->txid = pg->next_txid++;
+    op->tx_begin = 1;
+    return submit(L, pg, op);
+}
+
+static int
+tx_op(lua_State *L, int kind, int want_rows, const char *fixed, int end)
+{
+    struct gw_pg   *pg = check_pool(L);
+    long            txid = (long)luaL_checknumber(L, 2);
+    struct gw_pgop *op;
+
+    if (fixed != NULL) {
+        lua_settop(L, 2);
+        lua_pushstring(L, fixed);
+        op = new_op(L, 3, 0, GW_PGOP_STMT);
+    } else {
+        op = new_op(L, 3, kind == GW_PGOP_STMT ? 4 : 0, kind);
+    }
+    if (op == NULL) {
+        return gw_push_error(L, "unavailable", 0, "postgres: out of memory");
+    }
+    op->txid = txid;
+    op->want_rows = want_rows;
+    op->tx_end = end;
+    return submit(L, pg, op);
+}
+
+static int
+lpg_tx_exec(lua_State *L)
+{
+    return tx_op(L, GW_PGOP_STMT, 0, NULL, 0);
+}
+
+static int
+lpg_tx_query(lua_State *L)
+{
+    return tx_op(L, GW_PGOP_STMT, 1, NULL, 0);
+}
+
+static int
+lpg_tx_script(lua_State *L)
+{
+    return tx_op(L, GW_PGOP_SCRIPT, 0, NULL, 0);
+}
+
+static int
+lpg_commit(lua_State *L)
+{
+    return tx_op(L, GW_PGOP_STMT, 0, "COMMIT", 1);
+}
+
+static int
+lpg_rollback(lua_State *L)
+{
+    return tx_op(L, GW_PGOP_STMT, 0, "ROLLBACK", 1);
+}
+
+static const luaL_Reg lpg_methods[] = {
+    { "connect", lpg_connect },
+    { "exec", lpg_exec },
+    { "query", lpg_query },
+    { "script", lpg_script },
+    { "begin", lpg_begin },
+    { "tx_exec", lpg_tx_exec },
+    { "tx_query", lpg_tx_query },
+    { "tx_script", lpg_tx_script },
+    { "commit", lpg_commit },
+    { "rollback", lpg_rollback },
+    { "close", lpg_close },
+    { NULL, NULL }
+};
+
+static const luaL_Reg lpg_funcs[] = {
+    { "open", lpg_open },
+    { NULL, NULL }
+};
+
+int
+luaopen_paygate_pg_core(lua_State *L)
+{
+    luaL_newmetatable(L, LPG_MT);
+    lua_pushcfunction(L, lpg_close);
+    lua_setfield(L, -2, "__gc");
+    lua_newtable(L);
+    luaL_register(L, NULL, lpg_methods);
+    lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
+    lua_newtable(L);
+    luaL_register(L, NULL, lpg_funcs);
+    lua_pushinteger(L, PQlibVersion());
+    lua_setfield(L, -2, "libpq_version");
+    return 1;
+}
