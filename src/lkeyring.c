@@ -1,0 +1,681 @@
+/*
+ * lkeyring.c -- paygate.keyring: the per-worker map from Wechatpay-Serial
+ * (platform certificate serial, or PUB_KEY_ID_...) to a parsed verifier.
+ *
+ * One ring per Lua state (one worker), kept in C: an open-addressing hash
+ * table of entries, each holding its own EVP_PKEY reference (and the
+ * certificate, when it came from one) and a validity window. Verification
+ * on the hot path is one lookup plus one verify: no parsing, no Lua
+ * allocation. Replacing an entry or the whole set builds the new state
+ * first and swaps pointers last, so a failed put leaves the ring intact.
+ *
+ * Lookups compare ids exactly; serials are stored uppercase (WeChat Pay
+ * sends uppercase hex, and put() upper-cases hex serials), PUB_KEY_ID_
+ * ids are opaque.
+ */
+#include <ctype.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <openssl/bn.h>
+#include <openssl/crypto.h>
+#include <openssl/x509.h>
+
+#include <lua.h>
+#include <lauxlib.h>
+
+#include "runtime.h"
+#include "gw_crypto.h"
+
+#define GW_KEYRING_MT  "paygate.keyring.ring"
+#define GW_KEYRING_KEY "paygate.keyring.instance"
+#define GW_KEYRING_MAX_ID 128
+
+struct gw_kr_entry {
+    char             *id;          /* owned, NUL-terminated */
+    size_t            idlen;       /* bytes */
+    uint32_t          hash;        /* FNV-1a of id */
+    struct gw_keyinfo ki;          /* owned key reference + contexts */
+    X509             *cert;        /* owned reference, or NULL (pub key) */
+    double            not_before;  /* epoch s; 0 = unbounded */
+    double            not_after;   /* epoch s; 0 = unbounded */
+};
+
+struct gw_keyring {
+    struct gw_kr_entry **slots;    /* owned; cap entries, NULL = empty */
+    size_t               cap;      /* power of two */
+    size_t               count;    /* live entries */
+    size_t               tombs;    /* deleted markers */
+};
+
+/* Marks a deleted slot (never dereferenced). */
+static struct gw_kr_entry gw_kr_tomb;
+#define GW_KR_TOMB (&gw_kr_tomb)
+
+static uint32_t
+gw_kr_hash(const char *s, size_t len)
+{
+    uint32_t h = 2166136261u;
+    size_t i;
+
+    for (i = 0; i < len; i++) {
+        h = (h ^ (unsigned char)s[i]) * 16777619u;
+    }
+    return h;
+}
+
+static void
+gw_kr_entry_free(struct gw_kr_entry *e)
+{
+    if (e == NULL || e == GW_KR_TOMB) {
+        return;
+    }
+    gw_keyinfo_clear(&e->ki);
+    X509_free(e->cert);
+    free(e->id);
+    free(e);
+}
+
+/* Slot index of id, or of the first free slot for it (*found = 0). */
+static size_t
+gw_kr_find(struct gw_keyring *kr, const char *id, size_t len, uint32_t h,
+           int *found)
+{
+    size_t mask = kr->cap - 1, i = h & mask, free_slot = (size_t)-1;
+
+    for (;;) {
+        struct gw_kr_entry *e = kr->slots[i];
+
+        if (e == NULL) {
+            *found = 0;
+            return free_slot != (size_t)-1 ? free_slot : i;
+        }
+        if (e == GW_KR_TOMB) {
+            if (free_slot == (size_t)-1) {
+                free_slot = i;
+            }
+        } else if (e->hash == h && e->idlen == len
+                   && memcmp(e->id, id, len) == 0)
+        {
+            *found = 1;
+            return i;
+        }
+        i = (i + 1) & mask;
+    }
+}
+
+static struct gw_kr_entry *
+gw_kr_get(struct gw_keyring *kr, const char *id, size_t len)
+{
+    int found;
+    size_t i;
+
+    if (kr->count == 0) {
+        return NULL;
+    }
+    i = gw_kr_find(kr, id, len, gw_kr_hash(id, len), &found);
+    return found ? kr->slots[i] : NULL;
+}
+
+/* Grows (or rehashes) so that one more entry keeps load below 1/2. */
+static int
+gw_kr_reserve(struct gw_keyring *kr)
+{
+    struct gw_kr_entry **old = kr->slots, **slots;
+    size_t oldcap = kr->cap, cap = kr->cap ? kr->cap : 16, i;
+    int found;
+
+    if ((kr->count + kr->tombs + 1) * 2 <= kr->cap) {
+        return GW_OK;
+    }
+    while ((kr->count + 1) * 2 > cap) {
+        cap *= 2;
+    }
+    slots = calloc(cap, sizeof(*slots));
+    if (slots == NULL) {
+        return GW_ERR;
+    }
+    kr->slots = slots;
+    kr->cap = cap;
+    kr->tombs = 0;
+    for (i = 0; i < oldcap; i++) {
+        struct gw_kr_entry *e = old[i];
+
+        if (e != NULL && e != GW_KR_TOMB) {
+            slots[gw_kr_find(kr, e->id, e->idlen, e->hash, &found)] = e;
+        }
+    }
+    free(old);
+    return GW_OK;
+}
+
+/* Inserts e, replacing (and freeing) an entry with the same id. */
+static int
+gw_kr_insert(struct gw_keyring *kr, struct gw_kr_entry *e)
+{
+    int found;
+    size_t i;
+
+    if (gw_kr_reserve(kr) != GW_OK) {
+        return GW_ERR;
+    }
+    i = gw_kr_find(kr, e->id, e->idlen, e->hash, &found);
+    if (found) {
+        gw_kr_entry_free(kr->slots[i]);
+    } else {
+        if (kr->slots[i] == GW_KR_TOMB) {
+            kr->tombs--;
+        }
+        kr->count++;
+    }
+    kr->slots[i] = e;
+    return GW_OK;
+}
+
+static void
+gw_kr_clear(struct gw_keyring *kr)
+{
+    size_t i;
+
+    for (i = 0; i < kr->cap; i++) {
+        gw_kr_entry_free(kr->slots[i]);
+    }
+    free(kr->slots);
+    kr->slots = NULL;
+    kr->cap = kr->count = kr->tombs = 0;
+}
+
+static int
+lkeyring_gc(lua_State *L)
+{
+    gw_kr_clear(luaL_checkudata(L, 1, GW_KEYRING_MT));
+    return 0;
+}
+
+/* The ring of this Lua state (created on first use). */
+static struct gw_keyring *
+gw_kr_instance(lua_State *L)
+{
+    struct gw_keyring *kr;
+
+    lua_getfield(L, LUA_REGISTRYINDEX, GW_KEYRING_KEY);
+    kr = lua_touserdata(L, -1);
+    lua_pop(L, 1);
+    if (kr != NULL) {
+        return kr;
+    }
+    kr = lua_newuserdata(L, sizeof(*kr));
+    memset(kr, 0, sizeof(*kr));
+    if (luaL_newmetatable(L, GW_KEYRING_MT)) {
+        lua_pushcfunction(L, lkeyring_gc);
+        lua_setfield(L, -2, "__gc");
+    }
+    lua_setmetatable(L, -2);
+    lua_setfield(L, LUA_REGISTRYINDEX, GW_KEYRING_KEY);
+    return kr;
+}
+
+static double
+gw_asn1_epoch(const ASN1_TIME *t)
+{
+    struct tm tm;
+
+    memset(&tm, 0, sizeof(tm));
+    if (t == NULL || ASN1_TIME_to_tm(t, &tm) != 1) {
+        return 0;
+    }
+    return (double)timegm(&tm);
+}
+
+/* Builds an entry for id from the handle at idx and the options table at
+ * opt (may be none). Returns NULL with msg set; never raises once C
+ * memory is held (argument checks happen first). */
+static struct gw_kr_entry *
+gw_kr_entry_new(lua_State *L, const char *id, size_t idlen, int idx,
+                double not_before, double not_after, char *msg,
+                size_t msglen)
+{
+    struct gw_key *k = luaL_testudata(L, idx, GW_KEY_MT);
+    struct gw_cert *c = luaL_testudata(L, idx, GW_CERT_MT);
+    struct gw_keyinfo *src;
+    struct gw_kr_entry *e;
+    const char *kind;
+    size_t i;
+    int pubkey_id;
+
+    src = k != NULL ? &k->ki : (c != NULL ? &c->ki : NULL);
+    if (src == NULL || src->pkey == NULL) {
+        snprintf(msg, msglen, "expected an open key or certificate "
+                 "handle with an RSA or SM2 key");
+        return NULL;
+    }
+    e = calloc(1, sizeof(*e));
+    if (e == NULL || (e->id = malloc(idlen + 1)) == NULL) {
+        free(e);
+        snprintf(msg, msglen, "out of memory");
+        return NULL;
+    }
+    pubkey_id = idlen >= 11 && memcmp(id, "PUB_KEY_ID_", 11) == 0;
+    for (i = 0; i < idlen; i++) {
+        /* Hex serials compare case-insensitively: store uppercase. */
+        e->id[i] = pubkey_id ? id[i] : (char)toupper((unsigned char)id[i]);
+    }
+    e->id[idlen] = '\0';
+    e->idlen = idlen;
+    e->hash = gw_kr_hash(e->id, idlen);
+    if (gw_keyinfo_init(&e->ki, src->pkey, 0, &kind, msg, msglen)
+        != GW_OK)
+    {
+        gw_kr_entry_free(e);
+        return NULL;
+    }
+    e->ki.is_private = 0;          /* verify only, even if given a pair */
+    if (c != NULL) {
+        X509_up_ref(c->x509);
+        e->cert = c->x509;
+        e->not_before = gw_asn1_epoch(X509_get0_notBefore(c->x509));
+        e->not_after = gw_asn1_epoch(X509_get0_notAfter(c->x509));
+    }
+    if (not_before >= 0) {
+        e->not_before = not_before;
+    }
+    if (not_after >= 0) {
+        e->not_after = not_after;
+    }
+    return e;
+}
+
+static void
+gw_kr_opts(lua_State *L, int idx, double *nb, double *na)
+{
+    *nb = -1;
+    *na = -1;
+    if (lua_isnoneornil(L, idx)) {
+        return;
+    }
+    luaL_checktype(L, idx, LUA_TTABLE);
+    lua_getfield(L, idx, "not_before");
+    if (!lua_isnil(L, -1)) {
+        *nb = luaL_checknumber(L, -1);
+    }
+    lua_pop(L, 1);
+    lua_getfield(L, idx, "not_after");
+    if (!lua_isnil(L, -1)) {
+        *na = luaL_checknumber(L, -1);
+    }
+    lua_pop(L, 1);
+}
+
+static const char *
+gw_kr_check_id(lua_State *L, int idx, size_t *len)
+{
+    const char *id = luaL_checklstring(L, idx, len);
+
+    luaL_argcheck(L, *len > 0 && *len <= GW_KEYRING_MAX_ID, idx,
+                  "id must be 1..128 bytes");
+    return id;
+}
+
+/*
+ * syntax: ok, err = keyring.put(id, key_or_cert[, { not_before = s,
+ *                                                    not_after = s }])
+ * id nil with a certificate: its serial. Replaces an entry atomically.
+ */
+static int
+lkeyring_put(lua_State *L)
+{
+    struct gw_keyring *kr = gw_kr_instance(L);
+    struct gw_kr_entry *e;
+    char msg[GW_ERRMSG_MAX], serial[GW_KEYRING_MAX_ID + 1];
+    const char *id;
+    size_t len;
+    double nb, na;
+
+    gw_kr_opts(L, 3, &nb, &na);
+    if (lua_isnil(L, 1)) {
+        struct gw_cert *c = gw_cert_check(L, 2);
+        BIGNUM *bn = ASN1_INTEGER_to_BN(X509_get0_serialNumber(c->x509),
+                                        NULL);
+        char *hex = bn != NULL ? BN_bn2hex(bn) : NULL;
+
+        BN_free(bn);
+        if (hex == NULL || strlen(hex) > GW_KEYRING_MAX_ID) {
+            OPENSSL_free(hex);
+            return gw_push_error(L, "malformed", 0, "keyring put: "
+                                 "certificate serial unusable");
+        }
+        snprintf(serial, sizeof(serial), "%s", hex);
+        OPENSSL_free(hex);
+        id = serial;
+        len = strlen(serial);
+    } else {
+        id = gw_kr_check_id(L, 1, &len);
+    }
+    e = gw_kr_entry_new(L, id, len, 2, nb, na, msg, sizeof(msg));
+    if (e == NULL) {
+        return luaL_argerror(L, 2, msg);
+    }
+    if (gw_kr_insert(kr, e) != GW_OK) {
+        gw_kr_entry_free(e);
+        return gw_push_error(L, "internal", 1, "keyring put: out of memory");
+    }
+    lua_pushstring(L, e->id);
+    return 1;
+}
+
+/*
+ * syntax: ok, err = keyring.replace({ { id = ..., key = handle,
+ *                                       not_before =, not_after = }, ... })
+ * Swaps the whole set at once (rotation); on any error nothing changes.
+ */
+static int
+lkeyring_replace(lua_State *L)
+{
+    struct gw_keyring *kr = gw_kr_instance(L);
+    struct gw_keyring fresh;
+    char msg[GW_ERRMSG_MAX];
+    int i, n;
+
+    luaL_checktype(L, 1, LUA_TTABLE);
+    n = (int)lua_objlen(L, 1);
+    /* Check every item before holding C memory, so errors can raise. */
+    for (i = 1; i <= n; i++) {
+        size_t len;
+
+        lua_rawgeti(L, 1, i);
+        luaL_checktype(L, -1, LUA_TTABLE);
+        lua_getfield(L, -1, "id");
+        gw_kr_check_id(L, lua_gettop(L), &len);
+        lua_getfield(L, -2, "key");
+        if (luaL_testudata(L, -1, GW_KEY_MT) == NULL) {
+            gw_cert_check(L, lua_gettop(L));
+        }
+        lua_pop(L, 3);
+    }
+    memset(&fresh, 0, sizeof(fresh));
+    for (i = 1; i <= n; i++) {
+        struct gw_kr_entry *e;
+        const char *id;
+        size_t len;
+        double nb = -1, na = -1;
+
+        lua_rawgeti(L, 1, i);
+        lua_getfield(L, -1, "not_before");
+        if (lua_isnumber(L, -1)) {
+            nb = lua_tonumber(L, -1);
+        }
+        lua_getfield(L, -2, "not_after");
+        if (lua_isnumber(L, -1)) {
+            na = lua_tonumber(L, -1);
+        }
+        lua_getfield(L, -3, "id");
+        id = lua_tolstring(L, -1, &len);
+        lua_getfield(L, -4, "key");
+        e = gw_kr_entry_new(L, id, len, lua_gettop(L), nb, na, msg,
+                            sizeof(msg));
+        lua_pop(L, 5);
+        if (e == NULL || gw_kr_insert(&fresh, e) != GW_OK) {
+            gw_kr_entry_free(e);
+            gw_kr_clear(&fresh);
+            return gw_push_error(L, "malformed", 0, "keyring replace: item "
+                                 "%d: %s", i, e == NULL ? msg
+                                 : "out of memory");
+        }
+    }
+    gw_kr_clear(kr);
+    *kr = fresh;
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* Looks up and checks the validity window; pushes an error and returns
+ * NULL on failure (*nret = 2). */
+static struct gw_kr_entry *
+gw_kr_lookup(lua_State *L, struct gw_keyring *kr, int idx, int at_idx,
+             int *nret)
+{
+    size_t len;
+    const char *id = luaL_checklstring(L, idx, &len);
+    char up[GW_KEYRING_MAX_ID];
+    struct gw_kr_entry *e = NULL;
+    double now;
+    size_t i;
+
+    if (len > 0 && len <= GW_KEYRING_MAX_ID) {
+        e = gw_kr_get(kr, id, len);
+        if (e == NULL && strncmp(id, "PUB_KEY_ID_", 11) != 0) {
+            for (i = 0; i < len; i++) {
+                up[i] = (char)toupper((unsigned char)id[i]);
+            }
+            e = gw_kr_get(kr, up, len);
+        }
+    }
+    if (e == NULL) {
+        *nret = gw_push_error(L, "unknown_serial", 0, "no verifier for "
+                              "Wechatpay-Serial %.128s (%d known): "
+                              "refresh platform certificates, or configure "
+                              "the WeChat Pay public key and its id", id,
+                              (int)kr->count);
+        return NULL;
+    }
+    now = lua_isnoneornil(L, at_idx) ? (double)time(NULL)
+                                     : luaL_checknumber(L, at_idx);
+    if (e->not_after > 0 && now > e->not_after) {
+        *nret = gw_push_error(L, "cert_expired", 0, "verifier %s expired "
+                              "at %.0f: download the current platform "
+                              "certificate", e->id, e->not_after);
+        return NULL;
+    }
+    if (e->not_before > 0 && now < e->not_before) {
+        *nret = gw_push_error(L, "cert_not_yet_valid", 0, "verifier %s is "
+                              "valid from %.0f: check the clock", e->id,
+                              e->not_before);
+        return NULL;
+    }
+    return e;
+}
+
+/* syntax: handle, err = keyring.get(id[, at]) -- cert or public key */
+static int
+lkeyring_get(lua_State *L)
+{
+    struct gw_kr_entry *e;
+    int n = 0;
+
+    e = gw_kr_lookup(L, gw_kr_instance(L), 1, 2, &n);
+    if (e == NULL) {
+        return n;
+    }
+    if (e->cert != NULL) {
+        if (gw_cert_push(L, e->cert) == NULL) {
+            return gw_push_error(L, "internal", 1, "out of memory");
+        }
+    } else if (gw_key_push(L, e->ki.pkey, 0) == NULL) {
+        return gw_push_error(L, "internal", 1, "out of memory");
+    }
+    return 1;
+}
+
+/* syntax: ok, err = keyring.verify(id, data, sig[, alg[, at]]) -- raw sig.
+ * err.kind: unknown_serial, cert_expired, cert_not_yet_valid,
+ * signature_mismatch, key_type_mismatch, unsupported_algorithm. */
+static int
+lkeyring_verify(lua_State *L)
+{
+    struct gw_kr_entry *e;
+    size_t len, siglen;
+    const char *data = luaL_checklstring(L, 2, &len);
+    const char *sig = luaL_checklstring(L, 3, &siglen);
+    const char *alg_name = luaL_optstring(L, 4, NULL);
+    const char *kind = "internal";
+    char msg[GW_ERRMSG_MAX] = "";
+    int alg, n = 0;
+
+    e = gw_kr_lookup(L, gw_kr_instance(L), 1, 5, &n);
+    if (e == NULL) {
+        return n;
+    }
+    if (alg_name == NULL) {
+        alg = e->ki.type == GW_KEY_RSA ? GW_ALG_SHA256_RSA : GW_ALG_SM2_SM3;
+    } else if ((alg = gw_crypto_alg(alg_name)) == 0) {
+        return gw_push_error(L, "unsupported_algorithm", 0, "verify: "
+                             "unknown algorithm %s", alg_name);
+    }
+    if (gw_crypto_verify(&e->ki, alg, (const unsigned char *)data, len,
+                         (const unsigned char *)sig, siglen, &kind, msg,
+                         sizeof(msg)) != GW_OK)
+    {
+        return gw_push_error(L, kind, 0, "verify %s: %s", e->id, msg);
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* syntax: removed = keyring.remove(id) */
+static int
+lkeyring_remove(lua_State *L)
+{
+    struct gw_keyring *kr = gw_kr_instance(L);
+    size_t len, i;
+    const char *id = luaL_checklstring(L, 1, &len);
+    int found = 0;
+
+    if (kr->count > 0) {
+        i = gw_kr_find(kr, id, len, gw_kr_hash(id, len), &found);
+        if (found) {
+            gw_kr_entry_free(kr->slots[i]);
+            kr->slots[i] = GW_KR_TOMB;
+            kr->count--;
+            kr->tombs++;
+        }
+    }
+    lua_pushboolean(L, found);
+    return 1;
+}
+
+static int
+gw_kr_cmp(const void *a, const void *b)
+{
+    const struct gw_kr_entry *x = *(const struct gw_kr_entry * const *)a;
+    const struct gw_kr_entry *y = *(const struct gw_kr_entry * const *)b;
+
+    return strcmp(x->id, y->id);
+}
+
+/* syntax: list = keyring.list() -- sorted by id: { id, source, key_type,
+ *         key_bits, not_before, not_after, fingerprint } */
+static int
+lkeyring_list(lua_State *L)
+{
+    struct gw_keyring *kr = gw_kr_instance(L);
+    struct gw_kr_entry **v;
+    size_t i, n = 0;
+    char fpr[65];
+
+    v = malloc((kr->count + 1) * sizeof(*v));
+    if (v == NULL) {
+        return gw_push_error(L, "internal", 1, "out of memory");
+    }
+    for (i = 0; i < kr->cap; i++) {
+        if (kr->slots[i] != NULL && kr->slots[i] != GW_KR_TOMB) {
+            v[n++] = kr->slots[i];
+        }
+    }
+    qsort(v, n, sizeof(*v), gw_kr_cmp);
+    lua_createtable(L, (int)n, 0);
+    for (i = 0; i < n; i++) {
+        lua_createtable(L, 0, 7);
+        lua_pushstring(L, v[i]->id);
+        lua_setfield(L, -2, "id");
+        lua_pushstring(L, v[i]->cert != NULL ? "certificate"
+                                             : "public_key");
+        lua_setfield(L, -2, "source");
+        lua_pushstring(L, v[i]->ki.type == GW_KEY_RSA ? "RSA" : "SM2");
+        lua_setfield(L, -2, "key_type");
+        lua_pushinteger(L, v[i]->ki.bits);
+        lua_setfield(L, -2, "key_bits");
+        lua_pushnumber(L, v[i]->not_before);
+        lua_setfield(L, -2, "not_before");
+        lua_pushnumber(L, v[i]->not_after);
+        lua_setfield(L, -2, "not_after");
+        if (gw_crypto_key_fingerprint(v[i]->ki.pkey, fpr) == GW_OK) {
+            lua_pushstring(L, fpr);
+            lua_setfield(L, -2, "fingerprint");
+        }
+        lua_rawseti(L, -2, (int)i + 1);
+    }
+    free(v);
+    return 1;
+}
+
+/* syntax: id = keyring.newest([at]) -- the valid certificate entry with
+ * the latest not_before (for encryption and the request Wechatpay-Serial),
+ * or a public-key entry when no certificate is valid; nil if empty. */
+static int
+lkeyring_newest(lua_State *L)
+{
+    struct gw_keyring *kr = gw_kr_instance(L);
+    double now = luaL_optnumber(L, 1, (double)time(NULL));
+    struct gw_kr_entry *best = NULL;
+    size_t i;
+
+    for (i = 0; i < kr->cap; i++) {
+        struct gw_kr_entry *e = kr->slots[i];
+
+        if (e == NULL || e == GW_KR_TOMB
+            || (e->not_after > 0 && now > e->not_after)
+            || (e->not_before > 0 && now < e->not_before))
+        {
+            continue;
+        }
+        if (best == NULL || (e->cert != NULL && best->cert == NULL)
+            || ((e->cert != NULL) == (best->cert != NULL)
+                && e->not_before > best->not_before))
+        {
+            best = e;
+        }
+    }
+    if (best == NULL) {
+        lua_pushnil(L);
+    } else {
+        lua_pushstring(L, best->id);
+    }
+    return 1;
+}
+
+static int
+lkeyring_count(lua_State *L)
+{
+    lua_pushinteger(L, (lua_Integer)gw_kr_instance(L)->count);
+    return 1;
+}
+
+static int
+lkeyring_clear(lua_State *L)
+{
+    gw_kr_clear(gw_kr_instance(L));
+    return 0;
+}
+
+static const luaL_Reg lkeyring_funcs[] = {
+    { "put", lkeyring_put },
+    { "replace", lkeyring_replace },
+    { "get", lkeyring_get },
+    { "verify", lkeyring_verify },
+    { "remove", lkeyring_remove },
+    { "list", lkeyring_list },
+    { "newest", lkeyring_newest },
+    { "count", lkeyring_count },
+    { "clear", lkeyring_clear },
+    { NULL, NULL }
+};
+
+int
+luaopen_paygate_keyring(lua_State *L)
+{
+    gw_crypto_register_types(L);
+    gw_kr_instance(L);
+    lua_newtable(L);
+    luaL_register(L, NULL, lkeyring_funcs);
+    return 1;
+}
