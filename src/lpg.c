@@ -486,6 +486,14 @@ conn_connect_failed(struct gw_pgconn *c, struct gw_pgop **out)
     }
 }
 
+/* Server notices (e.g. "table does not exist, skipping") go to the
+ * debug log instead of libpq's default stderr print. */
+static void
+on_notice(void *arg, const char *message)
+{
+    gw_log(GW_LOG_DEBUG, "postgres: %s", message);
+}
+
 static int
 conn_start(struct gw_pgconn *c)
 {
@@ -499,6 +507,7 @@ conn_start(struct gw_pgconn *c)
     if (c->pc == NULL || PQstatus(c->pc) == CONNECTION_BAD) {
         return GW_ERR;
     }
+    PQsetNoticeProcessor(c->pc, on_notice, NULL);
     return conn_poll_connect(c) == GW_ERR ? GW_ERR : GW_OK;
 }
 

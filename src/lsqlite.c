@@ -104,6 +104,9 @@ struct gw_sqldb {
     int                busy_ms;      /* busy_timeout for other processes */
     int                tx_timeout_ms;/* idle interactive tx is rolled back */
     int                synchronous;  /* PRAGMA synchronous value */
+    /* counters, written by the writer with atomics */
+    long               commits;      /* successful COMMITs (fsyncs) */
+    long               writes;       /* jobs acknowledged by a COMMIT */
 };
 
 struct gw_sqlud {
@@ -863,8 +866,9 @@ batch_run_job(struct gw_sqldb *db, struct gw_sqlconn *c, struct gw_batch *b,
 }
 
 static void
-batch_commit(struct gw_sqlconn *c, struct gw_batch *b)
+batch_commit(struct gw_sqldb *db, struct gw_sqlconn *c, struct gw_batch *b)
 {
+    struct gw_sqljob *j;
     char *msg = NULL;
     int   rc;
 
@@ -881,6 +885,10 @@ batch_commit(struct gw_sqlconn *c, struct gw_batch *b)
         return;
     }
     b->began = 0;
+    __atomic_add_fetch(&db->commits, 1, __ATOMIC_RELAXED);
+    for (j = b->done; j != NULL; j = j->next) {
+        __atomic_add_fetch(&db->writes, 1, __ATOMIC_RELAXED);
+    }
     post_jobs(b->done);
     b->done = b->done_tail = NULL;
 }
@@ -934,7 +942,7 @@ writer_main(void *arg)
         }
         pthread_mutex_unlock(&db->mu);
         if (c.h != NULL) {
-            batch_commit(&c, &b);
+            batch_commit(db, &c, &b);
         }
         pthread_mutex_lock(&db->mu);
     }
@@ -1311,6 +1319,22 @@ lsqlite_rollback(lua_State *L)
     return tx_stmt(L, GW_SQLOP_ROLLBACK, 0);
 }
 
+/* h:stats() -> { commits = n, writes = n } */
+static int
+lsqlite_stats(lua_State *L)
+{
+    struct gw_sqldb *db = check_db(L);
+
+    lua_createtable(L, 0, 2);
+    lua_pushnumber(L, (lua_Number)__atomic_load_n(&db->commits,
+                                                  __ATOMIC_RELAXED));
+    lua_setfield(L, -2, "commits");
+    lua_pushnumber(L, (lua_Number)__atomic_load_n(&db->writes,
+                                                  __ATOMIC_RELAXED));
+    lua_setfield(L, -2, "writes");
+    return 1;
+}
+
 /* core.now() -> wall clock seconds */
 static int
 lsqlite_now(lua_State *L)
@@ -1355,6 +1379,7 @@ static const luaL_Reg lsqlite_methods[] = {
     { "tx_script", lsqlite_tx_script },
     { "commit", lsqlite_commit },
     { "rollback", lsqlite_rollback },
+    { "stats", lsqlite_stats },
     { "close", lsqlite_gc },
     { NULL, NULL }
 };

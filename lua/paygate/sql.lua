@@ -202,6 +202,16 @@ function DB:transaction(fn, opts)
   return nil, err
 end
 
+-- syntax: st = db:stats()
+-- returns: SQLite: { commits = COMMITs (fsyncs) so far, writes = jobs they
+--          acknowledged }; PostgreSQL: {}
+function DB:stats()
+  if self.h.stats then
+    return self.h:stats()
+  end
+  return {}
+end
+
 -- syntax: db:close()  -- pending writes still complete; safe to call twice
 function DB:close()
   if self.h then
