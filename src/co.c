@@ -17,6 +17,12 @@ static const char co_map_key = 'c';     /* registry: thread -> lightud */
 static lua_State *main_L;               /* not owned */
 long gw_co_alive;
 
+/* Coroutines that returned normally are kept for reuse: creating a thread
+ * per request costs an allocation, a registry ref and GC work. */
+#define POOL_MAX 256
+static struct gw_co *pool[POOL_MAX];    /* owned, threads anchored */
+static int           npool;
+
 void
 gw_co_init(lua_State *L)
 {
@@ -106,6 +112,7 @@ co_resume(struct gw_co *co, int nargs)
     }
     co->ended = 1;
     if (rc == 0) {
+        co->reusable = 1;
         co->owner->done(co, lua_gettop(L));
         return;
     }
@@ -128,8 +135,20 @@ struct gw_co *
 gw_co_start(lua_State *L, int nargs, const struct gw_co_owner *owner,
             void *data, const char *request_id)
 {
-    struct gw_co *co = calloc(1, sizeof(*co));
+    struct gw_co *co;
 
+    if (npool > 0) {
+        co = pool[--npool];
+        co->owner = owner;
+        co->data = data;
+        co->request_id = request_id;
+        co->ended = 0;
+        lua_xmove(L, co->L, nargs + 1);
+        gw_co_alive++;
+        co_resume(co, nargs);
+        return co;
+    }
+    co = calloc(1, sizeof(*co));
     if (co == NULL) {
         lua_pop(L, nargs + 1);
         return NULL;
@@ -198,6 +217,18 @@ void
 gw_co_free(struct gw_co *co)
 {
     if (co == NULL) {
+        return;
+    }
+    if (co->reusable && npool < POOL_MAX && lua_status(co->L) == 0) {
+        lua_settop(co->L, 0);
+        co->reusable = 0;
+        co->waiting = 0;
+        co->cancel = NULL;
+        co->cancel_arg = NULL;
+        co->data = NULL;
+        co->request_id = NULL;
+        pool[npool++] = co;
+        gw_co_alive--;
         return;
     }
     if (co->tick != NULL) {

@@ -27,6 +27,7 @@ struct gw_co {
     int                       waiting;  /* 1 while suspended in wait */
     int                       running;  /* 1 while inside lua_resume */
     int                       ended;    /* 1 after done/fail/abandon */
+    int                       reusable; /* returned normally: poolable */
     const struct gw_co_owner *owner;    /* not owned */
     void                     *data;     /* owner's; not touched here */
     const char               *request_id; /* owner's; for logs, or NULL */

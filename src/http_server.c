@@ -289,13 +289,38 @@ make_request_id(struct gw_conn *c)
  * lines ("Name: value\r\n"...) or NULL. Returns GW_OK or GW_ERR (no
  * memory; the connection should close).
  */
+static void
+out_str(struct gw_conn *c, const char *s)
+{
+    out_add(c, s, strlen(s));
+}
+
+static void
+out_uint(struct gw_conn *c, size_t v)
+{
+    char tmp[24];
+    size_t n = sizeof(tmp);
+
+    do {
+        tmp[--n] = (char) ('0' + v % 10);
+        v /= 10;
+    } while (v != 0);
+    out_add(c, tmp + n, sizeof(tmp) - n);
+}
+
+/*
+ * Appends a whole response. body may be NULL. extra is preformatted header
+ * lines ("Name: value\r\n"...) or NULL. Returns GW_OK or GW_ERR (no
+ * memory; the connection should close). No printf: this is the hot path.
+ */
 static int
 respond_raw(struct gw_conn *c, int status, const char *ctype,
             const char *extra, size_t extra_len, const char *body,
             size_t body_len)
 {
-    char line[256];
-    int n, no_body = 0;
+    const char *text = status_text(status);
+    size_t ctype_len = ctype != NULL ? strlen(ctype) : 0;
+    int no_body = 0;
     int head_only = c->head.method_len == 4
                     && memcmp(c->head.method, "HEAD", 4) == 0;
 
@@ -307,24 +332,25 @@ respond_raw(struct gw_conn *c, int status, const char *ctype,
         || c->requests + 1 >= srv.conf.keepalive_requests) {
         c->close_after = 1;
     }
-    n = snprintf(line, sizeof(line), "HTTP/1.1 %d %s\r\n", status,
-                 status_text(status));
-    if (out_reserve(c, (size_t) n + 600 + extra_len + body_len)
+    if (out_reserve(c, 200 + strlen(text) + ctype_len + extra_len + body_len)
         != GW_OK) {
         return GW_ERR;
     }
-    out_add(c, line, (size_t) n);
-    {
-        const char *d = date_line();
-        out_add(c, d, strlen(d));
-    }
+    out_add(c, "HTTP/1.1 ", 9);
+    out_uint(c, (size_t) status);
+    out_add(c, " ", 1);
+    out_str(c, text);
+    out_add(c, "\r\n", 2);
+    out_str(c, date_line());
     if (ctype != NULL && !no_body) {
-        n = snprintf(line, sizeof(line), "Content-Type: %s\r\n", ctype);
-        out_add(c, line, (size_t) n);
+        out_add(c, "Content-Type: ", 14);
+        out_add(c, ctype, ctype_len);
+        out_add(c, "\r\n", 2);
     }
     if (!no_body) {
-        n = snprintf(line, sizeof(line), "Content-Length: %zu\r\n", body_len);
-        out_add(c, line, (size_t) n);
+        out_add(c, "Content-Length: ", 16);
+        out_uint(c, body_len);
+        out_add(c, "\r\n", 2);
     }
     if (c->close_after) {
         out_add(c, "Connection: close\r\n", 19);
@@ -882,7 +908,9 @@ req_start(struct gw_conn *c)
 
     c->state = ST_HANDLE;
     srv.in_flight++;
-    conn_read_on(c, 0);
+    /* Reading stays on: turning it off and on costs two epoll_ctl calls
+     * per request. If bytes arrive while we handle, conn_on_read turns
+     * it off then (level-triggered, so nothing is missed). */
     evtimer_del(c->timer);
     make_request_id(c);
     c->deadline = c->started + srv.conf.request_timeout;
@@ -1129,6 +1157,10 @@ conn_on_read(evutil_socket_t fd, short what, void *arg)
 {
     struct gw_conn *c = arg;
 
+    if (c->state == ST_HANDLE || c->state == ST_CLOSING) {
+        conn_read_on(c, 0);     /* the buffer must not move now */
+        return;
+    }
     gw_loop_update_time();
     if (!conn_read(c)) {
         return;

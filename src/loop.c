@@ -125,6 +125,19 @@ err:
 }
 
 void
+gw_loop_forget(void)
+{
+    /* The parent's epoll instance is shared after fork: freeing its events
+     * here would unregister them in the parent. Leave it all behind. */
+    base = NULL;
+    post_ev = NULL;
+    if (post_fd >= 0) {
+        close(post_fd);
+        post_fd = -1;
+    }
+}
+
+void
 gw_loop_free(void)
 {
     if (post_ev != NULL) {

@@ -14,6 +14,9 @@ int gw_loop_init(void);
 /* Frees the base (after the loop ended). Safe to call twice. */
 void gw_loop_free(void);
 
+/* In a forked child: drops the parent's loop without touching it. */
+void gw_loop_forget(void);
+
 /* Seconds since the epoch, cached per loop pass (like ngx.now()). */
 double gw_loop_now(void);
 

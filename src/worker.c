@@ -158,7 +158,7 @@ static int
 runtime_init(const char *app_dir)
 {
     signal(SIGPIPE, SIG_IGN);
-    gw_loop_free();                 /* a base inherited across fork */
+    gw_loop_forget();               /* a base inherited across fork */
     if (gw_loop_init() != GW_OK) {
         fprintf(stderr, "paygate: cannot create the event loop\n");
         return GW_ERR;
