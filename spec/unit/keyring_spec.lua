@@ -1,0 +1,149 @@
+-- paygate.keyring: Wechatpay-Serial -> verifier, per worker, in C.
+local crypto = require "paygate.crypto"
+local keyring = require "paygate.keyring"
+local T = dofile("spec/fixtures/cryptotest.lua")
+
+local PUB_ID = "PUB_KEY_ID_0000000000000024101100397200000006"
+local VERIFY_11_3 = '1722850421\nd824f2e086d3c1df967785d13fcd22ef\n{"code_url":"weixin://wxpay/bizpayurl?pr=JyC91EIz1"}\n'
+local SIG_11_3 = "mfI1CPqvBrgcXfgXMFjdNIhBf27ACE2YyeWsWV9ZI7T7RU0vHvbQpu9Z32ogzc+k8ZC5n3kz7h70eWKjgqNdKQF0eRp8mVKlmfzMLBVHbssB9jEZEDXThOX1XFqX7s7ymia1hoHQxQagPGzkdWxtlZPZ4ZPvr1RiqkgAu6Is8MZgXXrRoBKqjmSdrP1N7uxzJ/cjfSiis9FiLjuADoqmQ1P7p2N876YPAol7Rn0+GswwAwxldbdLrmVSjfytfSBJFqTMHn4itojgxSWWN1byuckQt8hSTEv/Lg97QoeGniYP17T80pJeQyL3b+295FPHSO2AtvCgyIbKMZ0BALilAA=="
+
+local function fails_with(kind, v, err)
+  assert.is_nil(v)
+  assert.is_table(err)
+  assert.equal(kind, err.kind, tostring(err))
+  return err
+end
+
+describe("paygate.keyring", function()
+  local wxpub, a6, a9, a5
+  before_each(function()
+    keyring.clear()
+    wxpub = assert(crypto.public_key(T.fixture("a2_wechatpay_pubkey.pem")))
+    a6 = assert(crypto.certificate(T.fixture("a6_platform_cert.pem")))   -- 2022-05-10 .. 2025-05-09
+    a9 = assert(crypto.certificate(T.fixture("a9_go_platform_cert.pem"))) -- 2021-04-27 .. 2031-04-25
+    a5 = assert(crypto.private_key(T.fixture("a5_platform_key.pem")))
+  end)
+  after_each(function() keyring.clear() end)
+
+  describe("errors", function()
+    it("unknown_serial names the fix", function()
+      local err = fails_with("unknown_serial", keyring.get("5157F09EFDC096DE15EBE81A47057A7232F1B8E1"))
+      assert.matches("refresh platform certificates", err.message)
+      fails_with("unknown_serial", keyring.verify("nope", "data", "sig"))
+    end)
+
+    it("checks each entry's validity window", function()
+      keyring.put(nil, a6)                                  -- id = serial
+      local id = "440024045C4A427599D09BB4E3DE0279F2E813FD"
+      fails_with("cert_expired", keyring.get(id, a6:not_after() + 1))
+      fails_with("cert_not_yet_valid", keyring.get(id, a6:not_before() - 1))
+      assert.is_not_nil(keyring.get(id, a6:not_before() + 1))
+      if os.time() > a6:not_after() then
+        fails_with("cert_expired", keyring.verify(id, "message", "sig"))
+      end
+      -- explicit window for a public key
+      keyring.put("PUB_KEY_ID_1", wxpub, { not_before = 100, not_after = 200 })
+      fails_with("cert_expired", keyring.get("PUB_KEY_ID_1", 201))
+      fails_with("cert_not_yet_valid", keyring.get("PUB_KEY_ID_1", 99))
+      assert.is_not_nil(keyring.get("PUB_KEY_ID_1", 150))
+    end)
+
+    it("classifies bad signatures and algorithm mismatches", function()
+      keyring.put(PUB_ID, wxpub)
+      local sig = crypto.base64_decode(SIG_11_3)
+      fails_with("signature_mismatch", keyring.verify(PUB_ID, VERIFY_11_3 .. "x", sig))
+      fails_with("key_type_mismatch", keyring.verify(PUB_ID, VERIFY_11_3, sig, "WECHATPAY2-SM2-WITH-SM3"))
+      fails_with("unsupported_algorithm", keyring.verify(PUB_ID, VERIFY_11_3, sig, "rot13"))
+    end)
+
+    it("raises on misuse", function()
+      assert.has_error(function() keyring.put("x", "not a key") end)
+      assert.has_error(function() keyring.put("", wxpub) end)
+      assert.has_error(function() keyring.put(nil, wxpub) end)   -- id needed without a cert
+      assert.has_error(function() keyring.replace({ { id = "x", key = 42 } }) end)
+    end)
+  end)
+
+  it("verifies through one lookup (11.3 public key mode)", function()
+    assert.equal(PUB_ID, keyring.put(PUB_ID, wxpub))
+    assert.is_true(keyring.verify(PUB_ID, VERIFY_11_3, crypto.base64_decode(SIG_11_3)))
+    assert.is_true(keyring.verify(PUB_ID, VERIFY_11_3, crypto.base64_decode(SIG_11_3), "WECHATPAY2-SHA256-RSA2048"))
+    -- the entry holds its own reference: closing the handle does not matter
+    wxpub:close()
+    collectgarbage()
+    assert.is_true(keyring.verify(PUB_ID, VERIFY_11_3, crypto.base64_decode(SIG_11_3)))
+  end)
+
+  it("serves certificates by serial, case-insensitively, and signs/verifies with them", function()
+    assert.equal("440024045C4A427599D09BB4E3DE0279F2E813FD", keyring.put(nil, a6))
+    local at = a6:not_before() + 10
+    local data = "1554208460\nnonce\nbody\n"
+    local sig = crypto.sign(a5, data)
+    assert.is_true(keyring.verify("440024045c4a427599d09bb4e3de0279f2e813fd", data, sig, nil, at))
+    local got = assert(keyring.get("440024045C4A427599D09BB4E3DE0279F2E813FD", at))
+    assert.equal(a6:fingerprint(), got:fingerprint())
+  end)
+
+  it("replaces an entry atomically and lists entries sorted", function()
+    keyring.put("ID-B", wxpub)
+    keyring.put("ID-A", a9)
+    assert.equal(2, keyring.count())
+    keyring.put("ID-B", a9)                -- rotation of one id
+    assert.equal(2, keyring.count())
+    local list = keyring.list()
+    assert.equal(2, #list)
+    assert.equal("ID-A", list[1].id)
+    assert.equal("ID-B", list[2].id)
+    assert.equal("certificate", list[2].source)
+    assert.equal("RSA", list[2].key_type)
+    assert.equal(2048, list[2].key_bits)
+    assert.equal(a9:not_after(), list[2].not_after)
+    assert.is_string(list[1].fingerprint)
+    assert.is_true(keyring.remove("ID-A"))
+    assert.is_false(keyring.remove("ID-A"))
+    assert.equal(1, keyring.count())
+    fails_with("unknown_serial", keyring.get("ID-A"))
+  end)
+
+  it("replace() swaps the whole set, or nothing on error", function()
+    keyring.put("OLD", wxpub)
+    local ok, err = keyring.replace({ { id = "NEW1", key = a9 }, { id = "NEW2", key = wxpub, not_after = 5 } })
+    assert.is_true(ok, tostring(err))
+    assert.equal(2, keyring.count())
+    fails_with("unknown_serial", keyring.get("OLD"))
+    fails_with("cert_expired", keyring.get("NEW2"))
+    -- a certificate whose key we cannot use: nothing changes
+    local dir = T.tmpdir()
+    T.sh(("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout %s/ec.key -out %s/ec.pem -subj /CN=ec -days 2"):format(dir, dir))
+    local ec = assert(crypto.certificate(T.read(dir .. "/ec.pem")))
+    T.cleanup(dir)
+    fails_with("malformed", keyring.replace({ { id = "X", key = a9 }, { id = "EC", key = ec } }))
+    assert.equal(2, keyring.count())
+    assert.is_not_nil(keyring.get("NEW1"))
+  end)
+
+  it("picks the newest valid certificate for encryption", function()
+    assert.is_nil(keyring.newest())
+    keyring.put(PUB_ID, wxpub)
+    assert.equal(PUB_ID, keyring.newest())
+    keyring.put(nil, a9)
+    keyring.put(nil, a6)
+    local at = a6:not_before() + 10                 -- both valid; a6 is newer
+    assert.equal("440024045C4A427599D09BB4E3DE0279F2E813FD", keyring.newest(at))
+    assert.equal("D7CE59D1F522D701", keyring.newest(a6:not_after() + 10))
+  end)
+
+  it("holds many entries with O(1) lookups", function()
+    for i = 1, 2000 do
+      keyring.put(("SERIAL%05d"):format(i), wxpub)
+    end
+    for i = 1, 2000, 3 do
+      assert.is_true(keyring.remove(("SERIAL%05d"):format(i)))
+    end
+    for i = 1, 2000 do
+      local v = keyring.get(("SERIAL%05d"):format(i))
+      if i % 3 == 1 then assert.is_nil(v) else assert.is_not_nil(v) end
+    end
+    assert.equal(2000 - 667, keyring.count())
+  end)
+end)
