@@ -254,9 +254,15 @@ on_reply(redisAsyncContext *ac, void *reply, void *privdata)
     struct gw_rconn *c = conn_of(ac);
     redisReply      *r = reply;
 
-    if (c != NULL) {
+    if (c != NULL && c->ac == ac) {
         c->pending--;
         c->since = mono_now();
+        if (r == NULL) {
+            /* The context is going away: a coroutine woken below must
+             * open a new one, not queue on this one. */
+            c->ac = NULL;
+            c->ready = 0;
+        }
     }
     op->got++;
     if (r == NULL) {
@@ -299,7 +305,7 @@ on_setup_reply(redisAsyncContext *ac, void *reply, void *privdata)
     struct gw_rconn *c = conn_of(ac);
     redisReply      *r = reply;
 
-    if (c != NULL) {
+    if (c != NULL && c->ac == ac) {
         c->pending--;
         c->since = mono_now();
     }
@@ -340,8 +346,10 @@ conn_drop(struct gw_rconn *c)
     if (ac == NULL) {
         return;
     }
+    c->ac = NULL;
     if (c->ready) {
-        redisAsyncFree(ac);          /* on_disconnect clears c->ac */
+        c->ready = 0;
+        redisAsyncFree(ac);          /* on_disconnect drops its ref */
         return;
     }
     /* Never connected: no callback will tell us, so clean up here. */

@@ -602,6 +602,7 @@ run_script(struct gw_sqlconn *c, struct gw_sqljob *j)
     if (rc != SQLITE_OK) {
         j->rc = rc & 0xff;
         j->xrc = sqlite3_extended_errcode(c->h);
+        j->at_prepare = 1;       /* SQLITE_ERROR here is bad SQL text */
         j->errmsg = strdup(msg != NULL ? msg : sqlite3_errstr(rc));
     }
     sqlite3_free(msg);

@@ -1,0 +1,205 @@
+-- paygate.lease and paygate.migrate on SQLite, PostgreSQL and Redis.
+local sql = require "paygate.sql"
+local redis = require "paygate.redis"
+local lease = require "paygate.lease"
+local migrate = require "paygate.migrate"
+local paygate = require "paygate"
+local servers = require "spec.support.servers"
+
+local tmp = servers.mktemp()
+local pg_srv, redis_srv
+local n = 0
+
+teardown(function()
+  servers.stop_all()
+  servers.sh("rm -rf " .. tmp)
+end)
+
+-- Each store: a fresh one per test.
+local stores = {
+  sqlite = function()
+    n = n + 1
+    return assert(sql.open("sqlite:" .. tmp .. "/l" .. n .. ".db"))
+  end,
+}
+if servers.have_postgres() then
+  stores.postgres = function()
+    pg_srv = pg_srv or servers.postgres()
+    local db = assert(sql.open(pg_srv.url))
+    assert(db:exec_script("DROP TABLE IF EXISTS paygate_leases;"
+      .. " DROP TABLE IF EXISTS refunds; DROP TABLE IF EXISTS orders;"
+      .. " DROP TABLE IF EXISTS paygate_migrations; DROP TABLE IF EXISTS f"))
+    return db
+  end
+end
+if servers.have_redis() then
+  stores.redis = function()
+    redis_srv = redis_srv or servers.redis()
+    local c = assert(redis.connect(redis_srv.url))
+    assert(c:call("FLUSHALL"))
+    return c
+  end
+end
+
+for name, new_store in pairs(stores) do
+  describe("paygate.lease on " .. name, function()
+    local store
+
+    before_each(function() store = new_store() end)
+    after_each(function() store:close() end)
+
+    it("refuses a held lease with kind held", function()
+      local l = assert(lease.acquire(store, "job", 5, { owner = "a" }))
+      local l2, err = lease.acquire(store, "job", 5, { owner = "b" })
+      assert.is_nil(l2)
+      assert.equal("held", err.kind)
+      assert.truthy(err.ttl > 0 and err.ttl <= 5)
+      assert.truthy(l.token >= 1)
+    end)
+
+    it("hands out increasing tokens across expiry and release", function()
+      local l1 = assert(lease.acquire(store, "job", 0.05, { owner = "a" }))
+      servers.wait_for(function()
+        return lease.acquire(store, "job", 5, { owner = "b" }) ~= nil
+      end, 3, "the lease to expire")
+      local l2, err = lease.acquire(store, "job", 5, { owner = "c" })
+      assert.is_nil(l2)
+      assert.equal("held", err.kind)
+      local cur = assert(lease.acquire(store, "job", 5, { owner = "b" }))
+      assert.truthy(cur.token > l1.token)
+      assert(lease.release(store, cur))
+      local l3 = assert(lease.acquire(store, "job", 5, { owner = "c" }))
+      assert.truthy(l3.token > cur.token)
+    end)
+
+    it("renews a live lease; renewing a superseded one fails with lost", function()
+      local l = assert(lease.acquire(store, "job", 0.2, { owner = "a" }))
+      assert(lease.renew(store, l, 5))
+      assert.truthy(l.expires_at > paygate.now() + 4)
+      assert(lease.release(store, l))
+      assert(lease.acquire(store, "job", 5, { owner = "b" }))
+      local ok, err = lease.renew(store, l, 5)
+      assert.is_nil(ok)
+      assert.equal("lost", err.kind)
+    end)
+
+    it("refuses a write guarded by an older token", function()
+      local old = assert(lease.acquire(store, "res", 0.05, { owner = "a" }))
+      local new
+      servers.wait_for(function()
+        new = lease.acquire(store, "res", 5, { owner = "b" })
+        return new ~= nil
+      end, 3, "the lease to expire")
+      if name == "redis" then
+        assert.equal("OK", lease.fenced_call(store, "res", new.token,
+                                             "SET", "f", "new"))
+        local res, err = lease.fenced_call(store, "res", old.token,
+                                           "SET", "f", "old")
+        assert.is_nil(res)
+        assert.equal("fenced", err.kind)
+        assert.equal("new", store:call("GET", "f"))
+      else
+        assert(store:exec_script("CREATE TABLE f (v TEXT)"))
+        local function write(l, v)
+          return store:transaction(function(tx)
+            local ok, err = lease.check(tx, "res", l.token)
+            if not ok then
+              return nil, err
+            end
+            return tx:exec("INSERT INTO f (v) VALUES ($1)", { v })
+          end)
+        end
+        assert(write(new, "new"))
+        local ok, err = write(old, "old")
+        assert.is_nil(ok)
+        assert.equal("fenced", err.kind)
+        assert.same({ { v = "new" } }, store:query("SELECT v FROM f"))
+      end
+    end)
+
+    it("gives exactly one of many concurrent acquirers the lease", function()
+      local tasks = {}
+      for i = 1, 10 do
+        tasks[i] = paygate.spawn(function()
+          return lease.acquire(store, "race", 5, { owner = "o" .. i })
+        end)
+      end
+      local winners = 0
+      for i = 1, 10 do
+        local l, err = tasks[i]:wait()
+        if l then
+          winners = winners + 1
+        else
+          assert.equal("held", err.kind)
+        end
+      end
+      assert.equal(1, winners)
+    end)
+  end)
+end
+
+for name, new_store in pairs(stores) do
+  if name ~= "redis" then
+    describe("paygate.migrate on " .. name, function()
+      local dir = "spec/fixtures/migrations"
+
+      it("fails with unavailable for a missing folder", function()
+        local db = new_store()
+        local res, err = migrate.run(db, tmp .. "/nope")
+        assert.is_nil(res)
+        assert.equal("unavailable", err.kind)
+        db:close()
+      end)
+
+      it("applies each migration once, in order", function()
+        local db = new_store()
+        local applied = assert(migrate.run(db, dir))
+        assert.same({ 1, 2 }, { applied[1].version, applied[2].version })
+        assert.same({}, assert(migrate.run(db, dir)))
+        assert.equal(1, db:query("SELECT count(*) AS c FROM orders")[1].c)
+        db:close()
+      end)
+
+      it("applies once when two instances start together", function()
+        local db1, db2
+        if name == "sqlite" then
+          n = n + 1
+          local path = "sqlite:" .. tmp .. "/m" .. n .. ".db"
+          db1, db2 = assert(sql.open(path)), assert(sql.open(path))
+        else
+          db1 = new_store()
+          db2 = assert(sql.open(pg_srv.url))
+        end
+        local t1 = paygate.spawn(function() return migrate.run(db1, dir) end)
+        local t2 = paygate.spawn(function() return migrate.run(db2, dir) end)
+        local a1, e1 = t1:wait()
+        local a2, e2 = t2:wait()
+        assert.truthy(a1, tostring(e1))
+        assert.truthy(a2, tostring(e2))
+        assert.equal(2, #a1 + #a2)
+        assert.equal(1, db1:query("SELECT count(*) AS c FROM orders")[1].c)
+        assert.equal(2, db1:query("SELECT count(*) AS c FROM"
+                                  .. " paygate_migrations")[1].c)
+        db1:close()
+        db2:close()
+      end)
+
+      it("rolls back a failing migration entirely", function()
+        local bad = tmp .. "/bad" .. name
+        servers.sh("mkdir -p " .. bad .. "/" .. name)
+        local f = io.open(bad .. "/" .. name .. "/001_bad.sql", "w")
+        f:write("CREATE TABLE half (x INTEGER); CREATE TABLEE broken;")
+        f:close()
+        local db = new_store()
+        local res, err = migrate.run(db, bad)
+        assert.is_nil(res)
+        assert.equal("syntax", err.kind)
+        assert.truthy(err.message:find("001_bad.sql", 1, true))
+        local rows, qerr = db:query("SELECT * FROM half")
+        assert.is_nil(rows)
+        assert.equal("syntax", qerr.kind)
+        db:close()
+      end)
+    end)
+  end
+end

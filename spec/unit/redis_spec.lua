@@ -1,0 +1,142 @@
+-- paygate.redis against a real redis-server on loopback.
+local redis = require "paygate.redis"
+local paygate = require "paygate"
+local servers = require "spec.support.servers"
+
+describe("paygate.redis", function()
+  local srv, r
+
+  setup(function()
+    srv = servers.redis()
+    r = assert(redis.connect(srv.url))
+  end)
+
+  teardown(function()
+    if r then
+      r:close()
+    end
+    servers.stop_all()
+  end)
+
+  describe("connect", function()
+    it("fails with unavailable when nothing listens", function()
+      local c, err = redis.connect("redis://127.0.0.1:1")
+      assert.is_nil(c)
+      assert.equal("unavailable", err.kind)
+      assert.is_true(err.retryable)
+    end)
+
+    it("raises on a url that is not redis://", function()
+      assert.has_error(function() redis.connect("http://x") end)
+    end)
+  end)
+
+  describe("call", function()
+    it("classifies error replies", function()
+      local res, err = r:call("NOSUCHCOMMAND")
+      assert.is_nil(res)
+      assert.equal("syntax", err.kind)
+      assert(r:call("SET", "str", "x"))
+      res, err = r:call("LPUSH", "str", "y")
+      assert.is_nil(res)
+      assert.equal("constraint", err.kind)
+      assert.equal("WRONGTYPE", err.code)
+    end)
+
+    it("maps replies to Lua values", function()
+      assert.equal("OK", r:call("SET", "k", 42))
+      assert.equal("42", r:call("GET", "k"))
+      assert.equal(43, r:call("INCR", "k"))
+      assert.equal(redis.null, r:call("GET", "missing"))
+      assert(r:call("DEL", "l"))
+      assert.equal(2, r:call("RPUSH", "l", "a", "b"))
+      assert.same({ "a", "b" }, r:call("LRANGE", "l", 0, -1))
+    end)
+
+    it("keeps binary-safe values", function()
+      local v = "a\0b\r\n\255"
+      assert(r:call("SET", "bin", v))
+      assert.equal(v, r:call("GET", "bin"))
+    end)
+
+    it("serves 100 concurrent coroutines", function()
+      local tasks = {}
+      for i = 1, 100 do
+        tasks[i] = paygate.spawn(function()
+          assert(r:call("SET", "c" .. i, i))
+          return r:call("GET", "c" .. i)
+        end)
+      end
+      for i = 1, 100 do
+        assert.equal(tostring(i), tasks[i]:wait())
+      end
+    end)
+  end)
+
+  describe("pipeline", function()
+    it("returns one slot per command, errors in their slot", function()
+      assert(r:call("DEL", "p"))
+      local res = assert(r:pipeline({
+        { "SET", "p", 1 }, { "INCR", "p" }, { "LPUSH", "p", "x" },
+        { "GET", "p" },
+      }))
+      assert.equal(4, #res)
+      assert.equal("OK", res[1])
+      assert.equal(2, res[2])
+      assert.is_true(redis.is_error(res[3]))
+      assert.equal("constraint", res[3].kind)
+      assert.equal("2", res[4])
+    end)
+
+    it("raises on a malformed command list", function()
+      assert.has_error(function() r:pipeline({ "GET" }) end)
+    end)
+  end)
+
+  describe("script", function()
+    it("runs by EVALSHA and reloads after SCRIPT FLUSH", function()
+      local incr = r:script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+      assert(r:call("DEL", "n"))
+      assert.equal(5, incr({ "n" }, { 5 }))
+      assert.equal(1, r:call("SCRIPT", "EXISTS", incr.sha)[1])
+      assert.equal(10, incr({ "n" }, { 5 }))
+      assert(r:call("SCRIPT", "FLUSH"))
+      assert.equal(0, r:call("SCRIPT", "EXISTS", incr.sha)[1])
+      assert.equal(15, incr({ "n" }, { 5 }))
+      assert.equal(1, r:call("SCRIPT", "EXISTS", incr.sha)[1])
+    end)
+
+    it("reports a script error", function()
+      local bad = r:script("return redis.call('NOPE')")
+      local res, err = bad({}, {})
+      assert.is_nil(res)
+      assert.truthy(err.message:find("NOPE", 1, true) or err.message:find("Unknown", 1, true))
+    end)
+  end)
+
+  describe("timeout", function()
+    it("fails a command that gets no reply within the timeout", function()
+      local c = assert(redis.connect(srv.url, { timeout = 0.2, pool = 1 }))
+      local blocker = paygate.spawn(function()
+        return c:call("BLPOP", "never", 2)      -- holds the connection
+      end)
+      local t0 = paygate.now()
+      local res, err = blocker:wait()
+      assert.is_nil(res)
+      assert.equal("timeout", err.kind)
+      assert.truthy(paygate.now() - t0 < 1.5)
+      -- and the client reconnects for the next command
+      assert.equal("PONG", c:call("PING"))
+      c:close()
+    end)
+  end)
+
+  describe("close", function()
+    it("is safe to call twice; later calls raise", function()
+      local c = assert(redis.connect(srv.url))
+      c:close()
+      c:close()
+      assert.has_error(function() c:call("PING") end)
+    end)
+  end)
+end)
