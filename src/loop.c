@@ -96,11 +96,22 @@ gw_loop_post(gw_post_fn fn, void *arg)
     return GW_OK;
 }
 
+/* libevent's own warnings go through our logger, at debug level: the one
+ * it gives after fork (signals moved to the worker's base) is expected. */
+static void
+libevent_log(int severity, const char *msg)
+{
+    gw_log(severity >= EVENT_LOG_ERR ? GW_LOG_ERROR : GW_LOG_DEBUG,
+           "libevent: %s", msg);
+}
+
 int
 gw_loop_init(void)
 {
-    struct event_config *cfg = event_config_new();
+    struct event_config *cfg;
 
+    event_set_log_callback(libevent_log);
+    cfg = event_config_new();
     if (cfg == NULL) {
         return GW_ERR;
     }

@@ -245,7 +245,11 @@ exec_done(struct gw_co *co, int nres)
 static void
 exec_fail(struct gw_co *co, const char *msg)
 {
-    fprintf(stderr, "paygate exec: %s\n", msg);
+    /* error() with no value is how Lua 5.1 scripts (busted) ask for a
+     * plain exit status 1: say nothing then. */
+    if (!lua_isnil(gw_co_state(co), -1)) {
+        fprintf(stderr, "paygate exec: %s\n", msg);
+    }
     gw_co_free(co);
     w.exit_code = 1;
     event_base_loopbreak(gw_loop_base());

@@ -1,0 +1,303 @@
+-- End to end: `paygate run` on a free loopback port, real HTTP.
+local paygate = require "paygate"
+local json = require "cjson"
+local server = require "support.server"
+local rawtcp = require "support.rawtcp"
+local proc = require "support.proc"
+
+local APP = [[
+local paygate = require "paygate"
+paygate.before(function(req)
+  if req:header("x-deny") then return 403, { error = "denied" } end
+end)
+paygate.after(function(req, res)
+  res.headers = res.headers or {}
+  res.headers["X-Request-Id"] = req.id
+end)
+paygate.route("GET", "/", function() return 200, "hello" end)
+paygate.route("GET", "/orders/:id", function(req)
+  return 200, { id = req.params.id, q = req:query().q }
+end)
+paygate.route("GET", "/files/*rest", function(req)
+  return 200, req.params.rest
+end)
+paygate.route("POST", "/echo", function(req)
+  return 200, req.body, { ["Content-Type"] = "application/octet-stream" }
+end)
+paygate.route("POST", "/json", function(req)
+  return 201, { got = req:json() }
+end)
+paygate.route("GET", "/headers", function(req)
+  return 200, { ua = req.headers["x-test"], via_method = req:header("X-TEST") }
+end)
+paygate.route("GET", "/boom", function() error("handler exploded") end)
+paygate.route("GET", "/badstatus", function() return "nope" end)
+paygate.route("GET", "/badheader", function()
+  return 200, "x", { ["X-Evil"] = "a\r\nSet-Cookie: pwned=1" }
+end)
+paygate.route("GET", "/sleep", function(req)
+  paygate.sleep(tonumber(req:query().s) or 0.2)
+  return 200, "slept"
+end)
+paygate.route("GET", "/deadline", function(req)
+  req:set_deadline(0.1)
+  paygate.sleep(2)
+  return 200, "too late"
+end)
+paygate.route("GET", "/empty", function() return 204 end)
+]]
+
+describe("paygate run", function()
+  local s
+
+  setup(function()
+    s = server.start{ source = APP, workers = 2,
+      config = [[return { limits = { header_bytes = 2048,
+        body_bytes = 1024, header_timeout = 0.5, body_timeout = 0.5 },
+        shutdown_timeout = 5 }]] }
+  end)
+
+  teardown(function()
+    if s then assert.equal(0, s:stop()) end
+  end)
+
+  describe("routing", function()
+    it("serves a static route", function()
+      local res = assert(s:request("/"))
+      assert.equal(200, res.status)
+      assert.equal("hello", res.body)
+      assert.matches("text/plain", res.headers["content-type"])
+    end)
+
+    it("binds path parameters and the query", function()
+      local res = assert(s:request("/orders/o%2D42?q=a%20b"))
+      assert.equal(200, res.status)
+      assert.same({ id = "o-42", q = "a b" }, json.decode(res.body))
+    end)
+
+    it("binds a trailing wildcard", function()
+      local res = assert(s:request("/files/a/b/c.txt"))
+      assert.equal("a/b/c.txt", res.body)
+    end)
+
+    it("answers 404 as JSON for an unknown path", function()
+      local res = assert(s:request("/missing"))
+      assert.equal(404, res.status)
+      assert.equal("not_found", json.decode(res.body).error)
+    end)
+
+    it("answers 405 with Allow for a known path and wrong method", function()
+      local res = assert(s:request{ method = "DELETE", path = "/" })
+      assert.equal(405, res.status)
+      assert.equal("GET", res.headers["allow"])
+    end)
+
+    it("runs before and after hooks", function()
+      local res = assert(s:request{ path = "/", headers = { ["X-Deny"] = "1" } })
+      assert.equal(403, res.status)
+      local ok = assert(s:request("/"))
+      assert.matches("^[%x]+$", ok.headers["x-request-id"])
+    end)
+  end)
+
+  describe("requests", function()
+    it("gives the raw body bytes exactly", function()
+      local body = "\0\1\2 binary \255 and \r\n bytes"
+      local res = assert(s:request{ method = "POST", path = "/echo", body = body })
+      assert.equal(body, res.body)
+    end)
+
+    it("decodes JSON and encodes a table body", function()
+      local res = assert(s:request{ method = "POST", path = "/json",
+                                    body = '{"a":[1,2]}' })
+      assert.equal(201, res.status)
+      assert.equal("application/json", res.headers["content-type"])
+      assert.same({ got = { a = { 1, 2 } } }, json.decode(res.body))
+    end)
+
+    it("answers invalid JSON with a clear 400, not a traceback", function()
+      local res = assert(s:request{ method = "POST", path = "/json", body = "{nope" })
+      assert.equal(400, res.status)
+      local e = json.decode(res.body)
+      assert.equal("invalid_json", e.error)
+      assert.is_nil(res.body:find("traceback"))
+    end)
+
+    it("looks headers up case-insensitively", function()
+      local res = assert(s:request{ path = "/headers", headers = { ["X-Test"] = "v" } })
+      assert.same({ ua = "v", via_method = "v" }, json.decode(res.body))
+    end)
+
+    it("sends no body for 204", function()
+      local res = assert(s:request("/empty"))
+      assert.equal(204, res.status)
+      assert.equal("", res.body)
+    end)
+  end)
+
+  describe("handler errors", function()
+    it("answer 500 with the request id and log the traceback", function()
+      local res = assert(s:request("/boom"))
+      assert.equal(500, res.status)
+      local e = json.decode(res.body)
+      assert.equal("internal", e.error)
+      assert.is_string(e.request_id)
+      assert.is_nil(res.body:find("exploded"))
+      proc.wait_until(function()
+        local logs = s:logs()
+        return logs:find(e.request_id, 1, true) and logs:find("handler exploded", 1, true)
+          and logs:find("stack traceback", 1, true)
+      end, 5, "the traceback in the log")
+      -- the worker keeps serving
+      assert.equal(200, assert(s:request("/")).status)
+    end)
+
+    it("answer 500 for an invalid status or an injected header", function()
+      assert.equal(500, assert(s:request("/badstatus")).status)
+      local res = assert(s:request("/badheader"))
+      assert.equal(500, res.status)
+      assert.is_nil(res.headers["set-cookie"])
+    end)
+
+    it("answer 504 when the request deadline passes", function()
+      local t0 = paygate.update_time()
+      local res = assert(s:request("/deadline"))
+      assert.equal(504, res.status)
+      assert.equal("deadline_exceeded", json.decode(res.body).error)
+      assert.is_true(paygate.update_time() - t0 < 1.5)
+    end)
+  end)
+
+  describe("concurrency", function()
+    it("serves 100 concurrent sleeping requests in well under 100 x 0.2 s", function()
+      local t0 = paygate.update_time()
+      local tasks = {}
+      for i = 1, 100 do
+        tasks[i] = paygate.spawn(function() return s:request("/sleep?s=0.2") end)
+      end
+      for i = 1, 100 do
+        local res = assert(tasks[i]:wait())
+        assert.equal(200, res.status)
+      end
+      local took = paygate.update_time() - t0
+      assert.is_true(took < 4, "took " .. took .. " s")
+    end)
+  end)
+
+  describe("hardening", function()
+    local function raw(bytes)
+      local c = assert(rawtcp.connect(s.port, 3))
+      c:send(bytes)
+      local out = c:recv_all()
+      c:close()
+      return out
+    end
+
+    it("answers a malformed request line with 400 and closes", function()
+      assert.matches("^HTTP/1.1 400", raw("GARBAGE\r\n\r\n"))
+      assert.matches("^HTTP/1.1 400", raw("GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n"))
+    end)
+
+    it("refuses request smuggling shapes", function()
+      assert.matches("^HTTP/1.1 400", raw("POST /echo HTTP/1.1\r\nHost: x\r\n" ..
+        "Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"))
+      assert.matches("^HTTP/1.1 400", raw("POST /echo HTTP/1.1\r\nHost: x\r\n" ..
+        "Content-Length: 3\r\nContent-Length: 4\r\n\r\nabcd"))
+    end)
+
+    it("answers 505 to another HTTP major version", function()
+      assert.matches("^HTTP/1.1 505", raw("GET / HTTP/2.0\r\nHost: x\r\n\r\n"))
+    end)
+
+    it("answers 431 when the head exceeds the limit", function()
+      local out = raw("GET / HTTP/1.1\r\nHost: x\r\nX-Big: " .. ("a"):rep(4000) .. "\r\n\r\n")
+      assert.matches("^HTTP/1.1 431", out)
+    end)
+
+    it("answers 413 when the body exceeds the limit", function()
+      local out = raw("POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n")
+      assert.matches("^HTTP/1.1 413", out)
+      local res = assert(s:request{ method = "POST", path = "/echo", body = ("x"):rep(2000) })
+      assert.equal(413, res.status)
+    end)
+
+    it("answers 408 to a client that stalls in the head", function()
+      local t0 = paygate.update_time()
+      local out = raw("GET / HTTP/1.1\r\nHost: x\r\n")
+      assert.matches("^HTTP/1.1 408", out)
+      assert.is_true(paygate.update_time() - t0 < 2.5)
+    end)
+
+    it("answers 408 to a client that stalls in the body", function()
+      local out = raw("POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+      assert.matches("^HTTP/1.1 408", out)
+    end)
+
+    it("decodes a chunked body", function()
+      local out = raw("POST /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" ..
+        "Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n4;ext=1\r\ndefg\r\n0\r\nX-T: 1\r\n\r\n")
+      assert.matches("^HTTP/1.1 200", out)
+      assert.matches("\r\n\r\nabcdefg$", out)
+    end)
+
+    it("answers pipelined requests in order, in one connection", function()
+      local req = "GET /orders/1 HTTP/1.1\r\nHost: x\r\n\r\n" ..
+                  "GET /sleep?s=0.05 HTTP/1.1\r\nHost: x\r\n\r\n" ..
+                  "GET /orders/3 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+      local out = raw(req)
+      local _, n = out:gsub("HTTP/1.1 200", "")
+      assert.equal(3, n)
+      local a = out:find('"id":"1"', 1, true)
+      local b = out:find("slept", 1, true)
+      local c = out:find('"id":"3"', 1, true)
+      assert.is_true(a < b and b < c)
+    end)
+
+    it("answers Expect: 100-continue", function()
+      local c = assert(rawtcp.connect(s.port, 3))
+      c:send("POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n" ..
+             "Expect: 100-continue\r\nConnection: close\r\n\r\n")
+      assert.matches("^HTTP/1.1 100 Continue", c:recv_some())
+      c:send("hi")
+      local out = c:recv_all()
+      c:close()
+      assert.matches("HTTP/1.1 200.*\r\n\r\nhi$", out)
+    end)
+
+    it("keeps serving after all of that", function()
+      assert.equal(200, assert(s:request("/")).status)
+    end)
+  end)
+
+  describe("admin", function()
+    it("serves /healthz and /metrics in Prometheus text", function()
+      local h = assert(s:admin_get("/healthz"))
+      assert.equal(200, h.status)
+      assert.equal(2, json.decode(h.body).workers)
+      local m = assert(s:admin_get("/metrics"))
+      assert.equal(200, m.status)
+      assert.matches('paygate_requests_total{method="GET",route="/orders/:id",status="200"} %d+', m.body)
+      assert.matches("paygate_request_duration_seconds_bucket", m.body)
+      assert.matches("paygate_lua_memory_bytes{pid=", m.body)
+      assert.matches("paygate_reloads_total 0", m.body)
+      assert.matches("paygate_worker_restarts_total 0", m.body)
+    end)
+  end)
+
+  describe("logging", function()
+    it("writes JSON lines with an access line per request and no bodies", function()
+      local secret = "card-4111111111111111"
+      assert(s:request{ method = "POST", path = "/echo", body = secret })
+      proc.wait_until(function() return s:logs():find('"path":"/echo"', 1, true) end,
+                      5, "the access line")
+      for line in s:logs():gmatch("[^\n]+") do
+        local ok, v = pcall(json.decode, line)
+        assert.is_true(ok, "not JSON: " .. line)
+        assert.is_string(v.ts)
+        assert.is_string(v.level)
+        assert.is_number(v.pid)
+      end
+      assert.is_nil(s:logs():find(secret, 1, true))
+    end)
+  end)
+end)

@@ -1,0 +1,138 @@
+-- The scheduling primitives, on the real loop.
+local paygate = require "paygate"
+local core = require "paygate.core"
+
+describe("paygate.sleep", function()
+  it("rejects a negative or non-number duration", function()
+    assert.has_error(function() paygate.sleep(-1) end)
+    assert.has_error(function() paygate.sleep("x") end)
+  end)
+
+  it("raises outside a managed coroutine", function()
+    local co = coroutine.create(function() paygate.sleep(0) end)
+    local ok, err = coroutine.resume(co)
+    assert.is_false(ok)
+    assert.matches("this call yields", err)
+  end)
+
+  it("waits at least the given time", function()
+    local t0 = paygate.update_time()
+    paygate.sleep(0.05)
+    assert.is_true(paygate.update_time() - t0 >= 0.045)
+  end)
+
+  it("runs 100 sleeping coroutines concurrently", function()
+    local t0 = paygate.update_time()
+    local tasks = {}
+    for i = 1, 100 do
+      tasks[i] = paygate.spawn(function() paygate.sleep(0.2) return i end)
+    end
+    for i = 1, 100 do assert.equal(i, tasks[i]:wait()) end
+    local took = paygate.update_time() - t0
+    assert.is_true(took < 2, "100 x 0.2 s sleeps took " .. took .. " s")
+  end)
+end)
+
+describe("paygate.spawn", function()
+  it("needs a function", function()
+    assert.has_error(function() paygate.spawn(42) end)
+  end)
+
+  it("returns the task's results through wait(), all of them", function()
+    local t = paygate.spawn(function(a, b) return a + b, nil, "x" end, 1, 2)
+    local a, b, c = t:wait()
+    assert.equal(3, a)
+    assert.is_nil(b)
+    assert.equal("x", c)
+  end)
+
+  it("gives nil, err when the task raises, and keeps running others", function()
+    local t = paygate.spawn(function() paygate.sleep(0.01) error("boom") end)
+    local ok = paygate.spawn(function() paygate.sleep(0.02) return "fine" end)
+    local v, err = t:wait()
+    assert.is_nil(v)
+    assert.matches("boom", err)
+    assert.equal("fine", ok:wait())
+  end)
+
+  it("cancel() stops a waiting task, and its waiters learn it", function()
+    local ran = false
+    local t = paygate.spawn(function() paygate.sleep(5) ran = true end)
+    local waiter = paygate.spawn(function() return t:wait() end)
+    t:cancel()
+    local v, err = waiter:wait()
+    assert.is_nil(v)
+    assert.matches("cancelled", err)
+    assert.is_true(t:finished())
+    paygate.sleep(0.01)
+    assert.is_false(ran)
+  end)
+
+  it("a bare coroutine.yield() gives other coroutines a turn", function()
+    local order = {}
+    local a = paygate.spawn(function()
+      order[#order + 1] = "a1"; coroutine.yield(); order[#order + 1] = "a2"
+    end)
+    local b = paygate.spawn(function() order[#order + 1] = "b1" end)
+    a:wait(); b:wait()
+    assert.same({ "a1", "b1", "a2" }, order)
+  end)
+
+  it("does not leak coroutines", function()
+    local before = core.coroutines()
+    for _ = 1, 200 do paygate.spawn(function() paygate.sleep(0) end):wait() end
+    assert.equal(before, core.coroutines())
+  end)
+end)
+
+describe("paygate.timer", function()
+  it("at() runs once after the delay", function()
+    local hits = 0
+    local t = paygate.timer.at(0.02, function(n) hits = hits + n end, 2)
+    t:wait()
+    assert.equal(2, hits)
+  end)
+
+  it("at() can be cancelled before it fires", function()
+    local hits = 0
+    local t = paygate.timer.at(0.05, function() hits = hits + 1 end)
+    t:cancel()
+    paygate.sleep(0.08)
+    assert.equal(0, hits)
+  end)
+
+  it("every() ticks repeatedly, survives an error, and stops on cancel", function()
+    local hits = 0
+    local t = paygate.timer.every(0.01, function()
+      hits = hits + 1
+      if hits == 2 then error("tick error is logged, not fatal") end
+    end)
+    local deadline = paygate.update_time() + 5
+    while hits < 4 and paygate.update_time() < deadline do paygate.sleep(0.01) end
+    t:cancel()
+    local seen = hits
+    assert.is_true(seen >= 4)
+    paygate.sleep(0.05)
+    assert.equal(seen, hits)
+  end)
+
+  it("rejects bad arguments", function()
+    assert.has_error(function() paygate.timer.at(-1, function() end) end)
+    assert.has_error(function() paygate.timer.every(0, function() end) end)
+    assert.has_error(function() paygate.timer.every(1, "x") end)
+  end)
+end)
+
+describe("paygate.error", function()
+  it("makes errors that print as kind: message", function()
+    local e = paygate.error("signature_mismatch", "bad signature")
+    assert.equal("signature_mismatch: bad signature", tostring(e))
+    assert.is_false(e.retryable)
+  end)
+end)
+
+describe("paygate.config", function()
+  it("is read-only", function()
+    assert.has_error(function() paygate.config.x = 1 end)
+  end)
+end)
