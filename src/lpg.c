@@ -466,8 +466,12 @@ pool_has_live(struct gw_pg *pg)
     return 0;
 }
 
+/* A connect attempt failed: mark the pool down; when nothing else can
+ * serve them and fail_waiting is set, fail the waiting ops too (never
+ * from inside dispatch(), which walks that queue itself). */
 static void
-conn_connect_failed(struct gw_pgconn *c, struct gw_pgop **out)
+conn_connect_failed(struct gw_pgconn *c, struct gw_pgop **out,
+                    int fail_waiting)
 {
     struct gw_pg *pg = c->pg;
     char          msg[200];
@@ -481,7 +485,7 @@ conn_connect_failed(struct gw_pgconn *c, struct gw_pgop **out)
     }
     conn_fail(c, "unavailable", msg, out);
     pool_mark_down(pg, msg);
-    if (!pool_has_live(pg)) {
+    if (fail_waiting && !pool_has_live(pg)) {
         pool_fail_waiting(pg, "unavailable", msg, out);
     }
 }
@@ -728,7 +732,7 @@ conn_event(evutil_socket_t fd, short what, void *arg)
     if (c->state == GW_PGC_CONNECTING) {
         rc = conn_poll_connect(c);
         if (rc == GW_ERR) {
-            conn_connect_failed(c, &done);
+            conn_connect_failed(c, &done, 1);
         }
     } else if (c->state == GW_PGC_READY) {
         if ((what & EV_WRITE) && conn_flush(c) != GW_OK) {
@@ -806,8 +810,8 @@ choose_conn(struct gw_pg *pg, struct gw_pgop *op, int *fail)
 
         n->pg = pg;
         if (conn_start(n) != GW_OK) {
-            conn_connect_failed(n, &lost);
-            post_list(lost);
+            conn_connect_failed(n, &lost, 0);
+            post_list(lost);             /* empty: n had no ops yet */
         }
     }
     if (best == NULL && !pool_has_live(pg)) {
