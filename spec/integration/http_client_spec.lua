@@ -1,0 +1,151 @@
+-- paygate.http.request against real local servers: plain and TLS (with a
+-- test CA and a client certificate), timeouts, refused connections.
+local paygate = require "paygate"
+local core = require "paygate.core"
+local server = require "support.server"
+local pki = require "support.pki"
+
+local APP = [[
+local paygate = require "paygate"
+paygate.route("GET", "/hi", function(req)
+  return 200, "hi " .. (req:header("x-name") or "?"), { ["X-Served"] = "yes" }
+end)
+paygate.route("POST", "/echo", function(req)
+  return 200, req.method .. ":" .. req.body
+end)
+paygate.route("GET", "/slow", function() paygate.sleep(2) return 200, "late" end)
+paygate.route("GET", "/big", function() return 200, ("x"):rep(100000) end)
+paygate.route("GET", "/reuse", function() return 200, "ok" end)
+paygate.route("GET", "/whoami", function(req) return 200, req.scheme end)
+]]
+
+describe("paygate.http.request", function()
+  local plain, tls, certs, dir
+
+  setup(function()
+    dir = server.tmpdir()
+    certs = pki.make(dir)
+    plain = server.start{ source = APP }
+    tls = server.start{ source = APP, scheme = "https", ca_file = certs.ca,
+      args = { "--tls-cert", certs.server_cert, "--tls-key", certs.server_key,
+               "--tls-client-ca", certs.ca } }
+  end)
+
+  teardown(function()
+    if plain then plain:stop() end
+    if tls then tls:stop() end
+    os.execute("rm -rf " .. dir)
+  end)
+
+  it("raises on misuse: no url, bad scheme, bad option types", function()
+    assert.has_error(function() paygate.http.request{} end)
+    assert.has_error(function() paygate.http.request{ url = "ftp://x/" } end)
+    assert.has_error(function()
+      paygate.http.request{ url = plain:url("/hi"), timeout = "soon" } end)
+    assert.has_error(function()
+      paygate.http.request{ url = plain:url("/hi"), headers = { ["X-A"] = "a\r\nb" } } end)
+  end)
+
+  it("returns status, lower-case headers and body", function()
+    local res = assert(paygate.http.request{ url = plain:url("/hi"),
+                                             headers = { ["X-Name"] = "ada" } })
+    assert.equal(200, res.status)
+    assert.equal("hi ada", res.body)
+    assert.equal("yes", res.headers["x-served"])
+  end)
+
+  it("sends a body, with POST by default", function()
+    local res = assert(paygate.http.request{ url = plain:url("/echo"), body = "abc" })
+    assert.equal("POST:abc", res.body)
+    res = assert(paygate.http.request{ url = plain:url("/echo"), method = "PUT",
+                                       body = "" })
+    assert.equal(405, res.status)
+  end)
+
+  it("classifies a timeout", function()
+    local t0 = paygate.update_time()
+    local res, err = paygate.http.request{ url = plain:url("/slow"), timeout = 0.2 }
+    assert.is_nil(res)
+    assert.equal("timeout", err.kind)
+    assert.is_true(err.retryable)
+    assert.is_true(paygate.update_time() - t0 < 1.5)
+    assert.matches("^timeout: ", tostring(err))
+  end)
+
+  it("classifies a refused connection", function()
+    local port = core.free_port()
+    local res, err = paygate.http.request{ url = "http://127.0.0.1:" .. port .. "/" }
+    assert.is_nil(res)
+    assert.equal("connect", err.kind)
+  end)
+
+  it("classifies a body over max_body", function()
+    local res, err = paygate.http.request{ url = plain:url("/big"), max_body = 1000 }
+    assert.is_nil(res)
+    assert.equal("body_too_large", err.kind)
+  end)
+
+  it("reuses connections across requests", function()
+    for _ = 1, 20 do
+      assert.equal(200, assert(paygate.http.request{ url = plain:url("/reuse") }).status)
+    end
+    local ports
+    require("support.proc").wait_until(function()
+      ports = {}
+      local n = 0
+      for line in plain:logs():gmatch("[^\n]+") do
+        if line:find('"path":"/reuse"', 1, true) then
+          n = n + 1
+          ports[line:match('"remote":"([^"]+)"')] = true
+        end
+      end
+      return n == 20
+    end, 5, "20 access lines")
+    local distinct = 0
+    for _ in pairs(ports) do distinct = distinct + 1 end
+    assert.equal(1, distinct)
+  end)
+
+  it("runs many requests concurrently from one worker", function()
+    local tasks = {}
+    for i = 1, 50 do
+      tasks[i] = paygate.spawn(paygate.http.request, { url = plain:url("/hi") })
+    end
+    for i = 1, 50 do assert.equal(200, assert(tasks[i]:wait()).status) end
+  end)
+
+  describe("over TLS", function()
+    it("talks to a server with a test CA and a client certificate", function()
+      local res = assert(paygate.http.request{ url = tls:url("/whoami"),
+        ca_file = certs.ca, client_cert = certs.client_cert,
+        client_key = certs.client_key })
+      assert.equal(200, res.status)
+      assert.equal("https", res.body)
+    end)
+
+    it("checks the host name by SNI (localhost resolved to 127.0.0.1)", function()
+      local res = assert(paygate.http.request{
+        url = "https://localhost:" .. tls.port .. "/whoami",
+        resolve = { "localhost:" .. tls.port .. ":127.0.0.1" },
+        ca_file = certs.ca, client_cert = certs.client_cert,
+        client_key = certs.client_key })
+      assert.equal("https", res.body)
+    end)
+
+    it("fails with kind tls against an untrusted CA", function()
+      local res, err = paygate.http.request{ url = tls:url("/whoami"),
+        ca_file = certs.other_ca, client_cert = certs.client_cert,
+        client_key = certs.client_key }
+      assert.is_nil(res)
+      assert.equal("tls", err.kind)
+      assert.is_false(err.retryable)
+    end)
+
+    it("is refused by the server without a client certificate", function()
+      local res, err = paygate.http.request{ url = tls:url("/whoami"),
+                                             ca_file = certs.ca }
+      assert.is_nil(res)
+      assert.is_truthy(({ tls = true, closed = true })[err.kind], err.kind)
+    end)
+  end)
+end)

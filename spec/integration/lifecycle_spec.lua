@@ -1,0 +1,204 @@
+-- The process model: live reload (under load, refused when broken, bounded
+-- memory), graceful stop, crashed workers restarted, TLS files reloaded.
+local paygate = require "paygate"
+local json = require "cjson"
+local server = require "support.server"
+local proc = require "support.proc"
+local pki = require "support.pki"
+
+local function app_source(version)
+  return ([[
+local paygate = require "paygate"
+paygate.route("GET", "/version", function() return 200, %q end)
+paygate.route("GET", "/slow", function(req)
+  paygate.sleep(tonumber(req:query().s) or 1)
+  return 200, "finished"
+end)
+]]):format(version)
+end
+
+local function write(path, text)
+  local f = assert(io.open(path, "w"))
+  f:write(text)
+  f:close()
+end
+
+local function children(pid)
+  local f = io.open(("/proc/%d/task/%d/children"):format(pid, pid))
+  if not f then return {} end
+  local s = f:read("*a")
+  f:close()
+  local t = {}
+  for p in s:gmatch("%d+") do t[#t + 1] = tonumber(p) end
+  return t
+end
+
+local function rss_kb(pid)
+  local f = io.open(("/proc/%d/status"):format(pid))
+  if not f then return 0 end
+  local s = f:read("*a")
+  f:close()
+  return tonumber(s:match("VmRSS:%s+(%d+)")) or 0
+end
+
+local function metric(s, name)
+  local res = s:admin_get("/metrics")
+  return res and tonumber(res.body:match(name .. " (%d+)"))
+end
+
+local function reload(s)
+  local ok = os.execute(PAYGATE_BIN .. " reload --pid-file " .. s.dir
+                        .. "/paygate.pid >/dev/null")
+  assert(ok == 0 or ok == true, "paygate reload failed")
+end
+
+describe("live reload", function()
+  local s
+  before_each(function()
+    s = server.start{ source = app_source("v1"), workers = 2 }
+  end)
+  after_each(function() if s then s:stop() end end)
+
+  it("loads new code under continuous load with zero failed requests", function()
+    local stop, failures, done = false, {}, 0
+    local clients = {}
+    for i = 1, 8 do
+      clients[i] = paygate.spawn(function()
+        while not stop do
+          local res, err = s:request("/version")
+          if not res or res.status ~= 200 then
+            failures[#failures + 1] = tostring(err or res.status)
+          else
+            done = done + 1
+          end
+        end
+      end)
+    end
+    paygate.sleep(0.3)
+    write(s.app .. "/app.lua", app_source("v2"))
+    reload(s)
+    proc.wait_until(function()
+      local res = s:request("/version")
+      return res and res.body == "v2"
+    end, 15, "the new code to serve")
+    proc.wait_until(function() return metric(s, "paygate_reloads_total") == 1 end,
+                    10, "reloads_total")
+    paygate.sleep(0.3)
+    stop = true
+    for i = 1, #clients do clients[i]:wait() end
+    assert.same({}, failures)
+    assert.is_true(done > 50, "only " .. done .. " requests went through")
+    -- every answer is now the new code's
+    for _ = 1, 20 do assert.equal("v2", assert(s:request("/version")).body) end
+  end)
+
+  it("finishes in-flight requests on the code they started with", function()
+    local slow = paygate.spawn(function() return s:request("/slow?s=1") end)
+    paygate.sleep(0.2)
+    write(s.app .. "/app.lua", app_source("v2"))
+    s:signal(proc.SIGHUP)
+    local res = assert(slow:wait())
+    assert.equal(200, res.status)
+    assert.equal("finished", res.body)
+  end)
+
+  it("refuses code that fails to load and keeps the old code serving", function()
+    write(s.app .. "/app.lua", "this is not lua (")
+    reload(s)
+    proc.wait_until(function()
+      return metric(s, "paygate_reload_failures_total") == 1
+    end, 15, "the reload to be refused")
+    assert.matches("reload refused", s:logs())
+    assert.equal("v1", assert(s:request("/version")).body)
+    -- an error while loading is refused too
+    write(s.app .. "/app.lua", "error('config missing')")
+    s:signal(proc.SIGHUP)
+    proc.wait_until(function()
+      return metric(s, "paygate_reload_failures_total") == 2
+    end, 15, "the second reload to be refused")
+    assert.matches("config missing", s:logs())
+    assert.equal("v1", assert(s:request("/version")).body)
+  end)
+
+  it("keeps memory bounded across 50 reloads", function()
+    local function total_rss()
+      local kb = rss_kb(s.pid)
+      for _, c in ipairs(children(s.pid)) do kb = kb + rss_kb(c) end
+      return kb
+    end
+    for i = 1, 5 do reload(s); proc.wait_until(function()
+      return metric(s, "paygate_reloads_total") == i end, 15, "reload " .. i) end
+    proc.wait_until(function() return #children(s.pid) == 2 end, 15, "old workers gone")
+    local before = total_rss()
+    for i = 6, 50 do
+      s:signal(proc.SIGHUP)
+      proc.wait_until(function() return metric(s, "paygate_reloads_total") == i end,
+                      15, "reload " .. i)
+    end
+    proc.wait_until(function() return #children(s.pid) == 2 end, 15, "old workers gone")
+    local after = total_rss()
+    assert.is_true(after < before + 4096,
+      ("RSS grew from %d to %d KiB over 45 reloads"):format(before, after))
+    assert.equal(200, assert(s:request("/version")).status)
+  end)
+end)
+
+describe("graceful stop", function()
+  it("drains in-flight requests, then exits 0", function()
+    local s = server.start{ source = app_source("v1"), workers = 1 }
+    local slow = paygate.spawn(function() return s:request("/slow?s=0.8") end)
+    paygate.sleep(0.2)
+    s:signal(proc.SIGTERM)
+    local res = assert(slow:wait())
+    assert.equal("finished", res.body)
+    assert.equal(0, s.proc:wait(10))
+    -- and it no longer accepts
+    local _, err = s:request("/version")
+    assert.equal("connect", err.kind)
+    os.execute("rm -rf " .. s.dir)
+  end)
+end)
+
+describe("worker crash", function()
+  it("restarts a killed worker and says why in the log", function()
+    local s = server.start{ source = app_source("v1"), workers = 2 }
+    local kids = children(s.pid)
+    assert.equal(2, #kids)
+    proc.kill_pid(kids[1], proc.SIGKILL)
+    proc.wait_until(function()
+      local now = children(s.pid)
+      return #now == 2 and now[1] ~= kids[1] and now[2] ~= kids[1]
+    end, 10, "a new worker")
+    assert.matches("worker " .. kids[1] .. " killed by signal 9", s:logs())
+    proc.wait_until(function() return metric(s, "paygate_worker_restarts_total") == 1 end,
+                    5, "the restart metric")
+    for _ = 1, 10 do assert.equal(200, assert(s:request("/version")).status) end
+    assert.equal(0, s:stop())
+  end)
+end)
+
+describe("TLS files", function()
+  it("are reloaded with the code on HUP", function()
+    local dir = server.tmpdir()
+    os.execute("mkdir -p " .. dir .. "/a " .. dir .. "/b")
+    local a = pki.make(dir .. "/a")
+    local b = pki.make(dir .. "/b")
+    os.execute(("cp %s %s/cert.pem && cp %s %s/key.pem"):format(
+      a.server_cert, dir, a.server_key, dir))
+    local s = server.start{ source = app_source("v1"), scheme = "https",
+      ca_file = a.ca, args = { "--tls-cert", dir .. "/cert.pem",
+                               "--tls-key", dir .. "/key.pem" } }
+    assert.equal("v1", assert(s:request("/version")).body)
+    os.execute(("cp %s %s/cert.pem && cp %s %s/key.pem"):format(
+      b.server_cert, dir, b.server_key, dir))
+    s:signal(proc.SIGHUP)
+    proc.wait_until(function()
+      local res = s:request{ path = "/version", ca_file = b.ca }
+      return res and res.status == 200
+    end, 15, "the new certificate")
+    local _, err = s:request{ path = "/version", ca_file = a.ca }
+    assert.equal("tls", err.kind)
+    assert.equal(0, s:stop())
+    os.execute("rm -rf " .. dir)
+  end)
+end)
