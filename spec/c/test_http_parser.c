@@ -1,0 +1,145 @@
+/*
+ * test_http_parser.c -- the request parser's decisions, one assert each.
+ */
+#include <assert.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "http_parser.h"
+
+static struct gw_http_head h;
+
+static int
+parse(const char *s)
+{
+    size_t scanned = 0, end = gw_http_head_end(s, strlen(s), &scanned);
+
+    if (end == 0) {
+        return -1;
+    }
+    return gw_http_parse_head(s, end, &h);
+}
+
+static int
+eq(const char *p, size_t n, const char *want)
+{
+    return n == strlen(want) && memcmp(p, want, n) == 0;
+}
+
+static void
+test_head_end(void)
+{
+    const char *s = "GET / HTTP/1.1\r\nHost: a\r\n\r\nNEXT";
+    size_t scanned = 0;
+
+    /* fed byte by byte, the end is found exactly once, at the same place */
+    for (size_t i = 1; i < strlen(s); i++) {
+        size_t e = gw_http_head_end(s, i, &scanned);
+        if (e != 0) {
+            assert(e == strlen(s) - 4);
+            assert(i >= e);
+            break;
+        }
+    }
+}
+
+static void
+test_basic(void)
+{
+    assert(parse("GET /a/b?x=1&y HTTP/1.1\r\nHost: h\r\nX-Y:  v w \r\n\r\n")
+           == 0);
+    assert(eq(h.method, h.method_len, "GET"));
+    assert(eq(h.path, h.path_len, "/a/b"));
+    assert(eq(h.query, h.query_len, "x=1&y"));
+    assert(h.minor == 1 && h.keep_alive == 1 && h.content_length == -1);
+    assert(h.nheaders == 2);
+    assert(eq(h.headers[1].value, h.headers[1].value_len, "v w"));
+    assert(gw_http_find(&h, "x-y", 3) == &h.headers[1]);
+    assert(gw_http_find(&h, "X-Z", 3) == NULL);
+}
+
+static void
+test_connection(void)
+{
+    assert(parse("GET / HTTP/1.0\r\n\r\n") == 0 && h.keep_alive == 0);
+    assert(parse("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n") == 0
+           && h.keep_alive == 1);
+    assert(parse("GET / HTTP/1.1\r\nHost: a\r\nConnection: x, close\r\n\r\n")
+           == 0 && h.keep_alive == 0);
+}
+
+static void
+test_rejects(void)
+{
+    assert(parse("GET / HTTP/1.1\r\n\r\n") == 400);            /* no Host */
+    assert(parse("GET / HTTP/2.0\r\nHost: a\r\n\r\n") == 505);
+    assert(parse("GET x HTTP/1.1\r\nHost: a\r\n\r\n") == 400);
+    assert(parse("GET  / HTTP/1.1\r\nHost: a\r\n\r\n") == 400);
+    assert(parse("GET / HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n") == 400);
+    assert(parse("GET / HTTP/1.1\r\nHost : a\r\n\r\n") == 400);
+    assert(parse("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n") == 400);
+    assert(parse("GET / HTTP/1.1\r\nHost: a\rb\r\n\r\n") == 400);
+    assert(parse("GET / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n")
+           == 400);
+    assert(parse("GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n"
+                 "Content-Length: 2\r\n\r\n") == 400);
+    assert(parse("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n"
+                 "Transfer-Encoding: chunked\r\n\r\n") == 400);
+    assert(parse("POST / HTTP/1.1\r\nHost: a\r\n"
+                 "Transfer-Encoding: gzip\r\n\r\n") == 501);
+    assert(parse("POST / HTTP/1.1\r\nHost: a\r\nExpect: magic\r\n\r\n")
+           == 417);
+    /* the same length twice is allowed */
+    assert(parse("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n"
+                 "Content-Length: 2\r\n\r\n") == 0 && h.content_length == 2);
+}
+
+static void
+test_chunked(void)
+{
+    char body[] = "3\r\nabc\r\n10;ext\r\n0123456789abcdef\r\n0\r\nT: v\r\n\r\nX";
+    struct gw_chunked st;
+    size_t len = strlen(body);
+
+    memset(&st, 0, sizeof(st));
+    /* byte by byte: state carries across calls */
+    for (size_t i = 1; i <= len; i++) {
+        int rc = gw_chunked_decode(&st, body, i);
+        if (rc == 1) {
+            assert(i == len - 1);
+            break;
+        }
+        assert(rc == 0);
+    }
+    assert(st.out == 19 && memcmp(body, "abc0123456789abcdef", 19) == 0);
+    assert(st.in == len - 1);
+
+    {
+        char bad[] = "zz\r\n";
+        memset(&st, 0, sizeof(st));
+        assert(gw_chunked_decode(&st, bad, strlen(bad)) == -1);
+    }
+    {
+        char bad[] = "3\r\nabcX\r\n";
+        memset(&st, 0, sizeof(st));
+        assert(gw_chunked_decode(&st, bad, strlen(bad)) == -1);
+    }
+    {
+        char huge[] = "ffffffffffffffff\r\n";
+        memset(&st, 0, sizeof(st));
+        assert(gw_chunked_decode(&st, huge, strlen(huge)) == -1);
+    }
+}
+
+int
+main(void)
+{
+    test_head_end();
+    test_basic();
+    test_connection();
+    test_rejects();
+    test_chunked();
+    printf("test_http_parser: ok\n");
+    return 0;
+}
