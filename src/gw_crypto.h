@@ -36,8 +36,11 @@ struct gw_keyinfo {
     int           type;       /* GW_KEY_RSA or GW_KEY_SM2 */
     int           bits;       /* modulus / curve size in bits */
     int           is_private; /* 1 when pkey holds private material */
-    EVP_PKEY_CTX *sign_ctx;   /* owned; RSA only, made on first sign */
-    EVP_PKEY_CTX *verify_ctx; /* owned; RSA only, made on first verify */
+    EVP_PKEY_CTX *sign_ctx;   /* owned; made on first sign (SM2: the
+                               * ID-carrying ctx under sm2_sign) */
+    EVP_PKEY_CTX *verify_ctx; /* owned; made on first verify */
+    EVP_MD_CTX   *sm2_sign;   /* owned; SM2 only, re-initialised per call */
+    EVP_MD_CTX   *sm2_verify; /* owned; SM2 only, re-initialised per call */
 };
 
 /* Lua userdata behind paygate.crypto key handles. */

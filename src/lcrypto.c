@@ -132,6 +132,10 @@ gw_keyinfo_init(struct gw_keyinfo *ki, EVP_PKEY *pkey, int is_private,
 void
 gw_keyinfo_clear(struct gw_keyinfo *ki)
 {
+    EVP_MD_CTX_free(ki->sm2_sign);
+    ki->sm2_sign = NULL;
+    EVP_MD_CTX_free(ki->sm2_verify);
+    ki->sm2_verify = NULL;
     EVP_PKEY_CTX_free(ki->sign_ctx);
     ki->sign_ctx = NULL;
     EVP_PKEY_CTX_free(ki->verify_ctx);
@@ -204,26 +208,35 @@ gw_rsa_ctx(EVP_PKEY *pkey, int for_sign)
     return ctx;
 }
 
-/* A fresh SM2 digest-sign/verify context carrying the WeChat Pay
- * distinguishing ID. The caller frees both *mdctx and *pctx. */
-static int
-gw_sm2_init(EVP_PKEY *pkey, int for_sign, EVP_MD_CTX **mdctx,
-            EVP_PKEY_CTX **pctx)
+/* The key's SM2 digest-sign (or verify) context carrying the WeChat Pay
+ * distinguishing ID, made on first use and re-initialised per call (as
+ * `openssl speed sm2` does): the ID stays cached in the pkey ctx. Returns
+ * the ready EVP_MD_CTX or NULL. */
+static EVP_MD_CTX *
+gw_sm2_ctx(struct gw_keyinfo *ki, int for_sign)
 {
-    *mdctx = EVP_MD_CTX_new();
-    *pctx = EVP_PKEY_CTX_new_from_pkey(NULL, pkey, NULL);
-    if (*mdctx == NULL || *pctx == NULL
-        || EVP_PKEY_CTX_set1_id(*pctx, GW_SM2_ID, GW_SM2_ID_LEN) != 1)
-    {
-        return GW_ERR;
+    EVP_MD_CTX **mdp = for_sign ? &ki->sm2_sign : &ki->sm2_verify;
+    EVP_PKEY_CTX **pp = for_sign ? &ki->sign_ctx : &ki->verify_ctx;
+    int ok;
+
+    if (*mdp == NULL) {
+        *mdp = EVP_MD_CTX_new();
+        *pp = EVP_PKEY_CTX_new_from_pkey(NULL, ki->pkey, NULL);
+        if (*mdp == NULL || *pp == NULL
+            || EVP_PKEY_CTX_set1_id(*pp, GW_SM2_ID, GW_SM2_ID_LEN) != 1)
+        {
+            EVP_MD_CTX_free(*mdp);
+            *mdp = NULL;
+            EVP_PKEY_CTX_free(*pp);
+            *pp = NULL;
+            return NULL;
+        }
+        EVP_MD_CTX_set_pkey_ctx(*mdp, *pp);
     }
-    EVP_MD_CTX_set_pkey_ctx(*mdctx, *pctx);
-    if (for_sign) {
-        return EVP_DigestSignInit(*mdctx, NULL, gw_sm3(), NULL, pkey) == 1
-               ? GW_OK : GW_ERR;
-    }
-    return EVP_DigestVerifyInit(*mdctx, NULL, gw_sm3(), NULL, pkey) == 1
-           ? GW_OK : GW_ERR;
+    ok = for_sign
+         ? EVP_DigestSignInit(*mdp, NULL, gw_sm3(), NULL, ki->pkey)
+         : EVP_DigestVerifyInit(*mdp, NULL, gw_sm3(), NULL, ki->pkey);
+    return ok == 1 ? *mdp : NULL;
 }
 
 int
@@ -235,7 +248,6 @@ gw_crypto_sign(struct gw_keyinfo *ki, int alg,
     unsigned char md[EVP_MAX_MD_SIZE];
     unsigned int mdlen = 0;
     EVP_MD_CTX *mdctx = NULL;
-    EVP_PKEY_CTX *pctx = NULL;
     int rc = GW_ERR;
 
     if (!ki->is_private) {
@@ -256,7 +268,8 @@ gw_crypto_sign(struct gw_keyinfo *ki, int alg,
             GW_FAIL("internal", "rsa sign failed");
         }
     } else {
-        if (gw_sm2_init(ki->pkey, 1, &mdctx, &pctx) != GW_OK
+        mdctx = gw_sm2_ctx(ki, 1);
+        if (mdctx == NULL
             || EVP_DigestSign(mdctx, sig, siglen, data, len) != 1)
         {
             GW_FAIL("internal", "sm2 sign failed");
@@ -264,8 +277,6 @@ gw_crypto_sign(struct gw_keyinfo *ki, int alg,
     }
     rc = GW_OK;
 err:
-    EVP_MD_CTX_free(mdctx);
-    EVP_PKEY_CTX_free(pctx);
     OPENSSL_cleanse(md, sizeof(md));
     ERR_clear_error();
     return rc;
@@ -280,7 +291,6 @@ gw_crypto_verify(struct gw_keyinfo *ki, int alg,
     unsigned char md[EVP_MAX_MD_SIZE];
     unsigned int mdlen = 0;
     EVP_MD_CTX *mdctx = NULL;
-    EVP_PKEY_CTX *pctx = NULL;
     int rc = GW_ERR;
 
     if (gw_alg_key_check(ki, alg, kind, msg, msglen) != GW_OK) {
@@ -300,7 +310,8 @@ gw_crypto_verify(struct gw_keyinfo *ki, int alg,
                     "data and key (sha256-rsa)");
         }
     } else {
-        if (gw_sm2_init(ki->pkey, 0, &mdctx, &pctx) != GW_OK) {
+        mdctx = gw_sm2_ctx(ki, 0);
+        if (mdctx == NULL) {
             GW_FAIL("internal", "sm2 verify setup failed");
         }
         if (EVP_DigestVerify(mdctx, sig, siglen, data, len) != 1) {
@@ -310,8 +321,6 @@ gw_crypto_verify(struct gw_keyinfo *ki, int alg,
     }
     rc = GW_OK;
 err:
-    EVP_MD_CTX_free(mdctx);
-    EVP_PKEY_CTX_free(pctx);
     ERR_clear_error();
     return rc;
 }
