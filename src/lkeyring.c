@@ -192,18 +192,25 @@ lkeyring_gc(lua_State *L)
     return 0;
 }
 
-/* The ring of this Lua state (created on first use). */
+/* The ring of this Lua state: the module functions' first upvalue
+ * (also anchored in the registry so every require sees the same ring). */
 static struct gw_keyring *
 gw_kr_instance(lua_State *L)
+{
+    return lua_touserdata(L, lua_upvalueindex(1));
+}
+
+/* Pushes the ring, creating it on first use. */
+static void
+gw_kr_push_ring(lua_State *L)
 {
     struct gw_keyring *kr;
 
     lua_getfield(L, LUA_REGISTRYINDEX, GW_KEYRING_KEY);
-    kr = lua_touserdata(L, -1);
-    lua_pop(L, 1);
-    if (kr != NULL) {
-        return kr;
+    if (lua_touserdata(L, -1) != NULL) {
+        return;
     }
+    lua_pop(L, 1);
     kr = lua_newuserdata(L, sizeof(*kr));
     memset(kr, 0, sizeof(*kr));
     if (luaL_newmetatable(L, GW_KEYRING_MT)) {
@@ -211,8 +218,8 @@ gw_kr_instance(lua_State *L)
         lua_setfield(L, -2, "__gc");
     }
     lua_setmetatable(L, -2);
+    lua_pushvalue(L, -1);
     lua_setfield(L, LUA_REGISTRYINDEX, GW_KEYRING_KEY);
-    return kr;
 }
 
 static double
@@ -674,8 +681,8 @@ int
 luaopen_paygate_keyring(lua_State *L)
 {
     gw_crypto_register_types(L);
-    gw_kr_instance(L);
     lua_newtable(L);
-    luaL_register(L, NULL, lkeyring_funcs);
+    gw_kr_push_ring(L);
+    luaL_setfuncs(L, lkeyring_funcs, 1);
     return 1;
 }
