@@ -253,6 +253,15 @@ describe("paygate run", function()
       assert.is_true(a < b and b < c)
     end)
 
+    it("parses each request on a connection afresh (chunked, then sized)", function()
+      local out = raw("POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n" ..
+        "\r\n2\r\nab\r\n0\r\n\r\n" ..
+        "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\ncd")
+      local _, n = out:gsub("HTTP/1.1 200", "")
+      assert.equal(2, n)
+      assert.matches("\r\n\r\nab.*\r\n\r\ncd$", out)
+    end)
+
     it("answers Expect: 100-continue", function()
       local c = assert(rawtcp.connect(s.port, 3))
       c:send("POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n" ..
