@@ -1,0 +1,108 @@
+-- The command line: help, exit codes (0 ok, 1 runtime, 2 usage/config),
+-- one-line reasons on stderr.
+local server = require "support.server"
+local proc = require "support.proc"
+
+-- runs the binary with args, returns exit code and output (stdout+stderr)
+local function run(args, timeout)
+  local dir = server.tmpdir()
+  local log = dir .. "/out"
+  local argv = { PAYGATE_BIN }
+  for _, a in ipairs(args) do argv[#argv + 1] = a end
+  local p = proc.spawn(argv, { log = log })
+  local code = p:wait(timeout or 10)
+  if code == nil then p:kill(proc.SIGKILL); p:wait(2) end
+  local out = proc.read(log)
+  os.execute("rm -rf " .. dir)
+  return code, out
+end
+
+describe("paygate CLI", function()
+  it("prints help for every command, exit 0", function()
+    for _, args in ipairs({ { "--help" }, { "run", "--help" }, { "exec", "--help" },
+                            { "reload", "--help" } }) do
+      local code, out = run(args)
+      assert.equal(0, code)
+      assert.matches("usage: paygate", out)
+    end
+  end)
+
+  it("exits 2 with a reason for usage errors", function()
+    local code, out = run({ "frobnicate" })
+    assert.equal(2, code)
+    assert.matches("unknown command", out)
+    code, out = run({ "run" })
+    assert.equal(2, code)
+    code, out = run({ "run", "/nonexistent-app" })
+    assert.equal(2, code)
+    assert.matches("app.lua not found", out)
+    code, out = run({ "run", "examples/hello", "--workers", "zero" })
+    assert.equal(2, code)
+    assert.matches("--workers", out)
+    code, out = run({ "run", "examples/hello", "--listen", "nonsense" })
+    assert.equal(2, code)
+    assert.matches("bad", out)
+    code, out = run({ "reload" })
+    assert.equal(2, code)
+    code, out = run({ "exec", "/nonexistent.lua" })
+    assert.equal(2, code)
+  end)
+
+  it("exits 2 for a bad config file, naming the key", function()
+    local dir = server.tmpdir()
+    local f = assert(io.open(dir .. "/c.lua", "w"))
+    f:write("return { limits = { body_byts = 10 } }")
+    f:close()
+    local code, out = run({ "run", "examples/hello", "--config", dir .. "/c.lua" })
+    assert.equal(2, code)
+    assert.matches("unknown key 'body_byts'", out)
+    f = assert(io.open(dir .. "/c.lua", "w"))
+    f:write("return { workers = 'many' }")
+    f:close()
+    code, out = run({ "run", "examples/hello", "--config", dir .. "/c.lua" })
+    assert.equal(2, code)
+    assert.matches("workers must be a number", out)
+    f = assert(io.open(dir .. "/c.lua", "w"))
+    f:write("syntax error here")
+    f:close()
+    code, out = run({ "run", "examples/hello", "--config", dir .. "/c.lua" })
+    assert.equal(2, code)
+    os.execute("rm -rf " .. dir)
+  end)
+
+  it("exits 2 for TLS files that do not load", function()
+    local code, out = run({ "run", "examples/hello", "--tls-cert", "/nonexistent.pem",
+                            "--tls-key", "/nonexistent.key" })
+    assert.equal(2, code)
+    assert.matches("tls certificate", out)
+  end)
+
+  it("exits 1 when the app fails to load at start, saying why", function()
+    local s = server.start{ source = "error('database url missing')", wait = false }
+    local code = s.proc:wait(15)
+    assert.equal(1, code)
+    assert.matches("database url missing", s:logs())
+    os.execute("rm -rf " .. s.dir)
+  end)
+
+  it("exec returns the script's exit status", function()
+    local dir = server.tmpdir()
+    local f = assert(io.open(dir .. "/s.lua", "w"))
+    f:write("local paygate = require 'paygate'; paygate.sleep(0.01); os.exit(3)")
+    f:close()
+    assert.equal(3, (run({ "exec", dir .. "/s.lua" })))
+    f = assert(io.open(dir .. "/s.lua", "w"))
+    f:write("error('raised')")
+    f:close()
+    local code, out = run({ "exec", dir .. "/s.lua" })
+    assert.equal(1, code)
+    assert.matches("raised", out)
+    f = assert(io.open(dir .. "/s.lua", "w"))
+    f:write("print(select('#', ...), arg[1]) return 0")
+    f:close()
+    code, out = run({ "exec", dir .. "/s.lua", "a1", "b2" })
+    assert.equal(0, code)
+    assert.matches("2\ta1", out)
+    os.execute("rm -rf " .. dir)
+  end)
+end)
