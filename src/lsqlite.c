@@ -836,11 +836,13 @@ batch_run_job(struct gw_sqldb *db, struct gw_sqlconn *c, struct gw_batch *b,
         return;
     }
     if (j->op == GW_SQLOP_BEGIN) {
+        long txid = j->txid;
+
         pthread_mutex_lock(&db->mu);
-        db->active_tx = j->txid;
+        db->active_tx = txid;
         pthread_mutex_unlock(&db->mu);
-        post_one(j);
-        serve_tx(db, c, b, j->txid);
+        post_one(j);            /* j is the loop thread's from here on */
+        serve_tx(db, c, b, txid);
         return;
     }
     if (j->op == GW_SQLOP_COMMIT || j->op == GW_SQLOP_ROLLBACK) {
