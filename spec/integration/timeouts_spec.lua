@@ -1,0 +1,61 @@
+-- Timeouts that protect a worker without cutting honest clients, and the
+-- request deadline cancelling what the handler waits on.
+local paygate = require "paygate"
+local server = require "support.server"
+local rawtcp = require "support.rawtcp"
+
+local APP = [[
+local paygate = require "paygate"
+local reached = 0
+paygate.route("POST", "/notify", function(req) return 200, "got " .. #req.body end)
+paygate.route("GET", "/abandoned", function(req)
+  req:set_deadline(0.1)
+  paygate.sleep(0.5)
+  reached = reached + 1          -- must never run: the coroutine is cancelled
+  return 200, "late"
+end)
+paygate.route("GET", "/reached", function() return 200, tostring(reached) end)
+]]
+
+describe("timeouts", function()
+  local s
+  setup(function()
+    s = server.start{ source = APP, workers = 1, config = [[
+      return { limits = { header_timeout = 1, body_timeout = 0.5 } }]] }
+  end)
+  teardown(function() if s then assert.equal(0, s:stop()) end end)
+
+  it("never cut a body that keeps arriving, however long it takes in total", function()
+    local c = assert(rawtcp.connect(s.port, 5))
+    local body = ("x"):rep(60)
+    c:send("POST /notify HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" ..
+           "Content-Length: " .. #body .. "\r\n\r\n")
+    -- 6 pieces, 0.3 s apart: 1.8 s in total, far over both timeouts,
+    -- but no gap reaches the 0.5 s body timeout
+    for i = 0, 5 do
+      c:send(body:sub(i * 10 + 1, i * 10 + 10))
+      if i < 5 then paygate.sleep(0.3) end
+    end
+    local out = c:recv_all()
+    c:close()
+    assert.matches("^HTTP/1.1 200", out)
+    assert.matches("got 60$", out)
+  end)
+
+  it("close a body that stops arriving with 408 after the gap", function()
+    local c = assert(rawtcp.connect(s.port, 5))
+    local t0 = paygate.update_time()
+    c:send("POST /notify HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+    local out = c:recv_all()
+    c:close()
+    assert.matches("^HTTP/1.1 408", out)
+    assert.is_true(paygate.update_time() - t0 < 2)
+  end)
+
+  it("cancel the handler's pending operation when the deadline passes", function()
+    local res = assert(s:request("/abandoned"))
+    assert.equal(504, res.status)
+    paygate.sleep(0.6)           -- past the moment the sleep would have ended
+    assert.equal("0", assert(s:request("/reached")).body)
+  end)
+end)
