@@ -690,6 +690,9 @@ request_end(struct gw_conn *c, int status, const char *route,
         c->state = c->close_after ? ST_CLOSING : ST_HEAD;
         c->scanned = 0;
     }
+    /* its pointers go stale as the buffer moves: an error answer before
+     * the next head is parsed must not read them (method, keep_alive) */
+    memset(&c->head, 0, offsetof(struct gw_http_head, headers));
 }
 
 /* Turns the handler's results (status, body, headers, route, ctype) on
@@ -941,6 +944,22 @@ req_start(struct gw_conn *c)
 
 /* ---- the connection state machine ----------------------------------- */
 
+/* The parsed head points into c->in: when its bytes move from `from` to
+ * `to`, its pointers must move too. */
+static void
+head_rebase(struct gw_http_head *h, const char *from, const char *to)
+{
+    h->method = to + (h->method - from);
+    h->path = to + (h->path - from);
+    if (h->query != NULL) {
+        h->query = to + (h->query - from);
+    }
+    for (size_t i = 0; i < h->nheaders; i++) {
+        h->headers[i].name = to + (h->headers[i].name - from);
+        h->headers[i].value = to + (h->headers[i].value - from);
+    }
+}
+
 static void
 conn_bad(struct gw_conn *c, int status, const char *kind, const char *msg)
 {
@@ -1015,7 +1034,10 @@ conn_process(struct gw_conn *c)
                     conn_bad(c, 400, "bad_request", "malformed chunked body");
                     continue;
                 }
-                if (c->chunk.out > srv.conf.max_body_bytes) {
+                /* framing (extensions, trailers, tiny chunks) counts
+                 * too: the raw body must fit the input buffer's limit */
+                if (c->chunk.out > srv.conf.max_body_bytes
+                    || c->chunk.in >= srv.conf.max_body_bytes + 64 * 1024) {
                     conn_bad(c, 413, "body_too_large",
                              "request body exceeds the limit");
                     continue;
@@ -1065,6 +1087,14 @@ conn_process(struct gw_conn *c)
         }
         conn_read_on(c, 1);
     } else if (c->state == ST_BODY) {
+        if (c->req_start > 0) {
+            /* behind pipelined requests: make room for the whole body */
+            head_rebase(&c->head, c->in + c->req_start, c->in);
+            memmove(c->in, c->in + c->req_start, c->in_len - c->req_start);
+            c->in_len -= c->req_start;
+            c->body_off -= c->req_start;
+            c->req_start = 0;
+        }
         conn_read_on(c, 1);
     } else if (c->state == ST_CLOSING) {
         conn_read_on(c, 0);
@@ -1091,11 +1121,19 @@ conn_read(struct gw_conn *c)
             if (cap > limit) {
                 cap = limit;
             }
-            p = realloc(c->in, cap);
+            /* not realloc: the parsed head must move with its bytes */
+            p = malloc(cap);
             if (p == NULL) {
                 conn_close(c);
                 return 0;
             }
+            if (c->in_len > 0) {
+                memcpy(p, c->in, c->in_len);
+            }
+            if (c->state == ST_BODY) {
+                head_rebase(&c->head, c->in, p);
+            }
+            free(c->in);
             c->in = p;
             c->in_cap = cap;
         }

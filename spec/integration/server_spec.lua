@@ -273,6 +273,65 @@ describe("paygate run", function()
       assert.matches("HTTP/1.1 200.*\r\n\r\nhi$", out)
     end)
 
+    it("answers 413 to a chunked body whose framing outgrows the buffer", function()
+      -- 1-byte chunks with long extensions: little decoded body, lots of raw
+      -- bytes. Once the input buffer is full the server must answer, not
+      -- spin on a readable socket it can no longer read from.
+      local c = assert(rawtcp.connect(s.port, 3))
+      c:send("POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+      local chunk = "1;" .. ("e"):rep(4000) .. "\r\nx\r\n"
+      for _ = 1, 24 do c:send(chunk) end
+      local out = c:recv_all()
+      c:close()
+      assert.matches("^HTTP/1.1 413", out)
+    end)
+
+    it("reads a body that fills the buffer behind pipelined requests", function()
+      -- The buffer holds ~68 KB here (head + body limits + 64 KB). After 65
+      -- pipelined requests, the 66th's body must still find room.
+      local body = ("b"):rep(1000)
+      local one = "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
+      local c = assert(rawtcp.connect(s.port, 3))
+      c:send((one .. body):rep(65) .. one .. body:sub(1, 300))
+      paygate.sleep(0.2)
+      c:send(body:sub(301) .. "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+      local out = c:recv_all()
+      c:close()
+      local _, n = out:gsub("HTTP/1.1 200", "")
+      assert.equal(67, n)
+      assert.matches("hello$", out)
+    end)
+
+    it("keeps the head of a request whose body grows the buffer", function()
+      -- the third request's head is parsed, then its body arrives and the
+      -- buffer (4 KB at first) is reallocated under it
+      local body = ("b"):rep(1000)
+      local one = "POST /echo HTTP/1.1\r\nHost: x\r\nX-Pad: " .. ("p"):rep(400)
+                  .. "\r\nContent-Length: 1000\r\n\r\n"
+      local c = assert(rawtcp.connect(s.port, 3))
+      c:send((one .. body):rep(2) .. one)
+      paygate.sleep(0.2)
+      c:send(body .. "GET /headers HTTP/1.1\r\nHost: x\r\nX-Test: still-here\r\n"
+             .. "Connection: close\r\n\r\n")
+      local out = c:recv_all()
+      c:close()
+      local _, n = out:gsub("HTTP/1.1 200", "")
+      assert.equal(4, n)
+      assert.matches("still%-here", out)
+    end)
+
+    it("answers an oversized head after a finished HEAD request", function()
+      -- the 431 must not read the finished request's head, whose buffer
+      -- was reallocated meanwhile (ASan: heap-use-after-free)
+      local c = assert(rawtcp.connect(s.port, 3))
+      c:send("HEAD / HTTP/1.1\r\nHost: x\r\n\r\n")
+      assert.matches("^HTTP/1.1 405", c:recv_some())
+      c:send("GET / HTTP/1.1\r\nX-Big: " .. ("a"):rep(5000))
+      local out = c:recv_all()
+      c:close()
+      assert.matches("^HTTP/1.1 431.*\r\n\r\n{.*}$", out)
+    end)
+
     it("keeps serving after all of that", function()
       assert.equal(200, assert(s:request("/")).status)
     end)
