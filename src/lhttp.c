@@ -32,7 +32,6 @@ struct gw_http_op {
     size_t             hlen, hcap;
     char               err[CURL_ERROR_SIZE];
     CURLcode           result;      /* set when curl reports it done */
-    struct gw_http_op *next_done;   /* completion list link */
 };
 
 struct gw_sock {
@@ -353,11 +352,17 @@ finish(struct gw_http_op *op, CURLcode rc)
 static void
 check_done(void)
 {
-    struct gw_http_op *done = NULL, *op;
+    struct gw_http_op *op;
     CURLMsg *msg;
     int left;
 
-    /* collect first: waking a coroutine may add or remove handles */
+    /*
+     * One message at a time: the coroutine finish() wakes may cancel
+     * another op (task:cancel()) whose message is queued too. Cancelling
+     * frees that op and curl_multi_remove_handle() drops its message, so
+     * reading the queue afresh never meets a freed op (a list collected
+     * beforehand would).
+     */
     while ((msg = curl_multi_info_read(multi, &left)) != NULL) {
         if (msg->msg != CURLMSG_DONE) {
             continue;
@@ -368,12 +373,6 @@ check_done(void)
             continue;
         }
         op->result = msg->data.result;
-        op->next_done = done;
-        done = op;
-    }
-    while (done != NULL) {
-        op = done;
-        done = op->next_done;
         finish(op, op->result);
     }
 }

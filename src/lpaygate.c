@@ -259,7 +259,7 @@ ltask_wait(lua_State *L)
     struct gw_waiter *w;
 
     if (t->ended) {
-        int n;
+        int n, base;
 
         if (t->results == LUA_NOREF) {
             lua_pushnil(L);
@@ -272,10 +272,12 @@ ltask_wait(lua_State *L)
             lua_rawgeti(L, -2, 1);
             return 2;
         }
-        n = (int) lua_objlen(L, -1);
+        /* absolute: t:wait(extra) puts the table above index 2 */
+        base = lua_gettop(L);
+        n = (int) lua_objlen(L, base);
         luaL_checkstack(L, n, "too many results");
         for (int i = 1; i <= n; i++) {
-            lua_rawgeti(L, 2, i);
+            lua_rawgeti(L, base, i);
         }
         return n;
     }

@@ -72,6 +72,26 @@ describe("paygate.http.request", function()
     assert.matches("^timeout: ", tostring(err))
   end)
 
+  it("lets a request that ended cancel one that ended with it", function()
+    -- both time out in one timer pass; the first woken cancels the other,
+    -- whose completion is already collected
+    for _ = 1, 3 do
+      local tasks = {}
+      local function req(i)
+        local _, err = paygate.http.request{ url = plain:url("/slow"), timeout = 0.3 }
+        local other = tasks[3 - i]
+        if other ~= nil and not other:finished() then other:cancel() end
+        return err and err.kind
+      end
+      tasks[1] = paygate.spawn(req, 1)
+      tasks[2] = paygate.spawn(req, 2)
+      local a, ea = tasks[1]:wait()
+      local b, eb = tasks[2]:wait()
+      assert.is_true(a == "timeout" or b == "timeout")
+      assert.is_true(ea ~= nil or eb ~= nil or (a == "timeout" and b == "timeout"))
+    end
+  end)
+
   it("classifies a refused connection", function()
     local port = core.free_port()
     local res, err = paygate.http.request{ url = "http://127.0.0.1:" .. port .. "/" }

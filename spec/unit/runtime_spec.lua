@@ -68,6 +68,24 @@ describe("paygate.spawn", function()
     assert.is_false(ran)
   end)
 
+  it("wait() on an ended task takes extra arguments in stride", function()
+    local t = paygate.spawn(function() return 1, 2 end)
+    local a, b = t:wait("extra", "args")
+    assert.equal(1, a)
+    assert.equal(2, b)
+  end)
+
+  it("a wait that cannot yield raises and leaves no operation behind", function()
+    -- string.gsub's callback is a C-call boundary: the sleep must fail
+    -- cleanly, not leave a timer that later wakes this coroutine
+    local ok, err = pcall(string.gsub, "a", "a", function() paygate.sleep(0.05) end)
+    assert.is_false(ok)
+    assert.matches("yield", err)
+    local t0 = paygate.update_time()
+    paygate.sleep(0.2)
+    assert.is_true(paygate.update_time() - t0 >= 0.19, "woken early")
+  end)
+
   it("a bare coroutine.yield() gives other coroutines a turn", function()
     local order = {}
     local a = paygate.spawn(function()
