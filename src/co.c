@@ -175,6 +175,17 @@ gw_co_wait(lua_State *L, gw_cancel_fn cancel, void *arg)
 {
     struct gw_co *co = gw_co_current(L);
 
+    if (!lua_isyieldable(L)) {
+        /* Called through a C function (string.gsub's callback, require,
+         * table.sort's comparator): lua_yield would raise with the op
+         * registered, and the op would later wake a coroutine that went
+         * on, or was freed. Cancel it now and raise. */
+        cancel(arg);
+        return luaL_error(L, "attempt to yield across a C-call boundary "
+                             "(a C function such as string.gsub, require "
+                             "or table.sort is between the call and its "
+                             "coroutine)");
+    }
     co->cancel = cancel;
     co->cancel_arg = arg;
     co->waiting = 1;
