@@ -32,6 +32,8 @@
 
 #define LREQ_MT "paygate.request"
 #define IN_MIN  4096            /* bytes: first input buffer */
+#define OUT_HIGH (64 * 1024)    /* bytes of unsent output before we stop
+                                   answering pipelined requests */
 
 enum conn_state {
     ST_HEAD,                    /* waiting for a complete head */
@@ -80,6 +82,8 @@ struct gw_conn {
     int                 requests;   /* served on this connection */
     int                 close_after;/* close once the output is sent */
     int                 in_start;   /* inside req_start(): no re-entry */
+    int                 out_blocked;/* output over OUT_HIGH: parse no more
+                                       until it drains */
     char                request_id[40];
     char                peer[64];   /* "ip:port" */
     struct gw_conn     *prev, *next;/* all connections */
@@ -976,6 +980,12 @@ static void
 conn_process(struct gw_conn *c)
 {
     for (;;) {
+        if (c->state == ST_HEAD && c->out_len - c->out_sent > OUT_HIGH) {
+            /* a client that pipelines and does not read its answers:
+             * stop until they drain (conn_flush calls us again) */
+            c->out_blocked = 1;
+            break;
+        }
         if (c->state == ST_HEAD) {
             size_t avail = c->in_len - c->req_start;
             size_t end;
@@ -1068,6 +1078,11 @@ conn_process(struct gw_conn *c)
         break;                  /* ST_CLOSING */
     }
 
+    if (c->out_blocked) {
+        conn_read_on(c, 0);
+        conn_flush(c);
+        return;
+    }
     if (c->state == ST_HEAD) {
         if (c->in_len > c->req_start && c->req_start > 0) {
             /* keep a partial pipelined request at the buffer's start */
@@ -1256,6 +1271,11 @@ conn_flush(struct gw_conn *c)
     }
     if (c->state == ST_CLOSING) {
         conn_close(c);
+        return;
+    }
+    if (c->out_blocked) {
+        c->out_blocked = 0;
+        conn_process(c);        /* answer the pipelined rest */
         return;
     }
     if (srv.draining && c->state == ST_HEAD && c->in_len == 0) {
@@ -1477,7 +1497,18 @@ gw_server_drain(void (*done)(void))
     }
     for (c = srv.conns; c != NULL; c = next) {
         next = c->next;
-        if (c->state == ST_HEAD && c->in_len == 0 && c->out_len == 0) {
+        if (c->state != ST_HEAD || c->in_len != 0 || c->out_len != 0) {
+            continue;           /* busy: closes after its answer */
+        }
+        /* A request may be on its way on this idle keep-alive connection:
+         * take what has arrived and answer it (with Connection: close)
+         * rather than reset it; close only what is truly idle. */
+        if (!conn_read(c)) {
+            continue;           /* the peer had closed: gone now */
+        }
+        if (c->in_len > 0) {
+            conn_process(c);
+        } else {
             conn_close(c);
         }
     }

@@ -15,6 +15,8 @@ paygate.route("GET", "/abandoned", function(req)
   return 200, "late"
 end)
 paygate.route("GET", "/reached", function() return 200, tostring(reached) end)
+local big = ("b"):rep(512 * 1024)
+paygate.route("GET", "/big", function() return 200, big end)
 ]]
 
 describe("timeouts", function()
@@ -50,6 +52,31 @@ describe("timeouts", function()
     c:close()
     assert.matches("^HTTP/1.1 408", out)
     assert.is_true(paygate.update_time() - t0 < 2)
+  end)
+
+  it("stop answering a pipelining client that does not read, until it does", function()
+    local n = 100                            -- 100 x 512 KiB = 50 MiB of answers
+    local c = assert(rawtcp.connect(s.port, 10))
+    local req = "GET /big HTTP/1.1\r\nHost: x\r\n\r\n"
+    c:send(req:rep(n - 1) .. "GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    local function answered()
+      local m = s:admin_get("/metrics")
+      return tonumber(m and m.body:match('route="/big",status="200"} (%d+)')) or 0
+    end
+    -- the kernel's socket buffers take a few MiB; then the worker must stop
+    local last, steady = -1, 0
+    require("support.proc").wait_until(function()
+      local now = answered()
+      steady = (now == last) and steady + 1 or 0
+      last = now
+      return steady >= 5
+    end, 20, "the answered count to settle")
+    assert.is_true(last < n / 2, last .. " of " .. n .. " answered without reading")
+    -- reading everything gets every answer
+    local out = c:recv_all()
+    c:close()
+    local _, got = out:gsub("HTTP/1.1 200 OK", "")
+    assert.equal(n, got)
   end)
 
   it("cancel the handler's pending operation when the deadline passes", function()
