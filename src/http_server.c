@@ -598,7 +598,7 @@ lreq_set_deadline(lua_State *L)
         return luaL_argerror(L, 2, "seconds must be in (0, 86400]");
     }
     gw_loop_update_time();
-    c->deadline = gw_loop_now() + s;
+    c->deadline = gw_loop_mono() + s;
     return 0;
 }
 
@@ -667,8 +667,8 @@ request_end(struct gw_conn *c, int status, const char *route,
     srv.in_flight--;
     c->requests++;
     gw_loop_update_time();
-    secs = gw_loop_now() - c->started;
-    c->started = gw_loop_now();     /* a pipelined next request starts */
+    secs = gw_loop_mono() - c->started;
+    c->started = gw_loop_mono();     /* a pipelined next request starts */
     gw_metrics_request(c->head.method, c->head.method_len, route, route_len,
                        status, secs);
     if (srv.conf.access_log && gw_log_min <= GW_LOG_INFO) {
@@ -712,7 +712,11 @@ req_done(struct gw_co *co, int nres)
     int status, bad = 0;
 
     lua_settop(L, 5);
-    status = (int) lua_tointeger(L, 1);
+    {
+        lua_Number st = lua_tonumber(L, 1);   /* 0 when not a number */
+
+        status = (st >= 100 && st <= 599 && st == (int) st) ? (int) st : 0;
+    }
     if (status < 100 || status > 599) {
         gw_log_line(GW_LOG_ERROR, c->request_id,
                     "handler returned no valid status (100-599)", 42,
@@ -883,7 +887,7 @@ req_suspended(struct gw_co *co)
 {
     struct gw_conn *c = co->data;
 
-    conn_timer(c, c->deadline - gw_loop_now());
+    conn_timer(c, c->deadline - gw_loop_mono());
 }
 
 static const struct gw_co_owner req_owner = {
@@ -1026,7 +1030,7 @@ conn_process(struct gw_conn *c)
                 continue;
             }
             c->state = ST_BODY;
-            if (c->head.expect_continue
+            if (c->head.expect_continue && c->head.minor == 1
                 && c->in_len - c->body_off == 0
                 && (c->head.content_length > 0 || c->head.chunked)) {
                 if (out_reserve(c, 25) == GW_OK) {
@@ -1094,11 +1098,11 @@ conn_process(struct gw_conn *c)
         if (c->in_len == 0) {
             conn_timer(c, srv.conf.keepalive_timeout);
         } else if (c->in_len > 0 && c->started == 0) {
-            c->started = gw_loop_now();
+            c->started = gw_loop_mono();
         }
         if (c->in_len > 0) {
             conn_timer(c, srv.conf.header_timeout
-                          - (gw_loop_now() - c->started));
+                          - (gw_loop_mono() - c->started));
         }
         conn_read_on(c, 1);
     } else if (c->state == ST_BODY) {
@@ -1196,7 +1200,7 @@ conn_read(struct gw_conn *c)
             }
         }
         if (c->in_len == c->req_start && c->state == ST_HEAD) {
-            c->started = gw_loop_now();     /* a new request's first byte */
+            c->started = gw_loop_mono();     /* a new request's first byte */
         }
         c->in_len += (size_t) n;
         if (c->in_len < c->in_cap) {
@@ -1312,10 +1316,10 @@ conn_on_timer(evutil_socket_t fd, short what, void *arg)
 
     gw_loop_update_time();
     if (c->state == ST_HANDLE && c->co != NULL) {
-        if (gw_loop_now() + 0.0005 >= c->deadline) {
+        if (gw_loop_mono() + 0.0005 >= c->deadline) {
             req_deadline(c);
         } else {
-            conn_timer(c, c->deadline - gw_loop_now());
+            conn_timer(c, c->deadline - gw_loop_mono());
         }
         return;
     }
@@ -1456,7 +1460,7 @@ on_accept(evutil_socket_t lfd, short what, void *arg)
             continue;
         }
         c->state = ST_HEAD;
-        c->started = gw_loop_now();
+        c->started = gw_loop_mono();
         conn_read_on(c, 1);
         conn_timer(c, srv.conf.header_timeout);
     }

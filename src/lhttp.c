@@ -456,6 +456,11 @@ lhttp_request(lua_State *L)
                                                  DEFAULT_CONNECT, 3600));
     max_body = lua_tonumber(L, opt_number(L, 1, "max_body",
                                           DEFAULT_MAX_BODY, 1 << 30));
+    /* type errors raise here, before anything is allocated */
+    (void) opt_string(L, 1, "ca_file");
+    (void) opt_string(L, 1, "client_cert");
+    (void) opt_string(L, 1, "client_key");
+    (void) opt_string(L, 1, "client_key_password");
     if (multi_init() != GW_OK) {
         return luaL_error(L, "http request: cannot initialise libcurl");
     }

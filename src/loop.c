@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <sys/eventfd.h>
 #include <sys/time.h>
+#include <time.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -26,7 +27,8 @@ static int                post_fd = -1; /* eventfd; written by posters */
 static pthread_mutex_t    post_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct gw_post    *post_head;    /* FIFO under post_lock */
 static struct gw_post    *post_tail;
-static double             now_cached;   /* seconds; see gw_loop_now() */
+static double             now_cached;   /* s since the epoch (wall) */
+static double             mono_cached;  /* s, CLOCK_MONOTONIC */
 
 struct event_base *
 gw_loop_base(void)
@@ -40,13 +42,22 @@ gw_loop_now(void)
     return now_cached;
 }
 
+double
+gw_loop_mono(void)
+{
+    return mono_cached;
+}
+
 void
 gw_loop_update_time(void)
 {
     struct timeval tv;
+    struct timespec ts;
 
     gettimeofday(&tv, NULL);
     now_cached = (double) tv.tv_sec + (double) tv.tv_usec / 1e6;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    mono_cached = (double) ts.tv_sec + (double) ts.tv_nsec / 1e9;
 }
 
 static void

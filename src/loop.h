@@ -20,7 +20,11 @@ void gw_loop_forget(void);
 /* Seconds since the epoch, cached per loop pass (like ngx.now()). */
 double gw_loop_now(void);
 
-/* Refreshes the cached time. */
+/* Seconds on the monotonic clock, cached likewise: for durations and
+ * deadlines, which a wall-clock jump must not move. */
+double gw_loop_mono(void);
+
+/* Refreshes the cached times. */
 void gw_loop_update_time(void);
 
 #endif

@@ -257,6 +257,7 @@ ltask_wait(lua_State *L)
 {
     struct gw_task *t = luaL_checkudata(L, 1, LTASK_MT);
     struct gw_waiter *w;
+    struct gw_co *co;
 
     if (t->ended) {
         int n, base;
@@ -281,11 +282,12 @@ ltask_wait(lua_State *L)
         }
         return n;
     }
+    co = gw_co_current(L);          /* raises: before any allocation */
     w = malloc(sizeof(*w));
     if (w == NULL) {
         return luaL_error(L, "no memory");
     }
-    w->co = gw_co_current(L);
+    w->co = co;
     w->task = t;
     w->next = t->waiters;
     t->waiters = w;
