@@ -208,6 +208,45 @@ gw_co_wake(struct gw_co *co, int nargs)
 }
 
 void
+gw_co_cleanup_add(struct gw_co *co, struct gw_co_cleanup *cl)
+{
+    gw_co_cleanup_del(cl);
+    cl->next = co->cleanups;
+    if (cl->next != NULL) {
+        cl->next->pprev = &cl->next;
+    }
+    cl->pprev = &co->cleanups;
+    co->cleanups = cl;
+}
+
+void
+gw_co_cleanup_del(struct gw_co_cleanup *cl)
+{
+    if (cl->pprev == NULL) {
+        return;
+    }
+    *cl->pprev = cl->next;
+    if (cl->next != NULL) {
+        cl->next->pprev = cl->pprev;
+    }
+    cl->next = NULL;
+    cl->pprev = NULL;
+}
+
+/* Newest first; a cleanup may detach others (or attach none: co ended). */
+static void
+co_run_cleanups(struct gw_co *co)
+{
+    struct gw_co_cleanup *cl;
+
+    while (co->cleanups != NULL) {
+        cl = co->cleanups;
+        gw_co_cleanup_del(cl);
+        cl->fn(cl->arg);
+    }
+}
+
+void
 gw_co_abandon(struct gw_co *co)
 {
     gw_cancel_fn cancel = co->cancel;
@@ -222,6 +261,7 @@ gw_co_abandon(struct gw_co *co)
         cancel(co->cancel_arg);
     }
     co->waiting = 0;
+    co_run_cleanups(co);
 }
 
 void
@@ -230,6 +270,7 @@ gw_co_free(struct gw_co *co)
     if (co == NULL) {
         return;
     }
+    co_run_cleanups(co);
     if (co->reusable && npool < POOL_MAX && lua_status(co->L) == 0) {
         lua_settop(co->L, 0);
         co->reusable = 0;

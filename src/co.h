@@ -32,6 +32,8 @@ struct gw_co {
     void                     *data;     /* owner's; not touched here */
     const char               *request_id; /* owner's; for logs, or NULL */
     struct event             *tick;     /* owned; resumes a bare yield */
+    struct gw_co_cleanup     *cleanups; /* attached; storage is the
+                                           callers'; run when co ends */
 };
 
 /* Sets up the coroutine registry in L (the main state). */
@@ -44,11 +46,13 @@ struct gw_co *gw_co_start(lua_State *L, int nargs,
                           const struct gw_co_owner *owner, void *data,
                           const char *request_id);
 
-/* Stops a suspended coroutine for good: cancels its pending op. The
- * owner is not called back. The co must then be freed by the owner. */
+/* Stops a suspended coroutine for good: cancels its pending op, then
+ * runs its attached cleanups. The owner is not called back. The co must
+ * then be freed by the owner. */
 void gw_co_abandon(struct gw_co *co);
 
-/* Releases the thread and the struct. Not while running. */
+/* Runs the cleanups still attached, then releases the thread and the
+ * struct (or pools them). Not while running. */
 void gw_co_free(struct gw_co *co);
 
 /* The main state (never a coroutine). */

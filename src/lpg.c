@@ -23,6 +23,16 @@
  * connection's in-flight queue, then freed on delivery. An abandoned
  * coroutine only clears op->co. The pool is freed by close/__gc; its
  * ops are failed first ("closed").
+ *
+ * Abandoned transactions: h:begin() attaches a struct gw_pgtx to the
+ * calling coroutine (gw_co_cleanup) until COMMIT/ROLLBACK is submitted.
+ * If the coroutine ends first (task:cancel(), a request deadline, or it
+ * returned without ending the transaction) no Lua code will ever send
+ * ROLLBACK, so tx_abandon() does it in C: a BEGIN still waiting for a
+ * connection is dropped; an idle reserved connection gets a ROLLBACK
+ * (no coroutine waits on it) and then serves others; a connection with a
+ * statement of the transaction in flight is closed (the server rolls
+ * back) and its slot reconnects on demand.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -89,7 +99,6 @@ struct gw_pg {
     double            down_for;  /* s to fail fast after a failed connect */
     double            down_until;/* monotonic s */
     char              down_msg[200];
-    long              next_txid;
     struct gw_pgconn  conns[LPG_MAXPOOL];
     struct gw_pgop   *wq, *wq_tail;  /* waiting for a connection */
     struct event     *tick;      /* owned */
@@ -101,8 +110,23 @@ struct gw_pgud {
     struct gw_pg *pg;            /* NULL once closed */
 };
 
+/* An open transaction; see "Abandoned transactions" above. */
+struct gw_pgtx {
+    struct gw_co_cleanup cl;     /* attached to the co that began it */
+    struct gw_pg        *pg;     /* borrowed; close frees us first */
+    long                 txid;   /* unique in the process */
+    struct gw_pgtx      *next;   /* pgtx_list link */
+};
+
+/* Open transactions of every pool: loop thread only, a handful long. */
+static struct gw_pgtx *pgtx_list;
+/* Transaction ids, unique in the process so that delivery can find a
+ * transaction without touching its (maybe closed) pool. */
+static long            pgtx_next_id = 1;
+
 static void conn_event(evutil_socket_t fd, short what, void *arg);
 static void dispatch(struct gw_pg *pg);
+static void tx_forget(long txid);
 
 static double
 mono_now(void)
@@ -275,6 +299,10 @@ static void
 op_deliver(struct gw_pgop *op)
 {
     struct gw_co *co = op->co;
+
+    if (op->tx_begin && (op->err != NULL || op->errkind[0] != '\0')) {
+        tx_forget(op->txid);             /* nothing to undo */
+    }
 
     if (co != NULL) {
         lua_State *L = gw_co_state(co);
@@ -925,6 +953,130 @@ on_tick(evutil_socket_t fd, short what, void *arg)
     deliver_list(done);
 }
 
+/* ------------------------------------------------- open transactions */
+
+/* Unlinks and frees tx (detached from its co first). */
+static void
+tx_free(struct gw_pgtx *tx)
+{
+    struct gw_pgtx **pp = &pgtx_list;
+
+    while (*pp != NULL && *pp != tx) {
+        pp = &(*pp)->next;
+    }
+    if (*pp == tx) {
+        *pp = tx->next;
+    }
+    gw_co_cleanup_del(&tx->cl);
+    free(tx);
+}
+
+/* The transaction txid ended (or never began): stop tracking it. */
+static void
+tx_forget(long txid)
+{
+    struct gw_pgtx *tx;
+
+    for (tx = pgtx_list; tx != NULL; tx = tx->next) {
+        if (tx->txid == txid) {
+            tx_free(tx);
+            return;
+        }
+    }
+}
+
+/* The pool is closing: its connections go, so do its transactions. */
+static void
+tx_forget_pool(struct gw_pg *pg)
+{
+    struct gw_pgtx *tx, *next;
+
+    for (tx = pgtx_list; tx != NULL; tx = next) {
+        next = tx->next;
+        if (tx->pg == pg) {
+            tx_free(tx);
+        }
+    }
+}
+
+/* gw_co_cleanup: the coroutine that began tx ended without COMMIT or
+ * ROLLBACK. Gives the reserved connection back (ROLLBACK) or discards
+ * it. May run inside another coroutine: results are posted, never
+ * delivered from here. */
+static void
+tx_abandon(void *arg)
+{
+    struct gw_pgtx   *tx = arg;
+    struct gw_pg     *pg = tx->pg;
+    long              txid = tx->txid;
+    struct gw_pgop   *op, *next, *prev = NULL, *done = NULL;
+    struct gw_pgconn *c = NULL;
+    int               i;
+
+    tx_free(tx);
+    /* Its ops still waiting for the connection (the BEGIN itself when
+     * every connection was busy): never sent, nothing to undo. */
+    for (op = pg->wq; op != NULL; op = next) {
+        next = op->next;
+        if (op->txid != txid) {
+            prev = op;
+            continue;
+        }
+        if (prev != NULL) {
+            prev->next = next;
+        } else {
+            pg->wq = next;
+        }
+        if (pg->wq_tail == op) {
+            pg->wq_tail = prev;
+        }
+        op_set_error(op, "closed", "postgres: transaction abandoned");
+        op->next = done;
+        done = op;
+    }
+    for (i = 0; i < pg->npool; i++) {
+        if (pg->conns[i].state == GW_PGC_READY
+            && pg->conns[i].txid == txid)
+        {
+            c = &pg->conns[i];
+        }
+    }
+    if (c != NULL && c->inflight > 0
+        && !(c->inflight == 1 && c->head->tx_begin))
+    {
+        /* A statement of it runs (maybe a long one): closing the
+         * connection is what stops it; the server rolls back. */
+        gw_log(GW_LOG_DEBUG, "postgres: transaction %ld abandoned with a"
+               " statement in flight: connection closed", txid);
+        conn_fail(c, "closed", "postgres: transaction abandoned", &done);
+    } else if (c != NULL) {
+        /* Idle (or only its BEGIN in flight): ROLLBACK, then the
+         * connection serves others. No coroutine waits on the op. */
+        op = calloc(1, sizeof(*op));
+        if (op != NULL) {
+            op->sql = strdup("ROLLBACK");
+        }
+        if (op == NULL || op->sql == NULL) {
+            if (op != NULL) {
+                op_free(op);
+            }
+            conn_fail(c, "closed", "postgres: transaction abandoned",
+                      &done);
+        } else {
+            op->kind = GW_PGOP_STMT;
+            op->txid = txid;
+            op->tx_end = 1;
+            op->next = pg->wq;           /* first in line */
+            pg->wq = op;
+            if (pg->wq_tail == NULL) {
+                pg->wq_tail = op;
+            }
+        }
+    }
+    dispatch(pg);
+    post_list(done);
+}
+
 /* ------------------------------------------------------------ Lua side */
 
 static struct gw_pg *
@@ -979,7 +1131,6 @@ lpg_open(lua_State *L)
     pg->connect_timeout = opt_num(L, 2, "connect_timeout", 2);
     pg->query_timeout = opt_num(L, 2, "query_timeout", 10);
     pg->down_for = opt_num(L, 2, "down_for", 0.5);
-    pg->next_txid = 1;
     if (pg->npool < 1) {
         pg->npool = 1;
     }
@@ -1011,6 +1162,7 @@ lpg_close(lua_State *L)
     }
     ud->pg = NULL;
     pg->closed = 1;
+    tx_forget_pool(pg);
     for (i = 0; i < LPG_MAXPOOL; i++) {
         conn_fail(&pg->conns[i], "closed", "postgres: pool closed", &done);
     }
@@ -1028,6 +1180,9 @@ submit(lua_State *L, struct gw_pg *pg, struct gw_pgop *op)
     op->co = gw_co_current(L);
     if (!pool_has_live(pg) && mono_now() < pg->down_until) {
         /* Fail fast during an outage. */
+        if (op->tx_begin) {
+            tx_forget(op->txid);
+        }
         op_free(op);
         return gw_push_error(L, "unavailable", 1, "%s (pool down, retry"
                              " later)", pg->down_msg);
@@ -1132,15 +1287,33 @@ lpg_begin(lua_State *L)
 {
     struct gw_pg   *pg = check_pool(L);
     struct gw_pgop *op;
+    struct gw_pgtx *tx;
 
+    if (!lua_isyieldable(L)) {
+        /* gw_co_wait would raise after the BEGIN was queued, leaving a
+         * transaction open until this coroutine ends: refuse first. */
+        return luaL_error(L, "attempt to yield across a C-call boundary");
+    }
     lua_settop(L, 1);
     lua_pushliteral(L, "BEGIN");
     op = new_op(L, 2, 0, GW_PGOP_STMT);
     if (op == NULL) {
         return gw_push_error(L, "unavailable", 0, "postgres: out of memory");
     }
-    op->txid = pg->next_txid++;
+    tx = calloc(1, sizeof(*tx));
+    if (tx == NULL) {
+        op_free(op);
+        return gw_push_error(L, "unavailable", 0, "postgres: out of memory");
+    }
+    op->txid = pgtx_next_id++;
     op->tx_begin = 1;
+    tx->pg = pg;
+    tx->txid = op->txid;
+    tx->cl.fn = tx_abandon;
+    tx->cl.arg = tx;
+    tx->next = pgtx_list;
+    pgtx_list = tx;
+    gw_co_cleanup_add(gw_co_current(L), &tx->cl);
     return submit(L, pg, op);
 }
 
@@ -1164,6 +1337,10 @@ tx_op(lua_State *L, int kind, int want_rows, const char *fixed, int end)
     op->txid = txid;
     op->want_rows = want_rows;
     op->tx_end = end;
+    if (end) {
+        /* From here the COMMIT/ROLLBACK ends it, waited for or not. */
+        tx_forget(txid);
+    }
     return submit(L, pg, op);
 }
 

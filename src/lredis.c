@@ -606,6 +606,40 @@ collect_args(lua_State *L, int tbl, int first, int last, const char **args,
     return n;
 }
 
+/* Raises (misuse) unless every command of the pipeline at tbl can be
+ * collected: before anything is allocated or sent, so that a bad value
+ * in command 2 neither sends command 1 nor leaks the op, its results
+ * ref and a client reference (the op would wait forever for a reply
+ * to a command never sent). */
+static void
+check_pipeline(lua_State *L, int tbl, int ncmds)
+{
+    int i, k, n, t;
+
+    for (i = 1; i <= ncmds; i++) {
+        lua_rawgeti(L, tbl, i);
+        if (!lua_istable(L, -1) || lua_objlen(L, -1) < 1) {
+            luaL_error(L, "redis: pipeline command %d must be a non-empty"
+                       " array", i);
+        }
+        n = (int)lua_objlen(L, -1);
+        if (n > LREDIS_MAXARGS) {
+            luaL_error(L, "redis: more than %d arguments", LREDIS_MAXARGS);
+        }
+        for (k = 1; k <= n; k++) {
+            lua_rawgeti(L, -1, k);
+            t = lua_type(L, -1);
+            if (t != LUA_TSTRING && t != LUA_TNUMBER && t != LUA_TBOOLEAN) {
+                luaL_error(L, "redis: pipeline command %d: argument %d must"
+                           " be a string or number, got %s", i, k,
+                           lua_typename(L, t));
+            }
+            lua_pop(L, 1);
+        }
+        lua_pop(L, 1);
+    }
+}
+
 /* Loop thread: the coroutine waiting on op is abandoned. */
 static void
 op_cancel(void *arg)
@@ -676,14 +710,7 @@ lredis_pipeline(lua_State *L)
     gw_co_current(L);
     luaL_checktype(L, 2, LUA_TTABLE);
     ncmds = (int)lua_objlen(L, 2);
-    for (i = 1; i <= ncmds; i++) {
-        lua_rawgeti(L, 2, i);
-        if (!lua_istable(L, -1) || lua_objlen(L, -1) < 1) {
-            return luaL_error(L, "redis: pipeline command %d must be a"
-                              " non-empty array", i);
-        }
-        lua_pop(L, 1);
-    }
+    check_pipeline(L, 2, ncmds);         /* collect_args cannot raise now */
     lua_createtable(L, ncmds, 0);
     if (ncmds == 0) {
         return 1;

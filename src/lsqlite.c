@@ -24,6 +24,15 @@
  * by the queue, then by the thread running it, then by the loop callback
  * that delivers it (which frees it). A coroutine abandoned while waiting
  * only clears job->co; delivery then frees the job without waking.
+ *
+ * Abandoned transactions: h:begin() attaches a struct gw_sqltx to the
+ * calling coroutine (gw_co_cleanup) until COMMIT/ROLLBACK is submitted.
+ * If the coroutine ends first (task:cancel(), a request deadline, or it
+ * returned without ending the transaction), no Lua code will send the
+ * ROLLBACK, so tx_abandon() queues one from C (no coroutine waits on
+ * it) and the writer serves others at once instead of after tx_timeout.
+ * When the coroutine goes while its BEGIN is still queued, the ROLLBACK
+ * is queued when that BEGIN is delivered.
  */
 #include <dirent.h>
 #include <errno.h>
@@ -113,6 +122,28 @@ struct gw_sqlud {
     struct gw_sqldb *db;         /* reference; NULL once closed */
 };
 
+enum gw_sqltx_state {
+    GW_SQLTX_PENDING,            /* BEGIN queued, not delivered yet */
+    GW_SQLTX_ACTIVE,             /* BEGIN delivered: the writer serves it */
+    GW_SQLTX_ABANDONED           /* co gone while PENDING: roll back on
+                                    delivery of the BEGIN */
+};
+
+/* An open transaction; see "Abandoned transactions" above. */
+struct gw_sqltx {
+    struct gw_co_cleanup cl;     /* attached to the co that began it */
+    struct gw_sqldb     *db;     /* reference (refs), dropped by tx_free */
+    long                 txid;
+    enum gw_sqltx_state  state;
+    struct gw_sqltx     *next;   /* sqltx_list link */
+};
+
+/* Open transactions of every handle: loop thread only, a few long. A
+ * record holds a db reference, so matching on the db pointer is safe. */
+static struct gw_sqltx *sqltx_list;
+
+static void tx_begin_delivered(struct gw_sqljob *j);
+
 /* ---------------------------------------------------------------- jobs */
 
 static void
@@ -178,6 +209,14 @@ queue_pop(struct gw_sqljob **head, struct gw_sqljob **tail)
         j->next = NULL;
     }
     return j;
+}
+
+static void
+db_ref(struct gw_sqldb *db)
+{
+    pthread_mutex_lock(&db->mu);
+    db->refs++;
+    pthread_mutex_unlock(&db->mu);
 }
 
 static void
@@ -320,6 +359,9 @@ deliver(void *arg)
 
     for (; j != NULL; j = next) {
         next = j->next;
+        if (j->op == GW_SQLOP_BEGIN) {
+            tx_begin_delivered(j);       /* before fn(tx) can run */
+        }
         if (j->co != NULL) {
             struct gw_co *co = j->co;
             lua_State    *L = gw_co_state(co);
@@ -742,12 +784,32 @@ savepoint_undo(struct gw_sqlconn *c)
     run_fixed(c, "RELEASE gw", NULL);
 }
 
+/* With db->mu held: the transaction ended. Statements queued for it
+ * before it ended (a coroutine sharing tx, or one queued behind the
+ * statement that ended it) must not run in the next transaction: they
+ * are returned (failed) for the caller to post after unlocking. */
+static struct gw_sqljob *
+tx_close_locked(struct gw_sqldb *db)
+{
+    struct gw_sqljob *j, *list = NULL;
+
+    db->active_tx = 0;
+    for (j = queue_pop(&db->txq, &db->txq_tail); j != NULL;
+         j = queue_pop(&db->txq, &db->txq_tail))
+    {
+        job_fail(j, SQLITE_ABORT, "transaction is no longer active");
+        j->next = list;
+        list = j;
+    }
+    return list;
+}
+
 /* Serves the interactive transaction txid until it ends. */
 static void
 serve_tx(struct gw_sqldb *db, struct gw_sqlconn *c, struct gw_batch *b,
          long txid)
 {
-    struct gw_sqljob *j;
+    struct gw_sqljob *j, *stale;
     struct timespec   deadline;
     int               rc;
 
@@ -766,20 +828,31 @@ serve_tx(struct gw_sqldb *db, struct gw_sqlconn *c, struct gw_batch *b,
         }
         j = queue_pop(&db->txq, &db->txq_tail);
         if (j == NULL) {
-            /* Idle too long (an abandoned coroutine, or a handler that
-             * waits on something slow inside a transaction). */
-            db->active_tx = 0;
+            /* Idle too long (a handler that waits on something slow
+             * inside a transaction; abandoned ones are rolled back
+             * by tx_abandon() at once). */
+            stale = tx_close_locked(db);
             pthread_mutex_unlock(&db->mu);
+            post_jobs(stale);
             gw_log(GW_LOG_WARN, "sqlite: transaction %ld idle for %d ms,"
                    " rolled back", txid, db->tx_timeout_ms);
             savepoint_undo(c);
             batch_check(b, c);
             return;
         }
+        if (j->txid != txid) {
+            pthread_mutex_unlock(&db->mu);
+            job_fail(j, SQLITE_ABORT, "transaction is no longer active");
+            post_one(j);
+            pthread_mutex_lock(&db->mu);
+            continue;
+        }
+        stale = NULL;
         if (j->op == GW_SQLOP_COMMIT || j->op == GW_SQLOP_ROLLBACK) {
-            db->active_tx = 0;
+            stale = tx_close_locked(db);
         }
         pthread_mutex_unlock(&db->mu);
+        post_jobs(stale);
 
         switch (j->op) {
         case GW_SQLOP_COMMIT:
@@ -805,8 +878,9 @@ serve_tx(struct gw_sqldb *db, struct gw_sqlconn *c, struct gw_batch *b,
             if (b->began && sqlite3_get_autocommit(c->h)) {
                 /* The statement's failure ended the whole transaction. */
                 pthread_mutex_lock(&db->mu);
-                db->active_tx = 0;
+                stale = tx_close_locked(db);
                 pthread_mutex_unlock(&db->mu);
+                post_jobs(stale);
                 batch_check(b, c);
                 return;
             }
@@ -1007,6 +1081,101 @@ reader_main(void *arg)
     conn_close(&c);
     db_unref(db);
     return NULL;
+}
+
+/* ---------------------------------------------- open transactions (loop) */
+
+static struct gw_sqltx *
+tx_find(struct gw_sqldb *db, long txid)
+{
+    struct gw_sqltx *tx;
+
+    for (tx = sqltx_list; tx != NULL; tx = tx->next) {
+        if (tx->db == db && tx->txid == txid) {
+            return tx;
+        }
+    }
+    return NULL;
+}
+
+/* Unlinks tx, detaches it from its co, drops its db reference. */
+static void
+tx_free(struct gw_sqltx *tx)
+{
+    struct gw_sqltx **pp = &sqltx_list;
+
+    if (tx == NULL) {
+        return;
+    }
+    while (*pp != NULL && *pp != tx) {
+        pp = &(*pp)->next;
+    }
+    if (*pp == tx) {
+        *pp = tx->next;
+    }
+    gw_co_cleanup_del(&tx->cl);
+    db_unref(tx->db);
+    free(tx);
+}
+
+/* Queues a ROLLBACK of txid that no coroutine waits for (its delivery
+ * just frees it). Nothing to do when the transaction already ended. */
+static void
+tx_rollback_orphan(struct gw_sqldb *db, long txid)
+{
+    struct gw_sqljob *j = calloc(1, sizeof(*j));
+
+    if (j == NULL) {
+        gw_log(GW_LOG_ERROR, "sqlite: no memory to roll back abandoned"
+               " transaction %ld (tx_timeout will)", txid);
+        return;
+    }
+    j->op = GW_SQLOP_ROLLBACK;
+    j->db = db;
+    j->txid = txid;
+    pthread_mutex_lock(&db->mu);
+    if (db->active_tx == txid) {
+        queue_push(&db->txq, &db->txq_tail, j);
+        pthread_cond_signal(&db->wcond);
+        j = NULL;
+    }
+    pthread_mutex_unlock(&db->mu);
+    job_free(j);
+}
+
+/* gw_co_cleanup: the coroutine that began tx ended without COMMIT or
+ * ROLLBACK. Runs on the loop thread, maybe inside another coroutine:
+ * only queues work, wakes nobody. */
+static void
+tx_abandon(void *arg)
+{
+    struct gw_sqltx *tx = arg;
+
+    if (tx->state == GW_SQLTX_PENDING) {
+        tx->state = GW_SQLTX_ABANDONED;  /* tx_begin_delivered() ends it */
+        return;
+    }
+    tx_rollback_orphan(tx->db, tx->txid);
+    tx_free(tx);
+}
+
+/* Delivery of a BEGIN job (loop thread), before its coroutine runs. */
+static void
+tx_begin_delivered(struct gw_sqljob *j)
+{
+    struct gw_sqltx *tx = tx_find(j->db, j->txid);
+
+    if (tx == NULL) {
+        return;
+    }
+    if (j->rc != SQLITE_OK) {
+        tx_free(tx);                     /* never began */
+    } else if (tx->state == GW_SQLTX_ABANDONED) {
+        tx_rollback_orphan(tx->db, tx->txid);
+        tx_free(tx);
+    } else {
+        tx->state = GW_SQLTX_ACTIVE;
+    }
 }
 
 /* ----------------------------------------------------------- Lua side */
@@ -1256,16 +1425,34 @@ static int
 lsqlite_begin(lua_State *L)
 {
     struct gw_sqldb  *db = check_db(L);
+    struct gw_co     *co = gw_co_current(L);
     struct gw_sqljob *j;
+    struct gw_sqltx  *tx;
 
-    gw_co_current(L);
+    if (!lua_isyieldable(L)) {
+        /* gw_co_wait would raise after the BEGIN was queued, leaving a
+         * transaction open until this coroutine ends: refuse first. */
+        return luaL_error(L, "attempt to yield across a C-call boundary");
+    }
     j = job_new(L, db, GW_SQLOP_BEGIN);
-    if (j == NULL) {
+    tx = calloc(1, sizeof(*tx));
+    if (j == NULL || tx == NULL) {
+        job_free(j);
+        free(tx);
         return gw_push_error(L, "unavailable", 0, "sqlite: out of memory");
     }
     pthread_mutex_lock(&db->mu);
     j->txid = db->next_txid++;
     pthread_mutex_unlock(&db->mu);
+    db_ref(db);
+    tx->db = db;
+    tx->txid = j->txid;
+    tx->state = GW_SQLTX_PENDING;
+    tx->cl.fn = tx_abandon;
+    tx->cl.arg = tx;
+    tx->next = sqltx_list;
+    sqltx_list = tx;
+    gw_co_cleanup_add(co, &tx->cl);
     return submit(L, j, GW_SQLQ_WRITER);
 }
 
@@ -1287,6 +1474,10 @@ tx_stmt(lua_State *L, enum gw_sqlop op, int want_rows)
     }
     j->txid = txid;
     j->want_rows = want_rows;
+    if (op == GW_SQLOP_COMMIT || op == GW_SQLOP_ROLLBACK) {
+        /* From here this job ends it, waited for or not. */
+        tx_free(tx_find(db, txid));
+    }
     return submit(L, j, GW_SQLQ_TX);
 }
 

@@ -28,6 +28,11 @@
  * op now, or mark it so its completion frees it without waking).
  * Exactly one of wake or cancel happens for each wait.
  *
+ * State held *across* waits (a reserved database connection, an open
+ * transaction) is not covered by cancel: the coroutine may be abandoned
+ * while it waits on something else (paygate.sleep), and no Lua code runs
+ * after that. Attach a struct gw_co_cleanup for it; see below.
+ *
  * Worker threads never touch Lua: they post a function to the loop with
  * gw_loop_post(), which runs it on the loop thread.
  */
@@ -73,6 +78,27 @@ lua_State *gw_co_state(struct gw_co *co);
 /* Resumes a waiting coroutine with the top nargs values of its stack.
  * Call only from loop callbacks (never from inside a running coroutine).*/
 void gw_co_wake(struct gw_co *co, int nargs);
+
+/* A cleanup for state a coroutine holds across waits. The caller owns
+ * the storage (embed it in its own struct) and sets fn and arg. */
+struct gw_co_cleanup {
+    gw_cancel_fn           fn;     /* called as fn(arg), at most once */
+    void                  *arg;    /* caller's */
+    struct gw_co_cleanup  *next;   /* list link, managed by the co */
+    struct gw_co_cleanup **pprev;  /* NULL while not attached */
+};
+
+/* Attaches cl to co. If co ends while cl is attached -- abandoned
+ * (task:cancel(), request deadline, shutdown), or returned or raised
+ * without releasing the state -- cl is detached and cl->fn(cl->arg) runs
+ * once on the loop thread, after the pending op's cancel. fn may run
+ * inside another coroutine (task:cancel()), so it must not wake any
+ * coroutine itself (post that to a later loop turn) nor touch co. */
+void gw_co_cleanup_add(struct gw_co *co, struct gw_co_cleanup *cl);
+
+/* Detaches cl without calling it. Safe when cl is not attached (set
+ * cl->pprev = NULL once before first use, or zero the struct). */
+void gw_co_cleanup_del(struct gw_co_cleanup *cl);
 
 /* Pushes nil and an error table { kind=, message=, retryable= } with the
  * paygate error metatable (tostring gives "kind: message"); returns 2.

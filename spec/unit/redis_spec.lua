@@ -91,6 +91,20 @@ describe("paygate.redis", function()
     it("raises on a malformed command list", function()
       assert.has_error(function() r:pipeline({ "GET" }) end)
     end)
+
+    it("raises on a bad argument before sending any command", function()
+      -- one connection: the GET below is answered after anything sent
+      local one = assert(redis.connect(srv.url, { pool = 1 }))
+      assert(one:call("DEL", "half"))
+      assert.has_error(function()
+        one:pipeline({ { "SET", "half", "1" }, { "SET", "x", {} } })
+      end)
+      assert.equal(redis.null, one:call("GET", "half"))
+      -- and the client still answers pipelines
+      assert.same({ "OK", "1" }, one:pipeline({ { "SET", "half", "1" },
+                                                { "GET", "half" } }))
+      one:close()
+    end)
   end)
 
   describe("script", function()

@@ -34,6 +34,58 @@ local function open(engine, opts)
   return db
 end
 
+-- Yields until cond() holds; raises after secs (a hung writer or an
+-- exhausted pool fails the spec instead of hanging the suite).
+local function wait_until(cond, secs, what)
+  local deadline = paygate.update_time() + secs
+  while not cond() do
+    if paygate.update_time() > deadline then
+      error("timed out after " .. secs .. " s waiting for " .. what, 2)
+    end
+    paygate.sleep(0.005)
+  end
+end
+
+-- task:wait() with a deadline.
+local function wait_task(t, secs, what)
+  wait_until(function() return t:finished() end, secs, what)
+  return t:wait()
+end
+
+-- A transaction that inserts a row, reports "in", then waits in fn.
+local function tx_then_wait(db, state, i, wait)
+  return paygate.spawn(function()
+    return db:transaction(function(tx)
+      assert(tx:exec("INSERT INTO t (v, n) VALUES ($1, $2)", { "x" .. i, i }))
+      state[i] = "in"
+      wait(tx)
+      state[i] = "out"                   -- never: the task is cancelled
+    end)
+  end)
+end
+
+-- Two transactions that each insert a row. On PostgreSQL (pool 2) both
+-- must be open at the same time, which needs both connections free; the
+-- SQLite writer serves them in turn.
+local function two_at_once(db, engine)
+  local need = engine == "postgres" and 2 or 1
+  local inside, tasks = 0, {}
+  for i = 1, 2 do
+    tasks[i] = paygate.spawn(function()
+      return db:transaction(function(tx)
+        assert(tx:exec("INSERT INTO t (v, n) VALUES ($1, $2)", { "c" .. i, i }))
+        inside = inside + 1
+        wait_until(function() return inside >= need end, 1,
+                   "the other transaction to be open too")
+        return true
+      end)
+    end)
+  end
+  for i = 1, 2 do
+    assert.is_true(wait_task(tasks[i], 2, "transaction " .. i))
+  end
+end
+
 local T_SQL = {
   sqlite = "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT UNIQUE,"
     .. " n INTEGER CONSTRAINT n_nonneg CHECK (n >= 0))",
@@ -185,6 +237,164 @@ for _, engine in ipairs(engines) do
         assert.equal("serialization", err.kind)
         assert.equal(4, calls)
       end)
+    end)
+
+    -- The coroutine of db:transaction(fn) goes away in the middle (task
+    -- cancelled, request deadline): no Lua code runs after that, yet the
+    -- writer (SQLite) or the reserved connection (PostgreSQL) must come
+    -- back at once, rolled back. Pool size 2, tx_timeout 5 s.
+    describe("abandoned transaction", function()
+      local adb
+
+      before_each(function()
+        adb = open(engine, { pool = 2, tx_timeout = 5000 })
+        assert(adb:exec_script(T_SQL[engine]))
+      end)
+
+      after_each(function()
+        adb:close()
+      end)
+
+      local function count()
+        return adb:query("SELECT count(*) AS c FROM t")[1].c
+      end
+
+      it("is rolled back when cancelled while fn waits, 5 times > pool", function()
+        local state = {}
+        for i = 1, 5 do
+          local t = tx_then_wait(adb, state, i, function()
+            paygate.sleep(30)
+          end)
+          wait_until(function() return state[i] == "in" end, 2,
+                     "transaction " .. i .. " to begin")
+          t:cancel()
+        end
+        local t0 = paygate.update_time()
+        assert(adb:exec("INSERT INTO t (v, n) VALUES ($1, $2)", { "after", 1 }))
+        assert.truthy(paygate.update_time() - t0 < 1,
+                      "write waited " .. (paygate.update_time() - t0) .. " s")
+        assert.equal(1, count())                 -- the 5 inserts are gone
+        assert.equal("ok", adb:transaction(function(tx)
+          assert(tx:exec("INSERT INTO t (v, n) VALUES ($1, $2)", { "y", 2 }))
+          return "ok"
+        end))
+        for i = 1, 5 do
+          assert.equal("in", state[i])
+        end
+      end)
+
+      it("lets the pool serve 2 transactions at once afterwards", function()
+        local state = {}
+        for i = 1, 3 do
+          local t = tx_then_wait(adb, state, i, function()
+            paygate.sleep(30)
+          end)
+          wait_until(function() return state[i] == "in" end, 2,
+                     "transaction " .. i .. " to begin")
+          t:cancel()
+        end
+        two_at_once(adb, engine)
+        assert.equal(2, count())
+      end)
+
+      it("is dropped when cancelled while its BEGIN still waits", function()
+        -- pool 2: two holders take both connections (SQLite: the first
+        -- holds the writer), so the third one's BEGIN queues.
+        local state = {}
+        local holders = {}
+        for i = 1, 2 do
+          holders[i] = tx_then_wait(adb, state, i, function()
+            paygate.sleep(30)
+          end)
+          if engine == "postgres" then
+            wait_until(function() return state[i] == "in" end, 2,
+                       "holder " .. i)
+          end
+        end
+        wait_until(function() return state[1] == "in" end, 2, "holder 1")
+        local queued = tx_then_wait(adb, state, 3, function()
+          paygate.sleep(30)
+        end)
+        assert.is_nil(state[3])   -- spawn ran it to its BEGIN, which waits
+        queued:cancel()
+        holders[1]:cancel()
+        holders[2]:cancel()
+        local t0 = paygate.update_time()
+        assert(wait_task(paygate.spawn(function()
+          return adb:exec("INSERT INTO t (v, n) VALUES ($1, $2)", { "after", 1 })
+        end), 1, "a write"))
+        -- and two transactions at once: no connection stayed reserved
+        two_at_once(adb, engine)
+        assert.truthy(paygate.update_time() - t0 < 1,
+                      "waited " .. (paygate.update_time() - t0) .. " s")
+        assert.equal(3, count())
+        assert.is_nil(state[3])
+      end)
+
+      it("is rolled back when its coroutine returns with it open", function()
+        for _ = 1, 3 do
+          local txid = wait_task(paygate.spawn(function()
+            local id = assert(adb.h:begin())
+            assert(adb.h:tx_exec(id, "INSERT INTO t (v, n) VALUES ($1, $2)",
+                                 { "leak", 1 }))
+            return id
+          end), 2, "begin")
+          assert.truthy(txid)
+        end
+        local t0 = paygate.update_time()
+        local tasks = {}
+        for i = 1, 2 do
+          tasks[i] = paygate.spawn(function()
+            return adb:transaction(function(tx)
+              return tx:exec("INSERT INTO t (v, n) VALUES ($1, $2)",
+                             { "c" .. i, i })
+            end)
+          end)
+        end
+        for i = 1, 2 do
+          assert.truthy(wait_task(tasks[i], 2, "transaction " .. i))
+        end
+        assert.truthy(paygate.update_time() - t0 < 1,
+                      "waited " .. (paygate.update_time() - t0) .. " s")
+        assert.equal(2, count())
+      end)
+
+      if engine == "postgres" then
+        it("discards the connection when cancelled mid-statement", function()
+          local state = {}
+          for i = 1, 5 do
+            local t = tx_then_wait(adb, state, i, function(tx)
+              tx:query("SELECT pg_sleep(3)")
+            end)
+            wait_until(function() return state[i] == "in" end, 2,
+                       "transaction " .. i .. " to begin")
+            t:cancel()
+          end
+          local t0 = paygate.update_time()
+          assert.same({ { one = 1 } }, adb:query("SELECT 1 AS one"))
+          assert(adb:exec("INSERT INTO t (v, n) VALUES ($1, $2)", { "a", 1 }))
+          assert.truthy(paygate.update_time() - t0 < 1,
+                        "waited " .. (paygate.update_time() - t0) .. " s")
+          assert.equal(1, count())
+        end)
+
+        it("leaves no session idle in transaction", function()
+          local state = {}
+          for i = 1, 4 do
+            local t = tx_then_wait(adb, state, i, function()
+              paygate.sleep(30)
+            end)
+            wait_until(function() return state[i] == "in" end, 2,
+                       "transaction " .. i .. " to begin")
+            t:cancel()
+          end
+          wait_until(function()
+            return adb:query("SELECT count(*) AS c FROM pg_stat_activity"
+                             .. " WHERE state = 'idle in transaction'")[1].c
+                   == 0
+          end, 2, "the ROLLBACKs")
+        end)
+      end
     end)
 
     describe("concurrency", function()
