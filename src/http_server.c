@@ -1095,9 +1095,14 @@ conn_process(struct gw_conn *c)
             c->scanned = 0;
             c->req_start = 0;
         }
-        if (c->in_len == 0) {
+        if (c->in_len == 0 && c->requests > 0) {
             conn_timer(c, srv.conf.keepalive_timeout);
-        } else if (c->in_len > 0 && c->started == 0) {
+        } else if (c->in_len == 0) {
+            /* a new connection (or a TLS handshake under way) has the
+             * head's time from its accept, not the idle keep-alive's */
+            conn_timer(c, srv.conf.header_timeout
+                          - (gw_loop_mono() - c->started));
+        } else if (c->started == 0) {
             c->started = gw_loop_mono();
         }
         if (c->in_len > 0) {

@@ -99,6 +99,23 @@ describe("paygate.http.request", function()
     assert.equal("connect", err.kind)
   end)
 
+  it("classifies a peer that hangs up without answering", function()
+    local proc = require "support.proc"
+    local port = core.free_port()
+    local log = os.tmpname()
+    local p = proc.spawn({ PAYGATE_BIN, "exec", "spec/support/closer.lua",
+                           tostring(port), "2" }, { log = log })
+    proc.wait_until(function() return proc.read(log):find("listening") end,
+                    10, "the closer to listen")
+    local res, err = paygate.http.request{ url = "http://127.0.0.1:" .. port .. "/" }
+    assert.is_nil(res)
+    assert.equal("closed", err.kind)
+    assert.is_true(err.retryable)
+    p:kill(proc.SIGKILL)
+    p:wait(5)
+    os.remove(log)
+  end)
+
   it("classifies a body over max_body", function()
     local res, err = paygate.http.request{ url = plain:url("/big"), max_body = 1000 }
     assert.is_nil(res)

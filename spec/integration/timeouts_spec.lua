@@ -86,3 +86,23 @@ describe("timeouts", function()
     assert.equal("0", assert(s:request("/reached")).body)
   end)
 end)
+
+describe("a TLS handshake that stalls", function()
+  it("is closed after the header timeout, not kept like an idle keep-alive", function()
+    local pki = require "support.pki"
+    local dir = server.tmpdir()
+    local certs = pki.make(dir)
+    local s = server.start{ source = APP, workers = 1, scheme = "https",
+      ca_file = certs.ca, config = [[
+        return { limits = { header_timeout = 0.5, keepalive_timeout = 60 } }]],
+      args = { "--tls-cert", certs.server_cert, "--tls-key", certs.server_key } }
+    local c = assert(rawtcp.connect(s.port, 10))
+    local t0 = paygate.update_time()
+    c:send("\22\3\1\0\200")          -- the start of a ClientHello, then nothing
+    c:recv_all()                     -- returns when the server closes
+    c:close()
+    assert.is_true(paygate.update_time() - t0 < 3, "kept the stalled handshake")
+    assert.equal(0, s:stop())
+    os.execute("rm -rf " .. dir)
+  end)
+end)
