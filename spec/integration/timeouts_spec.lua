@@ -106,3 +106,22 @@ describe("a TLS handshake that stalls", function()
     os.execute("rm -rf " .. dir)
   end)
 end)
+
+describe("the connection limit", function()
+  it("leaves connections past it in the backlog until one closes", function()
+    local s = server.start{ source = APP, workers = 1, config = [[
+      return { limits = { connections = 2 } }]] }
+    local a = assert(rawtcp.connect(s.port, 5))
+    local b = assert(rawtcp.connect(s.port, 5))
+    -- both held: a third is not served
+    local res, err = s:request{ path = "/reached", timeout = 0.5 }
+    assert.is_nil(res)
+    assert.equal("timeout", err.kind)
+    -- one closes: the next is served
+    a:close()
+    res = assert(s:request{ path = "/reached", timeout = 5 })
+    assert.equal(200, res.status)
+    b:close()
+    assert.equal(0, s:stop())
+  end)
+end)
