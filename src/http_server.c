@@ -32,6 +32,8 @@
 
 #define LREQ_MT "paygate.request"
 #define IN_MIN  4096            /* bytes: first input buffer */
+#define DRAIN_LINGER 1.0        /* s an idle connection may still send one
+                                   request once the worker drains */
 #define OUT_HIGH (64 * 1024)    /* bytes of unsent output before we stop
                                    answering pipelined requests */
 
@@ -1096,7 +1098,9 @@ conn_process(struct gw_conn *c)
             c->req_start = 0;
         }
         if (c->in_len == 0 && c->requests > 0) {
-            conn_timer(c, srv.conf.keepalive_timeout);
+            conn_timer(c, srv.draining && DRAIN_LINGER
+                          < srv.conf.keepalive_timeout
+                          ? DRAIN_LINGER : srv.conf.keepalive_timeout);
         } else if (c->in_len == 0) {
             /* a new connection (or a TLS handshake under way) has the
              * head's time from its accept, not the idle keep-alive's */
@@ -1288,7 +1292,7 @@ conn_flush(struct gw_conn *c)
         return;
     }
     if (srv.draining && c->state == ST_HEAD && c->in_len == 0) {
-        conn_close(c);
+        conn_timer(c, DRAIN_LINGER);    /* see gw_server_drain() */
         return;
     }
     /* TLS may hold decrypted bytes the socket will not signal again */
@@ -1510,15 +1514,16 @@ gw_server_drain(void (*done)(void))
             continue;           /* busy: closes after its answer */
         }
         /* A request may be on its way on this idle keep-alive connection:
-         * take what has arrived and answer it (with Connection: close)
-         * rather than reset it; close only what is truly idle. */
+         * closing now would reset it. Answer what has arrived, and give
+         * the rest DRAIN_LINGER to send one last request (answered with
+         * Connection: close) before the connection is closed. */
         if (!conn_read(c)) {
             continue;           /* the peer had closed: gone now */
         }
         if (c->in_len > 0) {
             conn_process(c);
         } else {
-            conn_close(c);
+            conn_timer(c, DRAIN_LINGER);
         }
     }
     if (srv.nconns == 0 && srv.drained != NULL) {
