@@ -257,12 +257,22 @@ push_op_result(lua_State *L, struct gw_pgop *op)
     }
     if (op->errkind[0] != '\0') {
         return gw_push_error(L, op->errkind,
-                             strcmp(op->errkind, "closed") != 0, "%s",
+                             strcmp(op->errkind, "closed") != 0
+                             && strcmp(op->errkind, "misuse") != 0, "%s",
                              op->errmsg);
     }
     if (op->tx_begin) {
         lua_pushnumber(L, (lua_Number)op->txid);
         return 1;
+    }
+    if (op->tx_end && r != NULL && strcmp(op->sql, "COMMIT") == 0
+        && strcmp(PQcmdStatus(r), "ROLLBACK") == 0)
+    {
+        /* The server answers COMMIT of a transaction that an earlier
+         * statement aborted with "ROLLBACK": nothing was committed. */
+        return gw_push_error(L, "error", 0, "postgres: transaction was"
+                             " aborted by an earlier error; COMMIT rolled"
+                             " it back");
     }
     if (op->kind == GW_PGOP_SCRIPT || op->tx_end) {
         lua_pushboolean(L, 1);
@@ -594,6 +604,19 @@ conn_send(struct gw_pgconn *c, struct gw_pgop *op)
     if (op->nparams > 256) {
         op_set_error(op, "misuse", "postgres: more than 256 parameters");
         return GW_AGAIN;
+    }
+    for (i = 0; i < op->nparams; i++) {
+        /* Text parameters go as C strings: a NUL would cut the value. */
+        if (op->params[i].type == GW_SQLV_TEXT
+            && memchr(op->params[i].s, '\0', op->params[i].len) != NULL)
+        {
+            char msg[80];
+
+            snprintf(msg, sizeof(msg), "postgres: parameter %d contains a"
+                     " NUL byte", i + 1);
+            op_set_error(op, "misuse", msg);
+            return GW_AGAIN;
+        }
     }
     slot = hash_sql(op->sql) % LPG_CACHE;
     if (c->cache_sql[slot] == NULL || strcmp(c->cache_sql[slot], op->sql)) {

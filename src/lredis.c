@@ -19,6 +19,7 @@
  * lives until all its replies (or NULLs, when a context is freed) came;
  * an abandoned coroutine only clears op->co.
  */
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -593,6 +594,22 @@ collect_args(lua_State *L, int tbl, int first, int last, const char **args,
         }
         if (lua_type(L, -1) == LUA_TBOOLEAN) {
             lua_pushstring(L, lua_toboolean(L, -1) ? "1" : "0");
+            lua_replace(L, -2);
+        } else if (lua_type(L, -1) == LUA_TNUMBER) {
+            /* Not tostring()'s "%.14g": 123456789012345 would go as
+             * "1.2345678901234e+14". */
+            char   buf[40];
+            double d = lua_tonumber(L, -1);
+
+            if (d == floor(d) && fabs(d) < 9.2e18) {
+                snprintf(buf, sizeof(buf), "%lld", (long long)d);
+            } else {
+                snprintf(buf, sizeof(buf), "%.14g", d);
+                if (strtod(buf, NULL) != d) {
+                    snprintf(buf, sizeof(buf), "%.17g", d);
+                }
+            }
+            lua_pushstring(L, buf);
             lua_replace(L, -2);
         }
         if (!lua_isstring(L, -1)) {

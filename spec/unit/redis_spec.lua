@@ -53,6 +53,20 @@ describe("paygate.redis", function()
       assert.same({ "a", "b" }, r:call("LRANGE", "l", 0, -1))
     end)
 
+    it("sends integral numbers with every digit", function()
+      -- tostring() would give "1.2345678901235e+14".
+      assert(r:call("SET", "bigint", 123456789012345))
+      assert.equal("123456789012345", r:call("GET", "bigint"))
+      assert(r:call("SET", "bigint", 2^53))
+      assert.equal("9007199254740992", r:call("GET", "bigint"))
+      assert.equal(2^53, r:call("INCRBY", "bigint", 0))
+      local res = assert(r:pipeline({ { "SET", "bigint", -100000000000001 },
+                                      { "GET", "bigint" } }))
+      assert.equal("-100000000000001", res[2])
+      assert(r:call("SET", "real", 0.5))
+      assert.equal("0.5", r:call("GET", "real"))
+    end)
+
     it("keeps binary-safe values", function()
       local v = "a\0b\r\n\255"
       assert(r:call("SET", "bin", v))

@@ -164,6 +164,19 @@ for _, engine in ipairs(engines) do
         assert.same({ { n = 3 }, { n = 4 } }, rows)
       end)
 
+      it("never truncates a string parameter at a NUL byte", function()
+        -- Bound exactly, or refused: never silently cut to "a".
+        local res, err = db:exec("INSERT INTO t (v, n) VALUES ($1, $2)",
+                                 { "a\0b", 1 })
+        if res then
+          local rows = assert(db:query("SELECT v FROM t WHERE n = 1"))
+          assert.equal("a\0b", rows[1].v)
+        else
+          assert.equal("misuse", err.kind)
+          assert.equal(0, db:query("SELECT count(*) AS c FROM t")[1].c)
+        end
+      end)
+
       it("counts changes of an UPDATE", function()
         for i = 1, 3 do
           assert(db:exec("INSERT INTO t (v, n) VALUES ($1, $2)", { "r" .. i, i }))
@@ -204,6 +217,26 @@ for _, engine in ipairs(engines) do
         assert.is_nil(ok)
         assert.equal("constraint", err.kind)
         assert.equal(0, db:query("SELECT count(*) AS c FROM t")[1].c)
+      end)
+
+      it("never reports a commit that did not happen", function()
+        -- fn handles a failed statement and goes on: either the commit
+        -- succeeds with the good row, or it fails and nothing is there.
+        local ok, err = db:transaction(function(tx)
+          assert(tx:exec("INSERT INTO t (v, n) VALUES ($1, $2)", { "g", 1 }))
+          local _, e = tx:exec("INSERT INTO t (v, n) VALUES ($1, $2)",
+                               { "bad", -1 })
+          assert.equal("constraint", e.kind)
+          tx:exec("INSERT INTO t (v, n) VALUES ($1, $2)", { "h", 2 })
+          return true
+        end)
+        local c = db:query("SELECT count(*) AS c FROM t")[1].c
+        if ok then
+          assert.is_true(c >= 1, "commit reported but no row committed")
+        else
+          assert.equal(0, c)
+          assert.is_table(err)
+        end
       end)
 
       it("rolls back and re-raises a programmer error", function()
