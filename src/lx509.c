@@ -352,6 +352,33 @@ lcert_tostring(lua_State *L)
 
 /* ---- chain verification ------------------------------------------------ */
 
+/* Gives an SM2-signed certificate the GM/T 0009 distinguishing ID
+ * (PROTOCOL.md 6): OpenSSL 3.0 verifies a certificate's signature with
+ * x->distinguishing_id, empty by default, so without it every SM2 chain
+ * fails as a bad signature. Only SM2-SM3 signatures: an ID on an RSA
+ * verify makes it fail. The ID is a constant, so setting it on a shared
+ * X509 is harmless. */
+static void
+gw_sm2_cert_id(X509 *x)
+{
+    ASN1_OCTET_STRING *id;
+
+    if (X509_get_signature_nid(x) != NID_SM2_with_SM3
+        || X509_get0_distinguishing_id(x) != NULL)
+    {
+        return;
+    }
+    id = ASN1_OCTET_STRING_new();
+    if (id == NULL
+        || ASN1_OCTET_STRING_set(id, (const unsigned char *)GW_SM2_ID,
+                                 GW_SM2_ID_LEN) != 1)
+    {
+        ASN1_OCTET_STRING_free(id);
+        return;
+    }
+    X509_set0_distinguishing_id(x, id);
+}
+
 /* Appends the certificates in the Lua value at idx (nil, a handle, a
  * PEM/DER string, or an array of those) to sk. GW_OK, or GW_ERR with kind
  * and msg (for strings that fail to parse). Raises on wrong types, so the
@@ -695,7 +722,12 @@ lx509_verify_chain(lua_State *L)
     if (system_roots) {
         X509_STORE_set_default_paths(store);
     }
+    gw_sm2_cert_id(c->x509);
+    for (i = 0; i < sk_X509_num(inter); i++) {
+        gw_sm2_cert_id(sk_X509_value(inter, i));
+    }
     for (i = 0; i < sk_X509_num(roots); i++) {
+        gw_sm2_cert_id(sk_X509_value(roots, i));
         X509_STORE_add_cert(store, sk_X509_value(roots, i));
     }
     if (X509_STORE_CTX_init(ctx, store, c->x509, inter) != 1) {

@@ -173,6 +173,27 @@ describe("paygate.x509", function()
       assert.equal(2, #bundle)
       assert.is_true(x509.verify_chain(bundle[1], { roots = { pki.R_pem }, intermediates = { bundle[2] } }))
     end)
+
+    it("verifies an SM2 chain signed with the GM/T ID 1234567812345678", function()
+      local function sh(fmt, ...) return T.sh((fmt):format(...)) end
+      local id = "-sigopt distid:1234567812345678"
+      sh("openssl genpkey -algorithm SM2 -out %s/smca.key", dir)
+      sh("openssl genpkey -algorithm SM2 -out %s/smleaf.key", dir)
+      sh("openssl req -new -x509 -key %s/smca.key -sm3 %s -subj '/CN=SM2 Test Root' -days 30"
+        .. " -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign -out %s/smca.pem",
+        dir, id, dir)
+      sh("openssl req -new -key %s/smleaf.key -sm3 %s -subj '/CN=SM2 leaf' -out %s/smleaf.csr", dir, id, dir)
+      sh("openssl x509 -req -in %s/smleaf.csr -vfyopt distid:1234567812345678 -CA %s/smca.pem"
+        .. " -CAkey %s/smca.key -sm3 %s -set_serial 0x5001 -days 10 -out %s/smleaf.pem", dir, dir, dir, id, dir)
+      local leaf = assert(x509.load(T.read(dir .. "/smleaf.pem")))
+      local ca = assert(x509.load(T.read(dir .. "/smca.pem")))
+      assert.is_true(x509.verify_chain(leaf, { roots = { ca } }))
+      -- fresh handles, root given as a PEM string
+      local leaf2 = assert(x509.load(T.read(dir .. "/smleaf.pem")))
+      assert.is_true(leaf2:verify_chain({ roots = T.read(dir .. "/smca.pem") }))
+      -- RSA chains are unaffected after SM2 ones
+      assert.is_true(x509.verify_chain(pki.L, { roots = { pki.R }, intermediates = { pki.I } }))
+    end)
   end)
 
   describe("fields", function()
