@@ -313,6 +313,16 @@ gw_kr_opts(lua_State *L, int idx, double *nb, double *na)
     lua_pop(L, 1);
 }
 
+/* Pushes t[k] for the table at idx without metamethods: replace() reads
+ * each field twice (check, then build with C memory held), and an __index
+ * could return something else the second time or raise. */
+static void
+gw_kr_rawfield(lua_State *L, int idx, const char *k)
+{
+    lua_pushstring(L, k);
+    lua_rawget(L, idx < 0 ? idx - 1 : idx);
+}
+
 static const char *
 gw_kr_check_id(lua_State *L, int idx, size_t *len)
 {
@@ -391,9 +401,9 @@ lkeyring_replace(lua_State *L)
 
         lua_rawgeti(L, 1, i);
         luaL_checktype(L, -1, LUA_TTABLE);
-        lua_getfield(L, -1, "id");
+        gw_kr_rawfield(L, -1, "id");
         gw_kr_check_id(L, lua_gettop(L), &len);
-        lua_getfield(L, -2, "key");
+        gw_kr_rawfield(L, -2, "key");
         if (luaL_testudata(L, -1, GW_KEY_MT) == NULL) {
             gw_cert_check(L, lua_gettop(L));
         }
@@ -407,17 +417,17 @@ lkeyring_replace(lua_State *L)
         double nb = -1, na = -1;
 
         lua_rawgeti(L, 1, i);
-        lua_getfield(L, -1, "not_before");
+        gw_kr_rawfield(L, -1, "not_before");
         if (lua_isnumber(L, -1)) {
             nb = lua_tonumber(L, -1);
         }
-        lua_getfield(L, -2, "not_after");
+        gw_kr_rawfield(L, -2, "not_after");
         if (lua_isnumber(L, -1)) {
             na = lua_tonumber(L, -1);
         }
-        lua_getfield(L, -3, "id");
+        gw_kr_rawfield(L, -3, "id");
         id = lua_tolstring(L, -1, &len);
-        lua_getfield(L, -4, "key");
+        gw_kr_rawfield(L, -4, "key");
         e = gw_kr_entry_new(L, id, len, lua_gettop(L), nb, na, msg,
                             sizeof(msg));
         lua_pop(L, 5);
@@ -545,8 +555,18 @@ lkeyring_remove(lua_State *L)
     struct gw_keyring *kr = gw_kr_instance(L);
     size_t len, i;
     const char *id = luaL_checklstring(L, 1, &len);
+    char up[GW_KEYRING_MAX_ID];
     int found = 0;
 
+    /* put() stores hex serials uppercase: match them the same way. */
+    if (len <= GW_KEYRING_MAX_ID
+        && !(len >= 11 && memcmp(id, "PUB_KEY_ID_", 11) == 0))
+    {
+        for (i = 0; i < len; i++) {
+            up[i] = (char)toupper((unsigned char)id[i]);
+        }
+        id = up;
+    }
     if (kr->count > 0) {
         i = gw_kr_find(kr, id, len, gw_kr_hash(id, len), &found);
         if (found) {

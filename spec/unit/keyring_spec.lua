@@ -122,6 +122,39 @@ describe("paygate.keyring", function()
     assert.is_not_nil(keyring.get("NEW1"))
   end)
 
+  it("removes hex serials case-insensitively, like put/get/verify", function()
+    local serial = keyring.put(nil, a6)
+    assert.is_true(keyring.remove(serial:lower()))
+    assert.equal(0, keyring.count())
+    fails_with("unknown_serial", keyring.get(serial, a6:not_before() + 10))
+    -- PUB_KEY_ID_ ids stay opaque (exact match)
+    keyring.put("PUB_KEY_ID_abc", wxpub)
+    assert.is_false(keyring.remove("PUB_KEY_ID_ABC"))
+    assert.is_true(keyring.remove("PUB_KEY_ID_abc"))
+  end)
+
+  it("replace() reads items raw: an __index cannot change or abort them", function()
+    keyring.put("OLD", wxpub)
+    -- an id that is a string when checked and a table when used
+    local calls = 0
+    local item = setmetatable({}, { __index = function(_, k)
+      calls = calls + 1
+      if k == "key" then return wxpub end
+      return calls <= 2 and "ABC" or {}
+    end })
+    assert.has_error(function() keyring.replace({ item }) end)
+    assert.equal(1, keyring.count())
+    assert.is_not_nil(keyring.get("OLD"))
+    -- an __index that raises while the new set is being built (C memory
+    -- held): never consulted, the items' own fields are complete
+    local raising = setmetatable({ id = "B", key = wxpub }, { __index = function()
+      error("boom")
+    end })
+    assert.is_true(keyring.replace({ { id = "A", key = wxpub }, raising }))
+    assert.equal(2, keyring.count())
+    assert.is_not_nil(keyring.get("B"))
+  end)
+
   it("picks the newest valid certificate for encryption", function()
     assert.is_nil(keyring.newest())
     keyring.put(PUB_ID, wxpub)
