@@ -100,6 +100,8 @@ struct gw_sqldb {
     pthread_cond_t     rcond;    /* readers: rq got a job */
     int                refs;     /* Lua handle + running threads */
     int                closing;  /* threads exit when their queue drains */
+    int                readers;  /* reader threads running: the writer
+                                    outlives them (they hand it writes) */
     struct gw_sqljob  *wq, *wq_tail;   /* writer jobs */
     struct gw_sqljob  *txq, *txq_tail; /* active transaction's jobs */
     struct gw_sqljob  *rq, *rq_tail;   /* reader jobs */
@@ -983,7 +985,7 @@ writer_main(void *arg)
     memset(&b, 0, sizeof(b));
     pthread_mutex_lock(&db->mu);
     for (;;) {
-        while (db->wq == NULL && !db->closing) {
+        while (db->wq == NULL && !(db->closing && db->readers == 0)) {
             pthread_cond_wait(&db->wcond, &db->mu);
         }
         if (db->wq == NULL) {
@@ -1077,6 +1079,8 @@ reader_main(void *arg)
         post_one(j);
         pthread_mutex_lock(&db->mu);
     }
+    db->readers--;
+    pthread_cond_signal(&db->wcond);     /* the writer may leave now */
     pthread_mutex_unlock(&db->mu);
     conn_close(&c);
     db_unref(db);
@@ -1299,6 +1303,7 @@ lsqlite_open(lua_State *L)
 
         pthread_mutex_lock(&db->mu);
         db->refs++;
+        db->readers += i > 0;
         pthread_mutex_unlock(&db->mu);
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
@@ -1306,6 +1311,9 @@ lsqlite_open(lua_State *L)
                             db);
         pthread_attr_destroy(&attr);
         if (rc != 0) {
+            pthread_mutex_lock(&db->mu);
+            db->readers -= i > 0;
+            pthread_mutex_unlock(&db->mu);
             db_unref(db);
             return gw_push_error(L, "unavailable", 0, "sqlite: cannot start"
                                  " a thread: %s", strerror(rc));

@@ -561,4 +561,18 @@ describe("paygate.sql on sqlite (engine specifics)", function()
     assert.same({ { k = 9 } }, rows)
     db:close()
   end)
+
+  it("answers a writing query in flight when the handle closes", function()
+    -- The reader hands it to the writer, which may already have left.
+    for round = 1, 20 do
+      local db = open("sqlite", { readers = 1 })
+      assert(db:exec_script("CREATE TABLE g (k INTEGER)"))
+      local t = paygate.spawn(function()
+        return db:query("INSERT INTO g VALUES ($1) RETURNING k", { round })
+      end)
+      paygate.sleep(0)
+      db:close()
+      wait_task(t, 2, "the query of round " .. round)
+    end
+  end)
 end)
