@@ -551,12 +551,27 @@ lredis_new(lua_State *L)
     return 1;
 }
 
+/* Loop turn after close(): drops the connections, then the client. */
+static void
+close_conns(void *arg)
+{
+    struct gw_redis *cl = arg;
+
+    cl->refs++;                          /* conn_drop may drop the last */
+    for (int i = 0; i < cl->npool; i++) {
+        /* Pending commands get NULL replies ("closed"); inside a hiredis
+         * callback the free is deferred by hiredis. */
+        conn_drop(&cl->conns[i]);
+    }
+    client_unref(cl);
+    client_unref(cl);
+}
+
 static int
 lredis_close(lua_State *L)
 {
     struct gw_rud   *ud = luaL_checkudata(L, 1, LREDIS_MT);
     struct gw_redis *cl = ud->cl;
-    int              i;
 
     if (cl == NULL) {
         return 0;
@@ -564,14 +579,12 @@ lredis_close(lua_State *L)
     ud->cl = NULL;
     cl->closed = 1;
     event_del(cl->tick);
-    cl->refs++;                          /* conn_drop may drop the last */
-    for (i = 0; i < cl->npool; i++) {
-        /* Pending commands get NULL replies ("closed"); inside a hiredis
-         * callback the free is deferred by hiredis. */
-        conn_drop(&cl->conns[i]);
+    /* Dropping the connections fails their pending commands, which wakes
+     * the coroutines waiting on them: not from inside the running one
+     * (runtime.h), so on the next loop turn. New calls already fail. */
+    if (gw_loop_post(close_conns, cl) != GW_OK) {
+        close_conns(cl);
     }
-    client_unref(cl);
-    client_unref(cl);
     return 0;
 }
 

@@ -33,7 +33,13 @@ function _M.is_error(v)
 end
 
 local function parse_url(url)
-  local rest = url:match("^rediss?://(.*)$")
+  if url:match("^rediss://") then
+    -- never fall back to plain text when TLS was asked for
+    error("redis.connect: rediss:// (TLS) is not supported (hiredis 0.14 "
+          .. "has no TLS): reach Redis over loopback or a TLS tunnel "
+          .. "with redis://", 3)
+  end
+  local rest = url:match("^redis://(.*)$")
   if not rest then
     error("redis.connect: url must start with redis://", 3)
   end

@@ -28,6 +28,8 @@ describe("paygate.redis", function()
 
     it("raises on a url that is not redis://", function()
       assert.has_error(function() redis.connect("http://x") end)
+      -- TLS was asked for: refuse rather than talk plain text
+      assert.has_error(function() redis.connect("rediss://127.0.0.1:6379") end)
     end)
   end)
 
@@ -118,6 +120,26 @@ describe("paygate.redis", function()
       assert.same({ "OK", "1" }, one:pipeline({ { "SET", "half", "1" },
                                                 { "GET", "half" } }))
       one:close()
+    end)
+  end)
+
+  describe("close", function()
+    it("fails pending commands with closed, waking them after close returns", function()
+      local one = assert(redis.connect(srv.url, { pool = 1 }))
+      local woke = false
+      local waiter = paygate.spawn(function()
+        local v, err = one:call("BLPOP", "never-pushed", 5)
+        woke = true
+        return v, err
+      end)
+      paygate.sleep(0.05)               -- let the BLPOP reach the server
+      one:close()
+      -- not resumed from inside close(): that would run it inside us
+      assert.is_false(woke)
+      local v, err = waiter:wait()
+      assert.is_nil(v)
+      assert.is_truthy(({ closed = true, unavailable = true })[err.kind], err.kind)
+      assert.has_error(function() one:call("PING") end)
     end)
   end)
 
