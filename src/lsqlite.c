@@ -87,11 +87,14 @@ struct gw_sqljob {
 struct gw_sqlcache {
     char         *sql[LSQLITE_CACHE];  /* owned keys */
     sqlite3_stmt *st[LSQLITE_CACHE];   /* owned statements */
+    char          tx[LSQLITE_CACHE];   /* prepared with allow_tx: ours */
 };
 
 struct gw_sqlconn {
     sqlite3            *h;       /* owned by the thread using it */
     struct gw_sqlcache  cache;
+    int                 allow_tx;/* 1 while run_fixed() runs our own
+                                    BEGIN/SAVEPOINT/RELEASE/COMMIT */
 };
 
 struct gw_sqldb {
@@ -279,6 +282,11 @@ push_job_error(lua_State *L, struct gw_sqljob *j)
         kind = "timeout";
         retry = 1;
         break;
+    case SQLITE_AUTH:
+        kind = "misuse";
+        msg = "BEGIN, COMMIT, ROLLBACK, SAVEPOINT and RELEASE are not "
+              "allowed in SQL: use db:transaction()";
+        break;
     case SQLITE_MISUSE:
     case SQLITE_RANGE:
     case SQLITE_MISMATCH:
@@ -454,7 +462,9 @@ stmt_get(struct gw_sqlconn *c, struct gw_sqljob *j)
     const char   *tail = NULL;
     int           rc;
 
-    if (c->cache.sql[slot] != NULL && strcmp(c->cache.sql[slot], j->sql) == 0)
+    /* our own BEGIN/COMMIT never serves user SQL of the same text */
+    if (c->cache.sql[slot] != NULL && strcmp(c->cache.sql[slot], j->sql) == 0
+        && c->cache.tx[slot] == c->allow_tx)
     {
         return c->cache.st[slot];
     }
@@ -480,6 +490,7 @@ stmt_get(struct gw_sqlconn *c, struct gw_sqljob *j)
     free(c->cache.sql[slot]);
     c->cache.sql[slot] = strdup(j->sql);
     c->cache.st[slot] = c->cache.sql[slot] != NULL ? st : NULL;
+    c->cache.tx[slot] = (char) c->allow_tx;
     if (c->cache.st[slot] == NULL) {
         sqlite3_finalize(st);
         job_fail(j, SQLITE_NOMEM, NULL);
@@ -668,13 +679,36 @@ run_fixed(struct gw_sqlconn *c, const char *sql, char **errmsg)
 
     memset(&j, 0, sizeof(j));
     j.sql = (char *)sql;
+    c->allow_tx = 1;
     rc = run_stmt(c, &j);
+    c->allow_tx = 0;
     if (errmsg != NULL) {
         *errmsg = j.errmsg;
     } else {
         free(j.errmsg);
     }
     return rc;
+}
+
+/*
+ * Transactions are the writer's: group commit wraps every write in its own
+ * savepoint inside a shared transaction, so a BEGIN, COMMIT, ROLLBACK,
+ * SAVEPOINT or RELEASE in user SQL (a statement, a script, a migration)
+ * would commit or undo its neighbours' work. Such statements fail to
+ * prepare (SQLITE_AUTH); db:transaction() is the way. On a reader, a BEGIN
+ * would leave the connection in a transaction serving stale reads.
+ */
+static int
+authorize(void *arg, int action, const char *a, const char *b,
+          const char *dbname, const char *trigger)
+{
+    struct gw_sqlconn *c = arg;
+
+    if ((action == SQLITE_TRANSACTION || action == SQLITE_SAVEPOINT)
+        && !c->allow_tx) {
+        return SQLITE_DENY;
+    }
+    return SQLITE_OK;
 }
 
 static int
@@ -693,6 +727,7 @@ conn_open(struct gw_sqlconn *c, struct gw_sqldb *db, int readonly,
     }
     sqlite3_extended_result_codes(c->h, 1);
     sqlite3_busy_timeout(c->h, db->busy_ms);
+    sqlite3_set_authorizer(c->h, authorize, c);
     if (readonly) {
         return SQLITE_OK;
     }

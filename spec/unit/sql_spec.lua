@@ -107,6 +107,34 @@ for _, engine in ipairs(engines) do
     end)
 
     describe("errors", function()
+      it("refuses transaction control in SQL (misuse), in and out of transactions", function()
+        local stmts = { "BEGIN", "  -- why\nbegin", "COMMIT", "ROLLBACK",
+                        "SAVEPOINT s", "RELEASE s" }
+        if engine == "postgres" then stmts[#stmts + 1] = "START TRANSACTION" end
+        for _, stmt in ipairs(stmts) do
+          local r, err = db:exec(stmt)
+          assert.is_nil(r, stmt)
+          assert.equal("misuse", err.kind, stmt)
+          r, err = db:query(stmt)
+          assert.is_nil(r, stmt)
+          assert.equal("misuse", err.kind, stmt)
+        end
+        local r, err = db:exec_script("INSERT INTO t (v, n) VALUES ('s', 1); COMMIT")
+        assert.is_nil(r)
+        assert.equal("misuse", err.kind)
+        -- a transaction cannot be ended from inside: it commits as a whole
+        assert(db:transaction(function(tx)
+          assert(tx:exec("INSERT INTO t (v, n) VALUES ($1, $2)", { "in", 1 }))
+          local _, cerr = tx:exec("COMMIT")
+          assert.equal("misuse", cerr.kind)
+          return tx:exec("INSERT INTO t (v, n) VALUES ($1, $2)", { "in2", 2 })
+        end))
+        assert.equal(2, #db:query("SELECT v FROM t WHERE v LIKE 'in%'"))
+        -- and the pool was left clean: plain writes are durable
+        assert(db:exec("INSERT INTO t (v, n) VALUES ($1, $2)", { "after", 3 }))
+        assert.equal(1, #db:query("SELECT v FROM t WHERE v = 'after'"))
+      end)
+
       it("classifies a unique violation as constraint, with its name", function()
         assert(db:exec("INSERT INTO t (v, n) VALUES ($1, $2)", { "a", 1 }))
         local res, err = db:exec("INSERT INTO t (v, n) VALUES ($1, $2)",
@@ -498,6 +526,36 @@ describe("paygate.sql on sqlite (engine specifics)", function()
 
   it("raises on an unknown url scheme", function()
     assert.has_error(function() sql.open("mysql://x") end)
+  end)
+
+  it("refuses transaction control in SQL, which would commit or undo its neighbours", function()
+    local db = open("sqlite")
+    assert(db:exec_script("CREATE TABLE tc (k INTEGER)"))
+    -- a neighbour's write waits in the same group while we try
+    local other = paygate.spawn(function()
+      return db:exec("INSERT INTO tc VALUES (1)")
+    end)
+    for _, stmt in ipairs({ "BEGIN", "COMMIT", "ROLLBACK", "END",
+                            "SAVEPOINT x", "RELEASE gw", "SAVEPOINT gw" }) do
+      local r, err = db:exec(stmt)
+      assert.is_nil(r, stmt)
+      assert.equal("misuse", err.kind, stmt)
+      r, err = db:query(stmt)
+      assert.is_nil(r, stmt)
+      assert.equal("misuse", err.kind, stmt)
+    end
+    local r, err = db:exec_script("BEGIN; INSERT INTO tc VALUES (2); COMMIT;")
+    assert.is_nil(r)
+    assert.equal("misuse", err.kind)
+    assert(other:wait())
+    -- the neighbour's row is there, the script's is not, and writes go on
+    assert.same({ { k = 1 } }, db:query("SELECT k FROM tc ORDER BY k"))
+    assert(db:exec("INSERT INTO tc VALUES (3)"))
+    assert(db:transaction(function(tx)
+      return tx:exec("INSERT INTO tc VALUES (4)")
+    end))
+    assert.equal(3, db:query("SELECT count(*) AS c FROM tc")[1].c)
+    db:close()
   end)
 
   it("commits concurrent writes in groups (fewer commits than writes)", function()
