@@ -627,6 +627,9 @@ gw_crypto_load_public_key(const unsigned char *in, size_t len,
     int pem, rc = GW_ERR;
 
     *out = NULL;
+    if (len > INT_MAX) {
+        GW_FAIL("malformed", "public key input is too large");
+    }
     pem = gw_pem_precheck(in, len, kind, msg, msglen);
     if (pem < 0) {
         goto err;

@@ -206,6 +206,9 @@ function DB:transaction(fn, opts)
     error("db:transaction: fn must be a function", 2)
   end
   local attempts = (opts and opts.retries) or self.retries
+  if type(attempts) ~= "number" or attempts < 1 or attempts % 1 ~= 0 then
+    error("db:transaction: retries must be an integer >= 1", 2)
+  end
   local err
   for attempt = 1, attempts do
     local txid

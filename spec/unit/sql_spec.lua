@@ -277,6 +277,14 @@ for _, engine in ipairs(engines) do
         assert.equal(0, db:query("SELECT count(*) AS c FROM t")[1].c)
       end)
 
+      it("raises on a retries bound that is not a whole number >= 1", function()
+        for _, bad in ipairs({ 0, -1, 1.5, "3" }) do
+          assert.has_error(function()
+            db:transaction(function() return true end, { retries = bad })
+          end)
+        end
+      end)
+
       it("retries fn on a serialization failure, within a bound", function()
         local calls = 0
         local ok, err = db:transaction(function(tx)
