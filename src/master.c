@@ -54,6 +54,8 @@ static struct {
     int               reload_again; /* HUP arrived during a reload */
     int               stopping;
     int               failed_start; /* a first-generation worker failed */
+    int               served;       /* some worker has been ready once:
+                                       failures are restarts from now on */
     int               crashes;      /* recent, for the restart backoff */
     double            last_crash;   /* s */
     int               pending_restarts;
@@ -140,6 +142,7 @@ on_ready(evutil_socket_t fd, short what, void *arg)
     wk->ready_fd = -1;
     if (n == 1 && c == 'R') {
         wk->state = W_READY;
+        m.served = 1;
         if (m.next_gen != 0 && wk->gen == m.next_gen
             && count(m.next_gen, W_READY) == m.o->workers) {
             reload_commit();
@@ -149,8 +152,7 @@ on_ready(evutil_socket_t fd, short what, void *arg)
     /* 'F' or EOF: it could not load the app; its log line says why */
     if (wk->gen == m.next_gen) {
         reload_abort("a new worker failed to load the app");
-    } else if (m.gen == 1 && wk->gen == 1 && count(1, W_READY) == 0
-               && !m.stopping) {
+    } else if (!m.served && !m.stopping) {
         m.failed_start = 1;
     }
 }
@@ -331,8 +333,7 @@ on_chld(evutil_socket_t sig, short what, void *arg)
             wk->pid = 0;
             reload_abort("a new worker died while loading the app");
             continue;
-        } else if (wk->state == W_STARTING && wk->gen == 1 && m.gen == 1
-                   && count(1, W_READY) == 0) {
+        } else if (wk->state == W_STARTING && !m.served) {
             m.failed_start = 1;
             gw_log(GW_LOG_ERROR, "worker %d %s before serving", (int) pid,
                    why);

@@ -220,6 +220,26 @@ describe("worker crash", function()
   end)
 end)
 
+describe("a restarted worker that cannot load the app", function()
+  it("is retried with backoff while the master keeps the port", function()
+    local s = server.start{ source = app_source("v1"), workers = 1 }
+    write(s.app .. "/app.lua", "error('broken on disk')")
+    local kids = children(s.pid)
+    proc.kill_pid(kids[1], proc.SIGKILL)
+    proc.wait_until(function()
+      local _, n = s:logs():gsub("broken on disk", "")
+      return n >= 2
+    end, 15, "the restart to fail twice")
+    assert.is_nil(s.proc:poll(), "the master gave up")
+    write(s.app .. "/app.lua", app_source("v2"))
+    proc.wait_until(function()
+      local res = s:request{ path = "/version", timeout = 1 }
+      return res and res.body == "v2"
+    end, 20, "a worker to serve again")
+    assert.equal(0, s:stop())
+  end)
+end)
+
 describe("TLS files", function()
   it("are reloaded with the code on HUP", function()
     local dir = server.tmpdir()
