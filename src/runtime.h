@@ -104,7 +104,8 @@ void gw_co_cleanup_del(struct gw_co_cleanup *cl);
  * paygate error metatable (tostring gives "kind: message"); returns 2.
  * Use it for every expected failure returned to Lua. */
 int gw_push_error(lua_State *L, const char *kind, int retryable,
-                  const char *fmt, ...);
+                  const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
 
 /* Logging: JSON lines on stderr. Never pass secrets. */
 enum gw_log_level { GW_LOG_DEBUG, GW_LOG_INFO, GW_LOG_WARN, GW_LOG_ERROR };
