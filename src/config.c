@@ -10,8 +10,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
+#include <luajit.h>
 #include <lualib.h>
 
 #include "config.h"
@@ -153,6 +155,28 @@ read_keys(lua_State *L, int t, const char *where, const struct key *keys,
     return GW_OK;
 }
 
+#define CONFIG_SECONDS 5         /* a config that runs longer loops */
+
+static double config_deadline;
+
+static double
+mono_now(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double) ts.tv_sec + (double) ts.tv_nsec / 1e9;
+}
+
+static void
+config_hook(lua_State *L, lua_Debug *ar)
+{
+    (void) ar;
+    if (mono_now() > config_deadline) {
+        luaL_error(L, "still running after %d s (a loop?)", CONFIG_SECONDS);
+    }
+}
+
 int
 gw_opts_load_file(struct gw_opts *o, const char *path, char *err,
                   size_t errlen)
@@ -165,6 +189,11 @@ gw_opts_load_file(struct gw_opts *o, const char *path, char *err,
         return GW_ERR;
     }
     luaL_openlibs(L);
+    /* A config that never returns must not hang the start: count hooks
+     * only run in the interpreter, so no JIT for this short-lived state. */
+    luaJIT_setmode(L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_OFF);
+    config_deadline = mono_now() + CONFIG_SECONDS;
+    lua_sethook(L, config_hook, LUA_MASKCOUNT, 100000);
     if (gw_lstate_dofile(L, path, 1) != GW_OK) {
         snprintf(err, errlen, "config %s: %s", path, lua_tostring(L, -1));
         goto done;
@@ -176,7 +205,8 @@ gw_opts_load_file(struct gw_opts *o, const char *path, char *err,
     if (read_keys(L, 1, "config", top_keys, 0, o, err, errlen) != GW_OK) {
         goto done;
     }
-    lua_getfield(L, 1, "log_level");
+    lua_pushliteral(L, "log_level");
+    lua_rawget(L, 1);    /* raw: a metatable must not run here, unprotected */
     if (!lua_isnil(L, -1)) {
         if (!lua_isstring(L, -1)
             || gw_log_parse_level(lua_tostring(L, -1), &o->log_level)
@@ -187,12 +217,14 @@ gw_opts_load_file(struct gw_opts *o, const char *path, char *err,
         }
     }
     lua_pop(L, 1);
-    lua_getfield(L, 1, "access_log");
+    lua_pushliteral(L, "access_log");
+    lua_rawget(L, 1);    /* raw: a metatable must not run here, unprotected */
     if (!lua_isnil(L, -1)) {
         o->server.access_log = lua_toboolean(L, -1);
     }
     lua_pop(L, 1);
-    lua_getfield(L, 1, "tls");
+    lua_pushliteral(L, "tls");
+    lua_rawget(L, 1);    /* raw: a metatable must not run here, unprotected */
     if (lua_istable(L, -1)) {
         if (read_keys(L, lua_gettop(L), "config.tls", tls_keys, 1, o, err,
                       errlen) != GW_OK) {
@@ -203,7 +235,8 @@ gw_opts_load_file(struct gw_opts *o, const char *path, char *err,
         goto done;
     }
     lua_pop(L, 1);
-    lua_getfield(L, 1, "limits");
+    lua_pushliteral(L, "limits");
+    lua_rawget(L, 1);    /* raw: a metatable must not run here, unprotected */
     if (lua_istable(L, -1)) {
         if (read_keys(L, lua_gettop(L), "config.limits", limit_keys, 1, o,
                       err, errlen) != GW_OK) {
@@ -249,9 +282,15 @@ gw_listen(const char *spec, int backlog, char *err, size_t errlen)
             host[colon - spec] = '\0';
         }
     }
+    /* a port longer than the buffer was cut short, and atoi wraps: both
+     * bound a port nobody asked for (2^32+80 was port 80) */
+    if (strlen(colon != NULL ? colon + 1 : spec) >= sizeof(port)) {
+        snprintf(err, errlen, "bad port in '%s' (want HOST:PORT)", spec);
+        return -1;
+    }
     snprintf(port, sizeof(port), "%s", colon != NULL ? colon + 1 : spec);
     if (port[0] == '\0' || strspn(port, "0123456789") != strlen(port)
-        || atoi(port) > 65535) {
+        || strtol(port, NULL, 10) > 65535) {
         snprintf(err, errlen, "bad port in '%s' (want HOST:PORT)", spec);
         return -1;
     }

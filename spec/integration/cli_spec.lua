@@ -70,6 +70,45 @@ describe("paygate CLI", function()
     os.execute("rm -rf " .. dir)
   end)
 
+  it("exits 2 for a port that only fits after wrapping or truncation", function()
+    -- 2^32 + p was bound as port p; 22 digits were cut to 15 (port 0)
+    local port = require("paygate.core").free_port()
+    local code, out = run({ "run", "examples/hello", "--admin", "off",
+                            "--listen", "127.0.0.1:" .. (4294967296 + port) })
+    assert.equal(2, code)
+    assert.matches("bad port", out)
+    code, out = run({ "run", "examples/hello", "--admin", "off",
+                      "--listen", "127.0.0.1:0000000000000000000" .. port })
+    assert.equal(2, code)
+    assert.matches("bad port", out)
+  end)
+
+  it("exits 2, not a Lua panic, for a config whose table has a hostile metatable", function()
+    local dir = server.tmpdir()
+    local f = assert(io.open(dir .. "/c.lua", "w"))
+    f:write("return setmetatable({ workers = 500 }, "
+            .. "{ __index = function() error('boom') end })")
+    f:close()
+    local code, out = run({ "run", "examples/hello", "--config", dir .. "/c.lua",
+                            "--admin", "off" })
+    assert.equal(2, code)
+    assert.not_matches("PANIC", out)
+    assert.matches("workers", out)
+    os.execute("rm -rf " .. dir)
+  end)
+
+  it("exits 2 for a config that never returns", function()
+    local dir = server.tmpdir()
+    local f = assert(io.open(dir .. "/c.lua", "w"))
+    f:write("while true do end")
+    f:close()
+    local code, out = run({ "run", "examples/hello", "--config", dir .. "/c.lua",
+                            "--admin", "off" }, 15)
+    assert.equal(2, code)
+    assert.matches("still running", out)
+    os.execute("rm -rf " .. dir)
+  end)
+
   it("exits 2 for TLS files that do not load", function()
     local code, out = run({ "run", "examples/hello", "--tls-cert", "/nonexistent.pem",
                             "--tls-key", "/nonexistent.key" })
