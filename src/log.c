@@ -26,6 +26,38 @@ gw_log_parse_level(const char *s, enum gw_log_level *out)
     return GW_ERR;
 }
 
+/* Length of the valid UTF-8 sequence at s[0..len), or 0 if none (overlong
+ * forms, surrogates and code points past U+10FFFF are invalid). */
+static size_t
+utf8_seq(const unsigned char *s, size_t len)
+{
+    size_t n;
+    unsigned cp, min;
+
+    if (s[0] >= 0xc2 && s[0] <= 0xdf) {
+        n = 2, cp = s[0] & 0x1fu, min = 0x80;
+    } else if (s[0] >= 0xe0 && s[0] <= 0xef) {
+        n = 3, cp = s[0] & 0x0fu, min = 0x800;
+    } else if (s[0] >= 0xf0 && s[0] <= 0xf4) {
+        n = 4, cp = s[0] & 0x07u, min = 0x10000;
+    } else {
+        return 0;
+    }
+    if (len < n) {
+        return 0;
+    }
+    for (size_t i = 1; i < n; i++) {
+        if ((s[i] & 0xc0) != 0x80) {
+            return 0;
+        }
+        cp = (cp << 6) | (s[i] & 0x3fu);
+    }
+    if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) {
+        return 0;
+    }
+    return n;
+}
+
 size_t
 gw_json_quote(char *buf, size_t cap, const char *s, size_t len)
 {
@@ -58,8 +90,22 @@ gw_json_quote(char *buf, size_t cap, const char *s, size_t len)
             buf[n++] = '0';
             buf[n++] = hex[c >> 4];
             buf[n++] = hex[c & 15];
-        } else {
+        } else if (c < 0x80) {
             buf[n++] = (char) c;
+        } else {
+            /* JSON is UTF-8: a byte that does not start a valid sequence
+             * (a client's path, a handler's binary message) becomes
+             * U+FFFD instead of making the whole line unparseable */
+            size_t k = utf8_seq((const unsigned char *) s + i, len - i);
+
+            if (k == 0) {
+                memcpy(buf + n, "\\ufffd", 6);
+                n += 6;
+            } else {
+                memcpy(buf + n, s + i, k);
+                n += k;
+                i += k - 1;
+            }
         }
     }
     if (n + 1 >= cap) {
