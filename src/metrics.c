@@ -159,6 +159,21 @@ gw_metrics_request(const char *method, size_t method_len, const char *route,
         return;
     }
     if (route == NULL) {
+        /* the method of an unmatched request is the client's own word: a
+         * label per made-up method would fill the table (ROUTES) and leave
+         * every later request uncounted */
+        static const char *const known[] = { "GET", "HEAD", "POST", "PUT",
+            "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT", NULL };
+        int k = 0;
+
+        while (known[k] != NULL && (strlen(known[k]) != method_len
+               || memcmp(known[k], method, method_len) != 0)) {
+            k++;
+        }
+        if (known[k] == NULL) {
+            method = "OTHER";
+            method_len = 5;
+        }
         route = "(unmatched)";
     }
     h = (unsigned) (((uintptr_t) route >> 3) ^ ((unsigned) status * 31u)
