@@ -51,6 +51,8 @@ static struct {
     SSL_CTX          *ssl_next;     /* owned: a reload's, until it wins */
     int               gen;          /* current generation */
     int               next_gen;     /* generation being started, or 0 */
+    int               last_gen;     /* highest ever started: an aborted
+                                       generation's number is never reused */
     int               reload_again; /* HUP arrived during a reload */
     int               stopping;
     int               failed_start; /* a first-generation worker failed */
@@ -58,7 +60,6 @@ static struct {
                                        failures are restarts from now on */
     int               crashes;      /* recent, for the restart backoff */
     double            last_crash;   /* s */
-    int               pending_restarts;
     struct gw_worker  w[MAX_WORKERS];
     struct event     *restart_ev;   /* owned */
     struct event     *reload_timer; /* owned */
@@ -66,7 +67,7 @@ static struct {
     struct event     *admin_ev;     /* owned */
 } m;
 
-static void spawn_worker(int gen);
+static int spawn_worker(int gen);
 static void reload_abort(const char *why);
 
 static int
@@ -80,6 +81,13 @@ count(int gen, enum wstate st)
         }
     }
     return n;
+}
+
+/* workers of gen that serve or will: not draining, not killed */
+static int
+live(int gen)
+{
+    return count(gen, W_STARTING) + count(gen, W_READY);
 }
 
 static int
@@ -140,6 +148,9 @@ on_ready(evutil_socket_t fd, short what, void *arg)
     wk->ready_ev = NULL;
     close(fd);
     wk->ready_fd = -1;
+    if (wk->state == W_DRAINING) {
+        return;     /* killed by an aborted reload, or stopping: moot */
+    }
     if (n == 1 && c == 'R') {
         wk->state = W_READY;
         m.served = 1;
@@ -157,7 +168,7 @@ on_ready(evutil_socket_t fd, short what, void *arg)
     }
 }
 
-static void
+static int
 spawn_worker(int gen)
 {
     struct gw_worker *wk = NULL;
@@ -172,15 +183,18 @@ spawn_worker(int gen)
     }
     slot = gw_metrics_free_slot();
     if (wk == NULL || slot < 0 || pipe2(p, O_CLOEXEC) != 0) {
-        gw_log(GW_LOG_ERROR, "master: cannot start a worker (no slot)");
-        return;
+        gw_log(GW_LOG_ERROR, "master: cannot start a worker: %s",
+               wk == NULL || slot < 0 ? "no slot" : strerror(errno));
+        gw_metrics_retire(slot);        /* the reservation, if any */
+        return GW_ERR;
     }
     pid = fork();
     if (pid < 0) {
         gw_log(GW_LOG_ERROR, "master: fork: %s", strerror(errno));
         close(p[0]);
         close(p[1]);
-        return;
+        gw_metrics_retire(slot);
+        return GW_ERR;
     }
     if (pid == 0) {
         int rc;
@@ -203,6 +217,7 @@ spawn_worker(int gen)
         _exit(rc);
     }
     close(p[1]);
+    fcntl(p[0], F_SETFL, O_NONBLOCK);   /* on_chld reads it, maybe empty */
     memset(wk, 0, sizeof(*wk));
     wk->pid = pid;
     wk->gen = gen;
@@ -212,6 +227,7 @@ spawn_worker(int gen)
     wk->started = gw_loop_now();
     wk->ready_ev = event_new(gw_loop_base(), p[0], EV_READ, on_ready, wk);
     event_add(wk->ready_ev, NULL);
+    return GW_OK;
 }
 
 static void
@@ -268,20 +284,30 @@ on_hup(evutil_socket_t sig, short what, void *arg)
             return;
         }
     }
-    m.next_gen = m.gen + 1;
+    m.next_gen = ++m.last_gen;
     for (int i = 0; i < m.o->workers; i++) {
-        spawn_worker(m.next_gen);
+        if (spawn_worker(m.next_gen) != GW_OK) {
+            reload_abort("cannot start the new workers");
+            return;
+        }
     }
     evtimer_add(m.reload_timer, &tv);
 }
 
+/* Brings the serving generation back to its size. A restart pending
+ * across a reload finds the new generation whole and starts nothing; a
+ * spawn that fails (no fds, no processes) is tried again. */
 static void
 on_restart(evutil_socket_t fd, short what, void *arg)
 {
     gw_loop_update_time();
-    while (m.pending_restarts > 0 && !m.stopping) {
-        m.pending_restarts--;
-        spawn_worker(m.gen);
+    while (!m.stopping && live(m.gen) < m.o->workers) {
+        if (spawn_worker(m.gen) != GW_OK) {
+            struct timeval tv = { 1, 0 };
+
+            evtimer_add(m.restart_ev, &tv);
+            return;
+        }
         gw_metrics_worker_restart();
     }
 }
@@ -322,8 +348,18 @@ on_chld(evutil_socket_t sig, short what, void *arg)
         }
         describe_exit(status, why, sizeof(why));
         if (wk->ready_ev != NULL) {
+            char c = 0;
+
+            /* it may have said 'R' and died before we read it */
+            if (read(wk->ready_fd, &c, 1) == 1 && c == 'R'
+                && wk->state == W_STARTING) {
+                wk->state = W_READY;
+                m.served = 1;
+            }
             event_free(wk->ready_ev);
+            wk->ready_ev = NULL;
             close(wk->ready_fd);
+            wk->ready_fd = -1;
         }
         gw_metrics_retire(wk->slot);
         if (wk->state == W_DRAINING || m.stopping) {
@@ -353,7 +389,6 @@ on_chld(evutil_socket_t sig, short what, void *arg)
             m.crashes++;
             gw_log(GW_LOG_ERROR, "worker %d %s; restarting in %.1f s",
                    (int) pid, why, delay);
-            m.pending_restarts++;
             tv.tv_sec = (time_t) delay;
             tv.tv_usec = (suseconds_t) ((delay - (double) tv.tv_sec) * 1e6);
             evtimer_add(m.restart_ev, &tv);
@@ -363,7 +398,11 @@ on_chld(evutil_socket_t sig, short what, void *arg)
     if (m.failed_start) {
         gw_log(GW_LOG_ERROR, "paygate: the app failed to start (see the "
                              "log line above); stopping");
-        signal_gen(1, SIGKILL, W_DRAINING);
+        for (int i = 0; i < MAX_WORKERS; i++) {
+            if (m.w[i].pid != 0) {
+                kill(m.w[i].pid, SIGKILL);      /* any generation */
+            }
+        }
         event_base_loopbreak(gw_loop_base());
         return;
     }
@@ -570,11 +609,6 @@ gw_master_main(struct gw_opts *o)
             return 2;
         }
     }
-    if (o->pid_file[0] != '\0' && write_pid_file(o->pid_file) != GW_OK) {
-        fprintf(stderr, "paygate: cannot write pid file %s: %s\n",
-                o->pid_file, strerror(errno));
-        return 2;
-    }
     if (gw_metrics_init(MAX_WORKERS) != GW_OK || gw_loop_init() != GW_OK) {
         fprintf(stderr, "paygate: cannot set up the master\n");
         return 1;
@@ -588,6 +622,13 @@ gw_master_main(struct gw_opts *o)
     evsignal_add(term, NULL);
     evsignal_add(intr, NULL);
     evsignal_add(chld, NULL);
+    /* only now: `paygate reload` as soon as the file exists must find
+     * HUP handled, not at its default action (which ends the master) */
+    if (o->pid_file[0] != '\0' && write_pid_file(o->pid_file) != GW_OK) {
+        fprintf(stderr, "paygate: cannot write pid file %s: %s\n",
+                o->pid_file, strerror(errno));
+        return 2;
+    }
     m.restart_ev = evtimer_new(gw_loop_base(), on_restart, NULL);
     m.reload_timer = evtimer_new(gw_loop_base(), on_reload_timeout, NULL);
     m.stop_timer = evtimer_new(gw_loop_base(), on_stop_deadline, NULL);
@@ -600,13 +641,19 @@ gw_master_main(struct gw_opts *o)
         m.w[i].ready_fd = -1;
     }
     m.gen = 1;
+    m.last_gen = 1;
     gw_log(GW_LOG_INFO, "paygate: serving %s on %s%s with %d worker%s%s%s",
            o->app_dir, m.ssl_ctx ? "https://" : "http://", o->listen,
            o->workers, o->workers == 1 ? "" : "s",
            m.admin_fd >= 0 ? "; admin on " : "",
            m.admin_fd >= 0 ? o->admin : "");
     for (int i = 0; i < o->workers; i++) {
-        spawn_worker(1);
+        if (spawn_worker(1) != GW_OK) {
+            struct timeval tv = { 1, 0 };
+
+            evtimer_add(m.restart_ev, &tv);     /* on_restart fills up */
+            break;
+        }
     }
     event_base_dispatch(gw_loop_base());
     if (m.failed_start) {

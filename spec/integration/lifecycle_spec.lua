@@ -220,6 +220,43 @@ describe("worker crash", function()
   end)
 end)
 
+describe("a restart pending across a reload", function()
+  it("does not add a worker to the new generation", function()
+    local s = server.start{ source = app_source("v1"), workers = 1 }
+    local function kill_and_replace()
+      local kid = children(s.pid)[1]
+      proc.kill_pid(kid, proc.SIGKILL)
+      return kid
+    end
+    -- crashes back to back raise the backoff: 0.1, 0.2, 0.4, 0.8 s
+    for _ = 1, 4 do
+      local kid = kill_and_replace()
+      proc.wait_until(function()
+        local now = children(s.pid)
+        return #now == 1 and now[1] ~= kid
+      end, 10, "the restart")
+    end
+    local kid = kill_and_replace()
+    local delay = proc.wait_until(function()
+      return tonumber(s:logs():match("worker " .. kid .. " [^\n]*restarting in ([%d.]+) s"))
+    end, 5, "the restart to be scheduled")
+    local due = paygate.update_time() + delay
+    s:signal(proc.SIGHUP)
+    proc.wait_until(function() return metric(s, "paygate_reloads_total") == 1 end,
+                    10, "the reload")
+    assert.is_true(paygate.update_time() < due, "the reload took longer than the backoff")
+    -- the restart comes due with the new generation whole: no second worker
+    local most = 0
+    while paygate.update_time() < due + 1.5 do
+      most = math.max(most, #children(s.pid))
+      paygate.sleep(0.05)
+    end
+    assert.equal(1, most)
+    assert.equal(1, metric(s, "paygate_workers"))
+    assert.equal(0, s:stop())
+  end)
+end)
+
 describe("a restarted worker that cannot load the app", function()
   it("is retried with backoff while the master keeps the port", function()
     local s = server.start{ source = app_source("v1"), workers = 1 }
