@@ -223,6 +223,7 @@ end)
 describe("a restart pending across a reload", function()
   it("does not add a worker to the new generation", function()
     local s = server.start{ source = app_source("v1"), workers = 1 }
+    finally(function() s:stop() end)
     local function kill_and_replace()
       local kid = children(s.pid)[1]
       proc.kill_pid(kid, proc.SIGKILL)
@@ -253,7 +254,42 @@ describe("a restart pending across a reload", function()
     end
     assert.equal(1, most)
     assert.equal(1, metric(s, "paygate_workers"))
-    assert.equal(0, s:stop())
+  end)
+end)
+
+describe("a worker the master cannot start", function()
+  it("is started once file descriptors are available again", function()
+    local core = require "paygate.core"
+    local rawtcp = require "support.rawtcp"
+    local dir = server.tmpdir()
+    os.execute("mkdir -p " .. dir .. "/app")
+    write(dir .. "/app/app.lua", app_source("v1"))
+    local port, admin = core.free_port(), core.free_port()
+    local p = proc.spawn({ "/bin/sh", "-c", ("ulimit -n 64; exec %s run %s/app "
+      .. "--listen 127.0.0.1:%d --admin 127.0.0.1:%d --workers 1"):format(
+      PAYGATE_BIN, dir, port, admin) }, { log = dir .. "/log" })
+    finally(function()
+      if not p:poll() then p:kill(proc.SIGKILL); p:wait(5) end
+      os.execute("rm -rf " .. dir)
+    end)
+    local function serves()
+      local res = paygate.http.request{
+        url = "http://127.0.0.1:" .. port .. "/version", timeout = 1 }
+      return res and res.status == 200
+    end
+    proc.wait_until(serves, 15, "paygate to serve")
+    -- admin connections take the master's descriptors; then a crash
+    local held = {}
+    for i = 1, 60 do held[i] = rawtcp.connect(admin, 5) end
+    local kid = children(p.pid)[1]
+    proc.kill_pid(kid, proc.SIGKILL)
+    proc.wait_until(function()
+      return proc.read(dir .. "/log"):find("cannot start a worker", 1, true)
+    end, 10, "the restart to fail")
+    for i = 1, #held do if held[i] then held[i]:close() end end
+    proc.wait_until(serves, 10, "a worker to be started again")
+    p:kill(proc.SIGTERM)
+    assert.equal(0, p:wait(10))
   end)
 end)
 
@@ -312,6 +348,7 @@ describe("metrics", function()
     -- the method label came from the client: 128 made-up methods filled a
     -- worker's table and every later request went uncounted
     local s = server.start{ source = app_source("v1"), workers = 1 }
+    finally(function() s:stop() end)
     for i = 1, 140 do
       local name = "X" .. string.char(65 + math.floor(i / 26) % 26, 65 + i % 26)
       local res = s:request{ method = name, path = "/nowhere" .. i }
@@ -324,6 +361,5 @@ describe("metrics", function()
     end, 5, "/version to be counted")
     local body = s:admin_get("/metrics").body
     assert.is_nil(body:find('method="XA', 1, true), "client methods are labels")
-    assert.equal(0, s:stop())
   end)
 end)
