@@ -107,6 +107,8 @@ static struct {
     uint64_t              rid_state;    /* xorshift state for ids */
     char                  date[64];     /* "Date: ...\r\n" */
     time_t                date_at;      /* s the date line was made */
+    struct event         *resume_ev;    /* owned: accepts again after a
+                                           pause (EMFILE and the like) */
     int                   empty_env_ref;/* shared empty env for requests */
     int                   methods_ref;  /* request methods table */
 } srv;
@@ -1400,6 +1402,16 @@ conn_close(struct gw_conn *c)
 }
 
 static void
+on_resume(evutil_socket_t fd, short what, void *arg)
+{
+    if (!srv.draining && !srv.accepting
+        && srv.nconns < srv.conf.max_connections) {
+        event_add(srv.lev, NULL);
+        srv.accepting = 1;
+    }
+}
+
+static void
 on_accept(evutil_socket_t lfd, short what, void *arg)
 {
     gw_loop_update_time();
@@ -1418,7 +1430,17 @@ on_accept(evutil_socket_t lfd, short what, void *arg)
                      SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
             if (errno != EAGAIN && errno != EINTR && errno != ECONNABORTED) {
-                gw_log(GW_LOG_WARN, "accept: %s", strerror(errno));
+                /* out of fds or memory: the socket stays readable, so a
+                 * level-triggered accept would spin; pause instead */
+                struct timeval pause = { 0, 500000 };
+
+                gw_log(GW_LOG_WARN, "accept: %s; pausing accepts for "
+                       "0.5 s", strerror(errno));
+                if (srv.accepting) {
+                    event_del(srv.lev);
+                    srv.accepting = 0;
+                }
+                evtimer_add(srv.resume_ev, &pause);
             }
             return;
         }
@@ -1490,7 +1512,9 @@ gw_server_start(lua_State *L, int fd, int dispatch_ref,
     }
     srv.lev = event_new(gw_loop_base(), fd, EV_READ | EV_PERSIST, on_accept,
                         NULL);
-    if (srv.lev == NULL || event_add(srv.lev, NULL) != 0) {
+    srv.resume_ev = evtimer_new(gw_loop_base(), on_resume, NULL);
+    if (srv.lev == NULL || srv.resume_ev == NULL
+        || event_add(srv.lev, NULL) != 0) {
         return GW_ERR;
     }
     srv.accepting = 1;

@@ -272,6 +272,26 @@ cmd_reload(int argc, char **argv)
         return 1;
     }
     fclose(f);
+    {
+        /* a stale pid file may name another process now: HUP ends most */
+        char path[64], cmd[4096];
+        FILE *c;
+        size_t n = 0;
+
+        snprintf(path, sizeof(path), "/proc/%d/cmdline", pid);
+        c = fopen(path, "r");
+        if (c != NULL) {
+            n = fread(cmd, 1, sizeof(cmd) - 1, c);
+            fclose(c);
+        }
+        cmd[n] = '\0';         /* argv[0] up to its NUL */
+        if (c == NULL || strstr(cmd, "paygate") == NULL) {
+            fprintf(stderr, "paygate reload: pid %d from %s is %s (a stale "
+                            "pid file?); nothing signalled\n", pid, pid_file,
+                    c == NULL ? "not running" : "not a paygate master");
+            return 1;
+        }
+    }
     if (kill(pid, SIGHUP) != 0) {
         fprintf(stderr, "paygate reload: cannot signal pid %d: %s\n", pid,
                 strerror(errno));

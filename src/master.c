@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -30,6 +31,7 @@
 
 #define MAX_WORKERS 256
 #define READY_TIMEOUT 60.0      /* s for a new worker to load the app */
+#define ADMIN_MAX_CONNS 64      /* admin clients at once; more wait */
 
 enum wstate { W_FREE, W_STARTING, W_READY, W_DRAINING };
 
@@ -65,6 +67,8 @@ static struct {
     struct event     *reload_timer; /* owned */
     struct event     *stop_timer;   /* owned */
     struct event     *admin_ev;     /* owned */
+    struct event     *admin_pause;  /* owned: re-arms admin_ev */
+    int               admin_conns;  /* open admin connections */
 } m;
 
 static int spawn_worker(int gen);
@@ -173,7 +177,7 @@ spawn_worker(int gen)
 {
     struct gw_worker *wk = NULL;
     int p[2], slot;
-    pid_t pid;
+    pid_t pid, master;
 
     for (int i = 0; i < MAX_WORKERS; i++) {
         if (m.w[i].pid == 0) {
@@ -188,6 +192,7 @@ spawn_worker(int gen)
         gw_metrics_retire(slot);        /* the reservation, if any */
         return GW_ERR;
     }
+    master = getpid();
     pid = fork();
     if (pid < 0) {
         gw_log(GW_LOG_ERROR, "master: fork: %s", strerror(errno));
@@ -199,6 +204,11 @@ spawn_worker(int gen)
     if (pid == 0) {
         int rc;
 
+        /* die with the master; if it died before we could ask, go now */
+        prctl(PR_SET_PDEATHSIG, SIGTERM);
+        if (getppid() != master) {
+            _exit(0);
+        }
         close(p[0]);
         if (m.admin_fd >= 0) {
             close(m.admin_fd);
@@ -469,16 +479,24 @@ admin_reply(struct bufferevent *bev, int status, const char *ctype,
     evbuffer_add(out, body, len);
 }
 
+/* Ends an admin connection (the only place that frees one). */
+static void
+admin_done(struct bufferevent *bev)
+{
+    bufferevent_free(bev);
+    m.admin_conns--;
+}
+
 static void
 admin_written(struct bufferevent *bev, void *arg)
 {
-    bufferevent_free(bev);
+    admin_done(bev);
 }
 
 static void
 admin_event(struct bufferevent *bev, short what, void *arg)
 {
-    bufferevent_free(bev);
+    admin_done(bev);
 }
 
 static void
@@ -490,7 +508,7 @@ admin_read(struct bufferevent *bev, void *arg)
     char *buf;
 
     if (len > 8192) {
-        bufferevent_free(bev);
+        admin_done(bev);
         return;
     }
     buf = (char *) evbuffer_pullup(in, -1);
@@ -531,13 +549,35 @@ admin_read(struct bufferevent *bev, void *arg)
 }
 
 static void
+admin_resume(evutil_socket_t fd, short what, void *arg)
+{
+    if (!m.stopping && m.admin_ev != NULL) {
+        event_add(m.admin_ev, NULL);
+    }
+}
+
+static void
 on_admin_accept(evutil_socket_t lfd, short what, void *arg)
 {
-    int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    int fd;
     struct bufferevent *bev;
     struct timeval tv = { 5, 0 };
 
+    if (m.admin_conns >= ADMIN_MAX_CONNS) {
+        fd = -1;
+        errno = EMFILE;
+    } else {
+        fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    }
     if (fd < 0) {
+        if (errno != EAGAIN && errno != EINTR && errno != ECONNABORTED) {
+            /* too many admin clients, or no fds: a level-triggered accept
+             * would spin the master; look again in a second */
+            struct timeval pause = { 1, 0 };
+
+            event_del(m.admin_ev);
+            evtimer_add(m.admin_pause, &pause);
+        }
         return;
     }
     bev = bufferevent_socket_new(gw_loop_base(), fd, BEV_OPT_CLOSE_ON_FREE);
@@ -545,6 +585,7 @@ on_admin_accept(evutil_socket_t lfd, short what, void *arg)
         close(fd);
         return;
     }
+    m.admin_conns++;
     bufferevent_setcb(bev, admin_read, NULL, admin_event, NULL);
     bufferevent_set_timeouts(bev, &tv, &tv);
     bufferevent_enable(bev, EV_READ);
@@ -635,6 +676,7 @@ gw_master_main(struct gw_opts *o)
     if (m.admin_fd >= 0) {
         m.admin_ev = event_new(gw_loop_base(), m.admin_fd,
                                EV_READ | EV_PERSIST, on_admin_accept, NULL);
+        m.admin_pause = evtimer_new(gw_loop_base(), admin_resume, NULL);
         event_add(m.admin_ev, NULL);
     }
     for (int i = 0; i < MAX_WORKERS; i++) {

@@ -234,7 +234,10 @@ exec_done(struct gw_co *co, int nres)
 
     w.exit_code = 0;
     if (nres >= 1 && lua_type(L, 1) == LUA_TNUMBER) {
-        w.exit_code = (int) lua_tointeger(L, 1);
+        lua_Number v = lua_tonumber(L, 1);
+
+        /* a shell sees only 8 bits: 256 would read as success */
+        w.exit_code = (v >= 0 && v <= 255 && v == (int) v) ? (int) v : 1;
     } else if (nres >= 1 && lua_type(L, 1) == LUA_TBOOLEAN) {
         w.exit_code = lua_toboolean(L, 1) ? 0 : 1;
     }

@@ -5,6 +5,7 @@ local json = require "cjson"
 local server = require "support.server"
 local proc = require "support.proc"
 local pki = require "support.pki"
+local core = require "paygate.core"
 
 local function app_source(version)
   return ([[
@@ -288,6 +289,47 @@ describe("a worker the master cannot start", function()
     end, 10, "the restart to fail")
     for i = 1, #held do if held[i] then held[i]:close() end end
     proc.wait_until(serves, 10, "a worker to be started again")
+    p:kill(proc.SIGTERM)
+    assert.equal(0, p:wait(10))
+  end)
+end)
+
+describe("out of file descriptors", function()
+  it("pauses accepting instead of spinning, then serves again", function()
+    local rawtcp = require "support.rawtcp"
+    local dir = server.tmpdir()
+    os.execute("mkdir -p " .. dir .. "/app")
+    write(dir .. "/app/app.lua", app_source("v1"))
+    local port, admin = core.free_port(), core.free_port()
+    local p = proc.spawn({ "/bin/sh", "-c", ("ulimit -n 48; exec %s run %s/app "
+      .. "--listen 127.0.0.1:%d --admin 127.0.0.1:%d --workers 1"):format(
+      PAYGATE_BIN, dir, port, admin) }, { log = dir .. "/log" })
+    finally(function()
+      if not p:poll() then p:kill(proc.SIGKILL); p:wait(5) end
+      os.execute("rm -rf " .. dir)
+    end)
+    local function serves()
+      local res = paygate.http.request{
+        url = "http://127.0.0.1:" .. port .. "/version", timeout = 1 }
+      return res and res.status == 200
+    end
+    proc.wait_until(serves, 15, "paygate to serve")
+    local held = {}
+    for i = 1, 80 do held[i] = rawtcp.connect(port, 5) end
+    proc.wait_until(function()
+      return proc.read(dir .. "/log"):find("pausing accepts", 1, true)
+    end, 10, "the worker to run out of descriptors")
+    local function warnings()
+      local _, n = proc.read(dir .. "/log"):gsub("accept: ", "")
+      return n
+    end
+    local before = warnings()
+    local t0 = paygate.update_time()
+    paygate.sleep(1)                 -- a window to count in, not a wait
+    local rate = (warnings() - before) / (paygate.update_time() - t0)
+    assert.is_true(rate <= 5, ("%.0f accept warnings a second: spinning"):format(rate))
+    for i = 1, #held do if held[i] then held[i]:close() end end
+    proc.wait_until(serves, 10, "the worker to serve again")
     p:kill(proc.SIGTERM)
     assert.equal(0, p:wait(10))
   end)
