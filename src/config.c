@@ -121,6 +121,11 @@ read_keys(lua_State *L, int t, const char *where, const struct key *keys,
                 snprintf(err, errlen, "%s.%s is too long", where, name);
                 return GW_ERR;
             }
+            if (memchr(v, '\0', len) != NULL) {
+                /* a path cut at the NUL would name another file */
+                snprintf(err, errlen, "%s.%s has a NUL byte", where, name);
+                return GW_ERR;
+            }
             memcpy((char *) o + k->off, v, len + 1);
         } else if (k->type == 'b') {
             *(int *) ((char *) o + k->off) = lua_toboolean(L, -1);
