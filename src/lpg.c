@@ -1113,21 +1113,6 @@ check_pool(lua_State *L)
     return ud->pg;
 }
 
-static double
-opt_num(lua_State *L, int idx, const char *name, double def)
-{
-    double v = def;
-
-    if (lua_istable(L, idx)) {
-        lua_getfield(L, idx, name);
-        if (lua_isnumber(L, -1)) {
-            v = lua_tonumber(L, -1);
-        }
-        lua_pop(L, 1);
-    }
-    return v;
-}
-
 /* core.open(conninfo, opts) -> pool (no I/O yet)
  * opts: pool (connections, default 4), connect_timeout (s, 2),
  * query_timeout (s, 10), down_for (s, 0.5) */
@@ -1150,10 +1135,10 @@ lpg_open(lua_State *L)
     }
     ud->pg = pg;
     pg->conninfo = strdup(ci);
-    pg->npool = (int)opt_num(L, 2, "pool", 4);
-    pg->connect_timeout = opt_num(L, 2, "connect_timeout", 2);
-    pg->query_timeout = opt_num(L, 2, "query_timeout", 10);
-    pg->down_for = opt_num(L, 2, "down_for", 0.5);
+    pg->npool = (int)gw_store_opt_num(L, 2, "pool", 4);
+    pg->connect_timeout = gw_store_opt_num(L, 2, "connect_timeout", 2);
+    pg->query_timeout = gw_store_opt_num(L, 2, "query_timeout", 10);
+    pg->down_for = gw_store_opt_num(L, 2, "down_for", 0.5);
     if (pg->npool < 1) {
         pg->npool = 1;
     }

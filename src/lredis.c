@@ -480,21 +480,6 @@ check_client(lua_State *L)
     return ud->cl;
 }
 
-static double
-opt_num(lua_State *L, int idx, const char *name, double def)
-{
-    double v = def;
-
-    if (lua_istable(L, idx)) {
-        lua_getfield(L, idx, name);
-        if (lua_isnumber(L, -1)) {
-            v = lua_tonumber(L, -1);
-        }
-        lua_pop(L, 1);
-    }
-    return v;
-}
-
 /*
  * core.new(host, port, opts) -> client (no I/O yet)
  * opts: password, db, pool, timeout (s), connect_timeout (s)
@@ -521,10 +506,10 @@ lredis_new(lua_State *L)
     cl->refs = 1;
     cl->host = strdup(host);
     cl->port = port;
-    cl->timeout = opt_num(L, 3, "timeout", 5);
-    cl->connect_timeout = opt_num(L, 3, "connect_timeout", 2);
-    cl->npool = (int)opt_num(L, 3, "pool", 2);
-    cl->dbnum = (int)opt_num(L, 3, "db", 0);
+    cl->timeout = gw_store_opt_num(L, 3, "timeout", 5);
+    cl->connect_timeout = gw_store_opt_num(L, 3, "connect_timeout", 2);
+    cl->npool = (int)gw_store_opt_num(L, 3, "pool", 2);
+    cl->dbnum = (int)gw_store_opt_num(L, 3, "db", 0);
     if (cl->npool < 1) {
         cl->npool = 1;
     }

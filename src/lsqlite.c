@@ -1275,21 +1275,6 @@ submit(lua_State *L, struct gw_sqljob *j, enum gw_sqlq q)
     return gw_co_wait(L, job_cancel, j);
 }
 
-static int
-opt_int(lua_State *L, int idx, const char *name, int def)
-{
-    int v = def;
-
-    if (lua_istable(L, idx)) {
-        lua_getfield(L, idx, name);
-        if (lua_isnumber(L, -1)) {
-            v = (int)lua_tointeger(L, -1);
-        }
-        lua_pop(L, 1);
-    }
-    return v;
-}
-
 /*
  * core.open(path, opts) -> handle (threads started; then h:connect())
  * opts: readers, batch_max, busy_timeout (ms), tx_timeout (ms),
@@ -1314,11 +1299,13 @@ lsqlite_open(lua_State *L)
     db->refs = 1;
     db->next_txid = 1;
     db->path = strdup(path);
-    db->nreaders = opt_int(L, 2, "readers", LSQLITE_READERS);
-    db->batch_max = opt_int(L, 2, "batch_max", LSQLITE_BATCH_MAX);
-    db->busy_ms = opt_int(L, 2, "busy_timeout", 5000);
-    db->tx_timeout_ms = opt_int(L, 2, "tx_timeout", 30000);
-    db->synchronous = opt_int(L, 2, "synchronous", 2);
+    db->nreaders = (int) gw_store_opt_num(L, 2, "readers",
+                                          LSQLITE_READERS);
+    db->batch_max = (int) gw_store_opt_num(L, 2, "batch_max",
+                                           LSQLITE_BATCH_MAX);
+    db->busy_ms = (int) gw_store_opt_num(L, 2, "busy_timeout", 5000);
+    db->tx_timeout_ms = (int) gw_store_opt_num(L, 2, "tx_timeout", 30000);
+    db->synchronous = (int) gw_store_opt_num(L, 2, "synchronous", 2);
     if (db->batch_max < 1) {
         db->batch_max = 1;
     }

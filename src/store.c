@@ -149,3 +149,18 @@ gw_store_strdup(const char *s)
 {
     return s == NULL ? NULL : strdup(s);
 }
+
+double
+gw_store_opt_num(lua_State *L, int idx, const char *name, double def)
+{
+    double v = def;
+
+    if (lua_istable(L, idx)) {
+        lua_getfield(L, idx, name);
+        if (lua_isnumber(L, -1)) {
+            v = lua_tonumber(L, -1);
+        }
+        lua_pop(L, 1);
+    }
+    return v;
+}

@@ -38,6 +38,10 @@ void gw_sqlv_push(lua_State *L, const struct gw_sqlv *v);
 /* Wall clock, seconds since the epoch (sub-second precision). */
 double gw_store_now(void);
 
+/* opts[name] when the table at idx has a number there, else def (an
+ * absent table or a non-number value gives def). */
+double gw_store_opt_num(lua_State *L, int idx, const char *name, double def);
+
 /* strdup that returns NULL for NULL. */
 char *gw_store_strdup(const char *s);
 

@@ -258,34 +258,41 @@ describe("a restart pending across a reload", function()
   end)
 end)
 
+-- Starts `paygate run` (1 worker) under `ulimit -n nofile`; returns the
+-- process, its ports, its log path and a serves() probe. Cleans up after
+-- the test, whatever happens.
+local function start_limited(nofile)
+  local dir = server.tmpdir()
+  os.execute("mkdir -p " .. dir .. "/app")
+  write(dir .. "/app/app.lua", app_source("v1"))
+  local port, admin = core.free_port(), core.free_port()
+  local p = proc.spawn({ "/bin/sh", "-c", ("ulimit -n %d; exec %s run %s/app "
+    .. "--listen 127.0.0.1:%d --admin 127.0.0.1:%d --workers 1"):format(
+    nofile, PAYGATE_BIN, dir, port, admin) }, { log = dir .. "/log" })
+  finally(function()
+    if not p:poll() then p:kill(proc.SIGKILL); p:wait(5) end
+    os.execute("rm -rf " .. dir)
+  end)
+  local function serves()
+    local res = paygate.http.request{
+      url = "http://127.0.0.1:" .. port .. "/version", timeout = 1 }
+    return res and res.status == 200
+  end
+  proc.wait_until(serves, 15, "paygate to serve")
+  return p, port, admin, dir .. "/log", serves
+end
+
 describe("a worker the master cannot start", function()
   it("is started once file descriptors are available again", function()
-    local core = require "paygate.core"
     local rawtcp = require "support.rawtcp"
-    local dir = server.tmpdir()
-    os.execute("mkdir -p " .. dir .. "/app")
-    write(dir .. "/app/app.lua", app_source("v1"))
-    local port, admin = core.free_port(), core.free_port()
-    local p = proc.spawn({ "/bin/sh", "-c", ("ulimit -n 64; exec %s run %s/app "
-      .. "--listen 127.0.0.1:%d --admin 127.0.0.1:%d --workers 1"):format(
-      PAYGATE_BIN, dir, port, admin) }, { log = dir .. "/log" })
-    finally(function()
-      if not p:poll() then p:kill(proc.SIGKILL); p:wait(5) end
-      os.execute("rm -rf " .. dir)
-    end)
-    local function serves()
-      local res = paygate.http.request{
-        url = "http://127.0.0.1:" .. port .. "/version", timeout = 1 }
-      return res and res.status == 200
-    end
-    proc.wait_until(serves, 15, "paygate to serve")
+    local p, _, admin, log, serves = start_limited(64)
     -- admin connections take the master's descriptors; then a crash
     local held = {}
     for i = 1, 60 do held[i] = rawtcp.connect(admin, 5) end
     local kid = children(p.pid)[1]
     proc.kill_pid(kid, proc.SIGKILL)
     proc.wait_until(function()
-      return proc.read(dir .. "/log"):find("cannot start a worker", 1, true)
+      return proc.read(log):find("cannot start a worker", 1, true)
     end, 10, "the restart to fail")
     for i = 1, #held do if held[i] then held[i]:close() end end
     proc.wait_until(serves, 10, "a worker to be started again")
@@ -297,30 +304,14 @@ end)
 describe("out of file descriptors", function()
   it("pauses accepting instead of spinning, then serves again", function()
     local rawtcp = require "support.rawtcp"
-    local dir = server.tmpdir()
-    os.execute("mkdir -p " .. dir .. "/app")
-    write(dir .. "/app/app.lua", app_source("v1"))
-    local port, admin = core.free_port(), core.free_port()
-    local p = proc.spawn({ "/bin/sh", "-c", ("ulimit -n 48; exec %s run %s/app "
-      .. "--listen 127.0.0.1:%d --admin 127.0.0.1:%d --workers 1"):format(
-      PAYGATE_BIN, dir, port, admin) }, { log = dir .. "/log" })
-    finally(function()
-      if not p:poll() then p:kill(proc.SIGKILL); p:wait(5) end
-      os.execute("rm -rf " .. dir)
-    end)
-    local function serves()
-      local res = paygate.http.request{
-        url = "http://127.0.0.1:" .. port .. "/version", timeout = 1 }
-      return res and res.status == 200
-    end
-    proc.wait_until(serves, 15, "paygate to serve")
+    local p, port, _, log, serves = start_limited(48)
     local held = {}
     for i = 1, 80 do held[i] = rawtcp.connect(port, 5) end
     proc.wait_until(function()
-      return proc.read(dir .. "/log"):find("pausing accepts", 1, true)
+      return proc.read(log):find("pausing accepts", 1, true)
     end, 10, "the worker to run out of descriptors")
     local function warnings()
-      local _, n = proc.read(dir .. "/log"):gsub("accept: ", "")
+      local _, n = proc.read(log):gsub("accept: ", "")
       return n
     end
     local before = warnings()
