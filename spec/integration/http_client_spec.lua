@@ -116,6 +116,29 @@ describe("paygate.http.request", function()
     os.remove(log)
   end)
 
+  it("gives up connecting after connect_timeout, not the total timeout", function()
+    local proc = require "support.proc"
+    local rawtcp = require "support.rawtcp"
+    local port = core.free_port()
+    local log = os.tmpname()
+    local p = proc.spawn({ PAYGATE_BIN, "exec", "spec/support/closer.lua",
+                           tostring(port), "20", "hold" }, { log = log })
+    finally(function() p:kill(proc.SIGKILL); p:wait(5); os.remove(log) end)
+    proc.wait_until(function() return proc.read(log):find("listening") end,
+                    10, "the listener")
+    -- fill the accept queue (backlog 0 holds one; nobody accepts): the
+    -- next SYN goes unanswered
+    local held = { assert(rawtcp.connect(port, 1)) }
+    local t0 = paygate.update_time()
+    local res, err = paygate.http.request{ url = "http://127.0.0.1:" .. port .. "/",
+                                           connect_timeout = 0.3, timeout = 10 }
+    local took = paygate.update_time() - t0
+    for i = 1, #held do if held[i] then held[i]:close() end end
+    assert.is_nil(res)
+    assert.equal("timeout", err.kind, tostring(err) .. " after " .. took .. " s")
+    assert.is_true(took < 2, "took " .. took .. " s")
+  end)
+
   it("classifies a body over max_body", function()
     local res, err = paygate.http.request{ url = plain:url("/big"), max_body = 1000 }
     assert.is_nil(res)

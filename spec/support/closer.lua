@@ -2,6 +2,9 @@
 -- closes without answering -- a peer that hangs up. Run it as a process:
 --   paygate exec spec/support/closer.lua PORT COUNT
 -- It serves COUNT connections, then exits (bounded by design).
+--   paygate exec spec/support/closer.lua PORT SECONDS hold
+-- listens with the smallest backlog and never accepts, for SECONDS: once
+-- its queue is full, new connections get no SYN-ACK (a connect timeout).
 local ffi = require "ffi"
 
 pcall(ffi.cdef, [[
@@ -24,9 +27,14 @@ C.setsockopt(fd, 1, 2, one, 4)                   -- SO_REUSEADDR
 local a = ffi.new("struct gw_sockaddr_in")
 a.family, a.port, a.addr = 2, C.htons(port), 0x0100007f
 assert(C.bind(fd, a, ffi.sizeof(a)) == 0, "bind")
-assert(C.listen(fd, 16) == 0, "listen")
+local hold = arg[3] == "hold"
+assert(C.listen(fd, hold and 0 or 16) == 0, "listen")
 io.stdout:write("listening\n")
 io.stdout:flush()
+if hold then
+  os.execute("sleep " .. count)   -- never accept; the test kills us sooner
+  os.exit(0)
+end
 local buf = ffi.new("char[4096]")
 for _ = 1, count do
   local c = C.accept(fd, nil, nil)
