@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "config.h"
@@ -64,13 +65,36 @@ static const char usage_exec[] =
 "example: paygate exec \"$(command -v busted)\" spec/\n";
 
 static const char usage_reload[] =
-"usage: paygate reload --pid-file FILE\n"
+"usage: paygate reload --pid-file FILE [--no-wait] [--timeout SECONDS]\n"
 "\n"
 "Ask the server whose master pid is in FILE to load its code again (the\n"
 "same as kill -HUP). New workers load the code; only when all of them\n"
 "loaded it do the old ones finish their requests and exit. Code that\n"
-"fails to load is refused and the old code keeps serving; the server's\n"
-"log says why.\n";
+"fails to load is refused and the old code keeps serving.\n"
+"\n"
+"It waits for the outcome (default up to 90 s) and prints it: exit 0 when\n"
+"the new code serves, 1 when it was refused (with the reason) or no\n"
+"outcome came in time. --no-wait only sends the signal.\n";
+
+/* Reads FILE.reload's outcome counter and line; 0 when there is none. */
+static int
+reload_outcome(const char *pid_file, char *line, size_t len)
+{
+    char path[4200];
+    FILE *f;
+    int n = 0;
+
+    snprintf(path, sizeof(path), "%s.reload", pid_file);
+    f = fopen(path, "r");
+    if (f == NULL) {
+        return 0;
+    }
+    if (fgets(line, (int) len, f) == NULL || sscanf(line, "%d", &n) != 1) {
+        n = 0;
+    }
+    fclose(f);
+    return n;
+}
 
 static int
 is_help(const char *a)
@@ -239,7 +263,9 @@ cmd_reload(int argc, char **argv)
 {
     const char *pid_file = NULL;
     FILE *f;
-    int pid = 0;
+    int pid = 0, wait = 1, before;
+    double timeout = 90;
+    char line[1200];
 
     for (int i = 1; i < argc; i++) {
         if (is_help(argv[i])) {
@@ -250,6 +276,17 @@ cmd_reload(int argc, char **argv)
             pid_file = argv[++i];
         } else if (strncmp(argv[i], "--pid-file=", 11) == 0) {
             pid_file = argv[i] + 11;
+        } else if (strcmp(argv[i], "--no-wait") == 0) {
+            wait = 0;
+        } else if (strcmp(argv[i], "--timeout") == 0 && i + 1 < argc) {
+            char *end;
+
+            timeout = strtod(argv[++i], &end);
+            if (*end != '\0' || !(timeout > 0) || timeout > 3600) {
+                fprintf(stderr, "paygate reload: --timeout must be in "
+                                "(0, 3600] seconds\n");
+                return 2;
+            }
         } else {
             fputs(usage_reload, stderr);
             return 2;
@@ -292,14 +329,40 @@ cmd_reload(int argc, char **argv)
             return 1;
         }
     }
+    before = reload_outcome(pid_file, line, sizeof(line));
     if (kill(pid, SIGHUP) != 0) {
         fprintf(stderr, "paygate reload: cannot signal pid %d: %s\n", pid,
                 strerror(errno));
         return 1;
     }
-    printf("paygate reload: asked pid %d to reload; its log says the "
-           "outcome\n", pid);
-    return 0;
+    if (!wait) {
+        printf("paygate reload: asked pid %d to reload\n", pid);
+        return 0;
+    }
+    for (double waited = 0; waited < timeout; waited += 0.05) {
+        struct timespec ts = { 0, 50 * 1000 * 1000 };
+
+        if (reload_outcome(pid_file, line, sizeof(line)) > before) {
+            const char *what = strchr(line, ' ');
+
+            what = what != NULL ? what + 1 : line;
+            if (strncmp(what, "ok ", 3) == 0) {
+                printf("paygate reload: done, %s", what + 3);
+                return 0;
+            }
+            fprintf(stderr, "paygate reload: %s", what);
+            return 1;
+        }
+        if (kill(pid, 0) != 0) {
+            fprintf(stderr, "paygate reload: pid %d exited before the "
+                            "reload ended\n", pid);
+            return 1;
+        }
+        nanosleep(&ts, NULL);
+    }
+    fprintf(stderr, "paygate reload: no outcome from pid %d within %g s "
+                    "(see its log)\n", pid, timeout);
+    return 1;
 }
 
 int

@@ -56,6 +56,7 @@ static struct {
     int               last_gen;     /* highest ever started: an aborted
                                        generation's number is never reused */
     int               reload_again; /* HUP arrived during a reload */
+    int               reloads_done; /* outcomes so far (status file) */
     int               stopping;
     int               failed_start; /* a first-generation worker failed */
     int               served;       /* some worker has been ready once:
@@ -118,6 +119,36 @@ signal_gen(int gen, int sig, enum wstate new_state)
     }
 }
 
+/*
+ * Records how the last reload ended in PID_FILE.reload, for `paygate
+ * reload` to report: "<n> ok generation <g>" or "<n> refused: <why>",
+ * where n counts reload outcomes. Written to a temporary file and renamed,
+ * so a reader never sees half a line. Best effort: the log says it too.
+ */
+static void
+reload_status(int ok, const char *what)
+{
+    char path[1100], tmp[1120];
+    FILE *f;
+
+    m.reloads_done++;
+    if (m.o->pid_file[0] == '\0') {
+        return;
+    }
+    snprintf(path, sizeof(path), "%s.reload", m.o->pid_file);
+    snprintf(tmp, sizeof(tmp), "%s.tmp", path);
+    f = fopen(tmp, "w");
+    if (f == NULL) {
+        return;
+    }
+    fprintf(f, "%d %s%s\n", m.reloads_done, ok ? "ok " : "refused: ", what);
+    if (fclose(f) == 0) {
+        rename(tmp, path);
+    } else {
+        unlink(tmp);
+    }
+}
+
 static void
 reload_commit(void)
 {
@@ -135,6 +166,12 @@ reload_commit(void)
     gw_metrics_reload(1);
     gw_log(GW_LOG_INFO, "reload: generation %d serving; generation %d "
                         "draining", m.gen, old);
+    {
+        char what[64];
+
+        snprintf(what, sizeof(what), "generation %d", m.gen);
+        reload_status(1, what);
+    }
     if (m.reload_again) {
         m.reload_again = 0;
         raise(SIGHUP);
@@ -145,9 +182,10 @@ static void
 on_ready(evutil_socket_t fd, short what, void *arg)
 {
     struct gw_worker *wk = arg;
-    char c = 0;
-    ssize_t n = read(fd, &c, 1);
+    char buf[300], c;
+    ssize_t n = read(fd, buf, sizeof(buf) - 1);
 
+    c = n > 0 ? buf[0] : 0;
     event_free(wk->ready_ev);
     wk->ready_ev = NULL;
     close(fd);
@@ -164,9 +202,24 @@ on_ready(evutil_socket_t fd, short what, void *arg)
         }
         return;
     }
-    /* 'F' or EOF: it could not load the app; its log line says why */
+    /* 'F' or EOF: it could not load the app; 'F' may say why */
     if (wk->gen == m.next_gen) {
-        reload_abort("a new worker failed to load the app");
+        char why[400];
+
+        if (n > 1 && c == 'F') {
+            buf[n] = '\0';
+            for (char *p = buf + 1; *p != '\0'; p++) {
+                if ((unsigned char) *p < 0x20) {
+                    *p = ' ';       /* one line in the status file */
+                }
+            }
+            snprintf(why, sizeof(why), "a new worker failed to load the "
+                     "app: %s", buf + 1);
+        } else {
+            snprintf(why, sizeof(why), "a new worker failed to load the "
+                     "app (see its log line)");
+        }
+        reload_abort(why);
     } else if (!m.served && !m.stopping) {
         m.failed_start = 1;
     }
@@ -258,6 +311,7 @@ reload_abort(const char *why)
     gw_metrics_reload(0);
     gw_log(GW_LOG_ERROR, "reload refused: %s; generation %d keeps serving",
            why, m.gen);
+    reload_status(0, why);
     if (m.reload_again) {
         m.reload_again = 0;
         raise(SIGHUP);
@@ -291,6 +345,7 @@ on_hup(evutil_socket_t sig, short what, void *arg)
             gw_metrics_reload(0);
             gw_log(GW_LOG_ERROR, "reload refused: %s; generation %d keeps "
                                  "serving", err, m.gen);
+            reload_status(0, err);
             return;
         }
     }
@@ -702,7 +757,11 @@ gw_master_main(struct gw_opts *o)
         code = 1;
     }
     if (o->pid_file[0] != '\0') {
+        char status[1100];
+
         unlink(o->pid_file);
+        snprintf(status, sizeof(status), "%s.reload", o->pid_file);
+        unlink(status);
     }
     gw_log(GW_LOG_INFO, "master: exited");
     return code;

@@ -55,16 +55,39 @@ push_runtime_info(lua_State *L, const char *mode, const char *app_dir,
     lua_pop(L, 2);
 }
 
+/* Tells the master 'R' (serving) or 'F' (failed), with why's first line
+ * after an 'F' so that `paygate reload` can say it. One write: a pipe
+ * write under PIPE_BUF arrives whole. */
+static void
+ready_why(char c, const char *why)
+{
+    char buf[256];
+    size_t n = 1;
+
+    if (w.ready_fd < 0) {
+        return;
+    }
+    buf[0] = c;
+    if (why != NULL) {
+        size_t len = strcspn(why, "\n");
+
+        if (len > sizeof(buf) - 1) {
+            len = sizeof(buf) - 1;
+        }
+        memcpy(buf + 1, why, len);
+        n += len;
+    }
+    if (write(w.ready_fd, buf, n) < 0) {
+        /* the master is gone; PDEATHSIG ends us */
+    }
+    close(w.ready_fd);
+    w.ready_fd = -1;
+}
+
 static void
 ready(char c)
 {
-    if (w.ready_fd >= 0) {
-        if (write(w.ready_fd, &c, 1) < 0) {
-            /* the master is gone; PDEATHSIG ends us */
-        }
-        close(w.ready_fd);
-        w.ready_fd = -1;
-    }
+    ready_why(c, NULL);
 }
 
 static void
@@ -148,7 +171,7 @@ app_fail(struct gw_co *co, const char *msg)
     gw_log(GW_LOG_ERROR, "app failed to load: %s", msg);
     gw_co_free(co);
     w.exit_code = 1;
-    ready('F');
+    ready_why('F', msg);
     event_base_loopbreak(gw_loop_base());
 }
 
@@ -207,7 +230,7 @@ gw_worker_main(const struct gw_opts *o, int listen_fd, SSL_CTX *ctx,
     if (luaL_loadfile(w.L, path) != 0) {
         gw_log(GW_LOG_ERROR, "app failed to load: %s",
                lua_tostring(w.L, -1));
-        ready('F');
+        ready_why('F', lua_tostring(w.L, -1));
         return 1;
     }
     /* The app's top level runs in a coroutine: it may wait (migrations). */

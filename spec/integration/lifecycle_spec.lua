@@ -47,10 +47,21 @@ local function metric(s, name)
   return res and tonumber(res.body:match(name .. " (%d+)"))
 end
 
+-- `paygate reload` as an operator runs it (it waits for the outcome);
+-- the test's loop keeps running meanwhile. Returns exit code and output.
+local function try_reload(s)
+  local out = s.dir .. "/reload.out"
+  os.remove(out)
+  local p = proc.spawn({ PAYGATE_BIN, "reload", "--pid-file",
+                         s.dir .. "/paygate.pid" }, { log = out })
+  local code = p:wait(30)
+  return code, proc.read(out)
+end
+
 local function reload(s)
-  local ok = os.execute(PAYGATE_BIN .. " reload --pid-file " .. s.dir
-                        .. "/paygate.pid >/dev/null")
-  assert(ok == 0 or ok == true, "paygate reload failed")
+  local code, out = try_reload(s)
+  assert(code == 0, "paygate reload failed: " .. out)
+  assert.matches("done, generation %d+", out)
 end
 
 describe("live reload", function()
@@ -143,7 +154,10 @@ describe("live reload", function()
 
   it("refuses code that fails to load and keeps the old code serving", function()
     write(s.app .. "/app.lua", "this is not lua (")
-    reload(s)
+    -- the operator's command says so, with the reason, and exits 1
+    local code, out = try_reload(s)
+    assert.equal(1, code)
+    assert.matches("refused: a new worker failed to load the app: .*app.lua:1:", out)
     proc.wait_until(function()
       return metric(s, "paygate_reload_failures_total") == 1
     end, 15, "the reload to be refused")
@@ -151,7 +165,9 @@ describe("live reload", function()
     assert.equal("v1", assert(s:request("/version")).body)
     -- an error while loading is refused too
     write(s.app .. "/app.lua", "error('config missing')")
-    s:signal(proc.SIGHUP)
+    code, out = try_reload(s)
+    assert.equal(1, code)
+    assert.matches("config missing", out)
     proc.wait_until(function()
       return metric(s, "paygate_reload_failures_total") == 2
     end, 15, "the second reload to be refused")
