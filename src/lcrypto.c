@@ -590,7 +590,7 @@ gw_crypto_load_private_key(const unsigned char *in, size_t len,
             pkey = d2i_AutoPrivateKey(NULL, &p, (long)len);
             if (pkey == NULL) {
                 GW_FAIL("not_pem", "not a PEM, DER or PKCS#12 private key "
-                        "(expected -----BEGIN PRIVATE KEY-----)");
+                        "(expected a PEM PRIVATE KEY block)");
             }
         }
     }
