@@ -555,17 +555,6 @@ conn_start(struct gw_pgconn *c)
 
 /* ------------------------------------------------------------ sending */
 
-static unsigned
-hash_sql(const char *s)
-{
-    unsigned h = 2166136261u;
-
-    for (; *s != '\0'; s++) {
-        h = (h ^ (unsigned char)*s) * 16777619u;
-    }
-    return h;
-}
-
 static int
 conn_flush(struct gw_pgconn *c)
 {
@@ -618,7 +607,7 @@ conn_send(struct gw_pgconn *c, struct gw_pgop *op)
             return GW_AGAIN;
         }
     }
-    slot = hash_sql(op->sql) % LPG_CACHE;
+    slot = gw_store_hash(op->sql) % LPG_CACHE;
     if (c->cache_sql[slot] == NULL || strcmp(c->cache_sql[slot], op->sql)) {
         free(c->cache_sql[slot]);
         c->cache_sql[slot] = strdup(op->sql);

@@ -415,17 +415,6 @@ job_cancel(void *arg)
 
 /* ------------------------------------------------ statements (threads) */
 
-static unsigned
-hash_sql(const char *s)
-{
-    unsigned h = 2166136261u;
-
-    for (; *s != '\0'; s++) {
-        h = (h ^ (unsigned char)*s) * 16777619u;
-    }
-    return h;
-}
-
 static void
 cache_clear(struct gw_sqlcache *c)
 {
@@ -457,7 +446,7 @@ only_space(const char *s)
 static sqlite3_stmt *
 stmt_get(struct gw_sqlconn *c, struct gw_sqljob *j)
 {
-    unsigned      slot = hash_sql(j->sql) % LSQLITE_CACHE;
+    unsigned      slot = gw_store_hash(j->sql) % LSQLITE_CACHE;
     sqlite3_stmt *st = NULL;
     const char   *tail = NULL;
     int           rc;

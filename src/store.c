@@ -164,3 +164,14 @@ gw_store_opt_num(lua_State *L, int idx, const char *name, double def)
     }
     return v;
 }
+
+unsigned
+gw_store_hash(const char *s)
+{
+    unsigned h = 2166136261u;
+
+    for (; *s != '\0'; s++) {
+        h = (h ^ (unsigned char) *s) * 16777619u;
+    }
+    return h;
+}

@@ -42,6 +42,9 @@ double gw_store_now(void);
  * absent table or a non-number value gives def). */
 double gw_store_opt_num(lua_State *L, int idx, const char *name, double def);
 
+/* FNV-1a of a NUL-terminated string: the statement caches' key hash. */
+unsigned gw_store_hash(const char *s);
+
 /* strdup that returns NULL for NULL. */
 char *gw_store_strdup(const char *s);
 
