@@ -136,7 +136,17 @@ do
     if not chunk then error("config: " .. err) end
     conf = chunk()
   end
+  local function copy(t)
+    local c = {}
+    for k, v in pairs(t) do c[k] = type(v) == "table" and copy(v) or v end
+    return c
+  end
+  local original = copy(conf)
   _M.config = freeze(conf, "config")
+  --- syntax: t = paygate.config_copy()
+  -- returns: a fresh, writable deep copy of the config, e.g. to iterate:
+  -- LuaJIT's pairs() does not see through the read-only paygate.config.
+  function _M.config_copy() return copy(original) end
 end
 
 -- routing and the request -------------------------------------------------

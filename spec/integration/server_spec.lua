@@ -46,6 +46,12 @@ paygate.route("GET", "/deadline", function(req)
   return 200, "too late"
 end)
 paygate.route("GET", "/empty", function() return 204 end)
+paygate.route("GET", "/config", function()
+  local keys = {}
+  for k in pairs(paygate.config_copy().limits) do keys[#keys + 1] = k end
+  table.sort(keys)
+  return 200, { keys = keys, body_bytes = paygate.config.limits.body_bytes }
+end)
 ]]
 
 describe("paygate run", function()
@@ -127,6 +133,13 @@ describe("paygate run", function()
     it("looks headers up case-insensitively", function()
       local res = assert(s:request{ path = "/headers", headers = { ["X-Test"] = "v" } })
       assert.same({ ua = "v", via_method = "v" }, json.decode(res.body))
+    end)
+
+    it("gives the app its config file, read-only, with a copy to iterate", function()
+      local res = assert(s:request("/config"))
+      assert.same({ keys = { "body_bytes", "body_timeout", "header_bytes",
+                             "header_timeout" }, body_bytes = 1024 },
+                  json.decode(res.body))
     end)
 
     it("sends no body for 204", function()

@@ -153,4 +153,11 @@ describe("paygate.config", function()
   it("is read-only", function()
     assert.has_error(function() paygate.config.x = 1 end)
   end)
+
+  it("has a writable copy to iterate, which leaves the config alone", function()
+    local c = paygate.config_copy()
+    assert.is_table(c)
+    c.x = 1
+    assert.is_nil(paygate.config.x)
+  end)
 end)
