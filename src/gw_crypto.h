@@ -127,6 +127,9 @@ void gw_crypto_register_types(lua_State *L);   /* both metatables */
 struct gw_key *gw_key_push(lua_State *L, EVP_PKEY *pkey, int is_private);
 struct gw_cert *gw_cert_push(lua_State *L, X509 *x509);  /* up-refs x509 */
 struct gw_cert *gw_cert_check(lua_State *L, int idx);    /* raises */
+/* crypto.certificate / x509.load: pushes the first certificate of PEM or
+ * DER input, or nil, err. */
+int gw_lx509_load(lua_State *L);
 /* The verifier behind a key or certificate handle at idx; raises if idx is
  * neither or was closed. */
 struct gw_keyinfo *gw_crypto_check_verifier(lua_State *L, int idx);

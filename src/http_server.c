@@ -264,7 +264,8 @@ make_request_id(struct gw_conn *c)
     uint64_t x;
 
     h = gw_http_find(&c->head, "x-request-id", 12);
-    if (h != NULL && h->value_len >= 8 && h->value_len < sizeof(c->request_id)) {
+    if (h != NULL && h->value_len >= 8
+        && h->value_len < sizeof(c->request_id)) {
         size_t i;
 
         for (i = 0; i < h->value_len; i++) {
@@ -703,6 +704,13 @@ request_end(struct gw_conn *c, int status, const char *route,
     memset(&c->head, 0, offsetof(struct gw_http_head, headers));
 }
 
+/* A log line about the current request (with its id). */
+static void
+req_log(struct gw_conn *c, enum gw_log_level level, const char *msg)
+{
+    gw_log_line(level, c->request_id, msg, strlen(msg), NULL, 0);
+}
+
 /* Turns the handler's results (status, body, headers, route, ctype) on
  * the coroutine's stack into a response. */
 static void
@@ -713,7 +721,7 @@ req_done(struct gw_co *co, int nres)
     char extra[4096];
     size_t extra_len = 0, body_len = 0, route_len = 0;
     const char *body = NULL, *route = NULL, *ctype = NULL;
-    int status, bad = 0;
+    int status, bad = 0, own_ctype = 0;
 
     lua_settop(L, 5);
     {
@@ -722,16 +730,15 @@ req_done(struct gw_co *co, int nres)
         status = (st >= 100 && st <= 599 && st == (int) st) ? (int) st : 0;
     }
     if (status < 100 || status > 599) {
-        gw_log_line(GW_LOG_ERROR, c->request_id,
-                    "handler returned no valid status (100-599)", 42,
-                    NULL, 0);
+        req_log(c, GW_LOG_ERROR,
+                "handler returned no valid status (100-599)");
         bad = 1;
     }
     if (lua_type(L, 2) == LUA_TSTRING) {
         body = lua_tolstring(L, 2, &body_len);
     } else if (!lua_isnil(L, 2)) {
-        gw_log_line(GW_LOG_ERROR, c->request_id,
-                    "handler body must be a string or a table", 40, NULL, 0);
+        req_log(c, GW_LOG_ERROR,
+                "handler body must be a string or a table");
         bad = 1;
     }
     if (lua_type(L, 4) == LUA_TSTRING) {
@@ -780,7 +787,7 @@ req_done(struct gw_co *co, int nres)
                 continue;
             }
             if (kl == 12 && strncasecmp(k, "content-type", 12) == 0) {
-                ctype = NULL;       /* the handler's wins */
+                own_ctype = 1;      /* the handler's wins */
             }
             memcpy(extra + extra_len, k, kl);
             extra_len += kl;
@@ -793,10 +800,9 @@ req_done(struct gw_co *co, int nres)
             lua_pop(L, 1);
         }
         if (bad) {
-            gw_log_line(GW_LOG_ERROR, c->request_id,
-                        "handler returned an invalid response header "
-                        "(name must be a token, value without CR/LF)",
-                        87, NULL, 0);
+            req_log(c, GW_LOG_ERROR,
+                    "handler returned an invalid response header "
+                    "(name must be a token, value without CR/LF)");
         }
     } else if (!bad && !lua_isnil(L, 3)) {
         bad = 1;
@@ -805,21 +811,10 @@ req_done(struct gw_co *co, int nres)
         status = 500;
         respond_error(c, 500, "internal", "invalid handler response");
     } else {
-        if (ctype == NULL && body != NULL && extra_len == 0) {
-            ctype = "text/plain; charset=utf-8";
+        if (own_ctype) {
+            ctype = NULL;           /* it is in extra */
         } else if (ctype == NULL && body != NULL) {
-            /* a Content-Type given by the handler is in extra, or none */
-            int has = 0;
-            for (size_t i = 0; i + 13 <= extra_len; i++) {
-                if ((i == 0 || extra[i - 1] == '\n')
-                    && strncasecmp(extra + i, "content-type:", 13) == 0) {
-                    has = 1;
-                    break;
-                }
-            }
-            if (!has) {
-                ctype = "text/plain; charset=utf-8";
-            }
+            ctype = "text/plain; charset=utf-8";
         }
         if (respond_raw(c, status, ctype, extra, extra_len, body, body_len)
             != GW_OK) {
@@ -876,7 +871,7 @@ req_fail(struct gw_co *co, const char *msg)
         }
         status = 500;
     }
-    gw_log_line(GW_LOG_ERROR, c->request_id, msg, strlen(msg), NULL, 0);
+    req_log(c, GW_LOG_ERROR, msg);
     respond_error(c, 500, "internal",
                   "the handler failed; see the log for this request_id");
     request_end(c, 500, NULL, 0);
@@ -903,9 +898,8 @@ req_deadline(struct gw_conn *c)
 {
     struct gw_co *co = c->co;
 
-    gw_log_line(GW_LOG_WARN, c->request_id,
-                "request deadline passed: answered 504, handler cancelled",
-                56, NULL, 0);
+    req_log(c, GW_LOG_WARN,
+            "request deadline passed: answered 504, handler cancelled");
     gw_co_abandon(co);
     respond_error(c, 504, "deadline_exceeded",
                   "the handler did not finish in time");

@@ -1375,32 +1375,6 @@ lcrypto_public_key(lua_State *L)
     return 1;
 }
 
-/* syntax: cert, err = crypto.certificate(pem_or_der) -- the first one */
-static int
-lcrypto_certificate(lua_State *L)
-{
-    size_t len;
-    const char *in = luaL_checklstring(L, 1, &len);
-    const char *kind = "internal";
-    char msg[GW_ERRMSG_MAX] = "";
-    STACK_OF(X509) *sk;
-    struct gw_cert *c;
-
-    if (gw_crypto_load_certs((const unsigned char *)in, len, &sk, &kind,
-                             msg, sizeof(msg)) != GW_OK)
-    {
-        return gw_push_error(L, kind, 0, "load certificate: %s", msg);
-    }
-    c = gw_cert_push(L, sk_X509_value(sk, 0));
-    sk_X509_pop_free(sk, X509_free);
-    if (c == NULL) {
-        return gw_push_error(L, "unsupported_key_type", 0, "load "
-                             "certificate: its public key is neither RSA "
-                             "nor SM2");
-    }
-    return 1;
-}
-
 /* syntax: ok, err = crypto.check_pair(private_key, cert_or_public_key) */
 static int
 lcrypto_check_pair(lua_State *L)
@@ -1911,7 +1885,7 @@ static const luaL_Reg ldigest_methods[] = {
 static const luaL_Reg lcrypto_funcs[] = {
     { "private_key", lcrypto_private_key },
     { "public_key", lcrypto_public_key },
-    { "certificate", lcrypto_certificate },
+    { "certificate", gw_lx509_load },   /* one loader: x509.load */
     { "pkcs12", lcrypto_pkcs12 },
     { "check_pair", lcrypto_check_pair },
     { "sign", lcrypto_sign },

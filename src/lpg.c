@@ -860,6 +860,22 @@ choose_conn(struct gw_pg *pg, struct gw_pgop *op, int *fail)
     return best;
 }
 
+/* Takes op (whose predecessor is prev, or NULL at the head) out of the
+ * wait queue; op->next is cleared. */
+static void
+wq_unlink(struct gw_pg *pg, struct gw_pgop *prev, struct gw_pgop *op)
+{
+    if (prev != NULL) {
+        prev->next = op->next;
+    } else {
+        pg->wq = op->next;
+    }
+    if (pg->wq_tail == op) {
+        pg->wq_tail = prev;
+    }
+    op->next = NULL;
+}
+
 static void
 dispatch(struct gw_pg *pg)
 {
@@ -879,16 +895,7 @@ dispatch(struct gw_pg *pg)
             prev = op;
             continue;
         }
-        /* unlink op */
-        if (prev != NULL) {
-            prev->next = next;
-        } else {
-            pg->wq = next;
-        }
-        if (pg->wq_tail == op) {
-            pg->wq_tail = prev;
-        }
-        op->next = NULL;
+        wq_unlink(pg, prev, op);
         if (c == NULL) {
             if (fail == 1) {
                 op_set_error(op, "timeout", "postgres: transaction is"
@@ -1034,14 +1041,7 @@ tx_abandon(void *arg)
             prev = op;
             continue;
         }
-        if (prev != NULL) {
-            prev->next = next;
-        } else {
-            pg->wq = next;
-        }
-        if (pg->wq_tail == op) {
-            pg->wq_tail = prev;
-        }
+        wq_unlink(pg, prev, op);
         op_set_error(op, "closed", "postgres: transaction abandoned");
         op->next = done;
         done = op;

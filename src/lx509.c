@@ -771,9 +771,10 @@ err:
     return gw_push_error(L, kind, 0, "verify chain: %s", msg);
 }
 
-/* syntax: cert, err = x509.load(pem_or_der) -- the first certificate */
-static int
-lx509_load(lua_State *L)
+/* syntax: cert, err = x509.load(pem_or_der) -- the first certificate;
+ * also crypto.certificate */
+int
+gw_lx509_load(lua_State *L)
 {
     size_t len;
     const char *in = luaL_checklstring(L, 1, &len);
@@ -841,7 +842,7 @@ static const luaL_Reg lcert_methods[] = {
 };
 
 static const luaL_Reg lx509_funcs[] = {
-    { "load", lx509_load },
+    { "load", gw_lx509_load },
     { "chain", lx509_chain },
     { "info", lcert_info },
     { "verify_chain", lx509_verify_chain },
