@@ -20,13 +20,14 @@ local _M = { version = "0.1.0" }
 local error_mt = core.error_mt()
 
 --- syntax: err = paygate.error(kind, message[, fields])
--- returns: an error table with the shared metatable (tostring "kind: msg").
-function _M.error(kind, message, fields)
-  local e = fields or {}
-  e.kind, e.message = kind, message
-  if e.retryable == nil then e.retryable = false end
-  return setmetatable(e, error_mt)
-end
+-- returns: an error table with the shared metatable (tostring "kind: msg");
+-- fields (a table) becomes the error, so extra fields stay.
+_M.error = core.error
+
+--- syntax: ok = paygate.is_error(v)
+-- returns: true when v is a paygate error (made by paygate.error or
+-- returned as err by any paygate module).
+_M.is_error = core.is_error
 
 --- syntax: paygate.abort(status, kind, message)
 -- Ends the request now with status and a JSON error body. Raises.
@@ -218,7 +219,7 @@ end
 req_methods.params = setmetatable({}, {
   __newindex = function() error("req.params is read-only", 2) end })
 
-core.request_methods(req_methods)
+require("paygate.request.core").request_methods(req_methods)
 
 local JSON_CT = "application/json"
 

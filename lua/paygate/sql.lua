@@ -1,8 +1,8 @@
 -- paygate.sql: one SQL API over two engines.
 --
 --   sqlite:PATH[?opt=v&...]        embedded default (writer thread, group
---                                  commit, reader threads; see src/lsqlite.c)
---   postgres://user@host:port/db   libpq on the loop (see src/lpg.c)
+--                                  commit, reader threads; see src/store/lsqlite.c)
+--   postgres://user@host:port/db   libpq on the loop (see src/store/lpg.c)
 --
 -- Parameters are always bound, never spliced: write $1, $2 ... (both
 -- engines) or ? (SQLite only), and pass the values as an array. Use

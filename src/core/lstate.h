@@ -11,8 +11,14 @@
 const char *gw_lua_dir(void);
 
 /* New state with libs open; app_dir (may be NULL) goes first on
- * package.path. Returns NULL when out of memory. */
-lua_State *gw_lstate_new(const char *app_dir);
+ * package.path. paygate.core is preloaded, and so is every entry of
+ * preload (a { name, luaopen } list ending in { NULL, NULL }; may be
+ * NULL): core knows no module above it, the process layer names them.
+ * Returns NULL when out of memory. */
+lua_State *gw_lstate_new(const char *app_dir, const luaL_Reg *preload);
+
+/* The paygate.core module (lpaygate.c). */
+int luaopen_paygate_core(lua_State *L);
 
 /* Runs a Lua file on the main state (config files, not apps). On failure
  * returns GW_ERR with the message on the stack; else nres results. */

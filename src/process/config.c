@@ -19,6 +19,7 @@
 #include "config.h"
 #include "log.h"
 #include "lstate.h"
+#include "metrics.h"
 
 void
 gw_opts_defaults(struct gw_opts *o)
@@ -32,6 +33,7 @@ gw_opts_defaults(struct gw_opts *o)
     o->shutdown_timeout = 30;
     o->log_level = GW_LOG_INFO;
     gw_server_conf_defaults(&o->server);
+    o->server.on_request = gw_metrics_request;   /* counted per worker */
 }
 
 struct key {

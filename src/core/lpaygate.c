@@ -1,8 +1,11 @@
 /*
- * lpaygate.c -- paygate.core: the scheduling primitives every handler uses
- * (now, sleep, spawn/task) and the logger's C half.
+ * lpaygate.c -- paygate.core: what every module needs and nothing above
+ * core provides: the scheduling primitives (sleep, spawn/task), the
+ * clocks (now, time, mono), the one error shape (error, is_error), null,
+ * listdir, and the logger's C half.
  */
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <errno.h>
 #include <math.h>
 #include <netinet/in.h>
@@ -10,12 +13,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <event2/event.h>
 
 #include "co.h"
-#include "http_server.h"
 #include "log.h"
 #include "loop.h"
 #include "lstate.h"
@@ -84,6 +87,113 @@ static int
 lcore_now(lua_State *L)
 {
     lua_pushnumber(L, gw_loop_now());
+    return 1;
+}
+
+/* core.time() -> wall clock seconds now (not the cached loop time) */
+static int
+lcore_time(lua_State *L)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_REALTIME, &ts);
+    lua_pushnumber(L, (lua_Number) ts.tv_sec + ts.tv_nsec / 1e9);
+    return 1;
+}
+
+/* core.mono() -> monotonic seconds now: for durations and deadlines */
+static int
+lcore_mono(lua_State *L)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    lua_pushnumber(L, (lua_Number) ts.tv_sec + ts.tv_nsec / 1e9);
+    return 1;
+}
+
+/* core.listdir(path) -> { names } (sorted, no dot files) | nil, err.
+ * Blocking: for start-up work (migrations), not for handlers. */
+static int
+lcore_listdir(lua_State *L)
+{
+    const char    *path = luaL_checkstring(L, 1);
+    DIR           *d = opendir(path);
+    struct dirent *e;
+    int            n = 0;
+
+    if (d == NULL) {
+        return gw_push_error(L, "unavailable", 0, "listdir %s: %s", path,
+                             strerror(errno));
+    }
+    lua_newtable(L);
+    for (e = readdir(d); e != NULL; e = readdir(d)) {
+        if (e->d_name[0] == '.') {
+            continue;
+        }
+        lua_pushstring(L, e->d_name);
+        lua_rawseti(L, -2, ++n);
+    }
+    closedir(d);
+    lua_getglobal(L, "table");
+    lua_getfield(L, -1, "sort");
+    lua_pushvalue(L, -3);
+    lua_call(L, 1, 0);
+    lua_pop(L, 1);
+    return 1;
+}
+
+/*
+ * core.error(kind, message[, fields]) -> err: the one error shape. fields
+ * (a table, may be nil) becomes the error itself, so extra fields (code,
+ * status, detail, ...) stay; kind and message are set, retryable defaults
+ * to false. tostring(err) is "kind: message".
+ */
+static int
+lcore_error(lua_State *L)
+{
+    luaL_checkstring(L, 1);
+    if (!lua_isnoneornil(L, 2) && lua_type(L, 2) != LUA_TSTRING
+        && lua_type(L, 2) != LUA_TNUMBER) {
+        return luaL_argerror(L, 2, "message must be a string");
+    }
+    if (lua_isnoneornil(L, 3)) {
+        lua_settop(L, 2);
+        lua_createtable(L, 0, 3);
+    } else {
+        luaL_checktype(L, 3, LUA_TTABLE);
+        lua_settop(L, 3);
+    }
+    lua_pushvalue(L, 1);
+    lua_setfield(L, 3, "kind");
+    if (lua_isnil(L, 2)) {
+        lua_pushliteral(L, "");
+    } else {
+        lua_pushvalue(L, 2);
+    }
+    lua_setfield(L, 3, "message");
+    lua_getfield(L, 3, "retryable");
+    if (lua_isnil(L, -1)) {
+        lua_pushboolean(L, 0);
+        lua_setfield(L, 3, "retryable");
+    }
+    lua_pop(L, 1);
+    gw_push_error_mt(L);
+    lua_setmetatable(L, 3);
+    return 1;
+}
+
+/* core.is_error(v) -> true when v was made by core.error / gw_push_error */
+static int
+lcore_is_error(lua_State *L)
+{
+    int is = 0;
+
+    if (lua_type(L, 1) == LUA_TTABLE && lua_getmetatable(L, 1)) {
+        gw_push_error_mt(L);
+        is = lua_rawequal(L, -1, -2);
+    }
+    lua_pushboolean(L, is);
     return 1;
 }
 
@@ -451,6 +561,11 @@ static const luaL_Reg ltask_methods[] = {
 static const luaL_Reg lcore_funcs[] = {
     { "sleep", lcore_sleep },
     { "now", lcore_now },
+    { "time", lcore_time },
+    { "mono", lcore_mono },
+    { "listdir", lcore_listdir },
+    { "error", lcore_error },
+    { "is_error", lcore_is_error },
     { "update_time", lcore_update_time },
     { "spawn", lcore_spawn },
     { "log", lcore_log },
@@ -476,6 +591,7 @@ luaopen_paygate_core(lua_State *L)
     lua_pop(L, 1);
     lua_newtable(L);
     luaL_register(L, NULL, lcore_funcs);
-    gw_request_register(L);
+    lua_pushlightuserdata(L, NULL);   /* == cjson.null, SQL NULL, nil reply */
+    lua_setfield(L, -2, "null");
     return 1;
 }

@@ -28,7 +28,6 @@
 #include "http_server.h"
 #include "log.h"
 #include "loop.h"
-#include "metrics.h"
 
 #define LREQ_MT "paygate.request"
 #define IN_MIN  4096            /* bytes: first input buffer */
@@ -634,8 +633,8 @@ lreq_set_methods(lua_State *L)
     return 0;
 }
 
-void
-gw_request_register(lua_State *L)
+int
+luaopen_paygate_request_core(lua_State *L)
 {
     luaL_newmetatable(L, LREQ_MT);
     lua_pushcfunction(L, lreq_index);
@@ -649,9 +648,10 @@ gw_request_register(lua_State *L)
     srv.empty_env_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     lua_newtable(L);
     srv.methods_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-    /* the module table being built is on top */
+    lua_newtable(L);
     lua_pushcfunction(L, lreq_set_methods);
     lua_setfield(L, -2, "request_methods");
+    return 1;
 }
 
 /* ---- running a request ---------------------------------------------- */
@@ -674,8 +674,10 @@ request_end(struct gw_conn *c, int status, const char *route,
     gw_loop_update_time();
     secs = gw_loop_mono() - c->started;
     c->started = gw_loop_mono();     /* a pipelined next request starts */
-    gw_metrics_request(c->head.method, c->head.method_len, route, route_len,
-                       status, secs);
+    if (srv.conf.on_request != NULL) {
+        srv.conf.on_request(c->head.method, c->head.method_len, route,
+                            route_len, status, secs);
+    }
     if (srv.conf.access_log && gw_log_min <= GW_LOG_INFO) {
         char fields[1024];
         size_t n = 0, q;
@@ -973,7 +975,9 @@ conn_bad(struct gw_conn *c, int status, const char *kind, const char *msg)
     c->head.keep_alive = 0;
     c->close_after = 1;
     respond_error(c, status, kind, msg);
-    gw_metrics_request("-", 1, NULL, 0, status, 0);
+    if (srv.conf.on_request != NULL) {
+        srv.conf.on_request("-", 1, NULL, 0, status, 0);
+    }
     c->state = ST_CLOSING;
 }
 

@@ -8,13 +8,13 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <lualib.h>
 
 #include "co.h"
 #include "lstate.h"
-#include "modules.h"
 
 static const char error_mt_key = 'e';   /* registry: the error metatable */
 
@@ -61,14 +61,44 @@ gw_lua_dir(void)
     return dir;
 }
 
+/* __tostring of every paygate error: "kind: message". Reads the fields
+ * raw and never raises, whatever a caller stored in them. */
 static int
 error_tostring(lua_State *L)
 {
-    lua_getfield(L, 1, "kind");
-    lua_getfield(L, 1, "message");
-    lua_pushfstring(L, "%s: %s", luaL_optstring(L, -2, "error"),
-                    luaL_optstring(L, -1, ""));
+    const char *kind, *msg;
+
+    if (lua_type(L, 1) != LUA_TTABLE) {
+        lua_pushliteral(L, "error");
+        return 1;
+    }
+    lua_pushliteral(L, "kind");
+    lua_rawget(L, 1);
+    lua_pushliteral(L, "message");
+    lua_rawget(L, 1);
+    kind = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : "error";
+    msg = (lua_type(L, -1) == LUA_TSTRING || lua_type(L, -1) == LUA_TNUMBER)
+          ? lua_tostring(L, -1) : "";
+    lua_pushfstring(L, "%s: %s", kind, msg);
     return 1;
+}
+
+/* math.random is seeded from the kernel's CSPRNG in every state, so two
+ * workers (or two `paygate exec` runs) never draw the same sequence:
+ * retry jitter must not stampede in step. */
+static void
+seed_math_random(lua_State *L)
+{
+    unsigned int seed = 0;
+
+    if (getentropy(&seed, sizeof(seed)) != 0) {
+        seed = (unsigned int) getpid() ^ (unsigned int) time(NULL);
+    }
+    lua_getglobal(L, "math");
+    lua_getfield(L, -1, "randomseed");
+    lua_pushnumber(L, (lua_Number) seed);
+    lua_call(L, 1, 0);
+    lua_pop(L, 1);
 }
 
 int
@@ -105,7 +135,7 @@ gw_push_error_mt(lua_State *L)
 }
 
 lua_State *
-gw_lstate_new(const char *app_dir)
+gw_lstate_new(const char *app_dir, const luaL_Reg *preload)
 {
     lua_State *L = luaL_newstate();
     const char *dir = gw_lua_dir();
@@ -114,6 +144,7 @@ gw_lstate_new(const char *app_dir)
         return NULL;
     }
     luaL_openlibs(L);
+    seed_math_random(L);
 
     lua_getglobal(L, "package");
     if (app_dir != NULL) {
@@ -127,11 +158,12 @@ gw_lstate_new(const char *app_dir)
     lua_setfield(L, -2, "path");
 
     lua_getfield(L, -1, "preload");
-#define GW_MODULE_PRELOAD(name, fn)     \
-    lua_pushcfunction(L, fn);           \
-    lua_setfield(L, -2, name);
-    GW_MODULE_LIST(GW_MODULE_PRELOAD)
-#undef GW_MODULE_PRELOAD
+    lua_pushcfunction(L, luaopen_paygate_core);
+    lua_setfield(L, -2, "paygate.core");
+    for (; preload != NULL && preload->name != NULL; preload++) {
+        lua_pushcfunction(L, preload->func);
+        lua_setfield(L, -2, preload->name);
+    }
     lua_pop(L, 2);
 
     lua_pushlightuserdata(L, (void *) &error_mt_key);

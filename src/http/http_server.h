@@ -23,6 +23,12 @@ struct gw_server_conf {
     int    keepalive_requests;  /* requests per connection */
     double request_timeout;     /* s a handler may take: then 504 */
     int    access_log;          /* 1: one log line per request */
+    /* Called once per finished request (route NULL: unmatched), so the
+     * process layer can count it; may be NULL. The server knows nothing
+     * of metrics. */
+    void (*on_request)(const char *method, size_t method_len,
+                       const char *route, size_t route_len, int status,
+                       double seconds);
 };
 
 /* Fills the defaults (they suit payment callbacks; see README). */
@@ -48,8 +54,8 @@ void gw_server_close_all(void);
 int gw_server_connections(void);
 int gw_server_in_flight(void);
 
-/* Registers the request userdata (paygate.request) and adds
- * request_methods() to the module table on top of L's stack. */
-void gw_request_register(lua_State *L);
+/* The paygate.request.core module: registers the request userdata and
+ * returns { request_methods = fn } (fn(t) sets the Lua methods of req). */
+int luaopen_paygate_request_core(lua_State *L);
 
 #endif

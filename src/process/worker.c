@@ -17,6 +17,7 @@
 #include "loop.h"
 #include "lstate.h"
 #include "metrics.h"
+#include "modules.h"
 #include "worker.h"
 
 static struct {
@@ -190,7 +191,7 @@ runtime_init(const char *app_dir)
         fprintf(stderr, "paygate: cannot initialise libcurl\n");
         return GW_ERR;
     }
-    w.L = gw_lstate_new(app_dir);
+    w.L = gw_lstate_new(app_dir, gw_modules);
     if (w.L == NULL) {
         fprintf(stderr, "paygate: no memory for the Lua state\n");
         return GW_ERR;
