@@ -78,7 +78,8 @@ function _M.timer.every(interval, fn, ...)
       core.sleep(interval)
       local ok, err = pcall(fn, unpack(args, 1, n))
       if not ok then
-        _M.log.error("timer.every: tick failed", { error = tostring(err) })
+        _M.log.error("timer.every: tick failed",
+                     { error = core.error_string(err) })
       end
     end
   end)
@@ -131,6 +132,10 @@ end
 do
   local rt = package.loaded["paygate.runtime"] or { mode = "exec" }
   _M.runtime = rt
+  --- paygate.app_dir: the app's folder, absolute (under `paygate exec`,
+  -- the script's folder), for migrations, templates and keys:
+  -- migrate.run(db, paygate.app_dir .. "/migrations")
+  _M.app_dir = rt.app_dir
   local conf = {}
   if rt.config_file then
     local chunk, err = loadfile(rt.config_file)
@@ -202,6 +207,20 @@ end
 local function unescape(s)
   s = s:gsub("+", " ")
   return (s:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
+end
+
+--- syntax: value, err = req:decode_json()
+-- returns: the decoded body, or nil and an error (kind "invalid_json") --
+-- for routes that answer bad input in their own format instead of the
+-- automatic 400 of req:json() (WeChat notifications answer FAIL bodies).
+function req_methods.decode_json(req)
+  local body = req.body
+  local v, err = json.decode(body)
+  if v == nil and body ~= "null" then
+    return nil, _M.error("invalid_json", "request body is not valid JSON: "
+                         .. tostring(err):sub(1, 120))
+  end
+  return v
 end
 
 --- syntax: args = req:query()

@@ -12,6 +12,7 @@
 #include "co.h"
 #include "log.h"
 #include "loop.h"
+#include "lstate.h"
 
 static const char co_map_key = 'c';     /* registry: thread -> lightud */
 static lua_State *main_L;               /* not owned */
@@ -117,17 +118,20 @@ co_resume(struct gw_co *co, int nargs)
         return;
     }
     {
-        const char *msg = lua_tostring(L, -1);
+        /* The error value stays on L (paygate.abort's table is read by
+         * the owner); its text is made on the main state: an error
+         * raised as a table logs as "kind: message", not "table". */
         lua_State *top = main_L;
-        const char *tb;
+        int base = lua_gettop(top);
+        const char *msg, *tb;
 
-        if (msg == NULL) {
-            msg = lua_isnil(L, -1) ? "nil error" : luaL_typename(L, -1);
-        }
+        lua_pushvalue(L, -1);
+        lua_xmove(L, top, 1);
+        msg = gw_error_string(top, -1);
         luaL_traceback(top, L, msg, 0);
         tb = lua_tostring(top, -1);
         co->owner->fail(co, tb != NULL ? tb : msg);
-        lua_pop(top, 1);
+        lua_settop(top, base);
     }
 }
 

@@ -566,6 +566,7 @@ static const luaL_Reg lcore_funcs[] = {
     { "listdir", lcore_listdir },
     { "error", lcore_error },
     { "is_error", lcore_is_error },
+    { "error_string", gw_lerror_string },
     { "update_time", lcore_update_time },
     { "spawn", lcore_spawn },
     { "log", lcore_log },

@@ -83,6 +83,70 @@ error_tostring(lua_State *L)
     return 1;
 }
 
+static int
+error_string_protected(lua_State *L)
+{
+    luaL_callmeta(L, 1, "__tostring");
+    return 1;
+}
+
+const char *
+gw_error_string(lua_State *L, int idx)
+{
+    int t;
+
+    idx = idx < 0 ? lua_gettop(L) + idx + 1 : idx;
+    t = lua_type(L, idx);
+    if (t == LUA_TSTRING || t == LUA_TNUMBER) {
+        lua_pushvalue(L, idx);
+        lua_tostring(L, -1);            /* a number becomes its text */
+        return lua_tostring(L, -1);
+    }
+    if (luaL_getmetafield(L, idx, "__tostring")) {
+        lua_pop(L, 1);
+        lua_pushcfunction(L, error_string_protected);
+        lua_pushvalue(L, idx);
+        if (lua_pcall(L, 1, 1, 0) == 0 && lua_type(L, -1) == LUA_TSTRING) {
+            return lua_tostring(L, -1);
+        }
+        lua_pop(L, 1);
+    }
+    if (t == LUA_TTABLE) {
+        const char *kind, *msg;
+
+        lua_pushliteral(L, "kind");
+        lua_rawget(L, idx);
+        lua_pushliteral(L, "message");
+        lua_rawget(L, idx);
+        kind = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
+        msg = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
+        if (kind != NULL || msg != NULL) {
+            lua_pushfstring(L, "%s: %s", kind != NULL ? kind : "error",
+                            msg != NULL ? msg : "");
+            lua_replace(L, -3);
+            lua_pop(L, 1);
+            return lua_tostring(L, -1);
+        }
+        lua_pop(L, 2);
+    }
+    if (t == LUA_TNIL || t == LUA_TNONE) {
+        lua_pushliteral(L, "nil error");
+    } else {
+        lua_pushfstring(L, "(error object is a %s value)",
+                        luaL_typename(L, idx));
+    }
+    return lua_tostring(L, -1);
+}
+
+/* core.error_string(v) -> the text the runtime logs for an error value */
+int
+gw_lerror_string(lua_State *L)
+{
+    luaL_checkany(L, 1);
+    gw_error_string(L, 1);
+    return 1;
+}
+
 /* math.random is seeded from the kernel's CSPRNG in every state, so two
  * workers (or two `paygate exec` runs) never draw the same sequence:
  * retry jitter must not stampede in step. */

@@ -24,6 +24,17 @@ int luaopen_paygate_core(lua_State *L);
  * returns GW_ERR with the message on the stack; else nres results. */
 int gw_lstate_dofile(lua_State *L, const char *path, int nres);
 
+/* Pushes the text that describes the error value at idx and returns it:
+ * a string or number as it is; a value with __tostring through it (a
+ * paygate error gives "kind: message"; a __tostring that raises is
+ * ignored); a table with kind / message fields as "kind: message";
+ * anything else as "(error object is a T value)". Never raises except
+ * out of memory. The string stays valid while it is on the stack. */
+const char *gw_error_string(lua_State *L, int idx);
+
+/* core.error_string(v): gw_error_string for Lua. */
+int gw_lerror_string(lua_State *L);
+
 /* Pushes the paygate error metatable (for errors made in Lua). */
 int gw_push_error_mt(lua_State *L);
 

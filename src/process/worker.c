@@ -294,7 +294,18 @@ gw_exec_main(const char *script, int argc, char **argv)
     }
     L = w.L;
     gw_metrics_attach(-1);
-    push_runtime_info(L, "exec", NULL, NULL);
+    {
+        /* paygate.app_dir in exec: the script's folder (absolute) */
+        char *abs = realpath(script, NULL);
+        char *slash = abs != NULL ? strrchr(abs, '/') : NULL;
+
+        if (slash != NULL) {
+            *slash = '\0';
+        }
+        push_runtime_info(L, "exec", slash != NULL ? (abs[0] ? abs : "/")
+                                                   : NULL, NULL);
+        free(abs);
+    }
 
     /* arg, as the standalone interpreter sets it (busted reads it) */
     lua_createtable(L, argc, 1);

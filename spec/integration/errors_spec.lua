@@ -1,0 +1,170 @@
+-- What a handler author sees when something fails: every place the runtime
+-- reports an error value (app load, handler, task, timer, paygate exec)
+-- shows a paygate error as "kind: message" -- never "table: 0x..." or just
+-- "table" -- and a plain table with kind/message fields the same way.
+local paygate = require "paygate"
+local server = require "support.server"
+local proc = require "support.proc"
+
+local function write(path, text)
+  local f = assert(io.open(path, "w"))
+  f:write(text)
+  f:close()
+end
+
+local function exec(source)
+  local dir = server.tmpdir()
+  write(dir .. "/script.lua", source)
+  local p = proc.spawn({ PAYGATE_BIN, "exec", dir .. "/script.lua" },
+                       { log = dir .. "/out" })
+  local code = p:wait(10)
+  if code == nil then p:kill(proc.SIGKILL); p:wait(2) end
+  local out = proc.read(dir .. "/out")
+  os.execute("rm -rf " .. dir)
+  return code, out
+end
+
+describe("error reporting", function()
+  describe("paygate exec", function()
+    it("prints a raised paygate error as kind: message", function()
+      local code, out = exec([[
+        local paygate = require "paygate"
+        error(paygate.error("my_kind", "the thing broke"))
+      ]])
+      assert.equal(1, code)
+      assert.matches("my_kind: the thing broke", out, 1, true)
+      assert.not_matches("table", out)
+    end)
+
+    it("prints assert(nil, err) of a failing open as kind: message", function()
+      local code, out = exec([[
+        local sql = require "paygate.sql"
+        local db = assert(sql.open("sqlite:/nonexistent-dir/x/y.db"))
+      ]])
+      assert.equal(1, code)
+      assert.matches("unavailable: ", out, 1, true)
+      assert.not_matches("table", out)
+    end)
+
+    it("prints a plain table with kind and message fields", function()
+      local code, out = exec([[error({ kind = "k", message = "m" })]])
+      assert.equal(1, code)
+      assert.matches("k: m", out, 1, true)
+    end)
+
+    it("names the type of any other error value", function()
+      local code, out = exec([[error({})]])
+      assert.equal(1, code)
+      assert.matches("error object is a table value", out, 1, true)
+      code, out = exec([[error(setmetatable({}, { __tostring =
+        function() error("boom") end }))]])
+      assert.equal(1, code)
+      assert.matches("error object is a table value", out, 1, true)
+    end)
+
+    it("sets paygate.app_dir to the script's folder", function()
+      local code, out = exec([[
+        local paygate = require "paygate"
+        print("app_dir=" .. paygate.app_dir)
+        local f = assert(io.open(paygate.app_dir .. "/script.lua"))
+        f:close()
+      ]])
+      assert.equal(0, code, out)
+      assert.matches("app_dir=/", out, 1, true)
+    end)
+  end)
+
+  it("an app whose top level raises a paygate error logs kind: message",
+     function()
+    local s = server.start{ wait = false, source = [[
+      local paygate = require "paygate"
+      local sql = require "paygate.sql"
+      local db = assert(sql.open("sqlite:/nonexistent-dir/x/y.db"))
+    ]] }
+    local code = s.proc:wait(15)
+    assert.equal(1, code)
+    local logs = s:logs()
+    assert.matches("app failed to load: unavailable: ", logs, 1, true)
+    assert.not_matches("load: table", logs, 1, true)
+    s:stop()
+  end)
+
+  describe("in a running app", function()
+    local s
+    setup(function()
+      s = server.start{ source = [[
+        local paygate = require "paygate"
+        paygate.route("GET", "/raise", function()
+          error(paygate.error("handler_kind", "handler broke"))
+        end)
+        paygate.route("GET", "/task", function()
+          paygate.spawn(function()
+            error(paygate.error("task_kind", "task broke"))
+          end)
+          return 200, "ok"
+        end)
+        paygate.route("GET", "/timer", function()
+          local t, n = nil, 0
+          t = paygate.timer.every(0.01, function()
+            n = n + 1
+            if n == 1 then error(paygate.error("timer_kind", "timer broke")) end
+            t:cancel()
+          end)
+          return 200, "ok"
+        end)
+        paygate.route("GET", "/app_dir", function()
+          return 200, paygate.app_dir
+        end)
+        paygate.route("POST", "/decode", function(req)
+          local v, err = req:decode_json()
+          if not v then return 422, { code = "FAIL", message = err.kind } end
+          return 200, v
+        end)
+        paygate.route("GET", "/teapot", function()
+          paygate.abort(418, "teapot", "short and stout")
+        end)
+      ]] }
+    end)
+    teardown(function() s:stop() end)
+
+    local function wait_log(text)
+      return proc.wait_until(function()
+        return s:logs():find(text, 1, true) ~= nil
+      end, 10, text)
+    end
+
+    it("a handler's raised error", function()
+      local res = assert(s:request("/raise"))
+      assert.equal(500, res.status)
+      assert.not_matches("handler broke", res.body, 1, true)  -- never to the client
+      assert.truthy(wait_log("handler_kind: handler broke"))
+    end)
+
+    it("a spawned task's error", function()
+      assert.equal(200, assert(s:request("/task")).status)
+      assert.truthy(wait_log("task_kind: task broke"))
+    end)
+
+    it("a timer's error", function()
+      assert.equal(200, assert(s:request("/timer")).status)
+      assert.truthy(wait_log("timer_kind: timer broke"))
+      assert.not_matches('"error":"table', s:logs(), 1, true)
+    end)
+
+    it("paygate.app_dir is the app's absolute folder", function()
+      local res = assert(s:request("/app_dir"))
+      assert.equal(s.app, res.body)
+    end)
+
+    it("req:decode_json returns nil, err instead of answering 400", function()
+      local res = assert(s:request{ method = "POST", path = "/decode",
+                                    body = "{nope" })
+      assert.equal(422, res.status)
+      assert.matches('"invalid_json"', res.body, 1, true)
+      res = assert(s:request{ method = "POST", path = "/decode",
+                              body = '{"a":1}' })
+      assert.equal(200, res.status)
+      assert.equal('{"a":1}', res.body)
+    end)
+  end)
+end)
