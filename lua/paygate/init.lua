@@ -33,7 +33,7 @@ _M.is_error = core.is_error
 -- Ends the request now with status and a JSON error body. Raises.
 function _M.abort(status, kind, message)
   if type(status) ~= "number" or status < 400 or status > 599 then
-    error("abort: status must be 400..599", 2)
+    error("paygate.abort: status must be 400..599", 2)
   end
   error(setmetatable({ status = status, kind = kind or "error",
                        message = message or "" }, error_mt), 0)
@@ -53,9 +53,9 @@ _M.timer = {}
 -- returns: a task; handle:cancel() stops it before it runs.
 function _M.timer.at(delay, fn, ...)
   if type(delay) ~= "number" or delay < 0 then
-    error("timer.at: delay must be a number >= 0", 2)
+    error("paygate.timer.at: delay must be a number >= 0", 2)
   end
-  if type(fn) ~= "function" then error("timer.at: fn must be a function", 2) end
+  if type(fn) ~= "function" then error("paygate.timer.at: fn must be a function", 2) end
   return core.spawn(function(...)
     core.sleep(delay)
     return fn(...)
@@ -67,10 +67,10 @@ end
 -- is logged and the next tick still runs. handle:cancel() stops it.
 function _M.timer.every(interval, fn, ...)
   if type(interval) ~= "number" or interval <= 0 then
-    error("timer.every: interval must be a number > 0", 2)
+    error("paygate.timer.every: interval must be a number > 0", 2)
   end
   if type(fn) ~= "function" then
-    error("timer.every: fn must be a function", 2)
+    error("paygate.timer.every: fn must be a function", 2)
   end
   local n, args = select("#", ...), { ... }
   return core.spawn(function()
@@ -95,7 +95,7 @@ local function emit(level, msg, fields)
   local f
   if fields ~= nil then
     if type(fields) ~= "table" then
-      error("log: fields must be a table", 3)
+      error("paygate.log: fields must be a table", 3)
     end
     f = json.encode(fields)
   end
@@ -165,26 +165,26 @@ local before, after = {}, {}
 -- returns status, body[, headers]; a table body is sent as JSON.
 function _M.route(method, path, fn)
   if type(method) ~= "string" or not method:match("^[A-Z]+$") then
-    error("route: method must be an upper-case HTTP method", 2)
+    error("paygate.route: method must be an upper-case HTTP method", 2)
   end
   if type(path) ~= "string" or path:sub(1, 1) ~= "/" then
-    error("route: path must start with /", 2)
+    error("paygate.route: path must start with /", 2)
   end
-  if type(fn) ~= "function" then error("route: fn must be a function", 2) end
+  if type(fn) ~= "function" then error("paygate.route: fn must be a function", 2) end
   routes:add(method, path, fn)
 end
 
 --- syntax: paygate.before(fn) -- fn(req) runs before every handler; if it
 -- returns a status, that response is sent and the handler is skipped.
 function _M.before(fn)
-  if type(fn) ~= "function" then error("before: fn must be a function", 2) end
+  if type(fn) ~= "function" then error("paygate.before: fn must be a function", 2) end
   before[#before + 1] = fn
 end
 
 --- syntax: paygate.after(fn) -- fn(req, res) runs after every handler;
 -- res = { status, body, headers } may be changed in place.
 function _M.after(fn)
-  if type(fn) ~= "function" then error("after: fn must be a function", 2) end
+  if type(fn) ~= "function" then error("paygate.after: fn must be a function", 2) end
   after[#after + 1] = fn
 end
 

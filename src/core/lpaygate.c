@@ -152,17 +152,20 @@ lcore_listdir(lua_State *L)
 static int
 lcore_error(lua_State *L)
 {
-    luaL_checkstring(L, 1);
+    if (lua_type(L, 1) != LUA_TSTRING) {
+        return luaL_error(L, "paygate.error: kind must be a string");
+    }
     if (!lua_isnoneornil(L, 2) && lua_type(L, 2) != LUA_TSTRING
         && lua_type(L, 2) != LUA_TNUMBER) {
-        return luaL_argerror(L, 2, "message must be a string");
+        return luaL_error(L, "paygate.error: message must be a string");
     }
     if (lua_isnoneornil(L, 3)) {
         lua_settop(L, 2);
         lua_createtable(L, 0, 3);
-    } else {
-        luaL_checktype(L, 3, LUA_TTABLE);
+    } else if (lua_type(L, 3) == LUA_TTABLE) {
         lua_settop(L, 3);
+    } else {
+        return luaL_error(L, "paygate.error: fields must be a table");
     }
     lua_pushvalue(L, 1);
     lua_setfield(L, 3, "kind");
