@@ -10,8 +10,8 @@
  * (removing and re-adding it would cost two epoll_ctl calls per request),
  * but nothing is read: if bytes arrive then, conn_on_read() removes the
  * event without reading them, so the parsed head keeps pointing into a
- * buffer that does not move; the request's end processes what is there
- * and reads again.
+ * buffer that does not move. The request's end goes on with what the
+ * buffer holds (pipelined requests) and turns reading back on.
  */
 #include <errno.h>
 #include <netinet/in.h>
