@@ -44,8 +44,9 @@ struct gw_conn {
     int                 ssl_read_wants_write; /* TLS: SSL_read asked to
                                        wait for writability */
 
-    char               *in;         /* owned input buffer; never
-                                       realloc'ed (the head points in) */
+    char               *in;         /* owned input buffer; grown by
+                                       copying (conn_read() rebases the
+                                       head that points into it) */
     size_t              in_cap;     /* bytes allocated */
     size_t              in_len;     /* bytes received */
     size_t              req_start;  /* offset of the current request */
