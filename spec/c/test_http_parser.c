@@ -90,6 +90,21 @@ test_rejects(void)
                  "Transfer-Encoding: gzip\r\n\r\n") == 501);
     assert(parse("POST / HTTP/1.1\r\nHost: a\r\nExpect: magic\r\n\r\n")
            == 417);
+    /* bare LF ends no line; a 101st field is 431 (the 100th is fine) */
+    assert(parse("GET / HTTP/1.1\r\nHost: a\nX: b\r\n\r\n") == 400);
+    {
+        static char big[64 + 101 * 8];
+        size_t n = (size_t) sprintf(big, "GET / HTTP/1.1\r\nHost: a\r\n");
+
+        for (int i = 1; i < GW_HTTP_MAX_HEADERS; i++) {
+            n += (size_t) sprintf(big + n, "X%02d: v\r\n", i % 100);
+        }
+        strcpy(big + n, "\r\n");
+        assert(parse(big) == 0 && h.nheaders == GW_HTTP_MAX_HEADERS);
+        n += (size_t) sprintf(big + n, "Y: v\r\n");
+        strcpy(big + n, "\r\n");
+        assert(parse(big) == 431);
+    }
     /* the same length twice is allowed */
     assert(parse("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n"
                  "Content-Length: 2\r\n\r\n") == 0 && h.content_length == 2);

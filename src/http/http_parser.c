@@ -1,7 +1,12 @@
 /*
  * http_parser.c -- see http_parser.h. Strict where leniency lets requests
- * be smuggled (Content-Length with Transfer-Encoding, duplicate lengths,
- * folded headers, bare CR), lenient nowhere else.
+ * be smuggled: Content-Length with Transfer-Encoding, Content-Lengths that
+ * differ, a transfer coding other than chunked, folded headers, a bare CR
+ * or LF, controls in a value, a second Host are all refused. What it
+ * accepts beyond the strict grammar is only what RFC 9112 and RFC 9110
+ * allow a server: empty lines before the request line, a Content-Length
+ * repeated with the same value, HTTP/1.x for x > 1 (answered as 1.1),
+ * whitespace before a chunk extension.
  */
 #include <stddef.h>
 #include <string.h>

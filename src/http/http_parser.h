@@ -20,14 +20,14 @@ struct gw_http_header {
 
 struct gw_http_head {
     const char *method;         /* into the buffer */
-    size_t      method_len;
-    const char *path;           /* target up to '?' */
-    size_t      path_len;
-    const char *query;          /* after '?', or NULL */
-    size_t      query_len;
+    size_t      method_len;     /* bytes; 1..20 */
+    const char *path;           /* into the buffer: target up to '?' */
+    size_t      path_len;       /* bytes */
+    const char *query;          /* into the buffer: after '?', or NULL */
+    size_t      query_len;      /* bytes */
     int         minor;          /* HTTP/1.<minor>: 0 or 1 */
-    size_t      nheaders;
-    struct gw_http_header headers[GW_HTTP_MAX_HEADERS];
+    size_t      nheaders;       /* entries of headers in use */
+    struct gw_http_header headers[GW_HTTP_MAX_HEADERS]; /* in order */
     int64_t     content_length; /* bytes, or -1 when absent */
     int         chunked;        /* Transfer-Encoding: chunked */
     int         keep_alive;     /* connection persists after this one */
@@ -43,8 +43,9 @@ size_t gw_http_head_end(const char *buf, size_t len, size_t *scanned);
 
 /*
  * Parses a complete head of head_len bytes. Returns 0, or the HTTP status
- * to answer with: 400 malformed, 417 unknown expectation, 501 unknown
- * transfer coding, 505 version not supported.
+ * to answer with: 400 malformed, 417 unknown expectation, 431 more than
+ * GW_HTTP_MAX_HEADERS fields, 501 unknown transfer coding, 505 version
+ * not supported.
  */
 int gw_http_parse_head(const char *buf, size_t head_len,
                        struct gw_http_head *h);

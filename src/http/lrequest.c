@@ -1,0 +1,316 @@
+/*
+ * lrequest.c -- paygate.request.core: the request userdata a handler gets
+ * as req. Its fields (method, path, body, headers, ...) are read from the
+ * connection on access, without copying the request up front; the
+ * userdata's environment table holds what handlers set on it and the
+ * values worth caching (body, headers). When the request ends the
+ * userdata is unbound from its connection: from then on only what was set
+ * or cached on it is left, the other fields read nil, and req:header()
+ * and req:set_deadline() raise (a handler copies what it keeps).
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "http_conn.h"
+#include "loop.h"
+
+#define LREQ_MT "paygate.request"
+
+struct gw_lreq {
+    struct gw_conn *c;          /* not owned; NULL once the request ended */
+};
+
+static int empty_env_ref = LUA_NOREF; /* registry: shared empty env of
+                                         requests nothing was set on */
+static int methods_ref = LUA_NOREF;   /* registry: the request methods
+                                         table (request_methods()) */
+
+void
+gw_lreq_push(lua_State *L, struct gw_conn *c)
+{
+    struct gw_lreq *r = lua_newuserdata(L, sizeof(*r));
+
+    r->c = c;
+    luaL_getmetatable(L, LREQ_MT);
+    lua_setmetatable(L, -2);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, empty_env_ref);
+    lua_setfenv(L, -2);
+    lua_pushvalue(L, -1);
+    c->lreq_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    c->lreq = r;
+}
+
+void
+gw_lreq_detach(lua_State *L, struct gw_conn *c)
+{
+    if (c->lreq != NULL) {
+        c->lreq->c = NULL;
+        c->lreq = NULL;
+        luaL_unref(L, LUA_REGISTRYINDEX, c->lreq_ref);
+        c->lreq_ref = LUA_NOREF;
+    }
+}
+
+/* The connection of the request at idx; raises once the request ended. */
+static struct gw_conn *
+lreq_conn(lua_State *L, int idx)
+{
+    struct gw_lreq *r = luaL_checkudata(L, idx, LREQ_MT);
+
+    if (r->c == NULL) {
+        luaL_error(L, "request already finished: copy what you need "
+                      "before the handler returns");
+    }
+    return r->c;
+}
+
+/* Pushes s lower-cased. Raises when out of memory (nothing held). */
+static void
+push_lower(lua_State *L, const char *s, size_t len)
+{
+    char buf[256];
+    char *p = len <= sizeof(buf) ? buf : malloc(len);
+
+    if (p == NULL) {
+        luaL_error(L, "no memory");
+    }
+    for (size_t i = 0; i < len; i++) {
+        char ch = s[i];
+        p[i] = (ch >= 'A' && ch <= 'Z') ? (char) (ch + 32) : ch;
+    }
+    lua_pushlstring(L, p, len);
+    if (p != buf) {
+        free(p);
+    }
+}
+
+/* headers as a table with lower-case names; repeats joined by ", ". */
+static void
+push_headers(lua_State *L, struct gw_conn *c)
+{
+    lua_createtable(L, 0, (int) c->head.nheaders);
+    for (size_t i = 0; i < c->head.nheaders; i++) {
+        const struct gw_http_header *h = &c->head.headers[i];
+
+        push_lower(L, h->name, h->name_len);
+        lua_pushvalue(L, -1);
+        lua_rawget(L, -3);
+        if (lua_isnil(L, -1)) {
+            lua_pop(L, 1);
+            lua_pushlstring(L, h->value, h->value_len);
+        } else {
+            lua_pushliteral(L, ", ");
+            lua_pushlstring(L, h->value, h->value_len);
+            lua_concat(L, 3);
+        }
+        lua_rawset(L, -3);
+    }
+}
+
+/* The request's own environment table (made on first use), pushed. */
+static void
+lreq_env(lua_State *L, int ud)
+{
+    lua_getfenv(L, ud);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, empty_env_ref);
+    if (lua_rawequal(L, -1, -2)) {
+        lua_pop(L, 2);
+        lua_createtable(L, 0, 4);
+        lua_pushvalue(L, -1);
+        lua_setfenv(L, ud);
+    } else {
+        lua_pop(L, 1);
+    }
+}
+
+/* Stores the value on top in the request's own table, keeps it on top. */
+static void
+lreq_cache(lua_State *L, int ud, const char *key)
+{
+    lreq_env(L, ud);
+    lua_pushvalue(L, -2);
+    lua_setfield(L, -2, key);
+    lua_pop(L, 1);
+}
+
+/*
+ * req.method, req.path, req.query_string, req.body, req.headers, req.id,
+ * req.remote_addr, req.scheme, then fields set by handlers, then methods.
+ */
+static int
+lreq_index(lua_State *L)
+{
+    size_t klen;
+    const char *k = luaL_checklstring(L, 2, &klen);
+    struct gw_lreq *r = luaL_checkudata(L, 1, LREQ_MT);
+    struct gw_conn *c;
+
+    lua_getfenv(L, 1);
+    lua_pushvalue(L, 2);
+    lua_rawget(L, -2);
+    if (!lua_isnil(L, -1)) {
+        return 1;
+    }
+    lua_pop(L, 2);
+    c = r->c;
+    switch (klen) {
+    case 2:
+        if (c != NULL && memcmp(k, "id", 2) == 0) {
+            lua_pushstring(L, c->request_id);
+            return 1;
+        }
+        break;
+    case 4:
+        if (c != NULL && memcmp(k, "path", 4) == 0) {
+            lua_pushlstring(L, c->head.path, c->head.path_len);
+            return 1;
+        }
+        if (c != NULL && memcmp(k, "body", 4) == 0) {
+            lua_pushlstring(L, c->in + c->body_off, c->body_len);
+            lreq_cache(L, 1, "body");
+            return 1;
+        }
+        break;
+    case 6:
+        if (c != NULL && memcmp(k, "method", 6) == 0) {
+            lua_pushlstring(L, c->head.method, c->head.method_len);
+            return 1;
+        }
+        if (c != NULL && memcmp(k, "scheme", 6) == 0) {
+            lua_pushstring(L, c->ssl != NULL ? "https" : "http");
+            return 1;
+        }
+        break;
+    case 7:
+        if (c != NULL && memcmp(k, "headers", 7) == 0) {
+            push_headers(L, c);
+            lreq_cache(L, 1, "headers");
+            return 1;
+        }
+        break;
+    case 11:
+        if (c != NULL && memcmp(k, "remote_addr", 11) == 0) {
+            lua_pushstring(L, c->peer);
+            return 1;
+        }
+        break;
+    case 12:
+        if (c != NULL && memcmp(k, "query_string", 12) == 0) {
+            if (c->head.query == NULL) {
+                lua_pushliteral(L, "");
+            } else {
+                lua_pushlstring(L, c->head.query, c->head.query_len);
+            }
+            return 1;
+        }
+        break;
+    }
+    /* methods (json, header, query, ...) live in a Lua table */
+    lua_rawgeti(L, LUA_REGISTRYINDEX, methods_ref);
+    lua_pushvalue(L, 2);
+    lua_rawget(L, -2);
+    return 1;
+}
+
+/* req.x = v: kept in the request's own table (also after it ended). */
+static int
+lreq_newindex(lua_State *L)
+{
+    luaL_checkudata(L, 1, LREQ_MT);
+    luaL_checkany(L, 2);
+    lreq_env(L, 1);
+    lua_pushvalue(L, 2);
+    lua_pushvalue(L, 3);
+    lua_rawset(L, -3);
+    return 0;
+}
+
+/*
+ * syntax: value = req:header(name)
+ * Case-insensitive; repeated headers give the first. No table is built.
+ */
+static int
+lreq_header(lua_State *L)
+{
+    struct gw_conn *c = lreq_conn(L, 1);
+    size_t len;
+    const char *name = luaL_checklstring(L, 2, &len);
+    const struct gw_http_header *h = gw_http_find(&c->head, name, len);
+
+    if (h == NULL) {
+        return 0;
+    }
+    lua_pushlstring(L, h->value, h->value_len);
+    return 1;
+}
+
+/*
+ * syntax: req:set_deadline(seconds)
+ * From now: when it passes the client gets 504 and the handler's pending
+ * operation is cancelled.
+ */
+static int
+lreq_set_deadline(lua_State *L)
+{
+    struct gw_conn *c = lreq_conn(L, 1);
+    double s = luaL_checknumber(L, 2);
+
+    if (!(s > 0) || s > 86400) {
+        return luaL_argerror(L, 2, "seconds must be in (0, 86400]");
+    }
+    gw_loop_update_time();
+    c->deadline = gw_loop_mono() + s;
+    return 0;
+}
+
+static int
+lreq_tostring(lua_State *L)
+{
+    struct gw_lreq *r = luaL_checkudata(L, 1, LREQ_MT);
+
+    if (r->c == NULL) {
+        lua_pushliteral(L, "request (finished)");
+    } else {
+        lua_pushfstring(L, "request %s", r->c->request_id);
+    }
+    return 1;
+}
+
+/*
+ * syntax: request_methods(t)
+ * t's functions become req's methods (t is kept, not copied), with
+ * header and set_deadline (C) added to it.
+ */
+static int
+lreq_set_methods(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_pushcfunction(L, lreq_header);
+    lua_setfield(L, 1, "header");
+    lua_pushcfunction(L, lreq_set_deadline);
+    lua_setfield(L, 1, "set_deadline");
+    lua_pushvalue(L, 1);
+    lua_rawseti(L, LUA_REGISTRYINDEX, methods_ref);
+    return 0;
+}
+
+int
+luaopen_paygate_request_core(lua_State *L)
+{
+    luaL_newmetatable(L, LREQ_MT);
+    lua_pushcfunction(L, lreq_index);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, lreq_newindex);
+    lua_setfield(L, -2, "__newindex");
+    lua_pushcfunction(L, lreq_tostring);
+    lua_setfield(L, -2, "__tostring");
+    lua_pop(L, 1);
+    lua_newtable(L);
+    empty_env_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_newtable(L);
+    methods_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_newtable(L);
+    lua_pushcfunction(L, lreq_set_methods);
+    lua_setfield(L, -2, "request_methods");
+    return 1;
+}
