@@ -7,13 +7,19 @@
 --   local applied, err = migrate.run(db, "migrations")
 --
 -- Files are named NNN_name.sql (NNN a positive integer, the version) and
--- applied in version order, each in the same transaction as its row in
--- paygate_migrations. The whole run holds a lock, so instances that start
--- together apply each migration exactly once: PostgreSQL takes an
--- advisory transaction lock; SQLite's writer holds BEGIN IMMEDIATE.
+-- applied in version order; the whole run (the check of what is applied,
+-- every missing migration and its row in paygate_migrations) is one
+-- write transaction, so a failure keeps nothing of the run. Instances
+-- that run it together apply each migration exactly once: on PostgreSQL
+-- the transaction first takes an advisory transaction lock (then, in READ
+-- COMMITTED, reads what the previous holder committed); on SQLite the
+-- transaction runs inside the writer's BEGIN IMMEDIATE, which holds the
+-- database's write lock from before the check until the commit, and other
+-- processes wait for it (busy_timeout, then the transaction's retries).
 -- Reading the folder blocks: call it at start, not on a request.
 
-local sqlite_core = require "paygate.sqlite.core"
+local core = require "paygate.core"
+local sql = require "paygate.sql"
 
 local _M = { _VERSION = "0.1.0" }
 
@@ -23,13 +29,14 @@ local SCHEMA = [[CREATE TABLE IF NOT EXISTS paygate_migrations (
   version BIGINT PRIMARY KEY, name TEXT NOT NULL,
   applied_at DOUBLE PRECISION NOT NULL)]]
 
--- syntax: list, err = migrate.list(dir, engine)
--- returns: { { version = n, name = "001_x.sql", path = ... }, ... } sorted
-function _M.list(dir, engine)
+-- Raises at `level` (counted from the caller of this function) when two
+-- files share a version; else the sorted list, or nil, err.
+local function scan(dir, engine, fname, level)
   local folder = dir .. "/" .. engine
-  local names, err = sqlite_core.listdir(folder)
+  local names, err = core.listdir(folder)
   if not names then
-    return nil, err
+    return nil, core.error("unavailable", "migrate: " .. err.message,
+                           { retryable = false })
   end
   local list, seen = {}, {}
   for _, name in ipairs(names) do
@@ -37,10 +44,10 @@ function _M.list(dir, engine)
     if v then
       v = tonumber(v)
       if seen[v] then
-        error("migrate: two migrations with version " .. v .. " in "
-              .. folder, 2)
+        error(fname .. ": two migrations with version " .. v .. " in "
+              .. folder .. " (" .. seen[v] .. ", " .. name .. ")", level + 1)
       end
-      seen[v] = true
+      seen[v] = name
       list[#list + 1] = { version = v, name = name,
                           path = folder .. "/" .. name }
     end
@@ -49,22 +56,46 @@ function _M.list(dir, engine)
   return list
 end
 
+-- syntax: list, err = migrate.list(dir, engine)
+-- returns: { { version = n, name = "001_x.sql", path = ... }, ... } sorted
+--          by version, or nil, err ("unavailable": no such folder)
+function _M.list(dir, engine)
+  if type(dir) ~= "string" then
+    error("migrate.list: dir must be a string", 2)
+  end
+  if type(engine) ~= "string" then
+    error("migrate.list: engine must be a string", 2)
+  end
+  local list, err = scan(dir, engine, "migrate.list", 2)
+  return list, err
+end
+
 local function read_file(path)
   local f, err = io.open(path, "rb")
   if not f then
-    return nil, { kind = "unavailable", message = "migrate: " .. err,
-                  retryable = false }
+    return nil, core.error("unavailable", "migrate: " .. err)
   end
-  local s = f:read("*a")
+  local s, rerr = f:read("*a")
   f:close()
+  if not s then
+    return nil, core.error("unavailable", "migrate: " .. path .. ": "
+                           .. tostring(rerr))
+  end
   return s
 end
 
 -- syntax: applied, err = migrate.run(db, dir)
--- returns: the list of migrations applied by this call (maybe empty)
+-- returns: the list of { version, name } applied by this call (maybe
+--          empty), or nil, err (the failing file named in err.message)
 -- yields: one transaction
 function _M.run(db, dir)
-  local list, err = _M.list(dir, db.engine)
+  if getmetatable(db) ~= sql.DB then
+    error("migrate.run: db must be a paygate.sql db", 2)
+  end
+  if type(dir) ~= "string" then
+    error("migrate.run: dir must be a string", 2)
+  end
+  local list, err = scan(dir, db.engine, "migrate.run", 2)
   if not list then
     return nil, err
   end
@@ -92,7 +123,7 @@ function _M.run(db, dir)
     end
     local done = {}
     for _, r in ipairs(rows) do
-      done[r.version] = true
+      done[tonumber(r.version)] = true
     end
     local applied = {}
     for _, m in ipairs(list) do
@@ -104,7 +135,7 @@ function _M.run(db, dir)
         end
         local _, ierr = tx:exec("INSERT INTO paygate_migrations (version,"
           .. " name, applied_at) VALUES ($1, $2, $3)",
-          { m.version, m.name, sqlite_core.now() })
+          { m.version, m.name, core.time() })
         if ierr then
           return nil, ierr
         end

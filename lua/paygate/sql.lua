@@ -8,18 +8,30 @@
 -- engines) or ? (SQLite only), and pass the values as an array. Use
 -- sql.null (or params.n) for a NULL in the middle of the array.
 --
--- Every failure returns nil, err with err.kind one of: constraint (with
--- err.constraint naming it), unavailable, timeout, serialization, busy,
--- syntax, misuse, error; err.retryable says whether trying again can help.
+-- Every failure returns nil, err (the core.error shape: tostring gives
+-- "kind: message") with err.kind one of: constraint (with err.constraint
+-- naming it), unavailable, timeout, serialization, busy, syntax, misuse,
+-- closed, error; err.retryable says whether trying again can help.
+-- Misuse raises, naming the function and the argument: wrong argument
+-- types, an option that is not a number, a value that cannot be bound.
 
-local sqlite_core = require "paygate.sqlite.core"
+local core = require "paygate.core"
 
 local _M = { _VERSION = "0.1.0" }
 
-_M.null = sqlite_core.null            -- NULL light userdata (== cjson.null)
-_M.now = sqlite_core.now              -- wall clock, seconds
+_M.null = core.null                   -- NULL light userdata (== cjson.null)
+_M.now = core.now                     -- wall clock, seconds (cached)
 
 local DEFAULT_RETRIES = 5
+
+-- The options, each a number; which engine reads it.
+local OPTIONS = {
+  readers = "sqlite", batch_max = "sqlite", busy_timeout = "sqlite",
+  tx_timeout = "sqlite", synchronous = "sqlite",
+  pool = "postgres", connect_timeout = "postgres",
+  query_timeout = "postgres", down_for = "postgres",
+  retries = "both",
+}
 
 local DB = {}
 DB.__index = DB
@@ -50,19 +62,76 @@ local function copy(t)
   return c
 end
 
+-- Raises (at sql.open's caller) unless every option given is a number
+-- (an option from the URL's query string that is not one included).
+local function check_options(opts)
+  for k in pairs(OPTIONS) do
+    local v = opts[k]
+    if v ~= nil and (type(v) ~= "number" or v ~= v) then
+      error("sql.open: option " .. k .. " must be a number (got "
+            .. (type(v) == "string" and string.format("%q", v) or type(v))
+            .. ")", 4)
+    end
+  end
+  if opts.retries ~= nil
+     and (opts.retries < 1 or opts.retries % 1 ~= 0) then
+    error("sql.open: option retries must be an integer >= 1", 4)
+  end
+end
+
+-- Raises at the caller of the public function `fname` (a method: level 3
+-- from here) unless sql is a string and params nil or a bindable array.
+local function check_stmt(fname, sql, params)
+  if type(sql) ~= "string" then
+    error(fname .. ": sql must be a string", 3)
+  end
+  if params == nil then
+    return
+  end
+  if type(params) ~= "table" then
+    error(fname .. ": params must be a table", 3)
+  end
+  local n = params.n
+  if type(n) ~= "number" then
+    n = #params
+  end
+  for i = 1, n do
+    local t = type(params[i])
+    if t == "table" or t == "function" or t == "thread" then
+      error(fname .. ": params[" .. i .. "] cannot be bound (a " .. t
+            .. "; want a string, number, boolean or sql.null)", 3)
+    end
+  end
+end
+
+local function check_db(fname, self)
+  if getmetatable(self) ~= DB then
+    error(fname .. ": call it as db:" .. fname:match("[^:]*$") .. "(...)", 3)
+  end
+  if self.closed then
+    error(fname .. ": db is closed", 3)
+  end
+end
+
+local function check_tx(fname, self)
+  if getmetatable(self) ~= TX then
+    error(fname .. ": call it as tx:" .. fname:match("[^:]*$") .. "(...)", 3)
+  end
+end
+
+-- A raised value that fn meant as its error: a paygate error, or a table
+-- with a string kind (error({ kind = ..., message = ... })).
+local function is_error_value(v)
+  return core.is_error(v) or (type(v) == "table" and type(v.kind) == "string")
+end
+
 local function is_retryable_tx(err)
   return type(err) == "table"
     and (err.kind == "serialization" or err.kind == "busy")
 end
 
-local function sleep(s)
-  local ok, paygate = pcall(require, "paygate")
-  if ok and type(paygate) == "table" and paygate.sleep then
-    paygate.sleep(s)
-  end
-end
-
 local function open_sqlite(rest, opts)
+  local sqlite_core = require "paygate.sqlite.core"
   local path, qs = rest:match("^([^?]*)%??(.*)$")
   if path:sub(1, 2) == "//" then
     path = path:sub(3)
@@ -71,6 +140,7 @@ local function open_sqlite(rest, opts)
     error("sql.open: sqlite url needs a path (sqlite:/var/lib/app.db)", 3)
   end
   opts = parse_query(qs, opts)
+  check_options(opts)
   local h = sqlite_core.open(path, opts)
   local ok, err = h:connect()
   if not ok then
@@ -97,6 +167,7 @@ local function open_pg(url, opts)
       keep[#keep + 1] = k .. "=" .. v
     end
   end
+  check_options(opts)
   if opts.connect_timeout then
     keep[#keep + 1] = "connect_timeout=" .. math.ceil(opts.connect_timeout)
   end
@@ -121,12 +192,19 @@ function _M.open(url, opts)
   if type(url) ~= "string" then
     error("sql.open: url must be a string", 2)
   end
+  if opts ~= nil and type(opts) ~= "table" then
+    error("sql.open: opts must be a table", 2)
+  end
   opts = copy(opts)
   local scheme, rest = url:match("^(%a[%w+.-]*):(.*)$")
+  -- not tail calls: their misuse errors count levels up to our caller
+  local db, err
   if scheme == "sqlite" or scheme == "sqlite3" then
-    return open_sqlite(rest, opts)
+    db, err = open_sqlite(rest, opts)
+    return db, err
   elseif scheme == "postgres" or scheme == "postgresql" then
-    return open_pg(url, opts)
+    db, err = open_pg(url, opts)
+    return db, err
   end
   error("sql.open: unknown url scheme in " .. url
         .. " (want sqlite:PATH or postgres://...)", 2)
@@ -170,6 +248,8 @@ end
 -- returns: an array of rows (column name -> value; NULL columns absent)
 -- yields: until the rows are read (SQLite: on a reader thread)
 function DB:query(sql, params)
+  check_db("db:query", self)
+  check_stmt("db:query", sql, params)
   local ok, word = checked(self, sql)
   if not ok then return refuse(word) end
   return self.h:query(sql, params)
@@ -180,6 +260,8 @@ end
 --          after the change is durable
 -- yields: until committed (SQLite: together with its batch)
 function DB:exec(sql, params)
+  check_db("db:exec", self)
+  check_stmt("db:exec", sql, params)
   local ok, word = checked(self, sql)
   if not ok then return refuse(word) end
   return self.h:exec(sql, params)
@@ -188,26 +270,34 @@ end
 -- syntax: ok, err = db:exec_script(sql)
 -- returns: true once all statements (no parameters) are committed
 function DB:exec_script(sql)
+  check_db("db:exec_script", self)
+  check_stmt("db:exec_script", sql)
   local ok, word = checked(self, sql)
   if not ok then return refuse(word) end
   return self.h:script(sql)
 end
 
 -- syntax: ... , err = db:transaction(fn [, { retries = n }])
--- fn(tx) runs with tx:query / tx:exec / tx:exec_script. Commits when fn
--- returns (and returns fn's values, or true when fn returned none); rolls
--- back when fn raises or returns nil, err. A serialization failure or a
--- busy database retries fn from the start, at most `retries` times.
--- Errors that are not tables (programmer errors) are raised again after
--- the rollback.
+-- fn(tx) runs with tx:query / tx:exec / tx:exec_script. Rolls back when
+-- fn raises or returns nil, err (err not nil) and returns nil, err; commits
+-- in every other case, `return nil` and returning nothing included (and
+-- returns fn's values, or true when fn returned none). A serialization
+-- failure or a busy database retries fn from the start, at most `retries`
+-- times. A raised value that is not an error table (a paygate error, or
+-- a table with a string kind) is a programmer error (error("..."), a
+-- failed assertion): it is raised again after the rollback.
 -- yields: until committed and durable
 function DB:transaction(fn, opts)
+  check_db("db:transaction", self)
   if type(fn) ~= "function" then
     error("db:transaction: fn must be a function", 2)
   end
+  if opts ~= nil and type(opts) ~= "table" then
+    error("db:transaction: opts must be a table", 2)
+  end
   local attempts = (opts and opts.retries) or self.retries
   if type(attempts) ~= "number" or attempts < 1 or attempts % 1 ~= 0 then
-    error("db:transaction: retries must be an integer >= 1", 2)
+    error("db:transaction: opts.retries must be an integer >= 1", 2)
   end
   local err
   for attempt = 1, attempts do
@@ -219,11 +309,11 @@ function DB:transaction(fn, opts)
       local res = pack(pcall(fn, tx))
       if not res[1] then
         self.h:rollback(txid)
-        if type(res[2]) ~= "table" then
+        if not is_error_value(res[2]) then
           error(res[2], 0)
         end
         err = res[2]
-      elseif res[2] == nil and type(res[3]) == "table" then
+      elseif res[2] == nil and res[3] ~= nil then
         self.h:rollback(txid)
         err = res[3]
       else
@@ -240,7 +330,7 @@ function DB:transaction(fn, opts)
     if not is_retryable_tx(err) or attempt == attempts then
       return nil, err
     end
-    sleep(0.002 * attempt * (0.5 + math.random()))
+    core.sleep(0.002 * attempt * (0.5 + math.random()))
   end
   return nil, err
 end
@@ -249,6 +339,7 @@ end
 -- returns: SQLite: { commits = COMMITs (fsyncs) so far, writes = jobs they
 --          acknowledged }; PostgreSQL: {}
 function DB:stats()
+  check_db("db:stats", self)
   if self.h.stats then
     return self.h:stats()
   end
@@ -257,31 +348,41 @@ end
 
 -- syntax: db:close()  -- pending writes still complete; safe to call twice
 function DB:close()
-  if self.h then
-    self.h:close()
+  if getmetatable(self) ~= DB then
+    error("db:close: call it as db:close()", 2)
   end
+  self.closed = true
+  self.h:close()
 end
 
+-- tx:query / tx:exec / tx:exec_script: as the db methods, inside the
+-- transaction (see DB:transaction).
 function TX:query(sql, params)
+  check_tx("tx:query", self)
+  check_stmt("tx:query", sql, params)
   local ok, word = checked(self, sql)
   if not ok then return refuse(word) end
   return self.h:tx_query(self.id, sql, params)
 end
 
 function TX:exec(sql, params)
+  check_tx("tx:exec", self)
+  check_stmt("tx:exec", sql, params)
   local ok, word = checked(self, sql)
   if not ok then return refuse(word) end
   return self.h:tx_exec(self.id, sql, params)
 end
 
 function TX:exec_script(sql)
+  check_tx("tx:exec_script", self)
+  check_stmt("tx:exec_script", sql)
   local ok, word = checked(self, sql)
   if not ok then return refuse(word) end
   return self.h:tx_script(self.id, sql)
 end
 
 function TX:transaction()
-  error("nested transactions are not supported", 2)
+  error("tx:transaction: nested transactions are not supported", 2)
 end
 
 _M.DB = DB
