@@ -141,11 +141,29 @@ local function open_sqlite(rest, opts)
   end
   opts = parse_query(qs, opts)
   check_options(opts)
-  local h = sqlite_core.open(path, opts)
-  local ok, err = h:connect()
-  if not ok then
+  -- A fresh file's switch to WAL takes an exclusive lock without
+  -- SQLite's busy handler: while other processes create or open the same
+  -- file, connecting can fail with busy at once. Try again, within
+  -- busy_timeout, like any other lock wait.
+  local deadline = core.mono() + (opts.busy_timeout or 5000) / 1000
+  local pause = 0.002
+  local h, err
+  while true do
+    h, err = sqlite_core.open(path, opts)
+    if not h then
+      return nil, err
+    end
+    local ok
+    ok, err = h:connect()
+    if ok then
+      break
+    end
     h:close()
-    return nil, err
+    if err.kind ~= "busy" or core.mono() >= deadline then
+      return nil, err
+    end
+    core.sleep(pause * (0.5 + math.random()))
+    pause = math.min(pause * 2, 0.05)
   end
   return setmetatable({ engine = "sqlite", h = h, path = path,
                         retries = opts.retries or DEFAULT_RETRIES }, DB)
@@ -175,7 +193,10 @@ local function open_pg(url, opts)
   if #keep > 0 then
     conninfo = base .. "?" .. table.concat(keep, "&")
   end
-  local h = pg_core.open(conninfo, opts)
+  local h, oerr = pg_core.open(conninfo, opts)
+  if not h then
+    return nil, oerr
+  end
   local ok, err = h:connect()
   if not ok then
     h:close()
