@@ -11,8 +11,9 @@
 -- every missing migration and its row in paygate_migrations) is one
 -- write transaction, so a failure keeps nothing of the run. Instances
 -- that run it together apply each migration exactly once: on PostgreSQL
--- the transaction first takes an advisory transaction lock (then, in READ
--- COMMITTED, reads what the previous holder committed); on SQLite the
+-- the transaction is READ COMMITTED (whatever the database's default) and
+-- first takes an advisory transaction lock, so its check sees what the
+-- previous holder committed; on SQLite the
 -- transaction runs inside the writer's BEGIN IMMEDIATE, which holds the
 -- database's write lock from before the check until the commit, and other
 -- processes wait for it (busy_timeout, then the transaction's retries).
@@ -108,6 +109,15 @@ function _M.run(db, dir)
   end
   return db:transaction(function(tx)
     if tx.engine == "postgres" then
+      -- READ COMMITTED whatever the database's default: each statement
+      -- then sees what was committed before it began, so the check
+      -- below sees the versions the previous lock holder applied (under
+      -- REPEATABLE READ the snapshot would predate them).
+      local _, ierr = tx:exec("SET TRANSACTION ISOLATION LEVEL READ"
+                              .. " COMMITTED")
+      if ierr then
+        return nil, ierr
+      end
       local _, lerr = tx:exec("SELECT pg_advisory_xact_lock($1)", { LOCK_ID })
       if lerr then
         return nil, lerr

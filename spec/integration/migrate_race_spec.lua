@@ -7,6 +7,7 @@
 --    effects are there once.
 local core = require "paygate.core"
 local sql = require "paygate.sql"
+local migrate = require "paygate.migrate"
 local servers = require "spec.support.servers"
 local proc = require "spec.support.proc"
 
@@ -121,6 +122,44 @@ for engine, new_url in pairs(engines) do
       assert.equal(3, db:query("SELECT count(*) AS c FROM"
                                .. " paygate_migrations")[1].c)
       db:close()
+    end)
+  end)
+end
+
+if servers.have_postgres() then
+  describe("paygate.migrate on PostgreSQL", function()
+    it("serialises concurrent runs when the database defaults to"
+       .. " REPEATABLE READ", function()
+      local paygate = require "paygate"
+      local srv = servers.postgres()
+      local admin = assert(sql.open(srv.url))
+      assert(admin:exec("CREATE DATABASE rr"))
+      assert(admin:exec("ALTER DATABASE rr SET default_transaction_isolation"
+                        .. " = 'repeatable read'"))
+      admin:close()
+      local url = srv.url:gsub("/postgres$", "/rr")
+      local dbs, tasks = {}, {}
+      for i = 1, 3 do
+        dbs[i] = assert(sql.open(url))
+      end
+      assert.equal("repeatable read", dbs[1]:query("SHOW"
+        .. " default_transaction_isolation")[1].default_transaction_isolation)
+      for i = 1, 3 do
+        tasks[i] = paygate.spawn(function()
+          return migrate.run(dbs[i], "spec/fixtures/migrations")
+        end)
+      end
+      local total = 0
+      for i = 1, 3 do
+        local applied, err = tasks[i]:wait()
+        assert.truthy(applied, tostring(err))
+        total = total + #applied
+      end
+      assert.equal(2, total)
+      assert.equal(1, dbs[1]:query("SELECT count(*) AS c FROM orders")[1].c)
+      for i = 1, 3 do
+        dbs[i]:close()
+      end
     end)
   end)
 end
