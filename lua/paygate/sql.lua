@@ -1,8 +1,11 @@
 -- paygate.sql: one SQL API over two engines.
 --
 --   sqlite:PATH[?opt=v&...]        embedded default (writer thread, group
---                                  commit, reader threads; see src/store/lsqlite.c)
---   postgres://user@host:port/db   libpq on the loop (see src/store/lpg.c)
+--                                  commit, reader threads: src/store/lsqlite.c)
+--   postgres://user@host:port/db   libpq on the loop (src/store/lpg.c)
+--
+-- Options come in opts or in the URL's query string (opts wins); each
+-- must be a number (OPTIONS below; docs/storage.md says what they do).
 --
 -- Parameters are always bound, never spliced: write $1, $2 ... (both
 -- engines) or ? (SQLite only), and pass the values as an array. Use
@@ -265,7 +268,7 @@ local function checked(self, sql)
   return true
 end
 
--- syntax: rows, err = db:query(sql, params)
+-- syntax: rows, err = db:query(sql [, params])
 -- returns: an array of rows (column name -> value; NULL columns absent)
 -- yields: until the rows are read (SQLite: on a reader thread)
 function DB:query(sql, params)
@@ -276,7 +279,7 @@ function DB:query(sql, params)
   return self.h:query(sql, params)
 end
 
--- syntax: res, err = db:exec(sql, params)
+-- syntax: res, err = db:exec(sql [, params])
 -- returns: { changes = n, last_id = id [, rows = RETURNING rows] }, only
 --          after the change is durable
 -- yields: until committed (SQLite: together with its batch)
@@ -290,6 +293,7 @@ end
 
 -- syntax: ok, err = db:exec_script(sql)
 -- returns: true once all statements (no parameters) are committed
+-- yields: until committed
 function DB:exec_script(sql)
   check_db("db:exec_script", self)
   check_stmt("db:exec_script", sql)
@@ -367,7 +371,9 @@ function DB:stats()
   return {}
 end
 
--- syntax: db:close()  -- pending writes still complete; safe to call twice
+-- syntax: db:close()  -- safe to call twice; later calls of other methods
+-- raise. SQLite: writes already queued still complete; PostgreSQL:
+-- pending statements fail with kind "closed".
 function DB:close()
   if getmetatable(self) ~= DB then
     error("db:close: call it as db:close()", 2)

@@ -23,6 +23,10 @@ end)
 
 local HERE = "store_errors_spec%.lua:%d+: "
 
+local function pack(...)
+  return { n = select("#", ...), ... }
+end
+
 local function escape(s)
   return (s:gsub("[%^%$%(%)%%%.%[%]%*%+%-%?]", "%%%0"))
 end
@@ -151,9 +155,29 @@ describe("paygate.sql misuse", function()
     assert.is_nil(rows)
     assert.is_true(core.is_error(err))
     assert.equal("syntax: ", tostring(err):sub(1, 8))
-    local ok, terr = db:transaction(function() return nil, "plain" end)
+  end)
+
+  it("db:transaction rolls back on return nil, err whatever err is",
+     function()
+    local ok, terr = db:transaction(function(tx)
+      assert(tx:exec("INSERT INTO t (v) VALUES ('kept?')"))
+      return nil, "plain"
+    end)
     assert.is_nil(ok)
     assert.equal("plain", terr)
+    assert.equal(0, db:query("SELECT count(*) AS c FROM t WHERE v = 'kept?'")
+                 [1].c)
+    -- return nil alone commits
+    local r = pack(db:transaction(function(tx)
+      assert(tx:exec("INSERT INTO t (v) VALUES ('kept')"))
+      return nil
+    end))
+    assert.same({ n = 1 }, r)
+    assert.equal(1, db:query("SELECT count(*) AS c FROM t WHERE v = 'kept'")
+                 [1].c)
+  end)
+
+  it("sql.null and sql.now are paygate.core's", function()
     assert.same(sql.null, core.null)
     assert.equal(core.now, sql.now)
   end)
