@@ -99,7 +99,10 @@ local function ensure_schema(db)
   local ok, err = db:transaction(function(tx)
     if tx.engine == "postgres" then
       -- CREATE TABLE IF NOT EXISTS races between sessions in PostgreSQL.
-      tx:exec("SELECT pg_advisory_xact_lock(7217001)")
+      local _, lerr = tx:exec("SELECT pg_advisory_xact_lock(7217001)")
+      if lerr then
+        return nil, lerr
+      end
     end
     return tx:exec(SCHEMA)
   end)

@@ -1,7 +1,7 @@
 -- paygate.redis: Redis on the loop (hiredis async + libevent).
 --
 --   local redis = require "paygate.redis"
---   local r = assert(redis.connect("redis://127.0.0.1:6379/0?pool=2&timeout=2"))
+--   local r = assert(redis.connect("redis://127.0.0.1:6379/0?pool=2"))
 --   r:call("SET", "k", "v")                  --> "OK"
 --   r:call("GET", "nope")                    --> redis.null
 --   r:pipeline({ { "INCR", "n" }, { "GET", "n" } })  --> { 1, "1" }
@@ -72,7 +72,7 @@ local function parse_url(url)
   local opts = {}
   local main, qs = rest:match("^([^?]*)%??(.*)$")
   for k, v in qs:gmatch("([^&=]+)=([^&]*)") do
-    opts[k] = tonumber(v) or v
+    opts[k] = OPTS[k] == "string" and v or tonumber(v) or v
   end
   local auth, hostpart = main:match("^(.*)@(.*)$")
   if not auth then
@@ -81,6 +81,10 @@ local function parse_url(url)
     opts.password = opts.password or auth:match("^[^:]*:(.*)$") or auth
   end
   local hostport, db = hostpart:match("^([^/]*)/?(%d*)$")
+  if not hostport then
+    error("redis.connect: url must be redis://[password@]host[:port][/db]"
+          .. " with a numeric db", 3)
+  end
   local host, port = hostport:match("^(.*):(%d+)$")
   if not host then
     host, port = hostport, 6379

@@ -204,7 +204,9 @@ describe("paygate.lease and paygate.migrate misuse", function()
         "lease.acquire: ttl must be a positive number of seconds" },
       { "acquire opts", function() lease.acquire(db, "k", 5, "me") end,
         "lease.acquire: opts must be a table" },
-      { "acquire owner", function() lease.acquire(db, "k", 5, { owner = 1 }) end,
+      { "acquire owner", function()
+          lease.acquire(db, "k", 5, { owner = 1 })
+        end,
         "lease.acquire: opts.owner must be a non-empty string" },
       { "renew store", function() lease.renew(nil, l) end,
         "lease.renew: store must be" },
@@ -288,10 +290,20 @@ if servers.have_redis() then
         { "url timeout", function()
             redis.connect(redis_srv.url .. "?timeout=soon")
           end, "redis.connect: option timeout must be a number" },
+        { "db", function() redis.connect("redis://127.0.0.1/zero") end,
+          "redis.connect: url must be redis://[password@]host[:port][/db]" },
         { "password", function()
             redis.connect(redis_srv.url, { password = 1234 })
           end, "redis.connect: option password must be a string" },
       })
+    end)
+
+    it("a numeric password in the url is a password, not misuse", function()
+      local ok, c3 = pcall(redis.connect, redis_srv.url .. "?password=1234")
+      assert.is_true(ok, tostring(c3))
+      if c3 then
+        c3:close()
+      end
     end)
 
     it("client methods and scripts check their arguments", function()
