@@ -23,10 +23,8 @@ _M.null = core.null                     -- the nil reply (== cjson.null)
 
 local MAXARGS = 1024                    -- per command, the command included
 
--- The options a client takes, each a number unless named here.
-local OPTS = { pool = "number", timeout = "number",
-               connect_timeout = "number", db = "number",
-               password = "string" }
+-- Options whose value in a URL stays a string (the others: tonumber).
+local STRING_OPTS = { password = true }
 
 local Client = {}
 Client.__index = Client
@@ -72,7 +70,7 @@ local function parse_url(url)
   local opts = {}
   local main, qs = rest:match("^([^?]*)%??(.*)$")
   for k, v in qs:gmatch("([^&=]+)=([^&]*)") do
-    opts[k] = OPTS[k] == "string" and v or tonumber(v) or v
+    opts[k] = STRING_OPTS[k] and v or tonumber(v) or v
   end
   local auth, hostpart = main:match("^(.*)@(.*)$")
   if not auth then
@@ -113,12 +111,6 @@ function _M.connect(url, opts)
   local host, port, o = parse_url(url)
   for k, v in pairs(opts or {}) do
     o[k] = v
-  end
-  for k, want in pairs(OPTS) do
-    if o[k] ~= nil and type(o[k]) ~= want then
-      error("redis.connect: option " .. k .. " must be a " .. want
-            .. " (got " .. type(o[k]) .. ")", 2)
-    end
   end
   local h = rcore.new(host, port, o)
   local ok, err = h:call("PING")

@@ -4,8 +4,8 @@
 --                                  commit, reader threads: src/store/lsqlite.c)
 --   postgres://user@host:port/db   libpq on the loop (src/store/lpg.c)
 --
--- Options come in opts or in the URL's query string (opts wins); each
--- must be a number (OPTIONS below; docs/storage.md says what they do).
+-- Options come in opts or in the URL's query string (opts wins); the
+-- engines check them (src/store/store.c) and raise naming the option.
 --
 -- Parameters are always bound, never spliced: write $1, $2 ... (both
 -- engines) or ? (SQLite only), and pass the values as an array. Use
@@ -16,7 +16,7 @@
 -- naming it), unavailable, timeout, serialization, busy, syntax, misuse,
 -- closed, error; err.retryable says whether trying again can help.
 -- Misuse raises, naming the function and the argument: wrong argument
--- types, an option that is not a number, a value that cannot be bound.
+-- types, a bad option, a value that cannot be bound, a closed db.
 
 local core = require "paygate.core"
 
@@ -26,15 +26,6 @@ _M.null = core.null                   -- NULL light userdata (== cjson.null)
 _M.now = core.now                     -- wall clock, seconds (cached)
 
 local DEFAULT_RETRIES = 5
-
--- The options, each a number; which engine reads it.
-local OPTIONS = {
-  readers = "sqlite", batch_max = "sqlite", busy_timeout = "sqlite",
-  tx_timeout = "sqlite", synchronous = "sqlite",
-  pool = "postgres", connect_timeout = "postgres",
-  query_timeout = "postgres", down_for = "postgres",
-  retries = "both",
-}
 
 local DB = {}
 DB.__index = DB
@@ -63,23 +54,6 @@ local function copy(t)
     c[k] = v
   end
   return c
-end
-
--- Raises (at sql.open's caller) unless every option given is a number
--- (an option from the URL's query string that is not one included).
-local function check_options(opts)
-  for k in pairs(OPTIONS) do
-    local v = opts[k]
-    if v ~= nil and (type(v) ~= "number" or v ~= v) then
-      error("sql.open: option " .. k .. " must be a number (got "
-            .. (type(v) == "string" and string.format("%q", v) or type(v))
-            .. ")", 4)
-    end
-  end
-  if opts.retries ~= nil
-     and (opts.retries < 1 or opts.retries % 1 ~= 0) then
-    error("sql.open: option retries must be an integer >= 1", 4)
-  end
 end
 
 -- Raises at the caller of the public function `fname` (a method: level 3
@@ -143,30 +117,14 @@ local function open_sqlite(rest, opts)
     error("sql.open: sqlite url needs a path (sqlite:/var/lib/app.db)", 3)
   end
   opts = parse_query(qs, opts)
-  check_options(opts)
-  -- A fresh file's switch to WAL takes an exclusive lock without
-  -- SQLite's busy handler: while other processes create or open the same
-  -- file, connecting can fail with busy at once. Try again, within
-  -- busy_timeout, like any other lock wait.
-  local deadline = core.mono() + (opts.busy_timeout or 5000) / 1000
-  local pause = 0.002
-  local h, err
-  while true do
-    h, err = sqlite_core.open(path, opts)
-    if not h then
-      return nil, err
-    end
-    local ok
-    ok, err = h:connect()
-    if ok then
-      break
-    end
+  local h, oerr = sqlite_core.open(path, opts)
+  if not h then
+    return nil, oerr
+  end
+  local ok, err = h:connect()
+  if not ok then
     h:close()
-    if err.kind ~= "busy" or core.mono() >= deadline then
-      return nil, err
-    end
-    core.sleep(pause * (0.5 + math.random()))
-    pause = math.min(pause * 2, 0.05)
+    return nil, err
   end
   return setmetatable({ engine = "sqlite", h = h, path = path,
                         retries = opts.retries or DEFAULT_RETRIES }, DB)
@@ -188,7 +146,6 @@ local function open_pg(url, opts)
       keep[#keep + 1] = k .. "=" .. v
     end
   end
-  check_options(opts)
   if opts.connect_timeout then
     keep[#keep + 1] = "connect_timeout=" .. math.ceil(opts.connect_timeout)
   end
