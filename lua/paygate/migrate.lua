@@ -11,12 +11,13 @@
 -- every missing migration and its row in paygate_migrations) is one
 -- write transaction, so a failure keeps nothing of the run. Instances
 -- that run it together apply each migration exactly once: on PostgreSQL
--- the transaction is READ COMMITTED (whatever the database's default) and
--- first takes an advisory transaction lock, so its check sees what the
--- previous holder committed; on SQLite the
--- transaction runs inside the writer's BEGIN IMMEDIATE, which holds the
--- database's write lock from before the check until the commit, and other
--- processes wait for it (busy_timeout, then the transaction's retries).
+-- (once the table exists) the transaction's first statement locks
+-- paygate_migrations against other runs, before any snapshot is taken,
+-- so its check sees what the previous holder committed whatever the
+-- isolation level; on SQLite the transaction runs inside the writer's
+-- BEGIN IMMEDIATE, which holds the database's write lock from before the
+-- check until the commit, and other processes wait for it (busy_timeout,
+-- then the transaction's retries).
 -- Reading the folder blocks: call it at start, not on a request.
 
 local core = require "paygate.core"
@@ -71,6 +72,22 @@ function _M.list(dir, engine)
   return list, err
 end
 
+-- PostgreSQL: paygate_migrations exists (its own transaction, under an
+-- advisory lock: CREATE TABLE IF NOT EXISTS races between sessions).
+local function pg_schema(db)
+  return db:transaction(function(tx)
+    local _, lerr = tx:exec("SELECT pg_advisory_xact_lock($1)", { LOCK_ID })
+    if lerr then
+      return nil, lerr
+    end
+    local _, serr = tx:exec(SCHEMA)
+    if serr then
+      return nil, serr
+    end
+    return true
+  end)
+end
+
 local function read_file(path)
   local f, err = io.open(path, "rb")
   if not f then
@@ -107,25 +124,27 @@ function _M.run(db, dir)
     end
     m.sql = body
   end
+  if db.engine == "postgres" then
+    local ok, serr = pg_schema(db)
+    if not ok then
+      return nil, serr
+    end
+  end
   return db:transaction(function(tx)
     if tx.engine == "postgres" then
-      -- READ COMMITTED whatever the database's default: each statement
-      -- then sees what was committed before it began, so the check
-      -- below sees the versions the previous lock holder applied (under
-      -- REPEATABLE READ the snapshot would predate them).
-      local _, ierr = tx:exec("SET TRANSACTION ISOLATION LEVEL READ"
-                              .. " COMMITTED")
-      if ierr then
-        return nil, ierr
-      end
-      local _, lerr = tx:exec("SELECT pg_advisory_xact_lock($1)", { LOCK_ID })
+      -- The lock first: LOCK TABLE takes no snapshot, so even under a
+      -- REPEATABLE READ or SERIALIZABLE default the SELECT below (which
+      -- does) sees what the previous holder committed.
+      local _, lerr = tx:exec("LOCK TABLE paygate_migrations IN SHARE ROW"
+                              .. " EXCLUSIVE MODE")
       if lerr then
         return nil, lerr
       end
-    end
-    local _, serr = tx:exec(SCHEMA)
-    if serr then
-      return nil, serr
+    else
+      local _, serr = tx:exec(SCHEMA)
+      if serr then
+        return nil, serr
+      end
     end
     local rows, qerr = tx:query("SELECT version FROM paygate_migrations")
     if not rows then
