@@ -2,9 +2,14 @@
 -- Redis (paygate.redis).
 --
 --   local l, err = lease.acquire(store, "settlement", 10)  -- ttl seconds
---   -- l = { key, token, expires_at, owner }; token grows with every
+--   -- l = { key, token, expires_at, owner, ttl }; token grows with every
 --   -- acquisition of the key, across owners and restarts
 --   lease.renew(store, l [, ttl]); lease.release(store, l)
+--
+-- Owners: without opts.owner each acquisition gets a fresh owner id from
+-- the CSPRNG, so two acquirers never share one (an owner that acquires
+-- again while it holds the lease is the same holder and gets a new token;
+-- only a caller that passes the same opts.owner can do that).
 --
 -- Fencing: the store remembers the newest token of each key; a write made
 -- on behalf of an older token is refused with err.kind "fenced".
@@ -14,46 +19,68 @@
 --          end)
 --   Redis: lease.fenced_call(client, "settlement", l.token, "SET", "k", "v")
 --
--- Failures: nil, err with kind "held" (someone else holds it; err.ttl),
--- "lost" (renew/release after it expired or moved on), "fenced", or the
--- store's own kinds (unavailable, timeout, ...).
+-- Failures: nil, err (core.error) with kind "held" (someone else holds
+-- it; err.ttl, retryable), "lost" (renew/release after it expired or moved
+-- on), "fenced" (err.current), or the store's own kinds (unavailable,
+-- timeout, ...). Misuse (wrong argument types) raises.
 
+local core = require "paygate.core"
+local crypto = require "paygate.crypto"
 local sql = require "paygate.sql"
+local redis = require "paygate.redis"
 
 local _M = { _VERSION = "0.1.0" }
 
-local ERR_MT = {
-  __tostring = function(e) return e.kind .. ": " .. e.message end,
-}
+local OWNER_LEN = 24            -- alphanumerics: about 143 random bits
 
-local function fail(kind, message, extra)
-  local e = setmetatable({ kind = kind, message = message,
-                           retryable = kind == "held" }, ERR_MT)
-  for k, v in pairs(extra or {}) do
-    e[k] = v
-  end
-  return nil, e
+local function fail(kind, message, fields)
+  fields = fields or {}
+  fields.retryable = kind == "held"
+  return nil, core.error(kind, message, fields)
 end
 
 local function is_sql(store)
-  return type(store) == "table" and (store.engine == "sqlite"
-                                     or store.engine == "postgres")
+  return getmetatable(store) == sql.DB
+end
+
+local function is_redis(store)
+  return getmetatable(store) == redis.Client
 end
 
 local function random_owner()
-  return string.format("%x-%x", math.random(0, 0x7fffffff),
-                       math.floor(sql.now() * 1000) % 0x7fffffff)
+  return crypto.random_nonce(OWNER_LEN)
 end
 
-local function check_args(store, key, ttl)
-  if type(store) ~= "table" then
-    error("lease: store must be a paygate.sql db or a paygate.redis client", 3)
+-- Raises at the caller of the public function `fname`.
+local function check_store(fname, store)
+  if not is_sql(store) and not is_redis(store) then
+    error(fname .. ": store must be a paygate.sql db or a paygate.redis"
+          .. " client", 3)
   end
+end
+
+local function check_key(fname, key)
   if type(key) ~= "string" or key == "" then
-    error("lease: key must be a non-empty string", 3)
+    error(fname .. ": key must be a non-empty string", 3)
   end
-  if ttl ~= nil and (type(ttl) ~= "number" or ttl <= 0) then
-    error("lease: ttl must be a positive number of seconds", 3)
+end
+
+local function check_ttl(fname, ttl)
+  if type(ttl) ~= "number" or not (ttl > 0) or ttl == math.huge then
+    error(fname .. ": ttl must be a positive number of seconds", 3)
+  end
+end
+
+local function check_lease(fname, l)
+  if type(l) ~= "table" or type(l.key) ~= "string"
+     or (type(l.token) ~= "number" and type(l.token) ~= "string") then
+    error(fname .. ": l must be a lease returned by lease.acquire", 3)
+  end
+end
+
+local function check_token(fname, token)
+  if type(token) ~= "number" and type(token) ~= "string" then
+    error(fname .. ": token must be a number", 3)
   end
 end
 
@@ -72,7 +99,10 @@ local function ensure_schema(db)
   local ok, err = db:transaction(function(tx)
     if tx.engine == "postgres" then
       -- CREATE TABLE IF NOT EXISTS races between sessions in PostgreSQL.
-      tx:exec("SELECT pg_advisory_xact_lock(7217001)")
+      local _, lerr = tx:exec("SELECT pg_advisory_xact_lock(7217001)")
+      if lerr then
+        return nil, lerr
+      end
     end
     return tx:exec(SCHEMA)
   end)
@@ -101,7 +131,7 @@ local function sql_acquire(db, key, ttl, owner)
     if not rows then
       return nil, qerr
     end
-    local row, now = rows[1], sql.now()
+    local row, now = rows[1], core.now()
     if row.expires_at > now and row.owner ~= owner then
       return fail("held", "lease " .. key .. " is held by another owner",
                   { ttl = row.expires_at - now })
@@ -120,7 +150,7 @@ local function sql_acquire(db, key, ttl, owner)
 end
 
 local function sql_renew(db, l, ttl)
-  local now = sql.now()
+  local now = core.now()
   local res, err = db:exec("UPDATE paygate_leases SET expires_at = $3"
     .. " WHERE name = $1 AND token = $2 AND expires_at > $4",
     { l.key, l.token, now + ttl, now })
@@ -219,7 +249,7 @@ local function redis_acquire(client, key, ttl, owner)
     return fail("held", "lease " .. key .. " is held by another owner",
                 { ttl = res[2] / 1000 })
   end
-  return { key = key, token = res[2], expires_at = sql.now() + ttl,
+  return { key = key, token = res[2], expires_at = core.now() + ttl,
            owner = owner, ttl = ttl }
 end
 
@@ -232,7 +262,7 @@ local function redis_renew(client, l, ttl)
   if res ~= 1 then
     return fail("lost", "lease " .. l.key .. " expired or was taken over")
   end
-  l.expires_at = sql.now() + ttl
+  l.expires_at = core.now() + ttl
   return l
 end
 
@@ -251,26 +281,41 @@ end
 ----------------------------------------------------------------- API
 
 -- syntax: l, err = lease.acquire(store, key, ttl [, { owner = id }])
--- returns: { key, token, expires_at, owner } or nil, err ("held", ...)
+-- returns: { key, token, expires_at, owner, ttl } or nil, err ("held",
+--          with err.ttl = seconds left, ...)
 -- yields: one transaction / one script call
 function _M.acquire(store, key, ttl, opts)
-  check_args(store, key, ttl)
-  local owner = opts and opts.owner or random_owner()
+  check_store("lease.acquire", store)
+  check_key("lease.acquire", key)
+  check_ttl("lease.acquire", ttl)
+  if opts ~= nil and type(opts) ~= "table" then
+    error("lease.acquire: opts must be a table", 2)
+  end
+  local owner = opts and opts.owner
+  if owner == nil then
+    owner = random_owner()
+  elseif type(owner) ~= "string" or owner == "" or owner:find("|", 1, true)
+  then
+    error("lease.acquire: opts.owner must be a non-empty string without"
+          .. " '|'", 2)
+  end
   if is_sql(store) then
     return sql_acquire(store, key, ttl, owner)
   end
   return redis_acquire(store, key, ttl, owner)
 end
 
--- syntax: l, err = lease.renew(store, l, ttl)
--- returns: l with a new expires_at, or nil, err ("lost" once it expired
---          or a newer token was issued)
+-- syntax: l, err = lease.renew(store, l [, ttl])
+-- returns: l with a new expires_at (ttl defaults to l.ttl), or nil, err
+--          ("lost" once it expired or a newer token was issued)
+-- yields: one statement / one script call
 function _M.renew(store, l, ttl)
-  check_args(store, l and l.key, ttl)
-  ttl = ttl or l.ttl
-  if not ttl then
-    error("lease.renew: ttl required", 2)
+  check_store("lease.renew", store)
+  check_lease("lease.renew", l)
+  if ttl == nil then
+    ttl = l.ttl
   end
+  check_ttl("lease.renew", ttl)
   if is_sql(store) then
     return sql_renew(store, l, ttl)
   end
@@ -278,8 +323,12 @@ function _M.renew(store, l, ttl)
 end
 
 -- syntax: ok, err = lease.release(store, l)
+-- returns: true, or nil, err ("lost": taken over; on Redis also when it
+--          had already expired)
+-- yields: one statement / one script call
 function _M.release(store, l)
-  check_args(store, l and l.key)
+  check_store("lease.release", store)
+  check_lease("lease.release", l)
   if is_sql(store) then
     return sql_release(store, l)
   end
@@ -287,10 +336,17 @@ function _M.release(store, l)
 end
 
 -- syntax: ok, err = lease.check(tx, key, token)
--- Inside db:transaction: refuses (kind "fenced") when a newer token was
--- issued for key. PostgreSQL takes a share lock on the lease row, so no
--- acquisition can slip in before the transaction commits.
+-- Inside db:transaction: refuses (kind "fenced", err.current = the newest
+-- token) when a newer token was issued for key. PostgreSQL takes a share
+-- lock on the lease row, so no acquisition can slip in before the
+-- transaction commits.
+-- yields: one query
 function _M.check(tx, key, token)
+  if getmetatable(tx) ~= sql.TX then
+    error("lease.check: tx must be the tx of a db:transaction", 2)
+  end
+  check_key("lease.check", key)
+  check_token("lease.check", token)
   local lock = tx.engine == "postgres" and " FOR SHARE" or ""
   local rows, err = tx:query("SELECT token FROM paygate_leases WHERE"
     .. " name = $1" .. lock, { key })
@@ -307,9 +363,26 @@ function _M.check(tx, key, token)
 end
 
 -- syntax: reply, err = lease.fenced_call(client, key, token, cmd, ...)
--- Runs the Redis command only if token is still the newest for key.
-function _M.fenced_call(client, key, token, ...)
-  local args = { token, ... }
+-- Runs the Redis command only if token is still the newest for key
+-- (the check and the command run in one script); else nil, err "fenced".
+-- yields: one script call
+function _M.fenced_call(client, key, token, cmd, ...)
+  if not is_redis(client) then
+    error("lease.fenced_call: client must be a paygate.redis client", 2)
+  end
+  check_key("lease.fenced_call", key)
+  check_token("lease.fenced_call", token)
+  if type(cmd) ~= "string" then
+    error("lease.fenced_call: cmd must be a string", 2)
+  end
+  local args = { token, cmd, ... }
+  for i = 3, select("#", ...) + 2 do
+    local t = type(args[i])
+    if t ~= "string" and t ~= "number" and t ~= "boolean" then
+      error(string.format("lease.fenced_call: argument %d must be a string,"
+                          .. " number or boolean (got %s)", i - 2, t), 2)
+    end
+  end
   local res, err = script(client, "fenced", FENCED)({ FENCE .. key }, args)
   if not res and err and err.code == "FENCED" then
     return fail("fenced", "lease " .. key .. ": " .. err.message)

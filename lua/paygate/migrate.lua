@@ -7,13 +7,21 @@
 --   local applied, err = migrate.run(db, "migrations")
 --
 -- Files are named NNN_name.sql (NNN a positive integer, the version) and
--- applied in version order, each in the same transaction as its row in
--- paygate_migrations. The whole run holds a lock, so instances that start
--- together apply each migration exactly once: PostgreSQL takes an
--- advisory transaction lock; SQLite's writer holds BEGIN IMMEDIATE.
+-- applied in version order; the whole run (the check of what is applied,
+-- every missing migration and its row in paygate_migrations) is one
+-- write transaction, so a failure keeps nothing of the run. Instances
+-- that run it together apply each migration exactly once: on PostgreSQL
+-- (once the table exists) the transaction's first statement locks
+-- paygate_migrations against other runs, before any snapshot is taken,
+-- so its check sees what the previous holder committed whatever the
+-- isolation level; on SQLite the transaction runs inside the writer's
+-- BEGIN IMMEDIATE, which holds the database's write lock from before the
+-- check until the commit, and other processes wait for it (busy_timeout,
+-- then the transaction's retries).
 -- Reading the folder blocks: call it at start, not on a request.
 
-local sqlite_core = require "paygate.sqlite.core"
+local core = require "paygate.core"
+local sql = require "paygate.sql"
 
 local _M = { _VERSION = "0.1.0" }
 
@@ -23,13 +31,14 @@ local SCHEMA = [[CREATE TABLE IF NOT EXISTS paygate_migrations (
   version BIGINT PRIMARY KEY, name TEXT NOT NULL,
   applied_at DOUBLE PRECISION NOT NULL)]]
 
--- syntax: list, err = migrate.list(dir, engine)
--- returns: { { version = n, name = "001_x.sql", path = ... }, ... } sorted
-function _M.list(dir, engine)
+-- Raises at `level` (counted from the caller of this function) when two
+-- files share a version; else the sorted list, or nil, err.
+local function scan(dir, engine, fname, level)
   local folder = dir .. "/" .. engine
-  local names, err = sqlite_core.listdir(folder)
+  local names, err = core.listdir(folder)
   if not names then
-    return nil, err
+    return nil, core.error("unavailable", "migrate: " .. err.message,
+                           { retryable = false })
   end
   local list, seen = {}, {}
   for _, name in ipairs(names) do
@@ -37,10 +46,10 @@ function _M.list(dir, engine)
     if v then
       v = tonumber(v)
       if seen[v] then
-        error("migrate: two migrations with version " .. v .. " in "
-              .. folder, 2)
+        error(fname .. ": two migrations with version " .. v .. " in "
+              .. folder .. " (" .. seen[v] .. ", " .. name .. ")", level + 1)
       end
-      seen[v] = true
+      seen[v] = name
       list[#list + 1] = { version = v, name = name,
                           path = folder .. "/" .. name }
     end
@@ -49,22 +58,62 @@ function _M.list(dir, engine)
   return list
 end
 
+-- syntax: list, err = migrate.list(dir, engine)
+-- returns: { { version = n, name = "001_x.sql", path = ... }, ... } sorted
+--          by version, or nil, err ("unavailable": no such folder)
+function _M.list(dir, engine)
+  if type(dir) ~= "string" then
+    error("migrate.list: dir must be a string", 2)
+  end
+  if type(engine) ~= "string" then
+    error("migrate.list: engine must be a string", 2)
+  end
+  local list, err = scan(dir, engine, "migrate.list", 2)
+  return list, err
+end
+
+-- PostgreSQL: paygate_migrations exists (its own transaction, under an
+-- advisory lock: CREATE TABLE IF NOT EXISTS races between sessions).
+local function pg_schema(db)
+  return db:transaction(function(tx)
+    local _, lerr = tx:exec("SELECT pg_advisory_xact_lock($1)", { LOCK_ID })
+    if lerr then
+      return nil, lerr
+    end
+    local _, serr = tx:exec(SCHEMA)
+    if serr then
+      return nil, serr
+    end
+    return true
+  end)
+end
+
 local function read_file(path)
   local f, err = io.open(path, "rb")
   if not f then
-    return nil, { kind = "unavailable", message = "migrate: " .. err,
-                  retryable = false }
+    return nil, core.error("unavailable", "migrate: " .. err)
   end
-  local s = f:read("*a")
+  local s, rerr = f:read("*a")
   f:close()
+  if not s then
+    return nil, core.error("unavailable", "migrate: " .. path .. ": "
+                           .. tostring(rerr))
+  end
   return s
 end
 
 -- syntax: applied, err = migrate.run(db, dir)
--- returns: the list of migrations applied by this call (maybe empty)
+-- returns: the list of { version, name } applied by this call (maybe
+--          empty), or nil, err (the failing file named in err.message)
 -- yields: one transaction
 function _M.run(db, dir)
-  local list, err = _M.list(dir, db.engine)
+  if getmetatable(db) ~= sql.DB then
+    error("migrate.run: db must be a paygate.sql db", 2)
+  end
+  if type(dir) ~= "string" then
+    error("migrate.run: dir must be a string", 2)
+  end
+  local list, err = scan(dir, db.engine, "migrate.run", 2)
   if not list then
     return nil, err
   end
@@ -75,16 +124,27 @@ function _M.run(db, dir)
     end
     m.sql = body
   end
+  if db.engine == "postgres" then
+    local ok, serr = pg_schema(db)
+    if not ok then
+      return nil, serr
+    end
+  end
   return db:transaction(function(tx)
     if tx.engine == "postgres" then
-      local _, lerr = tx:exec("SELECT pg_advisory_xact_lock($1)", { LOCK_ID })
+      -- The lock first: LOCK TABLE takes no snapshot, so even under a
+      -- REPEATABLE READ or SERIALIZABLE default the SELECT below (which
+      -- does) sees what the previous holder committed.
+      local _, lerr = tx:exec("LOCK TABLE paygate_migrations IN SHARE ROW"
+                              .. " EXCLUSIVE MODE")
       if lerr then
         return nil, lerr
       end
-    end
-    local _, serr = tx:exec(SCHEMA)
-    if serr then
-      return nil, serr
+    else
+      local _, serr = tx:exec(SCHEMA)
+      if serr then
+        return nil, serr
+      end
     end
     local rows, qerr = tx:query("SELECT version FROM paygate_migrations")
     if not rows then
@@ -92,7 +152,7 @@ function _M.run(db, dir)
     end
     local done = {}
     for _, r in ipairs(rows) do
-      done[r.version] = true
+      done[tonumber(r.version)] = true
     end
     local applied = {}
     for _, m in ipairs(list) do
@@ -104,7 +164,7 @@ function _M.run(db, dir)
         end
         local _, ierr = tx:exec("INSERT INTO paygate_migrations (version,"
           .. " name, applied_at) VALUES ($1, $2, $3)",
-          { m.version, m.name, sqlite_core.now() })
+          { m.version, m.name, core.time() })
         if ierr then
           return nil, ierr
         end

@@ -1,23 +1,29 @@
 -- paygate.sql: one SQL API over two engines.
 --
 --   sqlite:PATH[?opt=v&...]        embedded default (writer thread, group
---                                  commit, reader threads; see src/store/lsqlite.c)
---   postgres://user@host:port/db   libpq on the loop (see src/store/lpg.c)
+--                                  commit, reader threads: src/store/lsqlite.c)
+--   postgres://user@host:port/db   libpq on the loop (src/store/lpg.c)
+--
+-- Options come in opts or in the URL's query string (opts wins); the
+-- engines check them (src/store/store.c) and raise naming the option.
 --
 -- Parameters are always bound, never spliced: write $1, $2 ... (both
 -- engines) or ? (SQLite only), and pass the values as an array. Use
 -- sql.null (or params.n) for a NULL in the middle of the array.
 --
--- Every failure returns nil, err with err.kind one of: constraint (with
--- err.constraint naming it), unavailable, timeout, serialization, busy,
--- syntax, misuse, error; err.retryable says whether trying again can help.
+-- Every failure returns nil, err (the core.error shape: tostring gives
+-- "kind: message") with err.kind one of: constraint (with err.constraint
+-- naming it), unavailable, timeout, serialization, busy, syntax, misuse,
+-- closed, error; err.retryable says whether trying again can help.
+-- Misuse raises, naming the function and the argument: wrong argument
+-- types, a bad option, a value that cannot be bound, a closed db.
 
-local sqlite_core = require "paygate.sqlite.core"
+local core = require "paygate.core"
 
 local _M = { _VERSION = "0.1.0" }
 
-_M.null = sqlite_core.null            -- NULL light userdata (== cjson.null)
-_M.now = sqlite_core.now              -- wall clock, seconds
+_M.null = core.null                   -- NULL light userdata (== cjson.null)
+_M.now = core.now                     -- wall clock, seconds (cached)
 
 local DEFAULT_RETRIES = 5
 
@@ -50,19 +56,59 @@ local function copy(t)
   return c
 end
 
+-- Raises at the caller of the public function `fname` (a method: level 3
+-- from here) unless sql is a string and params nil or a bindable array.
+local function check_stmt(fname, sql, params)
+  if type(sql) ~= "string" then
+    error(fname .. ": sql must be a string", 3)
+  end
+  if params == nil then
+    return
+  end
+  if type(params) ~= "table" then
+    error(fname .. ": params must be a table", 3)
+  end
+  local n = params.n
+  if type(n) ~= "number" then
+    n = #params
+  end
+  for i = 1, n do
+    local t = type(params[i])
+    if t == "table" or t == "function" or t == "thread" then
+      error(fname .. ": params[" .. i .. "] cannot be bound (a " .. t
+            .. "; want a string, number, boolean or sql.null)", 3)
+    end
+  end
+end
+
+local function check_db(fname, self)
+  if getmetatable(self) ~= DB then
+    error(fname .. ": call it as db:" .. fname:match("[^:]*$") .. "(...)", 3)
+  end
+  if self.closed then
+    error(fname .. ": db is closed", 3)
+  end
+end
+
+local function check_tx(fname, self)
+  if getmetatable(self) ~= TX then
+    error(fname .. ": call it as tx:" .. fname:match("[^:]*$") .. "(...)", 3)
+  end
+end
+
+-- A raised value that fn meant as its error: a paygate error, or a table
+-- with a string kind (error({ kind = ..., message = ... })).
+local function is_error_value(v)
+  return core.is_error(v) or (type(v) == "table" and type(v.kind) == "string")
+end
+
 local function is_retryable_tx(err)
   return type(err) == "table"
     and (err.kind == "serialization" or err.kind == "busy")
 end
 
-local function sleep(s)
-  local ok, paygate = pcall(require, "paygate")
-  if ok and type(paygate) == "table" and paygate.sleep then
-    paygate.sleep(s)
-  end
-end
-
 local function open_sqlite(rest, opts)
+  local sqlite_core = require "paygate.sqlite.core"
   local path, qs = rest:match("^([^?]*)%??(.*)$")
   if path:sub(1, 2) == "//" then
     path = path:sub(3)
@@ -71,7 +117,10 @@ local function open_sqlite(rest, opts)
     error("sql.open: sqlite url needs a path (sqlite:/var/lib/app.db)", 3)
   end
   opts = parse_query(qs, opts)
-  local h = sqlite_core.open(path, opts)
+  local h, oerr = sqlite_core.open(path, opts)
+  if not h then
+    return nil, oerr
+  end
   local ok, err = h:connect()
   if not ok then
     h:close()
@@ -104,7 +153,10 @@ local function open_pg(url, opts)
   if #keep > 0 then
     conninfo = base .. "?" .. table.concat(keep, "&")
   end
-  local h = pg_core.open(conninfo, opts)
+  local h, oerr = pg_core.open(conninfo, opts)
+  if not h then
+    return nil, oerr
+  end
   local ok, err = h:connect()
   if not ok then
     h:close()
@@ -121,12 +173,19 @@ function _M.open(url, opts)
   if type(url) ~= "string" then
     error("sql.open: url must be a string", 2)
   end
+  if opts ~= nil and type(opts) ~= "table" then
+    error("sql.open: opts must be a table", 2)
+  end
   opts = copy(opts)
   local scheme, rest = url:match("^(%a[%w+.-]*):(.*)$")
+  -- not tail calls: their misuse errors count levels up to our caller
+  local db, err
   if scheme == "sqlite" or scheme == "sqlite3" then
-    return open_sqlite(rest, opts)
+    db, err = open_sqlite(rest, opts)
+    return db, err
   elseif scheme == "postgres" or scheme == "postgresql" then
-    return open_pg(url, opts)
+    db, err = open_pg(url, opts)
+    return db, err
   end
   error("sql.open: unknown url scheme in " .. url
         .. " (want sqlite:PATH or postgres://...)", 2)
@@ -166,20 +225,24 @@ local function checked(self, sql)
   return true
 end
 
--- syntax: rows, err = db:query(sql, params)
+-- syntax: rows, err = db:query(sql [, params])
 -- returns: an array of rows (column name -> value; NULL columns absent)
 -- yields: until the rows are read (SQLite: on a reader thread)
 function DB:query(sql, params)
+  check_db("db:query", self)
+  check_stmt("db:query", sql, params)
   local ok, word = checked(self, sql)
   if not ok then return refuse(word) end
   return self.h:query(sql, params)
 end
 
--- syntax: res, err = db:exec(sql, params)
+-- syntax: res, err = db:exec(sql [, params])
 -- returns: { changes = n, last_id = id [, rows = RETURNING rows] }, only
 --          after the change is durable
 -- yields: until committed (SQLite: together with its batch)
 function DB:exec(sql, params)
+  check_db("db:exec", self)
+  check_stmt("db:exec", sql, params)
   local ok, word = checked(self, sql)
   if not ok then return refuse(word) end
   return self.h:exec(sql, params)
@@ -187,27 +250,36 @@ end
 
 -- syntax: ok, err = db:exec_script(sql)
 -- returns: true once all statements (no parameters) are committed
+-- yields: until committed
 function DB:exec_script(sql)
+  check_db("db:exec_script", self)
+  check_stmt("db:exec_script", sql)
   local ok, word = checked(self, sql)
   if not ok then return refuse(word) end
   return self.h:script(sql)
 end
 
 -- syntax: ... , err = db:transaction(fn [, { retries = n }])
--- fn(tx) runs with tx:query / tx:exec / tx:exec_script. Commits when fn
--- returns (and returns fn's values, or true when fn returned none); rolls
--- back when fn raises or returns nil, err. A serialization failure or a
--- busy database retries fn from the start, at most `retries` times.
--- Errors that are not tables (programmer errors) are raised again after
--- the rollback.
+-- fn(tx) runs with tx:query / tx:exec / tx:exec_script. Rolls back when
+-- fn raises or returns nil, err (err not nil) and returns nil, err; commits
+-- in every other case, `return nil` and returning nothing included (and
+-- returns fn's values, or true when fn returned none). A serialization
+-- failure or a busy database retries fn from the start, at most `retries`
+-- times. A raised value that is not an error table (a paygate error, or
+-- a table with a string kind) is a programmer error (error("..."), a
+-- failed assertion): it is raised again after the rollback.
 -- yields: until committed and durable
 function DB:transaction(fn, opts)
+  check_db("db:transaction", self)
   if type(fn) ~= "function" then
     error("db:transaction: fn must be a function", 2)
   end
+  if opts ~= nil and type(opts) ~= "table" then
+    error("db:transaction: opts must be a table", 2)
+  end
   local attempts = (opts and opts.retries) or self.retries
   if type(attempts) ~= "number" or attempts < 1 or attempts % 1 ~= 0 then
-    error("db:transaction: retries must be an integer >= 1", 2)
+    error("db:transaction: opts.retries must be an integer >= 1", 2)
   end
   local err
   for attempt = 1, attempts do
@@ -219,11 +291,11 @@ function DB:transaction(fn, opts)
       local res = pack(pcall(fn, tx))
       if not res[1] then
         self.h:rollback(txid)
-        if type(res[2]) ~= "table" then
+        if not is_error_value(res[2]) then
           error(res[2], 0)
         end
         err = res[2]
-      elseif res[2] == nil and type(res[3]) == "table" then
+      elseif res[2] == nil and res[3] ~= nil then
         self.h:rollback(txid)
         err = res[3]
       else
@@ -240,7 +312,7 @@ function DB:transaction(fn, opts)
     if not is_retryable_tx(err) or attempt == attempts then
       return nil, err
     end
-    sleep(0.002 * attempt * (0.5 + math.random()))
+    core.sleep(0.002 * attempt * (0.5 + math.random()))
   end
   return nil, err
 end
@@ -249,39 +321,52 @@ end
 -- returns: SQLite: { commits = COMMITs (fsyncs) so far, writes = jobs they
 --          acknowledged }; PostgreSQL: {}
 function DB:stats()
+  check_db("db:stats", self)
   if self.h.stats then
     return self.h:stats()
   end
   return {}
 end
 
--- syntax: db:close()  -- pending writes still complete; safe to call twice
+-- syntax: db:close()  -- safe to call twice; later calls of other methods
+-- raise. SQLite: writes already queued still complete; PostgreSQL:
+-- pending statements fail with kind "closed".
 function DB:close()
-  if self.h then
-    self.h:close()
+  if getmetatable(self) ~= DB then
+    error("db:close: call it as db:close()", 2)
   end
+  self.closed = true
+  self.h:close()
 end
 
+-- tx:query / tx:exec / tx:exec_script: as the db methods, inside the
+-- transaction (see DB:transaction).
 function TX:query(sql, params)
+  check_tx("tx:query", self)
+  check_stmt("tx:query", sql, params)
   local ok, word = checked(self, sql)
   if not ok then return refuse(word) end
   return self.h:tx_query(self.id, sql, params)
 end
 
 function TX:exec(sql, params)
+  check_tx("tx:exec", self)
+  check_stmt("tx:exec", sql, params)
   local ok, word = checked(self, sql)
   if not ok then return refuse(word) end
   return self.h:tx_exec(self.id, sql, params)
 end
 
 function TX:exec_script(sql)
+  check_tx("tx:exec_script", self)
+  check_stmt("tx:exec_script", sql)
   local ok, word = checked(self, sql)
   if not ok then return refuse(word) end
   return self.h:tx_script(self.id, sql)
 end
 
 function TX:transaction()
-  error("nested transactions are not supported", 2)
+  error("tx:transaction: nested transactions are not supported", 2)
 end
 
 _M.DB = DB
