@@ -232,13 +232,10 @@ cmd_run(int argc, char **argv)
     /* Absolute, so paygate.app_dir names the app's folder wherever the
      * app looks from (realpath's buffer lives until exit). */
     o.app_dir = realpath(argv[optind], NULL);
-    if (o.app_dir == NULL) {
-        fprintf(stderr, "paygate run: %s: %s\n", argv[optind],
-                strerror(errno));
-        return 2;
-    }
-    snprintf(app_lua, sizeof(app_lua), "%s/app.lua", o.app_dir);
-    if (stat(app_lua, &st) != 0 || !S_ISREG(st.st_mode)) {
+    snprintf(app_lua, sizeof(app_lua), "%s/app.lua",
+             o.app_dir != NULL ? o.app_dir : argv[optind]);
+    if (o.app_dir == NULL || stat(app_lua, &st) != 0
+        || !S_ISREG(st.st_mode)) {
         fprintf(stderr, "paygate run: %s not found (an app is a folder "
                         "with an app.lua)\n", app_lua);
         return 2;
