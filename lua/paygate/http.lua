@@ -5,7 +5,9 @@
 --     timeout = 5, ca_file = "ca.pem", client_cert = "c.pem",
 --     client_key = "k.pem" }
 --   if not res then -- err.kind: timeout, connect, dns, tls, closed,
---                   -- body_too_large; err.retryable
+--                   -- body_too_large; err.retryable; err.sent is false
+--                   -- when nothing of the request was written (dns,
+--                   -- connect, TLS handshake): safe to retry blindly
 --   end
 --   res.status, res.headers["content-type"], res.body
 

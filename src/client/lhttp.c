@@ -28,6 +28,8 @@ struct gw_http_op {
     size_t             len, cap;    /* bytes */
     size_t             max_body;    /* bytes; more fails body_too_large */
     int                too_large;
+    int                sent;        /* 1 once curl was about to send the
+                                       request (CURLOPT_PREREQFUNCTION) */
     char              *hdr;         /* owned: raw response header lines */
     size_t             hlen, hcap;
     char               err[CURL_ERROR_SIZE];
@@ -182,6 +184,21 @@ write_cb(char *p, size_t size, size_t n, void *arg)
     memcpy(op->buf + op->len, p, len);
     op->len += len;
     return len;
+}
+
+/*
+ * Called by curl when the connection is up (new or reused, TLS done) and
+ * the request is about to be written. Before this point no byte of the
+ * request can have reached the server; after it, one may have.
+ */
+static int
+prereq_cb(void *arg, char *conn_primary_ip, char *conn_local_ip,
+          int conn_primary_port, int conn_local_port)
+{
+    struct gw_http_op *op = arg;
+
+    op->sent = 1;
+    return CURL_PREREQFUNC_OK;
 }
 
 static size_t
@@ -344,6 +361,8 @@ finish(struct gw_http_op *op, CURLcode rc)
             n = gw_push_error(L, kind, retryable, "http request: %s",
                               op->err[0] ? op->err : curl_easy_strerror(rc));
         }
+        lua_pushboolean(L, op->sent);
+        lua_setfield(L, -2, "sent");
     }
     op_free(op);
     gw_co_wake(co, n);
@@ -428,7 +447,10 @@ opt_string(lua_State *L, int t, const char *k)
  *             client_key=, client_key_password=, max_body=, resolve= }
  * returns: { status, headers (lower-case names), body, time } or nil, err
  *          with err.kind one of timeout, connect, dns, tls, closed,
- *          body_too_large.
+ *          body_too_large, and err.sent: false when the failure came
+ *          before any byte of the request was written (dns, connect, TLS
+ *          handshake, a connect timeout), so a retry cannot repeat it;
+ *          true when the server may have received it.
  * yields: until the response has been read, or the request failed.
  */
 static int
@@ -480,6 +502,8 @@ lhttp_request(lua_State *L)
     curl_easy_setopt(e, CURLOPT_WRITEDATA, op);
     curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, header_cb);
     curl_easy_setopt(e, CURLOPT_HEADERDATA, op);
+    curl_easy_setopt(e, CURLOPT_PREREQFUNCTION, prereq_cb);
+    curl_easy_setopt(e, CURLOPT_PREREQDATA, op);
     curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long) (timeout * 1000));
     curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS,
                      (long) (connect_timeout * 1000));
