@@ -41,9 +41,9 @@
 #define DICT_MAGIC    0x53484449u     /* "SHDI" */
 #define SCAN_EXPIRED  32              /* entries looked at from the tail */
 
-struct cell {
-    uint32_t      next;               /* next cell of the entry / free */
+struct cell {                         /* 64-byte aligned: d is too */
     unsigned char d[CELL_DATA];
+    uint32_t      next;               /* next cell of the entry / free */
 };
 
 struct entry {
