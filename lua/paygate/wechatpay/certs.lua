@@ -1,0 +1,3 @@
+-- paygate.wechatpay.certs (work in progress)
+local _M = {}
+return _M

@@ -1,0 +1,3 @@
+-- paygate.wechatpay.config (work in progress)
+local _M = {}
+return _M

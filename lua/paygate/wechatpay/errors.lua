@@ -1,0 +1,3 @@
+-- paygate.wechatpay.errors (work in progress)
+local _M = {}
+return _M

@@ -1,0 +1,3 @@
+-- paygate.wechatpay.notify (work in progress)
+local _M = {}
+return _M

@@ -1,0 +1,3 @@
+-- paygate.wechatpay.sign (work in progress)
+local _M = {}
+return _M

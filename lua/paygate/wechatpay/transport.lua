@@ -1,0 +1,50 @@
+-- paygate.wechatpay.transport: executes one signed request against
+-- WeChat Pay v3 — headers, signing, the backup domain, retries with
+-- exponential backoff and full jitter inside a deadline, response
+-- verification, and the classification of what could not be settled.
+--
+-- wx:request(method, path_with_query, body, opts)
+--   method           "GET", "POST", "PUT", "PATCH", "DELETE"
+--   path_with_query  "/v3/...[?query]", already percent-encoded: it is
+--                    signed and sent exactly as given
+--   body             nil (no body), a string (sent and signed byte for
+--                    byte) or a table (encoded to JSON once; those bytes
+--                    are signed and sent)
+--   opts (all optional):
+--     idempotent       true when repeating the call is safe: GETs (the
+--                      default for GET/HEAD), and POSTs that carry the same
+--                      out_trade_no / out_refund_no. Only then is a request
+--                      that may have reached WeChat retried (after a 5xx,
+--                      SYSTEM_ERROR, FREQUENCY_LIMITED, a timeout...).
+--                      Without it only failures before the request left
+--                      (connect, dns; err.sent == false) are retried, and
+--                      a timeout after sending is `unknown_outcome`.
+--     deadline         seconds for the whole call, retries included
+--                      (default conf.deadline, 30)
+--     timeout          seconds for one attempt (default conf.timeout, 10;
+--                      never past the deadline)
+--     unsigned         true for raw file downloads WeChat does not sign
+--                      (/v3/billdownload/file): no response signature
+--                      check (the caller checks the file's hash)
+--     sink             function(chunk) receiving the body chunk by chunk
+--                      instead of res.body (for files); with it res.body
+--                      is nil and res.json is nil. A retry after part of
+--                      the body reached the sink is never made.
+--     wechatpay_serial string: send this Wechatpay-Serial (e.g. the serial
+--                      returned by wx:encrypt_sensitive()); default: the
+--                      public key id in public-key/migration mode, else the
+--                      newest platform certificate serial when known
+--     headers          extra request headers (table name -> string)
+--     max_attempts     cap on attempts (default 4)
+--
+-- returns res = { status, headers, body, json, request_id }
+--   status      HTTP status (2xx only; anything else is an error)
+--   headers     response headers, names lower-case
+--   body        the raw response body (nil with sink)
+--   json        the decoded body when it is JSON, else nil
+--   request_id  WeChat's Request-ID header, or nil
+-- or nil, err: see errors.lua (err.kind, err.code, err.status,
+--   err.request_id, err.retryable, err.detail).
+local _M = {}
+
+return _M
