@@ -44,7 +44,7 @@ function _M.make(dir, days)
                        { k.p2_key, k.p2_cert, _M.P2 } }) do
     sh(("openssl req -x509 -new -key %s -out %s -days %d -set_serial 0x%s "
         .. "-subj '/C=CN/O=Tenpay.com/CN=Tenpay.com sign'")
-       :format(p[1], p[2], days or 30, p[3]))
+       :format(p[1], p[2], days or 365, p[3]))
   end
   return k
 end

@@ -406,7 +406,7 @@ function _M.refresh_locked(wx, reason)
       return true
     end
   end
-  wx.dl.at = now
+  if reason == "unknown_serial" then wx.dl.at = now end
   local added, err = download(wx)
   if dict then
     if added then dict:set(K .. "set", export(wx)) end
