@@ -40,10 +40,16 @@ function _M.client(conf)
     return v
   end
   certs.init(wx)
+  if not wx.dict and conf.shared_dict ~= nil then
+    return nil, errors.new("invalid_config", "wechatpay.shared_dict: no "
+      .. "paygate.shared dict " .. tostring(cfg.shared_dict)
+      .. " (configure shared = { " .. tostring(cfg.shared_dict)
+      .. " = \"1m\" })", { key = "shared_dict" })
+  end
   local ok
   ok, err = certs.start(wx)
   if not ok then
-    wx:close()
+    wx:stop()
     return nil, err
   end
   return wx
@@ -127,8 +133,9 @@ function methods.refresh_certificates(wx)
   return certs.refresh(wx, "manual")
 end
 
---- syntax: wx:close() -- stops the background refresh
-function methods.close(wx)
+--- syntax: wx:stop() -- stops the background refresh (wx:close() with no
+-- argument does the same; wx:close(out_trade_no) closes an order)
+function methods.stop(wx)
   if wx.refresher then
     wx.refresher:cancel()
     wx.refresher = nil
