@@ -160,6 +160,27 @@ describe("response verification", function()
                                   { unsigned = true }))
     assert.equal("a,b\n", res.body)
   end)
+  it("a sink gets a 2xx body in chunks; an error body is not its",
+     function()
+    wxtest.queue(srv, "GET", "/v3/billdownload/file", {
+      { body = string.rep("x", 300000), sign = false },
+      { status = 400, body = json.encode{ code = "PARAM_ERROR", message = "m" } } })
+    local got = {}
+    local function sink(c) got[#got + 1] = c end
+    local res = assert(wx:request("GET", "/v3/billdownload/file?token=t", nil,
+                                  { unsigned = true, sink = sink }))
+    assert.is_nil(res.body)
+    assert.equal(300000, #table.concat(got))
+    assert.is_true(#got > 1)
+    got = {}
+    local _, err = wx:request("GET", "/v3/billdownload/file?token=t", nil,
+                              { unsigned = true, sink = sink })
+    assert.equal("param_error", err.kind)
+    assert.equal(0, #got)
+    assert.has_error(function()
+      wx:request("GET", "/v3/x", nil, { sink = sink })
+    end)
+  end)
   it("a SIGNTEST probe is bad_signature", function()
     wxtest.queue(srv, "GET", "/v3/x", { { body = "{}", sign = {
       signature = "WECHATPAY/SIGNTEST/" .. crypto.random_nonce(300) } } })
