@@ -238,6 +238,38 @@ describe("platform certificates", function()
     assert.equal(2, count("GET", "/v3/certificates"))
     wx:stop()
   end)
+  it("unknown serials on two workers at once cause one download", function()
+    local app = server.start{ app = "spec/support/wxnotify", workers = 2,
+      config = ("return { wechatpay = { mchid = %q, merchant_private_key = %q,"
+        .. " merchant_serial = %q, apiv3_key = %q, base_url = %q } }")
+        :format(wxtest.MCHID, keys.merchant_key, wxtest.MERCHANT_SERIAL,
+                wxtest.APIV3, srv.base_url) }
+    local ok, e = pcall(function()
+      local before = count("GET", "/v3/certificates")
+      assert.is_true(before >= 1)
+      wxtest.certs(srv, { serials = { P1, P2 } })
+      local responses = {}
+      for i = 1, 60 do responses[i] = { body = "{}", sign = { serial = P2 } } end
+      wxtest.queue(srv, "GET", "/v3/x", responses)
+      local tasks, pids, statuses = {}, {}, {}
+      for i = 1, 60 do
+        tasks[i] = core.spawn(function()
+          local res = assert(app:request{ path = "/call?path=/v3/x",
+            headers = { Connection = "close" } })
+          statuses[i] = res.status == 200 and "ok" or res.body
+          pids[res.headers["x-pid"]] = true
+        end)
+      end
+      for i = 1, 60 do tasks[i]:wait() end
+      for i = 1, 60 do assert.equal("ok", statuses[i]) end
+      local n = 0
+      for _ in pairs(pids) do n = n + 1 end
+      assert.equal(2, n)                                 -- both workers
+      assert.equal(before + 1, count("GET", "/v3/certificates"))
+    end)
+    app:stop()
+    assert(ok, e)
+  end)
   it("a PUB_KEY_ID_ serial with a certificate-only config is unknown_serial"
      .. " without a download", function()
     local wx = client()
