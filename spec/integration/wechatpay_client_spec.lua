@@ -207,6 +207,19 @@ describe("platform certificates", function()
     assert.same({ P1, P2 }, wx:certificate_status().serials)
     wx:stop()
   end)
+  it("certificate mode: calls name the newest certificate, the download "
+     .. "none", function()
+    local wx = client()
+    assert(wx:request("GET", "/v3/echo"))
+    for _, r in ipairs(wxtest.requests(srv)) do
+      if r.target == "/v3/certificates" then
+        assert.is_nil(r.headers["wechatpay-serial"])
+      else
+        assert.equal(P1, r.headers["wechatpay-serial"])
+      end
+    end
+    wx:stop()
+  end)
   it("a serial WeChat does not list is unknown_serial after one download",
      function()
     local wx = client()

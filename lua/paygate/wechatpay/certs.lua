@@ -270,7 +270,10 @@ local function download(wx)
   local path = "/v3/certificates"
   if wx.conf.sm then path = path .. "?algorithm_type=SM2" end
   local res, err = transport.request(wx, "GET", path, nil,
-    { _no_verify = true, deadline = wx.conf.timeout })
+    { _no_verify = true, deadline = wx.conf.timeout,
+      -- in certificate mode name no serial: one WeChat no longer accepts
+      -- must not stop us fetching the current ones
+      wechatpay_serial = wx.conf.mode == "certificate" and false or nil })
   if not res then
     if err.status == 404 and err.code == "RESOURCE_NOT_EXISTS" then
       return nil, core.error("invalid_config", "WeChat Pay has no platform "
