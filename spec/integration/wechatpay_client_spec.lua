@@ -512,6 +512,34 @@ describe("errors and retries", function()
   end)
 end)
 
+describe("over HTTPS", function()
+  it("verifies WeChat's certificate with ca_file; a wrong CA is tls, once",
+     function()
+    local certs = require("support.pki").make(dir)
+    local tsrv = wxtest.start(keys, { tls = certs })
+    local ok, e = pcall(function()
+      local base = "https://127.0.0.1:" .. tsrv.port
+      wxtest.certs(tsrv, { serials = { P1 } })
+      local wx = assert(wechatpay.client(wxtest.client_conf(tsrv, keys,
+        { base_url = base, ca_file = certs.ca })))
+      assert.same({ P1 }, wx:certificate_status().serials)
+      assert(wx:request("POST", "/v3/echo", "{}"))
+      wx:stop()
+      local wx2 = assert(wechatpay.client(wxtest.client_conf(tsrv, keys,
+        { base_url = base, ca_file = certs.other_ca,
+          platform_certificates = { keys.p1_cert } })))
+      local n0 = #wxtest.requests(tsrv)
+      local _, err = wx2:request("POST", "/v3/echo", "{}")
+      assert.equal("tls", err.kind)
+      assert.is_false(err.sent)
+      assert.equal(n0, #wxtest.requests(tsrv))
+      wx2:stop()
+    end)
+    tsrv:stop()
+    assert(ok, e)
+  end)
+end)
+
 describe("wx:encrypt_sensitive", function()
   it("encrypts for the public key in public-key mode", function()
     local wx = client{ public_key = keys.pub_pem, public_key_id = PUB_ID }

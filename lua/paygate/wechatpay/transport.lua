@@ -201,6 +201,8 @@ function _M.request(wx, method, path, body, opts)
           base, on_backup = c.backup_url, true
           attempt = attempt - 1            -- the switch is not a retry
           retry = "now"
+        elseif err.retryable == false then
+          return nil, err                  -- e.g. a certificate refused
         else
           retry = true
         end
