@@ -1,6 +1,7 @@
 -- paygate.crypto: keys, signatures, AEAD, OAEP, digests, encodings.
 -- Known answers from NIST (GCM), RFC 8998 (SM4-GCM), GB/T 32905 (SM3),
--- RFC 4231 (HMAC), PROTOCOL.md section 11, and the openssl CLI.
+-- RFC 4231 (HMAC), WeChat Pay's documentation and SDK test vectors
+-- (spec/fixtures/wechatpay), and the openssl CLI.
 local crypto = require "paygate.crypto"
 local T = dofile("spec/fixtures/cryptotest.lua")
 
@@ -205,12 +206,12 @@ describe("paygate.crypto", function()
       local bad = sig:sub(1, 10) .. string.char((sig:byte(11) + 1) % 256) .. sig:sub(12)
       fails_with("signature_mismatch", crypto.verify(pub, msg, bad, "sha256-rsa"))
       fails_with("signature_mismatch", crypto.verify(pub, msg, sig:sub(1, 100)))
-      -- PROTOCOL.md 3.6: the SIGNTEST probe is an ordinary failure
+      -- WeChat Pay's WECHATPAY/SIGNTEST/ probe signature is an ordinary failure
       fails_with("signature_mismatch", crypto.verify_base64(pub, msg, "WECHATPAY/SIGNTEST/abcdefghijklmnopqrstuvwxyz"))
       fails_with("signature_mismatch", crypto.verify_base64(pub, msg, "WECHATPAY/SIGNTEST/abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXY="))
     end)
 
-    it("reproduces the official doc request signature (11.1, 11.2)", function()
+    it("reproduces the official doc request signature", function()
       local key = assert(crypto.private_key(T.fixture("a1_merchant_key.pem")))
       assert.equal("jnks4dlrPw3ZX+ozVvSK39oa0t7OMBsg83BHAwd8BRdUFiVaQNTLTvci+wURgP1OQBbKYhFGvt7iqYpDSTQkp7Uq1sltaQKyncCyrA1g88m5bsKERQfPyT0ahSwKTYJ1CAn9QiJuSJRq1QsQs07eehbU/k9BCS51jTyc1Jpsi2H77HF9f/BnjXAOP3/sPObg6V5Ee4EzwLox684hhuMuIwHo7D8KFk3LIHOKDcNI4It1aCXydFWNpNK+SG86VUDe5kwoDpw4Ulqfu9z8OFDGbDs9TCxEv8iqQzbpxOlEVoOe2kalSYM5kApQb3nZcxdUtoE0liJGW3RGUNE0t4v01A==",
         crypto.sign_base64(key, msg, "WECHATPAY2-SHA256-RSA2048"))
@@ -220,7 +221,7 @@ describe("paygate.crypto", function()
         crypto.sign_base64(key, "wx2421b1c4370ec43b\n1554208460\n593BEC0C930BF1AFEB40B4A08C8FB242\nprepay_id=wx201410272009395522657a690389285100\n"))
     end)
 
-    it("reproduces the SDK vectors (11.4 java, 11.5 go)", function()
+    it("reproduces the SDK vectors (java, go)", function()
       local java = assert(crypto.private_key(T.fixture("a3_merchant_key.pem")))
       assert.equal("Rq+5ZpWV6IHTWE1+9gCrYJKguNgbItpMdlIA+PVCPCdUAKNlohZz7CL7Y8xWDIFJjdGnErMj6Z+Q/h9CF5MV+nAVkqDmBR0uP5ppsUEzco4ijvKHsvI2ro4boSW6vSfQs3W8I4QSI9a0/NFIgvj83Fv27LIYZf7deaFWmEwd1fpAeJRCyoKyBeJPdsjVx0//Lqe6Wze2zVdliLcBvaHCfpd8+rAVGS+FQDeWgHqJ7n/Zy09LmV1/ghs7pO1mdjdD16SHKlysAD3K5hNGUJX/SHrEXEcu1yO1AOb/YvOVkjNh8243rcfXNE5L4ph2XS11vS+2aToKYSOcKUagf0LLaw==",
         crypto.sign_base64(java, "message"))
@@ -229,7 +230,7 @@ describe("paygate.crypto", function()
         crypto.sign_base64(go, "source"))
     end)
 
-    it("verifies the official public-key response example (11.3) and notifications (11.5, 11.8)", function()
+    it("verifies the official public-key response example and notifications", function()
       local wxpub = assert(crypto.public_key(T.fixture("a2_wechatpay_pubkey.pem")))
       assert.is_true(crypto.verify_base64(wxpub,
         '1722850421\nd824f2e086d3c1df967785d13fcd22ef\n{"code_url":"weixin://wxpay/bizpayurl?pr=JyC91EIz1"}\n',
@@ -276,7 +277,7 @@ describe("paygate.crypto", function()
       fails_with("signature_mismatch", crypto.verify(cert, "message", T.read(dir .. "/noid.sig"), "sm2-sm3"))
     end)
 
-    it("verifies the shangmi-testing vector (11.7)", function()
+    it("verifies the shangmi-testing vector", function()
       assert.is_true(crypto.verify_base64(cert, "message",
         "MEYCIQD35Rp3CKt7pLme/a0GaCVmwSeOl7X/12+ppRivcJuf6QIhAO5Vpy4tSk9SJUrgH5I5Qy0aYhFG9lN0aof1f5wJOI05",
         "WECHATPAY2-SM2-WITH-SM3"))
@@ -309,11 +310,14 @@ describe("paygate.crypto", function()
       local ct = assert(crypto.aead_encrypt("AEAD_AES_256_GCM", APIV3, "uluk4a9R25RW", "", "hi"))
       fails_with("bad_key", crypto.aead_decrypt("AEAD_AES_256_GCM", APIV3:sub(2), "uluk4a9R25RW", "", ct))
       fails_with("bad_key", crypto.aead_decrypt("AEAD_SM4_GCM", APIV3, "uluk4a9R25RW", "", ct))
-      for _, nonce in ipairs({ "", "uluk4a9R25R", "uluk4a9R25RWx", "0123456789abcdef" }) do
+      -- GCM takes a nonce of any length; empty, and over OpenSSL's 128-byte
+      -- limit, are refused for both algorithms
+      for _, nonce in ipairs({ "", ("n"):rep(129), ("n"):rep(4096) }) do
         local err = fails_with("bad_nonce", crypto.aead_decrypt("AEAD_AES_256_GCM", APIV3, nonce, "", ct))
-        assert.matches("12%-byte nonce", err.message)
+        assert.matches("nonce of 1%.%.128 bytes", err.message)
         fails_with("bad_nonce", crypto.aead_decrypt("AEAD_SM4_GCM", ("k"):rep(16), nonce, "", ct))
         fails_with("bad_nonce", crypto.aead_encrypt("AEAD_AES_256_GCM", APIV3, nonce, "", "x"))
+        fails_with("bad_nonce", crypto.aead_encrypt("AEAD_SM4_GCM", ("k"):rep(16), nonce, "", "x"))
       end
       fails_with("unsupported_algorithm", crypto.aead_decrypt("AEAD_AES_128_CBC", APIV3, "uluk4a9R25RW", "", ct))
     end)
@@ -354,7 +358,69 @@ describe("paygate.crypto", function()
       assert.equal(P, crypto.aead_decrypt("AEAD_AES_256_GCM", K, IV, A, unhex(CT)))
     end)
 
-    it("matches RFC 8998 SM4-GCM and the shangmi-testing vector (11.7)", function()
+    it("takes nonces of any length: NIST GCM AES-256 with 8- and 60-byte IVs (test cases 17, 18)", function()
+      local K = unhex("feffe9928665731c6d6a8f9467308308feffe9928665731c6d6a8f9467308308")
+      local P = unhex("d9313225f88406e5a55909c5aff5269a86a7a9531534f7da2e4c303d8a318a721c3c0c95956809532fcf0e2449a6b525b16aedf5aa0de657ba637b39")
+      local A = unhex("feedfacedeadbeeffeedfacedeadbeefabaddad2")
+      local cases = {
+        { iv = "cafebabefacedbad",
+          ct = "c3762df1ca787d32ae47c13bf19844cbaf1ae14d0b976afac52ff7d79bba9de0feb582d33934a4f0954cc2363bc73f7862ac430e64abe499f47c9b1f"
+            .. "3a337dbf46a792c45e454913fe2ea8f2" },
+        { iv = "9313225df88406e555909c5aff5269aa6a7a9538534f7da1e4c303d2a318a728c3c0c95156809539fcf0e2429a6b525416aedbf5a0de6a57a637b39b",
+          ct = "5a8def2f0c9e53f1f75d7853659e2a20eeb2b22aafde6419a058ab4f6f746bf40fc0c3b780f244452da3ebf1c5d82cdea2418997200ef82e44ae7e3f"
+            .. "a44a8266ee1c8eb0c8b5d4cf5ae9f19a" },
+      }
+      for _, c in ipairs(cases) do
+        local iv = unhex(c.iv)
+        assert.equal(c.ct, hex(crypto.aead_encrypt("AEAD_AES_256_GCM", K, iv, A, P)))
+        assert.equal(P, crypto.aead_decrypt("AEAD_AES_256_GCM", K, iv, A, unhex(c.ct)))
+        -- the nonce is authenticated, including its length
+        fails_with("decrypt_failed", crypto.aead_decrypt("AEAD_AES_256_GCM", K, iv:sub(2), A, unhex(c.ct)))
+        fails_with("decrypt_failed", crypto.aead_decrypt("AEAD_AES_256_GCM", K, iv .. "\0", A, unhex(c.ct)))
+      end
+      -- a nonce of other length after a 12-byte one (the context is reused)
+      assert.equal("ulwSiIajGClcvcOYvOQ7+l+0PAbzzwI=", crypto.base64_encode(
+        crypto.aead_encrypt("AEAD_AES_256_GCM", APIV3, "uluk4a9R25RW", "associatedData", "message")))
+    end)
+
+    it("round-trips nonces of 1..128 bytes, WeChat-style strings included (13, 16, 32 characters)", function()
+      local sm4key = crypto.sm4_key(APIV3)
+      for _, alg in ipairs({ "AEAD_AES_256_GCM", "AEAD_SM4_GCM" }) do
+        local key = alg == "AEAD_SM4_GCM" and sm4key or APIV3
+        local seen = {}
+        for _, n in ipairs({ 1, 7, 11, 12, 13, 16, 17, 32, 60, 127, 128 }) do
+          local nonce = crypto.random_nonce(n)
+          local ct = assert(crypto.aead_encrypt(alg, key, nonce, "transaction", "resource ciphertext"))
+          assert.is_nil(seen[ct])
+          seen[ct] = true
+          assert.equal("resource ciphertext", crypto.aead_decrypt(alg, key, nonce, "transaction", ct))
+          local other = nonce:sub(1, -2) .. (nonce:sub(-1) == "x" and "y" or "x")
+          fails_with("decrypt_failed", crypto.aead_decrypt(alg, key, other, "transaction", ct))
+          fails_with("decrypt_failed", crypto.aead_decrypt(alg, key, nonce, "refund", ct))
+          local tagflip = ct:sub(1, -2) .. string.char((ct:byte(-1) + 1) % 256)
+          fails_with("decrypt_failed", crypto.aead_decrypt(alg, key, nonce, "transaction", tagflip))
+        end
+      end
+    end)
+
+    it("SM4-GCM with nonces other than 12 bytes matches an independent implementation", function()
+      -- answers from spec/c/gen_sm4gcm_vectors.py (the cryptography
+      -- package's SM4-GCM), also checked in spec/c/test_sm4gcm.c
+      local K = unhex("0123456789abcdeffedcba9876543210")
+      local P = {}
+      for i = 0, 63 do P[#P + 1] = string.char(i) end
+      P = table.concat(P) .. "paygate any-length nonce"
+      local cases = {
+        { "0123456789abc", "f2f9ebe934049b04e48d367d8b41b34b50ee3b54877dcb2e6e54c65747f00482c744160e1b306858bbf5bfd114f113f02e61d65f10564f3cb75d264c59c6d531f4ea4747618d726caab73a053af4b21171b729eb96cc4cd82ffe27436fff0095f8458866a90e0e9e" },
+        { "0123456789abcdef0123456789abcdef", "5e112ae9261f424556ac7d6896f3cbb1902e83d223f19cbff6485f75fcf7c35003ff69f91d2a4c34fedf8ecb565244003dbda14fbb679b15df6ccc757f2c146784e1d4b4b3d99cdeeaab64ed7084fbfedb4c61b21ea14d817eab6ac741ec3548d23705c979e6fb97" },
+      }
+      for _, c in ipairs(cases) do
+        assert.equal(c[2], hex(crypto.aead_encrypt("AEAD_SM4_GCM", K, c[1], "transaction", P)))
+        assert.equal(P, crypto.aead_decrypt("AEAD_SM4_GCM", K, c[1], "transaction", unhex(c[2])))
+      end
+    end)
+
+    it("matches RFC 8998 SM4-GCM and the shangmi-testing vector", function()
       local K = unhex("0123456789ABCDEFFEDCBA9876543210")
       local IV = unhex("00001234567800000000ABCD")
       local A = unhex("FEEDFACEDEADBEEFFEEDFACEDEADBEEFABADDAD2")
@@ -370,7 +436,7 @@ describe("paygate.crypto", function()
       assert.is_boolean(crypto.sm4gcm_native)
     end)
 
-    it("decrypts the WeChat Pay vectors (11.4, A.11 certificate download, 11.8 notification)", function()
+    it("decrypts the WeChat Pay vectors (SDK, a11 certificate download, notification)", function()
       assert.equal("ulwSiIajGClcvcOYvOQ7+l+0PAbzzwI=", crypto.base64_encode(
         crypto.aead_encrypt("AEAD_AES_256_GCM", APIV3, "uluk4a9R25RW", "associatedData", "message")))
       local pem = assert(crypto.aead_decrypt("AEAD_AES_256_GCM", APIV3, "14b16c03dc1b", "certificate",
@@ -408,7 +474,7 @@ describe("paygate.crypto", function()
       assert.is_string(crypto.oaep_encrypt(c4, ("x"):rep(214)))
     end)
 
-    it("decrypts the wechatpay-java vector (11.4.3) with SHA-1 / MGF1-SHA-1", function()
+    it("decrypts the wechatpay-java vector with SHA-1 / MGF1-SHA-1", function()
       local k3 = assert(crypto.private_key(T.fixture("a3_merchant_key.pem")))
       assert.equal("plaintext", crypto.oaep_decrypt(k3, crypto.base64_decode("Qqsluo7R1IZyAqdkm/jBzwXDP5VndCwwFbRA+yILFTYciZzrRChQIQ7SKuI2k3YSR5auB3ZspdjR1WPB3PTCKe6BCFx3NnaPWhSwonYTmW8ZseXjkbcYSbKL5O/6dr6Zftg3t2A2FUd97acjM1fr2EIvIvRieQ3Hl8qVkDBY9520wm1rzvePUnxQWN70RZiBcqr7O7Gb0gU3l7FkvoUFSbY44HgDJetmVow3yGIV3Tcd45o2MNQ+5F1qvjIjb3/6dkGKce4/kNTYraUMO6o6kfFXlfg+bFRIiz8hiUpbToWdu7g0R5Hq0/YIE5vw/5Ms4gbk2HIQIfOLkY8sEPjYHA==")))
     end)
