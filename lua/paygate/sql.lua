@@ -134,44 +134,14 @@ end
 
 -- Transaction control in SQL would leave a pooled PostgreSQL connection
 -- inside a transaction that nothing commits (acknowledged writes lost), or
--- end db:transaction()'s early. SQLite refuses it in C (an authorizer);
--- for PostgreSQL the first keyword of each statement is checked here.
-local TX_WORDS = { BEGIN = true, START = true, COMMIT = true, END = true,
-                   ROLLBACK = true, ABORT = true, SAVEPOINT = true,
-                   RELEASE = true }
-local error_mt = require("paygate.core").error_mt()
-
-local function tx_control(sql)
-  if type(sql) ~= "string" then return nil end
-  -- comments out, then each statement's first word
-  local text = sql:gsub("%-%-[^\n]*", " "):gsub("/%*.-%*/", " ")
-  for stmt in (text .. ";"):gmatch("([^;]*);") do
-    local word = stmt:match("^%s*(%a+)")
-    if word and TX_WORDS[word:upper()] then return word:upper() end
-  end
-  return nil
-end
-
-local function refuse(word)
-  return nil, setmetatable({ kind = "misuse", retryable = false,
-    message = "postgres: " .. word .. " is not allowed in SQL: use "
-              .. "db:transaction()" }, error_mt)
-end
-
-local function checked(self, sql)
-  if self.engine == "postgres" then
-    local word = tx_control(sql)
-    if word then return false, word end
-  end
-  return true
-end
+-- end db:transaction()'s early. Both engines refuse it in C with misuse:
+-- SQLite with an authorizer, PostgreSQL by asking the server for the
+-- connection's transaction status after each statement.
 
 -- syntax: rows, err = db:query(sql, params)
 -- returns: an array of rows (column name -> value; NULL columns absent)
 -- yields: until the rows are read (SQLite: on a reader thread)
 function DB:query(sql, params)
-  local ok, word = checked(self, sql)
-  if not ok then return refuse(word) end
   return self.h:query(sql, params)
 end
 
@@ -180,16 +150,12 @@ end
 --          after the change is durable
 -- yields: until committed (SQLite: together with its batch)
 function DB:exec(sql, params)
-  local ok, word = checked(self, sql)
-  if not ok then return refuse(word) end
   return self.h:exec(sql, params)
 end
 
 -- syntax: ok, err = db:exec_script(sql)
 -- returns: true once all statements (no parameters) are committed
 function DB:exec_script(sql)
-  local ok, word = checked(self, sql)
-  if not ok then return refuse(word) end
   return self.h:script(sql)
 end
 
@@ -263,20 +229,14 @@ function DB:close()
 end
 
 function TX:query(sql, params)
-  local ok, word = checked(self, sql)
-  if not ok then return refuse(word) end
   return self.h:tx_query(self.id, sql, params)
 end
 
 function TX:exec(sql, params)
-  local ok, word = checked(self, sql)
-  if not ok then return refuse(word) end
   return self.h:tx_exec(self.id, sql, params)
 end
 
 function TX:exec_script(sql)
-  local ok, word = checked(self, sql)
-  if not ok then return refuse(word) end
   return self.h:tx_script(self.id, sql)
 end
 

@@ -122,14 +122,18 @@ for _, engine in ipairs(engines) do
         local r, err = db:exec_script("INSERT INTO t (v, n) VALUES ('s', 1); COMMIT")
         assert.is_nil(r)
         assert.equal("misuse", err.kind)
-        -- a transaction cannot be ended from inside: it commits as a whole
-        assert(db:transaction(function(tx)
-          assert(tx:exec("INSERT INTO t (v, n) VALUES ($1, $2)", { "in", 1 }))
-          local _, cerr = tx:exec("COMMIT")
-          assert.equal("misuse", cerr.kind)
-          return tx:exec("INSERT INTO t (v, n) VALUES ($1, $2)", { "in2", 2 })
-        end))
-        assert.equal(2, #db:query("SELECT v FROM t WHERE v LIKE 'in%'"))
+        -- SQLite: a transaction cannot be ended from inside, it commits
+        -- as a whole (PostgreSQL: see "fails a transaction whose SQL
+        -- ended it early" below)
+        if engine == "sqlite" then
+          assert(db:transaction(function(tx)
+            assert(tx:exec("INSERT INTO t (v, n) VALUES ($1, $2)", { "in", 1 }))
+            local _, cerr = tx:exec("COMMIT")
+            assert.equal("misuse", cerr.kind)
+            return tx:exec("INSERT INTO t (v, n) VALUES ($1, $2)", { "in2", 2 })
+          end))
+          assert.equal(2, #db:query("SELECT v FROM t WHERE v LIKE 'in%'"))
+        end
         -- and the pool was left clean: plain writes are durable
         assert(db:exec("INSERT INTO t (v, n) VALUES ($1, $2)", { "after", 3 }))
         assert.equal(1, #db:query("SELECT v FROM t WHERE v = 'after'"))
@@ -642,3 +646,85 @@ describe("paygate.sql on sqlite (engine specifics)", function()
     end
   end)
 end)
+
+if servers.have_postgres() then
+  describe("paygate.sql on postgres (engine specifics)", function()
+    -- A second pool on the same server: what it sees is committed.
+    local function other()
+      return assert(sql.open(pg_srv.url))
+    end
+
+    it("runs ordinary SQL that merely contains transaction words", function()
+      local db = open("postgres", { pool = 1 })
+      assert(db:exec_script("DROP FUNCTION IF EXISTS gw_f();"
+        .. " DROP TABLE IF EXISTS tw"))
+      local fn = "CREATE FUNCTION gw_f() RETURNS integer AS $$ BEGIN"
+        .. " RETURN 1; END; $$ LANGUAGE plpgsql"
+      assert(db:exec_script("CREATE TABLE tw (k INTEGER);\n" .. fn))
+      assert(db:exec("COMMENT ON TABLE tw IS 'paid; end of day'"))
+      assert(db:exec_script("COMMENT ON TABLE tw IS 'paid;\nbegin'"))
+      assert.same({ { f = 1 } }, db:query("SELECT gw_f() AS f"))
+      assert(db:transaction(function(tx)
+        assert(tx:exec_script("DROP FUNCTION gw_f(); " .. fn))
+        return tx:exec("COMMENT ON TABLE tw IS 'rollback; commit'")
+      end))
+      db:close()
+    end)
+
+    it("refuses SQL that leaves a pooled connection inside a transaction", function()
+      local db = open("postgres", { pool = 1 })
+      local o = other()
+      assert(db:exec_script("CREATE TABLE t (k INTEGER, v TEXT)"))
+      assert(db:exec("INSERT INTO t VALUES (1, 'x')"))
+      local r, err = db:exec_script("UPDATE t SET v = 'a--b'; BEGIN")
+      assert.is_nil(r)
+      assert.equal("misuse", err.kind)
+      r, err = db:exec("BEGIN")
+      assert.is_nil(r)
+      assert.equal("misuse", err.kind)
+      r, err = db:query("START TRANSACTION")
+      assert.is_nil(r)
+      assert.equal("misuse", err.kind)
+      -- rolled back, and the next write on the pool is committed
+      assert(db:exec("INSERT INTO t VALUES (2, 'y')"))
+      assert.same({ { k = 1, v = "x" }, { k = 2, v = "y" } },
+                  o:query("SELECT k, v FROM t ORDER BY k"))
+      assert.equal(0, o:query("SELECT count(*) AS c FROM pg_stat_activity"
+        .. " WHERE state LIKE 'idle in transaction%'")[1].c)
+      o:close()
+      db:close()
+    end)
+
+    it("fails a transaction whose SQL ended it early", function()
+      local db = open("postgres", { pool = 1 })
+      local o = other()
+      assert(db:exec_script("CREATE TABLE t (k INTEGER)"))
+      for _, stmt in ipairs({ "COMMIT", "ROLLBACK", "END" }) do
+        local ok, err = db:transaction(function(tx)
+          assert(tx:exec("INSERT INTO t VALUES (1)"))
+          local r, cerr = tx:exec(stmt)
+          assert.is_nil(r, stmt)
+          assert.equal("misuse", cerr.kind, stmt)
+          return tx:exec("INSERT INTO t VALUES (2)")
+        end, { retries = 1 })
+        assert.is_nil(ok, stmt)
+        assert.equal("misuse", err.kind, stmt)
+        -- what ran after the early end was not committed
+        assert.equal(0, o:query("SELECT count(*) AS c FROM t WHERE k = 2")[1].c)
+      end
+      local ok, err = db:transaction(function(tx)
+        return tx:exec_script("INSERT INTO t VALUES (3); COMMIT")
+      end, { retries = 1 })
+      assert.is_nil(ok)
+      assert.equal("misuse", err.kind)
+      -- the pool is clean: plain writes and transactions commit
+      assert(db:exec("INSERT INTO t VALUES (4)"))
+      assert(db:transaction(function(tx)
+        return tx:exec("INSERT INTO t VALUES (5)")
+      end))
+      assert.equal(2, o:query("SELECT count(*) AS c FROM t WHERE k >= 4")[1].c)
+      o:close()
+      db:close()
+    end)
+  end)
+end

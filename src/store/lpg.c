@@ -115,6 +115,7 @@ struct gw_pgtx {
     struct gw_co_cleanup cl;     /* attached to the co that began it */
     struct gw_pg        *pg;     /* borrowed; close frees us first */
     long                 txid;   /* unique in the process */
+    int                  ended;  /* 1: SQL in it ran COMMIT/ROLLBACK */
     struct gw_pgtx      *next;   /* pgtx_list link */
 };
 
@@ -127,6 +128,11 @@ static long            pgtx_next_id = 1;
 static void conn_event(evutil_socket_t fd, short what, void *arg);
 static void dispatch(struct gw_pg *pg);
 static void tx_forget(long txid);
+static struct gw_pgtx *tx_find(long txid);
+
+/* conn_read(): the server left c in a transaction state nobody asked
+ * for; the connection must go. */
+#define LPG_DISCARD 1
 
 static double
 mono_now(void)
@@ -163,6 +169,19 @@ op_set_error(struct gw_pgop *op, const char *kind, const char *msg)
     snprintf(op->errmsg, sizeof(op->errmsg), "%s", msg);
 }
 
+/* Replaces whatever op carried with this error: the server's verdict on
+ * the transaction state outranks the statement's own outcome. */
+static void
+op_force_error(struct gw_pgop *op, const char *kind, const char *msg)
+{
+    if (op->err != NULL) {
+        PQclear(op->err);
+        op->err = NULL;
+    }
+    op->errkind[0] = '\0';
+    op_set_error(op, kind, msg);
+}
+
 static int
 push_pg_error(lua_State *L, PGresult *r)
 {
@@ -182,6 +201,8 @@ push_pg_error(lua_State *L, PGresult *r)
         retry = 1;
     } else if (strncmp(state, "42", 2) == 0) {
         kind = "syntax";
+    } else if (strncmp(state, "25", 2) == 0) {
+        kind = "misuse";                 /* invalid transaction state */
     } else if (strcmp(state, "57014") == 0) {
         kind = "timeout";
         retry = 1;
@@ -529,11 +550,24 @@ conn_connect_failed(struct gw_pgconn *c, struct gw_pgop **out,
 }
 
 /* Server notices (e.g. "table does not exist, skipping") go to the
- * debug log instead of libpq's default stderr print. */
+ * debug log instead of libpq's default stderr print. A warning of class
+ * 25 (COMMIT or ROLLBACK with no transaction, BEGIN inside one) means
+ * the statement being read tried to control the transaction itself:
+ * that statement fails with misuse. */
 static void
-on_notice(void *arg, const char *message)
+on_notice(void *arg, const PGresult *r)
 {
-    gw_log(GW_LOG_DEBUG, "postgres: %s", message);
+    struct gw_pgconn *c = arg;
+    const char       *state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
+    const char       *msg = PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY);
+    char              buf[200];
+
+    gw_log(GW_LOG_DEBUG, "postgres: %s", PQresultErrorMessage(r));
+    if (state != NULL && strncmp(state, "25", 2) == 0 && c->head != NULL) {
+        snprintf(buf, sizeof(buf), "postgres: %s: transaction control"
+                 " belongs to db:transaction()", msg != NULL ? msg : state);
+        op_set_error(c->head, "misuse", buf);
+    }
 }
 
 static int
@@ -549,7 +583,7 @@ conn_start(struct gw_pgconn *c)
     if (c->pc == NULL || PQstatus(c->pc) == CONNECTION_BAD) {
         return GW_ERR;
     }
-    PQsetNoticeProcessor(c->pc, on_notice, NULL);
+    PQsetNoticeReceiver(c->pc, on_notice, c);
     return conn_poll_connect(c) == GW_ERR ? GW_ERR : GW_OK;
 }
 
@@ -674,16 +708,76 @@ sent:
 
 /* ------------------------------------------------------------ results */
 
-static void
+/* The server's own answer to "did op leave the connection where it
+ * should be?", asked once op's results are all in: a connection outside
+ * db:transaction() must be idle (no transaction left open for the next
+ * user of the pool), one inside must still be in its transaction (no
+ * COMMIT or ROLLBACK slipped into the SQL). PQtransactionStatus() is
+ * exact only when nothing else is in flight on c; while other
+ * statements are pipelined behind op, the command tag tells instead (a
+ * single extended-protocol statement opens a transaction block only as
+ * BEGIN or START TRANSACTION). Returns GW_OK, or LPG_DISCARD when c must
+ * be closed (the server then rolls back). */
+static int
+conn_check_tx(struct gw_pgconn *c, struct gw_pgop *op)
+{
+    PGTransactionStatusType st = PQTRANS_ACTIVE;
+    int                     in_tx, failed;
+    const char             *tag;
+    struct gw_pgtx         *tx;
+
+    failed = op->err != NULL || op->errkind[0] != '\0';
+    if (op->tx_begin && failed) {
+        return GW_OK;                    /* c->txid is cleared below */
+    }
+    in_tx = op->txid != 0 && c->txid == op->txid && !op->tx_end;
+    if (c->inflight == 0) {
+        st = PQtransactionStatus(c->pc);
+    }
+    if (!in_tx) {
+        if (st == PQTRANS_ACTIVE && op->res != NULL) {
+            tag = PQcmdStatus(op->res);
+            if (strcmp(tag, "BEGIN") == 0
+                || strcmp(tag, "START TRANSACTION") == 0)
+            {
+                st = PQTRANS_INTRANS;
+            }
+        }
+        if (st == PQTRANS_INTRANS || st == PQTRANS_INERROR) {
+            op_force_error(op, "misuse", "postgres: the statement left a"
+                           " transaction open (rolled back): transaction"
+                           " control belongs to db:transaction()");
+            return LPG_DISCARD;
+        }
+        return GW_OK;
+    }
+    if (st == PQTRANS_IDLE) {
+        op_force_error(op, "misuse", "postgres: COMMIT or ROLLBACK in SQL"
+                       " ended the transaction early: transaction control"
+                       " belongs to db:transaction()");
+        tx = tx_find(op->txid);
+        if (tx != NULL) {
+            tx->ended = 1;
+        }
+        c->txid = 0;                     /* idle: it serves others again */
+    }
+    return GW_OK;
+}
+
+/* Moves c's first in-flight op to *out. Returns GW_OK or LPG_DISCARD
+ * (see conn_check_tx()). */
+static int
 conn_pop_head(struct gw_pgconn *c, struct gw_pgop **out)
 {
     struct gw_pgop *op = c->head;
+    int             rc;
 
     c->head = op->next;
     if (c->head == NULL) {
         c->tail = NULL;
     }
     c->inflight--;
+    rc = conn_check_tx(c, op);
     if (op->tx_end || (op->tx_begin && (op->err != NULL
                                         || op->errkind[0] != '\0')))
     {
@@ -691,10 +785,12 @@ conn_pop_head(struct gw_pgconn *c, struct gw_pgop **out)
     }
     op->next = *out;
     *out = op;
+    return rc;
 }
 
 /* Reads every available result. Returns GW_ERR when the connection is
- * broken. Finished ops are moved to *out. */
+ * broken, LPG_DISCARD when it must be closed (conn_check_tx()), else
+ * GW_OK. Finished ops are moved to *out. */
 static int
 conn_read(struct gw_pgconn *c, struct gw_pgop **out)
 {
@@ -712,7 +808,9 @@ conn_read(struct gw_pgconn *c, struct gw_pgop **out)
         if (r == NULL) {
             /* End of one command's results. */
             if (op->kind == GW_PGOP_SCRIPT) {
-                conn_pop_head(c, out);
+                if (conn_pop_head(c, out) != GW_OK) {
+                    return LPG_DISCARD;
+                }
                 if (PQenterPipelineMode(c->pc) != 1) {
                     return GW_ERR;
                 }
@@ -726,7 +824,9 @@ conn_read(struct gw_pgconn *c, struct gw_pgop **out)
         st = PQresultStatus(r);
         if (st == PGRES_PIPELINE_SYNC) {
             PQclear(r);
-            conn_pop_head(c, out);
+            if (conn_pop_head(c, out) != GW_OK) {
+                return LPG_DISCARD;
+            }
             continue;
         }
         if (st == PGRES_FATAL_ERROR || st == PGRES_NONFATAL_ERROR) {
@@ -778,12 +878,20 @@ conn_event(evutil_socket_t fd, short what, void *arg)
         if ((what & EV_WRITE) && conn_flush(c) != GW_OK) {
             conn_fail(c, "unavailable", "postgres: connection lost"
                       " (outcome unknown)", &done);
-        } else if ((what & EV_READ) && conn_read(c, &done) != GW_OK) {
-            char msg[200];
+        } else if (what & EV_READ) {
+            rc = conn_read(c, &done);
+            if (rc == LPG_DISCARD) {
+                conn_fail(c, "unavailable", "postgres: connection"
+                          " discarded: an earlier statement on it left a"
+                          " transaction open, so this one was rolled back",
+                          &done);
+            } else if (rc != GW_OK) {
+                char msg[200];
 
-            snprintf(msg, sizeof(msg), "postgres: connection lost (outcome"
-                     " unknown): %s", PQerrorMessage(c->pc));
-            conn_fail(c, "unavailable", msg, &done);
+                snprintf(msg, sizeof(msg), "postgres: connection lost"
+                         " (outcome unknown): %s", PQerrorMessage(c->pc));
+                conn_fail(c, "unavailable", msg, &done);
+            }
         }
     }
     /* done is newest-first: deliver in completion order. */
@@ -825,6 +933,9 @@ choose_conn(struct gw_pg *pg, struct gw_pgop *op, int *fail)
         }
         if (c->txid != 0) {
             continue;
+        }
+        if (c->head != NULL && c->head->kind == GW_PGOP_SCRIPT) {
+            continue;                    /* out of pipeline mode till done */
         }
         if (op->tx_begin || op->kind == GW_PGOP_SCRIPT) {
             if (c->inflight == 0) {
@@ -990,17 +1101,27 @@ tx_free(struct gw_pgtx *tx)
     free(tx);
 }
 
-/* The transaction txid ended (or never began): stop tracking it. */
-static void
-tx_forget(long txid)
+static struct gw_pgtx *
+tx_find(long txid)
 {
     struct gw_pgtx *tx;
 
     for (tx = pgtx_list; tx != NULL; tx = tx->next) {
         if (tx->txid == txid) {
-            tx_free(tx);
-            return;
+            return tx;
         }
+    }
+    return NULL;
+}
+
+/* The transaction txid ended (or never began): stop tracking it. */
+static void
+tx_forget(long txid)
+{
+    struct gw_pgtx *tx = tx_find(txid);
+
+    if (tx != NULL) {
+        tx_free(tx);
     }
 }
 
@@ -1319,8 +1440,19 @@ tx_op(lua_State *L, int kind, int want_rows, const char *fixed, int end)
 {
     struct gw_pg   *pg = check_pool(L);
     long            txid = (long)luaL_checknumber(L, 2);
+    struct gw_pgtx *tx = tx_find(txid);
     struct gw_pgop *op;
 
+    if (tx != NULL && tx->ended) {
+        /* COMMIT/ROLLBACK in its SQL ended it: nothing more runs in it. */
+        gw_co_current(L);
+        if (end) {
+            tx_forget(txid);
+        }
+        return gw_push_error(L, "misuse", 0, "postgres: the transaction"
+                             " was ended early by COMMIT or ROLLBACK in"
+                             " SQL");
+    }
     if (fixed != NULL) {
         lua_settop(L, 2);
         lua_pushstring(L, fixed);
