@@ -69,6 +69,18 @@ describe("paygate.redis", function()
       assert.equal("0.5", r:call("GET", "real"))
     end)
 
+    it("returns integer replies past 2^53 exactly, as decimal strings", function()
+      assert(r:call("SET", "i64", "9007199254740992"))
+      assert.equal(2^53, r:call("INCRBY", "i64", 0))
+      assert.equal("9007199254740993", r:call("INCR", "i64"))
+      assert(r:call("SET", "i64", "-9223372036854775807"))
+      assert.equal("-9223372036854775808", r:call("DECR", "i64"))
+      local res = assert(r:pipeline({ { "SET", "i64", "9223372036854775806" },
+                                      { "INCR", "i64" } }))
+      assert.equal("9223372036854775807", res[2])
+      assert.equal(-2^53, r:call("DECRBY", "neg", 2^53))
+    end)
+
     it("keeps binary-safe values", function()
       local v = "a\0b\r\n\255"
       assert(r:call("SET", "bin", v))

@@ -209,6 +209,38 @@ for _, engine in ipairs(engines) do
         end
       end)
 
+      it("returns integers past 2^53 exactly, as decimal strings", function()
+        -- SQLite's last_id is the rowid: make id that rowid
+        assert(db:exec_script("CREATE TABLE big (id "
+          .. (engine == "sqlite" and "INTEGER" or "BIGINT")
+          .. " PRIMARY KEY, k BIGINT)"))
+        local big = { "9007199254740993", "-9223372036854775808",
+                      "9223372036854775807", "-9007199254740993" }
+        for i, v in ipairs(big) do
+          local res = assert(db:exec("INSERT INTO big (id, k) VALUES ($1, $2)"
+                                     .. " RETURNING id", { v, v }))
+          assert.equal(v, res.last_id, v)
+          assert.equal(v, res.rows[1].id, v)
+          assert.equal(i, #db:query("SELECT k FROM big"))
+        end
+        for _, v in ipairs({ 2^53, -2^53, 0, 1 }) do
+          assert(db:exec("INSERT INTO big (id, k) VALUES ($1, $2)",
+                         { #big + v, v }))
+        end
+        local rows = assert(db:query("SELECT k FROM big ORDER BY k"))
+        local got = {}
+        for _, r in ipairs(rows) do
+          got[#got + 1] = r.k
+        end
+        assert.same({ big[2], big[4], -2^53, 0, 1, 2^53, big[1], big[3] }, got)
+        assert.equal("number", type(got[6]))
+        assert.equal("string", type(got[7]))
+        -- computed on the server, too
+        local r = assert(db:query("SELECT k + 1 AS s FROM big WHERE k = $1",
+                                  { 2^53 }))
+        assert.same({ { s = "9007199254740993" } }, r)
+      end)
+
       it("counts changes of an UPDATE", function()
         for i = 1, 3 do
           assert(db:exec("INSERT INTO t (v, n) VALUES ($1, $2)", { "r" .. i, i }))

@@ -235,7 +235,9 @@ push_cell(lua_State *L, PGresult *r, int row, int col)
     case 16:                             /* bool */
         lua_pushboolean(L, v[0] == 't');
         break;
-    case 20:                             /* int8 */
+    case 20:                             /* int8: exact past 2^53 */
+        gw_store_push_int_text(L, v, (size_t)PQgetlength(r, row, col));
+        break;
     case 21:                             /* int2 */
     case 23:                             /* int4 */
     case 26:                             /* oid */
@@ -311,7 +313,11 @@ push_op_result(lua_State *L, struct gw_pgop *op)
     if (r != NULL) {
         const char *ct = PQcmdTuples(r);
 
-        lua_pushnumber(L, ct[0] != '\0' ? strtod(ct, NULL) : 0);
+        if (ct[0] != '\0') {
+            gw_store_push_int_text(L, ct, strlen(ct));
+        } else {
+            lua_pushnumber(L, 0);
+        }
         lua_setfield(L, -2, "changes");
         if (PQntuples(r) > 0) {
             if (PQnfields(r) > 0 && !PQgetisnull(r, 0, 0)) {

@@ -168,7 +168,7 @@ push_reply(lua_State *L, redisReply *r)
         lua_pushlstring(L, r->str, r->len);
         break;
     case REDIS_REPLY_INTEGER:
-        lua_pushnumber(L, (lua_Number)r->integer);
+        gw_store_push_int(L, (int64_t)r->integer);
         break;
     case REDIS_REPLY_ARRAY:
         lua_createtable(L, (int)r->elements, 0);

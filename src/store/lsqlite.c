@@ -346,9 +346,9 @@ push_job_result(lua_State *L, struct gw_sqljob *j)
             return 1;
         }
         lua_createtable(L, 0, 3);
-        lua_pushnumber(L, (lua_Number)j->changes);
+        gw_store_push_int(L, (int64_t)j->changes);
         lua_setfield(L, -2, "changes");
-        lua_pushnumber(L, (lua_Number)j->last_id);
+        gw_store_push_int(L, (int64_t)j->last_id);
         lua_setfield(L, -2, "last_id");
         if (j->nrows > 0) {
             push_rows(L, j);

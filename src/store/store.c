@@ -1,7 +1,9 @@
 /*
  * store.c -- helpers shared by the storage drivers; see store.h.
  */
+#include <errno.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -121,7 +123,7 @@ gw_sqlv_push(lua_State *L, const struct gw_sqlv *v)
 {
     switch (v->type) {
     case GW_SQLV_INT:
-        lua_pushnumber(L, (lua_Number)v->i);
+        gw_store_push_int(L, v->i);
         break;
     case GW_SQLV_REAL:
         lua_pushnumber(L, v->d);
@@ -133,6 +135,36 @@ gw_sqlv_push(lua_State *L, const struct gw_sqlv *v)
         lua_pushnil(L);
         break;
     }
+}
+
+#define GW_STORE_EXACT ((int64_t)1 << 53)   /* doubles are exact to here */
+
+void
+gw_store_push_int(lua_State *L, int64_t i)
+{
+    char buf[24];
+
+    if (i >= -GW_STORE_EXACT && i <= GW_STORE_EXACT) {
+        lua_pushnumber(L, (lua_Number)i);
+        return;
+    }
+    snprintf(buf, sizeof(buf), "%lld", (long long)i);
+    lua_pushstring(L, buf);
+}
+
+void
+gw_store_push_int_text(lua_State *L, const char *s, size_t len)
+{
+    char      *end;
+    long long  v;
+
+    errno = 0;
+    v = strtoll(s, &end, 10);
+    if (len == 0 || errno != 0 || end != s + len) {
+        lua_pushlstring(L, s, len);
+        return;
+    }
+    gw_store_push_int(L, (int64_t)v);
 }
 
 double

@@ -32,8 +32,19 @@ int gw_sqlv_from_lua(lua_State *L, int idx, struct gw_sqlv **out, int *n);
 /* Frees n values and the array. NULL-safe. */
 void gw_sqlv_free(struct gw_sqlv *v, int n);
 
-/* Pushes the value; NULL becomes nil. */
+/* Pushes the value; NULL becomes nil, an integer as gw_store_push_int()
+ * does. */
 void gw_sqlv_push(lua_State *L, const struct gw_sqlv *v);
+
+/* Pushes an integer from a store: a Lua number when |i| <= 2^53 (every
+ * such integer is exact in a double), else its decimal string, so that
+ * nothing is ever rounded. */
+void gw_store_push_int(lua_State *L, int64_t i);
+
+/* Pushes the decimal integer text s (a PostgreSQL int8 cell) the way
+ * gw_store_push_int() does; text that is not a plain integer is pushed as
+ * a string unchanged. */
+void gw_store_push_int_text(lua_State *L, const char *s, size_t len);
 
 /* Wall clock, seconds since the epoch (sub-second precision). */
 double gw_store_now(void);
