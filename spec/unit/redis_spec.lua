@@ -26,6 +26,23 @@ describe("paygate.redis", function()
       assert.is_true(err.retryable)
     end)
 
+    it("raises on a mistyped option, naming it", function()
+      for name, v in pairs({ password = {}, pool = "x", timeout = 0,
+                             connect_timeout = "1", db = -1 }) do
+        local ok, err = pcall(redis.connect, srv.url, { [name] = v })
+        assert.is_false(ok, name)
+        assert.truthy(tostring(err):find("redis.connect: opts." .. name
+                                         .. " must be", 1, true), err)
+      end
+      local ok, err = pcall(redis.connect, srv.url, { passwd = "x" })
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find("unknown option opts.passwd", 1,
+                                       true), err)
+      ok, err = pcall(redis.connect, srv.url .. "?pool=many")
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find("opts.pool must be", 1, true), err)
+    end)
+
     it("raises on a url that is not redis://", function()
       assert.has_error(function() redis.connect("http://x") end)
       -- TLS was asked for: refuse rather than talk plain text

@@ -561,6 +561,53 @@ for _, engine in ipairs(engines) do
   end)
 end
 
+describe("sql.open options", function()
+  local function raises(url, opts, pattern)
+    local ok, err = pcall(sql.open, url, opts)
+    assert.is_false(ok, pattern)
+    assert.truthy(tostring(err):find(pattern, 1, true),
+                  tostring(err) .. " lacks " .. pattern)
+  end
+
+  local bad = {
+    sqlite = { readers = 0, batch_max = "x", busy_timeout = "5",
+               tx_timeout = -1, synchronous = 9, retries = 0 },
+    postgres = { pool = "x", connect_timeout = "1", query_timeout = 0,
+                 down_for = -1, retries = "3" },
+  }
+
+  for _, engine in ipairs(engines) do
+    it("raises on a mistyped option on " .. engine .. ", naming it", function()
+      local url = engine == "sqlite" and "sqlite:" .. tmp .. "/opts.db"
+        or (pg_srv or servers.postgres()).url
+      pg_srv = pg_srv or (engine == "postgres" and servers.postgres()) or nil
+      for name, v in pairs(bad[engine]) do
+        raises(url, { [name] = v }, "sql.open: opts." .. name .. " must be")
+      end
+      if engine == "postgres" then
+        raises(url, { pool = 1.5 },
+               "sql.open: opts.pool must be an integer from 1 to")
+      end
+      raises(url, { pol = 4 }, "sql.open: unknown option opts.pol")
+      -- the error names the caller's line, not paygate's
+      local ok, err = pcall(function() sql.open(url, { retries = 0 }) end)
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find("sql_spec.lua:%d+: sql.open: "), err)
+      -- an option of the other engine is accepted (one table for both)
+      local db = assert(sql.open(url, engine == "sqlite" and { pool = 2 }
+                                 or { busy_timeout = 10 }))
+      db:close()
+    end)
+  end
+
+  if servers.have_postgres() then
+    it("raises on a mistyped option in a postgres url", function()
+      pg_srv = pg_srv or servers.postgres()
+      raises(pg_srv.url .. "?pool=x", nil, "sql.open: opts.pool must be")
+    end)
+  end
+end)
+
 describe("paygate.sql on sqlite (engine specifics)", function()
   it("fails to open an unusable path with unavailable", function()
     local db, err = sql.open("sqlite:/nonexistent-dir/x/y.db")

@@ -34,6 +34,7 @@
  * statement of the transaction in flight is closed (the server rolls
  * back) and its slot reconnects on demand.
  */
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -1239,8 +1240,18 @@ lpg_open(lua_State *L)
     struct gw_pgud *ud;
     struct gw_pg   *pg;
     struct timeval  tv = { 0, 50000 };
-    int             i;
+    int             i, npool;
+    double          connect_timeout, query_timeout, down_for;
 
+    /* Checked first: raising must not leak what is allocated below. */
+    gw_store_opt_known(L, 2, "sql.open", gw_store_sql_opts);
+    gw_store_opt_int(L, 2, "sql.open", "retries", 5, 1, INT_MAX);
+    npool = gw_store_opt_int(L, 2, "sql.open", "pool", 4, 1, LPG_MAXPOOL);
+    connect_timeout = gw_store_opt_num(L, 2, "sql.open", "connect_timeout",
+                                       2, 0);
+    query_timeout = gw_store_opt_num(L, 2, "sql.open", "query_timeout", 10,
+                                     0);
+    down_for = gw_store_opt_num(L, 2, "sql.open", "down_for", 0.5, 1);
     ud = lua_newuserdata(L, sizeof(*ud));
     ud->pg = NULL;
     luaL_getmetatable(L, LPG_MT);
@@ -1251,16 +1262,10 @@ lpg_open(lua_State *L)
     }
     ud->pg = pg;
     pg->conninfo = strdup(ci);
-    pg->npool = (int)gw_store_opt_num(L, 2, "pool", 4);
-    pg->connect_timeout = gw_store_opt_num(L, 2, "connect_timeout", 2);
-    pg->query_timeout = gw_store_opt_num(L, 2, "query_timeout", 10);
-    pg->down_for = gw_store_opt_num(L, 2, "down_for", 0.5);
-    if (pg->npool < 1) {
-        pg->npool = 1;
-    }
-    if (pg->npool > LPG_MAXPOOL) {
-        pg->npool = LPG_MAXPOOL;
-    }
+    pg->npool = npool;
+    pg->connect_timeout = connect_timeout;
+    pg->query_timeout = query_timeout;
+    pg->down_for = down_for;
     for (i = 0; i < LPG_MAXPOOL; i++) {
         pg->conns[i].pg = pg;
         pg->conns[i].fd = -1;

@@ -19,6 +19,7 @@
  * lives until all its replies (or NULLs, when a context is freed) came;
  * an abandoned coroutine only clears op->co.
  */
+#include <limits.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -492,8 +493,22 @@ lredis_new(lua_State *L)
     struct gw_redis *cl;
     struct gw_rud   *ud;
     struct timeval   tv = { 0, 100000 };
-    int              i;
+    int              i, npool, dbnum;
+    double           timeout, connect_timeout;
+    const char      *password;
+    static const char *const known[] = {
+        "password", "db", "pool", "timeout", "connect_timeout", NULL
+    };
 
+    /* Checked first: raising must not leak what is allocated below. */
+    gw_store_opt_known(L, 3, "redis.connect", known);
+    timeout = gw_store_opt_num(L, 3, "redis.connect", "timeout", 5, 0);
+    connect_timeout = gw_store_opt_num(L, 3, "redis.connect",
+                                       "connect_timeout", 2, 0);
+    npool = gw_store_opt_int(L, 3, "redis.connect", "pool", 2, 1,
+                             LREDIS_MAXPOOL);
+    dbnum = gw_store_opt_int(L, 3, "redis.connect", "db", 0, 0, INT_MAX);
+    password = gw_store_opt_str(L, 3, "redis.connect", "password");
     ud = lua_newuserdata(L, sizeof(*ud));
     ud->cl = NULL;
     luaL_getmetatable(L, LREDIS_MT);
@@ -506,22 +521,15 @@ lredis_new(lua_State *L)
     cl->refs = 1;
     cl->host = strdup(host);
     cl->port = port;
-    cl->timeout = gw_store_opt_num(L, 3, "timeout", 5);
-    cl->connect_timeout = gw_store_opt_num(L, 3, "connect_timeout", 2);
-    cl->npool = (int)gw_store_opt_num(L, 3, "pool", 2);
-    cl->dbnum = (int)gw_store_opt_num(L, 3, "db", 0);
-    if (cl->npool < 1) {
-        cl->npool = 1;
-    }
-    if (cl->npool > LREDIS_MAXPOOL) {
-        cl->npool = LREDIS_MAXPOOL;
-    }
-    if (lua_istable(L, 3)) {
-        lua_getfield(L, 3, "password");
-        if (lua_isstring(L, -1)) {
-            cl->password = strdup(lua_tostring(L, -1));
+    cl->timeout = timeout;
+    cl->connect_timeout = connect_timeout;
+    cl->npool = npool;
+    cl->dbnum = dbnum;
+    if (password != NULL) {
+        cl->password = strdup(password);
+        if (cl->password == NULL) {
+            return luaL_error(L, "redis: out of memory");
         }
-        lua_pop(L, 1);
     }
     for (i = 0; i < cl->npool; i++) {
         cl->conns[i].cl = cl;

@@ -49,6 +49,7 @@
 #define LSQLITE_MT        "paygate.sqlite.db"
 #define LSQLITE_CACHE     64      /* prepared statements per connection */
 #define LSQLITE_READERS   2
+#define LSQLITE_MAX_READERS 64  /* reader threads at most */
 #define LSQLITE_BATCH_MAX 1024    /* jobs per group commit */
 
 enum gw_sqlop {
@@ -1276,8 +1277,20 @@ lsqlite_open(lua_State *L)
     struct gw_sqlud  *ud;
     struct gw_sqldb  *db;
     pthread_t         tid;
-    int               i;
+    int               i, nreaders, batch_max, busy_ms, tx_ms, sync;
 
+    /* Checked first: raising must not leak what is allocated below. */
+    gw_store_opt_known(L, 2, "sql.open", gw_store_sql_opts);
+    gw_store_opt_int(L, 2, "sql.open", "retries", 5, 1, INT_MAX);
+    nreaders = gw_store_opt_int(L, 2, "sql.open", "readers",
+                                LSQLITE_READERS, 1, LSQLITE_MAX_READERS);
+    batch_max = gw_store_opt_int(L, 2, "sql.open", "batch_max",
+                                 LSQLITE_BATCH_MAX, 1, INT_MAX);
+    busy_ms = gw_store_opt_int(L, 2, "sql.open", "busy_timeout", 5000, 0,
+                               INT_MAX);
+    tx_ms = gw_store_opt_int(L, 2, "sql.open", "tx_timeout", 30000, 1,
+                             INT_MAX);
+    sync = gw_store_opt_int(L, 2, "sql.open", "synchronous", 2, 0, 3);
     db = calloc(1, sizeof(*db));
     if (db == NULL) {
         return gw_push_error(L, "unavailable", 0, "sqlite: out of memory");
@@ -1288,19 +1301,11 @@ lsqlite_open(lua_State *L)
     db->refs = 1;
     db->next_txid = 1;
     db->path = strdup(path);
-    db->nreaders = (int) gw_store_opt_num(L, 2, "readers",
-                                          LSQLITE_READERS);
-    db->batch_max = (int) gw_store_opt_num(L, 2, "batch_max",
-                                           LSQLITE_BATCH_MAX);
-    db->busy_ms = (int) gw_store_opt_num(L, 2, "busy_timeout", 5000);
-    db->tx_timeout_ms = (int) gw_store_opt_num(L, 2, "tx_timeout", 30000);
-    db->synchronous = (int) gw_store_opt_num(L, 2, "synchronous", 2);
-    if (db->batch_max < 1) {
-        db->batch_max = 1;
-    }
-    if (db->nreaders < 1) {
-        db->nreaders = 1;
-    }
+    db->nreaders = nreaders;
+    db->batch_max = batch_max;
+    db->busy_ms = busy_ms;
+    db->tx_timeout_ms = tx_ms;
+    db->synchronous = sync;
     ud = lua_newuserdata(L, sizeof(*ud));
     ud->db = db;                         /* __gc now owns our reference */
     luaL_getmetatable(L, LSQLITE_MT);

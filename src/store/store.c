@@ -2,7 +2,9 @@
  * store.c -- helpers shared by the storage drivers; see store.h.
  */
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -182,19 +184,168 @@ gw_store_strdup(const char *s)
     return s == NULL ? NULL : strdup(s);
 }
 
-double
-gw_store_opt_num(lua_State *L, int idx, const char *name, double def)
-{
-    double v = def;
+const char *const gw_store_sql_opts[] = {
+    "retries",                                          /* paygate.sql */
+    "readers", "batch_max", "busy_timeout", "tx_timeout", "synchronous",
+    "pool", "connect_timeout", "query_timeout", "down_for",
+    NULL
+};
 
-    if (lua_istable(L, idx)) {
-        lua_getfield(L, idx, name);
-        if (lua_isnumber(L, -1)) {
-            v = lua_tonumber(L, -1);
-        }
-        lua_pop(L, 1);
+/* Is the source of a stack frame one of paygate's own Lua modules? */
+static int
+internal_frame(const lua_Debug *ar)
+{
+    const char *s = ar->source, *slash;
+
+    if (strcmp(ar->what, "C") == 0) {
+        return 1;
     }
-    return v;
+    if (s[0] != '@') {
+        return 0;                        /* a chunk loaded from a string */
+    }
+    slash = strrchr(s, '/');
+    return slash != NULL && slash - s >= 8
+           && strncmp(slash - 8, "/paygate", 8) == 0;
+}
+
+int
+gw_store_raise(lua_State *L, const char *fmt, ...)
+{
+    lua_Debug ar;
+    va_list   ap;
+    int       level;
+
+    for (level = 1; lua_getstack(L, level, &ar); level++) {
+        lua_getinfo(L, "Sl", &ar);
+        if (!internal_frame(&ar)) {
+            break;
+        }
+    }
+    if (lua_getstack(L, level, &ar) && ar.currentline > 0) {
+        lua_pushfstring(L, "%s:%d: ", ar.short_src, ar.currentline);
+    } else {
+        lua_pushliteral(L, "");
+    }
+    va_start(ap, fmt);
+    lua_pushvfstring(L, fmt, ap);
+    va_end(ap);
+    lua_concat(L, 2);
+    return lua_error(L);
+}
+
+/* Pushes opts[name] (nil when there is no table); raises when idx holds
+ * something other than a table or nil. */
+static void
+opt_get(lua_State *L, int idx, const char *fn, const char *name)
+{
+    if (lua_isnoneornil(L, idx)) {
+        lua_pushnil(L);
+        return;
+    }
+    if (!lua_istable(L, idx)) {
+        gw_store_raise(L, "%s: opts must be a table", fn);
+    }
+    lua_getfield(L, idx, name);
+}
+
+int
+gw_store_opt_int(lua_State *L, int idx, const char *fn, const char *name,
+                 int def, int min, int max)
+{
+    double v;
+
+    opt_get(L, idx, fn, name);
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        return def;
+    }
+    v = lua_type(L, -1) == LUA_TNUMBER ? lua_tonumber(L, -1) : NAN;
+    lua_pop(L, 1);
+    if (v == floor(v) && v >= min && v <= max) {
+        return (int)v;
+    }
+    if (max == INT_MAX && min == 1) {
+        return gw_store_raise(L, "%s: opts.%s must be a positive integer",
+                              fn, name);
+    }
+    if (max == INT_MAX && min == 0) {
+        return gw_store_raise(L, "%s: opts.%s must be a non-negative"
+                              " integer", fn, name);
+    }
+    return gw_store_raise(L, "%s: opts.%s must be an integer from %d to %d",
+                          fn, name, min, max);
+}
+
+double
+gw_store_opt_num(lua_State *L, int idx, const char *fn, const char *name,
+                 double def, int zero_ok)
+{
+    double v;
+
+    opt_get(L, idx, fn, name);
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        return def;
+    }
+    v = lua_type(L, -1) == LUA_TNUMBER ? lua_tonumber(L, -1) : NAN;
+    lua_pop(L, 1);
+    if (isfinite(v) && (v > 0 || (zero_ok && v == 0))) {
+        return v;
+    }
+    return gw_store_raise(L, "%s: opts.%s must be a %s number", fn, name,
+                          zero_ok ? "non-negative" : "positive");
+}
+
+const char *
+gw_store_opt_str(lua_State *L, int idx, const char *fn, const char *name)
+{
+    const char *s;
+
+    opt_get(L, idx, fn, name);
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        return NULL;
+    }
+    if (lua_type(L, -1) != LUA_TSTRING) {
+        gw_store_raise(L, "%s: opts.%s must be a string", fn, name);
+    }
+    s = lua_tostring(L, -1);
+    lua_pop(L, 1);                       /* still referenced by opts */
+    return s;
+}
+
+void
+gw_store_opt_known(lua_State *L, int idx, const char *fn,
+                   const char *const *names)
+{
+    const char *const *n;
+
+    if (lua_isnoneornil(L, idx)) {
+        return;
+    }
+    if (!lua_istable(L, idx)) {
+        gw_store_raise(L, "%s: opts must be a table", fn);
+    }
+    if (idx < 0) {
+        idx = lua_gettop(L) + idx + 1;
+    }
+    lua_pushnil(L);
+    while (lua_next(L, idx) != 0) {
+        lua_pop(L, 1);
+        if (lua_type(L, -1) != LUA_TSTRING) {
+            gw_store_raise(L, "%s: opts has a key that is not a name (%s)",
+                           fn, luaL_typename(L, -1));
+        }
+        for (n = names; *n != NULL; n++) {
+            if (strcmp(*n, lua_tostring(L, -1)) == 0) {
+                break;
+            }
+        }
+        if (*n == NULL) {
+            gw_store_raise(L, "%s: unknown option opts.%s", fn,
+                           lua_tostring(L, -1));
+        }
+    }
 }
 
 unsigned

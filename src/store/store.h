@@ -49,9 +49,40 @@ void gw_store_push_int_text(lua_State *L, const char *s, size_t len);
 /* Wall clock, seconds since the epoch (sub-second precision). */
 double gw_store_now(void);
 
-/* opts[name] when the table at idx has a number there, else def (an
- * absent table or a non-number value gives def). */
-double gw_store_opt_num(lua_State *L, int idx, const char *name, double def);
+/* Option checks for core.open/core.new. fn is the public function named
+ * in the message ("sql.open"); the error is raised at the first caller
+ * outside paygate's own Lua modules (see gw_store_raise()). The table at
+ * idx may be absent (nil/none: every option takes its default); any other
+ * non-table raises. */
+
+/* opts[name]: def when absent; raises unless a whole number in
+ * [min, max] ("sql.open: opts.pool must be a positive integer"). */
+int gw_store_opt_int(lua_State *L, int idx, const char *fn,
+                     const char *name, int def, int min, int max);
+
+/* opts[name]: def when absent; raises unless a finite number > 0, or
+ * >= 0 when zero_ok. */
+double gw_store_opt_num(lua_State *L, int idx, const char *fn,
+                        const char *name, double def, int zero_ok);
+
+/* opts[name]: NULL when absent; raises unless a string. The pointer is
+ * valid while the table holds the value. */
+const char *gw_store_opt_str(lua_State *L, int idx, const char *fn,
+                             const char *name);
+
+/* Raises on a key of the table at idx that is not in names (NULL
+ * terminated): a misspelt option must not be silently ignored. */
+void gw_store_opt_known(lua_State *L, int idx, const char *fn,
+                        const char *const *names);
+
+/* Every option sql.open() takes, for either engine (paygate.sql reads
+ * retries; an options table may serve both engines). */
+extern const char *const gw_store_sql_opts[];
+
+/* Raises the formatted message at the first caller outside paygate's own
+ * Lua modules (lua/paygate/NAME.lua), so that the position names the
+ * application's line. Never returns. */
+int gw_store_raise(lua_State *L, const char *fmt, ...);
 
 /* FNV-1a of a NUL-terminated string: the statement caches' key hash. */
 unsigned gw_store_hash(const char *s);
