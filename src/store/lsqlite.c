@@ -43,6 +43,7 @@
 #include <sqlite3.h>
 #include <lauxlib.h>
 
+#include "loop.h"
 #include "runtime.h"
 #include "store.h"
 
@@ -707,16 +708,19 @@ conn_open(struct gw_sqlconn *c, struct gw_sqldb *db, int readonly,
 {
     int  flags = readonly ? SQLITE_OPEN_READONLY
                           : SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE;
-    int  rc;
-    char pragmas[256];
+    int              rc;
+    char             pragmas[256];
+    double           deadline;      /* monotonic s */
+    struct timespec  pause = { 0, 0 };
 
     flags |= SQLITE_OPEN_NOMUTEX;
     rc = sqlite3_open_v2(db->path, &c->h, flags, NULL);
     if (rc != SQLITE_OK) {
         goto err;
     }
-    sqlite3_extended_result_codes(c->h, 1);
+    /* Before anything that reads or writes the file. */
     sqlite3_busy_timeout(c->h, db->busy_ms);
+    sqlite3_extended_result_codes(c->h, 1);
     sqlite3_set_authorizer(c->h, authorize, c);
     if (readonly) {
         return SQLITE_OK;
@@ -724,7 +728,23 @@ conn_open(struct gw_sqlconn *c, struct gw_sqldb *db, int readonly,
     snprintf(pragmas, sizeof(pragmas),
              "PRAGMA journal_mode=WAL; PRAGMA synchronous=%d;"
              " PRAGMA foreign_keys=ON;", db->synchronous);
-    rc = sqlite3_exec(c->h, pragmas, NULL, NULL, NULL);
+    /* Switching to WAL takes an exclusive lock, and SQLite answers BUSY
+     * at once, without its busy handler, when waiting could deadlock (a
+     * second process holding a shared lock on the new file while it
+     * changes mode too). On a first start every worker does this at the
+     * same moment: retry, with a short random pause, within busy_timeout
+     * like any other write. The pragmas are idempotent. */
+    deadline = gw_loop_mono_fresh() + db->busy_ms / 1000.0;
+    for (;;) {
+        rc = sqlite3_exec(c->h, pragmas, NULL, NULL, NULL);
+        if (((rc & 0xff) != SQLITE_BUSY && (rc & 0xff) != SQLITE_LOCKED)
+            || gw_loop_mono_fresh() >= deadline)
+        {
+            break;
+        }
+        pause.tv_nsec = 1000000L + (long)(random() % 9000000L);
+        nanosleep(&pause, NULL);
+    }
     if (rc != SQLITE_OK) {
         goto err;
     }
