@@ -303,6 +303,38 @@ for _, engine in ipairs(engines) do
         end
       end)
 
+      it("goes on after a failed statement, which alone is undone", function()
+        local ok, err = db:transaction(function(tx)
+          assert(tx:exec("INSERT INTO t (v, n) VALUES ($1, $2)", { "g", 1 }))
+          local r, e = tx:exec("INSERT INTO t (v, n) VALUES ($1, $2)",
+                               { "g", 2 })
+          assert.is_nil(r)
+          assert.equal("constraint", e.kind)
+          -- a script that fails half way is undone as a whole
+          r, e = tx:exec_script("INSERT INTO t (v, n) VALUES ('s1', 3);"
+                                .. " INSERT INTO t (v, n) VALUES ('s2', -1)")
+          assert.is_nil(r)
+          assert.equal("constraint", e.kind)
+          assert.same({ { c = 1 } }, tx:query("SELECT count(*) AS c FROM t"))
+          r, e = tx:query("SELECT nope FROM t")
+          assert.equal("syntax", e.kind)
+          assert(tx:exec("INSERT INTO t (v, n) VALUES ($1, $2)", { "h", 2 }))
+          return "done"
+        end, { retries = 1 })
+        assert.equal("done", ok, tostring(err))
+        assert.same({ { v = "g", n = 1 }, { v = "h", n = 2 } },
+                    db:query("SELECT v, n FROM t ORDER BY v"))
+        -- and a failure right before COMMIT does not undo the rest
+        assert(db:transaction(function(tx)
+          assert(tx:exec("INSERT INTO t (v, n) VALUES ($1, $2)", { "i", 3 }))
+          local _, e = tx:exec("INSERT INTO t (v, n) VALUES ($1, $2)",
+                               { "i", 4 })
+          assert.equal("constraint", e.kind)
+          return true
+        end, { retries = 1 }))
+        assert.equal(3, db:query("SELECT count(*) AS c FROM t")[1].c)
+      end)
+
       it("rolls back and re-raises a programmer error", function()
         assert.has_error(function()
           db:transaction(function(tx)

@@ -65,8 +65,9 @@ struct gw_pgop {
     struct gw_sqlv   *params;    /* owned */
     int               nparams;
     /* progress on the connection */
-    int               phase;     /* 0 prepare, 1 execute, 2 sync, 3 done */
-    int               has_prepare;
+    int               step;      /* command whose results come next */
+    int               exec_step; /* the command that is op's statement */
+    int               has_prepare;/* 1: command exec_step-1 is its Parse */
     int               cache_slot;/* slot to forget if the prepare fails */
     PGresult         *res;       /* owned; the statement's result */
     PGresult         *err;       /* owned; first error result */
@@ -85,6 +86,8 @@ struct gw_pgconn {
     struct gw_pgop      *head, *tail; /* in flight, in send order */
     int                  inflight;
     long                 txid;   /* reserved by this transaction, 0 none */
+    int                  sp_failed; /* 1: a statement of txid failed; its
+                                       savepoint is still to roll back */
     double               since;  /* monotonic s: last progress */
     double               opened; /* monotonic s: connect started */
     unsigned             next_name;
@@ -202,8 +205,8 @@ push_pg_error(lua_State *L, PGresult *r)
         retry = 1;
     } else if (strncmp(state, "42", 2) == 0) {
         kind = "syntax";
-    } else if (strncmp(state, "25", 2) == 0) {
-        kind = "misuse";                 /* invalid transaction state */
+    } else if (strcmp(state, "25001") == 0 || strcmp(state, "25P01") == 0) {
+        kind = "misuse";                 /* transaction control in SQL */
     } else if (strcmp(state, "57014") == 0) {
         kind = "timeout";
         retry = 1;
@@ -415,6 +418,7 @@ conn_reset(struct gw_pgconn *c)
     c->state = GW_PGC_FREE;
     c->fd = -1;
     c->txid = 0;
+    c->sp_failed = 0;
     c->inflight = 0;
 }
 
@@ -558,7 +562,8 @@ conn_connect_failed(struct gw_pgconn *c, struct gw_pgop **out,
 
 /* Server notices (e.g. "table does not exist, skipping") go to the
  * debug log instead of libpq's default stderr print. A warning of class
- * 25 (COMMIT or ROLLBACK with no transaction, BEGIN inside one) means
+ * 25 (25P01: COMMIT or ROLLBACK with no transaction; 25001: BEGIN inside
+ * one) means
  * the statement being read tried to control the transaction itself:
  * that statement fails with misuse. */
 static void
@@ -570,7 +575,9 @@ on_notice(void *arg, const PGresult *r)
     char              buf[200];
 
     gw_log(GW_LOG_DEBUG, "postgres: %s", PQresultErrorMessage(r));
-    if (state != NULL && strncmp(state, "25", 2) == 0 && c->head != NULL) {
+    if (state != NULL && c->head != NULL
+        && (strcmp(state, "25001") == 0 || strcmp(state, "25P01") == 0))
+    {
         snprintf(buf, sizeof(buf), "postgres: %s: transaction control"
                  " belongs to db:transaction()", msg != NULL ? msg : state);
         op_set_error(c->head, "misuse", buf);
@@ -610,6 +617,15 @@ conn_flush(struct gw_pgconn *c)
     return GW_OK;
 }
 
+/* Queues a fixed command without parameters in c's pipeline (the unnamed
+ * statement); its result is skipped. */
+static int
+send_fixed(struct gw_pgconn *c, const char *sql)
+{
+    return PQsendQueryParams(c->pc, sql, 0, NULL, NULL, NULL, NULL, 0) == 1
+           ? GW_OK : GW_ERR;
+}
+
 /* Sends op on c. Returns GW_OK, or GW_ERR (the connection is broken). */
 static int
 conn_send(struct gw_pgconn *c, struct gw_pgop *op)
@@ -619,16 +635,44 @@ conn_send(struct gw_pgconn *c, struct gw_pgop *op)
     char        numbuf[256][32];
     char        name[24];
     unsigned    slot;
-    int         i;
+    int         i, tx_stmt, undo;
 
+    /* Inside db:transaction() each statement runs in a savepoint, so a
+     * failed one is undone alone and the transaction goes on (as on
+     * SQLite) instead of every later statement failing "current
+     * transaction is aborted". SAVEPOINT and RELEASE travel in the same
+     * pipeline as the statement: no extra round trip. After a failure,
+     * the next command of the transaction (COMMIT included) is preceded
+     * by ROLLBACK TO and RELEASE of that savepoint. */
+    tx_stmt = op->txid != 0 && !op->tx_begin && !op->tx_end;
+    undo = op->txid != 0 && c->sp_failed;
+    c->sp_failed = 0;
+    op->step = 0;
+    op->has_prepare = 0;
     if (op->kind == GW_PGOP_SCRIPT) {
-        if (PQexitPipelineMode(c->pc) != 1
-            || PQsendQuery(c->pc, op->sql) != 1)
-        {
+        char  *text;
+        size_t len = strlen(op->sql);
+        int    rc;
+
+        if (!tx_stmt) {
+            text = op->sql;
+        } else {
+            /* One simple query: the newline ends a trailing -- comment. */
+            text = malloc(len + 128);
+            if (text == NULL) {
+                return GW_ERR;
+            }
+            snprintf(text, len + 128, "%sSAVEPOINT gw_s;\n%s\n;RELEASE"
+                     " SAVEPOINT gw_s", undo ? "ROLLBACK TO SAVEPOINT gw_s;"
+                     " RELEASE SAVEPOINT gw_s; " : "", op->sql);
+        }
+        rc = PQexitPipelineMode(c->pc) == 1 && PQsendQuery(c->pc, text) == 1;
+        if (text != op->sql) {
+            free(text);
+        }
+        if (!rc) {
             return GW_ERR;
         }
-        op->phase = 1;
-        op->has_prepare = 0;
         goto sent;
     }
     if (op->nparams > 256) {
@@ -648,6 +692,16 @@ conn_send(struct gw_pgconn *c, struct gw_pgop *op)
             return GW_AGAIN;
         }
     }
+    if (undo && (send_fixed(c, "ROLLBACK TO SAVEPOINT gw_s") != GW_OK
+                 || send_fixed(c, "RELEASE SAVEPOINT gw_s") != GW_OK))
+    {
+        return GW_ERR;
+    }
+    op->step = undo ? -2 : 0;
+    if (tx_stmt && send_fixed(c, "SAVEPOINT gw_s") != GW_OK) {
+        return GW_ERR;
+    }
+    op->exec_step = tx_stmt;
     slot = gw_store_hash(op->sql) % LPG_CACHE;
     if (c->cache_sql[slot] == NULL || strcmp(c->cache_sql[slot], op->sql)) {
         free(c->cache_sql[slot]);
@@ -660,9 +714,7 @@ conn_send(struct gw_pgconn *c, struct gw_pgop *op)
             return GW_ERR;
         }
         op->has_prepare = 1;
-        op->phase = 0;
-    } else {
-        op->phase = 1;
+        op->exec_step++;
     }
     op->cache_slot = (int)slot;
     snprintf(name, sizeof(name), "gw%u", c->cache_name[slot]);
@@ -689,6 +741,7 @@ conn_send(struct gw_pgconn *c, struct gw_pgop *op)
     }
     if (PQsendQueryPrepared(c->pc, name, op->nparams, values, lengths, NULL,
                             0) != 1
+        || (tx_stmt && send_fixed(c, "RELEASE SAVEPOINT gw_s") != GW_OK)
         || PQpipelineSync(c->pc) != 1)
     {
         return GW_ERR;
@@ -785,10 +838,18 @@ conn_pop_head(struct gw_pgconn *c, struct gw_pgop **out)
     }
     c->inflight--;
     rc = conn_check_tx(c, op);
+    if (op->err != NULL && op->txid != 0 && c->txid == op->txid
+        && !op->tx_begin && !op->tx_end)
+    {
+        c->sp_failed = 1;                /* undone before its next command */
+    }
     if (op->tx_end || (op->tx_begin && (op->err != NULL
                                         || op->errkind[0] != '\0')))
     {
         c->txid = 0;
+    }
+    if (c->txid == 0) {
+        c->sp_failed = 0;
     }
     op->next = *out;
     *out = op;
@@ -823,9 +884,7 @@ conn_read(struct gw_pgconn *c, struct gw_pgop **out)
                 }
                 continue;
             }
-            if (op->phase < 2) {
-                op->phase++;
-            }
+            op->step++;                  /* next command's results */
             continue;
         }
         st = PQresultStatus(r);
@@ -837,7 +896,7 @@ conn_read(struct gw_pgconn *c, struct gw_pgop **out)
             continue;
         }
         if (st == PGRES_FATAL_ERROR || st == PGRES_NONFATAL_ERROR) {
-            if (op->phase == 0 && op->has_prepare) {
+            if (op->has_prepare && op->step == op->exec_step - 1) {
                 /* Forget the statement so the next use prepares again. */
                 int s = op->cache_slot;
 
@@ -856,8 +915,8 @@ conn_read(struct gw_pgconn *c, struct gw_pgop **out)
             op_set_error(op, "error", "postgres: pipeline aborted");
             continue;
         }
-        if (op->phase == 0 && op->has_prepare) {
-            PQclear(r);                  /* the Parse's COMMAND_OK */
+        if (op->kind != GW_PGOP_SCRIPT && op->step != op->exec_step) {
+            PQclear(r);                  /* Parse, SAVEPOINT, RELEASE ... */
             continue;
         }
         if (op->res != NULL) {

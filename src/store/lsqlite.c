@@ -851,6 +851,22 @@ tx_close_locked(struct gw_sqldb *db)
     return list;
 }
 
+/* A script inside an interactive transaction: in a savepoint of its own,
+ * so that a failure half way undoes the whole script and the transaction
+ * goes on (as on PostgreSQL; one statement is atomic by itself). */
+static void
+run_tx_script(struct gw_sqlconn *c, struct gw_sqljob *j)
+{
+    if (run_fixed(c, "SAVEPOINT gw_stmt", NULL) != SQLITE_OK) {
+        run_job(c, j);
+        return;
+    }
+    if (run_job(c, j) != SQLITE_OK) {
+        run_fixed(c, "ROLLBACK TO gw_stmt", NULL);
+    }
+    run_fixed(c, "RELEASE gw_stmt", NULL);
+}
+
 /* Serves the interactive transaction txid until it ends. */
 static void
 serve_tx(struct gw_sqldb *db, struct gw_sqlconn *c, struct gw_batch *b,
@@ -920,7 +936,11 @@ serve_tx(struct gw_sqldb *db, struct gw_sqlconn *c, struct gw_batch *b,
             batch_check(b, c);
             return;
         default:
-            run_job(c, j);
+            if (j->op == GW_SQLOP_SCRIPT) {
+                run_tx_script(c, j);
+            } else {
+                run_job(c, j);           /* one statement: atomic */
+            }
             post_one(j);
             if (b->began && sqlite3_get_autocommit(c->h)) {
                 /* The statement's failure ended the whole transaction. */
