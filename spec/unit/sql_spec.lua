@@ -333,6 +333,28 @@ for _, engine in ipairs(engines) do
           return true
         end, { retries = 1 }))
         assert.equal(3, db:query("SELECT count(*) AS c FROM t")[1].c)
+        -- the first statement fails, then a script, which fails too
+        assert(db:transaction(function(tx)
+          local _, e = tx:exec("INSERT INTO t (v, n) VALUES ($1, $2)",
+                               { "g", 9 })
+          assert.equal("constraint", e.kind)
+          assert(tx:exec_script("INSERT INTO t (v, n) VALUES ('j', 5)"))
+          _, e = tx:exec_script("INSERT INTO t (v, n) VALUES ('k', 6);"
+                                .. " INSERT INTO t (v, n) VALUES ('g', 7)")
+          assert.equal("constraint", e.kind)
+          return true
+        end, { retries = 1 }))
+        assert.same({ { v = "g" }, { v = "h" }, { v = "i" }, { v = "j" } },
+                    db:query("SELECT v FROM t ORDER BY v"))
+        local _, e = db:transaction(function(tx)
+          return tx:exec("INSERT INTO t (v, n) VALUES ($1, $2)", { "g", 9 })
+        end, { retries = 1 })
+        assert.equal("constraint", e.kind)
+        assert.equal("handled", db:transaction(function(tx)
+          local r = tx:exec("INSERT INTO t (v, n) VALUES ($1, $2)", { "g", 9 })
+          return r or "handled"
+        end, { retries = 1 }))
+        assert.equal(4, db:query("SELECT count(*) AS c FROM t")[1].c)
       end)
 
       it("rolls back and re-raises a programmer error", function()

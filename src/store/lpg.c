@@ -68,6 +68,7 @@ struct gw_pgop {
     int               step;      /* command whose results come next */
     int               exec_step; /* the command that is op's statement */
     int               has_prepare;/* 1: command exec_step-1 is its Parse */
+    int               in_sp;     /* 1: runs in savepoint gw_s */
     int               cache_slot;/* slot to forget if the prepare fails */
     PGresult         *res;       /* owned; the statement's result */
     PGresult         *err;       /* owned; first error result */
@@ -86,8 +87,13 @@ struct gw_pgconn {
     struct gw_pgop      *head, *tail; /* in flight, in send order */
     int                  inflight;
     long                 txid;   /* reserved by this transaction, 0 none */
-    int                  sp_failed; /* 1: a statement of txid failed; its
-                                       savepoint is still to roll back */
+    int                  sp_failed; /* a statement of txid failed: 1 roll
+                                       back to its savepoint, 2 restart
+                                       txid (it was the first), before
+                                       txid's next command */
+    int                  tx_nstmt;  /* statements of txid sent since its
+                                       BEGIN (or restart) */
+    int                  sp_prepared; /* 1: lpg_sp_sql prepared on pc */
     double               since;  /* monotonic s: last progress */
     double               opened; /* monotonic s: connect started */
     unsigned             next_name;
@@ -419,6 +425,8 @@ conn_reset(struct gw_pgconn *c)
     c->fd = -1;
     c->txid = 0;
     c->sp_failed = 0;
+    c->tx_nstmt = 0;
+    c->sp_prepared = 0;
     c->inflight = 0;
 }
 
@@ -617,13 +625,46 @@ conn_flush(struct gw_pgconn *c)
     return GW_OK;
 }
 
-/* Queues a fixed command without parameters in c's pipeline (the unnamed
- * statement); its result is skipped. */
+/* The savepoint commands of a transaction's statements, prepared once
+ * per connection (named gw_fN) so that each use is Bind/Execute only. */
+enum {
+    LPG_SP_SET, LPG_SP_RELEASE, LPG_SP_UNDO, LPG_SP_ROLLBACK, LPG_SP_BEGIN,
+    LPG_SP_N
+};
+static const char *const lpg_sp_sql[LPG_SP_N] = {
+    "SAVEPOINT gw_s", "RELEASE SAVEPOINT gw_s", "ROLLBACK TO SAVEPOINT gw_s",
+    "ROLLBACK", "BEGIN"
+};
+/* The same, as text for a script (simple query protocol). */
+static const char *const lpg_sp_undo_text[3] = {
+    "", "ROLLBACK TO SAVEPOINT gw_s; RELEASE SAVEPOINT gw_s; ",
+    "ROLLBACK; BEGIN; "
+};
+
+/* Queues savepoint command `which` in c's pipeline; *ncmd counts the
+ * commands queued (their results are skipped). */
 static int
-send_fixed(struct gw_pgconn *c, const char *sql)
+send_sp(struct gw_pgconn *c, int which, int *ncmd)
 {
-    return PQsendQueryParams(c->pc, sql, 0, NULL, NULL, NULL, NULL, 0) == 1
-           ? GW_OK : GW_ERR;
+    char name[16];
+    int  i;
+
+    if (!c->sp_prepared) {
+        for (i = 0; i < LPG_SP_N; i++) {
+            snprintf(name, sizeof(name), "gw_f%d", i);
+            if (PQsendPrepare(c->pc, name, lpg_sp_sql[i], 0, NULL) != 1) {
+                return GW_ERR;
+            }
+            (*ncmd)++;
+        }
+        c->sp_prepared = 1;
+    }
+    snprintf(name, sizeof(name), "gw_f%d", which);
+    if (PQsendQueryPrepared(c->pc, name, 0, NULL, NULL, NULL, 0) != 1) {
+        return GW_ERR;
+    }
+    (*ncmd)++;
+    return GW_OK;
 }
 
 /* Sends op on c. Returns GW_OK, or GW_ERR (the connection is broken). */
@@ -635,18 +676,29 @@ conn_send(struct gw_pgconn *c, struct gw_pgop *op)
     char        numbuf[256][32];
     char        name[24];
     unsigned    slot;
-    int         i, tx_stmt, undo;
+    int         i, tx_stmt, undo = 0, ncmd = 0;
 
-    /* Inside db:transaction() each statement runs in a savepoint, so a
-     * failed one is undone alone and the transaction goes on (as on
-     * SQLite) instead of every later statement failing "current
-     * transaction is aborted". SAVEPOINT and RELEASE travel in the same
-     * pipeline as the statement: no extra round trip. After a failure,
-     * the next command of the transaction (COMMIT included) is preceded
-     * by ROLLBACK TO and RELEASE of that savepoint. */
+    /* Inside db:transaction() a failed statement is undone alone and the
+     * transaction goes on (as on SQLite), instead of every later
+     * statement failing "current transaction is aborted": each statement
+     * but the first runs in a savepoint (SAVEPOINT, statement, RELEASE,
+     * all in the same pipeline: no extra round trip), and the next
+     * command of the transaction (COMMIT included) first rolls back to
+     * it. The first statement needs none: undoing it is restarting the
+     * transaction (ROLLBACK, BEGIN), which saves a subtransaction on the
+     * commonest short transactions. */
+    if (op->txid != 0 && !op->tx_begin) {
+        undo = c->sp_failed;
+        c->sp_failed = 0;
+        if (undo == 2) {
+            c->tx_nstmt = 0;
+        }
+    }
     tx_stmt = op->txid != 0 && !op->tx_begin && !op->tx_end;
-    undo = op->txid != 0 && c->sp_failed;
-    c->sp_failed = 0;
+    op->in_sp = tx_stmt && c->tx_nstmt > 0;
+    if (tx_stmt) {
+        c->tx_nstmt++;
+    }
     op->step = 0;
     op->has_prepare = 0;
     if (op->kind == GW_PGOP_SCRIPT) {
@@ -654,7 +706,7 @@ conn_send(struct gw_pgconn *c, struct gw_pgop *op)
         size_t len = strlen(op->sql);
         int    rc;
 
-        if (!tx_stmt) {
+        if (undo == 0 && !op->in_sp) {
             text = op->sql;
         } else {
             /* One simple query: the newline ends a trailing -- comment. */
@@ -662,9 +714,9 @@ conn_send(struct gw_pgconn *c, struct gw_pgop *op)
             if (text == NULL) {
                 return GW_ERR;
             }
-            snprintf(text, len + 128, "%sSAVEPOINT gw_s;\n%s\n;RELEASE"
-                     " SAVEPOINT gw_s", undo ? "ROLLBACK TO SAVEPOINT gw_s;"
-                     " RELEASE SAVEPOINT gw_s; " : "", op->sql);
+            snprintf(text, len + 128, "%s%s%s%s", lpg_sp_undo_text[undo],
+                     op->in_sp ? "SAVEPOINT gw_s;\n" : "", op->sql,
+                     op->in_sp ? "\n;RELEASE SAVEPOINT gw_s" : "");
         }
         rc = PQexitPipelineMode(c->pc) == 1 && PQsendQuery(c->pc, text) == 1;
         if (text != op->sql) {
@@ -692,16 +744,15 @@ conn_send(struct gw_pgconn *c, struct gw_pgop *op)
             return GW_AGAIN;
         }
     }
-    if (undo && (send_fixed(c, "ROLLBACK TO SAVEPOINT gw_s") != GW_OK
-                 || send_fixed(c, "RELEASE SAVEPOINT gw_s") != GW_OK))
+    if ((undo == 1 && (send_sp(c, LPG_SP_UNDO, &ncmd) != GW_OK
+                       || send_sp(c, LPG_SP_RELEASE, &ncmd) != GW_OK))
+        || (undo == 2 && (send_sp(c, LPG_SP_ROLLBACK, &ncmd) != GW_OK
+                          || send_sp(c, LPG_SP_BEGIN, &ncmd) != GW_OK))
+        || (op->in_sp && send_sp(c, LPG_SP_SET, &ncmd) != GW_OK))
     {
         return GW_ERR;
     }
-    op->step = undo ? -2 : 0;
-    if (tx_stmt && send_fixed(c, "SAVEPOINT gw_s") != GW_OK) {
-        return GW_ERR;
-    }
-    op->exec_step = tx_stmt;
+    op->exec_step = ncmd;
     slot = gw_store_hash(op->sql) % LPG_CACHE;
     if (c->cache_sql[slot] == NULL || strcmp(c->cache_sql[slot], op->sql)) {
         free(c->cache_sql[slot]);
@@ -741,7 +792,7 @@ conn_send(struct gw_pgconn *c, struct gw_pgop *op)
     }
     if (PQsendQueryPrepared(c->pc, name, op->nparams, values, lengths, NULL,
                             0) != 1
-        || (tx_stmt && send_fixed(c, "RELEASE SAVEPOINT gw_s") != GW_OK)
+        || (op->in_sp && send_sp(c, LPG_SP_RELEASE, &ncmd) != GW_OK)
         || PQpipelineSync(c->pc) != 1)
     {
         return GW_ERR;
@@ -841,7 +892,7 @@ conn_pop_head(struct gw_pgconn *c, struct gw_pgop **out)
     if (op->err != NULL && op->txid != 0 && c->txid == op->txid
         && !op->tx_begin && !op->tx_end)
     {
-        c->sp_failed = 1;                /* undone before its next command */
+        c->sp_failed = op->in_sp ? 1 : 2;   /* undone before the next */
     }
     if (op->tx_end || (op->tx_begin && (op->err != NULL
                                         || op->errkind[0] != '\0')))
@@ -850,6 +901,7 @@ conn_pop_head(struct gw_pgconn *c, struct gw_pgop **out)
     }
     if (c->txid == 0) {
         c->sp_failed = 0;
+        c->tx_nstmt = 0;
     }
     op->next = *out;
     *out = op;
