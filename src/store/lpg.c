@@ -120,25 +120,15 @@ struct gw_pgud {
     struct gw_pg *pg;            /* NULL once closed */
 };
 
-/* An open transaction; see "Abandoned transactions" above. */
-struct gw_pgtx {
-    struct gw_co_cleanup cl;     /* attached to the co that began it */
-    struct gw_pg        *pg;     /* borrowed; close frees us first */
-    long                 txid;   /* unique in the process */
-    int                  ended;  /* 1: SQL in it ran COMMIT/ROLLBACK */
-    struct gw_pgtx      *next;   /* pgtx_list link */
-};
-
-/* Open transactions of every pool: loop thread only, a handful long. */
-static struct gw_pgtx *pgtx_list;
-/* Transaction ids, unique in the process so that delivery can find a
- * transaction without touching its (maybe closed) pool. */
-static long            pgtx_next_id = 1;
+/* struct gw_store_tx.state of an open transaction (owner: its pool,
+ * which frees its transactions first when it closes). Its id is unique in
+ * the process, so delivery finds it without touching the pool. */
+#define LPG_TX_OPEN   0
+#define LPG_TX_ENDED  1          /* SQL in it ran COMMIT/ROLLBACK */
 
 static void conn_event(evutil_socket_t fd, short what, void *arg);
 static void dispatch(struct gw_pg *pg);
 static void tx_forget(long txid);
-static struct gw_pgtx *tx_find(long txid);
 
 /* conn_read(): the server left c in a transaction state nobody asked
  * for; the connection must go. */
@@ -835,7 +825,7 @@ conn_check_tx(struct gw_pgconn *c, struct gw_pgop *op)
     PGTransactionStatusType st = PQTRANS_ACTIVE;
     int                     in_tx, failed;
     const char             *tag;
-    struct gw_pgtx         *tx;
+    struct gw_store_tx     *tx;
 
     failed = op->err != NULL || op->errkind[0] != '\0';
     if (op->tx_begin && failed) {
@@ -866,9 +856,9 @@ conn_check_tx(struct gw_pgconn *c, struct gw_pgop *op)
         op_force_error(op, "misuse", "postgres: COMMIT or ROLLBACK in SQL"
                        " ended the transaction early: transaction control"
                        " belongs to db:transaction()");
-        tx = tx_find(op->txid);
+        tx = gw_store_tx_find(NULL, op->txid);
         if (tx != NULL) {
-            tx->ended = 1;
+            tx->state = LPG_TX_ENDED;
         }
         c->txid = 0;                     /* idle: it serves others again */
     }
@@ -1203,75 +1193,27 @@ on_tick(evutil_socket_t fd, short what, void *arg)
 
 /* ------------------------------------------------- open transactions */
 
-/* Unlinks and frees tx (detached from its co first). */
-static void
-tx_free(struct gw_pgtx *tx)
-{
-    struct gw_pgtx **pp = &pgtx_list;
-
-    while (*pp != NULL && *pp != tx) {
-        pp = &(*pp)->next;
-    }
-    if (*pp == tx) {
-        *pp = tx->next;
-    }
-    gw_co_cleanup_del(&tx->cl);
-    free(tx);
-}
-
-static struct gw_pgtx *
-tx_find(long txid)
-{
-    struct gw_pgtx *tx;
-
-    for (tx = pgtx_list; tx != NULL; tx = tx->next) {
-        if (tx->txid == txid) {
-            return tx;
-        }
-    }
-    return NULL;
-}
-
 /* The transaction txid ended (or never began): stop tracking it. */
 static void
 tx_forget(long txid)
 {
-    struct gw_pgtx *tx = tx_find(txid);
-
-    if (tx != NULL) {
-        tx_free(tx);
-    }
+    gw_store_tx_free(gw_store_tx_find(NULL, txid));
 }
 
-/* The pool is closing: its connections go, so do its transactions. */
+/* struct gw_store_tx rollback: the coroutine that began tx ended without
+ * COMMIT or ROLLBACK. Gives the reserved connection back (ROLLBACK) or
+ * discards it. May run inside another coroutine: results are posted,
+ * never delivered from here. */
 static void
-tx_forget_pool(struct gw_pg *pg)
+tx_abandon(struct gw_store_tx *tx)
 {
-    struct gw_pgtx *tx, *next;
-
-    for (tx = pgtx_list; tx != NULL; tx = next) {
-        next = tx->next;
-        if (tx->pg == pg) {
-            tx_free(tx);
-        }
-    }
-}
-
-/* gw_co_cleanup: the coroutine that began tx ended without COMMIT or
- * ROLLBACK. Gives the reserved connection back (ROLLBACK) or discards
- * it. May run inside another coroutine: results are posted, never
- * delivered from here. */
-static void
-tx_abandon(void *arg)
-{
-    struct gw_pgtx   *tx = arg;
-    struct gw_pg     *pg = tx->pg;
-    long              txid = tx->txid;
+    struct gw_pg     *pg = tx->owner;
+    long              txid = tx->id;
     struct gw_pgop   *op, *next, *prev = NULL, *done = NULL;
     struct gw_pgconn *c = NULL;
     int               i;
 
-    tx_free(tx);
+    gw_store_tx_free(tx);
     /* Its ops still waiting for the connection (the BEGIN itself when
      * every connection was busy): never sent, nothing to undo. */
     for (op = pg->wq; op != NULL; op = next) {
@@ -1402,7 +1344,7 @@ lpg_close(lua_State *L)
     }
     ud->pg = NULL;
     pg->closed = 1;
-    tx_forget_pool(pg);
+    gw_store_tx_free_owner(pg);
     for (i = 0; i < LPG_MAXPOOL; i++) {
         conn_fail(&pg->conns[i], "closed", "postgres: pool closed", &done);
     }
@@ -1526,8 +1468,8 @@ static int
 lpg_begin(lua_State *L)
 {
     struct gw_pg   *pg = check_pool(L);
-    struct gw_pgop *op;
-    struct gw_pgtx *tx;
+    struct gw_pgop     *op;
+    struct gw_store_tx *tx;
 
     if (!lua_isyieldable(L)) {
         /* gw_co_wait would raise after the BEGIN was queued, leaving a
@@ -1540,20 +1482,13 @@ lpg_begin(lua_State *L)
     if (op == NULL) {
         return gw_push_error(L, "unavailable", 0, "postgres: out of memory");
     }
-    tx = calloc(1, sizeof(*tx));
+    tx = gw_store_tx_new(gw_co_current(L), pg, tx_abandon);
     if (tx == NULL) {
         op_free(op);
         return gw_push_error(L, "unavailable", 0, "postgres: out of memory");
     }
-    op->txid = pgtx_next_id++;
+    op->txid = tx->id;
     op->tx_begin = 1;
-    tx->pg = pg;
-    tx->txid = op->txid;
-    tx->cl.fn = tx_abandon;
-    tx->cl.arg = tx;
-    tx->next = pgtx_list;
-    pgtx_list = tx;
-    gw_co_cleanup_add(gw_co_current(L), &tx->cl);
     return submit(L, pg, op);
 }
 
@@ -1562,10 +1497,10 @@ tx_op(lua_State *L, int kind, int want_rows, const char *fixed, int end)
 {
     struct gw_pg   *pg = check_pool(L);
     long            txid = (long)luaL_checknumber(L, 2);
-    struct gw_pgtx *tx = tx_find(txid);
-    struct gw_pgop *op;
+    struct gw_store_tx *tx = gw_store_tx_find(pg, txid);
+    struct gw_pgop     *op;
 
-    if (tx != NULL && tx->ended) {
+    if (tx != NULL && tx->state == LPG_TX_ENDED) {
         /* COMMIT/ROLLBACK in its SQL ended it: nothing more runs in it. */
         gw_co_current(L);
         if (end) {

@@ -111,7 +111,6 @@ struct gw_sqldb {
     struct gw_sqljob  *txq, *txq_tail; /* active transaction's jobs */
     struct gw_sqljob  *rq, *rq_tail;   /* reader jobs */
     long               active_tx;/* txid the writer serves, 0 if none */
-    long               next_txid;
     int                open_ok;  /* writer opened the file */
     /* configuration, read-only after open */
     char              *path;
@@ -129,25 +128,15 @@ struct gw_sqlud {
     struct gw_sqldb *db;         /* reference; NULL once closed */
 };
 
+/* struct gw_store_tx.state of an open transaction; see "Abandoned
+ * transactions" above. Its owner is the db, of which the record holds a
+ * reference (dropped by tx_free()), so matching on the pointer is safe. */
 enum gw_sqltx_state {
     GW_SQLTX_PENDING,            /* BEGIN queued, not delivered yet */
     GW_SQLTX_ACTIVE,             /* BEGIN delivered: the writer serves it */
     GW_SQLTX_ABANDONED           /* co gone while PENDING: roll back on
                                     delivery of the BEGIN */
 };
-
-/* An open transaction; see "Abandoned transactions" above. */
-struct gw_sqltx {
-    struct gw_co_cleanup cl;     /* attached to the co that began it */
-    struct gw_sqldb     *db;     /* reference (refs), dropped by tx_free */
-    long                 txid;
-    enum gw_sqltx_state  state;
-    struct gw_sqltx     *next;   /* sqltx_list link */
-};
-
-/* Open transactions of every handle: loop thread only, a few long. A
- * record holds a db reference, so matching on the db pointer is safe. */
-static struct gw_sqltx *sqltx_list;
 
 static void tx_begin_delivered(struct gw_sqljob *j);
 
@@ -1154,37 +1143,18 @@ reader_main(void *arg)
 
 /* ---------------------------------------------- open transactions (loop) */
 
-static struct gw_sqltx *
-tx_find(struct gw_sqldb *db, long txid)
-{
-    struct gw_sqltx *tx;
-
-    for (tx = sqltx_list; tx != NULL; tx = tx->next) {
-        if (tx->db == db && tx->txid == txid) {
-            return tx;
-        }
-    }
-    return NULL;
-}
-
-/* Unlinks tx, detaches it from its co, drops its db reference. */
+/* Frees tx (NULL-safe) and drops its db reference. */
 static void
-tx_free(struct gw_sqltx *tx)
+tx_free(struct gw_store_tx *tx)
 {
-    struct gw_sqltx **pp = &sqltx_list;
+    struct gw_sqldb *db;
 
     if (tx == NULL) {
         return;
     }
-    while (*pp != NULL && *pp != tx) {
-        pp = &(*pp)->next;
-    }
-    if (*pp == tx) {
-        *pp = tx->next;
-    }
-    gw_co_cleanup_del(&tx->cl);
-    db_unref(tx->db);
-    free(tx);
+    db = tx->owner;
+    gw_store_tx_free(tx);
+    db_unref(db);
 }
 
 /* Queues a ROLLBACK of txid that no coroutine waits for (its delivery
@@ -1212,19 +1182,17 @@ tx_rollback_orphan(struct gw_sqldb *db, long txid)
     job_free(j);
 }
 
-/* gw_co_cleanup: the coroutine that began tx ended without COMMIT or
- * ROLLBACK. Runs on the loop thread, maybe inside another coroutine:
- * only queues work, wakes nobody. */
+/* struct gw_store_tx rollback: the coroutine that began tx ended without
+ * COMMIT or ROLLBACK. Runs on the loop thread, maybe inside another
+ * coroutine: only queues work, wakes nobody. */
 static void
-tx_abandon(void *arg)
+tx_abandon(struct gw_store_tx *tx)
 {
-    struct gw_sqltx *tx = arg;
-
     if (tx->state == GW_SQLTX_PENDING) {
         tx->state = GW_SQLTX_ABANDONED;  /* tx_begin_delivered() ends it */
         return;
     }
-    tx_rollback_orphan(tx->db, tx->txid);
+    tx_rollback_orphan(tx->owner, tx->id);
     tx_free(tx);
 }
 
@@ -1232,7 +1200,7 @@ tx_abandon(void *arg)
 static void
 tx_begin_delivered(struct gw_sqljob *j)
 {
-    struct gw_sqltx *tx = tx_find(j->db, j->txid);
+    struct gw_store_tx *tx = gw_store_tx_find(j->db, j->txid);
 
     if (tx == NULL) {
         return;
@@ -1240,7 +1208,7 @@ tx_begin_delivered(struct gw_sqljob *j)
     if (j->rc != SQLITE_OK) {
         tx_free(tx);                     /* never began */
     } else if (tx->state == GW_SQLTX_ABANDONED) {
-        tx_rollback_orphan(tx->db, tx->txid);
+        tx_rollback_orphan(tx->owner, tx->id);
         tx_free(tx);
     } else {
         tx->state = GW_SQLTX_ACTIVE;
@@ -1339,7 +1307,6 @@ lsqlite_open(lua_State *L)
     pthread_cond_init(&db->wcond, NULL);
     pthread_cond_init(&db->rcond, NULL);
     db->refs = 1;
-    db->next_txid = 1;
     db->path = strdup(path);
     db->nreaders = nreaders;
     db->batch_max = batch_max;
@@ -1490,8 +1457,8 @@ lsqlite_begin(lua_State *L)
 {
     struct gw_sqldb  *db = check_db(L);
     struct gw_co     *co = gw_co_current(L);
-    struct gw_sqljob *j;
-    struct gw_sqltx  *tx;
+    struct gw_sqljob   *j;
+    struct gw_store_tx *tx;
 
     if (!lua_isyieldable(L)) {
         /* gw_co_wait would raise after the BEGIN was queued, leaving a
@@ -1499,24 +1466,17 @@ lsqlite_begin(lua_State *L)
         return luaL_error(L, "attempt to yield across a C-call boundary");
     }
     j = job_new(L, db, GW_SQLOP_BEGIN);
-    tx = calloc(1, sizeof(*tx));
-    if (j == NULL || tx == NULL) {
-        job_free(j);
-        free(tx);
+    if (j == NULL) {
         return gw_push_error(L, "unavailable", 0, "sqlite: out of memory");
     }
-    pthread_mutex_lock(&db->mu);
-    j->txid = db->next_txid++;
-    pthread_mutex_unlock(&db->mu);
-    db_ref(db);
-    tx->db = db;
-    tx->txid = j->txid;
+    tx = gw_store_tx_new(co, db, tx_abandon);
+    if (tx == NULL) {
+        job_free(j);
+        return gw_push_error(L, "unavailable", 0, "sqlite: out of memory");
+    }
+    db_ref(db);                          /* dropped by tx_free() */
     tx->state = GW_SQLTX_PENDING;
-    tx->cl.fn = tx_abandon;
-    tx->cl.arg = tx;
-    tx->next = sqltx_list;
-    sqltx_list = tx;
-    gw_co_cleanup_add(co, &tx->cl);
+    j->txid = tx->id;
     return submit(L, j, GW_SQLQ_WRITER);
 }
 
@@ -1540,7 +1500,7 @@ tx_stmt(lua_State *L, enum gw_sqlop op, int want_rows)
     j->want_rows = want_rows;
     if (op == GW_SQLOP_COMMIT || op == GW_SQLOP_ROLLBACK) {
         /* From here this job ends it, waited for or not. */
-        tx_free(tx_find(db, txid));
+        tx_free(gw_store_tx_find(db, txid));
     }
     return submit(L, j, GW_SQLQ_TX);
 }

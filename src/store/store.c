@@ -348,6 +348,82 @@ gw_store_opt_known(lua_State *L, int idx, const char *fn,
     }
 }
 
+/* Open transactions of every handle: a handful at a time. */
+static struct gw_store_tx *store_tx_list;
+static long                store_tx_next_id = 1;
+
+static void
+store_tx_abandoned(void *arg)
+{
+    struct gw_store_tx *tx = arg;
+
+    tx->rollback(tx);
+}
+
+struct gw_store_tx *
+gw_store_tx_new(struct gw_co *co, void *owner,
+                void (*rollback)(struct gw_store_tx *))
+{
+    struct gw_store_tx *tx = calloc(1, sizeof(*tx));
+
+    if (tx == NULL) {
+        return NULL;
+    }
+    tx->owner = owner;
+    tx->id = store_tx_next_id++;
+    tx->rollback = rollback;
+    tx->cl.fn = store_tx_abandoned;
+    tx->cl.arg = tx;
+    tx->next = store_tx_list;
+    store_tx_list = tx;
+    gw_co_cleanup_add(co, &tx->cl);
+    return tx;
+}
+
+struct gw_store_tx *
+gw_store_tx_find(void *owner, long id)
+{
+    struct gw_store_tx *tx;
+
+    for (tx = store_tx_list; tx != NULL; tx = tx->next) {
+        if ((owner == NULL || tx->owner == owner) && tx->id == id) {
+            return tx;
+        }
+    }
+    return NULL;
+}
+
+void
+gw_store_tx_free(struct gw_store_tx *tx)
+{
+    struct gw_store_tx **pp = &store_tx_list;
+
+    if (tx == NULL) {
+        return;
+    }
+    while (*pp != NULL && *pp != tx) {
+        pp = &(*pp)->next;
+    }
+    if (*pp == tx) {
+        *pp = tx->next;
+    }
+    gw_co_cleanup_del(&tx->cl);
+    free(tx);
+}
+
+void
+gw_store_tx_free_owner(void *owner)
+{
+    struct gw_store_tx *tx, *next;
+
+    for (tx = store_tx_list; tx != NULL; tx = next) {
+        next = tx->next;
+        if (tx->owner == owner) {
+            gw_store_tx_free(tx);
+        }
+    }
+}
+
 unsigned
 gw_store_hash(const char *s)
 {

@@ -11,6 +11,8 @@
 #include <stdint.h>
 #include <lua.h>
 
+#include "runtime.h"
+
 enum gw_sqlv_type { GW_SQLV_NULL, GW_SQLV_INT, GW_SQLV_REAL, GW_SQLV_TEXT };
 
 /* One bound parameter or one result cell. */
@@ -83,6 +85,41 @@ extern const char *const gw_store_sql_opts[];
  * Lua modules (lua/paygate/NAME.lua), so that the position names the
  * application's line. Never returns. */
 int gw_store_raise(lua_State *L, const char *fmt, ...);
+
+/*
+ * Open transactions of db:transaction(), for both SQL drivers (loop
+ * thread only). h:begin() registers one and attaches it to the calling
+ * coroutine; the driver frees it once the transaction's COMMIT or
+ * ROLLBACK is submitted (or its BEGIN failed). If the coroutine ends
+ * first -- task:cancel(), a request deadline, or it returned without
+ * ending the transaction -- no Lua code will ever send the ROLLBACK, so
+ * the driver's rollback callback does it from C. That callback may run
+ * inside another coroutine: it must only queue work, wake nobody, and
+ * free the record (gw_store_tx_free()) unless it keeps it on purpose.
+ */
+struct gw_store_tx {
+    struct gw_co_cleanup cl;      /* attached to the co that began it */
+    void                *owner;   /* the driver's handle (pool, db) */
+    long                 id;      /* unique in the process, never 0 */
+    int                  state;   /* the driver's own (e.g. pending) */
+    void               (*rollback)(struct gw_store_tx *tx); /* see above */
+    struct gw_store_tx  *next;    /* registry link */
+};
+
+/* Registers a transaction of owner with a new id, attached to co.
+ * Returns NULL when out of memory (nothing registered). */
+struct gw_store_tx *gw_store_tx_new(struct gw_co *co, void *owner,
+                                    void (*rollback)(struct gw_store_tx *));
+
+/* The registered transaction id (of owner; NULL: of any owner, ids being
+ * unique in the process), or NULL. */
+struct gw_store_tx *gw_store_tx_find(void *owner, long id);
+
+/* Frees every registered transaction of owner (the handle closes). */
+void gw_store_tx_free_owner(void *owner);
+
+/* Unregisters, detaches from its coroutine and frees tx. NULL-safe. */
+void gw_store_tx_free(struct gw_store_tx *tx);
 
 /* FNV-1a of a NUL-terminated string: the statement caches' key hash. */
 unsigned gw_store_hash(const char *s);
