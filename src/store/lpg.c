@@ -7,9 +7,20 @@
  * as [Parse (first use on this connection)] + Bind/Execute + Sync, so an
  * error in one does not abort its neighbours, and the prepared statement
  * is cached per connection (name "gwN"). A transaction reserves one idle
- * connection from BEGIN until COMMIT/ROLLBACK. A script (several
- * statements, no parameters) leaves pipeline mode on an idle connection
- * for the simple query protocol.
+ * connection from BEGIN until COMMIT/ROLLBACK and sends its statements one
+ * at a time; each statement but the first runs in a savepoint (see
+ * conn_send()), so a failed one is undone alone and the transaction goes
+ * on. A script (several statements, no parameters) leaves pipeline mode
+ * on an idle connection for the simple query protocol; nothing else is
+ * sent on that connection until it is done.
+ *
+ * Transaction control belongs to db:transaction(). After each statement
+ * the server's transaction status is checked (conn_check_tx()): a pooled
+ * connection left inside a transaction is closed (the server rolls back)
+ * and the statement fails with "misuse"; a transaction that its own SQL
+ * committed or rolled back fails with "misuse" as well. Warnings and
+ * errors 25001/25P01 (BEGIN inside a transaction, COMMIT outside one)
+ * are "misuse" too.
  *
  * Failure handling: a broken connection fails its statements with
  * "unavailable" (retryable; for a write the outcome is unknown) and is
@@ -24,8 +35,9 @@
  * coroutine only clears op->co. The pool is freed by close/__gc; its
  * ops are failed first ("closed").
  *
- * Abandoned transactions: h:begin() attaches a struct gw_pgtx to the
- * calling coroutine (gw_co_cleanup) until COMMIT/ROLLBACK is submitted.
+ * Abandoned transactions: h:begin() registers a struct gw_store_tx
+ * (store.h), attached to the calling coroutine, until COMMIT/ROLLBACK is
+ * submitted.
  * If the coroutine ends first (task:cancel(), a request deadline, or it
  * returned without ending the transaction) no Lua code will ever send
  * ROLLBACK, so tx_abandon() does it in C: a BEGIN still waiting for a
@@ -37,11 +49,11 @@
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <event2/event.h>
 #include <libpq-fe.h>
 #include <lauxlib.h>
 
+#include "loop.h"
 #include "runtime.h"
 #include "store.h"
 
@@ -50,19 +62,19 @@
 #define LPG_CACHE     64
 #define LPG_DEPTH     64       /* statements in flight per connection */
 
-enum gw_pgop_kind { GW_PGOP_STMT, GW_PGOP_SCRIPT };
+enum lpg_op_kind { LPG_OP_STMT, LPG_OP_SCRIPT };
 
-enum gw_pgconn_state { GW_PGC_FREE, GW_PGC_CONNECTING, GW_PGC_READY };
+enum lpg_conn_state { LPG_CONN_FREE, LPG_CONN_CONNECTING, LPG_CONN_READY };
 
-struct gw_pgop {
-    enum gw_pgop_kind kind;
+struct lpg_op {
+    enum lpg_op_kind kind;
     struct gw_co     *co;        /* waiting coroutine; NULL if abandoned */
     int               want_rows; /* query (rows) vs exec (changes) */
     long              txid;      /* transaction this op belongs to, 0 none */
     int               tx_begin;  /* 1: BEGIN, reserves a connection */
     int               tx_end;    /* 1: COMMIT/ROLLBACK, releases it */
     char             *sql;       /* owned */
-    struct gw_sqlv   *params;    /* owned */
+    struct gw_store_val   *params;    /* owned */
     int               nparams;
     /* progress on the connection */
     int               step;      /* command whose results come next */
@@ -74,17 +86,17 @@ struct gw_pgop {
     PGresult         *err;       /* owned; first error result */
     char              errkind[16];/* transport error kind or "" */
     char              errmsg[200];
-    struct gw_pgop   *next;
+    struct lpg_op   *next;
 };
 
-struct gw_pgconn {
-    struct gw_pg        *pg;     /* owner */
-    enum gw_pgconn_state state;
+struct lpg_conn {
+    struct lpg_pool        *pg;     /* owner */
+    enum lpg_conn_state state;
     PGconn              *pc;     /* owned */
     int                  fd;     /* socket the events watch */
     struct event        *rev;    /* owned; persistent read */
     struct event        *wev;    /* owned; one-shot write (flush) */
-    struct gw_pgop      *head, *tail; /* in flight, in send order */
+    struct lpg_op      *head, *tail; /* in flight, in send order */
     int                  inflight;
     long                 txid;   /* reserved by this transaction, 0 none */
     int                  sp_failed; /* a statement of txid failed: 1 roll
@@ -101,7 +113,7 @@ struct gw_pgconn {
     unsigned             cache_name[LPG_CACHE];
 };
 
-struct gw_pg {
+struct lpg_pool {
     char             *conninfo;  /* owned */
     int               npool;     /* max connections */
     double            connect_timeout; /* s */
@@ -109,15 +121,15 @@ struct gw_pg {
     double            down_for;  /* s to fail fast after a failed connect */
     double            down_until;/* monotonic s */
     char              down_msg[200];
-    struct gw_pgconn  conns[LPG_MAXPOOL];
-    struct gw_pgop   *wq, *wq_tail;  /* waiting for a connection */
+    struct lpg_conn  conns[LPG_MAXPOOL];
+    struct lpg_op   *wq, *wq_tail;  /* waiting for a connection */
     struct event     *tick;      /* owned */
     int               closed;
     int               dispatching;
 };
 
-struct gw_pgud {
-    struct gw_pg *pg;            /* NULL once closed */
+struct lpg_ud {
+    struct lpg_pool *pg;            /* NULL once closed */
 };
 
 /* struct gw_store_tx.state of an open transaction (owner: its pool,
@@ -127,29 +139,21 @@ struct gw_pgud {
 #define LPG_TX_ENDED  1          /* SQL in it ran COMMIT/ROLLBACK */
 
 static void conn_event(evutil_socket_t fd, short what, void *arg);
-static void dispatch(struct gw_pg *pg);
+static void dispatch(struct lpg_pool *pg);
 static void tx_forget(long txid);
 
 /* conn_read(): the server left c in a transaction state nobody asked
  * for; the connection must go. */
 #define LPG_DISCARD 1
 
-static double
-mono_now(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
 
 /* --------------------------------------------------------------- ops */
 
 static void
-op_free(struct gw_pgop *op)
+op_free(struct lpg_op *op)
 {
     free(op->sql);
-    gw_sqlv_free(op->params, op->nparams);
+    gw_store_vals_free(op->params, op->nparams);
     if (op->res != NULL) {
         PQclear(op->res);
     }
@@ -160,7 +164,7 @@ op_free(struct gw_pgop *op)
 }
 
 static void
-op_set_error(struct gw_pgop *op, const char *kind, const char *msg)
+op_set_error(struct lpg_op *op, const char *kind, const char *msg)
 {
     if (op->errkind[0] != '\0' || op->err != NULL) {
         return;
@@ -172,7 +176,7 @@ op_set_error(struct gw_pgop *op, const char *kind, const char *msg)
 /* Replaces whatever op carried with this error: the server's verdict on
  * the transaction state outranks the statement's own outcome. */
 static void
-op_force_error(struct gw_pgop *op, const char *kind, const char *msg)
+op_force_error(struct lpg_op *op, const char *kind, const char *msg)
 {
     if (op->err != NULL) {
         PQclear(op->err);
@@ -271,7 +275,7 @@ push_rows(lua_State *L, PGresult *r)
 }
 
 static int
-push_op_result(lua_State *L, struct gw_pgop *op)
+push_op_result(lua_State *L, struct lpg_op *op)
 {
     PGresult *r = op->res;
 
@@ -297,7 +301,7 @@ push_op_result(lua_State *L, struct gw_pgop *op)
                              " aborted by an earlier error; COMMIT rolled"
                              " it back");
     }
-    if (op->kind == GW_PGOP_SCRIPT || op->tx_end) {
+    if (op->kind == LPG_OP_SCRIPT || op->tx_end) {
         lua_pushboolean(L, 1);
         return 1;
     }
@@ -333,7 +337,7 @@ push_op_result(lua_State *L, struct gw_pgop *op)
 
 /* Loop thread: wakes the op's coroutine (if any) and frees the op. */
 static void
-op_deliver(struct gw_pgop *op)
+op_deliver(struct lpg_op *op)
 {
     struct gw_co *co = op->co;
 
@@ -353,9 +357,9 @@ op_deliver(struct gw_pgop *op)
 }
 
 static void
-deliver_list(struct gw_pgop *list)
+deliver_list(struct lpg_op *list)
 {
-    struct gw_pgop *next;
+    struct lpg_op *next;
 
     for (; list != NULL; list = next) {
         next = list->next;
@@ -373,7 +377,7 @@ deliver_cb(void *arg)
 /* Delivers on a later loop turn: for code that may run inside a
  * coroutine (submit, close), where waking another one is not allowed. */
 static void
-post_list(struct gw_pgop *list)
+post_list(struct lpg_op *list)
 {
     if (list != NULL && gw_loop_post(deliver_cb, list) != GW_OK) {
         gw_log(GW_LOG_ERROR, "postgres: cannot post results: no memory");
@@ -383,7 +387,7 @@ post_list(struct gw_pgop *list)
 static void
 op_cancel(void *arg)
 {
-    struct gw_pgop *op = arg;
+    struct lpg_op *op = arg;
 
     op->co = NULL;
 }
@@ -391,7 +395,7 @@ op_cancel(void *arg)
 /* ------------------------------------------------------- connections */
 
 static void
-conn_reset(struct gw_pgconn *c)
+conn_reset(struct lpg_conn *c)
 {
     int i;
 
@@ -411,7 +415,7 @@ conn_reset(struct gw_pgconn *c)
         free(c->cache_sql[i]);
         c->cache_sql[i] = NULL;
     }
-    c->state = GW_PGC_FREE;
+    c->state = LPG_CONN_FREE;
     c->fd = -1;
     c->txid = 0;
     c->sp_failed = 0;
@@ -422,10 +426,10 @@ conn_reset(struct gw_pgconn *c)
 
 /* Closes c and moves its in-flight ops to *out with the given error. */
 static void
-conn_fail(struct gw_pgconn *c, const char *kind, const char *msg,
-          struct gw_pgop **out)
+conn_fail(struct lpg_conn *c, const char *kind, const char *msg,
+          struct lpg_op **out)
 {
-    struct gw_pgop *op, *next;
+    struct lpg_op *op, *next;
 
     for (op = c->head; op != NULL; op = next) {
         next = op->next;
@@ -438,7 +442,7 @@ conn_fail(struct gw_pgconn *c, const char *kind, const char *msg,
 }
 
 static int
-conn_watch(struct gw_pgconn *c)
+conn_watch(struct lpg_conn *c)
 {
     int fd = PQsocket(c->pc);
 
@@ -465,7 +469,7 @@ conn_watch(struct gw_pgconn *c)
 
 /* Connect state machine step. Returns GW_OK, GW_AGAIN or GW_ERR. */
 static int
-conn_poll_connect(struct gw_pgconn *c)
+conn_poll_connect(struct lpg_conn *c)
 {
     PostgresPollingStatusType st = PQconnectPoll(c->pc);
 
@@ -483,8 +487,8 @@ conn_poll_connect(struct gw_pgconn *c)
         }
         event_del(c->wev);
         event_add(c->rev, NULL);
-        c->state = GW_PGC_READY;
-        c->since = mono_now();
+        c->state = LPG_CONN_READY;
+        c->since = gw_loop_mono_fresh();
         return GW_OK;
     }
     if (st == PGRES_POLLING_WRITING) {
@@ -498,18 +502,18 @@ conn_poll_connect(struct gw_pgconn *c)
 }
 
 static void
-pool_mark_down(struct gw_pg *pg, const char *msg)
+pool_mark_down(struct lpg_pool *pg, const char *msg)
 {
-    pg->down_until = mono_now() + pg->down_for;
+    pg->down_until = gw_loop_mono_fresh() + pg->down_for;
     snprintf(pg->down_msg, sizeof(pg->down_msg), "%s", msg);
 }
 
 /* Fails every waiting op when no connection can serve them soon. */
 static void
-pool_fail_waiting(struct gw_pg *pg, const char *kind, const char *msg,
-                  struct gw_pgop **out)
+pool_fail_waiting(struct lpg_pool *pg, const char *kind, const char *msg,
+                  struct lpg_op **out)
 {
-    struct gw_pgop *op;
+    struct lpg_op *op;
 
     while (pg->wq != NULL) {
         op = pg->wq;
@@ -522,12 +526,12 @@ pool_fail_waiting(struct gw_pg *pg, const char *kind, const char *msg,
 }
 
 static int
-pool_has_live(struct gw_pg *pg)
+pool_has_live(struct lpg_pool *pg)
 {
     int i;
 
     for (i = 0; i < pg->npool; i++) {
-        if (pg->conns[i].state != GW_PGC_FREE) {
+        if (pg->conns[i].state != LPG_CONN_FREE) {
             return 1;
         }
     }
@@ -538,10 +542,10 @@ pool_has_live(struct gw_pg *pg)
  * serve them and fail_waiting is set, fail the waiting ops too (never
  * from inside dispatch(), which walks that queue itself). */
 static void
-conn_connect_failed(struct gw_pgconn *c, struct gw_pgop **out,
+conn_connect_failed(struct lpg_conn *c, struct lpg_op **out,
                     int fail_waiting)
 {
-    struct gw_pg *pg = c->pg;
+    struct lpg_pool *pg = c->pg;
     char          msg[200];
     const char   *why = c->pc != NULL ? PQerrorMessage(c->pc) : "no memory";
     size_t        n;
@@ -567,7 +571,7 @@ conn_connect_failed(struct gw_pgconn *c, struct gw_pgop **out,
 static void
 on_notice(void *arg, const PGresult *r)
 {
-    struct gw_pgconn *c = arg;
+    struct lpg_conn *c = arg;
     const char       *state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
     const char       *msg = PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY);
     char              buf[200];
@@ -583,14 +587,14 @@ on_notice(void *arg, const PGresult *r)
 }
 
 static int
-conn_start(struct gw_pgconn *c)
+conn_start(struct lpg_conn *c)
 {
-    struct gw_pg *pg = c->pg;
+    struct lpg_pool *pg = c->pg;
 
     c->pc = PQconnectStart(pg->conninfo);
     c->fd = -1;
-    c->state = GW_PGC_CONNECTING;
-    c->opened = mono_now();
+    c->state = LPG_CONN_CONNECTING;
+    c->opened = gw_loop_mono_fresh();
     c->since = c->opened;
     if (c->pc == NULL || PQstatus(c->pc) == CONNECTION_BAD) {
         return GW_ERR;
@@ -602,7 +606,7 @@ conn_start(struct gw_pgconn *c)
 /* ------------------------------------------------------------ sending */
 
 static int
-conn_flush(struct gw_pgconn *c)
+conn_flush(struct lpg_conn *c)
 {
     int rc = PQflush(c->pc);
 
@@ -634,7 +638,7 @@ static const char *const lpg_sp_undo_text[3] = {
 /* Queues savepoint command `which` in c's pipeline; *ncmd counts the
  * commands queued (their results are skipped). */
 static int
-send_sp(struct gw_pgconn *c, int which, int *ncmd)
+send_sp(struct lpg_conn *c, int which, int *ncmd)
 {
     char name[16];
     int  i;
@@ -659,7 +663,7 @@ send_sp(struct gw_pgconn *c, int which, int *ncmd)
 
 /* Sends op on c. Returns GW_OK, or GW_ERR (the connection is broken). */
 static int
-conn_send(struct gw_pgconn *c, struct gw_pgop *op)
+conn_send(struct lpg_conn *c, struct lpg_op *op)
 {
     const char *values[256];
     int         lengths[256];
@@ -691,7 +695,7 @@ conn_send(struct gw_pgconn *c, struct gw_pgop *op)
     }
     op->step = 0;
     op->has_prepare = 0;
-    if (op->kind == GW_PGOP_SCRIPT) {
+    if (op->kind == LPG_OP_SCRIPT) {
         char  *text;
         size_t len = strlen(op->sql);
         int    rc;
@@ -723,7 +727,7 @@ conn_send(struct gw_pgconn *c, struct gw_pgop *op)
     }
     for (i = 0; i < op->nparams; i++) {
         /* Text parameters go as C strings: a NUL would cut the value. */
-        if (op->params[i].type == GW_SQLV_TEXT
+        if (op->params[i].type == GW_STORE_TEXT
             && memchr(op->params[i].s, '\0', op->params[i].len) != NULL)
         {
             char msg[80];
@@ -760,19 +764,19 @@ conn_send(struct gw_pgconn *c, struct gw_pgop *op)
     op->cache_slot = (int)slot;
     snprintf(name, sizeof(name), "gw%u", c->cache_name[slot]);
     for (i = 0; i < op->nparams; i++) {
-        struct gw_sqlv *v = &op->params[i];
+        struct gw_store_val *v = &op->params[i];
 
         lengths[i] = 0;
         switch (v->type) {
-        case GW_SQLV_INT:
+        case GW_STORE_INT:
             snprintf(numbuf[i], sizeof(numbuf[i]), "%lld", (long long)v->i);
             values[i] = numbuf[i];
             break;
-        case GW_SQLV_REAL:
+        case GW_STORE_REAL:
             snprintf(numbuf[i], sizeof(numbuf[i]), "%.17g", v->d);
             values[i] = numbuf[i];
             break;
-        case GW_SQLV_TEXT:
+        case GW_STORE_TEXT:
             values[i] = v->s;
             break;
         default:
@@ -796,7 +800,7 @@ sent:
     }
     c->tail = op;
     if (c->inflight++ == 0) {
-        c->since = mono_now();
+        c->since = gw_loop_mono_fresh();
     }
     if (op->tx_begin) {
         c->txid = op->txid;
@@ -820,7 +824,7 @@ sent:
  * BEGIN or START TRANSACTION). Returns GW_OK, or LPG_DISCARD when c must
  * be closed (the server then rolls back). */
 static int
-conn_check_tx(struct gw_pgconn *c, struct gw_pgop *op)
+conn_check_tx(struct lpg_conn *c, struct lpg_op *op)
 {
     PGTransactionStatusType st = PQTRANS_ACTIVE;
     int                     in_tx, failed;
@@ -868,9 +872,9 @@ conn_check_tx(struct gw_pgconn *c, struct gw_pgop *op)
 /* Moves c's first in-flight op to *out. Returns GW_OK or LPG_DISCARD
  * (see conn_check_tx()). */
 static int
-conn_pop_head(struct gw_pgconn *c, struct gw_pgop **out)
+conn_pop_head(struct lpg_conn *c, struct lpg_op **out)
 {
-    struct gw_pgop *op = c->head;
+    struct lpg_op *op = c->head;
     int             rc;
 
     c->head = op->next;
@@ -902,22 +906,22 @@ conn_pop_head(struct gw_pgconn *c, struct gw_pgop **out)
  * broken, LPG_DISCARD when it must be closed (conn_check_tx()), else
  * GW_OK. Finished ops are moved to *out. */
 static int
-conn_read(struct gw_pgconn *c, struct gw_pgop **out)
+conn_read(struct lpg_conn *c, struct lpg_op **out)
 {
     PGresult       *r;
-    struct gw_pgop *op;
+    struct lpg_op *op;
 
     if (PQconsumeInput(c->pc) != 1) {
         return GW_ERR;
     }
-    c->since = mono_now();
+    c->since = gw_loop_mono_fresh();
     while ((op = c->head) != NULL && !PQisBusy(c->pc)) {
         ExecStatusType st;
 
         r = PQgetResult(c->pc);
         if (r == NULL) {
             /* End of one command's results. */
-            if (op->kind == GW_PGOP_SCRIPT) {
+            if (op->kind == LPG_OP_SCRIPT) {
                 if (conn_pop_head(c, out) != GW_OK) {
                     return LPG_DISCARD;
                 }
@@ -957,7 +961,7 @@ conn_read(struct gw_pgconn *c, struct gw_pgop **out)
             op_set_error(op, "error", "postgres: pipeline aborted");
             continue;
         }
-        if (op->kind != GW_PGOP_SCRIPT && op->step != op->exec_step) {
+        if (op->kind != LPG_OP_SCRIPT && op->step != op->exec_step) {
             PQclear(r);                  /* Parse, SAVEPOINT, RELEASE ... */
             continue;
         }
@@ -972,17 +976,17 @@ conn_read(struct gw_pgconn *c, struct gw_pgop **out)
 static void
 conn_event(evutil_socket_t fd, short what, void *arg)
 {
-    struct gw_pgconn *c = arg;
-    struct gw_pg     *pg = c->pg;
-    struct gw_pgop   *done = NULL, *rev = NULL, *next;
+    struct lpg_conn *c = arg;
+    struct lpg_pool     *pg = c->pg;
+    struct lpg_op   *done = NULL, *rev = NULL, *next;
     int               rc;
 
-    if (c->state == GW_PGC_CONNECTING) {
+    if (c->state == LPG_CONN_CONNECTING) {
         rc = conn_poll_connect(c);
         if (rc == GW_ERR) {
             conn_connect_failed(c, &done, 1);
         }
-    } else if (c->state == GW_PGC_READY) {
+    } else if (c->state == LPG_CONN_READY) {
         if ((what & EV_WRITE) && conn_flush(c) != GW_OK) {
             conn_fail(c, "unavailable", "postgres: connection lost"
                       " (outcome unknown)", &done);
@@ -1014,22 +1018,22 @@ conn_event(evutil_socket_t fd, short what, void *arg)
 
 /* --------------------------------------------------------- dispatching */
 
-static struct gw_pgconn *
-choose_conn(struct gw_pg *pg, struct gw_pgop *op, int *fail)
+static struct lpg_conn *
+choose_conn(struct lpg_pool *pg, struct lpg_op *op, int *fail)
 {
-    struct gw_pgconn *best = NULL, *c;
+    struct lpg_conn *best = NULL, *c;
     int               i, free_slot = -1, connecting = 0;
 
     *fail = 0;
     for (i = 0; i < pg->npool; i++) {
         c = &pg->conns[i];
-        if (c->state == GW_PGC_FREE) {
+        if (c->state == LPG_CONN_FREE) {
             if (free_slot < 0) {
                 free_slot = i;
             }
             continue;
         }
-        if (c->state == GW_PGC_CONNECTING) {
+        if (c->state == LPG_CONN_CONNECTING) {
             connecting++;
             continue;
         }
@@ -1042,10 +1046,10 @@ choose_conn(struct gw_pg *pg, struct gw_pgop *op, int *fail)
         if (c->txid != 0) {
             continue;
         }
-        if (c->head != NULL && c->head->kind == GW_PGOP_SCRIPT) {
+        if (c->head != NULL && c->head->kind == LPG_OP_SCRIPT) {
             continue;                    /* out of pipeline mode till done */
         }
-        if (op->tx_begin || op->kind == GW_PGOP_SCRIPT) {
+        if (op->tx_begin || op->kind == LPG_OP_SCRIPT) {
             if (c->inflight == 0) {
                 return c;
             }
@@ -1062,10 +1066,10 @@ choose_conn(struct gw_pg *pg, struct gw_pgop *op, int *fail)
         return NULL;
     }
     if ((best == NULL || best->inflight > 0) && free_slot >= 0
-        && connecting == 0 && mono_now() >= pg->down_until)
+        && connecting == 0 && gw_loop_mono_fresh() >= pg->down_until)
     {
-        struct gw_pgconn *n = &pg->conns[free_slot];
-        struct gw_pgop   *lost = NULL;
+        struct lpg_conn *n = &pg->conns[free_slot];
+        struct lpg_op   *lost = NULL;
 
         n->pg = pg;
         if (conn_start(n) != GW_OK) {
@@ -1082,7 +1086,7 @@ choose_conn(struct gw_pg *pg, struct gw_pgop *op, int *fail)
 /* Takes op (whose predecessor is prev, or NULL at the head) out of the
  * wait queue; op->next is cleared. */
 static void
-wq_unlink(struct gw_pg *pg, struct gw_pgop *prev, struct gw_pgop *op)
+wq_unlink(struct lpg_pool *pg, struct lpg_op *prev, struct lpg_op *op)
 {
     if (prev != NULL) {
         prev->next = op->next;
@@ -1096,9 +1100,9 @@ wq_unlink(struct gw_pg *pg, struct gw_pgop *prev, struct gw_pgop *op)
 }
 
 static void
-dispatch(struct gw_pg *pg)
+dispatch(struct lpg_pool *pg)
 {
-    struct gw_pgop *op, *prev = NULL, *next, *done = NULL;
+    struct lpg_op *op, *prev = NULL, *next, *done = NULL;
     int             fail;
 
     if (pg->dispatching) {
@@ -1106,7 +1110,7 @@ dispatch(struct gw_pg *pg)
     }
     pg->dispatching = 1;
     for (op = pg->wq; op != NULL; op = next) {
-        struct gw_pgconn *c;
+        struct lpg_conn *c;
 
         next = op->next;
         c = choose_conn(pg, op, &fail);
@@ -1134,7 +1138,7 @@ dispatch(struct gw_pg *pg)
                 op->next = done;
                 done = op;
             } else if (rc != GW_OK) {
-                struct gw_pgop *lost = NULL;
+                struct lpg_op *lost = NULL;
 
                 /* op was not queued on c: fail it with c's ops. */
                 op_set_error(op, "unavailable", PQerrorMessage(c->pc));
@@ -1143,7 +1147,7 @@ dispatch(struct gw_pg *pg)
                 conn_fail(c, "unavailable", "postgres: connection lost"
                           " (outcome unknown)", &lost);
                 while (lost != NULL) {
-                    struct gw_pgop *l = lost;
+                    struct lpg_op *l = lost;
 
                     lost = l->next;
                     l->next = done;
@@ -1159,15 +1163,15 @@ dispatch(struct gw_pg *pg)
 static void
 on_tick(evutil_socket_t fd, short what, void *arg)
 {
-    struct gw_pg   *pg = arg;
-    struct gw_pgop *done = NULL;
-    double          now = mono_now();
+    struct lpg_pool   *pg = arg;
+    struct lpg_op *done = NULL;
+    double          now = gw_loop_mono_fresh();
     int             i;
 
     for (i = 0; i < pg->npool; i++) {
-        struct gw_pgconn *c = &pg->conns[i];
+        struct lpg_conn *c = &pg->conns[i];
 
-        if (c->state == GW_PGC_CONNECTING
+        if (c->state == LPG_CONN_CONNECTING
             && now - c->opened > pg->connect_timeout)
         {
             conn_fail(c, "unavailable", "postgres: connect timed out",
@@ -1177,7 +1181,7 @@ on_tick(evutil_socket_t fd, short what, void *arg)
                 pool_fail_waiting(pg, "unavailable",
                                   "postgres: connect timed out", &done);
             }
-        } else if (c->state == GW_PGC_READY && c->inflight > 0
+        } else if (c->state == LPG_CONN_READY && c->inflight > 0
                    && now - c->since > pg->query_timeout)
         {
             char msg[100];
@@ -1207,10 +1211,10 @@ tx_forget(long txid)
 static void
 tx_abandon(struct gw_store_tx *tx)
 {
-    struct gw_pg     *pg = tx->owner;
+    struct lpg_pool     *pg = tx->owner;
     long              txid = tx->id;
-    struct gw_pgop   *op, *next, *prev = NULL, *done = NULL;
-    struct gw_pgconn *c = NULL;
+    struct lpg_op   *op, *next, *prev = NULL, *done = NULL;
+    struct lpg_conn *c = NULL;
     int               i;
 
     gw_store_tx_free(tx);
@@ -1228,7 +1232,7 @@ tx_abandon(struct gw_store_tx *tx)
         done = op;
     }
     for (i = 0; i < pg->npool; i++) {
-        if (pg->conns[i].state == GW_PGC_READY
+        if (pg->conns[i].state == LPG_CONN_READY
             && pg->conns[i].txid == txid)
         {
             c = &pg->conns[i];
@@ -1256,7 +1260,7 @@ tx_abandon(struct gw_store_tx *tx)
             conn_fail(c, "closed", "postgres: transaction abandoned",
                       &done);
         } else {
-            op->kind = GW_PGOP_STMT;
+            op->kind = LPG_OP_STMT;
             op->txid = txid;
             op->tx_end = 1;
             op->next = pg->wq;           /* first in line */
@@ -1272,10 +1276,10 @@ tx_abandon(struct gw_store_tx *tx)
 
 /* ------------------------------------------------------------ Lua side */
 
-static struct gw_pg *
+static struct lpg_pool *
 check_pool(lua_State *L)
 {
-    struct gw_pgud *ud = luaL_checkudata(L, 1, LPG_MT);
+    struct lpg_ud *ud = luaL_checkudata(L, 1, LPG_MT);
 
     if (ud->pg == NULL) {
         luaL_error(L, "postgres: pool is closed");
@@ -1290,8 +1294,8 @@ static int
 lpg_open(lua_State *L)
 {
     const char     *ci = luaL_checkstring(L, 1);
-    struct gw_pgud *ud;
-    struct gw_pg   *pg;
+    struct lpg_ud *ud;
+    struct lpg_pool   *pg;
     struct timeval  tv = { 0, 50000 };
     int             i, npool;
     double          connect_timeout, query_timeout, down_for;
@@ -1334,9 +1338,9 @@ lpg_open(lua_State *L)
 static int
 lpg_close(lua_State *L)
 {
-    struct gw_pgud *ud = luaL_checkudata(L, 1, LPG_MT);
-    struct gw_pg   *pg = ud->pg;
-    struct gw_pgop *done = NULL;
+    struct lpg_ud *ud = luaL_checkudata(L, 1, LPG_MT);
+    struct lpg_pool   *pg = ud->pg;
+    struct lpg_op *done = NULL;
     int             i;
 
     if (pg == NULL) {
@@ -1357,10 +1361,10 @@ lpg_close(lua_State *L)
 }
 
 static int
-submit(lua_State *L, struct gw_pg *pg, struct gw_pgop *op)
+submit(lua_State *L, struct lpg_pool *pg, struct lpg_op *op)
 {
     op->co = gw_co_current(L);
-    if (!pool_has_live(pg) && mono_now() < pg->down_until) {
+    if (!pool_has_live(pg) && gw_loop_mono_fresh() < pg->down_until) {
         /* Fail fast during an outage. */
         if (op->tx_begin) {
             tx_forget(op->txid);
@@ -1379,25 +1383,25 @@ submit(lua_State *L, struct gw_pg *pg, struct gw_pgop *op)
     return gw_co_wait(L, op_cancel, op);
 }
 
-static struct gw_pgop *
-new_op(lua_State *L, int sql_idx, int params_idx, enum gw_pgop_kind kind)
+static struct lpg_op *
+new_op(lua_State *L, int sql_idx, int params_idx, enum lpg_op_kind kind)
 {
-    struct gw_pgop *op;
-    struct gw_sqlv *params = NULL;
+    struct lpg_op *op;
+    struct gw_store_val *params = NULL;
     int             n = 0;
 
     gw_co_current(L);
     if (sql_idx > 0) {
         luaL_checkstring(L, sql_idx);
     }
-    if (params_idx > 0 && gw_sqlv_from_lua(L, params_idx, &params, &n)
+    if (params_idx > 0 && gw_store_vals_from_lua(L, params_idx, &params, &n)
         != GW_OK)
     {
         return NULL;
     }
     op = calloc(1, sizeof(*op));
     if (op == NULL) {
-        gw_sqlv_free(params, n);
+        gw_store_vals_free(params, n);
         return NULL;
     }
     op->kind = kind;
@@ -1412,10 +1416,10 @@ new_op(lua_State *L, int sql_idx, int params_idx, enum gw_pgop_kind kind)
 }
 
 static int
-run_op(lua_State *L, struct gw_pg *pg, int sql_idx, int params_idx,
-       enum gw_pgop_kind kind, int want_rows, long txid)
+run_op(lua_State *L, struct lpg_pool *pg, int sql_idx, int params_idx,
+       enum lpg_op_kind kind, int want_rows, long txid)
 {
-    struct gw_pgop *op = new_op(L, sql_idx, params_idx, kind);
+    struct lpg_op *op = new_op(L, sql_idx, params_idx, kind);
 
     if (op == NULL) {
         return gw_push_error(L, "unavailable", 0, "postgres: out of memory");
@@ -1429,33 +1433,33 @@ run_op(lua_State *L, struct gw_pg *pg, int sql_idx, int params_idx,
 static int
 lpg_exec(lua_State *L)
 {
-    return run_op(L, check_pool(L), 2, 3, GW_PGOP_STMT, 0, 0);
+    return run_op(L, check_pool(L), 2, 3, LPG_OP_STMT, 0, 0);
 }
 
 /* h:query(sql, params) */
 static int
 lpg_query(lua_State *L)
 {
-    return run_op(L, check_pool(L), 2, 3, GW_PGOP_STMT, 1, 0);
+    return run_op(L, check_pool(L), 2, 3, LPG_OP_STMT, 1, 0);
 }
 
 /* h:script(sql) */
 static int
 lpg_script(lua_State *L)
 {
-    return run_op(L, check_pool(L), 2, 0, GW_PGOP_SCRIPT, 0, 0);
+    return run_op(L, check_pool(L), 2, 0, LPG_OP_SCRIPT, 0, 0);
 }
 
 /* h:connect() -> true | nil, err  (one round trip on a new connection) */
 static int
 lpg_connect(lua_State *L)
 {
-    struct gw_pg   *pg = check_pool(L);
-    struct gw_pgop *op;
+    struct lpg_pool   *pg = check_pool(L);
+    struct lpg_op *op;
 
     lua_settop(L, 1);
     lua_pushliteral(L, "SELECT 1");
-    op = new_op(L, 2, 0, GW_PGOP_STMT);
+    op = new_op(L, 2, 0, LPG_OP_STMT);
     if (op == NULL) {
         return gw_push_error(L, "unavailable", 0, "postgres: out of memory");
     }
@@ -1467,8 +1471,8 @@ lpg_connect(lua_State *L)
 static int
 lpg_begin(lua_State *L)
 {
-    struct gw_pg   *pg = check_pool(L);
-    struct gw_pgop     *op;
+    struct lpg_pool   *pg = check_pool(L);
+    struct lpg_op     *op;
     struct gw_store_tx *tx;
 
     if (!lua_isyieldable(L)) {
@@ -1478,7 +1482,7 @@ lpg_begin(lua_State *L)
     }
     lua_settop(L, 1);
     lua_pushliteral(L, "BEGIN");
-    op = new_op(L, 2, 0, GW_PGOP_STMT);
+    op = new_op(L, 2, 0, LPG_OP_STMT);
     if (op == NULL) {
         return gw_push_error(L, "unavailable", 0, "postgres: out of memory");
     }
@@ -1495,10 +1499,10 @@ lpg_begin(lua_State *L)
 static int
 tx_op(lua_State *L, int kind, int want_rows, const char *fixed, int end)
 {
-    struct gw_pg   *pg = check_pool(L);
+    struct lpg_pool   *pg = check_pool(L);
     long            txid = (long)luaL_checknumber(L, 2);
     struct gw_store_tx *tx = gw_store_tx_find(pg, txid);
-    struct gw_pgop     *op;
+    struct lpg_op     *op;
 
     if (tx != NULL && tx->state == LPG_TX_ENDED) {
         /* COMMIT/ROLLBACK in its SQL ended it: nothing more runs in it. */
@@ -1513,9 +1517,9 @@ tx_op(lua_State *L, int kind, int want_rows, const char *fixed, int end)
     if (fixed != NULL) {
         lua_settop(L, 2);
         lua_pushstring(L, fixed);
-        op = new_op(L, 3, 0, GW_PGOP_STMT);
+        op = new_op(L, 3, 0, LPG_OP_STMT);
     } else {
-        op = new_op(L, 3, kind == GW_PGOP_STMT ? 4 : 0, kind);
+        op = new_op(L, 3, kind == LPG_OP_STMT ? 4 : 0, kind);
     }
     if (op == NULL) {
         return gw_push_error(L, "unavailable", 0, "postgres: out of memory");
@@ -1533,31 +1537,31 @@ tx_op(lua_State *L, int kind, int want_rows, const char *fixed, int end)
 static int
 lpg_tx_exec(lua_State *L)
 {
-    return tx_op(L, GW_PGOP_STMT, 0, NULL, 0);
+    return tx_op(L, LPG_OP_STMT, 0, NULL, 0);
 }
 
 static int
 lpg_tx_query(lua_State *L)
 {
-    return tx_op(L, GW_PGOP_STMT, 1, NULL, 0);
+    return tx_op(L, LPG_OP_STMT, 1, NULL, 0);
 }
 
 static int
 lpg_tx_script(lua_State *L)
 {
-    return tx_op(L, GW_PGOP_SCRIPT, 0, NULL, 0);
+    return tx_op(L, LPG_OP_SCRIPT, 0, NULL, 0);
 }
 
 static int
 lpg_commit(lua_State *L)
 {
-    return tx_op(L, GW_PGOP_STMT, 0, "COMMIT", 1);
+    return tx_op(L, LPG_OP_STMT, 0, "COMMIT", 1);
 }
 
 static int
 lpg_rollback(lua_State *L)
 {
-    return tx_op(L, GW_PGOP_STMT, 0, "ROLLBACK", 1);
+    return tx_op(L, LPG_OP_STMT, 0, "ROLLBACK", 1);
 }
 
 static const luaL_Reg lpg_methods[] = {

@@ -30,9 +30,9 @@ param_count(lua_State *L, int idx)
 }
 
 int
-gw_sqlv_from_lua(lua_State *L, int idx, struct gw_sqlv **out, int *n)
+gw_store_vals_from_lua(lua_State *L, int idx, struct gw_store_val **out, int *n)
 {
-    struct gw_sqlv *v;
+    struct gw_store_val *v;
     int             i, cnt, t;
 
     *out = NULL;
@@ -70,16 +70,16 @@ gw_sqlv_from_lua(lua_State *L, int idx, struct gw_sqlv **out, int *n)
         lua_rawgeti(L, idx, i + 1);
         switch (lua_type(L, -1)) {
         case LUA_TBOOLEAN:
-            v[i].type = GW_SQLV_INT;
+            v[i].type = GW_STORE_INT;
             v[i].i = lua_toboolean(L, -1);
             break;
         case LUA_TNUMBER:
             d = lua_tonumber(L, -1);
             if (d == floor(d) && fabs(d) < 9.2e18) {
-                v[i].type = GW_SQLV_INT;
+                v[i].type = GW_STORE_INT;
                 v[i].i = (int64_t)d;
             } else {
-                v[i].type = GW_SQLV_REAL;
+                v[i].type = GW_STORE_REAL;
                 v[i].d = d;
             }
             break;
@@ -88,15 +88,15 @@ gw_sqlv_from_lua(lua_State *L, int idx, struct gw_sqlv **out, int *n)
             v[i].s = malloc(len + 1);
             if (v[i].s == NULL) {
                 lua_pop(L, 1);
-                gw_sqlv_free(v, cnt);
+                gw_store_vals_free(v, cnt);
                 return GW_ERR;
             }
             memcpy(v[i].s, s, len + 1);
             v[i].len = len;
-            v[i].type = GW_SQLV_TEXT;
+            v[i].type = GW_STORE_TEXT;
             break;
         default:
-            v[i].type = GW_SQLV_NULL;
+            v[i].type = GW_STORE_NULL;
             break;
         }
         lua_pop(L, 1);
@@ -107,7 +107,7 @@ gw_sqlv_from_lua(lua_State *L, int idx, struct gw_sqlv **out, int *n)
 }
 
 void
-gw_sqlv_free(struct gw_sqlv *v, int n)
+gw_store_vals_free(struct gw_store_val *v, int n)
 {
     int i;
 
@@ -121,16 +121,16 @@ gw_sqlv_free(struct gw_sqlv *v, int n)
 }
 
 void
-gw_sqlv_push(lua_State *L, const struct gw_sqlv *v)
+gw_store_val_push(lua_State *L, const struct gw_store_val *v)
 {
     switch (v->type) {
-    case GW_SQLV_INT:
+    case GW_STORE_INT:
         gw_store_push_int(L, v->i);
         break;
-    case GW_SQLV_REAL:
+    case GW_STORE_REAL:
         lua_pushnumber(L, v->d);
         break;
-    case GW_SQLV_TEXT:
+    case GW_STORE_TEXT:
         lua_pushlstring(L, v->s, v->len);
         break;
     default:

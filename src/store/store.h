@@ -1,8 +1,11 @@
 /*
  * store.h -- helpers shared by the storage drivers (paygate.sqlite.core,
  * paygate.pg.core, paygate.redis.core): SQL parameter values copied off
- * the Lua stack so a worker thread or a later loop turn can use them, and
- * the null sentinel (a NULL light userdata, equal to cjson.null).
+ * the Lua stack so a worker thread or a later loop turn can use them,
+ * integers pushed without rounding, the checks of the options tables,
+ * the registry of open transactions, the statement caches' hash. (The
+ * null sentinel each module exports is a NULL light userdata, equal to
+ * cjson.null.)
  */
 #ifndef GW_STORE_H
 #define GW_STORE_H
@@ -13,30 +16,34 @@
 
 #include "runtime.h"
 
-enum gw_sqlv_type { GW_SQLV_NULL, GW_SQLV_INT, GW_SQLV_REAL, GW_SQLV_TEXT };
+enum gw_store_val_type {
+    GW_STORE_NULL, GW_STORE_INT, GW_STORE_REAL, GW_STORE_TEXT
+};
 
-/* One bound parameter or one result cell. */
-struct gw_sqlv {
-    enum gw_sqlv_type type;     /* which union member is valid */
-    int64_t           i;        /* GW_SQLV_INT (booleans become 0/1) */
-    double            d;        /* GW_SQLV_REAL */
-    char             *s;        /* GW_SQLV_TEXT: owned, NUL-terminated */
-    size_t            len;      /* GW_SQLV_TEXT: bytes, without the NUL */
+/* One bound parameter or one result cell. A plain struct: only the
+ * fields that type names are meaningful, the others stay zero. */
+struct gw_store_val {
+    enum gw_store_val_type type; /* which of the fields below is set */
+    int64_t                i;    /* GW_STORE_INT (booleans become 0/1) */
+    double                 d;    /* GW_STORE_REAL */
+    char                  *s;    /* GW_STORE_TEXT: owned, NUL-terminated */
+    size_t                 len;  /* GW_STORE_TEXT: bytes, without the NUL */
 };
 
 /* Copies the parameter array at idx (a table, or nil/none for no
  * parameters) into a malloc'd array; *n gets its length (params.n when
  * set, else #params). Raises on a value that cannot be bound (misuse)
  * before allocating anything. Returns GW_OK, or GW_ERR when out of
- * memory. Free with gw_sqlv_free(). */
-int gw_sqlv_from_lua(lua_State *L, int idx, struct gw_sqlv **out, int *n);
+ * memory. Free with gw_store_vals_free(). */
+int gw_store_vals_from_lua(lua_State *L, int idx, struct gw_store_val **out,
+                           int *n);
 
 /* Frees n values and the array. NULL-safe. */
-void gw_sqlv_free(struct gw_sqlv *v, int n);
+void gw_store_vals_free(struct gw_store_val *v, int n);
 
 /* Pushes the value; NULL becomes nil, an integer as gw_store_push_int()
  * does. */
-void gw_sqlv_push(lua_State *L, const struct gw_sqlv *v);
+void gw_store_val_push(lua_State *L, const struct gw_store_val *v);
 
 /* Pushes an integer from a store: a Lua number when |i| <= 2^53 (every
  * such integer is exact in a double), else its decimal string, so that
