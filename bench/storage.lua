@@ -65,6 +65,14 @@ if servers.have_postgres() then
   local srv = servers.postgres()
   db = assert(sql.open(srv.url .. "?pool=8"))
   report("postgres insert (pool 8, synchronous_commit)", inserts(db))
+  report("postgres transaction of 2 inserts (pool 8)", drive(function(w, i)
+    return db:transaction(function(tx)
+      assert(tx:exec("INSERT INTO bench (w, i, v) VALUES ($1, $2, $3)",
+                     { w, i, "a" }))
+      return tx:exec("INSERT INTO bench (w, i, v) VALUES ($1, $2, $3)",
+                     { w, -i, "b" })
+    end)
+  end))
   db:close()
 end
 

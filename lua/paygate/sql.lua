@@ -193,37 +193,9 @@ end
 
 -- Transaction control in SQL would leave a pooled PostgreSQL connection
 -- inside a transaction that nothing commits (acknowledged writes lost), or
--- end db:transaction()'s early. SQLite refuses it in C (an authorizer);
--- for PostgreSQL the first keyword of each statement is checked here.
-local TX_WORDS = { BEGIN = true, START = true, COMMIT = true, END = true,
-                   ROLLBACK = true, ABORT = true, SAVEPOINT = true,
-                   RELEASE = true }
-local error_mt = require("paygate.core").error_mt()
-
-local function tx_control(sql)
-  if type(sql) ~= "string" then return nil end
-  -- comments out, then each statement's first word
-  local text = sql:gsub("%-%-[^\n]*", " "):gsub("/%*.-%*/", " ")
-  for stmt in (text .. ";"):gmatch("([^;]*);") do
-    local word = stmt:match("^%s*(%a+)")
-    if word and TX_WORDS[word:upper()] then return word:upper() end
-  end
-  return nil
-end
-
-local function refuse(word)
-  return nil, setmetatable({ kind = "misuse", retryable = false,
-    message = "postgres: " .. word .. " is not allowed in SQL: use "
-              .. "db:transaction()" }, error_mt)
-end
-
-local function checked(self, sql)
-  if self.engine == "postgres" then
-    local word = tx_control(sql)
-    if word then return false, word end
-  end
-  return true
-end
+-- end db:transaction()'s early. Both engines refuse it in C with misuse:
+-- SQLite with an authorizer, PostgreSQL by asking the server for the
+-- connection's transaction status after each statement.
 
 -- syntax: rows, err = db:query(sql [, params])
 -- returns: an array of rows (column name -> value; NULL columns absent)
@@ -231,8 +203,6 @@ end
 function DB:query(sql, params)
   check_db("db:query", self)
   check_stmt("db:query", sql, params)
-  local ok, word = checked(self, sql)
-  if not ok then return refuse(word) end
   return self.h:query(sql, params)
 end
 
@@ -243,8 +213,6 @@ end
 function DB:exec(sql, params)
   check_db("db:exec", self)
   check_stmt("db:exec", sql, params)
-  local ok, word = checked(self, sql)
-  if not ok then return refuse(word) end
   return self.h:exec(sql, params)
 end
 
@@ -254,8 +222,6 @@ end
 function DB:exec_script(sql)
   check_db("db:exec_script", self)
   check_stmt("db:exec_script", sql)
-  local ok, word = checked(self, sql)
-  if not ok then return refuse(word) end
   return self.h:script(sql)
 end
 
@@ -344,24 +310,18 @@ end
 function TX:query(sql, params)
   check_tx("tx:query", self)
   check_stmt("tx:query", sql, params)
-  local ok, word = checked(self, sql)
-  if not ok then return refuse(word) end
   return self.h:tx_query(self.id, sql, params)
 end
 
 function TX:exec(sql, params)
   check_tx("tx:exec", self)
   check_stmt("tx:exec", sql, params)
-  local ok, word = checked(self, sql)
-  if not ok then return refuse(word) end
   return self.h:tx_exec(self.id, sql, params)
 end
 
 function TX:exec_script(sql)
   check_tx("tx:exec_script", self)
   check_stmt("tx:exec_script", sql)
-  local ok, word = checked(self, sql)
-  if not ok then return refuse(word) end
   return self.h:tx_script(self.id, sql)
 end
 

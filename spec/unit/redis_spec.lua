@@ -26,6 +26,23 @@ describe("paygate.redis", function()
       assert.is_true(err.retryable)
     end)
 
+    it("raises on a mistyped option, naming it", function()
+      for name, v in pairs({ password = {}, pool = "x", timeout = 0,
+                             connect_timeout = "1", db = -1 }) do
+        local ok, err = pcall(redis.connect, srv.url, { [name] = v })
+        assert.is_false(ok, name)
+        assert.truthy(tostring(err):find("redis.connect: opts." .. name
+                                         .. " must be", 1, true), err)
+      end
+      local ok, err = pcall(redis.connect, srv.url, { passwd = "x" })
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find("unknown option opts.passwd", 1,
+                                       true), err)
+      ok, err = pcall(redis.connect, srv.url .. "?pool=many")
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find("opts.pool must be", 1, true), err)
+    end)
+
     it("raises on a url that is not redis://", function()
       assert.has_error(function() redis.connect("http://x") end)
       -- TLS was asked for: refuse rather than talk plain text
@@ -67,6 +84,18 @@ describe("paygate.redis", function()
       assert.equal("-100000000000001", res[2])
       assert(r:call("SET", "real", 0.5))
       assert.equal("0.5", r:call("GET", "real"))
+    end)
+
+    it("returns integer replies past 2^53 exactly, as decimal strings", function()
+      assert(r:call("SET", "i64", "9007199254740992"))
+      assert.equal(2^53, r:call("INCRBY", "i64", 0))
+      assert.equal("9007199254740993", r:call("INCR", "i64"))
+      assert(r:call("SET", "i64", "-9223372036854775807"))
+      assert.equal("-9223372036854775808", r:call("DECR", "i64"))
+      local res = assert(r:pipeline({ { "SET", "i64", "9223372036854775806" },
+                                      { "INCR", "i64" } }))
+      assert.equal("9223372036854775807", res[2])
+      assert.equal(-2^53, r:call("DECRBY", "neg", 2^53))
     end)
 
     it("keeps binary-safe values", function()

@@ -122,14 +122,18 @@ for _, engine in ipairs(engines) do
         local r, err = db:exec_script("INSERT INTO t (v, n) VALUES ('s', 1); COMMIT")
         assert.is_nil(r)
         assert.equal("misuse", err.kind)
-        -- a transaction cannot be ended from inside: it commits as a whole
-        assert(db:transaction(function(tx)
-          assert(tx:exec("INSERT INTO t (v, n) VALUES ($1, $2)", { "in", 1 }))
-          local _, cerr = tx:exec("COMMIT")
-          assert.equal("misuse", cerr.kind)
-          return tx:exec("INSERT INTO t (v, n) VALUES ($1, $2)", { "in2", 2 })
-        end))
-        assert.equal(2, #db:query("SELECT v FROM t WHERE v LIKE 'in%'"))
+        -- SQLite: a transaction cannot be ended from inside, it commits
+        -- as a whole (PostgreSQL: see "fails a transaction whose SQL
+        -- ended it early" below)
+        if engine == "sqlite" then
+          assert(db:transaction(function(tx)
+            assert(tx:exec("INSERT INTO t (v, n) VALUES ($1, $2)", { "in", 1 }))
+            local _, cerr = tx:exec("COMMIT")
+            assert.equal("misuse", cerr.kind)
+            return tx:exec("INSERT INTO t (v, n) VALUES ($1, $2)", { "in2", 2 })
+          end))
+          assert.equal(2, #db:query("SELECT v FROM t WHERE v LIKE 'in%'"))
+        end
         -- and the pool was left clean: plain writes are durable
         assert(db:exec("INSERT INTO t (v, n) VALUES ($1, $2)", { "after", 3 }))
         assert.equal(1, #db:query("SELECT v FROM t WHERE v = 'after'"))
@@ -205,6 +209,38 @@ for _, engine in ipairs(engines) do
         end
       end)
 
+      it("returns integers past 2^53 exactly, as decimal strings", function()
+        -- SQLite's last_id is the rowid: make id that rowid
+        assert(db:exec_script("CREATE TABLE big (id "
+          .. (engine == "sqlite" and "INTEGER" or "BIGINT")
+          .. " PRIMARY KEY, k BIGINT)"))
+        local big = { "9007199254740993", "-9223372036854775808",
+                      "9223372036854775807", "-9007199254740993" }
+        for i, v in ipairs(big) do
+          local res = assert(db:exec("INSERT INTO big (id, k) VALUES ($1, $2)"
+                                     .. " RETURNING id", { v, v }))
+          assert.equal(v, res.last_id, v)
+          assert.equal(v, res.rows[1].id, v)
+          assert.equal(i, #db:query("SELECT k FROM big"))
+        end
+        for _, v in ipairs({ 2^53, -2^53, 0, 1 }) do
+          assert(db:exec("INSERT INTO big (id, k) VALUES ($1, $2)",
+                         { #big + v, v }))
+        end
+        local rows = assert(db:query("SELECT k FROM big ORDER BY k"))
+        local got = {}
+        for _, r in ipairs(rows) do
+          got[#got + 1] = r.k
+        end
+        assert.same({ big[2], big[4], -2^53, 0, 1, 2^53, big[1], big[3] }, got)
+        assert.equal("number", type(got[6]))
+        assert.equal("string", type(got[7]))
+        -- computed on the server, too
+        local r = assert(db:query("SELECT k + 1 AS s FROM big WHERE k = $1",
+                                  { 2^53 }))
+        assert.same({ { s = "9007199254740993" } }, r)
+      end)
+
       it("counts changes of an UPDATE", function()
         for i = 1, 3 do
           assert(db:exec("INSERT INTO t (v, n) VALUES ($1, $2)", { "r" .. i, i }))
@@ -265,6 +301,60 @@ for _, engine in ipairs(engines) do
           assert.equal(0, c)
           assert.is_table(err)
         end
+      end)
+
+      it("goes on after a failed statement, which alone is undone", function()
+        local ok, err = db:transaction(function(tx)
+          assert(tx:exec("INSERT INTO t (v, n) VALUES ($1, $2)", { "g", 1 }))
+          local r, e = tx:exec("INSERT INTO t (v, n) VALUES ($1, $2)",
+                               { "g", 2 })
+          assert.is_nil(r)
+          assert.equal("constraint", e.kind)
+          -- a script that fails half way is undone as a whole
+          r, e = tx:exec_script("INSERT INTO t (v, n) VALUES ('s1', 3);"
+                                .. " INSERT INTO t (v, n) VALUES ('s2', -1)")
+          assert.is_nil(r)
+          assert.equal("constraint", e.kind)
+          assert.same({ { c = 1 } }, tx:query("SELECT count(*) AS c FROM t"))
+          r, e = tx:query("SELECT nope FROM t")
+          assert.equal("syntax", e.kind)
+          assert(tx:exec("INSERT INTO t (v, n) VALUES ($1, $2)", { "h", 2 }))
+          return "done"
+        end, { retries = 1 })
+        assert.equal("done", ok, tostring(err))
+        assert.same({ { v = "g", n = 1 }, { v = "h", n = 2 } },
+                    db:query("SELECT v, n FROM t ORDER BY v"))
+        -- and a failure right before COMMIT does not undo the rest
+        assert(db:transaction(function(tx)
+          assert(tx:exec("INSERT INTO t (v, n) VALUES ($1, $2)", { "i", 3 }))
+          local _, e = tx:exec("INSERT INTO t (v, n) VALUES ($1, $2)",
+                               { "i", 4 })
+          assert.equal("constraint", e.kind)
+          return true
+        end, { retries = 1 }))
+        assert.equal(3, db:query("SELECT count(*) AS c FROM t")[1].c)
+        -- the first statement fails, then a script, which fails too
+        assert(db:transaction(function(tx)
+          local _, e = tx:exec("INSERT INTO t (v, n) VALUES ($1, $2)",
+                               { "g", 9 })
+          assert.equal("constraint", e.kind)
+          assert(tx:exec_script("INSERT INTO t (v, n) VALUES ('j', 5)"))
+          _, e = tx:exec_script("INSERT INTO t (v, n) VALUES ('k', 6);"
+                                .. " INSERT INTO t (v, n) VALUES ('g', 7)")
+          assert.equal("constraint", e.kind)
+          return true
+        end, { retries = 1 }))
+        assert.same({ { v = "g" }, { v = "h" }, { v = "i" }, { v = "j" } },
+                    db:query("SELECT v FROM t ORDER BY v"))
+        local _, e = db:transaction(function(tx)
+          return tx:exec("INSERT INTO t (v, n) VALUES ($1, $2)", { "g", 9 })
+        end, { retries = 1 })
+        assert.equal("constraint", e.kind)
+        assert.equal("handled", db:transaction(function(tx)
+          local r = tx:exec("INSERT INTO t (v, n) VALUES ($1, $2)", { "g", 9 })
+          return r or "handled"
+        end, { retries = 1 }))
+        assert.equal(4, db:query("SELECT count(*) AS c FROM t")[1].c)
       end)
 
       it("rolls back and re-raises a programmer error", function()
@@ -525,6 +615,53 @@ for _, engine in ipairs(engines) do
   end)
 end
 
+describe("sql.open options", function()
+  local function raises(url, opts, pattern)
+    local ok, err = pcall(sql.open, url, opts)
+    assert.is_false(ok, pattern)
+    assert.truthy(tostring(err):find(pattern, 1, true),
+                  tostring(err) .. " lacks " .. pattern)
+  end
+
+  local bad = {
+    sqlite = { readers = 0, batch_max = "x", busy_timeout = "5",
+               tx_timeout = -1, synchronous = 9, retries = 0 },
+    postgres = { pool = "x", connect_timeout = "1", query_timeout = 0,
+                 down_for = -1, retries = "3" },
+  }
+
+  for _, engine in ipairs(engines) do
+    it("raises on a mistyped option on " .. engine .. ", naming it", function()
+      local url = engine == "sqlite" and "sqlite:" .. tmp .. "/opts.db"
+        or (pg_srv or servers.postgres()).url
+      pg_srv = pg_srv or (engine == "postgres" and servers.postgres()) or nil
+      for name, v in pairs(bad[engine]) do
+        raises(url, { [name] = v }, "sql.open: opts." .. name .. " must be")
+      end
+      if engine == "postgres" then
+        raises(url, { pool = 1.5 },
+               "sql.open: opts.pool must be an integer from 1 to")
+      end
+      raises(url, { pol = 4 }, "sql.open: unknown option opts.pol")
+      -- the error names the caller's line, not paygate's
+      local ok, err = pcall(function() sql.open(url, { retries = 0 }) end)
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find("sql_spec.lua:%d+: sql.open: "), err)
+      -- an option of the other engine is accepted (one table for both)
+      local db = assert(sql.open(url, engine == "sqlite" and { pool = 2 }
+                                 or { busy_timeout = 10 }))
+      db:close()
+    end)
+  end
+
+  if servers.have_postgres() then
+    it("raises on a mistyped option in a postgres url", function()
+      pg_srv = pg_srv or servers.postgres()
+      raises(pg_srv.url .. "?pool=x", nil, "sql.open: opts.pool must be")
+    end)
+  end
+end)
+
 describe("paygate.sql on sqlite (engine specifics)", function()
   it("fails to open an unusable path with unavailable", function()
     local db, err = sql.open("sqlite:/nonexistent-dir/x/y.db")
@@ -642,3 +779,85 @@ describe("paygate.sql on sqlite (engine specifics)", function()
     end
   end)
 end)
+
+if servers.have_postgres() then
+  describe("paygate.sql on postgres (engine specifics)", function()
+    -- A second pool on the same server: what it sees is committed.
+    local function other()
+      return assert(sql.open(pg_srv.url))
+    end
+
+    it("runs ordinary SQL that merely contains transaction words", function()
+      local db = open("postgres", { pool = 1 })
+      assert(db:exec_script("DROP FUNCTION IF EXISTS gw_f();"
+        .. " DROP TABLE IF EXISTS tw"))
+      local fn = "CREATE FUNCTION gw_f() RETURNS integer AS $$ BEGIN"
+        .. " RETURN 1; END; $$ LANGUAGE plpgsql"
+      assert(db:exec_script("CREATE TABLE tw (k INTEGER);\n" .. fn))
+      assert(db:exec("COMMENT ON TABLE tw IS 'paid; end of day'"))
+      assert(db:exec_script("COMMENT ON TABLE tw IS 'paid;\nbegin'"))
+      assert.same({ { f = 1 } }, db:query("SELECT gw_f() AS f"))
+      assert(db:transaction(function(tx)
+        assert(tx:exec_script("DROP FUNCTION gw_f(); " .. fn))
+        return tx:exec("COMMENT ON TABLE tw IS 'rollback; commit'")
+      end))
+      db:close()
+    end)
+
+    it("refuses SQL that leaves a pooled connection inside a transaction", function()
+      local db = open("postgres", { pool = 1 })
+      local o = other()
+      assert(db:exec_script("CREATE TABLE t (k INTEGER, v TEXT)"))
+      assert(db:exec("INSERT INTO t VALUES (1, 'x')"))
+      local r, err = db:exec_script("UPDATE t SET v = 'a--b'; BEGIN")
+      assert.is_nil(r)
+      assert.equal("misuse", err.kind)
+      r, err = db:exec("BEGIN")
+      assert.is_nil(r)
+      assert.equal("misuse", err.kind)
+      r, err = db:query("START TRANSACTION")
+      assert.is_nil(r)
+      assert.equal("misuse", err.kind)
+      -- rolled back, and the next write on the pool is committed
+      assert(db:exec("INSERT INTO t VALUES (2, 'y')"))
+      assert.same({ { k = 1, v = "x" }, { k = 2, v = "y" } },
+                  o:query("SELECT k, v FROM t ORDER BY k"))
+      assert.equal(0, o:query("SELECT count(*) AS c FROM pg_stat_activity"
+        .. " WHERE state LIKE 'idle in transaction%'")[1].c)
+      o:close()
+      db:close()
+    end)
+
+    it("fails a transaction whose SQL ended it early", function()
+      local db = open("postgres", { pool = 1 })
+      local o = other()
+      assert(db:exec_script("CREATE TABLE t (k INTEGER)"))
+      for _, stmt in ipairs({ "COMMIT", "ROLLBACK", "END" }) do
+        local ok, err = db:transaction(function(tx)
+          assert(tx:exec("INSERT INTO t VALUES (1)"))
+          local r, cerr = tx:exec(stmt)
+          assert.is_nil(r, stmt)
+          assert.equal("misuse", cerr.kind, stmt)
+          return tx:exec("INSERT INTO t VALUES (2)")
+        end, { retries = 1 })
+        assert.is_nil(ok, stmt)
+        assert.equal("misuse", err.kind, stmt)
+        -- what ran after the early end was not committed
+        assert.equal(0, o:query("SELECT count(*) AS c FROM t WHERE k = 2")[1].c)
+      end
+      local ok, err = db:transaction(function(tx)
+        return tx:exec_script("INSERT INTO t VALUES (3); COMMIT")
+      end, { retries = 1 })
+      assert.is_nil(ok)
+      assert.equal("misuse", err.kind)
+      -- the pool is clean: plain writes and transactions commit
+      assert(db:exec("INSERT INTO t VALUES (4)"))
+      assert(db:transaction(function(tx)
+        return tx:exec("INSERT INTO t VALUES (5)")
+      end))
+      assert.equal(2, o:query("SELECT count(*) AS c FROM t WHERE k >= 4")[1].c)
+      o:close()
+      db:close()
+    end)
+  end)
+end

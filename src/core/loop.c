@@ -48,16 +48,23 @@ gw_loop_mono(void)
     return mono_cached;
 }
 
+double
+gw_loop_mono_fresh(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double) ts.tv_sec + (double) ts.tv_nsec / 1e9;
+}
+
 void
 gw_loop_update_time(void)
 {
     struct timeval tv;
-    struct timespec ts;
 
     gettimeofday(&tv, NULL);
     now_cached = (double) tv.tv_sec + (double) tv.tv_usec / 1e6;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    mono_cached = (double) ts.tv_sec + (double) ts.tv_nsec / 1e9;
+    mono_cached = gw_loop_mono_fresh();
 }
 
 static void

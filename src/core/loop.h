@@ -24,6 +24,11 @@ double gw_loop_now(void);
  * deadlines, which a wall-clock jump must not move. */
 double gw_loop_mono(void);
 
+/* Seconds on the monotonic clock, read now rather than cached: for any
+ * thread (the loop's cache belongs to the loop thread) and for code that
+ * measures time within one loop pass. */
+double gw_loop_mono_fresh(void);
+
 /* Refreshes the cached times. */
 void gw_loop_update_time(void);
 

@@ -7,9 +7,20 @@
  * as [Parse (first use on this connection)] + Bind/Execute + Sync, so an
  * error in one does not abort its neighbours, and the prepared statement
  * is cached per connection (name "gwN"). A transaction reserves one idle
- * connection from BEGIN until COMMIT/ROLLBACK. A script (several
- * statements, no parameters) leaves pipeline mode on an idle connection
- * for the simple query protocol.
+ * connection from BEGIN until COMMIT/ROLLBACK and sends its statements one
+ * at a time; each statement but the first runs in a savepoint (see
+ * conn_send()), so a failed one is undone alone and the transaction goes
+ * on. A script (several statements, no parameters) leaves pipeline mode
+ * on an idle connection for the simple query protocol; nothing else is
+ * sent on that connection until it is done.
+ *
+ * Transaction control belongs to db:transaction(). After each statement
+ * the server's transaction status is checked (conn_check_tx()): a pooled
+ * connection left inside a transaction is closed (the server rolls back)
+ * and the statement fails with "misuse"; a transaction that its own SQL
+ * committed or rolled back fails with "misuse" as well. Warnings and
+ * errors 25001/25P01 (BEGIN inside a transaction, COMMIT outside one)
+ * are "misuse" too.
  *
  * Failure handling: a broken connection fails its statements with
  * "unavailable" (retryable; for a write the outcome is unknown) and is
@@ -24,8 +35,9 @@
  * coroutine only clears op->co. The pool is freed by close/__gc; its
  * ops are failed first ("closed").
  *
- * Abandoned transactions: h:begin() attaches a struct gw_pgtx to the
- * calling coroutine (gw_co_cleanup) until COMMIT/ROLLBACK is submitted.
+ * Abandoned transactions: h:begin() registers a struct gw_store_tx
+ * (store.h), attached to the calling coroutine, until COMMIT/ROLLBACK is
+ * submitted.
  * If the coroutine ends first (task:cancel(), a request deadline, or it
  * returned without ending the transaction) no Lua code will ever send
  * ROLLBACK, so tx_abandon() does it in C: a BEGIN still waiting for a
@@ -34,13 +46,14 @@
  * statement of the transaction in flight is closed (the server rolls
  * back) and its slot reconnects on demand.
  */
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <event2/event.h>
 #include <libpq-fe.h>
 #include <lauxlib.h>
 
+#include "loop.h"
 #include "runtime.h"
 #include "store.h"
 
@@ -49,41 +62,50 @@
 #define LPG_CACHE     64
 #define LPG_DEPTH     64       /* statements in flight per connection */
 
-enum gw_pgop_kind { GW_PGOP_STMT, GW_PGOP_SCRIPT };
+enum lpg_op_kind { LPG_OP_STMT, LPG_OP_SCRIPT };
 
-enum gw_pgconn_state { GW_PGC_FREE, GW_PGC_CONNECTING, GW_PGC_READY };
+enum lpg_conn_state { LPG_CONN_FREE, LPG_CONN_CONNECTING, LPG_CONN_READY };
 
-struct gw_pgop {
-    enum gw_pgop_kind kind;
+struct lpg_op {
+    enum lpg_op_kind kind;
     struct gw_co     *co;        /* waiting coroutine; NULL if abandoned */
     int               want_rows; /* query (rows) vs exec (changes) */
     long              txid;      /* transaction this op belongs to, 0 none */
     int               tx_begin;  /* 1: BEGIN, reserves a connection */
     int               tx_end;    /* 1: COMMIT/ROLLBACK, releases it */
     char             *sql;       /* owned */
-    struct gw_sqlv   *params;    /* owned */
+    struct gw_store_val   *params;    /* owned */
     int               nparams;
     /* progress on the connection */
-    int               phase;     /* 0 prepare, 1 execute, 2 sync, 3 done */
-    int               has_prepare;
+    int               step;      /* command whose results come next */
+    int               exec_step; /* the command that is op's statement */
+    int               has_prepare;/* 1: command exec_step-1 is its Parse */
+    int               in_sp;     /* 1: runs in savepoint gw_s */
     int               cache_slot;/* slot to forget if the prepare fails */
     PGresult         *res;       /* owned; the statement's result */
     PGresult         *err;       /* owned; first error result */
     char              errkind[16];/* transport error kind or "" */
     char              errmsg[200];
-    struct gw_pgop   *next;
+    struct lpg_op   *next;
 };
 
-struct gw_pgconn {
-    struct gw_pg        *pg;     /* owner */
-    enum gw_pgconn_state state;
+struct lpg_conn {
+    struct lpg_pool        *pg;     /* owner */
+    enum lpg_conn_state state;
     PGconn              *pc;     /* owned */
     int                  fd;     /* socket the events watch */
     struct event        *rev;    /* owned; persistent read */
     struct event        *wev;    /* owned; one-shot write (flush) */
-    struct gw_pgop      *head, *tail; /* in flight, in send order */
+    struct lpg_op      *head, *tail; /* in flight, in send order */
     int                  inflight;
     long                 txid;   /* reserved by this transaction, 0 none */
+    int                  sp_failed; /* a statement of txid failed: 1 roll
+                                       back to its savepoint, 2 restart
+                                       txid (it was the first), before
+                                       txid's next command */
+    int                  tx_nstmt;  /* statements of txid sent since its
+                                       BEGIN (or restart) */
+    int                  sp_prepared; /* 1: lpg_sp_sql prepared on pc */
     double               since;  /* monotonic s: last progress */
     double               opened; /* monotonic s: connect started */
     unsigned             next_name;
@@ -91,7 +113,7 @@ struct gw_pgconn {
     unsigned             cache_name[LPG_CACHE];
 };
 
-struct gw_pg {
+struct lpg_pool {
     char             *conninfo;  /* owned */
     int               npool;     /* max connections */
     double            connect_timeout; /* s */
@@ -99,51 +121,39 @@ struct gw_pg {
     double            down_for;  /* s to fail fast after a failed connect */
     double            down_until;/* monotonic s */
     char              down_msg[200];
-    struct gw_pgconn  conns[LPG_MAXPOOL];
-    struct gw_pgop   *wq, *wq_tail;  /* waiting for a connection */
+    struct lpg_conn  conns[LPG_MAXPOOL];
+    struct lpg_op   *wq, *wq_tail;  /* waiting for a connection */
     struct event     *tick;      /* owned */
     int               closed;
     int               dispatching;
 };
 
-struct gw_pgud {
-    struct gw_pg *pg;            /* NULL once closed */
+struct lpg_ud {
+    struct lpg_pool *pg;            /* NULL once closed */
 };
 
-/* An open transaction; see "Abandoned transactions" above. */
-struct gw_pgtx {
-    struct gw_co_cleanup cl;     /* attached to the co that began it */
-    struct gw_pg        *pg;     /* borrowed; close frees us first */
-    long                 txid;   /* unique in the process */
-    struct gw_pgtx      *next;   /* pgtx_list link */
-};
-
-/* Open transactions of every pool: loop thread only, a handful long. */
-static struct gw_pgtx *pgtx_list;
-/* Transaction ids, unique in the process so that delivery can find a
- * transaction without touching its (maybe closed) pool. */
-static long            pgtx_next_id = 1;
+/* struct gw_store_tx.state of an open transaction (owner: its pool,
+ * which frees its transactions first when it closes). Its id is unique in
+ * the process, so delivery finds it without touching the pool. */
+#define LPG_TX_OPEN   0
+#define LPG_TX_ENDED  1          /* SQL in it ran COMMIT/ROLLBACK */
 
 static void conn_event(evutil_socket_t fd, short what, void *arg);
-static void dispatch(struct gw_pg *pg);
+static void dispatch(struct lpg_pool *pg);
 static void tx_forget(long txid);
 
-static double
-mono_now(void)
-{
-    struct timespec ts;
+/* conn_read(): the server left c in a transaction state nobody asked
+ * for; the connection must go. */
+#define LPG_DISCARD 1
 
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
 
 /* --------------------------------------------------------------- ops */
 
 static void
-op_free(struct gw_pgop *op)
+op_free(struct lpg_op *op)
 {
     free(op->sql);
-    gw_sqlv_free(op->params, op->nparams);
+    gw_store_vals_free(op->params, op->nparams);
     if (op->res != NULL) {
         PQclear(op->res);
     }
@@ -154,13 +164,26 @@ op_free(struct gw_pgop *op)
 }
 
 static void
-op_set_error(struct gw_pgop *op, const char *kind, const char *msg)
+op_set_error(struct lpg_op *op, const char *kind, const char *msg)
 {
     if (op->errkind[0] != '\0' || op->err != NULL) {
         return;
     }
     snprintf(op->errkind, sizeof(op->errkind), "%s", kind);
     snprintf(op->errmsg, sizeof(op->errmsg), "%s", msg);
+}
+
+/* Replaces whatever op carried with this error: the server's verdict on
+ * the transaction state outranks the statement's own outcome. */
+static void
+op_force_error(struct lpg_op *op, const char *kind, const char *msg)
+{
+    if (op->err != NULL) {
+        PQclear(op->err);
+        op->err = NULL;
+    }
+    op->errkind[0] = '\0';
+    op_set_error(op, kind, msg);
 }
 
 static int
@@ -182,6 +205,8 @@ push_pg_error(lua_State *L, PGresult *r)
         retry = 1;
     } else if (strncmp(state, "42", 2) == 0) {
         kind = "syntax";
+    } else if (strcmp(state, "25001") == 0 || strcmp(state, "25P01") == 0) {
+        kind = "misuse";                 /* transaction control in SQL */
     } else if (strcmp(state, "57014") == 0) {
         kind = "timeout";
         retry = 1;
@@ -214,7 +239,9 @@ push_cell(lua_State *L, PGresult *r, int row, int col)
     case 16:                             /* bool */
         lua_pushboolean(L, v[0] == 't');
         break;
-    case 20:                             /* int8 */
+    case 20:                             /* int8: exact past 2^53 */
+        gw_store_push_int_text(L, v, (size_t)PQgetlength(r, row, col));
+        break;
     case 21:                             /* int2 */
     case 23:                             /* int4 */
     case 26:                             /* oid */
@@ -248,7 +275,7 @@ push_rows(lua_State *L, PGresult *r)
 }
 
 static int
-push_op_result(lua_State *L, struct gw_pgop *op)
+push_op_result(lua_State *L, struct lpg_op *op)
 {
     PGresult *r = op->res;
 
@@ -274,7 +301,7 @@ push_op_result(lua_State *L, struct gw_pgop *op)
                              " aborted by an earlier error; COMMIT rolled"
                              " it back");
     }
-    if (op->kind == GW_PGOP_SCRIPT || op->tx_end) {
+    if (op->kind == LPG_OP_SCRIPT || op->tx_end) {
         lua_pushboolean(L, 1);
         return 1;
     }
@@ -290,7 +317,11 @@ push_op_result(lua_State *L, struct gw_pgop *op)
     if (r != NULL) {
         const char *ct = PQcmdTuples(r);
 
-        lua_pushnumber(L, ct[0] != '\0' ? strtod(ct, NULL) : 0);
+        if (ct[0] != '\0') {
+            gw_store_push_int_text(L, ct, strlen(ct));
+        } else {
+            lua_pushnumber(L, 0);
+        }
         lua_setfield(L, -2, "changes");
         if (PQntuples(r) > 0) {
             if (PQnfields(r) > 0 && !PQgetisnull(r, 0, 0)) {
@@ -306,7 +337,7 @@ push_op_result(lua_State *L, struct gw_pgop *op)
 
 /* Loop thread: wakes the op's coroutine (if any) and frees the op. */
 static void
-op_deliver(struct gw_pgop *op)
+op_deliver(struct lpg_op *op)
 {
     struct gw_co *co = op->co;
 
@@ -326,9 +357,9 @@ op_deliver(struct gw_pgop *op)
 }
 
 static void
-deliver_list(struct gw_pgop *list)
+deliver_list(struct lpg_op *list)
 {
-    struct gw_pgop *next;
+    struct lpg_op *next;
 
     for (; list != NULL; list = next) {
         next = list->next;
@@ -346,7 +377,7 @@ deliver_cb(void *arg)
 /* Delivers on a later loop turn: for code that may run inside a
  * coroutine (submit, close), where waking another one is not allowed. */
 static void
-post_list(struct gw_pgop *list)
+post_list(struct lpg_op *list)
 {
     if (list != NULL && gw_loop_post(deliver_cb, list) != GW_OK) {
         gw_log(GW_LOG_ERROR, "postgres: cannot post results: no memory");
@@ -356,7 +387,7 @@ post_list(struct gw_pgop *list)
 static void
 op_cancel(void *arg)
 {
-    struct gw_pgop *op = arg;
+    struct lpg_op *op = arg;
 
     op->co = NULL;
 }
@@ -364,7 +395,7 @@ op_cancel(void *arg)
 /* ------------------------------------------------------- connections */
 
 static void
-conn_reset(struct gw_pgconn *c)
+conn_reset(struct lpg_conn *c)
 {
     int i;
 
@@ -384,18 +415,21 @@ conn_reset(struct gw_pgconn *c)
         free(c->cache_sql[i]);
         c->cache_sql[i] = NULL;
     }
-    c->state = GW_PGC_FREE;
+    c->state = LPG_CONN_FREE;
     c->fd = -1;
     c->txid = 0;
+    c->sp_failed = 0;
+    c->tx_nstmt = 0;
+    c->sp_prepared = 0;
     c->inflight = 0;
 }
 
 /* Closes c and moves its in-flight ops to *out with the given error. */
 static void
-conn_fail(struct gw_pgconn *c, const char *kind, const char *msg,
-          struct gw_pgop **out)
+conn_fail(struct lpg_conn *c, const char *kind, const char *msg,
+          struct lpg_op **out)
 {
-    struct gw_pgop *op, *next;
+    struct lpg_op *op, *next;
 
     for (op = c->head; op != NULL; op = next) {
         next = op->next;
@@ -408,7 +442,7 @@ conn_fail(struct gw_pgconn *c, const char *kind, const char *msg,
 }
 
 static int
-conn_watch(struct gw_pgconn *c)
+conn_watch(struct lpg_conn *c)
 {
     int fd = PQsocket(c->pc);
 
@@ -435,7 +469,7 @@ conn_watch(struct gw_pgconn *c)
 
 /* Connect state machine step. Returns GW_OK, GW_AGAIN or GW_ERR. */
 static int
-conn_poll_connect(struct gw_pgconn *c)
+conn_poll_connect(struct lpg_conn *c)
 {
     PostgresPollingStatusType st = PQconnectPoll(c->pc);
 
@@ -453,8 +487,8 @@ conn_poll_connect(struct gw_pgconn *c)
         }
         event_del(c->wev);
         event_add(c->rev, NULL);
-        c->state = GW_PGC_READY;
-        c->since = mono_now();
+        c->state = LPG_CONN_READY;
+        c->since = gw_loop_mono_fresh();
         return GW_OK;
     }
     if (st == PGRES_POLLING_WRITING) {
@@ -468,18 +502,18 @@ conn_poll_connect(struct gw_pgconn *c)
 }
 
 static void
-pool_mark_down(struct gw_pg *pg, const char *msg)
+pool_mark_down(struct lpg_pool *pg, const char *msg)
 {
-    pg->down_until = mono_now() + pg->down_for;
+    pg->down_until = gw_loop_mono_fresh() + pg->down_for;
     snprintf(pg->down_msg, sizeof(pg->down_msg), "%s", msg);
 }
 
 /* Fails every waiting op when no connection can serve them soon. */
 static void
-pool_fail_waiting(struct gw_pg *pg, const char *kind, const char *msg,
-                  struct gw_pgop **out)
+pool_fail_waiting(struct lpg_pool *pg, const char *kind, const char *msg,
+                  struct lpg_op **out)
 {
-    struct gw_pgop *op;
+    struct lpg_op *op;
 
     while (pg->wq != NULL) {
         op = pg->wq;
@@ -492,12 +526,12 @@ pool_fail_waiting(struct gw_pg *pg, const char *kind, const char *msg,
 }
 
 static int
-pool_has_live(struct gw_pg *pg)
+pool_has_live(struct lpg_pool *pg)
 {
     int i;
 
     for (i = 0; i < pg->npool; i++) {
-        if (pg->conns[i].state != GW_PGC_FREE) {
+        if (pg->conns[i].state != LPG_CONN_FREE) {
             return 1;
         }
     }
@@ -508,10 +542,10 @@ pool_has_live(struct gw_pg *pg)
  * serve them and fail_waiting is set, fail the waiting ops too (never
  * from inside dispatch(), which walks that queue itself). */
 static void
-conn_connect_failed(struct gw_pgconn *c, struct gw_pgop **out,
+conn_connect_failed(struct lpg_conn *c, struct lpg_op **out,
                     int fail_waiting)
 {
-    struct gw_pg *pg = c->pg;
+    struct lpg_pool *pg = c->pg;
     char          msg[200];
     const char   *why = c->pc != NULL ? PQerrorMessage(c->pc) : "no memory";
     size_t        n;
@@ -529,34 +563,50 @@ conn_connect_failed(struct gw_pgconn *c, struct gw_pgop **out,
 }
 
 /* Server notices (e.g. "table does not exist, skipping") go to the
- * debug log instead of libpq's default stderr print. */
+ * debug log instead of libpq's default stderr print. A warning of class
+ * 25 (25P01: COMMIT or ROLLBACK with no transaction; 25001: BEGIN inside
+ * one) means
+ * the statement being read tried to control the transaction itself:
+ * that statement fails with misuse. */
 static void
-on_notice(void *arg, const char *message)
+on_notice(void *arg, const PGresult *r)
 {
-    gw_log(GW_LOG_DEBUG, "postgres: %s", message);
+    struct lpg_conn *c = arg;
+    const char       *state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
+    const char       *msg = PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY);
+    char              buf[200];
+
+    gw_log(GW_LOG_DEBUG, "postgres: %s", PQresultErrorMessage(r));
+    if (state != NULL && c->head != NULL
+        && (strcmp(state, "25001") == 0 || strcmp(state, "25P01") == 0))
+    {
+        snprintf(buf, sizeof(buf), "postgres: %s: transaction control"
+                 " belongs to db:transaction()", msg != NULL ? msg : state);
+        op_set_error(c->head, "misuse", buf);
+    }
 }
 
 static int
-conn_start(struct gw_pgconn *c)
+conn_start(struct lpg_conn *c)
 {
-    struct gw_pg *pg = c->pg;
+    struct lpg_pool *pg = c->pg;
 
     c->pc = PQconnectStart(pg->conninfo);
     c->fd = -1;
-    c->state = GW_PGC_CONNECTING;
-    c->opened = mono_now();
+    c->state = LPG_CONN_CONNECTING;
+    c->opened = gw_loop_mono_fresh();
     c->since = c->opened;
     if (c->pc == NULL || PQstatus(c->pc) == CONNECTION_BAD) {
         return GW_ERR;
     }
-    PQsetNoticeProcessor(c->pc, on_notice, NULL);
+    PQsetNoticeReceiver(c->pc, on_notice, c);
     return conn_poll_connect(c) == GW_ERR ? GW_ERR : GW_OK;
 }
 
 /* ------------------------------------------------------------ sending */
 
 static int
-conn_flush(struct gw_pgconn *c)
+conn_flush(struct lpg_conn *c)
 {
     int rc = PQflush(c->pc);
 
@@ -569,25 +619,106 @@ conn_flush(struct gw_pgconn *c)
     return GW_OK;
 }
 
+/* The savepoint commands of a transaction's statements, prepared once
+ * per connection (named gw_fN) so that each use is Bind/Execute only. */
+enum {
+    LPG_SP_SET, LPG_SP_RELEASE, LPG_SP_UNDO, LPG_SP_ROLLBACK, LPG_SP_BEGIN,
+    LPG_SP_N
+};
+static const char *const lpg_sp_sql[LPG_SP_N] = {
+    "SAVEPOINT gw_s", "RELEASE SAVEPOINT gw_s", "ROLLBACK TO SAVEPOINT gw_s",
+    "ROLLBACK", "BEGIN"
+};
+/* The same, as text for a script (simple query protocol). */
+static const char *const lpg_sp_undo_text[3] = {
+    "", "ROLLBACK TO SAVEPOINT gw_s; RELEASE SAVEPOINT gw_s; ",
+    "ROLLBACK; BEGIN; "
+};
+
+/* Queues savepoint command `which` in c's pipeline; *ncmd counts the
+ * commands queued (their results are skipped). */
+static int
+send_sp(struct lpg_conn *c, int which, int *ncmd)
+{
+    char name[16];
+    int  i;
+
+    if (!c->sp_prepared) {
+        for (i = 0; i < LPG_SP_N; i++) {
+            snprintf(name, sizeof(name), "gw_f%d", i);
+            if (PQsendPrepare(c->pc, name, lpg_sp_sql[i], 0, NULL) != 1) {
+                return GW_ERR;
+            }
+            (*ncmd)++;
+        }
+        c->sp_prepared = 1;
+    }
+    snprintf(name, sizeof(name), "gw_f%d", which);
+    if (PQsendQueryPrepared(c->pc, name, 0, NULL, NULL, NULL, 0) != 1) {
+        return GW_ERR;
+    }
+    (*ncmd)++;
+    return GW_OK;
+}
+
 /* Sends op on c. Returns GW_OK, or GW_ERR (the connection is broken). */
 static int
-conn_send(struct gw_pgconn *c, struct gw_pgop *op)
+conn_send(struct lpg_conn *c, struct lpg_op *op)
 {
     const char *values[256];
     int         lengths[256];
     char        numbuf[256][32];
     char        name[24];
     unsigned    slot;
-    int         i;
+    int         i, tx_stmt, undo = 0, ncmd = 0;
 
-    if (op->kind == GW_PGOP_SCRIPT) {
-        if (PQexitPipelineMode(c->pc) != 1
-            || PQsendQuery(c->pc, op->sql) != 1)
-        {
+    /* Inside db:transaction() a failed statement is undone alone and the
+     * transaction goes on (as on SQLite), instead of every later
+     * statement failing "current transaction is aborted": each statement
+     * but the first runs in a savepoint (SAVEPOINT, statement, RELEASE,
+     * all in the same pipeline: no extra round trip), and the next
+     * command of the transaction (COMMIT included) first rolls back to
+     * it. The first statement needs none: undoing it is restarting the
+     * transaction (ROLLBACK, BEGIN), which saves a subtransaction on the
+     * commonest short transactions. */
+    if (op->txid != 0 && !op->tx_begin) {
+        undo = c->sp_failed;
+        c->sp_failed = 0;
+        if (undo == 2) {
+            c->tx_nstmt = 0;
+        }
+    }
+    tx_stmt = op->txid != 0 && !op->tx_begin && !op->tx_end;
+    op->in_sp = tx_stmt && c->tx_nstmt > 0;
+    if (tx_stmt) {
+        c->tx_nstmt++;
+    }
+    op->step = 0;
+    op->has_prepare = 0;
+    if (op->kind == LPG_OP_SCRIPT) {
+        char  *text;
+        size_t len = strlen(op->sql);
+        int    rc;
+
+        if (undo == 0 && !op->in_sp) {
+            text = op->sql;
+        } else {
+            /* One simple query: the newline ends a trailing -- comment. */
+            text = malloc(len + 128);
+            if (text == NULL) {
+                return GW_ERR;
+            }
+            snprintf(text, len + 128, "%s%s%s%s", lpg_sp_undo_text[undo],
+                     op->in_sp ? "SAVEPOINT gw_s;\n" : "", op->sql,
+                     op->in_sp ? "\n;RELEASE SAVEPOINT gw_s" : "");
+        }
+        rc = PQexitPipelineMode(c->pc) == 1 && PQsendQuery(c->pc, text) == 1;
+        if (text != op->sql) {
+            free(text);
+        }
+        if (!rc) {
             return GW_ERR;
         }
-        op->phase = 1;
-        op->has_prepare = 0;
         goto sent;
     }
     if (op->nparams > 256) {
@@ -596,7 +727,7 @@ conn_send(struct gw_pgconn *c, struct gw_pgop *op)
     }
     for (i = 0; i < op->nparams; i++) {
         /* Text parameters go as C strings: a NUL would cut the value. */
-        if (op->params[i].type == GW_SQLV_TEXT
+        if (op->params[i].type == GW_STORE_TEXT
             && memchr(op->params[i].s, '\0', op->params[i].len) != NULL)
         {
             char msg[80];
@@ -607,6 +738,15 @@ conn_send(struct gw_pgconn *c, struct gw_pgop *op)
             return GW_AGAIN;
         }
     }
+    if ((undo == 1 && (send_sp(c, LPG_SP_UNDO, &ncmd) != GW_OK
+                       || send_sp(c, LPG_SP_RELEASE, &ncmd) != GW_OK))
+        || (undo == 2 && (send_sp(c, LPG_SP_ROLLBACK, &ncmd) != GW_OK
+                          || send_sp(c, LPG_SP_BEGIN, &ncmd) != GW_OK))
+        || (op->in_sp && send_sp(c, LPG_SP_SET, &ncmd) != GW_OK))
+    {
+        return GW_ERR;
+    }
+    op->exec_step = ncmd;
     slot = gw_store_hash(op->sql) % LPG_CACHE;
     if (c->cache_sql[slot] == NULL || strcmp(c->cache_sql[slot], op->sql)) {
         free(c->cache_sql[slot]);
@@ -619,26 +759,24 @@ conn_send(struct gw_pgconn *c, struct gw_pgop *op)
             return GW_ERR;
         }
         op->has_prepare = 1;
-        op->phase = 0;
-    } else {
-        op->phase = 1;
+        op->exec_step++;
     }
     op->cache_slot = (int)slot;
     snprintf(name, sizeof(name), "gw%u", c->cache_name[slot]);
     for (i = 0; i < op->nparams; i++) {
-        struct gw_sqlv *v = &op->params[i];
+        struct gw_store_val *v = &op->params[i];
 
         lengths[i] = 0;
         switch (v->type) {
-        case GW_SQLV_INT:
+        case GW_STORE_INT:
             snprintf(numbuf[i], sizeof(numbuf[i]), "%lld", (long long)v->i);
             values[i] = numbuf[i];
             break;
-        case GW_SQLV_REAL:
+        case GW_STORE_REAL:
             snprintf(numbuf[i], sizeof(numbuf[i]), "%.17g", v->d);
             values[i] = numbuf[i];
             break;
-        case GW_SQLV_TEXT:
+        case GW_STORE_TEXT:
             values[i] = v->s;
             break;
         default:
@@ -648,6 +786,7 @@ conn_send(struct gw_pgconn *c, struct gw_pgop *op)
     }
     if (PQsendQueryPrepared(c->pc, name, op->nparams, values, lengths, NULL,
                             0) != 1
+        || (op->in_sp && send_sp(c, LPG_SP_RELEASE, &ncmd) != GW_OK)
         || PQpipelineSync(c->pc) != 1)
     {
         return GW_ERR;
@@ -661,7 +800,7 @@ sent:
     }
     c->tail = op;
     if (c->inflight++ == 0) {
-        c->since = mono_now();
+        c->since = gw_loop_mono_fresh();
     }
     if (op->tx_begin) {
         c->txid = op->txid;
@@ -674,63 +813,136 @@ sent:
 
 /* ------------------------------------------------------------ results */
 
-static void
-conn_pop_head(struct gw_pgconn *c, struct gw_pgop **out)
+/* The server's own answer to "did op leave the connection where it
+ * should be?", asked once op's results are all in: a connection outside
+ * db:transaction() must be idle (no transaction left open for the next
+ * user of the pool), one inside must still be in its transaction (no
+ * COMMIT or ROLLBACK slipped into the SQL). PQtransactionStatus() is
+ * exact only when nothing else is in flight on c; while other
+ * statements are pipelined behind op, the command tag tells instead (a
+ * single extended-protocol statement opens a transaction block only as
+ * BEGIN or START TRANSACTION). Returns GW_OK, or LPG_DISCARD when c must
+ * be closed (the server then rolls back). */
+static int
+conn_check_tx(struct lpg_conn *c, struct lpg_op *op)
 {
-    struct gw_pgop *op = c->head;
+    PGTransactionStatusType st = PQTRANS_ACTIVE;
+    int                     in_tx, failed;
+    const char             *tag;
+    struct gw_store_tx     *tx;
+
+    failed = op->err != NULL || op->errkind[0] != '\0';
+    if (op->tx_begin && failed) {
+        return GW_OK;                    /* c->txid is cleared below */
+    }
+    in_tx = op->txid != 0 && c->txid == op->txid && !op->tx_end;
+    if (c->inflight == 0) {
+        st = PQtransactionStatus(c->pc);
+    }
+    if (!in_tx) {
+        if (st == PQTRANS_ACTIVE && op->res != NULL) {
+            tag = PQcmdStatus(op->res);
+            if (strcmp(tag, "BEGIN") == 0
+                || strcmp(tag, "START TRANSACTION") == 0)
+            {
+                st = PQTRANS_INTRANS;
+            }
+        }
+        if (st == PQTRANS_INTRANS || st == PQTRANS_INERROR) {
+            op_force_error(op, "misuse", "postgres: the statement left a"
+                           " transaction open (rolled back): transaction"
+                           " control belongs to db:transaction()");
+            return LPG_DISCARD;
+        }
+        return GW_OK;
+    }
+    if (st == PQTRANS_IDLE) {
+        op_force_error(op, "misuse", "postgres: COMMIT or ROLLBACK in SQL"
+                       " ended the transaction early: transaction control"
+                       " belongs to db:transaction()");
+        tx = gw_store_tx_find(NULL, op->txid);
+        if (tx != NULL) {
+            tx->state = LPG_TX_ENDED;
+        }
+        c->txid = 0;                     /* idle: it serves others again */
+    }
+    return GW_OK;
+}
+
+/* Moves c's first in-flight op to *out. Returns GW_OK or LPG_DISCARD
+ * (see conn_check_tx()). */
+static int
+conn_pop_head(struct lpg_conn *c, struct lpg_op **out)
+{
+    struct lpg_op *op = c->head;
+    int             rc;
 
     c->head = op->next;
     if (c->head == NULL) {
         c->tail = NULL;
     }
     c->inflight--;
+    rc = conn_check_tx(c, op);
+    if (op->err != NULL && op->txid != 0 && c->txid == op->txid
+        && !op->tx_begin && !op->tx_end)
+    {
+        c->sp_failed = op->in_sp ? 1 : 2;   /* undone before the next */
+    }
     if (op->tx_end || (op->tx_begin && (op->err != NULL
                                         || op->errkind[0] != '\0')))
     {
         c->txid = 0;
     }
+    if (c->txid == 0) {
+        c->sp_failed = 0;
+        c->tx_nstmt = 0;
+    }
     op->next = *out;
     *out = op;
+    return rc;
 }
 
 /* Reads every available result. Returns GW_ERR when the connection is
- * broken. Finished ops are moved to *out. */
+ * broken, LPG_DISCARD when it must be closed (conn_check_tx()), else
+ * GW_OK. Finished ops are moved to *out. */
 static int
-conn_read(struct gw_pgconn *c, struct gw_pgop **out)
+conn_read(struct lpg_conn *c, struct lpg_op **out)
 {
     PGresult       *r;
-    struct gw_pgop *op;
+    struct lpg_op *op;
 
     if (PQconsumeInput(c->pc) != 1) {
         return GW_ERR;
     }
-    c->since = mono_now();
+    c->since = gw_loop_mono_fresh();
     while ((op = c->head) != NULL && !PQisBusy(c->pc)) {
         ExecStatusType st;
 
         r = PQgetResult(c->pc);
         if (r == NULL) {
             /* End of one command's results. */
-            if (op->kind == GW_PGOP_SCRIPT) {
-                conn_pop_head(c, out);
+            if (op->kind == LPG_OP_SCRIPT) {
+                if (conn_pop_head(c, out) != GW_OK) {
+                    return LPG_DISCARD;
+                }
                 if (PQenterPipelineMode(c->pc) != 1) {
                     return GW_ERR;
                 }
                 continue;
             }
-            if (op->phase < 2) {
-                op->phase++;
-            }
+            op->step++;                  /* next command's results */
             continue;
         }
         st = PQresultStatus(r);
         if (st == PGRES_PIPELINE_SYNC) {
             PQclear(r);
-            conn_pop_head(c, out);
+            if (conn_pop_head(c, out) != GW_OK) {
+                return LPG_DISCARD;
+            }
             continue;
         }
         if (st == PGRES_FATAL_ERROR || st == PGRES_NONFATAL_ERROR) {
-            if (op->phase == 0 && op->has_prepare) {
+            if (op->has_prepare && op->step == op->exec_step - 1) {
                 /* Forget the statement so the next use prepares again. */
                 int s = op->cache_slot;
 
@@ -749,8 +961,8 @@ conn_read(struct gw_pgconn *c, struct gw_pgop **out)
             op_set_error(op, "error", "postgres: pipeline aborted");
             continue;
         }
-        if (op->phase == 0 && op->has_prepare) {
-            PQclear(r);                  /* the Parse's COMMAND_OK */
+        if (op->kind != LPG_OP_SCRIPT && op->step != op->exec_step) {
+            PQclear(r);                  /* Parse, SAVEPOINT, RELEASE ... */
             continue;
         }
         if (op->res != NULL) {
@@ -764,26 +976,34 @@ conn_read(struct gw_pgconn *c, struct gw_pgop **out)
 static void
 conn_event(evutil_socket_t fd, short what, void *arg)
 {
-    struct gw_pgconn *c = arg;
-    struct gw_pg     *pg = c->pg;
-    struct gw_pgop   *done = NULL, *rev = NULL, *next;
+    struct lpg_conn *c = arg;
+    struct lpg_pool     *pg = c->pg;
+    struct lpg_op   *done = NULL, *rev = NULL, *next;
     int               rc;
 
-    if (c->state == GW_PGC_CONNECTING) {
+    if (c->state == LPG_CONN_CONNECTING) {
         rc = conn_poll_connect(c);
         if (rc == GW_ERR) {
             conn_connect_failed(c, &done, 1);
         }
-    } else if (c->state == GW_PGC_READY) {
+    } else if (c->state == LPG_CONN_READY) {
         if ((what & EV_WRITE) && conn_flush(c) != GW_OK) {
             conn_fail(c, "unavailable", "postgres: connection lost"
                       " (outcome unknown)", &done);
-        } else if ((what & EV_READ) && conn_read(c, &done) != GW_OK) {
-            char msg[200];
+        } else if (what & EV_READ) {
+            rc = conn_read(c, &done);
+            if (rc == LPG_DISCARD) {
+                conn_fail(c, "unavailable", "postgres: connection"
+                          " discarded: an earlier statement on it left a"
+                          " transaction open, so this one was rolled back",
+                          &done);
+            } else if (rc != GW_OK) {
+                char msg[200];
 
-            snprintf(msg, sizeof(msg), "postgres: connection lost (outcome"
-                     " unknown): %s", PQerrorMessage(c->pc));
-            conn_fail(c, "unavailable", msg, &done);
+                snprintf(msg, sizeof(msg), "postgres: connection lost"
+                         " (outcome unknown): %s", PQerrorMessage(c->pc));
+                conn_fail(c, "unavailable", msg, &done);
+            }
         }
     }
     /* done is newest-first: deliver in completion order. */
@@ -798,22 +1018,22 @@ conn_event(evutil_socket_t fd, short what, void *arg)
 
 /* --------------------------------------------------------- dispatching */
 
-static struct gw_pgconn *
-choose_conn(struct gw_pg *pg, struct gw_pgop *op, int *fail)
+static struct lpg_conn *
+choose_conn(struct lpg_pool *pg, struct lpg_op *op, int *fail)
 {
-    struct gw_pgconn *best = NULL, *c;
+    struct lpg_conn *best = NULL, *c;
     int               i, free_slot = -1, connecting = 0;
 
     *fail = 0;
     for (i = 0; i < pg->npool; i++) {
         c = &pg->conns[i];
-        if (c->state == GW_PGC_FREE) {
+        if (c->state == LPG_CONN_FREE) {
             if (free_slot < 0) {
                 free_slot = i;
             }
             continue;
         }
-        if (c->state == GW_PGC_CONNECTING) {
+        if (c->state == LPG_CONN_CONNECTING) {
             connecting++;
             continue;
         }
@@ -826,7 +1046,10 @@ choose_conn(struct gw_pg *pg, struct gw_pgop *op, int *fail)
         if (c->txid != 0) {
             continue;
         }
-        if (op->tx_begin || op->kind == GW_PGOP_SCRIPT) {
+        if (c->head != NULL && c->head->kind == LPG_OP_SCRIPT) {
+            continue;                    /* out of pipeline mode till done */
+        }
+        if (op->tx_begin || op->kind == LPG_OP_SCRIPT) {
             if (c->inflight == 0) {
                 return c;
             }
@@ -843,10 +1066,10 @@ choose_conn(struct gw_pg *pg, struct gw_pgop *op, int *fail)
         return NULL;
     }
     if ((best == NULL || best->inflight > 0) && free_slot >= 0
-        && connecting == 0 && mono_now() >= pg->down_until)
+        && connecting == 0 && gw_loop_mono_fresh() >= pg->down_until)
     {
-        struct gw_pgconn *n = &pg->conns[free_slot];
-        struct gw_pgop   *lost = NULL;
+        struct lpg_conn *n = &pg->conns[free_slot];
+        struct lpg_op   *lost = NULL;
 
         n->pg = pg;
         if (conn_start(n) != GW_OK) {
@@ -863,7 +1086,7 @@ choose_conn(struct gw_pg *pg, struct gw_pgop *op, int *fail)
 /* Takes op (whose predecessor is prev, or NULL at the head) out of the
  * wait queue; op->next is cleared. */
 static void
-wq_unlink(struct gw_pg *pg, struct gw_pgop *prev, struct gw_pgop *op)
+wq_unlink(struct lpg_pool *pg, struct lpg_op *prev, struct lpg_op *op)
 {
     if (prev != NULL) {
         prev->next = op->next;
@@ -877,9 +1100,9 @@ wq_unlink(struct gw_pg *pg, struct gw_pgop *prev, struct gw_pgop *op)
 }
 
 static void
-dispatch(struct gw_pg *pg)
+dispatch(struct lpg_pool *pg)
 {
-    struct gw_pgop *op, *prev = NULL, *next, *done = NULL;
+    struct lpg_op *op, *prev = NULL, *next, *done = NULL;
     int             fail;
 
     if (pg->dispatching) {
@@ -887,7 +1110,7 @@ dispatch(struct gw_pg *pg)
     }
     pg->dispatching = 1;
     for (op = pg->wq; op != NULL; op = next) {
-        struct gw_pgconn *c;
+        struct lpg_conn *c;
 
         next = op->next;
         c = choose_conn(pg, op, &fail);
@@ -915,7 +1138,7 @@ dispatch(struct gw_pg *pg)
                 op->next = done;
                 done = op;
             } else if (rc != GW_OK) {
-                struct gw_pgop *lost = NULL;
+                struct lpg_op *lost = NULL;
 
                 /* op was not queued on c: fail it with c's ops. */
                 op_set_error(op, "unavailable", PQerrorMessage(c->pc));
@@ -924,7 +1147,7 @@ dispatch(struct gw_pg *pg)
                 conn_fail(c, "unavailable", "postgres: connection lost"
                           " (outcome unknown)", &lost);
                 while (lost != NULL) {
-                    struct gw_pgop *l = lost;
+                    struct lpg_op *l = lost;
 
                     lost = l->next;
                     l->next = done;
@@ -940,15 +1163,15 @@ dispatch(struct gw_pg *pg)
 static void
 on_tick(evutil_socket_t fd, short what, void *arg)
 {
-    struct gw_pg   *pg = arg;
-    struct gw_pgop *done = NULL;
-    double          now = mono_now();
+    struct lpg_pool   *pg = arg;
+    struct lpg_op *done = NULL;
+    double          now = gw_loop_mono_fresh();
     int             i;
 
     for (i = 0; i < pg->npool; i++) {
-        struct gw_pgconn *c = &pg->conns[i];
+        struct lpg_conn *c = &pg->conns[i];
 
-        if (c->state == GW_PGC_CONNECTING
+        if (c->state == LPG_CONN_CONNECTING
             && now - c->opened > pg->connect_timeout)
         {
             conn_fail(c, "unavailable", "postgres: connect timed out",
@@ -958,7 +1181,7 @@ on_tick(evutil_socket_t fd, short what, void *arg)
                 pool_fail_waiting(pg, "unavailable",
                                   "postgres: connect timed out", &done);
             }
-        } else if (c->state == GW_PGC_READY && c->inflight > 0
+        } else if (c->state == LPG_CONN_READY && c->inflight > 0
                    && now - c->since > pg->query_timeout)
         {
             char msg[100];
@@ -974,65 +1197,27 @@ on_tick(evutil_socket_t fd, short what, void *arg)
 
 /* ------------------------------------------------- open transactions */
 
-/* Unlinks and frees tx (detached from its co first). */
-static void
-tx_free(struct gw_pgtx *tx)
-{
-    struct gw_pgtx **pp = &pgtx_list;
-
-    while (*pp != NULL && *pp != tx) {
-        pp = &(*pp)->next;
-    }
-    if (*pp == tx) {
-        *pp = tx->next;
-    }
-    gw_co_cleanup_del(&tx->cl);
-    free(tx);
-}
-
 /* The transaction txid ended (or never began): stop tracking it. */
 static void
 tx_forget(long txid)
 {
-    struct gw_pgtx *tx;
-
-    for (tx = pgtx_list; tx != NULL; tx = tx->next) {
-        if (tx->txid == txid) {
-            tx_free(tx);
-            return;
-        }
-    }
+    gw_store_tx_free(gw_store_tx_find(NULL, txid));
 }
 
-/* The pool is closing: its connections go, so do its transactions. */
+/* struct gw_store_tx rollback: the coroutine that began tx ended without
+ * COMMIT or ROLLBACK. Gives the reserved connection back (ROLLBACK) or
+ * discards it. May run inside another coroutine: results are posted,
+ * never delivered from here. */
 static void
-tx_forget_pool(struct gw_pg *pg)
+tx_abandon(struct gw_store_tx *tx)
 {
-    struct gw_pgtx *tx, *next;
-
-    for (tx = pgtx_list; tx != NULL; tx = next) {
-        next = tx->next;
-        if (tx->pg == pg) {
-            tx_free(tx);
-        }
-    }
-}
-
-/* gw_co_cleanup: the coroutine that began tx ended without COMMIT or
- * ROLLBACK. Gives the reserved connection back (ROLLBACK) or discards
- * it. May run inside another coroutine: results are posted, never
- * delivered from here. */
-static void
-tx_abandon(void *arg)
-{
-    struct gw_pgtx   *tx = arg;
-    struct gw_pg     *pg = tx->pg;
-    long              txid = tx->txid;
-    struct gw_pgop   *op, *next, *prev = NULL, *done = NULL;
-    struct gw_pgconn *c = NULL;
+    struct lpg_pool     *pg = tx->owner;
+    long              txid = tx->id;
+    struct lpg_op   *op, *next, *prev = NULL, *done = NULL;
+    struct lpg_conn *c = NULL;
     int               i;
 
-    tx_free(tx);
+    gw_store_tx_free(tx);
     /* Its ops still waiting for the connection (the BEGIN itself when
      * every connection was busy): never sent, nothing to undo. */
     for (op = pg->wq; op != NULL; op = next) {
@@ -1047,7 +1232,7 @@ tx_abandon(void *arg)
         done = op;
     }
     for (i = 0; i < pg->npool; i++) {
-        if (pg->conns[i].state == GW_PGC_READY
+        if (pg->conns[i].state == LPG_CONN_READY
             && pg->conns[i].txid == txid)
         {
             c = &pg->conns[i];
@@ -1075,7 +1260,7 @@ tx_abandon(void *arg)
             conn_fail(c, "closed", "postgres: transaction abandoned",
                       &done);
         } else {
-            op->kind = GW_PGOP_STMT;
+            op->kind = LPG_OP_STMT;
             op->txid = txid;
             op->tx_end = 1;
             op->next = pg->wq;           /* first in line */
@@ -1091,10 +1276,10 @@ tx_abandon(void *arg)
 
 /* ------------------------------------------------------------ Lua side */
 
-static struct gw_pg *
+static struct lpg_pool *
 check_pool(lua_State *L)
 {
-    struct gw_pgud *ud = luaL_checkudata(L, 1, LPG_MT);
+    struct lpg_ud *ud = luaL_checkudata(L, 1, LPG_MT);
 
     if (ud->pg == NULL) {
         luaL_error(L, "postgres: pool is closed");
@@ -1109,11 +1294,21 @@ static int
 lpg_open(lua_State *L)
 {
     const char     *ci = luaL_checkstring(L, 1);
-    struct gw_pgud *ud;
-    struct gw_pg   *pg;
+    struct lpg_ud *ud;
+    struct lpg_pool   *pg;
     struct timeval  tv = { 0, 50000 };
-    int             i;
+    int             i, npool;
+    double          connect_timeout, query_timeout, down_for;
 
+    /* Checked first: raising must not leak what is allocated below. */
+    gw_store_opt_known(L, 2, "sql.open", gw_store_sql_opts);
+    gw_store_opt_int(L, 2, "sql.open", "retries", 5, 1, INT_MAX);
+    npool = gw_store_opt_int(L, 2, "sql.open", "pool", 4, 1, LPG_MAXPOOL);
+    connect_timeout = gw_store_opt_num(L, 2, "sql.open", "connect_timeout",
+                                       2, 0);
+    query_timeout = gw_store_opt_num(L, 2, "sql.open", "query_timeout", 10,
+                                     0);
+    down_for = gw_store_opt_num(L, 2, "sql.open", "down_for", 0.5, 1);
     ud = lua_newuserdata(L, sizeof(*ud));
     ud->pg = NULL;
     luaL_getmetatable(L, LPG_MT);
@@ -1124,16 +1319,10 @@ lpg_open(lua_State *L)
     }
     ud->pg = pg;
     pg->conninfo = strdup(ci);
-    pg->npool = (int)gw_store_opt_num(L, 2, "pool", 4);
-    pg->connect_timeout = gw_store_opt_num(L, 2, "connect_timeout", 2);
-    pg->query_timeout = gw_store_opt_num(L, 2, "query_timeout", 10);
-    pg->down_for = gw_store_opt_num(L, 2, "down_for", 0.5);
-    if (pg->npool < 1) {
-        pg->npool = 1;
-    }
-    if (pg->npool > LPG_MAXPOOL) {
-        pg->npool = LPG_MAXPOOL;
-    }
+    pg->npool = npool;
+    pg->connect_timeout = connect_timeout;
+    pg->query_timeout = query_timeout;
+    pg->down_for = down_for;
     for (i = 0; i < LPG_MAXPOOL; i++) {
         pg->conns[i].pg = pg;
         pg->conns[i].fd = -1;
@@ -1149,9 +1338,9 @@ lpg_open(lua_State *L)
 static int
 lpg_close(lua_State *L)
 {
-    struct gw_pgud *ud = luaL_checkudata(L, 1, LPG_MT);
-    struct gw_pg   *pg = ud->pg;
-    struct gw_pgop *done = NULL;
+    struct lpg_ud *ud = luaL_checkudata(L, 1, LPG_MT);
+    struct lpg_pool   *pg = ud->pg;
+    struct lpg_op *done = NULL;
     int             i;
 
     if (pg == NULL) {
@@ -1159,7 +1348,7 @@ lpg_close(lua_State *L)
     }
     ud->pg = NULL;
     pg->closed = 1;
-    tx_forget_pool(pg);
+    gw_store_tx_free_owner(pg);
     for (i = 0; i < LPG_MAXPOOL; i++) {
         conn_fail(&pg->conns[i], "closed", "postgres: pool closed", &done);
     }
@@ -1172,10 +1361,10 @@ lpg_close(lua_State *L)
 }
 
 static int
-submit(lua_State *L, struct gw_pg *pg, struct gw_pgop *op)
+submit(lua_State *L, struct lpg_pool *pg, struct lpg_op *op)
 {
     op->co = gw_co_current(L);
-    if (!pool_has_live(pg) && mono_now() < pg->down_until) {
+    if (!pool_has_live(pg) && gw_loop_mono_fresh() < pg->down_until) {
         /* Fail fast during an outage. */
         if (op->tx_begin) {
             tx_forget(op->txid);
@@ -1194,25 +1383,25 @@ submit(lua_State *L, struct gw_pg *pg, struct gw_pgop *op)
     return gw_co_wait(L, op_cancel, op);
 }
 
-static struct gw_pgop *
-new_op(lua_State *L, int sql_idx, int params_idx, enum gw_pgop_kind kind)
+static struct lpg_op *
+new_op(lua_State *L, int sql_idx, int params_idx, enum lpg_op_kind kind)
 {
-    struct gw_pgop *op;
-    struct gw_sqlv *params = NULL;
+    struct lpg_op *op;
+    struct gw_store_val *params = NULL;
     int             n = 0;
 
     gw_co_current(L);
     if (sql_idx > 0) {
         luaL_checkstring(L, sql_idx);
     }
-    if (params_idx > 0 && gw_sqlv_from_lua(L, params_idx, &params, &n)
+    if (params_idx > 0 && gw_store_vals_from_lua(L, params_idx, &params, &n)
         != GW_OK)
     {
         return NULL;
     }
     op = calloc(1, sizeof(*op));
     if (op == NULL) {
-        gw_sqlv_free(params, n);
+        gw_store_vals_free(params, n);
         return NULL;
     }
     op->kind = kind;
@@ -1227,10 +1416,10 @@ new_op(lua_State *L, int sql_idx, int params_idx, enum gw_pgop_kind kind)
 }
 
 static int
-run_op(lua_State *L, struct gw_pg *pg, int sql_idx, int params_idx,
-       enum gw_pgop_kind kind, int want_rows, long txid)
+run_op(lua_State *L, struct lpg_pool *pg, int sql_idx, int params_idx,
+       enum lpg_op_kind kind, int want_rows, long txid)
 {
-    struct gw_pgop *op = new_op(L, sql_idx, params_idx, kind);
+    struct lpg_op *op = new_op(L, sql_idx, params_idx, kind);
 
     if (op == NULL) {
         return gw_push_error(L, "unavailable", 0, "postgres: out of memory");
@@ -1244,33 +1433,33 @@ run_op(lua_State *L, struct gw_pg *pg, int sql_idx, int params_idx,
 static int
 lpg_exec(lua_State *L)
 {
-    return run_op(L, check_pool(L), 2, 3, GW_PGOP_STMT, 0, 0);
+    return run_op(L, check_pool(L), 2, 3, LPG_OP_STMT, 0, 0);
 }
 
 /* h:query(sql, params) */
 static int
 lpg_query(lua_State *L)
 {
-    return run_op(L, check_pool(L), 2, 3, GW_PGOP_STMT, 1, 0);
+    return run_op(L, check_pool(L), 2, 3, LPG_OP_STMT, 1, 0);
 }
 
 /* h:script(sql) */
 static int
 lpg_script(lua_State *L)
 {
-    return run_op(L, check_pool(L), 2, 0, GW_PGOP_SCRIPT, 0, 0);
+    return run_op(L, check_pool(L), 2, 0, LPG_OP_SCRIPT, 0, 0);
 }
 
 /* h:connect() -> true | nil, err  (one round trip on a new connection) */
 static int
 lpg_connect(lua_State *L)
 {
-    struct gw_pg   *pg = check_pool(L);
-    struct gw_pgop *op;
+    struct lpg_pool   *pg = check_pool(L);
+    struct lpg_op *op;
 
     lua_settop(L, 1);
     lua_pushliteral(L, "SELECT 1");
-    op = new_op(L, 2, 0, GW_PGOP_STMT);
+    op = new_op(L, 2, 0, LPG_OP_STMT);
     if (op == NULL) {
         return gw_push_error(L, "unavailable", 0, "postgres: out of memory");
     }
@@ -1282,9 +1471,9 @@ lpg_connect(lua_State *L)
 static int
 lpg_begin(lua_State *L)
 {
-    struct gw_pg   *pg = check_pool(L);
-    struct gw_pgop *op;
-    struct gw_pgtx *tx;
+    struct lpg_pool   *pg = check_pool(L);
+    struct lpg_op     *op;
+    struct gw_store_tx *tx;
 
     if (!lua_isyieldable(L)) {
         /* gw_co_wait would raise after the BEGIN was queued, leaving a
@@ -1293,40 +1482,44 @@ lpg_begin(lua_State *L)
     }
     lua_settop(L, 1);
     lua_pushliteral(L, "BEGIN");
-    op = new_op(L, 2, 0, GW_PGOP_STMT);
+    op = new_op(L, 2, 0, LPG_OP_STMT);
     if (op == NULL) {
         return gw_push_error(L, "unavailable", 0, "postgres: out of memory");
     }
-    tx = calloc(1, sizeof(*tx));
+    tx = gw_store_tx_new(gw_co_current(L), pg, tx_abandon);
     if (tx == NULL) {
         op_free(op);
         return gw_push_error(L, "unavailable", 0, "postgres: out of memory");
     }
-    op->txid = pgtx_next_id++;
+    op->txid = tx->id;
     op->tx_begin = 1;
-    tx->pg = pg;
-    tx->txid = op->txid;
-    tx->cl.fn = tx_abandon;
-    tx->cl.arg = tx;
-    tx->next = pgtx_list;
-    pgtx_list = tx;
-    gw_co_cleanup_add(gw_co_current(L), &tx->cl);
     return submit(L, pg, op);
 }
 
 static int
 tx_op(lua_State *L, int kind, int want_rows, const char *fixed, int end)
 {
-    struct gw_pg   *pg = check_pool(L);
+    struct lpg_pool   *pg = check_pool(L);
     long            txid = (long)luaL_checknumber(L, 2);
-    struct gw_pgop *op;
+    struct gw_store_tx *tx = gw_store_tx_find(pg, txid);
+    struct lpg_op     *op;
 
+    if (tx != NULL && tx->state == LPG_TX_ENDED) {
+        /* COMMIT/ROLLBACK in its SQL ended it: nothing more runs in it. */
+        gw_co_current(L);
+        if (end) {
+            tx_forget(txid);
+        }
+        return gw_push_error(L, "misuse", 0, "postgres: the transaction"
+                             " was ended early by COMMIT or ROLLBACK in"
+                             " SQL");
+    }
     if (fixed != NULL) {
         lua_settop(L, 2);
         lua_pushstring(L, fixed);
-        op = new_op(L, 3, 0, GW_PGOP_STMT);
+        op = new_op(L, 3, 0, LPG_OP_STMT);
     } else {
-        op = new_op(L, 3, kind == GW_PGOP_STMT ? 4 : 0, kind);
+        op = new_op(L, 3, kind == LPG_OP_STMT ? 4 : 0, kind);
     }
     if (op == NULL) {
         return gw_push_error(L, "unavailable", 0, "postgres: out of memory");
@@ -1344,31 +1537,31 @@ tx_op(lua_State *L, int kind, int want_rows, const char *fixed, int end)
 static int
 lpg_tx_exec(lua_State *L)
 {
-    return tx_op(L, GW_PGOP_STMT, 0, NULL, 0);
+    return tx_op(L, LPG_OP_STMT, 0, NULL, 0);
 }
 
 static int
 lpg_tx_query(lua_State *L)
 {
-    return tx_op(L, GW_PGOP_STMT, 1, NULL, 0);
+    return tx_op(L, LPG_OP_STMT, 1, NULL, 0);
 }
 
 static int
 lpg_tx_script(lua_State *L)
 {
-    return tx_op(L, GW_PGOP_SCRIPT, 0, NULL, 0);
+    return tx_op(L, LPG_OP_SCRIPT, 0, NULL, 0);
 }
 
 static int
 lpg_commit(lua_State *L)
 {
-    return tx_op(L, GW_PGOP_STMT, 0, "COMMIT", 1);
+    return tx_op(L, LPG_OP_STMT, 0, "COMMIT", 1);
 }
 
 static int
 lpg_rollback(lua_State *L)
 {
-    return tx_op(L, GW_PGOP_STMT, 0, "ROLLBACK", 1);
+    return tx_op(L, LPG_OP_STMT, 0, "ROLLBACK", 1);
 }
 
 static const luaL_Reg lpg_methods[] = {

@@ -14,15 +14,15 @@
  * replies outstanding and none arrived for `timeout` seconds, the
  * connection is dropped and every command on it fails with "timeout".
  *
- * Lifetime: struct gw_redis is freed when the Lua handle was closed and
+ * Lifetime: struct lredis_client is freed when the Lua handle was closed and
  * every hiredis context has called its disconnect callback (refs). An op
  * lives until all its replies (or NULLs, when a context is freed) came;
  * an abandoned coroutine only clears op->co.
  */
+#include <limits.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <event2/event.h>
 #include <hiredis/hiredis.h>
 #include <hiredis/async.h>
@@ -30,6 +30,7 @@
 #include <openssl/sha.h>
 #include <lauxlib.h>
 
+#include "loop.h"
 #include "runtime.h"
 #include "store.h"
 
@@ -37,10 +38,10 @@
 #define LREDIS_MAXARGS  1024
 #define LREDIS_MAXPOOL  16
 
-struct gw_redis;
+struct lredis_client;
 
-struct gw_rconn {
-    struct gw_redis    *cl;      /* owner */
+struct lredis_conn {
+    struct lredis_client    *cl;      /* owner */
     redisAsyncContext  *ac;      /* NULL when not connected */
     int                 ready;   /* connect callback reported success */
     int                 pending; /* replies outstanding on ac */
@@ -49,7 +50,7 @@ struct gw_rconn {
     int                 timedout;/* we dropped ac for a timeout */
 };
 
-struct gw_redis {
+struct lredis_client {
     char            *host;       /* owned */
     int              port;
     char            *password;   /* owned, NULL for none */
@@ -58,7 +59,7 @@ struct gw_redis {
     double           connect_timeout; /* s */
     int              npool;
     int              rr;         /* round-robin cursor */
-    struct gw_rconn  conns[LREDIS_MAXPOOL];
+    struct lredis_conn  conns[LREDIS_MAXPOOL];
     struct event    *tick;       /* owned; deadline checks */
     int              refs;       /* Lua handle + live contexts */
     int              closed;     /* Lua closed it */
@@ -66,9 +67,9 @@ struct gw_redis {
     int              tref;       /* registry ref anchoring T */
 };
 
-struct gw_rop {
+struct lredis_op {
     struct gw_co    *co;         /* waiting coroutine; NULL if abandoned */
-    struct gw_redis *cl;         /* borrowed; cl outlives its ops (refs) */
+    struct lredis_client *cl;         /* borrowed; cl outlives its ops (refs) */
     int              ncmds;      /* replies expected */
     int              got;        /* replies received */
     int              results;    /* registry ref of the results table
@@ -77,21 +78,13 @@ struct gw_rop {
     char             msg[160];   /* its message */
 };
 
-struct gw_rud {
-    struct gw_redis *cl;         /* NULL once closed */
+struct lredis_ud {
+    struct lredis_client *cl;         /* NULL once closed */
 };
 
-static double
-mono_now(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
 
 static void
-client_unref(struct gw_redis *cl)
+client_unref(struct lredis_client *cl)
 {
     if (--cl->refs > 0) {
         return;
@@ -168,7 +161,7 @@ push_reply(lua_State *L, redisReply *r)
         lua_pushlstring(L, r->str, r->len);
         break;
     case REDIS_REPLY_INTEGER:
-        lua_pushnumber(L, (lua_Number)r->integer);
+        gw_store_push_int(L, (int64_t)r->integer);
         break;
     case REDIS_REPLY_ARRAY:
         lua_createtable(L, (int)r->elements, 0);
@@ -187,7 +180,7 @@ push_reply(lua_State *L, redisReply *r)
 }
 
 static void
-op_transport_error(struct gw_rop *op, struct gw_rconn *c,
+op_transport_error(struct lredis_op *op, struct lredis_conn *c,
                    const redisAsyncContext *ac)
 {
     if (op->kind[0] != '\0') {
@@ -209,10 +202,10 @@ op_transport_error(struct gw_rop *op, struct gw_rconn *c,
 }
 
 static void
-op_finish(struct gw_rop *op)
+op_finish(struct lredis_op *op)
 {
     struct gw_co    *co = op->co;
-    struct gw_redis *cl = op->cl;
+    struct lredis_client *cl = op->cl;
     lua_State       *L;
     int              n;
 
@@ -241,7 +234,7 @@ op_finish(struct gw_rop *op)
     gw_co_wake(co, n);
 }
 
-static struct gw_rconn *
+static struct lredis_conn *
 conn_of(redisAsyncContext *ac)
 {
     return ac->data;
@@ -251,13 +244,13 @@ conn_of(redisAsyncContext *ac)
 static void
 on_reply(redisAsyncContext *ac, void *reply, void *privdata)
 {
-    struct gw_rop   *op = privdata;
-    struct gw_rconn *c = conn_of(ac);
+    struct lredis_op   *op = privdata;
+    struct lredis_conn *c = conn_of(ac);
     redisReply      *r = reply;
 
     if (c != NULL && c->ac == ac) {
         c->pending--;
-        c->since = mono_now();
+        c->since = gw_loop_mono_fresh();
         if (r == NULL) {
             /* The context is going away: a coroutine woken below must
              * open a new one, not queue on this one. */
@@ -278,7 +271,7 @@ on_reply(redisAsyncContext *ac, void *reply, void *privdata)
     } else if (op->co != NULL) {
         /* One command: answer now, straight from the reply. */
         struct gw_co    *co = op->co;
-        struct gw_redis *cl = op->cl;
+        struct lredis_client *cl = op->cl;
         lua_State       *L = gw_co_state(co);
         int              n = 1;
 
@@ -303,12 +296,12 @@ on_reply(redisAsyncContext *ac, void *reply, void *privdata)
 static void
 on_setup_reply(redisAsyncContext *ac, void *reply, void *privdata)
 {
-    struct gw_rconn *c = conn_of(ac);
+    struct lredis_conn *c = conn_of(ac);
     redisReply      *r = reply;
 
     if (c != NULL && c->ac == ac) {
         c->pending--;
-        c->since = mono_now();
+        c->since = gw_loop_mono_fresh();
     }
     if (r != NULL && r->type == REDIS_REPLY_ERROR) {
         gw_log(GW_LOG_ERROR, "redis: connection setup failed: %s", r->str);
@@ -319,7 +312,7 @@ on_setup_reply(redisAsyncContext *ac, void *reply, void *privdata)
 static void
 on_connect(const redisAsyncContext *ac, int status)
 {
-    struct gw_rconn *c = ac->data;
+    struct lredis_conn *c = ac->data;
 
     if (c == NULL) {
         return;
@@ -340,7 +333,7 @@ on_connect(const redisAsyncContext *ac, int status)
 
 /* Drops a connection now: pending commands get NULL replies. */
 static void
-conn_drop(struct gw_rconn *c)
+conn_drop(struct lredis_conn *c)
 {
     redisAsyncContext *ac = c->ac;
 
@@ -363,8 +356,8 @@ conn_drop(struct gw_rconn *c)
 static void
 on_disconnect(const redisAsyncContext *ac, int status)
 {
-    struct gw_rconn *c = ac->data;
-    struct gw_redis *cl;
+    struct lredis_conn *c = ac->data;
+    struct lredis_client *cl;
 
     if (c == NULL) {
         return;
@@ -381,9 +374,9 @@ on_disconnect(const redisAsyncContext *ac, int status)
 /* Opens a connection (non-blocking). Returns GW_OK, or GW_ERR with a
  * message in err. */
 static int
-conn_open(struct gw_rconn *c, char *err, size_t errlen)
+conn_open(struct lredis_conn *c, char *err, size_t errlen)
 {
-    struct gw_redis   *cl = c->cl;
+    struct lredis_client   *cl = c->cl;
     redisAsyncContext *ac = redisAsyncConnect(cl->host, cl->port);
 
     if (ac == NULL) {
@@ -408,7 +401,7 @@ conn_open(struct gw_rconn *c, char *err, size_t errlen)
     c->ready = 0;
     c->pending = 0;
     c->timedout = 0;
-    c->opened = mono_now();
+    c->opened = gw_loop_mono_fresh();
     c->since = c->opened;
     cl->refs++;                          /* released in on_disconnect */
     if (cl->password != NULL) {
@@ -424,8 +417,8 @@ conn_open(struct gw_rconn *c, char *err, size_t errlen)
 }
 
 /* Picks a connection, opening one when needed. NULL + err on failure. */
-static struct gw_rconn *
-pick_conn(struct gw_redis *cl, char *err, size_t errlen)
+static struct lredis_conn *
+pick_conn(struct lredis_client *cl, char *err, size_t errlen)
 {
     int i, k;
 
@@ -448,12 +441,12 @@ pick_conn(struct gw_redis *cl, char *err, size_t errlen)
 static void
 on_tick(evutil_socket_t fd, short what, void *arg)
 {
-    struct gw_redis *cl = arg;
-    double           now = mono_now();
+    struct lredis_client *cl = arg;
+    double           now = gw_loop_mono_fresh();
     int              i;
 
     for (i = 0; i < cl->npool; i++) {
-        struct gw_rconn *c = &cl->conns[i];
+        struct lredis_conn *c = &cl->conns[i];
 
         if (c->ac == NULL) {
             continue;
@@ -469,10 +462,10 @@ on_tick(evutil_socket_t fd, short what, void *arg)
 
 /* ------------------------------------------------------------ Lua side */
 
-static struct gw_redis *
+static struct lredis_client *
 check_client(lua_State *L)
 {
-    struct gw_rud *ud = luaL_checkudata(L, 1, LREDIS_MT);
+    struct lredis_ud *ud = luaL_checkudata(L, 1, LREDIS_MT);
 
     if (ud->cl == NULL) {
         luaL_error(L, "redis: client is closed");
@@ -489,11 +482,25 @@ lredis_new(lua_State *L)
 {
     const char      *host = luaL_checkstring(L, 1);
     int              port = (int)luaL_checkinteger(L, 2);
-    struct gw_redis *cl;
-    struct gw_rud   *ud;
+    struct lredis_client *cl;
+    struct lredis_ud   *ud;
     struct timeval   tv = { 0, 100000 };
-    int              i;
+    int              i, npool, dbnum;
+    double           timeout, connect_timeout;
+    const char      *password;
+    static const char *const known[] = {
+        "password", "db", "pool", "timeout", "connect_timeout", NULL
+    };
 
+    /* Checked first: raising must not leak what is allocated below. */
+    gw_store_opt_known(L, 3, "redis.connect", known);
+    timeout = gw_store_opt_num(L, 3, "redis.connect", "timeout", 5, 0);
+    connect_timeout = gw_store_opt_num(L, 3, "redis.connect",
+                                       "connect_timeout", 2, 0);
+    npool = gw_store_opt_int(L, 3, "redis.connect", "pool", 2, 1,
+                             LREDIS_MAXPOOL);
+    dbnum = gw_store_opt_int(L, 3, "redis.connect", "db", 0, 0, INT_MAX);
+    password = gw_store_opt_str(L, 3, "redis.connect", "password");
     ud = lua_newuserdata(L, sizeof(*ud));
     ud->cl = NULL;
     luaL_getmetatable(L, LREDIS_MT);
@@ -506,22 +513,15 @@ lredis_new(lua_State *L)
     cl->refs = 1;
     cl->host = strdup(host);
     cl->port = port;
-    cl->timeout = gw_store_opt_num(L, 3, "timeout", 5);
-    cl->connect_timeout = gw_store_opt_num(L, 3, "connect_timeout", 2);
-    cl->npool = (int)gw_store_opt_num(L, 3, "pool", 2);
-    cl->dbnum = (int)gw_store_opt_num(L, 3, "db", 0);
-    if (cl->npool < 1) {
-        cl->npool = 1;
-    }
-    if (cl->npool > LREDIS_MAXPOOL) {
-        cl->npool = LREDIS_MAXPOOL;
-    }
-    if (lua_istable(L, 3)) {
-        lua_getfield(L, 3, "password");
-        if (lua_isstring(L, -1)) {
-            cl->password = strdup(lua_tostring(L, -1));
+    cl->timeout = timeout;
+    cl->connect_timeout = connect_timeout;
+    cl->npool = npool;
+    cl->dbnum = dbnum;
+    if (password != NULL) {
+        cl->password = strdup(password);
+        if (cl->password == NULL) {
+            return luaL_error(L, "redis: out of memory");
         }
-        lua_pop(L, 1);
     }
     for (i = 0; i < cl->npool; i++) {
         cl->conns[i].cl = cl;
@@ -540,7 +540,7 @@ lredis_new(lua_State *L)
 static void
 close_conns(void *arg)
 {
-    struct gw_redis *cl = arg;
+    struct lredis_client *cl = arg;
 
     cl->refs++;                          /* conn_drop may drop the last */
     for (int i = 0; i < cl->npool; i++) {
@@ -555,8 +555,8 @@ close_conns(void *arg)
 static int
 lredis_close(lua_State *L)
 {
-    struct gw_rud   *ud = luaL_checkudata(L, 1, LREDIS_MT);
-    struct gw_redis *cl = ud->cl;
+    struct lredis_ud   *ud = luaL_checkudata(L, 1, LREDIS_MT);
+    struct lredis_client *cl = ud->cl;
 
     if (cl == NULL) {
         return 0;
@@ -659,7 +659,7 @@ check_pipeline(lua_State *L, int tbl, int ncmds)
 static void
 op_cancel(void *arg)
 {
-    struct gw_rop *op = arg;
+    struct lredis_op *op = arg;
 
     op->co = NULL;
 }
@@ -668,11 +668,11 @@ op_cancel(void *arg)
 static int
 lredis_call(lua_State *L)
 {
-    struct gw_redis *cl = check_client(L);
+    struct lredis_client *cl = check_client(L);
     const char      *args[LREDIS_MAXARGS];
     size_t           lens[LREDIS_MAXARGS];
-    struct gw_rconn *c;
-    struct gw_rop   *op;
+    struct lredis_conn *c;
+    struct lredis_op   *op;
     char             err[200];
     int              top = lua_gettop(L), n;
 
@@ -704,7 +704,7 @@ lredis_call(lua_State *L)
     }
     cl->refs++;
     if (c->pending++ == 0) {
-        c->since = mono_now();
+        c->since = gw_loop_mono_fresh();
     }
     op->co = gw_co_current(L);
     return gw_co_wait(L, op_cancel, op);
@@ -714,11 +714,11 @@ lredis_call(lua_State *L)
 static int
 lredis_pipeline(lua_State *L)
 {
-    struct gw_redis *cl = check_client(L);
+    struct lredis_client *cl = check_client(L);
     const char      *args[LREDIS_MAXARGS];
     size_t           lens[LREDIS_MAXARGS];
-    struct gw_rconn *c;
-    struct gw_rop   *op;
+    struct lredis_conn *c;
+    struct lredis_op   *op;
     char             err[200];
     int              i, ncmds, n, base;
 
@@ -760,7 +760,7 @@ lredis_pipeline(lua_State *L)
             break;
         }
         if (c->pending++ == 0) {
-            c->since = mono_now();
+            c->since = gw_loop_mono_fresh();
         }
         lua_settop(L, base - 1);
     }

@@ -17,20 +17,28 @@
  * savepoint in the current batch and the writer then serves only that
  * transaction's statements until COMMIT/ROLLBACK (or tx_timeout), so other
  * writers queue up and join the same batch afterwards. COMMIT of such a
- * transaction resumes the coroutine after the batch is durable.
+ * transaction resumes the coroutine after the batch is durable. A failed
+ * statement is undone alone (a script, in a savepoint of its own) and
+ * the transaction goes on.
  *
- * Lifetime: struct gw_sqldb is reference counted by the Lua handle and by
- * each thread; whoever drops the last reference frees it. A job is owned
+ * Opening: the writer creates the file and switches it to WAL. Other
+ * processes may do the same at the same moment (workers on a first
+ * start): that waits within busy_timeout like any write (conn_open()).
+ *
+ * Lifetime: struct lsqlite_db is reference counted by the Lua handle, by
+ * each thread and by each open transaction; whoever drops the last
+ * reference frees it. A job is owned
  * by the queue, then by the thread running it, then by the loop callback
  * that delivers it (which frees it). A coroutine abandoned while waiting
  * only clears job->co; delivery then frees the job without waking.
  *
- * Abandoned transactions: h:begin() attaches a struct gw_sqltx to the
- * calling coroutine (gw_co_cleanup) until COMMIT/ROLLBACK is submitted.
- * If the coroutine ends first (task:cancel(), a request deadline, or it
- * returned without ending the transaction), no Lua code will send the
- * ROLLBACK, so tx_abandon() queues one from C (no coroutine waits on
- * it) and the writer serves others at once instead of after tx_timeout.
+ * Abandoned transactions: h:begin() registers a struct gw_store_tx
+ * (store.h), attached to the calling coroutine, until COMMIT/ROLLBACK is
+ * submitted. If the coroutine ends first (task:cancel(), a request
+ * deadline, or it returned without ending the transaction), no Lua code
+ * will send the ROLLBACK, so tx_abandon() queues one from C (no coroutine
+ * waits on it) and the writer serves others at once instead of after
+ * tx_timeout.
  * When the coroutine goes while its BEGIN is still queued, the ROLLBACK
  * is queued when that BEGIN is delivered.
  */
@@ -43,31 +51,33 @@
 #include <sqlite3.h>
 #include <lauxlib.h>
 
+#include "loop.h"
 #include "runtime.h"
 #include "store.h"
 
 #define LSQLITE_MT        "paygate.sqlite.db"
 #define LSQLITE_CACHE     64      /* prepared statements per connection */
 #define LSQLITE_READERS   2
+#define LSQLITE_MAX_READERS 64  /* reader threads at most */
 #define LSQLITE_BATCH_MAX 1024    /* jobs per group commit */
 
-enum gw_sqlop {
-    GW_SQLOP_OPEN,      /* writer: open + pragmas */
-    GW_SQLOP_STMT,      /* one statement with parameters */
-    GW_SQLOP_SCRIPT,    /* several statements, no parameters */
-    GW_SQLOP_BEGIN,     /* start an interactive transaction */
-    GW_SQLOP_COMMIT,    /* end it, durable on return */
-    GW_SQLOP_ROLLBACK   /* end it, discarding its effects */
+enum lsqlite_op {
+    LSQLITE_OP_OPEN,      /* writer: open + pragmas */
+    LSQLITE_OP_STMT,      /* one statement with parameters */
+    LSQLITE_OP_SCRIPT,    /* several statements, no parameters */
+    LSQLITE_OP_BEGIN,     /* start an interactive transaction */
+    LSQLITE_OP_COMMIT,    /* end it, durable on return */
+    LSQLITE_OP_ROLLBACK   /* end it, discarding its effects */
 };
 
-struct gw_sqljob {
-    enum gw_sqlop      op;
-    struct gw_sqldb   *db;       /* borrowed; the db outlives its jobs */
+struct lsqlite_job {
+    enum lsqlite_op      op;
+    struct lsqlite_db   *db;       /* borrowed; the db outlives its jobs */
     struct gw_co      *co;       /* waiting coroutine; NULL if abandoned */
     int                want_rows;/* 1: query (rows), 0: exec (changes) */
     long               txid;     /* interactive transaction, 0 if none */
     char              *sql;      /* owned */
-    struct gw_sqlv    *params;   /* owned, nparams values */
+    struct gw_store_val    *params;   /* owned, nparams values */
     int                nparams;
     /* results, written by the thread that runs the job */
     int                rc;       /* SQLITE_OK or a primary result code */
@@ -78,26 +88,26 @@ struct gw_sqljob {
     int64_t            last_id;  /* last insert rowid (exec) */
     int                ncols;
     char             **cols;     /* owned column names, ncols */
-    struct gw_sqlv    *cells;    /* owned, nrows * ncols, row-major */
+    struct gw_store_val    *cells;    /* owned, nrows * ncols, row-major */
     int                nrows;
     int                cap;      /* rows allocated in cells */
-    struct gw_sqljob  *next;     /* queue / delivery list link */
+    struct lsqlite_job  *next;     /* queue / delivery list link */
 };
 
-struct gw_sqlcache {
+struct lsqlite_cache {
     char         *sql[LSQLITE_CACHE];  /* owned keys */
     sqlite3_stmt *st[LSQLITE_CACHE];   /* owned statements */
     char          tx[LSQLITE_CACHE];   /* prepared with allow_tx: ours */
 };
 
-struct gw_sqlconn {
+struct lsqlite_conn {
     sqlite3            *h;       /* owned by the thread using it */
-    struct gw_sqlcache  cache;
+    struct lsqlite_cache  cache;
     int                 allow_tx;/* 1 while run_fixed() runs our own
                                     BEGIN/SAVEPOINT/RELEASE/COMMIT */
 };
 
-struct gw_sqldb {
+struct lsqlite_db {
     pthread_mutex_t    mu;       /* guards everything below */
     pthread_cond_t     wcond;    /* writer: wq or txq got a job */
     pthread_cond_t     rcond;    /* readers: rq got a job */
@@ -105,11 +115,10 @@ struct gw_sqldb {
     int                closing;  /* threads exit when their queue drains */
     int                readers;  /* reader threads running: the writer
                                     outlives them (they hand it writes) */
-    struct gw_sqljob  *wq, *wq_tail;   /* writer jobs */
-    struct gw_sqljob  *txq, *txq_tail; /* active transaction's jobs */
-    struct gw_sqljob  *rq, *rq_tail;   /* reader jobs */
+    struct lsqlite_job  *wq, *wq_tail;   /* writer jobs */
+    struct lsqlite_job  *txq, *txq_tail; /* active transaction's jobs */
+    struct lsqlite_job  *rq, *rq_tail;   /* reader jobs */
     long               active_tx;/* txid the writer serves, 0 if none */
-    long               next_txid;
     int                open_ok;  /* writer opened the file */
     /* configuration, read-only after open */
     char              *path;
@@ -123,36 +132,26 @@ struct gw_sqldb {
     long               writes;       /* jobs acknowledged by a COMMIT */
 };
 
-struct gw_sqlud {
-    struct gw_sqldb *db;         /* reference; NULL once closed */
+struct lsqlite_ud {
+    struct lsqlite_db *db;         /* reference; NULL once closed */
 };
 
-enum gw_sqltx_state {
-    GW_SQLTX_PENDING,            /* BEGIN queued, not delivered yet */
-    GW_SQLTX_ACTIVE,             /* BEGIN delivered: the writer serves it */
-    GW_SQLTX_ABANDONED           /* co gone while PENDING: roll back on
+/* struct gw_store_tx.state of an open transaction; see "Abandoned
+ * transactions" above. Its owner is the db, of which the record holds a
+ * reference (dropped by tx_free()), so matching on the pointer is safe. */
+enum lsqlite_tx_state {
+    LSQLITE_TX_PENDING,            /* BEGIN queued, not delivered yet */
+    LSQLITE_TX_ACTIVE,             /* BEGIN delivered: the writer serves it */
+    LSQLITE_TX_ABANDONED           /* co gone while PENDING: roll back on
                                     delivery of the BEGIN */
 };
 
-/* An open transaction; see "Abandoned transactions" above. */
-struct gw_sqltx {
-    struct gw_co_cleanup cl;     /* attached to the co that began it */
-    struct gw_sqldb     *db;     /* reference (refs), dropped by tx_free */
-    long                 txid;
-    enum gw_sqltx_state  state;
-    struct gw_sqltx     *next;   /* sqltx_list link */
-};
-
-/* Open transactions of every handle: loop thread only, a few long. A
- * record holds a db reference, so matching on the db pointer is safe. */
-static struct gw_sqltx *sqltx_list;
-
-static void tx_begin_delivered(struct gw_sqljob *j);
+static void tx_begin_delivered(struct lsqlite_job *j);
 
 /* ---------------------------------------------------------------- jobs */
 
 static void
-job_free(struct gw_sqljob *j)
+job_free(struct lsqlite_job *j)
 {
     int i;
 
@@ -160,18 +159,18 @@ job_free(struct gw_sqljob *j)
         return;
     }
     free(j->sql);
-    gw_sqlv_free(j->params, j->nparams);
+    gw_store_vals_free(j->params, j->nparams);
     free(j->errmsg);
     for (i = 0; i < j->ncols; i++) {
         free(j->cols[i]);
     }
     free(j->cols);
-    gw_sqlv_free(j->cells, j->nrows * j->ncols);
+    gw_store_vals_free(j->cells, j->nrows * j->ncols);
     free(j);
 }
 
 static void
-job_fail(struct gw_sqljob *j, int rc, const char *msg)
+job_fail(struct lsqlite_job *j, int rc, const char *msg)
 {
     j->rc = rc;
     j->xrc = rc;
@@ -180,7 +179,7 @@ job_fail(struct gw_sqljob *j, int rc, const char *msg)
 }
 
 static void
-job_fail_db(struct gw_sqljob *j, sqlite3 *h, int rc)
+job_fail_db(struct lsqlite_job *j, sqlite3 *h, int rc)
 {
     j->rc = rc & 0xff;
     j->xrc = h != NULL ? sqlite3_extended_errcode(h) : rc;
@@ -189,8 +188,8 @@ job_fail_db(struct gw_sqljob *j, sqlite3 *h, int rc)
 }
 
 static void
-queue_push(struct gw_sqljob **head, struct gw_sqljob **tail,
-           struct gw_sqljob *j)
+queue_push(struct lsqlite_job **head, struct lsqlite_job **tail,
+           struct lsqlite_job *j)
 {
     j->next = NULL;
     if (*tail != NULL) {
@@ -201,10 +200,10 @@ queue_push(struct gw_sqljob **head, struct gw_sqljob **tail,
     *tail = j;
 }
 
-static struct gw_sqljob *
-queue_pop(struct gw_sqljob **head, struct gw_sqljob **tail)
+static struct lsqlite_job *
+queue_pop(struct lsqlite_job **head, struct lsqlite_job **tail)
 {
-    struct gw_sqljob *j = *head;
+    struct lsqlite_job *j = *head;
 
     if (j != NULL) {
         *head = j->next;
@@ -217,7 +216,7 @@ queue_pop(struct gw_sqljob **head, struct gw_sqljob **tail)
 }
 
 static void
-db_ref(struct gw_sqldb *db)
+db_ref(struct lsqlite_db *db)
 {
     pthread_mutex_lock(&db->mu);
     db->refs++;
@@ -225,7 +224,7 @@ db_ref(struct gw_sqldb *db)
 }
 
 static void
-db_unref(struct gw_sqldb *db)
+db_unref(struct lsqlite_db *db)
 {
     int last;
 
@@ -253,7 +252,7 @@ constraint_name(const char *msg)
 
 /* Pushes nil + a classified error table for a failed job. Returns 2. */
 static int
-push_job_error(lua_State *L, struct gw_sqljob *j)
+push_job_error(lua_State *L, struct lsqlite_job *j)
 {
     const char *kind = "error";
     const char *msg = j->errmsg != NULL ? j->errmsg : "unknown error";
@@ -309,7 +308,7 @@ push_job_error(lua_State *L, struct gw_sqljob *j)
 }
 
 static void
-push_rows(lua_State *L, struct gw_sqljob *j)
+push_rows(lua_State *L, struct lsqlite_job *j)
 {
     int r, c;
 
@@ -317,12 +316,12 @@ push_rows(lua_State *L, struct gw_sqljob *j)
     for (r = 0; r < j->nrows; r++) {
         lua_createtable(L, 0, j->ncols);
         for (c = 0; c < j->ncols; c++) {
-            struct gw_sqlv *v = &j->cells[r * j->ncols + c];
+            struct gw_store_val *v = &j->cells[r * j->ncols + c];
 
-            if (v->type == GW_SQLV_NULL) {
+            if (v->type == GW_STORE_NULL) {
                 continue;
             }
-            gw_sqlv_push(L, v);
+            gw_store_val_push(L, v);
             lua_setfield(L, -2, j->cols[c]);
         }
         lua_rawseti(L, -2, r + 1);
@@ -331,24 +330,24 @@ push_rows(lua_State *L, struct gw_sqljob *j)
 
 /* Pushes the job's Lua results onto L; returns how many. */
 static int
-push_job_result(lua_State *L, struct gw_sqljob *j)
+push_job_result(lua_State *L, struct lsqlite_job *j)
 {
     if (j->rc != SQLITE_OK) {
         return push_job_error(L, j);
     }
     switch (j->op) {
-    case GW_SQLOP_BEGIN:
+    case LSQLITE_OP_BEGIN:
         lua_pushnumber(L, (lua_Number)j->txid);
         return 1;
-    case GW_SQLOP_STMT:
+    case LSQLITE_OP_STMT:
         if (j->want_rows) {
             push_rows(L, j);
             return 1;
         }
         lua_createtable(L, 0, 3);
-        lua_pushnumber(L, (lua_Number)j->changes);
+        gw_store_push_int(L, (int64_t)j->changes);
         lua_setfield(L, -2, "changes");
-        lua_pushnumber(L, (lua_Number)j->last_id);
+        gw_store_push_int(L, (int64_t)j->last_id);
         lua_setfield(L, -2, "last_id");
         if (j->nrows > 0) {
             push_rows(L, j);
@@ -365,11 +364,11 @@ push_job_result(lua_State *L, struct gw_sqljob *j)
 static void
 deliver(void *arg)
 {
-    struct gw_sqljob *j = arg, *next;
+    struct lsqlite_job *j = arg, *next;
 
     for (; j != NULL; j = next) {
         next = j->next;
-        if (j->op == GW_SQLOP_BEGIN) {
+        if (j->op == LSQLITE_OP_BEGIN) {
             tx_begin_delivered(j);       /* before fn(tx) can run */
         }
         if (j->co != NULL) {
@@ -387,7 +386,7 @@ deliver(void *arg)
 
 /* Worker thread: hands a list of finished jobs to the loop. */
 static void
-post_jobs(struct gw_sqljob *list)
+post_jobs(struct lsqlite_job *list)
 {
     if (list == NULL) {
         return;
@@ -398,7 +397,7 @@ post_jobs(struct gw_sqljob *list)
 }
 
 static void
-post_one(struct gw_sqljob *j)
+post_one(struct lsqlite_job *j)
 {
     j->next = NULL;
     post_jobs(j);
@@ -408,7 +407,7 @@ post_one(struct gw_sqljob *j)
 static void
 job_cancel(void *arg)
 {
-    struct gw_sqljob *j = arg;
+    struct lsqlite_job *j = arg;
 
     j->co = NULL;
 }
@@ -416,7 +415,7 @@ job_cancel(void *arg)
 /* ------------------------------------------------ statements (threads) */
 
 static void
-cache_clear(struct gw_sqlcache *c)
+cache_clear(struct lsqlite_cache *c)
 {
     int i;
 
@@ -444,7 +443,7 @@ only_space(const char *s)
 /* Returns a cached or newly prepared statement for j->sql, or NULL with
  * the error recorded in j. The cache owns the statement. */
 static sqlite3_stmt *
-stmt_get(struct gw_sqlconn *c, struct gw_sqljob *j)
+stmt_get(struct lsqlite_conn *c, struct lsqlite_job *j)
 {
     unsigned      slot = gw_store_hash(j->sql) % LSQLITE_CACHE;
     sqlite3_stmt *st = NULL;
@@ -489,14 +488,14 @@ stmt_get(struct gw_sqlconn *c, struct gw_sqljob *j)
 }
 
 static int
-bind_params(sqlite3_stmt *st, struct gw_sqljob *j)
+bind_params(sqlite3_stmt *st, struct lsqlite_job *j)
 {
     int i, n = sqlite3_bind_parameter_count(st);
 
     for (i = 1; i <= n; i++) {
         const char     *name = sqlite3_bind_parameter_name(st, i);
         int             k = i;
-        struct gw_sqlv *v;
+        struct gw_store_val *v;
         int             rc;
 
         /* $1, $2 ... (the PostgreSQL spelling) name a Lua position. */
@@ -510,13 +509,13 @@ bind_params(sqlite3_stmt *st, struct gw_sqljob *j)
         } else {
             v = &j->params[k - 1];
             switch (v->type) {
-            case GW_SQLV_INT:
+            case GW_STORE_INT:
                 rc = sqlite3_bind_int64(st, i, v->i);
                 break;
-            case GW_SQLV_REAL:
+            case GW_STORE_REAL:
                 rc = sqlite3_bind_double(st, i, v->d);
                 break;
-            case GW_SQLV_TEXT:
+            case GW_STORE_TEXT:
                 rc = sqlite3_bind_text(st, i, v->s, (int)v->len,
                                        SQLITE_STATIC);
                 break;
@@ -533,7 +532,7 @@ bind_params(sqlite3_stmt *st, struct gw_sqljob *j)
 }
 
 static int
-add_row(struct gw_sqljob *j, sqlite3_stmt *st)
+add_row(struct lsqlite_job *j, sqlite3_stmt *st)
 {
     int c;
 
@@ -553,7 +552,7 @@ add_row(struct gw_sqljob *j, sqlite3_stmt *st)
     }
     if (j->nrows == j->cap) {
         int             cap = j->cap == 0 ? 8 : j->cap * 2;
-        struct gw_sqlv *cells = realloc(j->cells, (size_t)cap * j->ncols
+        struct gw_store_val *cells = realloc(j->cells, (size_t)cap * j->ncols
                                         * sizeof(*cells) + 1);
 
         if (cells == NULL) {
@@ -563,16 +562,16 @@ add_row(struct gw_sqljob *j, sqlite3_stmt *st)
         j->cap = cap;
     }
     for (c = 0; c < j->ncols; c++) {
-        struct gw_sqlv *v = &j->cells[j->nrows * j->ncols + c];
+        struct gw_store_val *v = &j->cells[j->nrows * j->ncols + c];
 
         memset(v, 0, sizeof(*v));
         switch (sqlite3_column_type(st, c)) {
         case SQLITE_INTEGER:
-            v->type = GW_SQLV_INT;
+            v->type = GW_STORE_INT;
             v->i = sqlite3_column_int64(st, c);
             break;
         case SQLITE_FLOAT:
-            v->type = GW_SQLV_REAL;
+            v->type = GW_STORE_REAL;
             v->d = sqlite3_column_double(st, c);
             break;
         case SQLITE_TEXT:
@@ -586,10 +585,10 @@ add_row(struct gw_sqljob *j, sqlite3_stmt *st)
                 memcpy(v->s, sqlite3_column_blob(st, c), v->len);
             }
             v->s[v->len] = '\0';
-            v->type = GW_SQLV_TEXT;
+            v->type = GW_STORE_TEXT;
             break;
         default:
-            v->type = GW_SQLV_NULL;
+            v->type = GW_STORE_NULL;
             break;
         }
     }
@@ -599,7 +598,7 @@ add_row(struct gw_sqljob *j, sqlite3_stmt *st)
 
 /* Runs one statement job on connection c. Returns j->rc. */
 static int
-run_stmt(struct gw_sqlconn *c, struct gw_sqljob *j)
+run_stmt(struct lsqlite_conn *c, struct lsqlite_job *j)
 {
     sqlite3_stmt *st = stmt_get(c, j);
     int           rc;
@@ -638,7 +637,7 @@ done:
 }
 
 static int
-run_script(struct gw_sqlconn *c, struct gw_sqljob *j)
+run_script(struct lsqlite_conn *c, struct lsqlite_job *j)
 {
     char *msg = NULL;
     int   rc = sqlite3_exec(c->h, j->sql, NULL, NULL, &msg);
@@ -654,16 +653,16 @@ run_script(struct gw_sqlconn *c, struct gw_sqljob *j)
 }
 
 static int
-run_job(struct gw_sqlconn *c, struct gw_sqljob *j)
+run_job(struct lsqlite_conn *c, struct lsqlite_job *j)
 {
-    return j->op == GW_SQLOP_SCRIPT ? run_script(c, j) : run_stmt(c, j);
+    return j->op == LSQLITE_OP_SCRIPT ? run_script(c, j) : run_stmt(c, j);
 }
 
 /* Runs a fixed statement (BEGIN, SAVEPOINT ...) through the cache. */
 static int
-run_fixed(struct gw_sqlconn *c, const char *sql, char **errmsg)
+run_fixed(struct lsqlite_conn *c, const char *sql, char **errmsg)
 {
-    struct gw_sqljob j;
+    struct lsqlite_job j;
     int              rc;
 
     memset(&j, 0, sizeof(j));
@@ -691,7 +690,7 @@ static int
 authorize(void *arg, int action, const char *a, const char *b,
           const char *dbname, const char *trigger)
 {
-    struct gw_sqlconn *c = arg;
+    struct lsqlite_conn *c = arg;
 
     if ((action == SQLITE_TRANSACTION || action == SQLITE_SAVEPOINT)
         && !c->allow_tx) {
@@ -701,21 +700,24 @@ authorize(void *arg, int action, const char *a, const char *b,
 }
 
 static int
-conn_open(struct gw_sqlconn *c, struct gw_sqldb *db, int readonly,
+conn_open(struct lsqlite_conn *c, struct lsqlite_db *db, int readonly,
           char **errmsg)
 {
     int  flags = readonly ? SQLITE_OPEN_READONLY
                           : SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE;
-    int  rc;
-    char pragmas[256];
+    int              rc;
+    char             pragmas[256];
+    double           deadline;      /* monotonic s */
+    struct timespec  pause = { 0, 0 };
 
     flags |= SQLITE_OPEN_NOMUTEX;
     rc = sqlite3_open_v2(db->path, &c->h, flags, NULL);
     if (rc != SQLITE_OK) {
         goto err;
     }
-    sqlite3_extended_result_codes(c->h, 1);
+    /* Before anything that reads or writes the file. */
     sqlite3_busy_timeout(c->h, db->busy_ms);
+    sqlite3_extended_result_codes(c->h, 1);
     sqlite3_set_authorizer(c->h, authorize, c);
     if (readonly) {
         return SQLITE_OK;
@@ -723,7 +725,23 @@ conn_open(struct gw_sqlconn *c, struct gw_sqldb *db, int readonly,
     snprintf(pragmas, sizeof(pragmas),
              "PRAGMA journal_mode=WAL; PRAGMA synchronous=%d;"
              " PRAGMA foreign_keys=ON;", db->synchronous);
-    rc = sqlite3_exec(c->h, pragmas, NULL, NULL, NULL);
+    /* Switching to WAL takes an exclusive lock, and SQLite answers BUSY
+     * at once, without its busy handler, when waiting could deadlock (a
+     * second process holding a shared lock on the new file while it
+     * changes mode too). On a first start every worker does this at the
+     * same moment: retry, with a short random pause, within busy_timeout
+     * like any other write. The pragmas are idempotent. */
+    deadline = gw_loop_mono_fresh() + db->busy_ms / 1000.0;
+    for (;;) {
+        rc = sqlite3_exec(c->h, pragmas, NULL, NULL, NULL);
+        if (((rc & 0xff) != SQLITE_BUSY && (rc & 0xff) != SQLITE_LOCKED)
+            || gw_loop_mono_fresh() >= deadline)
+        {
+            break;
+        }
+        pause.tv_nsec = 1000000L + (long)(random() % 9000000L);
+        nanosleep(&pause, NULL);
+    }
     if (rc != SQLITE_OK) {
         goto err;
     }
@@ -736,7 +754,7 @@ err:
 }
 
 static void
-conn_close(struct gw_sqlconn *c)
+conn_close(struct lsqlite_conn *c)
 {
     cache_clear(&c->cache);
     if (c->h != NULL) {
@@ -747,18 +765,18 @@ conn_close(struct gw_sqlconn *c)
 
 /* ------------------------------------------------------- writer thread */
 
-struct gw_batch {
-    struct gw_sqljob *done;      /* jobs that wait for COMMIT */
-    struct gw_sqljob *done_tail;
+struct lsqlite_batch {
+    struct lsqlite_job *done;      /* jobs that wait for COMMIT */
+    struct lsqlite_job *done_tail;
     int               began;     /* BEGIN IMMEDIATE is open */
 };
 
 /* The outer transaction ended underneath us (I/O error, full disk):
  * every job waiting for COMMIT has lost its effect. */
 static void
-batch_abort(struct gw_batch *b, int rc, const char *msg)
+batch_abort(struct lsqlite_batch *b, int rc, const char *msg)
 {
-    struct gw_sqljob *j;
+    struct lsqlite_job *j;
 
     for (j = b->done; j != NULL; j = j->next) {
         job_fail(j, rc, msg);
@@ -769,7 +787,7 @@ batch_abort(struct gw_batch *b, int rc, const char *msg)
 }
 
 static void
-batch_defer(struct gw_batch *b, struct gw_sqljob *j)
+batch_defer(struct lsqlite_batch *b, struct lsqlite_job *j)
 {
     queue_push(&b->done, &b->done_tail, j);
 }
@@ -777,7 +795,7 @@ batch_defer(struct gw_batch *b, struct gw_sqljob *j)
 /* After a job: when SQLite rolled back the whole transaction itself,
  * the deferred jobs must not be acknowledged. */
 static void
-batch_check(struct gw_batch *b, struct gw_sqlconn *c)
+batch_check(struct lsqlite_batch *b, struct lsqlite_conn *c)
 {
     if (b->began && sqlite3_get_autocommit(c->h)) {
         batch_abort(b, SQLITE_IOERR, "transaction rolled back by sqlite");
@@ -785,7 +803,8 @@ batch_check(struct gw_batch *b, struct gw_sqlconn *c)
 }
 
 static int
-batch_begin(struct gw_batch *b, struct gw_sqlconn *c, struct gw_sqljob *j)
+batch_begin(struct lsqlite_batch *b, struct lsqlite_conn *c,
+            struct lsqlite_job *j)
 {
     char *msg = NULL;
     int   rc;
@@ -804,7 +823,7 @@ batch_begin(struct gw_batch *b, struct gw_sqlconn *c, struct gw_sqljob *j)
 }
 
 static void
-savepoint_undo(struct gw_sqlconn *c)
+savepoint_undo(struct lsqlite_conn *c)
 {
     run_fixed(c, "ROLLBACK TO gw", NULL);
     run_fixed(c, "RELEASE gw", NULL);
@@ -814,10 +833,10 @@ savepoint_undo(struct gw_sqlconn *c)
  * before it ended (a coroutine sharing tx, or one queued behind the
  * statement that ended it) must not run in the next transaction: they
  * are returned (failed) for the caller to post after unlocking. */
-static struct gw_sqljob *
-tx_close_locked(struct gw_sqldb *db)
+static struct lsqlite_job *
+tx_close_locked(struct lsqlite_db *db)
 {
-    struct gw_sqljob *j, *list = NULL;
+    struct lsqlite_job *j, *list = NULL;
 
     db->active_tx = 0;
     for (j = queue_pop(&db->txq, &db->txq_tail); j != NULL;
@@ -830,12 +849,28 @@ tx_close_locked(struct gw_sqldb *db)
     return list;
 }
 
+/* A script inside an interactive transaction: in a savepoint of its own,
+ * so that a failure half way undoes the whole script and the transaction
+ * goes on (as on PostgreSQL; one statement is atomic by itself). */
+static void
+run_tx_script(struct lsqlite_conn *c, struct lsqlite_job *j)
+{
+    if (run_fixed(c, "SAVEPOINT gw_stmt", NULL) != SQLITE_OK) {
+        run_job(c, j);
+        return;
+    }
+    if (run_job(c, j) != SQLITE_OK) {
+        run_fixed(c, "ROLLBACK TO gw_stmt", NULL);
+    }
+    run_fixed(c, "RELEASE gw_stmt", NULL);
+}
+
 /* Serves the interactive transaction txid until it ends. */
 static void
-serve_tx(struct gw_sqldb *db, struct gw_sqlconn *c, struct gw_batch *b,
+serve_tx(struct lsqlite_db *db, struct lsqlite_conn *c, struct lsqlite_batch *b,
          long txid)
 {
-    struct gw_sqljob *j, *stale;
+    struct lsqlite_job *j, *stale;
     struct timespec   deadline;
     int               rc;
 
@@ -874,14 +909,14 @@ serve_tx(struct gw_sqldb *db, struct gw_sqlconn *c, struct gw_batch *b,
             continue;
         }
         stale = NULL;
-        if (j->op == GW_SQLOP_COMMIT || j->op == GW_SQLOP_ROLLBACK) {
+        if (j->op == LSQLITE_OP_COMMIT || j->op == LSQLITE_OP_ROLLBACK) {
             stale = tx_close_locked(db);
         }
         pthread_mutex_unlock(&db->mu);
         post_jobs(stale);
 
         switch (j->op) {
-        case GW_SQLOP_COMMIT:
+        case LSQLITE_OP_COMMIT:
             rc = run_fixed(c, "RELEASE gw", &j->errmsg);
             if (rc != SQLITE_OK) {
                 j->rc = rc;
@@ -893,13 +928,17 @@ serve_tx(struct gw_sqldb *db, struct gw_sqlconn *c, struct gw_batch *b,
             }
             batch_check(b, c);
             return;
-        case GW_SQLOP_ROLLBACK:
+        case LSQLITE_OP_ROLLBACK:
             savepoint_undo(c);
             post_one(j);
             batch_check(b, c);
             return;
         default:
-            run_job(c, j);
+            if (j->op == LSQLITE_OP_SCRIPT) {
+                run_tx_script(c, j);
+            } else {
+                run_job(c, j);           /* one statement: atomic */
+            }
             post_one(j);
             if (b->began && sqlite3_get_autocommit(c->h)) {
                 /* The statement's failure ended the whole transaction. */
@@ -918,8 +957,8 @@ serve_tx(struct gw_sqldb *db, struct gw_sqlconn *c, struct gw_batch *b,
 
 /* Runs one writer job inside the current batch. */
 static void
-batch_run_job(struct gw_sqldb *db, struct gw_sqlconn *c, struct gw_batch *b,
-              struct gw_sqljob *j)
+batch_run_job(struct lsqlite_db *db, struct lsqlite_conn *c,
+              struct lsqlite_batch *b, struct lsqlite_job *j)
 {
     int rc;
 
@@ -935,7 +974,7 @@ batch_run_job(struct gw_sqldb *db, struct gw_sqlconn *c, struct gw_batch *b,
         batch_check(b, c);
         return;
     }
-    if (j->op == GW_SQLOP_BEGIN) {
+    if (j->op == LSQLITE_OP_BEGIN) {
         long txid = j->txid;
 
         pthread_mutex_lock(&db->mu);
@@ -945,7 +984,7 @@ batch_run_job(struct gw_sqldb *db, struct gw_sqlconn *c, struct gw_batch *b,
         serve_tx(db, c, b, txid);
         return;
     }
-    if (j->op == GW_SQLOP_COMMIT || j->op == GW_SQLOP_ROLLBACK) {
+    if (j->op == LSQLITE_OP_COMMIT || j->op == LSQLITE_OP_ROLLBACK) {
         job_fail(j, SQLITE_MISUSE, "transaction is not active");
         run_fixed(c, "RELEASE gw", NULL);
         post_one(j);
@@ -969,9 +1008,10 @@ batch_run_job(struct gw_sqldb *db, struct gw_sqlconn *c, struct gw_batch *b,
 }
 
 static void
-batch_commit(struct gw_sqldb *db, struct gw_sqlconn *c, struct gw_batch *b)
+batch_commit(struct lsqlite_db *db, struct lsqlite_conn *c,
+             struct lsqlite_batch *b)
 {
-    struct gw_sqljob *j;
+    struct lsqlite_job *j;
     char *msg = NULL;
     int   rc;
 
@@ -999,10 +1039,10 @@ batch_commit(struct gw_sqldb *db, struct gw_sqlconn *c, struct gw_batch *b)
 static void *
 writer_main(void *arg)
 {
-    struct gw_sqldb   *db = arg;
-    struct gw_sqlconn  c;
-    struct gw_batch    b;
-    struct gw_sqljob  *j;
+    struct lsqlite_db   *db = arg;
+    struct lsqlite_conn  c;
+    struct lsqlite_batch    b;
+    struct lsqlite_job  *j;
     int                n;
 
     memset(&c, 0, sizeof(c));
@@ -1022,7 +1062,7 @@ writer_main(void *arg)
                 break;
             }
             pthread_mutex_unlock(&db->mu);
-            if (j->op == GW_SQLOP_OPEN) {
+            if (j->op == LSQLITE_OP_OPEN) {
                 char *msg = NULL;
                 int   rc = conn_open(&c, db, 0, &msg);
 
@@ -1060,9 +1100,9 @@ writer_main(void *arg)
 static void *
 reader_main(void *arg)
 {
-    struct gw_sqldb   *db = arg;
-    struct gw_sqlconn  c;
-    struct gw_sqljob  *j;
+    struct lsqlite_db   *db = arg;
+    struct lsqlite_conn  c;
+    struct lsqlite_job  *j;
     sqlite3_stmt      *st;
 
     memset(&c, 0, sizeof(c));
@@ -1113,52 +1153,33 @@ reader_main(void *arg)
 
 /* ---------------------------------------------- open transactions (loop) */
 
-static struct gw_sqltx *
-tx_find(struct gw_sqldb *db, long txid)
-{
-    struct gw_sqltx *tx;
-
-    for (tx = sqltx_list; tx != NULL; tx = tx->next) {
-        if (tx->db == db && tx->txid == txid) {
-            return tx;
-        }
-    }
-    return NULL;
-}
-
-/* Unlinks tx, detaches it from its co, drops its db reference. */
+/* Frees tx (NULL-safe) and drops its db reference. */
 static void
-tx_free(struct gw_sqltx *tx)
+tx_free(struct gw_store_tx *tx)
 {
-    struct gw_sqltx **pp = &sqltx_list;
+    struct lsqlite_db *db;
 
     if (tx == NULL) {
         return;
     }
-    while (*pp != NULL && *pp != tx) {
-        pp = &(*pp)->next;
-    }
-    if (*pp == tx) {
-        *pp = tx->next;
-    }
-    gw_co_cleanup_del(&tx->cl);
-    db_unref(tx->db);
-    free(tx);
+    db = tx->owner;
+    gw_store_tx_free(tx);
+    db_unref(db);
 }
 
 /* Queues a ROLLBACK of txid that no coroutine waits for (its delivery
  * just frees it). Nothing to do when the transaction already ended. */
 static void
-tx_rollback_orphan(struct gw_sqldb *db, long txid)
+tx_rollback_orphan(struct lsqlite_db *db, long txid)
 {
-    struct gw_sqljob *j = calloc(1, sizeof(*j));
+    struct lsqlite_job *j = calloc(1, sizeof(*j));
 
     if (j == NULL) {
         gw_log(GW_LOG_ERROR, "sqlite: no memory to roll back abandoned"
                " transaction %ld (tx_timeout will)", txid);
         return;
     }
-    j->op = GW_SQLOP_ROLLBACK;
+    j->op = LSQLITE_OP_ROLLBACK;
     j->db = db;
     j->txid = txid;
     pthread_mutex_lock(&db->mu);
@@ -1171,47 +1192,45 @@ tx_rollback_orphan(struct gw_sqldb *db, long txid)
     job_free(j);
 }
 
-/* gw_co_cleanup: the coroutine that began tx ended without COMMIT or
- * ROLLBACK. Runs on the loop thread, maybe inside another coroutine:
- * only queues work, wakes nobody. */
+/* struct gw_store_tx rollback: the coroutine that began tx ended without
+ * COMMIT or ROLLBACK. Runs on the loop thread, maybe inside another
+ * coroutine: only queues work, wakes nobody. */
 static void
-tx_abandon(void *arg)
+tx_abandon(struct gw_store_tx *tx)
 {
-    struct gw_sqltx *tx = arg;
-
-    if (tx->state == GW_SQLTX_PENDING) {
-        tx->state = GW_SQLTX_ABANDONED;  /* tx_begin_delivered() ends it */
+    if (tx->state == LSQLITE_TX_PENDING) {
+        tx->state = LSQLITE_TX_ABANDONED;  /* tx_begin_delivered() ends it */
         return;
     }
-    tx_rollback_orphan(tx->db, tx->txid);
+    tx_rollback_orphan(tx->owner, tx->id);
     tx_free(tx);
 }
 
 /* Delivery of a BEGIN job (loop thread), before its coroutine runs. */
 static void
-tx_begin_delivered(struct gw_sqljob *j)
+tx_begin_delivered(struct lsqlite_job *j)
 {
-    struct gw_sqltx *tx = tx_find(j->db, j->txid);
+    struct gw_store_tx *tx = gw_store_tx_find(j->db, j->txid);
 
     if (tx == NULL) {
         return;
     }
     if (j->rc != SQLITE_OK) {
         tx_free(tx);                     /* never began */
-    } else if (tx->state == GW_SQLTX_ABANDONED) {
-        tx_rollback_orphan(tx->db, tx->txid);
+    } else if (tx->state == LSQLITE_TX_ABANDONED) {
+        tx_rollback_orphan(tx->owner, tx->id);
         tx_free(tx);
     } else {
-        tx->state = GW_SQLTX_ACTIVE;
+        tx->state = LSQLITE_TX_ACTIVE;
     }
 }
 
 /* ----------------------------------------------------------- Lua side */
 
-static struct gw_sqldb *
+static struct lsqlite_db *
 check_db(lua_State *L)
 {
-    struct gw_sqlud *ud = luaL_checkudata(L, 1, LSQLITE_MT);
+    struct lsqlite_ud *ud = luaL_checkudata(L, 1, LSQLITE_MT);
 
     if (ud->db == NULL) {
         luaL_error(L, "sqlite: database is closed");
@@ -1219,10 +1238,10 @@ check_db(lua_State *L)
     return ud->db;
 }
 
-static struct gw_sqljob *
-job_new(lua_State *L, struct gw_sqldb *db, enum gw_sqlop op)
+static struct lsqlite_job *
+job_new(lua_State *L, struct lsqlite_db *db, enum lsqlite_op op)
 {
-    struct gw_sqljob *j = calloc(1, sizeof(*j));
+    struct lsqlite_job *j = calloc(1, sizeof(*j));
 
     if (j == NULL) {
         return NULL;
@@ -1232,17 +1251,17 @@ job_new(lua_State *L, struct gw_sqldb *db, enum gw_sqlop op)
     return j;
 }
 
-enum gw_sqlq { GW_SQLQ_WRITER, GW_SQLQ_TX, GW_SQLQ_READER };
+enum lsqlite_queue { LSQLITE_Q_WRITER, LSQLITE_Q_TX, LSQLITE_Q_READER };
 
 /* Queues j and yields until it is delivered. Frees j on failure. */
 static int
-submit(lua_State *L, struct gw_sqljob *j, enum gw_sqlq q)
+submit(lua_State *L, struct lsqlite_job *j, enum lsqlite_queue q)
 {
-    struct gw_sqldb *db = j->db;
+    struct lsqlite_db *db = j->db;
 
     j->co = gw_co_current(L);
     pthread_mutex_lock(&db->mu);
-    if (q == GW_SQLQ_TX) {
+    if (q == LSQLITE_Q_TX) {
         if (db->active_tx != j->txid) {
             pthread_mutex_unlock(&db->mu);
             job_free(j);
@@ -1253,7 +1272,7 @@ submit(lua_State *L, struct gw_sqljob *j, enum gw_sqlq q)
         }
         queue_push(&db->txq, &db->txq_tail, j);
         pthread_cond_signal(&db->wcond);
-    } else if (q == GW_SQLQ_READER) {
+    } else if (q == LSQLITE_Q_READER) {
         queue_push(&db->rq, &db->rq_tail, j);
         pthread_cond_signal(&db->rcond);
     } else {
@@ -1273,11 +1292,23 @@ static int
 lsqlite_open(lua_State *L)
 {
     const char       *path = luaL_checkstring(L, 1);
-    struct gw_sqlud  *ud;
-    struct gw_sqldb  *db;
+    struct lsqlite_ud  *ud;
+    struct lsqlite_db  *db;
     pthread_t         tid;
-    int               i;
+    int               i, nreaders, batch_max, busy_ms, tx_ms, sync;
 
+    /* Checked first: raising must not leak what is allocated below. */
+    gw_store_opt_known(L, 2, "sql.open", gw_store_sql_opts);
+    gw_store_opt_int(L, 2, "sql.open", "retries", 5, 1, INT_MAX);
+    nreaders = gw_store_opt_int(L, 2, "sql.open", "readers",
+                                LSQLITE_READERS, 1, LSQLITE_MAX_READERS);
+    batch_max = gw_store_opt_int(L, 2, "sql.open", "batch_max",
+                                 LSQLITE_BATCH_MAX, 1, INT_MAX);
+    busy_ms = gw_store_opt_int(L, 2, "sql.open", "busy_timeout", 5000, 0,
+                               INT_MAX);
+    tx_ms = gw_store_opt_int(L, 2, "sql.open", "tx_timeout", 30000, 1,
+                             INT_MAX);
+    sync = gw_store_opt_int(L, 2, "sql.open", "synchronous", 2, 0, 3);
     db = calloc(1, sizeof(*db));
     if (db == NULL) {
         return gw_push_error(L, "unavailable", 0, "sqlite: out of memory");
@@ -1286,21 +1317,12 @@ lsqlite_open(lua_State *L)
     pthread_cond_init(&db->wcond, NULL);
     pthread_cond_init(&db->rcond, NULL);
     db->refs = 1;
-    db->next_txid = 1;
     db->path = strdup(path);
-    db->nreaders = (int) gw_store_opt_num(L, 2, "readers",
-                                          LSQLITE_READERS);
-    db->batch_max = (int) gw_store_opt_num(L, 2, "batch_max",
-                                           LSQLITE_BATCH_MAX);
-    db->busy_ms = (int) gw_store_opt_num(L, 2, "busy_timeout", 5000);
-    db->tx_timeout_ms = (int) gw_store_opt_num(L, 2, "tx_timeout", 30000);
-    db->synchronous = (int) gw_store_opt_num(L, 2, "synchronous", 2);
-    if (db->batch_max < 1) {
-        db->batch_max = 1;
-    }
-    if (db->nreaders < 1) {
-        db->nreaders = 1;
-    }
+    db->nreaders = nreaders;
+    db->batch_max = batch_max;
+    db->busy_ms = busy_ms;
+    db->tx_timeout_ms = tx_ms;
+    db->synchronous = sync;
     ud = lua_newuserdata(L, sizeof(*ud));
     ud->db = db;                         /* __gc now owns our reference */
     luaL_getmetatable(L, LSQLITE_MT);
@@ -1338,22 +1360,22 @@ lsqlite_open(lua_State *L)
 static int
 lsqlite_connect(lua_State *L)
 {
-    struct gw_sqldb  *db = check_db(L);
-    struct gw_sqljob *j;
+    struct lsqlite_db  *db = check_db(L);
+    struct lsqlite_job *j;
 
     gw_co_current(L);
-    j = job_new(L, db, GW_SQLOP_OPEN);
+    j = job_new(L, db, LSQLITE_OP_OPEN);
     if (j == NULL) {
         return gw_push_error(L, "unavailable", 0, "sqlite: out of memory");
     }
-    return submit(L, j, GW_SQLQ_WRITER);
+    return submit(L, j, LSQLITE_Q_WRITER);
 }
 
 static int
 lsqlite_gc(lua_State *L)
 {
-    struct gw_sqlud *ud = luaL_checkudata(L, 1, LSQLITE_MT);
-    struct gw_sqldb *db = ud->db;
+    struct lsqlite_ud *ud = luaL_checkudata(L, 1, LSQLITE_MT);
+    struct lsqlite_db *db = ud->db;
 
     if (db == NULL) {
         return 0;
@@ -1368,25 +1390,25 @@ lsqlite_gc(lua_State *L)
     return 0;
 }
 
-static struct gw_sqljob *
-stmt_job(lua_State *L, struct gw_sqldb *db, int sql_idx, int params_idx,
-         enum gw_sqlop op)
+static struct lsqlite_job *
+stmt_job(lua_State *L, struct lsqlite_db *db, int sql_idx, int params_idx,
+         enum lsqlite_op op)
 {
     const char       *sql = luaL_checkstring(L, sql_idx);
-    struct gw_sqljob *j;
-    struct gw_sqlv   *params = NULL;
+    struct lsqlite_job *j;
+    struct gw_store_val   *params = NULL;
     int               nparams = 0;
 
     gw_co_current(L);
     /* May raise on a value that cannot be bound: before any allocation. */
     if (params_idx > 0
-        && gw_sqlv_from_lua(L, params_idx, &params, &nparams) != GW_OK)
+        && gw_store_vals_from_lua(L, params_idx, &params, &nparams) != GW_OK)
     {
         return NULL;
     }
     j = job_new(L, db, op);
     if (j == NULL) {
-        gw_sqlv_free(params, nparams);
+        gw_store_vals_free(params, nparams);
         return NULL;
     }
     j->params = params;
@@ -1403,87 +1425,80 @@ stmt_job(lua_State *L, struct gw_sqldb *db, int sql_idx, int params_idx,
 static int
 lsqlite_exec(lua_State *L)
 {
-    struct gw_sqldb  *db = check_db(L);
-    struct gw_sqljob *j = stmt_job(L, db, 2, 3, GW_SQLOP_STMT);
+    struct lsqlite_db  *db = check_db(L);
+    struct lsqlite_job *j = stmt_job(L, db, 2, 3, LSQLITE_OP_STMT);
 
     if (j == NULL) {
         return gw_push_error(L, "unavailable", 0, "sqlite: out of memory");
     }
-    return submit(L, j, GW_SQLQ_WRITER);
+    return submit(L, j, LSQLITE_Q_WRITER);
 }
 
 /* h:query(sql, params) -> rows | nil, err   (reader connections) */
 static int
 lsqlite_query(lua_State *L)
 {
-    struct gw_sqldb  *db = check_db(L);
-    struct gw_sqljob *j = stmt_job(L, db, 2, 3, GW_SQLOP_STMT);
+    struct lsqlite_db  *db = check_db(L);
+    struct lsqlite_job *j = stmt_job(L, db, 2, 3, LSQLITE_OP_STMT);
 
     if (j == NULL) {
         return gw_push_error(L, "unavailable", 0, "sqlite: out of memory");
     }
     j->want_rows = 1;
-    return submit(L, j, GW_SQLQ_READER);
+    return submit(L, j, LSQLITE_Q_READER);
 }
 
 /* h:script(sql) -> true | nil, err   (several statements, one savepoint) */
 static int
 lsqlite_script(lua_State *L)
 {
-    struct gw_sqldb  *db = check_db(L);
-    struct gw_sqljob *j = stmt_job(L, db, 2, 0, GW_SQLOP_SCRIPT);
+    struct lsqlite_db  *db = check_db(L);
+    struct lsqlite_job *j = stmt_job(L, db, 2, 0, LSQLITE_OP_SCRIPT);
 
     if (j == NULL) {
         return gw_push_error(L, "unavailable", 0, "sqlite: out of memory");
     }
-    return submit(L, j, GW_SQLQ_WRITER);
+    return submit(L, j, LSQLITE_Q_WRITER);
 }
 
 /* h:begin() -> txid | nil, err */
 static int
 lsqlite_begin(lua_State *L)
 {
-    struct gw_sqldb  *db = check_db(L);
+    struct lsqlite_db  *db = check_db(L);
     struct gw_co     *co = gw_co_current(L);
-    struct gw_sqljob *j;
-    struct gw_sqltx  *tx;
+    struct lsqlite_job   *j;
+    struct gw_store_tx *tx;
 
     if (!lua_isyieldable(L)) {
         /* gw_co_wait would raise after the BEGIN was queued, leaving a
          * transaction open until this coroutine ends: refuse first. */
         return luaL_error(L, "attempt to yield across a C-call boundary");
     }
-    j = job_new(L, db, GW_SQLOP_BEGIN);
-    tx = calloc(1, sizeof(*tx));
-    if (j == NULL || tx == NULL) {
-        job_free(j);
-        free(tx);
+    j = job_new(L, db, LSQLITE_OP_BEGIN);
+    if (j == NULL) {
         return gw_push_error(L, "unavailable", 0, "sqlite: out of memory");
     }
-    pthread_mutex_lock(&db->mu);
-    j->txid = db->next_txid++;
-    pthread_mutex_unlock(&db->mu);
-    db_ref(db);
-    tx->db = db;
-    tx->txid = j->txid;
-    tx->state = GW_SQLTX_PENDING;
-    tx->cl.fn = tx_abandon;
-    tx->cl.arg = tx;
-    tx->next = sqltx_list;
-    sqltx_list = tx;
-    gw_co_cleanup_add(co, &tx->cl);
-    return submit(L, j, GW_SQLQ_WRITER);
+    tx = gw_store_tx_new(co, db, tx_abandon);
+    if (tx == NULL) {
+        job_free(j);
+        return gw_push_error(L, "unavailable", 0, "sqlite: out of memory");
+    }
+    db_ref(db);                          /* dropped by tx_free() */
+    tx->state = LSQLITE_TX_PENDING;
+    j->txid = tx->id;
+    return submit(L, j, LSQLITE_Q_WRITER);
 }
 
 static int
-tx_stmt(lua_State *L, enum gw_sqlop op, int want_rows)
+tx_stmt(lua_State *L, enum lsqlite_op op, int want_rows)
 {
-    struct gw_sqldb  *db = check_db(L);
+    struct lsqlite_db  *db = check_db(L);
     long              txid = (long)luaL_checknumber(L, 2);
-    struct gw_sqljob *j;
+    struct lsqlite_job *j;
 
-    if (op == GW_SQLOP_STMT || op == GW_SQLOP_SCRIPT) {
-        j = stmt_job(L, db, 3, op == GW_SQLOP_STMT ? 4 : 0, op);
+    if (op == LSQLITE_OP_STMT || op == LSQLITE_OP_SCRIPT) {
+        j = stmt_job(L, db, 3, op == LSQLITE_OP_STMT ? 4 : 0, op);
     } else {
         gw_co_current(L);
         j = job_new(L, db, op);
@@ -1493,11 +1508,11 @@ tx_stmt(lua_State *L, enum gw_sqlop op, int want_rows)
     }
     j->txid = txid;
     j->want_rows = want_rows;
-    if (op == GW_SQLOP_COMMIT || op == GW_SQLOP_ROLLBACK) {
+    if (op == LSQLITE_OP_COMMIT || op == LSQLITE_OP_ROLLBACK) {
         /* From here this job ends it, waited for or not. */
-        tx_free(tx_find(db, txid));
+        tx_free(gw_store_tx_find(db, txid));
     }
-    return submit(L, j, GW_SQLQ_TX);
+    return submit(L, j, LSQLITE_Q_TX);
 }
 
 /* h:tx_exec(txid, sql, params), h:tx_query(txid, sql, params),
@@ -1505,38 +1520,38 @@ tx_stmt(lua_State *L, enum gw_sqlop op, int want_rows)
 static int
 lsqlite_tx_exec(lua_State *L)
 {
-    return tx_stmt(L, GW_SQLOP_STMT, 0);
+    return tx_stmt(L, LSQLITE_OP_STMT, 0);
 }
 
 static int
 lsqlite_tx_query(lua_State *L)
 {
-    return tx_stmt(L, GW_SQLOP_STMT, 1);
+    return tx_stmt(L, LSQLITE_OP_STMT, 1);
 }
 
 static int
 lsqlite_tx_script(lua_State *L)
 {
-    return tx_stmt(L, GW_SQLOP_SCRIPT, 0);
+    return tx_stmt(L, LSQLITE_OP_SCRIPT, 0);
 }
 
 static int
 lsqlite_commit(lua_State *L)
 {
-    return tx_stmt(L, GW_SQLOP_COMMIT, 0);
+    return tx_stmt(L, LSQLITE_OP_COMMIT, 0);
 }
 
 static int
 lsqlite_rollback(lua_State *L)
 {
-    return tx_stmt(L, GW_SQLOP_ROLLBACK, 0);
+    return tx_stmt(L, LSQLITE_OP_ROLLBACK, 0);
 }
 
 /* h:stats() -> { commits = n, writes = n } */
 static int
 lsqlite_stats(lua_State *L)
 {
-    struct gw_sqldb *db = check_db(L);
+    struct lsqlite_db *db = check_db(L);
 
     lua_createtable(L, 0, 2);
     lua_pushnumber(L, (lua_Number)__atomic_load_n(&db->commits,

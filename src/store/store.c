@@ -1,7 +1,11 @@
 /*
  * store.c -- helpers shared by the storage drivers; see store.h.
  */
+#include <errno.h>
+#include <limits.h>
 #include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -26,9 +30,9 @@ param_count(lua_State *L, int idx)
 }
 
 int
-gw_sqlv_from_lua(lua_State *L, int idx, struct gw_sqlv **out, int *n)
+gw_store_vals_from_lua(lua_State *L, int idx, struct gw_store_val **out, int *n)
 {
-    struct gw_sqlv *v;
+    struct gw_store_val *v;
     int             i, cnt, t;
 
     *out = NULL;
@@ -66,16 +70,16 @@ gw_sqlv_from_lua(lua_State *L, int idx, struct gw_sqlv **out, int *n)
         lua_rawgeti(L, idx, i + 1);
         switch (lua_type(L, -1)) {
         case LUA_TBOOLEAN:
-            v[i].type = GW_SQLV_INT;
+            v[i].type = GW_STORE_INT;
             v[i].i = lua_toboolean(L, -1);
             break;
         case LUA_TNUMBER:
             d = lua_tonumber(L, -1);
             if (d == floor(d) && fabs(d) < 9.2e18) {
-                v[i].type = GW_SQLV_INT;
+                v[i].type = GW_STORE_INT;
                 v[i].i = (int64_t)d;
             } else {
-                v[i].type = GW_SQLV_REAL;
+                v[i].type = GW_STORE_REAL;
                 v[i].d = d;
             }
             break;
@@ -84,15 +88,15 @@ gw_sqlv_from_lua(lua_State *L, int idx, struct gw_sqlv **out, int *n)
             v[i].s = malloc(len + 1);
             if (v[i].s == NULL) {
                 lua_pop(L, 1);
-                gw_sqlv_free(v, cnt);
+                gw_store_vals_free(v, cnt);
                 return GW_ERR;
             }
             memcpy(v[i].s, s, len + 1);
             v[i].len = len;
-            v[i].type = GW_SQLV_TEXT;
+            v[i].type = GW_STORE_TEXT;
             break;
         default:
-            v[i].type = GW_SQLV_NULL;
+            v[i].type = GW_STORE_NULL;
             break;
         }
         lua_pop(L, 1);
@@ -103,7 +107,7 @@ gw_sqlv_from_lua(lua_State *L, int idx, struct gw_sqlv **out, int *n)
 }
 
 void
-gw_sqlv_free(struct gw_sqlv *v, int n)
+gw_store_vals_free(struct gw_store_val *v, int n)
 {
     int i;
 
@@ -117,22 +121,52 @@ gw_sqlv_free(struct gw_sqlv *v, int n)
 }
 
 void
-gw_sqlv_push(lua_State *L, const struct gw_sqlv *v)
+gw_store_val_push(lua_State *L, const struct gw_store_val *v)
 {
     switch (v->type) {
-    case GW_SQLV_INT:
-        lua_pushnumber(L, (lua_Number)v->i);
+    case GW_STORE_INT:
+        gw_store_push_int(L, v->i);
         break;
-    case GW_SQLV_REAL:
+    case GW_STORE_REAL:
         lua_pushnumber(L, v->d);
         break;
-    case GW_SQLV_TEXT:
+    case GW_STORE_TEXT:
         lua_pushlstring(L, v->s, v->len);
         break;
     default:
         lua_pushnil(L);
         break;
     }
+}
+
+#define GW_STORE_EXACT ((int64_t)1 << 53)   /* doubles are exact to here */
+
+void
+gw_store_push_int(lua_State *L, int64_t i)
+{
+    char buf[24];
+
+    if (i >= -GW_STORE_EXACT && i <= GW_STORE_EXACT) {
+        lua_pushnumber(L, (lua_Number)i);
+        return;
+    }
+    snprintf(buf, sizeof(buf), "%lld", (long long)i);
+    lua_pushstring(L, buf);
+}
+
+void
+gw_store_push_int_text(lua_State *L, const char *s, size_t len)
+{
+    char      *end;
+    long long  v;
+
+    errno = 0;
+    v = strtoll(s, &end, 10);
+    if (len == 0 || errno != 0 || end != s + len) {
+        lua_pushlstring(L, s, len);
+        return;
+    }
+    gw_store_push_int(L, (int64_t)v);
 }
 
 double
@@ -150,19 +184,244 @@ gw_store_strdup(const char *s)
     return s == NULL ? NULL : strdup(s);
 }
 
-double
-gw_store_opt_num(lua_State *L, int idx, const char *name, double def)
-{
-    double v = def;
+const char *const gw_store_sql_opts[] = {
+    "retries",                                          /* paygate.sql */
+    "readers", "batch_max", "busy_timeout", "tx_timeout", "synchronous",
+    "pool", "connect_timeout", "query_timeout", "down_for",
+    NULL
+};
 
-    if (lua_istable(L, idx)) {
-        lua_getfield(L, idx, name);
-        if (lua_isnumber(L, -1)) {
-            v = lua_tonumber(L, -1);
-        }
-        lua_pop(L, 1);
+/* Is the source of a stack frame one of paygate's own Lua modules? */
+static int
+internal_frame(const lua_Debug *ar)
+{
+    const char *s = ar->source, *slash;
+
+    if (strcmp(ar->what, "C") == 0) {
+        return 1;
     }
-    return v;
+    if (s[0] != '@') {
+        return 0;                        /* a chunk loaded from a string */
+    }
+    slash = strrchr(s, '/');
+    return slash != NULL && slash - s >= 8
+           && strncmp(slash - 8, "/paygate", 8) == 0;
+}
+
+int
+gw_store_raise(lua_State *L, const char *fmt, ...)
+{
+    lua_Debug ar;
+    va_list   ap;
+    int       level;
+
+    for (level = 1; lua_getstack(L, level, &ar); level++) {
+        lua_getinfo(L, "Sl", &ar);
+        if (!internal_frame(&ar)) {
+            break;
+        }
+    }
+    if (lua_getstack(L, level, &ar) && ar.currentline > 0) {
+        lua_pushfstring(L, "%s:%d: ", ar.short_src, ar.currentline);
+    } else {
+        lua_pushliteral(L, "");
+    }
+    va_start(ap, fmt);
+    lua_pushvfstring(L, fmt, ap);
+    va_end(ap);
+    lua_concat(L, 2);
+    return lua_error(L);
+}
+
+/* Pushes opts[name] (nil when there is no table); raises when idx holds
+ * something other than a table or nil. */
+static void
+opt_get(lua_State *L, int idx, const char *fn, const char *name)
+{
+    if (lua_isnoneornil(L, idx)) {
+        lua_pushnil(L);
+        return;
+    }
+    if (!lua_istable(L, idx)) {
+        gw_store_raise(L, "%s: opts must be a table", fn);
+    }
+    lua_getfield(L, idx, name);
+}
+
+int
+gw_store_opt_int(lua_State *L, int idx, const char *fn, const char *name,
+                 int def, int min, int max)
+{
+    double v;
+
+    opt_get(L, idx, fn, name);
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        return def;
+    }
+    v = lua_type(L, -1) == LUA_TNUMBER ? lua_tonumber(L, -1) : NAN;
+    lua_pop(L, 1);
+    if (v == floor(v) && v >= min && v <= max) {
+        return (int)v;
+    }
+    if (max == INT_MAX && min == 1) {
+        return gw_store_raise(L, "%s: opts.%s must be a positive integer",
+                              fn, name);
+    }
+    if (max == INT_MAX && min == 0) {
+        return gw_store_raise(L, "%s: opts.%s must be a non-negative"
+                              " integer", fn, name);
+    }
+    return gw_store_raise(L, "%s: opts.%s must be an integer from %d to %d",
+                          fn, name, min, max);
+}
+
+double
+gw_store_opt_num(lua_State *L, int idx, const char *fn, const char *name,
+                 double def, int zero_ok)
+{
+    double v;
+
+    opt_get(L, idx, fn, name);
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        return def;
+    }
+    v = lua_type(L, -1) == LUA_TNUMBER ? lua_tonumber(L, -1) : NAN;
+    lua_pop(L, 1);
+    if (isfinite(v) && (v > 0 || (zero_ok && v == 0))) {
+        return v;
+    }
+    return gw_store_raise(L, "%s: opts.%s must be a %s number", fn, name,
+                          zero_ok ? "non-negative" : "positive");
+}
+
+const char *
+gw_store_opt_str(lua_State *L, int idx, const char *fn, const char *name)
+{
+    const char *s;
+
+    opt_get(L, idx, fn, name);
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        return NULL;
+    }
+    if (lua_type(L, -1) != LUA_TSTRING) {
+        gw_store_raise(L, "%s: opts.%s must be a string", fn, name);
+    }
+    s = lua_tostring(L, -1);
+    lua_pop(L, 1);                       /* still referenced by opts */
+    return s;
+}
+
+void
+gw_store_opt_known(lua_State *L, int idx, const char *fn,
+                   const char *const *names)
+{
+    const char *const *n;
+
+    if (lua_isnoneornil(L, idx)) {
+        return;
+    }
+    if (!lua_istable(L, idx)) {
+        gw_store_raise(L, "%s: opts must be a table", fn);
+    }
+    if (idx < 0) {
+        idx = lua_gettop(L) + idx + 1;
+    }
+    lua_pushnil(L);
+    while (lua_next(L, idx) != 0) {
+        lua_pop(L, 1);
+        if (lua_type(L, -1) != LUA_TSTRING) {
+            gw_store_raise(L, "%s: opts has a key that is not a name (%s)",
+                           fn, luaL_typename(L, -1));
+        }
+        for (n = names; *n != NULL; n++) {
+            if (strcmp(*n, lua_tostring(L, -1)) == 0) {
+                break;
+            }
+        }
+        if (*n == NULL) {
+            gw_store_raise(L, "%s: unknown option opts.%s", fn,
+                           lua_tostring(L, -1));
+        }
+    }
+}
+
+/* Open transactions of every handle: a handful at a time. */
+static struct gw_store_tx *store_tx_list;
+static long                store_tx_next_id = 1;
+
+static void
+store_tx_abandoned(void *arg)
+{
+    struct gw_store_tx *tx = arg;
+
+    tx->rollback(tx);
+}
+
+struct gw_store_tx *
+gw_store_tx_new(struct gw_co *co, void *owner,
+                void (*rollback)(struct gw_store_tx *))
+{
+    struct gw_store_tx *tx = calloc(1, sizeof(*tx));
+
+    if (tx == NULL) {
+        return NULL;
+    }
+    tx->owner = owner;
+    tx->id = store_tx_next_id++;
+    tx->rollback = rollback;
+    tx->cl.fn = store_tx_abandoned;
+    tx->cl.arg = tx;
+    tx->next = store_tx_list;
+    store_tx_list = tx;
+    gw_co_cleanup_add(co, &tx->cl);
+    return tx;
+}
+
+struct gw_store_tx *
+gw_store_tx_find(void *owner, long id)
+{
+    struct gw_store_tx *tx;
+
+    for (tx = store_tx_list; tx != NULL; tx = tx->next) {
+        if ((owner == NULL || tx->owner == owner) && tx->id == id) {
+            return tx;
+        }
+    }
+    return NULL;
+}
+
+void
+gw_store_tx_free(struct gw_store_tx *tx)
+{
+    struct gw_store_tx **pp = &store_tx_list;
+
+    if (tx == NULL) {
+        return;
+    }
+    while (*pp != NULL && *pp != tx) {
+        pp = &(*pp)->next;
+    }
+    if (*pp == tx) {
+        *pp = tx->next;
+    }
+    gw_co_cleanup_del(&tx->cl);
+    free(tx);
+}
+
+void
+gw_store_tx_free_owner(void *owner)
+{
+    struct gw_store_tx *tx, *next;
+
+    for (tx = store_tx_list; tx != NULL; tx = next) {
+        next = tx->next;
+        if (tx->owner == owner) {
+            gw_store_tx_free(tx);
+        }
+    }
 }
 
 unsigned

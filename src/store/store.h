@@ -1,8 +1,11 @@
 /*
  * store.h -- helpers shared by the storage drivers (paygate.sqlite.core,
  * paygate.pg.core, paygate.redis.core): SQL parameter values copied off
- * the Lua stack so a worker thread or a later loop turn can use them, and
- * the null sentinel (a NULL light userdata, equal to cjson.null).
+ * the Lua stack so a worker thread or a later loop turn can use them,
+ * integers pushed without rounding, the checks of the options tables,
+ * the registry of open transactions, the statement caches' hash. (The
+ * null sentinel each module exports is a NULL light userdata, equal to
+ * cjson.null.)
  */
 #ifndef GW_STORE_H
 #define GW_STORE_H
@@ -11,36 +14,119 @@
 #include <stdint.h>
 #include <lua.h>
 
-enum gw_sqlv_type { GW_SQLV_NULL, GW_SQLV_INT, GW_SQLV_REAL, GW_SQLV_TEXT };
+#include "runtime.h"
 
-/* One bound parameter or one result cell. */
-struct gw_sqlv {
-    enum gw_sqlv_type type;     /* which union member is valid */
-    int64_t           i;        /* GW_SQLV_INT (booleans become 0/1) */
-    double            d;        /* GW_SQLV_REAL */
-    char             *s;        /* GW_SQLV_TEXT: owned, NUL-terminated */
-    size_t            len;      /* GW_SQLV_TEXT: bytes, without the NUL */
+enum gw_store_val_type {
+    GW_STORE_NULL, GW_STORE_INT, GW_STORE_REAL, GW_STORE_TEXT
+};
+
+/* One bound parameter or one result cell. A plain struct: only the
+ * fields that type names are meaningful, the others stay zero. */
+struct gw_store_val {
+    enum gw_store_val_type type; /* which of the fields below is set */
+    int64_t                i;    /* GW_STORE_INT (booleans become 0/1) */
+    double                 d;    /* GW_STORE_REAL */
+    char                  *s;    /* GW_STORE_TEXT: owned, NUL-terminated */
+    size_t                 len;  /* GW_STORE_TEXT: bytes, without the NUL */
 };
 
 /* Copies the parameter array at idx (a table, or nil/none for no
  * parameters) into a malloc'd array; *n gets its length (params.n when
  * set, else #params). Raises on a value that cannot be bound (misuse)
  * before allocating anything. Returns GW_OK, or GW_ERR when out of
- * memory. Free with gw_sqlv_free(). */
-int gw_sqlv_from_lua(lua_State *L, int idx, struct gw_sqlv **out, int *n);
+ * memory. Free with gw_store_vals_free(). */
+int gw_store_vals_from_lua(lua_State *L, int idx, struct gw_store_val **out,
+                           int *n);
 
 /* Frees n values and the array. NULL-safe. */
-void gw_sqlv_free(struct gw_sqlv *v, int n);
+void gw_store_vals_free(struct gw_store_val *v, int n);
 
-/* Pushes the value; NULL becomes nil. */
-void gw_sqlv_push(lua_State *L, const struct gw_sqlv *v);
+/* Pushes the value; NULL becomes nil, an integer as gw_store_push_int()
+ * does. */
+void gw_store_val_push(lua_State *L, const struct gw_store_val *v);
+
+/* Pushes an integer from a store: a Lua number when |i| <= 2^53 (every
+ * such integer is exact in a double), else its decimal string, so that
+ * nothing is ever rounded. */
+void gw_store_push_int(lua_State *L, int64_t i);
+
+/* Pushes the decimal integer text s (a PostgreSQL int8 cell) the way
+ * gw_store_push_int() does; text that is not a plain integer is pushed as
+ * a string unchanged. */
+void gw_store_push_int_text(lua_State *L, const char *s, size_t len);
 
 /* Wall clock, seconds since the epoch (sub-second precision). */
 double gw_store_now(void);
 
-/* opts[name] when the table at idx has a number there, else def (an
- * absent table or a non-number value gives def). */
-double gw_store_opt_num(lua_State *L, int idx, const char *name, double def);
+/* Option checks for core.open/core.new. fn is the public function named
+ * in the message ("sql.open"); the error is raised at the first caller
+ * outside paygate's own Lua modules (see gw_store_raise()). The table at
+ * idx may be absent (nil/none: every option takes its default); any other
+ * non-table raises. */
+
+/* opts[name]: def when absent; raises unless a whole number in
+ * [min, max] ("sql.open: opts.pool must be a positive integer"). */
+int gw_store_opt_int(lua_State *L, int idx, const char *fn,
+                     const char *name, int def, int min, int max);
+
+/* opts[name]: def when absent; raises unless a finite number > 0, or
+ * >= 0 when zero_ok. */
+double gw_store_opt_num(lua_State *L, int idx, const char *fn,
+                        const char *name, double def, int zero_ok);
+
+/* opts[name]: NULL when absent; raises unless a string. The pointer is
+ * valid while the table holds the value. */
+const char *gw_store_opt_str(lua_State *L, int idx, const char *fn,
+                             const char *name);
+
+/* Raises on a key of the table at idx that is not in names (NULL
+ * terminated): a misspelt option must not be silently ignored. */
+void gw_store_opt_known(lua_State *L, int idx, const char *fn,
+                        const char *const *names);
+
+/* Every option sql.open() takes, for either engine (paygate.sql reads
+ * retries; an options table may serve both engines). */
+extern const char *const gw_store_sql_opts[];
+
+/* Raises the formatted message at the first caller outside paygate's own
+ * Lua modules (lua/paygate/NAME.lua), so that the position names the
+ * application's line. Never returns. */
+int gw_store_raise(lua_State *L, const char *fmt, ...);
+
+/*
+ * Open transactions of db:transaction(), for both SQL drivers (loop
+ * thread only). h:begin() registers one and attaches it to the calling
+ * coroutine; the driver frees it once the transaction's COMMIT or
+ * ROLLBACK is submitted (or its BEGIN failed). If the coroutine ends
+ * first -- task:cancel(), a request deadline, or it returned without
+ * ending the transaction -- no Lua code will ever send the ROLLBACK, so
+ * the driver's rollback callback does it from C. That callback may run
+ * inside another coroutine: it must only queue work, wake nobody, and
+ * free the record (gw_store_tx_free()) unless it keeps it on purpose.
+ */
+struct gw_store_tx {
+    struct gw_co_cleanup cl;      /* attached to the co that began it */
+    void                *owner;   /* the driver's handle (pool, db) */
+    long                 id;      /* unique in the process, never 0 */
+    int                  state;   /* the driver's own (e.g. pending) */
+    void               (*rollback)(struct gw_store_tx *tx); /* see above */
+    struct gw_store_tx  *next;    /* registry link */
+};
+
+/* Registers a transaction of owner with a new id, attached to co.
+ * Returns NULL when out of memory (nothing registered). */
+struct gw_store_tx *gw_store_tx_new(struct gw_co *co, void *owner,
+                                    void (*rollback)(struct gw_store_tx *));
+
+/* The registered transaction id (of owner; NULL: of any owner, ids being
+ * unique in the process), or NULL. */
+struct gw_store_tx *gw_store_tx_find(void *owner, long id);
+
+/* Frees every registered transaction of owner (the handle closes). */
+void gw_store_tx_free_owner(void *owner);
+
+/* Unregisters, detaches from its coroutine and frees tx. NULL-safe. */
+void gw_store_tx_free(struct gw_store_tx *tx);
 
 /* FNV-1a of a NUL-terminated string: the statement caches' key hash. */
 unsigned gw_store_hash(const char *s);
