@@ -5,16 +5,107 @@
 --     timeout = 5, ca_file = "ca.pem", client_cert = "c.pem",
 --     client_key = "k.pem" }
 --   if not res then -- err.kind: timeout, connect, dns, tls, closed,
---                   -- body_too_large; err.retryable
+--                   -- body_too_large; err.retryable; err.sent is false
+--                   -- when nothing of the request was written (dns,
+--                   -- connect, TLS handshake): safe to retry blindly
 --   end
 --   res.status, res.headers["content-type"], res.body
+--
+-- Streamed bodies: with a `sink`, the body is handed over chunk by chunk
+-- as it arrives and never held whole (res.body is nil):
+--
+--   local res, err = paygate.http.request{ url = url, timeout = 600,
+--     on_headers = function(status, headers) ... end,  -- optional, first
+--     sink = function(chunk) return f:write(chunk) end }
+--
+-- Both run in the calling coroutine and may yield; while they run, the
+-- transfer pauses once 64 KiB are buffered (back-pressure). Returning
+-- false, or nil plus an error, or raising, aborts the request: nil, err
+-- with err.kind "aborted" (err.cause holds what the callback returned or
+-- raised). Returning nothing continues. `max_body` does not apply to a
+-- streamed body unless given, then it caps the total (body_too_large).
+-- `timeout` covers the whole transfer, time spent in the sink included.
 
 local core = require "paygate.http.core"
+local pcore = require "paygate.core"
 
 local _M = {}
 
+local function aborted(what, ok, r, e)
+  local cause
+  if not ok then
+    cause = r
+  elseif r == false then
+    cause = e or "returned false"
+  else
+    cause = e
+  end
+  return nil, pcore.error("aborted", "http request: " .. what
+                          .. " stopped the transfer: " .. tostring(cause),
+                          { cause = cause, retryable = false, sent = true })
+end
+
+-- true when a callback's results ask to stop: false, or nil plus an error
+local function stops(ok, r, e)
+  return not ok or r == false or (r == nil and e ~= nil)
+end
+
+local function stream(opts, sink, on_headers)
+  local s = core.stream(opts)
+  local status, headers = s:headers()
+  if not status then
+    s:close()
+    return nil, headers
+  end
+  if on_headers then
+    local ok, r, e = pcall(on_headers, status, headers)
+    if stops(ok, r, e) then
+      s:close()
+      return aborted("on_headers", ok, r, e)
+    end
+  end
+  while true do
+    local chunk, err = s:read()
+    if chunk == nil then
+      local time = s:time()
+      s:close()
+      if err then return nil, err end
+      return { status = status, headers = headers, time = time }
+    end
+    local ok, r, e = pcall(sink, chunk)
+    if stops(ok, r, e) then
+      s:close()
+      return aborted("sink", ok, r, e)
+    end
+  end
+end
+
 --- syntax: res, err = paygate.http.request(opts)
+-- opts: url, method, headers, body, timeout, connect_timeout, ca_file,
+--       client_cert, client_key, client_key_password, max_body, resolve,
+--       sink, on_headers
+-- returns: res { status, headers, body (nil with a sink), time } or
+--          nil, err (kind timeout, connect, dns, tls, closed,
+--          body_too_large, aborted; err.sent, err.retryable)
 -- yields: until the response is read or the request failed.
-_M.request = core.request
+function _M.request(opts)
+  if type(opts) ~= "table" then
+    error("http.request: opts must be a table", 2)
+  end
+  local sink, on_headers = opts.sink, opts.on_headers
+  if sink == nil then
+    if on_headers ~= nil then
+      error("http.request: on_headers needs a sink", 2)
+    end
+    return core.request(opts)
+  end
+  if type(sink) ~= "function" then
+    error("http.request: sink must be a function", 2)
+  end
+  if on_headers ~= nil and type(on_headers) ~= "function" then
+    error("http.request: on_headers must be a function", 2)
+  end
+  return stream(opts, sink, on_headers)
+end
 
 return _M

@@ -97,6 +97,22 @@ describe("paygate.http.request", function()
     local res, err = paygate.http.request{ url = "http://127.0.0.1:" .. port .. "/" }
     assert.is_nil(res)
     assert.equal("connect", err.kind)
+    assert.is_false(err.sent)
+  end)
+
+  it("says sent = true for a timeout while waiting for the answer", function()
+    local res, err = paygate.http.request{ url = plain:url("/slow"), timeout = 0.2 }
+    assert.is_nil(res)
+    assert.equal("timeout", err.kind)
+    assert.is_true(err.sent)
+  end)
+
+  it("says sent = false for a host name that does not resolve", function()
+    local res, err = paygate.http.request{ url = "http://nonexistent.invalid/",
+                                           timeout = 5 }
+    assert.is_nil(res)
+    assert.is_truthy(({ dns = true, timeout = true })[err.kind], err.kind)
+    assert.is_false(err.sent)
   end)
 
   it("classifies a peer that hangs up without answering", function()
@@ -111,6 +127,7 @@ describe("paygate.http.request", function()
     assert.is_nil(res)
     assert.equal("closed", err.kind)
     assert.is_true(err.retryable)
+    assert.is_true(err.sent)
     p:kill(proc.SIGKILL)
     p:wait(5)
     os.remove(log)
@@ -136,6 +153,7 @@ describe("paygate.http.request", function()
     for i = 1, #held do if held[i] then held[i]:close() end end
     assert.is_nil(res)
     assert.equal("timeout", err.kind, tostring(err) .. " after " .. took .. " s")
+    assert.is_false(err.sent)
     assert.is_true(took < 2, "took " .. took .. " s")
   end)
 
@@ -199,6 +217,7 @@ describe("paygate.http.request", function()
       assert.is_nil(res)
       assert.equal("tls", err.kind)
       assert.is_false(err.retryable)
+      assert.is_false(err.sent)
     end)
 
     it("is refused by the server without a client certificate", function()

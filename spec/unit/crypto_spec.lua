@@ -309,11 +309,14 @@ describe("paygate.crypto", function()
       local ct = assert(crypto.aead_encrypt("AEAD_AES_256_GCM", APIV3, "uluk4a9R25RW", "", "hi"))
       fails_with("bad_key", crypto.aead_decrypt("AEAD_AES_256_GCM", APIV3:sub(2), "uluk4a9R25RW", "", ct))
       fails_with("bad_key", crypto.aead_decrypt("AEAD_SM4_GCM", APIV3, "uluk4a9R25RW", "", ct))
-      for _, nonce in ipairs({ "", "uluk4a9R25R", "uluk4a9R25RWx", "0123456789abcdef" }) do
+      -- GCM takes a nonce of any length; empty, and over OpenSSL's 128-byte
+      -- limit, are refused for both algorithms
+      for _, nonce in ipairs({ "", ("n"):rep(129), ("n"):rep(4096) }) do
         local err = fails_with("bad_nonce", crypto.aead_decrypt("AEAD_AES_256_GCM", APIV3, nonce, "", ct))
-        assert.matches("12%-byte nonce", err.message)
+        assert.matches("nonce of 1%.%.128 bytes", err.message)
         fails_with("bad_nonce", crypto.aead_decrypt("AEAD_SM4_GCM", ("k"):rep(16), nonce, "", ct))
         fails_with("bad_nonce", crypto.aead_encrypt("AEAD_AES_256_GCM", APIV3, nonce, "", "x"))
+        fails_with("bad_nonce", crypto.aead_encrypt("AEAD_SM4_GCM", ("k"):rep(16), nonce, "", "x"))
       end
       fails_with("unsupported_algorithm", crypto.aead_decrypt("AEAD_AES_128_CBC", APIV3, "uluk4a9R25RW", "", ct))
     end)
@@ -352,6 +355,68 @@ describe("paygate.crypto", function()
         .. "76fc6ece0f4e1768cddf8853bb2d551b"
       assert.equal(CT, hex(crypto.aead_encrypt("AEAD_AES_256_GCM", K, IV, A, P)))
       assert.equal(P, crypto.aead_decrypt("AEAD_AES_256_GCM", K, IV, A, unhex(CT)))
+    end)
+
+    it("takes nonces of any length: NIST GCM AES-256 with 8- and 60-byte IVs (test cases 17, 18)", function()
+      local K = unhex("feffe9928665731c6d6a8f9467308308feffe9928665731c6d6a8f9467308308")
+      local P = unhex("d9313225f88406e5a55909c5aff5269a86a7a9531534f7da2e4c303d8a318a721c3c0c95956809532fcf0e2449a6b525b16aedf5aa0de657ba637b39")
+      local A = unhex("feedfacedeadbeeffeedfacedeadbeefabaddad2")
+      local cases = {
+        { iv = "cafebabefacedbad",
+          ct = "c3762df1ca787d32ae47c13bf19844cbaf1ae14d0b976afac52ff7d79bba9de0feb582d33934a4f0954cc2363bc73f7862ac430e64abe499f47c9b1f"
+            .. "3a337dbf46a792c45e454913fe2ea8f2" },
+        { iv = "9313225df88406e555909c5aff5269aa6a7a9538534f7da1e4c303d2a318a728c3c0c95156809539fcf0e2429a6b525416aedbf5a0de6a57a637b39b",
+          ct = "5a8def2f0c9e53f1f75d7853659e2a20eeb2b22aafde6419a058ab4f6f746bf40fc0c3b780f244452da3ebf1c5d82cdea2418997200ef82e44ae7e3f"
+            .. "a44a8266ee1c8eb0c8b5d4cf5ae9f19a" },
+      }
+      for _, c in ipairs(cases) do
+        local iv = unhex(c.iv)
+        assert.equal(c.ct, hex(crypto.aead_encrypt("AEAD_AES_256_GCM", K, iv, A, P)))
+        assert.equal(P, crypto.aead_decrypt("AEAD_AES_256_GCM", K, iv, A, unhex(c.ct)))
+        -- the nonce is authenticated, including its length
+        fails_with("decrypt_failed", crypto.aead_decrypt("AEAD_AES_256_GCM", K, iv:sub(2), A, unhex(c.ct)))
+        fails_with("decrypt_failed", crypto.aead_decrypt("AEAD_AES_256_GCM", K, iv .. "\0", A, unhex(c.ct)))
+      end
+      -- a nonce of other length after a 12-byte one (the context is reused)
+      assert.equal("ulwSiIajGClcvcOYvOQ7+l+0PAbzzwI=", crypto.base64_encode(
+        crypto.aead_encrypt("AEAD_AES_256_GCM", APIV3, "uluk4a9R25RW", "associatedData", "message")))
+    end)
+
+    it("round-trips nonces of 1..128 bytes, WeChat-style strings included (13, 16, 32 characters)", function()
+      local sm4key = crypto.sm4_key(APIV3)
+      for _, alg in ipairs({ "AEAD_AES_256_GCM", "AEAD_SM4_GCM" }) do
+        local key = alg == "AEAD_SM4_GCM" and sm4key or APIV3
+        local seen = {}
+        for _, n in ipairs({ 1, 7, 11, 12, 13, 16, 17, 32, 60, 127, 128 }) do
+          local nonce = crypto.random_nonce(n)
+          local ct = assert(crypto.aead_encrypt(alg, key, nonce, "transaction", "resource ciphertext"))
+          assert.is_nil(seen[ct])
+          seen[ct] = true
+          assert.equal("resource ciphertext", crypto.aead_decrypt(alg, key, nonce, "transaction", ct))
+          local other = nonce:sub(1, -2) .. (nonce:sub(-1) == "x" and "y" or "x")
+          fails_with("decrypt_failed", crypto.aead_decrypt(alg, key, other, "transaction", ct))
+          fails_with("decrypt_failed", crypto.aead_decrypt(alg, key, nonce, "refund", ct))
+          local tagflip = ct:sub(1, -2) .. string.char((ct:byte(-1) + 1) % 256)
+          fails_with("decrypt_failed", crypto.aead_decrypt(alg, key, nonce, "transaction", tagflip))
+        end
+      end
+    end)
+
+    it("SM4-GCM with nonces other than 12 bytes matches an independent implementation", function()
+      -- answers from spec/c/gen_sm4gcm_vectors.py (the cryptography
+      -- package's SM4-GCM), also checked in spec/c/test_sm4gcm.c
+      local K = unhex("0123456789abcdeffedcba9876543210")
+      local P = {}
+      for i = 0, 63 do P[#P + 1] = string.char(i) end
+      P = table.concat(P) .. "paygate any-length nonce"
+      local cases = {
+        { "0123456789abc", "f2f9ebe934049b04e48d367d8b41b34b50ee3b54877dcb2e6e54c65747f00482c744160e1b306858bbf5bfd114f113f02e61d65f10564f3cb75d264c59c6d531f4ea4747618d726caab73a053af4b21171b729eb96cc4cd82ffe27436fff0095f8458866a90e0e9e" },
+        { "0123456789abcdef0123456789abcdef", "5e112ae9261f424556ac7d6896f3cbb1902e83d223f19cbff6485f75fcf7c35003ff69f91d2a4c34fedf8ecb565244003dbda14fbb679b15df6ccc757f2c146784e1d4b4b3d99cdeeaab64ed7084fbfedb4c61b21ea14d817eab6ac741ec3548d23705c979e6fb97" },
+      }
+      for _, c in ipairs(cases) do
+        assert.equal(c[2], hex(crypto.aead_encrypt("AEAD_SM4_GCM", K, c[1], "transaction", P)))
+        assert.equal(P, crypto.aead_decrypt("AEAD_SM4_GCM", K, c[1], "transaction", unhex(c[2])))
+      end
     end)
 
     it("matches RFC 8998 SM4-GCM and the shangmi-testing vector (11.7)", function()

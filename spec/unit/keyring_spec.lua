@@ -179,4 +179,126 @@ describe("paygate.keyring", function()
     end
     assert.equal(2000 - 667, keyring.count())
   end)
+
+  describe("verify_base64", function()
+    it("decodes the header's base64 and verifies (module and ring)", function()
+      keyring.put(PUB_ID, wxpub)
+      assert.is_true(keyring.verify_base64(PUB_ID, VERIFY_11_3, SIG_11_3))
+      fails_with("signature_mismatch", keyring.verify_base64(PUB_ID, VERIFY_11_3 .. "x", SIG_11_3))
+      local ring = keyring.new()
+      ring:put(PUB_ID, wxpub)
+      assert.is_true(ring:verify_base64(PUB_ID, VERIFY_11_3, SIG_11_3, "WECHATPAY2-SHA256-RSA2048"))
+      ring:close()
+    end)
+
+    it("invalid base64 is a classified failure, never a raise", function()
+      keyring.put(PUB_ID, wxpub)
+      local ring = keyring.new()
+      ring:put(PUB_ID, wxpub)
+      local bad = {
+        "",                                   -- empty
+        SIG_11_3:sub(1, -2),                  -- length not a multiple of 4
+        "WECHATPAY/SIGNTEST/" .. SIG_11_3:sub(20),
+        SIG_11_3:gsub("A", "-"),              -- url-safe alphabet
+        SIG_11_3:sub(1, 100) .. "\n" .. SIG_11_3:sub(101),
+        ("A"):rep(4000),                      -- longer than any signature
+        "AB==AB==",                           -- padding inside
+        "AB=A",
+      }
+      for _, sig in ipairs(bad) do
+        local err = fails_with("signature_mismatch", keyring.verify_base64(PUB_ID, VERIFY_11_3, sig))
+        assert.truthy(err.message:find("base64", 1, true) or err.message:find("does not match", 1, true), err.message)
+        fails_with("signature_mismatch", ring:verify_base64(PUB_ID, VERIFY_11_3, sig))
+      end
+      local err = fails_with("signature_mismatch", keyring.verify_base64(PUB_ID, VERIFY_11_3, "!!!!"))
+      assert.matches("not valid base64", err.message)
+      -- the lookup comes first: an unknown id is named as such
+      fails_with("unknown_serial", keyring.verify_base64("NOPE", VERIFY_11_3, "!!!!"))
+      ring:close()
+    end)
+  end)
+
+  describe("keyring.new", function()
+    it("keeps each ring's verifiers to itself", function()
+      local a, b = keyring.new(), keyring.new()
+      local data = "1554208460\nnonce\nbody\n"
+      local sig = crypto.sign(a5, data)
+      -- the same serial in ring a only; the default ring stays empty
+      assert.equal("SERIAL1", a:put("SERIAL1", a6, { not_before = 0, not_after = 0 }))
+      assert.is_true(a:verify("SERIAL1", data, sig))
+      fails_with("unknown_serial", b:verify("SERIAL1", data, sig))
+      fails_with("unknown_serial", keyring.verify("SERIAL1", data, sig))
+      -- the same id in two rings, different keys: each verifies with its own
+      b:put("SERIAL1", wxpub)
+      fails_with("signature_mismatch", b:verify("SERIAL1", data, sig))
+      assert.is_true(b:verify_base64("SERIAL1", VERIFY_11_3, SIG_11_3))
+      fails_with("signature_mismatch", a:verify_base64("SERIAL1", VERIFY_11_3, SIG_11_3))
+      assert.equal(1, a:count())
+      assert.equal(1, b:count())
+      assert.equal(0, keyring.count())
+      -- the default ring does not leak into new rings either
+      keyring.put(PUB_ID, wxpub)
+      fails_with("unknown_serial", a:get(PUB_ID))
+      assert.equal(0, keyring.new():count())
+      a:close()
+      b:close()
+    end)
+
+    it("has every module operation as a method", function()
+      local r = keyring.new()
+      assert.is_true(r:replace({ { id = "B", key = wxpub }, { id = "A", key = a9 } }))
+      assert.equal(2, r:count())
+      local list = r:list()
+      assert.equal("A", list[1].id)
+      assert.equal("B", list[2].id)
+      assert.equal("A", r:newest(a9:not_before() + 10))
+      assert.is_not_nil(r:get("B"))
+      assert.is_true(r:remove("B"))
+      assert.is_false(r:remove("B"))
+      r:clear()
+      assert.equal(0, r:count())
+      assert.matches("0 entries", tostring(r))
+      r:close()
+    end)
+
+    it("frees its entries when collected, and close() twice is safe", function()
+      local r = keyring.new()
+      r:put(PUB_ID, wxpub)
+      r:close()
+      r:close()
+      assert.matches("closed", tostring(r))
+      -- a ring dropped without close() is collected (its __gc frees the
+      -- entries); a weak table sees it go
+      local weak = setmetatable({}, { __mode = "k" })
+      do
+        local tmp = keyring.new()
+        for i = 1, 50 do tmp:put(("ID%d"):format(i), wxpub) end
+        weak[tmp] = true
+      end
+      collectgarbage()
+      collectgarbage()
+      assert.is_nil(next(weak))
+      -- the handles the rings referenced are still fine
+      keyring.put(PUB_ID, wxpub)
+      assert.is_true(keyring.verify_base64(PUB_ID, VERIFY_11_3, SIG_11_3))
+    end)
+
+    it("raises on misuse", function()
+      local r = keyring.new()
+      assert.has_error(function() r.put(nil, "x", wxpub) end)          -- no self
+      assert.has_error(function() r.verify({}, "x", "d", "s") end)      -- not a ring
+      assert.has_error(function() r:put("", wxpub) end)
+      assert.has_error(function() r:put("x", "not a key") end)
+      assert.has_error(function() r:verify("x", nil, "s") end)
+      local ok, err = pcall(function() local v = r:put("x", 42); return v end)
+      assert.is_false(ok)
+      assert.matches("bad argument #2 to 'put'", err)    -- arguments counted as the caller sees them
+      r:close()
+      for _, m in ipairs({ "put", "get", "verify", "verify_base64", "count", "list", "clear" }) do
+        local ok2, err2 = pcall(r[m], r, "x", wxpub)
+        assert.is_false(ok2, m)
+        assert.matches("closed", err2)
+      end
+    end)
+  end)
 end)

@@ -28,11 +28,31 @@ struct gw_http_op {
     size_t             len, cap;    /* bytes */
     size_t             max_body;    /* bytes; more fails body_too_large */
     int                too_large;
+    int                sent;        /* 1 once curl was about to send the
+                                       request (CURLOPT_PREREQFUNCTION) */
     char              *hdr;         /* owned: raw response header lines */
     size_t             hlen, hcap;
     char               err[CURL_ERROR_SIZE];
     CURLcode           result;      /* set when curl reports it done */
+
+    /* streaming (paygate.http.request{ sink = }) only: */
+    int                stream;      /* 1: the body goes out by :read() */
+    int                in_multi;    /* 1 while the easy is in the multi */
+    int                done;        /* 1 once curl finished (or aborted) */
+    int                headers_done;/* 1 once the final head was read */
+    int                paused;      /* 1: write_cb returned PAUSE */
+    int                want;        /* what co waits for: WANT_* */
+    size_t             total;       /* bytes of body received so far */
+    double             time;        /* s, total time, set when done */
+    struct event      *wake_ev;     /* owned: wakes co on a later turn */
+    struct gw_co_cleanup cleanup;   /* aborts the transfer if the owning
+                                       coroutine ends without close() */
 };
+
+#define WANT_HEADERS 1
+#define WANT_DATA    2
+#define STREAM_BUF   (64 * 1024)    /* bytes buffered before pausing curl */
+#define LSTREAM_MT   "paygate.http_stream"
 
 struct gw_sock {
     struct event *ev;               /* owned */
@@ -42,6 +62,8 @@ static CURLM        *multi;         /* one per process, made on first use */
 static struct event *multi_timer;   /* owned */
 
 static void check_done(void);
+static void stream_kick(struct gw_http_op *op);
+static void stream_done(struct gw_http_op *op, CURLcode rc);
 
 static void
 on_sock(evutil_socket_t fd, short what, void *arg)
@@ -142,9 +164,15 @@ static void
 op_free(struct gw_http_op *op)
 {
     if (op->easy != NULL) {
-        curl_multi_remove_handle(multi, op->easy);
+        if (!op->stream || op->in_multi) {
+            curl_multi_remove_handle(multi, op->easy);
+        }
         curl_easy_cleanup(op->easy);
     }
+    if (op->wake_ev != NULL) {
+        event_free(op->wake_ev);
+    }
+    gw_co_cleanup_del(&op->cleanup);
     curl_slist_free_all(op->headers);
     curl_slist_free_all(op->resolve);
     if (op->body_ref != LUA_NOREF) {
@@ -161,7 +189,19 @@ write_cb(char *p, size_t size, size_t n, void *arg)
     struct gw_http_op *op = arg;
     size_t len = size * n;
 
-    if (op->len + len > op->max_body) {
+    if (op->stream) {
+        if (op->total + len > op->max_body) {
+            op->too_large = 1;
+            return 0;
+        }
+        /* bounded: past STREAM_BUF unread bytes curl holds the rest */
+        if (op->len > 0 && op->len + len > STREAM_BUF) {
+            op->paused = 1;
+            return CURL_WRITEFUNC_PAUSE;
+        }
+        op->total += len;
+        op->headers_done = 1;
+    } else if (op->len + len > op->max_body) {
         op->too_large = 1;
         return 0;
     }
@@ -181,7 +221,25 @@ write_cb(char *p, size_t size, size_t n, void *arg)
     }
     memcpy(op->buf + op->len, p, len);
     op->len += len;
+    if (op->stream) {
+        stream_kick(op);
+    }
     return len;
+}
+
+/*
+ * Called by curl when the connection is up (new or reused, TLS done) and
+ * the request is about to be written. Before this point no byte of the
+ * request can have reached the server; after it, one may have.
+ */
+static int
+prereq_cb(void *arg, char *conn_primary_ip, char *conn_local_ip,
+          int conn_primary_port, int conn_local_port)
+{
+    struct gw_http_op *op = arg;
+
+    op->sent = 1;
+    return CURL_PREREQFUNC_OK;
 }
 
 static size_t
@@ -196,6 +254,18 @@ header_cb(char *p, size_t size, size_t n, void *arg)
     }
     if (op->hlen + len > 256 * 1024) {
         return 0;
+    }
+    if (op->stream && (len == 2 || len == 1) && (p[0] == '\r'
+                                                 || p[0] == '\n')) {
+        long code = 0;
+
+        /* the blank line ending a head; 1xx heads are followed by more */
+        curl_easy_getinfo(op->easy, CURLINFO_RESPONSE_CODE, &code);
+        if (code >= 200) {
+            op->headers_done = 1;
+            stream_kick(op);
+        }
+        return len;
     }
     if (op->hlen + len > op->hcap) {
         size_t cap = op->hcap ? op->hcap * 2 : 2048;
@@ -307,6 +377,25 @@ classify(CURLcode rc, int too_large, int *retryable)
     }
 }
 
+/* Pushes nil, err for a failed transfer; returns 2. */
+static int
+push_failure(lua_State *L, struct gw_http_op *op, CURLcode rc)
+{
+    int n, retryable;
+    const char *kind = classify(rc, op->too_large, &retryable);
+
+    if (op->too_large) {
+        n = gw_push_error(L, kind, retryable, "http request: response body "
+                          "exceeds max_body (%zu bytes)", op->max_body);
+    } else {
+        n = gw_push_error(L, kind, retryable, "http request: %s",
+                          op->err[0] ? op->err : curl_easy_strerror(rc));
+    }
+    lua_pushboolean(L, op->sent);
+    lua_setfield(L, -2, "sent");
+    return n;
+}
+
 static void
 finish(struct gw_http_op *op, CURLcode rc)
 {
@@ -331,19 +420,7 @@ finish(struct gw_http_op *op, CURLcode rc)
         lua_setfield(L, -2, "time");
         n = 1;
     } else {
-        int retryable;
-        const char *kind = classify(rc, op->too_large, &retryable);
-        char *url = NULL;
-
-        curl_easy_getinfo(op->easy, CURLINFO_EFFECTIVE_URL, &url);
-        if (op->too_large) {
-            n = gw_push_error(L, kind, retryable,
-                              "http request: response body exceeds "
-                              "max_body (%zu bytes)", op->max_body);
-        } else {
-            n = gw_push_error(L, kind, retryable, "http request: %s",
-                              op->err[0] ? op->err : curl_easy_strerror(rc));
-        }
+        n = push_failure(L, op, rc);
     }
     op_free(op);
     gw_co_wake(co, n);
@@ -373,7 +450,11 @@ check_done(void)
             continue;
         }
         op->result = msg->data.result;
-        finish(op, op->result);
+        if (op->stream) {
+            stream_done(op, op->result);    /* wakes on a later turn */
+        } else {
+            finish(op, op->result);
+        }
     }
 }
 
@@ -423,18 +504,24 @@ opt_string(lua_State *L, int t, const char *k)
 }
 
 /*
+ * Parses the options of a request (table at index 1) into a new op with
+ * its easy handle set up, not yet started. Raises on misuse (after
+ * freeing what it made). The caller owns the op.
+ *
  * syntax: res, err = paygate.http.request{ url=, method=, headers=, body=,
  *             timeout=, connect_timeout=, ca_file=, client_cert=,
  *             client_key=, client_key_password=, max_body=, resolve= }
  * returns: { status, headers (lower-case names), body, time } or nil, err
  *          with err.kind one of timeout, connect, dns, tls, closed,
- *          body_too_large.
+ *          body_too_large, and err.sent: false when the failure came
+ *          before any byte of the request was written (dns, connect, TLS
+ *          handshake, a connect timeout), so a retry cannot repeat it;
+ *          true when the server may have received it.
  * yields: until the response has been read, or the request failed.
  */
-static int
-lhttp_request(lua_State *L)
+static struct gw_http_op *
+op_setup(lua_State *L, int stream)
 {
-    struct gw_co *co;
     struct gw_http_op *op;
     const char *url, *method, *s;
     size_t body_len = 0;
@@ -442,35 +529,45 @@ lhttp_request(lua_State *L)
     CURL *e;
 
     luaL_checktype(L, 1, LUA_TTABLE);
-    co = gw_co_current(L);
     url = opt_string(L, 1, "url");
     if (url == NULL || (strncmp(url, "http://", 7) != 0
                         && strncmp(url, "https://", 8) != 0)) {
-        return luaL_error(L, "http request: url must be an http:// or "
-                             "https:// URL");
+        luaL_error(L, "http request: url must be an http:// or https:// "
+                      "URL");
+        return NULL;
     }
     method = opt_string(L, 1, "method");
     timeout = lua_tonumber(L, opt_number(L, 1, "timeout", DEFAULT_TIMEOUT,
                                          86400));
     connect_timeout = lua_tonumber(L, opt_number(L, 1, "connect_timeout",
                                                  DEFAULT_CONNECT, 3600));
-    max_body = lua_tonumber(L, opt_number(L, 1, "max_body",
-                                          DEFAULT_MAX_BODY, 1 << 30));
+    lua_getfield(L, 1, "max_body");
+    if (stream && lua_isnil(L, -1)) {
+        max_body = -1;              /* streamed: no limit unless given */
+    } else {
+        max_body = lua_tonumber(L, opt_number(L, 1, "max_body",
+                                              DEFAULT_MAX_BODY,
+                                              stream ? 1e15 : 1 << 30));
+    }
+    lua_pop(L, 1);
     /* type errors raise here, before anything is allocated */
     (void) opt_string(L, 1, "ca_file");
     (void) opt_string(L, 1, "client_cert");
     (void) opt_string(L, 1, "client_key");
     (void) opt_string(L, 1, "client_key_password");
     if (multi_init() != GW_OK) {
-        return luaL_error(L, "http request: cannot initialise libcurl");
+        luaL_error(L, "http request: cannot initialise libcurl");
+        return NULL;
     }
     op = calloc(1, sizeof(*op));
     if (op == NULL || (op->easy = curl_easy_init()) == NULL) {
         free(op);
-        return luaL_error(L, "http request: no memory");
+        luaL_error(L, "http request: no memory");
+        return NULL;
     }
     op->body_ref = LUA_NOREF;
-    op->max_body = (size_t) max_body;
+    op->stream = stream;
+    op->max_body = max_body < 0 ? SIZE_MAX : (size_t) max_body;
     e = op->easy;
     curl_easy_setopt(e, CURLOPT_URL, url);
     curl_easy_setopt(e, CURLOPT_PRIVATE, op);
@@ -480,6 +577,8 @@ lhttp_request(lua_State *L)
     curl_easy_setopt(e, CURLOPT_WRITEDATA, op);
     curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, header_cb);
     curl_easy_setopt(e, CURLOPT_HEADERDATA, op);
+    curl_easy_setopt(e, CURLOPT_PREREQFUNCTION, prereq_cb);
+    curl_easy_setopt(e, CURLOPT_PREREQDATA, op);
     curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long) (timeout * 1000));
     curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS,
                      (long) (connect_timeout * 1000));
@@ -501,7 +600,8 @@ lhttp_request(lua_State *L)
         }
     } else if (!lua_isnil(L, -1)) {
         op_free(op);
-        return luaL_error(L, "http request: body must be a string");
+        luaL_error(L, "http request: body must be a string");
+        return NULL;
     } else {
         lua_pop(L, 1);
     }
@@ -514,7 +614,8 @@ lhttp_request(lua_State *L)
             if (strspn(method, "ABCDEFGHIJKLMNOPQRSTUVWXYZ") != strlen(method)
                 || method[0] == '\0' || strlen(method) > 16) {
                 op_free(op);
-                return luaL_error(L, "http request: bad method");
+                luaL_error(L, "http request: bad method");
+                return NULL;
             }
             curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, method);
         }
@@ -536,8 +637,9 @@ lhttp_request(lua_State *L)
                 || (lua_type(L, -1) != LUA_TSTRING
                     && lua_type(L, -1) != LUA_TNUMBER)) {
                 op_free(op);
-                return luaL_error(L, "http request: headers must map "
-                                     "names to strings");
+                luaL_error(L, "http request: headers must map names to "
+                              "strings");
+                return NULL;
             }
             k = lua_tolstring(L, -2, &kl);
             v = lua_tolstring(L, -1, &vl);
@@ -545,8 +647,9 @@ lhttp_request(lua_State *L)
                 || memchr(v, '\n', vl) || memchr(v, '\r', vl)
                 || memchr(k, ':', kl) || kl == 0) {
                 op_free(op);
-                return luaL_error(L, "http request: header %s has CR, LF "
-                                     "or a colon in it", k);
+                luaL_error(L, "http request: header %s has CR, LF or a "
+                              "colon in it", k);
+                return NULL;
             }
             luaL_buffinit(L, &b);
             luaL_addlstring(&b, k, kl);
@@ -559,7 +662,8 @@ lhttp_request(lua_State *L)
         curl_easy_setopt(e, CURLOPT_HTTPHEADER, op->headers);
     } else if (!lua_isnil(L, -1)) {
         op_free(op);
-        return luaL_error(L, "http request: headers must be a table");
+        luaL_error(L, "http request: headers must be a table");
+        return NULL;
     }
     lua_pop(L, 1);
 
@@ -592,22 +696,304 @@ lhttp_request(lua_State *L)
     }
     lua_pop(L, 1);
 
+    return op;
+}
+
+/*
+ * syntax: res, err = paygate.http.request{ url=, method=, headers=, body=,
+ *             timeout=, connect_timeout=, ca_file=, client_cert=,
+ *             client_key=, client_key_password=, max_body=, resolve= }
+ * returns: see above.
+ * yields: until the response has been read, or the request failed.
+ */
+static int
+lhttp_request(lua_State *L)
+{
+    struct gw_co *co = gw_co_current(L);
+    struct gw_http_op *op = op_setup(L, 0);
+
     op->co = co;
-    if (curl_multi_add_handle(multi, e) != CURLM_OK) {
+    if (curl_multi_add_handle(multi, op->easy) != CURLM_OK) {
         op_free(op);
         return gw_push_error(L, "closed", 1, "http request: cannot start");
     }
     return gw_co_wait(L, op_cancel, op);
 }
 
+/* ---- streamed bodies ------------------------------------------------
+ *
+ * A streamed request is owned by a userdata (LSTREAM_MT) so that the
+ * Lua wrapper can run the caller's sink in the calling coroutine between
+ * reads. curl's callbacks only buffer (at most STREAM_BUF bytes, then
+ * the transfer is paused) and schedule wake_ev; the waiting coroutine is
+ * resumed from that event, never from inside curl.
+ */
+
+struct gw_http_stream {
+    struct gw_http_op *op;          /* owned; NULL once closed */
+};
+
+/* Schedules a wake of the waiting coroutine on a later loop turn. */
+static void
+stream_kick(struct gw_http_op *op)
+{
+    if (op->co != NULL && op->wake_ev != NULL) {
+        event_active(op->wake_ev, EV_TIMEOUT, 1);
+    }
+}
+
+/* curl finished the transfer (rc) or we aborted it: keep the easy for
+ * getinfo, give the connection back to the pool. */
+static void
+stream_done(struct gw_http_op *op, CURLcode rc)
+{
+    if (op->done) {
+        return;
+    }
+    op->done = 1;
+    op->result = rc;
+    curl_easy_getinfo(op->easy, CURLINFO_TOTAL_TIME, &op->time);
+    if (op->in_multi) {
+        curl_multi_remove_handle(multi, op->easy);
+        op->in_multi = 0;
+    }
+    stream_kick(op);
+}
+
+/* Stops the transfer now (the coroutine is gone or closed it). */
+static void
+stream_abort(struct gw_http_op *op)
+{
+    op->co = NULL;
+    if (!op->done) {
+        stream_done(op, CURLE_ABORTED_BY_CALLBACK);
+    }
+}
+
+static void
+stream_cancel(void *arg)
+{
+    stream_abort(arg);
+}
+
+static void
+stream_cleanup(void *arg)
+{
+    stream_abort(arg);
+}
+
+/*
+ * Pushes what the reader waits for, if there is something: for
+ * WANT_HEADERS status and headers (or nil, err); for WANT_DATA the next
+ * chunk, nil at the end, or nil, err. Returns the number of values, or
+ * -1 when the reader must wait.
+ */
+static int
+stream_try(lua_State *L, struct gw_http_op *op, int want)
+{
+    if (want == WANT_HEADERS) {
+        long status = 0;
+
+        if (op->done && op->result != CURLE_OK) {
+            return push_failure(L, op, op->result);
+        }
+        if (!op->headers_done && !op->done) {
+            return -1;
+        }
+        curl_easy_getinfo(op->easy, CURLINFO_RESPONSE_CODE, &status);
+        lua_pushinteger(L, status);
+        push_headers(L, op);
+        return 2;
+    }
+    if (op->done && op->result != CURLE_OK) {
+        return push_failure(L, op, op->result);
+    }
+    if (op->len > 0) {
+        lua_pushlstring(L, op->buf, op->len);
+        op->len = 0;
+        if (op->paused && !op->done) {
+            /* may deliver what curl held at once, into the empty buffer */
+            op->paused = 0;
+            curl_easy_pause(op->easy, CURLPAUSE_CONT);
+        }
+        return 1;
+    }
+    if (op->done) {
+        lua_pushnil(L);
+        return 1;
+    }
+    if (op->paused) {
+        op->paused = 0;
+        curl_easy_pause(op->easy, CURLPAUSE_CONT);
+        if (op->len > 0 || op->done) {
+            return stream_try(L, op, want);
+        }
+    }
+    return -1;
+}
+
+static void
+on_stream_wake(evutil_socket_t fd, short what, void *arg)
+{
+    struct gw_http_op *op = arg;
+    struct gw_co *co = op->co;
+    int n;
+
+    if (co == NULL) {
+        return;
+    }
+    op->co = NULL;                  /* no kick from inside stream_try */
+    n = stream_try(gw_co_state(co), op, op->want);
+    if (n < 0) {
+        op->co = co;                /* spurious: keep waiting */
+        return;
+    }
+    gw_co_wake(co, n);
+}
+
+static struct gw_http_op *
+stream_check(lua_State *L, const char *what)
+{
+    struct gw_http_stream *ud = luaL_checkudata(L, 1, LSTREAM_MT);
+
+    if (ud->op == NULL) {
+        luaL_error(L, "http stream:%s: the stream is closed", what);
+    }
+    if (ud->op->co != NULL) {
+        luaL_error(L, "http stream:%s: another coroutine waits on it", what);
+    }
+    return ud->op;
+}
+
+static int
+stream_wait(lua_State *L, struct gw_http_op *op, int want)
+{
+    struct gw_co *co = gw_co_current(L);
+    int n = stream_try(L, op, want);
+
+    if (n >= 0) {
+        return n;
+    }
+    op->co = co;
+    op->want = want;
+    return gw_co_wait(L, stream_cancel, op);
+}
+
+/*
+ * syntax: s = core.stream(opts) -- the options of request; starts it.
+ * returns: a stream handle; s:headers(), s:read(), s:time(), s:close().
+ * The transfer is aborted if the calling coroutine ends without close().
+ */
+static int
+lstream_open(lua_State *L)
+{
+    struct gw_co *co = gw_co_current(L);
+    struct gw_http_stream *ud;
+    struct gw_http_op *op;
+    int self;
+
+    ud = lua_newuserdata(L, sizeof(*ud));
+    ud->op = NULL;
+    luaL_getmetatable(L, LSTREAM_MT);
+    lua_setmetatable(L, -2);
+    self = lua_gettop(L);
+    op = op_setup(L, 1);            /* leaves values on the stack */
+    lua_pushvalue(L, self);
+    ud->op = op;
+    op->wake_ev = event_new(gw_loop_base(), -1, 0, on_stream_wake, op);
+    if (op->wake_ev == NULL) {
+        return luaL_error(L, "http request: no memory");
+    }
+    if (curl_multi_add_handle(multi, op->easy) != CURLM_OK) {
+        op->done = 1;
+        op->result = CURLE_FAILED_INIT;
+        return 1;
+    }
+    op->in_multi = 1;
+    op->cleanup.fn = stream_cleanup;
+    op->cleanup.arg = op;
+    gw_co_cleanup_add(co, &op->cleanup);
+    return 1;
+}
+
+/* syntax: status, headers = s:headers()  (or nil, err)
+ * yields: until the response head has been read. */
+static int
+lstream_headers(lua_State *L)
+{
+    return stream_wait(L, stream_check(L, "headers"), WANT_HEADERS);
+}
+
+/* syntax: chunk = s:read() -- a string, nil at the end, or nil, err
+ * yields: until body bytes arrive or the transfer ends. */
+static int
+lstream_read(lua_State *L)
+{
+    return stream_wait(L, stream_check(L, "read"), WANT_DATA);
+}
+
+/* syntax: seconds = s:time() -- total time once the stream ended */
+static int
+lstream_time(lua_State *L)
+{
+    lua_pushnumber(L, stream_check(L, "time")->time);
+    return 1;
+}
+
+/* Aborts the transfer if running and frees it; safe to call twice. */
+static int
+lstream_close(lua_State *L)
+{
+    struct gw_http_stream *ud = luaL_checkudata(L, 1, LSTREAM_MT);
+
+    if (ud->op != NULL) {
+        if (ud->op->co != NULL) {
+            return luaL_error(L, "http stream:close: another coroutine "
+                                 "waits on it");
+        }
+        op_free(ud->op);
+        ud->op = NULL;
+    }
+    return 0;
+}
+
+static int
+lstream_gc(lua_State *L)
+{
+    struct gw_http_stream *ud = luaL_checkudata(L, 1, LSTREAM_MT);
+
+    if (ud->op != NULL) {
+        ud->op->co = NULL;
+        op_free(ud->op);
+        ud->op = NULL;
+    }
+    return 0;
+}
+
+static const luaL_Reg lstream_methods[] = {
+    { "headers", lstream_headers },
+    { "read", lstream_read },
+    { "time", lstream_time },
+    { "close", lstream_close },
+    { NULL, NULL }
+};
+
 static const luaL_Reg lhttp_funcs[] = {
     { "request", lhttp_request },
+    { "stream", lstream_open },
     { NULL, NULL }
 };
 
 int
 luaopen_paygate_http_core(lua_State *L)
 {
+    luaL_newmetatable(L, LSTREAM_MT);
+    lua_pushcfunction(L, lstream_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_newtable(L);
+    luaL_register(L, NULL, lstream_methods);
+    lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
     lua_newtable(L);
     luaL_register(L, NULL, lhttp_funcs);
     return 1;

@@ -102,8 +102,13 @@ int gw_crypto_load_certs(const unsigned char *in, size_t len,
  * len / 4 * 3 bytes. Returns the decoded length, or -1 on bad input. */
 long gw_base64_decode(const char *in, size_t len, unsigned char *out);
 
+/* Longest AEAD nonce, bytes: OpenSSL's GCM limit (GCM itself takes any
+ * length; 128 bytes is far above any nonce WeChat Pay sends). */
+#define GW_AEAD_NONCE_MAX 128
+
 /* AEAD. alg "AEAD_AES_256_GCM" (32-byte key) or "AEAD_SM4_GCM" (16-byte
- * key); nonce must be 12 bytes. Encrypt writes len + 16 bytes; decrypt
+ * key); nonce 1..GW_AEAD_NONCE_MAX bytes (12 is GCM's fast path, any other
+ * length is hashed into the counter block as GCM specifies). Encrypt writes len + 16 bytes; decrypt
  * reads len >= 16 bytes (ciphertext || tag), writes len - 16 bytes, and
  * leaves out zeroed on any failure. Kinds: unsupported_algorithm, bad_key,
  * bad_nonce, decrypt_failed, internal. */

@@ -981,10 +981,11 @@ gw_aead_setup(const char *alg, size_t keylen, size_t noncelen,
                  "AEAD_AES_256_GCM or AEAD_SM4_GCM)", alg);
         return GW_ERR;
     }
-    if (noncelen != 12) {
+    if (noncelen == 0 || noncelen > GW_AEAD_NONCE_MAX) {
         *kind = "bad_nonce";
-        snprintf(msg, msglen, "%.20s needs a 12-byte nonce, got %zu bytes",
-                 alg, noncelen);
+        snprintf(msg, msglen, "%.20s needs a nonce of 1..%d bytes (WeChat "
+                 "Pay sends 12), got %zu bytes", alg, GW_AEAD_NONCE_MAX,
+                 noncelen);
         return GW_ERR;
     }
     return GW_OK;
@@ -993,9 +994,13 @@ gw_aead_setup(const char *alg, size_t keylen, size_t noncelen,
 static EVP_CIPHER_CTX *gw_aead_ctx;  /* reused; this is a per-process
                                       * single-threaded cache */
 
+/* One GCM operation through an OpenSSL cipher. A nonce other than 12
+ * bytes needs its length set between choosing the cipher and giving the
+ * key and nonce; the 12-byte case stays one init call. */
 static int
 gw_evp_aead(EVP_CIPHER *cipher, int enc, const unsigned char *key,
-            const unsigned char *nonce, const unsigned char *aad,
+            const unsigned char *nonce, size_t noncelen,
+            const unsigned char *aad,
             size_t aadlen, const unsigned char *in, size_t len,
             unsigned char *tag, unsigned char *out)
 {
@@ -1006,8 +1011,17 @@ gw_evp_aead(EVP_CIPHER *cipher, int enc, const unsigned char *key,
         gw_aead_ctx = EVP_CIPHER_CTX_new();
     }
     ctx = gw_aead_ctx;
-    if (ctx == NULL || len > INT_MAX || aadlen > INT_MAX
-        || EVP_CipherInit_ex2(ctx, cipher, key, nonce, enc, NULL) != 1)
+    if (ctx == NULL || len > INT_MAX || aadlen > INT_MAX) {
+        goto err;
+    }
+    if (noncelen == 12) {
+        if (EVP_CipherInit_ex2(ctx, cipher, key, nonce, enc, NULL) != 1) {
+            goto err;
+        }
+    } else if (EVP_CipherInit_ex2(ctx, cipher, NULL, NULL, enc, NULL) != 1
+               || EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_IVLEN,
+                                      (int)noncelen, NULL) != 1
+               || EVP_CipherInit_ex2(ctx, NULL, key, nonce, enc, NULL) != 1)
     {
         goto err;
     }
@@ -1056,11 +1070,11 @@ gw_aead_encrypt(const char *alg, const unsigned char *key, size_t keylen,
         return GW_ERR;
     }
     if (cipher != NULL) {
-        rc = gw_evp_aead(cipher, 1, key, nonce, aad, aadlen, in, len,
-                         out + len, out);
+        rc = gw_evp_aead(cipher, 1, key, nonce, noncelen, aad, aadlen, in,
+                         len, out + len, out);
     } else {
-        rc = gw_sm4gcm_seal(key, nonce, aad, aadlen, in, len, out,
-                            out + len);
+        rc = gw_sm4gcm_seal(key, nonce, noncelen, aad, aadlen, in, len,
+                            out, out + len);
     }
     ERR_clear_error();
     if (rc != GW_OK) {
@@ -1096,10 +1110,11 @@ gw_aead_decrypt(const char *alg, const unsigned char *key, size_t keylen,
     len -= 16;
     memcpy(tag, in + len, 16);
     if (cipher != NULL) {
-        rc = gw_evp_aead(cipher, 0, key, nonce, aad, aadlen, in, len, tag,
-                         out);
+        rc = gw_evp_aead(cipher, 0, key, nonce, noncelen, aad, aadlen, in,
+                         len, tag, out);
     } else {
-        rc = gw_sm4gcm_open(key, nonce, aad, aadlen, in, len, tag, out);
+        rc = gw_sm4gcm_open(key, nonce, noncelen, aad, aadlen, in, len, tag,
+                            out);
     }
     ERR_clear_error();
     if (rc != GW_OK) {

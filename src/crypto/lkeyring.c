@@ -2,8 +2,10 @@
  * lkeyring.c -- paygate.keyring: the per-worker map from Wechatpay-Serial
  * (platform certificate serial, or PUB_KEY_ID_...) to a parsed verifier.
  *
- * One ring per Lua state (one worker), kept in C: an open-addressing hash
- * table of entries, each holding its own EVP_PKEY reference (and the
+ * keyring.new() makes a ring (one per signing merchant, so two merchants
+ * in one worker never see each other's verifiers); the module functions
+ * act on the worker's default ring. Each ring is kept in C: an
+ * open-addressing hash table of entries, each holding its own EVP_PKEY reference (and the
  * certificate, when it came from one) and a validity window. Verification
  * on the hot path is one lookup plus one verify: no parsing, no Lua
  * allocation. Replacing an entry or the whole set builds the new state
@@ -46,6 +48,7 @@ struct gw_keyring {
     size_t               cap;      /* power of two */
     size_t               count;    /* live entries */
     size_t               tombs;    /* deleted markers */
+    int                  closed;   /* set by close() / __gc; methods raise */
 };
 
 /* Marks a deleted slot (never dereferenced). */
@@ -185,43 +188,6 @@ gw_kr_clear(struct gw_keyring *kr)
     kr->cap = kr->count = kr->tombs = 0;
 }
 
-static int
-lkeyring_gc(lua_State *L)
-{
-    gw_kr_clear(luaL_checkudata(L, 1, GW_KEYRING_MT));
-    return 0;
-}
-
-/* The ring of this Lua state: the module functions' first upvalue
- * (also anchored in the registry so every require sees the same ring). */
-static struct gw_keyring *
-gw_kr_instance(lua_State *L)
-{
-    return lua_touserdata(L, lua_upvalueindex(1));
-}
-
-/* Pushes the ring, creating it on first use. */
-static void
-gw_kr_push_ring(lua_State *L)
-{
-    struct gw_keyring *kr;
-
-    lua_getfield(L, LUA_REGISTRYINDEX, GW_KEYRING_KEY);
-    if (lua_touserdata(L, -1) != NULL) {
-        return;
-    }
-    lua_pop(L, 1);
-    kr = lua_newuserdata(L, sizeof(*kr));
-    memset(kr, 0, sizeof(*kr));
-    if (luaL_newmetatable(L, GW_KEYRING_MT)) {
-        lua_pushcfunction(L, lkeyring_gc);
-        lua_setfield(L, -2, "__gc");
-    }
-    lua_setmetatable(L, -2);
-    lua_pushvalue(L, -1);
-    lua_setfield(L, LUA_REGISTRYINDEX, GW_KEYRING_KEY);
-}
-
 static double
 gw_asn1_epoch(const ASN1_TIME *t)
 {
@@ -333,24 +299,92 @@ gw_kr_check_id(lua_State *L, int idx, size_t *len)
     return id;
 }
 
+/* ---- the ring a call acts on ------------------------------------------- */
+
 /*
- * syntax: ok, err = keyring.put(id, key_or_cert[, { not_before = s,
- *                                                    not_after = s }])
+ * Every operation below is written once, as gw_kr_op_*(L, kr, b): b is
+ * the stack offset of its first argument (0 for the module functions,
+ * which act on the worker's default ring, their upvalue; 1 for the ring
+ * methods, whose argument 1 is the ring). Raising for misuse is fine in
+ * both: no C memory is held at those points.
+ */
+
+static int
+lkeyring_gc(lua_State *L)
+{
+    struct gw_keyring *kr = luaL_checkudata(L, 1, GW_KEYRING_MT);
+
+    gw_kr_clear(kr);
+    kr->closed = 1;
+    return 0;
+}
+
+/* The default ring of this Lua state: the module functions' upvalue. */
+static struct gw_keyring *
+gw_kr_default(lua_State *L)
+{
+    return lua_touserdata(L, lua_upvalueindex(1));
+}
+
+/* The ring a method is called on; raises when idx 1 is not an open ring. */
+static struct gw_keyring *
+gw_kr_self(lua_State *L)
+{
+    struct gw_keyring *kr = luaL_checkudata(L, 1, GW_KEYRING_MT);
+
+    if (kr->closed) {
+        luaL_argerror(L, 1, "key ring is closed");
+    }
+    return kr;
+}
+
+/* Pushes a new, empty ring userdata (with its metatable). */
+static struct gw_keyring *
+gw_kr_new(lua_State *L)
+{
+    struct gw_keyring *kr = lua_newuserdata(L, sizeof(*kr));
+
+    memset(kr, 0, sizeof(*kr));
+    luaL_getmetatable(L, GW_KEYRING_MT);
+    lua_setmetatable(L, -2);
+    return kr;
+}
+
+/* Pushes the default ring, creating it on first use (anchored in the
+ * registry so every require in this state sees the same ring). */
+static void
+gw_kr_push_default(lua_State *L)
+{
+    lua_getfield(L, LUA_REGISTRYINDEX, GW_KEYRING_KEY);
+    if (lua_touserdata(L, -1) != NULL) {
+        return;
+    }
+    lua_pop(L, 1);
+    gw_kr_new(L);
+    lua_pushvalue(L, -1);
+    lua_setfield(L, LUA_REGISTRYINDEX, GW_KEYRING_KEY);
+}
+
+/* ---- operations -------------------------------------------------------- */
+
+/*
+ * syntax: id = ring:put(id, key_or_cert[, { not_before = s,
+ *                                           not_after = s }])
  * id nil with a certificate: its serial. Replaces an entry atomically.
+ * returns: the id as stored, or nil, err (malformed, internal).
  */
 static int
-lkeyring_put(lua_State *L)
+gw_kr_op_put(lua_State *L, struct gw_keyring *kr, int b)
 {
-    struct gw_keyring *kr = gw_kr_instance(L);
     struct gw_kr_entry *e;
     char msg[GW_ERRMSG_MAX], serial[GW_KEYRING_MAX_ID + 1];
     const char *id;
     size_t len;
     double nb, na;
 
-    gw_kr_opts(L, 3, &nb, &na);
-    if (lua_isnil(L, 1)) {
-        struct gw_cert *c = gw_cert_check(L, 2);
+    gw_kr_opts(L, b + 3, &nb, &na);
+    if (lua_isnil(L, b + 1)) {
+        struct gw_cert *c = gw_cert_check(L, b + 2);
         BIGNUM *bn = ASN1_INTEGER_to_BN(X509_get0_serialNumber(c->x509),
                                         NULL);
         char *hex = bn != NULL ? BN_bn2hex(bn) : NULL;
@@ -366,11 +400,11 @@ lkeyring_put(lua_State *L)
         id = serial;
         len = strlen(serial);
     } else {
-        id = gw_kr_check_id(L, 1, &len);
+        id = gw_kr_check_id(L, b + 1, &len);
     }
-    e = gw_kr_entry_new(L, id, len, 2, nb, na, msg, sizeof(msg));
+    e = gw_kr_entry_new(L, id, len, b + 2, nb, na, msg, sizeof(msg));
     if (e == NULL) {
-        return luaL_argerror(L, 2, msg);
+        return luaL_argerror(L, b + 2, msg);
     }
     if (gw_kr_insert(kr, e) != GW_OK) {
         gw_kr_entry_free(e);
@@ -381,25 +415,24 @@ lkeyring_put(lua_State *L)
 }
 
 /*
- * syntax: ok, err = keyring.replace({ { id = ..., key = handle,
- *                                       not_before =, not_after = }, ... })
+ * syntax: ok, err = ring:replace({ { id = ..., key = handle,
+ *                                    not_before =, not_after = }, ... })
  * Swaps the whole set at once (rotation); on any error nothing changes.
  */
 static int
-lkeyring_replace(lua_State *L)
+gw_kr_op_replace(lua_State *L, struct gw_keyring *kr, int b)
 {
-    struct gw_keyring *kr = gw_kr_instance(L);
     struct gw_keyring fresh;
     char msg[GW_ERRMSG_MAX];
-    int i, n;
+    int i, n, t = b + 1;
 
-    luaL_checktype(L, 1, LUA_TTABLE);
-    n = (int)lua_objlen(L, 1);
+    luaL_checktype(L, t, LUA_TTABLE);
+    n = (int)lua_objlen(L, t);
     /* Check every item before holding C memory, so errors can raise. */
     for (i = 1; i <= n; i++) {
         size_t len;
 
-        lua_rawgeti(L, 1, i);
+        lua_rawgeti(L, t, i);
         luaL_checktype(L, -1, LUA_TTABLE);
         gw_kr_rawfield(L, -1, "id");
         gw_kr_check_id(L, lua_gettop(L), &len);
@@ -416,7 +449,7 @@ lkeyring_replace(lua_State *L)
         size_t len;
         double nb = -1, na = -1;
 
-        lua_rawgeti(L, 1, i);
+        lua_rawgeti(L, t, i);
         gw_kr_rawfield(L, -1, "not_before");
         if (lua_isnumber(L, -1)) {
             nb = lua_tonumber(L, -1);
@@ -440,7 +473,10 @@ lkeyring_replace(lua_State *L)
         }
     }
     gw_kr_clear(kr);
-    *kr = fresh;
+    kr->slots = fresh.slots;
+    kr->cap = fresh.cap;
+    kr->count = fresh.count;
+    kr->tombs = fresh.tombs;
     lua_pushboolean(L, 1);
     return 1;
 }
@@ -492,14 +528,14 @@ gw_kr_lookup(lua_State *L, struct gw_keyring *kr, int idx, int at_idx,
     return e;
 }
 
-/* syntax: handle, err = keyring.get(id[, at]) -- cert or public key */
+/* syntax: handle, err = ring:get(id[, at]) -- cert or public key */
 static int
-lkeyring_get(lua_State *L)
+gw_kr_op_get(lua_State *L, struct gw_keyring *kr, int b)
 {
     struct gw_kr_entry *e;
     int n = 0;
 
-    e = gw_kr_lookup(L, gw_kr_instance(L), 1, 2, &n);
+    e = gw_kr_lookup(L, kr, b + 1, b + 2, &n);
     if (e == NULL) {
         return n;
     }
@@ -513,22 +549,29 @@ lkeyring_get(lua_State *L)
     return 1;
 }
 
-/* syntax: ok, err = keyring.verify(id, data, sig[, alg[, at]]) -- raw sig.
- * err.kind: unknown_serial, cert_expired, cert_not_yet_valid,
- * signature_mismatch, key_type_mismatch, unsupported_algorithm. */
+/*
+ * syntax: ok, err = ring:verify(id, data, sig[, alg[, at]]) -- raw sig
+ *         ok, err = ring:verify_base64(id, data, sig_b64[, alg[, at]])
+ * returns: true, or nil, err with err.kind unknown_serial, cert_expired,
+ * cert_not_yet_valid, signature_mismatch (also for a signature that is
+ * not strict base64, as crypto.verify_base64), key_type_mismatch,
+ * unsupported_algorithm.
+ */
 static int
-lkeyring_verify(lua_State *L)
+gw_kr_op_verify(lua_State *L, struct gw_keyring *kr, int b, int b64)
 {
     struct gw_kr_entry *e;
     size_t len, siglen;
-    const char *data = luaL_checklstring(L, 2, &len);
-    const char *sig = luaL_checklstring(L, 3, &siglen);
-    const char *alg_name = luaL_optstring(L, 4, NULL);
+    const char *data = luaL_checklstring(L, b + 2, &len);
+    const char *sig = luaL_checklstring(L, b + 3, &siglen);
+    const char *alg_name = luaL_optstring(L, b + 4, NULL);
     const char *kind = "internal";
     char msg[GW_ERRMSG_MAX] = "";
+    unsigned char raw[1024];
+    long dn;
     int alg, n = 0;
 
-    e = gw_kr_lookup(L, gw_kr_instance(L), 1, 5, &n);
+    e = gw_kr_lookup(L, kr, b + 1, b + 5, &n);
     if (e == NULL) {
         return n;
     }
@@ -537,6 +580,16 @@ lkeyring_verify(lua_State *L)
     } else if ((alg = gw_crypto_alg(alg_name)) == 0) {
         return gw_push_error(L, "unsupported_algorithm", 0, "verify: "
                              "unknown algorithm %s", alg_name);
+    }
+    if (b64) {
+        if (siglen > sizeof(raw) / 3 * 4
+            || (dn = gw_base64_decode(sig, siglen, raw)) < 0)
+        {
+            return gw_push_error(L, "signature_mismatch", 0, "verify %s: "
+                                 "signature is not valid base64", e->id);
+        }
+        sig = (const char *)raw;
+        siglen = (size_t)dn;
     }
     if (gw_crypto_verify(&e->ki, alg, (const unsigned char *)data, len,
                          (const unsigned char *)sig, siglen, &kind, msg,
@@ -548,13 +601,12 @@ lkeyring_verify(lua_State *L)
     return 1;
 }
 
-/* syntax: removed = keyring.remove(id) */
+/* syntax: removed = ring:remove(id) */
 static int
-lkeyring_remove(lua_State *L)
+gw_kr_op_remove(lua_State *L, struct gw_keyring *kr, int b)
 {
-    struct gw_keyring *kr = gw_kr_instance(L);
     size_t len, i;
-    const char *id = luaL_checklstring(L, 1, &len);
+    const char *id = luaL_checklstring(L, b + 1, &len);
     char up[GW_KEYRING_MAX_ID];
     int found = 0;
 
@@ -589,16 +641,16 @@ gw_kr_cmp(const void *a, const void *b)
     return strcmp(x->id, y->id);
 }
 
-/* syntax: list = keyring.list() -- sorted by id: { id, source, key_type,
+/* syntax: list = ring:list() -- sorted by id: { id, source, key_type,
  *         key_bits, not_before, not_after, fingerprint } */
 static int
-lkeyring_list(lua_State *L)
+gw_kr_op_list(lua_State *L, struct gw_keyring *kr, int b)
 {
-    struct gw_keyring *kr = gw_kr_instance(L);
     struct gw_kr_entry **v;
     size_t i, n = 0;
     char fpr[65];
 
+    (void)b;
     v = malloc((kr->count + 1) * sizeof(*v));
     if (v == NULL) {
         return gw_push_error(L, "internal", 1, "out of memory");
@@ -635,14 +687,13 @@ lkeyring_list(lua_State *L)
     return 1;
 }
 
-/* syntax: id = keyring.newest([at]) -- the valid certificate entry with
- * the latest not_before (for encryption and the request Wechatpay-Serial),
- * or a public-key entry when no certificate is valid; nil if empty. */
+/* syntax: id = ring:newest([at]) -- the valid certificate entry with the
+ * latest not_before (for encryption and the request Wechatpay-Serial), or
+ * a public-key entry when no certificate is valid; nil if empty. */
 static int
-lkeyring_newest(lua_State *L)
+gw_kr_op_newest(lua_State *L, struct gw_keyring *kr, int b)
 {
-    struct gw_keyring *kr = gw_kr_instance(L);
-    double now = luaL_optnumber(L, 1, (double)time(NULL));
+    double now = luaL_optnumber(L, b + 1, (double)time(NULL));
     struct gw_kr_entry *best = NULL;
     size_t i;
 
@@ -670,25 +721,126 @@ lkeyring_newest(lua_State *L)
     return 1;
 }
 
+/* syntax: n = ring:count() */
 static int
-lkeyring_count(lua_State *L)
+gw_kr_op_count(lua_State *L, struct gw_keyring *kr, int b)
 {
-    lua_pushinteger(L, (lua_Integer)gw_kr_instance(L)->count);
+    (void)b;
+    lua_pushinteger(L, (lua_Integer)kr->count);
     return 1;
 }
 
+/* syntax: ring:clear() -- drops every entry; the ring stays usable */
 static int
-lkeyring_clear(lua_State *L)
+gw_kr_op_clear(lua_State *L, struct gw_keyring *kr, int b)
 {
-    gw_kr_clear(gw_kr_instance(L));
+    (void)L;
+    (void)b;
+    gw_kr_clear(kr);
     return 0;
 }
+
+/* ---- Lua entry points: module functions and ring methods ---------------- */
+
+#define GW_KR_ENTRY(op)                                                 \
+    static int lkeyring_##op(lua_State *L)                              \
+    {                                                                   \
+        return gw_kr_op_##op(L, gw_kr_default(L), 0);                   \
+    }                                                                   \
+    static int lring_##op(lua_State *L)                                 \
+    {                                                                   \
+        return gw_kr_op_##op(L, gw_kr_self(L), 1);                      \
+    }
+
+GW_KR_ENTRY(put)
+GW_KR_ENTRY(replace)
+GW_KR_ENTRY(get)
+GW_KR_ENTRY(remove)
+GW_KR_ENTRY(list)
+GW_KR_ENTRY(newest)
+GW_KR_ENTRY(count)
+GW_KR_ENTRY(clear)
+
+static int
+lkeyring_verify(lua_State *L)
+{
+    return gw_kr_op_verify(L, gw_kr_default(L), 0, 0);
+}
+
+static int
+lring_verify(lua_State *L)
+{
+    return gw_kr_op_verify(L, gw_kr_self(L), 1, 0);
+}
+
+static int
+lkeyring_verify_base64(lua_State *L)
+{
+    return gw_kr_op_verify(L, gw_kr_default(L), 0, 1);
+}
+
+static int
+lring_verify_base64(lua_State *L)
+{
+    return gw_kr_op_verify(L, gw_kr_self(L), 1, 1);
+}
+
+/*
+ * syntax: ring = keyring.new()
+ * returns: an empty ring with the module's operations as methods (one per
+ * signing merchant, so merchants never see each other's verifiers). Its
+ * entries are freed by ring:close() or when the ring is collected; close()
+ * is safe twice, any other method on a closed ring raises.
+ */
+static int
+lkeyring_new(lua_State *L)
+{
+    gw_kr_new(L);
+    return 1;
+}
+
+/* ring:close(): frees every entry now; safe to call twice. */
+static int
+lring_close(lua_State *L)
+{
+    return lkeyring_gc(L);
+}
+
+static int
+lring_tostring(lua_State *L)
+{
+    struct gw_keyring *kr = luaL_checkudata(L, 1, GW_KEYRING_MT);
+
+    if (kr->closed) {
+        lua_pushliteral(L, "paygate.keyring.ring (closed)");
+    } else {
+        lua_pushfstring(L, "paygate.keyring.ring: %d entries",
+                        (int)kr->count);
+    }
+    return 1;
+}
+
+static const luaL_Reg lring_methods[] = {
+    { "put", lring_put },
+    { "replace", lring_replace },
+    { "get", lring_get },
+    { "verify", lring_verify },
+    { "verify_base64", lring_verify_base64 },
+    { "remove", lring_remove },
+    { "list", lring_list },
+    { "newest", lring_newest },
+    { "count", lring_count },
+    { "clear", lring_clear },
+    { "close", lring_close },
+    { NULL, NULL }
+};
 
 static const luaL_Reg lkeyring_funcs[] = {
     { "put", lkeyring_put },
     { "replace", lkeyring_replace },
     { "get", lkeyring_get },
     { "verify", lkeyring_verify },
+    { "verify_base64", lkeyring_verify_base64 },
     { "remove", lkeyring_remove },
     { "list", lkeyring_list },
     { "newest", lkeyring_newest },
@@ -701,8 +853,20 @@ int
 luaopen_paygate_keyring(lua_State *L)
 {
     gw_crypto_register_types(L);
+    if (luaL_newmetatable(L, GW_KEYRING_MT)) {
+        lua_pushcfunction(L, lkeyring_gc);
+        lua_setfield(L, -2, "__gc");
+        lua_pushcfunction(L, lring_tostring);
+        lua_setfield(L, -2, "__tostring");
+        lua_newtable(L);
+        luaL_register(L, NULL, lring_methods);
+        lua_setfield(L, -2, "__index");
+    }
+    lua_pop(L, 1);
     lua_newtable(L);
-    gw_kr_push_ring(L);
+    gw_kr_push_default(L);
     luaL_setfuncs(L, lkeyring_funcs, 1);
+    lua_pushcfunction(L, lkeyring_new);
+    lua_setfield(L, -2, "new");
     return 1;
 }

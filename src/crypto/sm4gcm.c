@@ -4,10 +4,14 @@
  * below: a bitwise multiply in GF(2^128) without tables or secret-dependent
  * branches, so its timing does not depend on H or the data.
  *
- * Counter mode: with a 96-bit IV, J0 = IV || 0^31 || 1 and the payload
- * uses inc32(J0), inc32(inc32(J0)), ... OpenSSL's SM4-CTR increments the
- * whole 128-bit block, which equals inc32 until the low 32 bits wrap; the
- * payload starts at counter 2, so we cap it at 2^32 - 2 blocks.
+ * Counter mode: with a 96-bit IV, J0 = IV || 0^31 || 1; with any other
+ * IV length, J0 = GHASH_H(IV || 0^(s+64) || [len(IV)]_64), s padding the
+ * IV to whole blocks (SP 800-38D section 7.1 step 2). The payload uses
+ * inc32(J0), inc32(inc32(J0)), ... OpenSSL's SM4-CTR increments the whole
+ * 128-bit block, which equals inc32 until the low 32 bits wrap: a 96-bit
+ * IV starts at 2 and never wraps below the 2^32 - 2 block cap, a GHASH-
+ * derived J0 may start anywhere, so gw_sm4gcm_ctr() restarts the counter
+ * at low 32 bits 0 (upper 96 unchanged) where it would carry.
  */
 #include <stdint.h>
 #include <string.h>
@@ -153,24 +157,44 @@ gw_sm4_block(const unsigned char key[16], const unsigned char in[16],
     return gw_sm4_run(gw_sm4_ecb, key, NULL, in, 16, out);
 }
 
+/* H = E_K(0^128) and the pre-counter block J0 for an IV of any length. */
+static int
+gw_sm4gcm_init(const unsigned char key[16], const unsigned char *iv,
+               size_t ivlen, unsigned char h[16], unsigned char j0[16])
+{
+    static const unsigned char zero[16];
+    unsigned char lens[16];
+
+    if (gw_sm4_run(gw_sm4_ecb, key, NULL, zero, 16, h) != GW_OK) {
+        return GW_ERR;
+    }
+    if (ivlen == GW_SM4GCM_IV) {
+        memcpy(j0, iv, 12);
+        j0[12] = 0;
+        j0[13] = 0;
+        j0[14] = 0;
+        j0[15] = 1;
+        return GW_OK;
+    }
+    memset(j0, 0, 16);
+    gw_ghash(h, j0, iv, ivlen);      /* zero-pads the last partial block */
+    memset(lens, 0, 8);
+    gw_store64(lens + 8, (uint64_t)ivlen * 8);
+    gw_ghash(h, j0, lens, 16);
+    return GW_OK;
+}
+
 /* Computes the tag over aad and the ciphertext ct. */
 static int
-gw_sm4gcm_tag(const unsigned char key[16], const unsigned char iv[12],
-              const unsigned char *aad, size_t aadlen,
-              const unsigned char *ct, size_t len, unsigned char tag[16])
+gw_sm4gcm_tag(const unsigned char key[16], const unsigned char h[16],
+              const unsigned char j0[16], const unsigned char *aad,
+              size_t aadlen, const unsigned char *ct, size_t len,
+              unsigned char tag[16])
 {
-    unsigned char h[16], j0[16], ej0[16], s[16], lens[16];
-    static const unsigned char zero[16];
+    unsigned char ej0[16], s[16], lens[16];
     int i, rc = GW_ERR;
 
-    memcpy(j0, iv, 12);
-    j0[12] = 0;
-    j0[13] = 0;
-    j0[14] = 0;
-    j0[15] = 1;
-    if (gw_sm4_run(gw_sm4_ecb, key, NULL, zero, 16, h) != GW_OK
-        || gw_sm4_run(gw_sm4_ecb, key, NULL, j0, 16, ej0) != GW_OK)
-    {
+    if (gw_sm4_run(gw_sm4_ecb, key, NULL, j0, 16, ej0) != GW_OK) {
         goto err;
     }
     memset(s, 0, sizeof(s));
@@ -184,71 +208,104 @@ gw_sm4gcm_tag(const unsigned char key[16], const unsigned char iv[12],
     }
     rc = GW_OK;
 err:
-    OPENSSL_cleanse(h, sizeof(h));
     OPENSSL_cleanse(ej0, sizeof(ej0));
     OPENSSL_cleanse(s, sizeof(s));
     return rc;
 }
 
-static void
-gw_sm4gcm_ctr0(const unsigned char iv[12], unsigned char ctr[16])
+/* The payload keystream from inc32(J0) on, XORed into out. The GCM
+ * counter is inc32: when the low 32 bits would wrap, the second run
+ * restarts them at 0 instead of carrying into the IV part. */
+static int
+gw_sm4gcm_ctr(const unsigned char key[16], const unsigned char j0[16],
+              const unsigned char *in, size_t len, unsigned char *out)
 {
-    memcpy(ctr, iv, 12);
-    ctr[12] = 0;
-    ctr[13] = 0;
-    ctr[14] = 0;
-    ctr[15] = 2;                     /* inc32(J0) */
+    unsigned char ctr[16];
+    uint32_t low;
+    uint64_t room;
+    size_t first;
+
+    if (len == 0) {
+        return GW_OK;
+    }
+    memcpy(ctr, j0, 16);
+    low = ((uint32_t)ctr[12] << 24 | (uint32_t)ctr[13] << 16
+           | (uint32_t)ctr[14] << 8 | ctr[15]) + 1;          /* inc32 */
+    ctr[12] = (unsigned char)(low >> 24);
+    ctr[13] = (unsigned char)(low >> 16);
+    ctr[14] = (unsigned char)(low >> 8);
+    ctr[15] = (unsigned char)low;
+    room = ((uint64_t)1 << 32) - low;     /* blocks before the wrap */
+    if ((uint64_t)len <= room * 16) {
+        return gw_sm4_run(gw_sm4_ctr, key, ctr, in, len, out);
+    }
+    first = (size_t)(room * 16);
+    if (gw_sm4_run(gw_sm4_ctr, key, ctr, in, first, out) != GW_OK) {
+        return GW_ERR;
+    }
+    memset(ctr + 12, 0, 4);
+    return gw_sm4_run(gw_sm4_ctr, key, ctr, in + first, len - first,
+                      out + first);
 }
 
 int
 gw_sm4gcm_seal(const unsigned char key[GW_SM4GCM_KEY],
-               const unsigned char iv[GW_SM4GCM_IV],
+               const unsigned char *iv, size_t ivlen,
                const unsigned char *aad, size_t aadlen,
                const unsigned char *in, size_t len, unsigned char *out,
                unsigned char tag[GW_SM4GCM_TAG])
 {
-    unsigned char ctr[16];
+    unsigned char h[16], j0[16];
+    int rc = GW_ERR;
 
-    if (gw_sm4_fetch() != GW_OK
+    if (ivlen == 0 || gw_sm4_fetch() != GW_OK
         || (uint64_t)len / 16 >= GW_SM4GCM_MAX_BLOCKS)
     {
         return GW_ERR;
     }
-    gw_sm4gcm_ctr0(iv, ctr);
-    if (len > 0 && gw_sm4_run(gw_sm4_ctr, key, ctr, in, len, out) != GW_OK) {
-        return GW_ERR;
+    if (gw_sm4gcm_init(key, iv, ivlen, h, j0) != GW_OK
+        || gw_sm4gcm_ctr(key, j0, in, len, out) != GW_OK
+        || gw_sm4gcm_tag(key, h, j0, aad, aadlen, out, len, tag) != GW_OK)
+    {
+        goto err;
     }
-    return gw_sm4gcm_tag(key, iv, aad, aadlen, out, len, tag);
+    rc = GW_OK;
+err:
+    OPENSSL_cleanse(h, sizeof(h));
+    return rc;
 }
 
 int
 gw_sm4gcm_open(const unsigned char key[GW_SM4GCM_KEY],
-               const unsigned char iv[GW_SM4GCM_IV],
+               const unsigned char *iv, size_t ivlen,
                const unsigned char *aad, size_t aadlen,
                const unsigned char *in, size_t len,
                const unsigned char tag[GW_SM4GCM_TAG],
                unsigned char *out)
 {
-    unsigned char want[16], ctr[16];
-    int rc;
+    unsigned char want[16], h[16], j0[16];
+    int rc = GW_ERR;
 
-    if (gw_sm4_fetch() != GW_OK
+    if (ivlen == 0 || gw_sm4_fetch() != GW_OK
         || (uint64_t)len / 16 >= GW_SM4GCM_MAX_BLOCKS)
     {
         return GW_ERR;
     }
-    if (gw_sm4gcm_tag(key, iv, aad, aadlen, in, len, want) != GW_OK) {
-        return GW_ERR;
+    if (gw_sm4gcm_init(key, iv, ivlen, h, j0) != GW_OK
+        || gw_sm4gcm_tag(key, h, j0, aad, aadlen, in, len, want) != GW_OK)
+    {
+        goto err;
     }
-    rc = CRYPTO_memcmp(want, tag, 16);
-    OPENSSL_cleanse(want, sizeof(want));
-    if (rc != 0) {
-        return GW_ERR;
+    if (CRYPTO_memcmp(want, tag, 16) != 0) {
+        goto err;
     }
-    gw_sm4gcm_ctr0(iv, ctr);
-    if (len > 0 && gw_sm4_run(gw_sm4_ctr, key, ctr, in, len, out) != GW_OK) {
+    if (gw_sm4gcm_ctr(key, j0, in, len, out) != GW_OK) {
         OPENSSL_cleanse(out, len);
-        return GW_ERR;
+        goto err;
     }
-    return GW_OK;
+    rc = GW_OK;
+err:
+    OPENSSL_cleanse(want, sizeof(want));
+    OPENSSL_cleanse(h, sizeof(h));
+    return rc;
 }

@@ -1,3 +1,517 @@
--- paygate.wechatpay.certs (work in progress)
+-- paygate.wechatpay.certs: the keys WeChat Pay signs with, in one key ring
+-- per client (two merchants in one worker never share verifiers).
+--
+-- Modes (config.lua decides): "certificate" — platform certificates from
+-- /v3/certificates (and/or the configuration); "public_key" — the WeChat
+-- Pay public key and its PUB_KEY_ID_..., no download at all; "migration"
+-- — both, either serial verifies.
+--
+-- Downloaded certificates are decrypted with the APIv3 key (the AEAD tag
+-- is what authenticates them), date-checked (chain-checked only against a
+-- CA the merchant configures as platform_ca: WeChat names none), the
+-- response signature is checked with the set just decrypted plus the keys
+-- already held, and they join the ring beside older ones: during a
+-- rotation both verify until the old one expires. The last good set is
+-- written to state_dir (temporary file + rename) so a restart while WeChat
+-- is unreachable still verifies.
+--
+-- Downloads are single-flight within a worker and, through the
+-- paygate.shared dict, across the workers of an instance; downloads
+-- caused by an unknown serial are rate-limited (download_min_interval), so
+-- a storm of unknown serials cannot hammer WeChat.
+local core = require "paygate.core"
+local crypto = require "paygate.crypto"
+local x509 = require "paygate.x509"
+local keyring = require "paygate.keyring"
+local json = require "cjson.safe"
+local errors = require "paygate.wechatpay.errors"
+local verify = require "paygate.wechatpay.verify"
+
+local type, tostring, ipairs, pairs, pcall, next =
+      type, tostring, ipairs, pairs, pcall, next
+local printable = errors.printable
+
 local _M = {}
+
+local function log()
+  return require("paygate").log
+end
+
+-- The instance-wide dict (paygate.shared), or nil when the runtime has
+-- none (then single-flight and rate limits are per worker).
+function _M.shared_dict(name)
+  local ok, shared = pcall(require, "paygate.shared")
+  if not ok or type(shared) ~= "table" then return nil end
+  local d = shared[name]
+  if d == nil and type(shared.dict) == "function" then
+    d = shared.dict(name)
+  end
+  return d
+end
+
+local function is_pub_id(serial)
+  return serial:sub(1, 11) == "PUB_KEY_ID_"
+end
+_M.is_pub_id = is_pub_id
+
+--- syntax: _M.init(wx) -- fills wx.ring from the configuration and state_dir
+function _M.init(wx)
+  local c = wx.conf
+  local ring = keyring.new()
+  wx.ring = ring
+  wx.certs = {}          -- serial -> certificate handle (platform)
+  for _, cert in ipairs(c.platform_certs) do
+    if cert:not_after() > core.time() then
+      ring:put(nil, cert)
+      wx.certs[cert:serial()] = cert
+    end
+  end
+  if c.public_key then ring:put(c.public_key_id, c.public_key) end
+  wx.dl = { gen = 0, busy = false, last = nil, last_err = nil }
+  wx.key_prefix = "wechatpay:" .. c.mchid .. ":"
+  if c.state_dir then _M.load_state(wx) end
+end
+
+local function state_path(wx)
+  return wx.conf.state_dir .. "/wechatpay-" .. wx.conf.mchid
+         .. "-platform-certificates.pem"
+end
+_M.state_path = state_path
+
+-- Adds certificate handles to the ring (beside older ones) and drops
+-- expired entries. returns: the number added.
+local function adopt(wx, list, now)
+  local added = 0
+  for _, cert in ipairs(list) do
+    if cert:not_after() > now then
+      local serial = cert:serial()
+      if not wx.certs[serial] then added = added + 1 end
+      wx.ring:put(nil, cert)
+      wx.certs[serial] = cert
+    end
+  end
+  for serial, cert in pairs(wx.certs) do
+    if cert:not_after() <= now then
+      wx.ring:remove(serial)
+      wx.certs[serial] = nil
+    end
+  end
+  return added
+end
+
+--- syntax: n = certs.load_state(wx) -- the certificates last saved
+function _M.load_state(wx)
+  local f = io.open(state_path(wx), "rb")
+  if not f then return 0 end
+  local pem = f:read("*a")
+  f:close()
+  local chain = pem and pem ~= "" and x509.chain(pem)
+  if not chain then
+    log().warn("wechatpay: unreadable certificate state file, ignored",
+               { path = state_path(wx) })
+    return 0
+  end
+  return adopt(wx, chain, core.time())
+end
+
+local function shell_quote(s)
+  return "'" .. s:gsub("'", "'\\''") .. "'"
+end
+
+--- syntax: ok, err = certs.save_state(wx)
+-- Writes every platform certificate held to state_dir, atomically.
+function _M.save_state(wx)
+  local dir = wx.conf.state_dir
+  if not dir then return true end
+  local parts = {}
+  for _, cert in pairs(wx.certs) do parts[#parts + 1] = cert:pem() end
+  table.sort(parts)
+  local path = state_path(wx)
+  local tmp = path .. ".tmp." .. core.pid()
+  local f = io.open(tmp, "wb")
+  if not f then
+    os.execute("mkdir -p " .. shell_quote(dir))
+    f = io.open(tmp, "wb")
+  end
+  if not f then
+    return nil, core.error("state_dir", "cannot write " .. tmp)
+  end
+  f:write(table.concat(parts))
+  f:close()
+  local ok, err = os.rename(tmp, path)
+  if not ok then
+    os.remove(tmp)
+    return nil, core.error("state_dir", "cannot rename into " .. path .. ": "
+                           .. tostring(err))
+  end
+  return true
+end
+
+-- Decrypts one AEAD-encrypted resource ({ algorithm, nonce,
+-- associated_data, ciphertext }) with the current, then the previous
+-- APIv3 keys. returns: plaintext, or nil, err (malformed, decrypt_failed).
+function _M.decrypt(wx, r)
+  if type(r) ~= "table" then
+    return nil, core.error("malformed", "encrypted resource is not an object")
+  end
+  local alg, nonce, aad, ct64 = r.algorithm, r.nonce, r.associated_data,
+                                r.ciphertext
+  if alg ~= "AEAD_AES_256_GCM" and alg ~= "AEAD_SM4_GCM" then
+    return nil, core.error("malformed", "unknown algorithm "
+                           .. printable(alg, 40))
+  end
+  if type(nonce) ~= "string" or nonce == "" or #nonce > 256 then
+    return nil, core.error("malformed", "resource nonce missing or too long")
+  end
+  if aad == nil or aad == json.null then aad = "" end
+  if type(aad) ~= "string" then
+    return nil, core.error("malformed", "associated_data is not a string")
+  end
+  if type(ct64) ~= "string" then
+    return nil, core.error("malformed", "ciphertext is not a string")
+  end
+  local ct = crypto.base64_decode(ct64)
+  if not ct then
+    return nil, core.error("malformed", "ciphertext is not valid base64")
+  end
+  if #ct < 16 then
+    return nil, core.error("decrypt_failed", "ciphertext shorter than its "
+                           .. "16-byte tag: truncated")
+  end
+  local last
+  for _, k in ipairs(wx.conf.apiv3_keys) do
+    local key = alg == "AEAD_SM4_GCM" and wx.sm4_key(k) or k
+    local plain, err = crypto.aead_decrypt(alg, key, nonce, aad, ct)
+    if plain then return plain end
+    last = err
+    if err.kind ~= "decrypt_failed" then break end
+  end
+  if last and last.kind == "decrypt_failed" then
+    return nil, core.error("decrypt_failed", "cannot decrypt the resource: "
+      .. "wrong APIv3 key (apiv3_key, previous_apiv3_keys) or altered "
+      .. "ciphertext, nonce or associated_data")
+  end
+  return nil, core.error("decrypt_failed", "cannot decrypt the resource: "
+                         .. tostring(last))
+end
+
+-- Decrypts and checks the certificates of a /v3/certificates body.
+-- returns: an array of certificate handles, or nil, err.
+local function decode_download(wx, body, now)
+  local doc = json.decode(body)
+  if type(doc) ~= "table" or type(doc.data) ~= "table" then
+    return nil, core.error("bad_response", "/v3/certificates: no data array")
+  end
+  local want = wx.conf.sm and "SM2" or "RSA"
+  local out = {}
+  for i, item in ipairs(doc.data) do
+    if type(item) ~= "table" then
+      return nil, core.error("bad_response", "/v3/certificates: entry " .. i
+                             .. " is not an object")
+    end
+    local pem, err = _M.decrypt(wx, item.encrypt_certificate)
+    if not pem then
+      return nil, core.error(err.kind, "/v3/certificates entry " .. i .. ": "
+                             .. err.message)
+    end
+    local cert, cerr = x509.load(pem)
+    if not cert then
+      return nil, core.error("bad_response", "/v3/certificates entry " .. i
+        .. ": not a certificate (" .. tostring(cerr and cerr.kind) .. ")")
+    end
+    if type(item.serial_no) == "string"
+       and item.serial_no:upper() ~= cert:serial() then
+      return nil, core.error("bad_response", "/v3/certificates entry " .. i
+        .. ": serial_no " .. printable(item.serial_no, 64)
+        .. " differs from the certificate's " .. cert:serial())
+    end
+    if cert:key_type() == want and cert:not_after() > now then
+      if wx.conf.platform_ca then
+        local ok, verr = x509.verify_chain(cert,
+          { roots = wx.conf.platform_ca, at = now })
+        if not ok then
+          return nil, core.error("bad_response", "/v3/certificates: "
+            .. cert:serial() .. " does not chain to platform_ca ("
+            .. tostring(verr and verr.kind) .. ")")
+        end
+      end
+      out[#out + 1] = cert
+    end
+  end
+  return out
+end
+
+-- One download: request, decrypt, check, verify the response with the new
+-- set plus the keys held, adopt, save. returns: number added, or nil, err.
+local function download(wx)
+  local transport = require "paygate.wechatpay.transport"
+  local path = "/v3/certificates"
+  if wx.conf.sm then path = path .. "?algorithm_type=SM2" end
+  local res, err = transport.request(wx, "GET", path, nil,
+    { _no_verify = true, deadline = wx.conf.timeout })
+  if not res then
+    if err.status == 404 and err.code == "RESOURCE_NOT_EXISTS" then
+      return nil, core.error("invalid_config", "WeChat Pay has no platform "
+        .. "certificate for merchant " .. wx.conf.mchid .. " (404 "
+        .. "RESOURCE_NOT_EXISTS): it uses the WeChat Pay public key; "
+        .. "configure public_key and public_key_id",
+        { key = "public_key", status = 404, code = err.code,
+          request_id = err.request_id })
+    end
+    return nil, err
+  end
+  local now = core.time()
+  local list
+  list, err = decode_download(wx, res.body, now)
+  if not list then return nil, err end
+  -- the response must be signed by a key in the new set or one held
+  local probe = keyring.new()
+  for _, cert in ipairs(list) do probe:put(nil, cert) end
+  for serial, cert in pairs(wx.certs) do
+    if not probe:get(serial) then
+      probe:put(nil, cert)
+    end
+  end
+  if wx.conf.public_key then
+    probe:put(wx.conf.public_key_id, wx.conf.public_key)
+  end
+  local h
+  h, err = verify.check(res.headers, res.body, probe, now, wx.conf.signer.schema)
+  probe:close()
+  if not h then
+    return nil, core.error(err.kind, "/v3/certificates response: "
+                           .. err.message)
+  end
+  local added = adopt(wx, list, now)
+  local ok, serr = _M.save_state(wx)
+  if not ok then
+    log().warn("wechatpay: cannot save platform certificates",
+               { why = serr.message })
+  end
+  _M.report(wx, now)
+  return added
+end
+
+--- syntax: t = certs.status(wx[, now])
+-- returns: { serials = {...}, newest, days_left } — days_left on the
+-- newest valid platform certificate, nil with none (public key: no expiry).
+function _M.status(wx, now)
+  now = now or core.time()
+  local newest, serials = nil, {}
+  for serial, cert in pairs(wx.certs) do
+    serials[#serials + 1] = serial
+    if cert:not_before() <= now and cert:not_after() > now
+       and (not newest or cert:not_after() > newest:not_after()) then
+      newest = cert
+    end
+  end
+  table.sort(serials)
+  return { serials = serials, newest = newest and newest:serial(),
+           days_left = newest and (newest:not_after() - now) / 86400,
+           public_key_id = wx.conf.public_key_id, mode = wx.conf.mode }
+end
+
+-- Logs a warning from 30 days before the newest certificate expires.
+function _M.report(wx, now)
+  local st = _M.status(wx, now)
+  if st.days_left and st.days_left < 30 then
+    log().warn("wechatpay: the newest platform certificate expires soon",
+               { mchid = wx.conf.mchid, serial = st.newest,
+                 days_left = math.floor(st.days_left) })
+  end
+  return st
+end
+
+-- Serialises the held certificates for other workers (shared dict).
+local function export(wx)
+  local parts = {}
+  for _, cert in pairs(wx.certs) do parts[#parts + 1] = cert:pem() end
+  return table.concat(parts)
+end
+
+local function import(wx, pem)
+  local chain = type(pem) == "string" and pem ~= "" and x509.chain(pem)
+  if chain then adopt(wx, chain, core.time()) end
+end
+
+-- Waits (polling, bounded) until cond() holds; returns whether it did.
+local function wait_for(cond, seconds)
+  local deadline = core.mono() + seconds
+  while not cond() do
+    if core.mono() > deadline then return false end
+    core.sleep(0.01)
+  end
+  return true
+end
+
+--- syntax: ok, err = certs.refresh(wx, reason)
+-- reason: "unknown_serial" (rate-limited), "start", "timer". At most one
+-- download per worker at a time (the others wait for its result) and,
+-- with paygate.shared, per instance (other workers take its result from
+-- the dict).
+function _M.refresh(wx, reason)
+  if not wx.conf.download then
+    return nil, core.error("unknown_serial", "certificate download is off")
+  end
+  local dl = wx.dl
+  if dl.busy then
+    local gen = dl.gen
+    wait_for(function() return not dl.busy end, wx.conf.timeout + 5)
+    if dl.gen ~= gen and dl.last then return true end
+    return nil, dl.last_err or core.error("timeout", "certificate download")
+  end
+  dl.busy = true
+  local ok, a, b = pcall(_M.refresh_locked, wx, reason)
+  dl.busy = false
+  dl.gen = dl.gen + 1
+  if not ok then
+    dl.last, dl.last_err = nil, core.error("internal", tostring(a))
+  else
+    dl.last, dl.last_err = a, b
+  end
+  return dl.last, dl.last_err
+end
+
+local function dl_recent(wx, now)
+  return wx.dl.at and now - wx.dl.at < wx.conf.download_min_interval
+end
+
+function _M.refresh_locked(wx, reason)
+  local c = wx.conf
+  local dict = _M.shared_dict(c.shared_dict)
+  local K = wx.key_prefix
+  local now = core.mono()
+  if reason == "unknown_serial" then
+    if dict then
+      if not dict:add(K .. "rate", true, c.download_min_interval) then
+        -- another download ran (or runs) recently: take its result
+        wait_for(function() return not dict:get(K .. "lock") end,
+                 c.timeout + 5)
+        import(wx, dict:get(K .. "set"))
+        return nil, core.error("unknown_serial", "certificates were "
+          .. "downloaded less than " .. c.download_min_interval
+          .. " s ago (download_min_interval)")
+      end
+    elseif dl_recent(wx, now) then
+      return nil, core.error("unknown_serial", "certificates were "
+        .. "downloaded less than " .. c.download_min_interval
+        .. " s ago (download_min_interval)")
+    end
+  end
+  if dict then
+    if not dict:add(K .. "lock", core.pid(), c.timeout + 5) then
+      wait_for(function() return not dict:get(K .. "lock") end,
+               c.timeout + 5)
+      import(wx, dict:get(K .. "set"))
+      return true
+    end
+  end
+  wx.dl.at = now
+  local added, err = download(wx)
+  if dict then
+    if added then dict:set(K .. "set", export(wx)) end
+    dict:delete(K .. "lock")
+  end
+  if not added then return nil, err end
+  return true
+end
+
+--- syntax: h, err = certs.verify(wx, headers, body)
+-- verify.check, plus one certificate download when the serial is unknown
+-- and could be a platform certificate.
+function _M.verify(wx, headers, body)
+  local c = wx.conf
+  local now = core.time()
+  local h, err = verify.parse_headers(headers)
+  if not h then return nil, err end
+  if type(body) ~= "string" then
+    return nil, core.error("malformed", "body is not a string")
+  end
+  local ok
+  ok, err = verify.fresh(h.ts, now)
+  if not ok then return nil, err end
+  if wx.config_error then return nil, wx.config_error end
+  ok, err = verify.signature(h, body, wx.ring, c.signer.schema, now)
+  if ok then return h end
+  if err.kind ~= "unknown_serial" then return nil, err end
+  if is_pub_id(h.serial) then
+    if not c.public_key then
+      err.message = err.message .. ": a WeChat Pay public key id, and no "
+        .. "public_key is configured: configure public_key and public_key_id"
+    else
+      err.message = err.message .. ": not the configured public_key_id "
+        .. c.public_key_id
+    end
+    return nil, err
+  end
+  if not c.download then
+    err.message = err.message .. ": a platform certificate serial, and "
+      .. (c.mode == "public_key" and "only the WeChat Pay public key is "
+          .. "configured: add platform_certificates (migration mode)"
+          or "certificate download is off: add it to platform_certificates")
+    return nil, err
+  end
+  local rok, rerr = _M.refresh(wx, "unknown_serial")
+  if not rok and rerr and rerr.kind == "invalid_config" then
+    return nil, rerr
+  end
+  ok, err = verify.signature(h, body, wx.ring, c.signer.schema, core.time())
+  if ok then return h end
+  if err.kind == "unknown_serial" then
+    err.message = err.message .. " even after downloading the platform "
+      .. "certificates" .. (rerr and (" (" .. tostring(rerr) .. ")") or "")
+  end
+  return nil, err
+end
+
+--- syntax: certs.start(wx)
+-- The first download (inline when no certificate is held yet and we can
+-- wait; otherwise in the background) and the jittered periodic refresh.
+-- A failure is logged and retried, never fatal, except 404
+-- RESOURCE_NOT_EXISTS: returned as invalid_config.
+function _M.start(wx)
+  local c = wx.conf
+  if not c.download then return true end
+  if next(wx.certs) == nil and core.in_coroutine() then
+    local ok, err = _M.refresh(wx, "start")
+    if not ok and err.kind == "invalid_config" and c.mode == "certificate"
+    then
+      return nil, err
+    end
+    if not ok then
+      log().warn("wechatpay: platform certificate download failed; retrying "
+                 .. "in the background", { mchid = c.mchid, error = tostring(err) })
+    end
+  end
+  wx.refresher = core.spawn(function()
+    local backoff = 5
+    if next(wx.certs) == nil then
+      -- nothing held yet: retry soon, doubling, until one works
+      while next(wx.certs) == nil do
+        core.sleep(backoff * (0.5 + math.random()))
+        local ok, err = _M.refresh(wx, "start")
+        if not ok then
+          if err.kind == "invalid_config" then
+            log().error("wechatpay: " .. err.message, { mchid = c.mchid })
+            if c.mode == "certificate" then wx.config_error = err end
+            return
+          end
+          log().warn("wechatpay: platform certificate download failed",
+                     { mchid = c.mchid, error = tostring(err) })
+          backoff = math.min(backoff * 2, c.refresh_interval)
+        end
+      end
+    end
+    while true do
+      core.sleep(c.refresh_interval * (0.9 + 0.2 * math.random()))
+      local ok, err = _M.refresh(wx, "timer")
+      if not ok then
+        log().warn("wechatpay: platform certificate refresh failed",
+                   { mchid = c.mchid, error = tostring(err) })
+      end
+    end
+  end)
+  return true
+end
+
 return _M

@@ -1,3 +1,289 @@
--- paygate.wechatpay.config (work in progress)
+-- paygate.wechatpay.config: checks a client configuration and loads its
+-- keys once. Each failure is an invalid_config error whose err.key names
+-- the configuration key at fault (and whose message never holds a key).
+local core = require "paygate.core"
+local crypto = require "paygate.crypto"
+local x509 = require "paygate.x509"
+local sign = require "paygate.wechatpay.sign"
+
+local type, tostring, ipairs, pairs = type, tostring, ipairs, pairs
+
 local _M = {}
+
+_M.DEFAULT_BASE_URL = "https://api.mch.weixin.qq.com"
+_M.DEFAULT_BACKUP_URL = "https://api2.mch.weixin.qq.com"
+
+local function bad(key, msg)
+  return nil, core.error("invalid_config", "wechatpay." .. key .. ": " .. msg,
+                         { key = key })
+end
+
+-- A value given as PEM text (it holds "-----BEGIN") or as a file path.
+-- returns: the bytes, or nil, reason.
+local function material(v)
+  if type(v) ~= "string" or v == "" then
+    return nil, "must be a file path or PEM text"
+  end
+  if v:find("-----BEGIN", 1, true) then return v end
+  local f, err = io.open(v, "rb")
+  if not f then return nil, "cannot read the file: " .. tostring(err) end
+  local s = f:read("*a")
+  f:close()
+  if not s or s == "" then return nil, "the file " .. v .. " is empty" end
+  return s
+end
+_M.material = material
+
+local function is_loopback_url(url)
+  local host = url:match("^http://([^/:]+)") or url:match("^http://%[([^%]]+)%]")
+  return host == "127.0.0.1" or host == "localhost" or host == "::1"
+end
+
+local function check_url(key, url)
+  if type(url) ~= "string" or url == "" then
+    return bad(key, "must be a URL string")
+  end
+  url = url:gsub("/+$", "")
+  if url:match("^https://[^/]+$") then return url end
+  if url:match("^http://[^/]+$") then
+    if is_loopback_url(url) then return url end
+    return bad(key, "must be https:// (http:// only for a loopback "
+               .. "address such as the simulator's)")
+  end
+  return bad(key, "must be https://host[:port] with no path")
+end
+
+local function positive(conf, key, default)
+  local v = conf[key]
+  if v == nil then return default end
+  if type(v) ~= "number" or v ~= v or v <= 0 then
+    return nil
+  end
+  return v
+end
+
+--- syntax: cfg, err = config.check(conf)
+-- returns: the checked configuration with its keys loaded:
+--   mchid (the signing merchant: sp_mchid in partner mode), partner,
+--   signer { key, schema, mchid, serial }, sm (SM variant), apiv3_keys
+--   (current first, then previous), platform_certs (handles), public_key
+--   (handle) and public_key_id, mode ("certificate" | "public_key" |
+--   "migration"), download (whether /v3/certificates is used), base_url,
+--   backup_url, state_dir, refresh_interval, timeout, deadline,
+--   max_attempts, ca_file, platform_ca, shared_dict, user_agent.
+function _M.check(conf)
+  if type(conf) ~= "table" then
+    return bad("conf", "the configuration must be a table")
+  end
+  local c = {}
+  -- merchant ids
+  if conf.sp_mchid ~= nil then
+    if conf.mchid ~= nil then
+      return bad("mchid", "give either mchid (a direct merchant) or sp_mchid"
+                 .. " (a service provider; each call names sub_mchid)")
+    end
+    c.partner = true
+    c.mchid = conf.sp_mchid
+    c.mchid_key = "sp_mchid"
+  else
+    c.mchid = conf.mchid
+    c.mchid_key = "mchid"
+  end
+  if type(c.mchid) == "number" then c.mchid = ("%d"):format(c.mchid) end
+  if type(c.mchid) ~= "string" or not c.mchid:match("^%d+$")
+     or #c.mchid > 32 then
+    return bad(c.mchid_key, "must be the merchant id: digits")
+  end
+  -- signature type
+  local schema = conf.sign_type or sign.RSA
+  if schema ~= sign.RSA and schema ~= sign.SM2 then
+    return bad("sign_type", "must be " .. sign.RSA .. " or " .. sign.SM2)
+  end
+  c.sm = schema == sign.SM2
+  local key_type = c.sm and "SM2" or "RSA"
+  -- merchant private key
+  local pem, why = material(conf.merchant_private_key)
+  if not pem then return bad("merchant_private_key", why) end
+  local key, kerr = crypto.private_key(pem)
+  if not key then
+    return bad("merchant_private_key", "cannot load the private key ("
+               .. tostring(kerr and kerr.kind) .. ")")
+  end
+  if key:type() ~= key_type then
+    return bad("merchant_private_key", "is an " .. key:type() .. " key; "
+               .. "sign_type " .. schema .. " needs an " .. key_type .. " key")
+  end
+  -- merchant serial, or the certificate it comes from
+  local serial = conf.merchant_serial
+  if conf.merchant_certificate ~= nil then
+    pem, why = material(conf.merchant_certificate)
+    if not pem then return bad("merchant_certificate", why) end
+    local cert, cerr = crypto.certificate(pem)
+    if not cert then
+      return bad("merchant_certificate", "cannot load the certificate ("
+                 .. tostring(cerr and cerr.kind) .. ")")
+    end
+    local ok = crypto.check_pair(key, cert)
+    if not ok then
+      return bad("merchant_private_key", "does not match "
+                 .. "merchant_certificate (serial " .. cert:serial() .. ")")
+    end
+    if serial ~= nil and type(serial) == "string"
+       and serial:upper():gsub("^0+", "") ~= cert:serial():gsub("^0+", "")
+    then
+      return bad("merchant_serial", "is not the serial of "
+                 .. "merchant_certificate (" .. cert:serial() .. ")")
+    end
+    serial = cert:serial()
+  end
+  if type(serial) ~= "string" or not serial:match("^%x+$") or #serial > 64
+  then
+    return bad("merchant_serial", "must be the merchant API certificate's "
+               .. "serial in hex (or give merchant_certificate)")
+  end
+  serial = serial:upper()
+  c.merchant_serial = serial
+  c.signer = { key = key, schema = schema, mchid = c.mchid, serial = serial }
+  -- APIv3 keys
+  if type(conf.apiv3_key) ~= "string" or #conf.apiv3_key ~= 32 then
+    return bad("apiv3_key", "must be exactly 32 bytes (the APIv3 key set in "
+               .. "the merchant platform)")
+  end
+  c.apiv3_keys = { conf.apiv3_key }
+  if conf.previous_apiv3_keys ~= nil then
+    if type(conf.previous_apiv3_keys) ~= "table" then
+      return bad("previous_apiv3_keys", "must be an array of 32-byte keys")
+    end
+    for i, k in ipairs(conf.previous_apiv3_keys) do
+      if type(k) ~= "string" or #k ~= 32 then
+        return bad("previous_apiv3_keys", "entry " .. i
+                   .. " must be exactly 32 bytes")
+      end
+      c.apiv3_keys[#c.apiv3_keys + 1] = k
+    end
+  end
+  -- platform certificates given in the configuration
+  c.platform_certs = {}
+  local pcs = conf.platform_certificates
+  if type(pcs) == "string" then pcs = { pcs } end
+  if pcs ~= nil then
+    if type(pcs) ~= "table" then
+      return bad("platform_certificates", "must be an array of paths or PEM")
+    end
+    for i, v in ipairs(pcs) do
+      pem, why = material(v)
+      if not pem then
+        return bad("platform_certificates", "entry " .. i .. ": " .. why)
+      end
+      local chain, cerr = x509.chain(pem)
+      if not chain or #chain == 0 then
+        return bad("platform_certificates", "entry " .. i .. ": not a "
+                   .. "certificate (" .. tostring(cerr and cerr.kind) .. ")")
+      end
+      for _, cert in ipairs(chain) do
+        if cert:key_type() ~= key_type then
+          return bad("platform_certificates", "entry " .. i .. " holds an "
+                     .. cert:key_type() .. " certificate; sign_type needs "
+                     .. key_type)
+        end
+        c.platform_certs[#c.platform_certs + 1] = cert
+      end
+    end
+  end
+  -- WeChat Pay public key
+  if (conf.public_key == nil) ~= (conf.public_key_id == nil) then
+    return bad(conf.public_key == nil and "public_key" or "public_key_id",
+               "public_key and public_key_id go together")
+  end
+  if conf.public_key ~= nil then
+    if type(conf.public_key_id) ~= "string"
+       or not conf.public_key_id:match("^PUB_KEY_ID_%w+$")
+       or #conf.public_key_id > 128 then
+      return bad("public_key_id", "must be the id shown beside the key: "
+                 .. "PUB_KEY_ID_ and digits")
+    end
+    pem, why = material(conf.public_key)
+    if not pem then return bad("public_key", why) end
+    local pub, perr = crypto.public_key(pem)
+    if not pub then
+      return bad("public_key", "cannot load the public key ("
+                 .. tostring(perr and perr.kind) .. ")")
+    end
+    if pub:type() ~= key_type then
+      return bad("public_key", "is an " .. pub:type() .. " key; sign_type "
+                 .. "needs " .. key_type)
+    end
+    c.public_key, c.public_key_id = pub, conf.public_key_id
+  end
+  -- the merchant's serial names the merchant's own certificate: WeChat's
+  -- keys never carry it (a copy-paste of the wrong serial otherwise
+  -- fails every call with SIGN_ERROR)
+  for _, cert in ipairs(c.platform_certs) do
+    if cert:serial() == serial then
+      return bad("merchant_serial", "is the serial of a platform "
+                 .. "certificate; use the merchant API certificate's serial")
+    end
+  end
+  if c.public_key_id and c.public_key_id:upper() == serial then
+    return bad("merchant_serial", "is the public key id")
+  end
+  -- mode
+  if c.public_key then
+    c.mode = #c.platform_certs > 0 and "migration" or "public_key"
+  else
+    c.mode = "certificate"
+  end
+  if conf.download_certificates == nil then
+    c.download = c.mode ~= "public_key"
+  else
+    c.download = conf.download_certificates and true or false
+  end
+  if c.mode == "certificate" and not c.download and #c.platform_certs == 0
+  then
+    return bad("platform_certificates", "with download_certificates = "
+               .. "false, give the platform certificates (or public_key "
+               .. "and public_key_id)")
+  end
+  -- endpoints
+  local err
+  c.base_url, err = check_url("base_url", conf.base_url or _M.DEFAULT_BASE_URL)
+  if not c.base_url then return nil, err end
+  if conf.backup_url ~= nil then
+    if conf.backup_url ~= false then
+      c.backup_url, err = check_url("backup_url", conf.backup_url)
+      if not c.backup_url then return nil, err end
+    end
+  elseif c.base_url == _M.DEFAULT_BASE_URL then
+    c.backup_url = _M.DEFAULT_BACKUP_URL
+  end
+  -- files and numbers
+  if conf.state_dir ~= nil and (type(conf.state_dir) ~= "string"
+                                or conf.state_dir == "") then
+    return bad("state_dir", "must be a directory path")
+  end
+  c.state_dir = conf.state_dir
+  for _, k in ipairs({ "ca_file" }) do
+    if conf[k] ~= nil and type(conf[k]) ~= "string" then
+      return bad(k, "must be a file path")
+    end
+    c[k] = conf[k]
+  end
+  if conf.platform_ca ~= nil then
+    pem, why = material(conf.platform_ca)
+    if not pem then return bad("platform_ca", why) end
+    c.platform_ca = pem
+  end
+  for k, default in pairs({ refresh_interval = 43200, timeout = 10,
+                            deadline = 30, download_min_interval = 60,
+                            max_attempts = 4 }) do
+    c[k] = positive(conf, k, default)
+    if not c[k] then return bad(k, "must be a number > 0") end
+  end
+  c.shared_dict = conf.shared_dict or "paygate"
+  if type(c.shared_dict) ~= "string" then
+    return bad("shared_dict", "must be the name of a paygate.shared dict")
+  end
+  return c
+end
+
 return _M

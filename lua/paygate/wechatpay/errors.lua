@@ -1,3 +1,148 @@
--- paygate.wechatpay.errors (work in progress)
+-- paygate.wechatpay.errors: the one error shape of the WeChat Pay client
+-- and the mapping from an HTTP status plus WeChat's {code, message,
+-- detail} to a stable kind.
+--
+-- Every error is made by paygate.core's core.error, so core.is_error(err)
+-- holds and tostring(err) is "kind: message". Fields:
+--   kind        stable name (the table below, transport kinds, verifier
+--               kinds: bad_signature, stale_timestamp, unknown_serial, ...)
+--   message     context first: "POST /v3/refund/domestic/refunds: 400
+--               PARAM_ERROR: <WeChat's message>"
+--   code        WeChat's code as sent ("PARAM_ERROR"), when there is one
+--   wechat_message  WeChat's message as sent
+--   status      HTTP status, when a response came back
+--   request_id  WeChat's Request-ID header, when present
+--   retryable   true when the same request may succeed later
+--   detail      WeChat's detail (decoded JSON, opaque), when present
+local core = require "paygate.core"
+local json = require "cjson.safe"
+
+local type, tostring = type, tostring
+
 local _M = {}
+
+--- syntax: err = errors.new(kind, message[, fields])
+_M.new = function(kind, message, fields)
+  return core.error(kind, message, fields)
+end
+
+--- syntax: err = errors.invalid_params(field, why)
+-- For parameter checks made before any network I/O; err.field names it.
+function _M.invalid_params(field, why)
+  return core.error("invalid_params", tostring(field) .. ": " .. tostring(why),
+                    { field = field })
+end
+
+-- WeChat codes, compared without underscores (older docs spell ORDERPAID
+-- what newer ones spell ORDER_PAID), to kind and retryable.
+local CODES = {
+  PARAMERROR = { "param_error", false },
+  INVALIDREQUEST = { "invalid_request", false },
+  SIGNERROR = { "sign_error", false },
+  NOAUTH = { "no_auth", false },
+  ORDERNOTEXIST = { "not_found", false },
+  RESOURCENOTEXISTS = { "not_found", false },
+  NOTFOUND = { "not_found", false },
+  ORDERPAID = { "order_paid", false },
+  ORDERCLOSED = { "order_closed", false },
+  OUTTRADENOUSED = { "out_trade_no_used", false },
+  NOTENOUGH = { "not_enough", false },
+  FREQUENCYLIMITED = { "frequency_limited", true },
+  RATELIMITEXCEEDED = { "frequency_limited", true },
+  SYSTEMERROR = { "system_error", true },
+  BANKERROR = { "system_error", true },
+  SERVICEUNAVAILABLE = { "system_error", true },
+  STATEMENTCREATING = { "statement_creating", true },
+  NOSTATEMENTEXIST = { "no_statement_exist", false },
+  APPIDMCHIDNOTMATCH = { "appid_mchid_not_match", false },
+  MCHNOTEXISTS = { "mch_not_exists", false },
+  RULELIMIT = { "rule_limit", false },
+  TRADEERROR = { "trade_error", false },
+  ACCOUNTERROR = { "account_error", false },
+  USERPAYING = { "user_paying", true },
+}
+_M.CODES = CODES
+
+-- A status without a code we know.
+local function by_status(status)
+  if status == 401 then return "sign_error", false end
+  if status == 403 then return "no_auth", false end
+  if status == 404 then return "not_found", false end
+  if status == 429 then return "frequency_limited", true end
+  if status >= 500 then return "system_error", true end
+  if status == 400 then return "invalid_request", false end
+  return "http_error", false
+end
+
+-- Printable, bounded text from hostile bytes (for messages).
+local function printable(s, max)
+  s = tostring(s)
+  if #s > max then s = s:sub(1, max) .. "..." end
+  return (s:gsub("[%z\1-\31\127]", "?"))
+end
+_M.printable = printable
+
+--- syntax: err = errors.from_response(what, res)
+-- what: "METHOD /path" for the message; res: { status, headers, body }.
+-- returns: the error for a non-2xx response (never verified: WeChat does
+-- not sign them).
+function _M.from_response(what, res)
+  local status = res.status
+  local headers = res.headers or {}
+  local request_id = headers["request-id"]
+  local body = res.body or ""
+  local doc = json.decode(body)
+  local code, wmsg, detail
+  if type(doc) == "table" then
+    if type(doc.code) == "string" then code = doc.code end
+    if type(doc.message) == "string" then wmsg = doc.message end
+    if doc.detail ~= nil and doc.detail ~= json.null then
+      detail = doc.detail
+    end
+  end
+  local kind, retryable
+  local known = code and CODES[code:upper():gsub("_", "")]
+  if known then
+    kind, retryable = known[1], known[2]
+  else
+    kind, retryable = by_status(status)
+  end
+  if status >= 500 then retryable = true end
+  local msg = what .. ": " .. status
+  if code then msg = msg .. " " .. printable(code, 64) end
+  if wmsg then
+    msg = msg .. ": " .. printable(wmsg, 300)
+  elseif not code and #body > 0 then
+    msg = msg .. ": " .. printable(body, 200)
+  end
+  return core.error(kind, msg, {
+    code = code, wechat_message = wmsg, status = status,
+    request_id = request_id, retryable = retryable, detail = detail })
+end
+
+--- syntax: err = errors.wrap(kind, message, cause[, fields])
+-- An error of this module's kind carrying cause (another error) in
+-- err.cause and its kind in err.cause_kind.
+function _M.wrap(kind, message, cause, fields)
+  fields = fields or {}
+  fields.cause = cause
+  if type(cause) == "table" then fields.cause_kind = cause.kind end
+  return core.error(kind, message, fields)
+end
+
+-- Every kind this client returns, with its likely cause (docs/wechatpay.md
+-- explains the fix). Kept here so a test can check the docs cover them.
+_M.KINDS = {
+  "invalid_config", "invalid_params", "param_error", "invalid_request",
+  "sign_error", "no_auth", "not_found", "order_paid", "order_closed",
+  "out_trade_no_used", "not_enough", "frequency_limited", "system_error",
+  "statement_creating", "no_statement_exist", "appid_mchid_not_match",
+  "mch_not_exists", "rule_limit", "trade_error", "account_error",
+  "user_paying", "http_error", "unverified_response", "unknown_outcome",
+  "bad_signature", "stale_timestamp", "unknown_serial", "cert_expired",
+  "malformed", "replayed", "decrypt_failed", "bad_response",
+  "timeout", "connect", "dns", "tls", "closed", "body_too_large",
+}
+
+
 return _M

@@ -5,23 +5,138 @@
 --   local res, err = wx:request("GET", "/v3/certificates")
 --   local event, err = wx:parse_notification(req)
 --   return wechatpay.notify_ack()               -- 204, ""
+--
+-- One client per signing merchant (the service provider in partner
+-- mode); each has its own key ring.
+local crypto = require "paygate.crypto"
 local config = require "paygate.wechatpay.config"
+local certs = require "paygate.wechatpay.certs"
+local transport = require "paygate.wechatpay.transport"
+local notify = require "paygate.wechatpay.notify"
+local errors = require "paygate.wechatpay.errors"
 local api = require "paygate.wechatpay.api"
 
-local _M = {}
+local type, tostring, setmetatable = type, tostring, setmetatable
+
+local _M = { errors = errors }
 
 local methods = {}
-for name, fn in pairs(api) do methods[name] = fn end
 local client_mt = { __index = methods }
 _M.methods = methods
 
 --- syntax: wx, err = wechatpay.client(conf)
 -- returns: a client, or nil, err (kind invalid_config, err.key names the
--- configuration key at fault).
+-- configuration key at fault). May yield (the first certificate download,
+-- when no platform certificate is held yet); a download failure is not
+-- fatal (retried in the background) except 404 RESOURCE_NOT_EXISTS.
 function _M.client(conf)
   local cfg, err = config.check(conf)
   if not cfg then return nil, err end
-  return setmetatable({ conf = cfg }, client_mt)
+  local wx = setmetatable({ conf = cfg }, client_mt)
+  local sm4 = {}
+  wx.sm4_key = function(k)
+    local v = sm4[k]
+    if not v then v = crypto.sm4_key(k); sm4[k] = v end
+    return v
+  end
+  certs.init(wx)
+  local ok
+  ok, err = certs.start(wx)
+  if not ok then
+    wx:close()
+    return nil, err
+  end
+  return wx
+end
+
+--- syntax: res, err = wx:request(method, path_with_query, body[, opts])
+-- See transport.lua for opts and the result. yields.
+function methods.request(wx, method, path, body, opts)
+  return transport.request(wx, method, path, body, opts)
+end
+
+--- syntax: event, err = wx:parse_notification(req[, { replay = false }])
+-- returns: { id, event_type, create_time, summary, resource_type,
+-- original_type, resource = {decrypted, parsed}, serial } or nil, err
+-- (bad_signature, stale_timestamp, unknown_serial, replayed,
+-- decrypt_failed, malformed). Never raises. May yield (a certificate
+-- download for an unknown serial).
+function methods.parse_notification(wx, req, opts)
+  return notify.parse_notification(wx, req, opts)
+end
+
+--- syntax: ok, err = wx:verify_response(headers, body)
+-- The check every signed response gets (downloads certificates once for
+-- an unknown serial). returns the parsed headers, or nil, err.
+function methods.verify_response(wx, headers, body)
+  return certs.verify(wx, headers, body)
+end
+
+--- syntax: serial = wx:request_serial()
+-- The Wechatpay-Serial requests carry: the public key id in public-key
+-- and migration mode (WeChat then signs with that key), else the newest
+-- platform certificate's serial when one is held.
+function methods.request_serial(wx)
+  if wx.conf.public_key_id then return wx.conf.public_key_id end
+  return wx.ring:newest()
+end
+
+--- syntax: ciphertext_b64, serial = wx:encrypt_sensitive(plaintext)
+-- Encrypts a sensitive request field for WeChat (RSA-OAEP with SHA-1
+-- under the public key or the newest platform certificate; SM2 in the SM
+-- variant). Send serial as Wechatpay-Serial (opts.wechatpay_serial).
+-- returns: nil, err when no key is held or the text is too long.
+function methods.encrypt_sensitive(wx, plaintext)
+  if type(plaintext) ~= "string" then
+    error("wx:encrypt_sensitive: plaintext must be a string", 2)
+  end
+  local id = wx:request_serial()
+  if not id and wx.conf.download then
+    certs.refresh(wx, "start")
+    id = wx:request_serial()
+  end
+  if not id then
+    return nil, errors.new("unknown_serial", "encrypt_sensitive: no "
+      .. "platform certificate or public key held to encrypt for")
+  end
+  local key, err = wx.ring:get(id)
+  if not key then return nil, err end
+  local ct
+  if wx.conf.sm then
+    if not crypto.sm2_encrypt then
+      return nil, errors.new("unsupported", "encrypt_sensitive: SM2 "
+                             .. "encryption is not available")
+    end
+    ct, err = crypto.sm2_encrypt(key, plaintext)
+  else
+    ct, err = crypto.oaep_encrypt(key, plaintext)
+  end
+  if not ct then return nil, err end
+  return crypto.base64_encode(ct), id
+end
+
+--- syntax: st = wx:certificate_status()
+-- returns: { mode, serials, newest, days_left, public_key_id }
+function methods.certificate_status(wx)
+  return certs.status(wx)
+end
+
+--- syntax: ok, err = wx:refresh_certificates()
+-- Downloads the platform certificates now (single-flight). yields.
+function methods.refresh_certificates(wx)
+  return certs.refresh(wx, "manual")
+end
+
+--- syntax: wx:close() -- stops the background refresh
+function methods.close(wx)
+  if wx.refresher then
+    wx.refresher:cancel()
+    wx.refresher = nil
+  end
+end
+
+for name, fn in pairs(api) do
+  if methods[name] == nil then methods[name] = fn end
 end
 
 --- syntax: return wechatpay.notify_ack()

@@ -1,3 +1,84 @@
--- paygate.wechatpay.sign (work in progress)
+-- paygate.wechatpay.sign: the request signature and the Authorization
+-- header. Pure functions (no I/O), the one implementation the client, the
+-- simulator and the CLI share.
+--
+-- The signed message is five lines, each ending in "\n":
+--   METHOD \n URL \n TIMESTAMP \n NONCE \n BODY \n
+-- URL is the path plus "?query" exactly as sent (no scheme, no host), BODY
+-- the exact body bytes sent ("" without a body). The header is
+--   SCHEMA mchid="..",nonce_str="..",timestamp="..",serial_no="..",signature=".."
+-- with SCHEMA "WECHATPAY2-SHA256-RSA2048" (or "WECHATPAY2-SM2-WITH-SM3").
+local crypto = require "paygate.crypto"
+
+local tostring, type = tostring, type
+
 local _M = {}
+
+_M.RSA = "WECHATPAY2-SHA256-RSA2048"
+_M.SM2 = "WECHATPAY2-SM2-WITH-SM3"
+
+--- syntax: msg = sign.request_message(method, url, ts, nonce, body)
+function _M.request_message(method, url, ts, nonce, body)
+  return method .. "\n" .. url .. "\n" .. tostring(ts) .. "\n" .. nonce
+         .. "\n" .. (body or "") .. "\n"
+end
+
+--- syntax: h = sign.authorization(schema, mchid, nonce, ts, serial, sig)
+function _M.authorization(schema, mchid, nonce, ts, serial, signature)
+  return schema .. ' mchid="' .. mchid .. '",nonce_str="' .. nonce
+         .. '",timestamp="' .. tostring(ts) .. '",serial_no="' .. serial
+         .. '",signature="' .. signature .. '"'
+end
+
+--- syntax: header, err = sign.sign_request(signer, method, url, body[,
+--                                           ts[, nonce]])
+-- signer: { key = private key handle, schema = SCHEMA, mchid = "...",
+--           serial = merchant certificate serial }
+-- ts defaults to now, nonce to 32 random [0-9A-Za-z].
+-- returns: the Authorization value, or nil, err (crypto's error).
+function _M.sign_request(signer, method, url, body, ts, nonce)
+  ts = ts or os.time()
+  nonce = nonce or crypto.random_nonce(32)
+  local sig, err = crypto.sign_base64(signer.key,
+    _M.request_message(method, url, ts, nonce, body), signer.schema)
+  if not sig then return nil, err end
+  return _M.authorization(signer.schema, signer.mchid, nonce, ts,
+                          signer.serial, sig)
+end
+
+--- syntax: t = sign.parse_authorization(value)
+-- returns: { schema, mchid, nonce_str, timestamp, serial_no, signature }
+-- (parameters in any order), or nil and a reason. For servers and tools.
+function _M.parse_authorization(value)
+  if type(value) ~= "string" or #value > 4096 then
+    return nil, "not a string of at most 4096 bytes"
+  end
+  local schema, rest = value:match("^(%S+) (.*)$")
+  if not schema then return nil, "no schema" end
+  local t = { schema = schema }
+  local pos = 1
+  while pos <= #rest do
+    local k, v, nxt = rest:match('^([%w_]+)="([^"]*)"()', pos)
+    if not k then return nil, "bad parameter at " .. pos end
+    if t[k] ~= nil then return nil, "repeated parameter " .. k end
+    t[k] = v
+    pos = nxt
+    if rest:sub(pos, pos) == "," then pos = pos + 1
+    elseif pos <= #rest then return nil, "expected ',' at " .. pos end
+  end
+  for _, k in ipairs({ "mchid", "nonce_str", "timestamp", "serial_no",
+                       "signature" }) do
+    if not t[k] then return nil, "missing " .. k end
+  end
+  return t
+end
+
+--- syntax: sig = sign.pay_sign(signer, lines)
+-- The client-side payment signature: each element of lines followed by
+-- "\n", signed with the merchant key, base64.
+function _M.pay_sign(signer, lines)
+  local msg = table.concat(lines, "\n") .. "\n"
+  return crypto.sign_base64(signer.key, msg, signer.schema)
+end
+
 return _M

@@ -45,6 +45,199 @@
 --   request_id  WeChat's Request-ID header, or nil
 -- or nil, err: see errors.lua (err.kind, err.code, err.status,
 --   err.request_id, err.retryable, err.detail).
+local core = require "paygate.core"
+local http = require "paygate.http"
+local cjson = require "cjson"
+local json = require "cjson.safe"
+local errors = require "paygate.wechatpay.errors"
+local sign = require "paygate.wechatpay.sign"
+
+local type, tostring, pairs, error = type, tostring, pairs, error
+local min, random = math.min, math.random
+
 local _M = {}
+
+-- JSON for request bodies: "/" is not escaped (notify_url stays readable;
+-- the bytes are signed as sent either way).
+local encoder = cjson.new()
+if encoder.encode_escape_forward_slash then
+  encoder.encode_escape_forward_slash(false)
+end
+_M.encode = encoder.encode
+
+local USER_AGENT
+local function user_agent()
+  if not USER_AGENT then
+    local ok, paygate = pcall(require, "paygate")
+    USER_AGENT = "paygate/" .. (ok and paygate.version or "0")
+                 .. " (wechatpay; LuaJIT)"
+  end
+  return USER_AGENT
+end
+
+-- Backoff: full jitter, base 0.2 s doubling, capped at 5 s.
+local BASE, CAP = 0.2, 5
+function _M.backoff(attempt)
+  return random() * min(CAP, BASE * 2 ^ (attempt - 1))
+end
+
+local SAFE_METHODS = { GET = true, HEAD = true }
+
+-- kinds of a response error worth repeating (the request was refused
+-- without effect, or WeChat asks for the same request again)
+local RETRY_ALWAYS = { frequency_limited = true }
+local RETRY_IDEMPOTENT = { system_error = true }
+
+-- Did a transport error happen before the request left? err.sent from
+-- paygate.http when it says; otherwise only failures to resolve or
+-- connect are known to be unsent.
+local function unsent(err)
+  if err.sent ~= nil then return err.sent == false end
+  return err.kind == "dns" or err.kind == "connect"
+end
+
+local function decode_json(res)
+  local body = res.body
+  if type(body) ~= "string" or body == "" then return nil end
+  local c = body:byte(1)
+  if c ~= 123 and c ~= 91 then return nil end          -- { or [
+  return json.decode(body)
+end
+
+--- syntax: res, err = transport.request(wx, method, path, body, opts)
+-- See the top of this file. yields.
+function _M.request(wx, method, path, body, opts)
+  if type(method) ~= "string" or not method:match("^[A-Z]+$") then
+    error("wx:request: method must be an upper-case HTTP method", 3)
+  end
+  if type(path) ~= "string" or path:sub(1, 4) ~= "/v3/"
+     or path:find("[%s%z]") then
+    error("wx:request: path must start with /v3/ (no spaces)", 3)
+  end
+  if opts ~= nil and type(opts) ~= "table" then
+    error("wx:request: opts must be a table", 3)
+  end
+  opts = opts or {}
+  if type(body) == "table" then
+    body = encoder.encode(body)
+  elseif body ~= nil and type(body) ~= "string" then
+    error("wx:request: body must be a string or a table", 3)
+  end
+  local c = wx.conf
+  local idempotent = opts.idempotent
+  if idempotent == nil then idempotent = SAFE_METHODS[method] or false end
+  local started = core.mono()
+  local deadline = started + (opts.deadline or c.deadline)
+  local max_attempts = opts.max_attempts or c.max_attempts
+  local what = method .. " " .. path:gsub("%?.*", "")
+  local headers = {
+    ["Accept"] = "application/json",
+    ["User-Agent"] = user_agent(),
+    ["Content-Type"] = "application/json",
+  }
+  for k, v in pairs(opts.headers or {}) do headers[k] = v end
+  local serial = opts.wechatpay_serial or wx:request_serial()
+  if serial then headers["Wechatpay-Serial"] = serial end
+  local sink, delivered = opts.sink, false
+  local wrapped
+  if sink then
+    wrapped = function(chunk)
+      delivered = true
+      return sink(chunk)
+    end
+  end
+  local base = c.base_url
+  local on_backup = false
+  local attempt = 0
+  local last
+  while true do
+    attempt = attempt + 1
+    local remaining = deadline - core.mono()
+    if remaining <= 0 then break end
+    local auth, serr = sign.sign_request(c.signer, method, path, body)
+    if not auth then
+      return nil, errors.wrap("sign_error", "cannot sign the request: "
+                              .. tostring(serr), serr)
+    end
+    headers["Authorization"] = auth
+    local res, err = http.request{
+      method = method, url = base .. path, headers = headers, body = body,
+      timeout = min(opts.timeout or c.timeout, remaining),
+      connect_timeout = min(5, remaining), ca_file = c.ca_file,
+      sink = wrapped,
+    }
+    local retry = false
+    if not res then
+      if unsent(err) and not delivered then
+        last = err
+        if c.backup_url and not on_backup then
+          -- the primary failed before the request left: the backup domain
+          base, on_backup = c.backup_url, true
+          attempt = attempt - 1            -- the switch is not a retry
+          retry = "now"
+        else
+          retry = true
+        end
+      elseif idempotent and err.retryable and not delivered then
+        last, retry = err, true
+      elseif idempotent or delivered then
+        return nil, err
+      else
+        -- it may have reached WeChat and acted: the caller settles it by
+        -- a query (never repeated blindly)
+        return nil, errors.wrap("unknown_outcome", what .. ": " ..
+          tostring(err.kind) .. " after the request may have been "
+          .. "received; query to learn the outcome", err,
+          { retryable = false })
+      end
+    elseif res.status >= 200 and res.status < 300 then
+      res.request_id = res.headers and res.headers["request-id"]
+      if not (opts.unsigned or opts._no_verify) then
+        local ok, verr = wx:verify_response(res.headers or {}, res.body or "")
+        if not ok then
+          if SAFE_METHODS[method] then
+            verr.message = what .. ": response " .. verr.message
+            verr.status, verr.request_id = res.status, res.request_id
+            return nil, verr
+          end
+          return nil, errors.wrap("unverified_response", what .. ": "
+            .. res.status .. " whose signature does not verify ("
+            .. tostring(verr) .. "): WeChat may have acted; query to "
+            .. "learn the outcome", verr,
+            { status = res.status, request_id = res.request_id,
+              body = res.body, retryable = false })
+        end
+      end
+      if not sink then res.json = decode_json(res) end
+      return res
+    else
+      local e = errors.from_response(what, res)
+      last = e
+      if RETRY_ALWAYS[e.kind] or (idempotent and RETRY_IDEMPOTENT[e.kind])
+      then
+        retry = not delivered
+      end
+      if not retry then return nil, e end
+    end
+    if attempt >= max_attempts then break end
+    if retry ~= "now" then
+      local pause = _M.backoff(attempt)
+      if core.mono() + pause >= deadline then break end
+      core.sleep(pause)
+    end
+  end
+  if last == nil then
+    return nil, errors.new("timeout", what .. ": deadline of "
+      .. (opts.deadline or c.deadline) .. " s passed before an attempt",
+      { retryable = true })
+  end
+  if not core.is_error(last) then return nil, last end
+  if last.status == nil and not idempotent and not unsent(last) then
+    return nil, errors.wrap("unknown_outcome", what .. ": " .. tostring(last),
+                            last)
+  end
+  last.attempts = attempt
+  return nil, last
+end
 
 return _M

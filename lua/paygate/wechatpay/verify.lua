@@ -1,3 +1,163 @@
--- paygate.wechatpay.verify (work in progress)
+-- paygate.wechatpay.verify: checks WeChat Pay's signature on a response or
+-- a notification. Pure functions over (headers, body, keys, now): no I/O,
+-- so the client, the notification parser and the CLI share them.
+--
+-- WeChat signs  TIMESTAMP \n NONCE \n BODY \n  (BODY the raw bytes as
+-- received) and sends Wechatpay-Timestamp, -Nonce, -Signature (base64),
+-- -Serial (a platform certificate serial or a PUB_KEY_ID_...) and, for the
+-- SM variant, Wechatpay-Signature-Type.
+local core = require "paygate.core"
+local errors = require "paygate.wechatpay.errors"
+
+local type, tonumber, pairs, tostring = type, tonumber, pairs, tostring
+local printable = errors.printable
+
 local _M = {}
+
+-- A timestamp this many seconds or more away from now is stale.
+_M.WINDOW = 300
+
+-- Bounds on header values (hostile input): the key ring refuses ids over
+-- 128 bytes; an RSA-4096 signature is 684 base64 characters.
+local MAX_SERIAL, MAX_NONCE, MAX_SIG = 128, 256, 2048
+
+local SIG_TYPES = {
+  ["WECHATPAY2-SHA256-RSA2048"] = true,
+  ["WECHATPAY2-SM2-WITH-SM3"] = true,
+}
+
+--- syntax: v = verify.header(headers, name)
+-- name in lower case. Looks it up as given and, for tables made by hand
+-- ({ ["Wechatpay-Serial"] = ... }), case-insensitively.
+function _M.header(headers, name)
+  local v = headers[name]
+  if v ~= nil then return v end
+  for k, val in pairs(headers) do
+    if type(k) == "string" and k:lower() == name then return val end
+  end
+  return nil
+end
+local header = _M.header
+
+--- syntax: msg = verify.message(ts, nonce, body)
+function _M.message(ts, nonce, body)
+  return ts .. "\n" .. nonce .. "\n" .. body .. "\n"
+end
+
+local function fail(kind, msg, fields)
+  return nil, core.error(kind, msg, fields)
+end
+
+--- syntax: sig, err = verify.parse_headers(headers)
+-- returns: { timestamp (string), ts (number), nonce, signature, serial,
+-- sig_type } or nil, err (malformed).
+function _M.parse_headers(headers)
+  if type(headers) ~= "table" then
+    return fail("malformed", "no headers")
+  end
+  local ts = header(headers, "wechatpay-timestamp")
+  local nonce = header(headers, "wechatpay-nonce")
+  local sig = header(headers, "wechatpay-signature")
+  local serial = header(headers, "wechatpay-serial")
+  local missing
+  if type(ts) ~= "string" then missing = "Wechatpay-Timestamp"
+  elseif type(nonce) ~= "string" then missing = "Wechatpay-Nonce"
+  elseif type(sig) ~= "string" then missing = "Wechatpay-Signature"
+  elseif type(serial) ~= "string" then missing = "Wechatpay-Serial"
+  end
+  if missing then
+    return fail("malformed", "missing " .. missing .. " header")
+  end
+  if not ts:match("^%d+$") or #ts > 12 then
+    return fail("malformed", "Wechatpay-Timestamp is not a number of "
+                .. "seconds: " .. printable(ts, 32))
+  end
+  if #nonce == 0 or #nonce > MAX_NONCE then
+    return fail("malformed", "Wechatpay-Nonce is empty or too long")
+  end
+  if #serial == 0 or #serial > MAX_SERIAL then
+    return fail("malformed", "Wechatpay-Serial is empty or too long")
+  end
+  if #sig == 0 or #sig > MAX_SIG then
+    return fail("bad_signature", "Wechatpay-Signature is empty or too long")
+  end
+  local sig_type = header(headers, "wechatpay-signature-type")
+  if sig_type ~= nil and (type(sig_type) ~= "string"
+                          or not SIG_TYPES[sig_type]) then
+    return fail("bad_signature", "unknown Wechatpay-Signature-Type "
+                .. printable(sig_type, 40))
+  end
+  return { timestamp = ts, ts = tonumber(ts), nonce = nonce,
+           signature = sig, serial = serial, sig_type = sig_type }
+end
+
+--- syntax: ok, err = verify.fresh(ts, now)
+-- stale_timestamp when |now - ts| >= 300 s.
+function _M.fresh(ts, now)
+  local skew = now - ts
+  if skew >= _M.WINDOW or -skew >= _M.WINDOW then
+    return fail("stale_timestamp", ("Wechatpay-Timestamp is %d s %s the "
+      .. "local clock (limit %d s): a replay, or a clock out of sync")
+      :format(skew < 0 and -skew or skew, skew < 0 and "ahead of" or
+              "behind", _M.WINDOW), { skew = skew })
+  end
+  return true
+end
+
+-- The key ring's kinds to this module's.
+local RING_KINDS = {
+  signature_mismatch = "bad_signature",
+  key_type_mismatch = "bad_signature",
+  unsupported_algorithm = "bad_signature",
+  unknown_serial = "unknown_serial",
+  cert_expired = "cert_expired",
+  cert_not_yet_valid = "cert_expired",
+}
+
+--- syntax: ok, err = verify.signature(h, body, keys[, sig_type[, now]])
+-- h from parse_headers; keys a key ring (ring:verify_base64); sig_type
+-- the algorithm expected when the header names none (the configured
+-- one). returns: true, or nil, err (bad_signature, unknown_serial with
+-- err.serial, cert_expired).
+function _M.signature(h, body, keys, sig_type, now)
+  local alg = h.sig_type or sig_type
+  local ok, err = keys:verify_base64(h.serial, _M.message(h.timestamp,
+                                     h.nonce, body), h.signature, alg, now)
+  if ok then return true end
+  local ekind = type(err) == "table" and err.kind or tostring(err)
+  local kind = RING_KINDS[ekind] or "bad_signature"
+  local msg
+  if kind == "unknown_serial" then
+    msg = "no key for Wechatpay-Serial " .. printable(h.serial, 64)
+  elseif ekind == "signature_mismatch" then
+    msg = "signature does not match the body (serial "
+          .. printable(h.serial, 64) .. ")"
+  elseif ekind == "key_type_mismatch" or ekind == "unsupported_algorithm"
+  then
+    msg = "signature type " .. tostring(alg) .. " does not fit the key of "
+          .. printable(h.serial, 64)
+  else
+    msg = printable(h.serial, 64) .. ": " .. tostring(err and err.message)
+  end
+  return fail(kind, msg, { serial = h.serial, cause_kind = ekind })
+end
+
+--- syntax: h, err = verify.check(headers, body, keys, now[, sig_type])
+-- The whole check: headers present and sane, timestamp within the window,
+-- the serial known to keys, the signature over the raw body. returns the
+-- parsed headers (h.serial is the key that verified) or nil, err.
+function _M.check(headers, body, keys, now, sig_type)
+  local h, err = _M.parse_headers(headers)
+  if not h then return nil, err end
+  if type(body) ~= "string" then
+    return fail("malformed", "body is not a string")
+  end
+  local ok
+  ok, err = _M.fresh(h.ts, now)
+  if not ok then return nil, err end
+  ok, err = _M.signature(h, body, keys, sig_type, now)
+  if not ok then return nil, err end
+  return h
+end
+
 return _M
