@@ -42,14 +42,14 @@ local _M = {}
 
 -- config accessors --------------------------------------------------------
 
+-- self.conf is config.check()'s result: mchid is the signing merchant (the
+-- service provider's sp_mchid when partner is true); appid / sp_appid, when
+-- the configuration carries them, are the defaults for prepay bodies.
 local function conf(self) return self.conf end
-local function is_partner(self) return conf(self).sp_mchid ~= nil end
+local function is_partner(self) return conf(self).partner == true end
 
 -- the merchant's private key handle (parsed once by the client)
-local function merchant_key(self)
-  local c = conf(self)
-  return self.merchant_key or c.merchant_key or c.private_key
-end
+local function merchant_key(self) return conf(self).signer.key end
 
 -- shared field rules --------------------------------------------------------
 
@@ -209,7 +209,7 @@ local function call(self, name, method, path, body, o, expect)
                   timeout = o.timeout, wechatpay_serial = o.wechatpay_serial,
                   max_attempts = o.max_attempts }
   local res, err = self:request(method, path, body, ropts)
-  if not res then return nil, o.map_error and o.map_error(err) or err end
+  if not res then return nil, err end
   local data = res.json
   if res.status == 204 or (data == nil and (res.body == nil
                                             or res.body == "")) then
@@ -267,7 +267,7 @@ local function prepay(self, kind, p, o)
   local mode = is_partner(self) and "partner" or "direct"
   local ok, err
   if mode == "partner" then
-    ok, err = fill(name, body, "sp_mchid", c.sp_mchid)
+    ok, err = fill(name, body, "sp_mchid", c.mchid)
     if ok then ok, err = fill(name, body, "sp_appid", c.sp_appid) end
     if ok then ok, err = check(name, body, PARTNER_IDS) end
   else
@@ -332,7 +332,7 @@ local function query(self, name, segment, field, r, id, sub, o)
   local path
   if is_partner(self) then
     path = "/v3/pay/partner/transactions/" .. segment .. esc(id)
-           .. "?sp_mchid=" .. c.sp_mchid .. "&sub_mchid=" .. sub
+           .. "?sp_mchid=" .. c.mchid .. "&sub_mchid=" .. sub
   else
     path = "/v3/pay/transactions/" .. segment .. esc(id) .. "?mchid="
            .. c.mchid
@@ -368,7 +368,7 @@ function _M.close(self, no, sub, o)
   local path, body
   if is_partner(self) then
     path = "/v3/pay/partner/transactions/out-trade-no/" .. esc(no) .. "/close"
-    body = json.encode({ sp_mchid = c.sp_mchid, sub_mchid = sub })
+    body = json.encode({ sp_mchid = c.mchid, sub_mchid = sub })
   else
     path = "/v3/pay/transactions/out-trade-no/" .. esc(no) .. "/close"
     body = json.encode({ mchid = c.mchid })
@@ -530,19 +530,6 @@ end
 
 -- bills -----------------------------------------------------------------------
 
-local function statement_error(err)
-  if type(err) == "table" then
-    if err.code == "STATEMENT_CREATING" then
-      err.kind = "statement_creating"
-      err.retryable = true      -- later: WeChat advises every 30 minutes
-    elseif err.code == "NO_STATEMENT_EXIST" then
-      err.kind = "no_statement_exist"
-      err.retryable = false
-    end
-  end
-  return err
-end
-
 local TRADE_BILL = {
   rule("bill_date", "string", DATE, REQ),
   rule("bill_type", "string", { enum = { "ALL", "SUCCESS", "REFUND",
@@ -579,7 +566,6 @@ local function bill_request(self, name, path, schema, keys, p, o)
   end
   o = o and copy(o) or {}
   o.idempotent = true
-  o.map_error = statement_error
   return call(self, name, "GET", path .. "?" .. table.concat(q, "&"), nil, o,
               "download_url")
 end
