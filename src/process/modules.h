@@ -12,6 +12,7 @@
 
 int luaopen_paygate_request_core(lua_State *L);   /* http/ */
 int luaopen_paygate_http_core(lua_State *L);      /* client/ */
+int luaopen_paygate_zlib(lua_State *L);
 int luaopen_paygate_crypto(lua_State *L);         /* crypto/ */
 int luaopen_paygate_x509(lua_State *L);
 int luaopen_paygate_keyring(lua_State *L);
@@ -22,6 +23,7 @@ int luaopen_paygate_pg_core(lua_State *L);
 static const luaL_Reg gw_modules[] = {
     { "paygate.request.core", luaopen_paygate_request_core },
     { "paygate.http.core", luaopen_paygate_http_core },
+    { "paygate.zlib", luaopen_paygate_zlib },
     { "paygate.crypto", luaopen_paygate_crypto },
     { "paygate.x509", luaopen_paygate_x509 },
     { "paygate.keyring", luaopen_paygate_keyring },
