@@ -23,20 +23,20 @@
 -- body bytes.
 
 local core = require "paygate.core"
-local cjson = require "cjson"
+local transport = require "paygate.wechatpay.transport"
 local validate = require "paygate.wechatpay.validate"
 local payparams = require "paygate.wechatpay.payparams"
 local bill = require "paygate.wechatpay.bill"
 
-local type, pairs, ipairs, tostring, error, next =
-      type, pairs, ipairs, tostring, error, next
+local type, pairs, ipairs, tostring, error, select =
+      type, pairs, ipairs, tostring, error, select
 local format, gsub, byte, lower, find =
       string.format, string.gsub, string.byte, string.lower, string.find
 
 local check, fail, plain = validate.check, validate.fail, validate.plain
 
-local json = cjson.new()
-json.encode_keep_buffer(false)
+-- the transport's encoder: the same bytes wx:request would send for a table
+local json_encode = transport.encode
 
 local _M = {}
 
@@ -156,12 +156,17 @@ local PREPAY_ANSWER = { jsapi = "prepay_id", app = "prepay_id",
 
 -- helpers -----------------------------------------------------------------
 
--- Percent-encodes a path segment or query value: everything but unreserved
--- characters (the ids admitted above only ever need "|" encoded).
+local function pct(c) return format("%%%02X", byte(c)) end
+
+-- Percent-encodes a path segment: all but unreserved characters, sub-delims,
+-- ":" and "@" (of the ids admitted above, only "|" changes).
 local function esc(s)
-  return (gsub(s, "[^%w%-%._~]", function(c)
-    return format("%%%02X", byte(c))
-  end))
+  return (gsub(s, "[^%w%-%._~!$&'()*+,;=:@]", pct))
+end
+
+-- Percent-encodes a query value: all but unreserved characters.
+local function esc_query(s)
+  return (gsub(s, "[^%w%-%._~]", pct))
 end
 _M._esc = esc
 
@@ -231,8 +236,8 @@ end
 local function encode(name, body)
   local ok, err = plain(name, body)
   if not ok then return nil, err end
-  local s, eerr = json.encode(body)
-  if not s then return fail(name, "p", tostring(eerr)) end
+  local done, s = pcall(json_encode, body)
+  if not done then return fail(name, "p", tostring(s)) end
   return s
 end
 
@@ -358,7 +363,11 @@ end
 --- syntax: data, meta = wx:close(out_trade_no[, sub_mchid][, opts])
 -- returns: {} (WeChat answers 204; closing a closed order succeeds again),
 -- meta; or nil, err (e.g. kind order_paid: refund it instead).
-function _M.close(self, no, sub, o)
+-- wx:close() with no argument at all stops the client (wx:stop()); a nil
+-- out_trade_no is invalid_params like any other.
+function _M.close(self, ...)
+  if select("#", ...) == 0 then return self:stop() end
+  local no, sub, o = ...
   local name = "close"
   local ok, err = check_id(name, "out_trade_no", no, OUT_TRADE_NO)
   if not ok then return nil, err end
@@ -368,10 +377,10 @@ function _M.close(self, no, sub, o)
   local path, body
   if is_partner(self) then
     path = "/v3/pay/partner/transactions/out-trade-no/" .. esc(no) .. "/close"
-    body = json.encode({ sp_mchid = c.mchid, sub_mchid = sub })
+    body = json_encode({ sp_mchid = c.mchid, sub_mchid = sub })
   else
     path = "/v3/pay/transactions/out-trade-no/" .. esc(no) .. "/close"
-    body = json.encode({ mchid = c.mchid })
+    body = json_encode({ mchid = c.mchid })
   end
   o = copy(o)
   o.idempotent = true
@@ -562,7 +571,7 @@ local function bill_request(self, name, path, schema, keys, p, o)
   end
   local q = {}
   for _, k in ipairs(keys) do
-    if p[k] ~= nil then q[#q + 1] = k .. "=" .. esc(p[k]) end
+    if p[k] ~= nil then q[#q + 1] = k .. "=" .. esc_query(p[k]) end
   end
   o = o and copy(o) or {}
   o.idempotent = true
@@ -647,7 +656,7 @@ function _M.download_bill(self, b, path, o)
   return info, meta(res)
 end
 
--- pay-sign parameters -----------------------------------------------------------
+-- pay-sign parameters ---------------------------------------------------
 
 --- syntax: t, err = wx:jsapi_pay_params(appid, prepay_id[, opts])
 -- The parameters for WeixinJSBridge / wx.requestPayment after a JSAPI or

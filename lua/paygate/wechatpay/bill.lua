@@ -1,13 +1,14 @@
 -- paygate.wechatpay.bill: bill files. The writer streams a download to a
--- file -- gunzipping it when it is gzip (told by its magic bytes, not by
--- what was asked for) -- and checks the SHA-1 of the decompressed content
--- against the hash_value WeChat gave with the download_url. The content
--- never sits in memory whole: each chunk is decompressed in small slices,
--- hashed and written, then dropped. The file appears under its name only
--- once the hash matched (written as NAME.part-XXXX, then renamed); on any
--- failure the partial file is removed.
+-- file -- gunzipping it (paygate.zlib) when it is gzip, told by its magic
+-- bytes rather than by what was asked for -- and checks the SHA-1 of the
+-- decompressed content against the hash_value WeChat gave with the
+-- download_url. The content never sits in memory whole: each chunk is
+-- decompressed into pieces of at most PIECE bytes, each hashed and written,
+-- then dropped. The file appears under its name only once the hash matched
+-- (written as NAME.part-XXXX, then renamed); on any failure the partial
+-- file is removed.
 --
--- File writes are plain blocking write(2)s of at most a slice's output
+-- File writes are plain blocking write(2)s of at most a piece
 -- (they land in the page cache); paygate has no asynchronous file API yet.
 --
 -- rows(path) reads a downloaded CSV bill: an optional UTF-8 BOM, a header
@@ -16,6 +17,7 @@
 
 local core = require "paygate.core"
 local crypto = require "paygate.crypto"
+local zlib = require "paygate.zlib"
 
 local type, setmetatable, tostring, os_remove, os_rename, io_open =
       type, setmetatable, tostring, os.remove, os.rename, io.open
@@ -24,22 +26,16 @@ local byte, sub, find, lower = string.byte, string.sub, string.find,
 
 local _M = {}
 
--- Compressed input is handed to zlib this many bytes at a time: deflate
--- expands at most ~1032:1, so one slice's output stays under ~4 MiB even for
--- a hostile stream.
-local SLICE = 4096
-_M.SLICE = SLICE
+-- Decompressed output comes back at most PIECE bytes at a time (paygate.zlib
+-- keeps the input it could not expand yet and hands the rest over on the
+-- next drain), so memory stays bounded whatever the compression ratio.
+local PIECE = 256 * 1024
+_M.PIECE = PIECE
 
 local DEFAULT_MAX = 8 * 1024 ^ 3      -- bytes of content; a larger bill fails
 
 local function err_(kind, msg, fields)
   return core.error(kind, "download_bill: " .. msg, fields)
-end
-
--- A gunzip stream over paygate.zlib.
-local function gunzip()
-  local zlib = require "paygate.zlib"
-  return zlib.gunzip()
 end
 
 local Writer = {}
@@ -83,20 +79,38 @@ function Writer:out(s)
   return true
 end
 
-function Writer:inflate(chunk)
+-- Feeds compressed bytes ("" to drain) and writes what comes out.
+function Writer:inflate(chunk, final)
   local z = self.z
-  for i = 1, #chunk, SLICE do
-    local out, zerr = z:update(sub(chunk, i, i + SLICE - 1))
-    if not out then
-      return self:fail(err_("malformed", "the gzip stream is damaged ("
-                            .. tostring(zerr and zerr.message or zerr) .. ")"))
+  local out, more
+  if final then
+    out, more = z:finish()
+  else
+    out, more = z:write(chunk)
+  end
+  while true do
+    if out == nil then
+      local zerr = more
+      if type(zerr) == "table" and zerr.kind == "too_large" then
+        return self:fail(err_("too_large", "the bill is larger than "
+                              .. "max_bytes (" .. self.max_bytes .. ")"))
+      end
+      return self:fail(err_("malformed", "the gzip stream is "
+                            .. (final and "truncated or " or "")
+                            .. "damaged (" .. tostring(zerr and zerr.message
+                                                        or zerr) .. ")"))
     end
     if out ~= "" then
       local ok, e = self:out(out)
       if not ok then return nil, e end
     end
+    if not more then return true end
+    if final then
+      out, more = z:finish()
+    else
+      out, more = z:write("")
+    end
   end
-  return true
 end
 
 --- syntax: ok, err = w:feed(chunk)
@@ -115,7 +129,8 @@ function Writer:feed(chunk)
     self.head = nil
     if byte(chunk, 1) == 0x1f and byte(chunk, 2) == 0x8b then
       self.mode = "gzip"
-      self.z = gunzip()
+      self.z = zlib.inflate({ max_piece = PIECE,
+                              max_total = self.max_bytes })
     else
       self.mode = "plain"
     end
@@ -157,13 +172,7 @@ function Writer:finish(want)
     self:out(head)
   end
   if not self.err and self.mode == "gzip" then
-    local rest, zerr = self.z:finish()
-    if rest == nil then
-      self:fail(err_("malformed", "the gzip stream is truncated or damaged ("
-                     .. tostring(zerr and zerr.message or zerr) .. ")"))
-    elseif rest ~= "" then
-      self:out(rest)
-    end
+    self:inflate(nil, true)
   end
   if self.err then
     local e = self.err

@@ -43,7 +43,7 @@ function _M.client(conf)
   local ok
   ok, err = certs.start(wx)
   if not ok then
-    wx:close()
+    wx:stop()
     return nil, err
   end
   return wx
@@ -127,8 +127,9 @@ function methods.refresh_certificates(wx)
   return certs.refresh(wx, "manual")
 end
 
---- syntax: wx:close() -- stops the background refresh
-function methods.close(wx)
+--- syntax: wx:stop() -- stops the background refresh (wx:close() with no
+-- argument does the same; wx:close(out_trade_no) closes an order)
+function methods.stop(wx)
   if wx.refresher then
     wx.refresher:cancel()
     wx.refresher = nil
