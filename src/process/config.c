@@ -162,6 +162,48 @@ read_keys(lua_State *L, int t, const char *where, const struct key *keys,
     return GW_OK;
 }
 
+/* shared = { name = "16m" | bytes, ... }: the shared dictionaries. */
+static int
+read_shared(lua_State *L, int t, struct gw_opts *o, char *err, size_t errlen)
+{
+    lua_pushnil(L);
+    while (lua_next(L, t) != 0) {
+        const char *name;
+        size_t size = 0;
+        int ok = 0;
+
+        if (lua_type(L, -2) != LUA_TSTRING) {
+            snprintf(err, errlen, "config.shared: keys must be names");
+            return GW_ERR;
+        }
+        name = lua_tostring(L, -2);
+        if (lua_type(L, -1) == LUA_TSTRING) {
+            ok = gw_shdict_parse_size(lua_tostring(L, -1), &size) == GW_OK;
+        } else if (lua_type(L, -1) == LUA_TNUMBER) {
+            double v = lua_tonumber(L, -1);
+
+            ok = v >= GW_SHD_MIN_SIZE && v <= (double) GW_SHD_MAX_SIZE;
+            size = ok ? (size_t) v : 0;
+        }
+        if (!ok) {
+            snprintf(err, errlen, "config.shared.%.64s must be a size like "
+                                  "\"512k\" or \"16m\" (32k..4g)", name);
+            return GW_ERR;
+        }
+        if (strlen(name) >= sizeof(o->shared[0].name)
+            || o->nshared == GW_SHD_MAX_DICTS) {
+            snprintf(err, errlen, "config.shared: too many dictionaries or "
+                                  "a name over 63 bytes");
+            return GW_ERR;
+        }
+        snprintf(o->shared[o->nshared].name, sizeof(o->shared[0].name),
+                 "%s", name);
+        o->shared[o->nshared++].size = size;
+        lua_pop(L, 1);
+    }
+    return GW_OK;
+}
+
 #define CONFIG_SECONDS 5         /* a config that runs longer loops */
 
 static double config_deadline;
@@ -239,6 +281,17 @@ gw_opts_load_file(struct gw_opts *o, const char *path, char *err,
         }
     } else if (!lua_isnil(L, -1)) {
         snprintf(err, errlen, "config.tls must be a table");
+        goto done;
+    }
+    lua_pop(L, 1);
+    lua_pushliteral(L, "shared");
+    lua_rawget(L, 1);    /* raw: a metatable must not run here, unprotected */
+    if (lua_istable(L, -1)) {
+        if (read_shared(L, lua_gettop(L), o, err, errlen) != GW_OK) {
+            goto done;
+        }
+    } else if (!lua_isnil(L, -1)) {
+        snprintf(err, errlen, "config.shared must be a table");
         goto done;
     }
     lua_pop(L, 1);

@@ -7,6 +7,7 @@
 
 #include "http_server.h"
 #include "runtime.h"
+#include "shdict.h"
 
 struct gw_opts {
     const char           *app_dir;        /* argv; not owned */
@@ -21,6 +22,11 @@ struct gw_opts {
     double                shutdown_timeout; /* s to drain on TERM */
     enum gw_log_level     log_level;
     struct gw_server_conf server;
+    struct {
+        char              name[64];
+        size_t            size;           /* bytes */
+    }                     shared[GW_SHD_MAX_DICTS]; /* config `shared` */
+    int                   nshared;
 };
 
 /* Defaults: 127.0.0.1:8080, admin 127.0.0.1:9090, a worker per core. */

@@ -26,6 +26,7 @@
 #include "loop.h"
 #include "master.h"
 #include "metrics.h"
+#include "shdict.h"
 #include "tls.h"
 #include "worker.h"
 
@@ -709,6 +710,22 @@ gw_master_main(struct gw_opts *o)
         fprintf(stderr, "paygate: cannot set up the master\n");
         return 1;
     }
+    /* shared dictionaries: mapped before any fork, so every generation of
+     * workers inherits them (they outlive workers and reloads) */
+    for (int i = 0; i < o->nshared; i++) {
+        if (gw_shdict_create(o->shared[i].name, o->shared[i].size, err,
+                             sizeof(err)) == NULL) {
+            fprintf(stderr, "paygate: %s\n", err);
+            return 2;
+        }
+    }
+    if (gw_shdict_find(GW_SHD_DEFAULT) == NULL
+        && gw_shdict_create(GW_SHD_DEFAULT, GW_SHD_DEFAULT_SIZE, err,
+                            sizeof(err)) == NULL) {
+        fprintf(stderr, "paygate: %s\n", err);
+        return 1;
+    }
+    gw_shdict_seal();
     signal(SIGPIPE, SIG_IGN);
     hup = evsignal_new(gw_loop_base(), SIGHUP, on_hup, NULL);
     term = evsignal_new(gw_loop_base(), SIGTERM, on_term, NULL);

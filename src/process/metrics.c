@@ -12,6 +12,7 @@
 
 #include "metrics.h"
 #include "runtime.h"
+#include "shdict.h"
 
 #define ROUTES  128             /* distinct (method, route, status) */
 #define BUCKETS 12
@@ -296,6 +297,37 @@ blabel(struct buf *b, const char *s)
     }
 }
 
+/* One gauge set per shared dictionary (read without its lock). */
+static void
+shared_metrics(struct buf *b)
+{
+    static const char *help[4][2] = {
+        { "paygate_shared_capacity_bytes", "Bytes a shared dictionary "
+          "holds for entries." },
+        { "paygate_shared_used_bytes", "Bytes of a shared dictionary in "
+          "use." },
+        { "paygate_shared_entries", "Entries in a shared dictionary." },
+        { "paygate_shared_evictions_total", "Live entries a shared "
+          "dictionary dropped for room (least recently used)." },
+    };
+    struct gw_shd_stats st;
+    struct gw_shdict *d;
+
+    for (int k = 0; k < 4; k++) {
+        bprintf(b, "# HELP %s %s\n# TYPE %s %s\n", help[k][0], help[k][1],
+                help[k][0], k == 3 ? "counter" : "gauge");
+        for (int i = 0; (d = gw_shdict_at(i)) != NULL; i++) {
+            double v;
+
+            gw_shdict_stats(d, &st);
+            v = k == 0 ? (double) st.capacity : k == 1 ? (double) st.used
+                : k == 2 ? (double) st.entries : (double) st.evictions;
+            bprintf(b, "%s{dict=\"%s\"} %.0f\n", help[k][0],
+                    gw_shdict_name(d), v);
+        }
+    }
+}
+
 char *
 gw_metrics_render(size_t *len)
 {
@@ -447,6 +479,7 @@ gw_metrics_render(size_t *len)
             (unsigned long long) shm->reloads,
             (unsigned long long) shm->reload_failures,
             (unsigned long long) shm->restarts);
+    shared_metrics(&b);
     free(sum);
     if (b.p != NULL) {
         *len = b.len;

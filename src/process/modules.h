@@ -19,6 +19,7 @@ int luaopen_paygate_keyring(lua_State *L);
 int luaopen_paygate_sqlite_core(lua_State *L);    /* store/ */
 int luaopen_paygate_redis_core(lua_State *L);
 int luaopen_paygate_pg_core(lua_State *L);
+int luaopen_paygate_shared(lua_State *L);         /* process/ */
 
 static const luaL_Reg gw_modules[] = {
     { "paygate.request.core", luaopen_paygate_request_core },
@@ -30,6 +31,7 @@ static const luaL_Reg gw_modules[] = {
     { "paygate.sqlite.core", luaopen_paygate_sqlite_core },
     { "paygate.redis.core", luaopen_paygate_redis_core },
     { "paygate.pg.core", luaopen_paygate_pg_core },
+    { "paygate.shared", luaopen_paygate_shared },
     { NULL, NULL }
 };
 

@@ -38,7 +38,7 @@ local function parse(wx, req, opts)
   if type(body) ~= "string" or body == "" then
     return fail("malformed", "empty body")
   end
-  local h, err = certs.verify(wx, headers, body)
+  local h, err = certs.verify(wx, headers, body, opts and opts.now)
   if not h then return nil, err end
   local doc = json.decode(body)
   if type(doc) ~= "table" then
@@ -80,7 +80,9 @@ local function parse(wx, req, opts)
 end
 
 --- syntax: event, err = notify.parse_notification(wx, req[, opts])
--- Never raises: any failure is nil, err.
+-- opts: replay = false skips the replay check; now = epoch seconds to
+-- judge the timestamp by (tools, known-answer tests). Never raises: any
+-- failure is nil, err.
 function _M.parse_notification(wx, req, opts)
   local ok, ev, err = pcall(parse, wx, req, opts)
   if not ok then

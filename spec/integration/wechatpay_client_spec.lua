@@ -1,0 +1,424 @@
+-- The WeChat Pay client against spec/support/wxserver over real HTTP on
+-- loopback: request signing as the server checks it, response
+-- verification, certificates (download, unknown serial, rotation,
+-- public-key and migration modes, state_dir), errors and retries.
+local core = require "paygate.core"
+local crypto = require "paygate.crypto"
+local json = require "cjson.safe"
+local wechatpay = require "paygate.wechatpay"
+local server = require "support.server"
+local wxtest = require "support.wxtest"
+
+local P1, P2, PUB_ID = wxtest.P1, wxtest.P2, wxtest.PUB_ID
+
+local dir, keys, srv
+
+local function count(method, target)
+  local n = 0
+  for _, r in ipairs(wxtest.requests(srv)) do
+    if r.method == method and r.target == target then n = n + 1 end
+  end
+  return n
+end
+
+local function client(over)
+  local wx, err = wechatpay.client(wxtest.client_conf(srv, keys, over))
+  assert(wx, tostring(err))
+  return wx
+end
+
+setup(function()
+  dir = server.tmpdir()
+  keys = wxtest.make(dir)
+  srv = wxtest.start(keys)
+end)
+
+teardown(function()
+  if srv then srv:stop() end
+  os.execute("rm -rf " .. dir)
+end)
+
+before_each(function()
+  wxtest.reset(srv)
+  wxtest.certs(srv, { serials = { P1 } })
+end)
+
+describe("wx:request signing", function()
+  it("sends a header the server verifies with the merchant's public key",
+     function()
+    local wx = client()
+    local body = '{"b": 1,  "a":"x"}'                  -- odd spacing kept
+    local res = assert(wx:request("POST", "/v3/echo?q=1%202", body))
+    assert.equal(200, res.status)
+    assert.equal(body, res.json.body)
+    local reqs = wxtest.requests(srv)
+    local r = reqs[#reqs]
+    assert.equal("ok", r.auth)
+    assert.equal("/v3/echo?q=1%202", r.target)
+    assert.equal(body, r.body)
+    -- and independently here: the signature over the five lines
+    local auth = r.headers.authorization
+    local ts = auth:match('timestamp="(%d+)"')
+    local nonce = auth:match('nonce_str="(%w+)"')
+    local sig = auth:match('signature="([^"]+)"')
+    local pub = crypto.public_key(io.open(keys.merchant_pub):read("*a"))
+    assert(crypto.verify_base64(pub, "POST\n/v3/echo?q=1%202\n" .. ts .. "\n"
+                                .. nonce .. "\n" .. body .. "\n", sig))
+    assert.equal("application/json", r.headers.accept)
+    assert.matches("^paygate/", r.headers["user-agent"])
+    assert.equal("application/json", r.headers["content-type"])
+    assert.matches('mchid="' .. wxtest.MCHID .. '"', auth)
+    wx:close()
+  end)
+  it("signs a table body as the exact bytes it sends", function()
+    local wx = client()
+    local res = assert(wx:request("POST", "/v3/echo",
+                                  { description = "形象店", amount = { total = 1 } }))
+    local reqs = wxtest.requests(srv)
+    assert.equal("ok", reqs[#reqs].auth)
+    assert.same({ description = "形象店", amount = { total = 1 } },
+                json.decode(res.json.body))
+    wx:close()
+  end)
+  it("carries Wechatpay-Serial: the public key id in public-key mode",
+     function()
+    local wx = client{ public_key = keys.pub_pem, public_key_id = PUB_ID }
+    assert(wx:request("GET", "/v3/echo"))
+    local reqs = wxtest.requests(srv)
+    assert.equal(PUB_ID, reqs[#reqs].headers["wechatpay-serial"])
+    assert.equal(0, count("GET", "/v3/certificates"))   -- no download at all
+    wx:close()
+  end)
+end)
+
+describe("response verification", function()
+  local wx
+  before_each(function() wx = client() end)
+  after_each(function() wx:close() end)
+
+  it("a response signed with the wrong key is bad_signature (GET)",
+     function()
+    wxtest.queue(srv, "GET", "/v3/x", { { body = "{}",
+      sign = { serial = P1, signature = crypto.sign_base64(
+        crypto.private_key(io.open(keys.p2_key):read("*a")), "1\n2\n{}\n") } } })
+    local _, err = wx:request("GET", "/v3/x")
+    assert.equal("bad_signature", err.kind)
+  end)
+  it("a POST whose 2xx does not verify is unverified_response", function()
+    wxtest.queue(srv, "POST", "/v3/x", { { body = '{"a":1}',
+      sign = { body = '{"a":2}' } } })
+    local _, err = wx:request("POST", "/v3/x", "{}")
+    assert.equal("unverified_response", err.kind)
+    assert.equal("bad_signature", err.cause_kind)
+    assert.equal(200, err.status)
+    assert.equal(1, count("POST", "/v3/x"))             -- never repeated
+  end)
+  it("a tampered or re-encoded body is bad_signature", function()
+    wxtest.queue(srv, "GET", "/v3/x", {
+      { body = '{"a": 1}', sign = { body = '{"a":1}' } },
+      { body = '{"a":"\\u0041"}', sign = { body = '{"a":"A"}' } } })
+    for _ = 1, 2 do
+      local _, err = wx:request("GET", "/v3/x")
+      assert.equal("bad_signature", err.kind)
+    end
+  end)
+  -- (the exact 299/300 s edge is in spec/unit/wechatpay_sign_spec.lua,
+  -- with a fixed clock; here a second may tick between the two ends)
+  it("297 s of skew verifies; 301 s is stale_timestamp", function()
+    wxtest.queue(srv, "GET", "/v3/x", { { body = "{}", sign = { ts_offset = -297 } },
+      { body = "{}", sign = { ts_offset = 297 } },
+      { body = "{}", sign = { ts_offset = -301 } },
+      { body = "{}", sign = { ts_offset = 301 } } })
+    assert(wx:request("GET", "/v3/x"))
+    assert(wx:request("GET", "/v3/x"))
+    local _, err = wx:request("GET", "/v3/x")
+    assert.equal("stale_timestamp", err.kind)
+    _, err = wx:request("GET", "/v3/x")
+    assert.equal("stale_timestamp", err.kind)
+  end)
+  it("a signed 204 with an empty body verifies", function()
+    wxtest.queue(srv, "POST", "/v3/close", { { status = 204, body = "" } })
+    local res = assert(wx:request("POST", "/v3/close", "{}"))
+    assert.equal(204, res.status)
+    assert.is_nil(res.json)
+  end)
+  it("an unsigned 2xx is malformed (and unverified_response for a POST)",
+     function()
+    wxtest.queue(srv, "GET", "/v3/x", { { body = "{}", sign = false } })
+    wxtest.queue(srv, "POST", "/v3/x", { { body = "{}", sign = false } })
+    local _, err = wx:request("GET", "/v3/x")
+    assert.equal("malformed", err.kind)
+    _, err = wx:request("POST", "/v3/x", "{}")
+    assert.equal("unverified_response", err.kind)
+  end)
+  it("unsigned = true skips the check (raw file downloads)", function()
+    wxtest.queue(srv, "GET", "/v3/billdownload/file", { { body = "a,b\n",
+                                                           sign = false } })
+    local res = assert(wx:request("GET", "/v3/billdownload/file?token=t", nil,
+                                  { unsigned = true }))
+    assert.equal("a,b\n", res.body)
+  end)
+  it("a SIGNTEST probe is bad_signature", function()
+    wxtest.queue(srv, "GET", "/v3/x", { { body = "{}", sign = {
+      signature = "WECHATPAY/SIGNTEST/" .. crypto.random_nonce(300) } } })
+    local _, err = wx:request("GET", "/v3/x")
+    assert.equal("bad_signature", err.kind)
+  end)
+end)
+
+describe("platform certificates", function()
+  it("an unknown serial triggers one download, then verifies", function()
+    local wx = client()
+    assert.equal(1, count("GET", "/v3/certificates"))
+    wxtest.certs(srv, { serials = { P1, P2 } })          -- P2 rotated in
+    wxtest.queue(srv, "GET", "/v3/x", { { body = "{}", sign = { serial = P2 } } })
+    assert(wx:request("GET", "/v3/x"))
+    assert.equal(2, count("GET", "/v3/certificates"))
+    -- old and new both verify during the overlap
+    wxtest.queue(srv, "GET", "/v3/x", { { body = "{}", sign = { serial = P1 } },
+      { body = "{}", sign = { serial = P2 } } })
+    assert(wx:request("GET", "/v3/x"))
+    assert(wx:request("GET", "/v3/x"))
+    assert.equal(2, count("GET", "/v3/certificates"))
+    assert.same({ P1, P2 }, wx:certificate_status().serials)
+    wx:close()
+  end)
+  it("a serial WeChat does not list is unknown_serial after one download",
+     function()
+    local wx = client()
+    wxtest.queue(srv, "GET", "/v3/x", { { body = "{}", sign = { serial = P2 } },
+      { body = "{}", sign = { serial = P2 } } })
+    local _, err = wx:request("GET", "/v3/x")
+    assert.equal("unknown_serial", err.kind)
+    assert.equal(2, count("GET", "/v3/certificates"))
+    -- rate-limited: the next unknown serial does not download again
+    _, err = wx:request("GET", "/v3/x")
+    assert.equal("unknown_serial", err.kind)
+    assert.equal(2, count("GET", "/v3/certificates"))
+    wx:close()
+  end)
+  it("100 concurrent unknown serials cause one download", function()
+    local wx = client()
+    wxtest.certs(srv, { serials = { P1, P2 } })
+    local responses = {}
+    for i = 1, 100 do responses[i] = { body = "{}", sign = { serial = P2 } } end
+    wxtest.queue(srv, "GET", "/v3/x", responses)
+    local tasks, results = {}, {}
+    for i = 1, 100 do
+      tasks[i] = core.spawn(function()
+        local res, err = wx:request("GET", "/v3/x")
+        results[i] = res and "ok" or err.kind
+      end)
+    end
+    for i = 1, 100 do tasks[i]:wait() end
+    for i = 1, 100 do assert.equal("ok", results[i]) end
+    assert.equal(2, count("GET", "/v3/certificates"))
+    wx:close()
+  end)
+  it("a PUB_KEY_ID_ serial with a certificate-only config is unknown_serial"
+     .. " without a download", function()
+    local wx = client()
+    wxtest.queue(srv, "GET", "/v3/x", { { body = "{}", sign = { serial = PUB_ID } } })
+    local _, err = wx:request("GET", "/v3/x")
+    assert.equal("unknown_serial", err.kind)
+    assert.matches("public_key", err.message)
+    assert.equal(1, count("GET", "/v3/certificates"))
+    wx:close()
+  end)
+  it("a certificate serial with a public-key-only config is unknown_serial",
+     function()
+    local wx = client{ public_key = keys.pub_pem, public_key_id = PUB_ID }
+    wxtest.queue(srv, "GET", "/v3/x", { { body = "{}", sign = { serial = P1 } } })
+    local _, err = wx:request("GET", "/v3/x")
+    assert.equal("unknown_serial", err.kind)
+    assert.equal(0, count("GET", "/v3/certificates"))
+    -- the public key verifies (WeChat signs with the key the request named)
+    assert(wx:request("GET", "/v3/y"))
+    wx:close()
+  end)
+  it("migration mode: either serial verifies", function()
+    local wx = client{ public_key = keys.pub_pem, public_key_id = PUB_ID,
+                       platform_certificates = { keys.p1_cert } }
+    wxtest.queue(srv, "GET", "/v3/x", { { body = "{}", sign = { serial = P1 } },
+      { body = "{}", sign = { serial = PUB_ID } } })
+    assert(wx:request("GET", "/v3/x"))
+    assert(wx:request("GET", "/v3/x"))
+    wx:close()
+  end)
+  it("404 RESOURCE_NOT_EXISTS is a config error naming public_key", function()
+    wxtest.certs(srv, { status = 404 })
+    local wx, err = wechatpay.client(wxtest.client_conf(srv, keys))
+    assert.is_nil(wx)
+    assert.equal("invalid_config", err.kind)
+    assert.equal("public_key", err.key)
+    assert.matches("public_key_id", err.message)
+  end)
+  it("a wrong APIv3 key is decrypt_failed and does not break the start",
+     function()
+    local wx = client{ apiv3_key = "0123456789abcdef0123456789abcdef" }
+    assert.same({}, wx:certificate_status().serials)
+    local ok, err = wx:refresh_certificates()
+    assert.is_nil(ok)
+    assert.equal("decrypt_failed", err.kind)
+    wx:close()
+  end)
+  it("the previous APIv3 key decrypts the download after a rotation",
+     function()
+    local wx = client{ apiv3_key = "0123456789abcdef0123456789abcdef",
+                       previous_apiv3_keys = { wxtest.APIV3 } }
+    assert.same({ P1 }, wx:certificate_status().serials)
+    wx:close()
+  end)
+  it("a download whose response signature fails is refused", function()
+    wxtest.certs(srv, { serials = { P1 }, signer = PUB_ID })
+    local wx = client()
+    local ok, err = wx:refresh_certificates()
+    assert.is_nil(ok)
+    assert.equal("unknown_serial", err.kind)
+    assert.same({}, wx:certificate_status().serials)
+    wx:close()
+  end)
+  it("boots with WeChat unreachable from state_dir", function()
+    local state = dir .. "/state"
+    local wx = client{ state_dir = state }
+    assert.same({ P1 }, wx:certificate_status().serials)
+    wx:close()
+    local f = assert(io.open(state .. "/wechatpay-" .. wxtest.MCHID
+                             .. "-platform-certificates.pem"))
+    f:close()
+    -- WeChat unreachable: a closed port
+    local wx2 = assert(wechatpay.client(wxtest.client_conf(nil, keys,
+      { state_dir = state, base_url = "http://127.0.0.1:" .. core.free_port() })))
+    assert.same({ P1 }, wx2:certificate_status().serials)
+    -- it verifies what is signed with P1
+    local body = "{}"
+    local ts, nonce = tostring(os.time()), crypto.random_nonce(32)
+    local key = crypto.private_key(io.open(keys.p1_key):read("*a"))
+    assert(wx2:verify_response({ ["wechatpay-timestamp"] = ts,
+      ["wechatpay-nonce"] = nonce, ["wechatpay-serial"] = P1,
+      ["wechatpay-signature"] = crypto.sign_base64(key, ts .. "\n" .. nonce
+                                                   .. "\n" .. body .. "\n") },
+      body))
+    wx2:close()
+  end)
+end)
+
+describe("errors and retries", function()
+  local wx
+  before_each(function() wx = client() end)
+  after_each(function() wx:close() end)
+
+  it("maps WeChat's code, message and detail", function()
+    wxtest.queue(srv, "POST", "/v3/x", { { status = 400, body = json.encode{
+      code = "PARAM_ERROR", message = "参数错误", detail = { field = "/amount/currency",
+      location = "body" } } } })
+    local _, err = wx:request("POST", "/v3/x", "{}")
+    assert.equal("param_error", err.kind)
+    assert.equal("PARAM_ERROR", err.code)
+    assert.equal(400, err.status)
+    assert.equal("参数错误", err.wechat_message)
+    assert.equal("/amount/currency", err.detail.field)
+    assert.is_false(err.retryable)
+    assert.is_truthy(err.request_id == nil or type(err.request_id) == "string")
+    assert.matches("^param_error: POST /v3/x: 400 PARAM_ERROR", tostring(err))
+    assert.is_true(core.is_error(err))
+  end)
+  it("old and new spellings map alike; unknown codes map by status",
+     function()
+    local cases = { { 403, "ORDERPAID", "order_paid" },
+      { 400, "ORDER_CLOSED", "order_closed" },
+      { 404, "ORDER_NOT_EXIST", "not_found" },
+      { 403, "OUT_TRADE_NO_USED", "out_trade_no_used" },
+      { 403, "NOTENOUGH", "not_enough" }, { 401, "SIGN_ERROR", "sign_error" },
+      { 400, "INVALID_REQUEST", "invalid_request" },
+      { 404, "WHATEVER", "not_found" }, { 418, nil, "http_error" } }
+    local responses = {}
+    for i, c in ipairs(cases) do
+      responses[i] = { status = c[1], body = c[2] and json.encode{ code = c[2],
+                       message = "m" } or "teapot" }
+    end
+    wxtest.queue(srv, "POST", "/v3/x", responses)
+    for _, c in ipairs(cases) do
+      local _, err = wx:request("POST", "/v3/x", "{}")
+      assert.equal(c[3], err.kind)
+    end
+  end)
+  it("retries a GET after 500 SYSTEM_ERROR", function()
+    wxtest.queue(srv, "GET", "/v3/x", { { status = 500, body = json.encode{
+      code = "SYSTEM_ERROR", message = "系统繁忙" } }, { body = "{}" } })
+    assert(wx:request("GET", "/v3/x"))
+    assert.equal(2, count("GET", "/v3/x"))
+  end)
+  it("does not retry a plain POST after a 500; does with idempotent",
+     function()
+    wxtest.queue(srv, "POST", "/v3/x", { { status = 500, body = json.encode{
+      code = "SYSTEM_ERROR", message = "m" } }, { status = 500, body = json.encode{
+      code = "SYSTEM_ERROR", message = "m" } }, { body = "{}" } })
+    local _, err = wx:request("POST", "/v3/x", "{}")
+    assert.equal("system_error", err.kind)
+    assert.is_true(err.retryable)
+    assert.equal(1, count("POST", "/v3/x"))
+    assert(wx:request("POST", "/v3/x", "{}", { idempotent = true }))
+    assert.equal(3, count("POST", "/v3/x"))
+  end)
+  it("retries FREQUENCY_LIMITED even for a POST", function()
+    wxtest.queue(srv, "POST", "/v3/x", { { status = 429, body = json.encode{
+      code = "FREQUENCY_LIMITED", message = "m" } }, { body = "{}" } })
+    assert(wx:request("POST", "/v3/x", "{}"))
+    assert.equal(2, count("POST", "/v3/x"))
+  end)
+  it("gives up within the deadline", function()
+    local r = {}
+    for i = 1, 10 do r[i] = { status = 503, body = "" } end
+    wxtest.queue(srv, "GET", "/v3/x", r)
+    local t0 = core.mono()
+    local _, err = wx:request("GET", "/v3/x", nil, { deadline = 1,
+                                                     max_attempts = 10 })
+    assert.equal("system_error", err.kind)
+    assert.is_true(core.mono() - t0 < 1.5)
+  end)
+  it("a timeout after a POST was sent is unknown_outcome, not retried",
+     function()
+    wxtest.queue(srv, "POST", "/v3/x", { { delay = 1.5, body = "{}" } })
+    local _, err = wx:request("POST", "/v3/x", "{}", { timeout = 0.5 })
+    assert.equal("unknown_outcome", err.kind)
+    assert.equal("timeout", err.cause_kind)
+    assert.equal(1, count("POST", "/v3/x"))
+  end)
+  it("a GET that times out is retried", function()
+    wxtest.queue(srv, "GET", "/v3/x", { { delay = 1.5, body = "{}" },
+                                        { body = "{}" } })
+    assert(wx:request("GET", "/v3/x", nil, { timeout = 0.5 }))
+    assert.equal(2, count("GET", "/v3/x"))
+  end)
+  it("uses the backup domain when the primary cannot be reached", function()
+    local wx2 = client{ base_url = "http://127.0.0.1:" .. core.free_port(),
+                        backup_url = srv.base_url,
+                        platform_certificates = { keys.p1_cert },
+                        download_certificates = false }
+    local res = assert(wx2:request("POST", "/v3/echo", "{}"))
+    assert.equal(200, res.status)
+    assert.equal(1, count("POST", "/v3/echo"))
+    wx2:close()
+  end)
+end)
+
+describe("wx:encrypt_sensitive", function()
+  it("encrypts for the public key in public-key mode", function()
+    local wx = client{ public_key = keys.pub_pem, public_key_id = PUB_ID }
+    local ct, serial = assert(wx:encrypt_sensitive("6222020000000000"))
+    assert.equal(PUB_ID, serial)
+    local key = crypto.private_key(io.open(keys.pub_key):read("*a"))
+    assert.equal("6222020000000000",
+                 crypto.oaep_decrypt(key, crypto.base64_decode(ct)))
+    wx:close()
+  end)
+  it("encrypts for the newest platform certificate", function()
+    local wx = client()
+    local ct, serial = assert(wx:encrypt_sensitive("张三"))
+    assert.equal(P1, serial)
+    local key = crypto.private_key(io.open(keys.p1_key):read("*a"))
+    assert.equal("张三", crypto.oaep_decrypt(key, crypto.base64_decode(ct)))
+    wx:close()
+  end)
+end)

@@ -1,0 +1,111 @@
+-- spec/support/wxtest.lua: test keys, certificates and a running
+-- spec/support/wxserver for the WeChat Pay client's specs.
+local paygate = require "paygate"
+local json = require "cjson.safe"
+local server = require "support.server"
+
+local _M = {}
+
+local FIX = "spec/fixtures/wechatpay/"
+_M.APIV3 = "a7cde1ZJB1kG2e7VfTs3jQzaWizur8Gb"
+_M.MCHID = "1234567891"
+_M.MERCHANT_SERIAL = "5F1C72E2A8931B72A2E13AF8DEE92471EB397115"
+_M.P1 = "5157F09EFDC096DE15EBE81A47057A7232F1B8E1"   -- platform cert 1
+_M.P2 = "7132D72A03E93CDDF8C03BBD1F37EEDF77A4F1A2"   -- rotated-in cert 2
+_M.PUB_ID = "PUB_KEY_ID_0114232134912410000000000000000001"
+
+local function sh(cmd)
+  local ok = os.execute(cmd .. " >/dev/null 2>&1")
+  assert(ok == 0 or ok == true, "command failed: " .. cmd)
+end
+
+local function abs(p)
+  if p:sub(1, 1) == "/" then return p end
+  local pwd = io.popen("pwd"):read("*l")
+  return pwd .. "/" .. p
+end
+
+--- keys = make(dir): platform certificates (fresh, valid for `days`) for
+--- the fixture keys: P1 on A.5, P2 on A.8; the public key is A.1's.
+function _M.make(dir, days)
+  local k = { dir = dir }
+  k.merchant_key = abs(FIX .. "a3_merchant_key.pem")
+  k.merchant_cert = abs(FIX .. "a4_merchant_cert.pem")
+  k.p1_key, k.p2_key = abs(FIX .. "a5_platform_key.pem"),
+                       abs(FIX .. "a8_go_key.pem")
+  k.pub_key, k.pub_pem = abs(FIX .. "a1_merchant_key.pem"),
+                         abs(FIX .. "a1_pub.pem")
+  k.p1_cert, k.p2_cert = dir .. "/p1.pem", dir .. "/p2.pem"
+  -- the merchant's public half, for the server to check requests
+  k.merchant_pub = dir .. "/merchant_pub.pem"
+  sh(("openssl pkey -in %s -pubout -out %s"):format(k.merchant_key,
+                                                    k.merchant_pub))
+  for _, p in ipairs({ { k.p1_key, k.p1_cert, _M.P1 },
+                       { k.p2_key, k.p2_cert, _M.P2 } }) do
+    sh(("openssl req -x509 -new -key %s -out %s -days %d -set_serial 0x%s "
+        .. "-subj '/C=CN/O=Tenpay.com/CN=Tenpay.com sign'")
+       :format(p[1], p[2], days or 365, p[3]))
+  end
+  return k
+end
+
+--- srv = start(keys[, { workers = n }]): the test server, configured
+function _M.start(k, o)
+  o = o or {}
+  local conf = {
+    mchid = _M.MCHID, merchant_serial = _M.MERCHANT_SERIAL,
+    apiv3_key = _M.APIV3, merchant_pub = k.merchant_pub,
+    keys = { [_M.P1] = k.p1_key, [_M.P2] = k.p2_key,
+             [_M.PUB_ID] = k.pub_key },
+    certs = { [_M.P1] = k.p1_cert, [_M.P2] = k.p2_cert },
+    default_signer = o.default_signer or _M.P1,
+  }
+  local parts = {}
+  local function ser(v)
+    if type(v) == "table" then
+      local t = {}
+      for kk, vv in pairs(v) do
+        t[#t + 1] = "[" .. ("%q"):format(kk) .. "]=" .. ser(vv)
+      end
+      return "{" .. table.concat(t, ",") .. "}"
+    end
+    return ("%q"):format(v)
+  end
+  parts[1] = "return { wxserver = " .. ser(conf) .. " }"
+  local srv = server.start{ app = "spec/support/wxserver",
+                            config = table.concat(parts),
+                            workers = o.workers or 1 }
+  srv.base_url = "http://127.0.0.1:" .. srv.port
+  return srv
+end
+
+local function ctl(srv, path, body)
+  local res = assert(paygate.http.request{ method = body and "POST" or "GET",
+    url = srv.base_url .. path, body = body and json.encode(body) or nil,
+    headers = { ["Content-Type"] = "application/json" }, timeout = 5 })
+  assert(res.status == 200, path .. ": " .. res.status .. " " .. res.body)
+  return json.decode(res.body)
+end
+_M.ctl = ctl
+
+function _M.reset(srv) return ctl(srv, "/_ctl/reset", {}) end
+function _M.queue(srv, method, path, responses)
+  return ctl(srv, "/_ctl/queue", { method = method, path = path,
+                                   responses = responses })
+end
+function _M.certs(srv, t) return ctl(srv, "/_ctl/certs", t) end
+function _M.requests(srv) return ctl(srv, "/_ctl/requests") end
+
+--- conf = client_conf(srv, keys, over): a client configuration for it
+function _M.client_conf(srv, k, over)
+  local c = { mchid = _M.MCHID, merchant_private_key = k.merchant_key,
+              merchant_serial = _M.MERCHANT_SERIAL, apiv3_key = _M.APIV3,
+              base_url = srv and srv.base_url or "http://127.0.0.1:1",
+              timeout = 5, deadline = 10 }
+  for kk, v in pairs(over or {}) do
+    if v == false then c[kk] = nil else c[kk] = v end
+  end
+  return c
+end
+
+return _M

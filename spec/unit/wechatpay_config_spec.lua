@@ -1,0 +1,149 @@
+-- wechatpay.client(conf): every configuration failure is invalid_config
+-- and names its key; keys are taken as paths or PEM text.
+local wechatpay = require "paygate.wechatpay"
+local config = require "paygate.wechatpay.config"
+local core = require "paygate.core"
+
+local FIX = "spec/fixtures/wechatpay/"
+local function read(name)
+  local f = assert(io.open(FIX .. name, "rb"))
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+local APIV3 = "a7cde1ZJB1kG2e7VfTs3jQzaWizur8Gb"
+local PUB_ID = "PUB_KEY_ID_0114232134912410000000000000000001"
+
+-- public-key mode: no network at all. In over, NIL removes a key.
+local NIL = {}
+local function base(over)
+  local c = { mchid = "1234567891", merchant_private_key = FIX .. "a3_merchant_key.pem",
+    merchant_serial = "5F1C72E2A8931B72A2E13AF8DEE92471EB397115",
+    apiv3_key = APIV3, public_key = FIX .. "a7_platform_pubkey.pem",
+    public_key_id = PUB_ID, base_url = "http://127.0.0.1:1" }
+  for k, v in pairs(over or {}) do
+    if v == NIL then c[k] = nil else c[k] = v end
+  end
+  return c
+end
+
+local function refused(over, key, pattern)
+  local wx, err = wechatpay.client(base(over))
+  assert.is_nil(wx)
+  assert.is_true(core.is_error(err))
+  assert.equal("invalid_config", err.kind)
+  assert.equal(key, err.key)
+  if pattern then assert.matches(pattern, err.message) end
+  -- never the key material
+  assert.is_nil(err.message:find(APIV3, 1, true))
+  assert.is_nil(err.message:find("PRIVATE KEY", 1, true))
+  return err
+end
+
+describe("wechatpay.client configuration", function()
+  it("refuses a non-table", function()
+    local _, err = wechatpay.client("x")
+    assert.equal("invalid_config", err.kind)
+  end)
+  it("mchid must be digits", function()
+    refused({ mchid = "19000x" }, "mchid")
+    refused({ mchid = NIL }, "mchid")
+  end)
+  it("sp_mchid is partner mode; not both", function()
+    local wx = assert(wechatpay.client(base{ mchid = NIL, sp_mchid = "1900000100" }))
+    assert.is_true(wx.conf.partner)
+    assert.equal("1900000100", wx.conf.signer.mchid)
+    refused({ sp_mchid = "1900000100" }, "mchid")
+  end)
+  it("the private key: path or PEM text; unreadable or wrong is refused",
+     function()
+    assert(wechatpay.client(base{ merchant_private_key = read("a3_merchant_key.pem") }))
+    refused({ merchant_private_key = "/nonexistent/key.pem" },
+            "merchant_private_key", "cannot read")
+    refused({ merchant_private_key = read("a4_merchant_cert.pem") },
+            "merchant_private_key")
+    refused({ merchant_private_key = NIL }, "merchant_private_key")
+  end)
+  it("the private key must match the merchant certificate", function()
+    local wx = assert(wechatpay.client(base{ merchant_serial = NIL,
+      merchant_certificate = FIX .. "a4_merchant_cert.pem" }))
+    assert.equal("5F1C72E2A8931B72A2E13AF8DEE92471EB397115", wx.conf.merchant_serial)
+    refused({ merchant_private_key = FIX .. "a1_merchant_key.pem",
+              merchant_certificate = FIX .. "a4_merchant_cert.pem" },
+            "merchant_private_key", "does not match")
+    refused({ merchant_serial = "ABCDEF",
+              merchant_certificate = FIX .. "a4_merchant_cert.pem" },
+            "merchant_serial")
+  end)
+  it("the merchant serial is hex and not a platform serial", function()
+    refused({ merchant_serial = "5F1C-72E2" }, "merchant_serial", "hex")
+    refused({ merchant_serial = NIL }, "merchant_serial")
+    local gcert = FIX .. "a9_go_platform_cert.pem"
+    refused({ merchant_serial = "D7CE59D1F522D701",
+              platform_certificates = { gcert },
+              merchant_private_key = FIX .. "a8_go_key.pem" }, "merchant_serial",
+            "platform")
+    -- lower case is accepted and sent upper case
+    local wx = assert(wechatpay.client(base{
+      merchant_serial = "5f1c72e2a8931b72a2e13af8dee92471eb397115" }))
+    assert.equal("5F1C72E2A8931B72A2E13AF8DEE92471EB397115", wx.conf.signer.serial)
+  end)
+  it("the APIv3 key is exactly 32 bytes", function()
+    refused({ apiv3_key = "short" }, "apiv3_key", "32")
+    refused({ apiv3_key = APIV3 .. "x" }, "apiv3_key")
+    refused({ previous_apiv3_keys = { "short" } }, "previous_apiv3_keys")
+  end)
+  it("the base URL is https, or http only for loopback", function()
+    refused({ base_url = "http://api.mch.weixin.qq.com" }, "base_url", "https")
+    refused({ base_url = "ftp://x" }, "base_url")
+    refused({ base_url = "https://x/v3" }, "base_url")
+    assert(wechatpay.client(base{ base_url = "https://api.mch.weixin.qq.com/" }))
+    assert(wechatpay.client(base{ base_url = "http://localhost:8080" }))
+  end)
+  it("the default base URL brings the backup domain", function()
+    local wx = assert(wechatpay.client(base{ base_url = NIL }))
+    assert.equal("https://api.mch.weixin.qq.com", wx.conf.base_url)
+    assert.equal("https://api2.mch.weixin.qq.com", wx.conf.backup_url)
+  end)
+  it("public_key and public_key_id go together; the id has its prefix",
+     function()
+    refused({ public_key_id = NIL }, "public_key_id")
+    refused({ public_key_id = "12345" }, "public_key_id", "PUB_KEY_ID_")
+    refused({ public_key = FIX .. "a4_merchant_cert.pem" }, "public_key")
+  end)
+  it("certificate-only with download off needs certificates", function()
+    refused({ public_key = NIL, public_key_id = NIL,
+              download_certificates = false }, "platform_certificates")
+  end)
+  it("the SM variant needs an SM2 key", function()
+    refused({ sign_type = "WECHATPAY2-SM2-WITH-SM3" }, "merchant_private_key",
+            "SM2")
+    refused({ sign_type = "HMAC" }, "sign_type")
+    local wx = assert(wechatpay.client(base{ sign_type = "WECHATPAY2-SM2-WITH-SM3",
+      merchant_private_key = FIX .. "a10a_sm2_key.pem",
+      merchant_serial = NIL, merchant_certificate = FIX .. "a10b_sm2_cert.pem",
+      public_key = NIL, public_key_id = NIL,
+      platform_certificates = { FIX .. "a10c_sm2_platform_cert.pem" },
+      download_certificates = false }))
+    assert.is_true(wx.conf.sm)
+    refused({ public_key = FIX .. "a7_platform_pubkey.pem",
+              sign_type = "WECHATPAY2-SM2-WITH-SM3",
+              merchant_private_key = FIX .. "a10a_sm2_key.pem" }, "public_key")
+  end)
+  it("numbers must be positive", function()
+    refused({ timeout = -1 }, "timeout")
+    refused({ refresh_interval = "12h" }, "refresh_interval")
+  end)
+  it("modes follow what is configured", function()
+    assert.equal("public_key", assert(wechatpay.client(base())).conf.mode)
+    local c = assert(config.check(base{ public_key = NIL, public_key_id = NIL }))
+    assert.equal("certificate", c.mode)
+    assert.is_true(c.download)
+  end)
+  it("two clients never share keys", function()
+    local a = assert(wechatpay.client(base()))
+    local b = assert(wechatpay.client(base{ public_key_id = "PUB_KEY_ID_2" }))
+    assert.is_nil(a.ring:get("PUB_KEY_ID_2"))
+    assert.is_nil(b.ring:get(PUB_ID))
+  end)
+end)
