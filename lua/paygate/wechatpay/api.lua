@@ -262,11 +262,10 @@ end
 
 -- prepay --------------------------------------------------------------------
 
-local function prepay(self, kind, p, o)
+-- Checks p and builds the prepay request: returns path, body bytes; or
+-- nil, err.
+local function build_prepay(self, kind, p)
   local name = kind .. "_prepay"
-  check_p(name, p)
-  check_opts(name, o)
-  o = o or {}
   local c = conf(self)
   local body = copy(p)
   local mode = is_partner(self) and "partner" or "direct"
@@ -302,9 +301,34 @@ local function prepay(self, kind, p, o)
   if not s then return nil, err end
   local path = mode == "partner" and "/v3/pay/partner/transactions/" .. kind
                or "/v3/pay/transactions/" .. kind
-  o = copy(o)
+  return path, s
+end
+
+local function prepay(self, kind, p, o)
+  local name = kind .. "_prepay"
+  check_p(name, p)
+  check_opts(name, o)
+  local path, body = build_prepay(self, kind, p)
+  if not path then return nil, body end
+  o = o and copy(o) or {}
   o.idempotent = true           -- same out_trade_no, same bytes
-  return call(self, name, "POST", path, s, o, PREPAY_ANSWER[kind])
+  return call(self, name, "POST", path, body, o, PREPAY_ANSWER[kind])
+end
+
+--- syntax: method, path, body = wx:prepay_request(kind, p)
+-- kind: "jsapi" | "app" | "h5" | "native". The request wx:KIND_prepay(p)
+-- would send -- checked and encoded, the body bytes exactly -- without
+-- sending it (to inspect, log or measure). returns nil, err like the call.
+-- Does not yield.
+function _M.prepay_request(self, kind, p)
+  if not PREPAY_ANSWER[kind] then
+    error("wechatpay.prepay_request: kind must be jsapi, app, h5 or native",
+          2)
+  end
+  check_p("prepay_request", p)
+  local path, body = build_prepay(self, kind, p)
+  if not path then return nil, body end
+  return "POST", path, body
 end
 
 --- syntax: data, meta = wx:jsapi_prepay(p[, opts])
