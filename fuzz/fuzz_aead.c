@@ -1,7 +1,8 @@
 /*
  * fuzz_aead.c -- AEAD decrypt entry point (AES-256-GCM and our SM4-GCM).
- * Input: byte 0 picks the algorithm, then 12-byte nonce, 1 byte aad length,
- * aad, ciphertext||tag. Properties: random input never authenticates
+ * Input: byte 0 picks the algorithm (bit 0) and, when bit 1 is set, a
+ * nonce length of byte0 >> 4 (0..15, empty included) instead of 12; then
+ * the nonce, 1 byte aad length, aad, ciphertext||tag. Properties: random input never authenticates
  * (with overwhelming probability; we only check no crash / leak), and an
  * encryption of the same fields always decrypts back.
  */
@@ -11,7 +12,7 @@
 #include <string.h>
 
 #include "runtime.h"
-#include "gw_crypto.h"
+#include "crypto.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
@@ -32,7 +33,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     alg = (data[0] & 1) ? "AEAD_SM4_GCM" : "AEAD_AES_256_GCM";
     keylen = (data[0] & 1) ? 16 : 32;
     if (data[0] & 2) {
-        noncelen = data[0] >> 4;        /* exercise bad nonce lengths */
+        noncelen = data[0] >> 4;        /* 0 is refused; others hash */
     }
     data++;
     size--;

@@ -9,7 +9,7 @@
 #include <openssl/x509.h>
 
 #include "runtime.h"
-#include "gw_crypto.h"
+#include "crypto.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 

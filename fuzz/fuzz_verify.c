@@ -1,7 +1,7 @@
 /*
  * fuzz_verify.c -- signature verification with fixed RSA-2048 and SM2
- * keys (PROTOCOL.md A.1-pub, A.10 public key). Input: byte 0 picks key and
- * algorithm (including mismatched pairs), byte 1 the signature length,
+ * public keys (those in spec/fixtures/wechatpay). Input: byte 0 picks key
+ * and algorithm (including mismatched pairs), byte 1 the signature length,
  * then signature, then data. Mismatched key/algorithm pairs must fail
  * cleanly; a verified signature must not verify other data.
  */
@@ -10,7 +10,7 @@
 #include <string.h>
 
 #include "runtime.h"
-#include "gw_crypto.h"
+#include "crypto.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 

@@ -7,6 +7,7 @@ local crypto = require "paygate.crypto"
 local json = require "cjson.safe"
 local wechatpay = require "paygate.wechatpay"
 local server = require "support.server"
+local proc = require "support.proc"
 local wxtest = require "support.wxtest"
 
 local P1, P2, PUB_ID = wxtest.P1, wxtest.P2, wxtest.PUB_ID
@@ -39,6 +40,8 @@ teardown(function()
 end)
 
 before_each(function()
+  -- downloads are rate-limited instance-wide, through this dict
+  require("paygate.shared").get_dict("paygate"):flush_all()
   wxtest.reset(srv)
   wxtest.certs(srv, { serials = { P1 } })
 end)
@@ -68,7 +71,7 @@ describe("wx:request signing", function()
     assert.matches("^paygate/", r.headers["user-agent"])
     assert.equal("application/json", r.headers["content-type"])
     assert.matches('mchid="' .. wxtest.MCHID .. '"', auth)
-    wx:close()
+    wx:stop()
   end)
   it("signs a table body as the exact bytes it sends", function()
     local wx = client()
@@ -78,7 +81,7 @@ describe("wx:request signing", function()
     assert.equal("ok", reqs[#reqs].auth)
     assert.same({ description = "形象店", amount = { total = 1 } },
                 json.decode(res.json.body))
-    wx:close()
+    wx:stop()
   end)
   it("carries Wechatpay-Serial: the public key id in public-key mode",
      function()
@@ -87,14 +90,14 @@ describe("wx:request signing", function()
     local reqs = wxtest.requests(srv)
     assert.equal(PUB_ID, reqs[#reqs].headers["wechatpay-serial"])
     assert.equal(0, count("GET", "/v3/certificates"))   -- no download at all
-    wx:close()
+    wx:stop()
   end)
 end)
 
 describe("response verification", function()
   local wx
   before_each(function() wx = client() end)
-  after_each(function() wx:close() end)
+  after_each(function() wx:stop() end)
 
   it("a response signed with the wrong key is bad_signature (GET)",
      function()
@@ -158,6 +161,27 @@ describe("response verification", function()
                                   { unsigned = true }))
     assert.equal("a,b\n", res.body)
   end)
+  it("a sink gets a 2xx body in chunks; an error body is not its",
+     function()
+    wxtest.queue(srv, "GET", "/v3/billdownload/file", {
+      { body = string.rep("x", 300000), sign = false },
+      { status = 400, body = json.encode{ code = "PARAM_ERROR", message = "m" } } })
+    local got = {}
+    local function sink(c) got[#got + 1] = c end
+    local res = assert(wx:request("GET", "/v3/billdownload/file?token=t", nil,
+                                  { unsigned = true, sink = sink }))
+    assert.is_nil(res.body)
+    assert.equal(300000, #table.concat(got))
+    assert.is_true(#got > 1)
+    got = {}
+    local _, err = wx:request("GET", "/v3/billdownload/file?token=t", nil,
+                              { unsigned = true, sink = sink })
+    assert.equal("param_error", err.kind)
+    assert.equal(0, #got)
+    assert.has_error(function()
+      wx:request("GET", "/v3/x", nil, { sink = sink })
+    end)
+  end)
   it("a SIGNTEST probe is bad_signature", function()
     wxtest.queue(srv, "GET", "/v3/x", { { body = "{}", sign = {
       signature = "WECHATPAY/SIGNTEST/" .. crypto.random_nonce(300) } } })
@@ -181,7 +205,7 @@ describe("platform certificates", function()
     assert(wx:request("GET", "/v3/x"))
     assert.equal(2, count("GET", "/v3/certificates"))
     assert.same({ P1, P2 }, wx:certificate_status().serials)
-    wx:close()
+    wx:stop()
   end)
   it("a serial WeChat does not list is unknown_serial after one download",
      function()
@@ -195,7 +219,7 @@ describe("platform certificates", function()
     _, err = wx:request("GET", "/v3/x")
     assert.equal("unknown_serial", err.kind)
     assert.equal(2, count("GET", "/v3/certificates"))
-    wx:close()
+    wx:stop()
   end)
   it("100 concurrent unknown serials cause one download", function()
     local wx = client()
@@ -213,7 +237,43 @@ describe("platform certificates", function()
     for i = 1, 100 do tasks[i]:wait() end
     for i = 1, 100 do assert.equal("ok", results[i]) end
     assert.equal(2, count("GET", "/v3/certificates"))
-    wx:close()
+    wx:stop()
+  end)
+  it("unknown serials on two workers at once cause one download", function()
+    local app = server.start{ app = "spec/support/wxnotify", workers = 2,
+      config = ("return { wechatpay = { mchid = %q, merchant_private_key = %q,"
+        .. " merchant_serial = %q, apiv3_key = %q, base_url = %q } }")
+        :format(wxtest.MCHID, keys.merchant_key, wxtest.MERCHANT_SERIAL,
+                wxtest.APIV3, srv.base_url) }
+    local ok, e = pcall(function()
+      local before = count("GET", "/v3/certificates")
+      assert.is_true(before >= 1)
+      wxtest.certs(srv, { serials = { P1, P2 } })
+      -- concurrent batches over new connections until both workers have
+      -- answered (the kernel spreads connections, not evenly)
+      local pids, n = {}, 0
+      proc.wait_until(function()
+        local responses = {}
+        for i = 1, 20 do responses[i] = { body = "{}", sign = { serial = P2 } } end
+        wxtest.queue(srv, "GET", "/v3/x", responses)
+        local tasks, statuses = {}, {}
+        for i = 1, 20 do
+          tasks[i] = core.spawn(function()
+            local res = assert(app:request{ path = "/call?path=/v3/x",
+              headers = { Connection = "close" } })
+            statuses[i] = res.status == 200 and "ok" or res.body
+            local pid = res.headers["x-pid"]
+            if not pids[pid] then pids[pid], n = true, n + 1 end
+          end)
+        end
+        for i = 1, 20 do tasks[i]:wait() end
+        for i = 1, 20 do assert.equal("ok", statuses[i]) end
+        return n == 2
+      end, 30, "both workers to answer")
+      assert.equal(before + 1, count("GET", "/v3/certificates"))
+    end)
+    app:stop()
+    assert(ok, e)
   end)
   it("a PUB_KEY_ID_ serial with a certificate-only config is unknown_serial"
      .. " without a download", function()
@@ -223,7 +283,7 @@ describe("platform certificates", function()
     assert.equal("unknown_serial", err.kind)
     assert.matches("public_key", err.message)
     assert.equal(1, count("GET", "/v3/certificates"))
-    wx:close()
+    wx:stop()
   end)
   it("a certificate serial with a public-key-only config is unknown_serial",
      function()
@@ -234,7 +294,7 @@ describe("platform certificates", function()
     assert.equal(0, count("GET", "/v3/certificates"))
     -- the public key verifies (WeChat signs with the key the request named)
     assert(wx:request("GET", "/v3/y"))
-    wx:close()
+    wx:stop()
   end)
   it("migration mode: either serial verifies", function()
     local wx = client{ public_key = keys.pub_pem, public_key_id = PUB_ID,
@@ -243,7 +303,7 @@ describe("platform certificates", function()
       { body = "{}", sign = { serial = PUB_ID } } })
     assert(wx:request("GET", "/v3/x"))
     assert(wx:request("GET", "/v3/x"))
-    wx:close()
+    wx:stop()
   end)
   it("404 RESOURCE_NOT_EXISTS is a config error naming public_key", function()
     wxtest.certs(srv, { status = 404 })
@@ -260,14 +320,14 @@ describe("platform certificates", function()
     local ok, err = wx:refresh_certificates()
     assert.is_nil(ok)
     assert.equal("decrypt_failed", err.kind)
-    wx:close()
+    wx:stop()
   end)
   it("the previous APIv3 key decrypts the download after a rotation",
      function()
     local wx = client{ apiv3_key = "0123456789abcdef0123456789abcdef",
                        previous_apiv3_keys = { wxtest.APIV3 } }
     assert.same({ P1 }, wx:certificate_status().serials)
-    wx:close()
+    wx:stop()
   end)
   it("a download whose response signature fails is refused", function()
     wxtest.certs(srv, { serials = { P1 }, signer = PUB_ID })
@@ -276,13 +336,13 @@ describe("platform certificates", function()
     assert.is_nil(ok)
     assert.equal("unknown_serial", err.kind)
     assert.same({}, wx:certificate_status().serials)
-    wx:close()
+    wx:stop()
   end)
   it("boots with WeChat unreachable from state_dir", function()
     local state = dir .. "/state"
     local wx = client{ state_dir = state }
     assert.same({ P1 }, wx:certificate_status().serials)
-    wx:close()
+    wx:stop()
     local f = assert(io.open(state .. "/wechatpay-" .. wxtest.MCHID
                              .. "-platform-certificates.pem"))
     f:close()
@@ -299,14 +359,14 @@ describe("platform certificates", function()
       ["wechatpay-signature"] = crypto.sign_base64(key, ts .. "\n" .. nonce
                                                    .. "\n" .. body .. "\n") },
       body))
-    wx2:close()
+    wx2:stop()
   end)
 end)
 
 describe("errors and retries", function()
   local wx
   before_each(function() wx = client() end)
-  after_each(function() wx:close() end)
+  after_each(function() wx:stop() end)
 
   it("maps WeChat's code, message and detail", function()
     wxtest.queue(srv, "POST", "/v3/x", { { status = 400, body = json.encode{
@@ -399,7 +459,7 @@ describe("errors and retries", function()
     local res = assert(wx2:request("POST", "/v3/echo", "{}"))
     assert.equal(200, res.status)
     assert.equal(1, count("POST", "/v3/echo"))
-    wx2:close()
+    wx2:stop()
   end)
 end)
 
@@ -411,7 +471,7 @@ describe("wx:encrypt_sensitive", function()
     local key = crypto.private_key(io.open(keys.pub_key):read("*a"))
     assert.equal("6222020000000000",
                  crypto.oaep_decrypt(key, crypto.base64_decode(ct)))
-    wx:close()
+    wx:stop()
   end)
   it("encrypts for the newest platform certificate", function()
     local wx = client()
@@ -419,6 +479,6 @@ describe("wx:encrypt_sensitive", function()
     assert.equal(P1, serial)
     local key = crypto.private_key(io.open(keys.p1_key):read("*a"))
     assert.equal("张三", crypto.oaep_decrypt(key, crypto.base64_decode(ct)))
-    wx:close()
+    wx:stop()
   end)
 end)

@@ -1,6 +1,7 @@
 -- paygate.crypto: keys, signatures, AEAD, OAEP, digests, encodings.
 -- Known answers from NIST (GCM), RFC 8998 (SM4-GCM), GB/T 32905 (SM3),
--- RFC 4231 (HMAC), PROTOCOL.md section 11, and the openssl CLI.
+-- RFC 4231 (HMAC), WeChat Pay's documentation and SDK test vectors
+-- (spec/fixtures/wechatpay), and the openssl CLI.
 local crypto = require "paygate.crypto"
 local T = dofile("spec/fixtures/cryptotest.lua")
 
@@ -205,12 +206,12 @@ describe("paygate.crypto", function()
       local bad = sig:sub(1, 10) .. string.char((sig:byte(11) + 1) % 256) .. sig:sub(12)
       fails_with("signature_mismatch", crypto.verify(pub, msg, bad, "sha256-rsa"))
       fails_with("signature_mismatch", crypto.verify(pub, msg, sig:sub(1, 100)))
-      -- PROTOCOL.md 3.6: the SIGNTEST probe is an ordinary failure
+      -- WeChat Pay's WECHATPAY/SIGNTEST/ probe signature is an ordinary failure
       fails_with("signature_mismatch", crypto.verify_base64(pub, msg, "WECHATPAY/SIGNTEST/abcdefghijklmnopqrstuvwxyz"))
       fails_with("signature_mismatch", crypto.verify_base64(pub, msg, "WECHATPAY/SIGNTEST/abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXY="))
     end)
 
-    it("reproduces the official doc request signature (11.1, 11.2)", function()
+    it("reproduces the official doc request signature", function()
       local key = assert(crypto.private_key(T.fixture("a1_merchant_key.pem")))
       assert.equal("jnks4dlrPw3ZX+ozVvSK39oa0t7OMBsg83BHAwd8BRdUFiVaQNTLTvci+wURgP1OQBbKYhFGvt7iqYpDSTQkp7Uq1sltaQKyncCyrA1g88m5bsKERQfPyT0ahSwKTYJ1CAn9QiJuSJRq1QsQs07eehbU/k9BCS51jTyc1Jpsi2H77HF9f/BnjXAOP3/sPObg6V5Ee4EzwLox684hhuMuIwHo7D8KFk3LIHOKDcNI4It1aCXydFWNpNK+SG86VUDe5kwoDpw4Ulqfu9z8OFDGbDs9TCxEv8iqQzbpxOlEVoOe2kalSYM5kApQb3nZcxdUtoE0liJGW3RGUNE0t4v01A==",
         crypto.sign_base64(key, msg, "WECHATPAY2-SHA256-RSA2048"))
@@ -220,7 +221,7 @@ describe("paygate.crypto", function()
         crypto.sign_base64(key, "wx2421b1c4370ec43b\n1554208460\n593BEC0C930BF1AFEB40B4A08C8FB242\nprepay_id=wx201410272009395522657a690389285100\n"))
     end)
 
-    it("reproduces the SDK vectors (11.4 java, 11.5 go)", function()
+    it("reproduces the SDK vectors (java, go)", function()
       local java = assert(crypto.private_key(T.fixture("a3_merchant_key.pem")))
       assert.equal("Rq+5ZpWV6IHTWE1+9gCrYJKguNgbItpMdlIA+PVCPCdUAKNlohZz7CL7Y8xWDIFJjdGnErMj6Z+Q/h9CF5MV+nAVkqDmBR0uP5ppsUEzco4ijvKHsvI2ro4boSW6vSfQs3W8I4QSI9a0/NFIgvj83Fv27LIYZf7deaFWmEwd1fpAeJRCyoKyBeJPdsjVx0//Lqe6Wze2zVdliLcBvaHCfpd8+rAVGS+FQDeWgHqJ7n/Zy09LmV1/ghs7pO1mdjdD16SHKlysAD3K5hNGUJX/SHrEXEcu1yO1AOb/YvOVkjNh8243rcfXNE5L4ph2XS11vS+2aToKYSOcKUagf0LLaw==",
         crypto.sign_base64(java, "message"))
@@ -229,7 +230,7 @@ describe("paygate.crypto", function()
         crypto.sign_base64(go, "source"))
     end)
 
-    it("verifies the official public-key response example (11.3) and notifications (11.5, 11.8)", function()
+    it("verifies the official public-key response example and notifications", function()
       local wxpub = assert(crypto.public_key(T.fixture("a2_wechatpay_pubkey.pem")))
       assert.is_true(crypto.verify_base64(wxpub,
         '1722850421\nd824f2e086d3c1df967785d13fcd22ef\n{"code_url":"weixin://wxpay/bizpayurl?pr=JyC91EIz1"}\n',
@@ -276,7 +277,7 @@ describe("paygate.crypto", function()
       fails_with("signature_mismatch", crypto.verify(cert, "message", T.read(dir .. "/noid.sig"), "sm2-sm3"))
     end)
 
-    it("verifies the shangmi-testing vector (11.7)", function()
+    it("verifies the shangmi-testing vector", function()
       assert.is_true(crypto.verify_base64(cert, "message",
         "MEYCIQD35Rp3CKt7pLme/a0GaCVmwSeOl7X/12+ppRivcJuf6QIhAO5Vpy4tSk9SJUrgH5I5Qy0aYhFG9lN0aof1f5wJOI05",
         "WECHATPAY2-SM2-WITH-SM3"))
@@ -419,7 +420,7 @@ describe("paygate.crypto", function()
       end
     end)
 
-    it("matches RFC 8998 SM4-GCM and the shangmi-testing vector (11.7)", function()
+    it("matches RFC 8998 SM4-GCM and the shangmi-testing vector", function()
       local K = unhex("0123456789ABCDEFFEDCBA9876543210")
       local IV = unhex("00001234567800000000ABCD")
       local A = unhex("FEEDFACEDEADBEEFFEEDFACEDEADBEEFABADDAD2")
@@ -435,7 +436,7 @@ describe("paygate.crypto", function()
       assert.is_boolean(crypto.sm4gcm_native)
     end)
 
-    it("decrypts the WeChat Pay vectors (11.4, A.11 certificate download, 11.8 notification)", function()
+    it("decrypts the WeChat Pay vectors (SDK, a11 certificate download, notification)", function()
       assert.equal("ulwSiIajGClcvcOYvOQ7+l+0PAbzzwI=", crypto.base64_encode(
         crypto.aead_encrypt("AEAD_AES_256_GCM", APIV3, "uluk4a9R25RW", "associatedData", "message")))
       local pem = assert(crypto.aead_decrypt("AEAD_AES_256_GCM", APIV3, "14b16c03dc1b", "certificate",
@@ -473,7 +474,7 @@ describe("paygate.crypto", function()
       assert.is_string(crypto.oaep_encrypt(c4, ("x"):rep(214)))
     end)
 
-    it("decrypts the wechatpay-java vector (11.4.3) with SHA-1 / MGF1-SHA-1", function()
+    it("decrypts the wechatpay-java vector with SHA-1 / MGF1-SHA-1", function()
       local k3 = assert(crypto.private_key(T.fixture("a3_merchant_key.pem")))
       assert.equal("plaintext", crypto.oaep_decrypt(k3, crypto.base64_decode("Qqsluo7R1IZyAqdkm/jBzwXDP5VndCwwFbRA+yILFTYciZzrRChQIQ7SKuI2k3YSR5auB3ZspdjR1WPB3PTCKe6BCFx3NnaPWhSwonYTmW8ZseXjkbcYSbKL5O/6dr6Zftg3t2A2FUd97acjM1fr2EIvIvRieQ3Hl8qVkDBY9520wm1rzvePUnxQWN70RZiBcqr7O7Gb0gU3l7FkvoUFSbY44HgDJetmVow3yGIV3Tcd45o2MNQ+5F1qvjIjb3/6dkGKce4/kNTYraUMO6o6kfFXlfg+bFRIiz8hiUpbToWdu7g0R5Hq0/YIE5vw/5Ms4gbk2HIQIfOLkY8sEPjYHA==")))
     end)

@@ -64,7 +64,7 @@ describe("paygate.keyring", function()
     end)
   end)
 
-  it("verifies through one lookup (11.3 public key mode)", function()
+  it("verifies through one lookup (public key mode)", function()
     assert.equal(PUB_ID, keyring.put(PUB_ID, wxpub))
     assert.is_true(keyring.verify(PUB_ID, VERIFY_11_3, crypto.base64_decode(SIG_11_3)))
     assert.is_true(keyring.verify(PUB_ID, VERIFY_11_3, crypto.base64_decode(SIG_11_3), "WECHATPAY2-SHA256-RSA2048"))

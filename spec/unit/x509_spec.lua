@@ -113,7 +113,7 @@ describe("paygate.x509", function()
       opts.at = pki.L:not_before() - 86400
       err = fails_with("not_yet_valid", x509.verify_chain(pki.L, opts))
       assert.matches("clock", err.message)
-      -- PROTOCOL A.6 expired on 2025-05-09
+      -- the a6 fixture expired on 2025-05-09
       local a6 = assert(crypto.certificate(T.fixture("a6_platform_cert.pem")))
       if now > a6:not_after() then
         fails_with("expired", x509.verify_chain(a6, { roots = { a6 } }))
@@ -220,7 +220,7 @@ describe("paygate.x509", function()
       assert.equal(L:fingerprint(), info.fingerprint)
     end)
 
-    it("read the A.11 platform certificate (PROTOCOL 11.4.4)", function()
+    it("read the a11 platform certificate (certificate download)", function()
       local pem = assert(crypto.aead_decrypt("AEAD_AES_256_GCM", "a7cde1ZJB1kG2e7VfTs3jQzaWizur8Gb", "14b16c03dc1b",
         "certificate", assert(crypto.base64_decode(T.fixture("a11_cert_ciphertext.txt")))))
       local c = assert(x509.load(pem))

@@ -1,12 +1,13 @@
 /*
- * lkeyring.c -- paygate.keyring: the per-worker map from Wechatpay-Serial
- * (platform certificate serial, or PUB_KEY_ID_...) to a parsed verifier.
+ * lkeyring.c -- paygate.keyring: rings mapping Wechatpay-Serial (platform
+ * certificate serial, or PUB_KEY_ID_...) to a parsed verifier.
  *
  * keyring.new() makes a ring (one per signing merchant, so two merchants
  * in one worker never see each other's verifiers); the module functions
  * act on the worker's default ring. Each ring is kept in C: an
- * open-addressing hash table of entries, each holding its own EVP_PKEY reference (and the
- * certificate, when it came from one) and a validity window. Verification
+ * open-addressing hash table of entries, each holding its own EVP_PKEY
+ * reference (and the certificate, when it came from one) and a validity
+ * window. Verification
  * on the hot path is one lookup plus one verify: no parsing, no Lua
  * allocation. Replacing an entry or the whole set builds the new state
  * first and swaps pointers last, so a failed put leaves the ring intact.
@@ -19,7 +20,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-#include <openssl/bn.h>
 #include <openssl/crypto.h>
 #include <openssl/x509.h>
 
@@ -27,7 +27,8 @@
 #include <lauxlib.h>
 
 #include "runtime.h"
-#include "gw_crypto.h"
+#include "crypto.h"
+#include "lobjects.h"
 
 #define GW_KEYRING_MT  "paygate.keyring.ring"
 #define GW_KEYRING_KEY "paygate.keyring.instance"
@@ -188,21 +189,10 @@ gw_kr_clear(struct gw_keyring *kr)
     kr->cap = kr->count = kr->tombs = 0;
 }
 
-static double
-gw_asn1_epoch(const ASN1_TIME *t)
-{
-    struct tm tm;
-
-    memset(&tm, 0, sizeof(tm));
-    if (t == NULL || ASN1_TIME_to_tm(t, &tm) != 1) {
-        return 0;
-    }
-    return (double)timegm(&tm);
-}
-
-/* Builds an entry for id from the handle at idx and the options table at
- * opt (may be none). Returns NULL with msg set; never raises once C
- * memory is held (argument checks happen first). */
+/* Builds an entry for id from the key or certificate handle at idx, with
+ * the validity window not_before / not_after (epoch s; negative: the
+ * certificate's own, or unbounded for a key). Returns NULL with msg set.
+ * Never raises: callers hold C memory (replace()'s new set) around it. */
 static struct gw_kr_entry *
 gw_kr_entry_new(lua_State *L, const char *id, size_t idlen, int idx,
                 double not_before, double not_after, char *msg,
@@ -246,8 +236,8 @@ gw_kr_entry_new(lua_State *L, const char *id, size_t idlen, int idx,
     if (c != NULL) {
         X509_up_ref(c->x509);
         e->cert = c->x509;
-        e->not_before = gw_asn1_epoch(X509_get0_notBefore(c->x509));
-        e->not_after = gw_asn1_epoch(X509_get0_notAfter(c->x509));
+        e->not_before = gw_crypto_asn1_epoch(X509_get0_notBefore(c->x509));
+        e->not_after = gw_crypto_asn1_epoch(X509_get0_notAfter(c->x509));
     }
     if (not_before >= 0) {
         e->not_before = not_before;
@@ -385,20 +375,14 @@ gw_kr_op_put(lua_State *L, struct gw_keyring *kr, int b)
     gw_kr_opts(L, b + 3, &nb, &na);
     if (lua_isnil(L, b + 1)) {
         struct gw_cert *c = gw_cert_check(L, b + 2);
-        BIGNUM *bn = ASN1_INTEGER_to_BN(X509_get0_serialNumber(c->x509),
-                                        NULL);
-        char *hex = bn != NULL ? BN_bn2hex(bn) : NULL;
+        int n = gw_x509_serial_hex(c->x509, serial, sizeof(serial));
 
-        BN_free(bn);
-        if (hex == NULL || strlen(hex) > GW_KEYRING_MAX_ID) {
-            OPENSSL_free(hex);
+        if (n < 0 || n > GW_KEYRING_MAX_ID) {
             return gw_push_error(L, "malformed", 0, "keyring put: "
                                  "certificate serial unusable");
         }
-        snprintf(serial, sizeof(serial), "%s", hex);
-        OPENSSL_free(hex);
         id = serial;
-        len = strlen(serial);
+        len = (size_t)n;
     } else {
         id = gw_kr_check_id(L, b + 1, &len);
     }
@@ -852,7 +836,7 @@ static const luaL_Reg lkeyring_funcs[] = {
 int
 luaopen_paygate_keyring(lua_State *L)
 {
-    gw_crypto_register_types(L);
+    gw_objects_register(L);
     if (luaL_newmetatable(L, GW_KEYRING_MT)) {
         lua_pushcfunction(L, lkeyring_gc);
         lua_setfield(L, -2, "__gc");

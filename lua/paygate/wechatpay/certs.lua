@@ -37,15 +37,17 @@ local function log()
   return require("paygate").log
 end
 
--- The instance-wide dict (paygate.shared), or nil when the runtime has
--- none (then single-flight and rate limits are per worker).
+-- The instance-wide dict (paygate.shared) named name, or nil, reason
+-- when the runtime has none by that name (then single-flight and rate
+-- limits are per worker, and the replay check cannot run).
 function _M.shared_dict(name)
   local ok, shared = pcall(require, "paygate.shared")
-  if not ok or type(shared) ~= "table" then return nil end
-  local d = shared[name]
-  if d == nil and type(shared.dict) == "function" then
-    d = shared.dict(name)
+  if not ok or type(shared) ~= "table" then
+    return nil, "no paygate.shared module"
   end
+  local d
+  ok, d = pcall(shared.get_dict, name)
+  if not ok then return nil, tostring(d) end
   return d
 end
 
@@ -69,6 +71,7 @@ function _M.init(wx)
   if c.public_key then ring:put(c.public_key_id, c.public_key) end
   wx.dl = { gen = 0, busy = false, last = nil, last_err = nil }
   wx.key_prefix = "wechatpay:" .. c.mchid .. ":"
+  wx.dict = _M.shared_dict(c.shared_dict)
   if c.state_dir then _M.load_state(wx) end
 end
 
@@ -378,7 +381,7 @@ end
 
 function _M.refresh_locked(wx, reason)
   local c = wx.conf
-  local dict = _M.shared_dict(c.shared_dict)
+  local dict = wx.dict
   local K = wx.key_prefix
   local now = core.mono()
   if reason == "unknown_serial" then

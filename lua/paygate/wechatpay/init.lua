@@ -40,6 +40,12 @@ function _M.client(conf)
     return v
   end
   certs.init(wx)
+  if not wx.dict and conf.shared_dict ~= nil then
+    return nil, errors.new("invalid_config", "wechatpay.shared_dict: no "
+      .. "paygate.shared dict " .. tostring(cfg.shared_dict)
+      .. " (configure shared = { " .. tostring(cfg.shared_dict)
+      .. " = \"1m\" })", { key = "shared_dict" })
+  end
   local ok
   ok, err = certs.start(wx)
   if not ok then

@@ -56,7 +56,7 @@ local function parse(wx, req, opts)
     return fail("malformed", "decrypted resource is not a JSON object")
   end
   if not (opts and opts.replay == false) then
-    local dict = certs.shared_dict(wx.conf.shared_dict)
+    local dict = wx.dict
     if not dict then
       return fail("replay_check_unavailable", "no paygate.shared dict "
         .. tostring(wx.conf.shared_dict) .. " to record notifications in; "

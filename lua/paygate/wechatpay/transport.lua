@@ -26,10 +26,11 @@
 --     unsigned         true for raw file downloads WeChat does not sign
 --                      (/v3/billdownload/file): no response signature
 --                      check (the caller checks the file's hash)
---     sink             function(chunk) receiving the body chunk by chunk
---                      instead of res.body (for files); with it res.body
---                      is nil and res.json is nil. A retry after part of
---                      the body reached the sink is never made.
+--     sink             function(chunk) receiving a 2xx body chunk by chunk
+--                      instead of res.body (for files; needs unsigned =
+--                      true); res.body and res.json are then nil. An error
+--                      body never reaches the sink (it makes the error).
+--                      No retry once part of the body reached the sink.
 --     wechatpay_serial string: send this Wechatpay-Serial (e.g. the serial
 --                      returned by wx:encrypt_sensitive()); default: the
 --                      public key id in public-key/migration mode, else the
@@ -138,12 +139,32 @@ function _M.request(wx, method, path, body, opts)
   for k, v in pairs(opts.headers or {}) do headers[k] = v end
   local serial = opts.wechatpay_serial or wx:request_serial()
   if serial then headers["Wechatpay-Serial"] = serial end
+  -- with a sink, only a 2xx body goes to it: an error body is kept
+  -- (bounded) for the error's code and message
   local sink, delivered = opts.sink, false
-  local wrapped
-  if sink then
+  local wrapped, on_headers, status_seen, errbuf, errlen
+  if sink ~= nil then
+    if type(sink) ~= "function" then
+      error("wx:request: opts.sink must be a function", 3)
+    end
+    if not (opts.unsigned or opts._no_verify) then
+      error("wx:request: opts.sink needs opts.unsigned (a streamed body "
+            .. "cannot be signature-checked)", 3)
+    end
+    on_headers = function(status)
+      status_seen, errbuf, errlen = status, {}, 0
+      return true
+    end
     wrapped = function(chunk)
-      delivered = true
-      return sink(chunk)
+      if status_seen >= 200 and status_seen < 300 then
+        delivered = true
+        return sink(chunk)
+      end
+      if errlen < 65536 then
+        errbuf[#errbuf + 1] = chunk
+        errlen = errlen + #chunk
+      end
+      return true
     end
   end
   local base = c.base_url
@@ -164,8 +185,11 @@ function _M.request(wx, method, path, body, opts)
       method = method, url = base .. path, headers = headers, body = body,
       timeout = min(opts.timeout or c.timeout, remaining),
       connect_timeout = min(5, remaining), ca_file = c.ca_file,
-      sink = wrapped,
+      sink = wrapped, on_headers = on_headers,
     }
+    if res and sink and (res.status < 200 or res.status >= 300) then
+      res.body = table.concat(errbuf)
+    end
     local retry = false
     if not res then
       if unsent(err) and not delivered then

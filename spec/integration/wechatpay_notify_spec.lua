@@ -1,0 +1,86 @@
+-- Notifications through a running app: the replay check holds across
+-- workers (paygate.shared), a genuine WeChat retry (same id, new nonce and
+-- signature) is accepted.
+local crypto = require "paygate.crypto"
+local json = require "cjson.safe"
+local server = require "support.server"
+local proc = require "support.proc"
+local wxtest = require "support.wxtest"
+
+local FIX = "spec/fixtures/wechatpay/"
+local PUB_ID = wxtest.PUB_ID
+local srv, key
+
+local function abs(p)
+  return io.popen("pwd"):read("*l") .. "/" .. p
+end
+
+-- a notification as WeChat signs it (here with A.1 as the WeChat key)
+local function note(id)
+  local rnonce = crypto.random_nonce(12)
+  local ct = crypto.aead_encrypt("AEAD_AES_256_GCM", wxtest.APIV3, rnonce,
+    "transaction", json.encode({ out_trade_no = "T-" .. id }))
+  local body = json.encode({ id = id, event_type = "TRANSACTION.SUCCESS",
+    resource_type = "encrypt-resource", summary = "支付成功",
+    create_time = "2025-01-01T12:00:06+08:00",
+    resource = { original_type = "transaction", algorithm = "AEAD_AES_256_GCM",
+      ciphertext = crypto.base64_encode(ct), associated_data = "transaction",
+      nonce = rnonce } })
+  local ts, nonce = tostring(os.time()), crypto.random_nonce(32)
+  return { body = body, headers = {
+    ["Content-Type"] = "application/json", ["Connection"] = "close",
+    ["Wechatpay-Timestamp"] = ts, ["Wechatpay-Nonce"] = nonce,
+    ["Wechatpay-Serial"] = PUB_ID,
+    ["Wechatpay-Signature"] = crypto.sign_base64(key, ts .. "\n" .. nonce
+                                                 .. "\n" .. body .. "\n") } }
+end
+
+local function post(n)
+  local res = assert(srv:request{ method = "POST", path = "/notify",
+                                  body = n.body, headers = n.headers })
+  local kind = res.status ~= 204 and json.decode(res.body).message or nil
+  return res.status, kind, res.headers["x-pid"]
+end
+
+setup(function()
+  key = assert(crypto.private_key(io.open(FIX .. "a1_merchant_key.pem"):read("*a")))
+  srv = server.start{ app = "spec/support/wxnotify", workers = 2,
+    config = ("return { wechatpay = { mchid = %q, merchant_private_key = %q, "
+      .. "merchant_serial = %q, apiv3_key = %q, public_key = %q, "
+      .. "public_key_id = %q, base_url = 'http://127.0.0.1:1' } }")
+      :format(wxtest.MCHID, abs(FIX .. "a3_merchant_key.pem"),
+              wxtest.MERCHANT_SERIAL, wxtest.APIV3, abs(FIX .. "a1_pub.pem"),
+              PUB_ID) }
+end)
+
+teardown(function() if srv then srv:stop() end end)
+
+describe("notification replay", function()
+  it("is refused on the worker that accepted it and on the other", function()
+    local n = note("EV-replay")
+    local status, _, first = post(n)
+    assert.equal(204, status)
+    -- new connections until the replay has reached the other worker too
+    local other
+    proc.wait_until(function()
+      local s, kind, pid = post(n)
+      assert.equal(401, s)
+      assert.equal("replayed", kind)
+      if pid ~= first then other = pid end
+      return other
+    end, 20, "the replay to reach the other worker")
+    assert.not_equal(first, other)
+  end)
+  it("accepts a WeChat retry: same id, new nonce and signature", function()
+    assert.equal(204, (post(note("EV-retry"))))
+    assert.equal(204, (post(note("EV-retry"))))
+  end)
+  it("a tampered replay is bad_signature, not replayed", function()
+    local n = note("EV-t")
+    assert.equal(204, (post(n)))
+    n.body = n.body:gsub("EV%-t", "EV-u")
+    local s, kind = post(n)
+    assert.equal(401, s)
+    assert.equal("bad_signature", kind)
+  end)
+end)

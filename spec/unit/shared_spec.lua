@@ -1,0 +1,209 @@
+-- paygate.shared in one process (paygate exec makes the dictionaries on
+-- first use): each method, TTLs, LRU eviction, limits. The cross-worker
+-- behaviour is in spec/integration/shared_spec.lua.
+local shared = require "paygate.shared"
+local core = require "paygate.core"
+
+local n = 0
+local function fresh(size)
+  n = n + 1
+  return shared.get_dict("unit" .. n, size or "1m")
+end
+
+-- waits until fn() is true or `secs` pass (monotonic); returns fn()
+local function wait_for(fn, secs)
+  local deadline = core.mono() + secs
+  while not fn() and core.mono() < deadline do core.sleep(0.005) end
+  return fn()
+end
+
+describe("paygate.shared", function()
+  it("raises on misuse", function()
+    local d = fresh()
+    assert.has_error(function() d:get(1) end)
+    assert.has_error(function() d:set(nil, 1) end)
+    assert.has_error(function() d:set("k", {}) end)
+    assert.has_error(function() d:set("k", 1, -1) end)
+    assert.has_error(function() d:set("k", 1, "soon") end)
+    assert.has_error(function() d:add("k", nil) end)
+    assert.has_error(function() d:incr("k", "x") end)
+    assert.has_error(function() shared.get_dict("bad name") end)
+    assert.has_error(function() shared.get_dict("tiny", "1k") end)
+    assert.has_error(function() shared.get_dict("odd", "16q") end)
+  end)
+
+  it("always has the paygate dictionary, 8m by default", function()
+    local d = shared.paygate
+    assert.equal(d, shared.get_dict("paygate"))
+    local st = d:stats()
+    assert.is_true(st.capacity > 7 * 1024 * 1024 and st.capacity <= 8 * 1024 * 1024)
+  end)
+
+  describe("get / set / delete", function()
+    it("keeps strings (any bytes), numbers and booleans", function()
+      local d = fresh()
+      local bin = "a\0b\255" .. ("z"):rep(1000)
+      assert.is_true(d:set("s", bin))
+      assert.is_true(d:set("n", -12.5))
+      assert.is_true(d:set("t", true))
+      assert.is_true(d:set("f", false))
+      assert.is_true(d:set("e", ""))
+      assert.equal(bin, d:get("s"))
+      assert.equal(-12.5, d:get("n"))
+      assert.is_true(d:get("t"))
+      assert.is_false(d:get("f"))
+      assert.equal("", d:get("e"))
+      assert.is_nil(d:get("missing"))
+      assert.is_true(d:set("s", 7))
+      assert.equal(7, d:get("s"))
+    end)
+
+    it("deletes with delete and with set(key, nil)", function()
+      local d = fresh()
+      d:set("a", 1)
+      d:set("b", 2)
+      assert.is_true(d:delete("a"))
+      assert.is_nil(d:get("a"))
+      assert.is_true(d:set("b", nil))
+      assert.is_nil(d:get("b"))
+      assert.equal(0, d:stats().entries)
+      assert.is_true(d:delete("never"))
+    end)
+
+    it("refuses a key or value over the limits with too_large", function()
+      local d = fresh("256k")
+      local ok, err = d:set(("k"):rep(251), 1)
+      assert.is_nil(ok)
+      assert.equal("too_large", err.kind)
+      assert.is_true(d:set(("k"):rep(250), 1))
+      -- a quarter of a 256k dictionary is about 62 KiB
+      ok, err = d:set("big", ("x"):rep(70000))
+      assert.is_nil(ok)
+      assert.equal("too_large", err.kind)
+      assert.is_true(d:set("fits", ("x"):rep(50000)))
+      assert.equal(50000, #d:get("fits"))
+      local big = shared.get_dict("unit_big", "16m")
+      ok, err = big:set("huge", ("x"):rep(1024 * 1024 + 1))
+      assert.equal("too_large", err.kind)
+      assert.is_true(big:set("max", ("x"):rep(1024 * 1024)))
+      assert.equal(1024 * 1024, #big:get("max"))
+    end)
+
+    it("finds every one of many keys", function()
+      local d = fresh("4m")
+      for i = 1, 10000 do assert.is_true(d:set("key:" .. i, i)) end
+      for i = 1, 10000 do assert.equal(i, d:get("key:" .. i)) end
+      assert.equal(10000, d:stats().entries)
+      assert.equal(0, d:stats().evictions)
+      d:flush_all()
+      assert.equal(0, d:stats().entries)
+      assert.is_nil(d:get("key:1"))
+    end)
+  end)
+
+  describe("add", function()
+    it("adds only when absent: false and kind exists otherwise", function()
+      local d = fresh()
+      assert.is_true(d:add("k", "first"))
+      local ok, err = d:add("k", "second")
+      assert.is_false(ok)
+      assert.equal("exists", err.kind)
+      assert.equal("first", d:get("k"))
+    end)
+
+    it("adds over an expired entry", function()
+      local d = fresh()
+      assert.is_true(d:add("k", 1, 0.02))
+      local added = false
+      wait_for(function() added = added or d:add("k", 2) == true; return added end, 5)
+      assert.is_true(added)
+      assert.equal(2, d:get("k"))
+    end)
+  end)
+
+  describe("incr", function()
+    it("adds to a number, creates from init, refuses the rest", function()
+      local d = fresh()
+      local v, err = d:incr("n", 1)
+      assert.is_nil(v)
+      assert.equal("not_found", err.kind)
+      assert.equal(11, d:incr("n", 1, 10))
+      assert.equal(8, d:incr("n", -3, 100))     -- init ignored when present
+      assert.equal(8, d:get("n"))
+      d:set("s", "text")
+      v, err = d:incr("s", 1, 0)
+      assert.is_nil(v)
+      assert.equal("not_a_number", err.kind)
+    end)
+
+    it("gives init_ttl to a counter it creates", function()
+      local d = fresh()
+      assert.equal(1, d:incr("c", 1, 0, 0.02))
+      assert.is_true(wait_for(function() return d:get("c") == nil end, 5))
+      assert.equal(1, d:incr("c", 1, 0))
+    end)
+  end)
+
+  describe("TTL", function()
+    it("expires an entry after its ttl, not before", function()
+      local d = fresh()
+      local t0 = core.mono()
+      d:set("short", "v", 0.05)
+      d:set("long", "v", 3600)
+      d:set("none", "v")
+      local got = d:get("short")
+      if core.mono() - t0 < 0.05 then assert.equal("v", got) end
+      assert.is_true(wait_for(function() return d:get("short") == nil end, 5))
+      assert.is_true(core.mono() - t0 >= 0.05)
+      assert.equal("v", d:get("long"))
+      assert.equal("v", d:get("none"))
+    end)
+  end)
+
+  describe("eviction", function()
+    it("evicts the least recently used first; get refreshes", function()
+      local d = fresh("64k")
+      local v = ("v"):rep(1000)
+      for i = 1, 30 do assert.is_true(d:set("k" .. i, v)) end
+      assert.equal(v, d:get("k1"))             -- k1 is now the newest
+      local i = 30
+      while d:stats().evictions == 0 do
+        i = i + 1
+        assert.is_true(d:set("k" .. i, v))
+        assert.is_true(i < 1000)
+      end
+      assert.equal(1, d:stats().evictions)
+      assert.is_nil(d:get("k2"))               -- the oldest went
+      assert.equal(v, d:get("k1"))
+      assert.equal(v, d:get("k3"))
+      assert.equal(v, d:get("k" .. i))
+    end)
+
+    it("drops expired entries before evicting live ones", function()
+      local d = fresh("64k")
+      local v = ("v"):rep(1000)
+      for i = 1, 20 do d:set("old" .. i, v, 0.01) end
+      local t0 = core.mono()
+      assert.is_true(wait_for(function() return core.mono() - t0 > 0.02 end, 5))
+      local live = 0
+      while d:stats().evictions == 0 do
+        live = live + 1
+        assert.is_true(d:set("live" .. live, v))
+        assert.is_true(live < 1000)
+      end
+      -- every expired entry went before the first live one
+      assert.equal(live - 1, d:stats().entries)
+      assert.is_nil(d:get("live1"))
+      assert.equal(v, d:get("live2"))
+    end)
+
+    it("keeps the used bytes within capacity", function()
+      local d = fresh("64k")
+      for i = 1, 2000 do d:set("x" .. i, ("y"):rep(i % 300)) end
+      local st = d:stats()
+      assert.is_true(st.used <= st.capacity)
+      assert.is_true(st.used > st.capacity / 2)
+      assert.is_true(st.evictions > 0)
+    end)
+  end)
+end)
