@@ -380,6 +380,29 @@ describe("wechatpay api", function()
     end)
   end)
 
+  describe("prepay_request", function()
+    it("returns the exact request a prepay sends, without sending it",
+       function()
+      local m, path, body = wx:prepay_request("h5", prepay_p{ scene_info = {
+        payer_client_ip = "14.23.150.211", h5_info = { type = "iOS" } } })
+      assert.equal("POST", m)
+      assert.equal("/v3/pay/transactions/h5", path)
+      assert.equal(0, #stub:requests())
+      stub:can("POST", "/v3/pay/transactions/h5", 200, { h5_url = "https://x" })
+      assert.truthy(wx:h5_prepay(prepay_p{ scene_info = {
+        payer_client_ip = "14.23.150.211", h5_info = { type = "iOS" } } }))
+      local sent = stub:last().json
+      assert.same(sent, require("cjson").decode(body))
+    end)
+
+    it("checks like the call, and raises on an unknown kind", function()
+      local m, err = wx:prepay_request("native", prepay_p{ amount = {} })
+      assert.is_nil(m)
+      assert.equal("amount.total", err.field)
+      assert.has_error(function() wx:prepay_request("micropay", {}) end)
+    end)
+  end)
+
   describe("query and close (direct merchant)", function()
     local TXN = { appid = APPID, mchid = MCHID, out_trade_no =
       "1217752501201407033233368018", transaction_id =
@@ -430,6 +453,16 @@ describe("wechatpay api", function()
       assert.equal("/v3/pay/transactions/out-trade-no/ORDER_0001/close",
                    r.target)
       assert.same({ mchid = MCHID }, r.json)
+    end)
+
+    it("close() with no argument stops the client, sending nothing",
+       function()
+      local wx2 = stub:client()
+      wx2:close()
+      assert.equal(0, #stub:requests())
+      local data, err = wx2:close(nil)
+      assert.is_nil(data)
+      assert.equal("out_trade_no", err.field)
     end)
 
     it("close of a paid order is order_paid", function()
