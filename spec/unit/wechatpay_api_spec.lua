@@ -168,6 +168,12 @@ describe("wechatpay api", function()
                               payer = { sub_openid = "oUp" } }
           p.appid = nil
           return pwx:jsapi_prepay(p) end, "sub_appid" },
+      { "direct prepay with sub_mchid", function()
+          return wx:native_prepay(prepay_p{ sub_mchid = "1900000109" }) end,
+        "sub_mchid" },
+      { "partner prepay with mchid", function()
+          return pwx:native_prepay(prepay_p{ mchid = SP_MCHID,
+            sub_mchid = "1900000109", sp_appid = APPID }) end, "mchid" },
       { "query_by_transaction_id nil", function()
           return wx:query_by_transaction_id(nil) end, "transaction_id" },
       { "query_by_transaction_id a number", function()
@@ -278,6 +284,50 @@ describe("wechatpay api", function()
         assert.truthy(tostring(err):find(c[3], 1, true), tostring(err))
       end)
     end
+
+    it("never raises on hostile values in any field (prepay_request)",
+       function()
+      local garbage = { 0, -1, 1.5, 0 / 0, 1 / 0, -1 / 0, 2 ^ 60, "", "\255",
+        "\0", ("x"):rep(5000), true, false, {}, { 1, 2 }, { a = {} },
+        { [1] = 1, x = 2 }, { [3] = 1 }, print, coroutine.create(print),
+        require("paygate.core").null, "https://a.b/c?d", "2026-13-45" }
+      local paths = {
+        { "description" }, { "out_trade_no" }, { "appid" }, { "mchid" },
+        { "notify_url" }, { "amount" }, { "amount", "total" },
+        { "amount", "currency" }, { "payer" }, { "payer", "openid" },
+        { "scene_info" }, { "scene_info", "h5_info" },
+        { "scene_info", "h5_info", "type" }, { "detail" },
+        { "detail", "goods_detail" }, { "time_expire" }, { "limit_pay" },
+        { "settle_info" }, { "settle_info", "profit_sharing" }, { "x" },
+      }
+      local n = 0
+      for _, kind in ipairs({ "jsapi", "app", "h5", "native" }) do
+        for _, path in ipairs(paths) do
+          for _, g in ipairs(garbage) do
+            for _, client in ipairs({ wx, pwx }) do
+              local p = prepay_p{ payer = { openid = "o" }, scene_info = {
+                payer_client_ip = "1.2.3.4", h5_info = { type = "Wap" } } }
+              if client == pwx then
+                p.appid, p.sp_appid, p.sub_mchid = nil, APPID, "1900000109"
+                p.payer = { sp_openid = "o" }
+              end
+              local t = p
+              for i = 1, #path - 1 do
+                if type(t[path[i]]) ~= "table" then t[path[i]] = {} end
+                t = t[path[i]]
+              end
+              t[path[#path]] = g
+              local ok, m, err = pcall(client.prepay_request, client, kind, p)
+              assert.is_true(ok, tostring(m))
+              assert.is_true(m == "POST" or err.kind == "invalid_params",
+                             tostring(err))
+              n = n + 1
+            end
+          end
+        end
+      end
+      assert.is_true(n > 3000)
+    end)
 
     it("sent nothing to WeChat for any of them", function()
       for _, c in ipairs(cases) do c[2]() end
@@ -724,6 +774,23 @@ describe("wechatpay api", function()
           .. "d/o2NQM99WcL86m23HY0cTy+QGWU4QDmNrbQ9ihmLW71qPb0Cx/d7EQvw/Kyx"
           .. "0A6s64ZQp3hHdcmiRcLnjVXrKCk7LShaCK+lS3Q==",
       }, t)
+    end)
+
+    it("an SM2 merchant key signs with SM2-with-SM3", function()
+      local payparams = require "paygate.wechatpay.payparams"
+      local function pem(name)
+        local f = assert(io.open(wxapi.FIX .. name, "rb"))
+        local s = f:read("*a")
+        f:close()
+        return s
+      end
+      local key = assert(crypto.private_key(pem("a10a_sm2_key.pem")))
+      local cert = assert(crypto.certificate(pem("a10b_sm2_cert.pem")))
+      local t = assert(payparams.jsapi(key, APPID, PREPAY))
+      assert.equal("SM2", t.signType)
+      assert.truthy(crypto.verify_base64(cert, APPID .. "\n" .. t.timeStamp
+        .. "\n" .. t.nonceStr .. "\nprepay_id=" .. PREPAY .. "\n", t.paySign,
+        "sm2-sm3"))
     end)
 
     it("fresh parameters verify with the merchant's public key", function()

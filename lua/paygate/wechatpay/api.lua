@@ -270,6 +270,17 @@ local function build_prepay(self, kind, p)
   local body = copy(p)
   local mode = is_partner(self) and "partner" or "direct"
   local ok, err
+  -- the other mode's ids would be sent as they are and refused by WeChat
+  for _, k in ipairs(mode == "partner" and { "mchid", "appid" }
+                     or { "sp_mchid", "sp_appid", "sub_mchid", "sub_appid" })
+  do
+    if body[k] ~= nil then
+      return fail(name, k, mode == "partner"
+        and "is for a direct merchant: in partner mode give sp_appid "
+            .. "(sp_mchid is the client's) and sub_mchid"
+        or "is for partner mode (a client configured with sp_mchid)")
+    end
+  end
   if mode == "partner" then
     ok, err = fill(name, body, "sp_mchid", c.mchid)
     if ok then ok, err = fill(name, body, "sp_appid", c.sp_appid) end
