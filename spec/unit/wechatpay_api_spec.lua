@@ -106,6 +106,12 @@ describe("wechatpay api", function()
       { "prepay time_expire not RFC 3339", function()
           return wx:native_prepay(prepay_p{ time_expire = "2026-01-01" }) end,
         "time_expire" },
+      { "prepay time_expire without an offset", function()
+          return wx:native_prepay(prepay_p{
+            time_expire = "2026-06-08T10:34:56" }) end, "time_expire" },
+      { "prepay time_expire with half an offset", function()
+          return wx:native_prepay(prepay_p{
+            time_expire = "2026-06-08T10:34:56+08" }) end, "time_expire" },
       { "prepay without appid (none configured)", function()
           local p = prepay_p(); p.appid = nil
           return wx:native_prepay(p) end, "appid" },
@@ -347,6 +353,11 @@ describe("wechatpay api", function()
                { code_url = "weixin://wxpay/bizpayurl?pr=a" })
       assert.truthy(wx:native_prepay(prepay_p{ description =
                                                  ("商"):rep(127) }))
+      for _, t in ipairs({ "2026-06-08T10:34:56+08:00",
+                           "2026-06-08T02:34:56Z",
+                           "2026-06-08T10:34:56.123-05:30" }) do
+        assert.truthy(wx:prepay_request("native", prepay_p{ time_expire = t }))
+      end
     end)
   end)
 

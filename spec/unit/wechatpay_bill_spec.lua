@@ -188,6 +188,7 @@ describe("wechatpay bill", function()
       assert.equal("GET", r.method)
       assert.equal("/v3/billdownload/file?token=tok-plain&tartype=gzip",
                    r.target)
+      assert.equal("*/*", r.headers.accept)
       os.remove(path)
     end)
 

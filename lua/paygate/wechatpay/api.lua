@@ -65,7 +65,13 @@ local APPID = { min = 1, max = 32, pattern = "^[%w_%-]+$",
 local NOTIFY_URL = { min = 1, max = 255, pattern = "^https://[^%s?#]+$",
                      what = "an https URL without a query string" }
 local RFC3339 = {
-  pattern = "^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%d%.?%d*[Zz%+%-]%d?%d?:?%d?%d?$",
+  test = function(v)
+    local rest = v:match("^%d%d%d%d%-[01]%d%-[0-3]%dT[0-2]%d:[0-5]%d:[0-6]%d"
+                         .. "(.*)$")
+    if not rest then return false end
+    rest = rest:gsub("^%.%d+", "")
+    return rest == "Z" or rest == "z" or rest:find("^[%+%-][0-2]%d:[0-5]%d$")
+  end,
   what = "an RFC 3339 time such as 2026-06-08T10:34:56+08:00" }
 local CURRENCY = { pattern = "^%u%u%u$", what = "a currency code (CNY)" }
 local DATE = { pattern = "^%d%d%d%d%-[01]%d%-[0-3]%d$",
@@ -677,6 +683,7 @@ function _M.download_bill(self, b, path, o)
   if not w then return nil, err end
   local res, rerr = self:request("GET", target, nil, {
     idempotent = true, unsigned = true, deadline = o.deadline,
+    headers = { Accept = "*/*" },     -- a file, not JSON
     timeout = o.timeout, max_attempts = o.max_attempts,
     sink = function(chunk) return w:feed(chunk) end,
   })

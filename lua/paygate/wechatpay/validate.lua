@@ -12,7 +12,8 @@
 --             array: item count
 --   pattern   a Lua pattern the whole string must match (anchor it)
 --   enum      { "A", "B" }: the value must be one of them
---   what      text for a pattern failure ("6-32 of [0-9A-Za-z_-|*]")
+--   test      function(v) -> truthy when the string is well-formed
+--   what      text for a pattern/test failure ("6-32 of [0-9A-Za-z_-|*]")
 -- Parents of a nested path must be objects when present; a rule on a child
 -- of an absent optional parent is skipped.
 
@@ -107,7 +108,8 @@ local function check_value(call, field, v, r)
     if r.max and n > r.max then
       return fail(call, field, "must be at most " .. r.max .. " characters")
     end
-    if r.pattern and not find(v, r.pattern) then
+    if (r.pattern and not find(v, r.pattern)) or (r.test and not r.test(v))
+    then
       return fail(call, field, "must be " .. (r.what or "well-formed"))
     end
     if r.enum then
