@@ -246,8 +246,18 @@ describe("platform certificates", function()
         :format(wxtest.MCHID, keys.merchant_key, wxtest.MERCHANT_SERIAL,
                 wxtest.APIV3, srv.base_url) }
     local ok, e = pcall(function()
+      -- both workers up, their start-up downloads done
+      local up, nup = {}, 0
+      proc.wait_until(function()
+        local res = assert(app:request{ path = "/call?path=/v3/echo",
+                                        headers = { Connection = "close" } })
+        assert.equal(200, res.status)
+        local pid = res.headers["x-pid"]
+        if not up[pid] then up[pid], nup = true, nup + 1 end
+        return nup == 2
+      end, 30, "both workers to serve")
       local before = count("GET", "/v3/certificates")
-      assert.is_true(before >= 1)
+      assert.equal(1, before)           -- one start-up download for both
       wxtest.certs(srv, { serials = { P1, P2 } })
       -- concurrent batches over new connections until both workers have
       -- answered (the kernel spreads connections, not evenly)

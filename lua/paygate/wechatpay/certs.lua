@@ -401,6 +401,15 @@ function _M.refresh_locked(wx, reason)
         .. " s ago (download_min_interval)")
     end
   end
+  if dict and reason ~= "unknown_serial" and reason ~= "manual" then
+    -- another worker of this instance downloaded recently: take its set
+    local at = dict:get(K .. "at")
+    if type(at) == "number" and core.time() - at < c.refresh_interval / 2
+       and dict:get(K .. "set") then
+      import(wx, dict:get(K .. "set"))
+      return true
+    end
+  end
   if dict then
     if not dict:add(K .. "lock", core.pid(), c.timeout + 5) then
       wait_for(function() return not dict:get(K .. "lock") end,
@@ -412,7 +421,10 @@ function _M.refresh_locked(wx, reason)
   if reason == "unknown_serial" then wx.dl.at = now end
   local added, err = download(wx)
   if dict then
-    if added then dict:set(K .. "set", export(wx)) end
+    if added then
+      dict:set(K .. "set", export(wx))
+      dict:set(K .. "at", core.time())
+    end
     dict:delete(K .. "lock")
   end
   if not added then return nil, err end
