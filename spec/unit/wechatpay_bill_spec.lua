@@ -164,6 +164,7 @@ describe("wechatpay bill", function()
       wx:close()
       stub:stop()
     end)
+    before_each(function() stub:reset() end)
 
     local function bill_for(token, hash)
       return { download_url = "https://api.mch.weixin.qq.com/v3/"
@@ -225,7 +226,25 @@ describe("wechatpay bill", function()
                                          path)
       assert.is_nil(info)
       assert.equal("not_found", err.kind)
+      assert.equal("RESOURCE_NOT_EXISTS", err.code)
       for _, n in ipairs(ls(dir)) do assert.falsy(n:find("^gone%.csv"), n) end
+    end)
+
+    it("a 500 before the file is retried; the error body never reaches "
+       .. "the file", function()
+      local src = dir .. "/retry.src"
+      write(src, zlib.gzip(CSV))
+      stub:bill("tok-retry", src)
+      stub:can("GET", "/v3/billdownload/file", 500,
+               { code = "SYSTEM_ERROR", message = "busy" }, { times = 1 })
+      local path = dir .. "/retry.csv"
+      local info, err = wx:download_bill(bill_for("tok-retry", sha1(CSV)),
+                                         path)
+      assert.is_table(info, tostring(err))
+      assert.equal(CSV, read(path))
+      assert.equal(2, select(2, stub:last()))
+      os.remove(path)
+      os.remove(src)
     end)
 
     it("streams a 210 MiB (decompressed) gzip bill to disk with Lua "

@@ -148,7 +148,7 @@ paygate.before(function(req)
   local bad = check_auth(req, target)
   record(req, target)
   if bad then return bad[1], bad[2], bad[3] end
-  if path == "/v3/billdownload/file" then
+  if path == "/v3/billdownload/file" and not canned["GET " .. path] then
     local file = bills[req:query().token or ""]
     if not file then
       return err_answer(404, "RESOURCE_NOT_EXISTS", "no such bill")
@@ -163,7 +163,10 @@ paygate.before(function(req)
   end
   if c.times then
     c.times = c.times - 1
-    if c.times <= 0 then table.remove(list, 1) end
+    if c.times <= 0 then
+      table.remove(list, 1)
+      if #list == 0 then canned[req.method .. " " .. path] = nil end
+    end
   end
   local status = c.status or 200
   local body = c.body or ""
