@@ -153,8 +153,9 @@ local function gen(file, count)
   f:close()
 end
 
--- required (by bench/wechatpay_app) rather than run: no command line
-local mode = (...) ~= "wechatpay" and arg and arg[1] or nil
+-- only when run as the script (not when bench/wechatpay_app requires it)
+local mode = type(arg) == "table" and type(arg[0]) == "string"
+             and arg[0]:find("wechatpay%.lua$") and arg[1] or nil
 if mode == "inproc" then
   inproc(tonumber(arg[2]) or 3)
 elseif mode == "gen" then

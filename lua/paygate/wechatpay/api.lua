@@ -174,7 +174,6 @@ end
 local function esc_query(s)
   return (gsub(s, "[^%w%-%._~]", pct))
 end
-_M._esc = esc
 
 local function copy(p)
   local t = {}
@@ -188,9 +187,11 @@ local function check_p(call, p)
   end
 end
 
-local function check_opts(call, o)
+-- level: the caller's stack level for the error (default: the caller of
+-- the function calling check_opts)
+local function check_opts(call, o, level)
   if o ~= nil and type(o) ~= "table" then
-    error("wechatpay." .. call .. ": opts must be a table", 3)
+    error("wechatpay." .. call .. ": opts must be a table", level or 3)
   end
 end
 
@@ -247,11 +248,12 @@ local function encode(name, body)
   return s
 end
 
--- (id, sub_mchid, opts) or (id, opts) for the id-only calls.
+-- (id, sub_mchid, opts) or (id, opts) for the id-only calls; depth: how
+-- many frames below the public call id_args runs (1: called by it).
 -- returns: true, sub_mchid, opts; or nil, err.
-local function id_args(call_name, self, sub, o)
+local function id_args(call_name, self, sub, o, depth)
   if type(sub) == "table" and o == nil then sub, o = nil, sub end
-  check_opts(call_name, o)
+  check_opts(call_name, o, 3 + (depth or 1))
   if is_partner(self) then
     local ok, err = check(call_name, { sub_mchid = sub }, SUB_MCHID)
     if not ok then return nil, err end
@@ -372,7 +374,7 @@ function _M.native_prepay(self, p, o) return prepay(self, "native", p, o) end
 local function query(self, name, segment, field, r, id, sub, o)
   local ok, err = check_id(name, field, id, r)
   if not ok then return nil, err end
-  ok, sub, o = id_args(name, self, sub, o)
+  ok, sub, o = id_args(name, self, sub, o, 2)
   if not ok then return nil, sub end
   local c = conf(self)
   local path
