@@ -155,6 +155,13 @@ describe("wechatpay api", function()
       { "prepay with a null field", function()
           return wx:native_prepay(prepay_p{
             goods_tag = require("paygate.core").null }) end, "goods_tag" },
+      { "prepay with a field name that is not UTF-8", function()
+          return wx:native_prepay(prepay_p{ scene_info = {
+            payer_client_ip = "1.2.3.4", ["\255"] = 1 } }) end,
+        "scene_info" },
+      { "prepay with an empty goods_detail", function()
+          return wx:native_prepay(prepay_p{ detail = { goods_detail = {} } })
+        end, "detail.goods_detail" },
       { "prepay with an integer past 1e14", function()
           return wx:native_prepay(prepay_p{ extra = { n = 2 ^ 50 } }) end,
         "extra.n" },

@@ -140,7 +140,8 @@ local function check_value(call, field, v, r)
       return fail(call, field, "must be an array")
     end
     if r.min and #v < r.min then
-      return fail(call, field, "must have at least " .. r.min .. " items")
+      return fail(call, field, "must have at least " .. r.min
+                  .. (r.min == 1 and " item" or " items"))
     end
     if r.max and #v > r.max then
       return fail(call, field, "must have at most " .. r.max .. " items")
@@ -266,6 +267,10 @@ local function plain(call, v, field, depth, seen)
           return fail(call, field == "" and "p" or field,
                       "has a key that is not a string (" .. tostring(k)
                       .. ") beside named fields")
+        end
+        if not utf8_len(k) then
+          return fail(call, field == "" and "p" or field,
+                      "has a field name that is not valid UTF-8")
         end
         local ok, err = plain(call, x, field == "" and k or field .. "." .. k,
                               depth + 1, seen)
