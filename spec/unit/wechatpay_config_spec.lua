@@ -147,3 +147,17 @@ describe("wechatpay.client configuration", function()
     assert.is_nil(b.ring:get(PUB_ID))
   end)
 end)
+
+describe("docs/wechatpay.md", function()
+  it("explains every error kind the client returns", function()
+    local f = assert(io.open("docs/wechatpay.md"))
+    local doc = f:read("*a")
+    f:close()
+    local section = doc:match("\n## Errors\n(.-)\n## ")
+    assert.is_truthy(section)
+    for _, kind in ipairs(require("paygate.wechatpay.errors").KINDS) do
+      assert.is_truthy(section:find("`" .. kind .. "`", 1, true),
+                       kind .. " is not in the Errors section")
+    end
+  end)
+end)

@@ -95,6 +95,22 @@ describe("sign.sign_request (official example)", function()
   end)
 end)
 
+describe("sign.sign_request (SM variant)", function()
+  it("signs with SM2-with-SM3 under the WECHATPAY2-SM2-WITH-SM3 schema",
+     function()
+    local sm = { key = assert(crypto.private_key(read("a10a_sm2_key.pem"))),
+                 schema = sign.SM2, mchid = "1900000001",
+                 serial = "54E7F59ED8DF4570CFB14780EA8152D45A675EE6" }
+    local h = assert(sign.sign_request(sm, "GET", "/v3/certificates?algorithm_type=SM2"))
+    local t = assert(sign.parse_authorization(h))
+    assert.equal("WECHATPAY2-SM2-WITH-SM3", t.schema)
+    local cert = assert(crypto.certificate(read("a10b_sm2_cert.pem")))
+    assert(crypto.verify_base64(cert, "GET\n/v3/certificates?algorithm_type=SM2\n"
+      .. t.timestamp .. "\n" .. t.nonce_str .. "\n\n", t.signature,
+      "sm2-sm3"))
+  end)
+end)
+
 describe("sign.parse_authorization", function()
   it("refuses garbage and accepts any parameter order", function()
     assert.is_nil(sign.parse_authorization("nonsense"))

@@ -33,6 +33,8 @@ local printable = errors.printable
 
 local _M = {}
 
+local acceptable          -- defined below
+
 local function log()
   return require("paygate").log
 end
@@ -114,7 +116,11 @@ function _M.load_state(wx)
                { path = state_path(wx) })
     return 0
   end
-  return adopt(wx, chain, core.time())
+  local now, ok = core.time(), {}
+  for _, cert in ipairs(chain) do
+    if acceptable(wx, cert, now) then ok[#ok + 1] = cert end
+  end
+  return adopt(wx, ok, now)
 end
 
 local function shell_quote(s)
@@ -198,6 +204,26 @@ function _M.decrypt(wx, r)
                          .. tostring(last))
 end
 
+-- Whether a platform certificate may join this client's ring: the key type
+-- of the configured variant, not expired, and chained to platform_ca when
+-- one is configured. returns: true; or false and, for a chain failure, a
+-- reason (a wrong type or an expired one is skipped quietly).
+acceptable = function(wx, cert, now)
+  local want = wx.conf.sm and "SM2" or "RSA"
+  if cert:key_type() ~= want or cert:not_after() <= now then
+    return false
+  end
+  if wx.conf.platform_ca then
+    local ok, verr = x509.verify_chain(cert,
+      { roots = wx.conf.platform_ca, at = now })
+    if not ok then
+      return false, cert:serial() .. " does not chain to platform_ca ("
+                    .. tostring(verr and verr.kind) .. ")"
+    end
+  end
+  return true
+end
+
 -- Decrypts and checks the certificates of a /v3/certificates body.
 -- returns: an array of certificate handles, or nil, err.
 local function decode_download(wx, body, now)
@@ -205,7 +231,6 @@ local function decode_download(wx, body, now)
   if type(doc) ~= "table" or type(doc.data) ~= "table" then
     return nil, core.error("bad_response", "/v3/certificates: no data array")
   end
-  local want = wx.conf.sm and "SM2" or "RSA"
   local out = {}
   for i, item in ipairs(doc.data) do
     if type(item) ~= "table" then
@@ -228,17 +253,11 @@ local function decode_download(wx, body, now)
         .. ": serial_no " .. printable(item.serial_no, 64)
         .. " differs from the certificate's " .. cert:serial())
     end
-    if cert:key_type() == want and cert:not_after() > now then
-      if wx.conf.platform_ca then
-        local ok, verr = x509.verify_chain(cert,
-          { roots = wx.conf.platform_ca, at = now })
-        if not ok then
-          return nil, core.error("bad_response", "/v3/certificates: "
-            .. cert:serial() .. " does not chain to platform_ca ("
-            .. tostring(verr and verr.kind) .. ")")
-        end
-      end
+    local ok, why = acceptable(wx, cert, now)
+    if ok then
       out[#out + 1] = cert
+    elseif why then
+      return nil, core.error("bad_response", "/v3/certificates: " .. why)
     end
   end
   return out
@@ -332,9 +351,16 @@ local function export(wx)
   return table.concat(parts)
 end
 
+-- Takes the set another worker downloaded, checked as this client checks
+-- its own downloads.
 local function import(wx, pem)
   local chain = type(pem) == "string" and pem ~= "" and x509.chain(pem)
-  if chain then adopt(wx, chain, core.time()) end
+  if not chain then return end
+  local now, ok = core.time(), {}
+  for _, cert in ipairs(chain) do
+    if acceptable(wx, cert, now) then ok[#ok + 1] = cert end
+  end
+  adopt(wx, ok, now)
 end
 
 -- Waits (polling, bounded) until cond() holds; returns whether it did.

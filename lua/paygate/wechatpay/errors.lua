@@ -140,8 +140,9 @@ _M.KINDS = {
   "mch_not_exists", "rule_limit", "trade_error", "account_error",
   "user_paying", "http_error", "unverified_response", "unknown_outcome",
   "bad_signature", "stale_timestamp", "unknown_serial", "cert_expired",
-  "malformed", "replayed", "decrypt_failed", "bad_response",
-  "timeout", "connect", "dns", "tls", "closed", "body_too_large",
+  "malformed", "replayed", "replay_check_unavailable", "decrypt_failed",
+  "bad_response", "unsupported", "timeout", "connect", "dns", "tls",
+  "closed", "body_too_large", "aborted",
 }
 
 
