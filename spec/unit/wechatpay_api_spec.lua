@@ -576,6 +576,23 @@ describe("wechatpay api", function()
       assert.equal(list[1].body, list[2].body)
     end)
 
+    it("a refund answer whose signature fails is unverified_response "
+       .. "(WeChat may have acted), never success or a plain failure",
+       function()
+      local good = require("cjson").encode(REFUND_ANSWER)
+      stub:can("POST", "/v3/refund/domestic/refunds", 200, good,
+               { tamper = good:gsub("PROCESSING", "SUCCESS") })
+      local data, err = wx:refund(refund_p())
+      assert.is_nil(data)
+      assert.equal("unverified_response", err.kind)
+      assert.equal(1, #stub:requests())     -- not repeated either
+      stub:can("GET", "/v3/refund/domestic/refunds/R1", 200, good,
+               { tamper = good .. " " })
+      data, err = wx:query_refund("R1")
+      assert.is_nil(data)
+      assert.equal("bad_signature", err.kind)
+    end)
+
     it("NOT_ENOUGH is not_enough", function()
       stub:can("POST", "/v3/refund/domestic/refunds", 403,
                { code = "NOT_ENOUGH", message = "余额不足" })

@@ -15,7 +15,8 @@
 -- Test control (no signature needed):
 --   POST /_test/canned { method, path, status, body (string or object),
 --                        headers, sign (default: 2xx), times (default:
---                        sticky) }
+--                        sticky), tamper (a body sent in place of the
+--                        signed one) }
 --   POST /_test/bill   { token, file }
 --   POST /_test/reset
 --   GET  /_test/requests -> { requests = [ { method, path, query, target,
@@ -172,7 +173,11 @@ paygate.before(function(req)
   local body = c.body or ""
   local sign = c.sign
   if sign == nil then sign = status >= 200 and status < 300 end
-  if sign then return signed(status, body, c.headers) end
+  if sign then
+    local st, b, h = signed(status, body, c.headers)
+    if c.tamper then b = c.tamper end       -- signed, then altered
+    return st, b, h
+  end
   local h = { ["Content-Type"] = "application/json" }
   for k, v in pairs(c.headers or {}) do h[k] = v end
   return status, body, h
