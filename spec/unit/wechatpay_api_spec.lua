@@ -424,6 +424,21 @@ describe("wechatpay api", function()
                            list[2].headers.authorization)
     end)
 
+    it("repeats a prepay whose answer timed out (it may have reached "
+       .. "WeChat: same out_trade_no, same bytes)", function()
+      stub:can("POST", "/v3/pay/transactions/native", 200,
+               { code_url = "weixin://late" }, { times = 1, delay = 1.5 })
+      stub:can("POST", "/v3/pay/transactions/native", 200,
+               { code_url = "weixin://again" })
+      local data, err = wx:native_prepay(prepay_p(), { timeout = 0.5,
+                                                       deadline = 10 })
+      assert.is_table(data, tostring(err))
+      assert.equal("weixin://again", data.code_url)
+      local list = stub:requests()       -- 2 (more if the machine is slow)
+      assert.is_true(#list >= 2)
+      for i = 2, #list do assert.equal(list[1].body, list[i].body) end
+    end)
+
     it("returns WeChat's error with its kind, code and request id",
        function()
       stub:can("POST", "/v3/pay/transactions/native", 403,

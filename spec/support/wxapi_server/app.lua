@@ -16,7 +16,7 @@
 --   POST /_test/canned { method, path, status, body (string or object),
 --                        headers, sign (default: 2xx), times (default:
 --                        sticky), tamper (a body sent in place of the
---                        signed one) }
+--                        signed one), delay (seconds before answering) }
 --   POST /_test/bill   { token, file }
 --   POST /_test/reset
 --   GET  /_test/requests -> { requests = [ { method, path, query, target,
@@ -169,6 +169,7 @@ paygate.before(function(req)
       if #list == 0 then canned[req.method .. " " .. path] = nil end
     end
   end
+  if c.delay then paygate.sleep(c.delay) end
   local status = c.status or 200
   local body = c.body or ""
   local sign = c.sign
