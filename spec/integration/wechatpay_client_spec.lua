@@ -207,6 +207,19 @@ describe("platform certificates", function()
     assert.same({ P1, P2 }, wx:certificate_status().serials)
     wx:stop()
   end)
+  it("certificate mode: calls name the newest certificate, the download "
+     .. "none", function()
+    local wx = client()
+    assert(wx:request("GET", "/v3/echo"))
+    for _, r in ipairs(wxtest.requests(srv)) do
+      if r.target == "/v3/certificates" then
+        assert.is_nil(r.headers["wechatpay-serial"])
+      else
+        assert.equal(P1, r.headers["wechatpay-serial"])
+      end
+    end
+    wx:stop()
+  end)
   it("a serial WeChat does not list is unknown_serial after one download",
      function()
     local wx = client()
@@ -284,6 +297,19 @@ describe("platform certificates", function()
     end)
     app:stop()
     assert(ok, e)
+  end)
+  it("a caller abandoned during a download does not stall the next",
+     function()
+    local wx = client()
+    wxtest.certs(srv, { serials = { P1, P2 }, delay = 0.5 })
+    local t = core.spawn(function() wx:refresh_certificates() end)
+    core.sleep(0.1)
+    t:cancel()
+    local t0 = core.mono()
+    assert(wx:refresh_certificates())
+    assert.is_true(core.mono() - t0 < 3)
+    assert.same({ P1, P2 }, wx:certificate_status().serials)
+    wx:stop()
   end)
   it("a PUB_KEY_ID_ serial with a certificate-only config is unknown_serial"
      .. " without a download", function()
@@ -483,6 +509,34 @@ describe("errors and retries", function()
     assert.equal(200, res.status)
     assert.equal(1, count("POST", "/v3/echo"))
     wx2:stop()
+  end)
+end)
+
+describe("over HTTPS", function()
+  it("verifies WeChat's certificate with ca_file; a wrong CA is tls, once",
+     function()
+    local certs = require("support.pki").make(dir)
+    local tsrv = wxtest.start(keys, { tls = certs })
+    local ok, e = pcall(function()
+      local base = "https://127.0.0.1:" .. tsrv.port
+      wxtest.certs(tsrv, { serials = { P1 } })
+      local wx = assert(wechatpay.client(wxtest.client_conf(tsrv, keys,
+        { base_url = base, ca_file = certs.ca })))
+      assert.same({ P1 }, wx:certificate_status().serials)
+      assert(wx:request("POST", "/v3/echo", "{}"))
+      wx:stop()
+      local wx2 = assert(wechatpay.client(wxtest.client_conf(tsrv, keys,
+        { base_url = base, ca_file = certs.other_ca,
+          platform_certificates = { keys.p1_cert } })))
+      local n0 = #wxtest.requests(tsrv)
+      local _, err = wx2:request("POST", "/v3/echo", "{}")
+      assert.equal("tls", err.kind)
+      assert.is_false(err.sent)
+      assert.equal(n0, #wxtest.requests(tsrv))
+      wx2:stop()
+    end)
+    tsrv:stop()
+    assert(ok, e)
   end)
 end)
 

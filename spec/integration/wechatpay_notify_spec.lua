@@ -15,8 +15,9 @@ local function abs(p)
   return io.popen("pwd"):read("*l") .. "/" .. p
 end
 
--- a notification as WeChat signs it (here with A.1 as the WeChat key)
-local function note(id)
+-- a notification as WeChat signs it (by default with A.1 as the WeChat
+-- public key's private half)
+local function note(id, signer, serial)
   local rnonce = crypto.random_nonce(12)
   local ct = crypto.aead_encrypt("AEAD_AES_256_GCM", wxtest.APIV3, rnonce,
     "transaction", json.encode({ out_trade_no = "T-" .. id }))
@@ -30,13 +31,13 @@ local function note(id)
   return { body = body, headers = {
     ["Content-Type"] = "application/json", ["Connection"] = "close",
     ["Wechatpay-Timestamp"] = ts, ["Wechatpay-Nonce"] = nonce,
-    ["Wechatpay-Serial"] = PUB_ID,
-    ["Wechatpay-Signature"] = crypto.sign_base64(key, ts .. "\n" .. nonce
+    ["Wechatpay-Serial"] = serial or PUB_ID,
+    ["Wechatpay-Signature"] = crypto.sign_base64(signer or key, ts .. "\n" .. nonce
                                                  .. "\n" .. body .. "\n") } }
 end
 
-local function post(n)
-  local res = assert(srv:request{ method = "POST", path = "/notify",
+local function post(n, to)
+  local res = assert((to or srv):request{ method = "POST", path = "/notify",
                                   body = n.body, headers = n.headers })
   local kind = res.status ~= 204 and json.decode(res.body).message or nil
   return res.status, kind, res.headers["x-pid"]
@@ -82,5 +83,31 @@ describe("notification replay", function()
     local s, kind = post(n)
     assert.equal(401, s)
     assert.equal("bad_signature", kind)
+  end)
+end)
+
+describe("boot with WeChat unreachable", function()
+  it("serves from the certificates in state_dir", function()
+    local dir = server.tmpdir()
+    local keys = wxtest.make(dir)
+    local state = dir .. "/state"
+    os.execute("mkdir -p " .. state .. " && cp " .. keys.p1_cert .. " " .. state
+               .. "/wechatpay-" .. wxtest.MCHID .. "-platform-certificates.pem")
+    local app = server.start{ app = "spec/support/wxnotify",
+      config = ("return { wechatpay = { mchid = %q, merchant_private_key = %q, "
+        .. "merchant_serial = %q, apiv3_key = %q, state_dir = %q, "
+        .. "base_url = 'http://127.0.0.1:%d' } }")
+        :format(wxtest.MCHID, keys.merchant_key, wxtest.MERCHANT_SERIAL,
+                wxtest.APIV3, state, require("paygate.core").free_port()) }
+    local ok, e = pcall(function()
+      local p1 = assert(crypto.private_key(io.open(keys.p1_key):read("*a")))
+      assert.equal(204, (post(note("EV-state", p1, wxtest.P1), app)))
+      local s, kind = post(note("EV-state2", p1, wxtest.P2), app)
+      assert.equal(401, s)
+      assert.equal("unknown_serial", kind)
+    end)
+    app:stop()
+    os.execute("rm -rf " .. dir)
+    assert(ok, e)
   end)
 end)

@@ -49,7 +49,8 @@ function _M.make(dir, days)
   return k
 end
 
---- srv = start(keys[, { workers = n }]): the test server, configured
+--- srv = start(keys[, { workers = n, tls = pki }]): the test server,
+--- configured (HTTPS with a support.pki set)
 function _M.start(k, o)
   o = o or {}
   local conf = {
@@ -72,17 +73,24 @@ function _M.start(k, o)
     return ("%q"):format(v)
   end
   parts[1] = "return { wxserver = " .. ser(conf) .. " }"
+  local args
+  if o.tls then        -- { cert, key } from support.pki
+    args = { "--tls-cert", o.tls.server_cert, "--tls-key", o.tls.server_key }
+  end
   local srv = server.start{ app = "spec/support/wxserver",
                             config = table.concat(parts),
-                            workers = o.workers or 1 }
-  srv.base_url = "http://127.0.0.1:" .. srv.port
+                            workers = o.workers or 1, args = args,
+                            scheme = o.tls and "https" or "http",
+                            ca_file = o.tls and o.tls.ca }
+  srv.base_url = (o.tls and "https" or "http") .. "://127.0.0.1:" .. srv.port
   return srv
 end
 
 local function ctl(srv, path, body)
   local res = assert(paygate.http.request{ method = body and "POST" or "GET",
     url = srv.base_url .. path, body = body and json.encode(body) or nil,
-    headers = { ["Content-Type"] = "application/json" }, timeout = 5 })
+    headers = { ["Content-Type"] = "application/json" }, timeout = 5,
+    ca_file = srv.ca_file })
   assert(res.status == 200, path .. ": " .. res.status .. " " .. res.body)
   return json.decode(res.body)
 end

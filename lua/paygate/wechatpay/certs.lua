@@ -270,7 +270,10 @@ local function download(wx)
   local path = "/v3/certificates"
   if wx.conf.sm then path = path .. "?algorithm_type=SM2" end
   local res, err = transport.request(wx, "GET", path, nil,
-    { _no_verify = true, deadline = wx.conf.timeout })
+    { _no_verify = true, deadline = wx.conf.timeout,
+      -- in certificate mode name no serial: one WeChat no longer accepts
+      -- must not stop us fetching the current ones
+      wechatpay_serial = wx.conf.mode == "certificate" and false or nil })
   if not res then
     if err.status == 404 and err.code == "RESOURCE_NOT_EXISTS" then
       return nil, core.error("invalid_config", "WeChat Pay has no platform "
@@ -374,29 +377,33 @@ local function wait_for(cond, seconds)
 end
 
 --- syntax: ok, err = certs.refresh(wx, reason)
--- reason: "unknown_serial" (rate-limited), "start", "timer". At most one
--- download per worker at a time (the others wait for its result) and,
--- with paygate.shared, per instance (other workers take its result from
--- the dict).
+-- reason: "unknown_serial" (rate-limited), "start", "timer", "manual". At
+-- most one download per worker at a time: it runs in a task of its own (so
+-- a caller whose request is abandoned cannot leave it half done) and every
+-- caller meanwhile waits for its result; with paygate.shared, at most one
+-- per instance (other workers take its result from the dict).
 function _M.refresh(wx, reason)
   if not wx.conf.download then
     return nil, core.error("unknown_serial", "certificate download is off")
   end
   local dl = wx.dl
-  if dl.busy then
-    local gen = dl.gen
-    wait_for(function() return not dl.busy end, wx.conf.timeout + 5)
-    if dl.gen ~= gen and dl.last then return true end
-    return nil, dl.last_err or core.error("timeout", "certificate download")
+  local gen = dl.gen          -- before the spawn: the task may finish in it
+  if not dl.busy then
+    dl.busy = true
+    core.spawn(function()
+      local ok, a, b = pcall(_M.refresh_locked, wx, reason)
+      if not ok then
+        a, b = nil, core.error("internal", "certificate refresh: "
+                               .. tostring(a))
+      end
+      dl.last, dl.last_err = a, b
+      dl.gen = dl.gen + 1
+      dl.busy = false
+    end)
   end
-  dl.busy = true
-  local ok, a, b = pcall(_M.refresh_locked, wx, reason)
-  dl.busy = false
-  dl.gen = dl.gen + 1
-  if not ok then
-    dl.last, dl.last_err = nil, core.error("internal", tostring(a))
-  else
-    dl.last, dl.last_err = a, b
+  if not wait_for(function() return dl.gen ~= gen end,
+                  2 * wx.conf.timeout + 10) then
+    return nil, core.error("timeout", "certificate download still running")
   end
   return dl.last, dl.last_err
 end

@@ -34,7 +34,8 @@
 --     wechatpay_serial string: send this Wechatpay-Serial (e.g. the serial
 --                      returned by wx:encrypt_sensitive()); default: the
 --                      public key id in public-key/migration mode, else the
---                      newest platform certificate serial when known
+--                      newest platform certificate serial when known;
+--                      false: none
 --     headers          extra request headers (table name -> string)
 --     max_attempts     cap on attempts (default 4)
 --
@@ -137,7 +138,8 @@ function _M.request(wx, method, path, body, opts)
     ["Content-Type"] = "application/json",
   }
   for k, v in pairs(opts.headers or {}) do headers[k] = v end
-  local serial = opts.wechatpay_serial or wx:request_serial()
+  local serial = opts.wechatpay_serial
+  if serial == nil then serial = wx:request_serial() end
   if serial then headers["Wechatpay-Serial"] = serial end
   -- with a sink, only a 2xx body goes to it: an error body is kept
   -- (bounded) for the error's code and message
@@ -199,6 +201,8 @@ function _M.request(wx, method, path, body, opts)
           base, on_backup = c.backup_url, true
           attempt = attempt - 1            -- the switch is not a retry
           retry = "now"
+        elseif err.retryable == false then
+          return nil, err                  -- e.g. a certificate refused
         else
           retry = true
         end

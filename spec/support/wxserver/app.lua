@@ -21,7 +21,7 @@
 --                nonce, signature, sig_type, body (sign these bytes instead
 --                of the sent ones) }, headers }
 --   POST /_ctl/certs  { status = 200|404|500, serials = [...],
---                       signer = serial, apiv3_key = "..." }
+--                       signer = serial, apiv3_key = "...", delay = s }
 --   GET  /_ctl/requests -> [ { method, target, headers, body, auth } ]
 local paygate = require "paygate"
 local crypto = require "paygate.crypto"
@@ -106,6 +106,7 @@ local function rfc3339(t) return os.date("!%Y-%m-%dT%H:%M:%S+00:00", t) end
 
 local function certificates(req)
   local c = state.certs
+  if c.delay then paygate.sleep(c.delay) end
   if c.status == 404 then
     return 404, json.encode({ code = "RESOURCE_NOT_EXISTS",
       message = "无可用的平台证书，请在商户平台-API安全申请使用微信支付公钥" })
