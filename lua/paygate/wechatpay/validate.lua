@@ -1,0 +1,296 @@
+-- paygate.wechatpay.validate: parameter checks for the API calls, run before
+-- any network I/O. A failure is nil, err with err.kind "invalid_params",
+-- err.field naming the field (dotted path, array items as "[i]") and a
+-- message "CALL: FIELD: what is wrong".
+--
+-- A schema is an array of rules { path, type, ... }:
+--   path      "amount.total", "detail.goods_detail[].quantity" ("[]": every
+--             item of an array)
+--   type      "string" | "int" | "bool" | "object" | "array" | "any"
+--   required  true: must be present (nil is missing)
+--   min, max  string: length in characters (UTF-8); int: value bounds;
+--             array: item count
+--   pattern   a Lua pattern the whole string must match (anchor it)
+--   enum      { "A", "B" }: the value must be one of them
+--   test      function(v) -> truthy when the string is well-formed
+--   what      text for a pattern/test failure ("6-32 of [0-9A-Za-z_-|*]")
+-- Parents of a nested path must be objects when present; a rule on a child
+-- of an absent optional parent is skipped.
+
+local core = require "paygate.core"
+
+local type, pairs, ipairs, tostring, floor, huge =
+      type, pairs, ipairs, tostring, math.floor, math.huge
+local byte, find, sub, concat = string.byte, string.find, string.sub,
+      table.concat
+
+local _M = {}
+
+local function fail(call, field, why)
+  return nil, core.error("invalid_params", call .. ": " .. field .. ": "
+                         .. why, { field = field })
+end
+_M.fail = fail
+
+-- Number of UTF-8 characters in s, or nil, byte offset when s is not valid
+-- UTF-8 (overlong forms, surrogates and values past U+10FFFF included).
+local function utf8_len(s)
+  local i, n, len = 1, 0, #s
+  while i <= len do
+    local c = byte(s, i)
+    local k
+    if c < 0x80 then
+      k = 0
+    elseif c >= 0xC2 and c <= 0xDF then
+      k = 1
+    elseif c >= 0xE0 and c <= 0xEF then
+      k = 2
+    elseif c >= 0xF0 and c <= 0xF4 then
+      k = 3
+    else
+      return nil, i
+    end
+    if i + k > len then return nil, i end
+    for j = 1, k do
+      local d = byte(s, i + j)
+      if d < 0x80 or d > 0xBF then return nil, i end
+    end
+    if k == 2 then
+      local d = byte(s, i + 1)
+      if (c == 0xE0 and d < 0xA0) or (c == 0xED and d > 0x9F) then
+        return nil, i
+      end
+    elseif k == 3 then
+      local d = byte(s, i + 1)
+      if (c == 0xF0 and d < 0x90) or (c == 0xF4 and d > 0x8F) then
+        return nil, i
+      end
+    end
+    i = i + k + 1
+    n = n + 1
+  end
+  return n
+end
+_M.utf8_len = utf8_len
+
+local function is_array(t)
+  local n = #t
+  local count = 0
+  for k in pairs(t) do
+    if type(k) ~= "number" or k < 1 or k > n or floor(k) ~= k then
+      return false
+    end
+    count = count + 1
+  end
+  return count == n
+end
+_M.is_array = is_array
+
+local function is_int(v)
+  return type(v) == "number" and v == v and v ~= huge and v ~= -huge
+         and floor(v) == v
+end
+_M.is_int = is_int
+
+-- Checks one value against one rule; returns nil, err or true.
+local function check_value(call, field, v, r)
+  local t = r[2]
+  if t == "string" then
+    if type(v) ~= "string" then return fail(call, field, "must be a string") end
+    local n, bad = utf8_len(v)
+    if not n then
+      return fail(call, field, "is not valid UTF-8 (byte " .. bad .. ")")
+    end
+    if r.min and n < r.min then
+      if r.min == 1 then return fail(call, field, "must not be empty") end
+      return fail(call, field, "must be at least " .. r.min .. " characters")
+    end
+    if r.max and n > r.max then
+      return fail(call, field, "must be at most " .. r.max .. " characters")
+    end
+    if (r.pattern and not find(v, r.pattern)) or (r.test and not r.test(v))
+    then
+      return fail(call, field, "must be " .. (r.what or "well-formed"))
+    end
+    if r.enum then
+      for _, e in ipairs(r.enum) do
+        if v == e then return true end
+      end
+      return fail(call, field, "must be one of " .. concat(r.enum, ", "))
+    end
+  elseif t == "int" then
+    if not is_int(v) then return fail(call, field, "must be an integer") end
+    if r.min and v < r.min then
+      return fail(call, field, "must be >= " .. r.min)
+    end
+    if r.max and v > r.max then
+      return fail(call, field, "must be <= " .. r.max)
+    end
+  elseif t == "bool" then
+    if type(v) ~= "boolean" then
+      return fail(call, field, "must be a boolean")
+    end
+  elseif t == "object" then
+    if type(v) ~= "table" or (next(v) ~= nil and is_array(v)) then
+      return fail(call, field, "must be an object (a table with named "
+                  .. "fields)")
+    end
+  elseif t == "array" then
+    if type(v) ~= "table" or not is_array(v) then
+      return fail(call, field, "must be an array")
+    end
+    if r.min and #v < r.min then
+      return fail(call, field, "must have at least " .. r.min
+                  .. (r.min == 1 and " item" or " items"))
+    end
+    if r.max and #v > r.max then
+      return fail(call, field, "must have at most " .. r.max .. " items")
+    end
+  end
+  return true
+end
+
+-- Splits "a.b[].c" into { "a", "b", "[]", "c" } (cached per path).
+local split_cache = {}
+local function split(path)
+  local parts = split_cache[path]
+  if parts then return parts end
+  parts = {}
+  for seg in path:gmatch("[^%.]+") do
+    if sub(seg, -2) == "[]" then
+      parts[#parts + 1] = sub(seg, 1, -3)
+      parts[#parts + 1] = "[]"
+    else
+      parts[#parts + 1] = seg
+    end
+  end
+  split_cache[path] = parts
+  return parts
+end
+
+local function walk(call, r, node, parts, i, prefix)
+  local key = parts[i]
+  local last = i == #parts
+  if key == "[]" then
+    -- node is an array (checked by its own rule or below)
+    if type(node) ~= "table" or not is_array(node) then
+      return fail(call, prefix, "must be an array")
+    end
+    for j = 1, #node do
+      local field = prefix .. "[" .. j .. "]"
+      local v = node[j]
+      if last then
+        if v == nil then
+          if r.required then return fail(call, field, "is required") end
+        else
+          local ok, err = check_value(call, field, v, r)
+          if not ok then return nil, err end
+        end
+      else
+        if type(v) ~= "table" then
+          return fail(call, field, "must be an object")
+        end
+        local ok, err = walk(call, r, v, parts, i + 1, field)
+        if not ok then return nil, err end
+      end
+    end
+    return true
+  end
+  local field = prefix == "" and key or prefix .. "." .. key
+  local v = node[key]
+  if v == nil or v == core.null then
+    if v == core.null then
+      return fail(call, field, "must be omitted rather than null")
+    end
+    if last and r.required then return fail(call, field, "is required") end
+    -- an absent parent: required children are reported only when the
+    -- parent's own rule says it is required (rules are ordered parent first)
+    return true
+  end
+  if last then return check_value(call, field, v, r) end
+  if parts[i + 1] ~= "[]" and type(v) ~= "table" then
+    return fail(call, field, "must be an object")
+  end
+  return walk(call, r, v, parts, i + 1, field)
+end
+
+--- syntax: ok, err = validate.check(call, p, schema)
+-- returns: true, or nil, err (kind invalid_params, err.field).
+function _M.check(call, p, schema)
+  for _, r in ipairs(schema) do
+    local ok, err = walk(call, r, p, split(r[1]), 1, "")
+    if not ok then return nil, err end
+  end
+  return true
+end
+
+local MAX_EXACT = 2 ^ 53
+
+-- Walks a value before JSON encoding: only strings, finite numbers,
+-- booleans, arrays and string-keyed objects; strings valid UTF-8; no null
+-- (WeChat wants optional fields omitted); no cycles; depth <= 32.
+local function plain(call, v, field, depth, seen)
+  local t = type(v)
+  if t == "string" then
+    local n, bad = utf8_len(v)
+    if not n then
+      return fail(call, field, "is not valid UTF-8 (byte " .. bad .. ")")
+    end
+    return true
+  elseif t == "number" then
+    if v ~= v or v == huge or v == -huge then
+      return fail(call, field, "must be a finite number")
+    end
+    if floor(v) == v and (v >= 1e14 or v <= -1e14) and v < MAX_EXACT then
+      -- cjson writes 14 significant digits: a larger integer would change
+      return fail(call, field, "is too large to send exactly")
+    end
+    if v >= MAX_EXACT or v <= -MAX_EXACT then
+      return fail(call, field, "is too large to send exactly")
+    end
+    return true
+  elseif t == "boolean" then
+    return true
+  elseif t == "table" then
+    if seen[v] then return fail(call, field, "is a cycle") end
+    if depth > 32 then return fail(call, field, "is nested too deeply") end
+    seen[v] = true
+    if next(v) ~= nil and is_array(v) then
+      for i = 1, #v do
+        local ok, err = plain(call, v[i], field .. "[" .. i .. "]",
+                              depth + 1, seen)
+        if not ok then return nil, err end
+      end
+    else
+      for k, x in pairs(v) do
+        if type(k) ~= "string" then
+          return fail(call, field == "" and "p" or field,
+                      "has a key that is not a string (" .. tostring(k)
+                      .. ") beside named fields")
+        end
+        if not utf8_len(k) then
+          return fail(call, field == "" and "p" or field,
+                      "has a field name that is not valid UTF-8")
+        end
+        local ok, err = plain(call, x, field == "" and k or field .. "." .. k,
+                              depth + 1, seen)
+        if not ok then return nil, err end
+      end
+    end
+    seen[v] = nil
+    return true
+  elseif v == core.null then
+    return fail(call, field, "must be omitted rather than null")
+  end
+  return fail(call, field == "" and "p" or field,
+              "cannot be sent as JSON (a " .. t .. ")")
+end
+
+--- syntax: ok, err = validate.plain(call, value)
+-- returns: true when value can be sent as WeChat Pay JSON, else nil, err
+-- (kind invalid_params naming the first bad field).
+function _M.plain(call, v)
+  return plain(call, v, "", 0, {})
+end
+
+return _M
