@@ -105,10 +105,7 @@ lcore_time(lua_State *L)
 static int
 lcore_mono(lua_State *L)
 {
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    lua_pushnumber(L, (lua_Number) ts.tv_sec + ts.tv_nsec / 1e9);
+    lua_pushnumber(L, gw_loop_mono_fresh());
     return 1;
 }
 

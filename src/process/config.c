@@ -18,6 +18,7 @@
 
 #include "config.h"
 #include "log.h"
+#include "loop.h"
 #include "lstate.h"
 #include "metrics.h"
 
@@ -208,20 +209,11 @@ read_shared(lua_State *L, int t, struct gw_opts *o, char *err, size_t errlen)
 
 static double config_deadline;
 
-static double
-mono_now(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double) ts.tv_sec + (double) ts.tv_nsec / 1e9;
-}
-
 static void
 config_hook(lua_State *L, lua_Debug *ar)
 {
     (void) ar;
-    if (mono_now() > config_deadline) {
+    if (gw_loop_mono_fresh() > config_deadline) {
         luaL_error(L, "still running after %d s (a loop?)", CONFIG_SECONDS);
     }
 }
@@ -241,7 +233,7 @@ gw_opts_load_file(struct gw_opts *o, const char *path, char *err,
     /* A config that never returns must not hang the start: count hooks
      * only run in the interpreter, so no JIT for this short-lived state. */
     luaJIT_setmode(L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_OFF);
-    config_deadline = mono_now() + CONFIG_SECONDS;
+    config_deadline = gw_loop_mono_fresh() + CONFIG_SECONDS;
     lua_sethook(L, config_hook, LUA_MASKCOUNT, 100000);
     if (gw_lstate_dofile(L, path, 1) != GW_OK) {
         snprintf(err, errlen, "config %s: %s", path, lua_tostring(L, -1));

@@ -32,6 +32,7 @@
 #include <openssl/rand.h>
 
 #include "log.h"
+#include "loop.h"
 #include "runtime.h"
 #include "shdict.h"
 
@@ -92,15 +93,6 @@ static int               sealed;
 #define MARK(d)    ((uint8_t *) ((char *) (d) + (d)->mark_off))
 #define CELLS(d)   ((struct cell *) ((char *) (d) + (d)->cell_off))
 #define ENTRY(d, i) ((struct entry *) CELLS(d)[i].d)
-
-static double
-mono(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double) ts.tv_sec + (double) ts.tv_nsec / 1e9;
-}
 
 static uint32_t
 hash_key(const struct gw_shdict *d, const char *k, size_t n)
@@ -556,7 +548,7 @@ gw_shdict_create(const char *name, size_t bytes, char *err, size_t errlen)
     d->map_size = bytes;
     snprintf(d->name, sizeof(d->name), "%s", name);
     if (RAND_bytes((unsigned char *) &d->seed, sizeof(d->seed)) != 1) {
-        d->seed = (uint64_t) mono() * 0x9e3779b97f4a7c15ull ^ getpid();
+        d->seed = (uint64_t) gw_loop_mono_fresh() * 0x9e3779b97f4a7c15ull ^ getpid();
     }
     pthread_mutexattr_init(&a);
     pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
@@ -635,7 +627,7 @@ gw_shdict_get(struct gw_shdict *d, const char *key, size_t klen, char *buf,
     e = lookup(d, key, klen, hash_key(d, key, klen));
     if (e != 0) {
         x = ENTRY(d, e);
-        if (expired(x, mono())) {
+        if (expired(x, gw_loop_mono_fresh())) {
             remove_entry(d, e);
         } else if (x->type == GW_SHD_STRING && x->vlen > cap) {
             rc = GW_SHD_TOO_LARGE;
@@ -735,7 +727,7 @@ gw_shdict_set(struct gw_shdict *d, const char *key, size_t klen,
     if (dict_lock(d) != GW_OK) {
         return GW_SHD_BROKEN;
     }
-    now = mono();
+    now = gw_loop_mono_fresh();
     e = lookup(d, key, klen, h);
     if (e != 0 && add && !expired(ENTRY(d, e), now)) {
         rc = GW_SHD_EXISTS;
@@ -766,7 +758,7 @@ gw_shdict_incr(struct gw_shdict *d, const char *key, size_t klen, double by,
     if (dict_lock(d) != GW_OK) {
         return GW_SHD_BROKEN;
     }
-    now = mono();
+    now = gw_loop_mono_fresh();
     e = lookup(d, key, klen, h);
     if (e != 0 && expired(ENTRY(d, e), now)) {
         remove_entry(d, e);

@@ -42,7 +42,6 @@
  * When the coroutine goes while its BEGIN is still queued, the ROLLBACK
  * is queued when that BEGIN is delivered.
  */
-#include <dirent.h>
 #include <errno.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -1563,39 +1562,6 @@ lsqlite_stats(lua_State *L)
     return 1;
 }
 
-/* core.now() -> wall clock seconds */
-static int
-lsqlite_now(lua_State *L)
-{
-    lua_pushnumber(L, gw_store_now());
-    return 1;
-}
-
-/* core.listdir(path) -> { names } | nil, err  (startup only: blocking) */
-static int
-lsqlite_listdir(lua_State *L)
-{
-    const char    *path = luaL_checkstring(L, 1);
-    DIR           *d = opendir(path);
-    struct dirent *e;
-    int            n = 0;
-
-    if (d == NULL) {
-        return gw_push_error(L, "unavailable", 0, "listdir %s: %s", path,
-                             strerror(errno));
-    }
-    lua_newtable(L);
-    for (e = readdir(d); e != NULL; e = readdir(d)) {
-        if (e->d_name[0] == '.') {
-            continue;
-        }
-        lua_pushstring(L, e->d_name);
-        lua_rawseti(L, -2, ++n);
-    }
-    closedir(d);
-    return 1;
-}
-
 static const luaL_Reg lsqlite_methods[] = {
     { "connect", lsqlite_connect },
     { "exec", lsqlite_exec },
@@ -1614,8 +1580,6 @@ static const luaL_Reg lsqlite_methods[] = {
 
 static const luaL_Reg lsqlite_funcs[] = {
     { "open", lsqlite_open },
-    { "now", lsqlite_now },
-    { "listdir", lsqlite_listdir },
     { NULL, NULL }
 };
 
@@ -1631,8 +1595,6 @@ luaopen_paygate_sqlite_core(lua_State *L)
     lua_pop(L, 1);
     lua_newtable(L);
     luaL_register(L, NULL, lsqlite_funcs);
-    lua_pushlightuserdata(L, NULL);
-    lua_setfield(L, -2, "null");
     lua_pushstring(L, sqlite3_libversion());
     lua_setfield(L, -2, "version");
     return 1;

@@ -169,15 +169,6 @@ gw_store_push_int_text(lua_State *L, const char *s, size_t len)
     gw_store_push_int(L, (int64_t)v);
 }
 
-double
-gw_store_now(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
 char *
 gw_store_strdup(const char *s)
 {

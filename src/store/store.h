@@ -55,9 +55,6 @@ void gw_store_push_int(lua_State *L, int64_t i);
  * a string unchanged. */
 void gw_store_push_int_text(lua_State *L, const char *s, size_t len);
 
-/* Wall clock, seconds since the epoch (sub-second precision). */
-double gw_store_now(void);
-
 /* Option checks for core.open/core.new. fn is the public function named
  * in the message ("sql.open"); the error is raised at the first caller
  * outside paygate's own Lua modules (see gw_store_raise()). The table at
