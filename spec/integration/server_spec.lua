@@ -33,6 +33,7 @@ end)
 paygate.route("GET", "/boom", function() error("handler exploded") end)
 paygate.route("GET", "/badstatus", function() return "nope" end)
 paygate.route("GET", "/hugestatus", function() return 4294967496, "x" end)
+paygate.route("GET", "/infostatus", function() return 101, "x" end)
 paygate.route("GET", "/badheader", function()
   return 200, "x", { ["X-Evil"] = "a\r\nSet-Cookie: pwned=1" }
 end)
@@ -169,6 +170,9 @@ describe("paygate run", function()
     it("answer 500 for an invalid status or an injected header", function()
       assert.equal(500, assert(s:request("/badstatus")).status)
       assert.equal(500, assert(s:request("/hugestatus")).status)
+      -- a 1xx is not a final answer: the client would wait forever
+      assert.equal(500, assert(s:request{ path = "/infostatus",
+                                          timeout = 3 }).status)
       local res = assert(s:request("/badheader"))
       assert.equal(500, res.status)
       assert.is_nil(res.headers["set-cookie"])

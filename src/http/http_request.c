@@ -161,11 +161,13 @@ req_done(struct gw_co *co, int nres)
     {
         lua_Number st = lua_tonumber(L, 1);   /* 0 when not a number */
 
-        status = (st >= 100 && st <= 599 && st == (int) st) ? (int) st : 0;
+        /* 1xx is not a final answer: sent as one, the client would wait
+         * for the real response forever */
+        status = (st >= 200 && st <= 599 && st == (int) st) ? (int) st : 0;
     }
-    if (status < 100 || status > 599) {
+    if (status < 200 || status > 599) {
         req_log(c, GW_LOG_ERROR,
-                "handler returned no valid status (100-599)");
+                "handler returned no valid status (200-599)");
         bad = 1;
     }
     if (lua_type(L, 2) == LUA_TSTRING) {
