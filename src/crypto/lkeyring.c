@@ -26,6 +26,7 @@
 #include <lua.h>
 #include <lauxlib.h>
 
+#include "hash.h"
 #include "runtime.h"
 #include "crypto.h"
 #include "lobjects.h"
@@ -55,18 +56,6 @@ struct gw_keyring {
 /* Marks a deleted slot (never dereferenced). */
 static struct gw_kr_entry gw_kr_tomb;
 #define GW_KR_TOMB (&gw_kr_tomb)
-
-static uint32_t
-gw_kr_hash(const char *s, size_t len)
-{
-    uint32_t h = 2166136261u;
-    size_t i;
-
-    for (i = 0; i < len; i++) {
-        h = (h ^ (unsigned char)s[i]) * 16777619u;
-    }
-    return h;
-}
 
 static void
 gw_kr_entry_free(struct gw_kr_entry *e)
@@ -117,7 +106,7 @@ gw_kr_get(struct gw_keyring *kr, const char *id, size_t len)
     if (kr->count == 0) {
         return NULL;
     }
-    i = gw_kr_find(kr, id, len, gw_kr_hash(id, len), &found);
+    i = gw_kr_find(kr, id, len, gw_hash_fnv1a(id, len), &found);
     return found ? kr->slots[i] : NULL;
 }
 
@@ -225,7 +214,7 @@ gw_kr_entry_new(lua_State *L, const char *id, size_t idlen, int idx,
     }
     e->id[idlen] = '\0';
     e->idlen = idlen;
-    e->hash = gw_kr_hash(e->id, idlen);
+    e->hash = gw_hash_fnv1a(e->id, idlen);
     if (gw_keyinfo_init(&e->ki, src->pkey, 0, &kind, msg, msglen)
         != GW_OK)
     {
@@ -604,7 +593,7 @@ gw_kr_op_remove(lua_State *L, struct gw_keyring *kr, int b)
         id = up;
     }
     if (kr->count > 0) {
-        i = gw_kr_find(kr, id, len, gw_kr_hash(id, len), &found);
+        i = gw_kr_find(kr, id, len, gw_hash_fnv1a(id, len), &found);
         if (found) {
             gw_kr_entry_free(kr->slots[i]);
             kr->slots[i] = GW_KR_TOMB;

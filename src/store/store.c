@@ -414,14 +414,3 @@ gw_store_tx_free_owner(void *owner)
         }
     }
 }
-
-unsigned
-gw_store_hash(const char *s)
-{
-    unsigned h = 2166136261u;
-
-    for (; *s != '\0'; s++) {
-        h = (h ^ (unsigned char) *s) * 16777619u;
-    }
-    return h;
-}

@@ -12,8 +12,10 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 #include <lua.h>
 
+#include "hash.h"
 #include "runtime.h"
 
 enum gw_store_val_type {
@@ -125,8 +127,8 @@ void gw_store_tx_free_owner(void *owner);
 /* Unregisters, detaches from its coroutine and frees tx. NULL-safe. */
 void gw_store_tx_free(struct gw_store_tx *tx);
 
-/* FNV-1a of a NUL-terminated string: the statement caches' key hash. */
-unsigned gw_store_hash(const char *s);
+/* The statement caches' key hash (core's FNV-1a over the SQL text). */
+#define gw_store_hash(s) gw_hash_fnv1a((s), strlen(s))
 
 /* strdup that returns NULL for NULL. */
 char *gw_store_strdup(const char *s);
