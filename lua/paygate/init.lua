@@ -30,13 +30,22 @@ _M.error = core.error
 _M.is_error = core.is_error
 
 --- syntax: paygate.abort(status, kind, message)
--- Ends the request now with status and a JSON error body. Raises.
+-- Ends the request now with status (400..599) and a JSON error body
+-- { error = kind, message = message }. Raises: code after it does not
+-- run, and a db:transaction() it is inside rolls back and lets it through.
 function _M.abort(status, kind, message)
-  if type(status) ~= "number" or status < 400 or status > 599 then
-    error("paygate.abort: status must be 400..599", 2)
+  if type(status) ~= "number" or status < 400 or status > 599
+     or status % 1 ~= 0 then
+    error("paygate.abort: status must be an integer 400..599", 2)
   end
-  error(setmetatable({ status = status, kind = kind or "error",
-                       message = message or "" }, error_mt), 0)
+  if kind ~= nil and type(kind) ~= "string" then
+    error("paygate.abort: kind must be a string", 2)
+  end
+  if message ~= nil and type(message) ~= "string" then
+    error("paygate.abort: message must be a string", 2)
+  end
+  error(core.error(kind or "error", message or "",
+                   { status = status, abort = true }), 0)
 end
 
 -- scheduling primitives (C) -------------------------------------------
@@ -90,6 +99,29 @@ end
 local log = {}
 _M.log = log
 
+-- Fields JSON cannot hold whole (a function, a handle, inf, a sparse
+-- array, an error table's metatable is fine) are logged one by one, each
+-- that still fails as its tostring(): a field is never silently dropped.
+local function encode_fields(fields)
+  local f = json.encode(fields)
+  if f then return f end
+  local safe = {}
+  for k, v in pairs(fields) do
+    k = tostring(k)
+    local t = type(v)
+    if t == "table" then
+      safe[k] = json.encode(v) and v or core.error_string(v)
+    elseif t == "number" and (v ~= v or v == math.huge or v == -math.huge) then
+      safe[k] = tostring(v)
+    elseif t == "string" or t == "number" or t == "boolean" then
+      safe[k] = v
+    else
+      safe[k] = tostring(v)
+    end
+  end
+  return json.encode(safe)
+end
+
 local function emit(level, msg, fields)
   if not core.log_enabled(level) then return end
   local f
@@ -97,7 +129,7 @@ local function emit(level, msg, fields)
     if type(fields) ~= "table" then
       error("paygate.log: fields must be a table", 3)
     end
-    f = json.encode(fields)
+    f = encode_fields(fields)
   end
   core.log(level, tostring(msg), f)
 end

@@ -257,10 +257,18 @@ function DB:transaction(fn, opts)
       local res = pack(pcall(fn, tx))
       if not res[1] then
         self.h:rollback(txid)
-        if not is_error_value(res[2]) then
-          error(res[2], 0)
+        local raised = res[2]
+        if not is_error_value(raised) or raised.abort == true then
+          -- a programmer error, or paygate.abort(): raised on, after
+          -- the rollback, so the request ends as the caller meant
+          error(raised, 0)
         end
-        err = res[2]
+        if not core.is_error(raised) then
+          -- error({ kind = ..., message = ... }): the one error shape
+          raised = core.error(raised.kind, tostring(raised.message or ""),
+                              raised)
+        end
+        err = raised
       elseif res[2] == nil and res[3] ~= nil then
         self.h:rollback(txid)
         err = res[3]

@@ -120,6 +120,28 @@ describe("error reporting", function()
           if not v then return 422, { code = "FAIL", message = err.kind } end
           return 200, v
         end)
+        local sql = require "paygate.sql"
+        local db = assert(sql.open("sqlite:" .. paygate.app_dir .. "/t.db"))
+        assert(db:exec("CREATE TABLE IF NOT EXISTS t (id INTEGER)"))
+        paygate.route("POST", "/txabort", function()
+          local ok, err = db:transaction(function(tx)
+            assert(tx:exec("INSERT INTO t (id) VALUES (1)"))
+            paygate.abort(409, "conflict", "order already paid")
+          end)
+          return 200, { after_transaction = true, err = tostring(err) }
+        end)
+        paygate.route("GET", "/rows", function()
+          return 200, { n = assert(db:query("SELECT count(*) AS n FROM t"))[1].n }
+        end)
+        paygate.route("GET", "/wechat_status", function()
+          -- an error that carries some other answer's status is not an abort
+          error(paygate.error("order_paid", "paid", { status = 400 }))
+        end)
+        paygate.route("GET", "/logfields", function()
+          paygate.log.warn("odd fields", { n = 7, f = function() end,
+                                           big = math.huge })
+          return 200, "ok"
+        end)
         paygate.route("GET", "/teapot", function()
           paygate.abort(418, "teapot", "short and stout")
         end)
@@ -149,6 +171,31 @@ describe("error reporting", function()
       assert.equal(200, assert(s:request("/timer")).status)
       assert.truthy(wait_log("timer_kind: timer broke"))
       assert.not_matches('"error":"table', s:logs(), 1, true)
+    end)
+
+    it("paygate.abort inside db:transaction rolls back and ends the request",
+       function()
+      local res = assert(s:request{ method = "POST", path = "/txabort" })
+      assert.equal(409, res.status)
+      assert.matches('"conflict"', res.body, 1, true)
+      assert.not_matches("after_transaction", res.body, 1, true)
+      assert.equal('{"n":0}', assert(s:request("/rows")).body)
+    end)
+
+    it("an error with a status field of its own is a 500, not an abort",
+       function()
+      assert.equal(500, assert(s:request("/wechat_status")).status)
+      assert.truthy(wait_log("order_paid: paid"))
+    end)
+
+    it("a log line keeps the fields JSON can hold and shows the rest",
+       function()
+      assert.equal(200, assert(s:request("/logfields")).status)
+      assert.truthy(wait_log('"msg":"odd fields"'))
+      local line = s:logs():match('[^\n]*"odd fields"[^\n]*')
+      assert.matches('"n":7', line, 1, true)
+      assert.matches('"f":"function', line, 1, true)
+      assert.matches('"big":"inf"', line, 1, true)
     end)
 
     it("paygate.app_dir is the app's absolute folder", function()

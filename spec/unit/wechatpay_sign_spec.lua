@@ -12,7 +12,7 @@ local function read(name)
   return s
 end
 
--- §11.1 of the protocol notes: the official request-signing example
+-- WeChat Pay's official request-signing example (its documentation)
 local A1_BODY = '{"appid":"wxd678efh567hg6787","mchid":"1900007291",'
   .. '"description":"Image形象店-深圳腾大-QQ公仔","out_trade_no":'
   .. '"1217752501201407033233368018","notify_url":'
@@ -29,7 +29,7 @@ local A1_GET_SIG = "JNEITrKv8DWEtBJGZtxG9ARa+eIZDIn1Ht3MQM5j9jP77TtHdfCqLjpwev"
   .. "CNpy5IUe2Qxhba3d3RiMqhWK2sSr3tsVzQihJ0TPMnjWqoU2W5Y/v3rBFDmLhqe0ZW6A4vy"
   .. "vjmiR0v/8XEI25Py4PNyZXszsdl4j0zLqelUJxGEMUBhYg1LIoDPjYMlA9HV1yKD6+JYZJA=="
 
--- §11.3: the official public-key response verification example
+-- WeChat Pay's official public-key response verification example
 local PUB_ID = "PUB_KEY_ID_0000000000000024101100397200000006"
 local R_BODY = '{"code_url":"weixin://wxpay/bizpayurl?pr=JyC91EIz1"}'
 local R_SIG = "mfI1CPqvBrgcXfgXMFjdNIhBf27ACE2YyeWsWV9ZI7T7RU0vHvbQpu9Z32ogzc+k8"

@@ -255,9 +255,11 @@ req_done(struct gw_co *co, int nres)
     req_end(c, co, status, route, route_len);
 }
 
-/* The handler raised: paygate.abort(status, kind, message) (a table with
- * a 4xx/5xx status) answers that; anything else is logged with its
- * traceback and answered 500 without it. */
+/* The handler raised: paygate.abort(status, kind, message) (an error
+ * whose raw field abort is true, with a 4xx/5xx status) answers that;
+ * anything else -- an error some call returned with a status of its own
+ * (a WeChat answer's) included -- is logged with its traceback and
+ * answered 500 without it. Fields are read raw: no Lua runs here. */
 static void
 req_fail(struct gw_co *co, const char *msg)
 {
@@ -265,14 +267,20 @@ req_fail(struct gw_co *co, const char *msg)
     lua_State *L = gw_co_state(co);
 
     if (lua_istable(L, -1)) {
-        int status;
+        int status, is_abort;
 
-        lua_getfield(L, -1, "status");
+        lua_pushliteral(L, "abort");
+        lua_rawget(L, -2);
+        is_abort = lua_toboolean(L, -1);
+        lua_pushliteral(L, "status");
+        lua_rawget(L, -3);
         status = (int) lua_tointeger(L, -1);
-        lua_pop(L, 1);
-        if (status >= 400 && status <= 599) {
-            lua_getfield(L, -1, "kind");
-            lua_getfield(L, -2, "message");
+        lua_pop(L, 2);
+        if (is_abort && status >= 400 && status <= 599) {
+            lua_pushliteral(L, "kind");
+            lua_rawget(L, -2);
+            lua_pushliteral(L, "message");
+            lua_rawget(L, -3);
             /* gw_resp_error() bounds and JSON-quotes both */
             gw_resp_error(c, status,
                           lua_isstring(L, -2) ? lua_tostring(L, -2)
