@@ -52,7 +52,12 @@ gw_lua_dir(void)
             *slash = '\0';
             snprintf(dir, sizeof(dir), "%s/../lua/paygate", exe);
             if (is_dir(dir)) {
-                snprintf(dir, sizeof(dir), "%s/../lua", exe);
+                char up[PATH_MAX + 8], real[PATH_MAX];
+
+                /* resolved, so tracebacks name lua/paygate/x.lua plainly */
+                snprintf(up, sizeof(up), "%s/../lua", exe);
+                snprintf(dir, sizeof(dir), "%s",
+                         realpath(up, real) != NULL ? real : up);
                 return dir;
             }
         }
