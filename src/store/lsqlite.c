@@ -875,7 +875,7 @@ serve_tx(struct lsqlite_db *db, struct lsqlite_conn *c, struct lsqlite_batch *b,
 
     pthread_mutex_lock(&db->mu);
     for (;;) {
-        clock_gettime(CLOCK_REALTIME, &deadline);
+        clock_gettime(CLOCK_MONOTONIC, &deadline);  /* wcond's clock */
         deadline.tv_sec += db->tx_timeout_ms / 1000;
         deadline.tv_nsec += (long)(db->tx_timeout_ms % 1000) * 1000000L;
         if (deadline.tv_nsec >= 1000000000L) {
@@ -1313,7 +1313,15 @@ lsqlite_open(lua_State *L)
         return gw_push_error(L, "unavailable", 0, "sqlite: out of memory");
     }
     pthread_mutex_init(&db->mu, NULL);
-    pthread_cond_init(&db->wcond, NULL);
+    {
+        /* the writer's idle deadline must not move with the wall clock */
+        pthread_condattr_t ca;
+
+        pthread_condattr_init(&ca);
+        pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+        pthread_cond_init(&db->wcond, &ca);
+        pthread_condattr_destroy(&ca);
+    }
     pthread_cond_init(&db->rcond, NULL);
     db->refs = 1;
     db->path = strdup(path);
