@@ -294,3 +294,38 @@ describe("paygate certs", function()
     assert.equal(2048, r[1].key_bits)
   end)
 end)
+
+describe("paygate certs --download", function()
+  local wxtest = require "support.wxtest"
+  local srv, k
+  setup(function()
+    k = wxtest.make(dir)
+    srv = wxtest.start(k)
+  end)
+  teardown(function() srv:stop() end)
+
+  local function download(apiv3)
+    return run({ "certs", "--json", "--download", srv.base_url, "--mchid",
+      wxtest.MCHID, "--key", k.merchant_key, "--serial",
+      wxtest.MERCHANT_SERIAL, "--apiv3-key-file", file("apiv3", apiv3),
+      "--out", dir .. "/dl" })
+  end
+
+  it("fetches, verifies and writes the platform certificates", function()
+    local code, out, r = download(wxtest.APIV3)
+    assert.equal(0, code, out)
+    local serials = {}
+    for _, x in ipairs(r) do serials[#serials + 1] = x.serial end
+    table.sort(serials)
+    assert.same({ wxtest.P1, wxtest.P2 }, serials)
+    local c = assert(crypto.certificate(read(dir .. "/dl/" .. wxtest.P1 .. ".pem")))
+    assert.equal(wxtest.P1, c:serial())
+  end)
+
+  it("names a wrong APIv3 key", function()
+    local code, out, r = download("ThisIsTheAPIv2KeyNotTheAPIv3Key!")
+    assert.equal(1, code, out)
+    assert.equal("download", r[#r].kind)
+    assert.matches("decrypt_failed", r[#r].cause)
+  end)
+end)

@@ -68,7 +68,10 @@ function _M.make(dir)
     write(f(n .. "_chain.pem"), read(f(n .. ".pem")) .. read(f("inter.pem")))
     p[n .. "_chain"] = f(n .. "_chain.pem")
   end
-  p.untrusted_chain = p.untrusted
+  -- from a CA the client does not trust: leaf and that root
+  write(f("untrusted_chain.pem"), read(f("untrusted.pem")) .. read(f("other.pem")))
+  p.untrusted_chain = f("untrusted_chain.pem")
+  p.self_signed, p.self_signed_key = f("other.pem"), f("other.key")
   -- a CRL from the intermediate revoking "revoked"
   write(f("index.txt"), "")
   write(f("crlnumber"), "01\n")

@@ -73,7 +73,8 @@ local function list_cert(out, e, now)
     r.status = "warn"
     r.cause = r.cause .. (" expires in %d days"):format(left)
     r.fix = role == "merchant" and "renew the API certificate in the "
-            .. "merchant platform" or "download the new platform "
+            .. "merchant platform" or role == "CA" and "replace the CA "
+            .. "certificate before then" or "download the new platform "
             .. "certificate before then (paygate.wechatpay refreshes them)"
   else
     r.status = "ok"

@@ -119,9 +119,24 @@ function Out:result(r)
   self.results[#self.results + 1] = r
   if RANK[r.status] > self.worst then self.worst = RANK[r.status] end
   if self.json then
-    local o = {}
-    for k, v in pairs(r) do o[k] = v end
-    io.stdout:write(json.encode(o), "\n")
+    -- status, kind, cause, detail, fix first, then the rest sorted
+    local parts, seen = {}, {}
+    local function add(k)
+      if r[k] ~= nil and not seen[k] then
+        seen[k] = true
+        parts[#parts + 1] = json.encode(k) .. ":" .. json.encode(r[k])
+      end
+    end
+    for _, k in ipairs({ "status", "kind", "cause", "detail", "fix" }) do
+      add(k)
+    end
+    local rest = {}
+    for k in pairs(r) do
+      if not seen[k] and type(k) == "string" then rest[#rest + 1] = k end
+    end
+    table.sort(rest)
+    for _, k in ipairs(rest) do add(k) end
+    io.stdout:write("{", table.concat(parts, ","), "}\n")
   else
     local lines = { MARK[r.status] .. "  " .. r.kind .. ": " .. r.cause }
     if r.detail and r.detail ~= "" then

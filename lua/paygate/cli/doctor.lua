@@ -183,6 +183,18 @@ local function check_keys(out, wc, now, expiring)
       out:ok("serial_format", "merchant_serial is 40 hex digits")
     end
   end
+  if serial == nil and cert then
+    if #cert:serial() ~= 40 then
+      out:warn("serial_format", "the merchant certificate's serial "
+               .. cert:serial() .. " has " .. #cert:serial() .. " hex "
+               .. "digits; WeChat-issued ones have 40", "is "
+               .. "merchant_certificate the apiclient_cert.pem WeChat issued?",
+               "use the certificate from the merchant platform's tool")
+    else
+      out:ok("serial_format", "merchant serial " .. cert:serial()
+             .. " (from merchant_certificate)")
+    end
+  end
   if wc.public_key_id ~= nil then
     if type(wc.public_key_id) ~= "string"
        or not wc.public_key_id:match("^PUB_KEY_ID_%d+$") then
