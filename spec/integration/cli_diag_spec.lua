@@ -329,3 +329,24 @@ describe("paygate certs --download", function()
     assert.matches("decrypt_failed", r[#r].cause)
   end)
 end)
+
+describe("the diagnostic commands", function()
+  it("are listed by paygate --help and each has --help (exit 0)", function()
+    local code, out = run({ "--help" })
+    assert.equal(0, code)
+    for _, c in ipairs({ "sign", "verify", "decrypt", "certs", "doctor" }) do
+      assert.matches("\n  " .. c .. " ", out, 1, true)
+      local hc, hout = run({ c, "--help" })
+      assert.equal(0, hc)
+      assert.matches("usage: paygate " .. c, hout, 1, true)
+    end
+  end)
+
+  it("exit 2 with one line for an unknown option", function()
+    for _, c in ipairs({ "sign", "verify", "decrypt", "certs", "doctor" }) do
+      local code, out = run({ c, "--frobnicate" })
+      assert.equal(2, code)
+      assert.equal("paygate " .. c .. ": unknown option --frobnicate (see --help)\n", out)
+    end
+  end)
+end)

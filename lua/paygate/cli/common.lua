@@ -91,7 +91,7 @@ end
 --- syntax: s = common.visible(text) -- "\n" shown as the two characters
 -- \n followed by a line break, other control bytes as \xHH, a BOM named
 function _M.visible(text)
-  text = text:gsub("^\239\187\191", "<BOM>")
+  text = text:gsub("\239\187\191", "<BOM>")
   text = text:gsub("[%z\1-\9\11-\31\127]", function(c)
     if c == "\r" then return "\\r" end
     if c == "\t" then return "\\t" end
