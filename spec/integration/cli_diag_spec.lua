@@ -350,3 +350,20 @@ describe("the diagnostic commands", function()
     end
   end)
 end)
+
+describe("paygate verify --keyring", function()
+  it("reads certificates and PUB_KEY_ID_....pem public keys from a directory",
+     function()
+    local ring = dir .. "/ring"
+    os.execute("mkdir -p " .. ring)
+    local id = "PUB_KEY_ID_0114232134912410000000000000000001"
+    write(ring .. "/platform.pem", read(pki.platform))
+    write(ring .. "/" .. id .. ".pem", read(pki.pub))
+    local k = assert(crypto.private_key(read(pki.pub_key)))
+    local code, out = verify(BODY, signed(BODY, { key = k, serial = id }),
+                             { "--keyring", ring })
+    assert.equal(0, code, out)
+    code, out = verify(BODY, signed(BODY), { "--keyring", ring })
+    assert.equal(0, code, out)
+  end)
+end)

@@ -98,7 +98,7 @@ setup(function()
 end)
 
 teardown(function()
-  notify:stop()
+  if notify then notify:stop() end
   os.execute("rm -rf " .. dir)
 end)
 
@@ -106,6 +106,8 @@ describe("paygate doctor: the TLS chain to the API host", function()
   local cases = {
     { "a good chain", "good_chain", "good_key", nil, nil },
     { "an expired certificate", "expired_chain", "expired_key", "expired" },
+    { "a certificate not valid yet", "notyet_chain", "notyet_key",
+      "not_yet_valid" },
     { "a CA not trusted", "untrusted_chain", "untrusted_key", "unknown_authority" },
     { "a self-signed certificate", "self_signed", "self_signed_key",
       "self_signed_untrusted" },

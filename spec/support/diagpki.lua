@@ -83,6 +83,19 @@ function _M.make(dir)
   sh(("openssl ca -config %s -gencrl -keyfile %s -cert %s -out %s"):format(
      f("ca.cnf"), f("inter.key"), f("inter.pem"), f("inter.crl")))
   p.crl = f("inter.crl")
+  -- valid only from 2030: openssl ca sets the start date
+  write(f("ca2.cnf"), ("[ca]\ndefault_ca=d\n[d]\ndatabase=%s\n"
+    .. "new_certs_dir=%s\nserial=%s\ndefault_md=sha256\npolicy=p\n[p]\n"
+    .. "commonName=supplied\n"):format(f("index.txt"), dir, f("serial")))
+  write(f("serial"), "0300\n")
+  sh(("openssl req -newkey rsa:2048 -nodes -keyout %s -out %s -subj "
+      .. "/CN=localhost"):format(f("notyet.key"), f("notyet.csr")))
+  sh(("openssl ca -batch -notext -config %s -in %s -cert %s -keyfile %s "
+      .. "-startdate 20300101000000Z -enddate 20310101000000Z -extfile %s "
+      .. "-out %s"):format(f("ca2.cnf"), f("notyet.csr"), f("inter.pem"),
+      f("inter.key"), f("good.ext"), f("notyet.pem")))
+  write(f("notyet_chain.pem"), read(f("notyet.pem")) .. read(f("inter.pem")))
+  p.notyet_chain, p.notyet_key = f("notyet_chain.pem"), f("notyet.key")
   p.root, p.inter, p.other = f("root.pem"), f("inter.pem"), f("other.pem")
   -- WeChat-style keys: platform (CN=Tenpay.com sign), merchant (CN=mchid)
   leaf("platform", "root", nil, 3,

@@ -255,6 +255,11 @@ local function check_api(out, wc, conf, now, expiring)
              "https://api.mch.weixin.qq.com")
     return
   end
+  if not host:match("^[%w][%w%.%-]*$") or #host > 253 then
+    out:fail("api_host", "base_url's host is not a host name", nil,
+             "https://api.mch.weixin.qq.com")
+    return
+  end
   port = tonumber(port) or (scheme == "https" and 443 or 80)
   -- the TLS chain, classified
   if scheme == "https" then
