@@ -40,9 +40,11 @@ local function signed(body, o)
   o = o or {}
   local ts = tostring(o.ts or os.time())
   local nonce = "n" .. crypto.random_nonce(16)
-  local msg = ts .. "\n" .. nonce .. "\n" .. body .. (o.no_newline and "" or "\n")
+  local msg = ts .. "\n" .. nonce .. "\n" .. body
+              .. (o.no_newline and "" or "\n")
   local sig = assert(crypto.sign_base64(o.key or pkey, msg))
-  local serial = o.serial or assert(crypto.certificate(read(pki.platform))):serial()
+  local serial = o.serial
+    or assert(crypto.certificate(read(pki.platform))):serial()
   return ("HTTP/1.1 200 OK\r\nWechatpay-Timestamp: %s\r\nWechatpay-Nonce: %s"
     .. "\r\nWechatpay-Signature: %s\r\nWechatpay-Serial: %s\r\n%s\r\n")
     :format(ts, nonce, o.sig or sig, serial, o.extra or "")
@@ -174,7 +176,8 @@ describe("paygate verify", function()
   end)
 
   it("names a WECHATPAY/SIGNTEST/ probe", function()
-    local r = cause_of(BODY, signed(BODY, { sig = "WECHATPAY/SIGNTEST/abcdEFGH" }))
+    local r = cause_of(BODY, signed(BODY,
+                                    { sig = "WECHATPAY/SIGNTEST/abcdEFGH" }))
     assert.equal("signtest_probe", r.kind)
   end)
 
@@ -253,12 +256,15 @@ describe("paygate sign", function()
   it("prints the signing string with every \\n visible", function()
     local code, out = run({ "sign", "--method", "POST", "--url",
       "/v3/pay/transactions/jsapi", "--body", file("b", '{"a":1}'),
-      "--mchid", "1900000001", "--serial", "5F1C72E2A8931B72A2E13AF8DEE92471EB397115",
+      "--mchid", "1900000001",
+      "--serial", "5F1C72E2A8931B72A2E13AF8DEE92471EB397115",
       "--key", pki.merchant_key, "--timestamp", "1700000000", "--nonce", "N1" })
     assert.equal(0, code, out)
-    assert.matches("POST\\n\n/v3/pay/transactions/jsapi\\n\n1700000000\\n\nN1\\n\n"
+    assert.matches("POST\\n\n/v3/pay/transactions/jsapi\\n\n"
+                   .. "1700000000\\n\nN1\\n\n"
                    .. '{"a":1}\\n\n', out, 1, true)
-    assert.matches('Authorization: WECHATPAY2-SHA256-RSA2048 mchid="1900000001",'
+    assert.matches('Authorization: WECHATPAY2-SHA256-RSA2048 '
+                   .. 'mchid="1900000001",'
                    .. 'nonce_str="N1",timestamp="1700000000"', out, 1, true)
     -- the header verifies with the merchant certificate
     local sig = out:match('signature="([^"]+)"')
@@ -288,7 +294,8 @@ describe("paygate certs", function()
     assert.equal(1, code, out)
     local roles = {}
     for _, x in ipairs(r) do roles[#roles + 1] = x.role end
-    assert.same({ "platform", "merchant", "CA", "public key", "platform" }, roles)
+    assert.same({ "platform", "merchant", "CA", "public key", "platform" },
+                roles)
     assert.equal("warn", r[1].status)         -- 3-day certificate: < 30 days
     assert.equal("fail", r[5].status)
     assert.equal(2048, r[1].key_bits)
@@ -318,7 +325,8 @@ describe("paygate certs --download", function()
     for _, x in ipairs(r) do serials[#serials + 1] = x.serial end
     table.sort(serials)
     assert.same({ wxtest.P1, wxtest.P2 }, serials)
-    local c = assert(crypto.certificate(read(dir .. "/dl/" .. wxtest.P1 .. ".pem")))
+    local c = assert(crypto.certificate(read(dir .. "/dl/" .. wxtest.P1
+                                             .. ".pem")))
     assert.equal(wxtest.P1, c:serial())
   end)
 
@@ -346,7 +354,8 @@ describe("the diagnostic commands", function()
     for _, c in ipairs({ "sign", "verify", "decrypt", "certs", "doctor" }) do
       local code, out = run({ c, "--frobnicate" })
       assert.equal(2, code)
-      assert.equal("paygate " .. c .. ": unknown option --frobnicate (see --help)\n", out)
+      assert.equal("paygate " .. c .. ": unknown option --frobnicate "
+                   .. "(see --help)\n", out)
     end
   end)
 end)

@@ -108,7 +108,8 @@ describe("paygate doctor: the TLS chain to the API host", function()
     { "an expired certificate", "expired_chain", "expired_key", "expired" },
     { "a certificate not valid yet", "notyet_chain", "notyet_key",
       "not_yet_valid" },
-    { "a CA not trusted", "untrusted_chain", "untrusted_key", "unknown_authority" },
+    { "a CA not trusted", "untrusted_chain", "untrusted_key",
+      "unknown_authority" },
     { "a self-signed certificate", "self_signed", "self_signed_key",
       "self_signed_untrusted" },
     { "a missing intermediate", "good", "good_key", "missing_intermediate" },
@@ -216,7 +217,8 @@ describe("paygate doctor", function()
                      .. pki.platform_key .. '"')
                :gsub('apiv3_key="[^"]*"', 'apiv3_key="'
                      .. crypto.hex("0123456789abcdefghijABCDEFGHIJkl") .. '"')
-               :gsub("}$", ',redis="redis://127.0.0.1:' .. core.free_port() .. '"}')
+               :gsub("}$", ',redis="redis://127.0.0.1:' .. core.free_port()
+                     .. '"}')
     write(path, text)
     local code, out, r = run({ "doctor", "--json", "--config", path })
     s:stop()

@@ -69,7 +69,8 @@ function _M.make(dir)
     p[n .. "_chain"] = f(n .. "_chain.pem")
   end
   -- from a CA the client does not trust: leaf and that root
-  write(f("untrusted_chain.pem"), read(f("untrusted.pem")) .. read(f("other.pem")))
+  write(f("untrusted_chain.pem"), read(f("untrusted.pem"))
+                                  .. read(f("other.pem")))
   p.untrusted_chain = f("untrusted_chain.pem")
   p.self_signed, p.self_signed_key = f("other.pem"), f("other.key")
   -- a CRL from the intermediate revoking "revoked"

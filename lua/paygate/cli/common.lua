@@ -63,7 +63,9 @@ end
 --- syntax: s = common.read(path, what) -- raises a usage error when unreadable
 function _M.read(path, what)
   local f, err = io.open(path, "rb")
-  if not f then usage_error("cannot read %s %s: %s", what, path, tostring(err)) end
+  if not f then
+    usage_error("cannot read %s %s: %s", what, path, tostring(err))
+  end
   local s = f:read("*a")
   f:close()
   if s == nil then usage_error("cannot read %s %s", what, path) end
@@ -191,6 +193,37 @@ function _M.run(name, usage, main, args)
   end
   io.stderr:write("paygate ", name, ": internal error: ", tostring(code), "\n")
   return 1
+end
+
+--- syntax: cause, fix = common.apiv3_key_problem(key)
+-- nil when key is 32 bytes; else what is wrong with it (a trailing
+-- newline, a hex or base64 encoding of 32 bytes, the wrong length) and
+-- the fix. Never repeats the key.
+function _M.apiv3_key_problem(key)
+  local crypto = require "paygate.crypto"
+  if type(key) ~= "string" then
+    return "the APIv3 key is missing", "set it (the 32 characters set in "
+           .. "the merchant platform, API security)"
+  end
+  if #key == 32 then return nil end
+  local t = key:gsub("[\r\n%s]+$", "")
+  local encoded = "the APIv3 key is used as its 32 ASCII characters, never "
+    .. "decoded: give the characters set in the merchant platform"
+  if #t == 32 then
+    local tail = key:sub(33)
+    return "the APIv3 key is 32 characters and "
+           .. (tail:find("\n") and "a trailing newline" or "trailing spaces"),
+           "strip it: printf %s KEY > FILE (a file read whole keeps its "
+           .. "newline)"
+  elseif #t == 64 and t:match("^%x+$") then
+    return "the APIv3 key is 64 hex digits: a hex encoding of 32 bytes",
+           encoded
+  elseif #t == 44 and #(crypto.base64_decode(t) or "") == 32 then
+    return "the APIv3 key is base64 of 32 bytes (44 characters)", encoded
+  end
+  return "the APIv3 key is " .. #key .. " bytes; it is exactly 32",
+         "copy the APIv3 key (not the APIv2 key, not a certificate serial) "
+         .. "from the merchant platform, API security; reset it if lost"
 end
 
 --- syntax: n = common.number(opts, name) -- a numeric option or nil

@@ -55,29 +55,8 @@ local function main(args)
   if r.encrypt_certificate then r = r.encrypt_certificate end
 
   -- the key
-  if #key ~= 32 then
-    local cause, fix
-    local trimmed = key:gsub("[\r\n]+$", "")
-    if #trimmed == 32 then
-      cause = "the key file holds 32 characters and a trailing newline"
-      fix = "write it without the newline: printf %s KEY > FILE"
-    elseif #key == 64 and key:match("^%x+$") or #trimmed == 64
-           and trimmed:match("^%x+$") then
-      cause = "the key is " .. #trimmed .. " hex digits: a hex encoding "
-              .. "of 32 bytes"
-      fix = "the APIv3 key is used as its 32 ASCII characters, never "
-            .. "decoded: give the characters set in the merchant platform"
-    elseif #trimmed == 44 and crypto.base64_decode(trimmed)
-           and #crypto.base64_decode(trimmed) == 32 then
-      cause = "the key is base64 of 32 bytes (44 characters)"
-      fix = "the APIv3 key is used as its 32 ASCII characters, never "
-            .. "decoded: give the characters set in the merchant platform"
-    else
-      cause = "the key is " .. #key .. " bytes; the APIv3 key is exactly 32"
-      fix = "copy the APIv3 key (merchant platform, API security); the "
-            .. "merchant platform shows it only when it is set: reset it if "
-            .. "lost"
-    end
+  local cause, fix = common.apiv3_key_problem(key)
+  if cause then
     out:fail("apiv3_key_length", cause, nil, fix)
     return 1
   end

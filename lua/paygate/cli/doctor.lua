@@ -97,35 +97,13 @@ local function material(v)
   return wconfig.material(v)
 end
 
--- returns: cause, fix when the APIv3 key is not 32 bytes
-local function apiv3_problem(key)
-  if type(key) ~= "string" then
-    return "wechatpay.apiv3_key is missing", "set it (32 characters, from "
-           .. "the merchant platform; an environment variable is best)"
-  end
-  if #key == 32 then return nil end
-  local t = key:gsub("[\r\n%s]+$", "")
-  if #t == 32 then
-    return "apiv3_key is 32 characters and a trailing newline or space",
-           "strip it (a file read whole keeps its newline)"
-  elseif #t == 64 and t:match("^%x+$") then
-    return "apiv3_key is 64 hex digits: a hex encoding of 32 bytes",
-           "use the 32 characters themselves, never decoded or encoded"
-  elseif #t == 44 and (crypto.base64_decode(t) or ""):len() == 32 then
-    return "apiv3_key is base64 of 32 bytes", "use the 32 characters "
-           .. "themselves, never decoded or encoded"
-  end
-  return "apiv3_key is " .. #key .. " bytes, not 32", "copy the APIv3 key "
-         .. "(not the APIv2 key, not the certificate serial)"
-end
-
 local function check_keys(out, wc, now, expiring)
   -- key and certificate
   local key, cert
   local pem, why = material(wc.merchant_private_key)
   if not pem then
-    out:fail("merchant_key", "wechatpay.merchant_private_key: " .. tostring(why),
-             nil, "point it at apiclient_key.pem")
+    out:fail("merchant_key", "wechatpay.merchant_private_key: "
+             .. tostring(why), nil, "point it at apiclient_key.pem")
   else
     local kerr
     key, kerr = crypto.private_key(pem)
@@ -205,7 +183,7 @@ local function check_keys(out, wc, now, expiring)
     end
   end
   -- the APIv3 key
-  local cause, fix = apiv3_problem(wc.apiv3_key)
+  local cause, fix = common.apiv3_key_problem(wc.apiv3_key)
   if cause then out:fail("apiv3_key", cause, nil, fix)
   else out:ok("apiv3_key", "apiv3_key is 32 bytes") end
   -- platform certificates configured

@@ -118,7 +118,8 @@ local function main(args)
                 cause = "signed with " .. schema,
                 signing_string = msg, authorization = header }
   else
-    out:text("signing string (" .. #msg .. " bytes; each \\n is one newline):\n")
+    out:text("signing string (" .. #msg
+             .. " bytes; each \\n is one newline):\n")
     out:text(common.visible(msg))
     out:text("\nAuthorization: " .. header .. "\n")
     out:text("(key " .. key:type() .. "-" .. key:bits() .. ", SHA256:"

@@ -421,7 +421,8 @@ local function main(args)
       "read the body as bytes: something (an editor, a proxy, a "
       .. "framework decoding text) added the BOM" },
     { "trailing_newline", "the body file ends with a newline WeChat did not "
-      .. "send", function(b) return b:sub(-1) == "\n" and b:gsub("\r?\n$", "") end,
+      .. "send",
+      function(b) return b:sub(-1) == "\n" and b:gsub("\r?\n$", "") end,
       "save the body exactly (curl -o FILE); editors add a final newline" },
     { "whitespace", "the body's whitespace was changed (pretty-printed or "
       .. "re-indented): WeChat signed the compact bytes",
@@ -437,7 +438,8 @@ local function main(args)
       function(b) local u = escape(b); return u ~= b and u end,
       "verify the raw bytes; do not re-encode the parsed JSON" },
     { "whitespace", "the body's whitespace and \\uXXXX escapes were both "
-      .. "changed", function(b) local u = unescape(minify(b)); return u ~= b and u end,
+      .. "changed",
+      function(b) local u = unescape(minify(b)); return u ~= b and u end,
       "verify the raw bytes as received" },
     { "line_endings", "the body's line endings were changed",
       function(b) local u = b:gsub("\r\n", "\n"); return u ~= b and u end,
