@@ -294,7 +294,7 @@ describe("paygate certs", function()
     assert.equal(1, code, out)
     local roles = {}
     for _, x in ipairs(r) do roles[#roles + 1] = x.role end
-    assert.same({ "platform", "merchant", "CA", "public key", "platform" },
+    assert.same({ "platform", "merchant", "CA", "public key", "other" },
                 roles)
     assert.equal("warn", r[1].status)         -- 3-day certificate: < 30 days
     assert.equal("fail", r[5].status)

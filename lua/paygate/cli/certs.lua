@@ -17,8 +17,8 @@ usage: paygate certs PATH... [--json]
 Lists the certificates and keys in the files and directories given: for
 a certificate its serial (the form Wechatpay-Serial carries), subject,
 issuer, validity and days left, key type and bits, and its role: merchant
-(apiclient_cert.pem, CN = the merchant id), platform (WeChat's, which
-verifies answers), CA; public keys (the WeChat Pay public key) and
+(apiclient_cert.pem, CN = the merchant id), platform (WeChat's,
+CN=Tenpay.com sign, which verifies answers), CA, other; public keys (the WeChat Pay public key) and
 private keys with their type, bits and fingerprint. A certificate that
 has expired fails; one expiring within 30 days warns.
 
@@ -51,8 +51,10 @@ local function list_cert(out, e, now)
     date(c:not_after()), left >= 0 and ("%d days left"):format(left)
     or ("expired %d days ago"):format(-left), c:key_type(), c:key_bits(),
     e.file)
-  local r = { kind = role == "CA" and "ca" or role .. "_certificate",
-              cause = role .. " certificate " .. c:serial(), detail = detail,
+  local name = role == "other" and "" or role .. " "
+  local r = { kind = role == "CA" and "ca" or role == "other"
+                     and "certificate" or role .. "_certificate",
+              cause = name .. "certificate " .. c:serial(), detail = detail,
               serial = c:serial(), subject = c:subject(),
               issuer = c:issuer(), not_before = c:not_before(),
               not_after = c:not_after(), days_left = math.floor(left),
@@ -68,7 +70,7 @@ local function list_cert(out, e, now)
     r.fix = role == "platform" and "download the current ones: paygate "
             .. "certs --download" or role == "merchant" and "renew the API "
             .. "certificate in the merchant platform (API security)" or
-            "replace it"
+            "replace it; for a TLS server, install a current certificate"
   elseif left < 30 then
     r.status = "warn"
     r.cause = r.cause .. (" expires in %d days"):format(left)

@@ -12,13 +12,15 @@ local _M = {}
 
 --- syntax: role = keys.role(cert)
 -- "CA" (a CA certificate), "merchant" (subject CN = a merchant id, as
--- WeChat issues apiclient_cert.pem), "platform" (any other end-entity
--- certificate: WeChat's is CN=Tenpay.com sign).
+-- WeChat issues apiclient_cert.pem), "platform" (WeChat's: subject
+-- O=Tenpay.com, CN=Tenpay.com sign), "other" (anything else: a TLS
+-- server certificate, a platform certificate made by hand).
 function _M.role(cert)
   if cert:is_ca() then return "CA" end
   local subject = cert:subject()
   if subject:match("CN ?= ?%d+%f[^%d]") then return "merchant" end
-  return "platform"
+  if subject:find("Tenpay.com", 1, true) then return "platform" end
+  return "other"
 end
 
 --- syntax: list = keys.load(path[, id])
