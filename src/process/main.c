@@ -13,6 +13,7 @@
 
 #include "config.h"
 #include "log.h"
+#include "lstate.h"
 #include "master.h"
 #include "worker.h"
 
@@ -28,6 +29,13 @@ static const char usage_main[] =
 "  exec SCRIPT     run a Lua script inside the runtime (tests, tools)\n"
 "  reload          load new code into a running server (like kill -HUP)\n"
 "  version         print the version\n"
+"\n"
+"diagnostics (WeChat Pay; each names the cause of a failure):\n"
+"  sign            build a request's signing string and Authorization\n"
+"  verify          verify a captured response or notification\n"
+"  decrypt         decrypt a notification's resource\n"
+"  certs           list certificates and keys; download platform ones\n"
+"  doctor          check a gateway configuration end to end\n"
 "\n"
 "`paygate COMMAND --help` describes each command.\n"
 "exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error\n";
@@ -262,6 +270,27 @@ cmd_exec(int argc, char **argv)
     return gw_exec_main(argv[1], argc - 2, argv + 2);
 }
 
+/* The diagnostic commands are Lua scripts run as `paygate exec` runs one:
+ * lua/paygate/cli/NAME.lua with the command's arguments. */
+static const char *const lua_cmds[] = {
+    "sign", "verify", "decrypt", "certs", "doctor", NULL
+};
+
+static int
+cmd_lua(const char *name, int argc, char **argv)
+{
+    char script[4200];
+
+    snprintf(script, sizeof(script), "%s/paygate/cli/%s.lua", gw_lua_dir(),
+             name);
+    if (access(script, R_OK) != 0) {
+        fprintf(stderr, "paygate %s: cannot read %s: %s\n", name, script,
+                strerror(errno));
+        return 2;
+    }
+    return gw_exec_main(script, argc - 1, argv + 1);
+}
+
 static int
 cmd_reload(int argc, char **argv)
 {
@@ -395,6 +424,11 @@ main(int argc, char **argv)
     }
     if (strcmp(cmd, "reload") == 0) {
         return cmd_reload(argc - 1, argv + 1);
+    }
+    for (int i = 0; lua_cmds[i] != NULL; i++) {
+        if (strcmp(cmd, lua_cmds[i]) == 0) {
+            return cmd_lua(cmd, argc - 1, argv + 1);
+        }
     }
     fprintf(stderr, "paygate: unknown command '%s' (see paygate --help)\n",
             cmd);

@@ -1,0 +1,176 @@
+-- paygate certs: lists the certificates and keys in files or directories
+-- (serial, subject, issuer, validity and days left, key type and bits, and
+-- which is which); with --download, fetches WeChat Pay's platform
+-- certificates through paygate.wechatpay, verifies and writes them.
+local common = require "paygate.cli.common"
+local keys = require "paygate.cli.keys"
+local core = require "paygate.core"
+
+local tostring, ipairs = tostring, ipairs
+
+local usage = [[
+usage: paygate certs PATH... [--json]
+       paygate certs --download BASE_URL --mchid ID --key KEY.pem
+                     --serial SERIAL --apiv3-key-file FILE --out DIR
+                     [--ca-file PEM] [--json]
+
+Lists the certificates and keys in the files and directories given: for
+a certificate its serial (the form Wechatpay-Serial carries), subject,
+issuer, validity and days left, key type and bits, and its role: merchant
+(apiclient_cert.pem, CN = the merchant id), platform (WeChat's,
+CN=Tenpay.com sign, which verifies answers), CA, other; public keys (the WeChat Pay public key) and
+private keys with their type, bits and fingerprint. A certificate that
+has expired fails; one expiring within 30 days warns.
+
+--download fetches /v3/certificates from BASE_URL (https://api.mch.
+weixin.qq.com, or the simulator), signed with the merchant key; the
+certificates are decrypted with the APIv3 key, their serials checked and
+the answer's signature verified (paygate.wechatpay does all of it), then
+each is written to DIR/SERIAL.pem and listed.
+
+exit: 0 all valid, 1 a certificate expired or a download failed, 2 usage
+or unreadable input.
+]]
+
+local SPEC = {
+  ["--json"] = "flag", ["--download"] = "value", ["--mchid"] = "value",
+  ["--key"] = "value", ["--serial"] = "value",
+  ["--apiv3-key-file"] = "value", ["--out"] = "value",
+  ["--ca-file"] = "value",
+}
+
+local DAY = 86400
+local function date(t) return os.date("!%Y-%m-%d %H:%M UTC", t) end
+
+local function list_cert(out, e, now)
+  local c = e.cert
+  local role = keys.role(c)
+  local left = (c:not_after() - now) / DAY
+  local detail = ("subject %s\nissuer  %s\nvalid   %s to %s (%s)\nkey     "
+    .. "%s-%d, file %s"):format(c:subject(), c:issuer(), date(c:not_before()),
+    date(c:not_after()), left >= 0 and ("%d days left"):format(left)
+    or ("expired %d days ago"):format(-left), c:key_type(), c:key_bits(),
+    e.file)
+  local name = role == "other" and "" or role .. " "
+  local r = { kind = role == "CA" and "ca" or role == "other"
+                     and "certificate" or role .. "_certificate",
+              cause = name .. "certificate " .. c:serial(), detail = detail,
+              serial = c:serial(), subject = c:subject(),
+              issuer = c:issuer(), not_before = c:not_before(),
+              not_after = c:not_after(), days_left = math.floor(left),
+              key_type = c:key_type(), key_bits = c:key_bits(),
+              role = role, file = e.file }
+  if c:not_before() > now then
+    r.status = "fail"
+    r.cause = r.cause .. " is not valid yet"
+    r.fix = "check the clock; a rotated certificate is used from its start"
+  elseif left < 0 then
+    r.status = "fail"
+    r.cause = r.cause .. " has expired"
+    r.fix = role == "platform" and "download the current ones: paygate "
+            .. "certs --download" or role == "merchant" and "renew the API "
+            .. "certificate in the merchant platform (API security)" or
+            "replace it; for a TLS server, install a current certificate"
+  elseif left < 30 then
+    r.status = "warn"
+    r.cause = r.cause .. (" expires in %d days"):format(left)
+    r.fix = role == "merchant" and "renew the API certificate in the "
+            .. "merchant platform" or role == "CA" and "replace the CA "
+            .. "certificate before then" or "download the new platform "
+            .. "certificate before then (paygate.wechatpay refreshes them)"
+  else
+    r.status = "ok"
+  end
+  out:result(r)
+end
+
+local function list_key(out, e)
+  local k = e.key
+  local what = e.kind == "public_key" and "public key" or "private key"
+  out:result{ status = "ok", kind = e.kind, cause = what .. " "
+              .. (e.id or "") .. (e.id and " " or "") .. "(" .. k:type()
+              .. "-" .. k:bits() .. ")", detail = "SHA256:"
+              .. k:fingerprint() .. ", file " .. e.file,
+              id = e.id, key_type = k:type(), key_bits = k:bits(),
+              fingerprint = k:fingerprint(), file = e.file,
+              role = e.kind == "public_key" and "public key" or
+                     "merchant private key" }
+end
+
+local function download(o, out)
+  for _, k in ipairs({ "--mchid", "--key", "--serial", "--apiv3-key-file",
+                       "--out" }) do
+    if not o[k] then common.usage_error("--download needs %s", k) end
+  end
+  local apiv3 = common.read(o["--apiv3-key-file"], "APIv3 key file")
+  common.read(o["--key"], "key file")
+  local wechatpay = require "paygate.wechatpay"
+  local wx, err = wechatpay.client{
+    mchid = o["--mchid"], merchant_private_key = o["--key"],
+    merchant_serial = o["--serial"], apiv3_key = apiv3,
+    base_url = o["--download"], backup_url = false,
+    ca_file = o["--ca-file"], timeout = 10, deadline = 20,
+  }
+  if not wx then
+    out:fail("download", tostring(err.message), nil,
+             err.key == "apiv3_key" and "check with: paygate decrypt" or nil)
+    return 1
+  end
+  local n
+  n, err = wx:refresh_certificates()
+  if not n and err then
+    wx:stop()
+    out:fail("download", "/v3/certificates failed: " .. tostring(err),
+             err.request_id and "request id " .. err.request_id,
+             err.kind == "decrypt_failed" and "the APIv3 key is wrong "
+             .. "(paygate decrypt names why)" or err.kind == "sign_error"
+             and "check --serial against the merchant certificate and the "
+             .. "key pair (paygate doctor)" or nil)
+    return 1
+  end
+  os.execute("mkdir -p '" .. o["--out"]:gsub("'", "") .. "'")
+  local written = 0
+  local now = core.time()
+  for serial, cert in pairs(wx.certs) do
+    local path = o["--out"] .. "/" .. serial .. ".pem"
+    local f = io.open(path, "wb")
+    if not f then
+      wx:stop()
+      common.usage_error("cannot write %s", path)
+    end
+    f:write(cert:pem())
+    f:close()
+    written = written + 1
+    list_cert(out, { cert = cert, file = path }, now)
+  end
+  wx:stop()
+  if written == 0 then
+    out:fail("download", "no platform certificate downloaded", nil,
+             "the merchant may use the WeChat Pay public key only")
+    return 1
+  end
+  return out:code()
+end
+
+local function main(args)
+  local o, paths = common.parse(args, SPEC)
+  local out = common.output(o["--json"])
+  if o["--download"] then return download(o, out) end
+  if #paths == 0 then common.usage_error("give files or directories") end
+  local now = core.time()
+  local n = 0
+  for _, p in ipairs(paths) do
+    for _, e in ipairs(keys.load(p)) do
+      n = n + 1
+      if e.kind == "certificate" then list_cert(out, e, now)
+      else list_key(out, e) end
+    end
+  end
+  if n == 0 then
+    common.usage_error("no certificate or key found in %s",
+                       table.concat(paths, " "))
+  end
+  return out:code()
+end
+
+return common.run("certs", usage, main, { ... })

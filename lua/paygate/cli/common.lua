@@ -1,0 +1,252 @@
+-- paygate.cli.common: what the diagnostic commands (paygate sign, verify,
+-- decrypt, certs, doctor) share: argument parsing, reading input files,
+-- printing results as text or JSON lines, and the exit status.
+--
+-- A result is { status = "ok" | "warn" | "fail", kind, cause, detail, fix }
+-- (kind: what was checked or found; cause: one line; detail: more, may be
+-- nil; fix: what to do, may be nil). Exit status: 0 when no result
+-- failed, 1 when one did, 2 for a usage error or unreadable input (one
+-- line on stderr).
+local json = require "cjson.safe"
+
+local type, tostring, ipairs = type, tostring, ipairs
+
+local _M = {}
+
+local USAGE = {}        -- marks a usage error raised through error()
+
+--- syntax: common.usage_error(fmt, ...) -- raises; run() exits 2 with it
+function _M.usage_error(fmt, ...)
+  error(setmetatable({ msg = fmt:format(...) }, USAGE), 0)
+end
+local usage_error = _M.usage_error
+
+--- syntax: opts, positional = common.parse(args, spec)
+-- spec maps an option name ("--json", "-H") to "flag" (boolean), "value"
+-- (string, the last one given wins) or "list" (every value, in order).
+-- "--name=value" works as "--name value".
+function _M.parse(args, spec)
+  local opts, pos = {}, {}
+  local i = 1
+  while i <= #args do
+    local a = args[i]
+    local name, inline = a:match("^(%-%-[%w-]+)=(.*)$")
+    name = name or a
+    local kind = spec[name]
+    if a:sub(1, 1) == "-" and a ~= "-" and not kind then
+      usage_error("unknown option %s (see --help)", a)
+    elseif not kind then
+      pos[#pos + 1] = a
+    elseif kind == "flag" then
+      if inline then usage_error("%s takes no value", name) end
+      opts[name] = true
+    else
+      local v = inline
+      if not v then
+        i = i + 1
+        v = args[i]
+        if v == nil then usage_error("%s needs a value", name) end
+      end
+      if kind == "list" then
+        opts[name] = opts[name] or {}
+        local l = opts[name]
+        l[#l + 1] = v
+      else
+        opts[name] = v
+      end
+    end
+    i = i + 1
+  end
+  return opts, pos
+end
+
+--- syntax: s = common.read(path, what) -- raises a usage error when unreadable
+function _M.read(path, what)
+  local f, err = io.open(path, "rb")
+  if not f then
+    usage_error("cannot read %s %s: %s", what, path, tostring(err))
+  end
+  local s = f:read("*a")
+  f:close()
+  if s == nil then usage_error("cannot read %s %s", what, path) end
+  return s
+end
+
+--- syntax: names = common.files(path) -- a file, or a directory's files
+-- (sorted, not recursive); nil when neither.
+function _M.files(path)
+  local core = require "paygate.core"
+  local ok, names = pcall(core.listdir, path)
+  if ok and type(names) == "table" then
+    local out = {}
+    for _, n in ipairs(names) do
+      if n:sub(1, 1) ~= "." then out[#out + 1] = path .. "/" .. n end
+    end
+    return out
+  end
+  local f = io.open(path, "rb")
+  if not f then return nil end
+  f:close()
+  return { path }
+end
+
+--- syntax: s = common.visible(text) -- "\n" shown as the two characters
+-- \n followed by a line break, other control bytes as \xHH, a BOM named
+function _M.visible(text)
+  text = text:gsub("\239\187\191", "<BOM>")
+  text = text:gsub("[%z\1-\9\11-\31\127]", function(c)
+    if c == "\r" then return "\\r" end
+    if c == "\t" then return "\\t" end
+    return ("\\x%02X"):format(c:byte())
+  end)
+  return (text:gsub("\n", "\\n\n"))
+end
+
+-- The output of one command run.
+local Out = {}
+Out.__index = Out
+
+--- syntax: out = common.output(json_mode)
+function _M.output(json_mode)
+  return setmetatable({ json = json_mode, results = {}, worst = 0 }, Out)
+end
+
+local RANK = { ok = 0, warn = 0, fail = 1 }
+local MARK = { ok = "ok  ", warn = "warn", fail = "FAIL" }
+
+--- syntax: out:result{ status, kind, cause, detail, fix, ... }
+-- Prints it at once (a long check shows progress).
+function Out:result(r)
+  assert(RANK[r.status], "bad status")
+  self.results[#self.results + 1] = r
+  if RANK[r.status] > self.worst then self.worst = RANK[r.status] end
+  if self.json then
+    -- status, kind, cause, detail, fix first, then the rest sorted
+    local parts, seen = {}, {}
+    local function add(k)
+      if r[k] ~= nil and not seen[k] then
+        seen[k] = true
+        parts[#parts + 1] = json.encode(k) .. ":" .. json.encode(r[k])
+      end
+    end
+    for _, k in ipairs({ "status", "kind", "cause", "detail", "fix" }) do
+      add(k)
+    end
+    local rest = {}
+    for k in pairs(r) do
+      if not seen[k] and type(k) == "string" then rest[#rest + 1] = k end
+    end
+    table.sort(rest)
+    for _, k in ipairs(rest) do add(k) end
+    io.stdout:write("{", table.concat(parts, ","), "}\n")
+  else
+    local lines = { MARK[r.status] .. "  " .. r.kind .. ": " .. r.cause }
+    if r.detail and r.detail ~= "" then
+      lines[#lines + 1] = "      " .. tostring(r.detail):gsub("\n", "\n      ")
+    end
+    if r.fix and r.fix ~= "" then
+      lines[#lines + 1] = "      fix: " .. r.fix
+    end
+    io.stdout:write(table.concat(lines, "\n"), "\n")
+  end
+  io.stdout:flush()
+  return r
+end
+
+function Out:ok(kind, cause, detail, fix)
+  return self:result{ status = "ok", kind = kind, cause = cause,
+                      detail = detail, fix = fix }
+end
+
+function Out:warn(kind, cause, detail, fix)
+  return self:result{ status = "warn", kind = kind, cause = cause,
+                      detail = detail, fix = fix }
+end
+
+function Out:fail(kind, cause, detail, fix)
+  return self:result{ status = "fail", kind = kind, cause = cause,
+                      detail = detail, fix = fix }
+end
+
+--- syntax: out:text(s) -- free text, printed only in text mode
+function Out:text(s)
+  if not self.json then io.stdout:write(s) io.stdout:flush() end
+end
+
+function Out:code() return self.worst end
+
+--- syntax: code = common.run(name, usage, main, args)
+-- Runs main(args) (which returns an exit code); prints usage for --help
+-- and a one-line reason (exit 2) for a usage error.
+function _M.run(name, usage, main, args)
+  for _, a in ipairs(args) do
+    if a == "--help" or a == "-h" then
+      io.stdout:write(usage)
+      return 0
+    end
+  end
+  local ok, code = pcall(main, args)
+  if ok then return code end
+  if getmetatable(code) == USAGE then
+    io.stderr:write("paygate ", name, ": ", code.msg, "\n")
+    return 2
+  end
+  io.stderr:write("paygate ", name, ": internal error: ", tostring(code), "\n")
+  return 1
+end
+
+--- syntax: cause, fix = common.apiv3_key_problem(key)
+-- nil when key is 32 bytes; else what is wrong with it (a trailing
+-- newline, a hex or base64 encoding of 32 bytes, the wrong length) and
+-- the fix. Never repeats the key.
+function _M.apiv3_key_problem(key)
+  local crypto = require "paygate.crypto"
+  if type(key) ~= "string" then
+    return "the APIv3 key is missing", "set it (the 32 characters set in "
+           .. "the merchant platform, API security)"
+  end
+  if #key == 32 then return nil end
+  local t = key:gsub("[\r\n%s]+$", "")
+  local encoded = "the APIv3 key is used as its 32 ASCII characters, never "
+    .. "decoded: give the characters set in the merchant platform"
+  if #t == 32 then
+    local tail = key:sub(33)
+    return "the APIv3 key is 32 characters and "
+           .. (tail:find("\n") and "a trailing newline" or "trailing spaces"),
+           "strip it: printf %s KEY > FILE (a file read whole keeps its "
+           .. "newline)"
+  elseif #t == 64 and t:match("^%x+$") then
+    return "the APIv3 key is 64 hex digits: a hex encoding of 32 bytes",
+           encoded
+  elseif #t == 44 and #(crypto.base64_decode(t) or "") == 32 then
+    return "the APIv3 key is base64 of 32 bytes (44 characters)", encoded
+  end
+  return "the APIv3 key is " .. #key .. " bytes; it is exactly 32",
+         "copy the APIv3 key (not the APIv2 key, not a certificate serial) "
+         .. "from the merchant platform, API security; reset it if lost"
+end
+
+--- syntax: n = common.number(opts, name) -- a numeric option or nil
+function _M.number(opts, name)
+  local v = opts[name]
+  if v == nil then return nil end
+  local n = tonumber(v)
+  if not n then usage_error("%s must be a number, not %s", name, v) end
+  return n
+end
+
+--- syntax: s = common.duration(seconds) -- "3 min 20 s", "2 h 5 min"...
+function _M.duration(s)
+  s = math.floor(math.abs(s) + 0.5)
+  if s < 120 then return s .. " s" end
+  if s < 7200 then
+    return ("%d min %d s"):format(math.floor(s / 60), s % 60)
+  end
+  if s < 172800 then
+    return ("%d h %d min"):format(math.floor(s / 3600),
+                                   math.floor(s % 3600 / 60))
+  end
+  return ("%d days"):format(math.floor(s / 86400))
+end
+
+return _M

@@ -1,0 +1,557 @@
+-- paygate doctor: checks a gateway configuration end to end, one line per
+-- check (ok / warn / fail, what, the fix). The configuration is a Lua file
+-- returning a table (docs/troubleshooting.md describes it):
+--   { wechatpay = { ...paygate.wechatpay client configuration... },
+--     notify_url = "https://...", notify_ca_file = PEM,
+--     database = "sqlite:PATH" | "postgres://...", redis = "redis://...",
+--     limits = { request_timeout = s, ... },   -- as for paygate run
+--     metrics_url = "http://127.0.0.1:9090/metrics",
+--     leases = { NAME = { ttl = s, route = "POST /path" } },
+--     api_crl_file = PEM }
+local common = require "paygate.cli.common"
+local core = require "paygate.core"
+local crypto = require "paygate.crypto"
+local x509 = require "paygate.x509"
+local http = require("paygate").http
+local wconfig = require "paygate.wechatpay.config"
+local verify = require "paygate.wechatpay.verify"
+
+local tostring, ipairs, pairs, type, pcall = tostring, ipairs, pairs, type,
+                                             pcall
+local duration = common.duration
+
+local usage = [[
+usage: paygate doctor --config FILE [--json]
+
+Checks a gateway configuration end to end and prints one line per check
+(ok, warn or FAIL, what was checked, the fix): the merchant key against
+its certificate, serial formats, the APIv3 key, the clock against the API
+host's Date, the TLS chain to the API host (each failure named: expired,
+not yet valid, unknown CA, missing intermediate, hostname mismatch,
+revoked, self-signed...), reachability, the notify URL reachable and
+answering within WeChat's 5 s, the server's timeouts against that window,
+the database and Redis, lease TTLs against the measured processing time,
+certificates expiring within 30 days.
+
+FILE is a Lua file returning { wechatpay = {...}, notify_url = ...,
+database = ..., redis = ..., limits = {...}, metrics_url = ...,
+leases = {...}, api_crl_file = ... } (see docs/troubleshooting.md).
+
+exit: 0 no check failed (warnings allowed), 1 a check failed, 2 usage or
+an unreadable configuration.
+]]
+
+local SPEC = { ["--config"] = "value", ["--json"] = "flag" }
+
+local WINDOW = 5             -- s WeChat waits for a notification's answer
+local DAY = 86400
+
+-- x509 chain failure kinds: the cause in words and the fix
+local CHAIN = {
+  expired = { "a certificate in the chain has expired",
+    "the server must install a current certificate; if it looks current, "
+    .. "check this host's clock" },
+  not_yet_valid = { "a certificate in the chain is not valid yet",
+    "check this host's clock (NTP)" },
+  unknown_authority = { "the chain ends at a CA this host does not trust",
+    "WeChat's API uses a public CA: update the system CA bundle (ca-"
+    .. "certificates), or fix wechatpay.ca_file; if a proxy intercepts TLS, "
+    .. "trust its CA explicitly" },
+  missing_intermediate = { "the server did not send the intermediate "
+    .. "certificate, and it is not in the trust store",
+    "the server must send its full chain; or add the intermediate to "
+    .. "ca_file" },
+  self_signed_untrusted = { "the server's certificate is self-signed and "
+    .. "not trusted", "a proxy or test server? use the real endpoint, or "
+    .. "trust that certificate in ca_file for a simulator" },
+  hostname_mismatch = { "the certificate does not cover the host name",
+    "check base_url (a typo, an IP address, a proxy answering for another "
+    .. "host)" },
+  revoked = { "the server's certificate is revoked by its CA's CRL",
+    "the server must install a new certificate; do not connect" },
+  revocation_unknown = { "no current CRL from the issuer was given",
+    "update api_crl_file" },
+  bad_signature = { "a signature in the chain does not verify (weak or "
+    .. "altered)", "a different CA with the same name, or an altered "
+    .. "certificate" },
+  wrong_usage = { "the certificate is not issued for a TLS server",
+    "the server must use a serverAuth certificate" },
+  path_too_long = { "the chain is longer than its CA allows", "remove "
+    .. "the extra intermediate on the server" },
+}
+
+local function load_config(path)
+  common.read(path, "config")
+  local chunk, err = loadfile(path)
+  if not chunk then common.usage_error("cannot load %s: %s", path, err) end
+  local ok, conf = pcall(chunk)
+  if not ok then common.usage_error("%s raised: %s", path, tostring(conf)) end
+  if type(conf) ~= "table" then
+    common.usage_error("%s must return a table", path)
+  end
+  return conf
+end
+
+local function material(v)
+  if v == nil then return nil end
+  return wconfig.material(v)
+end
+
+local function check_keys(out, wc, now, expiring)
+  -- key and certificate
+  local key, cert
+  local pem, why = material(wc.merchant_private_key)
+  if not pem then
+    out:fail("merchant_key", "wechatpay.merchant_private_key: "
+             .. tostring(why), nil, "point it at apiclient_key.pem")
+  else
+    local kerr
+    key, kerr = crypto.private_key(pem)
+    if not key then
+      out:fail("merchant_key", "the merchant private key does not load ("
+               .. tostring(kerr and kerr.kind) .. ")", nil,
+               "use apiclient_key.pem as downloaded (PKCS#8 PEM)")
+    end
+  end
+  if wc.merchant_certificate then
+    pem, why = material(wc.merchant_certificate)
+    cert = pem and crypto.certificate(pem)
+    if not cert then
+      out:fail("merchant_certificate", "merchant_certificate does not load: "
+               .. tostring(why or "not a certificate"), nil,
+               "point it at apiclient_cert.pem")
+    end
+  end
+  if key and cert then
+    if crypto.check_pair(key, cert) then
+      out:ok("key_certificate", "the merchant key matches its certificate "
+             .. cert:serial())
+    else
+      out:fail("key_certificate", "the merchant key does not match "
+               .. "merchant_certificate " .. cert:serial(),
+               "every request would fail with 401 SIGN_ERROR",
+               "use apiclient_key.pem and apiclient_cert.pem from the same "
+               .. "download (the certificate tool)")
+    end
+    expiring[#expiring + 1] = { "merchant certificate", cert }
+  elseif key then
+    out:warn("key_certificate", "no merchant_certificate: the key cannot be "
+             .. "checked against merchant_serial", nil,
+             "set merchant_certificate = \"apiclient_cert.pem\" (its serial "
+             .. "is then read from it)")
+  end
+  -- serial formats
+  local serial = wc.merchant_serial
+  if serial ~= nil then
+    if type(serial) ~= "string" or not serial:match("^%x+$") then
+      out:fail("serial_format", "merchant_serial is not hex: "
+               .. tostring(serial):sub(1, 64), nil,
+               "openssl x509 -in apiclient_cert.pem -noout -serial")
+    elseif cert and serial:upper():gsub("^0+", "")
+           ~= cert:serial():gsub("^0+", "") then
+      out:fail("serial_format", "merchant_serial " .. serial .. " is not "
+               .. "merchant_certificate's serial " .. cert:serial(), nil,
+               "use " .. cert:serial())
+    elseif #serial ~= 40 then
+      out:warn("serial_format", "merchant_serial has " .. #serial .. " hex "
+               .. "digits; WeChat's are 40", "a dropped leading zero "
+               .. "(BigInteger.toString) or a truncated copy",
+               "copy the serial from openssl x509 -noout -serial")
+    else
+      out:ok("serial_format", "merchant_serial is 40 hex digits")
+    end
+  end
+  if serial == nil and cert then
+    if #cert:serial() ~= 40 then
+      out:warn("serial_format", "the merchant certificate's serial "
+               .. cert:serial() .. " has " .. #cert:serial() .. " hex "
+               .. "digits; WeChat-issued ones have 40", "is "
+               .. "merchant_certificate the apiclient_cert.pem WeChat issued?",
+               "use the certificate from the merchant platform's tool")
+    else
+      out:ok("serial_format", "merchant serial " .. cert:serial()
+             .. " (from merchant_certificate)")
+    end
+  end
+  if wc.public_key_id ~= nil then
+    if type(wc.public_key_id) ~= "string"
+       or not wc.public_key_id:match("^PUB_KEY_ID_%d+$") then
+      out:fail("serial_format", "public_key_id is not PUB_KEY_ID_ and digits",
+               nil, "copy the id shown beside the public key")
+    else
+      out:ok("serial_format", "public_key_id " .. wc.public_key_id)
+    end
+  end
+  -- the APIv3 key
+  local cause, fix = common.apiv3_key_problem(wc.apiv3_key)
+  if cause then out:fail("apiv3_key", cause, nil, fix)
+  else out:ok("apiv3_key", "apiv3_key is 32 bytes") end
+  -- platform certificates configured
+  local pcs = wc.platform_certificates
+  if type(pcs) == "string" then pcs = { pcs } end
+  for _, v in ipairs(type(pcs) == "table" and pcs or {}) do
+    local p = material(v)
+    for _, c in ipairs(p and x509.chain(p) or {}) do
+      expiring[#expiring + 1] = { "platform certificate", c }
+    end
+  end
+  -- the whole configuration, as the client checks it
+  local c, err = wconfig.check(wc)
+  if c then
+    out:ok("wechatpay_config", "paygate.wechatpay accepts the configuration "
+           .. "(" .. c.mode .. " mode)")
+  else
+    out:fail("wechatpay_config", tostring(err.message), nil,
+             "fix wechatpay." .. tostring(err.key))
+  end
+  return c
+end
+
+-- The TLS chain the server sends, as PEM, through openssl s_client (the
+-- HTTP client does not expose the peer's chain). io.popen blocks the loop:
+-- acceptable here, a one-shot command with nothing else running. host was
+-- checked to be a host name (no shell metacharacters).
+local function fetch_chain(host, port)
+  local connect = host == "localhost" and "127.0.0.1" or host
+  local cmd = ("timeout 10 openssl s_client -connect '%s:%d' -servername "
+    .. "'%s' -showcerts </dev/null 2>/dev/null"):format(connect, port, host)
+  local p = io.popen(cmd)
+  if not p then return nil end
+  local s = p:read("*a")
+  p:close()
+  local pems = {}
+  for b in s:gmatch("%-%-%-%-%-BEGIN CERTIFICATE%-%-%-%-%-.-%-%-%-%-%-END "
+                    .. "CERTIFICATE%-%-%-%-%-") do
+    pems[#pems + 1] = b .. "\n"
+  end
+  return #pems > 0 and table.concat(pems) or nil
+end
+
+local function check_api(out, wc, conf, now, expiring)
+  local base = (type(wc.base_url) == "string" and wc.base_url
+                or wconfig.DEFAULT_BASE_URL):gsub("/+$", "")
+  local scheme, host, port = base:match("^(https?)://([^/:]+):?(%d*)")
+  if not host then
+    out:fail("api_host", "base_url " .. base .. " is not a URL", nil,
+             "https://api.mch.weixin.qq.com")
+    return
+  end
+  if not host:match("^[%w][%w%.%-]*$") or #host > 253 then
+    out:fail("api_host", "base_url's host is not a host name", nil,
+             "https://api.mch.weixin.qq.com")
+    return
+  end
+  port = tonumber(port) or (scheme == "https" and 443 or 80)
+  -- the TLS chain, classified
+  if scheme == "https" then
+    local pem = fetch_chain(host, port)
+    if pem then
+      local chain = x509.chain(pem)
+      local inter = {}
+      for i = 2, #chain do inter[#inter + 1] = chain[i] end
+      local crls = conf.api_crl_file and common.read(conf.api_crl_file,
+                                                     "CRL file")
+      local roots = wc.ca_file and common.read(wc.ca_file, "ca_file")
+                    or "system"
+      local ok, err = x509.verify_chain(chain[1], { roots = roots,
+        intermediates = inter, hostname = host, purpose = "server",
+        crls = crls, at = now })
+      if ok then
+        out:ok("tls_chain", host .. " sends a valid chain (" .. #chain
+               .. " certificate" .. (#chain > 1 and "s" or "") .. ", leaf "
+               .. chain[1]:subject() .. ")")
+        expiring[#expiring + 1] = { "TLS certificate of " .. host, chain[1] }
+      else
+        local c = CHAIN[err.kind] or { "the chain does not verify", nil }
+        out:result{ status = "fail", kind = "tls_chain", x509_kind = err.kind,
+                    cause = err.kind .. ": " .. c[1], detail = host .. ": "
+                    .. tostring(err.message) .. "\nleaf " .. chain[1]:subject()
+                    .. ", issuer " .. chain[1]:issuer(), fix = c[2] }
+      end
+    else
+      out:fail("tls_chain", "no TLS handshake with " .. host .. ":" .. port,
+               "openssl s_client got no certificate", "see reachability")
+    end
+  end
+  -- reachability and the clock
+  local t0 = core.mono()
+  local res, err = http.request{ method = "GET", url = base
+    .. "/v3/certificates", ca_file = wc.ca_file, timeout = 10,
+    connect_timeout = 5 }
+  local took = core.mono() - t0
+  if not res then
+    out:fail("reachability", base .. ": " .. tostring(err), err.kind == "dns"
+      and "the name does not resolve" or err.kind == "tls"
+      and "the TLS handshake failed (see tls_chain)" or nil,
+      err.kind == "dns" and "check DNS / base_url" or err.kind == "connect"
+      and "check the firewall and proxy (outbound 443)" or nil)
+    return
+  end
+  out:ok("reachability", ("%s answers (HTTP %d in %d ms)"):format(base,
+         res.status, took * 1000))
+  local date = res.headers and res.headers["date"]
+  local t = date and core.parse_http_date and core.parse_http_date(date)
+  if not t and date then
+    local d, mon, y, hh, mm, ss = date:match(
+      "%a+, (%d+) (%a+) (%d+) (%d+):(%d+):(%d+) GMT")
+    local M = { Jan = 1, Feb = 2, Mar = 3, Apr = 4, May = 5, Jun = 6,
+                Jul = 7, Aug = 8, Sep = 9, Oct = 10, Nov = 11, Dec = 12 }
+    if d and M[mon] then
+      -- days from the civil date (UTC, no time zone involved)
+      local yy, mm2 = tonumber(y), M[mon]
+      if mm2 <= 2 then yy = yy - 1 end
+      local era = math.floor(yy / 400)
+      local yoe = yy - era * 400
+      local mp = (mm2 + 9) % 12
+      local doy = math.floor((153 * mp + 2) / 5) + tonumber(d) - 1
+      local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+      local days = era * 146097 + doe - 719468
+      t = days * DAY + tonumber(hh) * 3600 + tonumber(mm) * 60 + tonumber(ss)
+    end
+  end
+  if not t then
+    out:warn("clock", "the API host sent no Date header: skew not measured")
+    return
+  end
+  local skew = core.time() - took / 2 - t
+  local abs = math.abs(skew)
+  local which = skew > 0 and "ahead of" or "behind"
+  if abs >= verify.WINDOW then
+    out:fail("clock", ("this clock is %s %s the API host's"):format(
+             duration(skew), which), "WeChat refuses requests and this side "
+             .. "refuses answers 300 s or more off", "sync the clock (NTP)")
+  elseif abs >= 60 then
+    out:warn("clock", ("this clock is %s %s the API host's"):format(
+             duration(skew), which), "within the 300 s window, but drifting",
+             "run NTP")
+  else
+    out:ok("clock", ("within %d s of the API host's Date"):format(
+           math.ceil(abs)))
+  end
+end
+
+-- The request-duration histogram of one route from a /metrics text:
+-- returns count, p99 upper bound (s), or nil.
+local function measured(text, method, route)
+  local buckets, count = {}, 0
+  for line in text:gmatch("[^\n]+") do
+    local labels, v = line:match(
+      "^paygate_request_duration_seconds_bucket{(.-)} (%S+)")
+    if labels and labels:find('method="' .. method .. '"', 1, true)
+       and labels:find('route="' .. route .. '"', 1, true) then
+      local le = labels:match('le="([^"]+)"')
+      if le == "+Inf" then count = tonumber(v)
+      else buckets[#buckets + 1] = { tonumber(le), tonumber(v) } end
+    end
+  end
+  if count == 0 then return nil end
+  table.sort(buckets, function(a, b) return a[1] < b[1] end)
+  for _, b in ipairs(buckets) do
+    if b[2] >= count * 0.99 then return count, b[1] end
+  end
+  return count, math.huge
+end
+
+local function check_notify(out, conf, metrics)
+  local url = conf.notify_url
+  local limits = type(conf.limits) == "table" and conf.limits or {}
+  local rt = limits.request_timeout or 30
+  if url == nil then
+    out:warn("notify_url", "no notify_url in the configuration: not checked")
+  elseif type(url) ~= "string" or not url:match("^https?://[^/]+") then
+    out:fail("notify_url", "notify_url is not a URL", nil,
+             "https://your.host/path (no query)")
+  else
+    if url:find("?", 1, true) then
+      out:fail("notify_url", "notify_url has a query string; WeChat refuses "
+               .. "it", nil, "put what you need in the path")
+    elseif not url:match("^https://") then
+      out:warn("notify_url", "notify_url is http://; WeChat delivers only to "
+               .. "https://", nil, "serve it over HTTPS with a public CA "
+               .. "certificate")
+    end
+    local t0 = core.mono()
+    local res, err = http.request{ method = "POST", url = url,
+      body = '{"id":"paygate-doctor-probe","event_type":"DOCTOR.PROBE"}',
+      headers = { ["content-type"] = "application/json" },
+      ca_file = conf.notify_ca_file, timeout = WINDOW, connect_timeout = 3 }
+    local took = core.mono() - t0
+    if not res then
+      out:fail("notify_url", err.kind == "timeout" and ("%s did not answer "
+               .. "within %d s"):format(url, WINDOW) or url .. ": "
+               .. tostring(err), "WeChat counts no answer within 5 s as a "
+               .. "failure and sends the notification again later",
+               err.kind == "timeout" and "answer within 5 s: record the "
+               .. "notification durably and do the rest afterwards"
+               or "make it reachable from the internet (DNS, firewall, "
+               .. "TLS with a public CA)")
+    elseif res.status >= 200 and res.status < 300 then
+      out:fail("notify_url", ("%s accepted an unsigned probe (HTTP %d)")
+               :format(url, res.status), "a handler that answers success "
+               .. "without verifying the signature accepts forged payments",
+               "verify every notification (wx:parse_notification) and answer"
+               .. " 4xx/5xx when it fails")
+    elseif took > WINDOW / 2 then
+      out:warn("notify_url", ("%s answered in %.1f s"):format(url, took),
+               "close to WeChat's 5 s", "answer sooner")
+    else
+      out:ok("notify_url", ("%s answered HTTP %d in %d ms (refused the "
+             .. "unsigned probe, as it should)"):format(url, res.status,
+             took * 1000))
+    end
+  end
+  -- the server's own timeouts against WeChat's window
+  if rt <= WINDOW then
+    out:warn("server_timeouts", ("request_timeout %g s is within WeChat's "
+             .. "%d s window"):format(rt, WINDOW), "a handler still working "
+             .. "is cut off, its answer lost, and WeChat sends the "
+             .. "notification again: the work is repeated",
+             "set limits.request_timeout above 5 s (e.g. 15) so that slow "
+             .. "work still completes; handle notifications idempotently")
+  else
+    out:ok("server_timeouts", ("request_timeout %g s outlasts WeChat's %d s "
+           .. "window: late work still completes (WeChat retries; handle "
+           .. "it idempotently)"):format(rt, WINDOW))
+  end
+  if metrics and url and type(url) == "string" then
+    local path = url:match("^https?://[^/]+(/[^?]*)") or "/"
+    local n, p99 = measured(metrics, "POST", path)
+    if n then
+      if p99 >= WINDOW then
+        out:fail("notify_latency", ("POST %s: 99%% of %d answered within "
+                 .. "%s s, not within %d s"):format(path, n, tostring(p99),
+                 WINDOW), nil, "answer within 5 s: record first, work later")
+      else
+        out:ok("notify_latency", ("POST %s: 99%% of %d answered within %g s")
+               :format(path, n, p99))
+      end
+    end
+  end
+end
+
+local function check_stores(out, conf)
+  if conf.database then
+    local sql = require "paygate.sql"
+    local ok, db, err = pcall(sql.open, conf.database)
+    if ok and db then
+      local rows, qerr = db:query("SELECT 1")
+      if rows then
+        out:ok("database", "the database answers (" .. db.engine .. ")")
+      else
+        out:fail("database", "the database does not answer: "
+                 .. tostring(qerr), nil, "check it is running")
+      end
+      db:close()
+    else
+      out:fail("database", "cannot open the database: "
+               .. tostring(ok and err or db), nil, "check database (sqlite:"
+               .. "PATH or postgres://...) and that the server runs")
+    end
+  else
+    out:warn("database", "no database configured: notifications cannot be "
+             .. "recorded durably", nil, "set database")
+  end
+  if conf.redis then
+    local redis = require "paygate.redis"
+    local ok, c, err = pcall(redis.connect, conf.redis, { timeout = 3,
+                                                          connect_timeout = 2 })
+    if ok and c then
+      out:ok("redis", "Redis answers PING")
+      c:close()
+    else
+      out:fail("redis", "Redis does not answer: " .. tostring(ok and err or c),
+               nil, "check redis (redis://HOST:PORT) and that it runs")
+    end
+  end
+end
+
+local function check_leases(out, conf, metrics)
+  if type(conf.leases) ~= "table" then return end
+  local names = {}
+  for name in pairs(conf.leases) do names[#names + 1] = name end
+  table.sort(names)
+  for _, name in ipairs(names) do
+    local l = conf.leases[name]
+    local ttl = type(l) == "table" and tonumber(l.ttl)
+    local method, route = tostring(l and l.route or ""):match("^(%u+) (/%S*)$")
+    if not ttl or not method then
+      out:fail("lease_ttl", "leases." .. tostring(name) .. " needs ttl "
+               .. "(seconds) and route (\"POST /path\")", nil, nil)
+    elseif not metrics then
+      out:warn("lease_ttl", ("lease %s: ttl %g s, nothing measured yet")
+               :format(name, ttl), conf.metrics_url and "no answer from "
+               .. conf.metrics_url or "no metrics_url configured",
+               "run traffic (or the simulator) through the gateway, set "
+               .. "metrics_url, and run doctor again")
+    else
+      local n, p99 = measured(metrics, method, route)
+      if not n then
+        out:warn("lease_ttl", ("lease %s: ttl %g s, nothing measured yet "
+                 .. "on %s %s"):format(name, ttl, method, route), nil,
+                 "run traffic through that route and run doctor again")
+      elseif ttl <= p99 then
+        out:fail("lease_ttl", ("lease %s: ttl %g s, but 99%% of %d %s %s "
+                 .. "take up to %s s"):format(name, ttl, n, method, route,
+                 tostring(p99)), "the lease expires while its holder still "
+                 .. "works: another worker takes it and the work is done "
+                 .. "twice (a double charge)", ("set ttl to at least %g s, "
+                 .. "or renew the lease while working"):format(
+                 p99 == math.huge and 60 or p99 * 3))
+      elseif ttl < p99 * 3 then
+        out:warn("lease_ttl", ("lease %s: ttl %g s against a p99 of %g s")
+                 :format(name, ttl, p99), "little margin for a slow store",
+                 ("set ttl to %g s or more, or renew"):format(p99 * 3))
+      else
+        out:ok("lease_ttl", ("lease %s: ttl %g s, 99%% of %d %s %s take "
+               .. "under %g s"):format(name, ttl, n, method, route, p99))
+      end
+    end
+  end
+end
+
+local function check_expiry(out, expiring, now)
+  for _, e in ipairs(expiring) do
+    local c = e[2]
+    local left = (c:not_after() - now) / DAY
+    if left < 0 then
+      out:fail("cert_expiry", ("%s %s expired %d days ago"):format(e[1],
+               c:serial(), -left), nil, "renew or download it")
+    elseif left < 30 then
+      out:warn("cert_expiry", ("%s %s expires in %d days"):format(e[1],
+               c:serial(), left), nil, "renew it before then")
+    else
+      out:ok("cert_expiry", ("%s %s: %d days left"):format(e[1], c:serial(),
+             left))
+    end
+  end
+end
+
+local function main(args)
+  local o = common.parse(args, SPEC)
+  if not o["--config"] then common.usage_error("--config FILE is required") end
+  local conf = load_config(o["--config"])
+  local out = common.output(o["--json"])
+  local now = core.time()
+  local expiring = {}
+  local wc = conf.wechatpay
+  if type(wc) ~= "table" then
+    out:fail("wechatpay_config", "no wechatpay table in the configuration",
+             nil, "add wechatpay = { mchid = ..., ... }")
+    wc = {}
+  else
+    check_keys(out, wc, now, expiring)
+  end
+  check_api(out, wc, conf, now, expiring)
+  local metrics
+  if conf.metrics_url then
+    local res = http.request{ url = conf.metrics_url, timeout = 5 }
+    metrics = res and res.status == 200 and res.body or nil
+  end
+  check_notify(out, conf, metrics)
+  check_stores(out, conf)
+  check_leases(out, conf, metrics)
+  check_expiry(out, expiring, now)
+  return out:code()
+end
+
+return common.run("doctor", usage, main, { ... })

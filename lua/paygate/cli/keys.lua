@@ -1,0 +1,82 @@
+-- paygate.cli.keys: loads the certificates and keys the diagnostic
+-- commands are given (files or directories of PEM) and tells which is
+-- which: the merchant's own API certificate, a WeChat Pay platform
+-- certificate, a CA, the WeChat Pay public key.
+local crypto = require "paygate.crypto"
+local x509 = require "paygate.x509"
+local common = require "paygate.cli.common"
+
+local ipairs, pcall = ipairs, pcall
+
+local _M = {}
+
+--- syntax: role = keys.role(cert)
+-- "CA" (a CA certificate), "merchant" (subject CN = a merchant id, as
+-- WeChat issues apiclient_cert.pem), "platform" (WeChat's: subject
+-- O=Tenpay.com, CN=Tenpay.com sign), "other" (anything else: a TLS
+-- server certificate, a platform certificate made by hand).
+function _M.role(cert)
+  if cert:is_ca() then return "CA" end
+  local subject = cert:subject()
+  if subject:match("CN ?= ?%d+%f[^%d]") then return "merchant" end
+  if subject:find("Tenpay.com", 1, true) then return "platform" end
+  return "other"
+end
+
+--- syntax: list = keys.load(path[, id])
+-- Every PEM object in the file (or each file of the directory):
+-- { kind = "certificate" | "public_key" | "private_key", cert | key,
+--   file, id }. A public key's id is `id`, or else the file name when it
+-- is PUB_KEY_ID_... (a --keyring directory names them so). Raises a usage
+-- error for a path that cannot be read; skips what is not a key.
+function _M.load(path, id)
+  local files = common.files(path)
+  if not files then common.usage_error("cannot read %s", path) end
+  local out = {}
+  for _, file in ipairs(files) do
+    local data = common.read(file, "file")
+    local found = false
+    if data:find("BEGIN CERTIFICATE", 1, true) then
+      local chain = x509.chain(data)
+      for _, cert in ipairs(chain or {}) do
+        out[#out + 1] = { kind = "certificate", cert = cert, file = file,
+                          id = cert:serial() }
+        found = true
+      end
+    end
+    if not found and (data:find("BEGIN PUBLIC KEY", 1, true)
+                      or data:find("BEGIN RSA PUBLIC KEY", 1, true)) then
+      local key = crypto.public_key(data)
+      if key then
+        local name = file:match("([^/]+)$"):gsub("%.[%w]+$", "")
+        out[#out + 1] = { kind = "public_key", key = key, file = file,
+          id = id or (name:match("^PUB_KEY_ID_%w+$") and name) }
+        found = true
+      end
+    end
+    if not found and data:find("PRIVATE KEY", 1, true) then
+      local ok, key = pcall(crypto.private_key, data)
+      if ok and key then
+        out[#out + 1] = { kind = "private_key", key = key, file = file }
+        found = true
+      end
+    end
+    if not found and #files == 1 then
+      -- DER, or something else: try the loaders in turn
+      local cert = x509.load(data)
+      if cert then
+        out[#out + 1] = { kind = "certificate", cert = cert, file = file,
+                          id = cert:serial() }
+      else
+        local key = crypto.public_key(data)
+        if key then
+          out[#out + 1] = { kind = "public_key", key = key, file = file,
+                            id = id }
+        end
+      end
+    end
+  end
+  return out
+end
+
+return _M

@@ -1,0 +1,131 @@
+-- paygate sign: the signing string of a WeChat Pay v3 request, every "\n"
+-- made visible, and the Authorization header, built by
+-- paygate.wechatpay.sign (the one the client uses).
+local common = require "paygate.cli.common"
+local crypto = require "paygate.crypto"
+local sign = require "paygate.wechatpay.sign"
+
+local usage = [[
+usage: paygate sign --method M --url PATH_WITH_QUERY [--body FILE]
+                    --mchid ID --serial SERIAL --key KEY.pem
+                    [--timestamp T --nonce N] [--sm2] [--json]
+
+Prints the string a WeChat Pay v3 request signs (METHOD, URL, TIMESTAMP,
+NONCE and BODY, each followed by a newline, shown as \n) and the
+Authorization header to send. Compare it byte for byte with what your
+code signs. --url is the path and query exactly as sent (no scheme, no
+host). --body FILE is the body exactly as sent (no body: GET). Without
+--timestamp and --nonce the current time and a random nonce are used.
+--sm2 signs with WECHATPAY2-SM2-WITH-SM3 (an SM2 key).
+
+exit: 0 signed (warnings allowed), 1 a check failed, 2 usage or unreadable
+input.
+]]
+
+local SPEC = {
+  ["--method"] = "value", ["--url"] = "value", ["--body"] = "value",
+  ["--mchid"] = "value", ["--serial"] = "value", ["--key"] = "value",
+  ["--timestamp"] = "value", ["--nonce"] = "value", ["--sm2"] = "flag",
+  ["--json"] = "flag",
+}
+
+local function main(args)
+  local o = common.parse(args, SPEC)
+  for _, k in ipairs({ "--method", "--url", "--mchid", "--serial", "--key" }) do
+    if not o[k] then common.usage_error("%s is required (see --help)", k) end
+  end
+  local out = common.output(o["--json"])
+  local method, url = o["--method"], o["--url"]
+  local body = o["--body"] and common.read(o["--body"], "body file") or ""
+  local key, kerr = crypto.private_key(common.read(o["--key"], "key file"))
+  if not key then
+    common.usage_error("cannot load the private key %s (%s)", o["--key"],
+                       tostring(kerr and kerr.kind))
+  end
+  local schema = o["--sm2"] and sign.SM2 or sign.RSA
+  local ts = o["--timestamp"] or tostring(os.time())
+  local nonce = o["--nonce"] or crypto.random_nonce(32)
+  local failed = false
+
+  -- the slips that make WeChat answer 401 SIGN_ERROR
+  if method ~= method:upper() then
+    out:warn("method", "method " .. method .. " is not upper case",
+             "WeChat signs and compares the method in upper case",
+             "sign and send " .. method:upper())
+    method = method:upper()
+  end
+  if url:match("^%a+://") then
+    failed = true
+    out:fail("url", "--url holds a scheme and host",
+             "the signed URL is the path and query only, e.g. "
+             .. "/v3/pay/transactions/jsapi",
+             "drop " .. url:match("^%a+://[^/]*"))
+  elseif url:sub(1, 1) ~= "/" then
+    failed = true
+    out:fail("url", "--url does not start with /", nil,
+             "sign the absolute path as sent, query included")
+  end
+  if url:find("[^%w%-%._~:/%?#%[%]@!%$&'%(%)%*%+,;=%%]") then
+    out:warn("url", "the URL holds characters that are sent percent-"
+             .. "encoded", "WeChat verifies the URL as it arrives: sign "
+             .. "exactly the encoded form you send",
+             "percent-encode the query before signing, then send that")
+  end
+  if method == "GET" and body ~= "" then
+    out:warn("body", "a GET with a body", "GET requests are sent and "
+             .. "signed with an empty body", "drop --body")
+  end
+  if body:sub(1, 3) == "\239\187\191" then
+    out:warn("body", "the body starts with a UTF-8 BOM", nil,
+             "send and sign the JSON without the BOM")
+  end
+  if body:sub(-1) == "\n" then
+    out:warn("body", "the body file ends with a newline",
+             "that newline is part of the signed body: the signing string "
+             .. "ends with two; sign exactly the bytes you send",
+             "strip the newline from the file if your code does not send it")
+  end
+  if not o["--serial"]:match("^%x+$") then
+    failed = true
+    out:fail("serial", "--serial is not hex",
+             "it must be the merchant API certificate's serial",
+             "openssl x509 -in apiclient_cert.pem -noout -serial")
+  end
+  if not o["--mchid"]:match("^%d+$") then
+    failed = true
+    out:fail("mchid", "--mchid is not digits", nil, "use the merchant id")
+  end
+  if not ts:match("^%d+$") then
+    common.usage_error("--timestamp must be epoch seconds")
+  end
+  local want = o["--sm2"] and "SM2" or "RSA"
+  if key:type() ~= want then
+    out:fail("key", "the key is " .. key:type() .. "; " .. schema
+             .. " needs " .. want, nil, o["--sm2"] and "give the SM2 key"
+             or "give the RSA key (apiclient_key.pem), or add --sm2")
+    return 1
+  end
+  local msg = sign.request_message(method, url, ts, nonce, body)
+  local header, err = sign.sign_request({ key = key, schema = schema,
+    mchid = o["--mchid"], serial = o["--serial"]:upper() }, method, url,
+    body, ts, nonce)
+  if not header then
+    out:fail("sign", "cannot sign: " .. tostring(err), nil, nil)
+    return 1
+  end
+  if out.json then
+    out:result{ status = failed and "fail" or "ok", kind = "signature",
+                cause = "signed with " .. schema,
+                signing_string = msg, authorization = header }
+  else
+    out:text("signing string (" .. #msg
+             .. " bytes; each \\n is one newline):\n")
+    out:text(common.visible(msg))
+    out:text("\nAuthorization: " .. header .. "\n")
+    out:text("(key " .. key:type() .. "-" .. key:bits() .. ", SHA256:"
+             .. key:fingerprint():sub(1, 16) .. "...)\n")
+  end
+  return failed and 1 or out:code()
+end
+
+return common.run("sign", usage, main, { ... })

@@ -1,0 +1,505 @@
+-- paygate verify: checks WeChat Pay's signature on a captured response or
+-- notification with paygate.wechatpay.verify (the verifier the client
+-- uses) and, when it fails, names the cause by testing the known ones
+-- against the inputs.
+local common = require "paygate.cli.common"
+local keys = require "paygate.cli.keys"
+local crypto = require "paygate.crypto"
+local keyring = require "paygate.keyring"
+local verify = require "paygate.wechatpay.verify"
+local json = require "cjson.safe"
+
+local tostring, ipairs, pcall, type = tostring, ipairs, pcall, type
+local duration = common.duration
+
+local usage = [[
+usage: paygate verify --body FILE (--headers FILE | -H 'Name: value' ...)
+                      (--certificate PEM ... | --public-key PEM
+                       --public-key-id ID | --keyring DIR) [--at EPOCH]
+                      [--json]
+
+Verifies WeChat Pay's signature on a captured API response or callback
+notification: the Wechatpay-Timestamp (less than 300 s from now, or from
+--at), the key Wechatpay-Serial names, and Wechatpay-Signature over
+TIMESTAMP\nNONCE\nBODY\n with BODY the raw bytes. When it fails, the
+cause is named: a body re-encoded on the way (whitespace, key order,
+escaped unicode, a BOM), a missing trailing newline, the timestamp outside
+the window, a serial not among the keys (a PUB_KEY_ID_ with certificates
+only, or the reverse), the merchant's own certificate given in place of
+WeChat's, a signature type that does not fit the key, a
+WECHATPAY/SIGNTEST/ probe.
+
+  --body FILE          the body exactly as received (curl -o FILE)
+  --headers FILE       `Name: value` lines (curl -D FILE) or a JSON object
+  -H 'Name: value'     one header (repeatable)
+  --certificate PEM    platform certificate(s) (repeatable; a file may hold
+                       several; a directory: each file in it)
+  --public-key PEM     the WeChat Pay public key, with --public-key-id
+  --keyring DIR        a directory of certificates and PUB_KEY_ID_....pem
+                       public keys
+  --at EPOCH           judge the timestamp and validity at this time
+  --json               one JSON object per result
+
+exit: 0 verified, 1 not verified (the cause printed), 2 usage or
+unreadable input.
+]]
+
+local SPEC = {
+  ["--body"] = "value", ["--headers"] = "value", ["-H"] = "list",
+  ["--certificate"] = "list", ["--public-key"] = "value",
+  ["--public-key-id"] = "value", ["--keyring"] = "value",
+  ["--at"] = "value", ["--json"] = "flag",
+}
+
+--- Header files: curl -D output (the last response's block wins: 100
+-- Continue and redirects come first) or a JSON object.
+local function parse_headers(text, name)
+  local h = {}
+  local first = text:match("^%s*(.)")
+  if first == "{" then
+    local t = json.decode(text)
+    if type(t) ~= "table" then
+      common.usage_error("%s is not a JSON object", name)
+    end
+    for k, v in pairs(t) do
+      if type(k) == "string" then h[k:lower()] = tostring(v) end
+    end
+    return h
+  end
+  for line in (text .. "\n"):gmatch("([^\n]*)\n") do
+    line = line:gsub("\r$", "")
+    if line:match("^HTTP/") then
+      h = {}
+    elseif line ~= "" then
+      local k, v = line:match("^([%w%-_]+):%s*(.-)%s*$")
+      if not k then
+        common.usage_error("%s: not a `Name: value` line: %s", name,
+                           line:sub(1, 60))
+      end
+      h[k:lower()] = v
+    end
+  end
+  return h
+end
+
+-- Body variants: what a re-encoding did, undone where it can be.
+local function minify(s)
+  local out, i, n, in_str = {}, 1, #s, false
+  while i <= n do
+    local c = s:sub(i, i)
+    if in_str then
+      out[#out + 1] = c
+      if c == "\\" then
+        out[#out + 1] = s:sub(i + 1, i + 1)
+        i = i + 1
+      elseif c == '"' then
+        in_str = false
+      end
+    elseif c == '"' then
+      in_str = true
+      out[#out + 1] = c
+    elseif not c:match("%s") then
+      out[#out + 1] = c
+    end
+    i = i + 1
+  end
+  return table.concat(out)
+end
+
+local function utf8(cp)
+  if cp < 0x80 then return string.char(cp) end
+  if cp < 0x800 then
+    return string.char(0xC0 + math.floor(cp / 64), 0x80 + cp % 64)
+  end
+  if cp < 0x10000 then
+    return string.char(0xE0 + math.floor(cp / 4096),
+                       0x80 + math.floor(cp / 64) % 64, 0x80 + cp % 64)
+  end
+  return string.char(0xF0 + math.floor(cp / 262144),
+                     0x80 + math.floor(cp / 4096) % 64,
+                     0x80 + math.floor(cp / 64) % 64, 0x80 + cp % 64)
+end
+
+-- \uXXXX (surrogate pairs too) and \/ to the characters themselves; the
+-- escapes JSON needs (\", \\, control characters) stay.
+local function unescape(s)
+  s = s:gsub("\\u([dD][89abAB]%x%x)\\u([dD][c-fC-F]%x%x)", function(hi, lo)
+    return utf8(0x10000 + (tonumber(hi, 16) - 0xD800) * 1024
+                + (tonumber(lo, 16) - 0xDC00))
+  end)
+  s = s:gsub("\\u(%x%x%x%x)", function(hex)
+    local cp = tonumber(hex, 16)
+    if cp < 0x20 or cp == 0x22 or cp == 0x5C then return nil end
+    return utf8(cp)
+  end)
+  return (s:gsub("\\/", "/"))
+end
+
+-- Non-ASCII characters to \uXXXX (what Java's and some PHP encoders do).
+local function escape(s)
+  return (s:gsub("[\192-\247][\128-\191]+", function(c)
+    local b, cp = c:byte(1), 0
+    if b >= 0xF0 then cp = b - 0xF0 elseif b >= 0xE0 then cp = b - 0xE0
+    else cp = b - 0xC0 end
+    for i = 2, #c do cp = cp * 64 + (c:byte(i) - 0x80) end
+    if cp >= 0x10000 then
+      cp = cp - 0x10000
+      return ("\\u%04x\\u%04x"):format(0xD800 + math.floor(cp / 1024),
+                                       0xDC00 + cp % 1024)
+    end
+    return ("\\u%04x"):format(cp)
+  end))
+end
+
+-- The keys of each JSON object in order; true when every object with two
+-- or more keys lists them sorted and at least one has three or more.
+local function keys_sorted(s)
+  local stack, i, n, sorted, big = {}, 1, #s, true, false
+  local last_str
+  while i <= n do
+    local c = s:sub(i, i)
+    if c == '"' then
+      local j = i + 1
+      while j <= n do
+        local d = s:sub(j, j)
+        if d == "\\" then j = j + 1 elseif d == '"' then break end
+        j = j + 1
+      end
+      last_str = s:sub(i + 1, j - 1)
+      i = j
+    elseif c == "{" or c == "[" then
+      stack[#stack + 1] = { obj = c == "{", keys = {} }
+    elseif c == "}" or c == "]" then
+      local top = table.remove(stack)
+      if top and top.obj and #top.keys >= 2 then
+        if #top.keys >= 3 then big = true end
+        for k = 2, #top.keys do
+          if top.keys[k - 1] > top.keys[k] then sorted = false end
+        end
+      end
+    elseif c == ":" then
+      local top = stack[#stack]
+      if top and top.obj and last_str then
+        top.keys[#top.keys + 1] = last_str
+      end
+    end
+    i = i + 1
+  end
+  return sorted and big
+end
+
+local function main(args)
+  local o = common.parse(args, SPEC)
+  if not o["--body"] then common.usage_error("--body is required") end
+  if not o["--headers"] and not o["-H"] then
+    common.usage_error("give --headers FILE or -H 'Name: value'")
+  end
+  if (o["--public-key"] == nil) ~= (o["--public-key-id"] == nil) then
+    common.usage_error("--public-key and --public-key-id go together")
+  end
+  if not o["--certificate"] and not o["--public-key"] and not o["--keyring"]
+  then
+    common.usage_error("give --certificate, --public-key with "
+                       .. "--public-key-id, or --keyring")
+  end
+  local body = common.read(o["--body"], "body file")
+  local headers = o["--headers"]
+    and parse_headers(common.read(o["--headers"], "headers file"),
+                      o["--headers"]) or {}
+  for _, l in ipairs(o["-H"] or {}) do
+    local k, v = l:match("^([%w%-_]+):%s*(.-)%s*$")
+    if not k then common.usage_error("-H wants 'Name: value', not %s", l) end
+    headers[k:lower()] = v
+  end
+  local now = common.number(o, "--at") or os.time()
+  local out = common.output(o["--json"])
+
+  -- the keys given
+  local given = {}
+  for _, p in ipairs(o["--certificate"] or {}) do
+    for _, e in ipairs(keys.load(p)) do given[#given + 1] = e end
+  end
+  if o["--public-key"] then
+    local id = o["--public-key-id"]
+    if not id:match("^PUB_KEY_ID_%w+$") then
+      common.usage_error("--public-key-id must be PUB_KEY_ID_ and digits, "
+                         .. "as shown beside the key")
+    end
+    local l = keys.load(o["--public-key"], id)
+    if #l == 0 or l[1].kind ~= "public_key" then
+      common.usage_error("%s holds no public key", o["--public-key"])
+    end
+    given[#given + 1] = l[1]
+  end
+  if o["--keyring"] then
+    for _, e in ipairs(keys.load(o["--keyring"])) do
+      given[#given + 1] = e
+    end
+  end
+  local ring = keyring.new()
+  local certs, pubs, merchants = {}, {}, {}
+  for _, e in ipairs(given) do
+    if e.kind == "certificate" then
+      if keys.role(e.cert) == "merchant" then
+        merchants[#merchants + 1] = e
+      end
+      if not e.cert:is_ca() and pcall(ring.put, ring, nil, e.cert) then
+        certs[#certs + 1] = e
+      end
+    elseif e.kind == "public_key" and e.id then
+      ring:put(e.id, e.key)
+      pubs[#pubs + 1] = e
+    end
+  end
+  if #certs == 0 and #pubs == 0 then
+    common.usage_error("no usable certificate or public key among the "
+                       .. "files given (a public key in --keyring must be "
+                       .. "named PUB_KEY_ID_....pem)")
+  end
+
+  local h, err = verify.parse_headers(headers)
+  if not h then
+    out:fail("headers", tostring(err.message),
+             "WeChat signs every 2xx answer and every notification with "
+             .. "Wechatpay-Timestamp, -Nonce, -Signature and -Serial",
+             "capture the headers as received (curl -D FILE); an error "
+             .. "answer (4xx/5xx) is not signed: do not verify it")
+    return 1
+  end
+  local serial = h.serial
+
+  -- the probe
+  if h.signature:sub(1, 19) == "WECHATPAY/SIGNTEST/" then
+    out:fail("signtest_probe", "Wechatpay-Signature is a WECHATPAY/SIGNTEST/ "
+             .. "probe, not a signature",
+             "WeChat now and then sends a deliberately invalid signature to "
+             .. "check that merchants verify. Failing it is correct.",
+             "answer a notification with 4xx/5xx (WeChat sends it again, "
+             .. "signed); treat an API answer as failed or query again")
+    return 1
+  end
+
+  -- the time window
+  local skew = now - h.ts
+  local fresh_ok = verify.fresh(h.ts, now)
+  if not fresh_ok then
+    out:fail("stale_timestamp", ("Wechatpay-Timestamp is %s %s the clock "
+             .. "(the limit is %d s)"):format(duration(skew),
+             skew < 0 and "ahead of" or "behind", verify.WINDOW),
+             ("timestamp %d, now %d: %s"):format(h.ts, now, skew < 0
+               and "this clock is behind WeChat's, or the message is forged"
+               or "a replay of an old message, a capture verified later, "
+               .. "or this clock is ahead"),
+             skew < 0 and "sync this host's clock (NTP)"
+             or "sync the clock (NTP); to check an old capture, pass --at "
+                .. h.ts)
+  end
+
+  -- the key the serial names
+  local is_pub = serial:sub(1, 11) == "PUB_KEY_ID_"
+  local kok, kerr = ring:get(serial, now)
+  if not kok then
+    local k = kerr and kerr.kind
+    if k == "cert_expired" or k == "cert_not_yet_valid" then
+      local e
+      for _, c in ipairs(certs) do
+        if c.cert:serial() == serial:upper() then e = c end
+      end
+      out:fail(k, "platform certificate " .. serial .. (k == "cert_expired"
+               and " expired " .. duration(now - e.cert:not_after()) .. " ago"
+               or " is valid only in " .. duration(e.cert:not_before() - now)),
+               "valid " .. os.date("!%Y-%m-%d %H:%M", e.cert:not_before())
+               .. " to " .. os.date("!%Y-%m-%d %H:%M", e.cert:not_after())
+               .. " UTC", k == "cert_expired"
+               and "download the current platform certificates (paygate "
+                   .. "certs --download) or check the clock"
+               or "check the clock")
+      return 1
+    end
+    -- which key would have verified?
+    local msg = verify.message(h.timestamp, h.nonce, body)
+    local other
+    for _, e in ipairs(given) do
+      local key = e.cert or e.key
+      if e.kind ~= "private_key" and crypto.verify_base64(key, msg,
+           h.signature, h.sig_type) then
+        other = e
+      end
+    end
+    local cause, detail, fix
+    if other then
+      cause = "Wechatpay-Serial " .. serial .. " names no key given, but "
+              .. "the signature verifies with " .. tostring(other.id)
+              .. " (" .. other.file .. ")"
+      detail = "the headers and the body come from different captures, or "
+               .. "the serial header was altered"
+      fix = "capture the headers and body of the same answer"
+    elseif is_pub and #pubs == 0 then
+      cause = "signed with the WeChat Pay public key " .. serial
+              .. ", but only platform certificates were given"
+      detail = "merchants since 2024 (and those migrating) are signed with "
+               .. "the public key; its id starts PUB_KEY_ID_"
+      fix = "download the public key in the merchant platform (API "
+            .. "security) and pass --public-key FILE --public-key-id "
+            .. serial .. " (in the gateway: public_key, public_key_id)"
+    elseif is_pub then
+      cause = "signed with public key " .. serial .. "; the id given is "
+              .. tostring(pubs[1].id)
+      fix = "use the public key whose id is " .. serial
+    elseif #certs == 0 or (#merchants == #certs and #pubs > 0) then
+      cause = "signed with platform certificate " .. serial
+              .. ", but only a public key was given"
+      detail = "a merchant migrating to the public key still gets answers "
+               .. "signed with the platform certificate"
+      fix = "give the platform certificates too (paygate certs --download;"
+            .. " in the gateway keep platform_certificates during the "
+            .. "migration)"
+    elseif #merchants > 0 then
+      local m = merchants[1].cert
+      cause = "the certificate given (" .. m:serial() .. ", " .. m:subject()
+              .. ") is the merchant's own API certificate, not WeChat's"
+      detail = "apiclient_cert.pem identifies you to WeChat; WeChat signs "
+               .. "with its platform certificate (Wechatpay-Serial "
+               .. serial .. ") or its public key"
+      fix = "pass the platform certificate (paygate certs --download) or "
+            .. "the WeChat Pay public key"
+    else
+      local ids = {}
+      for _, e in ipairs(certs) do ids[#ids + 1] = e.id end
+      for _, e in ipairs(pubs) do ids[#ids + 1] = e.id end
+      cause = "Wechatpay-Serial " .. serial .. " is not among the keys given"
+      detail = "keys given: " .. table.concat(ids, ", ")
+      fix = "download the current platform certificates (paygate certs "
+            .. "--download): WeChat rotates them"
+    end
+    out:fail("unknown_serial", cause, detail, fix)
+    return 1
+  end
+
+  -- the signature
+  local ok, serr = verify.signature(h, body, ring, nil, now)
+  if ok then
+    if fresh_ok then
+      out:ok("signature", "verified with " .. serial .. " over "
+             .. #body .. " body bytes")
+      return 0
+    end
+    out:warn("signature", "the signature itself verifies with " .. serial
+             .. ": only the time is wrong")
+    return 1
+  end
+  local ck = serr.cause_kind
+  local key = kok
+  local ktype = key.key_type and key:key_type() or key:type()
+  if ck == "key_type_mismatch" or ck == "unsupported_algorithm" then
+    out:fail("algorithm", "Wechatpay-Signature-Type "
+             .. tostring(h.sig_type) .. " does not fit " .. serial
+             .. ", an " .. ktype .. " key",
+             "WECHATPAY2-SHA256-RSA2048 needs an RSA key, "
+             .. "WECHATPAY2-SM2-WITH-SM3 an SM2 key",
+             "use the key of the variant the merchant signed up for (the SM "
+             .. "variant has its own certificates: /v3/certificates?"
+             .. "algorithm_type=SM2)")
+    return 1
+  end
+  local raw = crypto.base64_decode(h.signature)
+  if not raw then
+    out:fail("signature_encoding", "Wechatpay-Signature is not valid base64",
+             "it holds line breaks, spaces, URL-safe characters or lost its "
+             .. "padding on the way", "pass the header exactly as received")
+    return 1
+  end
+  local function try(b, ts_nonce_msg)
+    return crypto.verify_base64(key, ts_nonce_msg
+      or verify.message(h.timestamp, h.nonce, b), h.signature, h.sig_type)
+  end
+  local causes = {}
+  local bom = "\239\187\191"
+  local variants = {
+    { "bom", "the body starts with a UTF-8 BOM that WeChat did not send",
+      function(b) return b:sub(1, 3) == bom and b:sub(4) end,
+      "read the body as bytes: something (an editor, a proxy, a "
+      .. "framework decoding text) added the BOM" },
+    { "trailing_newline", "the body file ends with a newline WeChat did not "
+      .. "send",
+      function(b) return b:sub(-1) == "\n" and b:gsub("\r?\n$", "") end,
+      "save the body exactly (curl -o FILE); editors add a final newline" },
+    { "whitespace", "the body's whitespace was changed (pretty-printed or "
+      .. "re-indented): WeChat signed the compact bytes",
+      function(b) local m = minify(b); return m ~= b and m end,
+      "verify the raw bytes as received, before any JSON parsing or "
+      .. "logging reformat them" },
+    { "escaped_unicode", "the body's non-ASCII characters were turned into "
+      .. "\\uXXXX escapes (or / into \\/): WeChat sends UTF-8 as is",
+      function(b) local u = unescape(b); return u ~= b and u end,
+      "verify the raw bytes; do not re-encode the parsed JSON" },
+    { "escaped_unicode", "the body's \\uXXXX escapes were decoded to "
+      .. "UTF-8: WeChat sent them escaped",
+      function(b) local u = escape(b); return u ~= b and u end,
+      "verify the raw bytes; do not re-encode the parsed JSON" },
+    { "whitespace", "the body's whitespace and \\uXXXX escapes were both "
+      .. "changed",
+      function(b) local u = unescape(minify(b)); return u ~= b and u end,
+      "verify the raw bytes as received" },
+    { "line_endings", "the body's line endings were changed",
+      function(b) local u = b:gsub("\r\n", "\n"); return u ~= b and u end,
+      "verify the raw bytes as received" },
+  }
+  for _, v in ipairs(variants) do
+    local b = v[3](body)
+    if b and try(b) then
+      causes[#causes + 1] = { kind = "body_reencoded", what = v[1],
+                              cause = v[2], fix = v[4] }
+      break
+    end
+  end
+  -- the verify string without its final newline
+  if #causes == 0 and crypto.verify_base64(key, h.timestamp .. "\n"
+       .. h.nonce .. "\n" .. body, h.signature, h.sig_type) then
+    causes[#causes + 1] = { kind = "trailing_newline", cause = "the "
+      .. "signature was made over TIMESTAMP\\nNONCE\\nBODY without the final "
+      .. "\\n", fix = "the signed string ends with a newline after the body "
+      .. "(an empty body too: TIMESTAMP\\nNONCE\\n\\n); fix the signer" }
+  end
+  if #causes == 0 and keys_sorted(body) then
+    causes[#causes + 1] = { kind = "body_reencoded", what = "key_order",
+      cause = "the body's keys are all in alphabetical order: it was "
+      .. "likely decoded and re-encoded (Go's json.Marshal of a map, "
+      .. "sort_keys...), and WeChat signed its own key order",
+      fix = "verify the raw bytes as received, before any JSON parsing" }
+  end
+  if #causes == 0 then
+    local bits = key.key_bits and key:key_bits() or key:bits()
+    if ktype == "RSA" and #raw ~= bits / 8 then
+      causes[#causes + 1] = { kind = "signature_length", cause = "the "
+        .. "signature is " .. #raw .. " bytes; one by this RSA-" .. bits
+        .. " key is " .. bits / 8, fix = "pass Wechatpay-Signature whole, "
+        .. "from the same answer" }
+    end
+  end
+  if #causes == 0 and #merchants > 0 then
+    causes[#causes + 1] = { kind = "merchant_certificate", cause = "a "
+      .. "merchant certificate was given: if it was put in place of "
+      .. "WeChat's key under " .. serial .. ", nothing WeChat signs verifies",
+      fix = "use WeChat's platform certificate or public key" }
+  end
+  if #causes == 0 then
+    causes[#causes + 1] = { kind = "signature_mismatch", cause = "the "
+      .. "signature does not match: the body, the timestamp or the nonce "
+      .. "differ from what WeChat signed, or " .. serial .. " is not the "
+      .. "key that signed", fix = "capture the raw body and headers of one "
+      .. "answer; check that nothing between WeChat and you rewrites "
+      .. "bodies; for a public key, download it again from the merchant "
+      .. "platform" }
+  end
+  for _, c in ipairs(causes) do
+    out:result{ status = "fail", kind = c.kind, what = c.what,
+                cause = c.cause, fix = c.fix,
+                detail = "signed string tried: " .. common.visible(
+                  verify.message(h.timestamp, h.nonce, body)):gsub("\n", "")
+                  :sub(1, 200) }
+  end
+  return 1
+end
+
+return common.run("verify", usage, main, { ... })

@@ -1,0 +1,239 @@
+-- paygate doctor: each certificate-chain failure of the catalogue produced
+-- for real (a TLS server on loopback with a certificate made per run:
+-- expired, from an untrusted CA, self-signed, without its intermediate,
+-- for another host, revoked by a CRL), a notify URL that is slow or
+-- accepts anything, a clock off, a lease shorter than the work, and the
+-- command naming each.
+local paygate = require "paygate"
+local core = require "paygate.core"
+local crypto = require "paygate.crypto"
+local json = require "cjson.safe"
+local server = require "support.server"
+local proc = require "support.proc"
+local diagpki = require "support.diagpki"
+
+local dir, pki, notify
+local write = diagpki.write
+
+local APP = [[
+local paygate = require "paygate"
+paygate.route("GET", "/v3/certificates", function()
+  return 401, { code = "SIGN_ERROR", message = "unsigned" }
+end)
+paygate.route("POST", "/notify", function() return 401, { code = "FAIL" } end)
+paygate.route("POST", "/notify-open", function() return 204, "" end)
+paygate.route("POST", "/notify-slow", function()
+  paygate.sleep(8)
+  return 401, ""
+end)
+paygate.route("POST", "/work", function()
+  paygate.sleep(0.3)
+  return 204, ""
+end)
+]]
+
+local function run(args)
+  local log = dir .. "/out." .. crypto.random_nonce(8)
+  local argv = { PAYGATE_BIN }
+  for _, a in ipairs(args) do argv[#argv + 1] = a end
+  local p = proc.spawn(argv, { log = log })
+  local code = p:wait(60)
+  if code == nil then p:kill(proc.SIGKILL); p:wait(2) end
+  local out = proc.read(log)
+  local results = {}
+  for line in out:gmatch("[^\n]+") do
+    if line:sub(1, 1) == "{" then
+      local r = json.decode(line)
+      results[#results + 1] = r
+      results[r.kind] = results[r.kind] or r
+    end
+  end
+  return code, out, results
+end
+
+-- a table as Lua source (keys sorted; strings quoted with %q)
+local function lua_literal(v)
+  if type(v) == "table" then
+    local keys, parts = {}, {}
+    for k in pairs(v) do keys[#keys + 1] = k end
+    table.sort(keys, function(a, b) return tostring(a) < tostring(b) end)
+    for _, k in ipairs(keys) do
+      parts[#parts + 1] = (type(k) == "number" and "" or k .. "=")
+                          .. lua_literal(v[k])
+    end
+    return "{" .. table.concat(parts, ",") .. "}"
+  elseif type(v) == "string" then
+    return ("%q"):format(v)
+  end
+  return tostring(v)
+end
+
+-- a config file: the wechatpay client of the generated merchant
+local function config(o)
+  local t = {
+    wechatpay = { mchid = "1900000001", merchant_private_key = pki.merchant_key,
+      merchant_certificate = pki.merchant,
+      apiv3_key = "0123456789abcdefghijABCDEFGHIJkl",
+      base_url = o.base_url, ca_file = o.ca_file or pki.root,
+      platform_certificates = { pki.platform } },
+    notify_url = o.notify_url or notify:url("/notify"),
+    database = "sqlite:" .. dir .. "/doctor.sqlite",
+    limits = o.limits, metrics_url = o.metrics_url, leases = o.leases,
+    api_crl_file = o.crl,
+  }
+  local path = dir .. "/doctor." .. crypto.random_nonce(6) .. ".lua"
+  write(path, "return " .. lua_literal(t))
+  return path
+end
+
+local function tls_server(chain, key)
+  return server.start{ source = APP, scheme = "https",
+                       args = { "--tls-cert", chain, "--tls-key", key } }
+end
+
+setup(function()
+  dir = server.tmpdir()
+  pki = diagpki.make(dir)
+  notify = server.start{ source = APP }
+end)
+
+teardown(function()
+  if notify then notify:stop() end
+  os.execute("rm -rf " .. dir)
+end)
+
+describe("paygate doctor: the TLS chain to the API host", function()
+  local cases = {
+    { "a good chain", "good_chain", "good_key", nil, nil },
+    { "an expired certificate", "expired_chain", "expired_key", "expired" },
+    { "a certificate not valid yet", "notyet_chain", "notyet_key",
+      "not_yet_valid" },
+    { "a CA not trusted", "untrusted_chain", "untrusted_key",
+      "unknown_authority" },
+    { "a self-signed certificate", "self_signed", "self_signed_key",
+      "self_signed_untrusted" },
+    { "a missing intermediate", "good", "good_key", "missing_intermediate" },
+    { "a certificate for another host", "wronghost_chain", "wronghost_key",
+      "hostname_mismatch" },
+    { "a certificate revoked by a CRL", "revoked_chain", "revoked_key",
+      "revoked", true },
+  }
+  for _, c in ipairs(cases) do
+    it("names " .. c[1], function()
+      local s = tls_server(pki[c[2]], pki[c[3]])
+      local code, out, r = run({ "doctor", "--json", "--config", config{
+        base_url = "https://localhost:" .. s.port,
+        crl = c[5] and pki.crl or nil } })
+      s:stop()
+      local tls = r.tls_chain
+      assert.truthy(tls, out)
+      if c[4] then
+        assert.equal(1, code, out)
+        assert.equal("fail", tls.status, out)
+        assert.equal(c[4], tls.x509_kind, out)
+        assert.truthy(tls.fix)
+      else
+        assert.equal("ok", tls.status, out)
+        assert.equal("ok", r.reachability.status, out)
+        assert.equal("ok", r.clock.status, out)
+      end
+    end)
+  end
+end)
+
+describe("paygate doctor", function()
+  it("names a clock off against the API host's Date", function()
+    local port = core.free_port()
+    local date = os.date("!%a, %d %b %Y %H:%M:%S GMT", os.time() - 3600)
+    local p = proc.spawn({ PAYGATE_BIN, "exec", "spec/support/fixed_http.lua",
+                           tostring(port), date, "20" })
+    assert(proc.wait_until(function()
+      local res = paygate.http.request{ url = "http://127.0.0.1:" .. port
+                                        .. "/", timeout = 1 }
+      return res ~= nil
+    end, 10, "the fixed server"))
+    local code, out, r = run({ "doctor", "--json", "--config", config{
+      base_url = "http://127.0.0.1:" .. port } })
+    p:kill(proc.SIGKILL)
+    p:wait(5)
+    assert.equal(1, code, out)
+    assert.equal("fail", r.clock.status)
+    assert.matches("60 min %d+ s ahead of the API host's", r.clock.cause)
+  end)
+
+  it("fails a notify URL that accepts an unsigned notification", function()
+    local s = tls_server(pki.good_chain, pki.good_key)
+    local code, out, r = run({ "doctor", "--json", "--config", config{
+      base_url = "https://localhost:" .. s.port,
+      notify_url = notify:url("/notify-open") } })
+    s:stop()
+    assert.equal(1, code, out)
+    assert.matches("accepted an unsigned probe", out)
+  end)
+
+  it("fails a notify URL that does not answer within 5 s, and warns of a "
+     .. "server timeout inside WeChat's window", function()
+    local s = tls_server(pki.good_chain, pki.good_key)
+    local t0 = core.mono()
+    local code, out, r = run({ "doctor", "--json", "--config", config{
+      base_url = "https://localhost:" .. s.port,
+      notify_url = notify:url("/notify-slow"),
+      limits = { request_timeout = 5 } } })
+    s:stop()
+    assert.equal(1, code, out)
+    assert.matches("did not answer within 5 s", out)
+    assert.equal("warn", r.server_timeouts.status)
+    assert.is_true(core.mono() - t0 < 30)
+  end)
+
+  it("compares lease TTLs with the measured processing time", function()
+    local s = tls_server(pki.good_chain, pki.good_key)
+    local metrics = "http://127.0.0.1:" .. notify.admin .. "/metrics"
+    -- nothing measured yet on /work
+    local code, out, r = run({ "doctor", "--json", "--config", config{
+      base_url = "https://localhost:" .. s.port, metrics_url = metrics,
+      leases = { settle = { ttl = 0.1, route = "POST /work" } } } })
+    assert.equal("warn", r.lease_ttl.status, out)
+    assert.matches("nothing measured yet", r.lease_ttl.cause)
+    for _ = 1, 3 do
+      local res = notify:request{ method = "POST", path = "/work" }
+      assert.equal(204, res.status)
+    end
+    code, out, r = run({ "doctor", "--json", "--config", config{
+      base_url = "https://localhost:" .. s.port, metrics_url = metrics,
+      leases = { settle = { ttl = 0.1, route = "POST /work" } } } })
+    s:stop()
+    assert.equal(1, code, out)
+    assert.equal("fail", r.lease_ttl.status, out)
+    assert.matches("done twice", r.lease_ttl.detail)
+  end)
+
+  it("checks the key against the certificate, the APIv3 key, the stores",
+     function()
+    local s = tls_server(pki.good_chain, pki.good_key)
+    local path = config{ base_url = "https://localhost:" .. s.port }
+    local text = diagpki.read(path)
+    text = text:gsub('merchant_private_key="[^"]*"', 'merchant_private_key="'
+                     .. pki.platform_key .. '"')
+               :gsub('apiv3_key="[^"]*"', 'apiv3_key="'
+                     .. crypto.hex("0123456789abcdefghijABCDEFGHIJkl") .. '"')
+               :gsub("}$", ',redis="redis://127.0.0.1:' .. core.free_port()
+                     .. '"}')
+    write(path, text)
+    local code, out, r = run({ "doctor", "--json", "--config", path })
+    s:stop()
+    assert.equal(1, code, out)
+    assert.equal("fail", r.key_certificate.status)
+    assert.equal("fail", r.apiv3_key.status)
+    assert.matches("hex encoding", r.apiv3_key.cause)
+    assert.equal("ok", r.database.status)
+    assert.equal("fail", r.redis.status)
+    assert.equal("warn", r.cert_expiry.status)      -- 3-day certificates
+  end)
+
+  it("exits 2 for an unreadable configuration", function()
+    local code, out = run({ "doctor", "--config", "/nonexistent.lua" })
+    assert.equal(2, code)
+    assert.matches("cannot read config /nonexistent.lua", out)
+  end)
+end)
