@@ -34,8 +34,9 @@
 #include "loop.h"
 
 #define IN_MIN  4096            /* bytes: first input buffer */
-#define DRAIN_LINGER 1.0        /* s an idle connection may still send one
-                                   request once the worker drains */
+#define DRAIN_LINGER 1.0        /* s an idle keep-alive connection may
+                                   still send one request once the worker
+                                   drains (a new one keeps header_timeout) */
 #define OUT_HIGH (64 * 1024)    /* bytes of unsent output before we stop
                                    answering pipelined requests */
 
@@ -456,7 +457,8 @@ conn_flush(struct gw_conn *c)
         gw_conn_process(c);        /* answer the pipelined rest */
         return;
     }
-    if (gw_srv.draining && c->state == ST_HEAD && c->in_len == 0) {
+    if (gw_srv.draining && c->state == ST_HEAD && c->in_len == 0
+        && c->requests > 0) {
         gw_conn_timer(c, DRAIN_LINGER);    /* see gw_server_drain() */
         return;
     }
@@ -693,6 +695,14 @@ gw_server_drain(void (*done)(void))
         next = c->next;
         if (c->state != ST_HEAD || c->in_len != 0 || c->out_len != 0) {
             continue;           /* busy: closes after its answer */
+        }
+        if (c->requests == 0) {
+            /* A new connection is no idle keep-alive one: its client
+             * connected to send a request and will not retry it if we
+             * close (curl: "Empty reply from server"). It keeps the
+             * head's time from its accept, as it would without a drain;
+             * its answer says Connection: close. */
+            continue;
         }
         /* A request may be on its way on this idle keep-alive connection:
          * closing now would reset it. Answer what has arrived, and give
