@@ -9,7 +9,7 @@
 -- kind, message, retryable); misuse raises; I/O yields the coroutine.
 
 local core = require "paygate.core"
-local json = require "cjson.safe"
+local json = require "paygate.json"
 local router = require "paygate.router"
 
 local type, pairs, error, tostring, setmetatable, select =
@@ -97,7 +97,8 @@ local function emit(level, msg, fields)
     if type(fields) ~= "table" then
       error("paygate.log: fields must be a table", 3)
     end
-    f = json.encode(fields)
+    local ok, s = pcall(json.encode, fields)
+    f = ok and s or json.encode({ log_fields_error = tostring(s) })
   end
   core.log(level, tostring(msg), f)
 end
@@ -196,10 +197,10 @@ local req_methods = {}
 -- returns: the decoded body. Invalid JSON ends the request with 400.
 function req_methods.json(req)
   local body = req.body
-  local v, err = json.decode(body)
-  if v == nil and body ~= "null" then
+  local v, err = json.decode(body or "")
+  if v == nil then
     _M.abort(400, "invalid_json", "request body is not valid JSON: "
-             .. tostring(err):sub(1, 120))
+             .. err.message:sub(1, 120))
   end
   return v
 end
@@ -215,10 +216,10 @@ end
 -- automatic 400 of req:json() (WeChat notifications answer FAIL bodies).
 function req_methods.decode_json(req)
   local body = req.body
-  local v, err = json.decode(body)
-  if v == nil and body ~= "null" then
+  local v, err = json.decode(body or "")
+  if v == nil then
     return nil, _M.error("invalid_json", "request body is not valid JSON: "
-                         .. tostring(err):sub(1, 120))
+                         .. err.message:sub(1, 120))
   end
   return v
 end
@@ -245,8 +246,8 @@ local JSON_CT = "application/json"
 local function finish(req, status, body, headers, pattern)
   local ctype
   if type(body) == "table" then
-    local s, err = json.encode(body)
-    if not s then error("response body: " .. tostring(err), 0) end
+    local ok, s = pcall(json.encode, body)
+    if not ok then error("response body: " .. tostring(s), 0) end
     body, ctype = s, JSON_CT
   end
   if after[1] then

@@ -224,6 +224,8 @@ gw_lstate_new(const char *app_dir, const luaL_Reg *preload)
     lua_getfield(L, -1, "preload");
     lua_pushcfunction(L, luaopen_paygate_core);
     lua_setfield(L, -2, "paygate.core");
+    lua_pushcfunction(L, luaopen_paygate_json_core);
+    lua_setfield(L, -2, "paygate.json.core");
     for (; preload != NULL && preload->name != NULL; preload++) {
         lua_pushcfunction(L, preload->func);
         lua_setfield(L, -2, preload->name);

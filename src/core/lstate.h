@@ -20,6 +20,9 @@ lua_State *gw_lstate_new(const char *app_dir, const luaL_Reg *preload);
 /* The paygate.core module (lpaygate.c). */
 int luaopen_paygate_core(lua_State *L);
 
+/* paygate.json.core (ljson.c): the encoder behind paygate.json. */
+int luaopen_paygate_json_core(lua_State *L);
+
 /* Runs a Lua file on the main state (config files, not apps). On failure
  * returns GW_ERR with the message on the stack; else nres results. */
 int gw_lstate_dofile(lua_State *L, const char *path, int nres);
