@@ -182,6 +182,42 @@ const char *const gw_store_sql_opts[] = {
     NULL
 };
 
+/* The type and range of each of gw_store_sql_opts, whichever engine
+ * reads it. The drivers read their own options again with the same
+ * bounds (and their defaults). */
+static const struct sql_opt {
+    const char *name;           /* the option */
+    char        kind;           /* 'i' integer, 'n' number >= 0, 'p' > 0 */
+    int         min, max;       /* bounds of an integer */
+} sql_opt_spec[] = {
+    { "retries", 'i', 1, INT_MAX },
+    { "readers", 'i', 1, GW_STORE_SQLITE_MAX_READERS },
+    { "batch_max", 'i', 1, INT_MAX },
+    { "busy_timeout", 'i', 0, INT_MAX },
+    { "tx_timeout", 'i', 1, INT_MAX },
+    { "synchronous", 'i', 0, 3 },
+    { "pool", 'i', 1, GW_STORE_PG_MAX_POOL },
+    { "connect_timeout", 'p', 0, 0 },
+    { "query_timeout", 'p', 0, 0 },
+    { "down_for", 'n', 0, 0 },
+    { NULL, 0, 0, 0 }
+};
+
+void
+gw_store_sql_opts_check(lua_State *L, int idx)
+{
+    const struct sql_opt *o;
+
+    gw_store_opt_known(L, idx, "sql.open", gw_store_sql_opts);
+    for (o = sql_opt_spec; o->name != NULL; o++) {
+        if (o->kind == 'i') {
+            gw_store_opt_int(L, idx, "sql.open", o->name, 0, o->min, o->max);
+        } else {
+            gw_store_opt_num(L, idx, "sql.open", o->name, 0, o->kind == 'n');
+        }
+    }
+}
+
 /* Is the source of a stack frame one of paygate's own Lua modules? */
 static int
 internal_frame(const lua_Debug *ar)
