@@ -11,6 +11,7 @@
 #include <time.h>
 #include <lauxlib.h>
 
+#include "lstate.h"
 #include "runtime.h"
 #include "store.h"
 
@@ -218,46 +219,15 @@ gw_store_sql_opts_check(lua_State *L, int idx)
     }
 }
 
-/* Is the source of a stack frame one of paygate's own Lua modules? */
-static int
-internal_frame(const lua_Debug *ar)
-{
-    const char *s = ar->source, *slash;
-
-    if (strcmp(ar->what, "C") == 0) {
-        return 1;
-    }
-    if (s[0] != '@') {
-        return 0;                        /* a chunk loaded from a string */
-    }
-    slash = strrchr(s, '/');
-    return slash != NULL && slash - s >= 8
-           && strncmp(slash - 8, "/paygate", 8) == 0;
-}
-
 int
 gw_store_raise(lua_State *L, const char *fmt, ...)
 {
-    lua_Debug ar;
-    va_list   ap;
-    int       level;
+    va_list ap;
 
-    for (level = 1; lua_getstack(L, level, &ar); level++) {
-        lua_getinfo(L, "Sl", &ar);
-        if (!internal_frame(&ar)) {
-            break;
-        }
-    }
-    if (lua_getstack(L, level, &ar) && ar.currentline > 0) {
-        lua_pushfstring(L, "%s:%d: ", ar.short_src, ar.currentline);
-    } else {
-        lua_pushliteral(L, "");
-    }
     va_start(ap, fmt);
-    lua_pushvfstring(L, fmt, ap);
+    gw_vraise(L, fmt, ap);               /* never returns */
     va_end(ap);
-    lua_concat(L, 2);
-    return lua_error(L);
+    return 0;
 }
 
 /* Pushes opts[name] (nil when there is no table); raises when idx holds
