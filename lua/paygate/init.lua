@@ -9,7 +9,7 @@
 -- kind, message, retryable); misuse raises; I/O yields the coroutine.
 
 local core = require "paygate.core"
-local json = require "cjson.safe"
+local json = require "paygate.json"
 local router = require "paygate.router"
 
 local type, pairs, error, tostring, setmetatable, select =
@@ -102,15 +102,19 @@ _M.log = log
 -- Fields JSON cannot hold whole (a function, a handle, inf, a sparse
 -- array, an error table's metatable is fine) are logged one by one, each
 -- that still fails as its tostring(): a field is never silently dropped.
+local function encodes(v)
+  return (pcall(json.encode, v))
+end
+
 local function encode_fields(fields)
-  local f = json.encode(fields)
-  if f then return f end
+  local ok, f = pcall(json.encode, fields)
+  if ok then return f end
   local safe = {}
   for k, v in pairs(fields) do
     k = tostring(k)
     local t = type(v)
     if t == "table" then
-      safe[k] = json.encode(v) and v or core.error_string(v)
+      safe[k] = encodes(v) and v or core.error_string(v)
     elseif t == "number" and (v ~= v or v == math.huge or v == -math.huge) then
       safe[k] = tostring(v)
     elseif t == "string" or t == "number" or t == "boolean" then
@@ -228,10 +232,10 @@ local req_methods = {}
 -- returns: the decoded body. Invalid JSON ends the request with 400.
 function req_methods.json(req)
   local body = req.body
-  local v, err = json.decode(body)
-  if v == nil and body ~= "null" then
+  local v, err = json.decode(body or "")
+  if v == nil then
     _M.abort(400, "invalid_json", "request body is not valid JSON: "
-             .. tostring(err):sub(1, 120))
+             .. err.message:sub(1, 120))
   end
   return v
 end
@@ -247,10 +251,10 @@ end
 -- automatic 400 of req:json() (WeChat notifications answer FAIL bodies).
 function req_methods.decode_json(req)
   local body = req.body
-  local v, err = json.decode(body)
-  if v == nil and body ~= "null" then
+  local v, err = json.decode(body or "")
+  if v == nil then
     return nil, _M.error("invalid_json", "request body is not valid JSON: "
-                         .. tostring(err):sub(1, 120))
+                         .. err.message:sub(1, 120))
   end
   return v
 end
@@ -277,8 +281,8 @@ local JSON_CT = "application/json"
 local function finish(req, status, body, headers, pattern)
   local ctype
   if type(body) == "table" then
-    local s, err = json.encode(body)
-    if not s then error("response body: " .. tostring(err), 0) end
+    local ok, s = pcall(json.encode, body)
+    if not ok then error("response body: " .. tostring(s), 0) end
     body, ctype = s, JSON_CT
   end
   if after[1] then

@@ -27,6 +27,14 @@ end)
 paygate.route("POST", "/json", function(req)
   return 201, { got = req:json() }
 end)
+paygate.route("GET", "/big", function()
+  return 200, { n = 123456789012345, m = 2 ^ 53, url = "https://x/y" }
+end)
+paygate.route("POST", "/decode", function(req)
+  local v, err = req:decode_json()
+  if not v then return 422, { kind = err.kind } end
+  return 200, { got = v }
+end)
 paygate.route("GET", "/headers", function(req)
   return 200, { ua = req.headers["x-test"], via_method = req:header("X-TEST") }
 end)
@@ -129,6 +137,31 @@ describe("paygate run", function()
       local e = json.decode(res.body)
       assert.equal("invalid_json", e.error)
       assert.is_nil(res.body:find("traceback"))
+    end)
+
+    it("refuses non-JSON and overflowing numbers in a body", function()
+      for _, body in ipairs{ '{"amount":Infinity}', '{"amount":0x10}',
+                             '{"amount":NaN}', '{"amount":1e999}' } do
+        local res = assert(s:request{ method = "POST", path = "/json",
+                                      body = body })
+        assert.equal(400, res.status, body)
+        assert.equal("invalid_json", json.decode(res.body).error, body)
+        res = assert(s:request{ method = "POST", path = "/decode",
+                                body = body })
+        assert.equal(422, res.status, body)
+        assert.equal("invalid_json", json.decode(res.body).kind, body)
+      end
+      local res = assert(s:request{ method = "POST", path = "/decode",
+                                    body = '{"amount":1e3}' })
+      assert.equal('{"got":{"amount":1000}}', res.body)
+    end)
+
+    it("writes integers in a JSON body exactly, / unescaped", function()
+      local res = assert(s:request("/big"))
+      assert.equal(200, res.status)
+      assert.matches('"n":123456789012345[,}]', res.body)
+      assert.matches('"m":9007199254740992[,}]', res.body)
+      assert.matches('"url":"https://x/y"', res.body, 1, true)
     end)
 
     it("looks headers up case-insensitively", function()

@@ -215,6 +215,25 @@ describe("parse_notification: failures", function()
     local _, err = wx:parse_notification(n, NR)
     assert.equal("malformed", err.kind)
   end)
+  it("a plaintext with a non-JSON or overflowing number is malformed",
+     function()
+    for _, plain in ipairs{ '{"out_trade_no":"T1","amount":{"total":Infinity}}',
+                            '{"out_trade_no":"T1","amount":{"total":1e999}}',
+                            '{"out_trade_no":"T1","amount":{"total":0x10}}' } do
+      local rnonce = "abcdefabcdef"
+      local ct = crypto.aead_encrypt("AEAD_AES_256_GCM", APIV3, rnonce,
+                                     "transaction", plain)
+      local n = note{ body_hook = function(b)
+        local d = json.decode(b)
+        d.resource.nonce = rnonce
+        d.resource.ciphertext = crypto.base64_encode(ct)
+        return json.encode(d)
+      end }
+      local res, err = wx:parse_notification(n, NR)
+      assert.is_nil(res, plain)
+      assert.equal("malformed", err.kind, plain)
+    end
+  end)
   it("a SIGNTEST probe is bad_signature", function()
     local n = note()
     n.headers["wechatpay-signature"] = "WECHATPAY/SIGNTEST/" .. crypto.random_nonce(40)

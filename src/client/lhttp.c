@@ -12,6 +12,7 @@
 
 #include "co.h"
 #include "log.h"
+#include "lstate.h"
 #include "loop.h"
 
 #define DEFAULT_TIMEOUT     30.0            /* s, whole request */
@@ -464,6 +465,14 @@ op_cancel(void *arg)
     op_free(arg);
 }
 
+/* Every option of http.request (sink and on_headers are paygate.http's,
+ * which hands the same table to core.stream). */
+static const char *const request_opts[] = {
+    "url", "method", "headers", "body", "timeout", "connect_timeout",
+    "ca_file", "client_cert", "client_key", "client_key_password",
+    "max_body", "resolve", "sink", "on_headers", NULL
+};
+
 static int
 opt_number(lua_State *L, int t, const char *k, double def, double max)
 {
@@ -476,11 +485,11 @@ opt_number(lua_State *L, int t, const char *k, double def, double max)
         return lua_gettop(L);
     }
     if (lua_type(L, -1) != LUA_TNUMBER) {
-        luaL_error(L, "http request: %s must be a number", k);
+        gw_raise(L, "http.request: opts.%s must be a number", k);
     }
     v = lua_tonumber(L, -1);
     if (!(v > 0) || v > max) {
-        luaL_error(L, "http request: %s must be in (0, %g]", k, max);
+        gw_raise(L, "http.request: opts.%s must be in (0, %g]", k, max);
     }
     return lua_gettop(L);
 }
@@ -496,7 +505,7 @@ opt_string(lua_State *L, int t, const char *k)
         return NULL;
     }
     if (lua_type(L, -1) != LUA_TSTRING) {
-        luaL_error(L, "http request: %s must be a string", k);
+        gw_raise(L, "http.request: opts.%s must be a string", k);
     }
     v = lua_tostring(L, -1);
     lua_pop(L, 1);      /* the table anchors it */
@@ -528,12 +537,12 @@ op_setup(lua_State *L, int stream)
     double timeout, connect_timeout, max_body;
     CURL *e;
 
-    luaL_checktype(L, 1, LUA_TTABLE);
+    gw_opts_known(L, 1, "http.request", "opts", request_opts);
     url = opt_string(L, 1, "url");
     if (url == NULL || (strncmp(url, "http://", 7) != 0
                         && strncmp(url, "https://", 8) != 0)) {
-        luaL_error(L, "http request: url must be an http:// or https:// "
-                      "URL");
+        gw_raise(L, "http.request: opts.url must be an http:// or https:// "
+                 "URL");
         return NULL;
     }
     method = opt_string(L, 1, "method");
@@ -555,6 +564,12 @@ op_setup(lua_State *L, int stream)
     (void) opt_string(L, 1, "client_cert");
     (void) opt_string(L, 1, "client_key");
     (void) opt_string(L, 1, "client_key_password");
+    lua_getfield(L, 1, "resolve");
+    if (!lua_isnil(L, -1) && !lua_istable(L, -1)) {
+        gw_raise(L, "http.request: opts.resolve must be an array of "
+                 "strings");
+    }
+    lua_pop(L, 1);
     if (multi_init() != GW_OK) {
         luaL_error(L, "http request: cannot initialise libcurl");
         return NULL;
@@ -600,7 +615,7 @@ op_setup(lua_State *L, int stream)
         }
     } else if (!lua_isnil(L, -1)) {
         op_free(op);
-        luaL_error(L, "http request: body must be a string");
+        gw_raise(L, "http.request: opts.body must be a string");
         return NULL;
     } else {
         lua_pop(L, 1);
@@ -614,7 +629,8 @@ op_setup(lua_State *L, int stream)
             if (strspn(method, "ABCDEFGHIJKLMNOPQRSTUVWXYZ") != strlen(method)
                 || method[0] == '\0' || strlen(method) > 16) {
                 op_free(op);
-                luaL_error(L, "http request: bad method");
+                gw_raise(L, "http.request: opts.method must be an HTTP "
+                         "method");
                 return NULL;
             }
             curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, method);
@@ -637,8 +653,8 @@ op_setup(lua_State *L, int stream)
                 || (lua_type(L, -1) != LUA_TSTRING
                     && lua_type(L, -1) != LUA_TNUMBER)) {
                 op_free(op);
-                luaL_error(L, "http request: headers must map names to "
-                              "strings");
+                gw_raise(L, "http.request: opts.headers must map names to "
+                         "strings");
                 return NULL;
             }
             k = lua_tolstring(L, -2, &kl);
@@ -647,8 +663,8 @@ op_setup(lua_State *L, int stream)
                 || memchr(v, '\n', vl) || memchr(v, '\r', vl)
                 || memchr(k, ':', kl) || kl == 0) {
                 op_free(op);
-                luaL_error(L, "http request: header %s has CR, LF or a "
-                              "colon in it", k);
+                gw_raise(L, "http.request: header %s has CR, LF or a "
+                         "colon in it", k);
                 return NULL;
             }
             luaL_buffinit(L, &b);
@@ -662,7 +678,7 @@ op_setup(lua_State *L, int stream)
         curl_easy_setopt(e, CURLOPT_HTTPHEADER, op->headers);
     } else if (!lua_isnil(L, -1)) {
         op_free(op);
-        luaL_error(L, "http request: headers must be a table");
+        gw_raise(L, "http.request: opts.headers must be a table");
         return NULL;
     }
     lua_pop(L, 1);

@@ -19,6 +19,7 @@
 
 #include <zlib.h>
 
+#include "lstate.h"
 #include "runtime.h"
 
 #define LZ_MT          "paygate.zlib_inflate"
@@ -242,12 +243,14 @@ opt_size(lua_State *L, int t, const char *k, double def)
         return def;
     }
     if (lua_type(L, -1) != LUA_TNUMBER || !(lua_tonumber(L, -1) >= 1)) {
-        luaL_error(L, "zlib.inflate: %s must be a positive number", k);
+        gw_raise(L, "zlib.inflate: opts.%s must be a positive number", k);
     }
     v = lua_tonumber(L, -1);
     lua_pop(L, 1);
     return v;
 }
+
+static const char *const inflate_opts[] = { "max_piece", "max_total", NULL };
 
 /*
  * syntax: z = zlib.inflate([{ max_piece = bytes, max_total = bytes }])
@@ -260,7 +263,7 @@ lzlib_inflate(lua_State *L)
     double piece = LZ_MAX_PIECE, total = -1;
 
     if (!lua_isnoneornil(L, 1)) {
-        luaL_checktype(L, 1, LUA_TTABLE);
+        gw_opts_known(L, 1, "zlib.inflate", "opts", inflate_opts);
         piece = opt_size(L, 1, "max_piece", LZ_MAX_PIECE);
         total = opt_size(L, 1, "max_total", -1);
     }

@@ -3,6 +3,7 @@
  * modules, and the paygate error metatable used by gw_push_error().
  */
 #include <limits.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -203,6 +204,126 @@ gw_push_error_mt(lua_State *L)
     return 1;
 }
 
+/* Is the source of a stack frame C or one of paygate's own Lua modules
+ * (lua/paygate/NAME.lua)? */
+static int
+internal_frame(const lua_Debug *ar)
+{
+    const char *s = ar->source, *slash;
+
+    if (strcmp(ar->what, "C") == 0) {
+        return 1;
+    }
+    if (s[0] != '@') {
+        return 0;                        /* a chunk loaded from a string */
+    }
+    slash = strrchr(s, '/');
+    return slash != NULL && slash - s >= 8
+           && strncmp(slash - 8, "/paygate", 8) == 0;
+}
+
+int
+gw_vraise(lua_State *L, const char *fmt, va_list ap)
+{
+    lua_Debug ar;
+    int level;
+
+    for (level = 1; lua_getstack(L, level, &ar); level++) {
+        lua_getinfo(L, "Sl", &ar);
+        if (!internal_frame(&ar)) {
+            break;
+        }
+    }
+    if (lua_getstack(L, level, &ar) && lua_getinfo(L, "Sl", &ar)
+        && ar.currentline > 0) {
+        lua_pushfstring(L, "%s:%d: ", ar.short_src, ar.currentline);
+    } else {
+        lua_pushliteral(L, "");
+    }
+    lua_pushvfstring(L, fmt, ap);
+    lua_concat(L, 2);
+    return lua_error(L);
+}
+
+int
+gw_raise(lua_State *L, const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    gw_vraise(L, fmt, ap);
+    va_end(ap);
+    return 0;
+}
+
+void
+gw_opts_known(lua_State *L, int idx, const char *fn, const char *what,
+              const char *const *names)
+{
+    const char *const *n;
+
+    if (idx < 0) {
+        idx = lua_gettop(L) + idx + 1;
+    }
+    if (!lua_istable(L, idx)) {
+        gw_raise(L, "%s: %s must be a table", fn, what);
+    }
+    lua_pushnil(L);
+    while (lua_next(L, idx) != 0) {
+        lua_pop(L, 1);
+        if (lua_type(L, -1) != LUA_TSTRING) {
+            gw_raise(L, "%s: %s has a key that is not a name (%s)", fn,
+                     what, luaL_typename(L, -1));
+        }
+        for (n = names; *n != NULL; n++) {
+            if (strcmp(*n, lua_tostring(L, -1)) == 0) {
+                break;
+            }
+        }
+        if (*n == NULL) {
+            gw_raise(L, "%s: unknown option %s.%s", fn, what,
+                     lua_tostring(L, -1));
+        }
+    }
+}
+
+double
+gw_opt_number(lua_State *L, int idx, const char *fn, const char *name,
+              double def)
+{
+    double v;
+
+    lua_getfield(L, idx, name);
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        return def;
+    }
+    if (lua_type(L, -1) != LUA_TNUMBER || !isfinite(lua_tonumber(L, -1))) {
+        gw_raise(L, "%s: opts.%s must be a number", fn, name);
+    }
+    v = lua_tonumber(L, -1);
+    lua_pop(L, 1);
+    return v;
+}
+
+const char *
+gw_opt_string(lua_State *L, int idx, const char *fn, const char *name)
+{
+    const char *s;
+
+    lua_getfield(L, idx, name);
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        return NULL;
+    }
+    if (lua_type(L, -1) != LUA_TSTRING) {
+        gw_raise(L, "%s: opts.%s must be a string", fn, name);
+    }
+    s = lua_tostring(L, -1);
+    lua_pop(L, 1);                      /* still referenced by the table */
+    return s;
+}
+
 lua_State *
 gw_lstate_new(const char *app_dir, const luaL_Reg *preload)
 {
@@ -229,6 +350,8 @@ gw_lstate_new(const char *app_dir, const luaL_Reg *preload)
     lua_getfield(L, -1, "preload");
     lua_pushcfunction(L, luaopen_paygate_core);
     lua_setfield(L, -2, "paygate.core");
+    lua_pushcfunction(L, luaopen_paygate_json_core);
+    lua_setfield(L, -2, "paygate.json.core");
     for (; preload != NULL && preload->name != NULL; preload++) {
         lua_pushcfunction(L, preload->func);
         lua_setfield(L, -2, preload->name);

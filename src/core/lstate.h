@@ -5,6 +5,8 @@
 #ifndef GW_LSTATE_H
 #define GW_LSTATE_H
 
+#include <stdarg.h>
+
 #include "runtime.h"
 
 /* Directory of the framework's Lua files (…/lua), found once. */
@@ -19,6 +21,9 @@ lua_State *gw_lstate_new(const char *app_dir, const luaL_Reg *preload);
 
 /* The paygate.core module (lpaygate.c). */
 int luaopen_paygate_core(lua_State *L);
+
+/* paygate.json.core (ljson.c): the encoder behind paygate.json. */
+int luaopen_paygate_json_core(lua_State *L);
 
 /* Runs a Lua file on the main state (config files, not apps). On failure
  * returns GW_ERR with the message on the stack; else nres results. */
@@ -37,5 +42,29 @@ int gw_lerror_string(lua_State *L);
 
 /* Pushes the paygate error metatable (for errors made in Lua). */
 int gw_push_error_mt(lua_State *L);
+
+/*
+ * Misuse of a binding: raising at the caller's line. gw_raise() formats
+ * the message (lua_pushfstring's %s %d %f only) and raises it prefixed
+ * with "file:line: " of the first caller outside C and outside paygate's
+ * own Lua modules (lua/paygate/NAME.lua), so a spec or an app sees its
+ * own line. Never returns; call it only while no C memory is held.
+ */
+int gw_raise(lua_State *L, const char *fmt, ...);
+int gw_vraise(lua_State *L, const char *fmt, va_list ap);
+
+/* Raises unless idx is a table whose keys are all strings in names
+ * (NULL terminated): "fn: unknown option what.key" (what is "opts" for
+ * an options table). A misspelt option must not be silently ignored. */
+void gw_opts_known(lua_State *L, int idx, const char *fn, const char *what,
+                   const char *const *names);
+
+/* Typed options: idx is an options table (absolute index). Each returns
+ * def (NULL) when the field is nil and raises "fn: opts.name must be a
+ * number" (a finite number / an integer / a string) otherwise. */
+double gw_opt_number(lua_State *L, int idx, const char *fn,
+                     const char *name, double def);
+const char *gw_opt_string(lua_State *L, int idx, const char *fn,
+                          const char *name);
 
 #endif

@@ -27,6 +27,7 @@
 #include <lauxlib.h>
 
 #include "hash.h"
+#include "lstate.h"
 #include "runtime.h"
 #include "crypto.h"
 #include "lobjects.h"
@@ -237,25 +238,23 @@ gw_kr_entry_new(lua_State *L, const char *id, size_t idlen, int idx,
     return e;
 }
 
+static const char *const gw_kr_put_opts[] = {
+    "not_before", "not_after", NULL
+};
+
+/* The window of put(): opts at idx (nil or a table of epoch seconds).
+ * fn names the public function in the raised message. */
 static void
-gw_kr_opts(lua_State *L, int idx, double *nb, double *na)
+gw_kr_opts(lua_State *L, int idx, const char *fn, double *nb, double *na)
 {
     *nb = -1;
     *na = -1;
     if (lua_isnoneornil(L, idx)) {
         return;
     }
-    luaL_checktype(L, idx, LUA_TTABLE);
-    lua_getfield(L, idx, "not_before");
-    if (!lua_isnil(L, -1)) {
-        *nb = luaL_checknumber(L, -1);
-    }
-    lua_pop(L, 1);
-    lua_getfield(L, idx, "not_after");
-    if (!lua_isnil(L, -1)) {
-        *na = luaL_checknumber(L, -1);
-    }
-    lua_pop(L, 1);
+    gw_opts_known(L, idx, fn, "opts", gw_kr_put_opts);
+    *nb = gw_opt_number(L, idx, fn, "not_before", -1);
+    *na = gw_opt_number(L, idx, fn, "not_after", -1);
 }
 
 /* Pushes t[k] for the table at idx without metamethods: replace() reads
@@ -361,7 +360,7 @@ gw_kr_op_put(lua_State *L, struct gw_keyring *kr, int b)
     size_t len;
     double nb, na;
 
-    gw_kr_opts(L, b + 3, &nb, &na);
+    gw_kr_opts(L, b + 3, b == 0 ? "keyring.put" : "ring:put", &nb, &na);
     if (lua_isnil(L, b + 1)) {
         struct gw_cert *c = gw_cert_check(L, b + 2);
         int n = gw_x509_serial_hex(c->x509, serial, sizeof(serial));
@@ -387,6 +386,10 @@ gw_kr_op_put(lua_State *L, struct gw_keyring *kr, int b)
     return 1;
 }
 
+static const char *const gw_kr_item_fields[] = {
+    "id", "key", "not_before", "not_after", NULL
+};
+
 /*
  * syntax: ok, err = ring:replace({ { id = ..., key = handle,
  *                                    not_before =, not_after = }, ... })
@@ -398,22 +401,38 @@ gw_kr_op_replace(lua_State *L, struct gw_keyring *kr, int b)
     struct gw_keyring fresh;
     char msg[GW_ERRMSG_MAX];
     int i, n, t = b + 1;
+    const char *fn = b == 0 ? "keyring.replace" : "ring:replace";
 
-    luaL_checktype(L, t, LUA_TTABLE);
+    if (!lua_istable(L, t)) {
+        return gw_raise(L, "%s: items must be a table", fn);
+    }
     n = (int)lua_objlen(L, t);
     /* Check every item before holding C memory, so errors can raise. */
     for (i = 1; i <= n; i++) {
         size_t len;
 
         lua_rawgeti(L, t, i);
-        luaL_checktype(L, -1, LUA_TTABLE);
+        if (!lua_istable(L, -1)) {
+            return gw_raise(L, "%s: items[%d] must be a table", fn, i);
+        }
+        lua_pushfstring(L, "items[%d]", i);
+        gw_opts_known(L, -2, fn, lua_tostring(L, -1), gw_kr_item_fields);
+        lua_pop(L, 1);
         gw_kr_rawfield(L, -1, "id");
         gw_kr_check_id(L, lua_gettop(L), &len);
         gw_kr_rawfield(L, -2, "key");
         if (luaL_testudata(L, -1, GW_KEY_MT) == NULL) {
             gw_cert_check(L, lua_gettop(L));
         }
-        lua_pop(L, 3);
+        gw_kr_rawfield(L, -3, "not_before");
+        gw_kr_rawfield(L, -4, "not_after");
+        if ((!lua_isnil(L, -2) && lua_type(L, -2) != LUA_TNUMBER)
+            || (!lua_isnil(L, -1) && lua_type(L, -1) != LUA_TNUMBER)) {
+            return gw_raise(L, "%s: items[%d].%s must be a number", fn, i,
+                            lua_isnil(L, -2) || lua_type(L, -2)
+                            == LUA_TNUMBER ? "not_after" : "not_before");
+        }
+        lua_pop(L, 5);
     }
     memset(&fresh, 0, sizeof(fresh));
     for (i = 1; i <= n; i++) {

@@ -23,6 +23,7 @@
 #include <lua.h>
 #include <lauxlib.h>
 
+#include "lstate.h"
 #include "runtime.h"
 #include "crypto.h"
 #include "lobjects.h"
@@ -597,6 +598,41 @@ gw_collect_crls(lua_State *L, int idx, STACK_OF(X509_CRL) *sk,
     return GW_OK;
 }
 
+#define VC "x509.verify_chain"
+
+static const char *const verify_chain_opts[] = {
+    "roots", "intermediates", "crls", "at", "hostname", "purpose",
+    "max_depth", NULL
+};
+
+/* Raises unless opts.NAME (at idx) is nil, a certificate handle, a
+ * string (PEM; "system" for roots) or a table (an array of them, whose
+ * items gw_collect() checks as input): a wrong type is the caller's
+ * mistake, not malformed input. */
+static void
+check_certs_opt(lua_State *L, int idx, const char *name)
+{
+    int t = lua_type(L, idx);
+
+    if (t != LUA_TNIL && t != LUA_TSTRING && t != LUA_TTABLE
+        && luaL_testudata(L, idx, GW_CERT_MT) == NULL) {
+        gw_raise(L, VC ": opts.%s must be a certificate handle, a PEM "
+                 "string or an array of them", name);
+    }
+}
+
+/* Raises unless opts.crls (at idx) is nil, a string or a table. */
+static void
+check_crls_opt(lua_State *L, int idx)
+{
+    int t = lua_type(L, idx);
+
+    if (t != LUA_TNIL && t != LUA_TSTRING && t != LUA_TTABLE) {
+        gw_raise(L, VC ": opts.crls must be a PEM/DER string or an array "
+                 "of them");
+    }
+}
+
 /*
  * syntax: ok, err = cert:verify_chain({ roots = ..., intermediates = ...,
  *   at = epoch, hostname = "...", purpose = "server" | "client" | "any" |
@@ -616,31 +652,39 @@ gw_lcert_verify_chain(lua_State *L)
 
     memset(&v, 0, sizeof(v));
     v.depth = -1;
-    luaL_checktype(L, 2, LUA_TTABLE);
+    gw_opts_known(L, 2, VC, "opts", verify_chain_opts);
     lua_settop(L, 2);
-    lua_getfield(L, 2, "roots");               /* 3 */
-    lua_getfield(L, 2, "intermediates");       /* 4 */
-    lua_getfield(L, 2, "crls");                /* 5 */
-    lua_getfield(L, 2, "at");                  /* 6 */
-    lua_getfield(L, 2, "hostname");            /* 7 */
-    lua_getfield(L, 2, "purpose");             /* 8 */
-    lua_getfield(L, 2, "max_depth");           /* 9 */
-    if (!lua_isnil(L, 6)) {
-        v.at = (time_t)luaL_checknumber(L, 6);
-        v.has_at = 1;
-    }
-    v.host = luaL_optstring(L, 7, NULL);
-    purpose = luaL_optstring(L, 8, NULL);
+    v.host = gw_opt_string(L, 2, VC, "hostname");
+    lua_getfield(L, 2, "at");
+    v.has_at = !lua_isnil(L, -1);
+    lua_pop(L, 1);
+    v.at = (time_t)gw_opt_number(L, 2, VC, "at", 0);
+    purpose = gw_opt_string(L, 2, VC, "purpose");
     if (purpose != NULL) {
         v.purpose = gw_x509_purpose(purpose);
         if (v.purpose == 0) {
-            return luaL_argerror(L, 2, "purpose must be server, client, "
-                                 "any or smime_sign");
+            return gw_raise(L, VC ": opts.purpose must be server, client, "
+                            "any or smime_sign");
         }
     }
-    if (!lua_isnil(L, 9)) {
-        v.depth = (int)luaL_checkinteger(L, 9);
+    lua_getfield(L, 2, "max_depth");
+    if (!lua_isnil(L, -1)) {
+        double d = lua_type(L, -1) == LUA_TNUMBER ? lua_tonumber(L, -1)
+                                                  : -1;
+
+        if (!(d >= 0 && d <= 1000000 && d == (int)d)) {
+            return gw_raise(L, VC ": opts.max_depth must be a non-negative"
+                            " integer");
+        }
+        v.depth = (int)d;
     }
+    lua_pop(L, 1);
+    lua_getfield(L, 2, "roots");               /* 3 */
+    lua_getfield(L, 2, "intermediates");       /* 4 */
+    lua_getfield(L, 2, "crls");                /* 5 */
+    check_certs_opt(L, 3, "roots");
+    check_certs_opt(L, 4, "intermediates");
+    check_crls_opt(L, 5);
     if (lua_type(L, 3) == LUA_TSTRING
         && strcmp(lua_tostring(L, 3), "system") == 0)
     {

@@ -58,7 +58,7 @@
 #include "store.h"
 
 #define LPG_MT        "paygate.pg.pool"
-#define LPG_MAXPOOL   32
+#define LPG_MAXPOOL   GW_STORE_PG_MAX_POOL
 #define LPG_CACHE     64
 #define LPG_DEPTH     64       /* statements in flight per connection */
 
@@ -1301,7 +1301,7 @@ lpg_open(lua_State *L)
     double          connect_timeout, query_timeout, down_for;
 
     /* Checked first: raising must not leak what is allocated below. */
-    gw_store_opt_known(L, 2, "sql.open", gw_store_sql_opts);
+    gw_store_sql_opts_check(L, 2);   /* both engines' options */
     gw_store_opt_int(L, 2, "sql.open", "retries", 5, 1, INT_MAX);
     npool = gw_store_opt_int(L, 2, "sql.open", "pool", 4, 1, LPG_MAXPOOL);
     connect_timeout = gw_store_opt_num(L, 2, "sql.open", "connect_timeout",

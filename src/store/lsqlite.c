@@ -57,7 +57,7 @@
 #define LSQLITE_MT        "paygate.sqlite.db"
 #define LSQLITE_CACHE     64      /* prepared statements per connection */
 #define LSQLITE_READERS   2
-#define LSQLITE_MAX_READERS 64  /* reader threads at most */
+#define LSQLITE_MAX_READERS GW_STORE_SQLITE_MAX_READERS /* threads */
 #define LSQLITE_BATCH_MAX 1024    /* jobs per group commit */
 
 enum lsqlite_op {
@@ -1297,7 +1297,7 @@ lsqlite_open(lua_State *L)
     int               i, nreaders, batch_max, busy_ms, tx_ms, sync;
 
     /* Checked first: raising must not leak what is allocated below. */
-    gw_store_opt_known(L, 2, "sql.open", gw_store_sql_opts);
+    gw_store_sql_opts_check(L, 2);   /* both engines' options */
     gw_store_opt_int(L, 2, "sql.open", "retries", 5, 1, INT_MAX);
     nreaders = gw_store_opt_int(L, 2, "sql.open", "readers",
                                 LSQLITE_READERS, 1, LSQLITE_MAX_READERS);

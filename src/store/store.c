@@ -11,6 +11,7 @@
 #include <time.h>
 #include <lauxlib.h>
 
+#include "lstate.h"
 #include "runtime.h"
 #include "store.h"
 
@@ -182,46 +183,51 @@ const char *const gw_store_sql_opts[] = {
     NULL
 };
 
-/* Is the source of a stack frame one of paygate's own Lua modules? */
-static int
-internal_frame(const lua_Debug *ar)
-{
-    const char *s = ar->source, *slash;
+/* The type and range of each of gw_store_sql_opts, whichever engine
+ * reads it. The drivers read their own options again with the same
+ * bounds (and their defaults). */
+static const struct sql_opt {
+    const char *name;           /* the option */
+    char        kind;           /* 'i' integer, 'n' number >= 0, 'p' > 0 */
+    int         min, max;       /* bounds of an integer */
+} sql_opt_spec[] = {
+    { "retries", 'i', 1, INT_MAX },
+    { "readers", 'i', 1, GW_STORE_SQLITE_MAX_READERS },
+    { "batch_max", 'i', 1, INT_MAX },
+    { "busy_timeout", 'i', 0, INT_MAX },
+    { "tx_timeout", 'i', 1, INT_MAX },
+    { "synchronous", 'i', 0, 3 },
+    { "pool", 'i', 1, GW_STORE_PG_MAX_POOL },
+    { "connect_timeout", 'p', 0, 0 },
+    { "query_timeout", 'p', 0, 0 },
+    { "down_for", 'n', 0, 0 },
+    { NULL, 0, 0, 0 }
+};
 
-    if (strcmp(ar->what, "C") == 0) {
-        return 1;
+void
+gw_store_sql_opts_check(lua_State *L, int idx)
+{
+    const struct sql_opt *o;
+
+    gw_store_opt_known(L, idx, "sql.open", gw_store_sql_opts);
+    for (o = sql_opt_spec; o->name != NULL; o++) {
+        if (o->kind == 'i') {
+            gw_store_opt_int(L, idx, "sql.open", o->name, 0, o->min, o->max);
+        } else {
+            gw_store_opt_num(L, idx, "sql.open", o->name, 0, o->kind == 'n');
+        }
     }
-    if (s[0] != '@') {
-        return 0;                        /* a chunk loaded from a string */
-    }
-    slash = strrchr(s, '/');
-    return slash != NULL && slash - s >= 8
-           && strncmp(slash - 8, "/paygate", 8) == 0;
 }
 
 int
 gw_store_raise(lua_State *L, const char *fmt, ...)
 {
-    lua_Debug ar;
-    va_list   ap;
-    int       level;
+    va_list ap;
 
-    for (level = 1; lua_getstack(L, level, &ar); level++) {
-        lua_getinfo(L, "Sl", &ar);
-        if (!internal_frame(&ar)) {
-            break;
-        }
-    }
-    if (lua_getstack(L, level, &ar) && ar.currentline > 0) {
-        lua_pushfstring(L, "%s:%d: ", ar.short_src, ar.currentline);
-    } else {
-        lua_pushliteral(L, "");
-    }
     va_start(ap, fmt);
-    lua_pushvfstring(L, fmt, ap);
+    gw_vraise(L, fmt, ap);               /* never returns */
     va_end(ap);
-    lua_concat(L, 2);
-    return lua_error(L);
+    return 0;
 }
 
 /* Pushes opts[name] (nil when there is no table); raises when idx holds

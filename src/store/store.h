@@ -87,6 +87,15 @@ void gw_store_opt_known(lua_State *L, int idx, const char *fn,
  * retries; an options table may serve both engines). */
 extern const char *const gw_store_sql_opts[];
 
+#define GW_STORE_SQLITE_MAX_READERS 64  /* sql.open readers at most */
+#define GW_STORE_PG_MAX_POOL        32  /* sql.open pool at most */
+
+/* Checks the sql.open options table at idx for either engine: raises on
+ * an unknown name and on a value of the wrong type or range, also for an
+ * option the opening engine does not use (one table serves both, so a
+ * mistyped pool must not pass on SQLite). Call before allocating. */
+void gw_store_sql_opts_check(lua_State *L, int idx);
+
 /* Raises the formatted message at the first caller outside paygate's own
  * Lua modules (lua/paygate/NAME.lua), so that the position names the
  * application's line. Never returns. */

@@ -23,7 +23,7 @@ local core = require "paygate.core"
 local crypto = require "paygate.crypto"
 local x509 = require "paygate.x509"
 local keyring = require "paygate.keyring"
-local json = require "cjson.safe"
+local json = require "paygate.json"  -- hardened decoder, same null
 local errors = require "paygate.wechatpay.errors"
 local verify = require "paygate.wechatpay.verify"
 

@@ -15,7 +15,7 @@
 --   retryable   true when the same request may succeed later
 --   detail      WeChat's detail (decoded JSON, opaque), when present
 local core = require "paygate.core"
-local json = require "cjson.safe"
+local json = require "paygate.json"  -- hardened decoder, same null
 
 local type, tostring = type, tostring
 

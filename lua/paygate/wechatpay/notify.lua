@@ -9,7 +9,7 @@
 -- id and state is the application's durable job.
 local core = require "paygate.core"
 local crypto = require "paygate.crypto"
-local json = require "cjson.safe"
+local json = require "paygate.json"  -- hardened decoder, same null
 local certs = require "paygate.wechatpay.certs"
 
 local type, pcall, tostring = type, pcall, tostring

@@ -50,7 +50,7 @@
 local core = require "paygate.core"
 local http = require "paygate.http"
 local cjson = require "cjson"
-local json = require "cjson.safe"
+local json = require "paygate.json"  -- hardened decoder, same null
 local errors = require "paygate.wechatpay.errors"
 local sign = require "paygate.wechatpay.sign"
 

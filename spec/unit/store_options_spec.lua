@@ -1,0 +1,70 @@
+-- sql.open type-checks every option on either engine: one options table
+-- serves both, so a mistyped option of the other engine raises too
+-- instead of passing unnoticed until the app moves to that engine.
+local sql = require "paygate.sql"
+local servers = require "spec.support.servers"
+
+local tmp = servers.mktemp()
+
+teardown(function()
+  servers.stop_all()
+  servers.sh("rm -rf " .. tmp)
+end)
+
+-- name -> wrong values (type, fraction, range)
+local BAD = {
+  retries = { "x", 0, 1.5 },
+  readers = { "2", 0, 65 },
+  batch_max = { "x", 0, 2.5 },
+  busy_timeout = { "5", -1 },
+  tx_timeout = { "x", 0 },
+  synchronous = { "x", 9, -1 },
+  pool = { "x", 0, 1.5, 33, true },
+  connect_timeout = { "1", -1, 0 / 0, math.huge },
+  query_timeout = { "x", 0, -1, 0 / 0 },
+  down_for = { "x", -1, -math.huge },
+}
+
+local function raises(url, opts, want)
+  local ok, err = pcall(sql.open, url, opts)
+  assert.is_false(ok, want)
+  err = tostring(err)
+  assert.truthy(err:find(want, 1, true), err .. " lacks " .. want)
+  -- at the caller's position, not inside paygate
+  assert.truthy(err:find("store_options_spec.lua:%d+: "), err)
+end
+
+local function urls()
+  local list = { sqlite = "sqlite:" .. tmp .. "/opts.db" }
+  if servers.have_postgres() then list.postgres = servers.postgres().url end
+  return list
+end
+
+describe("sql.open options", function()
+  it("raises on every mistyped option on every engine, naming it", function()
+    for engine, url in pairs(urls()) do
+      for name, values in pairs(BAD) do
+        for _, v in ipairs(values) do
+          raises(url, { [name] = v }, "sql.open: opts." .. name .. " must be")
+        end
+      end
+      raises(url, { pol = 4 }, "sql.open: unknown option opts.pol")
+      -- good values of the other engine's options are accepted
+      local db = assert(sql.open(url, { pool = 2, query_timeout = 1,
+        connect_timeout = 1, down_for = 0, readers = 1, batch_max = 8,
+        busy_timeout = 0, tx_timeout = 100, synchronous = 1, retries = 2 }),
+        engine)
+      db:close()
+    end
+  end)
+
+  it("checks options given in a sqlite url's query string", function()
+    local base = "sqlite:" .. tmp .. "/q.db"
+    raises(base .. "?pool=four", nil, "sql.open: opts.pool must be")
+    raises(base .. "?query_timeout=x", nil,
+           "sql.open: opts.query_timeout must be")
+    raises(base .. "?readers=0", nil, "sql.open: opts.readers must be")
+    local db = assert(sql.open(base .. "?pool=4&readers=1"))
+    db:close()
+  end)
+end)
