@@ -449,9 +449,24 @@ function _M.list(db, f)
     end
   end
   if #out > 0 then
-    local arows = db:query("SELECT notification_id, n, at, status, error, "
-      .. "latency, timestamp, nonce, serial, fault, duplicate FROM "
-      .. "sim_notification_attempts ORDER BY notification_id, n") or {}
+    -- the attempts of what is listed (all of them when nothing filters)
+    local sqla = "SELECT notification_id, n, at, status, error, latency, "
+      .. "timestamp, nonce, serial, fault, duplicate FROM "
+      .. "sim_notification_attempts"
+    local ids = {}
+    if #where > 0 or f.out_trade_no or f.out_refund_no then
+      if #out <= 200 then
+        local marks = {}
+        for i, n in ipairs(out) do
+          ids[i] = n.id
+          marks[i] = "$" .. i
+        end
+        sqla = sqla .. " WHERE notification_id IN ("
+               .. table.concat(marks, ", ") .. ")"
+      end
+    end
+    local arows = db:query(sqla .. " ORDER BY notification_id, n",
+                           #ids > 0 and ids or nil) or {}
     for _, a in ipairs(arows) do
       local n = by_id[a.notification_id]
       if n then
