@@ -319,7 +319,7 @@ describe("simulator notifications across workers and restarts", function()
     end
     for _, no in ipairs(nos) do settled(sim, no, 30) end
     local list = sn.received(recv, b)
-    local per_id, total = {}, 0
+    local per_id, total, workers = {}, 0, {}
     for _, rec in ipairs(list) do
       local id = sn.decrypt(rec).id
       per_id[id] = (per_id[id] or 0) + 1
@@ -330,10 +330,17 @@ describe("simulator notifications across workers and restarts", function()
       -- what the receiver got is exactly what the simulator recorded
       assert.equal(#n.attempts, per_id[n.id])
       total = total + #n.attempts
-      for k, a in ipairs(n.attempts) do assert.equal(k, a.n) end
+      for k, a in ipairs(n.attempts) do
+        assert.equal(k, a.n)
+        workers[a.worker] = true
+      end
     end
     assert.equal(#list, total)
     assert.equal(6 + 6, total)     -- six 500s in all, then one 204 each
+    -- one deliverer: the lease's holder sent every attempt
+    local senders = 0
+    for _ in pairs(workers) do senders = senders + 1 end
+    assert.equal(1, senders)
     sim:stop()
   end)
 
