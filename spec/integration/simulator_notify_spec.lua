@@ -307,7 +307,7 @@ end)
 
 describe("simulator notifications across workers and restarts", function()
   it("two workers: one deliverer, no attempt sent twice", function()
-    local sim = sn.start{ workers = 2, time_scale = 1000 }
+    local sim = sn.start{ workers = 2, time_scale = 100 }
     local b = box()
     sn.answer(recv, b, { statuses = { 500, 500, 500, 500, 500, 500 },
                          status = 204 })
