@@ -305,6 +305,42 @@ describe("simulator notifications (one worker, time_scale 21660)", function()
   end)
 end)
 
+describe("simulator notifications: other identities", function()
+  it("public-key mode: signed with the WeChat Pay public key", function()
+    local sim = sn.start{ extra = 'verifier_mode = "public_key"' }
+    local st, pub = sn.ctl(sim, "GET", "/sim/public-key")
+    assert.equal(200, st)
+    local b, no = box(), order_no()
+    sn.prepay(sim, no, sn.notify_url(recv, b))
+    sn.pay(sim, no)
+    local rec = got(b, 1)[1]
+    assert.equal(pub.id, rec.headers["wechatpay-serial"])
+    assert.truthy(rec.headers["wechatpay-serial"]:match("^PUB_KEY_ID_"))
+    assert.truthy(sn.verify({ [pub.id] = assert(crypto.public_key(pub.pem)) },
+                            rec))
+    assert.equal(no, select(2, sn.decrypt(rec)).out_trade_no)
+    sim:stop()
+  end)
+
+  it("the SM variant: SM2 with SM3 signature, AEAD_SM4_GCM resource",
+     function()
+    local sim = sn.start{ sm = true }
+    local b, no = box(), order_no()
+    sn.prepay(sim, no, sn.notify_url(recv, b))
+    sn.pay(sim, no)
+    local rec = got(b, 1)[1]
+    assert.equal(sn.SM2, rec.headers["wechatpay-signature-type"])
+    local certs = sn.platform_certs(sim)
+    assert.equal("SM2", certs[rec.headers["wechatpay-serial"]]:key_type())
+    assert.truthy(sn.verify(certs, rec, sn.SM2))
+    local doc, res = sn.decrypt(rec)
+    assert.equal("AEAD_SM4_GCM", doc.resource.algorithm)
+    assert.equal(12, #doc.resource.nonce)
+    assert.equal(no, res.out_trade_no)
+    sim:stop()
+  end)
+end)
+
 describe("simulator notifications across workers and restarts", function()
   it("two workers: one deliverer, no attempt sent twice", function()
     local sim = sn.start{ workers = 2, time_scale = 100 }
