@@ -305,6 +305,49 @@ describe("simulator notifications (one worker, time_scale 21660)", function()
   end)
 end)
 
+describe("paygate.wechatpay receiving the simulator's notifications",
+         function()
+  it("accepts them, refuses a SIGNTEST probe and a stale timestamp, and "
+     .. "the retries get through", function()
+    local server = require "support.server"
+    local sim = sn.start{ time_scale = 21660 }
+    local app = server.start{ app = "spec/support/wxnotify",
+      config = ("return { wechatpay = { mchid = %q, merchant_private_key = "
+        .. "%q, merchant_serial = %q, apiv3_key = %q, base_url = %q } }")
+        :format(sn.MCHID, sn.KEY_PATH, sn.SERIAL, sn.APIV3, sim.base) }
+    local url = "http://127.0.0.1:" .. app.port .. "/notify"
+    local cases = {
+      { kind = "bad_signature", signtest = true },
+      { kind = "stale_timestamp" },
+      { kind = "unknown_serial" },
+      {},
+    }
+    for _, c in ipairs(cases) do
+      if c.kind then
+        local st = sn.ctl(sim, "POST", "/sim/faults", { endpoint = "notify",
+          kind = c.kind, signtest = c.signtest, count = 1 })
+        assert.equal(200, st)
+      end
+      local no = order_no()
+      sn.prepay(sim, no, url)
+      sn.pay(sim, no)
+      local n = settled(sim, no)
+      assert.equal("delivered", n.state)
+      if c.kind then
+        -- the client refused the spoiled first attempt (401), took the
+        -- retry
+        assert.equal(2, #n.attempts)
+        assert.equal(401, n.attempts[1].status)
+      else
+        assert.equal(1, #n.attempts)
+      end
+      assert.equal(204, n.attempts[#n.attempts].status)
+    end
+    app:stop()
+    sim:stop()
+  end)
+end)
+
 describe("simulator notifications: other identities", function()
   it("public-key mode: signed with the WeChat Pay public key", function()
     local sim = sn.start{ extra = 'verifier_mode = "public_key"' }
