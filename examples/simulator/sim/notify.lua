@@ -23,8 +23,7 @@ local http = require "paygate.http"
 local lease = require "paygate.lease"
 local faults = require "sim.faults"
 
-local type, tostring, ipairs, pairs, pcall = type, tostring, ipairs, pairs,
-                                             pcall
+local type, tostring, ipairs, pcall = type, tostring, ipairs, pcall
 local floor, max, min = math.floor, math.max, math.min
 
 local _M = {}
