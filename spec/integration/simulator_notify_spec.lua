@@ -424,8 +424,9 @@ describe("simulator notifications across workers and restarts", function()
   end)
 
   it("a restart mid-schedule loses no pending delivery", function()
-    -- time_scale 3: the first retry comes 5 s after the first attempt
-    local sim = sn.start{ time_scale = 3 }
+    -- time_scale 1.5: the first retry comes 10 s after the first attempt,
+    -- long after the stop
+    local sim = sn.start{ time_scale = 1.5 }
     local b, no = box(), order_no()
     sn.answer(recv, b, { status = 500 })
     sn.prepay(sim, no, sn.notify_url(recv, b))
@@ -441,7 +442,7 @@ describe("simulator notifications across workers and restarts", function()
     assert.equal(0, sim:stop())
     sn.answer(recv, b, { status = 204 })
     local restarted = paygate.update_time()
-    sim = sn.start{ time_scale = 3, state_dir = state_dir }
+    sim = sn.start{ time_scale = 1.5, state_dir = state_dir }
     local list = got(b, 2, 30, "the retry after the restart")
     n = settled(sim, no)
     assert.equal("delivered", n.state)
