@@ -59,13 +59,25 @@ local min, random = math.min, math.random
 
 local _M = {}
 
--- JSON for request bodies: "/" is not escaped (notify_url stays readable;
--- the bytes are signed as sent either way).
+-- JSON for request bodies: "/" is not escaped (notify_url stays readable,
+-- as every WeChat Pay SDK sends it; the bytes are signed as sent either
+-- way). cjson 2.1.0 has no switch for it and writes "\/": such an escape
+-- is undone after encoding. In cjson's output a backslash only occurs in
+-- escapes, so a "/" after an odd run of backslashes is an escaped "/"
+-- (after an even run, the backslashes are escaped backslashes).
 local encoder = cjson.new()
-if encoder.encode_escape_forward_slash then
-  encoder.encode_escape_forward_slash(false)
+local slash_switch = encoder.encode_escape_forward_slash
+if slash_switch then slash_switch(false) end
+local function unescape_slash(run)
+  if #run % 2 == 1 then return run:sub(2) .. "/" end
 end
-_M.encode = encoder.encode
+function _M.encode(v)
+  local s = encoder.encode(v)
+  if not slash_switch and s:find("\\/", 1, true) then
+    s = s:gsub("(\\+)/", unescape_slash)
+  end
+  return s
+end
 
 local USER_AGENT
 local function user_agent()
@@ -98,11 +110,30 @@ local function unsent(err)
   return err.kind == "dns" or err.kind == "connect"
 end
 
+-- The error for a call that failed at the transport level after the
+-- request may have reached WeChat (err.sent not false): WeChat may have
+-- acted. retryable: whether repeating it is safe (an idempotent call: the
+-- same out_trade_no / out_refund_no, the same bytes).
+local function outcome_unknown(what, err, retryable, attempts)
+  return errors.wrap("unknown_outcome", what .. ": " .. tostring(err.kind)
+    .. " after the request may have been received; query to learn the "
+    .. "outcome" .. (retryable and " (repeating it with the same "
+    .. "out_trade_no / out_refund_no is safe)" or ""), err,
+    { retryable = retryable and true or false, attempts = attempts })
+end
+
 local function decode_json(res)
   local body = res.body
   if type(body) ~= "string" or body == "" then return nil end
   local c = body:byte(1)
-  if c ~= 123 and c ~= 91 then return nil end          -- { or [
+  if c ~= 123 and c ~= 91 then                         -- { or [
+    -- else after a UTF-8 BOM or JSON whitespace only
+    local at = body:find("^\239\187\191") and 4 or 1
+    at = body:find("[^ \t\r\n]", at)
+    c = at and body:byte(at)
+    if c ~= 123 and c ~= 91 then return nil end
+    return json.decode(at == 1 and body or body:sub(at))
+  end
   return json.decode(body)
 end
 
@@ -120,8 +151,20 @@ function _M.request(wx, method, path, body, opts)
     error("wx:request: opts must be a table", 3)
   end
   opts = opts or {}
+  -- what the HTTP client would change before sending (so the signature
+  -- would cover another target): a fragment, bytes it percent-encodes,
+  -- dot segments it removes
+  if path:find("[#\128-\255%c]") then
+    return nil, errors.invalid_params("path", "must be ASCII without '#' or "
+      .. "control characters (percent-encode them; it is signed and sent "
+      .. "exactly as given)")
+  end
+  if (path:match("^[^?]*") .. "/"):find("/%.%.?/") then
+    return nil, errors.invalid_params("path", "must not hold a \".\" or "
+      .. "\"..\" segment (it would be sent without it)")
+  end
   if type(body) == "table" then
-    body = encoder.encode(body)
+    body = _M.encode(body)
   elseif body ~= nil and type(body) ~= "string" then
     error("wx:request: body must be a string or a table", 3)
   end
@@ -172,7 +215,7 @@ function _M.request(wx, method, path, body, opts)
   local base = c.base_url
   local on_backup = false
   local attempt = 0
-  local last
+  local last, reached
   while true do
     attempt = attempt + 1
     local remaining = deadline - core.mono()
@@ -189,6 +232,10 @@ function _M.request(wx, method, path, body, opts)
       connect_timeout = min(5, remaining), ca_file = c.ca_file,
       sink = wrapped, on_headers = on_headers,
     }
+    if not res and core.is_error(err) then
+      err.message = what .. ": " .. tostring(err.message)
+      reached = reached or not unsent(err)
+    end
     if res and sink and (res.status < 200 or res.status >= 300) then
       res.body = table.concat(errbuf)
     end
@@ -202,21 +249,21 @@ function _M.request(wx, method, path, body, opts)
           attempt = attempt - 1            -- the switch is not a retry
           retry = "now"
         elseif err.retryable == false then
+          if reached and not SAFE_METHODS[method] then
+            return nil, outcome_unknown(what, err, idempotent, attempt)
+          end
           return nil, err                  -- e.g. a certificate refused
         else
           retry = true
         end
       elseif idempotent and err.retryable and not delivered then
         last, retry = err, true
-      elseif idempotent or delivered then
+      elseif delivered or SAFE_METHODS[method] then
         return nil, err
       else
         -- it may have reached WeChat and acted: the caller settles it by
-        -- a query (never repeated blindly)
-        return nil, errors.wrap("unknown_outcome", what .. ": " ..
-          tostring(err.kind) .. " after the request may have been "
-          .. "received; query to learn the outcome", err,
-          { retryable = false })
+        -- a query (a non-idempotent call is never repeated blindly)
+        return nil, outcome_unknown(what, err, idempotent, attempt)
       end
     elseif res.status >= 200 and res.status < 300 then
       res.request_id = res.headers and res.headers["request-id"]
@@ -260,9 +307,9 @@ function _M.request(wx, method, path, body, opts)
       { retryable = true })
   end
   if not core.is_error(last) then return nil, last end
-  if last.status == nil and not idempotent and not unsent(last) then
-    return nil, errors.wrap("unknown_outcome", what .. ": " .. tostring(last),
-                            last)
+  if last.status == nil and reached and not SAFE_METHODS[method] then
+    -- retries ran out, and one attempt at least may have reached WeChat
+    return nil, outcome_unknown(what, last, idempotent, attempt)
   end
   last.attempts = attempt
   return nil, last
