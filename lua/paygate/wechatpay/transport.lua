@@ -6,7 +6,9 @@
 -- wx:request(method, path_with_query, body, opts)
 --   method           "GET", "POST", "PUT", "PATCH", "DELETE"
 --   path_with_query  "/v3/...[?query]", already percent-encoded: it is
---                    signed and sent exactly as given
+--                    signed and sent exactly as given ('#', bytes outside
+--                    ASCII, control bytes and "."/".." segments, which
+--                    the HTTP client would change, are invalid_params)
 --   body             nil (no body), a string (sent and signed byte for
 --                    byte) or a table (encoded to JSON once; those bytes
 --                    are signed and sent)
@@ -18,7 +20,9 @@
 --                      SYSTEM_ERROR, FREQUENCY_LIMITED, a timeout...).
 --                      Without it only failures before the request left
 --                      (connect, dns; err.sent == false) are retried, and
---                      a timeout after sending is `unknown_outcome`.
+--                      a timeout after sending is `unknown_outcome`. With
+--                      it, a POST out of retries after such a failure is
+--                      `unknown_outcome` too, with retryable = true.
 --     deadline         seconds for the whole call, retries included
 --                      (default conf.deadline, 30)
 --     timeout          seconds for one attempt (default conf.timeout, 10;
