@@ -167,6 +167,20 @@ describe("request bodies keep '/' unescaped (S5)", function()
       assert.same({ s = s }, json.decode(out))
     end
   end)
+  it("any mix of backslashes, slashes and quotes round-trips", function()
+    math.randomseed(8)
+    local alphabet = { "\\", "/", "a", '"', "\n" }
+    for _ = 1, 3000 do
+      local t = {}
+      for k = 1, math.random(0, 10) do
+        t[k] = alphabet[math.random(#alphabet)]
+      end
+      local v = { [table.concat(t)] = { table.concat(t, "/") } }
+      local out = transport.encode(v)
+      assert.is_nil(out:gsub("\\\\", ""):find("\\/", 1, true), out)
+      assert.same(v, json.decode(out))
+    end
+  end)
   it("prepay_request sends notify_url unescaped", function()
     local wx = assert(wechatpay.client(base()))
     local _, _, body = assert(wx:prepay_request("native", {

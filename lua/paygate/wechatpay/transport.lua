@@ -72,15 +72,25 @@ local _M = {}
 local encoder = cjson.new()
 local slash_switch = encoder.encode_escape_forward_slash
 if slash_switch then slash_switch(false) end
-local function unescape_slash(run)
-  if #run % 2 == 1 then return run:sub(2) .. "/" end
-end
+local find, sub, byte, concat = string.find, string.sub, string.byte,
+                                table.concat
 function _M.encode(v)
   local s = encoder.encode(v)
-  if not slash_switch and s:find("\\/", 1, true) then
-    s = s:gsub("(\\+)/", unescape_slash)
+  local i = not slash_switch and find(s, "\\/", 1, true)
+  if not i then return s end
+  local parts, n, from = {}, 0, 1
+  while i do
+    local j = i - 1                    -- the backslashes before this one
+    while j >= from and byte(s, j) == 92 do j = j - 1 end
+    if (i - j) % 2 == 1 then           -- an odd run: "\/" is an escape
+      n = n + 1
+      parts[n] = sub(s, from, i - 1)
+      from = i + 1
+    end
+    i = find(s, "\\/", i + 1, true)
   end
-  return s
+  parts[n + 1] = sub(s, from)
+  return concat(parts)
 end
 
 local USER_AGENT
