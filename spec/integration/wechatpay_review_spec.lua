@@ -72,8 +72,8 @@ describe("an idempotent POST out of retries after timeouts (S1)", function()
     assert.equal("unknown_outcome", err.kind)
     assert.equal("timeout", err.cause_kind)
     assert.is_true(err.retryable)
-    assert.is_true(count("POST", "/v3/x") >= 2)     -- it was retried
-    assert.equal(count("POST", "/v3/x"), err.attempts)
+    assert.is_true(err.attempts >= 2)               -- it was retried
+    assert.is_true(count("POST", "/v3/x") >= 2)
     assert.matches("^POST /v3/x: timeout", err.message)
   end)
 
