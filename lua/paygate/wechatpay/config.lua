@@ -19,17 +19,32 @@ local function bad(key, msg)
 end
 
 -- A value given as PEM text (it holds "-----BEGIN") or as a file path.
+-- The value may be a secret given in the wrong shape (a key body without
+-- its PEM lines, the APIv3 key in a key field): a reason never repeats
+-- it, not even as a path, and calls it a path only when it can be one
+-- (one line, and no run of 32 base64 characters as a key body or the
+-- APIv3 key has).
 -- returns: the bytes, or nil, reason.
 local function material(v)
   if type(v) ~= "string" or v == "" then
     return nil, "must be a file path or PEM text"
   end
   if v:find("-----BEGIN", 1, true) then return v end
-  local f, err = io.open(v, "rb")
-  if not f then return nil, "cannot read the file: " .. tostring(err) end
+  local oneline = #v <= 4096 and not v:find("[%z\r\n]")
+  local f, err, code
+  if oneline then f, err, code = io.open(v, "rb") end
+  if not f then
+    -- io.open's message is "PATH: reason": keep the reason only
+    local why = type(code) == "number" and tostring(err):sub(#v + 3)
+    if oneline and not v:find(("[%w+=]"):rep(32)) then
+      return nil, "cannot read the file (" .. (why or "?") .. ")"
+    end
+    return nil, "not PEM text (no -----BEGIN line) and not a readable file"
+                .. (why and " (" .. why .. ")" or "")
+  end
   local s = f:read("*a")
   f:close()
-  if not s or s == "" then return nil, "the file " .. v .. " is empty" end
+  if not s or s == "" then return nil, "the file is empty" end
   return s
 end
 _M.material = material

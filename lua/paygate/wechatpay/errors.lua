@@ -47,6 +47,9 @@ local CODES = {
   ORDERCLOSED = { "order_closed", false },
   OUTTRADENOUSED = { "out_trade_no_used", false },
   NOTENOUGH = { "not_enough", false },
+  -- sent with status 500, yet repeating cannot help: the parameter is wrong
+  OPENIDMISMATCH = { "param_error", false },
+  INVALIDTRANSACTIONID = { "param_error", false },
   FREQUENCYLIMITED = { "frequency_limited", true },
   RATELIMITEXCEEDED = { "frequency_limited", true },
   SYSTEMERROR = { "system_error", true },
@@ -107,7 +110,8 @@ function _M.from_response(what, res)
   else
     kind, retryable = by_status(status)
   end
-  if status >= 500 then retryable = true end
+  -- a 5xx is worth repeating, unless its code says otherwise
+  if status >= 500 and not known then retryable = true end
   local msg = what .. ": " .. status
   if code then msg = msg .. " " .. printable(code, 64) end
   if wmsg then

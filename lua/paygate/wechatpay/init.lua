@@ -59,7 +59,8 @@ end
 -- returns: { id, event_type, create_time, summary, resource_type,
 -- original_type, resource = {decrypted, parsed}, serial } or nil, err
 -- (bad_signature, stale_timestamp, unknown_serial, replayed,
--- decrypt_failed, malformed). Never raises. May yield (a certificate
+-- decrypt_failed, malformed; also cert_expired, replay_check_unavailable,
+-- invalid_config, timeout: see docs/wechatpay.md). Never raises. May yield (a certificate
 -- download for an unknown serial).
 function methods.parse_notification(wx, req, opts)
   return notify.parse_notification(wx, req, opts)

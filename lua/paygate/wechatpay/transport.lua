@@ -6,7 +6,9 @@
 -- wx:request(method, path_with_query, body, opts)
 --   method           "GET", "POST", "PUT", "PATCH", "DELETE"
 --   path_with_query  "/v3/...[?query]", already percent-encoded: it is
---                    signed and sent exactly as given
+--                    signed and sent exactly as given ('#', bytes outside
+--                    ASCII, control bytes and "."/".." segments, which
+--                    the HTTP client would change, are invalid_params)
 --   body             nil (no body), a string (sent and signed byte for
 --                    byte) or a table (encoded to JSON once; those bytes
 --                    are signed and sent)
@@ -18,7 +20,9 @@
 --                      SYSTEM_ERROR, FREQUENCY_LIMITED, a timeout...).
 --                      Without it only failures before the request left
 --                      (connect, dns; err.sent == false) are retried, and
---                      a timeout after sending is `unknown_outcome`.
+--                      a timeout after sending is `unknown_outcome`. With
+--                      it, a POST out of retries after such a failure is
+--                      `unknown_outcome` too, with retryable = true.
 --     deadline         seconds for the whole call, retries included
 --                      (default conf.deadline, 30)
 --     timeout          seconds for one attempt (default conf.timeout, 10;
@@ -59,13 +63,35 @@ local min, random = math.min, math.random
 
 local _M = {}
 
--- JSON for request bodies: "/" is not escaped (notify_url stays readable;
--- the bytes are signed as sent either way).
+-- JSON for request bodies: "/" is not escaped (notify_url stays readable,
+-- as every WeChat Pay SDK sends it; the bytes are signed as sent either
+-- way). cjson 2.1.0 has no switch for it and writes "\/": such an escape
+-- is undone after encoding. In cjson's output a backslash only occurs in
+-- escapes, so a "/" after an odd run of backslashes is an escaped "/"
+-- (after an even run, the backslashes are escaped backslashes).
 local encoder = cjson.new()
-if encoder.encode_escape_forward_slash then
-  encoder.encode_escape_forward_slash(false)
+local slash_switch = encoder.encode_escape_forward_slash
+if slash_switch then slash_switch(false) end
+local find, sub, byte, concat = string.find, string.sub, string.byte,
+                                table.concat
+function _M.encode(v)
+  local s = encoder.encode(v)
+  local i = not slash_switch and find(s, "\\/", 1, true)
+  if not i then return s end
+  local parts, n, from = {}, 0, 1
+  while i do
+    local j = i - 1                    -- the backslashes before this one
+    while j >= from and byte(s, j) == 92 do j = j - 1 end
+    if (i - j) % 2 == 1 then           -- an odd run: "\/" is an escape
+      n = n + 1
+      parts[n] = sub(s, from, i - 1)
+      from = i + 1
+    end
+    i = find(s, "\\/", i + 1, true)
+  end
+  parts[n + 1] = sub(s, from)
+  return concat(parts)
 end
-_M.encode = encoder.encode
 
 local USER_AGENT
 local function user_agent()
@@ -98,11 +124,30 @@ local function unsent(err)
   return err.kind == "dns" or err.kind == "connect"
 end
 
+-- The error for a call that failed at the transport level after the
+-- request may have reached WeChat (err.sent not false): WeChat may have
+-- acted. retryable: whether repeating it is safe (an idempotent call: the
+-- same out_trade_no / out_refund_no, the same bytes).
+local function outcome_unknown(what, err, retryable, attempts)
+  return errors.wrap("unknown_outcome", what .. ": " .. tostring(err.kind)
+    .. " after the request may have been received; query to learn the "
+    .. "outcome" .. (retryable and " (repeating it with the same "
+    .. "out_trade_no / out_refund_no is safe)" or ""), err,
+    { retryable = retryable and true or false, attempts = attempts })
+end
+
 local function decode_json(res)
   local body = res.body
   if type(body) ~= "string" or body == "" then return nil end
   local c = body:byte(1)
-  if c ~= 123 and c ~= 91 then return nil end          -- { or [
+  if c ~= 123 and c ~= 91 then                         -- { or [
+    -- else after a UTF-8 BOM or JSON whitespace only
+    local at = body:find("^\239\187\191") and 4 or 1
+    at = body:find("[^ \t\r\n]", at)
+    c = at and body:byte(at)
+    if c ~= 123 and c ~= 91 then return nil end
+    return json.decode(at == 1 and body or body:sub(at))
+  end
   return json.decode(body)
 end
 
@@ -120,8 +165,20 @@ function _M.request(wx, method, path, body, opts)
     error("wx:request: opts must be a table", 3)
   end
   opts = opts or {}
+  -- what the HTTP client would change before sending (so the signature
+  -- would cover another target): a fragment, bytes it percent-encodes,
+  -- dot segments it removes
+  if path:find("[#\128-\255%c]") then
+    return nil, errors.invalid_params("path", "must be ASCII without '#' or "
+      .. "control characters (percent-encode them; it is signed and sent "
+      .. "exactly as given)")
+  end
+  if (path:match("^[^?]*") .. "/"):find("/%.%.?/") then
+    return nil, errors.invalid_params("path", "must not hold a \".\" or "
+      .. "\"..\" segment (it would be sent without it)")
+  end
   if type(body) == "table" then
-    body = encoder.encode(body)
+    body = _M.encode(body)
   elseif body ~= nil and type(body) ~= "string" then
     error("wx:request: body must be a string or a table", 3)
   end
@@ -172,7 +229,7 @@ function _M.request(wx, method, path, body, opts)
   local base = c.base_url
   local on_backup = false
   local attempt = 0
-  local last
+  local last, reached
   while true do
     attempt = attempt + 1
     local remaining = deadline - core.mono()
@@ -189,6 +246,10 @@ function _M.request(wx, method, path, body, opts)
       connect_timeout = min(5, remaining), ca_file = c.ca_file,
       sink = wrapped, on_headers = on_headers,
     }
+    if not res and core.is_error(err) then
+      err.message = what .. ": " .. tostring(err.message)
+      reached = reached or not unsent(err)
+    end
     if res and sink and (res.status < 200 or res.status >= 300) then
       res.body = table.concat(errbuf)
     end
@@ -202,21 +263,21 @@ function _M.request(wx, method, path, body, opts)
           attempt = attempt - 1            -- the switch is not a retry
           retry = "now"
         elseif err.retryable == false then
+          if reached and not SAFE_METHODS[method] then
+            return nil, outcome_unknown(what, err, idempotent, attempt)
+          end
           return nil, err                  -- e.g. a certificate refused
         else
           retry = true
         end
       elseif idempotent and err.retryable and not delivered then
         last, retry = err, true
-      elseif idempotent or delivered then
+      elseif delivered or SAFE_METHODS[method] then
         return nil, err
       else
         -- it may have reached WeChat and acted: the caller settles it by
-        -- a query (never repeated blindly)
-        return nil, errors.wrap("unknown_outcome", what .. ": " ..
-          tostring(err.kind) .. " after the request may have been "
-          .. "received; query to learn the outcome", err,
-          { retryable = false })
+        -- a query (a non-idempotent call is never repeated blindly)
+        return nil, outcome_unknown(what, err, idempotent, attempt)
       end
     elseif res.status >= 200 and res.status < 300 then
       res.request_id = res.headers and res.headers["request-id"]
@@ -260,9 +321,9 @@ function _M.request(wx, method, path, body, opts)
       { retryable = true })
   end
   if not core.is_error(last) then return nil, last end
-  if last.status == nil and not idempotent and not unsent(last) then
-    return nil, errors.wrap("unknown_outcome", what .. ": " .. tostring(last),
-                            last)
+  if last.status == nil and reached and not SAFE_METHODS[method] then
+    -- retries ran out, and one attempt at least may have reached WeChat
+    return nil, outcome_unknown(what, last, idempotent, attempt)
   end
   last.attempts = attempt
   return nil, last

@@ -9,7 +9,8 @@
 --   type      "string" | "int" | "bool" | "object" | "array" | "any"
 --   required  true: must be present (nil is missing)
 --   min, max  string: length in characters (UTF-8); int: value bounds;
---             array: item count
+--             array: item count (an array is never empty: cjson would
+--             send {} for it)
 --   pattern   a Lua pattern the whole string must match (anchor it)
 --   enum      { "A", "B" }: the value must be one of them
 --   test      function(v) -> truthy when the string is well-formed
@@ -145,6 +146,10 @@ local function check_value(call, field, v, r)
     end
     if r.max and #v > r.max then
       return fail(call, field, "must have at most " .. r.max .. " items")
+    end
+    if #v == 0 then
+      -- JSON has no empty Lua table: cjson would send {} (an object)
+      return fail(call, field, "must not be empty (leave it out)")
     end
   end
   return true

@@ -23,6 +23,9 @@
 --   POST /_ctl/certs  { status = 200|404|500, serials = [...],
 --                       signer = serial, apiv3_key = "...", delay = s }
 --   GET  /_ctl/requests -> [ { method, target, headers, body, auth } ]
+--   POST /_ctl/add_cert { serial, pem }: serves pem under serial_no serial
+--        when /_ctl/certs lists serial (any certificate, e.g. an expired
+--        one, or one whose own serial differs); kept across resets
 local paygate = require "paygate"
 local crypto = require "paygate.crypto"
 local json = require "cjson.safe"
@@ -145,6 +148,12 @@ local function control(req, path)
   elseif path == "/_ctl/certs" then
     local t = req:json()
     for k, v in pairs(t) do state.certs[k] = v end
+    return 200, { ok = true }
+  elseif path == "/_ctl/add_cert" then
+    local t = req:json()
+    local cert = crypto.certificate(t.pem)
+    if not cert then return 400, { error = "not a certificate" } end
+    cert_pem[t.serial], cert_obj[t.serial] = t.pem, cert
     return 200, { ok = true }
   elseif path == "/_ctl/requests" then
     return 200, json.encode(state.requests)
