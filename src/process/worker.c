@@ -121,6 +121,10 @@ ready_why(char c, const char *why)
         if (w.go_ev != NULL && event_add(w.go_ev, NULL) == 0) {
             return;
         }
+        if (w.go_ev != NULL) {
+            event_free(w.go_ev);
+            w.go_ev = NULL;
+        }
         gw_log(GW_LOG_ERROR, "worker: cannot wait for the master's go");
         w.exit_code = 1;
         event_base_loopbreak(gw_loop_base());
