@@ -672,8 +672,19 @@ gw_server_start(lua_State *L, int fd, int dispatch_ref,
     gw_srv.lev = event_new(gw_loop_base(), fd, EV_READ | EV_PERSIST, on_accept,
                         NULL);
     gw_srv.resume_ev = evtimer_new(gw_loop_base(), on_resume, NULL);
-    if (gw_srv.lev == NULL || gw_srv.resume_ev == NULL
-        || event_add(gw_srv.lev, NULL) != 0) {
+    if (gw_srv.lev == NULL || gw_srv.resume_ev == NULL) {
+        return GW_ERR;
+    }
+    return GW_OK;
+}
+
+int
+gw_server_accept(void)
+{
+    if (gw_srv.lev == NULL || gw_srv.draining || gw_srv.accepting) {
+        return GW_OK;       /* not started, stopping, or already on */
+    }
+    if (event_add(gw_srv.lev, NULL) != 0) {
         return GW_ERR;
     }
     gw_srv.accepting = 1;

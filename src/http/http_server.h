@@ -41,13 +41,19 @@ struct gw_server_conf {
 void gw_server_conf_defaults(struct gw_server_conf *c);
 
 /*
- * Starts serving fd (listening, non-blocking) on the loop. dispatch_ref is
- * a registry ref to the Lua function dispatch(req, method, path) returning
- * status, body, headers, route, content_type. ssl_ctx may be NULL (plain
- * HTTP); it is not owned. GW_OK or GW_ERR.
+ * Sets up serving fd (listening, non-blocking) on the loop; accepting
+ * begins with gw_server_accept(). dispatch_ref is a registry ref to the
+ * Lua function dispatch(req, method, path) returning status, body,
+ * headers, route, content_type. ssl_ctx may be NULL (plain HTTP); it is
+ * not owned. GW_OK or GW_ERR.
  */
 int gw_server_start(lua_State *L, int fd, int dispatch_ref,
                     const struct gw_server_conf *conf, SSL_CTX *ssl_ctx);
+
+/* Starts accepting on the listening socket (nothing once draining: a
+ * worker told to stop before it was told to serve accepts nothing).
+ * GW_OK or GW_ERR. */
+int gw_server_accept(void);
 
 /* Stops accepting. Busy connections close after their response; idle
  * keep-alive ones answer what has arrived and may send one more request

@@ -1,8 +1,9 @@
 /*
  * master.c -- `paygate run`: binds the port, forks the workers, restarts
  * the ones that die, reloads code on HUP by starting a new generation and
- * draining the old one only once every new worker has loaded the app, and
- * serves the admin listener (/metrics, /healthz).
+ * draining the old one only once every new worker has loaded the app (the
+ * new workers accept nothing until then), and serves the admin listener
+ * (/metrics, /healthz).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -41,8 +42,9 @@ struct gw_worker {
     enum wstate   state;
     int           gen;          /* code generation it runs */
     int           slot;         /* metrics slot */
-    int           ready_fd;     /* read end of its ready pipe, or -1 */
-    struct event *ready_ev;     /* owned: watches ready_fd */
+    int           ready_fd;     /* our end of its ready socket (it says
+                                   'R' or 'F', we answer 'G'), or -1 */
+    struct event *ready_ev;     /* owned: watches ready_fd until 'R'/'F' */
     double        started;      /* s */
 };
 
@@ -123,6 +125,32 @@ signal_gen(int gen, int sig, enum wstate new_state)
     }
 }
 
+/* Closes our end of wk's ready socket (a worker still waiting for its go
+ * reads EOF and stops). */
+static void
+drop_ready(struct gw_worker *wk)
+{
+    if (wk->ready_ev != NULL) {
+        event_free(wk->ready_ev);
+        wk->ready_ev = NULL;
+    }
+    if (wk->ready_fd >= 0) {
+        close(wk->ready_fd);
+        wk->ready_fd = -1;
+    }
+}
+
+/* Tells a worker that has loaded the app to start accepting. */
+static void
+go(struct gw_worker *wk)
+{
+    if (wk->ready_fd >= 0
+        && send(wk->ready_fd, "G", 1, MSG_NOSIGNAL | MSG_DONTWAIT) != 1) {
+        /* it died meanwhile: on_chld deals with it */
+    }
+    drop_ready(wk);
+}
+
 /*
  * Records how the last reload ended in PID_FILE.reload, for `paygate
  * reload` to report: "<n> ok generation <g>" or "<n> refused: <why>",
@@ -166,6 +194,13 @@ reload_commit(void)
         m.ssl_ctx = m.ssl_next;
         m.ssl_next = NULL;
     }
+    /* the new generation starts accepting as the old one stops: what
+     * arrives meanwhile waits in the shared listening socket's queue */
+    for (int i = 0; i < MAX_WORKERS; i++) {
+        if (m.w[i].pid != 0 && m.w[i].gen == m.gen) {
+            go(&m.w[i]);
+        }
+    }
     signal_gen(old, SIGTERM, W_DRAINING);
     gw_metrics_reload(1);
     gw_log(GW_LOG_INFO, "reload: generation %d serving; generation %d "
@@ -192,20 +227,21 @@ on_ready(evutil_socket_t fd, short what, void *arg)
     c = n > 0 ? buf[0] : 0;
     event_free(wk->ready_ev);
     wk->ready_ev = NULL;
-    close(fd);
-    wk->ready_fd = -1;
     if (wk->state == W_DRAINING) {
-        return;     /* killed by an aborted reload, or stopping: moot */
+        drop_ready(wk);
+        return;     /* stopping, or its generation was replaced: moot */
     }
     if (n == 1 && c == 'R') {
         wk->state = W_READY;
         m.served = 1;
-        if (m.next_gen != 0 && wk->gen == m.next_gen
-            && count(m.next_gen, W_READY) == m.o->workers) {
-            reload_commit();
+        if (wk->gen != m.next_gen) {
+            go(wk);         /* the serving generation: a start, a restart */
+        } else if (count(m.next_gen, W_READY) == m.o->workers) {
+            reload_commit();    /* tells the whole generation to go */
         }
         return;
     }
+    drop_ready(wk);
     /* 'F' or EOF: it could not load the app; 'F' may say why */
     if (wk->gen == m.next_gen) {
         char why[400];
@@ -243,7 +279,8 @@ spawn_worker(int gen)
         }
     }
     slot = gw_metrics_free_slot();
-    if (wk == NULL || slot < 0 || pipe2(p, O_CLOEXEC) != 0) {
+    if (wk == NULL || slot < 0
+        || socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, p) != 0) {
         gw_log(GW_LOG_ERROR, "master: cannot start a worker: %s",
                wk == NULL || slot < 0 ? "no slot" : strerror(errno));
         gw_metrics_retire(slot);        /* the reservation, if any */
@@ -307,6 +344,14 @@ reload_abort(const char *why)
     }
     m.next_gen = 0;
     evtimer_del(m.reload_timer);
+    /* None of them has accepted a connection (they wait for a go that
+     * only a whole generation gets), so killing them drops no request;
+     * some may be stuck loading the app, so SIGKILL. */
+    for (int i = 0; i < MAX_WORKERS; i++) {
+        if (m.w[i].pid != 0 && m.w[i].gen == gen) {
+            drop_ready(&m.w[i]);
+        }
+    }
     signal_gen(gen, SIGKILL, W_DRAINING);
     if (m.ssl_next != NULL) {
         SSL_CTX_free(m.ssl_next);
@@ -425,11 +470,8 @@ on_chld(evutil_socket_t sig, short what, void *arg)
                 wk->state = W_READY;
                 m.served = 1;
             }
-            event_free(wk->ready_ev);
-            wk->ready_ev = NULL;
-            close(wk->ready_fd);
-            wk->ready_fd = -1;
         }
+        drop_ready(wk);
         gw_metrics_retire(wk->slot);
         if (wk->state == W_DRAINING || m.stopping) {
             gw_log(GW_LOG_INFO, "worker %d (generation %d) %s", (int) pid,

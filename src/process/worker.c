@@ -25,7 +25,8 @@ static struct {
     lua_State            *L;        /* owned */
     int                   listen_fd;
     SSL_CTX              *ssl_ctx;  /* not owned */
-    int                   ready_fd; /* pipe to the master, or -1 */
+    int                   ready_fd; /* socket to the master, or -1 */
+    struct event         *go_ev;    /* owned: waits for the master's go */
     int                   exit_code;
     struct event         *gauges;   /* owned: 1 s gauge refresh */
     struct event         *sigterm, *sigint, *deadline;
@@ -56,9 +57,42 @@ push_runtime_info(lua_State *L, const char *mode, const char *app_dir,
     lua_pop(L, 2);
 }
 
-/* Tells the master 'R' (serving) or 'F' (failed), with why's first line
- * after an 'F' so that `paygate reload` can say it. One write: a pipe
- * write under PIPE_BUF arrives whole. */
+static void on_stop(evutil_socket_t sig, short what, void *arg);
+
+/* The master's go ('G'): its generation serves now, so start accepting.
+ * Anything else (EOF) means the master let go of this worker without one
+ * (a refused reload, or the master is gone): stop; nothing was accepted. */
+static void
+on_go(evutil_socket_t fd, short what, void *arg)
+{
+    char c = 0;
+    ssize_t n = read(fd, &c, 1);
+
+    if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
+        return;
+    }
+    event_free(w.go_ev);
+    w.go_ev = NULL;
+    close(w.ready_fd);
+    w.ready_fd = -1;
+    if (n == 1 && c == 'G') {
+        if (gw_server_accept() != GW_OK) {
+            gw_log(GW_LOG_ERROR, "worker: cannot watch the listening "
+                                 "socket");
+            w.exit_code = 1;
+            event_base_loopbreak(gw_loop_base());
+        }
+        return;
+    }
+    on_stop(-1, 0, NULL);
+}
+
+/* Tells the master 'R' (loaded, ready to serve) or 'F' (failed), with
+ * why's first line after an 'F' so that `paygate reload` can say it. One
+ * write: a socket write of a few bytes arrives whole. After an 'R' the
+ * socket stays open for the master's go (on_go): a worker accepts nothing
+ * until its whole generation has loaded, so a refused reload can kill
+ * its workers without dropping a connection. */
 static void
 ready_why(char c, const char *why)
 {
@@ -80,6 +114,20 @@ ready_why(char c, const char *why)
     }
     if (write(w.ready_fd, buf, n) < 0) {
         /* the master is gone; PDEATHSIG ends us */
+    }
+    if (c == 'R') {
+        w.go_ev = event_new(gw_loop_base(), w.ready_fd, EV_READ | EV_PERSIST,
+                            on_go, NULL);
+        if (w.go_ev != NULL && event_add(w.go_ev, NULL) == 0) {
+            return;
+        }
+        if (w.go_ev != NULL) {
+            event_free(w.go_ev);
+            w.go_ev = NULL;
+        }
+        gw_log(GW_LOG_ERROR, "worker: cannot wait for the master's go");
+        w.exit_code = 1;
+        event_base_loopbreak(gw_loop_base());
     }
     close(w.ready_fd);
     w.ready_fd = -1;

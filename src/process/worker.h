@@ -10,7 +10,9 @@
 #include "config.h"
 
 /* Runs a worker until it is stopped; returns the process exit code. It
- * writes 'R' to ready_fd once the app loaded, or 'F' if it failed. */
+ * writes 'R' to ready_fd (a socket to the master) once the app loaded, or
+ * 'F' if it failed; after 'R' it accepts only once the master answers 'G'
+ * (and stops if the master closes the socket instead). */
 int gw_worker_main(const struct gw_opts *o, int listen_fd, SSL_CTX *ctx,
                    int ready_fd, int slot);
 

@@ -1,0 +1,242 @@
+-- A refused reload loses nothing. Here the new code loads in one worker of
+-- the new generation and fails in the other, while clients send requests
+-- without pause: every request gets a whole answer, from the old code (the
+-- refused generation answers none), `paygate reload` says refused, and the
+-- old generation keeps serving afterwards.
+--
+-- Which worker fails is decided by an atomic add in the shared dictionary:
+-- the first to load the new code passes, the second waits until requests
+-- are in flight on the new code (if any worker of the new generation
+-- accepted them) or 2 s, then raises. Its requests take 1 s, so if the
+-- whole new generation were killed when the reload is refused, a client
+-- would see its connection closed unanswered.
+--
+-- The clients are raw non-blocking sockets driven by poll() in this
+-- process: no client library retries a failed request behind our back.
+local ffi = require "ffi"
+local server = require "support.server"
+local proc = require "support.proc"
+local paygate = require "paygate"
+
+for _, decl in ipairs{
+  "struct gw_ra_sockaddr_in { unsigned short family; unsigned short port; "
+    .. "unsigned int addr; char zero[8]; };",
+  "struct gw_ra_pollfd { int fd; short events; short revents; };",
+  "int socket(int domain, int type, int protocol);",
+  "int connect(int fd, const void *addr, unsigned int len);",
+  "long send(int fd, const void *buf, unsigned long len, int flags);",
+  "long recv(int fd, void *buf, unsigned long len, int flags);",
+  "int close(int fd);",
+  "int poll(void *fds, unsigned long nfds, int timeout);",
+  "int getsockopt(int fd, int level, int name, void *val, unsigned int *len);",
+  "unsigned short htons(unsigned short v);",
+} do
+  pcall(ffi.cdef, decl)
+end
+local C = ffi.C
+
+local AF_INET, SOCK_STREAM, SOCK_NONBLOCK = 2, 1, 2048
+local EINTR, EAGAIN, EINPROGRESS = 4, 11, 115
+local POLLIN, POLLOUT = 1, 4
+local SOL_SOCKET, SO_ERROR = 1, 4
+local MSG_NOSIGNAL = 0x4000
+
+local V1 = [[
+local paygate = require "paygate"
+paygate.route("GET", "/version", function() return 200, "v1" end)
+]]
+
+local V2 = [[
+local paygate = require "paygate"
+local core = require "paygate.core"
+local d = require("paygate.shared").get_dict("paygate")
+paygate.route("GET", "/version", function()
+  d:incr("v2_in_flight", 1, 0)
+  core.sleep(1)
+  d:incr("v2_in_flight", -1, 0)
+  return 200, "v2"
+end)
+if not d:add("v2_loaded", true) then
+  -- the second worker to load this code
+  local deadline = core.mono() + 2
+  while (d:get("v2_in_flight") or 0) < 2 and core.mono() < deadline do
+    core.sleep(0.02)
+  end
+  error("the second worker cannot load v2")
+end
+]]
+
+local function write(path, text)
+  local f = assert(io.open(path, "w"))
+  f:write(text)
+  f:close()
+end
+
+-- the answer, once whole: status, body, whether it closes the connection
+local function parse(got)
+  local head_end = got:find("\r\n\r\n", 1, true)
+  if not head_end then return nil end
+  local head = got:sub(1, head_end - 1)
+  local len = tonumber(head:lower():match("\r\ncontent%-length:%s*(%d+)"))
+  if not len or #got < head_end + 3 + len then return nil end
+  return tonumber(head:match("^HTTP/1%.1 (%d%d%d)")),
+         got:sub(head_end + 4, head_end + 3 + len),
+         head:lower():find("\r\nconnection:%s*close") ~= nil
+end
+
+-- One client: GET /version one request at a time, on keep-alive
+-- connections (kept until the server closes them) or fresh ones.
+local Client = {}
+Client.__index = Client
+
+function Client:fail(why)
+  self.failures[#self.failures + 1] = ("%s (%s, %d bytes: %q)"):format(why,
+    self.keep_alive and "keep-alive" or "close", #self.got,
+    self.got:sub(1, 40))
+  self:close()
+end
+
+function Client:close()
+  if self.fd >= 0 then C.close(self.fd) end
+  self.fd, self.state = -1, "idle"
+end
+
+function Client:start(now)
+  self.got, self.deadline = "", now + 15
+  if self.fd >= 0 then return self:send() end
+  local fd = C.socket(AF_INET, SOCK_STREAM + SOCK_NONBLOCK, 0)
+  assert(fd >= 0, "socket")
+  local a = ffi.new("struct gw_ra_sockaddr_in")
+  a.family, a.port, a.addr = AF_INET, C.htons(self.port), 0x0100007f
+  self.fd, self.state = fd, "connecting"
+  if C.connect(fd, a, ffi.sizeof(a)) ~= 0 and ffi.errno() ~= EINPROGRESS then
+    return self:fail("connect: errno " .. ffi.errno())
+  end
+end
+
+function Client:send()
+  local req = "GET /version HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+              .. (self.keep_alive and "" or "Connection: close\r\n") .. "\r\n"
+  if C.send(self.fd, req, #req, MSG_NOSIGNAL) ~= #req then
+    return self:fail("send: errno " .. ffi.errno())
+  end
+  self.state = "reading"
+end
+
+function Client:on_event()
+  if self.state == "connecting" then
+    local err, len = ffi.new("int[1]"), ffi.new("unsigned int[1]", 4)
+    C.getsockopt(self.fd, SOL_SOCKET, SO_ERROR, err, len)
+    if err[0] ~= 0 then return self:fail("connect: errno " .. err[0]) end
+    return self:send()
+  end
+  local buf, eof = ffi.new("char[4096]"), false
+  while true do
+    local n = C.recv(self.fd, buf, 4096, 0)
+    if n > 0 then
+      self.got = self.got .. ffi.string(buf, n)
+    elseif n == 0 then
+      eof = true
+      break
+    else
+      local e = ffi.errno()
+      if e == EAGAIN then break end
+      if e ~= EINTR then return self:fail("recv: errno " .. e) end
+    end
+  end
+  local status, body, closes = parse(self.got)
+  if status == nil then
+    if eof then
+      return self:fail(self.got == "" and "closed without an answer"
+                       or "closed mid-answer")
+    end
+    return
+  end
+  if status ~= 200 then return self:fail("answer " .. status) end
+  self.answers[body] = (self.answers[body] or 0) + 1
+  if closes or not self.keep_alive then
+    self:close()
+  else
+    self.state = "idle"
+  end
+end
+
+-- Drives o.close fresh-connection and o.keep keep-alive clients against s
+-- while during() returns true (called every turn; it may start things),
+-- then lets the requests in progress finish. Returns the answers counted
+-- by body, and the failures.
+local function hammer(s, o, during)
+  local clients, failures, answers = {}, {}, {}
+  for i = 1, o.close + o.keep do
+    clients[i] = setmetatable({ port = s.port, keep_alive = i > o.close,
+      fd = -1, state = "idle", failures = failures, answers = answers },
+      Client)
+  end
+  local pfds = ffi.new("struct gw_ra_pollfd[?]", #clients)
+  local t0, running = paygate.update_time(), true
+  while true do
+    local now = paygate.update_time()
+    assert(now - t0 < 90, "the clients ran for 90 s")
+    running = running and during(now - t0)
+    local busy = false
+    for i, c in ipairs(clients) do
+      if c.state == "idle" and running then c:start(now) end
+      if c.state ~= "idle" and now > c.deadline then
+        c:fail("no answer in time")
+      end
+      busy = busy or c.state ~= "idle"
+      pfds[i - 1].fd = c.state == "idle" and -1 or c.fd
+      pfds[i - 1].events = c.state == "connecting" and POLLOUT or POLLIN
+      pfds[i - 1].revents = 0
+    end
+    if not running and not busy then break end
+    if C.poll(pfds, #clients, 10) > 0 then
+      for i, c in ipairs(clients) do
+        if pfds[i - 1].revents ~= 0 and c.fd == pfds[i - 1].fd then
+          c:on_event()
+        end
+      end
+    end
+  end
+  for _, c in ipairs(clients) do c:close() end
+  return answers, failures
+end
+
+describe("a reload refused by one worker of the new generation", function()
+  local s
+  after_each(function() if s then s:stop(); s = nil end end)
+
+  it("loses no request, and the old code keeps serving", function()
+    s = server.start{ source = V1, workers = 2,
+                      args = { "--no-access-log" } }
+    -- both workers have loaded v1 (server.start waits for one)
+    proc.wait_until(function()
+      local res = s:admin_get("/healthz")
+      return res and res.body:find('"workers":2', 1, true)
+    end, 15, "both workers to serve")
+    write(s.app .. "/app.lua", V2)
+    local out = s.dir .. "/reload.out"
+    local reloader, ended
+    local answers, failures = hammer(s, { close = 12, keep = 4 }, function(t)
+      if reloader == nil and t > 0.3 then
+        reloader = proc.spawn({ PAYGATE_BIN, "reload", "--pid-file",
+                                s.dir .. "/paygate.pid" }, { log = out })
+      end
+      if reloader and not ended and reloader:poll() then ended = t end
+      return not ended or t - ended < 0.5     -- and traffic after it
+    end)
+    local said = proc.read(out)
+    assert.equal(1, reloader.status, "paygate reload: " .. said)
+    assert.matches("refused: a new worker failed to load the app: .*"
+                   .. "the second worker cannot load v2", said)
+    assert.same({}, failures, s:logs())
+    assert.is_true((answers.v1 or 0) > 100,
+                   ("only %d requests answered"):format(answers.v1 or 0))
+    -- the refused code answered nothing
+    assert.is_nil(answers.v2, s:logs())
+    -- and the old generation goes on
+    assert.equal("v1", assert(s:request("/version")).body)
+    local health = assert(s:admin_get("/healthz"))
+    assert.matches('"workers":2,"generation":1', health.body)
+  end)
+end)
