@@ -40,7 +40,7 @@ local function main(args)
     common.usage_error("give one of --resource FILE, --notification FILE")
   end
   local out = common.output(o["--json"])
-  local key = common.read(o["--apiv3-key-file"], "key file")
+  local key = common.read_secret(o["--apiv3-key-file"], "--apiv3-key-file")
   local path = o["--resource"] or o["--notification"]
   local doc = json.decode(common.read(path, "input"))
   if type(doc) ~= "table" then

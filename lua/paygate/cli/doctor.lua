@@ -92,18 +92,56 @@ local function load_config(path)
   return conf
 end
 
-local function material(v)
+-- A key or certificate given as PEM text or a file path. The reason never
+-- holds the value: a secret may have been pasted where a path belongs.
+local function material(v, name)
   if v == nil then return nil end
-  return wconfig.material(v)
+  if type(v) ~= "string" or v == "" then
+    return nil, name .. " must be a file path or PEM text"
+  end
+  if v:find("-----BEGIN", 1, true) then return v end
+  local f, err = io.open(v, "rb")
+  local s
+  if f then
+    s = f:read("*a")
+    f:close()
+  end
+  if not s then
+    local why = tostring(err or "cannot read")
+    why = why:sub(1, #v + 2) == v .. ": " and why:sub(#v + 3) or "cannot open"
+    return nil, name .. " is neither PEM text (-----BEGIN...) nor a "
+           .. "readable file (value not shown): " .. why
+  end
+  if s == "" then return nil, name .. ": the file is empty" end
+  return s
+end
+
+-- Every secret of the configuration, never printed: doctor's results are
+-- scrubbed of them (a message from another module may quote one).
+local function secrets(out, wc)
+  out:secret(wc.apiv3_key)
+  if type(wc.previous_apiv3_keys) == "table" then
+    for _, k in ipairs(wc.previous_apiv3_keys) do out:secret(k) end
+  end
+  local k = wc.merchant_private_key
+  out:secret(k)
+  if type(k) == "string" and not k:find("-----BEGIN", 1, true) then
+    local f = io.open(k, "rb")
+    if f then
+      out:secret(f:read("*a"))
+      f:close()
+    end
+  end
 end
 
 local function check_keys(out, wc, now, expiring)
   -- key and certificate
   local key, cert
-  local pem, why = material(wc.merchant_private_key)
+  local pem, why = material(wc.merchant_private_key,
+                            "wechatpay.merchant_private_key")
   if not pem then
-    out:fail("merchant_key", "wechatpay.merchant_private_key: "
-             .. tostring(why), nil, "point it at apiclient_key.pem")
+    out:fail("merchant_key", why, nil, "point it at apiclient_key.pem "
+             .. "(a path), or give the PEM with its BEGIN and END lines")
   else
     local kerr
     key, kerr = crypto.private_key(pem)
@@ -114,7 +152,8 @@ local function check_keys(out, wc, now, expiring)
     end
   end
   if wc.merchant_certificate then
-    pem, why = material(wc.merchant_certificate)
+    pem, why = material(wc.merchant_certificate,
+                        "wechatpay.merchant_certificate")
     cert = pem and crypto.certificate(pem)
     if not cert then
       out:fail("merchant_certificate", "merchant_certificate does not load: "
@@ -144,8 +183,11 @@ local function check_keys(out, wc, now, expiring)
   local serial = wc.merchant_serial
   if serial ~= nil then
     if type(serial) ~= "string" or not serial:match("^%x+$") then
-      out:fail("serial_format", "merchant_serial is not hex: "
-               .. tostring(serial):sub(1, 64), nil,
+      out:fail("serial_format", "merchant_serial is not hex (value not "
+               .. "shown: " .. (type(serial) == "string" and #serial
+               .. " characters" or type(serial)) .. ")", "the merchant "
+               .. "API certificate's serial is 40 hex digits; an APIv3 key "
+               .. "or a PUB_KEY_ID_ pasted here does not fit",
                "openssl x509 -in apiclient_cert.pem -noout -serial")
     elseif cert and serial:upper():gsub("^0+", "")
            ~= cert:serial():gsub("^0+", "") then
@@ -190,7 +232,7 @@ local function check_keys(out, wc, now, expiring)
   local pcs = wc.platform_certificates
   if type(pcs) == "string" then pcs = { pcs } end
   for _, v in ipairs(type(pcs) == "table" and pcs or {}) do
-    local p = material(v)
+    local p = material(v, "wechatpay.platform_certificates")
     for _, c in ipairs(p and x509.chain(p) or {}) do
       expiring[#expiring + 1] = { "platform certificate", c }
     end
@@ -539,6 +581,7 @@ local function main(args)
              nil, "add wechatpay = { mchid = ..., ... }")
     wc = {}
   else
+    secrets(out, wc)
     check_keys(out, wc, now, expiring)
   end
   check_api(out, wc, conf, now, expiring)
