@@ -60,6 +60,14 @@ function _M.parse(args, spec)
   return opts, pos
 end
 
+-- io.open's message names the path; the reason alone (errno text)
+local function reason(path, err)
+  err = tostring(err)
+  if err:sub(1, #path + 2) == path .. ": " then return err:sub(#path + 3) end
+  if err:find(path, 1, true) then return "cannot open" end
+  return err
+end
+
 --- syntax: s = common.read(path, what) -- raises a usage error when unreadable
 function _M.read(path, what)
   local f, err = io.open(path, "rb")
@@ -71,14 +79,6 @@ function _M.read(path, what)
   f:close()
   if s == nil then usage_error("cannot read %s %s", what, _M.shown(path)) end
   return s
-end
-
--- io.open's message names the path; the reason alone (errno text)
-local function reason(path, err)
-  err = tostring(err)
-  if err:sub(1, #path + 2) == path .. ": " then return err:sub(#path + 3) end
-  if err:find(path, 1, true) then return "cannot open" end
-  return err
 end
 
 --- syntax: s = common.read_secret(path, option)
@@ -185,7 +185,9 @@ function Out:result(r)
     for _, k in ipairs(rest) do add(k) end
     io.stdout:write("{", table.concat(parts, ","), "}\n")
   else
-    local lines = { MARK[r.status] .. "  " .. r.kind .. ": " .. r.cause }
+    local kind = r.what and r.kind .. " (" .. tostring(r.what) .. ")"
+                 or r.kind
+    local lines = { MARK[r.status] .. "  " .. kind .. ": " .. r.cause }
     if r.detail and r.detail ~= "" then
       lines[#lines + 1] = "      " .. tostring(r.detail):gsub("\n", "\n      ")
     end
