@@ -279,6 +279,21 @@ function _M.apiv3_key_problem(key)
     return "the APIv3 key is missing", "set it (the 32 characters set in "
            .. "the merchant platform, API security)"
   end
+  if key:find("-----BEGIN", 1, true) then
+    return "the APIv3 key is a PEM file (" .. #key .. " bytes: a "
+           .. "certificate or a key), not the APIv3 key",
+           "give a file holding only the 32 characters of the APIv3 key "
+           .. "(merchant platform, API security)"
+  end
+  if #key == 32 and not key:find("^%s") and not key:find("%s$") then
+    return nil
+  end
+  local lead = key:match("^%s+")
+  if lead and #key:gsub("^%s+", ""):gsub("%s+$", "") == 32 then
+    return "the APIv3 key is 32 characters with " .. #lead .. " leading "
+           .. "space" .. (#lead > 1 and "s" or "") .. " (or tabs)",
+           "strip the whitespace around the key"
+  end
   if #key == 32 then return nil end
   local t = key:gsub("[\r\n%s]+$", "")
   local encoded = "the APIv3 key is used as its 32 ASCII characters, never "
