@@ -158,6 +158,8 @@ local MARK = { ok = "ok  ", warn = "warn", fail = "FAIL" }
 -- Prints it at once (a long check shows progress).
 function Out:result(r)
   assert(RANK[r.status], "bad status")
+  -- the cause is one line, whatever a driver's message holds
+  r.cause = tostring(r.cause):gsub("[\r\n\t]+", " ")
   if self.secrets then
     for k, v in pairs(r) do
       if type(v) == "string" then r[k] = self:scrub(v) end
