@@ -22,12 +22,14 @@ Verifies WeChat Pay's signature on a captured API response or callback
 notification: the Wechatpay-Timestamp (less than 300 s from now, or from
 --at), the key Wechatpay-Serial names, and Wechatpay-Signature over
 TIMESTAMP\nNONCE\nBODY\n with BODY the raw bytes. When it fails, the
-cause is named: a body re-encoded on the way (whitespace, key order,
-escaped unicode, a BOM), a missing trailing newline, the timestamp outside
+cause is named: a body re-encoded on the way (whitespace, escaped
+unicode, a BOM, a final newline, line endings; several at once), a
+signature made without the trailing newline, the timestamp outside
 the window, a serial not among the keys (a PUB_KEY_ID_ with certificates
 only, or the reverse), the merchant's own certificate given in place of
 WeChat's, a signature type that does not fit the key, a
-WECHATPAY/SIGNTEST/ probe.
+WECHATPAY/SIGNTEST/ probe, a captured error answer (unsigned). Sorted
+keys are only mentioned as a possibility: WeChat's answers often are.
 
   --body FILE          the body exactly as received (curl -o FILE)
   --headers FILE       `Name: value` lines (curl -D FILE) or a JSON object
