@@ -1,7 +1,8 @@
 -- spec/support/diagpki.lua: the certificates the CLI diagnostics specs
 -- break things with, made per run with the openssl CLI (test-only keys):
 -- a root and an intermediate CA, TLS server certificates (good, expired,
--- wrong host, from an untrusted CA, revoked with a CRL), a WeChat-style
+-- wrong host, from an untrusted CA, revoked with a CRL, signed with SHA-1,
+-- with an RSA-1024 key), a WeChat-style
 -- platform certificate and a merchant certificate (CN = mchid).
 local _M = {}
 
@@ -47,13 +48,14 @@ function _M.make(dir)
       f("root.key"), f("inter.pem"), f("ca.ext")))
   -- leaves: name, issuer, ext, days
   local serial = 200
-  local function leaf(name, ca, ext, days, cn)
+  local function leaf(name, ca, ext, days, cn, bits, md)
     serial = serial + 1
-    sh(("openssl req -newkey rsa:2048 -nodes -keyout %s -out %s -subj '%s'")
-       :format(f(name .. ".key"), f(name .. ".csr"), cn or "/CN=localhost"))
+    sh(("openssl req -newkey rsa:%d -nodes -keyout %s -out %s -subj '%s'")
+       :format(bits or 2048, f(name .. ".key"), f(name .. ".csr"),
+       cn or "/CN=localhost"))
     sh(("openssl x509 -req -in %s -CA %s -CAkey %s -set_serial %d -out %s "
-        .. "-days %d%s"):format(f(name .. ".csr"), f(ca .. ".pem"),
-        f(ca .. ".key"), serial, f(name .. ".pem"), days,
+        .. "-days %d -%s%s"):format(f(name .. ".csr"), f(ca .. ".pem"),
+        f(ca .. ".key"), serial, f(name .. ".pem"), days, md or "sha256",
         ext and (" -extfile " .. f(ext .. ".ext")) or ""))
     p[name] = f(name .. ".pem")
     p[name .. "_key"] = f(name .. ".key")
@@ -63,8 +65,12 @@ function _M.make(dir)
   leaf("wronghost", "inter", "wronghost", 3)
   leaf("untrusted", "other", "good", 3)
   leaf("revoked", "inter", "good", 3)
+  -- weak: a SHA-1 signature, an RSA-1024 key
+  leaf("sha1", "inter", "good", 3, nil, 2048, "sha1")
+  leaf("rsa1024", "inter", "good", 3, nil, 1024)
   -- chain files the servers send (leaf first)
-  for _, n in ipairs({ "good", "expired", "wronghost", "revoked" }) do
+  for _, n in ipairs({ "good", "expired", "wronghost", "revoked", "sha1",
+                       "rsa1024" }) do
     write(f(n .. "_chain.pem"), read(f(n .. ".pem")) .. read(f("inter.pem")))
     p[n .. "_chain"] = f(n .. "_chain.pem")
   end

@@ -192,6 +192,13 @@ gw_classify(X509_STORE_CTX *ctx, X509 *leaf, char *msg, size_t msglen)
                  "different CA with the same name is configured", subj,
                  depth);
         return "bad_signature";
+    case X509_V_ERR_CA_MD_TOO_WEAK:
+    case X509_V_ERR_EE_KEY_TOO_SMALL:
+    case X509_V_ERR_CA_KEY_TOO_SMALL:
+        snprintf(msg, msglen, "%s (depth %d) is too weak: %s (a SHA-1 or "
+                 "MD5 signature, or a key under 112-bit security such as "
+                 "RSA-1024, is refused)", subj, depth, what);
+        return "weak_signature";
     case X509_V_ERR_HOSTNAME_MISMATCH:
     case X509_V_ERR_EMAIL_MISMATCH:
     case X509_V_ERR_IP_ADDRESS_MISMATCH:
@@ -304,6 +311,9 @@ gw_x509_verify_chain(X509 *leaf, const struct gw_x509_verify *v,
     if (v->depth >= 0) {
         X509_VERIFY_PARAM_set_depth(param, v->depth);
     }
+    /* 112-bit security: no SHA-1/MD5 signature, no RSA under 2048 bits,
+     * whatever the system's default level */
+    X509_VERIFY_PARAM_set_auth_level(param, 2);
     if (v->crls != NULL && sk_X509_CRL_num(v->crls) > 0) {
         X509_VERIFY_PARAM_set_flags(param, X509_V_FLAG_CRL_CHECK);
     }

@@ -102,11 +102,13 @@ local function download(o, out)
                        "--out" }) do
     if not o[k] then common.usage_error("--download needs %s", k) end
   end
-  local apiv3 = common.read(o["--apiv3-key-file"], "APIv3 key file")
-  common.read(o["--key"], "key file")
+  local apiv3 = common.read_secret(o["--apiv3-key-file"], "--apiv3-key-file")
+  local keypem = common.read_secret(o["--key"], "--key")
+  out:secret(apiv3)
+  out:secret(keypem)
   local wechatpay = require "paygate.wechatpay"
   local wx, err = wechatpay.client{
-    mchid = o["--mchid"], merchant_private_key = o["--key"],
+    mchid = o["--mchid"], merchant_private_key = keypem,
     merchant_serial = o["--serial"], apiv3_key = apiv3,
     base_url = o["--download"], backup_url = false,
     ca_file = o["--ca-file"], timeout = 10, deadline = 20,

@@ -60,16 +60,56 @@ function _M.parse(args, spec)
   return opts, pos
 end
 
+-- io.open's message names the path; the reason alone (errno text)
+local function reason(path, err)
+  err = tostring(err)
+  if err:sub(1, #path + 2) == path .. ": " then return err:sub(#path + 3) end
+  if err:find(path, 1, true) then return "cannot open" end
+  return err
+end
+
 --- syntax: s = common.read(path, what) -- raises a usage error when unreadable
 function _M.read(path, what)
   local f, err = io.open(path, "rb")
   if not f then
-    usage_error("cannot read %s %s: %s", what, path, tostring(err))
+    usage_error("cannot read %s %s: %s", what, _M.shown(path),
+                reason(path, err))
   end
   local s = f:read("*a")
   f:close()
-  if s == nil then usage_error("cannot read %s %s", what, path) end
+  if s == nil then usage_error("cannot read %s %s", what, _M.shown(path)) end
   return s
+end
+
+--- syntax: s = common.read_secret(path, option)
+-- Reads the file a secret option (--key, --apiv3-key-file) names. The
+-- option's value is never printed: a merchant may have passed the secret
+-- itself in place of a path. Raises a usage error naming only the option
+-- and the reason.
+function _M.read_secret(path, option)
+  local f, err = io.open(path, "rb")
+  local s
+  if f then
+    s, err = f:read("*a")
+    f:close()
+  end
+  if s == nil then
+    usage_error("%s is not a readable file (value not shown): %s", option,
+                reason(path, err or "cannot read"))
+  end
+  return s
+end
+
+--- syntax: s = common.shown(path) -- path as printed in a message, or a
+-- note in its place when it looks like key material rather than a path
+-- (PEM text, several lines, very long).
+function _M.shown(path)
+  path = tostring(path)
+  if path:find("-----BEGIN", 1, true) or path:find("[\r\n]") or #path > 200
+     or path:find("PRIVATE KEY", 1, true) then
+    return "(value not shown: it is not a path)"
+  end
+  return path
 end
 
 --- syntax: names = common.files(path) -- a file, or a directory's files
@@ -118,6 +158,13 @@ local MARK = { ok = "ok  ", warn = "warn", fail = "FAIL" }
 -- Prints it at once (a long check shows progress).
 function Out:result(r)
   assert(RANK[r.status], "bad status")
+  -- the cause is one line, whatever a driver's message holds
+  r.cause = tostring(r.cause):gsub("[\r\n\t]+", " ")
+  if self.secrets then
+    for k, v in pairs(r) do
+      if type(v) == "string" then r[k] = self:scrub(v) end
+    end
+  end
   self.results[#self.results + 1] = r
   if RANK[r.status] > self.worst then self.worst = RANK[r.status] end
   if self.json then
@@ -140,7 +187,9 @@ function Out:result(r)
     for _, k in ipairs(rest) do add(k) end
     io.stdout:write("{", table.concat(parts, ","), "}\n")
   else
-    local lines = { MARK[r.status] .. "  " .. r.kind .. ": " .. r.cause }
+    local kind = r.what and r.kind .. " (" .. tostring(r.what) .. ")"
+                 or r.kind
+    local lines = { MARK[r.status] .. "  " .. kind .. ": " .. r.cause }
     if r.detail and r.detail ~= "" then
       lines[#lines + 1] = "      " .. tostring(r.detail):gsub("\n", "\n      ")
     end
@@ -151,6 +200,33 @@ function Out:result(r)
   end
   io.stdout:flush()
   return r
+end
+
+--- syntax: out:secret(value) -- never print value (nor its lines, for
+-- PEM text): every result's strings are scrubbed of it
+function Out:secret(v)
+  if type(v) ~= "string" or #v < 6 then return end
+  self.secrets = self.secrets or {}
+  local l = self.secrets
+  l[#l + 1] = v
+  for line in v:gmatch("[^\r\n]+") do
+    if #line >= 16 and not line:find("-----", 1, true) then
+      l[#l + 1] = line
+    end
+  end
+  table.sort(l, function(a, b) return #a > #b end)
+end
+
+--- syntax: s = out:scrub(s) -- s with every secret replaced
+function Out:scrub(s)
+  for _, v in ipairs(self.secrets or {}) do
+    local i = s:find(v, 1, true)
+    while i do
+      s = s:sub(1, i - 1) .. "(value not shown)" .. s:sub(i + #v)
+      i = s:find(v, i + 1, true)
+    end
+  end
+  return s
 end
 
 function Out:ok(kind, cause, detail, fix)
@@ -204,6 +280,21 @@ function _M.apiv3_key_problem(key)
   if type(key) ~= "string" then
     return "the APIv3 key is missing", "set it (the 32 characters set in "
            .. "the merchant platform, API security)"
+  end
+  if key:find("-----BEGIN", 1, true) then
+    return "the APIv3 key is a PEM file (" .. #key .. " bytes: a "
+           .. "certificate or a key), not the APIv3 key",
+           "give a file holding only the 32 characters of the APIv3 key "
+           .. "(merchant platform, API security)"
+  end
+  if #key == 32 and not key:find("^%s") and not key:find("%s$") then
+    return nil
+  end
+  local lead = key:match("^%s+")
+  if lead and #key:gsub("^%s+", ""):gsub("%s+$", "") == 32 then
+    return "the APIv3 key is 32 characters with " .. #lead .. " leading "
+           .. "space" .. (#lead > 1 and "s" or "") .. " (or tabs)",
+           "strip the whitespace around the key"
   end
   if #key == 32 then return nil end
   local t = key:gsub("[\r\n%s]+$", "")

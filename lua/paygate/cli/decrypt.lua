@@ -2,7 +2,7 @@
 -- encrypt_certificate / resource object) with the APIv3 key and prints
 -- the plaintext; a failure names the cause.
 local common = require "paygate.cli.common"
-local crypto = require "paygate.crypto"
+local resource = require "paygate.wechatpay.resource"
 local json = require "cjson.safe"
 
 local type, tostring = type, tostring
@@ -29,8 +29,6 @@ local SPEC = {
   ["--notification"] = "value", ["--json"] = "flag",
 }
 
-local ALGS = { AEAD_AES_256_GCM = true, AEAD_SM4_GCM = true }
-
 local function main(args)
   local o = common.parse(args, SPEC)
   if not o["--apiv3-key-file"] then
@@ -40,19 +38,31 @@ local function main(args)
     common.usage_error("give one of --resource FILE, --notification FILE")
   end
   local out = common.output(o["--json"])
-  local key = common.read(o["--apiv3-key-file"], "key file")
+  local key = common.read_secret(o["--apiv3-key-file"], "--apiv3-key-file")
+  out:secret(key)
   local path = o["--resource"] or o["--notification"]
   local doc = json.decode(common.read(path, "input"))
   if type(doc) ~= "table" then
     common.usage_error("%s is not a JSON object", path)
   end
-  local r = o["--notification"] and doc.resource or doc
-  if o["--notification"] and type(r) ~= "table" then
-    out:fail("malformed", "the notification has no resource object", nil,
-             "pass the callback body as received")
+  local r = doc
+  if o["--notification"] then
+    r = doc.resource
+    if type(r) ~= "table" then
+      out:fail("malformed", "the notification has no resource object",
+               doc.algorithm and "it looks like a resource itself: use "
+               .. "--resource" or nil, doc.algorithm and "paygate decrypt "
+               .. "--resource " .. path or "pass the callback body as "
+               .. "received")
+      return 1
+    end
+  elseif r.algorithm == nil and type(r.resource) == "table" then
+    out:fail("malformed", "this is a whole notification, not a resource",
+             "its encrypted part is the \"resource\" member",
+             "paygate decrypt --notification " .. path)
     return 1
   end
-  if r.encrypt_certificate then r = r.encrypt_certificate end
+  if type(r.encrypt_certificate) == "table" then r = r.encrypt_certificate end
 
   -- the key
   local cause, fix = common.apiv3_key_problem(key)
@@ -61,53 +71,36 @@ local function main(args)
     return 1
   end
 
-  -- the resource
+  -- the resource, decrypted as the client does
   local alg = r.algorithm
-  if not ALGS[alg] then
-    out:fail("unknown_algorithm", "algorithm " .. tostring(alg) .. " is not "
-             .. "AEAD_AES_256_GCM or AEAD_SM4_GCM", nil,
-             "pass the resource object from a v3 notification (APIv2's "
-             .. "req_info uses AES-256-ECB with the MD5 of the APIv2 key)")
-    return 1
-  end
-  if type(r.nonce) ~= "string" or r.nonce == "" or #r.nonce > 128 then
-    out:fail("malformed", "the nonce is missing or longer than 128 bytes",
-             nil, "pass the resource as received")
-    return 1
-  end
-  if type(r.ciphertext) ~= "string" then
-    out:fail("malformed", "no ciphertext", nil, "pass the resource as "
-             .. "received")
-    return 1
-  end
-  local ct = crypto.base64_decode(r.ciphertext)
-  if not ct then
-    out:fail("malformed", "the ciphertext is not valid base64 (line "
-             .. "breaks, spaces, URL-safe characters?)", nil,
-             "pass the ciphertext exactly as received")
-    return 1
-  end
-  if #ct < 16 then
-    out:fail("truncated", "the ciphertext is " .. #ct .. " bytes, shorter "
-             .. "than its 16-byte tag", nil, "pass it whole")
-    return 1
-  end
-  local aad = r.associated_data
-  if aad == json.null or aad == nil then aad = "" end
-  local k = alg == "AEAD_SM4_GCM" and crypto.sm4_key(key) or key
-  local plain, err = crypto.aead_decrypt(alg, k, r.nonce, tostring(aad), ct)
+  local plain, err = resource.decrypt(r, { key })
   if not plain then
-    if err.kind == "decrypt_failed" then
+    if alg ~= resource.AES and alg ~= resource.SM4 then
+      out:fail("unknown_algorithm", "algorithm " .. (type(alg) == "string"
+               and alg:sub(1, 40) or tostring(alg)) .. " is not "
+               .. resource.AES .. " or " .. resource.SM4, nil,
+               "pass the resource object from a v3 notification (APIv2's "
+               .. "req_info uses AES-256-ECB with the MD5 of the APIv2 key)")
+    elseif err.kind == "malformed" then
+      out:fail("malformed", tostring(err.message), nil,
+               "pass the resource exactly as received")
+    elseif tostring(err.message):find("truncated", 1, true) then
+      out:fail("truncated", tostring(err.message), nil, "pass it whole")
+    elseif not tostring(err.message):find("wrong APIv3 key", 1, true) then
+      out:fail(err.kind, tostring(err.message), nil,
+               "pass the resource exactly as received")
+    else
+      local aad = r.associated_data
+      if aad == json.null or aad == nil then aad = "" end
       out:fail("tag_mismatch", "the authentication tag does not match",
                "wrong APIv3 key — the APIv2 key is also 32 characters, "
                .. "check which one you copied — or an altered ciphertext, "
                .. "nonce or associated_data (" .. #r.nonce .. "-byte nonce, "
-               .. "associated_data \"" .. tostring(aad) .. "\")",
+               .. "associated_data \"" .. tostring(aad):sub(1, 80) .. "\")",
                "set the current APIv3 key (merchant platform, API security);"
-               .. " after a change the old key decrypts what was already "
-               .. "sent for a day (previous_apiv3_keys)")
-    else
-      out:fail(err.kind, tostring(err.message), nil, nil)
+               .. " after changing it, keep the old one in "
+               .. "previous_apiv3_keys while notifications encrypted with "
+               .. "it may still arrive")
     end
     return 1
   end

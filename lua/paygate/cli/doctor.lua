@@ -12,9 +12,11 @@ local common = require "paygate.cli.common"
 local core = require "paygate.core"
 local crypto = require "paygate.crypto"
 local x509 = require "paygate.x509"
+local keys = require "paygate.cli.keys"
 local http = require("paygate").http
 local wconfig = require "paygate.wechatpay.config"
 local verify = require "paygate.wechatpay.verify"
+local json = require "cjson.safe"
 
 local tostring, ipairs, pairs, type, pcall = tostring, ipairs, pairs, type,
                                              pcall
@@ -28,9 +30,10 @@ Checks a gateway configuration end to end and prints one line per check
 its certificate, serial formats, the APIv3 key, the clock against the API
 host's Date, the TLS chain to the API host (each failure named: expired,
 not yet valid, unknown CA, missing intermediate, hostname mismatch,
-revoked, self-signed...), reachability, the notify URL reachable and
-answering within WeChat's 5 s, the server's timeouts against that window,
-the database and Redis, lease TTLs against the measured processing time,
+revoked, weak signature, self-signed...), reachability, the notify URL
+reachable, refusing an unsigned probe and answering within WeChat's 5 s,
+the server's timeouts (request, header, body) against that window, the
+database and Redis, lease TTLs against the measured processing time,
 certificates expiring within 30 days.
 
 FILE is a Lua file returning { wechatpay = {...}, notify_url = ...,
@@ -71,9 +74,12 @@ local CHAIN = {
     "the server must install a new certificate; do not connect" },
   revocation_unknown = { "no current CRL from the issuer was given",
     "update api_crl_file" },
-  bad_signature = { "a signature in the chain does not verify (weak or "
-    .. "altered)", "a different CA with the same name, or an altered "
-    .. "certificate" },
+  bad_signature = { "a signature in the chain does not verify (altered)",
+    "a different CA with the same name, or an altered certificate" },
+  weak_signature = { "a certificate in the chain is signed with SHA-1/MD5 "
+    .. "or has a key under 112-bit security (RSA-1024)", "the server must "
+    .. "install a SHA-256 certificate over an RSA-2048 or EC key; if a "
+    .. "proxy re-signs TLS, fix the proxy's certificate" },
   wrong_usage = { "the certificate is not issued for a TLS server",
     "the server must use a serverAuth certificate" },
   path_too_long = { "the chain is longer than its CA allows", "remove "
@@ -92,18 +98,56 @@ local function load_config(path)
   return conf
 end
 
-local function material(v)
+-- A key or certificate given as PEM text or a file path. The reason never
+-- holds the value: a secret may have been pasted where a path belongs.
+local function material(v, name)
   if v == nil then return nil end
-  return wconfig.material(v)
+  if type(v) ~= "string" or v == "" then
+    return nil, name .. " must be a file path or PEM text"
+  end
+  if v:find("-----BEGIN", 1, true) then return v end
+  local f, err = io.open(v, "rb")
+  local s
+  if f then
+    s = f:read("*a")
+    f:close()
+  end
+  if not s then
+    local why = tostring(err or "cannot read")
+    why = why:sub(1, #v + 2) == v .. ": " and why:sub(#v + 3) or "cannot open"
+    return nil, name .. " is neither PEM text (-----BEGIN...) nor a "
+           .. "readable file (value not shown): " .. why
+  end
+  if s == "" then return nil, name .. ": the file is empty" end
+  return s
+end
+
+-- Every secret of the configuration, never printed: doctor's results are
+-- scrubbed of them (a message from another module may quote one).
+local function secrets(out, wc)
+  out:secret(wc.apiv3_key)
+  if type(wc.previous_apiv3_keys) == "table" then
+    for _, k in ipairs(wc.previous_apiv3_keys) do out:secret(k) end
+  end
+  local k = wc.merchant_private_key
+  out:secret(k)
+  if type(k) == "string" and not k:find("-----BEGIN", 1, true) then
+    local f = io.open(k, "rb")
+    if f then
+      out:secret(f:read("*a"))
+      f:close()
+    end
+  end
 end
 
 local function check_keys(out, wc, now, expiring)
   -- key and certificate
   local key, cert
-  local pem, why = material(wc.merchant_private_key)
+  local pem, why = material(wc.merchant_private_key,
+                            "wechatpay.merchant_private_key")
   if not pem then
-    out:fail("merchant_key", "wechatpay.merchant_private_key: "
-             .. tostring(why), nil, "point it at apiclient_key.pem")
+    out:fail("merchant_key", why, nil, "point it at apiclient_key.pem "
+             .. "(a path), or give the PEM with its BEGIN and END lines")
   else
     local kerr
     key, kerr = crypto.private_key(pem)
@@ -114,7 +158,8 @@ local function check_keys(out, wc, now, expiring)
     end
   end
   if wc.merchant_certificate then
-    pem, why = material(wc.merchant_certificate)
+    pem, why = material(wc.merchant_certificate,
+                        "wechatpay.merchant_certificate")
     cert = pem and crypto.certificate(pem)
     if not cert then
       out:fail("merchant_certificate", "merchant_certificate does not load: "
@@ -144,8 +189,11 @@ local function check_keys(out, wc, now, expiring)
   local serial = wc.merchant_serial
   if serial ~= nil then
     if type(serial) ~= "string" or not serial:match("^%x+$") then
-      out:fail("serial_format", "merchant_serial is not hex: "
-               .. tostring(serial):sub(1, 64), nil,
+      out:fail("serial_format", "merchant_serial is not hex (value not "
+               .. "shown: " .. (type(serial) == "string" and #serial
+               .. " characters" or type(serial)) .. ")", "the merchant "
+               .. "API certificate's serial is 40 hex digits; an APIv3 key "
+               .. "or a PUB_KEY_ID_ pasted here does not fit",
                "openssl x509 -in apiclient_cert.pem -noout -serial")
     elseif cert and serial:upper():gsub("^0+", "")
            ~= cert:serial():gsub("^0+", "") then
@@ -186,13 +234,39 @@ local function check_keys(out, wc, now, expiring)
   local cause, fix = common.apiv3_key_problem(wc.apiv3_key)
   if cause then out:fail("apiv3_key", cause, nil, fix)
   else out:ok("apiv3_key", "apiv3_key is 32 bytes") end
-  -- platform certificates configured
+  -- platform certificates configured: each entry's role first (the
+  -- merchant's own certificate put there makes the client blame
+  -- merchant_serial)
   local pcs = wc.platform_certificates
   if type(pcs) == "string" then pcs = { pcs } end
-  for _, v in ipairs(type(pcs) == "table" and pcs or {}) do
-    local p = material(v)
+  local misplaced = false
+  local mserial = type(serial) == "string" and serial:upper():gsub("^0+", "")
+                  or cert and cert:serial():gsub("^0+", "")
+  for i, v in ipairs(type(pcs) == "table" and pcs or {}) do
+    local p = material(v, "wechatpay.platform_certificates")
+    local name = "platform_certificates[" .. i .. "]"
+                 .. (type(v) == "string" and not v:find("-----BEGIN", 1, true)
+                     and " (" .. common.shown(v) .. ")" or "")
     for _, c in ipairs(p and x509.chain(p) or {}) do
-      expiring[#expiring + 1] = { "platform certificate", c }
+      local role = keys.role(c)
+      if role == "merchant" or c:serial():gsub("^0+", "") == mserial then
+        misplaced = true
+        out:fail("platform_certificates", name .. " is the merchant's own "
+                 .. "API certificate " .. c:serial() .. " (" .. c:subject()
+                 .. ")", "WeChat signs with its platform certificate or "
+                 .. "its public key; apiclient_cert.pem identifies you",
+                 "put WeChat's platform certificate in " .. name
+                 .. " (paygate certs --download), and apiclient_cert.pem in"
+                 .. " merchant_certificate")
+      elseif role == "CA" then
+        misplaced = true
+        out:fail("platform_certificates", name .. " is a CA certificate "
+                 .. c:serial() .. " (" .. c:subject() .. "), which never "
+                 .. "signs answers", nil, "put the platform certificate "
+                 .. "there (paygate certs --download)")
+      else
+        expiring[#expiring + 1] = { "platform certificate", c }
+      end
     end
   end
   -- the whole configuration, as the client checks it
@@ -202,7 +276,8 @@ local function check_keys(out, wc, now, expiring)
            .. "(" .. c.mode .. " mode)")
   else
     out:fail("wechatpay_config", tostring(err.message), nil,
-             "fix wechatpay." .. tostring(err.key))
+             misplaced and "fix platform_certificates (see above)"
+             or "fix wechatpay." .. tostring(err.key))
   end
   return c
 end
@@ -290,8 +365,8 @@ local function check_api(out, wc, conf, now, expiring)
   out:ok("reachability", ("%s answers (HTTP %d in %d ms)"):format(base,
          res.status, took * 1000))
   local date = res.headers and res.headers["date"]
-  local t = date and core.parse_http_date and core.parse_http_date(date)
-  if not t and date then
+  local t
+  if date then
     local d, mon, y, hh, mm, ss = date:match(
       "%a+, (%d+) (%a+) (%d+) (%d+):(%d+):(%d+) GMT")
     local M = { Jan = 1, Feb = 2, Mar = 3, Apr = 4, May = 5, Jun = 6,
@@ -352,6 +427,13 @@ local function measured(text, method, route)
   return count, math.huge
 end
 
+-- a 5xx with WeChat's {"code":"FAIL"} body: the handler refusing
+-- (wechatpay.notify_fail), not a proxy or a crash
+local function fail_body(res)
+  local t = json.decode(res.body or "")
+  return type(t) == "table" and t.code == "FAIL"
+end
+
 local function check_notify(out, conf, metrics)
   local url = conf.notify_url
   local limits = type(conf.limits) == "table" and conf.limits or {}
@@ -376,7 +458,25 @@ local function check_notify(out, conf, metrics)
       headers = { ["content-type"] = "application/json" },
       ca_file = conf.notify_ca_file, timeout = WINDOW, connect_timeout = 3 }
     local took = core.mono() - t0
-    if not res then
+    local plain
+    if not res and url:match("^https://") and err.kind ~= "dns"
+       and err.kind ~= "connect"
+       and not tostring(err):find("certificate", 1, true) then
+      -- an https:// URL served by plain HTTP: the handshake gets no answer
+      -- (the server waits for a request line) or garbage
+      local r2 = http.request{ method = "GET", url = "http://"
+        .. url:sub(9), timeout = 2, connect_timeout = 2 }
+      plain = r2 ~= nil
+    end
+    if plain then
+      out:fail("notify_url", url .. " speaks plain HTTP, not TLS: "
+               .. "an https:// URL served without TLS", "the TLS handshake "
+               .. "got no TLS answer (" .. tostring(err.kind) .. "), while "
+               .. "an http:// request to the same host and port is "
+               .. "answered", "serve the notify URL with TLS (a public "
+               .. "CA certificate) or fix the port (a proxy forwarding "
+               .. "443 to the application's plain-HTTP port?)")
+    elseif not res then
       out:fail("notify_url", err.kind == "timeout" and ("%s did not answer "
                .. "within %d s"):format(url, WINDOW) or url .. ": "
                .. tostring(err), "WeChat counts no answer within 5 s as a "
@@ -391,6 +491,30 @@ local function check_notify(out, conf, metrics)
                .. "without verifying the signature accepts forged payments",
                "verify every notification (wx:parse_notification) and answer"
                .. " 4xx/5xx when it fails")
+    elseif res.status == 404 or res.status == 405 or (res.status >= 300
+           and res.status < 400) then
+      out:fail("notify_url", ("%s answered HTTP %d: no handler at this "
+               .. "path"):format(url, res.status), res.status >= 300
+               and res.status < 400 and "WeChat does not follow redirects"
+               or "WeChat's notifications would be refused the same way "
+               .. "and never reach a handler", "route POST "
+               .. (url:match("^https?://[^/]+(/[^?]*)") or "/")
+               .. " to the notification handler (or fix notify_url)")
+    elseif res.status >= 500 and not fail_body(res) then
+      out:fail("notify_url", ("%s answered HTTP %d: %s"):format(url,
+               res.status, (res.status == 502 or res.status == 503
+               or res.status == 504) and "a proxy answers, the application "
+               .. "behind it does not" or "a server error, not the "
+               .. "handler's refusal"), "a handler refusing an unsigned "
+               .. "notification answers 4xx (or 5xx with {\"code\":"
+               .. "\"FAIL\"} from notify_fail)", "start the application "
+               .. "behind the proxy and check its logs")
+    elseif res.status ~= 400 and res.status ~= 401 and res.status ~= 403
+           and res.status < 500 then
+      out:warn("notify_url", ("%s answered HTTP %d to the unsigned probe")
+               :format(url, res.status), "a handler refusing an unsigned "
+               .. "notification answers 400, 401 or 403", "check that the "
+               .. "path is the notification handler")
     elseif took > WINDOW / 2 then
       out:warn("notify_url", ("%s answered in %.1f s"):format(url, took),
                "close to WeChat's 5 s", "answer sooner")
@@ -412,6 +536,21 @@ local function check_notify(out, conf, metrics)
     out:ok("server_timeouts", ("request_timeout %g s outlasts WeChat's %d s "
            .. "window: late work still completes (WeChat retries; handle "
            .. "it idempotently)"):format(rt, WINDOW))
+  end
+  -- reading a notification must not be cut off inside WeChat's window
+  for _, name in ipairs({ "header_timeout", "body_timeout" }) do
+    local v = tonumber(limits[name]) or 10
+    if v <= WINDOW then
+      out:warn("server_timeouts", ("%s %g s is within WeChat's %d s "
+               .. "window"):format(name, v, WINDOW), "a notification "
+               .. "arriving slowly (a slow network, a large body) is cut "
+               .. "off before the handler sees it; WeChat counts that as a "
+               .. "failure and sends it again", ("set limits.%s above "
+               .. "5 s (8 or more; the default is 10)"):format(name))
+    else
+      out:ok("server_timeouts", ("%s %g s outlasts WeChat's %d s window")
+             :format(name, v, WINDOW))
+    end
   end
   if metrics and url and type(url) == "string" then
     local path = url:match("^https?://[^/]+(/[^?]*)") or "/"
@@ -539,6 +678,7 @@ local function main(args)
              nil, "add wechatpay = { mchid = ..., ... }")
     wc = {}
   else
+    secrets(out, wc)
     check_keys(out, wc, now, expiring)
   end
   check_api(out, wc, conf, now, expiring)

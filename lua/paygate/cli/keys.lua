@@ -31,7 +31,9 @@ end
 -- error for a path that cannot be read; skips what is not a key.
 function _M.load(path, id)
   local files = common.files(path)
-  if not files then common.usage_error("cannot read %s", path) end
+  if not files then
+    common.usage_error("cannot read %s", common.shown(path))
+  end
   local out = {}
   for _, file in ipairs(files) do
     local data = common.read(file, "file")

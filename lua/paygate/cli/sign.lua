@@ -37,9 +37,10 @@ local function main(args)
   local out = common.output(o["--json"])
   local method, url = o["--method"], o["--url"]
   local body = o["--body"] and common.read(o["--body"], "body file") or ""
-  local key, kerr = crypto.private_key(common.read(o["--key"], "key file"))
+  local key, kerr = crypto.private_key(common.read_secret(o["--key"],
+                                                          "--key"))
   if not key then
-    common.usage_error("cannot load the private key %s (%s)", o["--key"],
+    common.usage_error("--key: the file holds no private key PEM (%s)",
                        tostring(kerr and kerr.kind))
   end
   local schema = o["--sm2"] and sign.SM2 or sign.RSA

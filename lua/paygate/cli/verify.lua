@@ -22,12 +22,14 @@ Verifies WeChat Pay's signature on a captured API response or callback
 notification: the Wechatpay-Timestamp (less than 300 s from now, or from
 --at), the key Wechatpay-Serial names, and Wechatpay-Signature over
 TIMESTAMP\nNONCE\nBODY\n with BODY the raw bytes. When it fails, the
-cause is named: a body re-encoded on the way (whitespace, key order,
-escaped unicode, a BOM), a missing trailing newline, the timestamp outside
+cause is named: a body re-encoded on the way (whitespace, escaped
+unicode, a BOM, a final newline, line endings; several at once), a
+signature made without the trailing newline, the timestamp outside
 the window, a serial not among the keys (a PUB_KEY_ID_ with certificates
 only, or the reverse), the merchant's own certificate given in place of
 WeChat's, a signature type that does not fit the key, a
-WECHATPAY/SIGNTEST/ probe.
+WECHATPAY/SIGNTEST/ probe, a captured error answer (unsigned). Sorted
+keys are only mentioned as a possibility: WeChat's answers often are.
 
   --body FILE          the body exactly as received (curl -o FILE)
   --headers FILE       `Name: value` lines (curl -D FILE) or a JSON object
@@ -54,7 +56,7 @@ local SPEC = {
 --- Header files: curl -D output (the last response's block wins: 100
 -- Continue and redirects come first) or a JSON object.
 local function parse_headers(text, name)
-  local h = {}
+  local h, status = {}, nil
   local first = text:match("^%s*(.)")
   if first == "{" then
     local t = json.decode(text)
@@ -64,12 +66,13 @@ local function parse_headers(text, name)
     for k, v in pairs(t) do
       if type(k) == "string" then h[k:lower()] = tostring(v) end
     end
-    return h
+    return h, tonumber(h[":status"] or h["status"])
   end
   for line in (text .. "\n"):gmatch("([^\n]*)\n") do
     line = line:gsub("\r$", "")
     if line:match("^HTTP/") then
       h = {}
+      status = tonumber(line:match("^HTTP/%S+%s+(%d%d%d)"))
     elseif line ~= "" then
       local k, v = line:match("^([%w%-_]+):%s*(.-)%s*$")
       if not k then
@@ -79,7 +82,7 @@ local function parse_headers(text, name)
       h[k:lower()] = v
     end
   end
-  return h
+  return h, status
 end
 
 -- Body variants: what a re-encoding did, undone where it can be.
@@ -203,9 +206,11 @@ local function main(args)
                        .. "--public-key-id, or --keyring")
   end
   local body = common.read(o["--body"], "body file")
-  local headers = o["--headers"]
-    and parse_headers(common.read(o["--headers"], "headers file"),
-                      o["--headers"]) or {}
+  local headers, status = {}, nil
+  if o["--headers"] then
+    headers, status = parse_headers(common.read(o["--headers"],
+                                    "headers file"), o["--headers"])
+  end
   for _, l in ipairs(o["-H"] or {}) do
     local k, v = l:match("^([%w%-_]+):%s*(.-)%s*$")
     if not k then common.usage_error("-H wants 'Name: value', not %s", l) end
@@ -237,27 +242,50 @@ local function main(args)
     end
   end
   local ring = keyring.new()
-  local certs, pubs, merchants = {}, {}, {}
+  local certs, pubs, merchants, skipped = {}, {}, {}, {}
   for _, e in ipairs(given) do
     if e.kind == "certificate" then
       if keys.role(e.cert) == "merchant" then
         merchants[#merchants + 1] = e
       end
-      if not e.cert:is_ca() and pcall(ring.put, ring, nil, e.cert) then
+      if e.cert:is_ca() then
+        skipped[#skipped + 1] = e.file .. ": certificate " .. e.cert:serial()
+          .. " is a CA certificate (CA:TRUE), which never signs answers "
+          .. "(some SDKs' test platform certificates are flagged so)"
+      elseif pcall(ring.put, ring, nil, e.cert) then
         certs[#certs + 1] = e
+      else
+        skipped[#skipped + 1] = e.file .. ": certificate " .. e.cert:serial()
+          .. " cannot be used to verify"
       end
     elseif e.kind == "public_key" and e.id then
       ring:put(e.id, e.key)
       pubs[#pubs + 1] = e
+    elseif e.kind == "public_key" then
+      skipped[#skipped + 1] = e.file .. ": a public key without an id (name "
+        .. "it PUB_KEY_ID_....pem in --keyring, or use --public-key with "
+        .. "--public-key-id)"
+    elseif e.kind == "private_key" then
+      skipped[#skipped + 1] = e.file .. ": a private key, not a certificate "
+        .. "(verify needs WeChat's platform certificate or public key)"
     end
   end
   if #certs == 0 and #pubs == 0 then
     common.usage_error("no usable certificate or public key among the "
-                       .. "files given (a public key in --keyring must be "
-                       .. "named PUB_KEY_ID_....pem)")
+                       .. "files given%s", #skipped > 0 and ": "
+                       .. table.concat(skipped, "; ") or " (no PEM found)")
   end
 
   local h, err = verify.parse_headers(headers)
+  if not h and status and status >= 300 then
+    out:fail("unsigned_answer", "HTTP " .. status .. ": error answers are "
+             .. "unsigned (" .. tostring(err.message) .. ")",
+             "WeChat signs 2xx answers and notifications; a 4xx/5xx "
+             .. "answer carries code and message, no signature",
+             "read the answer's code and message (a 401 SIGN_ERROR is about "
+             .. "the request's signature: paygate sign)")
+    return 1
+  end
   if not h then
     out:fail("headers", tostring(err.message),
              "WeChat signs every 2xx answer and every notification with "
@@ -327,7 +355,21 @@ local function main(args)
       end
     end
     local cause, detail, fix
-    if other then
+    local bare = serial:upper():gsub("^0+", "")
+    local padded
+    for _, e in ipairs(certs) do
+      if e.id ~= serial:upper() and e.id:gsub("^0+", "") == bare then
+        padded = e
+      end
+    end
+    if padded then
+      cause = "Wechatpay-Serial " .. serial .. " is certificate "
+              .. padded.id .. " with its leading zero dropped"
+      detail = "a serial printed as a number (Java's BigInteger."
+               .. "toString(16), a spreadsheet) loses its leading zeros; "
+               .. "WeChat compares the 40 hex digits as text"
+      fix = "keep serials as strings of 40 hex digits: " .. padded.id
+    elseif other then
       cause = "Wechatpay-Serial " .. serial .. " names no key given, but "
               .. "the signature verifies with " .. tostring(other.id)
               .. " (" .. other.file .. ")"
@@ -380,6 +422,16 @@ local function main(args)
   local ok, serr = verify.signature(h, body, ring, nil, now)
   if ok then
     if fresh_ok then
+      local kt = kok.key_type and kok:key_type() or kok:type()
+      if kt == "SM2" and h.sig_type == nil then
+        out:warn("signature_type", "verified with the SM2 key " .. serial
+                 .. ", but no Wechatpay-Signature-Type header was given",
+                 "without the header a verifier assumes "
+                 .. "WECHATPAY2-SHA256-RSA2048: an SM2-signed answer needs "
+                 .. "Wechatpay-Signature-Type: WECHATPAY2-SM2-WITH-SM3",
+                 "capture and pass every Wechatpay-* header")
+        return 0
+      end
       out:ok("signature", "verified with " .. serial .. " over "
              .. #body .. " body bytes")
       return 0
@@ -415,7 +467,10 @@ local function main(args)
   end
   local causes = {}
   local bom = "\239\187\191"
-  local variants = {
+  -- the undo steps, applied in this order; the fewest that make the
+  -- signature verify are named (a Windows editor adds a BOM and a final
+  -- CRLF at once)
+  local steps = {
     { "bom", "the body starts with a UTF-8 BOM that WeChat did not send",
       function(b) return b:sub(1, 3) == bom and b:sub(4) end,
       "read the body as bytes: something (an editor, a proxy, a "
@@ -424,6 +479,9 @@ local function main(args)
       .. "send",
       function(b) return b:sub(-1) == "\n" and b:gsub("\r?\n$", "") end,
       "save the body exactly (curl -o FILE); editors add a final newline" },
+    { "line_endings", "the body's line endings were changed (LF to CRLF)",
+      function(b) local u = b:gsub("\r\n", "\n"); return u ~= b and u end,
+      "verify the raw bytes as received" },
     { "whitespace", "the body's whitespace was changed (pretty-printed or "
       .. "re-indented): WeChat signed the compact bytes",
       function(b) local m = minify(b); return m ~= b and m end,
@@ -437,21 +495,56 @@ local function main(args)
       .. "UTF-8: WeChat sent them escaped",
       function(b) local u = escape(b); return u ~= b and u end,
       "verify the raw bytes; do not re-encode the parsed JSON" },
-    { "whitespace", "the body's whitespace and \\uXXXX escapes were both "
-      .. "changed",
-      function(b) local u = unescape(minify(b)); return u ~= b and u end,
-      "verify the raw bytes as received" },
-    { "line_endings", "the body's line endings were changed",
-      function(b) local u = b:gsub("\r\n", "\n"); return u ~= b and u end,
-      "verify the raw bytes as received" },
   }
-  for _, v in ipairs(variants) do
-    local b = v[3](body)
-    if b and try(b) then
-      causes[#causes + 1] = { kind = "body_reencoded", what = v[1],
-                              cause = v[2], fix = v[4] }
-      break
+  local function apply(mask)
+    local b = body
+    for i, st in ipairs(steps) do
+      if mask[i] then
+        b = st[3](b)
+        if not b then return nil end
+      end
     end
+    return b
+  end
+  local found
+  for size = 1, 3 do
+    local function pick(from, mask, n)
+      if found then return end
+      if n == 0 then
+        local b = apply(mask)
+        if b and try(b) then
+          found = {}
+          for k in pairs(mask) do found[k] = true end
+        end
+        return
+      end
+      for i = from, #steps do
+        if not (i == 6 and mask[5]) then        -- escape after unescape
+          mask[i] = true
+          pick(i + 1, mask, n - 1)
+          mask[i] = nil
+        end
+      end
+    end
+    pick(1, {}, size)
+    if found then break end
+  end
+  if found then
+    local whats, texts, fixes, seen = {}, {}, {}, {}
+    for i, st in ipairs(steps) do
+      if found[i] then
+        whats[#whats + 1] = st[1]
+        texts[#texts + 1] = st[2]
+        if not seen[st[4]] then
+          seen[st[4]] = true
+          fixes[#fixes + 1] = st[4]
+        end
+      end
+    end
+    causes[#causes + 1] = { kind = "body_reencoded",
+      what = table.concat(whats, "+"), steps = whats,
+      cause = table.concat(texts, "; and "),
+      fix = table.concat(fixes, "; ") }
   end
   -- the verify string without its final newline
   if #causes == 0 and crypto.verify_base64(key, h.timestamp .. "\n"
@@ -461,13 +554,9 @@ local function main(args)
       .. "\\n", fix = "the signed string ends with a newline after the body "
       .. "(an empty body too: TIMESTAMP\\nNONCE\\n\\n); fix the signer" }
   end
-  if #causes == 0 and keys_sorted(body) then
-    causes[#causes + 1] = { kind = "body_reencoded", what = "key_order",
-      cause = "the body's keys are all in alphabetical order: it was "
-      .. "likely decoded and re-encoded (Go's json.Marshal of a map, "
-      .. "sort_keys...), and WeChat signed its own key order",
-      fix = "verify the raw bytes as received, before any JSON parsing" }
-  end
+  -- keys in alphabetical order prove nothing (WeChat's own answers often
+  -- list them so): a possibility named in the generic cause, not a cause
+  local sorted = #causes == 0 and keys_sorted(body)
   if #causes == 0 then
     local bits = key.key_bits and key:key_bits() or key:bits()
     if ktype == "RSA" and #raw ~= bits / 8 then
@@ -487,17 +576,23 @@ local function main(args)
     causes[#causes + 1] = { kind = "signature_mismatch", cause = "the "
       .. "signature does not match: the body, the timestamp or the nonce "
       .. "differ from what WeChat signed, or " .. serial .. " is not the "
-      .. "key that signed", fix = "capture the raw body and headers of one "
+      .. "key that signed", possible = sorted and "key_order" or nil,
+      detail = sorted and "the body's keys are in alphabetical order: "
+      .. "WeChat's answers often are, but if the body was decoded and "
+      .. "re-encoded (Go's json.Marshal of a map, sort_keys...) the key "
+      .. "order WeChat signed is lost" or nil,
+      fix = "capture the raw body and headers of one "
       .. "answer; check that nothing between WeChat and you rewrites "
       .. "bodies; for a public key, download it again from the merchant "
       .. "platform" }
   end
   for _, c in ipairs(causes) do
+    local tried = "signed string tried: " .. common.visible(
+      verify.message(h.timestamp, h.nonce, body)):gsub("\n", ""):sub(1, 200)
     out:result{ status = "fail", kind = c.kind, what = c.what,
-                cause = c.cause, fix = c.fix,
-                detail = "signed string tried: " .. common.visible(
-                  verify.message(h.timestamp, h.nonce, body)):gsub("\n", "")
-                  :sub(1, 200) }
+                steps = c.steps, possible = c.possible, cause = c.cause,
+                fix = c.fix, detail = c.detail and c.detail .. "\n" .. tried
+                or tried }
   end
   return 1
 end

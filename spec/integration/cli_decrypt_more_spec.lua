@@ -1,0 +1,133 @@
+-- paygate decrypt: decrypts through paygate.wechatpay.resource (the
+-- client's decryptor), so it accepts and refuses exactly what the client
+-- does; the SM4 key derivation checked against SM3 computed here; a
+-- notification without a resource, a notification given as --resource;
+-- a key with a leading space, a PEM file given as the key file.
+local crypto = require "paygate.crypto"
+local json = require "cjson.safe"
+local resource = require "paygate.wechatpay.resource"
+local server = require "support.server"
+local proc = require "support.proc"
+local diagpki = require "support.diagpki"
+
+local dir
+local write = diagpki.write
+local KEY = "0123456789abcdefghijABCDEFGHIJkl"
+
+local function run(args)
+  local log = dir .. "/out." .. crypto.random_nonce(8)
+  local argv = { PAYGATE_BIN }
+  for _, a in ipairs(args) do argv[#argv + 1] = a end
+  local p = proc.spawn(argv, { log = log })
+  local code = p:wait(30)
+  if code == nil then p:kill(proc.SIGKILL); p:wait(2) end
+  local out = proc.read(log)
+  local results = {}
+  for line in out:gmatch("[^\n]+") do
+    if line:sub(1, 1) == "{" then results[#results + 1] = json.decode(line) end
+  end
+  return code, out, results
+end
+
+local function file(name, content)
+  write(dir .. "/" .. name, content)
+  return dir .. "/" .. name
+end
+
+local function decrypt(res, key, opt)
+  return run({ "decrypt", "--json", "--apiv3-key-file", file("k", key or KEY),
+               opt or "--resource", file("r.json", json.encode(res)) })
+end
+
+local function aes(nonce, aad)
+  -- (crypto takes nonces up to 128 bytes: a longer one gets another's
+  -- ciphertext, to be refused as the client refuses it)
+  local ct = crypto.aead_encrypt("AEAD_AES_256_GCM", KEY,
+                                 #nonce > 128 and "abcdefghijkl" or nonce,
+                                 type(aad) == "string" and aad or "",
+                                 '{"out_trade_no":"T-1"}')
+  return { algorithm = "AEAD_AES_256_GCM", nonce = nonce,
+           associated_data = aad, ciphertext = crypto.base64_encode(ct) }
+end
+
+setup(function() dir = server.tmpdir() end)
+teardown(function() os.execute("rm -rf " .. dir) end)
+
+describe("paygate decrypt", function()
+  it("accepts and refuses what the client's decryptor does", function()
+    local cases = {
+      aes("abcdefghijkl", "transaction"),
+      aes("abcdefghijkl", 5),                   -- associated_data a number
+      aes("abcdefghijkl", json.null),
+      aes(("n"):rep(129), "transaction"),       -- a long nonce
+      aes(("n"):rep(300), "transaction"),
+      { algorithm = "AEAD_AES_256_GCM", nonce = "abcdefghijkl",
+        ciphertext = "AAAA" },                  -- shorter than the tag
+      { algorithm = "AEAD_AES_256_GCM", nonce = "abcdefghijkl",
+        ciphertext = "not base64!" },
+      { algorithm = "AEAD_AES_256_GCM", ciphertext = "AAAA" },
+    }
+    for i, res in ipairs(cases) do
+      local plain, err = resource.decrypt(res, { KEY })
+      local code, out, r = decrypt(res)
+      if plain then
+        assert.equal(0, code, "case " .. i .. ": " .. out)
+      else
+        assert.equal(1, code, "case " .. i .. ": " .. out)
+        if err.kind == "malformed" then
+          assert.equal("malformed", r[1].kind, "case " .. i .. ": " .. out)
+        else
+          assert.not_equal("malformed", r[1].kind, "case " .. i)
+        end
+      end
+    end
+  end)
+
+  it("names a non-string associated_data as malformed, not a tag mismatch",
+     function()
+    local code, out, r = decrypt(aes("abcdefghijkl", 5))
+    assert.equal(1, code, out)
+    assert.equal("malformed", r[1].kind)
+  end)
+
+  it("derives the SM4 key as the first 16 bytes of SM3(APIv3 key)",
+     function()
+    local k = crypto.digest("sm3", KEY):sub(1, 16)
+    local ct = crypto.aead_encrypt("AEAD_SM4_GCM", k, "abcdefghijkl",
+                                   "certificate", "SM4 plaintext")
+    local code, out = decrypt({ algorithm = "AEAD_SM4_GCM",
+      nonce = "abcdefghijkl", associated_data = "certificate",
+      ciphertext = crypto.base64_encode(ct) })
+    assert.equal(0, code, out)
+    assert.matches("SM4 plaintext", out, 1, true)
+  end)
+
+  it("says a notification without a resource has none", function()
+    local code, out, r = decrypt({ id = "EV-1", event_type = "X" }, nil,
+                                 "--notification")
+    assert.equal(1, code, out)
+    assert.equal("malformed", r[1].kind)
+    assert.matches("no resource object", r[1].cause)
+    assert.is_nil(out:find("unknown_algorithm", 1, true))
+  end)
+
+  it("suggests --notification for a whole notification", function()
+    local code, out, r = decrypt({ id = "EV-1",
+      resource = aes("abcdefghijkl", "transaction") })
+    assert.equal(1, code, out)
+    assert.matches("%-%-notification", r[1].fix)
+  end)
+
+  it("names a key with a leading space, and a PEM file as the key",
+     function()
+    local res = aes("abcdefghijkl", "transaction")
+    local code, out, r = decrypt(res, " " .. KEY)
+    assert.equal(1, code, out)
+    assert.matches("leading space", r[1].cause)
+    local pem = "-----BEGIN CERTIFICATE-----\n" .. ("QUJD"):rep(100)
+                .. "\n-----END CERTIFICATE-----\n"
+    code, out, r = decrypt(res, pem)
+    assert.equal(1, code, out)
+    assert.matches("PEM file", r[1].cause)
+  end)
+end)

@@ -1,0 +1,232 @@
+-- paygate doctor: what a first version passed or got backwards — a notify
+-- URL answering 404, 405, a redirect or a proxy's 502 (the handler's own
+-- refusal, 401 or notify_fail's 500 FAIL, passes); an https:// notify URL
+-- served by plain HTTP; the merchant certificate put in
+-- platform_certificates; header_timeout and body_timeout against WeChat's
+-- 5 s; the serial-mismatch check; notify_latency from the metrics; a
+-- weak (SHA-1 signed) TLS certificate on the API host; a cause from a
+-- driver flattened to one line.
+local paygate = require "paygate"
+local core = require "paygate.core"
+local crypto = require "paygate.crypto"
+local json = require "cjson.safe"
+local server = require "support.server"
+local proc = require "support.proc"
+local diagpki = require "support.diagpki"
+
+local dir, pki, app
+local write = diagpki.write
+
+local APP = [[
+local paygate = require "paygate"
+local wechatpay = require "paygate.wechatpay"
+paygate.route("GET", "/v3/certificates", function()
+  return 401, { code = "SIGN_ERROR", message = "unsigned" }
+end)
+paygate.route("POST", "/notify", function() return 401, { code = "FAIL" } end)
+paygate.route("POST", "/notify-fail", function()
+  return wechatpay.notify_fail("signature")
+end)
+paygate.route("POST", "/notify-proxy", function()
+  return 502, "<html>Bad Gateway</html>"
+end)
+paygate.route("GET", "/notify-get-only", function() return 200, "" end)
+paygate.route("POST", "/notify-moved", function()
+  return 301, "", { location = "/elsewhere" }
+end)
+paygate.route("POST", "/notify-late", function()
+  paygate.sleep(5.3)
+  return 401, ""
+end)
+]]
+
+local function run(args)
+  local log = dir .. "/out." .. crypto.random_nonce(8)
+  local argv = { PAYGATE_BIN }
+  for _, a in ipairs(args) do argv[#argv + 1] = a end
+  local p = proc.spawn(argv, { log = log })
+  local code = p:wait(60)
+  if code == nil then p:kill(proc.SIGKILL); p:wait(2) end
+  local out = proc.read(log)
+  local results = {}
+  for line in out:gmatch("[^\n]+") do
+    if line:sub(1, 1) == "{" then
+      local r = json.decode(line)
+      results[#results + 1] = r
+      results[r.kind] = r                    -- the last of its kind
+    end
+  end
+  return code, out, results
+end
+
+-- the results of one kind
+local function all(results, kind)
+  local l = {}
+  for _, r in ipairs(results) do
+    if r.kind == kind then l[#l + 1] = r end
+  end
+  return l
+end
+
+-- a table as Lua source (strings quoted with %q)
+local function lua_literal(v)
+  if type(v) == "table" then
+    local parts = {}
+    for k, x in pairs(v) do
+      parts[#parts + 1] = (type(k) == "number" and "[" .. k .. "]="
+                           or k .. "=") .. lua_literal(x)
+    end
+    return "{" .. table.concat(parts, ",") .. "}"
+  elseif type(v) == "string" then
+    return ("%q"):format(v)
+  end
+  return tostring(v)
+end
+
+-- a configuration against the plain-HTTP app (quick: no TLS to check)
+local function config(o)
+  local wc = { mchid = "1900000001", merchant_private_key = pki.merchant_key,
+    merchant_certificate = pki.merchant,
+    apiv3_key = "0123456789abcdefghijABCDEFGHIJkl",
+    base_url = o.base_url or app:url(""), ca_file = pki.root,
+    platform_certificates = o.platform or { pki.platform },
+    merchant_serial = o.serial }
+  local t = { wechatpay = wc, notify_url = o.notify_url or app:url("/notify"),
+    database = o.database or ("sqlite:" .. dir .. "/doctor.sqlite"),
+    limits = o.limits, metrics_url = o.metrics_url }
+  local path = dir .. "/doctor." .. crypto.random_nonce(6) .. ".lua"
+  write(path, "return " .. lua_literal(t))
+  return path
+end
+
+setup(function()
+  dir = server.tmpdir()
+  pki = diagpki.make(dir)
+  app = server.start{ source = APP }
+end)
+
+teardown(function()
+  if app then app:stop() end
+  os.execute("rm -rf " .. dir)
+end)
+
+describe("paygate doctor: the notify URL's answer to the unsigned probe",
+         function()
+  local cases = {
+    { "/notify", "ok" },                        -- 401 from the handler
+    { "/notify-fail", "ok" },                   -- notify_fail's 500 FAIL
+    { "/no-such-path", "fail", "no handler at this path" },       -- 404
+    { "/notify-get-only", "fail", "no handler at this path" },    -- 405
+    { "/notify-moved", "fail", "no handler at this path" },       -- 301
+    { "/notify-proxy", "fail", "a proxy answers" },               -- 502
+  }
+  for _, c in ipairs(cases) do
+    it(c[1] .. " is " .. c[2], function()
+      local code, out, r = run({ "doctor", "--json", "--config",
+                                 config{ notify_url = app:url(c[1]) } })
+      assert.equal(c[2], r.notify_url.status, out)
+      if c[3] then
+        assert.equal(1, code, out)
+        assert.matches(c[3], r.notify_url.cause, 1, true)
+      end
+    end)
+  end
+
+  it("names an https:// notify URL served by plain HTTP", function()
+    local code, out, r = run({ "doctor", "--json", "--config", config{
+      notify_url = "https://127.0.0.1:" .. app.port .. "/notify" } })
+    assert.equal(1, code, out)
+    assert.matches("plain HTTP, not TLS", r.notify_url.cause)
+    assert.is_nil(r.notify_url.cause:find("did not answer", 1, true))
+  end)
+end)
+
+describe("paygate doctor", function()
+  it("names the merchant certificate put in platform_certificates",
+     function()
+    local code, out, r = run({ "doctor", "--json", "--config", config{
+      platform = { pki.platform, pki.merchant } } })
+    assert.equal(1, code, out)
+    local p = r.platform_certificates
+    assert.equal("fail", p.status, out)
+    assert.matches("platform_certificates%[2%]", p.cause)
+    assert.matches("merchant's own API certificate", p.cause)
+    assert.is_nil(out:find("fix wechatpay.merchant_serial", 1, true))
+  end)
+
+  it("checks header_timeout and body_timeout against the 5 s window",
+     function()
+    local code, out, r = run({ "doctor", "--json", "--config", config{
+      limits = { request_timeout = 15, header_timeout = 5,
+                 body_timeout = 4 } } })
+    local warned = {}
+    for _, x in ipairs(all(r, "server_timeouts")) do
+      if x.status == "warn" then warned[#warned + 1] = x.cause end
+    end
+    assert.equal(2, #warned, out)
+    assert.matches("header_timeout 5 s", warned[1])
+    assert.matches("body_timeout 4 s", warned[2])
+    code, out, r = run({ "doctor", "--json", "--config", config{} })
+    for _, x in ipairs(all(r, "server_timeouts")) do
+      assert.equal("ok", x.status, out)
+    end
+  end)
+
+  it("fails a merchant_serial that is not the certificate's", function()
+    local code, out, r = run({ "doctor", "--json", "--config", config{
+      serial = ("AB"):rep(20) } })
+    assert.equal(1, code, out)
+    assert.equal("fail", r.serial_format.status)
+    assert.matches("is not merchant_certificate's serial", r.serial_format.cause)
+  end)
+
+  it("judges notify_latency from the measured answers", function()
+    local metrics = "http://127.0.0.1:" .. app.admin .. "/metrics"
+    local res = app:request{ method = "POST", path = "/notify" }
+    assert.equal(401, res.status)
+    local code, out, r = run({ "doctor", "--json", "--config", config{
+      metrics_url = metrics } })
+    assert.equal("ok", r.notify_latency.status, out)
+    res = app:request{ method = "POST", path = "/notify-late", timeout = 15 }
+    assert.equal(401, res.status)
+    code, out, r = run({ "doctor", "--json", "--config", config{
+      metrics_url = metrics, notify_url = app:url("/notify-late") } })
+    assert.equal(1, code, out)
+    assert.equal("fail", r.notify_latency.status, out)
+    assert.matches("not within 5 s", r.notify_latency.cause)
+  end)
+
+  it("keeps a driver's multi-line message on one line", function()
+    -- libpq's refusal is two lines: "...failed: Connection refused\n\tIs
+    -- the server running...?"
+    local code, out = run({ "doctor", "--config", config{
+      database = "postgres://paygate@127.0.0.1:" .. core.free_port()
+                 .. "/paygate" } })
+    assert.equal(1, code, out)
+    local line = out:match("FAIL  database: [^\n]*")
+    assert.truthy(line, out)
+    assert.is_nil(line:find("\t", 1, true))
+    assert.matches("refused.*Is the server running", line)
+  end)
+
+  it("names a SHA-1 signed TLS certificate on the API host", function()
+    -- paygate's own server refuses to load a SHA-1 certificate: openssl
+    -- s_server at security level 0 plays the misconfigured host
+    local port = core.free_port()
+    local s = proc.spawn({ "openssl", "s_server", "-accept", tostring(port),
+      "-cert", pki.sha1, "-key", pki.sha1_key, "-cert_chain", pki.inter,
+      "-cipher", "DEFAULT@SECLEVEL=0", "-www", "-quiet" },
+      { log = dir .. "/s_server.log" })
+    assert(proc.wait_until(function()
+      local _, err = paygate.http.request{ url = "https://127.0.0.1:"
+        .. port .. "/", timeout = 1, connect_timeout = 1 }
+      return err == nil or err.kind ~= "connect"
+    end, 10, "openssl s_server"))
+    local code, out, r = run({ "doctor", "--json", "--config", config{
+      base_url = "https://localhost:" .. port } })
+    s:kill(proc.SIGKILL)
+    s:wait(5)
+    assert.equal(1, code, out)
+    assert.equal("weak_signature", r.tls_chain.x509_kind, out)
+  end)
+end)

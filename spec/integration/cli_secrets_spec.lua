@@ -1,0 +1,130 @@
+-- The diagnostic commands never print a secret, even when a merchant
+-- passes the secret itself where a file path belongs (--key "$(cat
+-- key.pem)", the APIv3 key as --apiv3-key-file, a base64 key without its
+-- BEGIN/END lines in doctor's configuration, an APIv3 key pasted as
+-- merchant_serial). Text and --json output are both checked.
+local core = require "paygate.core"
+local crypto = require "paygate.crypto"
+local server = require "support.server"
+local proc = require "support.proc"
+local diagpki = require "support.diagpki"
+
+local dir, pki
+local write, read = diagpki.write, diagpki.read
+local APIV3 = "a7cde1f3b9e2d4c6a8b0e2f4a6c8e0b2"
+
+local function run(args)
+  local log = dir .. "/out." .. crypto.random_nonce(8)
+  local argv = { PAYGATE_BIN }
+  for _, a in ipairs(args) do argv[#argv + 1] = a end
+  local p = proc.spawn(argv, { log = log })
+  local code = p:wait(60)
+  if code == nil then p:kill(proc.SIGKILL); p:wait(2) end
+  return code, proc.read(log)
+end
+
+-- the secret's base64 lines (what a partial echo would show)
+local function pieces(secret)
+  local l = { secret }
+  for line in secret:gmatch("[^\n]+") do
+    if not line:find("-----", 1, true) and #line >= 16 then
+      l[#l + 1] = line:sub(1, 16)
+    end
+  end
+  return l
+end
+
+local function assert_hidden(secret, out)
+  for _, p in ipairs(pieces(secret)) do
+    assert.is_nil(out:find(p, 1, true), "secret printed:\n" .. out)
+  end
+end
+
+setup(function()
+  dir = server.tmpdir()
+  pki = diagpki.make(dir)
+end)
+
+teardown(function() os.execute("rm -rf " .. dir) end)
+
+describe("the diagnostic commands with a secret in place of a path", function()
+  for _, json in ipairs({ false, true }) do
+    local mode = json and " (--json)" or ""
+    local function args(l)
+      if json then table.insert(l, 2, "--json") end
+      return l
+    end
+
+    it("sign --key PEM_TEXT exits 2 without printing the key" .. mode,
+       function()
+      local pem = read(pki.merchant_key)
+      local code, out = run(args{ "sign", "--method", "GET", "--url",
+        "/v3/certificates", "--mchid", "1900000001", "--serial",
+        "ABCDEF", "--key", pem })
+      assert.equal(2, code, out)
+      assert.matches("%-%-key is not a readable file %(value not shown%)", out)
+      assert_hidden(pem, out)
+    end)
+
+    it("decrypt --apiv3-key-file KEY exits 2 without printing it" .. mode,
+       function()
+      write(dir .. "/res.json", '{"algorithm":"AEAD_AES_256_GCM",'
+            .. '"nonce":"abc","ciphertext":"AAAA"}')
+      local code, out = run(args{ "decrypt", "--apiv3-key-file", APIV3,
+                                  "--resource", dir .. "/res.json" })
+      assert.equal(2, code, out)
+      assert.matches("value not shown", out)
+      assert_hidden(APIV3, out)
+    end)
+
+    it("certs --download with the keys as values prints neither" .. mode,
+       function()
+      local pem = read(pki.merchant_key)
+      for _, a in ipairs({ { APIV3, pki.merchant_key }, { dir .. "/none",
+                           pem } }) do
+        local code, out = run(args{ "certs", "--download",
+          "http://127.0.0.1:" .. core.free_port(), "--mchid", "1900000001",
+          "--serial", "ABCDEF", "--apiv3-key-file", a[1], "--key", a[2],
+          "--out", dir .. "/dl" })
+        assert.equal(2, code, out)
+        assert_hidden(APIV3, out)
+        assert_hidden(pem, out)
+      end
+    end)
+
+    it("verify --certificate PRIVATE_KEY_TEXT does not print it" .. mode,
+       function()
+      local pem = read(pki.merchant_key)
+      write(dir .. "/b", "{}")
+      local code, out = run(args{ "verify", "--body", dir .. "/b", "-H",
+        "Wechatpay-Serial: 1", "--certificate", pem })
+      assert.equal(2, code, out)
+      assert_hidden(pem, out)
+    end)
+
+    it("doctor prints no configured secret" .. mode, function()
+      local pem = read(pki.merchant_key)
+      local b64 = pem:gsub("%-%-%-%-%-[^\n]*%-%-%-%-%-\n?", ""):gsub("\n", "")
+      local port = core.free_port()
+      for _, wc in ipairs({
+        -- the key as base64 without its BEGIN/END lines
+        { merchant_private_key = b64, merchant_serial = "ABCDEF" },
+        -- the APIv3 key pasted as the serial, and as the key path
+        { merchant_private_key = APIV3, merchant_serial = APIV3 },
+      }) do
+        local path = dir .. "/doctor." .. crypto.random_nonce(6) .. ".lua"
+        write(path, ("return { wechatpay = { mchid = '1900000001', "
+          .. "merchant_private_key = %q, merchant_serial = %q, "
+          .. "apiv3_key = %q, base_url = 'http://127.0.0.1:%d' }, "
+          .. "notify_url = 'http://127.0.0.1:%d/notify' }"):format(
+          wc.merchant_private_key, wc.merchant_serial, APIV3, port, port))
+        local code, out = run(args{ "doctor", "--config", path })
+        assert.equal(1, code, out)
+        assert_hidden(pem, out)
+        assert_hidden(b64, out)
+        assert_hidden(APIV3, out)
+        assert.matches("value not shown", out)
+      end
+    end)
+  end
+end)

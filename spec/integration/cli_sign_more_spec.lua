@@ -1,0 +1,75 @@
+-- paygate sign: its warnings (a lower-case method, a GET with a body, a
+-- body file ending in a newline), each with what it then signs.
+local crypto = require "paygate.crypto"
+local json = require "cjson.safe"
+local server = require "support.server"
+local proc = require "support.proc"
+local diagpki = require "support.diagpki"
+
+local dir, pki
+
+local function sign(method, body)
+  local log = dir .. "/out." .. crypto.random_nonce(8)
+  local argv = { PAYGATE_BIN, "sign", "--json", "--method", method, "--url",
+    "/v3/pay/transactions/jsapi", "--mchid", "1900000001", "--serial",
+    "5F1C72E2A8931B72A2E13AF8DEE92471EB397115", "--key", pki.merchant_key,
+    "--timestamp", "1700000000", "--nonce", "ABC" }
+  if body then
+    diagpki.write(dir .. "/b", body)
+    argv[#argv + 1] = "--body"
+    argv[#argv + 1] = dir .. "/b"
+  end
+  local p = proc.spawn(argv, { log = log })
+  local code = p:wait(30)
+  if code == nil then p:kill(proc.SIGKILL); p:wait(2) end
+  local out = proc.read(log)
+  local warns, sig = {}, nil
+  for line in out:gmatch("[^\n]+") do
+    local r = json.decode(line)
+    if r and r.status == "warn" then warns[#warns + 1] = r end
+    if r and r.kind == "signature" then sig = r end
+  end
+  return code, out, warns, sig
+end
+
+setup(function()
+  dir = server.tmpdir()
+  pki = diagpki.make(dir)
+end)
+
+teardown(function() os.execute("rm -rf " .. dir) end)
+
+describe("paygate sign warns", function()
+  it("of nothing for a clean request", function()
+    local code, out, warns, sig = sign("POST", '{"a":1}')
+    assert.equal(0, code, out)
+    assert.equal(0, #warns, out)
+    assert.equal('POST\n/v3/pay/transactions/jsapi\n1700000000\nABC\n'
+                 .. '{"a":1}\n', sig.signing_string)
+  end)
+
+  it("of a lower-case method, and signs it upper case", function()
+    local code, out, warns, sig = sign("post", '{"a":1}')
+    assert.equal(0, code, out)
+    assert.equal(1, #warns, out)
+    assert.equal("method", warns[1].kind)
+    assert.matches("not upper case", warns[1].cause)
+    assert.equal("POST\n", sig.signing_string:sub(1, 5))
+  end)
+
+  it("of a GET with a body", function()
+    local code, out, warns = sign("GET", '{"a":1}')
+    assert.equal(0, code, out)
+    assert.equal(1, #warns, out)
+    assert.equal("body", warns[1].kind)
+    assert.matches("a GET with a body", warns[1].cause)
+  end)
+
+  it("of a body file ending in a newline, which it signs", function()
+    local code, out, warns, sig = sign("POST", '{"a":1}\n')
+    assert.equal(0, code, out)
+    assert.equal(1, #warns, out)
+    assert.matches("ends with a newline", warns[1].cause)
+    assert.equal('{"a":1}\n\n', sig.signing_string:sub(-9))
+  end)
+end)

@@ -1,0 +1,207 @@
+-- paygate verify: the causes a first version got wrong or did not name —
+-- sorted keys are no proof of re-encoding, combined re-encodings, the
+-- re-encoding named in text output, an SM2 signature without its type
+-- header, a serial that lost its leading zero, a captured error answer,
+-- CA certificates or a private key given as --certificate, an expired
+-- platform certificate, a rotation (serial not among the keys given).
+local crypto = require "paygate.crypto"
+local json = require "cjson.safe"
+local server = require "support.server"
+local proc = require "support.proc"
+local diagpki = require "support.diagpki"
+
+local dir, pki, pkey
+local write, read = diagpki.write, diagpki.read
+
+local function run(args)
+  local log = dir .. "/out." .. crypto.random_nonce(8)
+  local argv = { PAYGATE_BIN }
+  for _, a in ipairs(args) do argv[#argv + 1] = a end
+  local p = proc.spawn(argv, { log = log })
+  local code = p:wait(30)
+  if code == nil then p:kill(proc.SIGKILL); p:wait(2) end
+  local out = proc.read(log)
+  local results = {}
+  for line in out:gmatch("[^\n]+") do
+    if line:sub(1, 1) == "{" then results[#results + 1] = json.decode(line) end
+  end
+  return code, out, results
+end
+
+local function file(name, content)
+  write(dir .. "/" .. name, content)
+  return dir .. "/" .. name
+end
+
+-- keys already in alphabetical order, as WeChat's answers often are
+local SORTED = '{"amount":{"currency":"CNY","total":1},"appid":"wx1",'
+  .. '"mchid":"1900000001","out_trade_no":"T-1","trade_state":"SUCCESS"}'
+
+local function signed(body, o)
+  o = o or {}
+  local ts = tostring(o.ts or os.time())
+  local nonce = o.nonce or ("n" .. crypto.random_nonce(16))
+  local msg = ts .. "\n" .. nonce .. "\n" .. body .. "\n"
+  local sig = assert(crypto.sign_base64(o.key or pkey, msg, o.alg))
+  local serial = o.serial
+    or assert(crypto.certificate(read(pki.platform))):serial()
+  return ("HTTP/1.1 200 OK\r\nWechatpay-Timestamp: %s\r\nWechatpay-Nonce: %s"
+    .. "\r\nWechatpay-Signature: %s\r\nWechatpay-Serial: %s\r\n%s\r\n")
+    :format(ts, o.header_nonce or nonce, sig, serial, o.extra or "")
+end
+
+local function verify(body, headers, keys, text)
+  local args = { "verify", "--body", file("body", body),
+                 "--headers", file("headers", headers) }
+  if not text then table.insert(args, 2, "--json") end
+  for _, a in ipairs(keys or { "--certificate", pki.platform }) do
+    args[#args + 1] = a
+  end
+  return run(args)
+end
+
+local function last(body, headers, keys)
+  local code, out, r = verify(body, headers, keys)
+  assert.equal(1, code, out)
+  return r[#r], out
+end
+
+setup(function()
+  dir = server.tmpdir()
+  pki = diagpki.make(dir)
+  pkey = assert(crypto.private_key(read(pki.platform_key)))
+end)
+
+teardown(function() os.execute("rm -rf " .. dir) end)
+
+describe("paygate verify (sorted keys)", function()
+  it("does not blame key order on a sorted body signed by another key",
+     function()
+    local r = last(SORTED, signed(SORTED, {
+      key = assert(crypto.private_key(read(pki.merchant_key))) }))
+    assert.equal("signature_mismatch", r.kind)
+    assert.is_nil(r.what)
+    assert.equal("key_order", r.possible)
+    assert.matches("often", r.detail)
+  end)
+
+  it("does not blame key order on a sorted body with an altered nonce",
+     function()
+    local r = last(SORTED, signed(SORTED, { header_nonce = "altered" }))
+    assert.equal("signature_mismatch", r.kind)
+    assert.is_nil(r.what)
+  end)
+end)
+
+describe("paygate verify (combined re-encodings)", function()
+  it("names a BOM and a final CRLF together", function()
+    local r = last("\239\187\191" .. SORTED .. "\r\n", signed(SORTED))
+    assert.equal("body_reencoded", r.kind)
+    assert.equal("bom+trailing_newline", r.what)
+    assert.same({ "bom", "trailing_newline" }, r.steps)
+    assert.matches("BOM", r.cause)
+    assert.matches("newline", r.cause)
+  end)
+
+  it("names pretty-printing with escaped unicode and a BOM", function()
+    local body = '{"summary":"支付成功","id":"EV-1"}'
+    local given = "\239\187\191{\n  \"summary\": \"\\u652f\\u4ed8\\u6210"
+      .. "\\u529f\",\n  \"id\": \"EV-1\"\n}"
+    local r = last(given, signed(body))
+    assert.equal("bom+whitespace+escaped_unicode", r.what)
+  end)
+
+  it("names the re-encoding in text output too", function()
+    local code, out = verify(SORTED .. "\n", signed(SORTED), nil, true)
+    assert.equal(1, code, out)
+    assert.matches("FAIL  body_reencoded %(trailing_newline%): ", out)
+  end)
+end)
+
+describe("paygate verify (more causes)", function()
+  it("warns of an SM2 signature without Wechatpay-Signature-Type", function()
+    os.execute(("openssl genpkey -algorithm SM2 -out %s/sm2.pem 2>/dev/null"
+      .. " && openssl pkey -in %s/sm2.pem -pubout -out %s/sm2pub.pem")
+      :format(dir, dir, dir))
+    local sm = assert(crypto.private_key(read(dir .. "/sm2.pem")))
+    local keys = { "--public-key", dir .. "/sm2pub.pem", "--public-key-id",
+                   "PUB_KEY_ID_0119" }
+    local h = signed(SORTED, { key = sm, alg = "WECHATPAY2-SM2-WITH-SM3",
+                               serial = "PUB_KEY_ID_0119" })
+    local code, out, r = verify(SORTED, h, keys)
+    assert.equal(0, code, out)
+    assert.equal("warn", r[#r].status, out)
+    assert.equal("signature_type", r[#r].kind)
+    h = signed(SORTED, { key = sm, alg = "WECHATPAY2-SM2-WITH-SM3",
+      serial = "PUB_KEY_ID_0119",
+      extra = "Wechatpay-Signature-Type: WECHATPAY2-SM2-WITH-SM3\r\n" })
+    code, out, r = verify(SORTED, h, keys)
+    assert.equal(0, code, out)
+    assert.equal("ok", r[#r].status, out)
+  end)
+
+  it("names a serial with its leading zero dropped", function()
+    -- a certificate whose serial starts with 0
+    os.execute(("openssl req -x509 -newkey rsa:2048 -nodes -keyout %s/z.key"
+      .. " -out %s/z.pem -days 3 -set_serial 0x0ABC1234 -subj "
+      .. "'/CN=Tenpay.com sign/O=Tenpay.com' -addext basicConstraints="
+      .. "CA:FALSE >/dev/null 2>&1"):format(dir, dir))
+    local zkey = assert(crypto.private_key(read(dir .. "/z.key")))
+    local full = assert(crypto.certificate(read(dir .. "/z.pem"))):serial()
+    assert.equal("0", full:sub(1, 1))
+    local r = last(SORTED, signed(SORTED, { key = zkey,
+      serial = full:gsub("^0+", "") }), { "--certificate", dir .. "/z.pem" })
+    assert.equal("unknown_serial", r.kind)
+    assert.matches("leading zero dropped", r.cause)
+  end)
+
+  it("says a captured 401 answer is unsigned", function()
+    local r = last('{"code":"SIGN_ERROR","message":"bad"}',
+                   "HTTP/1.1 401 Unauthorized\r\nRequest-ID: x\r\n\r\n")
+    assert.equal("unsigned_answer", r.kind)
+    assert.matches("^HTTP 401: error answers are unsigned", r.cause)
+  end)
+
+  it("says why a CA certificate or a private key is no usable key",
+     function()
+    local code, out = verify(SORTED, signed(SORTED),
+                             { "--certificate", pki.root })
+    assert.equal(2, code, out)
+    assert.matches("CA certificate", out)
+    code, out = verify(SORTED, signed(SORTED),
+                       { "--certificate", pki.platform_key })
+    assert.equal(2, code, out)
+    assert.matches("a private key, not a certificate", out)
+  end)
+
+  it("names an expired platform certificate", function()
+    local cert = assert(crypto.certificate(read(pki.platform)))
+    local at = cert:not_after() + 7200
+    local code, out, r = run{ "verify", "--json", "--body", file("body",
+      SORTED), "--headers", file("headers", signed(SORTED, { ts = at })),
+      "--certificate", pki.platform, "--at", tostring(at) }
+    assert.equal(1, code, out)
+    assert.equal("cert_expired", r[#r].kind, out)
+    assert.matches("expired 2 h 0 min ago", r[#r].cause)
+  end)
+
+  it("names a rotation: the serial is not among the keys given", function()
+    local r = last(SORTED, signed(SORTED, {
+      key = assert(crypto.private_key(read(pki.platform_soon_key))),
+      serial = "5157F09EFDC096DE15EBE81A47057A7232F1B8E1" }))
+    assert.equal("unknown_serial", r.kind)
+    assert.matches("is not among the keys given", r.cause)
+    assert.matches("keys given: ", r.detail)
+  end)
+
+  it("judges the time at --at", function()
+    local old = os.time() + 86400    -- the certificates are days old
+    local h = signed(SORTED, { ts = old })
+    local code, out = verify(SORTED, h)
+    assert.equal(1, code, out)
+    code, out = run{ "verify", "--json", "--body", file("body", SORTED),
+      "--headers", file("headers", h), "--certificate", pki.platform,
+      "--at", tostring(old + 10) }
+    assert.equal(0, code, out)
+  end)
+end)
