@@ -143,14 +143,14 @@ function _M.save_state(wx)
     f = io.open(tmp, "wb")
   end
   if not f then
-    return nil, core.error("state_dir", "cannot write " .. tmp)
+    return nil, core.error("io", "cannot write " .. tmp)
   end
   f:write(table.concat(parts))
   f:close()
   local ok, err = os.rename(tmp, path)
   if not ok then
     os.remove(tmp)
-    return nil, core.error("state_dir", "cannot rename into " .. path .. ": "
+    return nil, core.error("io", "cannot rename into " .. path .. ": "
                            .. tostring(err))
   end
   return true

@@ -65,6 +65,7 @@ end
 --- syntax: cfg, err = config.check(conf)
 -- returns: the checked configuration with its keys loaded:
 --   mchid (the signing merchant: sp_mchid in partner mode), partner,
+--   appid or sp_appid (the prepay default, when given),
 --   signer { key, schema, mchid, serial }, sm (SM variant), apiv3_keys
 --   (current first, then previous), platform_certs (handles), public_key
 --   (handle) and public_key_id, mode ("certificate" | "public_key" |
@@ -93,6 +94,24 @@ function _M.check(conf)
   if type(c.mchid) ~= "string" or not c.mchid:match("^%d+$")
      or #c.mchid > 32 then
     return bad(c.mchid_key, "must be the merchant id: digits")
+  end
+  -- the default appid of prepay bodies (api.lua fills it in when a call
+  -- gives none): appid for a direct merchant, sp_appid for a provider
+  local appid_key = c.partner and "sp_appid" or "appid"
+  local other_key = c.partner and "appid" or "sp_appid"
+  if conf[other_key] ~= nil then
+    return bad(other_key, c.partner
+      and "is for a direct merchant (mchid); a service provider gives sp_appid"
+      or "is for a service provider (sp_mchid); a direct merchant gives appid")
+  end
+  local appid = conf[appid_key]
+  if appid ~= nil then
+    if type(appid) ~= "string" or not appid:match("^[%w_%-]+$")
+       or #appid > 32 then
+      return bad(appid_key, "must be an appid (at most 32 letters, digits, "
+                 .. "_ and -)")
+    end
+    c[appid_key] = appid
   end
   -- signature type
   local schema = conf.sign_type or sign.RSA

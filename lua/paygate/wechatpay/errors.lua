@@ -142,7 +142,9 @@ _M.KINDS = {
   "bad_signature", "stale_timestamp", "unknown_serial", "cert_expired",
   "malformed", "replayed", "replay_check_unavailable", "decrypt_failed",
   "bad_response", "unsupported", "timeout", "connect", "dns", "tls",
-  "closed", "body_too_large", "aborted",
+  "closed", "body_too_large", "aborted", "internal",
+  -- download_bill
+  "hash_mismatch", "too_large", "io",
 }
 
 
