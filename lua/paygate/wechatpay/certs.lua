@@ -336,16 +336,59 @@ function _M.status(wx, now)
            public_key_id = wx.conf.public_key_id, mode = wx.conf.mode }
 end
 
--- Logs a warning from 30 days before the newest certificate expires.
+-- The /metrics gauge of the days left (nil when the runtime has no
+-- paygate.metrics, e.g. an embedding without the process layer).
+local days_gauge
+local function gauge()
+  if days_gauge == nil then
+    local ok, metrics = pcall(require, "paygate.metrics")
+    days_gauge = ok and type(metrics) == "table"
+      and metrics.gauge("paygate_wechatpay_certificate_days_left",
+        "Days left on the newest valid WeChat Pay platform certificate.")
+      or false
+  end
+  return days_gauge or nil
+end
+
+-- A warning is logged from this many days before the newest expires.
+_M.WARN_DAYS = 30
+
+--- syntax: st = certs.report(wx[, now])
+-- Publishes paygate_wechatpay_certificate_days_left{mchid, serial} for
+-- the newest valid platform certificate (the series of a serial no longer
+-- newest is removed; none in public-key mode: that key does not expire)
+-- and logs a warning from WARN_DAYS days before it expires.
 function _M.report(wx, now)
   local st = _M.status(wx, now)
-  if st.days_left and st.days_left < 30 then
+  local g = gauge()
+  if g then
+    local mchid = wx.conf.mchid
+    if wx.gauge_serial and wx.gauge_serial ~= st.newest then
+      g:remove({ mchid = mchid, serial = wx.gauge_serial })
+      wx.gauge_serial = nil
+    end
+    if st.newest then
+      local ok, err = g:set(st.days_left, { mchid = mchid,
+                                            serial = st.newest })
+      if ok then
+        wx.gauge_serial = st.newest
+      elseif not wx.gauge_warned then
+        wx.gauge_warned = true
+        log().warn("wechatpay: cannot publish the certificate metric",
+                   { mchid = mchid, error = tostring(err) })
+      end
+    end
+  end
+  if st.days_left and st.days_left < _M.WARN_DAYS then
     log().warn("wechatpay: the newest platform certificate expires soon",
                { mchid = wx.conf.mchid, serial = st.newest,
                  days_left = math.floor(st.days_left) })
   end
   return st
 end
+
+-- How often the gauge is recomputed between downloads (seconds).
+_M.REPORT_INTERVAL = 3600
 
 -- Serialises the held certificates for other workers (shared dict).
 local function export(wx)
@@ -520,6 +563,16 @@ end
 -- RESOURCE_NOT_EXISTS: returned as invalid_config.
 function _M.start(wx)
   local c = wx.conf
+  _M.report(wx)
+  if next(wx.certs) ~= nil or c.download then
+    -- the days left shrink between downloads: recompute them hourly
+    wx.reporter = core.spawn(function()
+      while true do
+        core.sleep(_M.REPORT_INTERVAL)
+        _M.report(wx)
+      end
+    end)
+  end
   if not c.download then return true end
   if next(wx.certs) == nil and core.in_coroutine() then
     local ok, err = _M.refresh(wx, "start")

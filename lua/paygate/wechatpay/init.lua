@@ -140,6 +140,10 @@ function methods.stop(wx)
     wx.refresher:cancel()
     wx.refresher = nil
   end
+  if wx.reporter then
+    wx.reporter:cancel()
+    wx.reporter = nil
+  end
 end
 
 for name, fn in pairs(api) do
