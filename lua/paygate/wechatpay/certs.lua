@@ -71,7 +71,8 @@ function _M.init(wx)
     end
   end
   if c.public_key then ring:put(c.public_key_id, c.public_key) end
-  wx.dl = { gen = 0, busy = false, last = nil, last_err = nil }
+  wx.dl = { gen = 0, busy = false, last = nil, last_err = nil,
+            done = core.event() }
   wx.key_prefix = "wechatpay:" .. c.mchid .. ":"
   wx.dict = _M.shared_dict(c.shared_dict)
   if c.state_dir then _M.load_state(wx) end
@@ -409,23 +410,33 @@ local function import(wx, pem)
   adopt(wx, ok, now)
 end
 
--- Waits (polling, bounded) until cond() holds; returns whether it did.
+-- Waits until cond() holds, for a condition another *process* changes
+-- (the download lock in paygate.shared): nothing can signal across
+-- workers, so this polls, from 5 ms doubling to 200 ms (a download takes
+-- a round trip to WeChat; a late look costs at most 200 ms). Bounded;
+-- returns whether cond() held.
 local function wait_for(cond, seconds)
   local deadline = core.mono() + seconds
+  local step = 0.005
   while not cond() do
-    if core.mono() > deadline then return false end
-    core.sleep(0.01)
+    local left = deadline - core.mono()
+    if left <= 0 then return false end
+    core.sleep(step < left and step or left)
+    step = step * 2
+    if step > 0.2 then step = 0.2 end
   end
   return true
 end
 
---- syntax: ok, err = certs.refresh(wx, reason)
+--- syntax: ok, err = certs.refresh(wx, reason[, wait])
 -- reason: "unknown_serial" (rate-limited), "start", "timer", "manual". At
 -- most one download per worker at a time: it runs in a task of its own (so
 -- a caller whose request is abandoned cannot leave it half done) and every
--- caller meanwhile waits for its result; with paygate.shared, at most one
--- per instance (other workers take its result from the dict).
-function _M.refresh(wx, reason)
+-- caller meanwhile waits for its result on a core.event (no polling); with
+-- paygate.shared, at most one per instance (other workers take its result
+-- from the dict). wait: seconds to wait at most (default 2 timeouts + 10);
+-- after it the caller gets timeout and the download goes on.
+function _M.refresh(wx, reason, wait)
   if not wx.conf.download then
     return nil, core.error("unknown_serial", "certificate download is off")
   end
@@ -442,11 +453,17 @@ function _M.refresh(wx, reason)
       dl.last, dl.last_err = a, b
       dl.gen = dl.gen + 1
       dl.busy = false
+      dl.done:set()           -- the waiters resume on the next loop turn
     end)
   end
-  if not wait_for(function() return dl.gen ~= gen end,
-                  2 * wx.conf.timeout + 10) then
-    return nil, core.error("timeout", "certificate download still running")
+  -- in this worker: sleep on the event until the task says it is done
+  local deadline = core.mono() + (wait or (2 * wx.conf.timeout + 10))
+  while dl.gen == gen do
+    local left = deadline - core.mono()
+    if left <= 0 or not dl.done:wait(left) then
+      return nil, core.error("timeout", "certificate download still "
+                             .. "running")
+    end
   end
   return dl.last, dl.last_err
 end
