@@ -14,6 +14,7 @@ local certs = require "paygate.wechatpay.certs"
 
 local type, pcall, tostring = type, pcall, tostring
 local null = json.null
+local decode = json.decode
 
 local _M = {}
 
@@ -40,7 +41,7 @@ local function parse(wx, req, opts)
   end
   local h, err = certs.verify(wx, headers, body, opts and opts.now)
   if not h then return nil, err end
-  local doc = json.decode(body)
+  local doc = decode(body)
   if type(doc) ~= "table" then
     return fail("malformed", "body is not a JSON object")
   end
@@ -51,7 +52,7 @@ local function parse(wx, req, opts)
   local plain
   plain, err = certs.decrypt(wx, r)
   if not plain then return nil, err end
-  local resource = json.decode(plain)
+  local resource = decode(plain)
   if type(resource) ~= "table" then
     return fail("malformed", "decrypted resource is not a JSON object")
   end
