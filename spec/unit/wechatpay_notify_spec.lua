@@ -283,3 +283,41 @@ describe("notify_ack / notify_fail", function()
     assert.same({ code = "FAIL", message = "db down" }, b)
   end)
 end)
+
+describe("the replay cache", function()
+  it("uses a dict of its own by default (wechatpay_replay)", function()
+    local wx = client()
+    assert.equal("wechatpay_replay", wx.replay_dict_name)
+    local n = note()
+    assert(wx:parse_notification(n))
+    local _, err = wx:parse_notification(n)
+    assert.equal("replayed", err.kind)
+    wx:stop()
+  end)
+
+  it("a full dict refuses (replay_check_unavailable) and never evicts a "
+     .. "record, so a replay stays refused", function()
+    local d = require("paygate.shared").get_dict("spec_replay_full", "32k")
+    local wx = client{ replay_dict = "spec_replay_full" }
+    assert.equal("spec_replay_full", wx.replay_dict_name)
+    local first = note()
+    assert(wx:parse_notification(first))
+    local accepted, err = 1, nil
+    while accepted < 2000 do
+      local ev
+      ev, err = wx:parse_notification(note())
+      if not ev then break end
+      accepted = accepted + 1
+    end
+    assert.is_table(err, "the dict never filled")
+    assert.equal("replay_check_unavailable", err.kind)
+    assert.is_true(err.retryable)
+    assert.is_true(accepted > 100)
+    local _, rerr = wx:parse_notification(first)
+    assert.equal("replayed", rerr.kind)
+    assert.equal(0, d:stats().evictions)
+    -- { replay = false } still parses
+    assert(wx:parse_notification(note(), NR))
+    wx:stop()
+  end)
+end)

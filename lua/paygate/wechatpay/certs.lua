@@ -75,6 +75,19 @@ function _M.init(wx)
             done = core.event() }
   wx.key_prefix = "wechatpay:" .. c.mchid .. ":"
   wx.dict = _M.shared_dict(c.shared_dict)
+  -- the replay cache's dict: replay_dict, else a "wechatpay_replay" dict
+  -- when the runtime has one, else shared_dict
+  if c.replay_dict then
+    wx.replay_dict_name = c.replay_dict
+    wx.replay_dict = _M.shared_dict(c.replay_dict)
+  else
+    local rd = _M.shared_dict("wechatpay_replay")
+    if rd and rd ~= wx.dict then
+      wx.replay_dict_name, wx.replay_dict = "wechatpay_replay", rd
+    else
+      wx.replay_dict_name, wx.replay_dict = c.shared_dict, wx.dict
+    end
+  end
   if c.state_dir then _M.load_state(wx) end
 end
 

@@ -71,7 +71,8 @@ end
 --   (handle) and public_key_id, mode ("certificate" | "public_key" |
 --   "migration"), download (whether /v3/certificates is used), base_url,
 --   backup_url, state_dir, refresh_interval, timeout, deadline,
---   max_attempts, ca_file, platform_ca, shared_dict, user_agent.
+--   max_attempts, ca_file, platform_ca, shared_dict, replay_dict (nil:
+--   the default choice, certs.init), user_agent.
 function _M.check(conf)
   if type(conf) ~= "table" then
     return bad("conf", "the configuration must be a table")
@@ -302,6 +303,14 @@ function _M.check(conf)
   if type(c.shared_dict) ~= "string" then
     return bad("shared_dict", "must be the name of a paygate.shared dict")
   end
+  -- the replay cache: a dict of its own, so nobody else's entries push
+  -- its records out (nil: "wechatpay_replay" when the runtime has it,
+  -- else shared_dict)
+  if conf.replay_dict ~= nil and (type(conf.replay_dict) ~= "string"
+                                  or conf.replay_dict == "") then
+    return bad("replay_dict", "must be the name of a paygate.shared dict")
+  end
+  c.replay_dict = conf.replay_dict
   return c
 end
 
