@@ -587,10 +587,12 @@ function _M.verify(wx, headers, body, now)
 end
 
 --- syntax: certs.start(wx)
--- The first download (inline when no certificate is held yet and we can
--- wait; otherwise in the background) and the jittered periodic refresh.
--- A failure is logged and retried, never fatal, except 404
--- RESOURCE_NOT_EXISTS: returned as invalid_config.
+-- The first download (waited for, at most startup_timeout seconds, when
+-- no certificate is held yet and we can wait; it goes on in the
+-- background past that) and the jittered periodic refresh. A failure is
+-- logged and retried, never fatal, except 404 RESOURCE_NOT_EXISTS seen
+-- within startup_timeout: returned as invalid_config (later, it is logged
+-- and every verification answers it).
 function _M.start(wx)
   local c = wx.conf
   _M.report(wx)
@@ -605,12 +607,18 @@ function _M.start(wx)
   end
   if not c.download then return true end
   if next(wx.certs) == nil and core.in_coroutine() then
-    local ok, err = _M.refresh(wx, "start")
+    -- a blackholed WeChat must not hold a worker's start for a whole
+    -- timeout: wait startup_timeout, then let the download finish alone
+    local ok, err = _M.refresh(wx, "start", c.startup_timeout)
     if not ok and err.kind == "invalid_config" and c.mode == "certificate"
     then
       return nil, err
     end
-    if not ok then
+    if not ok and err.kind == "timeout" and wx.dl.busy then
+      log().warn("wechatpay: platform certificate download not done within "
+                 .. "startup_timeout; it goes on in the background",
+                 { mchid = c.mchid, startup_timeout = c.startup_timeout })
+    elseif not ok then
       log().warn("wechatpay: platform certificate download failed; retrying "
                  .. "in the background", { mchid = c.mchid, error = tostring(err) })
     end

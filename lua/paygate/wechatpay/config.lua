@@ -71,6 +71,7 @@ end
 --   (handle) and public_key_id, mode ("certificate" | "public_key" |
 --   "migration"), download (whether /v3/certificates is used), base_url,
 --   backup_url, state_dir, refresh_interval, timeout, deadline,
+--   startup_timeout,
 --   max_attempts, ca_file, platform_ca, shared_dict, replay_dict (nil:
 --   the default choice, certs.init), user_agent.
 function _M.check(conf)
@@ -295,7 +296,7 @@ function _M.check(conf)
   end
   for k, default in pairs({ refresh_interval = 43200, timeout = 10,
                             deadline = 30, download_min_interval = 60,
-                            max_attempts = 4 }) do
+                            max_attempts = 4, startup_timeout = 3 }) do
     c[k] = positive(conf, k, default)
     if not c[k] then return bad(k, "must be a number > 0") end
   end

@@ -27,7 +27,8 @@ _M.methods = methods
 --- syntax: wx, err = wechatpay.client(conf)
 -- returns: a client, or nil, err (kind invalid_config, err.key names the
 -- configuration key at fault). May yield (the first certificate download,
--- when no platform certificate is held yet); a download failure is not
+-- when no platform certificate is held yet: at most startup_timeout
+-- seconds, then it goes on in the background); a download failure is not
 -- fatal (retried in the background) except 404 RESOURCE_NOT_EXISTS.
 function _M.client(conf)
   local cfg, err = config.check(conf)
