@@ -78,20 +78,30 @@ function _M.client_conf(base_url)
   }
 end
 
--- Times fa and fb in alternating batches until 2 * secs of CPU time pass;
--- returns the ops/s of each.
+-- Times fa and fb in alternating blocks of about 0.2 s each until 2 * secs
+-- of CPU time pass: long enough that each runs with warm caches, short
+-- and alternated so that a load coming and going on a shared machine hits
+-- both alike. returns: the ops/s of each.
 local function measure_pair(secs, fa, fb)
   for _ = 1, 200 do fa(); fb() end      -- warm up (contexts, JIT)
-  local batch, na, ta, tb = 32, 0, 0, 0
-  while ta + tb < 2 * secs do
-    local t0 = os.clock()
-    for _ = 1, batch do fa() end
-    local t1 = os.clock()
-    for _ = 1, batch do fb() end
-    local t2 = os.clock()
-    ta, tb, na = ta + (t1 - t0), tb + (t2 - t1), na + batch
+  local function block(fn)
+    local n, t0 = 0, os.clock()
+    local t = t0
+    while t - t0 < 0.2 do
+      for _ = 1, 32 do fn() end
+      n = n + 32
+      t = os.clock()
+    end
+    return n, t - t0
   end
-  return na / ta, na / tb
+  local na, ta, nb, tb = 0, 0, 0, 0
+  while ta + tb < 2 * secs do
+    local n, t = block(fa)
+    na, ta = na + n, ta + t
+    n, t = block(fb)
+    nb, tb = nb + n, tb + t
+  end
+  return na / ta, nb / tb
 end
 
 local function inproc(secs)
