@@ -52,6 +52,7 @@ end
 
 _M.sleep = core.sleep          -- paygate.sleep(seconds): yields
 _M.spawn = core.spawn          -- task = paygate.spawn(fn, ...)
+_M.event = core.event          -- ev = paygate.event(): ev:wait(t), ev:set()
 _M.now = core.now              -- cached seconds since the epoch
 _M.update_time = core.update_time
 

@@ -410,6 +410,27 @@ describe("platform certificates", function()
       body))
     wx2:stop()
   end)
+  it("a slow WeChat holds the start for startup_timeout only; the "
+     .. "download finishes in the background", function()
+    wxtest.certs(srv, { delay = 2 })
+    local t0 = core.mono()
+    local wx = client{ startup_timeout = 0.3 }
+    local took = core.mono() - t0
+    assert.is_true(took >= 0.25 and took < 1.5, "took " .. took)
+    assert.same({}, wx:certificate_status().serials)
+    local deadline = core.mono() + 10
+    while #wx:certificate_status().serials == 0 and core.mono() < deadline do
+      core.sleep(0.05)
+    end
+    assert.same({ P1 }, wx:certificate_status().serials)
+    assert.equal(1, count("GET", "/v3/certificates"))  -- the same download
+    wx:stop()
+  end)
+  it("startup_timeout must be a positive number", function()
+    local _, err = wechatpay.client(wxtest.client_conf(srv, keys,
+                                    { startup_timeout = 0 }))
+    assert.equal("startup_timeout", err.key)
+  end)
 end)
 
 describe("errors and retries", function()

@@ -49,17 +49,48 @@ function _M.make(dir, days)
   return k
 end
 
+-- The ShangMi variant: the merchant's SM2 key (A.10a) and serial (A.10b),
+-- two SM2 platform keys made per run with certificates valid `days`.
+_M.SM_MERCHANT_SERIAL = "54E7F59ED8DF4570CFB14780EA8152D45A675EE6"
+_M.S1 = "3A1E989910B253E069A11568C91C57CA44568101"
+_M.S2 = "3A1E989910B253E069A11568C91C57CA44568102"
+
+--- keys = make_sm(dir[, days])
+function _M.make_sm(dir, days)
+  local k = { dir = dir, sm = true, merchant_serial = _M.SM_MERCHANT_SERIAL }
+  k.merchant_key = abs(FIX .. "a10a_sm2_key.pem")
+  k.merchant_pub = dir .. "/sm_merchant_pub.pem"
+  sh(("openssl pkey -in %s -pubout -out %s"):format(k.merchant_key,
+                                                    k.merchant_pub))
+  k.s1_key, k.s2_key = dir .. "/s1.key", dir .. "/s2.key"
+  k.s1_cert, k.s2_cert = dir .. "/s1.pem", dir .. "/s2.pem"
+  for _, p in ipairs({ { k.s1_key, k.s1_cert, _M.S1, days or 365 },
+                       { k.s2_key, k.s2_cert, _M.S2, (days or 365) + 30 } })
+  do
+    sh(("openssl genpkey -algorithm SM2 -out %s"):format(p[1]))
+    sh(("openssl req -x509 -new -key %s -out %s -days %d -set_serial 0x%s "
+        .. "-sm3 -sigopt distid:1234567812345678 "
+        .. "-subj '/C=CN/O=Tenpay.com/CN=Tenpay.com sign'")
+       :format(p[1], p[2], p[4], p[3]))
+  end
+  k.server_keys = { [_M.S1] = k.s1_key, [_M.S2] = k.s2_key }
+  k.server_certs = { [_M.S1] = k.s1_cert, [_M.S2] = k.s2_cert }
+  k.default_signer = _M.S1
+  return k
+end
+
 --- srv = start(keys[, { workers = n, tls = pki }]): the test server,
 --- configured (HTTPS with a support.pki set)
 function _M.start(k, o)
   o = o or {}
   local conf = {
-    mchid = _M.MCHID, merchant_serial = _M.MERCHANT_SERIAL,
+    mchid = _M.MCHID, merchant_serial = k.merchant_serial or _M.MERCHANT_SERIAL,
     apiv3_key = _M.APIV3, merchant_pub = k.merchant_pub,
-    keys = { [_M.P1] = k.p1_key, [_M.P2] = k.p2_key,
-             [_M.PUB_ID] = k.pub_key },
-    certs = { [_M.P1] = k.p1_cert, [_M.P2] = k.p2_cert },
-    default_signer = o.default_signer or _M.P1,
+    keys = k.server_keys or { [_M.P1] = k.p1_key, [_M.P2] = k.p2_key,
+                              [_M.PUB_ID] = k.pub_key },
+    certs = k.server_certs or { [_M.P1] = k.p1_cert, [_M.P2] = k.p2_cert },
+    default_signer = o.default_signer or k.default_signer or _M.P1,
+    sm = k.sm or nil,
   }
   local parts = {}
   local function ser(v)
@@ -70,6 +101,7 @@ function _M.start(k, o)
       end
       return "{" .. table.concat(t, ",") .. "}"
     end
+    if type(v) == "boolean" then return tostring(v) end
     return ("%q"):format(v)
   end
   parts[1] = "return { wxserver = " .. ser(conf) .. " }"
@@ -107,7 +139,9 @@ function _M.requests(srv) return ctl(srv, "/_ctl/requests") end
 --- conf = client_conf(srv, keys, over): a client configuration for it
 function _M.client_conf(srv, k, over)
   local c = { mchid = _M.MCHID, merchant_private_key = k.merchant_key,
-              merchant_serial = _M.MERCHANT_SERIAL, apiv3_key = _M.APIV3,
+              merchant_serial = k.merchant_serial or _M.MERCHANT_SERIAL,
+              apiv3_key = _M.APIV3,
+              sign_type = k.sm and "WECHATPAY2-SM2-WITH-SM3" or nil,
               base_url = srv and srv.base_url or "http://127.0.0.1:1",
               timeout = 5, deadline = 10 }
   for kk, v in pairs(over or {}) do

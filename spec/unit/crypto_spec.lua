@@ -493,6 +493,72 @@ describe("paygate.crypto", function()
     end)
   end)
 
+  describe("sm2_encrypt / sm2_decrypt", function()
+    it("classifies failures", function()
+      local sm2 = assert(crypto.private_key(T.fixture("a10a_sm2_key.pem")))
+      local cert = assert(crypto.certificate(T.fixture("a10b_sm2_cert.pem")))
+      local rsa = assert(crypto.private_key(T.fixture("a1_merchant_key.pem")))
+      local c4 = assert(crypto.certificate(T.fixture("a4_merchant_cert.pem")))
+      fails_with("key_type_mismatch", crypto.sm2_encrypt(c4, "x"))
+      fails_with("key_type_mismatch", crypto.sm2_decrypt(rsa, "x"))
+      fails_with("too_long", crypto.sm2_encrypt(cert, ""))
+      fails_with("too_long", crypto.sm2_encrypt(cert, ("x"):rep(65537)))
+      fails_with("decrypt_failed", crypto.sm2_decrypt(sm2, "short"))
+      local ct = assert(crypto.sm2_encrypt(cert, "13800138000"))
+      -- one bit flipped in C2 (the last byte): the SM3 hash C3 catches it
+      local bad = ct:sub(1, -2) .. string.char((ct:byte(-1) + 1) % 256)
+      fails_with("decrypt_failed", crypto.sm2_decrypt(sm2, bad))
+      -- another SM2 key
+      T.sh(("openssl genpkey -algorithm SM2 -out %s/other_sm2.pem"):format(dir))
+      local other = assert(crypto.private_key(T.read(dir .. "/other_sm2.pem")))
+      fails_with("decrypt_failed", crypto.sm2_decrypt(other, ct))
+      assert.has_error(function() crypto.sm2_encrypt(cert) end)
+    end)
+
+    it("round-trips, randomized, DER C1C3C2 as GM/T 0009 lays it out",
+       function()
+      local sm2 = assert(crypto.private_key(T.fixture("a10a_sm2_key.pem")))
+      local cert = assert(crypto.certificate(T.fixture("a10b_sm2_cert.pem")))
+      local text = "张三 6222021234567890"
+      local ct = assert(crypto.sm2_encrypt(cert, text))
+      assert.equal(text, crypto.sm2_decrypt(sm2, ct))
+      assert.not_equal(ct, crypto.sm2_encrypt(cert, text))
+      -- SEQUENCE { INTEGER x, INTEGER y, OCTET STRING C3 (32), OCTET
+      -- STRING C2 (as long as the plaintext) }, read by the openssl CLI
+      T.write(dir .. "/sm2ct.der", ct)
+      local asn = T.sh(("openssl asn1parse -inform DER -in %s/sm2ct.der")
+                       :format(dir))
+      local prims = {}
+      for what in asn:gmatch("prim: (%u[%u ]*%u)") do
+        prims[#prims + 1] = what
+      end
+      assert.same({ "INTEGER", "INTEGER", "OCTET STRING", "OCTET STRING" },
+                  prims)
+      local lens = {}
+      for l in asn:gmatch("hl=%s*%d+ l=%s*(%d+) prim: OCTET STRING") do
+        lens[#lens + 1] = tonumber(l)
+      end
+      assert.same({ 32, #text }, lens)
+    end)
+
+    it("interoperates with the openssl CLI both ways", function()
+      local sm2 = assert(crypto.private_key(T.fixture("a10a_sm2_key.pem")))
+      local pub = assert(crypto.public_key(T.sh(
+        "openssl pkey -in spec/fixtures/wechatpay/a10a_sm2_key.pem -pubout")))
+      local ct = assert(crypto.sm2_encrypt(pub, "13800138000"))
+      T.write(dir .. "/sm2a.bin", ct)
+      assert.equal("13800138000", T.sh(("openssl pkeyutl -decrypt -inkey "
+        .. "spec/fixtures/wechatpay/a10a_sm2_key.pem -in %s/sm2a.bin")
+        :format(dir)))
+      T.write(dir .. "/sm2p.txt", "李四")
+      T.sh(("openssl pkey -in spec/fixtures/wechatpay/a10a_sm2_key.pem "
+            .. "-pubout -out %s/sm2pub.pem"):format(dir))
+      T.sh(("openssl pkeyutl -encrypt -pubin -inkey %s/sm2pub.pem -in "
+            .. "%s/sm2p.txt -out %s/sm2b.bin"):format(dir, dir, dir))
+      assert.equal("李四", crypto.sm2_decrypt(sm2, T.read(dir .. "/sm2b.bin")))
+    end)
+  end)
+
   describe("digest and hmac", function()
     it("raises on unknown algorithms", function()
       assert.has_error(function() crypto.digest("md5", "x") end)

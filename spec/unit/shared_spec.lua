@@ -121,6 +121,43 @@ describe("paygate.shared", function()
     end)
   end)
 
+  describe("safe_add", function()
+    it("adds like add, but a full dict answers no_memory and evicts nothing",
+       function()
+      local d = fresh("64k")
+      local v = ("v"):rep(1000)
+      assert.is_true(d:safe_add("k0", v))
+      local ok, err = d:safe_add("k0", v)
+      assert.is_false(ok)
+      assert.equal("exists", err.kind)
+      local i = 0
+      repeat
+        i = i + 1
+        ok, err = d:safe_add("k" .. i, v)
+        assert.is_true(i < 1000)
+      until not ok
+      assert.is_nil(ok)
+      assert.equal("no_memory", err.kind)
+      assert.equal(0, d:stats().evictions)
+      for j = 0, i - 1 do assert.equal(v, d:get("k" .. j)) end
+      -- plain set still evicts (the least recently used)
+      assert.is_true(d:set("x", v))
+      assert.equal(1, d:stats().evictions)
+      assert.has_error(function() d:safe_add("y") end)
+    end)
+
+    it("makes room from expired entries", function()
+      local d = fresh("64k")
+      local v = ("v"):rep(1000)
+      local i = 0
+      repeat i = i + 1 until not d:safe_add("old" .. i, v, 0.01)
+      local t0 = core.mono()
+      assert.is_true(wait_for(function() return core.mono() - t0 > 0.02 end, 5))
+      for j = 1, i - 1 do assert.is_true(d:safe_add("new" .. j, v)) end
+      assert.equal(0, d:stats().evictions)
+    end)
+  end)
+
   describe("incr", function()
     it("adds to a number, creates from init, refuses the rest", function()
       local d = fresh()

@@ -407,6 +407,32 @@ describe("wechatpay api", function()
       end)
     end
 
+    it("takes appid from the configuration when p gives none", function()
+      local wx2 = stub:client({ appid = APPID })
+      stub:can("POST", "/v3/pay/transactions/native", 200,
+               { code_url = "weixin://wxpay/bizpayurl?pr=x" })
+      local p = prepay_p()
+      p.appid = nil
+      local data, err = wx2:native_prepay(p)
+      wx2:close()
+      assert.is_table(data, tostring(err))
+      local r = stub:last()
+      assert.equal(APPID, r.json.appid)
+      assert.equal(MCHID, r.json.mchid)
+    end)
+
+    it("takes sp_appid from a partner configuration", function()
+      local pwx2 = stub:partner_client({ sp_appid = APPID })
+      stub:can("POST", "/v3/pay/partner/transactions/native", 200,
+               { code_url = "weixin://wxpay/bizpayurl?pr=y" })
+      local p = prepay_p({ sub_mchid = "1900000109" })
+      p.appid = nil
+      local data, err = pwx2:native_prepay(p)
+      pwx2:close()
+      assert.is_table(data, tostring(err))
+      assert.equal(APPID, stub:last().json.sp_appid)
+    end)
+
     it("repeats a prepay after SYSTEM_ERROR with the same bytes "
        .. "(same out_trade_no: idempotent)", function()
       stub:can("POST", "/v3/pay/transactions/app", 500,

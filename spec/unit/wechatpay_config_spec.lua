@@ -130,6 +130,20 @@ describe("wechatpay.client configuration", function()
               sign_type = "WECHATPAY2-SM2-WITH-SM3",
               merchant_private_key = FIX .. "a10a_sm2_key.pem" }, "public_key")
   end)
+  it("appid / sp_appid are kept, checked, and fit the mode", function()
+    local wx = assert(wechatpay.client(base{ appid = "wx2421b1c4370ec43b" }))
+    assert.equal("wx2421b1c4370ec43b", wx.conf.appid)
+    wx:stop()
+    wx = assert(wechatpay.client(base{ mchid = NIL, sp_mchid = "1900000100",
+                                       sp_appid = "wx8888888888888888" }))
+    assert.equal("wx8888888888888888", wx.conf.sp_appid)
+    wx:stop()
+    refused({ appid = "wx 1" }, "appid")
+    refused({ appid = 12 }, "appid")
+    refused({ appid = ("w"):rep(33) }, "appid")
+    refused({ sp_appid = "wx8888888888888888" }, "sp_appid")
+    refused({ mchid = NIL, sp_mchid = "1900000100", appid = "wx1" }, "appid")
+  end)
   it("numbers must be positive", function()
     refused({ timeout = -1 }, "timeout")
     refused({ refresh_interval = "12h" }, "refresh_interval")
@@ -145,6 +159,36 @@ describe("wechatpay.client configuration", function()
     local b = assert(wechatpay.client(base{ public_key_id = "PUB_KEY_ID_2" }))
     assert.is_nil(a.ring:get("PUB_KEY_ID_2"))
     assert.is_nil(b.ring:get(PUB_ID))
+  end)
+end)
+
+describe("errors.KINDS", function()
+  it("holds every kind the client's modules make", function()
+    local kinds = {}
+    for _, k in ipairs(require("paygate.wechatpay.errors").KINDS) do
+      kinds[k] = true
+    end
+    local n = 0
+    for _, name in ipairs(core.listdir("lua/paygate/wechatpay")) do
+      if name:match("%.lua$") then
+        local f = assert(io.open("lua/paygate/wechatpay/" .. name, "rb"))
+        local src = f:read("*a")
+        f:close()
+        local pats = { "core%.error%(\"([%w_]+)\"", "errors%.new%(\"([%w_]+)\"",
+                       "err_%(\"([%w_]+)\"", "errors%.wrap%(\"([%w_]+)\"" }
+        if name == "notify.lua" or name == "verify.lua" then
+          pats[#pats + 1] = "fail%(\"([%w_]+)\""
+        end
+        for _, pat in ipairs(pats) do
+          for kind in src:gmatch(pat) do
+            n = n + 1
+            assert.is_true(kinds[kind], name .. " makes kind " .. kind
+                           .. ", not in errors.KINDS")
+          end
+        end
+      end
+    end
+    assert.is_true(n > 30)
   end)
 end)
 

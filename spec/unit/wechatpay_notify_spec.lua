@@ -134,10 +134,13 @@ describe("parse_notification: failures", function()
     end
   end)
   it("299 s old is accepted, 300 s old is stale_timestamp", function()
-    assert(wx:parse_notification(note{ ts = os.time() - 299 }, NR))
-    local _, err = wx:parse_notification(note{ ts = os.time() - 300 }, NR)
+    -- one clock for both ends (a second may tick between them)
+    local now = os.time()
+    local at = { replay = false, now = now }
+    assert(wx:parse_notification(note{ ts = now - 299 }, at))
+    local _, err = wx:parse_notification(note{ ts = now - 300 }, at)
     assert.equal("stale_timestamp", err.kind)
-    _, err = wx:parse_notification(note{ ts = os.time() + 301 }, NR)
+    _, err = wx:parse_notification(note{ ts = now + 301 }, at)
     assert.equal("stale_timestamp", err.kind)
   end)
   it("an unknown serial is unknown_serial (no download in public-key mode)",
@@ -297,5 +300,43 @@ describe("notify_ack / notify_fail", function()
     s, b = wechatpay.notify_fail("db down")
     assert.equal(500, s)
     assert.same({ code = "FAIL", message = "db down" }, b)
+  end)
+end)
+
+describe("the replay cache", function()
+  it("uses a dict of its own by default (wechatpay_replay)", function()
+    local wx = client()
+    assert.equal("wechatpay_replay", wx.replay_dict_name)
+    local n = note()
+    assert(wx:parse_notification(n))
+    local _, err = wx:parse_notification(n)
+    assert.equal("replayed", err.kind)
+    wx:stop()
+  end)
+
+  it("a full dict refuses (replay_check_unavailable) and never evicts a "
+     .. "record, so a replay stays refused", function()
+    local d = require("paygate.shared").get_dict("spec_replay_full", "32k")
+    local wx = client{ replay_dict = "spec_replay_full" }
+    assert.equal("spec_replay_full", wx.replay_dict_name)
+    local first = note()
+    assert(wx:parse_notification(first))
+    local accepted, err = 1, nil
+    while accepted < 2000 do
+      local ev
+      ev, err = wx:parse_notification(note())
+      if not ev then break end
+      accepted = accepted + 1
+    end
+    assert.is_table(err, "the dict never filled")
+    assert.equal("replay_check_unavailable", err.kind)
+    assert.is_true(err.retryable)
+    assert.is_true(accepted > 100)
+    local _, rerr = wx:parse_notification(first)
+    assert.equal("replayed", rerr.kind)
+    assert.equal(0, d:stats().evictions)
+    -- { replay = false } still parses
+    assert(wx:parse_notification(note(), NR))
+    wx:stop()
   end)
 end)

@@ -24,6 +24,7 @@
 #include "lstate.h"
 
 #define LTASK_MT "paygate.task"
+#define LEVENT_MT "paygate.event"
 
 /* ---- sleep ---------------------------------------------------------- */
 
@@ -453,6 +454,283 @@ ltask_gc(lua_State *L)
     return 0;
 }
 
+/* ---- event: wait without polling ------------------------------------ */
+
+/*
+ * A broadcast signal inside one worker (condition-variable style): ev:set()
+ * wakes every coroutine waiting at that moment, on the next loop turn
+ * (never inside the setter's coroutine); a later ev:wait() waits for the
+ * next set(). Waiters check their condition before waiting: there is no
+ * yield between the check and the wait, so no set() is lost.
+ */
+struct gw_evwaiter {
+    struct gw_co       *co;     /* waiting coroutine; not owned */
+    struct gw_event    *ev;     /* NULL once the event was collected */
+    struct event       *timer;  /* owned; NULL without a timeout */
+    int                 ref;    /* registry ref to the event userdata:
+                                   keeps it alive while we wait */
+    int                 fired;  /* 1: set() reached it, wake pending */
+    struct gw_evwaiter *next;   /* list link (waiting or fired list) */
+    struct gw_evwaiter **pprev; /* NULL while unlinked */
+};
+
+struct gw_event {
+    struct gw_evwaiter *waiting;  /* owned list: not yet signalled */
+    struct gw_evwaiter *fired;    /* owned list: woken next turn */
+    struct event       *wake;     /* owned; runs event_wake_fired() */
+    int                 hold_ref; /* registry ref to the userdata while
+                                     wake is pending; LUA_NOREF */
+    unsigned            sets;     /* set() calls, for ev:count() */
+};
+
+static void
+evwaiter_unlink(struct gw_evwaiter *w)
+{
+    if (w->pprev != NULL) {
+        *w->pprev = w->next;
+        if (w->next != NULL) {
+            w->next->pprev = w->pprev;
+        }
+        w->pprev = NULL;
+        w->next = NULL;
+    }
+}
+
+static void
+evwaiter_link(struct gw_evwaiter **head, struct gw_evwaiter *w)
+{
+    w->next = *head;
+    if (*head != NULL) {
+        (*head)->pprev = &w->next;
+    }
+    *head = w;
+    w->pprev = head;
+}
+
+/* Frees w (unlinked first); drops its hold on the event. */
+static void
+evwaiter_free(struct gw_evwaiter *w)
+{
+    evwaiter_unlink(w);
+    if (w->timer != NULL) {
+        event_free(w->timer);
+        w->timer = NULL;
+    }
+    luaL_unref(gw_co_main(), LUA_REGISTRYINDEX, w->ref);
+    free(w);
+}
+
+/* The loop turn after set(): wakes every waiter signalled before this
+ * turn with true. The batch is taken off the event first, so a woken
+ * coroutine that sets again schedules another turn instead of being
+ * served in this one; e stays alive (hold) until the batch is done. */
+static void
+event_wake_fired(evutil_socket_t fd, short what, void *arg)
+{
+    struct gw_event *e = arg;
+    struct gw_evwaiter *batch = NULL;
+    int hold = e->hold_ref;
+
+    (void) fd;
+    (void) what;
+    e->hold_ref = LUA_NOREF;
+    while (e->fired != NULL) {      /* move: a cancel unlinks from batch */
+        struct gw_evwaiter *w = e->fired;
+
+        evwaiter_unlink(w);
+        evwaiter_link(&batch, w);
+    }
+    while (batch != NULL) {
+        struct gw_evwaiter *w = batch;
+        struct gw_co *co = w->co;
+
+        evwaiter_free(w);
+        lua_pushboolean(gw_co_state(co), 1);
+        gw_co_wake(co, 1);
+    }
+    luaL_unref(gw_co_main(), LUA_REGISTRYINDEX, hold);
+}
+
+/* A waiter's deadline passed before any set(). */
+static void
+evwaiter_timeout(evutil_socket_t fd, short what, void *arg)
+{
+    struct gw_evwaiter *w = arg;
+    struct gw_co *co = w->co;
+    lua_State *L = gw_co_state(co);
+
+    (void) fd;
+    (void) what;
+    evwaiter_free(w);
+    gw_push_error(L, "timeout", 1, "event: no set() within the wait");
+    gw_co_wake(co, 2);
+}
+
+/* The waiting coroutine was abandoned (request deadline, task:cancel(),
+ * shutdown): the waiter leaves the lists and is freed. */
+static void
+evwaiter_cancel(void *arg)
+{
+    evwaiter_free(arg);
+}
+
+/*
+ * syntax: ev = paygate.core.event()
+ * returns: a new event (see above). Methods: wait, set, waiters, count.
+ */
+static int
+lcore_event(lua_State *L)
+{
+    struct gw_event *e = lua_newuserdata(L, sizeof(*e));
+
+    memset(e, 0, sizeof(*e));
+    e->hold_ref = LUA_NOREF;
+    luaL_getmetatable(L, LEVENT_MT);
+    lua_setmetatable(L, -2);
+    return 1;
+}
+
+/*
+ * syntax: ok, err = ev:wait([timeout])
+ * returns: true after a set(); nil, err (kind timeout) when timeout
+ * seconds passed first. yields.
+ */
+static int
+levent_wait(lua_State *L)
+{
+    struct gw_event *e = luaL_checkudata(L, 1, LEVENT_MT);
+    double secs = -1;
+    struct gw_co *co;
+    struct gw_evwaiter *w;
+
+    if (!lua_isnoneornil(L, 2)) {
+        secs = luaL_checknumber(L, 2);
+        if (!(secs >= 0) || secs > 1e8) {
+            return luaL_argerror(L, 2, "timeout must be between 0 and 1e8");
+        }
+    }
+    co = gw_co_current(L);          /* raises: before any allocation */
+    w = calloc(1, sizeof(*w));
+    if (w == NULL) {
+        return luaL_error(L, "no memory");
+    }
+    if (secs >= 0) {
+        struct timeval tv;
+
+        w->timer = evtimer_new(gw_loop_base(), evwaiter_timeout, w);
+        if (w->timer == NULL) {
+            free(w);
+            return luaL_error(L, "no memory");
+        }
+        tv.tv_sec = (time_t) secs;
+        tv.tv_usec = (suseconds_t) ((secs - (double) tv.tv_sec) * 1e6);
+        evtimer_add(w->timer, &tv);
+    }
+    w->co = co;
+    w->ev = e;
+    lua_pushvalue(L, 1);
+    w->ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    evwaiter_link(&e->waiting, w);
+    return gw_co_wait(L, evwaiter_cancel, w);
+}
+
+/*
+ * syntax: n = ev:set()
+ * Signals every coroutine waiting now; they resume on the next loop turn.
+ * returns: how many were waiting. Never yields.
+ */
+static int
+levent_set(lua_State *L)
+{
+    struct gw_event *e = luaL_checkudata(L, 1, LEVENT_MT);
+    int n = 0;
+
+    e->sets++;
+    if (e->waiting != NULL && e->wake == NULL) {
+        e->wake = evtimer_new(gw_loop_base(), event_wake_fired, e);
+        if (e->wake == NULL) {
+            return luaL_error(L, "no memory");
+        }
+    }
+    while (e->waiting != NULL) {
+        struct gw_evwaiter *w = e->waiting;
+
+        evwaiter_unlink(w);
+        if (w->timer != NULL) {
+            event_del(w->timer);    /* signalled: no timeout any more */
+        }
+        w->fired = 1;
+        evwaiter_link(&e->fired, w);
+        n++;
+    }
+    if (n > 0) {
+        struct timeval zero = { 0, 0 };
+
+        if (e->hold_ref == LUA_NOREF) {
+            lua_pushvalue(L, 1);
+            e->hold_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        }
+        evtimer_add(e->wake, &zero);
+    }
+    lua_pushinteger(L, n);
+    return 1;
+}
+
+/* syntax: n = ev:waiters() -- coroutines waiting (not yet signalled) */
+static int
+levent_waiters(lua_State *L)
+{
+    struct gw_event *e = luaL_checkudata(L, 1, LEVENT_MT);
+    int n = 0;
+
+    for (struct gw_evwaiter *w = e->waiting; w != NULL; w = w->next) {
+        n++;
+    }
+    lua_pushinteger(L, n);
+    return 1;
+}
+
+/* syntax: n = ev:count() -- set() calls so far */
+static int
+levent_count(lua_State *L)
+{
+    struct gw_event *e = luaL_checkudata(L, 1, LEVENT_MT);
+
+    lua_pushinteger(L, (lua_Integer) e->sets);
+    return 1;
+}
+
+/* Every waiter holds a reference, so this runs with none linked, except
+ * at lua_close(): then detach what is left (their cancel frees them). */
+static int
+levent_gc(lua_State *L)
+{
+    struct gw_event *e = luaL_checkudata(L, 1, LEVENT_MT);
+    struct gw_evwaiter **lists[2] = { &e->waiting, &e->fired };
+
+    for (int i = 0; i < 2; i++) {
+        while (*lists[i] != NULL) {
+            struct gw_evwaiter *w = *lists[i];
+
+            evwaiter_unlink(w);
+            w->ev = NULL;
+        }
+    }
+    if (e->wake != NULL) {
+        event_free(e->wake);
+        e->wake = NULL;
+    }
+    return 0;
+}
+
+static const luaL_Reg levent_methods[] = {
+    { "wait", levent_wait },
+    { "set", levent_set },
+    { "waiters", levent_waiters },
+    { "count", levent_count },
+    { NULL, NULL }
+};
+
 /* ---- logging -------------------------------------------------------- */
 
 /*
@@ -569,6 +847,7 @@ static const luaL_Reg lcore_funcs[] = {
     { "error_string", gw_lerror_string },
     { "update_time", lcore_update_time },
     { "spawn", lcore_spawn },
+    { "event", lcore_event },
     { "log", lcore_log },
     { "log_enabled", lcore_log_enabled },
     { "request_id", lcore_request_id },
@@ -588,6 +867,13 @@ luaopen_paygate_core(lua_State *L)
     lua_setfield(L, -2, "__gc");
     lua_newtable(L);
     luaL_register(L, NULL, ltask_methods);
+    lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
+    luaL_newmetatable(L, LEVENT_MT);
+    lua_pushcfunction(L, levent_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_newtable(L);
+    luaL_register(L, NULL, levent_methods);
     lua_setfield(L, -2, "__index");
     lua_pop(L, 1);
     lua_newtable(L);

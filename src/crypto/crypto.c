@@ -389,6 +389,95 @@ err:
     return rc;
 }
 
+/* ---- SM2 encryption ----------------------------------------------------- */
+
+int
+gw_crypto_sm2_encrypt(struct gw_keyinfo *ki, const unsigned char *in,
+                      size_t len, unsigned char **out, size_t *outlen,
+                      const char **kind, char *msg, size_t msglen)
+{
+    EVP_PKEY_CTX *ctx = NULL;
+    unsigned char *buf = NULL;
+    size_t n = 0;
+    int rc = GW_ERR;
+
+    *out = NULL;
+    if (ki->type != GW_KEY_SM2) {
+        GW_FAIL("key_type_mismatch", "sm2 encrypt: needs an SM2 key");
+    }
+    if (len == 0 || len > GW_SM2_MAX_PLAIN) {
+        GW_FAIL("too_long", "sm2 encrypt: the plaintext must be 1 to %d "
+                "bytes", GW_SM2_MAX_PLAIN);
+    }
+    ctx = EVP_PKEY_CTX_new_from_pkey(NULL, ki->pkey, NULL);
+    if (ctx == NULL || EVP_PKEY_encrypt_init(ctx) != 1
+        || EVP_PKEY_encrypt(ctx, NULL, &n, in, len) != 1) {
+        GW_FAIL("internal", "sm2 encrypt: cannot set up");
+    }
+    buf = malloc(n);
+    if (buf == NULL) {
+        GW_FAIL("internal", "sm2 encrypt: no memory");
+    }
+    if (EVP_PKEY_encrypt(ctx, buf, &n, in, len) != 1) {
+        GW_FAIL("internal", "sm2 encrypt failed");
+    }
+    *out = buf;
+    *outlen = n;
+    buf = NULL;
+    rc = GW_OK;
+err:
+    free(buf);
+    EVP_PKEY_CTX_free(ctx);
+    ERR_clear_error();
+    return rc;
+}
+
+int
+gw_crypto_sm2_decrypt(struct gw_keyinfo *ki, const unsigned char *in,
+                      size_t len, unsigned char **out, size_t *outlen,
+                      const char **kind, char *msg, size_t msglen)
+{
+    EVP_PKEY_CTX *ctx = NULL;
+    unsigned char *buf = NULL;
+    size_t n = 0, cap = 0;
+    int rc = GW_ERR;
+
+    *out = NULL;
+    if (ki->type != GW_KEY_SM2 || !ki->is_private) {
+        GW_FAIL("key_type_mismatch", "sm2 decrypt: needs an SM2 private "
+                "key");
+    }
+    if (len == 0 || len > GW_SM2_MAX_PLAIN + 256) {
+        GW_FAIL("decrypt_failed", "sm2 decrypt: ciphertext empty or too "
+                "long");
+    }
+    ctx = EVP_PKEY_CTX_new_from_pkey(NULL, ki->pkey, NULL);
+    if (ctx == NULL || EVP_PKEY_decrypt_init(ctx) != 1
+        || EVP_PKEY_decrypt(ctx, NULL, &cap, in, len) != 1) {
+        GW_FAIL("decrypt_failed", "sm2 decrypt: not an SM2 ciphertext");
+    }
+    buf = malloc(cap > 0 ? cap : 1);
+    if (buf == NULL) {
+        GW_FAIL("internal", "sm2 decrypt: no memory");
+    }
+    n = cap;
+    if (EVP_PKEY_decrypt(ctx, buf, &n, in, len) != 1) {
+        OPENSSL_cleanse(buf, cap);
+        GW_FAIL("decrypt_failed", "sm2 decrypt: ciphertext does not "
+                "decrypt with this key (encrypted for another key, or "
+                "altered)");
+    }
+    *out = buf;
+    *outlen = n;
+    buf = NULL;
+    rc = GW_OK;
+err:
+    free(buf);
+    EVP_PKEY_CTX_free(ctx);
+    ERR_clear_error();
+    return rc;
+}
+
 /* ---- digests, time ----------------------------------------------------- */
 
 const EVP_MD *

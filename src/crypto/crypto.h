@@ -101,6 +101,24 @@ int gw_crypto_oaep_decrypt(struct gw_keyinfo *ki,
                            unsigned char *out, size_t *outlen,
                            const char **kind, char *msg, size_t msglen);
 
+/* SM2 public-key encryption (GM/T 0003.4 with SM3), the ShangMi variant's
+ * sensitive-field encryption. The ciphertext is what OpenSSL emits: DER
+ * SEQUENCE { x INTEGER, y INTEGER, C3 OCTET STRING (the 32-byte SM3
+ * hash), C2 OCTET STRING } -- C1, C3, C2 in that order. *out is malloc'd
+ * (caller frees; decrypt: caller cleanses too); *outlen its length.
+ * Plaintext at most GW_SM2_MAX_PLAIN bytes. Encrypt: kinds
+ * key_type_mismatch (not SM2), too_long, internal. Decrypt (needs an SM2
+ * private key): key_type_mismatch, decrypt_failed. */
+#define GW_SM2_MAX_PLAIN 65536
+int gw_crypto_sm2_encrypt(struct gw_keyinfo *ki,
+                          const unsigned char *in, size_t len,
+                          unsigned char **out, size_t *outlen,
+                          const char **kind, char *msg, size_t msglen);
+int gw_crypto_sm2_decrypt(struct gw_keyinfo *ki,
+                          const unsigned char *in, size_t len,
+                          unsigned char **out, size_t *outlen,
+                          const char **kind, char *msg, size_t msglen);
+
 /* Hex SHA-256 fingerprint (uppercase, 64 chars + NUL) of the key's
  * SubjectPublicKeyInfo. GW_OK or GW_ERR. */
 int gw_crypto_key_fingerprint(EVP_PKEY *pkey, char out[65]);

@@ -338,6 +338,52 @@ lcrypto_oaep_encrypt(lua_State *L)
     return 1;
 }
 
+/* syntax: ct, err = crypto.sm2_encrypt(cert_or_public_key, data)
+ * returns: the raw DER C1C3C2 ciphertext (base64 it for WeChat), or nil,
+ * err (key_type_mismatch, too_long, internal). */
+static int
+lcrypto_sm2_encrypt(lua_State *L)
+{
+    struct gw_keyinfo *ki = gw_verifier_check(L, 1);
+    size_t len, outlen = 0;
+    const char *in = luaL_checklstring(L, 2, &len);
+    const char *kind = "internal";
+    char msg[GW_ERRMSG_MAX] = "";
+    unsigned char *out;
+
+    if (gw_crypto_sm2_encrypt(ki, (const unsigned char *)in, len, &out,
+                              &outlen, &kind, msg, sizeof(msg)) != GW_OK)
+    {
+        return gw_push_error(L, kind, 0, "%s", msg);
+    }
+    lua_pushlstring(L, (const char *)out, outlen);  /* raises only on OOM */
+    free(out);
+    return 1;
+}
+
+/* syntax: pt, err = crypto.sm2_decrypt(private_key, ct)
+ * returns: the plaintext, or nil, err (key_type_mismatch, decrypt_failed) */
+static int
+lcrypto_sm2_decrypt(lua_State *L)
+{
+    struct gw_key *k = gw_key_check(L, 1);
+    size_t len, outlen = 0;
+    const char *in = luaL_checklstring(L, 2, &len);
+    const char *kind = "internal";
+    char msg[GW_ERRMSG_MAX] = "";
+    unsigned char *out;
+
+    if (gw_crypto_sm2_decrypt(&k->ki, (const unsigned char *)in, len, &out,
+                              &outlen, &kind, msg, sizeof(msg)) != GW_OK)
+    {
+        return gw_push_error(L, kind, 0, "%s", msg);
+    }
+    lua_pushlstring(L, (const char *)out, outlen);
+    OPENSSL_cleanse(out, outlen);
+    free(out);
+    return 1;
+}
+
 /* syntax: pt, err = crypto.oaep_decrypt(private_key, ct) */
 static int
 lcrypto_oaep_decrypt(lua_State *L)
@@ -671,6 +717,8 @@ static const luaL_Reg lcrypto_funcs[] = {
     { "sm4_key", lcrypto_sm4_key },
     { "oaep_encrypt", lcrypto_oaep_encrypt },
     { "oaep_decrypt", lcrypto_oaep_decrypt },
+    { "sm2_encrypt", lcrypto_sm2_encrypt },
+    { "sm2_decrypt", lcrypto_sm2_decrypt },
     { "digest", lcrypto_digest },
     { "digest_new", lcrypto_digest_new },
     { "hmac", lcrypto_hmac },

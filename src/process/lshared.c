@@ -72,6 +72,9 @@ push_rc(lua_State *L, struct gw_shdict *d, enum gw_shd_rc rc,
                              "bytes, or value over %d bytes or a quarter of "
                              "the dictionary", name, fn, GW_SHD_MAX_KEY,
                              GW_SHD_MAX_VALUE);
+    case GW_SHD_NO_MEMORY:
+        return gw_push_error(L, "no_memory", 1, "shared %s %s: full of live "
+                             "entries (nothing evicted)", name, fn);
     case GW_SHD_NOT_NUMBER:
         return gw_push_error(L, "not_a_number", 0, "shared %s %s: the value "
                              "is not a number", name, fn);
@@ -121,7 +124,7 @@ lshared_get(lua_State *L)
 static int
 set_or_add(lua_State *L, int add)
 {
-    const char *fn = add ? "add" : "set";
+    const char *fn = add == 2 ? "safe_add" : add ? "add" : "set";
     struct gw_shdict *d = check_dict(L);
     size_t klen;
     const char *key = check_key(L, fn, &klen);
@@ -146,7 +149,7 @@ set_or_add(lua_State *L, int add)
     case LUA_TNIL:
     case LUA_TNONE:
         if (add) {
-            return luaL_error(L, "shared.add: value must not be nil");
+            return luaL_error(L, "shared.%s: value must not be nil", fn);
         }
         v.type = GW_SHD_NIL;
         break;
@@ -186,6 +189,18 @@ static int
 lshared_add(lua_State *L)
 {
     return set_or_add(L, 1);
+}
+
+/*
+ * syntax: ok, err = d:safe_add(key, value[, ttl])
+ * As add, but never evicts a live entry to make room: nil, err (kind
+ * no_memory) when only expired entries could be dropped and they were not
+ * enough. For records whose loss would be a wrong answer (replay caches).
+ */
+static int
+lshared_safe_add(lua_State *L)
+{
+    return set_or_add(L, 2);
 }
 
 /*
@@ -331,6 +346,7 @@ static const luaL_Reg lshared_methods[] = {
     { "get", lshared_get },
     { "set", lshared_set },
     { "add", lshared_add },
+    { "safe_add", lshared_safe_add },
     { "incr", lshared_incr },
     { "delete", lshared_delete },
     { "flush_all", lshared_flush_all },

@@ -10,6 +10,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "loop.h"
 #include "metrics.h"
 #include "runtime.h"
 #include "shdict.h"
@@ -30,6 +31,20 @@ struct gw_route_stat {
     uint64_t le[BUCKETS];       /* cumulative not: per bucket counts */
 };
 
+/* One gauge series an app set from Lua (paygate.metrics). The worker
+ * writes it under a sequence count (odd while it writes); the master
+ * copies it and keeps the copy only when the count was even and the same
+ * before and after (no lock: a writer never waits for /metrics). */
+struct gw_app_series {
+    uint32_t seq;                               /* odd while written */
+    uint32_t used;                              /* 1 when it holds one */
+    double   value;
+    double   at;            /* monotonic seconds of the last set */
+    char     name[GW_METRICS_NAME_MAX];         /* NUL-terminated */
+    char     help[GW_METRICS_HELP_MAX];         /* NUL-terminated */
+    char     labels[GW_METRICS_LABELS_MAX];     /* k="v",... escaped */
+};
+
 struct gw_slot {
     pid_t                pid;       /* worker owning it; 0 when free */
     int                  nroutes;   /* entries used */
@@ -37,6 +52,7 @@ struct gw_slot {
     int64_t              in_flight; /* gauge */
     int64_t              conns;     /* gauge */
     struct gw_route_stat routes[ROUTES];
+    struct gw_app_series app[GW_METRICS_APP_SERIES];
 };
 
 struct gw_shm {
@@ -240,6 +256,101 @@ gw_metrics_worker_restart(void)
     }
 }
 
+static void
+app_write(struct gw_app_series *a, const char *name, const char *help,
+          const char *labels, double value, int used)
+{
+    __atomic_store_n(&a->seq, a->seq + 1, __ATOMIC_RELEASE);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (name != NULL) {
+        snprintf(a->name, sizeof(a->name), "%s", name);
+        snprintf(a->help, sizeof(a->help), "%s", help);
+        snprintf(a->labels, sizeof(a->labels), "%s", labels);
+    }
+    a->value = value;
+    a->at = gw_loop_mono_fresh();
+    a->used = (uint32_t) used;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    __atomic_store_n(&a->seq, a->seq + 1, __ATOMIC_RELEASE);
+}
+
+static struct gw_app_series *
+app_find(const char *name, const char *labels)
+{
+    for (int i = 0; i < GW_METRICS_APP_SERIES; i++) {
+        struct gw_app_series *a = &mine->app[i];
+
+        if (a->used && strcmp(a->name, name) == 0
+            && strcmp(a->labels, labels) == 0) {
+            return a;
+        }
+    }
+    return NULL;
+}
+
+int
+gw_metrics_gauge_set(const char *name, const char *help, const char *labels,
+                     double value)
+{
+    struct gw_app_series *a;
+
+    if (mine == NULL) {
+        return GW_ERR;
+    }
+    a = app_find(name, labels);
+    if (a != NULL) {
+        app_write(a, NULL, NULL, NULL, value, 1);
+        return GW_OK;
+    }
+    for (int i = 0; i < GW_METRICS_APP_SERIES; i++) {
+        if (!mine->app[i].used) {
+            app_write(&mine->app[i], name, help, labels, value, 1);
+            return GW_OK;
+        }
+    }
+    return GW_ERR;
+}
+
+int
+gw_metrics_gauge_remove(const char *name, const char *labels)
+{
+    struct gw_app_series *a;
+
+    if (mine == NULL) {
+        return GW_ERR;
+    }
+    a = app_find(name, labels);
+    if (a == NULL) {
+        return GW_ERR;
+    }
+    app_write(a, NULL, NULL, NULL, 0, 0);
+    return GW_OK;
+}
+
+/* A consistent copy of a (the writer may be mid-update). returns: 1 with
+ * *out filled when a holds a series, else 0. */
+static int
+app_read(const struct gw_app_series *a, struct gw_app_series *out)
+{
+    for (int tries = 0; tries < 4; tries++) {
+        uint32_t s1 = __atomic_load_n(&a->seq, __ATOMIC_ACQUIRE);
+
+        if (s1 & 1u) {
+            continue;
+        }
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        memcpy(out, a, sizeof(*out));
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&a->seq, __ATOMIC_ACQUIRE) == s1) {
+            out->name[sizeof(out->name) - 1] = '\0';
+            out->help[sizeof(out->help) - 1] = '\0';
+            out->labels[sizeof(out->labels) - 1] = '\0';
+            return out->used != 0;
+        }
+    }
+    return 0;
+}
+
 struct buf {
     char  *p;
     size_t len, cap;
@@ -326,6 +437,76 @@ shared_metrics(struct buf *b)
                     gw_shdict_name(d), v);
         }
     }
+}
+
+/* The gauges apps set: every (name, labels) held by a live worker, with
+ * the value of the worker that set it last (each worker computes the
+ * same fact, e.g. a certificate's days left, at its own moment). A name's
+ * HELP is the one of that first series met. Values are printed %.17g. */
+static void
+app_metrics(struct buf *b)
+{
+    enum { MAXN = 64 };
+    struct gw_app_series *all = calloc(MAXN, sizeof(*all));
+    int n = 0;
+
+    if (all == NULL) {
+        return;
+    }
+    for (int i = 0; i < shm->nslots; i++) {
+        if (shm->slots[i].pid <= 0) {
+            continue;
+        }
+        for (int j = 0; j < GW_METRICS_APP_SERIES; j++) {
+            struct gw_app_series c;
+            int k;
+
+            if (!app_read(&shm->slots[i].app[j], &c)) {
+                continue;
+            }
+            for (k = 0; k < n; k++) {
+                if (strcmp(all[k].name, c.name) == 0
+                    && strcmp(all[k].labels, c.labels) == 0) {
+                    break;
+                }
+            }
+            if (k < n) {
+                if (c.at > all[k].at) {
+                    all[k].value = c.value;
+                    all[k].at = c.at;
+                }
+            } else if (n < MAXN) {
+                all[n++] = c;
+            }
+        }
+    }
+    for (int k = 0; k < n; k++) {
+        int first = 1;
+
+        for (int x = 0; x < k; x++) {
+            if (strcmp(all[x].name, all[k].name) == 0) {
+                first = 0;
+                break;
+            }
+        }
+        if (!first) {
+            continue;
+        }
+        bprintf(b, "# HELP %s %s\n# TYPE %s gauge\n", all[k].name,
+                all[k].help, all[k].name);
+        for (int x = k; x < n; x++) {
+            if (strcmp(all[x].name, all[k].name) != 0) {
+                continue;
+            }
+            if (all[x].labels[0] != '\0') {
+                bprintf(b, "%s{%s} %.17g\n", all[x].name, all[x].labels,
+                        all[x].value);
+            } else {
+                bprintf(b, "%s %.17g\n", all[x].name, all[x].value);
+            }
+        }
+    }
+    free(all);
 }
 
 char *
@@ -480,6 +661,7 @@ gw_metrics_render(size_t *len)
             (unsigned long long) shm->reload_failures,
             (unsigned long long) shm->restarts);
     shared_metrics(&b);
+    app_metrics(&b);
     free(sum);
     if (b.p != NULL) {
         *len = b.len;

@@ -31,6 +31,23 @@ void gw_metrics_request(const char *method, size_t method_len,
 void gw_metrics_gauges(int64_t lua_bytes, int64_t in_flight,
                        int64_t connections);
 
+/* Gauges an app sets from Lua (paygate.metrics, lmetrics.c): each worker
+ * holds at most GW_METRICS_APP_SERIES series (name + label set) in its
+ * slot. name and labels are checked and escaped by the caller; labels is
+ * the rendered label text ('k="v",...', sorted by key) or "". */
+#define GW_METRICS_APP_SERIES 16
+#define GW_METRICS_NAME_MAX   64
+#define GW_METRICS_HELP_MAX   128
+#define GW_METRICS_LABELS_MAX 256
+
+/* Worker: sets (adds) a series. GW_OK, or GW_ERR when the slot's table
+ * is full (or there is no slot). */
+int gw_metrics_gauge_set(const char *name, const char *help,
+                         const char *labels, double value);
+
+/* Worker: drops a series. GW_OK, or GW_ERR when it is not held. */
+int gw_metrics_gauge_remove(const char *name, const char *labels);
+
 /* Master: events. */
 void gw_metrics_reload(int ok);
 void gw_metrics_worker_restart(void);

@@ -20,6 +20,7 @@ int luaopen_paygate_sqlite_core(lua_State *L);    /* store/ */
 int luaopen_paygate_redis_core(lua_State *L);
 int luaopen_paygate_pg_core(lua_State *L);
 int luaopen_paygate_shared(lua_State *L);         /* process/ */
+int luaopen_paygate_metrics(lua_State *L);
 
 static const luaL_Reg gw_modules[] = {
     { "paygate.request.core", luaopen_paygate_request_core },
@@ -32,6 +33,7 @@ static const luaL_Reg gw_modules[] = {
     { "paygate.redis.core", luaopen_paygate_redis_core },
     { "paygate.pg.core", luaopen_paygate_pg_core },
     { "paygate.shared", luaopen_paygate_shared },
+    { "paygate.metrics", luaopen_paygate_metrics },
     { NULL, NULL }
 };
 

@@ -308,7 +308,7 @@ expired(const struct entry *x, double now)
 /* Frees room for n cells: expired entries near the tail first, then the
  * least recently used. */
 static void
-make_room(struct gw_shdict *d, uint32_t n, double now)
+make_room(struct gw_shdict *d, uint32_t n, double now, int evict)
 {
     while (avail(d) < n && d->lru_tail != 0) {
         uint32_t e = d->lru_tail, victim = 0;
@@ -321,6 +321,9 @@ make_room(struct gw_shdict *d, uint32_t n, double now)
             e = ENTRY(d, e)->prev;
         }
         if (victim == 0) {
+            if (!evict) {
+                return;             /* the caller sees avail(d) < n */
+            }
             victim = d->lru_tail;
             d->evictions++;
         }
@@ -657,10 +660,11 @@ gw_shdict_get(struct gw_shdict *d, const char *key, size_t klen, char *buf,
 }
 
 /* Writes a new entry and links it (hash last). Lock held; the key is
- * absent. */
+ * absent. evict: live entries may be dropped for room (else
+ * GW_SHD_NO_MEMORY when the expired ones do not free enough). */
 static enum gw_shd_rc
 insert(struct gw_shdict *d, const char *key, size_t klen, uint32_t h,
-       const struct gw_shd_value *v, double ttl, double now)
+       const struct gw_shd_value *v, double ttl, double now, int evict)
 {
     size_t vlen;
     const void *vp;
@@ -683,7 +687,10 @@ insert(struct gw_shdict *d, const char *key, size_t klen, uint32_t h,
     if (vlen > GW_SHD_MAX_VALUE || n > d->max_cells) {
         return GW_SHD_TOO_LARGE;
     }
-    make_room(d, n, now);
+    make_room(d, n, now, evict);
+    if (avail(d) < n) {
+        return GW_SHD_NO_MEMORY;
+    }
     e = alloc_chain(d, n);
     x = ENTRY(d, e);
     memset(x, 0, sizeof(*x));
@@ -736,7 +743,7 @@ gw_shdict_set(struct gw_shdict *d, const char *key, size_t klen,
             remove_entry(d, e);
         }
         if (v->type != GW_SHD_NIL) {
-            rc = insert(d, key, klen, h, v, ttl, now);
+            rc = insert(d, key, klen, h, v, ttl, now, add != 2);
         }
     }
     dict_unlock(d);
@@ -784,7 +791,7 @@ gw_shdict_incr(struct gw_shdict *d, const char *key, size_t klen, double by,
     } else {
         struct gw_shd_value v = { .type = GW_SHD_NUMBER, .n = init + by };
 
-        rc = insert(d, key, klen, h, &v, ttl, now);
+        rc = insert(d, key, klen, h, &v, ttl, now, 1);
         *out = v.n;
     }
     dict_unlock(d);

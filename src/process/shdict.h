@@ -42,6 +42,7 @@ enum gw_shd_rc {
     GW_SHD_EXISTS,          /* add: the key is there */
     GW_SHD_TOO_LARGE,       /* key or value over the limits */
     GW_SHD_NOT_NUMBER,      /* incr on a non-number */
+    GW_SHD_NO_MEMORY,       /* safe add: no room without evicting */
     GW_SHD_BROKEN           /* the lock cannot be taken (never expected) */
 };
 
@@ -94,7 +95,9 @@ enum gw_shd_rc gw_shdict_get(struct gw_shdict *d, const char *key,
                              struct gw_shd_value *v);
 
 /* set (add = 0) or add (add = 1; GW_SHD_EXISTS when a live entry has the
- * key). ttl in seconds, <= 0 for none. A GW_SHD_NIL value deletes. */
+ * key), or safe add (add = 2: as add, but room is made only from expired
+ * entries, never by evicting a live one: GW_SHD_NO_MEMORY instead). ttl
+ * in seconds, <= 0 for none. A GW_SHD_NIL value deletes. */
 enum gw_shd_rc gw_shdict_set(struct gw_shdict *d, const char *key,
                              size_t klen, const struct gw_shd_value *v,
                              double ttl, int add);

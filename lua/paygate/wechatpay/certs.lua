@@ -71,9 +71,23 @@ function _M.init(wx)
     end
   end
   if c.public_key then ring:put(c.public_key_id, c.public_key) end
-  wx.dl = { gen = 0, busy = false, last = nil, last_err = nil }
+  wx.dl = { gen = 0, busy = false, last = nil, last_err = nil,
+            done = core.event() }
   wx.key_prefix = "wechatpay:" .. c.mchid .. ":"
   wx.dict = _M.shared_dict(c.shared_dict)
+  -- the replay cache's dict: replay_dict, else a "wechatpay_replay" dict
+  -- when the runtime has one, else shared_dict
+  if c.replay_dict then
+    wx.replay_dict_name = c.replay_dict
+    wx.replay_dict = _M.shared_dict(c.replay_dict)
+  else
+    local rd = _M.shared_dict("wechatpay_replay")
+    if rd and rd ~= wx.dict then
+      wx.replay_dict_name, wx.replay_dict = "wechatpay_replay", rd
+    else
+      wx.replay_dict_name, wx.replay_dict = c.shared_dict, wx.dict
+    end
+  end
   if c.state_dir then _M.load_state(wx) end
 end
 
@@ -143,14 +157,14 @@ function _M.save_state(wx)
     f = io.open(tmp, "wb")
   end
   if not f then
-    return nil, core.error("state_dir", "cannot write " .. tmp)
+    return nil, core.error("io", "cannot write " .. tmp)
   end
   f:write(table.concat(parts))
   f:close()
   local ok, err = os.rename(tmp, path)
   if not ok then
     os.remove(tmp)
-    return nil, core.error("state_dir", "cannot rename into " .. path .. ": "
+    return nil, core.error("io", "cannot rename into " .. path .. ": "
                            .. tostring(err))
   end
   return true
@@ -296,16 +310,59 @@ function _M.status(wx, now)
            public_key_id = wx.conf.public_key_id, mode = wx.conf.mode }
 end
 
--- Logs a warning from 30 days before the newest certificate expires.
+-- The /metrics gauge of the days left (nil when the runtime has no
+-- paygate.metrics, e.g. an embedding without the process layer).
+local days_gauge
+local function gauge()
+  if days_gauge == nil then
+    local ok, metrics = pcall(require, "paygate.metrics")
+    days_gauge = ok and type(metrics) == "table"
+      and metrics.gauge("paygate_wechatpay_certificate_days_left",
+        "Days left on the newest valid WeChat Pay platform certificate.")
+      or false
+  end
+  return days_gauge or nil
+end
+
+-- A warning is logged from this many days before the newest expires.
+_M.WARN_DAYS = 30
+
+--- syntax: st = certs.report(wx[, now])
+-- Publishes paygate_wechatpay_certificate_days_left{mchid, serial} for
+-- the newest valid platform certificate (the series of a serial no longer
+-- newest is removed; none in public-key mode: that key does not expire)
+-- and logs a warning from WARN_DAYS days before it expires.
 function _M.report(wx, now)
   local st = _M.status(wx, now)
-  if st.days_left and st.days_left < 30 then
+  local g = gauge()
+  if g then
+    local mchid = wx.conf.mchid
+    if wx.gauge_serial and wx.gauge_serial ~= st.newest then
+      g:remove({ mchid = mchid, serial = wx.gauge_serial })
+      wx.gauge_serial = nil
+    end
+    if st.newest then
+      local ok, err = g:set(st.days_left, { mchid = mchid,
+                                            serial = st.newest })
+      if ok then
+        wx.gauge_serial = st.newest
+      elseif not wx.gauge_warned then
+        wx.gauge_warned = true
+        log().warn("wechatpay: cannot publish the certificate metric",
+                   { mchid = mchid, error = tostring(err) })
+      end
+    end
+  end
+  if st.days_left and st.days_left < _M.WARN_DAYS then
     log().warn("wechatpay: the newest platform certificate expires soon",
                { mchid = wx.conf.mchid, serial = st.newest,
                  days_left = math.floor(st.days_left) })
   end
   return st
 end
+
+-- How often the gauge is recomputed between downloads (seconds).
+_M.REPORT_INTERVAL = 3600
 
 -- Serialises the held certificates for other workers (shared dict).
 local function export(wx)
@@ -326,23 +383,33 @@ local function import(wx, pem)
   adopt(wx, ok, now)
 end
 
--- Waits (polling, bounded) until cond() holds; returns whether it did.
+-- Waits until cond() holds, for a condition another *process* changes
+-- (the download lock in paygate.shared): nothing can signal across
+-- workers, so this polls, from 5 ms doubling to 200 ms (a download takes
+-- a round trip to WeChat; a late look costs at most 200 ms). Bounded;
+-- returns whether cond() held.
 local function wait_for(cond, seconds)
   local deadline = core.mono() + seconds
+  local step = 0.005
   while not cond() do
-    if core.mono() > deadline then return false end
-    core.sleep(0.01)
+    local left = deadline - core.mono()
+    if left <= 0 then return false end
+    core.sleep(step < left and step or left)
+    step = step * 2
+    if step > 0.2 then step = 0.2 end
   end
   return true
 end
 
---- syntax: ok, err = certs.refresh(wx, reason)
+--- syntax: ok, err = certs.refresh(wx, reason[, wait])
 -- reason: "unknown_serial" (rate-limited), "start", "timer", "manual". At
 -- most one download per worker at a time: it runs in a task of its own (so
 -- a caller whose request is abandoned cannot leave it half done) and every
--- caller meanwhile waits for its result; with paygate.shared, at most one
--- per instance (other workers take its result from the dict).
-function _M.refresh(wx, reason)
+-- caller meanwhile waits for its result on a core.event (no polling); with
+-- paygate.shared, at most one per instance (other workers take its result
+-- from the dict). wait: seconds to wait at most (default 2 timeouts + 10);
+-- after it the caller gets timeout and the download goes on.
+function _M.refresh(wx, reason, wait)
   if not wx.conf.download then
     return nil, core.error("unknown_serial", "certificate download is off")
   end
@@ -359,11 +426,17 @@ function _M.refresh(wx, reason)
       dl.last, dl.last_err = a, b
       dl.gen = dl.gen + 1
       dl.busy = false
+      dl.done:set()           -- the waiters resume on the next loop turn
     end)
   end
-  if not wait_for(function() return dl.gen ~= gen end,
-                  2 * wx.conf.timeout + 10) then
-    return nil, core.error("timeout", "certificate download still running")
+  -- in this worker: sleep on the event until the task says it is done
+  local deadline = core.mono() + (wait or (2 * wx.conf.timeout + 10))
+  while dl.gen == gen do
+    local left = deadline - core.mono()
+    if left <= 0 or not dl.done:wait(left) then
+      return nil, core.error("timeout", "certificate download still "
+                             .. "running")
+    end
   end
   return dl.last, dl.last_err
 end
@@ -474,20 +547,38 @@ function _M.verify(wx, headers, body, now)
 end
 
 --- syntax: certs.start(wx)
--- The first download (inline when no certificate is held yet and we can
--- wait; otherwise in the background) and the jittered periodic refresh.
--- A failure is logged and retried, never fatal, except 404
--- RESOURCE_NOT_EXISTS: returned as invalid_config.
+-- The first download (waited for, at most startup_timeout seconds, when
+-- no certificate is held yet and we can wait; it goes on in the
+-- background past that) and the jittered periodic refresh. A failure is
+-- logged and retried, never fatal, except 404 RESOURCE_NOT_EXISTS seen
+-- within startup_timeout: returned as invalid_config (later, it is logged
+-- and every verification answers it).
 function _M.start(wx)
   local c = wx.conf
+  _M.report(wx)
+  if next(wx.certs) ~= nil or c.download then
+    -- the days left shrink between downloads: recompute them hourly
+    wx.reporter = core.spawn(function()
+      while true do
+        core.sleep(_M.REPORT_INTERVAL)
+        _M.report(wx)
+      end
+    end)
+  end
   if not c.download then return true end
   if next(wx.certs) == nil and core.in_coroutine() then
-    local ok, err = _M.refresh(wx, "start")
+    -- a blackholed WeChat must not hold a worker's start for a whole
+    -- timeout: wait startup_timeout, then let the download finish alone
+    local ok, err = _M.refresh(wx, "start", c.startup_timeout)
     if not ok and err.kind == "invalid_config" and c.mode == "certificate"
     then
       return nil, err
     end
-    if not ok then
+    if not ok and err.kind == "timeout" and wx.dl.busy then
+      log().warn("wechatpay: platform certificate download not done within "
+                 .. "startup_timeout; it goes on in the background",
+                 { mchid = c.mchid, startup_timeout = c.startup_timeout })
+    elseif not ok then
       log().warn("wechatpay: platform certificate download failed; retrying "
                  .. "in the background", { mchid = c.mchid, error = tostring(err) })
     end

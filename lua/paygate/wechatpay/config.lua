@@ -80,12 +80,15 @@ end
 --- syntax: cfg, err = config.check(conf)
 -- returns: the checked configuration with its keys loaded:
 --   mchid (the signing merchant: sp_mchid in partner mode), partner,
+--   appid or sp_appid (the prepay default, when given),
 --   signer { key, schema, mchid, serial }, sm (SM variant), apiv3_keys
 --   (current first, then previous), platform_certs (handles), public_key
 --   (handle) and public_key_id, mode ("certificate" | "public_key" |
 --   "migration"), download (whether /v3/certificates is used), base_url,
 --   backup_url, state_dir, refresh_interval, timeout, deadline,
---   max_attempts, ca_file, platform_ca, shared_dict, user_agent.
+--   startup_timeout,
+--   max_attempts, ca_file, platform_ca, shared_dict, replay_dict (nil:
+--   the default choice, certs.init), user_agent.
 function _M.check(conf)
   if type(conf) ~= "table" then
     return bad("conf", "the configuration must be a table")
@@ -108,6 +111,24 @@ function _M.check(conf)
   if type(c.mchid) ~= "string" or not c.mchid:match("^%d+$")
      or #c.mchid > 32 then
     return bad(c.mchid_key, "must be the merchant id: digits")
+  end
+  -- the default appid of prepay bodies (api.lua fills it in when a call
+  -- gives none): appid for a direct merchant, sp_appid for a provider
+  local appid_key = c.partner and "sp_appid" or "appid"
+  local other_key = c.partner and "appid" or "sp_appid"
+  if conf[other_key] ~= nil then
+    return bad(other_key, c.partner
+      and "is for a direct merchant (mchid); a service provider gives sp_appid"
+      or "is for a service provider (sp_mchid); a direct merchant gives appid")
+  end
+  local appid = conf[appid_key]
+  if appid ~= nil then
+    if type(appid) ~= "string" or not appid:match("^[%w_%-]+$")
+       or #appid > 32 then
+      return bad(appid_key, "must be an appid (at most 32 letters, digits, "
+                 .. "_ and -)")
+    end
+    c[appid_key] = appid
   end
   -- signature type
   local schema = conf.sign_type or sign.RSA
@@ -290,7 +311,7 @@ function _M.check(conf)
   end
   for k, default in pairs({ refresh_interval = 43200, timeout = 10,
                             deadline = 30, download_min_interval = 60,
-                            max_attempts = 4 }) do
+                            max_attempts = 4, startup_timeout = 3 }) do
     c[k] = positive(conf, k, default)
     if not c[k] then return bad(k, "must be a number > 0") end
   end
@@ -298,6 +319,14 @@ function _M.check(conf)
   if type(c.shared_dict) ~= "string" then
     return bad("shared_dict", "must be the name of a paygate.shared dict")
   end
+  -- the replay cache: a dict of its own, so nobody else's entries push
+  -- its records out (nil: "wechatpay_replay" when the runtime has it,
+  -- else shared_dict)
+  if conf.replay_dict ~= nil and (type(conf.replay_dict) ~= "string"
+                                  or conf.replay_dict == "") then
+    return bad("replay_dict", "must be the name of a paygate.shared dict")
+  end
+  c.replay_dict = conf.replay_dict
   return c
 end
 

@@ -145,8 +145,10 @@ _M.KINDS = {
   "user_paying", "http_error", "unverified_response", "unknown_outcome",
   "bad_signature", "stale_timestamp", "unknown_serial", "cert_expired",
   "malformed", "replayed", "replay_check_unavailable", "decrypt_failed",
-  "bad_response", "unsupported", "timeout", "connect", "dns", "tls",
-  "closed", "body_too_large", "aborted",
+  "bad_response", "timeout", "connect", "dns", "tls",
+  "closed", "body_too_large", "aborted", "internal",
+  -- download_bill
+  "hash_mismatch", "too_large", "io",
 }
 
 

@@ -27,7 +27,8 @@ _M.methods = methods
 --- syntax: wx, err = wechatpay.client(conf)
 -- returns: a client, or nil, err (kind invalid_config, err.key names the
 -- configuration key at fault). May yield (the first certificate download,
--- when no platform certificate is held yet); a download failure is not
+-- when no platform certificate is held yet: at most startup_timeout
+-- seconds, then it goes on in the background); a download failure is not
 -- fatal (retried in the background) except 404 RESOURCE_NOT_EXISTS.
 function _M.client(conf)
   local cfg, err = config.check(conf)
@@ -84,8 +85,8 @@ end
 
 --- syntax: ciphertext_b64, serial = wx:encrypt_sensitive(plaintext)
 -- Encrypts a sensitive request field for WeChat (RSA-OAEP with SHA-1
--- under the public key or the newest platform certificate; SM2 in the SM
--- variant). Send serial as Wechatpay-Serial (opts.wechatpay_serial).
+-- under the public key or the newest platform certificate; SM2 with SM3,
+-- DER C1C3C2, in the SM variant), base64. Send serial as Wechatpay-Serial (opts.wechatpay_serial).
 -- returns: nil, err when no key is held or the text is too long.
 function methods.encrypt_sensitive(wx, plaintext)
   if type(plaintext) ~= "string" then
@@ -104,10 +105,9 @@ function methods.encrypt_sensitive(wx, plaintext)
   if not key then return nil, err end
   local ct
   if wx.conf.sm then
-    if not crypto.sm2_encrypt then
-      return nil, errors.new("unsupported", "encrypt_sensitive: SM2 "
-                             .. "encryption is not available")
-    end
+    -- DER SEQUENCE { x, y, C3, C2 } (C1C3C2), as OpenSSL emits it and as
+    -- the one SDK with the SM variant (wechatpay-java's) is documented
+    -- to send; WeChat's own pages do not spell the format out
     ct, err = crypto.sm2_encrypt(key, plaintext)
   else
     ct, err = crypto.oaep_encrypt(key, plaintext)
@@ -134,6 +134,10 @@ function methods.stop(wx)
   if wx.refresher then
     wx.refresher:cancel()
     wx.refresher = nil
+  end
+  if wx.reporter then
+    wx.reporter:cancel()
+    wx.reporter = nil
   end
 end
 

@@ -15,6 +15,7 @@ local resource = require "paygate.wechatpay.resource"
 
 local type, pcall, tostring = type, pcall, tostring
 local null = json.null
+local decode = json.decode
 
 local _M = {}
 
@@ -41,7 +42,7 @@ local function parse(wx, req, opts)
   end
   local h, err = certs.verify(wx, headers, body, opts and opts.now)
   if not h then return nil, err end
-  local doc = json.decode(body)
+  local doc = decode(body)
   if type(doc) ~= "table" then
     return fail("malformed", "body is not a JSON object")
   end
@@ -52,23 +53,33 @@ local function parse(wx, req, opts)
   local plain
   plain, err = resource.decrypt(r, wx.conf.apiv3_keys)
   if not plain then return nil, err end
-  local resource = json.decode(plain)
+  local resource = decode(plain)
   if type(resource) ~= "table" then
     return fail("malformed", "decrypted resource is not a JSON object")
   end
   if not (opts and opts.replay == false) then
-    local dict = wx.dict
+    local dict = wx.replay_dict
     if not dict then
       return fail("replay_check_unavailable", "no paygate.shared dict "
-        .. tostring(wx.conf.shared_dict) .. " to record notifications in; "
+        .. tostring(wx.replay_dict_name) .. " to record notifications in; "
         .. "configure it or pass { replay = false }")
     end
     local key = "wechatpay:n:" .. h.nonce .. ":" .. h.timestamp .. ":"
                 .. crypto.digest("sha1", h.signature)
-    local ok = dict:add(key, true, _M.REPLAY_TTL)
-    if not ok then
+    -- safe_add never evicts a live record to make room: a record pushed
+    -- out early would let its replay through. A full dict answers
+    -- no_memory instead, and the notification is refused (WeChat sends
+    -- it again later), never accepted unchecked.
+    local ok, aerr = dict:safe_add(key, true, _M.REPLAY_TTL)
+    if ok == false then
       return fail("replayed", "this notification (same nonce, timestamp "
                   .. "and signature) was already accepted")
+    elseif not ok then
+      return nil, core.error("replay_check_unavailable", "cannot record "
+        .. "the notification in paygate.shared dict "
+        .. tostring(wx.replay_dict_name) .. " (" .. tostring(aerr)
+        .. "): refused unchecked; size the dict for the window "
+        .. "(docs/wechatpay.md)", { retryable = true })
     end
   end
   return {

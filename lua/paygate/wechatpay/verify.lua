@@ -115,14 +115,15 @@ local RING_KINDS = {
 }
 
 --- syntax: ok, err = verify.signature(h, body, keys[, sig_type[, now]])
--- h from parse_headers; keys a key ring (ring:verify_base64); sig_type
+-- h from parse_headers; keys a key ring (ring:verify_lines_base64); sig_type
 -- the algorithm expected when the header names none (the configured
 -- one). returns: true, or nil, err (bad_signature, unknown_serial with
 -- err.serial, cert_expired).
 function _M.signature(h, body, keys, sig_type, now)
   local alg = h.sig_type or sig_type
-  local ok, err = keys:verify_base64(h.serial, _M.message(h.timestamp,
-                                     h.nonce, body), h.signature, alg, now)
+  -- the signing string's lines go to C as they are: no copy of the body
+  local ok, err = keys:verify_lines_base64(h.serial, h.signature, alg, now,
+                                           h.timestamp, h.nonce, body)
   if ok then return true end
   local ekind = type(err) == "table" and err.kind or tostring(err)
   local kind = RING_KINDS[ekind] or "bad_signature"

@@ -11,6 +11,15 @@
 --   certs          { [serial] = certificate PEM path } (served, in order
 --                  of cert_order)
 --   default_signer serial used when the request names none we hold
+--   sm             true: the ShangMi variant -- requests must carry
+--                  WECHATPAY2-SM2-WITH-SM3 (SM2 with SM3, ID
+--                  1234567812345678), answers are signed with SM2 keys
+--                  and say so in Wechatpay-Signature-Type
+--
+-- /v3/certificates?algorithm_type=RSA|SM2|ALL serves the certificates of
+-- that key type (RSA without the parameter); RSA ones are encrypted with
+-- AEAD_AES_256_GCM under the APIv3 key, SM2 ones with AEAD_SM4_GCM under
+-- the first 16 bytes of SM3(APIv3 key).
 --
 -- Control (JSON):
 --   POST /_ctl/reset
@@ -64,7 +73,10 @@ reset()
 local function check_auth(method, target, body, value)
   if type(value) ~= "string" then return "missing" end
   local schema, rest = value:match("^(%S+) (.+)$")
-  if schema ~= "WECHATPAY2-SHA256-RSA2048" then return "schema" end
+  if schema ~= (conf.sm and "WECHATPAY2-SM2-WITH-SM3"
+                or "WECHATPAY2-SHA256-RSA2048") then
+    return "schema"
+  end
   local p = {}
   for k, v in rest:gmatch('([%w_]+)="([^"]*)"') do p[k] = v end
   if p.mchid ~= conf.mchid then return "mchid" end
@@ -101,7 +113,11 @@ local function signed(req, status, body, s, extra)
   headers["Wechatpay-Nonce"] = nonce
   headers["Wechatpay-Signature"] = sig
   headers["Wechatpay-Serial"] = id
-  if s.sig_type then headers["Wechatpay-Signature-Type"] = s.sig_type end
+  if s.sig_type then
+    headers["Wechatpay-Signature-Type"] = s.sig_type
+  elseif conf.sm then
+    headers["Wechatpay-Signature-Type"] = "WECHATPAY2-SM2-WITH-SM3"
+  end
   return status, body, headers
 end
 
@@ -117,18 +133,29 @@ local function certificates(req)
     return c.status, json.encode({ code = "SYSTEM_ERROR",
                                    message = "系统繁忙,请稍后重试" })
   end
+  local want = req:query().algorithm_type or "RSA"
+  if want ~= "RSA" and want ~= "SM2" and want ~= "ALL" then
+    return 400, json.encode({ code = "PARAM_ERROR",
+                              message = "algorithm_type 取值错误" })
+  end
   local data = {}
   for _, serial in ipairs(c.serials) do
     local nonce = crypto.random_nonce(12)
-    local ct = crypto.aead_encrypt("AEAD_AES_256_GCM", c.apiv3_key, nonce,
-                                   "certificate", cert_pem[serial])
     local cert = cert_obj[serial]
-    data[#data + 1] = {
-      serial_no = serial, effective_time = rfc3339(cert:not_before()),
-      expire_time = rfc3339(cert:not_after()),
-      encrypt_certificate = { algorithm = "AEAD_AES_256_GCM", nonce = nonce,
-        associated_data = "certificate",
-        ciphertext = crypto.base64_encode(ct) } }
+    local sm2 = cert:key_type() == "SM2"
+    if want == "ALL" or want == (sm2 and "SM2" or "RSA") then
+      local alg = sm2 and "AEAD_SM4_GCM" or "AEAD_AES_256_GCM"
+      local key = sm2 and crypto.digest("sm3", c.apiv3_key):sub(1, 16)
+                  or c.apiv3_key
+      local ct = crypto.aead_encrypt(alg, key, nonce, "certificate",
+                                     cert_pem[serial])
+      data[#data + 1] = {
+        serial_no = serial, effective_time = rfc3339(cert:not_before()),
+        expire_time = rfc3339(cert:not_after()),
+        encrypt_certificate = { algorithm = alg, nonce = nonce,
+          associated_data = "certificate",
+          ciphertext = crypto.base64_encode(ct) } }
+    end
   end
   return signed(req, 200, json.encode({ data = data }),
                 c.signer and { serial = c.signer } or nil,

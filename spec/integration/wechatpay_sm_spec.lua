@@ -1,0 +1,166 @@
+-- The ShangMi variant (sign_type WECHATPAY2-SM2-WITH-SM3) against
+-- spec/support/wxserver in its SM mode: requests signed with SM2/SM3,
+-- /v3/certificates?algorithm_type=SM2 answered with SM2 certificates in
+-- AEAD_SM4_GCM, answers signed with SM2, a rotation, a wrong APIv3 key,
+-- an SM4-GCM notification and SM2 sensitive-field encryption.
+local core = require "paygate.core"
+local crypto = require "paygate.crypto"
+local json = require "cjson.safe"
+local wechatpay = require "paygate.wechatpay"
+local server = require "support.server"
+local wxtest = require "support.wxtest"
+
+local S1, S2 = wxtest.S1, wxtest.S2
+local CERTS = "/v3/certificates?algorithm_type=SM2"
+
+local dir, keys, srv
+
+local function count(target)
+  local n = 0
+  for _, r in ipairs(wxtest.requests(srv)) do
+    if r.target == target then n = n + 1 end
+  end
+  return n
+end
+
+local function client(over)
+  local wx, err = wechatpay.client(wxtest.client_conf(srv, keys, over))
+  assert(wx, tostring(err))
+  return wx
+end
+
+local function read(path)
+  local f = assert(io.open(path, "rb"))
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+
+setup(function()
+  dir = server.tmpdir()
+  keys = wxtest.make_sm(dir)
+  srv = wxtest.start(keys)
+end)
+
+teardown(function()
+  if srv then srv:stop() end
+  os.execute("rm -rf " .. dir)
+end)
+
+before_each(function()
+  require("paygate.shared").get_dict("paygate"):flush_all()
+  wxtest.reset(srv)
+  wxtest.certs(srv, { serials = { S1 } })
+end)
+
+describe("the SM variant against a server", function()
+  it("downloads the SM2 certificates (SM4-GCM) and verifies SM2 answers",
+     function()
+    local wx = client()
+    assert.equal(1, count(CERTS))
+    assert.equal(0, count("/v3/certificates"))
+    assert.same({ S1 }, wx:certificate_status().serials)
+    local res = assert(wx:request("POST", "/v3/echo", '{"a":1}'))
+    assert.equal(200, res.status)
+    local reqs = wxtest.requests(srv)
+    local r = reqs[#reqs]
+    assert.equal("ok", r.auth)            -- the server checked SM2/SM3
+    assert.matches("^WECHATPAY2%-SM2%-WITH%-SM3 ", r.headers.authorization)
+    assert.equal(S1, r.headers["wechatpay-serial"])
+    wx:stop()
+  end)
+
+  it("the server keeps RSA and SM2 apart (the query is what selects)",
+     function()
+    -- asking without algorithm_type gets the RSA list: none here
+    local wx = client()
+    local res = assert(wx:request("GET", "/v3/certificates"))
+    assert.same({}, res.json.data)
+    res = assert(wx:request("GET", CERTS))
+    assert.equal(1, #res.json.data)
+    assert.equal("AEAD_SM4_GCM",
+                 res.json.data[1].encrypt_certificate.algorithm)
+    wx:stop()
+  end)
+
+  it("a rotated-in SM2 certificate: one download, then both verify",
+     function()
+    local wx = client()
+    wxtest.certs(srv, { serials = { S1, S2 } })
+    wxtest.queue(srv, "GET", "/v3/x", { { body = "{}", sign = { serial = S2 } },
+      { body = "{}", sign = { serial = S1 } } })
+    assert(wx:request("GET", "/v3/x"))
+    assert(wx:request("GET", "/v3/x"))
+    assert.equal(2, count(CERTS))
+    assert.same({ S1, S2 }, wx:certificate_status().serials)
+    assert.equal(S2, wx:certificate_status().newest)
+    wx:stop()
+  end)
+
+  it("an answer signed with the wrong SM2 key is bad_signature", function()
+    local wx = client()
+    wxtest.queue(srv, "GET", "/v3/x", { { body = "{}", sign = {
+      serial = S1, signature = crypto.sign_base64(
+        crypto.private_key(read(keys.s2_key)), "1\n2\n{}\n") } } })
+    local _, err = wx:request("GET", "/v3/x")
+    assert.equal("bad_signature", err.kind)
+    wx:stop()
+  end)
+
+  it("a download under another APIv3 key is refused (decrypt_failed)",
+     function()
+    wxtest.certs(srv, { apiv3_key = ("k"):rep(32) })
+    local wx = client{ timeout = 2 }
+    assert.same({}, wx:certificate_status().serials)
+    local _, err = wx:refresh_certificates()
+    assert.equal("decrypt_failed", err.kind)
+    wx:stop()
+  end)
+
+  it("parses an SM4-GCM notification signed with SM2", function()
+    local wx = client()
+    local resource = json.encode({ out_trade_no = "sm-1", trade_state = "SUCCESS" })
+    local nonce = crypto.random_nonce(12)
+    local ct = crypto.aead_encrypt("AEAD_SM4_GCM",
+      crypto.digest("sm3", wxtest.APIV3):sub(1, 16), nonce, "transaction",
+      resource)
+    local body = json.encode({ id = "EV-sm-1", event_type = "TRANSACTION.SUCCESS",
+      resource_type = "encrypt-resource", resource = {
+        algorithm = "AEAD_SM4_GCM", ciphertext = crypto.base64_encode(ct),
+        nonce = nonce, associated_data = "transaction",
+        original_type = "transaction" } })
+    local ts = tostring(os.time())
+    local hnonce = crypto.random_nonce(32)
+    local sig = crypto.sign_base64(crypto.private_key(read(keys.s1_key)),
+                                   ts .. "\n" .. hnonce .. "\n" .. body .. "\n")
+    local headers = { ["wechatpay-timestamp"] = ts, ["wechatpay-nonce"] = hnonce,
+      ["wechatpay-signature"] = sig, ["wechatpay-serial"] = S1,
+      ["wechatpay-signature-type"] = "WECHATPAY2-SM2-WITH-SM3" }
+    local ev = assert(wx:parse_notification({ headers = headers, body = body },
+                                            { replay = false }))
+    assert.equal("EV-sm-1", ev.id)
+    assert.equal("sm-1", ev.resource.out_trade_no)
+    wx:stop()
+  end)
+
+  it("encrypts a sensitive field with SM2 for the newest certificate",
+     function()
+    wxtest.certs(srv, { serials = { S1, S2 } })
+    local wx = client()
+    local ct, serial = assert(wx:encrypt_sensitive("6222021234567890"))
+    assert.equal(S2, serial)                 -- S2 ends 30 days later
+    local raw = crypto.base64_decode(ct)
+    local key = crypto.private_key(read(keys.s2_key))
+    assert.equal("6222021234567890", crypto.sm2_decrypt(key, raw))
+    -- and by the openssl CLI, independently of paygate.crypto's decrypt
+    local f = assert(io.open(dir .. "/sens.bin", "wb"))
+    f:write(raw)
+    f:close()
+    local p = io.popen(("openssl pkeyutl -decrypt -inkey %s -in %s/sens.bin")
+                       :format(keys.s2_key, dir))
+    local out = p:read("*a")
+    p:close()
+    assert.equal("6222021234567890", out)
+    wx:stop()
+  end)
+end)
