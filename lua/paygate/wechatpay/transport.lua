@@ -53,7 +53,6 @@
 --   err.request_id, err.retryable, err.detail).
 local core = require "paygate.core"
 local http = require "paygate.http"
-local cjson = require "cjson"
 local json = require "paygate.json"  -- hardened decoder, same null
 local errors = require "paygate.wechatpay.errors"
 local sign = require "paygate.wechatpay.sign"
@@ -63,35 +62,11 @@ local min, random = math.min, math.random
 
 local _M = {}
 
--- JSON for request bodies: "/" is not escaped (notify_url stays readable,
--- as every WeChat Pay SDK sends it; the bytes are signed as sent either
--- way). cjson 2.1.0 has no switch for it and writes "\/": such an escape
--- is undone after encoding. In cjson's output a backslash only occurs in
--- escapes, so a "/" after an odd run of backslashes is an escaped "/"
--- (after an even run, the backslashes are escaped backslashes).
-local encoder = cjson.new()
-local slash_switch = encoder.encode_escape_forward_slash
-if slash_switch then slash_switch(false) end
-local find, sub, byte, concat = string.find, string.sub, string.byte,
-                                table.concat
-function _M.encode(v)
-  local s = encoder.encode(v)
-  local i = not slash_switch and find(s, "\\/", 1, true)
-  if not i then return s end
-  local parts, n, from = {}, 0, 1
-  while i do
-    local j = i - 1                    -- the backslashes before this one
-    while j >= from and byte(s, j) == 92 do j = j - 1 end
-    if (i - j) % 2 == 1 then           -- an odd run: "\/" is an escape
-      n = n + 1
-      parts[n] = sub(s, from, i - 1)
-      from = i + 1
-    end
-    i = find(s, "\\/", i + 1, true)
-  end
-  parts[n + 1] = sub(s, from)
-  return concat(parts)
-end
+-- JSON for request bodies: paygate.json writes integers exactly and does
+-- not escape "/" (notify_url stays readable, as every WeChat Pay SDK sends
+-- it; the bytes are signed as sent either way). It raises on a value JSON
+-- cannot hold (a function, NaN, a sparse array), which callers pcall.
+_M.encode = json.encode
 
 local USER_AGENT
 local function user_agent()

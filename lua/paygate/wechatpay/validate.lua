@@ -246,10 +246,6 @@ local function plain(call, v, field, depth, seen)
     if v ~= v or v == huge or v == -huge then
       return fail(call, field, "must be a finite number")
     end
-    if floor(v) == v and (v >= 1e14 or v <= -1e14) and v < MAX_EXACT then
-      -- cjson writes 14 significant digits: a larger integer would change
-      return fail(call, field, "is too large to send exactly")
-    end
     if v >= MAX_EXACT or v <= -MAX_EXACT then
       return fail(call, field, "is too large to send exactly")
     end
