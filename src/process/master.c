@@ -60,6 +60,9 @@ static struct {
     int               reloads_done; /* outcomes so far (status file) */
     int               stopping;
     int               failed_start; /* a first-generation worker failed */
+    int               start_code;   /* exit code of that failure: 2 when a
+                                       worker exited 2 (the app found its
+                                       configuration bad), else 1 */
     int               served;       /* some worker has been ready once:
                                        failures are restarts from now on */
     int               crashes;      /* recent, for the restart backoff */
@@ -437,6 +440,9 @@ on_chld(evutil_socket_t sig, short what, void *arg)
             continue;
         } else if (wk->state == W_STARTING && !m.served) {
             m.failed_start = 1;
+            if (WIFEXITED(status) && WEXITSTATUS(status) == 2) {
+                m.start_code = 2;
+            }
             gw_log(GW_LOG_ERROR, "worker %d %s before serving", (int) pid,
                    why);
         } else {
@@ -771,7 +777,7 @@ gw_master_main(struct gw_opts *o)
     }
     event_base_dispatch(gw_loop_base());
     if (m.failed_start) {
-        code = 1;
+        code = m.start_code == 2 ? 2 : 1;
     }
     if (o->pid_file[0] != '\0') {
         char status[1100];

@@ -20,12 +20,12 @@
 -- caused by an unknown serial are rate-limited (download_min_interval), so
 -- a storm of unknown serials cannot hammer WeChat.
 local core = require "paygate.core"
-local crypto = require "paygate.crypto"
 local x509 = require "paygate.x509"
 local keyring = require "paygate.keyring"
 local json = require "cjson.safe"
 local errors = require "paygate.wechatpay.errors"
 local verify = require "paygate.wechatpay.verify"
+local resource = require "paygate.wechatpay.resource"
 
 local type, tostring, ipairs, pairs, pcall, next =
       type, tostring, ipairs, pairs, pcall, next
@@ -158,50 +158,10 @@ end
 
 -- Decrypts one AEAD-encrypted resource ({ algorithm, nonce,
 -- associated_data, ciphertext }) with the current, then the previous
--- APIv3 keys. returns: plaintext, or nil, err (malformed, decrypt_failed).
+-- APIv3 keys (paygate.wechatpay.resource). returns: plaintext, or nil,
+-- err (malformed, decrypt_failed).
 function _M.decrypt(wx, r)
-  if type(r) ~= "table" then
-    return nil, core.error("malformed", "encrypted resource is not an object")
-  end
-  local alg, nonce, aad, ct64 = r.algorithm, r.nonce, r.associated_data,
-                                r.ciphertext
-  if alg ~= "AEAD_AES_256_GCM" and alg ~= "AEAD_SM4_GCM" then
-    return nil, core.error("malformed", "unknown algorithm "
-                           .. printable(alg, 40))
-  end
-  if type(nonce) ~= "string" or nonce == "" or #nonce > 256 then
-    return nil, core.error("malformed", "resource nonce missing or too long")
-  end
-  if aad == nil or aad == json.null then aad = "" end
-  if type(aad) ~= "string" then
-    return nil, core.error("malformed", "associated_data is not a string")
-  end
-  if type(ct64) ~= "string" then
-    return nil, core.error("malformed", "ciphertext is not a string")
-  end
-  local ct = crypto.base64_decode(ct64)
-  if not ct then
-    return nil, core.error("malformed", "ciphertext is not valid base64")
-  end
-  if #ct < 16 then
-    return nil, core.error("decrypt_failed", "ciphertext shorter than its "
-                           .. "16-byte tag: truncated")
-  end
-  local last
-  for _, k in ipairs(wx.conf.apiv3_keys) do
-    local key = alg == "AEAD_SM4_GCM" and wx.sm4_key(k) or k
-    local plain, err = crypto.aead_decrypt(alg, key, nonce, aad, ct)
-    if plain then return plain end
-    last = err
-    if err.kind ~= "decrypt_failed" then break end
-  end
-  if last and last.kind == "decrypt_failed" then
-    return nil, core.error("decrypt_failed", "cannot decrypt the resource: "
-      .. "wrong APIv3 key (apiv3_key, previous_apiv3_keys) or altered "
-      .. "ciphertext, nonce or associated_data")
-  end
-  return nil, core.error("decrypt_failed", "cannot decrypt the resource: "
-                         .. tostring(last))
+  return resource.decrypt(r, wx.conf.apiv3_keys)
 end
 
 -- Whether a platform certificate may join this client's ring: the key type

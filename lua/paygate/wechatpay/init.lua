@@ -33,12 +33,6 @@ function _M.client(conf)
   local cfg, err = config.check(conf)
   if not cfg then return nil, err end
   local wx = setmetatable({ conf = cfg }, client_mt)
-  local sm4 = {}
-  wx.sm4_key = function(k)
-    local v = sm4[k]
-    if not v then v = crypto.sm4_key(k); sm4[k] = v end
-    return v
-  end
   certs.init(wx)
   if not wx.dict and conf.shared_dict ~= nil then
     return nil, errors.new("invalid_config", "wechatpay.shared_dict: no "

@@ -11,6 +11,7 @@ local core = require "paygate.core"
 local crypto = require "paygate.crypto"
 local json = require "cjson.safe"
 local certs = require "paygate.wechatpay.certs"
+local resource = require "paygate.wechatpay.resource"
 
 local type, pcall, tostring = type, pcall, tostring
 local null = json.null
@@ -49,7 +50,7 @@ local function parse(wx, req, opts)
     return fail("malformed", "no resource object in the notification")
   end
   local plain
-  plain, err = certs.decrypt(wx, r)
+  plain, err = resource.decrypt(r, wx.conf.apiv3_keys)
   if not plain then return nil, err end
   local resource = json.decode(plain)
   if type(resource) ~= "table" then

@@ -1,0 +1,56 @@
+-- examples/simulator: an offline WeChat Pay API v3 server for tests, demos
+-- and chaos. Run:
+--   paygate run examples/simulator --listen 127.0.0.1:9000 --config sim.lua
+-- docs/simulator.md describes the config, every endpoint and the control
+-- API under /sim/.
+local paygate = require "paygate"
+local sql = require "paygate.sql"
+local migrate = require "paygate.migrate"
+local config = require "sim.config"
+local identity = require "sim.identity"
+local faults = require "sim.faults"
+local api = require "sim.api"
+local notify = require "sim.notify"
+local bills = require "sim.bills"
+local orders = require "sim.orders"
+local control = require "sim.control"
+
+-- A bad configuration is one line on stderr and exit status 2.
+local function fatal(msg)
+  io.stderr:write("simulator: " .. msg .. "\n")    -- one write: one line
+  io.stderr:flush()
+  os.exit(2)
+end
+
+local cfg, why = config.check(paygate.config_copy())
+if not cfg then fatal(why) end
+
+if not require("sim.exec").run({ "mkdir", "-p", cfg.state_dir }) then
+  fatal("config.state_dir: cannot create " .. cfg.state_dir)
+end
+local db, err = sql.open("sqlite:" .. cfg.state_dir .. "/simulator.db")
+if not db then error("simulator: state database: " .. tostring(err)) end
+assert(migrate.run(db, paygate.app_dir .. "/migrations"))
+
+local ok
+ok, err = identity.init(db, cfg)
+if not ok then
+  if tostring(err):match("^config%.") then fatal(err) end
+  error("simulator: " .. tostring(err))
+end
+
+api.init(cfg)
+local ctx = { db = db, config = cfg, identity = identity, faults = faults,
+              api = api }
+orders.init(ctx)
+orders.routes(ctx)
+bills.routes(ctx)
+if cfg.control then
+  control.routes(ctx)
+  if notify.routes then notify.routes(ctx) end
+end
+
+paygate.spawn(function()
+  notify.start(ctx)
+end)
+orders.start(ctx)

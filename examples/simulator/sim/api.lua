@@ -1,0 +1,282 @@
+-- sim.api: what every /v3 route of the simulator shares: the request is
+-- recorded (GET /sim/requests), injected faults are applied, the
+-- Authorization header is checked as WeChat Pay checks it, and the answer
+-- is written the WeChat Pay way: 2xx signed (204 too), errors unsigned
+-- with { code, message[, detail] }, a Request-ID on both.
+--
+--   api.route("GET", "/v3/pay/transactions/out-trade-no/:no", "query",
+--     function(req, c)        -- c: { m, serial, body, query, params, now }
+--       return 200, { ... }   -- or nil, api.err(404, "ORDER_NOT_EXIST", ..)
+--     end)
+local paygate = require "paygate"
+local core = require "paygate.core"
+local crypto = require "paygate.crypto"
+local sign = require "paygate.wechatpay.sign"
+local json = require "sim.json"
+local faults = require "sim.faults"
+local identity = require "sim.identity"
+
+local type, tostring, tonumber, setmetatable, pairs =
+      type, tostring, tonumber, setmetatable, pairs
+
+local _M = {}
+
+local S = { cfg = nil, dict = nil }
+
+-- How many requests GET /sim/requests keeps (the most recent).
+_M.KEEP_REQUESTS = 1000
+-- SIGN_ERROR's detail echoes at most this much of the signing string it
+-- rebuilt (the real server truncates too; its limit is not known).
+_M.ECHO_BYTES = 1024
+
+-- Request-ID suffixes (the internal code after the last "-"), where the
+-- meaning is known; 0 on success.
+local SUFFIX = {
+  ORDER_NOT_EXIST = "268512771", FREQUENCY_LIMITED = "268447840",
+  PARAM_ERROR = "268435461", ORDER_PAID = "268449538",
+  SIGN_ERROR = "268443699", APPID_MCHID_NOT_MATCH = "268445527",
+  REENTRY = "268498688",
+}
+
+local err_mt = { __tostring = function(e)
+  return e.status .. " " .. e.code .. ": " .. e.message
+end }
+
+--- syntax: e = api.err(status, code, message[, detail])
+-- An error answer (unsigned): status, { code, message[, detail] }.
+function _M.err(status, code, message, detail)
+  return setmetatable({ status = status, code = code, message = message,
+                        detail = detail }, err_mt)
+end
+local err = _M.err
+
+--- syntax: e = api.param_error(field, issue[, value[, location]])
+-- 400 PARAM_ERROR naming the field as a JSON pointer ("/amount/total").
+function _M.param_error(field, issue, value, location)
+  return err(400, "PARAM_ERROR", "输入源“/" .. (location or "body")
+    .. field .. "”映射到值字段“" .. field .. "”校验失败：" .. issue,
+    { field = field, value = value, issue = issue,
+      location = location or "body" })
+end
+
+--- syntax: e = api.invalid(field, message[, issue])
+-- 400 INVALID_REQUEST naming the field.
+function _M.invalid(field, message, issue)
+  return err(400, "INVALID_REQUEST", message,
+             { field = field, issue = issue or message, location = "body" })
+end
+
+local function request_id(suffix)
+  return crypto.hex(crypto.random_bytes(21)):upper() .. "-" .. (suffix or 0)
+end
+
+-- GET /sim/requests: a ring in the shared dict, so every worker's
+-- requests are listed.
+local function record(entry)
+  local d = S.dict
+  local n = d:incr("sim:req:n", 1, 0)
+  entry.seq = n
+  d:set("sim:req:" .. n, json.encode(entry), 3600)
+  if n > _M.KEEP_REQUESTS then d:delete("sim:req:" .. (n - _M.KEEP_REQUESTS)) end
+end
+
+--- syntax: list = api.requests([since]) -- recorded requests, oldest first
+function _M.requests(since)
+  local d = S.dict
+  local n = d:get("sim:req:n") or 0
+  local first = math.max(1, n - _M.KEEP_REQUESTS + 1, (since or 0) + 1)
+  local out = {}
+  for i = first, n do
+    local s = d:get("sim:req:" .. i)
+    if s then out[#out + 1] = json.decode(s) end
+  end
+  return out
+end
+
+function _M.clear_requests()
+  local d = S.dict
+  local n = d:get("sim:req:n") or 0
+  for i = math.max(1, n - _M.KEEP_REQUESTS + 1), n do
+    d:delete("sim:req:" .. i)
+  end
+end
+
+local function sign_error(message, detail)
+  return err(401, "SIGN_ERROR", message, detail)
+end
+
+--- syntax: m, e = api.authenticate(req, target)
+-- Checks the Authorization header. returns: the configured merchant (the
+-- Authorization's mchid), or nil, e (an api.err).
+function _M.authenticate(req, target)
+  local h = req.headers
+  local auth = h["authorization"]
+  if type(auth) ~= "string" or auth == "" then
+    return nil, sign_error("Http头缺少Authorization", { field =
+      "Authorization", location = "header", issue = "missing" })
+  end
+  local a, why = sign.parse_authorization(auth)
+  if not a then
+    return nil, sign_error("Http头Authorization值格式错误，请参考《微信支付商户"
+      .. "REST API签名规则》", { field = "Authorization", location = "header",
+      issue = why })
+  end
+  if a.schema ~= S.cfg.sign_type then
+    return nil, sign_error("Http头Authorization中的认证类型有误，应为"
+      .. S.cfg.sign_type, { field = "schema", location = "authorization",
+      value = a.schema:sub(1, 64) })
+  end
+  local m = S.cfg.by_mchid[a.mchid]
+  if not m then
+    return nil, sign_error("Http头Authorization中的mchid有误：商户号不存在",
+      { field = "mchid", location = "authorization",
+        value = a.mchid:sub(1, 64) })
+  end
+  local ts = a.timestamp:match("^%d+$") and tonumber(a.timestamp)
+  local now = core.time()
+  if not ts or #a.timestamp > 12
+     or math.abs(now - ts) > S.cfg.timestamp_window then
+    return nil, sign_error("Http头Authorization中的timestamp与发起请求的时间"
+      .. "不得超过5分钟", { field = "timestamp", location = "authorization",
+      value = a.timestamp:sub(1, 32) })
+  end
+  if a.nonce_str == "" or #a.nonce_str > 64 then
+    return nil, sign_error("Http头Authorization中的nonce_str有误",
+      { field = "nonce_str", location = "authorization" })
+  end
+  local key = m.keys[a.serial_no:upper()]
+  if not key then
+    return nil, sign_error("商户证书序列号有误。请使用签名私钥匹配的证书序列号",
+      { field = "serial_no", location = "authorization",
+        value = a.serial_no:sub(1, 64) })
+  end
+  local msg = sign.request_message(req.method, target, a.timestamp,
+                                   a.nonce_str, req.body)
+  local ok = crypto.verify_base64(key, msg, a.signature, S.cfg.sign_type)
+  if not ok then
+    return nil, sign_error("错误的签名，验签失败", {
+      detail = { issue = "sign not match" }, field = "signature",
+      location = "authorization",
+      sign_information = { method = req.method,
+        sign_message_length = #msg,
+        truncated_sign_message = msg:sub(1, _M.ECHO_BYTES),
+        url = target } })
+  end
+  if S.cfg.replay_check then
+    local k = "sim:nonce:" .. m.mchid .. ":" .. a.nonce_str
+    if not S.dict:add(k, true, 2 * S.cfg.timestamp_window + 10) then
+      return nil, sign_error("Http头Authorization中的nonce_str重复：请求已处理过",
+        { field = "nonce_str", location = "authorization" })
+    end
+  end
+  return m
+end
+
+local function error_answer(e, rid_suffix)
+  local body = { code = e.code, message = e.message }
+  if e.detail ~= nil then body.detail = e.detail end
+  return e.status, json.encode(body), {
+    ["Content-Type"] = "application/json; charset=utf-8",
+    ["Request-ID"] = request_id(rid_suffix or SUFFIX[e.code] or "268435456"),
+  }
+end
+
+--- syntax: api.route(method, pattern, endpoint, fn[, opts])
+-- fn(req, c) -> status, body (a table sent as JSON, a string as it is, or
+-- nil for none)[, headers]; or nil, api.err(...). opts.raw: the success
+-- answer is sent unsigned (bill files); opts.json = false: a POST body is
+-- not decoded.
+function _M.route(method, pattern, endpoint, fn, opts)
+  opts = opts or {}
+  paygate.route(method, pattern, function(req)
+    local qs = req.query_string
+    local target = req.path .. (qs ~= "" and ("?" .. qs) or "")
+    local entry = { time = core.time(), method = req.method, target = target,
+                    endpoint = endpoint }
+    local status, body, headers = _M.handle(req, target, endpoint, fn, opts,
+                                            entry)
+    entry.status = status
+    record(entry)
+    return status, body, headers
+  end)
+end
+
+function _M.handle(req, target, endpoint, fn, opts, entry)
+  local fault = faults.take(endpoint, "before")
+  if fault and fault.kind == "latency" then
+    paygate.sleep(fault.seconds)
+    fault = nil
+  end
+  if fault and fault.kind == "error" then
+    entry.fault = fault.id
+    entry.code = fault.code
+    return error_answer(err(fault.status, fault.code, fault.message))
+  end
+  local h = req.headers
+  if not h["accept"] or not h["user-agent"] then
+    entry.code = "INVALID_REQUEST"
+    return error_answer(err(400, "INVALID_REQUEST",
+                            "Http头缺少Accept或User-Agent"))
+  end
+  local m, e = _M.authenticate(req, target)
+  if not m then
+    entry.code = e.code
+    entry.issue = e.message
+    return error_answer(e)
+  end
+  entry.mchid = m.mchid
+  local c = { m = m, serial = h["wechatpay-serial"], query = req:query(),
+              params = req.params, now = core.time(), req = req }
+  if req.method == "POST" and opts.json ~= false then
+    local doc = json.decode(req.body)
+    if type(doc) ~= "table" then
+      entry.code = "PARAM_ERROR"
+      return error_answer(err(400, "PARAM_ERROR", "请求体不是合法的JSON对象",
+        { location = "body", issue = "not a JSON object" }))
+    end
+    c.body = doc
+  end
+  local status, body, extra = fn(req, c)
+  if status == nil then
+    e = body
+    if getmetatable(e) ~= err_mt then
+      e = err(500, "SYSTEM_ERROR", "系统繁忙,请稍后重试")
+      paygate.log.error("simulator: internal failure", { endpoint = endpoint,
+                        error = tostring(body) })
+    end
+    entry.code = e.code
+    return error_answer(e, e.suffix)
+  end
+  local after = faults.take(endpoint, "after")
+  if after and after.kind == "error" then
+    entry.fault = after.id
+    entry.code = after.code
+    return error_answer(err(after.status, after.code, after.message))
+  end
+  if type(body) == "table" then body = json.encode(body) end
+  body = body or ""
+  local out = extra or {}
+  if opts.raw then
+    out["Request-ID"] = request_id(0)
+    return status, body, out
+  end
+  local sh = identity.sign_headers(body, { merchant = m,
+    request_serial = c.serial, fault = after })
+  for k, v in pairs(sh) do out[k] = v end
+  if body ~= "" and not out["Content-Type"] then
+    out["Content-Type"] = "application/json; charset=utf-8"
+  end
+  out["Request-ID"] = request_id(0)
+  if after then entry.fault = after.id end
+  return status, body, out
+end
+
+--- syntax: api.init(cfg) -- once per worker, before routes serve
+function _M.init(cfg)
+  S.cfg = cfg
+  S.dict = require("paygate.shared").get_dict("paygate")
+end
+
+_M.SUFFIX = SUFFIX
+
+return _M

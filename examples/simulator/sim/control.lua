@@ -1,0 +1,115 @@
+-- sim.control: the control API under /sim/ (off with control = false):
+-- act as the payer and as WeChat's back office, read back what happened,
+-- inject faults. Requests need no signature; they are accepted from
+-- loopback addresses only. docs/simulator.md lists every route.
+local paygate = require "paygate"
+local json = require "sim.json"
+local faults = require "sim.faults"
+local identity = require "sim.identity"
+local certificates = require "sim.certificates"
+
+local _M = {}
+
+local function answer(status, body)
+  local s = type(body) == "string" and body or json.encode(body)
+  return status, s, { ["Content-Type"] = "application/json; charset=utf-8" }
+end
+_M.answer = answer
+
+local function loopback(addr)
+  return type(addr) == "string" and (addr:match("^127%.") or addr == "::1"
+    or addr:match("^%[?::1%]?") or addr:match("^::ffff:127%."))
+end
+
+--- syntax: control.route(method, pattern, fn) -- fn(req) -> status, body
+function _M.route(method, pattern, fn)
+  paygate.route(method, pattern, function(req)
+    if not loopback(req.remote_addr) then
+      return answer(403, { code = "FORBIDDEN",
+                           message = "the control API answers loopback only" })
+    end
+    return fn(req)
+  end)
+end
+
+local function body_of(req)
+  if req.body == nil or req.body == "" then return {} end
+  local v = json.decode(req.body)
+  if type(v) ~= "table" then return nil end
+  return v
+end
+_M.body_of = body_of
+
+function _M.routes(ctx)
+  local api = ctx.api
+  local route = _M.route
+
+  route("GET", "/sim/platform-certificates", function()
+    local out = {}
+    for _, c in ipairs(identity.certificates()) do
+      out[#out + 1] = { serial_no = c.serial, certificate = c.pem,
+        effective_time = certificates.rfc3339(c.not_before),
+        expire_time = certificates.rfc3339(c.not_after),
+        use_from = c.use_from }
+    end
+    if out[1] == nil then return answer(200, "[]") end
+    return answer(200, out)
+  end)
+
+  route("GET", "/sim/public-key", function()
+    local p = identity.public_key()
+    return answer(200, { id = p.id, pem = p.pem })
+  end)
+
+  route("POST", "/sim/certificates/rotate", function(req)
+    local b = body_of(req)
+    if not b then return answer(400, { code = "PARAM_ERROR",
+                                       message = "body must be JSON" }) end
+    local delay = b.delay
+    if delay ~= nil and (type(delay) ~= "number" or delay < 0) then
+      return answer(400, { code = "PARAM_ERROR",
+                           message = "delay must be a number >= 0" })
+    end
+    local c, err = identity.rotate(delay)
+    if not c then
+      return answer(500, { code = "SYSTEM_ERROR", message = tostring(err) })
+    end
+    return answer(200, { serial_no = c.serial, certificate = c.pem,
+      effective_time = certificates.rfc3339(c.not_before),
+      expire_time = certificates.rfc3339(c.not_after),
+      use_from = c.use_from })
+  end)
+
+  route("GET", "/sim/requests", function(req)
+    local since = tonumber(req:query().since)
+    local l = api.requests(since)
+    if l[1] == nil then return answer(200, "[]") end
+    return answer(200, l)
+  end)
+
+  route("DELETE", "/sim/requests", function()
+    api.clear_requests()
+    return 204, ""
+  end)
+
+  route("POST", "/sim/faults", function(req)
+    local f, why = faults.add(body_of(req))
+    if not f then
+      return answer(400, { code = "PARAM_ERROR", message = why })
+    end
+    return answer(200, f)
+  end)
+
+  route("GET", "/sim/faults", function()
+    local l = faults.list()
+    if l[1] == nil then return answer(200, "[]") end
+    return answer(200, l)
+  end)
+
+  route("DELETE", "/sim/faults", function()
+    faults.clear()
+    return 204, ""
+  end)
+end
+
+return _M

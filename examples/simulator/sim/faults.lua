@@ -1,0 +1,200 @@
+-- sim.faults: faults injected per endpoint and per count, for chaos tests.
+--
+--   POST /sim/faults   { "endpoint": "prepay", "kind": "error",
+--                        "status": 500, "code": "SYSTEM_ERROR",
+--                        "count": 2 }            -> { "id": 3, ... }
+--   DELETE /sim/faults                           -> removes every fault
+--
+-- The registry lives in the instance's shared dict (paygate.shared
+-- "paygate"), so a fault set through one worker applies on every worker,
+-- and a fault with a count fires exactly count times across them (an
+-- atomic incr per firing). Faults do not survive a restart.
+--
+-- faults.take(endpoint[, phase]) -> the fault to apply now, or nil. Every
+-- /v3 route calls it once per request ("before" phase: latency, error,
+-- "after" phase: what mangles a response already produced),
+-- simB's deliverer calls it with its notification endpoint names.
+--
+-- A fault: { id, endpoint, kind, count (nil: every time), phase, and the
+-- kind's fields }. Kinds (docs/simulator.md lists them with examples):
+--   latency          before: sleep `seconds`, then answer normally
+--   error            before: answer `status` (500) with `code`
+--                    (SYSTEM_ERROR) and `message`, doing nothing; with
+--                    after = true: do the work (the order IS created),
+--                    then answer the error instead of the result
+--   bad_signature    after: the response carries a signature that does
+--                    not verify (signtest = true: WECHATPAY/SIGNTEST/...)
+--   stale_timestamp  after: signed correctly over a timestamp `skew`
+--                    (600) seconds in the past
+--   unknown_serial   after: signed correctly, Wechatpay-Serial names a
+--                    key the client cannot know
+-- Other modules may add kinds (faults.define); simB adds the
+-- notification ones.
+local core = require "paygate.core"
+local json = require "cjson.safe"
+
+local type, tostring, pairs, ipairs, error = type, tostring, pairs, ipairs,
+                                              error
+
+local _M = {}
+
+local DICT = "paygate"
+local K_LIST, K_GEN, K_ID = "sim:faults", "sim:faults:gen", "sim:faults:id"
+
+-- kind -> { phase = "before" | "after" | "notify" | ..., check = fn }
+local KINDS = {}
+
+--- syntax: faults.define(kind, phase, check)
+-- check(f) validates the fault table given to POST /sim/faults (it may
+-- fill defaults) and returns true or nil, why. phase is the default phase
+-- ("before", "after", or a name the taker uses).
+function _M.define(kind, phase, check)
+  if type(kind) ~= "string" or type(phase) ~= "string"
+     or type(check) ~= "function" then
+    error("faults.define: kind, phase must be strings, check a function", 2)
+  end
+  if KINDS[kind] then error("faults.define: kind " .. kind .. " exists", 2) end
+  KINDS[kind] = { phase = phase, check = check }
+end
+
+local function num(f, k, default, min, max)
+  local v = f[k]
+  if v == nil then f[k] = default; return true end
+  if type(v) ~= "number" or v ~= v or v < min or v > max then
+    return nil, k .. " must be a number from " .. min .. " to " .. max
+  end
+  return true
+end
+
+_M.define("latency", "before", function(f)
+  return num(f, "seconds", 1, 0, 600)
+end)
+_M.define("error", "before", function(f)
+  local ok, why = num(f, "status", 500, 400, 599)
+  if not ok then return nil, why end
+  if f.status ~= math.floor(f.status) then return nil, "status: integer" end
+  if f.code ~= nil and (type(f.code) ~= "string" or #f.code > 64) then
+    return nil, "code must be a string"
+  end
+  if f.message ~= nil and (type(f.message) ~= "string" or #f.message > 256)
+  then
+    return nil, "message must be a string"
+  end
+  f.code = f.code or (f.status == 429 and "FREQUENCY_LIMITED")
+           or (f.status >= 500 and "SYSTEM_ERROR") or "INVALID_REQUEST"
+  f.message = f.message or (f.code == "SYSTEM_ERROR" and "系统繁忙,请稍后重试")
+              or "injected fault"
+  if f.after == true then f.phase = "after" end
+  return true
+end)
+_M.define("bad_signature", "after", function(f)
+  if f.signtest ~= nil and type(f.signtest) ~= "boolean" then
+    return nil, "signtest must be a boolean"
+  end
+  return true
+end)
+_M.define("stale_timestamp", "after", function(f)
+  return num(f, "skew", 600, -86400 * 365, 86400 * 365)
+end)
+_M.define("unknown_serial", "after", function() return true end)
+
+local function dict()
+  local shared = require "paygate.shared"
+  return shared.get_dict(DICT)
+end
+
+-- per worker: the list as last read and its generation
+local cache = { gen = -1, list = {} }
+
+local function list()
+  local d = dict()
+  local gen = d:get(K_GEN) or 0
+  if gen ~= cache.gen then
+    local l = json.decode(d:get(K_LIST) or "[]")
+    cache.list = type(l) == "table" and l or {}
+    cache.gen = gen
+  end
+  return cache.list, d
+end
+
+--- syntax: f, err = faults.add(spec)
+-- spec: the decoded POST /sim/faults body. returns the stored fault (with
+-- its id) or nil, why (a bad spec).
+function _M.add(spec)
+  if type(spec) ~= "table" then return nil, "body must be a JSON object" end
+  if type(spec.endpoint) ~= "string" or spec.endpoint == ""
+     or #spec.endpoint > 64 then
+    return nil, "endpoint must be an endpoint name (or \"*\")"
+  end
+  local k = KINDS[spec.kind]
+  if not k then
+    local names = {}
+    for n in pairs(KINDS) do names[#names + 1] = n end
+    table.sort(names)
+    return nil, "kind must be one of " .. table.concat(names, ", ")
+  end
+  if spec.count ~= nil and (type(spec.count) ~= "number" or spec.count < 1
+     or spec.count ~= math.floor(spec.count) or spec.count > 1e9) then
+    return nil, "count must be a positive integer (absent: every time)"
+  end
+  local f = {}
+  for key, v in pairs(spec) do f[key] = v end
+  f.phase = k.phase
+  local ok, why = k.check(f)
+  if not ok then return nil, why end
+  local l, d = list()
+  f.id = d:incr(K_ID, 1, 0)
+  local new = {}
+  for _, old in ipairs(l) do new[#new + 1] = old end
+  new[#new + 1] = f
+  d:set(K_LIST, json.encode(new))
+  d:incr(K_GEN, 1, 0)
+  return f
+end
+
+--- syntax: faults.clear() -- removes every fault
+function _M.clear()
+  local d = dict()
+  d:set(K_LIST, "[]")
+  d:incr(K_GEN, 1, 0)
+end
+
+--- syntax: l = faults.list() -- every fault with fired = times it fired
+function _M.list()
+  local l, d = list()
+  local out = {}
+  for i, f in ipairs(l) do
+    local c = {}
+    for k, v in pairs(f) do c[k] = v end
+    c.fired = d:get("sim:fault:" .. f.id) or 0
+    out[i] = c
+  end
+  return out
+end
+
+--- syntax: f = faults.take(endpoint[, phase])
+-- returns: the first fault for endpoint (or "*") in phase (default
+-- "before") that has firings left, counting this one, or nil.
+function _M.take(endpoint, phase)
+  phase = phase or "before"
+  local l, d = list()
+  if l[1] == nil then return nil end
+  for _, f in ipairs(l) do
+    if f.phase == phase and (f.endpoint == endpoint or f.endpoint == "*") then
+      local key = "sim:fault:" .. f.id
+      if not f.count then
+        d:incr(key, 1, 0)
+        return f
+      end
+      if (d:get(key) or 0) < f.count then
+        local n = d:incr(key, 1, 0)
+        if n and n <= f.count then return f end
+      end
+    end
+  end
+  return nil
+end
+
+_M.now = core.now
+
+return _M

@@ -1,0 +1,393 @@
+-- sim.identity: the keys the simulator signs with, as WeChat Pay's:
+-- platform certificates (serial = 40 hex digits) and the WeChat Pay public
+-- key (id PUB_KEY_ID_ + 34 digits), RSA-2048 or SM2 by sign_type.
+--
+-- Keys come from the config (platform_private_key + platform_certificate,
+-- public_key_private_key + public_key_id) or are generated on the first
+-- start with the openssl command line (a test tool's choice: paygate.crypto
+-- does not generate keys) and kept in the database under state_dir, so a
+-- restart signs with the same keys. Every worker reads them from there;
+-- a rotation (POST /sim/certificates/rotate) adds a certificate whose
+-- use_from lies rotation_delay seconds ahead: /v3/certificates serves it
+-- at once beside the old one, responses switch to it at use_from.
+-- Workers learn of a rotation through a generation counter in the shared
+-- dict and re-read the table.
+--
+-- Which key signs a response (sign_headers), by the merchant's
+-- verifier_mode:
+--   public_key             the public key, always
+--   platform_certificates  the certificate the request's Wechatpay-Serial
+--                          names, if it is one of ours and valid; else the
+--                          one in use
+--   both (migration)       PUB_KEY_ID_... in the request's Wechatpay-Serial
+--                          -> the public key; otherwise as above
+local core = require "paygate.core"
+local crypto = require "paygate.crypto"
+local x509 = require "paygate.x509"
+local json = require "cjson.safe"
+local resource = require "paygate.wechatpay.resource"
+local verify = require "paygate.wechatpay.verify"
+local exec = require "sim.exec"
+
+local type, tostring, ipairs, pairs, error = type, tostring, ipairs, pairs,
+                                              error
+
+local _M = {}
+
+local SUBJECT = "/C=CN/O=Tenpay.com/OU=Tenpay.com CA Center/L=ShenZhen"
+                .. "/CN=Tenpay.com sign"
+local DAYS = 1825                     -- platform certificates: 5 years
+local K_GEN = "sim:identity:gen"
+
+local S = {                           -- per worker
+  db = nil, cfg = nil, gen = -1,
+  certs = {},                         -- sorted by use_from, then not_before
+  by_serial = {},
+  pub = nil,                          -- { id, key, pem, pub_pem }
+}
+
+local function dict()
+  return require("paygate.shared").get_dict("paygate")
+end
+
+local function read_file(path)
+  local f = io.open(path, "rb")
+  if not f then return nil end
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+
+-- 20 random bytes as 40 upper-case hex digits, the first byte 0x10..0x7f
+-- (positive, and printed with two digits).
+local function new_serial()
+  local b = crypto.random_bytes(20)
+  local first = 0x10 + b:byte(1) % 0x70
+  return (string.char(first) .. b:sub(2)):gsub(".", function(c)
+    return ("%02X"):format(c:byte())
+  end)
+end
+
+local function new_pub_id()
+  local b = crypto.random_bytes(34)
+  local d = b:gsub(".", function(c) return tostring(c:byte() % 10) end)
+  return "PUB_KEY_ID_" .. d
+end
+
+-- Makes a key (and a self-signed certificate when serial is given) with
+-- the openssl CLI in a temporary folder under state_dir.
+-- returns: key_pem, cert_pem (or nil), or nil, nil, err
+local function generate(algo, serial)
+  local dir = S.cfg.state_dir .. "/keygen-" .. crypto.random_nonce(12)
+  local ok, err = exec.run({ "mkdir", "-p", dir })
+  if not ok then return nil, nil, err end
+  local kf, cf = dir .. "/key.pem", dir .. "/cert.pem"
+  if algo == "SM2" then
+    ok, err = exec.run({ "openssl", "genpkey", "-quiet", "-algorithm", "SM2",
+                         "-out", kf })
+  else
+    ok, err = exec.run({ "openssl", "genpkey", "-quiet", "-algorithm", "RSA",
+                         "-pkeyopt", "rsa_keygen_bits:2048", "-out", kf })
+  end
+  if ok and serial then
+    local argv = { "openssl", "req", "-x509", "-new", "-key", kf,
+                   "-out", cf, "-days", tostring(DAYS), "-subj", SUBJECT,
+                   "-set_serial", "0x" .. serial }
+    if algo == "SM2" then
+      argv[#argv + 1] = "-sm3"
+      argv[#argv + 1] = "-sigopt"
+      argv[#argv + 1] = "distid:1234567812345678"
+    else
+      argv[#argv + 1] = "-sha256"
+    end
+    ok, err = exec.run(argv)
+  end
+  local key_pem = ok and read_file(kf)
+  local cert_pem = ok and serial and read_file(cf)
+  exec.run({ "rm", "-rf", dir })
+  if not ok then return nil, nil, err end
+  if not key_pem or (serial and not cert_pem) then
+    return nil, nil, "openssl wrote no key into " .. dir
+  end
+  return key_pem, cert_pem
+end
+
+local function algo()
+  return S.cfg.sm and "SM2" or "RSA"
+end
+
+-- Inserts a row unless one of its kind and algorithm exists (when
+-- only_if_none) -- one statement, so concurrent first starts agree.
+local function insert(row, only_if_none)
+  local sql = "INSERT INTO sim_platform_keys (id, kind, algo, key_pem, "
+    .. "cert_pem, not_before, not_after, use_from, created_at) "
+    .. "SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9"
+  if only_if_none then
+    sql = sql .. " WHERE NOT EXISTS (SELECT 1 FROM sim_platform_keys "
+          .. "WHERE kind = $2 AND algo = $3)"
+  end
+  return S.db:exec(sql, { n = 9, row.id, row.kind, row.algo, row.key_pem,
+    row.cert_pem or core.null, row.not_before or core.null,
+    row.not_after or core.null, row.use_from or 0, core.time() })
+end
+
+local function cert_row(key_pem, cert_pem, use_from)
+  local key, kerr = crypto.private_key(key_pem)
+  if not key then
+    return nil, "platform private key: cannot load (" .. tostring(kerr and
+                kerr.kind) .. ")"
+  end
+  local cert, cerr = x509.load(cert_pem)
+  if not cert then
+    return nil, "platform certificate: cannot load (" .. tostring(cerr and
+                cerr.kind) .. ")"
+  end
+  local ok = crypto.check_pair(key, cert)
+  if not ok then
+    return nil, "platform_private_key does not match platform_certificate"
+  end
+  if cert:key_type() ~= algo() then
+    return nil, "platform certificate holds an " .. tostring(cert:key_type())
+                .. " key; sign_type needs " .. algo()
+  end
+  return { id = cert:serial(), kind = "certificate", algo = algo(),
+           key_pem = key_pem, cert_pem = cert:pem(),
+           not_before = cert:not_before(), not_after = cert:not_after(),
+           use_from = use_from or 0 }
+end
+
+--- syntax: n = identity.load() -- re-reads the keys from the database
+function _M.load()
+  local rows, err = S.db:query("SELECT id, kind, algo, key_pem, cert_pem, "
+    .. "not_before, not_after, use_from FROM sim_platform_keys WHERE algo = $1",
+    { algo() })
+  if not rows then return nil, err end
+  local certs, by = {}, {}
+  local pub
+  for _, r in ipairs(rows) do
+    local key = assert(crypto.private_key(r.key_pem))
+    if r.kind == "certificate" then
+      local cert = assert(x509.load(r.cert_pem))
+      local c = { serial = r.id, key = key, cert = cert, pem = r.cert_pem,
+                  not_before = r.not_before, not_after = r.not_after,
+                  use_from = r.use_from }
+      certs[#certs + 1] = c
+      by[r.id] = c
+    elseif r.kind == "public_key" then
+      pub = { id = r.id, key = key, pem = key:public_pem(),
+              public = key:public_key() }
+    end
+  end
+  table.sort(certs, function(a, b)
+    if a.use_from ~= b.use_from then return a.use_from < b.use_from end
+    return a.not_before < b.not_before
+  end)
+  S.certs, S.by_serial, S.pub = certs, by, pub
+  return #rows
+end
+
+local function fresh()
+  local gen = dict():get(K_GEN) or 0
+  if gen ~= S.gen then
+    S.gen = gen
+    _M.load()
+  end
+end
+
+--- syntax: ok, err = identity.init(db, cfg)
+-- Makes the keys that are missing (the first start), then loads them.
+-- Runs at the app's top level (may yield).
+function _M.init(db, cfg)
+  S.db, S.cfg = db, cfg
+  local ok, err
+  if cfg.platform_private_key then
+    local row
+    row, err = cert_row(cfg.platform_private_key, cfg.platform_certificate, 0)
+    if not row then return nil, "config.platform_certificate: " .. err end
+    ok, err = S.db:exec("INSERT OR IGNORE INTO sim_platform_keys (id, kind, "
+      .. "algo, key_pem, cert_pem, not_before, not_after, use_from, "
+      .. "created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8)",
+      { row.id, row.kind, row.algo, row.key_pem, row.cert_pem,
+        row.not_before, row.not_after, core.time() })
+    if not ok then return nil, "state: " .. tostring(err) end
+  else
+    local rows = assert(S.db:query("SELECT 1 AS x FROM sim_platform_keys "
+      .. "WHERE kind = 'certificate' AND algo = $1", { algo() }))
+    if not rows[1] then
+      local serial = new_serial()
+      local kp, cp, gerr = generate(algo(), serial)
+      if not kp then return nil, "generating the platform key: " .. gerr end
+      local row
+      row, err = cert_row(kp, cp, 0)
+      if not row then return nil, err end
+      ok, err = insert(row, true)
+      if not ok then return nil, "state: " .. tostring(err) end
+    end
+  end
+  if cfg.public_key_private_key then
+    local key, kerr = crypto.private_key(cfg.public_key_private_key)
+    if not key then
+      return nil, "config.public_key_private_key: cannot load ("
+                  .. tostring(kerr and kerr.kind) .. ")"
+    end
+    if key:type() ~= algo() then
+      return nil, "config.public_key_private_key: an " .. key:type()
+                  .. " key; sign_type needs " .. algo()
+    end
+    ok, err = S.db:exec("INSERT OR IGNORE INTO sim_platform_keys (id, kind, "
+      .. "algo, key_pem, use_from, created_at) VALUES ($1, 'public_key', $2, "
+      .. "$3, 0, $4)", { cfg.public_key_id, algo(),
+                         cfg.public_key_private_key, core.time() })
+    if not ok then return nil, "state: " .. tostring(err) end
+    -- the configured one wins over one generated before
+    ok, err = S.db:exec("DELETE FROM sim_platform_keys WHERE kind = "
+      .. "'public_key' AND algo = $1 AND id <> $2", { algo(),
+                                                     cfg.public_key_id })
+    if not ok then return nil, "state: " .. tostring(err) end
+  else
+    local rows = assert(S.db:query("SELECT 1 AS x FROM sim_platform_keys "
+      .. "WHERE kind = 'public_key' AND algo = $1", { algo() }))
+    if not rows[1] then
+      local kp, _, gerr = generate(algo(), nil)
+      if not kp then return nil, "generating the public key: " .. gerr end
+      ok, err = insert({ id = cfg.public_key_id or new_pub_id(),
+                         kind = "public_key", algo = algo(), key_pem = kp },
+                       true)
+      if not ok then return nil, "state: " .. tostring(err) end
+    end
+  end
+  ok, err = _M.load()
+  if not ok then return nil, "state: " .. tostring(err) end
+  S.gen = dict():get(K_GEN) or 0
+  return true
+end
+
+--- syntax: c = identity.current([now]) -- the certificate in use
+function _M.current(now)
+  fresh()
+  now = now or core.time()
+  local cur
+  for _, c in ipairs(S.certs) do
+    if c.use_from <= now and c.not_after > now then cur = c end
+  end
+  return cur or S.certs[#S.certs]
+end
+
+--- syntax: list = identity.certificates([now])
+-- Every platform certificate not expired, in use or coming (oldest
+-- first): { serial, key, cert, pem, not_before, not_after, use_from }.
+function _M.certificates(now)
+  fresh()
+  now = now or core.time()
+  local out = {}
+  for _, c in ipairs(S.certs) do
+    if c.not_after > now then out[#out + 1] = c end
+  end
+  return out
+end
+
+--- syntax: p = identity.public_key() -- { id, key, pem, public }
+function _M.public_key()
+  fresh()
+  return S.pub
+end
+
+--- syntax: c, err = identity.rotate([delay])
+-- A new platform certificate, served at once, used for responses from
+-- now + delay (default: the config's rotation_delay).
+function _M.rotate(delay)
+  local serial = new_serial()
+  local kp, cp, err = generate(algo(), serial)
+  if not kp then return nil, err end
+  local row
+  row, err = cert_row(kp, cp, core.time() + (delay or S.cfg.rotation_delay))
+  if not row then return nil, err end
+  local ok
+  ok, err = insert(row, false)
+  if not ok then return nil, err end
+  dict():incr(K_GEN, 1, 0)
+  fresh()
+  return S.by_serial[row.id]
+end
+
+-- The key a response is signed with. returns: id, private key handle
+local function choose(mode, request_serial, now)
+  if mode == "public_key" or (mode == "both" and type(request_serial)
+     == "string" and request_serial:sub(1, 11) == "PUB_KEY_ID_") then
+    return S.pub.id, S.pub.key
+  end
+  if type(request_serial) == "string" then
+    local c = S.by_serial[request_serial:upper()]
+    if c and c.not_before <= now and c.not_after > now then
+      return c.serial, c.key
+    end
+  end
+  local c = _M.current(now)
+  return c.serial, c.key
+end
+
+--- syntax: headers = identity.sign_headers(body, opts)
+-- opts: merchant (from the config; its verifier_mode), request_serial (the
+-- request's Wechatpay-Serial or nil), fault (from sim.faults, after phase:
+-- bad_signature, stale_timestamp, unknown_serial) and extra headers to
+-- merge. returns: the Wechatpay-* headers, exact spellings.
+function _M.sign_headers(body, opts)
+  fresh()
+  local now = core.time()
+  local mode = opts.merchant and opts.merchant.verifier_mode
+               or S.cfg.verifier_mode
+  local id, key = choose(mode, opts.request_serial, now)
+  local ts = math.floor(now)
+  local fault = opts.fault
+  if fault and fault.kind == "stale_timestamp" then
+    ts = ts - math.floor(fault.skew or 600)
+  end
+  local nonce = crypto.random_nonce(32)
+  local sig = assert(crypto.sign_base64(key, verify.message(tostring(ts),
+                     nonce, body or ""), S.cfg.sign_type))
+  if fault and fault.kind == "bad_signature" then
+    if fault.signtest then
+      sig = "WECHATPAY/SIGNTEST/" .. sig:sub(20)
+    else
+      -- the same length and alphabet, another value
+      local c = sig:sub(10, 10)
+      sig = sig:sub(1, 9) .. (c == "A" and "B" or "A") .. sig:sub(11)
+    end
+  elseif fault and fault.kind == "unknown_serial" then
+    id = id:sub(1, 11) == "PUB_KEY_ID_" and new_pub_id() or new_serial()
+  end
+  local h = {
+    ["Wechatpay-Timestamp"] = tostring(ts),
+    ["Wechatpay-Nonce"] = nonce,
+    ["Wechatpay-Signature"] = sig,
+    ["Wechatpay-Serial"] = id,
+  }
+  if S.cfg.sm then h["Wechatpay-Signature-Type"] = S.cfg.sign_type end
+  return h
+end
+
+--- syntax: r = identity.encrypt_resource(merchant, plaintext, aad[,
+--                                         original_type])
+-- The resource a notification or /v3/certificates carries: encrypted with
+-- the merchant's APIv3 key (AEAD_SM4_GCM under the SM variant), a
+-- 12-character nonce.
+function _M.encrypt_resource(merchant, plaintext, aad, original_type)
+  if type(plaintext) == "table" then plaintext = json.encode(plaintext) end
+  return assert(resource.encrypt(merchant.apiv3_key, plaintext, aad, {
+    algorithm = S.cfg.sm and resource.SM4 or resource.AES,
+    original_type = original_type }))
+end
+
+--- syntax: ok, err = identity.known_serial(serial)
+-- Whether a request's Wechatpay-Serial names one of our keys (a platform
+-- certificate not expired, or the public key id).
+function _M.known_serial(serial)
+  fresh()
+  if type(serial) ~= "string" then return false end
+  if S.pub and serial == S.pub.id then return true, S.pub end
+  local c = S.by_serial[serial:upper()]
+  if c and c.not_after > core.time() then return true, c end
+  return false
+end
+
+return _M
