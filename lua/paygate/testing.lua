@@ -185,7 +185,9 @@ local function sim_merchant_conf(m)
   else
     c.merchant_certificate = m.certificate
   end
-  if m.sub_mchids then c.sub_mchids = m.sub_mchids end
+  if m.sub_mchid then
+    c.sub_merchants = { { mchid = m.sub_mchid, appids = { m.sub_appid } } }
+  end
   return c
 end
 
@@ -215,7 +217,6 @@ function _M.simulator(o)
     partner = _M.merchant{ sm2 = sm2 }
     partner.sub_mchid = "16" .. digits(8)
     partner.sub_appid = "wx" .. crypto.hex(crypto.random_bytes(8))
-    partner.sub_mchids = { partner.sub_mchid }
   end
   local sim = setmetatable({ merchants = merchants, merchant = merchants[1],
                              partner = partner,
@@ -225,9 +226,7 @@ function _M.simulator(o)
   local list = {}
   for i, m in ipairs(merchants) do list[i] = sim_merchant_conf(m) end
   if partner then
-    local c = sim_merchant_conf(partner)
-    c.sub_merchants = nil
-    list[#list + 1] = c
+    list[#list + 1] = sim_merchant_conf(partner)
   end
   sim.srv = _M.start_app{
     app = o.app or simulator_dir(), workers = o.workers or 1,
