@@ -1,0 +1,369 @@
+-- The simulator's notifications, received by a recording app and checked
+-- with paygate.crypto primitives only: signature and encryption per the
+-- protocol, WeChat's retry schedule (time-scaled) to give-up, what counts
+-- as delivered, one deliverer across workers, a restart mid-schedule, and
+-- every notification fault.
+local paygate = require "paygate"
+local crypto = require "paygate.crypto"
+local sn = require "support.simnotify"
+
+local SCHEDULE = { 15, 15, 30, 180, 600, 1200, 1800, 1800, 1800, 3600,
+                   10800, 10800, 10800, 21600, 21600 }
+
+local recv, seq = nil, 0
+
+local function box()
+  seq = seq + 1
+  return "b" .. seq .. "x" .. crypto.random_nonce(6)
+end
+
+local function order_no()
+  return "SPEC" .. crypto.random_nonce(16)
+end
+
+-- waits until the receiver's box holds n POSTs; returns them
+local function got(b, n, secs, what)
+  local list
+  sn.wait_until(function()
+    list = sn.received(recv, b)
+    return #list >= n
+  end, secs or 20, what or (n .. " POSTs in " .. b))
+  return list
+end
+
+local function one(sim, qs)
+  local l = sn.notifications(sim, qs)
+  assert.equal(1, #l)
+  return l[1]
+end
+
+-- waits until the simulator lists the notification of out_trade_no in a
+-- state that is not pending / held
+local function settled(sim, no, secs)
+  local n
+  sn.wait_until(function()
+    local l = sn.notifications(sim, "out_trade_no=" .. no)
+    n = l[1]
+    return n and n.state ~= "pending" and n.state ~= "held"
+  end, secs or 20, "the notification of " .. no .. " to settle")
+  return n
+end
+
+setup(function()
+  recv = sn.receiver()
+end)
+
+teardown(function()
+  if recv then recv:stop() end
+end)
+
+describe("simulator notifications (one worker, time_scale 21660)", function()
+  local sim, certs
+  setup(function()
+    -- 24 h 4 min of schedule in about 4 s
+    sim = sn.start{ time_scale = 21660, answer_timeout = 0.5 }
+    certs = sn.platform_certs(sim)
+  end)
+  teardown(function() if sim then sim:stop() end end)
+
+  it("a payment: signed, encrypted with the APIv3 key, delivered on 204",
+     function()
+    local b, no = box(), order_no()
+    sn.prepay(sim, no, sn.notify_url(recv, b), 88)
+    sn.pay(sim, no)
+    local list = got(b, 1)
+    local rec = list[1]
+    assert.truthy(sn.verify(certs, rec))
+    assert.equal("application/json", rec.headers["content-type"]:match(
+                 "^[^;]+"))
+    local doc, res = sn.decrypt(rec)
+    assert.equal("TRANSACTION.SUCCESS", doc.event_type)
+    assert.equal("encrypt-resource", doc.resource_type)
+    assert.equal("transaction", doc.resource.original_type)
+    assert.equal("transaction", doc.resource.associated_data)
+    assert.equal("AEAD_AES_256_GCM", doc.resource.algorithm)
+    assert.equal(12, #doc.resource.nonce)
+    assert.truthy(doc.create_time:match(
+      "^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%d%+08:00$"))
+    assert.equal(no, res.out_trade_no)
+    assert.equal("SUCCESS", res.trade_state)
+    assert.equal(88, res.amount.total)
+    assert.equal(sn.MCHID, res.mchid)
+    local n = settled(sim, no)
+    assert.equal("delivered", n.state)
+    assert.equal(doc.id, n.id)
+    assert.equal(1, #n.attempts)
+    assert.equal(204, n.attempts[1].status)
+    assert.truthy(n.attempts[1].latency >= 0)
+  end)
+
+  it("no notification for a failed payment", function()
+    local b, no = box(), order_no()
+    sn.prepay(sim, no, sn.notify_url(recv, b))
+    local st = sn.ctl(sim, "POST", "/sim/transactions/" .. no .. "/fail", {})
+    assert.equal(200, st)
+    -- a paid order after it: its notification arrives, the failed one's
+    -- never was made
+    local no2 = order_no()
+    sn.prepay(sim, no2, sn.notify_url(recv, b))
+    sn.pay(sim, no2)
+    local list = got(b, 1)
+    local _, res = sn.decrypt(list[1])
+    assert.equal(no2, res.out_trade_no)
+    assert.equal(0, #sn.notifications(sim, "out_trade_no=" .. no))
+  end)
+
+  it("refunds: REFUND.SUCCESS, ABNORMAL and CLOSED, AAD refund", function()
+    local b, no = box(), order_no()
+    sn.prepay(sim, no, sn.notify_url(recv, b), 300)
+    sn.pay(sim, no)
+    got(b, 1)
+    local want = {}
+    for i, status in ipairs({ "SUCCESS", "ABNORMAL", "CLOSED" }) do
+      local rno = "R" .. no:sub(1, 20) .. i
+      sn.refund(sim, no, rno, 100, 300, sn.notify_url(recv, b))
+      sn.settle(sim, rno, status)
+      want[rno] = status
+    end
+    local list = got(b, 4)
+    local seen = {}
+    for i = 2, 4 do
+      assert.truthy(sn.verify(certs, list[i]))
+      local doc, res = sn.decrypt(list[i])
+      assert.equal("refund", doc.resource.associated_data)
+      assert.equal("refund", doc.resource.original_type)
+      assert.equal("REFUND." .. want[res.out_refund_no], doc.event_type)
+      assert.equal(want[res.out_refund_no], res.refund_status)
+      assert.equal(100, res.amount.refund)
+      seen[res.out_refund_no] = true
+    end
+    for rno in pairs(want) do assert.truthy(seen[rno]) end
+  end)
+
+  it("200 and 204 count as delivered; 201 and 500 are retried with the "
+     .. "same id, a fresh nonce, timestamp and signature", function()
+    local b, no = box(), order_no()
+    sn.answer(recv, b, { statuses = { 201, 500 }, status = 200 })
+    sn.prepay(sim, no, sn.notify_url(recv, b))
+    sn.pay(sim, no)
+    local list = got(b, 3)
+    local n = settled(sim, no)
+    assert.equal("delivered", n.state)
+    assert.equal(3, #n.attempts)
+    assert.same({ 201, 500, 200 }, { n.attempts[1].status,
+                 n.attempts[2].status, n.attempts[3].status })
+    local ids, nonces, sigs = {}, {}, {}
+    for _, rec in ipairs(list) do
+      assert.truthy(sn.verify(certs, rec))
+      ids[sn.decrypt(rec).id] = true
+      nonces[rec.headers["wechatpay-nonce"]] = true
+      sigs[rec.headers["wechatpay-signature"]] = true
+      assert.equal(list[1].body, rec.body)
+    end
+    local function count(t)
+      local c = 0
+      for _ in pairs(t) do c = c + 1 end
+      return c
+    end
+    assert.equal(1, count(ids))
+    assert.equal(3, count(nonces))
+    assert.equal(3, count(sigs))
+  end)
+
+  it("the schedule: 15 retries after the first delivery, spaced as WeChat "
+     .. "spaces them (scaled), then gives up", function()
+    local b, no = box(), order_no()
+    sn.answer(recv, b, { status = 500 })
+    sn.prepay(sim, no, sn.notify_url(recv, b))
+    sn.pay(sim, no)
+    local n = settled(sim, no, 60)
+    assert.equal("failed", n.state)
+    assert.equal(16, #n.attempts)
+    local list = got(b, 16)
+    assert.equal(16, #list)
+    for k = 1, 15 do
+      local a, z = n.attempts[k], n.attempts[k + 1]
+      assert.equal(500, a.status)
+      -- the next attempt starts no earlier than the interval after the
+      -- answer (latency) of this one
+      local gap = z.at - a.at
+      assert.truthy(gap >= SCHEDULE[k] / 21660 - 0.001,
+                    "gap " .. k .. " " .. gap)
+    end
+    -- the long intervals dominate: hours scaled to a fraction of a second
+    local last = n.attempts[16].at - n.attempts[11].at
+    assert.truthy(last >= (10800 * 3 + 21600 * 2) / 21660 - 0.01)
+  end)
+
+  it("an answer slower than answer_timeout is a failed attempt, retried",
+     function()
+    local b, no = box(), order_no()
+    sn.answer(recv, b, { delay = 1.5 })
+    sn.prepay(sim, no, sn.notify_url(recv, b))
+    sn.pay(sim, no)
+    got(b, 1)
+    sn.answer(recv, b, { status = 204 })
+    local n = settled(sim, no)
+    assert.equal("delivered", n.state)
+    assert.truthy(#n.attempts >= 2)
+    assert.is_nil(n.attempts[1].status)
+    assert.truthy(n.attempts[1].error:match("timeout"))
+    assert.truthy(n.attempts[1].latency < 1.4)
+    assert.equal(204, n.attempts[#n.attempts].status)
+  end)
+
+  describe("faults", function()
+    after_each(function() sn.ctl(sim, "DELETE", "/sim/faults") end)
+
+    local function fault(t)
+      local st, doc = sn.ctl(sim, "POST", "/sim/faults", t)
+      assert.equal(200, st, require("cjson").encode(doc))
+    end
+
+    it("never_sent: kept as dropped, never POSTed", function()
+      fault{ endpoint = "notify", kind = "never_sent", count = 1 }
+      local b, no, no2 = box(), order_no(), order_no()
+      sn.prepay(sim, no, sn.notify_url(recv, b))
+      sn.pay(sim, no)
+      sn.prepay(sim, no2, sn.notify_url(recv, b))
+      sn.pay(sim, no2)
+      local list = got(b, 1)
+      assert.equal(no2, select(2, sn.decrypt(list[1])).out_trade_no)
+      settled(sim, no2)
+      local n = one(sim, "out_trade_no=" .. no)
+      assert.equal("dropped", n.state)
+      assert.equal(0, #n.attempts)
+      assert.same({ "never_sent" }, n.faults)
+      assert.equal(1, #sn.received(recv, b))
+    end)
+
+    it("duplicate: delivered twice, same id, fresh signature", function()
+      fault{ endpoint = "notify", kind = "duplicate", count = 1 }
+      local b, no = box(), order_no()
+      sn.prepay(sim, no, sn.notify_url(recv, b))
+      sn.pay(sim, no)
+      local list = got(b, 2)
+      local n = settled(sim, no)
+      assert.equal("delivered", n.state)
+      assert.equal(2, #n.attempts)
+      assert.is_true(n.attempts[2].duplicate)
+      assert.equal(list[1].body, list[2].body)
+      assert.not_equal(list[1].headers["wechatpay-nonce"],
+                       list[2].headers["wechatpay-nonce"])
+      assert.truthy(sn.verify(certs, list[2]))
+    end)
+
+    it("out_of_order: held until a later one was delivered", function()
+      fault{ endpoint = "notify", kind = "out_of_order", count = 1 }
+      local b, first, second = box(), order_no(), order_no()
+      sn.prepay(sim, first, sn.notify_url(recv, b))
+      sn.pay(sim, first)
+      assert.equal("held", one(sim, "out_trade_no=" .. first).state)
+      sn.prepay(sim, second, sn.notify_url(recv, b))
+      sn.pay(sim, second)
+      local list = got(b, 2)
+      assert.equal(second, select(2, sn.decrypt(list[1])).out_trade_no)
+      assert.equal(first, select(2, sn.decrypt(list[2])).out_trade_no)
+    end)
+
+    local sig_faults = {
+      { "WECHATPAY/SIGNTEST/ probe", { kind = "bad_signature",
+        signtest = true }, function(rec)
+          assert.truthy(rec.headers["wechatpay-signature"]:match(
+                        "^WECHATPAY/SIGNTEST/"))
+        end, "bad signature" },
+      { "bad signature", { kind = "bad_signature" }, nil, "bad signature" },
+      { "stale timestamp", { kind = "stale_timestamp" }, function(rec)
+          assert.truthy(os.time() - tonumber(
+            rec.headers["wechatpay-timestamp"]) >= 590)
+        end, "stale" },
+      { "unknown serial", { kind = "unknown_serial" }, nil,
+        "unknown serial" },
+    }
+    for _, c in ipairs(sig_faults) do
+      it(c[1] .. " on the first attempt; the retry is signed correctly",
+         function()
+        local spec = c[2]
+        spec.endpoint, spec.count = "notify", 1
+        fault(spec)
+        local b, no = box(), order_no()
+        sn.answer(recv, b, { statuses = { 401 }, status = 204 })
+        sn.prepay(sim, no, sn.notify_url(recv, b))
+        sn.pay(sim, no)
+        local list = got(b, 2)
+        local ok, why = sn.verify(certs, list[1])
+        assert.is_nil(ok)
+        assert.equal(c[4], why)
+        if c[3] then c[3](list[1]) end
+        assert.truthy(sn.verify(certs, list[2]))
+        assert.equal(list[1].body, list[2].body)
+        local n = settled(sim, no)
+        assert.equal("delivered", n.state)
+        assert.equal(401, n.attempts[1].status)
+      end)
+    end
+  end)
+end)
+
+describe("simulator notifications across workers and restarts", function()
+  it("two workers: one deliverer, no attempt sent twice", function()
+    local sim = sn.start{ workers = 2, time_scale = 1000 }
+    local b = box()
+    sn.answer(recv, b, { statuses = { 500, 500, 500, 500, 500, 500 },
+                         status = 204 })
+    local nos = {}
+    for i = 1, 6 do
+      nos[i] = order_no()
+      sn.prepay(sim, nos[i], sn.notify_url(recv, b))
+      sn.pay(sim, nos[i])
+    end
+    for _, no in ipairs(nos) do settled(sim, no, 30) end
+    local list = sn.received(recv, b)
+    local per_id, total = {}, 0
+    for _, rec in ipairs(list) do
+      local id = sn.decrypt(rec).id
+      per_id[id] = (per_id[id] or 0) + 1
+    end
+    for _, no in ipairs(nos) do
+      local n = one(sim, "out_trade_no=" .. no)
+      assert.equal("delivered", n.state)
+      -- what the receiver got is exactly what the simulator recorded
+      assert.equal(#n.attempts, per_id[n.id])
+      total = total + #n.attempts
+      for k, a in ipairs(n.attempts) do assert.equal(k, a.n) end
+    end
+    assert.equal(#list, total)
+    assert.equal(6 + 6, total)     -- six 500s in all, then one 204 each
+    sim:stop()
+  end)
+
+  it("a restart mid-schedule loses no pending delivery", function()
+    -- time_scale 3: the first retry comes 5 s after the first attempt
+    local sim = sn.start{ time_scale = 3 }
+    local b, no = box(), order_no()
+    sn.answer(recv, b, { status = 500 })
+    sn.prepay(sim, no, sn.notify_url(recv, b))
+    sn.pay(sim, no)
+    got(b, 1)
+    local n
+    sn.wait_until(function()
+      n = sn.notifications(sim, "out_trade_no=" .. no)[1]
+      return n.attempts[1] and n.attempts[1].status == 500
+    end, 10, "the first attempt's answer to be recorded")
+    assert.equal("pending", n.state)
+    local state_dir = sim.state_dir
+    assert.equal(0, sim:stop())
+    sn.answer(recv, b, { status = 204 })
+    local restarted = paygate.update_time()
+    sim = sn.start{ time_scale = 3, state_dir = state_dir }
+    local list = got(b, 2, 30, "the retry after the restart")
+    n = settled(sim, no)
+    assert.equal("delivered", n.state)
+    assert.equal(2, #n.attempts)
+    assert.equal(2, #list)
+    assert.truthy(n.attempts[2].at >= restarted)
+    assert.equal(list[1].body, list[2].body)
+    sim:stop()
+    os.execute("rm -rf " .. state_dir)
+  end)
+end)
