@@ -312,10 +312,29 @@ function Sim:requests()
   return t.requests or t
 end
 
---- syntax: list = sim:notifications() -- every delivery with its attempts
-function Sim:notifications()
-  local t = self:control("GET", "/sim/notifications")
+local function esc(v)
+  return (tostring(v):gsub("[^%w%-_.~]", function(c)
+    return ("%%%02X"):format(c:byte())
+  end))
+end
+
+--- syntax: list = sim:notifications([filter])
+-- filter: { out_trade_no, out_refund_no, event_type, mchid, id, state }.
+-- returns: the deliveries (oldest first), each with its attempts.
+function Sim:notifications(f)
+  local q = {}
+  for _, k in ipairs({ "out_trade_no", "out_refund_no", "event_type",
+                       "mchid", "id", "state" }) do
+    if f and f[k] then q[#q + 1] = k .. "=" .. esc(f[k]) end
+  end
+  local t = self:control("GET", "/sim/notifications"
+                         .. (#q > 0 and "?" .. table.concat(q, "&") or ""))
   return t.notifications or t
+end
+
+--- syntax: sim:close_bills(bill_date) -- that day's bills are ready now
+function Sim:close_bills(date)
+  return self:control("POST", "/sim/bills/close", { bill_date = date })
 end
 
 -- what a delivery is about, whatever the record's exact shape
@@ -347,7 +366,7 @@ function Sim:wait_notification(match, opts)
   local seen
   local function find()
     seen = {}
-    for _, d in ipairs(self:notifications()) do
+    for _, d in ipairs(self:notifications(match)) do
       local no, rno = about(d)
       if (not match.out_trade_no or match.out_trade_no == no)
          and (not match.out_refund_no or match.out_refund_no == rno)
