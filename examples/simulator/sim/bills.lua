@@ -239,9 +239,12 @@ local function flows(pays, refs)
                         name = "退款", type = "退款", id = r.refund_id,
                         refund = true }
   end
+  -- in time order; at the same second a payment, then its fee, then a
+  -- refund
+  local function rank(f) return f.refund and 2 or (f.fee and 1 or 0) end
   table.sort(list, function(a, b)
     if a.t ~= b.t then return a.t < b.t end
-    return (a.fee and 1 or 0) < (b.fee and 1 or 0)
+    return rank(a) < rank(b)
   end)
   return list
 end

@@ -7,6 +7,7 @@ local json = require "sim.json"
 local faults = require "sim.faults"
 local identity = require "sim.identity"
 local certificates = require "sim.certificates"
+local orders = require "sim.orders"
 
 local _M = {}
 
@@ -43,6 +44,63 @@ _M.body_of = body_of
 function _M.routes(ctx)
   local api = ctx.api
   local route = _M.route
+
+  local function unescape(s)
+    return (s:gsub("%%(%x%x)", function(h)
+      return string.char(tonumber(h, 16))
+    end))
+  end
+
+  local function bad(why)
+    return answer(400, { code = "PARAM_ERROR", message = why })
+  end
+
+  -- the payer pays: NOTPAY -> SUCCESS (+ TRANSACTION.SUCCESS notification)
+  route("POST", "/sim/transactions/:no/pay", function(req)
+    local b = body_of(req)
+    if not b then return bad("body must be a JSON object") end
+    if b.payer_total ~= nil and (type(b.payer_total) ~= "number"
+       or b.payer_total < 0 or b.payer_total ~= math.floor(b.payer_total))
+    then
+      return bad("payer_total must be an integer >= 0")
+    end
+    for _, k in ipairs({ "bank_type", "openid" }) do
+      if b[k] ~= nil and (type(b[k]) ~= "string" or b[k] == ""
+                          or #b[k] > 128) then
+        return bad(k .. " must be a string")
+      end
+    end
+    local t, err = orders.pay(unescape(req.params.no), {
+      mchid = req:query().mchid, payer_total = b.payer_total,
+      bank_type = b.bank_type, openid = b.openid })
+    if not t then return answer(err.status or 500, err) end
+    return answer(200, t)
+  end)
+
+  -- the payment fails: NOTPAY -> PAYERROR (WeChat sends no notification)
+  route("POST", "/sim/transactions/:no/fail", function(req)
+    local b = body_of(req)
+    if not b then return bad("body must be a JSON object") end
+    local t, err = orders.fail(unescape(req.params.no), {
+      mchid = req:query().mchid,
+      bank_type = type(b.bank_type) == "string" and b.bank_type or nil })
+    if not t then return answer(err.status or 500, err) end
+    return answer(200, t)
+  end)
+
+  -- the refund settles: PROCESSING -> SUCCESS | ABNORMAL | CLOSED
+  route("POST", "/sim/refunds/:no/settle", function(req)
+    local b = body_of(req)
+    if not b then return bad("body must be a JSON object") end
+    local st = b.status or "SUCCESS"
+    if st ~= "SUCCESS" and st ~= "ABNORMAL" and st ~= "CLOSED" then
+      return bad("status must be SUCCESS, ABNORMAL or CLOSED")
+    end
+    local r, err = orders.settle(unescape(req.params.no), st,
+                                 req:query().mchid)
+    if not r then return answer(err.status or 500, err) end
+    return answer(200, r)
+  end)
 
   route("GET", "/sim/platform-certificates", function()
     local out = {}

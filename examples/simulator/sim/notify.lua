@@ -159,8 +159,8 @@ local function merchant(ctx, mchid)
   return ctx.config.by_mchid and ctx.config.by_mchid[mchid]
 end
 
--- The envelope, encrypted once per notification (a retry sends the same
--- body: same id, same resource).
+-- The envelope, encrypted once per notification (stored at its first
+-- attempt: a retry sends the same body, also after a restart).
 local function envelope(ctx, row)
   local m = merchant(ctx, row.mchid)
   if not m then
@@ -212,7 +212,7 @@ function D:claim(row)
     local ok, err = lease.check(tx, _M.LEASE_KEY, l.token)
     if not ok then return nil, err end
     local rows = assert(tx:query("SELECT attempts, state, next_at, "
-      .. "duplicates, sig_fault FROM sim_notifications WHERE id = $1",
+      .. "duplicates, sig_fault, body FROM sim_notifications WHERE id = $1",
       { row.id }))
     local cur = rows[1]
     if not cur or (cur.state ~= "pending" and cur.state ~= "held")
@@ -228,9 +228,14 @@ function D:claim(row)
       .. "sim_notification_attempts WHERE notification_id = $1 AND status "
       .. "IN (200, 204)", { row.id }))
     local dup = prior[1].c > 0 and 1 or 0
+    -- the body is made once: every attempt sends the same bytes
+    local body, berr = cur.body, nil
+    if not body then body, berr = envelope(ctx, row) end
     assert(tx:exec("UPDATE sim_notifications SET attempts = $2, state = "
-      .. "'pending', next_at = $3, sig_fault = NULL WHERE id = $1",
-      { row.id, n, now + answer_timeout(ctx) + GRACE }))
+      .. "'pending', next_at = $3, sig_fault = NULL, body = $4 WHERE id = $1",
+      { n = 4, row.id, n, now + answer_timeout(ctx) + GRACE,
+        body or core.null }))
+    row.body, row.body_error = body, berr
     assert(tx:exec("INSERT INTO sim_notification_attempts (notification_id,"
       .. " n, at, error, fault, duplicate) VALUES ($1, $2, $3, $4, $5, $6)",
       { n = 6, row.id, n, now, "interrupted: the simulator stopped before "
@@ -284,11 +289,7 @@ end
 function D:deliver(row, n, fault, dups)
   local ctx = self.ctx
   local rec = {}
-  local body, eerr = self.bodies[row.id], nil
-  if not body then
-    body, eerr = envelope(ctx, row)
-    if body then self.bodies[row.id] = body end
-  end
+  local body, eerr = row.body, row.body_error
   local h
   if body then
     local herr
@@ -375,7 +376,6 @@ function D:run()
         log_warn("notify: deliverer stopped", { error = tostring(herr) })
       end
       self.lease = nil
-      self.bodies = {}
       core.sleep(0.05)
     else
       local t = (type(err) == "table" and err.ttl) or 0.5
@@ -388,8 +388,7 @@ end
 -- ctx: { db, config, identity, faults }
 function _M.start(ctx)
   _M.ctx = ctx
-  local d = setmetatable({ ctx = ctx, db = ctx.db, in_flight = 0,
-                           bodies = {} }, D)
+  local d = setmetatable({ ctx = ctx, db = ctx.db, in_flight = 0 }, D)
   _M.deliverer = d
   core.spawn(function()
     while true do
@@ -449,9 +448,24 @@ function _M.list(db, f)
     end
   end
   if #out > 0 then
-    local arows = db:query("SELECT notification_id, n, at, status, error, "
-      .. "latency, timestamp, nonce, serial, fault, duplicate FROM "
-      .. "sim_notification_attempts ORDER BY notification_id, n") or {}
+    -- the attempts of what is listed (all of them when nothing filters)
+    local sqla = "SELECT notification_id, n, at, status, error, latency, "
+      .. "timestamp, nonce, serial, fault, duplicate FROM "
+      .. "sim_notification_attempts"
+    local ids = {}
+    if #where > 0 or f.out_trade_no or f.out_refund_no then
+      if #out <= 200 then
+        local marks = {}
+        for i, n in ipairs(out) do
+          ids[i] = n.id
+          marks[i] = "$" .. i
+        end
+        sqla = sqla .. " WHERE notification_id IN ("
+               .. table.concat(marks, ", ") .. ")"
+      end
+    end
+    local arows = db:query(sqla .. " ORDER BY notification_id, n",
+                           #ids > 0 and ids or nil) or {}
     for _, a in ipairs(arows) do
       local n = by_id[a.notification_id]
       if n then

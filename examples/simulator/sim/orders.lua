@@ -1,14 +1,952 @@
--- sim.orders: orders and refunds (being written).
+-- sim.orders: the payment and refund endpoints, with their state in SQLite.
+--
+-- Orders: NOTPAY -> SUCCESS (paid, POST /sim/transactions/{no}/pay) |
+-- PAYERROR (/fail) | CLOSED (close, or time_expire passed); SUCCESS ->
+-- REFUND once a refund is made. An order past its time_expire is closed
+-- when it is next looked at (query, close, prepay, pay).
+-- Refunds: PROCESSING -> SUCCESS | ABNORMAL | CLOSED (POST
+-- /sim/refunds/{no}/settle, or by themselves refund_settle_after seconds
+-- after creation); ABNORMAL -> PROCESSING (apply-abnormal-refund).
+-- A payment that succeeds and a refund that settles enqueue their
+-- notification (sim.notify) in the transaction that makes the change.
+local core = require "paygate.core"
+local crypto = require "paygate.crypto"
+local json = require "sim.json"
+local notify = require "sim.notify"
 local certificates = require "sim.certificates"
+
+local type, tostring, tonumber, ipairs, pairs, math_floor =
+      type, tostring, tonumber, ipairs, pairs, math.floor
 
 local _M = {}
 
-function _M.init(ctx) _M.ctx = ctx end
+local S = {}          -- ctx: db, config, identity, api
 
-function _M.routes(ctx)
-  certificates.routes(ctx)
+local rfc3339 = certificates.rfc3339
+
+local DESC = {
+  SUCCESS = "支付成功", REFUND = "转入退款", NOTPAY = "订单未支付",
+  CLOSED = "订单已关闭", PAYERROR = "支付失败，请重新下单支付",
+}
+local TYPES = { jsapi = "JSAPI", app = "APP", h5 = "MWEB", native = "NATIVE" }
+local MAX_REFUNDS = 50
+
+local function api() return S.api end
+
+-- helpers -----------------------------------------------------------------
+
+local function unescape(s)
+  return (s:gsub("%%(%x%x)", function(h)
+    return string.char(tonumber(h, 16))
+  end))
 end
 
-function _M.start(ctx) end
+local function utf8_len(s)
+  local _, n = s:gsub("[^\128-\191]", "")
+  return n
+end
+
+-- Canonical JSON (keys sorted at every level): the re-entry comparison.
+local function canon(v)
+  local t = type(v)
+  if t ~= "table" then return json.encode(v) end
+  local n = #v
+  local keys = {}
+  for k in pairs(v) do keys[#keys + 1] = k end
+  if n > 0 and #keys == n then
+    local parts = {}
+    for i = 1, n do parts[i] = canon(v[i]) end
+    return "[" .. table.concat(parts, ",") .. "]"
+  end
+  table.sort(keys, function(a, b) return tostring(a) < tostring(b) end)
+  local parts = {}
+  for _, k in ipairs(keys) do
+    parts[#parts + 1] = json.encode(tostring(k)) .. ":" .. canon(v[k])
+  end
+  return "{" .. table.concat(parts, ",") .. "}"
+end
+
+local function digest(v)
+  return crypto.hex(crypto.digest("sha256", canon(v)))
+end
+
+local function random_digits(n)
+  local b = crypto.random_bytes(n)
+  return (b:gsub(".", function(c) return tostring(c:byte() % 10) end))
+end
+
+local function beijing_stamp(now)
+  return os.date("!%Y%m%d%H%M%S", math_floor(now) + 8 * 3600)
+end
+
+-- 2026-01-02T03:04:05+08:00 (or Z, or fractions) to epoch seconds.
+local function parse_time(s)
+  if type(s) ~= "string" or #s > 40 then return nil end
+  local y, mo, d, h, mi, se, rest =
+    s:match("^(%d%d%d%d)%-(%d%d)%-(%d%d)T(%d%d):(%d%d):(%d%d)(.*)$")
+  if not y then return nil end
+  rest = rest:gsub("^%.%d+", "")
+  local off
+  if rest == "Z" then off = 0
+  else
+    local sg, oh, om = rest:match("^([+-])(%d%d):(%d%d)$")
+    if not sg then return nil end
+    off = (tonumber(oh) * 3600 + tonumber(om) * 60) * (sg == "-" and -1 or 1)
+  end
+  y, mo, d, h, mi, se = tonumber(y), tonumber(mo), tonumber(d), tonumber(h),
+                        tonumber(mi), tonumber(se)
+  if mo < 1 or mo > 12 or d < 1 or d > 31 or h > 23 or mi > 59 or se > 60
+  then
+    return nil
+  end
+  -- days from civil (proleptic Gregorian)
+  local yy = mo <= 2 and y - 1 or y
+  local era = math_floor(yy / 400)
+  local yoe = yy - era * 400
+  local mp = (mo + 9) % 12
+  local doy = math_floor((153 * mp + 2) / 5) + d - 1
+  local doe = yoe * 365 + math_floor(yoe / 4) - math_floor(yoe / 100) + doy
+  local days = era * 146097 + doe - 719468
+  return days * 86400 + h * 3600 + mi * 60 + se - off
+end
+_M.parse_time = parse_time
+
+local function loopback_host(host)
+  return host == "localhost" or host == "::1" or host:match("^127%.%d+%.%d+%.%d+$")
+end
+
+-- notify_url: https (http only to a loopback host: specs and demos), at
+-- most 255 bytes, no query string.
+local function check_url(u)
+  if type(u) ~= "string" or #u > 255 or u:find("[%s%c]") then
+    return nil, "应为不超过255字节的URL"
+  end
+  local scheme, host = u:match("^(https?)://%[?([^/:%]]+)")
+  if not scheme then return nil, "应为https://开头的URL" end
+  if scheme == "http" and not loopback_host(host) then
+    return nil, "应为https://开头的URL"
+  end
+  if u:find("?", 1, true) then return nil, "不能携带参数" end
+  return true
+end
+
+local function str(body, key, max, required, field, min)
+  local v = body[key]
+  field = field or ("/" .. key)
+  if v == nil then
+    if required then
+      return nil, api().param_error(field, "此字段为必填项")
+    end
+    return true
+  end
+  if type(v) ~= "string" then
+    return nil, api().param_error(field, "应为字符串", tostring(v))
+  end
+  local n = utf8_len(v)
+  if n > max or n < (min or (required and 1 or 0)) then
+    return nil, api().param_error(field, "长度应在" .. (min or 1) .. "到" .. max
+                                  .. "之间", v)
+  end
+  return true
+end
+
+local function int(v, field, min)
+  if type(v) ~= "number" or v ~= math_floor(v) or v < min or v > 1e12 then
+    return nil, api().param_error(field, "应为不小于" .. min .. "的整数",
+                                  tostring(v))
+  end
+  return true
+end
+
+local function only_keys(body, allowed)
+  for k in pairs(body) do
+    if not allowed[k] then
+      return nil, api().param_error("/" .. tostring(k), "参数中含有非法的额外参数")
+    end
+  end
+  return true
+end
+
+local function set_of(list)
+  local t = {}
+  for _, k in ipairs(list) do t[k] = true end
+  return t
+end
+
+local PREPAY_COMMON = { "description", "out_trade_no", "time_expire",
+  "attach", "notify_url", "goods_tag", "support_fapiao", "limit_pay",
+  "amount", "payer", "detail", "scene_info", "settle_info" }
+local DIRECT_KEYS = set_of(PREPAY_COMMON)
+DIRECT_KEYS.appid, DIRECT_KEYS.mchid = true, true
+local PARTNER_KEYS = set_of(PREPAY_COMMON)
+for _, k in ipairs({ "sp_appid", "sp_mchid", "sub_appid", "sub_mchid" }) do
+  PARTNER_KEYS[k] = true
+end
+
+-- The caller may act for mchid: itself, or as service provider for
+-- sub_mchid. returns: owner (the merchant that owns the orders), or nil, e.
+local function owner_for(c, mchid, sub_mchid, where)
+  where = where or "body"
+  local m = c.m
+  if sub_mchid ~= nil then
+    if mchid ~= m.mchid then
+      return nil, api().invalid((where == "body" and "/" or "") .. "sp_mchid",
+        "sp_mchid与Authorization中的商户号不一致")
+    end
+    if type(sub_mchid) ~= "string" or not m.sub[sub_mchid] then
+      return nil, api().invalid((where == "body" and "/" or "") .. "sub_mchid",
+        "受理关系不存在")
+    end
+    return sub_mchid
+  end
+  if mchid ~= m.mchid then
+    return nil, api().invalid((where == "body" and "/" or "") .. "mchid",
+      "mchid与Authorization中的商户号不一致")
+  end
+  return m.mchid
+end
+
+-- prepay ------------------------------------------------------------------
+
+local function check_prepay(c, body, trade_type, partner)
+  local a = api()
+  local ok, e = only_keys(body, partner and PARTNER_KEYS or DIRECT_KEYS)
+  if not ok then return nil, e end
+  local appid_key = partner and "sp_appid" or "appid"
+  local mchid_key = partner and "sp_mchid" or "mchid"
+  for _, f in ipairs({ { appid_key, 32 }, { mchid_key, 32 },
+                       { "description", 127 }, { "notify_url", 255 } }) do
+    ok, e = str(body, f[1], f[2], true)
+    if not ok then return nil, e end
+  end
+  if partner then
+    ok, e = str(body, "sub_mchid", 32, true)
+    if not ok then return nil, e end
+    ok, e = str(body, "sub_appid", 32, false)
+    if not ok then return nil, e end
+  end
+  local no = body.out_trade_no
+  if no == nil then return nil, a.param_error("/out_trade_no", "此字段为必填项") end
+  if type(no) ~= "string" or #no < 6 or #no > 32
+     or not no:match("^[%w_%-|*]+$") then
+    return nil, a.param_error("/out_trade_no",
+      "应为6到32位的数字、大小写字母、_-|*", tostring(no))
+  end
+  if type(body.amount) ~= "table" then
+    return nil, a.param_error("/amount", "此字段为必填项")
+  end
+  ok, e = int(body.amount.total, "/amount/total", 1)
+  if not ok then return nil, e end
+  if body.amount.currency ~= nil and body.amount.currency ~= "CNY" then
+    return nil, a.param_error("/amount/currency", "Currency code is invalid",
+                              tostring(body.amount.currency))
+  end
+  ok, e = check_url(body.notify_url)
+  if not ok then return nil, a.param_error("/notify_url", e, body.notify_url) end
+  for _, f in ipairs({ { "attach", 128 }, { "goods_tag", 32 } }) do
+    ok, e = str(body, f[1], f[2], false)
+    if not ok then return nil, e end
+  end
+  local expire
+  if body.time_expire ~= nil then
+    expire = parse_time(body.time_expire)
+    if not expire then
+      return nil, a.param_error("/time_expire", "应为RFC3339格式的时间，如"
+        .. "2018-06-08T10:34:56+08:00", tostring(body.time_expire))
+    end
+    if expire <= c.now then
+      return nil, a.param_error("/time_expire", "订单失效时间应晚于当前时间",
+                                body.time_expire)
+    end
+  end
+  if body.payer ~= nil and type(body.payer) ~= "table" then
+    return nil, a.param_error("/payer", "应为对象")
+  end
+  local payer = body.payer or {}
+  if trade_type == "JSAPI" then
+    if partner then
+      if payer.sp_openid == nil and payer.sub_openid == nil then
+        return nil, a.param_error("/payer/sp_openid",
+          "JSAPI支付必须传sp_openid或sub_openid")
+      end
+      if payer.sub_openid ~= nil and body.sub_appid == nil then
+        return nil, a.param_error("/sub_appid", "传sub_openid时必须传sub_appid")
+      end
+    elseif type(payer.openid) ~= "string" or payer.openid == ""
+           or #payer.openid > 128 then
+      return nil, a.param_error("/payer/openid", "JSAPI支付必须传openid")
+    end
+  end
+  local scene = body.scene_info
+  if scene ~= nil then
+    if type(scene) ~= "table" or type(scene.payer_client_ip) ~= "string"
+       or scene.payer_client_ip == "" then
+      return nil, a.param_error("/scene_info/payer_client_ip", "此字段为必填项")
+    end
+  end
+  if trade_type == "MWEB" then
+    local h5 = type(scene) == "table" and scene.h5_info
+    if type(h5) ~= "table" then
+      return nil, a.param_error("/scene_info/h5_info", "H5支付必须传h5_info")
+    end
+    if h5.type ~= "iOS" and h5.type ~= "Android" and h5.type ~= "Wap" then
+      return nil, a.param_error("/scene_info/h5_info/type",
+        "应为iOS、Android或Wap", tostring(h5.type))
+    end
+  end
+  -- who, and the appids they may use
+  local owner
+  owner, e = owner_for(c, body[mchid_key], partner and body.sub_mchid or nil)
+  if not owner then return nil, e end
+  if not c.m.appids[body[appid_key]] then
+    return nil, a.err(400, "APPID_MCHID_NOT_MATCH", "appid和mch_id不匹配",
+      { field = "/" .. appid_key, location = "body" })
+  end
+  if partner and body.sub_appid ~= nil
+     and not c.m.sub[owner].appids[body.sub_appid] then
+    return nil, a.err(400, "APPID_MCHID_NOT_MATCH", "sub_appid和sub_mchid不匹配",
+      { field = "/sub_appid", location = "body" })
+  end
+  return owner, expire
+end
+
+local function new_prepay(trade_type, now)
+  local id = "wx" .. beijing_stamp(now)
+             .. crypto.hex(crypto.random_bytes(11))
+  if trade_type == "MWEB" then
+    return id, { h5_url = "https://wx.tenpay.com/cgi-bin/mmpayweb-bin/"
+      .. "checkmweb?prepay_id=" .. id .. "&package=" .. random_digits(10) }
+  elseif trade_type == "NATIVE" then
+    return id, { code_url = "weixin://wxpay/bizpayurl?pr="
+                            .. crypto.random_nonce(9) }
+  end
+  return id, { prepay_id = id }
+end
+
+-- Closes an order whose time_expire passed (inside tx). returns the row.
+local function expire(tx, o, now)
+  if (o.trade_state == "NOTPAY" or o.trade_state == "PAYERROR")
+     and o.time_expire and o.time_expire <= now then
+    assert(tx:exec("UPDATE sim_orders SET trade_state = 'CLOSED', "
+      .. "closed_at = $1 WHERE id = $2 AND trade_state = $3",
+      { o.time_expire, o.id, o.trade_state }))
+    o.trade_state = "CLOSED"
+    o.closed_at = o.time_expire
+  end
+  return o
+end
+
+local function prepay(req, c, trade_type, partner)
+  local a = api()
+  local body = c.body
+  local owner, expire_at = check_prepay(c, body, trade_type, partner)
+  if not owner then return nil, expire_at end
+  local appid = partner and body.sp_appid or body.appid
+  local hash = digest(body)
+  local payer = type(body.payer) == "table" and body.payer or {}
+  return S.db:transaction(function(tx)
+    local rows = assert(tx:query("SELECT * FROM sim_orders WHERE owner = $1 "
+      .. "AND out_trade_no = $2", { owner, body.out_trade_no }))
+    local o = rows[1]
+    local id, answer = new_prepay(trade_type, c.now)
+    if o then
+      o = expire(tx, o, c.now)
+      if o.appid ~= appid or o.trade_type ~= trade_type
+         or (o.sp_mchid or "") ~= (partner and c.m.mchid or "") then
+        return nil, a.err(403, "OUT_TRADE_NO_USED", "商户订单号重复",
+                          { field = "/out_trade_no", location = "body" })
+      end
+      if o.trade_state == "SUCCESS" or o.trade_state == "REFUND" then
+        return nil, a.err(400, "ORDER_PAID", "该订单已支付")
+      end
+      if o.trade_state == "CLOSED" then
+        return nil, a.err(400, "ORDER_CLOSED", "订单已关闭")
+      end
+      if o.params_hash ~= hash then
+        local e = a.invalid("/out_trade_no",
+          "请求重入时，参数与首次请求时不一致")
+        e.suffix = a.SUFFIX.REENTRY
+        return nil, e
+      end
+      assert(tx:exec("UPDATE sim_orders SET prepay_id = $1 WHERE id = $2",
+                     { id, o.id }))
+      return 200, answer
+    end
+    assert(tx:exec("INSERT INTO sim_orders (owner, sp_mchid, appid, "
+      .. "sub_appid, out_trade_no, trade_type, trade_state, prepay_id, "
+      .. "description, attach, notify_url, total, currency, openid, "
+      .. "sub_openid, time_expire, params_hash, request, created_at) VALUES "
+      .. "($1, $2, $3, $4, $5, $6, 'NOTPAY', $7, $8, $9, $10, $11, $12, $13, "
+      .. "$14, $15, $16, $17, $18)", { n = 18,
+        owner, partner and c.m.mchid or nil, appid, body.sub_appid,
+        body.out_trade_no, trade_type, id, body.description, body.attach,
+        body.notify_url, body.amount.total, body.amount.currency or "CNY",
+        partner and payer.sp_openid or payer.openid, payer.sub_openid,
+        expire_at, hash, c.req.body, c.now }))
+    return 200, answer
+  end)
+end
+
+-- the Transaction object ------------------------------------------------------
+
+--- syntax: t = orders.transaction(o) -- the query answer for an order row
+function _M.transaction(o)
+  local req = json.decode(o.request) or {}
+  local paid = o.trade_state == "SUCCESS" or o.trade_state == "REFUND"
+  local t = {
+    out_trade_no = o.out_trade_no,
+    trade_state = o.trade_state,
+    trade_state_desc = DESC[o.trade_state],
+    amount = { total = o.total, currency = o.currency,
+               payer_currency = o.currency },
+  }
+  if o.sp_mchid then
+    t.sp_appid, t.sp_mchid, t.sub_mchid = o.appid, o.sp_mchid, o.owner
+    t.sub_appid = o.sub_appid
+  else
+    t.appid, t.mchid = o.appid, o.owner
+  end
+  t.attach = o.attach or ""
+  if o.transaction_id then t.transaction_id = o.transaction_id end
+  if paid or o.trade_state == "PAYERROR" then
+    t.trade_type = o.trade_type
+    t.bank_type = o.bank_type or "OTHERS"
+    if o.sp_mchid then
+      t.payer = { sp_openid = o.openid, sub_openid = o.sub_openid }
+    else
+      t.payer = { openid = o.openid }
+    end
+  end
+  if paid then
+    t.success_time = rfc3339(o.success_at)
+    t.amount.payer_total = o.payer_total or o.total
+  end
+  if type(req.scene_info) == "table" and req.scene_info.device_id then
+    t.scene_info = { device_id = req.scene_info.device_id }
+  end
+  return t
+end
+
+local function find_order(tx, owner, by, value)
+  local col = by == "transaction_id" and "transaction_id" or "out_trade_no"
+  local rows = assert(tx:query("SELECT * FROM sim_orders WHERE owner = $1 AND "
+                               .. col .. " = $2", { owner, value }))
+  return rows[1]
+end
+
+-- GET .../id/{transaction_id} and .../out-trade-no/{out_trade_no}
+local function query(req, c, by, partner)
+  local a = api()
+  local q = c.query
+  local owner, e
+  if partner then
+    if q.sp_mchid == nil or q.sub_mchid == nil then
+      local f = q.sp_mchid == nil and "sp_mchid" or "sub_mchid"
+      return nil, a.param_error(f, "此字段为必填项", nil, "query")
+    end
+    owner, e = owner_for(c, q.sp_mchid, q.sub_mchid, "query")
+  else
+    if q.mchid == nil then
+      return nil, a.err(400, "PARAM_ERROR", "输入源“/uri_template/mchid”映射到"
+        .. "字段“直连商户号”必填性规则校验失败，此字段为必填项",
+        { field = "mchid", location = "query", issue = "此字段为必填项" })
+    end
+    owner, e = owner_for(c, q.mchid, nil, "query")
+  end
+  if not owner then return nil, e end
+  local key = unescape(c.params.id)
+  return S.db:transaction(function(tx)
+    local o = find_order(tx, owner, by, key)
+    if not o then return nil, a.err(404, "ORDER_NOT_EXIST", "订单不存在") end
+    o = expire(tx, o, c.now)
+    return 200, _M.transaction(o)
+  end)
+end
+
+-- POST .../out-trade-no/{out_trade_no}/close
+local function close(req, c, partner)
+  local a = api()
+  local b = c.body
+  local ok, e = only_keys(b, partner and set_of({ "sp_mchid", "sub_mchid" })
+                          or set_of({ "mchid" }))
+  if not ok then return nil, e end
+  ok, e = str(b, partner and "sp_mchid" or "mchid", 32, true)
+  if not ok then return nil, e end
+  if partner then
+    ok, e = str(b, "sub_mchid", 32, true)
+    if not ok then return nil, e end
+  end
+  local owner
+  owner, e = owner_for(c, partner and b.sp_mchid or b.mchid,
+                       partner and b.sub_mchid or nil)
+  if not owner then return nil, e end
+  local no = unescape(c.params.id)
+  return S.db:transaction(function(tx)
+    local o = find_order(tx, owner, "out_trade_no", no)
+    if not o then return nil, a.err(404, "ORDER_NOT_EXIST", "订单不存在") end
+    o = expire(tx, o, c.now)
+    if o.trade_state == "SUCCESS" or o.trade_state == "REFUND" then
+      return nil, a.err(400, "ORDER_PAID", "订单已支付")
+    end
+    if o.trade_state ~= "CLOSED" then
+      assert(tx:exec("UPDATE sim_orders SET trade_state = 'CLOSED', "
+        .. "closed_at = $1 WHERE id = $2", { c.now, o.id }))
+    end
+    return 204, nil
+  end)
+end
+
+-- refunds -------------------------------------------------------------------
+
+local REFUND_KEYS = set_of({ "sub_mchid", "transaction_id", "out_trade_no",
+  "out_refund_no", "reason", "notify_url", "funds_account", "amount",
+  "goods_detail" })
+
+--- syntax: r = orders.refund_object(f, o) -- a refund row as the API shows it
+function _M.refund_object(f, o)
+  local r = {
+    refund_id = f.refund_id, out_refund_no = f.out_refund_no,
+    transaction_id = o.transaction_id, out_trade_no = o.out_trade_no,
+    channel = "ORIGINAL", user_received_account = "支付用户零钱",
+    create_time = rfc3339(f.created_at), status = f.status,
+    funds_account = f.funds_account or "UNSETTLED",
+    amount = { total = f.total, refund = f.refund,
+               payer_total = o.payer_total or o.total, payer_refund = f.refund,
+               settlement_total = o.total, settlement_refund = f.refund,
+               discount_refund = 0, refund_fee = 0, currency = f.currency },
+  }
+  if f.success_at then r.success_time = rfc3339(f.success_at) end
+  return r
+end
+
+-- The resource of a refund notification.
+local function refund_resource(f, o)
+  local r = {
+    out_trade_no = o.out_trade_no, transaction_id = o.transaction_id,
+    out_refund_no = f.out_refund_no, refund_id = f.refund_id,
+    refund_status = f.status, user_received_account = "支付用户零钱",
+    amount = { total = f.total, refund = f.refund,
+               payer_total = o.payer_total or o.total, payer_refund = f.refund },
+  }
+  if o.sp_mchid then r.sp_mchid, r.sub_mchid = o.sp_mchid, o.owner
+  else r.mchid = o.owner end
+  if f.status == "SUCCESS" then r.success_time = rfc3339(f.success_at) end
+  return r
+end
+
+local function refund_owner(c, sub)
+  if sub == nil then return c.m.mchid end
+  if type(sub) ~= "string" or not c.m.sub[sub] then
+    return nil, api().invalid("/sub_mchid", "受理关系不存在")
+  end
+  return sub
+end
+
+local function create_refund(req, c)
+  local a = api()
+  local b = c.body
+  local ok, e = only_keys(b, REFUND_KEYS)
+  if not ok then return nil, e end
+  local no = b.out_refund_no
+  if no == nil then return nil, a.param_error("/out_refund_no", "此字段为必填项") end
+  if type(no) ~= "string" or #no > 64 or not no:match("^[%w_%-|*@]+$") then
+    return nil, a.param_error("/out_refund_no",
+      "应为1到64位的数字、大小写字母、_-|*@", tostring(no))
+  end
+  if b.transaction_id == nil and b.out_trade_no == nil then
+    return nil, a.param_error("/transaction_id",
+      "transaction_id和out_trade_no必须二选一")
+  end
+  for _, f in ipairs({ { "transaction_id", 32 }, { "out_trade_no", 32 },
+                       { "reason", 80 } }) do
+    ok, e = str(b, f[1], f[2], false)
+    if not ok then return nil, e end
+  end
+  if b.notify_url ~= nil then
+    ok, e = check_url(b.notify_url)
+    if not ok then return nil, a.param_error("/notify_url", e, b.notify_url) end
+  end
+  if b.funds_account ~= nil and b.funds_account ~= "AVAILABLE" then
+    return nil, a.param_error("/funds_account", "应为AVAILABLE",
+                              tostring(b.funds_account))
+  end
+  if type(b.amount) ~= "table" then
+    return nil, a.param_error("/amount", "此字段为必填项")
+  end
+  ok, e = int(b.amount.refund, "/amount/refund", 1)
+  if not ok then return nil, e end
+  ok, e = int(b.amount.total, "/amount/total", 1)
+  if not ok then return nil, e end
+  if b.amount.currency ~= "CNY" then
+    return nil, a.param_error("/amount/currency", "Currency code is invalid",
+                              tostring(b.amount.currency))
+  end
+  local owner
+  owner, e = refund_owner(c, b.sub_mchid)
+  if not owner then return nil, e end
+  local hash = digest(b)
+  return S.db:transaction(function(tx)
+    local rows = assert(tx:query("SELECT * FROM sim_refunds WHERE owner = $1 "
+      .. "AND out_refund_no = $2", { owner, no }))
+    local f = rows[1]
+    if f then
+      if f.params_hash ~= hash then
+        local err = a.invalid("/out_refund_no",
+          "请求重入时，参数与首次请求时不一致")
+        err.suffix = a.SUFFIX.REENTRY
+        return nil, err
+      end
+      local o = assert(tx:query("SELECT * FROM sim_orders WHERE id = $1",
+                                { f.order_id }))[1]
+      return 200, _M.refund_object(f, o)
+    end
+    local o = b.transaction_id
+      and find_order(tx, owner, "transaction_id", b.transaction_id)
+      or (b.transaction_id == nil
+          and find_order(tx, owner, "out_trade_no", b.out_trade_no))
+    if not o then
+      return nil, a.err(404, "RESOURCE_NOT_EXISTS", "订单不存在")
+    end
+    o = expire(tx, o, c.now)
+    if o.trade_state ~= "SUCCESS" and o.trade_state ~= "REFUND" then
+      return nil, a.invalid("/out_trade_no", "订单未支付，不能退款")
+    end
+    if b.amount.total ~= o.total then
+      return nil, a.invalid("/amount/total",
+        "退款请求中的原订单金额与订单金额不一致")
+    end
+    if b.amount.refund > o.total - o.refunded then
+      return nil, a.invalid("/amount/refund", "申请退款金额超过订单可退金额")
+    end
+    local n = assert(tx:query("SELECT COUNT(*) AS n FROM sim_refunds WHERE "
+                              .. "order_id = $1", { o.id }))[1].n
+    if n >= MAX_REFUNDS then
+      return nil, a.invalid("/out_trade_no", "退款次数超过限制")
+    end
+    local refund_id = "50" .. beijing_stamp(c.now):sub(1, 8)
+                      .. random_digits(20)
+    local settle = S.config.refund_settle_after
+    f = { owner = owner, sp_mchid = b.sub_mchid and c.m.mchid or nil,
+          order_id = o.id, refund_id = refund_id, out_refund_no = no,
+          status = "PROCESSING", refund = b.amount.refund,
+          total = b.amount.total, currency = "CNY", reason = b.reason,
+          notify_url = b.notify_url, funds_account = b.funds_account,
+          created_at = c.now,
+          settle_after = settle and (c.now + settle) or nil }
+    assert(tx:exec("INSERT INTO sim_refunds (owner, sp_mchid, order_id, "
+      .. "refund_id, out_refund_no, status, refund, total, currency, reason, "
+      .. "notify_url, funds_account, params_hash, created_at, settle_after) "
+      .. "VALUES ($1, $2, $3, $4, $5, 'PROCESSING', $6, $7, 'CNY', $8, $9, "
+      .. "$10, $11, $12, $13)", { n = 13, owner, f.sp_mchid, o.id,
+        refund_id, no, f.refund, f.total, b.reason, b.notify_url,
+        b.funds_account, hash, c.now, f.settle_after }))
+    assert(tx:exec("UPDATE sim_orders SET refunded = refunded + $1, "
+      .. "trade_state = 'REFUND' WHERE id = $2", { f.refund, o.id }))
+    o.refunded = o.refunded + f.refund
+    return 200, _M.refund_object(f, o)
+  end)
+end
+
+local function query_refund(req, c)
+  local a = api()
+  local owner, e = refund_owner(c, c.query.sub_mchid)
+  if not owner then return nil, e end
+  local rows = assert(S.db:query("SELECT * FROM sim_refunds WHERE owner = $1 "
+    .. "AND out_refund_no = $2", { owner, unescape(c.params.id) }))
+  local f = rows[1]
+  if not f then return nil, a.err(404, "RESOURCE_NOT_EXISTS", "退款单不存在") end
+  local o = assert(S.db:query("SELECT * FROM sim_orders WHERE id = $1",
+                              { f.order_id }))[1]
+  return 200, _M.refund_object(f, o)
+end
+
+local SUMMARY = { SUCCESS = "退款成功", ABNORMAL = "退款异常",
+                  CLOSED = "退款关闭" }
+
+-- Moves a PROCESSING refund to status (inside tx) and enqueues its
+-- notification. returns: the refund row and its order, or nil, why.
+local function settle_in(tx, f, status, now)
+  local res = assert(tx:exec("UPDATE sim_refunds SET status = $1, "
+    .. "success_at = $2 WHERE id = $3 AND status = 'PROCESSING'",
+    { status, status == "SUCCESS" and now or core.null, f.id }))
+  if res.changes ~= 1 then return nil, "not PROCESSING" end
+  f.status = status
+  f.success_at = status == "SUCCESS" and now or nil
+  if status == "CLOSED" then
+    assert(tx:exec("UPDATE sim_orders SET refunded = refunded - $1 WHERE "
+                   .. "id = $2", { f.refund, f.order_id }))
+  end
+  local o = assert(tx:query("SELECT * FROM sim_orders WHERE id = $1",
+                            { f.order_id }))[1]
+  if f.notify_url then
+    local ok, err = notify.enqueue(tx, {
+      mchid = o.sp_mchid or o.owner, sub_mchid = o.sp_mchid and o.owner,
+      notify_url = f.notify_url, event_type = "REFUND." .. status,
+      summary = SUMMARY[status], resource_type = "encrypt-resource",
+      original_type = "refund", resource = refund_resource(f, o),
+      out_trade_no = o.out_trade_no, out_refund_no = f.out_refund_no })
+    if not ok then return nil, err end
+  end
+  return f, o
+end
+
+--- syntax: r, err = orders.settle(out_refund_no, status[, mchid])
+-- The control API's settle: PROCESSING -> SUCCESS | ABNORMAL | CLOSED.
+-- returns: the refund object, or nil, { status, code, message }.
+function _M.settle(no, status, mchid)
+  return S.db:transaction(function(tx)
+    local rows
+    if mchid then
+      rows = assert(tx:query("SELECT * FROM sim_refunds WHERE "
+        .. "out_refund_no = $1 AND (owner = $2 OR sp_mchid = $2)",
+        { no, mchid }))
+    else
+      rows = assert(tx:query("SELECT * FROM sim_refunds WHERE "
+                             .. "out_refund_no = $1", { no }))
+    end
+    if not rows[1] then
+      return nil, { status = 404, code = "RESOURCE_NOT_EXISTS",
+                    message = "no refund " .. no }
+    end
+    if rows[2] then
+      return nil, { status = 409, code = "AMBIGUOUS", message = "two "
+        .. "merchants have refund " .. no .. ": add ?mchid=" }
+    end
+    local f = rows[1]
+    if f.status ~= "PROCESSING" then
+      return nil, { status = 409, code = "REFUND_" .. f.status, message =
+        "refund " .. no .. " is " .. f.status .. ", not PROCESSING" }
+    end
+    local o
+    f, o = settle_in(tx, f, status, core.time())
+    if not f then
+      return nil, { status = 409, code = "CONFLICT", message = tostring(o) }
+    end
+    return _M.refund_object(f, o)
+  end)
+end
+
+local ABNORMAL_KEYS = set_of({ "sub_mchid", "out_refund_no", "type",
+  "bank_type", "bank_account", "real_name" })
+
+local function abnormal_refund(req, c)
+  local a = api()
+  local b = c.body
+  local ok, e = only_keys(b, ABNORMAL_KEYS)
+  if not ok then return nil, e end
+  ok, e = str(b, "out_refund_no", 64, true)
+  if not ok then return nil, e end
+  if b.type ~= "USER_BANK_CARD" and b.type ~= "MERCHANT_BANK_CARD" then
+    return nil, a.param_error("/type", "应为USER_BANK_CARD或MERCHANT_BANK_CARD",
+                              tostring(b.type))
+  end
+  if b.type == "USER_BANK_CARD" then
+    for _, k in ipairs({ "bank_type", "bank_account", "real_name" }) do
+      ok, e = str(b, k, 1024, true)
+      if not ok then return nil, e end
+    end
+    -- bank_account and real_name are encrypted with our key: the request
+    -- must name it
+    local serial = c.serial
+    if serial == nil then
+      return nil, a.err(400, "PARAM_ERROR", "HTTP header缺少微信支付平台证书"
+        .. "序列号(Wechatpay-Serial)", { field = "Wechatpay-Serial",
+        location = "header" })
+    end
+    local known, k = S.identity.known_serial(serial)
+    if not known then
+      return nil, a.err(400, "PARAM_ERROR", "平台证书序列号Wechatpay-Serial错误",
+        { field = "Wechatpay-Serial", location = "header" })
+    end
+    if not S.config.sm then
+      for _, f in ipairs({ "bank_account", "real_name" }) do
+        local ct = crypto.base64_decode(b[f])
+        local plain = ct and crypto.oaep_decrypt(k.key, ct)
+        if not plain then
+          return nil, a.param_error("/" .. f, "解密失败：应以Wechatpay-Serial"
+            .. "指定的公钥用RSA-OAEP加密")
+        end
+      end
+    end
+  end
+  local owner
+  owner, e = refund_owner(c, b.sub_mchid)
+  if not owner then return nil, e end
+  return S.db:transaction(function(tx)
+    local f = assert(tx:query("SELECT * FROM sim_refunds WHERE owner = $1 "
+      .. "AND refund_id = $2", { owner, unescape(c.params.id) }))[1]
+    if not f or f.out_refund_no ~= b.out_refund_no then
+      return nil, a.err(404, "RESOURCE_NOT_EXISTS", "退款单不存在")
+    end
+    if f.status ~= "ABNORMAL" then
+      return nil, a.invalid("/out_refund_no", "退款单状态不是退款异常，"
+                            .. "不能发起异常退款")
+    end
+    local settle = S.config.refund_settle_after
+    f.status = "PROCESSING"
+    f.settle_after = settle and (c.now + settle) or nil
+    assert(tx:exec("UPDATE sim_refunds SET status = 'PROCESSING', "
+      .. "settle_after = $1, abnormal_applied = abnormal_applied + 1 "
+      .. "WHERE id = $2", { f.settle_after or core.null, f.id }))
+    local o = assert(tx:query("SELECT * FROM sim_orders WHERE id = $1",
+                              { f.order_id }))[1]
+    return 200, _M.refund_object(f, o)
+  end)
+end
+
+-- the payer (control API) -------------------------------------------------
+
+local function find_for_control(tx, no, mchid)
+  local rows
+  if mchid then
+    rows = assert(tx:query("SELECT * FROM sim_orders WHERE out_trade_no = $1 "
+      .. "AND (owner = $2 OR sp_mchid = $2)", { no, mchid }))
+  else
+    rows = assert(tx:query("SELECT * FROM sim_orders WHERE out_trade_no = $1",
+                           { no }))
+  end
+  if not rows[1] then
+    return nil, { status = 404, code = "ORDER_NOT_EXIST",
+                  message = "no order " .. no }
+  end
+  if rows[2] then
+    return nil, { status = 409, code = "AMBIGUOUS", message = "two merchants "
+      .. "have order " .. no .. ": add ?mchid=" }
+  end
+  return rows[1]
+end
+
+--- syntax: t, err = orders.pay(out_trade_no, opts)
+-- The payer pays: NOTPAY (or PAYERROR) -> SUCCESS, and the
+-- TRANSACTION.SUCCESS notification is enqueued with it. opts: mchid,
+-- payer_total, bank_type, openid. returns the Transaction, or nil,
+-- { status, code, message }.
+function _M.pay(no, opts)
+  local now = core.time()
+  return S.db:transaction(function(tx)
+    local o, err = find_for_control(tx, no, opts.mchid)
+    if not o then return nil, err end
+    o = expire(tx, o, now)
+    if o.trade_state == "SUCCESS" or o.trade_state == "REFUND" then
+      return nil, { status = 409, code = "ORDER_PAID", message = "order "
+                    .. no .. " is paid already" }
+    end
+    if o.trade_state == "CLOSED" then
+      return nil, { status = 409, code = "ORDER_CLOSED", message = "order "
+                    .. no .. " is closed" }
+    end
+    o.transaction_id = "4200" .. beijing_stamp(now):sub(1, 8)
+                       .. random_digits(16)
+    o.trade_state, o.success_at = "SUCCESS", now
+    o.payer_total = opts.payer_total or o.total
+    o.bank_type = opts.bank_type or "OTHERS"
+    if opts.openid then o.openid = opts.openid end
+    if not o.openid and not o.sub_openid then
+      o.openid = "o" .. crypto.random_nonce(27)
+    end
+    assert(tx:exec("UPDATE sim_orders SET trade_state = 'SUCCESS', "
+      .. "transaction_id = $1, success_at = $2, payer_total = $3, "
+      .. "bank_type = $4, openid = $5 WHERE id = $6",
+      { n = 6, o.transaction_id, now, o.payer_total, o.bank_type, o.openid,
+        o.id }))
+    local t = _M.transaction(o)
+    local ok, nerr = notify.enqueue(tx, {
+      mchid = o.sp_mchid or o.owner, sub_mchid = o.sp_mchid and o.owner,
+      notify_url = o.notify_url, event_type = "TRANSACTION.SUCCESS",
+      summary = "支付成功", resource_type = "encrypt-resource",
+      original_type = "transaction", resource = t,
+      out_trade_no = o.out_trade_no })
+    if not ok then
+      return nil, { status = 500, code = "SYSTEM_ERROR",
+                    message = "notify.enqueue: " .. tostring(nerr) }
+    end
+    return t
+  end)
+end
+
+--- syntax: t, err = orders.fail(out_trade_no, opts) -- NOTPAY -> PAYERROR
+function _M.fail(no, opts)
+  local now = core.time()
+  return S.db:transaction(function(tx)
+    local o, err = find_for_control(tx, no, opts.mchid)
+    if not o then return nil, err end
+    o = expire(tx, o, now)
+    if o.trade_state ~= "NOTPAY" then
+      return nil, { status = 409, code = "ORDER_" .. o.trade_state,
+        message = "order " .. no .. " is " .. o.trade_state .. ", not NOTPAY" }
+    end
+    o.trade_state = "PAYERROR"
+    o.bank_type = opts.bank_type or "OTHERS"
+    assert(tx:exec("UPDATE sim_orders SET trade_state = 'PAYERROR', "
+      .. "bank_type = $1 WHERE id = $2", { o.bank_type, o.id }))
+    return _M.transaction(o)
+  end)
+end
+
+-- routes --------------------------------------------------------------------
+
+function _M.init(ctx)
+  S.db, S.config, S.identity, S.api = ctx.db, ctx.config, ctx.identity,
+                                       ctx.api
+end
+
+function _M.routes(ctx)
+  local route = ctx.api.route
+  certificates.routes(ctx)
+  for seg, tt in pairs(TYPES) do
+    route("POST", "/v3/pay/transactions/" .. seg, "prepay", function(req, c)
+      return prepay(req, c, tt, false)
+    end)
+    route("POST", "/v3/pay/partner/transactions/" .. seg, "prepay",
+      function(req, c) return prepay(req, c, tt, true) end)
+  end
+  route("GET", "/v3/pay/transactions/id/:id", "query", function(req, c)
+    return query(req, c, "transaction_id", false)
+  end)
+  route("GET", "/v3/pay/transactions/out-trade-no/:id", "query",
+    function(req, c) return query(req, c, "out_trade_no", false) end)
+  route("GET", "/v3/pay/partner/transactions/id/:id", "query",
+    function(req, c) return query(req, c, "transaction_id", true) end)
+  route("GET", "/v3/pay/partner/transactions/out-trade-no/:id", "query",
+    function(req, c) return query(req, c, "out_trade_no", true) end)
+  route("POST", "/v3/pay/transactions/out-trade-no/:id/close", "close",
+    function(req, c) return close(req, c, false) end)
+  route("POST", "/v3/pay/partner/transactions/out-trade-no/:id/close",
+    "close", function(req, c) return close(req, c, true) end)
+  route("POST", "/v3/refund/domestic/refunds", "refund", create_refund)
+  route("GET", "/v3/refund/domestic/refunds/:id", "refund_query",
+        query_refund)
+  route("POST", "/v3/refund/domestic/refunds/:id/apply-abnormal-refund",
+        "abnormal_refund", abnormal_refund)
+end
+
+--- syntax: orders.start(ctx)
+-- With refund_settle_after, a task per worker settles refunds whose time
+-- came (SUCCESS); the conditional update lets one worker win each.
+function _M.start(ctx)
+  local after = ctx.config.refund_settle_after
+  if not after then return end
+  local tick = math.max(0.05, math.min(1, after / 4))
+  core.spawn(function()
+    while true do
+      core.sleep(tick)
+      local ok, err = pcall(function()
+        local now = core.time()
+        local rows = assert(S.db:query("SELECT * FROM sim_refunds WHERE "
+          .. "status = 'PROCESSING' AND settle_after <= $1 LIMIT 50", { now }))
+        for _, f in ipairs(rows) do
+          S.db:transaction(function(tx)
+            local r = settle_in(tx, f, "SUCCESS", now)
+            return r and true or false
+          end)
+        end
+      end)
+      if not ok then
+        require("paygate").log.warn("simulator: refund settling failed",
+                                    { error = tostring(err) })
+      end
+    end
+  end)
+end
 
 return _M

@@ -9,6 +9,8 @@ CREATE TABLE sim_notifications (
   summary       TEXT NOT NULL,
   original_type TEXT NOT NULL,          -- transaction | refund (also the AAD)
   resource      TEXT NOT NULL,          -- the plaintext resource, JSON
+  body          TEXT,                   -- the envelope sent (encrypted at the
+                                        -- first attempt; every retry sends it)
   create_time   TEXT NOT NULL,          -- RFC 3339, +08:00
   created_at    DOUBLE PRECISION NOT NULL,
   -- pending: due at next_at; held: out-of-order fault, waits for a later

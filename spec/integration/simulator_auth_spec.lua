@@ -1,0 +1,209 @@
+-- The simulator (examples/simulator) checks requests as WeChat Pay does and
+-- signs its answers: driven over plain HTTP by spec/support/simclient.lua,
+-- a client built from the protocol on paygate.crypto alone.
+local crypto = require "paygate.crypto"
+local server = require "support.server"
+local proc = require "support.proc"
+local sc = require "support.simclient"
+local rawtcp = require "support.rawtcp"
+
+describe("simulator: request authentication", function()
+  local srv, c, keys
+
+  setup(function()
+    local dir = server.tmpdir()
+    srv = server.start{ app = "examples/simulator",
+                        config = sc.config(dir .. "/state", "workers = 1,") }
+    c = sc.new{ base = "http://127.0.0.1:" .. srv.port }
+    keys = c:platform_keys()
+  end)
+
+  teardown(function() if srv then srv:stop() end end)
+
+  local function sign_error(res, field)
+    assert.equal(401, res.status)
+    assert.equal("SIGN_ERROR", res.json.code)
+    assert.is_string(res.json.message)
+    if field then assert.equal(field, res.json.detail.field) end
+    -- errors carry no signature, but a Request-ID
+    assert.is_nil(res.headers["wechatpay-signature"])
+    assert.matches("^%x+%-%d+$", res.headers["request-id"])
+  end
+
+  it("refuses a request with no Authorization", function()
+    local res = c:call("GET", "/v3/certificates", nil,
+                       { headers = { Authorization = false } })
+    sign_error(res)
+  end)
+
+  it("refuses a bad scheme", function()
+    sign_error(c:call("GET", "/v3/certificates", nil,
+                      { schema = "WECHATPAY2-SHA256-RSA4096" }), "schema")
+  end)
+
+  it("refuses an Authorization that does not parse", function()
+    sign_error(c:call("GET", "/v3/certificates", nil,
+      { headers = { Authorization = 'WECHATPAY2-SHA256-RSA2048 mchid=1' } }))
+  end)
+
+  it("refuses an unknown mchid", function()
+    sign_error(c:call("GET", "/v3/certificates", nil, { mchid = "1111111" }),
+               "mchid")
+  end)
+
+  it("refuses a timestamp more than 5 minutes off, either way", function()
+    sign_error(c:call("GET", "/v3/certificates", nil,
+                      { ts = tostring(os.time() - 301) }), "timestamp")
+    sign_error(c:call("GET", "/v3/certificates", nil,
+                      { ts = tostring(os.time() + 301) }), "timestamp")
+  end)
+
+  it("refuses a serial that is not one of the merchant's", function()
+    sign_error(c:call("GET", "/v3/certificates", nil,
+                      { serial = sc.SERIAL2 }), "serial_no")
+  end)
+
+  it("refuses a signature made with another key, echoing what it signed",
+     function()
+    local other = assert(crypto.private_key(sc.read(sc.FIX
+                                                    .. "a1_merchant_key.pem")))
+    local res = c:call("GET", "/v3/certificates?algorithm_type=RSA", nil,
+                       { key = other })
+    sign_error(res, "signature")
+    local info = res.json.detail.sign_information
+    assert.equal("GET", info.method)
+    assert.equal("/v3/certificates?algorithm_type=RSA", info.url)
+    assert.matches("^GET\n/v3/certificates%?algorithm_type=RSA\n%d+\n%w+\n\n$",
+                   info.truncated_sign_message)
+    assert.equal(#info.truncated_sign_message, info.sign_message_length)
+  end)
+
+  it("refuses a body changed after signing", function()
+    local body = '{"mchid":"' .. sc.MCHID .. '"}'
+    local res = c:call("POST",
+      "/v3/pay/transactions/out-trade-no/auth-tamper-1/close", body,
+      { tamper = '{"mchid":"' .. sc.MCHID .. '" }' })
+    sign_error(res, "signature")
+  end)
+
+  it("refuses a query string changed after signing", function()
+    local auth = c:authorization("GET", "/v3/certificates?algorithm_type=RSA")
+    local res = c:call("GET", "/v3/certificates?algorithm_type=ALL", nil,
+                       { headers = { Authorization = auth } })
+    sign_error(res, "signature")
+  end)
+
+  it("refuses a replayed request (the same nonce twice)", function()
+    local auth = c:authorization("GET", "/v3/certificates")
+    local res = c:call("GET", "/v3/certificates", nil,
+                       { headers = { Authorization = auth } })
+    assert.equal(200, res.status)
+    res = c:call("GET", "/v3/certificates", nil,
+                 { headers = { Authorization = auth } })
+    sign_error(res, "nonce_str")
+  end)
+
+  it("wants Accept and User-Agent", function()
+    -- raw bytes: an HTTP client library would add its own Accept
+    for _, h in ipairs({ "Accept: */*\r\n", "User-Agent: raw/1\r\n" }) do
+      local conn = rawtcp.connect(srv.port, 5)
+      conn:send("GET /v3/certificates HTTP/1.1\r\nHost: x\r\n" .. h
+        .. "Authorization: " .. c:authorization("GET", "/v3/certificates")
+        .. "\r\nConnection: close\r\n\r\n")
+      local resp = conn:recv_all()
+      conn:close()
+      assert.matches("^HTTP/1.1 400", resp)
+      assert.matches('"code":"INVALID_REQUEST"', resp, 1, true)
+      assert.matches("Http头缺少Accept或User-Agent", resp, 1, true)
+    end
+  end)
+
+  it("accepts the parameters in any order and signs the answer", function()
+    local res = c:call("GET", "/v3/certificates", nil, { reorder = true })
+    assert.equal(200, res.status)
+    assert.truthy(sc.verify(res, keys))
+    assert.matches("^application/json", res.headers["content-type"])
+    assert.matches("^%x+%-0$", res.headers["request-id"])
+  end)
+
+  it("checks the exact body bytes, a trailing newline included", function()
+    -- the Go SDK sends (and signs) a newline after its JSON
+    local body = '{"mchid":"' .. sc.MCHID .. '"}\n'
+    local res = c:call("POST",
+      "/v3/pay/transactions/out-trade-no/auth-newline-1/close", body)
+    assert.equal(404, res.status)
+    assert.equal("ORDER_NOT_EXIST", res.json.code)
+  end)
+
+  it("verifies a merchant configured by public key and serial", function()
+    local c2 = sc.new{ base = c.base, mchid = sc.MCHID2, serial = sc.SERIAL2,
+      key = assert(crypto.private_key(sc.read(sc.FIX
+                                              .. "a1_merchant_key.pem"))) }
+    local res = c2:call("GET", "/v3/certificates")
+    assert.equal(200, res.status)
+    assert.truthy(sc.verify(res, keys))
+  end)
+
+  it("keeps its platform keys across a restart", function()
+    local dir = server.tmpdir()
+    local conf = sc.config(dir .. "/state", "workers = 2,")
+    local s1 = server.start{ app = "examples/simulator", config = conf }
+    local c1 = sc.new{ base = "http://127.0.0.1:" .. s1.port }
+    local k1, pub1 = c1:platform_keys()
+    s1:stop()
+    -- s1:stop removed its own folder, not the state dir given above
+    local s2 = server.start{ app = "examples/simulator", config = conf }
+    local c2 = sc.new{ base = "http://127.0.0.1:" .. s2.port }
+    local k2, pub2 = c2:platform_keys()
+    s2:stop()
+    os.execute("rm -rf " .. dir)
+    assert.equal(pub1, pub2)
+    local n1, n2 = 0, 0
+    for s in pairs(k1) do n1 = n1 + 1; assert.truthy(k2[s]) end
+    for _ in pairs(k2) do n2 = n2 + 1 end
+    assert.equal(n1, n2)
+    assert.equal(2, n1)             -- one certificate, one public key
+  end)
+end)
+
+describe("simulator: configuration", function()
+  local function run(conf)
+    local dir = server.tmpdir()
+    local f = assert(io.open(dir .. "/c.lua", "w"))
+    f:write(conf)
+    f:close()
+    local p = proc.spawn({ PAYGATE_BIN, "run", "examples/simulator",
+      "--listen", "127.0.0.1:" .. require("paygate.core").free_port(),
+      "--admin", "off", "--workers", "1", "--config", dir .. "/c.lua" },
+      { log = dir .. "/log" })
+    local code = p:wait(30)
+    local log = proc.read(dir .. "/log")
+    os.execute("rm -rf " .. dir)
+    return code, log
+  end
+
+  it("exits 2 naming an unknown key", function()
+    local code, log = run(sc.config("/tmp/never-made", "colour = 'red',"))
+    assert.equal(2, code)
+    assert.matches("simulator: config%.colour: unknown key\n", log)
+  end)
+
+  it("exits 2 naming a bad value", function()
+    local code, log = run(sc.config("/tmp/never-made",
+                                    "verifier_mode = 'sometimes',"))
+    assert.equal(2, code)
+    assert.matches("config%.verifier_mode: must be", log)
+    code, log = run((sc.config("/tmp/never-made"):gsub(sc.APIV3, "short")))
+    assert.equal(2, code)
+    assert.matches("config%.merchants%[1%]%.apiv3_key: must be the 32%-"
+                   .. "character APIv3 key", log)
+  end)
+
+  it("lets the runtime's own keys sit beside its own", function()
+    local code, log = run(sc.config("/tmp/never-made",
+      "workers = 1, log_level = 'info', shared = { x = '1m' }, " ..
+      "time_scale = 0,"))
+    assert.equal(2, code)       -- time_scale is wrong, the rest is fine
+    assert.matches("config%.time_scale: must be a number > 0", log)
+  end)
+end)
