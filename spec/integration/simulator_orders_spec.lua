@@ -1,0 +1,418 @@
+-- The simulator's orders and refunds over plain HTTP: parameter checks,
+-- every state transition, re-entry, partner mode, the error shapes.
+local core = require "paygate.core"
+local crypto = require "paygate.crypto"
+local server = require "support.server"
+local proc = require "support.proc"
+local sc = require "support.simclient"
+
+local srv, c, keys, base
+
+local function prepay_body(no, over)
+  local b = { appid = sc.APPID, mchid = sc.MCHID, description = "测试商品",
+              out_trade_no = no,
+              notify_url = "https://merchant.example/notify",
+              amount = { total = 100, currency = "CNY" },
+              payer = { openid = "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o" } }
+  for k, v in pairs(over or {}) do
+    if v == false then b[k] = nil else b[k] = v end
+  end
+  return b
+end
+
+local function prepay(no, over, kind)
+  return c:call("POST", "/v3/pay/transactions/" .. (kind or "jsapi"),
+                prepay_body(no, over))
+end
+
+local function query(no)
+  return c:call("GET", "/v3/pay/transactions/out-trade-no/" .. no
+                .. "?mchid=" .. sc.MCHID)
+end
+
+local function pay(no, body)
+  return sc.control(base, "POST", "/sim/transactions/" .. no .. "/pay",
+                    body or {})
+end
+
+local function refund(no, out_refund_no, amount, over)
+  local b = { out_trade_no = no, out_refund_no = out_refund_no,
+              amount = { refund = amount, total = 100, currency = "CNY" },
+              notify_url = "https://merchant.example/refund" }
+  for k, v in pairs(over or {}) do b[k] = v end
+  return c:call("POST", "/v3/refund/domestic/refunds", b)
+end
+
+local function signed(res, status)
+  assert.equal(status or 200, res.status, res.body)
+  local ok, why = sc.verify(res, keys)
+  assert(ok, why)
+end
+
+local function err(res, status, code, field)
+  assert.equal(status, res.status, res.body)
+  assert.equal(code, res.json.code)
+  assert.is_string(res.json.message)
+  assert.is_nil(res.headers["wechatpay-signature"])
+  if field then assert.equal(field, res.json.detail.field) end
+end
+
+setup(function()
+  local dir = server.tmpdir()
+  srv = server.start{ app = "examples/simulator",
+                      config = sc.config(dir .. "/state", "workers = 2,") }
+  base = "http://127.0.0.1:" .. srv.port
+  c = sc.new{ base = base }
+  keys = c:platform_keys()
+end)
+
+teardown(function() if srv then srv:stop() end end)
+
+describe("simulator: prepay", function()
+  it("answers each trade type, signed", function()
+    local res = prepay("pp-jsapi-01")
+    signed(res)
+    assert.matches("^wx%d+%x+$", res.json.prepay_id)
+    res = prepay("pp-app-0001", { payer = false }, "app")
+    signed(res)
+    assert.is_string(res.json.prepay_id)
+    res = prepay("pp-native-01", { payer = false }, "native")
+    signed(res)
+    assert.matches("^weixin://wxpay/bizpayurl%?pr=", res.json.code_url)
+    -- the body is WeChat's: slashes are not escaped
+    assert.matches('"weixin://', res.body, 1, true)
+    res = prepay("pp-h5-00001", { payer = false, scene_info = {
+      payer_client_ip = "14.23.150.211", h5_info = { type = "Wap" } } }, "h5")
+    signed(res)
+    assert.matches("^https://wx%.tenpay%.com/.*prepay_id=wx", res.json.h5_url)
+  end)
+
+  it("checks parameters, naming the field", function()
+    err(prepay("pp-bad-0001", { amount = { total = 0 } }), 400,
+        "PARAM_ERROR", "/amount/total")
+    err(prepay("pp-bad-0002", { amount = { total = 1.5 } }), 400,
+        "PARAM_ERROR", "/amount/total")
+    err(prepay("pp-bad-0003", { amount = { total = 1, currency = "USD" } }),
+        400, "PARAM_ERROR", "/amount/currency")
+    err(prepay("short"), 400, "PARAM_ERROR", "/out_trade_no")
+    err(prepay("has space 01"), 400, "PARAM_ERROR", "/out_trade_no")
+    err(prepay("pp-bad-0004", { notify_url = "http://merchant.example/n" }),
+        400, "PARAM_ERROR", "/notify_url")
+    err(prepay("pp-bad-0005", { notify_url = "https://m.example/n?a=1" }),
+        400, "PARAM_ERROR", "/notify_url")
+    err(prepay("pp-bad-0006", { time_expire = "2030-01-01 10:00:00" }), 400,
+        "PARAM_ERROR", "/time_expire")
+    err(prepay("pp-bad-0007", { time_expire = "2001-01-01T10:00:00+08:00" }),
+        400, "PARAM_ERROR", "/time_expire")
+    err(prepay("pp-bad-0008", { payer = false }), 400, "PARAM_ERROR",
+        "/payer/openid")
+    err(prepay("pp-bad-0009", { description = false }), 400, "PARAM_ERROR",
+        "/description")
+    err(prepay("pp-bad-0010", { description = ("字"):rep(128) }), 400,
+        "PARAM_ERROR", "/description")
+    err(prepay("pp-bad-0011", { colour = "red" }), 400, "PARAM_ERROR",
+        "/colour")
+    err(prepay("pp-bad-0012", { payer = false }, "h5"), 400, "PARAM_ERROR",
+        "/scene_info/h5_info")
+    err(prepay("pp-bad-0013", { appid = "wx0000000000000000" }), 400,
+        "APPID_MCHID_NOT_MATCH")
+    err(prepay("pp-bad-0014", { mchid = sc.MCHID2 }), 400, "INVALID_REQUEST",
+        "/mchid")
+    -- a loopback notify_url may be http (the specs' and demos')
+    signed(prepay("pp-ok-loopback", { notify_url = "http://127.0.0.1:1/n" }))
+    local res = c:call("POST", "/v3/pay/transactions/jsapi", "not json")
+    err(res, 400, "PARAM_ERROR")
+  end)
+
+  it("re-enters with the same parameters, refuses different ones", function()
+    local a = prepay("pp-reentry-1")
+    signed(a)
+    local b = prepay("pp-reentry-1")
+    signed(b)
+    assert.is_string(b.json.prepay_id)
+    local res = prepay("pp-reentry-1", { amount = { total = 101 } })
+    err(res, 400, "INVALID_REQUEST")
+    assert.equal("请求重入时，参数与首次请求时不一致", res.json.message)
+    assert.matches("%-268498688$", res.headers["request-id"])
+    -- another trade type under the same out_trade_no
+    err(prepay("pp-reentry-1", { payer = false }, "native"), 403,
+        "OUT_TRADE_NO_USED")
+  end)
+end)
+
+describe("simulator: order states", function()
+  it("NOTPAY -> SUCCESS, then queries by both ids", function()
+    signed(prepay("st-pay-0001", { attach = "a1" }))
+    local res = query("st-pay-0001")
+    signed(res)
+    assert.equal("NOTPAY", res.json.trade_state)
+    assert.equal("订单未支付", res.json.trade_state_desc)
+    assert.equal(100, res.json.amount.total)
+    assert.is_nil(res.json.transaction_id)
+    local p = pay("st-pay-0001", { payer_total = 90 })
+    assert.equal(200, p.status, p.body)
+    assert.equal("SUCCESS", p.json.trade_state)
+    res = query("st-pay-0001")
+    signed(res)
+    local t = res.json
+    assert.equal("SUCCESS", t.trade_state)
+    assert.equal("支付成功", t.trade_state_desc)
+    assert.equal("JSAPI", t.trade_type)
+    assert.equal(90, t.amount.payer_total)
+    assert.equal("a1", t.attach)
+    assert.matches("^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%d%+08:00$",
+                   t.success_time)
+    assert.matches("^4200%d+$", t.transaction_id)
+    res = c:call("GET", "/v3/pay/transactions/id/" .. t.transaction_id
+                 .. "?mchid=" .. sc.MCHID)
+    signed(res)
+    assert.equal("st-pay-0001", res.json.out_trade_no)
+    -- paid: no second payment, no close, no re-entry
+    assert.equal(409, pay("st-pay-0001").status)
+    err(c:call("POST", "/v3/pay/transactions/out-trade-no/st-pay-0001/close",
+               { mchid = sc.MCHID }), 400, "ORDER_PAID")
+    err(prepay("st-pay-0001", { attach = "a1" }), 400, "ORDER_PAID")
+  end)
+
+  it("NOTPAY -> PAYERROR", function()
+    signed(prepay("st-fail-001"))
+    local f = sc.control(base, "POST", "/sim/transactions/st-fail-001/fail")
+    assert.equal(200, f.status, f.body)
+    local res = query("st-fail-001")
+    signed(res)
+    assert.equal("PAYERROR", res.json.trade_state)
+    assert.equal(409, sc.control(base, "POST",
+                                 "/sim/transactions/st-fail-001/fail").status)
+  end)
+
+  it("NOTPAY -> CLOSED by close: 204 signed over an empty body", function()
+    signed(prepay("st-close-01"))
+    local path = "/v3/pay/transactions/out-trade-no/st-close-01/close"
+    local res = c:call("POST", path, { mchid = sc.MCHID })
+    signed(res, 204)
+    assert.equal("", res.body)
+    signed(c:call("POST", path, { mchid = sc.MCHID }), 204)   -- again
+    assert.equal("CLOSED", query("st-close-01").json.trade_state)
+    err(prepay("st-close-01"), 400, "ORDER_CLOSED")
+    assert.equal(409, pay("st-close-01").status)
+    err(c:call("POST", "/v3/pay/transactions/out-trade-no/nope-000/close",
+               { mchid = sc.MCHID }), 404, "ORDER_NOT_EXIST")
+    err(c:call("POST", path, { mchid = sc.MCHID, extra = 1 }), 400,
+        "PARAM_ERROR", "/extra")
+  end)
+
+  it("NOTPAY -> CLOSED when time_expire passes", function()
+    local t = os.time() + 2
+    local exp = os.date("!%Y-%m-%dT%H:%M:%S", t + 8 * 3600) .. "+08:00"
+    signed(prepay("st-expire-1", { time_expire = exp }))
+    assert.equal("NOTPAY", query("st-expire-1").json.trade_state)
+    assert(proc.wait_until(function()
+      return query("st-expire-1").json.trade_state == "CLOSED"
+    end, 10, "the order to expire"))
+    assert.equal(409, pay("st-expire-1").status)
+  end)
+
+  it("answers ORDER_NOT_EXIST and wants mchid", function()
+    err(query("st-none-0001"), 404, "ORDER_NOT_EXIST")
+    err(c:call("GET", "/v3/pay/transactions/id/4200000000000000000000000000"
+               .. "?mchid=" .. sc.MCHID), 404, "ORDER_NOT_EXIST")
+    local res = c:call("GET", "/v3/pay/transactions/out-trade-no/st-none-0001")
+    err(res, 400, "PARAM_ERROR", "mchid")
+    err(c:call("GET", "/v3/pay/transactions/out-trade-no/st-none-0001?mchid="
+               .. sc.MCHID2), 400, "INVALID_REQUEST")
+  end)
+end)
+
+describe("simulator: refunds", function()
+  local function get_refund(no)
+    return c:call("GET", "/v3/refund/domestic/refunds/" .. no)
+  end
+  local function settle(no, status)
+    return sc.control(base, "POST", "/sim/refunds/" .. no .. "/settle",
+                      { status = status })
+  end
+
+  it("refuses a refund of an unpaid or unknown order", function()
+    signed(prepay("rf-unpaid-1"))
+    err(refund("rf-unpaid-1", "rf-unpaid-r1", 10), 400, "INVALID_REQUEST")
+    err(refund("rf-none-0001", "rf-none-r1", 10), 404, "RESOURCE_NOT_EXISTS")
+    err(get_refund("rf-none-r1"), 404, "RESOURCE_NOT_EXISTS")
+  end)
+
+  it("partial refunds up to what is left; idempotent out_refund_no",
+     function()
+    signed(prepay("rf-order-01"))
+    assert.equal(200, pay("rf-order-01").status)
+    local r1 = refund("rf-order-01", "rf-r-0001", 30)
+    signed(r1)
+    assert.equal("PROCESSING", r1.json.status)
+    assert.equal(30, r1.json.amount.refund)
+    assert.equal(100, r1.json.amount.total)
+    assert.matches("^50%d+$", r1.json.refund_id)
+    assert.equal("REFUND", query("rf-order-01").json.trade_state)
+    -- the same request again: the same refund
+    local again = refund("rf-order-01", "rf-r-0001", 30)
+    signed(again)
+    assert.equal(r1.json.refund_id, again.json.refund_id)
+    -- the same out_refund_no with another amount
+    err(refund("rf-order-01", "rf-r-0001", 31), 400, "INVALID_REQUEST")
+    signed(refund("rf-order-01", "rf-r-0002", 50))
+    -- 20 left
+    local over = refund("rf-order-01", "rf-r-0003", 21)
+    err(over, 400, "INVALID_REQUEST", "/amount/refund")
+    err(refund("rf-order-01", "rf-r-0003", 20,
+               { amount = { refund = 20, total = 99, currency = "CNY" } }),
+        400, "INVALID_REQUEST", "/amount/total")
+    -- a closed refund gives its amount back
+    local s = settle("rf-r-0002", "CLOSED")
+    assert.equal(200, s.status, s.body)
+    assert.equal("CLOSED", s.json.status)
+    signed(refund("rf-order-01", "rf-r-0003", 21))
+    -- SUCCESS, seen by the query, with its time
+    s = settle("rf-r-0001", "SUCCESS")
+    assert.equal(200, s.status, s.body)
+    local q = get_refund("rf-r-0001")
+    signed(q)
+    assert.equal("SUCCESS", q.json.status)
+    assert.is_string(q.json.success_time)
+    assert.equal("rf-order-01", q.json.out_trade_no)
+    -- settled once only
+    assert.equal(409, settle("rf-r-0001", "CLOSED").status)
+    -- by transaction_id too
+    local tid = query("rf-order-01").json.transaction_id
+    local r4 = c:call("POST", "/v3/refund/domestic/refunds", {
+      transaction_id = tid, out_refund_no = "rf-r-0004",
+      amount = { refund = 1, total = 100, currency = "CNY" } })
+    signed(r4)
+    assert.equal("rf-order-01", r4.json.out_trade_no)
+  end)
+
+  it("ABNORMAL -> PROCESSING by apply-abnormal-refund", function()
+    signed(prepay("rf-abn-0001"))
+    assert.equal(200, pay("rf-abn-0001").status)
+    local r = refund("rf-abn-0001", "rf-abn-r1", 100)
+    signed(r)
+    local id = r.json.refund_id
+    local path = "/v3/refund/domestic/refunds/" .. id
+                 .. "/apply-abnormal-refund"
+    -- not abnormal yet
+    err(c:call("POST", path, { out_refund_no = "rf-abn-r1",
+                               type = "MERCHANT_BANK_CARD" }),
+        400, "INVALID_REQUEST")
+    assert.equal(200, settle("rf-abn-r1", "ABNORMAL").status)
+    assert.equal("ABNORMAL", get_refund("rf-abn-r1").json.status)
+    -- a user's bank card: its fields encrypted for the platform key
+    local serial, cert = next(keys)
+    while serial:sub(1, 11) == "PUB_KEY_ID_" do serial, cert = next(keys, serial) end
+    local function enc(s)
+      return crypto.base64_encode(assert(crypto.oaep_encrypt(cert, s)))
+    end
+    local body = { out_refund_no = "rf-abn-r1", type = "USER_BANK_CARD",
+                   bank_type = "ICBC_DEBIT",
+                   bank_account = enc("6212260000000000000"),
+                   real_name = enc("张三") }
+    err(c:call("POST", path, body), 400, "PARAM_ERROR", "Wechatpay-Serial")
+    err(c:call("POST", path, body, { headers = {
+      ["Wechatpay-Serial"] = "0123456789ABCDEF0123456789ABCDEF01234567" } }),
+      400, "PARAM_ERROR", "Wechatpay-Serial")
+    local bad = { out_refund_no = "rf-abn-r1", type = "USER_BANK_CARD",
+                  bank_type = "ICBC_DEBIT", bank_account = "bm90IGVuY3J5cHRlZA==",
+                  real_name = body.real_name }
+    err(c:call("POST", path, bad, { headers = { ["Wechatpay-Serial"] = serial } }),
+        400, "PARAM_ERROR", "/bank_account")
+    local res = c:call("POST", path, body,
+                       { headers = { ["Wechatpay-Serial"] = serial } })
+    signed(res)
+    assert.equal("PROCESSING", res.json.status)
+    assert.equal(200, settle("rf-abn-r1", "SUCCESS").status)
+    err(c:call("POST", "/v3/refund/domestic/refunds/5000000/apply-abnormal"
+               .. "-refund", { out_refund_no = "rf-abn-r1",
+               type = "MERCHANT_BANK_CARD" }), 404, "RESOURCE_NOT_EXISTS")
+  end)
+end)
+
+describe("simulator: partner (service provider) mode", function()
+  local function partner_body(no, over)
+    local b = { sp_appid = sc.APPID, sp_mchid = sc.MCHID, sub_mchid = sc.SUB,
+                sub_appid = sc.SUB_APPID, description = "子商户商品",
+                out_trade_no = no, notify_url = "https://sp.example/notify",
+                amount = { total = 100 }, payer = { sub_openid = "oSub1" } }
+    for k, v in pairs(over or {}) do b[k] = v end
+    return b
+  end
+
+  it("prepay, query, pay, refund and close for a sub-merchant", function()
+    local res = c:call("POST", "/v3/pay/partner/transactions/jsapi",
+                       partner_body("pt-order-01"))
+    signed(res)
+    local q = "/v3/pay/partner/transactions/out-trade-no/pt-order-01?sp_mchid="
+              .. sc.MCHID .. "&sub_mchid=" .. sc.SUB
+    res = c:call("GET", q)
+    signed(res)
+    assert.equal(sc.SUB, res.json.sub_mchid)
+    assert.equal(sc.MCHID, res.json.sp_mchid)
+    assert.equal("NOTPAY", res.json.trade_state)
+    -- the direct path does not see the sub-merchant's orders
+    err(query("pt-order-01"), 404, "ORDER_NOT_EXIST")
+    local p = sc.control(base, "POST", "/sim/transactions/pt-order-01/pay"
+                         .. "?mchid=" .. sc.SUB, {})
+    assert.equal(200, p.status, p.body)
+    res = c:call("GET", q)
+    assert.equal("SUCCESS", res.json.trade_state)
+    assert.equal("oSub1", res.json.payer.sub_openid)
+    res = c:call("POST", "/v3/refund/domestic/refunds", {
+      sub_mchid = sc.SUB, out_trade_no = "pt-order-01", out_refund_no = "pt-r1",
+      amount = { refund = 10, total = 100, currency = "CNY" } })
+    signed(res)
+    signed(c:call("GET", "/v3/refund/domestic/refunds/pt-r1?sub_mchid="
+                  .. sc.SUB))
+    err(c:call("GET", "/v3/refund/domestic/refunds/pt-r1"), 404,
+        "RESOURCE_NOT_EXISTS")
+    -- another order, closed
+    signed(c:call("POST", "/v3/pay/partner/transactions/native",
+                  partner_body("pt-order-02", { payer = nil })))
+    res = c:call("POST",
+      "/v3/pay/partner/transactions/out-trade-no/pt-order-02/close",
+      { sp_mchid = sc.MCHID, sub_mchid = sc.SUB })
+    signed(res, 204)
+  end)
+
+  it("refuses a sub-merchant that is not the provider's", function()
+    err(c:call("POST", "/v3/pay/partner/transactions/jsapi",
+               partner_body("pt-bad-0001", { sub_mchid = "1999999999" })),
+        400, "INVALID_REQUEST", "/sub_mchid")
+    err(c:call("POST", "/v3/pay/partner/transactions/jsapi",
+               partner_body("pt-bad-0002", { sub_appid = "wx0000" })),
+        400, "APPID_MCHID_NOT_MATCH")
+    err(c:call("POST", "/v3/pay/partner/transactions/jsapi",
+               partner_body("pt-bad-0003", { payer = {} })),
+        400, "PARAM_ERROR", "/payer/sp_openid")
+  end)
+end)
+
+describe("simulator: refunds settle by themselves", function()
+  it("with refund_settle_after", function()
+    local dir = server.tmpdir()
+    local s = server.start{ app = "examples/simulator", config =
+      sc.config(dir .. "/state", "workers = 2, refund_settle_after = 0.3,") }
+    local old_c, old_base, old_keys = c, base, keys
+    base = "http://127.0.0.1:" .. s.port
+    c = sc.new{ base = base }
+    keys = c:platform_keys()
+    local ok, e = pcall(function()
+      signed(prepay("auto-0001"))
+      assert.equal(200, pay("auto-0001").status)
+      local r = refund("auto-0001", "auto-r1", 100)
+      signed(r)
+      assert.equal("PROCESSING", r.json.status)
+      assert(proc.wait_until(function()
+        return c:call("GET", "/v3/refund/domestic/refunds/auto-r1").json.status
+               == "SUCCESS"
+      end, 10, "the refund to settle"))
+    end)
+    c, base, keys = old_c, old_base, old_keys
+    s:stop()
+    os.execute("rm -rf " .. dir)
+    assert(ok, e)
+  end)
+end)
