@@ -7,7 +7,9 @@ describe("the shop", function()
   local sim, app
 
   setup(function()
-    sim = testing.simulator()
+    -- time_scale divides WeChat's retry schedule (15 s, 15 s, 30 s, ...):
+    -- a retried notification arrives 0.15 s later
+    sim = testing.simulator{ time_scale = 100 }
     app = testing.start_app{ app = "examples/shop", config = function(srv)
       return {
         shop = { db = "sqlite:" .. srv.dir .. "/shop.db",
@@ -52,8 +54,30 @@ describe("the shop", function()
   it("leaves an order unpaid when the payment fails", function()
     local o = new_order(100)
     sim:fail(o.id)
+    assert.same({}, sim:notifications{ out_trade_no = o.id })  -- none sent
     assert.equal("PAYING", order(o.id).state)
     assert.equal(0, order(o.id).payments)
+  end)
+
+  it("applies a payment once when WeChat sends it twice", function()
+    local o = new_order(100)
+    sim:fault{ endpoint = "notify", kind = "duplicate", count = 1 }
+    sim:pay(o.id)
+    local d = sim:wait_notification(o.id, { attempts = 2 })
+    assert.equal(204, d.attempts[1].status)
+    assert.equal(204, d.attempts[2].status)       -- acknowledged again
+    assert.equal(1, order(o.id).payments)
+    assert.equal("PAID", order(o.id).state)
+  end)
+
+  it("refuses a badly signed delivery and applies its retry", function()
+    local o = new_order(100)
+    sim:fault{ endpoint = "notify", kind = "bad_signature", count = 1 }
+    local d = sim:pay_and_wait(o.id)
+    assert.equal(500, d.attempts[1].status)       -- notify_fail: sent again
+    assert.equal(204, d.last.status)
+    assert.equal(d.attempts[1].n + 1, d.last.n)
+    assert.equal(1, order(o.id).payments)
   end)
 
   it("refuses a notification that is not signed by WeChat Pay", function()
