@@ -401,7 +401,8 @@ function Sim:pay_and_wait(no, opts)
 end
 
 --- syntax: conf = sim:client_config([merchant[, over]])
--- yields: in public-key mode, reads the simulator's public key.
+-- yields: in public-key and migration mode, reads the simulator's public
+-- key (and in migration mode its platform certificates).
 -- returns: a paygate.wechatpay configuration (a plain table, for
 -- wechatpay.client or an app's config file) for merchant (default
 -- sim.merchant; sim.partner for partner mode), pointed at the simulator.
@@ -418,7 +419,17 @@ function Sim:client_config(m, over)
     local pk = self:public_key()
     c.public_key, c.public_key_id = pk.pem, pk.id
   end
-  if self.verifier_mode == "public_key" then c.download_certificates = false end
+  if self.verifier_mode == "public_key" then
+    c.download_certificates = false
+  elseif self.verifier_mode == "both" then
+    -- migration: both keys held from the start (the client downloads and
+    -- refreshes the certificates too)
+    local pems = {}
+    for i, cert in ipairs(self:platform_certificates()) do
+      pems[i] = cert.certificate
+    end
+    c.platform_certificates = pems
+  end
   for k, v in pairs(over or {}) do
     if v == false and k ~= "backup_url" then c[k] = nil else c[k] = v end
   end
