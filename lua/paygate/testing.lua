@@ -38,6 +38,7 @@ local SM2_ID = "1234567812345678"
 
 local started = {}       -- servers started by the kit, for stop_all()
 local dirs = {}          -- key directories made by the kit
+local sims = {}          -- simulators started, whose kit clients stop_all ends
 
 -- helpers ----------------------------------------------------------------
 
@@ -148,6 +149,13 @@ end
 -- and removes their directories and the keys it made. Safe to call twice;
 -- call it in teardown.
 function _M.stop_all()
+  for i = #sims, 1, -1 do
+    for m, wx in pairs(sims[i].kit_clients or {}) do
+      wx:stop()
+      sims[i].kit_clients[m] = nil
+    end
+    sims[i] = nil
+  end
   for i = #started, 1, -1 do
     local srv = started[i]
     started[i] = nil
@@ -242,6 +250,7 @@ function _M.simulator(o)
       return c
     end,
   }
+  sims[#sims + 1] = sim
   sim.url = sim.srv:url("")
   sim.dir = sim.srv.dir
   return sim
@@ -447,8 +456,9 @@ end
 
 --- syntax: out_trade_no, data = sim:order(p)
 -- Creates a native-payment order through a paygate.wechatpay client (the
--- kit's own for sim.merchant unless p.client). p: notify_url (required),
--- total (fen, default 1), out_trade_no, description, appid, attach.
+-- kit's own for p.merchant, default sim.merchant, unless p.client). p:
+-- notify_url (required), total (fen, default 1), out_trade_no,
+-- description, appid, attach, merchant, client.
 -- yields: for the call.
 -- returns: the out_trade_no and WeChat's answer ({ code_url }); raises on
 -- an error.
@@ -456,13 +466,17 @@ function Sim:order(p)
   if type(p) ~= "table" or type(p.notify_url) ~= "string" then
     error("sim:order: p.notify_url is required", 2)
   end
+  local m = p.merchant or self.merchant
   local wx = p.client
   if not wx then
-    self.kit_client = self.kit_client or self:client()
-    wx = self.kit_client
+    self.kit_clients = self.kit_clients or {}
+    wx = self.kit_clients[m]
+    if not wx then
+      wx = self:client(m)
+      self.kit_clients[m] = wx
+    end
   end
   local no = p.out_trade_no or _M.out_trade_no()
-  local m = p.merchant or self.merchant
   local data, err = wx:native_prepay{
     appid = p.appid or m.appid, description = p.description or "test order",
     out_trade_no = no, notify_url = p.notify_url, attach = p.attach,
@@ -473,7 +487,10 @@ end
 
 --- syntax: sim:stop() -- stops the simulator (and its kit client)
 function Sim:stop()
-  if self.kit_client then self.kit_client:stop() self.kit_client = nil end
+  for m, wx in pairs(self.kit_clients or {}) do
+    wx:stop()
+    self.kit_clients[m] = nil
+  end
   for i, s in ipairs(started) do
     if s == self.srv then table.remove(started, i) break end
   end

@@ -123,3 +123,50 @@ require("paygate.core").sleep(60)
     testing.server.rmdir(dir)
   end)
 end)
+
+describe("testing.simulator", function()
+  local sim, app
+
+  setup(function()
+    sim = testing.simulator{ time_scale = 100 }
+    -- acknowledges /ok, refuses /fail
+    app = testing.start_app{ source = [[
+local paygate = require "paygate"
+paygate.route("POST", "/ok", function() return 204, "" end)
+paygate.route("POST", "/fail", function() return 500, "no" end)]] }
+  end)
+
+  teardown(testing.stop_all)
+
+  it("creates an order, pays it and waits for the app's answer", function()
+    local no, data = sim:order{ notify_url = app:url("/ok"), total = 7 }
+    assert.matches("^weixin://", data.code_url)
+    local d = sim:pay_and_wait(no)
+    assert.equal("TRANSACTION.SUCCESS", d.event_type)
+    assert.equal(no, d.resource.out_trade_no)
+    assert.equal(7, d.resource.amount.total)
+    assert.equal(204, d.last.status)
+  end)
+
+  it("raises with what the app answered when it never acknowledges",
+     function()
+    local no = sim:order{ notify_url = app:url("/fail") }
+    sim:pay(no)
+    -- retries come 0.15 s, 0.15 s, 0.3 s... apart: three attempts arrive
+    local d = sim:wait_notification(no, { attempts = 3 })
+    for _, a in ipairs(d.attempts) do assert.equal(500, a.status) end
+    local ok, err = pcall(sim.wait_notification, sim, no, { timeout = 0.5 })
+    assert.is_false(ok)
+    assert.matches("no acknowledged delivery", err)
+    assert.matches('"status":500', err)
+  end)
+
+  it("makes clients for the merchant it configured", function()
+    local wx = sim:client()
+    local no = sim:order{ notify_url = app:url("/ok") }
+    assert.equal("NOTPAY", assert(wx:query_by_out_trade_no(no)).trade_state)
+    sim:fail(no)
+    assert.equal("PAYERROR", assert(wx:query_by_out_trade_no(no)).trade_state)
+    wx:stop()
+  end)
+end)
