@@ -5,6 +5,7 @@
 local core = require "paygate.core"
 local crypto = require "paygate.crypto"
 local testing = require "paygate.testing"
+local x509 = require "paygate.x509"
 
 local function amount(n) return { total = n, currency = "CNY" } end
 
@@ -119,6 +120,16 @@ describe("a platform certificate rotation", function()
         core.sleep(0.01)
       end
     end)
+    -- the client takes the certificate that ends last as the newest: rotate
+    -- in a later second than the current one was made, so the new one
+    -- ends later (as WeChat's do; one made in the same second would tie)
+    local made = 0
+    for _, c in ipairs(sim:platform_certificates()) do
+      local nb = x509.load(c.certificate):info().not_before
+      if nb > made then made = nb end
+    end
+    testing.wait_until(function() return os.time() > made end, 5,
+                       "a second after the current certificate was made")
     local rot = sim:rotate{ delay = 1 }
     local new = rot.serial_no
     assert.are_not.equal(old, new)
