@@ -166,6 +166,37 @@ describe("simulator: request authentication", function()
   end)
 end)
 
+describe("simulator: a merchant rotating its own certificate", function()
+  it("accepts every certificate in merchant_certificates", function()
+    local dir = server.tmpdir()
+    -- a second certificate for the merchant, on another key
+    local serial2 = "7A1B2C3D4E5F60718293A4B5C6D7E8F901234567"
+    assert(os.execute(("openssl req -x509 -new -key %s -out %s/new.pem "
+      .. "-days 2 -subj /CN=%s -set_serial 0x%s >/dev/null 2>&1"):format(
+      sc.FIX .. "a1_merchant_key.pem", dir, sc.MCHID, serial2)))
+    local conf = sc.config(dir .. "/state", "workers = 1,")
+      :gsub('merchant_certificate = "([^"]+)"', function(p)
+        return ('merchant_certificates = { %q, %q }'):format(p,
+                                                            dir .. "/new.pem")
+      end, 1)
+    local s = server.start{ app = "examples/simulator", config = conf }
+    local base = "http://127.0.0.1:" .. s.port
+    local old = sc.new{ base = base }
+    local new = sc.new{ base = base, serial = serial2,
+      key = assert(crypto.private_key(sc.read(sc.FIX
+                                              .. "a1_merchant_key.pem"))) }
+    local r1 = old:call("GET", "/v3/certificates")
+    local r2 = new:call("GET", "/v3/certificates")
+    -- the new serial with the old key does not pass
+    local r3 = new:call("GET", "/v3/certificates", nil, { key = old.key })
+    s:stop()
+    os.execute("rm -rf " .. dir)
+    assert.equal(200, r1.status)
+    assert.equal(200, r2.status)
+    assert.equal(401, r3.status)
+  end)
+end)
+
 describe("simulator: configuration", function()
   local function run(conf)
     local dir = server.tmpdir()

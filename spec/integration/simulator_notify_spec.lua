@@ -305,9 +305,88 @@ describe("simulator notifications (one worker, time_scale 21660)", function()
   end)
 end)
 
+describe("paygate.wechatpay receiving the simulator's notifications",
+         function()
+  it("accepts them, refuses a SIGNTEST probe and a stale timestamp, and "
+     .. "the retries get through", function()
+    local server = require "support.server"
+    local sim = sn.start{ time_scale = 21660 }
+    local app = server.start{ app = "spec/support/wxnotify",
+      config = ("return { wechatpay = { mchid = %q, merchant_private_key = "
+        .. "%q, merchant_serial = %q, apiv3_key = %q, base_url = %q } }")
+        :format(sn.MCHID, sn.KEY_PATH, sn.SERIAL, sn.APIV3, sim.base) }
+    local url = "http://127.0.0.1:" .. app.port .. "/notify"
+    local cases = {
+      { kind = "bad_signature", signtest = true },
+      { kind = "stale_timestamp" },
+      { kind = "unknown_serial" },
+      {},
+    }
+    for _, c in ipairs(cases) do
+      if c.kind then
+        local st = sn.ctl(sim, "POST", "/sim/faults", { endpoint = "notify",
+          kind = c.kind, signtest = c.signtest, count = 1 })
+        assert.equal(200, st)
+      end
+      local no = order_no()
+      sn.prepay(sim, no, url)
+      sn.pay(sim, no)
+      local n = settled(sim, no)
+      assert.equal("delivered", n.state)
+      if c.kind then
+        -- the client refused the spoiled first attempt (401), took the
+        -- retry
+        assert.equal(2, #n.attempts)
+        assert.equal(401, n.attempts[1].status)
+      else
+        assert.equal(1, #n.attempts)
+      end
+      assert.equal(204, n.attempts[#n.attempts].status)
+    end
+    app:stop()
+    sim:stop()
+  end)
+end)
+
+describe("simulator notifications: other identities", function()
+  it("public-key mode: signed with the WeChat Pay public key", function()
+    local sim = sn.start{ extra = 'verifier_mode = "public_key"' }
+    local st, pub = sn.ctl(sim, "GET", "/sim/public-key")
+    assert.equal(200, st)
+    local b, no = box(), order_no()
+    sn.prepay(sim, no, sn.notify_url(recv, b))
+    sn.pay(sim, no)
+    local rec = got(b, 1)[1]
+    assert.equal(pub.id, rec.headers["wechatpay-serial"])
+    assert.truthy(rec.headers["wechatpay-serial"]:match("^PUB_KEY_ID_"))
+    assert.truthy(sn.verify({ [pub.id] = assert(crypto.public_key(pub.pem)) },
+                            rec))
+    assert.equal(no, select(2, sn.decrypt(rec)).out_trade_no)
+    sim:stop()
+  end)
+
+  it("the SM variant: SM2 with SM3 signature, AEAD_SM4_GCM resource",
+     function()
+    local sim = sn.start{ sm = true }
+    local b, no = box(), order_no()
+    sn.prepay(sim, no, sn.notify_url(recv, b))
+    sn.pay(sim, no)
+    local rec = got(b, 1)[1]
+    assert.equal(sn.SM2, rec.headers["wechatpay-signature-type"])
+    local certs = sn.platform_certs(sim)
+    assert.equal("SM2", certs[rec.headers["wechatpay-serial"]]:key_type())
+    assert.truthy(sn.verify(certs, rec, sn.SM2))
+    local doc, res = sn.decrypt(rec)
+    assert.equal("AEAD_SM4_GCM", doc.resource.algorithm)
+    assert.equal(12, #doc.resource.nonce)
+    assert.equal(no, res.out_trade_no)
+    sim:stop()
+  end)
+end)
+
 describe("simulator notifications across workers and restarts", function()
   it("two workers: one deliverer, no attempt sent twice", function()
-    local sim = sn.start{ workers = 2, time_scale = 1000 }
+    local sim = sn.start{ workers = 2, time_scale = 100 }
     local b = box()
     sn.answer(recv, b, { statuses = { 500, 500, 500, 500, 500, 500 },
                          status = 204 })
@@ -319,7 +398,7 @@ describe("simulator notifications across workers and restarts", function()
     end
     for _, no in ipairs(nos) do settled(sim, no, 30) end
     local list = sn.received(recv, b)
-    local per_id, total = {}, 0
+    local per_id, total, workers = {}, 0, {}
     for _, rec in ipairs(list) do
       local id = sn.decrypt(rec).id
       per_id[id] = (per_id[id] or 0) + 1
@@ -330,16 +409,24 @@ describe("simulator notifications across workers and restarts", function()
       -- what the receiver got is exactly what the simulator recorded
       assert.equal(#n.attempts, per_id[n.id])
       total = total + #n.attempts
-      for k, a in ipairs(n.attempts) do assert.equal(k, a.n) end
+      for k, a in ipairs(n.attempts) do
+        assert.equal(k, a.n)
+        workers[a.worker] = true
+      end
     end
     assert.equal(#list, total)
     assert.equal(6 + 6, total)     -- six 500s in all, then one 204 each
+    -- one deliverer: the lease's holder sent every attempt
+    local senders = 0
+    for _ in pairs(workers) do senders = senders + 1 end
+    assert.equal(1, senders)
     sim:stop()
   end)
 
   it("a restart mid-schedule loses no pending delivery", function()
-    -- time_scale 3: the first retry comes 5 s after the first attempt
-    local sim = sn.start{ time_scale = 3 }
+    -- time_scale 1.5: the first retry comes 10 s after the first attempt,
+    -- long after the stop
+    local sim = sn.start{ time_scale = 1.5 }
     local b, no = box(), order_no()
     sn.answer(recv, b, { status = 500 })
     sn.prepay(sim, no, sn.notify_url(recv, b))
@@ -355,7 +442,7 @@ describe("simulator notifications across workers and restarts", function()
     assert.equal(0, sim:stop())
     sn.answer(recv, b, { status = 204 })
     local restarted = paygate.update_time()
-    sim = sn.start{ time_scale = 3, state_dir = state_dir }
+    sim = sn.start{ time_scale = 1.5, state_dir = state_dir }
     local list = got(b, 2, 30, "the retry after the restart")
     n = settled(sim, no)
     assert.equal("delivered", n.state)

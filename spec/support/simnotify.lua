@@ -31,22 +31,34 @@ local function read(path)
   return s
 end
 
-local merchant_key
+local merchant_key, sm2_key
 
---- sim = start{ state_dir, workers, extra = "lua fields" }
+_M.SM2 = "WECHATPAY2-SM2-WITH-SM3"
+_M.SM2_KEY_PATH = abs(FIX .. "a10a_sm2_key.pem")
+_M.SM2_CERT_PATH = abs(FIX .. "a10b_sm2_cert.pem")
+_M.SM2_SERIAL = "54E7F59ED8DF4570CFB14780EA8152D45A675EE6"
+
+--- sim = start{ state_dir, workers, time_scale, answer_timeout, sm = true,
+---              extra = "lua fields" }
 function _M.start(o)
   o = o or {}
   local state = o.state_dir or server.tmpdir()
+  local verifier = o.sm and ("merchant_certificate = %q"):format(
+                     _M.SM2_CERT_PATH)
+                   or ("merchant_public_key = %q, merchant_serial = %q")
+                     :format(_M.PUB_PATH, _M.SERIAL)
   local conf = ("return { state_dir = %q, time_scale = %s, "
     .. "answer_timeout = %s, merchants = { { mchid = %q, apiv3_key = %q, "
-    .. "appids = { %q }, merchant_public_key = %q, merchant_serial = %q } }"
-    .. "%s }"):format(state, tostring(o.time_scale or 1),
-    tostring(o.answer_timeout or 5), _M.MCHID, _M.APIV3, _M.APPID,
-    _M.PUB_PATH, _M.SERIAL, o.extra and (", " .. o.extra) or "")
+    .. "appids = { %q }, %s } }%s%s }"):format(state,
+    tostring(o.time_scale or 1), tostring(o.answer_timeout or 5), _M.MCHID,
+    _M.APIV3, _M.APPID, verifier,
+    o.sm and (", sign_type = %q"):format(_M.SM2) or "",
+    o.extra and (", " .. o.extra) or "")
   local s = server.start{ app = "examples/simulator", config = conf,
                           workers = o.workers or 1 }
   s.state_dir = state
   s.conf = conf
+  s.sm = o.sm
   s.base = "http://127.0.0.1:" .. s.port
   return s
 end
@@ -89,14 +101,22 @@ end
 --- res = signed(sim, method, target, body): a merchant request, signed
 -- as the protocol says: METHOD \n TARGET \n TS \n NONCE \n BODY \n
 function _M.signed(sim, method, target, body)
-  merchant_key = merchant_key or assert(crypto.private_key(read(_M.KEY_PATH)))
+  local key, schema, serial
+  if sim.sm then
+    sm2_key = sm2_key or assert(crypto.private_key(read(_M.SM2_KEY_PATH)))
+    key, schema, serial = sm2_key, _M.SM2, _M.SM2_SERIAL
+  else
+    merchant_key = merchant_key
+                   or assert(crypto.private_key(read(_M.KEY_PATH)))
+    key, schema, serial = merchant_key, "WECHATPAY2-SHA256-RSA2048",
+                          _M.SERIAL
+  end
   local ts, nonce = tostring(os.time()), crypto.random_nonce(32)
   local msg = method .. "\n" .. target .. "\n" .. ts .. "\n" .. nonce .. "\n"
               .. (body or "") .. "\n"
-  local sig = assert(crypto.sign_base64(merchant_key, msg))
-  local auth = ('WECHATPAY2-SHA256-RSA2048 mchid="%s",nonce_str="%s",'
-    .. 'timestamp="%s",serial_no="%s",signature="%s"'):format(_M.MCHID,
-    nonce, ts, _M.SERIAL, sig)
+  local sig = assert(crypto.sign_base64(key, msg, schema))
+  local auth = ('%s mchid="%s",nonce_str="%s",timestamp="%s",serial_no="%s",'
+    .. 'signature="%s"'):format(schema, _M.MCHID, nonce, ts, serial, sig)
   local res, err = paygate.http.request{ method = method,
     url = sim.base .. target, body = body, timeout = 10, headers = {
       Authorization = auth, Accept = "application/json",
@@ -159,8 +179,9 @@ function _M.platform_certs(sim)
   return out
 end
 
---- ok, why = verify(certs, rec): a received notification's signature
-function _M.verify(certs, rec)
+--- ok, why = verify(certs, rec[, alg]): a received notification's
+--- signature; certs maps a serial (or PUB_KEY_ID_...) to a key
+function _M.verify(certs, rec, alg)
   local h = rec.headers
   local cert = certs[h["wechatpay-serial"]]
   if not cert then return nil, "unknown serial" end
@@ -169,16 +190,19 @@ function _M.verify(certs, rec)
   end
   local ok = crypto.verify_base64(cert, h["wechatpay-timestamp"] .. "\n"
     .. h["wechatpay-nonce"] .. "\n" .. rec.body .. "\n",
-    h["wechatpay-signature"])
+    h["wechatpay-signature"], alg)
   if not ok then return nil, "bad signature" end
   return true
 end
 
 --- doc, plain = decrypt(rec): the envelope and its decrypted resource
+--- (AES-256-GCM with the APIv3 key; SM4-GCM with SM3(key)[1..16])
 function _M.decrypt(rec)
   local doc = assert(json.decode(rec.body))
   local r = doc.resource
-  local plain = assert(crypto.aead_decrypt("AEAD_AES_256_GCM", _M.APIV3,
+  local key = r.algorithm == "AEAD_SM4_GCM" and crypto.sm4_key(_M.APIV3)
+              or _M.APIV3
+  local plain = assert(crypto.aead_decrypt(r.algorithm, key,
     r.nonce, r.associated_data, assert(crypto.base64_decode(r.ciphertext))))
   return doc, assert(json.decode(plain))
 end

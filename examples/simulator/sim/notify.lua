@@ -23,8 +23,7 @@ local http = require "paygate.http"
 local lease = require "paygate.lease"
 local faults = require "sim.faults"
 
-local type, tostring, ipairs, pairs, pcall = type, tostring, ipairs, pairs,
-                                             pcall
+local type, tostring, ipairs, pcall = type, tostring, ipairs, pcall
 local floor, max, min = math.floor, math.max, math.min
 
 local _M = {}
@@ -237,9 +236,10 @@ function D:claim(row)
         body or core.null }))
     row.body, row.body_error = body, berr
     assert(tx:exec("INSERT INTO sim_notification_attempts (notification_id,"
-      .. " n, at, error, fault, duplicate) VALUES ($1, $2, $3, $4, $5, $6)",
-      { n = 6, row.id, n, now, "interrupted: the simulator stopped before "
-        .. "the answer", fault_kind or core.null, dup }))
+      .. " n, at, error, fault, duplicate, worker) VALUES ($1, $2, $3, $4, "
+      .. "$5, $6, $7)",
+      { n = 7, row.id, n, now, "interrupted: the simulator stopped before "
+        .. "the answer", fault_kind or core.null, dup, core.pid() }))
     return n, cur.sig_fault or false, cur.duplicates
   end)
 end
@@ -450,7 +450,7 @@ function _M.list(db, f)
   if #out > 0 then
     -- the attempts of what is listed (all of them when nothing filters)
     local sqla = "SELECT notification_id, n, at, status, error, latency, "
-      .. "timestamp, nonce, serial, fault, duplicate FROM "
+      .. "timestamp, nonce, serial, fault, duplicate, worker FROM "
       .. "sim_notification_attempts"
     local ids = {}
     if #where > 0 or f.out_trade_no or f.out_refund_no then
@@ -473,6 +473,7 @@ function _M.list(db, f)
           n = a.n, at = a.at, status = a.status, error = a.error,
           latency = a.latency, timestamp = a.timestamp, nonce = a.nonce,
           serial = a.serial, fault = a.fault, duplicate = a.duplicate == 1,
+          worker = a.worker,
         }
       end
     end

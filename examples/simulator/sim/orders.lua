@@ -455,12 +455,18 @@ local function query(req, c, by, partner)
   end
   if not owner then return nil, e end
   local key = unescape(c.params.id)
-  return S.db:transaction(function(tx)
-    local o = find_order(tx, owner, by, key)
-    if not o then return nil, a.err(404, "ORDER_NOT_EXIST", "订单不存在") end
-    o = expire(tx, o, c.now)
-    return 200, _M.transaction(o)
-  end)
+  -- a read (reader thread); a write transaction only to close an order
+  -- whose time_expire passed
+  local o = find_order(S.db, owner, by, key)
+  if not o then return nil, a.err(404, "ORDER_NOT_EXIST", "订单不存在") end
+  if (o.trade_state == "NOTPAY" or o.trade_state == "PAYERROR")
+     and o.time_expire and o.time_expire <= c.now then
+    return S.db:transaction(function(tx)
+      local cur = find_order(tx, owner, by, key)
+      return 200, _M.transaction(expire(tx, cur, c.now))
+    end)
+  end
+  return 200, _M.transaction(o)
 end
 
 -- POST .../out-trade-no/{out_trade_no}/close

@@ -38,5 +38,6 @@ CREATE TABLE sim_notification_attempts (
   serial        TEXT,                   -- Wechatpay-Serial sent
   fault         TEXT,                   -- signature fault carried, if any
   duplicate     INTEGER NOT NULL DEFAULT 0,  -- 1: a duplicate delivery
+  worker        INTEGER,                -- pid of the worker that sent it
   PRIMARY KEY (notification_id, n)
 );
