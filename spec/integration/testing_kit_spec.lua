@@ -96,7 +96,8 @@ paygate.route("POST", "/echo", function(req) return 200, req:json() end)]],
 end)
 
 describe("a spec run that dies", function()
-  it("leaves no app behind (the watchdog ends it)", function()
+  it("leaves no app behind (the watchdog ends it, removes its folder)",
+     function()
     local dir = testing.tmpdir()
     local script = dir .. "/run.lua"
     local f = assert(io.open(script, "w"))
@@ -104,22 +105,28 @@ describe("a spec run that dies", function()
 local testing = require "paygate.testing"
 local srv = testing.start_app{ source = "" }
 local out = assert(io.open(%q, "w"))
-out:write(srv.pid, "\n")
+out:write(srv.pid, "\n", srv.dir, "\n")
 out:close()
 require("paygate.core").sleep(60)
 ]]):format(dir .. "/pid"))
     f:close()
     local p = proc.spawn({ testing.server.bin(), "exec", script },
                          { log = dir .. "/log" })
-    local pid = tonumber(testing.wait_until(function()
-      local s = testing.read(dir .. "/pid")
-      return s:match("^(%d+)\n")
-    end, 20, "the app's pid"))
+    local pid, app_dir
+    testing.wait_until(function()
+      pid, app_dir = testing.read(dir .. "/pid"):match("^(%d+)\n(.-)\n")
+      return pid
+    end, 20, "the app's pid")
+    pid = tonumber(pid)
+    assert.matches("^/tmp/paygate%-test%.", app_dir)
     assert.is_true(alive(pid))
     p:kill(proc.SIGKILL)                        -- the spec run dies
     p:wait(5)
     testing.wait_until(function() return not alive(pid) end, 15,
                        "the orphaned app to end")
+    testing.wait_until(function()
+      return io.open(app_dir .. "/app/app.lua") == nil
+    end, 10, "its folder to be removed")
     testing.server.rmdir(dir)
   end)
 end)

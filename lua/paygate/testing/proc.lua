@@ -66,9 +66,11 @@ local function raw_spawn(argv, log)
   return pid[0]
 end
 
---- syntax: proc = proc.spawn(argv[, { log = path, watchdog = bool }])
+--- syntax: proc = proc.spawn(argv[, { log = path, watchdog = bool,
+---                                    watchdog_rmdir = dir }])
 -- Starts argv[1] (looked up in PATH) with stdin from /dev/null and stdout
--- and stderr appended to log (default /dev/null).
+-- and stderr appended to log (default /dev/null). watchdog_rmdir: a
+-- /tmp/paygate-* folder the watchdog removes after ending the process.
 -- returns: a proc (proc.pid, proc.log); raises when it cannot start.
 function _M.spawn(argv, opts)
   if type(argv) ~= "table" or type(argv[1]) ~= "string" then
@@ -85,6 +87,10 @@ function _M.spawn(argv, opts)
     local script = "while kill -0 " .. me .. " 2>/dev/null; do sleep 0.5; "
       .. "done; kill -TERM " .. pid .. " 2>/dev/null; sleep 3; "
       .. "kill -KILL " .. pid .. " 2>/dev/null"
+    local rm = opts.watchdog_rmdir
+    if type(rm) == "string" and rm:match("^/tmp/paygate%-[%w.%-_]+$") then
+      script = script .. "; rm -rf '" .. rm .. "'"
+    end
     local wpid = raw_spawn({ "sh", "-c", script }, "/dev/null")
     if wpid then
       p.watchdog = setmetatable({ pid = wpid, log = "/dev/null" }, Proc)

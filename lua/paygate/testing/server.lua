@@ -125,7 +125,8 @@ function _M.start(o)
     argv[#argv + 1] = s.config_file
   end
   for _, a in ipairs(o.args or {}) do argv[#argv + 1] = a end
-  s.proc = proc.spawn(argv, { log = s.log, watchdog = o.watchdog ~= false })
+  s.proc = proc.spawn(argv, { log = s.log, watchdog = o.watchdog ~= false,
+                              watchdog_rmdir = dir })
   s.pid = s.proc.pid
   if o.wait ~= false then
     local ok, err = pcall(proc.wait_until, function()
