@@ -100,6 +100,11 @@ describe("wechatpay api", function()
       { "prepay notify_url over http", function()
           return wx:native_prepay(prepay_p{
             notify_url = "http://example.com/n" }) end, "notify_url" },
+      { "prepay notify_url over http to a host named like loopback",
+        function()
+          return wx:native_prepay(prepay_p{
+            notify_url = "http://127.0.0.1.example.com/n" }) end,
+        "notify_url" },
       { "prepay notify_url with a query", function()
           return wx:native_prepay(prepay_p{
             notify_url = "https://example.com/n?a=1" }) end, "notify_url" },
@@ -504,6 +509,18 @@ describe("wechatpay api", function()
         payer_client_ip = "14.23.150.211", h5_info = { type = "iOS" } } }))
       local sent = stub:last().json
       assert.same(sent, require("cjson").decode(body))
+    end)
+
+    it("takes an http notify_url for a loopback host only", function()
+      for _, url in ipairs({ "http://127.0.0.1:8080/n", "http://localhost/n",
+                             "http://[::1]:9/n", "https://example.com/n" }) do
+        assert.equal("POST", (wx:prepay_request("native",
+                                                prepay_p{ notify_url = url })))
+      end
+      local m, err = wx:prepay_request("native", prepay_p{
+        notify_url = "http://10.0.0.1/n" })
+      assert.is_nil(m)
+      assert.equal("notify_url", err.field)
     end)
 
     it("checks like the call, and raises on an unknown kind", function()

@@ -1,0 +1,503 @@
+-- paygate.testing: a kit for specs of paygate apps (run them with
+-- `paygate exec busted`). It starts the WeChat Pay simulator
+-- (examples/simulator) and the app under test on free loopback ports,
+-- makes merchants with fresh test keys, builds paygate.wechatpay clients
+-- pointed at the simulator, creates orders, pays them as a payer would and
+-- waits for the notifications to reach the app. Every process it starts
+-- is stopped by testing.stop_all() (call it in teardown), and by a
+-- watchdog if the spec run itself dies.
+--
+--   local testing = require "paygate.testing"
+--   local sim = testing.simulator()
+--   local app = testing.start_app{ app = "myapp",
+--     config = { wechatpay = sim:client_config() } }
+--   local no = sim:order{ notify_url = app:url("/wechatpay/notify") }
+--   local n = sim:pay_and_wait(no)          -- delivered: 200 or 204
+--
+-- See docs/testing.md.
+local core = require "paygate.core"
+local crypto = require "paygate.crypto"
+local http = require "paygate.http"
+local json = require "cjson.safe"
+local proc = require "paygate.testing.proc"
+local server = require "paygate.testing.server"
+
+local type, error, ipairs, pairs, tostring, setmetatable, assert, pcall =
+      type, error, ipairs, pairs, tostring, setmetatable, assert, pcall
+
+local _M = {
+  proc = proc, server = server,
+  spawn = proc.spawn, wait_until = proc.wait_until, read = proc.read,
+  tmpdir = server.tmpdir, lua_source = server.lua_source,
+  free_port = function() return core.free_port() end,
+}
+
+local RSA_TYPE = "WECHATPAY2-SHA256-RSA2048"
+local SM2_TYPE = "WECHATPAY2-SM2-WITH-SM3"
+local SM2_ID = "1234567812345678"
+
+local started = {}       -- servers started by the kit, for stop_all()
+local dirs = {}          -- key directories made by the kit
+local sims = {}          -- simulators started, whose kit clients stop_all ends
+
+-- helpers ----------------------------------------------------------------
+
+local function digits(n)
+  local b = crypto.random_bytes(n)
+  local t = {}
+  for i = 1, n do t[i] = tostring(b:byte(i) % 10) end
+  return table.concat(t)
+end
+
+local function kit_dir()
+  local d = server.tmpdir()
+  dirs[#dirs + 1] = d
+  return d
+end
+
+local function write(path, data)
+  local f = assert(io.open(path, "wb"))
+  f:write(data)
+  f:close()
+end
+
+local function openssl(args, what)
+  local argv = { "openssl" }
+  for _, a in ipairs(args) do argv[#argv + 1] = a end
+  local code, out = proc.run(argv, { timeout = 60 })
+  if code ~= 0 then
+    error("testing: openssl failed making " .. what .. ": " .. out, 3)
+  end
+  return out
+end
+
+--- syntax: key = testing.apiv3_key() -- 32 random characters
+function _M.apiv3_key() return crypto.random_nonce(32) end
+
+--- syntax: no = testing.out_trade_no([prefix]) -- a fresh, valid one
+function _M.out_trade_no(prefix)
+  return (prefix or "T") .. crypto.random_nonce(20)
+end
+
+--- syntax: keys = testing.merchant_keys([{ mchid, sm2, dir, days }])
+-- yields: runs the openssl command line (RSA-2048, or SM2 with sm2 = true).
+-- returns: { private_key = path (PKCS#8 PEM), certificate = path (self-
+-- signed, CN = mchid, valid `days`, default 2), public_key = path, serial
+-- (40 upper-case hex digits, random) }. Test keys only: made per run.
+function _M.merchant_keys(o)
+  o = o or {}
+  local dir = o.dir or kit_dir()
+  local mchid = o.mchid or "1900000000"
+  local tag = (o.name or mchid) .. "-" .. crypto.random_nonce(6)
+  local k = { private_key = dir .. "/" .. tag .. "_key.pem",
+              certificate = dir .. "/" .. tag .. "_cert.pem",
+              public_key = dir .. "/" .. tag .. "_pub.pem" }
+  -- a positive 160-bit serial printed as exactly 40 hex digits
+  local b = crypto.random_bytes(20)
+  k.serial = ("%X"):format(1 + b:byte(1) % 7) .. crypto.hex(b):sub(2):upper()
+  local subj = "/C=CN/O=paygate test merchant/CN=" .. mchid
+  local days = tostring(o.days or 2)
+  if o.sm2 then
+    openssl({ "genpkey", "-algorithm", "SM2", "-out", k.private_key },
+            "an SM2 key")
+    openssl({ "req", "-x509", "-new", "-key", k.private_key, "-sm3",
+              "-sigopt", "distid:" .. SM2_ID, "-days", days, "-subj", subj,
+              "-set_serial", "0x" .. k.serial, "-out", k.certificate },
+            "an SM2 certificate")
+  else
+    openssl({ "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+              "-keyout", k.private_key, "-out", k.certificate,
+              "-days", days, "-subj", subj, "-set_serial", "0x" .. k.serial },
+            "an RSA key and certificate")
+  end
+  openssl({ "pkey", "-in", k.private_key, "-pubout", "-out", k.public_key },
+          "the public key")
+  return k
+end
+
+--- syntax: m = testing.merchant([{ mchid, appids, sm2, dir }])
+-- yields: makes its keys (testing.merchant_keys).
+-- returns: { mchid, appid, appids, apiv3_key, private_key, certificate,
+-- public_key, serial, sm2 }: what the simulator's config and a client
+-- need.
+function _M.merchant(o)
+  o = o or {}
+  local m = { mchid = o.mchid or ("19" .. digits(8)), sm2 = o.sm2 or false }
+  m.appids = o.appids or { "wx" .. crypto.hex(crypto.random_bytes(8)) }
+  m.appid = m.appids[1]
+  m.apiv3_key = o.apiv3_key or _M.apiv3_key()
+  local k = _M.merchant_keys{ mchid = m.mchid, sm2 = m.sm2, dir = o.dir }
+  for kk, v in pairs(k) do m[kk] = v end
+  return m
+end
+
+--- syntax: srv = testing.start_app(o)
+-- Starts `paygate run o.app` on a free loopback port (o as for
+-- paygate.testing.server.start: app | source, config (a table, or a
+-- function(srv) returning one: srv.port and srv:url(path) are known),
+-- workers, args, env...).
+-- yields: until it serves (GET /healthz on its admin port).
+-- returns: srv (srv:url(path), srv:request{...}, srv:logs(), srv:stop()).
+function _M.start_app(o)
+  local srv = server.start(o)
+  started[#started + 1] = srv
+  return srv
+end
+
+--- syntax: testing.stop_all()
+-- yields: stops every app and simulator the kit started (TERM, then KILL),
+-- and removes their directories and the keys it made. Safe to call twice;
+-- call it in teardown.
+function _M.stop_all()
+  for i = #sims, 1, -1 do
+    for m, wx in pairs(sims[i].kit_clients or {}) do
+      wx:stop()
+      sims[i].kit_clients[m] = nil
+    end
+    sims[i] = nil
+  end
+  for i = #started, 1, -1 do
+    local srv = started[i]
+    started[i] = nil
+    pcall(srv.stop, srv, 10)
+  end
+  proc.stop_all(5)
+  for i = #dirs, 1, -1 do
+    server.rmdir(dirs[i])
+    dirs[i] = nil
+  end
+end
+
+-- the simulator ------------------------------------------------------------
+
+local Sim = {}
+Sim.__index = Sim
+
+local function simulator_dir()
+  local env = os.getenv("PAYGATE_SIMULATOR")
+  if env and env ~= "" then return env end
+  -- this file is lua/paygate/testing.lua; the simulator ships beside it
+  local src = debug.getinfo(1, "S").source
+  local here = src:sub(1, 1) == "@" and src:sub(2):match("^(.*)/[^/]+$")
+  if here then
+    local cand = here .. "/../../examples/simulator"
+    if io.open(cand .. "/app.lua") then return cand end
+  end
+  return "examples/simulator"
+end
+
+local function sim_merchant_conf(m)
+  local c = { mchid = m.mchid, apiv3_key = m.apiv3_key, appids = m.appids }
+  if m.certificates then
+    c.merchant_certificates = m.certificates
+  else
+    c.merchant_certificate = m.certificate
+  end
+  if m.sub_mchid then
+    c.sub_merchants = { { mchid = m.sub_mchid, appids = { m.sub_appid } } }
+  end
+  return c
+end
+
+--- syntax: sim = testing.simulator([o])
+-- o: merchants (a list of testing.merchant() tables, or a number: how many
+-- to make; default 1), partner (true: also a service provider with one
+-- sub-merchant: sim.partner, sim.sub_mchid), verifier_mode
+-- ("platform_certificates" default, "public_key", "both"), sign_type (RSA
+-- default; WECHATPAY2-SM2-WITH-SM3 makes SM2 merchant keys), time_scale
+-- (default 1), answer_timeout, config (more simulator config keys), app
+-- (the simulator's directory: $PAYGATE_SIMULATOR or examples/simulator),
+-- workers.
+-- yields: makes keys, starts the simulator and waits until it serves.
+-- returns: sim: sim.url, sim.merchant (the first), sim.merchants, and the
+-- methods below.
+function _M.simulator(o)
+  o = o or {}
+  local sm2 = o.sign_type == SM2_TYPE
+  local merchants = o.merchants
+  if merchants == nil or type(merchants) == "number" then
+    local n = merchants or 1
+    merchants = {}
+    for i = 1, n do merchants[i] = _M.merchant{ sm2 = sm2 } end
+  end
+  local partner
+  if o.partner then
+    partner = _M.merchant{ sm2 = sm2 }
+    partner.sub_mchid = "16" .. digits(8)
+    partner.sub_appid = "wx" .. crypto.hex(crypto.random_bytes(8))
+  end
+  local sim = setmetatable({ merchants = merchants, merchant = merchants[1],
+                             partner = partner,
+                             sign_type = o.sign_type or RSA_TYPE,
+                             verifier_mode = o.verifier_mode
+                               or "platform_certificates" }, Sim)
+  local list = {}
+  for i, m in ipairs(merchants) do list[i] = sim_merchant_conf(m) end
+  if partner then
+    list[#list + 1] = sim_merchant_conf(partner)
+  end
+  sim.srv = _M.start_app{
+    app = o.app or simulator_dir(), workers = o.workers or 1,
+    args = { "--log-level", o.log_level or "warn" },
+    config = function(srv)
+      local c = { merchants = list, state_dir = srv.dir .. "/state",
+                  time_scale = o.time_scale or 1,
+                  verifier_mode = sim.verifier_mode,
+                  sign_type = sim.sign_type }
+      if o.answer_timeout then c.answer_timeout = o.answer_timeout end
+      for k, v in pairs(o.config or {}) do c[k] = v end
+      os.execute("mkdir -p '" .. c.state_dir .. "'")
+      return c
+    end,
+  }
+  sims[#sims + 1] = sim
+  sim.url = sim.srv:url("")
+  sim.dir = sim.srv.dir
+  return sim
+end
+
+--- syntax: data = sim:control(method, path[, body[, want_status]])
+-- A call to the simulator's /sim/ control API. Raises unless the answer
+-- has want_status (default any 2xx).
+-- returns: the decoded JSON answer ({} for an empty one) and res.
+function Sim:control(method, path, body, want)
+  local res, err = self.srv:request{ method = method, path = path,
+                                     json = body, timeout = 10 }
+  if not res then
+    error("simulator " .. method .. " " .. path .. ": " .. tostring(err), 2)
+  end
+  local ok = want and res.status == want
+             or (not want and res.status >= 200 and res.status < 300)
+  if not ok then
+    error("simulator " .. method .. " " .. path .. ": " .. res.status
+          .. " " .. tostring(res.body), 2)
+  end
+  return res.json or {}, res
+end
+
+local function q(mchid) return mchid and ("?mchid=" .. mchid) or "" end
+
+--- syntax: sim:pay(out_trade_no[, mchid]) -- the payer pays it
+function Sim:pay(no, mchid)
+  return self:control("POST", "/sim/transactions/" .. no .. "/pay"
+                      .. q(mchid))
+end
+
+--- syntax: sim:fail(out_trade_no[, mchid]) -- PAYERROR, no notification
+function Sim:fail(no, mchid)
+  return self:control("POST", "/sim/transactions/" .. no .. "/fail"
+                      .. q(mchid))
+end
+
+--- syntax: sim:settle(out_refund_no[, status]) -- SUCCESS (default),
+-- ABNORMAL or CLOSED
+function Sim:settle(no, status, mchid)
+  return self:control("POST", "/sim/refunds/" .. no .. "/settle" .. q(mchid),
+                      { status = status or "SUCCESS" })
+end
+
+--- syntax: sim:rotate([body]) -- rotate the platform certificate
+function Sim:rotate(body)
+  return self:control("POST", "/sim/certificates/rotate", body or {})
+end
+
+--- syntax: list = sim:platform_certificates()
+function Sim:platform_certificates()
+  return self:control("GET", "/sim/platform-certificates")
+end
+
+--- syntax: t = sim:public_key() -- { id, pem }
+function Sim:public_key()
+  return self:control("GET", "/sim/public-key")
+end
+
+--- syntax: sim:fault(spec) / sim:clear_faults()
+function Sim:fault(spec) return self:control("POST", "/sim/faults", spec) end
+function Sim:clear_faults() return self:control("DELETE", "/sim/faults") end
+
+--- syntax: list = sim:requests() -- the requests the simulator received
+function Sim:requests()
+  local t = self:control("GET", "/sim/requests")
+  return t.requests or t
+end
+
+local function esc(v)
+  return (tostring(v):gsub("[^%w%-_.~]", function(c)
+    return ("%%%02X"):format(c:byte())
+  end))
+end
+
+--- syntax: list = sim:notifications([filter])
+-- filter: { out_trade_no, out_refund_no, event_type, mchid, id, state }.
+-- returns: the deliveries (oldest first), each with its attempts.
+function Sim:notifications(f)
+  local q = {}
+  for _, k in ipairs({ "out_trade_no", "out_refund_no", "event_type",
+                       "mchid", "id", "state" }) do
+    if f and f[k] then q[#q + 1] = k .. "=" .. esc(f[k]) end
+  end
+  local t = self:control("GET", "/sim/notifications"
+                         .. (#q > 0 and "?" .. table.concat(q, "&") or ""))
+  return t.notifications or t
+end
+
+--- syntax: sim:close_bills(bill_date) -- that day's bills are ready now
+function Sim:close_bills(date)
+  return self:control("POST", "/sim/bills/close", { bill_date = date })
+end
+
+-- what a delivery is about, whatever the record's exact shape
+local function about(d)
+  local r = d.resource or d.payload or {}
+  return d.out_trade_no or r.out_trade_no, d.out_refund_no or r.out_refund_no
+end
+
+local function delivered(d)
+  if d.delivered ~= nil then return d.delivered == true end
+  for _, a in ipairs(d.attempts or {}) do
+    if a.status == 200 or a.status == 204 then return true end
+  end
+  return false
+end
+
+--- syntax: d = sim:wait_notification(match[, { timeout, attempts, event_type
+---         }])
+-- match: an out_trade_no, or { out_trade_no = , out_refund_no = ,
+-- event_type = }. Waits (default 15 s) until a matching delivery was
+-- acknowledged (200/204), or, with opts.attempts = n, until it has n
+-- attempts whatever their answers.
+-- yields: polls GET /sim/notifications.
+-- returns: the delivery (d.attempts, d.last = the last attempt); raises at
+-- the deadline with what was seen.
+function Sim:wait_notification(match, opts)
+  opts = opts or {}
+  if type(match) == "string" then match = { out_trade_no = match } end
+  local seen
+  local function find()
+    seen = {}
+    for _, d in ipairs(self:notifications(match)) do
+      local no, rno = about(d)
+      if (not match.out_trade_no or match.out_trade_no == no)
+         and (not match.out_refund_no or match.out_refund_no == rno)
+         and (not match.event_type or match.event_type == d.event_type) then
+        seen[#seen + 1] = d
+        local ok
+        if opts.attempts then ok = #(d.attempts or {}) >= opts.attempts
+        else ok = delivered(d) end
+        if ok then
+          d.last = (d.attempts or {})[#(d.attempts or {})]
+          return d
+        end
+      end
+    end
+  end
+  local ok, d = pcall(proc.wait_until, find, opts.timeout or 15,
+                      "a notification")
+  if ok then return d end
+  error("testing: no " .. (opts.attempts and (opts.attempts .. " attempts")
+        or "acknowledged delivery") .. " of a notification matching "
+        .. json.encode(match) .. " in " .. (opts.timeout or 15)
+        .. " s; seen: " .. tostring(json.encode(seen)), 2)
+end
+
+--- syntax: d = sim:pay_and_wait(out_trade_no[, opts])
+-- Pays the order and waits for its TRANSACTION.SUCCESS delivery to be
+-- acknowledged (opts as for wait_notification).
+function Sim:pay_and_wait(no, opts)
+  self:pay(no, opts and opts.mchid)
+  local m = { out_trade_no = no, event_type = "TRANSACTION.SUCCESS" }
+  return self:wait_notification(m, opts)
+end
+
+--- syntax: conf = sim:client_config([merchant[, over]])
+-- yields: in public-key and migration mode, reads the simulator's public
+-- key (and in migration mode its platform certificates).
+-- returns: a paygate.wechatpay configuration (a plain table, for
+-- wechatpay.client or an app's config file) for merchant (default
+-- sim.merchant; sim.partner for partner mode), pointed at the simulator.
+-- over: keys to add or replace (false removes one).
+function Sim:client_config(m, over)
+  m = m or self.merchant
+  local c = { merchant_private_key = m.private_key,
+              merchant_certificate = m.certificate,
+              apiv3_key = m.apiv3_key, base_url = self.url,
+              backup_url = false, timeout = 5, deadline = 15 }
+  if m == self.partner then c.sp_mchid = m.mchid else c.mchid = m.mchid end
+  if self.sign_type ~= RSA_TYPE then c.sign_type = self.sign_type end
+  if self.verifier_mode ~= "platform_certificates" then
+    local pk = self:public_key()
+    c.public_key, c.public_key_id = pk.pem, pk.id
+  end
+  if self.verifier_mode == "public_key" then
+    c.download_certificates = false
+  elseif self.verifier_mode == "both" then
+    -- migration: both keys held from the start (the client downloads and
+    -- refreshes the certificates too)
+    local pems = {}
+    for i, cert in ipairs(self:platform_certificates()) do
+      pems[i] = cert.certificate
+    end
+    c.platform_certificates = pems
+  end
+  for k, v in pairs(over or {}) do
+    if v == false and k ~= "backup_url" then c[k] = nil else c[k] = v end
+  end
+  return c
+end
+
+--- syntax: wx = sim:client([merchant[, over]])
+-- returns: a paygate.wechatpay client for it (raises if it cannot be made).
+function Sim:client(m, over)
+  local wechatpay = require "paygate.wechatpay"
+  local wx, err = wechatpay.client(self:client_config(m, over))
+  if not wx then error("testing: wechatpay.client: " .. tostring(err), 2) end
+  return wx
+end
+
+--- syntax: out_trade_no, data = sim:order(p)
+-- Creates a native-payment order through a paygate.wechatpay client (the
+-- kit's own for p.merchant, default sim.merchant, unless p.client). p:
+-- notify_url (required), total (fen, default 1), out_trade_no,
+-- description, appid, attach, merchant, client.
+-- yields: for the call.
+-- returns: the out_trade_no and WeChat's answer ({ code_url }); raises on
+-- an error.
+function Sim:order(p)
+  if type(p) ~= "table" or type(p.notify_url) ~= "string" then
+    error("sim:order: p.notify_url is required", 2)
+  end
+  local m = p.merchant or self.merchant
+  local wx = p.client
+  if not wx then
+    self.kit_clients = self.kit_clients or {}
+    wx = self.kit_clients[m]
+    if not wx then
+      wx = self:client(m)
+      self.kit_clients[m] = wx
+    end
+  end
+  local no = p.out_trade_no or _M.out_trade_no()
+  local data, err = wx:native_prepay{
+    appid = p.appid or m.appid, description = p.description or "test order",
+    out_trade_no = no, notify_url = p.notify_url, attach = p.attach,
+    amount = { total = p.total or 1, currency = "CNY" } }
+  if not data then error("sim:order: " .. tostring(err), 2) end
+  return no, data
+end
+
+--- syntax: sim:stop() -- stops the simulator (and its kit client)
+function Sim:stop()
+  for m, wx in pairs(self.kit_clients or {}) do
+    wx:stop()
+    self.kit_clients[m] = nil
+  end
+  for i, s in ipairs(started) do
+    if s == self.srv then table.remove(started, i) break end
+  end
+  return self.srv:stop()
+end
+
+_M.RSA = RSA_TYPE
+_M.SM2 = SM2_TYPE
+
+return _M

@@ -1,0 +1,211 @@
+-- paygate.testing.server: start `paygate run APP` on free loopback ports
+-- from a spec and talk to it over real HTTP.
+local ffi = require "ffi"
+local core = require "paygate.core"
+local http = require "paygate.http"
+local json = require "cjson.safe"
+local proc = require "paygate.testing.proc"
+
+ffi.cdef [[
+long readlink(const char *path, char *buf, size_t size);
+]]
+
+local type, error, ipairs, pairs, tostring, setmetatable, assert, tonumber =
+      type, error, ipairs, pairs, tostring, setmetatable, assert, tonumber
+
+local _M = {}
+local Server = {}
+Server.__index = Server
+
+--- syntax: path = server.bin()
+-- returns: the paygate binary to start: $PAYGATE_BIN, else the one running
+-- this spec (/proc/self/exe).
+function _M.bin()
+  local env = os.getenv("PAYGATE_BIN")
+  if env and env ~= "" then return env end
+  local buf = ffi.new("char[4096]")
+  local n = ffi.C.readlink("/proc/self/exe", buf, 4095)
+  if n > 0 then return ffi.string(buf, n) end
+  return "paygate"
+end
+
+local function sh_quote(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
+
+--- syntax: dir = server.tmpdir() -- a fresh private directory under /tmp
+function _M.tmpdir()
+  local p = assert(io.popen("mktemp -d /tmp/paygate-test.XXXXXX"))
+  local d = p:read("*l")
+  p:close()
+  assert(d and d ~= "", "mktemp failed")
+  return d
+end
+
+--- syntax: server.rmdir(dir) -- removes a directory tmpdir() made
+function _M.rmdir(dir)
+  if type(dir) == "string" and dir:match("^/tmp/paygate%-") then
+    os.execute("rm -rf " .. sh_quote(dir))
+  end
+end
+
+-- Lua source for a value (strings, numbers, booleans, tables of them),
+-- keys sorted so the output is stable.
+local function lua_source(v, indent)
+  indent = indent or ""
+  local t = type(v)
+  if t == "string" then return ("%q"):format(v) end
+  if t == "number" or t == "boolean" then return tostring(v) end
+  if t ~= "table" then error("lua_source: cannot write a " .. t, 3) end
+  local keys = {}
+  for k in pairs(v) do keys[#keys + 1] = k end
+  table.sort(keys, function(a, b)
+    if type(a) == type(b) then return a < b end
+    return type(a) == "number"
+  end)
+  local inner = indent .. "  "
+  local parts = {}
+  for _, k in ipairs(keys) do
+    local key
+    if type(k) == "number" then
+      key = "[" .. k .. "] = "
+    elseif k:match("^[%a_][%w_]*$") then
+      key = k .. " = "
+    else
+      key = "[" .. ("%q"):format(k) .. "] = "
+    end
+    parts[#parts + 1] = inner .. key .. lua_source(v[k], inner)
+  end
+  if #parts == 0 then return "{}" end
+  return "{\n" .. table.concat(parts, ",\n") .. "\n" .. indent .. "}"
+end
+_M.lua_source = lua_source
+
+--- syntax: srv = server.start(o)
+-- o: app (a directory) or source (app.lua's text); config (a table, a
+-- function(srv) returning one — srv.port and srv:url() are known by then —
+-- or Lua source); workers (1); args (more CLI arguments); port; scheme
+-- ("http"); ca_file; wait (default true: until /healthz answers 200);
+-- timeout (15 s for it); bin.
+-- yields: until the server serves.
+-- returns: the server; raises with its log if it exits or never serves.
+function _M.start(o)
+  if type(o) ~= "table" or (o.app == nil and o.source == nil) then
+    error("testing.start_app: give app (a directory) or source", 2)
+  end
+  local dir = _M.tmpdir()
+  local app = o.app
+  if o.source then
+    app = dir .. "/app"
+    os.execute("mkdir -p " .. sh_quote(app))
+    local f = assert(io.open(app .. "/app.lua", "w"))
+    f:write(o.source)
+    f:close()
+  end
+  local port = o.port or core.free_port()
+  local admin = core.free_port()
+  local s = setmetatable({ dir = dir, app = app, port = port, admin = admin,
+                           scheme = o.scheme or "http",
+                           log = dir .. "/paygate.log",
+                           ca_file = o.ca_file }, Server)
+  local argv = { o.bin or _M.bin(), "run", app,
+                 "--listen", "127.0.0.1:" .. port,
+                 "--admin", "127.0.0.1:" .. admin,
+                 "--workers", tostring(o.workers or 1),
+                 "--pid-file", dir .. "/paygate.pid" }
+  local config = o.config
+  if type(config) == "function" then config = config(s) end
+  if type(config) == "table" then
+    config = "return " .. lua_source(config) .. "\n"
+  end
+  if config then
+    s.config_file = dir .. "/config.lua"
+    local f = assert(io.open(s.config_file, "w"))
+    f:write(config)
+    f:close()
+    argv[#argv + 1] = "--config"
+    argv[#argv + 1] = s.config_file
+  end
+  for _, a in ipairs(o.args or {}) do argv[#argv + 1] = a end
+  s.proc = proc.spawn(argv, { log = s.log, watchdog = o.watchdog ~= false,
+                              watchdog_rmdir = dir })
+  s.pid = s.proc.pid
+  if o.wait ~= false then
+    local ok, err = pcall(proc.wait_until, function()
+      if s.proc:poll() then return true end
+      local res = http.request{
+        url = "http://127.0.0.1:" .. admin .. "/healthz", timeout = 1 }
+      return res and res.status == 200
+    end, o.timeout or 15, "paygate to serve " .. app)
+    if s.proc:poll() then
+      local code = s.proc.status
+      local logs = s:logs()
+      _M.rmdir(dir)
+      error("paygate run " .. app .. " exited early (" .. code .. "):\n"
+            .. logs, 2)
+    end
+    if not ok then
+      local logs = s:logs()
+      s:stop()
+      error(tostring(err) .. ":\n" .. logs, 2)
+    end
+  end
+  return s
+end
+
+--- syntax: url = srv:url([path]) -- "http://127.0.0.1:PORT" .. path
+function Server:url(path)
+  return self.scheme .. "://127.0.0.1:" .. self.port .. (path or "/")
+end
+
+--- syntax: res, err = srv:request(o)
+-- o: a path, or { method, path, body, json, headers, timeout, ca_file,
+-- client_cert, client_key }; json (a table) is encoded as the body with
+-- Content-Type application/json.
+-- yields: for the exchange.
+-- returns: paygate.http's res with res.json (the decoded body, when it
+-- is JSON), or nil, err.
+function Server:request(o)
+  if type(o) == "string" then o = { path = o } end
+  local body, headers = o.body, o.headers
+  if o.json ~= nil then
+    body = json.encode(o.json)
+    headers = headers or {}
+    if not headers["Content-Type"] then
+      local h = { ["Content-Type"] = "application/json" }
+      for k, v in pairs(headers) do h[k] = v end
+      headers = h
+    end
+  end
+  local res, err = http.request{
+    method = o.method or (body and "POST" or "GET"), url = self:url(o.path),
+    body = body, headers = headers, timeout = o.timeout or 10,
+    ca_file = o.ca_file or self.ca_file, client_cert = o.client_cert,
+    client_key = o.client_key }
+  if res and res.body and res.body ~= "" then
+    res.json = json.decode(res.body)
+  end
+  return res, err
+end
+
+--- syntax: res, err = srv:admin_get(path) -- from the admin listener
+function Server:admin_get(path)
+  return http.request{
+    url = "http://127.0.0.1:" .. self.admin .. path, timeout = 5 }
+end
+
+--- syntax: text = srv:logs() -- what the server wrote so far
+function Server:logs() return proc.read(self.log) end
+
+--- syntax: srv:signal(sig) -- send a signal to the master
+function Server:signal(sig) proc.kill_pid(self.pid, sig) end
+
+--- syntax: code = srv:stop([timeout[, keep_dir]])
+-- yields: TERM, wait for the exit (KILL after timeout, default 15 s), then
+-- removes its directory (kept with keep_dir).
+-- returns: the exit code.
+function Server:stop(timeout, keep_dir)
+  local code = self.proc:stop(timeout)
+  if not keep_dir then _M.rmdir(self.dir) end
+  return code
+end
+
+return _M

@@ -1,0 +1,179 @@
+-- paygate.testing's own parts that need no simulator: test keys, apps on
+-- free ports, and that nothing it starts outlives the spec run.
+local crypto = require "paygate.crypto"
+local x509 = require "paygate.x509"
+local testing = require "paygate.testing"
+local proc = require "paygate.testing.proc"
+
+local function alive(pid)
+  -- kill(pid, 0) succeeds while the process (or its zombie) exists
+  local st = testing.read("/proc/" .. pid .. "/stat")
+  return st ~= "" and not st:match("^%d+ %b() Z")
+end
+
+describe("testing.merchant", function()
+  teardown(testing.stop_all)
+
+  it("makes an RSA key and a certificate with its serial", function()
+    local m = testing.merchant()
+    assert.matches("^%d+$", m.mchid)
+    assert.equal(32, #m.apiv3_key)
+    assert.matches("^wx%x+$", m.appid)
+    assert.matches("^%x+$", m.serial)
+    assert.equal(40, #m.serial)
+    local cert = assert(x509.load(testing.read(m.certificate)))
+    local info = cert:info()
+    assert.equal(m.serial, info.serial:upper())
+    assert.equal("rsa", info.key_type:lower())
+    local key = assert(crypto.private_key(testing.read(m.private_key)))
+    local pub = assert(crypto.public_key(testing.read(m.public_key)))
+    local sig = assert(crypto.sign_base64(key, "msg"))
+    assert.is_true(crypto.verify_base64(pub, "msg", sig))
+    assert.matches("^%-%-%-%-%-BEGIN PRIVATE KEY", testing.read(m.private_key))
+  end)
+
+  it("makes SM2 keys for the SM variant", function()
+    local m = testing.merchant{ sm2 = true }
+    local key = assert(crypto.private_key(testing.read(m.private_key)))
+    assert.equal("sm2", key:type():lower())
+    local sig = assert(crypto.sign_base64(key, "msg",
+                                          "WECHATPAY2-SM2-WITH-SM3"))
+    local pub = assert(crypto.public_key(testing.read(m.public_key)))
+    assert.is_true(crypto.verify_base64(pub, "msg", sig,
+                                        "WECHATPAY2-SM2-WITH-SM3"))
+  end)
+
+  it("gives each merchant its own keys and ids", function()
+    local a, b = testing.merchant(), testing.merchant()
+    assert.are_not.equal(a.mchid, b.mchid)
+    assert.are_not.equal(a.serial, b.serial)
+    assert.are_not.equal(a.apiv3_key, b.apiv3_key)
+  end)
+end)
+
+describe("testing.start_app", function()
+  teardown(testing.stop_all)
+
+  it("raises with the app's log when it cannot start", function()
+    local ok, err = pcall(testing.start_app,
+                          { source = "error('boom at start')" })
+    assert.is_false(ok)
+    assert.matches("exited early", err)
+    assert.matches("boom at start", err)
+  end)
+
+  it("serves an app with a config made from its own port", function()
+    local srv = testing.start_app{
+      source = [[
+local paygate = require "paygate"
+paygate.route("GET", "/me", function()
+  return 200, { url = paygate.config.me.url, n = paygate.config.me.n }
+end)
+paygate.route("POST", "/echo", function(req) return 200, req:json() end)]],
+      config = function(s) return { me = { url = s:url("/x"), n = 3 } } end }
+    local res = assert(srv:request("/me"))
+    assert.equal(200, res.status)
+    assert.equal(srv:url("/x"), res.json.url)
+    assert.equal(3, res.json.n)
+    res = assert(srv:request{ path = "/echo", json = { a = "形" } })
+    assert.same({ a = "形" }, res.json)
+    local dir = srv.dir
+    assert.equal(0, srv:stop())
+    assert.is_nil(io.open(dir .. "/paygate.log"))      -- its folder is gone
+  end)
+
+  it("stop_all ends every app it started and removes their folders",
+     function()
+    local a = testing.start_app{ source = "" }
+    local b = testing.start_app{ source = "", workers = 2 }
+    assert.is_true(alive(a.pid) and alive(b.pid))
+    testing.stop_all()
+    assert.is_false(alive(a.pid))
+    assert.is_false(alive(b.pid))
+    assert.is_nil(io.open(a.dir .. "/paygate.log"))
+    testing.stop_all()                          -- twice is fine
+  end)
+end)
+
+describe("a spec run that dies", function()
+  it("leaves no app behind (the watchdog ends it, removes its folder)",
+     function()
+    local dir = testing.tmpdir()
+    local script = dir .. "/run.lua"
+    local f = assert(io.open(script, "w"))
+    f:write(([[
+local testing = require "paygate.testing"
+local srv = testing.start_app{ source = "" }
+local out = assert(io.open(%q, "w"))
+out:write(srv.pid, "\n", srv.dir, "\n")
+out:close()
+require("paygate.core").sleep(60)
+]]):format(dir .. "/pid"))
+    f:close()
+    local p = proc.spawn({ testing.server.bin(), "exec", script },
+                         { log = dir .. "/log" })
+    local pid, app_dir
+    testing.wait_until(function()
+      pid, app_dir = testing.read(dir .. "/pid"):match("^(%d+)\n(.-)\n")
+      return pid
+    end, 20, "the app's pid")
+    pid = tonumber(pid)
+    assert.matches("^/tmp/paygate%-test%.", app_dir)
+    assert.is_true(alive(pid))
+    p:kill(proc.SIGKILL)                        -- the spec run dies
+    p:wait(5)
+    testing.wait_until(function() return not alive(pid) end, 15,
+                       "the orphaned app to end")
+    testing.wait_until(function()
+      return io.open(app_dir .. "/app/app.lua") == nil
+    end, 10, "its folder to be removed")
+    testing.server.rmdir(dir)
+  end)
+end)
+
+describe("testing.simulator", function()
+  local sim, app
+
+  setup(function()
+    sim = testing.simulator{ time_scale = 100 }
+    -- acknowledges /ok, refuses /fail
+    app = testing.start_app{ source = [[
+local paygate = require "paygate"
+paygate.route("POST", "/ok", function() return 204, "" end)
+paygate.route("POST", "/fail", function() return 500, "no" end)]] }
+  end)
+
+  teardown(testing.stop_all)
+
+  it("creates an order, pays it and waits for the app's answer", function()
+    local no, data = sim:order{ notify_url = app:url("/ok"), total = 7 }
+    assert.matches("^weixin://", data.code_url)
+    local d = sim:pay_and_wait(no)
+    assert.equal("TRANSACTION.SUCCESS", d.event_type)
+    assert.equal(no, d.resource.out_trade_no)
+    assert.equal(7, d.resource.amount.total)
+    assert.equal(204, d.last.status)
+  end)
+
+  it("raises with what the app answered when it never acknowledges",
+     function()
+    local no = sim:order{ notify_url = app:url("/fail") }
+    sim:pay(no)
+    -- retries come 0.15 s, 0.15 s, 0.3 s... apart: three attempts arrive
+    local d = sim:wait_notification(no, { attempts = 3 })
+    for _, a in ipairs(d.attempts) do assert.equal(500, a.status) end
+    local ok, err = pcall(sim.wait_notification, sim, no, { timeout = 0.5 })
+    assert.is_false(ok)
+    assert.matches("no acknowledged delivery", err)
+    assert.matches('"status":500', err)
+  end)
+
+  it("makes clients for the merchant it configured", function()
+    local wx = sim:client()
+    local no = sim:order{ notify_url = app:url("/ok") }
+    assert.equal("NOTPAY", assert(wx:query_by_out_trade_no(no)).trade_state)
+    sim:fail(no)
+    assert.equal("PAYERROR", assert(wx:query_by_out_trade_no(no)).trade_state)
+    wx:stop()
+  end)
+end)
