@@ -764,14 +764,15 @@ local function abnormal_refund(req, c)
       return nil, a.err(400, "PARAM_ERROR", "平台证书序列号Wechatpay-Serial错误",
         { field = "Wechatpay-Serial", location = "header" })
     end
-    if not S.config.sm then
-      for _, f in ipairs({ "bank_account", "real_name" }) do
-        local ct = crypto.base64_decode(b[f])
-        local plain = ct and crypto.oaep_decrypt(k.key, ct)
-        if not plain then
-          return nil, a.param_error("/" .. f, "解密失败：应以Wechatpay-Serial"
-            .. "指定的公钥用RSA-OAEP加密")
-        end
+    -- the fields must decrypt with the key Wechatpay-Serial names:
+    -- RSA-OAEP, or SM2 in the SM variant
+    local decrypt = S.config.sm and crypto.sm2_decrypt or crypto.oaep_decrypt
+    for _, f in ipairs({ "bank_account", "real_name" }) do
+      local ct = type(b[f]) == "string" and crypto.base64_decode(b[f])
+      local plain = ct and decrypt(k.key, ct)
+      if not plain then
+        return nil, a.param_error("/" .. f, "解密失败：应以Wechatpay-Serial"
+          .. "指定的公钥用" .. (S.config.sm and "SM2" or "RSA-OAEP") .. "加密")
       end
     end
   end
