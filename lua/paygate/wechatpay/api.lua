@@ -66,9 +66,8 @@ local APPID = { min = 1, max = 32, pattern = "^[%w_%-]+$",
 -- base_url may be http for one)
 local NOTIFY_URL = { min = 1, max = 255, pattern = "^https?://[^%s?#]+$",
   test = function(v)
-    if v:sub(1, 8) == "https://" then return true end
-    local host = v:match("^http://%[([^%]]+)%]") or v:match("^http://([^/:]+)")
-    return host == "127.0.0.1" or host == "localhost" or host == "::1"
+    return v:sub(1, 8) == "https://"
+           or require("paygate.wechatpay.config").is_loopback_url(v)
   end,
   what = "an https URL (http only for a loopback host) without a query string" }
 local RFC3339 = {

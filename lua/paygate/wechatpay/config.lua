@@ -49,10 +49,13 @@ local function material(v)
 end
 _M.material = material
 
+-- Whether url is plain http to a loopback host (127.0.0.1, localhost,
+-- [::1]): the only place http is allowed (tests, the simulator).
 local function is_loopback_url(url)
-  local host = url:match("^http://([^/:]+)") or url:match("^http://%[([^%]]+)%]")
+  local host = url:match("^http://%[([^%]]+)%]") or url:match("^http://([^/:]+)")
   return host == "127.0.0.1" or host == "localhost" or host == "::1"
 end
+_M.is_loopback_url = is_loopback_url
 
 local function check_url(key, url)
   if type(url) ~= "string" or url == "" then
