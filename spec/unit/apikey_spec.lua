@@ -282,3 +282,45 @@ describe("apikey.sign", function()
     assert.is_true(math.abs(ts - now) <= 1)
   end)
 end)
+
+describe("paygate apikey (command)", function()
+  local proc = require "support.proc"
+
+  local function run_cmd(args)
+    n = n + 1
+    local out = tmp .. "/cmd" .. n .. ".out"
+    local argv = { PAYGATE_BIN, "apikey" }
+    for _, a in ipairs(args) do argv[#argv + 1] = a end
+    local p = proc.spawn(argv, { log = out })
+    local code = p:wait(30)
+    return code, proc.read(out)
+  end
+
+  it("creates a key whose printed secret signs, lists it, revokes it",
+     function()
+    local url = "sqlite:" .. tmp .. "/cmd.db"
+    local code, out = run_cmd({ "create", "--db", url, "--app", "shop9",
+                                "--json" })
+    assert.equal(0, code, out)
+    local k = json.decode(out)
+    assert.equal("shop9", k.app_id)
+    local db = assert(sql.open(url))
+    local req = fake_req{ headers = apikey.sign{ app_id = "shop9",
+      key_id = k.key_id, secret = k.secret, method = "POST",
+      path = "/v1/payments", body = "{}", timestamp = T }, body = "{}" }
+    assert.is_nil((apikey.before_hook(db, { now = clock(T) })(req)))
+    assert.equal("shop9", req.app_id)
+    code, out = run_cmd({ "list", "--db", url })
+    assert.equal(0, code)
+    assert.matches(k.key_id, out, 1, true)
+    assert.is_nil(out:find(k.secret, 1, true))
+    code = run_cmd({ "revoke", "--db", url, "--key", k.key_id })
+    assert.equal(0, code)
+    code = run_cmd({ "revoke", "--db", url, "--key", k.key_id })
+    assert.equal(1, code)
+    code, out = run_cmd({ "create", "--db", url })
+    assert.equal(2, code)
+    assert.matches("--app must be", out, 1, true)
+    db:close()
+  end)
+end)
