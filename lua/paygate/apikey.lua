@@ -299,8 +299,27 @@ end
 
 ------------------------------------------------------------- verifying
 
+-- The "paygate" shared dictionary (every worker sees it), for totals
+-- across workers; false when there is none.
+local shared_dict
+local function shared()
+  if shared_dict == nil then
+    local ok, d = pcall(function()
+      return require("paygate.shared").get_dict("paygate")
+    end)
+    shared_dict = ok and d or false
+  end
+  return shared_dict
+end
+
+local SHARED_PREFIX = "paygate.apikey.refused."
+
 local function refuse(reason, message, fields)
   counts[reason] = counts[reason] + 1
+  local d = shared()
+  if d then
+    d:incr(SHARED_PREFIX .. reason, 1, 0)
+  end
   return nil, core.error(reason, message, fields)
 end
 
@@ -408,10 +427,19 @@ function _M.before_hook(db, opts)
   end
 end
 
--- syntax: t = apikey.stats()
--- returns: this worker's counters (ok and each refusal reason), a copy
-function _M.stats()
+-- syntax: t = apikey.stats([scope])
+-- returns: this worker's counters (ok and each refusal reason), a copy;
+-- with scope "all", the refusals of every worker since the server
+-- started (kept in the "paygate" shared dictionary)
+function _M.stats(scope)
   local t = {}
+  if scope == "all" then
+    local d = shared()
+    for _, r in ipairs(REASONS) do
+      t[r] = d and tonumber(d:get(SHARED_PREFIX .. r)) or 0
+    end
+    return t
+  end
   for k, v in pairs(counts) do
     t[k] = v
   end

@@ -39,6 +39,10 @@ paygate.after(function(req, res)
   res.headers["X-Worker"] = tostring(core.pid())
 end)
 
+paygate.route("GET", "/stats", function()
+  return 200, { apikey = apikey.stats("all"), idem = idem.stats() }
+end)
+
 local function exists(path)
   local f = io.open(path)
   if f then f:close() end
@@ -179,6 +183,9 @@ for name, engine in pairs(engines) do
         body = "{}", headers = { ["Idempotency-Key"] = "u1" } })
       assert.equal(401, res.status)
       assert.equal("missing_signature", json.decode(res.body).error)
+      -- counted where every worker's refusals add up
+      local st = assert(srv:request("/stats"))
+      assert.equal(1, json.decode(st.body).apikey.missing_signature)
     end)
 
     it("answers 400 for a bad key", function()

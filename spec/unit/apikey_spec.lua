@@ -161,12 +161,14 @@ describe("apikey.verify and before_hook", function()
   for i, c in ipairs(cases) do
     it("answers 401 " .. c[1] .. " (case " .. i .. "), counted", function()
       local before = apikey.stats()[c[1]]
+      local before_all = apikey.stats("all")[c[1]]
       local s, body, headers = run(c[2]())
       assert.equal(401, s)
       assert.equal(c[1], body.error)
       assert.is_string(body.message)
       assert.equal("PAYGATE-HMAC-SHA256", headers["WWW-Authenticate"])
       assert.equal(before + 1, apikey.stats()[c[1]])
+      assert.equal(before_all + 1, apikey.stats("all")[c[1]])
       assert.equal(1, #logged)
       assert.matches(c[1], logged[1], 1, true)
     end)
