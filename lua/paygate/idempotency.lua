@@ -516,6 +516,18 @@ function Run:respond(tx, status, body, headers)
   return r.status, r.body, r.headers
 end
 
+-- The ik a handler gets for a request without a key (opts.required =
+-- false): respond() stores nothing and returns what to send.
+local unprotected = {
+  respond = function(_, tx, status, body, headers)
+    if not is_tx(tx) then
+      error("ik:respond: tx must be the tx of a db:transaction", 2)
+    end
+    local r = normalize(status, body, headers)
+    return r.status, r.body, r.headers
+  end,
+}
+
 local function reply(status, kind, message, headers)
   return status, json.encode({ error = kind, message = message }),
          headers or { ["Content-Type"] = "application/json" }
@@ -544,7 +556,8 @@ end
 -- handler(req, ik) returns status, body[, headers] as any handler does;
 -- it may store its response in its own transaction with
 -- ik:respond(tx, status, body, headers). Otherwise the wrapper stores it
--- when the handler returns, before it is sent.
+-- when the handler returns, before it is sent. (With required = false
+-- and no key, ik:respond stores nothing.)
 -- opts: ttl, lease (see begin), scope = function(req) -> string (default
 --       req.app_id or ""), required (default true: no key -> 400),
 --       keep = function(status) -> boolean: which responses to store
@@ -573,7 +586,7 @@ function _M.wrap(db, handler, opts)
   return function(req)
     local key = req:header(HEADER)
     if key == nil and not required then
-      return handler(req, nil)
+      return handler(req, unprotected)
     end
     local ok, why = _M.check_key(key)
     if not ok then

@@ -276,7 +276,8 @@ for name, engine in pairs(engines) do
       assert(proc.wait_until(function()
         local r = assert(post("/v1/doomed", k, '{"b":2}'))
         if r.status == 409 then
-          assert.is_true(core.time() < lease_until + 1,
+          -- (the margin covers a slow answer on a loaded machine)
+          assert.is_true(core.time() < lease_until + 5,
                          "still 409 well after the lease")
           return false
         end

@@ -308,6 +308,31 @@ for name, engine in pairs(engines) do
         assert.equal(1, #assert(db:query("SELECT k FROM effects")))
       end)
 
+      it("runs requests without a key unprotected when not required",
+         function()
+        local calls = 0
+        local fn = idem.wrap(db, function(req, ik)
+          calls = calls + 1
+          return db:transaction(function(tx)
+            return ik:respond(tx, 200, { n = calls })
+          end)
+        end, { required = false })
+        local s1, b1, h1 = fn(fake_req{})
+        local s2, b2 = fn(fake_req{})
+        assert.equal(200, s1)
+        assert.equal(200, s2)
+        assert.equal('{"n":1}', b1)
+        assert.equal('{"n":2}', b2)
+        assert.equal("application/json", h1["Content-Type"])
+        -- with a key, it is protected
+        local hdr = { ["Idempotency-Key"] = "opt" }
+        local s3, b3 = fn(fake_req{ headers = hdr })
+        local _, b4 = fn(fake_req{ headers = hdr })
+        assert.equal(200, s3)
+        assert.equal(b3, b4)
+        assert.equal(3, calls)
+      end)
+
       it("releases the key when the handler fails or raises", function()
         local mode = "raise"
         local fn = idem.wrap(db, function()
