@@ -295,6 +295,29 @@ for name, engine in pairs(engines) do
       assert.equal(final.body, again.body)
     end)
 
+    it("logs refusals without a secret, signing key or signature",
+       function()
+      local h = apikey.sign{ app_id = key.app_id, key_id = key.key_id,
+                             secret = key.secret, method = "POST",
+                             path = "/v1/payments", body = "{}" }
+      local sig = h.Authorization:match('signature="(%x+)"')
+      h["Idempotency-Key"] = "logged-1"
+      local res = assert(srv:request{ method = "POST", path = "/v1/payments",
+                                      body = "{ }", headers = h })
+      assert.equal(401, res.status)
+      assert.equal("bad_signature", json.decode(res.body).error)
+      local logs
+      assert(proc.wait_until(function()
+        logs = srv:logs()
+        return logs:find('"reason":"bad_signature"', 1, true)
+      end, 10, "the refusal in the log"))
+      local signing = require("paygate.crypto").hex(
+        apikey.signing_key(key.secret))
+      for _, s in ipairs({ key.secret, key.secret:sub(4), signing, sig }) do
+        assert.is_nil(logs:find(s, 1, true))
+      end
+    end)
+
     it("runs the handler once when many requests race on two instances",
        function()
       local pids = {}
