@@ -284,6 +284,30 @@ function _M.begin(db, scope, key, fingerprint, opts)
   if not sok then
     return nil, serr
   end
+  -- A replay or a conflict needs no write: read first (SQLite: on a
+  -- reader thread, beside the writer). "done" lasts until expiry, so a
+  -- done row read here is still done; a running one may have finished
+  -- since, which the transaction below sees.
+  local rows, rerr = db:query(SELECT, { scope, key })
+  if not rows then
+    return nil, rerr
+  end
+  local seen = rows[1]
+  if seen and seen.expires_at > core.time() then
+    if seen.fingerprint ~= fingerprint then
+      counts.conflict = counts.conflict + 1
+      return fail("conflict", "idempotency key " .. key .. " was used for"
+                  .. " another request")
+    end
+    if seen.state == "done" then
+      local r, derr = decode_response(seen)
+      if not r then
+        return nil, derr
+      end
+      counts.replayed = counts.replayed + 1
+      return { state = "done", response = r }
+    end
+  end
   local token = crypto.random_nonce(24)
   local lock = db.engine == "postgres" and " FOR UPDATE" or ""
   local res, err = db:transaction(function(tx)
