@@ -77,7 +77,8 @@ describe("apikey.parse", function()
       'PAYGATE-HMAC-SHA256 app_id="a",key_id="k",timestamp="x",signature="s"',
       'PAYGATE-HMAC-SHA256 app_id="a",app_id="a",key_id="k",timestamp="1"',
       'PAYGATE-HMAC-SHA256 app_id="a" key_id="k",timestamp="1",signature="s"',
-      'PAYGATE-HMAC-SHA256 app_id="a",key_id="k",timestamp="1",signature="s",x="y"',
+      'PAYGATE-HMAC-SHA256 app_id="a",key_id="k",timestamp="1",'
+        .. 'signature="s",x="y"',
       'PAYGATE-HMAC-SHA256 ' .. ("x"):rep(2000),
     }) do
       assert.same({ nil, "malformed_signature" }, { apikey.parse(h) }, h)

@@ -212,6 +212,22 @@ for name, engine in pairs(engines) do
       assert.same({ { idem_key = "keep" } }, rows)
     end)
 
+    it("pruner() empties expired records batch after batch", function()
+      for i = 1, 5 do
+        local h = assert(idem.begin(db, "a", "p" .. i, "f", { ttl = 0.01 }))
+        assert(idem.complete(db, h, 200, "x"))
+      end
+      local task = idem.pruner(db, { interval = 0.05, batch = 2 })
+      local t0 = core.time()
+      local left
+      repeat
+        paygate.sleep(0.02)
+        left = #assert(db:query("SELECT idem_key FROM paygate_idempotency"))
+      until left == 0 or core.time() > t0 + 10
+      task:cancel()
+      assert.equal(0, left)
+    end)
+
     it("lets exactly one of many racers on two handles run", function()
       local db2 = open()
       for round = 1, 5 do
@@ -337,7 +353,9 @@ for name, engine in pairs(engines) do
         local mode = "raise"
         local fn = idem.wrap(db, function()
           if mode == "raise" then error("boom") end
-          if mode == "nil" then return nil, paygate.error("unavailable", "x") end
+          if mode == "nil" then
+            return nil, paygate.error("unavailable", "x")
+          end
           if mode == "502" then return 502, { error = "upstream" } end
           return 200, "ok"
         end)
