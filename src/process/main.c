@@ -29,6 +29,7 @@ static const char usage_main[] =
 "  exec SCRIPT     run a Lua script inside the runtime (tests, tools)\n"
 "  reload          load new code into a running server (like kill -HUP)\n"
 "  version         print the version\n"
+"  apikey          create, list and revoke merchant-API keys\n"
 "\n"
 "diagnostics (WeChat Pay; each names the cause of a failure):\n"
 "  sign            build a request's signing string and Authorization\n"
@@ -273,7 +274,7 @@ cmd_exec(int argc, char **argv)
 /* The diagnostic commands are Lua scripts run as `paygate exec` runs one:
  * lua/paygate/cli/NAME.lua with the command's arguments. */
 static const char *const lua_cmds[] = {
-    "sign", "verify", "decrypt", "certs", "doctor", NULL
+    "sign", "verify", "decrypt", "certs", "doctor", "apikey", NULL
 };
 
 static int

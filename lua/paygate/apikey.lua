@@ -1,0 +1,451 @@
+-- paygate.apikey: merchant-API authentication with per-app API keys.
+--
+-- A caller signs each request with HMAC-SHA256 and sends
+--
+--   Authorization: PAYGATE-HMAC-SHA256 app_id="shop1",key_id="ak_...",
+--                  timestamp="1764500000",signature="<64 hex>"
+--
+-- (one line), where signature = hex(HMAC-SHA256(signing_key, message)),
+--   message     = METHOD "\n" PATH_WITH_QUERY "\n" TIMESTAMP "\n" BODY
+--   signing_key = HMAC-SHA256(key = secret, "paygate-apikey-v1")  (32 bytes)
+-- and the timestamp (epoch seconds) is at most WINDOW (300 s) away from
+-- the server's clock, in either direction.
+--
+-- The server keeps (key_id, app_id, hex(signing_key)) only: never the
+-- secret, which apikey.create returns once. HMAC needs the verifier to
+-- hold the signing key, so whoever reads that table could sign requests
+-- (revoke and re-create keys after such a leak), but cannot learn the
+-- secret. Signatures are compared with crypto.constant_time_equal.
+--
+--   paygate.before(apikey.before_hook(db, { prefix = "/v1/" }))
+--   -- then req.app_id is the authenticated app in every handler
+--
+-- A refused request gets 401 { error = reason, message } with reason
+-- one of missing_signature, malformed_signature, unknown_app,
+-- stale_timestamp, bad_signature; each is counted (apikey.stats()) and
+-- logged with app_id and key_id, never with the signature or a key.
+
+local core = require "paygate.core"
+local crypto = require "paygate.crypto"
+local json = require "paygate.json"
+local sql = require "paygate.sql"
+
+local type, error, pairs, tostring, tonumber, setmetatable, getmetatable =
+      type, error, pairs, tostring, tonumber, setmetatable, getmetatable
+
+local _M = { _VERSION = "0.1.0" }
+
+local SCHEME = "PAYGATE-HMAC-SHA256"
+local KDF_LABEL = "paygate-apikey-v1"
+local WINDOW = 300              -- s a timestamp may be off, either way
+local CACHE_TTL = 5             -- s a looked-up key is trusted per worker
+
+_M.SCHEME = SCHEME
+_M.WINDOW = WINDOW
+
+local REASONS = { "missing_signature", "malformed_signature", "unknown_app",
+                  "stale_timestamp", "bad_signature" }
+local counts = { ok = 0 }
+for _, r in ipairs(REASONS) do
+  counts[r] = 0
+end
+
+local function is_db(v)
+  return getmetatable(v) == sql.DB
+end
+
+local function check_db(fname, db)
+  if not is_db(db) then
+    error(fname .. ": db must be a paygate.sql db", 3)
+  end
+end
+
+local function check_id(fname, name, v)
+  if type(v) ~= "string" or not v:match("^[%w_%-%.]+$") or #v > 64 then
+    error(fname .. ": " .. name .. " must be 1..64 of [A-Za-z0-9_.-]", 3)
+  end
+end
+
+------------------------------------------------------------------ schema
+
+local SCHEMA = [[CREATE TABLE IF NOT EXISTS paygate_api_keys (
+  key_id TEXT PRIMARY KEY, app_id TEXT NOT NULL, verifier TEXT NOT NULL,
+  created_at DOUBLE PRECISION NOT NULL, revoked_at DOUBLE PRECISION)]]
+
+local ready = setmetatable({}, { __mode = "k" })
+
+local function ensure_schema(db)
+  if ready[db] then
+    return true
+  end
+  local ok, err = db:transaction(function(tx)
+    if tx.engine == "postgres" then
+      -- CREATE TABLE IF NOT EXISTS races between sessions in PostgreSQL.
+      local _, lerr = tx:exec("SELECT pg_advisory_xact_lock(7217003)")
+      if lerr then
+        return nil, lerr
+      end
+    end
+    return tx:exec(SCHEMA)
+  end)
+  if not ok then
+    return nil, err
+  end
+  ready[db] = true
+  return true
+end
+
+----------------------------------------------------------- the signature
+
+-- syntax: key = apikey.signing_key(secret)
+-- returns: the 32-byte key requests are signed with (what the server
+-- stores, hex-encoded), derived from the secret
+function _M.signing_key(secret)
+  if type(secret) ~= "string" or secret == "" then
+    error("apikey.signing_key: secret must be a non-empty string", 2)
+  end
+  return crypto.hmac("sha256", secret, KDF_LABEL)
+end
+
+-- syntax: s = apikey.message(method, path, timestamp, body)
+-- returns: the bytes that are signed (path includes its query string)
+function _M.message(method, path, timestamp, body)
+  return method .. "\n" .. path .. "\n" .. tostring(timestamp) .. "\n"
+         .. (body or "")
+end
+
+-- syntax: headers = apikey.sign{ app_id, key_id, secret | signing_key,
+--                                method, path, body, timestamp }
+-- The client side, for merchants' systems and specs: path includes the
+-- query string exactly as it is sent; timestamp defaults to now.
+-- returns: { Authorization = "PAYGATE-HMAC-SHA256 ..." }
+function _M.sign(o)
+  if type(o) ~= "table" then
+    error("apikey.sign: argument must be a table", 2)
+  end
+  check_id("apikey.sign", "app_id", o.app_id)
+  check_id("apikey.sign", "key_id", o.key_id)
+  if type(o.method) ~= "string" or type(o.path) ~= "string" then
+    error("apikey.sign: method and path must be strings", 2)
+  end
+  if o.body ~= nil and type(o.body) ~= "string" then
+    error("apikey.sign: body must be a string", 2)
+  end
+  local key = o.signing_key
+  if key == nil then
+    if type(o.secret) ~= "string" or o.secret == "" then
+      error("apikey.sign: secret (or signing_key) must be a string", 2)
+    end
+    key = crypto.hmac("sha256", o.secret, KDF_LABEL)
+  end
+  local ts = o.timestamp or math.floor(core.time())
+  if type(ts) ~= "number" or ts % 1 ~= 0 then
+    error("apikey.sign: timestamp must be an integer", 2)
+  end
+  local sig = crypto.hex(crypto.hmac("sha256", key,
+    _M.message(o.method, o.path, string.format("%d", ts), o.body)))
+  return { Authorization = string.format(
+    '%s app_id="%s",key_id="%s",timestamp="%d",signature="%s"',
+    SCHEME, o.app_id, o.key_id, ts, sig) }
+end
+
+-- syntax: fields = apikey.parse(header)
+-- returns: { app_id, key_id, timestamp, signature }, or nil, reason
+function _M.parse(header)
+  if type(header) ~= "string" or header == "" then
+    return nil, "missing_signature"
+  end
+  if #header > 1024 then
+    return nil, "malformed_signature"
+  end
+  local scheme, rest = header:match("^%s*(%S+)%s+(.-)%s*$")
+  if scheme ~= SCHEME then
+    return nil, scheme == nil and "malformed_signature" or
+           "missing_signature"
+  end
+  local f, n = {}, 0
+  local pos = 1
+  while pos <= #rest do
+    local k, v, e = rest:match('^%s*([%a_]+)="([^"]*)"%s*()', pos)
+    if not k then
+      return nil, "malformed_signature"
+    end
+    if f[k] ~= nil then
+      return nil, "malformed_signature"
+    end
+    f[k], n = v, n + 1
+    pos = e
+    if rest:sub(pos, pos) == "," then
+      pos = pos + 1
+    elseif pos <= #rest then
+      return nil, "malformed_signature"
+    end
+  end
+  if n ~= 4 or not f.app_id or not f.key_id or not f.timestamp
+     or not f.signature then
+    return nil, "malformed_signature"
+  end
+  if not f.timestamp:match("^%d+$") or #f.timestamp > 12 then
+    return nil, "malformed_signature"
+  end
+  return f
+end
+
+-------------------------------------------------------------- key store
+
+local function new_id(prefix, n)
+  return prefix .. crypto.random_nonce(n)
+end
+
+-- syntax: k, err = apikey.create(db, app_id)
+-- Makes a new key for app_id. The secret is in the result and nowhere
+-- else: show it once to the merchant; the store keeps its derived key.
+-- returns: { app_id, key_id, secret }, or nil, err
+-- yields: one statement
+function _M.create(db, app_id)
+  check_db("apikey.create", db)
+  check_id("apikey.create", "app_id", app_id)
+  local ok, err = ensure_schema(db)
+  if not ok then
+    return nil, err
+  end
+  local key_id = new_id("ak_", 20)
+  local secret = new_id("sk_", 40)         -- about 238 random bits
+  local res, ierr = db:exec("INSERT INTO paygate_api_keys (key_id, app_id,"
+    .. " verifier, created_at) VALUES ($1, $2, $3, $4)",
+    { key_id, app_id, crypto.hex(_M.signing_key(secret)), core.time() })
+  if not res then
+    return nil, ierr
+  end
+  return { app_id = app_id, key_id = key_id, secret = secret }
+end
+
+local cache = setmetatable({}, { __mode = "k" })   -- db -> key_id -> row
+
+-- syntax: ok, err = apikey.revoke(db, key_id)
+-- returns: true when a key was revoked, false when none was active
+-- (this worker forgets it at once; others within their cache_ttl)
+-- yields: one statement
+function _M.revoke(db, key_id)
+  check_db("apikey.revoke", db)
+  check_id("apikey.revoke", "key_id", key_id)
+  local ok, err = ensure_schema(db)
+  if not ok then
+    return nil, err
+  end
+  local res, uerr = db:exec("UPDATE paygate_api_keys SET revoked_at = $2"
+    .. " WHERE key_id = $1 AND revoked_at IS NULL", { key_id, core.time() })
+  if not res then
+    return nil, uerr
+  end
+  if cache[db] then
+    cache[db][key_id] = nil
+  end
+  return res.changes == 1
+end
+
+-- syntax: rows, err = apikey.list(db[, app_id])
+-- returns: { { key_id, app_id, created_at, revoked_at }, ... } (no
+-- verifiers)
+function _M.list(db, app_id)
+  check_db("apikey.list", db)
+  local ok, err = ensure_schema(db)
+  if not ok then
+    return nil, err
+  end
+  local q = "SELECT key_id, app_id, created_at, revoked_at FROM"
+            .. " paygate_api_keys"
+  local params
+  if app_id ~= nil then
+    check_id("apikey.list", "app_id", app_id)
+    q, params = q .. " WHERE app_id = $1", { app_id }
+  end
+  return db:query(q .. " ORDER BY created_at, key_id", params)
+end
+
+local function lookup(db, key_id, cache_ttl, now)
+  local c = cache[db]
+  if not c then
+    c = {}
+    cache[db] = c
+  end
+  local hit = c[key_id]
+  if hit and hit.until_ > now then
+    return hit
+  end
+  local ok, err = ensure_schema(db)
+  if not ok then
+    return nil, err
+  end
+  local rows, qerr = db:query("SELECT app_id, verifier FROM"
+    .. " paygate_api_keys WHERE key_id = $1 AND revoked_at IS NULL",
+    { key_id })
+  if not rows then
+    return nil, qerr
+  end
+  local row = rows[1]
+  if not row then
+    c[key_id] = nil
+    return false
+  end
+  local key = crypto.hex_decode(row.verifier)
+  if not key then
+    return false
+  end
+  hit = { app_id = row.app_id, key = key, until_ = now + cache_ttl }
+  c[key_id] = hit
+  return hit
+end
+
+------------------------------------------------------------- verifying
+
+-- The "paygate" shared dictionary (every worker sees it), for totals
+-- across workers; false when there is none.
+local shared_dict
+local function shared()
+  if shared_dict == nil then
+    local ok, d = pcall(function()
+      return require("paygate.shared").get_dict("paygate")
+    end)
+    shared_dict = ok and d or false
+  end
+  return shared_dict
+end
+
+local SHARED_PREFIX = "paygate.apikey.refused."
+
+local function refuse(reason, message, fields)
+  counts[reason] = counts[reason] + 1
+  local d = shared()
+  if d then
+    d:incr(SHARED_PREFIX .. reason, 1, 0)
+  end
+  return nil, core.error(reason, message, fields)
+end
+
+-- syntax: app_id, err = apikey.verify(db, r[, opts])
+-- r: { method, path (with query), body, authorization (the header) }
+-- opts: window (s, default 300), now (a function giving epoch seconds;
+--       default paygate.core.time), cache_ttl (s, default 5)
+-- returns: the app id, or nil, err with err.kind the 401 reason (or a
+--          store kind: unavailable, timeout, ...)
+-- yields: one query when the key is not cached
+function _M.verify(db, r, opts)
+  check_db("apikey.verify", db)
+  if type(r) ~= "table" or type(r.method) ~= "string"
+     or type(r.path) ~= "string" then
+    error("apikey.verify: r must be a table with method and path", 2)
+  end
+  opts = opts or {}
+  local f, reason = _M.parse(r.authorization)
+  if not f then
+    return refuse(reason, reason == "missing_signature"
+      and "no Authorization header of scheme " .. SCHEME
+      or "the Authorization header is not in the documented format")
+  end
+  local now = (opts.now or core.time)()
+  local ts = tonumber(f.timestamp)
+  local window = opts.window or WINDOW
+  if ts < now - window or ts > now + window then
+    return refuse("stale_timestamp", "timestamp is more than " .. window
+                  .. " s away from the server's clock",
+                  { app_id = f.app_id, key_id = f.key_id })
+  end
+  local k, err = lookup(db, f.key_id, opts.cache_ttl or CACHE_TTL, now)
+  if k == nil then
+    return nil, err
+  end
+  if not k or k.app_id ~= f.app_id then
+    return refuse("unknown_app", "no active key " .. f.key_id:sub(1, 64)
+                  .. " for app " .. f.app_id:sub(1, 64),
+                  { app_id = f.app_id, key_id = f.key_id })
+  end
+  local want = crypto.hex(crypto.hmac("sha256", k.key,
+    _M.message(r.method, r.path, f.timestamp, r.body)))
+  if not crypto.constant_time_equal(want, f.signature:lower()) then
+    return refuse("bad_signature", "the signature does not match the"
+                  .. " request", { app_id = f.app_id, key_id = f.key_id })
+  end
+  counts.ok = counts.ok + 1
+  return f.app_id
+end
+
+-- syntax: fn = apikey.before_hook(db[, opts])
+-- For paygate.before: verifies every request the filter selects and
+-- sets req.app_id; a refusal answers 401 { error = reason, message }.
+-- opts: as verify, plus prefix (a path prefix to guard, default all) or
+--       match = function(req) -> boolean (which requests to guard),
+--       on_reject = function(reason, req) (e.g. to feed a metric)
+-- returns: a function for paygate.before
+function _M.before_hook(db, opts)
+  check_db("apikey.before_hook", db)
+  if opts ~= nil and type(opts) ~= "table" then
+    error("apikey.before_hook: opts must be a table", 2)
+  end
+  opts = opts or {}
+  local prefix, match = opts.prefix, opts.match
+  if prefix ~= nil and type(prefix) ~= "string" then
+    error("apikey.before_hook: opts.prefix must be a string", 2)
+  end
+  if match ~= nil and type(match) ~= "function" then
+    error("apikey.before_hook: opts.match must be a function", 2)
+  end
+  local log = require("paygate").log
+  return function(req)
+    local path = req.path
+    if prefix and path:sub(1, #prefix) ~= prefix then
+      return nil
+    end
+    if match and not match(req) then
+      return nil
+    end
+    local qs = req.query_string
+    if qs and qs ~= "" then
+      path = path .. "?" .. qs
+    end
+    local app_id, err = _M.verify(db, {
+      method = req.method, path = path, body = req.body,
+      authorization = req:header("authorization") }, opts)
+    if app_id then
+      req.app_id = app_id
+      return nil
+    end
+    if counts[err.kind] == nil then
+      -- the key store failed: not the caller's fault
+      log.error("apikey: key lookup failed", { error = tostring(err) })
+      return 503, { error = "unavailable", message = "authentication is"
+                    .. " unavailable; retry" }
+    end
+    log.warn("apikey: request refused", { reason = err.kind,
+             app_id = err.app_id, key_id = err.key_id,
+             path = req.path:sub(1, 200) })
+    if opts.on_reject then
+      opts.on_reject(err.kind, req)
+    end
+    return 401, { error = err.kind, message = err.message },
+           { ["WWW-Authenticate"] = SCHEME }
+  end
+end
+
+-- syntax: t = apikey.stats([scope])
+-- returns: this worker's counters (ok and each refusal reason), a copy;
+-- with scope "all", the refusals of every worker since the server
+-- started (kept in the "paygate" shared dictionary)
+function _M.stats(scope)
+  local t = {}
+  if scope == "all" then
+    local d = shared()
+    for _, r in ipairs(REASONS) do
+      t[r] = d and tonumber(d:get(SHARED_PREFIX .. r)) or 0
+    end
+    return t
+  end
+  for k, v in pairs(counts) do
+    t[k] = v
+  end
+  return t
+end
+
+_M.REASONS = REASONS
+
+return _M

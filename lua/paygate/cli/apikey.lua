@@ -1,0 +1,110 @@
+-- paygate apikey: creates, lists and revokes merchant-API keys
+-- (paygate.apikey) in a store. `create` prints the secret once; the store
+-- keeps only the key derived from it.
+local common = require "paygate.cli.common"
+local apikey = require "paygate.apikey"
+local sql = require "paygate.sql"
+local json = require "cjson.safe"
+
+local usage = [[
+usage: paygate apikey create --db URL --app APP_ID [--json]
+       paygate apikey list   --db URL [--app APP_ID] [--json]
+       paygate apikey revoke --db URL --key KEY_ID
+
+Manages the API keys merchants' systems sign requests with (see
+docs/idempotency.md, "Authentication"). URL is the gateway's store
+(sqlite:/path/app.db or postgres://...).
+
+create  makes a key for APP_ID and prints app_id, key_id and the secret.
+        The secret is shown this once: the store keeps only the signing
+        key derived from it, so a lost secret means a new key.
+list    prints the keys (never a secret or a signing key).
+revoke  disables KEY_ID at once in this process, and in running workers
+        within their cache time (5 s).
+
+exit: 0 done, 1 store failure or nothing to revoke, 2 usage error.
+]]
+
+local SPEC = { ["--db"] = "value", ["--app"] = "value", ["--key"] = "value",
+               ["--json"] = "flag" }
+
+local function open(o)
+  if not o["--db"] then common.usage_error("--db URL is required") end
+  local ok, db, err = pcall(sql.open, o["--db"])
+  if not ok then common.usage_error("%s", tostring(db)) end
+  if not db then
+    io.stderr:write("paygate apikey: ", tostring(err), "\n")
+    return nil
+  end
+  return db
+end
+
+local function valid_id(s)
+  return type(s) == "string" and #s <= 64 and s:match("^[%w_%-%.]+$")
+end
+
+local function main(args)
+  local o, pos = common.parse(args, SPEC)
+  local cmd = pos[1]
+  if cmd ~= "create" and cmd ~= "list" and cmd ~= "revoke" then
+    common.usage_error("give create, list or revoke (see --help)")
+  end
+  if #pos > 1 then common.usage_error("unexpected argument %s", pos[2]) end
+  if cmd == "create" and not valid_id(o["--app"]) then
+    common.usage_error("--app must be 1..64 of [A-Za-z0-9_.-]")
+  end
+  if cmd == "revoke" and not valid_id(o["--key"]) then
+    common.usage_error("--key must be a key id (ak_...)")
+  end
+  if cmd == "list" and o["--app"] and not valid_id(o["--app"]) then
+    common.usage_error("--app must be 1..64 of [A-Za-z0-9_.-]")
+  end
+  local db = open(o)
+  if not db then return 1 end
+  local code = 0
+  if cmd == "create" then
+    local k, err = apikey.create(db, o["--app"])
+    if not k then
+      io.stderr:write("paygate apikey: ", tostring(err), "\n")
+      code = 1
+    elseif o["--json"] then
+      io.stdout:write(json.encode(k), "\n")
+    else
+      io.stdout:write("app_id  ", k.app_id, "\nkey_id  ", k.key_id,
+                      "\nsecret  ", k.secret, "\n\nThe secret is shown"
+                      .. " this once; give it to the merchant's system.\n")
+    end
+  elseif cmd == "list" then
+    local rows, err = apikey.list(db, o["--app"])
+    if not rows then
+      io.stderr:write("paygate apikey: ", tostring(err), "\n")
+      code = 1
+    else
+      for _, r in ipairs(rows) do
+        if o["--json"] then
+          io.stdout:write(json.encode(r), "\n")
+        else
+          io.stdout:write(("%s  %s  created %s%s\n"):format(r.key_id,
+            r.app_id, os.date("!%Y-%m-%dT%H:%M:%SZ", r.created_at),
+            r.revoked_at and os.date("!  revoked %Y-%m-%dT%H:%M:%SZ",
+                                     r.revoked_at) or ""))
+        end
+      end
+    end
+  else
+    local ok, err = apikey.revoke(db, o["--key"])
+    if ok == nil then
+      io.stderr:write("paygate apikey: ", tostring(err), "\n")
+      code = 1
+    elseif not ok then
+      io.stderr:write("paygate apikey: no active key ", o["--key"], "\n")
+      code = 1
+    else
+      io.stdout:write("revoked ", o["--key"], "\n")
+    end
+  end
+  db:close()
+  return code
+end
+
+return common.run("apikey", usage, main, { ... })

@@ -1,0 +1,690 @@
+-- paygate.idempotency: Idempotency-Key for the POSTs of a merchant API,
+-- durable on paygate.sql (SQLite and PostgreSQL).
+--
+--   local idem = require "paygate.idempotency"
+--   paygate.route("POST", "/payments", idem.wrap(db, function(req, ik)
+--     return db:transaction(function(tx)
+--       ... the effects, through tx ...
+--       return ik:respond(tx, 201, { id = id })   -- stored in this tx
+--     end)
+--   end))
+--
+-- A record is keyed by (scope, key): scope is the caller (the app id the
+-- apikey hook put on req.app_id), key the header's value. Its fingerprint
+-- is SHA-256 over method, path (with query) and body. A first request
+-- inserts the record "running" with a lease (lease_until); the handler
+-- runs; its response (status, headers, body bytes) is stored and the
+-- record becomes "done". Then:
+--   same key, same fingerprint, done     -> the stored response, replayed
+--   same key, another fingerprint        -> 422 idempotency_key_reused
+--   same key, running, lease not over    -> 409 idempotency_in_flight
+--   same key, running, lease over        -> the run is taken over (the
+--        worker that held it died, or overran its lease): the handler
+--        runs again under a new token; the old run can no longer store
+--        its response (complete() checks the token), and when it stores
+--        in its own transaction (ik:respond(tx, ...)) that transaction
+--        fails, so its effects roll back: one run's effects commit.
+--   record past expires_at (ttl, 24 h)   -> as if absent; prune() removes
+--        such records in small batches.
+--
+-- Failures: nil, err (core.error) with kind "conflict" (422), "in_flight"
+-- (409; err.retry_after seconds), "lost" (our run was taken over), or the
+-- store's own kinds. Misuse raises.
+
+local core = require "paygate.core"
+local crypto = require "paygate.crypto"
+local json = require "paygate.json"
+local sql = require "paygate.sql"
+
+local type, error, pairs, tostring, setmetatable, getmetatable, floor =
+      type, error, pairs, tostring, setmetatable, getmetatable, math.floor
+
+local _M = { _VERSION = "0.1.0" }
+
+local DEFAULT_TTL = 24 * 3600      -- s a record is kept
+local LEASE_MARGIN = 10            -- s beyond the request timeout
+local MAX_KEY = 255                -- bytes
+local HEADER = "idempotency-key"
+
+_M.DEFAULT_TTL = DEFAULT_TTL
+_M.MAX_KEY = MAX_KEY
+
+-- per-worker counters (idempotency.stats())
+local counts = { started = 0, replayed = 0, conflict = 0, in_flight = 0,
+                 taken_over = 0, released = 0, bad_key = 0, pruned = 0,
+                 store_failed = 0 }
+
+local function fail(kind, message, fields)
+  fields = fields or {}
+  fields.retryable = kind == "in_flight"
+  return nil, core.error(kind, message, fields)
+end
+
+local function is_db(v)
+  return getmetatable(v) == sql.DB
+end
+
+local function is_tx(v)
+  return getmetatable(v) == sql.TX
+end
+
+------------------------------------------------------------------ schema
+
+local SCHEMA = {
+  [[CREATE TABLE IF NOT EXISTS paygate_idempotency (
+  scope TEXT NOT NULL, idem_key TEXT NOT NULL, fingerprint TEXT NOT NULL,
+  state TEXT NOT NULL, token TEXT, lease_until DOUBLE PRECISION,
+  status INTEGER, headers TEXT, body TEXT,
+  created_at DOUBLE PRECISION NOT NULL,
+  expires_at DOUBLE PRECISION NOT NULL,
+  PRIMARY KEY (scope, idem_key))]],
+  [[CREATE INDEX IF NOT EXISTS paygate_idempotency_expires
+  ON paygate_idempotency (expires_at)]],
+}
+
+local ready = setmetatable({}, { __mode = "k" })
+
+local function ensure_schema(db)
+  if ready[db] then
+    return true
+  end
+  local ok, err = db:transaction(function(tx)
+    if tx.engine == "postgres" then
+      -- CREATE TABLE IF NOT EXISTS races between sessions in PostgreSQL.
+      local _, lerr = tx:exec("SELECT pg_advisory_xact_lock(7217002)")
+      if lerr then
+        return nil, lerr
+      end
+    end
+    for i = 1, #SCHEMA do
+      local _, e = tx:exec(SCHEMA[i])
+      if e then
+        return nil, e
+      end
+    end
+    return true
+  end)
+  if not ok then
+    return nil, err
+  end
+  ready[db] = true
+  return true
+end
+
+--------------------------------------------------------------- helpers
+
+-- syntax: ok, reason = idempotency.check_key(key)
+-- returns: true, or false and why (missing, empty, too_long, not_printable)
+function _M.check_key(key)
+  if key == nil then
+    return false, "missing"
+  end
+  if type(key) ~= "string" then
+    return false, "not_printable"
+  end
+  if key == "" then
+    return false, "empty"
+  end
+  if #key > MAX_KEY then
+    return false, "too_long"
+  end
+  if key:find("[^\32-\126]") then
+    return false, "not_printable"
+  end
+  return true
+end
+
+-- syntax: hex = idempotency.fingerprint(method, path, body)
+-- returns: lower-case hex SHA-256 over "METHOD\nPATH\nBODY" (method and a
+-- request path never hold a line break, so the join is unambiguous)
+function _M.fingerprint(method, path, body)
+  if type(method) ~= "string" or type(path) ~= "string" then
+    error("idempotency.fingerprint: method and path must be strings", 2)
+  end
+  if body ~= nil and type(body) ~= "string" then
+    error("idempotency.fingerprint: body must be a string", 2)
+  end
+  return crypto.hex(crypto.digest("sha256", method .. "\n" .. path .. "\n"
+                                  .. (body or "")))
+end
+
+local function check_store(fname, store)
+  if not is_db(store) then
+    error(fname .. ": store must be a paygate.sql db", 3)
+  end
+end
+
+local function check_str(fname, name, v)
+  if type(v) ~= "string" then
+    error(fname .. ": " .. name .. " must be a string", 3)
+  end
+end
+
+local function check_positive(fname, name, v)
+  if v ~= nil and (type(v) ~= "number" or not (v > 0) or v == math.huge)
+  then
+    error(fname .. ": " .. name .. " must be a positive number of seconds",
+          3)
+  end
+end
+
+local function default_lease()
+  local ok, paygate = pcall(require, "paygate")
+  local t = ok and paygate.config and paygate.config.limits
+            and paygate.config.limits.request_timeout
+  if type(t) ~= "number" or t <= 0 then
+    t = 30
+  end
+  return t + LEASE_MARGIN
+end
+
+-- Headers a replay repeats: string names and values only, names as given.
+local function copy_headers(h)
+  local out = {}
+  if type(h) ~= "table" then
+    return out
+  end
+  for k, v in pairs(h) do
+    if type(k) == "string" then
+      if type(v) == "number" then
+        v = tostring(v)
+      end
+      if type(v) == "string" then
+        out[k] = v
+      end
+    end
+  end
+  return out
+end
+
+local function has_header(h, name)
+  name = name:lower()
+  for k in pairs(h) do
+    if k:lower() == name then
+      return true
+    end
+  end
+  return false
+end
+
+-- A handler's response made into what goes on the wire and in the store:
+-- a table body is JSON-encoded here, once, with its Content-Type.
+local function normalize(status, body, headers)
+  if type(status) ~= "number" or status % 1 ~= 0 or status < 100
+     or status > 599 then
+    error("idempotency: handler status must be an integer 100..599 (got "
+          .. tostring(status) .. ")", 3)
+  end
+  local h = copy_headers(headers)
+  if type(body) == "table" then
+    body = json.encode(body)
+    if not has_header(h, "Content-Type") then
+      h["Content-Type"] = "application/json"
+    end
+  elseif body == nil then
+    body = ""
+  elseif type(body) ~= "string" then
+    error("idempotency: handler body must be a string or a table", 3)
+  end
+  return { status = status, body = body, headers = h }
+end
+
+------------------------------------------------------------ begin/complete
+
+local SELECT = "SELECT fingerprint, state, token, lease_until, status,"
+  .. " headers, body, expires_at FROM paygate_idempotency"
+  .. " WHERE scope = $1 AND idem_key = $2"
+
+local function decode_response(row)
+  local headers = {}
+  if row.headers and row.headers ~= "" then
+    local h = json.decode(row.headers)
+    if type(h) == "table" then
+      headers = h
+    end
+  end
+  local body = ""
+  if row.body and row.body ~= "" then
+    body = crypto.base64_decode(row.body)
+    if not body then
+      return nil, core.error("corrupt", "idempotency: stored body is not"
+                             .. " valid base64")
+    end
+  end
+  return { status = row.status, headers = headers, body = body }
+end
+
+-- syntax: h, err = idempotency.begin(db, scope, key, fingerprint[, opts])
+-- opts: ttl (s the record is kept, default 24 h), lease (s the in-flight
+--       marker holds, default limits.request_timeout + 10)
+-- returns: { state = "new", scope, key, token, fingerprint, taken_over }
+--          (run the request, then complete() or release()), or
+--          { state = "done", response = { status, headers, body } }
+--          (replay it), or nil, err: "conflict" (another fingerprint),
+--          "in_flight" (err.retry_after), store kinds
+-- yields: one transaction
+function _M.begin(db, scope, key, fingerprint, opts)
+  check_store("idempotency.begin", db)
+  check_str("idempotency.begin", "scope", scope)
+  check_str("idempotency.begin", "key", key)
+  check_str("idempotency.begin", "fingerprint", fingerprint)
+  if opts ~= nil and type(opts) ~= "table" then
+    error("idempotency.begin: opts must be a table", 2)
+  end
+  opts = opts or {}
+  check_positive("idempotency.begin", "opts.ttl", opts.ttl)
+  check_positive("idempotency.begin", "opts.lease", opts.lease)
+  local ok, why = _M.check_key(key)
+  if not ok then
+    error("idempotency.begin: key is not valid (" .. why .. ")", 2)
+  end
+  local ttl = opts.ttl or DEFAULT_TTL
+  local lease = opts.lease or default_lease()
+  local sok, serr = ensure_schema(db)
+  if not sok then
+    return nil, serr
+  end
+  -- A replay or a conflict needs no write: read first (SQLite: on a
+  -- reader thread, beside the writer). "done" lasts until expiry, so a
+  -- done row read here is still done; a running one may have finished
+  -- since, which the transaction below sees.
+  local rows, rerr = db:query(SELECT, { scope, key })
+  if not rows then
+    return nil, rerr
+  end
+  local seen = rows[1]
+  if seen and seen.expires_at > core.time() then
+    if seen.fingerprint ~= fingerprint then
+      counts.conflict = counts.conflict + 1
+      return fail("conflict", "idempotency key " .. key .. " was used for"
+                  .. " another request")
+    end
+    if seen.state == "done" then
+      local r, derr = decode_response(seen)
+      if not r then
+        return nil, derr
+      end
+      counts.replayed = counts.replayed + 1
+      return { state = "done", response = r }
+    end
+  end
+  local token = crypto.random_nonce(24)
+  local lock = db.engine == "postgres" and " FOR UPDATE" or ""
+  local res, err = db:transaction(function(tx)
+    local now = core.time()
+    local ins, ierr = tx:exec("INSERT INTO paygate_idempotency (scope,"
+      .. " idem_key, fingerprint, state, token, lease_until, created_at,"
+      .. " expires_at) VALUES ($1, $2, $3, 'running', $4, $5, $6, $7)"
+      .. " ON CONFLICT (scope, idem_key) DO NOTHING",
+      { scope, key, fingerprint, token, now + lease, now, now + ttl })
+    if not ins then
+      return nil, ierr
+    end
+    if ins.changes == 1 then
+      return { state = "new", taken_over = false }
+    end
+    local rows, qerr = tx:query(SELECT .. lock, { scope, key })
+    if not rows then
+      return nil, qerr
+    end
+    local row = rows[1]
+    if not row then
+      -- deleted between the INSERT and the SELECT (SQLite cannot: one
+      -- writer; PostgreSQL: a prune): let the caller's retry insert
+      return nil, core.error("busy", "idempotency: record vanished",
+                             { retryable = true })
+    end
+    local expired = row.expires_at <= now
+    if not expired and row.fingerprint ~= fingerprint then
+      return fail("conflict", "idempotency key " .. key .. " was used for"
+                  .. " another request")
+    end
+    if not expired and row.state == "done" then
+      local r, derr = decode_response(row)
+      if not r then
+        return nil, derr
+      end
+      return { state = "done", response = r }
+    end
+    if not expired and (row.lease_until or 0) > now then
+      return fail("in_flight", "idempotency key " .. key .. " is in use by"
+                  .. " a request still running",
+                  { retry_after = row.lease_until - now })
+    end
+    -- expired, or a run whose lease ran out: start over under our token
+    local up, uerr = tx:exec("UPDATE paygate_idempotency SET"
+      .. " fingerprint = $3, state = 'running', token = $4,"
+      .. " lease_until = $5, status = NULL, headers = NULL, body = NULL,"
+      .. " created_at = CASE WHEN $8 = 1 THEN $6 ELSE created_at END,"
+      .. " expires_at = CASE WHEN $8 = 1 THEN $7 ELSE expires_at END"
+      .. " WHERE scope = $1 AND idem_key = $2",
+      { scope, key, fingerprint, token, now + lease, now, now + ttl,
+        expired and 1 or 0 })
+    if not up then
+      return nil, uerr
+    end
+    return { state = "new", taken_over = not expired }
+  end)
+  if not res then
+    if core.is_error(err) then
+      if err.kind == "conflict" then
+        counts.conflict = counts.conflict + 1
+      elseif err.kind == "in_flight" then
+        counts.in_flight = counts.in_flight + 1
+      end
+    end
+    return nil, err
+  end
+  if res.state == "done" then
+    counts.replayed = counts.replayed + 1
+    return res
+  end
+  counts.started = counts.started + 1
+  if res.taken_over then
+    counts.taken_over = counts.taken_over + 1
+    core.log(2, "idempotency: took over a run whose lease ran out",
+             json.encode({ scope = scope, key = key }))
+  end
+  res.scope, res.key, res.token, res.fingerprint = scope, key, token,
+                                                   fingerprint
+  return res
+end
+
+local function check_handle(fname, h)
+  if type(h) ~= "table" or h.state ~= "new" or type(h.token) ~= "string"
+  then
+    error(fname .. ": h must be a handle idempotency.begin returned with"
+          .. " state \"new\"", 3)
+  end
+end
+
+-- syntax: ok, err = idempotency.complete(db_or_tx, h, status, body
+--                                        [, headers])
+-- Stores the response (a table body is JSON-encoded, as it will be sent)
+-- if h still holds the record. With a tx it is part of that transaction:
+-- on "lost" the caller's fn returns nil, err and its effects roll back.
+-- returns: the stored response { status, headers, body }, or nil, err
+--          ("lost": the lease ran out and another run took over)
+-- yields: one statement
+function _M.complete(store, h, status, body, headers)
+  if not is_db(store) and not is_tx(store) then
+    error("idempotency.complete: store must be a paygate.sql db or tx", 2)
+  end
+  check_handle("idempotency.complete", h)
+  local r = normalize(status, body, headers)
+  local res, err = store:exec("UPDATE paygate_idempotency SET"
+    .. " state = 'done', token = NULL, lease_until = NULL, status = $4,"
+    .. " headers = $5, body = $6 WHERE scope = $1 AND idem_key = $2"
+    .. " AND token = $3",
+    { h.scope, h.key, h.token, r.status, json.encode(r.headers),
+      crypto.base64_encode(r.body) })
+  if not res then
+    return nil, err
+  end
+  if res.changes ~= 1 then
+    return fail("lost", "idempotency key " .. h.key .. ": the run's lease"
+                .. " ran out and another run took it over")
+  end
+  return r
+end
+
+-- syntax: ok, err = idempotency.release(db, h)
+-- Forgets a run that stored no response (its effects rolled back, or it
+-- failed before any), so a repeat runs again at once.
+-- returns: true (also when the record had been taken over), or nil, err
+-- yields: one statement
+function _M.release(db, h)
+  check_store("idempotency.release", db)
+  check_handle("idempotency.release", h)
+  local res, err = db:exec("DELETE FROM paygate_idempotency WHERE"
+    .. " scope = $1 AND idem_key = $2 AND token = $3 AND state = 'running'",
+    { h.scope, h.key, h.token })
+  if not res then
+    return nil, err
+  end
+  counts.released = counts.released + res.changes
+  return true
+end
+
+-- syntax: n, err = idempotency.prune(db[, { batch = 500, now = t }])
+-- Deletes at most batch records past their expires_at (one short
+-- statement; call it again while it returns batch).
+-- returns: the number deleted, or nil, err
+-- yields: one statement
+function _M.prune(db, opts)
+  check_store("idempotency.prune", db)
+  if opts ~= nil and type(opts) ~= "table" then
+    error("idempotency.prune: opts must be a table", 2)
+  end
+  opts = opts or {}
+  local batch = opts.batch or 500
+  if type(batch) ~= "number" or batch < 1 or batch % 1 ~= 0 then
+    error("idempotency.prune: opts.batch must be a positive integer", 2)
+  end
+  local ok, err = ensure_schema(db)
+  if not ok then
+    return nil, err
+  end
+  local res, perr = db:exec("DELETE FROM paygate_idempotency WHERE"
+    .. " (scope, idem_key) IN (SELECT scope, idem_key FROM"
+    .. " paygate_idempotency WHERE expires_at <= $1 LIMIT $2)",
+    { opts.now or core.time(), batch })
+  if not res then
+    return nil, perr
+  end
+  counts.pruned = counts.pruned + res.changes
+  return res.changes
+end
+
+-- syntax: task = idempotency.pruner(db[, { interval = 60, batch = 500,
+--                                          pause = 0.05 }])
+-- A background task: every interval seconds, prune() in batches (a
+-- pause between them, so the store's writer is never held long) until a
+-- batch comes back short. Failures are logged and retried next tick.
+-- Run one per worker or guard it with paygate.lease; deletes are
+-- idempotent either way. returns: the task (task:cancel() stops it)
+function _M.pruner(db, opts)
+  check_store("idempotency.pruner", db)
+  opts = opts or {}
+  local interval = opts.interval or 60
+  check_positive("idempotency.pruner", "opts.interval", interval)
+  local batch, pause = opts.batch or 500, opts.pause or 0.05
+  return core.spawn(function()
+    while true do
+      core.sleep(interval)
+      repeat
+        local n, err = _M.prune(db, { batch = batch })
+        if not n then
+          core.log(2, "idempotency: prune failed",
+                   json.encode({ error = tostring(err) }))
+          break
+        end
+        if n == batch then
+          core.sleep(pause)
+        end
+      until n < batch
+    end
+  end)
+end
+
+-- syntax: t = idempotency.stats()
+-- returns: this worker's counters since start (a copy)
+function _M.stats()
+  local t = {}
+  for k, v in pairs(counts) do
+    t[k] = v
+  end
+  return t
+end
+
+---------------------------------------------------------------- wrapper
+
+local Run = {}
+Run.__index = Run
+
+-- syntax: status, body, headers = ik:respond(tx, status, body[, headers])
+-- Inside the handler's own db:transaction: stores the response in that
+-- transaction (so it commits with the effects or not at all) and returns
+-- what to send. When the record was taken over, it raises a "lost"
+-- error, which rolls the transaction back; the wrapper answers 409.
+function Run:respond(tx, status, body, headers)
+  if not is_tx(tx) then
+    error("ik:respond: tx must be the tx of a db:transaction", 2)
+  end
+  local r, err = _M.complete(tx, self.h, status, body, headers)
+  if not r then
+    self.lost = err.kind == "lost"
+    error(err, 0)
+  end
+  self.response = r
+  return r.status, r.body, r.headers
+end
+
+-- The ik a handler gets for a request without a key (opts.required =
+-- false): respond() stores nothing and returns what to send.
+local unprotected = {
+  respond = function(_, tx, status, body, headers)
+    if not is_tx(tx) then
+      error("ik:respond: tx must be the tx of a db:transaction", 2)
+    end
+    local r = normalize(status, body, headers)
+    return r.status, r.body, r.headers
+  end,
+}
+
+local function reply(status, kind, message, headers)
+  return status, json.encode({ error = kind, message = message }),
+         headers or { ["Content-Type"] = "application/json" }
+end
+
+local function request_path(req)
+  local qs = req.query_string
+  if qs and qs ~= "" then
+    return req.path .. "?" .. qs
+  end
+  return req.path
+end
+
+local function sent(r, replayed)
+  local h = {}
+  for k, v in pairs(r.headers) do
+    h[k] = v
+  end
+  if replayed then
+    h["Idempotent-Replayed"] = "true"
+  end
+  return r.status, r.body, h
+end
+
+-- syntax: fn = idempotency.wrap(db, handler[, opts])
+-- handler(req, ik) returns status, body[, headers] as any handler does;
+-- it may store its response in its own transaction with
+-- ik:respond(tx, status, body, headers). Otherwise the wrapper stores it
+-- when the handler returns, before it is sent. (With required = false
+-- and no key, ik:respond stores nothing.)
+-- opts: ttl, lease (see begin), scope = function(req) -> string (default
+--       req.app_id or ""), required (default true: no key -> 400),
+--       keep = function(status) -> boolean: which responses to store
+--       (default status < 500; another status releases the key so a
+--       retry runs again)
+-- returns: a route handler
+function _M.wrap(db, handler, opts)
+  check_store("idempotency.wrap", db)
+  if type(handler) ~= "function" then
+    error("idempotency.wrap: handler must be a function", 2)
+  end
+  if opts ~= nil and type(opts) ~= "table" then
+    error("idempotency.wrap: opts must be a table", 2)
+  end
+  opts = opts or {}
+  check_positive("idempotency.wrap", "opts.ttl", opts.ttl)
+  check_positive("idempotency.wrap", "opts.lease", opts.lease)
+  local scope_of = opts.scope or function(req)
+    local a = req.app_id
+    return type(a) == "string" and a or ""
+  end
+  local keep = opts.keep or function(status) return status < 500 end
+  local required = opts.required ~= false
+  local bopts = { ttl = opts.ttl, lease = opts.lease }
+
+  return function(req)
+    local key = req:header(HEADER)
+    if key == nil and not required then
+      return handler(req, unprotected)
+    end
+    local ok, why = _M.check_key(key)
+    if not ok then
+      counts.bad_key = counts.bad_key + 1
+      if why == "missing" then
+        return reply(400, "missing_idempotency_key", "this request needs"
+                     .. " an Idempotency-Key header")
+      end
+      return reply(400, "invalid_idempotency_key", "Idempotency-Key must"
+                   .. " be 1.." .. MAX_KEY .. " printable ASCII characters"
+                   .. " (" .. why .. ")")
+    end
+    local scope = scope_of(req)
+    if type(scope) ~= "string" then
+      error("idempotency.wrap: opts.scope must return a string", 0)
+    end
+    local fp = _M.fingerprint(req.method, request_path(req), req.body)
+    local h, err = _M.begin(db, scope, key, fp, bopts)
+    if not h then
+      if err.kind == "conflict" then
+        return reply(422, "idempotency_key_reused", "this Idempotency-Key"
+                     .. " was used with another request body")
+      elseif err.kind == "in_flight" then
+        return reply(409, "idempotency_in_flight", "a request with this"
+                     .. " Idempotency-Key is still running",
+                     { ["Content-Type"] = "application/json",
+                       ["Retry-After"] = tostring(
+                         math.max(1, floor(err.retry_after + 0.999))) })
+      end
+      return reply(503, "unavailable", "idempotency store: "
+                   .. tostring(err.kind))
+    end
+    if h.state == "done" then
+      return sent(h.response, true)
+    end
+
+    local run = setmetatable({ h = h }, Run)
+    local res = { pcall(handler, req, run) }
+    if not res[1] then
+      if run.response == nil and not run.lost then
+        _M.release(db, h)
+      end
+      error(res[2], 0)
+    end
+    local status, body, headers = res[2], res[3], res[4]
+    if status == nil then
+      -- the handler failed (its transaction, if any, rolled back, and a
+      -- response ik:respond stored in it with it)
+      if run.lost then
+        return reply(409, "idempotency_in_flight", "this run's lease ran"
+                     .. " out and another request with this key took over")
+      end
+      _M.release(db, h)
+      return reply(503, core.is_error(body) and body.kind or "error",
+                   "the request failed and was not applied; retry it")
+    end
+    if run.response then
+      -- stored in the handler's committed transaction: send exactly that
+      return sent(run.response, false)
+    end
+    local r = normalize(status, body, headers)
+    if not keep(r.status) then
+      _M.release(db, h)
+      return sent(r, false)
+    end
+    local stored, serr = _M.complete(db, h, r.status, r.body, r.headers)
+    if not stored then
+      counts.store_failed = counts.store_failed + 1
+      core.log(3, "idempotency: the response could not be stored",
+               json.encode({ scope = scope, key = key,
+                             error = tostring(serr) }))
+    end
+    return sent(r, false)
+  end
+end
+
+return _M

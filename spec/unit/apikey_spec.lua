@@ -1,0 +1,329 @@
+-- paygate.apikey: keys stored as derived keys, the client signer, each
+-- 401 reason, the 300 s window's edges, constant-time comparison, and
+-- no secret in any log line or error.
+local paygate = require "paygate"
+local core = require "paygate.core"
+local crypto = require "paygate.crypto"
+local sql = require "paygate.sql"
+local json = require "paygate.json"
+local apikey = require "paygate.apikey"
+local servers = require "spec.support.servers"
+
+local tmp = servers.mktemp()
+local n = 0
+
+teardown(function() servers.sh("rm -rf " .. tmp) end)
+
+local function fresh_db()
+  n = n + 1
+  return assert(sql.open("sqlite:" .. tmp .. "/k" .. n .. ".db"))
+end
+
+local function fake_req(o)
+  local headers = {}
+  for k, v in pairs(o.headers or {}) do headers[k:lower()] = v end
+  return {
+    method = o.method or "POST", path = o.path or "/v1/payments",
+    query_string = o.query or "", body = o.body or "",
+    header = function(_, name) return headers[name:lower()] end,
+  }
+end
+
+local T = 1764500000          -- the server's clock in these tests
+
+local function clock(t) return function() return t end end
+
+describe("apikey.create", function()
+  it("returns the secret once and stores only a derived key", function()
+    local db = fresh_db()
+    local k = assert(apikey.create(db, "shop1"))
+    assert.matches("^ak_%w+$", k.key_id)
+    assert.matches("^sk_%w+$", k.secret)
+    assert.equal("shop1", k.app_id)
+    local rows = assert(db:query("SELECT * FROM paygate_api_keys"))
+    assert.equal(1, #rows)
+    for col, v in pairs(rows[1]) do
+      assert.is_nil(tostring(v):find(k.secret, 1, true), col)
+      assert.is_nil(tostring(v):find(k.secret:sub(4), 1, true), col)
+    end
+    assert.equal(crypto.hex(apikey.signing_key(k.secret)),
+                 rows[1].verifier)
+    -- listing shows no verifier
+    local list = assert(apikey.list(db, "shop1"))
+    assert.equal(1, #list)
+    assert.is_nil(list[1].verifier)
+    assert.equal(k.key_id, list[1].key_id)
+    db:close()
+  end)
+
+  it("raises on a bad app id", function()
+    local db = fresh_db()
+    assert.error_matches(function() apikey.create(db, "a b") end,
+                         "apikey.create: app_id must be")
+    assert.error_matches(function() apikey.create({}, "a") end,
+                         "apikey.create: db must be a paygate.sql db")
+    db:close()
+  end)
+end)
+
+describe("apikey.parse", function()
+  it("classifies headers", function()
+    assert.same({ nil, "missing_signature" }, { apikey.parse(nil) })
+    assert.same({ nil, "missing_signature" }, { apikey.parse("") })
+    assert.same({ nil, "missing_signature" }, { apikey.parse("Bearer abc") })
+    for _, h in ipairs({
+      "PAYGATE-HMAC-SHA256",
+      'PAYGATE-HMAC-SHA256 app_id="a",key_id="k",timestamp="1"',
+      'PAYGATE-HMAC-SHA256 app_id="a",key_id="k",timestamp="x",signature="s"',
+      'PAYGATE-HMAC-SHA256 app_id="a",app_id="a",key_id="k",timestamp="1"',
+      'PAYGATE-HMAC-SHA256 app_id="a" key_id="k",timestamp="1",signature="s"',
+      'PAYGATE-HMAC-SHA256 app_id="a",key_id="k",timestamp="1",'
+        .. 'signature="s",x="y"',
+      'PAYGATE-HMAC-SHA256 ' .. ("x"):rep(2000),
+    }) do
+      assert.same({ nil, "malformed_signature" }, { apikey.parse(h) }, h)
+    end
+    local f = assert(apikey.parse('PAYGATE-HMAC-SHA256 app_id="a", '
+      .. 'key_id="k",timestamp="12",signature="ab"'))
+    assert.same({ app_id = "a", key_id = "k", timestamp = "12",
+                  signature = "ab" }, f)
+  end)
+end)
+
+describe("apikey.verify and before_hook", function()
+  local db, key, hook, logged
+  local saved = {}
+
+  setup(function()
+    db = fresh_db()
+    key = assert(apikey.create(db, "shop1"))
+    -- capture every log line the hook makes, as it would be written
+    for _, lvl in ipairs({ "debug", "info", "warn", "error" }) do
+      saved[lvl] = paygate.log[lvl]
+      paygate.log[lvl] = function(msg, fields)
+        logged[#logged + 1] = msg .. " " .. json.encode(fields or {})
+        return saved[lvl](msg, fields)
+      end
+    end
+  end)
+  teardown(function()
+    for lvl, f in pairs(saved) do paygate.log[lvl] = f end
+    db:close()
+  end)
+  before_each(function() logged = {} end)
+
+  local function signed(o)
+    local hdr = apikey.sign{
+      app_id = o.app_id or key.app_id, key_id = o.key_id or key.key_id,
+      secret = o.secret or key.secret, method = o.sign_method or "POST",
+      path = o.sign_path or "/v1/payments?x=1",
+      body = o.sign_body or "{\"total\":100}", timestamp = o.ts or T }
+    return fake_req{ headers = hdr, query = "x=1", body = "{\"total\":100}" }
+  end
+
+  local function run(req, now)
+    local h = apikey.before_hook(db, { now = clock(now or T) })
+    local s, body, headers = h(req)
+    return s, body, headers, req
+  end
+
+  it("accepts a good signature and sets req.app_id", function()
+    local s, _, _, req = run(signed{})
+    assert.is_nil(s)
+    assert.equal("shop1", req.app_id)
+  end)
+
+  it("skips requests outside its prefix", function()
+    local h = apikey.before_hook(db, { prefix = "/v1/" })
+    assert.is_nil(h(fake_req{ path = "/wechatpay/notify/1" }))
+    local s = h(fake_req{ path = "/v1/payments" })
+    assert.equal(401, s)
+  end)
+
+  local cases = {
+    { "missing_signature", function() return fake_req{} end },
+    { "missing_signature", function()
+        return fake_req{ headers = { Authorization = "Bearer x" } } end },
+    { "malformed_signature", function()
+        return fake_req{ headers = {
+          Authorization = "PAYGATE-HMAC-SHA256 nonsense" } } end },
+    { "unknown_app", function() return signed{ key_id = "ak_nope" } end },
+    { "unknown_app", function() return signed{ app_id = "shop2" } end },
+    { "stale_timestamp", function() return signed{ ts = T - 301 } end },
+    { "stale_timestamp", function() return signed{ ts = T + 301 } end },
+    { "bad_signature", function() return signed{ secret = "sk_wrong" } end },
+    { "bad_signature", function() return signed{ sign_body = "{}" } end },
+    { "bad_signature", function()
+        return signed{ sign_path = "/v1/payments" } end },
+    { "bad_signature", function()
+        return signed{ sign_path = "/v1/payments?x=2" } end },
+    { "bad_signature", function() return signed{ sign_method = "PUT" } end },
+  }
+  for i, c in ipairs(cases) do
+    it("answers 401 " .. c[1] .. " (case " .. i .. "), counted", function()
+      local before = apikey.stats()[c[1]]
+      local before_all = apikey.stats("all")[c[1]]
+      local s, body, headers = run(c[2]())
+      assert.equal(401, s)
+      assert.equal(c[1], body.error)
+      assert.is_string(body.message)
+      assert.equal("PAYGATE-HMAC-SHA256", headers["WWW-Authenticate"])
+      assert.equal(before + 1, apikey.stats()[c[1]])
+      assert.equal(before_all + 1, apikey.stats("all")[c[1]])
+      assert.equal(1, #logged)
+      assert.matches(c[1], logged[1], 1, true)
+    end)
+  end
+
+  it("accepts timestamps 299 and 300 s off, not 301", function()
+    for _, d in ipairs({ -300, -299, 0, 299, 300 }) do
+      assert.is_nil((run(signed{ ts = T + d })), d)
+    end
+    for _, d in ipairs({ -301, 301, -100000 }) do
+      assert.equal(401, (run(signed{ ts = T + d })), d)
+    end
+    -- a fractional clock: 300.5 s away is outside
+    assert.equal(401, (run(signed{ ts = T - 300 }, T + 0.5)))
+    assert.is_nil((run(signed{ ts = T - 300 }, T)))
+  end)
+
+  it("compares the signature with crypto.constant_time_equal", function()
+    local s = spy.on(crypto, "constant_time_equal")
+    local req = signed{}
+    local given = req:header("authorization"):match('signature="(%x+)"')
+    assert.is_nil((run(req)))
+    assert.spy(s).was_called(1)
+    assert.spy(s).was_called_with(given, given)
+    run(signed{ sign_body = "other" })
+    assert.spy(s).was_called(2)
+    crypto.constant_time_equal:revert()
+  end)
+
+  it("refuses a revoked key at once", function()
+    local k2 = assert(apikey.create(db, "shop1"))
+    local req = fake_req{ headers = apikey.sign{ app_id = "shop1",
+      key_id = k2.key_id, secret = k2.secret, method = "GET",
+      path = "/v1/x", timestamp = T }, method = "GET", path = "/v1/x" }
+    assert.is_nil((run(req)))
+    assert.is_true(apikey.revoke(db, k2.key_id))
+    assert.is_false(apikey.revoke(db, k2.key_id))
+    local s, body = run(req)
+    assert.equal(401, s)
+    assert.equal("unknown_app", body.error)
+  end)
+
+  it("never puts a secret, key or signature in a log line or error",
+     function()
+    local reqs = { signed{}, signed{ secret = "sk_wrong" },
+                   signed{ ts = T - 1000 }, signed{ key_id = "ak_x" } }
+    local texts = {}
+    for _, req in ipairs(reqs) do
+      local _, body = run(req)
+      if body then texts[#texts + 1] = json.encode(body) end
+      local _, err = apikey.verify(db, { method = "POST",
+        path = "/v1/payments?x=1", body = req.body,
+        authorization = req:header("authorization") }, { now = clock(T) })
+      if err then
+        texts[#texts + 1] = tostring(err)
+        texts[#texts + 1] = json.encode(err)
+      end
+      texts[#texts + 1] = req:header("authorization")
+                            :match('signature="(%x+)"')
+    end
+    assert.is_true(#logged >= 3)
+    local secrets = { key.secret, key.secret:sub(4),
+                      crypto.hex(apikey.signing_key(key.secret)) }
+    for _, r in ipairs(reqs) do
+      secrets[#secrets + 1] = r:header("authorization")
+                                :match('signature="(%x+)"')
+    end
+    local all = table.concat(logged, "\n")
+    for _, sec in ipairs(secrets) do
+      assert.is_nil(all:find(sec, 1, true))
+    end
+    for i = 1, #texts - 1 do
+      if not texts[i]:match("^%x+$") then
+        for _, sec in ipairs(secrets) do
+          assert.is_nil(texts[i]:find(sec, 1, true), texts[i])
+        end
+      end
+    end
+  end)
+
+  it("answers 503 (not 401) when the key store fails", function()
+    local db2 = fresh_db()
+    assert(apikey.create(db2, "shop1"))
+    local h = apikey.before_hook(db2, { now = clock(T) })
+    assert(db2:exec("DROP TABLE paygate_api_keys"))
+    local s, body = h(signed{})
+    assert.equal(503, s)
+    assert.equal("unavailable", body.error)
+    db2:close()
+  end)
+end)
+
+describe("apikey.sign", function()
+  it("signs METHOD\\nPATH\\nTIMESTAMP\\nBODY with the derived key",
+     function()
+    local sk = apikey.signing_key("sk_test")
+    local want = crypto.hex(crypto.hmac("sha256", sk,
+                                        "POST\n/p?a=1\n1700000000\n{}"))
+    local h = apikey.sign{ app_id = "a", key_id = "k", secret = "sk_test",
+                           method = "POST", path = "/p?a=1", body = "{}",
+                           timestamp = 1700000000 }
+    assert.equal('PAYGATE-HMAC-SHA256 app_id="a",key_id="k",'
+                 .. 'timestamp="1700000000",signature="' .. want .. '"',
+                 h.Authorization)
+    local h2 = apikey.sign{ app_id = "a", key_id = "k", signing_key = sk,
+                            method = "POST", path = "/p?a=1", body = "{}",
+                            timestamp = 1700000000 }
+    assert.equal(h.Authorization, h2.Authorization)
+    local now = math.floor(core.time())
+    local ts = tonumber(apikey.sign{ app_id = "a", key_id = "k",
+      secret = "s", method = "GET", path = "/" }.Authorization
+      :match('timestamp="(%d+)"'))
+    assert.is_true(math.abs(ts - now) <= 1)
+  end)
+end)
+
+describe("paygate apikey (command)", function()
+  local proc = require "support.proc"
+
+  local function run_cmd(args)
+    n = n + 1
+    local out = tmp .. "/cmd" .. n .. ".out"
+    local argv = { PAYGATE_BIN, "apikey" }
+    for _, a in ipairs(args) do argv[#argv + 1] = a end
+    local p = proc.spawn(argv, { log = out })
+    local code = p:wait(30)
+    return code, proc.read(out)
+  end
+
+  it("creates a key whose printed secret signs, lists it, revokes it",
+     function()
+    local url = "sqlite:" .. tmp .. "/cmd.db"
+    local code, out = run_cmd({ "create", "--db", url, "--app", "shop9",
+                                "--json" })
+    assert.equal(0, code, out)
+    local k = json.decode(out)
+    assert.equal("shop9", k.app_id)
+    local db = assert(sql.open(url))
+    local req = fake_req{ headers = apikey.sign{ app_id = "shop9",
+      key_id = k.key_id, secret = k.secret, method = "POST",
+      path = "/v1/payments", body = "{}", timestamp = T }, body = "{}" }
+    assert.is_nil((apikey.before_hook(db, { now = clock(T) })(req)))
+    assert.equal("shop9", req.app_id)
+    code, out = run_cmd({ "list", "--db", url })
+    assert.equal(0, code)
+    assert.matches(k.key_id, out, 1, true)
+    assert.is_nil(out:find(k.secret, 1, true))
+    code = run_cmd({ "revoke", "--db", url, "--key", k.key_id })
+    assert.equal(0, code)
+    code = run_cmd({ "revoke", "--db", url, "--key", k.key_id })
+    assert.equal(1, code)
+    code, out = run_cmd({ "create", "--db", url })
+    assert.equal(2, code)
+    assert.matches("--app must be", out, 1, true)
+    db:close()
+  end)
+end)

@@ -1,0 +1,380 @@
+-- paygate.idempotency on SQLite and PostgreSQL: begin/complete/release,
+-- replay byte for byte, 422 on another body, 409 while running, a lease
+-- that runs out, expiry and pruning, two handles racing one key, and the
+-- route wrapper (with its response stored in the handler's transaction).
+local paygate = require "paygate"
+local core = require "paygate.core"
+local sql = require "paygate.sql"
+local json = require "paygate.json"
+local idem = require "paygate.idempotency"
+local servers = require "spec.support.servers"
+
+local tmp = servers.mktemp()
+local pg_srv
+local n = 0
+
+teardown(function()
+  servers.stop_all()
+  servers.sh("rm -rf " .. tmp)
+end)
+
+-- Each engine: open(name) gives a handle on a store fresh for the test
+-- (two calls with the same name: two handles on one store).
+local engines = {
+  sqlite = function()
+    n = n + 1
+    local path = tmp .. "/i" .. n .. ".db"
+    return function()
+      return assert(sql.open("sqlite:" .. path))
+    end
+  end,
+}
+if servers.have_postgres() then
+  engines.postgres = function()
+    pg_srv = pg_srv or servers.postgres()
+    local db = assert(sql.open(pg_srv.url))
+    assert(db:exec_script("DROP TABLE IF EXISTS paygate_idempotency;"
+      .. " DROP TABLE IF EXISTS effects"))
+    db:close()
+    return function()
+      return assert(sql.open(pg_srv.url))
+    end
+  end
+end
+
+-- A request the wrapper can read, as the server's req would be.
+local function fake_req(o)
+  local headers = {}
+  for k, v in pairs(o.headers or {}) do headers[k:lower()] = v end
+  return {
+    method = o.method or "POST", path = o.path or "/payments",
+    query_string = o.query or "", body = o.body or "", app_id = o.app_id,
+    header = function(_, name) return headers[name:lower()] end,
+  }
+end
+
+describe("idempotency.check_key", function()
+  it("refuses empty, too long and non-printable keys", function()
+    assert.same({ false, "missing" }, { idem.check_key(nil) })
+    assert.same({ false, "empty" }, { idem.check_key("") })
+    assert.same({ false, "too_long" }, { idem.check_key(("k"):rep(256)) })
+    assert.same({ false, "not_printable" }, { idem.check_key("a\tb") })
+    assert.same({ false, "not_printable" }, { idem.check_key("a\0b") })
+    assert.same({ false, "not_printable" }, { idem.check_key("caf\195\169") })
+    assert.is_true(idem.check_key(("k"):rep(255)))
+    assert.is_true(idem.check_key("order 42/attempt-1 ~!"))
+  end)
+end)
+
+describe("idempotency.fingerprint", function()
+  it("covers method, path and body", function()
+    local a = idem.fingerprint("POST", "/p", "{}")
+    assert.equal(64, #a)
+    assert.not_equal(a, idem.fingerprint("PUT", "/p", "{}"))
+    assert.not_equal(a, idem.fingerprint("POST", "/p?x=1", "{}"))
+    assert.not_equal(a, idem.fingerprint("POST", "/p", "{ }"))
+    assert.equal(a, idem.fingerprint("POST", "/p", "{}"))
+  end)
+end)
+
+describe("idempotency misuse", function()
+  it("raises naming the function and argument", function()
+    assert.error_matches(function() idem.begin({}, "a", "k", "f") end,
+                         "idempotency.begin: store must be")
+    local db = engines.sqlite()()
+    assert.error_matches(function() idem.begin(db, "a", "", "f") end,
+                         "idempotency.begin: key is not valid %(empty%)")
+    assert.error_matches(function()
+      idem.begin(db, "a", "k", "f", { lease = -1 })
+    end, "opts.lease must be a positive number")
+    assert.error_matches(function() idem.complete(db, {}, 200, "") end,
+                         "idempotency.complete: h must be a handle")
+    db:close()
+  end)
+end)
+
+for name, engine in pairs(engines) do
+  describe("idempotency on " .. name, function()
+    local open, db
+    before_each(function()
+      open = engine()
+      db = open()
+    end)
+    after_each(function() db:close() end)
+
+    it("replays a stored response byte for byte", function()
+      local fp = idem.fingerprint("POST", "/payments", "{\"a\":1}")
+      local h = assert(idem.begin(db, "app1", "k1", fp))
+      assert.equal("new", h.state)
+      local body = "bin\0ary \255\254 \"json\"\n" .. ("x"):rep(5000)
+      local r = assert(idem.complete(db, h, 201, body,
+                                     { ["X-Request-Id"] = "r1", Bad = {} }))
+      assert.equal(body, r.body)
+      for _ = 1, 2 do
+        local again = assert(idem.begin(db, "app1", "k1", fp))
+        assert.equal("done", again.state)
+        assert.equal(201, again.response.status)
+        assert.equal(body, again.response.body)
+        assert.same({ ["X-Request-Id"] = "r1" }, again.response.headers)
+      end
+      -- another caller's key of the same name is another record
+      assert.equal("new", assert(idem.begin(db, "app2", "k1", fp)).state)
+    end)
+
+    it("stores a table body as the JSON it is sent as", function()
+      local h = assert(idem.begin(db, "a", "k", "f"))
+      local r = assert(idem.complete(db, h, 200, { id = "p1", n = 2 }))
+      assert.equal("application/json", r.headers["Content-Type"])
+      local again = assert(idem.begin(db, "a", "k", "f"))
+      assert.equal(r.body, again.response.body)
+      assert.same({ id = "p1", n = 2 }, json.decode(again.response.body))
+    end)
+
+    it("refuses the same key with another fingerprint (conflict)", function()
+      local h = assert(idem.begin(db, "a", "k", "f1"))
+      local _, err = idem.begin(db, "a", "k", "f2")
+      assert.equal("conflict", err.kind)
+      assert(idem.complete(db, h, 200, "ok"))
+      _, err = idem.begin(db, "a", "k", "f2")
+      assert.equal("conflict", err.kind)
+      assert.is_false(err.retryable)
+    end)
+
+    it("answers in_flight while the first run holds its lease", function()
+      local h = assert(idem.begin(db, "a", "k", "f", { lease = 30 }))
+      local _, err = idem.begin(db, "a", "k", "f")
+      assert.equal("in_flight", err.kind)
+      assert.is_true(err.retryable)
+      assert.is_true(err.retry_after > 29 and err.retry_after <= 30)
+      assert(idem.complete(db, h, 202, "done"))
+      assert.equal("done", assert(idem.begin(db, "a", "k", "f")).state)
+    end)
+
+    it("release() lets a repeat run again at once", function()
+      local h = assert(idem.begin(db, "a", "k", "f", { lease = 30 }))
+      assert.is_true(idem.release(db, h))
+      local h2 = assert(idem.begin(db, "a", "k", "f2"))
+      assert.equal("new", h2.state)
+      assert.is_false(h2.taken_over)
+    end)
+
+    it("takes over a run whose lease ran out; the old run is fenced",
+       function()
+      assert(db:exec("CREATE TABLE effects (k TEXT NOT NULL)"))
+      local old = assert(idem.begin(db, "a", "k", "f", { lease = 0.05 }))
+      local t0 = core.time()
+      while core.time() < t0 + 0.06 do paygate.sleep(0.01) end
+      local new = assert(idem.begin(db, "a", "k", "f", { lease = 30 }))
+      assert.equal("new", new.state)
+      assert.is_true(new.taken_over)
+      -- the old run finishes late, in its own transaction: refused, and
+      -- its effect rolls back with it
+      local ok, err = db:transaction(function(tx)
+        assert(tx:exec("INSERT INTO effects (k) VALUES ('old')"))
+        return idem.complete(tx, old, 201, "old")
+      end)
+      assert.is_nil(ok)
+      assert.equal("lost", err.kind)
+      local rows = assert(db:query("SELECT k FROM effects"))
+      assert.equal(0, #rows)
+      assert(idem.complete(db, new, 201, "new"))
+      local again = assert(idem.begin(db, "a", "k", "f"))
+      assert.equal("new", again.response.body)
+      _, err = idem.complete(db, old, 201, "old")
+      assert.equal("lost", err.kind)
+    end)
+
+    it("forgets records past their ttl; prune() removes them in batches",
+       function()
+      for i = 1, 7 do
+        local h = assert(idem.begin(db, "a", "k" .. i, "f", { ttl = 0.05 }))
+        assert(idem.complete(db, h, 200, "r" .. i))
+      end
+      local keep = assert(idem.begin(db, "a", "keep", "f"))
+      assert(idem.complete(db, keep, 200, "kept"))
+      local t0 = core.time()
+      while core.time() < t0 + 0.06 do paygate.sleep(0.01) end
+      -- an expired record is as if absent, even with another body
+      local h = assert(idem.begin(db, "a", "k1", "other", { ttl = 0.05 }))
+      assert.equal("new", h.state)
+      assert.is_false(h.taken_over)
+      assert(idem.complete(db, h, 200, "fresh"))
+      assert.equal("fresh",
+                   assert(idem.begin(db, "a", "k1", "other")).response.body)
+      t0 = core.time()
+      while core.time() < t0 + 0.06 do paygate.sleep(0.01) end
+      assert.equal(3, idem.prune(db, { batch = 3 }))
+      assert.equal(3, idem.prune(db, { batch = 3 }))
+      assert.equal(1, idem.prune(db, { batch = 3 }))
+      assert.equal(0, idem.prune(db, { batch = 3 }))
+      local rows = assert(db:query(
+        "SELECT idem_key FROM paygate_idempotency"))
+      assert.same({ { idem_key = "keep" } }, rows)
+    end)
+
+    it("pruner() empties expired records batch after batch", function()
+      for i = 1, 5 do
+        local h = assert(idem.begin(db, "a", "p" .. i, "f", { ttl = 0.01 }))
+        assert(idem.complete(db, h, 200, "x"))
+      end
+      local task = idem.pruner(db, { interval = 0.05, batch = 2 })
+      local t0 = core.time()
+      local left
+      repeat
+        paygate.sleep(0.02)
+        left = #assert(db:query("SELECT idem_key FROM paygate_idempotency"))
+      until left == 0 or core.time() > t0 + 10
+      task:cancel()
+      assert.equal(0, left)
+    end)
+
+    it("lets exactly one of many racers on two handles run", function()
+      local db2 = open()
+      for round = 1, 5 do
+        local tasks = {}
+        for i = 1, 16 do
+          local d = i % 2 == 0 and db or db2
+          tasks[i] = paygate.spawn(function()
+            return idem.begin(d, "a", "race" .. round, "f", { lease = 30 })
+          end)
+        end
+        local new, busy = 0, 0
+        for i = 1, 16 do
+          local h, err = tasks[i]:wait()
+          if h then
+            assert.equal("new", h.state)
+            new = new + 1
+          else
+            assert.equal("in_flight", err.kind)
+            busy = busy + 1
+          end
+        end
+        assert.equal(1, new)
+        assert.equal(15, busy)
+      end
+      db2:close()
+    end)
+
+    describe("wrap", function()
+      local function handler_counting(calls)
+        return function(req)
+          calls.n = calls.n + 1
+          return 201, { id = "p" .. calls.n, body = req.body },
+                 { ["X-Run"] = tostring(calls.n) }
+        end
+      end
+
+      it("answers 400 for a missing or bad key", function()
+        local calls = { n = 0 }
+        local fn = idem.wrap(db, handler_counting(calls))
+        local s, b = fn(fake_req{})
+        assert.equal(400, s)
+        assert.equal("missing_idempotency_key", json.decode(b).error)
+        for _, k in ipairs({ "", ("x"):rep(256), "a\1b" }) do
+          s, b = fn(fake_req{ headers = { ["Idempotency-Key"] = k } })
+          assert.equal(400, s)
+          assert.equal("invalid_idempotency_key", json.decode(b).error)
+        end
+        assert.equal(0, calls.n)
+      end)
+
+      it("runs once, replays, and refuses another body with 422", function()
+        local calls = { n = 0 }
+        local fn = idem.wrap(db, handler_counting(calls))
+        local hdr = { ["Idempotency-Key"] = "w1" }
+        local s1, b1, h1 = fn(fake_req{ headers = hdr, body = "{\"a\":1}",
+                                        app_id = "shop" })
+        assert.equal(201, s1)
+        assert.is_nil(h1["Idempotent-Replayed"])
+        local s2, b2, h2 = fn(fake_req{ headers = hdr, body = "{\"a\":1}",
+                                        app_id = "shop" })
+        assert.equal(201, s2)
+        assert.equal(b1, b2)
+        assert.equal("1", h2["X-Run"])
+        assert.equal("true", h2["Idempotent-Replayed"])
+        assert.equal(1, calls.n)
+        local s3, b3 = fn(fake_req{ headers = hdr, body = "{\"a\":2}",
+                                    app_id = "shop" })
+        assert.equal(422, s3)
+        assert.equal("idempotency_key_reused", json.decode(b3).error)
+        -- the same key from another app is its own request
+        assert.equal(201, (fn(fake_req{ headers = hdr, body = "{\"a\":2}",
+                                        app_id = "other" })))
+        assert.equal(2, calls.n)
+      end)
+
+      it("stores the response in the handler's transaction", function()
+        assert(db:exec("CREATE TABLE effects (k TEXT NOT NULL)"))
+        local calls = 0
+        local fn = idem.wrap(db, function(req, ik)
+          calls = calls + 1
+          return db:transaction(function(tx)
+            assert(tx:exec("INSERT INTO effects (k) VALUES ($1)",
+                           { req.body }))
+            return ik:respond(tx, 201, { saved = req.body })
+          end)
+        end)
+        local hdr = { ["Idempotency-Key"] = "tx1" }
+        local s1, b1 = fn(fake_req{ headers = hdr, body = "e1" })
+        local s2, b2 = fn(fake_req{ headers = hdr, body = "e1" })
+        assert.equal(201, s1)
+        assert.equal(201, s2)
+        assert.equal(b1, b2)
+        assert.equal(1, calls)
+        assert.equal(1, #assert(db:query("SELECT k FROM effects")))
+      end)
+
+      it("runs requests without a key unprotected when not required",
+         function()
+        local calls = 0
+        local fn = idem.wrap(db, function(req, ik)
+          calls = calls + 1
+          return db:transaction(function(tx)
+            return ik:respond(tx, 200, { n = calls })
+          end)
+        end, { required = false })
+        local s1, b1, h1 = fn(fake_req{})
+        local s2, b2 = fn(fake_req{})
+        assert.equal(200, s1)
+        assert.equal(200, s2)
+        assert.equal('{"n":1}', b1)
+        assert.equal('{"n":2}', b2)
+        assert.equal("application/json", h1["Content-Type"])
+        -- with a key, it is protected
+        local hdr = { ["Idempotency-Key"] = "opt" }
+        local s3, b3 = fn(fake_req{ headers = hdr })
+        local _, b4 = fn(fake_req{ headers = hdr })
+        assert.equal(200, s3)
+        assert.equal(b3, b4)
+        assert.equal(3, calls)
+      end)
+
+      it("releases the key when the handler fails or raises", function()
+        local mode = "raise"
+        local fn = idem.wrap(db, function()
+          if mode == "raise" then error("boom") end
+          if mode == "nil" then
+            return nil, paygate.error("unavailable", "x")
+          end
+          if mode == "502" then return 502, { error = "upstream" } end
+          return 200, "ok"
+        end)
+        local hdr = { ["Idempotency-Key"] = "r1" }
+        assert.error_matches(function() fn(fake_req{ headers = hdr }) end,
+                             "boom")
+        mode = "nil"
+        assert.equal(503, (fn(fake_req{ headers = hdr })))
+        mode = "502"
+        assert.equal(502, (fn(fake_req{ headers = hdr })))
+        mode = "ok"
+        local s, b = fn(fake_req{ headers = hdr })
+        assert.equal(200, s)
+        assert.equal("ok", b)
+        mode = "raise"
+        s, b = fn(fake_req{ headers = hdr })   -- replayed, not run
+        assert.equal(200, s)
+        assert.equal("ok", b)
+      end)
+    end)
+  end)
+end
