@@ -46,7 +46,7 @@ local concat = table.concat
 local DEFAULTS = {
   name = "default",         -- lease namespace: one per independent outbox
   partitions = 8,           -- shards; every dispatcher of a db must agree
-  max_partitions = nil,     -- shards one dispatcher may hold (nil: all)
+  max_partitions = nil,     -- shards taken eagerly (nil: all); see below
   batch = 50,               -- heads fetched per shard per round
   concurrency = 16,         -- deliveries in flight per dispatcher
   interval = 1,             -- s between rounds that found nothing to do
@@ -531,6 +531,7 @@ function _M.dispatcher(db, opts)
     error("outbox.dispatcher: opts must be a table", 2)
   end
   local d = { db = db, sinks = normalize_sinks(opts.sinks), leases = {},
+              probe_at = {},
               now = opts.now or core.time, random = opts.random
                 or math.random, next_prune = 0,
               stats = { delivered = 0, failed = 0, dead = 0, fenced = 0,
@@ -593,14 +594,37 @@ local function shuffled(n, random)
   return t
 end
 
--- Renews held leases past half their life, drops lost ones, and takes
--- free shards up to max_partitions.
+-- Renews held leases past half their life and drops lost ones. Takes
+-- free shards up to max_partitions every round; past that cap it probes a
+-- shard at most every PROBE_ROUNDS intervals, so a shard whose holder died
+-- (or that nobody under the cap wants) is still served. A shard held past
+-- the cap is given back after lease_ttl, so a dispatcher under its cap
+-- (one that started later) picks it up within a round.
+local PROBE_ROUNDS = 3
+
+local function take(self, p, now)
+  local l, err = lease.acquire(self.db, lease_key(self, p), self.lease_ttl)
+  if l then
+    l.since = now
+    self.leases[p] = l
+    return true
+  elseif err.kind ~= "held" then
+    self.stats.errors = self.stats.errors + 1
+    log_warn("outbox: lease", { error = tostring(err) })
+  end
+  return false
+end
+
 local function refresh_leases(self)
+  local now = core.time()
   local held = 0
   for p, l in pairs(self.leases) do
-    if l.expires_at - core.time() < self.lease_ttl / 2 then
-      local ok = lease.renew(self.db, l)
-      if not ok then
+    if l.extra and now - l.since > self.lease_ttl then
+      self.leases[p] = nil
+      self.probe_at[p] = now + PROBE_ROUNDS * self.interval
+      lease.release(self.db, l)
+    elseif l.expires_at - now < self.lease_ttl / 2 then
+      if not lease.renew(self.db, l) then
         self.leases[p] = nil
       end
     end
@@ -609,18 +633,22 @@ local function refresh_leases(self)
     end
   end
   for _, p in ipairs(shuffled(self.partitions, self.random)) do
-    if held >= self.max_partitions then
-      break
-    end
     if not self.leases[p] then
-      local l, err = lease.acquire(self.db, lease_key(self, p),
-                                   self.lease_ttl)
-      if l then
-        self.leases[p] = l
-        held = held + 1
-      elseif err.kind ~= "held" then
-        self.stats.errors = self.stats.errors + 1
-        log_warn("outbox: lease", { error = tostring(err) })
+      if held < self.max_partitions then
+        if take(self, p, now) then
+          held = held + 1
+        end
+      else
+        local at = self.probe_at[p]
+        if not at then
+          self.probe_at[p] = now + PROBE_ROUNDS * self.interval
+        elseif now >= at then
+          self.probe_at[p] = now + PROBE_ROUNDS * self.interval
+          if take(self, p, now) then
+            self.leases[p].extra = true
+            held = held + 1
+          end
+        end
       end
     end
   end

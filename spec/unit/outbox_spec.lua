@@ -93,6 +93,12 @@ local function sorted(t)
   return c
 end
 
+local function count(t)
+  local k = 0
+  for _ in pairs(t) do k = k + 1 end
+  return k
+end
+
 local function row(db, id)
   return assert(outbox.list(db, { id = id }))[1]
 end
@@ -456,6 +462,33 @@ for engine, open in pairs(stores) do
       assert.equal("fenced", err.kind)
       b:stop()
       a:stop()
+      db:close()
+    end)
+
+    it("a dispatcher at its cap still serves the shards nobody holds, and"
+       .. " hands them to a later one", function()
+      local db = open()
+      local rec = recorder()
+      local function new()
+        return outbox.dispatcher(db, { sinks = { rec.sink }, interval = 0.02,
+                                       partitions = 4, max_partitions = 2,
+                                       lease_ttl = 0.6 }):start()
+      end
+      local a = new()
+      for i = 1, 12 do
+        enqueue(db, "pay_" .. i, "payment.paid")
+      end
+      wait_until(function() return #rec.got == 12 end, 20, "12 deliveries")
+      wait_until(function() return count(a.leases) == 4 end, 20,
+                 "a to hold every shard")
+      local b = new()
+      wait_until(function()
+        return count(a.leases) == 2 and count(b.leases) == 2
+      end, 20, "two shards each")
+      enqueue(db, "pay_late", "payment.paid")
+      wait_until(function() return #rec.got == 13 end, 20, "13 deliveries")
+      a:stop()
+      b:stop()
       db:close()
     end)
 
