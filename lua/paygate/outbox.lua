@@ -50,7 +50,7 @@ local DEFAULTS = {
   batch = 50,               -- heads fetched per shard per round
   concurrency = 16,         -- deliveries in flight per dispatcher
   interval = 1,             -- s between rounds that found nothing to do
-  lease_ttl = 60,           -- s; must exceed the longest delivery
+  lease_ttl = 30,           -- s; must exceed the longest delivery
   max_attempts = 20,        -- attempts before a dead letter
   backoff_base = 1,         -- s; delay before attempt n+1 is up to
   backoff_cap = 3600,       -- s;   min(cap, base * 2^(n-1))
@@ -155,6 +155,37 @@ local INSERT_SQLITE = "INSERT INTO paygate_outbox (subject, type, payload,"
   .. " shard, next_at, created_at) VALUES ($1, $2, $3, $4, $5, $5)"
 local INSERT_PG = INSERT_SQLITE .. " RETURNING id"
 
+local EXISTS_SQLITE = "SELECT 1 AS x FROM sqlite_master WHERE type ="
+  .. " 'table' AND name = 'paygate_outbox'"
+local EXISTS_PG = "SELECT 1 AS x WHERE to_regclass('paygate_outbox') IS NOT"
+  .. " NULL"
+
+local made_in = setmetatable({}, { __mode = "k" })
+
+-- The schema from inside the caller's transaction. A table that exists
+-- and was not made by this transaction existed before it: it stays,
+-- whatever this transaction does, so the handle is ready. One made here
+-- may still be rolled back with the caller's work.
+local function schema_in(tx)
+  local rows, err = tx:query(tx.engine == "postgres" and EXISTS_PG
+                             or EXISTS_SQLITE)
+  if not rows then
+    return nil, err
+  end
+  if rows[1] then
+    if not made_in[tx] then
+      ready[tx.db] = true
+    end
+    return true
+  end
+  local _, cerr = create_in(tx)
+  if cerr then
+    return nil, cerr
+  end
+  made_in[tx] = true
+  return true
+end
+
 -- syntax: id, err = outbox.enqueue(tx, event)
 -- event: { subject = "pay_1" (ordering key), type = "payment.paid",
 --          payload = table (JSON), at = seconds (optional: not before) }
@@ -191,9 +222,7 @@ function _M.enqueue(tx, event)
     error("outbox.enqueue: event.payload: " .. tostring(text), 2)
   end
   if not ready[tx.db] then
-    -- Not ours to mark ready: the caller's transaction may still roll
-    -- the schema back.
-    local _, serr = create_in(tx)
+    local _, serr = schema_in(tx)
     if serr then
       return nil, serr
     end
@@ -624,7 +653,8 @@ local function refresh_leases(self)
       self.probe_at[p] = now + PROBE_ROUNDS * self.interval
       lease.release(self.db, l)
     elseif l.expires_at - now < self.lease_ttl / 2 then
-      if not lease.renew(self.db, l) then
+      local ok, err = lease.renew(self.db, l)
+      if not ok and err.kind == "lost" then
         self.leases[p] = nil
       end
     end
@@ -694,11 +724,21 @@ local function err_text(e)
 end
 
 -- Delivers one head to every sink that has not had it yet and records
--- the outcome under the shard's fencing token.
+-- the outcome under the shard's fencing token. The lease is renewed here
+-- too once half of it is gone (a round of slow sinks can outlast it).
 local function deliver_row(self, row, p, l)
   -- Not enough lease left for a delivery to finish: leave it to the next
   -- round (after a renewal) rather than race a new holder.
-  if l.expires_at - core.time() < self.lease_ttl / 4 then
+  if l.expires_at - core.time() < self.lease_ttl / 2 and not l.renewing then
+    l.renewing = true
+    local ok, err = lease.renew(self.db, l)
+    if not ok and err.kind == "lost" and self.leases[p] == l then
+      self.leases[p] = nil
+    end
+    l.renewing = false
+  end
+  if self.leases[p] ~= l or l.expires_at - core.time() < self.lease_ttl / 4
+  then
     return
   end
   local payload, jerr = json.decode(row.payload)
