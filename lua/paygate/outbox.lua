@@ -413,7 +413,9 @@ function _M.webhook(opts)
                                    headers = headers, timeout = timeout,
                                    ca_file = opts.ca_file,
                                    resolve = opts.resolve,
-                                   max_body = 65536 }
+                                   -- the answer's body is not read: a
+                                   -- large one cannot fail a delivery
+                                   sink = function() end }
     if not res then
       return nil, core.error("webhook_failed", "webhook: " .. tostring(err),
                              { retryable = true, cause = err.kind })
@@ -854,12 +856,14 @@ function Dispatcher:step()
     end
   end
   local tasks = {}
+  self.workers = tasks
   for k = 1, min(self.concurrency, n) do
     tasks[k] = core.spawn(worker)
   end
   for _, t in ipairs(tasks) do
     t:wait()
   end
+  self.workers = nil
   if now >= self.next_prune then
     self.next_prune = now + self.prune_interval
     local pl = lease.acquire(self.db, "outbox:" .. self.name .. ":prune",
@@ -900,15 +904,20 @@ function Dispatcher:start()
 end
 
 -- syntax: d:stop()
--- Stops the task (a delivery in flight is abandoned; its row stays
--- pending) and releases the leases.
+-- Stops the task and its deliveries (one in flight is abandoned: its row
+-- stays pending) and releases the leases.
 -- yields: one statement per held lease
 function Dispatcher:stop()
   self.stopping = true
+  -- pcall: a sink may call d:stop(), and a task cannot cancel itself
   if self.task then
-    self.task:cancel()
+    pcall(self.task.cancel, self.task)
     self.task = nil
   end
+  for _, t in ipairs(self.workers or {}) do
+    pcall(t.cancel, t)
+  end
+  self.workers = nil
   for p, l in pairs(self.leases) do
     self.leases[p] = nil
     lease.release(self.db, l)

@@ -497,6 +497,32 @@ for engine, open in pairs(stores) do
       db:close()
     end)
 
+    it("stop() abandons a delivery in flight (the row stays pending) and"
+       .. " hands the shards over at once", function()
+      local db = open()
+      local entered = false
+      local stuck = { name = "s", deliver = function()
+        entered = true
+        paygate.sleep(60)
+      end }
+      local d = outbox.dispatcher(db, { sinks = { stuck }, interval = 0.02,
+                                        partitions = 2 }):start()
+      local id = enqueue(db, "pay_stop", "payment.paid")
+      wait_until(function() return entered end, 10, "the delivery")
+      d:stop()
+      assert.same({}, d.leases)
+      local r = row(db, id)
+      assert.equal("pending", r.state)
+      assert.equal(0, r.attempts)
+      local rec = recorder("s")
+      local d2 = outbox.dispatcher(db, { sinks = { rec.sink },
+                                         partitions = 2 })
+      assert.equal(1, d2:step())           -- no wait for the old leases
+      assert.same({ id }, rec.ids())
+      d2:stop()
+      db:close()
+    end)
+
     it("start() runs rounds until stop(); two dispatchers share the shards",
        function()
       local db = open()
