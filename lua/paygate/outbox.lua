@@ -1,0 +1,1061 @@
+-- paygate.outbox: a transactional outbox. Events are written in the
+-- caller's transaction (so they exist iff the state change committed) and
+-- delivered afterwards, at least once, in order per subject, to sinks:
+-- HTTP webhooks (signed), Redis Streams (XADD) and in-process Lua hooks.
+--
+--   db:transaction(function(tx)
+--     assert(tx:exec("UPDATE payments SET state = 'paid' ..."))
+--     assert(outbox.enqueue(tx, { subject = payment_id,
+--                                 type = "payment.paid",
+--                                 payload = { id = payment_id } }))
+--   end)
+--
+--   outbox.dispatcher(db, { sinks = {
+--     outbox.webhook{ url = "https://merchant/hooks", secret = s },
+--     outbox.redis_stream{ url = "redis://127.0.0.1:6379",
+--                          stream = "paygate:events" },
+--     outbox.hooks{ ["payment.paid"] = function(event) ... end },
+--   } }):start()
+--
+-- Ordering: an event is the head of its subject when no earlier event of
+-- the subject is still pending; only heads are delivered. A failed head is
+-- retried with exponential backoff and full jitter, and dead-lettered after
+-- max_attempts (or at once on an error with retryable == false); only then
+-- does the subject's next event go.
+--
+-- Exclusion: subjects hash into `partitions` shards; a dispatcher delivers
+-- a shard's events only while it holds the shard's paygate.lease, and
+-- records an outcome only in a transaction that checks the lease's fencing
+-- token (lease.check). A dispatcher whose lease expired mid-delivery cannot
+-- mark the row: its outcome is dropped, and the newer holder delivers again
+-- (at least once; receivers dedupe by event id).
+--
+-- Failures: nil, err (core.error). Misuse raises at the caller.
+
+local core = require "paygate.core"
+local crypto = require "paygate.crypto"
+local json = require "paygate.json"
+local sql = require "paygate.sql"
+local lease = require "paygate.lease"
+
+local _M = { _VERSION = "0.1.0" }
+
+local floor, min, max = math.floor, math.min, math.max
+local concat = table.concat
+
+local DEFAULTS = {
+  name = "default",         -- lease namespace: one per independent outbox
+  partitions = 8,           -- shards; every dispatcher of a db must agree
+  max_partitions = nil,     -- shards taken eagerly (nil: all); see below
+  batch = 50,               -- heads fetched per shard per round
+  concurrency = 16,         -- deliveries in flight per dispatcher
+  interval = 1,             -- s between rounds that found nothing to do
+  lease_ttl = 30,           -- s; must exceed the longest delivery
+  max_attempts = 20,        -- attempts before a dead letter
+  backoff_base = 1,         -- s; delay before attempt n+1 is up to
+  backoff_cap = 3600,       -- s;   min(cap, base * 2^(n-1))
+  keep_days = 7,            -- delivered rows are deleted after this
+  prune_batch = 500,        -- rows per DELETE
+  prune_interval = 300,     -- s between prune passes
+}
+
+------------------------------------------------------------- schema
+
+local SQLITE_SCHEMA = [[
+CREATE TABLE IF NOT EXISTS paygate_outbox (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  subject TEXT NOT NULL, type TEXT NOT NULL, payload TEXT NOT NULL,
+  shard INTEGER NOT NULL, state TEXT NOT NULL DEFAULT 'pending',
+  attempts INTEGER NOT NULL DEFAULT 0,
+  next_at DOUBLE PRECISION NOT NULL, created_at DOUBLE PRECISION NOT NULL,
+  delivered_at DOUBLE PRECISION, sinks_done TEXT NOT NULL DEFAULT '',
+  last_error TEXT);
+]]
+
+local PG_SCHEMA = [[
+CREATE TABLE IF NOT EXISTS paygate_outbox (
+  id BIGSERIAL PRIMARY KEY,
+  subject TEXT NOT NULL, type TEXT NOT NULL, payload TEXT NOT NULL,
+  shard INTEGER NOT NULL, state TEXT NOT NULL DEFAULT 'pending',
+  attempts INTEGER NOT NULL DEFAULT 0,
+  next_at DOUBLE PRECISION NOT NULL, created_at DOUBLE PRECISION NOT NULL,
+  delivered_at DOUBLE PRECISION, sinks_done TEXT NOT NULL DEFAULT '',
+  last_error TEXT);
+]]
+
+-- Partial indexes (both engines): pending rows by subject for the head
+-- test, pending rows in id order for the scan, delivered rows by age for
+-- pruning, dead rows for replay.
+local INDEXES = [[
+CREATE INDEX IF NOT EXISTS paygate_outbox_subject ON paygate_outbox
+  (subject, id) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS paygate_outbox_pending ON paygate_outbox
+  (id) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS paygate_outbox_delivered ON paygate_outbox
+  (delivered_at) WHERE state = 'delivered';
+CREATE INDEX IF NOT EXISTS paygate_outbox_dead ON paygate_outbox
+  (id) WHERE state = 'dead';
+]]
+
+local ready = setmetatable({}, { __mode = "k" })
+
+local function create_in(tx)
+  if tx.engine == "postgres" then
+    -- CREATE ... IF NOT EXISTS races between sessions in PostgreSQL.
+    local _, lerr = tx:exec("SELECT pg_advisory_xact_lock(7217002)")
+    if lerr then
+      return nil, lerr
+    end
+    return tx:exec_script(PG_SCHEMA .. INDEXES)
+  end
+  return tx:exec_script(SQLITE_SCHEMA .. INDEXES)
+end
+
+local function ensure_schema(db)
+  if ready[db] then
+    return true
+  end
+  local ok, err = db:transaction(create_in)
+  if not ok then
+    return nil, err
+  end
+  ready[db] = true
+  return true
+end
+
+local function check_db(fname, db)
+  if getmetatable(db) ~= sql.DB then
+    error(fname .. ": db must be a paygate.sql db", 3)
+  end
+end
+
+-- syntax: ok, err = outbox.setup(db)
+-- Creates the table and its indexes unless they exist (once per handle;
+-- enqueue and the dispatcher call it too).
+-- yields: one transaction, the first time
+function _M.setup(db)
+  check_db("outbox.setup", db)
+  return ensure_schema(db)
+end
+
+------------------------------------------------------------ enqueue
+
+-- A stable 31-bit hash of the subject (exact in doubles: h * 31 + 255 stays
+-- below 2^37), so every process maps a subject to the same shard.
+local function shard_of(subject)
+  local h = 0
+  for i = 1, #subject do
+    h = (h * 31 + subject:byte(i)) % 2147483647
+  end
+  return h
+end
+_M.shard_of = shard_of
+
+local INSERT_SQLITE = "INSERT INTO paygate_outbox (subject, type, payload,"
+  .. " shard, next_at, created_at) VALUES ($1, $2, $3, $4, $5, $5)"
+local INSERT_PG = INSERT_SQLITE .. " RETURNING id"
+
+local EXISTS_SQLITE = "SELECT 1 AS x FROM sqlite_master WHERE type ="
+  .. " 'table' AND name = 'paygate_outbox'"
+local EXISTS_PG = "SELECT 1 AS x WHERE to_regclass('paygate_outbox') IS NOT"
+  .. " NULL"
+
+local made_in = setmetatable({}, { __mode = "k" })
+
+-- The schema from inside the caller's transaction. A table that exists
+-- and was not made by this transaction existed before it: it stays,
+-- whatever this transaction does, so the handle is ready. One made here
+-- may still be rolled back with the caller's work.
+local function schema_in(tx)
+  local rows, err = tx:query(tx.engine == "postgres" and EXISTS_PG
+                             or EXISTS_SQLITE)
+  if not rows then
+    return nil, err
+  end
+  if rows[1] then
+    if not made_in[tx] then
+      ready[tx.db] = true
+    end
+    return true
+  end
+  local _, cerr = create_in(tx)
+  if cerr then
+    return nil, cerr
+  end
+  made_in[tx] = true
+  return true
+end
+
+-- syntax: id, err = outbox.enqueue(tx, event)
+-- event: { subject = "pay_1" (ordering key), type = "payment.paid",
+--          payload = table (JSON), at = seconds (optional: not before) }
+-- returns: the event id (grows with every enqueue; never reused), or nil,
+--          err (the store's kinds). Rolled back with the caller's
+--          transaction.
+-- yields: one statement (the first time per handle, the schema too)
+function _M.enqueue(tx, event)
+  if getmetatable(tx) ~= sql.TX then
+    error("outbox.enqueue: tx must be the tx of a db:transaction", 2)
+  end
+  if type(event) ~= "table" then
+    error("outbox.enqueue: event must be a table", 2)
+  end
+  local subject, etype = event.subject or event.stream, event.type
+  if type(subject) ~= "string" or subject == "" then
+    error("outbox.enqueue: event.subject must be a non-empty string", 2)
+  end
+  if type(etype) ~= "string" or etype == "" then
+    error("outbox.enqueue: event.type must be a non-empty string", 2)
+  end
+  local payload = event.payload
+  if payload == nil then
+    payload = {}
+  elseif type(payload) ~= "table" then
+    error("outbox.enqueue: event.payload must be a table", 2)
+  end
+  local at = event.at
+  if at ~= nil and type(at) ~= "number" then
+    error("outbox.enqueue: event.at must be a number (seconds)", 2)
+  end
+  local ok, text = pcall(json.encode, payload)
+  if not ok then
+    error("outbox.enqueue: event.payload: " .. tostring(text), 2)
+  end
+  if not ready[tx.db] then
+    local _, serr = schema_in(tx)
+    if serr then
+      return nil, serr
+    end
+  end
+  local pg = tx.engine == "postgres"
+  local res, err = tx:exec(pg and INSERT_PG or INSERT_SQLITE,
+                           { subject, etype, text, shard_of(subject),
+                             at or core.time() })
+  if not res then
+    return nil, err
+  end
+  return res.last_id
+end
+
+------------------------------------------------------------ backoff
+
+-- syntax: delay = outbox.backoff(attempt [, base, cap, random])
+-- Full jitter: a uniform delay in [0, min(cap, base * 2^(attempt-1))).
+-- random() returns a number in [0, 1) (default math.random).
+function _M.backoff(attempt, base, cap, random)
+  base = base or DEFAULTS.backoff_base
+  cap = cap or DEFAULTS.backoff_cap
+  local ceiling = min(cap, base * 2 ^ max(0, attempt - 1))
+  return (random or math.random)() * ceiling
+end
+
+---------------------------------------------------------------- sinks
+
+local function hex_hmac(secret, t, body)
+  return crypto.hex(crypto.hmac("sha256", secret, t .. "." .. body))
+end
+
+-- syntax: header = outbox.sign_webhook(secret, body [, t])
+-- returns: "t=<unix seconds>,v1=<hex HMAC-SHA256(secret, t .. "." ..
+--          body)>", the value of the Paygate-Signature header
+function _M.sign_webhook(secret, body, t)
+  if type(secret) ~= "string" or secret == "" then
+    error("outbox.sign_webhook: secret must be a non-empty string", 2)
+  end
+  if type(body) ~= "string" then
+    error("outbox.sign_webhook: body must be a string", 2)
+  end
+  t = floor(t or core.time())
+  return "t=" .. t .. ",v1=" .. hex_hmac(secret, t, body)
+end
+
+local function bad(kind, message)
+  return nil, core.error(kind, "verify webhook: " .. message,
+                         { retryable = false })
+end
+
+-- syntax: ok, err = outbox.verify_webhook(secret, header, body [, opts])
+-- secret: the shared secret, or an array of them (rotation: any matches)
+-- header: the Paygate-Signature value; body: the raw request body
+-- opts: tolerance (s, default 300), now (s, default the clock)
+-- returns: true, or nil, err with kind bad_header, bad_signature or
+--          stale_timestamp (err.retryable false)
+function _M.verify_webhook(secret, header, body, opts)
+  local secrets = type(secret) == "table" and secret or { secret }
+  if #secrets == 0 then
+    error("outbox.verify_webhook: secret must be a string or an array of"
+          .. " strings", 2)
+  end
+  for _, s in ipairs(secrets) do
+    if type(s) ~= "string" or s == "" then
+      error("outbox.verify_webhook: secret must be a non-empty string", 2)
+    end
+  end
+  if opts ~= nil and type(opts) ~= "table" then
+    error("outbox.verify_webhook: opts must be a table", 2)
+  end
+  opts = opts or {}
+  if type(header) ~= "string" or #header > 4096 then
+    return bad("bad_header", "missing or oversized signature header")
+  end
+  if type(body) ~= "string" then
+    return bad("bad_header", "no body")
+  end
+  local t, sigs = nil, {}
+  for part in header:gmatch("[^,]+") do
+    local k, v = part:match("^%s*([%w]+)=([^%s]*)%s*$")
+    if k == "t" then
+      t = v:match("^%d+$") and tonumber(v) or nil
+      if not t or #v > 12 then
+        return bad("bad_header", "bad timestamp")
+      end
+    elseif k == "v1" and v:match("^%x+$") and #v == 64 then
+      sigs[#sigs + 1] = v:lower()
+    end
+  end
+  if not t then
+    return bad("bad_header", "no timestamp")
+  end
+  if #sigs == 0 then
+    return bad("bad_header", "no v1 signature")
+  end
+  local matched = false
+  for _, s in ipairs(secrets) do
+    local want = hex_hmac(s, t, body)
+    for _, got in ipairs(sigs) do
+      if crypto.constant_time_equal(want, got) then
+        matched = true
+      end
+    end
+  end
+  if not matched then
+    return bad("bad_signature", "no signature matches the body")
+  end
+  local now = opts.now or core.time()
+  local tolerance = opts.tolerance or 300
+  if math.abs(now - t) > tolerance then
+    return bad("stale_timestamp", "timestamp outside the tolerance of "
+               .. tolerance .. " s")
+  end
+  return true
+end
+
+-- The webhook body: the envelope built around the stored payload text (no
+-- re-encoding).
+local function webhook_body(event)
+  return '{"id":' .. string.format("%d", event.id)
+    .. ',"type":' .. json.encode(event.type)
+    .. ',"subject":' .. json.encode(event.subject)
+    .. ',"created_at":' .. string.format("%.3f", event.created_at)
+    .. ',"attempt":' .. event.attempt
+    .. ',"data":' .. event.payload_json .. '}'
+end
+_M.webhook_body = webhook_body
+
+-- Status codes after which trying again may help.
+local RETRY_STATUS = { [408] = true, [409] = true, [425] = true,
+                       [429] = true }
+
+local function check_sink_opts(fname, opts)
+  if type(opts) ~= "table" then
+    error(fname .. ": opts must be a table", 3)
+  end
+  if opts.name ~= nil and (type(opts.name) ~= "string" or opts.name == ""
+                           or opts.name:find(",", 1, true)) then
+    error(fname .. ": opts.name must be a non-empty string without ','", 3)
+  end
+  if opts.types ~= nil and type(opts.types) ~= "table" then
+    error(fname .. ": opts.types must be an array of event types", 3)
+  end
+end
+
+local function type_filter(types)
+  if not types then
+    return nil
+  end
+  local set = {}
+  for _, t in ipairs(types) do
+    set[t] = true
+  end
+  return set
+end
+
+-- syntax: sink = outbox.webhook(opts)
+-- opts: url, secret, name ("webhook"), timeout (s, 10), headers (extra),
+--       types (array: only these event types), ca_file, resolve
+-- POSTs the JSON envelope { id, type, subject, created_at, attempt, data }
+-- with Paygate-Signature (see sign_webhook), Paygate-Event-Id and
+-- Paygate-Event-Type. 2xx is delivered; 5xx, 408, 409, 425, 429 and
+-- transport failures are retried; any other status dead-letters at once.
+function _M.webhook(opts)
+  check_sink_opts("outbox.webhook", opts)
+  if type(opts.url) ~= "string" or not opts.url:match("^https?://") then
+    error("outbox.webhook: opts.url must be an http(s) URL", 2)
+  end
+  if type(opts.secret) ~= "string" or opts.secret == "" then
+    error("outbox.webhook: opts.secret must be a non-empty string", 2)
+  end
+  local http = require "paygate.http"
+  local url, secret = opts.url, opts.secret
+  local timeout = opts.timeout or 10
+  local extra = opts.headers or {}
+  local function deliver(event)
+    local body = webhook_body(event)
+    local headers = {}
+    for k, v in pairs(extra) do
+      headers[k] = v
+    end
+    headers["Content-Type"] = "application/json"
+    headers["Paygate-Signature"] = _M.sign_webhook(secret, body)
+    headers["Paygate-Event-Id"] = string.format("%d", event.id)
+    headers["Paygate-Event-Type"] = event.type
+    local res, err = http.request{ method = "POST", url = url, body = body,
+                                   headers = headers, timeout = timeout,
+                                   ca_file = opts.ca_file,
+                                   resolve = opts.resolve,
+                                   -- the answer's body is not read: a
+                                   -- large one cannot fail a delivery
+                                   sink = function() end }
+    if not res then
+      return nil, core.error("webhook_failed", "webhook: " .. tostring(err),
+                             { retryable = true, cause = err.kind })
+    end
+    local s = res.status
+    if s >= 200 and s < 300 then
+      return true
+    end
+    return nil, core.error("webhook_status", "webhook: answered " .. s,
+                           { status = s,
+                             retryable = s >= 500 or RETRY_STATUS[s]
+                                         or false })
+  end
+  return { name = opts.name or "webhook", deliver = deliver,
+           types = type_filter(opts.types) }
+end
+
+-- syntax: sink = outbox.redis_stream(opts)
+-- opts: client (a paygate.redis client) or url (connected on first use, in
+--       the delivering worker), stream (name, or function(event) -> name;
+--       default "paygate:events"), maxlen (approximate trim, optional),
+--       name ("redis"), types
+-- Each event is one entry: id, type, subject, created_at, payload (JSON).
+-- A retry after a lost reply can add an entry twice: consumers dedupe by
+-- the id field.
+function _M.redis_stream(opts)
+  check_sink_opts("outbox.redis_stream", opts)
+  local redis = require "paygate.redis"
+  if opts.client == nil and type(opts.url) ~= "string" then
+    error("outbox.redis_stream: opts.client or opts.url is required", 2)
+  end
+  local stream = opts.stream or "paygate:events"
+  if type(stream) ~= "string" and type(stream) ~= "function" then
+    error("outbox.redis_stream: opts.stream must be a string or a function",
+          2)
+  end
+  if opts.maxlen ~= nil and (type(opts.maxlen) ~= "number"
+                             or opts.maxlen < 1) then
+    error("outbox.redis_stream: opts.maxlen must be a positive number", 2)
+  end
+  local client = opts.client
+  local function deliver(event)
+    if not client then
+      local c, err = redis.connect(opts.url)
+      if not c then
+        return nil, err
+      end
+      client = c
+    end
+    local name = stream
+    if type(stream) == "function" then
+      name = stream(event)
+    end
+    local args = { "XADD", name }
+    if opts.maxlen then
+      args[#args + 1] = "MAXLEN"
+      args[#args + 1] = "~"
+      args[#args + 1] = floor(opts.maxlen)
+    end
+    for _, v in ipairs({ "*", "id", string.format("%d", event.id), "type",
+                         event.type, "subject", event.subject, "created_at",
+                         string.format("%.3f", event.created_at), "payload",
+                         event.payload_json }) do
+      args[#args + 1] = v
+    end
+    local res, err = client:call(unpack(args))
+    if not res then
+      return nil, err
+    end
+    return true
+  end
+  return { name = opts.name or "redis", deliver = deliver,
+           types = type_filter(opts.types) }
+end
+
+-- syntax: sink = outbox.hooks(map [, opts])
+-- map: event type -> function(event) ("*" matches any type). A hook fails
+-- by returning false or nil, err, or by raising; returning nothing counts
+-- as done. Events with no hook are done at once.
+--   outbox.hooks{ ["payment.paid"] = on_paid,
+--                 ["refund.succeeded"] = on_refunded }
+function _M.hooks(map, opts)
+  if type(map) ~= "table" then
+    error("outbox.hooks: map must be a table of event type -> function", 2)
+  end
+  for k, v in pairs(map) do
+    if type(k) ~= "string" or type(v) ~= "function" then
+      error("outbox.hooks: map must be a table of event type -> function",
+            2)
+    end
+  end
+  opts = opts or {}
+  check_sink_opts("outbox.hooks", opts)
+  local function deliver(event)
+    local fn = map[event.type] or map["*"]
+    if not fn then
+      return true
+    end
+    return fn(event)
+  end
+  return { name = opts.name or "hooks", deliver = deliver }
+end
+
+----------------------------------------------------------- dispatcher
+
+local Dispatcher = {}
+Dispatcher.__index = Dispatcher
+_M.Dispatcher = Dispatcher
+
+local function normalize_sinks(sinks)
+  if type(sinks) ~= "table" or #sinks == 0 then
+    error("outbox.dispatcher: opts.sinks must be a non-empty array", 3)
+  end
+  local out, names = {}, {}
+  for i, s in ipairs(sinks) do
+    if type(s) == "function" then
+      s = { name = "sink" .. i, deliver = s }
+    end
+    if type(s) ~= "table" or type(s.deliver) ~= "function"
+       or type(s.name) ~= "string" or s.name == ""
+       or s.name:find(",", 1, true) then
+      error("outbox.dispatcher: opts.sinks[" .. i .. "] must be a function"
+            .. " or a { name, deliver } table", 3)
+    end
+    if names[s.name] then
+      error("outbox.dispatcher: two sinks are named " .. s.name, 3)
+    end
+    names[s.name] = true
+    out[i] = s
+  end
+  return out
+end
+
+-- syntax: d = outbox.dispatcher(db, opts)
+-- opts: sinks (required), and any of DEFAULTS above; now (function ->
+--       seconds: due times, delivered_at, pruning; leases keep the real
+--       clock) and random (function -> [0, 1)) for tests
+-- returns: a dispatcher; d:start() runs it in its own task, d:step() runs
+--          one round (returns the number of events attempted), d:stop()
+--          stops it and releases its leases, d.stats counts outcomes.
+function _M.dispatcher(db, opts)
+  check_db("outbox.dispatcher", db)
+  if type(opts) ~= "table" then
+    error("outbox.dispatcher: opts must be a table", 2)
+  end
+  local d = { db = db, sinks = normalize_sinks(opts.sinks), leases = {},
+              probe_at = {},
+              now = opts.now or core.time, random = opts.random
+                or math.random, next_prune = 0,
+              stats = { delivered = 0, failed = 0, dead = 0, fenced = 0,
+                        rounds = 0, pruned = 0, errors = 0 } }
+  for k, v in pairs(DEFAULTS) do
+    local o = opts[k]
+    if o == nil then
+      d[k] = v
+    elseif k == "name" then
+      if type(o) ~= "string" or o == "" then
+        error("outbox.dispatcher: opts.name must be a non-empty string", 2)
+      end
+      d[k] = o
+    else
+      if type(o) ~= "number" or not (o > 0) or o == math.huge then
+        error("outbox.dispatcher: opts." .. k .. " must be a positive"
+              .. " number", 2)
+      end
+      d[k] = o
+    end
+  end
+  for k in pairs(opts) do
+    if DEFAULTS[k] == nil and k ~= "sinks" and k ~= "now" and k ~= "random"
+       and k ~= "max_partitions" then
+      error("outbox.dispatcher: unknown option opts." .. k, 2)
+    end
+  end
+  local mp = opts.max_partitions
+  if mp ~= nil and (type(mp) ~= "number" or mp < 1 or mp % 1 ~= 0) then
+    error("outbox.dispatcher: opts.max_partitions must be a positive"
+          .. " integer", 2)
+  end
+  if d.partitions % 1 ~= 0 then
+    error("outbox.dispatcher: opts.partitions must be a positive integer", 2)
+  end
+  d.max_partitions = mp or d.partitions
+  return setmetatable(d, Dispatcher)
+end
+
+local function log_warn(msg, fields)
+  local ok, paygate = pcall(require, "paygate")
+  if ok and paygate.log then
+    paygate.log.warn(msg, fields)
+  end
+end
+
+local function lease_key(self, p)
+  return "outbox:" .. self.name .. ":" .. self.partitions .. ":" .. p
+end
+
+local function shuffled(n, random)
+  local t = {}
+  for i = 1, n do
+    t[i] = i - 1
+  end
+  for i = n, 2, -1 do
+    local j = floor(random() * i) + 1
+    t[i], t[j] = t[j], t[i]
+  end
+  return t
+end
+
+-- Renews held leases past half their life and drops lost ones. Takes
+-- free shards up to max_partitions every round; past that cap it probes a
+-- shard at most every PROBE_ROUNDS intervals, so a shard whose holder died
+-- (or that nobody under the cap wants) is still served. A shard held past
+-- the cap is given back after lease_ttl, so a dispatcher under its cap
+-- (one that started later) picks it up within a round.
+local PROBE_ROUNDS = 3
+
+local function take(self, p, now)
+  local l, err = lease.acquire(self.db, lease_key(self, p), self.lease_ttl)
+  if l then
+    l.since = now
+    self.leases[p] = l
+    return true
+  elseif err.kind ~= "held" then
+    self.stats.errors = self.stats.errors + 1
+    log_warn("outbox: lease", { error = tostring(err) })
+  end
+  return false
+end
+
+local function refresh_leases(self)
+  local now = core.time()
+  local held = 0
+  for p, l in pairs(self.leases) do
+    if l.extra and now - l.since > self.lease_ttl then
+      self.leases[p] = nil
+      self.probe_at[p] = now + PROBE_ROUNDS * self.interval
+      lease.release(self.db, l)
+    elseif l.expires_at - now < self.lease_ttl / 2 then
+      local ok, err = lease.renew(self.db, l)
+      if not ok and err.kind == "lost" then
+        self.leases[p] = nil
+      end
+    end
+    if self.leases[p] then
+      held = held + 1
+    end
+  end
+  for _, p in ipairs(shuffled(self.partitions, self.random)) do
+    if not self.leases[p] then
+      if held < self.max_partitions then
+        if take(self, p, now) then
+          held = held + 1
+        end
+      else
+        local at = self.probe_at[p]
+        if not at then
+          self.probe_at[p] = now + PROBE_ROUNDS * self.interval
+        elseif now >= at then
+          self.probe_at[p] = now + PROBE_ROUNDS * self.interval
+          if take(self, p, now) then
+            self.leases[p].extra = true
+            held = held + 1
+          end
+        end
+      end
+    end
+  end
+end
+
+local HEADS = "SELECT id, subject, type, payload, attempts, created_at,"
+  .. " sinks_done FROM paygate_outbox o WHERE state = 'pending'"
+  .. " AND shard % $1 = $2 AND next_at <= $3 AND NOT EXISTS (SELECT 1"
+  .. " FROM paygate_outbox e WHERE e.state = 'pending'"
+  .. " AND e.subject = o.subject AND e.id < o.id) ORDER BY id LIMIT $4"
+
+local MARK_DONE = "UPDATE paygate_outbox SET state = 'delivered',"
+  .. " delivered_at = $2, attempts = attempts + 1, sinks_done = $3,"
+  .. " last_error = NULL WHERE id = $1 AND state = 'pending'"
+
+local MARK_FAIL = "UPDATE paygate_outbox SET state = $2, next_at = $3,"
+  .. " attempts = attempts + 1, sinks_done = $4, last_error = $5"
+  .. " WHERE id = $1 AND state = 'pending'"
+
+local function split_set(s)
+  local set = {}
+  for name in (s or ""):gmatch("[^,]+") do
+    set[name] = true
+  end
+  return set
+end
+
+local function join_set(set)
+  local t = {}
+  for name in pairs(set) do
+    t[#t + 1] = name
+  end
+  table.sort(t)
+  return concat(t, ",")
+end
+
+local function err_text(e)
+  local s = tostring(e)
+  if #s > 500 then
+    s = s:sub(1, 500)
+  end
+  return s
+end
+
+-- Delivers one head to every sink that has not had it yet and records
+-- the outcome under the shard's fencing token. The lease is renewed here
+-- too once half of it is gone (a round of slow sinks can outlast it).
+local function deliver_row(self, row, p, l)
+  -- Not enough lease left for a delivery to finish: leave it to the next
+  -- round (after a renewal) rather than race a new holder.
+  if l.expires_at - core.time() < self.lease_ttl / 2 and not l.renewing then
+    l.renewing = true
+    local ok, err = lease.renew(self.db, l)
+    if not ok and err.kind == "lost" and self.leases[p] == l then
+      self.leases[p] = nil
+    end
+    l.renewing = false
+  end
+  if self.leases[p] ~= l or l.expires_at - core.time() < self.lease_ttl / 4
+  then
+    return
+  end
+  local payload, jerr = json.decode(row.payload)
+  local event = { id = row.id, subject = row.subject, type = row.type,
+                  payload = payload, payload_json = row.payload,
+                  created_at = row.created_at, attempt = row.attempts + 1 }
+  local done = split_set(row.sinks_done)
+  local errs, fatal = {}, false
+  if payload == nil then
+    errs[1] = "payload: " .. tostring(jerr)
+    fatal = true
+  else
+    for _, sink in ipairs(self.sinks) do
+      if not done[sink.name]
+         and (not sink.types or sink.types[event.type]) then
+        local ok, r, e = pcall(sink.deliver, event)
+        if ok and r ~= false and not (r == nil and e ~= nil) then
+          done[sink.name] = true
+        else
+          local cause = ok and (e or "returned false") or r
+          errs[#errs + 1] = sink.name .. ": " .. err_text(cause)
+          if type(cause) == "table" and cause.retryable == false then
+            fatal = true
+          end
+        end
+      end
+    end
+  end
+  local now = self.now()
+  local key, token = lease_key(self, p), l.token
+  local outcome
+  local ok, err = self.db:transaction(function(tx)
+    local fine, ferr = lease.check(tx, key, token)
+    if not fine then
+      return nil, ferr
+    end
+    local res, uerr
+    if #errs == 0 then
+      outcome = "delivered"
+      res, uerr = tx:exec(MARK_DONE, { row.id, now, join_set(done) })
+    else
+      local attempts = row.attempts + 1
+      local state, next_at = "pending", now
+      if fatal or attempts >= self.max_attempts then
+        state, outcome = "dead", "dead"
+      else
+        outcome = "failed"
+        next_at = now + _M.backoff(attempts, self.backoff_base,
+                                   self.backoff_cap, self.random)
+      end
+      res, uerr = tx:exec(MARK_FAIL, { row.id, state, next_at,
+                                       join_set(done), concat(errs, "; ") })
+    end
+    if not res then
+      return nil, uerr
+    end
+    return true
+  end)
+  local stats = self.stats
+  if not ok then
+    if err.kind == "fenced" then
+      stats.fenced = stats.fenced + 1
+      if self.leases[p] == l then
+        self.leases[p] = nil
+      end
+    else
+      stats.errors = stats.errors + 1
+    end
+    log_warn("outbox: outcome not recorded", { id = row.id,
+                                               error = tostring(err) })
+    return
+  end
+  stats[outcome] = stats[outcome] + 1
+  if outcome == "dead" then
+    log_warn("outbox: dead letter", { id = row.id, type = row.type,
+                                      error = concat(errs, "; ") })
+  end
+end
+
+-- syntax: n = d:step()
+-- One round: leases, then the due heads of every held shard, delivered
+-- with at most `concurrency` in flight; prunes when due. Returns the
+-- number of heads attempted.
+-- yields
+function Dispatcher:step()
+  local ok, err = ensure_schema(self.db)
+  if not ok then
+    self.stats.errors = self.stats.errors + 1
+    return 0, err
+  end
+  self.stats.rounds = self.stats.rounds + 1
+  refresh_leases(self)
+  local work = {}
+  local now = self.now()
+  for p, l in pairs(self.leases) do
+    local rows, qerr = self.db:query(HEADS, { self.partitions, p, now,
+                                              self.batch })
+    if not rows then
+      self.stats.errors = self.stats.errors + 1
+      log_warn("outbox: heads", { error = tostring(qerr) })
+    else
+      for _, row in ipairs(rows) do
+        work[#work + 1] = { row, p, l }
+      end
+    end
+  end
+  local i, n = 0, #work
+  local function worker()
+    while i < n do
+      i = i + 1
+      local w = work[i]
+      deliver_row(self, w[1], w[2], w[3])
+    end
+  end
+  local tasks = {}
+  self.workers = tasks
+  for k = 1, min(self.concurrency, n) do
+    tasks[k] = core.spawn(worker)
+  end
+  for _, t in ipairs(tasks) do
+    t:wait()
+  end
+  self.workers = nil
+  if now >= self.next_prune then
+    self.next_prune = now + self.prune_interval
+    local pl = lease.acquire(self.db, "outbox:" .. self.name .. ":prune",
+                             self.lease_ttl)
+    if pl then
+      local pruned = _M.prune(self.db, { keep_days = self.keep_days,
+                                         batch = self.prune_batch,
+                                         now = now })
+      self.stats.pruned = self.stats.pruned + (pruned or 0)
+      lease.release(self.db, pl)
+    end
+  end
+  return n
+end
+
+-- syntax: d = d:start()
+-- Runs rounds in a task until d:stop(): again at once after a round that
+-- had work, after `interval` seconds otherwise.
+function Dispatcher:start()
+  if self.task then
+    return self
+  end
+  self.stopping = false
+  self.task = core.spawn(function()
+    while not self.stopping do
+      local ok, n = pcall(self.step, self)
+      if not ok then
+        self.stats.errors = self.stats.errors + 1
+        log_warn("outbox: round failed", { error = tostring(n) })
+        n = 0
+      end
+      if not self.stopping and n == 0 then
+        core.sleep(self.interval)
+      end
+    end
+  end)
+  return self
+end
+
+-- syntax: d:stop()
+-- Stops the task and its deliveries (one in flight is abandoned: its row
+-- stays pending) and releases the leases.
+-- yields: one statement per held lease
+function Dispatcher:stop()
+  self.stopping = true
+  -- pcall: a sink may call d:stop(), and a task cannot cancel itself
+  if self.task then
+    pcall(self.task.cancel, self.task)
+    self.task = nil
+  end
+  for _, t in ipairs(self.workers or {}) do
+    pcall(t.cancel, t)
+  end
+  self.workers = nil
+  for p, l in pairs(self.leases) do
+    self.leases[p] = nil
+    lease.release(self.db, l)
+  end
+end
+
+------------------------------------------------- prune, replay, list
+
+local PRUNE = "DELETE FROM paygate_outbox WHERE id IN (SELECT id FROM"
+  .. " paygate_outbox WHERE state = 'delivered' AND delivered_at < $1"
+  .. " ORDER BY delivered_at LIMIT $2)"
+
+-- syntax: n, err = outbox.prune(db [, opts])
+-- Deletes delivered rows older than keep_days (default 7) in batches of
+-- `batch` (500), at most `max_batches` (20) per call, yielding between.
+-- returns: the number of rows deleted
+function _M.prune(db, opts)
+  check_db("outbox.prune", db)
+  opts = opts or {}
+  local ok, err = ensure_schema(db)
+  if not ok then
+    return nil, err
+  end
+  local before = (opts.now or core.time())
+                 - (opts.keep_days or DEFAULTS.keep_days) * 86400
+  local batch = opts.batch or DEFAULTS.prune_batch
+  local total = 0
+  for _ = 1, opts.max_batches or 20 do
+    local res, derr = db:exec(PRUNE, { before, batch })
+    if not res then
+      return nil, derr
+    end
+    total = total + res.changes
+    if res.changes < batch then
+      break
+    end
+    core.sleep(0)
+  end
+  return total
+end
+
+-- Builds a WHERE clause from a filter: id, subject, type, state.
+local function where(filter, default_state)
+  local conds, params = {}, {}
+  local function add(cond, v)
+    params[#params + 1] = v
+    conds[#conds + 1] = cond:gsub("%?", "$" .. #params)
+  end
+  if filter.id ~= nil then
+    add("id = ?", filter.id)
+  end
+  if filter.subject ~= nil then
+    add("subject = ?", filter.subject)
+  end
+  if filter.type ~= nil then
+    add("type = ?", filter.type)
+  end
+  local state = filter.state or default_state
+  if state ~= nil and state ~= "any" then
+    add("state = ?", state)
+  end
+  if #conds == 0 then
+    return "", params
+  end
+  return " WHERE " .. concat(conds, " AND "), params
+end
+
+local function check_filter(fname, filter)
+  if type(filter) ~= "table" then
+    error(fname .. ": filter must be an event id or a table", 3)
+  end
+  for k, v in pairs(filter) do
+    if k == "id" or k == "limit" then
+      if type(v) ~= "number" then
+        error(fname .. ": filter." .. k .. " must be a number", 3)
+      end
+    elseif k == "subject" or k == "type" or k == "state" then
+      if type(v) ~= "string" then
+        error(fname .. ": filter." .. k .. " must be a string", 3)
+      end
+    else
+      error(fname .. ": unknown filter key " .. tostring(k), 3)
+    end
+  end
+end
+
+-- syntax: n, err = outbox.replay(db, id | filter)
+-- Sets the chosen events pending again with a fresh attempt count, due
+-- now. An id picks that event whatever its state (a pending one is left
+-- alone); a filter { subject, type, state } picks dead letters unless
+-- state says "delivered" or "any". A replayed delivered event goes to
+-- every sink again; a replayed dead letter only to the sinks it had not
+-- reached. It is the head of its subject again: later pending events of
+-- the subject wait for it.
+-- returns: the number of events replayed
+function _M.replay(db, filter)
+  check_db("outbox.replay", db)
+  if type(filter) == "number" then
+    filter = { id = filter, state = "any" }
+  end
+  check_filter("outbox.replay", filter)
+  local ok, err = ensure_schema(db)
+  if not ok then
+    return nil, err
+  end
+  local w, params = where(filter, "dead")
+  local n = #params
+  params[n + 1] = core.time()
+  local stmt = "UPDATE paygate_outbox SET sinks_done = CASE WHEN state ="
+    .. " 'delivered' THEN '' ELSE sinks_done END, state = 'pending',"
+    .. " attempts = 0, next_at = $" .. (n + 1) .. ", last_error = NULL,"
+    .. " delivered_at = NULL"
+    .. (w == "" and " WHERE" or w .. " AND") .. " state <> 'pending'"
+  local res, uerr = db:exec(stmt, params)
+  if not res then
+    return nil, uerr
+  end
+  return res.changes
+end
+
+-- syntax: rows, err = outbox.list(db [, filter])
+-- filter: { id, subject, type, state ("any" by default), limit (100) }
+-- returns: rows { id, subject, type, payload (JSON text), state, attempts,
+--          next_at, created_at, delivered_at, sinks_done, last_error }
+--          in id order
+function _M.list(db, filter)
+  check_db("outbox.list", db)
+  filter = filter or {}
+  check_filter("outbox.list", filter)
+  local ok, err = ensure_schema(db)
+  if not ok then
+    return nil, err
+  end
+  local w, params = where(filter, "any")
+  params[#params + 1] = filter.limit or 100
+  return db:query("SELECT id, subject, type, payload, state, attempts,"
+    .. " next_at, created_at, delivered_at, sinks_done, last_error FROM"
+    .. " paygate_outbox" .. w .. " ORDER BY id LIMIT $" .. #params, params)
+end
+
+return _M

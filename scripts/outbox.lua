@@ -1,0 +1,126 @@
+-- paygate exec scripts/outbox.lua DB_URL COMMAND [ARGS]
+--
+-- Inspect and replay the outbox of a paygate.outbox database:
+--   list   [--state S] [--subject S] [--type T] [--limit N]
+--   replay ID...                      replay these events (any state)
+--   replay --dead [--subject S] [--type T]
+--                                     replay the matching dead letters
+--   prune  [--keep-days N]            delete delivered rows now
+-- Exit: 0 done, 1 the store failed, 2 usage.
+local sql = require "paygate.sql"
+local outbox = require "paygate.outbox"
+local json = require "paygate.json"
+
+local USAGE = [[
+usage: paygate exec scripts/outbox.lua DB_URL COMMAND [ARGS]
+  list   [--state pending|delivered|dead|any] [--subject S] [--type T]
+         [--limit N]
+  replay ID...
+  replay --dead [--subject S] [--type T]
+  prune  [--keep-days N]
+]]
+
+local args = { ... }
+
+local function usage(msg)
+  if msg then
+    io.stderr:write("outbox: ", msg, "\n")
+  end
+  io.stderr:write(USAGE)
+  return 2
+end
+
+local function options(from)
+  local o, ids = {}, {}
+  local i = from
+  while i <= #args do
+    local a = args[i]
+    local flag = a:match("^%-%-([%w-]+)$")
+    if flag == "dead" then
+      o.state = "dead"
+    elseif flag then
+      local v = args[i + 1]
+      if v == nil then
+        return nil, "--" .. flag .. " needs a value"
+      end
+      o[flag] = v
+      i = i + 1
+    elseif a:match("^%d+$") then
+      ids[#ids + 1] = tonumber(a)
+    else
+      return nil, "unexpected argument " .. a
+    end
+    i = i + 1
+  end
+  return o, ids
+end
+
+local function main()
+  local url, cmd = args[1], args[2]
+  if url == "--help" or url == "-h" then
+    io.stdout:write(USAGE)
+    return 0
+  end
+  if not url or not cmd then
+    return usage()
+  end
+  local o, ids = options(3)
+  if not o then
+    return usage(ids)
+  end
+  local db, err = sql.open(url)
+  if not db then
+    io.stderr:write("outbox: cannot open the store: ", tostring(err), "\n")
+    return 1
+  end
+  if cmd == "list" then
+    local rows, lerr = outbox.list(db, { state = o.state, subject = o.subject,
+                                         type = o.type,
+                                         limit = tonumber(o.limit) })
+    if not rows then
+      io.stderr:write("outbox: ", tostring(lerr), "\n")
+      return 1
+    end
+    for _, r in ipairs(rows) do
+      io.stdout:write(json.encode(r), "\n")
+    end
+    return 0
+  elseif cmd == "replay" then
+    local total = 0
+    if #ids > 0 then
+      for _, id in ipairs(ids) do
+        local n, rerr = outbox.replay(db, id)
+        if not n then
+          io.stderr:write("outbox: ", tostring(rerr), "\n")
+          return 1
+        end
+        total = total + n
+      end
+    elseif o.state == "dead" then
+      local n, rerr = outbox.replay(db, { state = "dead",
+                                          subject = o.subject,
+                                          type = o.type })
+      if not n then
+        io.stderr:write("outbox: ", tostring(rerr), "\n")
+        return 1
+      end
+      total = n
+    else
+      return usage("replay needs event ids or --dead")
+    end
+    io.stdout:write("replayed ", total, "\n")
+    return 0
+  elseif cmd == "prune" then
+    local n, perr = outbox.prune(db, { keep_days = tonumber(o["keep-days"]),
+                                       max_batches = 1e9 })
+    if not n then
+      io.stderr:write("outbox: ", tostring(perr), "\n")
+      return 1
+    end
+    io.stdout:write("pruned ", n, "\n")
+    return 0
+  end
+  return usage("unknown command " .. cmd)
+end
+
+return main()

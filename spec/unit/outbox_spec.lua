@@ -1,0 +1,624 @@
+-- paygate.outbox on SQLite and PostgreSQL (and Redis Streams): enqueue in
+-- the caller's transaction, in-order delivery per subject, backoff, dead
+-- letters, replay, pruning, fencing, webhook signatures. Dispatchers run
+-- round by round (d:step()) on an injected clock: no test sleeps to wait
+-- for a retry.
+local paygate = require "paygate"
+local core = require "paygate.core"
+local sql = require "paygate.sql"
+local redis = require "paygate.redis"
+local lease = require "paygate.lease"
+local outbox = require "paygate.outbox"
+local servers = require "spec.support.servers"
+
+local tmp = servers.mktemp()
+local pg_srv, redis_srv
+local n = 0
+
+teardown(function()
+  servers.stop_all()
+  servers.sh("rm -rf " .. tmp)
+end)
+
+local stores = {
+  sqlite = function()
+    n = n + 1
+    return assert(sql.open("sqlite:" .. tmp .. "/o" .. n .. ".db"))
+  end,
+}
+if servers.have_postgres() then
+  stores.postgres = function()
+    pg_srv = pg_srv or servers.postgres()
+    local db = assert(sql.open(pg_srv.url))
+    assert(db:exec_script("DROP TABLE IF EXISTS paygate_outbox;"
+      .. " DROP TABLE IF EXISTS paygate_leases;"
+      .. " DROP TABLE IF EXISTS payments;"
+      .. " CREATE TABLE payments (id TEXT PRIMARY KEY, state TEXT)"))
+    return db
+  end
+end
+
+local function wait_until(cond, secs, what)
+  local deadline = core.time() + secs
+  while not cond() do
+    if core.time() > deadline then
+      error("timed out after " .. secs .. " s waiting for " .. what, 2)
+    end
+    paygate.sleep(0.01)
+  end
+end
+
+local function enqueue(db, subject, etype, payload)
+  return assert(db:transaction(function(tx)
+    return outbox.enqueue(tx, { subject = subject, type = etype,
+                                payload = payload or { subject = subject } })
+  end))
+end
+
+-- A clock the test moves by hand, starting a second ahead of the real
+-- one (rows are enqueued due "now" by the real clock).
+local function new_clock()
+  local c = { t = core.time() + 1 }
+  function c.now() return c.t end
+  function c.advance(s) c.t = c.t + s end
+  return c
+end
+
+-- A sink that records what it got and fails as told: fail[id] = number of
+-- attempts that fail (retryable), or "fatal".
+local function recorder(name)
+  local r = { got = {}, fail = {}, name = name or "rec" }
+  r.sink = { name = r.name, deliver = function(event)
+    local f = r.fail[event.id]
+    if f == "fatal" then
+      return nil, paygate.error("rejected", "no", { retryable = false })
+    elseif f and f > 0 then
+      r.fail[event.id] = f - 1
+      return nil, paygate.error("down", "try later", { retryable = true })
+    end
+    r.got[#r.got + 1] = event
+  end }
+  function r.ids()
+    local t = {}
+    for i, e in ipairs(r.got) do t[i] = e.id end
+    return t
+  end
+  return r
+end
+
+local function sorted(t)
+  local c = {}
+  for i, v in ipairs(t) do c[i] = v end
+  table.sort(c)
+  return c
+end
+
+local function count(t)
+  local k = 0
+  for _ in pairs(t) do k = k + 1 end
+  return k
+end
+
+local function row(db, id)
+  return assert(outbox.list(db, { id = id }))[1]
+end
+
+describe("paygate.outbox misuse", function()
+  it("raises at the caller for a bad tx, event or option", function()
+    local db = stores.sqlite()
+    assert.has_error(function() outbox.enqueue(db, { subject = "s",
+                                                     type = "t" }) end,
+      "outbox.enqueue: tx must be the tx of a db:transaction")
+    db:transaction(function(tx)
+      assert.has_error(function() outbox.enqueue(tx, { type = "t" }) end,
+        "outbox.enqueue: event.subject must be a non-empty string")
+      assert.has_error(function() outbox.enqueue(tx, { subject = "s" }) end,
+        "outbox.enqueue: event.type must be a non-empty string")
+      assert.has_error(function()
+        outbox.enqueue(tx, { subject = "s", type = "t", payload = "x" })
+      end, "outbox.enqueue: event.payload must be a table")
+    end)
+    assert.has_error(function() outbox.dispatcher(db, { sinks = {} }) end,
+      "outbox.dispatcher: opts.sinks must be a non-empty array")
+    assert.has_error(function()
+      outbox.dispatcher(db, { sinks = { function() end }, batchh = 1 })
+    end, "outbox.dispatcher: unknown option opts.batchh")
+    assert.has_error(function()
+      outbox.dispatcher(db, { sinks = { function() end }, interval = 0 })
+    end, "outbox.dispatcher: opts.interval must be a positive number")
+    assert.has_error(function() outbox.replay(db, { colour = "x" }) end,
+      "outbox.replay: unknown filter key colour")
+    assert.has_error(function() outbox.webhook{ url = "ftp://x",
+                                                secret = "s" } end,
+      "outbox.webhook: opts.url must be an http(s) URL")
+    db:close()
+  end)
+end)
+
+describe("outbox.verify_webhook", function()
+  local body = '{"id":7,"type":"payment.paid","data":{"amount":100}}'
+  local secret = "whsec_test_0123456789"
+
+  it("accepts the signature sign_webhook makes", function()
+    local h = outbox.sign_webhook(secret, body, 1700000000)
+    assert.truthy(h:match("^t=1700000000,v1=%x+$"))
+    assert.is_true(outbox.verify_webhook(secret, h, body,
+                                         { now = 1700000010 }))
+  end)
+
+  it("refuses a tampered body, a wrong secret, a forged signature",
+     function()
+    local h = outbox.sign_webhook(secret, body, 1700000000)
+    local opts = { now = 1700000000 }
+    local ok, err = outbox.verify_webhook(secret, h, body:gsub("100", "900"),
+                                          opts)
+    assert.is_nil(ok)
+    assert.equal("bad_signature", err.kind)
+    assert.is_false(err.retryable)
+    ok, err = outbox.verify_webhook("other", h, body, opts)
+    assert.equal("bad_signature", err.kind)
+    -- the timestamp is signed too: moving it breaks the signature
+    local moved = h:gsub("t=1700000000", "t=1700000001")
+    ok, err = outbox.verify_webhook(secret, moved, body, opts)
+    assert.equal("bad_signature", err.kind)
+    assert.is_nil(ok)
+  end)
+
+  it("refuses a stale or future timestamp past the tolerance", function()
+    local h = outbox.sign_webhook(secret, body, 1700000000)
+    local ok, err = outbox.verify_webhook(secret, h, body,
+                                          { now = 1700000301 })
+    assert.is_nil(ok)
+    assert.equal("stale_timestamp", err.kind)
+    ok, err = outbox.verify_webhook(secret, h, body, { now = 1699999000 })
+    assert.equal("stale_timestamp", err.kind)
+    assert.is_true(outbox.verify_webhook(secret, h, body,
+                                         { now = 1700000300 }))
+    ok, err = outbox.verify_webhook(secret, h, body,
+                                    { now = 1700000100, tolerance = 60 })
+    assert.equal("stale_timestamp", err.kind)
+  end)
+
+  it("classifies malformed headers as bad_header", function()
+    for _, h in ipairs({ "", "v1=abc", "t=abc,v1=" .. ("0"):rep(64),
+                         "t=1700000000", "t=1700000000,v1=zz",
+                         ("x"):rep(5000) }) do
+      local ok, err = outbox.verify_webhook(secret, h, body,
+                                            { now = 1700000000 })
+      assert.is_nil(ok, h)
+      assert.equal("bad_header", err.kind, h)
+    end
+    local ok, err = outbox.verify_webhook(secret, nil, body)
+    assert.is_nil(ok)
+    assert.equal("bad_header", err.kind)
+  end)
+
+  it("accepts any of several secrets and several v1 entries (rotation)",
+     function()
+    local h = outbox.sign_webhook("new", body, 1700000000)
+    local h2 = h .. ",v1=" .. ("0"):rep(64)
+    assert.is_true(outbox.verify_webhook({ "old", "new" }, h2, body,
+                                         { now = 1700000000 }))
+  end)
+end)
+
+describe("outbox.backoff", function()
+  it("is full jitter under min(cap, base * 2^(n-1))", function()
+    local top = function() return 0.999999 end
+    local half = function() return 0.5 end
+    local expected = { 1, 2, 4, 8, 16, 32, 60, 60 }
+    for a, ceiling in ipairs(expected) do
+      local d = outbox.backoff(a, 1, 60, top)
+      assert.truthy(d < ceiling and d > ceiling * 0.999, a .. ": " .. d)
+      assert.equal(ceiling / 2, outbox.backoff(a, 1, 60, half))
+      assert.equal(0, outbox.backoff(a, 1, 60, function() return 0 end))
+    end
+    for _ = 1, 200 do
+      local d = outbox.backoff(3, 0.5, 100)
+      assert.truthy(d >= 0 and d < 2)
+    end
+  end)
+end)
+
+for engine, open in pairs(stores) do
+  describe("paygate.outbox on " .. engine, function()
+    it("enqueue is rolled back with its transaction", function()
+      local db = open()
+      local ok, err = db:transaction(function(tx)
+        assert(outbox.enqueue(tx, { subject = "pay_1",
+                                    type = "payment.paid" }))
+        return nil, paygate.error("abort", "changed my mind")
+      end)
+      assert.is_nil(ok)
+      assert.equal("abort", err.kind)
+      -- the table made inside that transaction went with it: made again
+      local id = enqueue(db, "pay_1", "payment.paid", { amount = 100 })
+      ok, err = db:transaction(function(tx)
+        assert(outbox.enqueue(tx, { subject = "pay_2", type = "t" }))
+        error(paygate.error("abort", "again"))
+      end)
+      assert.is_nil(ok)
+      local rows = assert(outbox.list(db))
+      assert.equal(1, #rows)
+      assert.equal(id, rows[1].id)
+      assert.equal("pending", rows[1].state)
+      assert.equal('{"amount":100}', rows[1].payload)
+      -- ids grow and are never reused, even after the newest is pruned
+      local id2 = enqueue(db, "pay_1", "payment.refunded")
+      assert.truthy(id2 > id)
+      db:close()
+    end)
+
+    it("delivers in order per subject: a failing head holds back later"
+       .. " events of its subject only", function()
+      local db = open()
+      local clock = new_clock()
+      local rec = recorder()
+      local d = outbox.dispatcher(db, { sinks = { rec.sink }, now = clock.now,
+                                        random = function() return 0.5 end,
+                                        backoff_base = 10 })
+      local a1 = enqueue(db, "pay_a", "payment.paid")
+      local a2 = enqueue(db, "pay_a", "payment.refunded")
+      local b1 = enqueue(db, "pay_b", "payment.paid")
+      rec.fail[a1] = 2
+      assert.equal(2, d:step())           -- heads: a1 (fails), b1
+      assert.same({ b1 }, rec.ids())
+      assert.equal(1, row(db, a1).attempts)
+      assert.equal(0, d:step())           -- a1 not due, a2 waits behind it
+      clock.advance(4.9)                  -- backoff: 0.5 * 10 * 2^0 = 5 s
+      assert.equal(0, d:step())
+      clock.advance(0.2)
+      assert.equal(1, d:step())           -- a1 fails again
+      assert.same({ b1 }, rec.ids())
+      clock.advance(10.1)                 -- 0.5 * 10 * 2^1
+      assert.equal(1, d:step())           -- a1 delivered
+      assert.equal(1, d:step())           -- then a2
+      assert.same({ b1, a1, a2 }, rec.ids())
+      local r = row(db, a1)
+      assert.equal("delivered", r.state)
+      assert.equal(3, r.attempts)
+      assert.equal(3, rec.got[2].attempt)
+      assert.same({ subject = "pay_a" }, rec.got[2].payload)
+      assert.equal(3, d.stats.delivered)
+      assert.equal(2, d.stats.failed)
+      d:stop()
+      db:close()
+    end)
+
+    it("records the backoff schedule in next_at", function()
+      local db = open()
+      local clock = new_clock()
+      local d = outbox.dispatcher(db, {
+        sinks = { function() return nil, "down" end }, now = clock.now,
+        random = function() return 0.5 end, backoff_base = 2,
+        backoff_cap = 10, max_attempts = 10 })
+      local id = enqueue(db, "pay_s", "payment.paid")
+      local want = { 1, 2, 4, 5, 5 }     -- 0.5 * min(10, 2 * 2^(n-1))
+      for a, delay in ipairs(want) do
+        assert.equal(1, d:step())
+        local r = row(db, id)
+        assert.equal(a, r.attempts)
+        assert.near(clock.t + delay, r.next_at, 1e-6)
+        assert.equal("sink1: down", r.last_error)
+        clock.advance(delay + 0.01)
+      end
+      d:stop()
+      db:close()
+    end)
+
+    it("dead-letters after max_attempts (or at once when not retryable),"
+       .. " then lets the subject go on; replay delivers it", function()
+      local db = open()
+      local clock = new_clock()
+      local rec = recorder()
+      local d = outbox.dispatcher(db, { sinks = { rec.sink }, now = clock.now,
+                                        max_attempts = 3, backoff_base = 1 })
+      local a1 = enqueue(db, "pay_a", "payment.paid")
+      local a2 = enqueue(db, "pay_a", "payment.refunded")
+      local c1 = enqueue(db, "pay_c", "payment.paid")
+      rec.fail[a1] = 99
+      rec.fail[c1] = "fatal"
+      for _ = 1, 3 do
+        d:step()
+        clock.advance(5)
+      end
+      assert.same({}, rec.ids())
+      assert.equal(1, d:step())           -- a1 is dead: a2 is the head
+      assert.equal("dead", row(db, a1).state)
+      assert.equal(3, row(db, a1).attempts)
+      assert.equal("dead", row(db, c1).state)
+      assert.equal(1, row(db, c1).attempts)
+      assert.truthy(row(db, c1).last_error:find("rejected", 1, true))
+      assert.equal(2, d.stats.dead)
+      -- a2 went once a1 was dead
+      assert.same({ a2 }, rec.ids())
+      -- replay one by id, the rest by filter
+      rec.fail[a1], rec.fail[c1] = nil, nil
+      assert.equal(1, assert(outbox.replay(db, a1)))
+      local r = row(db, a1)
+      assert.equal("pending", r.state)
+      assert.equal(0, r.attempts)
+      assert.equal(0, assert(outbox.replay(db, a1)))   -- already pending
+      assert.equal(1, assert(outbox.replay(db, { subject = "pay_c" })))
+      clock.advance(1)
+      assert.equal(2, d:step())
+      assert.same(sorted({ a2, a1, c1 }), sorted(rec.ids()))
+      assert.equal("delivered", row(db, a1).state)
+      -- a delivered event is replayed only when asked for by id or state
+      assert.equal(0, assert(outbox.replay(db, { subject = "pay_a" })))
+      assert.equal(2, assert(outbox.replay(db, { subject = "pay_a",
+                                                 state = "delivered" })))
+      clock.advance(1)
+      assert.equal(1, d:step())
+      assert.equal(1, d:step())
+      local got = rec.ids()
+      assert.same({ a1, a2 }, { got[4], got[5] })
+      d:stop()
+      db:close()
+    end)
+
+    it("retries only the sinks that failed; hooks are keyed by type",
+       function()
+      local db = open()
+      local clock = new_clock()
+      local rec = recorder("webhook")
+      local paid, refunded, raised = {}, {}, 0
+      local hooks = outbox.hooks{
+        ["payment.paid"] = function(e)
+          if raised == 0 then
+            raised = 1
+            error("hook bug")
+          end
+          paid[#paid + 1] = e.id
+        end,
+        ["payment.refunded"] = function(e) refunded[#refunded + 1] = e.id end,
+      }
+      local d = outbox.dispatcher(db, { sinks = { rec.sink, hooks },
+                                        now = clock.now,
+                                        random = function() return 0 end })
+      local p = enqueue(db, "pay_h", "payment.paid")
+      local r = enqueue(db, "pay_h", "payment.refunded")
+      local x = enqueue(db, "pay_x", "payment.closed")  -- no hook: fine
+      assert.equal(2, d:step())
+      assert.same(sorted({ p, x }), sorted(rec.ids()))
+      assert.same({}, paid)
+      local row1 = row(db, p)
+      assert.equal("pending", row1.state)
+      assert.equal("webhook", row1.sinks_done)
+      assert.truthy(row1.last_error:find("hook bug", 1, true))
+      d:step()
+      d:step()
+      assert.same({ p }, paid)
+      assert.same({ r }, refunded)
+      assert.same(sorted({ p, x, r }), sorted(rec.ids())) -- p: webhook once
+      assert.equal("hooks,webhook", row(db, p).sinks_done)
+      d:stop()
+      db:close()
+    end)
+
+    it("prunes delivered rows past keep_days in batches, nothing else",
+       function()
+      local db = open()
+      local clock = new_clock()
+      local d = outbox.dispatcher(db, { sinks = { function() end },
+                                        now = clock.now })
+      for i = 1, 7 do
+        enqueue(db, "pay_" .. i, "payment.paid")
+      end
+      local dead = enqueue(db, "pay_dead", "payment.paid")
+      assert(db:exec("UPDATE paygate_outbox SET state = 'dead' WHERE id = $1",
+                     { dead }))
+      assert.equal(7, d:step())
+      local fresh = enqueue(db, "pay_new", "payment.paid")
+      assert.equal(0, assert(outbox.prune(db, { keep_days = 1,
+                                                now = clock.t + 3600 })))
+      local n1 = assert(outbox.prune(db, { keep_days = 1, batch = 3,
+                                           max_batches = 1,
+                                           now = clock.t + 86401 }))
+      assert.equal(3, n1)
+      local n2 = assert(outbox.prune(db, { keep_days = 1, batch = 3,
+                                           now = clock.t + 86401 }))
+      assert.equal(4, n2)
+      local left = assert(outbox.list(db))
+      assert.equal(2, #left)
+      assert.equal(dead, left[1].id)
+      assert.equal(fresh, left[2].id)
+      d:stop()
+      db:close()
+    end)
+
+    it("a dispatcher whose lease expired mid-delivery cannot mark the row"
+       .. " (fencing); the new holder delivers and records it", function()
+      local db = open()
+      local release = false
+      local entered = false
+      local slow = { name = "slow", deliver = function()
+        entered = true
+        wait_until(function() return release end, 20, "release")
+      end }
+      local fast = recorder("slow")   -- same sink name: same destination
+      local a = outbox.dispatcher(db, { sinks = { slow }, partitions = 1,
+                                        lease_ttl = 0.5 })
+      local b = outbox.dispatcher(db, { sinks = { fast.sink }, partitions = 1,
+                                        lease_ttl = 5 })
+      local id = enqueue(db, "pay_f", "payment.paid")
+      local ta = paygate.spawn(function() return a:step() end)
+      wait_until(function() return entered end, 10, "a to start delivering")
+      local la = a.leases[0]
+      assert.truthy(la)
+      -- b cannot take the shard while a's lease is live
+      assert.equal(0, b:step())
+      wait_until(function() return core.time() > la.expires_at + 0.05 end,
+                 10, "a's lease to expire")
+      assert.equal(1, b:step())
+      assert.same({ id }, fast.ids())
+      release = true
+      assert.equal(1, ta:wait())
+      assert.equal(1, a.stats.fenced)
+      assert.equal(0, a.stats.delivered)
+      assert.is_nil(a.leases[0])          -- a dropped the stale lease
+      local r = row(db, id)
+      assert.equal("delivered", r.state)
+      assert.equal(1, r.attempts)          -- b's attempt only
+      local ok, err = db:transaction(function(tx)
+        return lease.check(tx, la.key, la.token)
+      end)
+      assert.is_nil(ok)
+      assert.equal("fenced", err.kind)
+      b:stop()
+      a:stop()
+      db:close()
+    end)
+
+    it("a dispatcher at its cap still serves the shards nobody holds, and"
+       .. " hands them to a later one", function()
+      local db = open()
+      local rec = recorder()
+      local function new()
+        return outbox.dispatcher(db, { sinks = { rec.sink }, interval = 0.02,
+                                       partitions = 4, max_partitions = 2,
+                                       lease_ttl = 0.6 }):start()
+      end
+      local a = new()
+      for i = 1, 12 do
+        enqueue(db, "pay_" .. i, "payment.paid")
+      end
+      wait_until(function() return #rec.got == 12 end, 20, "12 deliveries")
+      wait_until(function() return count(a.leases) == 4 end, 20,
+                 "a to hold every shard")
+      local b = new()
+      wait_until(function()
+        return count(a.leases) == 2 and count(b.leases) == 2
+      end, 20, "two shards each")
+      enqueue(db, "pay_late", "payment.paid")
+      wait_until(function() return #rec.got == 13 end, 20, "13 deliveries")
+      a:stop()
+      b:stop()
+      db:close()
+    end)
+
+    it("stop() abandons a delivery in flight (the row stays pending) and"
+       .. " hands the shards over at once", function()
+      local db = open()
+      local entered = false
+      local stuck = { name = "s", deliver = function()
+        entered = true
+        paygate.sleep(60)
+      end }
+      local d = outbox.dispatcher(db, { sinks = { stuck }, interval = 0.02,
+                                        partitions = 2 }):start()
+      local id = enqueue(db, "pay_stop", "payment.paid")
+      wait_until(function() return entered end, 10, "the delivery")
+      d:stop()
+      assert.same({}, d.leases)
+      local r = row(db, id)
+      assert.equal("pending", r.state)
+      assert.equal(0, r.attempts)
+      local rec = recorder("s")
+      local d2 = outbox.dispatcher(db, { sinks = { rec.sink },
+                                         partitions = 2 })
+      assert.equal(1, d2:step())           -- no wait for the old leases
+      assert.same({ id }, rec.ids())
+      d2:stop()
+      db:close()
+    end)
+
+    it("start() runs rounds until stop(); two dispatchers share the shards",
+       function()
+      local db = open()
+      local rec1, rec2 = recorder(), recorder()
+      local d1 = outbox.dispatcher(db, { sinks = { rec1.sink },
+                                         interval = 0.02, partitions = 4,
+                                         max_partitions = 2 }):start()
+      local d2 = outbox.dispatcher(db, { sinks = { rec2.sink },
+                                         interval = 0.02, partitions = 4,
+                                         max_partitions = 2 }):start()
+      local ids = {}
+      for i = 1, 40 do
+        ids[i] = enqueue(db, "pay_" .. (i % 10), "payment.paid")
+      end
+      wait_until(function() return #rec1.got + #rec2.got >= 40 end, 20,
+                 "40 deliveries")
+      assert.truthy(#rec1.got > 0 and #rec2.got > 0,
+                    #rec1.got .. " / " .. #rec2.got)
+      local seen = {}
+      for _, r in ipairs({ rec1, rec2 }) do
+        local last = {}
+        for _, e in ipairs(r.got) do
+          assert.is_nil(seen[e.id], "delivered twice: " .. e.id)
+          seen[e.id] = true
+          assert.truthy((last[e.subject] or 0) < e.id)
+          last[e.subject] = e.id
+        end
+      end
+      d1:stop()
+      d2:stop()
+      db:close()
+    end)
+  end)
+end
+
+if servers.have_redis() then
+  describe("outbox.redis_stream", function()
+    it("XADDs each event, in order per subject, with its fields", function()
+      redis_srv = redis_srv or servers.redis()
+      local c = assert(redis.connect(redis_srv.url))
+      local db = stores.sqlite()
+      local d = outbox.dispatcher(db, { sinks = {
+        outbox.redis_stream{ url = redis_srv.url, stream = "evts",
+                             maxlen = 1000 } } })
+      local ids = {}
+      for i = 1, 5 do
+        ids[i] = enqueue(db, "pay_r", "payment.paid", { n = i })
+      end
+      for _ = 1, 5 do
+        d:step()
+      end
+      local entries = assert(c:call("XRANGE", "evts", "-", "+"))
+      assert.equal(5, #entries)
+      for i, e in ipairs(entries) do
+        local f = {}
+        for k = 1, #e[2], 2 do
+          f[e[2][k]] = e[2][k + 1]
+        end
+        assert.equal(tostring(ids[i]), f.id)
+        assert.equal("payment.paid", f.type)
+        assert.equal("pay_r", f.subject)
+        assert.equal('{"n":' .. i .. '}', f.payload)
+      end
+      d:stop()
+      -- a stream name from the event; a wrong-type key is a command error
+      -- that no retry fixes: a dead letter
+      assert(c:call("SET", "bad", "x"))
+      local d2 = outbox.dispatcher(db, { sinks = {
+        outbox.redis_stream{ client = c, name = "r2",
+                             stream = function(e) return e.subject end } },
+        backoff_base = 0.001 })
+      enqueue(db, "bad", "payment.paid")
+      local ok_id = enqueue(db, "good", "payment.paid")
+      assert.equal(2, d2:step())
+      local rows = assert(outbox.list(db, { subject = "bad" }))
+      assert.equal("dead", rows[1].state)
+      assert.truthy(rows[1].last_error:find("WRONGTYPE", 1, true))
+      local good = assert(c:call("XRANGE", "good", "-", "+"))
+      assert.equal(1, #good)
+      assert.equal(tostring(ok_id), good[1][2][2])
+      -- Redis down: retried (pending), delivered once it is back
+      redis_srv.stop()
+      local down_id = enqueue(db, "later", "payment.paid")
+      assert.equal(1, d2:step())
+      local r = row(db, down_id)
+      assert.equal("pending", r.state)
+      assert.equal(1, r.attempts)
+      redis_srv.start()
+      wait_until(function()
+        d2:step()
+        return row(db, down_id).state == "delivered"
+      end, 20, "delivery after redis came back")
+      assert.equal(1, #assert(c:call("XRANGE", "later", "-", "+")))
+      d2:stop()
+      c:close()
+      db:close()
+    end)
+  end)
+end
