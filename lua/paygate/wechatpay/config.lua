@@ -49,10 +49,15 @@ local function material(v)
 end
 _M.material = material
 
+-- An http:// URL to a loopback host (127.0.0.1, localhost, ::1): the
+-- simulator's and a local spec's. A URL with userinfo (@) is refused, so
+-- "http://localhost:x@elsewhere/" cannot pass for loopback.
 local function is_loopback_url(url)
-  local host = url:match("^http://([^/:]+)") or url:match("^http://%[([^%]]+)%]")
+  if url:find("@", 1, true) then return false end
+  local host = url:match("^http://%[([^%]]+)%]") or url:match("^http://([^/:]+)")
   return host == "127.0.0.1" or host == "localhost" or host == "::1"
 end
+_M.is_loopback_url = is_loopback_url
 
 local function check_url(key, url)
   if type(url) ~= "string" or url == "" then
