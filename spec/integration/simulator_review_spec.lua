@@ -78,3 +78,34 @@ describe("the new-user flow", function()
     wx:stop()
   end)
 end)
+
+describe("platform keys given in the config", function()
+  it("replace the generated ones on a restart of the same state_dir",
+     function()
+    local server = require "support.server"
+    local state = server.tmpdir()
+    local sim = sn.start{ state_dir = state }
+    local first = sn.platform_certs(sim)
+    sim:stop()
+    local kf, cf = state .. "/given_key.pem", state .. "/given_cert.pem"
+    assert(os.execute(("openssl req -x509 -newkey rsa:2048 -nodes -keyout %s "
+      .. "-out %s -days 30 -subj '/CN=Tenpay.com sign' -set_serial "
+      .. "0x3A1B2C3D4E5F60718293A4B5C6D7E8F901234567 2>/dev/null")
+      :format(kf, cf)) == 0)
+    local serial = "3A1B2C3D4E5F60718293A4B5C6D7E8F901234567"
+    assert.is_nil(first[serial])
+    sim = sn.start{ state_dir = state, extra = ("platform_private_key = %q, "
+      .. "platform_certificate = %q"):format(kf, cf) }
+    local ok, err = pcall(function()
+      local now = sn.platform_certs(sim)
+      local serials = {}
+      for s in pairs(now) do serials[#serials + 1] = s end
+      assert.same({ serial }, serials)
+      local res = sn.signed(sim, "GET", "/v3/certificates")
+      assert.equal(200, res.status)
+      assert.equal(serial, res.headers["wechatpay-serial"])
+    end)
+    sim:stop()
+    assert(ok, err)
+  end)
+end)
