@@ -109,3 +109,43 @@ describe("platform keys given in the config", function()
     assert(ok, err)
   end)
 end)
+
+describe("a bad configuration with two workers", function()
+  local server = require "support.server"
+  local proc = require "support.proc"
+  local sc = require "support.simclient"
+
+  local function run(conf)
+    local dir = server.tmpdir()
+    local f = assert(io.open(dir .. "/c.lua", "w"))
+    f:write(conf)
+    f:close()
+    local p = proc.spawn({ os.getenv("PAYGATE_BIN") or "build/paygate", "run",
+      "examples/simulator", "--listen", "127.0.0.1:"
+      .. require("paygate.core").free_port(), "--admin", "off",
+      "--workers", "2", "--config", dir .. "/c.lua" },
+      { log = dir .. "/log" })
+    local code = p:wait(30)
+    local log = proc.read(dir .. "/log")
+    return code, log, dir
+  end
+
+  it("is one line on stderr naming the key, and exit 2", function()
+    for _ = 1, 3 do
+      local code, log = run(sc.config("/tmp/never-made", "colour = 'red',"))
+      assert.equal(2, code)
+      assert.equal("simulator: config.colour: unknown key\n", log)
+    end
+  end)
+
+  it("a state_dir that cannot be made: one line, no mkdir chatter",
+     function()
+    local dir = server.tmpdir()
+    local f = assert(io.open(dir .. "/file", "w"))
+    f:close()
+    local code, log = run(sc.config(dir .. "/file/state"))
+    assert.equal(2, code)
+    assert.equal("simulator: config.state_dir: cannot create " .. dir
+                 .. "/file/state (Not a directory)\n", log)
+  end)
+end)
