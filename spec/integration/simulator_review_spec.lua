@@ -149,3 +149,145 @@ describe("a bad configuration with two workers", function()
                  .. "/file/state (Not a directory)\n", log)
   end)
 end)
+
+-- recv until the peer ends: the bytes and the errno of the end (104
+-- ECONNRESET for a reset, 0 for an orderly close)
+local function read_to_end(conn)
+  local ffi = require "ffi"
+  local parts, buf = {}, ffi.new("char[4096]")
+  while true do
+    local n = ffi.C.recv(conn.fd, buf, 4096, 0)
+    if n < 0 then return table.concat(parts), ffi.errno() end
+    if n == 0 then return table.concat(parts), 0 end
+    parts[#parts + 1] = ffi.string(buf, n)
+  end
+end
+
+local function sc_read(path)
+  local f = assert(io.open(path, "rb"))
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+
+-- the raw bytes of a signed request, as simnotify.signed signs it
+local function raw_request(method, target, body)
+  local key = assert(crypto.private_key(sc_read(sn.KEY_PATH)))
+  local ts, nonce = tostring(os.time()), crypto.random_nonce(32)
+  local msg = method .. "\n" .. target .. "\n" .. ts .. "\n" .. nonce .. "\n"
+              .. (body or "") .. "\n"
+  local sig = assert(crypto.sign_base64(key, msg,
+                                        "WECHATPAY2-SHA256-RSA2048"))
+  local auth = ('WECHATPAY2-SHA256-RSA2048 mchid="%s",nonce_str="%s",'
+    .. 'timestamp="%s",serial_no="%s",signature="%s"'):format(sn.MCHID,
+    nonce, ts, sn.SERIAL, sig)
+  return method .. " " .. target .. " HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    .. "Authorization: " .. auth .. "\r\nAccept: application/json\r\n"
+    .. "User-Agent: review-spec\r\nContent-Type: application/json\r\n"
+    .. "Content-Length: " .. #(body or "") .. "\r\nConnection: close\r\n\r\n"
+    .. (body or "")
+end
+
+
+describe("faults", function()
+  local rawtcp = require "support.rawtcp"
+  local sim
+  setup(function() sim = sn.start{} end)
+  teardown(function() if sim then sim:stop() end end)
+  after_each(function() sn.ctl(sim, "DELETE", "/sim/faults") end)
+
+  local function prepay_bytes(no)
+    return json.encode({ appid = sn.APPID, mchid = sn.MCHID,
+      description = "reset " .. no, out_trade_no = no,
+      notify_url = "https://merchant.example/n",
+      amount = { total = 1, currency = "CNY" } })
+  end
+
+  local function query(no)
+    return sn.signed(sim, "GET", "/v3/pay/transactions/out-trade-no/" .. no
+                     .. "?mchid=" .. sn.MCHID)
+  end
+
+  it("reset: the connection is reset unanswered, nothing is created",
+     function()
+    local st = sn.ctl(sim, "POST", "/sim/faults",
+                      { endpoint = "prepay", kind = "reset", count = 1 })
+    assert.equal(200, st)
+    local no = order_no()
+    local c = assert(rawtcp.connect(sim.port, 10))
+    assert(c:send(raw_request("POST", "/v3/pay/transactions/native",
+                              prepay_bytes(no))))
+    local got, errno = read_to_end(c)
+    c:close()
+    assert.equal("", got)
+    assert.equal(104, errno)
+    assert.equal(404, query(no).status)
+    -- the count is spent: the same request now succeeds
+    local res = sn.signed(sim, "POST", "/v3/pay/transactions/native",
+                          prepay_bytes(no))
+    assert.equal(200, res.status)
+  end)
+
+  it("reset with after = true: the order exists, the answer is lost",
+     function()
+    sn.ctl(sim, "POST", "/sim/faults",
+           { endpoint = "prepay", kind = "reset", count = 1, after = true })
+    local no = order_no()
+    local c = assert(rawtcp.connect(sim.port, 10))
+    assert(c:send(raw_request("POST", "/v3/pay/transactions/native",
+                              prepay_bytes(no))))
+    local got, errno = read_to_end(c)
+    c:close()
+    assert.equal("", got)
+    assert.equal(104, errno)
+    assert.equal(200, query(no).status)
+  end)
+
+  it("a typo in the endpoint, or a kind on the wrong endpoint, is 400",
+     function()
+    local st, doc = sn.ctl(sim, "POST", "/sim/faults",
+                           { endpoint = "prepayy", kind = "error" })
+    assert.equal(400, st)
+    assert.truthy(doc.message:find('"prepay"', 1, true))
+    st = sn.ctl(sim, "POST", "/sim/faults",
+                { endpoint = "prepay", kind = "never_sent" })
+    assert.equal(400, st)
+    st = sn.ctl(sim, "POST", "/sim/faults",
+                { endpoint = "notify", kind = "reset" })
+    assert.equal(400, st)
+    for _, e in ipairs({ "*", "notify", "query", "tradebill",
+                         "certificates" }) do
+      st = sn.ctl(sim, "POST", "/sim/faults", { endpoint = e,
+        kind = e == "notify" and "never_sent" or "bad_signature" })
+      assert.equal(200, st, e)
+    end
+    local _, list = sn.ctl(sim, "GET", "/sim/faults")
+    assert.equal(5, #list)
+  end)
+
+  it("latency and error combine: the error still fires", function()
+    sn.ctl(sim, "POST", "/sim/faults", { endpoint = "query",
+           kind = "latency", seconds = 0.3, count = 1 })
+    sn.ctl(sim, "POST", "/sim/faults", { endpoint = "query",
+           kind = "error", status = 503, count = 1 })
+    local t0 = require("paygate.core").time()
+    local res = query(order_no())
+    assert.equal(503, res.status)
+    assert.is_true(require("paygate.core").time() - t0 >= 0.29)
+  end)
+end)
+
+describe("control_listen", function()
+  it("elsewhere: /sim/ is not served on this listener; /v3 still is",
+     function()
+    local sim = sn.start{ extra = 'control_listen = "127.0.0.1:1"' }
+    local ok, err = pcall(function()
+      local st, doc = sn.ctl(sim, "GET", "/sim/public-key")
+      assert.equal(404, st)
+      assert.equal("NOT_FOUND", doc.code)
+      assert.equal(200, sn.signed(sim, "GET", "/v3/certificates").status)
+    end)
+    sim:stop()
+    assert(ok, err)
+  end)
+end)

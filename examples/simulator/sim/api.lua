@@ -188,6 +188,7 @@ end
 -- not decoded.
 function _M.route(method, pattern, endpoint, fn, opts)
   opts = opts or {}
+  faults.endpoint(endpoint)
   paygate.route(method, pattern, function(req)
     local qs = req.query_string
     local target = req.path .. (qs ~= "" and ("?" .. qs) or "")
@@ -201,11 +202,22 @@ function _M.route(method, pattern, endpoint, fn, opts)
   end)
 end
 
+local LATENCY = { latency = true }
+local NOT_LATENCY = { error = true, reset = true }
+
 function _M.handle(req, target, endpoint, fn, opts, entry)
-  local fault = faults.take(endpoint, "before")
-  if fault and fault.kind == "latency" then
+  -- a latency fault delays, then an error or reset fault may still apply
+  local fault = faults.take(endpoint, "before", LATENCY)
+  if fault then
+    entry.latency_fault = fault.id
     paygate.sleep(fault.seconds)
-    fault = nil
+  end
+  fault = faults.take(endpoint, "before", NOT_LATENCY)
+  if fault and fault.kind == "reset" then
+    entry.fault = fault.id
+    entry.code = "CONNECTION_RESET"
+    req:drop()
+    return nil
   end
   if fault and fault.kind == "error" then
     entry.fault = fault.id
@@ -248,6 +260,12 @@ function _M.handle(req, target, endpoint, fn, opts, entry)
     return error_answer(e, e.suffix)
   end
   local after = faults.take(endpoint, "after")
+  if after and after.kind == "reset" then
+    entry.fault = after.id
+    entry.code = "CONNECTION_RESET"
+    req:drop()
+    return nil
+  end
   if after and after.kind == "error" then
     entry.fault = after.id
     entry.code = after.code

@@ -78,11 +78,13 @@ end
 
 -- The notification faults that apply to the next notification: a
 -- delivery fault and a signature fault (each consumes one firing).
+local SIGNATURE_FAULTS = { bad_signature = true, stale_timestamp = true,
+                           unknown_serial = true }
 local function take_faults()
   local got = {}
   local f = faults.take(_M.ENDPOINT, "notify")
   if f then got[#got + 1] = f end
-  f = faults.take(_M.ENDPOINT, "after")
+  f = faults.take(_M.ENDPOINT, "after", SIGNATURE_FAULTS)
   if f then got[#got + 1] = f end
   return got
 end
