@@ -171,7 +171,7 @@ local function sc_read(path)
 end
 
 -- the raw bytes of a signed request, as simnotify.signed signs it
-local function raw_request(method, target, body)
+local function raw_request(method, target, body, serial)
   local key = assert(crypto.private_key(sc_read(sn.KEY_PATH)))
   local ts, nonce = tostring(os.time()), crypto.random_nonce(32)
   local msg = method .. "\n" .. target .. "\n" .. ts .. "\n" .. nonce .. "\n"
@@ -180,7 +180,7 @@ local function raw_request(method, target, body)
                                         "WECHATPAY2-SHA256-RSA2048"))
   local auth = ('WECHATPAY2-SHA256-RSA2048 mchid="%s",nonce_str="%s",'
     .. 'timestamp="%s",serial_no="%s",signature="%s"'):format(sn.MCHID,
-    nonce, ts, sn.SERIAL, sig)
+    nonce, ts, serial or sn.SERIAL, sig)
   return method .. " " .. target .. " HTTP/1.1\r\nHost: 127.0.0.1\r\n"
     .. "Authorization: " .. auth .. "\r\nAccept: application/json\r\n"
     .. "User-Agent: review-spec\r\nContent-Type: application/json\r\n"
@@ -289,5 +289,161 @@ describe("control_listen", function()
     end)
     sim:stop()
     assert(ok, err)
+  end)
+end)
+
+describe("the notification deliverer's fencing", function()
+  -- the simulator's own deliverer on a real SQLite database in this
+  -- process: a deliverer whose lease was taken over can neither claim an
+  -- attempt nor record one as delivered
+  local sql = require "paygate.sql"
+  local migrate = require "paygate.migrate"
+  local lease = require "paygate.lease"
+  local server = require "support.server"
+  local saved_path
+
+  setup(function()
+    saved_path = package.path
+    package.path = "examples/simulator/?.lua;" .. package.path
+  end)
+  teardown(function() package.path = saved_path end)
+
+  it("a lost lease cannot mark a notification delivered", function()
+    local notify = require "sim.notify"
+    local dir = server.tmpdir()
+    local db = assert(sql.open("sqlite:" .. dir .. "/sim.db"))
+    assert(migrate.run(db, "examples/simulator/migrations"))
+    local now = require("paygate.core").time()
+    for i = 1, 2 do
+      assert(db:exec("INSERT INTO sim_notifications (id, mchid, notify_url,"
+        .. " event_type, summary, original_type, resource, body, "
+        .. "create_time, created_at, state, attempts, next_at) VALUES ($1, "
+        .. "'1900007291', 'http://127.0.0.1:1/n', 'TRANSACTION.SUCCESS', "
+        .. "'s', 'transaction', '{}', '{\"id\":1}', "
+        .. "'2026-01-01T00:00:00+08:00', $2, 'pending', 0, $2)",
+        { "N" .. i, now - 1 }))
+    end
+    local function row(id)
+      return assert(db:query("SELECT * FROM sim_notifications WHERE id = $1",
+                             { id }))[1]
+    end
+    local l = assert(lease.acquire(db, notify.LEASE_KEY, 0.2))
+    local d = setmetatable({ ctx = { config = { answer_timeout = 1,
+      time_scale = 1 } }, db = db, lease = l, in_flight = 0 },
+      notify.Deliverer)
+    local r1 = row("N1")
+    local n = d:claim(r1)
+    assert.equal(1, n)
+    -- the lease expires and another worker takes it over
+    require("support.proc").wait_until(function()
+      return lease.acquire(db, notify.LEASE_KEY, 30) ~= nil
+    end, 5, "the takeover")
+    d:finish(r1, n, { status = 204, latency = 0.01 }, 0)
+    assert.equal("pending", row("N1").state)
+    -- nor may it claim the next one
+    local r2 = row("N2")
+    local n2 = d:claim(r2)
+    assert.is_nil(n2)
+    assert.equal(0, row("N2").attempts)
+    db:close()
+  end)
+
+  it("the holder's finish marks it delivered", function()
+    local notify = require "sim.notify"
+    local dir = server.tmpdir()
+    local db = assert(sql.open("sqlite:" .. dir .. "/sim.db"))
+    assert(migrate.run(db, "examples/simulator/migrations"))
+    local now = require("paygate.core").time()
+    assert(db:exec("INSERT INTO sim_notifications (id, mchid, notify_url,"
+      .. " event_type, summary, original_type, resource, body, "
+      .. "create_time, created_at, state, attempts, next_at) VALUES ('N1', "
+      .. "'1900007291', 'http://127.0.0.1:1/n', 'TRANSACTION.SUCCESS', "
+      .. "'s', 'transaction', '{}', '{\"id\":1}', "
+      .. "'2026-01-01T00:00:00+08:00', $1, 'pending', 0, $1)", { now - 1 }))
+    local l = assert(lease.acquire(db, notify.LEASE_KEY, 30))
+    local d = setmetatable({ ctx = { config = { answer_timeout = 1,
+      time_scale = 1 } }, db = db, lease = l, in_flight = 0 },
+      notify.Deliverer)
+    local r = assert(db:query("SELECT * FROM sim_notifications"))[1]
+    local n = assert(d:claim(r))
+    d:finish(r, n, { status = 204, latency = 0.01 }, 0)
+    assert.equal("delivered", assert(db:query(
+      "SELECT state FROM sim_notifications"))[1].state)
+    db:close()
+  end)
+end)
+
+describe("exact bytes on the wire", function()
+  local rawtcp = require "support.rawtcp"
+  local server = require "support.server"
+  local sim
+  setup(function()
+    -- the merchant of simnotify with a second appid
+    sim = server.start{ app = "examples/simulator", config = ([[
+return { state_dir = %q, merchants = { { mchid = %q, apiv3_key = %q,
+  appids = { %q, "wx2222222222222222" }, merchant_public_key = %q,
+  merchant_serial = %q } } }]]):format(server.tmpdir(), sn.MCHID, sn.APIV3,
+      sn.APPID, sn.PUB_PATH, sn.SERIAL) }
+    sim.base = "http://127.0.0.1:" .. sim.port
+  end)
+  teardown(function() if sim then sim:stop() end end)
+
+  local function exchange(method, target, body, serial)
+    local c = assert(rawtcp.connect(sim.port, 10))
+    assert(c:send(raw_request(method, target, body, serial)))
+    local got = read_to_end(c)
+    c:close()
+    local head = got:match("^(.-\r\n)\r\n")
+    assert.truthy(head, got)
+    return tonumber(head:match("^HTTP/1%.1 (%d+)")), head
+  end
+
+  it("a signed answer's headers are spelled exactly as WeChat's", function()
+    local st, head = exchange("GET", "/v3/certificates")
+    assert.equal(200, st)
+    for _, name in ipairs({ "Wechatpay-Serial", "Wechatpay-Timestamp",
+                            "Wechatpay-Nonce", "Wechatpay-Signature",
+                            "Request-ID" }) do
+      assert.truthy(head:find("\r\n" .. name .. ": ", 1, true), name)
+    end
+    assert.is_nil(head:find("\r\nWechatpay-Signature-Type: ", 1, true))
+    -- an error: unsigned, with its Request-ID
+    st, head = exchange("GET", "/v3/pay/transactions/out-trade-no/"
+                        .. "NOPE12345?mchid=" .. sn.MCHID)
+    assert.equal(404, st)
+    assert.truthy(head:find("\r\nRequest-ID: ", 1, true))
+    assert.is_nil(head:lower():find("\r\nwechatpay%-signature:"))
+  end)
+
+  it("the merchant serial matches in any case, and with leading zeros",
+     function()
+    assert.equal(200, (exchange("GET", "/v3/certificates", nil,
+                                sn.SERIAL:lower())))
+    assert.equal(200, (exchange("GET", "/v3/certificates", nil,
+                                "00" .. sn.SERIAL)))
+    assert.equal(401, (exchange("GET", "/v3/certificates", nil,
+                                sn.SERIAL:sub(1, -2) .. "0")))
+  end)
+
+  it("an out_trade_no reused with another appid is 403 OUT_TRADE_NO_USED",
+     function()
+    local no = order_no()
+    local function body(appid)
+      return json.encode({ appid = appid, mchid = sn.MCHID,
+        description = "appid " .. no, out_trade_no = no,
+        notify_url = "https://merchant.example/n",
+        amount = { total = 1, currency = "CNY" } })
+    end
+    local res = sn.signed(sim, "POST", "/v3/pay/transactions/native",
+                          body(sn.APPID))
+    assert.equal(200, res.status)
+    res = sn.signed(sim, "POST", "/v3/pay/transactions/native",
+                    body("wx2222222222222222"))
+    assert.equal(403, res.status, res.body)
+    assert.equal("OUT_TRADE_NO_USED", json.decode(res.body).code)
+    -- the same appid and bytes again is a re-entry, not a reuse
+    res = sn.signed(sim, "POST", "/v3/pay/transactions/native",
+                    body(sn.APPID))
+    assert.equal(200, res.status)
   end)
 end)

@@ -14,6 +14,7 @@ local crypto = require "paygate.crypto"
 local sign = require "paygate.wechatpay.sign"
 local json = require "sim.json"
 local faults = require "sim.faults"
+local config = require "sim.config"
 local identity = require "sim.identity"
 
 local type, tostring, tonumber, setmetatable, pairs =
@@ -144,7 +145,7 @@ function _M.authenticate(req, target)
     return nil, sign_error("Http头Authorization中的nonce_str有误",
       { field = "nonce_str", location = "authorization" })
   end
-  local key = m.keys[a.serial_no:upper()]
+  local key = m.keys[config.serial_key(a.serial_no)]
   if not key then
     return nil, sign_error("商户证书序列号有误。请使用签名私钥匹配的证书序列号",
       { field = "serial_no", location = "authorization",

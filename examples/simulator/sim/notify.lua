@@ -199,6 +199,8 @@ end
 
 local D = {}
 D.__index = D
+_M.Deliverer = D                -- for specs: setmetatable({ ctx, db,
+                                -- lease, in_flight = 0 }, Deliverer)
 
 local function log_warn(msg, fields)
   core.log(2, msg, json.encode(fields or {}))
@@ -209,6 +211,8 @@ end
 function D:claim(row)
   local ctx, l = self.ctx, self.lease
   local now = core.time()
+  if not l then return nil, "no lease" end
+  row.token = l.token             -- finish() is fenced by the same token
   return self.db:transaction(function(tx)
     local ok, err = lease.check(tx, _M.LEASE_KEY, l.token)
     if not ok then return nil, err end
@@ -246,12 +250,17 @@ function D:claim(row)
   end)
 end
 
--- Records attempt n's outcome and schedules what follows.
+-- Records attempt n's outcome and schedules what follows -- fenced by the
+-- lease token the attempt was claimed under: a deliverer that lost the
+-- lease meanwhile records nothing (the row stays pending; the new holder
+-- sends it again once the attempt's time is up).
 function D:finish(row, n, rec, dups)
   local ctx = self.ctx
   local now = core.time()
   local ok = rec.status == 200 or rec.status == 204
   local ok2, err = self.db:transaction(function(tx)
+    local fenced, ferr = lease.check(tx, _M.LEASE_KEY, row.token)
+    if not fenced then return nil, ferr end
     assert(tx:exec("UPDATE sim_notification_attempts SET status = $3, "
       .. "error = $4, latency = $5, timestamp = $6, nonce = $7, serial = $8"
       .. " WHERE notification_id = $1 AND n = $2",
