@@ -281,6 +281,16 @@ function _M.check(raw)
   if raw.merchants == nil then
     return nil, "config.merchants: is required (an array of merchants)"
   end
+  if type(raw.merchants) ~= "table" then
+    return nil, "config.merchants: must be an array of merchants"
+  end
+  local nm = #raw.merchants
+  for k in pairs(raw.merchants) do
+    if type(k) ~= "number" or k < 1 or k > nm or k ~= math.floor(k) then
+      return nil, "config.merchants: must be an array (a key "
+                  .. tostring(k) .. " found)"
+    end
+  end
   c.sm = c.sign_type == _M.SM2
   local want = c.sm and "SM2" or "RSA"
   c.merchants, c.by_mchid, c.sub_of = {}, {}, {}
