@@ -15,18 +15,36 @@ local bills = require "sim.bills"
 local orders = require "sim.orders"
 local control = require "sim.control"
 
--- A bad configuration is one line on stderr and exit status 2.
+-- A bad configuration is one line on stderr and exit status 2: every
+-- worker finds it, only the first to claim the shared key writes it (the
+-- others wait until it is written: the master kills the rest once one
+-- has exited), and the master adds nothing to a worker's exit 2.
+local K_FATAL = "sim:config_error"
 local function fatal(msg)
-  io.stderr:write("simulator: " .. msg .. "\n")    -- one write: one line
-  io.stderr:flush()
+  local d = require("paygate.shared").get_dict("paygate")
+  if d:add(K_FATAL, 1, 10) then
+    io.stderr:write("simulator: " .. msg .. "\n")  -- one write: one line
+    io.stderr:flush()
+    d:set(K_FATAL, 2, 10)
+  else
+    local core = require "paygate.core"
+    local deadline = core.mono() + 2
+    while d:get(K_FATAL) ~= 2 and core.mono() < deadline do
+      core.sleep(0.01)
+    end
+  end
   os.exit(2)
 end
 
 local cfg, why = config.check(paygate.config_copy())
 if not cfg then fatal(why) end
 
-if not require("sim.exec").run({ "mkdir", "-p", cfg.state_dir }) then
-  fatal("config.state_dir: cannot create " .. cfg.state_dir)
+do
+  local ok, why = require("sim.exec").mkdir_p(cfg.state_dir)
+  if not ok then
+    fatal("config.state_dir: cannot create " .. cfg.state_dir .. " (" .. why
+          .. ")")
+  end
 end
 local db, err = sql.open("sqlite:" .. cfg.state_dir .. "/simulator.db")
 if not db then error("simulator: state database: " .. tostring(err)) end
@@ -45,6 +63,7 @@ local ctx = { db = db, config = cfg, identity = identity, faults = faults,
 orders.init(ctx)
 orders.routes(ctx)
 bills.routes(ctx)
+api.catch_all()                   -- after every /v3 route
 if cfg.control then
   control.routes(ctx)
   if notify.routes then notify.routes(ctx) end

@@ -74,6 +74,8 @@ struct gw_conn {
     double              deadline;   /* s (mono): absolute handler deadline */
     int                 requests;   /* served on this connection */
     int                 close_after;/* close once the output is sent */
+    int                 dropped;    /* req:drop(): the request ends with
+                                       no answer and a reset (RST) */
     int                 in_start;   /* inside gw_req_start(): a request's
                                        end must not process the next */
     int                 closing;    /* inside conn_close(): likewise */

@@ -126,6 +126,21 @@ req_end(struct gw_conn *c, struct gw_co *co, int status, const char *route,
     }
 }
 
+/* The handler called req:drop(): whatever it returned (or raised) is
+ * not answered; the connection closes with SO_LINGER 0 (a reset) once
+ * the request has ended. Returns 1 when it ended the request here. */
+static int
+req_dropped(struct gw_conn *c, struct gw_co *co)
+{
+    if (!c->dropped) {
+        return 0;
+    }
+    c->out_len = c->out_sent;       /* nothing more goes out */
+    c->close_after = 1;
+    req_end(c, co, 444, NULL, 0);
+    return 1;
+}
+
 /* Is k a header name we let a handler send (a token of letters, digits,
  * '-' and '_')? */
 static int
@@ -157,6 +172,9 @@ req_done(struct gw_co *co, int nres)
     const char *body = NULL, *route = NULL, *ctype = NULL;
     int status, bad = 0, own_ctype = 0;
 
+    if (req_dropped(c, co)) {
+        return;
+    }
     lua_settop(L, 5);
     {
         lua_Number st = lua_tonumber(L, 1);   /* 0 when not a number */
@@ -266,6 +284,9 @@ req_fail(struct gw_co *co, const char *msg)
     struct gw_conn *c = co->data;
     lua_State *L = gw_co_state(co);
 
+    if (req_dropped(c, co)) {
+        return;
+    }
     if (lua_istable(L, -1)) {
         int status, is_abort;
 
@@ -315,9 +336,12 @@ gw_req_deadline(struct gw_conn *c)
 {
     struct gw_co *co = c->co;
 
+    gw_co_abandon(co);
+    if (req_dropped(c, co)) {
+        return;
+    }
     req_log(c, GW_LOG_WARN,
             "request deadline passed: answered 504, handler cancelled");
-    gw_co_abandon(co);
     gw_resp_error(c, 504, "deadline_exceeded",
                   "the handler did not finish in time");
     c->close_after = 1;

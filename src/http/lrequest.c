@@ -8,8 +8,12 @@
  * or cached on it is left, the other fields read nil, and req:header()
  * and req:set_deadline() raise (a handler copies what it keeps).
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
 
 #include "http_conn.h"
 #include "loop.h"
@@ -133,9 +137,39 @@ lreq_cache(lua_State *L, int ud, const char *key)
     lua_pop(L, 1);
 }
 
+/* The connection's local address as "ip:port" ("[ip]:port" for IPv6):
+ * which of the host's addresses the client connected to. nil when the
+ * socket cannot say. */
+static void
+push_local_addr(lua_State *L, struct gw_conn *c)
+{
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof(ss);
+    char ip[INET6_ADDRSTRLEN], out[64];
+
+    if (getsockname(c->fd, (struct sockaddr *) &ss, &sl) != 0) {
+        lua_pushnil(L);
+    } else if (ss.ss_family == AF_INET) {
+        struct sockaddr_in *a = (struct sockaddr_in *) &ss;
+
+        inet_ntop(AF_INET, &a->sin_addr, ip, sizeof(ip));
+        snprintf(out, sizeof(out), "%s:%d", ip, ntohs(a->sin_port));
+        lua_pushstring(L, out);
+    } else if (ss.ss_family == AF_INET6) {
+        struct sockaddr_in6 *a = (struct sockaddr_in6 *) &ss;
+
+        inet_ntop(AF_INET6, &a->sin6_addr, ip, sizeof(ip));
+        snprintf(out, sizeof(out), "[%s]:%d", ip, ntohs(a->sin6_port));
+        lua_pushstring(L, out);
+    } else {
+        lua_pushnil(L);
+    }
+}
+
 /*
  * req.method, req.path, req.query_string, req.body, req.headers, req.id,
- * req.remote_addr, req.scheme, then fields set by handlers, then methods.
+ * req.remote_addr, req.local_addr, req.scheme, then fields set by
+ * handlers, then methods.
  */
 static int
 lreq_index(lua_State *L)
@@ -185,6 +219,12 @@ lreq_index(lua_State *L)
         if (c != NULL && memcmp(k, "headers", 7) == 0) {
             push_headers(L, c);
             lreq_cache(L, 1, "headers");
+            return 1;
+        }
+        break;
+    case 10:
+        if (c != NULL && memcmp(k, "local_addr", 10) == 0) {
+            push_local_addr(L, c);
             return 1;
         }
         break;
@@ -263,6 +303,23 @@ lreq_set_deadline(lua_State *L)
     return 0;
 }
 
+/*
+ * syntax: req:drop()
+ * The request gets no answer: once the handler returns (what it returns
+ * is ignored) the connection is closed with SO_LINGER 0, so the client
+ * sees a reset (RST), as from a peer that crashed. For fault injection.
+ */
+static int
+lreq_drop(lua_State *L)
+{
+    struct gw_conn *c = lreq_conn(L, 1);
+    struct linger lg = { 1, 0 };
+
+    c->dropped = 1;
+    setsockopt(c->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+    return 0;
+}
+
 static int
 lreq_tostring(lua_State *L)
 {
@@ -279,7 +336,7 @@ lreq_tostring(lua_State *L)
 /*
  * syntax: request_methods(t)
  * t's functions become req's methods (t is kept, not copied), with
- * header and set_deadline (C) added to it.
+ * header, set_deadline and drop (C) added to it.
  */
 static int
 lreq_set_methods(lua_State *L)
@@ -289,6 +346,8 @@ lreq_set_methods(lua_State *L)
     lua_setfield(L, 1, "header");
     lua_pushcfunction(L, lreq_set_deadline);
     lua_setfield(L, 1, "set_deadline");
+    lua_pushcfunction(L, lreq_drop);
+    lua_setfield(L, 1, "drop");
     lua_pushvalue(L, 1);
     lua_rawseti(L, LUA_REGISTRYINDEX, methods_ref);
     return 0;

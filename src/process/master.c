@@ -217,6 +217,24 @@ reload_commit(void)
     }
 }
 
+/* The first worker is ready: only now does the master say it is serving,
+ * so an app that refuses its configuration leaves just its own line. */
+static void
+announce(void)
+{
+    const struct gw_opts *o = m.o;
+
+    if (m.served) {
+        return;
+    }
+    m.served = 1;
+    gw_log(GW_LOG_INFO, "paygate: serving %s on %s%s with %d worker%s%s%s",
+           o->app_dir, m.ssl_ctx ? "https://" : "http://", o->listen,
+           o->workers, o->workers == 1 ? "" : "s",
+           m.admin_fd >= 0 ? "; admin on " : "",
+           m.admin_fd >= 0 ? o->admin : "");
+}
+
 static void
 on_ready(evutil_socket_t fd, short what, void *arg)
 {
@@ -233,7 +251,7 @@ on_ready(evutil_socket_t fd, short what, void *arg)
     }
     if (n == 1 && c == 'R') {
         wk->state = W_READY;
-        m.served = 1;
+        announce();
         if (wk->gen != m.next_gen) {
             go(wk);         /* the serving generation: a start, a restart */
         } else if (count(m.next_gen, W_READY) == m.o->workers) {
@@ -468,7 +486,7 @@ on_chld(evutil_socket_t sig, short what, void *arg)
             if (read(wk->ready_fd, &c, 1) == 1 && c == 'R'
                 && wk->state == W_STARTING) {
                 wk->state = W_READY;
-                m.served = 1;
+                announce();
             }
         }
         drop_ready(wk);
@@ -485,8 +503,10 @@ on_chld(evutil_socket_t sig, short what, void *arg)
             if (WIFEXITED(status) && WEXITSTATUS(status) == 2) {
                 m.start_code = 2;
             }
-            gw_log(GW_LOG_ERROR, "worker %d %s before serving", (int) pid,
-                   why);
+            /* exit 2: the app refused its configuration and has written
+             * its one-line reason; the master adds nothing at info */
+            gw_log(m.start_code == 2 ? GW_LOG_DEBUG : GW_LOG_ERROR,
+                   "worker %d %s before serving", (int) pid, why);
         } else {
             /* a serving worker died: restart it, backing off on repeats */
             double delay;
@@ -510,8 +530,13 @@ on_chld(evutil_socket_t sig, short what, void *arg)
         wk->pid = 0;
     }
     if (m.failed_start) {
-        gw_log(GW_LOG_ERROR, "paygate: the app failed to start (see the "
-                             "log line above); stopping");
+        if (m.start_code == 2) {
+            gw_log(GW_LOG_DEBUG, "paygate: the app refused its "
+                                 "configuration; stopping");
+        } else {
+            gw_log(GW_LOG_ERROR, "paygate: the app failed to start (see "
+                                 "the log line above); stopping");
+        }
         for (int i = 0; i < MAX_WORKERS; i++) {
             if (m.w[i].pid != 0) {
                 kill(m.w[i].pid, SIGKILL);      /* any generation */
@@ -804,11 +829,6 @@ gw_master_main(struct gw_opts *o)
     }
     m.gen = 1;
     m.last_gen = 1;
-    gw_log(GW_LOG_INFO, "paygate: serving %s on %s%s with %d worker%s%s%s",
-           o->app_dir, m.ssl_ctx ? "https://" : "http://", o->listen,
-           o->workers, o->workers == 1 ? "" : "s",
-           m.admin_fd >= 0 ? "; admin on " : "",
-           m.admin_fd >= 0 ? o->admin : "");
     for (int i = 0; i < o->workers; i++) {
         if (spawn_worker(1) != GW_OK) {
             struct timeval tv = { 1, 0 };
@@ -828,6 +848,7 @@ gw_master_main(struct gw_opts *o)
         snprintf(status, sizeof(status), "%s.reload", o->pid_file);
         unlink(status);
     }
-    gw_log(GW_LOG_INFO, "master: exited");
+    gw_log(m.failed_start && m.start_code == 2 ? GW_LOG_DEBUG : GW_LOG_INFO,
+           "master: exited");
     return code;
 }

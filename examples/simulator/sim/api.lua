@@ -14,6 +14,7 @@ local crypto = require "paygate.crypto"
 local sign = require "paygate.wechatpay.sign"
 local json = require "sim.json"
 local faults = require "sim.faults"
+local config = require "sim.config"
 local identity = require "sim.identity"
 
 local type, tostring, tonumber, setmetatable, pairs =
@@ -53,8 +54,9 @@ local err = _M.err
 --- syntax: e = api.param_error(field, issue[, value[, location]])
 -- 400 PARAM_ERROR naming the field as a JSON pointer ("/amount/total").
 function _M.param_error(field, issue, value, location)
+  local path = field:sub(1, 1) == "/" and field or "/" .. field
   return err(400, "PARAM_ERROR", "输入源“/" .. (location or "body")
-    .. field .. "”映射到值字段“" .. field .. "”校验失败：" .. issue,
+    .. path .. "”映射到值字段“" .. field .. "”校验失败：" .. issue,
     { field = field, value = value, issue = issue,
       location = location or "body" })
 end
@@ -132,7 +134,7 @@ function _M.authenticate(req, target)
       { field = "mchid", location = "authorization",
         value = a.mchid:sub(1, 64) })
   end
-  local ts = a.timestamp:match("^%d+$") and tonumber(a.timestamp)
+  local ts = a.timestamp:match("^[1-9]%d*$") and tonumber(a.timestamp)
   local now = core.time()
   if not ts or #a.timestamp > 12
      or math.abs(now - ts) > S.cfg.timestamp_window then
@@ -144,7 +146,7 @@ function _M.authenticate(req, target)
     return nil, sign_error("Http头Authorization中的nonce_str有误",
       { field = "nonce_str", location = "authorization" })
   end
-  local key = m.keys[a.serial_no:upper()]
+  local key = m.keys[config.serial_key(a.serial_no)]
   if not key then
     return nil, sign_error("商户证书序列号有误。请使用签名私钥匹配的证书序列号",
       { field = "serial_no", location = "authorization",
@@ -186,8 +188,13 @@ end
 -- nil for none)[, headers]; or nil, api.err(...). opts.raw: the success
 -- answer is sent unsigned (bill files); opts.json = false: a POST body is
 -- not decoded.
+local ROUTES = {}                   -- { method, Lua pattern } of every route
+
 function _M.route(method, pattern, endpoint, fn, opts)
   opts = opts or {}
+  faults.endpoint(endpoint)
+  ROUTES[#ROUTES + 1] = { method, "^" .. pattern:gsub("%-", "%%-")
+                                            :gsub(":[%w_]+", "[^/]+") .. "$" }
   paygate.route(method, pattern, function(req)
     local qs = req.query_string
     local target = req.path .. (qs ~= "" and ("?" .. qs) or "")
@@ -201,11 +208,22 @@ function _M.route(method, pattern, endpoint, fn, opts)
   end)
 end
 
+local LATENCY = { latency = true }
+local NOT_LATENCY = { error = true, reset = true }
+
 function _M.handle(req, target, endpoint, fn, opts, entry)
-  local fault = faults.take(endpoint, "before")
-  if fault and fault.kind == "latency" then
+  -- a latency fault delays, then an error or reset fault may still apply
+  local fault = faults.take(endpoint, "before", LATENCY)
+  if fault then
+    entry.latency_fault = fault.id
     paygate.sleep(fault.seconds)
-    fault = nil
+  end
+  fault = faults.take(endpoint, "before", NOT_LATENCY)
+  if fault and fault.kind == "reset" then
+    entry.fault = fault.id
+    entry.code = "CONNECTION_RESET"
+    req:drop()
+    return nil
   end
   if fault and fault.kind == "error" then
     entry.fault = fault.id
@@ -248,6 +266,12 @@ function _M.handle(req, target, endpoint, fn, opts, entry)
     return error_answer(e, e.suffix)
   end
   local after = faults.take(endpoint, "after")
+  if after and after.kind == "reset" then
+    entry.fault = after.id
+    entry.code = "CONNECTION_RESET"
+    req:drop()
+    return nil
+  end
   if after and after.kind == "error" then
     entry.fault = after.id
     entry.code = after.code
@@ -269,6 +293,25 @@ function _M.handle(req, target, endpoint, fn, opts, entry)
   out["Request-ID"] = request_id(0)
   if after then entry.fault = after.id end
   return status, body, out
+end
+
+--- syntax: api.catch_all() -- after every /v3 route is registered
+-- Any other /v3 path or method is answered in WeChat's error shape (with
+-- a Request-ID, unsigned): 405 METHOD_NOT_ALLOWED for a path known with
+-- another method, else 404 NOT_FOUND. Both are this simulator's choice.
+function _M.catch_all()
+  local function answer(req)
+    for _, r in ipairs(ROUTES) do
+      if r[1] ~= req.method and req.path:find(r[2]) then
+        return error_answer(err(405, "METHOD_NOT_ALLOWED",
+          "请求方法不被允许：" .. req.method))
+      end
+    end
+    return error_answer(err(404, "NOT_FOUND", "请求的资源不存在"))
+  end
+  for _, m in ipairs({ "GET", "POST", "PUT", "PATCH", "DELETE" }) do
+    paygate.route(m, "/v3/*rest", answer)
+  end
 end
 
 --- syntax: api.init(cfg) -- once per worker, before routes serve

@@ -101,6 +101,15 @@ local function string_list(v, what)
   return out
 end
 
+--- syntax: k = config.serial_key(serial)
+-- The key a merchant serial is kept and looked up under: upper case, no
+-- leading zeros ("0A1b" and "A1B" name the same certificate).
+function _M.serial_key(serial)
+  local k = serial:upper():gsub("^0+", "")
+  return k == "" and "0" or k
+end
+local serial_key = _M.serial_key
+
 local MERCHANT_KEYS = {
   mchid = true, merchant_certificate = true, merchant_certificates = true,
   merchant_public_key = true, merchant_serial = true, apiv3_key = true,
@@ -108,7 +117,7 @@ local MERCHANT_KEYS = {
 }
 
 -- Loads the keys a merchant's requests are checked with into
--- m.keys (serial (upper case) -> certificate or public key handle).
+-- m.keys (serial_key(serial) -> certificate or public key handle).
 local function merchant_keys(m, raw, where, want)
   local function bad(key, why) return nil, where .. "." .. key .. ": " .. why end
   m.keys = {}
@@ -143,7 +152,7 @@ local function merchant_keys(m, raw, where, want)
         return bad(key, "holds an " .. tostring(cert:key_type()) .. " key; "
                    .. "this sign_type needs " .. want)
       end
-      m.keys[cert:serial()] = cert
+      m.keys[serial_key(cert:serial())] = cert
     end
     return true
   end
@@ -168,7 +177,7 @@ local function merchant_keys(m, raw, where, want)
   then
     return bad("merchant_serial", "must be the certificate serial, hex")
   end
-  m.keys[serial:upper()] = key
+  m.keys[serial_key(serial)] = key
   return true
 end
 
@@ -271,6 +280,16 @@ function _M.check(raw)
   end
   if raw.merchants == nil then
     return nil, "config.merchants: is required (an array of merchants)"
+  end
+  if type(raw.merchants) ~= "table" then
+    return nil, "config.merchants: must be an array of merchants"
+  end
+  local nm = #raw.merchants
+  for k in pairs(raw.merchants) do
+    if type(k) ~= "number" or k < 1 or k > nm or k ~= math.floor(k) then
+      return nil, "config.merchants: must be an array (a key "
+                  .. tostring(k) .. " found)"
+    end
   end
   c.sm = c.sign_type == _M.SM2
   local want = c.sm and "SM2" or "RSA"

@@ -1,8 +1,12 @@
 -- sim.control: the control API under /sim/ (off with control = false):
 -- act as the payer and as WeChat's back office, read back what happened,
 -- inject faults. Requests need no signature; they are accepted from
--- loopback addresses only. docs/simulator.md lists every route.
+-- loopback addresses only, and, with control_listen = "IP:PORT", only on
+-- connections made to that local address (the runtime has one listener:
+-- this picks one of its addresses when it listens on a wildcard; it
+-- opens no port of its own). docs/simulator.md lists every route.
 local paygate = require "paygate"
+local config = require "sim.config"
 local json = require "sim.json"
 local faults = require "sim.faults"
 local identity = require "sim.identity"
@@ -22,9 +26,32 @@ local function loopback(addr)
     or addr:match("^%[?::1%]?") or addr:match("^::ffff:127%."))
 end
 
+-- "[::ffff:1.2.3.4]:p" (a v4 client on a dual-stack socket) -> "1.2.3.4:p"
+local function plain_addr(a)
+  if type(a) ~= "string" then return a end
+  local v4, port = a:match("^%[::ffff:([%d%.]+)%]:(%d+)$")
+  if v4 then return v4 .. ":" .. port end
+  return a
+end
+
+config.define("control_listen", function(v)
+  if type(v) ~= "string" or not (v:match("^%d+%.%d+%.%d+%.%d+:%d+$")
+                                 or v:match("^%[[%x:%.]+%]:%d+$")) then
+    return nil, 'must be "IP:PORT", an address the listener serves '
+                .. '(such as "127.0.0.1:9000")'
+  end
+  return v
+end)
+
+local S = { listen = nil }         -- control_listen, once routes() ran
+
 --- syntax: control.route(method, pattern, fn) -- fn(req) -> status, body
 function _M.route(method, pattern, fn)
   paygate.route(method, pattern, function(req)
+    if S.listen and plain_addr(req.local_addr) ~= S.listen then
+      return answer(404, { code = "NOT_FOUND",
+        message = "the control API is not served on this address" })
+    end
     if not loopback(req.remote_addr) then
       return answer(403, { code = "FORBIDDEN",
                            message = "the control API answers loopback only" })
@@ -42,6 +69,7 @@ end
 _M.body_of = body_of
 
 function _M.routes(ctx)
+  S.listen = ctx.config.control_listen
   local api = ctx.api
   local route = _M.route
 

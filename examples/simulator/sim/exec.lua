@@ -9,6 +9,8 @@ ffi.cdef [[
 int posix_spawnp(int *pid, const char *file, const void *file_actions,
                  const void *attrp, char *const argv[], char *const envp[]);
 int waitpid(int pid, int *status, int options);
+int mkdir(const char *path, unsigned int mode);
+char *strerror(int errnum);
 extern char **environ;
 ]]
 
@@ -53,6 +55,25 @@ function _M.run(argv, timeout)
     return nil, table.concat(argv, " ", 1, math.min(#argv, 3))
                 .. "... failed (status " .. s .. ")"
   end
+  return true
+end
+
+--- syntax: ok, why = exec.mkdir_p(path)
+-- Makes path and its missing parents (mode 0755), as mkdir -p, but
+-- silently: the reason comes back (strerror) instead of on stderr.
+function _M.mkdir_p(path)
+  local EEXIST = 17
+  local prefix = path:sub(1, 1) == "/" and "" or "."
+  for part in path:gmatch("[^/]+") do
+    prefix = prefix .. "/" .. part
+    if C.mkdir(prefix, 493) ~= 0 then
+      local e = ffi.errno()
+      if e ~= EEXIST then return nil, ffi.string(C.strerror(e)) end
+    end
+  end
+  local f = io.open(path .. "/.", "rb")
+  if not f then return nil, "not a directory" end
+  f:close()
   return true
 end
 

@@ -28,6 +28,13 @@
 --                    (600) seconds in the past
 --   unknown_serial   after: signed correctly, Wechatpay-Serial names a
 --                    key the client cannot know
+--   reset            before: the connection is reset (req:drop()), nothing
+--                    done; with after = true: the work is done first
+--
+-- The endpoint of a fault must be a registered name (faults.endpoint(),
+-- called by api.route for every /v3 route), "*", or "notify"; the
+-- notification-only kinds (phase "notify") only go to "notify", and
+-- latency, error and reset never to "notify".
 -- Other modules may add kinds (faults.define); simB adds the
 -- notification ones.
 local core = require "paygate.core"
@@ -97,6 +104,32 @@ _M.define("stale_timestamp", "after", function(f)
   return num(f, "skew", 600, -86400 * 365, 86400 * 365)
 end)
 _M.define("unknown_serial", "after", function() return true end)
+_M.define("reset", "before", function(f)
+  if f.after ~= nil and type(f.after) ~= "boolean" then
+    return nil, "after must be a boolean"
+  end
+  if f.after == true then f.phase = "after" end
+  return true
+end)
+
+local NOTIFY = "notify"
+local ENDPOINTS = { ["*"] = true, [NOTIFY] = true }
+local REQUEST_ONLY = { latency = true, error = true, reset = true }
+
+--- syntax: faults.endpoint(name) -- a name faults may be set on
+function _M.endpoint(name)
+  if type(name) ~= "string" or name == "" then
+    error("faults.endpoint: name must be a non-empty string", 2)
+  end
+  ENDPOINTS[name] = true
+end
+
+local function endpoint_names()
+  local names = {}
+  for n in pairs(ENDPOINTS) do names[#names + 1] = '"' .. n .. '"' end
+  table.sort(names)
+  return table.concat(names, ", ")
+end
 
 local function dict()
   local shared = require "paygate.shared"
@@ -122,9 +155,8 @@ end
 -- its id) or nil, why (a bad spec).
 function _M.add(spec)
   if type(spec) ~= "table" then return nil, "body must be a JSON object" end
-  if type(spec.endpoint) ~= "string" or spec.endpoint == ""
-     or #spec.endpoint > 64 then
-    return nil, "endpoint must be an endpoint name (or \"*\")"
+  if not ENDPOINTS[spec.endpoint] then
+    return nil, "endpoint must be one of " .. endpoint_names()
   end
   local k = KINDS[spec.kind]
   if not k then
@@ -132,6 +164,12 @@ function _M.add(spec)
     for n in pairs(KINDS) do names[#names + 1] = n end
     table.sort(names)
     return nil, "kind must be one of " .. table.concat(names, ", ")
+  end
+  if k.phase == NOTIFY and spec.endpoint ~= NOTIFY then
+    return nil, "kind " .. spec.kind .. " is for endpoint \"notify\""
+  end
+  if REQUEST_ONLY[spec.kind] and spec.endpoint == NOTIFY then
+    return nil, "kind " .. spec.kind .. " is not a notification fault"
   end
   if spec.count ~= nil and (type(spec.count) ~= "number" or spec.count < 1
      or spec.count ~= math.floor(spec.count) or spec.count > 1e9) then
@@ -172,15 +210,17 @@ function _M.list()
   return out
 end
 
---- syntax: f = faults.take(endpoint[, phase])
+--- syntax: f = faults.take(endpoint[, phase[, kinds]])
 -- returns: the first fault for endpoint (or "*") in phase (default
--- "before") that has firings left, counting this one, or nil.
-function _M.take(endpoint, phase)
+-- "before"), of one of kinds (a set; absent: any) when given, that has
+-- firings left, counting this one, or nil.
+function _M.take(endpoint, phase, kinds)
   phase = phase or "before"
   local l, d = list()
   if l[1] == nil then return nil end
   for _, f in ipairs(l) do
-    if f.phase == phase and (f.endpoint == endpoint or f.endpoint == "*") then
+    if f.phase == phase and (f.endpoint == endpoint or f.endpoint == "*")
+       and (kinds == nil or kinds[f.kind]) then
       local key = "sim:fault:" .. f.id
       if not f.count then
         d:incr(key, 1, 0)

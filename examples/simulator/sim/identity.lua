@@ -210,6 +210,14 @@ function _M.init(db, cfg)
       { row.id, row.kind, row.algo, row.key_pem, row.cert_pem,
         row.not_before, row.not_after, core.time() })
     if not ok then return nil, "state: " .. tostring(err) end
+    -- the configured certificate wins over what was there before it (a
+    -- generated one, an older configured one and their rotations); the
+    -- rotations made on top of it since it was first configured stay
+    ok, err = S.db:exec("DELETE FROM sim_platform_keys WHERE kind = "
+      .. "'certificate' AND algo = $1 AND id <> $2 AND created_at < "
+      .. "(SELECT created_at FROM sim_platform_keys WHERE id = $2)",
+      { row.algo, row.id })
+    if not ok then return nil, "state: " .. tostring(err) end
   else
     local rows = assert(S.db:query("SELECT 1 AS x FROM sim_platform_keys "
       .. "WHERE kind = 'certificate' AND algo = $1", { algo() }))

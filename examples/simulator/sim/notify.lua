@@ -78,11 +78,13 @@ end
 
 -- The notification faults that apply to the next notification: a
 -- delivery fault and a signature fault (each consumes one firing).
+local SIGNATURE_FAULTS = { bad_signature = true, stale_timestamp = true,
+                           unknown_serial = true }
 local function take_faults()
   local got = {}
   local f = faults.take(_M.ENDPOINT, "notify")
   if f then got[#got + 1] = f end
-  f = faults.take(_M.ENDPOINT, "after")
+  f = faults.take(_M.ENDPOINT, "after", SIGNATURE_FAULTS)
   if f then got[#got + 1] = f end
   return got
 end
@@ -197,6 +199,8 @@ end
 
 local D = {}
 D.__index = D
+_M.Deliverer = D                -- for specs: setmetatable({ ctx, db,
+                                -- lease, in_flight = 0 }, Deliverer)
 
 local function log_warn(msg, fields)
   core.log(2, msg, json.encode(fields or {}))
@@ -207,6 +211,8 @@ end
 function D:claim(row)
   local ctx, l = self.ctx, self.lease
   local now = core.time()
+  if not l then return nil, "no lease" end
+  row.token = l.token             -- finish() is fenced by the same token
   return self.db:transaction(function(tx)
     local ok, err = lease.check(tx, _M.LEASE_KEY, l.token)
     if not ok then return nil, err end
@@ -214,7 +220,9 @@ function D:claim(row)
       .. "duplicates, sig_fault, body FROM sim_notifications WHERE id = $1",
       { row.id }))
     local cur = rows[1]
-    if not cur or (cur.state ~= "pending" and cur.state ~= "held")
+    local owes = cur and cur.state == "delivered" and cur.duplicates > 0
+    if not cur or (cur.state ~= "pending" and cur.state ~= "held"
+                   and not owes)
        or cur.attempts ~= row.attempts or cur.next_at > now then
       return false
     end
@@ -230,39 +238,53 @@ function D:claim(row)
     -- the body is made once: every attempt sends the same bytes
     local body, berr = cur.body, nil
     if not body then body, berr = envelope(ctx, row) end
+    -- a delivered one stays delivered while its duplicates go out
     assert(tx:exec("UPDATE sim_notifications SET attempts = $2, state = "
-      .. "'pending', next_at = $3, sig_fault = NULL, body = $4 WHERE id = $1",
+      .. "CASE WHEN state = 'delivered' THEN 'delivered' ELSE 'pending' END,"
+      .. " next_at = $3, sig_fault = NULL, body = $4 WHERE id = $1",
       { n = 4, row.id, n, now + answer_timeout(ctx) + GRACE,
         body or core.null }))
     row.body, row.body_error = body, berr
     assert(tx:exec("INSERT INTO sim_notification_attempts (notification_id,"
       .. " n, at, error, fault, duplicate, worker) VALUES ($1, $2, $3, $4, "
       .. "$5, $6, $7)",
-      { n = 7, row.id, n, now, "interrupted: the simulator stopped before "
-        .. "the answer", fault_kind or core.null, dup, core.pid() }))
+      { n = 7, row.id, n, now, core.null, fault_kind or core.null, dup,
+        core.pid() }))
     return n, cur.sig_fault or false, cur.duplicates
   end)
 end
 
--- Records attempt n's outcome and schedules what follows.
+-- Records attempt n's outcome and schedules what follows -- fenced by the
+-- lease token the attempt was claimed under: a deliverer that lost the
+-- lease meanwhile records nothing (the row stays pending; the new holder
+-- sends it again once the attempt's time is up).
 function D:finish(row, n, rec, dups)
   local ctx = self.ctx
   local now = core.time()
   local ok = rec.status == 200 or rec.status == 204
   local ok2, err = self.db:transaction(function(tx)
+    local fenced, ferr = lease.check(tx, _M.LEASE_KEY, row.token)
+    if not fenced then return nil, ferr end
     assert(tx:exec("UPDATE sim_notification_attempts SET status = $3, "
       .. "error = $4, latency = $5, timestamp = $6, nonce = $7, serial = $8"
       .. " WHERE notification_id = $1 AND n = $2",
       { n = 8, row.id, n, rec.status or core.null, rec.error or core.null,
         rec.latency or core.null, rec.timestamp or core.null,
         rec.nonce or core.null, rec.serial or core.null }))
+    local cur = assert(tx:query("SELECT state, done_at FROM "
+      .. "sim_notifications WHERE id = $1", { row.id }))[1]
     local state, next_at, done_at = "pending", nil, core.null
     local new_dups = dups
-    if ok and dups > 0 then
-      new_dups = dups - 1
+    if cur and cur.state == "delivered" then
+      -- a duplicate went out (whatever its answer: it is not retried);
+      -- the notification stays delivered, the next duplicate follows
+      state, done_at = "delivered", cur.done_at
+      new_dups = max(dups - 1, 0)
       next_at = now + DUP_DELAY / scale(ctx)
     elseif ok then
-      state, next_at, done_at = "delivered", now, now
+      -- delivered; the duplicates owed (if any) follow DUP_DELAY apart
+      state, next_at, done_at = "delivered", now + DUP_DELAY / scale(ctx),
+                                now
     elseif n >= _M.MAX_ATTEMPTS then
       state, next_at, done_at = "failed", now, now
     else
@@ -334,8 +356,9 @@ function D:tick()
   if self.in_flight < MAX_IN_FLIGHT then
     local rows = assert(self.db:query("SELECT seq, id, mchid, notify_url, "
       .. "event_type, summary, original_type, resource, create_time, "
-      .. "attempts FROM sim_notifications WHERE state IN ('pending', "
-      .. "'held') AND next_at <= $1 ORDER BY next_at, seq LIMIT $2",
+      .. "attempts FROM sim_notifications WHERE (state IN ('pending', "
+      .. "'held') OR (state = 'delivered' AND duplicates > 0)) AND next_at "
+      .. "<= $1 ORDER BY next_at, seq LIMIT $2",
       { now, min(BATCH, MAX_IN_FLIGHT - self.in_flight) }))
     for _, row in ipairs(rows) do
       local n, fault, dups = self:claim(row)
@@ -345,7 +368,8 @@ function D:tick()
     if #rows > 0 then return 0 end
   end
   local rows = assert(self.db:query("SELECT MIN(next_at) AS t FROM "
-    .. "sim_notifications WHERE state IN ('pending', 'held')"))
+    .. "sim_notifications WHERE state IN ('pending', 'held') OR (state = "
+    .. "'delivered' AND duplicates > 0)"))
   local t = rows[1] and rows[1].t
   if not t then return POLL end
   return max(0.002, min(POLL, t - core.time()))
@@ -445,6 +469,8 @@ function _M.list(db, f)
       }
       out[#out + 1] = n
       by_id[r.id] = n
+      -- its last attempt is still owned by the deliverer until next_at
+      n._last, n._owned_until = r.attempts, r.next_at
     end
   end
   if #out > 0 then
@@ -469,8 +495,14 @@ function _M.list(db, f)
     for _, a in ipairs(arows) do
       local n = by_id[a.notification_id]
       if n then
+        local e = a.error
+        if a.status == nil and e == nil then
+          e = (a.n == n._last and core.time() < n._owned_until)
+              and "in_flight: no answer yet"
+              or "interrupted: the simulator stopped before the answer"
+        end
         n.attempts[#n.attempts + 1] = {
-          n = a.n, at = a.at, status = a.status, error = a.error,
+          n = a.n, at = a.at, status = a.status, error = e,
           latency = a.latency, timestamp = a.timestamp, nonce = a.nonce,
           serial = a.serial, fault = a.fault, duplicate = a.duplicate == 1,
           worker = a.worker,
@@ -478,6 +510,7 @@ function _M.list(db, f)
       end
     end
   end
+  for _, n in ipairs(out) do n._last, n._owned_until = nil, nil end
   return out
 end
 

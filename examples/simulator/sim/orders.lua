@@ -41,6 +41,33 @@ local function unescape(s)
   end))
 end
 
+-- Is s UTF-8 of 1- to 3-byte characters (WeChat refuses 4-byte ones such
+-- as emoji), with no overlong form and no surrogate?
+local function utf8_bmp(s)
+  local i, n = 1, #s
+  while i <= n do
+    local b = s:byte(i)
+    if b < 0x80 then
+      i = i + 1
+    elseif b >= 0xC2 and b <= 0xDF then
+      local b2 = s:byte(i + 1)
+      if not b2 or b2 < 0x80 or b2 > 0xBF then return false end
+      i = i + 2
+    elseif b >= 0xE0 and b <= 0xEF then
+      local b2, b3 = s:byte(i + 1, i + 2)
+      if not b3 or b2 < 0x80 or b2 > 0xBF or b3 < 0x80 or b3 > 0xBF
+         or (b == 0xE0 and b2 < 0xA0) or (b == 0xED and b2 > 0x9F) then
+        return false
+      end
+      i = i + 3
+    else
+      return false
+    end
+  end
+  return true
+end
+_M.utf8_bmp = utf8_bmp
+
 local function utf8_len(s)
   local _, n = s:gsub("[^\128-\191]", "")
   return n
@@ -116,17 +143,29 @@ local function loopback_host(host)
 end
 
 -- notify_url: https (http only to a loopback host: specs and demos), at
--- most 255 bytes, no query string.
-local function check_url(u)
+-- most 255 bytes, no query string, no userinfo, and not the simulator
+-- itself (a loopback URL on the port this request came in on: its /sim/
+-- API would take the notification for a command).
+local function check_url(u, c)
   if type(u) ~= "string" or #u > 255 or u:find("[%s%c]") then
     return nil, "应为不超过255字节的URL"
   end
-  local scheme, host = u:match("^(https?)://%[?([^/:%]]+)")
-  if not scheme then return nil, "应为https://开头的URL" end
+  local scheme, host, port = u:match("^(https?)://%[([^%]/]+)%]:?(%d*)")
+  if not scheme then
+    scheme, host, port = u:match("^(https?)://([^/:?#]+):?(%d*)")
+  end
+  if not scheme or u:match("^https?://[^/]*@") then
+    return nil, "应为https://开头的URL"
+  end
   if scheme == "http" and not loopback_host(host) then
     return nil, "应为https://开头的URL"
   end
   if u:find("?", 1, true) then return nil, "不能携带参数" end
+  if loopback_host(host) and c and c.req then
+    local own = (c.req.local_addr or ""):match(":(%d+)$")
+    if port == "" then port = scheme == "https" and "443" or "80" end
+    if own == port then return nil, "不能指向模拟器自身" end
+  end
   return true
 end
 
@@ -141,6 +180,10 @@ local function str(body, key, max, required, field, min)
   end
   if type(v) ~= "string" then
     return nil, api().param_error(field, "应为字符串", tostring(v))
+  end
+  if not utf8_bmp(v) then
+    return nil, api().param_error(field,
+      "应为UTF-8编码的字符串，且不含4字节字符（如emoji）")
   end
   local n = utf8_len(v)
   if n > max or n < (min or (required and 1 or 0)) then
@@ -241,8 +284,11 @@ local function check_prepay(c, body, trade_type, partner)
     return nil, a.param_error("/amount/currency", "Currency code is invalid",
                               tostring(body.amount.currency))
   end
-  ok, e = check_url(body.notify_url)
+  ok, e = check_url(body.notify_url, c)
   if not ok then return nil, a.param_error("/notify_url", e, body.notify_url) end
+  if body.detail ~= nil and type(body.detail) ~= "table" then
+    return nil, a.param_error("/detail", "应为对象", tostring(body.detail))
+  end
   for _, f in ipairs({ { "attach", 128 }, { "goods_tag", 32 } }) do
     ok, e = str(body, f[1], f[2], false)
     if not ok then return nil, e end
@@ -569,7 +615,7 @@ local function create_refund(req, c)
     if not ok then return nil, e end
   end
   if b.notify_url ~= nil then
-    ok, e = check_url(b.notify_url)
+    ok, e = check_url(b.notify_url, c)
     if not ok then return nil, a.param_error("/notify_url", e, b.notify_url) end
   end
   if b.funds_account ~= nil and b.funds_account ~= "AVAILABLE" then

@@ -27,6 +27,7 @@ local transport = require "paygate.wechatpay.transport"
 local validate = require "paygate.wechatpay.validate"
 local payparams = require "paygate.wechatpay.payparams"
 local bill = require "paygate.wechatpay.bill"
+local wxconfig = require "paygate.wechatpay.config"
 
 local type, pairs, ipairs, tostring, error, select =
       type, pairs, ipairs, tostring, error, select
@@ -62,14 +63,16 @@ local ID = { min = 1, max = 64, pattern = "^[%w_%-]+$",
 local MCHID = { min = 1, max = 32, pattern = "^%d+$", what = "digits" }
 local APPID = { min = 1, max = 32, pattern = "^[%w_%-]+$",
                 what = "an appid (letters, digits, _ and -)" }
--- https; http only for a loopback host (the simulator delivers there, as
--- base_url may be http for one)
-local NOTIFY_URL = { min = 1, max = 255, pattern = "^https?://[^%s?#]+$",
+-- https, or http to a loopback host (the simulator's rule: a local spec's
+-- receiver), by the same loopback test base_url uses.
+local NOTIFY_URL = { min = 1, max = 255,
   test = function(v)
-    return v:sub(1, 8) == "https://"
-           or require("paygate.wechatpay.config").is_loopback_url(v)
+    if find(v, "^https://[^%s?#]+$") then return true end
+    return find(v, "^http://[^%s?#]+$") ~= nil
+           and wxconfig.is_loopback_url(v)
   end,
-  what = "an https URL (http only for a loopback host) without a query string" }
+  what = "an https URL without a query string (http only to a loopback "
+         .. "host: 127.0.0.1, localhost, [::1])" }
 local RFC3339 = {
   test = function(v)
     local rest = v:match("^%d%d%d%d%-[01]%d%-[0-3]%dT[0-2]%d:[0-5]%d:[0-6]%d"

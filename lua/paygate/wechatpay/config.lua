@@ -49,9 +49,11 @@ local function material(v)
 end
 _M.material = material
 
--- Whether url is plain http to a loopback host (127.0.0.1, localhost,
--- [::1]): the only place http is allowed (tests, the simulator).
+-- An http:// URL to a loopback host (127.0.0.1, localhost, ::1): the
+-- simulator's and a local spec's. A URL with userinfo (@) is refused, so
+-- "http://localhost:x@elsewhere/" cannot pass for loopback.
 local function is_loopback_url(url)
+  if url:find("@", 1, true) then return false end
   local host = url:match("^http://%[([^%]]+)%]") or url:match("^http://([^/:]+)")
   return host == "127.0.0.1" or host == "localhost" or host == "::1"
 end

@@ -48,7 +48,10 @@ end
 
 --- syntax: t = sign.parse_authorization(value)
 -- returns: { schema, mchid, nonce_str, timestamp, serial_no, signature }
--- (parameters in any order), or nil and a reason. For servers and tools.
+-- (parameters in any order), or nil and a reason (an unknown, repeated
+-- or missing parameter, a trailing ','). For servers and tools.
+local AUTH_PARAMS = { mchid = true, nonce_str = true, timestamp = true,
+                      serial_no = true, signature = true }
 function _M.parse_authorization(value)
   if type(value) ~= "string" or #value > 4096 then
     return nil, "not a string of at most 4096 bytes"
@@ -60,10 +63,13 @@ function _M.parse_authorization(value)
   while pos <= #rest do
     local k, v, nxt = rest:match('^([%w_]+)="([^"]*)"()', pos)
     if not k then return nil, "bad parameter at " .. pos end
+    if not AUTH_PARAMS[k] then return nil, "unknown parameter " .. k end
     if t[k] ~= nil then return nil, "repeated parameter " .. k end
     t[k] = v
     pos = nxt
-    if rest:sub(pos, pos) == "," then pos = pos + 1
+    if rest:sub(pos, pos) == "," then
+      pos = pos + 1
+      if pos > #rest then return nil, "trailing ','" end
     elseif pos <= #rest then return nil, "expected ',' at " .. pos end
   end
   for _, k in ipairs({ "mchid", "nonce_str", "timestamp", "serial_no",

@@ -1,0 +1,211 @@
+-- Smaller findings of the simulator's review, each pinned: notify_url
+-- rules, strict UTF-8 and detail, unknown /v3 paths, the Authorization
+-- parser, the merchants array, notification attempts in flight, and the
+-- duplicate fault's state.
+local crypto = require "paygate.crypto"
+local json = require "cjson.safe"
+local sn = require "support.simnotify"
+
+local function sn_read(path)
+  local f = assert(io.open(path, "rb"))
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+
+local function order_no()
+  return "NIT" .. crypto.random_nonce(16)
+end
+
+local function prepay_body(no, over)
+  local b = { appid = sn.APPID, mchid = sn.MCHID, description = "nit " .. no,
+    out_trade_no = no, notify_url = "https://merchant.example/n",
+    amount = { total = 1, currency = "CNY" } }
+  for k, v in pairs(over or {}) do b[k] = v end
+  return json.encode(b)
+end
+
+describe("simulator review nits", function()
+  local sim
+  setup(function() sim = sn.start{} end)
+  teardown(function() if sim then sim:stop() end end)
+
+  local function prepay(over)
+    local no = order_no()
+    local res = sn.signed(sim, "POST", "/v3/pay/transactions/native",
+                          prepay_body(no, over))
+    return res, json.decode(res.body)
+  end
+
+  it("notify_url: [::1] is loopback; the simulator itself is refused",
+     function()
+    local res = prepay{ notify_url = "http://[::1]:8080/notify" }
+    assert.equal(200, res.status, res.body)
+    for _, url in ipairs({
+        "http://127.0.0.1:" .. sim.port .. "/sim/transactions/x/pay",
+        "http://localhost:" .. sim.port .. "/n",
+        "http://localhost:1@example.com/n" }) do
+      local r, doc = prepay{ notify_url = url }
+      assert.equal(400, r.status, url)
+      assert.equal("/notify_url", doc.detail.field, url)
+    end
+  end)
+
+  it("strings must be UTF-8 of 1-3 byte characters; detail an object",
+     function()
+    local r, doc = prepay{ description = "coffee \240\159\152\128" }
+    assert.equal(400, r.status)
+    assert.equal("/description", doc.detail.field)
+    r, doc = prepay{ attach = "bad \255 byte" }
+    assert.equal(400, r.status)
+    assert.equal("/attach", doc.detail.field)
+    r = prepay{ description = "咖啡 café" }
+    assert.equal(200, r.status, r.body)
+    r, doc = prepay{ detail = "not an object" }
+    assert.equal(400, r.status)
+    assert.equal("/detail", doc.detail.field)
+  end)
+
+  it("unknown /v3 paths and methods: WeChat's shape with a Request-ID",
+     function()
+    local res = sn.signed(sim, "GET", "/v3/no/such/thing")
+    assert.equal(404, res.status)
+    local doc = json.decode(res.body)
+    assert.equal("NOT_FOUND", doc.code)
+    assert.equal("string", type(doc.message))
+    assert.truthy(res.headers["request-id"])
+    res = sn.signed(sim, "DELETE", "/v3/certificates")
+    assert.equal(405, res.status)
+    assert.equal("METHOD_NOT_ALLOWED", json.decode(res.body).code)
+    assert.truthy(res.headers["request-id"])
+    res = sn.signed(sim, "GET", "/v3/pay/transactions/native")
+    assert.equal(405, res.status)
+  end)
+
+  it("a bill query's PARAM_ERROR names /query/bill_date", function()
+    local res = sn.signed(sim, "GET", "/v3/bill/tradebill?bill_date=2026-13-01")
+    assert.equal(400, res.status)
+    local doc = json.decode(res.body)
+    assert.truthy(doc.message:find("/query/bill_date", 1, true), doc.message)
+  end)
+
+  describe("the Authorization parser refuses", function()
+    local paygate = require "paygate"
+    local function with_auth(mutate)
+      local key = assert(crypto.private_key(sn_read(sn.KEY_PATH)))
+      local ts, nonce = tostring(os.time()), crypto.random_nonce(32)
+      local p = { ts = ts }
+      mutate(p)
+      local msg = "GET\n/v3/certificates\n" .. p.ts .. "\n" .. nonce .. "\n\n"
+      local sig = assert(crypto.sign_base64(key, msg,
+                                            "WECHATPAY2-SHA256-RSA2048"))
+      local auth = ('WECHATPAY2-SHA256-RSA2048 mchid="%s",nonce_str="%s",'
+        .. 'timestamp="%s",serial_no="%s",signature="%s"'):format(sn.MCHID,
+        nonce, p.ts, sn.SERIAL, sig) .. (p.suffix or "")
+      local res = assert(paygate.http.request{ url = sim.base
+        .. "/v3/certificates", timeout = 10, headers = {
+          Authorization = auth, Accept = "application/json",
+          ["User-Agent"] = "nits" } })
+      return res.status, json.decode(res.body)
+    end
+
+    it("nothing wrong: 200", function()
+      assert.equal(200, (with_auth(function() end)))
+    end)
+    it("a trailing comma", function()
+      local st, doc = with_auth(function(p) p.suffix = "," end)
+      assert.equal(401, st)
+      assert.equal("SIGN_ERROR", doc.code)
+    end)
+    it("an unknown parameter", function()
+      assert.equal(401, (with_auth(function(p)
+        p.suffix = ',realm="x"' end)))
+    end)
+    it("a timestamp with a leading zero", function()
+      local st, doc = with_auth(function(p) p.ts = "0" .. p.ts end)
+      assert.equal(401, st)
+      assert.equal("timestamp", doc.detail.field)
+    end)
+  end)
+end)
+
+describe("simulator config: merchants", function()
+  it("given as a table that is not an array: 'must be an array'", function()
+    local server = require "support.server"
+    local proc = require "support.proc"
+    local dir = server.tmpdir()
+    local f = assert(io.open(dir .. "/c.lua", "w"))
+    f:write(('return { state_dir = %q, merchants = { first = { mchid = "1" '
+             .. '} } }'):format(dir .. "/st"))
+    f:close()
+    local p = proc.spawn({ os.getenv("PAYGATE_BIN") or "build/paygate", "run",
+      "examples/simulator", "--listen", "127.0.0.1:"
+      .. require("paygate.core").free_port(), "--admin", "off",
+      "--workers", "1", "--config", dir .. "/c.lua" },
+      { log = dir .. "/log" })
+    assert.equal(2, p:wait(30))
+    assert.equal("simulator: config.merchants: must be an array (a key first "
+                 .. "found)\n", proc.read(dir .. "/log"))
+  end)
+end)
+
+describe("simulator notifications: attempts and duplicates", function()
+  local sim, recv
+  setup(function()
+    sim = sn.start{ time_scale = 1000, answer_timeout = 3 }
+    recv = sn.receiver()
+  end)
+  teardown(function()
+    if sim then sim:stop() end
+    if recv then recv:stop() end
+  end)
+
+  it("an attempt awaiting its answer is in_flight, not interrupted",
+     function()
+    local no, b = order_no(), "slow" .. crypto.random_nonce(6)
+    sn.answer(recv, b, { status = 204, delay = 1.5 })
+    sn.prepay(sim, no, sn.notify_url(recv, b))
+    sn.pay(sim, no)
+    local n
+    sn.wait_until(function()
+      n = sn.notifications(sim, "out_trade_no=" .. no)[1]
+      return n and #n.attempts == 1
+    end, 10, "the first attempt")
+    assert.equal("pending", n.state)
+    assert.truthy(n.attempts[1].error:match("^in_flight"), n.attempts[1].error)
+    sn.wait_until(function()
+      n = sn.notifications(sim, "out_trade_no=" .. no)[1]
+      return n.state == "delivered"
+    end, 10, "the delivery")
+    assert.equal(204, n.attempts[1].status)
+    assert.is_nil(n.attempts[1].error)
+  end)
+
+  it("duplicate: delivered stays delivered, a refused duplicate is not "
+     .. "retried", function()
+    sn.ctl(sim, "POST", "/sim/faults", { endpoint = "notify",
+           kind = "duplicate", count = 1, times = 2 })
+    local no, b = order_no(), "dup" .. crypto.random_nonce(6)
+    sn.answer(recv, b, { statuses = { 204, 500 }, status = 204 })
+    sn.prepay(sim, no, sn.notify_url(recv, b))
+    sn.pay(sim, no)
+    local n
+    sn.wait_until(function()
+      n = sn.notifications(sim, "out_trade_no=" .. no)[1]
+      return n and n.state == "delivered"
+    end, 10, "the first delivery")
+    sn.wait_until(function()
+      return #sn.received(recv, b) >= 3
+    end, 10, "the two duplicates")
+    -- the second duplicate came after the first was refused (500): both
+    -- are duplicates, and nothing more is sent
+    n = sn.notifications(sim, "out_trade_no=" .. no)[1]
+    assert.equal("delivered", n.state)
+    assert.equal(3, #n.attempts)
+    assert.same({ 204, 500, 204 }, { n.attempts[1].status,
+      n.attempts[2].status, n.attempts[3].status })
+    assert.is_true(n.attempts[2].duplicate)
+    assert.is_true(n.attempts[3].duplicate)
+    sn.ctl(sim, "DELETE", "/sim/faults")
+  end)
+end)
