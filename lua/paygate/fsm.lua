@@ -516,7 +516,6 @@ local function run_hooks(list, ctx)
 end
 
 local function guards_pass(m, t, ctx)
-  local reason
   if t.guard then
     local ok, why = t.guard(ctx)
     if not ok then
@@ -532,7 +531,7 @@ local function guards_pass(m, t, ctx)
       end
     end
   end
-  return true, reason
+  return true
 end
 
 local function what_of(how)
@@ -622,7 +621,7 @@ function Machine:transition(tx, id, how, opts)
                 event = event, set = set, cause = opts.cause,
                 actor = opts.actor, evidence = opts.evidence,
                 data = opts.data }
-  local chosen, reason
+  local chosen, reasons = nil, {}
   for _, t in ipairs(candidates) do
     ctx.to = t.to
     local ok, why = guards_pass(self, t, ctx)
@@ -630,13 +629,15 @@ function Machine:transition(tx, id, how, opts)
       chosen = t
       break
     end
-    reason = reason or why
+    reasons[#reasons + 1] = tostring(why)
   end
   if not chosen then
+    -- reason: the last candidate's (the most general one, declared last)
+    local reason = reasons[#reasons]
     count("guard_refused", name, from, what_of(how))
     return fail("guard_failed", name .. " " .. tostring(id) .. ": "
-      .. tostring(reason), { id = id, from = from, event = event,
-      to = ctx.to, reason = reason })
+      .. concat(reasons, "; "), { id = id, from = from, event = event,
+      to = ctx.to, reason = reason, reasons = reasons })
   end
   local to = chosen.to
   ctx.to = to
@@ -689,6 +690,12 @@ local function is_stale(err)
   return type(err) == "table" and err.kind == "stale_version"
 end
 
+-- A random pause, growing with the attempt (at most ~75 ms): the writers
+-- that collided do not all come back together.
+local function pause(attempt)
+  core.sleep(min(0.05, 0.001 * attempt) * (0.5 + random()))
+end
+
 --- syntax: ... = fsm.retry(db, fn[, opts])
 -- Runs db:transaction(fn) and, while it fails with stale_version, runs it
 -- again (fn reads fresh state each time) after a short random pause, at
@@ -711,9 +718,7 @@ function _M.retry(db, fn, opts)
     if res[1] ~= nil or not is_stale(res[2]) or attempt == attempts then
       break
     end
-    -- random pause, growing with the attempt (at most ~50 ms): the
-    -- writers that collided do not all come back together
-    core.sleep(min(0.05, 0.001 * attempt) * (0.5 + random()))
+    pause(attempt)
   end
   return unpack(res, 1, res.n)
 end
@@ -739,14 +744,26 @@ function Machine:apply(db, id, how, opts)
   for k, v in pairs(opts) do
     attempt_opts[k] = v
   end
-  return _M.retry(db, function(tx)
+  local function attempt(tx)
+    return self:transition(tx, id, how, attempt_opts)
+  end
+  local attempts = opts.attempts or self.attempts
+  local res
+  for i = 1, attempts do
+    -- read before the transaction: on PostgreSQL a read on db from
+    -- inside one would wait for a second pool connection
     local row, lerr = self.store:load(db, id)
     if row == nil then
       return nil, lerr
     end
     attempt_opts.row = row or nil
-    return self:transition(tx, id, how, attempt_opts)
-  end, { attempts = opts.attempts or self.attempts })
+    res = pack(db:transaction(attempt))
+    if res[1] ~= nil or not is_stale(res[2]) or i == attempts then
+      break
+    end
+    pause(i)
+  end
+  return unpack(res, 1, res.n)
 end
 
 --- syntax: row, err = m:get(q, id)
