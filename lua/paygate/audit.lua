@@ -138,11 +138,14 @@ local function ensure_in_tx(tx)
   return true
 end
 
-local function tables_exist(db)
+-- q: a db or a tx (inside a transaction the query must go through the tx:
+-- on PostgreSQL a read on db would wait for a second pool connection).
+local function tables_exist(q)
+  local db = getmetatable(q) == sql.TX and q.db or q
   if ready[db] then
     return true
   end
-  local rows, err = db:query(EXISTS[db.engine])
+  local rows, err = q:query(EXISTS[q.engine])
   if not rows then
     return nil, err
   end
@@ -396,8 +399,7 @@ end
 function _M.entries(q, subject)
   check_q("audit.entries", q)
   check_text("audit.entries", "subject", subject, true)
-  local db = getmetatable(q) == sql.TX and q.db or q
-  local exists, err = tables_exist(db)
+  local exists, err = tables_exist(q)
   if not exists then
     return err and nil or {}, err
   end
@@ -420,8 +422,7 @@ end
 function _M.head(q, subject)
   check_q("audit.head", q)
   check_text("audit.head", "subject", subject, true)
-  local db = getmetatable(q) == sql.TX and q.db or q
-  local exists, err = tables_exist(db)
+  local exists, err = tables_exist(q)
   if not exists then
     if err then
       return nil, err
@@ -518,8 +519,7 @@ end
 function _M.verify(q, subject)
   check_q("audit.verify", q)
   check_text("audit.verify", "subject", subject, true)
-  local db = getmetatable(q) == sql.TX and q.db or q
-  local exists, err = tables_exist(db)
+  local exists, err = tables_exist(q)
   if not exists then
     if err then
       return nil, err
@@ -601,8 +601,7 @@ function _M.verify_all(q, opts)
     error("audit.verify_all: opts must be a table", 2)
   end
   local on_broken = opts and opts.on_broken
-  local db = getmetatable(q) == sql.TX and q.db or q
-  local exists, err = tables_exist(db)
+  local exists, err = tables_exist(q)
   if not exists then
     if err then
       return nil, err

@@ -163,6 +163,29 @@ for engine, new_db in pairs(stores) do
       assert.is_true((verify("payment:T")))
     end)
 
+    it("reads through the caller's transaction (one pool connection)",
+       function()
+      chain("payment:X", 2)
+      -- a fresh handle: nothing cached about the tables
+      local one = assert(sql.open(url, { pool = 1 }))
+      local done
+      local task = paygate.spawn(function()
+        done = { one:transaction(function(tx)
+          local ok = assert(audit.verify(tx, "payment:X"))
+          local e = assert(audit.entries(tx, "payment:X"))
+          local h = assert(audit.head(tx, "payment:X"))
+          return ok, #e, h.seq
+        end) }
+      end)
+      local finished = pcall(servers.wait_for, function()
+        return done ~= nil
+      end, 5, "the transaction")
+      if not finished then task:cancel() end
+      one:close()
+      assert.is_true(finished)
+      assert.same({ true, 2, 2 }, done)
+    end)
+
     it("finds an edited row", function()
       chain("payment:E", 4)
       assert(db:exec("UPDATE paygate_audit SET cause = 'other' WHERE"
