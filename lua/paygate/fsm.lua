@@ -22,8 +22,9 @@
 --   end)
 --
 -- Failures: nil, err (core.error) with kind "not_found" (no such row),
--- "illegal_transition" (no declared transition from the row's state for
--- that event: refused, logged, counted, never applied), "guard_failed"
+-- "bad_row" (its version is not an integer), "illegal_transition" (no
+-- declared transition from the row's state for that event: refused,
+-- logged, counted, never applied), "guard_failed"
 -- (declared, but every guard said no; err.reason), "stale_version"
 -- (retryable: another writer moved the row first; apply() retries from
 -- fresh state), the audit's "conflict", a hook's own error, or the
@@ -576,6 +577,10 @@ function Machine:transition(tx, id, how, opts)
   local state_col = store.state_col or "state"
   local version_col = store.version_col or "version"
   local from, version = row[state_col], row[version_col]
+  if type(version) ~= "number" or version % 1 ~= 0 then
+    return fail("bad_row", name .. " " .. tostring(id) .. ": column "
+      .. version_col .. " holds no integer version", { id = id })
+  end
   if type(how) == "function" then
     how = how(row)
   end

@@ -262,7 +262,8 @@ for engine, new_db in pairs(stores) do
       assert.equal("not_found", err.kind)
     end)
 
-    it("creates a row in the initial state with its first audit entry", function()
+    it("creates a row in the initial state with its first audit entry",
+       function()
       local entered = {}
       local m = fsm.new(fsm.payment, {
         store = fsm.sql_store{ table = "payments" },
@@ -300,6 +301,41 @@ for engine, new_db in pairs(stores) do
       assert.equal("illegal_transition", err.kind)
       assert.equal("order.->done",
                    assert(audit.entries(db, "order:O1"))[2].what)
+    end)
+
+    it("works on a store made of callbacks; a row without an integer"
+       .. " version is bad_row", function()
+      local saves = {}
+      local store = {
+        state_col = "status", version_col = "rev",
+        load = function(_, q, id)
+          local rows, err = q:query("SELECT status, rev FROM orders WHERE"
+            .. " order_no = $1", { id })
+          if not rows then return nil, err end
+          return rows[1] or false
+        end,
+        save = function(_, tx, id, version, to, set)
+          saves[#saves + 1] = { id, version, to, set.note }
+          local res, err = tx:exec("UPDATE orders SET status = $1, rev = $2"
+            .. " WHERE order_no = $3 AND rev = $4", { to, version + 1, id,
+            version })
+          if not res then return nil, err end
+          return res.changes == 1
+        end,
+      }
+      local m = fsm.new({ name = "o", initial = "a", states = { "a", "b" },
+                          transitions = { { from = "a", to = "b",
+                                            event = "go" } } },
+                        { store = store })
+      assert(db:exec("INSERT INTO orders (order_no, status, rev) VALUES"
+        .. " ('X1', 'a', 3)"))
+      local res = assert(m:apply(db, "X1", "go", { set = { note = "n" } }))
+      assert.same({ "a", "b", 4 }, { res.from, res.to, res.version })
+      assert.same({ { "X1", 3, "b", "n" } }, saves)
+      store.load = function() return { status = "a", rev = "3" } end
+      local _, err = m:apply(db, "X1", "go")
+      assert.equal("bad_row", err.kind)
+      assert.equal(1, #saves)
     end)
 
     it("runs guards: the first passing candidate wins, else guard_failed",
