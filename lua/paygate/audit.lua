@@ -161,6 +161,10 @@ local function canon_json(v, out, depth)
     error("audit: evidence nests too deep", 0)
   end
   local t = type(v)
+  if v == json.empty_array then
+    out[#out + 1] = "[]"
+    return
+  end
   if t == "table" and v ~= json.null then
     local n, keys, is_array = 0, {}, true
     for k in pairs(v) do

@@ -94,6 +94,8 @@ describe("audit.append", function()
     local e2 = { subject = "s", seq = 1, what = "w", cause = "a",
                  actor = "bc", at = 1, prev_hash = audit.GENESIS }
     assert.are_not.equal(audit.hash(e1), audit.hash(e2))
+    assert.equal('{"e":[],"o":{}}', audit.canonical_json({
+      o = {}, e = require("paygate.json").empty_array }))
     assert.equal('{"a":[1,2,{"x":null,"y":"\\u0000"}],"b":true}',
                  audit.canonical_json({ b = true, a = { 1, 2,
                    { y = "\0", x = require("paygate.json").null } } }))
