@@ -691,8 +691,11 @@ local function pack(...)
   return { n = select("#", ...), ... }
 end
 
+-- stale_version, or the audit chain's head moving past its own retries:
+-- both mean "someone else wrote first; read again".
 local function is_stale(err)
-  return type(err) == "table" and err.kind == "stale_version"
+  return type(err) == "table"
+         and (err.kind == "stale_version" or err.kind == "conflict")
 end
 
 -- A random pause, growing with the attempt (at most ~75 ms): the writers
@@ -702,10 +705,10 @@ local function pause(attempt)
 end
 
 --- syntax: ... = fsm.retry(db, fn[, opts])
--- Runs db:transaction(fn) and, while it fails with stale_version, runs it
--- again (fn reads fresh state each time) after a short random pause, at
--- most opts.attempts times in all (default 10). fn must have no effect
--- outside its transaction.
+-- Runs db:transaction(fn) and, while it fails with stale_version (or the
+-- audit's conflict), runs it again (fn reads fresh state each time) after
+-- a short random pause, at most opts.attempts times in all (default 10).
+-- fn must have no effect outside its transaction.
 -- returns: what db:transaction returns (the last attempt's failure when
 -- every attempt was stale).
 -- yields: until committed

@@ -457,11 +457,12 @@ for engine, new_db in pairs(stores) do
       calls = 0
       res = fsm.retry(db, function()
         calls = calls + 1
-        if calls < 2 then return nil, paygate.error("stale_version", "x") end
+        if calls == 1 then return nil, paygate.error("stale_version", "x") end
+        if calls == 2 then return nil, paygate.error("conflict", "head") end
         return "done"
       end)
       assert.equal("done", res)
-      assert.equal(2, calls)
+      assert.equal(3, calls)
       -- other failures are not retried
       calls = 0
       res, err = fsm.retry(db, function()
