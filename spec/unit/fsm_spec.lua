@@ -138,6 +138,37 @@ describe("fsm.new", function()
   end)
 end)
 
+describe("an illegal transition", function()
+  it("is logged as one warn line naming machine, id, from and event",
+     function()
+    local proc = require "support.proc"
+    local script, log = tmp .. "/illegal.lua", tmp .. "/illegal.out"
+    local f = assert(io.open(script, "w"))
+    f:write([[
+local sql = require "paygate.sql"
+local fsm = require "paygate.fsm"
+local db = assert(sql.open("sqlite:]] .. tmp .. [[/illegal.db"))
+assert(db:exec_script("CREATE TABLE payments (id TEXT PRIMARY KEY,"
+  .. " state TEXT NOT NULL, version INTEGER NOT NULL)"))
+local m = fsm.new(fsm.payment, { store = fsm.sql_store{ table = "payments" } })
+assert(db:exec("INSERT INTO payments VALUES ('L1', 'refunded', 1)"))
+local res, err = m:apply(db, "L1", "succeeded", { cause = "notification" })
+return (res == nil and err.kind == "illegal_transition") and 0 or 1
+]])
+    f:close()
+    local p = proc.spawn({ PAYGATE_BIN, "exec", script }, { log = log })
+    local code = p:wait(30)
+    local out = proc.read(log)
+    assert.equal(0, code, out)
+    local line = out:match("[^\n]*fsm: illegal transition refused[^\n]*")
+    assert.is_string(line, out)
+    local rec = require("paygate.json").decode(line)
+    assert.same({ "warn", "payment", "L1", "refunded", "succeeded",
+                  "notification" }, { rec.level, rec.machine, rec.id,
+                  rec.from, rec.event, rec.cause })
+  end)
+end)
+
 for engine, new_db in pairs(stores) do
   describe("paygate.fsm on " .. engine, function()
     local db, payments, refunds
