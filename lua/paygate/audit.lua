@@ -1,0 +1,666 @@
+-- paygate.audit: an append-only audit trail on paygate.sql (SQLite and
+-- PostgreSQL), hash-chained per subject (one chain per payment).
+--
+--   local e, err = audit.append(tx_or_db, "payment:P1", {
+--     what = "payment.succeeded", from = "paying", to = "paid",
+--     cause = "notification", actor = "wechatpay",
+--     evidence = { notification_id = "EV-1" } })
+--   -- e = { subject, seq, hash, prev_hash, at, ... }
+--   local ok, broken = audit.verify(db, "payment:P1")
+--   local ok, summary = audit.verify_all(db)
+--
+-- Each entry holds: subject, seq (1, 2, ... per subject), what, ref (the
+-- object inside the subject, e.g. a refund's id), from, to, cause, actor,
+-- at (UTC epoch ms), evidence (canonical JSON: keys sorted), prev_hash
+-- and hash = hex SHA-256 over a canonical serialization of all of them
+-- (see canonical()); the first entry's prev_hash is GENESIS. A head row
+-- per subject (paygate_audit_heads) holds the last seq and hash, so a
+-- deleted last entry is detected too.
+--
+-- Chains are per subject: appends to different subjects never wait for
+-- each other. Two appends to one subject race on the head row: the head
+-- moves only with UPDATE ... WHERE seq = <the seq read> (or an INSERT of
+-- the first head, which the primary key lets only one writer do), and
+-- the entry's primary key (subject, seq) refuses a second entry with the
+-- same seq, so one of them fails that step and reads the head again.
+--
+-- What it proves: a row edited, inserted, deleted or renumbered without
+-- recomputing every later hash and the head is found by verify. Someone
+-- who can rewrite the tables can recompute them too: to detect that,
+-- keep audit.head() values somewhere else (an anchor) and compare.
+--
+-- Failures: nil, err (core.error) with the store's kinds (unavailable,
+-- timeout, ...) or "conflict" (retryable: the head kept moving under us).
+-- Misuse raises.
+
+local core = require "paygate.core"
+local crypto = require "paygate.crypto"
+local json = require "paygate.json"
+local sql = require "paygate.sql"
+
+local type, pairs, ipairs, tostring, error, getmetatable, floor, sort,
+      concat = type, pairs, ipairs, tostring, error, getmetatable,
+      math.floor, table.sort, table.concat
+
+local _M = { _VERSION = "0.1.0" }
+
+_M.GENESIS = string.rep("0", 64)
+local GENESIS = _M.GENESIS
+local FORMAT = "paygate.audit.v1"
+local APPEND_ATTEMPTS = 16
+local PAGE = 1000
+
+------------------------------------------------------------- schema
+
+local SCHEMA = {
+  sqlite = [[
+CREATE TABLE IF NOT EXISTS paygate_audit (
+  subject TEXT NOT NULL, seq INTEGER NOT NULL, what TEXT NOT NULL,
+  ref TEXT, from_state TEXT, to_state TEXT, cause TEXT, actor TEXT,
+  at INTEGER NOT NULL, evidence TEXT, prev_hash TEXT NOT NULL,
+  hash TEXT NOT NULL, PRIMARY KEY (subject, seq));
+CREATE TABLE IF NOT EXISTS paygate_audit_heads (
+  subject TEXT PRIMARY KEY, seq INTEGER NOT NULL, hash TEXT NOT NULL)]],
+  -- COLLATE "C": verify_all merges two streams ordered by subject, and
+  -- compares subjects byte by byte, as SQLite's BINARY does.
+  postgres = [[
+CREATE TABLE IF NOT EXISTS paygate_audit (
+  subject TEXT COLLATE "C" NOT NULL, seq BIGINT NOT NULL,
+  what TEXT NOT NULL, ref TEXT, from_state TEXT, to_state TEXT,
+  cause TEXT, actor TEXT, at BIGINT NOT NULL, evidence TEXT,
+  prev_hash TEXT NOT NULL, hash TEXT NOT NULL,
+  PRIMARY KEY (subject, seq));
+CREATE TABLE IF NOT EXISTS paygate_audit_heads (
+  subject TEXT COLLATE "C" PRIMARY KEY, seq BIGINT NOT NULL,
+  hash TEXT NOT NULL)]],
+}
+
+local EXISTS = {
+  sqlite = "SELECT count(*) AS n FROM sqlite_master WHERE type = 'table'"
+    .. " AND name IN ('paygate_audit', 'paygate_audit_heads')",
+  postgres = "SELECT (to_regclass('paygate_audit') IS NOT NULL)::int"
+    .. " + (to_regclass('paygate_audit_heads') IS NOT NULL)::int AS n",
+}
+
+local ready = setmetatable({}, { __mode = "k" })     -- db -> true
+local created_in = setmetatable({}, { __mode = "k" }) -- tx -> true
+
+local function create(tx)
+  if tx.engine == "postgres" then
+    -- CREATE TABLE IF NOT EXISTS races between sessions in PostgreSQL.
+    local _, lerr = tx:exec("SELECT pg_advisory_xact_lock(7217002)")
+    if lerr then
+      return nil, lerr
+    end
+  end
+  return tx:exec_script(SCHEMA[tx.engine])
+end
+
+--- syntax: ok, err = audit.ensure_schema(db)
+-- Creates the tables once per db handle (idempotent, safe to race).
+-- yields: until committed
+function _M.ensure_schema(db)
+  if getmetatable(db) ~= sql.DB then
+    error("audit.ensure_schema: db must be a paygate.sql db", 2)
+  end
+  if ready[db] then
+    return true
+  end
+  local ok, err = db:transaction(create)
+  if not ok then
+    return nil, err
+  end
+  ready[db] = true
+  return true
+end
+
+-- Inside a caller's transaction: db:transaction cannot nest, so the tables
+-- are made in the caller's tx when missing (undone with it on rollback,
+-- which is why only a table found existing marks the handle ready).
+local function ensure_in_tx(tx)
+  local db = tx.db
+  if ready[db] or created_in[tx] then
+    return true
+  end
+  local rows, err = tx:query(EXISTS[tx.engine])
+  if not rows then
+    return nil, err
+  end
+  if rows[1] and rows[1].n == 2 then
+    ready[db] = true
+    return true
+  end
+  local ok, cerr = create(tx)
+  if not ok then
+    return nil, cerr
+  end
+  created_in[tx] = true
+  return true
+end
+
+-- q: a db or a tx (inside a transaction the query must go through the tx:
+-- on PostgreSQL a read on db would wait for a second pool connection).
+local function tables_exist(q)
+  local db = getmetatable(q) == sql.TX and q.db or q
+  if ready[db] then
+    return true
+  end
+  local rows, err = q:query(EXISTS[q.engine])
+  if not rows then
+    return nil, err
+  end
+  return rows[1] and rows[1].n == 2
+end
+
+---------------------------------------------------- canonical form
+
+-- Canonical JSON: object keys sorted (byte order), integers exact, no
+-- spaces. Only what json.encode accepts is accepted.
+local function canon_json(v, out, depth)
+  if depth > 100 then
+    error("audit: evidence nests too deep", 0)
+  end
+  local t = type(v)
+  if v == json.empty_array then
+    out[#out + 1] = "[]"
+    return
+  end
+  if t == "table" and v ~= json.null then
+    local n, keys, is_array = 0, {}, true
+    for k in pairs(v) do
+      n = n + 1
+      keys[n] = k
+      if type(k) ~= "number" then
+        is_array = false
+      end
+    end
+    if n > 0 and is_array then
+      for i = 1, n do
+        if v[i] == nil then
+          is_array = false
+          break
+        end
+      end
+    end
+    if n > 0 and is_array then
+      out[#out + 1] = "["
+      for i = 1, n do
+        if i > 1 then
+          out[#out + 1] = ","
+        end
+        canon_json(v[i], out, depth + 1)
+      end
+      out[#out + 1] = "]"
+      return
+    end
+    for i = 1, n do
+      if type(keys[i]) ~= "string" then
+        error("audit: evidence keys must be strings (or 1..n)", 0)
+      end
+    end
+    sort(keys)
+    out[#out + 1] = "{"
+    for i = 1, n do
+      if i > 1 then
+        out[#out + 1] = ","
+      end
+      out[#out + 1] = json.encode(keys[i])
+      out[#out + 1] = ":"
+      canon_json(v[keys[i]], out, depth + 1)
+    end
+    out[#out + 1] = "}"
+    return
+  end
+  out[#out + 1] = json.encode(v)
+end
+
+--- syntax: s = audit.canonical_json(v)
+-- returns: v as JSON with sorted keys (the text stored as evidence).
+function _M.canonical_json(v)
+  local out = {}
+  canon_json(v, out, 0)
+  return concat(out)
+end
+
+-- The fields, in hash order. Text fields are length-prefixed ("s5:hello"),
+-- an absent one is "n", integers are "i" .. decimal: no two entries share
+-- a serialization.
+local FIELDS = { "subject", "seq", "what", "ref", "from", "to", "cause",
+                 "actor", "at", "evidence", "prev_hash" }
+local INTEGER = { seq = true, at = true }
+
+local function field(v, integer)
+  if v == nil or v == sql.null then
+    return "n"
+  end
+  if integer then
+    if type(v) == "number" then
+      return "i" .. string.format("%d", v)
+    end
+    return "i" .. tostring(v)         -- past 2^53: the store's exact digits
+  end
+  v = tostring(v)
+  return "s" .. #v .. ":" .. v
+end
+
+--- syntax: s = audit.canonical(entry)
+-- returns: the bytes the entry's hash covers.
+function _M.canonical(e)
+  local parts = { FORMAT }
+  for i, name in ipairs(FIELDS) do
+    parts[i + 1] = field(e[name], INTEGER[name])
+  end
+  return concat(parts, "\n")
+end
+
+--- syntax: hex = audit.hash(entry)
+-- returns: lower-case hex SHA-256 of audit.canonical(entry).
+function _M.hash(e)
+  return crypto.hex(crypto.digest("sha256", _M.canonical(e)))
+end
+local hash = _M.hash
+
+-------------------------------------------------------------- append
+
+local function check_text(fname, name, v, required)
+  if v == nil and not required then
+    return
+  end
+  if type(v) ~= "string" or (required and v == "") then
+    error(fname .. ": " .. name .. " must be a"
+          .. (required and " non-empty" or "") .. " string", 3)
+  end
+end
+
+local COLS = "subject, seq, what, ref, from_state, to_state, cause, actor,"
+  .. " at, evidence, prev_hash, hash"
+local INSERT = "INSERT INTO paygate_audit (" .. COLS .. ") VALUES ($1, $2,"
+  .. " $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+
+local function append_tx(tx, subject, e)
+  local ok, serr = ensure_in_tx(tx)
+  if not ok then
+    return nil, serr
+  end
+  for _ = 1, APPEND_ATTEMPTS do
+    local rows, err = tx:query("SELECT seq, hash FROM paygate_audit_heads"
+      .. " WHERE subject = $1", { subject })
+    if not rows then
+      return nil, err
+    end
+    local head = rows[1]
+    local entry = {
+      subject = subject, seq = head and head.seq + 1 or 1, what = e.what,
+      ref = e.ref, from = e.from, to = e.to, cause = e.cause,
+      actor = e.actor, at = e.at, evidence = e.evidence,
+      prev_hash = head and head.hash or GENESIS,
+    }
+    entry.hash = hash(entry)
+    -- Move the head first: whoever moves it owns the seq.
+    local res
+    if head then
+      res, err = tx:exec("UPDATE paygate_audit_heads SET seq = $2,"
+        .. " hash = $3 WHERE subject = $1 AND seq = $4",
+        { subject, entry.seq, entry.hash, head.seq })
+    else
+      res, err = tx:exec("INSERT INTO paygate_audit_heads (subject, seq,"
+        .. " hash) VALUES ($1, $2, $3) ON CONFLICT (subject) DO NOTHING",
+        { subject, entry.seq, entry.hash })
+    end
+    if not res then
+      return nil, err
+    end
+    if res.changes == 1 then
+      res, err = tx:exec(INSERT, { n = 12, subject, entry.seq, entry.what,
+        entry.ref, entry.from, entry.to, entry.cause, entry.actor, entry.at,
+        entry.evidence, entry.prev_hash, entry.hash })
+      if not res then
+        return nil, err
+      end
+      return entry
+    end
+    -- someone else appended since we read the head: read it again
+  end
+  return nil, core.error("conflict", "audit append: the chain of "
+    .. subject .. " kept moving", { retryable = true, subject = subject })
+end
+
+--- syntax: entry, err = audit.append(tx_or_db, subject, e)
+-- e: { what (string, required), ref, from, to, cause, actor (strings),
+--      at (epoch ms; default now), evidence (a table, stored as canonical
+--      JSON, or a JSON string stored as given) }.
+-- Given a tx (inside db:transaction), the entry commits or rolls back
+-- with it; given a db, it runs in its own transaction.
+-- returns: the entry { subject, seq, hash, prev_hash, at, evidence, ... }
+-- yields: until written (with a db: committed and durable)
+function _M.append(q, subject, e)
+  local mt = getmetatable(q)
+  if mt ~= sql.DB and mt ~= sql.TX then
+    error("audit.append: q must be a paygate.sql db or tx", 2)
+  end
+  check_text("audit.append", "subject", subject, true)
+  if type(e) ~= "table" then
+    error("audit.append: e must be a table", 2)
+  end
+  check_text("audit.append", "e.what", e.what, true)
+  for _, k in ipairs({ "ref", "from", "to", "cause", "actor" }) do
+    check_text("audit.append", "e." .. k, e[k])
+  end
+  local at = e.at
+  if at == nil then
+    at = floor(core.time() * 1000)
+  elseif type(at) ~= "number" or at % 1 ~= 0 or at < 0 then
+    error("audit.append: e.at must be an integer of epoch ms", 2)
+  end
+  local evidence = e.evidence
+  if type(evidence) == "table" then
+    local ok, s = pcall(_M.canonical_json, evidence)
+    if not ok then
+      error("audit.append: e.evidence: " .. tostring(s), 2)
+    end
+    evidence = s
+  elseif evidence ~= nil and type(evidence) ~= "string" then
+    error("audit.append: e.evidence must be a table or a JSON string", 2)
+  end
+  local entry = { what = e.what, ref = e.ref, from = e.from, to = e.to,
+                  cause = e.cause, actor = e.actor, at = at,
+                  evidence = evidence }
+  if mt == sql.TX then
+    return append_tx(q, subject, entry)
+  end
+  local ok, err = _M.ensure_schema(q)
+  if not ok then
+    return nil, err
+  end
+  return q:transaction(function(tx)
+    return append_tx(tx, subject, entry)
+  end)
+end
+
+---------------------------------------------------------------- read
+
+local SELECT = "SELECT subject, seq, what, ref, from_state, to_state, cause,"
+  .. " actor, at, evidence, prev_hash, hash FROM paygate_audit"
+
+local function to_entry(r)
+  return { subject = r.subject, seq = r.seq, what = r.what, ref = r.ref,
+           from = r.from_state, to = r.to_state, cause = r.cause,
+           actor = r.actor, at = r.at, evidence = r.evidence,
+           prev_hash = r.prev_hash, hash = r.hash }
+end
+
+local function check_q(fname, q)
+  local mt = getmetatable(q)
+  if mt ~= sql.DB and mt ~= sql.TX then
+    error(fname .. ": q must be a paygate.sql db or tx", 3)
+  end
+end
+
+--- syntax: entries, err = audit.entries(q, subject)
+-- returns: the subject's entries in seq order (evidence as stored: JSON
+-- text), {} when it has none.
+-- yields: until read
+function _M.entries(q, subject)
+  check_q("audit.entries", q)
+  check_text("audit.entries", "subject", subject, true)
+  local exists, err = tables_exist(q)
+  if not exists then
+    return err and nil or {}, err
+  end
+  local rows
+  rows, err = q:query(SELECT .. " WHERE subject = $1 ORDER BY seq",
+                      { subject })
+  if not rows then
+    return nil, err
+  end
+  for i = 1, #rows do
+    rows[i] = to_entry(rows[i])
+  end
+  return rows
+end
+
+--- syntax: head, err = audit.head(q, subject)
+-- returns: { seq, hash } of the subject's last entry, or false when the
+-- subject has none. Keep these elsewhere to anchor the chains.
+-- yields: until read
+function _M.head(q, subject)
+  check_q("audit.head", q)
+  check_text("audit.head", "subject", subject, true)
+  local exists, err = tables_exist(q)
+  if not exists then
+    if err then
+      return nil, err
+    end
+    return false
+  end
+  local rows
+  rows, err = q:query("SELECT seq, hash FROM paygate_audit_heads WHERE"
+    .. " subject = $1", { subject })
+  if not rows then
+    return nil, err
+  end
+  return rows[1] or false
+end
+
+-------------------------------------------------------------- verify
+
+-- A checker is fed one subject's rows in seq order, then its head; it
+-- keeps the first break found.
+local function checker(subject)
+  return { subject = subject, expect = 1, prev = GENESIS, entries = 0 }
+end
+
+local function broken(c, seq, reason, message)
+  if not c.broken then
+    c.broken = { subject = c.subject, seq = seq, reason = reason,
+                 message = message }
+  end
+end
+
+local function feed(c, r)
+  c.entries = c.entries + 1
+  if c.broken then
+    return
+  end
+  local e = to_entry(r)
+  if e.seq ~= c.expect then
+    if type(e.seq) == "number" and e.seq > c.expect then
+      broken(c, c.expect, "missing", "seq " .. c.expect
+        .. (e.seq - 1 > c.expect and ".." .. (e.seq - 1) or "")
+        .. " missing (deleted)")
+    else
+      broken(c, e.seq, "bad_seq", "unexpected seq " .. tostring(e.seq)
+        .. " where " .. c.expect .. " belongs (inserted)")
+    end
+    return
+  end
+  if e.prev_hash ~= c.prev then
+    broken(c, e.seq, "broken_link", "prev_hash of seq " .. e.seq
+      .. " is not the hash of seq " .. (e.seq - 1)
+      .. " (a row before it edited, inserted or deleted)")
+    return
+  end
+  if hash(e) ~= e.hash then
+    broken(c, e.seq, "edited", "seq " .. e.seq
+      .. " does not match its hash (edited or renumbered)")
+    return
+  end
+  c.expect = e.seq + 1
+  c.prev = e.hash
+end
+
+local function finish(c, head)
+  if c.broken then
+    return c.broken
+  end
+  local last = c.expect - 1
+  if not head then
+    broken(c, last, "head_missing", "no head row for " .. last
+      .. " entries (head deleted)")
+  elseif head.seq ~= last then
+    if type(head.seq) == "number" and head.seq > last then
+      broken(c, last + 1, "missing", "seq " .. (last + 1)
+        .. (head.seq > last + 1 and ".." .. head.seq or "")
+        .. " missing (deleted): the head is at seq " .. head.seq)
+    else
+      broken(c, head.seq + 1, "bad_seq", "seq " .. (head.seq + 1) .. ".."
+        .. last .. " beyond the head at seq " .. tostring(head.seq)
+        .. " (inserted)")
+    end
+  elseif head.hash ~= c.prev then
+    broken(c, last, "head_mismatch", "the head's hash is not seq " .. last
+      .. "'s (head or last entry edited)")
+  end
+  return c.broken
+end
+
+--- syntax: ok, report = audit.verify(q, subject)
+-- returns: true, { subject, entries = n } when the chain holds; false,
+-- { subject, seq, reason, message, entries } at its first break (reason:
+-- "edited", "missing", "bad_seq", "broken_link", "head_missing",
+-- "head_mismatch"); nil, err when the store fails.
+-- yields: until read
+function _M.verify(q, subject)
+  check_q("audit.verify", q)
+  check_text("audit.verify", "subject", subject, true)
+  local exists, err = tables_exist(q)
+  if not exists then
+    if err then
+      return nil, err
+    end
+    return true, { subject = subject, entries = 0 }
+  end
+  local c, after = checker(subject), 0
+  while true do
+    local rows
+    rows, err = q:query(SELECT .. " WHERE subject = $1 AND seq > $2"
+      .. " ORDER BY seq LIMIT " .. PAGE, { subject, after })
+    if not rows then
+      return nil, err
+    end
+    for i = 1, #rows do
+      feed(c, rows[i])
+    end
+    if #rows < PAGE then
+      break
+    end
+    after = rows[#rows].seq
+  end
+  local head
+  head, err = _M.head(q, subject)
+  if head == nil then
+    return nil, err
+  end
+  if c.entries == 0 and not head then
+    return true, { subject = subject, entries = 0 }
+  end
+  local b = finish(c, head)
+  if b then
+    b.entries = c.entries
+    return false, b
+  end
+  return true, { subject = subject, entries = c.entries }
+end
+
+-- A cursor over a query ordered by subject (and seq), fetched in pages
+-- with keyset pagination.
+local function cursor(q, first_sql, next_sql, key)
+  local cur = { rows = {}, i = 1, done = false }
+  local started = false
+  function cur.peek()
+    if cur.i > #cur.rows and not cur.done then
+      local rows, err
+      if not started then
+        rows, err = q:query(first_sql)
+        started = true
+      else
+        rows, err = q:query(next_sql, key(cur.rows[#cur.rows]))
+      end
+      if not rows then
+        error(err, 0)
+      end
+      cur.rows, cur.i = rows, 1
+      cur.done = #rows < PAGE
+    end
+    return cur.rows[cur.i]
+  end
+  function cur.next()
+    local r = cur.peek()
+    cur.i = cur.i + 1
+    return r
+  end
+  return cur
+end
+
+--- syntax: ok, summary = audit.verify_all(q[, opts])
+-- Walks every chain once (two ordered streams merged: entries and heads).
+-- returns: ok (true when every chain holds), { subjects = n, entries = n,
+-- broken = { report, ... } } (reports as audit.verify's, in subject
+-- order); nil, err when the store fails. opts.on_broken(report) is
+-- called for each broken chain as it is found.
+-- yields: until read
+function _M.verify_all(q, opts)
+  check_q("audit.verify_all", q)
+  if opts ~= nil and type(opts) ~= "table" then
+    error("audit.verify_all: opts must be a table", 2)
+  end
+  local on_broken = opts and opts.on_broken
+  local exists, err = tables_exist(q)
+  if not exists then
+    if err then
+      return nil, err
+    end
+    return true, { subjects = 0, entries = 0, broken = {}, tables = false }
+  end
+  local summary = { subjects = 0, entries = 0, broken = {}, tables = true }
+  local entries = cursor(q,
+    SELECT .. " ORDER BY subject, seq LIMIT " .. PAGE,
+    SELECT .. " WHERE (subject, seq) > ($1, $2) ORDER BY subject, seq"
+      .. " LIMIT " .. PAGE,
+    function(r) return { r.subject, r.seq } end)
+  local heads = cursor(q,
+    "SELECT subject, seq, hash FROM paygate_audit_heads ORDER BY subject"
+      .. " LIMIT " .. PAGE,
+    "SELECT subject, seq, hash FROM paygate_audit_heads WHERE subject > $1"
+      .. " ORDER BY subject LIMIT " .. PAGE,
+    function(r) return { r.subject } end)
+  local ok, perr = pcall(function()
+    while true do
+      local e, h = entries.peek(), heads.peek()
+      if not e and not h then
+        break
+      end
+      -- byte order, as the C/BINARY collation orders them
+      local subject = (not h or (e and e.subject < h.subject)) and e.subject
+                      or h.subject
+      local c = checker(subject)
+      while true do
+        e = entries.peek()
+        if not e or e.subject ~= subject then
+          break
+        end
+        feed(c, entries.next())
+      end
+      local head = h and h.subject == subject and heads.next() or nil
+      summary.subjects = summary.subjects + 1
+      summary.entries = summary.entries + c.entries
+      local b = finish(c, head)
+      if b then
+        b.entries = c.entries
+        summary.broken[#summary.broken + 1] = b
+        if on_broken then
+          on_broken(b)
+        end
+      end
+    end
+  end)
+  if not ok then
+    if core.is_error(perr) then
+      return nil, perr
+    end
+    error(perr, 0)
+  end
+  return #summary.broken == 0, summary
+end
+
+return _M

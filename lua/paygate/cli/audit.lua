@@ -1,0 +1,122 @@
+-- paygate audit verify: checks every hash chain of paygate.audit in a
+-- database (or one subject's) and prints one line per broken chain.
+--
+--   paygate exec lua/paygate/cli/audit.lua verify DB_URL [--subject S]
+--                                                       [--json]
+local common = require "paygate.cli.common"
+local sql = require "paygate.sql"
+local audit = require "paygate.audit"
+local json = require "cjson.safe"
+
+local tostring = tostring
+
+local usage = [[
+usage: paygate exec lua/paygate/cli/audit.lua verify DB_URL [--subject S]
+                                                            [--json]
+
+Verifies the audit trail that paygate.audit keeps in the database at
+DB_URL (sqlite:PATH or postgres://...): every subject's chain of entries
+(one chain per payment) is read in seq order, each entry's hash is
+computed again over its fields and the previous entry's hash, and the
+last one is compared with the chain's head row. An edited, inserted,
+deleted or renumbered row breaks its chain from that seq on.
+
+Prints one line per broken chain:
+  broken SUBJECT seq N REASON: what was found
+then one summary line: CHAINS chains, ENTRIES entries, BROKEN broken.
+
+  --subject S   verify that subject's chain only
+  --json        one JSON object per broken chain, then the summary
+
+exit: 0 every chain verified, 1 a chain is broken, 2 usage error, the
+database cannot be read, or it holds no audit trail.
+]]
+
+local SPEC = { ["--subject"] = "value", ["--json"] = "flag" }
+
+-- A URL without its password (postgres://user:secret@host -> user:***).
+local function redact(url)
+  return (url:gsub("^(%a[%w+.-]*://[^:/@]*):[^@]*@", "%1:***@"))
+end
+
+local function one_line(v)
+  return (tostring(v):gsub("%s*\n%s*", " "))
+end
+
+local function main(args)
+  local opts, pos = common.parse(args, SPEC)
+  if pos[1] ~= "verify" then
+    common.usage_error("expected the command verify (see --help)")
+  end
+  local url = pos[2]
+  if not url or pos[3] then
+    common.usage_error("verify takes one DB_URL (see --help)")
+  end
+  -- sql.open creates a missing SQLite file: a verifier must not
+  local rest = url:match("^sqlite3?:(.*)$")
+  if rest then
+    local path = rest:gsub("^//", ""):gsub("%?.*$", "")
+    local f = io.open(path, "rb")
+    if not f then
+      common.usage_error("no database file %s", path)
+    end
+    f:close()
+  end
+  local ok, db, err = pcall(sql.open, url)
+  if not ok then
+    common.usage_error("bad DB_URL %s: %s", redact(url), tostring(db))
+  end
+  if not db then
+    common.usage_error("cannot open %s: %s", redact(url),
+                       one_line(err))
+  end
+  local line = function(b)
+    if opts["--json"] then
+      io.stdout:write(json.encode({ status = "broken", subject = b.subject,
+        seq = b.seq, reason = b.reason, message = b.message }), "\n")
+    else
+      io.stdout:write(("broken %s seq %s %s: %s\n"):format(b.subject,
+        tostring(b.seq), b.reason, b.message))
+    end
+    io.stdout:flush()
+  end
+  local good, summary
+  if opts["--subject"] then
+    local report
+    good, report = audit.verify(db, opts["--subject"])
+    if good ~= nil then
+      summary = { subjects = report.entries > 0 and 1 or 0,
+                  entries = report.entries, broken = {}, tables = true }
+      if not good then
+        summary.broken[1] = report
+        line(report)
+      end
+    else
+      err = report
+    end
+  else
+    good, summary = audit.verify_all(db, { on_broken = line })
+    if good == nil then
+      err = summary
+    end
+  end
+  db:close()
+  if good == nil then
+    common.usage_error("cannot read the audit trail: %s", one_line(err))
+  end
+  if summary.tables == false then
+    common.usage_error("no audit trail in %s (no paygate_audit table)",
+                       redact(url))
+  end
+  if opts["--json"] then
+    io.stdout:write(json.encode({ status = good and "ok" or "broken",
+      chains = summary.subjects, entries = summary.entries,
+      broken = #summary.broken }), "\n")
+  else
+    io.stdout:write(("%d chains, %d entries, %d broken\n"):format(
+      summary.subjects, summary.entries, #summary.broken))
+  end
+  return good and 0 or 1
+end
+
+return common.run("audit", usage, main, { ... })
