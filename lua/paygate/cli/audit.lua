@@ -1,8 +1,8 @@
 -- paygate audit verify: checks every hash chain of paygate.audit in a
 -- database (or one subject's) and prints one line per broken chain.
 --
---   paygate exec lua/paygate/cli/audit.lua verify DB_URL [--subject S]
---                                                       [--json]
+--   paygate audit verify DB_URL [--subject S] [--json]
+--   (also: paygate exec lua/paygate/cli/audit.lua verify DB_URL ...)
 local common = require "paygate.cli.common"
 local sql = require "paygate.sql"
 local audit = require "paygate.audit"
@@ -11,8 +11,7 @@ local json = require "cjson.safe"
 local tostring = tostring
 
 local usage = [[
-usage: paygate exec lua/paygate/cli/audit.lua verify DB_URL [--subject S]
-                                                            [--json]
+usage: paygate audit verify DB_URL [--subject S] [--json]
 
 Verifies the audit trail that paygate.audit keeps in the database at
 DB_URL (sqlite:PATH or postgres://...): every subject's chain of entries
