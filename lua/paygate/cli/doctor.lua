@@ -75,13 +75,17 @@ local CHAIN = {
   revocation_unknown = { "no current CRL from the issuer was given",
     "update api_crl_file" },
   bad_signature = { "a signature in the chain does not verify (altered)",
-    "a different CA with the same name, or an altered certificate" },
+    "the server must install the certificate exactly as its CA issued it, "
+    .. "with the intermediate that signed it (a different CA with the same "
+    .. "name, or an altered certificate)" },
   weak_signature = { "a certificate in the chain is signed with SHA-1/MD5 "
     .. "or has a key under 112-bit security (RSA-1024)", "the server must "
     .. "install a SHA-256 certificate over an RSA-2048 or EC key; if a "
     .. "proxy re-signs TLS, fix the proxy's certificate" },
   wrong_usage = { "the certificate is not issued for a TLS server",
-    "the server must use a serverAuth certificate" },
+    "the server must use a serverAuth certificate (extendedKeyUsage "
+    .. "serverAuth, keyUsage digitalSignature or keyEncipherment) issued by "
+    .. "a CA" },
   path_too_long = { "the chain is longer than its CA allows", "remove "
     .. "the extra intermediate on the server" },
 }
