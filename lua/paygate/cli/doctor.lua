@@ -30,11 +30,11 @@ Checks a gateway configuration end to end and prints one line per check
 its certificate, serial formats, the APIv3 key, the clock against the API
 host's Date, the TLS chain to the API host (each failure named: expired,
 not yet valid, unknown CA, missing intermediate, hostname mismatch,
-revoked, weak signature, self-signed...), reachability, the notify URL
-reachable, refusing an unsigned probe and answering within WeChat's 5 s,
-the server's timeouts (request, header, body) against that window, the
-database and Redis, lease TTLs against the measured processing time,
-certificates expiring within 30 days.
+revoked, weak or bad signature, wrong usage, self-signed...),
+reachability, the notify URL reachable, refusing an unsigned probe and
+answering within WeChat's 5 s, the server's timeouts (request, header,
+body) against that window, the database and Redis, lease TTLs against
+the measured processing time, certificates expiring within 30 days.
 
 FILE is a Lua file returning { wechatpay = {...}, notify_url = ...,
 database = ..., redis = ..., limits = {...}, metrics_url = ...,
