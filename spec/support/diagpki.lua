@@ -2,8 +2,13 @@
 -- break things with, made per run with the openssl CLI (test-only keys):
 -- a root and an intermediate CA, TLS server certificates (good, expired,
 -- wrong host, from an untrusted CA, revoked with a CRL, signed with SHA-1,
--- with an RSA-1024 key), a WeChat-style
+-- with an RSA-1024 key; for the wrong use: TLS client only, a key usage
+-- without digitalSignature / keyEncipherment, issued by a leaf; with a bad
+-- signature: a byte of it flipped, re-signed by another key under the
+-- intermediate's name), a WeChat-style
 -- platform certificate and a merchant certificate (CN = mchid).
+local bit = require "bit"
+
 local _M = {}
 
 local function sh(cmd)
@@ -32,6 +37,10 @@ function _M.make(dir)
         .. "keyUsage=critical,keyCertSign,cRLSign\n")
   write(f("good.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
         .. "extendedKeyUsage=serverAuth\n")
+  write(f("clientonly.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+        .. "extendedKeyUsage=clientAuth\n")
+  write(f("certsignonly.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+        .. "keyUsage=critical,keyCertSign\nextendedKeyUsage=serverAuth\n")
   write(f("wronghost.ext"), "subjectAltName=DNS:wrong.example\n"
         .. "extendedKeyUsage=serverAuth\n")
   -- roots
@@ -68,9 +77,31 @@ function _M.make(dir)
   -- weak: a SHA-1 signature, an RSA-1024 key
   leaf("sha1", "inter", "good", 3, nil, 2048, "sha1")
   leaf("rsa1024", "inter", "good", 3, nil, 1024)
+  -- the wrong use: a TLS client certificate (extendedKeyUsage clientAuth
+  -- only), a key usage of keyCertSign only, a leaf issued by "good" (a
+  -- leaf, CA:FALSE, used as a CA)
+  leaf("clientonly", "inter", "clientonly", 3)
+  leaf("certsignonly", "inter", "certsignonly", 3)
+  leaf("byleaf", "good", "good", 3)
+  -- a bad signature: "forged" is issued under the intermediate's name by
+  -- another key ("impostor", CN=diag-intermediate); "flipped" is "good"
+  -- with the last byte of its signature flipped in the DER
+  sh(("openssl req -x509 -newkey rsa:2048 -nodes -keyout %s -out %s "
+      .. "-days 3 -subj /CN=diag-intermediate -addext basicConstraints="
+      .. "critical,CA:TRUE"):format(f("impostor.key"), f("impostor.pem")))
+  leaf("forged", "impostor", "good", 3)
+  sh(("openssl x509 -in %s -outform DER -out %s"):format(f("good.pem"),
+     f("good.der")))
+  local der = read(f("good.der"))
+  write(f("flipped.der"), der:sub(1, -2)
+        .. string.char(bit.bxor(der:byte(-1), 0x01)))
+  sh(("openssl x509 -inform DER -in %s -out %s"):format(f("flipped.der"),
+     f("flipped.pem")))
+  p.flipped, p.flipped_key = f("flipped.pem"), f("good.key")
   -- chain files the servers send (leaf first)
   for _, n in ipairs({ "good", "expired", "wronghost", "revoked", "sha1",
-                       "rsa1024" }) do
+                       "rsa1024", "clientonly", "certsignonly", "forged",
+                       "flipped" }) do
     write(f(n .. "_chain.pem"), read(f(n .. ".pem")) .. read(f("inter.pem")))
     p[n .. "_chain"] = f(n .. "_chain.pem")
   end
@@ -104,6 +135,7 @@ function _M.make(dir)
   write(f("notyet_chain.pem"), read(f("notyet.pem")) .. read(f("inter.pem")))
   p.notyet_chain, p.notyet_key = f("notyet_chain.pem"), f("notyet.key")
   p.root, p.inter, p.other = f("root.pem"), f("inter.pem"), f("other.pem")
+  p.impostor = f("impostor.pem")
   -- WeChat-style keys: platform (CN=Tenpay.com sign), merchant (CN=mchid)
   leaf("platform", "root", nil, 3,
        "/CN=Tenpay.com sign/O=Tenpay.com/OU=Tenpay.com CA Center/C=CN")

@@ -130,9 +130,42 @@ gw_time_str(const ASN1_TIME *t, char *buf, size_t len)
     BIO_free(bio);
 }
 
+/* Whether a certificate given (an intermediate, or a root unless the
+ * system store is used) bears cur's issuer name but did not sign cur: OpenSSL
+ * then reports the issuer as not found (its key identifier or signature
+ * does not match), though the fault is the signature. */
+static int
+gw_issuer_name_other_key(const struct gw_x509_verify *v, X509 *cur)
+{
+    const X509_NAME *want = X509_get_issuer_name(cur);
+    STACK_OF(X509) *lists[2];
+    X509 *c;
+    EVP_PKEY *pub;
+    int l, i, found = 0;
+
+    lists[0] = v->inter;
+    lists[1] = v->system_roots ? NULL : v->roots;
+    for (l = 0; l < 2 && !found; l++) {
+        for (i = 0; lists[l] != NULL && i < sk_X509_num(lists[l]); i++) {
+            c = sk_X509_value(lists[l], i);
+            pub = X509_get0_pubkey(c);
+            if (c != cur && pub != NULL
+                && X509_NAME_cmp(X509_get_subject_name(c), want) == 0
+                && X509_verify(cur, pub) != 1)
+            {
+                found = 1;
+                break;
+            }
+        }
+    }
+    ERR_clear_error();
+    return found;
+}
+
 /* Maps a verify failure to kind + message. */
 static const char *
-gw_classify(X509_STORE_CTX *ctx, X509 *leaf, char *msg, size_t msglen)
+gw_classify(X509_STORE_CTX *ctx, X509 *leaf,
+            const struct gw_x509_verify *v, char *msg, size_t msglen)
 {
     int err = X509_STORE_CTX_get_error(ctx);
     int depth = X509_STORE_CTX_get_error_depth(ctx);
@@ -172,6 +205,14 @@ gw_classify(X509_STORE_CTX *ctx, X509 *leaf, char *msg, size_t msglen)
     case X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT:
     case X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY:
     case X509_V_ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE:
+        if (gw_issuer_name_other_key(v, cur)) {
+            snprintf(msg, msglen, "%s (depth %d) names %s as its issuer, "
+                     "but the certificate given with that name did not sign "
+                     "it: the certificate was altered or re-signed, or a "
+                     "different CA with the same name is configured", subj,
+                     depth, iss);
+            return "bad_signature";
+        }
         if (depth == 0) {
             snprintf(msg, msglen, "the issuer %s of %s was not found: add "
                      "the intermediate certificate that issued it to "
@@ -318,7 +359,7 @@ gw_x509_verify_chain(X509 *leaf, const struct gw_x509_verify *v,
         X509_VERIFY_PARAM_set_flags(param, X509_V_FLAG_CRL_CHECK);
     }
     if (X509_verify_cert(ctx) != 1) {
-        *kind = gw_classify(ctx, leaf, msg, msglen);
+        *kind = gw_classify(ctx, leaf, v, msg, msglen);
         goto err;
     }
     rc = GW_OK;

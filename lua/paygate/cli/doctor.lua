@@ -30,11 +30,11 @@ Checks a gateway configuration end to end and prints one line per check
 its certificate, serial formats, the APIv3 key, the clock against the API
 host's Date, the TLS chain to the API host (each failure named: expired,
 not yet valid, unknown CA, missing intermediate, hostname mismatch,
-revoked, weak signature, self-signed...), reachability, the notify URL
-reachable, refusing an unsigned probe and answering within WeChat's 5 s,
-the server's timeouts (request, header, body) against that window, the
-database and Redis, lease TTLs against the measured processing time,
-certificates expiring within 30 days.
+revoked, weak or bad signature, wrong usage, self-signed...),
+reachability, the notify URL reachable, refusing an unsigned probe and
+answering within WeChat's 5 s, the server's timeouts (request, header,
+body) against that window, the database and Redis, lease TTLs against
+the measured processing time, certificates expiring within 30 days.
 
 FILE is a Lua file returning { wechatpay = {...}, notify_url = ...,
 database = ..., redis = ..., limits = {...}, metrics_url = ...,
@@ -75,13 +75,17 @@ local CHAIN = {
   revocation_unknown = { "no current CRL from the issuer was given",
     "update api_crl_file" },
   bad_signature = { "a signature in the chain does not verify (altered)",
-    "a different CA with the same name, or an altered certificate" },
+    "the server must install the certificate exactly as its CA issued it, "
+    .. "with the intermediate that signed it (a different CA with the same "
+    .. "name, or an altered certificate)" },
   weak_signature = { "a certificate in the chain is signed with SHA-1/MD5 "
     .. "or has a key under 112-bit security (RSA-1024)", "the server must "
     .. "install a SHA-256 certificate over an RSA-2048 or EC key; if a "
     .. "proxy re-signs TLS, fix the proxy's certificate" },
   wrong_usage = { "the certificate is not issued for a TLS server",
-    "the server must use a serverAuth certificate" },
+    "the server must use a serverAuth certificate (extendedKeyUsage "
+    .. "serverAuth, keyUsage digitalSignature or keyEncipherment) issued by "
+    .. "a CA" },
   path_too_long = { "the chain is longer than its CA allows", "remove "
     .. "the extra intermediate on the server" },
 }
