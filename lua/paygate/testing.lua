@@ -365,7 +365,7 @@ end
 -- match: an out_trade_no, or { out_trade_no = , out_refund_no = ,
 -- event_type = }. Waits (default 15 s) until a matching delivery was
 -- acknowledged (200/204), or, with opts.attempts = n, until it has n
--- attempts whatever their answers.
+-- answered attempts (an answer or an error each), whatever the answers.
 -- yields: polls GET /sim/notifications.
 -- returns: the delivery (d.attempts, d.last = the last attempt); raises at
 -- the deadline with what was seen.
@@ -382,7 +382,18 @@ function Sim:wait_notification(match, opts)
          and (not match.event_type or match.event_type == d.event_type) then
         seen[#seen + 1] = d
         local ok
-        if opts.attempts then ok = #(d.attempts or {}) >= opts.attempts
+        if opts.attempts then
+          -- n attempts, each answered (or failed): one still waiting for
+          -- its answer has no status yet
+          local as = d.attempts or {}
+          ok = #as >= opts.attempts
+          for i = 1, opts.attempts do
+            local a = as[i]
+            if not a or (a.status == nil and (a.error == nil
+               or tostring(a.error):find("^in_flight"))) then
+              ok = false
+            end
+          end
         else ok = delivered(d) end
         if ok then
           d.last = (d.attempts or {})[#(d.attempts or {})]
