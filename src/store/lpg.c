@@ -9,9 +9,10 @@
  * is cached per connection (name "gwN"). A transaction reserves one idle
  * connection from BEGIN until COMMIT/ROLLBACK and sends its statements one
  * at a time; each statement runs in a savepoint (see conn_send()), so a
- * failed one is undone alone and the transaction goes on. A script (several statements, no parameters) leaves pipeline mode
- * on an idle connection for the simple query protocol; nothing else is
- * sent on that connection until it is done.
+ * failed one is undone alone and the transaction goes on. A script
+ * (several statements, no parameters) leaves pipeline mode on an idle
+ * connection for the simple query protocol; nothing else is sent on that
+ * connection until it is done.
  *
  * Transaction control belongs to db:transaction(). After each statement
  * the server's transaction status is checked (conn_check_tx()): a pooled
