@@ -8,11 +8,11 @@
  * error in one does not abort its neighbours, and the prepared statement
  * is cached per connection (name "gwN"). A transaction reserves one idle
  * connection from BEGIN until COMMIT/ROLLBACK and sends its statements one
- * at a time; each statement but the first runs in a savepoint (see
- * conn_send()), so a failed one is undone alone and the transaction goes
- * on. A script (several statements, no parameters) leaves pipeline mode
- * on an idle connection for the simple query protocol; nothing else is
- * sent on that connection until it is done.
+ * at a time; each statement runs in a savepoint (see conn_send()), so a
+ * failed one is undone alone and the transaction goes on. A script
+ * (several statements, no parameters) leaves pipeline mode on an idle
+ * connection for the simple query protocol; nothing else is sent on that
+ * connection until it is done.
  *
  * Transaction control belongs to db:transaction(). After each statement
  * the server's transaction status is checked (conn_check_tx()): a pooled
@@ -99,12 +99,9 @@ struct lpg_conn {
     struct lpg_op      *head, *tail; /* in flight, in send order */
     int                  inflight;
     long                 txid;   /* reserved by this transaction, 0 none */
-    int                  sp_failed; /* a statement of txid failed: 1 roll
-                                       back to its savepoint, 2 restart
-                                       txid (it was the first), before
+    int                  sp_failed; /* 1: a statement of txid failed: roll
+                                       back to its savepoint before
                                        txid's next command */
-    int                  tx_nstmt;  /* statements of txid sent since its
-                                       BEGIN (or restart) */
     int                  sp_prepared; /* 1: lpg_sp_sql prepared on pc */
     double               since;  /* monotonic s: last progress */
     double               opened; /* monotonic s: connect started */
@@ -419,7 +416,6 @@ conn_reset(struct lpg_conn *c)
     c->fd = -1;
     c->txid = 0;
     c->sp_failed = 0;
-    c->tx_nstmt = 0;
     c->sp_prepared = 0;
     c->inflight = 0;
 }
@@ -620,39 +616,48 @@ conn_flush(struct lpg_conn *c)
 }
 
 /* The savepoint commands of a transaction's statements, prepared once
- * per connection (named gw_fN) so that each use is Bind/Execute only. */
-enum {
-    LPG_SP_SET, LPG_SP_RELEASE, LPG_SP_UNDO, LPG_SP_ROLLBACK, LPG_SP_BEGIN,
-    LPG_SP_N
-};
+ * per connection (named gw_fN) so that each use is Bind/Execute only.
+ * They are prepared in the pipeline of the first BEGIN on the connection,
+ * before anything in a transaction can fail: the server refuses a Parse
+ * in a failed transaction ("current transaction is aborted"), so
+ * preparing them lazily, at the first undo, would fail the undo. */
+enum { LPG_SP_SET, LPG_SP_RELEASE, LPG_SP_UNDO, LPG_SP_N };
 static const char *const lpg_sp_sql[LPG_SP_N] = {
-    "SAVEPOINT gw_s", "RELEASE SAVEPOINT gw_s", "ROLLBACK TO SAVEPOINT gw_s",
-    "ROLLBACK", "BEGIN"
+    "SAVEPOINT gw_s", "RELEASE SAVEPOINT gw_s", "ROLLBACK TO SAVEPOINT gw_s"
 };
-/* The same, as text for a script (simple query protocol). */
-static const char *const lpg_sp_undo_text[3] = {
-    "", "ROLLBACK TO SAVEPOINT gw_s; RELEASE SAVEPOINT gw_s; ",
-    "ROLLBACK; BEGIN; "
-};
+/* The undo, as text for a script (simple query protocol). */
+static const char lpg_sp_undo_text[] =
+    "ROLLBACK TO SAVEPOINT gw_s; RELEASE SAVEPOINT gw_s; ";
 
-/* Queues savepoint command `which` in c's pipeline; *ncmd counts the
- * commands queued (their results are skipped). */
+/* Queues the Parse of the savepoint commands in c's pipeline unless done
+ * before; *ncmd counts the commands queued (their results are skipped). */
 static int
-send_sp(struct lpg_conn *c, int which, int *ncmd)
+prepare_sp(struct lpg_conn *c, int *ncmd)
 {
     char name[16];
     int  i;
 
-    if (!c->sp_prepared) {
-        for (i = 0; i < LPG_SP_N; i++) {
-            snprintf(name, sizeof(name), "gw_f%d", i);
-            if (PQsendPrepare(c->pc, name, lpg_sp_sql[i], 0, NULL) != 1) {
-                return GW_ERR;
-            }
-            (*ncmd)++;
-        }
-        c->sp_prepared = 1;
+    if (c->sp_prepared) {
+        return GW_OK;
     }
+    for (i = 0; i < LPG_SP_N; i++) {
+        snprintf(name, sizeof(name), "gw_f%d", i);
+        if (PQsendPrepare(c->pc, name, lpg_sp_sql[i], 0, NULL) != 1) {
+            return GW_ERR;
+        }
+        (*ncmd)++;
+    }
+    c->sp_prepared = 1;
+    return GW_OK;
+}
+
+/* Queues savepoint command `which` (prepared by prepare_sp()) in c's
+ * pipeline; *ncmd counts the commands queued. */
+static int
+send_sp(struct lpg_conn *c, int which, int *ncmd)
+{
+    char name[16];
+
     snprintf(name, sizeof(name), "gw_f%d", which);
     if (PQsendQueryPrepared(c->pc, name, 0, NULL, NULL, NULL, 0) != 1) {
         return GW_ERR;
@@ -670,29 +675,22 @@ conn_send(struct lpg_conn *c, struct lpg_op *op)
     char        numbuf[256][32];
     char        name[24];
     unsigned    slot;
-    int         i, tx_stmt, undo = 0, ncmd = 0;
+    int         i, undo = 0, ncmd = 0;
 
     /* Inside db:transaction() a failed statement is undone alone and the
      * transaction goes on (as on SQLite), instead of every later
      * statement failing "current transaction is aborted": each statement
-     * but the first runs in a savepoint (SAVEPOINT, statement, RELEASE,
-     * all in the same pipeline: no extra round trip), and the next
-     * command of the transaction (COMMIT included) first rolls back to
-     * it. The first statement needs none: undoing it is restarting the
-     * transaction (ROLLBACK, BEGIN), which saves a subtransaction on the
-     * commonest short transactions. */
+     * runs in a savepoint (SAVEPOINT, statement, RELEASE, all in the same
+     * pipeline: no extra round trip), and the next command of the
+     * transaction (COMMIT included) first rolls back to it. The first
+     * statement too: undoing it by restarting the transaction (ROLLBACK,
+     * BEGIN) would need its own care, for a subtransaction's worth of
+     * server work saved. */
     if (op->txid != 0 && !op->tx_begin) {
         undo = c->sp_failed;
         c->sp_failed = 0;
-        if (undo == 2) {
-            c->tx_nstmt = 0;
-        }
     }
-    tx_stmt = op->txid != 0 && !op->tx_begin && !op->tx_end;
-    op->in_sp = tx_stmt && c->tx_nstmt > 0;
-    if (tx_stmt) {
-        c->tx_nstmt++;
-    }
+    op->in_sp = op->txid != 0 && !op->tx_begin && !op->tx_end;
     op->step = 0;
     op->has_prepare = 0;
     if (op->kind == LPG_OP_SCRIPT) {
@@ -700,7 +698,7 @@ conn_send(struct lpg_conn *c, struct lpg_op *op)
         size_t len = strlen(op->sql);
         int    rc;
 
-        if (undo == 0 && !op->in_sp) {
+        if (!undo && !op->in_sp) {
             text = op->sql;
         } else {
             /* One simple query: the newline ends a trailing -- comment. */
@@ -708,7 +706,8 @@ conn_send(struct lpg_conn *c, struct lpg_op *op)
             if (text == NULL) {
                 return GW_ERR;
             }
-            snprintf(text, len + 128, "%s%s%s%s", lpg_sp_undo_text[undo],
+            snprintf(text, len + 128, "%s%s%s%s",
+                     undo ? lpg_sp_undo_text : "",
                      op->in_sp ? "SAVEPOINT gw_s;\n" : "", op->sql,
                      op->in_sp ? "\n;RELEASE SAVEPOINT gw_s" : "");
         }
@@ -738,10 +737,9 @@ conn_send(struct lpg_conn *c, struct lpg_op *op)
             return GW_AGAIN;
         }
     }
-    if ((undo == 1 && (send_sp(c, LPG_SP_UNDO, &ncmd) != GW_OK
-                       || send_sp(c, LPG_SP_RELEASE, &ncmd) != GW_OK))
-        || (undo == 2 && (send_sp(c, LPG_SP_ROLLBACK, &ncmd) != GW_OK
-                          || send_sp(c, LPG_SP_BEGIN, &ncmd) != GW_OK))
+    if ((op->tx_begin && prepare_sp(c, &ncmd) != GW_OK)
+        || (undo && (send_sp(c, LPG_SP_UNDO, &ncmd) != GW_OK
+                  || send_sp(c, LPG_SP_RELEASE, &ncmd) != GW_OK))
         || (op->in_sp && send_sp(c, LPG_SP_SET, &ncmd) != GW_OK))
     {
         return GW_ERR;
@@ -886,7 +884,7 @@ conn_pop_head(struct lpg_conn *c, struct lpg_op **out)
     if (op->err != NULL && op->txid != 0 && c->txid == op->txid
         && !op->tx_begin && !op->tx_end)
     {
-        c->sp_failed = op->in_sp ? 1 : 2;   /* undone before the next */
+        c->sp_failed = 1;                /* undone before the next */
     }
     if (op->tx_end || (op->tx_begin && (op->err != NULL
                                         || op->errkind[0] != '\0')))
@@ -895,7 +893,6 @@ conn_pop_head(struct lpg_conn *c, struct lpg_op **out)
     }
     if (c->txid == 0) {
         c->sp_failed = 0;
-        c->tx_nstmt = 0;
     }
     op->next = *out;
     *out = op;
