@@ -72,27 +72,10 @@ local SCHEMA = [[CREATE TABLE IF NOT EXISTS paygate_api_keys (
   key_id TEXT PRIMARY KEY, app_id TEXT NOT NULL, verifier TEXT NOT NULL,
   created_at DOUBLE PRECISION NOT NULL, revoked_at DOUBLE PRECISION)]]
 
-local ready = setmetatable({}, { __mode = "k" })
-
 local function ensure_schema(db)
-  if ready[db] then
-    return true
-  end
-  local ok, err = db:transaction(function(tx)
-    if tx.engine == "postgres" then
-      -- CREATE TABLE IF NOT EXISTS races between sessions in PostgreSQL.
-      local _, lerr = tx:exec("SELECT pg_advisory_xact_lock(7217003)")
-      if lerr then
-        return nil, lerr
-      end
-    end
+  return db:ensure_schema("paygate_apikeys", function(tx)
     return tx:exec(SCHEMA)
   end)
-  if not ok then
-    return nil, err
-  end
-  ready[db] = true
-  return true
 end
 
 ----------------------------------------------------------- the signature

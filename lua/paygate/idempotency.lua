@@ -82,20 +82,8 @@ local SCHEMA = {
   ON paygate_idempotency (expires_at)]],
 }
 
-local ready = setmetatable({}, { __mode = "k" })
-
 local function ensure_schema(db)
-  if ready[db] then
-    return true
-  end
-  local ok, err = db:transaction(function(tx)
-    if tx.engine == "postgres" then
-      -- CREATE TABLE IF NOT EXISTS races between sessions in PostgreSQL.
-      local _, lerr = tx:exec("SELECT pg_advisory_xact_lock(7217002)")
-      if lerr then
-        return nil, lerr
-      end
-    end
+  return db:ensure_schema("paygate_idempotency", function(tx)
     for i = 1, #SCHEMA do
       local _, e = tx:exec(SCHEMA[i])
       if e then
@@ -104,11 +92,6 @@ local function ensure_schema(db)
     end
     return true
   end)
-  if not ok then
-    return nil, err
-  end
-  ready[db] = true
-  return true
 end
 
 --------------------------------------------------------------- helpers

@@ -90,27 +90,10 @@ local SCHEMA = [[CREATE TABLE IF NOT EXISTS paygate_leases (
   name TEXT PRIMARY KEY, token BIGINT NOT NULL, owner TEXT,
   expires_at DOUBLE PRECISION NOT NULL)]]
 
-local ready = setmetatable({}, { __mode = "k" })
-
 local function ensure_schema(db)
-  if ready[db] then
-    return true
-  end
-  local ok, err = db:transaction(function(tx)
-    if tx.engine == "postgres" then
-      -- CREATE TABLE IF NOT EXISTS races between sessions in PostgreSQL.
-      local _, lerr = tx:exec("SELECT pg_advisory_xact_lock(7217001)")
-      if lerr then
-        return nil, lerr
-      end
-    end
+  return db:ensure_schema("paygate_leases", function(tx)
     return tx:exec(SCHEMA)
   end)
-  if not ok then
-    return nil, err
-  end
-  ready[db] = true
-  return true
 end
 
 local function sql_acquire(db, key, ttl, owner)

@@ -291,6 +291,53 @@ function DB:transaction(fn, opts)
   return nil, err
 end
 
+-- Tables that paygate's own modules (leases, idempotency, the outbox, the
+-- audit trail, API keys) create on first use: which ones this handle has
+-- made sure of already.
+local schemas_ready = setmetatable({}, { __mode = "k" })   -- db -> {name}
+
+-- One PostgreSQL advisory lock for every schema paygate creates: CREATE
+-- ... IF NOT EXISTS races between sessions (two creators can both miss
+-- the table and one fails on the catalog's unique index).
+local SCHEMA_LOCK = 7217002
+
+-- syntax: ok, err = db:ensure_schema(name, create)
+-- Runs create(tx) -- CREATE TABLE / INDEX IF NOT EXISTS statements, which
+-- must be idempotent -- once per db handle and name, in a transaction of
+-- its own (on PostgreSQL under one advisory lock, so concurrent creators
+-- take turns). The name is remembered only after a commit.
+-- yields: one transaction, the first time
+function DB:ensure_schema(name, create)
+  check_db("db:ensure_schema", self)
+  if type(name) ~= "string" then
+    error("db:ensure_schema: name must be a string", 2)
+  end
+  if type(create) ~= "function" then
+    error("db:ensure_schema: create must be a function", 2)
+  end
+  local done = schemas_ready[self]
+  if done and done[name] then
+    return true
+  end
+  local ok, err = self:transaction(function(tx)
+    if tx.engine == "postgres" then
+      local _, lerr = tx:exec("SELECT pg_advisory_xact_lock($1)",
+                              { SCHEMA_LOCK })
+      if lerr then
+        return nil, lerr
+      end
+    end
+    return create(tx)
+  end)
+  if not ok then
+    return nil, err
+  end
+  done = schemas_ready[self] or {}
+  schemas_ready[self] = done
+  done[name] = true
+  return true
+end
+
 -- syntax: st = db:stats()
 -- returns: SQLite: { commits = COMMITs (fsyncs) so far, writes = jobs they
 --          acknowledged }; PostgreSQL: {}
