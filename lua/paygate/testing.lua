@@ -102,12 +102,14 @@ function _M.merchant_keys(o)
             "an SM2 key")
     openssl({ "req", "-x509", "-new", "-key", k.private_key, "-sm3",
               "-sigopt", "distid:" .. SM2_ID, "-days", days, "-subj", subj,
-              "-set_serial", "0x" .. k.serial, "-out", k.certificate },
+              "-set_serial", "0x" .. k.serial, "-out", k.certificate,
+              "-addext", "basicConstraints=critical,CA:FALSE" },
             "an SM2 certificate")
   else
     openssl({ "req", "-x509", "-newkey", "rsa:2048", "-nodes",
               "-keyout", k.private_key, "-out", k.certificate,
-              "-days", days, "-subj", subj, "-set_serial", "0x" .. k.serial },
+              "-days", days, "-subj", subj, "-set_serial", "0x" .. k.serial,
+              "-addext", "basicConstraints=critical,CA:FALSE" },
             "an RSA key and certificate")
   end
   openssl({ "pkey", "-in", k.private_key, "-pubout", "-out", k.public_key },
@@ -433,7 +435,12 @@ function Sim:client_config(m, over)
               merchant_certificate = m.certificate,
               apiv3_key = m.apiv3_key, base_url = self.url,
               backup_url = false, timeout = 5, deadline = 15 }
-  if m == self.partner then c.sp_mchid = m.mchid else c.mchid = m.mchid end
+  -- the merchant's appid is the client's default for prepay calls
+  if m == self.partner then
+    c.sp_mchid, c.sp_appid = m.mchid, m.appid
+  else
+    c.mchid, c.appid = m.mchid, m.appid
+  end
   if self.sign_type ~= RSA_TYPE then c.sign_type = self.sign_type end
   if self.verifier_mode ~= "platform_certificates" then
     local pk = self:public_key()

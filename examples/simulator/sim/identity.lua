@@ -90,9 +90,14 @@ local function generate(algo, serial)
                          "-pkeyopt", "rsa_keygen_bits:2048", "-out", kf })
   end
   if ok and serial then
+    -- a leaf, like WeChat's own (openssl req -x509 makes a CA by default,
+    -- which the diagnosing CLI rightly refuses as an answer's signer)
     local argv = { "openssl", "req", "-x509", "-new", "-key", kf,
                    "-out", cf, "-days", tostring(DAYS), "-subj", SUBJECT,
-                   "-set_serial", "0x" .. serial }
+                   "-set_serial", "0x" .. serial,
+                   "-addext", "basicConstraints=critical,CA:FALSE",
+                   "-addext", "keyUsage=critical,digitalSignature,"
+                              .. "nonRepudiation,keyEncipherment" }
     if algo == "SM2" then
       argv[#argv + 1] = "-sm3"
       argv[#argv + 1] = "-sigopt"
