@@ -16,8 +16,7 @@ local core = require "paygate.core"
 local jcore = require "paygate.json.core"
 local cjson = require "cjson.safe"
 
-local type, pairs, error, tostring = type, pairs, error, tostring
-local huge = math.huge
+local type, error, tostring = type, error, tostring
 
 local _M = {
   null = core.null,             -- == cjson.null: JSON null both ways
@@ -28,7 +27,7 @@ local decoder = cjson.new()
 decoder.decode_invalid_numbers(false)
 decoder.decode_max_depth(1000)
 local cdecode = decoder.decode
-local may_overflow = jcore.may_overflow
+local finite = jcore.finite
 
 --- syntax: text = json.encode(value)
 -- returns: the JSON text. Raises on functions, userdata, cycles, NaN,
@@ -37,19 +36,6 @@ local may_overflow = jcore.may_overflow
 _M.encode = jcore.encode
 
 -- true when v (a decoded value) holds no +-inf
-local function finite(v)
-  if v == huge or v == -huge then return false end
-  if type(v) == "table" then
-    for _, x in pairs(v) do
-      if not finite(x) then return false end
-    end
-  end
-  return true
-end
-
---- syntax: value, err = json.decode(text)
--- returns: the decoded value (JSON null is json.null), or nil and an
--- error of kind "invalid_json".
 function _M.decode(text)
   if type(text) ~= "string" then
     error("paygate.json.decode: text must be a string", 2)
@@ -58,9 +44,9 @@ function _M.decode(text)
   if v == nil then
     return nil, core.error("invalid_json", tostring(err))
   end
-  -- only a number with a long exponent or mantissa can overflow: the
-  -- walk is paid only then
-  if may_overflow(text) and not finite(v) then
+  -- a number past a double's range decodes to +-inf: refused (one C walk
+  -- over the values, cheaper than a scan of the text)
+  if not finite(v) then
     return nil, core.error("invalid_json", "number out of range")
   end
   return v

@@ -398,37 +398,52 @@ ljson_enc_gc(lua_State *L)
     return 0;
 }
 
-/* paygate.json.core.may_overflow(text) -> boolean: true when text holds
- * a number the decoder may have turned into +-inf: an exponent of three
- * or more digits, or a run of more than 300 digits. One pass, no
- * allocation; false means no number in text can exceed a double. */
+/* Whether every number in the table at idx (absolute), at any depth, is
+ * finite. A decoded value's numbers are finite unless one overflowed a
+ * double (1e999, a 400-digit integer): one walk over the values, which
+ * for a JSON document is far fewer than its bytes. depth bounds the
+ * recursion (the decoder refuses deeper documents anyway). */
 static int
-ljson_may_overflow(lua_State *L)
+json_all_finite(lua_State *L, int idx, int depth)
 {
-    size_t n, run = 0;
-    const unsigned char *s =
-        (const unsigned char *) luaL_checklstring(L, 1, &n);
-    int after_e = 0;                /* digits follow an e / E (+ sign) */
+    int ok = 1;
 
-    for (size_t i = 0; i < n; i++) {
-        unsigned char c = s[i];
-
-        if (c >= '0' && c <= '9') {
-            run++;
-            if ((after_e && run >= 3) || run > 300) {
-                lua_pushboolean(L, 1);
-                return 1;
-            }
-            continue;
-        }
-        if (c == 'e' || c == 'E') {
-            after_e = 1;
-        } else if (!((c == '+' || c == '-') && after_e && run == 0)) {
-            after_e = 0;
-        }
-        run = 0;
+    if (depth > 1100) {
+        return 0;
     }
-    lua_pushboolean(L, 0);
+    luaL_checkstack(L, 3, "paygate.json: document too deep");
+    lua_pushnil(L);
+    while (ok && lua_next(L, idx) != 0) {
+        int t = lua_type(L, -1);
+
+        if (t == LUA_TNUMBER) {
+            ok = isfinite((double) lua_tonumber(L, -1));
+        } else if (t == LUA_TTABLE) {
+            ok = json_all_finite(L, lua_gettop(L), depth + 1);
+        }
+        lua_pop(L, 1);
+    }
+    if (!ok) {
+        lua_pop(L, 1);                  /* the key lua_next left */
+    }
+    return ok;
+}
+
+/* paygate.json.core.finite(v) -> boolean: false when v is, or holds, a
+ * number that is not finite (what a decoder makes of an overflow). */
+static int
+ljson_finite(lua_State *L)
+{
+    int t = lua_type(L, 1);
+
+    if (t == LUA_TNUMBER) {
+        lua_pushboolean(L, isfinite((double) lua_tonumber(L, 1)));
+    } else if (t == LUA_TTABLE) {
+        lua_settop(L, 1);
+        lua_pushboolean(L, json_all_finite(L, 1, 0));
+    } else {
+        lua_pushboolean(L, 1);
+    }
     return 1;
 }
 
@@ -446,8 +461,8 @@ luaopen_paygate_json_core(lua_State *L)
     lua_setmetatable(L, -2);
     lua_pushcclosure(L, ljson_encode, 1);
     lua_setfield(L, -2, "encode");
-    lua_pushcfunction(L, ljson_may_overflow);
-    lua_setfield(L, -2, "may_overflow");
+    lua_pushcfunction(L, ljson_finite);
+    lua_setfield(L, -2, "finite");
     lua_pushlightuserdata(L, (void *) &empty_array_key);
     lua_setfield(L, -2, "empty_array");
     return 1;
