@@ -798,18 +798,70 @@ lcore_coroutines(lua_State *L)
  * syntax: port = paygate.core.free_port([host])
  * A TCP port free on host (default 127.0.0.1) right now: for tests.
  */
+/* Whether port on addr can be bound now (nothing listens on it). */
+static int
+port_bindable(struct sockaddr_in *a, int port)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int ok;
+
+    if (fd < 0) {
+        return 0;
+    }
+    a->sin_port = htons((uint16_t) port);
+    ok = bind(fd, (struct sockaddr *) a, sizeof(*a)) == 0;
+    close(fd);
+    return ok;
+}
+
+/*
+ * core.free_port([host]) -> a TCP port nothing listens on now, for a test
+ * server to bind a moment later. Picked at random BELOW the kernel's
+ * ephemeral range (ip_local_port_range): a port the kernel hands out
+ * (bind to 0) is also what it gives outgoing connections, so one of them
+ * could take it before the server binds ("Address already in use").
+ */
 static int
 lcore_free_port(lua_State *L)
 {
     const char *host = luaL_optstring(L, 1, "127.0.0.1");
     struct sockaddr_in a;
     socklen_t len = sizeof(a);
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int low = 32768, fd, hi, lo;
+    FILE *f;
 
     memset(&a, 0, sizeof(a));
     a.sin_family = AF_INET;
-    if (fd < 0 || inet_pton(AF_INET, host, &a.sin_addr) != 1
-        || bind(fd, (struct sockaddr *) &a, sizeof(a)) != 0
+    if (inet_pton(AF_INET, host, &a.sin_addr) != 1) {
+        return gw_push_error(L, "connect", 0, "free_port: bad address %s",
+                             host);
+    }
+    f = fopen("/proc/sys/net/ipv4/ip_local_port_range", "r");
+    if (f != NULL) {
+        if (fscanf(f, "%d", &low) != 1) {
+            low = 32768;
+        }
+        fclose(f);
+    }
+    hi = low - 1;
+    lo = hi - 12000 > 10000 ? hi - 12000 : 10000;
+    for (int i = 0; hi > lo && i < 64; i++) {
+        unsigned int r;
+        int port;
+
+        if (getentropy(&r, sizeof(r)) != 0) {
+            r = (unsigned int) rand();
+        }
+        port = lo + (int) (r % (unsigned int) (hi - lo + 1));
+        if (port_bindable(&a, port)) {
+            lua_pushinteger(L, port);
+            return 1;
+        }
+    }
+    /* no luck below the range: let the kernel pick */
+    a.sin_port = 0;
+    fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0 || bind(fd, (struct sockaddr *) &a, sizeof(a)) != 0
         || getsockname(fd, (struct sockaddr *) &a, &len) != 0) {
         if (fd >= 0) {
             close(fd);
