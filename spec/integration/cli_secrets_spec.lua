@@ -14,13 +14,8 @@ local write, read = diagpki.write, diagpki.read
 local APIV3 = "a7cde1f3b9e2d4c6a8b0e2f4a6c8e0b2"
 
 local function run(args)
-  local log = dir .. "/out." .. crypto.random_nonce(8)
-  local argv = { PAYGATE_BIN }
-  for _, a in ipairs(args) do argv[#argv + 1] = a end
-  local p = proc.spawn(argv, { log = log })
-  local code = p:wait(60)
-  if code == nil then p:kill(proc.SIGKILL); p:wait(2) end
-  return code, proc.read(log)
+  local code, out = diagpki.run(dir, args, 60)
+  return code, out
 end
 
 -- the secret's base64 lines (what a partial echo would show)

@@ -13,20 +13,7 @@ local diagpki = require "support.diagpki"
 local dir, pki, pkey
 local write, read = diagpki.write, diagpki.read
 
-local function run(args)
-  local log = dir .. "/out." .. crypto.random_nonce(8)
-  local argv = { PAYGATE_BIN }
-  for _, a in ipairs(args) do argv[#argv + 1] = a end
-  local p = proc.spawn(argv, { log = log })
-  local code = p:wait(30)
-  if code == nil then p:kill(proc.SIGKILL); p:wait(2) end
-  local out = proc.read(log)
-  local results = {}
-  for line in out:gmatch("[^\n]+") do
-    if line:sub(1, 1) == "{" then results[#results + 1] = json.decode(line) end
-  end
-  return code, out, results
-end
+local function run(args) return diagpki.run(dir, args) end
 
 local function file(name, content)
   write(dir .. "/" .. name, content)
