@@ -197,6 +197,12 @@ describe("simulator notifications: attempts and duplicates", function()
     sn.wait_until(function()
       return #sn.received(recv, b) >= 3
     end, 10, "the two duplicates")
+    -- the receiver having the third request does not mean the simulator
+    -- has recorded its answer yet: wait for the third attempt's status
+    sn.wait_until(function()
+      n = sn.notifications(sim, "out_trade_no=" .. no)[1]
+      return n and n.attempts[3] and n.attempts[3].status ~= nil
+    end, 10, "the second duplicate's answer")
     -- the second duplicate came after the first was refused (500): both
     -- are duplicates, and nothing more is sent
     n = sn.notifications(sim, "out_trade_no=" .. no)[1]
