@@ -28,6 +28,7 @@ local core = require "paygate.core"
 local crypto = require "paygate.crypto"
 local sql = require "paygate.sql"
 local redis = require "paygate.redis"
+local json_encode = require("paygate.json").encode
 
 local _M = { _VERSION = "0.1.0" }
 
@@ -261,6 +262,256 @@ local function redis_release(client, l)
   return true
 end
 
+------------------------------------------------- measured durations
+
+-- A histogram of durations per series name, in the "paygate" shared
+-- dictionary (so every worker of an instance adds to, and reads, one
+-- histogram), or in this process's memory when there is none. Buckets
+-- are log-spaced, BUCKETS_PER_DOUBLING per doubling (about 9 % wide),
+-- from 1 ms (bucket 0 holds everything up to 1 ms) to 2^(255/8) ms
+-- (about 46 days). A quantile is read as the upper bound of the bucket
+-- it falls into, so it is never below the true value by more than a
+-- bucket's width and never below the largest sample it covers.
+--
+-- Time windows: samples go into generation floor(now / window); a read
+-- covers the current and the previous generation, so a histogram holds
+-- between one and two windows of history and follows a change of the
+-- workload within two windows. Shared entries expire on their own.
+
+local BUCKETS_PER_DOUBLING = 8
+local NBUCKETS = 256
+local WINDOW = 3600               -- s per generation (default)
+local CACHE_FOR = 1               -- s a worker reuses a computed ttl
+local SHARED_PREFIX = "paygate.lease.d|"
+
+local DEFAULT_FLOOR = 1           -- s
+local DEFAULT_CEILING = 300       -- s
+local DEFAULT_MARGIN = 1.5
+local DEFAULT_QUANTILE = 0.999
+local DEFAULT_MIN_SAMPLES = 20
+
+_M.DEFAULTS = { floor = DEFAULT_FLOOR, ceiling = DEFAULT_CEILING,
+                margin = DEFAULT_MARGIN, quantile = DEFAULT_QUANTILE,
+                min_samples = DEFAULT_MIN_SAMPLES, window = WINDOW }
+
+local log2 = math.log(2)
+
+local function bucket_of(seconds)
+  local ms = seconds * 1000
+  if not (ms > 1) then
+    return 0
+  end
+  local i = math.ceil(math.log(ms) / log2 * BUCKETS_PER_DOUBLING - 1e-9)
+  if i >= NBUCKETS then
+    return NBUCKETS - 1
+  end
+  return i
+end
+
+local function bucket_upper(i)
+  return 2 ^ (i / BUCKETS_PER_DOUBLING) / 1000
+end
+
+local shared_dict
+local function dict()
+  if shared_dict == nil then
+    local ok, d = pcall(function()
+      return require("paygate.shared").get_dict("paygate")
+    end)
+    shared_dict = ok and d or false
+  end
+  return shared_dict
+end
+
+local local_hist = {}             -- key -> count, when there is no dict
+local cached = {}                 -- name -> { at, ttl, info, opts key }
+
+local function check_name(fname, name)
+  if type(name) ~= "string" or name == "" or #name > 200
+     or name:find("|", 1, true) then
+    error(fname .. ": name must be a non-empty string without '|' (at"
+          .. " most 200 bytes)", 3)
+  end
+end
+
+local function hist_key(name, gen, i)
+  return SHARED_PREFIX .. name .. "|" .. gen .. "|" .. i
+end
+
+local function hist_incr(key, ttl)
+  local d = dict()
+  if d then
+    local _, err = d:incr(key, 1, 0, ttl)
+    if not err then
+      return
+    end
+    -- a full dictionary evicts; a failure here only loses a sample
+  end
+  local_hist[key] = (local_hist[key] or 0) + 1
+end
+
+local function hist_get(key)
+  local d = dict()
+  local v = d and d:get(key)
+  return (tonumber(v) or 0) + (local_hist[key] or 0)
+end
+
+local function check_window(fname, window)
+  if window == nil then
+    return WINDOW
+  end
+  if type(window) ~= "number" or not (window > 0) or window == math.huge
+  then
+    error(fname .. ": opts.window must be a positive number of seconds", 3)
+  end
+  return window
+end
+
+-- syntax: lease.measure(name, seconds[, { window }])
+-- Records one duration of the work named `name` (what lease.run does
+-- after each run with opts.adaptive = name). Never yields.
+function _M.measure(name, seconds, opts)
+  check_name("lease.measure", name)
+  if type(seconds) ~= "number" or not (seconds >= 0)
+     or seconds == math.huge then
+    error("lease.measure: seconds must be a number >= 0", 2)
+  end
+  local window = check_window("lease.measure", opts and opts.window)
+  local gen = math.floor(core.time() / window)
+  local ttl = 2 * window + 60
+  hist_incr(hist_key(name, gen, bucket_of(seconds)), ttl)
+  hist_incr(hist_key(name, gen, "n"), ttl)
+  cached[name] = nil
+end
+
+-- The two generations' bucket counts summed: counts[0..NBUCKETS-1], n.
+local function histogram(name, window)
+  local gen = math.floor(core.time() / window)
+  local n = hist_get(hist_key(name, gen, "n"))
+            + hist_get(hist_key(name, gen - 1, "n"))
+  local counts = {}
+  if n == 0 then
+    return counts, 0
+  end
+  local total = 0
+  for i = 0, NBUCKETS - 1 do
+    local c = hist_get(hist_key(name, gen, i))
+              + hist_get(hist_key(name, gen - 1, i))
+    counts[i] = c
+    total = total + c
+  end
+  return counts, total
+end
+
+local function quantile(counts, total, q)
+  if total == 0 then
+    return nil
+  end
+  local rank = math.max(1, math.ceil(q * total - 1e-9))
+  local cum = 0
+  for i = 0, NBUCKETS - 1 do
+    cum = cum + (counts[i] or 0)
+    if cum >= rank then
+      return bucket_upper(i)
+    end
+  end
+  return bucket_upper(NBUCKETS - 1)
+end
+
+-- syntax: d = lease.durations(name[, { window }])
+-- returns: { samples, p50, p99, p999, max } of the recorded durations (s,
+-- each the upper bound of its histogram bucket; nil without samples)
+function _M.durations(name, opts)
+  check_name("lease.durations", name)
+  local window = check_window("lease.durations", opts and opts.window)
+  local counts, total = histogram(name, window)
+  local max
+  for i = NBUCKETS - 1, 0, -1 do
+    if (counts[i] or 0) > 0 then
+      max = bucket_upper(i)
+      break
+    end
+  end
+  return { samples = total, p50 = quantile(counts, total, 0.5),
+           p99 = quantile(counts, total, 0.99),
+           p999 = quantile(counts, total, 0.999), max = max }
+end
+
+local function positive(fname, opts, k, default)
+  local v = opts[k]
+  if v == nil then
+    return default
+  end
+  if type(v) ~= "number" or not (v > 0) or v == math.huge then
+    error(fname .. ": opts." .. k .. " must be a positive number", 3)
+  end
+  return v
+end
+
+-- The adaptive options, checked, with their defaults.
+local function adaptive_opts(fname, opts)
+  opts = opts or {}
+  if type(opts) ~= "table" then
+    error(fname .. ": opts must be a table", 3)
+  end
+  local o = {
+    floor = positive(fname, opts, "floor", DEFAULT_FLOOR),
+    ceiling = positive(fname, opts, "ceiling", DEFAULT_CEILING),
+    margin = positive(fname, opts, "margin", DEFAULT_MARGIN),
+    quantile = positive(fname, opts, "quantile", DEFAULT_QUANTILE),
+    min_samples = positive(fname, opts, "min_samples", DEFAULT_MIN_SAMPLES),
+    window = check_window(fname, opts.window),
+  }
+  if o.floor > o.ceiling then
+    error(fname .. ": opts.floor must not exceed opts.ceiling", 3)
+  end
+  if o.quantile > 1 then
+    error(fname .. ": opts.quantile must be in (0, 1]", 3)
+  end
+  if o.margin < 1 then
+    error(fname .. ": opts.margin must be at least 1", 3)
+  end
+  o.initial = positive(fname, opts, "initial", o.ceiling)
+  return o
+end
+
+local function compute_ttl(name, o)
+  local counts, total = histogram(name, o.window)
+  local info = { samples = total }
+  if total < o.min_samples then
+    info.source = "initial"
+    return math.min(math.max(o.initial, o.floor), o.ceiling), info
+  end
+  local q = quantile(counts, total, o.quantile)
+  info.source, info.quantile = "measured", q
+  return math.min(math.max(q * o.margin, o.floor), o.ceiling), info
+end
+
+-- syntax: ttl, info = lease.ttl_for(name[, opts])
+-- The lease ttl for work named `name`: clamp(quantile x margin, floor,
+-- ceiling) of its recorded durations, or `initial` (default: ceiling)
+-- until min_samples durations were recorded.
+-- opts: floor (1 s), ceiling (300 s), margin (1.5), quantile (0.999),
+--       min_samples (20), initial (ceiling), window (3600 s)
+-- returns: ttl (s), info { samples, source = "measured" | "initial",
+--          quantile (s, when measured) }. Never yields.
+function _M.ttl_for(name, opts)
+  check_name("lease.ttl_for", name)
+  local o = adaptive_opts("lease.ttl_for", opts)
+  local c = cached[name]
+  local now = core.mono()
+  if c and now - c.at < CACHE_FOR and c.floor == o.floor
+     and c.ceiling == o.ceiling and c.margin == o.margin
+     and c.quantile == o.quantile and c.min_samples == o.min_samples
+     and c.initial == o.initial and c.window == o.window then
+    return c.ttl, c.info
+  end
+  local ttl, info = compute_ttl(name, o)
+  o.at, o.ttl, o.info = now, ttl, info
+  cached[name] = o
+  return ttl, info
+end
+
 ----------------------------------------------------------------- API
 
 -- syntax: l, err = lease.acquire(store, key, ttl [, { owner = id }])
@@ -371,6 +622,212 @@ function _M.fenced_call(client, key, token, cmd, ...)
     return fail("fenced", "lease " .. key .. ": " .. err.message)
   end
   return res, err
+end
+
+--------------------------------------------------------------- run
+
+-- per-worker counters (lease.stats())
+local counts = { runs = 0, held = 0, renewed = 0, lost = 0, fenced = 0,
+                 store_errors = 0 }
+
+local function warn(msg, fields)
+  local ok, enc = pcall(json_encode, fields)
+  core.log(2, msg, ok and enc or nil)
+end
+
+-- The handle lease.run gives fn: what fn needs to commit only while its
+-- token is the newest.
+local Held = {}
+Held.__index = Held
+
+-- syntax: ok, err = h:check(tx)
+-- Inside fn's db:transaction (SQL lease stores): lease.check with this
+-- run's key and token; nil, err "fenced" when the lease moved on.
+-- yields: one query
+function Held:check(tx)
+  if not is_sql(self.store) then
+    error("h:check: the lease is on Redis: guard Redis writes with"
+          .. " h:call", 2)
+  end
+  if getmetatable(tx) ~= sql.TX then
+    error("h:check: tx must be the tx of a db:transaction", 2)
+  end
+  local ok, err = _M.check(tx, self.key, self.token)
+  if not ok and err.kind == "fenced" then
+    counts.fenced = counts.fenced + 1
+    warn("lease: a write for a lease that moved on was refused",
+         { key = self.key, token = self.token, current = err.current,
+           name = self.name })
+  end
+  return ok, err
+end
+
+-- syntax: reply, err = h:call(cmd, ...)
+-- Redis lease stores: the command runs only while this run's token is
+-- the newest (lease.fenced_call); nil, err "fenced" otherwise.
+-- yields: one script call
+function Held:call(cmd, ...)
+  if not is_redis(self.store) then
+    error("h:call: the lease is on SQL: guard writes with h:check(tx)", 2)
+  end
+  local res, err = _M.fenced_call(self.store, self.key, self.token, cmd,
+                                  ...)
+  if not res and err and err.kind == "fenced" then
+    counts.fenced = counts.fenced + 1
+    warn("lease: a write for a lease that moved on was refused",
+         { key = self.key, token = self.token, name = self.name })
+  end
+  return res, err
+end
+
+-- syntax: s = h:remaining()
+-- returns: seconds left until the lease expires, as last acquired or
+-- renewed (negative once past)
+function Held:remaining()
+  return self.lease.expires_at - core.now()
+end
+
+-- Renews the lease each time half of it is gone, until done is set or
+-- the lease is lost. A store failure is retried after a tenth of the ttl.
+local function renewer(store, h, done)
+  while true do
+    local wait = h.lease.expires_at - h.ttl / 2 - core.time()
+    if wait > 0 and done:wait(wait) then
+      return
+    end
+    if h.finished then
+      return
+    end
+    local ok, err = _M.renew(store, h.lease, h.ttl)
+    if ok then
+      counts.renewed = counts.renewed + 1
+    elseif err.kind == "lost" then
+      h.lost = true
+      counts.lost = counts.lost + 1
+      warn("lease: lost while the work was running (it outlived its ttl"
+           .. " and a renewal came too late)",
+           { key = h.key, name = h.name, ttl = h.ttl,
+             elapsed = core.mono() - h.started })
+      return
+    else
+      counts.store_errors = counts.store_errors + 1
+      if done:wait(math.max(h.ttl / 10, 0.01)) then
+        return
+      end
+    end
+  end
+end
+
+local function pack(...)
+  return { n = select("#", ...), ... }
+end
+
+-- syntax: ... = lease.run(store, key, fn, opts)
+-- Acquires key, runs fn(h) while renewing the lease in the background
+-- (each time half of it is gone), records fn's duration, releases.
+-- opts (one of adaptive and ttl is required):
+--   adaptive = name  the ttl is lease.ttl_for(name, opts) (floor,
+--                    ceiling, margin, quantile, min_samples, initial,
+--                    window as there), and fn's duration is recorded
+--                    under name after each run (lease.measure)
+--   ttl = s          a fixed ttl instead (nothing is recorded)
+--   renew = false    no background renewal (the lease ends at its ttl)
+--   owner            as lease.acquire's
+-- h: { key, token, ttl, name, lease, lost (set when a renewal found the
+--    lease gone) } with h:check(tx) (SQL: inside fn's transaction,
+--    before its writes), h:call(cmd, ...) (Redis: a fenced command),
+--    h:remaining(). A commit guarded by them cannot happen once another
+--    holder took the key.
+-- returns: fn's results; nil, err "held" (err.ttl) when another owner
+--          holds the key (fn did not run); nil, err (the store's kinds)
+--          when the acquisition failed. A raise in fn is raised again
+--          after the lease was released.
+-- yields: while fn runs, plus one acquisition and one release
+function _M.run(store, key, fn, opts)
+  check_store("lease.run", store)
+  check_key("lease.run", key)
+  if type(fn) ~= "function" then
+    error("lease.run: fn must be a function", 2)
+  end
+  if type(opts) ~= "table" then
+    error("lease.run: opts must be a table with adaptive = name (or a"
+          .. " fixed ttl)", 2)
+  end
+  local name, ttl = opts.adaptive, opts.ttl
+  if name ~= nil then
+    check_name("lease.run", name)
+    if ttl ~= nil then
+      error("lease.run: opts.adaptive and opts.ttl exclude each other", 2)
+    end
+    local o = adaptive_opts("lease.run", opts)
+    ttl = _M.ttl_for(name, o)
+  elseif ttl == nil then
+    error("lease.run: opts.adaptive (the name its durations are recorded"
+          .. " under) or opts.ttl is required", 2)
+  else
+    check_ttl("lease.run", ttl)
+  end
+  if opts.renew ~= nil and type(opts.renew) ~= "boolean" then
+    error("lease.run: opts.renew must be a boolean", 2)
+  end
+  local owner = opts.owner
+  if owner ~= nil and (type(owner) ~= "string" or owner == ""
+                       or owner:find("|", 1, true)) then
+    error("lease.run: opts.owner must be a non-empty string without '|'",
+          2)
+  end
+  local l, err = _M.acquire(store, key, ttl, { owner = owner })
+  if not l then
+    if err.kind == "held" then
+      counts.held = counts.held + 1
+    end
+    return nil, err
+  end
+  counts.runs = counts.runs + 1
+  local h = setmetatable({ key = key, token = l.token, ttl = ttl,
+                           name = name, lease = l, store = store,
+                           lost = false, started = core.mono() }, Held)
+  local done, task
+  if opts.renew ~= false then
+    done = core.event()
+    task = core.spawn(renewer, store, h, done)
+  end
+  local res = pack(pcall(fn, h))
+  local elapsed = core.mono() - h.started
+  h.finished = true
+  if task then
+    done:set()
+    task:wait()                  -- a renewal in flight ends first
+  end
+  if res[1] and name then
+    _M.measure(name, elapsed, opts)
+  end
+  if not h.lost then
+    local ok, rerr = _M.release(store, l)
+    if not ok and rerr.kind == "lost" then
+      counts.lost = counts.lost + 1
+      warn("lease: expired before the work ended (its ttl was shorter"
+           .. " than the work)", { key = key, name = name, ttl = ttl,
+                                    elapsed = elapsed })
+    end
+  end
+  if not res[1] then
+    error(res[2], 0)
+  end
+  return unpack(res, 2, res.n)
+end
+
+-- syntax: t = lease.stats()
+-- returns: this worker's lease.run counters: runs, held (not run: another
+-- owner held the key), renewed, lost (a lease found gone by a renewal
+-- or the release), fenced (writes refused by h:check / h:call),
+-- store_errors (renewals that failed on the store)
+function _M.stats()
+  local t = {}
+  for k, v in pairs(counts) do
+    t[k] = v
+  end
+  return t
 end
 
 return _M
