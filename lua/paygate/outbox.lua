@@ -552,7 +552,8 @@ end
 -- syntax: d = outbox.dispatcher(db, opts)
 -- opts: sinks (required), and any of DEFAULTS above; now (function ->
 --       seconds: due times, delivered_at, pruning; leases keep the real
---       clock) and random (function -> [0, 1)) for tests
+--       clock) and random (function -> [0, 1)) for tests; prune = false
+--       leaves pruning to paygate.retention (retention.outbox)
 -- returns: a dispatcher; d:start() runs it in its own task, d:step() runs
 --          one round (returns the number of events attempted), d:stop()
 --          stops it and releases its leases, d.stats counts outcomes.
@@ -586,7 +587,7 @@ function _M.dispatcher(db, opts)
   end
   for k in pairs(opts) do
     if DEFAULTS[k] == nil and k ~= "sinks" and k ~= "now" and k ~= "random"
-       and k ~= "max_partitions" then
+       and k ~= "max_partitions" and k ~= "prune" then
       error("outbox.dispatcher: unknown option opts." .. k, 2)
     end
   end
@@ -599,6 +600,10 @@ function _M.dispatcher(db, opts)
     error("outbox.dispatcher: opts.partitions must be a positive integer", 2)
   end
   d.max_partitions = mp or d.partitions
+  if opts.prune ~= nil and type(opts.prune) ~= "boolean" then
+    error("outbox.dispatcher: opts.prune must be a boolean", 2)
+  end
+  d.prune = opts.prune ~= false    -- false: paygate.retention prunes
   return setmetatable(d, Dispatcher)
 end
 
@@ -864,7 +869,7 @@ function Dispatcher:step()
     t:wait()
   end
   self.workers = nil
-  if now >= self.next_prune then
+  if self.prune and now >= self.next_prune then
     self.next_prune = now + self.prune_interval
     local pl = lease.acquire(self.db, "outbox:" .. self.name .. ":prune",
                              self.lease_ttl)
@@ -926,9 +931,13 @@ end
 
 ------------------------------------------------- prune, replay, list
 
+-- The condition is repeated outside the subquery: on PostgreSQL a row
+-- replayed (set pending) while the DELETE waited for its lock is checked
+-- again on its new version and kept.
 local PRUNE = "DELETE FROM paygate_outbox WHERE id IN (SELECT id FROM"
   .. " paygate_outbox WHERE state = 'delivered' AND delivered_at < $1"
-  .. " ORDER BY delivered_at LIMIT $2)"
+  .. " ORDER BY delivered_at LIMIT $2) AND state = 'delivered' AND"
+  .. " delivered_at < $1"
 
 -- syntax: n, err = outbox.prune(db [, opts])
 -- Deletes delivered rows older than keep_days (default 7) in batches of

@@ -1,0 +1,286 @@
+-- paygate.retention: prune jobs in small batches under a lease, on SQLite
+-- and PostgreSQL.
+local paygate = require "paygate"
+local core = require "paygate.core"
+local sql = require "paygate.sql"
+local retention = require "paygate.retention"
+local idem = require "paygate.idempotency"
+local outbox = require "paygate.outbox"
+local servers = require "spec.support.servers"
+
+local tmp = servers.mktemp()
+local pg_srv
+local n = 0
+
+teardown(function()
+  servers.stop_all()
+  servers.sh("rm -rf " .. tmp)
+end)
+
+local NOW = 1764500000          -- the clock the runners are given
+local function clock() return NOW end
+
+describe("retention jobs: misuse", function()
+  it("refuses a job on the audit trail", function()
+    for _, t in ipairs({ "paygate_audit", "paygate_audit_heads",
+                         "public.paygate_audit", "PAYGATE_AUDIT",
+                         "paygate_audit_2026_11" }) do
+      assert.has_error(function()
+        retention.table({ table = t, column = "at", max_age = 86400 })
+      end, "retention.table: " .. t:lower():gsub("^public%.", "")
+        .. " holds the audit trail, which is evidence and kept: no"
+        .. " retention job may prune it")
+    end
+    local db = assert(sql.open("sqlite:" .. tmp .. "/misuse.db"))
+    assert.has_error(function()
+      retention.new(db, { { table = "paygate_audit", column = "at",
+                            max_age = 1 } })
+    end, "retention.new: paygate_audit holds the audit trail, which is"
+      .. " evidence and kept: no retention job may prune it")
+    assert.has_error(function()
+      retention.start(db, { tables = { { table = "paygate_audit",
+                                         column = "at", max_age = 1 } } })
+    end, "retention.start: paygate_audit holds the audit trail, which is"
+      .. " evidence and kept: no retention job may prune it")
+    db:close()
+  end)
+
+  it("refuses a notification dedupe window inside WeChat's retries",
+     function()
+    assert.has_error(function()
+      retention.notifications({ max_age = 24 * 3600 })
+    end, "retention.notifications: spec.max_age must exceed WeChat's retry"
+      .. " window (24 h 4 min = 86640 s): a retry arriving after its"
+      .. " dedupe row was pruned would be applied again")
+    assert.equal(25 * 3600, retention.notifications().max_age)
+    local ok, err = retention.check({ notification_hours = 24 })
+    assert.is_nil(ok)
+    assert.equal("notification_hours must be a number above 24.07 (WeChat"
+                 .. " retries a notification for 24 h 4 min)", err)
+  end)
+
+  it("checks names, keys and options", function()
+    assert.has_error(function()
+      retention.table({ table = "t; DROP TABLE x", column = "c",
+                        max_age = 1 })
+    end, "retention.table: spec.table must be an identifier (or"
+      .. " schema.name)")
+    assert.has_error(function()
+      retention.table({ table = "t", column = "c", max_age = 0 })
+    end, "retention.table: spec.max_age must be a positive number")
+    assert.has_error(function()
+      retention.table({ table = "t", column = "c", max_age = 1,
+                        where = "1; DELETE FROM y" })
+    end, "retention.table: spec.where must be one SQL condition (a string"
+      .. " without ';')")
+    assert.has_error(function()
+      retention.table({ table = "t", column = "c", max_age = 1, age = 2 })
+    end, "retention.table: unknown key spec.age")
+    assert.same({ nil, "unknown retention option outbox_dayz" },
+                { retention.check({ outbox_dayz = 3 }) })
+    assert.same({ nil, "outbox_days must be a positive number (or false:"
+                  .. " keep delivered rows)" },
+                { retention.check({ outbox_days = "7" }) })
+    assert.same({ nil, "batch must be a positive number" },
+                { retention.check({ batch = -1 }) })
+    assert.is_true(retention.check({ outbox_days = false, interval = 60,
+      notifications = { { table = "n", column = "at" } } }))
+    assert.is_true(retention.check(nil))
+  end)
+end)
+
+local engines = {
+  sqlite = function()
+    n = n + 1
+    local url = "sqlite:" .. tmp .. "/r" .. n .. ".db"
+    return assert(sql.open(url)), function() return assert(sql.open(url)) end
+  end,
+}
+if servers.have_postgres() then
+  engines.postgres = function()
+    pg_srv = pg_srv or servers.postgres()
+    local db = assert(sql.open(pg_srv.url))
+    assert(db:exec_script([[
+      DROP TABLE IF EXISTS events; DROP TABLE IF EXISTS paygate_leases;
+      DROP TABLE IF EXISTS paygate_idempotency;
+      DROP TABLE IF EXISTS paygate_outbox;
+      DROP TABLE IF EXISTS notes]]))
+    return db, function() return assert(sql.open(pg_srv.url)) end
+  end
+end
+
+for engine, open in pairs(engines) do
+  describe("paygate.retention on " .. engine, function()
+    local db, reopen
+
+    before_each(function() db, reopen = open() end)
+    after_each(function() db:close() end)
+
+    -- events: `old` rows older than a day, `young` rows within it
+    local function fill(old, young, extra)
+      assert(db:exec_script([[CREATE TABLE events (
+        id INTEGER PRIMARY KEY, at DOUBLE PRECISION NOT NULL,
+        state TEXT NOT NULL)]]))
+      assert(db:exec_script("CREATE INDEX events_at ON events (at)"))
+      assert(db:transaction(function(tx)
+        local id = 0
+        for i = 1, old do
+          id = id + 1
+          assert(tx:exec("INSERT INTO events (id, at, state) VALUES ($1, $2,"
+            .. " $3)", { id, NOW - 86400 - i, (extra and i % 2 == 0)
+                         and "pending" or "done" }))
+        end
+        for i = 1, young do
+          id = id + 1
+          assert(tx:exec("INSERT INTO events (id, at, state) VALUES ($1, $2,"
+            .. " 'done')", { id, NOW - 86400 + 60 + i }))
+        end
+      end))
+    end
+
+    local function count(where)
+      return assert(db:query("SELECT count(*) AS n FROM events"
+                             .. (where and " WHERE " .. where or "")))[1].n
+    end
+
+    it("deletes what is older than the policy, keeps what is younger, a"
+       .. " batch per statement", function()
+      fill(1000, 300)
+      local r = retention.new(db, { { table = "events", column = "at",
+                                      max_age = 86400 } },
+                              { batch = 100, pause = 0.001, now = clock })
+      local before = retention.stats()
+      local s = assert(r:run_once())
+      assert.equal(1000, s.pruned)
+      assert.equal(11, s.statements)          -- 10 full batches, 1 short
+      assert.equal(11, s.jobs.events.statements)
+      assert.equal(0, count("at < " .. (NOW - 86400)))
+      assert.equal(300, count())
+      -- counted in this worker and across the instance
+      local after = retention.stats()
+      assert.equal(before.pruned + 1000, after.pruned)
+      assert.equal((before.instance.events or 0) + 1000,
+                   after.instance.events)
+      -- nothing left to do: one short statement
+      s = assert(r:run_once())
+      assert.equal(0, s.pruned)
+      assert.equal(1, s.statements)
+    end)
+
+    it("honours an extra condition and a named key", function()
+      fill(200, 10, true)
+      local r = retention.new(db, { { name = "done-events", table = "events",
+        column = "at", max_age = 86400, where = "state = 'done'",
+        key = "id" } }, { batch = 30, pause = 0.001, now = clock })
+      local s = assert(r:run_once())
+      assert.equal(100, s.pruned)
+      assert.equal(4, s.statements)
+      assert.equal(100, count("state = 'pending'"))
+      assert.equal(110, count())
+    end)
+
+    it("reads an epoch-ms column with unit = ms", function()
+      assert(db:exec_script("CREATE TABLE notes (id INTEGER PRIMARY KEY,"
+                            .. " at BIGINT NOT NULL)"))
+      assert(db:exec("INSERT INTO notes (id, at) VALUES (1, $1), (2, $2)",
+                     { (NOW - 7200) * 1000, (NOW - 60) * 1000 }))
+      local r = retention.new(db, { { table = "notes", column = "at",
+        max_age = 3600, unit = "ms" } }, { now = clock })
+      assert.equal(1, assert(r:run_once()).pruned)
+      assert.same({ { id = 2 } }, db:query("SELECT id FROM notes"))
+    end)
+
+    it("skips a table that does not exist yet, and says so once", function()
+      local r = retention.new(db, {
+        retention.notifications({ table = "gw_nothing_here" }) },
+        { now = clock })
+      local s = assert(r:run_once())
+      assert.is_true(s.jobs.gw_nothing_here.missing)
+      assert.equal(0, s.errors)
+    end)
+
+    it("prunes expired idempotency records through idempotency.prune",
+       function()
+      for i = 1, 25 do
+        local h = assert(idem.begin(db, "app", "k" .. i, "fp",
+                                    { ttl = i <= 20 and 60 or 7200 }))
+        assert(idem.complete(db, h, 201, "{}"))
+      end
+      local r = retention.new(db, { retention.idempotency() },
+        { batch = 8, pause = 0.001, now = function() return core.time() + 600 end })
+      local s = assert(r:run_once())
+      assert.equal(20, s.pruned)
+      assert.equal(3, s.statements)
+      assert.equal(5, assert(db:query("SELECT count(*) AS n FROM"
+                                      .. " paygate_idempotency"))[1].n)
+    end)
+
+    it("prunes delivered outbox rows after keep_days; pending stay",
+       function()
+      assert(db:transaction(function(tx)
+        for i = 1, 12 do
+          assert(outbox.enqueue(tx, { subject = "pay_" .. i,
+                                      type = "payment.paid" }))
+        end
+      end))
+      -- ten delivered 8 days ago, one yesterday, one still pending
+      assert(db:exec("UPDATE paygate_outbox SET state = 'delivered',"
+        .. " delivered_at = $1 WHERE id <= 10", { NOW - 8 * 86400 }))
+      assert(db:exec("UPDATE paygate_outbox SET state = 'delivered',"
+        .. " delivered_at = $1 WHERE id = 11", { NOW - 86400 }))
+      -- the dispatcher, told retention prunes, leaves them alone (and
+      -- with its clock before event 12's due time, delivers nothing)
+      local d = outbox.dispatcher(db, { sinks = { function() end },
+                                        prune = false, now = clock })
+      d:step()
+      assert.equal(0, d.stats.pruned)
+      local r = retention.new(db, { outbox_days = 7, idempotency = false,
+                                    notifications = false },
+                              { batch = 4, pause = 0.001, now = clock })
+      local s = assert(r:run_once())
+      assert.equal(10, s.jobs.outbox.pruned)
+      assert.equal(3, s.jobs.outbox.statements)
+      local left = db:query("SELECT id, state FROM paygate_outbox ORDER BY"
+                            .. " id")
+      assert.same({ { id = 11, state = "delivered" },
+                    { id = 12, state = "pending" } }, left)
+    end)
+
+    it("one instance prunes at a time: the other finds the lease held",
+       function()
+      fill(600, 0)
+      local other = reopen()
+      local a = retention.new(db, { { table = "events", column = "at",
+        max_age = 86400 } }, { batch = 10, pause = 0.01, now = clock })
+      local b = retention.new(other, { { table = "events", column = "at",
+        max_age = 86400 } }, { batch = 10, pause = 0.01, now = clock })
+      local ta = paygate.spawn(function() return a:run_once() end)
+      servers.wait_for(function() return count() < 600 end, 10,
+                       "instance A to start pruning")
+      local s, err = b:run_once()
+      assert.is_nil(s)
+      assert.equal("held", err.kind)
+      local sa = assert(ta:wait())
+      assert.equal(600, sa.pruned)
+      assert.equal(1, b.stats.held)
+      assert.equal(0, b.stats.pruned)
+      assert.equal(0, count())
+      -- once A is done, B may prune (nothing left)
+      assert.equal(0, assert(b:run_once()).pruned)
+      other:close()
+    end)
+
+    it("start() runs passes in the background until stop()", function()
+      fill(50, 5)
+      local r = retention.start(db, { tables = { { table = "events",
+        column = "at", max_age = 86400 } }, idempotency = false,
+        outbox_days = false, notifications = false },
+        { delay = 0.01, interval = 0.05, now = clock })
+      servers.wait_for(function() return r.stats.passes >= 2 end, 10,
+                       "two passes")
+      r:stop()
+      assert.equal(50, r.stats.pruned)
+      assert.equal(5, count())
+    end)
+  end)
+end
