@@ -63,13 +63,19 @@ CREATE TABLE IF NOT EXISTS paygate_audit_heads (
   subject TEXT PRIMARY KEY, seq INTEGER NOT NULL, hash TEXT NOT NULL)]],
   -- COLLATE "C": verify_all merges two streams ordered by subject, and
   -- compares subjects byte by byte, as SQLite's BINARY does.
+  -- Partitioned by month on `at` (epoch ms). A primary key of a
+  -- partitioned table must hold the partition key, so (subject, seq)
+  -- alone cannot be unique across partitions: the head row (one per
+  -- subject, unpartitioned) is what gives each seq to one writer, in the
+  -- same transaction as the entry (see append_tx), and verify reports a
+  -- second row with a seq (bad_seq).
   postgres = [[
 CREATE TABLE IF NOT EXISTS paygate_audit (
   subject TEXT COLLATE "C" NOT NULL, seq BIGINT NOT NULL,
   what TEXT NOT NULL, ref TEXT, from_state TEXT, to_state TEXT,
   cause TEXT, actor TEXT, at BIGINT NOT NULL, evidence TEXT,
   prev_hash TEXT NOT NULL, hash TEXT NOT NULL,
-  PRIMARY KEY (subject, seq));
+  PRIMARY KEY (subject, seq, at)) PARTITION BY RANGE (at);
 CREATE TABLE IF NOT EXISTS paygate_audit_heads (
   subject TEXT COLLATE "C" PRIMARY KEY, seq BIGINT NOT NULL,
   hash TEXT NOT NULL)]],
@@ -85,6 +91,134 @@ local EXISTS = {
 local ready = setmetatable({}, { __mode = "k" })     -- db -> true
 local created_in = setmetatable({}, { __mode = "k" }) -- tx -> true
 
+------------------------------------------- PostgreSQL: monthly partitions
+
+-- layout[db]: "partitioned" (made by this version) or "plain" (a table
+-- made by an older paygate: it keeps working, unpartitioned; see
+-- docs/fsm.md for the migration). months[db][yyyymm]: a partition known
+-- to exist (committed). made_in[tx][yyyymm]: created by that transaction
+-- (it may still roll back, so the handle does not remember it).
+local layout = setmetatable({}, { __mode = "k" })
+local months = setmetatable({}, { __mode = "k" })
+local made_in = setmetatable({}, { __mode = "k" })
+local PARTITION_LOCK = 7217003
+
+-- Days from 1970-01-01 to y-m-01 (proleptic Gregorian, UTC).
+local function days_from_civil(y, m)
+  if m <= 2 then
+    y = y - 1
+  end
+  local era = floor(y / 400)
+  local yoe = y - era * 400
+  local mp = (m + 9) % 12
+  local doy = floor((153 * mp + 2) / 5)
+  local doe = yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+
+local function month_of(at_ms)
+  local t = os.date("!*t", floor(at_ms / 1000))
+  return t.year, t.month
+end
+
+local function next_month(y, m)
+  if m == 12 then
+    return y + 1, 1
+  end
+  return y, m + 1
+end
+
+local function partition_name(y, m)
+  return string.format("paygate_audit_%04d%02d", y, m)
+end
+
+local function detect_layout(q, db)
+  if layout[db] then
+    return layout[db]
+  end
+  local rows, err = q:query("SELECT c.relkind::text AS kind FROM pg_class c"
+    .. " WHERE c.oid = to_regclass('paygate_audit')")
+  if not rows then
+    return nil, err
+  end
+  if not rows[1] then
+    return "absent"
+  end
+  local l = rows[1].kind == "p" and "partitioned" or "plain"
+  if l == "plain" then
+    core.log(1, "audit: paygate_audit is an unpartitioned table (made by an"
+      .. " older paygate): it keeps working as it is; docs/fsm.md shows how"
+      .. " to move it to monthly partitions", nil)
+  end
+  layout[db] = l
+  return l
+end
+
+-- Makes sure the partition of month y-m exists, inside tx (creating it
+-- under an advisory lock held until tx ends, so concurrent creators wait
+-- and then find it).
+local function ensure_month(tx, y, m)
+  local db = tx.db
+  local key = y * 100 + m
+  local known = months[db]
+  if not known then
+    known = {}
+    months[db] = known
+  end
+  local made = made_in[tx]
+  if known[key] or (made and made[key]) then
+    return true
+  end
+  local name = partition_name(y, m)
+  local rows, err = tx:query("SELECT (to_regclass($1) IS NOT NULL)::int AS e",
+                             { name })
+  if not rows then
+    return nil, err
+  end
+  if rows[1].e == 1 then
+    known[key] = true
+    return true
+  end
+  local _, lerr = tx:exec("SELECT pg_advisory_xact_lock(" .. PARTITION_LOCK
+                          .. ")")
+  if lerr then
+    return nil, lerr
+  end
+  local ny, nm = next_month(y, m)
+  local from = days_from_civil(y, m) * 86400000
+  local to = days_from_civil(ny, nm) * 86400000
+  local _, cerr = tx:exec(string.format("CREATE TABLE IF NOT EXISTS %s"
+    .. " PARTITION OF paygate_audit FOR VALUES FROM (%d) TO (%d)", name,
+    from, to))
+  if cerr and cerr.code ~= "42P17" then    -- 42P17: another partition
+    return nil, cerr                       -- already covers the month
+  end
+  if not made then
+    made = {}
+    made_in[tx] = made
+  end
+  made[key] = true
+  return true
+end
+
+-- The partition of at's month and of the month after it (created ahead,
+-- so the first entries of a month rarely wait for a CREATE).
+local function ensure_partitions(tx, at)
+  local l, err = detect_layout(tx, tx.db)
+  if not l then
+    return nil, err
+  end
+  if l ~= "partitioned" then
+    return true
+  end
+  local y, m = month_of(at)
+  local ok, perr = ensure_month(tx, y, m)
+  if not ok then
+    return nil, perr
+  end
+  return ensure_month(tx, next_month(y, m))
+end
+
 local function create(tx)
   if tx.engine == "postgres" then
     -- CREATE TABLE IF NOT EXISTS races between sessions in PostgreSQL.
@@ -92,6 +226,11 @@ local function create(tx)
     if lerr then
       return nil, lerr
     end
+    local ok, err = tx:exec_script(SCHEMA.postgres)
+    if not ok then
+      return nil, err
+    end
+    return ensure_partitions(tx, floor(core.time() * 1000))
   end
   return tx:exec_script(SCHEMA[tx.engine])
 end
@@ -112,6 +251,68 @@ function _M.ensure_schema(db)
   end
   ready[db] = true
   return true
+end
+
+--- syntax: layout, err = audit.layout(q)
+-- returns: "partitioned" (PostgreSQL, monthly partitions), "plain" (an
+-- unpartitioned PostgreSQL table made by an older paygate), "absent" (no
+-- table yet) or "sqlite".
+-- yields: one query (PostgreSQL, once per handle)
+function _M.layout(q)
+  local mt = getmetatable(q)
+  if mt ~= sql.DB and mt ~= sql.TX then
+    error("audit.layout: q must be a paygate.sql db or tx", 2)
+  end
+  if q.engine ~= "postgres" then
+    return "sqlite"
+  end
+  return detect_layout(q, mt == sql.TX and q.db or q)
+end
+
+--- syntax: names, err = audit.create_partitions(db[, { ahead = 2 }])
+-- PostgreSQL, partitioned layout: makes sure the partitions of this month
+-- and of the `ahead` months after it exist, in a transaction of their
+-- own (appends create their month and the next on demand; calling this
+-- from a daily timer keeps that CREATE out of the business
+-- transactions). returns: the partition names ({} on SQLite or the plain
+-- layout). yields: one transaction
+function _M.create_partitions(db, opts)
+  if getmetatable(db) ~= sql.DB then
+    error("audit.create_partitions: db must be a paygate.sql db", 2)
+  end
+  local ahead = opts and opts.ahead or 2
+  if type(ahead) ~= "number" or ahead < 0 or ahead % 1 ~= 0 or ahead > 120
+  then
+    error("audit.create_partitions: opts.ahead must be an integer in"
+          .. " 0..120", 2)
+  end
+  local ok, err = _M.ensure_schema(db)
+  if not ok then
+    return nil, err
+  end
+  if db.engine ~= "postgres" then
+    return {}
+  end
+  return db:transaction(function(tx)
+    local l, lerr = detect_layout(tx, db)
+    if not l then
+      return nil, lerr
+    end
+    local names = {}
+    if l ~= "partitioned" then
+      return names
+    end
+    local y, m = month_of(floor(core.time() * 1000))
+    for _ = 0, ahead do
+      local cok, cerr = ensure_month(tx, y, m)
+      if not cok then
+        return nil, cerr
+      end
+      names[#names + 1] = partition_name(y, m)
+      y, m = next_month(y, m)
+    end
+    return names
+  end)
 end
 
 -- Inside a caller's transaction: db:transaction cannot nest, so the tables
@@ -281,6 +482,12 @@ local function append_tx(tx, subject, e)
   local ok, serr = ensure_in_tx(tx)
   if not ok then
     return nil, serr
+  end
+  if tx.engine == "postgres" then
+    ok, serr = ensure_partitions(tx, e.at)
+    if not ok then
+      return nil, serr
+    end
   end
   for _ = 1, APPEND_ATTEMPTS do
     local rows, err = tx:query("SELECT seq, hash FROM paygate_audit_heads"
