@@ -132,7 +132,7 @@ local function partition_name(y, m)
   return string.format("paygate_audit_%04d%02d", y, m)
 end
 
-local function detect_layout(q, db)
+local function detect_layout(q, db, quiet)
   if layout[db] then
     return layout[db]
   end
@@ -145,7 +145,7 @@ local function detect_layout(q, db)
     return "absent"
   end
   local l = rows[1].kind == "p" and "partitioned" or "plain"
-  if l == "plain" then
+  if l == "plain" and not quiet then
     core.log(1, "audit: paygate_audit is an unpartitioned table (made by an"
       .. " older paygate): it keeps working as it is; docs/fsm.md shows how"
       .. " to move it to monthly partitions", nil)
@@ -313,6 +313,89 @@ function _M.create_partitions(db, opts)
     end
     return names
   end)
+end
+
+--- syntax: res, err = audit.partition_legacy(db)
+-- PostgreSQL: turns an unpartitioned paygate_audit (an older version's)
+-- into the partitioned layout, in one transaction: the old table becomes
+-- the partition of everything before next month (its rows stay where
+-- they are), partitions from next month on are made. It holds an
+-- exclusive lock on the table while it checks the old rows once: stop
+-- the instances first (a running one keeps its handle's idea of the
+-- layout until it restarts).
+-- returns: "migrated", "partitioned" (nothing to do), "sqlite"
+-- yields: one transaction
+function _M.partition_legacy(db)
+  if getmetatable(db) ~= sql.DB then
+    error("audit.partition_legacy: db must be a paygate.sql db", 2)
+  end
+  if db.engine ~= "postgres" then
+    return "sqlite"
+  end
+  local ok, err = _M.ensure_schema(db)
+  if not ok then
+    return nil, err
+  end
+  layout[db] = nil
+  local res, terr = db:transaction(function(tx)
+    local _, lerr = tx:exec("LOCK TABLE paygate_audit IN ACCESS EXCLUSIVE"
+                            .. " MODE")
+    if lerr then
+      return nil, lerr
+    end
+    local l, derr = detect_layout(tx, db, true)
+    if not l then
+      return nil, derr
+    end
+    layout[db] = nil
+    if l == "partitioned" then
+      return "partitioned"
+    end
+    local y, m = next_month(month_of(floor(core.time() * 1000)))
+    local bound = days_from_civil(y, m) * 86400000
+    local steps = {
+      "ALTER TABLE paygate_audit RENAME TO paygate_audit_legacy",
+      "ALTER TABLE paygate_audit_legacy ADD CONSTRAINT"
+        .. " paygate_audit_legacy_range CHECK (at < " .. bound .. ")",
+    }
+    local pk, perr = tx:query("SELECT conname FROM pg_constraint WHERE"
+      .. " conrelid = 'paygate_audit'::regclass AND contype = 'p'")
+    if not pk then
+      return nil, perr
+    end
+    -- A partition's primary key must be the parent's: (subject, seq) is
+    -- replaced by (subject, seq, at) (the heads keep seqs unique).
+    table.insert(steps, 2, "ALTER TABLE paygate_audit_legacy "
+      .. (pk[1] and "DROP CONSTRAINT " .. string.format("%q", pk[1].conname)
+          .. ", " or "")
+      .. "ADD CONSTRAINT paygate_audit_legacy_pkey PRIMARY KEY (subject,"
+      .. " seq, at)")
+    steps[#steps + 1] = SCHEMA.postgres:match("^(.-%);)")
+    steps[#steps + 1] = "ALTER TABLE paygate_audit ATTACH PARTITION"
+      .. " paygate_audit_legacy FOR VALUES FROM (MINVALUE) TO (" .. bound
+      .. ")"
+    for _, stmt in ipairs(steps) do
+      local _, serr = tx:exec(stmt)
+      if serr then
+        return nil, serr
+      end
+    end
+    for _ = 1, 2 do
+      local cok, cerr = ensure_month(tx, y, m)
+      if not cok then
+        return nil, cerr
+      end
+      y, m = next_month(y, m)
+    end
+    return "migrated"
+  end)
+  layout[db], months[db] = nil, nil
+  if res then
+    core.log(1, "audit: paygate_audit is " .. (res == "migrated"
+      and "now partitioned by month (the old table is the partition"
+          .. " paygate_audit_legacy)" or "already partitioned"), nil)
+  end
+  return res, terr
 end
 
 -- Inside a caller's transaction: db:transaction cannot nest, so the tables

@@ -173,5 +173,25 @@ describe("paygate.audit partitioned by month on PostgreSQL", function()
     assert.same({ paygate_audit = 5 }, parts(db))
     assert.is_true((audit.verify(db, "payment:X")))
     assert.same({}, assert(audit.create_partitions(db)))
+    -- the migration: the old table becomes the partition of the past
+    assert.equal("migrated", assert(audit.partition_legacy(db)))
+    assert.equal("partitioned", audit.layout(db))
+    assert.same({ paygate_audit_legacy = 5 }, parts(db))
+    assert.is_true((audit.verify(db, "payment:X")))
+    -- the chain goes on into a month after the migration
+    local t = os.date("!*t")
+    local ny, nm = t.year, t.month + 1
+    if nm == 13 then ny, nm = ny + 1, 1 end
+    assert(audit.append(db, "payment:X", { what = "step",
+                                           at = ms(ny, nm, 15) }))
+    local p = parts(db)
+    assert.equal(5, p.paygate_audit_legacy)
+    assert.equal(1, p[string.format("paygate_audit_%04d%02d", ny, nm)])
+    assert.is_true((audit.verify(db, "payment:X")))
+    -- this month's entries still go to the old table (its range ends at
+    -- the start of next month)
+    assert(audit.append(db, "payment:Y", { what = "now" }))
+    assert.equal(6, parts(db).paygate_audit_legacy)
+    assert.equal("partitioned", assert(audit.partition_legacy(db)))
   end)
 end)
