@@ -274,7 +274,7 @@ for engine, new_engine in pairs(engines) do
        .. " work and the retry is turned away", function()
       local name = "pay-" .. engine .. "-" .. n .. "-" .. core.pid()
       local adaptive = { adaptive = name, initial = TTL, floor = 0.05,
-                         ceiling = 5, margin = 2, min_samples = 5,
+                         ceiling = 5, margin = 3, min_samples = 5,
                          renew = false }  -- the ttl alone must suffice
       -- before any measurement the ttl is the initial guess
       local ttl, info = lease.ttl_for(name, adaptive)
@@ -297,7 +297,7 @@ for engine, new_engine in pairs(engines) do
       end
       ttl, info = lease.ttl_for(name, adaptive)
       assert.equal("measured", info.source)
-      assert.truthy(ttl >= WORK * 2, "ttl " .. ttl)
+      assert.truthy(ttl >= WORK * 3, "ttl " .. ttl)
       local fenced, lost = lease.stats().fenced, lease.stats().lost
 
       local a, b, charges, state = incident(e, function(db, who, path)
