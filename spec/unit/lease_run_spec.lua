@@ -32,7 +32,9 @@ describe("lease.ttl_for / lease.measure", function()
     assert.has_error(function() lease.measure("a|b", 1) end)
     assert.has_error(function() lease.measure("x", -1) end,
                      "lease.measure: seconds must be a number >= 0")
-    assert.has_error(function() lease.ttl_for("x", { floor = 5, ceiling = 1 }) end,
+    assert.has_error(function()
+      lease.ttl_for("x", { floor = 5, ceiling = 1 })
+    end,
                      "lease.ttl_for: opts.floor must not exceed opts.ceiling")
     assert.has_error(function() lease.ttl_for("x", { margin = 0.5 }) end,
                      "lease.ttl_for: opts.margin must be at least 1")

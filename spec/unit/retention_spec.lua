@@ -207,7 +207,8 @@ for engine, open in pairs(engines) do
         assert(idem.complete(db, h, 201, "{}"))
       end
       local r = retention.new(db, { retention.idempotency() },
-        { batch = 8, pause = 0.001, now = function() return core.time() + 600 end })
+        { batch = 8, pause = 0.001,
+          now = function() return core.time() + 600 end })
       local s = assert(r:run_once())
       assert.equal(20, s.pruned)
       assert.equal(3, s.statements)
