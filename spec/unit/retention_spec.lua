@@ -179,6 +179,17 @@ for engine, open in pairs(engines) do
       assert.equal(110, count())
     end)
 
+    it("addresses a batch by a composite key", function()
+      fill(25, 5)
+      local r = retention.new(db, { { table = "events", column = "at",
+        max_age = 86400, key = "id, at" } },
+        { batch = 10, pause = 0.001, now = clock })
+      local s = assert(r:run_once())
+      assert.equal(25, s.pruned)
+      assert.equal(3, s.statements)
+      assert.equal(5, count())
+    end)
+
     it("reads an epoch-ms column with unit = ms", function()
       assert(db:exec_script("CREATE TABLE notes (id INTEGER PRIMARY KEY,"
                             .. " at BIGINT NOT NULL)"))
