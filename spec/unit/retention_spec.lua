@@ -296,3 +296,39 @@ for engine, open in pairs(engines) do
     end)
   end)
 end
+
+if servers.have_redis() then
+  describe("paygate.retention with its lease on Redis", function()
+    it("lets one of two instances prune", function()
+      local redis = require "paygate.redis"
+      local srv = servers.redis()
+      local c1 = assert(redis.connect(srv.url))
+      local c2 = assert(redis.connect(srv.url))
+      n = n + 1
+      local url = "sqlite:" .. tmp .. "/redis" .. n .. ".db"
+      local db1, db2 = assert(sql.open(url)), assert(sql.open(url))
+      assert(db1:exec_script("CREATE TABLE t (at DOUBLE PRECISION NOT NULL)"))
+      assert(db1:transaction(function(tx)
+        for i = 1, 300 do
+          assert(tx:exec("INSERT INTO t (at) VALUES ($1)", { NOW - 7200 - i }))
+        end
+      end))
+      local function runner(db, c)
+        return retention.new(db, { { table = "t", column = "at",
+          max_age = 3600 } }, { batch = 10, pause = 0.01, now = clock,
+                                lease = c })
+      end
+      local a, b = runner(db1, c1), runner(db2, c2)
+      local ta = paygate.spawn(function() return a:run_once() end)
+      servers.wait_for(function()
+        return assert(db2:query("SELECT count(*) AS n FROM t"))[1].n < 300
+      end, 10, "instance A to start pruning")
+      local s, err = b:run_once()
+      assert.is_nil(s)
+      assert.equal("held", err.kind)
+      assert.equal(300, assert(ta:wait()).pruned)
+      assert.equal(1, c1:call("EXISTS", "paygate:fence:retention:default"))
+      db1:close(); db2:close(); c1:close(); c2:close()
+    end)
+  end)
+end
