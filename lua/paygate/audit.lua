@@ -49,6 +49,7 @@ local GENESIS = _M.GENESIS
 local FORMAT = "paygate.audit.v1"
 local APPEND_ATTEMPTS = 16
 local PAGE = 1000
+local MAX_AT = 253402300799999     -- 9999-12-31T23:59:59.999Z (partitions)
 
 ------------------------------------------------------------- schema
 
@@ -639,8 +640,10 @@ function _M.append(q, subject, e)
   local at = e.at
   if at == nil then
     at = floor(core.time() * 1000)
-  elseif type(at) ~= "number" or at % 1 ~= 0 or at < 0 then
-    error("audit.append: e.at must be an integer of epoch ms", 2)
+  elseif type(at) ~= "number" or at % 1 ~= 0 or at < 0
+         or at > MAX_AT then
+    error("audit.append: e.at must be an integer of epoch ms (up to the"
+          .. " year 9999)", 2)
   end
   local evidence = e.evidence
   if type(evidence) == "table" then

@@ -62,7 +62,12 @@ describe("audit.append", function()
                      "audit.append: e.what must be a non-empty string")
     assert.has_error(function()
       audit.append(db, "s", { what = "x", at = 1.5 })
-    end, "audit.append: e.at must be an integer of epoch ms")
+    end, "audit.append: e.at must be an integer of epoch ms (up to the year"
+      .. " 9999)")
+    assert.has_error(function()     -- a month no partition can be named for
+      audit.append(db, "s", { what = "x", at = 253402300800000 })
+    end, "audit.append: e.at must be an integer of epoch ms (up to the year"
+      .. " 9999)")
     assert.has_error(function()
       audit.append(db, "s", { what = "x", evidence = { [true] = 1 } })
     end)
