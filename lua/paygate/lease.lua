@@ -448,11 +448,22 @@ local function positive(fname, opts, k, default)
   return v
 end
 
--- The adaptive options, checked, with their defaults.
+local ADAPTIVE_KEYS = { floor = true, ceiling = true, margin = true,
+                        quantile = true, min_samples = true, initial = true,
+                        window = true }
+local RUN_KEYS = { adaptive = true, ttl = true, renew = true, owner = true }
+
+-- The adaptive options, checked, with their defaults. lease.run's own
+-- options pass (one table may serve lease.run and lease.ttl_for).
 local function adaptive_opts(fname, opts)
   opts = opts or {}
   if type(opts) ~= "table" then
     error(fname .. ": opts must be a table", 3)
+  end
+  for k in pairs(opts) do
+    if not ADAPTIVE_KEYS[k] and not RUN_KEYS[k] then
+      error(fname .. ": unknown option opts." .. tostring(k), 3)
+    end
   end
   local o = {
     floor = positive(fname, opts, "floor", DEFAULT_FLOOR),
@@ -766,6 +777,12 @@ function _M.run(store, key, fn, opts)
           .. " under) or opts.ttl is required", 2)
   else
     check_ttl("lease.run", ttl)
+    for k in pairs(opts) do
+      if not RUN_KEYS[k] then
+        error("lease.run: unknown option opts." .. tostring(k)
+              .. (ADAPTIVE_KEYS[k] and " (it needs opts.adaptive)" or ""), 2)
+      end
+    end
   end
   if opts.renew ~= nil and type(opts.renew) ~= "boolean" then
     error("lease.run: opts.renew must be a boolean", 2)

@@ -171,6 +171,14 @@ for engine, new_store in pairs(stores) do
       assert.has_error(function()
         lease.run(store, "k", function() end, { ttl = 1, renew = "no" })
       end, "lease.run: opts.renew must be a boolean")
+      assert.has_error(function()
+        lease.run(store, "k", function() end, { adaptive = "a", margn = 2 })
+      end, "lease.run: unknown option opts.margn")
+      assert.has_error(function()
+        lease.run(store, "k", function() end, { ttl = 1, floor = 2 })
+      end, "lease.run: unknown option opts.floor (it needs opts.adaptive)")
+      assert.has_error(function() lease.ttl_for("x", { flor = 3 }) end,
+                       "lease.ttl_for: unknown option opts.flor")
     end)
 
     it("runs fn holding the lease, returns its results, releases",
