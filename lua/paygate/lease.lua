@@ -19,6 +19,13 @@
 --          end)
 --   Redis: lease.fenced_call(client, "settlement", l.token, "SET", "k", "v")
 --
+-- Measured ttls: lease.run(store, key, fn, { adaptive = "charge" })
+-- acquires with ttl = clamp(p99.9 x margin, floor, ceiling) of the
+-- durations recorded under "charge" (a histogram in the "paygate" shared
+-- dictionary, so the workers of an instance share it), renews while fn
+-- runs, records fn's duration, releases; fn(h) fences its commit with
+-- h:check(tx) (SQL) or h:call(cmd, ...) (Redis).
+--
 -- Failures: nil, err (core.error) with kind "held" (someone else holds
 -- it; err.ttl, retryable), "lost" (renew/release after it expired or moved
 -- on), "fenced" (err.current), or the store's own kinds (unavailable,
