@@ -222,7 +222,7 @@ for engine, new_store in pairs(stores) do
       local renewed = lease.stats().renewed
       local refused = 0
       local res = lease.run(store, "long", function(h)
-        local deadline = core.mono() + 0.5          -- 2.5 ttls
+        local deadline = core.mono() + 1.0          -- 2.5 ttls
         while core.mono() < deadline do
           local l = lease.acquire(store, "long", 5)
           if l then
@@ -233,7 +233,7 @@ for engine, new_store in pairs(stores) do
         end
         assert.is_false(h.lost)
         return "kept"
-      end, { ttl = 0.2 })
+      end, { ttl = 0.4 })
       assert.equal("kept", res)
       assert.truthy(refused >= 5)
       assert.truthy(lease.stats().renewed >= renewed + 2)
