@@ -1,0 +1,89 @@
+-- The gateway's reconciliation (gw/reconcile.lua over paygate.reconcile),
+-- end to end with the simulator: a payment whose notification is lost
+-- ends paid locally through the query; an expired unpaid payment is closed
+-- through the close API; the daily bill job writes its report and audit
+-- entry for a day without trades.
+local testing = require "paygate.testing"
+local audit = require "paygate.audit"
+local bill = require "paygate.reconcile.bill"
+local core = dofile("examples/gateway/spec/core_support.lua")
+
+describe("gateway reconciliation", function()
+  local sim, gw
+
+  setup(function()
+    -- bills ready as soon as a day is over: whatever the hour the spec
+    -- runs, yesterday's bill exists
+    sim = testing.simulator{ time_scale = 100,
+                             config = { bill_ready_after = 0 } }
+    gw = core.start(sim, { gateway = {
+      payment_ttl = 60,
+      reconcile = { check_after = 1, first = 0.5, ceiling = 1,
+                    interval = 0.1, bill_hour = 0,
+                    bill_dir = "/tmp/paygate-gw-reconcile-"
+                               .. require("paygate.crypto").random_nonce(8) },
+    } })
+  end)
+
+  teardown(function()
+    if gw then gw:stop() end
+    testing.stop_all()
+  end)
+
+  it("a payment whose notification is lost ends paid by the query",
+     function()
+    sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }
+    local p = gw:create{ amount = 123 }
+    assert.equal("paying", p.state)
+    sim:pay(p.out_trade_no)
+    testing.wait_until(function()
+      local n = sim:notifications{ out_trade_no = p.out_trade_no }[1]
+      return n and n.state == "dropped"
+    end, 10, "the notification dropped")
+    local got = gw:wait_state(p.id, "paid", 20)
+    assert.matches("^%d+$", got.transaction_id)
+    local row = assert(gw.db:query("SELECT notified_at, checks FROM"
+      .. " gw_payments WHERE id = $1", { p.id }))[1]
+    assert.is_true(row.notified_at == nil
+                   or row.notified_at == require("paygate.core").null)
+    local entries = audit.entries(gw.db, "payment:" .. p.id)
+    local last = entries[#entries]
+    assert.equal("payment.succeeded", last.what)
+    assert.equal("reconcile", last.actor)
+    -- the event went out like a notification's
+    local ev = assert(gw.db:query("SELECT type FROM paygate_outbox WHERE"
+      .. " subject = $1 AND type = 'payment.paid'", { p.id }))
+    assert.equal(1, #ev)
+  end)
+
+  it("an expired unpaid payment is closed through the close API", function()
+    local p = gw:create{ amount = 50 }
+    -- as if its time had passed
+    assert(gw.db:exec("UPDATE gw_payments SET expires_at = $2 WHERE id = $1",
+                      { p.id, os.time() - 1 }))
+    gw:wait_state(p.id, "closed", 20)
+    local wx = sim:client()
+    assert.equal("CLOSED", assert(wx:query_by_out_trade_no(p.out_trade_no))
+                 .trade_state)
+    local ev = assert(gw.db:query("SELECT type FROM paygate_outbox WHERE"
+      .. " subject = $1 AND type = 'payment.closed'", { p.id }))
+    assert.equal(1, #ev)
+  end)
+
+  it("the daily bill job reports yesterday (no trades: an empty day)",
+     function()
+    local date = bill.bill_date()
+    local e
+    testing.wait_until(function()
+      e = audit.entries(gw.db, "reconcile:" .. date)
+      return e and e[1]
+    end, 20, "the bill's audit entry")
+    assert.equal("reconcile.bill", e[1].what)
+    assert.matches('"empty":true', e[1].evidence)
+    assert.matches('"merchant":"' .. sim.merchant.mchid .. '"', e[1].evidence)
+    local path = e[1].evidence:match('"file":"([^"]+)"')
+    local f = assert(io.open(path, "rb"))
+    f:close()
+    os.execute("rm -rf '" .. path:match("^(.*)/[^/]+$") .. "'")
+  end)
+end)
