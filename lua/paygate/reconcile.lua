@@ -438,7 +438,8 @@ end
 -- Queries WeChat (wx:query_by_out_trade_no, with sub_mchid in partner
 -- mode). An open payment still NOTPAY past expires_at is closed through
 -- wx:close first and then means `closed`. An order WeChat does not know
--- (ORDER_NOT_EXIST) past its expiry can never be paid: `closed`.
+-- (ORDER_NOT_EXIST, remote = "ORDER_NOT_EXIST") means nothing before its
+-- expiry (asked too early) and `closed` after it: nobody can pay it.
 -- returns: action = { kind = "payment", id, out_trade_no, state (local),
 --   remote (trade_state), event (or nil: nothing to apply), closed_by_us,
 --   alarm ("amount_mismatch": WeChat's total differs; no event), set
@@ -460,10 +461,14 @@ function _M.check_payment(wx, item, opts)
                    evidence = { out_trade_no = item.out_trade_no,
                                 sub_mchid = sub } }
   if not txn then
-    if err.kind == "not_found" and expired and OPEN[item.state] then
+    if err.kind == "not_found" then
+      -- never created at WeChat, or a moment ago: nothing to apply yet;
+      -- past its expiry nobody can pay it any more
       action.remote = "ORDER_NOT_EXIST"
-      action.event = "closed"
       action.evidence.trade_state = "ORDER_NOT_EXIST"
+      if expired and OPEN[item.state] then
+        action.event = "closed"
+      end
       return action
     end
     return nil, err
@@ -575,6 +580,9 @@ end
 local function map_event(action, state)
   if action.alarm then
     return nil
+  end
+  if action.remote == "ORDER_NOT_EXIST" then
+    return action.event and OPEN[state] and "closed" or nil
   end
   if action.kind == "refund" then
     return _M.refund_event(state, action.remote)

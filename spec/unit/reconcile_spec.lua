@@ -190,17 +190,23 @@ describe("reconcile.check_payment with a stand-in client", function()
     assert.equal(1, #calls)
   end)
 
-  it("an unknown order past expiry is closed; before, an error", function()
+  it("an order WeChat does not know: closed past expiry, nothing before",
+     function()
     local calls = {}
     local a = assert(reconcile.check_payment(client(nil, "not_found", calls),
       { id = "P", state = "unknown", out_trade_no = "T0001",
         expires_at = 100 }, { now = 200 }))
     assert.equal("closed", a.event)
-    local none, err = reconcile.check_payment(client(nil, "not_found", calls),
+    a = assert(reconcile.check_payment(client(nil, "not_found", calls),
       { id = "P", state = "unknown", out_trade_no = "T0001",
-        expires_at = 100 }, { now = 50 })
+        expires_at = 100 }, { now = 50 }))
+    assert.equal("ORDER_NOT_EXIST", a.remote)
+    assert.is_nil(a.event)
+    -- another error is returned as it is
+    local none, err = reconcile.check_payment(client(nil, "timeout", calls),
+      { id = "P", state = "unknown", out_trade_no = "T0001" })
     assert.is_nil(none)
-    assert.equal("not_found", err.kind)
+    assert.equal("timeout", err.kind)
   end)
 
   it("an unexpected trade_state is a retryable bad_response", function()

@@ -96,7 +96,7 @@ end
 -- the row's next check, in the transaction that applied the check's
 -- outcome: none once it is final, else the schedule's next
 local function schedule_sql(tbl, open, sched)
-  return function(tx, id)
+  return function(tx, id, stop)
     local rows, err = tx:query("SELECT state, checks FROM " .. tbl
                                .. " WHERE id = $1", { id })
     if not rows then return nil, err end
@@ -104,7 +104,7 @@ local function schedule_sql(tbl, open, sched)
     if not row then return true end
     local checks = (tonumber(row.checks) or 0) + 1
     local next_at
-    if open[row.state] then
+    if open[row.state] and not stop then
       next_at = floor(sched:next(core.time(), checks)) + 1
     end
     return tx:exec("UPDATE " .. tbl .. " SET checks = $2, next_check_at = $3"
@@ -124,10 +124,11 @@ local function payment_checks(ctx, conf, sched)
     name = "payments", batch = conf.batch, interval = conf.interval,
     lease_ttl = conf.lease_ttl,
     due = function(now, limit)
+      if ctx.degraded and ctx.degraded() then return {} end
       now = floor(now)
       return db:query("SELECT * FROM gw_payments WHERE state IN ('created',"
-        .. " 'paying', 'unknown') AND ((next_check_at IS NULL AND created_at"
-        .. " <= $2) OR next_check_at <= $1) ORDER BY COALESCE(next_check_at,"
+        .. " 'paying', 'unknown') AND ((next_check_at IS NULL AND checks = 0"
+        .. " AND created_at <= $2) OR next_check_at <= $1) ORDER BY COALESCE(next_check_at,"
         .. " created_at) LIMIT $3", { now, now - conf.check_after, limit })
     end,
     check = function(row, rctx)
@@ -154,7 +155,9 @@ local function payment_checks(ctx, conf, sched)
             actor = "reconcile" })
           if not outcome then return nil, list end
           after = list
-          return resched(tx, row.id)
+          -- an amount mismatch was raised (audit, event, gauge) and the
+          -- payment left as it is: asking again would only repeat it
+          return resched(tx, row.id, outcome == "alarm")
         end)
         if not ok then return nil, aerr end
         if after and ctx.payments and ctx.payments.after then
@@ -199,12 +202,13 @@ local function refund_checks(ctx, conf, sched)
     name = "refunds", batch = conf.batch, interval = conf.interval,
     lease_ttl = conf.lease_ttl,
     due = function(now, limit)
+      if ctx.degraded and ctx.degraded() then return {} end
       now = floor(now)
       return db:query("SELECT r.*, p.mchid AS mchid, p.sub_mchid AS"
         .. " sub_mchid FROM gw_refunds r JOIN gw_payments p ON p.id ="
         .. " r.payment_id WHERE r.state IN ('created', 'processing',"
-        .. " 'unknown') AND ((r.next_check_at IS NULL AND r.created_at <= $2)"
-        .. " OR r.next_check_at <= $1) ORDER BY COALESCE(r.next_check_at,"
+        .. " 'unknown') AND ((r.next_check_at IS NULL AND r.checks = 0 AND"
+        .. " r.created_at <= $2) OR r.next_check_at <= $1) ORDER BY COALESCE(r.next_check_at,"
         .. " r.created_at) LIMIT $3", { now, now - conf.check_after, limit })
     end,
     check = function(row, rctx)
