@@ -70,6 +70,37 @@ describe("gateway reconciliation", function()
     assert.equal(1, #ev)
   end)
 
+  it("refunds whose notifications are lost: SUCCESS applied by query (the"
+     .. " payment partially refunded), ABNORMAL surfaced", function()
+    local p = gw:create{ amount = 300 }
+    sim:pay_and_wait(p.out_trade_no)
+    gw:wait_state(p.id, "paid")
+    local r1 = gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
+                       { amount = 100 })
+    assert.equal(201, r1.status, r1.body)
+    local r2 = gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
+                       { amount = 50 })
+    assert.equal(201, r2.status, r2.body)
+    sim:fault{ endpoint = "notify", kind = "never_sent", count = 2 }
+    sim:settle(r1.json.out_refund_no, "SUCCESS")
+    sim:settle(r2.json.out_refund_no, "ABNORMAL")
+    local function refund(id)
+      return gw:call("GET", "/v1/refunds/" .. id).json
+    end
+    testing.wait_until(function()
+      return refund(r1.json.id).state == "succeeded"
+             and refund(r2.json.id).state == "abnormal"
+    end, 20, "the refunds settled by query")
+    local got = gw:wait_state(p.id, "partially_refunded")
+    assert.equal(100, got.refunded)
+    for _, no in ipairs({ r1.json.out_refund_no, r2.json.out_refund_no }) do
+      assert.equal("dropped", sim:notifications{ out_refund_no = no }[1].state)
+    end
+    local ev = assert(gw.db:query("SELECT type FROM paygate_outbox WHERE"
+      .. " subject = $1 AND type = 'refund.abnormal'", { p.id }))
+    assert.equal(1, #ev)
+  end)
+
   it("the daily bill job reports yesterday (no trades: an empty day)",
      function()
     local date = bill.bill_date()
