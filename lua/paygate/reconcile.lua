@@ -177,7 +177,10 @@ local RUNNER_DEFAULTS = {
 --   items | nil, err; check = fn(item, ctx) -> result | nil, err;
 --   reschedule = fn(item, err, ctx) (called after a failed or raising
 --   check, so the item is not due again at once); batch, interval,
---   lease_ttl; now (fn -> s, default core.time) for specs.
+--   lease_ttl (s, or a function returning s, asked at each acquire and
+--   renewal: e.g. derived from measured check durations); measure =
+--   fn(seconds) (each check's duration); now (fn -> s, default core.time)
+--   for specs.
 -- ctx = { key, token, lease, fence = fn(tx) -> true | nil, err
 --   (lease.check inside the caller's transaction), keepalive = fn() ->
 --   true | nil, err (renews the lease when half spent) }.
@@ -199,23 +202,48 @@ function _M.runner(store, opts)
       error("reconcile.runner: opts." .. k .. " must be a function", 2)
     end
   end
-  if opts.reschedule ~= nil and type(opts.reschedule) ~= "function" then
-    error("reconcile.runner: opts.reschedule must be a function", 2)
+  for _, k in ipairs({ "reschedule", "measure" }) do
+    if opts[k] ~= nil and type(opts[k]) ~= "function" then
+      error("reconcile.runner: opts." .. k .. " must be a function", 2)
+    end
+  end
+  local ttl_fn = opts.lease_ttl
+  if type(ttl_fn) == "function" then
+    opts = setmetatable({ lease_ttl = false }, { __index = opts })
+  else
+    ttl_fn = nil
   end
   local r = setmetatable({
     store = store, name = opts.name, key = "reconcile:" .. opts.name,
     due = opts.due, check = opts.check, reschedule = opts.reschedule,
-    now = opts.now or core.time,
+    measure = opts.measure, ttl_fn = ttl_fn, now = opts.now or core.time,
     stats = { rounds = 0, items = 0, ok = 0, errors = 0, lease_busy = 0,
               lost = 0 },
   }, Runner)
   for k, v in pairs(RUNNER_DEFAULTS) do
-    r[k] = positive("reconcile.runner", opts, k, v)
+    if k == "lease_ttl" and ttl_fn then
+      r[k] = v
+    else
+      r[k] = positive("reconcile.runner", opts, k, v)
+    end
   end
   if r.batch % 1 ~= 0 then
     error("reconcile.runner: opts.batch must be a positive integer", 2)
   end
   return r
+end
+
+-- The lease's ttl: the configured number, or what opts.lease_ttl() says
+-- now (e.g. derived from measured check durations); a bad answer keeps
+-- the last good one.
+function Runner:ttl()
+  if self.ttl_fn then
+    local ok, t = pcall(self.ttl_fn)
+    if ok and type(t) == "number" and t > 0 and t < huge then
+      self.lease_ttl = t
+    end
+  end
+  return self.lease_ttl
 end
 
 function Runner:hold()
@@ -224,8 +252,9 @@ function Runner:hold()
   if l and l.expires_at - now > self.lease_ttl / 2 then
     return l
   end
+  local ttl = self:ttl()
   if l then
-    local ok, err = lease.renew(self.store, l)
+    local ok, err = lease.renew(self.store, l, ttl)
     if ok then
       return l
     end
@@ -236,7 +265,7 @@ function Runner:hold()
                                        error = tostring(err) })
     end
   end
-  local nl, err = lease.acquire(self.store, self.key, self.lease_ttl)
+  local nl, err = lease.acquire(self.store, self.key, ttl)
   if not nl then
     if err.kind == "held" then
       self.stats.lease_busy = self.stats.lease_busy + 1
@@ -298,7 +327,11 @@ function Runner:step()
     end
     n = n + 1
     self.stats.items = self.stats.items + 1
+    local t0 = core.mono()
     local pok, res, err = pcall(self.check, item, ctx)
+    if self.measure then
+      pcall(self.measure, core.mono() - t0)
+    end
     if pok and res ~= nil then
       self.stats.ok = self.stats.ok + 1
     else

@@ -357,6 +357,30 @@ describe("reconcile.runner", function()
     r:stop()
   end)
 
+  it("measures each check; a lease_ttl function sets the lease's ttl",
+     function()
+    local db = new_db()
+    local measured, asked = {}, 0
+    local r = reconcile.runner(db, { name = "m",
+      lease_ttl = function() asked = asked + 1; return 7 end,
+      measure = function(s) measured[#measured + 1] = s end,
+      due = function() return { 1, 2 } end,
+      check = function() core.sleep(0.02); return true end })
+    assert.equal(2, r:step())
+    assert.equal(2, #measured)
+    assert.is_true(measured[1] >= 0.015 and measured[1] < 5)
+    assert.is_true(asked >= 1)
+    assert.equal(7, r.lease.ttl)
+    r:stop()
+    -- a function that fails keeps the default
+    r = reconcile.runner(db, { name = "m2", lease_ttl = function()
+      error("no") end, due = function() return {} end,
+      check = function() return true end })
+    r:step()
+    assert.equal(60, r.lease.ttl)
+    r:stop()
+  end)
+
   it("start runs rounds until stop", function()
     local db = new_db()
     local rounds = 0

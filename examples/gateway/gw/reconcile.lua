@@ -33,6 +33,8 @@ local model = require "gw.model"
 local apply = require "gw.apply"
 local events = require "gw.events"
 
+local lease = require "paygate.lease"
+
 local type, pairs, ipairs, tostring, floor = type, pairs, ipairs, tostring,
       math.floor
 
@@ -89,6 +91,20 @@ function _M.check_conf(t)
   return out
 end
 
+-- The runners' lease ttl: derived from the measured check durations
+-- (p99.9 x margin, floor 10 s, ceiling lease_ttl) where paygate.lease
+-- measures them (lease.ttl_for / lease.measure), else lease_ttl itself.
+local function lease_opts(name, conf)
+  if type(lease.ttl_for) ~= "function" or type(lease.measure) ~= "function"
+  then
+    return conf.lease_ttl, nil
+  end
+  local key = "reconcile:" .. name
+  local o = { floor = math.min(10, conf.lease_ttl), ceiling = conf.lease_ttl }
+  return function() return (lease.ttl_for(key, o)) end,
+         function(s) lease.measure(key, s) end
+end
+
 local function warn(msg, fields)
   paygate.log.warn(msg, fields)
 end
@@ -120,9 +136,10 @@ local OPEN_REF = { created = true, processing = true, unknown = true }
 local function payment_checks(ctx, conf, sched)
   local db = ctx.db
   local resched = schedule_sql("gw_payments", OPEN_PAY, sched)
+  local ttl, measure = lease_opts("payments", conf)
   return reconcile.runner(db, {
     name = "payments", batch = conf.batch, interval = conf.interval,
-    lease_ttl = conf.lease_ttl,
+    lease_ttl = ttl, measure = measure,
     due = function(now, limit)
       if ctx.degraded and ctx.degraded() then return {} end
       now = floor(now)
@@ -198,9 +215,10 @@ end
 local function refund_checks(ctx, conf, sched)
   local db = ctx.db
   local resched = schedule_sql("gw_refunds", OPEN_REF, sched)
+  local ttl, measure = lease_opts("refunds", conf)
   return reconcile.runner(db, {
     name = "refunds", batch = conf.batch, interval = conf.interval,
-    lease_ttl = conf.lease_ttl,
+    lease_ttl = ttl, measure = measure,
     due = function(now, limit)
       if ctx.degraded and ctx.degraded() then return {} end
       now = floor(now)
