@@ -118,3 +118,47 @@ describe("gateway reconciliation", function()
     os.execute("rm -rf '" .. path:match("^(.*)/[^/]+$") .. "'")
   end)
 end)
+
+local servers = require "spec.support.servers"
+
+if servers.have_postgres() then
+  describe("gateway reconciliation on PostgreSQL", function()
+    local sim, gw, pg
+
+    setup(function()
+      pg = servers.postgres()
+      sim = testing.simulator{ time_scale = 100,
+                               config = { bill_ready_after = 0 } }
+      gw = core.start(sim, { db = function() return pg.url end, gateway = {
+        reconcile = { check_after = 1, first = 0.5, ceiling = 1,
+                      interval = 0.1, bill_hour = 0,
+                      bill_dir = "/tmp/paygate-gw-reconcile-pg-"
+                                 .. require("paygate.crypto").random_nonce(8) },
+      } })
+    end)
+
+    teardown(function()
+      if gw then gw:stop() end
+      testing.stop_all()
+      servers.stop_all()
+    end)
+
+    it("a payment whose notification is lost ends paid; the bill job runs",
+       function()
+      sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }
+      local p = gw:create{ amount = 77 }
+      sim:pay(p.out_trade_no)
+      gw:wait_state(p.id, "paid", 20)
+      local e = audit.entries(gw.db, "payment:" .. p.id)
+      assert.equal("reconcile", e[#e].actor)
+      local date = bill.bill_date()
+      testing.wait_until(function()
+        local b = audit.entries(gw.db, "reconcile:" .. date)
+        return b and b[1]
+      end, 20, "the bill's audit entry")
+      local b = audit.entries(gw.db, "reconcile:" .. date)
+      local path = b[1].evidence:match('"file":"([^"]+)"')
+      os.execute("rm -rf '" .. path:match("^(.*)/[^/]+$") .. "'")
+    end)
+  end)
+end
