@@ -101,6 +101,44 @@ describe("gateway reconciliation", function()
     assert.equal(1, #ev)
   end)
 
+  it("the gateway's rows of a day agree with WeChat's bill; a changed"
+     .. " amount shows", function()
+    -- the app's own local_rows, run here against its database
+    package.path = "examples/gateway/?.lua;" .. package.path
+    local gwr = require "gw.reconcile"
+    local today = os.date("!%Y-%m-%d", os.time() + 8 * 3600)
+    sim:close_bills(today)
+    local dir = os.tmpname()
+    os.remove(dir)
+    os.execute("mkdir -p '" .. dir .. "'")
+    local function run()
+      return assert(bill.daily{ wx = sim:client(), db = gw.db, dir = dir,
+        date = today, name = "spec", local_rows = function(date, numbers)
+          return gwr.local_rows(gw.db, sim.merchant.mchid, date, numbers)
+        end })
+    end
+    local report = run()
+    assert.is_false(report.empty)
+    assert.is_true(report.remote_payments >= 2)    -- the specs above
+    assert.equal(1, report.remote_refunds)         -- the SUCCESS one
+    assert.same({}, report.mismatches)
+    -- one amount changed locally: the diff names it
+    local row = assert(gw.db:query("SELECT id, amount, paid_out_trade_no"
+      .. " FROM gw_payments WHERE state = 'paid' LIMIT 1"))[1]
+    assert(gw.db:exec("UPDATE gw_payments SET amount = amount + 1 WHERE"
+                      .. " id = $1", { row.id }))
+    report = run()
+    assert.equal(1, #report.mismatches)
+    local m = report.mismatches[1]
+    assert.same({ "amount", row.paid_out_trade_no, row.amount + 1,
+                  row.amount },
+                { m.kind, m.out_trade_no, m["local"].amount,
+                  m.remote.amount })
+    assert(gw.db:exec("UPDATE gw_payments SET amount = amount - 1 WHERE"
+                      .. " id = $1", { row.id }))
+    os.execute("rm -rf '" .. dir .. "'")
+  end)
+
   it("the daily bill job reports yesterday (no trades: an empty day)",
      function()
     local date = bill.bill_date()
