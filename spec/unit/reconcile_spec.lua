@@ -16,6 +16,7 @@ local tmp = servers.mktemp()
 local n = 0
 
 teardown(function()
+  servers.stop_all()
   servers.sh("rm -rf " .. tmp)
 end)
 
@@ -27,6 +28,24 @@ local function new_db()
     transaction_id TEXT, payer_total INTEGER, next_check_at REAL,
     checks INTEGER NOT NULL DEFAULT 0)]]))
   return db
+end
+
+local pg_srv
+local engines = { sqlite = new_db }
+if servers.have_postgres() then
+  engines.postgres = function()
+    pg_srv = pg_srv or servers.postgres()
+    local db = assert(sql.open(pg_srv.url))
+    assert(db:exec_script("DROP TABLE IF EXISTS payments;"
+      .. " DROP TABLE IF EXISTS paygate_audit;"
+      .. " DROP TABLE IF EXISTS paygate_audit_heads;"
+      .. " DROP TABLE IF EXISTS paygate_leases;"
+      .. [[CREATE TABLE payments (id TEXT PRIMARY KEY,
+      state TEXT NOT NULL, version INTEGER NOT NULL, amount INTEGER,
+      transaction_id TEXT, payer_total INTEGER, next_check_at REAL,
+      checks INTEGER NOT NULL DEFAULT 0)]]))
+    return db
+  end
 end
 
 local function seq(...)
@@ -218,69 +237,72 @@ describe("reconcile.check_payment with a stand-in client", function()
   end)
 end)
 
-describe("reconcile.apply", function()
-  local db, m
+for engine, open_db in pairs(engines) do
+  describe("reconcile.apply on " .. engine, function()
+    local db, m
 
-  before_each(function()
-    db = new_db()
-    m = fsm.new(fsm.payment, { store = fsm.sql_store{ table = "payments" } })
-    assert(m:create(db, { id = "P1", amount = 100 }))
-    assert(m:apply(db, "P1", "opened"))
-  end)
+    before_each(function()
+      db = open_db()
+      m = fsm.new(fsm.payment, { store = fsm.sql_store{ table = "payments" } })
+      assert(m:create(db, { id = "P1", amount = 100 }))
+      assert(m:apply(db, "P1", "opened"))
+    end)
 
-  it("applies the event with its columns and evidence, in one transaction"
-     .. " with the app's schedule", function()
-    local scheduled
-    local res = assert(reconcile.apply(db, m, {
-      kind = "payment", id = "P1", remote = "SUCCESS", event = "succeeded",
-      set = { transaction_id = "4200" }, evidence = { trade_state = "SUCCESS" }
-    }, { schedule = function(tx, action, tres)
-      scheduled = tres and tres.to
-      return tx:exec("UPDATE payments SET checks = checks + 1 WHERE id = $1",
-                     { action.id })
-    end }))
-    assert.is_true(res.applied)
-    assert.equal("paid", scheduled)
-    local row = m:get(db, "P1")
-    assert.same({ "paid", "4200", 1 },
-                { row.state, row.transaction_id, row.checks })
-    local entries = audit.entries(db, "payment:P1")
-    assert.equal("reconcile", entries[#entries].cause)
-    assert.matches("SUCCESS", entries[#entries].evidence)
-  end)
+    it("applies the event with its columns and evidence, in one transaction"
+       .. " with the app's schedule", function()
+      local scheduled
+      local res = assert(reconcile.apply(db, m, {
+        kind = "payment", id = "P1", remote = "SUCCESS", event = "succeeded",
+        set = { transaction_id = "4200" },
+        evidence = { trade_state = "SUCCESS" }
+      }, { schedule = function(tx, action, tres)
+        scheduled = tres and tres.to
+        return tx:exec("UPDATE payments SET checks = checks + 1 WHERE id = $1",
+                       { action.id })
+      end }))
+      assert.is_true(res.applied)
+      assert.equal("paid", scheduled)
+      local row = m:get(db, "P1")
+      assert.same({ "paid", "4200", 1 },
+                  { row.state, row.transaction_id, row.checks })
+      local entries = audit.entries(db, "payment:P1")
+      assert.equal("reconcile", entries[#entries].cause)
+      assert.matches("SUCCESS", entries[#entries].evidence)
+    end)
 
-  it("a row moved meanwhile (notification first) is skipped, not illegal",
-     function()
-    assert(m:apply(db, "P1", "succeeded"))
-    local before = fsm.stats().illegal_transitions_total
-    local res = assert(reconcile.apply(db, m, { kind = "payment", id = "P1",
-      remote = "SUCCESS", event = "succeeded" }))
-    assert.is_false(res.applied)
-    assert.is_true(res.skipped)
-    assert.equal(before, fsm.stats().illegal_transitions_total)
-  end)
+    it("a row moved meanwhile (notification first) is skipped, not illegal",
+       function()
+      assert(m:apply(db, "P1", "succeeded"))
+      local before = fsm.stats().illegal_transitions_total
+      local res = assert(reconcile.apply(db, m, { kind = "payment", id = "P1",
+        remote = "SUCCESS", event = "succeeded" }))
+      assert.is_false(res.applied)
+      assert.is_true(res.skipped)
+      assert.equal(before, fsm.stats().illegal_transitions_total)
+    end)
 
-  it("a stale fencing token commits nothing", function()
-    local l1 = assert(lease.acquire(db, "reconcile:x", 0.05))
-    core.sleep(0.1)
-    assert(lease.acquire(db, "reconcile:x", 30))            -- a newer holder
-    local res, err = reconcile.apply(db, m, { kind = "payment", id = "P1",
-      remote = "SUCCESS", event = "succeeded" }, { fence = function(tx)
-        return lease.check(tx, "reconcile:x", l1.token) end })
-    assert.is_nil(res)
-    assert.equal("fenced", err.kind)
-    assert.equal("paying", m:get(db, "P1").state)
-  end)
+    it("a stale fencing token commits nothing", function()
+      local l1 = assert(lease.acquire(db, "reconcile:x", 0.05))
+      core.sleep(0.1)
+      assert(lease.acquire(db, "reconcile:x", 30))            -- a newer holder
+      local res, err = reconcile.apply(db, m, { kind = "payment", id = "P1",
+        remote = "SUCCESS", event = "succeeded" }, { fence = function(tx)
+          return lease.check(tx, "reconcile:x", l1.token) end })
+      assert.is_nil(res)
+      assert.equal("fenced", err.kind)
+      assert.equal("paying", m:get(db, "P1").state)
+    end)
 
-  it("a refused schedule write rolls the transition back", function()
-    local res, err = reconcile.apply(db, m, { kind = "payment", id = "P1",
-      remote = "SUCCESS", event = "succeeded" }, { schedule = function()
-        return nil, core.error("boom", "no") end })
-    assert.is_nil(res)
-    assert.equal("boom", err.kind)
-    assert.equal("paying", m:get(db, "P1").state)
+    it("a refused schedule write rolls the transition back", function()
+      local res, err = reconcile.apply(db, m, { kind = "payment", id = "P1",
+        remote = "SUCCESS", event = "succeeded" }, { schedule = function()
+          return nil, core.error("boom", "no") end })
+      assert.is_nil(res)
+      assert.equal("boom", err.kind)
+      assert.equal("paying", m:get(db, "P1").state)
+    end)
   end)
-end)
+end
 
 describe("reconcile.runner", function()
   it("refuses bad options (misuse raises)", function()

@@ -145,7 +145,8 @@ local function payment_checks(ctx, conf, sched)
       now = floor(now)
       return db:query("SELECT * FROM gw_payments WHERE state IN ('created',"
         .. " 'paying', 'unknown') AND ((next_check_at IS NULL AND checks = 0"
-        .. " AND created_at <= $2) OR next_check_at <= $1) ORDER BY COALESCE(next_check_at,"
+        .. " AND created_at <= $2) OR next_check_at <= $1) ORDER BY"
+        .. " COALESCE(next_check_at,"
         .. " created_at) LIMIT $3", { now, now - conf.check_after, limit })
     end,
     check = function(row, rctx)
@@ -226,7 +227,8 @@ local function refund_checks(ctx, conf, sched)
         .. " sub_mchid FROM gw_refunds r JOIN gw_payments p ON p.id ="
         .. " r.payment_id WHERE r.state IN ('created', 'processing',"
         .. " 'unknown') AND ((r.next_check_at IS NULL AND r.checks = 0 AND"
-        .. " r.created_at <= $2) OR r.next_check_at <= $1) ORDER BY COALESCE(r.next_check_at,"
+        .. " r.created_at <= $2) OR r.next_check_at <= $1) ORDER BY"
+        .. " COALESCE(r.next_check_at,"
         .. " r.created_at) LIMIT $3", { now, now - conf.check_after, limit })
     end,
     check = function(row, rctx)
