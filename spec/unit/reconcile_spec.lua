@@ -605,6 +605,35 @@ describe("bill.records", function()
     assert.equal(2, r.lines)
   end)
 
+  it("a big bill is read and diffed in pieces: other tasks run meanwhile",
+     function()
+    local path = tmp .. "/big.csv"
+    local f = assert(io.open(path, "wb"))
+    f:write("商户订单号,交易状态,订单金额\r\n")
+    local rows = {}
+    for i = 1, 20000 do
+      f:write(("`T%06d,`SUCCESS,`%d.%02d\r\n"):format(i, i % 1000, i % 100))
+      rows[i] = { out_trade_no = ("T%06d"):format(i), state = "paid",
+                  amount = (i % 1000) * 100 + i % 100 }
+    end
+    f:close()
+    rows[7].amount = 1                             -- one differs
+    local ticks, done = 0, false
+    local t = core.spawn(function()
+      while not done do ticks = ticks + 1; core.sleep(0) end
+    end)
+    local r = assert(bill.records(path))
+    local after_read = ticks
+    local out = bill.diff(r, rows)
+    done = true
+    t:wait()
+    assert.equal(20000, r.lines)
+    assert.is_true(after_read >= 5, "yields while reading")
+    assert.is_true(ticks > after_read + 5, "yields while comparing")
+    assert.equal(1, #out)
+    assert.same({ "amount", "T000007" }, { out[1].kind, out[1].out_trade_no })
+  end)
+
   it("refuses a bill with a bad amount", function()
     local path = tmp .. "/bad.csv"
     local f = assert(io.open(path, "wb"))

@@ -30,6 +30,16 @@ local floor = math.floor
 
 local _M = {}
 
+-- A big bill is read and compared in pieces: every YIELD_EVERY rows the
+-- coroutine yields once, so the worker's requests are not held up.
+local YIELD_EVERY = 2000
+
+local function pause(i)
+  if i % YIELD_EVERY == 0 and core.in_coroutine() then
+    core.sleep(0)
+  end
+end
+
 local function fail(kind, message, fields)
   fields = fields or {}
   if fields.retryable == nil then
@@ -185,6 +195,7 @@ function _M.records(path)
   for kind, row in it do
     if kind == "record" then
       n = n + 1
+      pause(n)
       local no, state = row["商户订单号"], row["交易状态"]
       if type(no) ~= "string" or no == "" or type(state) ~= "string" then
         return fail("bad_bill", "bill: line " .. n .. " has no 商户订单号"
@@ -262,6 +273,7 @@ function _M.diff(remote, rows, opts)
   end
   local lp, lr = {}, {}
   for i, row in ipairs(rows) do
+    pause(i)
     if type(row) ~= "table" or type(row.out_trade_no) ~= "string" then
       error("bill.diff: local_rows[" .. i .. "].out_trade_no must be a"
             .. " string", 2)
@@ -273,8 +285,11 @@ function _M.diff(remote, rows, opts)
       lp[row.out_trade_no] = row
     end
   end
+  local seen = 0
   local function compare(remote_map, local_map, done, is_refund)
     for key, r in pairs(remote_map) do
+      seen = seen + 1
+      pause(seen)
       local no = is_refund and r.out_trade_no or key
       local rno = is_refund and key or nil
       local l = local_map[key]
@@ -343,7 +358,8 @@ local HEADER = { "bill_date", "kind", "out_trade_no", "out_refund_no",
 function _M.csv(date, mismatches)
   local lines = { concat(HEADER, ",") }
   local f = _M.csv_field
-  for _, m in ipairs(mismatches) do
+  for i, m in ipairs(mismatches) do
+    pause(i)
     local l, r = m["local"] or {}, m.remote or {}
     lines[#lines + 1] = concat({
       f(date), f(m.kind), f(m.out_trade_no), f(m.out_refund_no),
