@@ -135,5 +135,10 @@ describe("gateway late payments", function()
     local n = assert(gw.db:query("SELECT outcome FROM gw_notifications"
       .. " WHERE business_key LIKE $1", { "%|" .. p.out_trade_no .. "|%" }))
     assert.equal("alarm", n[1].outcome)
+    local http = require "paygate.http"
+    local m = assert(http.request{ url = "http://127.0.0.1:" .. gw.srv.admin
+                                   .. "/metrics" })
+    assert.matches('paygate_gateway_alarms_total{kind="amount_mismatch"} 1',
+                   m.body, 1, true)
   end)
 end)

@@ -64,6 +64,23 @@ describe("gateway on PostgreSQL", function()
                   "payment.refunded" }, types)
   end)
 
+  it("answers FAIL while the store is down, applies the retry after",
+     function()
+    local p = gw:create{ amount = 77 }
+    pg.stop()
+    local ok, err = pcall(function()
+      sim:pay(p.out_trade_no)
+      local d = sim:wait_notification(p.out_trade_no, { attempts = 1 })
+      assert.equal(500, d.attempts[1].status)
+    end)
+    pg.start()
+    assert(ok, err)
+    local d = sim:wait_notification(p.out_trade_no, { timeout = 40 })
+    assert.equal(204, d.last.status)
+    local got = gw:wait_state(p.id, "paid", 20)
+    assert.equal(3, got.version)
+  end)
+
   it("refreshes from WeChat with ?refresh=1", function()
     local p = gw:create{ amount = 10 }
     sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }
