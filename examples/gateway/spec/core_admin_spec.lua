@@ -4,6 +4,7 @@
 local testing = require "paygate.testing"
 local http = require "paygate.http"
 local json = require "paygate.json"
+local servers = require "spec.support.servers"
 local core = dofile("examples/gateway/spec/core_support.lua")
 
 local RECEIVER = [[
@@ -67,6 +68,7 @@ describe("gateway admin and events", function()
     if gw then gw:stop() end
     if gw_token then gw_token:stop() end
     testing.stop_all()
+    servers.stop_all()
   end)
 
   it("switches degradation for every worker", function()
@@ -130,6 +132,33 @@ describe("gateway admin and events", function()
       end
     end, 10, "payment.paid at the webhook after the replay")
   end)
+
+  if servers.have_redis() then
+    it("adds events to a Redis stream when configured", function()
+      local rd = servers.redis()
+      local ok, err = pcall(function()
+        local g2 = core.start(sim, { gateway = { redis = rd.url,
+          redis_stream = { stream = "gw:spec" } } })
+        local p = g2:create{ amount = 8 }
+        local redis = require "paygate.redis"
+        local r = assert(redis.connect(rd.url))
+        testing.wait_until(function()
+          local entries = assert(r:call("XRANGE", "gw:spec", "-", "+"))
+          for _, e in ipairs(entries) do
+            local f = {}
+            for i = 1, #e[2], 2 do f[e[2][i]] = e[2][i + 1] end
+            if f.subject == p.id and f.type == "payment.paying" then
+              assert.equal(p.id, json.decode(f.payload).payment.id)
+              return true
+            end
+          end
+        end, 10, "payment.paying in the stream")
+        g2:stop()
+      end)
+      rd.stop()
+      assert(ok, err)
+    end)
+  end
 
   it("lets unsigned loopback requests act as dev_app", function()
     local res = gw.srv:request{ method = "POST", path = "/v1/payments",
