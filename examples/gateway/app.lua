@@ -171,6 +171,22 @@ admin.routes(ctx)
 
 if paygate.runtime.mode == "worker" then
   events.start(db, g)
+  -- the state machines' counters of this worker on /metrics (totals only:
+  -- a worker holds few app series)
+  local metrics = require "paygate.metrics"
+  local fsm = require "paygate.fsm"
+  local ffi = require "ffi"
+  pcall(ffi.cdef, "int getpid(void);")
+  local worker = tostring(ffi.C.getpid())
+  local g_all = metrics.gauge("paygate_gateway_fsm_transitions",
+    "State transitions applied by this worker since it started.")
+  local g_bad = metrics.gauge("paygate_gateway_fsm_illegal_transitions",
+    "Transitions refused by this worker: not declared from the state.")
+  paygate.timer.every(5, function()
+    local st = fsm.stats()
+    g_all:set(st.transitions_total, { worker = worker })
+    g_bad:set(st.illegal_transitions_total, { worker = worker })
+  end)
 end
 
 -- other helpers' parts (reconciliation, retention) plug in here when present

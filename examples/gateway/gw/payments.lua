@@ -240,7 +240,7 @@ local function opened(p, no, pay, ik, status, actor)
       local res
       res, err = P:transition(tx, p.id, "opened", {
         row = row, cause = "prepay", actor = actor,
-        evidence = { out_trade_no = no }, set = { updated_at = model.now() } })
+        evidence = { out_trade_no = no }, set = { updated_at = model.time() } })
       if not res then return nil, err end
       row = res.row
       ok, err = events.emit(tx, "payment.paying", row)
@@ -282,7 +282,7 @@ function _M.create(req, ik)
   local o, bad = check_create(b)
   if not o then return bad_request(bad) end
   if ctx.degraded() then return degraded() end
-  local now = model.now()
+  local now = model.time()
   local actor = actor_of(req)
   -- a payment that handed nothing out yet (its prepay failed) is resumed
   -- with a new attempt; any other is a conflict
@@ -305,7 +305,7 @@ function _M.create(req, ik)
         .. " = $11 WHERE id = $1 AND state = 'created' AND attempt = $12",
         { old.id, o.channel, o.amount, o.currency, o.description,
           o.attach or json.null, o.appid,
-          model.out_trade_no(old.id, n), n, now + o.expires_in, now,
+          model.out_trade_no(old.id, n), n, floor(now) + o.expires_in, now,
           old.attempt, n = 12 })
       if not res then return nil, qerr end
       if res.changes ~= 1 then
@@ -330,7 +330,7 @@ function _M.create(req, ik)
       currency = o.currency, description = o.description,
       attach = o.attach or json.null,
       out_trade_no = model.out_trade_no(id, 1), attempt = 1, refunded = 0,
-      expires_at = now + o.expires_in, created_at = now, updated_at = now,
+      expires_at = floor(now) + o.expires_in, created_at = now, updated_at = now,
       checks = 0 }
     local res
     res, qerr = P:create(tx, row, { cause = "create", actor = actor,
@@ -387,7 +387,7 @@ function _M.new_attempt(req, ik)
   if p == nil then return store_failed(err) end
   if not p then return not_found("payment") end
   if not OPEN[p.state] then return state_conflict(p) end
-  local now = model.now()
+  local now = model.time()
   if p.expires_at <= now then
     return 409, err_body("payment_expired", "payment " .. p.id
                          .. " expired; create a new one")
@@ -477,7 +477,7 @@ function _M.close(req, ik)
     end
     return _M.wx_failure(cerr)
   end
-  local now = model.now()
+  local now = model.time()
   local a, b, c = fsm.retry(ctx.db, function(tx)
     local res, terr = P:transition(tx, p.id, "closed", {
       cause = "close", actor = actor_of(req),
@@ -542,13 +542,13 @@ function _M.refresh(p)
     local res
     res, rerr = P:transition(tx, p.id, event, { row = row, cause = "query",
       actor = "gateway:query", evidence = { trade_state = ts,
-      out_trade_no = p.out_trade_no }, set = { updated_at = model.now() } })
+      out_trade_no = p.out_trade_no }, set = { updated_at = model.time() } })
     if not res then return nil, rerr end
     if event == "closed" or event == "failed" then
       local x
       x, rerr = tx:exec("UPDATE gw_attempts SET state = 'closed', closed_at"
         .. " = $2 WHERE payment_id = $1 AND state = 'open'",
-        { p.id, model.now() })
+        { p.id, model.time() })
       if not x then return nil, rerr end
       x, rerr = events.emit(tx, "payment." .. event, res.row)
       if not x then return nil, rerr end

@@ -74,7 +74,7 @@ function _M.send(id, finish)
         res, terr = R:transition(tx, id, event, { row = row,
           cause = "refund_call", actor = "gateway",
           evidence = { kind = werr.kind, code = werr.code },
-          set = { updated_at = model.now() } })
+          set = { updated_at = model.time() } })
         if not res then return nil, terr end
       end
     end
@@ -123,7 +123,7 @@ function _M.create(req, ik)
   if ctx.degraded() then return payments.degraded() end
   local key = req:header("Idempotency-Key")
   local request_key = key and (tostring(req.app_id) .. "|" .. key) or nil
-  local now = model.now()
+  local now = model.time()
   local res
   res, err = fsm.retry(db, function(tx)
     if tx.engine == "postgres" then

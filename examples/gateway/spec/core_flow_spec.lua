@@ -63,6 +63,43 @@ describe("gateway core flow", function()
                 { ev[1].type, ev[2].type })
   end)
 
+  it("hands out jsapi and app pay-sign parameters", function()
+    local _, pay = gw:create{ channel = "jsapi",
+                              payer = { openid = "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o" } }
+    assert.matches("^prepay_id=", pay.package)
+    assert.equal("RSA", pay.signType)
+    assert.truthy(pay.paySign)
+    local _, app = gw:create{ channel = "app" }
+    assert.equal("Sign=WXPay", app.package)
+    assert.truthy(app.prepayid)
+    assert.truthy(app.sign)
+    local res = gw:call("POST", "/v1/payments", { order_id = "js-no-payer",
+      channel = "jsapi", amount = 1, description = "x" })
+    assert.equal(400, res.status)
+    assert.truthy(res.json.fields["payer.openid"])
+  end)
+
+  it("answers FAIL to a badly signed notification, applies the retry",
+     function()
+    local p = gw:create{}
+    sim:fault{ endpoint = "notify", kind = "bad_signature", count = 1 }
+    local d = sim:pay_and_wait(p.out_trade_no)
+    assert.equal(500, d.attempts[1].status)
+    assert.equal(204, d.last.status)
+    assert.equal("paid", gw:get(p.id).state)
+  end)
+
+  it("answers FAIL to a notification for an unknown merchant", function()
+    local res = gw.srv:request{ method = "POST",
+      path = "/wechatpay/notify/1234567", body = "{}" }
+    assert.equal(404, res.status)
+    assert.equal("FAIL", res.json.code)
+    res = gw.srv:request{ method = "POST", path = "/wechatpay/notify/"
+                          .. sim.merchant.mchid, body = "{}" }
+    assert.equal(500, res.status)
+    assert.equal("FAIL", res.json.code)
+  end)
+
   it("answers 409 payment_exists for a second create of an order",
      function()
     local p = gw:create{ order_id = "dup-1" }

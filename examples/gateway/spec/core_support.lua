@@ -15,10 +15,11 @@ local function write(path, data)
 end
 
 --- syntax: conf = core.config(sim, srv[, gateway_over[, merchant_over]])
-function _M.config(sim, srv, over, mover)
+function _M.config(sim, srv, over, mover, merchant)
+  merchant = merchant or sim.merchant
   local key_file = srv.dir .. "/apiv3.key"
-  write(key_file, sim.merchant.apiv3_key .. "\n")
-  local m = sim:client_config(nil, { apiv3_key = false })
+  write(key_file, merchant.apiv3_key .. "\n")
+  local m = sim:client_config(merchant, { apiv3_key = false })
   m.apiv3_key_file = key_file
   for k, v in pairs(mover or {}) do m[k] = v end
   local g = { db = "sqlite:" .. srv.dir .. "/gw.db",
@@ -30,14 +31,16 @@ function _M.config(sim, srv, over, mover)
 end
 
 --- syntax: gw = core.start(sim[, o]) -- o: gateway, merchant (overrides),
--- db (a function(srv) -> url), workers
+-- db (a function(srv) -> url), workers, partner (the simulator's service
+-- provider as the merchant)
 function _M.start(sim, o)
   o = o or {}
   local db_url
   local srv = testing.start_app{ app = "examples/gateway",
     workers = o.workers, args = { "--log-level", "info" },
     config = function(srv)
-      local c = _M.config(sim, srv, o.gateway, o.merchant)
+      local c = _M.config(sim, srv, o.gateway, o.merchant,
+                          o.partner and sim.partner)
       if o.db then c.gateway.db = o.db(srv) end
       db_url = c.gateway.db
       return c

@@ -1,5 +1,6 @@
 -- The gateway's tables (PostgreSQL). Money in fen (integers), times in epoch
--- seconds. state / version belong to paygate.fsm (fsm.payment,
+-- seconds (created_at, updated_at, closed_at, notified_at with their
+-- fraction). state / version belong to paygate.fsm (fsm.payment,
 -- fsm.refund): nothing else writes them.
 CREATE TABLE gw_payments (
   id             TEXT PRIMARY KEY,          -- pay_ + random
@@ -23,9 +24,9 @@ CREATE TABLE gw_payments (
   payer_total    BIGINT,
   late           BIGINT NOT NULL DEFAULT 0, -- paid on a closed/superseded attempt
   expires_at     BIGINT NOT NULL,
-  created_at     BIGINT NOT NULL,
-  updated_at     BIGINT NOT NULL,
-  notified_at    BIGINT,
+  created_at     DOUBLE PRECISION NOT NULL,
+  updated_at     DOUBLE PRECISION NOT NULL,
+  notified_at    DOUBLE PRECISION,
   next_check_at  BIGINT,
   checks         BIGINT NOT NULL DEFAULT 0,
   UNIQUE (app_id, order_id)
@@ -42,8 +43,8 @@ CREATE TABLE gw_attempts (
   state        TEXT NOT NULL,               -- open, closed, superseded, paid
   prepay       TEXT,                        -- JSON: what was handed out
   transaction_id TEXT,
-  created_at   BIGINT NOT NULL,
-  closed_at    BIGINT,
+  created_at   DOUBLE PRECISION NOT NULL,
+  closed_at    DOUBLE PRECISION,
   UNIQUE (payment_id, n)
 );
 
@@ -59,8 +60,8 @@ CREATE TABLE gw_refunds (
   request_key   TEXT UNIQUE,                -- <app>|<Idempotency-Key> of the POST
   state         TEXT NOT NULL,
   version       BIGINT NOT NULL,
-  created_at    BIGINT NOT NULL,
-  updated_at    BIGINT NOT NULL,
+  created_at    DOUBLE PRECISION NOT NULL,
+  updated_at    DOUBLE PRECISION NOT NULL,
   next_check_at BIGINT,
   checks        BIGINT NOT NULL DEFAULT 0
 );

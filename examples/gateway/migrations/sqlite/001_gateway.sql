@@ -1,5 +1,6 @@
 -- The gateway's tables (SQLite). Money in fen (integers), times in epoch
--- seconds. state / version belong to paygate.fsm (fsm.payment,
+-- seconds (created_at, updated_at, closed_at, notified_at with their
+-- fraction). state / version belong to paygate.fsm (fsm.payment,
 -- fsm.refund): nothing else writes them.
 CREATE TABLE gw_payments (
   id             TEXT PRIMARY KEY,          -- pay_ + random
@@ -23,9 +24,9 @@ CREATE TABLE gw_payments (
   payer_total    INTEGER,
   late           INTEGER NOT NULL DEFAULT 0, -- paid on a closed/superseded attempt
   expires_at     INTEGER NOT NULL,
-  created_at     INTEGER NOT NULL,
-  updated_at     INTEGER NOT NULL,
-  notified_at    INTEGER,
+  created_at     REAL NOT NULL,
+  updated_at     REAL NOT NULL,
+  notified_at    REAL,
   next_check_at  INTEGER,
   checks         INTEGER NOT NULL DEFAULT 0,
   UNIQUE (app_id, order_id)
@@ -42,8 +43,8 @@ CREATE TABLE gw_attempts (
   state        TEXT NOT NULL,               -- open, closed, superseded, paid
   prepay       TEXT,                        -- JSON: what was handed out
   transaction_id TEXT,
-  created_at   INTEGER NOT NULL,
-  closed_at    INTEGER,
+  created_at   REAL NOT NULL,
+  closed_at    REAL,
   UNIQUE (payment_id, n)
 );
 
@@ -59,8 +60,8 @@ CREATE TABLE gw_refunds (
   request_key   TEXT UNIQUE,                -- <app>|<Idempotency-Key> of the POST
   state         TEXT NOT NULL,
   version       INTEGER NOT NULL,
-  created_at    INTEGER NOT NULL,
-  updated_at    INTEGER NOT NULL,
+  created_at    REAL NOT NULL,
+  updated_at    REAL NOT NULL,
   next_check_at INTEGER,
   checks        INTEGER NOT NULL DEFAULT 0
 );
