@@ -130,6 +130,7 @@ refunds.init(ctx)
 notify.init(ctx)
 ctx.refunds = refunds
 ctx.payments = payments
+ctx.fatal = fatal   -- for the plug-ins' config checks (gw.reconcile)
 
 -- Responses committed with their effects are kept whatever their status
 -- (a refund refused by WeChat is a fact to replay, not to run again).

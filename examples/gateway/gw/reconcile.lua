@@ -402,7 +402,11 @@ end
 -- gateway.reconcile.enabled is false). Raises on a bad config.
 function _M.start(ctx)
   local conf, why = _M.check_conf(ctx.gateway.reconcile)
-  if not conf then error("gateway: config." .. why, 0) end
+  if not conf then
+    -- one line, exit 2, like every config error of the gateway
+    if ctx.fatal then ctx.fatal("config." .. why) end
+    error("gateway: config." .. why, 0)
+  end
   if not conf.enabled or paygate.runtime.mode ~= "worker" then
     return {}
   end
