@@ -21,8 +21,8 @@
 -- config.gateway.reconcile (all optional):
 --   { enabled = true, check_after = 60, first = 30, factor = 2,
 --     ceiling = 3600, batch = 20, interval = 5, lease_ttl = 60,
---     bill = true, bill_dir = "var/reconcile", bill_hour = 10,
---     bill_retry = 1800 }
+--     bill = true, bill_dir (default: "reconcile" beside an SQLite store,
+--     else "var/reconcile"), bill_hour = 10, bill_retry = 1800 }
 local paygate = require "paygate"
 local core = require "paygate.core"
 local fsm = require "paygate.fsm"
@@ -417,6 +417,12 @@ function _M.start(ctx)
     refunds = refund_checks(ctx, conf, sched):start(),
   }
   if conf.bill then
+    if not (ctx.gateway.reconcile or {}).bill_dir then
+      -- beside an SQLite store (var/gateway.db -> var/reconcile)
+      local path = tostring(ctx.gateway.db or ""):match("^sqlite:(.+)$")
+      local base = path and path:match("^(.*)/[^/]*$")
+      if base and base ~= "" then conf.bill_dir = base .. "/reconcile" end
+    end
     os.execute("mkdir -p '" .. conf.bill_dir:gsub("'", "'\\''") .. "'")
     runners.bill = bill_job(ctx, conf):start()
   end
