@@ -353,13 +353,14 @@ local function bill_job(ctx, conf)
     end
     local date = bill.bill_date(now)
     local items = {}
+    -- a day is done for a merchant when its audit entry exists
+    local rows, err = db:query("SELECT evidence FROM paygate_audit WHERE"
+      .. " subject = $1", { "reconcile:" .. date })
+    if not rows then return nil, err end
     for _, m in ipairs(ctx.merchants) do
       local key = date .. "|" .. m.mchid
       local done = false
-      -- a day is done when its audit entry for this merchant exists
-      local rows = db:query("SELECT evidence FROM paygate_audit WHERE"
-        .. " subject = $1", { "reconcile:" .. date })
-      for _, r in ipairs(rows or {}) do
+      for _, r in ipairs(rows) do
         if tostring(r.evidence):find('"merchant":"' .. m.mchid .. '"', 1,
                                      true) then
           done = true
