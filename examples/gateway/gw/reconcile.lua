@@ -21,8 +21,9 @@
 -- config.gateway.reconcile (all optional):
 --   { enabled = true, check_after = 60, first = 30, factor = 2,
 --     ceiling = 3600, batch = 20, interval = 5, lease_ttl = 60,
---     bill = true, bill_dir (default: "reconcile" beside an SQLite store,
---     else "var/reconcile"), bill_hour = 10, bill_retry = 1800 }
+--     bill = true, bill_dir (default: "reconcile" beside an SQLite store;
+--     required for the bill with PostgreSQL), bill_hour = 10,
+--     bill_retry = 1800 }
 local paygate = require "paygate"
 local core = require "paygate.core"
 local fsm = require "paygate.fsm"
@@ -45,7 +46,7 @@ local P, R = model.payments, model.refunds
 local DEFAULTS = {
   enabled = true, check_after = 60, first = 30, factor = 2, ceiling = 3600,
   batch = 20, interval = 5, lease_ttl = 60, bill = true,
-  bill_dir = "var/reconcile", bill_hour = 10, bill_retry = 1800,
+  bill_dir = "reconcile", bill_hour = 10, bill_retry = 1800,
 }
 
 local BOOL = { enabled = true, bill = true }
@@ -417,13 +418,24 @@ function _M.start(ctx)
     payments = payment_checks(ctx, conf, sched):start(),
     refunds = refund_checks(ctx, conf, sched):start(),
   }
-  if conf.bill then
-    if not (ctx.gateway.reconcile or {}).bill_dir then
-      -- beside an SQLite store (var/gateway.db -> var/reconcile)
-      local path = tostring(ctx.gateway.db or ""):match("^sqlite:(.+)$")
-      local base = path and path:match("^(.*)/[^/]*$")
-      if base and base ~= "" then conf.bill_dir = base .. "/reconcile" end
+  if conf.bill and not (ctx.gateway.reconcile or {}).bill_dir then
+    -- beside an SQLite store (var/gateway.db -> var/reconcile). With
+    -- PostgreSQL the instances may run anywhere: the reports' folder
+    -- must be named (the job runs on whichever instance holds the lease)
+    local path = tostring(ctx.gateway.db or ""):match("^sqlite:(.+)$")
+    if path then
+      conf.bill_dir = (path:match("^(.*)/[^/]*$") or ".") .. "/reconcile"
+    else
+      conf.bill = false
+      if require("paygate.shared").get_dict("paygate"):add(
+           "gw:reconcile_bill_warned", 1) then
+        paygate.log.warn("gateway: the daily bill reconciliation is off:"
+          .. " set gateway.reconcile.bill_dir (or bill = false) to use it"
+          .. " with this store")
+      end
     end
+  end
+  if conf.bill then
     os.execute("mkdir -p '" .. conf.bill_dir:gsub("'", "'\\''") .. "'")
     runners.bill = bill_job(ctx, conf):start()
   end
