@@ -56,6 +56,37 @@ describe("gateway reconciliation", function()
     assert.equal(1, #ev)
   end)
 
+  it("a prepay whose answer was lost: the order exists at WeChat, is paid,"
+     .. " and the payment ends paid", function()
+    -- the order is made, then every answer is cut (the client's retries too)
+    sim:fault{ endpoint = "prepay", kind = "reset", after = true, count = 10 }
+    local order_id = "lost-" .. require("paygate.crypto").random_nonce(8)
+    local res = gw:call("POST", "/v1/payments", { order_id = order_id,
+      channel = "native", amount = 88, description = "lost answer" })
+    sim:clear_faults()
+    assert.is_true(res.status >= 500, res.body)
+    local p = assert(gw.db:query("SELECT id, state, out_trade_no FROM"
+      .. " gw_payments WHERE order_id = $1", { order_id }))[1]
+    assert.equal("created", p.state)
+    sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }
+    sim:pay(p.out_trade_no)
+    gw:wait_state(p.id, "paid", 20)
+  end)
+
+  it("an unknown payment that WeChat says is unpaid is open again",
+     function()
+    package.path = "examples/gateway/?.lua;" .. package.path
+    local model = require "gw.model"
+    local p = gw:create{ amount = 60 }
+    assert(model.payments:apply(gw.db, p.id, "outcome_unknown"))
+    assert(gw.db:exec("UPDATE gw_payments SET next_check_at = 0 WHERE id"
+                      .. " = $1", { p.id }))
+    gw:wait_state(p.id, "paying", 20)
+    local e = audit.entries(gw.db, "payment:" .. p.id)
+    assert.equal("payment.still_open", e[#e].what)
+    assert.equal("reconcile", e[#e].actor)
+  end)
+
   it("an expired unpaid payment is closed through the close API", function()
     local p = gw:create{ amount = 50 }
     -- as if its time had passed
