@@ -147,6 +147,35 @@ describe("gateway core flow", function()
     assert.equal("CLOSED", q.trade_state)
   end)
 
+  it("refuses changes that the payment's state does not allow", function()
+    local p = gw:create{ amount = 50 }
+    local r = gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
+                      { amount = 10 })
+    assert.equal(409, r.status)
+    assert.equal("invalid_state", r.json.error)
+    sim:pay_and_wait(p.out_trade_no)
+    gw:wait_state(p.id, "paid")
+    local c = gw:call("POST", "/v1/payments/" .. p.id .. "/close")
+    assert.equal(409, c.status)
+    assert.equal("payment_paid", c.json.error)
+    local a = gw:call("POST", "/v1/payments/" .. p.id .. "/attempts",
+                      { channel = "native" })
+    assert.equal(409, a.status)
+    assert.equal("payment_paid", a.json.error)
+    local missing = gw:call("GET", "/v1/payments/pay_nosuchpayment")
+    assert.equal(404, missing.status)
+  end)
+
+  it("never refunds above the paid amount under concurrent requests",
+     function()
+    local p = gw:create{ amount = 100 }
+    sim:pay_and_wait(p.out_trade_no)
+    gw:wait_state(p.id, "paid")
+    local counts = gw:concurrent_refunds(p.id, 10, 30)
+    assert.equal(3, counts[201])
+    assert.equal(7, counts[422])
+  end)
+
   it("refunds partially then fully, never above the paid amount",
      function()
     local p = gw:create{ amount = 300 }

@@ -97,6 +97,23 @@ function _M.wait_state(gw, id, state, timeout)
   return p
 end
 
+--- syntax: statuses = gw:concurrent_refunds(id, n, amount)
+-- n refund POSTs of `amount` at once; returns { [status] = count }.
+function _M.concurrent_refunds(gw, id, n, amount)
+  local core = require "paygate.core"
+  local counts, done = {}, 0
+  for _ = 1, n do
+    core.spawn(function()
+      local res = gw:call("POST", "/v1/payments/" .. id .. "/refunds",
+                          { amount = amount })
+      counts[res.status] = (counts[res.status] or 0) + 1
+      done = done + 1
+    end)
+  end
+  testing.wait_until(function() return done == n end, 30, "the refunds")
+  return counts
+end
+
 function _M.stop(gw)
   if gw.db then gw.db:close() end
 end
