@@ -62,9 +62,43 @@ end
 
 -- input --------------------------------------------------------------------
 
-local function utf8_len(s)
-  local _, n = s:gsub("[^\128-\191]", "")
+--- syntax: n = payments.text_len(s)
+-- returns: the number of characters of s when it is UTF-8 text WeChat
+-- takes (characters of 1 to 3 bytes, no control characters but tab and
+-- newline), or nil.
+local function text_len(s)
+  local i, n, len = 1, 0, #s
+  while i <= len do
+    local c = s:byte(i)
+    local extra
+    if c < 0x80 then
+      if (c < 0x20 and c ~= 9 and c ~= 10) or c == 0x7f then return nil end
+      extra = 0
+    elseif c >= 0xc2 and c <= 0xdf then
+      extra = 1
+    elseif c >= 0xe0 and c <= 0xef then
+      extra = 2
+    else
+      return nil                    -- a 4-byte character, or not UTF-8
+    end
+    for k = 1, extra do
+      local b = s:byte(i + k)
+      if not b or b < 0x80 or b > 0xbf then return nil end
+    end
+    if extra == 2 then
+      local b = s:byte(i + 1)
+      if (c == 0xe0 and b < 0xa0) or (c == 0xed and b > 0x9f) then
+        return nil                  -- overlong, or a surrogate
+      end
+    end
+    i, n = i + extra + 1, n + 1
+  end
   return n
+end
+_M.text_len = text_len
+
+local function utf8_len(s)
+  return text_len(s) or math.huge
 end
 
 local function is_int(v, lo, hi)
@@ -139,12 +173,12 @@ local function check_create(b)
   if out.currency ~= "CNY" then bad.currency = "must be CNY" end
   if type(b.description) ~= "string" or b.description == ""
      or utf8_len(b.description) > 127 then
-    bad.description = "must be 1..127 characters"
+    bad.description = "must be 1..127 characters of UTF-8 text (no emoji)"
   end
   out.description = b.description
   if b.attach ~= nil and (type(b.attach) ~= "string"
                           or utf8_len(b.attach) > 128) then
-    bad.attach = "must be a string of at most 128 characters"
+    bad.attach = "must be UTF-8 text of at most 128 characters"
   end
   out.attach = b.attach
   if b.expires_in ~= nil and not is_int(b.expires_in, 60, 7 * 86400) then

@@ -94,7 +94,7 @@ local function check(b)
     bad.amount = "must be a whole number of fen, at least 1"
   end
   if b.reason ~= nil and (type(b.reason) ~= "string" or b.reason == ""
-                          or #b.reason > 240) then
+                          or (payments.text_len(b.reason) or 81) > 80) then
     bad.reason = "must be a string of at most 80 characters"
   end
   return next(bad) == nil, bad

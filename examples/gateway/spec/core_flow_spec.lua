@@ -32,6 +32,15 @@ describe("gateway core flow", function()
     assert.truthy(res.json.fields.amount)
     assert.truthy(res.json.fields.order_id)
     assert.truthy(res.json.fields.description)
+    res = gw:call("POST", "/v1/payments", { order_id = "emoji-1",
+      channel = "native", amount = 1, description = "cake \240\159\142\130" })
+    assert.equal(400, res.status)
+    assert.matches("no emoji", res.json.fields.description, 1, true)
+    -- raw bytes: an encoder would turn them into other characters
+    res = gw:call("POST", "/v1/payments", '{"order_id":"bad-utf8",'
+      .. '"channel":"native","amount":1,"description":"\255\254"}')
+    assert.equal(400, res.status)
+    assert.truthy(res.json.fields.description)
   end)
 
   it("creates a native payment, applies its notification once", function()
