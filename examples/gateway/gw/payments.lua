@@ -25,7 +25,7 @@ local MAX_AMOUNT = 10000000000      -- fen
 
 function _M.init(c) ctx = c end
 
--- answers ------------------------------------------------------------------
+-- answers -------------------------------------------------------------------
 
 local function err_body(kind, message, extra)
   local b = { error = kind, message = message }
@@ -60,7 +60,7 @@ local function not_found(what)
   return 404, err_body("not_found", what .. " not found")
 end
 
--- input --------------------------------------------------------------------
+-- input ---------------------------------------------------------------------
 
 --- syntax: n = payments.text_len(s)
 -- returns: the number of characters of s when it is UTF-8 text WeChat
@@ -210,7 +210,7 @@ local function check_create(b)
   return out
 end
 
--- WeChat -------------------------------------------------------------------
+-- WeChat --------------------------------------------------------------------
 
 local function rfc3339_beijing(t)
   return os.date("!%Y-%m-%dT%H:%M:%S+08:00", t + 8 * 3600)
@@ -308,7 +308,7 @@ local function store_failed(err)
                        .. tostring(err and err.kind) .. ")")
 end
 
--- POST /v1/payments ----------------------------------------------------------
+-- POST /v1/payments ---------------------------------------------------------
 
 function _M.create(req, ik)
   local b, st, eb = body_of(req)
@@ -364,7 +364,8 @@ function _M.create(req, ik)
       currency = o.currency, description = o.description,
       attach = o.attach or json.null,
       out_trade_no = model.out_trade_no(id, 1), attempt = 1, refunded = 0,
-      expires_at = floor(now) + o.expires_in, created_at = now, updated_at = now,
+      expires_at = floor(now) + o.expires_in, created_at = now,
+      updated_at = now,
       checks = 0 }
     local res
     res, qerr = P:create(tx, row, { cause = "create", actor = actor,
@@ -399,7 +400,7 @@ function _M.create(req, ik)
   return s1, s2, s3
 end
 
--- POST /v1/payments/:id/attempts ------------------------------------------------
+-- POST /v1/payments/:id/attempts --------------------------------------------
 
 local OPEN = { created = true, paying = true, unknown = true }
 
@@ -491,7 +492,7 @@ function _M.new_attempt(req, ik)
   return s1, s2, s3
 end
 
--- POST /v1/payments/:id/close ---------------------------------------------------
+-- POST /v1/payments/:id/close -----------------------------------------------
 
 function _M.close(req, ik)
   local p, err = load_own(req)
@@ -538,7 +539,7 @@ function _M.close(req, ik)
   return a, b, c
 end
 
--- GET /v1/payments/:id ------------------------------------------------------------
+-- GET /v1/payments/:id ------------------------------------------------------
 
 --- syntax: outcome, err = payments.refresh(p)
 -- Asks WeChat about the payment's current attempt (and its refunds still

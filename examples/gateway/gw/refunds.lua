@@ -85,7 +85,7 @@ function _M.send(id, finish)
   end)
 end
 
--- POST /v1/payments/:id/refunds ----------------------------------------------
+-- POST /v1/payments/:id/refunds ---------------------------------------------
 
 local function check(b)
   local bad = {}
@@ -221,7 +221,7 @@ function _M.refresh_open(p)
   return true
 end
 
--- GET /v1/payments/:id/refunds, GET /v1/refunds/:id ------------------------------
+-- GET /v1/payments/:id/refunds, GET /v1/refunds/:id -------------------------
 
 function _M.list(req)
   local p, err = model.payment(ctx.db, req.params.id)

@@ -74,7 +74,7 @@ describe("gateway core flow", function()
 
   it("hands out jsapi and app pay-sign parameters", function()
     local _, pay = gw:create{ channel = "jsapi",
-                              payer = { openid = "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o" } }
+      payer = { openid = "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o" } }
     assert.matches("^prepay_id=", pay.package)
     assert.equal("RSA", pay.signType)
     assert.truthy(pay.paySign)

@@ -66,7 +66,8 @@ describe("gateway notify handler on " .. engine, function()
     return { id = "EV-" .. no, event_type = "TRANSACTION.SUCCESS",
              resource = { mchid = "1900000001", out_trade_no = no,
                           trade_state = "SUCCESS", transaction_id = "42" .. no,
-                          amount = { total = total or 100, currency = "CNY" } } }
+                          amount = { total = total or 100,
+                                     currency = "CNY" } } }
   end
 
   setup(function()
