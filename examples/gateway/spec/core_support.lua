@@ -32,11 +32,11 @@ end
 
 --- syntax: gw = core.start(sim[, o]) -- o: gateway, merchant (overrides),
 -- db (a function(srv) -> url), workers, partner (the simulator's service
--- provider as the merchant)
+-- provider as the merchant), app (another copy of the app's folder)
 function _M.start(sim, o)
   o = o or {}
   local db_url
-  local srv = testing.start_app{ app = "examples/gateway",
+  local srv = testing.start_app{ app = o.app or "examples/gateway",
     workers = o.workers, args = { "--log-level", "info" },
     config = function(srv)
       local c = _M.config(sim, srv, o.gateway, o.merchant,
