@@ -9,25 +9,26 @@ local bill = require "paygate.reconcile.bill"
 local core = dofile("examples/gateway/spec/core_support.lua")
 
 describe("gateway reconciliation", function()
-  local sim, gw
+  local sim, gw, bill_dir
 
   setup(function()
     -- bills ready as soon as a day is over: whatever the hour the spec
     -- runs, yesterday's bill exists
     sim = testing.simulator{ time_scale = 100,
                              config = { bill_ready_after = 0 } }
+    bill_dir = "/tmp/paygate-gw-reconcile-"
+               .. require("paygate.crypto").random_nonce(8)
     gw = core.start(sim, { gateway = {
       payment_ttl = 60,
       reconcile = { check_after = 1, first = 0.5, ceiling = 1,
-                    interval = 0.1, bill_hour = 0,
-                    bill_dir = "/tmp/paygate-gw-reconcile-"
-                               .. require("paygate.crypto").random_nonce(8) },
+                    interval = 0.1, bill_hour = 0, bill_dir = bill_dir },
     } })
   end)
 
   teardown(function()
     if gw then gw:stop() end
     testing.stop_all()
+    os.execute("rm -rf '" .. bill_dir .. "'")
   end)
 
   it("a payment whose notification is lost ends paid by the query",
@@ -232,17 +233,17 @@ local servers = require "spec.support.servers"
 
 if servers.have_postgres() then
   describe("gateway reconciliation on PostgreSQL", function()
-    local sim, gw, pg
+    local sim, gw, pg, bill_dir
 
     setup(function()
+      bill_dir = "/tmp/paygate-gw-reconcile-pg-"
+                 .. require("paygate.crypto").random_nonce(8)
       pg = servers.postgres()
       sim = testing.simulator{ time_scale = 100,
                                config = { bill_ready_after = 0 } }
       gw = core.start(sim, { db = function() return pg.url end, gateway = {
         reconcile = { check_after = 1, first = 0.5, ceiling = 1,
-                      interval = 0.1, bill_hour = 0,
-                      bill_dir = "/tmp/paygate-gw-reconcile-pg-"
-                                 .. require("paygate.crypto").random_nonce(8) },
+                      interval = 0.1, bill_hour = 0, bill_dir = bill_dir },
       } })
     end)
 
@@ -250,6 +251,7 @@ if servers.have_postgres() then
       if gw then gw:stop() end
       testing.stop_all()
       servers.stop_all()
+      os.execute("rm -rf '" .. bill_dir .. "'")
     end)
 
     it("a payment whose notification is lost ends paid; the bill job runs",
