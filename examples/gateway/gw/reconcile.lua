@@ -1,0 +1,446 @@
+-- gw.reconcile: the gateway's wiring of paygate.reconcile (docs/reconcile.md).
+-- app.lua calls start(ctx) in every worker; leases make one runner of each
+-- kind active across workers and instances:
+--
+--   reconcile:payments  payments still open (created, paying, unknown) with
+--                       no notification after check_after seconds, queried
+--                       on a backoff; NOTPAY past expires_at closed through
+--                       the close API
+--   reconcile:refunds   refunds under way (created, processing, unknown)
+--   reconcile:bill      once a day, after bill_hour (Beijing), yesterday's
+--                       trade bill per merchant diffed against gw_payments
+--                       and gw_refunds: a CSV in bill_dir, a gauge, an
+--                       audit entry reconcile:<date>
+--
+-- What WeChat says is applied the way a notification is: SUCCESS and every
+-- refund status through gw.apply (the same dedupe by business key, amount
+-- check, late-payment handling and events), the rest (still_open, closed,
+-- failed) through paygate.reconcile.apply; each in one transaction checked
+-- against the runner's fencing token, with the row's next check.
+--
+-- config.gateway.reconcile (all optional):
+--   { enabled = true, check_after = 60, first = 30, factor = 2,
+--     ceiling = 3600, batch = 20, interval = 5, lease_ttl = 60,
+--     bill = true, bill_dir (default: "reconcile" beside an SQLite store;
+--     required for the bill with PostgreSQL), bill_hour = 10,
+--     bill_retry = 1800 }
+local paygate = require "paygate"
+local core = require "paygate.core"
+local fsm = require "paygate.fsm"
+local audit = require "paygate.audit"
+local reconcile = require "paygate.reconcile"
+local bill = require "paygate.reconcile.bill"
+local model = require "gw.model"
+local apply = require "gw.apply"
+local events = require "gw.events"
+
+local lease = require "paygate.lease"
+
+local type, pairs, ipairs, tostring, floor = type, pairs, ipairs, tostring,
+      math.floor
+
+local _M = {}
+
+local P, R = model.payments, model.refunds
+
+local DEFAULTS = {
+  enabled = true, check_after = 60, first = 30, factor = 2, ceiling = 3600,
+  batch = 20, interval = 5, lease_ttl = 60, bill = true,
+  bill_dir = "reconcile", bill_hour = 10, bill_retry = 1800,
+}
+
+local BOOL = { enabled = true, bill = true }
+
+--- syntax: conf, err = reconcile.check_conf(t)
+-- returns: the options with defaults, or nil, "gateway.reconcile.<key>:
+-- <reason>"
+function _M.check_conf(t)
+  if t == nil then t = {} end
+  if type(t) ~= "table" then
+    return nil, "gateway.reconcile: must be a table"
+  end
+  local out = {}
+  for k, v in pairs(t) do
+    if DEFAULTS[k] == nil then
+      return nil, "gateway.reconcile." .. tostring(k) .. ": unknown key"
+    end
+  end
+  for k, d in pairs(DEFAULTS) do
+    local v = t[k]
+    if v == nil then
+      v = d
+    elseif BOOL[k] then
+      if type(v) ~= "boolean" then
+        return nil, "gateway.reconcile." .. k .. ": must be true or false"
+      end
+    elseif k == "bill_dir" then
+      if type(v) ~= "string" or v == "" then
+        return nil, "gateway.reconcile.bill_dir: must be a folder name"
+      end
+    elseif k == "bill_hour" then
+      if type(v) ~= "number" or v % 1 ~= 0 or v < 0 or v > 23 then
+        return nil, "gateway.reconcile.bill_hour: must be a whole hour,"
+                    .. " 0 .. 23"
+      end
+    elseif type(v) ~= "number" or not (v > 0) or v == math.huge
+           or (k == "factor" and v < 1) or (k == "batch" and v % 1 ~= 0) then
+      return nil, "gateway.reconcile." .. k .. ": must be a positive number"
+                  .. (k == "factor" and " (at least 1)" or "")
+    end
+    out[k] = v
+  end
+  return out
+end
+
+-- The runners' lease ttl: derived from the measured check durations
+-- (p99.9 x margin, floor 10 s, ceiling lease_ttl) where paygate.lease
+-- measures them (lease.ttl_for / lease.measure), else lease_ttl itself.
+local function lease_opts(name, conf)
+  if type(lease.ttl_for) ~= "function" or type(lease.measure) ~= "function"
+  then
+    return conf.lease_ttl, nil
+  end
+  local key = "reconcile:" .. name
+  local o = { floor = math.min(10, conf.lease_ttl), ceiling = conf.lease_ttl }
+  return function() return (lease.ttl_for(key, o)) end,
+         function(s) lease.measure(key, s) end
+end
+
+local function warn(msg, fields)
+  paygate.log.warn(msg, fields)
+end
+
+-- the row's next check, in the transaction that applied the check's
+-- outcome: none once it is final, else the schedule's next
+local function schedule_sql(tbl, open, sched)
+  return function(tx, id, stop)
+    local rows, err = tx:query("SELECT state, checks FROM " .. tbl
+                               .. " WHERE id = $1", { id })
+    if not rows then return nil, err end
+    local row = rows[1]
+    if not row then return true end
+    local checks = (tonumber(row.checks) or 0) + 1
+    local next_at
+    if open[row.state] and not stop then
+      next_at = floor(sched:next(core.time(), checks)) + 1
+    end
+    return tx:exec("UPDATE " .. tbl .. " SET checks = $2, next_check_at = $3"
+                   .. " WHERE id = $1", { id, checks, next_at or core.null })
+  end
+end
+
+------------------------------------------------------------- payments
+
+local OPEN_PAY = { created = true, paying = true, unknown = true }
+local OPEN_REF = { created = true, processing = true, unknown = true }
+
+local function payment_checks(ctx, conf, sched)
+  local db = ctx.db
+  local resched = schedule_sql("gw_payments", OPEN_PAY, sched)
+  local ttl, measure = lease_opts("payments", conf)
+  return reconcile.runner(db, {
+    name = "payments", batch = conf.batch, interval = conf.interval,
+    lease_ttl = ttl, measure = measure,
+    due = function(now, limit)
+      if ctx.degraded and ctx.degraded() then return {} end
+      now = floor(now)
+      return db:query("SELECT * FROM gw_payments WHERE state IN ('created',"
+        .. " 'paying', 'unknown') AND ((next_check_at IS NULL AND checks = 0"
+        .. " AND created_at <= $2) OR next_check_at <= $1) ORDER BY"
+        .. " COALESCE(next_check_at,"
+        .. " created_at) LIMIT $3", { now, now - conf.check_after, limit })
+    end,
+    check = function(row, rctx)
+      local wx = ctx.wx[row.mchid]
+      if not wx then
+        return nil, paygate.error("unknown_merchant", "payment " .. row.id
+          .. ": merchant " .. tostring(row.mchid) .. " is not configured")
+      end
+      if ctx.degraded and ctx.degraded() then
+        return nil, paygate.error("degraded", "WeChat calls are switched off")
+      end
+      local action, err = reconcile.check_payment(wx, {
+        id = row.id, state = row.state, out_trade_no = row.out_trade_no,
+        sub_mchid = model.opt(row.sub_mchid), expires_at = row.expires_at })
+      if not action then return nil, err end
+      local after
+      if action.remote == "SUCCESS" or action.remote == "REFUND" then
+        -- as a notification would: dedupe, amount, late payment, events
+        local ok, aerr = fsm.retry(db, function(tx)
+          local f, ferr = rctx.fence(tx)
+          if not f then return nil, ferr end
+          local outcome, list = apply.payment(ctx, tx, {
+            resource = action.transaction, source = "query",
+            actor = "reconcile" })
+          if not outcome then return nil, list end
+          after = list
+          -- an amount mismatch was raised (audit, event, gauge) and the
+          -- payment left as it is: asking again would only repeat it
+          return resched(tx, row.id, outcome == "alarm")
+        end)
+        if not ok then return nil, aerr end
+        if after and ctx.payments and ctx.payments.after then
+          ctx.payments.after(after)
+        end
+        return true
+      end
+      return reconcile.apply(db, P, action, {
+        fence = rctx.fence,
+        set = function() return { updated_at = model.now() } end,
+        within = function(tx, a, res)
+          if not res or (res.to ~= "closed" and res.to ~= "failed") then
+            return true
+          end
+          local x, xerr = tx:exec("UPDATE gw_attempts SET state = 'closed',"
+            .. " closed_at = $2 WHERE payment_id = $1 AND state = 'open'",
+            { a.id, model.now() })
+          if not x then return nil, xerr end
+          return events.emit(tx, "payment." .. res.to, res.row)
+        end,
+        schedule = function(tx, a) return resched(tx, a.id) end,
+      })
+    end,
+    reschedule = function(row, err)
+      local ok, serr = db:transaction(function(tx)
+        return resched(tx, row.id)
+      end)
+      if not ok then
+        warn("gateway: reconcile reschedule failed", { payment = row.id,
+             error = tostring(serr) })
+      end
+    end,
+  })
+end
+
+-------------------------------------------------------------- refunds
+
+local function refund_checks(ctx, conf, sched)
+  local db = ctx.db
+  local resched = schedule_sql("gw_refunds", OPEN_REF, sched)
+  local ttl, measure = lease_opts("refunds", conf)
+  return reconcile.runner(db, {
+    name = "refunds", batch = conf.batch, interval = conf.interval,
+    lease_ttl = ttl, measure = measure,
+    due = function(now, limit)
+      if ctx.degraded and ctx.degraded() then return {} end
+      now = floor(now)
+      return db:query("SELECT r.*, p.mchid AS mchid, p.sub_mchid AS"
+        .. " sub_mchid FROM gw_refunds r JOIN gw_payments p ON p.id ="
+        .. " r.payment_id WHERE r.state IN ('created', 'processing',"
+        .. " 'unknown') AND ((r.next_check_at IS NULL AND r.checks = 0 AND"
+        .. " r.created_at <= $2) OR r.next_check_at <= $1) ORDER BY"
+        .. " COALESCE(r.next_check_at,"
+        .. " r.created_at) LIMIT $3", { now, now - conf.check_after, limit })
+    end,
+    check = function(row, rctx)
+      local wx = ctx.wx[row.mchid]
+      if not wx then
+        return nil, paygate.error("unknown_merchant", "refund " .. row.id
+          .. ": merchant " .. tostring(row.mchid) .. " is not configured")
+      end
+      if ctx.degraded and ctx.degraded() then
+        return nil, paygate.error("degraded", "WeChat calls are switched off")
+      end
+      local action, err = reconcile.check_refund(wx, {
+        id = row.id, state = row.state, out_refund_no = row.out_refund_no,
+        sub_mchid = model.opt(row.sub_mchid) })
+      if not action then return nil, err end
+      if action.abnormal then
+        paygate.log.warn("gateway: refund ABNORMAL: apply for the"
+          .. " abnormal-refund API", { refund = row.id,
+          refund_id = action.refund.refund_id })
+      end
+      return fsm.retry(db, function(tx)
+        local f, ferr = rctx.fence(tx)
+        if not f then return nil, ferr end
+        local rf, rerr = model.refund(tx, row.id)
+        if not rf then return nil, rerr end
+        local amount = type(action.refund.amount) == "table"
+                       and action.refund.amount.refund or nil
+        local outcome, aerr = apply.refund_status(ctx, tx, rf, {
+          status = action.remote, refund_id = action.refund.refund_id,
+          amount = amount, source = "query", actor = "reconcile" })
+        if not outcome then return nil, aerr end
+        return resched(tx, row.id)
+      end)
+    end,
+    reschedule = function(row)
+      local ok, serr = db:transaction(function(tx)
+        return resched(tx, row.id)
+      end)
+      if not ok then
+        warn("gateway: reconcile reschedule failed", { refund = row.id,
+             error = tostring(serr) })
+      end
+    end,
+  })
+end
+
+----------------------------------------------------------------- bill
+
+local PAID = { paid = true, partially_refunded = true, refunded = true }
+
+--- syntax: rows, err = reconcile.local_rows(db, mchid, date, numbers)
+-- The gateway's side of a day's bill for merchant mchid: payments whose
+-- money WeChat took that Beijing day (their `payment.succeeded` audit
+-- entries), the attempts the bill names whatever their day, and the
+-- refunds that succeeded that day.
+function _M.local_rows(db, mchid, date, numbers)
+  local from = bill.day_start(date)
+  local to = from + 86400
+  local out, seen = {}, {}
+  local function add_payment(no, amount, state)
+    if seen[no] then return end
+    seen[no] = true
+    out[#out + 1] = { out_trade_no = no, amount = amount, state = state }
+  end
+  -- what was paid that day here (the audit trail is kept: evidence)
+  local rows, err = db:query("SELECT p.* FROM paygate_audit a JOIN"
+    .. " gw_payments p ON a.subject = 'payment:' || p.id WHERE a.what ="
+    .. " 'payment.succeeded' AND a.at >= $1 AND a.at < $2 AND p.mchid = $3",
+    { from * 1000, to * 1000, mchid })
+  if not rows then return nil, err end
+  for _, p in ipairs(rows) do
+    add_payment(model.opt(p.paid_out_trade_no) or p.out_trade_no, p.amount,
+                PAID[p.state] and "paid" or p.state)
+  end
+  -- the attempts the bill names (paid on another day here, or not at all)
+  for i = 1, #numbers, 200 do
+    local ph, args = {}, { mchid }
+    for j = i, math.min(#numbers, i + 199) do
+      args[#args + 1] = numbers[j]
+      ph[#ph + 1] = "$" .. #args
+    end
+    local arows, aerr = db:query("SELECT a.out_trade_no AS attempt_no,"
+      .. " a.state AS attempt_state, p.amount AS amount"
+      .. " FROM gw_attempts a JOIN gw_payments p ON p.id = a.payment_id"
+      .. " WHERE p.mchid = $1 AND a.out_trade_no IN (" .. table.concat(ph, ",")
+      .. ")", args)
+    if not arows then return nil, aerr end
+    for _, p in ipairs(arows) do
+      -- an attempt holds money when it is paid (a late or duplicate
+      -- payment on it too: refunded separately)
+      add_payment(p.attempt_no, p.amount, p.attempt_state == "paid"
+                  and "paid" or "attempt_" .. tostring(p.attempt_state))
+    end
+  end
+  -- refunds that succeeded that day (their audit entries are in their own
+  -- chain refund:<id>)
+  local rrows, rerr = db:query("SELECT r.out_trade_no, r.out_refund_no,"
+    .. " r.amount, r.state FROM paygate_audit a JOIN gw_refunds r ON"
+    .. " a.subject = 'refund:' || r.id JOIN gw_payments p ON p.id ="
+    .. " r.payment_id WHERE a.what = 'refund.succeeded' AND a.at >= $1 AND"
+    .. " a.at < $2 AND p.mchid = $3", { from * 1000, to * 1000, mchid })
+  if not rrows then return nil, rerr end
+  for _, r in ipairs(rrows) do
+    out[#out + 1] = { out_trade_no = r.out_trade_no,
+                      out_refund_no = r.out_refund_no, amount = r.amount,
+                      state = r.state }
+  end
+  return out
+end
+
+local function beijing_hour(t)
+  return floor(((t + 8 * 3600) % 86400) / 3600)
+end
+
+local function bill_job(ctx, conf)
+  local db = ctx.db
+  local tried = {}          -- date|mchid -> when last tried (this worker)
+  local function pending(now)
+    if beijing_hour(now) < conf.bill_hour then
+      -- before the hour the bill is not there yet; yesterday's wait
+      return {}
+    end
+    local date = bill.bill_date(now)
+    local items = {}
+    -- a day is done for a merchant when its audit entry exists
+    local rows, err = db:query("SELECT evidence FROM paygate_audit WHERE"
+      .. " subject = $1", { "reconcile:" .. date })
+    if not rows then return nil, err end
+    for _, m in ipairs(ctx.merchants) do
+      local key = date .. "|" .. m.mchid
+      local done = false
+      for _, r in ipairs(rows) do
+        if tostring(r.evidence):find('"merchant":"' .. m.mchid .. '"', 1,
+                                     true) then
+          done = true
+        end
+      end
+      if not done and (not tried[key] or now - tried[key]
+                       >= conf.bill_retry) then
+        items[#items + 1] = { date = date, mchid = m.mchid, key = key }
+      end
+    end
+    return items
+  end
+  return reconcile.runner(db, {
+    name = "bill", batch = 20, interval = 60, lease_ttl = conf.lease_ttl,
+    due = function(now) return pending(now) end,
+    check = function(item, rctx)
+      tried[item.key] = core.time()
+      local wx = ctx.wx[item.mchid]
+      local report, err = bill.daily{
+        wx = wx, db = db, dir = conf.bill_dir, date = item.date,
+        name = item.mchid, fence = rctx.fence,
+        retry = { attempts = 1 },        -- again after bill_retry
+        local_rows = function(date, numbers)
+          return _M.local_rows(db, item.mchid, date, numbers)
+        end }
+      if not report then return nil, err end
+      local level = report.counts.total > 0 and "warn" or "info"
+      paygate.log[level]("gateway: daily bill reconciled", {
+        date = report.date, mchid = item.mchid, path = report.path,
+        mismatches = report.counts.total, empty = report.empty })
+      return report
+    end,
+  })
+end
+
+----------------------------------------------------------------- start
+
+--- syntax: runners = reconcile.start(ctx)
+-- Starts the runners in a worker (nothing under paygate exec or when
+-- gateway.reconcile.enabled is false). Raises on a bad config.
+function _M.start(ctx)
+  local conf, why = _M.check_conf(ctx.gateway.reconcile)
+  if not conf then
+    -- one line, exit 2, like every config error of the gateway
+    if ctx.fatal then ctx.fatal("config." .. why) end
+    error("gateway: config." .. why, 0)
+  end
+  if not conf.enabled or paygate.runtime.mode ~= "worker" then
+    return {}
+  end
+  local sched = reconcile.schedule{ first = conf.first, factor = conf.factor,
+                                    ceiling = conf.ceiling }
+  local runners = {
+    payments = payment_checks(ctx, conf, sched):start(),
+    refunds = refund_checks(ctx, conf, sched):start(),
+  }
+  if conf.bill and not (ctx.gateway.reconcile or {}).bill_dir then
+    -- beside an SQLite store (var/gateway.db -> var/reconcile). With
+    -- PostgreSQL the instances may run anywhere: the reports' folder
+    -- must be named (the job runs on whichever instance holds the lease)
+    local path = tostring(ctx.gateway.db or ""):match("^sqlite:(.+)$")
+    if path then
+      conf.bill_dir = (path:match("^(.*)/[^/]*$") or ".") .. "/reconcile"
+    else
+      conf.bill = false
+      if require("paygate.shared").get_dict("paygate"):add(
+           "gw:reconcile_bill_warned", 1) then
+        paygate.log.warn("gateway: the daily bill reconciliation is off:"
+          .. " set gateway.reconcile.bill_dir (or bill = false) to use it"
+          .. " with this store")
+      end
+    end
+  end
+  if conf.bill then
+    os.execute("mkdir -p '" .. conf.bill_dir:gsub("'", "'\\''") .. "'")
+    runners.bill = bill_job(ctx, conf):start()
+  end
+  _M.runners = runners
+  return runners
+end
+
+return _M

@@ -1,0 +1,275 @@
+-- The gateway's reconciliation (gw/reconcile.lua over paygate.reconcile),
+-- end to end with the simulator: a payment whose notification is lost
+-- ends paid locally through the query; an expired unpaid payment is closed
+-- through the close API; the daily bill job writes its report and audit
+-- entry for a day without trades.
+local testing = require "paygate.testing"
+local audit = require "paygate.audit"
+local bill = require "paygate.reconcile.bill"
+local core = dofile("examples/gateway/spec/core_support.lua")
+
+describe("gateway reconciliation", function()
+  local sim, gw, bill_dir
+
+  setup(function()
+    -- bills ready as soon as a day is over: whatever the hour the spec
+    -- runs, yesterday's bill exists
+    sim = testing.simulator{ time_scale = 100,
+                             config = { bill_ready_after = 0 } }
+    bill_dir = "/tmp/paygate-gw-reconcile-"
+               .. require("paygate.crypto").random_nonce(8)
+    gw = core.start(sim, { gateway = {
+      payment_ttl = 60,
+      reconcile = { check_after = 1, first = 0.5, ceiling = 1,
+                    interval = 0.1, bill_hour = 0, bill_dir = bill_dir },
+    } })
+  end)
+
+  teardown(function()
+    if gw then gw:stop() end
+    testing.stop_all()
+    os.execute("rm -rf '" .. bill_dir .. "'")
+  end)
+
+  it("a payment whose notification is lost ends paid by the query",
+     function()
+    sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }
+    local p = gw:create{ amount = 123 }
+    assert.equal("paying", p.state)
+    sim:pay(p.out_trade_no)
+    testing.wait_until(function()
+      local n = sim:notifications{ out_trade_no = p.out_trade_no }[1]
+      return n and n.state == "dropped"
+    end, 10, "the notification dropped")
+    local got = gw:wait_state(p.id, "paid", 20)
+    assert.matches("^%d+$", got.transaction_id)
+    local row = assert(gw.db:query("SELECT notified_at, checks FROM"
+      .. " gw_payments WHERE id = $1", { p.id }))[1]
+    assert.is_true(row.notified_at == nil
+                   or row.notified_at == require("paygate.core").null)
+    local entries = audit.entries(gw.db, "payment:" .. p.id)
+    local last = entries[#entries]
+    assert.equal("payment.succeeded", last.what)
+    assert.equal("reconcile", last.actor)
+    -- the event went out like a notification's
+    local ev = assert(gw.db:query("SELECT type FROM paygate_outbox WHERE"
+      .. " subject = $1 AND type = 'payment.paid'", { p.id }))
+    assert.equal(1, #ev)
+  end)
+
+  it("a prepay whose answer was lost: the order exists at WeChat, is paid,"
+     .. " and the payment ends paid", function()
+    -- the order is made, then every answer is cut (the client's retries too)
+    sim:fault{ endpoint = "prepay", kind = "reset", after = true, count = 10 }
+    local order_id = "lost-" .. require("paygate.crypto").random_nonce(8)
+    local res = gw:call("POST", "/v1/payments", { order_id = order_id,
+      channel = "native", amount = 88, description = "lost answer" })
+    sim:clear_faults()
+    assert.is_true(res.status >= 500, res.body)
+    local p = assert(gw.db:query("SELECT id, state, out_trade_no FROM"
+      .. " gw_payments WHERE order_id = $1", { order_id }))[1]
+    assert.equal("created", p.state)
+    sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }
+    sim:pay(p.out_trade_no)
+    gw:wait_state(p.id, "paid", 20)
+  end)
+
+  it("an unknown payment that WeChat says is unpaid is open again",
+     function()
+    package.path = "examples/gateway/?.lua;" .. package.path
+    local model = require "gw.model"
+    local p = gw:create{ amount = 60 }
+    assert(model.payments:apply(gw.db, p.id, "outcome_unknown"))
+    assert(gw.db:exec("UPDATE gw_payments SET next_check_at = 0 WHERE id"
+                      .. " = $1", { p.id }))
+    gw:wait_state(p.id, "paying", 20)
+    local e = audit.entries(gw.db, "payment:" .. p.id)
+    assert.equal("payment.still_open", e[#e].what)
+    assert.equal("reconcile", e[#e].actor)
+  end)
+
+  it("an expired unpaid payment is closed through the close API", function()
+    local p = gw:create{ amount = 50 }
+    -- as if its time had passed
+    assert(gw.db:exec("UPDATE gw_payments SET expires_at = $2 WHERE id = $1",
+                      { p.id, os.time() - 1 }))
+    gw:wait_state(p.id, "closed", 20)
+    local wx = sim:client()
+    assert.equal("CLOSED", assert(wx:query_by_out_trade_no(p.out_trade_no))
+                 .trade_state)
+    local ev = assert(gw.db:query("SELECT type FROM paygate_outbox WHERE"
+      .. " subject = $1 AND type = 'payment.closed'", { p.id }))
+    assert.equal(1, #ev)
+  end)
+
+  it("refunds whose notifications are lost: SUCCESS applied by query (the"
+     .. " payment partially refunded), ABNORMAL surfaced", function()
+    local p = gw:create{ amount = 300 }
+    sim:pay_and_wait(p.out_trade_no)
+    gw:wait_state(p.id, "paid")
+    local r1 = gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
+                       { amount = 100 })
+    assert.equal(201, r1.status, r1.body)
+    local r2 = gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
+                       { amount = 50 })
+    assert.equal(201, r2.status, r2.body)
+    sim:fault{ endpoint = "notify", kind = "never_sent", count = 2 }
+    sim:settle(r1.json.out_refund_no, "SUCCESS")
+    sim:settle(r2.json.out_refund_no, "ABNORMAL")
+    local function refund(id)
+      return gw:call("GET", "/v1/refunds/" .. id).json
+    end
+    testing.wait_until(function()
+      return refund(r1.json.id).state == "succeeded"
+             and refund(r2.json.id).state == "abnormal"
+    end, 20, "the refunds settled by query")
+    local got = gw:wait_state(p.id, "partially_refunded")
+    assert.equal(100, got.refunded)
+    for _, no in ipairs({ r1.json.out_refund_no, r2.json.out_refund_no }) do
+      assert.equal("dropped", sim:notifications{ out_refund_no = no }[1].state)
+    end
+    local ev = assert(gw.db:query("SELECT type FROM paygate_outbox WHERE"
+      .. " subject = $1 AND type = 'refund.abnormal'", { p.id }))
+    assert.equal(1, #ev)
+  end)
+
+  it("the gateway's rows of a day agree with WeChat's bill; a changed"
+     .. " amount shows", function()
+    -- the app's own local_rows, run here against its database
+    package.path = "examples/gateway/?.lua;" .. package.path
+    local gwr = require "gw.reconcile"
+    local today = os.date("!%Y-%m-%d", os.time() + 8 * 3600)
+    sim:close_bills(today)
+    local dir = os.tmpname()
+    os.remove(dir)
+    os.execute("mkdir -p '" .. dir .. "'")
+    local function run()
+      return assert(bill.daily{ wx = sim:client(), db = gw.db, dir = dir,
+        date = today, name = "spec", local_rows = function(date, numbers)
+          return gwr.local_rows(gw.db, sim.merchant.mchid, date, numbers)
+        end })
+    end
+    local report = run()
+    assert.is_false(report.empty)
+    assert.is_true(report.remote_payments >= 2)    -- the specs above
+    assert.equal(1, report.remote_refunds)         -- the SUCCESS one
+    assert.same({}, report.mismatches)
+    -- one amount changed locally: the diff names it
+    local row = assert(gw.db:query("SELECT id, amount, paid_out_trade_no"
+      .. " FROM gw_payments WHERE state = 'paid' LIMIT 1"))[1]
+    assert(gw.db:exec("UPDATE gw_payments SET amount = amount + 1 WHERE"
+                      .. " id = $1", { row.id }))
+    report = run()
+    assert.equal(1, #report.mismatches)
+    local m = report.mismatches[1]
+    assert.same({ "amount", row.paid_out_trade_no, row.amount + 1,
+                  row.amount },
+                { m.kind, m.out_trade_no, m["local"].amount,
+                  m.remote.amount })
+    assert(gw.db:exec("UPDATE gw_payments SET amount = amount - 1 WHERE"
+                      .. " id = $1", { row.id }))
+    os.execute("rm -rf '" .. dir .. "'")
+  end)
+
+  it("the daily bill job reports yesterday (no trades: an empty day)",
+     function()
+    local date = bill.bill_date()
+    local e
+    testing.wait_until(function()
+      e = audit.entries(gw.db, "reconcile:" .. date)
+      return e and e[1]
+    end, 20, "the bill's audit entry")
+    assert.equal("reconcile.bill", e[1].what)
+    assert.matches('"empty":true', e[1].evidence)
+    assert.matches('"merchant":"' .. sim.merchant.mchid .. '"', e[1].evidence)
+    local path = e[1].evidence:match('"file":"([^"]+)"')
+    local f = assert(io.open(path, "rb"))
+    f:close()
+    os.execute("rm -rf '" .. path:match("^(.*)/[^/]+$") .. "'")
+  end)
+end)
+
+describe("gateway reconciliation config", function()
+  local sim
+
+  setup(function() sim = testing.simulator() end)
+  teardown(testing.stop_all)
+
+  it("a bad gateway.reconcile is one line and exit 2", function()
+    local cfgs = {
+      { { batch = 0 }, "gateway: config.gateway.reconcile.batch: must be a"
+                       .. " positive number" },
+      { { bill_hour = 24 }, "gateway: config.gateway.reconcile.bill_hour:" },
+      { { nope = 1 }, "gateway: config.gateway.reconcile.nope: unknown key" },
+      { { enabled = "yes" }, "config.gateway.reconcile.enabled: must be true" },
+    }
+    local server = require "paygate.testing.server"
+    local pcore = require "paygate.core"
+    local dir = server.tmpdir()
+    for _, c in ipairs(cfgs) do
+      local conf = core.config(sim, { dir = dir, url = function()
+        return "http://127.0.0.1:9" end }, { reconcile = c[1] })
+      local file = dir .. "/conf.lua"
+      local f = assert(io.open(file, "wb"))
+      f:write("return " .. server.lua_source(conf) .. "\n")
+      f:close()
+      local code, out = testing.proc.run({ server.bin(), "run",
+        "examples/gateway", "--listen", "127.0.0.1:" .. pcore.free_port(),
+        "--admin", "127.0.0.1:" .. pcore.free_port(), "--config", file },
+        { timeout = 30 })
+      assert.equal(2, code, out)
+      local lines = {}
+      for line in out:gmatch("[^\n]+") do
+        if line:match("^gateway: ") then lines[#lines + 1] = line end
+      end
+      assert.equal(1, #lines, out)
+      assert.matches(c[2], lines[1], 1, true)
+    end
+    server.rmdir(dir)
+  end)
+end)
+
+local servers = require "spec.support.servers"
+
+if servers.have_postgres() then
+  describe("gateway reconciliation on PostgreSQL", function()
+    local sim, gw, pg, bill_dir
+
+    setup(function()
+      bill_dir = "/tmp/paygate-gw-reconcile-pg-"
+                 .. require("paygate.crypto").random_nonce(8)
+      pg = servers.postgres()
+      sim = testing.simulator{ time_scale = 100,
+                               config = { bill_ready_after = 0 } }
+      gw = core.start(sim, { db = function() return pg.url end, gateway = {
+        reconcile = { check_after = 1, first = 0.5, ceiling = 1,
+                      interval = 0.1, bill_hour = 0, bill_dir = bill_dir },
+      } })
+    end)
+
+    teardown(function()
+      if gw then gw:stop() end
+      testing.stop_all()
+      servers.stop_all()
+      os.execute("rm -rf '" .. bill_dir .. "'")
+    end)
+
+    it("a payment whose notification is lost ends paid; the bill job runs",
+       function()
+      sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }
+      local p = gw:create{ amount = 77 }
+      sim:pay(p.out_trade_no)
+      gw:wait_state(p.id, "paid", 20)
+      local e = audit.entries(gw.db, "payment:" .. p.id)
+      assert.equal("reconcile", e[#e].actor)
+      local date = bill.bill_date()
+      testing.wait_until(function()
+        local b = audit.entries(gw.db, "reconcile:" .. date)
+        return b and b[1]
+      end, 20, "the bill's audit entry")
+      local b = audit.entries(gw.db, "reconcile:" .. date)
+      local path = b[1].evidence:match('"file":"([^"]+)"')
+      os.execute("rm -rf '" .. path:match("^(.*)/[^/]+$") .. "'")
+    end)
+  end)
+end

@@ -1,0 +1,796 @@
+-- paygate.reconcile: the lost-notification fallback and the daily bill.
+-- Generic: it knows no table of the app. The app passes functions (which
+-- rows are due, how to reschedule one, which local rows a day holds) and
+-- its paygate.fsm machines; this module decides what WeChat's answers
+-- mean and applies it through the machine, fenced by a paygate.lease.
+--
+--   local s = reconcile.schedule{ first = 30, factor = 2, ceiling = 3600 }
+--   s:next(now, checks)                 -- when to look again
+--
+--   local r = reconcile.runner(db, { name = "payments",
+--     due = function(now, limit) return rows end,
+--     check = function(row, ctx) ... end,       -- ctx.fence(tx)
+--     reschedule = function(row, err, ctx) ... end })
+--   r:start()                                    -- or r:step() in specs
+--
+--   local action = reconcile.check_payment(wx, row)  -- what WeChat says
+--   reconcile.apply(db, payments, action, { fence = ctx.fence,
+--     schedule = function(tx, action, res) ... end })
+--
+--   reconcile.refund_limit(paid, refunds, amount)  -- nil, refund_exceeds_paid
+--   reconcile.daily_bill{ ... }                    -- paygate.reconcile.bill
+--
+-- Failures: nil, err (core.error). Misuse raises at the caller.
+
+local core = require "paygate.core"
+local lease = require "paygate.lease"
+local fsm = require "paygate.fsm"
+local bill = require "paygate.reconcile.bill"
+
+local type, pairs, ipairs, tostring, error, setmetatable, pcall, next =
+      type, pairs, ipairs, tostring, error, setmetatable, pcall, next
+local floor, min, max, huge = math.floor, math.min, math.max, math.huge
+
+local _M = { _VERSION = "0.1.0" }
+
+local function log()
+  local ok, paygate = pcall(require, "paygate")
+  return ok and paygate.log or nil
+end
+
+local function warn(msg, fields)
+  local l = log()
+  if l then
+    l.warn(msg, fields)
+  end
+end
+
+local function fail(kind, message, fields)
+  fields = fields or {}
+  if fields.retryable == nil then
+    fields.retryable = false
+  end
+  return nil, core.error(kind, message, fields)
+end
+
+------------------------------------------------------------- counters
+
+-- Per worker process, like paygate.fsm's (reconcile.stats()).
+local counters = {
+  checks = 0, applied = 0, unchanged = 0, errors = 0, closed_by_us = 0,
+  abnormal = 0, alarms = 0, skipped = 0,
+}
+
+local function count(k, n)
+  counters[k] = counters[k] + (n or 1)
+end
+
+-- syntax: t = reconcile.stats()
+-- returns: a copy of this process's counters: checks, applied, unchanged,
+-- errors, closed_by_us, abnormal, alarms, skipped (state moved meanwhile)
+function _M.stats()
+  local t = {}
+  for k, v in pairs(counters) do
+    t[k] = v
+  end
+  return t
+end
+
+------------------------------------------------------------- schedule
+
+local Schedule = {}
+Schedule.__index = Schedule
+
+local JITTER = { full = true, equal = true, none = true }
+
+local function positive(fname, o, k, default)
+  local v = o[k]
+  if v == nil then
+    return default
+  end
+  if type(v) ~= "number" or not (v > 0) or v == huge then
+    error(fname .. ": opts." .. k .. " must be a positive number", 3)
+  end
+  return v
+end
+
+-- syntax: s = reconcile.schedule([opts])
+-- opts: first (s, 30: the ceiling of the first delay), factor (2), ceiling
+-- (s, 3600: no delay above it), jitter ("full": uniform in [0, d);
+-- "equal": [d/2, d); "none": d), random (function -> [0, 1), default
+-- math.random; inject one for specs).
+-- Delay of check n (n = 1, 2, ...): d = min(ceiling, first * factor^(n-1)),
+-- then the jitter.
+function _M.schedule(opts)
+  if opts ~= nil and type(opts) ~= "table" then
+    error("reconcile.schedule: opts must be a table", 2)
+  end
+  opts = opts or {}
+  local s = setmetatable({
+    first = positive("reconcile.schedule", opts, "first", 30),
+    factor = positive("reconcile.schedule", opts, "factor", 2),
+    ceiling = positive("reconcile.schedule", opts, "ceiling", 3600),
+    jitter = opts.jitter or "full",
+    random = opts.random or math.random,
+  }, Schedule)
+  if s.factor < 1 then
+    error("reconcile.schedule: opts.factor must be at least 1", 2)
+  end
+  if not JITTER[s.jitter] then
+    error("reconcile.schedule: opts.jitter must be full, equal or none", 2)
+  end
+  if type(s.random) ~= "function" then
+    error("reconcile.schedule: opts.random must be a function", 2)
+  end
+  return s
+end
+
+-- syntax: d = s:ceiling_of(n) -- the delay before jitter for check n
+function Schedule:ceiling_of(n)
+  if type(n) ~= "number" or n ~= n then
+    error("schedule:delay: n must be a number", 3)
+  end
+  n = max(1, floor(n))
+  -- factor^(n-1) overflows to inf for huge n: min() keeps the ceiling
+  return min(self.ceiling, self.first * self.factor ^ (n - 1))
+end
+
+-- syntax: seconds = s:delay(n)
+-- The delay before check n (n counts the checks already made + 1).
+function Schedule:delay(n)
+  local d = self:ceiling_of(n)
+  if self.jitter == "none" then
+    return d
+  end
+  local r = self.random()
+  if type(r) ~= "number" or r < 0 or r >= 1 then
+    r = 0
+  end
+  if self.jitter == "equal" then
+    return d / 2 + r * d / 2
+  end
+  return r * d
+end
+
+-- syntax: t = s:next(now, n) -- now + s:delay(n)
+function Schedule:next(now, n)
+  if type(now) ~= "number" then
+    error("schedule:next: now must be a number", 2)
+  end
+  return now + self:delay(n)
+end
+
+--------------------------------------------------------------- runner
+
+local Runner = {}
+Runner.__index = Runner
+
+local RUNNER_DEFAULTS = {
+  batch = 20,        -- items per round
+  interval = 5,      -- s between rounds that found nothing (or no lease)
+  lease_ttl = 60,    -- s; must exceed the longest single check
+}
+
+-- syntax: r = reconcile.runner(store, opts)
+-- store: a paygate.sql db or paygate.redis client for the lease.
+-- opts: name (lease key "reconcile:<name>"), due = fn(now, limit) ->
+--   items | nil, err; check = fn(item, ctx) -> result | nil, err;
+--   reschedule = fn(item, err, ctx) (called after a failed or raising
+--   check, so the item is not due again at once); batch, interval,
+--   lease_ttl (s, or a function returning s, asked at each acquire and
+--   renewal: e.g. derived from measured check durations); measure =
+--   fn(seconds) (each check's duration); now (fn -> s, default core.time)
+--   for specs.
+-- ctx = { key, token, lease, fence = fn(tx) -> true | nil, err
+--   (lease.check inside the caller's transaction), keepalive = fn() ->
+--   true | nil, err (renews the lease when half spent) }.
+-- Between items the runner yields (core.sleep(0)), so a batch never
+-- holds the loop; a lost lease ends the round.
+function _M.runner(store, opts)
+  if type(opts) ~= "table" then
+    error("reconcile.runner: opts must be a table", 2)
+  end
+  if type(store) ~= "table" and type(store) ~= "userdata" then
+    error("reconcile.runner: store must be a paygate.sql db or a"
+          .. " paygate.redis client", 2)
+  end
+  if type(opts.name) ~= "string" or opts.name == "" then
+    error("reconcile.runner: opts.name must be a non-empty string", 2)
+  end
+  for _, k in ipairs({ "due", "check" }) do
+    if type(opts[k]) ~= "function" then
+      error("reconcile.runner: opts." .. k .. " must be a function", 2)
+    end
+  end
+  for _, k in ipairs({ "reschedule", "measure" }) do
+    if opts[k] ~= nil and type(opts[k]) ~= "function" then
+      error("reconcile.runner: opts." .. k .. " must be a function", 2)
+    end
+  end
+  local ttl_fn = opts.lease_ttl
+  if type(ttl_fn) == "function" then
+    opts = setmetatable({ lease_ttl = false }, { __index = opts })
+  else
+    ttl_fn = nil
+  end
+  local r = setmetatable({
+    store = store, name = opts.name, key = "reconcile:" .. opts.name,
+    due = opts.due, check = opts.check, reschedule = opts.reschedule,
+    measure = opts.measure, ttl_fn = ttl_fn, now = opts.now or core.time,
+    stats = { rounds = 0, items = 0, ok = 0, errors = 0, lease_busy = 0,
+              lost = 0 },
+  }, Runner)
+  for k, v in pairs(RUNNER_DEFAULTS) do
+    if k == "lease_ttl" and ttl_fn then
+      r[k] = v
+    else
+      r[k] = positive("reconcile.runner", opts, k, v)
+    end
+  end
+  if r.batch % 1 ~= 0 then
+    error("reconcile.runner: opts.batch must be a positive integer", 2)
+  end
+  return r
+end
+
+-- The lease's ttl: the configured number, or what opts.lease_ttl() says
+-- now (e.g. derived from measured check durations); a bad answer keeps
+-- the last good one.
+function Runner:ttl()
+  if self.ttl_fn then
+    local ok, t = pcall(self.ttl_fn)
+    if ok and type(t) == "number" and t > 0 and t < huge then
+      self.lease_ttl = t
+    end
+  end
+  return self.lease_ttl
+end
+
+function Runner:hold()
+  local l = self.lease
+  local now = core.time()
+  if l and l.expires_at - now > self.lease_ttl / 2 then
+    return l
+  end
+  local ttl = self:ttl()
+  if l then
+    local ok, err = lease.renew(self.store, l, ttl)
+    if ok then
+      return l
+    end
+    self.lease = nil
+    self.stats.lost = self.stats.lost + 1
+    if err.kind ~= "lost" then
+      warn("reconcile: lease renew", { name = self.name,
+                                       error = tostring(err) })
+    end
+  end
+  local nl, err = lease.acquire(self.store, self.key, ttl)
+  if not nl then
+    if err.kind == "held" then
+      self.stats.lease_busy = self.stats.lease_busy + 1
+    else
+      warn("reconcile: lease", { name = self.name, error = tostring(err) })
+    end
+    return nil, err
+  end
+  self.lease = nl
+  return nl
+end
+
+local function context(self, l)
+  local key, token, store = self.key, l.token, self.store
+  return {
+    key = key, token = token, lease = l, runner = self,
+    fence = function(tx)
+      return lease.check(tx, key, token)
+    end,
+    keepalive = function()
+      if self.lease ~= l then
+        return fail("lost", "lease " .. key .. " was lost")
+      end
+      local held, err = self:hold()
+      if held ~= l then
+        return nil, err or core.error("lost", "lease " .. key
+                                      .. " was lost")
+      end
+      return true
+    end,
+    store = store,
+  }
+end
+
+-- syntax: n, err = r:step()
+-- One round: take (or keep) the lease, ask due(now, batch), check each
+-- item in turn. A check that fails or raises is logged and counted, and
+-- reschedule(item, err, ctx) is called; the round goes on.
+-- returns: the number of items checked (0 without the lease: nil, err)
+-- yields
+function Runner:step()
+  self.stats.rounds = self.stats.rounds + 1
+  local l, lerr = self:hold()
+  if not l then
+    return 0, lerr
+  end
+  local ok, items, derr = pcall(self.due, self.now(), self.batch)
+  if not ok or not items then
+    self.stats.errors = self.stats.errors + 1
+    warn("reconcile: due", { name = self.name,
+                             error = tostring(ok and derr or items) })
+    return 0, ok and derr or core.error("internal", tostring(items))
+  end
+  local ctx = context(self, l)
+  local n = 0
+  for _, item in ipairs(items) do
+    if self.stopping or self.lease ~= l then
+      break
+    end
+    n = n + 1
+    self.stats.items = self.stats.items + 1
+    local t0 = core.mono()
+    local pok, res, err = pcall(self.check, item, ctx)
+    if self.measure then
+      pcall(self.measure, core.mono() - t0)
+    end
+    if pok and res ~= nil then
+      self.stats.ok = self.stats.ok + 1
+    else
+      err = pok and err or core.error("internal", tostring(res))
+      self.stats.errors = self.stats.errors + 1
+      count("errors")
+      warn("reconcile: check failed", { name = self.name,
+                                        error = tostring(err) })
+      if self.reschedule then
+        local rok, rerr = pcall(self.reschedule, item, err, ctx)
+        if not rok then
+          warn("reconcile: reschedule failed", { name = self.name,
+                                                 error = tostring(rerr) })
+        end
+      end
+    end
+    -- let requests run between items; renew when half the lease is spent
+    core.sleep(0)
+    if l.expires_at - core.time() < self.lease_ttl / 2 then
+      ctx.keepalive()
+    end
+  end
+  return n
+end
+
+-- syntax: r = r:start()
+-- Rounds in a task until r:stop(): the next at once after a full batch,
+-- after `interval` seconds otherwise.
+function Runner:start()
+  if self.task then
+    return self
+  end
+  self.stopping = false
+  self.task = core.spawn(function()
+    while not self.stopping do
+      local ok, n = pcall(self.step, self)
+      if not ok then
+        self.stats.errors = self.stats.errors + 1
+        warn("reconcile: round failed", { name = self.name,
+                                          error = tostring(n) })
+        n = 0
+      end
+      if not self.stopping and (n or 0) < self.batch then
+        core.sleep(self.interval)
+      end
+    end
+  end)
+  return self
+end
+
+-- syntax: r:stop() -- ends the task and releases the lease
+-- yields: one statement
+function Runner:stop()
+  self.stopping = true
+  if self.task then
+    pcall(self.task.cancel, self.task)
+    self.task = nil
+  end
+  local l = self.lease
+  self.lease = nil
+  if l then
+    lease.release(self.store, l)
+  end
+end
+
+------------------------------------------------------ payment checks
+
+-- trade_state -> the event it means, by local state. A state missing from
+-- a row means: nothing to apply from there.
+local OPEN = { created = true, paying = true, unknown = true }
+local PAID = { paid = true, partially_refunded = true, refunded = true }
+
+-- syntax: event = reconcile.payment_event(local_state, trade_state)
+-- returns: the fsm.payment event WeChat's trade_state means for a row in
+-- local_state, or nil (nothing to apply: still open, or already there).
+--   SUCCESS, REFUND (paid, then refunded)  -> succeeded (unless paid)
+--   NOTPAY, USERPAYING, ACCEPT             -> still_open from unknown
+--   CLOSED, REVOKED                        -> closed from an open state
+--   PAYERROR                               -> failed from an open state
+function _M.payment_event(state, trade_state)
+  if trade_state == "SUCCESS" or trade_state == "REFUND" then
+    if PAID[state] then
+      return nil
+    end
+    return "succeeded"
+  elseif trade_state == "NOTPAY" or trade_state == "USERPAYING"
+         or trade_state == "ACCEPT" then
+    return state == "unknown" and "still_open" or nil
+  elseif trade_state == "CLOSED" or trade_state == "REVOKED" then
+    return OPEN[state] and "closed" or nil
+  elseif trade_state == "PAYERROR" then
+    return OPEN[state] and "failed" or nil
+  end
+  return nil
+end
+
+local KNOWN_TRADE = {
+  SUCCESS = true, REFUND = true, NOTPAY = true, USERPAYING = true,
+  ACCEPT = true, CLOSED = true, REVOKED = true, PAYERROR = true,
+}
+
+local function client_for(fname, wx, item)
+  if type(wx) == "function" then
+    wx = wx(item)
+  end
+  if wx == nil or (type(wx) ~= "table" and type(wx) ~= "userdata") then
+    error(fname .. ": wx must be a paygate.wechatpay client or a function"
+          .. " of the item returning one", 3)
+  end
+  return wx
+end
+
+local function check_item(fname, item, key)
+  if type(item) ~= "table" then
+    error(fname .. ": item must be a table", 3)
+  end
+  if type(item.id) ~= "string" and type(item.id) ~= "number" then
+    error(fname .. ": item.id must be a string or number", 3)
+  end
+  if type(item[key]) ~= "string" then
+    error(fname .. ": item." .. key .. " must be a string", 3)
+  end
+end
+
+local function sub_mchid(item)
+  local s = item.sub_mchid
+  if s == nil or s == core.null or s == "" then
+    return nil
+  end
+  return s
+end
+
+-- syntax: action, err = reconcile.check_payment(wx, item[, opts])
+-- item: { id, state, out_trade_no, sub_mchid?, amount? (fen: compared
+--   with WeChat's total), expires_at? (epoch s) }; wx: a client or fn(item)
+-- opts: now (s, default core.time()), close_expired (default true)
+-- Queries WeChat (wx:query_by_out_trade_no, with sub_mchid in partner
+-- mode). An open payment still NOTPAY past expires_at is closed through
+-- wx:close first and then means `closed`. An order WeChat does not know
+-- (ORDER_NOT_EXIST, remote = "ORDER_NOT_EXIST") means nothing before its
+-- expiry (asked too early) and `closed` after it: nobody can pay it.
+-- returns: action = { kind = "payment", id, out_trade_no, state (local),
+--   remote (trade_state), event (or nil: nothing to apply), closed_by_us,
+--   alarm ("amount_mismatch": WeChat's total differs; no event), set
+--   (transaction_id, payer_total), evidence, transaction (WeChat's) }
+--   or nil, err (the query's or the close's error: reschedule)
+-- yields: one or two WeChat calls
+function _M.check_payment(wx, item, opts)
+  check_item("reconcile.check_payment", item, "out_trade_no")
+  wx = client_for("reconcile.check_payment", wx, item)
+  opts = opts or {}
+  local now = opts.now or core.time()
+  local sub = sub_mchid(item)
+  count("checks")
+  local txn, err = wx:query_by_out_trade_no(item.out_trade_no, sub)
+  local expired = type(item.expires_at) == "number"
+                  and now >= item.expires_at
+  local action = { kind = "payment", id = item.id, state = item.state,
+                   out_trade_no = item.out_trade_no,
+                   evidence = { out_trade_no = item.out_trade_no,
+                                sub_mchid = sub } }
+  if not txn then
+    if err.kind == "not_found" then
+      -- never created at WeChat, or a moment ago: nothing to apply yet;
+      -- past its expiry nobody can pay it any more
+      action.remote = "ORDER_NOT_EXIST"
+      action.evidence.trade_state = "ORDER_NOT_EXIST"
+      if expired and OPEN[item.state] then
+        action.event = "closed"
+      end
+      return action
+    end
+    return nil, err
+  end
+  local ts = txn.trade_state
+  if not KNOWN_TRADE[ts] then
+    return fail("bad_response", "reconcile: payment " .. tostring(item.id)
+                .. ": unexpected trade_state " .. tostring(ts),
+                { retryable = true })
+  end
+  action.remote, action.transaction = ts, txn
+  action.evidence.trade_state = ts
+  action.evidence.transaction_id = txn.transaction_id
+  if ts == "NOTPAY" and expired and OPEN[item.state]
+     and opts.close_expired ~= false then
+    -- a close refused with order_paid (paid in between) is an error
+    -- here: the next round's query sees SUCCESS
+    local ok, cerr = wx:close(item.out_trade_no, sub)
+    if not ok then
+      return nil, cerr
+    end
+    count("closed_by_us")
+    action.closed_by_us = true
+    action.remote = "CLOSED"
+    action.evidence.trade_state = "CLOSED"
+    action.evidence.closed_by = "reconcile"
+  end
+  if ts == "SUCCESS" or ts == "REFUND" then
+    local total = type(txn.amount) == "table" and txn.amount.total
+    if type(item.amount) == "number" and total ~= item.amount then
+      count("alarms")
+      action.alarm = "amount_mismatch"
+      action.evidence.expected = item.amount
+      action.evidence.got = total
+      return action
+    end
+    action.set = { transaction_id = txn.transaction_id,
+                   payer_total = type(txn.amount) == "table"
+                                 and txn.amount.payer_total or nil }
+  end
+  action.event = _M.payment_event(item.state, action.remote)
+  return action
+end
+
+------------------------------------------------------- refund checks
+
+local REFUND_DONE = { succeeded = true, closed = true, failed = true }
+
+-- syntax: event = reconcile.refund_event(local_state, status)
+-- returns: the fsm.refund event WeChat's refund status means for a row
+-- in local_state, or nil (nothing to apply).
+--   PROCESSING -> accepted from created / unknown
+--   SUCCESS -> succeeded; CLOSED -> closed; ABNORMAL -> abnormal
+function _M.refund_event(state, status)
+  if REFUND_DONE[state] then
+    return nil
+  end
+  if status == "PROCESSING" then
+    return (state == "created" or state == "unknown") and "accepted" or nil
+  elseif status == "SUCCESS" then
+    return "succeeded"
+  elseif status == "CLOSED" then
+    return "closed"
+  elseif status == "ABNORMAL" then
+    return state ~= "abnormal" and "abnormal" or nil
+  end
+  return nil
+end
+
+local KNOWN_REFUND = { PROCESSING = true, SUCCESS = true, CLOSED = true,
+                       ABNORMAL = true }
+
+-- syntax: action, err = reconcile.check_refund(wx, item)
+-- item: { id, state, out_refund_no, sub_mchid? }; wx: a client or fn(item)
+-- returns: action = { kind = "refund", id, out_refund_no, state, remote
+--   (status), event (or nil: PROCESSING stays), abnormal (true when
+--   WeChat says ABNORMAL: for the abnormal-refund API), refund (WeChat's),
+--   set (refund_id), evidence } or nil, err
+-- yields: one WeChat call
+function _M.check_refund(wx, item)
+  check_item("reconcile.check_refund", item, "out_refund_no")
+  wx = client_for("reconcile.check_refund", wx, item)
+  count("checks")
+  local r, err = wx:query_refund(item.out_refund_no, sub_mchid(item))
+  if not r then
+    return nil, err
+  end
+  local status = r.status
+  if not KNOWN_REFUND[status] then
+    return fail("bad_response", "reconcile: refund " .. tostring(item.id)
+                .. ": unexpected status " .. tostring(status),
+                { retryable = true })
+  end
+  local action = { kind = "refund", id = item.id, state = item.state,
+                   out_refund_no = item.out_refund_no, remote = status,
+                   refund = r, set = { refund_id = r.refund_id },
+                   evidence = { out_refund_no = item.out_refund_no,
+                                refund_id = r.refund_id, status = status } }
+  action.event = _M.refund_event(item.state, status)
+  if status == "ABNORMAL" then
+    action.abnormal = true
+    count("abnormal")
+  end
+  return action
+end
+
+---------------------------------------------------------------- apply
+
+local function map_event(action, state)
+  if action.alarm then
+    return nil
+  end
+  if action.remote == "ORDER_NOT_EXIST" then
+    return action.event and OPEN[state] and "closed" or nil
+  end
+  if action.kind == "refund" then
+    return _M.refund_event(state, action.remote)
+  end
+  return _M.payment_event(state, action.remote)
+end
+
+-- syntax: res, err = reconcile.apply(db, machine, action[, opts])
+-- Applies a check's action through the app's fsm machine in one
+-- transaction (fsm.retry: retried from fresh state on stale_version):
+-- opts.fence(tx) first (the runner's ctx.fence: a lease lost meanwhile
+-- commits nothing), then the event as re-derived from the row read in the
+-- transaction (a notification that moved it meanwhile wins: no event,
+-- nothing illegal), then opts.within(tx, action, tres) and
+-- opts.schedule(tx, action, tres) (the app's extra writes, e.g. its
+-- next_check_at). opts.set = fn(row, action) -> columns (default
+-- action.set); cause ("reconcile"), actor ("reconcile").
+-- returns: { applied = bool, event, transition (fsm's result or nil),
+--   skipped (true when the row had moved on) } or nil, err
+-- yields: until committed
+function _M.apply(db, machine, action, opts)
+  if type(machine) ~= "table" or type(machine.transition) ~= "function" then
+    error("reconcile.apply: machine must be a paygate.fsm machine", 2)
+  end
+  if type(action) ~= "table" or (action.kind ~= "payment"
+                                 and action.kind ~= "refund") then
+    error("reconcile.apply: action must come from check_payment or"
+          .. " check_refund", 2)
+  end
+  opts = opts or {}
+  if type(opts) ~= "table" then
+    error("reconcile.apply: opts must be a table", 2)
+  end
+  for _, k in ipairs({ "fence", "within", "schedule", "set" }) do
+    if opts[k] ~= nil and type(opts[k]) ~= "function" then
+      error("reconcile.apply: opts." .. k .. " must be a function", 2)
+    end
+  end
+  local out
+  local res, err = fsm.retry(db, function(tx)
+    out = { applied = false }
+    if opts.fence then
+      local ok, ferr = opts.fence(tx)
+      if not ok then
+        return nil, ferr
+      end
+    end
+    local row, gerr = machine:get(tx, action.id)
+    if row == nil then
+      return nil, gerr
+    end
+    if not row then
+      return fail("not_found", "reconcile: " .. action.kind .. " "
+                  .. tostring(action.id) .. " not found")
+    end
+    local state = row[machine.store.state_col or "state"]
+    local event = map_event(action, state)
+    out.event = event
+    if action.event and event ~= action.event then
+      out.skipped = true
+    end
+    if event then
+      local set = action.set
+      if opts.set then
+        set = opts.set(row, action)
+      end
+      local tres, terr = machine:transition(tx, action.id, event, {
+        row = row, cause = opts.cause or "reconcile",
+        actor = opts.actor or "reconcile", evidence = action.evidence,
+        set = set and next(set) and set or nil,
+        data = { action = action } })
+      if not tres then
+        return nil, terr
+      end
+      out.applied, out.transition = true, tres
+    end
+    if opts.within then
+      local ok, werr = opts.within(tx, action, out.transition)
+      if not ok then
+        return nil, werr
+      end
+    end
+    if opts.schedule then
+      local ok, serr = opts.schedule(tx, action, out.transition)
+      if not ok then
+        return nil, serr
+      end
+    end
+    return out
+  end)
+  if not res then
+    return nil, err
+  end
+  if out.applied then
+    count("applied")
+  else
+    count("unchanged")
+  end
+  if out.skipped then
+    count("skipped")
+  end
+  return out
+end
+
+---------------------------------------------------------- refund limit
+
+local NOT_COUNTED = { failed = true, closed = true }
+
+local function fen(fname, v, what)
+  if type(v) ~= "number" or v % 1 ~= 0 or v < 0 or v > 2 ^ 53 then
+    return nil, core.error("invalid_amount", fname .. ": " .. what
+                           .. " must be a non-negative integer (fen)")
+  end
+  return v
+end
+
+-- syntax: left, err = reconcile.refundable(paid, refunds)
+-- paid: the amount paid (fen); refunds: { { amount, state }, ... }.
+-- returns: paid minus the refunds not failed / closed (never below 0), or
+-- nil, err (invalid_amount)
+function _M.refundable(paid, refunds)
+  local p, err = fen("reconcile.refundable", paid, "paid")
+  if not p then
+    return nil, err
+  end
+  if type(refunds) ~= "table" then
+    error("reconcile.refundable: refunds must be a table", 2)
+  end
+  local used = 0
+  for i, r in ipairs(refunds) do
+    if type(r) ~= "table" then
+      error("reconcile.refundable: refunds[" .. i .. "] must be a table", 2)
+    end
+    if not NOT_COUNTED[r.state] then
+      local a, aerr = fen("reconcile.refundable", r.amount,
+                          "refunds[" .. i .. "].amount")
+      if not a then
+        return nil, aerr
+      end
+      used = used + a
+    end
+  end
+  return max(0, p - used)
+end
+
+-- syntax: left, err = reconcile.refund_limit(paid, refunds, amount)
+-- returns: what stays refundable after `amount` (fen), or nil, err:
+-- invalid_amount (not a positive integer), refund_exceeds_paid (amount
+-- above what is left: err.refundable, err.requested)
+function _M.refund_limit(paid, refunds, amount)
+  local left, err = _M.refundable(paid, refunds)
+  if not left then
+    return nil, err
+  end
+  if type(amount) ~= "number" or amount % 1 ~= 0 or amount < 1
+     or amount > 2 ^ 53 then
+    return fail("invalid_amount", "refund: amount must be a positive"
+                .. " integer (fen)")
+  end
+  if amount > left then
+    return fail("refund_exceeds_paid", "refund: " .. amount .. " fen is"
+                .. " above the " .. left .. " fen still refundable",
+                { refundable = left, requested = amount })
+  end
+  return left - amount
+end
+
+----------------------------------------------------------------- bills
+
+_M.bill = bill
+_M.parse_fen = bill.parse_fen
+_M.bill_date = bill.bill_date
+_M.fetch_bill = bill.fetch
+_M.diff = bill.diff
+_M.csv = bill.csv
+_M.daily_bill = bill.daily
+
+return _M

@@ -1,0 +1,531 @@
+-- paygate.reconcile.bill: the daily trade-bill reconciliation.
+--
+--   local report, err = bill.daily{
+--     wx = wx, db = db, dir = "var/reconcile",      -- CSV reports go there
+--     date = bill.bill_date(),                      -- Beijing yesterday
+--     local_rows = function(date, numbers) ... end, -- the app's rows
+--   }
+--   -- report = { date, empty, mismatches, counts, path, sha256, audit }
+--
+-- Steps: wx:trade_bill (STATEMENT_CREATING retried on a bounded backoff,
+-- NO_STATEMENT_EXIST = a day without trades) -> wx:download_bill ->
+-- records (yuan text -> integer fen, exactly) -> diff against the app's
+-- rows -> a CSV written atomically -> a gauge per kind -> an audit entry
+-- (subject "reconcile:<date>") with the summary and the CSV's SHA-256.
+--
+-- Failures: nil, err (core.error). Misuse raises at the caller.
+
+local core = require "paygate.core"
+local crypto = require "paygate.crypto"
+local audit = require "paygate.audit"
+local wxbill = require "paygate.wechatpay.bill"
+
+local type, pairs, ipairs, tostring, error, tonumber, pcall =
+      type, pairs, ipairs, tostring, error, tonumber, pcall
+local sub, find, match, byte, gsub, format =
+      string.sub, string.find, string.match, string.byte, string.gsub,
+      string.format
+local concat, sort = table.concat, table.sort
+local floor = math.floor
+
+local _M = {}
+
+-- A big bill is read and compared in pieces: every YIELD_EVERY rows the
+-- coroutine yields once, so the worker's requests are not held up.
+local YIELD_EVERY = 2000
+
+local function pause(i)
+  if i % YIELD_EVERY == 0 and core.in_coroutine() then
+    core.sleep(0)
+  end
+end
+
+local function fail(kind, message, fields)
+  fields = fields or {}
+  if fields.retryable == nil then
+    fields.retryable = false
+  end
+  return nil, core.error(kind, message, fields)
+end
+
+----------------------------------------------------------------- money
+
+local MAX_YUAN_DIGITS = 13     -- 10^13 yuan * 100 < 2^53: exact in a double
+
+-- syntax: fen, err = bill.parse_fen(yuan_text)
+-- "0.10" -> 10, "12" -> 1200, "1.5" -> 150, "0.74000" -> 74: digits, an
+-- optional point and decimals, read as text (no float rounding). Decimals
+-- past the fen must be zeros; a sign, spaces, exponents or more than 13
+-- integer digits are refused.
+-- returns: an integer, or nil, err (kind bad_amount)
+function _M.parse_fen(s)
+  if type(s) ~= "string" then
+    return fail("bad_amount", "bill: amount is not text")
+  end
+  local int, dec = match(s, "^(%d+)%.(%d+)$")
+  if not int then
+    int, dec = match(s, "^(%d+)$"), ""
+  end
+  if not int then
+    return fail("bad_amount", "bill: amount " .. format("%q", sub(s, 1, 32))
+                .. " is not a yuan amount")
+  end
+  int = gsub(int, "^0+(%d)", "%1")
+  if #int > MAX_YUAN_DIGITS then
+    return fail("bad_amount", "bill: amount " .. sub(s, 1, 32)
+                .. " is too large")
+  end
+  if find(dec, "[^0]", 3) then
+    return fail("bad_amount", "bill: amount " .. sub(s, 1, 32)
+                .. " has a part below one fen")
+  end
+  local cents = sub(dec .. "00", 1, 2)
+  return tonumber(int) * 100 + tonumber(cents)
+end
+
+------------------------------------------------------------------ date
+
+local BEIJING = 8 * 3600
+
+-- syntax: date = bill.bill_date([now])
+-- returns: the Beijing (UTC+8) date before the one `now` (epoch s,
+-- default core.time()) falls on, as "YYYY-MM-DD": the newest day whose
+-- bill can exist.
+function _M.bill_date(now)
+  now = now or core.time()
+  if type(now) ~= "number" then
+    error("bill.bill_date: now must be a number", 2)
+  end
+  return os.date("!%Y-%m-%d", floor(now) + BEIJING - 86400)
+end
+
+-- syntax: t = bill.day_start(date) -- the epoch s of that Beijing midnight
+function _M.day_start(date)
+  local y, m, d = match(tostring(date), "^(%d%d%d%d)%-(%d%d)%-(%d%d)$")
+  if not y then
+    error("bill.day_start: date must be YYYY-MM-DD", 2)
+  end
+  -- days from the civil date (proleptic Gregorian), no local time zone
+  y, m, d = tonumber(y), tonumber(m), tonumber(d)
+  if m <= 2 then
+    y = y - 1
+  end
+  local era = floor(y / 400)
+  local yoe = y - era * 400
+  local mp = (m + 9) % 12
+  local doy = floor((153 * mp + 2) / 5) + d - 1
+  local doe = yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy
+  local days = era * 146097 + doe - 719468
+  return days * 86400 - BEIJING
+end
+
+------------------------------------------------------------- download
+
+local function check_date(fname, date)
+  if type(date) ~= "string" or not match(date, "^%d%d%d%d%-%d%d%-%d%d$")
+  then
+    error(fname .. ": date must be YYYY-MM-DD", 3)
+  end
+end
+
+local function schedule(opts)
+  -- required here, not at the top: paygate.reconcile requires this file
+  return require("paygate.reconcile").schedule(opts)
+end
+
+-- syntax: info, err = bill.fetch(wx, date, opts)
+-- opts: path (where the bill goes; required), sub_mchid, bill_type
+-- ("ALL"), retry = { attempts = 6, first = 60, factor = 2, ceiling = 1800,
+-- jitter = "equal", random } (for STATEMENT_CREATING), sleep (fn(s),
+-- default core.sleep), on_wait (fn() -> ok, err: called before each
+-- pause, e.g. the runner's keepalive; a failure ends the wait).
+-- returns: the download's info ({ path, bytes, sha1, ... }), false for
+-- NO_STATEMENT_EXIST (a day without trades), or nil, err
+-- (statement_creating after the last attempt, retryable; any other)
+-- yields
+function _M.fetch(wx, date, opts)
+  check_date("bill.fetch", date)
+  if type(opts) ~= "table" or type(opts.path) ~= "string" then
+    error("bill.fetch: opts.path must be a string", 2)
+  end
+  local retry = opts.retry or {}
+  local attempts = retry.attempts or 6
+  local s = schedule{ first = retry.first or 60, factor = retry.factor or 2,
+                      ceiling = retry.ceiling or 1800,
+                      jitter = retry.jitter or "equal",
+                      random = retry.random }
+  local sleep = opts.sleep or core.sleep
+  local p = { bill_date = date, bill_type = opts.bill_type or "ALL",
+              tar_type = "GZIP", sub_mchid = opts.sub_mchid }
+  local b, err
+  for n = 1, attempts do
+    b, err = wx:trade_bill(p)
+    if b then
+      break
+    end
+    if err.kind == "no_statement_exist" then
+      return false
+    end
+    if err.kind ~= "statement_creating" or n == attempts then
+      return nil, err
+    end
+    if opts.on_wait then
+      local ok, werr = opts.on_wait()
+      if not ok then
+        return nil, werr
+      end
+    end
+    sleep(s:delay(n))
+  end
+  return wx:download_bill(b, opts.path)
+end
+
+-- syntax: remote, err = bill.records(path)
+-- Reads a downloaded trade bill.
+-- returns: { payments = { [out_trade_no] = { amount, state,
+--   transaction_id } }, refunds = { [out_refund_no] = { out_trade_no,
+--   amount, state, refund_id } }, lines = n } or nil, err (bad_amount,
+--   bad_bill)
+function _M.records(path)
+  local ok, it = pcall(wxbill.rows, path)
+  if not ok then
+    return fail("io", "bill: cannot read " .. tostring(path))
+  end
+  local payments, refunds, n = {}, {}, 0
+  for kind, row in it do
+    if kind == "record" then
+      n = n + 1
+      pause(n)
+      local no, state = row["商户订单号"], row["交易状态"]
+      if type(no) ~= "string" or no == "" or type(state) ~= "string" then
+        return fail("bad_bill", "bill: line " .. n .. " has no 商户订单号"
+                    .. " or 交易状态")
+      end
+      if state == "REFUND" then
+        local rno = row["商户退款单号"]
+        local amount, err = _M.parse_fen(row["退款金额"]
+                                         or row["申请退款金额"])
+        if not amount then
+          err.line = n
+          return nil, err
+        end
+        if type(rno) ~= "string" or rno == "" or rno == "0" then
+          return fail("bad_bill", "bill: refund line " .. n
+                      .. " has no 商户退款单号")
+        end
+        refunds[rno] = { out_trade_no = no, amount = amount,
+                         state = row["退款状态"] or "",
+                         refund_id = row["微信退款单号"] }
+      else
+        local amount, err = _M.parse_fen(row["订单金额"]
+                                         or row["应结订单金额"])
+        if not amount then
+          err.line = n
+          return nil, err
+        end
+        payments[no] = { amount = amount, state = state,
+                         transaction_id = row["微信订单号"] }
+      end
+    end
+  end
+  return { payments = payments, refunds = refunds, lines = n }
+end
+
+----------------------------------------------------------------- diff
+
+local PAID = { paid = true, partially_refunded = true, refunded = true }
+local REFUNDED = { succeeded = true }
+
+local function set_of(list, default)
+  if list == nil then
+    return default
+  end
+  local t = {}
+  for _, v in ipairs(list) do
+    t[v] = true
+  end
+  return t
+end
+
+local KIND_ORDER = { missing_local = 1, missing_remote = 2, amount = 3,
+                     state = 4 }
+
+-- syntax: mismatches = bill.diff(remote, local_rows[, opts])
+-- remote: bill.records' result (or { payments = {}, refunds = {} } for an
+-- empty day). local_rows: { { out_trade_no, amount (fen), state,
+-- out_refund_no? (a refund's row) }, ... }. opts.paid_states (payment
+-- states WeChat's bill lists as SUCCESS; default paid, partially_refunded,
+-- refunded), opts.refund_states (default succeeded).
+-- returns: a list sorted by kind, out_trade_no, out_refund_no of
+-- { kind = missing_local | missing_remote | amount | state, out_trade_no,
+--   out_refund_no, ["local"] = row | nil, remote = record | nil }
+function _M.diff(remote, rows, opts)
+  if type(remote) ~= "table" or type(rows) ~= "table" then
+    error("bill.diff: remote and local_rows must be tables", 2)
+  end
+  opts = opts or {}
+  local paid = set_of(opts.paid_states, PAID)
+  local refunded = set_of(opts.refund_states, REFUNDED)
+  local out = {}
+  local function add(kind, no, rno, l, r)
+    out[#out + 1] = { kind = kind, out_trade_no = no, out_refund_no = rno,
+                      ["local"] = l, remote = r }
+  end
+  local lp, lr = {}, {}
+  for i, row in ipairs(rows) do
+    pause(i)
+    if type(row) ~= "table" or type(row.out_trade_no) ~= "string" then
+      error("bill.diff: local_rows[" .. i .. "].out_trade_no must be a"
+            .. " string", 2)
+    end
+    local rno = row.out_refund_no
+    if rno ~= nil and rno ~= core.null then
+      lr[rno] = row
+    else
+      lp[row.out_trade_no] = row
+    end
+  end
+  local seen = 0
+  local function compare(remote_map, local_map, done, is_refund)
+    for key, r in pairs(remote_map) do
+      seen = seen + 1
+      pause(seen)
+      local no = is_refund and r.out_trade_no or key
+      local rno = is_refund and key or nil
+      local l = local_map[key]
+      if not l then
+        add("missing_local", no, rno, nil, r)
+      elseif not done[l.state] or r.state ~= "SUCCESS" then
+        add("state", no, rno, l, r)
+      elseif l.amount ~= r.amount then
+        add("amount", no, rno, l, r)
+      end
+    end
+    for key, l in pairs(local_map) do
+      if not remote_map[key] and done[l.state] then
+        add("missing_remote", l.out_trade_no, is_refund and key or nil, l,
+            nil)
+      end
+    end
+  end
+  compare(remote.payments or {}, lp, paid, false)
+  compare(remote.refunds or {}, lr, refunded, true)
+  sort(out, function(a, b)
+    if a.kind ~= b.kind then
+      return KIND_ORDER[a.kind] < KIND_ORDER[b.kind]
+    end
+    if a.out_trade_no ~= b.out_trade_no then
+      return a.out_trade_no < b.out_trade_no
+    end
+    return (a.out_refund_no or "") < (b.out_refund_no or "")
+  end)
+  return out
+end
+
+------------------------------------------------------------------ CSV
+
+-- A field is quoted when it holds a quote, a comma, CR or LF (quotes
+-- doubled: RFC 4180). A text field starting with = + - @ TAB or CR gets a
+-- leading ' so a spreadsheet shows it instead of running it as a formula.
+function _M.csv_field(v)
+  if v == nil or v == core.null then
+    return ""
+  end
+  if type(v) == "number" then
+    if v % 1 == 0 and v >= -2 ^ 53 and v <= 2 ^ 53 then
+      return format("%d", v)
+    end
+    return tostring(v)
+  end
+  v = tostring(v)
+  local c = byte(v, 1)
+  if c == 61 or c == 43 or c == 45 or c == 64 or c == 9 or c == 13 then
+    v = "'" .. v
+  end
+  if find(v, '[",\r\n]') then
+    v = '"' .. gsub(v, '"', '""') .. '"'
+  end
+  return v
+end
+
+local HEADER = { "bill_date", "kind", "out_trade_no", "out_refund_no",
+                 "local_state", "local_amount", "remote_state",
+                 "remote_amount" }
+
+-- syntax: text = bill.csv(date, mismatches)
+-- returns: the report as CSV text (header line, one line per mismatch,
+-- CRLF line ends; amounts in fen)
+function _M.csv(date, mismatches)
+  local lines = { concat(HEADER, ",") }
+  local f = _M.csv_field
+  for i, m in ipairs(mismatches) do
+    pause(i)
+    local l, r = m["local"] or {}, m.remote or {}
+    lines[#lines + 1] = concat({
+      f(date), f(m.kind), f(m.out_trade_no), f(m.out_refund_no),
+      f(l.state), f(l.amount), f(r.state), f(r.amount) }, ",")
+  end
+  return concat(lines, "\r\n") .. "\r\n"
+end
+
+-- syntax: ok, err = bill.write_atomic(path, text)
+-- Writes text to path.part-XXXXXXXX, then renames it over path: a reader
+-- sees the old file or the whole new one, never a part.
+function _M.write_atomic(path, text)
+  local tmp = path .. ".part-" .. crypto.random_nonce(8)
+  local f, err = io.open(tmp, "wb")
+  if not f then
+    return fail("io", "reconcile: cannot create " .. tmp .. ": "
+                .. tostring(err))
+  end
+  local ok, werr = f:write(text)
+  if ok then
+    ok, werr = f:flush()
+  end
+  f:close()
+  if not ok then
+    os.remove(tmp)
+    return fail("io", "reconcile: writing " .. tmp .. ": " .. tostring(werr))
+  end
+  local rok, rerr = os.rename(tmp, path)
+  if not rok then
+    os.remove(tmp)
+    return fail("io", "reconcile: renaming " .. tmp .. ": " .. tostring(rerr))
+  end
+  return true
+end
+
+--------------------------------------------------------------- metric
+
+local gauge
+
+local function publish(counts)
+  if gauge == nil then
+    local ok, metrics = pcall(require, "paygate.metrics")
+    gauge = ok and metrics.gauge("paygate_reconcile_bill_mismatches",
+      "Mismatches found by the last daily bill reconciliation, by kind")
+      or false
+  end
+  if gauge then
+    for kind in pairs(KIND_ORDER) do
+      gauge:set(counts[kind] or 0, { kind = kind })
+    end
+  end
+end
+
+---------------------------------------------------------------- daily
+
+-- syntax: report, err = bill.daily(opts)
+-- opts: wx (client), db (paygate.sql: the audit entry), dir (the reports'
+-- folder, must exist), local_rows = fn(date, out_trade_nos) -> rows | nil,
+-- err (the app's payments paid that Beijing day, plus its rows for the
+-- given numbers whatever their day, and its refunds that succeeded that
+-- day with out_refund_no; see bill.diff), date ("YYYY-MM-DD", default
+-- bill.bill_date()), name (a suffix for several merchants' reports),
+-- sub_mchid, retry, sleep, on_wait (as bill.fetch), fence (fn(tx) -> ok,
+-- err: checked in the audit entry's transaction), paid_states,
+-- refund_states, keep_bill (keep the downloaded bill beside the report).
+-- returns: { date, empty (NO_STATEMENT_EXIST), mismatches, counts (by
+-- kind, and total), path (the CSV), sha256 (hex of its bytes), audit (the
+-- entry), remote_payments, remote_refunds, local_rows } or nil, err
+-- yields
+function _M.daily(opts)
+  if type(opts) ~= "table" then
+    error("bill.daily: opts must be a table", 2)
+  end
+  if type(opts.dir) ~= "string" or opts.dir == "" then
+    error("bill.daily: opts.dir must be a folder name", 2)
+  end
+  if type(opts.local_rows) ~= "function" then
+    error("bill.daily: opts.local_rows must be a function", 2)
+  end
+  if opts.db == nil or opts.wx == nil then
+    error("bill.daily: opts.db and opts.wx are required", 2)
+  end
+  local date = opts.date or _M.bill_date()
+  check_date("bill.daily", date)
+  local name = opts.name and ("-" .. opts.name) or ""
+  if name ~= "" and not match(name, "^%-[%w_]+$") then
+    error("bill.daily: opts.name must be letters, digits or _", 2)
+  end
+  local base = opts.dir .. "/tradebill-" .. date .. name .. ".csv"
+  local info, err = _M.fetch(opts.wx, date, {
+    path = base, sub_mchid = opts.sub_mchid, retry = opts.retry,
+    sleep = opts.sleep, on_wait = opts.on_wait })
+  if info == nil then
+    return nil, err
+  end
+  local remote = { payments = {}, refunds = {}, lines = 0 }
+  if info then
+    remote, err = _M.records(info.path)
+    if not opts.keep_bill then
+      os.remove(info.path)
+    end
+    if not remote then
+      return nil, err
+    end
+  end
+  local numbers = {}
+  for no in pairs(remote.payments) do
+    numbers[#numbers + 1] = no
+  end
+  for _, r in pairs(remote.refunds) do
+    numbers[#numbers + 1] = r.out_trade_no
+  end
+  sort(numbers)
+  local rows, lerr = opts.local_rows(date, numbers)
+  if not rows then
+    return nil, lerr or core.error("internal", "local_rows returned nothing")
+  end
+  local mismatches = _M.diff(remote, rows, opts)
+  local counts = { total = #mismatches }
+  for kind in pairs(KIND_ORDER) do
+    counts[kind] = 0
+  end
+  for _, m in ipairs(mismatches) do
+    counts[m.kind] = counts[m.kind] + 1
+  end
+  local text = _M.csv(date, mismatches)
+  local path = opts.dir .. "/reconcile-" .. date .. name .. ".csv"
+  local ok, werr = _M.write_atomic(path, text)
+  if not ok then
+    return nil, werr
+  end
+  local sha = crypto.hex(crypto.digest("sha256", text))
+  local npay, nref = 0, 0
+  for _ in pairs(remote.payments) do npay = npay + 1 end
+  for _ in pairs(remote.refunds) do nref = nref + 1 end
+  local entry = { what = "reconcile.bill", cause = "daily_bill",
+                  actor = "reconcile", evidence = {
+                    date = date, empty = not info, file = path,
+                    sha256 = sha, counts = counts, merchant = opts.name,
+                    remote_payments = npay, remote_refunds = nref,
+                    local_rows = #rows } }
+  local subject = "reconcile:" .. date
+  local e, aerr
+  if opts.fence then
+    local okf, ensure = audit.ensure_schema(opts.db)
+    if not okf then
+      return nil, ensure
+    end
+    e, aerr = opts.db:transaction(function(tx)
+      local fok, ferr = opts.fence(tx)
+      if not fok then
+        return nil, ferr
+      end
+      return audit.append(tx, subject, entry)
+    end)
+  else
+    e, aerr = audit.append(opts.db, subject, entry)
+  end
+  if not e then
+    return nil, aerr
+  end
+  publish(counts)
+  return { date = date, empty = not info, mismatches = mismatches,
+           counts = counts, path = path, sha256 = sha, audit = e,
+           remote_payments = npay, remote_refunds = nref,
+           local_rows = #rows }
+end
+
+return _M

@@ -1,0 +1,647 @@
+-- paygate.reconcile without WeChat: the backoff schedule, the mapping of
+-- WeChat's states to fsm events, the runner (lease, errors of one item,
+-- fencing) and apply on SQLite, the refund limit, and the bill's pieces
+-- (fen parsing, the Beijing date, the diff, CSV escaping, the atomic file).
+-- The calls to the simulator: spec/integration/reconcile_spec.lua.
+local core = require "paygate.core"
+local sql = require "paygate.sql"
+local lease = require "paygate.lease"
+local fsm = require "paygate.fsm"
+local audit = require "paygate.audit"
+local reconcile = require "paygate.reconcile"
+local bill = require "paygate.reconcile.bill"
+local servers = require "spec.support.servers"
+
+local tmp = servers.mktemp()
+local n = 0
+
+teardown(function()
+  servers.stop_all()
+  servers.sh("rm -rf " .. tmp)
+end)
+
+local function new_db()
+  n = n + 1
+  local db = assert(sql.open("sqlite:" .. tmp .. "/r" .. n .. ".db"))
+  assert(db:exec_script([[CREATE TABLE payments (id TEXT PRIMARY KEY,
+    state TEXT NOT NULL, version INTEGER NOT NULL, amount INTEGER,
+    transaction_id TEXT, payer_total INTEGER, next_check_at REAL,
+    checks INTEGER NOT NULL DEFAULT 0)]]))
+  return db
+end
+
+local pg_srv
+local engines = { sqlite = new_db }
+if servers.have_postgres() then
+  engines.postgres = function()
+    pg_srv = pg_srv or servers.postgres()
+    local db = assert(sql.open(pg_srv.url))
+    assert(db:exec_script("DROP TABLE IF EXISTS payments;"
+      .. " DROP TABLE IF EXISTS paygate_audit;"
+      .. " DROP TABLE IF EXISTS paygate_audit_heads;"
+      .. " DROP TABLE IF EXISTS paygate_leases;"
+      .. [[CREATE TABLE payments (id TEXT PRIMARY KEY,
+      state TEXT NOT NULL, version INTEGER NOT NULL, amount INTEGER,
+      transaction_id TEXT, payer_total INTEGER, next_check_at REAL,
+      checks INTEGER NOT NULL DEFAULT 0)]]))
+    return db
+  end
+end
+
+local function seq(...)
+  local vals, i = { ... }, 0
+  return function()
+    i = i + 1
+    return vals[i]
+  end
+end
+
+describe("reconcile.schedule", function()
+  it("refuses bad options (misuse raises)", function()
+    assert.has_error(function() reconcile.schedule{ first = 0 } end)
+    assert.has_error(function() reconcile.schedule{ factor = 0.5 } end)
+    assert.has_error(function() reconcile.schedule{ ceiling = -1 } end)
+    assert.has_error(function() reconcile.schedule{ jitter = "some" } end)
+    assert.has_error(function() reconcile.schedule{ random = 1 } end)
+    assert.has_error(function() reconcile.schedule(5) end)
+  end)
+
+  it("grows by factor from first up to the ceiling, without jitter",
+     function()
+    local s = reconcile.schedule{ first = 10, factor = 3, ceiling = 500,
+                                  jitter = "none" }
+    assert.same({ 10, 30, 90, 270, 500, 500 },
+      { s:delay(1), s:delay(2), s:delay(3), s:delay(4), s:delay(5),
+        s:delay(6) })
+    assert.equal(500, s:delay(100000))            -- no overflow to inf
+    assert.equal(10, s:delay(0))                  -- n < 1 is the first
+    assert.equal(1000 + 30, s:next(1000, 2))
+  end)
+
+  it("full jitter is uniform in [0, d) from the injected random", function()
+    local s = reconcile.schedule{ first = 10, factor = 2, ceiling = 60,
+                                  random = seq(0, 0.5, 0.999, 0.25) }
+    assert.equal(0, s:delay(1))
+    assert.equal(10, s:delay(2))                  -- 0.5 * 20
+    assert.near(39.96, s:delay(3), 1e-9)          -- 0.999 * 40
+    assert.equal(15, s:delay(9))                  -- 0.25 * 60 (ceiling)
+  end)
+
+  it("equal jitter stays in [d/2, d)", function()
+    local s = reconcile.schedule{ first = 8, jitter = "equal",
+                                  random = seq(0, 0.5) }
+    assert.equal(4, s:delay(1))
+    assert.equal(12, s:delay(2))                  -- 8 + 0.5 * 8
+  end)
+
+  it("a random() out of [0, 1) counts as 0", function()
+    local s = reconcile.schedule{ first = 8, random = function() return 7 end }
+    assert.equal(0, s:delay(1))
+  end)
+end)
+
+describe("reconcile.payment_event / refund_event", function()
+  it("maps trade_state by local state", function()
+    local e = reconcile.payment_event
+    assert.equal("succeeded", e("paying", "SUCCESS"))
+    assert.equal("succeeded", e("unknown", "SUCCESS"))
+    assert.equal("succeeded", e("closed", "SUCCESS"))  -- money after close
+    assert.is_nil(e("paid", "SUCCESS"))
+    assert.equal("succeeded", e("paying", "REFUND"))   -- paid, then refunded
+    assert.is_nil(e("refunded", "REFUND"))
+    assert.equal("still_open", e("unknown", "NOTPAY"))
+    assert.equal("still_open", e("unknown", "USERPAYING"))
+    assert.is_nil(e("paying", "NOTPAY"))
+    assert.equal("closed", e("paying", "CLOSED"))
+    assert.equal("closed", e("unknown", "CLOSED"))
+    assert.is_nil(e("paid", "CLOSED"))
+    assert.equal("failed", e("paying", "PAYERROR"))
+    assert.is_nil(e("paying", "WHATEVER"))
+    -- every event it names is declared from that state
+    local m = fsm.new(fsm.payment, { store = fsm.sql_store{ table = "x" } })
+    for _, st in ipairs({ "created", "paying", "unknown", "closed", "failed",
+                          "paid", "partially_refunded", "refunded" }) do
+      for _, ts in ipairs({ "SUCCESS", "REFUND", "NOTPAY", "USERPAYING",
+                            "CLOSED", "PAYERROR", "REVOKED", "ACCEPT" }) do
+        local ev = e(st, ts)
+        if ev then
+          assert.is_truthy(m:can(st, ev), st .. " " .. ts)
+        end
+      end
+    end
+  end)
+
+  it("maps refund status by local state", function()
+    local e = reconcile.refund_event
+    assert.equal("accepted", e("created", "PROCESSING"))
+    assert.equal("accepted", e("unknown", "PROCESSING"))
+    assert.is_nil(e("processing", "PROCESSING"))
+    assert.equal("succeeded", e("processing", "SUCCESS"))
+    assert.equal("succeeded", e("abnormal", "SUCCESS"))
+    assert.equal("closed", e("processing", "CLOSED"))
+    assert.equal("abnormal", e("processing", "ABNORMAL"))
+    assert.is_nil(e("abnormal", "ABNORMAL"))
+    assert.is_nil(e("succeeded", "SUCCESS"))
+    local m = fsm.new(fsm.refund, { store = fsm.sql_store{ table = "x" } })
+    for _, st in ipairs({ "created", "unknown", "processing", "abnormal",
+                          "succeeded", "closed", "failed" }) do
+      for _, rs in ipairs({ "PROCESSING", "SUCCESS", "CLOSED", "ABNORMAL" }) do
+        local ev = e(st, rs)
+        if ev then
+          assert.is_truthy(m:can(st, ev), st .. " " .. rs)
+        end
+      end
+    end
+  end)
+end)
+
+describe("reconcile.check_payment with a stand-in client", function()
+  -- A table with the two methods: the real calls are in the integration
+  -- spec; here the decisions around them.
+  local function client(txn, qerr, calls)
+    return {
+      query_by_out_trade_no = function(_, no, sub)
+        calls[#calls + 1] = { "query", no, sub }
+        if qerr then return nil, core.error(qerr, "x") end
+        return txn
+      end,
+      close = function(_, no, sub)
+        calls[#calls + 1] = { "close", no, sub }
+        return {}
+      end,
+    }
+  end
+
+  it("refuses a bad item (misuse raises)", function()
+    assert.has_error(function() reconcile.check_payment({}, { id = "P" }) end)
+    assert.has_error(function() reconcile.check_payment(nil, {
+      id = "P", out_trade_no = "T0001" }) end)
+  end)
+
+  it("an amount WeChat disagrees with is an alarm, not a transition",
+     function()
+    local calls = {}
+    local a = assert(reconcile.check_payment(client({ trade_state = "SUCCESS",
+      amount = { total = 90 }, transaction_id = "42" }, nil, calls),
+      { id = "P", state = "paying", out_trade_no = "T0001", amount = 100 }))
+    assert.equal("amount_mismatch", a.alarm)
+    assert.is_nil(a.event)
+    assert.same({ expected = 100, got = 90 },
+                { expected = a.evidence.expected, got = a.evidence.got })
+  end)
+
+  it("closes an expired NOTPAY at WeChat (partner: sub_mchid) first",
+     function()
+    local calls = {}
+    local a = assert(reconcile.check_payment(client({ trade_state = "NOTPAY" },
+      nil, calls), { id = "P", state = "paying", out_trade_no = "T0001",
+      sub_mchid = "1900000109", expires_at = 100 }, { now = 101 }))
+    assert.same({ { "query", "T0001", "1900000109" },
+                  { "close", "T0001", "1900000109" } }, calls)
+    assert.equal("closed", a.event)
+    assert.is_true(a.closed_by_us)
+    -- not yet expired: nothing, no close
+    calls = {}
+    a = assert(reconcile.check_payment(client({ trade_state = "NOTPAY" }, nil,
+      calls), { id = "P", state = "paying", out_trade_no = "T0001",
+      expires_at = 100 }, { now = 99 }))
+    assert.is_nil(a.event)
+    assert.equal(1, #calls)
+  end)
+
+  it("an order WeChat does not know: closed past expiry, nothing before",
+     function()
+    local calls = {}
+    local a = assert(reconcile.check_payment(client(nil, "not_found", calls),
+      { id = "P", state = "unknown", out_trade_no = "T0001",
+        expires_at = 100 }, { now = 200 }))
+    assert.equal("closed", a.event)
+    a = assert(reconcile.check_payment(client(nil, "not_found", calls),
+      { id = "P", state = "unknown", out_trade_no = "T0001",
+        expires_at = 100 }, { now = 50 }))
+    assert.equal("ORDER_NOT_EXIST", a.remote)
+    assert.is_nil(a.event)
+    -- another error is returned as it is
+    local none, err = reconcile.check_payment(client(nil, "timeout", calls),
+      { id = "P", state = "unknown", out_trade_no = "T0001" })
+    assert.is_nil(none)
+    assert.equal("timeout", err.kind)
+  end)
+
+  it("an unexpected trade_state is a retryable bad_response", function()
+    local a, err = reconcile.check_payment(client({ trade_state = "<x>" }, nil,
+      {}), { id = "P", state = "paying", out_trade_no = "T0001" })
+    assert.is_nil(a)
+    assert.equal("bad_response", err.kind)
+    assert.is_true(err.retryable)
+  end)
+end)
+
+for engine, open_db in pairs(engines) do
+  describe("reconcile.apply on " .. engine, function()
+    local db, m
+
+    before_each(function()
+      db = open_db()
+      m = fsm.new(fsm.payment, { store = fsm.sql_store{ table = "payments" } })
+      assert(m:create(db, { id = "P1", amount = 100 }))
+      assert(m:apply(db, "P1", "opened"))
+    end)
+
+    it("applies the event with its columns and evidence, in one transaction"
+       .. " with the app's schedule", function()
+      local scheduled
+      local res = assert(reconcile.apply(db, m, {
+        kind = "payment", id = "P1", remote = "SUCCESS", event = "succeeded",
+        set = { transaction_id = "4200" },
+        evidence = { trade_state = "SUCCESS" }
+      }, { schedule = function(tx, action, tres)
+        scheduled = tres and tres.to
+        return tx:exec("UPDATE payments SET checks = checks + 1 WHERE id = $1",
+                       { action.id })
+      end }))
+      assert.is_true(res.applied)
+      assert.equal("paid", scheduled)
+      local row = m:get(db, "P1")
+      assert.same({ "paid", "4200", 1 },
+                  { row.state, row.transaction_id, row.checks })
+      local entries = audit.entries(db, "payment:P1")
+      assert.equal("reconcile", entries[#entries].cause)
+      assert.matches("SUCCESS", entries[#entries].evidence)
+    end)
+
+    it("a row moved meanwhile (notification first) is skipped, not illegal",
+       function()
+      assert(m:apply(db, "P1", "succeeded"))
+      local before = fsm.stats().illegal_transitions_total
+      local res = assert(reconcile.apply(db, m, { kind = "payment", id = "P1",
+        remote = "SUCCESS", event = "succeeded" }))
+      assert.is_false(res.applied)
+      assert.is_true(res.skipped)
+      assert.equal(before, fsm.stats().illegal_transitions_total)
+    end)
+
+    it("a stale fencing token commits nothing", function()
+      local l1 = assert(lease.acquire(db, "reconcile:x", 0.05))
+      core.sleep(0.1)
+      assert(lease.acquire(db, "reconcile:x", 30))            -- a newer holder
+      local res, err = reconcile.apply(db, m, { kind = "payment", id = "P1",
+        remote = "SUCCESS", event = "succeeded" }, { fence = function(tx)
+          return lease.check(tx, "reconcile:x", l1.token) end })
+      assert.is_nil(res)
+      assert.equal("fenced", err.kind)
+      assert.equal("paying", m:get(db, "P1").state)
+    end)
+
+    it("a refused schedule write rolls the transition back", function()
+      local res, err = reconcile.apply(db, m, { kind = "payment", id = "P1",
+        remote = "SUCCESS", event = "succeeded" }, { schedule = function()
+          return nil, core.error("boom", "no") end })
+      assert.is_nil(res)
+      assert.equal("boom", err.kind)
+      assert.equal("paying", m:get(db, "P1").state)
+    end)
+  end)
+end
+
+describe("reconcile.runner", function()
+  it("refuses bad options (misuse raises)", function()
+    local db = new_db()
+    assert.has_error(function() reconcile.runner(db, { due = print,
+      check = print }) end)
+    assert.has_error(function() reconcile.runner(db, { name = "x",
+      check = print }) end)
+    assert.has_error(function() reconcile.runner(db, { name = "x",
+      due = print, check = print, batch = 1.5 }) end)
+  end)
+
+  it("checks due items in a batch; one failing or raising item is"
+     .. " rescheduled and the rest go on", function()
+    local db = new_db()
+    local seen, resched, asked = {}, {}, nil
+    local r = reconcile.runner(db, { name = "u1", batch = 5,
+      due = function(now, limit)
+        asked = limit
+        return { "a", "boom", "b", "raise", "c" }
+      end,
+      check = function(item, ctx)
+        assert(ctx.token and ctx.fence)
+        if item == "boom" then return nil, core.error("timeout", "slow") end
+        if item == "raise" then error("bug in check") end
+        seen[#seen + 1] = item
+        return true
+      end,
+      reschedule = function(item, err) resched[item] = err.kind end })
+    assert.equal(5, r:step())
+    assert.equal(5, asked)
+    assert.same({ "a", "b", "c" }, seen)
+    assert.same({ boom = "timeout", raise = "internal" }, resched)
+    assert.same({ 5, 3, 2 }, { r.stats.items, r.stats.ok, r.stats.errors })
+    r:stop()
+  end)
+
+  it("one runner at a time per name: the second waits for the lease",
+     function()
+    local db = new_db()
+    local count = 0
+    local function mk()
+      return reconcile.runner(db, { name = "one", due = function()
+        return { 1 } end, check = function() count = count + 1; return true
+        end })
+    end
+    local a, b = mk(), mk()
+    assert.equal(1, a:step())
+    local nb, err = b:step()
+    assert.equal(0, nb)
+    assert.equal("held", err.kind)
+    a:stop()                                   -- releases
+    assert.equal(1, b:step())
+    assert.equal(2, count)
+    b:stop()
+  end)
+
+  it("yields between items: another task runs during a batch", function()
+    local db = new_db()
+    local ticks, during = 0, {}
+    local r = reconcile.runner(db, { name = "y", due = function()
+      return { 1, 2, 3 } end, check = function(i)
+      during[i] = ticks
+      return true
+    end })
+    local done = false
+    local t = core.spawn(function()
+      while not done do ticks = ticks + 1; core.sleep(0) end
+    end)
+    r:step()
+    done = true
+    t:wait()
+    assert.is_true(during[3] > during[1])
+    r:stop()
+  end)
+
+  it("measures each check; a lease_ttl function sets the lease's ttl",
+     function()
+    local db = new_db()
+    local measured, asked = {}, 0
+    local r = reconcile.runner(db, { name = "m",
+      lease_ttl = function() asked = asked + 1; return 7 end,
+      measure = function(s) measured[#measured + 1] = s end,
+      due = function() return { 1, 2 } end,
+      check = function() core.sleep(0.02); return true end })
+    assert.equal(2, r:step())
+    assert.equal(2, #measured)
+    assert.is_true(measured[1] >= 0.015 and measured[1] < 5)
+    assert.is_true(asked >= 1)
+    assert.equal(7, r.lease.ttl)
+    r:stop()
+    -- a function that fails keeps the default
+    r = reconcile.runner(db, { name = "m2", lease_ttl = function()
+      error("no") end, due = function() return {} end,
+      check = function() return true end })
+    r:step()
+    assert.equal(60, r.lease.ttl)
+    r:stop()
+  end)
+
+  it("start runs rounds until stop", function()
+    local db = new_db()
+    local rounds = 0
+    local r = reconcile.runner(db, { name = "s", interval = 0.01,
+      due = function() rounds = rounds + 1; return {} end,
+      check = function() return true end })
+    r:start()
+    local deadline = core.time() + 5
+    while rounds < 3 and core.time() < deadline do core.sleep(0.01) end
+    r:stop()
+    assert.is_true(rounds >= 3)
+  end)
+end)
+
+describe("reconcile.refund_limit", function()
+  local refunds = { { amount = 30, state = "succeeded" },
+                    { amount = 20, state = "processing" },
+                    { amount = 40, state = "failed" },
+                    { amount = 25, state = "closed" } }
+
+  it("counts refunds not failed or closed", function()
+    assert.equal(50, reconcile.refundable(100, refunds))
+    assert.equal(0, reconcile.refund_limit(100, refunds, 50))
+  end)
+
+  it("refuses an amount above what is left", function()
+    local ok, err = reconcile.refund_limit(100, refunds, 51)
+    assert.is_nil(ok)
+    assert.equal("refund_exceeds_paid", err.kind)
+    assert.same({ 50, 51 }, { err.refundable, err.requested })
+    assert.equal("refund_exceeds_paid: refund: 51 fen is above the 50 fen"
+                 .. " still refundable", tostring(err))
+  end)
+
+  it("refuses amounts that are not whole positive fen", function()
+    for _, a in ipairs({ 0, -1, 1.5, 0 / 0, "10" }) do
+      local ok, err = reconcile.refund_limit(100, {}, a)
+      assert.is_nil(ok)
+      assert.equal("invalid_amount", err.kind)
+    end
+    local ok, err = reconcile.refundable(100, { { amount = 1.5 } })
+    assert.is_nil(ok)
+    assert.equal("invalid_amount", err.kind)
+  end)
+end)
+
+describe("bill.parse_fen", function()
+  it("reads yuan text into exact fen", function()
+    local cases = { ["0.10"] = 10, ["0.01"] = 1, ["1"] = 100, ["1.5"] = 150,
+                    ["12.34"] = 1234, ["0.74000"] = 74, ["007.00"] = 700,
+                    ["0.29"] = 29, ["1.13"] = 113, ["4.35"] = 435,
+                    ["9999999999999.99"] = 999999999999999,
+                    ["0"] = 0 }
+    for s, want in pairs(cases) do
+      assert.equal(want, bill.parse_fen(s), s)
+    end
+    -- the float trap: 0.29 * 100 = 28.999999999999996 and 4.35 * 100 =
+    -- 434.99999999999994, which truncate to the wrong fen
+    assert.is_true(math.floor(4.35 * 100) ~= 435)
+  end)
+
+  it("refuses anything else", function()
+    for _, s in ipairs({ "", "-1.00", "+1", "1,000.00", " 1.00", "1.00 ",
+                         "1e3", ".5", "5.", "0.001", "1.234",
+                         "99999999999999.00", "0x10", "１.00", "nan" }) do
+      local v, err = bill.parse_fen(s)
+      assert.is_nil(v, s)
+      assert.equal("bad_amount", err.kind)
+    end
+    assert.equal("bad_amount", select(2, bill.parse_fen(nil)).kind)
+  end)
+end)
+
+describe("bill.bill_date / day_start", function()
+  it("is the Beijing date before now's", function()
+    -- 2026-11-29T16:00:00Z is 2026-11-30 00:00 in Beijing
+    local t = bill.day_start("2026-11-30")
+    assert.equal("2026-11-29", bill.bill_date(t))
+    assert.equal("2026-11-28", bill.bill_date(t - 1))
+    assert.equal(os.time{ year = 2026, month = 11, day = 29, hour = 16,
+                          isdst = false } - (os.time() - os.time(
+                          os.date("!*t"))), t)
+    assert.equal("2024-02-29", bill.bill_date(bill.day_start("2024-03-01")))
+  end)
+end)
+
+describe("bill.diff", function()
+  local remote = {
+    payments = {
+      T1 = { amount = 100, state = "SUCCESS" },
+      T2 = { amount = 200, state = "SUCCESS" },   -- local 199
+      T3 = { amount = 300, state = "SUCCESS" },   -- not local
+      T5 = { amount = 500, state = "SUCCESS" },   -- local closed
+    },
+    refunds = {
+      R1 = { out_trade_no = "T1", amount = 50, state = "SUCCESS" },
+      R2 = { out_trade_no = "T1", amount = 10, state = "SUCCESS" }, -- 11
+    },
+  }
+  local rows = {
+    { out_trade_no = "T1", amount = 100, state = "partially_refunded" },
+    { out_trade_no = "T2", amount = 199, state = "paid" },
+    { out_trade_no = "T4", amount = 400, state = "paid" },      -- not remote
+    { out_trade_no = "T5", amount = 500, state = "closed" },
+    { out_trade_no = "T6", amount = 600, state = "paying" },    -- not paid
+    { out_trade_no = "T1", out_refund_no = "R1", amount = 50,
+      state = "succeeded" },
+    { out_trade_no = "T1", out_refund_no = "R2", amount = 11,
+      state = "succeeded" },
+    { out_trade_no = "T1", out_refund_no = "R3", amount = 5,
+      state = "succeeded" },                                    -- not remote
+  }
+
+  it("finds every kind, sorted, and nothing for matching rows", function()
+    local out = bill.diff(remote, rows)
+    local got = {}
+    for _, m in ipairs(out) do
+      got[#got + 1] = m.kind .. " " .. m.out_trade_no .. " "
+                      .. tostring(m.out_refund_no)
+    end
+    assert.same({ "missing_local T3 nil", "missing_remote T1 R3",
+                  "missing_remote T4 nil", "amount T1 R2", "amount T2 nil",
+                  "state T5 nil" }, got)
+    assert.equal(199, out[5]["local"].amount)
+    assert.equal(200, out[5].remote.amount)
+    assert.is_nil(out[1]["local"])
+  end)
+
+  it("an empty day: every locally paid row is missing remotely", function()
+    local out = bill.diff({ payments = {}, refunds = {} }, {
+      { out_trade_no = "T4", amount = 400, state = "paid" } })
+    assert.equal(1, #out)
+    assert.equal("missing_remote", out[1].kind)
+  end)
+end)
+
+describe("bill.csv", function()
+  it("quotes and defuses hostile values", function()
+    local text = bill.csv("2026-11-29", {
+      { kind = "state", out_trade_no = '=HYPERLINK("http://x","a,b")',
+        ["local"] = { state = "+cmd|' /C calc'!A0", amount = 5 },
+        remote = { state = "line1\r\nline2", amount = 6 } },
+      { kind = "missing_local", out_trade_no = "@SUM(1)",
+        remote = { state = "-2+3", amount = 0 } },
+      { kind = "amount", out_trade_no = "\tT", out_refund_no = 'q"q' },
+    })
+    local lines = {}
+    for l in text:gmatch("(.-)\r\n") do lines[#lines + 1] = l end
+    assert.equal("bill_date,kind,out_trade_no,out_refund_no,local_state,"
+                 .. "local_amount,remote_state,remote_amount", lines[1])
+    assert.equal('2026-11-29,state,"\'=HYPERLINK(""http://x"",""a,b"")",,'
+                 .. "'+cmd|' /C calc'!A0,5,\"line1", lines[2])
+    assert.equal('line2",6', lines[3])             -- inside the quotes
+    assert.equal("2026-11-29,missing_local,'@SUM(1),,,,'-2+3,0", lines[4])
+    assert.equal("2026-11-29,amount,'\tT,\"q\"\"q\",,,,", lines[5])
+    assert.equal("", bill.csv_field(nil))
+    assert.equal("12", bill.csv_field(12))
+  end)
+
+  it("writes atomically: the file appears whole, no part left", function()
+    local path = tmp .. "/report.csv"
+    assert(bill.write_atomic(path, "a,b\r\n"))
+    assert(bill.write_atomic(path, "c,d\r\n"))
+    local f = assert(io.open(path, "rb"))
+    assert.equal("c,d\r\n", f:read("*a"))
+    f:close()
+    for _, name in ipairs(core.listdir(tmp)) do
+      assert.is_nil(name:find(".part-", 1, true), name)
+    end
+    local ok, err = bill.write_atomic(tmp .. "/no/such/dir/x.csv", "x")
+    assert.is_nil(ok)
+    assert.equal("io", err.kind)
+  end)
+end)
+
+describe("bill.records", function()
+  it("reads a trade bill into fen by out_trade_no and out_refund_no",
+     function()
+    local path = tmp .. "/bill.csv"
+    local f = assert(io.open(path, "wb"))
+    f:write("交易时间,公众账号ID,商户号,特约商户号,设备号,微信订单号,商户订单号,"
+      .. "用户标识,交易类型,交易状态,付款银行,货币种类,应结订单金额,代金券金额,"
+      .. "微信退款单号,商户退款单号,退款金额,充值券退款金额,退款类型,退款状态,"
+      .. "商品名称,商户数据包,手续费,费率,订单金额,申请退款金额,费率备注\r\n")
+    f:write("`2026-11-29 10:00:00,`wx1,`1900,`0,`,`4200001,`T1,`o1,`NATIVE,"
+      .. "`SUCCESS,`OTHERS,`CNY,`0.29,`0.00,`0,`0,`0.00,`0.00,`,`,`a,b,`,"
+      .. "`0.00000,`0.60%,`0.29,`0.00,`\r\n")
+    f:write("`2026-11-29 11:00:00,`wx1,`1900,`0,`,`4200001,`T1,`o1,`NATIVE,"
+      .. "`REFUND,`OTHERS,`CNY,`0.00,`0.00,`5000001,`R1,`0.10,`0.00,"
+      .. "`ORIGINAL,`SUCCESS,`a,`,`0.00000,`0.60%,`0.00,`0.10,`\r\n")
+    f:write("总交易单数,应结订单总金额,退款总金额,充值券退款总金额,手续费总金额,"
+      .. "订单总金额,申请退款总金额\r\n`2,`0.29,`0.10,`0.00,`0.00000,`0.29,"
+      .. "`0.10\r\n")
+    f:close()
+    local r = assert(bill.records(path))
+    assert.same({ amount = 29, state = "SUCCESS", transaction_id = "4200001" },
+                r.payments.T1)
+    assert.same({ out_trade_no = "T1", amount = 10, state = "SUCCESS",
+                  refund_id = "5000001" }, r.refunds.R1)
+    assert.equal(2, r.lines)
+  end)
+
+  it("a big bill is read and diffed in pieces: other tasks run meanwhile",
+     function()
+    local path = tmp .. "/big.csv"
+    local f = assert(io.open(path, "wb"))
+    f:write("商户订单号,交易状态,订单金额\r\n")
+    local rows = {}
+    for i = 1, 20000 do
+      f:write(("`T%06d,`SUCCESS,`%d.%02d\r\n"):format(i, i % 1000, i % 100))
+      rows[i] = { out_trade_no = ("T%06d"):format(i), state = "paid",
+                  amount = (i % 1000) * 100 + i % 100 }
+    end
+    f:close()
+    rows[7].amount = 1                             -- one differs
+    local ticks, done = 0, false
+    local t = core.spawn(function()
+      while not done do ticks = ticks + 1; core.sleep(0) end
+    end)
+    local r = assert(bill.records(path))
+    local after_read = ticks
+    local out = bill.diff(r, rows)
+    done = true
+    t:wait()
+    assert.equal(20000, r.lines)
+    assert.is_true(after_read >= 5, "yields while reading")
+    assert.is_true(ticks > after_read + 5, "yields while comparing")
+    assert.equal(1, #out)
+    assert.same({ "amount", "T000007" }, { out[1].kind, out[1].out_trade_no })
+  end)
+
+  it("refuses a bill with a bad amount", function()
+    local path = tmp .. "/bad.csv"
+    local f = assert(io.open(path, "wb"))
+    f:write("商户订单号,交易状态,订单金额\r\n`T1,`SUCCESS,`1e2\r\n")
+    f:close()
+    local r, err = bill.records(path)
+    assert.is_nil(r)
+    assert.equal("bad_amount", err.kind)
+    assert.equal(1, err.line)
+  end)
+end)
