@@ -59,6 +59,15 @@ for w in ([[v3 pay partner transactions native h5 jsapi app out-trade-no
   WORDS[w] = true
 end
 
+-- Segments after which the next one is always an id, even when it
+-- happens to spell a word ("/refunds/refund").
+local ID_AFTER = {}
+for w in ([[out-trade-no id refunds out-refund-no out-batch-no batch-id
+  out-detail-no detail-id out-bill-no orders return-orders
+  serviceorder applyments stocks complaints-v2]]):gmatch("%S+") do
+  ID_AFTER[w] = true
+end
+
 local ep_cache, ep_cached = {}, 0
 
 --- syntax: name = upstream.endpoint(method, path)
@@ -69,7 +78,7 @@ function _M.endpoint(method, path)
   local key = method .. " " .. p
   local name = ep_cache[key]
   if name then return name end
-  local out, n = { method, " " }, 0
+  local out, n, prev = { method, " " }, 0, nil
   for seg in p:gmatch("[^/]+") do
     n = n + 1
     if n > MAX_SEGMENTS then
@@ -77,7 +86,9 @@ function _M.endpoint(method, path)
       break
     end
     out[#out + 1] = "/"
-    out[#out + 1] = WORDS[seg] and seg or "{}"
+    local word = WORDS[seg] and not (prev and ID_AFTER[prev])
+    out[#out + 1] = word and seg or "{}"
+    prev = word and seg or nil
   end
   name = table.concat(out)
   -- the cache keys hold ids: bounded, dropped when full
