@@ -11,7 +11,8 @@
 --                 p95 x 1.8 + 0.2 s of the last latency_window answers,
 --                 within [timeout_floor, timeout_ceiling], once
 --                 timeout_samples answers were seen (the configured
---                 `timeout` until then)
+--                 `timeout` until then), recomputed every
+--                 max(5, latency_window / 10) answers
 --   breaker       per endpoint and merchant, in the client's shared dict
 --                 (every worker of the instance shares it): closed ->
 --                 open when, over the sliding breaker_window, at least
@@ -36,7 +37,8 @@ local _M = {}
 
 local DEGRADED_KEY = "paygate.wechatpay.degraded"
 _M.DEGRADED_KEY = DEGRADED_KEY
-local RECOMPUTE = 5              -- answers between two p95 computations
+local RECOMPUTE = 5              -- answers between two p95 computations,
+                                 -- at least; latency_window / 10 at most
 local MAX_SEGMENTS = 8           -- of an endpoint name
 
 ------------------------------------------------------------ endpoints
@@ -250,7 +252,7 @@ function _M.observe(wx, ep, seconds)
   if s.n < cap then s.n = s.n + 1 end
   s.since = s.since + 1
   if s.n >= c.timeout_samples
-     and (s.timeout == nil or s.since >= RECOMPUTE) then
+     and (s.timeout == nil or s.since >= max(RECOMPUTE, floor(cap / 10))) then
     recompute(wx, s)
   end
 end
