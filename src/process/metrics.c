@@ -455,11 +455,14 @@ fam_new(struct gw_slot *s, const char *name, const char *help,
     snprintf(f->name, sizeof(f->name), "%s", name);
     snprintf(f->help, sizeof(f->help), "%s", help);
     f->max_series = max_series < 1 ? 1 : max_series;
-    __atomic_store_n(&f->used, 1, __ATOMIC_RELEASE);
-    __atomic_store_n(&s->nfam, i + 1, __ATOMIC_RELEASE);
+    f->nseries = 1;
+    f->overflow = s->nctr;
+    /* the overflow series first: the master skips a series whose family
+     * is not published yet, and reads the family whole once it is */
     o = ctr_new(s, i, overflow_labels);
     f->overflow = o;
-    f->nseries = 1;
+    __atomic_store_n(&f->used, 1, __ATOMIC_RELEASE);
+    __atomic_store_n(&s->nfam, i + 1, __ATOMIC_RELEASE);
     return i;
 }
 
