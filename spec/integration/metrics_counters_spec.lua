@@ -82,5 +82,21 @@ describe("app counters on /metrics", function()
     assert.equal(i + 41, total, body)
     assert.is_true(value(body, 'k="_overflow",outcome="_overflow"') >= 38,
                    body)
+
+    -- a reload replaces both workers: the totals stay
+    local out = s.dir .. "/reload.out"
+    local p = proc.spawn({ PAYGATE_BIN, "reload", "--pid-file",
+                           s.dir .. "/paygate.pid" }, { log = out })
+    assert.equal(0, p:wait(30), proc.read(out))
+    body = assert(s:admin_get("/metrics")).body
+    assert.is_truthy(body:find("paygate_reloads_total 1\n", 1, true), body)
+    local after = 0
+    for v in body:gmatch("\nspec_hits_total{[^}]*} ([%d.e+]+)") do
+      after = after + tonumber(v)
+    end
+    assert.equal(i + 41, after, body)
+    assert(call(s, "/inc/a"))
+    body = assert(s:admin_get("/metrics")).body
+    assert.equal(i + 2, value(body, 'k="a",outcome="a\\"b"'), body)
   end)
 end)
