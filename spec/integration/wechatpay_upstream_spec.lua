@@ -139,7 +139,7 @@ describe("paygate.wechatpay against a slow or failing WeChat", function()
   it("opens the breaker after failures, fails fast without sending, "
      .. "lets one probe through half-open, closes on success", function()
     local wx = client{ breaker_min_calls = 4, breaker_failure_ratio = 0.5,
-                       breaker_window = 60, breaker_open_for = 1.5 }
+                       breaker_window = 3600, breaker_open_for = 1.5 }
     local P = "/v3/pay/transactions/out-trade-no/PG1"
     local EP = "GET /v3/pay/transactions/out-trade-no/{}"
     local function state() return wx:upstream_status().endpoints[EP].breaker end
