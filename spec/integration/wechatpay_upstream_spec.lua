@@ -130,6 +130,11 @@ describe("paygate.wechatpay against a slow or failing WeChat", function()
     local _, err = get(wx, P)
     assert.equal("timeout", err.kind)
     assert.equal(timeouts + 1, calls:get({ EP, "timeout", "timeout" }))
+    -- that timeout is a sample at 1 s: the p95 of the window, so it grows
+    s = status()
+    assert.is_true(s.p95 >= 0.95, s.p95)
+    assert.equal(upstream.adaptive_timeout(s.p95, 1, 4), s.timeout)
+    assert.is_true(s.timeout >= 1.9, s.timeout)
     -- a call's own opts.timeout still wins
     local res = wx:request("GET", P .. "?mchid=" .. MCHID, nil,
                            { timeout = 4 })

@@ -239,19 +239,24 @@ call = function(wx, method, path, body, opts, ep)
     end
     local auth, serr = sign.sign_request(c.signer, method, path, body)
     if not auth then
+      if probe then upstream.release(wx, ep) end     -- nothing was tried
       return nil, errors.wrap("sign_error", "cannot sign the request: "
                               .. tostring(serr), serr)
     end
     headers["Authorization"] = auth
     local sent_at = core.mono()
+    local own = upstream.timeout(wx, ep)
     local res, err = http.request{
       method = method, url = base .. path, headers = headers, body = body,
-      timeout = min(opts.timeout or upstream.timeout(wx, ep), remaining),
+      timeout = min(opts.timeout or own, remaining),
       connect_timeout = min(5, remaining), ca_file = c.ca_file,
       sink = wrapped, on_headers = on_headers,
     }
-    -- latency: answers, and timeouts (a slow endpoint's timeout grows)
-    if res or (core.is_error(err) and err.kind == "timeout") then
+    -- latency: answers, and timeouts at the endpoint's own timeout (a
+    -- slow endpoint's timeout grows; a shorter opts.timeout or the
+    -- deadline's rest says nothing about the endpoint)
+    if res or (core.is_error(err) and err.kind == "timeout"
+               and opts.timeout == nil and own <= remaining) then
       upstream.observe(wx, ep, core.mono() - sent_at)
     end
     -- the breaker: an abort is this side's (a sink that stopped)

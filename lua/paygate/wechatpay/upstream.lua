@@ -347,6 +347,12 @@ function _M.record(wx, ep, failed, probe)
   end
 end
 
+--- syntax: upstream.release(wx, ep) -- a probe that was never sent
+-- gives its turn back
+function _M.release(wx, ep)
+  wx.updict:delete(bkey(wx, ep) .. "p")
+end
+
 --- syntax: err = upstream.circuit_open_error(what, retry_after)
 function _M.circuit_open_error(what, retry_after)
   return errors.new("circuit_open", what .. ": circuit open (too many "
