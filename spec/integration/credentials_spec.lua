@@ -56,13 +56,13 @@ describe("watched credentials", function()
 
   local c, dir, kek_file, cli, env
 
-  local function publish(d, extra)
+  local function publish(d, extra, prefix)
     local o = c:client_opts()
     local cmd = ("PAYGATE_SPEC_ETCD_PW=%s %s etcd publish --prefix %s "
       .. "--dir %s --endpoints %s --user %s --password-env "
       .. "PAYGATE_SPEC_ETCD_PW --ca-file %s --cert %s --key %s "
       .. "--kek-file %s --json %s 2>&1; echo \"exit=$?\""):format(o.password, PAYGATE_BIN,
-      PREFIX, d, table.concat(o.endpoints, ","), o.user, o.ca_file,
+      prefix or PREFIX, d, table.concat(o.endpoints, ","), o.user, o.ca_file,
       o.client_cert, o.client_key, kek_file, extra or "")
     local p = io.popen(cmd)
     local out = p:read("*a")
@@ -93,7 +93,10 @@ describe("watched credentials", function()
     }
     cli = etcd.new(c:client_opts())
   end)
-  teardown(function() etcdsrv.stop_all() end)
+  teardown(function()
+    require("paygate.testing").stop_all()
+    etcdsrv.stop_all()
+  end)
 
   it("refuses an etcd without TLS and auth, and a missing KEK", function()
     local o = c:client_opts()
@@ -232,5 +235,99 @@ describe("watched credentials", function()
       return src3:current(MCHID).serial == "BBBB02"
     end, 20, "the cached source to catch up")
     src3:stop()
+  end)
+
+  it("a rotation under a load of signed requests to the simulator: none "
+     .. "fails, each after the swap carries the new serial", function()
+    local testing = require "paygate.testing"
+    local m = testing.merchant()
+    local k2 = testing.merchant_keys{ mchid = m.mchid }
+    m.certificates = { m.certificate, k2.certificate }
+    local sim = testing.simulator{ merchants = { m } }
+    local prefix = "/paygate/merchants/" .. m.mchid .. "/"
+    local function dir_of(name, key, cert)
+      local d = dir .. "/" .. name
+      sh("mkdir -p " .. d)
+      write(d .. "/apiclient_key.pem", read(key))
+      write(d .. "/apiclient_cert.pem", read(cert))
+      write(d .. "/apiv3_key", m.apiv3_key)
+      return d
+    end
+    local code, out = publish(dir_of("sim_a", m.private_key, m.certificate),
+                              nil, prefix)
+    assert.equal(0, code, out)
+    sh("mkdir -p " .. dir .. "/cache_sim")
+    local src = assert(credentials.new{ etcd = c:client_opts(),
+      kek_file = kek_file, cache_dir = dir .. "/cache_sim",
+      merchants = { [m.mchid] = prefix } })
+    assert(src:load(m.mchid))
+    local wx = assert(wechatpay.client(src:wechatpay_conf(m.mchid,
+                                                          sim:client_config())))
+    src:bind(m.mchid, wx)
+    src:start()
+
+    -- the serial of every signature, in signing order (the real signer
+    -- runs; this only records)
+    local sign = require "paygate.wechatpay.sign"
+    local real = sign.sign_request
+    local serials = {}
+    sign.sign_request = function(signer, ...)
+      serials[#serials + 1] = signer.serial
+      return real(signer, ...)
+    end
+    local ok_n, failed, stop = 0, {}, false
+    local workers = {}
+    for w = 1, 4 do
+      workers[w] = paygate.spawn(function()
+        local i = 0
+        while not stop do
+          i = i + 1
+          local res, err = wx:native_prepay{
+            out_trade_no = ("rot%d_%d_%s"):format(w, i,
+                                                   crypto.random_nonce(6)),
+            description = "rotation", notify_url = "https://127.0.0.1/n",
+            amount = { total = 1 } }
+          if res and res.code_url then
+            ok_n = ok_n + 1
+          else
+            failed[#failed + 1] = tostring(err)
+          end
+        end
+      end)
+    end
+    local ok, err = pcall(function()
+      servers.wait_for(function() return ok_n >= 20 end, 30, "load")
+      local n_before = ok_n
+      code, out = publish(dir_of("sim_b", k2.private_key, k2.certificate),
+                          nil, prefix)
+      assert.equal(0, code, out)
+      servers.wait_for(function()
+        return wx.conf.signer.serial == k2.serial
+      end, 10, "the swap")
+      local at = ok_n
+      servers.wait_for(function() return ok_n >= at + 20 end, 30,
+                       "load after the swap")
+      assert.is_true(n_before >= 20)
+    end)
+    stop = true
+    for _, t in ipairs(workers) do t:wait(20) end
+    sign.sign_request = real
+    src:stop()
+    wx:stop()
+    assert(ok, tostring(err))
+    assert.same({}, failed)
+    -- a* then b+: no request signed with the old key after the new one
+    local first_b
+    for i, sn in ipairs(serials) do
+      if sn == k2.serial then
+        first_b = first_b or i
+      else
+        assert.equal(m.serial, sn)
+        assert.is_nil(first_b, "an old serial after the swap at " .. i)
+      end
+    end
+    assert.truthy(first_b)
+    print(("\n# %d signed requests, %d before the swap, none failed")
+          :format(#serials, first_b - 1))
   end)
 end)
