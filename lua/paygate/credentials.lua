@@ -226,7 +226,8 @@ local function metrics()
     if ok and type(m) == "table" then
       gauges = {
         revision = m.gauge("paygate_credentials_revision",
-          "The etcd revision of the credential set in use, per set."),
+          "The etcd revision of the credential set in use, per set and "
+          .. "worker."),
         refused = m.gauge("paygate_credentials_refused",
           "Credential sets refused (invalid) since the worker started."),
       }
@@ -320,7 +321,8 @@ end
 
 local function write_cache(src, set, raw, revision)
   local path = cache_path(src, set)
-  local tmp = path .. ".tmp"
+  -- per process: the workers of an instance share cache_dir
+  local tmp = path .. "." .. core.pid() .. ".tmp"
   local f = io.open(tmp, "wb")
   if not f then
     log().warn("credentials: cannot write the cache", { file = tmp })
@@ -360,8 +362,10 @@ end
 local function publish_metric(set)
   local g = metrics()
   if g and set.current then
+    -- one series per worker (pid): the instance's /metrics shows whether
+    -- all its workers agree
     g.revision:set(tonumber(set.current.revision) or 0,
-                   { set = set.name })
+                   { set = set.name, pid = tostring(core.pid()) })
   end
 end
 
@@ -387,7 +391,7 @@ local function apply(src, set, raw, rev, from_cache)
       set.refused = rev
       src.refusals = (src.refusals or 0) + 1
       local g = metrics()
-      if g then g.refused:set(src.refusals) end
+      if g then g.refused:set(src.refusals, { pid = tostring(core.pid()) }) end
       log().warn("credentials: set refused, the old one kept", {
         set = set.name, revision = rev, kept = set.current
         and set.current.revision or nil, reason = tostring(err) })

@@ -45,11 +45,23 @@ describe("the HTTPS listener's certificate from etcd", function()
     pending("etcd is not installed (scripts/deps installs etcd-server)")
     return
   end
-  local c, srv, dir
+  local c, srv, srv2, dir
+
+  -- the revisions /metrics shows for the tls set, one per worker
+  local function revisions(s)
+    local res = s:admin_get("/metrics")
+    local out = {}
+    for pid, v in (res and res.body or ""):gmatch(
+        'paygate_credentials_revision{[^}]*pid="(%d+)"[^}]*} (%d+)') do
+      out[pid] = v
+    end
+    return out
+  end
 
   setup(function() c = etcdsrv.start{ tls = true, auth = true } end)
   teardown(function()
     if srv then srv:stop() end
+    if srv2 then srv2:stop() end
     etcdsrv.stop_all()
   end)
 
@@ -90,6 +102,12 @@ describe("the HTTPS listener's certificate from etcd", function()
       args = { "--tls-cert", c.pki.server_cert, "--tls-key",
                c.pki.server_key },
       scheme = "https", ca_file = c.pki.ca }
+    -- a second instance of the same app and configuration
+    srv2 = server.start{ source = APP, workers = 2,
+      config = "return { creds = " .. lit(conf) .. " }",
+      args = { "--tls-cert", c.pki.server_cert, "--tls-key",
+               c.pki.server_key },
+      scheme = "https", ca_file = c.pki.ca }
     local before = presented(srv.port)
     assert.truthy(before)
     assert.not_equal("7777", before)
@@ -104,6 +122,25 @@ describe("the HTTPS listener's certificate from etcd", function()
     local out = p:read("*a")
     p:close()
     assert.matches("exit=0", out)
+    local published = require("paygate").update_time()
+    local rev = out:match("at revision (%d+)")
+    assert.truthy(rev, out)
+
+    -- both instances, every worker: the same revision
+    servers.wait_for(function()
+      local n = 0
+      for _, s in ipairs({ srv, srv2 }) do
+        for _, v in pairs(revisions(s)) do
+          if v ~= rev then return false end
+          n = n + 1
+        end
+      end
+      return n == 4
+    end, 10, "4 workers of 2 instances at revision " .. rev)
+    local took = require("paygate").update_time() - published
+    print(("\n# 2 instances x 2 workers at revision %s %.3f s after the "
+           .. "publish returned"):format(rev, took))
+    assert.is_true(took < 5, took)
 
     -- every worker: several new handshakes in a row all present it
     local ok, err = pcall(servers.wait_for, function()
@@ -131,5 +168,6 @@ describe("the HTTPS listener's certificate from etcd", function()
       return srv:logs():find("credentials: set refused", 1, true) ~= nil
     end, 20, "the refusal in the log")
     for _ = 1, 4 do assert.equal("7777", presented(srv.port)) end
+    for _, v in pairs(revisions(srv2)) do assert.equal(rev, v) end
   end)
 end)
