@@ -131,8 +131,8 @@ local CRED_IN = { "merchant_private_key", "merchant_certificate",
 -- key types, the APIv3 key's length); on any failure nothing changes and
 -- nil, err (invalid_config, err.key) comes back. On success the next
 -- signature uses the new key and serial (a request already signed keeps
--- its own), the previous APIv3 key still decrypts, and a new public key
--- joins the key ring beside the old one. Never yields.
+-- its own), the previous APIv3 keys (two at most) still decrypt, and a
+-- new public key joins the key ring beside the old one. Never yields.
 function methods.set_credentials(wx, creds)
   if type(creds) ~= "table" then
     error("wx:set_credentials: creds must be a table", 2)
@@ -151,7 +151,7 @@ function methods.set_credentials(wx, creds)
   local old = wx.conf
   local prev = {}
   for _, k in ipairs(old.apiv3_keys) do
-    if k ~= creds.apiv3_key then prev[#prev + 1] = k end
+    if k ~= creds.apiv3_key and #prev < 2 then prev[#prev + 1] = k end
   end
   conf.previous_apiv3_keys = prev
   local cfg, err = config.check(conf)
