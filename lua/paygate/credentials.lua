@@ -276,10 +276,13 @@ function _M.new(conf)
     return bad("cache_dir must be a directory (the last good sets)")
   end
   local sets = {}
-  if type(conf.merchants) ~= "table" then
+  if conf.merchants ~= nil and type(conf.merchants) ~= "table" then
     return bad("merchants must map merchant ids to etcd prefixes")
   end
-  for mchid, prefix in pairs(conf.merchants) do
+  if conf.merchants == nil and conf.tls == nil then
+    return bad("give merchants (merchant ids to etcd prefixes) or tls")
+  end
+  for mchid, prefix in pairs(conf.merchants or {}) do
     if type(mchid) ~= "string" or not mchid:match("^%d+$") then
       return bad("merchants: keys must be merchant ids (digits)")
     end

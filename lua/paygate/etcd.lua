@@ -433,10 +433,14 @@ end
 --    { get = k }.
 -- returns: { succeeded = bool, revision } or nil, err. yields.
 function Client:txn(t)
-  if type(t) ~= "table" then error("etcd txn: the argument must be a table", 2) end
+  if type(t) ~= "table" then
+    error("etcd txn: the argument must be a table", 2)
+  end
   local body = { compare = {}, success = {}, failure = {} }
   for i, c in ipairs(t.compare or {}) do
-    if type(c) ~= "table" then error("etcd txn: compare entries must be tables", 2) end
+    if type(c) ~= "table" then
+      error("etcd txn: compare entries must be tables", 2)
+    end
     check_key(c.key, "txn")
     if c.mod_revision ~= nil then
       body.compare[i] = { key = b64(c.key), target = "MOD", result = "EQUAL",
@@ -474,8 +478,9 @@ function Client:cas(key, expected, value)
     error("etcd cas: value must be a string", 2)
   end
   expected = rev_arg(expected, "etcd cas: expected_mod_revision")
-  local res, err = self:txn{ compare = { { key = key, mod_revision = expected } },
-                             success = { { put = key, value = value } } }
+  local res, err = self:txn{
+    compare = { { key = key, mod_revision = expected } },
+    success = { { put = key, value = value } } }
   if not res then return nil, err end
   return res.succeeded
 end

@@ -61,9 +61,10 @@ describe("watched credentials", function()
     local cmd = ("PAYGATE_SPEC_ETCD_PW=%s %s etcd publish --prefix %s "
       .. "--dir %s --endpoints %s --user %s --password-env "
       .. "PAYGATE_SPEC_ETCD_PW --ca-file %s --cert %s --key %s "
-      .. "--kek-file %s --json %s 2>&1; echo \"exit=$?\""):format(o.password, PAYGATE_BIN,
-      prefix or PREFIX, d, table.concat(o.endpoints, ","), o.user, o.ca_file,
-      o.client_cert, o.client_key, kek_file, extra or "")
+      .. "--kek-file %s --json %s 2>&1; echo \"exit=$?\""):format(
+      o.password, PAYGATE_BIN, prefix or PREFIX, d,
+      table.concat(o.endpoints, ","), o.user, o.ca_file, o.client_cert,
+      o.client_key, kek_file, extra or "")
     local p = io.popen(cmd)
     local out = p:read("*a")
     p:close()

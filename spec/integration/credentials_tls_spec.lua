@@ -85,7 +85,7 @@ describe("the HTTPS listener's certificate from etcd", function()
     sh("mkdir -p " .. dir .. "/cache")
     local o = c:client_opts()
     local conf = { etcd = o, kek_file = kek_file, cache_dir = dir .. "/cache",
-                   merchants = {}, tls = PREFIX, load_timeout = 2 }
+                   tls = PREFIX, load_timeout = 2 }
     local function lit(v)
       if type(v) == "table" then
         local t = {}

@@ -52,7 +52,10 @@ describe("paygate.etcd on a 3-member cluster", function()
         local deadline = paygate.update_time() + 20
         while true do
           local r, err = pcli:put(key, tostring(i))
-          if r then acked[#acked + 1] = { key = key, rev = r.revision } break end
+          if r then
+            acked[#acked + 1] = { key = key, rev = r.revision }
+            break
+          end
           failures = failures + 1
           assert(paygate.update_time() < deadline, "put " .. key .. ": "
                  .. tostring(err))
