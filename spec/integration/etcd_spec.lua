@@ -306,6 +306,19 @@ describe("paygate.etcd", function()
       assert.is_true(w.connects >= 2, "reconnected: " .. w.connects)
     end)
 
+    it("watches one key with key = true, not its prefix", function()
+      local r = assert(cli:put("/spec/w5", "1")).revision
+      assert(cli:put("/spec/w5/under", "x"))
+      assert(cli:put("/spec/w5x", "x"))
+      assert(cli:put("/spec/w5", "2"))
+      local w = cli:watch("/spec/w5", { key = true, from_revision = r })
+      local a, b = assert(w()), assert(w())
+      w:close()
+      assert.same({ "/spec/w5", "1" }, { a.key, a.value })
+      assert.same({ "/spec/w5", "2" }, { b.key, b.value })
+      assert.is_nil(w())                  -- closed
+    end)
+
     it("gives up after give_up_after when no endpoint answers", function()
       local c = etcd.new{ endpoints = { "http://127.0.0.1:"
                                         .. core.free_port() } }
