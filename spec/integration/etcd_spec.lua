@@ -374,6 +374,13 @@ describe("paygate.etcd with TLS and auth", function()
     assert(cli:get("/sec/a"))
     cli.tokens[cli.endpoints[1]] = "not-a-token.1"
     assert.equal("1", assert(cli:get("/sec/a")).value)
+    -- a watch opened with a stale token renews it too
+    cli.tokens[cli.endpoints[1]] = "not-a-token.2"
+    local w = cli:watch("/sec/", { from_revision = "1" })
+    local ev, err = w()
+    w:close()
+    assert.is_nil(err)
+    assert.equal("/sec/a", ev.key)
   end)
 
   it("fails with tls without the client certificate", function()
