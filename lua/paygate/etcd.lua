@@ -573,6 +573,9 @@ function Client:watch(prefix, opts)
     ep = self.ep,
     queue = {}, qi = 1, buf = "",
     connects = 0,                  -- connections made (for specs, metrics)
+    backoff = 0.05,                -- seconds before the next retry
+    down_since = nil,              -- update_time() of the first failure
+                                   -- since a watch last stood
   }, Watch)
   return w
 end
@@ -591,6 +594,22 @@ local function drop(w)
   if s then pcall(s.close, s) end
 end
 
+-- The message and gRPC code of an error answer: { error = "...", code,
+-- message } for unary calls, { error = { grpc_code, http_code, message,
+-- http_status } } on a stream.
+local function error_text(doc)
+  local e = doc.error
+  local msg, code = doc.message, doc.code
+  if type(e) == "table" then
+    msg, code = e.message, e.grpc_code or e.code
+    if type(msg) ~= "string" then msg = e.error end
+  elseif type(msg) ~= "string" then
+    msg = e
+  end
+  if type(msg) ~= "string" then msg = json.encode(doc):sub(1, 200) end
+  return msg, tonumber(code)
+end
+
 -- Opens a watch stream on the current endpoint.
 local function connect(w)
   local cli = w.cli
@@ -598,11 +617,15 @@ local function connect(w)
   local token, err = token_for(cli, ep)
   if cli.user and not token then return nil, err end
   local req = { key = b64(w.key), progress_notify = true }
+  -- "hasleader" metadata (the gateway passes Grpc-Metadata-* headers on):
+  -- a member that loses its leader ends the watch ("no leader") instead
+  -- of keeping it open without events while the others go on
   if w.range_end then req.range_end = b64(w.range_end) end
   if w.next_rev then req.start_revision = w.next_rev end
   local o = http_opts(cli, ep .. "/v3/watch",
                       json.encode({ create_request = req }),
                       w.reconnect_after, token)
+  o.headers["Grpc-Metadata-hasleader"] = "true"
   o.max_body = 1e15
   local s = hcore.stream(o)
   local status, headers = s:headers()
@@ -619,11 +642,11 @@ local function connect(w)
       body[#body + 1] = c
     end
     pcall(s.close, s)
-    local doc = json.decode(table.concat(body)) or {}
-    local msg = type(doc) == "table" and (doc.message or doc.error)
-    return fail(classify(tonumber(doc.code), msg), "watch: "
-      .. tostring(msg or ("HTTP " .. status)), { endpoint = ep,
-      code = tonumber(doc.code), expired = token_expired(msg) })
+    local doc = json.decode(table.concat(body))
+    local msg, code = "HTTP " .. status, nil
+    if type(doc) == "table" then msg, code = error_text(doc) end
+    return fail(classify(code, msg), "watch: " .. msg, { endpoint = ep,
+      code = code, expired = token_expired(msg) })
   end
   w.stream = s
   w.connects = w.connects + 1
@@ -647,9 +670,8 @@ local function message(w, line)
     return false, core.error("etcd", "etcd: watch: malformed message")
   end
   if doc.error ~= nil then
-    local e = doc.error
-    local msg = type(e) == "table" and (e.message or e.error) or e
-    local kind = classify(type(e) == "table" and tonumber(e.code), msg)
+    local msg, code = error_text(doc)
+    local kind = classify(code, msg)
     if kind == "auth" and token_expired(msg) then
       w.cli.tokens[w.cli.endpoints[w.ep]] = nil
       return false, core.error(kind, "etcd: watch: " .. tostring(msg))
@@ -679,9 +701,13 @@ local function message(w, line)
     end
     return false, core.error(kind, "etcd: watch: " .. reason)
   end
-  if r.created and not w.next_rev then
-    local rev = header_rev(r)
-    if rev then w.next_rev = rev_next(rev) end
+  if r.created then
+    -- a watch stands: the pause before a retry starts small again
+    w.backoff, w.down_since = 0.05, nil
+    if not w.next_rev then
+      local rev = header_rev(r)
+      if rev then w.next_rev = rev_next(rev) end
+    end
   end
   if type(r.events) == "table" then
     for _, e in ipairs(r.events) do
@@ -705,7 +731,6 @@ local function message(w, line)
 end
 
 function Watch:__call()
-  local backoff, down_since = 0.05, nil
   while true do
     if self.closed then return nil end
     local q = self.queue
@@ -732,8 +757,6 @@ function Watch:__call()
         else
           retry_err = err
         end
-      else
-        backoff, down_since = 0.05, nil
       end
     end
     if self.stream then
@@ -773,15 +796,16 @@ function Watch:__call()
       self.last_error = retry_err
       self.ep = self.ep % #self.cli.endpoints + 1
       local now = core.update_time()
-      down_since = down_since or now
-      if self.give_up_after and now - down_since > self.give_up_after then
+      self.down_since = self.down_since or now
+      if self.give_up_after
+         and now - self.down_since > self.give_up_after then
         self:close()
         return fail("unavailable", "watch: no endpoint answered for "
                     .. self.give_up_after .. " s (last: "
                     .. tostring(retry_err) .. ")")
       end
-      core.sleep(backoff)
-      backoff = math.min(backoff * 2, 1)
+      core.sleep(self.backoff)
+      self.backoff = math.min(self.backoff * 2, 1)
     end
   end
 end

@@ -111,4 +111,35 @@ describe("paygate.etcd on a 3-member cluster", function()
       return kv ~= nil
     end, 20, "the restarted member to catch up")
   end)
+
+  it("a member that loses its leader ends the watch rather than keeping "
+     .. "it open without events", function()
+    local survivor = 1
+    local solo = etcd.new{ endpoints = { c.endpoints[survivor] },
+                           timeout = 3 }
+    local from = assert(solo:put("/q/a", "1")).revision
+    local w = solo:watch("/q/", { from_revision = from, give_up_after = 2,
+                                  reconnect_after = 120 })
+    assert.equal("/q/a", assert(w()).key)   -- the watch stands
+    for i, m in ipairs(c.members) do
+      if i ~= survivor then m:kill() end
+    end
+    local ev, err, done
+    local t0 = paygate.update_time()
+    local task = paygate.spawn(function()
+      ev, err = w()
+      done = true
+    end)
+    servers.wait_for(function() return done end, 30,
+                     "the watch to end without a leader")
+    task:wait(1)
+    w:close()
+    assert.is_nil(ev)
+    assert.equal("unavailable", err.kind)
+    print(("\n# the leaderless watch ended after %.1f s: %s"):format(
+      paygate.update_time() - t0, tostring(err)))
+    for i, m in ipairs(c.members) do
+      if i ~= survivor then m:start() end
+    end
+  end)
 end)
