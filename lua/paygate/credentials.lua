@@ -129,6 +129,8 @@ function _M.seal(kek, name, plaintext)
 end
 
 --- syntax: plaintext, err = credentials.open(kek, name, text)
+-- kek: the key-encryption key, or a list of them (the current one and
+-- older ones during a change of KEK): the envelope names the one it needs.
 function _M.open(kek, name, text)
   local env = type(text) == "string" and text:sub(1, 1) == "{"
               and json.decode(text)
@@ -136,9 +138,17 @@ function _M.open(kek, name, text)
     return invalid(name .. ": not an envelope (a secret must be sealed "
                    .. "with the key-encryption key: paygate etcd publish)")
   end
-  if env.kek ~= _M.kek_id(kek) then
+  local keks = type(kek) == "table" and kek or { kek }
+  kek = nil
+  local ids = {}
+  for i, k in ipairs(keks) do
+    ids[i] = _M.kek_id(k)
+    if ids[i] == env.kek then kek = k end
+  end
+  if not kek then
     return invalid(name .. ": sealed under another key-encryption key (id "
-                   .. tostring(env.kek) .. ", ours " .. _M.kek_id(kek) .. ")")
+                   .. tostring(env.kek) .. ", ours " .. table.concat(ids, ", ")
+                   .. ")")
   end
   local dek = gcm_open(kek, DEK_AAD, env.dek)
   local pt = dek and #dek == 32 and gcm_open(dek, name, env.data)
@@ -247,7 +257,8 @@ end
 
 --- syntax: src, err = credentials.new(conf)
 -- conf: etcd (etcd.new's options, or a paygate.etcd client), kek_file or
---   kek_env, cache_dir, merchants = { [mchid] = prefix, ... }, tls =
+--   kek_env (the current KEK), previous_kek_files (older ones that still
+--   open sets sealed before a change of KEK), cache_dir, merchants = { [mchid] = prefix, ... }, tls =
 --   prefix (the HTTPS listener's; optional), load_timeout (seconds,
 --   default 3), insecure_etcd (false; true only where etcd's TLS and auth
 --   are provided another way: never with secrets on a shared network).
@@ -259,6 +270,17 @@ function _M.new(conf)
   end
   local kek, err = _M.read_kek(conf)
   if not kek then return nil, err end
+  local keks = { kek }
+  if conf.previous_kek_files ~= nil then
+    if type(conf.previous_kek_files) ~= "table" then
+      return bad("previous_kek_files must be a list of file paths")
+    end
+    for _, f in ipairs(conf.previous_kek_files) do
+      local k, kerr = _M.read_kek{ kek_file = f }
+      if not k then return nil, kerr end
+      keks[#keks + 1] = k
+    end
+  end
   local cli = conf.etcd
   if type(cli) == "table" and getmetatable(cli) ~= etcd.Client then
     local ok, c = pcall(etcd.new, cli)
@@ -295,7 +317,7 @@ function _M.new(conf)
     if not p then return bad(why) end
     sets.tls = { name = "tls", kind = "tls", prefix = p }
   end
-  return setmetatable({ cli = cli, kek = kek, cache_dir = conf.cache_dir,
+  return setmetatable({ cli = cli, keks = keks, cache_dir = conf.cache_dir,
     sets = sets, load_timeout = conf.load_timeout or 3, tasks = {} }, Source)
 end
 
@@ -309,7 +331,7 @@ local function open_set(src, set, raw, revision)
   for name, value in pairs(raw) do
     local d = (set.kind == "tls" and _M.TLS_FILES or _M.MERCHANT_FILES)[name]
     if d and d.secret then
-      local pt, err = _M.open(src.kek, name, value)
+      local pt, err = _M.open(src.keks, name, value)
       if not pt then return nil, err end
       files[name] = pt
     else

@@ -154,8 +154,19 @@ describe("watched credentials", function()
     assert.matches("PRIVATE KEY", assert(credentials.open(kek,
       "apiclient_key.pem", key)))
     assert.is_nil(credentials.open(kek, "apiv3_key", key))
-    assert.is_nil(credentials.open(crypto.random_bytes(32),
-                                   "apiclient_key.pem", key))
+    local new_kek = crypto.random_bytes(32)
+    local _, oerr = credentials.open(new_kek, "apiclient_key.pem", key)
+    assert.equal("invalid_credentials", oerr.kind)
+    assert.matches("another key%-encryption key", oerr.message)
+    -- during a change of KEK, the old one (listed after the new) opens it
+    assert.matches("PRIVATE KEY", assert(credentials.open({ new_kek, kek },
+      "apiclient_key.pem", key)))
+    local nf = dir .. "/kek_new"
+    write(nf, crypto.base64_encode(new_kek))
+    local src = assert(credentials.new{ etcd = c:client_opts(),
+      kek_file = nf, previous_kek_files = { kek_file }, cache_dir = dir,
+      merchants = { [MCHID] = PREFIX } })
+    assert.equal(2, #src.keks)
   end)
 
   it("loads, binds, hot-swaps on a rotation, refuses a bad set, never "
