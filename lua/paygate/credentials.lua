@@ -510,39 +510,36 @@ end
 -- consistent read) and applies it when newer.
 local function watch_set(src, set)
   local from = set.store_rev or (set.current and set.current.revision)
-  while not src.stopped do
-    local w = src.cli:watch(set.prefix, { from_revision = from
-      and etcd.rev_next(from) or nil })
-    set.watch = w
-    if not from then
-      -- nothing loaded yet: read once the watch exists
-      local raw, rev, store_rev = fetch(src, set)
-      if raw then
-        apply(src, set, raw, rev)
-        from = store_rev
-      end
-    end
-    for ev, err in w do
-      if err then
-        log().warn("credentials: watch ended, reading the set again",
-                   { set = set.name, reason = tostring(err) })
-        break                     -- compacted and the like: read again
-      end
-      if not set.current or etcd.rev_cmp(ev.revision,
-                                         set.current.revision) > 0 then
-        local raw, rev, store_rev = fetch(src, set)
-        if raw then
-          apply(src, set, raw, rev)
-          from = store_rev
-        end
-      end
-    end
-    w:close()
-    if src.stopped then break end
+  local function reread()
     local raw, rev, store_rev = fetch(src, set)
     if raw then
       apply(src, set, raw, rev)
       from = store_rev
+      return true
+    end
+    return false
+  end
+  while not src.stopped do
+    -- nothing read yet (etcd was down and no cache): read first, then
+    -- watch from the revision after that read, so nothing falls between
+    if from or reread() then
+      local w = src.cli:watch(set.prefix,
+                              { from_revision = etcd.rev_next(from) })
+      set.watch = w
+      for ev, err in w do
+        if err then
+          log().warn("credentials: watch ended, reading the set again",
+                     { set = set.name, reason = tostring(err) })
+          break                   -- compacted and the like: read again
+        end
+        if not set.current or etcd.rev_cmp(ev.revision,
+                                           set.current.revision) > 0 then
+          reread()
+        end
+      end
+      w:close()
+      if src.stopped then break end
+      if not reread() then core.sleep(1) end
     else
       core.sleep(1)
     end
