@@ -31,6 +31,7 @@ static const char usage_main[] =
 "  version         print the version\n"
 "  apikey          create, list and revoke merchant-API keys\n"
 "  audit           verify the audit trail's hash chains in a database\n"
+"  etcd            publish credentials to etcd (sealed), show a set\n"
 "\n"
 "diagnostics (WeChat Pay; each names the cause of a failure):\n"
 "  sign            build a request's signing string and Authorization\n"
@@ -275,7 +276,8 @@ cmd_exec(int argc, char **argv)
 /* The diagnostic commands are Lua scripts run as `paygate exec` runs one:
  * lua/paygate/cli/NAME.lua with the command's arguments. */
 static const char *const lua_cmds[] = {
-    "sign", "verify", "decrypt", "certs", "doctor", "apikey", "audit", NULL
+    "sign", "verify", "decrypt", "certs", "doctor", "apikey", "audit",
+    "etcd", NULL
 };
 
 static int

@@ -11,6 +11,7 @@
 #include <lauxlib.h>
 
 int luaopen_paygate_request_core(lua_State *L);   /* http/ */
+int luaopen_paygate_tls(lua_State *L);
 int luaopen_paygate_http_core(lua_State *L);      /* client/ */
 int luaopen_paygate_zlib(lua_State *L);
 int luaopen_paygate_crypto(lua_State *L);         /* crypto/ */
@@ -24,6 +25,7 @@ int luaopen_paygate_metrics(lua_State *L);
 
 static const luaL_Reg gw_modules[] = {
     { "paygate.request.core", luaopen_paygate_request_core },
+    { "paygate.tls", luaopen_paygate_tls },
     { "paygate.http.core", luaopen_paygate_http_core },
     { "paygate.zlib", luaopen_paygate_zlib },
     { "paygate.crypto", luaopen_paygate_crypto },

@@ -17,7 +17,8 @@ local errors = require "paygate.wechatpay.errors"
 local api = require "paygate.wechatpay.api"
 local upstream = require "paygate.wechatpay.upstream"
 
-local type, tostring, setmetatable = type, tostring, setmetatable
+local type, tostring, setmetatable, pairs, ipairs =
+      type, tostring, setmetatable, pairs, ipairs
 
 local _M = { errors = errors }
 
@@ -34,7 +35,7 @@ _M.methods = methods
 function _M.client(conf)
   local cfg, err = config.check(conf)
   if not cfg then return nil, err end
-  local wx = setmetatable({ conf = cfg }, client_mt)
+  local wx = setmetatable({ conf = cfg, source = conf }, client_mt)
   certs.init(wx)
   upstream.init(wx)
   if not wx.dict and conf.shared_dict ~= nil then
@@ -116,6 +117,58 @@ function methods.encrypt_sensitive(wx, plaintext)
   end
   if not ct then return nil, err end
   return crypto.base64_encode(ct), id
+end
+
+-- the credential fields a swap replaces (config.check's names)
+local CRED_IN = { "merchant_private_key", "merchant_certificate",
+                  "merchant_serial", "apiv3_key", "public_key",
+                  "public_key_id" }
+
+--- syntax: ok, err = wx:set_credentials(creds)
+-- Swaps the merchant's credentials in the running client, e.g. after a
+-- rotation published in etcd (paygate.credentials): creds holds
+-- merchant_private_key and merchant_certificate (PEM), apiv3_key, and
+-- optionally public_key + public_key_id, each as wechatpay.client takes
+-- them. The whole set is checked first (the key matches the certificate,
+-- key types, the APIv3 key's length); on any failure nothing changes and
+-- nil, err (invalid_config, err.key) comes back. On success the next
+-- signature uses the new key and serial (a request already signed keeps
+-- its own), the previous APIv3 keys (two at most) still decrypt, and a
+-- new public key joins the key ring beside the old one. Never yields.
+function methods.set_credentials(wx, creds)
+  if type(creds) ~= "table" then
+    error("wx:set_credentials: creds must be a table", 2)
+  end
+  local conf = {}
+  for k, v in pairs(wx.source) do conf[k] = v end
+  for _, k in ipairs(CRED_IN) do conf[k] = nil end
+  for _, k in ipairs(CRED_IN) do
+    if creds[k] ~= nil then conf[k] = creds[k] end
+  end
+  if conf.merchant_certificate == nil and conf.merchant_serial == nil then
+    return nil, errors.new("invalid_config", "wechatpay.merchant_certificate"
+      .. ": a credential swap needs the merchant certificate",
+      { key = "merchant_certificate" })
+  end
+  local old = wx.conf
+  local prev = {}
+  for _, k in ipairs(old.apiv3_keys) do
+    if k ~= creds.apiv3_key and #prev < 2 then prev[#prev + 1] = k end
+  end
+  conf.previous_apiv3_keys = prev
+  local cfg, err = config.check(conf)
+  if not cfg then return nil, err end
+  -- no yield from here on: every request sees the old set or the new one
+  old.signer = cfg.signer
+  old.merchant_serial = cfg.merchant_serial
+  old.apiv3_keys = cfg.apiv3_keys
+  if cfg.public_key then
+    wx.ring:put(cfg.public_key_id, cfg.public_key)
+    old.public_key, old.public_key_id = cfg.public_key, cfg.public_key_id
+    if old.mode == "certificate" then old.mode = "migration" end
+  end
+  wx.source = conf
+  return true
 end
 
 --- syntax: st = wx:certificate_status()

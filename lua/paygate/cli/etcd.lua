@@ -1,0 +1,191 @@
+-- paygate etcd: publishes a merchant's credentials (or the HTTPS
+-- listener's certificate) to etcd in one transaction, after validating
+-- them, sealing the secrets under the key-encryption key
+-- (paygate.credentials); shows what a prefix holds without its secrets.
+local common = require "paygate.cli.common"
+local credentials = require "paygate.credentials"
+local etcd = require "paygate.etcd"
+local json = require "cjson.safe"
+
+local usage = [[
+usage: paygate etcd publish --prefix PREFIX --dir DIR [--tls] ETCD KEK
+       paygate etcd show    --prefix PREFIX [--tls] ETCD KEK
+
+ETCD: --endpoints URL[,URL...] --user NAME --password-env VAR
+      [--ca-file FILE] [--cert FILE --key FILE] [--insecure]
+KEK:  --kek-file FILE | --kek-env VAR   (the key-encryption key: 32 bytes,
+      raw, 64 hex digits or base64; the one the gateways are given)
+
+publish  reads the set from DIR, validates it (the private key matches
+         the certificate, its dates, the APIv3 key's length, the public
+         key and its id), seals the secrets and writes every file under
+         PREFIX in one etcd transaction (files of an older set that the
+         new one lacks are deleted in it). Every gateway watching PREFIX
+         swaps to it. A merchant's DIR holds apiclient_key.pem,
+         apiclient_cert.pem, apiv3_key and optionally
+         wechatpay_public_key.pem + public_key_id; with --tls, cert.pem
+         and key.pem (the HTTPS listener's).
+show     prints the set's revision, the certificate's serial and dates,
+         and which files are sealed (never a secret).
+
+Without --insecure, etcd must be https:// with a user: the files are
+secrets. The password is read from the environment variable named by
+--password-env, never from the command line.
+
+exit: 0 done, 1 etcd or validation failure, 2 usage error.
+]]
+
+local SPEC = {
+  ["--prefix"] = "value", ["--dir"] = "value", ["--tls"] = "flag",
+  ["--endpoints"] = "value", ["--user"] = "value",
+  ["--password-env"] = "value", ["--ca-file"] = "value",
+  ["--cert"] = "value", ["--key"] = "value", ["--insecure"] = "flag",
+  ["--kek-file"] = "value", ["--kek-env"] = "value", ["--json"] = "flag",
+}
+
+local function fail(msg)
+  io.stderr:write("paygate etcd: ", msg, "\n")
+  return 1
+end
+
+local function client(o)
+  if not o["--endpoints"] then common.usage_error("--endpoints is required") end
+  local eps = {}
+  for u in o["--endpoints"]:gmatch("[^,%s]+") do eps[#eps + 1] = u end
+  local pw
+  if o["--user"] then
+    local var = o["--password-env"]
+    if not var then
+      common.usage_error("--user needs --password-env VAR")
+    end
+    pw = os.getenv(var)
+    if not pw then common.usage_error("%s is not set", var) end
+  end
+  local ok, cli = pcall(etcd.new, { endpoints = eps, user = o["--user"],
+    password = pw, ca_file = o["--ca-file"], client_cert = o["--cert"],
+    client_key = o["--key"] })
+  if not ok then
+    common.usage_error("%s", tostring(cli):gsub("^.-etcd%.new: ", ""))
+  end
+  if not cli:secure() and not o["--insecure"] then
+    common.usage_error("etcd must be https:// with --user (or give "
+                       .. "--insecure for a throw-away etcd)")
+  end
+  return cli
+end
+
+local function kek(o)
+  local k, err = credentials.read_kek{ kek_file = o["--kek-file"],
+                                       kek_env = o["--kek-env"] }
+  if not k then common.usage_error("%s", tostring(err.message)) end
+  return k
+end
+
+local function prefix(o)
+  local p = o["--prefix"]
+  if type(p) ~= "string" or p:sub(1, 1) ~= "/" then
+    common.usage_error("--prefix must be an etcd prefix: /.../")
+  end
+  if p:sub(-1) ~= "/" then p = p .. "/" end
+  return p
+end
+
+local function publish(o)
+  local p, k = prefix(o), kek(o)
+  local dir = o["--dir"]
+  if not dir then common.usage_error("--dir DIR is required") end
+  local kind = o["--tls"] and "tls" or "merchant"
+  local spec = kind == "tls" and credentials.TLS_FILES
+               or credentials.MERCHANT_FILES
+  local files = {}
+  for name in pairs(spec) do
+    local f = io.open(dir .. "/" .. name, "rb")
+    if f then
+      files[name] = f:read("*a")
+      f:close()
+    end
+  end
+  if files.public_key_id then
+    files.public_key_id = files.public_key_id:gsub("%s+$", "")
+  end
+  if kind == "merchant" and files.apiv3_key then
+    local cause, fix = common.apiv3_key_problem(files.apiv3_key)
+    if cause then return fail(cause .. "; " .. fix) end
+  end
+  local set, err = credentials.validate(files, kind)
+  if not set then return fail(tostring(err.message)) end
+  local cli = client(o)
+  local ops = {}
+  local names = {}
+  for name in pairs(files) do names[#names + 1] = name end
+  table.sort(names)
+  for _, name in ipairs(names) do
+    local v = files[name]
+    if spec[name].secret then v = credentials.seal(k, name, v) end
+    ops[#ops + 1] = { put = p .. name, value = v }
+  end
+  for name in pairs(spec) do
+    if not files[name] then ops[#ops + 1] = { delete = p .. name } end
+  end
+  local res
+  res, err = cli:txn{ success = ops }
+  if not res then return fail("publish " .. p .. ": " .. tostring(err)) end
+  if o["--json"] then
+    io.stdout:write(json.encode({ prefix = p, revision = res.revision,
+      serial = set.serial, files = names }), "\n")
+  else
+    io.stdout:write(("published %s at revision %s: serial %s, valid until "
+      .. "%s (%s)\n"):format(p, res.revision, set.serial,
+      os.date("!%Y-%m-%dT%H:%M:%SZ", set.not_after),
+      table.concat(names, ", ")))
+  end
+  return 0
+end
+
+local function show(o)
+  local p, k = prefix(o), kek(o)
+  local kind = o["--tls"] and "tls" or "merchant"
+  local spec = kind == "tls" and credentials.TLS_FILES
+               or credentials.MERCHANT_FILES
+  local cli = client(o)
+  local res, err = cli:get_prefix(p)
+  if not res then return fail("read " .. p .. ": " .. tostring(err)) end
+  if #res.kvs == 0 then return fail("nothing under " .. p) end
+  local files, rev, lines = {}, "0", {}
+  for _, kv in ipairs(res.kvs) do
+    local name = kv.key:sub(#p + 1)
+    if etcd.rev_cmp(kv.mod_revision, rev) > 0 then rev = kv.mod_revision end
+    local d = spec[name]
+    local v = kv.value
+    if d and d.secret then
+      local pt, oerr = credentials.open(k, name, v)
+      lines[#lines + 1] = name .. ": " .. (pt and "sealed, opens"
+                                           or tostring(oerr.message))
+      v = pt
+    else
+      lines[#lines + 1] = name .. ": " .. #v .. " bytes"
+    end
+    files[name] = v
+  end
+  local set, verr = credentials.validate(files, kind)
+  io.stdout:write(p, " revision ", rev, "\n")
+  for _, l in ipairs(lines) do io.stdout:write("  ", l, "\n") end
+  if not set then
+    io.stdout:write("invalid: ", tostring(verr.message), "\n")
+    return 1
+  end
+  io.stdout:write(("valid: serial %s, until %s\n"):format(set.serial,
+    os.date("!%Y-%m-%dT%H:%M:%SZ", set.not_after)))
+  return 0
+end
+
+local function main(args)
+  local o, pos = common.parse(args, SPEC)
+  local cmd = pos[1]
+  if #pos > 1 then common.usage_error("unexpected argument %s", pos[2]) end
+  if cmd == "publish" then return publish(o) end
+  if cmd == "show" then return show(o) end
+  common.usage_error("give publish or show (see --help)")
+end
+
+return common.run("etcd", usage, main, { ... })

@@ -1,0 +1,567 @@
+-- paygate.credentials: merchant credentials (and the HTTPS listener's)
+-- kept in etcd, watched, validated and hot-swapped in every worker.
+--
+--   local credentials = require "paygate.credentials"
+--   local src = assert(credentials.new(paygate.config.credentials))
+--   local set = assert(src:load("1900000001"))     -- etcd, else the cache
+--   local wx = wechatpay.client(src:wechatpay_conf("1900000001", conf))
+--   src:bind("1900000001", wx)                     -- swaps on a change
+--   src:start()                                    -- one watch per set
+--
+-- The layout under a merchant's prefix (docs/etcd.md):
+--   apiclient_key.pem (secret), apiclient_cert.pem, apiv3_key (secret),
+--   and optionally wechatpay_public_key.pem + public_key_id;
+-- under the listener's prefix: cert.pem, key.pem (secret).
+-- Secret values are envelopes: the value encrypted (AES-256-GCM) under a
+-- fresh data key, that data key encrypted under the key-encryption key
+-- (KEK) read from a local file or an environment variable, so a read of
+-- etcd alone reveals nothing. A set is applied whole or not at all, in
+-- revision order, never an older one after a newer; the last good set is
+-- cached on disk (still sealed) so a start with etcd down serves with it.
+local core = require "paygate.core"
+local crypto = require "paygate.crypto"
+local json = require "paygate.json"
+local etcd = require "paygate.etcd"
+
+local type, tostring, ipairs, pairs, pcall, setmetatable, getmetatable, error =
+      type, tostring, ipairs, pairs, pcall, setmetatable, getmetatable, error
+
+local _M = {}
+
+local ALG = "AEAD_AES_256_GCM"
+local DEK_AAD = "paygate-credentials-dek"
+
+-- file name -> { field (wechatpay.client's name), secret, optional }
+_M.MERCHANT_FILES = {
+  ["apiclient_key.pem"] = { field = "merchant_private_key", secret = true },
+  ["apiclient_cert.pem"] = { field = "merchant_certificate" },
+  ["apiv3_key"] = { field = "apiv3_key", secret = true },
+  ["wechatpay_public_key.pem"] = { field = "public_key", optional = true },
+  ["public_key_id"] = { field = "public_key_id", optional = true },
+}
+_M.TLS_FILES = {
+  ["cert.pem"] = { field = "cert" },
+  ["key.pem"] = { field = "key", secret = true },
+}
+
+local function log()
+  return require("paygate").log
+end
+
+local function bad(msg)
+  return nil, core.error("invalid_config", "credentials: " .. msg)
+end
+
+local function invalid(msg, fields)
+  return nil, core.error("invalid_credentials", "credentials: " .. msg,
+                         fields)
+end
+
+-- ---- the key-encryption key and envelopes ------------------------------
+
+-- 32 bytes given raw, as 64 hex digits or as base64 (whitespace trimmed)
+local function kek_of(s)
+  if type(s) ~= "string" then return nil end
+  if #s == 32 then return s end
+  s = s:gsub("%s+", "")
+  if #s == 64 and s:match("^%x+$") then return (crypto.hex_decode(s)) end
+  local raw = crypto.base64_decode(s)
+  if raw and #raw == 32 then return raw end
+  return nil
+end
+
+--- syntax: kek, err = credentials.read_kek{ kek_file = path | kek_env = NAME }
+-- returns: the 32-byte key-encryption key, or nil, err (invalid_config;
+-- the message never holds the key).
+function _M.read_kek(conf)
+  local raw, from
+  if conf.kek_file ~= nil then
+    if type(conf.kek_file) ~= "string" then
+      return bad("kek_file must be a file path")
+    end
+    local f = io.open(conf.kek_file, "rb")
+    if not f then return bad("kek_file: cannot read " .. conf.kek_file) end
+    raw = f:read("*a")
+    f:close()
+    from = "kek_file " .. conf.kek_file
+  elseif conf.kek_env ~= nil then
+    if type(conf.kek_env) ~= "string" then
+      return bad("kek_env must be an environment variable's name")
+    end
+    raw = os.getenv(conf.kek_env)
+    if not raw then return bad("kek_env: " .. conf.kek_env .. " is not set") end
+    from = "kek_env " .. conf.kek_env
+  else
+    return bad("give kek_file or kek_env (the key-encryption key)")
+  end
+  local kek = kek_of(raw)
+  if not kek then
+    return bad(from .. ": not a 32-byte key (raw, 64 hex digits or base64)")
+  end
+  return kek
+end
+
+--- syntax: id = credentials.kek_id(kek) -- names a KEK without revealing it
+function _M.kek_id(kek)
+  return crypto.hex(crypto.digest("sha256", "paygate-kek-id" .. kek)):sub(1, 16)
+end
+
+local function gcm_seal(key, aad, pt)
+  local nonce = crypto.random_bytes(12)
+  local ct = assert(crypto.aead_encrypt(ALG, key, nonce, aad, pt))
+  return crypto.base64_encode(nonce .. ct)
+end
+
+local function gcm_open(key, aad, b64)
+  local raw = type(b64) == "string" and crypto.base64_decode(b64)
+  if not raw or #raw < 28 then return nil end
+  return crypto.aead_decrypt(ALG, key, raw:sub(1, 12), aad, raw:sub(13))
+end
+
+--- syntax: text = credentials.seal(kek, name, plaintext)
+-- An envelope (JSON) for the secret plaintext stored under name (the key
+-- relative to the set's prefix, e.g. "apiclient_key.pem": an envelope
+-- moved to another name does not open).
+function _M.seal(kek, name, plaintext)
+  local dek = crypto.random_bytes(32)
+  return json.encode({ paygate_envelope = 1, kek = _M.kek_id(kek),
+    dek = gcm_seal(kek, DEK_AAD, dek), data = gcm_seal(dek, name, plaintext) })
+end
+
+--- syntax: plaintext, err = credentials.open(kek, name, text)
+-- kek: the key-encryption key, or a list of them (the current one and
+-- older ones during a change of KEK): the envelope names the one it needs.
+function _M.open(kek, name, text)
+  local env = type(text) == "string" and text:sub(1, 1) == "{"
+              and json.decode(text)
+  if type(env) ~= "table" or env.paygate_envelope ~= 1 then
+    return invalid(name .. ": not an envelope (a secret must be sealed "
+                   .. "with the key-encryption key: paygate etcd publish)")
+  end
+  local keks = type(kek) == "table" and kek or { kek }
+  kek = nil
+  local ids = {}
+  for i, k in ipairs(keks) do
+    ids[i] = _M.kek_id(k)
+    if ids[i] == env.kek then kek = k end
+  end
+  if not kek then
+    return invalid(name .. ": sealed under another key-encryption key (id "
+                   .. tostring(env.kek) .. ", ours " .. table.concat(ids, ", ")
+                   .. ")")
+  end
+  local dek = gcm_open(kek, DEK_AAD, env.dek)
+  local pt = dek and #dek == 32 and gcm_open(dek, name, env.data)
+  if not pt then
+    return invalid(name .. ": the envelope does not open (altered, or "
+                   .. "moved from another name)")
+  end
+  return pt
+end
+
+-- ---- validation -------------------------------------------------------
+
+--- syntax: set, err = credentials.validate(files, kind[, now])
+-- files: name -> plaintext (secrets opened). kind: "merchant" | "tls".
+-- returns: the set (wechatpay.client field names, or cert/key), or nil,
+-- err (invalid_credentials naming what is wrong; never a secret).
+function _M.validate(files, kind, now)
+  now = now or core.time()
+  local spec = kind == "tls" and _M.TLS_FILES or _M.MERCHANT_FILES
+  local set = {}
+  for name, d in pairs(spec) do
+    local v = files[name]
+    if v == nil and not d.optional then
+      return invalid(name .. " is missing")
+    end
+    set[d.field] = v
+  end
+  for name in pairs(files) do
+    if not spec[name] then return invalid("unexpected file " .. name) end
+  end
+  local cert_pem = kind == "tls" and set.cert or set.merchant_certificate
+  local key_pem = kind == "tls" and set.key or set.merchant_private_key
+  local cert = crypto.certificate(cert_pem)
+  if not cert then
+    return invalid((kind == "tls" and "cert.pem" or "apiclient_cert.pem")
+                   .. " is not a certificate")
+  end
+  local key = crypto.private_key(key_pem)
+  if not key then
+    return invalid((kind == "tls" and "key.pem" or "apiclient_key.pem")
+                   .. " is not a private key")
+  end
+  if not crypto.check_pair(key, cert) then
+    return invalid("the private key does not match the certificate "
+                   .. "(serial " .. cert:serial() .. ")")
+  end
+  if cert:not_before() > now then
+    return invalid("the certificate (serial " .. cert:serial()
+                   .. ") is not valid yet")
+  end
+  if cert:not_after() <= now then
+    return invalid("the certificate (serial " .. cert:serial()
+                   .. ") has expired")
+  end
+  set.serial = cert:serial()
+  set.not_after = cert:not_after()
+  if kind == "tls" then return set end
+  if #set.apiv3_key ~= 32 then
+    return invalid("apiv3_key must be exactly 32 bytes")
+  end
+  if (set.public_key == nil) ~= (set.public_key_id == nil) then
+    return invalid("wechatpay_public_key.pem and public_key_id go together")
+  end
+  if set.public_key then
+    set.public_key_id = set.public_key_id:gsub("%s+$", "")
+    if not set.public_key_id:match("^PUB_KEY_ID_%w+$") then
+      return invalid("public_key_id must be PUB_KEY_ID_ and digits")
+    end
+    if not crypto.public_key(set.public_key) then
+      return invalid("wechatpay_public_key.pem is not a public key")
+    end
+  end
+  return set
+end
+
+-- ---- the source ---------------------------------------------------------
+
+local Source = {}
+Source.__index = Source
+
+local gauges
+local function metrics()
+  if gauges == nil then
+    local ok, m = pcall(require, "paygate.metrics")
+    if ok and type(m) == "table" then
+      gauges = {
+        revision = m.gauge("paygate_credentials_revision",
+          "The etcd revision of the credential set in use, per set and "
+          .. "worker."),
+        refused = m.gauge("paygate_credentials_refused",
+          "Credential sets refused (invalid) since the worker started."),
+      }
+    else
+      gauges = false
+    end
+  end
+  return gauges or nil
+end
+
+local function check_prefix(p, what)
+  if type(p) ~= "string" or p:sub(1, 1) ~= "/" or p:sub(-1) ~= "/" then
+    return nil, what .. " must be an etcd prefix: /.../"
+  end
+  return p
+end
+
+--- syntax: src, err = credentials.new(conf)
+-- conf: etcd (etcd.new's options, or a paygate.etcd client), kek_file or
+--   kek_env (the current KEK), previous_kek_files (older ones that still
+--   open sets sealed before a change of KEK), cache_dir, merchants = { [mchid] = prefix, ... }, tls =
+--   prefix (the HTTPS listener's; optional), load_timeout (seconds,
+--   default 3), insecure_etcd (false; true only where etcd's TLS and auth
+--   are provided another way: never with secrets on a shared network).
+-- returns: a source, or nil, err (invalid_config); refuses an etcd
+-- reached without TLS and user/password auth.
+function _M.new(conf)
+  if type(conf) ~= "table" then
+    return bad("the configuration must be a table")
+  end
+  local kek, err = _M.read_kek(conf)
+  if not kek then return nil, err end
+  local keks = { kek }
+  if conf.previous_kek_files ~= nil then
+    if type(conf.previous_kek_files) ~= "table" then
+      return bad("previous_kek_files must be a list of file paths")
+    end
+    for _, f in ipairs(conf.previous_kek_files) do
+      local k, kerr = _M.read_kek{ kek_file = f }
+      if not k then return nil, kerr end
+      keks[#keks + 1] = k
+    end
+  end
+  local cli = conf.etcd
+  if type(cli) == "table" and getmetatable(cli) ~= etcd.Client then
+    local ok, c = pcall(etcd.new, cli)
+    if not ok then return bad("etcd: " .. tostring(c):gsub("^.-: ", "")) end
+    cli = c
+  end
+  if type(cli) ~= "table" then
+    return bad("etcd must be etcd.new's options (endpoints, user, ...)")
+  end
+  if not cli:secure() and conf.insecure_etcd ~= true then
+    return bad("etcd must be reached over https:// with a user and "
+               .. "password: credentials are secrets")
+  end
+  if type(conf.cache_dir) ~= "string" or conf.cache_dir == "" then
+    return bad("cache_dir must be a directory (the last good sets)")
+  end
+  local sets = {}
+  if conf.merchants ~= nil and type(conf.merchants) ~= "table" then
+    return bad("merchants must map merchant ids to etcd prefixes")
+  end
+  if conf.merchants == nil and conf.tls == nil then
+    return bad("give merchants (merchant ids to etcd prefixes) or tls")
+  end
+  for mchid, prefix in pairs(conf.merchants or {}) do
+    if type(mchid) ~= "string" or not mchid:match("^%d+$") then
+      return bad("merchants: keys must be merchant ids (digits)")
+    end
+    local p, why = check_prefix(prefix, "merchants[" .. mchid .. "]")
+    if not p then return bad(why) end
+    sets[mchid] = { name = mchid, kind = "merchant", prefix = p }
+  end
+  if conf.tls ~= nil then
+    local p, why = check_prefix(conf.tls, "tls")
+    if not p then return bad(why) end
+    sets.tls = { name = "tls", kind = "tls", prefix = p }
+  end
+  return setmetatable({ cli = cli, keks = keks, cache_dir = conf.cache_dir,
+    sets = sets, load_timeout = conf.load_timeout or 3, tasks = {} }, Source)
+end
+
+local function cache_path(src, set)
+  return src.cache_dir .. "/" .. set.name .. ".json"
+end
+
+-- Opens and validates raw (name -> stored value). returns the set.
+local function open_set(src, set, raw, revision)
+  local files = {}
+  for name, value in pairs(raw) do
+    local d = (set.kind == "tls" and _M.TLS_FILES or _M.MERCHANT_FILES)[name]
+    if d and d.secret then
+      local pt, err = _M.open(src.keks, name, value)
+      if not pt then return nil, err end
+      files[name] = pt
+    else
+      files[name] = value
+    end
+  end
+  local v, err = _M.validate(files, set.kind)
+  if not v then return nil, err end
+  v.revision = revision
+  return v
+end
+
+local function write_cache(src, set, raw, revision)
+  local path = cache_path(src, set)
+  -- per process: the workers of an instance share cache_dir
+  local tmp = path .. "." .. core.pid() .. ".tmp"
+  local f = io.open(tmp, "wb")
+  if not f then
+    log().warn("credentials: cannot write the cache", { file = tmp })
+    return
+  end
+  f:write(json.encode({ revision = revision, files = raw }))
+  f:close()
+  os.rename(tmp, path)
+end
+
+local function read_cache(src, set)
+  local f = io.open(cache_path(src, set), "rb")
+  if not f then return nil end
+  local doc = json.decode(f:read("*a") or "")
+  f:close()
+  if type(doc) ~= "table" or type(doc.files) ~= "table"
+     or type(doc.revision) ~= "string" then
+    return nil
+  end
+  return doc
+end
+
+-- The raw files of a set in etcd: name -> value, and the set's revision
+-- (the newest mod_revision among them: the publication's) and the
+-- store's.
+local function fetch(src, set)
+  local res, err = src.cli:get_prefix(set.prefix)
+  if not res then return nil, err end
+  local raw, rev = {}, "0"
+  for _, kv in ipairs(res.kvs) do
+    raw[kv.key:sub(#set.prefix + 1)] = kv.value
+    if etcd.rev_cmp(kv.mod_revision, rev) > 0 then rev = kv.mod_revision end
+  end
+  return raw, rev, res.revision
+end
+
+local function publish_metric(set)
+  local g = metrics()
+  if g and set.current then
+    -- one series per worker (pid): the instance's /metrics shows whether
+    -- all its workers agree
+    g.revision:set(tonumber(set.current.revision) or 0,
+                   { set = set.name, pid = tostring(core.pid()) })
+  end
+end
+
+-- Applies a newer valid set: the hooks run (each may refuse), then it is
+-- current and cached. returns true, or nil, err (the old set stays).
+local function apply(src, set, raw, rev, from_cache)
+  if set.current and etcd.rev_cmp(rev, set.current.revision) <= 0 then
+    return true                     -- never back, never twice
+  end
+  local v, err = open_set(src, set, raw, rev)
+  if v then
+    for _, hook in ipairs(set.hooks or {}) do
+      local ok, herr = hook(v)
+      if not ok then
+        v, err = nil, herr or core.error("invalid_credentials",
+                                         "credentials: refused by a hook")
+        break
+      end
+    end
+  end
+  if not v then
+    if set.refused ~= rev then
+      set.refused = rev
+      src.refusals = (src.refusals or 0) + 1
+      local g = metrics()
+      if g then g.refused:set(src.refusals, { pid = tostring(core.pid()) }) end
+      log().warn("credentials: set refused, the old one kept", {
+        set = set.name, revision = rev, kept = set.current
+        and set.current.revision or nil, reason = tostring(err) })
+    end
+    return nil, err
+  end
+  set.current = v
+  if not from_cache then write_cache(src, set, raw, rev) end
+  publish_metric(set)
+  log().info("credentials: new set in use", { set = set.name,
+             revision = rev, serial = v.serial })
+  return true
+end
+
+local function get_set(src, name)
+  local set = src.sets[name]
+  if not set then error("credentials: no set named " .. tostring(name), 3) end
+  return set
+end
+
+--- syntax: set, err = src:load(name) -- name: a mchid, or "tls"
+-- The current set: from etcd, or when etcd does not answer within
+-- load_timeout, the cached last good set. returns the set (wechatpay
+-- field names, serial, revision) or nil, err. yields.
+function Source:load(name)
+  local set = get_set(self, name)
+  if set.current then return set.current end
+  local raw, rev, store_rev
+  local done = core.event()
+  local task = core.spawn(function()
+    raw, rev, store_rev = fetch(self, set)
+    done:set()
+  end)
+  done:wait(self.load_timeout)
+  if raw then
+    set.store_rev = store_rev
+    local ok, err = apply(self, set, raw, rev)
+    if ok then return set.current end
+    -- an invalid set in etcd: serve the cached one if there is one
+    local c = read_cache(self, set)
+    if c and apply(self, set, c.files, c.revision, true) then
+      return set.current
+    end
+    return nil, err
+  end
+  pcall(task.cancel, task)
+  local why = rev or "no answer within " .. self.load_timeout .. " s"
+  local c = read_cache(self, set)
+  if c then
+    local ok, err = apply(self, set, c.files, c.revision, true)
+    if ok then
+      log().warn("credentials: etcd unavailable, serving the cached set",
+                 { set = name, revision = c.revision, reason = tostring(why) })
+      return set.current
+    end
+    return nil, err
+  end
+  return nil, core.error("unavailable", "credentials: " .. name
+    .. ": etcd unavailable (" .. tostring(why) .. ") and no cached set")
+end
+
+--- syntax: src:on_change(name, fn) -- fn(set) --> true | nil, err
+-- Runs before a new set is used; a failure refuses the set.
+function Source:on_change(name, fn)
+  local set = get_set(self, name)
+  set.hooks = set.hooks or {}
+  set.hooks[#set.hooks + 1] = fn
+end
+
+--- syntax: src:bind(mchid, wx) -- swaps a paygate.wechatpay client's keys
+function Source:bind(name, wx)
+  self:on_change(name, function(v) return wx:set_credentials(v) end)
+end
+
+--- syntax: conf = src:wechatpay_conf(mchid, base) -- base + the set
+function Source:wechatpay_conf(name, base)
+  local v = get_set(self, name).current
+  if not v then error("credentials: load " .. name .. " first", 2) end
+  local c = {}
+  for k, x in pairs(base or {}) do c[k] = x end
+  for _, d in pairs(_M.MERCHANT_FILES) do c[d.field] = v[d.field] end
+  return c
+end
+
+--- syntax: set = src:current(name)
+function Source:current(name)
+  return get_set(self, name).current
+end
+
+-- Watches one set until stopped: each change reloads the prefix (one
+-- consistent read) and applies it when newer.
+local function watch_set(src, set)
+  local from = set.store_rev or (set.current and set.current.revision)
+  local function reread()
+    local raw, rev, store_rev = fetch(src, set)
+    if raw then
+      apply(src, set, raw, rev)
+      from = store_rev
+      return true
+    end
+    return false
+  end
+  while not src.stopped do
+    -- nothing read yet (etcd was down and no cache): read first, then
+    -- watch from the revision after that read, so nothing falls between
+    if from or reread() then
+      local w = src.cli:watch(set.prefix,
+                              { from_revision = etcd.rev_next(from) })
+      set.watch = w
+      for ev, err in w do
+        if err then
+          log().warn("credentials: watch ended, reading the set again",
+                     { set = set.name, reason = tostring(err) })
+          break                   -- compacted and the like: read again
+        end
+        if not set.current or etcd.rev_cmp(ev.revision,
+                                           set.current.revision) > 0 then
+          reread()
+        end
+      end
+      w:close()
+      if src.stopped then break end
+      if not reread() then core.sleep(1) end
+    else
+      core.sleep(1)
+    end
+  end
+end
+
+--- syntax: src:start() -- one background watch per set
+function Source:start()
+  for _, set in pairs(self.sets) do
+    if not self.tasks[set.name] then
+      self.tasks[set.name] = core.spawn(watch_set, self, set)
+    end
+  end
+end
+
+--- syntax: src:stop()
+function Source:stop()
+  self.stopped = true
+  for name, t in pairs(self.tasks) do
+    pcall(t.cancel, t)
+    self.tasks[name] = nil
+  end
+end
+
+return _M

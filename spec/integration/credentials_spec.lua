@@ -1,0 +1,345 @@
+-- paygate.credentials and `paygate etcd publish` against a real etcd with
+-- TLS and auth: sealed secrets, validation before use, hot swap in a
+-- running paygate.wechatpay client, order, the on-disk cache.
+local paygate = require "paygate"
+local crypto = require "paygate.crypto"
+local etcd = require "paygate.etcd"
+local credentials = require "paygate.credentials"
+local wechatpay = require "paygate.wechatpay"
+local etcdsrv = require "support.etcd"
+local servers = require "support.servers"
+
+local MCHID = "1900000001"
+local PREFIX = "/paygate/merchants/" .. MCHID .. "/"
+local APIV3 = "0123456789abcdef0123456789ABCDEF"
+local APIV3_B = "fedcba9876543210FEDCBA9876543210"
+
+local function sh(cmd)
+  assert(servers.sh(cmd .. " >/dev/null 2>&1"), "command failed: " .. cmd)
+end
+
+local function write(path, s)
+  local f = assert(io.open(path, "wb"))
+  f:write(s)
+  f:close()
+end
+
+local function read(path)
+  local f = assert(io.open(path, "rb"))
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+
+-- a merchant key and certificate (serial in hex) in dir/NAME.{key,pem}
+local function merchant_pair(dir, name, serial)
+  sh(("openssl req -x509 -newkey rsa:2048 -nodes -keyout %s/%s.key -out "
+      .. "%s/%s.pem -days 2 -set_serial 0x%s -subj /CN=%s"):format(dir, name,
+      dir, name, serial, MCHID))
+end
+
+-- a publishable directory: key of pair kname, certificate of pair cname
+local function set_dir(dir, name, kname, cname, apiv3)
+  local d = dir .. "/" .. name
+  sh("mkdir -p " .. d)
+  write(d .. "/apiclient_key.pem", read(dir .. "/" .. kname .. ".key"))
+  write(d .. "/apiclient_cert.pem", read(dir .. "/" .. cname .. ".pem"))
+  write(d .. "/apiv3_key", apiv3)
+  return d
+end
+
+describe("watched credentials", function()
+  if not etcdsrv.available() then
+    pending("etcd is not installed (scripts/deps installs etcd-server)")
+    return
+  end
+
+  local c, dir, kek_file, cli, env
+
+  local function publish(d, extra, prefix)
+    local o = c:client_opts()
+    local cmd = ("PAYGATE_SPEC_ETCD_PW=%s %s etcd publish --prefix %s "
+      .. "--dir %s --endpoints %s --user %s --password-env "
+      .. "PAYGATE_SPEC_ETCD_PW --ca-file %s --cert %s --key %s "
+      .. "--kek-file %s --json %s 2>&1; echo \"exit=$?\""):format(
+      o.password, PAYGATE_BIN, prefix or PREFIX, d,
+      table.concat(o.endpoints, ","), o.user, o.ca_file, o.client_cert,
+      o.client_key, kek_file, extra or "")
+    local p = io.popen(cmd)
+    local out = p:read("*a")
+    p:close()
+    local code = tonumber(out:match("exit=(%d+)%s*$"))
+    return code, (out:gsub("exit=%d+%s*$", ""))
+  end
+
+  local function source(cache, extra)
+    local conf = { etcd = c:client_opts(), kek_file = kek_file,
+                   cache_dir = cache, merchants = { [MCHID] = PREFIX } }
+    for k, v in pairs(extra or {}) do conf[k] = v end
+    return assert(credentials.new(conf))
+  end
+
+  setup(function()
+    c = etcdsrv.start{ tls = true, auth = true }
+    dir = c.dir
+    kek_file = dir .. "/kek"
+    write(kek_file, crypto.hex(crypto.random_bytes(32)) .. "\n")
+    merchant_pair(dir, "a", "AAAA01")
+    merchant_pair(dir, "b", "BBBB02")
+    merchant_pair(dir, "p", "CCCC03")      -- a platform certificate
+    env = {
+      a = set_dir(dir, "set_a", "a", "a", APIV3),
+      b = set_dir(dir, "set_b", "b", "b", APIV3_B),
+      bad = set_dir(dir, "set_bad", "a", "b", APIV3),
+    }
+    cli = etcd.new(c:client_opts())
+  end)
+  teardown(function()
+    require("paygate.testing").stop_all()
+    etcdsrv.stop_all()
+  end)
+
+  it("refuses an etcd without TLS and auth, and a missing KEK", function()
+    local o = c:client_opts()
+    o.user, o.password = nil, nil
+    local src, err = credentials.new{ etcd = o, kek_file = kek_file,
+      cache_dir = dir, merchants = { [MCHID] = PREFIX } }
+    assert.is_nil(src)
+    assert.equal("invalid_config", err.kind)
+    assert.matches("https", err.message)
+    src, err = credentials.new{ etcd = { endpoints = { "http://127.0.0.1:1" },
+      user = "u", password = "p" }, kek_file = kek_file, cache_dir = dir,
+      merchants = { [MCHID] = PREFIX } }
+    assert.is_nil(src)
+    src, err = credentials.new{ etcd = c:client_opts(), cache_dir = dir,
+      merchants = { [MCHID] = PREFIX } }
+    assert.is_nil(src)
+    assert.matches("kek", err.message)
+  end)
+
+  it("publish refuses an invalid set and writes nothing", function()
+    local code, out = publish(env.bad)
+    assert.equal(1, code, out)
+    assert.matches("does not match", out)
+    assert.same({}, assert(cli:get_prefix(PREFIX)).kvs)
+    -- an APIv3 key with a newline is named as such
+    local d = set_dir(dir, "set_nl", "a", "a", APIV3 .. "\n")
+    code, out = publish(d)
+    assert.equal(1, code)
+    assert.matches("newline", out)
+  end)
+
+  it("publishes in one transaction, secrets sealed", function()
+    local code, out = publish(env.a)
+    assert.equal(0, code, out)
+    local res = assert(cli:get_prefix(PREFIX))
+    assert.equal(3, #res.kvs)
+    local revs = {}
+    for _, kv in ipairs(res.kvs) do
+      revs[kv.mod_revision] = true
+      if kv.key:match("apiclient_key.pem$") or kv.key:match("apiv3_key$") then
+        assert.not_matches("PRIVATE KEY", kv.value)
+        assert.not_matches(APIV3, kv.value, 1, true)
+        assert.matches("paygate_envelope", kv.value)
+      else
+        assert.matches("BEGIN CERTIFICATE", kv.value)
+      end
+    end
+    local n = 0
+    for _ in pairs(revs) do n = n + 1 end
+    assert.equal(1, n)              -- one revision: one transaction
+    -- an envelope does not open under another name or another KEK
+    local key = assert(cli:get(PREFIX .. "apiclient_key.pem")).value
+    local kek = assert(credentials.read_kek{ kek_file = kek_file })
+    assert.matches("PRIVATE KEY", assert(credentials.open(kek,
+      "apiclient_key.pem", key)))
+    assert.is_nil(credentials.open(kek, "apiv3_key", key))
+    local new_kek = crypto.random_bytes(32)
+    local _, oerr = credentials.open(new_kek, "apiclient_key.pem", key)
+    assert.equal("invalid_credentials", oerr.kind)
+    assert.matches("another key%-encryption key", oerr.message)
+    -- during a change of KEK, the old one (listed after the new) opens it
+    assert.matches("PRIVATE KEY", assert(credentials.open({ new_kek, kek },
+      "apiclient_key.pem", key)))
+    local nf = dir .. "/kek_new"
+    write(nf, crypto.base64_encode(new_kek))
+    local src = assert(credentials.new{ etcd = c:client_opts(),
+      kek_file = nf, previous_kek_files = { kek_file }, cache_dir = dir,
+      merchants = { [MCHID] = PREFIX } })
+    assert.equal(2, #src.keks)
+  end)
+
+  it("loads, binds, hot-swaps on a rotation, refuses a bad set, never "
+     .. "goes back", function()
+    local src = source(dir .. "/cache1")
+    sh("mkdir -p " .. dir .. "/cache1")
+    local set = assert(src:load(MCHID))
+    assert.equal("AAAA01", set.serial)
+    local wx = assert(wechatpay.client(src:wechatpay_conf(MCHID, {
+      mchid = MCHID, base_url = "http://127.0.0.1:1",
+      download_certificates = false,
+      platform_certificates = { dir .. "/p.pem" } })))
+    src:bind(MCHID, wx)
+    assert.equal("AAAA01", wx.conf.signer.serial)
+    src:start()
+    -- a second worker's source
+    local src2 = source(dir .. "/cache2")
+    sh("mkdir -p " .. dir .. "/cache2")
+    assert(src2:load(MCHID))
+    src2:start()
+
+    local code, out = publish(env.b)
+    assert.equal(0, code, out)
+    local rev = assert(require("cjson").decode(out)).revision
+    servers.wait_for(function() return wx.conf.signer.serial == "BBBB02" end,
+                     10, "the swap to serial BBBB02")
+    assert.equal(APIV3_B, wx.conf.apiv3_keys[1])
+    assert.equal(APIV3, wx.conf.apiv3_keys[2])   -- the old one still opens
+    assert.equal(rev, src:current(MCHID).revision)
+    servers.wait_for(function()
+      return src2:current(MCHID).revision == rev
+    end, 1, "the second source at the same revision")
+    -- what a signed request now carries
+    local sign = require "paygate.wechatpay.sign"
+    local auth = assert(sign.sign_request(wx.conf.signer, "GET", "/v3/x", ""))
+    assert.matches('serial_no="BBBB02"', auth, 1, true)
+
+    -- a mismatched pair written straight to etcd: refused, old kept
+    local kek = assert(credentials.read_kek{ kek_file = kek_file })
+    local bad = assert(cli:txn{ success = {
+      { put = PREFIX .. "apiclient_key.pem", value = credentials.seal(kek,
+        "apiclient_key.pem", read(dir .. "/a.key")) } } })
+    local refused_rev = bad.revision
+    servers.wait_for(function()
+      local s = src.sets[MCHID]
+      return s.refused == refused_rev
+    end, 10, "the refusal")
+    assert.equal("BBBB02", wx.conf.signer.serial)
+    assert.equal(rev, src:current(MCHID).revision)
+
+    -- the good set again (a newer revision) is taken
+    code, out = publish(env.a)
+    assert.equal(0, code, out)
+    servers.wait_for(function() return wx.conf.signer.serial == "AAAA01" end,
+                     10, "the swap back to AAAA01 at a newer revision")
+    local final = src:current(MCHID).revision
+    assert.equal(1, etcd.rev_cmp(final, refused_rev))
+    src:stop()
+    src2:stop()
+
+    -- etcd down at start: the cached set serves
+    for _, m in ipairs(c.members) do m:stop() end
+    local src3 = source(dir .. "/cache1", { load_timeout = 1 })
+    local cached = assert(src3:load(MCHID))
+    assert.equal("AAAA01", cached.serial)
+    assert.equal(final, cached.revision)
+    -- the cache holds no secret in the clear
+    local text = read(dir .. "/cache1/" .. MCHID .. ".json")
+    assert.not_matches("PRIVATE KEY", text)
+    assert.not_matches(APIV3, text, 1, true)
+    -- and catches up once etcd is back
+    src3:start()
+    for _, m in ipairs(c.members) do m:start() end
+    for _, m in ipairs(c.members) do m:wait_ready(30) end
+    code, out = publish(env.b)
+    assert.equal(0, code, out)
+    servers.wait_for(function()
+      return src3:current(MCHID).serial == "BBBB02"
+    end, 20, "the cached source to catch up")
+    src3:stop()
+  end)
+
+  it("a rotation under a load of signed requests to the simulator: none "
+     .. "fails, each after the swap carries the new serial", function()
+    local testing = require "paygate.testing"
+    local m = testing.merchant()
+    local k2 = testing.merchant_keys{ mchid = m.mchid }
+    m.certificates = { m.certificate, k2.certificate }
+    local sim = testing.simulator{ merchants = { m } }
+    local prefix = "/paygate/merchants/" .. m.mchid .. "/"
+    local function dir_of(name, key, cert)
+      local d = dir .. "/" .. name
+      sh("mkdir -p " .. d)
+      write(d .. "/apiclient_key.pem", read(key))
+      write(d .. "/apiclient_cert.pem", read(cert))
+      write(d .. "/apiv3_key", m.apiv3_key)
+      return d
+    end
+    local code, out = publish(dir_of("sim_a", m.private_key, m.certificate),
+                              nil, prefix)
+    assert.equal(0, code, out)
+    sh("mkdir -p " .. dir .. "/cache_sim")
+    local src = assert(credentials.new{ etcd = c:client_opts(),
+      kek_file = kek_file, cache_dir = dir .. "/cache_sim",
+      merchants = { [m.mchid] = prefix } })
+    assert(src:load(m.mchid))
+    local wx = assert(wechatpay.client(src:wechatpay_conf(m.mchid,
+                                                          sim:client_config())))
+    src:bind(m.mchid, wx)
+    src:start()
+
+    -- the serial of every signature, in signing order (the real signer
+    -- runs; this only records)
+    local sign = require "paygate.wechatpay.sign"
+    local real = sign.sign_request
+    local serials = {}
+    sign.sign_request = function(signer, ...)
+      serials[#serials + 1] = signer.serial
+      return real(signer, ...)
+    end
+    local ok_n, failed, stop = 0, {}, false
+    local workers = {}
+    for w = 1, 4 do
+      workers[w] = paygate.spawn(function()
+        local i = 0
+        while not stop do
+          i = i + 1
+          local res, err = wx:native_prepay{
+            out_trade_no = ("rot%d_%d_%s"):format(w, i,
+                                                   crypto.random_nonce(6)),
+            description = "rotation", notify_url = "https://127.0.0.1/n",
+            amount = { total = 1 } }
+          if res and res.code_url then
+            ok_n = ok_n + 1
+          else
+            failed[#failed + 1] = tostring(err)
+          end
+        end
+      end)
+    end
+    local ok, err = pcall(function()
+      servers.wait_for(function() return ok_n >= 20 end, 30, "load")
+      local n_before = ok_n
+      code, out = publish(dir_of("sim_b", k2.private_key, k2.certificate),
+                          nil, prefix)
+      assert.equal(0, code, out)
+      servers.wait_for(function()
+        return wx.conf.signer.serial == k2.serial
+      end, 10, "the swap")
+      local at = ok_n
+      servers.wait_for(function() return ok_n >= at + 20 end, 30,
+                       "load after the swap")
+      assert.is_true(n_before >= 20)
+    end)
+    stop = true
+    for _, t in ipairs(workers) do t:wait(20) end
+    sign.sign_request = real
+    src:stop()
+    wx:stop()
+    assert(ok, tostring(err))
+    assert.same({}, failed)
+    -- a* then b+: no request signed with the old key after the new one
+    local first_b
+    for i, sn in ipairs(serials) do
+      if sn == k2.serial then
+        first_b = first_b or i
+      else
+        assert.equal(m.serial, sn)
+        assert.is_nil(first_b, "an old serial after the swap at " .. i)
+      end
+    end
+    assert.truthy(first_b)
+    print(("\n# %d signed requests, %d before the swap, none failed")
+          :format(#serials, first_b - 1))
+  end)
+end)

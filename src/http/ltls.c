@@ -1,0 +1,197 @@
+/*
+ * ltls.c -- paygate.tls: the public listener's certificate, replaced in
+ * this worker while it serves (paygate.credentials' "tls" set).
+ *
+ * Each worker holds its own copy of the listener's SSL_CTX (forked from
+ * the master), so a swap here changes this worker only: every worker runs
+ * its own watch and swaps itself. SSL_new() copies the context's
+ * certificate and key into each connection, so a swap changes what new
+ * handshakes present and leaves established connections untouched. A
+ * worker the master starts later begins with the master's certificate
+ * (the one of the last reload) until its own watch applies the set.
+ */
+#include <string.h>
+
+#include <openssl/bio.h>
+#include <openssl/err.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
+
+#include "http_conn.h"
+
+/* Frees what load_pem() made; safe on a half-made set. */
+static void
+pem_free(X509 *leaf, STACK_OF(X509) *chain, EVP_PKEY *key)
+{
+    X509_free(leaf);
+    sk_X509_pop_free(chain, X509_free);
+    EVP_PKEY_free(key);
+}
+
+/*
+ * Parses the certificate chain (leaf first) and the private key from PEM
+ * text. Returns GW_OK with *leaf, *chain (owned by the caller) and *key,
+ * or GW_ERR with a reason in msg (never key material).
+ */
+static int
+load_pem(const char *cert, size_t cert_len, const char *key, size_t key_len,
+         X509 **leaf, STACK_OF(X509) **chain, EVP_PKEY **pkey,
+         char *msg, size_t msglen)
+{
+    BIO *b = NULL;
+    X509 *x;
+
+    *leaf = NULL;
+    *chain = NULL;
+    *pkey = NULL;
+    b = BIO_new_mem_buf(cert, (int) cert_len);
+    if (b == NULL) {
+        snprintf(msg, msglen, "no memory");
+        goto err;
+    }
+    *leaf = PEM_read_bio_X509(b, NULL, NULL, NULL);
+    if (*leaf == NULL) {
+        snprintf(msg, msglen, "the certificate is not PEM");
+        goto err;
+    }
+    *chain = sk_X509_new_null();
+    if (*chain == NULL) {
+        snprintf(msg, msglen, "no memory");
+        goto err;
+    }
+    for (;;) {
+        x = PEM_read_bio_X509(b, NULL, NULL, NULL);
+        if (x == NULL) {
+            break;
+        }
+        if (!sk_X509_push(*chain, x)) {
+            X509_free(x);
+            snprintf(msg, msglen, "no memory");
+            goto err;
+        }
+    }
+    ERR_clear_error();          /* the end of the PEM text */
+    BIO_free(b);
+    b = BIO_new_mem_buf(key, (int) key_len);
+    if (b == NULL) {
+        snprintf(msg, msglen, "no memory");
+        goto err;
+    }
+    *pkey = PEM_read_bio_PrivateKey(b, NULL, NULL, NULL);
+    if (*pkey == NULL) {
+        snprintf(msg, msglen, "the private key is not PEM (or is "
+                 "encrypted)");
+        goto err;
+    }
+    if (X509_check_private_key(*leaf, *pkey) != 1) {
+        snprintf(msg, msglen, "the private key does not match the "
+                 "certificate");
+        goto err;
+    }
+    BIO_free(b);
+    return GW_OK;
+err:
+    ERR_clear_error();
+    BIO_free(b);
+    pem_free(*leaf, *chain, *pkey);
+    *leaf = NULL;
+    *chain = NULL;
+    *pkey = NULL;
+    return GW_ERR;
+}
+
+/*
+ * syntax: ok, err = tls.set_certificate(cert_pem, key_pem)
+ * The certificate chain (leaf first) and its private key become what this
+ * worker's listener presents to new handshakes. Checked first (PEM, the
+ * key matches); on failure nothing changes: nil, err (kind "tls").
+ * Raises when the listener serves plain HTTP (nothing to swap).
+ */
+static int
+ltls_set_certificate(lua_State *L)
+{
+    size_t cert_len, key_len;
+    const char *cert = luaL_checklstring(L, 1, &cert_len);
+    const char *key = luaL_checklstring(L, 2, &key_len);
+    SSL_CTX *ctx = gw_srv.ssl_ctx;
+    STACK_OF(X509) *chain;
+    X509 *leaf;
+    EVP_PKEY *pkey;
+    char msg[256];
+    int i, ok;
+
+    if (ctx == NULL) {
+        return luaL_error(L, "tls.set_certificate: the listener serves "
+                             "plain HTTP (start with --tls-cert)");
+    }
+    if (load_pem(cert, cert_len, key, key_len, &leaf, &chain, &pkey, msg,
+                 sizeof(msg)) != GW_OK) {
+        return gw_push_error(L, "tls", 0, "tls.set_certificate: %s", msg);
+    }
+    /* the leaf first: OpenSSL drops the old key when it does not match
+     * the new certificate, then the new key goes in; no handshake can
+     * run in between (one thread) */
+    ok = SSL_CTX_use_certificate(ctx, leaf) == 1
+         && SSL_CTX_clear_chain_certs(ctx) == 1;
+    for (i = 0; ok && i < sk_X509_num(chain); i++) {
+        ok = SSL_CTX_add1_chain_cert(ctx, sk_X509_value(chain, i)) == 1;
+    }
+    ok = ok && SSL_CTX_use_PrivateKey(ctx, pkey) == 1
+         && SSL_CTX_check_private_key(ctx) == 1;
+    pem_free(leaf, chain, pkey);
+    ERR_clear_error();
+    if (!ok) {
+        return gw_push_error(L, "tls", 0, "tls.set_certificate: OpenSSL "
+                             "refused the certificate or key");
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* syntax: serial = tls.serial() -- the listener certificate's serial
+ * (uppercase hex), or nil when the listener serves plain HTTP */
+static int
+ltls_serial(lua_State *L)
+{
+    X509 *x = gw_srv.ssl_ctx ? SSL_CTX_get0_certificate(gw_srv.ssl_ctx)
+                             : NULL;
+    BIGNUM *bn;
+    char *hex;
+
+    if (x == NULL) {
+        lua_pushnil(L);
+        return 1;
+    }
+    bn = ASN1_INTEGER_to_BN(X509_get0_serialNumber(x), NULL);
+    hex = bn ? BN_bn2hex(bn) : NULL;
+    BN_free(bn);
+    if (hex == NULL) {
+        return luaL_error(L, "tls.serial: no memory");
+    }
+    lua_pushstring(L, hex);
+    OPENSSL_free(hex);
+    return 1;
+}
+
+/* syntax: on = tls.enabled() -- whether the listener serves HTTPS */
+static int
+ltls_enabled(lua_State *L)
+{
+    lua_pushboolean(L, gw_srv.ssl_ctx != NULL);
+    return 1;
+}
+
+static const luaL_Reg ltls_funcs[] = {
+    { "set_certificate", ltls_set_certificate },
+    { "serial", ltls_serial },
+    { "enabled", ltls_enabled },
+    { NULL, NULL }
+};
+
+int
+luaopen_paygate_tls(lua_State *L)
+{
+    lua_newtable(L);
+    luaL_register(L, NULL, ltls_funcs);
+    return 1;
+}
