@@ -14,6 +14,12 @@
  * replies outstanding and none arrived for `timeout` seconds, the
  * connection is dropped and every command on it fails with "timeout".
  *
+ * Addresses: the host must be numeric (hiredis would resolve a name with
+ * the blocking system resolver): paygate.redis resolves names with
+ * paygate.dns and, when the address changes (new DNS answer, Sentinel's
+ * new master), calls h:set_addr(), which retires the connections to the
+ * old address (their commands fail "unavailable") on the next loop turn.
+ *
  * Lifetime: struct lredis_client is freed when the Lua handle was closed and
  * every hiredis context has called its disconnect callback (refs). An op
  * lives until all its replies (or NULLs, when a context is freed) came;
@@ -30,6 +36,7 @@
 #include <openssl/sha.h>
 #include <lauxlib.h>
 
+#include "dns.h"
 #include "loop.h"
 #include "runtime.h"
 #include "store.h"
@@ -82,6 +89,15 @@ struct lredis_ud {
     struct lredis_client *cl;         /* NULL once closed */
 };
 
+
+/* A context of an address the client no longer uses, freed on the next
+ * loop turn (freeing wakes the coroutines waiting on its commands). */
+struct lredis_retired {
+    struct lredis_client  *cl;           /* holds a reference */
+    redisAsyncContext     *ac;           /* owned */
+    int                    ready;        /* connected: on_disconnect runs */
+    struct lredis_retired *next;
+};
 
 static void
 client_unref(struct lredis_client *cl)
@@ -462,6 +478,7 @@ on_tick(evutil_socket_t fd, short what, void *arg)
 
 /* ------------------------------------------------------------ Lua side */
 
+
 static struct lredis_client *
 check_client(lua_State *L)
 {
@@ -471,6 +488,76 @@ check_client(lua_State *L)
         luaL_error(L, "redis: client is closed");
     }
     return ud->cl;
+}
+
+static void
+retired_free(void *arg)
+{
+    struct lredis_retired *r = arg, *next;
+
+    for (; r != NULL; r = next) {
+        struct lredis_client *cl = r->cl;
+
+        next = r->next;
+        /* As conn_drop(): a connected context's on_disconnect drops its
+         * reference; one still connecting has no callback to come. */
+        redisAsyncFree(r->ac);
+        if (!r->ready) {
+            client_unref(cl);
+        }
+        client_unref(cl);                /* the retirement's own */
+        free(r);
+    }
+}
+
+/* client:set_addr(ip, port): later commands go there; the connections
+ * to the old address are dropped on the next loop turn. */
+static int
+lredis_set_addr(lua_State *L)
+{
+    struct lredis_client  *cl = check_client(L);
+    const char            *host = luaL_checkstring(L, 2);
+    int                    port = (int)luaL_checkinteger(L, 3);
+    struct lredis_retired *list = NULL, *r;
+    char                  *dup;
+    int                    i;
+
+    if (!gw_dns_is_numeric(host) || port < 1 || port > 65535) {
+        return luaL_error(L, "redis: set_addr wants a numeric address and"
+                          " a port");
+    }
+    dup = strdup(host);
+    if (dup == NULL) {
+        return luaL_error(L, "redis: out of memory");
+    }
+    free(cl->host);
+    cl->host = dup;
+    cl->port = port;
+    for (i = 0; i < cl->npool; i++) {
+        struct lredis_conn *c = &cl->conns[i];
+
+        if (c->ac == NULL) {
+            continue;
+        }
+        r = calloc(1, sizeof(*r));
+        if (r == NULL) {
+            conn_drop(c);                /* no memory: drop it now */
+            continue;
+        }
+        r->cl = cl;
+        r->ac = c->ac;
+        r->ready = c->ready;
+        r->next = list;
+        list = r;
+        cl->refs++;
+        c->ac = NULL;
+        c->ready = 0;
+        c->pending = 0;
+    }
+    if (list != NULL && gw_loop_post(retired_free, list) != GW_OK) {
+        retired_free(list);
+    }
+    return 0;
 }
 
 /*
@@ -483,6 +570,7 @@ lredis_new(lua_State *L)
     const char      *host = luaL_checkstring(L, 1);
     int              port = (int)luaL_checkinteger(L, 2);
     struct lredis_client *cl;
+
     struct lredis_ud   *ud;
     struct timeval   tv = { 0, 100000 };
     int              i, npool, dbnum;
@@ -493,6 +581,11 @@ lredis_new(lua_State *L)
     };
 
     /* Checked first: raising must not leak what is allocated below. */
+    if (!gw_dns_is_numeric(host)) {
+        /* hiredis would resolve it with the blocking system resolver */
+        return luaL_error(L, "redis.core.new: host must be a numeric"
+                          " address (paygate.redis resolves names)");
+    }
     gw_store_opt_known(L, 3, "redis.connect", known);
     timeout = gw_store_opt_num(L, 3, "redis.connect", "timeout", 5, 0);
     connect_timeout = gw_store_opt_num(L, 3, "redis.connect",
@@ -795,6 +888,7 @@ lredis_sha1hex(lua_State *L)
 static const luaL_Reg lredis_methods[] = {
     { "call", lredis_call },
     { "pipeline", lredis_pipeline },
+    { "set_addr", lredis_set_addr },
     { "close", lredis_close },
     { NULL, NULL }
 };
