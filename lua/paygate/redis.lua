@@ -204,8 +204,8 @@ local function move(self, ip, port)
   if self.closed or (ip == self.addr and port == self.port) then
     return false
   end
-  core.log.info("redis: moving to a new address", { from = self.addr
-    and (self.addr .. ":" .. self.port), to = ip .. ":" .. port })
+  core.log(1, "redis: moving from " .. tostring(self.addr) .. ":"
+           .. tostring(self.port) .. " to " .. ip .. ":" .. port)
   self.addr, self.port = ip, port
   self.h:set_addr(ip, port)
   return true
