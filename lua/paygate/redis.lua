@@ -21,9 +21,10 @@
 --
 -- Sentinel: redis-sentinel://[password@]s1:26379,s2:26379/mymaster[/db]
 -- asks the Sentinels for the master of that name, checks it says ROLE
--- master, and follows a failover: after a transport failure or a
--- READONLY answer, and every `sentinel_poll` seconds (default 1) in a
--- background task, it asks again and moves to the new master. Redis
+-- master, and follows a failover: a background task subscribes to
+-- +switch-master on a Sentinel and moves to the new master it names; after
+-- a transport failure or a READONLY answer, and every `sentinel_poll`
+-- seconds (default 1), it also asks the Sentinels again. Redis
 -- replication is asynchronous: a write the old master acknowledged can
 -- be lost in a failover (see docs/storage.md), which is why paygate.lease
 -- waits for `lease_replicas` replicas (default 1 under Sentinel) before
@@ -245,17 +246,55 @@ local function needs_refresh(err)
   return err and (err.kind == "unavailable" or err.kind == "timeout")
 end
 
--- Follows the Sentinels' view of the master until the client closes.
+-- Follows the Sentinels' view of the master until the client closes:
+-- subscribed to +switch-master on one Sentinel (the next one when that
+-- connection ends), and asking them every sentinel_poll seconds anyway
+-- (a message is lost while no subscription is up).
 local function watch(self)
+  local sub, i = nil, 0
   while not self.closed do
-    core.sleep(self.sentinel_poll)
+    if not sub then
+      i = i % #self.sentinels + 1
+      local s = self.sentinels[i]
+      local addrs = resolve(s.host)
+      if addrs then
+        sub = rcore.subscribe(addrs[1], s.port, "+switch-master",
+                              { password = self.sentinel_password })
+      end
+    end
+    local msg, err
+    if sub then
+      msg, err = sub:next(self.sentinel_poll)
+    else
+      core.sleep(self.sentinel_poll)
+    end
     if self.closed then
       break
     end
-    local ip, port = sentinel_master(self)
-    if ip and not self.closed then
-      move(self, ip, port)
+    -- "<master name> <old ip> <old port> <new ip> <new port>"
+    local name, ip, port
+    if msg then
+      name, ip, port = msg:match("^(%S+) %S+ %S+ (%S+) (%d+)$")
     end
+    if name == self.master_name then
+      local addrs = resolve(ip)
+      if addrs then
+        move(self, addrs[1], tonumber(port))
+      end
+    elseif not msg then
+      if err and err.kind ~= "timeout" then
+        sub:close()                     -- lost: the next Sentinel's
+        sub = nil
+        core.sleep(self.sentinel_poll)
+      end
+      local mip, mport = sentinel_master(self)
+      if mip and not self.closed then
+        move(self, mip, mport)
+      end
+    end
+  end
+  if sub then
+    sub:close()
   end
 end
 

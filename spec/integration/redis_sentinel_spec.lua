@@ -156,4 +156,41 @@ describe("Redis through Sentinel", function()
     end
     r:close()
   end)
+
+  it("an idle client follows +switch-master without polling", function()
+    if not g then
+      pending("redis-sentinel not installed")
+      return
+    end
+    -- no commands, and a poll too slow to matter: only the subscription
+    -- can move it
+    local function subscribers()
+      local ids = {}
+      local out = servers.read_cmd("redis-cli -h 127.0.0.1 -p "
+        .. g.sentinels[1].port .. " CLIENT LIST 2>&1")
+      for id in out:gmatch("id=(%d+)[^\n]*cmd=subscribe") do
+        ids[id] = true
+      end
+      return ids
+    end
+    local before = subscribers()
+    local r = assert(redis.connect(g.url, { sentinel_poll = 120 }))
+    local from = r.port
+    wait_for(function()
+      for id in pairs(subscribers()) do
+        if not before[id] then
+          return true
+        end
+      end
+    end, 10, "the client's subscription on the first Sentinel")
+    local out = servers.read_cmd("redis-cli -h 127.0.0.1 -p "
+      .. g.sentinels[1].port .. " SENTINEL failover mymaster 2>&1")
+    assert.truthy(out:match("OK"), out)
+    wait_for(function() return r.port ~= from end, 30,
+             "the client to follow +switch-master")
+    assert.equal(g.master_port(), r.port)
+    assert.equal("OK", r:call("SET", "after", "switch"))
+    r:close()
+  end)
 end)
+
