@@ -57,6 +57,29 @@ describe("PostgreSQL failover", function()
     db:close()
   end)
 
+  it("require_sync: connects only to a server that commits with a"
+     .. " synchronous standby", function()
+    if not c then
+      pending("postgres not installed")
+      return
+    end
+    local ok, err = pcall(sql.open, c.url, { require_sync = "yes" })
+    assert.is_false(ok)
+    assert.truthy(tostring(err):find("opts.require_sync must be a boolean",
+                                     1, true), tostring(err))
+    local db = assert(sql.open(c.url, { require_sync = true }))
+    assert.same({ { one = 1 } }, assert(db:query("SELECT 1 AS one")))
+    db:close()
+    -- the same server with synchronous_commit = local does not qualify
+    local loose = "postgres://postgres@127.0.0.1:" .. c.primary.port
+      .. "/postgres?options=-csynchronous_commit%3Dlocal"
+    local no, nerr = sql.open(loose, { require_sync = true })
+    assert.is_nil(no)
+    assert.equal("unavailable", nerr.kind)
+    assert.truthy(tostring(nerr):find("require_sync", 1, true),
+                  tostring(nerr))
+  end)
+
   it("reports unknown_outcome, never success or failure, for a COMMIT"
      .. " whose answer was lost", function()
     if not c then
@@ -174,8 +197,13 @@ describe("PostgreSQL failover", function()
     assert.is_true(gap < 10, gap)
     assert.is_true(failed_at ~= nil, "no write saw the failover")
     -- every acknowledged write is on the new primary
-    local newdb = assert(sql.open("postgres://postgres@127.0.0.1:"
-                                  .. c.standby.port .. "/postgres"))
+    local newurl = "postgres://postgres@127.0.0.1:" .. c.standby.port
+      .. "/postgres"
+    local newdb = assert(sql.open(newurl))
+    -- the promoted server has no synchronous standby of its own now
+    local strict, serr = sql.open(newurl, { require_sync = true })
+    assert.is_nil(strict)
+    assert.equal("unavailable", serr.kind)
     local rows = assert(newdb:query("SELECT id FROM w"))
     local present = {}
     for _, r in ipairs(rows) do

@@ -111,6 +111,9 @@ struct lpg_conn {
                                        back to its savepoint before
                                        txid's next command */
     int                  sp_prepared; /* 1: lpg_sp_sql prepared on pc */
+    int                  checking; /* 1: connected; the require_sync
+                                      query runs (state CONNECTING) */
+    int                  sync_ok;  /* its answer: 1 synchronous */
     int                  readonly; /* 1: the server refused a write as
                                       read-only (25006): it is no longer
                                       the primary; closed once idle */
@@ -146,6 +149,8 @@ struct lpg_pool {
     double            connect_timeout; /* s */
     double            query_timeout;   /* s */
     double            down_for;  /* s to fail fast after a failed connect */
+    int               require_sync; /* 1: only servers that commit with a
+                                       synchronous standby */
     double            down_until;/* monotonic s */
     char              down_msg[200];
     struct lpg_conn  conns[LPG_MAXPOOL];
@@ -455,6 +460,7 @@ conn_reset(struct lpg_conn *c)
     c->sp_failed = 0;
     c->sp_prepared = 0;
     c->readonly = 0;
+    c->checking = 0;
     c->inflight = 0;
 }
 
@@ -513,6 +519,58 @@ conn_watch(struct lpg_conn *c)
     return GW_OK;
 }
 
+static int conn_flush(struct lpg_conn *c);
+
+/* require_sync: is a COMMIT on this server acknowledged only once a
+ * synchronous standby has it? */
+static const char lpg_sync_check[] =
+    "SELECT current_setting('synchronous_standby_names') <> ''"
+    " AND current_setting('synchronous_commit')"
+    " IN ('on', 'remote_apply', 'remote_write')";
+
+#define LPG_NOSYNC 3             /* conn_poll_check(): the answer is no */
+
+/* The connection is up (and checked): pipeline mode, then it serves. */
+static int
+conn_ready(struct lpg_conn *c)
+{
+    if (PQenterPipelineMode(c->pc) != 1) {
+        return GW_ERR;
+    }
+    event_del(c->wev);
+    event_add(c->rev, NULL);
+    c->state = LPG_CONN_READY;
+    c->checking = 0;
+    c->since = gw_loop_mono_fresh();
+    return GW_OK;
+}
+
+/* The require_sync query's answer. Returns GW_OK (ready), GW_AGAIN,
+ * GW_ERR (broken) or LPG_NOSYNC. */
+static int
+conn_poll_check(struct lpg_conn *c, short what)
+{
+    PGresult *r;
+
+    if ((what & EV_WRITE) && conn_flush(c) != GW_OK) {
+        return GW_ERR;
+    }
+    if (PQconsumeInput(c->pc) != 1) {
+        return GW_ERR;
+    }
+    while (!PQisBusy(c->pc)) {
+        r = PQgetResult(c->pc);
+        if (r == NULL) {
+            return c->sync_ok ? conn_ready(c) : LPG_NOSYNC;
+        }
+        c->sync_ok = PQresultStatus(r) == PGRES_TUPLES_OK
+                     && PQntuples(r) == 1
+                     && strcmp(PQgetvalue(r, 0, 0), "t") == 0;
+        PQclear(r);
+    }
+    return GW_AGAIN;
+}
+
 /* Connect state machine step. Returns GW_OK, GW_AGAIN or GW_ERR. */
 static int
 conn_poll_connect(struct lpg_conn *c)
@@ -526,16 +584,22 @@ conn_poll_connect(struct lpg_conn *c)
         return GW_ERR;
     }
     if (st == PGRES_POLLING_OK) {
-        if (PQsetnonblocking(c->pc, 1) != 0
-            || PQenterPipelineMode(c->pc) != 1)
-        {
+        if (PQsetnonblocking(c->pc, 1) != 0) {
             return GW_ERR;
         }
-        event_del(c->wev);
-        event_add(c->rev, NULL);
-        c->state = LPG_CONN_READY;
-        c->since = gw_loop_mono_fresh();
-        return GW_OK;
+        if (c->pg->require_sync) {
+            /* Ask before the connection serves: a COMMIT here must wait
+             * for a synchronous standby. */
+            if (PQsendQuery(c->pc, lpg_sync_check) != 1) {
+                return GW_ERR;
+            }
+            c->checking = 1;
+            c->sync_ok = 0;
+            event_del(c->wev);
+            event_add(c->rev, NULL);
+            return conn_flush(c) == GW_OK ? GW_AGAIN : GW_ERR;
+        }
+        return conn_ready(c);
     }
     if (st == PGRES_POLLING_WRITING) {
         event_del(c->rev);
@@ -1222,8 +1286,17 @@ conn_event(evutil_socket_t fd, short what, void *arg)
     int               rc;
 
     if (c->state == LPG_CONN_CONNECTING) {
-        rc = conn_poll_connect(c);
-        if (rc == GW_ERR) {
+        rc = c->checking ? conn_poll_check(c, what) : conn_poll_connect(c);
+        if (rc == LPG_NOSYNC) {
+            const char *msg = "postgres: the server does not commit with a"
+                              " synchronous standby (require_sync)";
+
+            conn_fail(c, "unavailable", msg, &done);
+            pool_mark_down(pg, "unavailable", msg);
+            if (!pool_has_live(pg)) {
+                pool_fail_waiting(pg, "unavailable", msg, &done);
+            }
+        } else if (rc == GW_ERR) {
             conn_connect_failed(c, &done, 1);
         }
     } else if (c->state == LPG_CONN_READY) {
@@ -1641,6 +1714,7 @@ lpg_open(lua_State *L)
     struct timeval  tv = { 0, 50000 };
     int             i, npool;
     double          connect_timeout, query_timeout, down_for;
+    int             require_sync;
     char            err[200];
 
     /* Checked first: raising must not leak what is allocated below. */
@@ -1652,6 +1726,7 @@ lpg_open(lua_State *L)
     query_timeout = gw_store_opt_num(L, 2, "sql.open", "query_timeout", 10,
                                      0);
     down_for = gw_store_opt_num(L, 2, "sql.open", "down_for", 0.5, 1);
+    require_sync = gw_store_opt_bool(L, 2, "sql.open", "require_sync", 0);
     ud = lua_newuserdata(L, sizeof(*ud));
     ud->pg = NULL;
     luaL_getmetatable(L, LPG_MT);
@@ -1666,6 +1741,7 @@ lpg_open(lua_State *L)
     pg->connect_timeout = connect_timeout;
     pg->query_timeout = query_timeout;
     pg->down_for = down_for;
+    pg->require_sync = require_sync;
     for (i = 0; i < LPG_MAXPOOL; i++) {
         pg->conns[i].pg = pg;
         pg->conns[i].fd = -1;
