@@ -37,7 +37,7 @@ local function hosts_has(name)
 end
 
 -- The zone; the last record is the one a spec changes.
-local function zone(moving_to)
+local function zone(moving_to, rd_at)
   return {
     { "two.test", "A", 60, "127.0.0.2" },
     { "two.test", "A", 60, "127.0.0.1" },
@@ -46,6 +46,7 @@ local function zone(moving_to)
     { "long.test", "A", 86400, "127.0.0.1" },
     { "slow.test", "A", 60, "127.0.0.1", delay = 2 },
     { "moving.test", "A", 2, moving_to or "127.0.0.1" },
+    { "rd.test", "A", 1, rd_at or "127.0.0.1" },
   }
 end
 
@@ -244,6 +245,39 @@ describe("paygate.dns", function()
       local c, err = redis.connect("redis://nx.test:" .. srv.port)
       assert.is_nil(c)
       assert.equal("dns", err.kind)
+    end)
+  
+    it("Redis: after a lost connection, follows the name to its new"
+       .. " address", function()
+      local a = servers.redis()
+      -- a second server on the same port, on another loopback address
+      local dir = servers.mktemp()
+      assert(servers.sh("redis-server --port " .. a.port .. " --bind"
+        .. " 127.0.0.2 --dir " .. dir .. " --save '' --appendonly no"
+        .. " --daemonize yes --pidfile " .. dir .. "/b.pid --logfile "
+        .. dir .. "/b.log"))
+      finally(function()
+        servers.sh("kill $(cat " .. dir .. "/b.pid) 2>/dev/null; rm -rf "
+                   .. dir)
+      end)
+      wait_for(function()
+        return servers.read_cmd("redis-cli -h 127.0.0.2 -p " .. a.port
+                                .. " PING 2>/dev/null"):match("PONG")
+      end, 10, "the second redis")
+      local r = assert(redis.connect("redis://rd.test:" .. a.port))
+      assert.equal("127.0.0.1", r.addr)
+      assert.equal("OK", r:call("SET", "where", "a"))
+      d:set(zone(nil, "127.0.0.2"))
+      a.stop()
+      -- commands fail while the old answer is cached, then the client
+      -- asks again and lands on the new address
+      wait_for(function()
+        local v = r:call("GET", "where")
+        return v == redis.null
+      end, 10, "the client to reach the new address")
+      assert.equal("127.0.0.2", r.addr)
+      r:close()
+      d:set(zone())
     end)
   end)
 end)
