@@ -173,6 +173,7 @@ describe("Redis through Sentinel", function()
       end
       return ids
     end
+    g.wait_replica_ok(60)      -- the old master, back as a replica
     local before = subscribers()
     local r = assert(redis.connect(g.url, { sentinel_poll = 120 }))
     local from = r.port
@@ -186,8 +187,9 @@ describe("Redis through Sentinel", function()
     local out = servers.read_cmd("redis-cli -h 127.0.0.1 -p "
       .. g.sentinels[1].port .. " SENTINEL failover mymaster 2>&1")
     assert.truthy(out:match("OK"), out)
-    wait_for(function() return r.port ~= from end, 30,
-             "the client to follow +switch-master")
+    local ok, err = pcall(wait_for, function() return r.port ~= from end,
+                          60, "the client to follow +switch-master")
+    assert(ok, tostring(err) .. "\nSentinel 1 log:\n" .. g.log_tail(1, 30))
     assert.equal(g.master_port(), r.port)
     assert.equal("OK", r:call("SET", "after", "switch"))
     r:close()

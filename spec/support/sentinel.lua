@@ -123,6 +123,29 @@ function _M.start()
     return true
   end, 20, "the Sentinels to see each other and the replica")
 
+  -- Sentinel 1 sees the master's replica as healthy: linked, in sync,
+  -- no s_down flag (what a failover needs to pick it).
+  function g.wait_replica_ok(secs)
+    servers.wait_for(function()
+      local out = cli(g.sentinels[1].port, "SENTINEL replicas mymaster")
+      return out:match("\nflags\nslave\n")
+             and out:match("master%-link%-status\nok")
+    end, secs or 30, "Sentinel 1 to see a healthy replica")
+  end
+
+  -- The last lines of a Sentinel's log (for a failure message).
+  function g.log_tail(i, n)
+    local f = io.open(dir .. "/sentinel" .. (i or 1) .. ".log")
+    local lines = {}
+    for line in (f and f:read("*a") or ""):gmatch("[^\n]+") do
+      lines[#lines + 1] = line
+    end
+    if f then
+      f:close()
+    end
+    return table.concat(lines, "\n", math.max(1, #lines - (n or 20) + 1))
+  end
+
   function g.master_port()
     local out = cli(g.sentinels[1].port,
                     "SENTINEL get-master-addr-by-name mymaster")
