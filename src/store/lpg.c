@@ -30,6 +30,24 @@
  * statements outstanding and received nothing for `query_timeout`
  * seconds is closed and its statements fail with "timeout".
  *
+ * Failover: with a multi-host URL and target_session_attrs=read-write,
+ * each new connection goes to whichever host accepts writes now (libpq
+ * tries them in order). A statement answered with 25006 (read-only: a
+ * standby, or a demoted primary) fails "unavailable" and marks its
+ * connection, which is closed once idle, so the pool reconnects to the
+ * current primary. A COMMIT in flight on a connection that breaks (or
+ * times out, or whose pool closes) fails "unknown_outcome": it may have
+ * committed, so neither success nor failure may be reported. With
+ * require_sync, a new connection serves only once the server said it
+ * commits with a synchronous standby.
+ *
+ * Names: host names of the URL are resolved on the loop (src/core/dns.c)
+ * before each connect, one lookup per host at a time (the connection
+ * waits in LPG_CONN_RESOLVING); libpq then gets every address as
+ * `hostaddr` beside the name as `host` (TLS checks the name), so it never
+ * calls the blocking system resolver. A URL of numeric hosts or sockets
+ * goes to libpq unchanged.
+ *
  * Lifetime: ops are owned by the pool's wait queue, then by their
  * connection's in-flight queue, then freed on delivery. An abandoned
  * coroutine only clears op->co. The pool is freed by close/__gc; its

@@ -20,6 +20,9 @@
  * new master), calls h:set_addr(), which retires the connections to the
  * old address (their commands fail "unavailable") on the next loop turn.
  *
+ * Subscriptions (core.subscribe): see the section below; used for
+ * Sentinel's +switch-master.
+ *
  * Lifetime: struct lredis_client is freed when the Lua handle was closed and
  * every hiredis context has called its disconnect callback (refs). An op
  * lives until all its replies (or NULLs, when a context is freed) came;
