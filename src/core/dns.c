@@ -66,8 +66,7 @@ static struct {
     struct dns_host     hosts[DNS_HOSTS_MAX];
     int                 nhosts;
     int                 hosts_read;     /* /etc/hosts read (once) */
-} dns = { NULL, NULL, "", 1, 300, 5, NULL, { { "", 0, 0, "", { 0 } } },
-          { { "", "" } }, 0, 0 };
+} dns = { .ttl_min = 1, .ttl_max = 300, .timeout = 5 };
 
 static void
 normalize(const char *name, char *out)
