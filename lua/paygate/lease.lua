@@ -230,10 +230,67 @@ local function ms(ttl)
   return math.max(1, math.floor(ttl * 1000 + 0.5))
 end
 
+
+-- Redis replication is asynchronous: a lease granted by a master that
+-- dies before a replica has the write is forgotten by the replica that
+-- takes over, which would then grant it again with the same or a lower
+-- fencing token. So, on a client with lease_replicas > 0 (the default
+-- under Sentinel), the script and a WAIT run back to back on one
+-- connection, and the result counts only once that many replicas have
+-- it. Returns the script's reply, or nil, err ("unavailable" when the
+-- replicas did not confirm in time).
+local function redis_run(client, name, src, keys, args)
+  local n = client.lease_replicas or 0
+  local sc = script(client, name, src)
+  if n == 0 then
+    if client.sentinel and not client.lease_unsafe then
+      error("lease: a Sentinel-managed Redis client needs lease_replicas"
+            .. " >= 1 (or lease_unsafe = true to accept that a failover"
+            .. " can grant a lease twice)", 4)
+    end
+    return sc(keys, args)
+  end
+  local cmd = { "EVALSHA", sc.sha, #keys }
+  for i = 1, #keys do
+    cmd[#cmd + 1] = keys[i]
+  end
+  for i = 1, #args do
+    cmd[#cmd + 1] = args[i]
+  end
+  local wait = { "WAIT", n, ms(client.lease_wait or 1) }
+  local res, err = client:pipeline({ cmd, wait })
+  if res and redis.is_error(res[1]) and res[1].kind == "noscript" then
+    cmd[1], cmd[2] = "EVAL", src
+    res, err = client:pipeline({ cmd, wait })
+  end
+  if not res then
+    return nil, err
+  end
+  if redis.is_error(res[1]) then
+    return nil, res[1]
+  end
+  if redis.is_error(res[2]) then
+    return nil, res[2]
+  end
+  if type(res[2]) ~= "number" or res[2] < n then
+    return nil, core.error("unavailable", string.format("lease: %s reached"
+      .. " %s of %d replicas within %g s: not granted", name,
+      tostring(res[2]), n, client.lease_wait or 1),
+      { retryable = true, reply = res[1] })
+  end
+  return res[1]
+end
+
 local function redis_acquire(client, key, ttl, owner)
-  local res, err = script(client, "acquire", ACQUIRE)(
+  local res, err = redis_run(client, "acquire", ACQUIRE,
     { PREFIX .. key, FENCE .. key }, { owner, ms(ttl) })
   if not res then
+    local r = err and err.reply
+    if type(r) == "table" and r[1] == 1 then
+      -- granted on the master but not replicated: give it back (best
+      -- effort; it expires after ttl anyway)
+      redis_run(client, "release", RELEASE, { PREFIX .. key }, { r[2] })
+    end
     return nil, err
   end
   if res[1] == 0 then
@@ -245,7 +302,7 @@ local function redis_acquire(client, key, ttl, owner)
 end
 
 local function redis_renew(client, l, ttl)
-  local res, err = script(client, "renew", RENEW)(
+  local res, err = redis_run(client, "renew", RENEW,
     { PREFIX .. l.key }, { l.token, ms(ttl) })
   if not res then
     return nil, err
@@ -258,7 +315,7 @@ local function redis_renew(client, l, ttl)
 end
 
 local function redis_release(client, l)
-  local res, err = script(client, "release", RELEASE)(
+  local res, err = redis_run(client, "release", RELEASE,
     { PREFIX .. l.key }, { l.token })
   if not res then
     return nil, err

@@ -13,8 +13,25 @@
 -- (transport), or for error replies syntax, constraint (WRONGTYPE), busy,
 -- noscript, error; err.code holds Redis's error word. Misuse (a wrong
 -- argument type, a closed client, a call outside a coroutine) raises.
+--
+-- Host names are resolved with paygate.dns (on the loop, never the
+-- blocking system resolver), every address in turn until one answers;
+-- after a transport failure the name is looked up again (the cache keeps
+-- an answer for its TTL) and the next call goes to the new address.
+--
+-- Sentinel: redis-sentinel://[password@]s1:26379,s2:26379/mymaster[/db]
+-- asks the Sentinels for the master of that name, checks it says ROLE
+-- master, and follows a failover: a background task subscribes to
+-- +switch-master on a Sentinel and moves to the new master it names; after
+-- a transport failure or a READONLY answer, and every `sentinel_poll`
+-- seconds (default 1), it also asks the Sentinels again. Redis
+-- replication is asynchronous: a write the old master acknowledged can
+-- be lost in a failover (see docs/storage.md), which is why paygate.lease
+-- waits for `lease_replicas` replicas (default 1 under Sentinel) before
+-- it grants a lease.
 
 local core = require "paygate.core"
+local dns = require "paygate.dns"
 local rcore = require "paygate.redis.core"
 
 local _M = { _VERSION = "0.1.0" }
@@ -24,7 +41,12 @@ _M.null = core.null                     -- the nil reply (== cjson.null)
 local MAXARGS = 1024                    -- per command, the command included
 
 -- Options whose value in a URL stays a string (the others: tonumber).
-local STRING_OPTS = { password = true }
+local STRING_OPTS = { password = true, sentinel_password = true }
+
+-- Options paygate.redis reads itself (the rest go to the C client).
+local LUA_OPTS = { sentinel_poll = true, sentinel_password = true,
+                   lease_replicas = true, lease_wait = true,
+                   lease_unsafe = true }
 
 local Client = {}
 Client.__index = Client
@@ -56,6 +78,25 @@ local function check_self(fname, self)
   end
 end
 
+-- "h:p,h2:p2" -> { { host =, port = }, ... }
+local function parse_hosts(list, default_port)
+  local hosts = {}
+  for item in list:gmatch("[^,]+") do
+    local host, port = item:match("^%[(.*)%]:(%d+)$")
+    if not host then
+      host, port = item:match("^([^:]*):(%d+)$")
+    end
+    if not host then
+      host, port = item:match("^%[(.*)%]$") or item, default_port
+    end
+    if host == "" then
+      return nil
+    end
+    hosts[#hosts + 1] = { host = host, port = tonumber(port) }
+  end
+  return #hosts > 0 and hosts or nil
+end
+
 local function parse_url(url)
   if url:match("^rediss://") then
     -- never fall back to plain text when TLS was asked for
@@ -63,9 +104,13 @@ local function parse_url(url)
           .. "has no TLS): reach Redis over loopback or a TLS tunnel "
           .. "with redis://", 3)
   end
-  local rest = url:match("^redis://(.*)$")
-  if not rest then
-    error("redis.connect: url must start with redis://", 3)
+  local scheme, rest = url:match("^(redis)://(.*)$")
+  if not scheme then
+    scheme, rest = url:match("^(redis%-sentinel)://(.*)$")
+  end
+  if not scheme then
+    error("redis.connect: url must start with redis:// or"
+          .. " redis-sentinel://", 3)
   end
   local opts = {}
   local main, qs = rest:match("^([^?]*)%??(.*)$")
@@ -78,29 +123,208 @@ local function parse_url(url)
   else
     opts.password = opts.password or auth:match("^[^:]*:(.*)$") or auth
   end
+  if scheme == "redis-sentinel" then
+    local list, name, db = hostpart:match("^([^/]*)/([^/]+)/?(%d*)$")
+    local sentinels = list and parse_hosts(list, 26379)
+    if not sentinels then
+      error("redis.connect: url must be redis-sentinel://[password@]"
+            .. "host:port[,host:port...]/master_name[/db]", 3)
+    end
+    if db ~= "" and opts.db == nil then
+      opts.db = tonumber(db)
+    end
+    return { sentinels = sentinels, master = name }, opts
+  end
   local hostport, db = hostpart:match("^([^/]*)/?(%d*)$")
   if not hostport then
     error("redis.connect: url must be redis://[password@]host[:port][/db]"
           .. " with a numeric db", 3)
   end
-  local host, port = hostport:match("^(.*):(%d+)$")
-  if not host then
-    host, port = hostport, 6379
-  end
-  if host == "" or host == "localhost" then
-    host = "127.0.0.1"          -- avoid a resolver lookup on the loop
+  local hosts = parse_hosts(hostport, 6379)
+  if not hosts or #hosts ~= 1 then
+    error("redis.connect: url must be redis://[password@]host[:port][/db]"
+          .. " with one host", 3)
   end
   if db ~= "" and opts.db == nil then
     opts.db = tonumber(db)
   end
-  return host, tonumber(port), opts
+  return { host = hosts[1].host, port = hosts[1].port }, opts
+end
+
+-- The addresses of host (a numeric address is its own), or nil, err.
+local function resolve(host)
+  if dns.is_numeric(host) then
+    return { host }
+  end
+  return dns.resolve(host)
+end
+
+-- Asks one Sentinel after another for the master's address.
+-- returns: ip, port or nil, err (kind "unavailable")
+local function sentinel_master(self)
+  local why = {}
+  for i, s in ipairs(self.sentinels) do
+    local addrs, derr = resolve(s.host)
+    for _, a in ipairs(addrs or {}) do
+      local key = a .. ":" .. s.port
+      local sc = self.sentinel_clients[key]
+      if not sc then
+        sc = rcore.new(a, s.port, { pool = 1, timeout = 1,
+                                    connect_timeout = 1,
+                                    password = self.sentinel_password })
+        self.sentinel_clients[key] = sc
+      end
+      local r, err = sc:call("SENTINEL", "get-master-addr-by-name",
+                             self.master_name)
+      if type(r) == "table" and r[1] and tonumber(r[2]) then
+        local maddrs, merr = resolve(r[1])
+        if maddrs then
+          return maddrs[1], tonumber(r[2])
+        end
+        err = merr
+      elseif r == core.null then
+        err = "does not know master " .. self.master_name
+      end
+      why[#why + 1] = key .. ": " .. tostring(err)
+    end
+    if not addrs then
+      why[#why + 1] = s.host .. ": " .. tostring(derr)
+    end
+    if i == #self.sentinels and #why == 0 then
+      why[1] = "no address"
+    end
+  end
+  return nil, core.error("unavailable", "redis-sentinel: no Sentinel named"
+                         .. " the master " .. self.master_name .. " ("
+                         .. table.concat(why, "; ") .. ")",
+                         { retryable = true })
+end
+
+-- Points the client at ip:port (a new master, a new DNS answer).
+local function move(self, ip, port)
+  if self.closed or (ip == self.addr and port == self.port) then
+    return false
+  end
+  core.log(1, "redis: moving from " .. tostring(self.addr) .. ":"
+           .. tostring(self.port) .. " to " .. ip .. ":" .. port)
+  self.addr, self.port = ip, port
+  self.h:set_addr(ip, port)
+  return true
+end
+
+-- After a transport failure: ask DNS / the Sentinels again (at most
+-- every 100 ms, one caller at a time).
+local function refresh(self)
+  if self.refreshing or self.closed
+     or core.mono() - (self.refreshed_at or 0) < 0.1 then
+    return
+  end
+  self.refreshing = true
+  if self.sentinels then
+    local ip, port = sentinel_master(self)
+    if ip then
+      move(self, ip, port)
+    end
+  elseif self.name then
+    local addrs = resolve(self.name)
+    if addrs and #addrs > 0 then
+      -- the next address after the current one: every address in turn
+      local nxt = addrs[1]
+      for i, a in ipairs(addrs) do
+        if a == self.addr then
+          nxt = addrs[i % #addrs + 1]
+        end
+      end
+      move(self, nxt, self.port)
+    end
+  end
+  self.refreshed_at = core.mono()
+  self.refreshing = false
+end
+
+local function needs_refresh(err)
+  return err and (err.kind == "unavailable" or err.kind == "timeout")
+end
+
+-- Follows the Sentinels' view of the master until the client closes:
+-- subscribed to +switch-master on one Sentinel (the next one when that
+-- connection ends), and asking them every sentinel_poll seconds anyway
+-- (a message is lost while no subscription is up).
+local function watch(self)
+  local sub, i = nil, 0
+  while not self.closed do
+    if not sub then
+      i = i % #self.sentinels + 1
+      local s = self.sentinels[i]
+      local addrs = resolve(s.host)
+      if addrs then
+        sub = rcore.subscribe(addrs[1], s.port, "+switch-master",
+                              { password = self.sentinel_password })
+      end
+    end
+    local msg, err
+    if sub then
+      msg, err = sub:next(self.sentinel_poll)
+    else
+      core.sleep(self.sentinel_poll)
+    end
+    if self.closed then
+      break
+    end
+    -- "<master name> <old ip> <old port> <new ip> <new port>"
+    local name, ip, port
+    if msg then
+      name, ip, port = msg:match("^(%S+) %S+ %S+ (%S+) (%d+)$")
+    end
+    if name == self.master_name then
+      local addrs = resolve(ip)
+      if addrs then
+        move(self, addrs[1], tonumber(port))
+      end
+    elseif not msg then
+      if err and err.kind ~= "timeout" then
+        sub:close()                     -- lost: the next Sentinel's
+        sub = nil
+        core.sleep(self.sentinel_poll)
+      end
+      local mip, mport = sentinel_master(self)
+      if mip and not self.closed then
+        move(self, mip, mport)
+      end
+    end
+  end
+  if sub then
+    sub:close()
+  end
+end
+
+local function check_opts(o)
+  local function num(name, min)
+    local v = o[name]
+    if v ~= nil and (type(v) ~= "number" or v < min or v ~= v) then
+      error("redis.connect: opts." .. name .. " must be a number >= "
+            .. min, 4)
+    end
+  end
+  num("sentinel_poll", 0.01)
+  num("lease_wait", 0.001)
+  num("lease_replicas", 0)
+  if o.lease_replicas and o.lease_replicas % 1 ~= 0 then
+    error("redis.connect: opts.lease_replicas must be an integer", 4)
+  end
 end
 
 -- syntax: client, err = redis.connect(url [, opts])
+-- url: redis://[password@]host[:port][/db] or
+--      redis-sentinel://[password@]s1[:26379][,s2...]/master_name[/db]
 -- opts: pool (connections, default 2), timeout (s without a reply,
---       default 5), connect_timeout (s, default 2), password, db
--- returns: a client after one PING answered, or nil, err
--- yields: until the PING answers
+--       default 5), connect_timeout (s, default 2), password, db;
+--       Sentinel: sentinel_poll (s, default 1), sentinel_password;
+--       leases (paygate.lease): lease_replicas (replicas a grant waits
+--       for: default 1 under Sentinel, else 0), lease_wait (s, default 1),
+--       lease_unsafe (true: allow leases under Sentinel without waiting)
+-- returns: a client after one PING (Sentinel: ROLE) answered, or nil, err
+-- yields: for the name lookups and that round trip
 function _M.connect(url, opts)
   if type(url) ~= "string" then
     error("redis.connect: url must be a string", 2)
@@ -108,17 +332,76 @@ function _M.connect(url, opts)
   if opts ~= nil and type(opts) ~= "table" then
     error("redis.connect: opts must be a table", 2)
   end
-  local host, port, o = parse_url(url)
+  local target, o = parse_url(url)
   for k, v in pairs(opts or {}) do
     o[k] = v
   end
-  local h = rcore.new(host, port, o)
-  local ok, err = h:call("PING")
-  if not ok then
-    h:close()
-    return nil, err
+  check_opts(o)
+  local copts = {}
+  for k, v in pairs(o) do
+    if not LUA_OPTS[k] then
+      copts[k] = v
+    end
   end
-  return setmetatable({ h = h, host = host, port = port }, Client)
+  local self = setmetatable({
+    host = target.host or target.master,
+    lease_replicas = o.lease_replicas or (target.sentinels and 1 or 0),
+    lease_wait = o.lease_wait or 1,
+    lease_unsafe = o.lease_unsafe == true,
+    sentinel = target.sentinels ~= nil,
+  }, Client)
+  local candidates = {}
+  if target.sentinels then
+    self.sentinels, self.master_name = target.sentinels, target.master
+    self.sentinel_clients = {}
+    self.sentinel_password = o.sentinel_password
+    self.sentinel_poll = o.sentinel_poll or 1
+    local ip, port = sentinel_master(self)
+    if not ip then
+      return nil, port
+    end
+    candidates[1] = { ip, port }
+  else
+    if not dns.is_numeric(target.host) then
+      self.name = target.host
+    end
+    local addrs, err = resolve(target.host)
+    if not addrs then
+      return nil, err
+    end
+    for i, a in ipairs(addrs) do
+      candidates[i] = { a, target.port }
+    end
+  end
+  -- rcore.new raises on a bad option: a misuse, at our caller's line
+  local lasterr
+  for _, c in ipairs(candidates) do
+    local h = rcore.new(c[1], c[2], copts)
+    local ok, err = h:call(self.sentinel and "ROLE" or "PING")
+    if ok and self.sentinel and (type(ok) ~= "table" or ok[1] ~= "master")
+    then
+      ok, err = nil, core.error("unavailable", "redis-sentinel: " .. c[1]
+        .. ":" .. c[2] .. " is not a master (ROLE "
+        .. tostring(type(ok) == "table" and ok[1] or ok) .. ")",
+        { retryable = true })
+    end
+    if ok then
+      self.h, self.addr, self.port = h, c[1], c[2]
+      break
+    end
+    h:close()
+    lasterr = err
+  end
+  if not self.h then
+    for _, sc in pairs(self.sentinel_clients or {}) do
+      sc:close()
+    end
+    return nil, lasterr
+  end
+  if self.sentinel then
+    core.spawn(watch, self)
+  end
+  return self
 end
 
 -- syntax: reply, err = client:call(cmd, ...)
@@ -136,7 +419,11 @@ function Client:call(cmd, ...)
   for i = 1, n do
     check_arg("client:call", "argument " .. i, (select(i, ...)), 2)
   end
-  return self.h:call(cmd, ...)
+  local res, err = self.h:call(cmd, ...)
+  if res == nil and needs_refresh(err) then
+    refresh(self)
+  end
+  return res, err
 end
 
 -- syntax: replies, err = client:pipeline({ { cmd, ... }, ... })
@@ -162,7 +449,18 @@ function Client:pipeline(cmds)
       check_arg("client:pipeline", "cmds[" .. i .. "][" .. k .. "]", c[k], 2)
     end
   end
-  return self.h:pipeline(cmds)
+  local res, err = self.h:pipeline(cmds)
+  if res == nil and needs_refresh(err) then
+    refresh(self)
+  elseif res then
+    for i = 1, #cmds do
+      if core.is_error(res[i]) and needs_refresh(res[i]) then
+        refresh(self)                   -- READONLY: no longer the master
+        break
+      end
+    end
+  end
+  return res, err
 end
 
 -- syntax: fn = client:script(lua_source)
@@ -217,6 +515,9 @@ function Script:__call(keys, args)
   if res == nil and err and err.kind == "noscript" then
     res, err = h:call("EVAL", self.src, unpack(a))
   end
+  if res == nil and needs_refresh(err) then
+    refresh(self.client)
+  end
   return res, err
 end
 
@@ -227,6 +528,9 @@ function Client:close()
   end
   self.closed = true
   self.h:close()
+  for _, sc in pairs(self.sentinel_clients or {}) do
+    sc:close()
+  end
 end
 
 _M.Client = Client

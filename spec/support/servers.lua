@@ -212,6 +212,7 @@ end
 
 -- A fresh temporary directory (removed by the caller).
 _M.mktemp = mktemp
+_M.free_port = free_port
 _M.sh = sh
 _M.read_cmd = read_cmd
 _M.now = now

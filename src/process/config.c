@@ -17,6 +17,7 @@
 #include <lualib.h>
 
 #include "config.h"
+#include "dns.h"
 #include "log.h"
 #include "loop.h"
 #include "lstate.h"
@@ -52,6 +53,7 @@ static const struct key top_keys[] = {
     { "listen", 's', S(listen) },
     { "admin", 's', S(admin) },
     { "pid_file", 's', S(pid_file) },
+    { "resolver", 's', S(resolver) },
     { "workers", 'i', N(workers) },
     { "shutdown_timeout", 'n', N(shutdown_timeout) },
     { NULL, 0, 0, 0 }
@@ -245,6 +247,9 @@ gw_opts_load_file(struct gw_opts *o, const char *path, char *err,
     }
     if (read_keys(L, 1, "config", top_keys, 0, o, err, errlen) != GW_OK) {
         goto done;
+    }
+    if (gw_dns_check_resolver(o->resolver, err, errlen) != GW_OK) {
+        goto done;                       /* "resolver must be ..." */
     }
     lua_pushliteral(L, "log_level");
     lua_rawget(L, 1);    /* raw: a metatable must not run here, unprotected */

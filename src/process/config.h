@@ -15,6 +15,7 @@ struct gw_opts {
     char                  listen[256];    /* "HOST:PORT" */
     char                  admin[256];     /* "HOST:PORT", or "" for none */
     char                  pid_file[1024]; /* or "" */
+    char                  resolver[64];   /* DNS "IP:PORT", "" resolv.conf */
     char                  tls_cert[1024]; /* PEM paths, or "" */
     char                  tls_key[1024];
     char                  tls_client_ca[1024];

@@ -20,6 +20,7 @@ int luaopen_paygate_keyring(lua_State *L);
 int luaopen_paygate_sqlite_core(lua_State *L);    /* store/ */
 int luaopen_paygate_redis_core(lua_State *L);
 int luaopen_paygate_pg_core(lua_State *L);
+int luaopen_paygate_dns(lua_State *L);
 int luaopen_paygate_shared(lua_State *L);         /* process/ */
 int luaopen_paygate_metrics(lua_State *L);
 
@@ -34,6 +35,7 @@ static const luaL_Reg gw_modules[] = {
     { "paygate.sqlite.core", luaopen_paygate_sqlite_core },
     { "paygate.redis.core", luaopen_paygate_redis_core },
     { "paygate.pg.core", luaopen_paygate_pg_core },
+    { "paygate.dns", luaopen_paygate_dns },
     { "paygate.shared", luaopen_paygate_shared },
     { "paygate.metrics", luaopen_paygate_metrics },
     { NULL, NULL }

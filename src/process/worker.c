@@ -19,6 +19,7 @@
 #include "metrics.h"
 #include "modules.h"
 #include "worker.h"
+#include "dns.h"
 
 static struct {
     const struct gw_opts *o;        /* not owned */
@@ -273,6 +274,9 @@ gw_worker_main(const struct gw_opts *o, int listen_fd, SSL_CTX *ctx,
     }
     push_runtime_info(w.L, "worker", o->app_dir, o->config_file,
                       o->listen);
+    if (o->resolver[0] != '\0') {   /* checked when the config was read */
+        gw_dns_configure(o->resolver, -1, -1, -1, path, sizeof(path));
+    }
 
     w.sigterm = evsignal_new(gw_loop_base(), SIGTERM, on_stop, NULL);
     w.sigint = evsignal_new(gw_loop_base(), SIGINT, on_stop, NULL);

@@ -30,6 +30,24 @@
  * statements outstanding and received nothing for `query_timeout`
  * seconds is closed and its statements fail with "timeout".
  *
+ * Failover: with a multi-host URL and target_session_attrs=read-write,
+ * each new connection goes to whichever host accepts writes now (libpq
+ * tries them in order). A statement answered with 25006 (read-only: a
+ * standby, or a demoted primary) fails "unavailable" and marks its
+ * connection, which is closed once idle, so the pool reconnects to the
+ * current primary. A COMMIT in flight on a connection that breaks (or
+ * times out, or whose pool closes) fails "unknown_outcome": it may have
+ * committed, so neither success nor failure may be reported. With
+ * require_sync, a new connection serves only once the server said it
+ * commits with a synchronous standby.
+ *
+ * Names: host names of the URL are resolved on the loop (src/core/dns.c)
+ * before each connect, one lookup per host at a time (the connection
+ * waits in LPG_CONN_RESOLVING); libpq then gets every address as
+ * `hostaddr` beside the name as `host` (TLS checks the name), so it never
+ * calls the blocking system resolver. A URL of numeric hosts or sockets
+ * goes to libpq unchanged.
+ *
  * Lifetime: ops are owned by the pool's wait queue, then by their
  * connection's in-flight queue, then freed on delivery. An abandoned
  * coroutine only clears op->co. The pool is freed by close/__gc; its
@@ -53,6 +71,7 @@
 #include <libpq-fe.h>
 #include <lauxlib.h>
 
+#include "dns.h"
 #include "loop.h"
 #include "runtime.h"
 #include "store.h"
@@ -61,10 +80,17 @@
 #define LPG_MAXPOOL   GW_STORE_PG_MAX_POOL
 #define LPG_CACHE     64
 #define LPG_DEPTH     64       /* statements in flight per connection */
+#define LPG_MAXHOSTS  8        /* hosts of a multi-host URL */
+#define LPG_MAXADDRS  32       /* host/hostaddr pairs given to libpq */
 
 enum lpg_op_kind { LPG_OP_STMT, LPG_OP_SCRIPT };
 
-enum lpg_conn_state { LPG_CONN_FREE, LPG_CONN_CONNECTING, LPG_CONN_READY };
+enum lpg_conn_state {
+    LPG_CONN_FREE,
+    LPG_CONN_RESOLVING,          /* waiting for the pool's DNS lookups */
+    LPG_CONN_CONNECTING,
+    LPG_CONN_READY
+};
 
 struct lpg_op {
     enum lpg_op_kind kind;
@@ -103,6 +129,12 @@ struct lpg_conn {
                                        back to its savepoint before
                                        txid's next command */
     int                  sp_prepared; /* 1: lpg_sp_sql prepared on pc */
+    int                  checking; /* 1: connected; the require_sync
+                                      query runs (state CONNECTING) */
+    int                  sync_ok;  /* its answer: 1 synchronous */
+    int                  readonly; /* 1: the server refused a write as
+                                      read-only (25006): it is no longer
+                                      the primary; closed once idle */
     double               since;  /* monotonic s: last progress */
     double               opened; /* monotonic s: connect started */
     unsigned             next_name;
@@ -110,12 +142,33 @@ struct lpg_conn {
     unsigned             cache_name[LPG_CACHE];
 };
 
+/* One host of the URL and what the resolver said about it. */
+struct lpg_host {
+    struct lpg_pool     *pg;       /* owner (the DNS callback's arg) */
+    const char          *name;     /* in pg->ci; "" = libpq's default */
+    const char          *port;     /* in pg->ci, or NULL */
+    int                  dns;      /* 1: a name to resolve on the loop */
+    int                  state;    /* 0 pending, 1 resolved, -1 failed */
+    struct gw_dns_req   *req;      /* lookup in flight, or NULL */
+    struct gw_dns_addrs  addrs;    /* state 1 */
+    char                 err[120]; /* state -1 */
+};
+
 struct lpg_pool {
     char             *conninfo;  /* owned */
+    PQconninfoOption *ci;        /* owned; conninfo parsed (DNS path) */
+    char             *ci_hosts;  /* owned; ci's host list, split */
+    char             *ci_ports;  /* owned; ci's port list, split */
+    struct lpg_host   hosts[LPG_MAXHOSTS];
+    int               nhosts;    /* 0: libpq resolves nothing (numeric
+                                    hosts, sockets, hostaddr given) */
+    char              down_kind[16]; /* kind of down_msg */
     int               npool;     /* max connections */
     double            connect_timeout; /* s */
     double            query_timeout;   /* s */
     double            down_for;  /* s to fail fast after a failed connect */
+    int               require_sync; /* 1: only servers that commit with a
+                                       synchronous standby */
     double            down_until;/* monotonic s */
     char              down_msg[200];
     struct lpg_conn  conns[LPG_MAXPOOL];
@@ -204,6 +257,12 @@ push_pg_error(lua_State *L, PGresult *r)
         kind = "syntax";
     } else if (strcmp(state, "25001") == 0 || strcmp(state, "25P01") == 0) {
         kind = "misuse";                 /* transaction control in SQL */
+    } else if (strcmp(state, "25006") == 0) {
+        /* read_only_sql_transaction: the server is (now) a standby, or
+         * the primary was demoted; the connection is replaced by one to
+         * the current primary (target_session_attrs=read-write). */
+        kind = "unavailable";
+        retry = 1;
     } else if (strcmp(state, "57014") == 0) {
         kind = "timeout";
         retry = 1;
@@ -282,8 +341,9 @@ push_op_result(lua_State *L, struct lpg_op *op)
     if (op->errkind[0] != '\0') {
         return gw_push_error(L, op->errkind,
                              strcmp(op->errkind, "closed") != 0
-                             && strcmp(op->errkind, "misuse") != 0, "%s",
-                             op->errmsg);
+                             && strcmp(op->errkind, "misuse") != 0
+                             && strcmp(op->errkind, "unknown_outcome") != 0,
+                             "%s", op->errmsg);
     }
     if (op->tx_begin) {
         lua_pushnumber(L, (lua_Number)op->txid);
@@ -417,6 +477,8 @@ conn_reset(struct lpg_conn *c)
     c->txid = 0;
     c->sp_failed = 0;
     c->sp_prepared = 0;
+    c->readonly = 0;
+    c->checking = 0;
     c->inflight = 0;
 }
 
@@ -429,6 +491,18 @@ conn_fail(struct lpg_conn *c, const char *kind, const char *msg,
 
     for (op = c->head; op != NULL; op = next) {
         next = op->next;
+        if (op->tx_end && op->err == NULL && op->errkind[0] == '\0'
+            && strcmp(op->sql, "COMMIT") == 0)
+        {
+            char buf[sizeof(op->errmsg)];
+
+            /* Sent, and the server's answer never came: it may have
+             * committed or not. Never report either. */
+            snprintf(buf, sizeof(buf), "postgres: COMMIT was sent but its"
+                     " answer was lost (%.100s): the transaction may or may"
+                     " not be committed", msg);
+            op_set_error(op, "unknown_outcome", buf);
+        }
         op_set_error(op, kind, msg);
         op->next = *out;
         *out = op;
@@ -463,6 +537,58 @@ conn_watch(struct lpg_conn *c)
     return GW_OK;
 }
 
+static int conn_flush(struct lpg_conn *c);
+
+/* require_sync: is a COMMIT on this server acknowledged only once a
+ * synchronous standby has it? */
+static const char lpg_sync_check[] =
+    "SELECT current_setting('synchronous_standby_names') <> ''"
+    " AND current_setting('synchronous_commit')"
+    " IN ('on', 'remote_apply', 'remote_write')";
+
+#define LPG_NOSYNC 3             /* conn_poll_check(): the answer is no */
+
+/* The connection is up (and checked): pipeline mode, then it serves. */
+static int
+conn_ready(struct lpg_conn *c)
+{
+    if (PQenterPipelineMode(c->pc) != 1) {
+        return GW_ERR;
+    }
+    event_del(c->wev);
+    event_add(c->rev, NULL);
+    c->state = LPG_CONN_READY;
+    c->checking = 0;
+    c->since = gw_loop_mono_fresh();
+    return GW_OK;
+}
+
+/* The require_sync query's answer. Returns GW_OK (ready), GW_AGAIN,
+ * GW_ERR (broken) or LPG_NOSYNC. */
+static int
+conn_poll_check(struct lpg_conn *c, short what)
+{
+    PGresult *r;
+
+    if ((what & EV_WRITE) && conn_flush(c) != GW_OK) {
+        return GW_ERR;
+    }
+    if (PQconsumeInput(c->pc) != 1) {
+        return GW_ERR;
+    }
+    while (!PQisBusy(c->pc)) {
+        r = PQgetResult(c->pc);
+        if (r == NULL) {
+            return c->sync_ok ? conn_ready(c) : LPG_NOSYNC;
+        }
+        c->sync_ok = PQresultStatus(r) == PGRES_TUPLES_OK
+                     && PQntuples(r) == 1
+                     && strcmp(PQgetvalue(r, 0, 0), "t") == 0;
+        PQclear(r);
+    }
+    return GW_AGAIN;
+}
+
 /* Connect state machine step. Returns GW_OK, GW_AGAIN or GW_ERR. */
 static int
 conn_poll_connect(struct lpg_conn *c)
@@ -476,16 +602,22 @@ conn_poll_connect(struct lpg_conn *c)
         return GW_ERR;
     }
     if (st == PGRES_POLLING_OK) {
-        if (PQsetnonblocking(c->pc, 1) != 0
-            || PQenterPipelineMode(c->pc) != 1)
-        {
+        if (PQsetnonblocking(c->pc, 1) != 0) {
             return GW_ERR;
         }
-        event_del(c->wev);
-        event_add(c->rev, NULL);
-        c->state = LPG_CONN_READY;
-        c->since = gw_loop_mono_fresh();
-        return GW_OK;
+        if (c->pg->require_sync) {
+            /* Ask before the connection serves: a COMMIT here must wait
+             * for a synchronous standby. */
+            if (PQsendQuery(c->pc, lpg_sync_check) != 1) {
+                return GW_ERR;
+            }
+            c->checking = 1;
+            c->sync_ok = 0;
+            event_del(c->wev);
+            event_add(c->rev, NULL);
+            return conn_flush(c) == GW_OK ? GW_AGAIN : GW_ERR;
+        }
+        return conn_ready(c);
     }
     if (st == PGRES_POLLING_WRITING) {
         event_del(c->rev);
@@ -498,9 +630,10 @@ conn_poll_connect(struct lpg_conn *c)
 }
 
 static void
-pool_mark_down(struct lpg_pool *pg, const char *msg)
+pool_mark_down(struct lpg_pool *pg, const char *kind, const char *msg)
 {
     pg->down_until = gw_loop_mono_fresh() + pg->down_for;
+    snprintf(pg->down_kind, sizeof(pg->down_kind), "%s", kind);
     snprintf(pg->down_msg, sizeof(pg->down_msg), "%s", msg);
 }
 
@@ -552,9 +685,23 @@ conn_connect_failed(struct lpg_conn *c, struct lpg_op **out,
         msg[--n] = '\0';
     }
     conn_fail(c, "unavailable", msg, out);
-    pool_mark_down(pg, msg);
+    pool_mark_down(pg, "unavailable", msg);
     if (fail_waiting && !pool_has_live(pg)) {
         pool_fail_waiting(pg, "unavailable", msg, out);
+    }
+}
+
+/* No host of the URL resolved: like a failed connect, kind "dns". */
+static void
+conn_dns_failed(struct lpg_conn *c, const char *msg, struct lpg_op **out,
+                int fail_waiting)
+{
+    struct lpg_pool *pg = c->pg;
+
+    conn_fail(c, "dns", msg, out);
+    pool_mark_down(pg, "dns", msg);
+    if (fail_waiting && !pool_has_live(pg)) {
+        pool_fail_waiting(pg, "dns", msg, out);
     }
 }
 
@@ -582,21 +729,194 @@ on_notice(void *arg, const PGresult *r)
     }
 }
 
+/* Starts libpq's connect on c: with the URL as given when nothing needs
+ * resolving, else with every resolved address as `hostaddr` next to its
+ * name as `host` (libpq checks a TLS certificate against host and
+ * connects to hostaddr without a lookup of its own; it tries the pairs
+ * in order, and target_session_attrs picks among them). Returns GW_OK,
+ * GW_ERR (see PQerrorMessage), or LPG_NODNS (no host resolved; *why). */
+#define LPG_NODNS 2
 static int
-conn_start(struct lpg_conn *c)
+conn_start_libpq(struct lpg_conn *c, const char **why)
 {
-    struct lpg_pool *pg = c->pg;
+    struct lpg_pool  *pg = c->pg;
+    const char       *kw[64], *val[64];
+    char              hosts[LPG_MAXADDRS * 64], addrs[LPG_MAXADDRS * 48];
+    char              ports[LPG_MAXADDRS * 8];
+    size_t            hl = 0, al = 0, pl = 0;
+    PQconninfoOption *o;
+    int               i, k, n = 0, npairs = 0;
 
-    c->pc = PQconnectStart(pg->conninfo);
-    c->fd = -1;
     c->state = LPG_CONN_CONNECTING;
-    c->opened = gw_loop_mono_fresh();
-    c->since = c->opened;
+    c->fd = -1;
+    if (pg->nhosts == 0) {
+        c->pc = PQconnectStart(pg->conninfo);
+        goto started;
+    }
+    hosts[0] = addrs[0] = ports[0] = '\0';
+    *why = "no host";
+    for (i = 0; i < pg->nhosts; i++) {
+        struct lpg_host *h = &pg->hosts[i];
+        int              na = h->dns ? h->addrs.n : 1;
+
+        if (h->dns && h->state != 1) {
+            *why = h->err;
+            continue;
+        }
+        for (k = 0; k < na && npairs < LPG_MAXADDRS; k++, npairs++) {
+            const char *a = h->dns ? h->addrs.addr[k]
+                          : gw_dns_is_numeric(h->name) ? h->name : "";
+
+            hl += (size_t)snprintf(hosts + hl, sizeof(hosts) - hl, "%s%s",
+                                   npairs ? "," : "", h->name);
+            al += (size_t)snprintf(addrs + al, sizeof(addrs) - al, "%s%s",
+                                   npairs ? "," : "", a);
+            pl += (size_t)snprintf(ports + pl, sizeof(ports) - pl, "%s%s",
+                                   npairs ? "," : "",
+                                   h->port != NULL ? h->port : "");
+            if (hl >= sizeof(hosts) || al >= sizeof(addrs)
+                || pl >= sizeof(ports))
+            {
+                *why = "too many addresses";
+                return LPG_NODNS;
+            }
+        }
+    }
+    if (npairs == 0) {
+        return LPG_NODNS;
+    }
+    for (o = pg->ci; o->keyword != NULL && n < 60; o++) {
+        if (o->val == NULL || strcmp(o->keyword, "host") == 0
+            || strcmp(o->keyword, "hostaddr") == 0
+            || strcmp(o->keyword, "port") == 0)
+        {
+            continue;
+        }
+        kw[n] = o->keyword;
+        val[n++] = o->val;
+    }
+    kw[n] = "host";
+    val[n++] = hosts;
+    kw[n] = "hostaddr";
+    val[n++] = addrs;
+    kw[n] = "port";
+    val[n++] = ports;
+    kw[n] = NULL;
+    val[n] = NULL;
+    c->pc = PQconnectStartParams(kw, val, 0);
+started:
     if (c->pc == NULL || PQstatus(c->pc) == CONNECTION_BAD) {
         return GW_ERR;
     }
     PQsetNoticeReceiver(c->pc, on_notice, c);
     return conn_poll_connect(c) == GW_ERR ? GW_ERR : GW_OK;
+}
+
+/* Looks each host name up in the cache; starts a lookup for those not
+ * there (one per host at a time). Returns 1 when every host is known. */
+static void pool_on_dns(void *arg, const struct gw_dns_addrs *a,
+                        const char *err);
+static int
+pool_resolve(struct lpg_pool *pg)
+{
+    int i, rc, known = 1;
+
+    for (i = 0; i < pg->nhosts; i++) {
+        struct lpg_host *h = &pg->hosts[i];
+
+        if (!h->dns || h->req != NULL) {
+            known &= h->req == NULL;
+            continue;
+        }
+        rc = gw_dns_cached(h->name, &h->addrs, h->err, sizeof(h->err));
+        if (rc != GW_AGAIN) {
+            h->state = rc == GW_OK ? 1 : -1;
+            continue;
+        }
+        h->state = 0;
+        h->req = gw_dns_resolve(h->name, pool_on_dns, h);
+        if (h->req == NULL) {
+            h->state = -1;
+            snprintf(h->err, sizeof(h->err), "%.60s: out of memory",
+                     h->name);
+            continue;
+        }
+        known = 0;
+    }
+    return known;
+}
+
+/* Starts c once every host is resolved; a failure goes to *out. */
+static void
+conn_start_resolved(struct lpg_conn *c, struct lpg_op **out,
+                    int fail_waiting)
+{
+    const char *why = NULL;
+    char        msg[200];
+    int         rc = conn_start_libpq(c, &why);
+
+    if (rc == LPG_NODNS) {
+        snprintf(msg, sizeof(msg), "postgres: cannot resolve: %s", why);
+        conn_dns_failed(c, msg, out, fail_waiting);
+    } else if (rc != GW_OK) {
+        conn_connect_failed(c, out, fail_waiting);
+    }
+}
+
+/* A lookup of the pool's hosts ended: the connections waiting for the
+ * answers start (or fail, kind "dns"). */
+static void
+pool_on_dns(void *arg, const struct gw_dns_addrs *a, const char *err)
+{
+    struct lpg_host *h = arg;
+    struct lpg_pool *pg = h->pg;
+    struct lpg_op   *done = NULL;
+    int              i;
+
+    h->req = NULL;
+    if (a != NULL) {
+        h->addrs = *a;
+        h->state = 1;
+    } else {
+        h->state = -1;
+        snprintf(h->err, sizeof(h->err), "%s", err);
+    }
+    for (i = 0; i < pg->nhosts; i++) {
+        if (pg->hosts[i].req != NULL) {
+            return;                      /* the others answer later */
+        }
+    }
+    for (i = 0; i < pg->npool; i++) {
+        if (pg->conns[i].state == LPG_CONN_RESOLVING) {
+            conn_start_resolved(&pg->conns[i], &done, 1);
+        }
+    }
+    dispatch(pg);
+    deliver_list(done);
+}
+
+/* Opens c: resolves the URL's host names first when needed (never on
+ * the loop's thread with the system resolver). Returns GW_OK (started or
+ * resolving), GW_ERR (connect failed at once), LPG_NODNS (msg set). */
+static int
+conn_start(struct lpg_conn *c, char *msg, size_t msglen)
+{
+    struct lpg_pool *pg = c->pg;
+    const char      *why = NULL;
+    int              rc;
+
+    c->fd = -1;
+    c->opened = gw_loop_mono_fresh();
+    c->since = c->opened;
+    if (pg->nhosts > 0 && !pool_resolve(pg)) {
+        c->state = LPG_CONN_RESOLVING;   /* pool_on_dns() goes on */
+        return GW_OK;
+    }
+    rc = conn_start_libpq(c, &why);
+    if (rc == LPG_NODNS) {
+        snprintf(msg, msglen, "postgres: cannot resolve: %s", why);
+    }
+    return rc;
 }
 
 /* ------------------------------------------------------------ sending */
@@ -939,6 +1259,11 @@ conn_read(struct lpg_conn *c, struct lpg_op **out)
             continue;
         }
         if (st == PGRES_FATAL_ERROR || st == PGRES_NONFATAL_ERROR) {
+            const char *code = PQresultErrorField(r, PG_DIAG_SQLSTATE);
+
+            if (code != NULL && strcmp(code, "25006") == 0) {
+                c->readonly = 1;         /* replaced once idle */
+            }
             if (op->has_prepare && op->step == op->exec_step - 1) {
                 /* Forget the statement so the next use prepares again. */
                 int s = op->cache_slot;
@@ -979,8 +1304,17 @@ conn_event(evutil_socket_t fd, short what, void *arg)
     int               rc;
 
     if (c->state == LPG_CONN_CONNECTING) {
-        rc = conn_poll_connect(c);
-        if (rc == GW_ERR) {
+        rc = c->checking ? conn_poll_check(c, what) : conn_poll_connect(c);
+        if (rc == LPG_NOSYNC) {
+            const char *msg = "postgres: the server does not commit with a"
+                              " synchronous standby (require_sync)";
+
+            conn_fail(c, "unavailable", msg, &done);
+            pool_mark_down(pg, "unavailable", msg);
+            if (!pool_has_live(pg)) {
+                pool_fail_waiting(pg, "unavailable", msg, &done);
+            }
+        } else if (rc == GW_ERR) {
             conn_connect_failed(c, &done, 1);
         }
     } else if (c->state == LPG_CONN_READY) {
@@ -1002,6 +1336,13 @@ conn_event(evutil_socket_t fd, short what, void *arg)
                 conn_fail(c, "unavailable", msg, &done);
             }
         }
+    }
+    if (c->state == LPG_CONN_READY && c->readonly && c->inflight == 0) {
+        /* A standby now (25006): a new connection finds the primary. */
+        gw_log(GW_LOG_INFO, "postgres: server is read-only; reconnecting"
+               " to find the primary");
+        conn_fail(c, "unavailable", "postgres: server is read-only",
+                  &done);
     }
     /* done is newest-first: deliver in completion order. */
     for (; done != NULL; done = next) {
@@ -1030,7 +1371,9 @@ choose_conn(struct lpg_pool *pg, struct lpg_op *op, int *fail)
             }
             continue;
         }
-        if (c->state == LPG_CONN_CONNECTING) {
+        if (c->state == LPG_CONN_CONNECTING
+            || c->state == LPG_CONN_RESOLVING)
+        {
             connecting++;
             continue;
         }
@@ -1040,7 +1383,7 @@ choose_conn(struct lpg_pool *pg, struct lpg_op *op, int *fail)
             }
             continue;
         }
-        if (c->txid != 0) {
+        if (c->txid != 0 || c->readonly) {
             continue;
         }
         if (c->head != NULL && c->head->kind == LPG_OP_SCRIPT) {
@@ -1067,9 +1410,15 @@ choose_conn(struct lpg_pool *pg, struct lpg_op *op, int *fail)
     {
         struct lpg_conn *n = &pg->conns[free_slot];
         struct lpg_op   *lost = NULL;
+        char             msg[200];
+        int              rc;
 
         n->pg = pg;
-        if (conn_start(n) != GW_OK) {
+        rc = conn_start(n, msg, sizeof(msg));
+        if (rc == LPG_NODNS) {
+            conn_dns_failed(n, msg, &lost, 0);
+            post_list(lost);             /* empty: n had no ops yet */
+        } else if (rc != GW_OK) {
             conn_connect_failed(n, &lost, 0);
             post_list(lost);             /* empty: n had no ops yet */
         }
@@ -1121,7 +1470,9 @@ dispatch(struct lpg_pool *pg)
                 op_set_error(op, "timeout", "postgres: transaction is"
                              " no longer active (its connection was lost)");
             } else {
-                op_set_error(op, "unavailable", pg->down_msg[0] ? pg->down_msg
+                op_set_error(op, pg->down_kind[0] ? pg->down_kind
+                                                  : "unavailable",
+                             pg->down_msg[0] ? pg->down_msg
                                              : "postgres: unavailable");
             }
             op->next = done;
@@ -1168,12 +1519,18 @@ on_tick(evutil_socket_t fd, short what, void *arg)
     for (i = 0; i < pg->npool; i++) {
         struct lpg_conn *c = &pg->conns[i];
 
-        if (c->state == LPG_CONN_CONNECTING
+        if (c->state == LPG_CONN_RESOLVING
+            && now - c->opened > pg->connect_timeout)
+        {
+            /* The lookup goes on; the next connect may use its answer. */
+            conn_dns_failed(c, "postgres: host name lookup timed out",
+                            &done, 1);
+        } else if (c->state == LPG_CONN_CONNECTING
             && now - c->opened > pg->connect_timeout)
         {
             conn_fail(c, "unavailable", "postgres: connect timed out",
                       &done);
-            pool_mark_down(pg, "postgres: connect timed out");
+            pool_mark_down(pg, "unavailable", "postgres: connect timed out");
             if (!pool_has_live(pg)) {
                 pool_fail_waiting(pg, "unavailable",
                                   "postgres: connect timed out", &done);
@@ -1284,6 +1641,85 @@ check_pool(lua_State *L)
     return ud->pg;
 }
 
+/* Finds the host names of pg->conninfo that need a lookup (not a
+ * numeric address, not a socket directory, no hostaddr given): then
+ * pg->nhosts > 0 and each connect resolves them on the loop first.
+ * Returns GW_OK, or GW_ERR with a reason in err (a conninfo libpq cannot
+ * parse, too many hosts). */
+static int
+pool_parse_hosts(struct lpg_pool *pg, char *err, size_t errlen)
+{
+    PQconninfoOption *o;
+    const char       *host = NULL, *port = NULL, *hostaddr = NULL;
+    char             *perr = NULL, *p, *tok;
+    const char       *ports[LPG_MAXHOSTS];
+    int               n = 0, nports = 0, need = 0;
+
+    pg->ci = PQconninfoParse(pg->conninfo, &perr);
+    if (pg->ci == NULL) {
+        snprintf(err, errlen, "postgres: bad connection string: %s",
+                 perr != NULL ? perr : "out of memory");
+        if (perr != NULL) {
+            PQfreemem(perr);
+        }
+        return GW_ERR;
+    }
+    for (o = pg->ci; o->keyword != NULL; o++) {
+        if (strcmp(o->keyword, "host") == 0) {
+            host = o->val;
+        } else if (strcmp(o->keyword, "port") == 0) {
+            port = o->val;
+        } else if (strcmp(o->keyword, "hostaddr") == 0) {
+            hostaddr = o->val;
+        }
+    }
+    if (host == NULL || host[0] == '\0'
+        || (hostaddr != NULL && hostaddr[0] != '\0'))
+    {
+        return GW_OK;                    /* socket default, or explicit */
+    }
+    pg->ci_hosts = strdup(host);
+    pg->ci_ports = strdup(port != NULL ? port : "");
+    if (pg->ci_hosts == NULL || pg->ci_ports == NULL) {
+        snprintf(err, errlen, "postgres: out of memory");
+        return GW_ERR;
+    }
+    /* Empty list entries are kept (strsep, not strtok): "h1,h2" with
+     * port "5432," gives h2 the default port. */
+    for (p = pg->ci_ports; (tok = strsep(&p, ",")) != NULL;) {
+        if (nports == LPG_MAXHOSTS) {
+            break;
+        }
+        ports[nports++] = tok;
+    }
+    for (p = pg->ci_hosts; (tok = strsep(&p, ",")) != NULL;) {
+        struct lpg_host *h;
+
+        if (n == LPG_MAXHOSTS) {
+            snprintf(err, errlen, "postgres: more than %d hosts",
+                     LPG_MAXHOSTS);
+            return GW_ERR;
+        }
+        h = &pg->hosts[n];
+        h->pg = pg;
+        h->name = tok;
+        h->port = nports == 1 ? ports[0] : n < nports ? ports[n] : NULL;
+        if (h->port != NULL && h->port[0] == '\0') {
+            h->port = NULL;
+        }
+        h->dns = tok[0] != '\0' && tok[0] != '/' && tok[0] != '@'
+                 && !gw_dns_is_numeric(tok);
+        need |= h->dns;
+        n++;
+    }
+    if (nports > 1 && nports != n) {
+        snprintf(err, errlen, "postgres: %d ports for %d hosts", nports, n);
+        return GW_ERR;
+    }
+    pg->nhosts = need ? n : 0;           /* all numeric: libpq as before */
+    return GW_OK;
+}
+
 /* core.open(conninfo, opts) -> pool (no I/O yet)
  * opts: pool (connections, default 4), connect_timeout (s, 2),
  * query_timeout (s, 10), down_for (s, 0.5) */
@@ -1296,6 +1732,8 @@ lpg_open(lua_State *L)
     struct timeval  tv = { 0, 50000 };
     int             i, npool;
     double          connect_timeout, query_timeout, down_for;
+    int             require_sync;
+    char            err[200];
 
     /* Checked first: raising must not leak what is allocated below. */
     gw_store_sql_opts_check(L, 2);   /* both engines' options */
@@ -1306,6 +1744,7 @@ lpg_open(lua_State *L)
     query_timeout = gw_store_opt_num(L, 2, "sql.open", "query_timeout", 10,
                                      0);
     down_for = gw_store_opt_num(L, 2, "sql.open", "down_for", 0.5, 1);
+    require_sync = gw_store_opt_bool(L, 2, "sql.open", "require_sync", 0);
     ud = lua_newuserdata(L, sizeof(*ud));
     ud->pg = NULL;
     luaL_getmetatable(L, LPG_MT);
@@ -1320,6 +1759,7 @@ lpg_open(lua_State *L)
     pg->connect_timeout = connect_timeout;
     pg->query_timeout = query_timeout;
     pg->down_for = down_for;
+    pg->require_sync = require_sync;
     for (i = 0; i < LPG_MAXPOOL; i++) {
         pg->conns[i].pg = pg;
         pg->conns[i].fd = -1;
@@ -1327,6 +1767,18 @@ lpg_open(lua_State *L)
     pg->tick = event_new(gw_loop_base(), -1, EV_PERSIST, on_tick, pg);
     if (pg->conninfo == NULL || pg->tick == NULL) {
         return luaL_error(L, "postgres: out of memory");
+    }
+    if (pool_parse_hosts(pg, err, sizeof(err)) != GW_OK) {
+        ud->pg = NULL;                   /* nothing was started yet */
+        event_free(pg->tick);
+        if (pg->ci != NULL) {
+            PQconninfoFree(pg->ci);
+        }
+        free(pg->ci_hosts);
+        free(pg->ci_ports);
+        free(pg->conninfo);
+        free(pg);
+        return gw_push_error(L, "misuse", 0, "%s", err);
     }
     event_add(pg->tick, &tv);
     return 1;
@@ -1350,7 +1802,16 @@ lpg_close(lua_State *L)
         conn_fail(&pg->conns[i], "closed", "postgres: pool closed", &done);
     }
     pool_fail_waiting(pg, "closed", "postgres: pool closed", &done);
+    for (i = 0; i < pg->nhosts; i++) {
+        gw_dns_cancel(pg->hosts[i].req);
+        pg->hosts[i].req = NULL;
+    }
     event_free(pg->tick);
+    if (pg->ci != NULL) {
+        PQconninfoFree(pg->ci);
+    }
+    free(pg->ci_hosts);
+    free(pg->ci_ports);
     free(pg->conninfo);
     free(pg);
     post_list(done);

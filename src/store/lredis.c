@@ -14,6 +14,15 @@
  * replies outstanding and none arrived for `timeout` seconds, the
  * connection is dropped and every command on it fails with "timeout".
  *
+ * Addresses: the host must be numeric (hiredis would resolve a name with
+ * the blocking system resolver): paygate.redis resolves names with
+ * paygate.dns and, when the address changes (new DNS answer, Sentinel's
+ * new master), calls h:set_addr(), which retires the connections to the
+ * old address (their commands fail "unavailable") on the next loop turn.
+ *
+ * Subscriptions (core.subscribe): see the section below; used for
+ * Sentinel's +switch-master.
+ *
  * Lifetime: struct lredis_client is freed when the Lua handle was closed and
  * every hiredis context has called its disconnect callback (refs). An op
  * lives until all its replies (or NULLs, when a context is freed) came;
@@ -30,6 +39,7 @@
 #include <openssl/sha.h>
 #include <lauxlib.h>
 
+#include "dns.h"
 #include "loop.h"
 #include "runtime.h"
 #include "store.h"
@@ -82,6 +92,15 @@ struct lredis_ud {
     struct lredis_client *cl;         /* NULL once closed */
 };
 
+
+/* A context of an address the client no longer uses, freed on the next
+ * loop turn (freeing wakes the coroutines waiting on its commands). */
+struct lredis_retired {
+    struct lredis_client  *cl;           /* holds a reference */
+    redisAsyncContext     *ac;           /* owned */
+    int                    ready;        /* connected: on_disconnect runs */
+    struct lredis_retired *next;
+};
 
 static void
 client_unref(struct lredis_client *cl)
@@ -462,6 +481,7 @@ on_tick(evutil_socket_t fd, short what, void *arg)
 
 /* ------------------------------------------------------------ Lua side */
 
+
 static struct lredis_client *
 check_client(lua_State *L)
 {
@@ -471,6 +491,76 @@ check_client(lua_State *L)
         luaL_error(L, "redis: client is closed");
     }
     return ud->cl;
+}
+
+static void
+retired_free(void *arg)
+{
+    struct lredis_retired *r = arg, *next;
+
+    for (; r != NULL; r = next) {
+        struct lredis_client *cl = r->cl;
+
+        next = r->next;
+        /* As conn_drop(): a connected context's on_disconnect drops its
+         * reference; one still connecting has no callback to come. */
+        redisAsyncFree(r->ac);
+        if (!r->ready) {
+            client_unref(cl);
+        }
+        client_unref(cl);                /* the retirement's own */
+        free(r);
+    }
+}
+
+/* client:set_addr(ip, port): later commands go there; the connections
+ * to the old address are dropped on the next loop turn. */
+static int
+lredis_set_addr(lua_State *L)
+{
+    struct lredis_client  *cl = check_client(L);
+    const char            *host = luaL_checkstring(L, 2);
+    int                    port = (int)luaL_checkinteger(L, 3);
+    struct lredis_retired *list = NULL, *r;
+    char                  *dup;
+    int                    i;
+
+    if (!gw_dns_is_numeric(host) || port < 1 || port > 65535) {
+        return luaL_error(L, "redis: set_addr wants a numeric address and"
+                          " a port");
+    }
+    dup = strdup(host);
+    if (dup == NULL) {
+        return luaL_error(L, "redis: out of memory");
+    }
+    free(cl->host);
+    cl->host = dup;
+    cl->port = port;
+    for (i = 0; i < cl->npool; i++) {
+        struct lredis_conn *c = &cl->conns[i];
+
+        if (c->ac == NULL) {
+            continue;
+        }
+        r = calloc(1, sizeof(*r));
+        if (r == NULL) {
+            conn_drop(c);                /* no memory: drop it now */
+            continue;
+        }
+        r->cl = cl;
+        r->ac = c->ac;
+        r->ready = c->ready;
+        r->next = list;
+        list = r;
+        cl->refs++;
+        c->ac = NULL;
+        c->ready = 0;
+        c->pending = 0;
+    }
+    if (list != NULL && gw_loop_post(retired_free, list) != GW_OK) {
+        retired_free(list);
+    }
+    return 0;
 }
 
 /*
@@ -483,6 +573,7 @@ lredis_new(lua_State *L)
     const char      *host = luaL_checkstring(L, 1);
     int              port = (int)luaL_checkinteger(L, 2);
     struct lredis_client *cl;
+
     struct lredis_ud   *ud;
     struct timeval   tv = { 0, 100000 };
     int              i, npool, dbnum;
@@ -493,6 +584,11 @@ lredis_new(lua_State *L)
     };
 
     /* Checked first: raising must not leak what is allocated below. */
+    if (!gw_dns_is_numeric(host)) {
+        /* hiredis would resolve it with the blocking system resolver */
+        return luaL_error(L, "redis.core.new: host must be a numeric"
+                          " address (paygate.redis resolves names)");
+    }
     gw_store_opt_known(L, 3, "redis.connect", known);
     timeout = gw_store_opt_num(L, 3, "redis.connect", "timeout", 5, 0);
     connect_timeout = gw_store_opt_num(L, 3, "redis.connect",
@@ -792,15 +888,330 @@ lredis_sha1hex(lua_State *L)
     return 1;
 }
 
+/* ------------------------------------------------------ subscriptions */
+
+/*
+ * core.subscribe(host, port, channel, opts) -> sub: one connection in
+ * subscribe mode (what Sentinel's +switch-master needs); sub:next(secs)
+ * yields until a message's payload (or nil, err: "timeout" when none
+ * came in secs, "unavailable" once the connection is gone). Messages that
+ * arrive while nobody waits are queued (the newest LREDIS_SUB_MAXQ).
+ *
+ * Lifetime: struct lredis_sub lives until the Lua handle was closed (or
+ * collected) and the context is gone. close() frees the context on the
+ * next loop turn: freeing it runs hiredis callbacks, which must not wake
+ * a coroutine from inside the running one.
+ */
+#define LREDIS_SUB_MT    "paygate.redis.sub"
+#define LREDIS_SUB_MAXQ  64
+
+struct lredis_sub {
+    redisAsyncContext *ac;       /* owned; NULL once gone */
+    int                lua_open; /* the Lua handle refers to it */
+    int                killing;  /* a context free is posted */
+    int                waking;   /* inside sub_wake(): not freed */
+    struct gw_co      *co;       /* waiting in next(), or NULL */
+    struct event      *timer;    /* owned; next()'s deadline */
+    char              *q[LREDIS_SUB_MAXQ];    /* owned payloads */
+    size_t             qlen[LREDIS_SUB_MAXQ]; /* bytes */
+    int                qhead, qn;             /* ring buffer */
+    char               err[160]; /* why the connection ended, or "" */
+};
+
+struct lredis_sub_ud {
+    struct lredis_sub *s;        /* NULL once closed */
+};
+
+static void
+sub_maybe_free(struct lredis_sub *s)
+{
+    if (s->lua_open || s->ac != NULL || s->co != NULL || s->killing
+        || s->waking)
+    {
+        return;
+    }
+    while (s->qn > 0) {
+        free(s->q[s->qhead]);
+        s->qhead = (s->qhead + 1) % LREDIS_SUB_MAXQ;
+        s->qn--;
+    }
+    if (s->timer != NULL) {
+        event_free(s->timer);
+    }
+    free(s);
+}
+
+/* Loop callbacks only: hands the waiting coroutine the oldest message or
+ * the connection's end. */
+static void
+sub_wake(struct lredis_sub *s)
+{
+    struct gw_co *co = s->co;
+    lua_State    *L;
+    int           n;
+
+    if (co == NULL || (s->qn == 0 && s->ac != NULL)) {
+        return;
+    }
+    s->co = NULL;
+    event_del(s->timer);
+    L = gw_co_state(co);
+    if (s->qn > 0) {
+        lua_pushlstring(L, s->q[s->qhead], s->qlen[s->qhead]);
+        free(s->q[s->qhead]);
+        s->qhead = (s->qhead + 1) % LREDIS_SUB_MAXQ;
+        s->qn--;
+        n = 1;
+    } else {
+        n = gw_push_error(L, "unavailable", 1, "redis: subscription"
+                          " lost: %s", s->err[0] ? s->err : "closed");
+    }
+    s->waking = 1;                       /* the coroutine may close s */
+    gw_co_wake(co, n);
+    s->waking = 0;
+}
+
+static void
+on_sub_msg(redisAsyncContext *ac, void *reply, void *privdata)
+{
+    struct lredis_sub *s = privdata;
+    redisReply        *r = reply;
+    char              *copy;
+    int                slot;
+
+    if (r == NULL || ac->data == NULL || r->type != REDIS_REPLY_ARRAY
+        || r->elements != 3 || r->element[0]->type != REDIS_REPLY_STRING
+        || strcmp(r->element[0]->str, "message") != 0
+        || r->element[2]->type != REDIS_REPLY_STRING)
+    {
+        return;                          /* the subscribe confirmation */
+    }
+    copy = malloc(r->element[2]->len + 1);
+    if (copy == NULL) {
+        return;
+    }
+    memcpy(copy, r->element[2]->str, r->element[2]->len + 1);
+    if (s->qn == LREDIS_SUB_MAXQ) {      /* drop the oldest */
+        free(s->q[s->qhead]);
+        s->qhead = (s->qhead + 1) % LREDIS_SUB_MAXQ;
+        s->qn--;
+    }
+    slot = (s->qhead + s->qn) % LREDIS_SUB_MAXQ;
+    s->q[slot] = copy;
+    s->qlen[slot] = r->element[2]->len;
+    s->qn++;
+    sub_wake(s);
+    sub_maybe_free(s);
+}
+
+static void
+sub_gone(struct lredis_sub *s, const redisAsyncContext *ac)
+{
+    if (s->err[0] == '\0') {
+        snprintf(s->err, sizeof(s->err), "%s",
+                 ac->errstr[0] != '\0' ? ac->errstr : "connection closed");
+    }
+    s->ac = NULL;
+    sub_wake(s);
+    sub_maybe_free(s);
+}
+
+static void
+on_sub_connect(const redisAsyncContext *ac, int status)
+{
+    struct lredis_sub *s = ac->data;
+
+    if (s != NULL && status != REDIS_OK) {
+        sub_gone(s, ac);                 /* hiredis frees ac itself */
+    }
+}
+
+static void
+on_sub_disconnect(const redisAsyncContext *ac, int status)
+{
+    struct lredis_sub *s = ac->data;
+
+    (void)status;
+    if (s != NULL) {
+        sub_gone(s, ac);
+    }
+}
+
+static void
+sub_on_timer(evutil_socket_t fd, short what, void *arg)
+{
+    struct lredis_sub *s = arg;
+    struct gw_co      *co = s->co;
+
+    (void)fd;
+    (void)what;
+    if (co == NULL) {
+        return;
+    }
+    s->co = NULL;
+    s->waking = 1;
+    gw_co_wake(co, gw_push_error(gw_co_state(co), "timeout", 1,
+                                 "redis: no message"));
+    s->waking = 0;
+    sub_maybe_free(s);
+}
+
+/* Next loop turn after close(): frees the context. */
+static void
+sub_kill(void *arg)
+{
+    struct lredis_sub *s = arg;
+    redisAsyncContext *ac = s->ac;
+
+    s->killing = 0;
+    if (ac != NULL) {
+        s->ac = NULL;
+        ac->data = NULL;                 /* its callbacks ignore it now */
+        redisAsyncFree(ac);
+    }
+    sub_maybe_free(s);
+}
+
+static void
+sub_cancel(void *arg)
+{
+    struct lredis_sub *s = arg;
+
+    s->co = NULL;
+    event_del(s->timer);
+    sub_maybe_free(s);
+}
+
+static int
+lredis_sub_close(lua_State *L)
+{
+    struct lredis_sub_ud *ud = luaL_checkudata(L, 1, LREDIS_SUB_MT);
+    struct lredis_sub    *s = ud->s;
+
+    if (s == NULL) {
+        return 0;
+    }
+    ud->s = NULL;
+    s->lua_open = 0;
+    if (s->ac != NULL && !s->killing) {
+        s->killing = 1;
+        if (gw_loop_post(sub_kill, s) != GW_OK) {
+            s->killing = 0;              /* no memory: leak the context */
+        }
+    }
+    sub_maybe_free(s);
+    return 0;
+}
+
+/* sub:next(secs) -> payload | nil, err */
+static int
+lredis_sub_next(lua_State *L)
+{
+    struct lredis_sub_ud *ud = luaL_checkudata(L, 1, LREDIS_SUB_MT);
+    struct lredis_sub    *s = ud->s;
+    double                secs = luaL_checknumber(L, 2);
+    struct timeval        tv;
+    struct gw_co         *co = gw_co_current(L);
+
+    if (s == NULL) {
+        return luaL_error(L, "redis: subscription is closed");
+    }
+    if (s->co != NULL) {
+        return luaL_error(L, "redis: sub:next is already waiting");
+    }
+    if (s->qn > 0) {
+        lua_pushlstring(L, s->q[s->qhead], s->qlen[s->qhead]);
+        free(s->q[s->qhead]);
+        s->qhead = (s->qhead + 1) % LREDIS_SUB_MAXQ;
+        s->qn--;
+        return 1;
+    }
+    if (s->ac == NULL) {
+        return gw_push_error(L, "unavailable", 1, "redis: subscription"
+                             " lost: %s", s->err);
+    }
+    if (secs < 0) {
+        secs = 0;
+    }
+    tv.tv_sec = (time_t)secs;
+    tv.tv_usec = (suseconds_t)((secs - (double)tv.tv_sec) * 1e6);
+    s->co = co;
+    event_add(s->timer, &tv);
+    return gw_co_wait(L, sub_cancel, s);
+}
+
+static int
+lredis_subscribe(lua_State *L)
+{
+    const char           *host = luaL_checkstring(L, 1);
+    int                   port = (int)luaL_checkinteger(L, 2);
+    const char           *channel = luaL_checkstring(L, 3);
+    const char           *password;
+    struct lredis_sub_ud *ud;
+    struct lredis_sub    *s;
+    redisAsyncContext    *ac;
+    static const char *const known[] = { "password", NULL };
+
+    if (!gw_dns_is_numeric(host)) {
+        return luaL_error(L, "redis.core.subscribe: host must be a numeric"
+                          " address");
+    }
+    gw_store_opt_known(L, 4, "redis.subscribe", known);
+    password = gw_store_opt_str(L, 4, "redis.subscribe", "password");
+    ud = lua_newuserdata(L, sizeof(*ud));
+    ud->s = NULL;
+    luaL_getmetatable(L, LREDIS_SUB_MT);
+    lua_setmetatable(L, -2);
+    s = calloc(1, sizeof(*s));
+    if (s == NULL) {
+        return luaL_error(L, "redis: out of memory");
+    }
+    s->timer = evtimer_new(gw_loop_base(), sub_on_timer, s);
+    if (s->timer == NULL) {
+        free(s);
+        return luaL_error(L, "redis: out of memory");
+    }
+    s->lua_open = 1;
+    ud->s = s;
+    ac = redisAsyncConnect(host, port);
+    if (ac == NULL || ac->err
+        || redisLibeventAttach(ac, gw_loop_base()) != REDIS_OK)
+    {
+        snprintf(s->err, sizeof(s->err), "connect %s:%d: %s", host, port,
+                 ac != NULL ? ac->errstr : "out of memory");
+        if (ac != NULL) {
+            redisAsyncFree(ac);
+        }
+        return 1;                        /* next() reports it */
+    }
+    ac->data = s;
+    redisAsyncSetConnectCallback(ac, on_sub_connect);
+    redisAsyncSetDisconnectCallback(ac, on_sub_disconnect);
+    s->ac = ac;
+    if (password != NULL) {
+        redisAsyncCommand(ac, NULL, NULL, "AUTH %s", password);
+    }
+    redisAsyncCommand(ac, on_sub_msg, s, "SUBSCRIBE %s", channel);
+    return 1;
+}
+
+static const luaL_Reg lredis_sub_methods[] = {
+    { "next", lredis_sub_next },
+    { "close", lredis_sub_close },
+    { NULL, NULL }
+};
+
 static const luaL_Reg lredis_methods[] = {
     { "call", lredis_call },
     { "pipeline", lredis_pipeline },
+    { "set_addr", lredis_set_addr },
     { "close", lredis_close },
     { NULL, NULL }
 };
 
 static const luaL_Reg lredis_funcs[] = {
     { "new", lredis_new },
+    { "subscribe", lredis_subscribe },
     { "sha1hex", lredis_sha1hex },
     { NULL, NULL }
 };
@@ -813,6 +1224,13 @@ luaopen_paygate_redis_core(lua_State *L)
     lua_setfield(L, -2, "__gc");
     lua_newtable(L);
     luaL_register(L, NULL, lredis_methods);
+    lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
+    luaL_newmetatable(L, LREDIS_SUB_MT);
+    lua_pushcfunction(L, lredis_sub_close);
+    lua_setfield(L, -2, "__gc");
+    lua_newtable(L);
+    luaL_register(L, NULL, lredis_sub_methods);
     lua_setfield(L, -2, "__index");
     lua_pop(L, 1);
     lua_newtable(L);

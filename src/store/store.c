@@ -180,6 +180,7 @@ const char *const gw_store_sql_opts[] = {
     "retries",                                          /* paygate.sql */
     "readers", "batch_max", "busy_timeout", "tx_timeout", "synchronous",
     "pool", "connect_timeout", "query_timeout", "down_for",
+    "require_sync",
     NULL
 };
 
@@ -188,7 +189,8 @@ const char *const gw_store_sql_opts[] = {
  * bounds (and their defaults). */
 static const struct sql_opt {
     const char *name;           /* the option */
-    char        kind;           /* 'i' integer, 'n' number >= 0, 'p' > 0 */
+    char        kind;           /* 'i' integer, 'n' number >= 0, 'p' > 0,
+                                   'b' boolean */
     int         min, max;       /* bounds of an integer */
 } sql_opt_spec[] = {
     { "retries", 'i', 1, INT_MAX },
@@ -201,6 +203,7 @@ static const struct sql_opt {
     { "connect_timeout", 'p', 0, 0 },
     { "query_timeout", 'p', 0, 0 },
     { "down_for", 'n', 0, 0 },
+    { "require_sync", 'b', 0, 0 },
     { NULL, 0, 0, 0 }
 };
 
@@ -213,6 +216,8 @@ gw_store_sql_opts_check(lua_State *L, int idx)
     for (o = sql_opt_spec; o->name != NULL; o++) {
         if (o->kind == 'i') {
             gw_store_opt_int(L, idx, "sql.open", o->name, 0, o->min, o->max);
+        } else if (o->kind == 'b') {
+            gw_store_opt_bool(L, idx, "sql.open", o->name, 0);
         } else {
             gw_store_opt_num(L, idx, "sql.open", o->name, 0, o->kind == 'n');
         }
@@ -291,6 +296,25 @@ gw_store_opt_num(lua_State *L, int idx, const char *fn, const char *name,
     }
     return gw_store_raise(L, "%s: opts.%s must be a %s number", fn, name,
                           zero_ok ? "non-negative" : "positive");
+}
+
+int
+gw_store_opt_bool(lua_State *L, int idx, const char *fn, const char *name,
+                  int def)
+{
+    int v;
+
+    opt_get(L, idx, fn, name);
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        return def;
+    }
+    if (lua_type(L, -1) != LUA_TBOOLEAN) {
+        gw_store_raise(L, "%s: opts.%s must be a boolean", fn, name);
+    }
+    v = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    return v;
 }
 
 const char *

@@ -73,6 +73,10 @@ int gw_store_opt_int(lua_State *L, int idx, const char *fn,
 double gw_store_opt_num(lua_State *L, int idx, const char *fn,
                         const char *name, double def, int zero_ok);
 
+/* opts[name]: def when absent; raises unless a boolean. */
+int gw_store_opt_bool(lua_State *L, int idx, const char *fn,
+                      const char *name, int def);
+
 /* opts[name]: NULL when absent; raises unless a string. The pointer is
  * valid while the table holds the value. */
 const char *gw_store_opt_str(lua_State *L, int idx, const char *fn,

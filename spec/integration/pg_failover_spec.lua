@@ -1,0 +1,222 @@
+-- PostgreSQL through a failover: a primary with a synchronous streaming
+-- standby (pg_basebackup -R), one pool on the multi-host URL with
+-- target_session_attrs=read-write. The primary is killed and the standby
+-- promoted during a stream of db:exec writes: every acknowledged write is
+-- on the new primary, nothing is acknowledged twice, and the pool serves
+-- again within seconds. A COMMIT whose answer is lost is reported
+-- unknown_outcome; a write refused by a read-only server (25006) is
+-- unavailable and retryable.
+local core = require "paygate.core"
+local sql = require "paygate.sql"
+local servers = require "spec.support.servers"
+local pgha = require "spec.support.pgha"
+
+local function wait_for(fn, secs, what)
+  local deadline = core.mono() + secs
+  while core.mono() < deadline do
+    local v = fn()
+    if v then
+      return v
+    end
+    core.sleep(0.02)
+  end
+  error("timed out waiting for " .. what, 2)
+end
+
+describe("PostgreSQL failover", function()
+  local c
+
+  setup(function()
+    if servers.have_postgres() then
+      c = pgha.start({ sync = true })
+    end
+  end)
+
+  teardown(function()
+    if c then
+      c.cleanup()
+    end
+  end)
+
+  it("a write sent to a read-only server fails unavailable (25006),"
+     .. " retryable", function()
+    if not c then
+      pending("postgres not installed")
+      return
+    end
+    local url = "postgres://postgres@127.0.0.1:" .. c.standby.port
+      .. "/postgres"
+    local db = assert(sql.open(url, { pool = 1 }))
+    local res, err = db:exec("CREATE TABLE ro (id int)")
+    assert.is_nil(res)
+    assert.equal("unavailable", err.kind)
+    assert.equal("25006", err.code)
+    assert.is_true(err.retryable)
+    -- the pool still answers reads (a fresh connection)
+    assert.same({ { one = 1 } }, assert(db:query("SELECT 1 AS one")))
+    db:close()
+  end)
+
+  it("require_sync: connects only to a server that commits with a"
+     .. " synchronous standby", function()
+    if not c then
+      pending("postgres not installed")
+      return
+    end
+    local ok, err = pcall(sql.open, c.url, { require_sync = "yes" })
+    assert.is_false(ok)
+    assert.truthy(tostring(err):find("opts.require_sync must be a boolean",
+                                     1, true), tostring(err))
+    local db = assert(sql.open(c.url, { require_sync = true }))
+    assert.same({ { one = 1 } }, assert(db:query("SELECT 1 AS one")))
+    db:close()
+    -- the same server with synchronous_commit = local does not qualify
+    local loose = "postgres://postgres@127.0.0.1:" .. c.primary.port
+      .. "/postgres?options=-csynchronous_commit%3Dlocal"
+    local no, nerr = sql.open(loose, { require_sync = true })
+    assert.is_nil(no)
+    assert.equal("unavailable", nerr.kind)
+    assert.truthy(tostring(nerr):find("require_sync", 1, true),
+                  tostring(nerr))
+  end)
+
+  it("reports unknown_outcome, never success or failure, for a COMMIT"
+     .. " whose answer was lost", function()
+    if not c then
+      pending("postgres not installed")
+      return
+    end
+    local db = assert(sql.open(c.url, { pool = 2 }))
+    local admin = assert(sql.open("postgres://postgres@127.0.0.1:"
+                                  .. c.primary.port .. "/postgres"))
+    assert(db:exec("CREATE TABLE lost (id int PRIMARY KEY)"))
+    -- Without its synchronous standby the primary's COMMIT waits; the
+    -- waiting backend is then terminated: the client never hears back.
+    c.stop_standby()
+    local result
+    core.spawn(function()
+      result = { db:transaction(function(tx)
+        return tx:exec("INSERT INTO lost (id) VALUES (1)")
+      end) }
+    end)
+    wait_for(function()
+      local rows = admin:query("SELECT count(*) AS n FROM pg_stat_activity"
+                               .. " WHERE wait_event = 'SyncRep'")
+      return rows and rows[1].n == 1
+    end, 10, "the COMMIT to wait for the standby")
+    assert(admin:query("SELECT pg_terminate_backend(pid) FROM"
+                       .. " pg_stat_activity WHERE wait_event = 'SyncRep'"))
+    wait_for(function() return result end, 10, "the transaction's answer")
+    assert.is_nil(result[1])
+    assert.equal("unknown_outcome", result[2].kind)
+    assert.is_false(result[2].retryable)
+    -- it did commit locally: exactly why "failure" would be a lie
+    local rows = assert(admin:query("SELECT count(*) AS n FROM lost"))
+    assert.equal(1, rows[1].n)
+    c.start_standby()
+    wait_for(function()
+      return c.primary.psql("SELECT sync_state FROM pg_stat_replication")
+             == "sync"
+    end, 30, "the standby to stream again")
+    admin:close()
+    db:close()
+  end)
+
+  it("follows the promotion of the standby during a stream of writes",
+     function()
+    if not c then
+      pending("postgres not installed")
+      return
+    end
+    local db = assert(sql.open(c.url, { pool = 4, connect_timeout = 2,
+                                        down_for = 0.1 }))
+    assert(db:exec("CREATE TABLE w (id int PRIMARY KEY, writer int)"))
+    local WRITERS = 4
+    local acked, acks, kinds = {}, 0, {}
+    local stop, failed_at, first_ok_after = false, nil, nil
+    local promoted_at
+    local done = 0
+    for wr = 1, WRITERS do
+      core.spawn(function()
+        local id = wr
+        while not stop do
+          local started = core.mono()
+          local res, err = db:exec("INSERT INTO w (id, writer) VALUES"
+                                   .. " ($1, $2)", { id, wr })
+          if res then
+            assert(not acked[id], "id " .. id .. " acknowledged twice")
+            acked[id] = true
+            acks = acks + 1
+            if promoted_at and started >= promoted_at
+               and not first_ok_after then
+              first_ok_after = core.mono()
+            end
+            id = id + WRITERS
+          elseif err.kind == "constraint" then
+            -- the earlier attempt, whose answer was lost, went through:
+            -- not acknowledged, but present; move on
+            id = id + WRITERS
+          else
+            kinds[err.kind] = (kinds[err.kind] or 0) + 1
+            failed_at = failed_at or core.mono()
+            assert.is_true(err.retryable, tostring(err))
+            core.sleep(0.01)
+          end
+        end
+        done = done + 1
+      end)
+    end
+    wait_for(function() return acks >= 200 end, 20, "writes before")
+    c.kill_primary()
+    local killed_at = core.mono()
+    -- the outage: writes fail meanwhile (nothing to connect to)
+    wait_for(function()
+      return (kinds.unavailable or 0) >= WRITERS
+             and core.mono() - killed_at > 0.5
+    end, 10, "writes to fail")
+    c.promote()
+    -- The promoted server has the same synchronous_standby_names and no
+    -- standby of its own: its commits would wait forever. An operator
+    -- (or a failover manager) relaxes it, as here, or runs two standbys.
+    c.standby.psql("ALTER SYSTEM SET synchronous_standby_names = ''")
+    c.standby.psql("SELECT pg_reload_conf()")
+    promoted_at = core.mono()
+    wait_for(function() return first_ok_after end, 15,
+             "a write on the new primary")
+    local before_stop = acks
+    wait_for(function() return acks >= before_stop + 200 end, 15,
+             "writes after")
+    stop = true
+    wait_for(function() return done == WRITERS end, 10, "the writers")
+    -- the pool served again within seconds of the promotion
+    local gap = first_ok_after - promoted_at
+    print(string.format("\n  failover: %d acknowledged writes, first write"
+                        .. " on the new primary %.2f s after promote;"
+                        .. " errors meanwhile: %s", acks, gap,
+                        require("cjson").encode(kinds)))
+    assert.is_true(gap < 10, gap)
+    assert.is_true(failed_at ~= nil, "no write saw the failover")
+    -- every acknowledged write is on the new primary
+    local newurl = "postgres://postgres@127.0.0.1:" .. c.standby.port
+      .. "/postgres"
+    local newdb = assert(sql.open(newurl))
+    -- the promoted server has no synchronous standby of its own now
+    local strict, serr = sql.open(newurl, { require_sync = true })
+    assert.is_nil(strict)
+    assert.equal("unavailable", serr.kind)
+    local rows = assert(newdb:query("SELECT id FROM w"))
+    local present = {}
+    for _, r in ipairs(rows) do
+      present[r.id] = true
+    end
+    local missing = {}
+    for id in pairs(acked) do
+      if not present[id] then
+        missing[#missing + 1] = id
+      end
+    end
+    assert.same({}, missing)
+    newdb:close()
+    db:close()
+  end)
+end)

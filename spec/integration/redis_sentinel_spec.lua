@@ -1,0 +1,198 @@
+-- Redis through Sentinel: a master, a replica and three Sentinels on
+-- loopback. The client finds the master by asking the Sentinels, follows
+-- a failover, and paygate.lease stays safe through it: the master is
+-- killed during a stream of lease acquisitions, and no lease is ever
+-- granted with the same or a lower fencing token than an earlier grant.
+local core = require "paygate.core"
+local redis = require "paygate.redis"
+local lease = require "paygate.lease"
+local servers = require "spec.support.servers"
+local sentinel = require "spec.support.sentinel"
+
+local function wait_for(fn, secs, what)
+  local deadline = core.mono() + secs
+  while core.mono() < deadline do
+    local v = fn()
+    if v then
+      return v
+    end
+    core.sleep(0.02)
+  end
+  error("timed out waiting for " .. what, 2)
+end
+
+local function have_sentinel()
+  return servers.redis and servers.sh("command -v redis-sentinel"
+                                      .. " >/dev/null 2>&1")
+end
+
+describe("Redis through Sentinel", function()
+  local g
+
+  setup(function()
+    if have_sentinel() then
+      g = sentinel.start()
+    end
+  end)
+
+  teardown(function()
+    if g then
+      g.cleanup()
+    end
+  end)
+
+  it("raises on a redis-sentinel url without a master name", function()
+    local ok, err = pcall(redis.connect, "redis-sentinel://127.0.0.1:1")
+    assert.is_false(ok)
+    assert.truthy(tostring(err):find("master_name", 1, true), err)
+  end)
+
+  it("fails unavailable when no Sentinel answers", function()
+    local c, err = redis.connect("redis-sentinel://127.0.0.1:1/mymaster")
+    assert.is_nil(c)
+    assert.equal("unavailable", err.kind)
+    assert.is_true(err.retryable)
+  end)
+
+  it("finds the master the Sentinels name", function()
+    if not g then
+      pending("redis-sentinel not installed")
+      return
+    end
+    local r = assert(redis.connect(g.url))
+    assert.equal(g.master.port, r.port)
+    assert.equal("OK", r:call("SET", "k", "v"))
+    r:close()
+    local c, err = redis.connect((g.url:gsub("mymaster", "nosuch")))
+    assert.is_nil(c)
+    assert.equal("unavailable", err.kind)
+  end)
+
+  it("refuses leases without a replica's acknowledgement unless told"
+     .. " the risk is accepted", function()
+    if not g then
+      pending("redis-sentinel not installed")
+      return
+    end
+    local r = assert(redis.connect(g.url, { lease_replicas = 0 }))
+    local ok, err = pcall(lease.acquire, r, "unsafe", 1)
+    assert.is_false(ok)
+    assert.truthy(tostring(err):find("lease_replicas", 1, true), err)
+    r:close()
+    local u = assert(redis.connect(g.url, { lease_replicas = 0,
+                                            lease_unsafe = true }))
+    assert(lease.release(u, assert(lease.acquire(u, "unsafe", 1))))
+    u:close()
+    -- a grant that no replica confirmed is not a grant
+    local two = assert(redis.connect(g.url, { lease_replicas = 2,
+                                              lease_wait = 0.1 }))
+    local l, lerr = lease.acquire(two, "needs-two", 5)
+    assert.is_nil(l)
+    assert.equal("unavailable", lerr.kind)
+    assert.truthy(tostring(lerr):find("1 of 2 replicas", 1, true),
+                  tostring(lerr))
+    -- and it was given back: a one-replica client can take it at once
+    local one = assert(redis.connect(g.url))
+    assert(lease.release(one, assert(lease.acquire(one, "needs-two", 5))))
+    one:close()
+    two:close()
+  end)
+
+  it("follows the failover; lease tokens never go backwards", function()
+    if not g then
+      pending("redis-sentinel not installed")
+      return
+    end
+    local r = assert(redis.connect(g.url, { sentinel_poll = 0.2,
+                                            timeout = 1,
+                                            lease_wait = 0.5 }))
+    local old_master = g.master.port
+    local grants, kinds, stop, done = {}, {}, false, 0
+    local WORKERS = 3
+    for w = 1, WORKERS do
+      core.spawn(function()
+        while not stop do
+          local l, err = lease.acquire(r, "failover", 0.3)
+          if l then
+            grants[#grants + 1] = { token = l.token, worker = w,
+                                    at = core.mono(), port = r.port }
+            core.sleep(0.005)
+            lease.release(r, l)
+          else
+            kinds[err.kind] = (kinds[err.kind] or 0) + 1
+            core.sleep(0.01)
+          end
+        end
+        done = done + 1
+      end)
+    end
+    wait_for(function() return #grants >= 50 end, 20, "grants before")
+    local before = #grants
+    g.master.kill()
+    local killed_at = core.mono()
+    -- the client moves to the promoted replica
+    wait_for(function() return r.port == g.replica.port end, 30,
+             "the client to follow the new master")
+    local moved_at = core.mono()
+    -- the old master comes back; the Sentinels make it a replica of the
+    -- new one, whose lease grants (WAIT 1) then succeed again
+    g.master.start()
+    wait_for(function() return #grants >= before + 50 end, 30,
+             "grants after the failover")
+    stop = true
+    wait_for(function() return done == WORKERS end, 10, "the workers")
+    print(string.format("\n  sentinel failover: %d grants; client moved"
+                        .. " %.2f s after the kill; refused meanwhile: %s",
+                        #grants, moved_at - killed_at,
+                        require("cjson").encode(kinds)))
+    assert.equal(g.replica.port, g.master_port())
+    assert.is_true(grants[#grants].port ~= old_master)
+    -- every grant's token is above every earlier grant's
+    for i = 2, #grants do
+      assert.is_true(grants[i].token > grants[i - 1].token,
+                     string.format("grant %d token %s after %s", i,
+                                   tostring(grants[i].token),
+                                   tostring(grants[i - 1].token)))
+    end
+    r:close()
+  end)
+
+  it("an idle client follows +switch-master without polling", function()
+    if not g then
+      pending("redis-sentinel not installed")
+      return
+    end
+    -- no commands, and a poll too slow to matter: only the subscription
+    -- can move it
+    local function subscribers()
+      local ids = {}
+      local out = servers.read_cmd("redis-cli -h 127.0.0.1 -p "
+        .. g.sentinels[1].port .. " CLIENT LIST 2>&1")
+      for id in out:gmatch("id=(%d+)[^\n]*cmd=subscribe") do
+        ids[id] = true
+      end
+      return ids
+    end
+    g.wait_replica_ok(60)      -- the old master, back as a replica
+    local before = subscribers()
+    local r = assert(redis.connect(g.url, { sentinel_poll = 120 }))
+    local from = r.port
+    wait_for(function()
+      for id in pairs(subscribers()) do
+        if not before[id] then
+          return true
+        end
+      end
+    end, 10, "the client's subscription on the first Sentinel")
+    local out = servers.read_cmd("redis-cli -h 127.0.0.1 -p "
+      .. g.sentinels[1].port .. " SENTINEL failover mymaster 2>&1")
+    assert.truthy(out:match("OK"), out)
+    local ok, err = pcall(wait_for, function() return r.port ~= from end,
+                          60, "the client to follow +switch-master")
+    assert(ok, tostring(err) .. "\nSentinel 1 log:\n" .. g.log_tail(1, 30))
+    assert.equal(g.master_port(), r.port)
+    assert.equal("OK", r:call("SET", "after", "switch"))
+    r:close()
+  end)
+end)
+

@@ -1,0 +1,167 @@
+-- spec/support/sentinel.lua: a Redis master, one replica and three
+-- Sentinels on loopback, for the failover specs.
+--
+--   local sentinel = require "spec.support.sentinel"
+--   local g = sentinel.start()   -- g.master, g.replica: { port, start(),
+--                                --   kill() }; g.sentinels: ports
+--   g.url                        -- redis-sentinel://.../mymaster
+--   g.master_port()              -- what the Sentinels say now
+--   g.cleanup()
+--
+-- Sentinels call the master down after 1 s without an answer and fail
+-- over at once (quorum 2). Readiness is waited for with deadlines.
+local servers = require "spec.support.servers"
+
+local _M = {}
+
+local sh, read_cmd = servers.sh, servers.read_cmd
+
+local function cli(port, cmd)
+  return read_cmd("redis-cli -h 127.0.0.1 -p " .. port .. " " .. cmd
+                  .. " 2>/dev/null")
+end
+
+local function pid_of(file)
+  local f = io.open(file)
+  local pid = f and f:read("*l")
+  if f then
+    f:close()
+  end
+  return pid
+end
+
+-- A redis-server (or sentinel, when conf is given) daemon in dir.
+local function daemon(dir, name, port, args)
+  local d = { port = port, pidfile = dir .. "/" .. name .. ".pid" }
+
+  function d.start()
+    assert(sh(args() .. " --daemonize yes --pidfile " .. d.pidfile
+              .. " --logfile " .. dir .. "/" .. name .. ".log"),
+           name .. " did not start")
+    servers.wait_for(function()
+      return cli(port, "PING"):match("PONG") ~= nil
+    end, 10, name .. " on port " .. port)
+    d.running = true
+  end
+
+  -- SIGKILL: no goodbye to replicas or Sentinels
+  function d.kill()
+    local pid = pid_of(d.pidfile)
+    if pid and d.running then
+      sh("kill -9 " .. pid)
+      servers.wait_for(function()
+        return not sh("kill -0 " .. pid .. " 2>/dev/null")
+      end, 10, name .. " to exit")
+    end
+    os.remove(d.pidfile)
+    d.running = false
+  end
+
+  return d
+end
+
+function _M.start()
+  local dir = servers.mktemp()
+  local g = { dir = dir, name = "mymaster", sentinels = {} }
+  local ports = {}
+  local function port()
+    local p
+    repeat
+      p = servers.free_port()
+    until not ports[p]
+    ports[p] = true
+    return p
+  end
+  local mport, rport = port(), port()
+  local base = "redis-server --bind 127.0.0.1 --dir " .. dir
+    .. " --save '' --appendonly no --repl-diskless-sync-delay 0"
+
+  g.master = daemon(dir, "master", mport, function()
+    return base .. " --port " .. mport .. " --dbfilename m.rdb"
+  end)
+  g.replica = daemon(dir, "replica", rport, function()
+    return base .. " --port " .. rport .. " --dbfilename r.rdb"
+      .. " --replicaof 127.0.0.1 " .. mport
+  end)
+  g.master.start()
+  g.replica.start()
+  servers.wait_for(function()
+    return cli(mport, "INFO replication"):match("state=online")
+  end, 20, "the replica to sync")
+
+  local list = {}
+  for i = 1, 3 do
+    local sp = port()
+    local conf = dir .. "/sentinel" .. i .. ".conf"
+    local f = assert(io.open(conf, "w"))
+    f:write(table.concat({
+      "port " .. sp, "bind 127.0.0.1", "dir " .. dir,
+      "sentinel monitor mymaster 127.0.0.1 " .. mport .. " 2",
+      "sentinel down-after-milliseconds mymaster 1000",
+      "sentinel failover-timeout mymaster 10000",
+      "sentinel parallel-syncs mymaster 1", "" }, "\n"))
+    f:close()
+    local s = daemon(dir, "sentinel" .. i, sp, function()
+      return "redis-sentinel " .. conf
+    end)
+    s.start()
+    g.sentinels[i] = s
+    list[#list + 1] = "127.0.0.1:" .. sp
+  end
+  g.url = "redis-sentinel://" .. table.concat(list, ",") .. "/mymaster"
+
+  -- every Sentinel knows the replica and the other Sentinels
+  servers.wait_for(function()
+    for _, s in ipairs(g.sentinels) do
+      local info = cli(s.port, "SENTINEL master mymaster")
+      local n = info:match("num%-other%-sentinels\n(%d+)")
+      local r = info:match("num%-slaves\n(%d+)")
+      if n ~= "2" or r ~= "1" then
+        return false
+      end
+    end
+    return true
+  end, 20, "the Sentinels to see each other and the replica")
+
+  -- Sentinel 1 sees the master's replica as healthy: linked, in sync,
+  -- no s_down flag (what a failover needs to pick it).
+  function g.wait_replica_ok(secs)
+    servers.wait_for(function()
+      local out = cli(g.sentinels[1].port, "SENTINEL replicas mymaster")
+      return out:match("\nflags\nslave\n")
+             and out:match("master%-link%-status\nok")
+    end, secs or 30, "Sentinel 1 to see a healthy replica")
+  end
+
+  -- The last lines of a Sentinel's log (for a failure message).
+  function g.log_tail(i, n)
+    local f = io.open(dir .. "/sentinel" .. (i or 1) .. ".log")
+    local lines = {}
+    for line in (f and f:read("*a") or ""):gmatch("[^\n]+") do
+      lines[#lines + 1] = line
+    end
+    if f then
+      f:close()
+    end
+    return table.concat(lines, "\n", math.max(1, #lines - (n or 20) + 1))
+  end
+
+  function g.master_port()
+    local out = cli(g.sentinels[1].port,
+                    "SENTINEL get-master-addr-by-name mymaster")
+    return tonumber(out:match("\n(%d+)"))
+  end
+
+  function g.cleanup()
+    for _, s in ipairs(g.sentinels) do
+      s.kill()
+    end
+    g.replica.kill()
+    g.master.kill()
+    sh("rm -rf " .. dir)
+  end
+
+  return g
+end
+
+return _M

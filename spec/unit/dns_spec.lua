@@ -1,0 +1,283 @@
+-- paygate.dns and the stores' name resolution, against a DNS responder
+-- on loopback (spec/support/dnsserver.lua): answers on the loop, cached
+-- for their TTL within [ttl_min, ttl_max], /etc/hosts first, every
+-- address tried, failures of kind "dns".
+local core = require "paygate.core"
+local dns = require "paygate.dns"
+local redis = require "paygate.redis"
+local sql = require "paygate.sql"
+local dnsserver = require "spec.support.dnsserver"
+local servers = require "spec.support.servers"
+
+local function wait_for(fn, secs, what)
+  local deadline = core.mono() + secs
+  while core.mono() < deadline do
+    local v = fn()
+    if v then
+      return v
+    end
+    core.sleep(0.02)
+  end
+  error("timed out waiting for " .. what, 2)
+end
+
+local function hosts_has(name)
+  local f = io.open("/etc/hosts")
+  local text = f and f:read("*a") or ""
+  if f then
+    f:close()
+  end
+  for line in text:gmatch("[^\n]+") do
+    line = line:gsub("#.*", "")
+    if (" " .. line .. " "):find("%s" .. name:gsub("%.", "%%.") .. "%s") then
+      return true
+    end
+  end
+  return false
+end
+
+-- The zone; the last record is the one a spec changes.
+local function zone(moving_to, rd_at)
+  return {
+    { "two.test", "A", 60, "127.0.0.2" },
+    { "two.test", "A", 60, "127.0.0.1" },
+    { "v6.test", "AAAA", 60, "::1" },
+    { "short.test", "A", 1, "127.0.0.1" },
+    { "long.test", "A", 86400, "127.0.0.1" },
+    { "slow.test", "A", 60, "127.0.0.1", delay = 2 },
+    { "moving.test", "A", 2, moving_to or "127.0.0.1" },
+    { "rd.test", "A", 1, rd_at or "127.0.0.1" },
+  }
+end
+
+describe("paygate.dns", function()
+  local d
+
+  setup(function()
+    d = dnsserver.start(zone())
+    dns.configure({ resolver = d.addr, ttl_min = 1, ttl_max = 300,
+                    timeout = 5 })
+  end)
+
+  teardown(function()
+    dns.configure({ resolver = "", ttl_min = 1, ttl_max = 300 })
+    d:stop()
+    servers.stop_all()
+  end)
+
+  describe("configure", function()
+    it("raises on a resolver that is not IP:PORT", function()
+      for _, bad in ipairs({ "db.example:53", "127.0.0.1:0",
+                             "127.0.0.1:x", ":53" }) do
+        local ok, err = pcall(dns.configure, { resolver = bad })
+        assert.is_false(ok, bad)
+        assert.truthy(tostring(err):find("dns.configure: resolver must"
+                                         .. " be", 1, true), err)
+      end
+    end)
+
+    it("raises on an unknown option", function()
+      local ok, err = pcall(dns.configure, { resolvr = "127.0.0.1:53" })
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find("unknown option opts.resolvr", 1,
+                                       true), err)
+    end)
+  end)
+
+  describe("resolve", function()
+    it("fails with kind dns, retryable, for a name that does not exist",
+       function()
+      local a, err = dns.resolve("nx.test")
+      assert.is_nil(a)
+      assert.equal("dns", err.kind)
+      assert.is_true(err.retryable)
+      assert.truthy(tostring(err):find("nx.test", 1, true))
+    end)
+
+    it("returns every address, in the server's order", function()
+      local a = assert(dns.resolve("two.test"))
+      assert.same({ "127.0.0.2", "127.0.0.1" }, a)
+      assert.same({ "::1" }, assert(dns.resolve("v6.test")))
+    end)
+
+    it("returns a numeric address as it is, with no query", function()
+      assert.same({ "10.1.2.3" }, assert(dns.resolve("10.1.2.3")))
+      assert.same({ "::1" }, assert(dns.resolve("::1")))
+    end)
+
+    it("answers from /etc/hosts before asking any server", function()
+      if not hosts_has("localhost") then
+        pending("/etc/hosts has no localhost")
+        return
+      end
+      local before = d:queries("localhost")
+      local a = assert(dns.resolve("localhost"))
+      assert.truthy(a[1] == "127.0.0.1" or a[1] == "::1")
+      assert.equal(before, d:queries("localhost"))
+    end)
+
+    it("clamps the TTL to ttl_min and ttl_max", function()
+      dns.configure({ ttl_min = 3, ttl_max = 5 })
+      local _, ttl = assert(dns.resolve("short.test"))
+      assert.is_true(ttl > 2.5 and ttl <= 3, ttl)
+      local _, ttl2 = assert(dns.resolve("long.test"))
+      assert.is_true(ttl2 > 4.5 and ttl2 <= 5, ttl2)
+      dns.configure({ ttl_min = 1, ttl_max = 300 })
+    end)
+
+    it("keeps an answer for its TTL, then asks again", function()
+      assert.same({ "127.0.0.1" }, assert(dns.resolve("moving.test")))
+      local asked = d:queries("moving.test")
+      d:set(zone("127.0.0.9"))
+      -- within the TTL: from the cache, no new question
+      assert.same({ "127.0.0.1" }, assert(dns.resolve("moving.test")))
+      assert.equal(asked, d:queries("moving.test"))
+      -- once it expired: the new record
+      wait_for(function()
+        local a = dns.resolve("moving.test")
+        return a and a[1] == "127.0.0.9"
+      end, 10, "the changed record")
+      assert.is_true(d:queries("moving.test") > asked)
+    end)
+
+    it("does not stop the loop while an answer takes 2 s, and asks once"
+       .. " for concurrent lookups of one name", function()
+      dns.flush()
+      local before = d:queries("slow.test")
+      local results, t0 = {}, core.mono()
+      for i = 1, 3 do
+        core.spawn(function()
+          results[i] = { dns.resolve("slow.test") }
+        end)
+      end
+      -- the loop keeps turning: 10 ms sleeps come back on time
+      local worst, n = 0, 0
+      while not results[3] do
+        local s = core.mono()
+        core.sleep(0.01)
+        worst = math.max(worst, core.mono() - s - 0.01)
+        n = n + 1
+        assert.is_true(core.mono() - t0 < 10, "lookup never answered")
+      end
+      assert.is_true(core.mono() - t0 >= 1.9)
+      assert.is_true(n > 50, n)
+      assert.is_true(worst < 0.25, worst)
+      for i = 1, 3 do
+        assert.same({ "127.0.0.1" }, results[i][1])
+      end
+      -- one A and one AAAA question for the three lookups
+      assert.equal(before + 2, d:queries("slow.test"))
+    end)
+
+    it("abandoning a lookup (task cancelled) leaves the others working",
+       function()
+      dns.flush()
+      local task = core.spawn(function() dns.resolve("slow.test") end)
+      local got
+      core.spawn(function() got = { dns.resolve("slow.test") } end)
+      core.sleep(0.1)
+      task:cancel()
+      wait_for(function() return got end, 10, "the second lookup")
+      assert.same({ "127.0.0.1" }, got[1])
+    end)
+  end)
+
+  describe("stores given a host name", function()
+    it("PostgreSQL: tries every address, connects to the one that"
+       .. " answers", function()
+      if not servers.have_postgres() then
+        pending("postgres not installed")
+        return
+      end
+      local pg = servers.postgres()
+      local db = assert(sql.open("postgres://postgres@two.test:" .. pg.port
+                                 .. "/postgres"))
+      local rows = assert(db:query("SELECT inet_server_addr()::text AS a"))
+      assert.equal("127.0.0.1/32", rows[1].a)
+      db:close()
+    end)
+
+    it("PostgreSQL: a name that does not resolve fails with kind dns",
+       function()
+      if not servers.have_postgres() then
+        pending("postgres not installed")
+        return
+      end
+      local db, err = sql.open("postgres://postgres@nx.test:5432/postgres")
+      assert.is_nil(db)
+      assert.equal("dns", err.kind)
+      assert.is_true(err.retryable)
+      assert.truthy(tostring(err):find("nx.test", 1, true), tostring(err))
+    end)
+
+    it("PostgreSQL: a slow answer does not stop the loop", function()
+      if not servers.have_postgres() then
+        pending("postgres not installed")
+        return
+      end
+      local pg = servers.postgres()
+      dns.flush()
+      local db, t0 = nil, core.mono()
+      core.spawn(function()
+        db = assert(sql.open("postgres://postgres@slow.test:" .. pg.port
+                             .. "/postgres", { connect_timeout = 5 }))
+      end)
+      local worst = 0
+      while not db do
+        local s = core.mono()
+        core.sleep(0.01)
+        worst = math.max(worst, core.mono() - s - 0.01)
+        assert.is_true(core.mono() - t0 < 10, "never connected")
+      end
+      assert.is_true(core.mono() - t0 >= 1.9)
+      assert.is_true(worst < 0.25, worst)
+      assert.same({ { one = 1 } }, assert(db:query("SELECT 1 AS one")))
+      db:close()
+    end)
+
+    it("Redis: tries every address, and a missing name fails with kind"
+       .. " dns", function()
+      local srv = servers.redis()
+      local r = assert(redis.connect("redis://two.test:" .. srv.port))
+      assert.equal("PONG", r:call("PING"))
+      assert.equal("127.0.0.1", r.addr)
+      r:close()
+      local c, err = redis.connect("redis://nx.test:" .. srv.port)
+      assert.is_nil(c)
+      assert.equal("dns", err.kind)
+    end)
+  
+    it("Redis: after a lost connection, follows the name to its new"
+       .. " address", function()
+      local a = servers.redis()
+      -- a second server on the same port, on another loopback address
+      local dir = servers.mktemp()
+      assert(servers.sh("redis-server --port " .. a.port .. " --bind"
+        .. " 127.0.0.2 --dir " .. dir .. " --save '' --appendonly no"
+        .. " --daemonize yes --pidfile " .. dir .. "/b.pid --logfile "
+        .. dir .. "/b.log"))
+      finally(function()
+        servers.sh("kill $(cat " .. dir .. "/b.pid) 2>/dev/null; rm -rf "
+                   .. dir)
+      end)
+      wait_for(function()
+        return servers.read_cmd("redis-cli -h 127.0.0.2 -p " .. a.port
+                                .. " PING 2>/dev/null"):match("PONG")
+      end, 10, "the second redis")
+      local r = assert(redis.connect("redis://rd.test:" .. a.port))
+      assert.equal("127.0.0.1", r.addr)
+      assert.equal("OK", r:call("SET", "where", "a"))
+      d:set(zone(nil, "127.0.0.2"))
+      a.stop()
+      -- commands fail while the old answer is cached, then the client
+      -- asks again and lands on the new address
+      wait_for(function()
+        local v = r:call("GET", "where")
+        return v == redis.null
+      end, 10, "the client to reach the new address")
+      assert.equal("127.0.0.2", r.addr)
+      r:close()
+      d:set(zone())
+    end)
+  end)
+end)
