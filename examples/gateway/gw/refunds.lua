@@ -28,14 +28,16 @@ local function refused(err)
          and k ~= "unknown_outcome" and k ~= "unverified_response"
 end
 
---- syntax: row, how, err = refunds.send(id[, finish])
+--- syntax: row, how, err = refunds.send(id[, finish[, actor]])
 -- Sends refund `id` (state created or unknown) to WeChat and applies the
 -- answer through the refund machine. finish(tx, row, how, err), when
 -- given, runs in the transaction of that change (to store the merchant
 -- API's answer with it). how: "accepted", "rejected" or "unknown".
+-- actor: the audit entries' actor (default "gateway").
 -- returns: finish's values when given, else the refund row and how; or
 -- nil, err when the store failed.
-function _M.send(id, finish)
+function _M.send(id, finish, actor)
+  actor = actor or "gateway"
   local db = ctx.db
   local rf, err = model.refund(db, id)
   if not rf then return nil, err or paygate.error("not_found", id) end
@@ -65,14 +67,14 @@ function _M.send(id, finish)
       outcome, terr = apply.refund_status(ctx, tx, row, {
         status = data.status == "SUCCESS" and "SUCCESS" or "PROCESSING",
         refund_id = data.refund_id, source = "refund_call",
-        actor = "gateway" })
+        actor = actor })
       if not outcome then return nil, terr end
     elseif row.state == "created" or row.state == "unknown" then
       local event = how == "rejected" and "rejected" or "outcome_unknown"
       if R:can(row.state, event) then
         local res
         res, terr = R:transition(tx, id, event, { row = row,
-          cause = "refund_call", actor = "gateway",
+          cause = "refund_call", actor = actor,
           evidence = { kind = werr.kind, code = werr.code },
           set = { updated_at = model.time() } })
         if not res then return nil, terr end
