@@ -171,7 +171,26 @@ admin.routes(ctx)
 -- background: the outbox dispatcher -----------------------------------------
 
 if paygate.runtime.mode == "worker" then
-  events.start(db, g)
+  -- retention (docs/retention.md): idempotency records past their ttl,
+  -- the notification dedupe tables after 25 h (past WeChat's 24 h 4 min
+  -- of retries), delivered outbox rows after 7 days -- in small batches,
+  -- one pruner at a time across workers and instances (a lease on Redis
+  -- when configured, else on the store). It prunes the outbox, so the
+  -- dispatcher does not.
+  local prunes = g.retention ~= false
+  if prunes then
+    local lease_store = db
+    if g.redis then
+      local rc, rerr = require("paygate.redis").connect(g.redis)
+      if not rc then
+        error("gateway: cannot connect to redis: " .. tostring(rerr), 0)
+      end
+      lease_store = rc
+    end
+    ctx.retention = require("paygate.retention").start(db,
+      g.retention or {}, { lease = lease_store })
+  end
+  events.start(db, g, { prune = not prunes })
   -- the state machines' counters of this worker on /metrics (totals only:
   -- a worker holds few app series)
   local metrics = require "paygate.metrics"
@@ -190,8 +209,8 @@ if paygate.runtime.mode == "worker" then
   end)
 end
 
--- other helpers' parts (reconciliation, retention) plug in here when present
-for _, name in ipairs({ "gw.reconcile", "gw.retention" }) do
+-- other helpers' parts (reconciliation) plug in here when present
+for _, name in ipairs({ "gw.reconcile" }) do
   local ok, mod = pcall(require, name)
   if ok and type(mod) == "table" and mod.start then
     mod.start(ctx)
