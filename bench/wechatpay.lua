@@ -9,6 +9,12 @@
 --       build_sign           wx:prepay_request (check + JSON body) and the
 --                            request's Authorization (sign.sign_request)
 --       sign                 crypto.sign of a same-sized message alone
+--       call_bookkeeping     what wx:request adds per call and attempt
+--                            for upstream.lua (endpoint name, degradation
+--                            switch, breaker check and record in the
+--                            shared dict, timeout, latency sample, the
+--                            calls counter), a successful one-attempt GET
+--       counter_inc          one paygate.metrics counter inc (3 labels)
 --   paygate exec bench/wechatpay.lua gen FILE N
 --     writes N freshly signed, distinct notifications to FILE, one per
 --     line: timestamp TAB nonce TAB signature TAB serial TAB body (read by
@@ -148,6 +154,23 @@ local function inproc(secs)
       end },
     { "sign", function() assert(csign(key, msg)) end },
   }
+  local upstream = require "paygate.wechatpay.upstream"
+  local qpath = "/v3/pay/transactions/out-trade-no/"
+                .. "1217752501201407033233368018?mchid=1900000001"
+  local ok_res = { status = 200 }
+  local labels = { "GET /v3/pay/transactions/out-trade-no/{}", "ok", "" }
+  results[#results + 1] = { "call_bookkeeping", function()
+    local ep = upstream.endpoint("GET", qpath)
+    assert(wx.updict:get(upstream.DEGRADED_KEY) ~= true)
+    local allowed, probe = upstream.allow(wx, ep)
+    assert(allowed and upstream.timeout(wx, ep) > 0)
+    upstream.observe(wx, ep, 0.05)
+    upstream.record(wx, ep, false, probe)
+    upstream.count(ep, ok_res)
+  end }
+  results[#results + 1] = { "counter_inc", function()
+    upstream.calls:inc(labels)
+  end }
   -- each pair (the call, its baseline) is timed in alternating batches,
   -- so a load that comes and goes on a shared machine hits both alike
   for i = 1, #results, 2 do

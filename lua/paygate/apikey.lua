@@ -297,8 +297,14 @@ end
 
 local SHARED_PREFIX = "paygate.apikey.refused."
 
+-- refusals by reason, summed over the workers, on /metrics
+local refusals = require("paygate.metrics").counter(
+  "paygate_apikey_refusals_total", "Requests refused by the API key "
+  .. "check, by reason.", { "reason" }, { max_series = 8 })
+
 local function refuse(reason, message, fields)
   counts[reason] = counts[reason] + 1
+  refusals:inc({ reason })
   local d = shared()
   if d then
     d:incr(SHARED_PREFIX .. reason, 1, 0)

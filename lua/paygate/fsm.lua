@@ -49,16 +49,23 @@ end
 
 ------------------------------------------------------------- counters
 
--- In-process counters (one set per worker process: the runtime has no
--- Lua metrics API yet). Series key: machine "\0" from "\0" event.
+-- In-process counters (one set per worker process; fsm.stats() and
+-- fsm.prometheus() read them). Series key: machine "\0" from "\0" event.
 local counters = {
   transitions = {}, illegal = {}, guard_refused = {}, stale = {},
 }
+
+-- Illegal transitions are also on /metrics, summed over the workers, by
+-- machine name (a machine is declared in code: a bounded set).
+local illegal_total = require("paygate.metrics").counter(
+  "paygate_fsm_illegal_transitions_total", "Transitions refused: not "
+  .. "declared from the current state.", { "machine" }, { max_series = 32 })
 
 local function count(which, machine, from, event)
   local key = machine .. "\0" .. tostring(from) .. "\0" .. tostring(event)
   local t = counters[which]
   t[key] = (t[key] or 0) + 1
+  if which == "illegal" then illegal_total:inc({ machine }) end
 end
 
 local function series(t)

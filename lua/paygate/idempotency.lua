@@ -54,6 +54,19 @@ local counts = { started = 0, replayed = 0, conflict = 0, in_flight = 0,
                  taken_over = 0, released = 0, bad_key = 0, pruned = 0,
                  store_failed = 0 }
 
+-- the same counts, summed over the workers, on /metrics: one series per
+-- name of `counts` (a fixed set)
+local counter = require("paygate.metrics").counter(
+  "paygate_idempotency_total", "Idempotency-Key outcomes: started, "
+  .. "replayed, conflict, in_flight, taken_over, released, bad_key, "
+  .. "pruned, store_failed.", { "outcome" }, { max_series = 16 })
+
+local function bump(name, n)
+  n = n or 1
+  counts[name] = counts[name] + n
+  if n > 0 then counter:inc({ name }, n) end
+end
+
 local function fail(kind, message, fields)
   fields = fields or {}
   fields.retryable = kind == "in_flight"
@@ -278,7 +291,7 @@ function _M.begin(db, scope, key, fingerprint, opts)
   local seen = rows[1]
   if seen and seen.expires_at > core.time() then
     if seen.fingerprint ~= fingerprint then
-      counts.conflict = counts.conflict + 1
+      bump("conflict")
       return fail("conflict", "idempotency key " .. key .. " was used for"
                   .. " another request")
     end
@@ -287,7 +300,7 @@ function _M.begin(db, scope, key, fingerprint, opts)
       if not r then
         return nil, derr
       end
-      counts.replayed = counts.replayed + 1
+      bump("replayed")
       return { state = "done", response = r }
     end
   end
@@ -351,20 +364,20 @@ function _M.begin(db, scope, key, fingerprint, opts)
   if not res then
     if core.is_error(err) then
       if err.kind == "conflict" then
-        counts.conflict = counts.conflict + 1
+        bump("conflict")
       elseif err.kind == "in_flight" then
-        counts.in_flight = counts.in_flight + 1
+        bump("in_flight")
       end
     end
     return nil, err
   end
   if res.state == "done" then
-    counts.replayed = counts.replayed + 1
+    bump("replayed")
     return res
   end
-  counts.started = counts.started + 1
+  bump("started")
   if res.taken_over then
-    counts.taken_over = counts.taken_over + 1
+    bump("taken_over")
     core.log(2, "idempotency: took over a run whose lease ran out",
              json.encode({ scope = scope, key = key }))
   end
@@ -425,7 +438,7 @@ function _M.release(db, h)
   if not res then
     return nil, err
   end
-  counts.released = counts.released + res.changes
+  bump("released", res.changes)
   return true
 end
 
@@ -455,7 +468,7 @@ function _M.prune(db, opts)
   if not res then
     return nil, perr
   end
-  counts.pruned = counts.pruned + res.changes
+  bump("pruned", res.changes)
   return res.changes
 end
 
@@ -597,7 +610,7 @@ function _M.wrap(db, handler, opts)
     end
     local ok, why = _M.check_key(key)
     if not ok then
-      counts.bad_key = counts.bad_key + 1
+      bump("bad_key")
       if why == "missing" then
         return reply(400, "missing_idempotency_key", "this request needs"
                      .. " an Idempotency-Key header")
@@ -661,7 +674,7 @@ function _M.wrap(db, handler, opts)
     end
     local stored, serr = _M.complete(db, h, r.status, r.body, r.headers)
     if not stored then
-      counts.store_failed = counts.store_failed + 1
+      bump("store_failed")
       core.log(3, "idempotency: the response could not be stored",
                json.encode({ scope = scope, key = key,
                              error = tostring(serr) }))

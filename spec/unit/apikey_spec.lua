@@ -163,6 +163,9 @@ describe("apikey.verify and before_hook", function()
     it("answers 401 " .. c[1] .. " (case " .. i .. "), counted", function()
       local before = apikey.stats()[c[1]]
       local before_all = apikey.stats("all")[c[1]]
+      local counter = require("paygate.metrics").counter(
+        "paygate_apikey_refusals_total", "", { "reason" })
+      local before_metric = counter:get({ c[1] })
       local s, body, headers = run(c[2]())
       assert.equal(401, s)
       assert.equal(c[1], body.error)
@@ -170,6 +173,7 @@ describe("apikey.verify and before_hook", function()
       assert.equal("PAYGATE-HMAC-SHA256", headers["WWW-Authenticate"])
       assert.equal(before + 1, apikey.stats()[c[1]])
       assert.equal(before_all + 1, apikey.stats("all")[c[1]])
+      assert.equal(before_metric + 1, counter:get({ reason = c[1] }))
       assert.equal(1, #logged)
       assert.matches(c[1], logged[1], 1, true)
     end)

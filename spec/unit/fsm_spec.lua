@@ -152,7 +152,10 @@ assert(db:exec_script("CREATE TABLE payments (id TEXT PRIMARY KEY,"
   .. " state TEXT NOT NULL, version INTEGER NOT NULL)"))
 local m = fsm.new(fsm.payment, { store = fsm.sql_store{ table = "payments" } })
 assert(db:exec("INSERT INTO payments VALUES ('L1', 'refunded', 1)"))
+local c = require("paygate.metrics").counter(
+  "paygate_fsm_illegal_transitions_total", "", { "machine" })
 local res, err = m:apply(db, "L1", "succeeded", { cause = "notification" })
+if c:get({ machine = "payment" }) ~= 1 then return 2 end
 return (res == nil and err.kind == "illegal_transition") and 0 or 1
 ]])
     f:close()

@@ -150,6 +150,22 @@ for name, engine in pairs(engines) do
       assert.equal("done", assert(idem.begin(db, "a", "k", "f")).state)
     end)
 
+    it("counts replays, conflicts and in-flight refusals on /metrics",
+       function()
+      local c = require("paygate.metrics").counter(
+        "paygate_idempotency_total", "", { "outcome" })
+      local function n(o) return c:get({ o }) end
+      local b = { n("started"), n("replayed"), n("conflict"), n("in_flight") }
+      local h = assert(idem.begin(db, "a", "k", "f", { lease = 30 }))
+      assert.equal("in_flight", select(2, idem.begin(db, "a", "k", "f")).kind)
+      assert.equal("conflict", select(2, idem.begin(db, "a", "k", "g")).kind)
+      assert(idem.complete(db, h, 200, "ok"))
+      assert.equal("done", assert(idem.begin(db, "a", "k", "f")).state)
+      assert.same({ b[1] + 1, b[2] + 1, b[3] + 1, b[4] + 1 },
+                  { n("started"), n("replayed"), n("conflict"),
+                    n("in_flight") })
+    end)
+
     it("release() lets a repeat run again at once", function()
       local h = assert(idem.begin(db, "a", "k", "f", { lease = 30 }))
       assert.is_true(idem.release(db, h))

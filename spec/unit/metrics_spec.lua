@@ -45,3 +45,64 @@ describe("paygate.metrics.gauge", function()
     assert.is_true(g:remove())
   end)
 end)
+
+describe("paygate.metrics.counter", function()
+  it("refuses bad names, labels and options (misuse raises)", function()
+    assert.has_error(function() metrics.counter("9x", "h", {}) end)
+    assert.has_error(function() metrics.counter("x_total", "a\nb", {}) end)
+    assert.has_error(function() metrics.counter("x_total", "h", "a") end)
+    assert.has_error(function() metrics.counter("x_total", "h", { "a-b" }) end)
+    assert.has_error(function() metrics.counter("x_total", "h", { "a", "a" })
+    end)
+    assert.has_error(function()
+      metrics.counter("x_total", "h", {}, { max_series = 0 })
+    end)
+    assert.has_error(function()
+      metrics.counter("x_total", "h", {}, { max_series = 1.5 })
+    end)
+    local c = metrics.counter("spec_misuse_total", "h", { "a", "b" })
+    assert.has_error(function() c:inc({ a = "x" }) end)            -- b missing
+    assert.has_error(function() c:inc({ a = "x", b = "y", z = "" }) end)
+    assert.has_error(function() c:inc({ a = "x", b = {} }) end)
+    assert.has_error(function() c:inc({ a = "x", b = "y" }, -1) end)
+    assert.has_error(function() c:inc({ a = "x", b = "y" }, 0 / 0) end)
+    assert.has_error(function() c:inc({ a = "x", b = "y" }, "1") end)
+    assert.has_error(function() c:inc() end)
+    assert.equal(0, c:get({ a = "x", b = "y" }))
+  end)
+
+  it("adds per label set; named and positional labels are the same series",
+     function()
+    local c = metrics.counter("spec_add_total", "h", { "endpoint", "outcome" })
+    assert.is_true(c:inc({ endpoint = "/v3/x", outcome = "ok" }))
+    assert.is_true(c:inc({ "/v3/x", "ok" }, 2))
+    assert.is_true(c:inc({ endpoint = "/v3/x", outcome = 'a"b' }))
+    assert.equal(3, c:get({ outcome = "ok", endpoint = "/v3/x" }))
+    assert.equal(1, c:get({ "/v3/x", 'a"b' }))
+    assert.equal(0, c:get({ "/v3/y", "ok" }))
+    -- a second declaration of the name counts into the same series
+    local again = metrics.counter("spec_add_total", "h",
+                                  { "endpoint", "outcome" })
+    again:inc({ "/v3/x", "ok" })
+    assert.equal(4, c:get({ "/v3/x", "ok" }))
+    local plain = metrics.counter("spec_plain_total", "h")
+    plain:inc(); plain:inc(nil, 2.5)
+    assert.equal(3.5, plain:get())
+  end)
+
+  it("caps label sets: the rest (and values too long to hold) go to the "
+     .. "overflow series", function()
+    local c = metrics.counter("spec_cap_total", "h", { "k" },
+                              { max_series = 3 })
+    for i = 1, 10 do assert.is_true(c:inc({ k = "v" .. i })) end
+    for i = 1, 3 do assert.equal(1, c:get({ k = "v" .. i })) end
+    assert.equal(7, c:get("overflow"))
+    c:inc({ k = "v1" })                       -- a held set still counts
+    assert.equal(2, c:get({ k = "v1" }))
+    c:inc({ k = ("x"):rep(400) })
+    assert.equal(8, c:get("overflow"))
+    -- hostile input: many distinct values cost nothing more
+    for i = 1, 5000 do c:inc({ k = "h" .. i }) end
+    assert.equal(5008, c:get("overflow"))
+  end)
+end)

@@ -11,6 +11,20 @@
  * worker holds, with the value of the worker that set it last. A series
  * dies with its worker (gauges are facts a worker recomputes). Nothing
  * yields.
+ *
+ *   local c = metrics.counter("myapp_jobs_total", "Jobs run.",
+ *                             { "queue", "outcome" }, { max_series = 50 })
+ *   c:inc({ queue = "mail", outcome = "ok" })   -- or c:inc({ "mail", "ok" })
+ *   c:inc({ queue = "mail", outcome = "ok" }, 3)
+ *   n = c:get({ queue = "mail", outcome = "ok" })  -- this worker's count
+ *
+ * Counters are summed over the workers of one `paygate run`; a worker
+ * that dies or is replaced by a reload leaves its counts in the total.
+ * Each counter shows at most max_series label sets (default 100); the
+ * counts of any other label set (and of a label value longer than the
+ * label table holds) go to one overflow series whose every label is
+ * "_overflow". A worker holds GW_METRICS_FAMILIES counter names and
+ * GW_METRICS_COUNTERS series at most; past that, counts go to overflow.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -21,6 +35,8 @@
 
 #define LMETRICS_MT "paygate.metrics_gauge"
 #define LMETRICS_MAX_LABELS 8
+#define LMETRICS_CTR_MT "paygate.metrics_counter"
+#define LMETRICS_CTR_DEFAULT_SERIES 100
 
 struct gw_lgauge {
     char name[GW_METRICS_NAME_MAX];     /* checked [a-z_:][a-z0-9_:]* */
@@ -210,6 +226,268 @@ lmetrics_remove(lua_State *L)
     return 1;
 }
 
+
+struct gw_lcounter {
+    char     name[GW_METRICS_NAME_MAX];     /* checked like a gauge's */
+    char     help[GW_METRICS_HELP_MAX];     /* one line, no backslash */
+    int      nlabels;                       /* declared label names */
+    char     label[LMETRICS_MAX_LABELS][64];    /* in declared order */
+    int      max_series;                    /* label sets, overflow aside */
+    int      family;        /* index in this worker's slot, or -1 */
+    unsigned gen;           /* gw_metrics_generation() family is for */
+    char     overflow[GW_METRICS_LABELS_MAX];   /* every label _overflow */
+};
+
+/* Checks help (raises with fn's name). */
+static void
+check_help(lua_State *L, const char *fn, const char *help, size_t hl)
+{
+    if (hl >= GW_METRICS_HELP_MAX) {
+        luaL_error(L, "%s: help is longer than %d bytes", fn,
+                   GW_METRICS_HELP_MAX - 1);
+    }
+    for (size_t i = 0; i < hl; i++) {
+        if ((unsigned char) help[i] < 32 || help[i] == 127
+            || help[i] == '\\') {
+            luaL_error(L, "%s: help must be one line of text without "
+                       "backslashes", fn);
+        }
+    }
+}
+
+/* syntax: c = metrics.counter(name, help, label_names[, opts])
+ * opts.max_series: label sets shown (default 100). Raises on misuse. */
+static int
+lmetrics_counter(lua_State *L)
+{
+    size_t nl, hl;
+    const char *name = luaL_checklstring(L, 1, &nl);
+    const char *help = luaL_optlstring(L, 2, "", &hl);
+    struct gw_lcounter *c;
+    int nlab = 0, max = LMETRICS_CTR_DEFAULT_SERIES;
+    size_t on = 0;
+
+    if (!valid_name(name, nl, 1) || nl >= GW_METRICS_NAME_MAX) {
+        return luaL_error(L, "metrics.counter: name must match "
+                          "[a-z_:][a-z0-9_:]* (at most %d bytes)",
+                          GW_METRICS_NAME_MAX - 1);
+    }
+    check_help(L, "metrics.counter", help, hl);
+    if (!lua_isnoneornil(L, 3) && !lua_istable(L, 3)) {
+        return luaL_error(L, "metrics.counter: label_names must be a table");
+    }
+    if (!lua_isnoneornil(L, 4)) {
+        if (!lua_istable(L, 4)) {
+            return luaL_error(L, "metrics.counter: opts must be a table");
+        }
+        lua_getfield(L, 4, "max_series");
+        if (!lua_isnil(L, -1)) {
+            double m = lua_tonumber(L, -1);
+
+            if (lua_type(L, -1) != LUA_TNUMBER || m != (int) m || m < 1
+                || m >= GW_METRICS_COUNTERS) {
+                return luaL_error(L, "metrics.counter: opts.max_series must "
+                                  "be an integer from 1 to %d",
+                                  GW_METRICS_COUNTERS - 1);
+            }
+            max = (int) m;
+        }
+        lua_pop(L, 1);
+    }
+    c = lua_newuserdata(L, sizeof(*c));
+    memset(c, 0, sizeof(*c));
+    memcpy(c->name, name, nl + 1);
+    memcpy(c->help, help, hl + 1);
+    c->max_series = max;
+    c->family = -1;
+    if (lua_istable(L, 3)) {
+        nlab = (int) lua_objlen(L, 3);
+        if (nlab > LMETRICS_MAX_LABELS) {
+            return luaL_error(L, "metrics.counter: at most %d labels",
+                              LMETRICS_MAX_LABELS);
+        }
+        for (int i = 0; i < nlab; i++) {
+            size_t kl;
+            const char *k;
+
+            lua_rawgeti(L, 3, i + 1);
+            k = lua_tolstring(L, -1, &kl);
+            if (lua_type(L, -1) != LUA_TSTRING || !valid_name(k, kl, 0)
+                || kl >= 64 || (kl >= 2 && k[0] == '_' && k[1] == '_')) {
+                return luaL_error(L, "metrics.counter: bad label name (want "
+                                  "[a-z_][a-z0-9_]*)");
+            }
+            for (int j = 0; j < i; j++) {
+                if (strcmp(c->label[j], k) == 0) {
+                    return luaL_error(L, "metrics.counter: label %s twice",
+                                      k);
+                }
+            }
+            memcpy(c->label[i], k, kl + 1);
+            lua_pop(L, 1);
+            on += (size_t) snprintf(c->overflow + on, sizeof(c->overflow) - on,
+                                    "%s%s=\"" GW_METRICS_OVERFLOW "\"",
+                                    i > 0 ? "," : "", k);
+        }
+    }
+    c->nlabels = nlab;
+    luaL_getmetatable(L, LMETRICS_CTR_MT);
+    lua_setmetatable(L, -2);
+    return 1;
+}
+
+/* Renders the label table at index i in c's declared order into out.
+ * returns: 1, or 0 when a value does not fit (the caller counts it as
+ * overflow). Raises on misuse: not a table, a missing or undeclared
+ * label, a value neither string nor number. */
+static int
+counter_labels(lua_State *L, struct gw_lcounter *c, int i, const char *fn,
+               char *out, size_t cap)
+{
+    size_t n = 0;
+    int fits = 1;
+
+    out[0] = '\0';
+    if (lua_isnoneornil(L, i)) {
+        if (c->nlabels > 0) {
+            luaL_error(L, "%s: labels must be a table (%s, ...)", fn,
+                       c->label[0]);
+        }
+        return 1;
+    }
+    if (!lua_istable(L, i)) {
+        luaL_error(L, "%s: labels must be a table", fn);
+    }
+    lua_pushnil(L);
+    while (lua_next(L, i) != 0) {
+        int ok = 0;
+
+        if (lua_type(L, -2) == LUA_TNUMBER) {
+            double k = lua_tonumber(L, -2);
+
+            ok = k == (int) k && k >= 1 && k <= c->nlabels;
+        } else if (lua_type(L, -2) == LUA_TSTRING) {
+            const char *k = lua_tostring(L, -2);
+
+            for (int j = 0; j < c->nlabels && !ok; j++) {
+                ok = strcmp(c->label[j], k) == 0;
+            }
+        }
+        if (!ok) {
+            luaL_error(L, "%s: %s %s is not a label of %s", fn,
+                       lua_type(L, -2) == LUA_TSTRING ? "key" : "index",
+                       lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2)
+                       : "past the labels", c->name);
+        }
+        lua_pop(L, 1);
+    }
+    for (int j = 0; j < c->nlabels; j++) {
+        size_t vl;
+        const char *v;
+        int w;
+
+        lua_getfield(L, i, c->label[j]);
+        if (lua_isnil(L, -1)) {
+            lua_pop(L, 1);
+            lua_rawgeti(L, i, j + 1);
+        }
+        if (lua_isnil(L, -1)) {
+            luaL_error(L, "%s: label %s is missing", fn, c->label[j]);
+        }
+        if (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER) {
+            luaL_error(L, "%s: label %s must be a string or number", fn,
+                       c->label[j]);
+        }
+        v = lua_tolstring(L, -1, &vl);
+        if (fits) {
+            w = snprintf(out + n, cap - n, "%s%s=\"", j > 0 ? "," : "",
+                         c->label[j]);
+            if (w < 0 || (size_t) w >= cap - n) {
+                fits = 0;
+            } else {
+                n += (size_t) w;
+                if (!put_escaped(out, cap, &n, v, vl) || n + 2 > cap) {
+                    fits = 0;
+                } else {
+                    out[n++] = '"';
+                    out[n] = '\0';
+                }
+            }
+        }
+        lua_pop(L, 1);
+    }
+    return fits;
+}
+
+/* This worker's family index for c (registered on first use). */
+static int
+counter_family(struct gw_lcounter *c)
+{
+    if (c->family < 0 || c->gen != gw_metrics_generation()) {
+        c->family = gw_metrics_counter_family(c->name, c->help, c->overflow,
+                                              c->max_series + 1);
+        c->gen = gw_metrics_generation();
+    }
+    return c->family;
+}
+
+/* syntax: ok, err = c:inc([labels][, n]) -- n >= 0, default 1. err kind
+ * "full" when this worker holds GW_METRICS_FAMILIES counter names. */
+static int
+lmetrics_inc(lua_State *L)
+{
+    struct gw_lcounter *c = luaL_checkudata(L, 1, LMETRICS_CTR_MT);
+    char labels[GW_METRICS_LABELS_MAX];
+    double n = 1;
+    int fits, f;
+
+    if (!lua_isnoneornil(L, 3)) {
+        if (lua_type(L, 3) != LUA_TNUMBER) {
+            return luaL_error(L, "counter:inc: n must be a number");
+        }
+        n = lua_tonumber(L, 3);
+        if (!(n >= 0) || n > 1e300) {
+            return luaL_error(L, "counter:inc: n must be >= 0 and finite");
+        }
+    }
+    fits = counter_labels(L, c, 2, "counter:inc", labels, sizeof(labels));
+    f = counter_family(c);
+    if (f < 0 || gw_metrics_counter_add(f, fits ? labels : NULL, n)
+                 != GW_OK) {
+        return gw_push_error(L, "full", 0, "counter %s: this worker holds "
+                             "%d counter names already", c->name,
+                             GW_METRICS_FAMILIES);
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* syntax: n = c:get([labels]) -- this worker's count (0 when none);
+ * labels "overflow" reads the overflow series. */
+static int
+lmetrics_get(lua_State *L)
+{
+    struct gw_lcounter *c = luaL_checkudata(L, 1, LMETRICS_CTR_MT);
+    char labels[GW_METRICS_LABELS_MAX];
+    int fits = 0, f;
+
+    if (lua_type(L, 2) != LUA_TSTRING
+        || strcmp(lua_tostring(L, 2), "overflow") != 0) {
+        fits = counter_labels(L, c, 2, "counter:get", labels,
+                              sizeof(labels));
+    }
+    f = counter_family(c);
+    lua_pushnumber(L, f < 0 ? 0 : gw_metrics_counter_get(f, fits ? labels
+                                                          : NULL));
+    return 1;
+}
+
+static const luaL_Reg lmetrics_ctr_methods[] = {
+    { "inc", lmetrics_inc },
+    { "get", lmetrics_get },
+    { NULL, NULL }
+};
+
 static const luaL_Reg lmetrics_methods[] = {
     { "set", lmetrics_set },
     { "remove", lmetrics_remove },
@@ -218,6 +496,7 @@ static const luaL_Reg lmetrics_methods[] = {
 
 static const luaL_Reg lmetrics_funcs[] = {
     { "gauge", lmetrics_gauge },
+    { "counter", lmetrics_counter },
     { NULL, NULL }
 };
 
@@ -229,9 +508,18 @@ luaopen_paygate_metrics(lua_State *L)
     luaL_register(L, NULL, lmetrics_methods);
     lua_setfield(L, -2, "__index");
     lua_pop(L, 1);
+    luaL_newmetatable(L, LMETRICS_CTR_MT);
+    lua_newtable(L);
+    luaL_register(L, NULL, lmetrics_ctr_methods);
+    lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
     lua_newtable(L);
     luaL_register(L, NULL, lmetrics_funcs);
     lua_pushinteger(L, GW_METRICS_APP_SERIES);
     lua_setfield(L, -2, "MAX_SERIES");
+    lua_pushinteger(L, GW_METRICS_FAMILIES);
+    lua_setfield(L, -2, "MAX_COUNTERS");
+    lua_pushinteger(L, GW_METRICS_COUNTERS);
+    lua_setfield(L, -2, "MAX_COUNTER_SERIES");
     return 1;
 }

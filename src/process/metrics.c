@@ -45,6 +45,28 @@ struct gw_app_series {
     char     labels[GW_METRICS_LABELS_MAX];     /* k="v",... escaped */
 };
 
+/* One counter name in a slot. Written once by its worker, then read;
+ * used is stored last (release), so a reader that sees it set sees the
+ * rest. nseries and overflow are the worker's own bookkeeping. */
+struct gw_counter_family {
+    uint32_t used;                              /* 1 once filled */
+    int32_t  max_series;                        /* cap incl. overflow */
+    int32_t  nseries;                           /* label sets held */
+    int32_t  overflow;                          /* series index */
+    char     name[GW_METRICS_NAME_MAX];         /* NUL-terminated */
+    char     help[GW_METRICS_HELP_MAX];         /* NUL-terminated */
+};
+
+/* One counter series: (family, label set) and its count. The labels are
+ * written before used (release) and never change; value is written only
+ * by the slot's worker (one writer: an aligned 8-byte store). */
+struct gw_counter_series {
+    uint32_t used;                              /* 1 once filled */
+    int32_t  family;                            /* index in the slot */
+    double   value;                             /* the count */
+    char     labels[GW_METRICS_LABELS_MAX];     /* k="v",... escaped */
+};
+
 struct gw_slot {
     pid_t                pid;       /* worker owning it; 0 when free */
     int                  nroutes;   /* entries used */
@@ -53,6 +75,10 @@ struct gw_slot {
     int64_t              conns;     /* gauge */
     struct gw_route_stat routes[ROUTES];
     struct gw_app_series app[GW_METRICS_APP_SERIES];
+    int32_t              nfam;      /* counter families used */
+    int32_t              nctr;      /* counter series used */
+    struct gw_counter_family fam[GW_METRICS_FAMILIES];
+    struct gw_counter_series ctr[GW_METRICS_COUNTERS];
 };
 
 struct gw_shm {
@@ -89,10 +115,19 @@ gw_metrics_init(int max_slots)
     return GW_OK;
 }
 
+/* This worker's index over its counter series: open addressing on
+ * (family, labels), private memory (the master never reads it). Entries
+ * are series index + 1; 0 is empty. */
+#define CTR_INDEX (GW_METRICS_COUNTERS * 2)
+static int32_t  ctr_index[CTR_INDEX];
+static unsigned generation;
+
 void
 gw_metrics_attach(int slot)
 {
     memset(cache, 0, sizeof(cache));
+    memset(ctr_index, 0, sizeof(ctr_index));
+    generation++;
     if (shm == NULL || slot < 0 || slot >= shm->nslots) {
         mine = calloc(1, sizeof(*mine));    /* exec: private counters */
         return;
@@ -113,6 +148,8 @@ gw_metrics_free_slot(void)
     }
     return -1;
 }
+
+static void ctr_fold(struct gw_slot *to, const struct gw_slot *from);
 
 static struct gw_route_stat *
 find_route(struct gw_slot *s, const char *method, const char *route,
@@ -162,6 +199,7 @@ gw_metrics_retire(int slot)
             to->le[b] += from->le[b];
         }
     }
+    ctr_fold(&shm->retired, s);
     memset(s, 0, sizeof(*s));
 }
 
@@ -351,6 +389,221 @@ app_read(const struct gw_app_series *a, struct gw_app_series *out)
     return 0;
 }
 
+
+unsigned
+gw_metrics_generation(void)
+{
+    return generation;
+}
+
+static uint32_t
+ctr_hash(int family, const char *labels)
+{
+    uint32_t h = 2166136261u ^ (uint32_t) family;
+
+    for (; *labels; labels++) {
+        h = (h ^ (unsigned char) *labels) * 16777619u;
+    }
+    return h;
+}
+
+/* The family named name in slot s, or -1. */
+static int
+fam_find(const struct gw_slot *s, const char *name)
+{
+    for (int i = 0; i < s->nfam; i++) {
+        if (s->fam[i].used && strcmp(s->fam[i].name, name) == 0) {
+            return i;
+        }
+    }
+    return -1;
+}
+
+/* Appends a series (family f, labels) to slot s; its index, or -1 when
+ * the table is full. Publishes it (used, then nctr) for the master. */
+static int
+ctr_new(struct gw_slot *s, int f, const char *labels)
+{
+    struct gw_counter_series *c;
+    int i = s->nctr;
+
+    if (i >= GW_METRICS_COUNTERS) {
+        return -1;
+    }
+    c = &s->ctr[i];
+    c->family = f;
+    c->value = 0;
+    snprintf(c->labels, sizeof(c->labels), "%s", labels);
+    __atomic_store_n(&c->used, 1, __ATOMIC_RELEASE);
+    __atomic_store_n(&s->nctr, i + 1, __ATOMIC_RELEASE);
+    return i;
+}
+
+/* Registers family name in slot s (with its overflow series); its index
+ * or -1 when the slot has no room. */
+static int
+fam_new(struct gw_slot *s, const char *name, const char *help,
+        const char *overflow_labels, int max_series)
+{
+    struct gw_counter_family *f;
+    int i = s->nfam, o;
+
+    if (i >= GW_METRICS_FAMILIES || s->nctr >= GW_METRICS_COUNTERS) {
+        return -1;
+    }
+    f = &s->fam[i];
+    snprintf(f->name, sizeof(f->name), "%s", name);
+    snprintf(f->help, sizeof(f->help), "%s", help);
+    f->max_series = max_series < 1 ? 1 : max_series;
+    f->nseries = 1;
+    f->overflow = s->nctr;
+    /* the overflow series first: the master skips a series whose family
+     * is not published yet, and reads the family whole once it is */
+    o = ctr_new(s, i, overflow_labels);
+    f->overflow = o;
+    __atomic_store_n(&f->used, 1, __ATOMIC_RELEASE);
+    __atomic_store_n(&s->nfam, i + 1, __ATOMIC_RELEASE);
+    return i;
+}
+
+int
+gw_metrics_counter_family(const char *name, const char *help,
+                          const char *overflow_labels, int max_series)
+{
+    int f;
+
+    if (mine == NULL) {
+        return -1;
+    }
+    f = fam_find(mine, name);
+    if (f >= 0) {
+        return f;
+    }
+    return fam_new(mine, name, help, overflow_labels, max_series);
+}
+
+/* The series of (f, labels) in this worker's slot, made when new and
+ * under the caps; else the family's overflow series. */
+static int
+ctr_series(int f, const char *labels, int create)
+{
+    struct gw_counter_family *fm = &mine->fam[f];
+    uint32_t h;
+    int i;
+
+    if (labels == NULL) {
+        return fm->overflow;
+    }
+    h = ctr_hash(f, labels) % CTR_INDEX;
+    for (int probes = 0; probes < CTR_INDEX; probes++) {
+        int32_t e = ctr_index[h];
+
+        if (e == 0) {
+            break;
+        }
+        if (mine->ctr[e - 1].family == f
+            && strcmp(mine->ctr[e - 1].labels, labels) == 0) {
+            return e - 1;
+        }
+        h = (h + 1) % CTR_INDEX;
+    }
+    if (!create) {
+        return -1;
+    }
+    if (fm->nseries >= fm->max_series) {
+        return fm->overflow;
+    }
+    i = ctr_new(mine, f, labels);
+    if (i < 0) {
+        return fm->overflow;
+    }
+    fm->nseries++;
+    ctr_index[h] = i + 1;       /* the empty entry the probe stopped at */
+    return i;
+}
+
+int
+gw_metrics_counter_add(int family, const char *labels, double n)
+{
+    struct gw_counter_series *c;
+    int i;
+    double v;
+
+    if (mine == NULL || family < 0 || family >= mine->nfam) {
+        return GW_ERR;
+    }
+    i = ctr_series(family, labels, 1);
+    if (i < 0) {
+        return GW_ERR;
+    }
+    c = &mine->ctr[i];
+    v = c->value + n;
+    __atomic_store(&c->value, &v, __ATOMIC_RELAXED);
+    return GW_OK;
+}
+
+double
+gw_metrics_counter_get(int family, const char *labels)
+{
+    int i;
+
+    if (mine == NULL || family < 0 || family >= mine->nfam) {
+        return 0;
+    }
+    i = ctr_series(family, labels, 0);
+    return i < 0 ? 0 : mine->ctr[i].value;
+}
+
+/* Master: adds the counters of slot from into slot to (the retired
+ * totals): by family name and labels, into to's overflow series when to
+ * has no room. */
+static void
+ctr_fold(struct gw_slot *to, const struct gw_slot *from)
+{
+    int nctr = from->nctr < GW_METRICS_COUNTERS ? from->nctr
+               : GW_METRICS_COUNTERS;
+
+    for (int i = 0; i < nctr; i++) {
+        const struct gw_counter_series *c = &from->ctr[i];
+        const struct gw_counter_family *ff;
+        struct gw_counter_family *tf;
+        int f, j;
+
+        if (!c->used || c->family < 0 || c->family >= from->nfam) {
+            continue;
+        }
+        ff = &from->fam[c->family];
+        f = fam_find(to, ff->name);
+        if (f < 0) {
+            f = fam_new(to, ff->name, ff->help, from->ctr[ff->overflow].labels,
+                        ff->max_series);
+            if (f < 0) {
+                continue;           /* no room: dropped (48 names) */
+            }
+        }
+        tf = &to->fam[f];
+        if (i == ff->overflow) {
+            to->ctr[tf->overflow].value += c->value;
+            continue;
+        }
+        for (j = 0; j < to->nctr; j++) {
+            if (to->ctr[j].family == f
+                && strcmp(to->ctr[j].labels, c->labels) == 0) {
+                break;
+            }
+        }
+        if (j == to->nctr) {
+            j = tf->nseries < tf->max_series ? ctr_new(to, f, c->labels) : -1;
+            if (j < 0) {
+                j = tf->overflow;
+            } else {
+                tf->nseries++;
+            }
+        }
+        to->ctr[j].value += c->value;
+    }
+}
+
 struct buf {
     char  *p;
     size_t len, cap;
@@ -509,6 +762,153 @@ app_metrics(struct buf *b)
     free(all);
 }
 
+/* A copy of one counter series for rendering. */
+struct ctr_row {
+    const char *name;               /* the family's, in a copy */
+    const char *help;
+    int         max_series;
+    int         overflow;           /* 1: the family's overflow series */
+    double      value;
+    char        labels[GW_METRICS_LABELS_MAX];
+};
+
+struct ctr_fam_copy {
+    char name[GW_METRICS_NAME_MAX];
+    char help[GW_METRICS_HELP_MAX];
+};
+
+static int
+ctr_row_cmp(const void *a, const void *b)
+{
+    const struct ctr_row *x = a, *y = b;
+    int c = strcmp(x->name, y->name);
+
+    if (c != 0) {
+        return c;
+    }
+    if (x->overflow != y->overflow) {
+        return x->overflow - y->overflow;
+    }
+    return strcmp(x->labels, y->labels);
+}
+
+/* The counters apps increment: per (name, labels) the sum over the
+ * retired totals and every live worker. A name shows at most its cap of
+ * label sets (workers may each hold different ones): the rest are added
+ * to its overflow series. */
+static void
+counter_metrics(struct buf *b)
+{
+    int cap = 0, capf = 0, n = 0, nf = 0;
+    struct ctr_row *rows;
+    struct ctr_fam_copy *fams;
+
+    for (int i = -1; i < shm->nslots; i++) {
+        struct gw_slot *s = i < 0 ? &shm->retired : &shm->slots[i];
+
+        if (i < 0 || s->pid > 0) {
+            cap += GW_METRICS_COUNTERS;
+            capf += GW_METRICS_FAMILIES;
+        }
+    }
+    rows = calloc((size_t) cap, sizeof(*rows));
+    fams = calloc((size_t) capf, sizeof(*fams));
+    if (rows == NULL || fams == NULL) {
+        free(rows);
+        free(fams);
+        return;
+    }
+    for (int i = -1; i < shm->nslots; i++) {
+        struct gw_slot *s = i < 0 ? &shm->retired : &shm->slots[i];
+        int nfam, nctr, base = nf;
+
+        if (i >= 0 && s->pid <= 0) {
+            continue;
+        }
+        if (nf + GW_METRICS_FAMILIES > capf || n + GW_METRICS_COUNTERS > cap) {
+            break;                  /* a worker started since the count */
+        }
+        nfam = __atomic_load_n(&s->nfam, __ATOMIC_ACQUIRE);
+        nctr = __atomic_load_n(&s->nctr, __ATOMIC_ACQUIRE);
+        nfam = nfam > GW_METRICS_FAMILIES ? GW_METRICS_FAMILIES : nfam;
+        nctr = nctr > GW_METRICS_COUNTERS ? GW_METRICS_COUNTERS : nctr;
+        for (int f = 0; f < nfam; f++) {
+            struct gw_counter_family *fm = &s->fam[f];
+
+            if (!__atomic_load_n(&fm->used, __ATOMIC_ACQUIRE)) {
+                fams[nf].name[0] = '\0';
+            } else {
+                memcpy(fams[nf].name, fm->name, sizeof(fams[nf].name));
+                memcpy(fams[nf].help, fm->help, sizeof(fams[nf].help));
+                fams[nf].name[sizeof(fams[nf].name) - 1] = '\0';
+                fams[nf].help[sizeof(fams[nf].help) - 1] = '\0';
+            }
+            nf++;
+        }
+        for (int j = 0; j < nctr; j++) {
+            struct gw_counter_series *c = &s->ctr[j];
+            struct ctr_row *r = &rows[n];
+            int f;
+
+            if (!__atomic_load_n(&c->used, __ATOMIC_ACQUIRE)) {
+                continue;
+            }
+            f = c->family;
+            if (f < 0 || f >= nfam || fams[base + f].name[0] == '\0') {
+                continue;
+            }
+            r->name = fams[base + f].name;
+            r->help = fams[base + f].help;
+            r->max_series = s->fam[f].max_series;
+            r->overflow = s->fam[f].overflow == j;
+            __atomic_load(&c->value, &r->value, __ATOMIC_RELAXED);
+            memcpy(r->labels, c->labels, sizeof(r->labels));
+            r->labels[sizeof(r->labels) - 1] = '\0';
+            n++;
+        }
+    }
+    qsort(rows, (size_t) n, sizeof(*rows), ctr_row_cmp);
+    for (int k = 0; k < n;) {
+        const char *name = rows[k].name;
+        int held = 1, end = k;      /* the overflow series counts as one */
+        double extra = 0;
+
+        while (end < n && strcmp(rows[end].name, name) == 0) {
+            end++;
+        }
+        bprintf(b, "# HELP %s %s\n# TYPE %s counter\n", name, rows[k].help,
+                name);
+        for (int x = k; x < end;) {
+            int y = x + 1;
+            double v = rows[x].value;
+
+            while (y < end && rows[y].overflow == rows[x].overflow
+                   && strcmp(rows[y].labels, rows[x].labels) == 0) {
+                v += rows[y++].value;
+            }
+            if (rows[x].overflow) {
+                v += extra;
+                if (v > 0) {
+                    bprintf(b, "%s{%s} %.17g\n", name, rows[x].labels, v);
+                }
+            } else if (held < rows[x].max_series) {
+                held++;
+                if (rows[x].labels[0] != '\0') {
+                    bprintf(b, "%s{%s} %.17g\n", name, rows[x].labels, v);
+                } else {
+                    bprintf(b, "%s %.17g\n", name, v);
+                }
+            } else {
+                extra += v;         /* past the cap: into the overflow */
+            }
+            x = y;
+        }
+        k = end;
+    }
+    free(rows);
+    free(fams);
+}
+
 char *
 gw_metrics_render(size_t *len)
 {
@@ -662,6 +1062,7 @@ gw_metrics_render(size_t *len)
             (unsigned long long) shm->restarts);
     shared_metrics(&b);
     app_metrics(&b);
+    counter_metrics(&b);
     free(sum);
     if (b.p != NULL) {
         *len = b.len;

@@ -48,6 +48,37 @@ int gw_metrics_gauge_set(const char *name, const char *help,
 /* Worker: drops a series. GW_OK, or GW_ERR when it is not held. */
 int gw_metrics_gauge_remove(const char *name, const char *labels);
 
+/* Counters an app increments from Lua (paygate.metrics.counter): each
+ * worker holds at most GW_METRICS_FAMILIES names and GW_METRICS_COUNTERS
+ * series (one per name and label set) in its slot; the master renders the
+ * sum over live workers and the retired totals of dead ones (a worker that
+ * dies or is replaced by a reload folds its counts into the retired
+ * totals, so a sum never goes backwards). Each name has a series cap:
+ * label sets past it are added to the name's overflow series (every label
+ * "_overflow"), so hostile label values cannot grow the table. */
+#define GW_METRICS_FAMILIES   48
+#define GW_METRICS_COUNTERS   512
+#define GW_METRICS_OVERFLOW   "_overflow"
+
+/* Worker: the index of counter name in this worker's slot (registered on
+ * first use with help, max_series and the rendered labels of its overflow
+ * series), or -1 when the slot holds GW_METRICS_FAMILIES names already
+ * (or there is no slot). */
+int gw_metrics_counter_family(const char *name, const char *help,
+                              const char *overflow_labels, int max_series);
+
+/* Worker: adds n to the series (family, labels); labels NULL (or a new
+ * label set past the cap) counts into the overflow series. GW_OK, or
+ * GW_ERR for a bad family. */
+int gw_metrics_counter_add(int family, const char *labels, double n);
+
+/* Worker: this worker's count of (family, labels); 0 when not held. */
+double gw_metrics_counter_get(int family, const char *labels);
+
+/* A number that changes whenever this process attaches to a slot (cached
+ * family indices are valid while it is the same). */
+unsigned gw_metrics_generation(void);
+
 /* Master: events. */
 void gw_metrics_reload(int ok);
 void gw_metrics_worker_restart(void);

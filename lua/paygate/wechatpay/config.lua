@@ -93,7 +93,10 @@ end
 --   backup_url, state_dir, refresh_interval, timeout, deadline,
 --   startup_timeout,
 --   max_attempts, ca_file, platform_ca, shared_dict, replay_dict (nil:
---   the default choice, certs.init), user_agent.
+--   the default choice, certs.init), user_agent; degraded (nil when not
+--   given), adaptive_timeout, timeout_floor, timeout_ceiling,
+--   timeout_samples, latency_window, breaker, breaker_window,
+--   breaker_min_calls, breaker_failure_ratio, breaker_open_for.
 function _M.check(conf)
   if type(conf) ~= "table" then
     return bad("conf", "the configuration must be a table")
@@ -320,6 +323,45 @@ function _M.check(conf)
     c[k] = positive(conf, k, default)
     if not c[k] then return bad(k, "must be a number > 0") end
   end
+  -- degradation, adaptive timeouts, breaker (upstream.lua)
+  for k, default in pairs({ timeout_floor = 1, latency_window = 200,
+                            timeout_samples = 20, breaker_window = 30,
+                            breaker_min_calls = 20, breaker_open_for = 10,
+                            breaker_failure_ratio = 0.5 }) do
+    c[k] = positive(conf, k, default)
+    if not c[k] then return bad(k, "must be a number > 0") end
+  end
+  c.timeout_ceiling = positive(conf, "timeout_ceiling", c.timeout)
+  if not c.timeout_ceiling then
+    return bad("timeout_ceiling", "must be a number > 0")
+  end
+  if c.timeout_floor > c.timeout_ceiling then
+    return bad("timeout_floor", "must not be above timeout_ceiling ("
+               .. c.timeout_ceiling .. ")")
+  end
+  for _, k in ipairs({ "latency_window", "timeout_samples",
+                       "breaker_min_calls" }) do
+    if c[k] % 1 ~= 0 or c[k] > 100000 then
+      return bad(k, "must be a whole number (at most 100000)")
+    end
+  end
+  if c.timeout_samples > c.latency_window then
+    return bad("timeout_samples", "must not be above latency_window ("
+               .. c.latency_window .. ")")
+  end
+  if c.breaker_failure_ratio > 1 then
+    return bad("breaker_failure_ratio", "must be a share: > 0 and <= 1")
+  end
+  for k, default in pairs({ adaptive_timeout = true, breaker = true }) do
+    if conf[k] ~= nil and type(conf[k]) ~= "boolean" then
+      return bad(k, "must be true or false")
+    end
+    c[k] = conf[k] == nil and default or conf[k]
+  end
+  if conf.degraded ~= nil and type(conf.degraded) ~= "boolean" then
+    return bad("degraded", "must be true or false")
+  end
+  c.degraded = conf.degraded
   c.shared_dict = conf.shared_dict or "paygate"
   if type(c.shared_dict) ~= "string" then
     return bad("shared_dict", "must be the name of a paygate.shared dict")

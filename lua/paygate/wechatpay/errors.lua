@@ -147,6 +147,8 @@ _M.KINDS = {
   "malformed", "replayed", "replay_check_unavailable", "decrypt_failed",
   "bad_response", "timeout", "connect", "dns", "tls",
   "closed", "body_too_large", "aborted", "internal",
+  -- upstream.lua: the breaker and the degradation switch
+  "circuit_open", "degraded",
   -- download_bill
   "hash_mismatch", "too_large", "io",
 }

@@ -15,6 +15,7 @@ local transport = require "paygate.wechatpay.transport"
 local notify = require "paygate.wechatpay.notify"
 local errors = require "paygate.wechatpay.errors"
 local api = require "paygate.wechatpay.api"
+local upstream = require "paygate.wechatpay.upstream"
 
 local type, tostring, setmetatable = type, tostring, setmetatable
 
@@ -35,6 +36,7 @@ function _M.client(conf)
   if not cfg then return nil, err end
   local wx = setmetatable({ conf = cfg }, client_mt)
   certs.init(wx)
+  upstream.init(wx)
   if not wx.dict and conf.shared_dict ~= nil then
     return nil, errors.new("invalid_config", "wechatpay.shared_dict: no "
       .. "paygate.shared dict " .. tostring(cfg.shared_dict)
@@ -139,6 +141,46 @@ function methods.stop(wx)
     wx.reporter:cancel()
     wx.reporter = nil
   end
+end
+
+--- syntax: ok, err = wx:degrade(on)
+-- The degradation switch (on: true or false), kept in the client's
+-- shared dict, so every worker and every client on that dict sees it at
+-- its next call. While on, every call fails fast with kind `degraded`
+-- (retryable) and nothing is sent. Nothing yields.
+function methods.degrade(wx, on)
+  if type(on) ~= "boolean" then
+    error("wx:degrade: on must be a boolean", 2)
+  end
+  local ok, err = wx.updict:set(upstream.DEGRADED_KEY, on)
+  if not ok then return nil, err end
+  return true
+end
+
+--- syntax: on = wx:degraded() -- the switch as every worker sees it
+function methods.degraded(wx)
+  return wx.updict:get(upstream.DEGRADED_KEY) == true
+end
+
+--- syntax: st = wx:upstream_status()
+-- returns: { degraded, endpoints = { ["GET /v3/..."] = { timeout, p95,
+-- samples, breaker, calls, failures } } }: timeouts and latencies as
+-- this worker saw them, breakers as the instance shares them.
+function methods.upstream_status(wx)
+  return upstream.status(wx)
+end
+
+--- syntax: ok, err = wechatpay.degrade(on[, dict])
+-- The same switch without a client (an admin endpoint): dict is the
+-- paygate.shared dict or its name (default "paygate", the clients'
+-- default shared_dict). Raises when the dict does not exist.
+function _M.degrade(on, dict)
+  return upstream.set_degraded(on, dict)
+end
+
+--- syntax: on = wechatpay.degraded([dict])
+function _M.degraded(dict)
+  return upstream.degraded(dict)
 end
 
 for name, fn in pairs(api) do

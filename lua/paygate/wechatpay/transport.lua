@@ -56,6 +56,7 @@ local http = require "paygate.http"
 local json = require "paygate.json"  -- hardened decoder, same null
 local errors = require "paygate.wechatpay.errors"
 local sign = require "paygate.wechatpay.sign"
+local upstream = require "paygate.wechatpay.upstream"
 
 local type, tostring, pairs, error = type, tostring, pairs, error
 local min, random = math.min, math.random
@@ -126,8 +127,17 @@ local function decode_json(res)
   return json.decode(body)
 end
 
+-- An attempt that tells the breaker the endpoint is unwell: no answer,
+-- a 5xx or a 429.
+local function failed_attempt(res)
+  return res == nil or res.status >= 500 or res.status == 429
+end
+
+local call
+
 --- syntax: res, err = transport.request(wx, method, path, body, opts)
--- See the top of this file. yields.
+-- See the top of this file. Counted once in paygate_wechatpay_calls_total
+-- (upstream.lua). yields.
 function _M.request(wx, method, path, body, opts)
   if type(method) ~= "string" or not method:match("^[A-Z]+$") then
     error("wx:request: method must be an upper-case HTTP method", 3)
@@ -139,7 +149,14 @@ function _M.request(wx, method, path, body, opts)
   if opts ~= nil and type(opts) ~= "table" then
     error("wx:request: opts must be a table", 3)
   end
-  opts = opts or {}
+  local ep = upstream.endpoint(method, path)
+  local res, err = call(wx, method, path, body, opts or {}, ep)
+  upstream.count(ep, res, err)
+  return res, err
+end
+
+-- The call itself (misuse raises at level 4: the caller of wx:request).
+call = function(wx, method, path, body, opts, ep)
   -- what the HTTP client would change before sending (so the signature
   -- would cover another target): a fragment, bytes it percent-encodes,
   -- dot segments it removes
@@ -155,7 +172,7 @@ function _M.request(wx, method, path, body, opts)
   if type(body) == "table" then
     body = _M.encode(body)
   elseif body ~= nil and type(body) ~= "string" then
-    error("wx:request: body must be a string or a table", 3)
+    error("wx:request: body must be a string or a table", 4)
   end
   local c = wx.conf
   local idempotent = opts.idempotent
@@ -179,11 +196,11 @@ function _M.request(wx, method, path, body, opts)
   local wrapped, on_headers, status_seen, errbuf, errlen
   if sink ~= nil then
     if type(sink) ~= "function" then
-      error("wx:request: opts.sink must be a function", 3)
+      error("wx:request: opts.sink must be a function", 4)
     end
     if not (opts.unsigned or opts._no_verify) then
       error("wx:request: opts.sink needs opts.unsigned (a streamed body "
-            .. "cannot be signature-checked)", 3)
+            .. "cannot be signature-checked)", 4)
     end
     on_headers = function(status)
       status_seen, errbuf, errlen = status, {}, 0
@@ -201,6 +218,10 @@ function _M.request(wx, method, path, body, opts)
       return true
     end
   end
+  -- the degradation switch: fail fast, touch nothing
+  if wx.updict:get(upstream.DEGRADED_KEY) == true then
+    return nil, upstream.degraded_error(what)
+  end
   local base = c.base_url
   local on_backup = false
   local attempt = 0
@@ -209,18 +230,38 @@ function _M.request(wx, method, path, body, opts)
     attempt = attempt + 1
     local remaining = deadline - core.mono()
     if remaining <= 0 then break end
+    local allowed, probe, retry_after = upstream.allow(wx, ep)
+    if not allowed then
+      if last == nil then
+        return nil, upstream.circuit_open_error(what, retry_after)
+      end
+      break                     -- opened by this call's own failures
+    end
     local auth, serr = sign.sign_request(c.signer, method, path, body)
     if not auth then
+      if probe then upstream.release(wx, ep) end     -- nothing was tried
       return nil, errors.wrap("sign_error", "cannot sign the request: "
                               .. tostring(serr), serr)
     end
     headers["Authorization"] = auth
+    local sent_at = core.mono()
+    local own = upstream.timeout(wx, ep)
     local res, err = http.request{
       method = method, url = base .. path, headers = headers, body = body,
-      timeout = min(opts.timeout or c.timeout, remaining),
+      timeout = min(opts.timeout or own, remaining),
       connect_timeout = min(5, remaining), ca_file = c.ca_file,
       sink = wrapped, on_headers = on_headers,
     }
+    -- latency: answers, and timeouts at the endpoint's own timeout (a
+    -- slow endpoint's timeout grows; a shorter opts.timeout or the
+    -- deadline's rest says nothing about the endpoint)
+    if res or (core.is_error(err) and err.kind == "timeout"
+               and opts.timeout == nil and own <= remaining) then
+      upstream.observe(wx, ep, core.mono() - sent_at)
+    end
+    -- the breaker: an abort is this side's (a sink that stopped)
+    upstream.record(wx, ep, failed_attempt(res) and not (core.is_error(err)
+                    and err.kind == "aborted"), probe)
     if not res and core.is_error(err) then
       err.message = what .. ": " .. tostring(err.message)
       reached = reached or not unsent(err)

@@ -1,0 +1,392 @@
+-- paygate.wechatpay.upstream: how calls to WeChat degrade instead of
+-- collapse. transport.lua asks it, around each call and each attempt:
+--
+--   endpoint      a bounded name for a call: "GET /v3/pay/transactions/
+--                 out-trade-no/{}" (every path segment that is not a word
+--                 of WeChat's API is "{}"; no id, no query)
+--   degradation   one switch per shared dict (paygate.shared), seen by
+--                 every worker: on, every call fails fast with kind
+--                 `degraded` without touching the network
+--   timeouts      per endpoint and per worker: the attempt timeout is
+--                 p95 x 1.8 + 0.2 s of the last latency_window answers,
+--                 within [timeout_floor, timeout_ceiling], once
+--                 timeout_samples answers were seen (the configured
+--                 `timeout` until then), recomputed every
+--                 max(5, latency_window / 10) answers
+--   breaker       per endpoint and merchant, in the client's shared dict
+--                 (every worker of the instance shares it): closed ->
+--                 open when, over the sliding breaker_window, at least
+--                 breaker_min_calls attempts were made and the failed
+--                 share reached breaker_failure_ratio; open fails fast
+--                 (kind `circuit_open`, retryable, err.retry_after) for
+--                 breaker_open_for seconds; then one attempt (the probe,
+--                 any worker's) goes through: success closes, failure
+--                 opens again. A failure is an attempt without an answer
+--                 (timeout, connect, reset...), a 5xx or a 429.
+--   counting      paygate_wechatpay_calls_total{endpoint,outcome,kind} on
+--                 /metrics, one per call (retries are inside one call)
+local core = require "paygate.core"
+local metrics = require "paygate.metrics"
+local json = require "paygate.json"
+local errors = require "paygate.wechatpay.errors"
+
+local type, tostring, floor, ceil, min, max, sort =
+      type, tostring, math.floor, math.ceil, math.min, math.max, table.sort
+
+local _M = {}
+
+local DEGRADED_KEY = "paygate.wechatpay.degraded"
+_M.DEGRADED_KEY = DEGRADED_KEY
+local RECOMPUTE = 5              -- answers between two p95 computations,
+                                 -- at least; latency_window / 10 at most
+local MAX_SEGMENTS = 8           -- of an endpoint name
+
+------------------------------------------------------------ endpoints
+
+-- The words of WeChat Pay v3 paths; any other segment is an id ("{}").
+local WORDS = {}
+for w in ([[v3 pay partner transactions native h5 jsapi app out-trade-no
+  id close refund domestic refunds abnormal-refunds apply bill tradebill
+  fundflowbill sub-merchant-fundflowbill billdownload file certificates
+  combine-transactions profitsharing orders return-orders unfreeze
+  amounts merchant-service complaints-v2 marketing favor coupons
+  stocks users callbacks notifications payscore serviceorder complete
+  cancel modify sync-order merchant fund withdraw applyment applyments
+  ecommerce subsidies media upload image video capital banks
+  search-banks-by-bank-account personal-banking corporate-banking
+  provinces cities branches transfer batches batch-id out-batch-no
+  details detail-id out-detail-no bills bill-receipt elecsign
+  transfer-bills out-bill-no new-tax-control-fapiao fapiao-applications
+  goldplan ]]):gmatch("%S+") do
+  WORDS[w] = true
+end
+
+-- Segments after which the next one is always an id, even when it
+-- happens to spell a word ("/refunds/refund").
+local ID_AFTER = {}
+for w in ([[out-trade-no id refunds out-refund-no out-batch-no batch-id
+  out-detail-no detail-id out-bill-no orders return-orders
+  serviceorder applyments stocks complaints-v2]]):gmatch("%S+") do
+  ID_AFTER[w] = true
+end
+
+local ep_cache, ep_cached = {}, 0
+
+--- syntax: name = upstream.endpoint(method, path)
+-- returns: "METHOD /v3/word/{}/word" (query dropped, ids as {}, at most
+-- MAX_SEGMENTS segments, then "/..."): a bounded set of names.
+function _M.endpoint(method, path)
+  local p = path:match("^[^?]*")
+  local key = method .. " " .. p
+  local name = ep_cache[key]
+  if name then return name end
+  local out, n, prev = { method, " " }, 0, nil
+  for seg in p:gmatch("[^/]+") do
+    n = n + 1
+    if n > MAX_SEGMENTS then
+      out[#out + 1] = "/..."
+      break
+    end
+    out[#out + 1] = "/"
+    local word = WORDS[seg] and not (prev and ID_AFTER[prev])
+    out[#out + 1] = word and seg or "{}"
+    prev = word and seg or nil
+  end
+  name = table.concat(out)
+  -- the cache keys hold ids: bounded, dropped when full
+  if ep_cached >= 512 then ep_cache, ep_cached = {}, 0 end
+  ep_cache[key], ep_cached = name, ep_cached + 1
+  return name
+end
+
+------------------------------------------------------------ counting
+
+local calls = metrics.counter("paygate_wechatpay_calls_total",
+  "Calls to WeChat Pay by endpoint, outcome and error kind (retries "
+  .. "inside one call count once).", { "endpoint", "outcome", "kind" },
+  { max_series = 256 })
+_M.calls = calls
+
+local KNOWN = {}
+for _, k in ipairs(errors.KINDS) do KNOWN[k] = true end
+
+-- transport kinds that mean "no answer from WeChat"
+local UNAVAILABLE = { connect = true, dns = true, closed = true,
+                      aborted = true }
+local OWN = { timeout = true, tls = true, circuit_open = true,
+              degraded = true, unknown_outcome = true,
+              unverified_response = true, invalid_params = true,
+              body_too_large = true }
+
+--- syntax: outcome, kind = upstream.outcome(res, err)
+-- returns: the labels of a call's result: outcome ok, http_4xx,
+-- http_5xx, timeout, unavailable (connect, dns, reset), tls,
+-- circuit_open, degraded, unknown_outcome, unverified_response,
+-- invalid_params, body_too_large or error; kind: err.kind when it is one
+-- of errors.KINDS (else "other"), "" for ok.
+function _M.outcome(res, err)
+  if res then return "ok", "" end
+  local kind = type(err) == "table" and err.kind or nil
+  local k = KNOWN[kind] and kind or "other"
+  local status = type(err) == "table" and err.status or nil
+  if type(status) == "number" and status >= 400 and kind ~= "unknown_outcome"
+     and kind ~= "unverified_response" then
+    return status >= 500 and "http_5xx" or "http_4xx", k
+  end
+  if UNAVAILABLE[kind] then return "unavailable", k end
+  if OWN[kind] then return kind, k end
+  return "error", k
+end
+
+--- syntax: upstream.count(endpoint, res, err) -- one call's result
+function _M.count(endpoint, res, err)
+  local outcome, kind = _M.outcome(res, err)
+  calls:inc({ endpoint, outcome, kind })
+end
+
+--------------------------------------------------------- degradation
+
+local function dict_of(v)
+  if type(v) == "string" or v == nil then
+    local certs = require "paygate.wechatpay.certs"
+    local d, why = certs.shared_dict(v or "paygate")
+    if not d then error("wechatpay.degrade: " .. tostring(why), 3) end
+    return d
+  end
+  return v
+end
+
+--- syntax: upstream.set_degraded(on[, dict]) -- dict: a shared dict or
+-- its name (default "paygate"); every client on that dict, every worker
+function _M.set_degraded(on, dict)
+  if type(on) ~= "boolean" then
+    error("wechatpay.degrade: on must be a boolean", 3)
+  end
+  local d = dict_of(dict)
+  local ok, err = d:set(DEGRADED_KEY, on)
+  if not ok then return nil, err end
+  return true
+end
+
+--- syntax: on = upstream.degraded(dict_or_name)
+function _M.degraded(dict)
+  local d = dict_of(dict)
+  return d:get(DEGRADED_KEY) == true
+end
+
+-- A client's start value: written unless a value is there already (a
+-- worker that starts later must not undo the admin's switch).
+function _M.init(wx)
+  local c = wx.conf
+  wx.upstream = { eps = {} }
+  if not wx.dict then
+    -- no shared dict: this worker's own state (documented)
+    local t = {}
+    wx.updict = {
+      get = function(_, k)
+        local e = t[k]
+        if e and e[2] and e[2] <= core.mono() then t[k] = nil; return nil end
+        return e and e[1]
+      end,
+      set = function(_, k, v, ttl)
+        t[k] = v ~= nil and { v, ttl and ttl > 0 and core.mono() + ttl }
+               or nil
+        return true
+      end,
+      add = function(self, k, v, ttl)
+        if self:get(k) ~= nil then return nil, "exists" end
+        return self:set(k, v, ttl)
+      end,
+      incr = function(self, k, by, init, ttl)
+        local v = self:get(k)
+        if v == nil then
+          if init == nil then return nil, "not found" end
+          self:set(k, init + by, ttl)
+          return init + by
+        end
+        t[k][1] = v + by
+        return v + by
+      end,
+      delete = function(_, k) t[k] = nil; return true end,
+    }
+  else
+    wx.updict = wx.dict
+  end
+  if c.degraded ~= nil then wx.updict:add(DEGRADED_KEY, c.degraded) end
+end
+
+------------------------------------------------------------ timeouts
+
+local function ep_state(wx, ep)
+  local s = wx.upstream.eps[ep]
+  if not s then
+    s = { ring = {}, n = 0, i = 0, since = 0, timeout = nil, p95 = nil }
+    wx.upstream.eps[ep] = s
+  end
+  return s
+end
+
+--- syntax: t = upstream.adaptive_timeout(p95, floor, ceiling)
+function _M.adaptive_timeout(p95, lo, hi)
+  return min(hi, max(lo, p95 * 1.8 + 0.2))
+end
+
+local function recompute(wx, s)
+  local c = wx.conf
+  local n = s.n
+  local a = {}
+  for i = 1, n do a[i] = s.ring[i] end
+  sort(a)
+  s.p95 = a[max(1, ceil(n * 0.95))]
+  s.timeout = _M.adaptive_timeout(s.p95, c.timeout_floor, c.timeout_ceiling)
+  s.since = 0
+end
+
+--- syntax: upstream.observe(wx, ep, seconds) -- an attempt's answer time
+function _M.observe(wx, ep, seconds)
+  local c = wx.conf
+  local s = ep_state(wx, ep)
+  local cap = c.latency_window
+  s.i = s.i % cap + 1
+  s.ring[s.i] = seconds
+  if s.n < cap then s.n = s.n + 1 end
+  s.since = s.since + 1
+  if s.n >= c.timeout_samples
+     and (s.timeout == nil or s.since >= max(RECOMPUTE, floor(cap / 10))) then
+    recompute(wx, s)
+  end
+end
+
+--- syntax: t = upstream.timeout(wx, ep) -- seconds for the next attempt
+function _M.timeout(wx, ep)
+  local c = wx.conf
+  if not c.adaptive_timeout then return c.timeout end
+  local s = wx.upstream.eps[ep]
+  return s and s.timeout or c.timeout
+end
+
+------------------------------------------------------------ breaker
+
+local function bkey(wx, ep)
+  return (wx.key_prefix or "wechatpay:") .. "cb:" .. ep .. ":"
+end
+
+local function window_counts(d, k, c, now)
+  local w = c.breaker_window
+  local b = floor(now / w)
+  local frac = now / w - b
+  local calls_now = d:get(k .. "c" .. b) or 0
+  local fails_now = d:get(k .. "f" .. b) or 0
+  local calls_prev = d:get(k .. "c" .. (b - 1)) or 0
+  local fails_prev = d:get(k .. "f" .. (b - 1)) or 0
+  -- the sliding window: all of this bucket, the part of the last one
+  -- still inside it
+  return calls_now + calls_prev * (1 - frac),
+         fails_now + fails_prev * (1 - frac), b
+end
+
+--- syntax: ok, probe, retry_after = upstream.allow(wx, ep)
+-- ok false: fail fast (retry_after seconds until a probe may go).
+function _M.allow(wx, ep)
+  local c = wx.conf
+  if not c.breaker then return true end
+  local d = wx.updict
+  local k = bkey(wx, ep)
+  local st = d:get(k .. "s")
+  if st == nil then return true end
+  local now = core.mono()
+  local wait = (d:get(k .. "at") or 0) + c.breaker_open_for - now
+  if wait > 0 then return false, false, wait end
+  -- the cool-down is over: one probe at a time (its key expires if the
+  -- worker holding it dies)
+  if d:add(k .. "p", true, c.timeout_ceiling + c.breaker_open_for) then
+    d:set(k .. "s", "half_open")
+    return true, true
+  end
+  return false, false, min(1, c.breaker_open_for)   -- a probe is out
+end
+
+local function open(wx, ep, k, d, now)
+  d:set(k .. "at", now)
+  d:set(k .. "s", "open")
+  d:delete(k .. "p")
+  core.log(2, "wechatpay: circuit opened", json.encode({ endpoint = ep,
+    mchid = wx.conf.mchid, open_for = wx.conf.breaker_open_for }))
+end
+
+--- syntax: upstream.record(wx, ep, failed, probe) -- an attempt's result
+function _M.record(wx, ep, failed, probe)
+  local c = wx.conf
+  if not c.breaker then return end
+  local d = wx.updict
+  local k = bkey(wx, ep)
+  local now = core.mono()
+  if probe then
+    if failed then
+      open(wx, ep, k, d, now)
+    else
+      local b = floor(now / c.breaker_window)
+      for _, x in ipairs({ "s", "at", "p", "c" .. b, "f" .. b,
+                           "c" .. (b - 1), "f" .. (b - 1) }) do
+        d:delete(k .. x)
+      end
+      core.log(1, "wechatpay: circuit closed", json.encode({
+        endpoint = ep, mchid = wx.conf.mchid }))
+    end
+    return
+  end
+  local b = floor(now / c.breaker_window)
+  local ttl = 2 * c.breaker_window + 1
+  d:incr(k .. "c" .. b, 1, 0, ttl)
+  if not failed then return end
+  d:incr(k .. "f" .. b, 1, 0, ttl)
+  local n, f = window_counts(d, k, c, now)
+  if n >= c.breaker_min_calls and f / n >= c.breaker_failure_ratio
+     and d:get(k .. "s") == nil then
+    open(wx, ep, k, d, now)
+  end
+end
+
+--- syntax: upstream.release(wx, ep) -- a probe that was never sent
+-- gives its turn back
+function _M.release(wx, ep)
+  wx.updict:delete(bkey(wx, ep) .. "p")
+end
+
+--- syntax: err = upstream.circuit_open_error(what, retry_after)
+function _M.circuit_open_error(what, retry_after)
+  return errors.new("circuit_open", what .. ": circuit open (too many "
+    .. "recent failures at this endpoint); not sent", {
+      retryable = true, retry_after = retry_after })
+end
+
+--- syntax: err = upstream.degraded_error(what)
+function _M.degraded_error(what)
+  return errors.new("degraded", what .. ": calls to WeChat Pay are "
+    .. "switched off (degraded mode); not sent", { retryable = true })
+end
+
+--- syntax: st = upstream.status(wx)
+-- returns: { degraded, endpoints = { [endpoint] = { timeout, p95,
+-- samples, breaker = "closed" | "open" | "half_open", calls, failures }
+-- } }: this worker's latency view, the instance's breaker view.
+function _M.status(wx)
+  local c = wx.conf
+  local d = wx.updict
+  local out = { degraded = d:get(DEGRADED_KEY) == true, endpoints = {} }
+  for ep, s in pairs(wx.upstream.eps) do
+    if s.since > 0 and s.n >= c.timeout_samples then recompute(wx, s) end
+    local k = bkey(wx, ep)
+    local n, f = window_counts(d, k, c, core.mono())
+    out.endpoints[ep] = { timeout = _M.timeout(wx, ep), p95 = s.p95,
+      samples = s.n, breaker = d:get(k .. "s") or "closed",
+      calls = n, failures = f }
+  end
+  return out
+end
+
+--- syntax: upstream.track(wx, ep) -- makes ep show in status() before
+-- its first answer
+function _M.track(wx, ep) ep_state(wx, ep) end
+
+return _M
