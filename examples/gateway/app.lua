@@ -82,9 +82,14 @@ for _, m in ipairs(cfg.merchants) do
 end
 
 -- the degradation switch: in the shared dictionary, so every worker sees
--- what /admin/degrade set (add: a worker starting later keeps it)
+-- what /admin/degrade set (add: a worker starting later keeps it). The
+-- WeChat Pay clients' own switch (wx:degrade: every call fails at once
+-- with kind degraded, nothing sent) is kept in step with it, so work that
+-- does not ask ctx.degraded() sends nothing either.
 local D = shared.get_dict("paygate")
-D:add("gw:degraded", g.degraded and 1 or 0)
+if D:add("gw:degraded", g.degraded and 1 or 0) then
+  for _, client in pairs(wx) do client:degrade(g.degraded) end
+end
 
 local ctx = {
   db = db, cfg = cfg, gateway = g, wx = wx,
@@ -95,6 +100,7 @@ function ctx.degraded()
   return D:get("gw:degraded") == 1
 end
 function ctx.set_degraded(on)
+  for _, client in pairs(wx) do client:degrade(on) end
   return D:set("gw:degraded", on and 1 or 0)
 end
 function ctx.notify_url(mchid)

@@ -730,6 +730,15 @@ function _M.after(list)
   if not list or not list[1] then return end
   paygate.spawn(function()
     for _, w in ipairs(list) do
+      if ctx.degraded() then
+        -- no call while degraded: a refund stays created (the refund
+        -- checks send it once the switch is off); a superseded attempt
+        -- left open at WeChat ends at its time_expire (money taken on it
+        -- meanwhile is a late payment, handled as such)
+        paygate.log.warn("gateway: degraded: work after a commit left for"
+          .. " later", { refund = w.refund, close = w.close })
+        break
+      end
       if w.refund then
         local ok, err = pcall(ctx.refunds.send, w.refund)
         if not ok then

@@ -365,6 +365,7 @@ local function bill_job(ctx, conf)
   local db = ctx.db
   local tried = {}          -- date|mchid -> when last tried (this worker)
   local function pending(now)
+    if ctx.degraded and ctx.degraded() then return {} end
     if beijing_hour(now) < conf.bill_hour then
       -- before the hour the bill is not there yet; yesterday's wait
       return {}
