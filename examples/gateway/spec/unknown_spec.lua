@@ -63,7 +63,7 @@ describe("gateway: prepay outcome unknown", function()
     -- one attempt of at most 0.5 s per call: a slower answer is lost
     gw = core.start(sim, {
       gateway = { reconcile = { enabled = false } },
-      merchant = { timeout = 0.5, max_attempts = 1 } })
+      merchant = { timeout = 0.5, timeout_floor = 0.2, max_attempts = 1 } })
     gw_rec = core.start(sim, { gateway = {
       reconcile = { check_after = 1, first = 0.5, ceiling = 1,
                     interval = 0.1, bill = false } } })
