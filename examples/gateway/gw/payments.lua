@@ -436,67 +436,67 @@ function _M.create(req, ik)
   local p, err
   for _ = 1, 2 do
     p, err = fsm.retry(ctx.db, function(tx)
-    local rows, qerr = tx:query("SELECT * FROM gw_payments WHERE app_id ="
-      .. " $1 AND order_id = $2", { req.app_id, o.order_id })
-    if not rows then return nil, qerr end
-    local old = rows[1]
-    if old then
-      if old.state == "unknown" and old.out_trade_no ~= settled then
-        return { unknown = old }
+      local rows, qerr = tx:query("SELECT * FROM gw_payments WHERE app_id ="
+        .. " $1 AND order_id = $2", { req.app_id, o.order_id })
+      if not rows then return nil, qerr end
+      local old = rows[1]
+      if old then
+        if old.state == "unknown" and old.out_trade_no ~= settled then
+          return { unknown = old }
+        end
+        if old.state ~= "created" and old.state ~= "unknown" then
+          return { exists = old }
+        end
+        local n = old.attempt + 1
+        local res
+        res, qerr = tx:exec("UPDATE gw_attempts SET state = 'superseded',"
+          .. " closed_at = $2 WHERE payment_id = $1 AND state = 'open'",
+          { old.id, now })
+        if not res then return nil, qerr end
+        res, qerr = tx:exec("UPDATE gw_payments SET channel = $2, amount = $3,"
+          .. " currency = $4, description = $5, attach = $6, appid = $7,"
+          .. " out_trade_no = $8, attempt = $9, expires_at = $10, updated_at"
+          .. " = $11 WHERE id = $1 AND state = $13 AND attempt = $12",
+          { old.id, o.channel, o.amount, o.currency, o.description,
+            o.attach or json.null, o.appid,
+            model.out_trade_no(old.id, n), n, floor(now) + o.expires_in, now,
+            old.attempt, old.state, n = 13 })
+        if not res then return nil, qerr end
+        if res.changes ~= 1 then
+          return nil, paygate.error("stale_version", "payment moved",
+                                    { retryable = true })
+        end
+        res, qerr = insert_attempt(tx, old, n, o.channel, now)
+        if not res then return nil, qerr end
+        local ok
+        ok, qerr = audit.append(tx, "payment:" .. old.id, {
+          what = "payment.attempt", ref = model.out_trade_no(old.id, n),
+          from = old.state, to = old.state, cause = "resume", actor = actor,
+          evidence = { channel = o.channel, attempt = n,
+                       settled = settled } })
+        if not ok then return nil, qerr end
+        return model.payment(tx, old.id)
       end
-      if old.state ~= "created" and old.state ~= "unknown" then
-        return { exists = old }
-      end
-      local n = old.attempt + 1
+      local id = model.new_payment_id()
+      local row = {
+        id = id, app_id = req.app_id, order_id = o.order_id,
+        mchid = o.merchant.mchid, sub_mchid = o.sub_mchid or json.null,
+        appid = o.appid, channel = o.channel, amount = o.amount,
+        currency = o.currency, description = o.description,
+        attach = o.attach or json.null,
+        out_trade_no = model.out_trade_no(id, 1), attempt = 1, refunded = 0,
+        expires_at = floor(now) + o.expires_in, created_at = now,
+        updated_at = now,
+        checks = 0 }
       local res
-      res, qerr = tx:exec("UPDATE gw_attempts SET state = 'superseded',"
-        .. " closed_at = $2 WHERE payment_id = $1 AND state = 'open'",
-        { old.id, now })
-      if not res then return nil, qerr end
-      res, qerr = tx:exec("UPDATE gw_payments SET channel = $2, amount = $3,"
-        .. " currency = $4, description = $5, attach = $6, appid = $7,"
-        .. " out_trade_no = $8, attempt = $9, expires_at = $10, updated_at"
-        .. " = $11 WHERE id = $1 AND state = $13 AND attempt = $12",
-        { old.id, o.channel, o.amount, o.currency, o.description,
-          o.attach or json.null, o.appid,
-          model.out_trade_no(old.id, n), n, floor(now) + o.expires_in, now,
-          old.attempt, old.state, n = 13 })
-      if not res then return nil, qerr end
-      if res.changes ~= 1 then
-        return nil, paygate.error("stale_version", "payment moved",
-                                  { retryable = true })
-      end
-      res, qerr = insert_attempt(tx, old, n, o.channel, now)
+      res, qerr = P:create(tx, row, { cause = "create", actor = actor,
+        evidence = { order_id = o.order_id, amount = o.amount,
+                     channel = o.channel } })
       if not res then return nil, qerr end
       local ok
-      ok, qerr = audit.append(tx, "payment:" .. old.id, {
-        what = "payment.attempt", ref = model.out_trade_no(old.id, n),
-        from = old.state, to = old.state, cause = "resume", actor = actor,
-        evidence = { channel = o.channel, attempt = n,
-                     settled = settled } })
+      ok, qerr = insert_attempt(tx, res.row, 1, o.channel, now)
       if not ok then return nil, qerr end
-      return model.payment(tx, old.id)
-    end
-    local id = model.new_payment_id()
-    local row = {
-      id = id, app_id = req.app_id, order_id = o.order_id,
-      mchid = o.merchant.mchid, sub_mchid = o.sub_mchid or json.null,
-      appid = o.appid, channel = o.channel, amount = o.amount,
-      currency = o.currency, description = o.description,
-      attach = o.attach or json.null,
-      out_trade_no = model.out_trade_no(id, 1), attempt = 1, refunded = 0,
-      expires_at = floor(now) + o.expires_in, created_at = now,
-      updated_at = now,
-      checks = 0 }
-    local res
-    res, qerr = P:create(tx, row, { cause = "create", actor = actor,
-      evidence = { order_id = o.order_id, amount = o.amount,
-                   channel = o.channel } })
-    if not res then return nil, qerr end
-    local ok
-    ok, qerr = insert_attempt(tx, res.row, 1, o.channel, now)
-    if not ok then return nil, qerr end
-    return model.payment(tx, id)
+      return model.payment(tx, id)
     end)
     if not (p and p.unknown) then break end
     if settled then

@@ -91,8 +91,8 @@ describe("gateway retention", function()
                                    .. "/metrics" })
     assert.matches('paygate_retention_pruned_rows{job="gw_notifications"} 2',
                    m.body, 1, true)
-    assert.matches('paygate_retention_pruned_rows{job="gw_notification_effects"}'
-                   .. ' 2', m.body, 1, true)
+    assert.matches('paygate_retention_pruned_rows{job='
+                   .. '"gw_notification_effects"} 2', m.body, 1, true)
   end)
 end)
 
