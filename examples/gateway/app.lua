@@ -82,9 +82,14 @@ for _, m in ipairs(cfg.merchants) do
 end
 
 -- the degradation switch: in the shared dictionary, so every worker sees
--- what /admin/degrade set (add: a worker starting later keeps it)
+-- what /admin/degrade set (add: a worker starting later keeps it). The
+-- WeChat Pay clients' own switch (wx:degrade: every call fails at once
+-- with kind degraded, nothing sent) is kept in step with it, so work that
+-- does not ask ctx.degraded() sends nothing either.
 local D = shared.get_dict("paygate")
-D:add("gw:degraded", g.degraded and 1 or 0)
+if D:add("gw:degraded", g.degraded and 1 or 0) then
+  for _, client in pairs(wx) do client:degrade(g.degraded) end
+end
 
 local ctx = {
   db = db, cfg = cfg, gateway = g, wx = wx,
@@ -95,6 +100,7 @@ function ctx.degraded()
   return D:get("gw:degraded") == 1
 end
 function ctx.set_degraded(on)
+  for _, client in pairs(wx) do client:degrade(on) end
   return D:set("gw:degraded", on and 1 or 0)
 end
 function ctx.notify_url(mchid)
@@ -171,7 +177,26 @@ admin.routes(ctx)
 -- background: the outbox dispatcher -----------------------------------------
 
 if paygate.runtime.mode == "worker" then
-  events.start(db, g)
+  -- retention (docs/retention.md): idempotency records past their ttl,
+  -- the notification dedupe tables after 25 h (past WeChat's 24 h 4 min
+  -- of retries), delivered outbox rows after 7 days -- in small batches,
+  -- one pruner at a time across workers and instances (a lease on Redis
+  -- when configured, else on the store). It prunes the outbox, so the
+  -- dispatcher does not.
+  local prunes = g.retention ~= false
+  if prunes then
+    local lease_store = db
+    if g.redis then
+      local rc, rerr = require("paygate.redis").connect(g.redis)
+      if not rc then
+        error("gateway: cannot connect to redis: " .. tostring(rerr), 0)
+      end
+      lease_store = rc
+    end
+    ctx.retention = require("paygate.retention").start(db,
+      g.retention or {}, { lease = lease_store })
+  end
+  events.start(db, g, { prune = not prunes })
   -- the state machines' counters of this worker on /metrics (totals only:
   -- a worker holds few app series)
   local metrics = require "paygate.metrics"
@@ -190,8 +215,8 @@ if paygate.runtime.mode == "worker" then
   end)
 end
 
--- other helpers' parts (reconciliation, retention) plug in here when present
-for _, name in ipairs({ "gw.reconcile", "gw.retention" }) do
+-- other helpers' parts (reconciliation) plug in here when present
+for _, name in ipairs({ "gw.reconcile" }) do
   local ok, mod = pcall(require, name)
   if ok and type(mod) == "table" and mod.start then
     mod.start(ctx)

@@ -6,7 +6,7 @@
 return {
   gateway = {
     db = "sqlite:var/gateway.db",          -- or "postgres://user@host/db"
-    -- redis = "redis://127.0.0.1:6379",   -- for redis_stream
+    -- redis = "redis://127.0.0.1:6379",   -- redis_stream; retention's lease
     -- notify_url base: <public_url>/wechatpay/notify/<mchid>
     public_url = "https://pay.example.com",
     payment_ttl = 7200,                    -- s until an unpaid payment expires
@@ -19,6 +19,8 @@ return {
     },
     -- redis_stream = { stream = "paygate:events" },
     -- dispatcher = { max_attempts = 20 },  -- paygate.outbox dispatcher options
+    -- paygate.retention's policy (docs/retention.md); false: no pruning
+    -- retention = { outbox_days = 7, notification_hours = 25 },
   },
   merchants = {
     { mchid = "1900000001", appid = "wx0000000000000000",

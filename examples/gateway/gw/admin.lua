@@ -1,8 +1,9 @@
 -- gw.admin: /admin/* routes. Loopback callers only, unless an admin
 -- token is configured (gateway.admin_token_file / _env): then every
 -- caller, loopback included, sends Authorization: Bearer <token>.
---   GET  /admin/degrade            -> { on }
---   POST /admin/degrade {on}       -> { on }   every worker sees it
+--   GET  /admin/degrade            -> { on, clients = { [mchid] = on } }
+--   POST /admin/degrade {on}       -> the same; every worker sees it, and
+--                                     the WeChat Pay clients' switch flips
 --   POST /admin/outbox/replay {id | dead = true[, type, subject]}
 --                                  -> { replayed = n }
 local paygate = require "paygate"
@@ -44,8 +45,16 @@ end
 
 function _M.routes(ctx)
   local guard = function(fn) return _M.guard(ctx, fn) end
+  -- { on, clients = { [mchid] = the WeChat Pay client's own switch } }
+  local function state()
+    local clients = {}
+    for mchid, client in pairs(ctx.wx) do
+      clients[mchid] = client:degraded()
+    end
+    return { on = ctx.degraded(), clients = clients }
+  end
   paygate.route("GET", "/admin/degrade", guard(function()
-    return 200, { on = ctx.degraded() }
+    return 200, state()
   end))
   paygate.route("POST", "/admin/degrade", guard(function(req)
     local b = body(req)
@@ -56,7 +65,7 @@ function _M.routes(ctx)
     ctx.set_degraded(b.on)
     paygate.log.warn("gateway: degradation switched " .. (b.on and "on"
                      or "off"), { remote = req.remote_addr })
-    return 200, { on = ctx.degraded() }
+    return 200, state()
   end))
   paygate.route("POST", "/admin/outbox/replay", guard(function(req)
     local b = body(req)

@@ -270,6 +270,12 @@ function _M.check(conf, runtime)
     end
   end
   local out = { reconcile = g.reconcile, retention = g.retention }
+  -- paygate.retention's policy (docs/retention.md); false: no pruning by
+  -- retention (the outbox dispatcher then prunes its delivered rows)
+  if g.retention ~= nil and g.retention ~= false then
+    local ok, why = require("paygate.retention").check(g.retention)
+    if not ok then return fail("gateway.retention", why) end
+  end
   local db, err = check_db(g)
   if not db then return nil, err end
   out.db = db

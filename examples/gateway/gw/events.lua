@@ -56,9 +56,10 @@ function _M.sinks(g, hooks)
   return sinks
 end
 
---- syntax: d = events.start(db, gateway_cfg)
--- Starts the dispatcher (a task) and returns it.
-function _M.start(db, g)
+--- syntax: d = events.start(db, gateway_cfg[, over])
+-- Starts the dispatcher (a task) and returns it. over: options that win
+-- over gateway.dispatcher's (prune = false: paygate.retention prunes).
+function _M.start(db, g, over)
   local ok, hooks = pcall(require, "gw.hooks")
   if not ok then
     paygate.log.error("gw.hooks failed to load; no in-process hooks",
@@ -67,6 +68,7 @@ function _M.start(db, g)
   end
   local opts = { sinks = _M.sinks(g, hooks), name = "gateway" }
   for k, v in pairs(g.dispatcher or {}) do opts[k] = v end
+  for k, v in pairs(over or {}) do opts[k] = v end
   local d = outbox.dispatcher(db, opts)
   d:start()
   _M.dispatcher = d

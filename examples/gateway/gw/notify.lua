@@ -10,11 +10,13 @@ local paygate = require "paygate"
 local fsm = require "paygate.fsm"
 local json = require "paygate.json"
 local wechatpay = require "paygate.wechatpay"
+local metrics = require "paygate.metrics"
+local shared = require "paygate.shared"
 local model = require "gw.model"
 local apply = require "gw.apply"
 local payments = require "gw.payments"
 
-local type, tostring = type, tostring
+local type, tostring, tonumber = type, tostring, tonumber
 
 local _M = {}
 
@@ -38,6 +40,43 @@ local function replayed(req)
   if not rows then return fail("store unavailable") end
   if rows[1] then return wechatpay.notify_ack() end
   return fail("replayed")
+end
+
+-- A notification for an order (or refund) this gateway does not know is
+-- answered FAIL: it may be another instance's, whose transaction has not
+-- committed yet, and WeChat sends it again. But WeChat does so for a day:
+-- an operator must see it. Counted once per notification id, on /metrics
+-- as paygate_gateway_unknown_notifications_total{kind} (all workers,
+-- since start), and logged once per id at warn.
+local UNKNOWN = { unknown_order = "payment", unknown_refund = "refund" }
+local RETRY_WINDOW = 25 * 3600        -- WeChat retries for 24 h 4 min
+local unknown_gauge
+
+local function unknown_target(mchid, event, err)
+  local kind = UNKNOWN[err.kind]
+  unknown_gauge = unknown_gauge or metrics.gauge(
+    "paygate_gateway_unknown_notifications_total",
+    "Notifications (distinct ids) for a payment or refund not known here,"
+    .. " answered FAIL, since start.")
+  local d = shared.get_dict("paygate")
+  local first = d:add("gw:unknown_note:" .. tostring(event.id), 1,
+                      RETRY_WINDOW)
+  if first == false then return end   -- seen already: counted and logged
+  local n = d:incr("gw:unknown_notes:" .. kind, 1, 0) or 0
+  unknown_gauge:set(n, { kind = kind })
+  local r = type(event.resource) == "table" and event.resource or {}
+  paygate.log.warn("gateway: notification for a " .. kind .. " this"
+    .. " gateway does not know: answered FAIL (WeChat retries it for a day;"
+    .. " another instance's, not committed yet? a wrong notify_url?)", {
+      id = event.id, event_type = event.event_type, mchid = mchid,
+      out_trade_no = r.out_trade_no, out_refund_no = r.out_refund_no })
+end
+
+--- syntax: n = notify.unknown_count(kind) -- "payment" | "refund": distinct
+-- notifications for unknown targets since start (all workers)
+function _M.unknown_count(kind)
+  return tonumber(shared.get_dict("paygate"):get("gw:unknown_notes:"
+                                                 .. kind)) or 0
 end
 
 --- syntax: outcome, after = notify.process(mchid, event)
@@ -103,6 +142,10 @@ function _M.handler(req)
     return fail(err.kind)
   end
   local outcome, after = _M.process(mchid, event)
+  if not outcome and type(after) == "table" and UNKNOWN[after.kind] then
+    unknown_target(mchid, event, after)
+    return fail(after.kind)
+  end
   if not outcome then
     paygate.log.warn("gateway: notification not applied", {
       id = event.id, kind = after and after.kind,

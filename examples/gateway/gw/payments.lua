@@ -34,20 +34,41 @@ local function err_body(kind, message, extra)
 end
 _M.err_body = err_body
 
---- syntax: status, body = payments.wx_failure(err)
--- A failed WeChat call as the merchant API answers it.
-function _M.wx_failure(err)
+--- syntax: status, body = payments.wx_failure(err[, extra])
+-- A failed WeChat call as the merchant API answers it; extra: more
+-- fields of the body (the payment as it now is).
+function _M.wx_failure(err, extra)
   local kind = type(err) == "table" and err.kind or "error"
   if kind == "timeout" or kind == "unknown_outcome" then
     return 504, err_body("timeout", "WeChat Pay did not answer in time ("
-                         .. tostring(err) .. ")")
+                         .. tostring(err) .. ")", extra)
   end
   if kind == "degraded" or kind == "circuit_open" then
     return 503, err_body("degraded", "calls to WeChat Pay are switched off"
-                         .. " for now (" .. tostring(err) .. ")")
+                         .. " for now (" .. tostring(err) .. ")", extra)
   end
-  return 502, err_body("wechat_error", "WeChat Pay: " .. tostring(err),
-                       { wechat_kind = kind, wechat_code = err.code })
+  local b = err_body("wechat_error", "WeChat Pay: " .. tostring(err),
+                     { wechat_kind = kind, wechat_code = err.code })
+  for k, v in pairs(extra or {}) do b[k] = v end
+  return 502, b
+end
+
+-- Kinds of a failed POST that WeChat may have acted on: the request may
+-- have arrived (a timeout or a lost connection after sending, an answer
+-- whose signature did not verify, WeChat's own 5xx). Everything else was
+-- refused before it acted (a 4xx, 429) or never left (connect, DNS,
+-- degraded, circuit_open, invalid_params).
+local MAYBE_SENT = { unknown_outcome = true, unverified_response = true,
+                     system_error = true }
+
+--- syntax: yes = payments.maybe_sent(err)
+function _M.maybe_sent(err)
+  if type(err) ~= "table" then return false end
+  if MAYBE_SENT[err.kind] then return true end
+  if err.kind == "http_error" then
+    return type(err.status) == "number" and err.status >= 500
+  end
+  return err.sent == true and err.status == nil
 end
 
 local function degraded()
@@ -270,9 +291,13 @@ local function opened(p, no, pay, ik, status, actor)
     ok, err = tx:exec("UPDATE gw_attempts SET prepay = $2 WHERE"
                       .. " out_trade_no = $1", { no, json.encode(pay) })
     if not ok then return nil, err end
-    if row.state == "created" then
+    -- created -> paying; unknown (an earlier prepay's outcome was not
+    -- known, and the resumed create settled it) -> paying
+    local event = row.state == "created" and "opened"
+                  or row.state == "unknown" and "still_open"
+    if event then
       local res
-      res, err = P:transition(tx, p.id, "opened", {
+      res, err = P:transition(tx, p.id, event, {
         row = row, cause = "prepay", actor = actor,
         evidence = { out_trade_no = no }, set = { updated_at = model.time() } })
       if not res then return nil, err end
@@ -283,6 +308,51 @@ local function opened(p, no, pay, ik, status, actor)
     return ik:respond(tx, status, { payment = model.payment_json(row),
                                     pay = pay })
   end)
+end
+
+-- A prepay that may have reached WeChat (maybe_sent): the payment's
+-- outcome is not known (created / paying -> unknown, payment.unknown);
+-- reconciliation, or a resumed create, settles it by a query.
+-- returns: the payment row as it now is (or nil: the store failed, logged)
+local function outcome_unknown(p, no, werr, actor)
+  local row, err = fsm.retry(ctx.db, function(tx)
+    local cur, terr = model.payment(tx, p.id)
+    if not cur then return nil, terr end
+    if not P:can(cur.state, "outcome_unknown") then
+      return cur                    -- moved on meanwhile (paid, closed)
+    end
+    local res
+    res, terr = P:transition(tx, p.id, "outcome_unknown", {
+      row = cur, cause = "prepay", actor = actor,
+      evidence = { out_trade_no = no, kind = werr.kind, code = werr.code,
+                   request_id = werr.request_id },
+      set = { updated_at = model.time() } })
+    if not res then return nil, terr end
+    local ok
+    ok, terr = events.emit(tx, "payment.unknown", res.row)
+    if not ok then return nil, terr end
+    return res.row
+  end)
+  if not row then
+    paygate.log.error("gateway: cannot record an unknown prepay outcome",
+                      { payment = p.id, error = tostring(err) })
+    return nil
+  end
+  return row
+end
+
+-- The answer to a failed prepay of attempt `no`.
+local function prepay_failed(p, no, err, actor)
+  local unknown = _M.maybe_sent(err)
+  paygate.log.warn("gateway: prepay failed", { payment = p.id,
+                   kind = err.kind, outcome = unknown and "unknown"
+                   or "not_sent" })
+  local extra
+  if unknown then
+    local row = outcome_unknown(p, no, err, actor)
+    if row then extra = { payment = model.payment_json(row) } end
+  end
+  return _M.wx_failure(err, extra)
 end
 
 local function actor_of(req)
@@ -310,6 +380,46 @@ end
 
 -- POST /v1/payments ---------------------------------------------------------
 
+-- A create of an order whose payment is `unknown` (its last prepay may
+-- have reached WeChat): asks WeChat about that attempt first.
+-- returns: nothing when the attempt holds no money and is closed (or was
+-- never made), so the create resumes with a new attempt; else the answer
+-- (the payment paid or being paid: applied, 409; WeChat not reachable:
+-- 5xx, the payment stays unknown)
+local function settle_unknown(old)
+  local wx = client_of(old)
+  local txn, qerr = wx:query_by_out_trade_no(old.out_trade_no, sub_of(old))
+  local ts = txn and txn.trade_state
+  if not txn and qerr.kind ~= "not_found" then
+    return _M.wx_failure(qerr, { payment = model.payment_json(old) })
+  end
+  if ts == "NOTPAY" then
+    -- made, never handed out: closed, so nobody can pay it later
+    local ok, cerr = wx:close(old.out_trade_no, sub_of(old))
+    if not ok and cerr.kind ~= "not_found" then
+      if cerr.kind ~= "order_paid" then
+        return _M.wx_failure(cerr, { payment = model.payment_json(old) })
+      end
+      ts = "SUCCESS"
+    end
+  end
+  if ts == nil or ts == "NOTPAY" or ts == "CLOSED" or ts == "REVOKED"
+     or ts == "PAYERROR" then
+    paygate.log.info("gateway: unknown prepay settled; create resumed",
+                     { payment = old.id, out_trade_no = old.out_trade_no,
+                       trade_state = ts or "ORDER_NOT_EXIST" })
+    return nil
+  end
+  -- paid (or being paid): what WeChat says is applied, the create refused
+  local ok, rerr = _M.refresh(old)
+  if not ok then
+    return _M.wx_failure(rerr, { payment = model.payment_json(old) })
+  end
+  local now_p = model.payment(ctx.db, old.id) or old
+  return 409, err_body("payment_exists", "a payment with this order_id"
+    .. " exists", { payment = model.payment_json(now_p) })
+end
+
 function _M.create(req, ik)
   local b, st, eb = body_of(req)
   if not b then return st, eb end
@@ -319,64 +429,86 @@ function _M.create(req, ik)
   local now = model.time()
   local actor = actor_of(req)
   -- a payment that handed nothing out yet (its prepay failed) is resumed
-  -- with a new attempt; any other is a conflict
-  local p, err = fsm.retry(ctx.db, function(tx)
-    local rows, qerr = tx:query("SELECT * FROM gw_payments WHERE app_id ="
-      .. " $1 AND order_id = $2", { req.app_id, o.order_id })
-    if not rows then return nil, qerr end
-    local old = rows[1]
-    if old then
-      if old.state ~= "created" then return { exists = old } end
-      local n = old.attempt + 1
-      local res
-      res, qerr = tx:exec("UPDATE gw_attempts SET state = 'superseded',"
-        .. " closed_at = $2 WHERE payment_id = $1 AND state = 'open'",
-        { old.id, now })
-      if not res then return nil, qerr end
-      res, qerr = tx:exec("UPDATE gw_payments SET channel = $2, amount = $3,"
-        .. " currency = $4, description = $5, attach = $6, appid = $7,"
-        .. " out_trade_no = $8, attempt = $9, expires_at = $10, updated_at"
-        .. " = $11 WHERE id = $1 AND state = 'created' AND attempt = $12",
-        { old.id, o.channel, o.amount, o.currency, o.description,
-          o.attach or json.null, o.appid,
-          model.out_trade_no(old.id, n), n, floor(now) + o.expires_in, now,
-          old.attempt, n = 12 })
-      if not res then return nil, qerr end
-      if res.changes ~= 1 then
-        return nil, paygate.error("stale_version", "payment moved",
-                                  { retryable = true })
+  -- with a new attempt: `created` (the prepay certainly did not reach
+  -- WeChat) at once, `unknown` (it may have) once a query settled the
+  -- attempt (settle_unknown); any other is a conflict
+  local settled                     -- the unknown attempt settled
+  local p, err
+  for _ = 1, 2 do
+    p, err = fsm.retry(ctx.db, function(tx)
+      local rows, qerr = tx:query("SELECT * FROM gw_payments WHERE app_id ="
+        .. " $1 AND order_id = $2", { req.app_id, o.order_id })
+      if not rows then return nil, qerr end
+      local old = rows[1]
+      if old then
+        if old.state == "unknown" and old.out_trade_no ~= settled then
+          return { unknown = old }
+        end
+        if old.state ~= "created" and old.state ~= "unknown" then
+          return { exists = old }
+        end
+        local n = old.attempt + 1
+        local res
+        res, qerr = tx:exec("UPDATE gw_attempts SET state = 'superseded',"
+          .. " closed_at = $2 WHERE payment_id = $1 AND state = 'open'",
+          { old.id, now })
+        if not res then return nil, qerr end
+        res, qerr = tx:exec("UPDATE gw_payments SET channel = $2, amount = $3,"
+          .. " currency = $4, description = $5, attach = $6, appid = $7,"
+          .. " out_trade_no = $8, attempt = $9, expires_at = $10, updated_at"
+          .. " = $11 WHERE id = $1 AND state = $13 AND attempt = $12",
+          { old.id, o.channel, o.amount, o.currency, o.description,
+            o.attach or json.null, o.appid,
+            model.out_trade_no(old.id, n), n, floor(now) + o.expires_in, now,
+            old.attempt, old.state, n = 13 })
+        if not res then return nil, qerr end
+        if res.changes ~= 1 then
+          return nil, paygate.error("stale_version", "payment moved",
+                                    { retryable = true })
+        end
+        res, qerr = insert_attempt(tx, old, n, o.channel, now)
+        if not res then return nil, qerr end
+        local ok
+        ok, qerr = audit.append(tx, "payment:" .. old.id, {
+          what = "payment.attempt", ref = model.out_trade_no(old.id, n),
+          from = old.state, to = old.state, cause = "resume", actor = actor,
+          evidence = { channel = o.channel, attempt = n,
+                       settled = settled } })
+        if not ok then return nil, qerr end
+        return model.payment(tx, old.id)
       end
-      res, qerr = insert_attempt(tx, old, n, o.channel, now)
+      local id = model.new_payment_id()
+      local row = {
+        id = id, app_id = req.app_id, order_id = o.order_id,
+        mchid = o.merchant.mchid, sub_mchid = o.sub_mchid or json.null,
+        appid = o.appid, channel = o.channel, amount = o.amount,
+        currency = o.currency, description = o.description,
+        attach = o.attach or json.null,
+        out_trade_no = model.out_trade_no(id, 1), attempt = 1, refunded = 0,
+        expires_at = floor(now) + o.expires_in, created_at = now,
+        updated_at = now,
+        checks = 0 }
+      local res
+      res, qerr = P:create(tx, row, { cause = "create", actor = actor,
+        evidence = { order_id = o.order_id, amount = o.amount,
+                     channel = o.channel } })
       if not res then return nil, qerr end
       local ok
-      ok, qerr = audit.append(tx, "payment:" .. old.id, {
-        what = "payment.attempt", ref = model.out_trade_no(old.id, n),
-        from = old.state, to = old.state, cause = "resume", actor = actor,
-        evidence = { channel = o.channel, attempt = n } })
+      ok, qerr = insert_attempt(tx, res.row, 1, o.channel, now)
       if not ok then return nil, qerr end
-      return model.payment(tx, old.id)
+      return model.payment(tx, id)
+    end)
+    if not (p and p.unknown) then break end
+    if settled then
+      -- settled, yet unknown again with another attempt: a concurrent
+      -- create resumed it
+      return 409, err_body("conflict", "the payment was resumed at the"
+        .. " same time", { payment = model.payment_json(p.unknown) })
     end
-    local id = model.new_payment_id()
-    local row = {
-      id = id, app_id = req.app_id, order_id = o.order_id,
-      mchid = o.merchant.mchid, sub_mchid = o.sub_mchid or json.null,
-      appid = o.appid, channel = o.channel, amount = o.amount,
-      currency = o.currency, description = o.description,
-      attach = o.attach or json.null,
-      out_trade_no = model.out_trade_no(id, 1), attempt = 1, refunded = 0,
-      expires_at = floor(now) + o.expires_in, created_at = now,
-      updated_at = now,
-      checks = 0 }
-    local res
-    res, qerr = P:create(tx, row, { cause = "create", actor = actor,
-      evidence = { order_id = o.order_id, amount = o.amount,
-                   channel = o.channel } })
-    if not res then return nil, qerr end
-    local ok
-    ok, qerr = insert_attempt(tx, res.row, 1, o.channel, now)
-    if not ok then return nil, qerr end
-    return model.payment(tx, id)
-  end)
+    local s1, s2 = settle_unknown(p.unknown)
+    if s1 then return s1, s2 end
+    settled = p.unknown.out_trade_no
+  end
   if not p then
     if type(err) == "table" and err.kind == "constraint" then
       return 409, err_body("payment_exists", "a payment with this order_id"
@@ -390,11 +522,7 @@ function _M.create(req, ik)
   end
   local pay
   pay, err = prepay(p, p.out_trade_no, o)
-  if not pay then
-    paygate.log.warn("gateway: prepay failed", { payment = p.id,
-                     kind = err.kind })
-    return _M.wx_failure(err)
-  end
+  if not pay then return prepay_failed(p, p.out_trade_no, err, actor) end
   local s1, s2, s3 = opened(p, p.out_trade_no, pay, ik, 201, actor)
   if s1 == nil then return store_failed(s2) end
   return s1, s2, s3
@@ -482,11 +610,7 @@ function _M.new_attempt(req, ik)
   end
   local pay
   pay, err = prepay(row, no, o)
-  if not pay then
-    paygate.log.warn("gateway: prepay failed", { payment = p.id,
-                     kind = err.kind })
-    return _M.wx_failure(err)
-  end
+  if not pay then return prepay_failed(row, no, err, actor) end
   local s1, s2, s3 = opened(row, no, pay, ik, 201, actor)
   if s1 == nil then return store_failed(s2) end
   return s1, s2, s3
@@ -606,6 +730,15 @@ function _M.after(list)
   if not list or not list[1] then return end
   paygate.spawn(function()
     for _, w in ipairs(list) do
+      if ctx.degraded() then
+        -- no call while degraded: a refund stays created (the refund
+        -- checks send it once the switch is off); a superseded attempt
+        -- left open at WeChat ends at its time_expire (money taken on it
+        -- meanwhile is a late payment, handled as such)
+        paygate.log.warn("gateway: degraded: work after a commit left for"
+          .. " later", { refund = w.refund, close = w.close })
+        break
+      end
       if w.refund then
         local ok, err = pcall(ctx.refunds.send, w.refund)
         if not ok then

@@ -6,7 +6,8 @@
 --                       no notification after check_after seconds, queried
 --                       on a backoff; NOTPAY past expires_at closed through
 --                       the close API
---   reconcile:refunds   refunds under way (created, processing, unknown)
+--   reconcile:refunds   refunds under way (created, processing, unknown);
+--                       one WeChat does not know is sent (again)
 --   reconcile:bill      once a day, after bill_hour (Beijing), yesterday's
 --                       trade bill per merchant diffed against gw_payments
 --                       and gw_refunds: a CSV in bill_dir, a gauge, an
@@ -244,6 +245,22 @@ local function refund_checks(ctx, conf, sched)
       local action, err = reconcile.check_refund(wx, {
         id = row.id, state = row.state, out_refund_no = row.out_refund_no,
         sub_mchid = model.opt(row.sub_mchid) })
+      if not action and err.kind == "not_found" and ctx.refunds
+         and (row.state == "created" or row.state == "unknown") then
+        -- never reached WeChat: the process that committed it died before
+        -- the call (a late payment's automatic refund, a merchant refund),
+        -- or the call was lost on the way. Sent now: WeChat makes one
+        -- refund per out_refund_no however often it is asked.
+        paygate.log.warn("gateway: refund unknown to WeChat: sending it",
+                         { refund = row.id, state = row.state })
+        local res, serr = ctx.refunds.send(row.id, function(tx)
+          local f, ferr = rctx.fence(tx)
+          if not f then return nil, ferr end
+          return resched(tx, row.id)
+        end, "reconcile")
+        if not res then return nil, serr end
+        return true
+      end
       if not action then return nil, err end
       if action.abnormal then
         paygate.log.warn("gateway: refund ABNORMAL: apply for the"
@@ -348,6 +365,7 @@ local function bill_job(ctx, conf)
   local db = ctx.db
   local tried = {}          -- date|mchid -> when last tried (this worker)
   local function pending(now)
+    if ctx.degraded and ctx.degraded() then return {} end
     if beijing_hour(now) < conf.bill_hour then
       -- before the hour the bill is not there yet; yesterday's wait
       return {}

@@ -28,14 +28,22 @@ local function refused(err)
          and k ~= "unknown_outcome" and k ~= "unverified_response"
 end
 
---- syntax: row, how, err = refunds.send(id[, finish])
+-- The call was not made: the degradation switch is on, or the refund
+-- endpoint's circuit breaker is open. The refund stays as it was (created:
+-- the refund checks send it once calls go out again).
+local NOT_SENT = { degraded = true, circuit_open = true }
+
+--- syntax: row, how, err = refunds.send(id[, finish[, actor]])
 -- Sends refund `id` (state created or unknown) to WeChat and applies the
 -- answer through the refund machine. finish(tx, row, how, err), when
 -- given, runs in the transaction of that change (to store the merchant
 -- API's answer with it). how: "accepted", "rejected" or "unknown".
+-- how "not_sent": the call was not made (degraded, circuit_open).
+-- actor: the audit entries' actor (default "gateway").
 -- returns: finish's values when given, else the refund row and how; or
 -- nil, err when the store failed.
-function _M.send(id, finish)
+function _M.send(id, finish, actor)
+  actor = actor or "gateway"
   local db = ctx.db
   local rf, err = model.refund(db, id)
   if not rf then return nil, err or paygate.error("not_found", id) end
@@ -51,8 +59,9 @@ function _M.send(id, finish)
   if model.opt(rf.reason) then req.reason = rf.reason end
   if model.opt(p.sub_mchid) then req.sub_mchid = p.sub_mchid end
   local data, werr = wx:refund(req)
-  local how = data and "accepted" or (refused(werr) and "rejected"
-                                      or "unknown")
+  local how = data and "accepted"
+              or NOT_SENT[werr.kind] and "not_sent"
+              or refused(werr) and "rejected" or "unknown"
   if not data then
     paygate.log.warn("gateway: refund call failed", { refund = id,
                      kind = werr.kind, how = how })
@@ -65,14 +74,15 @@ function _M.send(id, finish)
       outcome, terr = apply.refund_status(ctx, tx, row, {
         status = data.status == "SUCCESS" and "SUCCESS" or "PROCESSING",
         refund_id = data.refund_id, source = "refund_call",
-        actor = "gateway" })
+        actor = actor })
       if not outcome then return nil, terr end
-    elseif row.state == "created" or row.state == "unknown" then
+    elseif how ~= "not_sent"
+           and (row.state == "created" or row.state == "unknown") then
       local event = how == "rejected" and "rejected" or "outcome_unknown"
       if R:can(row.state, event) then
         local res
         res, terr = R:transition(tx, id, event, { row = row,
-          cause = "refund_call", actor = "gateway",
+          cause = "refund_call", actor = actor,
           evidence = { kind = werr.kind, code = werr.code },
           set = { updated_at = model.time() } })
         if not res then return nil, terr end
@@ -172,6 +182,13 @@ function _M.create(req, ik)
   end
   if res.status then return res.status, res.body end
   local a, c, d = _M.send(res.refund.id, function(tx, row, how, werr)
+    if how == "not_sent" then
+      -- not stored (a 503): a retry with the key finds this refund by
+      -- its request_key and sends it then
+      local st, eb = payments.wx_failure(werr)
+      eb.refund = model.refund_json(row)
+      return st, eb
+    end
     if how == "rejected" then
       return ik:respond(tx, 502, err_body("wechat_error", "WeChat Pay"
         .. " refused the refund: " .. tostring(werr),

@@ -72,9 +72,11 @@ describe("gateway admin and events", function()
   end)
 
   it("switches degradation for every worker", function()
-    assert.same({ on = false }, admin(gw, "GET", "/admin/degrade").json)
+    local mchid = sim.merchant.mchid
+    assert.same({ on = false, clients = { [mchid] = false } },
+                admin(gw, "GET", "/admin/degrade").json)
     local p = gw:create{}
-    assert.same({ on = true },
+    assert.same({ on = true, clients = { [mchid] = true } },
                 admin(gw, "POST", "/admin/degrade", { on = true }).json)
     -- two workers: each of several requests sees the switch
     for _ = 1, 6 do

@@ -59,8 +59,12 @@ describe("gateway reconciliation", function()
 
   it("a prepay whose answer was lost: the order exists at WeChat, is paid,"
      .. " and the payment ends paid", function()
-    -- the order is made, then every answer is cut (the client's retries too)
-    sim:fault{ endpoint = "prepay", kind = "reset", after = true, count = 10 }
+    -- the order is made, then its answer cannot be trusted (a signature
+    -- that does not verify): the outcome is unknown. (A reset after the
+    -- work is not used here: the HTTP client re-sends a request whose
+    -- reused connection died before any answer, with the same nonce,
+    -- which WeChat refuses as SIGN_ERROR.)
+    sim:fault{ endpoint = "prepay", kind = "bad_signature", count = 1 }
     local order_id = "lost-" .. require("paygate.crypto").random_nonce(8)
     local res = gw:call("POST", "/v1/payments", { order_id = order_id,
       channel = "native", amount = 88, description = "lost answer" })
@@ -68,7 +72,7 @@ describe("gateway reconciliation", function()
     assert.is_true(res.status >= 500, res.body)
     local p = assert(gw.db:query("SELECT id, state, out_trade_no FROM"
       .. " gw_payments WHERE order_id = $1", { order_id }))[1]
-    assert.equal("created", p.state)
+    assert.equal("unknown", p.state, res.body)    -- it may have reached WeChat
     sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }
     sim:pay(p.out_trade_no)
     gw:wait_state(p.id, "paid", 20)

@@ -1,0 +1,170 @@
+-- examples/gateway: the degradation switch and the WeChat Pay client's
+-- upstream protection. /admin/degrade flips the clients' own switch too;
+-- while it is on, a late payment's automatic refund and the reconciliation
+-- send nothing (the refund stays created and is sent once the switch is
+-- off); a call refused by an open circuit breaker is a 503 `degraded` for
+-- writes (nothing was sent: a payment stays created, a refund created)
+-- and a stale local answer for reads.
+local testing = require "paygate.testing"
+local http = require "paygate.http"
+local json = require "paygate.json"
+local core = dofile("examples/gateway/spec/core_support.lua")
+
+local function admin(gw, method, body)
+  return gw.srv:request{ method = method, path = "/admin/degrade",
+    body = body and json.encode(body) or nil,
+    headers = { ["Content-Type"] = "application/json" } }
+end
+
+local function refund_requests(sim)
+  local n = 0
+  for _, r in ipairs(sim:requests()) do
+    if r.endpoint == "refund" then n = n + 1 end
+  end
+  return n
+end
+
+describe("gateway degradation", function()
+  local sim, gw
+
+  setup(function()
+    sim = testing.simulator{ time_scale = 100 }
+    gw = core.start(sim, { workers = 2, gateway = {
+      reconcile = { check_after = 1, first = 0.5, ceiling = 1,
+                    interval = 0.1, bill = false } } })
+  end)
+
+  teardown(function()
+    if gw then
+      admin(gw, "POST", { on = false })
+      gw:stop()
+    end
+    testing.stop_all()
+  end)
+
+  before_each(function()
+    assert.equal(200, admin(gw, "POST", { on = false }).status)
+  end)
+
+  it("/admin/degrade flips the WeChat Pay clients' switch too", function()
+    local res = admin(gw, "POST", { on = true })
+    assert.equal(200, res.status, res.body)
+    assert.is_true(res.json.on)
+    assert.is_true(res.json.clients[sim.merchant.mchid])
+    -- every worker sees both
+    for _ = 1, 4 do
+      local g = admin(gw, "GET")
+      assert.is_true(g.json.on)
+      assert.is_true(g.json.clients[sim.merchant.mchid])
+    end
+    res = admin(gw, "POST", { on = false })
+    assert.is_false(res.json.on)
+    assert.is_false(res.json.clients[sim.merchant.mchid])
+  end)
+
+  it("a late payment's refund waits while degraded, then is sent",
+     function()
+    local p = gw:create{ amount = 80 }
+    sim:fault{ endpoint = "close", kind = "error", status = 404,
+               code = "ORDER_NOT_EXIST", count = 1 }
+    assert.equal(200, gw:call("POST", "/v1/payments/" .. p.id
+                              .. "/close").status)
+    local before = refund_requests(sim)
+    assert.equal(200, admin(gw, "POST", { on = true }).status)
+    sim:pay(p.out_trade_no)
+    local got = gw:wait_state(p.id, "paid", 20)
+    assert.is_true(got.late)
+    testing.wait_until(function()
+      return gw.srv:logs():find("degraded: work after a commit left for"
+                                .. " later", 1, true) ~= nil
+    end, 10, "the refund left for later")
+    local rf = gw:get(p.id).refunds[1]
+    assert.equal("late_payment", rf.kind)
+    -- the refund checks would have sent it by now (check_after 1 s,
+    -- rounds every 0.1 s): they do not while degraded
+    local created = rf.created_at
+    testing.wait_until(function()
+      return os.time() > created + 3
+    end, 10, "past the refund checks' first look")
+    assert.equal("created", gw:call("GET", "/v1/refunds/" .. rf.id)
+                              .json.state)
+    assert.equal(before, refund_requests(sim))
+    -- switched off: the refund checks send it
+    assert.equal(200, admin(gw, "POST", { on = false }).status)
+    testing.wait_until(function()
+      return gw:call("GET", "/v1/refunds/" .. rf.id).json.state
+             == "processing"
+    end, 20, "the refund sent")
+    assert.equal(before + 1, refund_requests(sim))
+  end)
+end)
+
+describe("gateway behind an open circuit breaker", function()
+  local sim, gw
+
+  setup(function()
+    sim = testing.simulator{ time_scale = 100 }
+    gw = core.start(sim, {
+      gateway = { reconcile = { enabled = false } },
+      merchant = { max_attempts = 1, breaker_min_calls = 2,
+                   breaker_failure_ratio = 0.5, breaker_open_for = 60 } })
+  end)
+
+  teardown(function()
+    if gw then gw:stop() end
+    testing.stop_all()
+  end)
+
+  it("writes answer 503 degraded and send nothing; reads are stale",
+     function()
+    local paid = gw:create{ amount = 100 }
+    sim:pay_and_wait(paid.out_trade_no)
+    gw:wait_state(paid.id, "paid")
+    -- WeChat fails every refund, every query, every prepay: the breakers
+    -- open after two failed calls each
+    for _, ep in ipairs({ "refund", "query", "prepay" }) do
+      sim:fault{ endpoint = ep, kind = "error", status = 500 }
+    end
+    for _ = 1, 2 do
+      local r = gw:call("POST", "/v1/payments/" .. paid.id .. "/refunds",
+                        { amount = 1 })
+      assert.is_true(r.status ~= 503, r.body)
+      gw:call("GET", "/v1/payments/" .. paid.id .. "?refresh=1")
+      gw:call("POST", "/v1/payments", { order_id = "cb-"
+        .. require("paygate.crypto").random_nonce(6), channel = "native",
+        amount = 5, description = "breaker" })
+    end
+    local seq = 0
+    for _, r in ipairs(sim:requests()) do
+      if r.seq > seq then seq = r.seq end
+    end
+    -- a refund: 503 degraded, the refund created (not unknown)
+    local r = gw:call("POST", "/v1/payments/" .. paid.id .. "/refunds",
+                      { amount = 2 })
+    assert.equal(503, r.status, r.body)
+    assert.equal("degraded", r.json.error)
+    assert.equal("created", r.json.refund.state)
+    -- a payment: 503 degraded, the payment created (resumed later)
+    local order_id = "cb-" .. require("paygate.crypto").random_nonce(6)
+    local c = gw:call("POST", "/v1/payments", { order_id = order_id,
+      channel = "native", amount = 6, description = "breaker" })
+    assert.equal(503, c.status, c.body)
+    assert.equal("degraded", c.json.error)
+    local row = assert(gw.db:query("SELECT state FROM gw_payments WHERE"
+                                   .. " order_id = $1", { order_id }))[1]
+    assert.equal("created", row.state)
+    -- a read: local state, stale
+    local g = gw:call("GET", "/v1/payments/" .. paid.id .. "?refresh=1")
+    assert.equal(200, g.status)
+    assert.is_true(g.json.stale)
+    assert.equal("paid", g.json.state)
+    -- nothing of it reached WeChat
+    for _, q in ipairs(sim:requests()) do
+      assert.is_true(q.seq <= seq or q.endpoint == "certificates",
+                     json.encode(q))
+    end
+    local m = assert(http.request{ url = "http://127.0.0.1:" .. gw.srv.admin
+                                   .. "/metrics" }).body
+    assert.truthy(m:find('outcome="circuit_open"', 1, true))
+  end)
+end)

@@ -1,0 +1,67 @@
+-- examples/gateway: a notification for an order the gateway does not know
+-- is answered FAIL (500: it may be another instance's order whose
+-- transaction has not committed yet, and WeChat sends it again), and an
+-- operator sees it: counted once per notification id on /metrics, logged
+-- once per id at warn however often WeChat retries.
+local testing = require "paygate.testing"
+local http = require "paygate.http"
+local json = require "paygate.json"
+local core = dofile("examples/gateway/spec/core_support.lua")
+
+describe("gateway: notifications for unknown orders", function()
+  local sim, gw
+
+  setup(function()
+    sim = testing.simulator{ time_scale = 100 }
+    gw = core.start(sim, { workers = 2,
+                           gateway = { reconcile = { enabled = false } } })
+  end)
+
+  teardown(function()
+    if gw then gw:stop() end
+    testing.stop_all()
+  end)
+
+  local function metrics()
+    return assert(http.request{ url = "http://127.0.0.1:" .. gw.srv.admin
+                                .. "/metrics" }).body
+  end
+
+  it("answers FAIL, counts it once and warns once per notification id",
+     function()
+    local url = gw.srv:url("/wechatpay/notify/" .. sim.merchant.mchid)
+    local no = sim:order{ notify_url = url, total = 7 }
+    sim:pay(no)
+    -- WeChat (time-scaled) sends it again and again: four answers at least
+    local n
+    testing.wait_until(function()
+      n = sim:notifications{ out_trade_no = no }[1]
+      return n and #n.attempts >= 4
+    end, 30, "four deliveries of the notification")
+    for _, a in ipairs(n.attempts) do
+      assert.equal(500, a.status)
+    end
+    testing.wait_until(function()
+      return metrics():find('paygate_gateway_unknown_notifications_total'
+                            .. '{kind="payment"} 1', 1, true) ~= nil
+    end, 10, "the counter on /metrics")
+    local warned = 0
+    for line in gw.srv:logs():gmatch("[^\n]+") do
+      local rec = json.decode(line)
+      if type(rec) == "table" and rec.level == "warn"
+         and tostring(rec.msg):find("does not know", 1, true) then
+        warned = warned + 1
+        assert.equal(n.id, rec.id)
+        assert.equal(no, rec.out_trade_no)
+      end
+    end
+    assert.equal(1, warned)
+    -- a second unknown order counts again
+    local no2 = sim:order{ notify_url = url, total = 8 }
+    sim:pay(no2)
+    testing.wait_until(function()
+      return metrics():find('paygate_gateway_unknown_notifications_total'
+                            .. '{kind="payment"} 2', 1, true) ~= nil
+    end, 10, "the second one counted")
+  end)
+end)

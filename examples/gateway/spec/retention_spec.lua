@@ -1,0 +1,136 @@
+-- examples/gateway: paygate.retention wired into the app (gateway.retention,
+-- docs/retention.md): the notification dedupe tables are pruned after 25 h
+-- (WeChat retries for 24 h 4 min), expired idempotency records and old
+-- delivered outbox rows go; younger rows stay; the outbox dispatcher does
+-- not prune on its own (retention does); a policy the library refuses is
+-- a one-line config error.
+local testing = require "paygate.testing"
+local http = require "paygate.http"
+local core = dofile("examples/gateway/spec/core_support.lua")
+
+local H, D = 3600, 86400
+
+local function count(db, sql, args)
+  return tonumber(assert(db:query(sql, args))[1].n)
+end
+
+describe("gateway retention", function()
+  local sim, gw
+
+  setup(function()
+    sim = testing.simulator{ time_scale = 100 }
+    gw = core.start(sim, { gateway = {
+      reconcile = { enabled = false },
+      -- delivered outbox rows kept 30 days here; a dispatcher that
+      -- pruned as well would drop them after its own 7 (and at once)
+      dispatcher = { interval = 0.05, prune_interval = 0.1 },
+      retention = { outbox_days = 30, delay = 0.5, interval = 0.5 },
+    } })
+  end)
+
+  teardown(function()
+    if gw then gw:stop() end
+    testing.stop_all()
+  end)
+
+  it("prunes what is past its policy, keeps the rest", function()
+    local db = gw.db
+    gw:create{ amount = 1 }     -- a POST: the idempotency table exists
+    local now = os.time()
+    local function note(id, age)
+      assert(db:exec("INSERT INTO gw_notifications (id, event_type,"
+        .. " business_key, received_at, outcome) VALUES ($1,"
+        .. " 'TRANSACTION.SUCCESS', $2, $3, 'applied')",
+        { id, "pay|x|" .. id .. "|SUCCESS", now - age }))
+      assert(db:exec("INSERT INTO gw_notification_effects (key,"
+        .. " notification_id, applied_at) VALUES ($1, $2, $3)",
+        { "pay|x|" .. id .. "|SUCCESS", id, now - age }))
+    end
+    note("old-1", 26 * H)
+    note("old-2", 3 * D)
+    note("young-1", 24 * H + 10 * 60)   -- inside the retry window + margin
+    note("young-2", 60)
+    local function outbox(subject, age)
+      assert(db:exec("INSERT INTO paygate_outbox (subject, type, payload,"
+        .. " shard, state, next_at, created_at, delivered_at) VALUES ($1,"
+        .. " 'spec.retention', '{}', 0, 'delivered', $2, $2, $2)",
+        { subject, now - age }))
+    end
+    outbox("ret-old", 40 * D)
+    outbox("ret-young", 10 * D)
+    local function idem(key, expires_in)
+      assert(db:exec("INSERT INTO paygate_idempotency (scope, idem_key,"
+        .. " fingerprint, state, status, created_at, expires_at) VALUES"
+        .. " ('spec', $1, 'f', 'done', 200, $2, $3)",
+        { key, now - D, now + expires_in }))
+    end
+    idem("ret-expired", -60)
+    idem("ret-live", H)
+
+    testing.wait_until(function()
+      return count(db, "SELECT COUNT(*) AS n FROM gw_notifications WHERE"
+                   .. " id LIKE 'old-%'") == 0
+        and count(db, "SELECT COUNT(*) AS n FROM gw_notification_effects"
+                  .. " WHERE notification_id LIKE 'old-%'") == 0
+        and count(db, "SELECT COUNT(*) AS n FROM paygate_outbox WHERE"
+                  .. " subject = 'ret-old'") == 0
+        and count(db, "SELECT COUNT(*) AS n FROM paygate_idempotency WHERE"
+                  .. " idem_key = 'ret-expired'") == 0
+    end, 20, "the old rows pruned")
+    -- a pass ran: the young rows are still there
+    assert.equal(2, count(db, "SELECT COUNT(*) AS n FROM gw_notifications"
+                          .. " WHERE id LIKE 'young-%'"))
+    assert.equal(2, count(db, "SELECT COUNT(*) AS n FROM"
+      .. " gw_notification_effects WHERE notification_id LIKE 'young-%'"))
+    assert.equal(1, count(db, "SELECT COUNT(*) AS n FROM paygate_outbox"
+                          .. " WHERE subject = 'ret-young'"))
+    assert.equal(1, count(db, "SELECT COUNT(*) AS n FROM paygate_idempotency"
+                          .. " WHERE idem_key = 'ret-live'"))
+    -- counted on /metrics per job
+    local m = assert(http.request{ url = "http://127.0.0.1:" .. gw.srv.admin
+                                   .. "/metrics" })
+    assert.matches('paygate_retention_pruned_rows{job="gw_notifications"} 2',
+                   m.body, 1, true)
+    assert.matches('paygate_retention_pruned_rows{job='
+                   .. '"gw_notification_effects"} 2', m.body, 1, true)
+  end)
+end)
+
+describe("gateway retention config", function()
+  local sim
+
+  setup(function() sim = testing.simulator() end)
+  teardown(testing.stop_all)
+
+  it("a policy shorter than WeChat's retries is one line and exit 2",
+     function()
+    local server = require "paygate.testing.server"
+    local pcore = require "paygate.core"
+    local dir = server.tmpdir()
+    for _, c in ipairs({
+      { { notification_hours = 24 }, "gateway: config.gateway.retention:"
+        .. " notification_hours must be a number above 24.07" },
+      { { nope = 1 }, "gateway: config.gateway.retention: unknown retention"
+        .. " option nope" },
+    }) do
+      local conf = core.config(sim, { dir = dir, url = function()
+        return "http://127.0.0.1:9" end }, { retention = c[1] })
+      local file = dir .. "/conf.lua"
+      local f = assert(io.open(file, "wb"))
+      f:write("return " .. server.lua_source(conf) .. "\n")
+      f:close()
+      local code, out = testing.proc.run({ server.bin(), "run",
+        "examples/gateway", "--listen", "127.0.0.1:" .. pcore.free_port(),
+        "--admin", "127.0.0.1:" .. pcore.free_port(), "--config", file },
+        { timeout = 30 })
+      assert.equal(2, code, out)
+      local lines = {}
+      for line in out:gmatch("[^\n]+") do
+        if line:match("^gateway: ") then lines[#lines + 1] = line end
+      end
+      assert.equal(1, #lines, out)
+      assert.matches(c[2], lines[1], 1, true)
+    end
+    server.rmdir(dir)
+  end)
+end)

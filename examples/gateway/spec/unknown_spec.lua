@@ -1,0 +1,212 @@
+-- examples/gateway: a prepay whose outcome is not known (it may have
+-- reached WeChat: an answer that fails verification, no answer within the
+-- client's timeout) moves the payment to `unknown` with a payment.unknown
+-- event; reconciliation settles it by a query, and a resumed create of the
+-- same order queries first (closing an order WeChat made but nobody was
+-- given). A prepay WeChat certainly refused leaves the payment `created`,
+-- resumed at once.
+local testing = require "paygate.testing"
+local audit = require "paygate.audit"
+local core = dofile("examples/gateway/spec/core_support.lua")
+
+local function events_of(gw, id)
+  local rows = assert(gw.db:query("SELECT type FROM paygate_outbox WHERE"
+    .. " subject = $1 ORDER BY id", { id }))
+  local types = {}
+  for i, r in ipairs(rows) do types[i] = r.type end
+  return types
+end
+
+local function count(list, v)
+  local n = 0
+  for _, x in ipairs(list) do if x == v then n = n + 1 end end
+  return n
+end
+
+local function row_of(gw, order_id)
+  return assert(gw.db:query("SELECT * FROM gw_payments WHERE order_id = $1",
+                            { order_id }))[1]
+end
+
+-- the simulator's requests after seq `from` about payment `id` (its
+-- queries and closes name it; a prepay names none), oldest first
+local function last_seq(sim)
+  local n = 0
+  for _, r in ipairs(sim:requests()) do
+    if r.seq > n then n = r.seq end
+  end
+  return n
+end
+
+local function endpoints_since(sim, from, id)
+  local list = sim:requests()
+  table.sort(list, function(a, b) return a.seq < b.seq end)
+  local seen = {}
+  for _, r in ipairs(list) do
+    if r.seq > from and (r.endpoint == "prepay"
+                         or tostring(r.target):find(id, 1, true)) then
+      seen[#seen + 1] = r.endpoint
+    end
+  end
+  return seen
+end
+
+local function new_order()
+  return "unk-" .. require("paygate.crypto").random_nonce(8)
+end
+
+describe("gateway: prepay outcome unknown", function()
+  local sim, gw, gw_rec
+
+  setup(function()
+    sim = testing.simulator{ time_scale = 100 }
+    -- one attempt of at most 0.5 s per call: a slower answer is lost
+    gw = core.start(sim, {
+      gateway = { reconcile = { enabled = false } },
+      merchant = { timeout = 0.5, timeout_floor = 0.2, max_attempts = 1 } })
+    gw_rec = core.start(sim, { gateway = {
+      reconcile = { check_after = 1, first = 0.5, ceiling = 1,
+                    interval = 0.1, bill = false } } })
+  end)
+
+  teardown(function()
+    if gw then gw:stop() end
+    if gw_rec then gw_rec:stop() end
+    testing.stop_all()
+  end)
+
+  after_each(function() sim:clear_faults() end)
+
+  it("an answer that fails verification: unknown, payment.unknown;"
+     .. " reconciliation finds it paid", function()
+    sim:fault{ endpoint = "prepay", kind = "bad_signature", count = 1 }
+    local order_id = new_order()
+    local res = gw_rec:call("POST", "/v1/payments", { order_id = order_id,
+      channel = "native", amount = 41, description = "unverified" })
+    assert.equal(502, res.status, res.body)
+    assert.equal("unverified_response", res.json.wechat_kind)
+    assert.equal("unknown", res.json.payment.state)
+    local p = row_of(gw_rec, order_id)
+    assert.equal("unknown", p.state)
+    assert.equal(1, count(events_of(gw_rec, p.id), "payment.unknown"))
+    local e = audit.entries(gw_rec.db, "payment:" .. p.id)
+    assert.equal("payment.outcome_unknown", e[#e].what)
+    -- the order exists at WeChat: the payer pays it, the notification is
+    -- lost, and the query settles it
+    assert.equal("NOTPAY", assert(sim:client():query_by_out_trade_no(
+      p.out_trade_no)).trade_state)
+    sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }
+    sim:pay(p.out_trade_no)
+    gw_rec:wait_state(p.id, "paid", 20)
+    e = audit.entries(gw_rec.db, "payment:" .. p.id)
+    assert.equal("payment.succeeded", e[#e].what)
+    assert.equal("unknown", e[#e].from)
+    assert.equal("reconcile", e[#e].actor)
+  end)
+
+  it("an unknown payment WeChat says is unpaid is open again by the query",
+     function()
+    sim:fault{ endpoint = "prepay", kind = "bad_signature", count = 1 }
+    local order_id = new_order()
+    local res = gw_rec:call("POST", "/v1/payments", { order_id = order_id,
+      channel = "native", amount = 42, description = "unverified" })
+    assert.equal(502, res.status, res.body)
+    local p = row_of(gw_rec, order_id)
+    assert.equal("unknown", p.state)
+    gw_rec:wait_state(p.id, "paying", 20)
+  end)
+
+  it("no answer within the timeout: unknown; a resumed create queries,"
+     .. " closes the order WeChat made, and opens a new attempt", function()
+    sim:fault{ endpoint = "prepay", kind = "latency", seconds = 1.5,
+               count = 1 }
+    local order_id = new_order()
+    local body = { order_id = order_id, channel = "native", amount = 43,
+                   description = "slow" }
+    local res = gw:call("POST", "/v1/payments", body)
+    assert.equal(504, res.status, res.body)
+    assert.equal("timeout", res.json.error)
+    local p = row_of(gw, order_id)
+    assert.equal("unknown", p.state)
+    assert.equal(1, count(events_of(gw, p.id), "payment.unknown"))
+    -- the simulator made the order once its delay was over
+    local wx = sim:client()
+    testing.wait_until(function()
+      return wx:query_by_out_trade_no(p.out_trade_no) ~= nil
+    end, 10, "the order made at the simulator")
+    local before = last_seq(sim)
+    res = gw:call("POST", "/v1/payments", body)
+    assert.equal(201, res.status, res.body)
+    assert.equal("paying", res.json.payment.state)
+    assert.equal(2, res.json.payment.attempt)
+    assert.is_string(res.json.pay.code_url)
+    -- queried first, then closed, then the new prepay
+    assert.same({ "query", "close", "prepay" },
+                endpoints_since(sim, before, p.id))
+    assert.equal("CLOSED", assert(wx:query_by_out_trade_no(
+      p.out_trade_no)).trade_state)
+    local e = audit.entries(gw.db, "payment:" .. p.id)
+    assert.equal("payment.still_open", e[#e].what)
+    assert.equal("unknown", e[#e].from)
+    assert.is_true((audit.verify(gw.db, "payment:" .. p.id)))
+  end)
+
+  it("a resumed create of an unknown payment that was paid: applied, 409",
+     function()
+    sim:fault{ endpoint = "prepay", kind = "latency", seconds = 1.5,
+               count = 1 }
+    local order_id = new_order()
+    local body = { order_id = order_id, channel = "native", amount = 44,
+                   description = "slow, then paid" }
+    assert.equal(504, gw:call("POST", "/v1/payments", body).status)
+    local p = row_of(gw, order_id)
+    assert.equal("unknown", p.state)
+    local wx = sim:client()
+    testing.wait_until(function()
+      return wx:query_by_out_trade_no(p.out_trade_no) ~= nil
+    end, 10, "the order made at the simulator")
+    sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }
+    sim:pay(p.out_trade_no)
+    local res = gw:call("POST", "/v1/payments", body)
+    assert.equal(409, res.status, res.body)
+    assert.equal("payment_exists", res.json.error)
+    assert.equal("paid", res.json.payment.state)
+    assert.equal(1, res.json.payment.attempt)
+  end)
+
+  it("a prepay WeChat refused stays created and is resumed at once",
+     function()
+    sim:fault{ endpoint = "prepay", kind = "error", status = 403,
+               code = "NO_AUTH", count = 1 }
+    local order_id = new_order()
+    local body = { order_id = order_id, channel = "native", amount = 45,
+                   description = "refused" }
+    local res = gw:call("POST", "/v1/payments", body)
+    assert.equal(502, res.status, res.body)
+    local p = row_of(gw, order_id)
+    assert.equal("created", p.state)
+    assert.equal(0, count(events_of(gw, p.id), "payment.unknown"))
+    local before = last_seq(sim)
+    res = gw:call("POST", "/v1/payments", body)
+    assert.equal(201, res.status, res.body)
+    assert.equal(2, res.json.payment.attempt)
+    assert.same({ "prepay" }, endpoints_since(sim, before, p.id))
+  end)
+
+  it("a new attempt whose answer fails verification: unknown", function()
+    local p = gw:create{ amount = 46 }
+    sim:fault{ endpoint = "prepay", kind = "bad_signature", count = 1 }
+    local res = gw:call("POST", "/v1/payments/" .. p.id .. "/attempts",
+                        { channel = "native" })
+    assert.equal(502, res.status, res.body)
+    assert.equal("unknown", res.json.payment.state)
+    assert.equal("unknown", gw:get(p.id).state)
+    assert.equal(1, count(events_of(gw, p.id), "payment.unknown"))
+    -- another attempt closes the lost one first, and opens the payment
+    res = gw:call("POST", "/v1/payments/" .. p.id .. "/attempts",
+                  { channel = "native" })
+    assert.equal(201, res.status, res.body)
+    assert.equal("paying", res.json.payment.state)
+    assert.equal(3, res.json.payment.attempt)
+  end)
+end)
