@@ -65,6 +65,7 @@ end
 S.RECEIVER = [[
 local paygate = require "paygate"
 local json = require "paygate.json"
+local outbox = require "paygate.outbox"
 local secret = paygate.config.secret
 local reject, fail_first = {}, false
 local events, attempts, refused = {}, {}, {}
