@@ -113,6 +113,37 @@ describe("gateway merchant API", function()
       assert.equal("payment_exists", res.json.error)
     end)
 
+    it("WeChat not answering the prepay: 504, the payment unknown; the "
+       .. "retry with the same key opens it", function()
+      env.sim:fault{ endpoint = "prepay", kind = "latency", seconds = 30 }
+      local b = { order_id = S.order_id(), channel = "native", amount = 100,
+                  description = "e2e order" }
+      local res = env:api("POST", "/v1/payments", b, { key = "slow-create",
+                                                       timeout = 40 })
+      assert.equal(504, res.status, res.body)
+      assert.equal("timeout", res.json.error)
+      env.sim:clear_faults()
+      -- the payment is stored, its outcome unknown (gw_payments)
+      local rows = assert(env.db:query("SELECT id, state FROM gw_payments"
+        .. " WHERE order_id = $1", { b.order_id }))
+      assert.equal(1, #rows)
+      assert.equal("unknown", rows[1].state)
+      local id = rows[1].id
+      -- the caller's retry (same key: the 504 was not kept) opens it
+      res = env:api("POST", "/v1/payments", b, { key = "slow-create" })
+      assert.equal(201, res.status, res.body)
+      assert.equal(id, res.json.payment.id)
+      assert.matches("^weixin://", res.json.pay.code_url)
+      local p = env:get(id)
+      local open = 0
+      for _, a in ipairs(p.attempts) do
+        if a.state == "open" then open = open + 1 end
+      end
+      assert.equal(1, open)
+      env.sim:pay_and_wait(p.out_trade_no)
+      env:wait_state(id, "paid")
+    end)
+
     it("WeChat refusing the prepay: 502, nothing handed out", function()
       env.sim:fault{ endpoint = "prepay", kind = "error", status = 400,
                      code = "INVALID_REQUEST" }

@@ -78,13 +78,26 @@ describe("gateway degradation switch", function()
     assert.is_not_true(fresh.stale)
   end)
 
-  it("reads with WeChat timing out answer stale, within the deadline",
-     function()
+  it("reads with WeChat failing answer stale", function()
     local p = env:create().payment
     env.sim:fault{ endpoint = "query", kind = "error", status = 503 }
     finally(function() env.sim:clear_faults() end)
     local got = env:get(p.id, true)
     assert.is_true(got.stale)
+    assert.equal("paying", got.state)
+  end)
+
+  it("reads with WeChat not answering answer stale, within the client's "
+     .. "timeout", function()
+    local p = env:create().payment
+    -- the gateway's client gives up by its deadline (support.lua's
+    -- client config: timeout = 5 a try, deadline = 15 in all)
+    env.sim:fault{ endpoint = "query", kind = "latency", seconds = 30 }
+    finally(function() env.sim:clear_faults() end)
+    local t0 = core.mono()
+    local got = env:get(p.id, true)
+    assert.truthy(core.mono() - t0 < 17, "answered within the deadline")
+    assert.is_true(got.stale, "stale: " .. tostring(got.stale))
     assert.equal("paying", got.state)
   end)
 end)

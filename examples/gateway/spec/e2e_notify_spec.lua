@@ -211,8 +211,21 @@ describe("gateway notifications", function()
       return now.refunds and #now.refunds == 1
     end, 15, "the automatic refund")
     local now = env:get(p.id)
+    assert.equal("paid", now.state)
+    assert.is_true(now.late)
     assert.equal(70, now.refunds[1].amount)
+    assert.equal("late_payment", now.refunds[1].kind)
     assert.is_string(now.transaction_id)
+    -- the refund went to WeChat (which, in the simulator, has no money on
+    -- the closed order to give back: it refuses)
+    S.wait_until(function()
+      return env:get(p.id).refunds[1].state ~= "created"
+    end, 15, "the refund sent")
+    local sent = false
+    for _, r in ipairs(env.sim:requests()) do
+      if r.endpoint == "refund" then sent = true end
+    end
+    assert.is_true(sent)
   end)
 
   it("money on a superseded attempt (paid twice) is applied, then refunded",
@@ -234,7 +247,10 @@ describe("gateway notifications", function()
       local now = env:get(first.id)
       return now.refunds and #now.refunds == 1
     end, 15, "the automatic refund")
-    assert.equal(40, env:get(first.id).refunds[1].amount)
+    local now = env:get(first.id)
+    assert.equal(40, now.refunds[1].amount)
+    assert.equal("duplicate", now.refunds[1].kind)
+    assert.equal("paid", now.state)
   end)
 end)
 
