@@ -51,7 +51,7 @@ local cfg, why = config.check(paygate.config_copy(), paygate.runtime)
 if not cfg then fatal(why) end
 local g = cfg.gateway
 
--- the store ------------------------------------------------------------
+-- the store -----------------------------------------------------------------
 
 local db, err = sql.open(g.db)
 if not db then
@@ -65,7 +65,7 @@ do
   assert(outbox.setup(db))
 end
 
--- WeChat Pay clients, one per merchant ------------------------------------
+-- WeChat Pay clients, one per merchant --------------------------------------
 
 local wx = {}
 for _, m in ipairs(cfg.merchants) do
@@ -109,7 +109,7 @@ if g.dev_app and paygate.runtime.mode == "worker" then
   end
 end
 
--- merchant API -------------------------------------------------------------
+-- merchant API --------------------------------------------------------------
 
 local auth = apikey.before_hook(db, { prefix = "/v1/" })
 if g.dev_app then
@@ -145,11 +145,11 @@ paygate.route("POST", "/v1/payments/:id/refunds",
 paygate.route("GET", "/v1/payments/:id/refunds", refunds.list)
 paygate.route("GET", "/v1/refunds/:id", refunds.get)
 
--- WeChat's notifications ---------------------------------------------------
+-- WeChat's notifications ----------------------------------------------------
 
 paygate.route("POST", "/wechatpay/notify/:mchid", notify.handler)
 
--- the OpenAPI description ----------------------------------------------------
+-- the OpenAPI description ---------------------------------------------------
 
 do
   local f = io.open(paygate.app_dir .. "/openapi.json", "rb")
@@ -163,14 +163,30 @@ do
   end)
 end
 
--- admin ------------------------------------------------------------------------
+-- admin ---------------------------------------------------------------------
 
 admin.routes(ctx)
 
--- background: the outbox dispatcher ------------------------------------------
+-- background: the outbox dispatcher -----------------------------------------
 
 if paygate.runtime.mode == "worker" then
   events.start(db, g)
+  -- the state machines' counters of this worker on /metrics (totals only:
+  -- a worker holds few app series)
+  local metrics = require "paygate.metrics"
+  local fsm = require "paygate.fsm"
+  local ffi = require "ffi"
+  pcall(ffi.cdef, "int getpid(void);")
+  local worker = tostring(ffi.C.getpid())
+  local g_all = metrics.gauge("paygate_gateway_fsm_transitions",
+    "State transitions applied by this worker since it started.")
+  local g_bad = metrics.gauge("paygate_gateway_fsm_illegal_transitions",
+    "Transitions refused by this worker: not declared from the state.")
+  paygate.timer.every(5, function()
+    local st = fsm.stats()
+    g_all:set(st.transitions_total, { worker = worker })
+    g_bad:set(st.illegal_transitions_total, { worker = worker })
+  end)
 end
 
 -- other helpers' parts (reconciliation, retention) plug in here when present

@@ -63,7 +63,7 @@ end
 local function claim(tx, key, by, now)
   local res, err = tx:exec("INSERT INTO gw_notification_effects (key,"
     .. " notification_id, applied_at) VALUES ($1, $2, $3)"
-    .. " ON CONFLICT (key) DO NOTHING", { key, by, now })
+    .. " ON CONFLICT (key) DO NOTHING", { key, by, math.floor(now) })
   if not res then return nil, err end
   return res.changes == 1
 end
@@ -81,7 +81,7 @@ function _M.payment_key(r)
 end
 
 local function new_refund(tx, p, kind, out_trade_no, amount, reason, o)
-  local now = model.now()
+  local now = model.time()
   local id = model.new_refund_id()
   local res, err = R:create(tx, {
     id = id, payment_id = p.id, out_refund_no = model.out_refund_no(id),
@@ -98,7 +98,7 @@ end
 -- query), source ("notification" | "query"), actor }
 function _M.payment(ctx, tx, o)
   local r = o.resource
-  local now = model.now()
+  local now = model.time()
   local no = r.out_trade_no
   if type(no) ~= "string" then
     return nil, paygate.error("malformed", "the transaction has no"
@@ -219,7 +219,7 @@ local REFUND_TARGET = { SUCCESS = "succeeded", CLOSED = "closed",
 -- amount (WeChat's refund amount, checked when given), notification_id,
 -- source, actor }
 function _M.refund_status(ctx, tx, rf, o)
-  local status, now = o.status, model.now()
+  local status, now = o.status, model.time()
   local event = REFUND_EVENT[status]
   if not event then return "ignored" end
   local p, err = model.payment(tx, rf.payment_id)

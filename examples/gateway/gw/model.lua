@@ -20,6 +20,12 @@ function _M.now()
   return floor(paygate.now())
 end
 
+--- syntax: t = model.time() -- seconds since the epoch, to the ms: the
+-- created_at / updated_at columns, which order refunds and attempts
+function _M.time()
+  return floor(require("paygate.core").time() * 1000) / 1000
+end
+
 local function random_id(prefix)
   -- 20 letters and digits: 119 bits
   return prefix .. crypto.random_nonce(20)

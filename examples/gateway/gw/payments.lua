@@ -25,7 +25,7 @@ local MAX_AMOUNT = 10000000000      -- fen
 
 function _M.init(c) ctx = c end
 
--- answers ------------------------------------------------------------------
+-- answers -------------------------------------------------------------------
 
 local function err_body(kind, message, extra)
   local b = { error = kind, message = message }
@@ -60,11 +60,45 @@ local function not_found(what)
   return 404, err_body("not_found", what .. " not found")
 end
 
--- input --------------------------------------------------------------------
+-- input ---------------------------------------------------------------------
+
+--- syntax: n = payments.text_len(s)
+-- returns: the number of characters of s when it is UTF-8 text WeChat
+-- takes (characters of 1 to 3 bytes, no control characters but tab and
+-- newline), or nil.
+local function text_len(s)
+  local i, n, len = 1, 0, #s
+  while i <= len do
+    local c = s:byte(i)
+    local extra
+    if c < 0x80 then
+      if (c < 0x20 and c ~= 9 and c ~= 10) or c == 0x7f then return nil end
+      extra = 0
+    elseif c >= 0xc2 and c <= 0xdf then
+      extra = 1
+    elseif c >= 0xe0 and c <= 0xef then
+      extra = 2
+    else
+      return nil                    -- a 4-byte character, or not UTF-8
+    end
+    for k = 1, extra do
+      local b = s:byte(i + k)
+      if not b or b < 0x80 or b > 0xbf then return nil end
+    end
+    if extra == 2 then
+      local b = s:byte(i + 1)
+      if (c == 0xe0 and b < 0xa0) or (c == 0xed and b > 0x9f) then
+        return nil                  -- overlong, or a surrogate
+      end
+    end
+    i, n = i + extra + 1, n + 1
+  end
+  return n
+end
+_M.text_len = text_len
 
 local function utf8_len(s)
-  local _, n = s:gsub("[^\128-\191]", "")
-  return n
+  return text_len(s) or math.huge
 end
 
 local function is_int(v, lo, hi)
@@ -139,12 +173,12 @@ local function check_create(b)
   if out.currency ~= "CNY" then bad.currency = "must be CNY" end
   if type(b.description) ~= "string" or b.description == ""
      or utf8_len(b.description) > 127 then
-    bad.description = "must be 1..127 characters"
+    bad.description = "must be 1..127 characters of UTF-8 text (no emoji)"
   end
   out.description = b.description
   if b.attach ~= nil and (type(b.attach) ~= "string"
                           or utf8_len(b.attach) > 128) then
-    bad.attach = "must be a string of at most 128 characters"
+    bad.attach = "must be UTF-8 text of at most 128 characters"
   end
   out.attach = b.attach
   if b.expires_in ~= nil and not is_int(b.expires_in, 60, 7 * 86400) then
@@ -176,7 +210,7 @@ local function check_create(b)
   return out
 end
 
--- WeChat -------------------------------------------------------------------
+-- WeChat --------------------------------------------------------------------
 
 local function rfc3339_beijing(t)
   return os.date("!%Y-%m-%dT%H:%M:%S+08:00", t + 8 * 3600)
@@ -240,7 +274,7 @@ local function opened(p, no, pay, ik, status, actor)
       local res
       res, err = P:transition(tx, p.id, "opened", {
         row = row, cause = "prepay", actor = actor,
-        evidence = { out_trade_no = no }, set = { updated_at = model.now() } })
+        evidence = { out_trade_no = no }, set = { updated_at = model.time() } })
       if not res then return nil, err end
       row = res.row
       ok, err = events.emit(tx, "payment.paying", row)
@@ -274,7 +308,7 @@ local function store_failed(err)
                        .. tostring(err and err.kind) .. ")")
 end
 
--- POST /v1/payments ----------------------------------------------------------
+-- POST /v1/payments ---------------------------------------------------------
 
 function _M.create(req, ik)
   local b, st, eb = body_of(req)
@@ -282,7 +316,7 @@ function _M.create(req, ik)
   local o, bad = check_create(b)
   if not o then return bad_request(bad) end
   if ctx.degraded() then return degraded() end
-  local now = model.now()
+  local now = model.time()
   local actor = actor_of(req)
   -- a payment that handed nothing out yet (its prepay failed) is resumed
   -- with a new attempt; any other is a conflict
@@ -305,7 +339,7 @@ function _M.create(req, ik)
         .. " = $11 WHERE id = $1 AND state = 'created' AND attempt = $12",
         { old.id, o.channel, o.amount, o.currency, o.description,
           o.attach or json.null, o.appid,
-          model.out_trade_no(old.id, n), n, now + o.expires_in, now,
+          model.out_trade_no(old.id, n), n, floor(now) + o.expires_in, now,
           old.attempt, n = 12 })
       if not res then return nil, qerr end
       if res.changes ~= 1 then
@@ -330,7 +364,8 @@ function _M.create(req, ik)
       currency = o.currency, description = o.description,
       attach = o.attach or json.null,
       out_trade_no = model.out_trade_no(id, 1), attempt = 1, refunded = 0,
-      expires_at = now + o.expires_in, created_at = now, updated_at = now,
+      expires_at = floor(now) + o.expires_in, created_at = now,
+      updated_at = now,
       checks = 0 }
     local res
     res, qerr = P:create(tx, row, { cause = "create", actor = actor,
@@ -365,7 +400,7 @@ function _M.create(req, ik)
   return s1, s2, s3
 end
 
--- POST /v1/payments/:id/attempts ------------------------------------------------
+-- POST /v1/payments/:id/attempts --------------------------------------------
 
 local OPEN = { created = true, paying = true, unknown = true }
 
@@ -387,7 +422,7 @@ function _M.new_attempt(req, ik)
   if p == nil then return store_failed(err) end
   if not p then return not_found("payment") end
   if not OPEN[p.state] then return state_conflict(p) end
-  local now = model.now()
+  local now = model.time()
   if p.expires_at <= now then
     return 409, err_body("payment_expired", "payment " .. p.id
                          .. " expired; create a new one")
@@ -457,7 +492,7 @@ function _M.new_attempt(req, ik)
   return s1, s2, s3
 end
 
--- POST /v1/payments/:id/close ---------------------------------------------------
+-- POST /v1/payments/:id/close -----------------------------------------------
 
 function _M.close(req, ik)
   local p, err = load_own(req)
@@ -477,7 +512,7 @@ function _M.close(req, ik)
     end
     return _M.wx_failure(cerr)
   end
-  local now = model.now()
+  local now = model.time()
   local a, b, c = fsm.retry(ctx.db, function(tx)
     local res, terr = P:transition(tx, p.id, "closed", {
       cause = "close", actor = actor_of(req),
@@ -504,7 +539,7 @@ function _M.close(req, ik)
   return a, b, c
 end
 
--- GET /v1/payments/:id ------------------------------------------------------------
+-- GET /v1/payments/:id ------------------------------------------------------
 
 --- syntax: outcome, err = payments.refresh(p)
 -- Asks WeChat about the payment's current attempt (and its refunds still
@@ -542,13 +577,13 @@ function _M.refresh(p)
     local res
     res, rerr = P:transition(tx, p.id, event, { row = row, cause = "query",
       actor = "gateway:query", evidence = { trade_state = ts,
-      out_trade_no = p.out_trade_no }, set = { updated_at = model.now() } })
+      out_trade_no = p.out_trade_no }, set = { updated_at = model.time() } })
     if not res then return nil, rerr end
     if event == "closed" or event == "failed" then
       local x
       x, rerr = tx:exec("UPDATE gw_attempts SET state = 'closed', closed_at"
         .. " = $2 WHERE payment_id = $1 AND state = 'open'",
-        { p.id, model.now() })
+        { p.id, model.time() })
       if not x then return nil, rerr end
       x, rerr = events.emit(tx, "payment." .. event, res.row)
       if not x then return nil, rerr end
