@@ -59,9 +59,14 @@ os.execute("mkdir -p '" .. dir .. "/keys' '" .. dir .. "/sim-state'")
 local mpath = dir .. "/merchant.json"
 local m = json.decode(read(mpath) or "")
 if not (m and read(m.private_key or "") and read(m.certificate or "")) then
-  m = testing.merchant{ mchid = "1900000001", dir = dir .. "/keys" }
-  write(dir .. "/apiv3.key", m.apiv3_key, true)
-  m.apiv3_key = nil                     -- it lives in its file only
+  -- a certificate valid for 10 years: the merchant is made once and kept
+  m = testing.merchant_keys{ mchid = "1900000001", dir = dir .. "/keys",
+                             days = 3650 }
+  m.mchid = "1900000001"
+  m.appid = "wx" .. require("paygate.crypto").hex(
+    require("paygate.crypto").random_bytes(8))
+  m.appids = { m.appid }
+  write(dir .. "/apiv3.key", testing.apiv3_key(), true)
   write(mpath, json.encode(m), true)
 end
 local apiv3 = assert(read(dir .. "/apiv3.key"), "dev: " .. dir

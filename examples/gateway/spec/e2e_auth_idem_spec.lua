@@ -160,7 +160,7 @@ describe("gateway idempotency", function()
                              seconds = 2, count = 1 }
     local b = body()
     local first
-    local co = core.spawn(function()
+    core.spawn(function()
       first = env:api("POST", "/v1/payments", b, { key = "slow-1" })
     end)
     -- wait until the simulator holds the slow prepay: the gateway began it
@@ -176,6 +176,5 @@ describe("gateway idempotency", function()
     assert.equal(201, first.status, first.body)
     local third = env:api("POST", "/v1/payments", b, { key = "slow-1" })
     assert.equal(first.body, third.body)
-    local _ = co
   end)
 end)

@@ -1,8 +1,9 @@
 -- scripts/run, the README's run command: it starts the simulator and the
 -- gateway, prints a curl walk-through that ends "paid" when followed, and
 -- stops both on Ctrl-C (SIGINT) or when either dies. The deps/build step
--- is skipped (PAYGATE_RUN_NO_BUILD=1: the suite has built already); keys
--- and state go to a temporary PAYGATE_DEV_DIR.
+-- is skipped (PAYGATE_RUN_NO_BUILD=1: the suite has built already, and
+-- PAYGATE_BIN names its binary); keys and state go to a temporary
+-- PAYGATE_DEV_DIR.
 local core = require "paygate.core"
 local testing = require "paygate.testing"
 local proc = testing.proc
@@ -29,6 +30,7 @@ describe("scripts/run", function()
     local log = dir .. "/run.log"
     os.remove(log)
     local p = proc.spawn({ "env", "PAYGATE_RUN_NO_BUILD=1",
+      "PAYGATE_BIN=" .. testing.server.bin(),
       "PAYGATE_DEV_DIR=" .. dir .. "/dev", "scripts/run",
       "--port", tostring(ports[1]), "--sim-port", tostring(ports[2]),
       "--admin-port", tostring(ports[3]) }, { log = log, watchdog = true })
