@@ -197,6 +197,39 @@ describe("gateway notifications", function()
     assert.equal("paid", env:get(p.id).state)
   end)
 
+  it("an illegal transition (a closed refund reported succeeded) is "
+     .. "refused, never applied", function()
+    local p = env:paid_payment{ amount = 50 }
+    local r = S.expect(env:refund(p.id, 50), 201, "refund")
+    env.sim:settle(r.out_refund_no, "CLOSED")
+    local closed = env:wait_refund(r.id, "closed")
+    local before = env:get(p.id)
+    local body, h = env:notification("REFUND.SUCCESS", {
+      mchid = env.m.mchid, out_trade_no = p.out_trade_no,
+      transaction_id = before.transaction_id,
+      out_refund_no = r.out_refund_no, refund_id = closed.refund_id,
+      refund_status = "SUCCESS",
+      success_time = os.date("!%Y-%m-%dT%H:%M:%S+00:00"),
+      user_received_account = "支付用户零钱",
+      amount = { total = 50, refund = 50, payer_total = 50,
+                 payer_refund = 50 } })
+    local res = env:post_notify(body, h)
+    assert.are_not.equal(401, res.status)
+    assert.equal("closed", env:get(p.id).refunds[1].state)
+    local after = env:get(p.id)
+    assert.equal("paid", after.state)
+    assert.equal(0, after.refunded)
+    assert.equal(before.version, after.version)
+    assert.equal(0, env:count_events(p.id, "refund.succeeded"))
+    -- counted: the worker publishes its fsm counters every few seconds
+    S.wait_until(function()
+      local m = env.gw:admin_get("/metrics")
+      local n = m and m.body:match(
+        "\npaygate_gateway_fsm_illegal_transitions{[^}]*} (%d+)")
+      return n and tonumber(n) >= 1
+    end, 15, "the illegal transition counted on /metrics")
+  end)
+
   it("money on a closed payment is applied, then refunded", function()
     local p = env:create{ amount = 70 }.payment
     S.expect(env:api("POST", "/v1/payments/" .. p.id .. "/close"), 200,
