@@ -336,6 +336,39 @@ describe("gateway merchant API", function()
       assert.equal(409, env:refund(p.id, 1).status)
     end)
 
+    it("WeChat not answering a refund: 504, the refund unknown, kept for "
+       .. "the key; a refresh finds it", function()
+      local p = env:paid_payment{ amount = 90 }
+      env.sim:fault{ endpoint = "refund", kind = "latency", seconds = 30 }
+      local res = env:api("POST", "/v1/payments/" .. p.id .. "/refunds",
+                          { amount = 40 }, { key = "slow-refund",
+                                             timeout = 40 })
+      assert.equal(504, res.status, res.body)
+      assert.equal("timeout", res.json.error)
+      env.sim:clear_faults()
+      -- the refund exists: the same key replays, never a second refund
+      local again = env:api("POST", "/v1/payments/" .. p.id .. "/refunds",
+                            { amount = 40 }, { key = "slow-refund" })
+      assert.equal(504, again.status)
+      assert.equal(res.body, again.body)
+      local now = env:get(p.id)
+      assert.equal(1, #now.refunds)
+      assert.equal("unknown", now.refunds[1].state)
+      -- it counts against what is left
+      assert.equal(422, env:refund(p.id, 51).status)
+      -- WeChat makes it anyway (the latency fault holds the request, then
+      -- does the work): a refresh learns so once it exists
+      local rid = now.refunds[1].id
+      S.wait_until(function()
+        env:get(p.id, true)
+        local r = env:api("GET", "/v1/refunds/" .. rid).json
+        return r.state == "processing"
+      end, 40, "the refund found processing")
+      env.sim:settle(now.refunds[1].out_refund_no)
+      env:wait_refund(rid, "succeeded")
+      assert.equal(40, env:wait_state(p.id, "partially_refunded").refunded)
+    end)
+
     it("a closed refund gives its amount back", function()
       local p = env:paid_payment{ amount = 60 }
       local r1 = S.expect(env:refund(p.id, 60), 201, "refund 60")
