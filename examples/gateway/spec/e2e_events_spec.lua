@@ -53,6 +53,14 @@ describe("gateway events (webhooks)", function()
     assert.equal("closed", e.data.payment.state)
   end)
 
+  it("a failed payment's event (PAYERROR learnt by a refresh)", function()
+    local p = env:create().payment
+    env.sim:fail(p.out_trade_no)
+    assert.equal("failed", env:get(p.id, true).state)
+    local e = env:wait_event(p.id, "payment.failed")
+    assert.equal("failed", e.data.payment.state)
+  end)
+
   it("a receiver that fails gets the event again", function()
     env:hook_mode{ fail_first = true }
     local p = env:paid_payment()

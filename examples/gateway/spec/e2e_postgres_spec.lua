@@ -6,15 +6,22 @@ local S = require "examples.gateway.spec.support"
 describe("gateway on PostgreSQL", function()
   local env
 
-  setup(function() env = S.start{ db = "postgres" } end)
+  -- two workers: the notification path and the dispatcher share the store
+  setup(function() env = S.start{ db = "postgres", workers = 2 } end)
   teardown(S.stop)
 
   it("create -> pay -> paid, exactly once", function()
-    env.sim:fault{ endpoint = "notify", kind = "duplicate", count = 1 }
+    env.sim:fault{ endpoint = "notify", kind = "duplicate", times = 3,
+                   count = 1 }
     local b = env:create{ amount = 120 }
     assert.matches("^weixin://", b.pay.code_url)
     local d = env.sim:pay_and_wait(b.payment.out_trade_no)
-    env.sim:wait_notification({ id = d.id }, { attempts = 2 })
+    d = env.sim:wait_notification({ id = d.id }, { attempts = 4 })
+    for i = 1, 4 do
+      local a = d.attempts[i]
+      assert.is_true(a.status ~= nil and S.ok2xx(a.status),
+                     "attempt " .. i .. ": " .. require("cjson").encode(a))
+    end
     local p = env:wait_state(b.payment.id, "paid")
     assert.equal(1, env:count_events(p.id, "payment.paid"))
     assert.equal("paid", env:wait_event(p.id, "payment.paid").data.payment.state)
