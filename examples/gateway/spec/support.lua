@@ -105,6 +105,7 @@ local Env = {}
 Env.__index = Env
 
 local pg_server
+local envs = {}           -- started, for S.stop to close their handles
 
 -- syntax: env = S.start([o])
 -- o: db ("sqlite" default, or "postgres": a PostgreSQL server of
@@ -159,10 +160,16 @@ function S.start(o)
   local db = assert(sql.open(env.db_url))
   env.db = db
   env.key = assert(apikey.create(db, "shop"))
+  envs[#envs + 1] = env
   return env
 end
 
+-- syntax: S.stop() -- for teardown: every process, directory and handle
 function S.stop()
+  for i = #envs, 1, -1 do
+    pcall(envs[i].db.close, envs[i].db)
+    envs[i] = nil
+  end
   testing.stop_all()
   if pg_server then
     require("support.servers").stop_all()
