@@ -127,7 +127,7 @@ describe("gateway merchant API", function()
       local rows = assert(env.db:query("SELECT id, state FROM gw_payments"
         .. " WHERE order_id = $1", { b.order_id }))
       assert.equal(1, #rows)
-      assert.equal("unknown", rows[1].state)
+      local state_after_timeout = rows[1].state
       local id = rows[1].id
       -- the caller's retry (same key: the 504 was not kept) opens it
       res = env:api("POST", "/v1/payments", b, { key = "slow-create" })
@@ -142,6 +142,10 @@ describe("gateway merchant API", function()
       assert.equal(1, open)
       env.sim:pay_and_wait(p.out_trade_no)
       env:wait_state(id, "paid")
+      -- checked last, so the retry above runs whatever this says: the
+      -- contract's state for "timeout after sending" is unknown
+      -- (CONTRACT-ISSUES.md: the app keeps it created)
+      assert.equal("unknown", state_after_timeout)
     end)
 
     it("WeChat refusing the prepay: 502, nothing handed out", function()
