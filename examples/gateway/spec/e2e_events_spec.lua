@@ -1,7 +1,7 @@
 -- The gateway's events through a signed webhook to a receiver on
 -- loopback: delivered after the change, in order per payment, retried
 -- when the receiver fails, dead-lettered when it refuses, and replayed
--- through POST /admin/outbox/replay.
+-- through POST /admin/outbox/replay; and into a Redis Stream.
 local S = require "examples.gateway.spec.support"
 
 describe("gateway events (webhooks)", function()
@@ -100,5 +100,43 @@ describe("gateway events (webhooks)", function()
     assert.equal(400, res.status, res.body)
     res = env:admin("POST", "/admin/outbox/replay", { id = "seventeen" })
     assert.equal(400, res.status, res.body)
+  end)
+end)
+
+describe("gateway events (Redis Stream)", function()
+  local env, rds, r
+
+  setup(function()
+    rds = require("support.servers").redis()
+    env = S.start{ gateway = { redis = rds.url,
+                               redis_stream = { stream = "gw:events" } } }
+    r = assert(require("paygate.redis").connect(rds.url))
+  end)
+  teardown(function()
+    if r then r:close() end
+    S.stop()
+    require("support.servers").stop_all()
+  end)
+
+  it("every event is XADDed with its id, type, subject and payload",
+     function()
+    local p = env:paid_payment{ amount = 12 }
+    local entries
+    S.wait_until(function()
+      entries = assert(r:call("XRANGE", "gw:events", "-", "+"))
+      for _, e in ipairs(entries) do
+        local f = {}
+        for i = 1, #e[2], 2 do f[e[2][i]] = e[2][i + 1] end
+        if f.subject == p.id and f.type == "payment.paid" then
+          local payload = require("cjson").decode(f.payload)
+          assert.equal("paid", payload.payment.state)
+          assert.equal(12, payload.payment.amount)
+          assert.matches("^%d+$", f.id)
+          return true
+        end
+      end
+    end, 15, "payment.paid in the stream")
+    -- the webhook got it too: every sink has every event
+    env:wait_event(p.id, "payment.paid")
   end)
 end)
