@@ -1,0 +1,448 @@
+-- The gateway's merchant API end to end, against the WeChat Pay simulator:
+-- create for every channel, attempts, get and refresh, close, refunds,
+-- and every transition the API can ask for, legal or not.
+--   build/paygate exec "$(command -v busted)" --helper=spec/helpers.lua \
+--     examples/gateway/spec/e2e_api_spec.lua
+local S = require "examples.gateway.spec.support"
+local crypto = require "paygate.crypto"
+local apikey = require "paygate.apikey"
+
+local function read(path)
+  local f = assert(io.open(path, "rb"))
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+
+describe("gateway merchant API", function()
+  local env
+
+  setup(function() env = S.start() end)
+  teardown(S.stop)
+  after_each(function() env.sim:clear_faults() end)
+
+  local function check_payment(p)
+    for _, k in ipairs({ "id", "order_id", "state", "channel",
+                         "currency", "out_trade_no" }) do
+      assert.is_string(p[k], k)
+    end
+    for _, k in ipairs({ "version", "amount", "refunded", "created_at",
+                         "updated_at", "expires_at" }) do
+      assert.is_number(p[k], k)
+    end
+    assert.matches("^pay_", p.id)
+  end
+
+  describe("create", function()
+    it("native: 201, a code_url, the payment paying", function()
+      local b = env:create{ amount = 150 }
+      check_payment(b.payment)
+      assert.matches("^weixin://", b.pay.code_url)
+      assert.equal("paying", b.payment.state)
+      assert.equal(150, b.payment.amount)
+      assert.equal("CNY", b.payment.currency)
+      assert.equal(0, b.payment.refunded)
+      assert.equal("native", b.payment.channel)
+      -- the order is at WeChat under the payment's out_trade_no
+      local q = env.sim:notifications{ out_trade_no = b.payment.out_trade_no }
+      assert.equal(0, #q)
+      assert.truthy(b.payment.expires_at > b.payment.created_at)
+    end)
+
+    it("h5: an h5_url", function()
+      local b = env:create{ channel = "h5", client_ip = "203.0.113.7" }
+      assert.matches("^https?://", b.pay.h5_url)
+      assert.equal("h5", b.payment.channel)
+    end)
+
+    it("jsapi: the pay-sign parameters, signed with the merchant key",
+       function()
+      local b = env:create{ channel = "jsapi",
+                            payer = { openid = "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o" } }
+      local p = b.pay
+      assert.equal(env.m.appid, p.appId)
+      assert.matches("^prepay_id=", p.package)
+      assert.equal("RSA", p.signType)
+      local pub = assert(crypto.public_key(read(env.m.public_key)))
+      assert.is_true(crypto.verify_base64(pub, p.appId .. "\n" .. p.timeStamp
+        .. "\n" .. p.nonceStr .. "\n" .. p.package .. "\n", p.paySign,
+        "sha256-rsa"))
+    end)
+
+    it("app: the app pay parameters", function()
+      local b = env:create{ channel = "app" }
+      local p = b.pay
+      assert.equal(env.m.appid, p.appid)
+      assert.equal(env.m.mchid, p.partnerid)
+      assert.is_string(p.prepayid)
+      assert.equal("Sign=WXPay", p.package)
+      assert.is_string(p.sign)
+    end)
+
+    it("400 for bad input, naming the field", function()
+      local bad = {
+        { order_id = S.order_id(), channel = "cash", amount = 1,
+          description = "x" },
+        { order_id = S.order_id(), channel = "native", amount = 0,
+          description = "x" },
+        { order_id = S.order_id(), channel = "native", amount = 1.5,
+          description = "x" },
+        { channel = "native", amount = 1, description = "x" },
+        { order_id = S.order_id(), channel = "jsapi", amount = 1,
+          description = "x" },                         -- no payer.openid
+        { order_id = S.order_id(), channel = "native", amount = 1,
+          description = "x", currency = "USD" },
+      }
+      for i, b in ipairs(bad) do
+        local res = env:api("POST", "/v1/payments", b)
+        assert.equal(400, res.status, "case " .. i .. ": " .. res.body)
+        assert.is_string(res.json.error, "case " .. i)
+        assert.is_string(res.json.message, "case " .. i)
+      end
+      local res = env:api("POST", "/v1/payments", "{not json")
+      assert.equal(400, res.status, res.body)
+    end)
+
+    it("the same order_id again (another Idempotency-Key): 409 payment_exists",
+       function()
+      local oid = S.order_id()
+      env:create{ order_id = oid }
+      local res = env:api("POST", "/v1/payments", { order_id = oid,
+        channel = "native", amount = 100, description = "e2e order" })
+      assert.equal(409, res.status, res.body)
+      assert.equal("payment_exists", res.json.error)
+    end)
+
+    it("WeChat not answering the prepay: 504, the payment unknown; the "
+       .. "retry with the same key opens it", function()
+      env.sim:fault{ endpoint = "prepay", kind = "latency", seconds = 30 }
+      local b = { order_id = S.order_id(), channel = "native", amount = 100,
+                  description = "e2e order" }
+      local res = env:api("POST", "/v1/payments", b, { key = "slow-create",
+                                                       timeout = 40 })
+      assert.equal(504, res.status, res.body)
+      assert.equal("timeout", res.json.error)
+      env.sim:clear_faults()
+      -- the payment is stored, its outcome unknown (gw_payments)
+      local rows = assert(env.db:query("SELECT id, state FROM gw_payments"
+        .. " WHERE order_id = $1", { b.order_id }))
+      assert.equal(1, #rows)
+      local state_after_timeout = rows[1].state
+      local id = rows[1].id
+      -- the caller's retry (same key: the 504 was not kept) opens it
+      res = env:api("POST", "/v1/payments", b, { key = "slow-create" })
+      assert.equal(201, res.status, res.body)
+      assert.equal(id, res.json.payment.id)
+      assert.matches("^weixin://", res.json.pay.code_url)
+      local p = env:get(id)
+      local open = 0
+      for _, a in ipairs(p.attempts) do
+        if a.state == "open" then open = open + 1 end
+      end
+      assert.equal(1, open)
+      env.sim:pay_and_wait(p.out_trade_no)
+      env:wait_state(id, "paid")
+      -- checked last, so the retry above runs whatever this says: the
+      -- contract's state for "timeout after sending" is unknown
+      -- (CONTRACT-ISSUES.md: the app keeps it created)
+      assert.equal("unknown", state_after_timeout)
+    end)
+
+    it("WeChat refusing the prepay: 502, nothing handed out", function()
+      env.sim:fault{ endpoint = "prepay", kind = "error", status = 400,
+                     code = "INVALID_REQUEST" }
+      local res = env:api("POST", "/v1/payments", { order_id = S.order_id(),
+        channel = "native", amount = 100, description = "e2e order" })
+      assert.equal(502, res.status, res.body)
+      assert.is_nil(res.json.pay)
+    end)
+  end)
+
+  describe("get", function()
+    it("answers the payment with its attempts and refunds", function()
+      local b = env:create()
+      local p = env:get(b.payment.id)
+      check_payment(p)
+      assert.equal(b.payment.id, p.id)
+      assert.equal(1, #p.attempts)
+      assert.equal(b.payment.out_trade_no, p.attempts[1].out_trade_no)
+      assert.equal("open", p.attempts[1].state)
+      assert.same({}, p.refunds)
+    end)
+
+    it("404 for an unknown payment and for another app's", function()
+      local res = env:api("GET", "/v1/payments/pay_doesnotexist")
+      assert.equal(404, res.status)
+      local b = env:create()
+      local other = assert(apikey.create(env.db, "other_app"))
+      res = env:api("GET", "/v1/payments/" .. b.payment.id, nil,
+        { app_id = other.app_id, key_id = other.key_id,
+          secret = other.secret })
+      assert.equal(404, res.status, res.body)
+    end)
+
+    it("?refresh=1 finds a payment whose notification was lost", function()
+      env.sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }
+      local b = env:create()
+      env.sim:pay(b.payment.out_trade_no)
+      assert.equal("paying", env:get(b.payment.id).state)
+      local p = env:get(b.payment.id, true)
+      assert.equal("paid", p.state)
+      assert.is_string(p.transaction_id)
+      assert.is_not_true(p.stale)
+      assert.equal("paid", env:get(b.payment.id).state)
+    end)
+
+    it("?refresh=1 applies a failed payment (PAYERROR)", function()
+      local b = env:create()
+      env.sim:fail(b.payment.out_trade_no)
+      assert.equal("failed", env:get(b.payment.id, true).state)
+    end)
+
+    it("?refresh=1 with WeChat failing: the local state, stale", function()
+      local b = env:create()
+      env.sim:fault{ endpoint = "query", kind = "error", status = 500 }
+      local p = env:get(b.payment.id, true)
+      assert.equal("paying", p.state)
+      assert.is_true(p.stale)
+    end)
+  end)
+
+  describe("attempts", function()
+    it("native then h5: a new out_trade_no, the first closed at WeChat",
+       function()
+      local b = env:create()
+      local first = b.payment.out_trade_no
+      local res = env:api("POST", "/v1/payments/" .. b.payment.id
+                          .. "/attempts", { channel = "h5",
+                                            client_ip = "203.0.113.7" })
+      assert.equal(201, res.status, res.body)
+      local second = res.json.payment.out_trade_no
+      assert.matches("^https?://", res.json.pay.h5_url)
+      assert.are_not.equal(first, second)
+      assert.equal("h5", res.json.payment.channel)
+      local p = env:get(b.payment.id)
+      assert.equal(2, #p.attempts)
+      local states = {}
+      for _, a in ipairs(p.attempts) do states[a.out_trade_no] = a.state end
+      assert.truthy(states[first] == "closed" or states[first] == "superseded",
+                    states[first])
+      assert.equal("open", states[second])
+      -- WeChat has the first closed: the payer can no longer pay it
+      env.sim:control("POST", "/sim/transactions/" .. first .. "/pay", nil,
+                      409)
+      env.sim:pay_and_wait(second)
+      local paid = env:wait_state(b.payment.id, "paid")
+      assert.equal(second, paid.out_trade_no)
+    end)
+
+    it("three attempts never reuse an out_trade_no", function()
+      local b = env:create()
+      local seen = { [b.payment.out_trade_no] = true }
+      for _, ch in ipairs({ "app", "native" }) do
+        local res = env:api("POST", "/v1/payments/" .. b.payment.id
+                            .. "/attempts", { channel = ch })
+        assert.equal(201, res.status, res.body)
+        local no = res.json.payment.out_trade_no
+        assert.is_nil(seen[no])
+        seen[no] = true
+      end
+      assert.equal(3, #env:get(b.payment.id).attempts)
+    end)
+
+    it("a close that fails at WeChat: 502 and no new attempt", function()
+      local b = env:create()
+      env.sim:fault{ endpoint = "close", kind = "error", status = 500 }
+      local res = env:api("POST", "/v1/payments/" .. b.payment.id
+                          .. "/attempts", { channel = "native" })
+      assert.equal(502, res.status, res.body)
+      env.sim:clear_faults()
+      local p = env:get(b.payment.id)
+      assert.equal(1, #p.attempts)
+      assert.equal(b.payment.out_trade_no, p.out_trade_no)
+    end)
+
+    it("refused on a paid payment (409)", function()
+      local p = env:paid_payment()
+      local res = env:api("POST", "/v1/payments/" .. p.id .. "/attempts",
+                          { channel = "native" })
+      assert.equal(409, res.status, res.body)
+    end)
+  end)
+
+  describe("close", function()
+    it("closes at WeChat and locally", function()
+      local b = env:create()
+      local res = env:api("POST", "/v1/payments/" .. b.payment.id .. "/close")
+      assert.equal(200, res.status, res.body)
+      assert.equal("closed", res.json.state)
+      assert.truthy(res.json.version > b.payment.version)
+      env.sim:control("POST", "/sim/transactions/" .. b.payment.out_trade_no
+                      .. "/pay", nil, 409)
+      assert.equal("closed", env:get(b.payment.id).state)
+    end)
+
+    it("refused on a paid payment (409), which stays paid", function()
+      local p = env:paid_payment()
+      local res = env:api("POST", "/v1/payments/" .. p.id .. "/close")
+      assert.equal(409, res.status, res.body)
+      assert.equal("paid", env:get(p.id).state)
+    end)
+
+    it("404 for an unknown payment", function()
+      local res = env:api("POST", "/v1/payments/pay_nope/close")
+      assert.equal(404, res.status)
+    end)
+  end)
+
+  describe("refunds", function()
+    it("full: paid -> refunded once WeChat settles", function()
+      local p = env:paid_payment{ amount = 80 }
+      local res = env:refund(p.id, 80, "customer asked")
+      assert.equal(201, res.status, res.body)
+      local r = res.json
+      assert.matches("^ref_", r.id)
+      assert.equal(80, r.amount)
+      assert.is_string(r.out_refund_no)
+      env.sim:settle(r.out_refund_no)
+      assert.equal("succeeded", env:wait_refund(r.id, "succeeded").state)
+      local after = env:wait_state(p.id, "refunded")
+      assert.equal(80, after.refunded)
+    end)
+
+    it("partial, several, then over the limit (422 refund_exceeds_paid)",
+       function()
+      local p = env:paid_payment{ amount = 100 }
+      local r1 = S.expect(env:refund(p.id, 30), 201, "refund 30")
+      local r2 = S.expect(env:refund(p.id, 50), 201, "refund 50")
+      assert.are_not.equal(r1.out_refund_no, r2.out_refund_no)
+      local over = env:refund(p.id, 21)
+      assert.equal(422, over.status, over.body)
+      assert.equal("refund_exceeds_paid", over.json.error)
+      local list = S.expect(env:api("GET", "/v1/payments/" .. p.id
+                                    .. "/refunds"), 200, "list")
+      assert.equal(2, #list.refunds)
+      local got = S.expect(env:api("GET", "/v1/refunds/" .. r2.id), 200,
+                           "get refund")
+      assert.equal(50, got.amount)
+      env.sim:settle(r1.out_refund_no)
+      env:wait_refund(r1.id, "succeeded")
+      assert.equal(30, env:wait_state(p.id, "partially_refunded").refunded)
+      -- the last 20 fen: allowed; then nothing is left
+      local r3 = S.expect(env:refund(p.id, 20), 201, "refund 20")
+      env.sim:settle(r2.out_refund_no)
+      env.sim:settle(r3.out_refund_no)
+      env:wait_refund(r3.id, "succeeded")
+      local done = env:wait_state(p.id, "refunded")
+      assert.equal(100, done.refunded)
+      assert.equal(3, #done.refunds)
+      -- refunded: no refund from that state at all (409, not 422)
+      assert.equal(409, env:refund(p.id, 1).status)
+    end)
+
+    it("WeChat not answering a refund: 504, the refund unknown, kept for "
+       .. "the key; a refresh finds it", function()
+      local p = env:paid_payment{ amount = 90 }
+      env.sim:fault{ endpoint = "refund", kind = "latency", seconds = 30 }
+      local res = env:api("POST", "/v1/payments/" .. p.id .. "/refunds",
+                          { amount = 40 }, { key = "slow-refund",
+                                             timeout = 40 })
+      assert.equal(504, res.status, res.body)
+      assert.equal("timeout", res.json.error)
+      env.sim:clear_faults()
+      -- the refund exists: the same key replays, never a second refund
+      local again = env:api("POST", "/v1/payments/" .. p.id .. "/refunds",
+                            { amount = 40 }, { key = "slow-refund" })
+      assert.equal(504, again.status)
+      assert.equal(res.body, again.body)
+      local now = env:get(p.id)
+      assert.equal(1, #now.refunds)
+      assert.equal("unknown", now.refunds[1].state)
+      -- it counts against what is left
+      assert.equal(422, env:refund(p.id, 51).status)
+      -- WeChat makes it anyway (the latency fault holds the request, then
+      -- does the work): a refresh learns so once it exists
+      local rid = now.refunds[1].id
+      S.wait_until(function()
+        env:get(p.id, true)
+        local r = env:api("GET", "/v1/refunds/" .. rid).json
+        return r.state == "processing"
+      end, 40, "the refund found processing")
+      env.sim:settle(now.refunds[1].out_refund_no)
+      env:wait_refund(rid, "succeeded")
+      assert.equal(40, env:wait_state(p.id, "partially_refunded").refunded)
+    end)
+
+    it("a closed refund gives its amount back", function()
+      local p = env:paid_payment{ amount = 60 }
+      local r1 = S.expect(env:refund(p.id, 60), 201, "refund 60")
+      assert.equal(422, env:refund(p.id, 1).status)
+      env.sim:settle(r1.out_refund_no, "CLOSED")
+      env:wait_refund(r1.id, "closed")
+      S.expect(env:refund(p.id, 60), 201, "refund again")
+    end)
+
+    it("refused before payment and after close (409); bad amounts 400",
+       function()
+      local b = env:create()
+      local res = env:refund(b.payment.id, 10)
+      assert.equal(409, res.status, res.body)
+      env:api("POST", "/v1/payments/" .. b.payment.id .. "/close")
+      assert.equal(409, env:refund(b.payment.id, 10).status)
+      local p = env:paid_payment()
+      assert.equal(400, env:refund(p.id, 0).status)
+      assert.equal(400, env:refund(p.id, -5).status)
+      assert.equal(400, env:refund(p.id, "ten").status)
+      assert.equal(404, env:refund("pay_nope", 1).status)
+      assert.equal(404, env:api("GET", "/v1/refunds/ref_nope").status)
+    end)
+  end)
+
+  describe("transitions as the API sees them", function()
+    it("a payment walks paying -> paid -> partially_refunded -> refunded, "
+       .. "versions rising", function()
+      local b = env:create{ amount = 10 }
+      local v = b.payment.version
+      env.sim:pay_and_wait(b.payment.out_trade_no)
+      local p = env:wait_state(b.payment.id, "paid")
+      assert.truthy(p.version > v)
+      v = p.version
+      local r = S.expect(env:refund(p.id, 4), 201, "refund")
+      env.sim:settle(r.out_refund_no)
+      p = env:wait_state(p.id, "partially_refunded")
+      assert.truthy(p.version > v)
+      v = p.version
+      r = S.expect(env:refund(p.id, 6), 201, "refund")
+      env.sim:settle(r.out_refund_no)
+      p = env:wait_state(p.id, "refunded")
+      assert.truthy(p.version > v)
+      -- refunded -> anything: refused
+      assert.equal(409, env:api("POST", "/v1/payments/" .. p.id
+                                .. "/close").status)
+      assert.equal(409, env:api("POST", "/v1/payments/" .. p.id
+                                .. "/attempts", { channel = "h5",
+                                  client_ip = "203.0.113.7" }).status)
+      assert.equal("refunded", env:get(p.id, true).state)
+    end)
+
+    it("closed refuses attempts and refunds; failed refuses refunds",
+       function()
+      local b = env:create()
+      env:api("POST", "/v1/payments/" .. b.payment.id .. "/close")
+      assert.equal(409, env:api("POST", "/v1/payments/" .. b.payment.id
+                                .. "/attempts", { channel = "native" }).status)
+      local f = env:create()
+      env.sim:fail(f.payment.out_trade_no)
+      assert.equal("failed", env:get(f.payment.id, true).state)
+      assert.equal(409, env:refund(f.payment.id, 1).status)
+    end)
+  end)
+
+  it("serves /openapi.json without a key", function()
+    local res = env:api("GET", "/openapi.json", nil, { sign = false })
+    assert.equal(200, res.status)
+    assert.matches("^3%.0", res.json.openapi)
+    assert.matches("^application/json", res.headers["content-type"])
+    assert.equal(read("examples/gateway/openapi.json"), res.body)
+  end)
+end)

@@ -1,0 +1,182 @@
+-- The gateway's API keys and Idempotency-Key, end to end: refusals are
+-- 401 with a reason; a repeated POST replays its answer byte for byte, a
+-- reused key with another body is 422, a repeat while the first runs 409.
+local S = require "examples.gateway.spec.support"
+local core = require "paygate.core"
+local apikey = require "paygate.apikey"
+local http = require "paygate.http"
+
+describe("gateway API keys", function()
+  local env
+
+  setup(function() env = S.start() end)
+  teardown(S.stop)
+
+  local function body()
+    return { order_id = S.order_id(), channel = "native", amount = 100,
+             description = "auth" }
+  end
+
+  it("a signed request passes", function()
+    assert.equal(201, env:api("POST", "/v1/payments", body()).status)
+  end)
+
+  it("no signature: 401 missing_signature", function()
+    local res = env:api("POST", "/v1/payments", body(), { sign = false })
+    assert.equal(401, res.status)
+    assert.equal("missing_signature", res.json.error)
+    res = env:api("GET", "/v1/payments/pay_x", nil, { sign = false })
+    assert.equal(401, res.status)
+  end)
+
+  it("a malformed header: 401 malformed_signature", function()
+    local res = env:api("GET", "/v1/payments/pay_x", nil, { sign = false,
+      headers = { Authorization = apikey.SCHEME .. ' app_id="shop"' } })
+    assert.equal(401, res.status)
+    assert.equal("malformed_signature", res.json.error)
+  end)
+
+  it("a wrong secret, or a changed body: 401 bad_signature", function()
+    local res = env:api("GET", "/v1/payments/pay_x", nil,
+                        { secret = "sk_wrong" })
+    assert.equal(401, res.status)
+    assert.equal("bad_signature", res.json.error)
+    -- signed over one body, sent with another
+    local b = body()
+    local h = apikey.sign{ app_id = env.key.app_id, key_id = env.key.key_id,
+      secret = env.key.secret, method = "POST", path = "/v1/payments",
+      body = require("cjson").encode(b) }
+    b.amount = 1
+    res = env:api("POST", "/v1/payments", b, { sign = false,
+      headers = { Authorization = h.Authorization } })
+    assert.equal(401, res.status)
+    assert.equal("bad_signature", res.json.error)
+  end)
+
+  it("an old timestamp: 401 stale_timestamp", function()
+    local res = env:api("GET", "/v1/payments/pay_x", nil,
+                        { timestamp = math.floor(core.time()) - 301 })
+    assert.equal(401, res.status)
+    assert.equal("stale_timestamp", res.json.error)
+  end)
+
+  it("an unknown key or app, a revoked key: 401 unknown_app", function()
+    local res = env:api("GET", "/v1/payments/pay_x", nil,
+                        { key_id = "ak_nosuchkey" })
+    assert.equal(401, res.status)
+    assert.equal("unknown_app", res.json.error)
+    res = env:api("GET", "/v1/payments/pay_x", nil, { app_id = "intruder" })
+    assert.equal(401, res.status)
+    assert.equal("unknown_app", res.json.error)
+    local k = assert(apikey.create(env.db, "shop"))
+    local o = { key_id = k.key_id, secret = k.secret }
+    assert.equal(404, env:api("GET", "/v1/payments/pay_x", nil, o).status)
+    assert.is_true(apikey.revoke(env.db, k.key_id))
+    -- a worker trusts a looked-up key for a few seconds (apikey's cache)
+    S.wait_until(function()
+      return env:api("GET", "/v1/payments/pay_x", nil, o).status == 401
+    end, 15, "the revoked key refused")
+  end)
+
+  it("the notification route and /openapi.json need no key", function()
+    local res = env:api("GET", "/openapi.json", nil, { sign = false })
+    assert.equal(200, res.status)
+    res = env:post_notify("{}", { ["Content-Type"] = "application/json" })
+    assert.are_not.equal(401, res.status)
+  end)
+end)
+
+describe("gateway idempotency", function()
+  local env
+
+  setup(function() env = S.start() end)
+  teardown(S.stop)
+  after_each(function() env.sim:clear_faults() end)
+
+  local function body()
+    return { order_id = S.order_id(), channel = "native", amount = 100,
+             description = "idem" }
+  end
+
+  it("a POST needs an Idempotency-Key", function()
+    local res = env:api("POST", "/v1/payments", body(), { key = false })
+    assert.equal(400, res.status, res.body)
+  end)
+
+  it("a repeat replays the first answer byte for byte, doing nothing again",
+     function()
+    local b = body()
+    local first = env:api("POST", "/v1/payments", b, { key = "create-1" })
+    assert.equal(201, first.status, first.body)
+    local prepays = 0
+    for _, r in ipairs(env.sim:requests()) do
+      if r.endpoint == "prepay" then prepays = prepays + 1 end
+    end
+    local again = env:api("POST", "/v1/payments", b, { key = "create-1" })
+    assert.equal(201, again.status)
+    assert.equal(first.body, again.body)
+    assert.equal("true", again.headers["idempotent-replayed"])
+    local after = 0
+    for _, r in ipairs(env.sim:requests()) do
+      if r.endpoint == "prepay" then after = after + 1 end
+    end
+    assert.equal(prepays, after)
+    -- an error answer that ran is replayed too
+    local p = first.json.payment
+    local r1 = env:api("POST", "/v1/payments/" .. p.id .. "/refunds",
+                       { amount = 1 }, { key = "refund-early" })
+    assert.equal(409, r1.status)
+    local r2 = env:api("POST", "/v1/payments/" .. p.id .. "/refunds",
+                       { amount = 1 }, { key = "refund-early" })
+    assert.equal(r1.status, r2.status)
+    assert.equal(r1.body, r2.body)
+  end)
+
+  it("the same key with another body: 422", function()
+    local b = body()
+    assert.equal(201, env:api("POST", "/v1/payments", b,
+                              { key = "create-2" }).status)
+    b.amount = 101
+    local res = env:api("POST", "/v1/payments", b, { key = "create-2" })
+    assert.equal(422, res.status, res.body)
+    assert.equal("idempotency_key_reused", res.json.error)
+  end)
+
+  it("keys are per app: another app's same key is its own", function()
+    local other = assert(apikey.create(env.db, "other_app"))
+    local b = body()
+    assert.equal(201, env:api("POST", "/v1/payments", b,
+                              { key = "shared-key" }).status)
+    b.order_id = S.order_id()
+    local res = env:api("POST", "/v1/payments", b, { key = "shared-key",
+      app_id = other.app_id, key_id = other.key_id, secret = other.secret })
+    assert.equal(201, res.status, res.body)
+  end)
+
+  it("a repeat while the first still runs: 409, then the replay",
+     function()
+    -- WeChat answers the prepay after 2 s: the first request is in flight
+    local f = env.sim:fault{ endpoint = "prepay", kind = "latency",
+                             seconds = 2, count = 1 }
+    local b = body()
+    local first
+    core.spawn(function()
+      first = env:api("POST", "/v1/payments", b, { key = "slow-1" })
+    end)
+    -- wait until the simulator holds the slow prepay: the gateway began it
+    S.wait_until(function()
+      for _, x in ipairs(env.sim:control("GET", "/sim/faults")) do
+        if x.id == f.id and (x.fired or 0) >= 1 then return true end
+      end
+      return false
+    end, 10, "the slow prepay")
+    local second = env:api("POST", "/v1/payments", b, { key = "slow-1" })
+    assert.equal(409, second.status, second.body)
+    assert.equal("idempotency_in_flight", second.json.error)
+    assert.matches("^%d+$", second.headers["retry-after"] or "")
+    S.wait_until(function() return first ~= nil end, 15, "the first answer")
+    assert.equal(201, first.status, first.body)
+    local third = env:api("POST", "/v1/payments", b, { key = "slow-1" })
+    assert.equal(first.body, third.body)
+  end)
+end)

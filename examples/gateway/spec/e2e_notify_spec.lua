@@ -1,0 +1,313 @@
+-- POST /wechatpay/notify/{mchid} end to end: every way a notification
+-- can be wrong is refused (and WeChat's retry then applies it once);
+-- duplicates and replays are acknowledged without a second effect; an
+-- amount that does not match is an alarm, not a state change; two
+-- partial refunds are two; money on a closed or superseded attempt is
+-- applied, then refunded or raised as an alarm (config.on_late_payment).
+local S = require "examples.gateway.spec.support"
+local json = require "cjson.safe"
+
+local function refused(status) return status >= 400 end
+
+describe("gateway notifications", function()
+  local env
+
+  setup(function() env = S.start() end)
+  teardown(S.stop)
+  after_each(function() env.sim:clear_faults() end)
+
+  local function check_applied_once(p)
+    local got = env:wait_state(p.id, "paid")
+    assert.equal(1, env:count_events(p.id, "payment.paid"))
+    return got
+  end
+
+  for _, kind in ipairs({ "bad_signature", "unknown_serial",
+                          "stale_timestamp" }) do
+    it("a notification with " .. kind .. " is refused, its retry applied",
+       function()
+      env.sim:fault{ endpoint = "notify", kind = kind, count = 1 }
+      local b = env:create()
+      local d = env.sim:pay_and_wait(b.payment.out_trade_no)
+      assert.truthy(#d.attempts >= 2)
+      assert.is_truthy(d.attempts[1].status, json.encode(d.attempts[1]))
+      assert.is_true(refused(d.attempts[1].status),
+                     "first attempt answered " .. d.attempts[1].status)
+      assert.is_true(S.ok2xx(d.last.status))
+      check_applied_once(b.payment)
+    end)
+  end
+
+  it("a signed test probe (WECHATPAY/SIGNTEST/) is refused", function()
+    env.sim:fault{ endpoint = "notify", kind = "bad_signature",
+                   signtest = true, count = 1 }
+    local b = env:create()
+    local d = env.sim:pay_and_wait(b.payment.out_trade_no)
+    assert.is_true(refused(d.attempts[1].status))
+    check_applied_once(b.payment)
+  end)
+
+  it("a tampered body is refused with WeChat's FAIL body; the real one "
+     .. "applies", function()
+    local p = env:create().payment
+    local body, h = env:notification("TRANSACTION.SUCCESS",
+                                     env:transaction(p))
+    local bad = body:gsub('"event_type":"TRANSACTION.SUCCESS"',
+                          '"event_type":"TRANSACTION.SUCCESX"')
+    assert.are_not.equal(body, bad)
+    local res = env:post_notify(bad, h)
+    assert.is_true(refused(res.status), res.status)
+    assert.equal("FAIL", res.json.code)
+    assert.is_string(res.json.message)
+    assert.equal("paying", env:get(p.id).state)
+    res = env:post_notify(body, h)
+    assert.is_true(S.ok2xx(res.status), res.status .. " " .. res.body)
+    check_applied_once(p)
+  end)
+
+  it("a resource that does not decrypt is refused", function()
+    local p = env:create().payment
+    local body = env:notification("TRANSACTION.SUCCESS", env:transaction(p))
+    local t = json.decode(body)
+    t.resource.ciphertext = "A" .. t.resource.ciphertext:sub(2)
+    body = json.encode(t)
+    local res = env:post_notify(body, env:notify_headers(body))
+    assert.is_true(refused(res.status), res.status)
+    assert.equal("paying", env:get(p.id).state)
+  end)
+
+  it("a notification posted under another merchant's path is refused",
+     function()
+    local p = env:create().payment
+    local body, h = env:notification("TRANSACTION.SUCCESS",
+                                     env:transaction(p))
+    local res = env:post_notify(body, h, "1999999999")
+    assert.is_true(refused(res.status), res.status)
+    res = env:post_notify(body, h, "not-a-mchid")
+    assert.is_true(refused(res.status), res.status)
+    -- and a transaction naming another merchant under ours
+    local other = env:transaction(p, { mchid = "1888888888" })
+    body, h = env:notification("TRANSACTION.SUCCESS", other)
+    res = env:post_notify(body, h)
+    assert.is_true(refused(res.status) or S.ok2xx(res.status))
+    assert.equal("paying", env:get(p.id).state)
+  end)
+
+  it("a notification for an unknown order is not acknowledged as applied",
+     function()
+    local fake = { out_trade_no = "GWunknown" .. S.digits(10), amount = 5 }
+    local body, h = env:notification("TRANSACTION.SUCCESS",
+                                     env:transaction(fake))
+    local res = env:post_notify(body, h)
+    -- WeChat must keep it (retry) or it is recorded as an alarm: never a
+    -- crash, never a payment out of nothing
+    if not S.ok2xx(res.status) then assert.equal("FAIL", res.json.code) end
+    assert.equal(200, env:api("GET", "/openapi.json", nil,
+                              { sign = false }).status)
+    assert.equal(0, #assert(env.db:query(
+      "SELECT id FROM gw_payments WHERE out_trade_no = $1",
+      { fake.out_trade_no })))
+  end)
+
+  it("duplicates (WeChat's duplicate delivery) are acknowledged, applied "
+     .. "once", function()
+    env.sim:fault{ endpoint = "notify", kind = "duplicate", times = 2,
+                   count = 1 }
+    local b = env:create()
+    local d = env.sim:pay_and_wait(b.payment.out_trade_no)
+    d = env.sim:wait_notification({ id = d.id }, { attempts = 3 })
+    for i = 1, 3 do
+      assert.is_true(S.ok2xx(d.attempts[i].status),
+                     "attempt " .. i .. ": " .. json.encode(d.attempts[i]))
+    end
+    check_applied_once(b.payment)
+    local rows = assert(env.db:query(
+      "SELECT outcome FROM gw_notifications WHERE id = $1", { d.id }))
+    assert.equal(1, #rows)
+  end)
+
+  it("a replay of an applied notification (same id, or a new id for the "
+     .. "same state) is acknowledged and changes nothing", function()
+    local p = env:create().payment
+    local tx = env:transaction(p)
+    local body = env:notification("TRANSACTION.SUCCESS", tx,
+                                  { id = "replay-" .. S.digits(8) })
+    assert.is_true(S.ok2xx(env:post_notify(body,
+                                           env:notify_headers(body)).status))
+    local paid = env:wait_state(p.id, "paid")
+    -- the same body later, freshly signed (WeChat's retry)
+    local res = env:post_notify(body, env:notify_headers(body))
+    assert.is_true(S.ok2xx(res.status), res.body)
+    -- another notification id, same business key (out_trade_no, SUCCESS)
+    local body2 = env:notification("TRANSACTION.SUCCESS", tx)
+    res = env:post_notify(body2, env:notify_headers(body2))
+    assert.is_true(S.ok2xx(res.status), res.body)
+    local now = env:get(p.id)
+    assert.equal(paid.version, now.version)
+    assert.equal(1, env:count_events(p.id, "payment.paid"))
+  end)
+
+  it("an amount that does not match is an alarm, not a state change",
+     function()
+    local p = env:create{ amount = 100 }.payment
+    local tx = env:transaction(p, { amount = { total = 1, payer_total = 1,
+      currency = "CNY", payer_currency = "CNY" } })
+    local body, h = env:notification("TRANSACTION.SUCCESS", tx)
+    local res = env:post_notify(body, h)
+    assert.is_true(S.ok2xx(res.status), res.status .. " " .. res.body)
+    local now = env:get(p.id)
+    assert.equal("paying", now.state)
+    assert.equal(p.version, now.version)
+    assert.equal(1, env:count_events(p.id, "alarm.amount_mismatch"))
+    assert.equal(0, env:count_events(p.id, "payment.paid"))
+    -- a currency that does not match is one too
+    tx = env:transaction(p, { amount = { total = 100, payer_total = 100,
+      currency = "USD", payer_currency = "USD" } })
+    body, h = env:notification("TRANSACTION.SUCCESS", tx)
+    env:post_notify(body, h)
+    assert.equal("paying", env:get(p.id).state)
+  end)
+
+  it("two partial refunds' notifications are two, not one twice", function()
+    local p = env:paid_payment{ amount = 100 }
+    local r1 = S.expect(env:refund(p.id, 30), 201, "refund 30")
+    local r2 = S.expect(env:refund(p.id, 30), 201, "refund 30 again")
+    env.sim:settle(r1.out_refund_no)
+    env.sim:wait_notification{ out_refund_no = r1.out_refund_no }
+    env.sim:settle(r2.out_refund_no)
+    env.sim:wait_notification{ out_refund_no = r2.out_refund_no }
+    assert.equal("succeeded", env:wait_refund(r1.id, "succeeded").state)
+    assert.equal("succeeded", env:wait_refund(r2.id, "succeeded").state)
+    local now = env:get(p.id)
+    assert.equal("partially_refunded", now.state)
+    assert.equal(60, now.refunded)
+    assert.equal(2, env:count_events(p.id, "refund.succeeded"))
+  end)
+
+  it("REFUND.ABNORMAL and REFUND.CLOSED reach the refund", function()
+    local p = env:paid_payment{ amount = 50 }
+    local r1 = S.expect(env:refund(p.id, 20), 201, "refund 20")
+    local r2 = S.expect(env:refund(p.id, 20), 201, "refund 20 again")
+    env.sim:settle(r1.out_refund_no, "ABNORMAL")
+    env.sim:settle(r2.out_refund_no, "CLOSED")
+    env:wait_refund(r1.id, "abnormal")
+    env:wait_refund(r2.id, "closed")
+    assert.equal(1, env:count_events(p.id, "refund.abnormal"))
+    assert.equal(1, env:count_events(p.id, "refund.closed"))
+    assert.equal("paid", env:get(p.id).state)
+  end)
+
+  it("an illegal transition (a closed refund reported succeeded) is "
+     .. "refused, never applied", function()
+    local p = env:paid_payment{ amount = 50 }
+    local r = S.expect(env:refund(p.id, 50), 201, "refund")
+    env.sim:settle(r.out_refund_no, "CLOSED")
+    local closed = env:wait_refund(r.id, "closed")
+    local before = env:get(p.id)
+    local body, h = env:notification("REFUND.SUCCESS", {
+      mchid = env.m.mchid, out_trade_no = p.out_trade_no,
+      transaction_id = before.transaction_id,
+      out_refund_no = r.out_refund_no, refund_id = closed.refund_id,
+      refund_status = "SUCCESS",
+      success_time = os.date("!%Y-%m-%dT%H:%M:%S+00:00"),
+      user_received_account = "支付用户零钱",
+      amount = { total = 50, refund = 50, payer_total = 50,
+                 payer_refund = 50 } })
+    local res = env:post_notify(body, h)
+    assert.are_not.equal(401, res.status)
+    assert.equal("closed", env:get(p.id).refunds[1].state)
+    local after = env:get(p.id)
+    assert.equal("paid", after.state)
+    assert.equal(0, after.refunded)
+    assert.equal(before.version, after.version)
+    assert.equal(0, env:count_events(p.id, "refund.succeeded"))
+    -- counted: the worker publishes its fsm counters every few seconds
+    S.wait_until(function()
+      local m = env.gw:admin_get("/metrics")
+      local n = m and m.body:match(
+        "\npaygate_gateway_fsm_illegal_transitions{[^}]*} (%d+)")
+      return n and tonumber(n) >= 1
+    end, 15, "the illegal transition counted on /metrics")
+  end)
+
+  it("money on a closed payment is applied, then refunded", function()
+    local p = env:create{ amount = 70 }.payment
+    S.expect(env:api("POST", "/v1/payments/" .. p.id .. "/close"), 200,
+             "close")
+    local body, h = env:notification("TRANSACTION.SUCCESS",
+                                     env:transaction(p))
+    local res = env:post_notify(body, h)
+    assert.is_true(S.ok2xx(res.status), res.status .. " " .. res.body)
+    assert.equal(1, env:count_events(p.id, "payment.late_paid"))
+    S.wait_until(function()
+      local now = env:get(p.id)
+      return now.refunds and #now.refunds == 1
+    end, 15, "the automatic refund")
+    local now = env:get(p.id)
+    assert.equal("paid", now.state)
+    assert.is_true(now.late)
+    assert.equal(70, now.refunds[1].amount)
+    assert.equal("late_payment", now.refunds[1].kind)
+    assert.is_string(now.transaction_id)
+    -- the refund went to WeChat (which, in the simulator, has no money on
+    -- the closed order to give back: it refuses)
+    S.wait_until(function()
+      return env:get(p.id).refunds[1].state ~= "created"
+    end, 15, "the refund sent")
+    local sent = false
+    for _, r in ipairs(env.sim:requests()) do
+      if r.endpoint == "refund" then sent = true end
+    end
+    assert.is_true(sent)
+  end)
+
+  it("money on a superseded attempt (paid twice) is applied, then refunded",
+     function()
+    local b = env:create{ amount = 40 }
+    local first = b.payment
+    local res = env:api("POST", "/v1/payments/" .. first.id .. "/attempts",
+                        { channel = "native" })
+    assert.equal(201, res.status, res.body)
+    env.sim:pay_and_wait(res.json.payment.out_trade_no)
+    env:wait_state(first.id, "paid")
+    -- WeChat reports the first (superseded) attempt paid as well
+    local body, h = env:notification("TRANSACTION.SUCCESS",
+                                     env:transaction(first))
+    local nres = env:post_notify(body, h)
+    assert.is_true(S.ok2xx(nres.status), nres.status .. " " .. nres.body)
+    assert.equal(1, env:count_events(first.id, "payment.late_paid"))
+    S.wait_until(function()
+      local now = env:get(first.id)
+      return now.refunds and #now.refunds == 1
+    end, 15, "the automatic refund")
+    local now = env:get(first.id)
+    assert.equal(40, now.refunds[1].amount)
+    assert.equal("duplicate", now.refunds[1].kind)
+    assert.equal("paid", now.state)
+  end)
+end)
+
+describe("gateway notifications with on_late_payment = alarm", function()
+  local env
+
+  setup(function()
+    env = S.start{ gateway = { on_late_payment = "alarm" } }
+  end)
+  teardown(S.stop)
+
+  it("money on a closed payment is applied and raised, not refunded",
+     function()
+    local p = env:create{ amount = 70 }.payment
+    S.expect(env:api("POST", "/v1/payments/" .. p.id .. "/close"), 200,
+             "close")
+    local body, h = env:notification("TRANSACTION.SUCCESS",
+                                     env:transaction(p))
+    local res = env:post_notify(body, h)
+    assert.is_true(S.ok2xx(res.status), res.status .. " " .. res.body)
+    local e = env:wait_event(p.id, "payment.late_paid")
+    assert.equal(p.id, e.data.payment.id)
+    local now = env:get(p.id)
+    assert.equal("paid", now.state)
+    assert.same({}, now.refunds)
+  end)
+end)

@@ -1,0 +1,159 @@
+-- examples/gateway/openapi.json: it parses, it is OpenAPI 3.0, every
+-- route of the gateway's contract is in it with the method, the
+-- Idempotency-Key and the security it takes, every $ref resolves, and
+-- the payment / refund / error schemas carry the contract's fields.
+local json = require "cjson.safe"
+
+local function load()
+  local f = assert(io.open("examples/gateway/openapi.json", "rb"))
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+
+-- the routes docs/gateway.md lists: method, path, signed?, idempotent?
+local ROUTES = {
+  { "POST", "/v1/payments", true, true },
+  { "POST", "/v1/payments/{id}/attempts", true, true },
+  { "GET", "/v1/payments/{id}", true, false },
+  { "POST", "/v1/payments/{id}/close", true, true },
+  { "POST", "/v1/payments/{id}/refunds", true, true },
+  { "GET", "/v1/payments/{id}/refunds", true, false },
+  { "GET", "/v1/refunds/{id}", true, false },
+  { "POST", "/wechatpay/notify/{mchid}", false, false },
+  { "GET", "/openapi.json", false, false },
+  { "GET", "/admin/degrade", false, false },
+  { "POST", "/admin/degrade", false, false },
+  { "POST", "/admin/outbox/replay", false, false },
+}
+
+describe("examples/gateway/openapi.json", function()
+  local doc
+
+  setup(function()
+    local err
+    doc, err = json.decode(load())
+    assert(doc, "does not parse: " .. tostring(err))
+  end)
+
+  it("is OpenAPI 3.0 with the API-key scheme as the default", function()
+    assert.matches("^3%.0%.%d+$", doc.openapi)
+    assert.is_string(doc.info.title)
+    local sch = doc.components.securitySchemes.apiKey
+    assert.equal("apiKey", sch.type)
+    assert.equal("header", sch.type == "apiKey" and sch["in"])
+    assert.equal("Authorization", sch.name)
+    assert.matches("PAYGATE%-HMAC%-SHA256", sch.description)
+    assert.same({ { apiKey = {} } }, doc.security)
+  end)
+
+  it("has every route of the contract, and only those", function()
+    local want = {}
+    for _, r in ipairs(ROUTES) do
+      local op = doc.paths[r[2]] and doc.paths[r[2]][r[1]:lower()]
+      assert.is_table(op, r[1] .. " " .. r[2])
+      assert.is_string(op.operationId, r[2])
+      assert.is_table(op.responses, r[2])
+      want[r[1]:lower() .. " " .. r[2]] = true
+    end
+    for path, item in pairs(doc.paths) do
+      for method in pairs(item) do
+        assert.is_true(want[method .. " " .. path] == true,
+                       "not in the contract: " .. method .. " " .. path)
+      end
+    end
+  end)
+
+  it("signed routes use the default security, the others opt out",
+     function()
+    for _, r in ipairs(ROUTES) do
+      local op = doc.paths[r[2]][r[1]:lower()]
+      if r[3] then
+        assert.is_nil(op.security, r[2])
+        assert.is_table(op.responses["401"], r[2] .. " documents 401")
+      else
+        assert.is_table(op.security, r[2])
+        for _, s in ipairs(op.security) do
+          assert.is_nil(s.apiKey, r[2])
+        end
+      end
+    end
+  end)
+
+  it("every merchant POST takes the Idempotency-Key, and only those",
+     function()
+    local p = doc.components.parameters.IdempotencyKey
+    assert.equal("Idempotency-Key", p.name)
+    assert.equal("header", p["in"])
+    assert.is_true(p.required)
+    for _, r in ipairs(ROUTES) do
+      local op = doc.paths[r[2]][r[1]:lower()]
+      local has = false
+      for _, prm in ipairs(op.parameters or {}) do
+        if prm["$ref"] == "#/components/parameters/IdempotencyKey" then
+          has = true
+        end
+      end
+      assert.equal(r[4], has, r[1] .. " " .. r[2])
+      if r[4] then
+        assert.is_table(op.responses["422"], r[2] .. " documents 422")
+        assert.is_table(op.responses["409"], r[2] .. " documents 409")
+      end
+    end
+  end)
+
+  it("every $ref resolves", function()
+    local n = 0
+    local function walk(v)
+      if type(v) ~= "table" then return end
+      for k, x in pairs(v) do
+        if k == "$ref" then
+          n = n + 1
+          local node = doc
+          for part in x:gsub("^#/", ""):gmatch("[^/]+") do
+            node = type(node) == "table" and node[part] or nil
+          end
+          assert.is_table(node, "unresolved " .. x)
+        else
+          walk(x)
+        end
+      end
+    end
+    walk(doc.paths)
+    walk(doc.components)
+    assert.truthy(n > 20)
+  end)
+
+  it("the payment, refund and error schemas have the contract's fields",
+     function()
+    local s = doc.components.schemas
+    local function has(schema, fields, name)
+      for _, f in ipairs(fields) do
+        assert.is_table(schema.properties[f], name .. "." .. f)
+      end
+    end
+    has(s.Payment, { "id", "order_id", "state", "version", "channel",
+      "amount", "currency", "refunded", "out_trade_no", "transaction_id",
+      "attempts", "refunds", "created_at", "updated_at", "expires_at",
+      "stale" }, "Payment")
+    has(s.Refund, { "id", "payment_id", "out_refund_no", "refund_id",
+      "amount", "reason", "state" }, "Refund")
+    has(s.Error, { "error", "message" }, "Error")
+    has(s.CreatePayment, { "order_id", "channel", "amount", "currency",
+      "description", "payer", "client_ip", "expires_in", "attach",
+      "mchid" }, "CreatePayment")
+    local states = {}
+    for _, st in ipairs(s.Payment.properties.state.enum) do
+      states[st] = true
+    end
+    for _, st in ipairs({ "created", "paying", "paid", "partially_refunded",
+                          "refunded", "closed", "failed", "unknown" }) do
+      assert.is_true(states[st], st)
+    end
+    assert.same({ "native", "h5", "jsapi", "app" }, s.Channel.enum)
+    local create = doc.paths["/v1/payments"].post.responses["201"]
+    local body = create.content["application/json"].schema
+    assert.is_table(body.properties.payment)
+    assert.is_table(body.properties.pay)
+  end)
+end)

@@ -1,0 +1,109 @@
+-- scripts/run, the README's run command: it starts the simulator and the
+-- gateway, prints a curl walk-through that ends "paid" when followed, and
+-- stops both on Ctrl-C (SIGINT) or when either dies. The deps/build step
+-- is skipped (PAYGATE_RUN_NO_BUILD=1: the suite has built already, and
+-- PAYGATE_BIN names its binary); keys and state go to a temporary
+-- PAYGATE_DEV_DIR.
+local core = require "paygate.core"
+local testing = require "paygate.testing"
+local proc = testing.proc
+
+local SIGINT = 2
+
+local function alive(pid) return proc.kill_pid(pid, 0) == 0 end
+
+local function pid_of(path)
+  return tonumber((proc.read(path):match("%d+")))
+end
+
+describe("scripts/run", function()
+  local dir
+
+  setup(function() dir = testing.tmpdir() end)
+  teardown(function()
+    proc.stop_all(5)
+    testing.server.rmdir(dir)
+  end)
+
+  local function launch()
+    local ports = { core.free_port(), core.free_port(), core.free_port() }
+    local log = dir .. "/run.log"
+    os.remove(log)
+    local p = proc.spawn({ "env", "PAYGATE_RUN_NO_BUILD=1",
+      "PAYGATE_BIN=" .. testing.server.bin(),
+      "PAYGATE_DEV_DIR=" .. dir .. "/dev", "scripts/run",
+      "--port", tostring(ports[1]), "--sim-port", tostring(ports[2]),
+      "--admin-port", tostring(ports[3]) }, { log = log, watchdog = true })
+    local ok, err = pcall(testing.wait_until, function()
+      if p:poll() then return true end
+      return proc.read(log):find("Ctrl%-C stops both%.") ~= nil
+    end, 120, "the walk-through")
+    assert(ok and not p:poll(), "scripts/run did not start ("
+      .. tostring(err or p.status) .. "):\n" .. proc.read(log) .. "\n"
+      .. proc.read(dir .. "/dev/gateway.log"))
+    local out = proc.read(log)
+    local lines = {}
+    local after = out:match("Try it.-\n(.*)$")
+    for l in after:gmatch("[^\n]+") do
+      if l:match("^%s+R=") or l:match("^%s+curl ") then
+        lines[#lines + 1] = l
+      end
+    end
+    return p, out, lines
+  end
+
+  it("--help says what it does", function()
+    local code, out = proc.run({ "scripts/run", "--help" })
+    assert.equal(0, code)
+    assert.matches("usage: scripts/run", out)
+    assert.matches("simulator", out)
+    assert.matches("Ctrl%-C", out)
+    code, out = proc.run({ "scripts/run", "--bogus" })
+    assert.equal(2, code)
+    assert.matches("unknown option", out)
+  end)
+
+  it("prints a walk-through that ends paid, and Ctrl-C stops both",
+     function()
+    local p, out, lines = launch()
+    assert.matches("gateway%s+http://127%.0%.0%.1:%d+", out)
+    assert.matches("simulator%s+http://127%.0%.0%.1:%d+", out)
+    assert.matches('dev app', out)
+    assert.equal(3, #lines, out)
+    local sim = pid_of(dir .. "/dev/simulator.pid")
+    local gw = pid_of(dir .. "/dev/gateway.pid")
+    assert.is_true(alive(sim) and alive(gw))
+    -- lines 1 and 2 once; line 3 until the notification has landed
+    local script = lines[1] .. "\n" .. lines[2] .. "\n"
+      .. "for i in $(seq 1 100); do out=$(" .. lines[3]:gsub("^%s+", "")
+      .. "); case \"$out\" in *'\"state\":\"paid\"'*) echo \"$out\"; "
+      .. "exit 0;; esac; sleep 0.1; done; echo \"$out\"; exit 1"
+    local code, res = proc.run({ "bash", "-c", script }, { timeout = 60 })
+    assert.equal(0, code, res)
+    assert.matches('"state":"paid"', res)
+    -- Ctrl-C
+    p:kill(SIGINT)
+    local st = p:wait(30)
+    assert.equal(0, st, proc.read(dir .. "/run.log"))
+    testing.wait_until(function()
+      return not alive(sim) and not alive(gw)
+    end, 15, "both stopped")
+  end)
+
+  it("reuses the dev keys, and stops the gateway when the simulator dies",
+     function()
+    local before = proc.read(dir .. "/dev/merchant.json")
+    assert.truthy(#before > 0)
+    local p = launch()
+    assert.equal(before, proc.read(dir .. "/dev/merchant.json"))
+    local sim = pid_of(dir .. "/dev/simulator.pid")
+    local gw = pid_of(dir .. "/dev/gateway.pid")
+    proc.kill_pid(sim, 9)
+    local st = p:wait(30)
+    assert.is_number(st)
+    assert.are_not.equal(0, st)
+    testing.wait_until(function() return not alive(gw) end, 15,
+                       "the gateway stopped")
+    assert.matches("simulator stopped", proc.read(dir .. "/run.log"))
+  end)
+end)

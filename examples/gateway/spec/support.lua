@@ -1,0 +1,406 @@
+-- examples/gateway/spec/support.lua: what the gateway's end-to-end specs
+-- share. It starts the WeChat Pay simulator (with a platform key the spec
+-- holds, so it can sign notifications of its own), a webhook receiver
+-- and the gateway (examples/gateway) on loopback, makes an API key for
+-- the app "shop", and gives signed merchant-API calls, crafted
+-- notifications and waits on conditions with deadlines.
+--
+--   local S = require "examples.gateway.spec.support"
+--   local env = S.start{ db = "sqlite" }          -- or "postgres"
+--   local res = env:api("POST", "/v1/payments", { order_id = "o1", ... })
+--   teardown(S.stop)
+--
+-- Written against the contract (docs/gateway.md), not the app's code.
+local core = require "paygate.core"
+local crypto = require "paygate.crypto"
+local json = require "cjson.safe"
+local http = require "paygate.http"
+local apikey = require "paygate.apikey"
+local sql = require "paygate.sql"
+local resource = require "paygate.wechatpay.resource"
+local testing = require "paygate.testing"
+
+local S = {}
+S.testing = testing
+S.wait_until = testing.wait_until
+
+local APP = "examples/gateway"
+
+local function write(path, data)
+  local f = assert(io.open(path, "wb"))
+  f:write(data)
+  f:close()
+end
+
+local function read(path)
+  local f = assert(io.open(path, "rb"))
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+
+local function digits(n)
+  local b = crypto.random_bytes(n)
+  local t = {}
+  for i = 1, n do t[i] = tostring(b:byte(i) % 10) end
+  return table.concat(t)
+end
+S.digits = digits
+
+function S.order_id(prefix)
+  return (prefix or "o") .. "-" .. crypto.random_nonce(12)
+end
+
+------------------------------------------------------ the webhook receiver
+
+-- A merchant's event endpoint: verifies every delivery's
+-- Paygate-Signature (paygate.outbox.verify_webhook) and keeps what came.
+--   POST /hook                 204 | 400 {error} (bad signature, rejected)
+--                              | 500 (failing on purpose)
+--   POST /_ctl/mode {reject = {subject = true}, fail_first = bool}
+--   GET  /_ctl/events          {events = [{id, type, subject, data,
+--                               attempt}], attempts = {[id] = n},
+--                               refused = {kind = n}}
+-- Everything in memory: one worker.
+S.RECEIVER = [[
+local paygate = require "paygate"
+local json = require "paygate.json"
+local outbox = require "paygate.outbox"
+local secret = paygate.config.secret
+local reject, fail_first = {}, false
+local events, attempts, refused = {}, {}, {}
+paygate.route("POST", "/hook", function(req)
+  local ok, err = outbox.verify_webhook(secret,
+    req:header("Paygate-Signature"), req.body)
+  if not ok then
+    refused[err.kind] = (refused[err.kind] or 0) + 1
+    return 400, { error = err.kind }
+  end
+  local e = json.decode(req.body)
+  local id = tostring(e.id)
+  attempts[id] = (attempts[id] or 0) + 1
+  if reject[e.subject] then return 400, { error = "rejected" } end
+  if fail_first and attempts[id] == 1 then
+    return 500, { error = "first attempt fails" }
+  end
+  events[#events + 1] = { id = e.id, type = e.type, subject = e.subject,
+                          data = e.data, attempt = e.attempt }
+  return 204
+end)
+paygate.route("POST", "/_ctl/mode", function(req)
+  local m = req:json()
+  reject = m.reject or {}
+  fail_first = m.fail_first == true
+  return 200, { ok = true }
+end)
+paygate.route("GET", "/_ctl/events", function()
+  return 200, { events = #events > 0 and events or json.empty_array,
+                attempts = attempts, refused = refused }
+end)
+]]
+
+--------------------------------------------------------------- start-up
+
+local Env = {}
+Env.__index = Env
+
+local pg_server
+local envs = {}           -- started, for S.stop to close their handles
+
+-- syntax: env = S.start([o])
+-- o: db ("sqlite" default, or "postgres": a PostgreSQL server of
+-- spec/support/servers.lua, shared by the file's envs), gateway (more
+-- config.gateway keys), admin_token (written to a file named by
+-- admin_token_file), time_scale (the simulator's), workers.
+-- yields: makes keys, starts simulator, receiver and gateway.
+function S.start(o)
+  o = o or {}
+  local env = setmetatable({}, Env)
+  -- the platform key is ours, so specs can sign notifications
+  env.platform = testing.merchant_keys{ mchid = "platform" }
+  env.platform_key = assert(crypto.private_key(read(env.platform.private_key)))
+  env.sim = testing.simulator{
+    time_scale = o.time_scale or 100,
+    config = { platform_private_key = env.platform.private_key,
+               platform_certificate = env.platform.certificate },
+  }
+  env.m = env.sim.merchant
+  env.hook_secret = "whsec_" .. crypto.random_nonce(24)
+  env.hook = testing.start_app{ source = S.RECEIVER,
+                                config = { secret = env.hook_secret } }
+  if o.db == "postgres" then
+    if not pg_server then
+      local servers = require "support.servers"
+      pg_server = servers.postgres()
+    end
+    env.db_url = pg_server.url
+  end
+  env.gw = testing.start_app{ app = APP, workers = o.workers,
+    timeout = o.start_timeout or 30,
+    config = function(srv)
+      env.dir = srv.dir
+      env.db_url = env.db_url or ("sqlite:" .. srv.dir .. "/gateway.db")
+      write(srv.dir .. "/apiv3.key", env.m.apiv3_key)
+      write(srv.dir .. "/hook.secret", env.hook_secret)
+      local m = env.sim:client_config(env.m, { apiv3_key = false })
+      m.apiv3_key_file = srv.dir .. "/apiv3.key"
+      local g = { db = env.db_url, public_url = srv:url(""),
+                  payment_ttl = 7200, on_late_payment = "refund",
+                  webhooks = { { url = env.hook:url("/hook"),
+                                 secret_file = srv.dir .. "/hook.secret" } } }
+      if o.admin_token then
+        write(srv.dir .. "/admin.token", o.admin_token)
+        g.admin_token_file = srv.dir .. "/admin.token"
+      end
+      for k, v in pairs(o.gateway or {}) do g[k] = v end
+      return { gateway = g, merchants = { m } }
+    end }
+  -- an API key for the app "shop", made in the gateway's store the way
+  -- docs/gateway.md says (paygate.apikey's table)
+  local db = assert(sql.open(env.db_url))
+  env.db = db
+  env.key = assert(apikey.create(db, "shop"))
+  envs[#envs + 1] = env
+  return env
+end
+
+-- syntax: S.stop() -- for teardown: every process, directory and handle
+function S.stop()
+  for i = #envs, 1, -1 do
+    pcall(envs[i].db.close, envs[i].db)
+    envs[i] = nil
+  end
+  testing.stop_all()
+  if pg_server then
+    require("support.servers").stop_all()
+    pg_server = nil
+  end
+end
+
+------------------------------------------------------- the merchant API
+
+-- syntax: res = env:api(method, path[, body[, o]])
+-- body: a table (JSON-encoded) or a string (sent as is). o: key (the
+-- Idempotency-Key; a fresh one for a POST unless false), headers,
+-- sign = false (unsigned), secret / app_id / key_id / timestamp (to sign
+-- otherwise), timeout.
+-- returns: res (status, headers, body, json); raises if no answer.
+function Env:api(method, path, body, o)
+  o = o or {}
+  if type(body) == "table" then body = json.encode(body) end
+  local headers = {}
+  if body then headers["Content-Type"] = "application/json" end
+  if o.sign ~= false then
+    local h = apikey.sign{ app_id = o.app_id or self.key.app_id,
+                           key_id = o.key_id or self.key.key_id,
+                           secret = o.secret or self.key.secret,
+                           method = method, path = path, body = body or "",
+                           timestamp = o.timestamp }
+    headers.Authorization = h.Authorization
+  end
+  if method == "POST" and o.key ~= false then
+    headers["Idempotency-Key"] = o.key or ("k-" .. crypto.random_nonce(16))
+  end
+  for k, v in pairs(o.headers or {}) do headers[k] = v end
+  local res, err = http.request{ method = method, url = self.gw:url(path),
+                                 body = body, headers = headers,
+                                 timeout = o.timeout or 20 }
+  if not res then error(method .. " " .. path .. ": " .. tostring(err), 2) end
+  if res.body and res.body ~= "" then res.json = json.decode(res.body) end
+  return res
+end
+
+local function expect(res, status, what)
+  if res.status ~= status then
+    error((what or "request") .. ": want " .. status .. ", got "
+          .. res.status .. " " .. tostring(res.body), 3)
+  end
+  return res.json
+end
+S.expect = expect
+
+-- syntax: body = env:create(o) -- POST /v1/payments, expects 201
+-- o: the request's fields; defaults: order_id fresh, channel native,
+-- amount 100, description.
+function Env:create(o)
+  o = o or {}
+  local b = { order_id = o.order_id or S.order_id(), channel = "native",
+              amount = 100, description = "e2e order" }
+  for k, v in pairs(o) do b[k] = v end
+  return expect(self:api("POST", "/v1/payments", b), 201, "create")
+end
+
+function Env:get(id, refresh)
+  return expect(self:api("GET", "/v1/payments/" .. id
+                         .. (refresh and "?refresh=1" or "")), 200, "get")
+end
+
+function Env:refund(id, amount, reason)
+  return self:api("POST", "/v1/payments/" .. id .. "/refunds",
+                  { amount = amount, reason = reason })
+end
+
+-- syntax: p = env:wait_state(id, state[, timeout]) -- polls GET
+function Env:wait_state(id, state, timeout)
+  local last
+  local ok, err = pcall(testing.wait_until, function()
+    last = self:api("GET", "/v1/payments/" .. id)
+    return last.json and last.json.state == state
+  end, timeout or 15, "payment " .. id .. " " .. state)
+  if not ok then
+    error(tostring(err) .. "; last: " .. tostring(last and last.body), 2)
+  end
+  return last.json
+end
+
+function Env:wait_refund(rid, state, timeout)
+  local last
+  local ok, err = pcall(testing.wait_until, function()
+    last = self:api("GET", "/v1/refunds/" .. rid)
+    return last.json and last.json.state == state
+  end, timeout or 15, "refund " .. rid .. " " .. state)
+  if not ok then
+    error(tostring(err) .. "; last: " .. tostring(last and last.body), 2)
+  end
+  return last.json
+end
+
+-- create, pay at the simulator, wait until the gateway says paid
+function Env:paid_payment(o)
+  local body = self:create(o)
+  local p = body.payment
+  self.sim:pay_and_wait(p.out_trade_no)
+  return self:wait_state(p.id, "paid"), body
+end
+
+------------------------------------------------------------------ admin
+
+function Env:admin(method, path, body, headers)
+  local h = { ["Content-Type"] = "application/json" }
+  for k, v in pairs(headers or {}) do h[k] = v end
+  local res, err = http.request{ method = method, url = self.gw:url(path),
+    body = body and json.encode(body) or nil, headers = h, timeout = 10 }
+  if not res then error(method .. " " .. path .. ": " .. tostring(err), 2) end
+  if res.body and res.body ~= "" then res.json = json.decode(res.body) end
+  return res
+end
+
+------------------------------------------------------------------ events
+
+function Env:hook_mode(m)
+  local res = assert(self.hook:request{ path = "/_ctl/mode", json = m })
+  assert(res.status == 200, res.body)
+end
+
+function Env:hook_state()
+  local res = assert(self.hook:request("/_ctl/events"))
+  return res.json
+end
+
+-- syntax: list = env:events([subject[, type]]) -- delivered events
+function Env:events(subject, etype)
+  local out = {}
+  for _, e in ipairs(self:hook_state().events) do
+    if (not subject or e.subject == subject)
+       and (not etype or e.type == etype) then
+      out[#out + 1] = e
+    end
+  end
+  return out
+end
+
+-- syntax: e = env:wait_event(subject, type[, timeout]) -- the first one
+function Env:wait_event(subject, etype, timeout)
+  local found
+  local ok, err = pcall(testing.wait_until, function()
+    found = self:events(subject, etype)[1]
+    return found
+  end, timeout or 15, "event " .. etype .. " of " .. tostring(subject))
+  if not ok then
+    error(tostring(err) .. "; received: "
+          .. tostring(json.encode(self:hook_state())), 2)
+  end
+  return found
+end
+
+-- syntax: types = env:outbox_types(subject) -- the events enqueued for a
+-- payment, in order (paygate.outbox's table in the gateway's store)
+function Env:outbox_types(subject)
+  local rows = assert(self.db:query("SELECT type FROM paygate_outbox"
+    .. " WHERE subject = $1 ORDER BY id", { subject }))
+  local t = {}
+  for i, r in ipairs(rows) do t[i] = r.type end
+  return t
+end
+
+function Env:count_events(subject, etype)
+  local n = 0
+  for _, t in ipairs(self:outbox_types(subject)) do
+    if t == etype then n = n + 1 end
+  end
+  return n
+end
+
+---------------------------------------------------- crafted notifications
+
+-- A transaction as WeChat sends it for a paid order (fields overridable).
+function Env:transaction(p, over)
+  local t = {
+    appid = self.m.appid, mchid = self.m.mchid,
+    out_trade_no = p.out_trade_no,
+    transaction_id = "4200" .. digits(24),
+    trade_type = "NATIVE", trade_state = "SUCCESS",
+    trade_state_desc = "支付成功", bank_type = "OTHERS", attach = "",
+    success_time = os.date("!%Y-%m-%dT%H:%M:%S+00:00"),
+    payer = { openid = "o" .. crypto.random_nonce(27) },
+    amount = { total = p.amount, payer_total = p.amount,
+               currency = "CNY", payer_currency = "CNY" },
+  }
+  for k, v in pairs(over or {}) do t[k] = v end
+  return t
+end
+
+-- syntax: body, headers = env:notification(event_type, plain[, o])
+-- The envelope WeChat POSTs: `plain` (a table) encrypted with the
+-- merchant's APIv3 key, signed with the simulator's platform key (ours).
+-- o: id (default a fresh one), serial, original_type.
+function Env:notification(event_type, plain, o)
+  o = o or {}
+  local otype = o.original_type
+    or (event_type:match("^REFUND") and "refund" or "transaction")
+  local r = assert(resource.encrypt(self.m.apiv3_key, json.encode(plain),
+                                    otype, { original_type = otype }))
+  local body = json.encode({
+    id = o.id or crypto.random_nonce(8) .. "-" .. crypto.random_nonce(8),
+    create_time = os.date("!%Y-%m-%dT%H:%M:%S+00:00"),
+    resource_type = "encrypt-resource", event_type = event_type,
+    summary = "支付成功", resource = r })
+  return body, self:notify_headers(body, o)
+end
+
+function Env:notify_headers(body, o)
+  o = o or {}
+  local ts = tostring(o.timestamp or math.floor(core.time()))
+  local nonce = crypto.random_nonce(32)
+  local sig = assert(crypto.sign_base64(self.platform_key,
+    ts .. "\n" .. nonce .. "\n" .. body .. "\n", "sha256-rsa"))
+  return { ["Content-Type"] = "application/json",
+           ["Wechatpay-Timestamp"] = ts, ["Wechatpay-Nonce"] = nonce,
+           ["Wechatpay-Signature"] = sig,
+           ["Wechatpay-Serial"] = o.serial or self.platform.serial,
+           ["Request-ID"] = "08" .. digits(20) }
+end
+
+-- syntax: res = env:post_notify(body, headers[, mchid])
+function Env:post_notify(body, headers, mchid)
+  local res, err = http.request{ method = "POST",
+    url = self.gw:url("/wechatpay/notify/" .. (mchid or self.m.mchid)),
+    body = body, headers = headers, timeout = 10 }
+  if not res then error("notify: " .. tostring(err), 2) end
+  if res.body and res.body ~= "" then res.json = json.decode(res.body) end
+  return res
+end
+
+function S.ok2xx(status) return status >= 200 and status < 300 end
+
+return S

@@ -1,0 +1,99 @@
+-- scripts/dev.lua: the set-up half of scripts/run, run with
+--   build/paygate exec scripts/dev.lua DIR SIM_URL GATEWAY_URL
+-- Makes the dev merchant once under DIR (keys by paygate.testing's key
+-- maker, an APIv3 key: test keys for the simulator only, reused on later
+-- runs), then (every run, since the ports may change) writes DIR/sim.lua
+-- and DIR/gateway.lua: the simulator and the gateway on loopback, SQLite
+-- under DIR, the gateway's unsigned-loopback dev app "dev".
+--   build/paygate exec scripts/dev.lua DIR --apikey
+-- prints the dev app's API key (made once, kept in DIR/apikey.json), for
+-- trying signed requests; run it once the gateway has started.
+local testing = require "paygate.testing"
+local json = require "cjson.safe"
+
+local dir, sim_url, gw_url = arg[1], arg[2], arg[3]
+if not dir or not sim_url then
+  io.stderr:write("usage: paygate exec scripts/dev.lua DIR SIM_URL GATEWAY_URL"
+                  .. "\n       paygate exec scripts/dev.lua DIR --apikey\n")
+  os.exit(2)
+end
+
+local function read(path)
+  local f = io.open(path, "rb")
+  if not f then return nil end
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+
+-- written whole or not at all; secrets readable by the owner only
+local function write(path, data, private)
+  local tmp = path .. ".tmp"
+  local f = assert(io.open(tmp, "wb"))
+  f:write(data)
+  f:close()
+  if private then os.execute("chmod 600 '" .. tmp .. "'") end
+  assert(os.rename(tmp, path))
+end
+
+local function q(s) return string.format("%q", s) end
+
+if sim_url == "--apikey" then
+  local path = dir .. "/apikey.json"
+  local k = json.decode(read(path) or "")
+  if not k then
+    local apikey = require "paygate.apikey"
+    local sql = require "paygate.sql"
+    local db = assert(sql.open("sqlite:" .. dir .. "/gateway.db"))
+    k = assert(apikey.create(db, "dev"))
+    db:close()
+    write(path, json.encode(k), true)
+  end
+  print(k.app_id .. " " .. k.key_id .. " " .. k.secret)
+  os.exit(0)
+end
+
+os.execute("mkdir -p '" .. dir .. "/keys' '" .. dir .. "/sim-state'")
+
+-- the merchant: made once, reused after (its keys, mchid, appid)
+local mpath = dir .. "/merchant.json"
+local m = json.decode(read(mpath) or "")
+if not (m and read(m.private_key or "") and read(m.certificate or "")) then
+  -- a certificate valid for 10 years: the merchant is made once and kept
+  m = testing.merchant_keys{ mchid = "1900000001", dir = dir .. "/keys",
+                             days = 3650 }
+  m.mchid = "1900000001"
+  m.appid = "wx" .. require("paygate.crypto").hex(
+    require("paygate.crypto").random_bytes(8))
+  m.appids = { m.appid }
+  write(dir .. "/apiv3.key", testing.apiv3_key(), true)
+  write(mpath, json.encode(m), true)
+end
+local apiv3 = assert(read(dir .. "/apiv3.key"), "dev: " .. dir
+                     .. "/apiv3.key is missing: remove " .. mpath)
+
+write(dir .. "/sim.lua", "-- written by scripts/run (scripts/dev.lua)\n"
+  .. "return {\n"
+  .. "  merchants = { { mchid = " .. q(m.mchid) .. ",\n"
+  .. "                  merchant_certificate = " .. q(m.certificate) .. ",\n"
+  .. "                  apiv3_key = " .. q(apiv3) .. ",\n"
+  .. "                  appids = { " .. q(m.appid) .. " } } },\n"
+  .. "  state_dir = " .. q(dir .. "/sim-state") .. ",\n"
+  .. "}\n", true)
+
+write(dir .. "/gateway.lua", "-- written by scripts/run (scripts/dev.lua)\n"
+  .. "return {\n"
+  .. "  gateway = {\n"
+  .. "    db = " .. q("sqlite:" .. dir .. "/gateway.db") .. ",\n"
+  .. "    public_url = " .. q(gw_url) .. ",\n"
+  .. "    dev_app = \"dev\",   -- unsigned /v1/ requests from loopback act as"
+  .. " app \"dev\"\n"
+  .. "  },\n"
+  .. "  merchants = { {\n"
+  .. "    mchid = " .. q(m.mchid) .. ", appid = " .. q(m.appid) .. ",\n"
+  .. "    merchant_private_key = " .. q(m.private_key) .. ",\n"
+  .. "    merchant_certificate = " .. q(m.certificate) .. ",\n"
+  .. "    apiv3_key_file = " .. q(dir .. "/apiv3.key") .. ",\n"
+  .. "    base_url = " .. q(sim_url) .. ",\n"
+  .. "  } },\n"
+  .. "}\n")
