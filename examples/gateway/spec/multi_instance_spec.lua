@@ -1,0 +1,177 @@
+-- Two gateway instances (two `paygate run` processes, 2 workers each) on
+-- one PostgreSQL and one Redis. The simulator's notifications -- with
+-- duplicates and some held back to arrive out of order -- go through the
+-- notification tee, which hands each to one instance and the same signed
+-- request at once to the other: both instances see every notification id,
+-- interleaved and concurrently. Each payment must be applied exactly once
+-- (one transition to paid in its audit chain, which verifies), and each
+-- event delivered once per sink: once to the webhook receiver (some first
+-- attempts refused, so retries are in play), once to the Redis stream, once
+-- to the in-process hooks, with the dispatchers of both instances at work.
+local testing = require "paygate.testing"
+local redis = require "paygate.redis"
+local servers = require "spec.support.servers"
+local cluster = dofile("examples/gateway/spec/cluster_support.lua")
+local core = cluster.core
+
+if not (servers.have_postgres() and servers.have_redis()) then
+  describe("two gateway instances", function()
+    pending("PostgreSQL and Redis are needed")
+  end)
+  return
+end
+
+local N = 40          -- payments
+local STREAM = "gw:events"
+
+describe("two gateway instances on one PostgreSQL and Redis", function()
+  local pg, rd, sim, rcv, tee, app_dir, hooks_log, gws
+
+  setup(function()
+    pg = servers.postgres()
+    rd = servers.redis()
+    sim = testing.simulator{ time_scale = 100 }
+    rcv = cluster.receiver(3)       -- every 3rd event's first attempt: 500
+    tee = cluster.tee()
+    app_dir, hooks_log = cluster.app_copy()
+    local gateway = {
+      public_url = tee.url, redis = rd.url,
+      redis_stream = { stream = STREAM },
+      webhooks = { { url = rcv.url, secret_file = rcv.secret_file } },
+      reconcile = { enabled = false },   -- notifications alone must do it
+      -- 8 shards over 4 dispatchers: every dispatcher holds some
+      dispatcher = { interval = 0.05, max_partitions = 2, lease_ttl = 5,
+                     backoff_base = 0.05, backoff_cap = 0.2 },
+    }
+    gws = {}
+    for i = 1, 2 do
+      gws[i] = core.start(sim, { app = app_dir, workers = 2,
+        db = function() return pg.url .. "?pool=6" end, gateway = gateway })
+    end
+    tee.targets({ gws[1].srv:url(""), gws[2].srv:url("") })
+  end)
+
+  teardown(function()
+    for _, gw in ipairs(gws or {}) do gw:stop() end
+    testing.stop_all()
+    if app_dir then testing.server.rmdir(app_dir) end
+    servers.stop_all()
+  end)
+
+  it("applies interleaved duplicate notifications once, dispatches each"
+     .. " event once per sink", function()
+    -- each notification delivered, then sent again twice (same id and
+    -- body, new signature); a few held until a later one was delivered
+    sim:fault{ endpoint = "notify", kind = "duplicate", times = 2 }
+    sim:fault{ endpoint = "notify", kind = "out_of_order", count = 4 }
+    local ids, nos = {}, {}
+    for i = 1, N do
+      local p = gws[i % 2 + 1]:create{ amount = 100 + i }
+      ids[i], nos[i] = p.id, p.out_trade_no
+    end
+    for i = 1, N do sim:pay(nos[i]) end
+
+    -- every notification delivered; every duplicate answered
+    testing.wait_until(function()
+      local list = sim:notifications{ event_type = "TRANSACTION.SUCCESS" }
+      local done = 0
+      for _, d in ipairs(list) do
+        local dups = 0
+        for _, a in ipairs(d.attempts or {}) do
+          if a.duplicate and a.status then dups = dups + 1 end
+        end
+        if d.state == "delivered" and dups == 2 then done = done + 1 end
+      end
+      return done == N
+    end, 30, "every notification delivered with its two duplicates")
+    local db = gws[1].db
+    cluster.assert_paid_once(db, ids)
+
+    -- both instances answered deliveries of the same notification ids:
+    -- the tee's copies to the other instance, and the simulator's
+    -- duplicates, which the tee hands to the next instance in turn
+    local log
+    testing.wait_until(function()
+      log = tee.log()
+      for _, r in ipairs(log) do
+        if #r.copies == 0 then return false end
+      end
+      return true
+    end, 10, "the tee's copies answered")
+    local per_id, ok_at = {}, {}
+    for _, r in ipairs(log) do
+      per_id[r.id] = (per_id[r.id] or 0) + 1
+      local c = r.copies[1]
+      assert(r.status == 204, "primary answered " .. tostring(r.status))
+      -- a copy to the other instance is 204 (applied there, or a
+      -- duplicate of what the first committed)
+      assert(c.status == 204, "copy to " .. c.target .. " answered "
+             .. tostring(c.status) .. " " .. tostring(c.error))
+      ok_at[r.primary] = (ok_at[r.primary] or 0) + 1
+      ok_at[c.target] = (ok_at[c.target] or 0) + 1
+    end
+    local n_ids = 0
+    for _, k in pairs(per_id) do
+      n_ids = n_ids + 1
+      assert.is_true(k >= 3)      -- the delivery and its two duplicates
+    end
+    assert.equal(N, n_ids)
+    assert.is_true(ok_at[gws[1].srv:url("")] >= 3 * N)
+    assert.is_true(ok_at[gws[2].srv:url("")] >= 3 * N)
+    -- the gateway's own record: one applied per id, the rest duplicates
+    local applied = assert(db:query("SELECT count(*) AS n FROM"
+      .. " gw_notifications WHERE outcome = 'applied'"))
+    assert.equal(N, tonumber(applied[1].n))
+
+    -- events: payment.paying and payment.paid per payment
+    local rows = cluster.wait_outbox_drained(db, 30)
+    assert.equal(2 * N, #rows)
+    -- the webhook receiver: each event accepted once, some after a
+    -- refused first attempt
+    local st = rcv.stats()
+    local retried = 0
+    for _, r in ipairs(rows) do
+      local k = tostring(r.id)
+      assert(st.ok[k] == 1, "event " .. k .. " accepted "
+             .. tostring(st.ok[k]) .. " times by the webhook receiver")
+      if st.attempts[k] > 1 then retried = retried + 1 end
+    end
+    assert.is_true(retried > 0)
+    -- the Redis stream: each event id once
+    local c = assert(redis.connect(rd.url))
+    assert.equal(2 * N, tonumber(assert(c:call("XLEN", STREAM))))
+    local entries = assert(c:call("XRANGE", STREAM, "-", "+"))
+    local seen = {}
+    for _, e in ipairs(entries) do
+      local f = e[2]
+      for j = 1, #f, 2 do
+        if f[j] == "id" then
+          assert(not seen[f[j + 1]], "event " .. f[j + 1] .. " twice in"
+                 .. " the stream")
+          seen[f[j + 1]] = true
+        end
+      end
+    end
+    for _, r in ipairs(rows) do
+      assert(seen[tostring(r.id)], "event " .. r.id .. " not in the stream")
+    end
+    c:close()
+    -- the in-process hooks: each event once, run by both instances'
+    -- dispatchers (and more than one worker)
+    local runs = cluster.hook_runs(hooks_log)
+    for _, r in ipairs(rows) do
+      assert(runs.by_event[r.id] == 1, "event " .. r.id .. " hooked "
+             .. tostring(runs.by_event[r.id]) .. " times")
+    end
+    local instances, workers = 0, 0
+    for _ in pairs(runs.by_instance) do instances = instances + 1 end
+    for _ in pairs(runs.by_worker) do workers = workers + 1 end
+    assert.equal(2, instances)
+    assert.is_true(workers >= 3)
+    print(("\n%d payments, %d notification deliveries through the tee,"
+      .. " answered by the instances %d and %d times; %d events, %d retried"
+      .. " by the webhook sink; hooks run in %d workers"):format(N, #log,
+      ok_at[gws[1].srv:url("")], ok_at[gws[2].srv:url("")], #rows,
+      retried, workers))
+  end)
+end)
