@@ -150,6 +150,77 @@ function _M.wait_outbox_drained(db, timeout)
                          .. " paygate_outbox ORDER BY id"))
 end
 
+--- syntax: gw = cluster.gateway(sim, o)
+-- A gateway that can be killed and started again on the same port (the
+-- notify_url the simulator keeps calling). o: db (URL; required: it must
+-- outlive one process's folder), gateway (overrides), workers (2).
+-- gw:start(), gw:kill9() (SIGKILL to the master and every worker at
+-- once, then waits until all are gone), and core_support's gw:call,
+-- gw:create, gw:get, gw:wait_state.
+local proc = testing.proc
+local sql = require "paygate.sql"
+local apikey = require "paygate.apikey"
+local ffi = require "ffi"
+pcall(ffi.cdef, "int kill(int pid, int sig);")
+
+local Gw = setmetatable({}, { __index = core })
+local Gw_mt = { __index = Gw }
+
+function _M.gateway(sim, o)
+  local gw = setmetatable({ sim = sim, o = o, port = testing.free_port(),
+                            app_id = "shop1", db_url = o.db, starts = 0 },
+                          Gw_mt)
+  gw.db = assert(sql.open(o.db))
+  return gw
+end
+
+function Gw:start()
+  local o = self.o
+  self.srv = testing.start_app{ app = o.app or "examples/gateway",
+    port = self.port, workers = o.workers or 2,
+    args = { "--log-level", "info" },
+    config = function(srv)
+      local g = { public_url = srv:url(""), db = o.db }
+      for k, v in pairs(o.gateway or {}) do g[k] = v end
+      return core.config(self.sim, srv, g)
+    end }
+  self.starts = self.starts + 1
+  if not self.key_id then
+    local k = assert(apikey.create(self.db, self.app_id))
+    self.key_id, self.secret = k.key_id, k.secret
+  end
+  return self
+end
+
+local function alive(pid)
+  if ffi.C.kill(pid, 0) ~= 0 then return false end
+  local f = io.open("/proc/" .. pid .. "/stat")
+  if not f then return false end
+  local st = f:read("*a")
+  f:close()
+  return not st:match("^%d+ %b() Z")        -- a zombie is gone
+end
+
+--- syntax: n = gw:kill9() -- returns how many processes were killed
+function Gw:kill9()
+  local srv = self.srv
+  local pids = { srv.pid }
+  local p = io.popen("pgrep -P " .. srv.pid)
+  for pid in p:read("*a"):gmatch("%d+") do pids[#pids + 1] = tonumber(pid) end
+  p:close()
+  for i = #pids, 1, -1 do ffi.C.kill(pids[i], 9) end
+  assert(srv.proc:wait(5), "the master did not die")
+  proc.wait_until(function()
+    for _, pid in ipairs(pids) do
+      if alive(pid) then return false end
+    end
+    return true
+  end, 5, "the killed workers to be gone")
+  self.last_log = srv:logs()
+  testing.server.rmdir(srv.dir)
+  return #pids
+end
+
 _M.read = read
 _M.write = write
 
