@@ -206,3 +206,127 @@ describe("gateway killed with SIGKILL on " .. engine[1], function()
   end)
 end)
 end
+
+if not servers.have_postgres() then
+  describe("gateway with its store stopped", function()
+    pending("PostgreSQL is not installed")
+  end)
+  return
+end
+
+describe("gateway with its store (PostgreSQL) stopped mid-stream", function()
+  local sim, rcv, gw, pg
+
+  setup(function()
+    pg = servers.postgres()
+    sim = testing.simulator{ time_scale = 1000 }
+    rcv = cluster.receiver()
+    gw = cluster.gateway(sim, { db = pg.url .. "?pool=6",
+                                gateway = gateway_opts(rcv) })
+    gw:start()
+  end)
+
+  teardown(function()
+    if gw then gw:stop() end
+    testing.stop_all()
+    servers.stop_all()
+  end)
+
+  it("answers FAIL while it is down, acknowledges only what committed,"
+     .. " recovers by itself", function()
+    local rand = rng(SEED + 1)
+    local ids, nos = {}, {}
+    for i = 1, N do
+      local p = gw:create{ amount = 300 + i }
+      ids[i], nos[i] = p.id, p.out_trade_no
+    end
+    local stop_at = math.floor(rand(0.2, 0.6) * N)
+    local gap = rand(0.01, 0.03)
+    local outage = rand(0.3, 1.0)
+    print(("store stop: %d payments paid %.3f s apart; PostgreSQL stopped"
+      .. " after notification %d, kept down %.2f s after the third failed"
+      .. " delivery"):format(N, gap, stop_at, outage))
+    local db = gw.db
+    local stream_done = pay_stream(sim, nos, gap)
+    testing.wait_until(function()
+      local rows = assert(db:query("SELECT count(*) AS n FROM"
+                                   .. " gw_notifications"))
+      return tonumber(rows[1].n) >= stop_at
+    end, 30, "notification " .. stop_at)
+    pg.stop()
+    local t_down = core.time()
+    local ok, err = pcall(function()
+      testing.wait_until(stream_done, 30, "the payment stream")
+      testing.wait_until(function()
+        local n = 0
+        for _, d in ipairs(sim:notifications{
+                             event_type = "TRANSACTION.SUCCESS" }) do
+          for _, a in ipairs(d.attempts or {}) do
+            if a.status and a.status >= 300 then n = n + 1 end
+          end
+        end
+        return n >= 3
+      end, 20, "three deliveries answered FAIL")
+      core.sleep(outage)
+    end)
+    pg.start()
+    local t_up = core.time()
+    assert(ok, err)
+    local by_no = wait_delivered(sim, nos, 60)
+    assert.is_nil(gw.srv.proc:poll())        -- the same gateway recovered
+
+    local failed, recovered = 0, 0
+    for i, no in ipairs(nos) do
+      local d = by_no[no]
+      local rows = assert(db:query("SELECT at FROM paygate_audit WHERE"
+        .. " subject = $1 AND to_state = 'paid'", { "payment:" .. ids[i] }))
+      assert(#rows == 1, ids[i] .. ": " .. #rows .. " entries to paid")
+      local committed_ms = tonumber(rows[1].at)
+      local first_ok
+      for _, a in ipairs(d.attempts) do
+        if a.status == 200 or a.status == 204 then
+          first_ok = first_ok or a
+        else
+          -- answered FAIL (or cut off), and nothing was committed by
+          -- it: the effect came after this attempt ended (`at` is taken
+          -- before the send, so at + latency is no later than its end)
+          assert(a.status == nil or a.status == 500, no .. ": answered "
+                 .. tostring(a.status))
+          assert(not first_ok, no .. ": a failure after an ack")
+          assert(committed_ms >= math.floor((a.at + (a.latency or 0))
+                 * 1000) - 1, no .. ": committed before a failed attempt"
+                 .. " ended")
+          failed = failed + 1
+        end
+      end
+      -- the acknowledgement came after the commit (done_at: when the
+      -- simulator recorded the 2xx, after it arrived)
+      assert(first_ok, no .. ": never acknowledged")
+      assert(committed_ms <= math.ceil(d.done_at * 1000) + 1, no
+             .. ": acknowledged before its commit")
+      local n = assert(db:query("SELECT outcome FROM gw_notifications WHERE"
+                                .. " id = $1", { d.id }))
+      assert.equal("applied", n[1] and n[1].outcome)
+      if #d.attempts > 1 then
+        recovered = recovered + 1
+        -- acknowledged once the store was back (pg_ctl's readiness poll
+        -- may report it up to a few tenths late)
+        assert(first_ok.at >= t_up - 0.5, no .. ": acknowledged while the"
+               .. " store was down")
+      end
+    end
+    assert.is_true(failed >= 3)
+    assert.is_true(recovered >= 1)
+    print(("store stop: down %.2f s; %d attempts answered FAIL; %d"
+      .. " notifications applied by a retry after the store came back")
+      :format(t_up - t_down, failed, recovered))
+    cluster.assert_paid_once(db, ids)
+    local rows = cluster.wait_outbox_drained(db, 30)
+    assert.equal(2 * N, #rows)
+    local st = rcv.stats()
+    for _, r in ipairs(rows) do
+      assert((st.ok[tostring(r.id)] or 0) >= 1, "event " .. r.id
+             .. " never accepted by the receiver")
+    end
+  end)
+end)
