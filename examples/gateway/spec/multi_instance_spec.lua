@@ -58,6 +58,84 @@ describe("two gateway instances on one PostgreSQL and Redis", function()
     servers.stop_all()
   end)
 
+  -- Each event of rows accepted once by the webhook receiver, once in
+  -- the Redis stream, run once by the hooks, and the hooks run by both
+  -- instances. returns: how many events the webhook sink retried, and in
+  -- how many workers the hooks ran.
+  local function check_sinks(rows)
+    -- the webhook receiver: each event accepted once, some after a
+    -- refused first attempt
+    local st = rcv.stats()
+    local retried = 0
+    for _, r in ipairs(rows) do
+      local k = tostring(r.id)
+      assert(st.ok[k] == 1, "event " .. k .. " accepted "
+             .. tostring(st.ok[k]) .. " times by the webhook receiver")
+      if st.attempts[k] > 1 then retried = retried + 1 end
+    end
+    assert.is_true(retried > 0)
+    -- the Redis stream: each event id once
+    local c = assert(redis.connect(rd.url))
+    assert.equal(#rows, tonumber(assert(c:call("XLEN", STREAM))))
+    local entries = assert(c:call("XRANGE", STREAM, "-", "+"))
+    local seen = {}
+    for _, e in ipairs(entries) do
+      local f = e[2]
+      for j = 1, #f, 2 do
+        if f[j] == "id" then
+          assert(not seen[f[j + 1]], "event " .. f[j + 1] .. " twice in"
+                 .. " the stream")
+          seen[f[j + 1]] = true
+        end
+      end
+    end
+    for _, r in ipairs(rows) do
+      assert(seen[tostring(r.id)], "event " .. r.id .. " not in the stream")
+    end
+    c:close()
+    -- the in-process hooks: each event once, run by both instances'
+    -- dispatchers (and more than one worker)
+    local runs = cluster.hook_runs(hooks_log)
+    for _, r in ipairs(rows) do
+      assert(runs.by_event[r.id] == 1, "event " .. r.id .. " hooked "
+             .. tostring(runs.by_event[r.id]) .. " times")
+    end
+    local instances, workers = 0, 0
+    for _ in pairs(runs.by_instance) do instances = instances + 1 end
+    for _ in pairs(runs.by_worker) do workers = workers + 1 end
+    assert.equal(2, instances)
+    assert.is_true(workers >= 3)
+    return retried, workers
+  end
+
+  -- The tee's records from index `from` on, once each has its copy
+  -- answered: the primary and the copy both 204. returns: the records,
+  -- and { [instance url] = 2xx answers }.
+  local function check_tee(from)
+    local log
+    testing.wait_until(function()
+      log = tee.log()
+      for i = from, #log do
+        if #log[i].copies == 0 then return false end
+      end
+      return true
+    end, 10, "the tee's copies answered")
+    local ok_at, out = {}, {}
+    for i = from, #log do
+      local r = log[i]
+      out[#out + 1] = r
+      local c = r.copies[1]
+      assert(r.status == 204, "primary answered " .. tostring(r.status))
+      -- a copy to the other instance is 204 (applied there, or a
+      -- duplicate of what the first committed)
+      assert(c.status == 204, "copy to " .. c.target .. " answered "
+             .. tostring(c.status) .. " " .. tostring(c.error))
+      ok_at[r.primary] = (ok_at[r.primary] or 0) + 1
+      ok_at[c.target] = (ok_at[c.target] or 0) + 1
+    end
+    return out, ok_at
+  end
+
   it("applies interleaved duplicate notifications once, dispatches each"
      .. " event once per sink", function()
     -- each notification delivered, then sent again twice (same id and
@@ -90,25 +168,10 @@ describe("two gateway instances on one PostgreSQL and Redis", function()
     -- both instances answered deliveries of the same notification ids:
     -- the tee's copies to the other instance, and the simulator's
     -- duplicates, which the tee hands to the next instance in turn
-    local log
-    testing.wait_until(function()
-      log = tee.log()
-      for _, r in ipairs(log) do
-        if #r.copies == 0 then return false end
-      end
-      return true
-    end, 10, "the tee's copies answered")
-    local per_id, ok_at = {}, {}
+    local log, ok_at = check_tee(1)
+    local per_id = {}
     for _, r in ipairs(log) do
       per_id[r.id] = (per_id[r.id] or 0) + 1
-      local c = r.copies[1]
-      assert(r.status == 204, "primary answered " .. tostring(r.status))
-      -- a copy to the other instance is 204 (applied there, or a
-      -- duplicate of what the first committed)
-      assert(c.status == 204, "copy to " .. c.target .. " answered "
-             .. tostring(c.status) .. " " .. tostring(c.error))
-      ok_at[r.primary] = (ok_at[r.primary] or 0) + 1
-      ok_at[c.target] = (ok_at[c.target] or 0) + 1
     end
     local n_ids = 0
     for _, k in pairs(per_id) do
@@ -126,51 +189,101 @@ describe("two gateway instances on one PostgreSQL and Redis", function()
     -- events: payment.paying and payment.paid per payment
     local rows = cluster.wait_outbox_drained(db, 30)
     assert.equal(2 * N, #rows)
-    -- the webhook receiver: each event accepted once, some after a
-    -- refused first attempt
-    local st = rcv.stats()
-    local retried = 0
-    for _, r in ipairs(rows) do
-      local k = tostring(r.id)
-      assert(st.ok[k] == 1, "event " .. k .. " accepted "
-             .. tostring(st.ok[k]) .. " times by the webhook receiver")
-      if st.attempts[k] > 1 then retried = retried + 1 end
-    end
-    assert.is_true(retried > 0)
-    -- the Redis stream: each event id once
-    local c = assert(redis.connect(rd.url))
-    assert.equal(2 * N, tonumber(assert(c:call("XLEN", STREAM))))
-    local entries = assert(c:call("XRANGE", STREAM, "-", "+"))
-    local seen = {}
-    for _, e in ipairs(entries) do
-      local f = e[2]
-      for j = 1, #f, 2 do
-        if f[j] == "id" then
-          assert(not seen[f[j + 1]], "event " .. f[j + 1] .. " twice in"
-                 .. " the stream")
-          seen[f[j + 1]] = true
-        end
-      end
-    end
-    for _, r in ipairs(rows) do
-      assert(seen[tostring(r.id)], "event " .. r.id .. " not in the stream")
-    end
-    c:close()
-    -- the in-process hooks: each event once, run by both instances'
-    -- dispatchers (and more than one worker)
-    local runs = cluster.hook_runs(hooks_log)
-    for _, r in ipairs(rows) do
-      assert(runs.by_event[r.id] == 1, "event " .. r.id .. " hooked "
-             .. tostring(runs.by_event[r.id]) .. " times")
-    end
-    local instances, workers = 0, 0
-    for _ in pairs(runs.by_instance) do instances = instances + 1 end
-    for _ in pairs(runs.by_worker) do workers = workers + 1 end
-    assert.equal(2, instances)
-    assert.is_true(workers >= 3)
+    local retried, workers = check_sinks(rows)
     print(("\n%d payments, %d notification deliveries through the tee,"
       .. " answered by the instances %d and %d times; %d events, %d retried"
       .. " by the webhook sink; hooks run in %d workers"):format(N, #log,
+      ok_at[gws[1].srv:url("")], ok_at[gws[2].srv:url("")], #rows,
+      retried, workers))
+  end)
+
+  it("applies interleaved duplicate refund notifications once, two"
+     .. " refunds of one payment settled at once", function()
+    local M = 12
+    local db = gws[1].db
+    local from = #tee.log() + 1
+    local ids, nos, amounts = {}, {}, {}
+    for i = 1, M do
+      local p = gws[i % 2 + 1]:create{ amount = 100 + i }
+      ids[i], nos[i], amounts[i] = p.id, p.out_trade_no, p.amount
+    end
+    for i = 1, M do sim:pay(nos[i]) end
+    testing.wait_until(function()
+      local rows = assert(db:query("SELECT count(*) AS n FROM gw_payments"
+        .. " WHERE state = 'paid' AND id = ANY(string_to_array($1, ','))",
+        { table.concat(ids, ",") }))
+      return tonumber(rows[1].n) == M
+    end, 20, "the payments paid")
+    -- two refunds per payment, one through each instance, settled at
+    -- WeChat together: their notifications (each with two duplicates)
+    -- reach both instances at once and move the same payment row
+    local refunds = {}
+    for i = 1, M do
+      for k, amount in ipairs({ 40, amounts[i] - 40 }) do
+        local res = gws[k]:call("POST", "/v1/payments/" .. ids[i]
+                                .. "/refunds", { amount = amount })
+        assert(res.status == 201, res.status .. " " .. res.body)
+        refunds[#refunds + 1] = { id = res.json.id, payment = ids[i],
+                                  no = res.json.out_refund_no }
+      end
+    end
+    for _, r in ipairs(refunds) do sim:settle(r.no) end
+    testing.wait_until(function()
+      local done = 0
+      for _, d in ipairs(sim:notifications{ event_type = "REFUND.SUCCESS" }) do
+        local dups = 0
+        for _, a in ipairs(d.attempts or {}) do
+          if a.duplicate and a.status then dups = dups + 1 end
+        end
+        if d.state == "delivered" and dups == 2 then done = done + 1 end
+      end
+      return done == #refunds
+    end, 30, "every refund notification delivered with its duplicates")
+    local log, ok_at = check_tee(from)
+    assert.is_true(#log >= 3 * (M + #refunds))
+
+    local to = {}
+    for _, r in ipairs(assert(db:query("SELECT subject, to_state FROM"
+                                       .. " paygate_audit"))) do
+      local k = r.subject .. ">" .. tostring(r.to_state)
+      to[k] = (to[k] or 0) + 1
+    end
+    local audit = require "paygate.audit"
+    for _, r in ipairs(refunds) do
+      local row = assert(db:query("SELECT state FROM gw_refunds WHERE id ="
+                                  .. " $1", { r.id }))[1]
+      assert.equal("succeeded", row.state)
+      assert.equal(1, to["refund:" .. r.id .. ">succeeded"])
+      assert.is_true((audit.verify(db, "refund:" .. r.id)))
+    end
+    local want = { "payment.paying", "payment.paid", "refund.succeeded",
+                   "payment.partially_refunded", "refund.succeeded",
+                   "payment.refunded" }
+    for i, id in ipairs(ids) do
+      local p = assert(db:query("SELECT state, version, refunded FROM"
+                                .. " gw_payments WHERE id = $1", { id }))[1]
+      assert.equal("refunded", p.state)
+      assert.equal(amounts[i], p.refunded)
+      assert.equal(5, p.version)
+      for _, st in ipairs({ "paid", "partially_refunded", "refunded" }) do
+        assert(to["payment:" .. id .. ">" .. st] == 1, id .. ": "
+               .. tostring(to["payment:" .. id .. ">" .. st])
+               .. " transitions to " .. st)
+      end
+      local ok, rep = audit.verify(db, "payment:" .. id)
+      assert(ok, rep and rep.message)
+      local types = {}
+      for j, e in ipairs(assert(db:query("SELECT type FROM paygate_outbox"
+          .. " WHERE subject = $1 ORDER BY id", { id }))) do
+        types[j] = e.type
+      end
+      assert.same(want, types)
+    end
+    local rows = cluster.wait_outbox_drained(db, 30)
+    local retried, workers = check_sinks(rows)
+    print(("%d payments with 2 refunds each: %d deliveries through the tee,"
+      .. " answered %d and %d times; %d events in all, %d retried by the"
+      .. " webhook sink; hooks in %d workers"):format(M, #log,
       ok_at[gws[1].srv:url("")], ok_at[gws[2].srv:url("")], #rows,
       retried, workers))
   end)
