@@ -108,15 +108,15 @@ describe("two gateway instances on one PostgreSQL and Redis", function()
     return retried, workers
   end
 
-  -- The tee's records from index `from` on, once each has its copy
-  -- answered: the primary and the copy both 204. returns: the records,
+  -- The tee's records from index `from` on, once each has its copy and
+  -- its replay answered: the primary, the copy and the replay all 204. returns: the records,
   -- and { [instance url] = 2xx answers }.
   local function check_tee(from)
     local log
     testing.wait_until(function()
       log = tee.log()
       for i = from, #log do
-        if #log[i].copies == 0 then return false end
+        if #log[i].copies == 0 or not log[i].again then return false end
       end
       return true
     end, 10, "the tee's copies answered")
@@ -130,6 +130,9 @@ describe("two gateway instances on one PostgreSQL and Redis", function()
       -- duplicate of what the first committed)
       assert(c.status == 204, "copy to " .. c.target .. " answered "
              .. tostring(c.status) .. " " .. tostring(c.error))
+      -- the same signed request again: a replay of an acknowledged one
+      assert(r.again == 204, "replay to " .. r.primary .. " answered "
+             .. tostring(r.again))
       ok_at[r.primary] = (ok_at[r.primary] or 0) + 1
       ok_at[c.target] = (ok_at[c.target] or 0) + 1
     end

@@ -4,11 +4,13 @@
 -- gateway instance (round robin), whose answer goes back to the
 -- simulator; the same signed request is also sent at once to every other
 -- instance (after a random 0-20 ms), so each instance sees the same
--- notification ids, interleaved, concurrently.
+-- notification ids, interleaved, concurrently. A request the primary
+-- acknowledged is sent to it once more, unchanged (a replay).
 --
 --   POST /_ctl/targets { targets = { "http://127.0.0.1:P1", ... } }
 --   POST /wechatpay/notify/:mchid      -> the primary instance's answer
---   GET  /_ctl/log -> [{ id, primary, status, copies = { {target, status} } }]
+--   GET  /_ctl/log -> [{ id, primary, status, again (the replay's status),
+--                         copies = { {target, status} } }]
 --
 -- It keeps everything in memory: run it with one worker.
 local paygate = require "paygate"
@@ -68,6 +70,15 @@ paygate.route("POST", "/wechatpay/notify/:mchid", function(req)
     return 502, { code = "FAIL", message = "tee: " .. err }
   end
   rec.status = res.status
+  if res.status == 200 or res.status == 204 then
+    -- the very same signed request again to the instance that took it:
+    -- its replay check refuses the signature, and it must see that the
+    -- effect is committed and acknowledge it
+    core.spawn(function()
+      local ok, again = pcall(send, rec.primary, path, h, body)
+      rec.again = ok and again and again.status or -1
+    end)
+  end
   return res.status, res.body or "",
          { ["Content-Type"] = res.headers and res.headers["content-type"]
                               or "application/json" }
