@@ -37,9 +37,11 @@ describe("two gateway instances on one PostgreSQL and Redis", function()
     local gateway = {
       public_url = tee.url, redis = rd.url,
       redis_stream = { stream = STREAM },
-      webhooks = { { url = rcv.url, secret_file = rcv.secret_file } },
+      webhooks = { { url = rcv.url, secret_file = rcv.secret_file,
+                     timeout = 2 } },
       reconcile = { enabled = false },   -- notifications alone must do it
-      -- 8 shards over 4 dispatchers: every dispatcher holds some
+      -- 8 shards over 4 dispatchers: every dispatcher holds some (the
+      -- lease outlives a webhook's timeout)
       dispatcher = { interval = 0.05, max_partitions = 2, lease_ttl = 5,
                      backoff_base = 0.05, backoff_cap = 0.2 },
     }
