@@ -201,9 +201,10 @@ local function alive(pid)
   return not st:match("^%d+ %b() Z")        -- a zombie is gone
 end
 
---- syntax: n = gw:kill9() -- returns how many processes were killed
-function Gw:kill9()
-  local srv = self.srv
+--- syntax: n = cluster.kill9(srv) -- SIGKILL to a server started by
+-- testing.start_app: its master and every worker at once; waits until
+-- all are gone, removes its folder. returns: how many were killed.
+function _M.kill9(srv)
   local pids = { srv.pid }
   local p = io.popen("pgrep -P " .. srv.pid)
   for pid in p:read("*a"):gmatch("%d+") do pids[#pids + 1] = tonumber(pid) end
@@ -216,9 +217,13 @@ function Gw:kill9()
     end
     return true
   end, 5, "the killed workers to be gone")
-  self.last_log = srv:logs()
   testing.server.rmdir(srv.dir)
   return #pids
+end
+
+--- syntax: n = gw:kill9() -- cluster.kill9 of the running gateway
+function Gw:kill9()
+  return _M.kill9(self.srv)
 end
 
 _M.read = read

@@ -10,6 +10,7 @@
 -- to the in-process hooks, with the dispatchers of both instances at work.
 local testing = require "paygate.testing"
 local redis = require "paygate.redis"
+local core_lib = require "paygate.core"
 local servers = require "spec.support.servers"
 local cluster = dofile("examples/gateway/spec/cluster_support.lua")
 local core = cluster.core
@@ -291,5 +292,76 @@ describe("two gateway instances on one PostgreSQL and Redis", function()
       .. " webhook sink; hooks in %d workers"):format(M, #log,
       ok_at[gws[1].srv:url("")], ok_at[gws[2].srv:url("")], #rows,
       retried, workers))
+  end)
+
+  -- Last: it leaves instance 2 dead.
+  it("keeps every payment and event when one instance is killed with"
+     .. " SIGKILL mid-stream", function()
+    local M = 30
+    local db = gws[1].db
+    local ids, nos = {}, {}
+    for i = 1, M do
+      local p = gws[i % 2 + 1]:create{ amount = 500 + i }
+      ids[i], nos[i] = p.id, p.out_trade_no
+    end
+    local function count()
+      local rows = assert(db:query("SELECT count(*) AS n FROM"
+                                   .. " gw_notifications"))
+      return tonumber(rows[1].n)
+    end
+    local before = count()
+    local paying = true
+    core_lib.spawn(function()
+      for i = 1, M do
+        sim:pay(nos[i])
+        core_lib.sleep(0.01)
+      end
+      paying = false
+    end)
+    -- killed in the middle of the burst; the simulator's retries (and
+    -- its duplicates) then reach the survivor through the tee, which
+    -- answers 502 for the dead one
+    testing.wait_until(function() return count() >= before + M / 3 end,
+                       20, "a third of the notifications")
+    local killed = cluster.kill9(gws[2].srv)
+    testing.wait_until(function() return not paying end, 20, "the stream")
+    testing.wait_until(function()
+      local n = 0
+      for _, no in ipairs(nos) do
+        local d = sim:notifications{ out_trade_no = no }[1]
+        if d and d.state == "delivered" then n = n + 1 end
+      end
+      return n == M
+    end, 30, "every notification acknowledged by the survivor")
+    cluster.assert_paid_once(db, ids)
+    -- the dead instance's shards pass to the survivor after lease_ttl;
+    -- every event then reaches every sink at least once
+    local rows = cluster.wait_outbox_drained(db, 30)
+    local st = rcv.stats()
+    local c = assert(redis.connect(rd.url))
+    local in_stream = {}
+    for _, e in ipairs(assert(c:call("XRANGE", STREAM, "-", "+"))) do
+      for j = 1, #e[2], 2 do
+        if e[2][j] == "id" then
+          in_stream[e[2][j + 1]] = (in_stream[e[2][j + 1]] or 0) + 1
+        end
+      end
+    end
+    c:close()
+    local runs = cluster.hook_runs(hooks_log)
+    local twice = 0
+    for _, r in ipairs(rows) do
+      local k = tostring(r.id)
+      assert((st.ok[k] or 0) >= 1, "event " .. k .. " not at the webhook")
+      assert((in_stream[k] or 0) >= 1, "event " .. k .. " not in the stream")
+      assert((runs.by_event[r.id] or 0) >= 1, "event " .. k .. " not hooked")
+      if st.ok[k] > 1 or in_stream[k] > 1 or runs.by_event[r.id] > 1 then
+        twice = twice + 1
+      end
+    end
+    print(("one instance killed (%d processes) after %d notifications:"
+      .. " %d payments paid once; %d events, %d delivered more than once"
+      .. " to some sink (at least once allows it)"):format(killed, M / 3,
+      M, #rows, twice))
   end)
 end)
