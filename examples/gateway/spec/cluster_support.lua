@@ -1,0 +1,232 @@
+-- Shared set-up of the multi-instance and chaos specs: a copy of the app
+-- whose gw/hooks.lua records which instance delivered each event, the
+-- webhook receiver (spec/support/outbox_receiver), the notification tee
+-- (spec/notify_tee), and the checks both specs make on the store: one
+-- transition to paid per payment, audit chains that verify, events
+-- delivered.
+local testing = require "paygate.testing"
+local audit = require "paygate.audit"
+local json = require "paygate.json"
+local crypto = require "paygate.crypto"
+local core = dofile("examples/gateway/spec/core_support.lua")
+
+local _M = { core = core }
+
+local function write(path, data)
+  local f = assert(io.open(path, "wb"))
+  f:write(data)
+  f:close()
+end
+
+local function read(path)
+  local f = io.open(path, "rb")
+  if not f then return "" end
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+
+--- syntax: dir, hooks_log = cluster.app_copy()
+-- A copy of examples/gateway whose hooks.lua appends, for every event it
+-- is given, "<event id> <listen address> <pid>" to hooks_log: the
+-- in-process sink shows which instance's dispatcher delivered what.
+function _M.app_copy()
+  local dir = testing.tmpdir()
+  os.execute("cp -r examples/gateway/app.lua examples/gateway/gw"
+             .. " examples/gateway/migrations '" .. dir .. "/'")
+  local hooks_log = dir .. "/hooks.log"
+  write(dir .. "/gw/hooks.lua", ([[
+local paygate = require "paygate"
+local ffi = require "ffi"
+pcall(ffi.cdef, "int getpid(void);")
+local LOG = %q
+return {
+  ["*"] = function(event)
+    local f = assert(io.open(LOG, "a"))
+    f:write(string.format("%%d %%s %%d\n", event.id,
+            tostring(paygate.runtime.listen), ffi.C.getpid()))
+    f:close()
+  end,
+}
+]]):format(hooks_log))
+  return dir, hooks_log
+end
+
+--- syntax: t = cluster.hook_runs(hooks_log)
+-- returns: { by_event = { [id] = n }, by_instance = { [listen] = n },
+-- by_worker = { [pid] = n } }
+function _M.hook_runs(path)
+  local t = { by_event = {}, by_instance = {}, by_worker = {} }
+  for id, listen, pid in read(path):gmatch("(%d+) (%S+) (%d+)\n") do
+    id = tonumber(id)
+    t.by_event[id] = (t.by_event[id] or 0) + 1
+    t.by_instance[listen] = (t.by_instance[listen] or 0) + 1
+    t.by_worker[pid] = (t.by_worker[pid] or 0) + 1
+  end
+  return t
+end
+
+--- syntax: rcv = cluster.receiver([fail_first_every])
+-- The webhook receiver (one worker) and a webhook secret in a file:
+-- rcv.srv, rcv.url, rcv.secret_file, rcv:stats().
+function _M.receiver(every)
+  local secret = crypto.random_nonce(32)
+  local srv = testing.start_app{ app = "spec/support/outbox_receiver",
+    config = { secret = secret, fail_first_every = every or 0 } }
+  local secret_file = srv.dir .. "/webhook.secret"
+  write(secret_file, secret .. "\n")
+  local rcv = { srv = srv, url = srv:url("/hook"), secret_file = secret_file }
+  function rcv.stats()
+    local res = assert(srv:request("/_ctl/stats"))
+    assert(res.status == 200, "receiver stats: " .. res.status)
+    return res.json
+  end
+  return rcv
+end
+
+--- syntax: tee = cluster.tee() -- tee.url, tee:targets(list), tee:log()
+function _M.tee()
+  local srv = testing.start_app{ app = "examples/gateway/spec/notify_tee" }
+  local tee = { srv = srv, url = srv:url("") }
+  function tee.targets(list)
+    local res = assert(srv:request{ method = "POST", path = "/_ctl/targets",
+                                    json = { targets = list } })
+    assert(res.status == 200, "tee targets: " .. res.status)
+  end
+  function tee.log()
+    local res = assert(srv:request("/_ctl/log"))
+    assert(res.status == 200, "tee log: " .. res.status)
+    return res.json
+  end
+  return tee
+end
+
+local function count_by(rows, key)
+  local t = {}
+  for _, r in ipairs(rows) do
+    t[r[key]] = (t[r[key]] or 0) + 1
+  end
+  return t
+end
+
+--- syntax: cluster.assert_paid_once(db, ids)
+-- Every payment of ids is paid, with one audit entry to paid, its chain
+-- verifying, one applied effect (gw_notification_effects) and one
+-- payment.paid event.
+function _M.assert_paid_once(db, ids)
+  local paid = count_by(assert(db:query("SELECT subject FROM paygate_audit"
+    .. " WHERE to_state = 'paid'")), "subject")
+  local evs = count_by(assert(db:query("SELECT subject FROM paygate_outbox"
+    .. " WHERE type = 'payment.paid'")), "subject")
+  for _, id in ipairs(ids) do
+    local rows = assert(db:query("SELECT state, version, out_trade_no FROM"
+                                 .. " gw_payments WHERE id = $1", { id }))
+    assert(rows[1], "no payment " .. id)
+    assert(rows[1].state == "paid", id .. " is " .. tostring(rows[1].state))
+    assert(rows[1].version == 3, id .. " has version " .. rows[1].version
+           .. " (created, paying, paid: 3)")
+    assert(paid["payment:" .. id] == 1, id .. ": "
+           .. tostring(paid["payment:" .. id]) .. " audit entries to paid")
+    assert(evs[id] == 1, id .. ": " .. tostring(evs[id])
+           .. " payment.paid events")
+    local effects = assert(db:query("SELECT key FROM gw_notification_effects"
+      .. " WHERE key LIKE $1", { "pay|%|" .. rows[1].out_trade_no .. "|%" }))
+    assert(#effects == 1, id .. ": " .. #effects .. " effects")
+    local ok, rep = audit.verify(db, "payment:" .. id)
+    assert(ok, id .. ": audit chain: " .. tostring(rep and rep.message
+                                                  or json.encode(rep)))
+  end
+end
+
+--- syntax: rows = cluster.wait_outbox_drained(db, timeout)
+-- Waits until no event is pending; none may be dead. returns: every row.
+function _M.wait_outbox_drained(db, timeout)
+  testing.wait_until(function()
+    local rows = assert(db:query("SELECT count(*) AS n FROM paygate_outbox"
+                                 .. " WHERE state <> 'delivered'"))
+    return tonumber(rows[1].n) == 0
+  end, timeout or 20, "every outbox event delivered")
+  return assert(db:query("SELECT id, subject, type, state FROM"
+                         .. " paygate_outbox ORDER BY id"))
+end
+
+--- syntax: gw = cluster.gateway(sim, o)
+-- A gateway that can be killed and started again on the same port (the
+-- notify_url the simulator keeps calling). o: db (URL; required: it must
+-- outlive one process's folder), gateway (overrides), workers (2).
+-- gw:start(), gw:kill9() (SIGKILL to the master and every worker at
+-- once, then waits until all are gone), and core_support's gw:call,
+-- gw:create, gw:get, gw:wait_state.
+local proc = testing.proc
+local sql = require "paygate.sql"
+local apikey = require "paygate.apikey"
+local ffi = require "ffi"
+pcall(ffi.cdef, "int kill(int pid, int sig);")
+
+local Gw = setmetatable({}, { __index = core })
+local Gw_mt = { __index = Gw }
+
+function _M.gateway(sim, o)
+  local gw = setmetatable({ sim = sim, o = o, port = testing.free_port(),
+                            app_id = "shop1", db_url = o.db, starts = 0 },
+                          Gw_mt)
+  gw.db = assert(sql.open(o.db))
+  return gw
+end
+
+function Gw:start()
+  local o = self.o
+  self.srv = testing.start_app{ app = o.app or "examples/gateway",
+    port = self.port, workers = o.workers or 2,
+    args = { "--log-level", "info" },
+    config = function(srv)
+      local g = { public_url = srv:url(""), db = o.db }
+      for k, v in pairs(o.gateway or {}) do g[k] = v end
+      return core.config(self.sim, srv, g)
+    end }
+  self.starts = self.starts + 1
+  if not self.key_id then
+    local k = assert(apikey.create(self.db, self.app_id))
+    self.key_id, self.secret = k.key_id, k.secret
+  end
+  return self
+end
+
+local function alive(pid)
+  if ffi.C.kill(pid, 0) ~= 0 then return false end
+  local f = io.open("/proc/" .. pid .. "/stat")
+  if not f then return false end
+  local st = f:read("*a")
+  f:close()
+  return not st:match("^%d+ %b() Z")        -- a zombie is gone
+end
+
+--- syntax: n = cluster.kill9(srv) -- SIGKILL to a server started by
+-- testing.start_app: its master and every worker at once; waits until
+-- all are gone, removes its folder. returns: how many were killed.
+function _M.kill9(srv)
+  local pids = { srv.pid }
+  local p = io.popen("pgrep -P " .. srv.pid)
+  for pid in p:read("*a"):gmatch("%d+") do pids[#pids + 1] = tonumber(pid) end
+  p:close()
+  for i = #pids, 1, -1 do ffi.C.kill(pids[i], 9) end
+  assert(srv.proc:wait(5), "the master did not die")
+  proc.wait_until(function()
+    for _, pid in ipairs(pids) do
+      if alive(pid) then return false end
+    end
+    return true
+  end, 5, "the killed workers to be gone")
+  testing.server.rmdir(srv.dir)
+  return #pids
+end
+
+--- syntax: n = gw:kill9() -- cluster.kill9 of the running gateway
+function Gw:kill9()
+  return _M.kill9(self.srv)
+end
+
+_M.read = read
+_M.write = write
+
+return _M
