@@ -286,6 +286,22 @@ local function check_prefix(p, what)
   return p
 end
 
+-- A plain deep copy of a configuration table. paygate.config's tables
+-- are read-only proxies that LuaJIT's pairs, ipairs and # do not see
+-- through (they carry __pairs); other tables with a metatable (a
+-- paygate.etcd client) are kept as they are.
+local function plain(t)
+  local mt = getmetatable(t)
+  if mt ~= nil and not mt.__pairs then return t end
+  local iter, st, k0 = pairs(t)
+  if mt ~= nil then iter, st, k0 = mt.__pairs(t) end
+  local c = {}
+  for k, v in iter, st, k0 do
+    c[k] = type(v) == "table" and plain(v) or v
+  end
+  return c
+end
+
 --- syntax: src, err = credentials.new(conf)
 -- conf: etcd (etcd.new's options, or a paygate.etcd client), kek_file or
 --   kek_env (the current KEK), previous_kek_files (older ones that still
@@ -299,6 +315,7 @@ function _M.new(conf)
   if type(conf) ~= "table" then
     return bad("the configuration must be a table")
   end
+  conf = plain(conf)
   local kek, err = _M.read_kek(conf)
   if not kek then return nil, err end
   local keks = { kek }

@@ -86,3 +86,41 @@ describe("credentials envelopes", function()
     assert.has_error(function() credentials.seal("short", KEY, "x") end)
   end)
 end)
+
+describe("credentials.new", function()
+  it("takes its section straight from paygate.config (read-only proxies)",
+     function()
+    local dir = os.tmpname()
+    os.remove(dir)
+    local conf_file = dir .. ".conf.lua"
+    local kek_file = dir .. ".kek"
+    local f = assert(io.open(kek_file, "wb"))
+    f:write(crypto.hex(crypto.random_bytes(32)))
+    f:close()
+    f = assert(io.open(conf_file, "wb"))
+    f:write(([[return { credentials = {
+      etcd = { endpoints = { "https://127.0.0.1:1", "https://127.0.0.1:2" },
+               user = "u", password = "p" },
+      kek_file = %q, cache_dir = "/tmp",
+      merchants = { ["1900000001"] = "/paygate/merchants/1900000001/" },
+      tls = "/paygate/tls/" } }]]):format(kek_file))
+    f:close()
+    -- a paygate module loaded with that config file, as a worker has it
+    local saved = package.loaded["paygate.runtime"]
+    package.loaded["paygate.runtime"] = { mode = "exec",
+                                          config_file = conf_file }
+    local ok, fresh = pcall(dofile, package.searchpath("paygate",
+                                                       package.path))
+    package.loaded["paygate.runtime"] = saved
+    os.remove(conf_file)
+    assert(ok, fresh)
+    local src, err = credentials.new(fresh.config.credentials)
+    os.remove(kek_file)
+    assert(src, tostring(err))
+    assert.same({ "https://127.0.0.1:1", "https://127.0.0.1:2" },
+                src.cli.endpoints)
+    assert.equal("/paygate/merchants/1900000001/",
+                 src.sets["1900000001"].prefix)
+    assert.equal("/paygate/tls/", src.sets.tls.prefix)
+  end)
+end)
