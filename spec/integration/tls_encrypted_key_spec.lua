@@ -1,8 +1,8 @@
 -- paygate.tls.set_certificate with an encrypted private key: refused at
 -- once (kind tls). Before, OpenSSL's default pass-phrase prompt read the
 -- worker's terminal or stdin and the worker stopped serving. The server
--- here gets a stdin that stays open and never writes (a pipe from
--- sleep), as a server started from a shell would have.
+-- here gets a stdin that stays open and never writes (a FIFO), as a
+-- server started from a shell would have.
 local core = require "paygate.core"
 local http = require "paygate.http"
 local proc = require "paygate.testing.proc"
@@ -27,7 +27,7 @@ paygate.route("GET", "/ping", function() return 200, "pong" end)
 ]]
 
 describe("paygate.tls with an encrypted key", function()
-  local dir, p, port
+  local dir, p, port, stdin
 
   local function get(path, timeout)
     return http.request{ url = "https://127.0.0.1:" .. port .. path,
@@ -45,11 +45,14 @@ describe("paygate.tls with an encrypted key", function()
       .. ">/dev/null 2>&1 && openssl pkey -in srv.key -aes256 -passout "
       .. "pass:spec-pass -out enc.key"):format(dir)) == 0)
     port = core.free_port()
-    -- stdin: a pipe that stays open 30 s and never writes
-    p = proc.spawn({ "/bin/sh", "-c", ("sleep 30 | exec %s run %s --listen "
+    -- stdin: a FIFO this spec holds open for writing and never writes to
+    -- (exec: the spawned pid is the server's master itself)
+    assert(os.execute("mkfifo " .. dir .. "/stdin") == 0)
+    p = proc.spawn({ "/bin/sh", "-c", ("exec %s run %s --listen "
       .. "127.0.0.1:%d --admin off --workers 1 --tls-cert %s/srv.pem "
-      .. "--tls-key %s/srv.key"):format(server.bin(), dir, port, dir, dir) },
-      { log = dir .. "/server.log", watchdog = true })
+      .. "--tls-key %s/srv.key < %s/stdin"):format(server.bin(), dir, port,
+      dir, dir, dir) }, { log = dir .. "/server.log", watchdog = true })
+    stdin = assert(io.open(dir .. "/stdin", "wb"))  -- meets the reader
     proc.wait_until(function()
       local res = get("/ping", 1)
       return res and res.status == 200
@@ -58,6 +61,7 @@ describe("paygate.tls with an encrypted key", function()
 
   teardown(function()
     if p then p:stop(5) end
+    if stdin then stdin:close() end
     if dir then server.rmdir(dir) end
   end)
 
