@@ -10,6 +10,8 @@ local sql = require "paygate.sql"
 local apikey = require "paygate.apikey"
 local server = require "paygate.testing.server"
 local crypto = require "paygate.crypto"
+local etcd = require "paygate.etcd"
+local credentials = require "paygate.credentials"
 local etcdsrv = require "support.etcd"
 local gwcore = dofile("examples/gateway/spec/core_support.lua")
 
@@ -143,7 +145,8 @@ describe("gateway credentials from etcd", function()
   end)
 
   it("two instances load the published set, swap within a second of a "
-     .. "publish and sign with it at the simulator", function()
+     .. "publish, sign with it at the simulator, refuse an invalid one",
+     function()
     local rev1 = publish("set_a", m.private_key, m.certificate)
     local a = start_gateway()
     local b = start_gateway()
@@ -176,6 +179,30 @@ describe("gateway credentials from etcd", function()
                        "both instances at revision " .. rev2)
     local took2 = core.mono() - t0
     for _, gw in ipairs({ a, b }) do gw:create{} end
+
+    -- an invalid pair written straight to etcd (k3's key, k2's
+    -- certificate): every worker refuses and counts it, the set of rev2
+    -- stays in use
+    local cli = etcd.new(c:client_opts())
+    local kek = assert(credentials.read_kek{ kek_file = kek_file })
+    local bad = assert(cli:txn{ success = {
+      { put = prefix .. "apiclient_key.pem", value = credentials.seal(kek,
+        prefix .. "apiclient_key.pem", read(k3.private_key)) } } })
+    testing.wait_until(function()
+      for _, gw in ipairs({ a, b }) do
+        local res = gw.srv:admin_get("/metrics")
+        local n = 0
+        for v in (res and res.body or ""):gmatch(
+            "paygate_credentials_refused{[^}]*} (%d+)") do
+          if tonumber(v) >= 1 then n = n + 1 end
+        end
+        if n < 2 then return false end
+      end
+      return true
+    end, 10, "every worker to refuse revision " .. bad.revision)
+    assert.is_true(all_at(rev2))
+    for _, gw in ipairs({ a, b }) do gw:create{} end
+    assert.truthy(a.srv:logs():find("credentials: set refused", 1, true))
     print(("\n# 2 instances x 2 workers at the new revision %.3f s and "
            .. "%.3f s after the publish returned"):format(took3, took2))
     assert.is_true(took3 < 1 and took2 < 1)
