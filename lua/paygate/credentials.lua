@@ -305,8 +305,9 @@ end
 --- syntax: src, err = credentials.new(conf)
 -- conf: etcd (etcd.new's options, or a paygate.etcd client), kek_file or
 --   kek_env (the current KEK), previous_kek_files (older ones that still
---   open sets sealed before a change of KEK), cache_dir, merchants = { [mchid] = prefix, ... }, tls =
---   prefix (the HTTPS listener's; optional), load_timeout (seconds,
+--   open sets sealed before a change of KEK), cache_dir,
+--   merchants = { [mchid] = prefix, ... }, tls = prefix (the HTTPS
+--   listener's; optional), load_timeout (seconds,
 --   default 3), insecure_etcd (false; true only where etcd's TLS and auth
 --   are provided another way: never with secrets on a shared network).
 -- returns: a source, or nil, err (invalid_config); refuses an etcd
