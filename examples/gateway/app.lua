@@ -68,6 +68,7 @@ end
 -- WeChat Pay clients, one per merchant --------------------------------------
 
 local wx = {}
+require("gw.credentials").start(cfg, wx, fatal)  -- keys from etcd, if given
 for _, m in ipairs(cfg.merchants) do
   local client, cerr = wechatpay.client(m.client)
   if not client then

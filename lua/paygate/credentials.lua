@@ -29,7 +29,13 @@ local type, tostring, ipairs, pairs, pcall, setmetatable, getmetatable, error =
 local _M = {}
 
 local ALG = "AEAD_AES_256_GCM"
+-- Envelope format 2: the data key and the data are bound (AEAD
+-- associated data) to the full etcd key they are stored under. Format 1
+-- bound the data to the file's name only, so a sealed value could be
+-- copied from one merchant's prefix to another's: it is refused.
+local ENVELOPE = 2
 local DEK_AAD = "paygate-credentials-dek"
+local DATA_AAD = "paygate-credentials-data"
 
 -- file name -> { field (wechatpay.client's name), secret, optional }
 _M.MERCHANT_FILES = {
@@ -59,14 +65,19 @@ end
 
 -- ---- the key-encryption key and envelopes ------------------------------
 
--- 32 bytes given raw, as 64 hex digits or as base64 (whitespace trimmed)
+-- 32 bytes given raw, as 64 hex digits or as base64 (whitespace trimmed).
+-- 32 characters of text are not taken as a raw key: they are most likely
+-- a shorter key written out (16 bytes in hex, 24 in base64), and a
+-- random 32-byte key is all text (printable or spaces) once in 10^13.
 local function kek_of(s)
   if type(s) ~= "string" then return nil end
-  if #s == 32 then return s end
+  if #s == 32 and s:find("[^\9-\13\32-\126]") then return s end
   s = s:gsub("%s+", "")
   if #s == 64 and s:match("^%x+$") then return (crypto.hex_decode(s)) end
-  local raw = crypto.base64_decode(s)
-  if raw and #raw == 32 then return raw end
+  if s:match("^[%w+/]+=*$") then
+    local raw = crypto.base64_decode(s)
+    if raw and #raw == 32 then return raw end
+  end
   return nil
 end
 
@@ -118,25 +129,44 @@ local function gcm_open(key, aad, b64)
   return crypto.aead_decrypt(ALG, key, raw:sub(1, 12), aad, raw:sub(13))
 end
 
---- syntax: text = credentials.seal(kek, name, plaintext)
--- An envelope (JSON) for the secret plaintext stored under name (the key
--- relative to the set's prefix, e.g. "apiclient_key.pem": an envelope
--- moved to another name does not open).
-function _M.seal(kek, name, plaintext)
+--- syntax: text = credentials.seal(kek, key, plaintext)
+-- An envelope (JSON) for the secret plaintext stored under key: the full
+-- etcd key (the set's prefix and the file's name, e.g.
+-- "/paygate/merchants/1900000001/apiclient_key.pem"). Both the data and
+-- the data key are bound to it (associated data), so an envelope copied
+-- to another file or to another merchant's prefix does not open.
+-- Each seal draws a fresh data key and fresh nonces.
+function _M.seal(kek, key, plaintext)
+  if type(kek) ~= "string" or #kek ~= 32 then
+    error("credentials.seal: kek must be the 32-byte key-encryption key", 2)
+  end
+  if type(key) ~= "string" or key == "" then
+    error("credentials.seal: key must be the etcd key it is stored under", 2)
+  end
+  if type(plaintext) ~= "string" then
+    error("credentials.seal: plaintext must be a string", 2)
+  end
   local dek = crypto.random_bytes(32)
-  return json.encode({ paygate_envelope = 1, kek = _M.kek_id(kek),
-    dek = gcm_seal(kek, DEK_AAD, dek), data = gcm_seal(dek, name, plaintext) })
+  return json.encode({ paygate_envelope = ENVELOPE, kek = _M.kek_id(kek),
+    dek = gcm_seal(kek, DEK_AAD .. "\0" .. key, dek),
+    data = gcm_seal(dek, DATA_AAD .. "\0" .. key, plaintext) })
 end
 
---- syntax: plaintext, err = credentials.open(kek, name, text)
--- kek: the key-encryption key, or a list of them (the current one and
--- older ones during a change of KEK): the envelope names the one it needs.
-function _M.open(kek, name, text)
+--- syntax: plaintext, err = credentials.open(kek, key, text)
+-- key: the full etcd key the envelope was read from. kek: the
+-- key-encryption key, or a list of them (the current one and older ones
+-- during a change of KEK): the envelope names the one it needs.
+function _M.open(kek, key, text)
   local env = type(text) == "string" and text:sub(1, 1) == "{"
               and json.decode(text)
-  if type(env) ~= "table" or env.paygate_envelope ~= 1 then
-    return invalid(name .. ": not an envelope (a secret must be sealed "
+  if type(env) ~= "table" or env.paygate_envelope == nil then
+    return invalid(key .. ": not an envelope (a secret must be sealed "
                    .. "with the key-encryption key: paygate etcd publish)")
+  end
+  if env.paygate_envelope ~= ENVELOPE then
+    return invalid(key .. ": an envelope of another format (version "
+                   .. tostring(env.paygate_envelope) .. ", this paygate "
+                   .. "opens " .. ENVELOPE .. "): publish the set again")
   end
   local keks = type(kek) == "table" and kek or { kek }
   kek = nil
@@ -146,15 +176,16 @@ function _M.open(kek, name, text)
     if ids[i] == env.kek then kek = k end
   end
   if not kek then
-    return invalid(name .. ": sealed under another key-encryption key (id "
+    return invalid(key .. ": sealed under another key-encryption key (id "
                    .. tostring(env.kek) .. ", ours " .. table.concat(ids, ", ")
                    .. ")")
   end
-  local dek = gcm_open(kek, DEK_AAD, env.dek)
-  local pt = dek and #dek == 32 and gcm_open(dek, name, env.data)
+  local dek = gcm_open(kek, DEK_AAD .. "\0" .. key, env.dek)
+  local pt = dek and #dek == 32
+             and gcm_open(dek, DATA_AAD .. "\0" .. key, env.data)
   if not pt then
-    return invalid(name .. ": the envelope does not open (altered, or "
-                   .. "moved from another name)")
+    return invalid(key .. ": the envelope does not open (altered, or "
+                   .. "copied from another key or merchant)")
   end
   return pt
 end
@@ -255,11 +286,28 @@ local function check_prefix(p, what)
   return p
 end
 
+-- A plain deep copy of a configuration table. paygate.config's tables
+-- are read-only proxies that LuaJIT's pairs, ipairs and # do not see
+-- through (they carry __pairs); other tables with a metatable (a
+-- paygate.etcd client) are kept as they are.
+local function plain(t)
+  local mt = getmetatable(t)
+  if mt ~= nil and not mt.__pairs then return t end
+  local iter, st, k0 = pairs(t)
+  if mt ~= nil then iter, st, k0 = mt.__pairs(t) end
+  local c = {}
+  for k, v in iter, st, k0 do
+    c[k] = type(v) == "table" and plain(v) or v
+  end
+  return c
+end
+
 --- syntax: src, err = credentials.new(conf)
 -- conf: etcd (etcd.new's options, or a paygate.etcd client), kek_file or
 --   kek_env (the current KEK), previous_kek_files (older ones that still
---   open sets sealed before a change of KEK), cache_dir, merchants = { [mchid] = prefix, ... }, tls =
---   prefix (the HTTPS listener's; optional), load_timeout (seconds,
+--   open sets sealed before a change of KEK), cache_dir,
+--   merchants = { [mchid] = prefix, ... }, tls = prefix (the HTTPS
+--   listener's; optional), load_timeout (seconds,
 --   default 3), insecure_etcd (false; true only where etcd's TLS and auth
 --   are provided another way: never with secrets on a shared network).
 -- returns: a source, or nil, err (invalid_config); refuses an etcd
@@ -268,6 +316,7 @@ function _M.new(conf)
   if type(conf) ~= "table" then
     return bad("the configuration must be a table")
   end
+  conf = plain(conf)
   local kek, err = _M.read_kek(conf)
   if not kek then return nil, err end
   local keks = { kek }
@@ -331,7 +380,7 @@ local function open_set(src, set, raw, revision)
   for name, value in pairs(raw) do
     local d = (set.kind == "tls" and _M.TLS_FILES or _M.MERCHANT_FILES)[name]
     if d and d.secret then
-      local pt, err = _M.open(src.keks, name, value)
+      local pt, err = _M.open(src.keks, set.prefix .. name, value)
       if not pt then return nil, err end
       files[name] = pt
     else

@@ -151,22 +151,52 @@ describe("watched credentials", function()
     -- an envelope does not open under another name or another KEK
     local key = assert(cli:get(PREFIX .. "apiclient_key.pem")).value
     local kek = assert(credentials.read_kek{ kek_file = kek_file })
-    assert.matches("PRIVATE KEY", assert(credentials.open(kek,
-      "apiclient_key.pem", key)))
-    assert.is_nil(credentials.open(kek, "apiv3_key", key))
+    local kname = PREFIX .. "apiclient_key.pem"
+    assert.matches("PRIVATE KEY", assert(credentials.open(kek, kname, key)))
+    assert.is_nil(credentials.open(kek, PREFIX .. "apiv3_key", key))
     local new_kek = crypto.random_bytes(32)
-    local _, oerr = credentials.open(new_kek, "apiclient_key.pem", key)
+    local _, oerr = credentials.open(new_kek, kname, key)
     assert.equal("invalid_credentials", oerr.kind)
     assert.matches("another key%-encryption key", oerr.message)
     -- during a change of KEK, the old one (listed after the new) opens it
     assert.matches("PRIVATE KEY", assert(credentials.open({ new_kek, kek },
-      "apiclient_key.pem", key)))
+      kname, key)))
     local nf = dir .. "/kek_new"
     write(nf, crypto.base64_encode(new_kek))
     local src = assert(credentials.new{ etcd = c:client_opts(),
       kek_file = nf, previous_kek_files = { kek_file }, cache_dir = dir,
       merchants = { [MCHID] = PREFIX } })
     assert.equal(2, #src.keks)
+  end)
+
+  it("a sealed set copied to another merchant's prefix does not open "
+     .. "there", function()
+    -- someone who may write etcd but has no KEK copies merchant A's
+    -- sealed private key and APIv3 key into merchant B's prefix
+    local code, out = publish(env.a)
+    assert.equal(0, code, out)
+    local other = "/paygate/merchants/1900000002/"
+    local ops = {}
+    for _, kv in ipairs(assert(cli:get_prefix(PREFIX)).kvs) do
+      ops[#ops + 1] = { put = other .. kv.key:sub(#PREFIX + 1),
+                        value = kv.value }
+    end
+    assert(cli:txn{ success = ops })
+    sh("mkdir -p " .. dir .. "/cache_other")
+    local src = assert(credentials.new{ etcd = c:client_opts(),
+      kek_file = kek_file, cache_dir = dir .. "/cache_other",
+      merchants = { ["1900000002"] = other } })
+    local set, err = src:load("1900000002")
+    assert.is_nil(set)
+    assert.equal("invalid_credentials", err.kind)
+    assert.matches("does not open", err.message)
+    -- and a file's envelope copied to another file of the same set
+    local kek = assert(credentials.read_kek{ kek_file = kek_file })
+    local key = assert(cli:get(PREFIX .. "apiclient_key.pem")).value
+    assert.is_nil(credentials.open(kek, PREFIX .. "apiv3_key", key))
+    assert.matches("PRIVATE KEY", assert(credentials.open(kek,
+      PREFIX .. "apiclient_key.pem", key)))
+    assert(cli:delete(other, { prefix = true }))
   end)
 
   it("loads, binds, hot-swaps on a rotation, refuses a bad set, never "
@@ -208,7 +238,7 @@ describe("watched credentials", function()
     local kek = assert(credentials.read_kek{ kek_file = kek_file })
     local bad = assert(cli:txn{ success = {
       { put = PREFIX .. "apiclient_key.pem", value = credentials.seal(kek,
-        "apiclient_key.pem", read(dir .. "/a.key")) } } })
+        PREFIX .. "apiclient_key.pem", read(dir .. "/a.key")) } } })
     local refused_rev = bad.revision
     servers.wait_for(function()
       local s = src.sets[MCHID]

@@ -163,7 +163,7 @@ describe("the HTTPS listener's certificate from etcd", function()
     local wrong = kf:read("*a")
     kf:close()
     assert(cli:put(PREFIX .. "key.pem",
-                   credentials.seal(kek, "key.pem", wrong)))
+                   credentials.seal(kek, PREFIX .. "key.pem", wrong)))
     servers.wait_for(function()
       return srv:logs():find("credentials: set refused", 1, true) ~= nil
     end, 20, "the refusal in the log")

@@ -373,7 +373,8 @@ function _M.check(conf, runtime)
   end
   local merchants, by_mchid, seen = {}, {}, {}
   for i, m in ipairs(ms) do
-    local mm, merr = check_merchant(m, i, seen)
+    local mm, merr = require("gw.credentials").check_merchant(
+      conf, m, i, seen, check_merchant)
     if not mm then return nil, merr end
     mm.index = i
     merchants[i] = mm

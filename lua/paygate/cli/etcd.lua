@@ -121,7 +121,7 @@ local function publish(o)
   table.sort(names)
   for _, name in ipairs(names) do
     local v = files[name]
-    if spec[name].secret then v = credentials.seal(k, name, v) end
+    if spec[name].secret then v = credentials.seal(k, p .. name, v) end
     ops[#ops + 1] = { put = p .. name, value = v }
   end
   for name in pairs(spec) do
@@ -158,7 +158,7 @@ local function show(o)
     local d = spec[name]
     local v = kv.value
     if d and d.secret then
-      local pt, oerr = credentials.open(k, name, v)
+      local pt, oerr = credentials.open(k, kv.key, v)
       lines[#lines + 1] = name .. ": " .. (pt and "sealed, opens"
                                            or tostring(oerr.message))
       v = pt

@@ -1,0 +1,310 @@
+-- examples/gateway: merchants' keys from etcd (the config's `credentials`
+-- section, gw/credentials.lua). Two gateway instances of two workers each
+-- load the set published with `paygate etcd publish`, swap to every new
+-- one within a second of the publish (paygate_credentials_revision on
+-- /metrics) and sign with it at the simulator; a bad section is one line
+-- and exit 2.
+local testing = require "paygate.testing"
+local core = require "paygate.core"
+local sql = require "paygate.sql"
+local apikey = require "paygate.apikey"
+local server = require "paygate.testing.server"
+local crypto = require "paygate.crypto"
+local etcd = require "paygate.etcd"
+local credentials = require "paygate.credentials"
+local etcdsrv = require "support.etcd"
+local gwcore = dofile("examples/gateway/spec/core_support.lua")
+
+local function write(path, data)
+  local f = assert(io.open(path, "wb"))
+  f:write(data)
+  f:close()
+end
+
+local function read(path)
+  local f = assert(io.open(path, "rb"))
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+
+describe("gateway credentials from etcd", function()
+  if not etcdsrv.available() then
+    pending("etcd is not installed (scripts/deps installs etcd-server)")
+    return
+  end
+
+  local c, sim, m, k2, k3, dir, kek_file, pw_file, prefix
+  local gws = {}
+
+  -- `paygate etcd publish` of a merchant set made of key/cert files
+  local function publish(name, key, cert)
+    local d = dir .. "/" .. name
+    assert(os.execute("mkdir -p " .. d) == 0)
+    write(d .. "/apiclient_key.pem", read(key))
+    write(d .. "/apiclient_cert.pem", read(cert))
+    write(d .. "/apiv3_key", m.apiv3_key)
+    local o = c:client_opts()
+    -- env(1) gives the password to the command's environment
+    local argv = { "/usr/bin/env", "GW_SPEC_ETCD_PW=" .. o.password,
+      server.bin(), "etcd", "publish", "--prefix", prefix,
+      "--dir", d, "--endpoints", table.concat(o.endpoints, ","),
+      "--user", o.user, "--password-env", "GW_SPEC_ETCD_PW",
+      "--ca-file", o.ca_file, "--cert", o.client_cert,
+      "--key", o.client_key, "--kek-file", kek_file, "--json" }
+    local code, out = testing.proc.run(argv, { timeout = 30 })
+    assert.equal(0, code, out)
+    return assert(require("cjson").decode(out:match("{.*}"))).revision
+  end
+
+  local function section(srv)
+    local o = c:client_opts()
+    return { etcd = { endpoints = o.endpoints, user = o.user,
+                      password_file = pw_file, ca_file = o.ca_file,
+                      client_cert = o.client_cert,
+                      client_key = o.client_key },
+             kek_file = kek_file, cache_dir = srv.dir .. "/credentials",
+             merchants = { [m.mchid] = prefix } }
+  end
+
+  local function merchant_entry()
+    local e = sim:client_config(m)
+    for _, k in ipairs({ "merchant_private_key", "merchant_certificate",
+                         "apiv3_key" }) do
+      e[k] = nil
+    end
+    return e
+  end
+
+  local function start_gateway()
+    local db_url
+    local srv = testing.start_app{ app = "examples/gateway", workers = 2,
+      args = { "--log-level", "info" },
+      config = function(srv)
+        db_url = "sqlite:" .. srv.dir .. "/gw.db"
+        return { gateway = { db = db_url, public_url = srv:url(""),
+                             dispatcher = { interval = 0.05 } },
+                 merchants = { merchant_entry() },
+                 credentials = section(srv) }
+      end }
+    local gw = setmetatable({ srv = srv, app_id = "shop1" },
+                            { __index = gwcore })
+    gw.db = assert(sql.open(db_url))
+    local k = assert(apikey.create(gw.db, gw.app_id))
+    gw.key_id, gw.secret = k.key_id, k.secret
+    gws[#gws + 1] = gw
+    return gw
+  end
+
+  -- worker pid -> the revision in use, from the instance's /metrics
+  local function revisions(gw)
+    local res = gw.srv:admin_get("/metrics")
+    local out, n = {}, 0
+    for labels, v in (res and res.body or ""):gmatch(
+        "paygate_credentials_revision{([^}]*)} (%d+)") do
+      if labels:find('set="' .. m.mchid .. '"', 1, true) then
+        out[labels:match('pid="(%d+)"')] = v
+        n = n + 1
+      end
+    end
+    return out, n
+  end
+
+  -- true when both workers of every instance use revision rev
+  local function all_at(rev)
+    for _, gw in ipairs(gws) do
+      local revs, n = revisions(gw)
+      if n < 2 then return false end
+      for _, v in pairs(revs) do
+        if v ~= rev then return false end
+      end
+    end
+    return true
+  end
+
+  setup(function()
+    c = etcdsrv.start{ tls = true, auth = true }
+    dir = server.tmpdir()
+    kek_file = dir .. "/kek"
+    write(kek_file, crypto.hex(crypto.random_bytes(32)) .. "\n")
+    pw_file = dir .. "/etcd-password"
+    write(pw_file, c:client_opts().password .. "\n")
+    m = testing.merchant()
+    k2 = testing.merchant_keys{ mchid = m.mchid }
+    k3 = testing.merchant_keys{ mchid = m.mchid }  -- unknown to WeChat
+    m.certificates = { m.certificate, k2.certificate }
+    sim = testing.simulator{ merchants = { m } }
+    prefix = "/paygate/merchants/" .. m.mchid .. "/"
+  end)
+
+  teardown(function()
+    for _, gw in ipairs(gws) do gw:stop() end
+    testing.stop_all()
+    etcdsrv.stop_all()
+    if dir then server.rmdir(dir) end
+  end)
+
+  it("two instances load the published set, swap within a second of a "
+     .. "publish, sign with it at the simulator, refuse an invalid one",
+     function()
+    local rev1 = publish("set_a", m.private_key, m.certificate)
+    local a = start_gateway()
+    local b = start_gateway()
+    testing.wait_until(function() return all_at(rev1) end, 10,
+                       "both instances at revision " .. rev1)
+    for _, gw in ipairs({ a, b }) do gw:create{} end
+    assert.is_nil(a.srv:logs():find(read(m.private_key):match(
+      "\n(.-)\n"), 1, true))
+
+    -- a certificate WeChat does not know: both instances swap to it, and
+    -- the simulator refuses what they now sign
+    local rev3 = publish("set_c", k3.private_key, k3.certificate)
+    local t0 = core.mono()
+    testing.wait_until(function() return all_at(rev3) end, 10,
+                       "both instances at revision " .. rev3)
+    local took3 = core.mono() - t0
+    for _, gw in ipairs({ a, b }) do
+      local res = gw:call("POST", "/v1/payments", { order_id = "o-"
+        .. crypto.random_nonce(10), channel = "native", amount = 1,
+        description = "unknown serial" })
+      -- the simulator names the serial it does not know
+      assert.equal(502, res.status, res.body)
+      assert.equal("SIGN_ERROR", res.json.wechat_code)
+    end
+
+    -- the rotated certificate WeChat knows: both sign with it again
+    local rev2 = publish("set_b", k2.private_key, k2.certificate)
+    t0 = core.mono()
+    testing.wait_until(function() return all_at(rev2) end, 10,
+                       "both instances at revision " .. rev2)
+    local took2 = core.mono() - t0
+    for _, gw in ipairs({ a, b }) do gw:create{} end
+
+    -- an invalid pair written straight to etcd (k3's key, k2's
+    -- certificate): every worker refuses and counts it, the set of rev2
+    -- stays in use
+    local cli = etcd.new(c:client_opts())
+    local kek = assert(credentials.read_kek{ kek_file = kek_file })
+    local bad = assert(cli:txn{ success = {
+      { put = prefix .. "apiclient_key.pem", value = credentials.seal(kek,
+        prefix .. "apiclient_key.pem", read(k3.private_key)) } } })
+    testing.wait_until(function()
+      for _, gw in ipairs({ a, b }) do
+        local res = gw.srv:admin_get("/metrics")
+        local n = 0
+        for v in (res and res.body or ""):gmatch(
+            "paygate_credentials_refused{[^}]*} (%d+)") do
+          if tonumber(v) >= 1 then n = n + 1 end
+        end
+        if n < 2 then return false end
+      end
+      return true
+    end, 10, "every worker to refuse revision " .. bad.revision)
+    assert.is_true(all_at(rev2))
+    for _, gw in ipairs({ a, b }) do gw:create{} end
+    assert.truthy(a.srv:logs():find("credentials: set refused", 1, true))
+    print(("\n# 2 instances x 2 workers at the new revision %.3f s and "
+           .. "%.3f s after the publish returned"):format(took3, took2))
+    assert.is_true(took3 < 1 and took2 < 1)
+  end)
+
+  it("starts from the cached set when etcd is down", function()
+    -- the instances above cached their last set (still sealed)
+    local cache = gws[1].srv.dir .. "/credentials/" .. m.mchid .. ".json"
+    local text = read(cache)
+    assert.not_matches("PRIVATE KEY", text)
+    assert.is_nil(text:find(m.apiv3_key, 1, true))
+    for _, mem in ipairs(c.members) do mem:stop() end
+    local srv = testing.start_app{ app = "examples/gateway", workers = 1,
+      config = function(s)
+        local sec = section(s)
+        sec.load_timeout = 1
+        assert(os.execute("mkdir -p " .. s.dir .. "/credentials") == 0)
+        write(s.dir .. "/credentials/" .. m.mchid .. ".json", text)
+        return { gateway = { db = "sqlite:" .. s.dir .. "/gw.db",
+                             public_url = s:url("") },
+                 merchants = { merchant_entry() }, credentials = sec }
+      end }
+    local gw = setmetatable({ srv = srv, app_id = "shop1" },
+                            { __index = gwcore })
+    gw.db = assert(sql.open("sqlite:" .. srv.dir .. "/gw.db"))
+    local k = assert(apikey.create(gw.db, gw.app_id))
+    gw.key_id, gw.secret = k.key_id, k.secret
+    gw:create{}
+    assert.truthy(srv:logs():find("serving the cached set", 1, true))
+    gw:stop()
+    for _, mem in ipairs(c.members) do mem:start() end
+    for _, mem in ipairs(c.members) do mem:wait_ready(30) end
+  end)
+
+  describe("the config check", function()
+    -- Runs the gateway with conf; returns its exit code and output.
+    local function run(conf)
+      local file = dir .. "/conf-" .. core.free_port() .. ".lua"
+      write(file, "return " .. server.lua_source(conf) .. "\n")
+      return testing.proc.run({ server.bin(), "run", "examples/gateway",
+        "--listen", "127.0.0.1:" .. core.free_port(),
+        "--admin", "127.0.0.1:" .. core.free_port(), "--config", file },
+        { timeout = 30 })
+    end
+
+    local function expect_refused(edit, want)
+      local fake = { dir = dir }
+      local conf = { gateway = { db = "sqlite:" .. dir .. "/cfg.db" },
+                     merchants = { merchant_entry() },
+                     credentials = section(fake) }
+      edit(conf)
+      local code, out = run(conf)
+      assert.equal(2, code, out)
+      local lines = {}
+      for line in out:gmatch("[^\n]+") do
+        if line:match("^gateway: ") then lines[#lines + 1] = line end
+      end
+      assert.equal(1, #lines, out)
+      assert.matches(want, lines[1], 1, true)
+      return out
+    end
+
+    it("refuses etcd without TLS or without a user", function()
+      expect_refused(function(cf)
+        cf.credentials.etcd.endpoints = { "http://127.0.0.1:2379" }
+      end, "gateway: config.credentials.etcd.endpoints[1]: must be an"
+           .. " https:// URL")
+      expect_refused(function(cf) cf.credentials.etcd.user = nil end,
+                     "gateway: config.credentials.etcd.user: ")
+      expect_refused(function(cf)
+        cf.credentials.etcd.password_file = nil
+      end, "gateway: config.credentials.etcd.password_env: give")
+      expect_refused(function(cf) cf.credentials.insecure_etcd = true end,
+                     "gateway: config.credentials.insecure_etcd: unknown key")
+    end)
+
+    it("refuses a KEK of the wrong length without printing it", function()
+      local short = crypto.hex(crypto.random_bytes(16))
+      write(dir .. "/short.kek", short .. "\n")
+      local out = expect_refused(function(cf)
+        cf.credentials.kek_file = dir .. "/short.kek"
+      end, "gateway: config.credentials.kek_file: ")
+      assert.is_nil(out:find(short, 1, true))
+      expect_refused(function(cf) cf.credentials.kek_file = nil end,
+                     "gateway: config.credentials.kek_file: give kek_file")
+    end)
+
+    it("refuses a key in an etcd merchant's entry and an unlisted one",
+       function()
+      expect_refused(function(cf)
+        cf.merchants[1].merchant_private_key = m.private_key
+      end, "gateway: config.merchants[1].merchant_private_key: comes from"
+           .. " etcd (" .. prefix .. "apiclient_key.pem)")
+      expect_refused(function(cf)
+        cf.merchants[1].apiv3_key_file = dir .. "/kek"
+      end, "gateway: config.merchants[1].apiv3_key_file: comes from etcd")
+      expect_refused(function(cf)
+        cf.credentials.merchants["1900000999"] = "/paygate/merchants/x/"
+      end, "gateway: config.credentials.merchants.1900000999: no merchant")
+      expect_refused(function(cf)
+        cf.credentials.merchants[m.mchid] = "paygate/no-slash"
+      end, "gateway: config.credentials.merchants[" .. m.mchid .. "]: ")
+    end)
+  end)
+end)

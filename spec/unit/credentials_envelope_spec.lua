@@ -1,0 +1,126 @@
+-- paygate.credentials' envelopes and key-encryption key, without etcd:
+-- a fresh data key and nonces per seal, the binding to the etcd key, a
+-- KEK of the wrong length refused.
+local crypto = require "paygate.crypto"
+local json = require "paygate.json"
+local credentials = require "paygate.credentials"
+
+local KEY = "/paygate/merchants/1900000001/apiclient_key.pem"
+
+local function tmpfile(content)
+  local path = os.tmpname()
+  local f = assert(io.open(path, "wb"))
+  f:write(content)
+  f:close()
+  return path
+end
+
+describe("credentials envelopes", function()
+  local kek = crypto.random_bytes(32)
+
+  it("draws a fresh data key and fresh nonces for every seal", function()
+    local a = json.decode(credentials.seal(kek, KEY, "secret"))
+    local b = json.decode(credentials.seal(kek, KEY, "secret"))
+    assert.not_equal(a.data, b.data)
+    assert.not_equal(a.dek, b.dek)
+    local na = crypto.base64_decode(a.data):sub(1, 12)
+    local nb = crypto.base64_decode(b.data):sub(1, 12)
+    assert.not_equal(na, nb)
+    assert.not_equal(crypto.base64_decode(a.dek):sub(1, 12),
+                     crypto.base64_decode(b.dek):sub(1, 12))
+    assert.equal("secret", assert(credentials.open(kek, KEY,
+      credentials.seal(kek, KEY, "secret"))))
+  end)
+
+  it("opens only under the etcd key it was sealed for", function()
+    local env = credentials.seal(kek, KEY, "secret")
+    for _, other in ipairs({
+        "/paygate/merchants/1900000002/apiclient_key.pem",
+        "/paygate/merchants/1900000001/apiv3_key",
+        "apiclient_key.pem" }) do
+      local pt, err = credentials.open(kek, other, env)
+      assert.is_nil(pt)
+      assert.equal("invalid_credentials", err.kind)
+      assert.not_matches("secret", err.message)
+    end
+    -- the data key of one envelope with the data of another
+    local a = json.decode(env)
+    local b = json.decode(credentials.seal(kek, KEY, "other"))
+    a.data = b.data
+    assert.is_nil(credentials.open(kek, KEY, json.encode(a)))
+  end)
+
+  it("refuses a format-1 envelope (bound to the file name only)",
+     function()
+    local e = json.decode(credentials.seal(kek, KEY, "secret"))
+    e.paygate_envelope = 1
+    local pt, err = credentials.open(kek, KEY, json.encode(e))
+    assert.is_nil(pt)
+    assert.matches("publish the set again", err.message)
+  end)
+
+  it("refuses a key-encryption key of the wrong length", function()
+    local raw = crypto.random_bytes(32)
+    local good = {
+      raw, crypto.hex(raw), crypto.hex(raw) .. "\n",
+      crypto.base64_encode(raw) .. "\n" }
+    for _, s in ipairs(good) do
+      local path = tmpfile(s)
+      assert.equal(raw, assert(credentials.read_kek{ kek_file = path }))
+      os.remove(path)
+    end
+    local bad = {
+      crypto.hex(crypto.random_bytes(16)),        -- 16 bytes as hex: 32 chars
+      crypto.base64_encode(crypto.random_bytes(24)), -- 24 bytes: 32 chars
+      crypto.hex(crypto.random_bytes(16)):sub(2) .. "\n", -- 31 chars + \n
+      crypto.random_bytes(16), crypto.random_bytes(33),
+      crypto.hex(crypto.random_bytes(31)), "",
+    }
+    for i, s in ipairs(bad) do
+      local path = tmpfile(s)
+      local k, err = credentials.read_kek{ kek_file = path }
+      os.remove(path)
+      assert.is_nil(k, "bad KEK #" .. i .. " accepted")
+      assert.equal("invalid_config", err.kind)
+    end
+    assert.has_error(function() credentials.seal("short", KEY, "x") end)
+  end)
+end)
+
+describe("credentials.new", function()
+  it("takes its section straight from paygate.config (read-only proxies)",
+     function()
+    local dir = os.tmpname()
+    os.remove(dir)
+    local conf_file = dir .. ".conf.lua"
+    local kek_file = dir .. ".kek"
+    local f = assert(io.open(kek_file, "wb"))
+    f:write(crypto.hex(crypto.random_bytes(32)))
+    f:close()
+    f = assert(io.open(conf_file, "wb"))
+    f:write(([[return { credentials = {
+      etcd = { endpoints = { "https://127.0.0.1:1", "https://127.0.0.1:2" },
+               user = "u", password = "p" },
+      kek_file = %q, cache_dir = "/tmp",
+      merchants = { ["1900000001"] = "/paygate/merchants/1900000001/" },
+      tls = "/paygate/tls/" } }]]):format(kek_file))
+    f:close()
+    -- a paygate module loaded with that config file, as a worker has it
+    local saved = package.loaded["paygate.runtime"]
+    package.loaded["paygate.runtime"] = { mode = "exec",
+                                          config_file = conf_file }
+    local ok, fresh = pcall(dofile, package.searchpath("paygate",
+                                                       package.path))
+    package.loaded["paygate.runtime"] = saved
+    os.remove(conf_file)
+    assert(ok, fresh)
+    local src, err = credentials.new(fresh.config.credentials)
+    os.remove(kek_file)
+    assert(src, tostring(err))
+    assert.same({ "https://127.0.0.1:1", "https://127.0.0.1:2" },
+                src.cli.endpoints)
+    assert.equal("/paygate/merchants/1900000001/",
+                 src.sets["1900000001"].prefix)
+    assert.equal("/paygate/tls/", src.sets.tls.prefix)
+  end)
+end)
