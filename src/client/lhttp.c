@@ -250,7 +250,8 @@ prereq_cb(void *arg, char *conn_primary_ip, char *conn_local_ip,
     struct gw_http_op *op = arg;
 
     op->sent = 1;
-    if (++op->prereqs > 1) {
+    op->prereqs++;
+    if (op->prereqs > 1) {
         /*
          * curl is about to send the request again: a reused connection
          * died before any byte of the answer (its own retry). The server
