@@ -11,6 +11,14 @@
 --   end
 --   res.status, res.headers["content-type"], res.body
 --
+-- A request is written once: when a reused keep-alive connection dies
+-- after the request went out and before any byte of the answer, libcurl
+-- would send it again on a new connection, though the server may have
+-- read the first copy and acted on it. That re-send happens only with
+-- `resend = true`, the default for GET, HEAD, PUT, DELETE, OPTIONS and
+-- TRACE; for POST, PATCH and other methods the request fails instead
+-- (kind closed, err.sent = true: it may have been received).
+--
 -- Streamed bodies: with a `sink`, the body is handed over chunk by chunk
 -- as it arrives and never held whole (res.body is nil):
 --
@@ -83,7 +91,7 @@ end
 --- syntax: res, err = paygate.http.request(opts)
 -- opts: url, method, headers, body, timeout, connect_timeout, ca_file,
 --       client_cert, client_key, client_key_password, max_body, resolve,
---       sink, on_headers
+--       resend, sink, on_headers
 -- returns: res { status, headers, body (nil with a sink), time } or
 --          nil, err (kind timeout, connect, dns, tls, closed,
 --          body_too_large, aborted; err.sent, err.retryable)

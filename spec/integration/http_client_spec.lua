@@ -201,6 +201,17 @@ describe("paygate.http.request", function()
       assert.equal("https", res.body)
     end)
 
+    it("sends bodies small and large, byte for byte", function()
+      local big = ("0123456789abcdef"):rep(20000) .. "\0z"
+      for _, body in ipairs({ "x", big }) do
+        local res = assert(paygate.http.request{ url = tls:url("/echo"),
+          body = body, ca_file = certs.ca, client_cert = certs.client_cert,
+          client_key = certs.client_key, headers = { ["X-A"] = "1" } })
+        assert.equal(200, res.status)
+        assert.is_true(res.body == "POST:" .. body, #res.body)
+      end
+    end)
+
     it("checks the host name by SNI (localhost resolved to 127.0.0.1)", function()
       local res = assert(paygate.http.request{
         url = "https://localhost:" .. tls.port .. "/whoami",

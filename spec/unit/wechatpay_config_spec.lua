@@ -148,6 +148,31 @@ describe("wechatpay.client configuration", function()
     refused({ timeout = -1 }, "timeout")
     refused({ refresh_interval = "12h" }, "refresh_interval")
   end)
+  it("the adaptive timeout's bounds default around the timeout", function()
+    -- a timeout under a second: the floor follows it down
+    local c = assert(wechatpay.client(base{ timeout = 0.5 })).conf
+    assert.equal(0.5, c.timeout_floor)
+    assert.equal(0.5, c.timeout_ceiling)
+    c = assert(wechatpay.client(base{ timeout = 5 })).conf
+    assert.equal(1, c.timeout_floor)
+    assert.equal(5, c.timeout_ceiling)
+    -- a floor given above the timeout: the ceiling is at least the floor
+    c = assert(wechatpay.client(base{ timeout = 0.5, timeout_floor = 2 })).conf
+    assert.equal(2, c.timeout_floor)
+    assert.equal(2, c.timeout_ceiling)
+    c = assert(wechatpay.client(base{ timeout = 0.5,
+                                      timeout_ceiling = 0.8 })).conf
+    assert.equal(0.5, c.timeout_floor)
+    assert.equal(0.8, c.timeout_ceiling)
+    -- a ceiling given under the timeout: the floor is at most the ceiling
+    c = assert(wechatpay.client(base{ timeout = 0.5,
+                                      timeout_ceiling = 0.3 })).conf
+    assert.equal(0.3, c.timeout_floor)
+    assert.equal(0.3, c.timeout_ceiling)
+    -- both given and crossed: still refused
+    refused({ timeout_floor = 3, timeout_ceiling = 2 }, "timeout_floor",
+            "above timeout_ceiling")
+  end)
   it("modes follow what is configured", function()
     assert.equal("public_key", assert(wechatpay.client(base())).conf.mode)
     local c = assert(config.check(base{ public_key = NIL, public_key_id = NIL }))

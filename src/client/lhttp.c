@@ -4,6 +4,7 @@
  * One call yields its coroutine until the response or a classified error.
  * Connections (and TLS sessions) are reused through the multi handle.
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -25,6 +26,15 @@ struct gw_http_op {
     struct curl_slist *headers;     /* owned: request headers */
     struct curl_slist *resolve;     /* owned: CURLOPT_RESOLVE entries */
     int                body_ref;    /* registry ref anchoring the body */
+    const char        *body;        /* request body (anchored), or NULL */
+    size_t             body_len;    /* bytes */
+    size_t             body_pos;    /* bytes handed to curl so far */
+    int                resend;      /* 1: curl may send the request again
+                                       on a new connection when a reused
+                                       one died before any answer */
+    int                prereqs;     /* times the request was about to be
+                                       written (more than 1: a re-send) */
+    int                refused;     /* 1: a re-send was refused */
     char              *buf;         /* owned: response body */
     size_t             len, cap;    /* bytes */
     size_t             max_body;    /* bytes; more fails body_too_large */
@@ -240,7 +250,61 @@ prereq_cb(void *arg, char *conn_primary_ip, char *conn_local_ip,
     struct gw_http_op *op = arg;
 
     op->sent = 1;
+    op->prereqs++;
+    if (op->prereqs > 1) {
+        /*
+         * curl is about to send the request again: a reused connection
+         * died before any byte of the answer (its own retry). The server
+         * may have read the first copy and acted on it. Unless re-sending
+         * is allowed, stop here, unless no byte of a non-empty body left
+         * (then the server cannot have had the whole request).
+         */
+        if (!op->resend && (op->body_len == 0 || op->body_pos > 0)) {
+            op->refused = 1;
+            return CURL_PREREQFUNC_ABORT;
+        }
+        op->body_pos = 0;           /* a new request: the body anew */
+    }
     return CURL_PREREQFUNC_OK;
+}
+
+/* Hands curl the next piece of the request body. */
+static size_t
+read_cb(char *p, size_t size, size_t n, void *arg)
+{
+    struct gw_http_op *op = arg;
+    size_t len = op->body_len - op->body_pos;
+
+    if (len > size * n) {
+        len = size * n;
+    }
+    memcpy(p, op->body + op->body_pos, len);
+    op->body_pos += len;
+    return len;
+}
+
+/*
+ * curl rewinds the body before it sends the request again (its retry on
+ * a new connection after a reused one died). Refused once some of the
+ * body went out, unless re-sending is allowed: the transfer then fails
+ * (CURLE_SEND_FAIL_REWIND, or the receive error that caused the retry)
+ * and the caller sees err.sent = true.
+ */
+static int
+seek_cb(void *arg, curl_off_t offset, int origin)
+{
+    struct gw_http_op *op = arg;
+
+    if (origin != SEEK_SET || offset < 0
+        || (curl_off_t) op->body_len < offset) {
+        return CURL_SEEKFUNC_CANTSEEK;
+    }
+    if (!op->resend && op->body_pos > 0) {
+        op->refused = 1;
+        return CURL_SEEKFUNC_FAIL;
+    }
+    op->body_pos = (size_t) offset;
+    return CURL_SEEKFUNC_OK;
 }
 
 static size_t
@@ -388,6 +452,11 @@ push_failure(lua_State *L, struct gw_http_op *op, CURLcode rc)
     if (op->too_large) {
         n = gw_push_error(L, kind, retryable, "http request: response body "
                           "exceeds max_body (%zu bytes)", op->max_body);
+    } else if (op->refused) {
+        kind = "closed";
+        n = gw_push_error(L, kind, 1, "http request: the connection was "
+                          "lost after the request was sent, before any "
+                          "answer; not sent again (resend is off)");
     } else {
         n = gw_push_error(L, kind, retryable, "http request: %s",
                           op->err[0] ? op->err : curl_easy_strerror(rc));
@@ -470,7 +539,7 @@ op_cancel(void *arg)
 static const char *const request_opts[] = {
     "url", "method", "headers", "body", "timeout", "connect_timeout",
     "ca_file", "client_cert", "client_key", "client_key_password",
-    "max_body", "resolve", "sink", "on_headers", NULL
+    "max_body", "resolve", "resend", "sink", "on_headers", NULL
 };
 
 static int
@@ -512,6 +581,23 @@ opt_string(lua_State *L, int t, const char *k)
     return v;
 }
 
+/* Methods a server may receive twice with the effect of once (RFC 9110):
+ * curl may send these again by itself unless opts.resend is false. */
+static int
+is_idempotent(const char *method)
+{
+    static const char *const idempotent[] = {
+        "GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE", NULL
+    };
+
+    for (int i = 0; idempotent[i] != NULL; i++) {
+        if (strcmp(method, idempotent[i]) == 0) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
 /*
  * Parses the options of a request (table at index 1) into a new op with
  * its easy handle set up, not yet started. Raises on misuse (after
@@ -519,7 +605,14 @@ opt_string(lua_State *L, int t, const char *k)
  *
  * syntax: res, err = paygate.http.request{ url=, method=, headers=, body=,
  *             timeout=, connect_timeout=, ca_file=, client_cert=,
- *             client_key=, client_key_password=, max_body=, resolve= }
+ *             client_key=, client_key_password=, max_body=, resolve=,
+ *             resend= }
+ * resend: whether curl may send the request a second time by itself when
+ *          a reused keep-alive connection dies after the request went out
+ *          but before any byte of the answer (the server may have acted on
+ *          the first copy). Default true for GET, HEAD, PUT, DELETE,
+ *          OPTIONS, TRACE; false for POST, PATCH and any other method:
+ *          such a request fails with kind closed and err.sent = true.
  * returns: { status, headers (lower-case names), body, time } or nil, err
  *          with err.kind one of timeout, connect, dns, tls, closed,
  *          body_too_large, and err.sent: false when the failure came
@@ -607,9 +700,17 @@ op_setup(lua_State *L, int stream)
     if (lua_type(L, -1) == LUA_TSTRING) {
         s = lua_tolstring(L, -1, &body_len);
         op->body_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-        curl_easy_setopt(e, CURLOPT_POSTFIELDS, s);
+        op->body = s;
+        op->body_len = body_len;
+        /* through callbacks, not POSTFIELDS: curl must ask before it
+         * sends the body a second time (seek_cb) */
+        curl_easy_setopt(e, CURLOPT_POST, 1L);
         curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE,
                          (curl_off_t) body_len);
+        curl_easy_setopt(e, CURLOPT_READFUNCTION, read_cb);
+        curl_easy_setopt(e, CURLOPT_READDATA, op);
+        curl_easy_setopt(e, CURLOPT_SEEKFUNCTION, seek_cb);
+        curl_easy_setopt(e, CURLOPT_SEEKDATA, op);
         if (method == NULL) {
             method = "POST";
         }
@@ -636,6 +737,16 @@ op_setup(lua_State *L, int stream)
             curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, method);
         }
     }
+    op->resend = method == NULL || is_idempotent(method);
+    lua_getfield(L, 1, "resend");
+    if (lua_isboolean(L, -1)) {
+        op->resend = lua_toboolean(L, -1);
+    } else if (!lua_isnil(L, -1)) {
+        op_free(op);
+        gw_raise(L, "http.request: opts.resend must be a boolean");
+        return NULL;
+    }
+    lua_pop(L, 1);
 
     lua_getfield(L, 1, "headers");
     if (lua_istable(L, -1)) {
@@ -718,7 +829,8 @@ op_setup(lua_State *L, int stream)
 /*
  * syntax: res, err = paygate.http.request{ url=, method=, headers=, body=,
  *             timeout=, connect_timeout=, ca_file=, client_cert=,
- *             client_key=, client_key_password=, max_body=, resolve= }
+ *             client_key=, client_key_password=, max_body=, resolve=,
+ *             resend= }
  * returns: see above.
  * yields: until the response has been read, or the request failed.
  */

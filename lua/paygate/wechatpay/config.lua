@@ -7,6 +7,7 @@ local x509 = require "paygate.x509"
 local sign = require "paygate.wechatpay.sign"
 
 local type, tostring, ipairs, pairs = type, tostring, ipairs, pairs
+local min, max = math.min, math.max
 
 local _M = {}
 
@@ -324,16 +325,28 @@ function _M.check(conf)
     if not c[k] then return bad(k, "must be a number > 0") end
   end
   -- degradation, adaptive timeouts, breaker (upstream.lua)
-  for k, default in pairs({ timeout_floor = 1, latency_window = 200,
+  for k, default in pairs({ latency_window = 200,
                             timeout_samples = 20, breaker_window = 30,
                             breaker_min_calls = 20, breaker_open_for = 10,
                             breaker_failure_ratio = 0.5 }) do
     c[k] = positive(conf, k, default)
     if not c[k] then return bad(k, "must be a number > 0") end
   end
+  -- the bounds default around the timeout and each other, so that only
+  -- both given and crossed is refused: floor min(1, timeout, ceiling),
+  -- ceiling max(timeout, floor)
+  c.timeout_floor = positive(conf, "timeout_floor", 1)
+  if not c.timeout_floor then
+    return bad("timeout_floor", "must be a number > 0")
+  end
   c.timeout_ceiling = positive(conf, "timeout_ceiling", c.timeout)
   if not c.timeout_ceiling then
     return bad("timeout_ceiling", "must be a number > 0")
+  end
+  if conf.timeout_floor == nil then
+    c.timeout_floor = min(1, c.timeout, c.timeout_ceiling)
+  elseif conf.timeout_ceiling == nil then
+    c.timeout_ceiling = max(c.timeout, c.timeout_floor)
   end
   if c.timeout_floor > c.timeout_ceiling then
     return bad("timeout_floor", "must not be above timeout_ceiling ("

@@ -246,11 +246,17 @@ call = function(wx, method, path, body, opts, ep)
     headers["Authorization"] = auth
     local sent_at = core.mono()
     local own = upstream.timeout(wx, ep)
+    -- resend = false: the HTTP client never sends these bytes a second
+    -- time by itself (its retry when a reused connection dies before the
+    -- answer). WeChat may have acted on the first copy, and refuses the
+    -- copy's nonce as a replay (401 SIGN_ERROR): a POST would look
+    -- refused though it was applied. The lost answer comes back here as
+    -- kind closed, err.sent = true; retries are made here, signed anew.
     local res, err = http.request{
       method = method, url = base .. path, headers = headers, body = body,
       timeout = min(opts.timeout or own, remaining),
       connect_timeout = min(5, remaining), ca_file = c.ca_file,
-      sink = wrapped, on_headers = on_headers,
+      sink = wrapped, on_headers = on_headers, resend = false,
     }
     -- latency: answers, and timeouts at the endpoint's own timeout (a
     -- slow endpoint's timeout grows; a shorter opts.timeout or the
