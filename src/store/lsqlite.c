@@ -21,6 +21,15 @@
  * statement is undone alone (a script, in a savepoint of its own) and
  * the transaction goes on.
  *
+ * Atomic jobs (db:atomic in Lua): a list of statements queued as ONE
+ * writer job. It runs like any job of the batch, inside its own
+ * SAVEPOINT, its statements in order; the first that fails, or that
+ * changes (a read: returns) another number of rows than its expect, rolls
+ * back that savepoint, and the job is answered at once with the failing
+ * statement's index. Otherwise it waits for the batch's COMMIT like an
+ * exec. Unlike an interactive transaction it never holds the writer
+ * between statements, so it joins the group commit.
+ *
  * Opening: the writer creates the file and switches it to WAL. Other
  * processes may do the same at the same moment (workers on a first
  * start): that waits within busy_timeout like any write (conn_open()).
