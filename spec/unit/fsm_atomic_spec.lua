@@ -5,6 +5,7 @@
 local sql = require "paygate.sql"
 local fsm = require "paygate.fsm"
 local audit = require "paygate.audit"
+local outbox = require "paygate.outbox"
 local paygate = require "paygate"
 local servers = require "spec.support.servers"
 
@@ -244,6 +245,30 @@ for _, engine in ipairs({ "sqlite", "postgres" }) do
         assert.equal("conflict", err.kind)
         assert.has_error(function() fsm.atomic(db, function() return 5 end) end)
         assert.has_error(function() fsm.atomic({}, function() end) end)
+      end)
+
+      it("outbox.statement enqueues with the transition, or not at all", function()
+        assert(outbox.setup(db))
+        local res = assert(m:apply_atomic(db, "P1", "opened", {
+          add = function(plan)
+            return { outbox.statement(db, { subject = plan.id,
+              type = "payment.paying", payload = { id = plan.id } }) }
+          end }))
+        assert.truthy(res.results[4].last_id)
+        local _, err = m:apply_atomic(db, "P1", "closed", {
+          add = function(plan)
+            return { outbox.statement(db, { subject = plan.id,
+                       type = "payment.closed" }),
+                     { "SELECT 1 AS x WHERE 1 = 0", nil, expect = 1,
+                       name = "never" } }
+          end })
+        assert.equal("never", err.name)
+        local rows = assert(db:query("SELECT type, payload FROM paygate_outbox"))
+        assert.equal(1, #rows)
+        assert.equal("payment.paying", rows[1].type)
+        assert.equal('{"id":"P1"}', rows[1].payload)
+        assert.has_error(function() outbox.statement({}, { subject = "x", type = "t" }) end)
+        assert.has_error(function() outbox.statement(db, { subject = "", type = "t" }) end)
       end)
 
       it("audit.plan checks its arguments", function()
