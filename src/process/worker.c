@@ -33,10 +33,11 @@ static struct {
     int                   stopping;
 } w;
 
-/* Sets package.loaded["paygate.runtime"] = { mode, app_dir, config_file }*/
+/* Sets package.loaded["paygate.runtime"] = { mode, app_dir, config_file,
+ * listen ("HOST:PORT" of the public listener; workers only) } */
 static void
 push_runtime_info(lua_State *L, const char *mode, const char *app_dir,
-                  const char *config_file)
+                  const char *config_file, const char *listen)
 {
     lua_getglobal(L, "package");
     lua_getfield(L, -1, "loaded");
@@ -50,6 +51,10 @@ push_runtime_info(lua_State *L, const char *mode, const char *app_dir,
     if (config_file != NULL) {
         lua_pushstring(L, config_file);
         lua_setfield(L, -2, "config_file");
+    }
+    if (listen != NULL) {
+        lua_pushstring(L, listen);
+        lua_setfield(L, -2, "listen");
     }
     lua_pushstring(L, gw_lua_dir());
     lua_setfield(L, -2, "lua_dir");
@@ -266,7 +271,8 @@ gw_worker_main(const struct gw_opts *o, int listen_fd, SSL_CTX *ctx,
         ready('F');
         return 1;
     }
-    push_runtime_info(w.L, "worker", o->app_dir, o->config_file);
+    push_runtime_info(w.L, "worker", o->app_dir, o->config_file,
+                      o->listen);
 
     w.sigterm = evsignal_new(gw_loop_base(), SIGTERM, on_stop, NULL);
     w.sigint = evsignal_new(gw_loop_base(), SIGINT, on_stop, NULL);
@@ -351,7 +357,7 @@ gw_exec_main(const char *script, int argc, char **argv)
             *slash = '\0';
         }
         push_runtime_info(L, "exec", slash != NULL ? (abs[0] ? abs : "/")
-                                                   : NULL, NULL);
+                                                   : NULL, NULL, NULL);
         free(abs);
     }
 

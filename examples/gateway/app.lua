@@ -1,0 +1,201 @@
+-- examples/gateway: the reference merchant gateway between a merchant's
+-- systems and WeChat Pay API v3.
+--
+--   paygate run examples/gateway --listen 127.0.0.1:8080 --config gw.lua
+--
+-- The config (a Lua file) has a `gateway` table and a `merchants` list;
+-- docs/gateway.md describes both, the merchant API under /v1/, the
+-- notification route, the events and the admin routes.
+--
+-- Top level (runs once per worker, in a coroutine): the config check,
+-- the store and its migrations, one paygate.wechatpay client per
+-- merchant, the routes, the outbox dispatcher.
+local paygate = require "paygate"
+local sql = require "paygate.sql"
+local migrate = require "paygate.migrate"
+local wechatpay = require "paygate.wechatpay"
+local apikey = require "paygate.apikey"
+local idem = require "paygate.idempotency"
+local outbox = require "paygate.outbox"
+local audit = require "paygate.audit"
+local shared = require "paygate.shared"
+local config = require "gw.config"
+local events = require "gw.events"
+local payments = require "gw.payments"
+local refunds = require "gw.refunds"
+local notify = require "gw.notify"
+local admin = require "gw.admin"
+
+-- A bad configuration is one line on stderr and exit status 2: every
+-- worker finds it, only the first to claim the shared key writes it (the
+-- others wait until it is written: the master stops the rest once one
+-- has exited), and the master adds nothing to a worker's exit 2.
+local K_FATAL = "gw:config_error"
+local function fatal(msg)
+  local d = shared.get_dict("paygate")
+  if d:add(K_FATAL, 1, 10) then
+    io.stderr:write("gateway: " .. msg .. "\n")  -- one write: one line
+    io.stderr:flush()
+    d:set(K_FATAL, 2, 10)
+  else
+    local core = require "paygate.core"
+    local deadline = core.mono() + 2
+    while d:get(K_FATAL) ~= 2 and core.mono() < deadline do
+      core.sleep(0.01)
+    end
+  end
+  os.exit(2)
+end
+
+local cfg, why = config.check(paygate.config_copy(), paygate.runtime)
+if not cfg then fatal(why) end
+local g = cfg.gateway
+
+-- the store ------------------------------------------------------------
+
+local db, err = sql.open(g.db)
+if not db then
+  error("gateway: cannot open the store: " .. tostring(err), 0)
+end
+do
+  local ok, merr = migrate.run(db, paygate.app_dir .. "/migrations")
+  if not ok then error("gateway: migrations: " .. tostring(merr), 0) end
+  -- the libraries' own tables, made now rather than on a first request
+  assert(audit.ensure_schema(db))
+  assert(outbox.setup(db))
+end
+
+-- WeChat Pay clients, one per merchant ------------------------------------
+
+local wx = {}
+for _, m in ipairs(cfg.merchants) do
+  local client, cerr = wechatpay.client(m.client)
+  if not client then
+    if cerr.kind == "invalid_config" then
+      local msg = tostring(cerr.message):gsub("^wechatpay%.[%w_.%[%]]*: ", "")
+      fatal("config.merchants[" .. m.index .. "]." .. tostring(cerr.key)
+            .. ": " .. msg)
+    end
+    error("gateway: merchant " .. m.mchid .. ": " .. tostring(cerr), 0)
+  end
+  wx[m.mchid] = client
+end
+
+-- the degradation switch: in the shared dictionary, so every worker sees
+-- what /admin/degrade set (add: a worker starting later keeps it)
+local D = shared.get_dict("paygate")
+D:add("gw:degraded", g.degraded and 1 or 0)
+
+local ctx = {
+  db = db, cfg = cfg, gateway = g, wx = wx,
+  merchants = cfg.merchants, by_mchid = cfg.by_mchid,
+  default_merchant = cfg.merchants[1],
+}
+function ctx.degraded()
+  return D:get("gw:degraded") == 1
+end
+function ctx.set_degraded(on)
+  return D:set("gw:degraded", on and 1 or 0)
+end
+function ctx.notify_url(mchid)
+  return g.public_url .. "/wechatpay/notify/" .. mchid
+end
+
+if g.dev_app and paygate.runtime.mode == "worker" then
+  if D:add("gw:dev_app_warned", 1) then
+    paygate.log.warn("gateway: dev_app is set: unsigned /v1/ requests from"
+      .. " loopback clients act as app " .. g.dev_app
+      .. " (for local trials only)", { app_id = g.dev_app })
+  end
+end
+
+-- merchant API -------------------------------------------------------------
+
+local auth = apikey.before_hook(db, { prefix = "/v1/" })
+if g.dev_app then
+  paygate.before(function(req)
+    if req.path:sub(1, 4) == "/v1/" and req:header("authorization") == nil
+       and config.is_loopback_addr(req.remote_addr) then
+      req.app_id = g.dev_app
+      return nil
+    end
+    return auth(req)
+  end)
+else
+  paygate.before(auth)
+end
+
+payments.init(ctx)
+refunds.init(ctx)
+notify.init(ctx)
+ctx.refunds = refunds
+ctx.payments = payments
+
+-- Responses committed with their effects are kept whatever their status
+-- (a refund refused by WeChat is a fact to replay, not to run again).
+local keep_all = { keep = function(status) return status ~= 503 end }
+
+paygate.route("POST", "/v1/payments", idem.wrap(db, payments.create))
+paygate.route("GET", "/v1/payments/:id", payments.get)
+paygate.route("POST", "/v1/payments/:id/attempts",
+              idem.wrap(db, payments.new_attempt))
+paygate.route("POST", "/v1/payments/:id/close", idem.wrap(db, payments.close))
+paygate.route("POST", "/v1/payments/:id/refunds",
+              idem.wrap(db, refunds.create, keep_all))
+paygate.route("GET", "/v1/payments/:id/refunds", refunds.list)
+paygate.route("GET", "/v1/refunds/:id", refunds.get)
+
+-- WeChat's notifications ---------------------------------------------------
+
+paygate.route("POST", "/wechatpay/notify/:mchid", notify.handler)
+
+-- the OpenAPI description ----------------------------------------------------
+
+do
+  local f = io.open(paygate.app_dir .. "/openapi.json", "rb")
+  local text = f and f:read("*a")
+  if f then f:close() end
+  paygate.route("GET", "/openapi.json", function()
+    if not text then
+      return 404, { error = "not_found", message = "no openapi.json" }
+    end
+    return 200, text, { ["Content-Type"] = "application/json" }
+  end)
+end
+
+-- admin ------------------------------------------------------------------------
+
+admin.routes(ctx)
+
+-- background: the outbox dispatcher ------------------------------------------
+
+if paygate.runtime.mode == "worker" then
+  events.start(db, g)
+  -- the state machines' counters of this worker on /metrics (totals only:
+  -- a worker holds few app series)
+  local metrics = require "paygate.metrics"
+  local fsm = require "paygate.fsm"
+  local ffi = require "ffi"
+  pcall(ffi.cdef, "int getpid(void);")
+  local worker = tostring(ffi.C.getpid())
+  local g_all = metrics.gauge("paygate_gateway_fsm_transitions",
+    "State transitions applied by this worker since it started.")
+  local g_bad = metrics.gauge("paygate_gateway_fsm_illegal_transitions",
+    "Transitions refused by this worker: not declared from the state.")
+  paygate.timer.every(5, function()
+    local st = fsm.stats()
+    g_all:set(st.transitions_total, { worker = worker })
+    g_bad:set(st.illegal_transitions_total, { worker = worker })
+  end)
+end
+
+-- other helpers' parts (reconciliation, retention) plug in here when present
+for _, name in ipairs({ "gw.reconcile", "gw.retention" }) do
+  local ok, mod = pcall(require, name)
+  if ok and type(mod) == "table" and mod.start then
+    mod.start(ctx)
+  elseif not ok and not tostring(mod):find("module '" .. name
+                                           .. "' not found", 1, true) then
+    error(mod, 0)
+  end
+end

@@ -1,0 +1,32 @@
+-- An example config for examples/gateway (copy it, then edit):
+--   paygate run examples/gateway --listen 127.0.0.1:8080 --config gw.lua
+-- Secrets are never written here: the APIv3 key comes from a file or an
+-- environment variable, the private key is a path. A bad config stops
+-- the start with one line, "gateway: config.<key>: <reason>", exit 2.
+return {
+  gateway = {
+    db = "sqlite:var/gateway.db",          -- or "postgres://user@host/db"
+    -- redis = "redis://127.0.0.1:6379",   -- for redis_stream
+    public_url = "https://pay.example.com", -- notify_url base: <public_url>/wechatpay/notify/<mchid>
+    payment_ttl = 7200,                    -- s until an unpaid payment expires
+    on_late_payment = "refund",            -- or "alarm"
+    degraded = false,                      -- start value of /admin/degrade
+    -- admin_token_file = "/etc/paygate/admin.token",
+    webhooks = {
+      -- { url = "https://merchant.example/paygate/events",
+      --   secret_env = "PAYGATE_WEBHOOK_SECRET" },
+    },
+    -- redis_stream = { stream = "paygate:events" },
+    -- dispatcher = { max_attempts = 20 },  -- paygate.outbox dispatcher options
+  },
+  merchants = {
+    { mchid = "1900000001", appid = "wx0000000000000000",
+      merchant_private_key = "/etc/paygate/apiclient_key.pem",
+      merchant_certificate = "/etc/paygate/apiclient_cert.pem",
+      apiv3_key_file = "/etc/paygate/apiv3.key",    -- or apiv3_key_env = "..."
+      -- base_url = "http://127.0.0.1:9000",        -- the simulator
+    },
+  },
+  -- the runtime's own keys may sit here too, e.g. the replay cache of
+  -- notifications: shared = { wechatpay_replay = "4m" },
+}

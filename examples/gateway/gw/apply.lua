@@ -1,0 +1,310 @@
+-- gw.apply: what WeChat reports (a notification, or the answer to a query)
+-- applied to the gateway's rows, inside the caller's transaction: the
+-- dedupe by business key (gw_notification_effects), the amount check, the
+-- fsm transition with its audit entry, the outbox events. Shared by the
+-- notification route and ?refresh=1 / reconciliation, so a payment paid
+-- by one is a duplicate for the other.
+--
+-- Each function returns outcome[, after] or nil, err. outcome is
+-- "applied", "duplicate", "alarm", "ignored" or "refused"; after, when
+-- present, is a list of work to start once the transaction committed
+-- ({ refund = id }: send that refund to WeChat).
+local paygate = require "paygate"
+local audit = require "paygate.audit"
+local metrics = require "paygate.metrics"
+local shared = require "paygate.shared"
+local json = require "paygate.json"
+local model = require "gw.model"
+local events = require "gw.events"
+
+local type, tostring, tonumber = type, tostring, tonumber
+
+local _M = {}
+
+local P, R = model.payments, model.refunds
+
+local alarm_gauge
+local function count_alarm(kind)
+  local d = shared.get_dict("paygate")
+  local n = d:incr("gw:alarms:" .. kind, 1, 0) or 0
+  alarm_gauge = alarm_gauge or metrics.gauge("paygate_gateway_alarms_total",
+    "Alarms raised by the gateway (e.g. a notification whose amount differs"
+    .. " from the order's), since the server started.")
+  alarm_gauge:set(n, { kind = kind })
+  return n
+end
+
+--- syntax: n = apply.alarms(kind) -- alarms raised since start (all workers)
+function _M.alarms(kind)
+  return tonumber(shared.get_dict("paygate"):get("gw:alarms:" .. kind)) or 0
+end
+
+-- The alarm of a mismatch: log, counter, audit entry, outbox event; the
+-- payment's state is not touched.
+local function alarm(tx, p, refund, ev)
+  paygate.log.error("gateway: amount mismatch: not applied", {
+    payment = p.id, refund = refund and refund.id,
+    expected = ev.expected, got = ev.got, source = ev.source,
+    notification_id = ev.notification_id })
+  local ok, err = audit.append(tx, "payment:" .. p.id, {
+    what = "payment.alarm", ref = refund and refund.id or p.id,
+    cause = "amount_mismatch", actor = ev.actor or "wechatpay",
+    evidence = ev })
+  if not ok then return nil, err end
+  ok, err = events.emit(tx, "alarm.amount_mismatch", p, refund,
+                        { alarm = ev })
+  if not ok then return nil, err end
+  count_alarm("amount_mismatch")
+  return "alarm"
+end
+
+-- Records the business key; false when another notification (or a query)
+-- applied it already.
+local function claim(tx, key, by, now)
+  local res, err = tx:exec("INSERT INTO gw_notification_effects (key,"
+    .. " notification_id, applied_at) VALUES ($1, $2, $3)"
+    .. " ON CONFLICT (key) DO NOTHING", { key, by, math.floor(now) })
+  if not res then return nil, err end
+  return res.changes == 1
+end
+
+--- syntax: key = apply.payment_key(resource)
+function _M.payment_key(r)
+  local who = r.sp_mchid and (tostring(r.sp_mchid) .. "/"
+                               .. tostring(r.sub_mchid))
+              or tostring(r.mchid)
+  local state = r.trade_state
+  -- a query after a refund says REFUND: the money was taken all the same
+  if state == "REFUND" then state = "SUCCESS" end
+  return "pay|" .. who .. "|" .. tostring(r.out_trade_no) .. "|"
+         .. tostring(state)
+end
+
+local function new_refund(tx, p, kind, out_trade_no, amount, reason, o)
+  local now = model.time()
+  local id = model.new_refund_id()
+  local res, err = R:create(tx, {
+    id = id, payment_id = p.id, out_refund_no = model.out_refund_no(id),
+    out_trade_no = out_trade_no, kind = kind, amount = amount,
+    reason = reason, created_at = now, updated_at = now },
+    { cause = kind, actor = "gateway", evidence = o })
+  if not res then return nil, err end
+  return res.row
+end
+
+--- syntax: outcome, after = apply.payment(ctx, tx, o)
+-- o: { resource (WeChat's transaction object), mchid (the merchant whose
+-- route or client it came through), notification_id (or nil for a
+-- query), source ("notification" | "query"), actor }
+function _M.payment(ctx, tx, o)
+  local r = o.resource
+  local now = model.time()
+  local no = r.out_trade_no
+  if type(no) ~= "string" then
+    return nil, paygate.error("malformed", "the transaction has no"
+                              .. " out_trade_no")
+  end
+  local rows, err = tx:query("SELECT * FROM gw_attempts WHERE"
+                             .. " out_trade_no = $1", { no })
+  if not rows then return nil, err end
+  local a = rows[1]
+  if not a then
+    return nil, paygate.error("unknown_order", "no attempt " .. no)
+  end
+  local p
+  p, err = model.payment(tx, a.payment_id)
+  if not p then
+    return nil, err or paygate.error("unknown_order", "no payment "
+                                     .. a.payment_id)
+  end
+  local who = r.sp_mchid or r.mchid
+  if who ~= p.mchid or (r.sub_mchid or model.opt(p.sub_mchid))
+                       ~= model.opt(p.sub_mchid) then
+    return nil, paygate.error("merchant_mismatch", "payment " .. p.id
+      .. " belongs to another merchant than the notification's")
+  end
+  local state = r.trade_state
+  if state ~= "SUCCESS" and state ~= "REFUND" then
+    return "ignored"
+  end
+  local amount = type(r.amount) == "table" and r.amount or {}
+  local total, currency = amount.total, amount.currency or "CNY"
+  if total ~= p.amount or currency ~= p.currency then
+    return alarm(tx, p, nil, { expected = p.amount, got = total,
+      expected_currency = p.currency, got_currency = currency,
+      out_trade_no = no, notification_id = o.notification_id,
+      source = o.source, actor = o.actor })
+  end
+  local fresh
+  fresh, err = claim(tx, _M.payment_key(r), o.notification_id
+                     or ("query:" .. no), now)
+  if fresh == nil then return nil, err end
+  if not fresh or a.state == "paid" then
+    return "duplicate"
+  end
+  local late = a.state ~= "open"
+  local evidence = { notification_id = o.notification_id, source = o.source,
+                     out_trade_no = no, transaction_id = r.transaction_id,
+                     trade_state = state, attempt_state = a.state }
+  local ok
+  ok, err = tx:exec("UPDATE gw_attempts SET state = 'paid', transaction_id"
+    .. " = $2, closed_at = COALESCE(closed_at, $3) WHERE out_trade_no = $1",
+    { no, r.transaction_id or json.null, now })
+  if not ok then return nil, err end
+  local after = {}
+  local policy = ctx.gateway.on_late_payment
+  local pre_paid = p.state == "created" or p.state == "paying"
+                   or p.state == "unknown" or p.state == "closed"
+                   or p.state == "failed"
+  if pre_paid then
+    local set = { transaction_id = r.transaction_id or json.null,
+                  payer_total = amount.payer_total or json.null,
+                  paid_out_trade_no = no, updated_at = now,
+                  late = late and 1 or 0 }
+    if o.source == "notification" then set.notified_at = now end
+    local res
+    res, err = P:transition(tx, p.id, "succeeded", {
+      cause = late and "late_payment" or "paid", row = p,
+      actor = o.actor or "wechatpay", evidence = evidence, set = set })
+    if not res then return nil, err end
+    p = res.row
+    -- the current attempt is no longer the one to pay
+    if no ~= p.out_trade_no then
+      ok, err = tx:exec("UPDATE gw_attempts SET state = 'superseded',"
+        .. " closed_at = $2 WHERE out_trade_no = $1 AND state = 'open'",
+        { p.out_trade_no, now })
+      if not ok then return nil, err end
+      after[#after + 1] = { close = p.out_trade_no, mchid = p.mchid,
+                            sub_mchid = model.opt(p.sub_mchid) }
+    end
+    ok, err = events.emit(tx, "payment.paid", p, nil,
+                          late and { late = true } or nil)
+    if not ok then return nil, err end
+  else
+    -- paid already: this is money taken twice
+    local entry
+    entry, err = audit.append(tx, "payment:" .. p.id, {
+      what = "payment.duplicate_paid", ref = no, from = p.state,
+      to = p.state, cause = "late_payment", actor = o.actor or "wechatpay",
+      evidence = evidence })
+    if not entry then return nil, err end
+  end
+  if late then
+    local refund
+    if policy == "refund" then
+      refund, err = new_refund(tx, p, pre_paid and "late_payment"
+                               or "duplicate", no, total,
+                               "paid after the order was closed",
+                               evidence)
+      if not refund then return nil, err end
+      after[#after + 1] = { refund = refund.id }
+    end
+    paygate.log.warn("gateway: payment on a closed or superseded attempt",
+      { payment = p.id, out_trade_no = no, action = policy })
+    ok, err = events.emit(tx, "payment.late_paid", p, refund, {
+      out_trade_no = no, transaction_id = r.transaction_id,
+      amount = total, duplicate = not pre_paid, action = policy })
+    if not ok then return nil, err end
+  end
+  return "applied", after
+end
+
+local REFUND_EVENT = { SUCCESS = "succeeded", CLOSED = "closed",
+                       ABNORMAL = "abnormal", PROCESSING = "accepted" }
+local REFUND_TARGET = { SUCCESS = "succeeded", CLOSED = "closed",
+                        ABNORMAL = "abnormal", PROCESSING = "processing" }
+
+--- syntax: outcome = apply.refund_status(ctx, tx, refund_row, o)
+-- o: { status (SUCCESS, CLOSED, ABNORMAL, PROCESSING), refund_id,
+-- amount (WeChat's refund amount, checked when given), notification_id,
+-- source, actor }
+function _M.refund_status(ctx, tx, rf, o)
+  local status, now = o.status, model.time()
+  local event = REFUND_EVENT[status]
+  if not event then return "ignored" end
+  local p, err = model.payment(tx, rf.payment_id)
+  if not p then return nil, err or paygate.error("not_found", "payment") end
+  if o.amount ~= nil and o.amount ~= rf.amount then
+    return alarm(tx, p, rf, { expected = rf.amount, got = o.amount,
+      out_refund_no = rf.out_refund_no, notification_id = o.notification_id,
+      source = o.source, actor = o.actor })
+  end
+  if status ~= "PROCESSING" then
+    local fresh
+    fresh, err = claim(tx, "refund|" .. rf.out_refund_no .. "|" .. status,
+                       o.notification_id or ("query:" .. rf.out_refund_no),
+                       now)
+    if fresh == nil then return nil, err end
+    if not fresh then return "duplicate" end
+  end
+  if rf.state == REFUND_TARGET[status] then return "duplicate" end
+  if not R:can(rf.state, event) then
+    -- refused, logged and counted by the machine; nothing to retry
+    R:transition(tx, rf.id, event, { row = rf })
+    return "refused"
+  end
+  local set = { updated_at = now }
+  if o.refund_id then set.refund_id = o.refund_id end
+  local res
+  res, err = R:transition(tx, rf.id, event, {
+    row = rf, set = set, cause = o.source, actor = o.actor or "wechatpay",
+    evidence = { notification_id = o.notification_id, status = status,
+                 refund_id = o.refund_id } })
+  if not res then return nil, err end
+  rf = res.row
+  if event == "succeeded" then
+    if rf.kind ~= "duplicate" then
+      local amt = rf.amount
+      local pres
+      pres, err = P:transition(tx, p.id, function(row)
+        return row.refunded + amt >= row.amount and "refunded_fully"
+               or "refunded_partially"
+      end, { row = p, cause = "refund", actor = o.actor or "wechatpay",
+             evidence = { refund = rf.id, amount = amt },
+             set = function(row)
+               return { refunded = row.refunded + amt, updated_at = now }
+             end })
+      if not pres then return nil, err end
+      p = pres.row
+      local ok
+      ok, err = events.emit(tx, "refund.succeeded", p, rf)
+      if not ok then return nil, err end
+      ok, err = events.emit(tx, p.state == "refunded" and "payment.refunded"
+                            or "payment.partially_refunded", p, rf)
+      if not ok then return nil, err end
+    else
+      local ok
+      ok, err = events.emit(tx, "refund.succeeded", p, rf)
+      if not ok then return nil, err end
+    end
+  elseif event == "closed" or event == "abnormal" then
+    local ok
+    ok, err = events.emit(tx, "refund." .. event, p, rf)
+    if not ok then return nil, err end
+  end
+  return "applied"
+end
+
+--- syntax: outcome, after = apply.refund(ctx, tx, o)
+-- o: { resource (WeChat's refund object), notification_id, source, actor }
+function _M.refund(ctx, tx, o)
+  local r = o.resource
+  local no = r.out_refund_no
+  if type(no) ~= "string" then
+    return nil, paygate.error("malformed", "the refund has no out_refund_no")
+  end
+  local rows, err = tx:query("SELECT * FROM gw_refunds WHERE out_refund_no"
+                             .. " = $1", { no })
+  if not rows then return nil, err end
+  local rf = rows[1]
+  if not rf then
+    return nil, paygate.error("unknown_refund", "no refund " .. no)
+  end
+  local amount = type(r.amount) == "table" and r.amount.refund or nil
+  return _M.refund_status(ctx, tx, rf, {
+    status = r.refund_status or r.status, refund_id = r.refund_id,
+    amount = amount, notification_id = o.notification_id,
+    source = o.source, actor = o.actor })
+end
+
+return _M

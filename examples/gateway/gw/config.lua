@@ -1,0 +1,376 @@
+-- gw.config: the gateway's configuration, checked at start.
+--
+--   local cfg, why = config.check(paygate.config_copy(), runtime)
+--   -- why: "config.gateway.db: ..." -- one line, never a secret
+--
+-- Secrets never come from the config text: the APIv3 key from a file
+-- (apiv3_key_file) or an environment variable (apiv3_key_env), the
+-- merchant's private key as a path, webhook secrets and the admin token
+-- likewise. A secret pasted into the config is refused with a reason
+-- that does not repeat it.
+local ffi = require "ffi"
+
+local type, pairs, ipairs, tostring, tonumber = type, pairs, ipairs,
+      tostring, tonumber
+
+ffi.cdef [[
+int mkdir(const char *path, unsigned int mode);
+]]
+
+local _M = {}
+
+local GATEWAY_KEYS = {
+  db = true, redis = true, public_url = true, payment_ttl = true,
+  on_late_payment = true, degraded = true, admin_token_file = true,
+  admin_token_env = true, webhooks = true, redis_stream = true,
+  reconcile = true, retention = true, dev_app = true, dispatcher = true,
+}
+
+-- Keys of a merchant the gateway reads itself; the rest go to
+-- paygate.wechatpay.client as they are.
+local OWN_MERCHANT_KEYS = {
+  apiv3_key_file = true, apiv3_key_env = true,
+  previous_apiv3_key_files = true,
+}
+
+local DEFAULT_DB = "sqlite:var/gateway.db"
+
+local function fail(key, reason)
+  return nil, "config." .. key .. ": " .. reason
+end
+
+local function read_secret(path)
+  local f, err = io.open(path, "rb")
+  if not f then
+    -- io.open's message names the path and the reason, not the content
+    return nil, "cannot read " .. tostring(err)
+  end
+  local s = f:read("*a") or ""
+  f:close()
+  return (s:gsub("^%s+", ""):gsub("%s+$", ""))
+end
+
+-- A secret named by <base>_file or <base>_env in table t.
+-- returns: the value, or nil (neither given), or false, reason.
+local function secret(t, base, where)
+  local file, env = t[base .. "_file"], t[base .. "_env"]
+  if file ~= nil and env ~= nil then
+    return false, where .. base .. "_file: give " .. base .. "_file or "
+      .. base .. "_env, not both"
+  end
+  if file ~= nil then
+    if type(file) ~= "string" or file == "" then
+      return false, where .. base .. "_file: must be a file path"
+    end
+    local v, err = read_secret(file)
+    if not v then return false, where .. base .. "_file: " .. err end
+    if v == "" then return false, where .. base .. "_file: the file is empty" end
+    return v
+  end
+  if env ~= nil then
+    if type(env) ~= "string" or not env:match("^[%a_][%w_]*$") then
+      return false, where .. base .. "_env: must name an environment variable"
+    end
+    local v = os.getenv(env)
+    if v == nil or v == "" then
+      return false, where .. base .. "_env: the environment variable " .. env
+        .. " is not set"
+    end
+    return v
+  end
+  return nil
+end
+
+local function is_loopback_host(h)
+  return h == "localhost" or h:match("^127%.%d+%.%d+%.%d+$") ~= nil
+         or h == "[::1]" or h == "::1"
+end
+_M.is_loopback_host = is_loopback_host
+
+--- syntax: ok = config.is_loopback_addr("127.0.0.1:5000")
+function _M.is_loopback_addr(addr)
+  if type(addr) ~= "string" then return false end
+  local host = addr:match("^(%[[^%]]*%]):%d+$") or addr:match("^(.*):%d+$")
+               or addr
+  return is_loopback_host(host)
+end
+
+-- Creates the folders of path (like mkdir -p), for the default SQLite
+-- store under var/.
+local function mkdir_p(dir)
+  local acc = dir:sub(1, 1) == "/" and "" or "."
+  for part in dir:gmatch("[^/]+") do
+    acc = acc .. "/" .. part
+    ffi.C.mkdir(acc, 493)           -- 0755; an existing one is fine
+  end
+  local f = io.open(dir .. "/.", "rb")
+  if not f then return nil end
+  f:close()
+  return true
+end
+
+local function check_db(g)
+  local db = g.db
+  if db == nil then db = DEFAULT_DB end
+  if type(db) ~= "string" then
+    return fail("gateway.db", "must be \"sqlite:PATH\" or a postgres:// URL")
+  end
+  if db:match("^sqlite3?:") then
+    local path = db:match("^sqlite3?:([^?]*)")
+    if path == "" then return fail("gateway.db", "sqlite: needs a path") end
+    local dir = path:match("^(.*)/[^/]*$")
+    if dir and dir ~= "" and not mkdir_p(dir) then
+      return fail("gateway.db", "cannot create the folder " .. dir)
+    end
+  elseif not db:match("^postgres") or not db:match("^postgres[%w]*://") then
+    return fail("gateway.db", "must be \"sqlite:PATH\" or a postgres:// URL")
+  end
+  return db
+end
+
+local function check_url(key, v, loopback_http)
+  if type(v) ~= "string" then return fail(key, "must be a URL string") end
+  local scheme, host = v:match("^(https?)://([^/:]+)")
+  if not scheme then
+    host = v:match("^http://(%[[^%]]+%])")
+    scheme = host and "http"
+  end
+  if not scheme then return fail(key, "must start with http:// or https://") end
+  if v:find("[%s?#]") then
+    return fail(key, "must have no query, fragment or spaces")
+  end
+  if scheme == "http" and loopback_http and not is_loopback_host(host) then
+    return fail(key, "http:// is allowed for a loopback host only; use https://")
+  end
+  return v
+end
+
+local function check_merchant(m, i, seen)
+  local where = "merchants[" .. i .. "]."
+  if type(m) ~= "table" then
+    return fail("merchants[" .. i .. "]", "must be a table")
+  end
+  if m.apiv3_key ~= nil then
+    return fail(where .. "apiv3_key", "the APIv3 key may not be written in"
+      .. " the config; give apiv3_key_file or apiv3_key_env")
+  end
+  if m.previous_apiv3_keys ~= nil then
+    return fail(where .. "previous_apiv3_keys", "keys may not be written in"
+      .. " the config; give previous_apiv3_key_files")
+  end
+  local pk = m.merchant_private_key
+  if type(pk) ~= "string" or pk == "" then
+    return fail(where .. "merchant_private_key", "must be the path of"
+      .. " apiclient_key.pem")
+  end
+  if pk:find("-----BEGIN", 1, true) or pk:find("\n", 1, true) then
+    return fail(where .. "merchant_private_key", "must be a file path; the"
+      .. " key's PEM text may not be written in the config")
+  end
+  local id = m.mchid or m.sp_mchid
+  if type(id) ~= "string" or not id:match("^%d+$") then
+    return fail(where .. (m.sp_mchid and "sp_mchid" or "mchid"),
+                "must be the merchant id (digits, as a string)")
+  end
+  if m.mchid ~= nil and m.sp_mchid ~= nil then
+    return fail(where .. "sp_mchid", "give mchid or sp_mchid, not both")
+  end
+  if seen[id] then
+    return fail(where .. "mchid", "merchant " .. id .. " is listed twice")
+  end
+  seen[id] = true
+  local key, why = secret(m, "apiv3_key", where)
+  if key == false then return nil, "config." .. why end
+  if key == nil then
+    return fail(where .. "apiv3_key_file", "give apiv3_key_file or"
+      .. " apiv3_key_env (the 32-character APIv3 key)")
+  end
+  if #key ~= 32 then
+    return fail(where .. (m.apiv3_key_file and "apiv3_key_file"
+                          or "apiv3_key_env"),
+                "must hold the 32-character APIv3 key (it holds " .. #key
+                .. " characters)")
+  end
+  local client = {}
+  for k, v in pairs(m) do
+    if not OWN_MERCHANT_KEYS[k] then client[k] = v end
+  end
+  client.apiv3_key = key
+  if m.previous_apiv3_key_files ~= nil then
+    local files = m.previous_apiv3_key_files
+    if type(files) ~= "table" then
+      return fail(where .. "previous_apiv3_key_files", "must be a list of"
+        .. " file paths")
+    end
+    local keys = {}
+    for j, path in ipairs(files) do
+      local v, err = type(path) == "string" and read_secret(path)
+      if not v then
+        return fail(where .. "previous_apiv3_key_files[" .. j .. "]",
+                    err or "must be a file path")
+      end
+      keys[j] = v
+    end
+    client.previous_apiv3_keys = keys
+  end
+  return { mchid = id, partner = m.sp_mchid ~= nil, client = client,
+           appid = m.appid or m.sp_appid }
+end
+
+local function check_webhooks(list)
+  if list == nil then return {} end
+  if type(list) ~= "table" then
+    return fail("gateway.webhooks", "must be a list of { url, secret_file"
+      .. " | secret_env }")
+  end
+  local out = {}
+  for i, w in ipairs(list) do
+    local where = "gateway.webhooks[" .. i .. "]."
+    if type(w) ~= "table" then
+      return fail("gateway.webhooks[" .. i .. "]", "must be a table")
+    end
+    if w.secret ~= nil then
+      return fail(where .. "secret", "the secret may not be written in the"
+        .. " config; give secret_file or secret_env")
+    end
+    local ok, err = check_url(where .. "url", w.url, false)
+    if not ok then return nil, err end
+    local s, why = secret(w, "secret", where)
+    if s == false then return nil, "config." .. why end
+    if s == nil then
+      return fail(where .. "secret_file", "give secret_file or secret_env")
+    end
+    if w.types ~= nil and type(w.types) ~= "table" then
+      return fail(where .. "types", "must be a list of event types")
+    end
+    out[i] = { url = w.url, secret = s, types = w.types,
+               name = w.name or ("webhook" .. i),
+               timeout = tonumber(w.timeout) }
+  end
+  return out
+end
+
+--- syntax: cfg, why = config.check(conf[, runtime])
+-- conf: the whole config file's table; runtime: paygate.runtime (its
+-- listen address is checked against dev_app).
+-- returns: { gateway = {...} with defaults, merchants = { { mchid,
+-- partner, client (a paygate.wechatpay config, secrets read) }... },
+-- by_mchid }, or nil and the one-line reason "config.<key>: <why>".
+function _M.check(conf, runtime)
+  runtime = runtime or {}
+  local g = conf.gateway
+  if g == nil then g = {} end
+  if type(g) ~= "table" then return fail("gateway", "must be a table") end
+  for k in pairs(g) do
+    if not GATEWAY_KEYS[k] then
+      return fail("gateway." .. tostring(k), "unknown key")
+    end
+  end
+  local out = { reconcile = g.reconcile, retention = g.retention }
+  local db, err = check_db(g)
+  if not db then return nil, err end
+  out.db = db
+
+  if g.redis ~= nil then
+    if type(g.redis) ~= "string" or not g.redis:match("^rediss?://") then
+      return fail("gateway.redis", "must be a redis:// URL")
+    end
+  end
+  out.redis = g.redis
+
+  local listen = runtime.listen or "127.0.0.1:8080"
+  if g.public_url ~= nil then
+    local ok, uerr = check_url("gateway.public_url", g.public_url, true)
+    if not ok then return nil, uerr end
+    out.public_url = g.public_url:gsub("/+$", "")
+  else
+    local host, port = listen:match("^(.*):(%d+)$")
+    if host == "0.0.0.0" or host == "" or host == nil then
+      host = "127.0.0.1"
+    end
+    out.public_url = "http://" .. host .. ":" .. (port or "8080")
+  end
+
+  local ttl = g.payment_ttl
+  if ttl == nil then ttl = 7200 end
+  if type(ttl) ~= "number" or ttl % 1 ~= 0 or ttl < 60 or ttl > 7 * 86400 then
+    return fail("gateway.payment_ttl", "must be whole seconds, 60 .. 604800")
+  end
+  out.payment_ttl = ttl
+
+  local late = g.on_late_payment
+  if late == nil then late = "refund" end
+  if late ~= "refund" and late ~= "alarm" then
+    return fail("gateway.on_late_payment", "must be \"refund\" or \"alarm\"")
+  end
+  out.on_late_payment = late
+
+  if g.degraded ~= nil and type(g.degraded) ~= "boolean" then
+    return fail("gateway.degraded", "must be true or false")
+  end
+  out.degraded = g.degraded == true
+
+  local token, why = secret(g, "admin_token", "gateway.")
+  if token == false then return nil, "config." .. why end
+  out.admin_token = token
+
+  local hooks
+  hooks, err = check_webhooks(g.webhooks)
+  if not hooks then return nil, err end
+  out.webhooks = hooks
+
+  if g.redis_stream ~= nil then
+    local rs = g.redis_stream
+    if type(rs) ~= "table" then
+      return fail("gateway.redis_stream", "must be a table { stream = ... }")
+    end
+    if not out.redis then
+      return fail("gateway.redis_stream", "needs gateway.redis")
+    end
+    if rs.stream ~= nil and (type(rs.stream) ~= "string" or rs.stream == "")
+    then
+      return fail("gateway.redis_stream.stream", "must be a stream name")
+    end
+    if rs.maxlen ~= nil and (type(rs.maxlen) ~= "number" or rs.maxlen < 1)
+    then
+      return fail("gateway.redis_stream.maxlen", "must be a positive number")
+    end
+    out.redis_stream = { stream = rs.stream or "paygate:events",
+                         maxlen = rs.maxlen }
+  end
+
+  if g.dispatcher ~= nil and type(g.dispatcher) ~= "table" then
+    return fail("gateway.dispatcher", "must be a table of outbox"
+      .. " dispatcher options")
+  end
+  out.dispatcher = g.dispatcher
+
+  if g.dev_app ~= nil then
+    if type(g.dev_app) ~= "string" or not g.dev_app:match("^[%w_.-]+$")
+       or #g.dev_app > 64 then
+      return fail("gateway.dev_app", "must be an app id (letters, digits,"
+        .. " _ . -)")
+    end
+    if not _M.is_loopback_addr(listen) then
+      return fail("gateway.dev_app", "unsigned dev access needs every listen"
+        .. " address on loopback (listening on " .. listen .. ")")
+    end
+    out.dev_app = g.dev_app
+  end
+
+  local ms = conf.merchants
+  if type(ms) ~= "table" or ms[1] == nil then
+    return fail("merchants", "must list at least one merchant")
+  end
+  local merchants, by_mchid, seen = {}, {}, {}
+  for i, m in ipairs(ms) do
+    local mm, merr = check_merchant(m, i, seen)
+    if not mm then return nil, merr end
+    mm.index = i
+    merchants[i] = mm
+    by_mchid[mm.mchid] = mm
+  end
+  return { gateway = out, merchants = merchants, by_mchid = by_mchid }
+end
+
+return _M

@@ -1,0 +1,76 @@
+-- gw.events: the gateway's events through paygate.outbox. emit() is
+-- called inside the transaction of each state change, so an event exists
+-- exactly when its change committed; start() runs the dispatcher (every
+-- worker; leases decide who delivers what) with the sinks from the
+-- config: signed webhooks, a Redis stream, and the hooks in gw/hooks.lua.
+local paygate = require "paygate"
+local outbox = require "paygate.outbox"
+local model = require "gw.model"
+
+local pairs, type = pairs, type
+
+local _M = {}
+
+-- hooks.lua's on_<name> shorthands
+local SHORT = {
+  on_paid = "payment.paid", on_refunded = "refund.succeeded",
+  on_closed = "payment.closed", on_failed = "payment.failed",
+  on_late_paid = "payment.late_paid",
+  on_refund_abnormal = "refund.abnormal",
+  on_alarm = "alarm.amount_mismatch",
+}
+
+--- syntax: id, err = events.emit(tx, type, payment_row[, refund_row[, extra]])
+-- Enqueues { type, payment, refund?, at, ... extra } for the payment's
+-- subject (delivered in order per payment).
+function _M.emit(tx, etype, payment, refund, extra)
+  local payload = { type = etype, payment = model.payment_json(payment),
+                    at = paygate.now() }
+  if refund then payload.refund = model.refund_json(refund) end
+  if extra then
+    for k, v in pairs(extra) do payload[k] = v end
+  end
+  return outbox.enqueue(tx, { subject = payment.id, type = etype,
+                              payload = payload })
+end
+
+--- syntax: sinks = events.sinks(gateway_cfg[, hooks])
+function _M.sinks(g, hooks)
+  local sinks = {}
+  for _, w in ipairs(g.webhooks or {}) do
+    sinks[#sinks + 1] = outbox.webhook{ url = w.url, secret = w.secret,
+                                        name = w.name, types = w.types,
+                                        timeout = w.timeout }
+  end
+  if g.redis_stream then
+    sinks[#sinks + 1] = outbox.redis_stream{ url = g.redis,
+      stream = g.redis_stream.stream, maxlen = g.redis_stream.maxlen }
+  end
+  local map = {}
+  for k, fn in pairs(hooks or {}) do
+    if type(fn) == "function" then
+      map[SHORT[k] or k] = fn
+    end
+  end
+  sinks[#sinks + 1] = outbox.hooks(map)
+  return sinks
+end
+
+--- syntax: d = events.start(db, gateway_cfg)
+-- Starts the dispatcher (a task) and returns it.
+function _M.start(db, g)
+  local ok, hooks = pcall(require, "gw.hooks")
+  if not ok then
+    paygate.log.error("gw.hooks failed to load; no in-process hooks",
+                      { error = tostring(hooks) })
+    hooks = {}
+  end
+  local opts = { sinks = _M.sinks(g, hooks), name = "gateway" }
+  for k, v in pairs(g.dispatcher or {}) do opts[k] = v end
+  local d = outbox.dispatcher(db, opts)
+  d:start()
+  _M.dispatcher = d
+  return d
+end
+
+return _M

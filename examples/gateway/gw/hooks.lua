@@ -1,0 +1,17 @@
+-- gw.hooks: logic that lives in the gateway itself, run by the outbox
+-- dispatcher after each state change committed (at least once: make them
+-- idempotent; one that raises or returns nil, err is retried with
+-- backoff). Edit this file: each function gets the event
+--   { id, subject (the payment id), type, payload = { type, payment,
+--     refund?, at }, attempt }
+-- Event types: payment.paying, payment.paid, payment.closed,
+-- payment.failed, payment.unknown, payment.refunded,
+-- payment.partially_refunded, payment.late_paid, refund.succeeded,
+-- refund.abnormal, refund.closed, alarm.amount_mismatch.
+local _M = {}
+
+-- function _M.on_paid(event) end                 -- payment.paid
+-- function _M.on_refunded(event) end             -- refund.succeeded
+-- _M["payment.closed"] = function(event) end     -- any type by its name
+
+return _M

@@ -1,0 +1,147 @@
+-- gw.model: the gateway's rows and how they look to callers; the state
+-- machines of payments and refunds (paygate.fsm over gw_payments and
+-- gw_refunds, audit subjects payment:<id> and refund:<id>).
+local paygate = require "paygate"
+local crypto = require "paygate.crypto"
+local fsm = require "paygate.fsm"
+local json = require "paygate.json"
+
+local type, tostring, ipairs, floor = type, tostring, ipairs, math.floor
+
+local _M = {}
+
+_M.payments = fsm.new(fsm.payment, {
+  store = fsm.sql_store{ table = "gw_payments" } })
+_M.refunds = fsm.new(fsm.refund, {
+  store = fsm.sql_store{ table = "gw_refunds" } })
+
+--- syntax: t = model.now() -- whole seconds since the epoch
+function _M.now()
+  return floor(paygate.now())
+end
+
+--- syntax: t = model.time() -- seconds since the epoch, to the ms: the
+-- created_at / updated_at columns, which order refunds and attempts
+function _M.time()
+  return floor(require("paygate.core").time() * 1000) / 1000
+end
+
+local function random_id(prefix)
+  -- 20 letters and digits: 119 bits
+  return prefix .. crypto.random_nonce(20)
+end
+
+function _M.new_payment_id() return random_id("pay_") end
+function _M.new_refund_id() return random_id("ref_") end
+
+--- syntax: no = model.out_trade_no(payment_id, n)
+-- Attempt n's out_trade_no: derived, so never reused (WeChat refuses a
+-- reused one with OUT_TRADE_NO_USED). "pay_" + 20 + "_" + n: at most 32.
+function _M.out_trade_no(payment_id, n)
+  return payment_id .. "_" .. tostring(n)
+end
+
+--- syntax: no = model.out_refund_no(refund_id)
+function _M.out_refund_no(refund_id)
+  return refund_id
+end
+
+local function opt(v)
+  if v == nil or v == json.null then return nil end
+  return v
+end
+_M.opt = opt
+
+--- syntax: t = model.list(list) -- a JSON array, [] when empty
+function _M.list(list)
+  return list[1] ~= nil and list or json.empty_array
+end
+
+--- syntax: t = model.attempt_json(row)
+function _M.attempt_json(a)
+  local prepay = opt(a.prepay)
+  if type(prepay) == "string" then prepay = json.decode(prepay) end
+  return { out_trade_no = a.out_trade_no, n = a.n, channel = a.channel,
+           state = a.state, transaction_id = opt(a.transaction_id),
+           pay = prepay, created_at = a.created_at,
+           closed_at = opt(a.closed_at) }
+end
+
+--- syntax: t = model.refund_json(row)
+function _M.refund_json(r)
+  return { id = r.id, payment_id = r.payment_id,
+           out_refund_no = r.out_refund_no, refund_id = opt(r.refund_id),
+           amount = r.amount, reason = opt(r.reason), state = r.state,
+           version = r.version, kind = r.kind,
+           out_trade_no = r.out_trade_no,
+           created_at = r.created_at, updated_at = r.updated_at }
+end
+
+--- syntax: t = model.payment_json(row[, attempts[, refunds]])
+-- The <payment> of the API: attempts and refunds are rows (or nil).
+function _M.payment_json(p, attempts, refunds)
+  local t = { id = p.id, order_id = p.order_id, state = p.state,
+              version = p.version, channel = p.channel, amount = p.amount,
+              currency = p.currency, refunded = p.refunded or 0,
+              out_trade_no = p.out_trade_no,
+              transaction_id = opt(p.transaction_id) or json.null,
+              mchid = p.mchid, sub_mchid = opt(p.sub_mchid),
+              description = p.description, attach = opt(p.attach),
+              attempt = p.attempt, late = (p.late == 1 or p.late == true)
+                                          or nil,
+              payer_total = opt(p.payer_total),
+              created_at = p.created_at, updated_at = p.updated_at,
+              expires_at = p.expires_at }
+  if attempts then
+    local list = {}
+    for i, a in ipairs(attempts) do list[i] = _M.attempt_json(a) end
+    t.attempts = #list > 0 and list or json.empty_array
+  end
+  if refunds then
+    local list = {}
+    for i, r in ipairs(refunds) do list[i] = _M.refund_json(r) end
+    t.refunds = #list > 0 and list or json.empty_array
+  end
+  return t
+end
+
+--- syntax: rows, err = model.attempts(q, payment_id)
+function _M.attempts(q, payment_id)
+  return q:query("SELECT * FROM gw_attempts WHERE payment_id = $1"
+                 .. " ORDER BY n", { payment_id })
+end
+
+--- syntax: rows, err = model.refunds_of(q, payment_id)
+function _M.refunds_of(q, payment_id)
+  return q:query("SELECT * FROM gw_refunds WHERE payment_id = $1"
+                 .. " ORDER BY created_at, id", { payment_id })
+end
+
+--- syntax: row|false, err = model.payment(q, id)
+function _M.payment(q, id)
+  local rows, err = q:query("SELECT * FROM gw_payments WHERE id = $1",
+                            { id })
+  if not rows then return nil, err end
+  return rows[1] or false
+end
+
+--- syntax: row|false, err = model.refund(q, id)
+function _M.refund(q, id)
+  local rows, err = q:query("SELECT * FROM gw_refunds WHERE id = $1", { id })
+  if not rows then return nil, err end
+  return rows[1] or false
+end
+
+--- syntax: n, err = model.refund_total(q, payment_id)
+-- The fen of the payment's refunds that count against it: every refund
+-- of its own money (not one returning a duplicate payment) that did not
+-- fail or close.
+function _M.refund_total(q, payment_id)
+  local rows, err = q:query("SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT)"
+    .. " AS total FROM gw_refunds WHERE payment_id = $1 AND kind <>"
+    .. " 'duplicate' AND state NOT IN ('failed', 'closed')", { payment_id })
+  if not rows then return nil, err end
+  return tonumber(rows[1].total) or 0
+end
+
+return _M

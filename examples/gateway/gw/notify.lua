@@ -1,0 +1,118 @@
+-- gw.notify: POST /wechatpay/notify/{mchid}, WeChat's callbacks.
+--
+-- wx:parse_notification (signature, timestamp, decryption, replay), then
+-- ONE transaction: the notification id recorded (a second one is a
+-- duplicate: acknowledged, nothing applied again), the business key
+-- claimed (gw.apply), the amount checked, the fsm transition with its
+-- audit entry, the outbox events. 204 only after the commit; any failure
+-- is 500 with WeChat's FAIL body, so WeChat sends it again.
+local paygate = require "paygate"
+local fsm = require "paygate.fsm"
+local json = require "paygate.json"
+local wechatpay = require "paygate.wechatpay"
+local model = require "gw.model"
+local apply = require "gw.apply"
+local payments = require "gw.payments"
+
+local type, tostring = type, tostring
+
+local _M = {}
+
+local ctx
+
+function _M.init(c) ctx = c end
+
+local function fail(message)
+  return wechatpay.notify_fail(message)
+end
+
+-- A `replayed` verdict: the same signed request came again. If its
+-- notification's effect is committed, acknowledge it (an answer of ours
+-- was lost); else WeChat must send it again (a fresh signature).
+local function replayed(req)
+  local env = json.decode(req.body or "")
+  local id = type(env) == "table" and env.id
+  if type(id) ~= "string" then return fail("replayed") end
+  local rows, err = ctx.db:query("SELECT outcome FROM gw_notifications"
+                                 .. " WHERE id = $1", { id })
+  if not rows then return fail("store unavailable") end
+  if rows[1] then return wechatpay.notify_ack() end
+  return fail("replayed")
+end
+
+--- syntax: outcome, after = notify.process(mchid, event)
+-- The one transaction of a parsed notification (also for tools and
+-- benchmarks). returns: outcome ("applied", "duplicate", "alarm",
+-- "ignored", "refused") and the work to start after the commit, or nil,
+-- err.
+function _M.process(mchid, event)
+  local r = event.resource
+  if type(r) ~= "table" then
+    return nil, paygate.error("malformed", "notification without resource")
+  end
+  local et = tostring(event.event_type)
+  local is_refund = et:sub(1, 7) == "REFUND."
+  local key
+  if is_refund then
+    key = "refund|" .. tostring(r.out_refund_no) .. "|"
+          .. tostring(r.refund_status)
+  else
+    key = apply.payment_key(r)
+  end
+  local after
+  local outcome, err = fsm.retry(ctx.db, function(tx)
+    local now = model.now()
+    local res, ierr = tx:exec("INSERT INTO gw_notifications (id,"
+      .. " event_type, business_key, received_at, outcome) VALUES ($1, $2,"
+      .. " $3, $4, 'received') ON CONFLICT (id) DO NOTHING",
+      { event.id, et, key, now })
+    if not res then return nil, ierr end
+    if res.changes == 0 then return "duplicate" end
+    local o = { resource = r, mchid = mchid, notification_id = event.id,
+                source = "notification", actor = "wechatpay" }
+    local out, list
+    if is_refund then
+      out, list = apply.refund(ctx, tx, o)
+    elseif et:sub(1, 12) == "TRANSACTION." then
+      out, list = apply.payment(ctx, tx, o)
+    else
+      out = "ignored"
+    end
+    if not out then return nil, list end
+    after = list
+    res, ierr = tx:exec("UPDATE gw_notifications SET outcome = $2 WHERE"
+                        .. " id = $1", { event.id, out })
+    if not res then return nil, ierr end
+    return out
+  end)
+  if not outcome then return nil, err end
+  return outcome, after
+end
+
+function _M.handler(req)
+  local mchid = req.params.mchid
+  local wx = ctx.wx[mchid]
+  if not wx then
+    return 404, { code = "FAIL", message = "unknown merchant" }
+  end
+  local event, err = wx:parse_notification(req)
+  if not event then
+    if err.kind == "replayed" then return replayed(req) end
+    paygate.log.warn("gateway: notification refused", { kind = err.kind,
+                     mchid = mchid })
+    return fail(err.kind)
+  end
+  local outcome, after = _M.process(mchid, event)
+  if not outcome then
+    paygate.log.warn("gateway: notification not applied", {
+      id = event.id, kind = after and after.kind,
+      error = tostring(after) })
+    return fail(after and after.kind or "error")
+  end
+  paygate.log.info("gateway: notification " .. outcome, { id = event.id,
+                   event_type = event.event_type })
+  if after then payments.after(after) end
+  return wechatpay.notify_ack()
+end
+
+return _M

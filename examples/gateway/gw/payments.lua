@@ -1,0 +1,620 @@
+-- gw.payments: the merchant API of payments -- create, attempts, get
+-- (?refresh=1), close. Every state change goes through paygate.fsm (an
+-- audited, versioned transition) and enqueues its events in the same
+-- transaction; every POST runs under paygate.idempotency (app.lua), and
+-- stores its answer in the transaction of its last effects.
+local paygate = require "paygate"
+local audit = require "paygate.audit"
+local fsm = require "paygate.fsm"
+local json = require "paygate.json"
+local model = require "gw.model"
+local events = require "gw.events"
+local apply = require "gw.apply"
+
+local type, tostring, ipairs, pairs, floor = type, tostring, ipairs, pairs,
+      math.floor
+
+local _M = {}
+
+local P = model.payments
+local ctx                           -- set by init()
+
+local CHANNELS = { native = true, h5 = true, jsapi = true, app = true }
+local H5_TYPES = { iOS = true, Android = true, Wap = true }
+local MAX_AMOUNT = 10000000000      -- fen
+
+function _M.init(c) ctx = c end
+
+-- answers ------------------------------------------------------------------
+
+local function err_body(kind, message, extra)
+  local b = { error = kind, message = message }
+  for k, v in pairs(extra or {}) do b[k] = v end
+  return b
+end
+_M.err_body = err_body
+
+--- syntax: status, body = payments.wx_failure(err)
+-- A failed WeChat call as the merchant API answers it.
+function _M.wx_failure(err)
+  local kind = type(err) == "table" and err.kind or "error"
+  if kind == "timeout" or kind == "unknown_outcome" then
+    return 504, err_body("timeout", "WeChat Pay did not answer in time ("
+                         .. tostring(err) .. ")")
+  end
+  if kind == "degraded" or kind == "circuit_open" then
+    return 503, err_body("degraded", "calls to WeChat Pay are switched off"
+                         .. " for now (" .. tostring(err) .. ")")
+  end
+  return 502, err_body("wechat_error", "WeChat Pay: " .. tostring(err),
+                       { wechat_kind = kind, wechat_code = err.code })
+end
+
+local function degraded()
+  return 503, err_body("degraded", "the gateway is degraded: calls that"
+                       .. " need WeChat Pay are refused for now")
+end
+_M.degraded = degraded
+
+local function not_found(what)
+  return 404, err_body("not_found", what .. " not found")
+end
+
+-- input --------------------------------------------------------------------
+
+local function utf8_len(s)
+  local _, n = s:gsub("[^\128-\191]", "")
+  return n
+end
+
+local function is_int(v, lo, hi)
+  return type(v) == "number" and v % 1 == 0 and v >= lo and v <= hi
+end
+
+-- Checks the channel-specific fields of a body into out; adds reasons to
+-- bad (field -> reason).
+local function check_channel(b, out, bad)
+  if not CHANNELS[b.channel] then
+    bad.channel = "must be native, h5, jsapi or app"
+    return
+  end
+  out.channel = b.channel
+  if b.channel == "jsapi" then
+    if type(b.payer) ~= "table" or type(b.payer.openid) ~= "string"
+       or b.payer.openid == "" or #b.payer.openid > 128 then
+      bad["payer.openid"] = "a jsapi payment needs the payer's openid"
+    else
+      out.openid = b.payer.openid
+    end
+  end
+  if b.channel == "h5" then
+    if type(b.client_ip) ~= "string" or #b.client_ip > 45
+       or not b.client_ip:match("^[%x%.:]+$") then
+      bad.client_ip = "an h5 payment needs the payer's IP address"
+    else
+      out.client_ip = b.client_ip
+    end
+    if b.h5_type ~= nil and not H5_TYPES[b.h5_type] then
+      bad.h5_type = "must be iOS, Android or Wap"
+    end
+    out.h5_type = b.h5_type or "Wap"
+  end
+end
+
+local function bad_request(bad)
+  local names = {}
+  for k in pairs(bad) do names[#names + 1] = k end
+  table.sort(names)
+  local parts = {}
+  for i, k in ipairs(names) do parts[i] = k .. ": " .. bad[k] end
+  return 400, err_body("invalid_request", table.concat(parts, "; "),
+                       { fields = bad })
+end
+
+local function body_of(req)
+  local b, err = req:decode_json()
+  if b == nil then
+    return nil, 400, err_body("invalid_json", err.message)
+  end
+  if type(b) ~= "table" or b[1] ~= nil then
+    return nil, 400, err_body("invalid_request", "the body must be a JSON"
+                              .. " object")
+  end
+  return b
+end
+
+local function check_create(b)
+  local bad, out = {}, {}
+  if type(b.order_id) ~= "string" or b.order_id == "" or #b.order_id > 64
+     or not b.order_id:match("^[%w%-_.:|*@]+$") then
+    bad.order_id = "must be 1..64 of letters, digits and - _ . : | * @"
+  end
+  out.order_id = b.order_id
+  check_channel(b, out, bad)
+  if not is_int(b.amount, 1, MAX_AMOUNT) then
+    bad.amount = "must be a whole number of fen, at least 1"
+  end
+  out.amount = b.amount
+  out.currency = b.currency or "CNY"
+  if out.currency ~= "CNY" then bad.currency = "must be CNY" end
+  if type(b.description) ~= "string" or b.description == ""
+     or utf8_len(b.description) > 127 then
+    bad.description = "must be 1..127 characters"
+  end
+  out.description = b.description
+  if b.attach ~= nil and (type(b.attach) ~= "string"
+                          or utf8_len(b.attach) > 128) then
+    bad.attach = "must be a string of at most 128 characters"
+  end
+  out.attach = b.attach
+  if b.expires_in ~= nil and not is_int(b.expires_in, 60, 7 * 86400) then
+    bad.expires_in = "must be whole seconds, 60 .. 604800"
+  end
+  out.expires_in = b.expires_in or ctx.gateway.payment_ttl
+  local m = ctx.default_merchant
+  if b.mchid ~= nil then
+    m = type(b.mchid) == "string" and ctx.by_mchid[b.mchid]
+    if not m then bad.mchid = "is not a merchant of this gateway" end
+  end
+  out.merchant = m
+  if m and m.partner then
+    if type(b.sub_mchid) ~= "string" or not b.sub_mchid:match("^%d+$") then
+      bad.sub_mchid = "a service provider's payment names its sub_mchid"
+    end
+    out.sub_mchid = b.sub_mchid
+  elseif b.sub_mchid ~= nil then
+    bad.sub_mchid = "only for a service provider's merchant"
+  end
+  if b.appid ~= nil and (type(b.appid) ~= "string" or #b.appid > 32) then
+    bad.appid = "must be an appid"
+  end
+  out.appid = b.appid or (m and m.appid)
+  if m and not out.appid then
+    bad.appid = "the merchant has no appid configured: give one"
+  end
+  if next(bad) then return nil, bad end
+  return out
+end
+
+-- WeChat -------------------------------------------------------------------
+
+local function rfc3339_beijing(t)
+  return os.date("!%Y-%m-%dT%H:%M:%S+08:00", t + 8 * 3600)
+end
+
+local function client_of(p)
+  return ctx.wx[p.mchid]
+end
+
+local function sub_of(p)
+  return model.opt(p.sub_mchid)
+end
+
+-- The prepay of attempt `no` for payment row p with the channel's fields
+-- in o. returns: pay (what the payer's side needs), or nil, err.
+local function prepay(p, no, o)
+  local wx = client_of(p)
+  local partner = ctx.by_mchid[p.mchid].partner
+  local req = { description = p.description, out_trade_no = no,
+                notify_url = ctx.notify_url(p.mchid),
+                amount = { total = p.amount, currency = p.currency },
+                time_expire = rfc3339_beijing(p.expires_at) }
+  if partner then
+    req.sp_appid, req.sub_mchid = p.appid, sub_of(p)
+  else
+    req.appid = p.appid
+  end
+  if model.opt(p.attach) then req.attach = p.attach end
+  local ch = o.channel
+  if ch == "jsapi" then
+    req.payer = partner and { sp_openid = o.openid } or { openid = o.openid }
+  elseif ch == "h5" then
+    req.scene_info = { payer_client_ip = o.client_ip,
+                       h5_info = { type = o.h5_type or "Wap" } }
+  end
+  local data, err = wx[ch .. "_prepay"](wx, req)
+  if not data then return nil, err end
+  if ch == "native" then return { code_url = data.code_url } end
+  if ch == "h5" then return { h5_url = data.h5_url } end
+  local params
+  if ch == "jsapi" then
+    params, err = wx:jsapi_pay_params(p.appid, data.prepay_id)
+  else
+    params, err = wx:app_pay_params(p.appid, data.prepay_id, sub_of(p))
+  end
+  if not params then return nil, err end
+  return params
+end
+
+-- The attempt's prepay recorded and the payment opened (created ->
+-- paying), the answer stored with them.
+local function opened(p, no, pay, ik, status, actor)
+  return fsm.retry(ctx.db, function(tx)
+    local row, err = model.payment(tx, p.id)
+    if not row then return nil, err end
+    local ok
+    ok, err = tx:exec("UPDATE gw_attempts SET prepay = $2 WHERE"
+                      .. " out_trade_no = $1", { no, json.encode(pay) })
+    if not ok then return nil, err end
+    if row.state == "created" then
+      local res
+      res, err = P:transition(tx, p.id, "opened", {
+        row = row, cause = "prepay", actor = actor,
+        evidence = { out_trade_no = no }, set = { updated_at = model.time() } })
+      if not res then return nil, err end
+      row = res.row
+      ok, err = events.emit(tx, "payment.paying", row)
+      if not ok then return nil, err end
+    end
+    return ik:respond(tx, status, { payment = model.payment_json(row),
+                                    pay = pay })
+  end)
+end
+
+local function actor_of(req)
+  return "app:" .. tostring(req.app_id)
+end
+
+local function insert_attempt(tx, p, n, channel, now)
+  return tx:exec("INSERT INTO gw_attempts (out_trade_no, payment_id, n,"
+    .. " channel, state, created_at) VALUES ($1, $2, $3, $4, 'open', $5)",
+    { model.out_trade_no(p.id, n), p.id, n, channel, now })
+end
+
+local function load_own(req, q)
+  local p, err = model.payment(q or ctx.db, req.params.id)
+  if p == nil then return nil, err end
+  if not p or p.app_id ~= req.app_id then return false end
+  return p
+end
+
+local function store_failed(err)
+  paygate.log.error("gateway: store failed", { error = tostring(err) })
+  return 503, err_body("unavailable", "the store failed; retry ("
+                       .. tostring(err and err.kind) .. ")")
+end
+
+-- POST /v1/payments ----------------------------------------------------------
+
+function _M.create(req, ik)
+  local b, st, eb = body_of(req)
+  if not b then return st, eb end
+  local o, bad = check_create(b)
+  if not o then return bad_request(bad) end
+  if ctx.degraded() then return degraded() end
+  local now = model.time()
+  local actor = actor_of(req)
+  -- a payment that handed nothing out yet (its prepay failed) is resumed
+  -- with a new attempt; any other is a conflict
+  local p, err = fsm.retry(ctx.db, function(tx)
+    local rows, qerr = tx:query("SELECT * FROM gw_payments WHERE app_id ="
+      .. " $1 AND order_id = $2", { req.app_id, o.order_id })
+    if not rows then return nil, qerr end
+    local old = rows[1]
+    if old then
+      if old.state ~= "created" then return { exists = old } end
+      local n = old.attempt + 1
+      local res
+      res, qerr = tx:exec("UPDATE gw_attempts SET state = 'superseded',"
+        .. " closed_at = $2 WHERE payment_id = $1 AND state = 'open'",
+        { old.id, now })
+      if not res then return nil, qerr end
+      res, qerr = tx:exec("UPDATE gw_payments SET channel = $2, amount = $3,"
+        .. " currency = $4, description = $5, attach = $6, appid = $7,"
+        .. " out_trade_no = $8, attempt = $9, expires_at = $10, updated_at"
+        .. " = $11 WHERE id = $1 AND state = 'created' AND attempt = $12",
+        { old.id, o.channel, o.amount, o.currency, o.description,
+          o.attach or json.null, o.appid,
+          model.out_trade_no(old.id, n), n, floor(now) + o.expires_in, now,
+          old.attempt, n = 12 })
+      if not res then return nil, qerr end
+      if res.changes ~= 1 then
+        return nil, paygate.error("stale_version", "payment moved",
+                                  { retryable = true })
+      end
+      res, qerr = insert_attempt(tx, old, n, o.channel, now)
+      if not res then return nil, qerr end
+      local ok
+      ok, qerr = audit.append(tx, "payment:" .. old.id, {
+        what = "payment.attempt", ref = model.out_trade_no(old.id, n),
+        from = old.state, to = old.state, cause = "resume", actor = actor,
+        evidence = { channel = o.channel, attempt = n } })
+      if not ok then return nil, qerr end
+      return model.payment(tx, old.id)
+    end
+    local id = model.new_payment_id()
+    local row = {
+      id = id, app_id = req.app_id, order_id = o.order_id,
+      mchid = o.merchant.mchid, sub_mchid = o.sub_mchid or json.null,
+      appid = o.appid, channel = o.channel, amount = o.amount,
+      currency = o.currency, description = o.description,
+      attach = o.attach or json.null,
+      out_trade_no = model.out_trade_no(id, 1), attempt = 1, refunded = 0,
+      expires_at = floor(now) + o.expires_in, created_at = now, updated_at = now,
+      checks = 0 }
+    local res
+    res, qerr = P:create(tx, row, { cause = "create", actor = actor,
+      evidence = { order_id = o.order_id, amount = o.amount,
+                   channel = o.channel } })
+    if not res then return nil, qerr end
+    local ok
+    ok, qerr = insert_attempt(tx, res.row, 1, o.channel, now)
+    if not ok then return nil, qerr end
+    return model.payment(tx, id)
+  end)
+  if not p then
+    if type(err) == "table" and err.kind == "constraint" then
+      return 409, err_body("payment_exists", "a payment with this order_id"
+                           .. " exists")
+    end
+    return store_failed(err)
+  end
+  if p.exists then
+    return 409, err_body("payment_exists", "a payment with this order_id"
+      .. " exists", { payment = model.payment_json(p.exists) })
+  end
+  local pay
+  pay, err = prepay(p, p.out_trade_no, o)
+  if not pay then
+    paygate.log.warn("gateway: prepay failed", { payment = p.id,
+                     kind = err.kind })
+    return _M.wx_failure(err)
+  end
+  local s1, s2, s3 = opened(p, p.out_trade_no, pay, ik, 201, actor)
+  if s1 == nil then return store_failed(s2) end
+  return s1, s2, s3
+end
+
+-- POST /v1/payments/:id/attempts ------------------------------------------------
+
+local OPEN = { created = true, paying = true, unknown = true }
+
+local function state_conflict(p)
+  local kind = (p.state == "paid" or p.state == "partially_refunded"
+                or p.state == "refunded") and "payment_paid"
+               or "invalid_state"
+  return 409, err_body(kind, "payment " .. p.id .. " is " .. p.state,
+                       { payment = model.payment_json(p) })
+end
+
+function _M.new_attempt(req, ik)
+  local b, st, eb = body_of(req)
+  if not b then return st, eb end
+  local o, bad = {}, {}
+  check_channel(b, o, bad)
+  if next(bad) then return bad_request(bad) end
+  local p, err = load_own(req)
+  if p == nil then return store_failed(err) end
+  if not p then return not_found("payment") end
+  if not OPEN[p.state] then return state_conflict(p) end
+  local now = model.time()
+  if p.expires_at <= now then
+    return 409, err_body("payment_expired", "payment " .. p.id
+                         .. " expired; create a new one")
+  end
+  if ctx.degraded() then return degraded() end
+  -- close the previous attempt at WeChat first: a payer holding its
+  -- code must not be able to pay it once another is out
+  local wx = client_of(p)
+  local closed, cerr = wx:close(p.out_trade_no, sub_of(p))
+  if not closed and cerr.kind ~= "not_found" then
+    if cerr.kind == "order_paid" then
+      return 409, err_body("payment_paid", "the previous attempt was paid;"
+                           .. " its notification applies it")
+    end
+    return _M.wx_failure(cerr)
+  end
+  local actor = actor_of(req)
+  local n = p.attempt + 1
+  local no = model.out_trade_no(p.id, n)
+  local row
+  row, err = fsm.retry(ctx.db, function(tx)
+    local res, qerr = tx:exec("UPDATE gw_attempts SET state = 'superseded',"
+      .. " closed_at = $2 WHERE payment_id = $1 AND state = 'open'",
+      { p.id, now })
+    if not res then return nil, qerr end
+    res, qerr = tx:exec("UPDATE gw_payments SET channel = $2, out_trade_no"
+      .. " = $3, attempt = $4, updated_at = $5 WHERE id = $1 AND attempt ="
+      .. " $6 AND state IN ('created', 'paying', 'unknown')",
+      { p.id, o.channel, no, n, now, p.attempt })
+    if not res then return nil, qerr end
+    if res.changes ~= 1 then
+      return { conflict = true }
+    end
+    res, qerr = insert_attempt(tx, p, n, o.channel, now)
+    if not res then return nil, qerr end
+    local ok
+    ok, qerr = audit.append(tx, "payment:" .. p.id, {
+      what = "payment.attempt", ref = no, from = p.state, to = p.state,
+      cause = "new_attempt", actor = actor,
+      evidence = { channel = o.channel, attempt = n,
+                   closed = p.out_trade_no } })
+    if not ok then return nil, qerr end
+    return model.payment(tx, p.id)
+  end)
+  if not row then
+    if type(err) == "table" and err.kind == "constraint" then
+      return 409, err_body("conflict", "another attempt was opened at the"
+                           .. " same time")
+    end
+    return store_failed(err)
+  end
+  if row.conflict then
+    local now_p = model.payment(ctx.db, p.id) or p
+    if not OPEN[now_p.state] then return state_conflict(now_p) end
+    return 409, err_body("conflict", "another attempt was opened at the"
+                         .. " same time")
+  end
+  local pay
+  pay, err = prepay(row, no, o)
+  if not pay then
+    paygate.log.warn("gateway: prepay failed", { payment = p.id,
+                     kind = err.kind })
+    return _M.wx_failure(err)
+  end
+  local s1, s2, s3 = opened(row, no, pay, ik, 201, actor)
+  if s1 == nil then return store_failed(s2) end
+  return s1, s2, s3
+end
+
+-- POST /v1/payments/:id/close ---------------------------------------------------
+
+function _M.close(req, ik)
+  local p, err = load_own(req)
+  if p == nil then return store_failed(err) end
+  if not p then return not_found("payment") end
+  if p.state == "closed" then
+    return 200, model.payment_json(p)
+  end
+  if not OPEN[p.state] then return state_conflict(p) end
+  if ctx.degraded() then return degraded() end
+  local wx = client_of(p)
+  local ok, cerr = wx:close(p.out_trade_no, sub_of(p))
+  if not ok and cerr.kind ~= "not_found" then
+    if cerr.kind == "order_paid" then
+      return 409, err_body("payment_paid", "the payment was paid; its"
+                           .. " notification applies it")
+    end
+    return _M.wx_failure(cerr)
+  end
+  local now = model.time()
+  local a, b, c = fsm.retry(ctx.db, function(tx)
+    local res, terr = P:transition(tx, p.id, "closed", {
+      cause = "close", actor = actor_of(req),
+      evidence = { out_trade_no = p.out_trade_no },
+      set = { updated_at = now } })
+    if not res then
+      if terr.kind == "illegal_transition" then
+        local row = model.payment(tx, p.id)
+        return ik:respond(tx, 409, err_body(
+          row and row.state == "paid" and "payment_paid" or "invalid_state",
+          "payment " .. p.id .. " is " .. tostring(row and row.state)))
+      end
+      return nil, terr
+    end
+    local x
+    x, terr = tx:exec("UPDATE gw_attempts SET state = 'closed', closed_at ="
+      .. " $2 WHERE payment_id = $1 AND state = 'open'", { p.id, now })
+    if not x then return nil, terr end
+    x, terr = events.emit(tx, "payment.closed", res.row)
+    if not x then return nil, terr end
+    return ik:respond(tx, 200, model.payment_json(res.row))
+  end)
+  if a == nil then return store_failed(b) end
+  return a, b, c
+end
+
+-- GET /v1/payments/:id ------------------------------------------------------------
+
+--- syntax: outcome, err = payments.refresh(p)
+-- Asks WeChat about the payment's current attempt (and its refunds still
+-- under way) and applies the answers through the machines.
+-- returns: true, or nil, err (WeChat could not be asked: stale data).
+function _M.refresh(p)
+  local wx = client_of(p)
+  local txn, err = wx:query_by_out_trade_no(p.out_trade_no, sub_of(p))
+  if not txn then
+    if err.kind == "not_found" then return true end
+    return nil, err
+  end
+  local ts = txn.trade_state
+  local after
+  local ok, aerr = fsm.retry(ctx.db, function(tx)
+    if ts == "SUCCESS" or ts == "REFUND" then
+      local outcome, list = apply.payment(ctx, tx, {
+        resource = txn, source = "query", actor = "gateway:query" })
+      if not outcome then return nil, list end
+      after = list
+      return true
+    end
+    local row, rerr = model.payment(tx, p.id)
+    if not row then return nil, rerr end
+    local event
+    if ts == "CLOSED" and OPEN[row.state] then
+      event = "closed"
+    elseif ts == "PAYERROR" and OPEN[row.state] then
+      event = "failed"
+    elseif (ts == "NOTPAY" or ts == "USERPAYING") and row.state == "unknown"
+    then
+      event = "still_open"
+    end
+    if not event then return true end
+    local res
+    res, rerr = P:transition(tx, p.id, event, { row = row, cause = "query",
+      actor = "gateway:query", evidence = { trade_state = ts,
+      out_trade_no = p.out_trade_no }, set = { updated_at = model.time() } })
+    if not res then return nil, rerr end
+    if event == "closed" or event == "failed" then
+      local x
+      x, rerr = tx:exec("UPDATE gw_attempts SET state = 'closed', closed_at"
+        .. " = $2 WHERE payment_id = $1 AND state = 'open'",
+        { p.id, model.time() })
+      if not x then return nil, rerr end
+      x, rerr = events.emit(tx, "payment." .. event, res.row)
+      if not x then return nil, rerr end
+    end
+    return true
+  end)
+  if not ok then return nil, aerr end
+  if after then _M.after(after) end
+  if ctx.refunds and ctx.refunds.refresh_open then
+    local rok, rerr = ctx.refunds.refresh_open(p)
+    if not rok then return nil, rerr end
+  end
+  return true
+end
+
+--- syntax: payments.after(list) -- work that waits for a commit
+-- { refund = id }: send that refund; { close = out_trade_no, mchid,
+-- sub_mchid }: close a superseded attempt at WeChat. Runs in its own task.
+function _M.after(list)
+  if not list or not list[1] then return end
+  paygate.spawn(function()
+    for _, w in ipairs(list) do
+      if w.refund then
+        local ok, err = pcall(ctx.refunds.send, w.refund)
+        if not ok then
+          paygate.log.error("gateway: late refund failed",
+                            { refund = w.refund, error = tostring(err) })
+        end
+      elseif w.close then
+        local wx = ctx.wx[w.mchid]
+        local ok, err = wx:close(w.close, w.sub_mchid)
+        if not ok and err.kind ~= "not_found" then
+          paygate.log.warn("gateway: closing a superseded attempt failed",
+                           { out_trade_no = w.close, kind = err.kind })
+        end
+      end
+    end
+  end)
+end
+
+function _M.get(req)
+  local p, err = load_own(req)
+  if p == nil then return store_failed(err) end
+  if not p then return not_found("payment") end
+  local stale
+  if req:query().refresh == "1" then
+    if ctx.degraded() then
+      stale = true
+    else
+      local ok, rerr = _M.refresh(p)
+      if not ok then
+        paygate.log.warn("gateway: refresh failed; answering local state",
+                         { payment = p.id, kind = rerr and rerr.kind })
+        stale = true
+      end
+      p = model.payment(ctx.db, p.id) or p
+    end
+  end
+  local attempts, refunds
+  attempts, err = model.attempts(ctx.db, p.id)
+  if not attempts then return store_failed(err) end
+  refunds, err = model.refunds_of(ctx.db, p.id)
+  if not refunds then return store_failed(err) end
+  local t = model.payment_json(p, attempts, refunds)
+  if stale then t.stale = true end
+  return 200, t
+end
+
+return _M

@@ -1,0 +1,252 @@
+-- gw.refunds: refunds of a payment -- create (never above the paid
+-- amount), list, get -- and sending a refund to WeChat, for the merchant
+-- API and for the automatic refund of a late payment.
+local paygate = require "paygate"
+local fsm = require "paygate.fsm"
+local json = require "paygate.json"
+local model = require "gw.model"
+local apply = require "gw.apply"
+local payments = require "gw.payments"
+
+local type, tostring, ipairs = type, tostring, ipairs
+
+local _M = {}
+
+local R = model.refunds
+local err_body = payments.err_body
+local ctx
+
+function _M.init(c) ctx = c end
+
+local REFUNDABLE = { paid = true, partially_refunded = true }
+
+-- WeChat answered with a refusal: the refund was not made.
+local function refused(err)
+  local k = err.kind
+  return type(err.status) == "number" and err.status >= 400
+         and err.status < 500 and k ~= "frequency_limited"
+         and k ~= "unknown_outcome" and k ~= "unverified_response"
+end
+
+--- syntax: row, how, err = refunds.send(id[, finish])
+-- Sends refund `id` (state created or unknown) to WeChat and applies the
+-- answer through the refund machine. finish(tx, row, how, err), when
+-- given, runs in the transaction of that change (to store the merchant
+-- API's answer with it). how: "accepted", "rejected" or "unknown".
+-- returns: finish's values when given, else the refund row and how; or
+-- nil, err when the store failed.
+function _M.send(id, finish)
+  local db = ctx.db
+  local rf, err = model.refund(db, id)
+  if not rf then return nil, err or paygate.error("not_found", id) end
+  local p
+  p, err = model.payment(db, rf.payment_id)
+  if not p then return nil, err or paygate.error("not_found", "payment") end
+  local wx = ctx.wx[p.mchid]
+  local req = { out_trade_no = rf.out_trade_no,
+                out_refund_no = rf.out_refund_no,
+                notify_url = ctx.notify_url(p.mchid),
+                amount = { refund = rf.amount, total = p.amount,
+                           currency = p.currency } }
+  if model.opt(rf.reason) then req.reason = rf.reason end
+  if model.opt(p.sub_mchid) then req.sub_mchid = p.sub_mchid end
+  local data, werr = wx:refund(req)
+  local how = data and "accepted" or (refused(werr) and "rejected"
+                                      or "unknown")
+  if not data then
+    paygate.log.warn("gateway: refund call failed", { refund = id,
+                     kind = werr.kind, how = how })
+  end
+  return fsm.retry(db, function(tx)
+    local row, terr = model.refund(tx, id)
+    if not row then return nil, terr end
+    if data then
+      local outcome
+      outcome, terr = apply.refund_status(ctx, tx, row, {
+        status = data.status == "SUCCESS" and "SUCCESS" or "PROCESSING",
+        refund_id = data.refund_id, source = "refund_call",
+        actor = "gateway" })
+      if not outcome then return nil, terr end
+    elseif row.state == "created" or row.state == "unknown" then
+      local event = how == "rejected" and "rejected" or "outcome_unknown"
+      if R:can(row.state, event) then
+        local res
+        res, terr = R:transition(tx, id, event, { row = row,
+          cause = "refund_call", actor = "gateway",
+          evidence = { kind = werr.kind, code = werr.code },
+          set = { updated_at = model.time() } })
+        if not res then return nil, terr end
+      end
+    end
+    row, terr = model.refund(tx, id)
+    if not row then return nil, terr end
+    if finish then return finish(tx, row, how, werr) end
+    return row, how
+  end)
+end
+
+-- POST /v1/payments/:id/refunds ----------------------------------------------
+
+local function check(b)
+  local bad = {}
+  if type(b.amount) ~= "number" or b.amount % 1 ~= 0 or b.amount < 1
+     or b.amount > 10000000000 then
+    bad.amount = "must be a whole number of fen, at least 1"
+  end
+  if b.reason ~= nil and (type(b.reason) ~= "string" or b.reason == ""
+                          or #b.reason > 240) then
+    bad.reason = "must be a string of at most 80 characters"
+  end
+  return next(bad) == nil, bad
+end
+
+function _M.create(req, ik)
+  local b, derr = req:decode_json()
+  if type(b) ~= "table" or b[1] ~= nil then
+    return 400, err_body(derr and "invalid_json" or "invalid_request",
+                         derr and derr.message or "the body must be a JSON"
+                         .. " object")
+  end
+  local ok, bad = check(b)
+  if not ok then
+    local parts = {}
+    for k, v in pairs(bad) do parts[#parts + 1] = k .. ": " .. v end
+    return 400, err_body("invalid_request", table.concat(parts, "; "),
+                         { fields = bad })
+  end
+  local db = ctx.db
+  local p, err = model.payment(db, req.params.id)
+  if p == nil then return 503, err_body("unavailable", tostring(err)) end
+  if not p or p.app_id ~= req.app_id then
+    return 404, err_body("not_found", "payment not found")
+  end
+  if ctx.degraded() then return payments.degraded() end
+  local key = req:header("Idempotency-Key")
+  local request_key = key and (tostring(req.app_id) .. "|" .. key) or nil
+  local now = model.time()
+  local res
+  res, err = fsm.retry(db, function(tx)
+    if tx.engine == "postgres" then
+      -- refunds of one payment take turns: the sum below stays true
+      local _, lerr = tx:query("SELECT id FROM gw_payments WHERE id = $1"
+                               .. " FOR UPDATE", { p.id })
+      if lerr then return nil, lerr end
+    end
+    if request_key then
+      -- a retry of a request whose run died before its answer was stored
+      local rows, qerr = tx:query("SELECT * FROM gw_refunds WHERE"
+        .. " request_key = $1", { request_key })
+      if not rows then return nil, qerr end
+      if rows[1] then return { refund = rows[1] } end
+    end
+    local row, qerr = model.payment(tx, p.id)
+    if not row then return nil, qerr end
+    if not REFUNDABLE[row.state] then
+      return { status = 409, body = err_body("invalid_state", "payment "
+        .. p.id .. " is " .. row.state .. ": only a paid payment is"
+        .. " refunded") }
+    end
+    local total
+    total, qerr = model.refund_total(tx, p.id)
+    if not total then return nil, qerr end
+    if total + b.amount > row.amount then
+      return { status = 422, body = err_body("refund_exceeds_paid",
+        "refunds would reach " .. (total + b.amount) .. " fen of the "
+        .. row.amount .. " paid", { refundable = row.amount - total }) }
+    end
+    local id = model.new_refund_id()
+    local created
+    created, qerr = R:create(tx, {
+      id = id, payment_id = p.id, out_refund_no = model.out_refund_no(id),
+      out_trade_no = model.opt(row.paid_out_trade_no) or row.out_trade_no,
+      kind = "merchant", amount = b.amount, reason = b.reason or json.null,
+      request_key = request_key or json.null, created_at = now,
+      updated_at = now }, { cause = "refund", actor = "app:"
+      .. tostring(req.app_id), evidence = { amount = b.amount } })
+    if not created then return nil, qerr end
+    return { refund = created.row }
+  end)
+  if not res then
+    return 503, err_body("unavailable", "the store failed; retry ("
+                         .. tostring(err and err.kind) .. ")")
+  end
+  if res.status then return res.status, res.body end
+  local a, c, d = _M.send(res.refund.id, function(tx, row, how, werr)
+    if how == "rejected" then
+      return ik:respond(tx, 502, err_body("wechat_error", "WeChat Pay"
+        .. " refused the refund: " .. tostring(werr),
+        { wechat_kind = werr.kind, refund = model.refund_json(row) }))
+    end
+    if how == "unknown" and (werr.kind == "timeout"
+                             or werr.kind == "unknown_outcome") then
+      return ik:respond(tx, 504, err_body("timeout", "WeChat Pay did not"
+        .. " answer in time; the refund is checked again later",
+        { refund = model.refund_json(row) }))
+    end
+    return ik:respond(tx, 201, model.refund_json(row))
+  end)
+  if a == nil then
+    return 503, err_body("unavailable", "the store failed; retry ("
+                         .. tostring(c and c.kind) .. ")")
+  end
+  return a, c, d
+end
+
+--- syntax: ok, err = refunds.refresh_open(p)
+-- Queries the payment's refunds still under way (processing, unknown)
+-- and applies what WeChat says.
+function _M.refresh_open(p)
+  local rows, err = ctx.db:query("SELECT * FROM gw_refunds WHERE"
+    .. " payment_id = $1 AND state IN ('processing', 'unknown', 'created')",
+    { p.id })
+  if not rows then return nil, err end
+  local wx = ctx.wx[p.mchid]
+  for _, rf in ipairs(rows) do
+    local data, qerr = wx:query_refund(rf.out_refund_no,
+                                       model.opt(p.sub_mchid))
+    if not data then
+      if qerr.kind ~= "not_found" then return nil, qerr end
+    else
+      local ok, aerr = fsm.retry(ctx.db, function(tx)
+        local row, terr = model.refund(tx, rf.id)
+        if not row then return nil, terr end
+        return apply.refund_status(ctx, tx, row, {
+          status = data.status, refund_id = data.refund_id,
+          amount = type(data.amount) == "table" and data.amount.refund
+                   or nil, source = "query", actor = "gateway:query" })
+      end)
+      if not ok then return nil, aerr end
+    end
+  end
+  return true
+end
+
+-- GET /v1/payments/:id/refunds, GET /v1/refunds/:id ------------------------------
+
+function _M.list(req)
+  local p, err = model.payment(ctx.db, req.params.id)
+  if p == nil then return 503, err_body("unavailable", tostring(err)) end
+  if not p or p.app_id ~= req.app_id then
+    return 404, err_body("not_found", "payment not found")
+  end
+  local rows
+  rows, err = model.refunds_of(ctx.db, p.id)
+  if not rows then return 503, err_body("unavailable", tostring(err)) end
+  local list = {}
+  for i, r in ipairs(rows) do list[i] = model.refund_json(r) end
+  return 200, { refunds = model.list(list) }
+end
+
+function _M.get(req)
+  local rows, err = ctx.db:query("SELECT r.*, p.app_id AS app_id FROM"
+    .. " gw_refunds r JOIN gw_payments p ON p.id = r.payment_id WHERE"
+    .. " r.id = $1", { req.params.id })
+  if not rows then return 503, err_body("unavailable", tostring(err)) end
+  local r = rows[1]
+  if not r or r.app_id ~= req.app_id then
+    return 404, err_body("not_found", "refund not found")
+  end
+  return 200, model.refund_json(r)
+end
+
+return _M

@@ -1,0 +1,181 @@
+-- examples/gateway: the degradation switch (every worker sees it), admin
+-- access (loopback, or the token), webhook events with dead letters and
+-- replay, the in-process hooks, dev_app.
+local testing = require "paygate.testing"
+local http = require "paygate.http"
+local json = require "paygate.json"
+local servers = require "spec.support.servers"
+local core = dofile("examples/gateway/spec/core_support.lua")
+
+local RECEIVER = [[
+local paygate = require "paygate"
+local outbox = require "paygate.outbox"
+local d = require("paygate.shared").get_dict("paygate")
+paygate.route("POST", "/mode", function(req)
+  d:set("mode", tonumber(req.body))
+  return 204
+end)
+paygate.route("POST", "/hook", function(req)
+  local ok = outbox.verify_webhook("whsec-spec",
+                                   req:header("Paygate-Signature"), req.body)
+  if not ok then return 401 end
+  local mode = d:get("mode") or 204
+  if mode == 204 then
+    local n = d:incr("n", 1, 0)
+    d:set("ev:" .. n, req.body)
+  end
+  return mode
+end)
+paygate.route("GET", "/got", function()
+  local out = {}
+  for i = 1, d:get("n") or 0 do out[i] = d:get("ev:" .. i) end
+  return 200, "[" .. table.concat(out, ",") .. "]"
+end)
+]]
+
+describe("gateway admin and events", function()
+  local sim, gw, rcv, gw_token
+
+  local function admin(g, method, path, body, headers)
+    return g.srv:request{ method = method, path = path,
+                          body = body and json.encode(body) or nil,
+                          headers = headers }
+  end
+
+  local function received()
+    return json.decode(rcv:request("/got").body)
+  end
+
+  setup(function()
+    sim = testing.simulator{ time_scale = 100 }
+    rcv = testing.start_app{ source = RECEIVER }
+    local secret = rcv.dir .. "/wh.secret"
+    local f = assert(io.open(secret, "wb"))
+    f:write("whsec-spec\n")
+    f:close()
+    gw = core.start(sim, { workers = 2, gateway = {
+      webhooks = { { url = rcv:url("/hook"), secret_file = secret } },
+      dispatcher = { interval = 0.05, max_attempts = 1 },
+      dev_app = "dev" } })
+    local tok = rcv.dir .. "/admin.token"
+    f = assert(io.open(tok, "wb"))
+    f:write("admintok-123\n")
+    f:close()
+    gw_token = core.start(sim, { gateway = { admin_token_file = tok } })
+  end)
+
+  teardown(function()
+    if gw then gw:stop() end
+    if gw_token then gw_token:stop() end
+    testing.stop_all()
+    servers.stop_all()
+  end)
+
+  it("switches degradation for every worker", function()
+    assert.same({ on = false }, admin(gw, "GET", "/admin/degrade").json)
+    local p = gw:create{}
+    assert.same({ on = true },
+                admin(gw, "POST", "/admin/degrade", { on = true }).json)
+    -- two workers: each of several requests sees the switch
+    for _ = 1, 6 do
+      local res = gw:call("POST", "/v1/payments", { order_id = "deg-x",
+        channel = "native", amount = 1, description = "d" })
+      assert.equal(503, res.status)
+      assert.equal("degraded", res.json.error)
+      local got = gw:get(p.id, "?refresh=1")
+      assert.is_true(got.stale)
+      assert.equal("paying", got.state)
+    end
+    admin(gw, "POST", "/admin/degrade", { on = false })
+    local got = gw:get(p.id, "?refresh=1")
+    assert.is_nil(got.stale)
+    gw:create{ order_id = "deg-x" }
+  end)
+
+  it("needs the token when one is configured", function()
+    assert.equal(403, admin(gw_token, "GET", "/admin/degrade").status)
+    assert.equal(403, admin(gw_token, "GET", "/admin/degrade", nil,
+      { Authorization = "Bearer admintok-12" }).status)
+    local res = admin(gw_token, "GET", "/admin/degrade", nil,
+                      { Authorization = "Bearer admintok-123" })
+    assert.equal(200, res.status)
+  end)
+
+  it("delivers events to a signed webhook, dead-letters, replays",
+     function()
+    local p = gw:create{ amount = 42 }
+    testing.wait_until(function()
+      for _, e in ipairs(received()) do
+        if e.type == "payment.paying" and e.subject == p.id then
+          return true
+        end
+      end
+    end, 10, "payment.paying at the webhook")
+    rcv:request{ method = "POST", path = "/mode", body = "400" }
+    sim:pay_and_wait(p.out_trade_no)
+    testing.wait_until(function()
+      local rows = assert(gw.db:query("SELECT state FROM paygate_outbox"
+        .. " WHERE subject = $1 AND type = 'payment.paid'", { p.id }))
+      return rows[1] and rows[1].state == "dead"
+    end, 10, "payment.paid dead-lettered")
+    rcv:request{ method = "POST", path = "/mode", body = "204" }
+    local res = admin(gw, "POST", "/admin/outbox/replay", { dead = true })
+    assert.equal(200, res.status, res.body)
+    assert.is_true(res.json.replayed >= 1)
+    testing.wait_until(function()
+      for _, e in ipairs(received()) do
+        if e.type == "payment.paid" and e.subject == p.id then
+          assert.equal("paid", e.data.payment.state)
+          assert.equal(42, e.data.payment.amount)
+          return true
+        end
+      end
+    end, 10, "payment.paid at the webhook after the replay")
+  end)
+
+  if servers.have_redis() then
+    it("adds events to a Redis stream when configured", function()
+      local rd = servers.redis()
+      local ok, err = pcall(function()
+        local g2 = core.start(sim, { gateway = { redis = rd.url,
+          redis_stream = { stream = "gw:spec" } } })
+        local p = g2:create{ amount = 8 }
+        local redis = require "paygate.redis"
+        local r = assert(redis.connect(rd.url))
+        testing.wait_until(function()
+          local entries = assert(r:call("XRANGE", "gw:spec", "-", "+"))
+          for _, e in ipairs(entries) do
+            local f = {}
+            for i = 1, #e[2], 2 do f[e[2][i]] = e[2][i + 1] end
+            if f.subject == p.id and f.type == "payment.paying" then
+              assert.equal(p.id, json.decode(f.payload).payment.id)
+              return true
+            end
+          end
+        end, 10, "payment.paying in the stream")
+        g2:stop()
+      end)
+      rd.stop()
+      assert(ok, err)
+    end)
+  end
+
+  it("lets unsigned loopback requests act as dev_app", function()
+    local res = gw.srv:request{ method = "POST", path = "/v1/payments",
+      body = json.encode{ order_id = "dev-1", channel = "native",
+                          amount = 3, description = "dev" },
+      headers = { ["Idempotency-Key"] = "dev-k1",
+                  ["Content-Type"] = "application/json" } }
+    assert.equal(201, res.status, res.body)
+    local rows = assert(gw.db:query("SELECT app_id FROM gw_payments WHERE"
+      .. " id = $1", { res.json.payment.id }))
+    assert.equal("dev", rows[1].app_id)
+    -- a bad signature is still refused
+    local bad = gw.srv:request{ path = "/v1/payments/x", headers = {
+      Authorization = 'PAYGATE-HMAC-SHA256 app_id="x",key_id="y",'
+                      .. 'timestamp="1",signature="00"' } }
+    assert.equal(401, bad.status)
+    -- without dev_app, unsigned is refused
+    assert.equal(401, gw_token.srv:request("/v1/payments/x").status)
+  end)
+end)

@@ -1,0 +1,175 @@
+-- examples/gateway: the config check. A bad config is one line on stderr,
+-- "gateway: config.<key>: <reason>", exit status 2, no secret in it.
+local testing = require "paygate.testing"
+local core = require "paygate.core"
+local server = require "paygate.testing.server"
+
+package.path = "examples/gateway/?.lua;" .. package.path
+local config = require "gw.config"
+
+local function write(path, data)
+  local f = assert(io.open(path, "wb"))
+  f:write(data)
+  f:close()
+end
+
+local function read(path)
+  local f = assert(io.open(path, "rb"))
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+
+describe("gateway config", function()
+  local m, dir, key
+
+  setup(function()
+    m = testing.merchant()
+    dir = server.tmpdir()
+    key = testing.apiv3_key()
+    write(dir .. "/apiv3.key", key .. "\n")
+  end)
+
+  teardown(function()
+    server.rmdir(dir)
+    testing.stop_all()
+  end)
+
+  local function merchant(over)
+    local t = { mchid = m.mchid, appid = m.appid,
+                merchant_private_key = m.private_key,
+                merchant_certificate = m.certificate,
+                apiv3_key_file = dir .. "/apiv3.key",
+                base_url = "http://127.0.0.1:9", backup_url = false }
+    for k, v in pairs(over or {}) do
+      if v == false then t[k] = nil else t[k] = v end
+    end
+    return t
+  end
+
+  -- Runs the gateway with conf; returns its exit code and output.
+  local function run(conf, listen)
+    local file = dir .. "/conf-" .. core.free_port() .. ".lua"
+    write(file, "return " .. server.lua_source(conf) .. "\n")
+    return testing.proc.run({ server.bin(), "run", "examples/gateway",
+      "--listen", listen or ("127.0.0.1:" .. core.free_port()),
+      "--admin", "127.0.0.1:" .. core.free_port(), "--config", file },
+      { timeout = 30 })
+  end
+
+  local function config_lines(out)
+    local lines = {}
+    for line in out:gmatch("[^\n]+") do
+      if line:match("^gateway: ") then lines[#lines + 1] = line end
+    end
+    return lines
+  end
+
+  local function expect_refused(conf, want, listen)
+    local code, out = run(conf, listen)
+    assert.equal(2, code, out)
+    local lines = config_lines(out)
+    assert.equal(1, #lines, out)
+    assert.matches(want, lines[1], 1, true)
+    return out
+  end
+
+  it("refuses an APIv3 key written in the config, without printing it",
+     function()
+    local out = expect_refused({ gateway = { db = "sqlite:" .. dir
+        .. "/a.db" }, merchants = { merchant{ apiv3_key = key,
+                                              apiv3_key_file = false } } },
+      "gateway: config.merchants[1].apiv3_key: ")
+    assert.falsy(out:find(key, 1, true))
+  end)
+
+  it("refuses a private key's PEM text in the config", function()
+    local pem = read(m.private_key)
+    local out = expect_refused({ gateway = { db = "sqlite:" .. dir
+        .. "/a.db" }, merchants = { merchant{ merchant_private_key = pem } } },
+      "gateway: config.merchants[1].merchant_private_key: must be a file path")
+    assert.falsy(out:find(pem:match("\n(.-)\n"), 1, true))
+  end)
+
+  it("names an APIv3 key file of the wrong length, not its content",
+     function()
+    write(dir .. "/short.key", "0123456789abcdef\n")
+    local out = expect_refused({ gateway = { db = "sqlite:" .. dir
+        .. "/a.db" }, merchants = { merchant{
+          apiv3_key_file = dir .. "/short.key" } } },
+      "config.merchants[1].apiv3_key_file: must hold the 32-character")
+    assert.falsy(out:find("0123456789abcdef", 1, true))
+  end)
+
+  it("names an unset APIv3 key variable", function()
+    expect_refused({ gateway = { db = "sqlite:" .. dir .. "/a.db" },
+      merchants = { merchant{ apiv3_key_file = false,
+                              apiv3_key_env = "GW_SPEC_NO_SUCH_VAR" } } },
+      "config.merchants[1].apiv3_key_env: the environment variable"
+      .. " GW_SPEC_NO_SUCH_VAR is not set")
+  end)
+
+  it("refuses an unknown gateway key and a missing merchant list",
+     function()
+    expect_refused({ gateway = { db = "sqlite:" .. dir .. "/a.db",
+                                 paymnet_ttl = 5 },
+                     merchants = { merchant() } },
+                   "gateway: config.gateway.paymnet_ttl: unknown key")
+    expect_refused({ gateway = { db = "sqlite:" .. dir .. "/a.db" } },
+                   "gateway: config.merchants: must list at least one")
+  end)
+
+  it("refuses dev_app unless it listens on loopback only", function()
+    expect_refused({ gateway = { db = "sqlite:" .. dir .. "/a.db",
+                                 dev_app = "dev" },
+                     merchants = { merchant() } },
+                   "gateway: config.gateway.dev_app: unsigned dev access"
+                   .. " needs every listen address on loopback",
+                   "0.0.0.0:" .. core.free_port())
+  end)
+
+  it("reports a wechatpay key error under the merchant's key", function()
+    expect_refused({ gateway = { db = "sqlite:" .. dir .. "/a.db" },
+                     merchants = { merchant{ mchid = "19x" } } },
+                   "gateway: config.merchants[1].mchid: ")
+    expect_refused({ gateway = { db = "sqlite:" .. dir .. "/a.db" },
+                     merchants = { merchant{
+                       merchant_private_key = dir .. "/none.pem" } } },
+                   "gateway: config.merchants[1].merchant_private_key: ")
+  end)
+
+  describe("check()", function()
+    it("fills the defaults and makes the store's folder", function()
+      local cfg = assert(config.check({
+        gateway = { db = "sqlite:" .. dir .. "/sub/var/gw.db" },
+        merchants = { merchant() } }, { listen = "127.0.0.1:8099" }))
+      local g = cfg.gateway
+      assert.equal(7200, g.payment_ttl)
+      assert.equal("refund", g.on_late_payment)
+      assert.is_false(g.degraded)
+      assert.equal("http://127.0.0.1:8099", g.public_url)
+      assert.equal(key, cfg.merchants[1].client.apiv3_key)
+      assert.is_nil(cfg.merchants[1].client.apiv3_key_file)
+      assert.truthy(io.open(dir .. "/sub/var/."))
+      local def = assert(config.check({ merchants = { merchant() } },
+                                      { listen = "127.0.0.1:8099" }))
+      assert.equal("sqlite:var/gateway.db", def.gateway.db)
+    end)
+
+    it("reads webhook secrets from files or the environment", function()
+      write(dir .. "/wh.secret", "whsec-1\n")
+      local cfg = assert(config.check({ gateway = {
+        db = "sqlite:" .. dir .. "/a.db",
+        webhooks = { { url = "http://127.0.0.1:1/h",
+                       secret_file = dir .. "/wh.secret" } } },
+        merchants = { merchant() } }))
+      assert.equal("whsec-1", cfg.gateway.webhooks[1].secret)
+      local _, why = config.check({ gateway = { db = "sqlite:" .. dir
+        .. "/a.db", webhooks = { { url = "http://127.0.0.1:1/h",
+                                   secret = "s3cr3t" } } },
+        merchants = { merchant() } })
+      assert.matches("^config.gateway.webhooks%[1%].secret: ", why)
+      assert.falsy(why:find("s3cr3t", 1, true))
+    end)
+  end)
+end)

@@ -1,0 +1,178 @@
+-- examples/gateway, core flows against the simulator (SQLite):
+-- create -> pay -> notification -> paid, exactly once; refunds; close;
+-- attempts; idempotency replay.
+local testing = require "paygate.testing"
+local core = dofile("examples/gateway/spec/core_support.lua")
+
+describe("gateway core flow", function()
+  local sim, gw
+
+  setup(function()
+    sim = testing.simulator{ time_scale = 100 }
+    gw = core.start(sim)
+  end)
+
+  teardown(function()
+    if gw then gw:stop() end
+    testing.stop_all()
+  end)
+
+  it("refuses an unsigned request", function()
+    local res = gw.srv:request{ method = "GET", path = "/v1/payments/x" }
+    assert.equal(401, res.status)
+    assert.equal("missing_signature", res.json.error)
+  end)
+
+  it("refuses a bad body with one reason per field", function()
+    local res = gw:call("POST", "/v1/payments", { channel = "card",
+                                                  amount = -1 })
+    assert.equal(400, res.status, res.body)
+    assert.equal("invalid_request", res.json.error)
+    assert.truthy(res.json.fields.channel)
+    assert.truthy(res.json.fields.amount)
+    assert.truthy(res.json.fields.order_id)
+    assert.truthy(res.json.fields.description)
+  end)
+
+  it("creates a native payment, applies its notification once", function()
+    local p, pay = gw:create{ amount = 250 }
+    assert.matches("^weixin://", pay.code_url)
+    assert.equal("paying", p.state)
+    assert.equal(p.id .. "_1", p.out_trade_no)
+    sim:fault{ endpoint = "notify", kind = "duplicate", count = 1 }
+    sim:pay(p.out_trade_no)
+    local d = sim:wait_notification(p.out_trade_no, { attempts = 2 })
+    assert.equal(204, d.attempts[1].status)
+    assert.equal(204, d.attempts[2].status)
+    local got = gw:get(p.id)
+    assert.equal("paid", got.state)
+    assert.equal(3, got.version)              -- created, paying, paid
+    assert.truthy(got.transaction_id)
+    assert.equal(1, #got.attempts)
+    assert.equal("paid", got.attempts[1].state)
+    local rows = assert(gw.db:query("SELECT outcome FROM gw_notifications"
+      .. " WHERE business_key LIKE $1", { "pay|%|" .. p.out_trade_no
+                                          .. "|SUCCESS" }))
+    assert.equal(1, #rows)                     -- the same id twice
+    assert.equal("applied", rows[1].outcome)
+    local audit = require "paygate.audit"
+    assert.is_true((audit.verify(gw.db, "payment:" .. p.id)))
+    local ev = assert(gw.db:query("SELECT type FROM paygate_outbox WHERE"
+      .. " subject = $1 ORDER BY id", { p.id }))
+    assert.same({ "payment.paying", "payment.paid" },
+                { ev[1].type, ev[2].type })
+  end)
+
+  it("hands out jsapi and app pay-sign parameters", function()
+    local _, pay = gw:create{ channel = "jsapi",
+                              payer = { openid = "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o" } }
+    assert.matches("^prepay_id=", pay.package)
+    assert.equal("RSA", pay.signType)
+    assert.truthy(pay.paySign)
+    local _, app = gw:create{ channel = "app" }
+    assert.equal("Sign=WXPay", app.package)
+    assert.truthy(app.prepayid)
+    assert.truthy(app.sign)
+    local res = gw:call("POST", "/v1/payments", { order_id = "js-no-payer",
+      channel = "jsapi", amount = 1, description = "x" })
+    assert.equal(400, res.status)
+    assert.truthy(res.json.fields["payer.openid"])
+  end)
+
+  it("answers FAIL to a badly signed notification, applies the retry",
+     function()
+    local p = gw:create{}
+    sim:fault{ endpoint = "notify", kind = "bad_signature", count = 1 }
+    local d = sim:pay_and_wait(p.out_trade_no)
+    assert.equal(500, d.attempts[1].status)
+    assert.equal(204, d.last.status)
+    assert.equal("paid", gw:get(p.id).state)
+  end)
+
+  it("answers FAIL to a notification for an unknown merchant", function()
+    local res = gw.srv:request{ method = "POST",
+      path = "/wechatpay/notify/1234567", body = "{}" }
+    assert.equal(404, res.status)
+    assert.equal("FAIL", res.json.code)
+    res = gw.srv:request{ method = "POST", path = "/wechatpay/notify/"
+                          .. sim.merchant.mchid, body = "{}" }
+    assert.equal(500, res.status)
+    assert.equal("FAIL", res.json.code)
+  end)
+
+  it("answers 409 payment_exists for a second create of an order",
+     function()
+    local p = gw:create{ order_id = "dup-1" }
+    local res = gw:call("POST", "/v1/payments", { order_id = "dup-1",
+      channel = "native", amount = 100, description = "again" })
+    assert.equal(409, res.status)
+    assert.equal("payment_exists", res.json.error)
+    assert.equal(p.id, res.json.payment.id)
+  end)
+
+  it("replays a POST with the same Idempotency-Key byte for byte",
+     function()
+    local body = '{"order_id":"idem-1","channel":"native","amount":5,'
+                 .. '"description":"idem"}'
+    local h = { ["Idempotency-Key"] = "k-idem-1" }
+    local a = gw:call("POST", "/v1/payments", body, h)
+    local b = gw:call("POST", "/v1/payments", body, h)
+    assert.equal(201, a.status)
+    assert.equal(201, b.status)
+    assert.equal(a.body, b.body)
+    assert.equal("true", b.headers["idempotent-replayed"])
+  end)
+
+  it("opens a new attempt after closing the previous one", function()
+    local p = gw:create{ channel = "native" }
+    local res = gw:call("POST", "/v1/payments/" .. p.id .. "/attempts",
+                        { channel = "h5", client_ip = "10.0.0.1" })
+    assert.equal(201, res.status, res.body)
+    assert.truthy(res.json.pay.h5_url)
+    assert.equal(p.id .. "_2", res.json.payment.out_trade_no)
+    local got = gw:get(p.id)
+    assert.equal("superseded", got.attempts[1].state)
+    assert.equal("open", got.attempts[2].state)
+    -- the first attempt is closed at WeChat
+    local q = sim:client():query_by_out_trade_no(p.id .. "_1")
+    assert.equal("CLOSED", q.trade_state)
+  end)
+
+  it("closes a payment", function()
+    local p = gw:create{}
+    local res = gw:call("POST", "/v1/payments/" .. p.id .. "/close")
+    assert.equal(200, res.status, res.body)
+    assert.equal("closed", res.json.state)
+    local q = sim:client():query_by_out_trade_no(p.out_trade_no)
+    assert.equal("CLOSED", q.trade_state)
+  end)
+
+  it("refunds partially then fully, never above the paid amount",
+     function()
+    local p = gw:create{ amount = 300 }
+    sim:pay_and_wait(p.out_trade_no)
+    gw:wait_state(p.id, "paid")
+    local r1 = gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
+                       { amount = 100 })
+    assert.equal(201, r1.status, r1.body)
+    assert.equal("processing", r1.json.state)
+    local over = gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
+                         { amount = 201 })
+    assert.equal(422, over.status)
+    assert.equal("refund_exceeds_paid", over.json.error)
+    sim:settle(r1.json.out_refund_no)
+    sim:wait_notification{ out_refund_no = r1.json.out_refund_no }
+    gw:wait_state(p.id, "partially_refunded")
+    local r2 = gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
+                       { amount = 200 })
+    assert.equal(201, r2.status, r2.body)
+    sim:settle(r2.json.out_refund_no)
+    sim:wait_notification{ out_refund_no = r2.json.out_refund_no }
+    local got = gw:wait_state(p.id, "refunded")
+    assert.equal(300, got.refunded)
+    local list = gw:call("GET", "/v1/payments/" .. p.id .. "/refunds")
+    assert.equal(2, #list.json.refunds)
+    local one = gw:call("GET", "/v1/refunds/" .. r1.json.id)
+    assert.equal("succeeded", one.json.state)
+  end)
+end)

@@ -1,0 +1,144 @@
+-- examples/gateway: money that arrives on a closed or superseded attempt
+-- is applied (never dropped), then refunded (on_late_payment = "refund")
+-- or raised as an alarm event ("alarm"); an amount that differs from the
+-- order's is an alarm, not a state change; a replayed notification whose
+-- effect is committed is acknowledged.
+local testing = require "paygate.testing"
+local audit = require "paygate.audit"
+local core = dofile("examples/gateway/spec/core_support.lua")
+
+-- WeChat's close answers ORDER_NOT_EXIST once: the gateway takes the
+-- attempt as closed while the order can still be paid at the simulator
+-- (the race in which money arrives after a close).
+local function close_lies(sim)
+  sim:fault{ endpoint = "close", kind = "error", status = 404,
+             code = "ORDER_NOT_EXIST", count = 1 }
+end
+
+local function events_of(gw, id)
+  local rows = assert(gw.db:query("SELECT type, payload FROM paygate_outbox"
+    .. " WHERE subject = $1 ORDER BY id", { id }))
+  local types = {}
+  for i, r in ipairs(rows) do types[i] = r.type end
+  return types, rows
+end
+
+local function has(list, v)
+  for _, x in ipairs(list) do if x == v then return true end end
+  return false
+end
+
+describe("gateway late payments", function()
+  local sim, gw, gw_alarm
+
+  setup(function()
+    sim = testing.simulator{ time_scale = 100 }
+    gw = core.start(sim)
+    gw_alarm = core.start(sim, { gateway = { on_late_payment = "alarm" } })
+  end)
+
+  teardown(function()
+    if gw then gw:stop() end
+    if gw_alarm then gw_alarm:stop() end
+    testing.stop_all()
+  end)
+
+  it("refunds money taken on a superseded attempt, and a second payment",
+     function()
+    local p = gw:create{ amount = 120 }
+    close_lies(sim)
+    local res = gw:call("POST", "/v1/payments/" .. p.id .. "/attempts",
+                        { channel = "native" })
+    assert.equal(201, res.status, res.body)
+    -- the payer pays the old code anyway; the follow-up close of the
+    -- current attempt is told "no such order" too, so it stays payable
+    close_lies(sim)
+    sim:pay_and_wait(p.id .. "_1")
+    local got = gw:wait_state(p.id, "paid")
+    assert.is_true(got.late)
+    assert.equal(p.id .. "_1", got.attempts[1].out_trade_no)
+    assert.equal("paid", got.attempts[1].state)
+    testing.wait_until(function()
+      return #gw:get(p.id).refunds == 1
+    end, 10, "the automatic refund")
+    local rf = gw:get(p.id).refunds[1]
+    assert.equal("late_payment", rf.kind)
+    assert.equal(120, rf.amount)
+    testing.wait_until(function()
+      return gw:get(p.id).refunds[1].state == "processing"
+    end, 10, "the refund sent")
+    sim:settle(rf.out_refund_no)
+    sim:wait_notification{ out_refund_no = rf.out_refund_no }
+    got = gw:wait_state(p.id, "refunded")
+    assert.equal(120, got.refunded)
+    -- now the current attempt is paid too: money taken twice
+    sim:pay_and_wait(p.id .. "_2")
+    testing.wait_until(function()
+      return #gw:get(p.id).refunds == 2
+    end, 10, "the refund of the second payment")
+    got = gw:get(p.id)
+    assert.equal("refunded", got.state)       -- unchanged by the duplicate
+    assert.equal("duplicate", got.refunds[2].kind)
+    assert.equal(p.id .. "_2", got.refunds[2].out_trade_no)
+    local types = events_of(gw, p.id)
+    assert.is_true(has(types, "payment.late_paid"))
+    assert.is_true(has(types, "payment.refunded"))
+    assert.is_true((audit.verify(gw.db, "payment:" .. p.id)))
+  end)
+
+  it("applies money taken after a close, then refunds it", function()
+    local p = gw:create{ amount = 90 }
+    close_lies(sim)
+    local res = gw:call("POST", "/v1/payments/" .. p.id .. "/close")
+    assert.equal(200, res.status, res.body)
+    assert.equal("closed", res.json.state)
+    sim:pay_and_wait(p.out_trade_no)
+    local got = gw:wait_state(p.id, "paid")
+    assert.is_true(got.late)
+    testing.wait_until(function()
+      local r = gw:get(p.id).refunds[1]
+      return r and r.state == "processing"
+    end, 10, "the automatic refund")
+  end)
+
+  it("raises an alarm event instead with on_late_payment = alarm",
+     function()
+    local p = gw_alarm:create{ amount = 70 }
+    close_lies(sim)
+    assert.equal(200, gw_alarm:call("POST", "/v1/payments/" .. p.id
+                                    .. "/close").status)
+    sim:pay_and_wait(p.out_trade_no)
+    local got = gw_alarm:wait_state(p.id, "paid")
+    assert.equal(0, #got.refunds)
+    local types, rows = events_of(gw_alarm, p.id)
+    assert.is_true(has(types, "payment.late_paid"))
+    local late
+    for _, r in ipairs(rows) do
+      if r.type == "payment.late_paid" then late = r.payload end
+    end
+    assert.matches('"action":"alarm"', late, 1, true)
+  end)
+
+  it("raises an alarm for an amount that differs, changing nothing",
+     function()
+    local p = gw:create{ amount = 100 }
+    -- the order as the gateway holds it no longer matches WeChat's
+    assert(gw.db:exec("UPDATE gw_payments SET amount = 99 WHERE id = $1",
+                      { p.id }))
+    sim:pay_and_wait(p.out_trade_no)
+    local got = gw:get(p.id)
+    assert.equal("paying", got.state)
+    local types = events_of(gw, p.id)
+    assert.is_true(has(types, "alarm.amount_mismatch"))
+    local entries = assert(audit.entries(gw.db, "payment:" .. p.id))
+    assert.equal("payment.alarm", entries[#entries].what)
+    local n = assert(gw.db:query("SELECT outcome FROM gw_notifications"
+      .. " WHERE business_key LIKE $1", { "%|" .. p.out_trade_no .. "|%" }))
+    assert.equal("alarm", n[1].outcome)
+    local http = require "paygate.http"
+    local m = assert(http.request{ url = "http://127.0.0.1:" .. gw.srv.admin
+                                   .. "/metrics" })
+    assert.matches('paygate_gateway_alarms_total{kind="amount_mismatch"} 1',
+                   m.body, 1, true)
+  end)
+end)

@@ -1,0 +1,155 @@
+-- examples/gateway's notification path in-process, on a real SQLite
+-- store: the verdicts that are hard to provoke through the simulator --
+-- a `replayed` signature check whose effect is (or is not) committed, an
+-- unknown order, an event type the gateway does not apply, an illegal
+-- refund transition. Only parse_notification is replaced (it is what
+-- decides those verdicts).
+local paygate = require "paygate"
+local sql = require "paygate.sql"
+local migrate = require "paygate.migrate"
+local json = require "paygate.json"
+local server = require "paygate.testing.server"
+
+package.path = "examples/gateway/?.lua;" .. package.path
+local model = require "gw.model"
+local notify = require "gw.notify"
+local payments = require "gw.payments"
+local refunds = require "gw.refunds"
+
+describe("gateway notify handler", function()
+  local dir, db, ctx, verdict
+
+  local wx = {
+    parse_notification = function(_, req)
+      if verdict then return nil, verdict end
+      return json.decode(req.body)
+    end,
+  }
+
+  local function req(body)
+    return { params = { mchid = "1900000001" },
+             body = type(body) == "table" and json.encode(body) or body,
+             header = function() return nil end }
+  end
+
+  local function payment(state, amount)
+    local now = model.now()
+    local id = model.new_payment_id()
+    assert(model.payments:create(db, {
+      id = id, app_id = "a", order_id = id, mchid = "1900000001",
+      appid = "wx1", channel = "native", amount = amount or 100,
+      currency = "CNY", description = "d", out_trade_no = id .. "_1",
+      attempt = 1, refunded = 0, expires_at = now + 60, created_at = now,
+      updated_at = now, checks = 0 }))
+    assert(db:exec("INSERT INTO gw_attempts (out_trade_no, payment_id, n,"
+      .. " channel, state, created_at) VALUES ($1, $2, 1, 'native', 'open',"
+      .. " $3)", { id .. "_1", id, now }))
+    if state == "paying" then
+      assert(model.payments:apply(db, id, "opened"))
+    end
+    return id
+  end
+
+  local function paid_event(id, no, total)
+    return { id = "EV-" .. no, event_type = "TRANSACTION.SUCCESS",
+             resource = { mchid = "1900000001", out_trade_no = no,
+                          trade_state = "SUCCESS", transaction_id = "42" .. no,
+                          amount = { total = total or 100, currency = "CNY" } } }
+  end
+
+  setup(function()
+    dir = server.tmpdir()
+    db = assert(sql.open("sqlite:" .. dir .. "/gw.db"))
+    assert(migrate.run(db, "examples/gateway/migrations"))
+    ctx = { db = db, wx = { ["1900000001"] = wx },
+            by_mchid = { ["1900000001"] = { mchid = "1900000001" } },
+            gateway = { on_late_payment = "refund", public_url = "http://x" },
+            degraded = function() return false end,
+            notify_url = function(m) return "http://127.0.0.1/n/" .. m end }
+    payments.init(ctx)
+    refunds.init(ctx)
+    notify.init(ctx)
+    ctx.refunds = refunds
+  end)
+
+  teardown(function()
+    db:close()
+    server.rmdir(dir)
+  end)
+
+  before_each(function() verdict = nil end)
+
+  it("acknowledges a replayed request whose effect committed", function()
+    local id = payment("paying")
+    local ev = paid_event(id, id .. "_1")
+    assert.equal(204, (notify.handler(req(ev))))
+    verdict = paygate.error("replayed", "seen")
+    assert.equal(204, (notify.handler(req(ev))))
+    assert.equal("paid", model.payment(db, id).state)
+  end)
+
+  it("fails a replayed request whose effect is not committed", function()
+    verdict = paygate.error("replayed", "seen")
+    local status, body = notify.handler(req({ id = "EV-never" }))
+    assert.equal(500, status)
+    assert.equal("FAIL", body.code)
+  end)
+
+  it("fails a notification of an unknown order, records nothing", function()
+    local status = notify.handler(req(paid_event("x", "pay_unknown_1")))
+    assert.equal(500, status)
+    local rows = assert(db:query("SELECT id FROM gw_notifications WHERE id"
+                                 .. " = 'EV-pay_unknown_1'"))
+    assert.equal(0, #rows)
+  end)
+
+  it("dedupes by business key across notification ids", function()
+    local id = payment("paying")
+    local ev = paid_event(id, id .. "_1")
+    assert.equal(204, (notify.handler(req(ev))))
+    ev.id = "EV-other-id"
+    assert.equal(204, (notify.handler(req(ev))))
+    local rows = assert(db:query("SELECT outcome FROM gw_notifications"
+      .. " WHERE id = 'EV-other-id'"))
+    assert.equal("duplicate", rows[1].outcome)
+    assert.equal(3, model.payment(db, id).version)
+  end)
+
+  it("ignores a trade state other than success, and unknown types",
+     function()
+    local id = payment("paying")
+    local ev = paid_event(id, id .. "_1")
+    ev.resource.trade_state = "NOTPAY"
+    ev.id = "EV-notpay"
+    assert.equal(204, (notify.handler(req(ev))))
+    local e2 = { id = "EV-odd", event_type = "SOMETHING.ELSE",
+                 resource = {} }
+    assert.equal(204, (notify.handler(req(e2))))
+    local rows = assert(db:query("SELECT id, outcome FROM gw_notifications"
+      .. " WHERE id IN ('EV-notpay', 'EV-odd') ORDER BY id"))
+    assert.equal("ignored", rows[1].outcome)
+    assert.equal("ignored", rows[2].outcome)
+    assert.equal("paying", model.payment(db, id).state)
+  end)
+
+  it("refuses an illegal refund transition, applies nothing", function()
+    local id = payment("paying")
+    assert.equal(204, (notify.handler(req(paid_event(id, id .. "_1")))))
+    local rid = model.new_refund_id()
+    local now = model.now()
+    assert(model.refunds:create(db, { id = rid, payment_id = id,
+      out_refund_no = rid, out_trade_no = id .. "_1", kind = "merchant",
+      amount = 100, created_at = now, updated_at = now }))
+    assert(model.refunds:apply(db, rid, "accepted"))
+    assert(model.refunds:apply(db, rid, "closed"))
+    local ev = { id = "EV-r1", event_type = "REFUND.ABNORMAL", resource = {
+      out_refund_no = rid, refund_status = "ABNORMAL",
+      amount = { refund = 100, total = 100 } } }
+    assert.equal(204, (notify.handler(req(ev))))
+    local rows = assert(db:query("SELECT outcome FROM gw_notifications"
+      .. " WHERE id = 'EV-r1'"))
+    assert.equal("refused", rows[1].outcome)
+    assert.equal("closed", model.refund(db, rid).state)
+    assert.equal("paid", model.payment(db, id).state)
+  end)
+end)

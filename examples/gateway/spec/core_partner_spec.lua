@@ -1,0 +1,49 @@
+-- examples/gateway with a service provider (sp_mchid) and a sub-merchant:
+-- the partner prepay, and the notification deduped by (sp/sub,
+-- out_trade_no, trade_state).
+local testing = require "paygate.testing"
+local core = dofile("examples/gateway/spec/core_support.lua")
+
+describe("gateway for a service provider", function()
+  local sim, gw
+
+  setup(function()
+    sim = testing.simulator{ time_scale = 100, partner = true }
+    gw = core.start(sim, { partner = true })
+  end)
+
+  teardown(function()
+    if gw then gw:stop() end
+    testing.stop_all()
+  end)
+
+  it("needs the sub_mchid", function()
+    local res = gw:call("POST", "/v1/payments", { order_id = "sp-0",
+      channel = "native", amount = 1, description = "x" })
+    assert.equal(400, res.status)
+    assert.truthy(res.json.fields.sub_mchid)
+  end)
+
+  it("pays a sub-merchant's order once", function()
+    local p = gw:create{ sub_mchid = sim.partner.sub_mchid, amount = 66 }
+    assert.equal(sim.partner.sub_mchid, p.sub_mchid)
+    sim:fault{ endpoint = "notify", kind = "duplicate", count = 1 }
+    sim:pay(p.out_trade_no, sim.partner.sub_mchid)
+    local d = sim:wait_notification(p.out_trade_no, { attempts = 2 })
+    assert.equal(204, d.attempts[2].status)
+    local got = gw:wait_state(p.id, "paid")
+    assert.equal(3, got.version)
+    local rows = assert(gw.db:query("SELECT key FROM"
+      .. " gw_notification_effects WHERE key LIKE $1",
+      { "%|" .. p.out_trade_no .. "|%" }))
+    assert.equal(1, #rows)
+    assert.equal("pay|" .. sim.partner.mchid .. "/" .. sim.partner.sub_mchid
+                 .. "|" .. p.out_trade_no .. "|SUCCESS", rows[1].key)
+    local r = gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
+                      { amount = 66 })
+    assert.equal(201, r.status, r.body)
+    sim:settle(r.json.out_refund_no)
+    sim:wait_notification{ out_refund_no = r.json.out_refund_no }
+    gw:wait_state(p.id, "refunded")
+  end)
+end)

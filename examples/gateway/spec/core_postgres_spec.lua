@@ -1,0 +1,92 @@
+-- examples/gateway on PostgreSQL: the same flows as on SQLite -- create,
+-- a duplicated notification applied once, refunds to the paid amount, the
+-- audit chain -- against a real server started by spec/support.
+local testing = require "paygate.testing"
+local audit = require "paygate.audit"
+local servers = require "spec.support.servers"
+local core = dofile("examples/gateway/spec/core_support.lua")
+
+if not servers.have_postgres() then
+  describe("gateway on PostgreSQL", function()
+    pending("PostgreSQL is not installed")
+  end)
+  return
+end
+
+describe("gateway on PostgreSQL", function()
+  local sim, gw, pg
+
+  setup(function()
+    pg = servers.postgres()
+    sim = testing.simulator{ time_scale = 100 }
+    gw = core.start(sim, { db = function() return pg.url end, workers = 2 })
+  end)
+
+  teardown(function()
+    if gw then gw:stop() end
+    testing.stop_all()
+    servers.stop_all()
+  end)
+
+  it("pays, dedupes, refunds and keeps the audit chain", function()
+    local p = gw:create{ amount = 500 }
+    assert.equal("paying", p.state)
+    sim:fault{ endpoint = "notify", kind = "duplicate", count = 1 }
+    sim:pay(p.out_trade_no)
+    local d = sim:wait_notification(p.out_trade_no, { attempts = 2 })
+    assert.equal(204, d.attempts[1].status)
+    assert.equal(204, d.attempts[2].status)
+    local got = gw:wait_state(p.id, "paid")
+    assert.equal(3, got.version)
+    local r1 = gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
+                       { amount = 200 })
+    assert.equal(201, r1.status, r1.body)
+    local over = gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
+                         { amount = 301 })
+    assert.equal(422, over.status, over.body)
+    local r2 = gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
+                       { amount = 300 })
+    assert.equal(201, r2.status, r2.body)
+    sim:settle(r1.json.out_refund_no)
+    sim:settle(r2.json.out_refund_no)
+    sim:wait_notification{ out_refund_no = r2.json.out_refund_no }
+    sim:wait_notification{ out_refund_no = r1.json.out_refund_no }
+    got = gw:wait_state(p.id, "refunded")
+    assert.equal(500, got.refunded)
+    local ok, rep = audit.verify(gw.db, "payment:" .. p.id)
+    assert.is_true(ok, rep and rep.message)
+    local ev = assert(gw.db:query("SELECT type FROM paygate_outbox WHERE"
+      .. " subject = $1 ORDER BY id", { p.id }))
+    local types = {}
+    for i, r in ipairs(ev) do types[i] = r.type end
+    assert.same({ "payment.paying", "payment.paid", "refund.succeeded",
+                  "payment.partially_refunded", "refund.succeeded",
+                  "payment.refunded" }, types)
+  end)
+
+  it("answers FAIL while the store is down, applies the retry after",
+     function()
+    local p = gw:create{ amount = 77 }
+    pg.stop()
+    local ok, err = pcall(function()
+      sim:pay(p.out_trade_no)
+      local d = sim:wait_notification(p.out_trade_no, { attempts = 1 })
+      assert.equal(500, d.attempts[1].status)
+    end)
+    pg.start()
+    assert(ok, err)
+    local d = sim:wait_notification(p.out_trade_no, { timeout = 40 })
+    assert.equal(204, d.last.status)
+    local got = gw:wait_state(p.id, "paid", 20)
+    assert.equal(3, got.version)
+  end)
+
+  it("refreshes from WeChat with ?refresh=1", function()
+    local p = gw:create{ amount = 10 }
+    sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }
+    sim:pay(p.out_trade_no)
+    local got = gw:get(p.id, "?refresh=1")
+    assert.equal("paid", got.state)
+    assert.is_nil(got.stale)
+  end)
+end)
