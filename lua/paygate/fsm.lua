@@ -903,6 +903,20 @@ local function is_retry_conflict(err, extra)
                              or (extra ~= nil and extra[err.name]))
 end
 
+--- syntax: m:applied(plan)
+-- Counts the plan's transition (fsm.stats, fsm.prometheus) once its
+-- statements committed: m:apply_atomic does it itself; call it after
+-- your own db:atomic / fsm.atomic of a plan.
+function Machine:applied(plan)
+  if getmetatable(self) ~= Machine then
+    error("m:applied: call it as m:applied(plan)", 2)
+  end
+  if type(plan) ~= "table" or plan.machine ~= self.name then
+    error("m:applied: plan must be a plan of this machine (m:plan)", 2)
+  end
+  count("transitions", self.name, plan.from, what_of(plan.how))
+end
+
 --- syntax: results, value = fsm.atomic(db, build[, opts])
 -- fsm.retry for plans: build(attempt) reads what it needs and returns
 -- stmts[, value] (stmts for db:atomic; {} for nothing to write) or nil,
@@ -1025,7 +1039,7 @@ function Machine:apply_atomic(db, id, how, opts)
     end
     return nil, err
   end
-  count("transitions", self.name, plan.from, what_of(plan.how))
+  self:applied(plan)
   plan.results = results
   return plan
 end
