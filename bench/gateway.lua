@@ -13,7 +13,7 @@
 --           (the replay check on), and
 --       (b) examples/gateway on one worker: POST /wechatpay/notify/{mchid}
 --           (verify, decrypt, dedupe, transition, audit, outbox, commit,
---           204), once per notify mode in BENCH_MODES,
+--           204), and before it the gateway at BENCH_COMPARE if given,
 --     and prints unique notifications/s, p50, p99 and the ratios. After
 --     each gateway run it checks in the store that every payment notified
 --     is paid, once.
@@ -28,10 +28,10 @@
 -- env: BENCH_SECS (wrk's duration per run, default 5), BENCH_N (distinct
 -- notifications signed per run, default 60000: more than a run can send),
 -- BENCH_CONC (wrk connections, default 50), BENCH_FILL (default 1000000),
--- BENCH_ENGINES ("sqlite postgres"), BENCH_FILLS ("0 FILL"), BENCH_MODES
--- (notify modes of the gateway's config, e.g. "transaction atomic";
--- default: the gateway's own), BENCH_GATEWAY (the app, default
--- examples/gateway), PAYGATE_BIN.
+-- BENCH_ENGINES ("sqlite postgres"), BENCH_FILLS ("0 FILL"),
+-- BENCH_COMPARE (a git revision: its examples/gateway runs too, before
+-- the working tree's, on its own payments), BENCH_GATEWAY (the app,
+-- default examples/gateway), PAYGATE_BIN.
 --
 -- The fill's audit rows carry random hashes (not verifiable chains): they
 -- are there for their size and indexes, not for audit.verify.
@@ -322,7 +322,7 @@ local function baseline(file, n, tmp)
   return r
 end
 
-local function gateway(url, mode, file, n, tmp)
+local function gateway(url, app, file, n, tmp)
   local port = free_port()
   local conf = tmp .. "/gw.lua"
   local f = assert(io.open(conf, "w"))
@@ -332,7 +332,7 @@ local function gateway(url, mode, file, n, tmp)
   kf:close()
   local cwd = read_cmd("pwd"):gsub("%s+$", "")
   f:write(([[return {
-  gateway = { db = %q, public_url = "http://127.0.0.1:%d"%s },
+  gateway = { db = %q, public_url = "http://127.0.0.1:%d" },
   merchants = { {
     mchid = %q, appid = %q,
     merchant_private_key = %q, merchant_serial = %q,
@@ -342,15 +342,14 @@ local function gateway(url, mode, file, n, tmp)
   } },
   shared = { wechatpay_replay = "128m" },
 }
-]]):format(url, port, mode and (", notify = %q"):format(mode) or "",
-    MCHID, APPID, cwd .. "/" .. FIX .. "a1_merchant_key.pem",
+]]):format(url, port, MCHID, APPID, cwd .. "/" .. FIX .. "a1_merchant_key.pem",
     "1DDE55AD98ED71D6EDD4A4A16996DE7B47773A8C", key,
     cwd .. "/" .. FIX .. "a7_platform_pubkey.pem", PUB_ID))
   f:close()
-  local log = tmp .. "/gw." .. (mode or "default") .. ".log"
+  local log = tmp .. "/gw." .. port .. ".log"
   local pid = start(("%s%s run %s --listen 127.0.0.1:%d --workers 1"
     .. " --admin off --no-access-log --log-level warn --config %s")
-    :format(pin0, BIN, GATEWAY, port, conf), log)
+    :format(pin0, BIN, app, port, conf), log)
   local ok, err = pcall(wait_port, port)
   if not ok then
     io.stderr:write(assert(io.open(log)):read("*a"))
@@ -395,14 +394,17 @@ local function run()
   for v in (os.getenv("BENCH_FILLS") or ("0 " .. FILL)):gmatch("%S+") do
     fills[#fills + 1] = tonumber(v)
   end
-  local modes = {}
-  for m in (os.getenv("BENCH_MODES") or ""):gmatch("%S+") do
-    modes[#modes + 1] = m
-  end
-  if #modes == 0 then
-    modes[1] = false                     -- the gateway's default
-  end
   local tmp = servers.mktemp()
+  -- the gateway as it is, and as it was at BENCH_COMPARE (a git revision)
+  local modes = {}
+  local rev = os.getenv("BENCH_COMPARE")
+  if rev and rev ~= "" then
+    local dir = tmp .. "/before"
+    assert(sh(("mkdir -p %s && git archive %s %s | tar -x -C %s"):format(
+      dir, rev, GATEWAY, dir)), "cannot extract " .. GATEWAY .. " at " .. rev)
+    modes[1] = { label = "gateway @" .. rev, app = dir .. "/" .. GATEWAY }
+  end
+  modes[#modes + 1] = { label = "gateway", app = GATEWAY }
   local cpu = read_cmd("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2")
               :gsub("^%s+", ""):gsub("%s+$", "")
   print(("paygate bench/gateway — %s, %s cores: %s; load now: %s"):format(
@@ -445,14 +447,14 @@ local function run()
         local file = tmp .. "/n.tsv"
         gen_parallel(file, from, N)
         local base = baseline(file, N, tmp)
-        local gw = gateway(url, mode, file, N, tmp)
+        local gw = gateway(url, mode.app, file, N, tmp)
         local paid, entries, events = check(url, from, from + N - 1)
         -- acknowledged ones are paid; a few more may have committed as
         -- wrk stopped with their answers on the way
         local ok = paid >= gw.ok and paid <= gw.ok + env_num("BENCH_CONC", 50)
                    and entries == 2 * N + paid and events == paid
                    and gw.pads == 0 and base.pads == 0 and gw.bad == 0
-        local label = "gateway" .. (mode and (" (" .. mode .. ")") or "")
+        local label = mode.label
         local fill_label = nfill == 0 and "fresh" or (nfill .. "")
         print(("%-9s %-9s %-26s %9.0f %9.2f %9.2f %7s %8s"):format(engine,
           fill_label, "parse_notification->204", base.rate, base.p50,
@@ -472,7 +474,7 @@ local function run()
           print("  socket errors: " .. gw.errors)
         end
         results[#results + 1] = { engine = engine, fill = nfill,
-          mode = mode, base = base, gw = gw, ok = ok }
+          mode = mode.label, base = base, gw = gw, ok = ok }
       end
       if nfill > 0 then
         print(("  (filled %d payments with their history in %.0f s)")
@@ -489,9 +491,8 @@ local function run()
     for _, b in ipairs(results) do
       if a.engine == b.engine and a.mode == b.mode and a.fill == 0
          and b.fill > 0 then
-        print(("%s%s: filled / fresh: throughput %.2f, p99 %.2f"):format(
-          a.engine, a.mode and (" (" .. a.mode .. ")") or "",
-          b.gw.rate / a.gw.rate, b.gw.p99 / a.gw.p99))
+        print(("%s, %s: filled / fresh: throughput %.2f, p99 %.2f"):format(
+          a.engine, a.mode, b.gw.rate / a.gw.rate, b.gw.p99 / a.gw.p99))
       end
     end
   end
