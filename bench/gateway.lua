@@ -25,7 +25,9 @@
 --     delivered outbox event), KIND "b" payments waiting for payment
 --     (attempt open, 2 audit entries)
 --
--- env: BENCH_SECS (wrk's duration per run, default 5), BENCH_N (distinct
+-- env: BENCH_ROUNDS (default 3: alternating runs of each receiver; the
+-- medians are printed), BENCH_SECS (wrk's duration per run, default 5),
+-- BENCH_N (distinct
 -- notifications signed per run, default 60000: more than a run can send),
 -- BENCH_CONC (wrk connections, default 50), BENCH_FILL (default 1000000),
 -- BENCH_ENGINES ("sqlite postgres"), BENCH_FILLS ("0 FILL"),
@@ -290,6 +292,30 @@ local function drive(port, path, file, tmp)
   return r
 end
 
+local TICK = tonumber(read_cmd("getconf CLK_TCK")) or 100
+
+-- CPU seconds (user + system, every thread) of the receiver's worker: the
+-- master's child (--workers 1), or the process itself.
+local function cpu_of(pid)
+  local w = tonumber((read_cmd("pgrep -P " .. pid):match("%d+"))) or pid
+  local f = io.open("/proc/" .. w .. "/stat")
+  if not f then return 0 end
+  local st = f:read("*a"):gsub("^.*%) ", "")
+  f:close()
+  local fields = {}
+  for v in st:gmatch("%S+") do fields[#fields + 1] = v end
+  -- after the ") ": state is field 3 of stat, utime 14, stime 15
+  return (tonumber(fields[12]) + tonumber(fields[13])) / TICK
+end
+
+-- drive() with the worker's CPU time per acknowledged notification (us).
+local function drive_cpu(pid, port, path, file, tmp)
+  local c0 = cpu_of(pid)
+  local r = drive(port, path, file, tmp)
+  r.cpu_us = r.ok > 0 and (cpu_of(pid) - c0) * 1e6 / r.ok or 0
+  return r
+end
+
 local function start(cmd, log)
   return tonumber(read_cmd(("sh -c '%s > %s 2>&1 & echo $!'"):format(cmd,
                                                                       log)))
@@ -317,7 +343,7 @@ local function baseline(file, n, tmp)
     .. " --workers 1 --admin off --no-access-log --log-level warn"
     .. " --config %s"):format(pin0, BIN, port, conf), tmp .. "/base.log")
   wait_port(port)
-  local r = drive(port, "/notify", file, tmp)
+  local r = drive_cpu(pid, port, "/notify", file, tmp)
   stop(pid)
   return r
 end
@@ -355,7 +381,7 @@ local function gateway(url, app, file, n, tmp)
     io.stderr:write(assert(io.open(log)):read("*a"))
     error(err, 0)
   end
-  local r = drive(port, "/wechatpay/notify/" .. MCHID, file, tmp)
+  local r = drive_cpu(pid, port, "/wechatpay/notify/" .. MCHID, file, tmp)
   stop(pid)
   r.log = log
   return r
@@ -377,6 +403,26 @@ local function check(url, from, to)
     { a, b }))[1].n
   db:close()
   return tonumber(paid), tonumber(entries), tonumber(events)
+end
+
+-- The run of median rate, with the median of each figure.
+local function median_run(list)
+  local function med(key)
+    local v = {}
+    for i, r in ipairs(list) do v[i] = r[key] end
+    table.sort(v)
+    return v[math.floor((#v + 1) / 2)]
+  end
+  return { rate = med("rate"), p50 = med("p50"), p99 = med("p99"),
+           cpu_us = med("cpu_us") }
+end
+
+local function rates_of(list)
+  local t = {}
+  for i, r in ipairs(list) do
+    t[i] = ("%.0f (p99 %.1f ms)"):format(r.rate, r.p99)
+  end
+  return table.concat(t, ", ")
 end
 
 local function run()
@@ -415,10 +461,14 @@ local function run()
     :format(env_num("BENCH_SECS", 5), env_num("BENCH_CONC", 50), N,
     engines[2] and "; PostgreSQL unpinned" or ""))
   print("note: the machine may be shared with other jobs; compare the"
-    .. " ratios (measured in the same run), not absolute figures")
+    .. " ratios (measured in the same run), not absolute figures. cpu_us:"
+    .. " the receiver worker's CPU time (all its threads) per acknowledged"
+    .. " notification; its x base is base cpu / gateway cpu, the throughput"
+    .. " ratio one core of its own would give")
   print()
-  print(("%-9s %-9s %-26s %9s %9s %9s %7s %8s"):format("store", "fill",
-    "receiver", "notif/s", "p50_ms", "p99_ms", "x base", "check"))
+  print(("%-8s %-7s %-24s %8s %8s %8s %7s %8s %7s %6s"):format("store",
+    "fill", "receiver", "notif/s", "p50_ms", "p99_ms", "x base", "cpu_us",
+    "x base", "check"))
   local results = {}
   for _, engine in ipairs(engines) do
     local pg_srv
@@ -440,41 +490,73 @@ local function run()
       if nfill > 0 then
         fill(url, "h", 1, nfill)
       end
-      fill(url, "b", 1, N * #modes)
+      local rounds = env_num("BENCH_ROUNDS", 3)
+      fill(url, "b", 1, N * #modes * rounds)
       local filled = paygate.update_time() - t0
+      local fill_label = nfill == 0 and "fresh"
+        or (nfill >= 1e6 and (nfill / 1e6) .. "M" or tostring(nfill))
+      -- rounds: the baseline, then each gateway, each on notifications
+      -- of its own signed just before; medians reported
+      local runs = { base = {} }
+      local all_ok, notes = true, {}
+      for r = 1, rounds do
+        for mi, mode in ipairs(modes) do
+          local from = ((r - 1) * #modes + (mi - 1)) * N + 1
+          local file = tmp .. "/n.tsv"
+          gen_parallel(file, from, N)
+          if mi == 1 then
+            local base = baseline(file, N, tmp)
+            table.insert(runs.base, base)
+            if base.pads > 0 then
+              all_ok = false
+              notes[#notes + 1] = "baseline used up its notifications: raise"
+                .. " BENCH_N"
+            end
+          end
+          local gw = gateway(url, mode.app, file, N, tmp)
+          runs[mi] = runs[mi] or {}
+          table.insert(runs[mi], gw)
+          local paid, entries, events = check(url, from, from + N - 1)
+          -- acknowledged ones are paid; a few more may have committed as
+          -- wrk stopped with their answers on the way
+          local ok = paid >= gw.ok
+            and paid <= gw.ok + env_num("BENCH_CONC", 50)
+            and entries == 2 * N + paid and events == paid and gw.pads == 0
+            and gw.bad == 0
+          if not ok then
+            all_ok = false
+            notes[#notes + 1] = ("%s round %d: %d acknowledged, %d paid,"
+              .. " %d audit entries (want %d), %d events, %d failed answers,"
+              .. " notifications used up: %s; log: %s\n%s"):format(
+              mode.label, r, gw.ok, paid, entries, 2 * N + paid, events,
+              gw.bad, tostring(gw.pads > 0), gw.log, gw.text)
+          end
+          if gw.errors then
+            notes[#notes + 1] = mode.label .. " round " .. r
+              .. ": socket errors: " .. gw.errors
+          end
+        end
+      end
+      local base = median_run(runs.base)
+      print(("%-8s %-7s %-24s %8.0f %8.2f %8.2f %7s %8.0f %7s %6s")
+        :format(engine, fill_label, "parse_notification->204", base.rate,
+        base.p50, base.p99, "", base.cpu_us, "", ""))
       for mi, mode in ipairs(modes) do
-        local from = (mi - 1) * N + 1
-        local file = tmp .. "/n.tsv"
-        gen_parallel(file, from, N)
-        local base = baseline(file, N, tmp)
-        local gw = gateway(url, mode.app, file, N, tmp)
-        local paid, entries, events = check(url, from, from + N - 1)
-        -- acknowledged ones are paid; a few more may have committed as
-        -- wrk stopped with their answers on the way
-        local ok = paid >= gw.ok and paid <= gw.ok + env_num("BENCH_CONC", 50)
-                   and entries == 2 * N + paid and events == paid
-                   and gw.pads == 0 and base.pads == 0 and gw.bad == 0
-        local label = mode.label
-        local fill_label = nfill == 0 and "fresh" or (nfill .. "")
-        print(("%-9s %-9s %-26s %9.0f %9.2f %9.2f %7s %8s"):format(engine,
-          fill_label, "parse_notification->204", base.rate, base.p50,
-          base.p99, "", ""))
-        print(("%-9s %-9s %-26s %9.0f %9.2f %9.2f %7.2f %8s"):format(engine,
-          fill_label, label, gw.rate, gw.p50, gw.p99,
-          base.rate > 0 and gw.rate / base.rate or 0,
-          ok and "ok" or ("BAD")))
-        if not ok then
-          print(("  check: %d acknowledged, %d paid, %d audit entries (want"
-            .. " %d), %d events, %d failed answers, pool exhausted: %s;"
-            .. " gateway log: %s; wrk:\n%s"):format(gw.ok, paid, entries,
-            2 * N + paid, events, gw.bad, tostring(gw.pads > 0
-            or base.pads > 0), gw.log, gw.text))
-        end
-        if gw.errors then
-          print("  socket errors: " .. gw.errors)
-        end
+        local gw = median_run(runs[mi])
+        print(("%-8s %-7s %-24s %8.0f %8.2f %8.2f %7.2f %8.0f %7.2f %6s")
+          :format(engine, fill_label, mode.label, gw.rate, gw.p50, gw.p99,
+          base.rate > 0 and gw.rate / base.rate or 0, gw.cpu_us,
+          gw.cpu_us > 0 and base.cpu_us / gw.cpu_us or 0,
+          all_ok and "ok" or "BAD"))
+        print(("%-8s %-7s %-24s %s"):format("", "", "  rounds, notif/s:",
+          rates_of(runs[mi])))
         results[#results + 1] = { engine = engine, fill = nfill,
-          mode = mode.label, base = base, gw = gw, ok = ok }
+          mode = mode.label, base = base, gw = gw }
+      end
+      print(("%-8s %-7s %-24s %s"):format("", "", "  base rounds:",
+        rates_of(runs.base)))
+      for _, n in ipairs(notes) do
+        print("  " .. n)
       end
       if nfill > 0 then
         print(("  (filled %d payments with their history in %.0f s)")
