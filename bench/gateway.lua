@@ -527,9 +527,10 @@ local function run()
             all_ok = false
             notes[#notes + 1] = ("%s round %d: %d acknowledged, %d paid,"
               .. " %d audit entries (want %d), %d events, %d failed answers,"
-              .. " notifications used up: %s; log: %s\n%s"):format(
+              .. " notifications used up: %s; the gateway's log ends:\n%s\n%s"):format(
               mode.label, r, gw.ok, paid, entries, 2 * N + paid, events,
-              gw.bad, tostring(gw.pads > 0), gw.log, gw.text)
+              gw.bad, tostring(gw.pads > 0),
+              read_cmd("tail -c 1500 " .. gw.log), gw.text)
           end
           if gw.errors then
             notes[#notes + 1] = mode.label .. " round " .. r

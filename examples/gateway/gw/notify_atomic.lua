@@ -110,7 +110,7 @@ local function build(db, mchid, event, key)
                              "applied" }, expect = 1, name = "notification" },
     { "INSERT INTO gw_notification_effects (key, notification_id,"
       .. " applied_at) VALUES ($1, $2, $3) ON CONFLICT (key) DO NOTHING",
-      { key, event.id, now }, expect = 1, name = "effect" },
+      { key, event.id, model.now() }, expect = 1, name = "effect" },
     { "UPDATE gw_attempts SET state = 'paid', transaction_id = $2,"
       .. " closed_at = COALESCE(closed_at, $3) WHERE out_trade_no = $1"
       .. " AND state = 'open'", { no, r.transaction_id or json.null, now },
