@@ -31,8 +31,8 @@
 -- notifications signed per run, default 60000: more than a run can send),
 -- BENCH_CONC (wrk connections, default 50), BENCH_FILL (default 1000000),
 -- BENCH_ENGINES ("sqlite postgres"), BENCH_FILLS ("0 FILL"),
--- BENCH_COMPARE (a git revision: its examples/gateway runs too, before
--- the working tree's, on its own payments), BENCH_GATEWAY (the app,
+-- BENCH_COMPARE (a git revision, or an app folder: its gateway runs too,
+-- before the working tree's, on payments of its own), BENCH_GATEWAY (the app,
 -- default examples/gateway), PAYGATE_BIN.
 --
 -- The fill's audit rows carry random hashes (not verifiable chains): they
@@ -444,7 +444,10 @@ local function run()
   -- the gateway as it is, and as it was at BENCH_COMPARE (a git revision)
   local modes = {}
   local rev = os.getenv("BENCH_COMPARE")
-  if rev and rev ~= "" then
+  if rev and rev ~= "" and sh("test -f " .. rev .. "/app.lua") then
+    modes[1] = { label = "gateway " .. rev:match("[^/]*/?[^/]+$"),
+                 app = rev }
+  elseif rev and rev ~= "" then
     local dir = tmp .. "/before"
     assert(sh(("mkdir -p %s && git archive %s %s | tar -x -C %s"):format(
       dir, rev, GATEWAY, dir)), "cannot extract " .. GATEWAY .. " at " .. rev)
