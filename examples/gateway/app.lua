@@ -51,7 +51,7 @@ local cfg, why = config.check(paygate.config_copy(), paygate.runtime)
 if not cfg then fatal(why) end
 local g = cfg.gateway
 
--- the store ------------------------------------------------------------
+-- the store -----------------------------------------------------------------
 
 local db, err = sql.open(g.db)
 if not db then
@@ -65,7 +65,7 @@ do
   assert(outbox.setup(db))
 end
 
--- WeChat Pay clients, one per merchant ------------------------------------
+-- WeChat Pay clients, one per merchant --------------------------------------
 
 local wx = {}
 for _, m in ipairs(cfg.merchants) do
@@ -109,7 +109,7 @@ if g.dev_app and paygate.runtime.mode == "worker" then
   end
 end
 
--- merchant API -------------------------------------------------------------
+-- merchant API --------------------------------------------------------------
 
 local auth = apikey.before_hook(db, { prefix = "/v1/" })
 if g.dev_app then
@@ -145,11 +145,11 @@ paygate.route("POST", "/v1/payments/:id/refunds",
 paygate.route("GET", "/v1/payments/:id/refunds", refunds.list)
 paygate.route("GET", "/v1/refunds/:id", refunds.get)
 
--- WeChat's notifications ---------------------------------------------------
+-- WeChat's notifications ----------------------------------------------------
 
 paygate.route("POST", "/wechatpay/notify/:mchid", notify.handler)
 
--- the OpenAPI description ----------------------------------------------------
+-- the OpenAPI description ---------------------------------------------------
 
 do
   local f = io.open(paygate.app_dir .. "/openapi.json", "rb")
@@ -163,11 +163,11 @@ do
   end)
 end
 
--- admin ------------------------------------------------------------------------
+-- admin ---------------------------------------------------------------------
 
 admin.routes(ctx)
 
--- background: the outbox dispatcher ------------------------------------------
+-- background: the outbox dispatcher -----------------------------------------
 
 if paygate.runtime.mode == "worker" then
   events.start(db, g)

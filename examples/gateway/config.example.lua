@@ -7,7 +7,8 @@ return {
   gateway = {
     db = "sqlite:var/gateway.db",          -- or "postgres://user@host/db"
     -- redis = "redis://127.0.0.1:6379",   -- for redis_stream
-    public_url = "https://pay.example.com", -- notify_url base: <public_url>/wechatpay/notify/<mchid>
+    -- notify_url base: <public_url>/wechatpay/notify/<mchid>
+    public_url = "https://pay.example.com",
     payment_ttl = 7200,                    -- s until an unpaid payment expires
     on_late_payment = "refund",            -- or "alarm"
     degraded = false,                      -- start value of /admin/degrade

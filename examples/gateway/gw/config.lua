@@ -64,7 +64,9 @@ local function secret(t, base, where)
     end
     local v, err = read_secret(file)
     if not v then return false, where .. base .. "_file: " .. err end
-    if v == "" then return false, where .. base .. "_file: the file is empty" end
+    if v == "" then
+      return false, where .. base .. "_file: the file is empty"
+    end
     return v
   end
   if env ~= nil then
@@ -140,7 +142,8 @@ local function check_url(key, v, loopback_http)
     return fail(key, "must have no query, fragment or spaces")
   end
   if scheme == "http" and loopback_http and not is_loopback_host(host) then
-    return fail(key, "http:// is allowed for a loopback host only; use https://")
+    return fail(key, "http:// is allowed for a loopback host only; use"
+                .. " https://")
   end
   return v
 end

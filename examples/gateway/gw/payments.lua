@@ -25,7 +25,7 @@ local MAX_AMOUNT = 10000000000      -- fen
 
 function _M.init(c) ctx = c end
 
--- answers ------------------------------------------------------------------
+-- answers -------------------------------------------------------------------
 
 local function err_body(kind, message, extra)
   local b = { error = kind, message = message }
@@ -60,11 +60,45 @@ local function not_found(what)
   return 404, err_body("not_found", what .. " not found")
 end
 
--- input --------------------------------------------------------------------
+-- input ---------------------------------------------------------------------
+
+--- syntax: n = payments.text_len(s)
+-- returns: the number of characters of s when it is UTF-8 text WeChat
+-- takes (characters of 1 to 3 bytes, no control characters but tab and
+-- newline), or nil.
+local function text_len(s)
+  local i, n, len = 1, 0, #s
+  while i <= len do
+    local c = s:byte(i)
+    local extra
+    if c < 0x80 then
+      if (c < 0x20 and c ~= 9 and c ~= 10) or c == 0x7f then return nil end
+      extra = 0
+    elseif c >= 0xc2 and c <= 0xdf then
+      extra = 1
+    elseif c >= 0xe0 and c <= 0xef then
+      extra = 2
+    else
+      return nil                    -- a 4-byte character, or not UTF-8
+    end
+    for k = 1, extra do
+      local b = s:byte(i + k)
+      if not b or b < 0x80 or b > 0xbf then return nil end
+    end
+    if extra == 2 then
+      local b = s:byte(i + 1)
+      if (c == 0xe0 and b < 0xa0) or (c == 0xed and b > 0x9f) then
+        return nil                  -- overlong, or a surrogate
+      end
+    end
+    i, n = i + extra + 1, n + 1
+  end
+  return n
+end
+_M.text_len = text_len
 
 local function utf8_len(s)
-  local _, n = s:gsub("[^\128-\191]", "")
-  return n
+  return text_len(s) or math.huge
 end
 
 local function is_int(v, lo, hi)
@@ -139,12 +173,12 @@ local function check_create(b)
   if out.currency ~= "CNY" then bad.currency = "must be CNY" end
   if type(b.description) ~= "string" or b.description == ""
      or utf8_len(b.description) > 127 then
-    bad.description = "must be 1..127 characters"
+    bad.description = "must be 1..127 characters of UTF-8 text (no emoji)"
   end
   out.description = b.description
   if b.attach ~= nil and (type(b.attach) ~= "string"
                           or utf8_len(b.attach) > 128) then
-    bad.attach = "must be a string of at most 128 characters"
+    bad.attach = "must be UTF-8 text of at most 128 characters"
   end
   out.attach = b.attach
   if b.expires_in ~= nil and not is_int(b.expires_in, 60, 7 * 86400) then
@@ -176,7 +210,7 @@ local function check_create(b)
   return out
 end
 
--- WeChat -------------------------------------------------------------------
+-- WeChat --------------------------------------------------------------------
 
 local function rfc3339_beijing(t)
   return os.date("!%Y-%m-%dT%H:%M:%S+08:00", t + 8 * 3600)
@@ -274,7 +308,7 @@ local function store_failed(err)
                        .. tostring(err and err.kind) .. ")")
 end
 
--- POST /v1/payments ----------------------------------------------------------
+-- POST /v1/payments ---------------------------------------------------------
 
 function _M.create(req, ik)
   local b, st, eb = body_of(req)
@@ -330,7 +364,8 @@ function _M.create(req, ik)
       currency = o.currency, description = o.description,
       attach = o.attach or json.null,
       out_trade_no = model.out_trade_no(id, 1), attempt = 1, refunded = 0,
-      expires_at = floor(now) + o.expires_in, created_at = now, updated_at = now,
+      expires_at = floor(now) + o.expires_in, created_at = now,
+      updated_at = now,
       checks = 0 }
     local res
     res, qerr = P:create(tx, row, { cause = "create", actor = actor,
@@ -365,7 +400,7 @@ function _M.create(req, ik)
   return s1, s2, s3
 end
 
--- POST /v1/payments/:id/attempts ------------------------------------------------
+-- POST /v1/payments/:id/attempts --------------------------------------------
 
 local OPEN = { created = true, paying = true, unknown = true }
 
@@ -457,7 +492,7 @@ function _M.new_attempt(req, ik)
   return s1, s2, s3
 end
 
--- POST /v1/payments/:id/close ---------------------------------------------------
+-- POST /v1/payments/:id/close -----------------------------------------------
 
 function _M.close(req, ik)
   local p, err = load_own(req)
@@ -504,7 +539,7 @@ function _M.close(req, ik)
   return a, b, c
 end
 
--- GET /v1/payments/:id ------------------------------------------------------------
+-- GET /v1/payments/:id ------------------------------------------------------
 
 --- syntax: outcome, err = payments.refresh(p)
 -- Asks WeChat about the payment's current attempt (and its refunds still

@@ -85,7 +85,7 @@ function _M.send(id, finish)
   end)
 end
 
--- POST /v1/payments/:id/refunds ----------------------------------------------
+-- POST /v1/payments/:id/refunds ---------------------------------------------
 
 local function check(b)
   local bad = {}
@@ -94,7 +94,7 @@ local function check(b)
     bad.amount = "must be a whole number of fen, at least 1"
   end
   if b.reason ~= nil and (type(b.reason) ~= "string" or b.reason == ""
-                          or #b.reason > 240) then
+                          or (payments.text_len(b.reason) or 81) > 80) then
     bad.reason = "must be a string of at most 80 characters"
   end
   return next(bad) == nil, bad
@@ -221,7 +221,7 @@ function _M.refresh_open(p)
   return true
 end
 
--- GET /v1/payments/:id/refunds, GET /v1/refunds/:id ------------------------------
+-- GET /v1/payments/:id/refunds, GET /v1/refunds/:id -------------------------
 
 function _M.list(req)
   local p, err = model.payment(ctx.db, req.params.id)

@@ -160,6 +160,40 @@ describe("gateway admin and events", function()
     end)
   end
 
+  it("runs the in-process hooks of gw/hooks.lua", function()
+    -- a copy of the app whose hooks.lua records what it is given
+    local dir = testing.tmpdir()
+    os.execute("cp -r examples/gateway/app.lua examples/gateway/gw"
+               .. " examples/gateway/migrations '" .. dir .. "/'")
+    local f = assert(io.open(dir .. "/gw/hooks.lua", "wb"))
+    f:write([=[
+local paygate = require "paygate"
+local _M = {}
+local function record(kind, event)
+  local f = assert(io.open(paygate.app_dir .. "/hooks.log", "ab"))
+  f:write(kind, " ", event.type, " ", event.payload.payment.id, "\n")
+  f:close()
+end
+function _M.on_paid(event) record("on_paid", event) end
+_M["payment.paying"] = function(event) record("any", event) end
+return _M
+]=])
+    f:close()
+    local g2 = core.start(sim, { app = dir })
+    local p = g2:create{ amount = 9 }
+    sim:pay_and_wait(p.out_trade_no)
+    local log = ""
+    testing.wait_until(function()
+      local h = io.open(dir .. "/hooks.log", "rb")
+      log = h and h:read("*a") or ""
+      if h then h:close() end
+      return log:find("on_paid payment.paid " .. p.id, 1, true)
+    end, 10, "the on_paid hook")
+    assert.truthy(log:find("any payment.paying " .. p.id, 1, true))
+    g2:stop()
+    require("paygate.testing.server").rmdir(dir)
+  end)
+
   it("lets unsigned loopback requests act as dev_app", function()
     local res = gw.srv:request{ method = "POST", path = "/v1/payments",
       body = json.encode{ order_id = "dev-1", channel = "native",

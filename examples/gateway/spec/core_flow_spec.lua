@@ -32,6 +32,15 @@ describe("gateway core flow", function()
     assert.truthy(res.json.fields.amount)
     assert.truthy(res.json.fields.order_id)
     assert.truthy(res.json.fields.description)
+    res = gw:call("POST", "/v1/payments", { order_id = "emoji-1",
+      channel = "native", amount = 1, description = "cake \240\159\142\130" })
+    assert.equal(400, res.status)
+    assert.matches("no emoji", res.json.fields.description, 1, true)
+    -- raw bytes: an encoder would turn them into other characters
+    res = gw:call("POST", "/v1/payments", '{"order_id":"bad-utf8",'
+      .. '"channel":"native","amount":1,"description":"\255\254"}')
+    assert.equal(400, res.status)
+    assert.truthy(res.json.fields.description)
   end)
 
   it("creates a native payment, applies its notification once", function()
@@ -65,7 +74,7 @@ describe("gateway core flow", function()
 
   it("hands out jsapi and app pay-sign parameters", function()
     local _, pay = gw:create{ channel = "jsapi",
-                              payer = { openid = "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o" } }
+      payer = { openid = "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o" } }
     assert.matches("^prepay_id=", pay.package)
     assert.equal("RSA", pay.signType)
     assert.truthy(pay.paySign)
@@ -145,6 +154,35 @@ describe("gateway core flow", function()
     assert.equal("closed", res.json.state)
     local q = sim:client():query_by_out_trade_no(p.out_trade_no)
     assert.equal("CLOSED", q.trade_state)
+  end)
+
+  it("refuses changes that the payment's state does not allow", function()
+    local p = gw:create{ amount = 50 }
+    local r = gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
+                      { amount = 10 })
+    assert.equal(409, r.status)
+    assert.equal("invalid_state", r.json.error)
+    sim:pay_and_wait(p.out_trade_no)
+    gw:wait_state(p.id, "paid")
+    local c = gw:call("POST", "/v1/payments/" .. p.id .. "/close")
+    assert.equal(409, c.status)
+    assert.equal("payment_paid", c.json.error)
+    local a = gw:call("POST", "/v1/payments/" .. p.id .. "/attempts",
+                      { channel = "native" })
+    assert.equal(409, a.status)
+    assert.equal("payment_paid", a.json.error)
+    local missing = gw:call("GET", "/v1/payments/pay_nosuchpayment")
+    assert.equal(404, missing.status)
+  end)
+
+  it("never refunds above the paid amount under concurrent requests",
+     function()
+    local p = gw:create{ amount = 100 }
+    sim:pay_and_wait(p.out_trade_no)
+    gw:wait_state(p.id, "paid")
+    local counts = gw:concurrent_refunds(p.id, 10, 30)
+    assert.equal(3, counts[201])
+    assert.equal(7, counts[422])
   end)
 
   it("refunds partially then fully, never above the paid amount",

@@ -9,6 +9,9 @@ local sql = require "paygate.sql"
 local migrate = require "paygate.migrate"
 local json = require "paygate.json"
 local server = require "paygate.testing.server"
+local core = require "paygate.core"
+local testing = require "paygate.testing"
+local servers = require "spec.support.servers"
 
 package.path = "examples/gateway/?.lua;" .. package.path
 local model = require "gw.model"
@@ -16,7 +19,16 @@ local notify = require "gw.notify"
 local payments = require "gw.payments"
 local refunds = require "gw.refunds"
 
-describe("gateway notify handler", function()
+local engines = { sqlite = function(dir) return "sqlite:" .. dir
+                                                 .. "/gw.db" end }
+if servers.have_postgres() then
+  engines.postgres = function()
+    return servers.postgres().url .. "?pool=6"
+  end
+end
+
+for engine, url_of in pairs(engines) do
+describe("gateway notify handler on " .. engine, function()
   local dir, db, ctx, verdict
 
   local wx = {
@@ -54,12 +66,13 @@ describe("gateway notify handler", function()
     return { id = "EV-" .. no, event_type = "TRANSACTION.SUCCESS",
              resource = { mchid = "1900000001", out_trade_no = no,
                           trade_state = "SUCCESS", transaction_id = "42" .. no,
-                          amount = { total = total or 100, currency = "CNY" } } }
+                          amount = { total = total or 100,
+                                     currency = "CNY" } } }
   end
 
   setup(function()
     dir = server.tmpdir()
-    db = assert(sql.open("sqlite:" .. dir .. "/gw.db"))
+    db = assert(sql.open(url_of(dir)))
     assert(migrate.run(db, "examples/gateway/migrations"))
     ctx = { db = db, wx = { ["1900000001"] = wx },
             by_mchid = { ["1900000001"] = { mchid = "1900000001" } },
@@ -75,6 +88,7 @@ describe("gateway notify handler", function()
   teardown(function()
     db:close()
     server.rmdir(dir)
+    servers.stop_all()
   end)
 
   before_each(function() verdict = nil end)
@@ -152,4 +166,34 @@ describe("gateway notify handler", function()
     assert.equal("closed", model.refund(db, rid).state)
     assert.equal("paid", model.payment(db, id).state)
   end)
+
+  it("applies one effect under concurrent deliveries of one payment",
+     function()
+    local id = payment("paying")
+    local ev = paid_event(id, id .. "_1")
+    local statuses, done = {}, 0
+    for i = 1, 16 do
+      core.spawn(function()
+        -- half repeat the id, half come with ids of their own (the same
+        -- payment notified again): dedupe by id, and by business key
+        local e = { id = (i % 2 == 0) and ev.id or (ev.id .. "-" .. i),
+                    event_type = ev.event_type, resource = ev.resource }
+        statuses[i] = notify.handler(req(e))
+        done = done + 1
+      end)
+    end
+    testing.wait_until(function() return done == 16 end, 30, "deliveries")
+    for i = 1, 16 do assert.equal(204, statuses[i]) end
+    local p = model.payment(db, id)
+    assert.equal("paid", p.state)
+    assert.equal(3, p.version)
+    local ev_rows = assert(db:query("SELECT type FROM paygate_outbox WHERE"
+      .. " subject = $1 AND type = 'payment.paid'", { id }))
+    assert.equal(1, #ev_rows)
+    local applied = assert(db:query("SELECT outcome FROM gw_notifications"
+      .. " WHERE business_key LIKE $1 AND outcome = 'applied'",
+      { "%|" .. id .. "_1|%" }))
+    assert.equal(1, #applied)
+  end)
 end)
+end

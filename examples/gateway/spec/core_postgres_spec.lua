@@ -81,6 +81,16 @@ describe("gateway on PostgreSQL", function()
     assert.equal(3, got.version)
   end)
 
+  it("never refunds above the paid amount under concurrent requests",
+     function()
+    local p = gw:create{ amount = 100 }
+    sim:pay_and_wait(p.out_trade_no)
+    gw:wait_state(p.id, "paid")
+    local counts = gw:concurrent_refunds(p.id, 10, 30)
+    assert.equal(3, counts[201])
+    assert.equal(7, counts[422])
+  end)
+
   it("refreshes from WeChat with ?refresh=1", function()
     local p = gw:create{ amount = 10 }
     sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }

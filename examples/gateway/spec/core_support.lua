@@ -32,11 +32,11 @@ end
 
 --- syntax: gw = core.start(sim[, o]) -- o: gateway, merchant (overrides),
 -- db (a function(srv) -> url), workers, partner (the simulator's service
--- provider as the merchant)
+-- provider as the merchant), app (another copy of the app's folder)
 function _M.start(sim, o)
   o = o or {}
   local db_url
-  local srv = testing.start_app{ app = "examples/gateway",
+  local srv = testing.start_app{ app = o.app or "examples/gateway",
     workers = o.workers, args = { "--log-level", "info" },
     config = function(srv)
       local c = _M.config(sim, srv, o.gateway, o.merchant,
@@ -95,6 +95,23 @@ function _M.wait_state(gw, id, state, timeout)
     return p.state == state
   end, timeout or 10, "payment " .. id .. " to be " .. state)
   return p
+end
+
+--- syntax: statuses = gw:concurrent_refunds(id, n, amount)
+-- n refund POSTs of `amount` at once; returns { [status] = count }.
+function _M.concurrent_refunds(gw, id, n, amount)
+  local core = require "paygate.core"
+  local counts, done = {}, 0
+  for _ = 1, n do
+    core.spawn(function()
+      local res = gw:call("POST", "/v1/payments/" .. id .. "/refunds",
+                          { amount = amount })
+      counts[res.status] = (counts[res.status] or 0) + 1
+      done = done + 1
+    end)
+  end
+  testing.wait_until(function() return done == n end, 30, "the refunds")
+  return counts
 end
 
 function _M.stop(gw)

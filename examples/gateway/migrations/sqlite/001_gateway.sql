@@ -22,7 +22,8 @@ CREATE TABLE gw_payments (
   paid_out_trade_no TEXT,                   -- the attempt the money is on
   refunded       INTEGER NOT NULL DEFAULT 0,
   payer_total    INTEGER,
-  late           INTEGER NOT NULL DEFAULT 0, -- paid on a closed/superseded attempt
+  -- late: 1 when paid on a closed or superseded attempt
+  late           INTEGER NOT NULL DEFAULT 0,
   expires_at     INTEGER NOT NULL,
   created_at     REAL NOT NULL,
   updated_at     REAL NOT NULL,
@@ -52,12 +53,14 @@ CREATE TABLE gw_refunds (
   id            TEXT PRIMARY KEY,           -- ref_ + random
   payment_id    TEXT NOT NULL REFERENCES gw_payments (id),
   out_refund_no TEXT NOT NULL UNIQUE,
-  out_trade_no  TEXT NOT NULL,              -- the attempt whose money it returns
+  -- out_trade_no: the attempt whose money it returns
+  out_trade_no  TEXT NOT NULL,
   kind          TEXT NOT NULL,              -- merchant, late_payment, duplicate
   refund_id     TEXT,
   amount        INTEGER NOT NULL,
   reason        TEXT,
-  request_key   TEXT UNIQUE,                -- <app>|<Idempotency-Key> of the POST
+  -- request_key: <app>|<Idempotency-Key> of the POST that made it
+  request_key   TEXT UNIQUE,
   state         TEXT NOT NULL,
   version       INTEGER NOT NULL,
   created_at    REAL NOT NULL,
@@ -79,8 +82,11 @@ CREATE TABLE gw_notifications (
 CREATE INDEX gw_notifications_received ON gw_notifications (received_at);
 
 CREATE TABLE gw_notification_effects (
-  key             TEXT PRIMARY KEY,  -- pay|<mchid|sp/sub>|<no>|<state>, refund|<no>|<status>
+  -- key: pay|<mchid or sp/sub>|<out_trade_no>|<trade_state>, or
+  -- refund|<out_refund_no>|<refund_status>
+  key             TEXT PRIMARY KEY,
   notification_id TEXT NOT NULL,     -- or query:<...> when a query applied it
   applied_at      INTEGER NOT NULL
 );
-CREATE INDEX gw_notification_effects_applied ON gw_notification_effects (applied_at);
+CREATE INDEX gw_notification_effects_applied
+  ON gw_notification_effects (applied_at);
