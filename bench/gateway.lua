@@ -33,7 +33,8 @@
 -- BENCH_ENGINES ("sqlite postgres"), BENCH_FILLS ("0 FILL"),
 -- BENCH_COMPARE (a git revision, or an app folder: its gateway runs too,
 -- before the working tree's, on payments of its own), BENCH_GATEWAY (the app,
--- default examples/gateway), PAYGATE_BIN.
+-- default examples/gateway), BENCH_PG_POOL (the gateway's PostgreSQL
+-- pool, default 16), PAYGATE_BIN.
 --
 -- The fill's audit rows carry random hashes (not verifiable chains): they
 -- are there for their size and indexes, not for audit.verify.
@@ -405,7 +406,8 @@ local function check(url, from, to)
   return tonumber(paid), tonumber(entries), tonumber(events)
 end
 
--- The run of median rate, with the median of each figure.
+-- The run of median rate, with the median of each figure (of an even
+-- number of rounds: the lower middle one).
 local function median_run(list)
   local function med(key)
     local v = {}
@@ -479,15 +481,19 @@ local function run()
       pg_srv = servers.postgres()
     end
     for fi, nfill in ipairs(fills) do
-      local url
+      local url, gw_url
       if engine == "sqlite" then
         url = "sqlite:" .. tmp .. "/gw" .. fi .. ".db"
+        gw_url = url
       else
         local dbname = "bench" .. fi
         local admin = assert(sql.open(pg_srv.url))
         assert(admin:exec("CREATE DATABASE " .. dbname))
         admin:close()
         url = pg_srv.url:gsub("/postgres$", "/" .. dbname)
+        -- the gateway's own: each notification's transaction holds a
+        -- connection, 4 (the default) would cap it at 4 at once
+        gw_url = url .. "?pool=" .. env_num("BENCH_PG_POOL", 16)
       end
       local t0 = paygate.update_time()
       if nfill > 0 then
@@ -516,7 +522,7 @@ local function run()
                 .. " BENCH_N"
             end
           end
-          local gw = gateway(url, mode.app, file, N, tmp)
+          local gw = gateway(gw_url, mode.app, file, N, tmp)
           runs[mi] = runs[mi] or {}
           table.insert(runs[mi], gw)
           local paid, entries, events = check(url, from, from + N - 1)
