@@ -6,6 +6,9 @@
 --     cause = "notification", actor = "wechatpay",
 --     evidence = { notification_id = "EV-1" } })
 --   -- e = { subject, seq, hash, prev_hash, at, ... }
+--   -- as statements for db:atomic, on the head read beforehand:
+--   local e, stmts = audit.plan("payment:P1", { what = ... },
+--                               audit.head(db, "payment:P1"))
 --   local ok, broken = audit.verify(db, "payment:P1")
 --   local ok, summary = audit.verify_all(db)
 --
@@ -547,13 +550,16 @@ local hash = _M.hash
 
 -------------------------------------------------------------- append
 
-local function check_text(fname, name, v, required)
+-- level: of the public function's caller, seen from check_text's caller
+-- (default 2: check_text called by the public function itself).
+local function check_text(fname, name, v, required, level)
   if v == nil and not required then
     return
   end
   if type(v) ~= "string" or (required and v == "") then
     error(fname .. ": " .. name .. " must be a"
-          .. (required and " non-empty" or "") .. " string", 3)
+          .. (required and " non-empty" or "") .. " string",
+          (level or 2) + 1)
   end
 end
 
@@ -624,40 +630,45 @@ end
 -- with it; given a db, it runs in its own transaction.
 -- returns: the entry { subject, seq, hash, prev_hash, at, evidence, ... }
 -- yields: until written (with a db: committed and durable)
-function _M.append(q, subject, e)
-  local mt = getmetatable(q)
-  if mt ~= sql.DB and mt ~= sql.TX then
-    error("audit.append: q must be a paygate.sql db or tx", 2)
-  end
-  check_text("audit.append", "subject", subject, true)
+-- Checks e (raising at the caller of the public function fname) and
+-- returns the entry's fields: at defaulted, evidence as canonical JSON.
+local function entry_of(fname, subject, e)
+  check_text(fname, "subject", subject, true, 3)
   if type(e) ~= "table" then
-    error("audit.append: e must be a table", 2)
+    error(fname .. ": e must be a table", 3)
   end
-  check_text("audit.append", "e.what", e.what, true)
+  check_text(fname, "e.what", e.what, true, 3)
   for _, k in ipairs({ "ref", "from", "to", "cause", "actor" }) do
-    check_text("audit.append", "e." .. k, e[k])
+    check_text(fname, "e." .. k, e[k], false, 3)
   end
   local at = e.at
   if at == nil then
     at = floor(core.time() * 1000)
   elseif type(at) ~= "number" or at % 1 ~= 0 or at < 0
          or at > MAX_AT then
-    error("audit.append: e.at must be an integer of epoch ms (up to the"
-          .. " year 9999)", 2)
+    error(fname .. ": e.at must be an integer of epoch ms (up to the"
+          .. " year 9999)", 3)
   end
   local evidence = e.evidence
   if type(evidence) == "table" then
     local ok, s = pcall(_M.canonical_json, evidence)
     if not ok then
-      error("audit.append: e.evidence: " .. tostring(s), 2)
+      error(fname .. ": e.evidence: " .. tostring(s), 3)
     end
     evidence = s
   elseif evidence ~= nil and type(evidence) ~= "string" then
-    error("audit.append: e.evidence must be a table or a JSON string", 2)
+    error(fname .. ": e.evidence must be a table or a JSON string", 3)
   end
-  local entry = { what = e.what, ref = e.ref, from = e.from, to = e.to,
-                  cause = e.cause, actor = e.actor, at = at,
-                  evidence = evidence }
+  return { what = e.what, ref = e.ref, from = e.from, to = e.to,
+           cause = e.cause, actor = e.actor, at = at, evidence = evidence }
+end
+
+function _M.append(q, subject, e)
+  local mt = getmetatable(q)
+  if mt ~= sql.DB and mt ~= sql.TX then
+    error("audit.append: q must be a paygate.sql db or tx", 2)
+  end
+  local entry = entry_of("audit.append", subject, e)
   if mt == sql.TX then
     return append_tx(q, subject, entry)
   end
@@ -668,6 +679,97 @@ function _M.append(q, subject, e)
   return q:transaction(function(tx)
     return append_tx(tx, subject, entry)
   end)
+end
+
+---------------------------------------------------------------- plan
+
+-- The statements' names, which a conflict error carries (err.name).
+_M.HEAD_STMT = "audit.head"
+_M.ENTRY_STMT = "audit.entry"
+
+--- syntax: entry, stmts = audit.plan(subject, e, head)
+-- The append of e as statements for db:atomic (the tables must exist:
+-- audit.ensure_schema(db) once). head is the subject's head read
+-- beforehand: audit.head(q, subject)'s answer ({ seq, hash }, or false
+-- for a subject without entries). The statements move the head only
+-- from the seq read (expect = 1: an UPDATE ... WHERE seq = <read>, or the
+-- first head's insert) and insert the entry under the primary key
+-- (subject, seq): if another writer appended in between, the job fails
+-- with kind "conflict" (err.name "audit.head" or "audit.entry") and
+-- nothing of it is kept; read the head again and plan again.
+-- returns: the entry (as audit.append's), and the statements.
+function _M.plan(subject, e, head)
+  local entry = entry_of("audit.plan", subject, e)
+  if head ~= false and (type(head) ~= "table" or type(head.hash) ~= "string"
+     or type(head.seq) ~= "number") then
+    error("audit.plan: head must be audit.head()'s { seq, hash } or false",
+          2)
+  end
+  entry.subject = subject
+  entry.seq = head and head.seq + 1 or 1
+  entry.prev_hash = head and head.hash or GENESIS
+  entry.hash = hash(entry)
+  local move
+  if head then
+    move = { "UPDATE paygate_audit_heads SET seq = $2, hash = $3 WHERE"
+      .. " subject = $1 AND seq = $4",
+      { subject, entry.seq, entry.hash, head.seq },
+      expect = 1, name = _M.HEAD_STMT }
+  else
+    move = { "INSERT INTO paygate_audit_heads (subject, seq, hash) VALUES"
+      .. " ($1, $2, $3) ON CONFLICT (subject) DO NOTHING",
+      { subject, entry.seq, entry.hash }, expect = 1, name = _M.HEAD_STMT }
+  end
+  return entry, {
+    move,
+    { INSERT, { n = 12, subject, entry.seq, entry.what, entry.ref,
+      entry.from, entry.to, entry.cause, entry.actor, entry.at,
+      entry.evidence, entry.prev_hash, entry.hash }, expect = 1,
+      name = _M.ENTRY_STMT, audit_at = entry.at },
+  }
+end
+
+-- Months whose partitions a db handle has made sure of (PostgreSQL).
+local prepared = setmetatable({}, { __mode = "k" })
+
+--- syntax: ok, err = audit.prepare(db, stmts)
+-- Before db:atomic runs statements that came from audit.plan: on
+-- PostgreSQL with the partitioned layout, makes sure the partitions of the
+-- entries' months exist (an append in a transaction creates them itself;
+-- a db:atomic job cannot, so without this the first entry of a month
+-- nobody created ahead would fail). Cached per handle and month: after
+-- the first time, no query. A no-op on SQLite.
+-- yields: one transaction the first time a month is seen
+function _M.prepare(db, stmts)
+  if db.engine ~= "postgres" then
+    return true
+  end
+  local seen = prepared[db]
+  if not seen then
+    seen = {}
+    prepared[db] = seen
+  end
+  for i = 1, #stmts do
+    local at = stmts[i].audit_at
+    if at then
+      local y, m = month_of(at)
+      local key = y * 100 + m
+      if not seen[key] then
+        local ok, err = _M.ensure_schema(db)
+        if not ok then
+          return nil, err
+        end
+        ok, err = db:transaction(function(tx)
+          return ensure_partitions(tx, at)
+        end)
+        if not ok then
+          return nil, err
+        end
+        seen[key] = true
+      end
+    end
+  end
+  return true
 end
 
 ---------------------------------------------------------------- read

@@ -20,6 +20,10 @@
 --     if not res then return nil, err end     -- rolls everything back
 --     ...
 --   end)
+--   -- or as one write job (db:atomic: on SQLite it joins the group
+--   -- commit), decided on the row read beforehand, retried on conflict:
+--   local res, err = payments:apply_atomic(db, "P1", "succeeded", {
+--     add = function(plan) return { dedupe_stmt, outbox_stmt } end })
 --
 -- Failures: nil, err (core.error) with kind "not_found" (no such row),
 -- "bad_row" (its version is not an integer), "illegal_transition" (no
@@ -245,7 +249,9 @@ local function sorted_keys(t)
   return keys
 end
 
-function Store:save(tx, id, version, to, set)
+-- The UPDATE that moves row id from version to version + 1 (state to, and
+-- the columns of set): { sql, params }.
+function Store:save_stmt(id, version, to, set)
   local sets = { self.state_col .. " = $1", self.version_col .. " = $2" }
   local params = { to, version + 1 }
   for _, k in ipairs(sorted_keys(set)) do
@@ -258,9 +264,14 @@ function Store:save(tx, id, version, to, set)
   end
   local n = #params
   params[n + 1], params[n + 2], params.n = id, version, n + 2
-  local res, err = tx:exec("UPDATE " .. self.table .. " SET "
-    .. concat(sets, ", ") .. " WHERE " .. self.id_col .. " = $" .. (n + 1)
-    .. " AND " .. self.version_col .. " = $" .. (n + 2), params)
+  return { "UPDATE " .. self.table .. " SET " .. concat(sets, ", ")
+    .. " WHERE " .. self.id_col .. " = $" .. (n + 1) .. " AND "
+    .. self.version_col .. " = $" .. (n + 2), params }
+end
+
+function Store:save(tx, id, version, to, set)
+  local st = self:save_stmt(id, version, to, set)
+  local res, err = tx:exec(st[1], st[2])
   if not res then
     return nil, err
   end
@@ -549,6 +560,108 @@ local function what_of(how)
   return how
 end
 
+-- The decision of a transition of row (read by the caller; false when
+-- there is none): which declared transition, its guards run. fname names
+-- the public function for raises (at its caller: level 3 from there).
+-- returns: ctx (with ctx.version, ctx.version_col, ctx.state_col), or
+-- nil, err (not_found, bad_row, illegal_transition, stale_version,
+-- guard_failed).
+local function decide(self, fname, q, id, how, opts, row)
+  local store, name = self.store, self.name
+  if not row then
+    return fail("not_found", name .. " " .. tostring(id) .. " not found",
+                { id = id })
+  end
+  local state_col = store.state_col or "state"
+  local version_col = store.version_col or "version"
+  local from, version = row[state_col], row[version_col]
+  if type(version) ~= "number" or version % 1 ~= 0 then
+    return fail("bad_row", name .. " " .. tostring(id) .. ": column "
+      .. version_col .. " holds no integer version", { id = id })
+  end
+  if type(how) == "function" then
+    how = how(row)
+  end
+  local event, target
+  if type(how) == "string" then
+    event = how
+  elseif type(how) == "table" and type(how.to) == "string" then
+    target = how.to
+  else
+    error(fname .. ": how must be an event name, { to = state } or a"
+          .. " function returning one", 3)
+  end
+  local candidates = event and self.by_event[tostring(from) .. "\0" .. event]
+                     or self.by_target[tostring(from) .. "\0\0"
+                                       .. tostring(target)]
+  if not candidates then
+    count("illegal", name, from, what_of(how))
+    log().warn("fsm: illegal transition refused", { machine = name,
+      id = id, from = from, event = event, to = target,
+      cause = opts.cause })
+    return fail("illegal_transition", name .. " " .. tostring(id) .. ": "
+      .. (event and ("no " .. event .. " from " .. tostring(from))
+          or (tostring(from) .. " -> " .. target .. " is not declared")),
+      { id = id, from = from, event = event, to = target })
+  end
+  if opts.version ~= nil and opts.version ~= version then
+    count("stale", name, from, what_of(how))
+    return fail("stale_version", name .. " " .. tostring(id)
+      .. " is at version " .. tostring(version) .. ", not "
+      .. tostring(opts.version), { id = id, version = version,
+      expected = opts.version })
+  end
+  local set = opts.set
+  if type(set) == "function" then
+    set = set(row)
+  end
+  set = set or {}
+  if type(set) ~= "table" then
+    error(fname .. ": opts.set must be a table or a function returning"
+          .. " one", 3)
+  end
+  local ctx = { tx = q, machine = name, id = id, row = row, from = from,
+                event = event, set = set, cause = opts.cause,
+                actor = opts.actor, evidence = opts.evidence,
+                data = opts.data }
+  local chosen, reasons = nil, {}
+  for _, t in ipairs(candidates) do
+    ctx.to = t.to
+    local ok, why = guards_pass(self, t, ctx)
+    if ok then
+      chosen = t
+      break
+    end
+    reasons[#reasons + 1] = tostring(why)
+  end
+  if not chosen then
+    -- reason: the last candidate's (the most general one, declared last)
+    local reason = reasons[#reasons]
+    count("guard_refused", name, from, what_of(how))
+    return fail("guard_failed", name .. " " .. tostring(id) .. ": "
+      .. concat(reasons, "; "), { id = id, from = from, event = event,
+      to = ctx.to, reason = reason, reasons = reasons })
+  end
+  ctx.to = chosen.to
+  ctx.version, ctx.state_col, ctx.version_col =
+    version, state_col, version_col
+  ctx.how = how
+  return ctx
+end
+
+-- The row after the transition ctx.
+local function row_after(ctx)
+  local after = {}
+  for k, v in pairs(ctx.row) do
+    after[k] = v
+  end
+  for k, v in pairs(ctx.set) do
+    after[k] = v
+  end
+  after[ctx.state_col], after[ctx.version_col] = ctx.to, ctx.version + 1
+  return after
+end
+
 --- syntax: res, err = m:transition(tx, id, how[, opts])
 -- Moves row `id` inside the caller's transaction (tx, in db:transaction).
 -- how: an event name; { to = state } for a transition declared without
@@ -577,82 +690,14 @@ function Machine:transition(tx, id, how, opts)
       return nil, err
     end
   end
-  if not row then
-    return fail("not_found", name .. " " .. tostring(id) .. " not found",
-                { id = id })
+  local ctx
+  ctx, err = decide(self, "m:transition", tx, id, how, opts, row)
+  if not ctx then
+    return nil, err
   end
-  local state_col = store.state_col or "state"
-  local version_col = store.version_col or "version"
-  local from, version = row[state_col], row[version_col]
-  if type(version) ~= "number" or version % 1 ~= 0 then
-    return fail("bad_row", name .. " " .. tostring(id) .. ": column "
-      .. version_col .. " holds no integer version", { id = id })
-  end
-  if type(how) == "function" then
-    how = how(row)
-  end
-  local event, target
-  if type(how) == "string" then
-    event = how
-  elseif type(how) == "table" and type(how.to) == "string" then
-    target = how.to
-  else
-    error("m:transition: how must be an event name, { to = state } or a"
-          .. " function returning one", 2)
-  end
-  local candidates = event and self.by_event[tostring(from) .. "\0" .. event]
-                     or self.by_target[tostring(from) .. "\0\0"
-                                       .. tostring(target)]
-  if not candidates then
-    count("illegal", name, from, what_of(how))
-    log().warn("fsm: illegal transition refused", { machine = name,
-      id = id, from = from, event = event, to = target,
-      cause = opts.cause })
-    return fail("illegal_transition", name .. " " .. tostring(id) .. ": "
-      .. (event and ("no " .. event .. " from " .. tostring(from))
-          or (tostring(from) .. " -> " .. target .. " is not declared")),
-      { id = id, from = from, event = event, to = target })
-  end
-  if opts.version ~= nil and opts.version ~= version then
-    count("stale", name, from, what_of(how))
-    return fail("stale_version", name .. " " .. tostring(id)
-      .. " is at version " .. tostring(version) .. ", not "
-      .. tostring(opts.version), { id = id, version = version,
-      expected = opts.version })
-  end
-  local set = opts.set
-  if type(set) == "function" then
-    set = set(row)
-  end
-  set = set or {}
-  if type(set) ~= "table" then
-    error("m:transition: opts.set must be a table or a function returning"
-          .. " one", 2)
-  end
-  local ctx = { tx = tx, machine = name, id = id, row = row, from = from,
-                event = event, set = set, cause = opts.cause,
-                actor = opts.actor, evidence = opts.evidence,
-                data = opts.data }
-  local chosen, reasons = nil, {}
-  for _, t in ipairs(candidates) do
-    ctx.to = t.to
-    local ok, why = guards_pass(self, t, ctx)
-    if ok then
-      chosen = t
-      break
-    end
-    reasons[#reasons + 1] = tostring(why)
-  end
-  if not chosen then
-    -- reason: the last candidate's (the most general one, declared last)
-    local reason = reasons[#reasons]
-    count("guard_refused", name, from, what_of(how))
-    return fail("guard_failed", name .. " " .. tostring(id) .. ": "
-      .. concat(reasons, "; "), { id = id, from = from, event = event,
-      to = ctx.to, reason = reason, reasons = reasons })
-  end
-  local to = chosen.to
-  ctx.to = to
+  local from, to, version, event, set = ctx.from, ctx.to, ctx.version,
+                                        ctx.event, ctx.set
+  how = ctx.how
   local saved
   saved, err = store:save(tx, id, version, to, set)
   if saved == nil then
@@ -682,16 +727,8 @@ function Machine:transition(tx, id, how, opts)
     return nil, err
   end
   count("transitions", name, from, what_of(how))
-  local after = {}
-  for k, v in pairs(row) do
-    after[k] = v
-  end
-  for k, v in pairs(set) do
-    after[k] = v
-  end
-  after[state_col], after[version_col] = to, version + 1
   return { id = id, from = from, to = to, event = event,
-           version = version + 1, row = after, audit = entry }
+           version = version + 1, row = row_after(ctx), audit = entry }
 end
 
 local function pack(...)
@@ -779,6 +816,242 @@ function Machine:apply(db, id, how, opts)
     pause(i)
   end
   return unpack(res, 1, res.n)
+end
+
+------------------------------------------------------ atomic plans
+
+-- The name of a plan's version-guarded UPDATE (err.name of its conflict).
+_M.VERSION_STMT = "fsm.version"
+
+-- Statements whose conflict means "another writer moved the row or its
+-- audit chain first": fsm.atomic reads again and retries on them.
+local RETRY_NAMES = { [_M.VERSION_STMT] = true, [audit.HEAD_STMT] = true,
+                      [audit.ENTRY_STMT] = true }
+
+--- syntax: plan, err = m:plan(q, id, how[, opts])
+-- The transition as statements for db:atomic, decided on the row read
+-- beforehand: no transaction is open while it is decided, and the writer
+-- runs the statements as one job of its group commit.
+-- q (a db or tx) reads what opts does not give: the row (opts.row) and
+-- the audit chain's head (opts.head: audit.head()'s answer). opts as
+-- m:transition's (cause, actor, evidence, set, version, data, at).
+-- Guards run as in m:transition. Hooks run with ctx.tx = nil and
+-- ctx.statements, the plan's list: a hook adds its writes there
+-- (a hook written for m:transition, using ctx.tx, raises).
+-- returns: plan = { id, from, to, event, version (new), row (after),
+-- audit (the entry), statements = { version-guarded UPDATE (expect 1,
+-- name fsm.VERSION_STMT), audit head move and entry insert
+-- (audit.plan), hooks' } }; append your own (a dedupe insert with
+-- expect = 1, an outbox insert) and run them with db:atomic or
+-- fsm.atomic. Or nil, err as m:transition (not_found, bad_row,
+-- illegal_transition, guard_failed, stale_version, the store's kinds).
+-- yields: while it reads
+function Machine:plan(q, id, how, opts)
+  check_machine("m:plan", self)
+  local mt = getmetatable(q)
+  if mt ~= sql.DB and mt ~= sql.TX then
+    error("m:plan: q must be a paygate.sql db or tx", 2)
+  end
+  check_id("m:plan", id)
+  opts = check_opts("m:plan", opts)
+  local store = self.store
+  if type(store.save_stmt) ~= "function" then
+    error("m:plan: the store has no save_stmt method", 2)
+  end
+  local row, err = opts.row
+  if row == nil then
+    row, err = store:load(q, id)
+    if row == nil then
+      return nil, err
+    end
+  end
+  local ctx
+  ctx, err = decide(self, "m:plan", nil, id, how, opts, row)
+  if not ctx then
+    return nil, err
+  end
+  local subject = self.subject(id, row)
+  local head = opts.head
+  if head == nil then
+    head, err = audit.head(q, subject)
+    if head == nil then
+      return nil, err
+    end
+  end
+  local st = store:save_stmt(id, ctx.version, ctx.to, ctx.set)
+  st.expect, st.name = 1, _M.VERSION_STMT
+  local stmts = { st }
+  ctx.statements = stmts
+  local ok
+  ok, err = run_hooks(self.leave[ctx.from], ctx)
+  if not ok then
+    return nil, err
+  end
+  local entry, astmts = audit.plan(subject, {
+    what = self.name .. "." .. (ctx.event or ("->" .. ctx.to)),
+    ref = tostring(id), from = ctx.from, to = ctx.to, cause = opts.cause,
+    actor = opts.actor, evidence = opts.evidence, at = opts.at }, head)
+  for _, a in ipairs(astmts) do
+    stmts[#stmts + 1] = a
+  end
+  ok, err = run_hooks(self.enter[ctx.to], ctx)
+  if not ok then
+    return nil, err
+  end
+  return { id = id, machine = self.name, from = ctx.from, to = ctx.to,
+           event = ctx.event, version = ctx.version + 1,
+           row = row_after(ctx), audit = entry, statements = stmts,
+           how = ctx.how }
+end
+
+local function is_retry_conflict(err, extra)
+  return type(err) == "table" and err.kind == "conflict"
+    and err.name ~= nil and (RETRY_NAMES[err.name]
+                             or (extra ~= nil and extra[err.name]))
+end
+
+--- syntax: m:applied(plan)
+-- Counts the plan's transition (fsm.stats, fsm.prometheus) once its
+-- statements committed: m:apply_atomic does it itself; call it after
+-- your own db:atomic / fsm.atomic of a plan.
+function Machine:applied(plan)
+  if getmetatable(self) ~= Machine then
+    error("m:applied: call it as m:applied(plan)", 2)
+  end
+  if type(plan) ~= "table" or plan.machine ~= self.name then
+    error("m:applied: plan must be a plan of this machine (m:plan)", 2)
+  end
+  count("transitions", self.name, plan.from, what_of(plan.how))
+end
+
+--- syntax: results, value = fsm.atomic(db, build[, opts])
+-- fsm.retry for plans: build(attempt) reads what it needs and returns
+-- stmts[, value] (stmts for db:atomic; {} for nothing to write) or nil,
+-- err. The statements run with db:atomic; when they fail with a conflict
+-- on a plan's own statement (the row's version, the audit chain: another
+-- writer came first) or on a statement named in opts.retry_on (a list of
+-- names), build runs again -- reading fresh state -- after a short random
+-- pause, at most opts.attempts times in all (default 10).
+-- returns: db:atomic's results and build's value; or nil, err (build's
+-- error, or the last db:atomic error).
+-- yields: until committed
+function _M.atomic(db, build, opts)
+  if getmetatable(db) ~= sql.DB then
+    error("fsm.atomic: db must be a paygate.sql db", 2)
+  end
+  if type(build) ~= "function" then
+    error("fsm.atomic: build must be a function", 2)
+  end
+  if opts ~= nil and type(opts) ~= "table" then
+    error("fsm.atomic: opts must be a table", 2)
+  end
+  local attempts = opts and opts.attempts or DEFAULT_ATTEMPTS
+  local extra
+  if opts and opts.retry_on then
+    extra = {}
+    for _, name in ipairs(opts.retry_on) do
+      extra[name] = true
+    end
+  end
+  local err
+  for attempt = 1, attempts do
+    local stmts, value = build(attempt)
+    if stmts == nil then
+      return nil, value
+    end
+    if type(stmts) ~= "table" then
+      error("fsm.atomic: build must return a list of statements or nil,"
+            .. " err", 2)
+    end
+    if #stmts == 0 then
+      return {}, value
+    end
+    local results, perr = audit.prepare(db, stmts)
+    if not results then
+      return nil, perr
+    end
+    results, err = db:atomic(stmts)
+    if results then
+      return results, value
+    end
+    if not is_retry_conflict(err, extra) or attempt == attempts then
+      break
+    end
+    pause(attempt)
+  end
+  return nil, err
+end
+
+--- syntax: res, err = m:apply_atomic(db, id, how[, opts])
+-- m:apply through a plan: reads the row and the audit head, decides,
+-- and hands the statements to the writer as one db:atomic job (on SQLite
+-- it joins the group commit instead of holding the writer like a
+-- transaction). On a conflict of the version or the audit chain it reads
+-- again and retries (opts.attempts, or the machine's). opts as m:apply's,
+-- plus add = function(plan) -> { stmt, ... } | nil, err: statements of
+-- the caller that commit with the transition or not at all (a dedupe
+-- insert with expect = 1, an outbox insert); and retry_on (names of
+-- added statements whose conflict also means "read again").
+-- returns: the plan (as m:plan's) with results = db:atomic's; or nil,
+-- err: a stale version that outlasted the attempts is stale_version
+-- (err.cause: the conflict); an added statement's conflict as it is.
+-- yields: until committed and durable
+function Machine:apply_atomic(db, id, how, opts)
+  check_machine("m:apply_atomic", self)
+  if getmetatable(db) ~= sql.DB then
+    error("m:apply_atomic: db must be a paygate.sql db", 2)
+  end
+  check_id("m:apply_atomic", id)
+  opts = check_opts("m:apply_atomic", opts)
+  if opts.add ~= nil and type(opts.add) ~= "function" then
+    error("m:apply_atomic: opts.add must be a function", 2)
+  end
+  local ok, err = audit.ensure_schema(db)
+  if not ok then
+    return nil, err
+  end
+  local popts = {}
+  for k, v in pairs(opts) do
+    popts[k] = v
+  end
+  local last
+  local results, plan = _M.atomic(db, function(attempt)
+    if attempt > 1 then
+      -- the previous attempt met a newer row or chain: read again
+      popts.row, popts.head = nil, nil
+      count("stale", self.name, last.from, what_of(last.how))
+    end
+    local p, perr = self:plan(db, id, how, popts)
+    if not p then
+      return nil, perr
+    end
+    last = p
+    if opts.add then
+      local extra, aerr = opts.add(p)
+      if extra == nil and aerr ~= nil then
+        return nil, aerr
+      end
+      for _, st in ipairs(extra or {}) do
+        p.statements[#p.statements + 1] = st
+      end
+    end
+    return p.statements, p
+  end, { attempts = opts.attempts or self.attempts,
+         retry_on = opts.retry_on })
+  if not results then
+    err = plan
+    if type(err) == "table" and err.kind == "conflict"
+       and err.name == _M.VERSION_STMT then
+      count("stale", self.name, last.from, what_of(last.how))
+      return fail("stale_version", self.name .. " " .. tostring(id)
+        .. " moved on from version " .. tostring(last.version - 1),
+        { id = id, version = last.version - 1, cause = err })
+    end
+    return nil, err
+  end
+  self:applied(plan)
+  plan.results = results
+  return plan
 end
 
 --- syntax: row, err = m:get(q, id)

@@ -237,6 +237,40 @@ function _M.enqueue(tx, event)
   return res.last_id
 end
 
+-- syntax: stmt = outbox.statement(db, event)
+-- outbox.enqueue as a statement for db:atomic ({ sql, params, name =
+-- "outbox" }; the table must exist: outbox.setup(db) once). event as
+-- enqueue's. The event id is the statement's result's last_id.
+function _M.statement(db, event)
+  local mt = getmetatable(db)
+  if mt ~= sql.DB and mt ~= sql.TX then
+    error("outbox.statement: db must be a paygate.sql db", 2)
+  end
+  if type(event) ~= "table" then
+    error("outbox.statement: event must be a table", 2)
+  end
+  local subject, etype = event.subject or event.stream, event.type
+  if type(subject) ~= "string" or subject == "" then
+    error("outbox.statement: event.subject must be a non-empty string", 2)
+  end
+  if type(etype) ~= "string" or etype == "" then
+    error("outbox.statement: event.type must be a non-empty string", 2)
+  end
+  if event.payload ~= nil and type(event.payload) ~= "table" then
+    error("outbox.statement: event.payload must be a table", 2)
+  end
+  if event.at ~= nil and type(event.at) ~= "number" then
+    error("outbox.statement: event.at must be a number (seconds)", 2)
+  end
+  local ok, text = pcall(json.encode, event.payload or {})
+  if not ok then
+    error("outbox.statement: event.payload: " .. tostring(text), 2)
+  end
+  return { db.engine == "postgres" and INSERT_PG or INSERT_SQLITE,
+           { subject, etype, text, shard_of(subject),
+             event.at or core.time() }, name = "outbox" }
+end
+
 ------------------------------------------------------------ backoff
 
 -- syntax: delay = outbox.backoff(attempt [, base, cap, random])

@@ -291,6 +291,170 @@ function DB:transaction(fn, opts)
   return nil, err
 end
 
+-- db:atomic -----------------------------------------------------------
+
+local ATOMIC_MAX = 1000
+
+-- Bindable as a parameter: what the C drivers accept (sql.null is the
+-- one userdata).
+local function bindable(v)
+  local t = type(v)
+  return t == "nil" or t == "string" or t == "number" or t == "boolean"
+    or v == core.null
+end
+
+-- Checks db:atomic's statements and returns them in the drivers' shape
+-- { { sql, params, expect = n }, ... } (names kept beside, for errors).
+local function check_atomic(stmts)
+  if type(stmts) ~= "table" then
+    error("db:atomic: stmts must be an array of statements", 3)
+  end
+  local n = #stmts
+  if n < 1 or n > ATOMIC_MAX then
+    error("db:atomic: want 1 to " .. ATOMIC_MAX .. " statements (got "
+          .. n .. ")", 3)
+  end
+  local list, names = {}, {}
+  for i = 1, n do
+    local s = stmts[i]
+    local where = "db:atomic: stmts[" .. i .. "]"
+    if type(s) ~= "table" then
+      error(where .. " must be a table { sql, params, expect = n }", 3)
+    end
+    local text, params = s[1] or s.sql, s[2] or s.params
+    if type(text) ~= "string" then
+      error(where .. ": sql must be a string", 3)
+    end
+    if params ~= nil then
+      if type(params) ~= "table" then
+        error(where .. ": params must be a table", 3)
+      end
+      local np = params.n
+      if type(np) ~= "number" then
+        np = #params
+      end
+      for k = 1, np do
+        if not bindable(params[k]) then
+          error(where .. ": params[" .. k .. "] cannot be bound (a "
+                .. type(params[k]) .. "; want a string, number, boolean or"
+                .. " sql.null)", 3)
+        end
+      end
+    end
+    local expect = s.expect
+    if expect ~= nil and (type(expect) ~= "number" or expect < 0
+                          or expect % 1 ~= 0) then
+      error(where .. ": expect must be a whole number >= 0", 3)
+    end
+    if s.name ~= nil and type(s.name) ~= "string" then
+      error(where .. ": name must be a string", 3)
+    end
+    list[i] = { text, params, expect = expect }
+    names[i] = s.name
+  end
+  return list, names
+end
+
+local function is_unique_violation(e)
+  return e.kind == "constraint"
+    and (e.code == 2067 or e.code == 1555 or e.code == "23505")
+end
+
+-- The one error of a failed db:atomic, alike on both engines. index 0:
+-- the job as a whole failed (serr is the store's error as it is).
+local function atomic_error(list, names, index, serr, got)
+  if index == 0 then
+    return serr
+  end
+  local s = list[index]
+  local label = "statement " .. index
+                .. (names[index] and " (" .. names[index] .. ")" or "")
+  local fields = { index = index, name = names[index] }
+  if serr == nil then
+    fields.reason, fields.expected, fields.got = "expect", s.expect, got
+    return core.error("conflict", label .. " affected " .. tostring(got)
+      .. " rows, expected " .. s.expect, fields)
+  end
+  fields.cause, fields.code, fields.constraint =
+    serr, serr.code, serr.constraint
+  if is_unique_violation(serr) then
+    fields.reason = "unique"
+    return core.error("conflict", label .. ": " .. tostring(serr.message),
+                      fields)
+  end
+  fields.reason, fields.retryable = serr.kind, serr.retryable
+  return core.error(serr.kind, label .. ": " .. tostring(serr.message),
+                    fields)
+end
+
+-- PostgreSQL: the statements in one transaction, one after another (its
+-- retries on serialization failures included).
+local function atomic_pg(self, list, names)
+  local results, index, serr, got
+  local ok, err = self:transaction(function(tx)
+    results, index, serr, got = {}, nil, nil, nil
+    for i = 1, #list do
+      local s = list[i]
+      local res, e = self.h:tx_exec(tx.id, s[1], s[2])
+      if not res then
+        index, serr = i, e
+        return nil, e
+      end
+      if s.expect and res.changes ~= s.expect then
+        index, got = i, res.changes
+        return nil, core.error("conflict", "expect")
+      end
+      results[i] = res
+    end
+    return true
+  end)
+  if ok then
+    return results
+  end
+  if index then
+    return nil, atomic_error(list, names, index, serr, got)
+  end
+  return nil, err
+end
+
+-- syntax: results, err = db:atomic(stmts)
+-- stmts: { { sql, params, expect = n, name = "..." }, ... } (or the keys
+-- sql = and params =). The statements run in order as one write, all or
+-- none: on SQLite as ONE job of the writer's group commit, inside its own
+-- savepoint (other jobs of the batch are not affected by its failure); on
+-- PostgreSQL in one transaction. expect = n: the statement must change n
+-- rows (a read: return n rows), or the job fails.
+-- returns: { { changes, last_id [, rows] }, ... } once durable; or nil,
+-- err with err.index (1-based; absent when the job failed as a whole),
+-- err.name, err.reason: kind "conflict" for a missed expect (reason
+-- "expect", err.expected, err.got) or a unique violation (reason
+-- "unique", err.constraint); else the statement's own kind (reason = the
+-- kind, err.cause = the store's error).
+-- yields: until committed and durable
+function DB:atomic(stmts)
+  check_db("db:atomic", self)
+  local list, names = check_atomic(stmts)
+  if self.engine ~= "sqlite" then
+    return atomic_pg(self, list, names)
+  end
+  local res, index, serr, got
+  for attempt = 1, self.retries do
+    res, index, serr, got = self.h:atomic(list)
+    if res then
+      return res
+    end
+    -- another process held the file past busy_timeout: nothing of the
+    -- job ran (its savepoint was rolled back), so it may run again
+    if not (index == 0 and is_retryable_tx(serr)) then
+      break
+    end
+    if attempt < self.retries then
+      core.sleep(0.002 * attempt * (0.5 + math.random()))
+    end
+  end
+  return nil, atomic_error(list, names, index, serr, got)
+end
+
 -- Tables that paygate's own modules (leases, idempotency, the outbox, the
 -- audit trail, API keys) create on first use: which ones this handle has
 -- made sure of already.

@@ -21,6 +21,15 @@
  * statement is undone alone (a script, in a savepoint of its own) and
  * the transaction goes on.
  *
+ * Atomic jobs (db:atomic in Lua): a list of statements queued as ONE
+ * writer job. It runs like any job of the batch, inside its own
+ * SAVEPOINT, its statements in order; the first that fails, or that
+ * changes (a read: returns) another number of rows than its expect, rolls
+ * back that savepoint, and the job is answered at once with the failing
+ * statement's index. Otherwise it waits for the batch's COMMIT like an
+ * exec. Unlike an interactive transaction it never holds the writer
+ * between statements, so it joins the group commit.
+ *
  * Opening: the writer creates the file and switches it to WAL. Other
  * processes may do the same at the same moment (workers on a first
  * start): that waits within busy_timeout like any write (conn_open()).
@@ -66,7 +75,9 @@ enum lsqlite_op {
     LSQLITE_OP_SCRIPT,    /* several statements, no parameters */
     LSQLITE_OP_BEGIN,     /* start an interactive transaction */
     LSQLITE_OP_COMMIT,    /* end it, durable on return */
-    LSQLITE_OP_ROLLBACK   /* end it, discarding its effects */
+    LSQLITE_OP_ROLLBACK,  /* end it, discarding its effects */
+    LSQLITE_OP_ATOMIC     /* several statements, all or none, one job of
+                             the group commit (db:atomic) */
 };
 
 struct lsqlite_job {
@@ -90,6 +101,14 @@ struct lsqlite_job {
     struct gw_store_val    *cells;    /* owned, nrows * ncols, row-major */
     int                nrows;
     int                cap;      /* rows allocated in cells */
+    /* LSQLITE_OP_ATOMIC: its statements, and which one failed */
+    struct lsqlite_job  *subs;     /* owned array of nsubs STMT jobs */
+    int                nsubs;
+    int                failed;   /* 1-based index of the failed one, 0 */
+    int                unmet;    /* 1: it ran but missed its expect */
+    int64_t            expect;   /* a statement of an ATOMIC job: rows it
+                                    must change (a write) or return (a
+                                    read); -1: any */
     struct lsqlite_job  *next;     /* queue / delivery list link */
 };
 
@@ -150,13 +169,14 @@ static void tx_begin_delivered(struct lsqlite_job *j);
 /* ---------------------------------------------------------------- jobs */
 
 static void
-job_free(struct lsqlite_job *j)
+job_clear(struct lsqlite_job *j)
 {
     int i;
 
-    if (j == NULL) {
-        return;
+    for (i = 0; i < j->nsubs; i++) {
+        job_clear(&j->subs[i]);
     }
+    free(j->subs);
     free(j->sql);
     gw_store_vals_free(j->params, j->nparams);
     free(j->errmsg);
@@ -165,6 +185,15 @@ job_free(struct lsqlite_job *j)
     }
     free(j->cols);
     gw_store_vals_free(j->cells, j->nrows * j->ncols);
+}
+
+static void
+job_free(struct lsqlite_job *j)
+{
+    if (j == NULL) {
+        return;
+    }
+    job_clear(j);
     free(j);
 }
 
@@ -327,10 +356,68 @@ push_rows(lua_State *L, struct lsqlite_job *j)
     }
 }
 
+static void push_stmt_result(lua_State *L, struct lsqlite_job *j);
+
+/* An ATOMIC job's results: { res1, res2, ... } (one exec result per
+ * statement), or nil, index, err (the statement's own error), or nil,
+ * index, nil, got (it ran but missed its expect). paygate.sql makes the
+ * one error of db:atomic() from these, for both engines alike. */
+static int
+push_atomic_result(lua_State *L, struct lsqlite_job *j)
+{
+    int i;
+
+    if (j->failed == 0 && j->rc != SQLITE_OK) {
+        lua_pushnil(L);
+        lua_pushinteger(L, 0);           /* the job as a whole failed */
+        push_job_error(L, j);
+        lua_remove(L, -2);               /* push_job_error's nil */
+        return 3;
+    }
+    if (j->failed > 0) {
+        struct lsqlite_job *s = &j->subs[j->failed - 1];
+
+        lua_pushnil(L);
+        lua_pushinteger(L, j->failed);
+        if (j->unmet) {
+            lua_pushnil(L);
+            gw_store_push_int(L, s->changes);
+            return 4;
+        }
+        push_job_error(L, s);
+        lua_remove(L, -2);
+        return 3;
+    }
+    lua_createtable(L, j->nsubs, 0);
+    for (i = 0; i < j->nsubs; i++) {
+        push_stmt_result(L, &j->subs[i]);
+        lua_rawseti(L, -2, i + 1);
+    }
+    return 1;
+}
+
+/* { changes, last_id [, rows] } of an exec. */
+static void
+push_stmt_result(lua_State *L, struct lsqlite_job *j)
+{
+    lua_createtable(L, 0, 3);
+    gw_store_push_int(L, (int64_t)j->changes);
+    lua_setfield(L, -2, "changes");
+    gw_store_push_int(L, (int64_t)j->last_id);
+    lua_setfield(L, -2, "last_id");
+    if (j->nrows > 0) {
+        push_rows(L, j);
+        lua_setfield(L, -2, "rows");
+    }
+}
+
 /* Pushes the job's Lua results onto L; returns how many. */
 static int
 push_job_result(lua_State *L, struct lsqlite_job *j)
 {
+    if (j->op == LSQLITE_OP_ATOMIC) {
+        return push_atomic_result(L, j);
+    }
     if (j->rc != SQLITE_OK) {
         return push_job_error(L, j);
     }
@@ -343,15 +430,7 @@ push_job_result(lua_State *L, struct lsqlite_job *j)
             push_rows(L, j);
             return 1;
         }
-        lua_createtable(L, 0, 3);
-        gw_store_push_int(L, (int64_t)j->changes);
-        lua_setfield(L, -2, "changes");
-        gw_store_push_int(L, (int64_t)j->last_id);
-        lua_setfield(L, -2, "last_id");
-        if (j->nrows > 0) {
-            push_rows(L, j);
-            lua_setfield(L, -2, "rows");
-        }
+        push_stmt_result(L, j);
         return 1;
     default:
         lua_pushboolean(L, 1);
@@ -624,6 +703,12 @@ run_stmt(struct lsqlite_conn *c, struct lsqlite_job *j)
             j->rc = SQLITE_OK;
             j->changes = sqlite3_changes(c->h);
             j->last_id = sqlite3_last_insert_rowid(c->h);
+            /* a read counts the rows it returned, as PostgreSQL's
+             * command tag does (sqlite3_changes() would be the last
+             * write's) */
+            if (sqlite3_stmt_readonly(st)) {
+                j->changes = j->nrows;
+            }
         } else {
             job_fail_db(j, c->h, rc);
         }
@@ -651,9 +736,38 @@ run_script(struct lsqlite_conn *c, struct lsqlite_job *j)
     return j->rc;
 }
 
+/* Runs an ATOMIC job's statements in order, inside the savepoint its
+ * caller opened, stopping at the first that fails or misses its expect
+ * (j->failed names it; the caller rolls the savepoint back). */
+static int
+run_atomic(struct lsqlite_conn *c, struct lsqlite_job *j)
+{
+    int i;
+
+    for (i = 0; i < j->nsubs; i++) {
+        struct lsqlite_job *s = &j->subs[i];
+
+        if (run_stmt(c, s) != SQLITE_OK) {
+            j->failed = i + 1;
+            j->rc = s->rc;
+            return j->rc;
+        }
+        if (s->expect >= 0 && s->changes != s->expect) {
+            j->failed = i + 1;
+            j->unmet = 1;
+            j->rc = SQLITE_CONSTRAINT;
+            return j->rc;
+        }
+    }
+    return SQLITE_OK;
+}
+
 static int
 run_job(struct lsqlite_conn *c, struct lsqlite_job *j)
 {
+    if (j->op == LSQLITE_OP_ATOMIC) {
+        return run_atomic(c, j);
+    }
     return j->op == LSQLITE_OP_SCRIPT ? run_script(c, j) : run_stmt(c, j);
 }
 
@@ -1468,6 +1582,120 @@ lsqlite_script(lua_State *L)
     return submit(L, j, LSQLITE_Q_WRITER);
 }
 
+/* Raises unless the value at idx can be bound (before anything of an
+ * ATOMIC job is allocated: gw_store_vals_from_lua() checks too, but a
+ * raise from it for the 3rd statement would leak the first two). */
+static void
+atomic_check_params(lua_State *L, int idx, int stmt)
+{
+    int i, n, t;
+
+    if (lua_isnil(L, idx)) {
+        return;
+    }
+    if (!lua_istable(L, idx)) {
+        luaL_error(L, "db:atomic: statement %d: params must be a table",
+                   stmt);
+    }
+    lua_getfield(L, idx, "n");
+    n = lua_isnumber(L, -1) ? (int)lua_tointeger(L, -1)
+                            : (int)lua_objlen(L, idx);
+    lua_pop(L, 1);
+    for (i = 1; i <= n; i++) {
+        lua_rawgeti(L, idx, i);
+        t = lua_type(L, -1);
+        lua_pop(L, 1);
+        if (t != LUA_TLIGHTUSERDATA && t != LUA_TNIL && t != LUA_TBOOLEAN
+            && t != LUA_TNUMBER && t != LUA_TSTRING)
+        {
+            luaL_error(L, "db:atomic: statement %d: params[%d] cannot be"
+                       " bound (a %s)", stmt, i, lua_typename(L, t));
+        }
+    }
+}
+
+#define LSQLITE_ATOMIC_MAX 1000   /* statements in one db:atomic() */
+
+/*
+ * h:atomic({ { sql, params, expect = n|nil }, ... })
+ *   -> { { changes, last_id [, rows] }, ... }
+ *    | nil, index, err           (statement index failed: its error)
+ *    | nil, index, nil, got      (statement index missed its expect)
+ *    | nil, 0, err               (the job as a whole: BEGIN, COMMIT ...)
+ * One writer job: its statements run in order in one savepoint of the
+ * group commit; it returns once that commit is durable.
+ */
+static int
+lsqlite_atomic(lua_State *L)
+{
+    struct lsqlite_db  *db = check_db(L);
+    struct lsqlite_job *j;
+    int                 i, n;
+
+    luaL_checktype(L, 2, LUA_TTABLE);
+    gw_co_current(L);
+    n = (int)lua_objlen(L, 2);
+    if (n < 1 || n > LSQLITE_ATOMIC_MAX) {
+        return luaL_error(L, "db:atomic: want 1 to %d statements (got %d)",
+                          LSQLITE_ATOMIC_MAX, n);
+    }
+    /* Everything that can raise, first. */
+    for (i = 1; i <= n; i++) {
+        lua_rawgeti(L, 2, i);
+        if (!lua_istable(L, -1)) {
+            return luaL_error(L, "db:atomic: statement %d must be a table",
+                              i);
+        }
+        lua_rawgeti(L, -1, 1);
+        if (lua_type(L, -1) != LUA_TSTRING) {
+            return luaL_error(L, "db:atomic: statement %d: sql must be a"
+                              " string", i);
+        }
+        lua_rawgeti(L, -2, 2);
+        atomic_check_params(L, lua_gettop(L), i);
+        lua_getfield(L, -3, "expect");
+        if (!lua_isnil(L, -1) && (!lua_isnumber(L, -1)
+                                  || lua_tonumber(L, -1) < 0))
+        {
+            return luaL_error(L, "db:atomic: statement %d: expect must be"
+                              " a count >= 0", i);
+        }
+        lua_pop(L, 4);
+    }
+    j = job_new(L, db, LSQLITE_OP_ATOMIC);
+    if (j == NULL) {
+        return gw_push_error(L, "unavailable", 0, "sqlite: out of memory");
+    }
+    j->subs = calloc((size_t)n, sizeof(*j->subs));
+    if (j->subs == NULL) {
+        job_free(j);
+        return gw_push_error(L, "unavailable", 0, "sqlite: out of memory");
+    }
+    j->nsubs = n;
+    for (i = 0; i < n; i++) {
+        struct lsqlite_job *s = &j->subs[i];
+        int                 rc;
+
+        s->op = LSQLITE_OP_STMT;
+        s->db = db;
+        lua_rawgeti(L, 2, i + 1);
+        lua_rawgeti(L, -1, 1);
+        s->sql = strdup(lua_tostring(L, -1));
+        lua_rawgeti(L, -2, 2);
+        rc = gw_store_vals_from_lua(L, lua_gettop(L), &s->params,
+                                    &s->nparams);
+        lua_getfield(L, -3, "expect");
+        s->expect = lua_isnil(L, -1) ? -1 : (int64_t)lua_tonumber(L, -1);
+        lua_pop(L, 4);
+        if (s->sql == NULL || rc != GW_OK) {
+            job_free(j);
+            return gw_push_error(L, "unavailable", 0,
+                                 "sqlite: out of memory");
+        }
+    }
+    return submit(L, j, LSQLITE_Q_WRITER);
+}
+
 /* h:begin() -> txid | nil, err */
 static int
 lsqlite_begin(lua_State *L)
@@ -1575,6 +1803,7 @@ static const luaL_Reg lsqlite_methods[] = {
     { "exec", lsqlite_exec },
     { "query", lsqlite_query },
     { "script", lsqlite_script },
+    { "atomic", lsqlite_atomic },
     { "begin", lsqlite_begin },
     { "tx_exec", lsqlite_tx_exec },
     { "tx_query", lsqlite_tx_query },

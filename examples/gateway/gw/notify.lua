@@ -15,6 +15,7 @@ local shared = require "paygate.shared"
 local model = require "gw.model"
 local apply = require "gw.apply"
 local payments = require "gw.payments"
+local notify_atomic = require "gw.notify_atomic"
 
 local type, tostring, tonumber = type, tostring, tonumber
 
@@ -98,6 +99,11 @@ function _M.process(mchid, event)
   else
     key = apply.payment_key(r)
   end
+  -- the common payment notification as one write job (it joins SQLite's
+  -- group commit); false: not that case, the transaction below has it
+  local fast, ferr = notify_atomic.process(ctx.db, mchid, event)
+  if fast then return fast end
+  if fast == nil then return nil, ferr end
   local after
   local outcome, err = fsm.retry(ctx.db, function(tx)
     local now = model.now()

@@ -1,0 +1,610 @@
+-- bench/gateway.lua -- the gateway's notification path end to end (run by
+-- bench/gateway; on demand, never part of the tests).
+--
+--   paygate exec bench/gateway.lua run
+--     For each store (SQLite; PostgreSQL when installed) and each fill (a
+--     fresh store; one holding BENCH_FILL paid payments with their
+--     history): creates the payments to notify in the store (bulk SQL),
+--     signs one TRANSACTION.SUCCESS notification for each (two processes,
+--     one per core, just before the run: they verify for 5 minutes), then
+--     drives them over loopback with wrk for BENCH_SECS (fixed
+--     concurrency, each notification POSTed at most once) at
+--       (a) bench/wechatpay_app: parse_notification -> 204, not durable
+--           (the replay check on), and
+--       (b) examples/gateway on one worker: POST /wechatpay/notify/{mchid}
+--           (verify, decrypt, dedupe, transition, audit, outbox, commit,
+--           204), and before it the gateway at BENCH_COMPARE if given,
+--     and prints unique notifications/s, p50, p99 and the ratios. After
+--     each gateway run it checks in the store that every payment notified
+--     is paid, once.
+--   paygate exec bench/gateway.lua gen FILE FROM COUNT
+--     signs COUNT notifications for bench payments FROM .. FROM+COUNT-1
+--   paygate exec bench/gateway.lua fill URL KIND FROM TO
+--     bulk-inserts payments FROM..TO: KIND "h" paid ones with their
+--     history (attempt, notification, dedupe key, 3 audit entries, a
+--     delivered outbox event), KIND "b" payments waiting for payment
+--     (attempt open, 2 audit entries)
+--
+-- env: BENCH_ROUNDS (default 3: alternating runs of each receiver; the
+-- medians are printed), BENCH_SECS (wrk's duration per run, default 5),
+-- BENCH_N (distinct
+-- notifications signed per run, default 60000: more than a run can send),
+-- BENCH_CONC (wrk connections, default 50), BENCH_FILL (default 1000000),
+-- BENCH_ENGINES ("sqlite postgres"), BENCH_FILLS ("0 FILL"),
+-- BENCH_COMPARE (a git revision, or an app folder: its gateway runs too,
+-- before the working tree's, on payments of its own), BENCH_GATEWAY (the app,
+-- default examples/gateway), BENCH_PG_POOL (the gateway's PostgreSQL
+-- pool, default 16), PAYGATE_BIN.
+--
+-- The fill's audit rows carry random hashes (not verifiable chains): they
+-- are there for their size and indexes, not for audit.verify.
+package.path = "bench/?.lua;" .. package.path
+local paygate = require "paygate"
+local sql = require "paygate.sql"
+local migrate = require "paygate.migrate"
+local audit = require "paygate.audit"
+local outbox = require "paygate.outbox"
+local crypto = require "paygate.crypto"
+local json = require "cjson"
+
+local FIX = "spec/fixtures/wechatpay/"
+local PUB_ID = "PUB_KEY_ID_0114232020260101000000000001"
+local APIV3 = "a7cde1ZJB1kG2e7VfTs3jQzaWizur8Gb"
+local MCHID = "1900000001"
+local APPID = "wx2421b1c4370ec43b"
+local GATEWAY = os.getenv("BENCH_GATEWAY") or "examples/gateway"
+local BIN = os.getenv("PAYGATE_BIN") or "build/paygate"
+
+local function env_num(name, def)
+  return tonumber(os.getenv(name) or "") or def
+end
+
+local function pay_id(kind, i)
+  return ("pay_%s%016d"):format(kind, i)
+end
+
+local function sh(cmd)
+  local ok = os.execute(cmd)
+  return ok == true or ok == 0
+end
+
+local function read_cmd(cmd)
+  local p = assert(io.popen(cmd))
+  local out = p:read("*a")
+  p:close()
+  return out
+end
+
+------------------------------------------------------------ notifications
+
+local platform_key
+
+-- TRANSACTION.SUCCESS for bench payment i, as WeChat sends it.
+local function notification(i)
+  platform_key = platform_key or assert(crypto.private_key(
+    assert(io.open(FIX .. "a5_platform_key.pem")):read("*a")))
+  local id = pay_id("b", i)
+  local txn = json.encode({
+    mchid = MCHID, appid = APPID, out_trade_no = id .. "_1",
+    transaction_id = ("4200000%021d"):format(i),
+    trade_type = "NATIVE", trade_state = "SUCCESS",
+    trade_state_desc = "支付成功", bank_type = "CMC", attach = "",
+    success_time = "2026-11-29T10:34:56+08:00",
+    payer = { openid = "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o" },
+    amount = { total = 100, payer_total = 100, currency = "CNY",
+               payer_currency = "CNY" },
+  })
+  local nonce = crypto.random_nonce(12)
+  local ct = assert(crypto.aead_encrypt("AEAD_AES_256_GCM", APIV3, nonce,
+                                        "transaction", txn))
+  local body = json.encode({
+    id = "EV-" .. crypto.random_nonce(24),
+    create_time = "2026-11-29T10:34:57+08:00",
+    resource_type = "encrypt-resource", event_type = "TRANSACTION.SUCCESS",
+    summary = "支付成功",
+    resource = { original_type = "transaction",
+                 algorithm = "AEAD_AES_256_GCM",
+                 ciphertext = crypto.base64_encode(ct),
+                 associated_data = "transaction", nonce = nonce },
+  })
+  local ts = tostring(os.time())
+  local hn = crypto.random_nonce(32)
+  local sig = assert(crypto.sign_base64(platform_key, ts .. "\n" .. hn
+                                        .. "\n" .. body .. "\n",
+                                        "sha256-rsa"))
+  return table.concat({ ts, hn, sig, PUB_ID, body }, "\t")
+end
+
+local function gen(file, from, count)
+  local f = assert(io.open(file, "wb"))
+  for i = from, from + count - 1 do
+    f:write(notification(i), "\n")
+  end
+  f:close()
+end
+
+-- Signs notifications for from .. from+count-1 in two processes (one per
+-- core) into file.
+local function gen_parallel(file, from, count)
+  local half = math.floor(count / 2)
+  local cmd = ("%s exec bench/gateway.lua gen %s.1 %d %d & "
+               .. "%s exec bench/gateway.lua gen %s.2 %d %d; wait"):format(
+    BIN, file, from, half, BIN, file, from + half, count - half)
+  assert(sh(cmd), "gen failed")
+  assert(sh(("cat %s.1 %s.2 > %s && rm -f %s.1 %s.2"):format(
+    file, file, file, file, file)))
+end
+
+---------------------------------------------------------------- fill
+
+-- The bulk SQL of payments from..to of kind "h" (paid, with history) or
+-- "b" (waiting for their notification), for engine.
+local function fill_sql(engine, kind, from, to, now)
+  local pg = engine == "postgres"
+  local series = pg
+    and ("FROM generate_series(%d, %d) AS s(i)"):format(from, to)
+    or ""
+  local with = pg and ""
+    or ("WITH RECURSIVE s(i) AS (SELECT %d UNION ALL SELECT i + 1 FROM s"
+        .. " WHERE i < %d) "):format(from, to)
+  local from_s = pg and series or "FROM s"
+  local id = pg and ("('pay_%s' || lpad(i::text, 16, '0'))"):format(kind)
+             or ("printf('pay_%s%%016d', i)"):format(kind)
+  local hash = pg and "(md5(random()::text) || md5(random()::text))"
+               or "lower(hex(randomblob(32)))"
+  local paid = kind == "h"
+  local T = tostring(now)
+  local stmts = {}
+  local function add(s)
+    stmts[#stmts + 1] = with .. s
+  end
+  add(([[INSERT INTO gw_payments (id, app_id, order_id, mchid, appid,
+  channel, amount, currency, description, state, version, out_trade_no,
+  attempt, transaction_id, paid_out_trade_no, refunded, payer_total, late,
+  expires_at, created_at, updated_at, notified_at, checks)
+SELECT ID, 'bench', 'ord-' || ID, '%s', '%s', 'native', 100, 'CNY',
+  'bench order', '%s', %d, ID || '_1', 1, %s, %s, 0, %s, 0, %s, %s, %s,
+  %s, 0 %s]]):format(MCHID, APPID, paid and "paid" or "paying",
+    paid and 3 or 2, paid and "'4200' || ID" or "NULL",
+    paid and "ID || '_1'" or "NULL", paid and "100" or "NULL",
+    T .. " + 7200", T, T, paid and T or "NULL", from_s))
+  add(([[INSERT INTO gw_attempts (out_trade_no, payment_id, n, channel,
+  state, prepay, transaction_id, created_at, closed_at)
+SELECT ID || '_1', ID, 1, 'native', '%s',
+  '{"code_url":"weixin://wxpay/bizpayurl?pr=bench"}', %s, %s, %s %s]]):format(
+    paid and "paid" or "open", paid and "'4200' || ID" or "NULL", T,
+    paid and T or "NULL", from_s))
+  local entries = paid and 3 or 2
+  add(([[INSERT INTO paygate_audit (subject, seq, what, ref, from_state,
+  to_state, cause, actor, at, evidence, prev_hash, hash)
+SELECT 'payment:' || ID, k.seq, k.what, ID, k.f, k.t, k.cause, k.actor,
+  %s000, k.ev, %s, %s
+%s, (SELECT 1 AS seq, 'payment.created' AS what, CAST(NULL AS TEXT) AS f,
+  'created' AS t, 'create' AS cause, 'bench' AS actor,
+  CAST(NULL AS TEXT) AS ev
+  UNION ALL SELECT 2, 'payment.opened', 'created', 'paying', 'prepay',
+  'gateway', '{"channel":"native"}'
+  UNION ALL SELECT 3, 'payment.succeeded', 'paying', 'paid', 'paid',
+  'wechatpay', '{"notification_id":"EV-bench","source":"notification"}') k
+WHERE k.seq <= %d]]):format(T, hash, hash, from_s, entries))
+  add(([[INSERT INTO paygate_audit_heads (subject, seq, hash)
+SELECT 'payment:' || ID, %d, %s %s]]):format(entries, hash, from_s))
+  if paid then
+    add(([[INSERT INTO gw_notifications (id, event_type, business_key,
+  received_at, outcome)
+SELECT 'EV-' || ID, 'TRANSACTION.SUCCESS',
+  'pay|%s|' || ID || '_1|SUCCESS', %s, 'applied' %s]]):format(MCHID, T,
+      from_s))
+    add(([[INSERT INTO gw_notification_effects (key, notification_id,
+  applied_at)
+SELECT 'pay|%s|' || ID || '_1|SUCCESS', 'EV-' || ID, %s %s]]):format(
+      MCHID, T, from_s))
+    add(([[INSERT INTO paygate_outbox (subject, type, payload, shard,
+  state, attempts, next_at, created_at, delivered_at, sinks_done)
+SELECT ID, 'payment.paid', '{"type":"payment.paid","payment":{"id":"'
+  || ID || '","state":"paid","amount":100,"currency":"CNY"}}', 0,
+  'delivered', 1, %s, %s, %s, 'hooks' %s]]):format(T, T, T, from_s))
+  end
+  local rep = id:gsub("%%", "%%%%")
+  for i, s in ipairs(stmts) do
+    stmts[i] = s:gsub("ID", rep)
+  end
+  return stmts
+end
+
+-- Makes the gateway's tables (its migrations, the audit's and the
+-- outbox's), then inserts kind's payments from..to in chunks.
+local function fill(url, kind, from, to)
+  local db = assert(sql.open(url))
+  assert(migrate.run(db, GATEWAY .. "/migrations"))
+  assert(audit.ensure_schema(db))
+  assert(outbox.setup(db))
+  local now = math.floor(paygate.now())
+  local CHUNK = 100000
+  for a = from, to, CHUNK do
+    local b = math.min(to, a + CHUNK - 1)
+    for _, s in ipairs(fill_sql(db.engine, kind, a, b, now)) do
+      local ok, err = db:exec(s)
+      if not ok then
+        error("fill: " .. tostring(err) .. "\n" .. s, 0)
+      end
+    end
+  end
+  if db.engine == "postgres" then
+    assert(db:exec("ANALYZE"))
+  end
+  db:close()
+end
+
+----------------------------------------------------------------- run
+
+local function free_port()
+  return tonumber(read_cmd("python3 -c 'import socket;s=socket.socket();"
+    .. "s.bind((\"127.0.0.1\",0));print(s.getsockname()[1])'"))
+end
+
+local function wait_port(port)
+  for _ = 1, 300 do
+    if sh(("python3 -c \"import socket;socket.create_connection("
+           .. "('127.0.0.1',%d),0.2)\" 2>/dev/null"):format(port)) then
+      return
+    end
+    paygate.sleep(0.1)
+  end
+  error("nothing listens on port " .. port, 0)
+end
+
+local pin0, pin1 = "", ""
+if sh("command -v taskset >/dev/null") and tonumber(read_cmd("nproc")) >= 2
+then
+  pin0, pin1 = "taskset -c 0 ", "taskset -c 1 "
+end
+
+local function ms(v)
+  local n, unit = v:match("^([%d.]+)(%a+)$")
+  n = tonumber(n)
+  if unit == "us" then return n / 1000 end
+  if unit == "ms" then return n end
+  if unit == "s" then return n * 1000 end
+  if unit == "m" then return n * 60000 end
+  return n
+end
+
+-- wrk for BENCH_SECS over the notifications in file at port/path:
+-- { rate (acknowledged notifications/s), ok, pads, bad, p50, p99 (ms),
+-- secs, errors }
+local function drive(port, path, file, tmp, secs)
+  local conc = env_num("BENCH_CONC", 50)
+  local out = tmp .. "/wrk.txt"
+  sh(("%swrk -t1 -c%d -d%ds --timeout 10s --latency -s "
+      .. "bench/gateway_wrk.lua http://127.0.0.1:%d -- %s %s > %s 2>&1")
+     :format(pin1, conc, secs or env_num("BENCH_SECS", 5), port, file, path,
+             out))
+  local text = assert(io.open(out)):read("*a")
+  local r = {}
+  r.secs = tonumber(text:match("requests in ([%d.]+)s")) or 0
+  r.p50 = ms(text:match("\n%s+50%%%s+(%S+)") or "0")
+  r.p99 = ms(text:match("\n%s+99%%%s+(%S+)") or "0")
+  r.ok = tonumber(text:match("bench: ok=(%d+)")) or 0
+  r.pads = tonumber(text:match("pads=(%d+)")) or 0
+  r.bad = tonumber(text:match("bad=(%d+)")) or 0
+  r.errors = text:match("Socket errors: ([^\n]*)")
+  r.rate = r.secs > 0 and r.ok / r.secs or 0
+  r.text = text
+  return r
+end
+
+local TICK = tonumber(read_cmd("getconf CLK_TCK")) or 100
+
+-- CPU seconds (user + system, every thread) of the receiver's worker: the
+-- master's child (--workers 1), or the process itself.
+local function cpu_of(pid)
+  local w = tonumber((read_cmd("pgrep -P " .. pid):match("%d+"))) or pid
+  local f = io.open("/proc/" .. w .. "/stat")
+  if not f then return 0 end
+  local st = f:read("*a"):gsub("^.*%) ", "")
+  f:close()
+  local fields = {}
+  for v in st:gmatch("%S+") do fields[#fields + 1] = v end
+  -- after the ") ": state is field 3 of stat, utime 14, stime 15
+  return (tonumber(fields[12]) + tonumber(fields[13])) / TICK
+end
+
+-- drive() with the worker's CPU time per acknowledged notification (us).
+local function drive_cpu(pid, port, path, file, tmp, secs)
+  local c0 = cpu_of(pid)
+  local r = drive(port, path, file, tmp, secs)
+  r.cpu_us = r.ok > 0 and (cpu_of(pid) - c0) * 1e6 / r.ok or 0
+  return r
+end
+
+local function start(cmd, log)
+  return tonumber(read_cmd(("sh -c '%s > %s 2>&1 & echo $!'"):format(cmd,
+                                                                      log)))
+end
+
+local function stop(pid)
+  sh("kill " .. pid .. " 2>/dev/null")
+  for _ = 1, 100 do
+    if not sh("kill -0 " .. pid .. " 2>/dev/null") then
+      return
+    end
+    paygate.sleep(0.05)
+  end
+  sh("kill -9 " .. pid .. " 2>/dev/null")
+end
+
+local function baseline(file, n, tmp)
+  local port = free_port()
+  local conf = tmp .. "/base.lua"
+  local f = assert(io.open(conf, "w"))
+  f:write('return { bench = { replay = true },'
+          .. ' shared = { wechatpay_replay = "128m" } }\n')
+  f:close()
+  local pid = start(("%s%s run bench/wechatpay_app --listen 127.0.0.1:%d"
+    .. " --workers 1 --admin off --no-access-log --log-level warn"
+    .. " --config %s"):format(pin0, BIN, port, conf), tmp .. "/base.log")
+  wait_port(port)
+  -- half the time: it is several times faster, and the notifications
+  -- signed for the gateway's run must last it
+  local r = drive_cpu(pid, port, "/notify", file, tmp,
+                      math.max(1, math.floor(env_num("BENCH_SECS", 5) / 2)))
+  stop(pid)
+  return r
+end
+
+local function gateway(url, app, file, n, tmp)
+  local port = free_port()
+  local conf = tmp .. "/gw.lua"
+  local f = assert(io.open(conf, "w"))
+  local key = tmp .. "/apiv3.key"
+  local kf = assert(io.open(key, "w"))
+  kf:write(APIV3, "\n")
+  kf:close()
+  local cwd = read_cmd("pwd"):gsub("%s+$", "")
+  f:write(([[return {
+  gateway = { db = %q, public_url = "http://127.0.0.1:%d" },
+  merchants = { {
+    mchid = %q, appid = %q,
+    merchant_private_key = %q, merchant_serial = %q,
+    apiv3_key_file = %q,
+    public_key = %q, public_key_id = %q,
+    base_url = "http://127.0.0.1:9", backup_url = false,
+  } },
+  shared = { wechatpay_replay = "128m" },
+}
+]]):format(url, port, MCHID, APPID, cwd .. "/" .. FIX .. "a1_merchant_key.pem",
+    "1DDE55AD98ED71D6EDD4A4A16996DE7B47773A8C", key,
+    cwd .. "/" .. FIX .. "a7_platform_pubkey.pem", PUB_ID))
+  f:close()
+  local log = tmp .. "/gw." .. port .. ".log"
+  local pid = start(("%s%s run %s --listen 127.0.0.1:%d --workers 1"
+    .. " --admin off --no-access-log --log-level warn --config %s")
+    :format(pin0, BIN, app, port, conf), log)
+  local ok, err = pcall(wait_port, port)
+  if not ok then
+    io.stderr:write(assert(io.open(log)):read("*a"))
+    error(err, 0)
+  end
+  local r = drive_cpu(pid, port, "/wechatpay/notify/" .. MCHID, file, tmp)
+  stop(pid)
+  r.log = log
+  return r
+end
+
+-- How many of payments from..to are paid, and how many audit entries and
+-- outbox events they have (each paid one exactly once: 3 entries, 1
+-- event; the others untouched: 2 entries).
+local function check(url, from, to)
+  local db = assert(sql.open(url))
+  local a, b = pay_id("b", from), pay_id("b", to)
+  local paid = assert(db:query("SELECT count(*) AS n FROM gw_payments"
+    .. " WHERE id BETWEEN $1 AND $2 AND state = 'paid'", { a, b }))[1].n
+  local entries = assert(db:query("SELECT count(*) AS n FROM paygate_audit"
+    .. " WHERE subject BETWEEN $1 AND $2", { "payment:" .. a,
+                                             "payment:" .. b }))[1].n
+  local events = assert(db:query("SELECT count(*) AS n FROM paygate_outbox"
+    .. " WHERE subject BETWEEN $1 AND $2 AND type = 'payment.paid'",
+    { a, b }))[1].n
+  db:close()
+  return tonumber(paid), tonumber(entries), tonumber(events)
+end
+
+-- The run of median rate, with the median of each figure (of an even
+-- number of rounds: the lower middle one).
+local function median_run(list)
+  local function med(key)
+    local v = {}
+    for i, r in ipairs(list) do v[i] = r[key] end
+    table.sort(v)
+    return v[math.floor((#v + 1) / 2)]
+  end
+  return { rate = med("rate"), p50 = med("p50"), p99 = med("p99"),
+           cpu_us = med("cpu_us") }
+end
+
+local function rates_of(list)
+  local t = {}
+  for i, r in ipairs(list) do
+    t[i] = ("%.0f (p99 %.1f ms)"):format(r.rate, r.p99)
+  end
+  return table.concat(t, ", ")
+end
+
+local function run()
+  local servers = require "spec.support.servers"
+  local N = env_num("BENCH_N", 60000)
+  local FILL = env_num("BENCH_FILL", 1000000)
+  local engines = {}
+  for e in (os.getenv("BENCH_ENGINES") or "sqlite postgres"):gmatch("%S+")
+  do
+    if e ~= "postgres" or servers.have_postgres() then
+      engines[#engines + 1] = e
+    end
+  end
+  local fills = {}
+  for v in (os.getenv("BENCH_FILLS") or ("0 " .. FILL)):gmatch("%S+") do
+    fills[#fills + 1] = tonumber(v)
+  end
+  local tmp = servers.mktemp()
+  -- the gateway as it is, and as it was at BENCH_COMPARE (a git revision)
+  local modes = {}
+  local rev = os.getenv("BENCH_COMPARE")
+  if rev and rev ~= "" and sh("test -f " .. rev .. "/app.lua") then
+    modes[1] = { label = "gateway " .. rev:match("[^/]*/?[^/]+$"),
+                 app = rev }
+  elseif rev and rev ~= "" then
+    local dir = tmp .. "/before"
+    assert(sh(("mkdir -p %s && git archive %s %s | tar -x -C %s"):format(
+      dir, rev, GATEWAY, dir)), "cannot extract " .. GATEWAY .. " at " .. rev)
+    modes[1] = { label = "gateway @" .. rev, app = dir .. "/" .. GATEWAY }
+  end
+  modes[#modes + 1] = { label = "gateway", app = GATEWAY }
+  local cpu = read_cmd("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2")
+              :gsub("^%s+", ""):gsub("%s+$", "")
+  print(("paygate bench/gateway — %s, %s cores: %s; load now: %s"):format(
+    os.date("!%Y-%m-%dT%H:%M:%SZ"), read_cmd("nproc"):gsub("%s", ""), cpu,
+    read_cmd("cut -d' ' -f1-3 /proc/loadavg"):gsub("%s+$", "")))
+  print(("each run: %d s of wrk -t1 -c%d (core 1) over %d distinct"
+    .. " notifications (each sent once), receiver on 1 worker (core 0)%s")
+    :format(env_num("BENCH_SECS", 5), env_num("BENCH_CONC", 50), N,
+    engines[2] and "; PostgreSQL unpinned" or ""))
+  print("note: the machine may be shared with other jobs; compare the"
+    .. " ratios (measured in the same run), not absolute figures. cpu_us:"
+    .. " the receiver worker's CPU time (all its threads) per acknowledged"
+    .. " notification; its x base is base cpu / gateway cpu, the throughput"
+    .. " ratio one core of its own would give")
+  print()
+  print(("%-8s %-7s %-24s %8s %8s %8s %7s %8s %7s %6s"):format("store",
+    "fill", "receiver", "notif/s", "p50_ms", "p99_ms", "x base", "cpu_us",
+    "x base", "check"))
+  local results = {}
+  for _, engine in ipairs(engines) do
+    local pg_srv
+    if engine == "postgres" then
+      pg_srv = servers.postgres()
+    end
+    for fi, nfill in ipairs(fills) do
+      local url, gw_url
+      if engine == "sqlite" then
+        url = "sqlite:" .. tmp .. "/gw" .. fi .. ".db"
+        gw_url = url
+      else
+        local dbname = "bench" .. fi
+        local admin = assert(sql.open(pg_srv.url))
+        assert(admin:exec("CREATE DATABASE " .. dbname))
+        admin:close()
+        url = pg_srv.url:gsub("/postgres$", "/" .. dbname)
+        -- the gateway's own: each notification's transaction holds a
+        -- connection, 4 (the default) would cap it at 4 at once
+        gw_url = url .. "?pool=" .. env_num("BENCH_PG_POOL", 16)
+      end
+      local t0 = paygate.update_time()
+      if nfill > 0 then
+        fill(url, "h", 1, nfill)
+      end
+      local rounds = env_num("BENCH_ROUNDS", 3)
+      fill(url, "b", 1, N * #modes * rounds)
+      local filled = paygate.update_time() - t0
+      local fill_label = nfill == 0 and "fresh"
+        or (nfill >= 1e6 and (nfill / 1e6) .. "M" or tostring(nfill))
+      -- rounds: the baseline, then each gateway, each on notifications
+      -- of its own signed just before; medians reported
+      local runs = { base = {} }
+      local all_ok, notes = true, {}
+      for r = 1, rounds do
+        for mi, mode in ipairs(modes) do
+          local from = ((r - 1) * #modes + (mi - 1)) * N + 1
+          local file = tmp .. "/n.tsv"
+          gen_parallel(file, from, N)
+          if mi == 1 then
+            local base = baseline(file, N, tmp)
+            table.insert(runs.base, base)
+            if base.pads > 0 then
+              all_ok = false
+              notes[#notes + 1] = "baseline used up its notifications: raise"
+                .. " BENCH_N"
+            end
+          end
+          local gw = gateway(gw_url, mode.app, file, N, tmp)
+          runs[mi] = runs[mi] or {}
+          table.insert(runs[mi], gw)
+          local paid, entries, events = check(url, from, from + N - 1)
+          -- acknowledged ones are paid; a few more may have committed as
+          -- wrk stopped with their answers on the way
+          local ok = paid >= gw.ok
+            and paid <= gw.ok + env_num("BENCH_CONC", 50)
+            and entries == 2 * N + paid and events == paid and gw.pads == 0
+            and gw.bad == 0
+          if not ok then
+            all_ok = false
+            notes[#notes + 1] = ("%s round %d: %d acknowledged, %d paid,"
+              .. " %d audit entries (want %d), %d events, %d failed answers,"
+              .. " notifications used up: %s; the gateway's log ends:\n%s\n%s"):format(
+              mode.label, r, gw.ok, paid, entries, 2 * N + paid, events,
+              gw.bad, tostring(gw.pads > 0),
+              read_cmd("tail -c 1500 " .. gw.log), gw.text)
+          end
+          if gw.errors then
+            notes[#notes + 1] = mode.label .. " round " .. r
+              .. ": socket errors: " .. gw.errors
+          end
+        end
+      end
+      local base = median_run(runs.base)
+      print(("%-8s %-7s %-24s %8.0f %8.2f %8.2f %7s %8.0f %7s %6s")
+        :format(engine, fill_label, "parse_notification->204", base.rate,
+        base.p50, base.p99, "", base.cpu_us, "", ""))
+      for mi, mode in ipairs(modes) do
+        local gw = median_run(runs[mi])
+        print(("%-8s %-7s %-24s %8.0f %8.2f %8.2f %7.2f %8.0f %7.2f %6s")
+          :format(engine, fill_label, mode.label, gw.rate, gw.p50, gw.p99,
+          base.rate > 0 and gw.rate / base.rate or 0, gw.cpu_us,
+          gw.cpu_us > 0 and base.cpu_us / gw.cpu_us or 0,
+          all_ok and "ok" or "BAD"))
+        print(("%-8s %-7s %-24s %s"):format("", "", "  rounds, notif/s:",
+          rates_of(runs[mi])))
+        results[#results + 1] = { engine = engine, fill = nfill,
+          mode = mode.label, base = base, gw = gw }
+      end
+      print(("%-8s %-7s %-24s %s"):format("", "", "  base rounds:",
+        rates_of(runs.base)))
+      for _, n in ipairs(notes) do
+        print("  " .. n)
+      end
+      if nfill > 0 then
+        print(("  (filled %d payments with their history in %.0f s)")
+              :format(nfill, filled))
+      end
+    end
+    if pg_srv then
+      pg_srv.cleanup()
+    end
+  end
+  -- fresh vs filled, per store and mode
+  print()
+  for _, a in ipairs(results) do
+    for _, b in ipairs(results) do
+      if a.engine == b.engine and a.mode == b.mode and a.fill == 0
+         and b.fill > 0 then
+        print(("%s, %s: filled / fresh: throughput %.2f, p99 %.2f"):format(
+          a.engine, a.mode, b.gw.rate / a.gw.rate, b.gw.p99 / a.gw.p99))
+      end
+    end
+  end
+  sh("rm -rf " .. tmp)
+end
+
+local mode = arg and arg[1] or "run"
+if mode == "gen" then
+  gen(assert(arg[2], "gen FILE FROM COUNT"), tonumber(arg[3]),
+      tonumber(arg[4]))
+elseif mode == "fill" then
+  fill(assert(arg[2], "fill URL KIND FROM TO"), arg[3], tonumber(arg[4]),
+       tonumber(arg[5]))
+elseif mode == "run" then
+  run()
+else
+  error("usage: bench/gateway.lua run | gen FILE FROM COUNT"
+        .. " | fill URL KIND FROM TO")
+end

@@ -1,0 +1,172 @@
+-- gw.notify_atomic: the common notification -- TRANSACTION.SUCCESS for
+-- the current, open attempt of a payment not paid yet, amount and
+-- currency as ordered -- applied as ONE write job (db:atomic) instead of
+-- an interactive transaction.
+--
+-- Why: on SQLite an interactive transaction holds the single writer from
+-- its BEGIN to its COMMIT, a round trip to Lua per statement, so
+-- concurrent notifications run one after another. Here everything is read
+-- first (on the reader threads), the decision is made in Lua, and the
+-- writes go to the writer as one job that joins the group commit. Each
+-- write carries the condition its read established:
+--   1. gw_notifications insert, must insert     (dedupe by id)
+--   2. gw_notification_effects insert, must insert (dedupe by business key)
+--   3. the attempt: open -> paid, must change 1 row
+--   4. the payment: fsm version-guarded UPDATE (paygate.fsm plan)
+--   5. the audit head move and entry (chain position guarded)
+--   6. the outbox event payment.paid
+-- All or none, durable before the 204. A duplicate makes 1. or 2. fail
+-- (nothing else written; the business-key duplicate is then recorded like
+-- gw.notify records it); a concurrent writer makes 3.-5. fail and the
+-- job is rebuilt from fresh reads (fsm.atomic). A repeat that finds the
+-- attempt paid is recorded as a duplicate in a job of its own (its key
+-- must have been claimed: a read with expect = 1).
+--
+-- Everything else -- refunds, other states, late or duplicate payments,
+-- amount mismatches, unknown orders -- returns false: gw.notify's
+-- transaction (gw.apply) handles it, as before.
+local paygate = require "paygate"
+local audit = require "paygate.audit"
+local fsm = require "paygate.fsm"
+local json = require "paygate.json"
+local outbox = require "paygate.outbox"
+local model = require "gw.model"
+local apply = require "gw.apply"
+
+local type = type
+
+local _M = {}
+
+local P = model.payments
+
+local NOT_MINE = {}                -- build's verdict: the transaction's case
+
+local INSERT_NOTIFICATION = "INSERT INTO gw_notifications (id, event_type,"
+  .. " business_key, received_at, outcome) VALUES ($1, $2, $3, $4, $5)"
+  .. " ON CONFLICT (id) DO NOTHING"
+
+-- One read for the attempt, its payment and the payment's audit head
+-- (one trip to a reader thread instead of three).
+-- (PostgreSQL: the heads' subject is COLLATE "C", and so must the key be.)
+local function read_sql(engine)
+  return "SELECT p.*, a.state AS gw_a_state, a.payment_id AS gw_a_payment,"
+    .. " h.seq AS gw_h_seq, h.hash AS gw_h_hash FROM gw_attempts a"
+    .. " LEFT JOIN gw_payments p ON p.id = a.payment_id"
+    .. " LEFT JOIN paygate_audit_heads h ON h.subject = ('payment:' || p.id)"
+    .. (engine == "postgres" and ' COLLATE "C"' or "")
+    .. " WHERE a.out_trade_no = $1"
+end
+local READ = { sqlite = read_sql("sqlite"), postgres = read_sql("postgres") }
+
+-- The job's statements for what was read, or NOT_MINE.
+local function build(db, mchid, event, key)
+  local r = event.resource
+  local no = r.out_trade_no
+  local rows, err = db:query(READ[db.engine], { no })
+  if not rows then return nil, err end
+  local p = rows[1]
+  local a = p and { state = p.gw_a_state, payment_id = p.gw_a_payment }
+  if a and a.state == "paid" then
+    -- a repeat of what is applied: record it, if the key was claimed
+    return {
+      { INSERT_NOTIFICATION, { event.id, event.event_type, key, model.now(),
+                               "duplicate" }, expect = 1,
+        name = "notification" },
+      { "SELECT key FROM gw_notification_effects WHERE key = $1", { key },
+        expect = 1, name = "claimed" },
+    }, "duplicate"
+  end
+  if not a or a.state ~= "open" or p.id == nil then
+    return nil, NOT_MINE
+  end
+  local head = p.gw_h_seq and { seq = p.gw_h_seq, hash = p.gw_h_hash }
+               or false
+  p.gw_a_state, p.gw_a_payment, p.gw_h_seq, p.gw_h_hash = nil, nil, nil, nil
+  if no ~= p.out_trade_no then return nil, NOT_MINE end
+  if r.sp_mchid ~= nil or r.mchid ~= p.mchid
+     or model.opt(p.sub_mchid) ~= nil then
+    return nil, NOT_MINE
+  end
+  local amount = type(r.amount) == "table" and r.amount or {}
+  if amount.total ~= p.amount or (amount.currency or "CNY") ~= p.currency
+  then
+    return nil, NOT_MINE                  -- the alarm
+  end
+  if not P:can(p.state, "succeeded") then return nil, NOT_MINE end
+  local now = model.time()
+  local evidence = { notification_id = event.id, source = "notification",
+                     out_trade_no = no, transaction_id = r.transaction_id,
+                     trade_state = r.trade_state, attempt_state = a.state }
+  local plan
+  plan, err = P:plan(db, p.id, "succeeded", {
+    row = p, head = head, cause = "paid", actor = "wechatpay", evidence = evidence,
+    set = { transaction_id = r.transaction_id or json.null,
+            payer_total = amount.payer_total or json.null,
+            paid_out_trade_no = no, updated_at = now, late = 0,
+            notified_at = now } })
+  if not plan then return nil, err end
+  local stmts = {
+    { INSERT_NOTIFICATION, { event.id, event.event_type, key, model.now(),
+                             "applied" }, expect = 1, name = "notification" },
+    { "INSERT INTO gw_notification_effects (key, notification_id,"
+      .. " applied_at) VALUES ($1, $2, $3) ON CONFLICT (key) DO NOTHING",
+      { key, event.id, model.now() }, expect = 1, name = "effect" },
+    { "UPDATE gw_attempts SET state = 'paid', transaction_id = $2,"
+      .. " closed_at = COALESCE(closed_at, $3) WHERE out_trade_no = $1"
+      .. " AND state = 'open'", { no, r.transaction_id or json.null, now },
+      expect = 1, name = "attempt" },
+  }
+  for _, st in ipairs(plan.statements) do
+    stmts[#stmts + 1] = st
+  end
+  -- the payload gw.events.emit gives payment.paid
+  stmts[#stmts + 1] = outbox.statement(db, { subject = p.id,
+    type = "payment.paid", payload = { type = "payment.paid",
+    payment = model.payment_json(plan.row), at = paygate.now() } })
+  return stmts, plan
+end
+
+--- syntax: outcome, err = notify_atomic.process(db, mchid, event)
+-- returns: "applied" or "duplicate" once committed; false when the
+-- notification is not the common case (run gw.notify's transaction); or
+-- nil, err.
+-- yields: until committed and durable
+function _M.process(db, mchid, event)
+  local r = event.resource
+  if type(r) ~= "table" or event.event_type ~= "TRANSACTION.SUCCESS"
+     or r.trade_state ~= "SUCCESS" or type(r.out_trade_no) ~= "string"
+     or type(event.id) ~= "string" then
+    return false
+  end
+  -- the libraries' tables (made at start by app.lua; cached per handle)
+  local ok, serr = outbox.setup(db)
+  if ok then ok, serr = audit.ensure_schema(db) end
+  if not ok then return nil, serr end
+  local key = apply.payment_key(r)
+  local results, plan = fsm.atomic(db, function()
+    return build(db, mchid, event, key)
+  end, { retry_on = { "attempt" } })
+  if results then
+    if plan == "duplicate" then return "duplicate" end
+    P:applied(plan)
+    return "applied"
+  end
+  local err = plan
+  if err == NOT_MINE or (err.kind == "conflict" and err.name == "claimed")
+  then
+    return false
+  end
+  if err.kind == "conflict" and err.name == "notification" then
+    return "duplicate"                 -- this notification id was recorded
+  end
+  if err.kind == "conflict" and err.name == "effect" then
+    -- the business key was applied by another notification (or a query)
+    local ok, ierr = db:exec(INSERT_NOTIFICATION, { event.id,
+      event.event_type, key, model.now(), "duplicate" })
+    if not ok then return nil, ierr end
+    return "duplicate"
+  end
+  return nil, err
+end
+
+return _M

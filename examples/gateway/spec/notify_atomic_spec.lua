@@ -1,0 +1,200 @@
+-- gw.notify_atomic in-process on a real SQLite store: the common payment
+-- notification as one db:atomic job -- the same rows as gw.notify's
+-- transaction writes, duplicates by id and by business key, every other
+-- case handed back to the transaction, and concurrent deliveries applied
+-- exactly once.
+local paygate = require "paygate"
+local sql = require "paygate.sql"
+local migrate = require "paygate.migrate"
+local audit = require "paygate.audit"
+local json = require "paygate.json"
+local server = require "paygate.testing.server"
+
+package.path = "examples/gateway/?.lua;" .. package.path
+local model = require "gw.model"
+local notify = require "gw.notify"
+local notify_atomic = require "gw.notify_atomic"
+local payments = require "gw.payments"
+local refunds = require "gw.refunds"
+
+describe("gateway notify_atomic", function()
+  local dir, db, ctx
+
+  local function payment(state, amount)
+    local now = model.now()
+    local id = model.new_payment_id()
+    assert(model.payments:create(db, {
+      id = id, app_id = "a", order_id = id, mchid = "1900000001",
+      appid = "wx1", channel = "native", amount = amount or 100,
+      currency = "CNY", description = "d", out_trade_no = id .. "_1",
+      attempt = 1, refunded = 0, expires_at = now + 60, created_at = now,
+      updated_at = now, checks = 0 }))
+    assert(db:exec("INSERT INTO gw_attempts (out_trade_no, payment_id, n,"
+      .. " channel, state, created_at) VALUES ($1, $2, 1, 'native', 'open',"
+      .. " $3)", { id .. "_1", id, now }))
+    if state == "paying" then
+      assert(model.payments:apply(db, id, "opened"))
+    end
+    return id
+  end
+
+  local function paid_event(no, total, eid)
+    return { id = eid or ("EV-" .. no), event_type = "TRANSACTION.SUCCESS",
+             resource = { mchid = "1900000001", out_trade_no = no,
+                          trade_state = "SUCCESS", transaction_id = "42" .. no,
+                          amount = { total = total or 100, payer_total = 100,
+                                     currency = "CNY" } } }
+  end
+
+  local function wait_all(tasks)
+    local deadline = paygate.update_time() + 20
+    for _, t in ipairs(tasks) do
+      while not t:finished() do
+        assert(paygate.update_time() < deadline, "tasks did not finish")
+        paygate.sleep(0.005)
+      end
+    end
+  end
+
+  setup(function()
+    dir = server.tmpdir()
+    db = assert(sql.open("sqlite:" .. dir .. "/gw.db"))
+    assert(migrate.run(db, "examples/gateway/migrations"))
+    assert(audit.ensure_schema(db))
+    ctx = { db = db, wx = {},
+            by_mchid = { ["1900000001"] = { mchid = "1900000001" } },
+            gateway = { on_late_payment = "refund", public_url = "http://x" },
+            degraded = function() return false end,
+            notify_url = function(m) return "http://127.0.0.1/n/" .. m end }
+    payments.init(ctx)
+    refunds.init(ctx)
+    notify.init(ctx)
+    ctx.refunds = refunds
+  end)
+
+  teardown(function()
+    db:close()
+    server.rmdir(dir)
+  end)
+
+  it("applies a payment as the transaction does: same rows, audit, event", function()
+    local a, b = payment("paying"), payment("paying")
+    assert.equal("applied", notify_atomic.process(db, "1900000001",
+                                                   paid_event(a .. "_1")))
+    assert.equal("applied", (notify.process("1900000001",
+                                            paid_event(b .. "_1"))))
+    local pa = assert(model.payment(db, a))
+    local pb = assert(model.payment(db, b))
+    for _, k in ipairs({ "state", "version", "late", "payer_total",
+                         "refunded" }) do
+      assert.equal(pb[k], pa[k], k)
+    end
+    assert.equal("paid", pa.state)
+    assert.equal("42" .. a .. "_1", pa.transaction_id)
+    assert.equal(a .. "_1", pa.paid_out_trade_no)
+    assert.truthy(pa.notified_at)
+    local at = assert(db:query("SELECT state, transaction_id FROM gw_attempts"
+                         .. " WHERE payment_id = $1", { a }))[1]
+    assert.same({ state = "paid", transaction_id = "42" .. a .. "_1" }, at)
+    for _, id in ipairs({ a, b }) do
+      local n = assert(db:query("SELECT outcome FROM gw_notifications WHERE"
+                                .. " id = $1", { "EV-" .. id .. "_1" }))[1]
+      assert.equal("applied", n.outcome)
+      local e = assert(db:query("SELECT notification_id FROM"
+        .. " gw_notification_effects WHERE key = $1",
+        { "pay|1900000001|" .. id .. "_1|SUCCESS" }))[1]
+      assert.equal("EV-" .. id .. "_1", e.notification_id)
+      local ok, rep = audit.verify(db, "payment:" .. id)
+      assert.is_true(ok, rep.message)
+      assert.equal(3, rep.entries)
+    end
+    local ea = audit.entries(db, "payment:" .. a)[3]
+    local eb = audit.entries(db, "payment:" .. b)[3]
+    assert.equal(eb.what, ea.what)
+    assert.equal(eb.cause, ea.cause)
+    assert.same(json.decode(eb.evidence).source, json.decode(ea.evidence).source)
+    local ev = assert(db:query("SELECT subject, type, payload FROM paygate_outbox"
+      .. " WHERE subject IN ($1, $2) ORDER BY subject", { a, b }))
+    assert.equal(2, #ev)
+    local by = {}
+    for _, r in ipairs(ev) do by[r.subject] = json.decode(r.payload) end
+    assert.equal("payment.paid", by[a].type)
+    assert.equal("paid", by[a].payment.state)
+    assert.equal(by[b].payment.version, by[a].payment.version)
+  end)
+
+  it("a duplicate by id or by business key changes nothing", function()
+    local a = payment("paying")
+    local ev = paid_event(a .. "_1")
+    assert.equal("applied", notify_atomic.process(db, "1900000001", ev))
+    local v = assert(model.payment(db, a)).version
+    assert.equal("duplicate", notify_atomic.process(db, "1900000001", ev))
+    local other = paid_event(a .. "_1", 100, "EV-other-" .. a)
+    assert.equal("duplicate", notify_atomic.process(db, "1900000001", other))
+    assert.equal(v, assert(model.payment(db, a)).version)
+    assert.equal("duplicate", assert(db:query("SELECT outcome FROM"
+      .. " gw_notifications WHERE id = $1", { other.id }))[1].outcome)
+    local ok, rep = audit.verify(db, "payment:" .. a)
+    assert.is_true(ok)
+    assert.equal(3, rep.entries)
+    assert.equal(1, #assert(db:query("SELECT id FROM paygate_outbox WHERE"
+                                     .. " subject = $1", { a })))
+  end)
+
+  it("hands every other case back to the transaction", function()
+    local a = payment("paying", 200)
+    assert.is_false(notify_atomic.process(db, "1900000001",
+                                          paid_event(a .. "_1", 100)))   -- amount
+    assert.is_false(notify_atomic.process(db, "1900000001",
+                                          paid_event("nope_1")))         -- unknown
+    local ev = paid_event(a .. "_1", 200)
+    ev.event_type = "REFUND.SUCCESS"
+    assert.is_false(notify_atomic.process(db, "1900000001", ev))
+    ev = paid_event(a .. "_1", 200)
+    ev.resource.trade_state = "CLOSED"
+    assert.is_false(notify_atomic.process(db, "1900000001", ev))
+    ev = paid_event(a .. "_1", 200)
+    ev.resource.sp_mchid, ev.resource.sub_mchid = "1900000001", "1900000002"
+    assert.is_false(notify_atomic.process(db, "1900000001", ev))
+    assert(db:exec("UPDATE gw_attempts SET state = 'closed' WHERE"
+                   .. " payment_id = $1", { a }))
+    assert.is_false(notify_atomic.process(db, "1900000001",
+                                          paid_event(a .. "_1", 200)))  -- late
+    assert.equal("paying", assert(model.payment(db, a)).state)
+    assert.equal(0, #assert(db:query("SELECT id FROM gw_notifications WHERE"
+      .. " business_key LIKE $1", { "%" .. a .. "%" })))
+  end)
+
+  it("concurrent deliveries: each payment applied exactly once", function()
+    local ids, tasks, outcomes = {}, {}, {}
+    for i = 1, 10 do
+      ids[i] = payment("paying")
+    end
+    for i = 1, 10 do
+      for k = 1, 3 do                -- the same id three times, and
+        local ev = paid_event(ids[i] .. "_1")
+        if k == 3 then ev.id = "EV-again-" .. ids[i] end  -- another id
+        tasks[#tasks + 1] = paygate.spawn(function()
+          local o, err = notify_atomic.process(db, "1900000001", ev)
+          assert(o, "outcome " .. tostring(o) .. " " .. tostring(err))
+          outcomes[o] = (outcomes[o] or 0) + 1
+          return true
+        end)
+      end
+    end
+    wait_all(tasks)
+    for _, t in ipairs(tasks) do assert(t:wait()) end
+    assert.equal(10, outcomes.applied)
+    assert.equal(20, outcomes.duplicate)
+    for i = 1, 10 do
+      local p = assert(model.payment(db, ids[i]))
+      assert.equal("paid", p.state)
+      assert.equal(3, p.version)
+      local ok, rep = audit.verify(db, "payment:" .. ids[i])
+      assert.is_true(ok)
+      assert.equal(3, rep.entries)
+      assert.equal(1, #assert(db:query("SELECT id FROM paygate_outbox WHERE"
+                                       .. " subject = $1", { ids[i] })))
+    end
+  end)
+end)

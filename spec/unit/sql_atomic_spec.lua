@@ -1,0 +1,301 @@
+-- db:atomic on every engine: several statements as one durable write, all
+-- or none; on SQLite one job of the writer's group commit.
+local sql = require "paygate.sql"
+local paygate = require "paygate"
+local servers = require "spec.support.servers"
+
+local engines = { "sqlite" }
+if servers.have_postgres() then
+  engines[#engines + 1] = "postgres"
+end
+
+local tmp = servers.mktemp()
+
+teardown(function()
+  servers.stop_all()
+  servers.sh("rm -rf " .. tmp)
+end)
+
+local pg_srv
+local counter = 0
+
+local SCHEMA = {
+  sqlite = [[
+CREATE TABLE acct (id TEXT PRIMARY KEY, bal INTEGER NOT NULL
+  CONSTRAINT bal_nonneg CHECK (bal >= 0), version INTEGER NOT NULL);
+CREATE TABLE seen (k TEXT PRIMARY KEY);
+CREATE TABLE log (id INTEGER PRIMARY KEY, acct TEXT, note TEXT)]],
+  postgres = [[
+DROP TABLE IF EXISTS acct; DROP TABLE IF EXISTS seen; DROP TABLE IF EXISTS log;
+CREATE TABLE acct (id TEXT PRIMARY KEY, bal INTEGER NOT NULL
+  CONSTRAINT bal_nonneg CHECK (bal >= 0), version INTEGER NOT NULL);
+CREATE TABLE seen (k TEXT PRIMARY KEY);
+CREATE TABLE log (id BIGSERIAL PRIMARY KEY, acct TEXT, note TEXT)]],
+}
+
+local function open(engine)
+  counter = counter + 1
+  local db
+  if engine == "sqlite" then
+    db = assert(sql.open("sqlite:" .. tmp .. "/a" .. counter .. ".db"))
+  else
+    pg_srv = pg_srv or servers.postgres()
+    db = assert(sql.open(pg_srv.url))
+  end
+  assert(db:exec_script(SCHEMA[engine]))
+  assert(db:exec("INSERT INTO acct (id, bal, version) VALUES ('A', 100, 1)"))
+  return db
+end
+
+local function wait_until(cond, secs, what)
+  local deadline = paygate.update_time() + secs
+  while not cond() do
+    if paygate.update_time() > deadline then
+      error("timed out after " .. secs .. " s waiting for " .. what, 2)
+    end
+    paygate.sleep(0.002)
+  end
+end
+
+local function count(db, tbl)
+  return assert(db:query("SELECT count(*) AS n FROM " .. tbl))[1].n
+end
+
+-- A transfer-like job: version-guarded update, a dedupe insert, a log row.
+local function job(key, version, amount)
+  return {
+    { "UPDATE acct SET bal = bal - $2, version = version + 1"
+      .. " WHERE id = $1 AND version = $3", { "A", amount, version },
+      expect = 1, name = "version" },
+    { "INSERT INTO seen (k) VALUES ($1)", { key }, expect = 1,
+      name = "dedupe" },
+    { "INSERT INTO log (acct, note) VALUES ($1, $2) RETURNING id, note",
+      { "A", "paid " .. key }, name = "log" },
+  }
+end
+
+for _, engine in ipairs(engines) do
+  describe("db:atomic on " .. engine, function()
+    local db
+
+    before_each(function()
+      db = open(engine)
+    end)
+
+    after_each(function()
+      db:close()
+    end)
+
+    it("runs every statement and returns one result each, durable", function()
+      local res = assert(db:atomic(job("k1", 1, 10)))
+      assert.equal(3, #res)
+      assert.equal(1, res[1].changes)
+      assert.equal(1, res[2].changes)
+      assert.equal(1, res[3].changes)
+      assert.equal("paid k1", res[3].rows[1].note)
+      assert.equal(res[3].rows[1].id, res[3].last_id)
+      local a = assert(db:query("SELECT bal, version FROM acct"))[1]
+      assert.same({ bal = 90, version = 2 }, a)
+      assert.equal(1, count(db, "seen"))
+      assert.equal(1, count(db, "log"))
+    end)
+
+    it("an unmet expect (stale version) is a conflict naming the statement, nothing kept", function()
+      assert(db:atomic(job("k1", 1, 10)))
+      local res, err = db:atomic(job("k2", 1, 10))  -- version is 2 now
+      assert.is_nil(res)
+      assert.equal("conflict", err.kind)
+      assert.equal(1, err.index)
+      assert.equal("version", err.name)
+      assert.equal("expect", err.reason)
+      assert.equal(1, err.expected)
+      assert.equal(0, err.got)
+      assert.is_false(err.retryable)
+      assert.truthy(tostring(err):find("^conflict: statement 1 %(version%)"))
+      assert.equal(1, count(db, "seen"))
+      assert.equal(1, count(db, "log"))
+    end)
+
+    it("a failing 3rd statement leaves nothing of the job", function()
+      local stmts = job("k1", 1, 10)
+      stmts[3] = { "INSERT INTO log (id, acct, note) VALUES ($1, 'A', 'x')",
+                   { 7 } }
+      assert(db:exec("INSERT INTO log (id, acct, note) VALUES (7, 'B', 'y')"))
+      local res, err = db:atomic(stmts)
+      assert.is_nil(res)
+      assert.equal("conflict", err.kind)         -- primary key: unique
+      assert.equal("unique", err.reason)
+      assert.equal(3, err.index)
+      assert.is_nil(err.name)
+      assert.equal("constraint", err.cause.kind)
+      local a = assert(db:query("SELECT bal, version FROM acct"))[1]
+      assert.same({ bal = 100, version = 1 }, a)
+      assert.equal(0, count(db, "seen"))
+      assert.equal(1, count(db, "log"))
+    end)
+
+    it("a dedupe insert that must insert: a duplicate is a conflict", function()
+      assert(db:atomic(job("k1", 1, 10)))
+      local stmts = job("k1", 2, 10)
+      stmts[2][1] = "INSERT INTO seen (k) VALUES ($1) ON CONFLICT DO NOTHING"
+      local _, err = db:atomic(stmts)
+      assert.equal("conflict", err.kind)
+      assert.equal(2, err.index)
+      assert.equal("dedupe", err.name)
+      assert.equal("expect", err.reason)
+      assert.equal(0, err.got)
+      -- the same without ON CONFLICT: the unique violation
+      _, err = db:atomic(job("k1", 2, 10))
+      assert.equal("conflict", err.kind)
+      assert.equal("unique", err.reason)
+      assert.equal("dedupe", err.name)
+      assert.same({ bal = 90, version = 2 },
+                  assert(db:query("SELECT bal, version FROM acct"))[1])
+    end)
+
+    it("other failures keep the statement's own kind", function()
+      local stmts = job("k1", 1, 500)            -- balance below zero
+      local _, err = db:atomic(stmts)
+      assert.equal("constraint", err.kind)
+      assert.equal("constraint", err.reason)
+      assert.equal(1, err.index)
+      assert.truthy(err.constraint)
+      stmts = job("k1", 1, 10)
+      stmts[2] = { "INSERT INTO nope (k) VALUES ($1)", { "x" } }
+      _, err = db:atomic(stmts)
+      assert.equal("syntax", err.kind)
+      assert.equal(2, err.index)
+      assert.equal(0, count(db, "log"))
+      assert.same({ bal = 100, version = 1 },
+                  assert(db:query("SELECT bal, version FROM acct"))[1])
+    end)
+
+    it("expect on a read counts its rows (a guard inside the job)", function()
+      local stmts = job("k1", 1, 10)
+      table.insert(stmts, 1, { "SELECT id FROM acct WHERE id = $1 AND bal >= $2",
+                               { "A", 1000 }, expect = 1, name = "funds" })
+      local _, err = db:atomic(stmts)
+      assert.equal("conflict", err.kind)
+      assert.equal("funds", err.name)
+      assert.equal(0, err.got)
+      stmts[1][2][2] = 50
+      local res = assert(db:atomic(stmts))
+      assert.equal(1, res[1].changes)
+      assert.equal("A", res[1].rows[1].id)
+    end)
+
+    it("binds hostile parameters as values", function()
+      local evil = "x'); DELETE FROM acct; --\0tail"
+      if engine == "postgres" then
+        evil = "x'); DELETE FROM acct; -- \226\128\174 tail"  -- no NUL in pg text
+      end
+      local res = assert(db:atomic({
+        { "INSERT INTO seen (k) VALUES ($1)", { evil }, expect = 1 },
+        { sql = "INSERT INTO log (acct, note) VALUES ($1, $2)",
+          params = { n = 2, sql.null, evil } },
+      }))
+      assert.equal(2, #res)
+      assert.equal(evil, assert(db:query("SELECT k FROM seen"))[1].k)
+      assert.equal(1, count(db, "acct"))
+      -- transaction control in the SQL is refused; nothing kept
+      local _, err = db:atomic({
+        { "INSERT INTO seen (k) VALUES ('y')" }, { "ROLLBACK" } })
+      assert.equal("misuse", err.kind)
+      assert.equal(2, err.index)
+      if engine == "sqlite" then
+        assert.equal(1, count(db, "seen"))
+      end
+    end)
+
+    it("raises on misuse, naming the statement", function()
+      local function msg(f)
+        local ok, e = pcall(f)
+        assert.is_false(ok)
+        return tostring(e)
+      end
+      assert.matches("db:atomic: stmts must be", msg(function() db:atomic("x") end))
+      assert.matches("want 1 to 1000 statements", msg(function() db:atomic({}) end))
+      assert.matches("stmts%[2%] must be a table",
+                     msg(function() db:atomic({ { "SELECT 1" }, 5 }) end))
+      assert.matches("stmts%[1%]: sql must be a string",
+                     msg(function() db:atomic({ { 5 } }) end))
+      assert.matches("stmts%[1%]: params%[2%] cannot be bound",
+                     msg(function() db:atomic({ { "SELECT $1", { 1, {} } } }) end))
+      assert.matches("stmts%[1%]: params%[1%] cannot be bound %(a userdata",
+                     msg(function() db:atomic({ { "SELECT $1", { io.stdout } } }) end))
+      assert.matches("expect must be a whole number",
+                     msg(function() db:atomic({ { "SELECT 1", expect = -1 } }) end))
+      assert.matches("sql_atomic_spec.lua", msg(function() db:atomic({}) end))
+      -- nothing was queued by the raising calls
+      assert.equal(0, count(db, "seen"))
+    end)
+
+    it("concurrent jobs: one failing does not disturb the others", function()
+      local tasks, n = {}, 20
+      for i = 1, n do
+        tasks[i] = paygate.spawn(function()
+          local stmts = {
+            { "INSERT INTO seen (k) VALUES ($1)", { "c" .. i }, expect = 1 },
+            { "INSERT INTO log (acct, note) VALUES ('A', $1)", { "c" .. i } },
+          }
+          if i % 4 == 0 then
+            stmts[3] = { "UPDATE acct SET bal = bal WHERE id = 'none'", nil,
+                         expect = 1 }
+          end
+          return db:atomic(stmts)
+        end)
+      end
+      for i = 1, n do
+        wait_until(function() return tasks[i]:finished() end, 10, "job " .. i)
+        local res, err = tasks[i]:wait()
+        if i % 4 == 0 then
+          assert.equal("conflict", err.kind)
+          assert.equal(3, err.index)
+        else
+          assert.equal(2, #res)
+        end
+      end
+      assert.equal(15, count(db, "seen"))
+      assert.equal(15, count(db, "log"))
+      assert.equal(0, #assert(db:query("SELECT k FROM seen WHERE k IN ('c4', 'c8')")))
+    end)
+
+    if engine == "sqlite" then
+      it("joins the group commit: a failing job and a good one share one commit", function()
+        local before = db:stats()
+        local started, tasks = 0, {}
+        assert(db:transaction(function(tx)
+          -- the writer serves this transaction: the jobs below queue
+          -- behind it and run in the same batch after it
+          assert(tx:exec("INSERT INTO seen (k) VALUES ('tx')"))
+          for i = 1, 2 do
+            tasks[i] = paygate.spawn(function()
+              started = started + 1
+              local stmts = {
+                { "INSERT INTO seen (k) VALUES ($1)", { "g" .. i } },
+                { "INSERT INTO log (acct, note) VALUES ('A', $1)", { "g" .. i } },
+                { "UPDATE acct SET version = version + 1 WHERE id = 'A'"
+                  .. " AND version = $1", { i == 1 and 1 or 99 }, expect = 1 },
+              }
+              return db:atomic(stmts)
+            end)
+          end
+          wait_until(function() return started == 2 end, 5, "both jobs queued")
+        end))
+        for i = 1, 2 do
+          wait_until(function() return tasks[i]:finished() end, 10, "job " .. i)
+        end
+        assert.equal(3, #assert(tasks[1]:wait()))
+        local _, err = tasks[2]:wait()
+        assert.equal("conflict", err.kind)
+        assert.equal(3, err.index)
+        local after = db:stats()
+        assert.equal(1, after.commits - before.commits)   -- one fsync for all
+        assert.equal(2, after.writes - before.writes)     -- tx + job 1
+        assert.same({ { k = "g1" }, { k = "tx" } },
+                    assert(db:query("SELECT k FROM seen ORDER BY k")))
+        assert.equal(1, count(db, "log"))
+      end)
+    end
+  end)
+end
