@@ -222,6 +222,10 @@ local function check_create(b)
   end
   if b.appid ~= nil and (type(b.appid) ~= "string" or #b.appid > 32) then
     bad.appid = "must be an appid"
+  elseif b.appid ~= nil and m and m.appid and b.appid ~= m.appid then
+    -- the WeChat Pay client pays with its configured appid only
+    bad.appid = "must be the merchant's appid (" .. m.appid
+                .. ") or omitted"
   end
   out.appid = b.appid or (m and m.appid)
   if m and not out.appid then

@@ -92,6 +92,10 @@ describe("gateway merchant API", function()
           description = "x" },                         -- no payer.openid
         { order_id = S.order_id(), channel = "native", amount = 1,
           description = "x", currency = "USD" },
+        -- an appid other than the merchant's: refused here (it was a 502
+        -- wechat_error, the client's own check, never sent to WeChat)
+        { order_id = S.order_id(), channel = "native", amount = 1,
+          description = "x", appid = "wx0000000000000000" },
       }
       for i, b in ipairs(bad) do
         local res = env:api("POST", "/v1/payments", b)
