@@ -58,6 +58,9 @@ local DEFAULTS = {
   prune_batch = 500,        -- rows per DELETE
   prune_interval = 300,     -- s between prune passes
 }
+-- the dispatcher's options and their defaults (read-only: an app's config
+-- check names the keys it accepts)
+_M.DEFAULTS = DEFAULTS
 
 ------------------------------------------------------------- schema
 

@@ -227,6 +227,10 @@ local function check_webhooks(list)
       .. " | secret_env }")
   end
   local out = {}
+  local known = {}
+  for _, t in ipairs(require("gw.events").TYPES) do known[t] = true end
+  -- the other sinks' names (gw.events): hooks, and redis (the stream)
+  local names = { hooks = true, redis = true }
   for i, w in ipairs(list) do
     local where = "gateway.webhooks[" .. i .. "]."
     if type(w) ~= "table" then
@@ -243,14 +247,67 @@ local function check_webhooks(list)
     if s == nil then
       return fail(where .. "secret_file", "give secret_file or secret_env")
     end
-    if w.types ~= nil and type(w.types) ~= "table" then
-      return fail(where .. "types", "must be a list of event types")
+    if w.types ~= nil then
+      if type(w.types) ~= "table" then
+        return fail(where .. "types", "must be a list of event types")
+      end
+      for j, t in ipairs(w.types) do
+        if not known[t] then
+          return fail(where .. "types[" .. j .. "]", "unknown event type "
+            .. tostring(t):sub(1, 64) .. " (see docs/gateway.md, Events)")
+        end
+      end
     end
-    out[i] = { url = w.url, secret = s, types = w.types,
-               name = w.name or ("webhook" .. i),
+    local name = w.name or ("webhook" .. i)
+    if type(name) ~= "string" or not name:match("^[%w_.-]+$")
+       or #name > 64 then
+      return fail(where .. "name", "must be letters, digits, _ . -")
+    end
+    if names[name] then
+      return fail(where .. "name", name .. " names another sink already"
+        .. " (webhook names must differ, and not be hooks or redis)")
+    end
+    names[name] = true
+    out[i] = { url = w.url, secret = s, types = w.types, name = name,
                timeout = tonumber(w.timeout) }
   end
   return out
+end
+
+-- gateway.dispatcher: paygate.outbox dispatcher options (docs/outbox.md),
+-- checked here so a bad one is a config error, not a worker's crash. The
+-- gateway sets sinks and prune itself.
+-- returns: the table (or nil: none given), or false, reason.
+local function check_dispatcher(d)
+  local function bad(key, reason)
+    local _, why = fail(key, reason)
+    return false, why
+  end
+  if d == nil then return nil end
+  if type(d) ~= "table" then
+    return bad("gateway.dispatcher", "must be a table of outbox"
+      .. " dispatcher options")
+  end
+  local defaults = require("paygate.outbox").DEFAULTS
+  for k, v in pairs(d) do
+    local where = "gateway.dispatcher." .. tostring(k)
+    if k == "name" then
+      if type(v) ~= "string" or v == "" then
+        return bad(where, "must be a non-empty string")
+      end
+    elseif defaults[k] ~= nil or k == "max_partitions" then
+      if type(v) ~= "number" or not (v > 0) or v == math.huge then
+        return bad(where, "must be a positive number")
+      end
+      if (k == "partitions" or k == "max_partitions") and v % 1 ~= 0 then
+        return bad(where, "must be a whole number")
+      end
+    else
+      return bad(where, "unknown key (the outbox dispatcher's options:"
+        .. " docs/outbox.md)")
+    end
+  end
+  return d
 end
 
 --- syntax: cfg, why = config.check(conf[, runtime])
@@ -348,11 +405,10 @@ function _M.check(conf, runtime)
                          maxlen = rs.maxlen }
   end
 
-  if g.dispatcher ~= nil and type(g.dispatcher) ~= "table" then
-    return fail("gateway.dispatcher", "must be a table of outbox"
-      .. " dispatcher options")
-  end
-  out.dispatcher = g.dispatcher
+  local dispatcher
+  dispatcher, err = check_dispatcher(g.dispatcher)
+  if dispatcher == false then return nil, err end
+  out.dispatcher = dispatcher
 
   if g.dev_app ~= nil then
     if type(g.dev_app) ~= "string" or not g.dev_app:match("^[%w_.-]+$")

@@ -20,6 +20,15 @@ local SHORT = {
   on_alarm = "alarm.amount_mismatch",
 }
 
+-- Every event type the gateway emits (docs/gateway.md, Events): what a
+-- webhook's `types` may name.
+_M.TYPES = {
+  "payment.paying", "payment.paid", "payment.closed", "payment.failed",
+  "payment.unknown", "payment.partially_refunded", "payment.refunded",
+  "refund.succeeded", "refund.abnormal", "refund.closed",
+  "payment.late_paid", "alarm.amount_mismatch",
+}
+
 --- syntax: id, err = events.emit(tx, type, payment_row[, refund_row[, extra]])
 -- Enqueues { type, payment, refund?, at, ... extra } for the payment's
 -- subject (delivered in order per payment).

@@ -222,6 +222,10 @@ local function check_create(b)
   end
   if b.appid ~= nil and (type(b.appid) ~= "string" or #b.appid > 32) then
     bad.appid = "must be an appid"
+  elseif b.appid ~= nil and m and m.appid and b.appid ~= m.appid then
+    -- the WeChat Pay client pays with its configured appid only
+    bad.appid = "must be the merchant's appid (" .. m.appid
+                .. ") or omitted"
   end
   out.appid = b.appid or (m and m.appid)
   if m and not out.appid then
@@ -638,8 +642,15 @@ function _M.close(req, ik)
   end
   local now = model.time()
   local a, b, c = fsm.retry(ctx.db, function(tx)
+    local cur, qerr = model.payment(tx, p.id)
+    if not cur then return nil, qerr end
+    if cur.attempt ~= p.attempt and OPEN[cur.state] then
+      -- a new attempt was opened while WeChat closed the one read above:
+      -- it is open at WeChat, so this close does not cover it
+      return { conflict = true }
+    end
     local res, terr = P:transition(tx, p.id, "closed", {
-      cause = "close", actor = actor_of(req),
+      cause = "close", actor = actor_of(req), row = cur,
       evidence = { out_trade_no = p.out_trade_no },
       set = { updated_at = now } })
     if not res then
@@ -660,6 +671,13 @@ function _M.close(req, ik)
     return ik:respond(tx, 200, model.payment_json(res.row))
   end)
   if a == nil then return store_failed(b) end
+  if type(a) == "table" and a.conflict then
+    -- kept for this Idempotency-Key like any 409: closing the new
+    -- attempt is a new request, with a new key
+    return 409, err_body("conflict", "another attempt was opened while"
+                         .. " closing; close again with a new"
+                         .. " Idempotency-Key")
+  end
   return a, b, c
 end
 

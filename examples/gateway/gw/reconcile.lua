@@ -24,7 +24,7 @@
 --     ceiling = 3600, batch = 20, interval = 5, lease_ttl = 60,
 --     bill = true, bill_dir (default: "reconcile" beside an SQLite store;
 --     required for the bill with PostgreSQL), bill_hour = 10,
---     bill_retry = 1800 }
+--     bill_retry = 1800, bill_days = 3 }
 local paygate = require "paygate"
 local core = require "paygate.core"
 local fsm = require "paygate.fsm"
@@ -47,7 +47,7 @@ local P, R = model.payments, model.refunds
 local DEFAULTS = {
   enabled = true, check_after = 60, first = 30, factor = 2, ceiling = 3600,
   batch = 20, interval = 5, lease_ttl = 60, bill = true,
-  bill_dir = "reconcile", bill_hour = 10, bill_retry = 1800,
+  bill_dir = "reconcile", bill_hour = 10, bill_retry = 1800, bill_days = 3,
 }
 
 local BOOL = { enabled = true, bill = true }
@@ -77,6 +77,11 @@ function _M.check_conf(t)
     elseif k == "bill_dir" then
       if type(v) ~= "string" or v == "" then
         return nil, "gateway.reconcile.bill_dir: must be a folder name"
+      end
+    elseif k == "bill_days" then
+      if type(v) ~= "number" or v % 1 ~= 0 or v < 1 or v > 90 then
+        return nil, "gateway.reconcile.bill_days: must be a whole number of"
+                    .. " days, 1 .. 90"
       end
     elseif k == "bill_hour" then
       if type(v) ~= "number" or v % 1 ~= 0 or v < 0 or v > 23 then
@@ -370,24 +375,28 @@ local function bill_job(ctx, conf)
       -- before the hour the bill is not there yet; yesterday's wait
       return {}
     end
-    local date = bill.bill_date(now)
+    -- yesterday's bill, and those of the bill_days - 1 days before it
+    -- not reported yet (the gateway was down when their turn came)
     local items = {}
-    -- a day is done for a merchant when its audit entry exists
-    local rows, err = db:query("SELECT evidence FROM paygate_audit WHERE"
-      .. " subject = $1", { "reconcile:" .. date })
-    if not rows then return nil, err end
-    for _, m in ipairs(ctx.merchants) do
-      local key = date .. "|" .. m.mchid
-      local done = false
-      for _, r in ipairs(rows) do
-        if tostring(r.evidence):find('"merchant":"' .. m.mchid .. '"', 1,
-                                     true) then
-          done = true
+    for back = conf.bill_days - 1, 0, -1 do
+      local date = bill.bill_date(now - back * 86400)
+      -- a day is done for a merchant when its audit entry exists
+      local rows, err = db:query("SELECT evidence FROM paygate_audit WHERE"
+        .. " subject = $1", { "reconcile:" .. date })
+      if not rows then return nil, err end
+      for _, m in ipairs(ctx.merchants) do
+        local key = date .. "|" .. m.mchid
+        local done = false
+        for _, r in ipairs(rows) do
+          if tostring(r.evidence):find('"merchant":"' .. m.mchid .. '"', 1,
+                                       true) then
+            done = true
+          end
         end
-      end
-      if not done and (not tried[key] or now - tried[key]
-                       >= conf.bill_retry) then
-        items[#items + 1] = { date = date, mchid = m.mchid, key = key }
+        if not done and (not tried[key] or now - tried[key]
+                         >= conf.bill_retry) then
+          items[#items + 1] = { date = date, mchid = m.mchid, key = key }
+        end
       end
     end
     return items

@@ -138,6 +138,40 @@ describe("gateway config", function()
                    "gateway: config.merchants[1].merchant_private_key: ")
   end)
 
+  it("refuses a bad gateway.dispatcher option in one line", function()
+    -- before: the outbox dispatcher raised it in every worker (exit 1,
+    -- a stack trace) after the store was opened
+    expect_refused({ gateway = { db = "sqlite:" .. dir .. "/a.db",
+                                 dispatcher = { max_attempts = -1 } },
+                     merchants = { merchant() } },
+                   "gateway: config.gateway.dispatcher.max_attempts: must be"
+                   .. " a positive number")
+    expect_refused({ gateway = { db = "sqlite:" .. dir .. "/a.db",
+                                 dispatcher = { batchh = 5 } },
+                     merchants = { merchant() } },
+                   "gateway: config.gateway.dispatcher.batchh: unknown key")
+  end)
+
+  it("refuses a webhook event type that does not exist, and a name"
+     .. " taken twice", function()
+    write(dir .. "/wh.secret", "whsec-1\n")
+    -- before: a typo in types silently filtered out every event
+    expect_refused({ gateway = { db = "sqlite:" .. dir .. "/a.db",
+      webhooks = { { url = "http://127.0.0.1:1/h",
+                     secret_file = dir .. "/wh.secret",
+                     types = { "payment.paid", "payment.payed" } } } },
+      merchants = { merchant() } },
+      "gateway: config.gateway.webhooks[1].types[2]: unknown event type")
+    -- before: two sinks of one name stopped every worker with a trace
+    expect_refused({ gateway = { db = "sqlite:" .. dir .. "/a.db",
+      webhooks = { { url = "http://127.0.0.1:1/h", name = "erp",
+                     secret_file = dir .. "/wh.secret" },
+                   { url = "http://127.0.0.1:2/h", name = "erp",
+                     secret_file = dir .. "/wh.secret" } } },
+      merchants = { merchant() } },
+      "gateway: config.gateway.webhooks[2].name: ")
+  end)
+
   describe("check()", function()
     it("fills the defaults and makes the store's folder", function()
       local cfg = assert(config.check({

@@ -92,6 +92,10 @@ describe("gateway merchant API", function()
           description = "x" },                         -- no payer.openid
         { order_id = S.order_id(), channel = "native", amount = 1,
           description = "x", currency = "USD" },
+        -- an appid other than the merchant's: refused here (it was a 502
+        -- wechat_error, the client's own check, never sent to WeChat)
+        { order_id = S.order_id(), channel = "native", amount = 1,
+          description = "x", appid = "wx0000000000000000" },
       }
       for i, b in ipairs(bad) do
         local res = env:api("POST", "/v1/payments", b)
@@ -292,6 +296,44 @@ describe("gateway merchant API", function()
     it("404 for an unknown payment", function()
       local res = env:api("POST", "/v1/payments/pay_nope/close")
       assert.equal(404, res.status)
+    end)
+
+    it("a close racing a new attempt never marks the new one closed"
+       .. " without closing it at WeChat", function()
+      local core = require "paygate.core"
+      local p = env:create().payment
+      -- the close's call to WeChat is held 2 s; meanwhile a new attempt
+      -- closes attempt 1 (fast) and opens attempt 2
+      local f = env.sim:fault{ endpoint = "close", kind = "latency",
+                               seconds = 2, count = 1 }
+      local closing
+      core.spawn(function()
+        closing = env:api("POST", "/v1/payments/" .. p.id .. "/close")
+      end)
+      local deadline = core.mono() + 10
+      repeat
+        core.sleep(0.02)
+        local fired = 0
+        for _, x in ipairs(env.sim:control("GET", "/sim/faults")) do
+          if x.id == f.id then fired = x.fired or 0 end
+        end
+      until fired > 0 or core.mono() > deadline
+      local a = S.expect(env:api("POST", "/v1/payments/" .. p.id
+        .. "/attempts", { channel = "native" }), 201, "attempt")
+      deadline = core.mono() + 20
+      while not closing and core.mono() < deadline do core.sleep(0.02) end
+      assert.truthy(closing, "the close did not answer")
+      -- attempt 2 was opened after the close began: the close must not
+      -- claim it (before: 200 closed, attempt 2 'closed' here but open
+      -- at WeChat, so paying it was a late payment, refunded)
+      assert.equal(409, closing.status, closing.body)
+      assert.equal("conflict", closing.json.error)
+      local now = env:get(p.id)
+      assert.equal("paying", now.state)
+      assert.equal(a.payment.out_trade_no, now.out_trade_no)
+      env.sim:pay(a.payment.out_trade_no)
+      local paid = env:wait_state(p.id, "paid")
+      assert.falsy(paid.late)
     end)
   end)
 
