@@ -235,6 +235,74 @@ describe("paygate.dns", function()
       db:close()
     end)
 
+    it("PostgreSQL: TLS checks the certificate against the name while"
+       .. " libpq connects to the resolved address", function()
+      if not servers.have_postgres() then
+        pending("postgres not installed")
+        return
+      end
+      local pg = servers.postgres()
+      local dir = pg.dir
+      assert(servers.sh("cd " .. dir .. " && openssl req -x509 -newkey"
+        .. " rsa:2048 -nodes -days 1 -subj /CN=two.test -addext"
+        .. " subjectAltName=DNS:two.test -keyout tls.key -out tls.crt"
+        .. " >/dev/null 2>&1 && chmod 600 tls.key && { [ $(id -u) != 0 ]"
+        .. " || chown postgres tls.key tls.crt; }"))
+      local admin = assert(sql.open(pg.url))
+      assert(admin:exec("ALTER SYSTEM SET ssl_cert_file = '" .. dir
+                        .. "/tls.crt'"))
+      assert(admin:exec("ALTER SYSTEM SET ssl_key_file = '" .. dir
+                        .. "/tls.key'"))
+      assert(admin:exec("ALTER SYSTEM SET ssl = on"))
+      assert(admin:query("SELECT pg_reload_conf()"))
+      admin:close()
+      local tls = "/postgres?sslmode=verify-full&sslrootcert=" .. dir
+                  .. "/tls.crt"
+      -- two.test is 127.0.0.2 (nothing listens) then 127.0.0.1
+      local got = wait_for(function()
+        local h, e = sql.open("postgres://postgres@two.test:" .. pg.port
+                              .. tls, { connect_timeout = 1 })
+        return h and { h } or (e and not tostring(e):find("SSL off")
+                               and not tostring(e):find("does not support"
+                                                        .. " SSL")
+                               and { nil, e })
+      end, 10, "TLS on the server")
+      local db, err = got[1], got[2]
+      assert.is_truthy(db, tostring(err))
+      local rows = assert(db:query("SELECT ssl FROM pg_stat_ssl"
+                                   .. " WHERE pid = pg_backend_pid()"))
+      assert.is_true(rows[1].ssl)
+      db:close()
+      -- the check is real: another name for the same address is refused
+      local bad, berr = sql.open("postgres://postgres@long.test:"
+                                 .. pg.port .. tls)
+      assert.is_nil(bad)
+      assert.truthy(tostring(berr):find("long.test", 1, true),
+                    tostring(berr))
+    end)
+
+    it("PostgreSQL: a host whose lookup hangs does not keep the pool"
+       .. " from the hosts that resolved", function()
+      if not servers.have_postgres() then
+        pending("postgres not installed")
+        return
+      end
+      local pg = servers.postgres()
+      dns.flush()
+      local t0 = core.mono()
+      local db, err = sql.open("postgres://postgres@two.test:" .. pg.port
+                               .. ",slow.test:" .. pg.port .. "/postgres",
+                               { connect_timeout = 1 })
+      local took = core.mono() - t0
+      -- let slow.test's lookup end, so later specs ask afresh
+      assert(dns.resolve("slow.test"))
+      dns.flush()
+      assert.is_truthy(db, tostring(err))
+      assert.is_true(took < 1.5, took)
+      assert.same({ { one = 1 } }, assert(db:query("SELECT 1 AS one")))
+      db:close()
+    end)
+
     it("Redis: tries every address, and a missing name fails with kind"
        .. " dns", function()
       local srv = servers.redis()

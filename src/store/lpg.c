@@ -150,6 +150,7 @@ struct lpg_host {
     int                  dns;      /* 1: a name to resolve on the loop */
     int                  state;    /* 0 pending, 1 resolved, -1 failed */
     struct gw_dns_req   *req;      /* lookup in flight, or NULL */
+    double               asked;    /* mono s: req started */
     struct gw_dns_addrs  addrs;    /* state 1 */
     char                 err[120]; /* state -1 */
 };
@@ -812,20 +813,31 @@ started:
     return conn_poll_connect(c) == GW_ERR ? GW_ERR : GW_OK;
 }
 
+/* Whether a connect still waits for h's lookup: for half of
+ * connect_timeout at most, so that one name whose server does not answer
+ * (a standby's, say) does not keep the pool from the hosts that resolved;
+ * the lookup goes on and a later connect uses its answer. */
+static int
+host_awaited(struct lpg_host *h, double now)
+{
+    return h->req != NULL && now - h->asked < h->pg->connect_timeout / 2;
+}
+
 /* Looks each host name up in the cache; starts a lookup for those not
- * there (one per host at a time). Returns 1 when every host is known. */
+ * there (one per host at a time). Returns 1 when no host is awaited. */
 static void pool_on_dns(void *arg, const struct gw_dns_addrs *a,
                         const char *err);
 static int
 pool_resolve(struct lpg_pool *pg)
 {
-    int i, rc, known = 1;
+    double now = gw_loop_mono_fresh();
+    int    i, rc, known = 1;
 
     for (i = 0; i < pg->nhosts; i++) {
         struct lpg_host *h = &pg->hosts[i];
 
         if (!h->dns || h->req != NULL) {
-            known &= h->req == NULL;
+            known &= !host_awaited(h, now);
             continue;
         }
         rc = gw_dns_cached(h->name, &h->addrs, h->err, sizeof(h->err));
@@ -834,6 +846,7 @@ pool_resolve(struct lpg_pool *pg)
             continue;
         }
         h->state = 0;
+        h->asked = now;
         h->req = gw_dns_resolve(h->name, pool_on_dns, h);
         if (h->req == NULL) {
             h->state = -1;
@@ -853,7 +866,11 @@ conn_start_resolved(struct lpg_conn *c, struct lpg_op **out,
 {
     const char *why = NULL;
     char        msg[200];
-    int         rc = conn_start_libpq(c, &why);
+    int         rc;
+
+    c->opened = gw_loop_mono_fresh();    /* libpq's connect_timeout */
+    c->since = c->opened;
+    rc = conn_start_libpq(c, &why);
 
     if (rc == LPG_NODNS) {
         snprintf(msg, sizeof(msg), "postgres: cannot resolve: %s", why);
@@ -882,7 +899,7 @@ pool_on_dns(void *arg, const struct gw_dns_addrs *a, const char *err)
         snprintf(h->err, sizeof(h->err), "%s", err);
     }
     for (i = 0; i < pg->nhosts; i++) {
-        if (pg->hosts[i].req != NULL) {
+        if (host_awaited(&pg->hosts[i], gw_loop_mono_fresh())) {
             return;                      /* the others answer later */
         }
     }
@@ -1519,7 +1536,11 @@ on_tick(evutil_socket_t fd, short what, void *arg)
     for (i = 0; i < pg->npool; i++) {
         struct lpg_conn *c = &pg->conns[i];
 
-        if (c->state == LPG_CONN_RESOLVING
+        if (c->state == LPG_CONN_RESOLVING && pool_resolve(pg)) {
+            /* The lookups still awaited took too long: go on with the
+             * hosts that resolved (none: fails "dns"). */
+            conn_start_resolved(c, &done, 1);
+        } else if (c->state == LPG_CONN_RESOLVING
             && now - c->opened > pg->connect_timeout)
         {
             /* The lookup goes on; the next connect may use its answer. */
