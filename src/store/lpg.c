@@ -331,11 +331,46 @@ push_rows(lua_State *L, PGresult *r)
     }
 }
 
+/* 1 when r ends the session (FATAL or PANIC, SQLSTATE class 08, 57P01..
+ * 57P03): sent while a COMMIT ran, it does not say whether the commit
+ * record was written before the backend stopped. */
+static int
+err_ends_session(const PGresult *r)
+{
+    const char *sev = PQresultErrorField(r, PG_DIAG_SEVERITY_NONLOCALIZED);
+    const char *state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
+
+    if (sev != NULL && (strcmp(sev, "FATAL") == 0
+                        || strcmp(sev, "PANIC") == 0))
+    {
+        return 1;
+    }
+    return state != NULL && (strncmp(state, "08", 2) == 0
+                             || strcmp(state, "57P01") == 0
+                             || strcmp(state, "57P02") == 0
+                             || strcmp(state, "57P03") == 0);
+}
+
 static int
 push_op_result(lua_State *L, struct lpg_op *op)
 {
     PGresult *r = op->res;
 
+    if (op->err != NULL && op->tx_end && strcmp(op->sql, "COMMIT") == 0
+        && err_ends_session(op->err))
+    {
+        const char *msg = PQresultErrorField(op->err,
+                                             PG_DIAG_MESSAGE_PRIMARY);
+        const char *state = PQresultErrorField(op->err, PG_DIAG_SQLSTATE);
+
+        gw_push_error(L, "unknown_outcome", 0, "postgres: COMMIT was"
+                      " answered by the end of the session (%.100s): the"
+                      " transaction may or may not be committed",
+                      msg != NULL ? msg : "no message");
+        lua_pushstring(L, state != NULL ? state : "");
+        lua_setfield(L, -2, "code");
+        return 2;
+    }
     if (op->err != NULL) {
         return push_pg_error(L, op->err);
     }
