@@ -303,6 +303,34 @@ describe("paygate.dns", function()
       db:close()
     end)
 
+    it("PostgreSQL: a host from PGHOST is resolved by paygate.dns too,"
+       .. " not by libpq's blocking lookup", function()
+      if not servers.have_postgres() then
+        pending("postgres not installed")
+        return
+      end
+      local pg = servers.postgres()
+      local dir = servers.mktemp()
+      local script = dir .. "/open.lua"
+      local f = assert(io.open(script, "w"))
+      -- libpq's own lookup would not know two.test (only the spec's
+      -- responder does)
+      f:write([[
+local dns = require "paygate.dns"
+local sql = require "paygate.sql"
+dns.configure({ resolver = arg[1] })
+local db, err = sql.open("postgres:///postgres?user=postgres",
+                         { connect_timeout = 2 })
+print(db and "opened" or tostring(err))
+]])
+      f:close()
+      local out = servers.read_cmd("PGHOST=two.test PGPORT=" .. pg.port
+        .. " " .. PAYGATE_BIN .. " exec " .. script .. " " .. d.addr
+        .. " 2>&1")
+      servers.sh("rm -rf " .. dir)
+      assert.truthy(out:find("opened", 1, true), out)
+    end)
+
     it("Redis: tries every address, and a missing name fails with kind"
        .. " dns", function()
       local srv = servers.redis()

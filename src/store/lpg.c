@@ -1705,7 +1705,7 @@ check_pool(lua_State *L)
 static int
 pool_parse_hosts(struct lpg_pool *pg, char *err, size_t errlen)
 {
-    PQconninfoOption *o;
+    PQconninfoOption *o, *defs;
     const char       *host = NULL, *port = NULL, *hostaddr = NULL;
     char             *perr = NULL, *p, *tok;
     const char       *ports[LPG_MAXHOSTS];
@@ -1729,13 +1729,34 @@ pool_parse_hosts(struct lpg_pool *pg, char *err, size_t errlen)
             hostaddr = o->val;
         }
     }
+    /* What the URL leaves out, libpq takes from PGHOST, PGHOSTADDR and
+     * PGPORT: a name there must be resolved here as well. */
+    defs = PQconndefaults();
+    for (o = defs; o != NULL && o->keyword != NULL; o++) {
+        if (o->val == NULL || o->val[0] == '\0') {
+            continue;
+        }
+        if (strcmp(o->keyword, "host") == 0
+            && (host == NULL || host[0] == '\0'))
+        {
+            host = o->val;
+        } else if (strcmp(o->keyword, "port") == 0 && port == NULL) {
+            port = o->val;
+        } else if (strcmp(o->keyword, "hostaddr") == 0
+                   && (hostaddr == NULL || hostaddr[0] == '\0'))
+        {
+            hostaddr = o->val;
+        }
+    }
     if (host == NULL || host[0] == '\0'
         || (hostaddr != NULL && hostaddr[0] != '\0'))
     {
+        PQconninfoFree(defs);
         return GW_OK;                    /* socket default, or explicit */
     }
     pg->ci_hosts = strdup(host);
     pg->ci_ports = strdup(port != NULL ? port : "");
+    PQconninfoFree(defs);
     if (pg->ci_hosts == NULL || pg->ci_ports == NULL) {
         snprintf(err, errlen, "postgres: out of memory");
         return GW_ERR;
