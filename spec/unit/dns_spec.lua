@@ -301,6 +301,16 @@ describe("paygate.dns", function()
       assert.is_true(took < 1.5, took)
       assert.same({ { one = 1 } }, assert(db:query("SELECT 1 AS one")))
       db:close()
+      -- the only host still being looked up: kind dns, naming it
+      local none, nerr = sql.open("postgres://postgres@slow.test:"
+                                  .. pg.port .. "/postgres",
+                                  { connect_timeout = 1 })
+      assert(dns.resolve("slow.test"))
+      dns.flush()
+      assert.is_nil(none)
+      assert.equal("dns", nerr.kind)
+      assert.truthy(tostring(nerr):find("slow.test", 1, true),
+                    tostring(nerr))
     end)
 
     it("PostgreSQL: a host from PGHOST is resolved by paygate.dns too,"

@@ -796,6 +796,10 @@ conn_start_libpq(struct lpg_conn *c, const char **why)
         int              na = h->dns ? h->addrs.n : 1;
 
         if (h->dns && h->state != 1) {
+            if (h->state == 0) {         /* still looking (host_awaited) */
+                snprintf(h->err, sizeof(h->err), "%.60s: no answer yet",
+                         h->name);
+            }
             *why = h->err;
             continue;
         }
@@ -849,13 +853,28 @@ started:
 }
 
 /* Whether a connect still waits for h's lookup: for half of
- * connect_timeout at most, so that one name whose server does not answer
- * (a standby's, say) does not keep the pool from the hosts that resolved;
- * the lookup goes on and a later connect uses its answer. */
+ * connect_timeout at most when another host has an address, so that one
+ * name whose server does not answer (a standby's, say) does not keep the
+ * pool from the hosts that resolved; the lookup goes on and a later
+ * connect uses its answer. With no other host, up to connect_timeout. */
 static int
 host_awaited(struct lpg_host *h, double now)
 {
-    return h->req != NULL && now - h->asked < h->pg->connect_timeout / 2;
+    struct lpg_pool *pg = h->pg;
+    int              i;
+
+    if (h->req == NULL) {
+        return 0;
+    }
+    if (now - h->asked < pg->connect_timeout / 2) {
+        return 1;
+    }
+    for (i = 0; i < pg->nhosts; i++) {
+        if (!pg->hosts[i].dns || pg->hosts[i].state == 1) {
+            return 0;                    /* another host can be tried */
+        }
+    }
+    return 1;                            /* nothing else: wait on */
 }
 
 /* Looks each host name up in the cache; starts a lookup for those not
@@ -1578,9 +1597,19 @@ on_tick(evutil_socket_t fd, short what, void *arg)
         } else if (c->state == LPG_CONN_RESOLVING
             && now - c->opened > pg->connect_timeout)
         {
+            char        msg[120];
+            const char *name = "";
+            int         k;
+
+            for (k = 0; k < pg->nhosts && name[0] == '\0'; k++) {
+                if (pg->hosts[k].req != NULL) {
+                    name = pg->hosts[k].name;
+                }
+            }
+            snprintf(msg, sizeof(msg), "postgres: host name lookup timed"
+                     " out: %.60s", name);
             /* The lookup goes on; the next connect may use its answer. */
-            conn_dns_failed(c, "postgres: host name lookup timed out",
-                            &done, 1);
+            conn_dns_failed(c, msg, &done, 1);
         } else if (c->state == LPG_CONN_CONNECTING
             && now - c->opened > pg->connect_timeout)
         {
