@@ -197,6 +197,35 @@ describe("paygate.dns", function()
       db:close()
     end)
 
+    it("PostgreSQL: several named hosts with target_session_attrs:"
+       .. " connects to the writable one", function()
+      if not servers.have_postgres() then
+        pending("postgres not installed")
+        return
+      end
+      local ro, rw = servers.postgres(), servers.postgres()
+      local admin = assert(sql.open(ro.url))
+      assert(admin:exec("ALTER SYSTEM SET default_transaction_read_only"
+                        .. " = on"))
+      assert(admin:query("SELECT pg_reload_conf()"))
+      admin:close()
+      wait_for(function()
+        local h = sql.open(ro.url)
+        local rows = h and h:query("SHOW transaction_read_only")
+        if h then
+          h:close()
+        end
+        return rows and rows[1].transaction_read_only == "on"
+      end, 10, "the first server to be read-only")
+      -- two.test: 127.0.0.2 (nothing listens), then 127.0.0.1
+      local db = assert(sql.open("postgres://postgres@two.test:" .. ro.port
+                                 .. ",long.test:" .. rw.port .. "/postgres"
+                                 .. "?target_session_attrs=read-write"))
+      local rows = assert(db:query("SELECT inet_server_port() AS p"))
+      assert.equal(rw.port, rows[1].p)
+      db:close()
+    end)
+
     it("PostgreSQL: a name that does not resolve fails with kind dns",
        function()
       if not servers.have_postgres() then
