@@ -43,6 +43,11 @@ local MAXARGS = 1024                    -- per command, the command included
 -- Options whose value in a URL stays a string (the others: tonumber).
 local STRING_OPTS = { password = true, sentinel_password = true }
 
+-- Options whose value in a URL is a boolean ("true"/"1", "false"/"0").
+local BOOL_OPTS = { lease_unsafe = true }
+local BOOLS = { ["true"] = true, ["1"] = true, ["false"] = false,
+                ["0"] = false }
+
 -- Options paygate.redis reads itself (the rest go to the C client).
 local LUA_OPTS = { sentinel_poll = true, sentinel_password = true,
                    lease_replicas = true, lease_wait = true,
@@ -115,7 +120,11 @@ local function parse_url(url)
   local opts = {}
   local main, qs = rest:match("^([^?]*)%??(.*)$")
   for k, v in qs:gmatch("([^&=]+)=([^&]*)") do
-    opts[k] = STRING_OPTS[k] and v or tonumber(v) or v
+    if BOOL_OPTS[k] and BOOLS[v] ~= nil then
+      opts[k] = BOOLS[v]
+    else
+      opts[k] = STRING_OPTS[k] and v or tonumber(v) or v
+    end
   end
   local auth, hostpart = main:match("^(.*)@(.*)$")
   if not auth then
@@ -305,6 +314,9 @@ local function check_opts(o)
       error("redis.connect: opts." .. name .. " must be a number >= "
             .. min, 4)
     end
+  end
+  if o.lease_unsafe ~= nil and type(o.lease_unsafe) ~= "boolean" then
+    error("redis.connect: opts.lease_unsafe must be a boolean", 3)
   end
   num("sentinel_poll", 0.01)
   num("lease_wait", 0.001)

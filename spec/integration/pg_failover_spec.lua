@@ -122,6 +122,48 @@ describe("PostgreSQL failover", function()
     db:close()
   end)
 
+  it("reports unknown_outcome for a COMMIT answered by the end of the"
+     .. " session (57P01)", function()
+    if not c then
+      pending("postgres not installed")
+      return
+    end
+    local db = assert(sql.open(c.url, { pool = 1 }))
+    local admin = assert(sql.open("postgres://postgres@127.0.0.1:"
+                                  .. c.primary.port .. "/postgres"))
+    -- a deferred trigger keeps COMMIT busy before it commits; the
+    -- backend is terminated meanwhile and answers COMMIT with FATAL
+    assert(db:exec("CREATE TABLE slowc (id int)"))
+    assert(db:exec("CREATE FUNCTION slowc_wait() RETURNS trigger"
+                   .. " LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(30);"
+                   .. " RETURN NULL; END $$"))
+    assert(db:exec("CREATE CONSTRAINT TRIGGER slowc_t AFTER INSERT ON"
+                   .. " slowc DEFERRABLE INITIALLY DEFERRED FOR EACH ROW"
+                   .. " EXECUTE FUNCTION slowc_wait()"))
+    local result
+    core.spawn(function()
+      result = { db:transaction(function(tx)
+        return tx:exec("INSERT INTO slowc (id) VALUES (1)")
+      end) }
+    end)
+    local busy = "FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
+                 .. " AND query = 'COMMIT'"
+    wait_for(function()
+      local rows = admin:query("SELECT count(*) AS n " .. busy)
+      return rows and rows[1].n == 1
+    end, 10, "the COMMIT to run the deferred trigger")
+    assert(admin:query("SELECT pg_terminate_backend(pid) " .. busy))
+    wait_for(function() return result end, 10, "the transaction's answer")
+    assert.is_nil(result[1])
+    -- the server's FATAL does not say on which side of the commit
+    -- record the backend was: neither failure nor success
+    assert.equal("unknown_outcome", result[2].kind, tostring(result[2]))
+    assert.is_false(result[2].retryable)
+    assert.equal("57P01", result[2].code)
+    admin:close()
+    db:close()
+  end)
+
   it("follows the promotion of the standby during a stream of writes",
      function()
     if not c then

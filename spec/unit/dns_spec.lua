@@ -197,6 +197,35 @@ describe("paygate.dns", function()
       db:close()
     end)
 
+    it("PostgreSQL: several named hosts with target_session_attrs:"
+       .. " connects to the writable one", function()
+      if not servers.have_postgres() then
+        pending("postgres not installed")
+        return
+      end
+      local ro, rw = servers.postgres(), servers.postgres()
+      local admin = assert(sql.open(ro.url))
+      assert(admin:exec("ALTER SYSTEM SET default_transaction_read_only"
+                        .. " = on"))
+      assert(admin:query("SELECT pg_reload_conf()"))
+      admin:close()
+      wait_for(function()
+        local h = sql.open(ro.url)
+        local rows = h and h:query("SHOW transaction_read_only")
+        if h then
+          h:close()
+        end
+        return rows and rows[1].transaction_read_only == "on"
+      end, 10, "the first server to be read-only")
+      -- two.test: 127.0.0.2 (nothing listens), then 127.0.0.1
+      local db = assert(sql.open("postgres://postgres@two.test:" .. ro.port
+                                 .. ",long.test:" .. rw.port .. "/postgres"
+                                 .. "?target_session_attrs=read-write"))
+      local rows = assert(db:query("SELECT inet_server_port() AS p"))
+      assert.equal(rw.port, rows[1].p)
+      db:close()
+    end)
+
     it("PostgreSQL: a name that does not resolve fails with kind dns",
        function()
       if not servers.have_postgres() then
@@ -233,6 +262,112 @@ describe("paygate.dns", function()
       assert.is_true(worst < 0.25, worst)
       assert.same({ { one = 1 } }, assert(db:query("SELECT 1 AS one")))
       db:close()
+    end)
+
+    it("PostgreSQL: TLS checks the certificate against the name while"
+       .. " libpq connects to the resolved address", function()
+      if not servers.have_postgres() then
+        pending("postgres not installed")
+        return
+      end
+      local pg = servers.postgres()
+      local dir = pg.dir
+      assert(servers.sh("cd " .. dir .. " && openssl req -x509 -newkey"
+        .. " rsa:2048 -nodes -days 1 -subj /CN=two.test -addext"
+        .. " subjectAltName=DNS:two.test -keyout tls.key -out tls.crt"
+        .. " >/dev/null 2>&1 && chmod 600 tls.key && { [ $(id -u) != 0 ]"
+        .. " || chown postgres tls.key tls.crt; }"))
+      local admin = assert(sql.open(pg.url))
+      assert(admin:exec("ALTER SYSTEM SET ssl_cert_file = '" .. dir
+                        .. "/tls.crt'"))
+      assert(admin:exec("ALTER SYSTEM SET ssl_key_file = '" .. dir
+                        .. "/tls.key'"))
+      assert(admin:exec("ALTER SYSTEM SET ssl = on"))
+      assert(admin:query("SELECT pg_reload_conf()"))
+      admin:close()
+      local tls = "/postgres?sslmode=verify-full&sslrootcert=" .. dir
+                  .. "/tls.crt"
+      -- two.test is 127.0.0.2 (nothing listens) then 127.0.0.1
+      local got = wait_for(function()
+        local h, e = sql.open("postgres://postgres@two.test:" .. pg.port
+                              .. tls, { connect_timeout = 1 })
+        return h and { h } or (e and not tostring(e):find("SSL off")
+                               and not tostring(e):find("does not support"
+                                                        .. " SSL")
+                               and { nil, e })
+      end, 10, "TLS on the server")
+      local db, err = got[1], got[2]
+      assert.is_truthy(db, tostring(err))
+      local rows = assert(db:query("SELECT ssl FROM pg_stat_ssl"
+                                   .. " WHERE pid = pg_backend_pid()"))
+      assert.is_true(rows[1].ssl)
+      db:close()
+      -- the check is real: another name for the same address is refused
+      local bad, berr = sql.open("postgres://postgres@long.test:"
+                                 .. pg.port .. tls)
+      assert.is_nil(bad)
+      assert.truthy(tostring(berr):find("long.test", 1, true),
+                    tostring(berr))
+    end)
+
+    it("PostgreSQL: a host whose lookup hangs does not keep the pool"
+       .. " from the hosts that resolved", function()
+      if not servers.have_postgres() then
+        pending("postgres not installed")
+        return
+      end
+      local pg = servers.postgres()
+      dns.flush()
+      local t0 = core.mono()
+      local db, err = sql.open("postgres://postgres@two.test:" .. pg.port
+                               .. ",slow.test:" .. pg.port .. "/postgres",
+                               { connect_timeout = 1 })
+      local took = core.mono() - t0
+      -- let slow.test's lookup end, so later specs ask afresh
+      assert(dns.resolve("slow.test"))
+      dns.flush()
+      assert.is_truthy(db, tostring(err))
+      assert.is_true(took < 1.5, took)
+      assert.same({ { one = 1 } }, assert(db:query("SELECT 1 AS one")))
+      db:close()
+      -- the only host still being looked up: kind dns, naming it
+      local none, nerr = sql.open("postgres://postgres@slow.test:"
+                                  .. pg.port .. "/postgres",
+                                  { connect_timeout = 1 })
+      assert(dns.resolve("slow.test"))
+      dns.flush()
+      assert.is_nil(none)
+      assert.equal("dns", nerr.kind)
+      assert.truthy(tostring(nerr):find("slow.test", 1, true),
+                    tostring(nerr))
+    end)
+
+    it("PostgreSQL: a host from PGHOST is resolved by paygate.dns too,"
+       .. " not by libpq's blocking lookup", function()
+      if not servers.have_postgres() then
+        pending("postgres not installed")
+        return
+      end
+      local pg = servers.postgres()
+      local dir = servers.mktemp()
+      local script = dir .. "/open.lua"
+      local f = assert(io.open(script, "w"))
+      -- libpq's own lookup would not know two.test (only the spec's
+      -- responder does)
+      f:write([[
+local dns = require "paygate.dns"
+local sql = require "paygate.sql"
+dns.configure({ resolver = arg[1] })
+local db, err = sql.open("postgres:///postgres?user=postgres",
+                         { connect_timeout = 2 })
+print(db and "opened" or tostring(err))
+]])
+      f:close()
+      local out = servers.read_cmd("PGHOST=two.test PGPORT=" .. pg.port
+        .. " " .. PAYGATE_BIN .. " exec " .. script .. " " .. d.addr
+        .. " 2>&1")
+      servers.sh("rm -rf " .. dir)
+      assert.truthy(out:find("opened", 1, true), out)
     end)
 
     it("Redis: tries every address, and a missing name fails with kind"

@@ -43,6 +43,20 @@ describe("paygate.redis", function()
       assert.truthy(tostring(err):find("opts.pool must be", 1, true), err)
     end)
 
+    it("takes lease_unsafe from the URL as a boolean, and raises on"
+       .. " another value", function()
+      local u = assert(redis.connect(srv.url .. "?lease_unsafe=true"))
+      assert.is_true(u.lease_unsafe)
+      u:close()
+      local ok, err = pcall(redis.connect, srv.url .. "?lease_unsafe=yes")
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find("opts.lease_unsafe must be a"
+                                       .. " boolean", 1, true), err)
+      ok, err = pcall(redis.connect, srv.url, { lease_unsafe = 1 })
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find("opts.lease_unsafe", 1, true), err)
+    end)
+
     it("raises on a url that is not redis://", function()
       assert.has_error(function() redis.connect("http://x") end)
       -- TLS was asked for: refuse rather than talk plain text

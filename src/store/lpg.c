@@ -150,6 +150,7 @@ struct lpg_host {
     int                  dns;      /* 1: a name to resolve on the loop */
     int                  state;    /* 0 pending, 1 resolved, -1 failed */
     struct gw_dns_req   *req;      /* lookup in flight, or NULL */
+    double               asked;    /* mono s: req started */
     struct gw_dns_addrs  addrs;    /* state 1 */
     char                 err[120]; /* state -1 */
 };
@@ -330,11 +331,46 @@ push_rows(lua_State *L, PGresult *r)
     }
 }
 
+/* 1 when r ends the session (FATAL or PANIC, SQLSTATE class 08, 57P01..
+ * 57P03): sent while a COMMIT ran, it does not say whether the commit
+ * record was written before the backend stopped. */
+static int
+err_ends_session(const PGresult *r)
+{
+    const char *sev = PQresultErrorField(r, PG_DIAG_SEVERITY_NONLOCALIZED);
+    const char *state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
+
+    if (sev != NULL && (strcmp(sev, "FATAL") == 0
+                        || strcmp(sev, "PANIC") == 0))
+    {
+        return 1;
+    }
+    return state != NULL && (strncmp(state, "08", 2) == 0
+                             || strcmp(state, "57P01") == 0
+                             || strcmp(state, "57P02") == 0
+                             || strcmp(state, "57P03") == 0);
+}
+
 static int
 push_op_result(lua_State *L, struct lpg_op *op)
 {
     PGresult *r = op->res;
 
+    if (op->err != NULL && op->tx_end && strcmp(op->sql, "COMMIT") == 0
+        && err_ends_session(op->err))
+    {
+        const char *msg = PQresultErrorField(op->err,
+                                             PG_DIAG_MESSAGE_PRIMARY);
+        const char *state = PQresultErrorField(op->err, PG_DIAG_SQLSTATE);
+
+        gw_push_error(L, "unknown_outcome", 0, "postgres: COMMIT was"
+                      " answered by the end of the session (%.100s): the"
+                      " transaction may or may not be committed",
+                      msg != NULL ? msg : "no message");
+        lua_pushstring(L, state != NULL ? state : "");
+        lua_setfield(L, -2, "code");
+        return 2;
+    }
     if (op->err != NULL) {
         return push_pg_error(L, op->err);
     }
@@ -760,6 +796,10 @@ conn_start_libpq(struct lpg_conn *c, const char **why)
         int              na = h->dns ? h->addrs.n : 1;
 
         if (h->dns && h->state != 1) {
+            if (h->state == 0) {         /* still looking (host_awaited) */
+                snprintf(h->err, sizeof(h->err), "%.60s: no answer yet",
+                         h->name);
+            }
             *why = h->err;
             continue;
         }
@@ -812,20 +852,46 @@ started:
     return conn_poll_connect(c) == GW_ERR ? GW_ERR : GW_OK;
 }
 
+/* Whether a connect still waits for h's lookup: for half of
+ * connect_timeout at most when another host has an address, so that one
+ * name whose server does not answer (a standby's, say) does not keep the
+ * pool from the hosts that resolved; the lookup goes on and a later
+ * connect uses its answer. With no other host, up to connect_timeout. */
+static int
+host_awaited(struct lpg_host *h, double now)
+{
+    struct lpg_pool *pg = h->pg;
+    int              i;
+
+    if (h->req == NULL) {
+        return 0;
+    }
+    if (now - h->asked < pg->connect_timeout / 2) {
+        return 1;
+    }
+    for (i = 0; i < pg->nhosts; i++) {
+        if (!pg->hosts[i].dns || pg->hosts[i].state == 1) {
+            return 0;                    /* another host can be tried */
+        }
+    }
+    return 1;                            /* nothing else: wait on */
+}
+
 /* Looks each host name up in the cache; starts a lookup for those not
- * there (one per host at a time). Returns 1 when every host is known. */
+ * there (one per host at a time). Returns 1 when no host is awaited. */
 static void pool_on_dns(void *arg, const struct gw_dns_addrs *a,
                         const char *err);
 static int
 pool_resolve(struct lpg_pool *pg)
 {
-    int i, rc, known = 1;
+    double now = gw_loop_mono_fresh();
+    int    i, rc, known = 1;
 
     for (i = 0; i < pg->nhosts; i++) {
         struct lpg_host *h = &pg->hosts[i];
 
         if (!h->dns || h->req != NULL) {
-            known &= h->req == NULL;
+            known &= !host_awaited(h, now);
             continue;
         }
         rc = gw_dns_cached(h->name, &h->addrs, h->err, sizeof(h->err));
@@ -834,6 +900,7 @@ pool_resolve(struct lpg_pool *pg)
             continue;
         }
         h->state = 0;
+        h->asked = now;
         h->req = gw_dns_resolve(h->name, pool_on_dns, h);
         if (h->req == NULL) {
             h->state = -1;
@@ -853,7 +920,11 @@ conn_start_resolved(struct lpg_conn *c, struct lpg_op **out,
 {
     const char *why = NULL;
     char        msg[200];
-    int         rc = conn_start_libpq(c, &why);
+    int         rc;
+
+    c->opened = gw_loop_mono_fresh();    /* libpq's connect_timeout */
+    c->since = c->opened;
+    rc = conn_start_libpq(c, &why);
 
     if (rc == LPG_NODNS) {
         snprintf(msg, sizeof(msg), "postgres: cannot resolve: %s", why);
@@ -882,7 +953,7 @@ pool_on_dns(void *arg, const struct gw_dns_addrs *a, const char *err)
         snprintf(h->err, sizeof(h->err), "%s", err);
     }
     for (i = 0; i < pg->nhosts; i++) {
-        if (pg->hosts[i].req != NULL) {
+        if (host_awaited(&pg->hosts[i], gw_loop_mono_fresh())) {
             return;                      /* the others answer later */
         }
     }
@@ -1519,12 +1590,26 @@ on_tick(evutil_socket_t fd, short what, void *arg)
     for (i = 0; i < pg->npool; i++) {
         struct lpg_conn *c = &pg->conns[i];
 
-        if (c->state == LPG_CONN_RESOLVING
+        if (c->state == LPG_CONN_RESOLVING && pool_resolve(pg)) {
+            /* The lookups still awaited took too long: go on with the
+             * hosts that resolved (none: fails "dns"). */
+            conn_start_resolved(c, &done, 1);
+        } else if (c->state == LPG_CONN_RESOLVING
             && now - c->opened > pg->connect_timeout)
         {
+            char        msg[120];
+            const char *name = "";
+            int         k;
+
+            for (k = 0; k < pg->nhosts && name[0] == '\0'; k++) {
+                if (pg->hosts[k].req != NULL) {
+                    name = pg->hosts[k].name;
+                }
+            }
+            snprintf(msg, sizeof(msg), "postgres: host name lookup timed"
+                     " out: %.60s", name);
             /* The lookup goes on; the next connect may use its answer. */
-            conn_dns_failed(c, "postgres: host name lookup timed out",
-                            &done, 1);
+            conn_dns_failed(c, msg, &done, 1);
         } else if (c->state == LPG_CONN_CONNECTING
             && now - c->opened > pg->connect_timeout)
         {
@@ -1649,7 +1734,7 @@ check_pool(lua_State *L)
 static int
 pool_parse_hosts(struct lpg_pool *pg, char *err, size_t errlen)
 {
-    PQconninfoOption *o;
+    PQconninfoOption *o, *defs;
     const char       *host = NULL, *port = NULL, *hostaddr = NULL;
     char             *perr = NULL, *p, *tok;
     const char       *ports[LPG_MAXHOSTS];
@@ -1673,13 +1758,34 @@ pool_parse_hosts(struct lpg_pool *pg, char *err, size_t errlen)
             hostaddr = o->val;
         }
     }
+    /* What the URL leaves out, libpq takes from PGHOST, PGHOSTADDR and
+     * PGPORT: a name there must be resolved here as well. */
+    defs = PQconndefaults();
+    for (o = defs; o != NULL && o->keyword != NULL; o++) {
+        if (o->val == NULL || o->val[0] == '\0') {
+            continue;
+        }
+        if (strcmp(o->keyword, "host") == 0
+            && (host == NULL || host[0] == '\0'))
+        {
+            host = o->val;
+        } else if (strcmp(o->keyword, "port") == 0 && port == NULL) {
+            port = o->val;
+        } else if (strcmp(o->keyword, "hostaddr") == 0
+                   && (hostaddr == NULL || hostaddr[0] == '\0'))
+        {
+            hostaddr = o->val;
+        }
+    }
     if (host == NULL || host[0] == '\0'
         || (hostaddr != NULL && hostaddr[0] != '\0'))
     {
+        PQconninfoFree(defs);
         return GW_OK;                    /* socket default, or explicit */
     }
     pg->ci_hosts = strdup(host);
     pg->ci_ports = strdup(port != NULL ? port : "");
+    PQconninfoFree(defs);
     if (pg->ci_hosts == NULL || pg->ci_ports == NULL) {
         snprintf(err, errlen, "postgres: out of memory");
         return GW_ERR;
