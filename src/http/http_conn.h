@@ -52,7 +52,14 @@ struct gw_conn {
     size_t              req_start;  /* offset of the current request */
     size_t              scanned;    /* bytes searched for the head's end */
     size_t              head_len;   /* bytes of the current head */
-    struct gw_http_head head;       /* points into in */
+    struct gw_http_head head;       /* points into in; head.headers is
+                                       hdrs */
+    struct gw_http_header *hdrs;    /* owned: the head's fields, sized by
+                                       the head's line count */
+    size_t              hdrs_cap;   /* entries allocated */
+    char               *rpath;      /* owned, or NULL: the path with its
+                                       dot-segments resolved (head.path
+                                       then points here) */
     size_t              body_off;   /* offset of the body in in */
     size_t              body_len;   /* bytes of decoded body */
     struct gw_chunked   chunk;      /* chunked decoder state */

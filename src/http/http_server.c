@@ -109,7 +109,10 @@ static void
 head_rebase(struct gw_http_head *h, const char *from, const char *to)
 {
     h->method = to + (h->method - from);
-    h->path = to + (h->path - from);
+    h->target = to + (h->target - from);
+    if (!h->path_outside) {
+        h->path = to + (h->path - from);
+    }
     if (h->query != NULL) {
         h->query = to + (h->query - from);
     }
@@ -135,6 +138,82 @@ conn_bad(struct gw_conn *c, int status, const char *kind, const char *msg)
     c->state = ST_CLOSING;
 }
 
+/* The head's field array holds at least n entries. GW_OK or GW_ERR. */
+static int
+conn_hdrs(struct gw_conn *c, size_t n)
+{
+    struct gw_http_header *p;
+    size_t cap = c->hdrs_cap ? c->hdrs_cap : 16;
+
+    if (n <= c->hdrs_cap) {
+        return GW_OK;
+    }
+    while (cap < n) {
+        cap *= 2;
+    }
+    p = realloc(c->hdrs, cap * sizeof(*p));
+    if (p == NULL) {
+        return GW_ERR;
+    }
+    c->hdrs = p;
+    c->hdrs_cap = cap;
+    return GW_OK;
+}
+
+/* A head too large: 414 when its request line alone does not fit. */
+static void
+conn_too_large(struct gw_conn *c, size_t avail)
+{
+    size_t n = avail < gw_srv.conf.max_header_bytes
+               ? avail : gw_srv.conf.max_header_bytes;
+    const char *p = c->in + c->req_start;
+
+    while (n >= 2 && p[0] == '\r' && p[1] == '\n') {
+        p += 2;             /* empty lines before the request line */
+        n -= 2;
+    }
+    if (memchr(p, '\n', n) == NULL) {
+        conn_bad(c, 414, "uri_too_long", "request line exceeds the limit");
+    } else {
+        conn_bad(c, 431, "header_too_large",
+                 "request head exceeds the limit");
+    }
+}
+
+/* Parses the head of `end` bytes at req_start; resolves the path's
+ * dot-segments. 0 or the status to refuse it with. */
+static int
+conn_parse(struct gw_conn *c, size_t end)
+{
+    const char *buf = c->in + c->req_start;
+    struct gw_http_head *h = &c->head;
+    size_t n;
+    int rc;
+
+    if (conn_hdrs(c, gw_http_count_fields(buf, end)) != GW_OK) {
+        return 503;
+    }
+    h->headers = c->hdrs;
+    h->max_headers = c->hdrs_cap;
+    rc = gw_http_parse_head(buf, end, h);
+    if (rc != 0 || h->path_len == 0 || h->path[0] != '/'
+        || !gw_http_path_has_dots(h->path, h->path_len)) {
+        return rc;
+    }
+    free(c->rpath);
+    c->rpath = malloc(h->path_len + 1);
+    if (c->rpath == NULL) {
+        return 503;
+    }
+    if (gw_http_path_resolve(h->path, h->path_len, c->rpath, &n) != 0) {
+        return 400;         /* would climb out of the root */
+    }
+    h->path = c->rpath;
+    h->path_len = n;
+    h->path_outside = 1;
+    return 0;
+}
+
 void
 gw_conn_advance(struct gw_conn *c)
 {
@@ -148,6 +227,8 @@ gw_conn_advance(struct gw_conn *c)
      * counts that bound them), so an answer made before the next head is
      * parsed (conn_bad) reads no stale method */
     memset(&c->head, 0, offsetof(struct gw_http_head, headers));
+    free(c->rpath);
+    c->rpath = NULL;
 }
 
 void
@@ -162,7 +243,7 @@ gw_conn_process(struct gw_conn *c)
         }
         if (c->state == ST_HEAD) {
             size_t avail = c->in_len - c->req_start;
-            size_t end;
+            size_t end, from = c->scanned;
             int rc;
 
             if (avail == 0) {
@@ -171,23 +252,30 @@ gw_conn_process(struct gw_conn *c)
             }
             end = gw_http_head_end(c->in + c->req_start, avail, &c->scanned);
             if (end == 0) {
+                /* refuse at once what cannot become a request (a bare
+                 * LF, a TLS ClientHello), not after header_timeout */
+                if (gw_http_head_early(c->in + c->req_start, avail,
+                                       from > 0 ? from - 1 : 0) != 0) {
+                    conn_bad(c, 400, "bad_request",
+                             "malformed request head");
+                    continue;
+                }
                 if (avail > gw_srv.conf.max_header_bytes) {
-                    conn_bad(c, 431, "header_too_large",
-                             "request head exceeds the limit");
+                    conn_too_large(c, avail);
                     continue;
                 }
                 break;
             }
             if (end > gw_srv.conf.max_header_bytes) {
-                conn_bad(c, 431, "header_too_large",
-                         "request head exceeds the limit");
+                conn_too_large(c, end);
                 continue;
             }
-            rc = gw_http_parse_head(c->in + c->req_start, end, &c->head);
+            rc = conn_parse(c, end);
             if (rc != 0) {
-                conn_bad(c, rc, rc == 400 ? "bad_request" : "unsupported",
-                         rc == 431 ? "too many header fields"
-                         : "malformed or unsupported request");
+                conn_bad(c, rc, rc == 400 ? "bad_request" : rc == 503
+                         ? "unavailable" : "unsupported",
+                         rc == 431 ? "too many header fields" : rc == 503
+                         ? "no memory" : "malformed or unsupported request");
                 continue;
             }
             c->head_len = end;
@@ -537,6 +625,8 @@ conn_close(struct gw_conn *c)
     close(c->fd);
     free(c->in);
     free(c->out);
+    free(c->hdrs);
+    free(c->rpath);
     if (c->prev != NULL) {
         c->prev->next = c->next;
     } else {

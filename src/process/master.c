@@ -628,6 +628,8 @@ admin_event(struct bufferevent *bev, short what, void *arg)
     admin_done(bev);
 }
 
+#define ADMIN_MAX_FIELDS 64    /* header fields of an admin request */
+
 static void
 admin_read(struct bufferevent *bev, void *arg)
 {
@@ -645,7 +647,11 @@ admin_read(struct bufferevent *bev, void *arg)
     if (end == 0) {
         return;
     }
-    h = malloc(sizeof(*h));
+    h = malloc(sizeof(*h) + ADMIN_MAX_FIELDS * sizeof(*h->headers));
+    if (h != NULL) {
+        h->headers = (struct gw_http_header *) (h + 1);
+        h->max_headers = ADMIN_MAX_FIELDS;
+    }
     if (h == NULL || gw_http_parse_head(buf, end, h) != 0) {
         admin_reply(bev, 400, "text/plain", "bad request\n", 12);
     } else if (h->path_len == 8 && memcmp(h->path, "/metrics", 8) == 0) {
