@@ -92,6 +92,9 @@ struct gw_conn {
                                        head failed to parse */
     char                peer[64];   /* "ip:port" */
     struct gw_conn     *prev, *next;/* all connections; gw_srv.conns */
+    struct gw_conn     *iprev, *inext; /* idle keep-alive connections,
+                                       oldest first; gw_srv.idle_* */
+    int                 idle;       /* 1 while on that list */
 };
 
 /* The worker's one server. */
@@ -112,6 +115,8 @@ struct gw_http_srv {
     uint64_t              rid_state;    /* xorshift state for ids */
     struct event         *resume_ev;    /* owned: accepts again after a
                                            pause (EMFILE and the like) */
+    struct gw_conn       *idle_head;    /* oldest idle keep-alive conn */
+    struct gw_conn       *idle_tail;    /* newest */
 };
 
 extern struct gw_http_srv gw_srv;
@@ -119,6 +124,9 @@ extern struct gw_http_srv gw_srv;
 /* http_server.c: called whenever input arrived or a response was
  * completed; parses and starts what it can, then flushes. May close c. */
 void gw_conn_process(struct gw_conn *c);
+
+/* http_server.c: counts an edge event (conf.on_event). */
+void gw_edge_count(int event);
 
 /* http_server.c: (re)arms c's one timer, secs from now. */
 void gw_conn_timer(struct gw_conn *c, double secs);

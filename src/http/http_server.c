@@ -74,6 +74,92 @@ gw_server_in_flight(void)
 
 /* ---- small helpers --------------------------------------------------- */
 
+static const char *const edge_names[GW_EDGE_NEVENTS] = {
+    "reclaimed", "full", "resumed", "protocol", "cipher", "client_cert",
+    "aborted", "timeout", "not_tls", "other"
+};
+
+const char *
+gw_edge_event_name(int event)
+{
+    return event >= 0 && event < GW_EDGE_NEVENTS ? edge_names[event] : "?";
+}
+
+void
+gw_edge_count(int event)
+{
+    if (gw_srv.conf.on_event != NULL) {
+        gw_srv.conf.on_event(event);
+    }
+}
+
+/* c idles on keep-alive: it joins the idle list's end (newest). */
+static void
+idle_enter(struct gw_conn *c)
+{
+    if (c->idle) {
+        return;
+    }
+    c->idle = 1;
+    c->inext = NULL;
+    c->iprev = gw_srv.idle_tail;
+    if (gw_srv.idle_tail != NULL) {
+        gw_srv.idle_tail->inext = c;
+    } else {
+        gw_srv.idle_head = c;
+    }
+    gw_srv.idle_tail = c;
+    /* accepting paused at the cap: a client may wait in the backlog, and
+     * on_accept() can now admit it by closing an idle connection */
+    if (!gw_srv.accepting && !gw_srv.draining && gw_srv.lev != NULL
+        && gw_srv.nconns >= gw_srv.conf.max_connections) {
+        event_add(gw_srv.lev, NULL);
+        gw_srv.accepting = 1;
+    }
+}
+
+static void
+idle_leave(struct gw_conn *c)
+{
+    if (!c->idle) {
+        return;
+    }
+    if (c->iprev != NULL) {
+        c->iprev->inext = c->inext;
+    } else {
+        gw_srv.idle_head = c->inext;
+    }
+    if (c->inext != NULL) {
+        c->inext->iprev = c->iprev;
+    } else {
+        gw_srv.idle_tail = c->iprev;
+    }
+    c->iprev = c->inext = NULL;
+    c->idle = 0;
+}
+
+/* At the connection cap: the oldest idle keep-alive connection that is
+ * truly idle (nothing to send, no byte of a next request waiting in the
+ * socket or in TLS), which on_accept() closes once it has a new client to
+ * admit in its place, so the new client is served at once instead of
+ * waiting out keepalive_timeout ("reusing connections"). A connection in
+ * a request is never on the list. NULL when there is none. */
+static struct gw_conn *
+idle_victim(void)
+{
+    for (struct gw_conn *c = gw_srv.idle_head; c != NULL; c = c->inext) {
+        char b;
+
+        if (c->state != ST_HEAD || c->in_len != 0 || c->out_len != 0
+            || (c->ssl != NULL && SSL_pending(c->ssl) > 0)
+            || recv(c->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) > 0) {
+            continue;           /* a request is on its way */
+        }
+        return c;
+    }
+    return NULL;
+}
+
 /* (Re)arms c's one timer: secs from now (at least 1 ms). */
 void
 gw_conn_timer(struct gw_conn *c, double secs)
@@ -355,6 +441,7 @@ gw_conn_process(struct gw_conn *c)
             gw_conn_timer(c, gw_srv.draining && DRAIN_LINGER
                           < gw_srv.conf.keepalive_timeout
                           ? DRAIN_LINGER : gw_srv.conf.keepalive_timeout);
+            idle_enter(c);
         } else if (c->in_len == 0) {
             /* a new connection (or a TLS handshake under way) has the
              * head's time from its accept, not the idle keep-alive's */
@@ -465,6 +552,7 @@ conn_read(struct gw_conn *c)
         if (c->in_len == c->req_start && c->state == ST_HEAD) {
             c->started = gw_loop_mono();     /* a new request's first byte */
         }
+        idle_leave(c);
         c->in_len += (size_t) n;
         if (c->in_len < c->in_cap) {
             return 1;
@@ -611,6 +699,7 @@ static void
 conn_close(struct gw_conn *c)
 {
     c->closing = 1;
+    idle_leave(c);
     if (c->co != NULL) {
         /* only on shutdown: the handler's coroutine goes with us */
         gw_req_abandon(c);
@@ -667,16 +756,23 @@ on_accept(evutil_socket_t lfd, short what, void *arg)
     for (int i = 0; i < 64; i++) {
         struct sockaddr_storage ss;
         socklen_t sl = sizeof(ss);
-        struct gw_conn *c;
+        struct gw_conn *c, *victim = NULL;
         int fd, one = 1;
 
         if (gw_srv.nconns >= gw_srv.conf.max_connections) {
-            event_del(gw_srv.lev);     /* the kernel backlog holds the rest */
-            gw_srv.accepting = 0;
-            return;
+            victim = idle_victim();
+            if (victim == NULL) {
+                event_del(gw_srv.lev); /* the kernel backlog holds the rest */
+                gw_srv.accepting = 0;
+                return;
+            }
         }
         fd = accept4(lfd, (struct sockaddr *) &ss, &sl,
                      SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd >= 0 && victim != NULL) {
+            conn_close(victim);     /* its place goes to the new client */
+            gw_edge_count(GW_EDGE_RECLAIMED);
+        }
         if (fd < 0) {
             if (errno != EAGAIN && errno != EINTR && errno != ECONNABORTED) {
                 /* out of fds or memory: the socket stays readable, so a

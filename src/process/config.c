@@ -35,6 +35,7 @@ gw_opts_defaults(struct gw_opts *o)
     o->log_level = GW_LOG_INFO;
     gw_server_conf_defaults(&o->server);
     o->server.on_request = gw_metrics_request;   /* counted per worker */
+    o->server.on_event = gw_metrics_edge;
 }
 
 struct key {
