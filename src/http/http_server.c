@@ -189,6 +189,26 @@ conn_read_on(struct gw_conn *c, int on)
 
 /* ---- the connection state machine ----------------------------------- */
 
+/* c is between requests, its output sent: gives back its buffers (they
+ * are allocated again when bytes arrive), so an idle keep-alive
+ * connection costs its struct and events only (TLS: OpenSSL frees its
+ * own buffers too, SSL_MODE_RELEASE_BUFFERS). */
+static void
+conn_release(struct gw_conn *c)
+{
+    free(c->in);
+    c->in = NULL;
+    c->in_cap = c->in_len = c->req_start = c->scanned = 0;
+    free(c->out);
+    c->out = NULL;
+    c->out_cap = 0;
+    free(c->hdrs);
+    c->hdrs = NULL;
+    c->hdrs_cap = 0;
+    c->head.headers = NULL;
+    c->head.max_headers = 0;
+}
+
 /* The parsed head points into c->in: when its bytes move from `from` to
  * `to`, its pointers must move too. */
 static void
@@ -623,6 +643,9 @@ conn_flush(struct gw_conn *c)
     if (c->want_write) {
         event_del(c->wev);
         c->want_write = 0;
+    }
+    if (c->state == ST_HEAD && c->in_len == 0) {
+        conn_release(c);    /* between requests: hold no buffers */
     }
     if (c->state == ST_CLOSING) {
         conn_close(c);
