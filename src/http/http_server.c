@@ -491,10 +491,103 @@ gw_conn_process(struct gw_conn *c)
     conn_flush(c);
 }
 
+/* Why a handshake failed (gw_edge_event), from OpenSSL's error. */
+static int
+tls_fail_reason(int e, unsigned long err)
+{
+    if (err == 0) {
+        return e == SSL_ERROR_SYSCALL || e == SSL_ERROR_ZERO_RETURN
+               ? GW_EDGE_TLS_FAIL_ABORTED : GW_EDGE_TLS_FAIL_OTHER;
+    }
+    switch (ERR_GET_REASON(err)) {
+    case SSL_R_UNSUPPORTED_PROTOCOL:
+    case SSL_R_VERSION_TOO_LOW:
+    case SSL_R_VERSION_TOO_HIGH:
+    case SSL_R_NO_PROTOCOLS_AVAILABLE:
+    case SSL_R_TLSV1_ALERT_PROTOCOL_VERSION:
+        return GW_EDGE_TLS_FAIL_PROTOCOL;
+    case SSL_R_NO_SHARED_CIPHER:
+    case SSL_R_NO_SHARED_GROUPS:
+    case SSL_R_NO_SUITABLE_SIGNATURE_ALGORITHM:
+    case SSL_R_NO_SHARED_SIGNATURE_ALGORITHMS:
+    case SSL_R_NO_CIPHERS_AVAILABLE:
+        return GW_EDGE_TLS_FAIL_CIPHER;
+    case SSL_R_PEER_DID_NOT_RETURN_A_CERTIFICATE:
+    case SSL_R_CERTIFICATE_VERIFY_FAILED:
+    case SSL_R_NO_CERTIFICATES_RETURNED:
+        return GW_EDGE_TLS_FAIL_CERT;
+    case SSL_R_HTTP_REQUEST:
+    case SSL_R_HTTPS_PROXY_REQUEST:
+    case SSL_R_WRONG_VERSION_NUMBER:
+    case SSL_R_PACKET_LENGTH_TOO_LONG:
+    case SSL_R_RECORD_LENGTH_MISMATCH:
+        return GW_EDGE_TLS_FAIL_NOT_TLS;
+    case SSL_R_UNEXPECTED_EOF_WHILE_READING:
+        return GW_EDGE_TLS_FAIL_ABORTED;
+    default:
+        return GW_EDGE_TLS_FAIL_OTHER;
+    }
+}
+
+/* A handshake that did not complete: counted by reason, one debug line
+ * (a client that hangs up mid-handshake is no news worth a line each). */
+static void
+tls_failed(struct gw_conn *c, int reason, unsigned long err)
+{
+    char buf[256] = "";
+
+    if (err != 0) {
+        ERR_error_string_n(err, buf, sizeof(buf));
+    }
+    gw_edge_count(reason);
+    gw_log(GW_LOG_DEBUG, "tls handshake from %s failed (%s)%s%s", c->peer,
+           gw_edge_event_name(reason), buf[0] ? ": " : "", buf);
+}
+
+/* Drives c's handshake: 1 done (counted full or resumed), 0 under way,
+ * -1 failed (c closed). */
+static int
+conn_handshake(struct gw_conn *c)
+{
+    int r = SSL_do_handshake(c->ssl);
+
+    if (r == 1) {
+        c->handshaken = 1;
+        gw_edge_count(SSL_session_reused(c->ssl) ? GW_EDGE_TLS_RESUMED
+                                                 : GW_EDGE_TLS_FULL);
+        return 1;
+    }
+    switch (SSL_get_error(c->ssl, r)) {
+    case SSL_ERROR_WANT_READ:
+        return 0;
+    case SSL_ERROR_WANT_WRITE:
+        c->ssl_read_wants_write = 1;
+        event_add(c->wev, NULL);
+        return 0;
+    default: {
+        int e = SSL_get_error(c->ssl, r);
+        unsigned long err = ERR_peek_last_error();
+
+        tls_failed(c, tls_fail_reason(e, err), err);
+        ERR_clear_error();
+        conn_close(c);
+        return -1;
+    }
+    }
+}
+
 /* Reads what is there. Returns 0 on EOF/error (connection closed), 1. */
 static int
 conn_read(struct gw_conn *c)
 {
+    if (c->ssl != NULL && !c->handshaken) {
+        /* before any buffer: a handshake needs none of ours */
+        int r = conn_handshake(c);
+
+        if (r <= 0) {
+            return r == 0 ? 1 : 0;
+        }
+    }
     for (;;) {
         size_t limit = gw_srv.conf.max_header_bytes + gw_srv.conf.max_body_bytes
                        + 64 * 1024;
@@ -541,19 +634,10 @@ conn_read(struct gw_conn *c)
                     event_add(c->wev, NULL);
                     return 1;
                 }
-                if (e != SSL_ERROR_ZERO_RETURN && !c->handshaken) {
-                    unsigned long err = ERR_peek_last_error();
-                    char buf[256];
-
-                    ERR_error_string_n(err, buf, sizeof(buf));
-                    gw_log(GW_LOG_INFO, "tls handshake from %s failed: %s",
-                           c->peer, buf);
-                }
                 ERR_clear_error();
                 conn_close(c);
                 return 0;
             }
-            c->handshaken = 1;
             n = r;
         } else {
             n = recv(c->fd, c->in + c->in_len, c->in_cap - c->in_len, 0);
@@ -714,6 +798,9 @@ conn_on_timer(evutil_socket_t fd, short what, void *arg)
         conn_read_on(c, 0);
         conn_flush(c);
         return;
+    }
+    if (c->ssl != NULL && !c->handshaken) {
+        tls_failed(c, GW_EDGE_TLS_FAIL_TIMEOUT, 0);
     }
     conn_close(c);          /* idle keep-alive connection */
 }

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "http_server.h"
+#include "tls.h"
 #include "loop.h"
 #include "metrics.h"
 #include "runtime.h"
@@ -711,6 +712,11 @@ edge_metrics(struct buf *b)
         bprintf(b, "paygate_tls_handshake_failures_total{reason=\"%s\"} "
                    "%llu\n", gw_edge_event_name(e), edge_sum(e));
     }
+    bprintf(b, "# HELP paygate_tls_ticket_key_rotations_total Session-"
+               "ticket key rotations since start.\n"
+               "# TYPE paygate_tls_ticket_key_rotations_total counter\n"
+               "paygate_tls_ticket_key_rotations_total %llu\n",
+            (unsigned long long) gw_tls_tickets_rotations());
 }
 
 static void
