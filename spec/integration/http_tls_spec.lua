@@ -132,6 +132,19 @@ describe("TLS edge", function()
       assert.is_true(again.reused, again.out)
     end)
 
+    it("resumes with a ticket from a resumed handshake", function()
+      -- a client that keeps only its latest session (wrk, curl) resumes
+      -- every time: a resumed handshake hands out a new ticket
+      local s1, s2, s3 = dir .. "/d1.sess", dir .. "/d2.sess", dir .. "/d3.sess"
+      assert.is_true(tls_get(s.port, { sess_out = s1 }).new)
+      local r = tls_get(s.port, { sess_in = s1, sess_out = s2 })
+      assert.is_true(r.reused, r.out)
+      r = tls_get(s.port, { sess_in = s2, sess_out = s3 })
+      assert.is_true(r.reused, r.out)
+      r = tls_get(s.port, { sess_in = s3 })
+      assert.is_true(r.reused, r.out)
+    end)
+
     it("counts full and resumed handshakes on /metrics", function()
       proc.wait_until(function()
         return handshakes(s, "full") >= 2 and handshakes(s, "resumed") >= 2

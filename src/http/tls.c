@@ -122,7 +122,11 @@ ticket_mac(EVP_MAC_CTX *hctx, unsigned char *key)
 }
 
 /* OpenSSL's ticket-key callback: encrypt with the current key; decrypt
- * with the one the ticket names (the previous: 2, resume and renew). */
+ * with the one the ticket names. A ticket that decrypts is always renewed
+ * (2): a client then holds a ticket under the current key, and TLS 1.3
+ * gets a new ticket on a resumed handshake (with 1, OpenSSL sends none,
+ * so a client that keeps only its last session fails every second
+ * resumption). */
 static int
 ticket_cb(SSL *s, unsigned char key_name[16], unsigned char *iv,
           EVP_CIPHER_CTX *ctx, EVP_MAC_CTX *hctx, int enc)
@@ -151,7 +155,7 @@ ticket_cb(SSL *s, unsigned char key_name[16], unsigned char *iv,
             if (ticket_mac(hctx, k[i].hmac) == 0
                 && EVP_DecryptInit_ex(ctx, EVP_aes_256_cbc(), NULL,
                                       k[i].aes, iv) == 1) {
-                rc = i == 0 ? 1 : 2;
+                rc = 2;         /* and renew: see ticket_cb() */
             }
             break;
         }
@@ -280,8 +284,10 @@ gw_tls_server_ctx(const struct gw_tls_conf *conf, char *err, size_t errlen)
      * from this worker's cache by a client that sends a session id */
     SSL_CTX_set_session_id_context(ctx, (const unsigned char *) "paygate",
                                    7);
-    SSL_CTX_set_timeout(ctx, (long) (conf->ticket_lifetime > 0
-                                     ? conf->ticket_lifetime : 3600));
+    /* a session lives two rotation periods at most: its ticket's key is
+     * current for one and accepted as the previous one for another */
+    SSL_CTX_set_timeout(ctx, (long) (2 * (conf->ticket_rotation > 0
+                                          ? conf->ticket_rotation : 3600)));
     if (conf->session_cache > 0) {
         SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_SERVER);
         SSL_CTX_sess_set_cache_size(ctx, conf->session_cache);

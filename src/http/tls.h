@@ -19,7 +19,8 @@ struct gw_tls_conf {
     const char *protocols;      /* "TLSv1.2 TLSv1.3" (any of the two) */
     const char *ciphers;        /* TLS 1.2 cipher list; NULL / "": ours */
     int         session_cache;  /* sessions cached per worker; 0: none */
-    double      ticket_lifetime;/* s: a session's (and a ticket's) life */
+    double      ticket_rotation;/* s between ticket-key rotations: a
+                                   session lives twice that at most */
 };
 
 #define GW_TLS_PROTOCOLS "TLSv1.2 TLSv1.3"

@@ -401,7 +401,7 @@ tls_ctx(const struct gw_opts *o, char *err, size_t errlen)
         .cert2 = o->tls_ecdsa_cert, .key2 = o->tls_ecdsa_key,
         .client_ca = o->tls_client_ca, .protocols = o->tls_protocols,
         .ciphers = o->tls_ciphers, .session_cache = o->tls_session_cache,
-        .ticket_lifetime = o->tls_ticket_rotation
+        .ticket_rotation = o->tls_ticket_rotation
     };
 
     return gw_tls_server_ctx(&t, err, errlen);
