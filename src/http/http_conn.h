@@ -36,7 +36,8 @@ struct gw_conn {
     SSL                *ssl;        /* owned, or NULL for plain HTTP */
     int                 handshaken; /* TLS: 1 once a read succeeded */
     struct event       *rev;        /* owned: readable */
-    struct event       *wev;        /* owned: writable */
+    struct event       *wev;        /* owned: writable; made on first
+                                       need (conn_wev_add), or NULL */
     struct event       *timer;      /* owned: the phase's deadline */
     enum gw_conn_state  state;      /* where the current request is */
     int                 reading;    /* 1 while rev is added */
