@@ -42,13 +42,29 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (end == 0) {
         return 0;
     }
-    h = malloc(sizeof(*h));
+    (void) gw_http_head_early(buf, size, data[0] % size);
+    h = malloc(sizeof(*h) + 64 * sizeof(struct gw_http_header));
     if (h == NULL) {
         return 0;
     }
+    h->headers = (struct gw_http_header *) (h + 1);
+    h->max_headers = 64;
     if (gw_http_parse_head(buf, end, h) == 0) {
         inside(buf, end, h->method, h->method_len);
-        inside(buf, end, h->path, h->path_len);
+        inside(buf, end, h->target, h->target_len);
+        if (!h->path_outside) {
+            inside(buf, end, h->path, h->path_len);
+        }
+        if (h->path_len > 0 && h->path[0] == '/') {
+            char *out = malloc(h->path_len);
+            size_t n;
+
+            if (out != NULL && gw_http_path_resolve(h->path, h->path_len,
+                                                    out, &n) == 0) {
+                assert(n >= 1 && n <= h->path_len && out[0] == '/');
+            }
+            free(out);
+        }
         if (h->query != NULL) {
             inside(buf, end, h->query, h->query_len);
         }

@@ -24,8 +24,7 @@ local SERIAL = m.serial
 paygate.route("GET", "/v3/pay/transactions/out-trade-no/:no", function(req)
   local a = sign.parse_authorization(req:header("authorization") or "")
   if not a then return 401, { code = "SIGN_ERROR" } end
-  local target = req.path .. (req.query_string and req.query_string ~= ""
-                              and "?" .. req.query_string or "")
+  local target = req.target   -- signed as sent
   local msg = sign.request_message("GET", target, a.timestamp, a.nonce_str, "")
   if not crypto.verify_base64(pub, msg, a.signature) then
     return 401, { code = "SIGN_ERROR" }

@@ -388,12 +388,11 @@ function _M.before_hook(db, opts)
     if match and not match(req) then
       return nil
     end
-    local qs = req.query_string
-    if qs and qs ~= "" then
-      path = path .. "?" .. qs
-    end
+    -- signed over the target as sent (an absolute-form one's path and
+    -- query), not the path with its dot-segments resolved
+    local target = req.target:gsub("^%a[%w+.-]*://[^/?]*", "")
     local app_id, err = _M.verify(db, {
-      method = req.method, path = path, body = req.body,
+      method = req.method, path = target, body = req.body,
       authorization = req:header("authorization") }, opts)
     if app_id then
       req.app_id = app_id

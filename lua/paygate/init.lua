@@ -298,6 +298,15 @@ end
 -- Called by the C server for every request, in the request's coroutine.
 function _M._dispatch(req, method, path)
   local fn, pattern, params, allowed = routes:find(method, path)
+  if not fn and method == "HEAD" then
+    -- HEAD is served by the GET route unless the app routed HEAD itself
+    -- (RFC 9110 9.3.2); the server sends the head without the body
+    local gfn, gpattern, gparams = routes:find("GET", path)
+    if gfn then fn, pattern, params, allowed = gfn, gpattern, gparams, nil end
+  end
+  if allowed and allowed:find("GET", 1, true) and method ~= "HEAD" then
+    allowed = allowed .. ", HEAD"
+  end
   if params then req.params = params end
   for i = 1, #before do
     local s, b, h = before[i](req)

@@ -8,7 +8,10 @@
 
 #include "http_parser.h"
 
+#define MAX_FIELDS 100
+
 static struct gw_http_head h;
+static struct gw_http_header fields[MAX_FIELDS];
 
 static int
 parse(const char *s)
@@ -18,6 +21,8 @@ parse(const char *s)
     if (end == 0) {
         return -1;
     }
+    h.headers = fields;
+    h.max_headers = MAX_FIELDS;
     return gw_http_parse_head(s, end, &h);
 }
 
@@ -96,11 +101,12 @@ test_rejects(void)
         static char big[64 + 101 * 8];
         size_t n = (size_t) sprintf(big, "GET / HTTP/1.1\r\nHost: a\r\n");
 
-        for (int i = 1; i < GW_HTTP_MAX_HEADERS; i++) {
+        for (int i = 1; i < MAX_FIELDS; i++) {
             n += (size_t) sprintf(big + n, "X%02d: v\r\n", i % 100);
         }
         strcpy(big + n, "\r\n");
-        assert(parse(big) == 0 && h.nheaders == GW_HTTP_MAX_HEADERS);
+        assert(gw_http_count_fields(big, strlen(big)) == MAX_FIELDS + 1);
+        assert(parse(big) == 0 && h.nheaders == MAX_FIELDS);
         n += (size_t) sprintf(big + n, "Y: v\r\n");
         strcpy(big + n, "\r\n");
         assert(parse(big) == 431);
@@ -108,6 +114,56 @@ test_rejects(void)
     /* the same length twice is allowed */
     assert(parse("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n"
                  "Content-Length: 2\r\n\r\n") == 0 && h.content_length == 2);
+}
+
+static void
+test_conformance(void)
+{
+    char out[64];
+    size_t n;
+
+    /* Host must be a uri-host [":" port] (RFC 9112 3.2) */
+    assert(parse("GET / HTTP/1.1\r\nHost: a b\r\n\r\n") == 400);
+    assert(parse("GET / HTTP/1.1\r\nHost: a/b\r\n\r\n") == 400);
+    assert(parse("GET / HTTP/1.1\r\nHost: a, b\r\n\r\n") == 400);
+    assert(parse("GET / HTTP/1.1\r\nHost: a:x\r\n\r\n") == 400);
+    assert(parse("GET / HTTP/1.1\r\nHost: u@a\r\n\r\n") == 400);
+    assert(parse("GET / HTTP/1.1\r\nHost: a.b-c:8080\r\n\r\n") == 0);
+    assert(parse("GET / HTTP/1.1\r\nHost: [::1]:80\r\n\r\n") == 0);
+    assert(parse("GET / HTTP/1.1\r\nHost:\r\n\r\n") == 0);
+    /* absolute-form: routed by its path; the target stays as sent */
+    assert(parse("GET http://h:1/p/q?x=1 HTTP/1.1\r\nHost: h\r\n\r\n")
+           == 0);
+    assert(eq(h.path, h.path_len, "/p/q") && eq(h.query, h.query_len, "x=1"));
+    assert(eq(h.target, h.target_len, "http://h:1/p/q?x=1"));
+    assert(parse("GET HTTPS://h?y HTTP/1.1\r\nHost: h\r\n\r\n") == 0);
+    assert(eq(h.path, h.path_len, "/") && h.path_outside
+           && eq(h.query, h.query_len, "y"));
+    assert(parse("GET ftp://h/ HTTP/1.1\r\nHost: h\r\n\r\n") == 400);
+    assert(parse("GET http://u@h/ HTTP/1.1\r\nHost: h\r\n\r\n") == 400);
+    assert(parse("GET http:///p HTTP/1.1\r\nHost: h\r\n\r\n") == 400);
+    /* refused before the head is complete */
+    assert(gw_http_head_early("GET / HTTP/1.1\nHo", 17, 0) == 400);
+    assert(gw_http_head_early("\x16\x03\x01\x02\x00", 5, 0) == 400);
+    assert(gw_http_head_early("ABCDEFGHIJKLMNOPQRSTU", 21, 0) == 400);
+    assert(gw_http_head_early("\r\nGET / HTTP/1.1\r\nHost", 24, 0) == 0);
+    assert(gw_http_head_early("GE", 2, 0) == 0);
+    assert(gw_http_head_early("\r", 1, 0) == 0);
+    /* dot-segments */
+    assert(gw_http_path_has_dots("/a/b.c/..d", 10) == 0);
+    assert(gw_http_path_has_dots("/a/%2E%2e/b", 11) == 1);
+    assert(gw_http_path_resolve("/a/../b", 7, out, &n) == 0
+           && eq(out, n, "/b"));
+    assert(gw_http_path_resolve("/a/./b/.", 8, out, &n) == 0
+           && eq(out, n, "/a/b/"));
+    assert(gw_http_path_resolve("/a/b/..", 7, out, &n) == 0
+           && eq(out, n, "/a/"));
+    assert(gw_http_path_resolve("/a/..", 5, out, &n) == 0
+           && eq(out, n, "/"));
+    assert(gw_http_path_resolve("/a/%2e%2E/%2e/c", 15, out, &n) == 0
+           && eq(out, n, "/c"));
+    assert(gw_http_path_resolve("/..", 3, out, &n) == -1);
+    assert(gw_http_path_resolve("/a/../../etc", 12, out, &n) == -1);
 }
 
 static void
@@ -154,6 +210,7 @@ main(void)
     test_basic();
     test_connection();
     test_rejects();
+    test_conformance();
     test_chunked();
     printf("test_http_parser: ok\n");
     return 0;

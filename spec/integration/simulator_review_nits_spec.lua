@@ -37,6 +37,14 @@ describe("simulator review nits", function()
     return res, json.decode(res.body)
   end
 
+  it("checks a signature over the target as sent, dot-segments and all",
+     function()
+    -- the server routes by the resolved path (/v3/certificates) while the
+    -- merchant signed the bytes it sent
+    local res = sn.signed(sim, "GET", "/v3/x/%2e%2e/certificates")
+    assert.equal(200, res.status, res.body)
+  end)
+
   it("notify_url: [::1] is loopback; the simulator itself is refused",
      function()
     local res = prepay{ notify_url = "http://[::1]:8080/notify" }

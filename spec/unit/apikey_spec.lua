@@ -22,8 +22,10 @@ end
 local function fake_req(o)
   local headers = {}
   for k, v in pairs(o.headers or {}) do headers[k:lower()] = v end
+  local path = o.path or "/v1/payments"
   return {
-    method = o.method or "POST", path = o.path or "/v1/payments",
+    method = o.method or "POST", path = path,
+    target = path .. ((o.query or "") ~= "" and "?" .. o.query or ""),
     query_string = o.query or "", body = o.body or "",
     header = function(_, name) return headers[name:lower()] end,
   }

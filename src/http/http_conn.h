@@ -36,7 +36,8 @@ struct gw_conn {
     SSL                *ssl;        /* owned, or NULL for plain HTTP */
     int                 handshaken; /* TLS: 1 once a read succeeded */
     struct event       *rev;        /* owned: readable */
-    struct event       *wev;        /* owned: writable */
+    struct event       *wev;        /* owned: writable; made on first
+                                       need (conn_wev_add), or NULL */
     struct event       *timer;      /* owned: the phase's deadline */
     enum gw_conn_state  state;      /* where the current request is */
     int                 reading;    /* 1 while rev is added */
@@ -52,7 +53,14 @@ struct gw_conn {
     size_t              req_start;  /* offset of the current request */
     size_t              scanned;    /* bytes searched for the head's end */
     size_t              head_len;   /* bytes of the current head */
-    struct gw_http_head head;       /* points into in */
+    struct gw_http_head head;       /* points into in; head.headers is
+                                       hdrs */
+    struct gw_http_header *hdrs;    /* owned: the head's fields, sized by
+                                       the head's line count */
+    size_t              hdrs_cap;   /* entries allocated */
+    char               *rpath;      /* owned, or NULL: the path with its
+                                       dot-segments resolved (head.path
+                                       then points here) */
     size_t              body_off;   /* offset of the body in in */
     size_t              body_len;   /* bytes of decoded body */
     struct gw_chunked   chunk;      /* chunked decoder state */
@@ -85,6 +93,9 @@ struct gw_conn {
                                        head failed to parse */
     char                peer[64];   /* "ip:port" */
     struct gw_conn     *prev, *next;/* all connections; gw_srv.conns */
+    struct gw_conn     *iprev, *inext; /* idle keep-alive connections,
+                                       oldest first; gw_srv.idle_* */
+    int                 idle;       /* 1 while on that list */
 };
 
 /* The worker's one server. */
@@ -105,6 +116,8 @@ struct gw_http_srv {
     uint64_t              rid_state;    /* xorshift state for ids */
     struct event         *resume_ev;    /* owned: accepts again after a
                                            pause (EMFILE and the like) */
+    struct gw_conn       *idle_head;    /* oldest idle keep-alive conn */
+    struct gw_conn       *idle_tail;    /* newest */
 };
 
 extern struct gw_http_srv gw_srv;
@@ -112,6 +125,9 @@ extern struct gw_http_srv gw_srv;
 /* http_server.c: called whenever input arrived or a response was
  * completed; parses and starts what it can, then flushes. May close c. */
 void gw_conn_process(struct gw_conn *c);
+
+/* http_server.c: counts an edge event (conf.on_event). */
+void gw_edge_count(int event);
 
 /* http_server.c: (re)arms c's one timer, secs from now. */
 void gw_conn_timer(struct gw_conn *c, double secs);

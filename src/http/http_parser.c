@@ -6,7 +6,7 @@
  * accepts beyond the strict grammar is only what RFC 9112 and RFC 9110
  * allow a server: empty lines before the request line, a Content-Length
  * repeated with the same value, HTTP/1.x for x > 1 (answered as 1.1),
- * whitespace before a chunk extension.
+ * whitespace before a chunk extension, an absolute-form target.
  */
 #include <stddef.h>
 #include <string.h>
@@ -50,6 +50,208 @@ gw_http_head_end(const char *buf, size_t len, size_t *scanned)
         }
     }
     *scanned = len;
+    return 0;
+}
+
+size_t
+gw_http_count_fields(const char *buf, size_t head_len)
+{
+    size_t n = 0;
+    const char *p = buf, *end = buf + head_len;
+
+    for (;;) {
+        const char *q = memchr(p, '\n', (size_t) (end - p));
+
+        if (q == NULL) {
+            break;
+        }
+        n++;
+        p = q + 1;
+    }
+    return n > 0 ? n - 1 : 0;
+}
+
+int
+gw_http_head_early(const char *buf, size_t len, size_t from)
+{
+    size_t i = 0, m;
+
+    /* empty lines before the request line (RFC 9112 2.2) */
+    while (i < len && buf[i] == '\r') {
+        if (i + 1 < len && buf[i + 1] != '\n') {
+            return 400;
+        }
+        i += 2;
+    }
+    if (i >= len) {
+        return 0;
+    }
+    for (m = 0; i + m < len && tchar[(unsigned char) buf[i + m]]; m++) {
+        if (m == 20) {
+            return 400;             /* no method is that long */
+        }
+    }
+    if (i + m < len && (m == 0 || buf[i + m] != ' ')) {
+        return 400;                 /* cannot start a request line */
+    }
+    for (i = from; i < len; i++) {
+        const char *q = memchr(buf + i, '\n', len - i);
+
+        if (q == NULL) {
+            break;
+        }
+        i = (size_t) (q - buf);
+        if (i == 0 || buf[i - 1] != '\r') {
+            return 400;             /* a bare LF ends no line */
+        }
+    }
+    return 0;
+}
+
+/* A dot-segment: 1 ".", 2 "..", 0 neither (also %2e, any case). */
+static int
+dots(const char *s, size_t n)
+{
+    int d = 0;
+
+    for (size_t i = 0; i < n; d++) {
+        if (s[i] == '.') {
+            i++;
+        } else if (n - i >= 3 && s[i] == '%' && s[i + 1] == '2'
+                   && (s[i + 2] == 'e' || s[i + 2] == 'E')) {
+            i += 3;
+        } else {
+            return 0;
+        }
+        if (d == 2) {
+            return 0;
+        }
+    }
+    return d;
+}
+
+int
+gw_http_path_has_dots(const char *path, size_t len)
+{
+    size_t i = 0;
+
+    while (i < len) {
+        size_t j = i + 1;
+
+        while (j < len && path[j] != '/') {
+            j++;
+        }
+        if (dots(path + i + 1, j - i - 1) != 0) {
+            return 1;
+        }
+        i = j;
+    }
+    return 0;
+}
+
+int
+gw_http_path_resolve(const char *path, size_t len, char *out,
+                     size_t *out_len)
+{
+    size_t i = 0, o = 0;
+
+    while (i < len) {
+        size_t j = i + 1;       /* path[i] is '/' */
+        int d;
+
+        while (j < len && path[j] != '/') {
+            j++;
+        }
+        d = dots(path + i + 1, j - i - 1);
+        if (d == 2) {
+            if (o == 0) {
+                return -1;      /* above the root */
+            }
+            while (out[o - 1] != '/') {
+                o--;
+            }
+            o--;                /* and its '/' */
+        } else if (d == 0) {
+            memcpy(out + o, path + i, j - i);
+            o += j - i;
+        }
+        if (d != 0 && j == len) {
+            out[o++] = '/';     /* "/a/." and "/a/b/.." end in "/" */
+        }
+        i = j;
+    }
+    if (o == 0) {
+        out[o++] = '/';
+    }
+    *out_len = o;
+    return 0;
+}
+
+/* RFC 9110 7.2 / RFC 3986 3.2.2: uri-host [ ":" port ], or empty. */
+static int
+host_valid(const char *v, size_t len)
+{
+    size_t i = 0;
+
+    if (len > 0 && v[0] == '[') {
+        for (i = 1; i < len && v[i] != ']'; i++) {
+            unsigned char u = (unsigned char) v[i];
+
+            if (!((u >= '0' && u <= '9') || ((u | 0x20) >= 'a'
+                  && (u | 0x20) <= 'z') || u == ':' || u == '.'
+                  || u == '%' || u == '-' || u == '_' || u == '~')) {
+                return 0;
+            }
+        }
+        if (i == len || i == 1) {
+            return 0;
+        }
+        i++;
+    } else {
+        for (; i < len && v[i] != ':'; i++) {
+            unsigned char u = (unsigned char) v[i];
+
+            if (u >= 0x80 || !(tchar[u] || u == '(' || u == ')'
+                               || u == ',' || u == ';' || u == '=')
+                || u == '^' || u == '`' || u == '|' || u == '#') {
+                return 0;       /* unreserved, pct-encoded, sub-delims */
+            }
+        }
+    }
+    if (i < len) {
+        if (v[i] != ':') {
+            return 0;
+        }
+        for (i++; i < len; i++) {
+            if (v[i] < '0' || v[i] > '9') {
+                return 0;
+            }
+        }
+    }
+    return 1;
+}
+
+/* "http://" or "https://" (any case) at t: its length, or 0. */
+static size_t
+http_scheme(const char *t, size_t len)
+{
+    static const char *s[] = { "http://", "https://" };
+
+    for (int k = 0; k < 2; k++) {
+        size_t n = strlen(s[k]), i;
+
+        if (len < n) {
+            continue;
+        }
+        for (i = 0; i < n; i++) {
+            if ((t[i] | (t[i] >= 'A' && t[i] <= 'Z' ? 0x20 : 0)) != s[k][i]) {
+                break;
+            }
+        }
+        if (i == n) {
+            return n;
+        }
+    }
     return 0;
 }
 
@@ -179,7 +381,7 @@ gw_http_parse_head(const char *buf, size_t head_len, struct gw_http_head *h)
     }
     p++;
 
-    /* request-target: origin-form (or "*" for OPTIONS) */
+    /* request-target: origin-form, absolute-form, or "*" (OPTIONS) */
     target = p;
     while (p < end && (unsigned char) *p > 0x20 && *p != 0x7f) {
         p++;
@@ -188,20 +390,45 @@ gw_http_parse_head(const char *buf, size_t head_len, struct gw_http_head *h)
     if (target_len == 0 || p >= end || *p != ' ') {
         return 400;
     }
-    if (target[0] != '/' && !(target_len == 1 && target[0] == '*')) {
-        return 400;
-    }
     p++;
-    h->path = target;
+    h->target = target;
+    h->target_len = target_len;
+    if (target[0] == '/' || (target_len == 1 && target[0] == '*')) {
+        h->path = target;
+    } else {
+        /* absolute-form (RFC 9112 3.2.2): routed by its path; the
+         * authority must be a valid host and carry no userinfo */
+        size_t sl = http_scheme(target, target_len), a = sl;
+
+        if (sl == 0) {
+            return 400;
+        }
+        while (a < target_len && target[a] != '/' && target[a] != '?') {
+            a++;
+        }
+        if (a == sl || memchr(target + sl, '@', a - sl) != NULL
+            || !host_valid(target + sl, a - sl)) {
+            return 400;
+        }
+        if (a == target_len || target[a] == '?') {
+            h->path = "/";      /* an empty path is "/" */
+            h->path_len = 1;
+            h->path_outside = 1;
+        } else {
+            h->path = target + a;
+        }
+        target += a;
+        target_len -= a;
+    }
     {
         const char *q = memchr(target, '?', target_len);
 
+        if (!h->path_outside) {
+            h->path_len = q != NULL ? (size_t) (q - target) : target_len;
+        }
         if (q != NULL) {
-            h->path_len = (size_t) (q - target);
             h->query = q + 1;
-            h->query_len = target_len - h->path_len - 1;
-        } else {
-            h->path_len = target_len;
+            h->query_len = target_len - (size_t) (q - target) - 1;
         }
     }
 
@@ -245,7 +472,7 @@ gw_http_parse_head(const char *buf, size_t head_len, struct gw_http_head *h)
         if (colon == p || *colon != ':') {
             return 400;             /* empty name or space before colon */
         }
-        if (h->nheaders == GW_HTTP_MAX_HEADERS) {
+        if (h->nheaders == h->max_headers) {
             return 431;
         }
         v = colon + 1;
@@ -299,8 +526,8 @@ gw_http_parse_head(const char *buf, size_t head_len, struct gw_http_head *h)
             }
             h->expect_continue = 1;
         } else if (ieq(x->name, x->name_len, "host", 4)) {
-            if (host_seen) {
-                return 400;
+            if (host_seen || !host_valid(x->value, x->value_len)) {
+                return 400;     /* RFC 9112 3.2: a MUST */
             }
             host_seen = 1;
         }

@@ -9,8 +9,6 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define GW_HTTP_MAX_HEADERS 100
-
 struct gw_http_header {
     const char *name;           /* into the buffer; not NUL-terminated */
     size_t      name_len;       /* bytes */
@@ -21,17 +19,27 @@ struct gw_http_header {
 struct gw_http_head {
     const char *method;         /* into the buffer */
     size_t      method_len;     /* bytes; 1..20 */
-    const char *path;           /* into the buffer: target up to '?' */
+    const char *target;         /* into the buffer: the request-target
+                                   exactly as sent */
+    size_t      target_len;     /* bytes */
+    const char *path;           /* the target's path (up to '?'): into
+                                   the buffer, or elsewhere when
+                                   path_outside (see below) */
     size_t      path_len;       /* bytes */
+    int         path_outside;   /* 1: path is not in the buffer (the "/"
+                                   of an absolute-form target without a
+                                   path, or the caller's resolved copy) */
     const char *query;          /* into the buffer: after '?', or NULL */
     size_t      query_len;      /* bytes */
     int         minor;          /* HTTP/1.<minor>: 0 or 1 */
     size_t      nheaders;       /* entries of headers in use */
-    struct gw_http_header headers[GW_HTTP_MAX_HEADERS]; /* in order */
     int64_t     content_length; /* bytes, or -1 when absent */
     int         chunked;        /* Transfer-Encoding: chunked */
     int         keep_alive;     /* connection persists after this one */
     int         expect_continue;/* Expect: 100-continue */
+    /* set by the caller before parsing; not cleared by the parser */
+    struct gw_http_header *headers; /* caller's array, in order */
+    size_t      max_headers;    /* entries of headers */
 };
 
 /*
@@ -41,14 +49,43 @@ struct gw_http_head {
  */
 size_t gw_http_head_end(const char *buf, size_t len, size_t *scanned);
 
+/* Lines in a head of head_len bytes, less one (the request line): an
+ * upper bound of its header fields, to size h->headers. */
+size_t gw_http_count_fields(const char *buf, size_t head_len);
+
 /*
- * Parses a complete head of head_len bytes. Returns 0, or the HTTP status
- * to answer with: 400 malformed, 417 unknown expectation, 431 more than
- * GW_HTTP_MAX_HEADERS fields, 501 unknown transfer coding, 505 version
- * not supported.
+ * An incomplete head buf[0..len) that already cannot become a valid
+ * request: a bare LF anywhere (checked from byte `from` on, the bytes
+ * before it having passed), a first byte that cannot start a method (a
+ * TLS ClientHello on a plain port), a method over 20 bytes. Returns 400
+ * then, 0 when more bytes may still make a request.
+ */
+int gw_http_head_early(const char *buf, size_t len, size_t from);
+
+/*
+ * Parses a complete head of head_len bytes. The request-target may be in
+ * origin-form ("/p?q"), absolute-form ("http://host/p?q": path and query
+ * taken from it), or "*". Returns 0, or the HTTP status to answer with:
+ * 400 malformed (an invalid Host value too), 417 unknown expectation, 431
+ * more than h->max_headers fields, 501 unknown transfer coding, 505
+ * version not supported.
  */
 int gw_http_parse_head(const char *buf, size_t head_len,
                        struct gw_http_head *h);
+
+/*
+ * Dot-segments ("." and "..", also spelled with %2e) in a path that
+ * starts with "/": 1 when there are some (resolve them), else 0.
+ */
+int gw_http_path_has_dots(const char *path, size_t len);
+
+/*
+ * Resolves the dot-segments of path (RFC 3986 5.2.4) into out (at least
+ * len bytes); *out_len gets the result's length. Returns 0, or -1 when a
+ * ".." would climb above the root.
+ */
+int gw_http_path_resolve(const char *path, size_t len, char *out,
+                         size_t *out_len);
 
 /* Case-insensitive lookup; NULL when absent. */
 const struct gw_http_header *gw_http_find(const struct gw_http_head *h,

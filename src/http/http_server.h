@@ -35,7 +35,34 @@ struct gw_server_conf {
     void (*on_request)(const char *method, size_t method_len,
                        const char *route, size_t route_len, int status,
                        double seconds);
+    /* Called once per edge event (enum gw_edge_event), to be counted;
+     * may be NULL. */
+    void (*on_event)(int event);
 };
+
+/* What the edge counts beside requests (conf.on_event). */
+enum gw_edge_event {
+    GW_EDGE_RECLAIMED,          /* an idle keep-alive connection closed
+                                   at the connection cap to admit a new
+                                   one */
+    GW_EDGE_TLS_FULL,           /* a full TLS handshake completed */
+    GW_EDGE_TLS_RESUMED,        /* a resumed one (ticket or cache) */
+    GW_EDGE_TLS_FAIL_PROTOCOL,  /* no protocol version in common */
+    GW_EDGE_TLS_FAIL_CIPHER,    /* no cipher / group / signature in
+                                   common */
+    GW_EDGE_TLS_FAIL_CERT,      /* a client certificate missing or
+                                   refused */
+    GW_EDGE_TLS_FAIL_ABORTED,   /* the peer closed or reset mid-handshake*/
+    GW_EDGE_TLS_FAIL_TIMEOUT,   /* not done within header_timeout */
+    GW_EDGE_TLS_FAIL_NOT_TLS,   /* the bytes were not TLS (plain HTTP on
+                                   the TLS port and the like) */
+    GW_EDGE_TLS_FAIL_OTHER,     /* any other alert or error */
+    GW_EDGE_NEVENTS
+};
+
+/* The event's name as /metrics shows it ("reclaimed", "full", "resumed",
+ * or a failure reason: "protocol", "cipher", ...). */
+const char *gw_edge_event_name(int event);
 
 /* Fills the defaults (they suit payment callbacks; see README). */
 void gw_server_conf_defaults(struct gw_server_conf *c);

@@ -167,7 +167,8 @@ push_local_addr(lua_State *L, struct gw_conn *c)
 }
 
 /*
- * req.method, req.path, req.query_string, req.body, req.headers, req.id,
+ * req.method, req.path (dot-segments resolved), req.target (the
+ * request-target as sent), req.query_string, req.body, req.headers, req.id,
  * req.remote_addr, req.local_addr, req.scheme, then fields set by
  * handlers, then methods.
  */
@@ -208,6 +209,10 @@ lreq_index(lua_State *L)
     case 6:
         if (c != NULL && memcmp(k, "method", 6) == 0) {
             lua_pushlstring(L, c->head.method, c->head.method_len);
+            return 1;
+        }
+        if (c != NULL && memcmp(k, "target", 6) == 0) {
+            lua_pushlstring(L, c->head.target, c->head.target_len);
             return 1;
         }
         if (c != NULL && memcmp(k, "scheme", 6) == 0) {

@@ -1,11 +1,168 @@
 /*
  * tls.c -- see tls.h.
+ *
+ * Ticket keys live in one shared anonymous mapping made by the master
+ * before it forks, so every worker, of every generation, encrypts tickets
+ * with the same current key and accepts the previous one: a client
+ * resumes whichever worker accepts it, and after a reload. The master is
+ * the only writer (rotation); workers read under a sequence lock.
  */
 #include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
 
+#include <openssl/core_names.h>
 #include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/rand.h>
 
 #include "tls.h"
+
+struct tkey {
+    unsigned char name[16];     /* sent in the ticket: finds the key */
+    unsigned char aes[32];      /* AES-256-CBC key */
+    unsigned char hmac[32];     /* HMAC-SHA256 key */
+};
+
+struct tkeys {
+    uint32_t    seq;            /* odd while the master writes */
+    uint32_t    n;              /* keys held: 1, then 2 */
+    uint64_t    rotations;      /* since start */
+    struct tkey keys[2];        /* [0] current, [1] previous */
+};
+
+static struct tkeys *tickets;   /* shared mapping, or NULL */
+
+static int
+tkey_new(struct tkey *k)
+{
+    return RAND_bytes((unsigned char *) k, sizeof(*k)) == 1 ? 0 : -1;
+}
+
+int
+gw_tls_tickets_init(void)
+{
+    struct tkey k;
+
+    if (tickets != NULL) {
+        return 0;
+    }
+    if (tkey_new(&k) != 0) {
+        return -1;
+    }
+    tickets = mmap(NULL, sizeof(*tickets), PROT_READ | PROT_WRITE,
+                   MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (tickets == MAP_FAILED) {
+        tickets = NULL;
+        OPENSSL_cleanse(&k, sizeof(k));
+        return -1;
+    }
+    tickets->keys[0] = k;
+    tickets->n = 1;
+    OPENSSL_cleanse(&k, sizeof(k));
+    return 0;
+}
+
+int
+gw_tls_tickets_rotate(void)
+{
+    struct tkey k;
+
+    if (tickets == NULL || tkey_new(&k) != 0) {
+        return -1;
+    }
+    __atomic_fetch_add(&tickets->seq, 1, __ATOMIC_ACQ_REL);
+    tickets->keys[1] = tickets->keys[0];
+    tickets->keys[0] = k;
+    tickets->n = 2;
+    tickets->rotations++;
+    __atomic_fetch_add(&tickets->seq, 1, __ATOMIC_RELEASE);
+    OPENSSL_cleanse(&k, sizeof(k));
+    return 0;
+}
+
+uint64_t
+gw_tls_tickets_rotations(void)
+{
+    return tickets != NULL ? tickets->rotations : 0;
+}
+
+/* A consistent copy of the keys; the number held, or 0. */
+static int
+tickets_read(struct tkey out[2])
+{
+    for (int tries = 0; tries < 10000; tries++) {
+        uint32_t s = __atomic_load_n(&tickets->seq, __ATOMIC_ACQUIRE);
+        uint32_t n;
+
+        if (s & 1) {
+            continue;
+        }
+        memcpy(out, tickets->keys, 2 * sizeof(*out));
+        n = tickets->n;
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (__atomic_load_n(&tickets->seq, __ATOMIC_RELAXED) == s) {
+            return (int) n;
+        }
+    }
+    return 0;
+}
+
+static int
+ticket_mac(EVP_MAC_CTX *hctx, unsigned char *key)
+{
+    static char digest[] = "SHA256";
+    OSSL_PARAM p[3];
+
+    p[0] = OSSL_PARAM_construct_octet_string(OSSL_MAC_PARAM_KEY, key, 32);
+    p[1] = OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, digest,
+                                            0);
+    p[2] = OSSL_PARAM_construct_end();
+    return EVP_MAC_CTX_set_params(hctx, p) == 1 ? 0 : -1;
+}
+
+/* OpenSSL's ticket-key callback: encrypt with the current key; decrypt
+ * with the one the ticket names. A ticket that decrypts is always renewed
+ * (2): a client then holds a ticket under the current key, and TLS 1.3
+ * gets a new ticket on a resumed handshake (with 1, OpenSSL sends none,
+ * so a client that keeps only its last session fails every second
+ * resumption). */
+static int
+ticket_cb(SSL *s, unsigned char key_name[16], unsigned char *iv,
+          EVP_CIPHER_CTX *ctx, EVP_MAC_CTX *hctx, int enc)
+{
+    struct tkey k[2];
+    int n = tickets_read(k), rc = 0;
+
+    (void) s;
+    if (n == 0) {
+        return enc ? -1 : 0;
+    }
+    if (enc) {
+        rc = -1;
+        if (RAND_bytes(iv, 16) == 1 && ticket_mac(hctx, k[0].hmac) == 0
+            && EVP_EncryptInit_ex(ctx, EVP_aes_256_cbc(), NULL, k[0].aes,
+                                  iv) == 1) {
+            memcpy(key_name, k[0].name, 16);
+            rc = 1;
+        }
+    } else {
+        for (int i = 0; i < n; i++) {
+            if (memcmp(key_name, k[i].name, 16) != 0) {
+                continue;
+            }
+            rc = -1;
+            if (ticket_mac(hctx, k[i].hmac) == 0
+                && EVP_DecryptInit_ex(ctx, EVP_aes_256_cbc(), NULL,
+                                      k[i].aes, iv) == 1) {
+                rc = 2;         /* and renew: see ticket_cb() */
+            }
+            break;
+        }
+    }
+    OPENSSL_cleanse(k, sizeof(k));
+    return rc;
+}
 
 static void
 ssl_reason(char *err, size_t errlen, const char *what, const char *path)
@@ -18,44 +175,138 @@ ssl_reason(char *err, size_t errlen, const char *what, const char *path)
     ERR_clear_error();
 }
 
-SSL_CTX *
-gw_tls_server_ctx(const char *cert, const char *key, const char *client_ca,
-                  char *err, size_t errlen)
+/* "TLSv1.2 TLSv1.3" -> min and max versions. 0, or -1 when unknown. */
+static int
+parse_protocols(const char *s, int *min, int *max)
 {
-    SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
+    char buf[128];
+    char *save = NULL;
 
-    if (ctx == NULL) {
-        snprintf(err, errlen, "tls: no memory");
-        return NULL;
+    *min = *max = 0;
+    if (strlen(s) >= sizeof(buf)) {
+        return -1;
     }
-    SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
-    SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE
-                          | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER
-                          | SSL_MODE_RELEASE_BUFFERS);
-    SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION
-                             | SSL_OP_CIPHER_SERVER_PREFERENCE);
+    strcpy(buf, s);
+    for (char *t = strtok_r(buf, " ,", &save); t != NULL;
+         t = strtok_r(NULL, " ,", &save)) {
+        int v;
+
+        if (strcmp(t, "TLSv1.2") == 0) {
+            v = TLS1_2_VERSION;
+        } else if (strcmp(t, "TLSv1.3") == 0) {
+            v = TLS1_3_VERSION;
+        } else {
+            return -1;
+        }
+        if (*min == 0 || v < *min) {
+            *min = v;
+        }
+        if (v > *max) {
+            *max = v;
+        }
+    }
+    return *min == 0 ? -1 : 0;
+}
+
+static int
+load_pair(SSL_CTX *ctx, const char *cert, const char *key, char *err,
+          size_t errlen)
+{
     if (SSL_CTX_use_certificate_chain_file(ctx, cert) != 1) {
         ssl_reason(err, errlen, "tls certificate", cert);
-        goto err;
+        return -1;
     }
     if (SSL_CTX_use_PrivateKey_file(ctx, key, SSL_FILETYPE_PEM) != 1) {
         ssl_reason(err, errlen, "tls key", key);
-        goto err;
+        return -1;
     }
     if (SSL_CTX_check_private_key(ctx) != 1) {
         snprintf(err, errlen, "tls key %s does not match certificate %s",
                  key, cert);
         ERR_clear_error();
+        return -1;
+    }
+    return 0;
+}
+
+SSL_CTX *
+gw_tls_server_ctx(const struct gw_tls_conf *conf, char *err, size_t errlen)
+{
+    SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
+    const char *protocols = conf->protocols != NULL
+                            && conf->protocols[0] != '\0'
+                            ? conf->protocols : GW_TLS_PROTOCOLS;
+    const char *ciphers = conf->ciphers != NULL && conf->ciphers[0] != '\0'
+                          ? conf->ciphers : GW_TLS_CIPHERS;
+    int min, max;
+
+    if (ctx == NULL) {
+        snprintf(err, errlen, "tls: no memory");
+        return NULL;
+    }
+    if (parse_protocols(protocols, &min, &max) != 0) {
+        snprintf(err, errlen, "tls protocols '%.64s': give TLSv1.2 and/or "
+                 "TLSv1.3", protocols);
         goto err;
     }
-    if (client_ca != NULL && client_ca[0] != '\0') {
-        STACK_OF(X509_NAME) *names;
+    SSL_CTX_set_min_proto_version(ctx, min);
+    SSL_CTX_set_max_proto_version(ctx, max);
+    if (SSL_CTX_set_cipher_list(ctx, ciphers) != 1) {
+        ssl_reason(err, errlen, "tls ciphers", ciphers);
+        goto err;
+    }
+    SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE
+                          | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER
+                          | SSL_MODE_RELEASE_BUFFERS);
+    SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION
+                             | SSL_OP_CIPHER_SERVER_PREFERENCE);
+    if (load_pair(ctx, conf->cert, conf->key, err, errlen) != 0) {
+        goto err;
+    }
+    if (conf->cert2 != NULL && conf->cert2[0] != '\0') {
+        int type1 = EVP_PKEY_get_base_id(SSL_CTX_get0_privatekey(ctx));
 
-        if (SSL_CTX_load_verify_locations(ctx, client_ca, NULL) != 1) {
-            ssl_reason(err, errlen, "tls client CA", client_ca);
+        if (conf->key2 == NULL || conf->key2[0] == '\0') {
+            snprintf(err, errlen, "tls: a second certificate needs its key");
             goto err;
         }
-        names = SSL_load_client_CA_file(client_ca);
+        if (load_pair(ctx, conf->cert2, conf->key2, err, errlen) != 0) {
+            goto err;
+        }
+        if (EVP_PKEY_get_base_id(SSL_CTX_get0_privatekey(ctx)) == type1) {
+            snprintf(err, errlen, "tls: certificates %s and %s have keys of "
+                     "one type (give RSA and ECDSA)", conf->cert,
+                     conf->cert2);
+            goto err;
+        }
+    }
+    /* sessions: resumed with a ticket by any worker (shared keys), or
+     * from this worker's cache by a client that sends a session id */
+    SSL_CTX_set_session_id_context(ctx, (const unsigned char *) "paygate",
+                                   7);
+    /* a session lives two rotation periods at most: its ticket's key is
+     * current for one and accepted as the previous one for another */
+    SSL_CTX_set_timeout(ctx, (long) (2 * (conf->ticket_rotation > 0
+                                          ? conf->ticket_rotation : 3600)));
+    if (conf->session_cache > 0) {
+        SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_SERVER);
+        SSL_CTX_sess_set_cache_size(ctx, conf->session_cache);
+    } else {
+        SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
+    }
+    if (tickets != NULL
+        && SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx, ticket_cb) != 1) {
+        snprintf(err, errlen, "tls: cannot set the ticket keys");
+        goto err;
+    }
+    if (conf->client_ca != NULL && conf->client_ca[0] != '\0') {
+        STACK_OF(X509_NAME) *names;
+
+        if (SSL_CTX_load_verify_locations(ctx, conf->client_ca, NULL) != 1) {
+            ssl_reason(err, errlen, "tls client CA", conf->client_ca);
+            goto err;
+        }
+        names = SSL_load_client_CA_file(conf->client_ca);
         if (names != NULL) {
             SSL_CTX_set_client_CA_list(ctx, names);
         }

@@ -22,6 +22,7 @@
 #include "loop.h"
 #include "lstate.h"
 #include "metrics.h"
+#include "tls.h"
 
 void
 gw_opts_defaults(struct gw_opts *o)
@@ -36,6 +37,12 @@ gw_opts_defaults(struct gw_opts *o)
     o->log_level = GW_LOG_INFO;
     gw_server_conf_defaults(&o->server);
     o->server.on_request = gw_metrics_request;   /* counted per worker */
+    o->server.on_event = gw_metrics_edge;
+    snprintf(o->tls_protocols, sizeof(o->tls_protocols), "%s",
+             GW_TLS_PROTOCOLS);
+    snprintf(o->tls_ciphers, sizeof(o->tls_ciphers), "%s", GW_TLS_CIPHERS);
+    o->tls_session_cache = 4096;
+    o->tls_ticket_rotation = 3600;
 }
 
 struct key {
@@ -63,6 +70,12 @@ static const struct key tls_keys[] = {
     { "cert", 's', S(tls_cert) },
     { "key", 's', S(tls_key) },
     { "client_ca", 's', S(tls_client_ca) },
+    { "ecdsa_cert", 's', S(tls_ecdsa_cert) },
+    { "ecdsa_key", 's', S(tls_ecdsa_key) },
+    { "protocols", 's', S(tls_protocols) },
+    { "ciphers", 's', S(tls_ciphers) },
+    { "session_cache", 'i', N(tls_session_cache) },
+    { "ticket_key_rotation", 'n', N(tls_ticket_rotation) },
     { NULL, 0, 0, 0 }
 };
 

@@ -19,6 +19,14 @@ struct gw_opts {
     char                  tls_cert[1024]; /* PEM paths, or "" */
     char                  tls_key[1024];
     char                  tls_client_ca[1024];
+    char                  tls_ecdsa_cert[1024]; /* a second certificate
+                                             (ECDSA beside RSA), or "" */
+    char                  tls_ecdsa_key[1024];
+    char                  tls_protocols[64];  /* "TLSv1.2 TLSv1.3" */
+    char                  tls_ciphers[512];   /* TLS 1.2 cipher list */
+    int                   tls_session_cache;  /* sessions per worker */
+    double                tls_ticket_rotation;/* s between ticket-key
+                                             rotations (session life) */
     int                   workers;        /* processes; >= 1 */
     double                shutdown_timeout; /* s to drain on TERM */
     enum gw_log_level     log_level;

@@ -75,6 +75,7 @@ static struct {
     struct event     *stop_timer;   /* owned */
     struct event     *admin_ev;     /* owned */
     struct event     *admin_pause;  /* owned: re-arms admin_ev */
+    struct event     *ticket_ev;    /* owned: rotates the TLS ticket key */
     int               admin_conns;  /* open admin connections */
 } m;
 
@@ -391,6 +392,30 @@ on_reload_timeout(evutil_socket_t fd, short what, void *arg)
     reload_abort("new workers did not load the app in time");
 }
 
+/* The listener's TLS context from the options; NULL with err. */
+static SSL_CTX *
+tls_ctx(const struct gw_opts *o, char *err, size_t errlen)
+{
+    struct gw_tls_conf t = {
+        .cert = o->tls_cert, .key = o->tls_key,
+        .cert2 = o->tls_ecdsa_cert, .key2 = o->tls_ecdsa_key,
+        .client_ca = o->tls_client_ca, .protocols = o->tls_protocols,
+        .ciphers = o->tls_ciphers, .session_cache = o->tls_session_cache,
+        .ticket_rotation = o->tls_ticket_rotation
+    };
+
+    return gw_tls_server_ctx(&t, err, errlen);
+}
+
+static void
+on_ticket_rotate(evutil_socket_t fd, short what, void *arg)
+{
+    if (gw_tls_tickets_rotate() != GW_OK) {
+        gw_log(GW_LOG_ERROR, "tls: cannot make a new session-ticket key; "
+                             "the current one stays");
+    }
+}
+
 static void
 on_hup(evutil_socket_t sig, short what, void *arg)
 {
@@ -406,8 +431,7 @@ on_hup(evutil_socket_t sig, short what, void *arg)
     }
     gw_log(GW_LOG_INFO, "reload: loading the new code");
     if (m.o->tls_cert[0] != '\0') {
-        m.ssl_next = gw_tls_server_ctx(m.o->tls_cert, m.o->tls_key,
-                                       m.o->tls_client_ca, err, sizeof(err));
+        m.ssl_next = tls_ctx(m.o, err, sizeof(err));
         if (m.ssl_next == NULL) {
             gw_metrics_reload(0);
             gw_log(GW_LOG_ERROR, "reload refused: %s; generation %d keeps "
@@ -574,6 +598,9 @@ on_term(evutil_socket_t sig, short what, void *arg)
     }
     m.stopping = 1;
     gw_log(GW_LOG_INFO, "master: stopping (draining in-flight requests)");
+    if (m.ticket_ev != NULL) {
+        event_del(m.ticket_ev);
+    }
     if (m.admin_ev != NULL) {
         event_del(m.admin_ev);
     }
@@ -628,6 +655,8 @@ admin_event(struct bufferevent *bev, short what, void *arg)
     admin_done(bev);
 }
 
+#define ADMIN_MAX_FIELDS 64    /* header fields of an admin request */
+
 static void
 admin_read(struct bufferevent *bev, void *arg)
 {
@@ -645,7 +674,11 @@ admin_read(struct bufferevent *bev, void *arg)
     if (end == 0) {
         return;
     }
-    h = malloc(sizeof(*h));
+    h = malloc(sizeof(*h) + ADMIN_MAX_FIELDS * sizeof(*h->headers));
+    if (h != NULL) {
+        h->headers = (struct gw_http_header *) (h + 1);
+        h->max_headers = ADMIN_MAX_FIELDS;
+    }
     if (h == NULL || gw_http_parse_head(buf, end, h) != 0) {
         admin_reply(bev, 400, "text/plain", "bad request\n", 12);
     } else if (h->path_len == 8 && memcmp(h->path, "/metrics", 8) == 0) {
@@ -756,15 +789,20 @@ gw_master_main(struct gw_opts *o)
                             "together\n");
             return 2;
         }
-        m.ssl_ctx = gw_tls_server_ctx(o->tls_cert, o->tls_key,
-                                      o->tls_client_ca, err, sizeof(err));
+        /* ticket keys first: every context (this one, a reload's) and
+         * every worker forked later share them */
+        if (gw_tls_tickets_init() != GW_OK) {
+            fprintf(stderr, "paygate: tls: cannot set up ticket keys\n");
+            return 1;
+        }
+        m.ssl_ctx = tls_ctx(o, err, sizeof(err));
         if (m.ssl_ctx == NULL) {
             fprintf(stderr, "paygate: %s\n", err);
             return 2;
         }
-    } else if (o->tls_client_ca[0] != '\0') {
-        fprintf(stderr, "paygate: --tls-client-ca needs --tls-cert and "
-                        "--tls-key\n");
+    } else if (o->tls_client_ca[0] != '\0' || o->tls_ecdsa_cert[0] != '\0') {
+        fprintf(stderr, "paygate: --tls-client-ca and tls.ecdsa_cert need "
+                        "--tls-cert and --tls-key\n");
         return 2;
     }
     m.listen_fd = gw_listen(o->listen, 4096, err, sizeof(err));
@@ -818,6 +856,18 @@ gw_master_main(struct gw_opts *o)
     m.restart_ev = evtimer_new(gw_loop_base(), on_restart, NULL);
     m.reload_timer = evtimer_new(gw_loop_base(), on_reload_timeout, NULL);
     m.stop_timer = evtimer_new(gw_loop_base(), on_stop_deadline, NULL);
+    if (m.ssl_ctx != NULL) {
+        struct timeval tv;
+
+        tv.tv_sec = (time_t) o->tls_ticket_rotation;
+        tv.tv_usec = (suseconds_t) ((o->tls_ticket_rotation
+                                     - (double) tv.tv_sec) * 1e6);
+        m.ticket_ev = event_new(gw_loop_base(), -1, EV_PERSIST,
+                                on_ticket_rotate, NULL);
+        if (m.ticket_ev != NULL) {
+            event_add(m.ticket_ev, &tv);
+        }
+    }
     if (m.admin_fd >= 0) {
         m.admin_ev = event_new(gw_loop_base(), m.admin_fd,
                                EV_READ | EV_PERSIST, on_admin_accept, NULL);

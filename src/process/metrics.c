@@ -10,6 +10,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "http_server.h"
+#include "tls.h"
 #include "loop.h"
 #include "metrics.h"
 #include "runtime.h"
@@ -73,6 +75,8 @@ struct gw_slot {
     int64_t              lua_bytes; /* gauge */
     int64_t              in_flight; /* gauge */
     int64_t              conns;     /* gauge */
+    uint64_t             edge[GW_EDGE_NEVENTS]; /* counts of the HTTP
+                                       edge's events (gw_edge_event) */
     struct gw_route_stat routes[ROUTES];
     struct gw_app_series app[GW_METRICS_APP_SERIES];
     int32_t              nfam;      /* counter families used */
@@ -200,6 +204,9 @@ gw_metrics_retire(int slot)
         }
     }
     ctr_fold(&shm->retired, s);
+    for (int e = 0; e < GW_EDGE_NEVENTS; e++) {
+        shm->retired.edge[e] += s->edge[e];
+    }
     memset(s, 0, sizeof(*s));
 }
 
@@ -262,6 +269,14 @@ gw_metrics_request(const char *method, size_t method_len, const char *route,
         }
     }
     (void) route_len;
+}
+
+void
+gw_metrics_edge(int event)
+{
+    if (mine != NULL && event >= 0 && event < GW_EDGE_NEVENTS) {
+        mine->edge[event]++;
+    }
 }
 
 void
@@ -662,6 +677,48 @@ blabel(struct buf *b, const char *s)
 }
 
 /* One gauge set per shared dictionary (read without its lock). */
+/* The sum of an edge count over live workers and retired ones. */
+static unsigned long long
+edge_sum(int event)
+{
+    uint64_t n = shm->retired.edge[event];
+
+    for (int i = 0; i < shm->nslots; i++) {
+        if (shm->slots[i].pid > 0) {
+            n += shm->slots[i].edge[event];
+        }
+    }
+    return (unsigned long long) n;
+}
+
+static void
+edge_metrics(struct buf *b)
+{
+    bprintf(b, "# HELP paygate_connections_reclaimed_total Idle keep-alive "
+               "connections closed at the connection cap to admit new "
+               "ones.\n# TYPE paygate_connections_reclaimed_total counter\n"
+               "paygate_connections_reclaimed_total %llu\n",
+            edge_sum(GW_EDGE_RECLAIMED));
+    bprintf(b, "# HELP paygate_tls_handshakes_total Completed TLS "
+               "handshakes, full or resumed.\n"
+               "# TYPE paygate_tls_handshakes_total counter\n"
+               "paygate_tls_handshakes_total{type=\"full\"} %llu\n"
+               "paygate_tls_handshakes_total{type=\"resumed\"} %llu\n",
+            edge_sum(GW_EDGE_TLS_FULL), edge_sum(GW_EDGE_TLS_RESUMED));
+    bprintf(b, "# HELP paygate_tls_handshake_failures_total Failed TLS "
+               "handshakes by reason.\n"
+               "# TYPE paygate_tls_handshake_failures_total counter\n");
+    for (int e = GW_EDGE_TLS_FAIL_PROTOCOL; e < GW_EDGE_NEVENTS; e++) {
+        bprintf(b, "paygate_tls_handshake_failures_total{reason=\"%s\"} "
+                   "%llu\n", gw_edge_event_name(e), edge_sum(e));
+    }
+    bprintf(b, "# HELP paygate_tls_ticket_key_rotations_total Session-"
+               "ticket key rotations since start.\n"
+               "# TYPE paygate_tls_ticket_key_rotations_total counter\n"
+               "paygate_tls_ticket_key_rotations_total %llu\n",
+            (unsigned long long) gw_tls_tickets_rotations());
+}
+
 static void
 shared_metrics(struct buf *b)
 {
@@ -1060,6 +1117,7 @@ gw_metrics_render(size_t *len)
             (unsigned long long) shm->reloads,
             (unsigned long long) shm->reload_failures,
             (unsigned long long) shm->restarts);
+    edge_metrics(&b);
     shared_metrics(&b);
     app_metrics(&b);
     counter_metrics(&b);

@@ -27,6 +27,9 @@ void gw_metrics_request(const char *method, size_t method_len,
                         const char *route, size_t route_len, int status,
                         double seconds);
 
+/* Worker: one event of the HTTP edge (enum gw_edge_event). */
+void gw_metrics_edge(int event);
+
 /* Worker: gauges refreshed once a second. */
 void gw_metrics_gauges(int64_t lua_bytes, int64_t in_flight,
                        int64_t connections);

@@ -196,8 +196,9 @@ function _M.route(method, pattern, endpoint, fn, opts)
   ROUTES[#ROUTES + 1] = { method, "^" .. pattern:gsub("%-", "%%-")
                                             :gsub(":[%w_]+", "[^/]+") .. "$" }
   paygate.route(method, pattern, function(req)
-    local qs = req.query_string
-    local target = req.path .. (qs ~= "" and ("?" .. qs) or "")
+    -- the signature is over the target as sent (dot-segments and all;
+    -- an absolute-form target's path and query)
+    local target = req.target:gsub("^%a[%w+.-]*://[^/?]*", "")
     local entry = { time = core.time(), method = req.method, target = target,
                     endpoint = endpoint }
     local status, body, headers = _M.handle(req, target, endpoint, fn, opts,

@@ -144,8 +144,7 @@ end
 paygate.before(function(req)
   local path = req.path
   if path:sub(1, 7) == "/_test/" then return control(req) end
-  local qs = req.query_string
-  local target = qs ~= "" and path .. "?" .. qs or path
+  local target = req.target     -- signed as sent
   local bad = check_auth(req, target)
   record(req, target)
   if bad then return bad[1], bad[2], bad[3] end

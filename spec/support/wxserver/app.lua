@@ -191,8 +191,7 @@ end
 paygate.before(function(req)
   local path = req.path
   if path:sub(1, 6) == "/_ctl/" then return control(req, path) end
-  local qs = req.query_string
-  local target = path .. ((qs and qs ~= "") and ("?" .. qs) or "")
+  local target = req.target     -- signed as sent
   local body = req.body or ""
   local auth = check_auth(req.method, target, body,
                           req.headers["authorization"])

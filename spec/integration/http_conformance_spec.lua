@@ -1,0 +1,198 @@
+-- RFC 9110 / 9112 conformance of the server edge, each case with the exact
+-- bytes on a raw socket: Host validation, absolute-form targets, HEAD on
+-- GET routes, early refusal of heads that cannot become a request, 414
+-- vs 431, many small header fields, dot-segments.
+local json = require "cjson"
+local server = require "support.server"
+local rawtcp = require "support.rawtcp"
+local core = require "paygate.core"
+
+local APP = [[
+local paygate = require "paygate"
+paygate.route("GET", "/info/*rest", function(req)
+  return 200, { path = req.path, target = req.target, rest = req.params.rest,
+                query = req.query_string }
+end)
+paygate.route("GET", "/text", function() return 200, "twelve bytes" end)
+paygate.route("GET", "/own-head", function() return 200, "get body" end)
+paygate.route("HEAD", "/own-head", function()
+  return 200, nil, { ["X-Own"] = "yes" }
+end)
+paygate.route("GET", "/count", function(req)
+  local n = 0
+  for _ in pairs(req.headers) do n = n + 1 end
+  return 200, tostring(n)
+end)
+]]
+
+describe("HTTP conformance", function()
+  local s
+
+  setup(function()
+    s = server.start{ source = APP, workers = 1,
+      config = [[return { limits = { header_bytes = 8192,
+        header_timeout = 5 } }]] }
+  end)
+
+  teardown(function()
+    if s then assert.equal(0, s:stop()) end
+  end)
+
+  -- sends bytes, returns everything until the server closes (or 3 s) and
+  -- the seconds it took
+  local function raw(bytes, keep)
+    local c = assert(rawtcp.connect(s.port, 3))
+    local t0 = core.mono()
+    c:send(bytes)
+    local out = keep and c:recv_some() or c:recv_all()
+    c:close()
+    return out, core.mono() - t0
+  end
+
+  local function body_of(out)
+    return out:match("\r\n\r\n(.*)$")
+  end
+
+  describe("Host (RFC 9112 3.2)", function()
+    it("answers 400 to an invalid Host value", function()
+      for _, host in ipairs{ "a b", "a/b", "a, b", "a@b", "a:8x" } do
+        local out = raw("GET /text HTTP/1.1\r\nHost: " .. host .. "\r\n\r\n")
+        assert.matches("^HTTP/1.1 400", out, host)
+      end
+    end)
+
+    it("serves a valid one, with a port, an IPv6 literal, or empty", function()
+      for _, host in ipairs{ "example.com:8080", "[::1]:80", "" } do
+        local out = raw("GET /text HTTP/1.1\r\nHost: " .. host
+                        .. "\r\nConnection: close\r\n\r\n")
+        assert.matches("^HTTP/1.1 200", out, host)
+      end
+    end)
+  end)
+
+  describe("absolute-form target (RFC 9112 3.2.2)", function()
+    it("is routed by its path; req.target is the bytes as sent", function()
+      local out = raw("GET http://example.com:8080/info/a/b?x=1 HTTP/1.1\r\n"
+                      .. "Host: example.com:8080\r\nConnection: close\r\n\r\n")
+      assert.matches("^HTTP/1.1 200", out)
+      local doc = json.decode(body_of(out))
+      assert.equal("/info/a/b", doc.path)
+      assert.equal("a/b", doc.rest)
+      assert.equal("x=1", doc.query)
+      assert.equal("http://example.com:8080/info/a/b?x=1", doc.target)
+    end)
+
+    it("refuses another scheme or userinfo with 400", function()
+      assert.matches("^HTTP/1.1 400", raw("GET ftp://h/info/a HTTP/1.1\r\n"
+                                           .. "Host: h\r\n\r\n"))
+      assert.matches("^HTTP/1.1 400", raw("GET http://u:p@h/info/a HTTP/1.1"
+                                           .. "\r\nHost: h\r\n\r\n"))
+    end)
+  end)
+
+  describe("HEAD (RFC 9110 9.3.2)", function()
+    it("is served by a GET route: its headers, no body", function()
+      local c = assert(rawtcp.connect(s.port, 3))
+      c:send("HEAD /text HTTP/1.1\r\nHost: x\r\n\r\n")
+      local head = c:recv_some()
+      assert.matches("^HTTP/1.1 200", head)
+      assert.matches("\r\nContent%-Length: 12\r\n", head)
+      assert.matches("\r\n\r\n$", head)       -- nothing after the head
+      -- the connection stays in step: the next answer is GET's, whole
+      c:send("GET /text HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+      local out = c:recv_all()
+      c:close()
+      assert.matches("^HTTP/1.1 200.*\r\n\r\ntwelve bytes$", out)
+    end)
+
+    it("goes to the app's own HEAD route when it has one", function()
+      local out = raw("HEAD /own-head HTTP/1.1\r\nHost: x\r\n"
+                      .. "Connection: close\r\n\r\n")
+      assert.matches("^HTTP/1.1 200", out)
+      assert.matches("\r\nX%-Own: yes\r\n", out)
+    end)
+
+    it("lists HEAD beside GET in a 405's Allow", function()
+      local out = raw("DELETE /text HTTP/1.1\r\nHost: x\r\n"
+                      .. "Connection: close\r\n\r\n")
+      assert.matches("^HTTP/1.1 405", out)
+      assert.matches("\r\nAllow: GET, HEAD\r\n", out)
+    end)
+  end)
+
+  describe("a head that cannot become a request", function()
+    it("is refused at once: a bare-LF request line", function()
+      local out, secs = raw("GET /text HTTP/1.1\nHost: x\n")
+      assert.matches("^HTTP/1.1 400", out)
+      assert.is_true(secs < 1, "answered after " .. secs .. " s")
+    end)
+
+    it("is refused at once: a TLS ClientHello on the plain port", function()
+      local hello = "\22\3\1\0\200\1\0\0\124\3\3" .. ("\0"):rep(32)
+      local out, secs = raw(hello)
+      assert.matches("^HTTP/1.1 400", out)
+      assert.is_true(secs < 1, "answered after " .. secs .. " s")
+    end)
+
+    it("is refused at once: a method longer than any", function()
+      local out, secs = raw(("A"):rep(30))
+      assert.matches("^HTTP/1.1 400", out)
+      assert.is_true(secs < 1, "answered after " .. secs .. " s")
+    end)
+  end)
+
+  describe("limits", function()
+    it("answers 414 to a request line over header_bytes", function()
+      local out = raw("GET /info/" .. ("a"):rep(9000) .. " HTTP/1.1\r\n"
+                      .. "Host: x\r\n\r\n")
+      assert.matches("^HTTP/1.1 414", out)
+    end)
+
+    it("answers 431 to a head over header_bytes in its fields", function()
+      local out = raw("GET /text HTTP/1.1\r\nHost: x\r\nX-Big: "
+                      .. ("a"):rep(9000) .. "\r\n\r\n")
+      assert.matches("^HTTP/1.1 431", out)
+    end)
+
+    it("serves 200 small header fields", function()
+      local t = { "GET /count HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" }
+      for i = 1, 200 do t[#t + 1] = ("X-H%d: v\r\n"):format(i) end
+      t[#t + 1] = "\r\n"
+      local out = raw(table.concat(t))
+      assert.matches("^HTTP/1.1 200", out)
+      assert.equal("202", body_of(out))
+    end)
+  end)
+
+  describe("dot-segments (RFC 3986 5.2.4)", function()
+    it("are resolved for routing and req.path; req.target is as sent",
+       function()
+      local out = raw("GET /x/../info/a/./b/c/..?q=1 HTTP/1.1\r\nHost: x\r\n"
+                      .. "Connection: close\r\n\r\n")
+      assert.matches("^HTTP/1.1 200", out)
+      local doc = json.decode(body_of(out))
+      assert.equal("/info/a/b/", doc.path)
+      assert.equal("/x/../info/a/./b/c/..?q=1", doc.target)
+      assert.equal("q=1", doc.query)
+    end)
+
+    it("are resolved when percent-encoded", function()
+      local out = raw("GET /info/a/%2e%2E/b HTTP/1.1\r\nHost: x\r\n"
+                      .. "Connection: close\r\n\r\n")
+      assert.matches("^HTTP/1.1 200", out)
+      assert.equal("/info/b", json.decode(body_of(out)).path)
+    end)
+
+    it("answer 400 to a path that climbs out of the root", function()
+      for _, t in ipairs{ "/../etc/passwd", "/info/../../x",
+                          "/info/%2e%2e/%2E./x", "/.." } do
+        local out = raw("GET " .. t .. " HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert.matches("^HTTP/1.1 400", out, t)
+      end
+    end)
+  end)
+
+  it("keeps serving after all of that", function()
+    assert.equal(200, assert(s:request("/text")).status)
+  end)
+end)

@@ -1,0 +1,247 @@
+-- The TLS edge: session resumption on whichever worker accepts the client
+-- and after a reload (ticket keys shared by every worker, kept by the
+-- master), ticket-key rotation with the previous key still accepted for a
+-- period, ECDSA and RSA certificates on one listener, protocol
+-- restriction, handshake counters on /metrics. The client is openssl
+-- s_client with -sess_out / -sess_in.
+local server = require "support.server"
+local pki = require "support.pki"
+local proc = require "support.proc"
+local rawtcp = require "support.rawtcp"
+
+local APP = [[
+local paygate = require "paygate"
+local ffi = require "ffi"
+pcall(ffi.cdef, "int getpid(void);")
+paygate.route("GET", "/pid", function()
+  return 200, "pid=" .. ffi.C.getpid() .. "."
+end)
+]]
+
+local function tmpdir()
+  local d = os.tmpname()
+  os.remove(d)
+  assert(os.execute("mkdir -p " .. d) == 0)
+  return d
+end
+
+local function sh(cmd)
+  local code, out = proc.run({ "sh", "-c", cmd }, { timeout = 30 })
+  return code, out or ""
+end
+
+-- one TLS connection with s_client: a GET /pid, then the server closes.
+-- opts: sess_in, sess_out, extra (more s_client arguments).
+-- returns: { reused = bool, pid = number, out = text }
+local function tls_get(port, opts)
+  opts = opts or {}
+  local cmd = ("printf 'GET /pid HTTP/1.1\\r\\nHost: x\\r\\nConnection: "
+    .. "close\\r\\n\\r\\n' | openssl s_client -connect 127.0.0.1:%d -ign_eof"
+    .. " %s %s %s 2>&1"):format(port,
+      opts.sess_in and ("-sess_in " .. opts.sess_in) or "",
+      opts.sess_out and ("-sess_out " .. opts.sess_out) or "",
+      opts.extra or "")
+  local _, out = sh(cmd)
+  return { reused = out:find("\nReused, ", 1, true) ~= nil,
+           new = out:find("\nNew, ", 1, true) ~= nil,
+           pid = tonumber(out:match("pid=(%d+)%.")), out = out }
+end
+
+local function metric(s, pattern)
+  local res = s:admin_get("/metrics")
+  return res and tonumber(res.body:match(pattern)) or nil
+end
+
+local function handshakes(s, kind)
+  return metric(s, '\npaygate_tls_handshakes_total{type="' .. kind
+                   .. '"} (%d+)') or 0
+end
+
+local function failures(s, reason)
+  return metric(s, '\npaygate_tls_handshake_failures_total{reason="'
+                   .. reason .. '"} (%d+)') or 0
+end
+
+describe("TLS edge", function()
+  local dir, p, ec_cert, ec_key
+
+  setup(function()
+    dir = tmpdir()
+    p = pki.make(dir)
+    ec_cert, ec_key = dir .. "/ec.pem", dir .. "/ec.key"
+    local code, out = sh(("openssl req -x509 -newkey ec -pkeyopt "
+      .. "ec_paramgen_curve:prime256v1 -nodes -keyout %s -out %s -days 2 "
+      .. "-subj /CN=localhost -addext subjectAltName=IP:127.0.0.1")
+      :format(ec_key, ec_cert))
+    assert(code == 0, out)
+  end)
+
+  teardown(function()
+    if dir then os.execute("rm -rf " .. dir) end
+  end)
+
+  describe("two workers, RSA and ECDSA", function()
+    local s
+
+    setup(function()
+      s = server.start{ source = APP, workers = 2, scheme = "https",
+        ca_file = p.ca,
+        config = ([[return { tls = { cert = %q, key = %q, ecdsa_cert = %q,
+          ecdsa_key = %q } }]]):format(p.server_cert, p.server_key, ec_cert,
+                                       ec_key) }
+    end)
+
+    teardown(function()
+      if s then assert.equal(0, s:stop()) end
+    end)
+
+    it("resumes a session on a worker that did not issue it", function()
+      local sess = dir .. "/a.sess"
+      local first = tls_get(s.port, { sess_out = sess })
+      assert.is_true(first.new, first.out)
+      assert.truthy(first.pid, first.out)
+      -- the issuing worker goes away; the master starts another
+      proc.kill_pid(first.pid, proc.SIGKILL)
+      proc.wait_until(function()
+        local res = s:admin_get("/healthz")
+        return res and res.body:find('"workers":2', 1, true)
+      end, 10, "the worker to be replaced")
+      local again = tls_get(s.port, { sess_in = sess })
+      assert.is_true(again.reused, again.out)
+      assert.truthy(again.pid)
+      assert.not_equal(first.pid, again.pid)
+    end)
+
+    it("resumes a session after a reload", function()
+      local sess = dir .. "/b.sess"
+      local first = tls_get(s.port, { sess_out = sess })
+      assert.is_true(first.new, first.out)
+      local old = {}
+      for _ = 1, 6 do
+        local r = tls_get(s.port)
+        if r.pid then old[r.pid] = true end
+      end
+      s:signal(proc.SIGHUP)
+      -- the new generation serves once an answer comes from a new pid
+      local again
+      proc.wait_until(function()
+        local r = tls_get(s.port, { sess_in = sess })
+        if r.pid and not old[r.pid] then again = r end
+        return again
+      end, 20, "the reloaded workers to serve")
+      assert.is_true(again.reused, again.out)
+    end)
+
+    it("resumes with a ticket from a resumed handshake", function()
+      -- a client that keeps only its latest session (wrk, curl) resumes
+      -- every time: a resumed handshake hands out a new ticket
+      local s1, s2, s3 = dir .. "/d1.sess", dir .. "/d2.sess", dir .. "/d3.sess"
+      assert.is_true(tls_get(s.port, { sess_out = s1 }).new)
+      local r = tls_get(s.port, { sess_in = s1, sess_out = s2 })
+      assert.is_true(r.reused, r.out)
+      r = tls_get(s.port, { sess_in = s2, sess_out = s3 })
+      assert.is_true(r.reused, r.out)
+      r = tls_get(s.port, { sess_in = s3 })
+      assert.is_true(r.reused, r.out)
+    end)
+
+    it("counts full and resumed handshakes on /metrics", function()
+      proc.wait_until(function()
+        return handshakes(s, "full") >= 2 and handshakes(s, "resumed") >= 2
+      end, 5, "handshake counts")
+    end)
+
+    it("serves the ECDSA certificate to a client that asks for it",
+       function()
+      local r = tls_get(s.port, { extra = "-tls1_3 -sigalgs "
+                                          .. "ecdsa_secp256r1_sha256" })
+      assert.truthy(r.pid, r.out)
+      assert.matches("Server public key is 256 bit", r.out)
+      r = tls_get(s.port, { extra = "-tls1_2 -cipher "
+                                    .. "ECDHE-ECDSA-AES128-GCM-SHA256" })
+      assert.truthy(r.pid, r.out)
+      assert.matches("Server public key is 256 bit", r.out)
+    end)
+
+    it("and the RSA one to a client that asks for that", function()
+      local r = tls_get(s.port, { extra = "-tls1_3 -sigalgs "
+                                          .. "rsa_pss_rsae_sha256" })
+      assert.truthy(r.pid, r.out)
+      assert.matches("Server public key is 2048 bit", r.out)
+      r = tls_get(s.port, { extra = "-tls1_2 -cipher "
+                                    .. "ECDHE-RSA-AES128-GCM-SHA256" })
+      assert.truthy(r.pid, r.out)
+      assert.matches("Server public key is 2048 bit", r.out)
+    end)
+
+    it("counts failed handshakes by reason, without an info line", function()
+      local plain0, aborted0 = failures(s, "not_tls"), failures(s, "aborted")
+      local c = assert(rawtcp.connect(s.port, 3))
+      c:send("GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+      c:recv_all()
+      c:close()
+      c = assert(rawtcp.connect(s.port, 3))
+      c:send("\22\3\1\0\200\1\0\0\124\3\3")    -- a ClientHello cut short
+      c:close()
+      proc.wait_until(function()
+        return failures(s, "not_tls") > plain0
+               and failures(s, "aborted") > aborted0
+      end, 5, "the failures to be counted")
+      assert.is_nil(s:logs():find('"level":"info"[^\n]*tls handshake'))
+    end)
+  end)
+
+  describe("TLS 1.3 only, ticket keys rotated every 2 s", function()
+    local s
+
+    setup(function()
+      s = server.start{ source = APP, workers = 1, scheme = "https",
+        ca_file = p.ca,
+        config = ([[return { tls = { cert = %q, key = %q,
+          protocols = "TLSv1.3", ticket_key_rotation = 2 } }]])
+          :format(p.server_cert, p.server_key) }
+    end)
+
+    teardown(function()
+      if s then assert.equal(0, s:stop()) end
+    end)
+
+    local function rotations()
+      return metric(s, "\npaygate_tls_ticket_key_rotations_total (%d+)")
+    end
+
+    it("refuses TLS 1.2 and counts it", function()
+      local before = failures(s, "protocol")
+      local r = tls_get(s.port, { extra = "-tls1_2" })
+      assert.is_nil(r.pid, r.out)
+      proc.wait_until(function()
+        return failures(s, "protocol") > before
+      end, 5, "the protocol failure to be counted")
+      r = tls_get(s.port, { extra = "-tls1_3" })
+      assert.truthy(r.pid, r.out)
+    end)
+
+    it("accepts the previous ticket key for one more period, then not",
+       function()
+      -- a ticket made just after a rotation
+      local n0 = assert(rotations())
+      proc.wait_until(function() return rotations() > n0 end, 10,
+                      "a rotation")
+      local n1 = rotations()
+      local sess = dir .. "/c.sess"
+      local first = tls_get(s.port, { sess_out = sess })
+      assert.is_true(first.new, first.out)
+      -- one rotation later its key is the previous one: still resumes
+      proc.wait_until(function() return rotations() > n1 end, 10,
+                      "a rotation")
+      local again = tls_get(s.port, { sess_in = sess })
+      assert.is_true(again.reused, again.out)
+      -- two rotations later its key is gone: a full handshake
+      proc.wait_until(function() return rotations() > n1 + 1 end, 10,
+                      "a second rotation")
+      local late = tls_get(s.port, { sess_in = sess })
+      assert.truthy(late.pid, late.out)
+      assert.is_false(late.reused, late.out)
+    end)
+  end)
+end)
