@@ -114,6 +114,8 @@ struct lpg_op {
     int               cache_slot;/* slot to forget if the prepare fails */
     PGresult         *res;       /* owned; the statement's result */
     PGresult         *err;       /* owned; first error result */
+    int               sync_check;/* 1: the pool's own require_sync
+                                    re-check (no coroutine waits) */
     char              errkind[16];/* transport error kind or "" */
     char              errmsg[200];
     struct lpg_op   *next;
@@ -136,6 +138,9 @@ struct lpg_conn {
     int                  checking; /* 1: connected; the require_sync
                                       query runs (state CONNECTING) */
     int                  sync_ok;  /* its answer: 1 synchronous */
+    double               sync_at;  /* monotonic s: last check asked */
+    int                  nosync;   /* 1: a re-check said no: closed once
+                                      idle, serves nothing new */
     int                  readonly; /* 1: the server refused a write as
                                       read-only (25006): it is no longer
                                       the primary; closed once idle */
@@ -174,6 +179,7 @@ struct lpg_pool {
     double            down_for;  /* s to fail fast after a failed connect */
     int               require_sync; /* 1: only servers that commit with a
                                        synchronous standby */
+    double            sync_recheck; /* s between re-checks of a connection */
     double            down_until;/* monotonic s */
     char              down_msg[200];
     struct lpg_conn  conns[LPG_MAXPOOL];
@@ -599,7 +605,9 @@ conn_ready(struct lpg_conn *c)
     event_add(c->rev, NULL);
     c->state = LPG_CONN_READY;
     c->checking = 0;
+    c->nosync = 0;
     c->since = gw_loop_mono_fresh();
+    c->sync_at = c->since;
     return GW_OK;
 }
 
@@ -1412,6 +1420,32 @@ conn_event(evutil_socket_t fd, short what, void *arg)
             }
         }
     }
+    for (struct lpg_op **pp = &done; *pp != NULL;) {
+        struct lpg_op *op = *pp;
+
+        if (!op->sync_check) {
+            pp = &op->next;
+            continue;
+        }
+        *pp = op->next;                  /* the pool's own: not delivered */
+        if (op->errkind[0] == '\0' && op->err == NULL && op->res != NULL
+            && PQntuples(op->res) == 1
+            && strcmp(PQgetvalue(op->res, 0, 0), "t") != 0
+            && c->state == LPG_CONN_READY)
+        {
+            const char *msg = "postgres: the server no longer commits with"
+                              " a synchronous standby (require_sync)";
+
+            gw_log(GW_LOG_WARN, "%s; closing its connection", msg);
+            c->nosync = 1;
+            pool_mark_down(pg, "unavailable", msg);
+        }
+        op_free(op);
+    }
+    if (c->state == LPG_CONN_READY && c->nosync && c->inflight == 0) {
+        conn_fail(c, "unavailable", "postgres: the server no longer commits"
+                  " with a synchronous standby (require_sync)", &done);
+    }
     if (c->state == LPG_CONN_READY && c->readonly && c->inflight == 0) {
         /* A standby now (25006): a new connection finds the primary. */
         gw_log(GW_LOG_INFO, "postgres: server is read-only; reconnecting"
@@ -1458,7 +1492,7 @@ choose_conn(struct lpg_pool *pg, struct lpg_op *op, int *fail)
             }
             continue;
         }
-        if (c->txid != 0 || c->readonly) {
+        if (c->txid != 0 || c->readonly || c->nosync) {
             continue;
         }
         if (c->head != NULL && c->head->kind == LPG_OP_SCRIPT) {
@@ -1623,6 +1657,32 @@ on_tick(evutil_socket_t fd, short what, void *arg)
             if (!pool_has_live(pg)) {
                 pool_fail_waiting(pg, "unavailable",
                                   "postgres: connect timed out", &done);
+            }
+        } else if (c->state == LPG_CONN_READY && pg->require_sync
+                   && c->inflight == 0 && c->txid == 0 && !c->readonly
+                   && !c->nosync && now - c->sync_at > pg->sync_recheck)
+        {
+            /* require_sync holds on an open connection too: the setting
+             * can change under it (ALTER SYSTEM, a failover manager). Ask
+             * again while the connection is idle. */
+            struct lpg_op *op = calloc(1, sizeof(*op));
+
+            c->sync_at = now;
+            if (op != NULL && (op->sql = strdup(lpg_sync_check)) != NULL) {
+                op->kind = LPG_OP_STMT;
+                op->want_rows = 1;
+                op->sync_check = 1;
+                int rc = conn_send(c, op);
+
+                if (rc != GW_OK) {
+                    op_free(op);             /* not queued on c */
+                }
+                if (rc == GW_ERR) {
+                    conn_fail(c, "unavailable", "postgres: connection lost",
+                              &done);
+                }
+            } else if (op != NULL) {
+                op_free(op);
             }
         } else if (c->state == LPG_CONN_READY && c->inflight > 0
                    && now - c->since > pg->query_timeout)
@@ -1985,7 +2045,7 @@ lpg_open(lua_State *L)
     struct lpg_pool   *pg;
     struct timeval  tv = { 0, 50000 };
     int             i, npool;
-    double          connect_timeout, query_timeout, down_for;
+    double          connect_timeout, query_timeout, down_for, sync_recheck;
     int             require_sync;
     const char     *kind = "misuse";
     char            err[400];
@@ -2000,6 +2060,7 @@ lpg_open(lua_State *L)
                                      0);
     down_for = gw_store_opt_num(L, 2, "sql.open", "down_for", 0.5, 1);
     require_sync = gw_store_opt_bool(L, 2, "sql.open", "require_sync", 0);
+    sync_recheck = gw_store_opt_num(L, 2, "sql.open", "sync_recheck", 10, 0);
     ud = lua_newuserdata(L, sizeof(*ud));
     ud->pg = NULL;
     luaL_getmetatable(L, LPG_MT);
@@ -2015,6 +2076,7 @@ lpg_open(lua_State *L)
     pg->query_timeout = query_timeout;
     pg->down_for = down_for;
     pg->require_sync = require_sync;
+    pg->sync_recheck = sync_recheck;
     for (i = 0; i < LPG_MAXPOOL; i++) {
         pg->conns[i].pg = pg;
         pg->conns[i].fd = -1;
