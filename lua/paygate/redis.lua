@@ -184,6 +184,9 @@ local function ask_sentinel(self, s)
   end
   local why = {}
   for _, a in ipairs(addrs) do
+    if self.closed then                -- its Sentinel clients are closed
+      return nil, "client closed"
+    end
     local key = a .. ":" .. s.port
     local sc = self.sentinel_clients[key]
     if not sc then
