@@ -20,9 +20,11 @@
 -- an answer for its TTL) and the next call goes to the new address.
 --
 -- Sentinel: redis-sentinel://[password@]s1:26379,s2:26379/mymaster[/db]
--- asks the Sentinels for the master of that name, checks it says ROLE
--- master, and follows a failover: a background task subscribes to
--- +switch-master on a Sentinel and moves to the new master it names; after
+-- asks every Sentinel for the master of that name (newest config epoch,
+-- then most votes, wins), checks it says ROLE master, and follows a
+-- failover: a background task subscribes to +switch-master on a Sentinel
+-- and moves to the new master it names (never to a server whose ROLE is
+-- not master); after
 -- a transport failure or a READONLY answer, and every `sentinel_poll`
 -- seconds (default 1), it also asks the Sentinels again. Redis
 -- replication is asynchronous: a write the old master acknowledged can
@@ -168,57 +170,164 @@ local function resolve(host)
   return dns.resolve(host)
 end
 
--- Asks one Sentinel after another for the master's address.
--- returns: ip, port or nil, err (kind "unavailable")
-local function sentinel_master(self)
+-- Bound on one round of questions to the Sentinels (each one's own
+-- connect and reply timeouts are 1 s).
+local SENTINEL_ROUND = 2.5
+
+-- One Sentinel's view of the master: SENTINEL MASTER gives its address
+-- and the config epoch of that view (a failover raises the epoch).
+-- returns: { ip =, port =, epoch = } or nil, why
+local function ask_sentinel(self, s)
+  local addrs, derr = resolve(s.host)
+  if not addrs then
+    return nil, s.host .. ": " .. tostring(derr)
+  end
   local why = {}
-  for i, s in ipairs(self.sentinels) do
-    local addrs, derr = resolve(s.host)
-    for _, a in ipairs(addrs or {}) do
-      local key = a .. ":" .. s.port
-      local sc = self.sentinel_clients[key]
-      if not sc then
-        sc = rcore.new(a, s.port, { pool = 1, timeout = 1,
-                                    connect_timeout = 1,
-                                    password = self.sentinel_password })
-        self.sentinel_clients[key] = sc
+  for _, a in ipairs(addrs) do
+    if self.closed then                -- its Sentinel clients are closed
+      return nil, "client closed"
+    end
+    local key = a .. ":" .. s.port
+    local sc = self.sentinel_clients[key]
+    if not sc then
+      sc = rcore.new(a, s.port, { pool = 1, timeout = 1,
+                                  connect_timeout = 1,
+                                  password = self.sentinel_password })
+      self.sentinel_clients[key] = sc
+    end
+    local r, err = sc:call("SENTINEL", "MASTER", self.master_name)
+    if type(r) == "table" then
+      local f = {}
+      for i = 1, #r - 1, 2 do
+        f[r[i]] = r[i + 1]
       end
-      local r, err = sc:call("SENTINEL", "get-master-addr-by-name",
-                             self.master_name)
-      if type(r) == "table" and r[1] and tonumber(r[2]) then
-        local maddrs, merr = resolve(r[1])
+      local port = tonumber(f.port)
+      if f.ip and port then
+        local maddrs, merr = resolve(f.ip)
         if maddrs then
-          return maddrs[1], tonumber(r[2])
+          return { ip = maddrs[1], port = port,
+                   epoch = tonumber(f["config-epoch"]) or 0 }
         end
         err = merr
-      elseif r == core.null then
-        err = "does not know master " .. self.master_name
+      else
+        err = "no address in SENTINEL MASTER"
       end
-      why[#why + 1] = key .. ": " .. tostring(err)
     end
-    if not addrs then
-      why[#why + 1] = s.host .. ": " .. tostring(derr)
-    end
-    if i == #self.sentinels and #why == 0 then
-      why[1] = "no address"
-    end
+    why[#why + 1] = key .. ": " .. tostring(err)
   end
-  return nil, core.error("unavailable", "redis-sentinel: no Sentinel named"
-                         .. " the master " .. self.master_name .. " ("
-                         .. table.concat(why, "; ") .. ")",
-                         { retryable = true })
+  return nil, #why > 0 and table.concat(why, "; ") or s.host .. ": no address"
 end
 
--- Points the client at ip:port (a new master, a new DNS answer).
+-- Asks every Sentinel at once (for at most SENTINEL_ROUND s) where the
+-- master is. One stale Sentinel (cut off during a failover, paused, or
+-- wrongly configured) must not send the client back to an old master, so
+-- the answers are ranked: the newest config epoch first, then the one
+-- most Sentinels give.
+-- returns: { { ip =, port =, epoch =, votes = }, ... } best first, or
+--          nil, err (kind "unavailable")
+local function sentinel_masters(self)
+  local answers, why, pending = {}, {}, #self.sentinels
+  local done = core.event()
+  for _, s in ipairs(self.sentinels) do
+    core.spawn(function()
+      local a, err = ask_sentinel(self, s)
+      if a then
+        answers[#answers + 1] = a
+      else
+        why[#why + 1] = err
+      end
+      pending = pending - 1
+      if pending == 0 then
+        done:set()
+      end
+    end)
+  end
+  if pending > 0 then
+    done:wait(SENTINEL_ROUND)
+  end
+  local by, list = {}, {}
+  for _, a in ipairs(answers) do
+    local key = a.ip .. ":" .. a.port
+    local c = by[key]
+    if not c then
+      c = { ip = a.ip, port = a.port, epoch = a.epoch, votes = 0 }
+      by[key] = c
+      list[#list + 1] = c
+    end
+    c.votes = c.votes + 1
+    c.epoch = math.max(c.epoch, a.epoch)
+  end
+  if #list == 0 then
+    if pending > 0 then
+      why[#why + 1] = pending .. " did not answer within "
+                      .. SENTINEL_ROUND .. " s"
+    end
+    return nil, core.error("unavailable", "redis-sentinel: no Sentinel"
+                           .. " named the master " .. self.master_name
+                           .. " (" .. table.concat(why, "; ") .. ")",
+                           { retryable = true })
+  end
+  table.sort(list, function(x, y)
+    if x.epoch ~= y.epoch then
+      return x.epoch > y.epoch
+    end
+    return x.votes > y.votes
+  end)
+  return list
+end
+
+-- ROLE of the server at ip:port, on a connection of its own.
+-- returns: true if it says master, else false, why
+local function is_master(self, ip, port)
+  local h = rcore.new(ip, port, { pool = 1, timeout = 1,
+                                  connect_timeout = 1,
+                                  password = self.password })
+  local r, err = h:call("ROLE")
+  h:close()
+  if type(r) == "table" and r[1] == "master" then
+    return true
+  end
+  return false, ip .. ":" .. port .. " is not a master (ROLE "
+    .. tostring(type(r) == "table" and r[1] or err or r) .. ")"
+end
+
+-- Points the client at ip:port (a new master, a new DNS answer). Under
+-- Sentinel, only if that server's ROLE says master: never a replica.
 local function move(self, ip, port)
   if self.closed or (ip == self.addr and port == self.port) then
     return false
+  end
+  if self.sentinel then
+    local ok, why = is_master(self, ip, port)
+    if not ok or self.closed then
+      if why then
+        core.log(1, "redis: not moving: " .. why)
+      end
+      return false
+    end
+    if ip == self.addr and port == self.port then
+      return false
+    end
   end
   core.log(1, "redis: moving from " .. tostring(self.addr) .. ":"
            .. tostring(self.port) .. " to " .. ip .. ":" .. port)
   self.addr, self.port = ip, port
   self.h:set_addr(ip, port)
   return true
+end
+
+-- Moves to the best master the Sentinels name whose ROLE agrees; stays
+-- when the current server ranks first among them.
+local function follow_sentinels(self)
+  local list = sentinel_masters(self)
+  for _, c in ipairs(list or {}) do
+    if self.closed or (c.ip == self.addr and c.port == self.port) then
+      return
+    end
+    if move(self, c.ip, c.port) then
+      return
+    end
+  end
 end
 
 -- After a transport failure: ask DNS / the Sentinels again (at most
@@ -230,10 +339,7 @@ local function refresh(self)
   end
   self.refreshing = true
   if self.sentinels then
-    local ip, port = sentinel_master(self)
-    if ip then
-      move(self, ip, port)
-    end
+    follow_sentinels(self)
   elseif self.name then
     local addrs = resolve(self.name)
     if addrs and #addrs > 0 then
@@ -296,9 +402,8 @@ local function watch(self)
         sub = nil
         core.sleep(self.sentinel_poll)
       end
-      local mip, mport = sentinel_master(self)
-      if mip and not self.closed then
-        move(self, mip, mport)
+      if not self.closed then
+        follow_sentinels(self)
       end
     end
   end
@@ -368,11 +473,14 @@ function _M.connect(url, opts)
     self.sentinel_clients = {}
     self.sentinel_password = o.sentinel_password
     self.sentinel_poll = o.sentinel_poll or 1
-    local ip, port = sentinel_master(self)
-    if not ip then
-      return nil, port
+    self.password = o.password
+    local list, err = sentinel_masters(self)
+    if not list then
+      return nil, err
     end
-    candidates[1] = { ip, port }
+    for i, c in ipairs(list) do
+      candidates[i] = { c.ip, c.port }
+    end
   else
     if not dns.is_numeric(target.host) then
       self.name = target.host

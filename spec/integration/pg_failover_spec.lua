@@ -80,6 +80,43 @@ describe("PostgreSQL failover", function()
                   tostring(nerr))
   end)
 
+  it("require_sync: an open connection is checked again (sync_recheck):"
+     .. " a server that stops committing with a synchronous standby is"
+     .. " left", function()
+    if not c then
+      pending("postgres not installed")
+      return
+    end
+    local recheck = tonumber(os.getenv("SPEC_SYNC_RECHECK") or "0.2")
+    local url = "postgres://postgres@127.0.0.1:" .. c.primary.port
+      .. "/postgres"
+    local db = assert(sql.open(url, { require_sync = true, pool = 1,
+                                      sync_recheck = recheck,
+                                      down_for = 0.1 }))
+    assert.same({ { one = 1 } }, assert(db:query("SELECT 1 AS one")))
+    local function set_sync(names)
+      c.primary.psql("ALTER SYSTEM SET synchronous_standby_names = '"
+                     .. names .. "'")
+      c.primary.psql("SELECT pg_reload_conf()")
+    end
+    finally(function()
+      set_sync("*")
+      db:close()
+    end)
+    set_sync("")
+    -- the open connection is closed and the next ones are refused
+    local err = wait_for(function()
+      local _, e = db:query("SELECT 1 AS one")
+      return e
+    end, 10, "the pool to notice synchronous_standby_names = ''")
+    assert.equal("unavailable", err.kind)
+    assert.truthy(tostring(err):find("require_sync", 1, true), tostring(err))
+    -- and a synchronous standby again: served again
+    set_sync("*")
+    wait_for(function() return db:query("SELECT 1 AS one") end, 10,
+             "the pool to serve again")
+  end)
+
   it("reports unknown_outcome, never success or failure, for a COMMIT"
      .. " whose answer was lost", function()
     if not c then

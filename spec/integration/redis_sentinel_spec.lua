@@ -100,6 +100,51 @@ describe("Redis through Sentinel", function()
     two:close()
   end)
 
+  it("a stale Sentinel does not move the client to a replica", function()
+    if not g then
+      pending("redis-sentinel not installed")
+      return
+    end
+    -- commands a Sentinel processed, less the INFO calls made here
+    local mine = 0
+    local function calls(port)
+      mine = mine + 1
+      local out = servers.read_cmd("redis-cli -h 127.0.0.1 -p " .. port
+                                   .. " INFO stats 2>/dev/null")
+      return tonumber(out:match("total_commands_processed:(%d+)")) - mine
+    end
+    local master = g.master_port()
+    -- the stale Sentinel is asked first, but is not up at the connect
+    local sport = g.reserve_port()
+    local url = g.url:gsub("^redis%-sentinel://", "redis-sentinel://"
+                           .. "127.0.0.1:" .. sport .. ",")
+    local r = assert(redis.connect(url, { sentinel_poll = 0.05,
+                                          timeout = 1 }))
+    assert.equal(master, r.port)
+    -- epoch 0 (older than the group's view, or equal before any
+    -- failover: then three Sentinels outvote one), then an epoch newer
+    -- than any: its server's ROLE (replica) must still keep the client
+    for _, epoch in ipairs({ 0, 1000 }) do
+      local stale = g.stale_sentinel(sport, epoch)
+      finally(function() stale.stop() end)
+      local out = servers.read_cmd("redis-cli -h 127.0.0.1 -p " .. sport
+        .. " SENTINEL get-master-addr-by-name mymaster 2>&1")
+      assert.equal(stale.replica.port, tonumber(out:match("\n(%d+)")), out)
+      -- the client asked it a few times (its poll and after a failure)
+      local base = calls(sport)
+      wait_for(function() return calls(sport) >= base + 5 end, 30,
+               "the client to ask the stale Sentinel")
+      assert.equal(master, r.port)
+      assert.equal("OK", r:call("SET", "stale", tostring(epoch)))
+      -- a new client, too, goes to the master
+      local c = assert(redis.connect(url))
+      assert.equal(master, c.port)
+      c:close()
+      stale.stop()
+    end
+    r:close()
+  end)
+
   it("follows the failover; lease tokens never go backwards", function()
     if not g then
       pending("redis-sentinel not installed")

@@ -60,9 +60,19 @@ local function daemon(dir, name, port, args)
   return d
 end
 
+-- A free port not in the set (which it joins).
+function _M.free_port_except(ports)
+  local p
+  repeat
+    p = servers.free_port()
+  until not ports[p]
+  ports[p] = true
+  return p
+end
+
 function _M.start()
   local dir = servers.mktemp()
-  local g = { dir = dir, name = "mymaster", sentinels = {} }
+  local g = { dir = dir, name = "mymaster", sentinels = {}, extra = {} }
   local ports = {}
   local function port()
     local p
@@ -146,6 +156,46 @@ function _M.start()
     return table.concat(lines, "\n", math.max(1, #lines - (n or 20) + 1))
   end
 
+  -- A Sentinel outside the group that names, as "mymaster", a server
+  -- whose ROLE is replica (of a port nobody listens on), with the given
+  -- config epoch: what a stale or misconfigured Sentinel answers. It
+  -- hears no hello messages from the group (they do not know that
+  -- server), so it stays wrong. port: a free port reserved beforehand.
+  function g.stale_sentinel(port, epoch)
+    local name = "stale" .. port
+    local rp = _M.free_port_except(ports)
+    local repl = daemon(dir, name .. "r", rp, function()
+      return base .. " --port " .. rp .. " --dbfilename " .. name
+        .. ".rdb --replicaof 127.0.0.1 " .. _M.free_port_except(ports)
+    end)
+    repl.start()
+    local conf = dir .. "/" .. name .. ".conf"
+    local f = assert(io.open(conf, "w"))
+    f:write(table.concat({
+      "port " .. port, "bind 127.0.0.1", "dir " .. dir,
+      "sentinel monitor mymaster 127.0.0.1 " .. rp .. " 1",
+      "sentinel down-after-milliseconds mymaster 600000",
+      "sentinel config-epoch mymaster " .. epoch,
+      "sentinel current-epoch " .. epoch, "" }, "\n"))
+    f:close()
+    local s = daemon(dir, name, port, function()
+      return "redis-sentinel " .. conf
+    end)
+    s.start()
+    s.replica = repl
+    g.extra[#g.extra + 1] = s
+    function s.stop()
+      s.kill()
+      repl.kill()
+    end
+    return s
+  end
+
+  -- Port reserved for a Sentinel started later (g.stale_sentinel).
+  function g.reserve_port()
+    return port()
+  end
+
   function g.master_port()
     local out = cli(g.sentinels[1].port,
                     "SENTINEL get-master-addr-by-name mymaster")
@@ -153,6 +203,9 @@ function _M.start()
   end
 
   function g.cleanup()
+    for _, s in ipairs(g.extra) do
+      s.stop()
+    end
     for _, s in ipairs(g.sentinels) do
       s.kill()
     end

@@ -370,6 +370,78 @@ print(db and "opened" or tostring(err))
       assert.truthy(out:find("opened", 1, true), out)
     end)
 
+    -- Runs sql.open(url) in a paygate process with env (a shell prefix)
+    -- and the spec's resolver; returns what it printed.
+    local function open_with_env(env, url)
+      local dir = servers.mktemp()
+      local script = dir .. "/open.lua"
+      local f = assert(io.open(script, "w"))
+      f:write([[
+local dns = require "paygate.dns"
+local sql = require "paygate.sql"
+dns.configure({ resolver = arg[1] })
+local db, err = sql.open(arg[2], { connect_timeout = 2 })
+print(db and "opened" or (err.kind .. " | " .. tostring(err)))
+]])
+      f:close()
+      local out = servers.read_cmd(env .. " " .. PAYGATE_BIN .. " exec "
+        .. script .. " " .. d.addr .. " '" .. url .. "' 2>&1")
+      servers.sh("rm -rf " .. dir)
+      return out
+    end
+
+    -- A pg_service.conf in a new directory: { [service] = "k=v\n..." }.
+    local function service_dir(sections)
+      local dir = servers.mktemp()
+      local f = assert(io.open(dir .. "/pg_service.conf", "w"))
+      for name, body in pairs(sections) do
+        f:write("# a comment\n[" .. name .. "]\n" .. body .. "\n")
+      end
+      f:close()
+      return dir
+    end
+
+    it("PostgreSQL: a host from a service file (service= or PGSERVICE)"
+       .. " is resolved by paygate.dns too, not by libpq", function()
+      if not servers.have_postgres() then
+        pending("postgres not installed")
+        return
+      end
+      local pg = servers.postgres()
+      -- libpq's own lookup would not know two.test
+      local dir = service_dir({
+        other = "host=nx.test\nport=1",
+        pay = "host=two.test\nport=" .. pg.port
+              .. "\nuser=postgres\ndbname=postgres",
+      })
+      finally(function() servers.sh("rm -rf " .. dir) end)
+      local file = "PGSERVICEFILE=" .. dir .. "/pg_service.conf"
+      local out = open_with_env(file, "postgres:///?service=pay")
+      assert.truthy(out:find("opened", 1, true), out)
+      out = open_with_env(file .. " PGSERVICE=pay", "postgres://")
+      assert.truthy(out:find("opened", 1, true), out)
+      -- the system-wide file, when the user's has no such service
+      local empty = "PGSERVICEFILE=" .. dir .. "/empty.conf"
+      assert(io.open(dir .. "/empty.conf", "w")):close()
+      out = open_with_env(empty .. " PGSYSCONFDIR=" .. dir,
+                          "postgres:///?service=pay")
+      assert.truthy(out:find("opened", 1, true), out)
+      -- the URL's host wins over the service's
+      out = open_with_env(file, "postgres://postgres@two.test:" .. pg.port
+                          .. "/postgres?service=other")
+      assert.truthy(out:find("opened", 1, true), out)
+      -- a service nowhere to be found, or a PGSERVICEFILE that is not
+      -- there: a config error, at once
+      out = open_with_env(empty .. " PGSYSCONFDIR=" .. dir,
+                          "postgres:///?service=nosuch")
+      assert.truthy(out:find("^config | ") and out:find("nosuch", 1, true),
+                    out)
+      out = open_with_env("PGSERVICEFILE=" .. dir .. "/none.conf",
+                          "postgres:///?service=pay")
+      assert.truthy(out:find("^config | ") and out:find("none.conf", 1, true),
+                    out)
+    end)
+
     it("Redis: tries every address, and a missing name fails with kind"
        .. " dns", function()
       local srv = servers.redis()

@@ -65,8 +65,12 @@
  * back) and its slot reconnects on demand.
  */
 #include <limits.h>
+#include <pwd.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
+#include <sys/stat.h>
 #include <event2/event.h>
 #include <libpq-fe.h>
 #include <lauxlib.h>
@@ -110,6 +114,8 @@ struct lpg_op {
     int               cache_slot;/* slot to forget if the prepare fails */
     PGresult         *res;       /* owned; the statement's result */
     PGresult         *err;       /* owned; first error result */
+    int               sync_check;/* 1: the pool's own require_sync
+                                    re-check (no coroutine waits) */
     char              errkind[16];/* transport error kind or "" */
     char              errmsg[200];
     struct lpg_op   *next;
@@ -132,6 +138,9 @@ struct lpg_conn {
     int                  checking; /* 1: connected; the require_sync
                                       query runs (state CONNECTING) */
     int                  sync_ok;  /* its answer: 1 synchronous */
+    double               sync_at;  /* monotonic s: last check asked */
+    int                  nosync;   /* 1: a re-check said no: closed once
+                                      idle, serves nothing new */
     int                  readonly; /* 1: the server refused a write as
                                       read-only (25006): it is no longer
                                       the primary; closed once idle */
@@ -170,6 +179,7 @@ struct lpg_pool {
     double            down_for;  /* s to fail fast after a failed connect */
     int               require_sync; /* 1: only servers that commit with a
                                        synchronous standby */
+    double            sync_recheck; /* s between re-checks of a connection */
     double            down_until;/* monotonic s */
     char              down_msg[200];
     struct lpg_conn  conns[LPG_MAXPOOL];
@@ -595,7 +605,9 @@ conn_ready(struct lpg_conn *c)
     event_add(c->rev, NULL);
     c->state = LPG_CONN_READY;
     c->checking = 0;
+    c->nosync = 0;
     c->since = gw_loop_mono_fresh();
+    c->sync_at = c->since;
     return GW_OK;
 }
 
@@ -1408,6 +1420,32 @@ conn_event(evutil_socket_t fd, short what, void *arg)
             }
         }
     }
+    for (struct lpg_op **pp = &done; *pp != NULL;) {
+        struct lpg_op *op = *pp;
+
+        if (!op->sync_check) {
+            pp = &op->next;
+            continue;
+        }
+        *pp = op->next;                  /* the pool's own: not delivered */
+        if (op->errkind[0] == '\0' && op->err == NULL && op->res != NULL
+            && PQntuples(op->res) == 1
+            && strcmp(PQgetvalue(op->res, 0, 0), "t") != 0
+            && c->state == LPG_CONN_READY)
+        {
+            const char *msg = "postgres: the server no longer commits with"
+                              " a synchronous standby (require_sync)";
+
+            gw_log(GW_LOG_WARN, "%s; closing its connection", msg);
+            c->nosync = 1;
+            pool_mark_down(pg, "unavailable", msg);
+        }
+        op_free(op);
+    }
+    if (c->state == LPG_CONN_READY && c->nosync && c->inflight == 0) {
+        conn_fail(c, "unavailable", "postgres: the server no longer commits"
+                  " with a synchronous standby (require_sync)", &done);
+    }
     if (c->state == LPG_CONN_READY && c->readonly && c->inflight == 0) {
         /* A standby now (25006): a new connection finds the primary. */
         gw_log(GW_LOG_INFO, "postgres: server is read-only; reconnecting"
@@ -1454,7 +1492,7 @@ choose_conn(struct lpg_pool *pg, struct lpg_op *op, int *fail)
             }
             continue;
         }
-        if (c->txid != 0 || c->readonly) {
+        if (c->txid != 0 || c->readonly || c->nosync) {
             continue;
         }
         if (c->head != NULL && c->head->kind == LPG_OP_SCRIPT) {
@@ -1620,6 +1658,32 @@ on_tick(evutil_socket_t fd, short what, void *arg)
                 pool_fail_waiting(pg, "unavailable",
                                   "postgres: connect timed out", &done);
             }
+        } else if (c->state == LPG_CONN_READY && pg->require_sync
+                   && c->inflight == 0 && c->txid == 0 && !c->readonly
+                   && !c->nosync && now - c->sync_at > pg->sync_recheck)
+        {
+            /* require_sync holds on an open connection too: the setting
+             * can change under it (ALTER SYSTEM, a failover manager). Ask
+             * again while the connection is idle. */
+            struct lpg_op *op = calloc(1, sizeof(*op));
+
+            c->sync_at = now;
+            if (op != NULL && (op->sql = strdup(lpg_sync_check)) != NULL) {
+                op->kind = LPG_OP_STMT;
+                op->want_rows = 1;
+                op->sync_check = 1;
+                int rc = conn_send(c, op);
+
+                if (rc != GW_OK) {
+                    op_free(op);             /* not queued on c */
+                }
+                if (rc == GW_ERR) {
+                    conn_fail(c, "unavailable", "postgres: connection lost",
+                              &done);
+                }
+            } else if (op != NULL) {
+                op_free(op);
+            }
         } else if (c->state == LPG_CONN_READY && c->inflight > 0
                    && now - c->since > pg->query_timeout)
         {
@@ -1726,16 +1790,148 @@ check_pool(lua_State *L)
     return ud->pg;
 }
 
+/* libpq's compiled-in directory of the system-wide pg_service.conf
+ * (`pg_config --sysconfdir`), used when PGSYSCONFDIR is not set. */
+#ifndef LPG_SYSCONFDIR
+#define LPG_SYSCONFDIR "/etc/postgresql-common"
+#endif
+
+/* What a connection service gives for the fields that decide the lookup. */
+struct lpg_service {
+    char host[1024];
+    char hostaddr[1024];
+    char port[256];
+    int  has_host, has_hostaddr, has_port;
+};
+
+/* Reads the section [name] of a pg_service.conf the way libpq does: the
+ * first "key=value" of each key counts, no blanks around '='. Returns 1
+ * if the section was found, 0 if not, -1 (reason in err) on a file that
+ * names a service inside a service. */
+static int
+service_file_read(const char *path, const char *name, struct lpg_service *sv,
+                  char *err, size_t errlen)
+{
+    FILE   *f = fopen(path, "r");
+    char    line[1024];
+    size_t  nlen = strlen(name);
+    int     found = 0;
+
+    if (f == NULL) {
+        return 0;
+    }
+    while (fgets(line, sizeof(line), f) != NULL) {
+        char  *l = line, *eq;
+        size_t len = strlen(l);
+
+        while (len > 0 && (l[len - 1] == '\n' || l[len - 1] == '\r'
+                           || l[len - 1] == ' ' || l[len - 1] == '\t'))
+        {
+            l[--len] = '\0';
+        }
+        while (*l == ' ' || *l == '\t') {
+            l++;
+        }
+        if (*l == '\0' || *l == '#') {
+            continue;
+        }
+        if (*l == '[') {
+            if (found) {
+                break;                   /* the next section: done */
+            }
+            found = strncmp(l + 1, name, nlen) == 0 && l[nlen + 1] == ']';
+            continue;
+        }
+        if (!found || (eq = strchr(l, '=')) == NULL) {
+            continue;
+        }
+        *eq++ = '\0';
+        if (strcmp(l, "service") == 0) {
+            snprintf(err, errlen, "postgres: service \"%.60s\" in %.100s"
+                     " names another service", name, path);
+            fclose(f);
+            return -1;
+        } else if (strcmp(l, "host") == 0 && !sv->has_host) {
+            snprintf(sv->host, sizeof(sv->host), "%s", eq);
+            sv->has_host = 1;
+        } else if (strcmp(l, "hostaddr") == 0 && !sv->has_hostaddr) {
+            snprintf(sv->hostaddr, sizeof(sv->hostaddr), "%s", eq);
+            sv->has_hostaddr = 1;
+        } else if (strcmp(l, "port") == 0 && !sv->has_port) {
+            snprintf(sv->port, sizeof(sv->port), "%s", eq);
+            sv->has_port = 1;
+        }
+    }
+    fclose(f);
+    return found;
+}
+
+/* Finds the service name (the URL's service=, else PGSERVICE) where libpq
+ * does: PGSERVICEFILE or ~/.pg_service.conf first, then
+ * PGSYSCONFDIR/pg_service.conf (or libpq's built-in directory). Returns
+ * GW_OK (sv filled) or GW_ERR with a reason in err (not found, or
+ * PGSERVICEFILE names no file). */
+static int
+service_read(const char *name, struct lpg_service *sv, char *err,
+             size_t errlen)
+{
+    char        user[1024], sys[1024];
+    const char *file = getenv("PGSERVICEFILE"), *dir;
+    struct stat st;
+    int         r;
+
+    memset(sv, 0, sizeof(*sv));
+    if (file == NULL) {
+        const char    *home = getenv("HOME");
+        struct passwd *pw;
+
+        if (home == NULL || home[0] == '\0') {
+            pw = getpwuid(geteuid());
+            home = pw != NULL ? pw->pw_dir : "";
+        }
+        snprintf(user, sizeof(user), "%s/.pg_service.conf", home);
+        file = user;
+    }
+    if (stat(file, &st) != 0 && file != user) {
+        snprintf(err, errlen, "postgres: service file %.200s (PGSERVICEFILE)"
+                 " not found", file);
+        return GW_ERR;                   /* as libpq */
+    }
+    if (stat(file, &st) == 0) {
+        r = service_file_read(file, name, sv, err, errlen);
+        if (r != 0) {
+            return r < 0 ? GW_ERR : GW_OK;
+        }
+    }
+    dir = getenv("PGSYSCONFDIR");
+    snprintf(sys, sizeof(sys), "%s/pg_service.conf",
+             dir != NULL ? dir : LPG_SYSCONFDIR);
+    if (stat(sys, &st) == 0) {
+        r = service_file_read(sys, name, sv, err, errlen);
+        if (r != 0) {
+            return r < 0 ? GW_ERR : GW_OK;
+        }
+    }
+    snprintf(err, errlen, "postgres: service \"%.60s\" not found (looked"
+             " in %.100s and %.100s)", name, file, sys);
+    return GW_ERR;
+}
+
 /* Finds the host names of pg->conninfo that need a lookup (not a
  * numeric address, not a socket directory, no hostaddr given): then
  * pg->nhosts > 0 and each connect resolves them on the loop first.
- * Returns GW_OK, or GW_ERR with a reason in err (a conninfo libpq cannot
- * parse, too many hosts). */
+ * The hosts come from the URL, else the connection service's file, else
+ * PGHOST/PGHOSTADDR/PGPORT, as libpq takes them. Returns GW_OK, or GW_ERR
+ * with a reason in err and its error kind in *kind (a conninfo libpq
+ * cannot parse, too many hosts: left as set; a service not found: config). */
 static int
-pool_parse_hosts(struct lpg_pool *pg, char *err, size_t errlen)
+pool_parse_hosts(struct lpg_pool *pg, const char **kind, char *err,
+                 size_t errlen)
 {
-    PQconninfoOption *o, *defs;
+    PQconninfoOption *o;
+    struct lpg_service sv;
     const char       *host = NULL, *port = NULL, *hostaddr = NULL;
+    const char       *service = NULL;
     char             *perr = NULL, *p, *tok;
     const char       *ports[LPG_MAXHOSTS];
     int               n = 0, nports = 0, need = 0;
@@ -1756,36 +1952,48 @@ pool_parse_hosts(struct lpg_pool *pg, char *err, size_t errlen)
             port = o->val;
         } else if (strcmp(o->keyword, "hostaddr") == 0) {
             hostaddr = o->val;
+        } else if (strcmp(o->keyword, "service") == 0) {
+            service = o->val;
         }
     }
-    /* What the URL leaves out, libpq takes from PGHOST, PGHOSTADDR and
-     * PGPORT: a name there must be resolved here as well. */
-    defs = PQconndefaults();
-    for (o = defs; o != NULL && o->keyword != NULL; o++) {
-        if (o->val == NULL || o->val[0] == '\0') {
-            continue;
+    /* libpq fills what the URL leaves out from the connection service
+     * (service=, else PGSERVICE), then from PGHOST, PGHOSTADDR and
+     * PGPORT: a name there must be resolved here as well, or libpq would
+     * look it up itself, blocking the loop. */
+    if (service == NULL || service[0] == '\0') {
+        service = getenv("PGSERVICE");
+    }
+    if (service != NULL && service[0] != '\0') {
+        if (service_read(service, &sv, err, errlen) != GW_OK) {
+            *kind = "config";
+            return GW_ERR;
         }
-        if (strcmp(o->keyword, "host") == 0
-            && (host == NULL || host[0] == '\0'))
-        {
-            host = o->val;
-        } else if (strcmp(o->keyword, "port") == 0 && port == NULL) {
-            port = o->val;
-        } else if (strcmp(o->keyword, "hostaddr") == 0
-                   && (hostaddr == NULL || hostaddr[0] == '\0'))
-        {
-            hostaddr = o->val;
+        if ((host == NULL || host[0] == '\0') && sv.has_host) {
+            host = sv.host;
         }
+        if (port == NULL && sv.has_port) {
+            port = sv.port;
+        }
+        if ((hostaddr == NULL || hostaddr[0] == '\0') && sv.has_hostaddr) {
+            hostaddr = sv.hostaddr;
+        }
+    }
+    if (host == NULL || host[0] == '\0') {
+        host = getenv("PGHOST");
+    }
+    if (port == NULL) {
+        port = getenv("PGPORT");
+    }
+    if (hostaddr == NULL || hostaddr[0] == '\0') {
+        hostaddr = getenv("PGHOSTADDR");
     }
     if (host == NULL || host[0] == '\0'
         || (hostaddr != NULL && hostaddr[0] != '\0'))
     {
-        PQconninfoFree(defs);
         return GW_OK;                    /* socket default, or explicit */
     }
     pg->ci_hosts = strdup(host);
     pg->ci_ports = strdup(port != NULL ? port : "");
-    PQconninfoFree(defs);
     if (pg->ci_hosts == NULL || pg->ci_ports == NULL) {
         snprintf(err, errlen, "postgres: out of memory");
         return GW_ERR;
@@ -1837,9 +2045,10 @@ lpg_open(lua_State *L)
     struct lpg_pool   *pg;
     struct timeval  tv = { 0, 50000 };
     int             i, npool;
-    double          connect_timeout, query_timeout, down_for;
+    double          connect_timeout, query_timeout, down_for, sync_recheck;
     int             require_sync;
-    char            err[200];
+    const char     *kind = "misuse";
+    char            err[400];
 
     /* Checked first: raising must not leak what is allocated below. */
     gw_store_sql_opts_check(L, 2);   /* both engines' options */
@@ -1851,6 +2060,7 @@ lpg_open(lua_State *L)
                                      0);
     down_for = gw_store_opt_num(L, 2, "sql.open", "down_for", 0.5, 1);
     require_sync = gw_store_opt_bool(L, 2, "sql.open", "require_sync", 0);
+    sync_recheck = gw_store_opt_num(L, 2, "sql.open", "sync_recheck", 10, 0);
     ud = lua_newuserdata(L, sizeof(*ud));
     ud->pg = NULL;
     luaL_getmetatable(L, LPG_MT);
@@ -1866,6 +2076,7 @@ lpg_open(lua_State *L)
     pg->query_timeout = query_timeout;
     pg->down_for = down_for;
     pg->require_sync = require_sync;
+    pg->sync_recheck = sync_recheck;
     for (i = 0; i < LPG_MAXPOOL; i++) {
         pg->conns[i].pg = pg;
         pg->conns[i].fd = -1;
@@ -1874,7 +2085,7 @@ lpg_open(lua_State *L)
     if (pg->conninfo == NULL || pg->tick == NULL) {
         return luaL_error(L, "postgres: out of memory");
     }
-    if (pool_parse_hosts(pg, err, sizeof(err)) != GW_OK) {
+    if (pool_parse_hosts(pg, &kind, err, sizeof(err)) != GW_OK) {
         ud->pg = NULL;                   /* nothing was started yet */
         event_free(pg->tick);
         if (pg->ci != NULL) {
@@ -1884,7 +2095,7 @@ lpg_open(lua_State *L)
         free(pg->ci_ports);
         free(pg->conninfo);
         free(pg);
-        return gw_push_error(L, "misuse", 0, "%s", err);
+        return gw_push_error(L, kind, 0, "%s", err);
     }
     event_add(pg->tick, &tv);
     return 1;

@@ -180,7 +180,7 @@ const char *const gw_store_sql_opts[] = {
     "retries",                                          /* paygate.sql */
     "readers", "batch_max", "busy_timeout", "tx_timeout", "synchronous",
     "pool", "connect_timeout", "query_timeout", "down_for",
-    "require_sync",
+    "require_sync", "sync_recheck",
     NULL
 };
 
@@ -204,6 +204,7 @@ static const struct sql_opt {
     { "query_timeout", 'p', 0, 0 },
     { "down_for", 'n', 0, 0 },
     { "require_sync", 'b', 0, 0 },
+    { "sync_recheck", 'p', 0, 0 },
     { NULL, 0, 0, 0 }
 };
 
