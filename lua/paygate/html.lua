@@ -5,7 +5,7 @@
 --     t = order.description, body = order.description,
 --     list = html.raw(trusted_fragment) })
 --
--- Every {{name}} value is HTML-escaped (& < > " ' ` =), so it is safe in
+-- Every {{name}} value is HTML-escaped (& < > " ' `), so it is safe in
 -- element text and inside a quoted attribute. A value made by html.raw()
 -- (or returned by html.render / html.join) is inserted as it is: it is
 -- already markup. {{{name}}} is refused: trust is carried by the value,
@@ -35,8 +35,7 @@ function _M.is_raw(v)
 end
 
 local ESC = { ["&"] = "&amp;", ["<"] = "&lt;", [">"] = "&gt;",
-              ['"'] = "&quot;", ["'"] = "&#39;", ["`"] = "&#96;",
-              ["="] = "&#61;" }
+              ['"'] = "&quot;", ["'"] = "&#39;", ["`"] = "&#96;" }
 
 --- syntax: s = html.escape(v)
 -- v: a string, number, boolean, nil (""), or a raw value (as it is).
@@ -49,7 +48,7 @@ function _M.escape(v)
     if t == "number" or t == "boolean" then return tostring(v) end
     error("html.escape: cannot show a " .. t, 2)
   end
-  return (v:gsub("[&<>\"'`=]", ESC):gsub("%z", "\239\191\189"))
+  return (v:gsub("[&<>\"'`]", ESC):gsub("%z", "\239\191\189"))
 end
 
 --- syntax: r = html.render(template, vars)
