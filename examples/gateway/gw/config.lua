@@ -323,7 +323,8 @@ function _M.check(conf, runtime)
   local token, why = secret(g, "admin_token", "gateway.")
   if token == false then return nil, "config." .. why end
   out.admin_token = token
-  out.console, why = require("gw.console.check").check(g.console, token, secret)
+  out.console, why = require("gw.console.check").check(g.console, token,
+                                                        secret)
   if out.console == nil then return nil, why end
 
   local hooks

@@ -228,7 +228,9 @@ function _M.routes(ctx)
   end))
   paygate.route("GET", "/console/outbox", page(function(req, _, view)
     local body, err = pages.dead_letters(req:query(), view)
-    if not body then return show(503, "Dead letters", pages.failed(err), view) end
+    if not body then
+      return show(503, "Dead letters", pages.failed(err), view)
+    end
     return show(200, "Dead letters", body, view)
   end))
   paygate.route("GET", "/console/reconcile", page(function(req, _, view)

@@ -267,7 +267,9 @@ describe("gateway console", function()
       assert.matches("<svg", body, 1, true)
       assert.matches("5 s window", body, 1, true)
       assert.matches("Degradation switch", body, 1, true)
-      assert.matches("days</span>", body, 1, true)
+      -- the platform certificate's and the merchant certificate's days
+      local _, ndays = body:gsub("%d+ days</span>", "")
+      assert.equal(2, ndays)
       assert.not_matches("<script", body, 1, true)
     end)
   end)
@@ -368,5 +370,92 @@ describe("gateway console", function()
       assert.equal(400, res.status)
       assert.not_matches("<script>", res.body, 1, true)
     end)
+  end)
+end)
+
+describe("gateway console config", function()
+  local server = require "paygate.testing.server"
+  local pcore = require "paygate.core"
+  package.path = "examples/gateway/?.lua;" .. package.path
+  local config = require "gw.config"
+  local sim, dir
+
+  setup(function()
+    sim = testing.simulator()
+    dir = server.tmpdir()
+  end)
+
+  teardown(function()
+    server.rmdir(dir)
+    testing.stop_all()
+  end)
+
+  local function conf(console, over)
+    local fake = { dir = dir, url = function(_, p)
+      return "http://127.0.0.1:9" .. p end }
+    local g = { db = "sqlite:" .. dir .. "/c.db", console = console }
+    for k, v in pairs(over or {}) do g[k] = v end
+    return core.config(sim, fake, g)
+  end
+
+  it("is off without the section; loopback by default without a token",
+     function()
+    local cfg = assert(config.check(conf(nil)))
+    assert.is_false(cfg.gateway.console)
+    cfg = assert(config.check(conf({})))
+    assert.same({ access = "loopback", session_ttl = 3600 },
+                cfg.gateway.console)
+  end)
+
+  it("takes the token from a file, or the admin token", function()
+    write(dir .. "/t", TOKEN .. "\n")
+    local cfg = assert(config.check(conf({ token_file = dir .. "/t" })))
+    assert.equal("token", cfg.gateway.console.access)
+    assert.equal(TOKEN, cfg.gateway.console.token)
+    cfg = assert(config.check(conf({ session_ttl = 60 },
+                                   { admin_token_file = dir .. "/t" })))
+    assert.equal(TOKEN, cfg.gateway.console.token)
+    assert.equal(60, cfg.gateway.console.session_ttl)
+  end)
+
+  it("refuses bad sections with one line naming the key, no secret",
+     function()
+    write(dir .. "/short", "short\n")
+    for _, case in ipairs({
+      { "x", "config.gateway.console: must be a table" },
+      { { acess = "token" }, "config.gateway.console.acess: unknown key" },
+      { { token = "s3cr3t-s3cr3t-s3cr3t" },
+        "config.gateway.console.token: the token may not be written" },
+      { { access = "token" }, "config.gateway.console.access: \"token\""
+        .. " needs token_file" },
+      { { access = "open" }, "config.gateway.console.access: must be" },
+      { { token_file = dir .. "/short" }, "config.gateway.console.token_file:"
+        .. " the token must be at least 16" },
+      { { token_env = "GW_SPEC_NO_SUCH_VAR" }, "config.gateway.console"
+        .. ".token_env: the environment variable GW_SPEC_NO_SUCH_VAR" },
+      { { session_ttl = 0 }, "config.gateway.console.session_ttl: must be" },
+    }) do
+      local cfg, why = config.check(conf(case[1]))
+      assert.is_nil(cfg)
+      assert.equal(1, why:find(case[2], 1, true), why)
+      assert.falsy(why:find("s3cr3t", 1, true))
+    end
+  end)
+
+  it("a bad section stops the gateway: exit 2, one line", function()
+    local file = dir .. "/conf.lua"
+    write(file, "return " .. server.lua_source(conf({ access = "open" }))
+          .. "\n")
+    local code, out = testing.proc.run({ server.bin(), "run",
+      "examples/gateway", "--listen", "127.0.0.1:" .. pcore.free_port(),
+      "--admin", "127.0.0.1:" .. pcore.free_port(), "--config", file },
+      { timeout = 30 })
+    assert.equal(2, code, out)
+    local lines = {}
+    for line in out:gmatch("[^\n]+") do
+      if line:match("^gateway: ") then lines[#lines + 1] = line end
+    end
+    assert.same({ "gateway: config.gateway.console.access: must be"
+                  .. " \"token\" or \"loopback\"" }, lines)
   end)
 end)

@@ -13,8 +13,8 @@ local type = type
 
 local _M = {}
 
-local KEYS = { access = true, token_file = true, token_env = true,
-               session_ttl = true }
+local KEYS = { access = true, token = true, token_file = true,
+               token_env = true, session_ttl = true }
 
 --- syntax: conf, why = check.check(t, admin_token, secret)
 -- secret: gw.config's reader of <base>_file / <base>_env.

@@ -96,7 +96,8 @@ local function lever(view, action, label, fields, class)
       { k = k, v = v })
   end
   return render([[<form class="inline" method="post" action="{{a}}"><input
-type="hidden" name="csrf" value="{{c}}">{{h}}<button class="{{cl}}">{{l}}</button></form>]],
+type="hidden" name="csrf" value="{{c}}">{{h}}<button
+class="{{cl}}">{{l}}</button></form>]],
     { a = action, c = view.csrf, h = join(hidden), l = label,
       cl = class or "" })
 end
@@ -229,26 +230,55 @@ local function degrade_box(view)
                  { on = on and "0" or "1" }, on and "" or "danger") })
 end
 
+-- days left on the merchant's own certificate (merchant_certificate: a
+-- path or PEM text), read once per worker and hour; nil when not given
+local merchant_days = {}
+local function merchant_cert_days(m, now)
+  local c = merchant_days[m.mchid]
+  if c and now - c.read_at < 3600 then return c.not_after end
+  local v = m.client.merchant_certificate
+  local not_after
+  if type(v) == "string" then
+    local pem = v
+    if not v:find("-----BEGIN", 1, true) then
+      local f = io.open(v, "rb")
+      pem = f and f:read("*a")
+      if f then f:close() end
+    end
+    local cert = pem and require("paygate.crypto").certificate(pem)
+    not_after = cert and cert:not_after() or nil
+  end
+  merchant_days[m.mchid] = { read_at = now, not_after = not_after }
+  return not_after
+end
+
+local function days_cell(days)
+  return render("<span class=\"{{c}}\">{{d}} days</span>", {
+    c = days < 30 and "bad" or "good", d = floor(days) })
+end
+
 local function certs_box()
   local ok, certs = pcall(require, "paygate.wechatpay.certs")
-  local rows = {}
+  local rows, now = {}, core.time()
   for _, m in ipairs(ctx.merchants) do
     local wx = ctx.wx[m.mchid]
-    local st = ok and wx and select(2, pcall(certs.status, wx))
+    local st = ok and wx and select(2, pcall(certs.status, wx, now))
     local days = type(st) == "table" and st.days_left
     local text
     if days then
-      text = render("<span class=\"{{c}}\">{{d}} days</span>", {
-        c = days < 30 and "bad" or "good", d = floor(days) })
+      text = days_cell(days)
     elseif type(st) == "table" and st.public_key_id then
       text = "public key (does not expire)"
     else
       text = "no valid platform certificate loaded"
     end
-    rows[#rows + 1] = { m.mchid, text }
+    local na = merchant_cert_days(m, now)
+    rows[#rows + 1] = { m.mchid, text,
+                        na and days_cell((na - now) / 86400) or "not given" }
   end
-  return render("<section><h2>Platform certificates</h2>{{t}}</section>",
-    { t = table_of({ "merchant", "newest valid certificate" }, rows) })
+  return render("<section><h2>Certificates</h2>{{t}}</section>",
+    { t = table_of({ "merchant", "newest valid platform certificate",
+                     "merchant certificate" }, rows) })
 end
 
 function _M.overview(view)
