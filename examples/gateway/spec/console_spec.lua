@@ -272,6 +272,30 @@ describe("gateway console", function()
       assert.equal(2, ndays)
       assert.not_matches("<script", body, 1, true)
     end)
+
+    it("draw the notification answer times of the last hour", function()
+      local function answered()
+        local body = get(gw, "/console").body
+        return tonumber(body:match("<p>(%d+) answered;")), body
+      end
+      local n0 = answered()
+      local p = gw:create{ description = "notified" }
+      sim:pay(p.out_trade_no)
+      local body
+      testing.wait_until(function()
+        local st = assert(gw.db:query("SELECT state FROM gw_payments WHERE"
+          .. " id = $1", { p.id }))[1].state
+        local n
+        n, body = answered()
+        return st == "paid" and n > n0
+      end, 10, "the notification applied and on the overview")
+      assert.matches('<circle class="p99"', body, 1, true)
+      assert.matches('<rect class="n"', body, 1, true)
+      assert.matches("worst p99 under [%d.]+ s", body)
+      local page = get(gw, "/console/payments/" .. p.id).body
+      assert.matches("TRANSACTION.SUCCESS", page, 1, true)
+      assert.matches("payment.succeeded", page, 1, true)
+    end)
   end)
 
   describe("levers", function()
