@@ -483,3 +483,69 @@ describe("gateway console config", function()
                   .. " \"token\" or \"loopback\"" }, lines)
   end)
 end)
+
+describe("gateway console on PostgreSQL", function()
+  local servers = require "spec.support.servers"
+  if not servers.have_postgres() then
+    pending("PostgreSQL is not installed")
+    return
+  end
+  local sim, gw, pg
+
+  setup(function()
+    pg = servers.postgres()
+    sim = testing.simulator{ time_scale = 100 }
+    gw = core.start(sim, { db = function() return pg.url end,
+      gateway = { console = { access = "loopback" },
+                  reconcile = { enabled = false } } })
+  end)
+
+  teardown(function()
+    if gw then gw:stop() end
+    testing.stop_all()
+    servers.stop_all()
+  end)
+
+  it("shows every page, pages by keyset, searches and pulls a lever",
+     function()
+    local ids = {}
+    for i = 1, 52 do
+      ids[i] = gw:create{ description = i == 1 and HOSTILE or "pg" }
+    end
+    local body = get(gw, "/console").body
+    assert.matches('href="/console/payments?state=paying">paying</a></td>'
+                   .. "<td>52</td>", body, 1, true)
+    local seen, path, n, shown = {}, "/console/payments", 0, 0
+    while path do
+      local res = get(gw, path)
+      assert.equal(200, res.status, res.body)
+      assert.not_matches("<script>", res.body, 1, true)
+      if res.body:find("&lt;script&gt;alert(1)", 1, true) then
+        shown = shown + 1
+      end
+      for id in res.body:gmatch('<a href="/console/payments/(pay_%w+)">') do
+        assert.is_nil(seen[id])
+        seen[id] = true
+        n = n + 1
+      end
+      path = res.body:match('<a href="(/console/payments%?after=[^"]+)">')
+    end
+    assert.equal(52, n)
+    assert.equal(1, shown)
+    local p = ids[1]
+    local res = get(gw, "/console/payments?q=" .. p.out_trade_no)
+    assert.matches(p.id, res.body, 1, true)
+    res = get(gw, "/console/payments/" .. p.id)
+    assert.equal(200, res.status)
+    assert_escaped(res.body)
+    assert.matches("hash chain verified", res.body, 1, true)
+    assert.equal(200, get(gw, "/console/outbox").status)
+    assert.equal(200, get(gw, "/console/reconcile").status)
+    res = post(gw, "/console/degrade", { on = "1",
+                                         csrf = csrf_of(body) })
+    assert.equal(303, res.status, res.body)
+    assert.is_true(gw.srv:request("/admin/degrade").json.on)
+    local e = console_entries(gw)
+    assert.equal("console.degrade", e[#e].what)
+  end)
+end)
