@@ -253,8 +253,10 @@ local function merchant_cert_days(m, now)
 end
 
 local function days_cell(days)
-  return render("<span class=\"{{c}}\">{{d}} days</span>", {
-    c = days < 30 and "bad" or "good", d = floor(days) })
+  local d = floor(days)
+  return render("<span class=\"{{c}}\">{{d}} {{u}}</span>", {
+    c = days < 30 and "bad" or "good", d = d, u = d == 1 and "day"
+    or "days" })
 end
 
 local function certs_box()
