@@ -9,6 +9,9 @@ local audit = require "paygate.audit"
 local outbox = require "paygate.outbox"
 local json = require "paygate.json"
 local html = require "paygate.html"
+local crypto = require "paygate.crypto"
+local certs = require "paygate.wechatpay.certs"
+local bill = require "paygate.reconcile.bill"
 
 local type, tostring, tonumber, ipairs, floor, min, max =
       type, tostring, tonumber, ipairs, math.floor, math.min, math.max
@@ -245,7 +248,7 @@ local function merchant_cert_days(m, now)
       pem = f and f:read("*a")
       if f then f:close() end
     end
-    local cert = pem and require("paygate.crypto").certificate(pem)
+    local cert = pem and crypto.certificate(pem)
     not_after = cert and cert:not_after() or nil
   end
   merchant_days[m.mchid] = { read_at = now, not_after = not_after }
@@ -260,11 +263,10 @@ local function days_cell(days)
 end
 
 local function certs_box()
-  local ok, certs = pcall(require, "paygate.wechatpay.certs")
   local rows, now = {}, core.time()
   for _, m in ipairs(ctx.merchants) do
     local wx = ctx.wx[m.mchid]
-    local st = ok and wx and select(2, pcall(certs.status, wx, now))
+    local st = wx and certs.status(wx, now)
     local days = type(st) == "table" and st.days_left
     local text
     if days then
@@ -548,7 +550,7 @@ function _M.run_bill(date)
     return nil, "set gateway.reconcile.bill_dir to run it from here"
   end
   os.execute("mkdir -p '" .. dir:gsub("'", "'\\''") .. "'")
-  local bill = require "paygate.reconcile.bill"
+  -- gw.reconcile is the gateway's plug-in: loaded when this lever is used
   local gwr = require "gw.reconcile"
   local total = 0
   for _, m in ipairs(ctx.merchants) do
