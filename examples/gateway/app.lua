@@ -174,6 +174,7 @@ end
 -- admin ---------------------------------------------------------------------
 
 admin.routes(ctx)
+require("gw.console").routes(ctx)  -- /console, when gateway.console is set
 
 -- background: the outbox dispatcher -----------------------------------------
 

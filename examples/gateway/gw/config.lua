@@ -24,6 +24,7 @@ local GATEWAY_KEYS = {
   on_late_payment = true, degraded = true, admin_token_file = true,
   admin_token_env = true, webhooks = true, redis_stream = true,
   reconcile = true, retention = true, dev_app = true, dispatcher = true,
+  console = true,
 }
 
 -- Keys of a merchant the gateway reads itself; the rest go to
@@ -379,6 +380,9 @@ function _M.check(conf, runtime)
   local token, why = secret(g, "admin_token", "gateway.")
   if token == false then return nil, "config." .. why end
   out.admin_token = token
+  out.console, why = require("gw.console.check").check(g.console, token,
+                                                        secret)
+  if out.console == nil then return nil, why end
 
   local hooks
   hooks, err = check_webhooks(g.webhooks)

@@ -1,0 +1,316 @@
+-- gw.console: the operator's console under /console (docs/console.md).
+--
+-- Who: with gateway.console.access = "loopback", loopback clients only,
+-- no login; with "token", anyone holding the console token (or the admin
+-- token) logs in on /console/login and gets an HttpOnly, SameSite=Strict
+-- session cookie that lasts session_ttl seconds (sessions live in the
+-- shared dictionary: every worker sees them; a restart logs everyone
+-- out). Every POST carries a CSRF token bound to the session, and a
+-- cross-origin Origin header is refused. Every answer carries strict
+-- security headers (no script at all; the stylesheet is served from here).
+--
+-- The pages (gw.console.pages) read what the gateway records: the
+-- payments and attempts, the audit trail, the outbox, the notifications,
+-- the reconciliation entries. The levers (replay a dead letter, settle a
+-- payment now, run the day's bill reconciliation, flip the degradation
+-- switch) write an audit entry with who and when: subject
+-- console:<YYYY-MM-DD> (UTC), actor "console:<who>".
+local paygate = require "paygate"
+local core = require "paygate.core"
+local crypto = require "paygate.crypto"
+local shared = require "paygate.shared"
+local audit = require "paygate.audit"
+local outbox = require "paygate.outbox"
+local html = require "paygate.html"
+local config = require "gw.config"
+local pages = require "gw.console.pages"
+
+local type, tostring, tonumber, floor = type, tostring, tonumber, math.floor
+
+local _M = {}
+
+local COOKIE = "pgc_session"
+local K_KEY = "gw:console:key"
+local K_SESSION = "gw:console:s:"
+
+local SECURITY_HEADERS = {
+  ["Content-Type"] = "text/html; charset=utf-8",
+  ["Content-Security-Policy"] = "default-src 'none'; style-src 'self';"
+    .. " img-src 'self'; form-action 'self'; frame-ancestors 'none';"
+    .. " base-uri 'none'",
+  ["X-Frame-Options"] = "DENY",
+  ["X-Content-Type-Options"] = "nosniff",
+  ["Referrer-Policy"] = "no-referrer",
+  ["Cache-Control"] = "no-store",
+  ["Cross-Origin-Opener-Policy"] = "same-origin",
+  ["Cross-Origin-Resource-Policy"] = "same-origin",
+}
+
+local function headers(extra)
+  local h = {}
+  for k, v in pairs(SECURITY_HEADERS) do h[k] = v end
+  for k, v in pairs(extra or {}) do h[k] = v end
+  return h
+end
+_M.headers = headers
+
+local function cookie(req, name)
+  local h = req:header("cookie")
+  if type(h) ~= "string" then return nil end
+  for pair in h:gmatch("[^;]+") do
+    local k, v = pair:match("^%s*([^=%s]+)=([^;]*)$")
+    if k == name then return (v:gsub("%s+$", "")) end
+  end
+  return nil
+end
+
+local function today()
+  return os.date("!%Y-%m-%d", floor(core.time()))
+end
+
+--- syntax: routes(ctx) -- adds /console/* when gateway.console is set
+function _M.routes(ctx)
+  local conf = ctx.gateway.console
+  if not conf then return end
+  local D = shared.get_dict("paygate")
+  D:add(K_KEY, crypto.hex(crypto.random_bytes(32)))
+  local secure = ctx.gateway.public_url:sub(1, 8) == "https://"
+  pages.init(ctx)
+
+  local function key() return D:get(K_KEY) end
+
+  -- The caller: { id, actor } or nil and why ("login": no session)
+  local function session(req)
+    if conf.access == "loopback" then
+      if config.is_loopback_addr(req.remote_addr) then
+        return { id = "loopback", actor = "console:loopback" }
+      end
+      return nil, "forbidden"
+    end
+    local sid = cookie(req, COOKIE)
+    if sid and #sid == 40 and sid:match("^%w+$") then
+      local exp = D:get(K_SESSION .. sid)
+      if type(exp) == "number" and exp > core.time() then
+        return { id = sid, actor = "console:session-" .. sid:sub(1, 8) }
+      end
+    end
+    return nil, "login"
+  end
+
+  local function csrf_of(s)
+    return crypto.hex(crypto.hmac("sha256", key(), "csrf|" .. s.id))
+  end
+
+  local function refuse(status, title, text)
+    return status, tostring(pages.layout(title, html.render(
+      "<p class=\"error\">{{t}}</p>", { t = text }), {})), headers()
+  end
+
+  -- A request from another origin (a cross-site form) is refused even
+  -- before the CSRF token is looked at.
+  local function same_origin(req)
+    local origin = req:header("origin")
+    if origin == nil then return true end
+    local host = req:header("host")
+    return host ~= nil and (origin == "http://" .. host
+                            or origin == "https://" .. host)
+  end
+
+  -- GET pages: fn(req, s, view) -> status, markup
+  local function page(fn)
+    return function(req)
+      local s, why = session(req)
+      if not s then
+        if why == "login" then
+          return 303, "", headers({ Location = "/console/login" })
+        end
+        return refuse(403, "Forbidden", "The console answers loopback"
+          .. " clients only.")
+      end
+      local view = { csrf = csrf_of(s), token_mode = conf.access == "token",
+                     flash = req:query().done }
+      return fn(req, s, view)
+    end
+  end
+
+  -- POST levers: fn(req, s, form) -> redirect location or status, markup
+  local function action(fn)
+    return function(req)
+      local s = session(req)
+      if not s then
+        return refuse(403, "Forbidden", "Log in first.")
+      end
+      local form = html.decode_form(req.body)
+      local want = csrf_of(s)
+      local got = form.csrf
+      if not same_origin(req) or type(got) ~= "string" or #got ~= #want
+         or not crypto.constant_time_equal(got, want) then
+        return refuse(403, "Forbidden", "The form's CSRF token is missing or"
+          .. " wrong: reload the page and try again.")
+      end
+      return fn(req, s, form)
+    end
+  end
+
+  local function audited(s, what, ref, evidence)
+    return audit.append(ctx.db, "console:" .. today(), {
+      what = what, ref = ref, actor = s.actor, cause = "console",
+      evidence = evidence })
+  end
+
+  local function back(path, done)
+    return 303, "", headers({ Location = path .. (done and ("?done="
+      .. html.url_encode(done)) or "") })
+  end
+
+  local function show(status, title, body, view)
+    return status, tostring(pages.layout(title, body, view)), headers()
+  end
+
+  -- login / logout ------------------------------------------------------
+
+  if conf.access == "token" then
+    paygate.route("GET", "/console/login", function()
+      return show(200, "Log in", pages.login(), {})
+    end)
+    paygate.route("POST", "/console/login", function(req)
+      if not same_origin(req) then
+        return refuse(403, "Forbidden", "Cross-origin login refused.")
+      end
+      local got = html.decode_form(req.body).token
+      local want = conf.token
+      if type(got) ~= "string" or #got ~= #want
+         or not crypto.constant_time_equal(got, want) then
+        paygate.log.warn("gateway: console login refused",
+                         { remote = req.remote_addr })
+        return show(403, "Log in", pages.login("Wrong token."), {})
+      end
+      local sid = crypto.random_nonce(40)
+      D:set(K_SESSION .. sid, core.time() + conf.session_ttl,
+            conf.session_ttl)
+      paygate.log.info("gateway: console login", {
+        remote = req.remote_addr, session = sid:sub(1, 8) })
+      return 303, "", headers({ Location = "/console",
+        ["Set-Cookie"] = COOKIE .. "=" .. sid .. "; Path=/console;"
+          .. " Max-Age=" .. conf.session_ttl .. "; HttpOnly;"
+          .. " SameSite=Strict" .. (secure and "; Secure" or "") })
+    end)
+    paygate.route("POST", "/console/logout", action(function(_, s)
+      D:delete(K_SESSION .. s.id)
+      return 303, "", headers({ Location = "/console/login",
+        ["Set-Cookie"] = COOKIE .. "=; Path=/console; Max-Age=0; HttpOnly;"
+          .. " SameSite=Strict" })
+    end))
+  end
+
+  -- pages ---------------------------------------------------------------
+
+  paygate.route("GET", "/console/static/console.css", function()
+    return 200, pages.CSS, headers({ ["Content-Type"] = "text/css",
+      ["Cache-Control"] = "max-age=300" })
+  end)
+  paygate.route("GET", "/console", page(function(_, _, view)
+    view.refresh = 30
+    return show(200, "Overview", pages.overview(view), view)
+  end))
+  paygate.route("GET", "/console/payments", page(function(req, _, view)
+    local body, err = pages.payments(req:query(), view)
+    if not body then return show(503, "Payments", pages.failed(err), view) end
+    return show(200, "Payments", body, view)
+  end))
+  paygate.route("GET", "/console/payments/:id", page(function(req, _, view)
+    local body, err = pages.payment(req.params.id, view)
+    if body == false then
+      return show(404, "Payment", pages.failed("no such payment"), view)
+    end
+    if not body then return show(503, "Payment", pages.failed(err), view) end
+    return show(200, "Payment " .. req.params.id, body, view)
+  end))
+  paygate.route("GET", "/console/outbox", page(function(req, _, view)
+    local body, err = pages.dead_letters(req:query(), view)
+    if not body then
+      return show(503, "Dead letters", pages.failed(err), view)
+    end
+    return show(200, "Dead letters", body, view)
+  end))
+  paygate.route("GET", "/console/reconcile", page(function(req, _, view)
+    local body, err = pages.reconcile(req:query(), view)
+    if not body then
+      return show(503, "Reconciliation", pages.failed(err), view)
+    end
+    return show(200, "Reconciliation", body, view)
+  end))
+
+  -- levers ----------------------------------------------------------------
+
+  paygate.route("POST", "/console/degrade", action(function(req, s, form)
+    local on = form.on == "1"
+    if form.on ~= "1" and form.on ~= "0" then
+      return refuse(400, "Bad request", "on must be 1 or 0")
+    end
+    local e, err = audited(s, "console.degrade", on and "on" or "off",
+                           { on = on, remote = req.remote_addr })
+    if not e then return refuse(503, "Unavailable", tostring(err)) end
+    ctx.set_degraded(on)
+    paygate.log.warn("gateway: degradation switched " .. (on and "on"
+      or "off") .. " from the console", { actor = s.actor })
+    return back("/console", "degradation " .. (on and "on" or "off"))
+  end))
+
+  paygate.route("POST", "/console/outbox/:id/replay", action(function(req, s)
+    local id = tonumber(req.params.id)
+    if not id or id % 1 ~= 0 or id < 1 or id > 2 ^ 53 then
+      return refuse(400, "Bad request", "not an event id")
+    end
+    local n, err = outbox.replay(ctx.db, id)
+    if not n then return refuse(503, "Unavailable", tostring(err)) end
+    local e, aerr = audited(s, "console.replay", tostring(id),
+                            { event = id, replayed = n })
+    if not e then return refuse(503, "Unavailable", tostring(aerr)) end
+    return back("/console/outbox", n == 1 and ("event " .. id
+      .. " replayed") or ("event " .. id .. " was pending already"))
+  end))
+
+  paygate.route("POST", "/console/payments/:id/settle",
+                action(function(req, s)
+    local id = req.params.id
+    local p, err = pages.payment_row(id)
+    if p == false then return refuse(404, "Not found", "no such payment") end
+    if not p then return refuse(503, "Unavailable", tostring(err)) end
+    local before = p.state
+    local ok, rerr = ctx.payments.refresh(p)
+    local after = pages.payment_row(id)
+    local e, aerr = audited(s, "console.settle", id, {
+      payment = id, from = before, to = after and after.state or nil,
+      error = (not ok) and tostring(rerr) or nil })
+    if not e then return refuse(503, "Unavailable", tostring(aerr)) end
+    local path = "/console/payments/" .. html.url_encode(id)
+    if not ok then
+      return back(path, "WeChat could not be asked: " .. tostring(rerr))
+    end
+    return back(path, "queried WeChat: " .. tostring(before) .. " -> "
+      .. tostring(after and after.state))
+  end))
+
+  paygate.route("POST", "/console/reconcile", action(function(_, s, form)
+    local date = form.date
+    if type(date) ~= "string" or not date:match("^%d%d%d%d%-%d%d%-%d%d$") then
+      return refuse(400, "Bad request", "date must be YYYY-MM-DD")
+    end
+    local reports, err = pages.run_bill(date)
+    local e, aerr = audited(s, "console.reconcile", date, {
+      date = date, error = (not reports) and tostring(err) or nil,
+      mismatches = reports and reports.total or nil })
+    if not e then return refuse(503, "Unavailable", tostring(aerr)) end
+    if not reports then
+      return back("/console/reconcile", "reconciliation of " .. date
+        .. " failed: " .. tostring(err))
+    end
+    return back("/console/reconcile", "reconciled " .. date .. ": "
+      .. reports.total .. " mismatches")
+  end))
+
+  pages.record_answer_times()
+end
+
+return _M

@@ -1,0 +1,618 @@
+-- gw.console.pages: the console's pages, server-rendered with paygate.html
+-- (every value escaped unless built as markup here), and the reads and
+-- jobs behind its levers. No JavaScript: the overview refreshes itself
+-- with <meta http-equiv="refresh">.
+local paygate = require "paygate"
+local core = require "paygate.core"
+local shared = require "paygate.shared"
+local audit = require "paygate.audit"
+local outbox = require "paygate.outbox"
+local json = require "paygate.json"
+local html = require "paygate.html"
+local crypto = require "paygate.crypto"
+local certs = require "paygate.wechatpay.certs"
+local bill = require "paygate.reconcile.bill"
+
+local type, tostring, tonumber, ipairs, floor, min, max =
+      type, tostring, tonumber, ipairs, math.floor, math.min, math.max
+local render, raw, join = html.render, html.raw, html.join
+
+local _M = {}
+local ctx
+
+function _M.init(c) ctx = c end
+
+local PAGE = 50
+local WINDOW = 5           -- WeChat waits 5 s for a notification's answer
+
+do
+  local here = debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$") or "."
+  local f = io.open(here .. "/console.css", "rb")
+  _M.CSS = f and f:read("*a") or ""
+  if f then f:close() end
+end
+
+local function null(v)
+  if v == nil or v == core.null then return nil end
+  return v
+end
+
+local function when(t)
+  t = tonumber(null(t))
+  if not t then return "" end
+  return os.date("!%Y-%m-%d %H:%M:%S", floor(t)) .. "Z"
+end
+
+local function fen(n)
+  n = tonumber(null(n))
+  if not n then return "" end
+  return ("%d.%02d"):format(floor(n / 100), n % 100)
+end
+
+--- syntax: r = pages.layout(title, body, view)
+function _M.layout(title, body, view)
+  local nav = html.NONE
+  if view.csrf then
+    nav = render([[<nav><a href="/console">Overview</a>
+<a href="/console/payments">Payments</a>
+<a href="/console/payments?state=unknown">Unknown</a>
+<a href="/console/outbox">Dead letters</a>
+<a href="/console/reconcile">Reconciliation</a>{{logout}}</nav>]], {
+      logout = view.token_mode and render([[
+<form class="inline" method="post" action="/console/logout"><input
+type="hidden" name="csrf" value="{{csrf}}"><button>Log out</button></form>]],
+        { csrf = view.csrf }) or html.NONE })
+  end
+  return render([[<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>{{title}} - paygate console</title>
+<link rel="stylesheet" href="/console/static/console.css">{{refresh}}
+</head><body><header>{{nav}}</header><main>
+<h1>{{title}}</h1>{{flash}}{{body}}</main></body></html>
+]], { title = title, nav = nav, body = body,
+      refresh = view.refresh and render(
+        "\n<meta http-equiv=\"refresh\" content=\"{{s}}\">",
+        { s = view.refresh }) or html.NONE,
+      flash = view.flash and render("<p class=\"flash\">{{f}}</p>",
+                                    { f = view.flash }) or html.NONE })
+end
+
+function _M.failed(err)
+  return render("<p class=\"error\">The store could not be read: {{e}}</p>",
+                { e = tostring(err) })
+end
+
+function _M.login(msg)
+  return render([[{{msg}}<form method="post" action="/console/login">
+<label>Console token <input type="password" name="token"
+autocomplete="current-password" required></label>
+<button>Log in</button></form>]], { msg = msg and render(
+    "<p class=\"error\">{{m}}</p>", { m = msg }) or html.NONE })
+end
+
+-- A POST form with the CSRF token and one button.
+local function lever(view, action, label, fields, class)
+  local hidden = {}
+  for k, v in pairs(fields or {}) do
+    hidden[#hidden + 1] = render(
+      "<input type=\"hidden\" name=\"{{k}}\" value=\"{{v}}\">",
+      { k = k, v = v })
+  end
+  return render([[<form class="inline" method="post" action="{{a}}"><input
+type="hidden" name="csrf" value="{{c}}">{{h}}<button
+class="{{cl}}">{{l}}</button></form>]],
+    { a = action, c = view.csrf, h = join(hidden), l = label,
+      cl = class or "" })
+end
+
+local function table_of(heads, rows)
+  local th = {}
+  for i, h in ipairs(heads) do th[i] = render("<th>{{h}}</th>", { h = h }) end
+  local tr = {}
+  for i, r in ipairs(rows) do
+    local td = {}
+    for j = 1, #heads do
+      local v = r[j]
+      if v == nil then v = "" end
+      td[j] = render("<td>{{v}}</td>", { v = v })
+    end
+    tr[i] = render("<tr>{{d}}</tr>", { d = join(td) })
+  end
+  if not rows[1] then
+    return render("<p class=\"empty\">None.</p>", {})
+  end
+  return render("<table><thead><tr>{{h}}</tr></thead><tbody>{{r}}"
+    .. "</tbody></table>", { h = join(th), r = join(tr) })
+end
+
+local function link(href, text)
+  return render("<a href=\"{{h}}\">{{t}}</a>", { h = href, t = text })
+end
+
+local function payment_link(id)
+  return link("/console/payments/" .. html.url_encode(id), id)
+end
+
+------------------------------------------------ notification answer times
+
+-- Histogram buckets (seconds) of the notification route's answer time,
+-- one set of counters per minute in the shared dictionary (two hours).
+local BUCKETS = { 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 4, 5, 6,
+                  math.huge }
+local NOTIFY = "/wechatpay/notify/"
+
+function _M.record_answer_times()
+  local D = shared.get_dict("paygate")
+  paygate.before(function(req)
+    if req.path:sub(1, #NOTIFY) == NOTIFY then
+      req.console_t0 = core.mono()
+    end
+    return nil
+  end)
+  paygate.after(function(req)
+    local t0 = req.console_t0
+    if not t0 then return end
+    local dt = core.mono() - t0
+    local b = 1
+    while dt > BUCKETS[b] do b = b + 1 end
+    local minute = floor(core.time() / 60)
+    D:incr("gw:cn:" .. minute .. ":" .. b, 1, 0, 7200)
+  end)
+end
+
+-- { { minute, n, p50, p99 } ... } for the last 60 minutes (p: the bucket's
+-- upper bound; nil without notifications)
+local function answer_times(now)
+  local D = shared.get_dict("paygate")
+  local out, last = {}, floor(now / 60)
+  for m = last - 59, last do
+    local counts, n = {}, 0
+    for b = 1, #BUCKETS do
+      counts[b] = tonumber(D:get("gw:cn:" .. m .. ":" .. b)) or 0
+      n = n + counts[b]
+    end
+    local p = { minute = m, n = n }
+    if n > 0 then
+      local acc = 0
+      for b = 1, #BUCKETS do
+        acc = acc + counts[b]
+        if not p.p50 and acc >= 0.5 * n then p.p50 = BUCKETS[b] end
+        if not p.p99 and acc >= 0.99 * n then p.p99 = BUCKETS[b] end
+      end
+    end
+    out[#out + 1] = p
+  end
+  return out
+end
+_M.answer_times = answer_times
+
+-- The chart: bars of notifications per minute (grey, own scale), p50
+-- (blue) and p99 (orange) answer times against the 5 s window (red line).
+local function chart(points)
+  local W, H, TOP = 600, 160, 6     -- TOP: seconds at the top of the chart
+  local bw = W / #points
+  local most = 1
+  for _, p in ipairs(points) do most = max(most, p.n) end
+  local bars, dots = {}, {}
+  local function y(sec) return H - min(sec, TOP) / TOP * H end
+  for i, p in ipairs(points) do
+    local x = (i - 1) * bw
+    if p.n > 0 then
+      local h = p.n / most * H * 0.9
+      bars[#bars + 1] = render("<rect class=\"n\" x=\"{{x}}\" y=\"{{y}}\""
+        .. " width=\"{{w}}\" height=\"{{h}}\"><title>{{t}}</title></rect>",
+        { x = ("%.1f"):format(x), y = ("%.1f"):format(H - h),
+          w = ("%.1f"):format(bw - 1), h = ("%.1f"):format(h),
+          t = os.date("!%H:%M", p.minute * 60) .. ": " .. p.n
+            .. " notifications, p50 " .. tostring(p.p50) .. " s, p99 "
+            .. tostring(p.p99) .. " s" })
+      for _, q in ipairs({ { "p50", p.p50 }, { "p99", p.p99 } }) do
+        dots[#dots + 1] = render("<circle class=\"{{c}}\" cx=\"{{x}}\""
+          .. " cy=\"{{y}}\" r=\"3\"></circle>", { c = q[1],
+          x = ("%.1f"):format(x + bw / 2), y = ("%.1f"):format(y(q[2])) })
+      end
+    end
+  end
+  return render([[<svg class="chart" viewBox="0 0 {{w}} {{h}}" width="{{w}}"
+height="{{h}}" role="img" aria-label="notifications per minute and answer
+times, last hour">{{bars}}<line class="window" x1="0" x2="{{w}}" y1="{{wy}}"
+y2="{{wy}}"></line><text x="4" y="{{ty}}">5 s window</text>{{dots}}</svg>]],
+    { w = W, h = H, bars = join(bars), dots = join(dots),
+      wy = ("%.1f"):format(y(WINDOW)), ty = ("%.1f"):format(y(WINDOW) - 4) })
+end
+
+---------------------------------------------------------------- overview
+
+local function degrade_box(view)
+  local on = ctx.degraded()
+  return render([[<section><h2>Degradation switch</h2>
+<p class="{{cl}}">{{state}}</p>{{form}}</section>]], {
+    cl = on and "bad" or "good",
+    state = on and "ON: calls to WeChat fail at once" or "off",
+    form = lever(view, "/console/degrade", on and "Switch off" or "Switch on",
+                 { on = on and "0" or "1" }, on and "" or "danger") })
+end
+
+-- days left on the merchant's own certificate (merchant_certificate: a
+-- path or PEM text), read once per worker and hour; nil when not given
+local merchant_days = {}
+local function merchant_cert_days(m, now)
+  local c = merchant_days[m.mchid]
+  if c and now - c.read_at < 3600 then return c.not_after end
+  local v = m.client.merchant_certificate
+  local not_after
+  if type(v) == "string" then
+    local pem = v
+    if not v:find("-----BEGIN", 1, true) then
+      local f = io.open(v, "rb")
+      pem = f and f:read("*a")
+      if f then f:close() end
+    end
+    local cert = pem and crypto.certificate(pem)
+    not_after = cert and cert:not_after() or nil
+  end
+  merchant_days[m.mchid] = { read_at = now, not_after = not_after }
+  return not_after
+end
+
+local function days_cell(days)
+  local d = floor(days)
+  return render("<span class=\"{{c}}\">{{d}} {{u}}</span>", {
+    c = days < 30 and "bad" or "good", d = d, u = d == 1 and "day"
+    or "days" })
+end
+
+local function certs_box()
+  local rows, now = {}, core.time()
+  for _, m in ipairs(ctx.merchants) do
+    local wx = ctx.wx[m.mchid]
+    local st = wx and certs.status(wx, now)
+    local days = type(st) == "table" and st.days_left
+    local text
+    if days then
+      text = days_cell(days)
+    elseif type(st) == "table" and st.public_key_id then
+      text = "public key (does not expire)"
+    else
+      text = "no valid platform certificate loaded"
+    end
+    local na = merchant_cert_days(m, now)
+    rows[#rows + 1] = { m.mchid, text,
+                        na and days_cell((na - now) / 86400) or "not given" }
+  end
+  return render("<section><h2>Certificates</h2>{{t}}</section>",
+    { t = table_of({ "merchant", "newest valid platform certificate",
+                     "merchant certificate" }, rows) })
+end
+
+function _M.overview(view)
+  local db, now = ctx.db, core.time()
+  local parts = {}
+  local rows, err = db:query("SELECT state, COUNT(*) AS n FROM gw_payments"
+    .. " WHERE created_at >= $1 GROUP BY state ORDER BY state",
+    { now - 86400 })
+  local list = {}
+  for _, r in ipairs(rows or {}) do
+    list[#list + 1] = { link("/console/payments?state="
+      .. html.url_encode(r.state), r.state), r.n }
+  end
+  parts[#parts + 1] = render("<section><h2>Payments, last 24 h</h2>{{t}}"
+    .. "</section>", { t = rows and table_of({ "state", "payments" }, list)
+                       or _M.failed(err) })
+
+  local pts = answer_times(now)
+  local total, worst = 0, nil
+  for _, p in ipairs(pts) do
+    total = total + p.n
+    if p.p99 then worst = max(worst or 0, p.p99) end
+  end
+  parts[#parts + 1] = render([[<section><h2>Notifications, last hour</h2>
+<p>{{n}} answered; worst p99 {{w}} (WeChat waits 5 s).</p>{{c}}</section>]],
+    { n = total, w = worst and (worst == math.huge and "over 6 s"
+        or ("under " .. worst .. " s")) or "-", c = chart(pts) })
+
+  rows, err = db:query("SELECT state, COUNT(*) AS n FROM paygate_outbox"
+    .. " GROUP BY state ORDER BY state")
+  list = {}
+  for _, r in ipairs(rows or {}) do
+    list[#list + 1] = { r.state == "dead" and link("/console/outbox",
+      "dead letters") or r.state, r.n }
+  end
+  parts[#parts + 1] = render("<section><h2>Outbox</h2>{{t}}</section>",
+    { t = rows and table_of({ "state", "events" }, list) or _M.failed(err) })
+
+  rows, err = db:query("SELECT subject, at, evidence FROM paygate_audit"
+    .. " WHERE what = 'reconcile.bill' ORDER BY at DESC LIMIT 3")
+  list = {}
+  for _, r in ipairs(rows or {}) do
+    local ev = json.decode(tostring(r.evidence)) or {}
+    list[#list + 1] = { link("/console/reconcile?date=" .. html.url_encode(
+      tostring(ev.date)), tostring(ev.date)), tostring(ev.merchant),
+      ev.counts and ev.counts.total or "?" }
+  end
+  parts[#parts + 1] = render("<section><h2>Last reconciliations</h2>{{t}}"
+    .. "</section>", { t = rows and table_of({ "date", "merchant",
+      "mismatches" }, list) or _M.failed(err) })
+  parts[#parts + 1] = degrade_box(view)
+  parts[#parts + 1] = certs_box()
+  return join(parts)
+end
+
+---------------------------------------------------------------- payments
+
+--- syntax: row, err = pages.payment_row(id) -- false when none
+function _M.payment_row(id)
+  local rows, err = ctx.db:query("SELECT * FROM gw_payments WHERE id = $1",
+                                 { id })
+  if not rows then return nil, err end
+  return rows[1] or false
+end
+
+-- The keyset cursor: created_at (exact, %.17g) and id of the last row.
+local function cursor(r)
+  return ("%.17g"):format(r.created_at) .. "~" .. r.id
+end
+
+function _M.payments(q, view)
+  local db = ctx.db
+  local term = type(q.q) == "string" and q.q:gsub("^%s+", "")
+                 :gsub("%s+$", "") or ""
+  local rows, err
+  local COLS = "SELECT id, out_trade_no, transaction_id, state, amount,"
+    .. " description, created_at FROM gw_payments"
+  if term ~= "" then
+    -- an exact id, out_trade_no (any attempt) or transaction_id
+    rows, err = db:query(COLS .. " WHERE id = $1 OR transaction_id = $1"
+      .. " OR id IN (SELECT payment_id FROM gw_attempts WHERE out_trade_no"
+      .. " = $1 OR transaction_id = $1) ORDER BY created_at DESC LIMIT "
+      .. PAGE, { term })
+  else
+    local where, params = {}, {}
+    if type(q.state) == "string" and q.state ~= "" then
+      params[#params + 1] = q.state
+      where[#where + 1] = "state = $" .. #params
+    end
+    local at, id = tostring(q.after or ""):match("^([%d.e+-]+)~(pay_%w+)$")
+    if at and tonumber(at) then
+      params[#params + 1] = tonumber(at)
+      params[#params + 1] = id
+      where[#where + 1] = "(created_at < $" .. (#params - 1)
+        .. " OR (created_at = $" .. (#params - 1) .. " AND id < $"
+        .. #params .. "))"
+    end
+    rows, err = db:query(COLS .. (where[1] and (" WHERE "
+      .. table.concat(where, " AND ")) or "") .. " ORDER BY created_at DESC,"
+      .. " id DESC LIMIT " .. (PAGE + 1), params)
+  end
+  if not rows then return nil, err end
+  local more = rows[PAGE + 1] ~= nil
+  local list = {}
+  for i = 1, min(#rows, PAGE) do
+    local r = rows[i]
+    list[i] = { payment_link(r.id), r.out_trade_no,
+                null(r.transaction_id) or "", r.state, fen(r.amount),
+                r.description, when(r.created_at) }
+  end
+  local next_link = html.NONE
+  if more then
+    next_link = link("/console/payments?after="
+      .. html.url_encode(cursor(rows[PAGE])) .. (q.state and ("&state="
+      .. html.url_encode(q.state)) or ""), "Older")
+  end
+  return render([[<form method="get" action="/console/payments"><label>
+Search <input name="q" value="{{term}}" placeholder="payment id,
+out_trade_no or transaction_id"></label><button>Find</button></form>
+{{t}}<p class="pager">{{next}}</p>]], {
+    term = term, next = next_link,
+    t = table_of({ "payment", "out_trade_no", "transaction_id", "state",
+                   "amount", "description", "created" }, list) })
+end
+
+local function verify_box(subject)
+  local ok, rep = audit.verify(ctx.db, subject)
+  if ok == nil then
+    return render("<p class=\"bad\">chain not verified: {{e}}</p>",
+                  { e = tostring(rep) })
+  end
+  if ok then
+    return render("<p class=\"good\">hash chain verified: {{n}} entries"
+      .. "</p>", { n = rep.entries })
+  end
+  return render("<p class=\"bad\">hash chain BROKEN at seq {{s}}: {{r}} "
+    .. "({{m}})</p>", { s = rep.seq, r = rep.reason, m = rep.message })
+end
+
+--- syntax: markup, err = pages.payment(id, view) -- false: no such payment
+function _M.payment(id, view)
+  local db = ctx.db
+  local p, err = _M.payment_row(id)
+  if not p then return p, err end
+  local summary = table_of({ "field", "value" }, {
+    { "state", p.state }, { "amount", fen(p.amount) .. " " .. p.currency },
+    { "description", p.description }, { "order_id", p.order_id },
+    { "app", p.app_id }, { "merchant", p.mchid },
+    { "out_trade_no", p.out_trade_no },
+    { "transaction_id", null(p.transaction_id) or "" },
+    { "refunded", fen(p.refunded) }, { "created", when(p.created_at) },
+    { "updated", when(p.updated_at) }, { "expires", when(p.expires_at) },
+  })
+  local settle = lever(view, "/console/payments/" .. html.url_encode(id)
+    .. "/settle", "Query WeChat now", {})
+
+  local entries
+  entries, err = audit.entries(db, "payment:" .. id)
+  if not entries then return nil, err end
+  local tl = {}
+  for i, e in ipairs(entries) do
+    tl[i] = { e.seq, when((tonumber(e.at) or 0) / 1000), e.what,
+              (null(e.from) or "") .. " -> " .. (null(e.to) or ""),
+              null(e.cause) or "", null(e.actor) or "",
+              null(e.evidence) or "" }
+  end
+
+  local attempts
+  attempts, err = db:query("SELECT out_trade_no, n, channel, state,"
+    .. " transaction_id, created_at, closed_at FROM gw_attempts WHERE"
+    .. " payment_id = $1 ORDER BY n", { id })
+  if not attempts then return nil, err end
+  local at, nos = {}, {}
+  for i, a in ipairs(attempts) do
+    at[i] = { a.n, a.out_trade_no, a.channel, a.state,
+              null(a.transaction_id) or "", when(a.created_at),
+              when(a.closed_at) }
+    nos[a.out_trade_no] = true
+  end
+
+  -- the notifications whose business key names one of its attempts
+  local notes = {}
+  for no in pairs(nos) do
+    local rows
+    rows, err = db:query("SELECT id, event_type, business_key, received_at,"
+      .. " outcome FROM gw_notifications WHERE business_key LIKE $1"
+      .. " ORDER BY received_at", { "pay|%|" .. no .. "|%" })
+    if not rows then return nil, err end
+    for _, r in ipairs(rows) do
+      if tostring(r.business_key):find("|" .. no .. "|", 1, true) then
+        notes[#notes + 1] = { r.id, r.event_type, r.business_key,
+                              when(r.received_at), r.outcome }
+      end
+    end
+  end
+
+  local evs
+  evs, err = outbox.list(db, { subject = id, limit = 100 })
+  if not evs then return nil, err end
+  local el = {}
+  for i, e in ipairs(evs) do
+    el[i] = { e.id, e.type, e.state, e.attempts, when(e.created_at),
+              when(null(e.delivered_at)), null(e.last_error) or "",
+              e.state == "dead" and lever(view, "/console/outbox/" .. e.id
+                .. "/replay", "Replay", {}) or "" }
+  end
+
+  return render([[<section>{{summary}}<p>{{settle}}</p></section>
+<section><h2>Timeline (audit trail)</h2>{{verify}}{{tl}}</section>
+<section><h2>Attempts</h2>{{at}}</section>
+<section><h2>Notifications received (verified)</h2>{{notes}}</section>
+<section><h2>Events</h2>{{ev}}</section>]], {
+    summary = summary, settle = settle,
+    verify = verify_box("payment:" .. id),
+    tl = table_of({ "seq", "at", "what", "transition", "cause", "actor",
+                    "evidence" }, tl),
+    at = table_of({ "n", "out_trade_no", "channel", "state",
+                    "transaction_id", "created", "closed" }, at),
+    notes = table_of({ "id", "type", "key", "received", "outcome" }, notes),
+    ev = table_of({ "id", "type", "state", "attempts", "created",
+                    "delivered", "last error", "" }, el) })
+end
+
+------------------------------------------------------------- dead letters
+
+function _M.dead_letters(q, view)
+  local after = tonumber(q.after) or 0
+  local rows, err = ctx.db:query("SELECT id, subject, type, attempts,"
+    .. " created_at, last_error FROM paygate_outbox WHERE state = 'dead'"
+    .. " AND id > $1 ORDER BY id LIMIT " .. (PAGE + 1), { after })
+  if not rows then return nil, err end
+  local list = {}
+  for i = 1, min(#rows, PAGE) do
+    local e = rows[i]
+    list[i] = { e.id, payment_link(e.subject), e.type, e.attempts,
+                when(e.created_at), null(e.last_error) or "",
+                lever(view, "/console/outbox/" .. e.id .. "/replay",
+                      "Replay", {}) }
+  end
+  return render("{{t}}<p class=\"pager\">{{next}}</p>", {
+    t = table_of({ "id", "payment", "type", "attempts", "created",
+                   "last error", "" }, list),
+    next = rows[PAGE + 1] and link("/console/outbox?after="
+      .. rows[PAGE].id, "More") or html.NONE })
+end
+
+---------------------------------------------------------- reconciliation
+
+local function bill_dir()
+  local rc = ctx.gateway.reconcile
+  if type(rc) == "table" and type(rc.bill_dir) == "string" then
+    return rc.bill_dir
+  end
+  local path = tostring(ctx.gateway.db or ""):match("^sqlite:(.+)$")
+  if path then return (path:match("^(.*)/[^/]*$") or ".") .. "/reconcile" end
+  return nil
+end
+
+--- syntax: res, err = pages.run_bill(date) -- res: { total }
+-- The day's bill reconciliation for every merchant now (paygate's
+-- reconcile.bill: the report, its audit entry reconcile:<date>).
+function _M.run_bill(date)
+  local dir = bill_dir()
+  if not dir then
+    return nil, "set gateway.reconcile.bill_dir to run it from here"
+  end
+  os.execute("mkdir -p '" .. dir:gsub("'", "'\\''") .. "'")
+  -- gw.reconcile is the gateway's plug-in: loaded when this lever is used
+  local gwr = require "gw.reconcile"
+  local total = 0
+  for _, m in ipairs(ctx.merchants) do
+    local report, err = bill.daily{
+      wx = ctx.wx[m.mchid], db = ctx.db, dir = dir, date = date,
+      name = m.mchid, retry = { attempts = 1 },
+      local_rows = function(d, numbers)
+        return gwr.local_rows(ctx.db, m.mchid, d, numbers)
+      end }
+    if not report then return nil, err end
+    total = total + report.counts.total
+  end
+  return { total = total }
+end
+
+local function csv_rows(path, limit)
+  local f = io.open(path, "rb")
+  if not f then return nil end
+  local out, head = {}, nil
+  for line in f:lines() do
+    local cells = {}
+    for cell in (line .. ","):gmatch('("[^"]*"|[^,]*),') do
+      cells[#cells + 1] = (cell:gsub('^"(.*)"$', "%1"):gsub('""', '"'))
+    end
+    if not head then head = cells else out[#out + 1] = cells end
+    if #out >= limit then break end
+  end
+  f:close()
+  return head or {}, out
+end
+
+function _M.reconcile(q, view)
+  local rows, err = ctx.db:query("SELECT subject, at, actor, evidence FROM"
+    .. " paygate_audit WHERE what = 'reconcile.bill' ORDER BY at DESC"
+    .. " LIMIT 30")
+  if not rows then return nil, err end
+  local list, detail = {}, html.NONE
+  for _, r in ipairs(rows) do
+    local ev = json.decode(tostring(r.evidence)) or {}
+    local c = type(ev.counts) == "table" and ev.counts or {}
+    list[#list + 1] = { link("/console/reconcile?date="
+      .. html.url_encode(tostring(ev.date)), tostring(ev.date)),
+      tostring(ev.merchant), c.total or "?", ev.empty and "empty bill" or "",
+      when((tonumber(r.at) or 0) / 1000) }
+    if q.date == ev.date and detail == html.NONE and type(ev.file) == "string"
+    then
+      local head, cells = csv_rows(ev.file, 500)
+      detail = head and render("<h2>Mismatches of {{d}}</h2>{{t}}", {
+        d = ev.date, t = table_of(head, cells) }) or render(
+        "<p class=\"bad\">The report {{f}} cannot be read here.</p>",
+        { f = ev.file })
+    end
+  end
+  local yesterday = os.date("!%Y-%m-%d", floor(core.time()) + 8 * 3600
+                            - 86400)
+  return render([[<section><form method="post" action="/console/reconcile">
+<input type="hidden" name="csrf" value="{{c}}"><label>Date (Beijing)
+<input name="date" value="{{y}}" pattern="\d{4}-\d{2}-\d{2}"></label>
+<button>Run the bill reconciliation now</button></form></section>
+{{t}}{{detail}}]], { c = view.csrf, y = yesterday, detail = detail,
+    t = table_of({ "date", "merchant", "mismatches", "", "run at" },
+                 list) })
+end
+
+return _M

@@ -1,0 +1,551 @@
+-- examples/gateway: the operator's console (/console): who may see it
+-- (loopback, or a login with the console token), CSRF on every POST, the
+-- security headers, hostile values shown as text on every page, and each
+-- lever end to end against the simulator.
+local testing = require "paygate.testing"
+local audit = require "paygate.audit"
+local json = require "paygate.json"
+local core = dofile("examples/gateway/spec/core_support.lua")
+
+local TOKEN = "console-token-0123456789"
+local HOSTILE = "<script>alert(1)</script>\"'&x"
+
+-- A webhook receiver whose answer the spec sets (204 or an error).
+local RECEIVER = [[
+local paygate = require "paygate"
+local d = require("paygate.shared").get_dict("paygate")
+paygate.route("POST", "/mode", function(req)
+  d:set("mode", tonumber(req.body))
+  return 204
+end)
+paygate.route("POST", "/hook", function() return d:get("mode") or 500 end)
+]]
+
+local function write(path, text)
+  local f = assert(io.open(path, "wb"))
+  f:write(text)
+  f:close()
+end
+
+local function csrf_of(body)
+  return assert(body:match('name="csrf" value="(%x+)"'), "no csrf field")
+end
+
+local function form(t)
+  local html = require "paygate.html"
+  local out = {}
+  for k, v in pairs(t) do
+    out[#out + 1] = html.url_encode(k) .. "=" .. html.url_encode(v)
+  end
+  return table.concat(out, "&")
+end
+
+local function get(gw, path, cookie)
+  return gw.srv:request{ path = path,
+                         headers = cookie and { Cookie = cookie } or nil }
+end
+
+local function post(gw, path, fields, cookie, extra)
+  local h = { ["Content-Type"] = "application/x-www-form-urlencoded" }
+  if cookie then h.Cookie = cookie end
+  for k, v in pairs(extra or {}) do h[k] = v end
+  return gw.srv:request{ method = "POST", path = path, body = form(fields),
+                         headers = h }
+end
+
+-- the text of every hostile value must show escaped, never as markup
+local function assert_escaped(body)
+  assert.not_matches("<script>", body, 1, true)
+  assert.matches("&lt;script&gt;alert(1)&lt;/script&gt;", body, 1, true)
+end
+
+local function today()
+  return os.date("!%Y-%m-%d")
+end
+
+local function console_entries(gw)
+  return assert(audit.entries(gw.db, "console:" .. today()))
+end
+
+describe("gateway console", function()
+  local sim, gw, gw_tok, rcv
+
+  setup(function()
+    sim = testing.simulator{ time_scale = 100 }
+    rcv = testing.start_app{ source = RECEIVER }
+    local secret = rcv.dir .. "/wh.secret"
+    write(secret, "whsec-spec\n")
+    gw = core.start(sim, { gateway = {
+      console = { access = "loopback" },
+      reconcile = { enabled = false },
+      webhooks = { { url = rcv:url("/hook"), secret_file = secret } },
+      dispatcher = { interval = 0.05, max_attempts = 1 } } })
+    local tok = rcv.dir .. "/console.token"
+    write(tok, TOKEN .. "\n")
+    rcv:request{ method = "POST", path = "/mode", body = "204" }
+    gw_tok = core.start(sim, { gateway = {
+      console = { token_file = tok, session_ttl = 2 },
+      reconcile = { enabled = false } } })
+  end)
+
+  teardown(function()
+    if gw then gw:stop() end
+    if gw_tok then gw_tok:stop() end
+    testing.stop_all()
+  end)
+
+  after_each(function() sim:clear_faults() end)
+
+  local function login(g)
+    local res = post(g, "/console/login", { token = TOKEN })
+    assert.equal(303, res.status, res.body)
+    local sc = res.headers["set-cookie"]
+    return assert(sc:match("^(pgc_session=%w+);")), sc
+  end
+
+  describe("access", function()
+    it("sends a caller without a session to the login form", function()
+      local res = get(gw_tok, "/console")
+      assert.equal(303, res.status)
+      assert.equal("/console/login", res.headers["location"])
+      res = get(gw_tok, "/console/login")
+      assert.equal(200, res.status)
+      assert.matches('type="password" name="token"', res.body, 1, true)
+    end)
+
+    it("refuses a wrong or missing token", function()
+      for _, t in ipairs({ "", "wrong", TOKEN .. "x", TOKEN:sub(1, -2) }) do
+        local res = post(gw_tok, "/console/login", { token = t })
+        assert.equal(403, res.status)
+        assert.is_nil(res.headers["set-cookie"])
+      end
+      local res = post(gw_tok, "/console/login", {})
+      assert.equal(403, res.status)
+      -- a made-up session cookie is no session
+      res = get(gw_tok, "/console", "pgc_session=" .. string.rep("a", 40))
+      assert.equal(303, res.status)
+    end)
+
+    it("logs in with the token: an HttpOnly SameSite=Strict cookie with an"
+       .. " expiry; the session expires", function()
+      local cookie, sc = login(gw_tok)
+      assert.matches("; HttpOnly", sc, 1, true)
+      assert.matches("; SameSite=Strict", sc, 1, true)
+      assert.matches("; Max-Age=2", sc, 1, true)
+      assert.matches("; Path=/console", sc, 1, true)
+      local res = get(gw_tok, "/console", cookie)
+      assert.equal(200, res.status)
+      assert.matches("<h1>Overview</h1>", res.body, 1, true)
+      testing.wait_until(function()
+        return get(gw_tok, "/console", cookie).status == 303
+      end, 10, "the session to expire")
+    end)
+
+    it("logs out: the session is gone", function()
+      local cookie = login(gw_tok)
+      local page = get(gw_tok, "/console/payments", cookie)
+      assert.equal(200, page.status)
+      local res = post(gw_tok, "/console/logout",
+                       { csrf = csrf_of(page.body) }, cookie)
+      assert.equal(303, res.status)
+      assert.equal(303, get(gw_tok, "/console/payments", cookie).status)
+    end)
+
+    it("answers with strict security headers", function()
+      local res = get(gw, "/console")
+      assert.equal(200, res.status)
+      local h = res.headers
+      assert.equal("DENY", h["x-frame-options"])
+      assert.equal("nosniff", h["x-content-type-options"])
+      assert.equal("no-store", h["cache-control"])
+      assert.equal("no-referrer", h["referrer-policy"])
+      local csp = h["content-security-policy"]
+      assert.matches("default-src 'none'", csp, 1, true)
+      assert.matches("frame-ancestors 'none'", csp, 1, true)
+      assert.not_matches("unsafe-inline", csp, 1, true)
+      assert.not_matches("script-src", csp, 1, true)
+      assert.not_matches("<script", res.body, 1, true)
+      assert.not_matches("https?://", res.body)      -- no external assets
+      local css = get(gw, "/console/static/console.css")
+      assert.equal(200, css.status)
+      assert.equal("text/css", css.headers["content-type"])
+    end)
+
+    it("is not reachable through the notification route", function()
+      for _, p in ipairs({ "/wechatpay/notify/console",
+                           "/wechatpay/notify/%2Fconsole" }) do
+        local res = gw.srv:request{ method = "POST", path = p, body = "{}" }
+        assert.not_equal(200, res.status)
+        assert.not_matches("Overview", res.body, 1, true)
+      end
+      local res = gw.srv:request{ method = "GET",
+                                  path = "/wechatpay/notify/console" }
+      assert.not_matches("Overview", res.body, 1, true)
+    end)
+  end)
+
+  describe("CSRF", function()
+    it("refuses a lever without the token, with a wrong one, or from"
+       .. " another origin", function()
+      local page = get(gw, "/console").body
+      local good = csrf_of(page)
+      local bad = good:sub(1, -2) .. (good:sub(-1) == "0" and "1" or "0")
+      for _, f in ipairs({ { on = "1" }, { on = "1", csrf = bad },
+                           { on = "1", csrf = "" } }) do
+        local res = post(gw, "/console/degrade", f)
+        assert.equal(403, res.status)
+        assert.matches("CSRF", res.body, 1, true)
+      end
+      local res = post(gw, "/console/degrade", { on = "1", csrf = good }, nil,
+                       { Origin = "http://evil.example" })
+      assert.equal(403, res.status)
+      assert.is_false(gw.srv:request("/admin/degrade").json.on)
+      -- a session's token is not another session's
+      local c1 = login(gw_tok)
+      local c2 = login(gw_tok)
+      local t1 = csrf_of(get(gw_tok, "/console", c1).body)
+      res = post(gw_tok, "/console/degrade", { on = "1", csrf = t1 }, c2)
+      assert.equal(403, res.status)
+      assert.is_false(gw_tok.srv:request("/admin/degrade").json.on)
+    end)
+  end)
+
+  describe("pages", function()
+    it("show a hostile description as text on the list, the search and"
+       .. " the payment page", function()
+      local p = gw:create{ description = HOSTILE }
+      local list = get(gw, "/console/payments")
+      assert.equal(200, list.status)
+      assert_escaped(list.body)
+      local found = get(gw, "/console/payments?q=" .. p.out_trade_no)
+      assert_escaped(found.body)
+      assert.matches(p.id, found.body, 1, true)
+      local page = get(gw, "/console/payments/" .. p.id)
+      assert.equal(200, page.status)
+      assert_escaped(page.body)
+      assert.matches("hash chain verified", page.body, 1, true)
+      assert.matches("payment.created", page.body, 1, true)
+    end)
+
+    it("escape a hostile search term and answer 404 for no payment",
+       function()
+      local res = get(gw, "/console/payments?q=%3Cscript%3Ealert(1)%3C%2F"
+                      .. "script%3E%22%27%26x")
+      assert.equal(200, res.status)
+      assert_escaped(res.body)
+      res = get(gw, "/console/payments/%3Cscript%3Ealert(1)%3C%2Fscript%3E")
+      assert.equal(404, res.status)
+      assert.not_matches("<script>", res.body, 1, true)
+    end)
+
+    it("page payments newest first by keyset", function()
+      local ids = {}
+      for i = 1, 55 do
+        ids[i] = gw:create{ description = "page " .. i }.id
+      end
+      local seen, path, pages = {}, "/console/payments", 0
+      while path and pages < 20 do
+        local body = get(gw, path).body
+        for id in body:gmatch('<a href="/console/payments/(pay_%w+)">') do
+          assert.is_nil(seen[id], "a payment on two pages")
+          seen[id] = true
+        end
+        path = body:match('<a href="(/console/payments%?after=[^"]+)">')
+        path = path and path:gsub("&amp;", "&")
+        pages = pages + 1
+      end
+      assert.is_true(pages >= 2)
+      for _, id in ipairs(ids) do assert.is_true(seen[id], id) end
+    end)
+
+    it("show the overview: states, the outbox, the switch, the chart",
+       function()
+      gw:create{ description = HOSTILE }
+      local body = get(gw, "/console").body
+      assert.matches("Payments, last 24 h", body, 1, true)
+      assert.matches('href="/console/payments?state=paying"', body, 1, true)
+      assert.matches("<svg", body, 1, true)
+      assert.matches("5 s window", body, 1, true)
+      assert.matches("Degradation switch", body, 1, true)
+      -- the platform certificate's and the merchant certificate's days
+      local _, ndays = body:gsub("%d+ days?</span>", "")
+      assert.equal(2, ndays)
+      assert.not_matches("<script", body, 1, true)
+    end)
+
+    it("draw the notification answer times of the last hour", function()
+      local function answered()
+        local body = get(gw, "/console").body
+        return tonumber(body:match("<p>(%d+) answered;")), body
+      end
+      local n0 = answered()
+      local p = gw:create{ description = "notified" }
+      sim:pay(p.out_trade_no)
+      local body
+      testing.wait_until(function()
+        local st = assert(gw.db:query("SELECT state FROM gw_payments WHERE"
+          .. " id = $1", { p.id }))[1].state
+        local n
+        n, body = answered()
+        return st == "paid" and n > n0
+      end, 10, "the notification applied and on the overview")
+      assert.matches('<circle class="p99"', body, 1, true)
+      assert.matches('<rect class="n"', body, 1, true)
+      assert.matches("worst p99 under [%d.]+ s", body)
+      local page = get(gw, "/console/payments/" .. p.id).body
+      assert.matches("TRANSACTION.SUCCESS", page, 1, true)
+      assert.matches("payment.succeeded", page, 1, true)
+    end)
+  end)
+
+  describe("levers", function()
+    it("flip the degradation switch, audited", function()
+      local csrf = csrf_of(get(gw, "/console").body)
+      local res = post(gw, "/console/degrade", { on = "1", csrf = csrf })
+      assert.equal(303, res.status, res.body)
+      assert.is_true(gw.srv:request("/admin/degrade").json.on)
+      assert.matches("ON: calls to WeChat", get(gw, "/console").body, 1, true)
+      res = post(gw, "/console/degrade", { on = "0", csrf = csrf })
+      assert.equal(303, res.status)
+      assert.is_false(gw.srv:request("/admin/degrade").json.on)
+      local e = console_entries(gw)
+      local last, prev = e[#e], e[#e - 1]
+      assert.equal("console.degrade", prev.what)
+      assert.equal("on", prev.ref)
+      assert.equal("off", last.ref)
+      assert.equal("console:loopback", last.actor)
+      assert.is_true(math.abs(last.at / 1000 - os.time()) < 60)
+    end)
+
+    it("replay a dead letter", function()
+      rcv:request{ method = "POST", path = "/mode", body = "500" }
+      local p = gw:create{ description = "dead letter" }
+      local row
+      testing.wait_until(function()
+        local rows = assert(gw.db:query("SELECT id, state FROM"
+          .. " paygate_outbox WHERE subject = $1", { p.id }))
+        row = rows[1]
+        return row and row.state == "dead"
+      end, 10, "the event to be dead-lettered")
+      local page = get(gw, "/console/outbox")
+      assert.matches("/console/outbox/" .. row.id .. "/replay", page.body, 1,
+                     true)
+      rcv:request{ method = "POST", path = "/mode", body = "204" }
+      local res = post(gw, "/console/outbox/" .. row.id .. "/replay",
+                       { csrf = csrf_of(page.body) })
+      assert.equal(303, res.status, res.body)
+      testing.wait_until(function()
+        local rows = assert(gw.db:query("SELECT state FROM paygate_outbox"
+          .. " WHERE id = $1", { row.id }))
+        return rows[1].state == "delivered"
+      end, 10, "the replayed event to be delivered")
+      local e = console_entries(gw)
+      assert.equal("console.replay", e[#e].what)
+      assert.equal(tostring(row.id), e[#e].ref)
+    end)
+
+    it("settle an unknown payment now by a query", function()
+      sim:fault{ endpoint = "prepay", kind = "bad_signature", count = 1 }
+      local res = gw:call("POST", "/v1/payments", { order_id = "c-"
+        .. os.time() .. math.random(1e6), channel = "native", amount = 43,
+        description = "unknown" })
+      assert.equal(502, res.status, res.body)
+      local p = res.json.payment
+      assert.equal("unknown", p.state)
+      local row = assert(gw.db:query("SELECT out_trade_no FROM gw_payments"
+        .. " WHERE id = $1", { p.id }))[1]
+      sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }
+      sim:pay(row.out_trade_no)
+      local page = get(gw, "/console/payments/" .. p.id)
+      res = post(gw, "/console/payments/" .. p.id .. "/settle",
+                 { csrf = csrf_of(page.body) })
+      assert.equal(303, res.status, res.body)
+      local state = assert(gw.db:query("SELECT state FROM gw_payments WHERE"
+        .. " id = $1", { p.id }))[1].state
+      assert.equal("paid", state)
+      local e = console_entries(gw)
+      assert.equal("console.settle", e[#e].what)
+      assert.equal(p.id, e[#e].ref)
+      assert.matches('"to":"paid"', e[#e].evidence, 1, true)
+      page = get(gw, "/console/payments/" .. p.id .. "?done=x")
+      assert.matches("payment.succeeded", page.body, 1, true)
+    end)
+
+    it("run the bill reconciliation for a date", function()
+      local date = os.date("!%Y-%m-%d", os.time() + 8 * 3600)
+      sim:close_bills(date)
+      local page = get(gw, "/console/reconcile")
+      local res = post(gw, "/console/reconcile", { date = date,
+                                                   csrf = csrf_of(page.body) })
+      assert.equal(303, res.status, res.body)
+      assert.matches("reconciled", res.headers["location"], 1, true)
+      local r = assert(audit.entries(gw.db, "reconcile:" .. date))
+      assert.equal("reconcile.bill", r[#r].what)
+      local ev = json.decode(r[#r].evidence)
+      assert.equal(sim.merchant.mchid, ev.merchant)
+      local e = console_entries(gw)
+      assert.equal("console.reconcile", e[#e].what)
+      assert.equal(date, e[#e].ref)
+      page = get(gw, "/console/reconcile?date=" .. date)
+      assert.equal(200, page.status)
+      assert.matches("Mismatches of " .. date, page.body, 1, true)
+      res = post(gw, "/console/reconcile", { date = "<script>",
+                                             csrf = csrf_of(page.body) })
+      assert.equal(400, res.status)
+      assert.not_matches("<script>", res.body, 1, true)
+    end)
+  end)
+end)
+
+describe("gateway console config", function()
+  local server = require "paygate.testing.server"
+  local pcore = require "paygate.core"
+  package.path = "examples/gateway/?.lua;" .. package.path
+  local config = require "gw.config"
+  local sim, dir
+
+  setup(function()
+    sim = testing.simulator()
+    dir = server.tmpdir()
+  end)
+
+  teardown(function()
+    server.rmdir(dir)
+    testing.stop_all()
+  end)
+
+  local function conf(console, over)
+    local fake = { dir = dir, url = function(_, p)
+      return "http://127.0.0.1:9" .. p end }
+    local g = { db = "sqlite:" .. dir .. "/c.db", console = console }
+    for k, v in pairs(over or {}) do g[k] = v end
+    return core.config(sim, fake, g)
+  end
+
+  it("is off without the section; loopback by default without a token",
+     function()
+    local cfg = assert(config.check(conf(nil)))
+    assert.is_false(cfg.gateway.console)
+    cfg = assert(config.check(conf({})))
+    assert.same({ access = "loopback", session_ttl = 3600 },
+                cfg.gateway.console)
+  end)
+
+  it("takes the token from a file, or the admin token", function()
+    write(dir .. "/t", TOKEN .. "\n")
+    local cfg = assert(config.check(conf({ token_file = dir .. "/t" })))
+    assert.equal("token", cfg.gateway.console.access)
+    assert.equal(TOKEN, cfg.gateway.console.token)
+    cfg = assert(config.check(conf({ session_ttl = 60 },
+                                   { admin_token_file = dir .. "/t" })))
+    assert.equal(TOKEN, cfg.gateway.console.token)
+    assert.equal(60, cfg.gateway.console.session_ttl)
+  end)
+
+  it("refuses bad sections with one line naming the key, no secret",
+     function()
+    write(dir .. "/short", "short\n")
+    for _, case in ipairs({
+      { "x", "config.gateway.console: must be a table" },
+      { { acess = "token" }, "config.gateway.console.acess: unknown key" },
+      { { token = "s3cr3t-s3cr3t-s3cr3t" },
+        "config.gateway.console.token: the token may not be written" },
+      { { access = "token" }, "config.gateway.console.access: \"token\""
+        .. " needs token_file" },
+      { { access = "open" }, "config.gateway.console.access: must be" },
+      { { token_file = dir .. "/short" }, "config.gateway.console.token_file:"
+        .. " the token must be at least 16" },
+      { { token_env = "GW_SPEC_NO_SUCH_VAR" }, "config.gateway.console"
+        .. ".token_env: the environment variable GW_SPEC_NO_SUCH_VAR" },
+      { { session_ttl = 0 }, "config.gateway.console.session_ttl: must be" },
+    }) do
+      local cfg, why = config.check(conf(case[1]))
+      assert.is_nil(cfg)
+      assert.equal(1, why:find(case[2], 1, true), why)
+      assert.falsy(why:find("s3cr3t", 1, true))
+    end
+  end)
+
+  it("a bad section stops the gateway: exit 2, one line", function()
+    local file = dir .. "/conf.lua"
+    write(file, "return " .. server.lua_source(conf({ access = "open" }))
+          .. "\n")
+    local code, out = testing.proc.run({ server.bin(), "run",
+      "examples/gateway", "--listen", "127.0.0.1:" .. pcore.free_port(),
+      "--admin", "127.0.0.1:" .. pcore.free_port(), "--config", file },
+      { timeout = 30 })
+    assert.equal(2, code, out)
+    local lines = {}
+    for line in out:gmatch("[^\n]+") do
+      if line:match("^gateway: ") then lines[#lines + 1] = line end
+    end
+    assert.same({ "gateway: config.gateway.console.access: must be"
+                  .. " \"token\" or \"loopback\"" }, lines)
+  end)
+end)
+
+describe("gateway console on PostgreSQL", function()
+  local servers = require "spec.support.servers"
+  if not servers.have_postgres() then
+    pending("PostgreSQL is not installed")
+    return
+  end
+  local sim, gw, pg
+
+  setup(function()
+    pg = servers.postgres()
+    sim = testing.simulator{ time_scale = 100 }
+    gw = core.start(sim, { db = function() return pg.url end,
+      gateway = { console = { access = "loopback" },
+                  reconcile = { enabled = false } } })
+  end)
+
+  teardown(function()
+    if gw then gw:stop() end
+    testing.stop_all()
+    servers.stop_all()
+  end)
+
+  it("shows every page, pages by keyset, searches and pulls a lever",
+     function()
+    local ids = {}
+    for i = 1, 52 do
+      ids[i] = gw:create{ description = i == 1 and HOSTILE or "pg" }
+    end
+    local body = get(gw, "/console").body
+    assert.matches('href="/console/payments?state=paying">paying</a></td>'
+                   .. "<td>52</td>", body, 1, true)
+    local seen, path, n, shown = {}, "/console/payments", 0, 0
+    while path do
+      local res = get(gw, path)
+      assert.equal(200, res.status, res.body)
+      assert.not_matches("<script>", res.body, 1, true)
+      if res.body:find("&lt;script&gt;alert(1)", 1, true) then
+        shown = shown + 1
+      end
+      for id in res.body:gmatch('<a href="/console/payments/(pay_%w+)">') do
+        assert.is_nil(seen[id])
+        seen[id] = true
+        n = n + 1
+      end
+      path = res.body:match('<a href="(/console/payments%?after=[^"]+)">')
+    end
+    assert.equal(52, n)
+    assert.equal(1, shown)
+    local p = ids[1]
+    local res = get(gw, "/console/payments?q=" .. p.out_trade_no)
+    assert.matches(p.id, res.body, 1, true)
+    res = get(gw, "/console/payments/" .. p.id)
+    assert.equal(200, res.status)
+    assert_escaped(res.body)
+    assert.matches("hash chain verified", res.body, 1, true)
+    assert.equal(200, get(gw, "/console/outbox").status)
+    assert.equal(200, get(gw, "/console/reconcile").status)
+    res = post(gw, "/console/degrade", { on = "1",
+                                         csrf = csrf_of(body) })
+    assert.equal(303, res.status, res.body)
+    assert.is_true(gw.srv:request("/admin/degrade").json.on)
+    local e = console_entries(gw)
+    assert.equal("console.degrade", e[#e].what)
+  end)
+end)
