@@ -66,7 +66,8 @@ function _M.sinks(g, hooks)
 end
 
 --- syntax: d = events.start(db, gateway_cfg[, over])
--- Starts the dispatcher (a task) and returns it. over: options that win
+-- Starts the dispatcher (a task), stopped by the worker's graceful stop,
+-- and returns it. over: options that win
 -- over gateway.dispatcher's (prune = false: paygate.retention prunes).
 function _M.start(db, g, over)
   local ok, hooks = pcall(require, "gw.hooks")
@@ -81,6 +82,9 @@ function _M.start(db, g, over)
   local d = outbox.dispatcher(db, opts)
   d:start()
   _M.dispatcher = d
+  -- a graceful stop (restart, reload) hands the shard leases over at once:
+  -- the next workers deliver without waiting for them to expire
+  paygate.on_stop(function() d:stop() end)
   return d
 end
 
