@@ -17,7 +17,7 @@ local SHORT = {
   on_closed = "payment.closed", on_failed = "payment.failed",
   on_late_paid = "payment.late_paid",
   on_refund_abnormal = "refund.abnormal",
-  on_alarm = "alarm.amount_mismatch",
+  on_alarm = { "alarm.amount_mismatch", "alarm.merchant_mismatch" },
 }
 
 -- Every event type the gateway emits (docs/gateway.md, Events): what a
@@ -26,7 +26,7 @@ _M.TYPES = {
   "payment.paying", "payment.paid", "payment.closed", "payment.failed",
   "payment.unknown", "payment.partially_refunded", "payment.refunded",
   "refund.succeeded", "refund.abnormal", "refund.closed",
-  "payment.late_paid", "alarm.amount_mismatch",
+  "payment.late_paid", "alarm.amount_mismatch", "alarm.merchant_mismatch",
 }
 
 --- syntax: id, err = events.emit(tx, type, payment_row[, refund_row[, extra]])
@@ -58,7 +58,10 @@ function _M.sinks(g, hooks)
   local map = {}
   for k, fn in pairs(hooks or {}) do
     if type(fn) == "function" then
-      map[SHORT[k] or k] = fn
+      local t = SHORT[k] or k
+      for _, name in ipairs(type(t) == "table" and t or { t }) do
+        map[name] = fn
+      end
     end
   end
   sinks[#sinks + 1] = outbox.hooks(map)
