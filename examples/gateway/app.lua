@@ -195,22 +195,9 @@ if paygate.runtime.mode == "worker" then
       g.retention or {}, { lease = lease_store })
   end
   events.start(db, g, { prune = not prunes })
-  -- the state machines' counters of this worker on /metrics (totals only:
-  -- a worker holds few app series)
-  local metrics = require "paygate.metrics"
-  local fsm = require "paygate.fsm"
-  local ffi = require "ffi"
-  pcall(ffi.cdef, "int getpid(void);")
-  local worker = tostring(ffi.C.getpid())
-  local g_all = metrics.gauge("paygate_gateway_fsm_transitions",
-    "State transitions applied by this worker since it started.")
-  local g_bad = metrics.gauge("paygate_gateway_fsm_illegal_transitions",
-    "Transitions refused by this worker: not declared from the state.")
-  paygate.timer.every(5, function()
-    local st = fsm.stats()
-    g_all:set(st.transitions_total, { worker = worker })
-    g_bad:set(st.illegal_transitions_total, { worker = worker })
-  end)
+  -- the state machines' counts on /metrics: counters summed over the
+  -- workers and kept when one is restarted (gw.model.publish_fsm_counts)
+  require("gw.model").publish_fsm_counts()
 end
 
 -- other helpers' parts (reconciliation) plug in here when present

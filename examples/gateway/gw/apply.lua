@@ -23,14 +23,14 @@ local _M = {}
 
 local P, R = model.payments, model.refunds
 
-local alarm_gauge
+local alarm_counter
 local function count_alarm(kind)
   local d = shared.get_dict("paygate")
   local n = d:incr("gw:alarms:" .. kind, 1, 0) or 0
-  alarm_gauge = alarm_gauge or metrics.gauge("paygate_gateway_alarms_total",
-    "Alarms raised by the gateway (e.g. a notification whose amount differs"
-    .. " from the order's), since the server started.")
-  alarm_gauge:set(n, { kind = kind })
+  alarm_counter = alarm_counter or metrics.counter(
+    "paygate_gateway_alarms_total", "Alarms raised by the gateway (e.g. a"
+    .. " notification whose amount differs from the order's).", { "kind" })
+  alarm_counter:inc({ kind = kind })
   return n
 end
 

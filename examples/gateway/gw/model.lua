@@ -15,6 +15,37 @@ _M.payments = fsm.new(fsm.payment, {
 _M.refunds = fsm.new(fsm.refund, {
   store = fsm.sql_store{ table = "gw_refunds" } })
 
+--- syntax: model.publish_fsm_counts()
+-- Adds what paygate.fsm counted in this worker (fsm.stats) to two
+-- counters, paygate_gateway_fsm_transitions_total and
+-- paygate_gateway_fsm_illegal_transitions_total: every second, and once
+-- more on a graceful stop. Counters are summed over the workers and keep
+-- a restarted worker's counts.
+function _M.publish_fsm_counts()
+  local metrics = require "paygate.metrics"
+  local c_all = metrics.counter("paygate_gateway_fsm_transitions_total",
+    "State transitions of payments and refunds applied.", {})
+  local c_bad = metrics.counter(
+    "paygate_gateway_fsm_illegal_transitions_total",
+    "Transitions refused: not declared from the current state.", {})
+  c_all:inc(nil, 0)    -- shown from the start, at 0
+  c_bad:inc(nil, 0)
+  local all, bad = 0, 0
+  local function publish()
+    local st = fsm.stats()
+    if st.transitions_total > all then
+      c_all:inc(nil, st.transitions_total - all)
+      all = st.transitions_total
+    end
+    if st.illegal_transitions_total > bad then
+      c_bad:inc(nil, st.illegal_transitions_total - bad)
+      bad = st.illegal_transitions_total
+    end
+  end
+  paygate.timer.every(1, publish)
+  paygate.on_stop(publish)
+end
+
 --- syntax: t = model.now() -- whole seconds since the epoch
 function _M.now()
   return floor(paygate.now())
