@@ -148,7 +148,7 @@ describe("gateway merchant API", function()
       env:wait_state(id, "paid")
       -- checked last, so the retry above runs whatever this says: the
       -- contract's state for "timeout after sending" is unknown
-      -- (CONTRACT-ISSUES.md: the app keeps it created)
+      -- (docs/gateway.md: a prepay that may have reached WeChat)
       assert.equal("unknown", state_after_timeout)
     end)
 
