@@ -25,7 +25,7 @@ describe("gateway metrics", function()
 
   local function transitions()
     return tonumber(metrics():match(
-      "\npaygate_gateway_fsm_transitions_total (%d+)\n"))
+      '\npaygate_gateway_fsm_transitions_total{machine="payment"} (%d+)\n'))
   end
 
   local function workers()
@@ -49,17 +49,20 @@ describe("gateway metrics", function()
     assert.not_matches('paygate_gateway_[%w_]*{[^}]*worker=', text)
     assert.matches("# TYPE paygate_gateway_fsm_transitions_total counter",
                    text, 1, true)
-    assert.matches("\npaygate_gateway_fsm_illegal_transitions_total %d+\n",
-                   text)
-    -- a worker killed: the master restarts it, the counts stay
+    assert.matches('\npaygate_gateway_fsm_illegal_transitions_total{machine='
+                   .. '"refund"} %d+\n', text)
+    -- each worker killed in turn (one of them counted the creates): the
+    -- master restarts it, the counts stay
     local old = workers()
     assert.equal(2, #old)
-    testing.proc.kill_pid(tonumber(old[1]), testing.proc.SIGKILL)
-    testing.wait_until(function()
-      local now = workers()
-      return #now == 2 and now[1] ~= old[1] and now[2] ~= old[1]
-    end, 15, "the worker restarted")
-    assert.equal(before, transitions())
+    for _, victim in ipairs(old) do
+      testing.proc.kill_pid(tonumber(victim), testing.proc.SIGKILL)
+      testing.wait_until(function()
+        local now = workers()
+        return #now == 2 and now[1] ~= victim and now[2] ~= victim
+      end, 15, "the worker restarted")
+      assert.equal(before, transitions())
+    end
     gw:create{ order_id = "m-4" }
     testing.wait_until(function()
       local n = transitions()
