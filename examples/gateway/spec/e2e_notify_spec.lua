@@ -225,7 +225,8 @@ describe("gateway notifications", function()
     S.wait_until(function()
       local m = env.gw:admin_get("/metrics")
       local n = m and m.body:match(
-        '\npaygate_gateway_fsm_illegal_transitions_total{machine="refund"} (%d+)')
+        '\npaygate_gateway_fsm_illegal_transitions_total{machine="refund"}'
+        .. ' (%d+)')
       return n and tonumber(n) >= 1
     end, 15, "the illegal transition counted on /metrics")
   end)
