@@ -126,7 +126,8 @@ describe("gateway verify script", function()
   end)
 
   it("exits 2 on a store it cannot open", function()
-    local rc = sh(BIN .. " exec " .. SCRIPT .. " postgres://nobody@127.0.0.1:1/x")
+    local rc = sh(BIN .. " exec " .. SCRIPT
+                  .. " postgres://nobody@127.0.0.1:1/x")
     assert.equal(2, rc)
   end)
 end)
