@@ -53,13 +53,12 @@ local g = cfg.gateway
 
 -- the store -----------------------------------------------------------------
 
-local db, err = sql.open(g.db)
-if not db then
-  error("gateway: cannot open the store: " .. tostring(err), 0)
-end
+-- unreachable: one line and exit 1, after retrying for a while (gw.boot)
+local boot = require "gw.boot"
+local db = boot.reach("the store", g.db, function() return sql.open(g.db) end)
 do
   local ok, merr = migrate.run(db, paygate.app_dir .. "/migrations")
-  if not ok then error("gateway: migrations: " .. tostring(merr), 0) end
+  if not ok then boot.fail("migrations: " .. tostring(merr)) end
   -- the libraries' own tables, made now rather than on a first request
   assert(audit.ensure_schema(db))
   assert(outbox.setup(db))
@@ -189,32 +188,17 @@ if paygate.runtime.mode == "worker" then
   if prunes then
     local lease_store = db
     if g.redis then
-      local rc, rerr = require("paygate.redis").connect(g.redis)
-      if not rc then
-        error("gateway: cannot connect to redis: " .. tostring(rerr), 0)
-      end
-      lease_store = rc
+      lease_store = boot.reach("redis", g.redis, function()
+        return require("paygate.redis").connect(g.redis)
+      end)
     end
     ctx.retention = require("paygate.retention").start(db,
       g.retention or {}, { lease = lease_store })
   end
   events.start(db, g, { prune = not prunes })
-  -- the state machines' counters of this worker on /metrics (totals only:
-  -- a worker holds few app series)
-  local metrics = require "paygate.metrics"
-  local fsm = require "paygate.fsm"
-  local ffi = require "ffi"
-  pcall(ffi.cdef, "int getpid(void);")
-  local worker = tostring(ffi.C.getpid())
-  local g_all = metrics.gauge("paygate_gateway_fsm_transitions",
-    "State transitions applied by this worker since it started.")
-  local g_bad = metrics.gauge("paygate_gateway_fsm_illegal_transitions",
-    "Transitions refused by this worker: not declared from the state.")
-  paygate.timer.every(5, function()
-    local st = fsm.stats()
-    g_all:set(st.transitions_total, { worker = worker })
-    g_bad:set(st.illegal_transitions_total, { worker = worker })
-  end)
+  -- the state machines' counts on /metrics: counters summed over the
+  -- workers and kept when one is restarted (gw.model.publish_fsm_counts)
+  require("gw.model").publish_fsm_counts()
 end
 
 -- other helpers' parts (reconciliation) plug in here when present

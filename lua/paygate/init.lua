@@ -95,6 +95,38 @@ function _M.timer.every(interval, fn, ...)
   end)
 end
 
+-- stopping --------------------------------------------------------------
+
+local stop_fns = {}
+
+--- syntax: paygate.on_stop(fn)
+-- fn() runs when the worker stops gracefully (TERM/INT, a reload, the
+-- master stopping), after its last request was answered and before it
+-- exits: release leases, flush, say goodbye. The functions run one after
+-- another in one coroutine (they may yield), the last given first; an
+-- error in one is logged and the next still runs. All of them together
+-- get 5 s; the worker then exits anyway. Not under `paygate exec`, and
+-- not when the worker is killed.
+function _M.on_stop(fn)
+  if type(fn) ~= "function" then
+    error("paygate.on_stop: fn must be a function", 2)
+  end
+  stop_fns[#stop_fns + 1] = fn
+end
+
+-- Called by the worker (C) on a graceful stop.
+function _M._stop()
+  for i = #stop_fns, 1, -1 do
+    local fn = stop_fns[i]
+    stop_fns[i] = nil
+    local ok, err = pcall(fn)
+    if not ok then
+      _M.log.error("on_stop: a stop function failed",
+                   { error = core.error_string(err) })
+    end
+  end
+end
+
 -- logging ---------------------------------------------------------------
 
 local log = {}

@@ -50,7 +50,9 @@ local DEFAULTS = {
   batch = 50,               -- heads fetched per shard per round
   concurrency = 16,         -- deliveries in flight per dispatcher
   interval = 1,             -- s between rounds that found nothing to do
-  lease_ttl = 30,           -- s; must exceed the longest delivery
+  lease_ttl = 30,           -- s; the shard leases' ttl until deliveries
+                            -- were measured, and its floor after
+  lease_ttl_max = 600,      -- s; the measured ttl's ceiling
   max_attempts = 20,        -- attempts before a dead letter
   backoff_base = 1,         -- s; delay before attempt n+1 is up to
   backoff_cap = 3600,       -- s;   min(cap, base * 2^(n-1))
@@ -675,8 +677,33 @@ end
 -- (one that started later) picks it up within a round.
 local PROBE_ROUNDS = 3
 
+-- The shard leases' ttl, measured (paygate.lease): a delivery starts
+-- with at least half of it left (deliver_row renews past half), so it is
+-- twice p99.9 x 1.5 of the recent deliveries' durations (sinks + commit,
+-- recorded across this host's workers), within lease_ttl ..
+-- lease_ttl_max; lease_ttl until 20 deliveries were measured.
+local function measured_name(self)
+  return "outbox:" .. self.name .. ":delivery"
+end
+
+function Dispatcher:lease_ttl_now()
+  return (lease.ttl_for(measured_name(self), {
+    floor = self.lease_ttl, initial = self.lease_ttl,
+    ceiling = max(self.lease_ttl, self.lease_ttl_max), margin = 3 }))
+end
+
+local function renew(self, l)
+  local ttl = self:lease_ttl_now()
+  local ok, err = lease.renew(self.db, l, ttl)
+  if ok then
+    l.ttl = ttl
+  end
+  return ok, err
+end
+
 local function take(self, p, now)
-  local l, err = lease.acquire(self.db, lease_key(self, p), self.lease_ttl)
+  local l, err = lease.acquire(self.db, lease_key(self, p),
+                               self:lease_ttl_now())
   if l then
     l.since = now
     self.leases[p] = l
@@ -696,8 +723,8 @@ local function refresh_leases(self)
       self.leases[p] = nil
       self.probe_at[p] = now + PROBE_ROUNDS * self.interval
       lease.release(self.db, l)
-    elseif l.expires_at - now < self.lease_ttl / 2 then
-      local ok, err = lease.renew(self.db, l)
+    elseif l.expires_at - now < l.ttl / 2 then
+      local ok, err = renew(self, l)
       if not ok and err.kind == "lost" then
         self.leases[p] = nil
       end
@@ -773,18 +800,18 @@ end
 local function deliver_row(self, row, p, l)
   -- Not enough lease left for a delivery to finish: leave it to the next
   -- round (after a renewal) rather than race a new holder.
-  if l.expires_at - core.time() < self.lease_ttl / 2 and not l.renewing then
+  if l.expires_at - core.time() < l.ttl / 2 and not l.renewing then
     l.renewing = true
-    local ok, err = lease.renew(self.db, l)
+    local ok, err = renew(self, l)
     if not ok and err.kind == "lost" and self.leases[p] == l then
       self.leases[p] = nil
     end
     l.renewing = false
   end
-  if self.leases[p] ~= l or l.expires_at - core.time() < self.lease_ttl / 4
-  then
+  if self.leases[p] ~= l or l.expires_at - core.time() < l.ttl / 4 then
     return
   end
+  local started = core.mono()
   local payload, jerr = json.decode(row.payload)
   local event = { id = row.id, subject = row.subject, type = row.type,
                   payload = payload, payload_json = row.payload,
@@ -841,6 +868,7 @@ local function deliver_row(self, row, p, l)
     end
     return true
   end)
+  lease.measure(measured_name(self), core.mono() - started)
   local stats = self.stats
   if not ok then
     if err.kind == "fenced" then

@@ -590,7 +590,7 @@ static void
 on_term(evutil_socket_t sig, short what, void *arg)
 {
     /* workers get their own deadline; ours is a little later */
-    double secs = m.o->shutdown_timeout + 2;
+    double secs = m.o->shutdown_timeout + GW_STOP_HOOKS_TIMEOUT + 2;
     struct timeval tv;
 
     if (m.stopping) {

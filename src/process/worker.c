@@ -31,7 +31,9 @@ static struct {
     int                   exit_code;
     struct event         *gauges;   /* owned: 1 s gauge refresh */
     struct event         *sigterm, *sigint, *deadline;
+    struct event         *hooks_deadline; /* owned: bounds on_stop fns */
     int                   stopping;
+    int                   hooks_started, hooks_done;
 } w;
 
 /* Sets package.loaded["paygate.runtime"] = { mode, app_dir, config_file,
@@ -145,10 +147,82 @@ ready(char c)
     ready_why(c, NULL);
 }
 
+/* ---- paygate.on_stop: the app's stop functions ---------------------- */
+
+static void
+hooks_end(void)
+{
+    w.hooks_done = 1;
+    event_base_loopbreak(gw_loop_base());
+}
+
+static void
+hooks_ok(struct gw_co *co, int nres)
+{
+    gw_co_free(co);
+    hooks_end();
+}
+
+static void
+hooks_fail(struct gw_co *co, const char *msg)
+{
+    gw_log(GW_LOG_ERROR, "worker: stop functions failed: %s", msg);
+    gw_co_free(co);
+    hooks_end();
+}
+
+static const struct gw_co_owner hooks_owner = { hooks_ok, hooks_fail, NULL };
+
+static void
+on_hooks_deadline(evutil_socket_t fd, short what, void *arg)
+{
+    if (!w.hooks_done) {
+        gw_log(GW_LOG_WARN, "worker: stop functions still running after "
+                            "%d s; exiting", GW_STOP_HOOKS_TIMEOUT);
+    }
+    event_base_loopbreak(gw_loop_base());
+}
+
+/* Once no request is left: runs require("paygate")._stop() (the functions
+ * given to paygate.on_stop) in a coroutine, for at most
+ * GW_STOP_HOOKS_TIMEOUT s, then ends the loop. */
+static void
+run_stop_hooks(void)
+{
+    lua_State *L = w.L;
+    struct timeval tv = { GW_STOP_HOOKS_TIMEOUT, 0 };
+
+    if (w.hooks_started) {
+        return;
+    }
+    w.hooks_started = 1;
+    lua_getglobal(L, "require");
+    lua_pushliteral(L, "paygate");
+    if (lua_pcall(L, 1, 1, 0) != 0 || !lua_istable(L, -1)) {
+        lua_pop(L, 1);
+        event_base_loopbreak(gw_loop_base());
+        return;
+    }
+    lua_getfield(L, -1, "_stop");
+    lua_remove(L, -2);
+    if (!lua_isfunction(L, -1)) {
+        lua_pop(L, 1);
+        event_base_loopbreak(gw_loop_base());
+        return;
+    }
+    w.hooks_deadline = evtimer_new(gw_loop_base(), on_hooks_deadline, NULL);
+    if (w.hooks_deadline != NULL) {
+        evtimer_add(w.hooks_deadline, &tv);
+    }
+    if (gw_co_start(L, 0, &hooks_owner, NULL, NULL) == NULL) {
+        event_base_loopbreak(gw_loop_base());
+    }
+}
+
 static void
 on_drained(void)
 {
-    event_base_loopbreak(gw_loop_base());
+    run_stop_hooks();
 }
 
 static void
@@ -158,7 +232,7 @@ on_deadline(evutil_socket_t fd, short what, void *arg)
                         "connections left; closing them",
            gw_server_connections());
     gw_server_close_all();
-    event_base_loopbreak(gw_loop_base());
+    run_stop_hooks();
 }
 
 static void

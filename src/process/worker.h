@@ -16,6 +16,11 @@
 int gw_worker_main(const struct gw_opts *o, int listen_fd, SSL_CTX *ctx,
                    int ready_fd, int slot);
 
+/* Seconds a stopping worker gives the app's paygate.on_stop functions,
+ * once its requests drained (or the drain deadline passed). The master's
+ * stop deadline allows for it. */
+#define GW_STOP_HOOKS_TIMEOUT 5
+
 /* `paygate exec SCRIPT [ARGS]`: returns the exit code. */
 int gw_exec_main(const char *script, int argc, char **argv);
 

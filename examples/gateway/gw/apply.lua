@@ -23,14 +23,14 @@ local _M = {}
 
 local P, R = model.payments, model.refunds
 
-local alarm_gauge
+local alarm_counter
 local function count_alarm(kind)
   local d = shared.get_dict("paygate")
   local n = d:incr("gw:alarms:" .. kind, 1, 0) or 0
-  alarm_gauge = alarm_gauge or metrics.gauge("paygate_gateway_alarms_total",
-    "Alarms raised by the gateway (e.g. a notification whose amount differs"
-    .. " from the order's), since the server started.")
-  alarm_gauge:set(n, { kind = kind })
+  alarm_counter = alarm_counter or metrics.counter(
+    "paygate_gateway_alarms_total", "Alarms raised by the gateway (e.g. a"
+    .. " notification whose amount differs from the order's).", { "kind" })
+  alarm_counter:inc({ kind = kind })
   return n
 end
 
@@ -39,23 +39,32 @@ function _M.alarms(kind)
   return tonumber(shared.get_dict("paygate"):get("gw:alarms:" .. kind)) or 0
 end
 
--- The alarm of a mismatch: log, counter, audit entry, outbox event; the
--- payment's state is not touched.
-local function alarm(tx, p, refund, ev)
-  paygate.log.error("gateway: amount mismatch: not applied", {
+-- The alarm of a mismatch (kind: "amount_mismatch" by default, or
+-- "merchant_mismatch"): log, counter, audit entry, outbox event
+-- alarm.<kind>; the payment's and the refund's states are not touched.
+local function alarm(tx, p, refund, ev, kind)
+  kind = kind or "amount_mismatch"
+  paygate.log.error("gateway: " .. kind:gsub("_", " ") .. ": not applied", {
     payment = p.id, refund = refund and refund.id,
     expected = ev.expected, got = ev.got, source = ev.source,
     notification_id = ev.notification_id })
   local ok, err = audit.append(tx, "payment:" .. p.id, {
     what = "payment.alarm", ref = refund and refund.id or p.id,
-    cause = "amount_mismatch", actor = ev.actor or "wechatpay",
+    cause = kind, actor = ev.actor or "wechatpay",
     evidence = ev })
   if not ok then return nil, err end
-  ok, err = events.emit(tx, "alarm.amount_mismatch", p, refund,
-                        { alarm = ev })
+  ok, err = events.emit(tx, "alarm." .. kind, p, refund, { alarm = ev })
   if not ok then return nil, err end
-  count_alarm("amount_mismatch")
+  count_alarm(kind)
   return "alarm"
+end
+
+-- "sp_mchid/sub_mchid" or "mchid" of a resource or a payment row
+local function merchant_of(mchid, sp_mchid, sub_mchid)
+  if sp_mchid ~= nil or sub_mchid ~= nil then
+    return tostring(sp_mchid) .. "/" .. tostring(sub_mchid)
+  end
+  return tostring(mchid)
 end
 
 -- Records the business key; false when another notification (or a query)
@@ -299,6 +308,21 @@ function _M.refund(ctx, tx, o)
   local rf = rows[1]
   if not rf then
     return nil, paygate.error("unknown_refund", "no refund " .. no)
+  end
+  -- the refund's payment must be the notifying merchant's (a payment's
+  -- notification is checked in apply.payment): another merchant's is an
+  -- alarm, nothing applied
+  local p
+  p, err = model.payment(tx, rf.payment_id)
+  if not p then return nil, err or paygate.error("not_found", "payment") end
+  local want = merchant_of(p.mchid, model.opt(p.sub_mchid) and p.mchid,
+                           model.opt(p.sub_mchid))
+  local got = merchant_of(r.mchid, r.sp_mchid, r.sub_mchid)
+  if got ~= want or (o.mchid ~= nil and o.mchid ~= p.mchid) then
+    return alarm(tx, p, rf, { expected = want, got = got,
+      route = o.mchid, out_refund_no = no,
+      notification_id = o.notification_id, source = o.source,
+      actor = o.actor }, "merchant_mismatch")
   end
   local amount = type(r.amount) == "table" and r.amount.refund or nil
   return _M.refund_status(ctx, tx, rf, {

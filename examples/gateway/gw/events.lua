@@ -17,7 +17,7 @@ local SHORT = {
   on_closed = "payment.closed", on_failed = "payment.failed",
   on_late_paid = "payment.late_paid",
   on_refund_abnormal = "refund.abnormal",
-  on_alarm = "alarm.amount_mismatch",
+  on_alarm = { "alarm.amount_mismatch", "alarm.merchant_mismatch" },
 }
 
 -- Every event type the gateway emits (docs/gateway.md, Events): what a
@@ -26,7 +26,7 @@ _M.TYPES = {
   "payment.paying", "payment.paid", "payment.closed", "payment.failed",
   "payment.unknown", "payment.partially_refunded", "payment.refunded",
   "refund.succeeded", "refund.abnormal", "refund.closed",
-  "payment.late_paid", "alarm.amount_mismatch",
+  "payment.late_paid", "alarm.amount_mismatch", "alarm.merchant_mismatch",
 }
 
 --- syntax: id, err = events.emit(tx, type, payment_row[, refund_row[, extra]])
@@ -58,7 +58,10 @@ function _M.sinks(g, hooks)
   local map = {}
   for k, fn in pairs(hooks or {}) do
     if type(fn) == "function" then
-      map[SHORT[k] or k] = fn
+      local t = SHORT[k] or k
+      for _, name in ipairs(type(t) == "table" and t or { t }) do
+        map[name] = fn
+      end
     end
   end
   sinks[#sinks + 1] = outbox.hooks(map)
@@ -66,7 +69,8 @@ function _M.sinks(g, hooks)
 end
 
 --- syntax: d = events.start(db, gateway_cfg[, over])
--- Starts the dispatcher (a task) and returns it. over: options that win
+-- Starts the dispatcher (a task), stopped by the worker's graceful stop,
+-- and returns it. over: options that win
 -- over gateway.dispatcher's (prune = false: paygate.retention prunes).
 function _M.start(db, g, over)
   local ok, hooks = pcall(require, "gw.hooks")
@@ -81,6 +85,9 @@ function _M.start(db, g, over)
   local d = outbox.dispatcher(db, opts)
   d:start()
   _M.dispatcher = d
+  -- a graceful stop (restart, reload) hands the shard leases over at once:
+  -- the next workers deliver without waiting for them to expire
+  paygate.on_stop(function() d:stop() end)
   return d
 end
 

@@ -7,7 +7,8 @@
 -- Event types: payment.paying, payment.paid, payment.closed,
 -- payment.failed, payment.unknown, payment.refunded,
 -- payment.partially_refunded, payment.late_paid, refund.succeeded,
--- refund.abnormal, refund.closed, alarm.amount_mismatch.
+-- refund.abnormal, refund.closed, alarm.amount_mismatch,
+-- alarm.merchant_mismatch (on_alarm: both alarms).
 local _M = {}
 
 -- function _M.on_paid(event) end                 -- payment.paid

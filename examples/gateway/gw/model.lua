@@ -15,6 +15,48 @@ _M.payments = fsm.new(fsm.payment, {
 _M.refunds = fsm.new(fsm.refund, {
   store = fsm.sql_store{ table = "gw_refunds" } })
 
+--- syntax: model.publish_fsm_counts()
+-- Adds what paygate.fsm counted in this worker (fsm.stats) to two
+-- counters by machine (payment, refund),
+-- paygate_gateway_fsm_transitions_total{machine} and
+-- paygate_gateway_fsm_illegal_transitions_total{machine}: every second,
+-- and once more on a graceful stop. Counters are summed over the workers
+-- and keep a restarted worker's counts.
+function _M.publish_fsm_counts()
+  local metrics = require "paygate.metrics"
+  local counters = {
+    transitions = metrics.counter("paygate_gateway_fsm_transitions_total",
+      "State transitions of payments and refunds applied.", { "machine" }),
+    illegal_transitions = metrics.counter(
+      "paygate_gateway_fsm_illegal_transitions_total",
+      "Transitions refused: not declared from the current state.",
+      { "machine" }),
+  }
+  local done = { transitions = {}, illegal_transitions = {} }
+  for _, c in pairs(counters) do   -- shown from the start, at 0
+    c:inc({ machine = "payment" }, 0)
+    c:inc({ machine = "refund" }, 0)
+  end
+  local function publish()
+    local st = fsm.stats()
+    for which, c in pairs(counters) do
+      local sum = {}
+      for _, series in ipairs(st[which]) do
+        sum[series.machine] = (sum[series.machine] or 0) + series.count
+      end
+      for machine, n in pairs(sum) do
+        local before = done[which][machine] or 0
+        if n > before then
+          c:inc({ machine = machine }, n - before)
+          done[which][machine] = n
+        end
+      end
+    end
+  end
+  paygate.timer.every(1, publish)
+  paygate.on_stop(publish)
+end
+
 --- syntax: t = model.now() -- whole seconds since the epoch
 function _M.now()
   return floor(paygate.now())

@@ -157,7 +157,7 @@ describe("gateway notify handler on " .. engine, function()
     assert(model.refunds:apply(db, rid, "accepted"))
     assert(model.refunds:apply(db, rid, "closed"))
     local ev = { id = "EV-r1", event_type = "REFUND.ABNORMAL", resource = {
-      out_refund_no = rid, refund_status = "ABNORMAL",
+      mchid = "1900000001", out_refund_no = rid, refund_status = "ABNORMAL",
       amount = { refund = 100, total = 100 } } }
     assert.equal(204, (notify.handler(req(ev))))
     local rows = assert(db:query("SELECT outcome FROM gw_notifications"
@@ -165,6 +165,52 @@ describe("gateway notify handler on " .. engine, function()
     assert.equal("refused", rows[1].outcome)
     assert.equal("closed", model.refund(db, rid).state)
     assert.equal("paid", model.payment(db, id).state)
+  end)
+
+  it("raises an alarm for another merchant's refund, applies nothing",
+     function()
+    local id = payment("paying")
+    assert.equal(204, (notify.handler(req(paid_event(id, id .. "_1")))))
+    local rid = model.new_refund_id()
+    local now = model.now()
+    assert(model.refunds:create(db, { id = rid, payment_id = id,
+      out_refund_no = rid, out_trade_no = id .. "_1", kind = "merchant",
+      amount = 30, created_at = now, updated_at = now }))
+    assert(model.refunds:apply(db, rid, "accepted"))
+    local n = 0
+    for i, res in ipairs({
+      { mchid = "1900000002" },                            -- another one
+      { sp_mchid = "1900000001", sub_mchid = "1900000009" }, -- a partner's
+      {},                                                  -- none at all
+    }) do
+      res.out_refund_no, res.refund_status = rid, "SUCCESS"
+      res.amount = { refund = 30, total = 100 }
+      local ev = { id = "EV-mm" .. i, event_type = "REFUND.SUCCESS",
+                   resource = res }
+      assert.equal(204, (notify.handler(req(ev))))
+      local rows = assert(db:query("SELECT outcome FROM gw_notifications"
+        .. " WHERE id = $1", { ev.id }))
+      assert.equal("alarm", rows[1].outcome)
+      n = n + 1
+    end
+    assert.equal("processing", model.refund(db, rid).state)
+    local p = model.payment(db, id)
+    assert.equal("paid", p.state)
+    assert.equal(0, p.refunded)
+    local rows = assert(db:query("SELECT count(*) AS n FROM paygate_audit"
+      .. " WHERE subject = $1 AND what = 'payment.alarm' AND cause ="
+      .. " 'merchant_mismatch'", { "payment:" .. id }))
+    assert.equal(n, rows[1].n)
+    rows = assert(db:query("SELECT count(*) AS n FROM paygate_outbox WHERE"
+      .. " subject = $1 AND type = 'alarm.merchant_mismatch'", { id }))
+    assert.equal(n, rows[1].n)
+    -- the merchant's own notification still applies
+    local ev = { id = "EV-mm-ok", event_type = "REFUND.SUCCESS", resource = {
+      mchid = "1900000001", out_refund_no = rid, refund_status = "SUCCESS",
+      amount = { refund = 30, total = 100 } } }
+    assert.equal(204, (notify.handler(req(ev))))
+    assert.equal("succeeded", model.refund(db, rid).state)
+    assert.equal(30, model.payment(db, id).refunded)
   end)
 
   it("applies one effect under concurrent deliveries of one payment",

@@ -147,8 +147,8 @@ describe("gateway merchant API", function()
       env.sim:pay_and_wait(p.out_trade_no)
       env:wait_state(id, "paid")
       -- checked last, so the retry above runs whatever this says: the
-      -- contract's state for "timeout after sending" is unknown
-      -- (CONTRACT-ISSUES.md: the app keeps it created)
+      -- state for a timeout after sending is unknown
+      -- (docs/gateway.md: a prepay that may have reached WeChat)
       assert.equal("unknown", state_after_timeout)
     end)
 

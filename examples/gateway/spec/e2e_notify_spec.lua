@@ -221,11 +221,12 @@ describe("gateway notifications", function()
     assert.equal(0, after.refunded)
     assert.equal(before.version, after.version)
     assert.equal(0, env:count_events(p.id, "refund.succeeded"))
-    -- counted: the worker publishes its fsm counters every few seconds
+    -- counted: the worker publishes its fsm counts every second
     S.wait_until(function()
       local m = env.gw:admin_get("/metrics")
       local n = m and m.body:match(
-        "\npaygate_gateway_fsm_illegal_transitions{[^}]*} (%d+)")
+        '\npaygate_gateway_fsm_illegal_transitions_total{machine="refund"}'
+        .. ' (%d+)')
       return n and tonumber(n) >= 1
     end, 15, "the illegal transition counted on /metrics")
   end)

@@ -1,0 +1,73 @@
+-- gw.boot: reaching the store and Redis at start. An unreachable one is
+-- tried again for up to WAIT seconds (backoff 0.2 s doubling to 2 s, a
+-- warning per try), while the worker does not serve yet; then one line on
+-- stderr naming what could not be reached (its URL without a password)
+-- and exit status 1. Before the server first served, that stops it (the
+-- service manager restarts it); a worker the master restarted later is
+-- restarted again with the master's backoff.
+local paygate = require "paygate"
+local core = require "paygate.core"
+local shared = require "paygate.shared"
+
+local _M = {}
+
+_M.WAIT = 10
+
+--- syntax: s = boot.redact(url) -- the URL without a password
+function _M.redact(url)
+  url = tostring(url)
+  url = url:gsub("^([%a][%w+.-]*://)([^/@]*)@", function(scheme, userinfo)
+    local user = userinfo:match("^([^:]*)")
+    return scheme .. (user ~= "" and user .. "@" or "")
+  end)
+  url = url:gsub("([?&][Pp][Aa][Ss][Ss][Ww][Oo][Rr][Dd]=)[^&]*", "%1***")
+  return url
+end
+
+-- an error's message, first line only (libpq's run over several)
+local function first_line(err)
+  local s = type(err) == "table" and err.message or tostring(err)
+  return (tostring(s):match("^[^\n]*"))
+end
+
+--- syntax: boot.fail(msg) -- one line "gateway: msg" on stderr, exit 1
+-- Every worker fails alike: the first to claim the key writes the line,
+-- the others wait until it is written.
+function _M.fail(msg)
+  local d = shared.get_dict("paygate")
+  local key = "gw:start_error"
+  if d:add(key, 1, 10) then
+    io.stderr:write("gateway: " .. msg:gsub("[\r\n]", " ") .. "\n")
+    io.stderr:flush()
+    d:set(key, 2, 10)
+  else
+    local deadline = core.mono() + 2
+    while d:get(key) ~= 2 and core.mono() < deadline do
+      core.sleep(0.01)
+    end
+  end
+  os.exit(1)
+end
+
+--- syntax: v = boot.reach(what, url, open)
+-- open() -> v or nil, err. Returns v; an error that is not retryable, or
+-- one still there after WAIT seconds, ends the worker (boot.fail).
+function _M.reach(what, url, open)
+  local deadline = core.mono() + _M.WAIT
+  local delay = 0.2
+  while true do
+    local v, err = open()
+    if v then return v end
+    local why = first_line(err)
+    local retryable = type(err) == "table" and err.retryable
+    if not retryable or core.mono() + delay > deadline then
+      _M.fail("cannot reach " .. what .. " " .. _M.redact(url) .. ": " .. why)
+    end
+    paygate.log.warn("gateway: cannot reach " .. what .. "; trying again",
+      { url = _M.redact(url), error = why, retry_in = delay })
+    core.sleep(delay)
+    delay = math.min(delay * 2, 2)
+  end
+end
+
+return _M

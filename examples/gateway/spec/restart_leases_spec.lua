@@ -1,0 +1,77 @@
+-- examples/gateway: a graceful stop releases the outbox leases
+-- (paygate.on_stop -> the dispatcher's stop), so after a restart events
+-- are delivered at once, not once the old leases' ttl (30 s) ran out.
+local testing = require "paygate.testing"
+local core = require "paygate.core"
+local outbox = require "paygate.outbox"
+local gwcore = dofile("examples/gateway/spec/core_support.lua")
+
+local RECEIVER = [[
+local paygate = require "paygate"
+local d = require("paygate.shared").get_dict("paygate")
+paygate.route("POST", "/hook", function(req)
+  local n = d:incr("n", 1, 0)
+  d:set("ev:" .. n, req.body)
+  return 204
+end)
+paygate.route("GET", "/got", function()
+  local out = {}
+  for i = 1, d:get("n") or 0 do out[i] = d:get("ev:" .. i) end
+  return 200, "[" .. table.concat(out, ",") .. "]"
+end)
+]]
+
+describe("gateway restart", function()
+  local sim, rcv, dir
+
+  setup(function()
+    sim = testing.simulator{ time_scale = 100 }
+    rcv = testing.start_app{ source = RECEIVER }
+    dir = testing.tmpdir()
+    local f = assert(io.open(dir .. "/wh.secret", "wb"))
+    f:write("whsec-spec\n")
+    f:close()
+  end)
+
+  teardown(function()
+    testing.stop_all()
+    if dir then testing.server.rmdir(dir) end
+  end)
+
+  local function start()
+    return gwcore.start(sim, {
+      db = function() return "sqlite:" .. dir .. "/gw.db" end,
+      gateway = { webhooks = { { url = rcv:url("/hook"),
+                                 secret_file = dir .. "/wh.secret" } },
+                  dispatcher = { interval = 0.05, lease_ttl = 30 } } })
+  end
+
+  local function live_leases(db)
+    return #assert(db:query("SELECT name FROM paygate_leases WHERE name"
+      .. " LIKE 'outbox:gateway:%' AND expires_at > $1", { core.time() }))
+  end
+
+  it("delivers events at once after a graceful restart", function()
+    local gw = start()
+    testing.wait_until(function() return live_leases(gw.db) > 0 end, 10,
+                       "the dispatcher to take its leases")
+    assert.equal(0, gw.srv:stop(15, true))
+    assert.equal(0, live_leases(gw.db))
+    -- an event committed while the gateway was down
+    assert(gw.db:transaction(function(tx)
+      return outbox.enqueue(tx, { subject = "pay_restart", type =
+        "payment.paid", payload = { type = "payment.paid" } })
+    end))
+    gw:stop()
+    local t0 = core.mono()
+    local gw2 = start()
+    testing.wait_until(function()
+      for _, ev in ipairs(rcv:request("/got").json) do
+        if ev.subject == "pay_restart" then return true end
+      end
+    end, 10, "the event delivered within 10 s (the old leases' ttl is 30 s)")
+    assert.is_true(core.mono() - t0 < 15)
+    gw2.srv:stop()
+    gw2:stop()
+  end)
+end)

@@ -1,0 +1,82 @@
+-- examples/gateway: an unreachable PostgreSQL or Redis at start is tried
+-- again for a while (gw.boot), then one line naming it (no password, no
+-- stack trace) and exit status 1; one that comes up meanwhile is used.
+local testing = require "paygate.testing"
+local core = require "paygate.core"
+local servers = require "spec.support.servers"
+local gwcore = dofile("examples/gateway/spec/core_support.lua")
+
+describe("gateway start with its stores unreachable", function()
+  local sim
+
+  setup(function()
+    sim = testing.simulator{ time_scale = 100 }
+  end)
+
+  teardown(function()
+    testing.stop_all()
+    servers.stop_all()
+  end)
+
+  local function start(over, workers)
+    return testing.start_app{ app = "examples/gateway", wait = false,
+      workers = workers,
+      config = function(srv) return gwcore.config(sim, srv, over) end }
+  end
+
+  local function lines(text, prefix)
+    local n = 0
+    for line in text:gmatch("[^\n]+") do
+      if line:sub(1, #prefix) == prefix then n = n + 1 end
+    end
+    return n
+  end
+
+  it("PostgreSQL: one line naming it, exit 1", function()
+    local port = core.free_port()
+    local srv = start({ db = "postgres://gw:secretpw@127.0.0.1:" .. port
+                             .. "/gw" }, 2)
+    local t0 = core.mono()
+    local code = srv.proc:wait(40)
+    local logs = srv:logs()
+    assert.equal(1, code, logs)
+    assert.is_true(core.mono() - t0 >= 5, "gave up at once")
+    assert.equal(1, lines(logs, "gateway: cannot reach the store"), logs)
+    assert.matches("gateway: cannot reach the store postgres://gw@127.0.0.1:"
+                   .. port .. "/gw: ", logs, 1, true)
+    assert.matches("Connection refused", logs, 1, true)
+    assert.not_matches("secretpw", logs, 1, true)
+    assert.not_matches("traceback", logs, 1, true)
+    srv:stop()
+  end)
+
+  it("Redis: waits for it to come up, and serves", function()
+    local rs = servers.redis()
+    rs.stop()
+    local srv = start({ redis = rs.url })
+    testing.wait_until(function()
+      return srv:logs():find("cannot reach redis; trying again", 1, true)
+    end, 10, "a retry logged")
+    rs.start()
+    testing.wait_until(function()
+      local res = srv:admin_get("/healthz")
+      return res and res.status == 200
+    end, 15, "the gateway to serve")
+    assert.is_nil(srv.proc:poll())
+    srv:stop()
+  end)
+
+  it("Redis that stays down: one line naming it, exit 1", function()
+    local port = core.free_port()
+    local srv = start({ redis = "redis://:secretpw@127.0.0.1:" .. port })
+    local code = srv.proc:wait(40)
+    local logs = srv:logs()
+    assert.equal(1, code, logs)
+    assert.equal(1, lines(logs, "gateway: cannot reach redis"), logs)
+    assert.matches("gateway: cannot reach redis redis://127.0.0.1:" .. port
+                   .. ": ", logs, 1, true)
+    assert.not_matches("secretpw", logs, 1, true)
+    assert.not_matches("traceback", logs, 1, true)
+    srv:stop()
+  end)
+end)
