@@ -13,8 +13,10 @@ pcall(ffi.cdef, "int getpid(void);")
 local pid = tostring(ffi.C.getpid())
 local c = metrics.counter("spec_hits_total", "Hits the spec made.",
                           { "k", "outcome" }, { max_series = 3 })
+local plain = metrics.counter("spec_plain_total", "Hits, no labels.", {})
 paygate.route("POST", "/inc/:k", function(req)
   assert(c:inc({ k = req.params.k, outcome = 'a"b' }))
+  assert(plain:inc({}))
   return 200, pid
 end)
 paygate.route("POST", "/die", function()
@@ -69,6 +71,11 @@ describe("app counters on /metrics", function()
     assert(call(s, "/inc/a"))
     body = assert(s:admin_get("/metrics")).body
     assert.equal(i + 1, value(body, 'k="a",outcome="a\\"b"'), body)
+    -- a counter without labels: one line, the dead worker's count in it
+    -- (it was once shown apart, as spec_plain_total{})
+    assert.is_nil(body:find("spec_plain_total{", 1, true), body)
+    assert.equal(tostring(i + 1), body:match("\nspec_plain_total (%d+)\n"),
+                 body)
 
     -- 3 label sets at most across workers; the rest in _overflow
     for k = 1, 40 do assert(call(s, "/inc/k" .. k)) end

@@ -917,7 +917,10 @@ counter_metrics(struct buf *b)
             r->name = fams[base + f].name;
             r->help = fams[base + f].help;
             r->max_series = s->fam[f].max_series;
-            r->overflow = s->fam[f].overflow == j;
+            /* a counter without labels has one series: the retired
+             * totals keep a dead worker's count in their overflow
+             * series, shown with the live ones, not apart as name{} */
+            r->overflow = s->fam[f].overflow == j && c->labels[0] != '\0';
             __atomic_load(&c->value, &r->value, __ATOMIC_RELAXED);
             memcpy(r->labels, c->labels, sizeof(r->labels));
             r->labels[sizeof(r->labels) - 1] = '\0';
