@@ -160,7 +160,9 @@ end)
 describe("simulator notifications: attempts and duplicates", function()
   local sim, recv
   setup(function()
-    sim = sn.start{ time_scale = 1000, answer_timeout = 3 }
+    -- answer_timeout: the attempt held at the receiver stays owned by
+    -- the deliverer (answer_timeout + 2 s) however slow the machine is
+    sim = sn.start{ time_scale = 1000, answer_timeout = 30 }
     recv = sn.receiver()
   end)
   teardown(function()
@@ -171,16 +173,20 @@ describe("simulator notifications: attempts and duplicates", function()
   it("an attempt awaiting its answer is in_flight, not interrupted",
      function()
     local no, b = order_no(), "slow" .. crypto.random_nonce(6)
-    sn.answer(recv, b, { status = 204, delay = 1.5 })
+    -- the receiver holds its answer until released: the attempt is
+    -- awaiting it for as long as the spec looks
+    sn.answer(recv, b, { status = 204, hold = true })
     sn.prepay(sim, no, sn.notify_url(recv, b))
     sn.pay(sim, no)
     local n
     sn.wait_until(function()
       n = sn.notifications(sim, "out_trade_no=" .. no)[1]
-      return n and #n.attempts == 1
+      return n and #n.attempts == 1 and #sn.received(recv, b) == 1
     end, 10, "the first attempt")
     assert.equal("pending", n.state)
-    assert.truthy(n.attempts[1].error:match("^in_flight"), n.attempts[1].error)
+    assert.truthy(tostring(n.attempts[1].error):match("^in_flight"),
+                  n.attempts[1].error)
+    sn.release(recv, b)
     sn.wait_until(function()
       n = sn.notifications(sim, "out_trade_no=" .. no)[1]
       return n.state == "delivered"

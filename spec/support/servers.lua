@@ -7,7 +7,11 @@
 --   servers.stop_all()               -- in teardown()
 --
 -- Readiness is waited for with a deadline (redis-cli PING, pg_ctl -w):
--- never a fixed sleep. PostgreSQL refuses to run as root, so as root the
+-- never a fixed sleep. The port is picked free, but another process may
+-- take it before the server binds it: a first start whose server could
+-- not bind (its log says so, the process is gone) is retried on a fresh
+-- port, START_TRIES times at most. A restart (srv.start() again) keeps
+-- its port. PostgreSQL refuses to run as root, so as root the
 -- cluster belongs to the `postgres` user (runuser); otherwise to us.
 --
 -- These helpers block the loop while a server starts or stops (os.execute);
@@ -96,15 +100,68 @@ local function redis_ping(port)
                   .. " PING 2>/dev/null"):match("PONG") ~= nil
 end
 
+local START_TRIES = 5
+
+-- the port a new server is started on (a spec may replace it to test
+-- the retry on a taken port)
+_M.pick_port = free_port
+
+local function read_file(path)
+  local f = io.open(path, "rb")
+  if not f then
+    return ""
+  end
+  local s = f:read("*a")
+  f:close()
+  return s or ""
+end
+
+-- Did a server fail to start because its port was taken? (its log)
+local function bind_failed(log)
+  local s = read_file(log)
+  return s:find("Address already in use", 1, true) ~= nil
+end
+
+-- Starts a server the first time: start_once() returns true, or nil and
+-- whether the port was taken; on a taken port a fresh one is tried.
+local function first_start(srv, start_once, set_port)
+  for try = 1, START_TRIES do
+    local ok, taken = start_once()
+    if ok then
+      return
+    end
+    if not taken or try == START_TRIES then
+      error(srv.kind .. " did not start on port " .. srv.port
+            .. (taken and " (taken; " .. try .. " ports tried)" or "")
+            .. ", see " .. srv.dir, 2)
+    end
+    set_port(_M.pick_port())
+  end
+end
+
 -- syntax: srv = servers.redis([{ appendfsync = "always" }])
 function _M.redis(opts)
   opts = opts or {}
   local srv = { dir = mktemp(), kind = "redis" }
-  srv.port = free_port()
-  srv.url = "redis://127.0.0.1:" .. srv.port
+  local function set_port(port)
+    srv.port = port
+    srv.url = "redis://127.0.0.1:" .. port
+  end
+  set_port(_M.pick_port())
   srv.pidfile = srv.dir .. "/redis.pid"
+  local log = srv.dir .. "/redis.log"
 
-  function srv.start()
+  local function pid_alive()
+    local pid = read_file(srv.pidfile):match("%d+")
+    return pid ~= nil and sh("kill -0 " .. pid .. " 2>/dev/null")
+  end
+
+  -- true once our server answers on the port (a PONG from another
+  -- process that took the port is not ours: its dir differs); nil, taken
+  -- when it could not bind
+  local function start_once()
+    os.remove(log)
+    os.remove(srv.pidfile)
     local args = {
       "redis-server", "--port", srv.port, "--bind", "127.0.0.1",
       "--dir", srv.dir, "--save", "''", "--daemonize", "yes",
@@ -115,9 +172,42 @@ function _M.redis(opts)
     else
       args[#args + 1] = "--appendonly no"
     end
-    assert(sh(table.concat(args, " ")), "redis-server did not start")
-    _M.wait_for(function() return redis_ping(srv.port) end, 10,
-                "redis on port " .. srv.port)
+    if not sh(table.concat(args, " ")) then
+      return nil, false
+    end
+    local ours, taken
+    _M.wait_for(function()
+      if bind_failed(log) then
+        taken = true
+        return true
+      end
+      if redis_ping(srv.port) then
+        ours = read_cmd("redis-cli -h 127.0.0.1 -p " .. srv.port
+          .. " CONFIG GET dir 2>/dev/null"):find(srv.dir, 1, true) ~= nil
+        taken = not ours
+        return true
+      end
+      return false
+    end, 10, "redis on port " .. srv.port)
+    if taken then
+      -- ours may still be exiting: make sure it is gone
+      if pid_alive() then
+        sh("kill " .. read_file(srv.pidfile):match("%d+"))
+      end
+      return nil, true
+    end
+    return ours and pid_alive(), false
+  end
+
+  function srv.start()
+    if srv.started_once then
+      local ok, taken = start_once()
+      assert(ok, "redis did not start again on port " .. srv.port
+             .. (taken and " (taken)" or ""))
+    else
+      first_start(srv, start_once, set_port)
+      srv.started_once = true
+    end
     srv.running = true
   end
 
@@ -155,23 +245,44 @@ function _M.postgres()
   local owner = root and "postgres" or nil
   local as = root and "runuser -u postgres -- " or ""
   local srv = { dir = mktemp(owner), kind = "postgres" }
-  srv.port = free_port()
-  srv.url = "postgres://postgres@127.0.0.1:" .. srv.port .. "/postgres"
+  local function set_port(port)
+    srv.port = port
+    srv.url = "postgres://postgres@127.0.0.1:" .. port .. "/postgres"
+  end
+  set_port(_M.pick_port())
   srv.data = srv.dir .. "/data"
+  local log = srv.dir .. "/pg.log"
 
   assert(sh(as .. PG_BIN .. "/initdb -D " .. srv.data
             .. " -A trust -U postgres --no-sync -E UTF8 >"
             .. (root and "/dev/null" or srv.dir .. "/initdb.log") .. " 2>&1"),
          "initdb failed (as root it runs as the postgres user)")
 
-  function srv.start()
+  -- true, or nil and whether the port was taken (pg_ctl -w fails when
+  -- the postmaster exits; its log says why)
+  local function start_once()
+    local before = #read_file(log)
     local o = "-p " .. srv.port .. " -k " .. srv.dir
       .. " -c listen_addresses=127.0.0.1 -c fsync=on"
       .. " -c synchronous_commit=on -c max_connections=50"
-    assert(sh(as .. PG_BIN .. "/pg_ctl -D " .. srv.data .. " -l "
-              .. srv.dir .. "/pg.log -o '" .. o .. "' -w -t 30 start"
-              .. " >/dev/null 2>&1"),
-           "pg_ctl start failed, see " .. srv.dir .. "/pg.log")
+    if sh(as .. PG_BIN .. "/pg_ctl -D " .. srv.data .. " -l "
+          .. log .. " -o '" .. o .. "' -w -t 30 start"
+          .. " >/dev/null 2>&1") then
+      return true
+    end
+    local tail = read_file(log):sub(before + 1)
+    return nil, tail:find("Address already in use", 1, true) ~= nil
+  end
+
+  function srv.start()
+    if srv.started_once then
+      local ok, taken = start_once()
+      assert(ok, "pg_ctl start failed" .. (taken and " (port "
+             .. srv.port .. " taken)" or "") .. ", see " .. log)
+    else
+      first_start(srv, start_once, set_port)
+      srv.started_once = true
+    end
     srv.running = true
   end
 

@@ -81,10 +81,16 @@ local function call(url, method, body)
 end
 _M.call = call
 
---- status, doc = answer(r, box, { statuses =, status =, delay = })
+--- status, doc = answer(r, box, { statuses =, status =, delay =, hold = })
+-- hold = true: the box's answers wait for release(r, box)
 function _M.answer(r, box, t)
   t.box = box
   local st = call(r.base .. "/_ctl/answer", "POST", t)
+  assert(st == 200)
+end
+
+function _M.release(r, box)
+  local st = call(r.base .. "/_ctl/release", "POST", { box = box })
   assert(st == 200)
 end
 

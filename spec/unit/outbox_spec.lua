@@ -533,6 +533,25 @@ for engine, open in pairs(stores) do
       local d2 = outbox.dispatcher(db, { sinks = { rec2.sink },
                                          interval = 0.02, partitions = 4,
                                          max_partitions = 2 }):start()
+      -- each takes free shards up to its cap (2 of 4) and, past it,
+      -- probes for more: the first to run may hold every shard until its
+      -- extra ones go back (lease_ttl, 30 s), then the other takes them.
+      -- The events are enqueued once both hold a shard, so the split does
+      -- not depend on which dispatcher a loaded machine runs first.
+      local function held(d)
+        local n = 0
+        for _ in pairs(d.leases) do n = n + 1 end
+        return n
+      end
+      wait_until(function() return held(d1) > 0 and held(d2) > 0 end, 45,
+                 "both dispatchers holding a shard")
+      -- the subjects cover every shard: whichever a dispatcher holds has
+      -- events to deliver
+      local covered = {}
+      for k = 0, 9 do
+        covered[outbox.shard_of("pay_" .. k) % 4] = true
+      end
+      for p = 0, 3 do assert.truthy(covered[p], "shard " .. p) end
       local ids = {}
       for i = 1, 40 do
         ids[i] = enqueue(db, "pay_" .. (i % 10), "payment.paid")

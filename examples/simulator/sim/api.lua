@@ -211,12 +211,19 @@ end
 
 local LATENCY = { latency = true }
 local NOT_LATENCY = { error = true, reset = true }
+local WORK_TIME = 30        -- s the work after a latency fault may take
 
 function _M.handle(req, target, endpoint, fn, opts, entry)
-  -- a latency fault delays, then an error or reset fault may still apply
+  -- a latency fault delays, then an error or reset fault may still apply.
+  -- The work after the delay is done, as WeChat does it after a slow
+  -- answer, however long the delay: the request's deadline (the server's
+  -- limits.request_timeout, 30 s by default) is moved past it, or a
+  -- delay near that timeout would cancel the handler before the work
+  -- depending on which timer fires first
   local fault = faults.take(endpoint, "before", LATENCY)
   if fault then
     entry.latency_fault = fault.id
+    req:set_deadline(fault.seconds + WORK_TIME)
     paygate.sleep(fault.seconds)
   end
   fault = faults.take(endpoint, "before", NOT_LATENCY)

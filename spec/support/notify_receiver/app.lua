@@ -5,7 +5,10 @@
 --   POST /_ctl/answer { box, statuses = { 500, 201, ... }, status = 204,
 --                       delay = seconds }
 --     the next POSTs to box get statuses[1], statuses[2], ... in turn,
---     then `status` (default 204); each answer waits `delay` seconds first
+--     then `status` (default 204); each answer waits `delay` seconds first;
+--     with hold = true, each answer waits until POST /_ctl/release { box }
+--     (30 s at most: then it answers anyway)
+--   POST /_ctl/release { box }  lets the held answers of box go
 --   GET /_ctl/received?box=NAME -> [{ headers, body, at, answered }]
 --
 -- It keeps everything in memory: run it with one worker.
@@ -13,11 +16,12 @@ local paygate = require "paygate"
 local core = require "paygate.core"
 
 local boxes = {}
+local HOLD_MAX = 30               -- s a held answer waits for its release
 
 local function box(name)
   local b = boxes[name]
   if not b then
-    b = { got = {}, statuses = {}, status = 204, delay = 0 }
+    b = { got = {}, statuses = {}, status = 204, delay = 0, hold = false }
     boxes[name] = b
   end
   return b
@@ -30,6 +34,8 @@ paygate.route("POST", "/notify/:box", function(req)
                 answered = status }
   b.got[#b.got + 1] = rec
   if b.delay > 0 then core.sleep(b.delay) end
+  local until_t = core.mono() + HOLD_MAX
+  while b.hold and core.mono() < until_t do core.sleep(0.02) end
   if status == 200 or status == 204 then return status, "" end
   return status, { code = "FAIL", message = "told to fail" }
 end)
@@ -40,6 +46,12 @@ paygate.route("POST", "/_ctl/answer", function(req)
   b.statuses = o.statuses or {}
   b.status = o.status or 204
   b.delay = o.delay or 0
+  b.hold = o.hold == true
+  return 200, { ok = true }
+end)
+
+paygate.route("POST", "/_ctl/release", function(req)
+  box(req:json().box).hold = false
   return 200, { ok = true }
 end)
 

@@ -4,6 +4,8 @@
 --   POST /enqueue { events = { { subject, type, payload }, ... } }
 --     -> 201 { ids = { ... } }, all enqueued in one transaction
 --   GET  /stats -> this worker's dispatcher stats and tag
+--   GET  /held  -> { held = { n, ... } }: the shards each worker's
+--                  dispatcher holds (every worker, through the shared dict)
 local paygate = require "paygate"
 local sql = require "paygate.sql"
 local crypto = require "paygate.crypto"
@@ -21,6 +23,26 @@ local d = outbox.dispatcher(db, {
   backoff_base = 0.05, backoff_cap = 0.5, max_attempts = 5,
   lease_ttl = 20,
 }):start()
+
+-- each worker publishes how many shards it holds, in slot `slot`
+local dict = require("paygate.shared").get_dict("paygate")
+local slot = assert(dict:incr("outbox_app:workers", 1, 0))
+paygate.spawn(function()
+  while true do
+    local n = 0
+    for _ in pairs(d.leases) do n = n + 1 end
+    dict:set("outbox_app:held:" .. slot, n)
+    paygate.sleep(0.05)
+  end
+end)
+
+paygate.route("GET", "/held", function()
+  local held = {}
+  for i = 1, tonumber(dict:get("outbox_app:workers")) or 0 do
+    held[i] = tonumber(dict:get("outbox_app:held:" .. i)) or 0
+  end
+  return 200, { held = held }
+end)
 
 paygate.route("POST", "/enqueue", function(req)
   local body = req:json()
