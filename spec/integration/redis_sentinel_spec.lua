@@ -192,8 +192,15 @@ describe("Redis through Sentinel", function()
                         .. " %.2f s after the kill; refused meanwhile: %s",
                         #grants, moved_at - killed_at,
                         require("cjson").encode(kinds)))
-    assert.equal(g.replica.port, g.master_port())
-    assert.is_true(grants[#grants].port ~= old_master)
+    -- the client ends where the Sentinels say the master is. Usually the
+    -- promoted replica; on a loaded machine the Sentinels may fail over a
+    -- second time (back to the restarted old master), which the client
+    -- must follow as well (seen once in CI)
+    wait_for(function() return r.port == g.master_port() end, 10,
+             "the client on the Sentinels' master")
+    if g.master_port() == g.replica.port then
+      assert.is_true(grants[#grants].port ~= old_master)
+    end
     -- every grant's token is above every earlier grant's
     for i = 2, #grants do
       assert.is_true(grants[i].token > grants[i - 1].token,
