@@ -715,14 +715,29 @@ pool_has_live(struct lpg_pool *pg)
     return 0;
 }
 
-/* A connect attempt failed: mark the pool down; when nothing else can
- * serve them and fail_waiting is set, fail the waiting ops too (never
- * from inside dispatch(), which walks that queue itself). */
+/* c cannot serve (a failed connect or lookup, a server refused by
+ * require_sync): fails its ops with kind and msg and marks the pool down;
+ * when nothing else can serve them and fail_waiting is set, fails the
+ * waiting ops too (never from inside dispatch(), which walks that queue
+ * itself). */
+static void
+conn_down(struct lpg_conn *c, const char *kind, const char *msg,
+          struct lpg_op **out, int fail_waiting)
+{
+    struct lpg_pool *pg = c->pg;
+
+    conn_fail(c, kind, msg, out);
+    pool_mark_down(pg, kind, msg);
+    if (fail_waiting && !pool_has_live(pg)) {
+        pool_fail_waiting(pg, kind, msg, out);
+    }
+}
+
+/* A connect attempt failed: conn_down() with libpq's reason. */
 static void
 conn_connect_failed(struct lpg_conn *c, struct lpg_op **out,
                     int fail_waiting)
 {
-    struct lpg_pool *pg = c->pg;
     char          msg[200];
     const char   *why = c->pc != NULL ? PQerrorMessage(c->pc) : "no memory";
     size_t        n;
@@ -732,25 +747,7 @@ conn_connect_failed(struct lpg_conn *c, struct lpg_op **out,
     while (n > 0 && (msg[n - 1] == '\n' || msg[n - 1] == ' ')) {
         msg[--n] = '\0';
     }
-    conn_fail(c, "unavailable", msg, out);
-    pool_mark_down(pg, "unavailable", msg);
-    if (fail_waiting && !pool_has_live(pg)) {
-        pool_fail_waiting(pg, "unavailable", msg, out);
-    }
-}
-
-/* No host of the URL resolved: like a failed connect, kind "dns". */
-static void
-conn_dns_failed(struct lpg_conn *c, const char *msg, struct lpg_op **out,
-                int fail_waiting)
-{
-    struct lpg_pool *pg = c->pg;
-
-    conn_fail(c, "dns", msg, out);
-    pool_mark_down(pg, "dns", msg);
-    if (fail_waiting && !pool_has_live(pg)) {
-        pool_fail_waiting(pg, "dns", msg, out);
-    }
+    conn_down(c, "unavailable", msg, out, fail_waiting);
 }
 
 /* Server notices (e.g. "table does not exist, skipping") go to the
@@ -940,7 +937,7 @@ conn_start_resolved(struct lpg_conn *c, struct lpg_op **out,
 
     if (rc == LPG_NODNS) {
         snprintf(msg, sizeof(msg), "postgres: cannot resolve: %s", why);
-        conn_dns_failed(c, msg, out, fail_waiting);
+        conn_down(c, "dns", msg, out, fail_waiting);
     } else if (rc != GW_OK) {
         conn_connect_failed(c, out, fail_waiting);
     }
@@ -979,27 +976,21 @@ pool_on_dns(void *arg, const struct gw_dns_addrs *a, const char *err)
 }
 
 /* Opens c: resolves the URL's host names first when needed (never on
- * the loop's thread with the system resolver). Returns GW_OK (started or
- * resolving), GW_ERR (connect failed at once), LPG_NODNS (msg set). */
-static int
-conn_start(struct lpg_conn *c, char *msg, size_t msglen)
+ * the loop's thread with the system resolver; pool_on_dns() goes on).
+ * A connect that fails at once goes to *out, the waiting ops left. */
+static void
+conn_start(struct lpg_conn *c, struct lpg_op **out)
 {
     struct lpg_pool *pg = c->pg;
-    const char      *why = NULL;
-    int              rc;
 
-    c->fd = -1;
-    c->opened = gw_loop_mono_fresh();
-    c->since = c->opened;
     if (pg->nhosts > 0 && !pool_resolve(pg)) {
-        c->state = LPG_CONN_RESOLVING;   /* pool_on_dns() goes on */
-        return GW_OK;
+        c->fd = -1;
+        c->opened = gw_loop_mono_fresh();
+        c->since = c->opened;
+        c->state = LPG_CONN_RESOLVING;
+        return;
     }
-    rc = conn_start_libpq(c, &why);
-    if (rc == LPG_NODNS) {
-        snprintf(msg, msglen, "postgres: cannot resolve: %s", why);
-    }
-    return rc;
+    conn_start_resolved(c, out, 0);
 }
 
 /* ------------------------------------------------------------ sending */
@@ -1392,11 +1383,7 @@ conn_event(evutil_socket_t fd, short what, void *arg)
             const char *msg = "postgres: the server does not commit with a"
                               " synchronous standby (require_sync)";
 
-            conn_fail(c, "unavailable", msg, &done);
-            pool_mark_down(pg, "unavailable", msg);
-            if (!pool_has_live(pg)) {
-                pool_fail_waiting(pg, "unavailable", msg, &done);
-            }
+            conn_down(c, "unavailable", msg, &done, 1);
         } else if (rc == GW_ERR) {
             conn_connect_failed(c, &done, 1);
         }
@@ -1519,18 +1506,10 @@ choose_conn(struct lpg_pool *pg, struct lpg_op *op, int *fail)
     {
         struct lpg_conn *n = &pg->conns[free_slot];
         struct lpg_op   *lost = NULL;
-        char             msg[200];
-        int              rc;
 
         n->pg = pg;
-        rc = conn_start(n, msg, sizeof(msg));
-        if (rc == LPG_NODNS) {
-            conn_dns_failed(n, msg, &lost, 0);
-            post_list(lost);             /* empty: n had no ops yet */
-        } else if (rc != GW_OK) {
-            conn_connect_failed(n, &lost, 0);
-            post_list(lost);             /* empty: n had no ops yet */
-        }
+        conn_start(n, &lost);
+        post_list(lost);                 /* empty: n had no ops yet */
     }
     if (best == NULL && !pool_has_live(pg)) {
         *fail = 2;                       /* down, nothing to wait for */
@@ -1647,17 +1626,12 @@ on_tick(evutil_socket_t fd, short what, void *arg)
             snprintf(msg, sizeof(msg), "postgres: host name lookup timed"
                      " out: %.60s", name);
             /* The lookup goes on; the next connect may use its answer. */
-            conn_dns_failed(c, msg, &done, 1);
+            conn_down(c, "dns", msg, &done, 1);
         } else if (c->state == LPG_CONN_CONNECTING
             && now - c->opened > pg->connect_timeout)
         {
-            conn_fail(c, "unavailable", "postgres: connect timed out",
-                      &done);
-            pool_mark_down(pg, "unavailable", "postgres: connect timed out");
-            if (!pool_has_live(pg)) {
-                pool_fail_waiting(pg, "unavailable",
-                                  "postgres: connect timed out", &done);
-            }
+            conn_down(c, "unavailable", "postgres: connect timed out",
+                      &done, 1);
         } else if (c->state == LPG_CONN_READY && pg->require_sync
                    && c->inflight == 0 && c->txid == 0 && !c->readonly
                    && !c->nosync && now - c->sync_at > pg->sync_recheck)
@@ -2034,6 +2008,25 @@ pool_parse_hosts(struct lpg_pool *pg, const char **kind, char *err,
     return GW_OK;
 }
 
+/* Frees pg and what it owns; its connections are already closed. */
+static void
+pool_free(struct lpg_pool *pg)
+{
+    int i;
+
+    for (i = 0; i < pg->nhosts; i++) {
+        gw_dns_cancel(pg->hosts[i].req);
+    }
+    event_free(pg->tick);
+    if (pg->ci != NULL) {
+        PQconninfoFree(pg->ci);
+    }
+    free(pg->ci_hosts);
+    free(pg->ci_ports);
+    free(pg->conninfo);
+    free(pg);
+}
+
 /* core.open(conninfo, opts) -> pool (no I/O yet)
  * opts: pool (connections, default 4), connect_timeout (s, 2),
  * query_timeout (s, 10), down_for (s, 0.5) */
@@ -2087,14 +2080,7 @@ lpg_open(lua_State *L)
     }
     if (pool_parse_hosts(pg, &kind, err, sizeof(err)) != GW_OK) {
         ud->pg = NULL;                   /* nothing was started yet */
-        event_free(pg->tick);
-        if (pg->ci != NULL) {
-            PQconninfoFree(pg->ci);
-        }
-        free(pg->ci_hosts);
-        free(pg->ci_ports);
-        free(pg->conninfo);
-        free(pg);
+        pool_free(pg);
         return gw_push_error(L, kind, 0, "%s", err);
     }
     event_add(pg->tick, &tv);
@@ -2119,18 +2105,7 @@ lpg_close(lua_State *L)
         conn_fail(&pg->conns[i], "closed", "postgres: pool closed", &done);
     }
     pool_fail_waiting(pg, "closed", "postgres: pool closed", &done);
-    for (i = 0; i < pg->nhosts; i++) {
-        gw_dns_cancel(pg->hosts[i].req);
-        pg->hosts[i].req = NULL;
-    }
-    event_free(pg->tick);
-    if (pg->ci != NULL) {
-        PQconninfoFree(pg->ci);
-    }
-    free(pg->ci_hosts);
-    free(pg->ci_ports);
-    free(pg->conninfo);
-    free(pg);
+    pool_free(pg);
     post_list(done);
     return 0;
 }
