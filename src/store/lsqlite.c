@@ -1588,7 +1588,7 @@ lsqlite_script(lua_State *L)
 static void
 atomic_check_params(lua_State *L, int idx, int stmt)
 {
-    int i, n, t;
+    int bad;
 
     if (lua_isnil(L, idx)) {
         return;
@@ -1597,20 +1597,11 @@ atomic_check_params(lua_State *L, int idx, int stmt)
         luaL_error(L, "db:atomic: statement %d: params must be a table",
                    stmt);
     }
-    lua_getfield(L, idx, "n");
-    n = lua_isnumber(L, -1) ? (int)lua_tointeger(L, -1)
-                            : (int)lua_objlen(L, idx);
-    lua_pop(L, 1);
-    for (i = 1; i <= n; i++) {
-        lua_rawgeti(L, idx, i);
-        t = lua_type(L, -1);
-        lua_pop(L, 1);
-        if (t != LUA_TLIGHTUSERDATA && t != LUA_TNIL && t != LUA_TBOOLEAN
-            && t != LUA_TNUMBER && t != LUA_TSTRING)
-        {
-            luaL_error(L, "db:atomic: statement %d: params[%d] cannot be"
-                       " bound (a %s)", stmt, i, lua_typename(L, t));
-        }
+    bad = gw_store_vals_unbindable(L, idx);
+    if (bad > 0) {
+        lua_rawgeti(L, idx, bad);
+        luaL_error(L, "db:atomic: statement %d: params[%d] cannot be"
+                   " bound (a %s)", stmt, bad, luaL_typename(L, -1));
     }
 }
 

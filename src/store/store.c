@@ -31,10 +31,28 @@ param_count(lua_State *L, int idx)
 }
 
 int
+gw_store_vals_unbindable(lua_State *L, int idx)
+{
+    int i, cnt = param_count(L, idx), t;
+
+    for (i = 1; i <= cnt; i++) {
+        lua_rawgeti(L, idx, i);
+        t = lua_type(L, -1);
+        lua_pop(L, 1);
+        if (t != LUA_TLIGHTUSERDATA && t != LUA_TNIL && t != LUA_TBOOLEAN
+            && t != LUA_TNUMBER && t != LUA_TSTRING)
+        {
+            return i;
+        }
+    }
+    return 0;
+}
+
+int
 gw_store_vals_from_lua(lua_State *L, int idx, struct gw_store_val **out, int *n)
 {
     struct gw_store_val *v;
-    int             i, cnt, t;
+    int             i, cnt, bad;
 
     *out = NULL;
     *n = 0;
@@ -47,17 +65,11 @@ gw_store_vals_from_lua(lua_State *L, int idx, struct gw_store_val **out, int *n)
         return GW_OK;
     }
     /* Check every value first: raising must not leak the copies. */
-    for (i = 1; i <= cnt; i++) {
-        lua_rawgeti(L, idx, i);
-        t = lua_type(L, -1);
-        lua_pop(L, 1);
-        if (t == LUA_TLIGHTUSERDATA || t == LUA_TNIL || t == LUA_TBOOLEAN
-            || t == LUA_TNUMBER || t == LUA_TSTRING)
-        {
-            continue;
-        }
-        luaL_error(L, "sql parameter %d: cannot bind a %s", i,
-                   lua_typename(L, t));
+    bad = gw_store_vals_unbindable(L, idx);
+    if (bad > 0) {
+        lua_rawgeti(L, idx, bad);
+        luaL_error(L, "sql parameter %d: cannot bind a %s", bad,
+                   luaL_typename(L, -1));
     }
     v = calloc((size_t)cnt, sizeof(*v));
     if (v == NULL) {

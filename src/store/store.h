@@ -40,6 +40,11 @@ struct gw_store_val {
 int gw_store_vals_from_lua(lua_State *L, int idx, struct gw_store_val **out,
                            int *n);
 
+/* The 1-based index of the first value of the parameter table at idx
+ * that cannot be bound (not nil, null, boolean, number or string), or 0
+ * when every one can. Never raises. */
+int gw_store_vals_unbindable(lua_State *L, int idx);
+
 /* Frees n values and the array. NULL-safe. */
 void gw_store_vals_free(struct gw_store_val *v, int n);
 
