@@ -52,6 +52,7 @@ struct dns_entry {
 struct dns_host {
     char                name[DNS_NAME_MAX]; /* lower case */
     char                addr[GW_DNS_ADDRLEN];
+    int                 v4;             /* 1: addr is IPv4 */
 };
 
 static struct {
@@ -127,6 +128,7 @@ hosts_read(void)
 
             normalize(name, h->name);
             snprintf(h->addr, sizeof(h->addr), "%s", addr);
+            h->v4 = strchr(addr, ':') == NULL;
         }
     }
     fclose(f);
@@ -151,8 +153,7 @@ addrs_add(struct gw_dns_addrs *a, const char *addr)
 static int
 hosts_lookup(const char *name, struct gw_dns_addrs *out)
 {
-    unsigned char buf[sizeof(struct in_addr)];
-    int           i, pass;
+    int i, pass;
 
     if (!dns.hosts_read) {
         hosts_read();
@@ -160,9 +161,9 @@ hosts_lookup(const char *name, struct gw_dns_addrs *out)
     out->n = 0;
     for (pass = 0; pass < 2; pass++) {
         for (i = 0; i < dns.nhosts; i++) {
-            int v4 = inet_pton(AF_INET, dns.hosts[i].addr, buf) == 1;
-
-            if (v4 == (pass == 0) && strcmp(dns.hosts[i].name, name) == 0) {
+            if (dns.hosts[i].v4 == (pass == 0)
+                && strcmp(dns.hosts[i].name, name) == 0)
+            {
                 addrs_add(out, dns.hosts[i].addr);
             }
         }
