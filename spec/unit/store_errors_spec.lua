@@ -144,6 +144,16 @@ describe("paygate.sql misuse", function()
     assert.equal("syntax: ", tostring(err):sub(1, 8))
   end)
 
+  it("a malformed postgres url's error does not quote its password",
+     function()
+    -- libpq's parse error quotes the bad token, here the password
+    local db2, err = sql.open("postgresql://u:s3cr%zzet@127.0.0.1/db")
+    assert.is_nil(db2)
+    assert.is_true(core.is_error(err))
+    assert.matches("bad connection string", err.message, 1, true)
+    assert.is_nil(tostring(err):find("s3cr", 1, true), tostring(err))
+  end)
+
   it("db:transaction rolls back on return nil, err whatever err is",
      function()
     local ok, terr = db:transaction(function(tx)

@@ -1891,6 +1891,31 @@ service_read(const char *name, struct lpg_service *sv, char *err,
     return GW_ERR;
 }
 
+/* Copies libpq's message src to dst with what it quotes left out: a
+ * parse error quotes the offending piece of the connection string, which
+ * may be (part of) the password. */
+static void
+unquote(char *dst, size_t len, const char *src)
+{
+    size_t n = 0;
+    int    in = 0;
+
+    for (; *src != '\0' && n + 4 < len; src++) {
+        if (*src == '"') {
+            in = !in;
+            if (in) {
+                memcpy(dst + n, "\"...", 4);
+                n += 4;
+            } else {
+                dst[n++] = '"';
+            }
+        } else if (!in && *src != '\n') {
+            dst[n++] = *src;
+        }
+    }
+    dst[n] = '\0';
+}
+
 /* Finds the host names of pg->conninfo that need a lookup (not a
  * numeric address, not a socket directory, no hostaddr given): then
  * pg->nhosts > 0 and each connect resolves them on the loop first.
@@ -1912,8 +1937,10 @@ pool_parse_hosts(struct lpg_pool *pg, const char **kind, char *err,
 
     pg->ci = PQconninfoParse(pg->conninfo, &perr);
     if (pg->ci == NULL) {
-        snprintf(err, errlen, "postgres: bad connection string: %s",
-                 perr != NULL ? perr : "out of memory");
+        char why[200];
+
+        unquote(why, sizeof(why), perr != NULL ? perr : "out of memory");
+        snprintf(err, errlen, "postgres: bad connection string: %s", why);
         if (perr != NULL) {
             PQfreemem(perr);
         }
