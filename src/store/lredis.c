@@ -481,7 +481,6 @@ on_tick(evutil_socket_t fd, short what, void *arg)
 
 /* ------------------------------------------------------------ Lua side */
 
-
 static struct lredis_client *
 check_client(lua_State *L)
 {
@@ -573,7 +572,6 @@ lredis_new(lua_State *L)
     const char      *host = luaL_checkstring(L, 1);
     int              port = (int)luaL_checkinteger(L, 2);
     struct lredis_client *cl;
-
     struct lredis_ud   *ud;
     struct timeval   tv = { 0, 100000 };
     int              i, npool, dbnum;
@@ -922,6 +920,19 @@ struct lredis_sub_ud {
     struct lredis_sub *s;        /* NULL once closed */
 };
 
+/* Takes the oldest queued message off (s->qn > 0): pushed onto L
+ * unless L is NULL, then freed. */
+static void
+sub_shift(struct lredis_sub *s, lua_State *L)
+{
+    if (L != NULL) {
+        lua_pushlstring(L, s->q[s->qhead], s->qlen[s->qhead]);
+    }
+    free(s->q[s->qhead]);
+    s->qhead = (s->qhead + 1) % LREDIS_SUB_MAXQ;
+    s->qn--;
+}
+
 static void
 sub_maybe_free(struct lredis_sub *s)
 {
@@ -931,9 +942,7 @@ sub_maybe_free(struct lredis_sub *s)
         return;
     }
     while (s->qn > 0) {
-        free(s->q[s->qhead]);
-        s->qhead = (s->qhead + 1) % LREDIS_SUB_MAXQ;
-        s->qn--;
+        sub_shift(s, NULL);
     }
     if (s->timer != NULL) {
         event_free(s->timer);
@@ -957,10 +966,7 @@ sub_wake(struct lredis_sub *s)
     event_del(s->timer);
     L = gw_co_state(co);
     if (s->qn > 0) {
-        lua_pushlstring(L, s->q[s->qhead], s->qlen[s->qhead]);
-        free(s->q[s->qhead]);
-        s->qhead = (s->qhead + 1) % LREDIS_SUB_MAXQ;
-        s->qn--;
+        sub_shift(s, L);
         n = 1;
     } else {
         n = gw_push_error(L, "unavailable", 1, "redis: subscription"
@@ -991,10 +997,8 @@ on_sub_msg(redisAsyncContext *ac, void *reply, void *privdata)
         return;
     }
     memcpy(copy, r->element[2]->str, r->element[2]->len + 1);
-    if (s->qn == LREDIS_SUB_MAXQ) {      /* drop the oldest */
-        free(s->q[s->qhead]);
-        s->qhead = (s->qhead + 1) % LREDIS_SUB_MAXQ;
-        s->qn--;
+    if (s->qn == LREDIS_SUB_MAXQ) {
+        sub_shift(s, NULL);              /* drop the oldest */
     }
     slot = (s->qhead + s->qn) % LREDIS_SUB_MAXQ;
     s->q[slot] = copy;
@@ -1120,10 +1124,7 @@ lredis_sub_next(lua_State *L)
         return luaL_error(L, "redis: sub:next is already waiting");
     }
     if (s->qn > 0) {
-        lua_pushlstring(L, s->q[s->qhead], s->qlen[s->qhead]);
-        free(s->q[s->qhead]);
-        s->qhead = (s->qhead + 1) % LREDIS_SUB_MAXQ;
-        s->qn--;
+        sub_shift(s, L);
         return 1;
     }
     if (s->ac == NULL) {
