@@ -43,6 +43,7 @@ local function zone(moving_to, rd_at)
     { "two.test", "A", 60, "127.0.0.1" },
     { "v6.test", "AAAA", 60, "::1" },
     { "short.test", "A", 1, "127.0.0.1" },
+    { "zero.test", "A", 0, "127.0.0.1" },
     { "long.test", "A", 86400, "127.0.0.1" },
     { "slow.test", "A", 60, "127.0.0.1", delay = 2 },
     { "moving.test", "A", 2, moving_to or "127.0.0.1" },
@@ -123,6 +124,19 @@ describe("paygate.dns", function()
       local _, ttl2 = assert(dns.resolve("long.test"))
       assert.is_true(ttl2 > 4.5 and ttl2 <= 5, ttl2)
       dns.configure({ ttl_min = 1, ttl_max = 300 })
+    end)
+
+    it("with ttl_min = 0, answers a TTL-0 record (cached for no time)",
+       function()
+      dns.configure({ ttl_min = 0 })
+      local before = d:queries("zero.test")
+      local a, ttl = dns.resolve("zero.test")
+      assert.same({ "127.0.0.1" }, a, tostring(ttl))
+      assert.equal(0, ttl)
+      -- not cached: the next lookup asks again
+      assert(dns.resolve("zero.test"))
+      assert.is_true(d:queries("zero.test") > before + 2)
+      dns.configure({ ttl_min = 1 })
     end)
 
     it("keeps an answer for its TTL, then asks again", function()

@@ -30,23 +30,23 @@ struct gw_dns_req {
     struct gw_dns_req  *next;           /* q's waiter list */
 };
 
-struct dns_query {
-    char                name[DNS_NAME_MAX]; /* normalized */
-    int                 pending;        /* evdns lookups outstanding */
-    int                 done;           /* answered; delivery posted */
-    struct gw_dns_addrs a4, a6;         /* answers so far */
-    int                 ttl;            /* s: smallest TTL seen, -1 none */
-    int                 err;            /* last evdns error, 0 none */
-    struct gw_dns_req  *waiters;        /* owned until delivered */
-    struct dns_query   *next;           /* in-flight list */
-};
-
 struct dns_entry {
     char                name[DNS_NAME_MAX]; /* "" = free slot */
     double              expires;        /* monotonic s */
     int                 failed;         /* 1: err holds why */
     char                err[120];
     struct gw_dns_addrs a;              /* when !failed */
+};
+
+struct dns_query {
+    char                name[DNS_NAME_MAX]; /* normalized */
+    int                 pending;        /* evdns lookups outstanding */
+    struct gw_dns_addrs a4, a6;         /* answers so far */
+    int                 ttl;            /* s: smallest TTL seen, -1 none */
+    int                 err;            /* last evdns error, 0 none */
+    struct gw_dns_req  *waiters;        /* owned until delivered */
+    struct dns_entry    res;            /* done: the outcome (as cached) */
+    struct dns_query   *next;           /* in-flight list */
 };
 
 struct dns_host {
@@ -411,25 +411,21 @@ query_unlink(struct dns_query *q)
     }
 }
 
-/* Loop turn after the query finished: tells each waiter, frees q. */
+/* Loop turn after the query finished: tells each waiter its outcome
+ * (even one already gone from the cache: a TTL of 0, a flush), frees q. */
 static void
 query_deliver(void *arg)
 {
     struct dns_query   *q = arg;
+    struct dns_entry   *e = &q->res;
     struct gw_dns_req  *r;
-    struct gw_dns_addrs a;
-    char                err[120];
-    int                 rc;
+    struct gw_dns_addrs a = e->a;
+    double              left = e->expires - gw_loop_mono_fresh();
 
+    a.ttl = left > 0 ? left : 0;
     while ((r = q->waiters) != NULL) {
         q->waiters = r->next;
-        rc = gw_dns_cached(q->name, &a, err, sizeof(err));
-        if (rc == GW_AGAIN) {            /* already expired (ttl_min 0) */
-            rc = GW_ERR;
-            snprintf(err, sizeof(err), "%.60s: answer expired at once",
-                     q->name);
-        }
-        r->cb(r->arg, rc == GW_OK ? &a : NULL, rc == GW_OK ? NULL : err);
+        r->cb(r->arg, e->failed ? NULL : &a, e->failed ? e->err : NULL);
         free(r);
     }
     free(q);
@@ -438,11 +434,10 @@ query_deliver(void *arg)
 static void
 query_finish(struct dns_query *q)
 {
-    struct dns_entry *e = cache_slot(q->name);
+    struct dns_entry *e = &q->res;
     int               i;
 
     query_unlink(q);
-    q->done = 1;
     memset(e, 0, sizeof(*e));
     snprintf(e->name, sizeof(e->name), "%s", q->name);
     for (i = 0; i < q->a6.n; i++) {
@@ -461,6 +456,7 @@ query_finish(struct dns_query *q)
                              : "no address");
         e->expires = gw_loop_mono_fresh() + dns.ttl_min;
     }
+    *cache_slot(q->name) = *e;
     if (gw_loop_post(query_deliver, q) != GW_OK) {
         gw_log(GW_LOG_ERROR, "dns: cannot post an answer: no memory");
     }
