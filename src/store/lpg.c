@@ -1852,7 +1852,7 @@ service_read(const char *name, struct lpg_service *sv, char *err,
     char        user[1024], sys[1024];
     const char *file = getenv("PGSERVICEFILE"), *dir;
     struct stat st;
-    int         r;
+    int         r, have;
 
     memset(sv, 0, sizeof(*sv));
     if (file == NULL) {
@@ -1866,12 +1866,13 @@ service_read(const char *name, struct lpg_service *sv, char *err,
         snprintf(user, sizeof(user), "%s/.pg_service.conf", home);
         file = user;
     }
-    if (stat(file, &st) != 0 && file != user) {
+    have = stat(file, &st) == 0;
+    if (!have && file != user) {
         snprintf(err, errlen, "postgres: service file %.200s (PGSERVICEFILE)"
                  " not found", file);
         return GW_ERR;                   /* as libpq */
     }
-    if (stat(file, &st) == 0) {
+    if (have) {
         r = service_file_read(file, name, sv, err, errlen);
         if (r != 0) {
             return r < 0 ? GW_ERR : GW_OK;
