@@ -358,12 +358,9 @@ gw_http_parse_head(const char *buf, size_t head_len, struct gw_http_head *h)
     struct conn_flags cf = { 0, 0 };
     int te_seen = 0, host_seen = 0;
 
-    /* everything but the big headers array, which nheaders bounds */
+    /* every result; the caller's headers and max_headers stay */
     memset(h, 0, offsetof(struct gw_http_head, headers));
     h->content_length = -1;
-    h->chunked = 0;
-    h->keep_alive = 0;
-    h->expect_continue = 0;
 
     /* RFC 9112 2.2: ignore at least one empty line before the request. */
     while (end - p >= 2 && p[0] == '\r' && p[1] == '\n') {

@@ -555,10 +555,13 @@ tls_failed(struct gw_conn *c, int reason, unsigned long err)
 {
     char buf[256] = "";
 
+    gw_edge_count(reason);
+    if (gw_log_min > GW_LOG_DEBUG) {
+        return;                 /* a flood of them formats nothing */
+    }
     if (err != 0) {
         ERR_error_string_n(err, buf, sizeof(buf));
     }
-    gw_edge_count(reason);
     gw_log(GW_LOG_DEBUG, "tls handshake from %s failed (%s)%s%s", c->peer,
            gw_edge_event_name(reason), buf[0] ? ": " : "", buf);
 }
@@ -568,7 +571,8 @@ tls_failed(struct gw_conn *c, int reason, unsigned long err)
 static int
 conn_handshake(struct gw_conn *c)
 {
-    int r = SSL_do_handshake(c->ssl);
+    int r = SSL_do_handshake(c->ssl), e;
+    unsigned long err;
 
     if (r == 1) {
         c->handshaken = 1;
@@ -576,26 +580,22 @@ conn_handshake(struct gw_conn *c)
                                                  : GW_EDGE_TLS_FULL);
         return 1;
     }
-    switch (SSL_get_error(c->ssl, r)) {
-    case SSL_ERROR_WANT_READ:
+    e = SSL_get_error(c->ssl, r);
+    if (e == SSL_ERROR_WANT_READ) {
         return 0;
-    case SSL_ERROR_WANT_WRITE:
+    }
+    if (e == SSL_ERROR_WANT_WRITE) {
         c->ssl_read_wants_write = 1;
-        if (conn_wev_add(c) != GW_OK) {
-            conn_close(c);
-            return -1;
+        if (conn_wev_add(c) == GW_OK) {
+            return 0;
         }
-        return 0;
-    default: {
-        int e = SSL_get_error(c->ssl, r);
-        unsigned long err = ERR_peek_last_error();
-
+    } else {
+        err = ERR_peek_last_error();
         tls_failed(c, tls_fail_reason(e, err), err);
         ERR_clear_error();
-        conn_close(c);
-        return -1;
     }
-    }
+    conn_close(c);
+    return -1;
 }
 
 /* Reads what is there. Returns 0 on EOF/error (connection closed), 1. */

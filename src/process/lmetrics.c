@@ -90,6 +90,56 @@ put_escaped(char *out, size_t cap, size_t *n, const char *s, size_t len)
     return 1;
 }
 
+/* A label name: [a-z_][a-z0-9_]*, under 64 bytes, not "__" reserved. */
+static int
+valid_label(const char *k, size_t kl)
+{
+    return valid_name(k, kl, 0) && kl < 64
+           && !(kl >= 2 && k[0] == '_' && k[1] == '_');
+}
+
+/* Appends 'k="v"' (after a ',' unless first) to out (capacity cap, used
+ * *n), v escaped; returns 0 when it does not fit. */
+static int
+put_label(char *out, size_t cap, size_t *n, int first, const char *k,
+          const char *v, size_t vl)
+{
+    int w = snprintf(out + *n, cap - *n, "%s%s=\"", first ? "" : ",", k);
+
+    if (w < 0 || (size_t) w >= cap - *n) {
+        return 0;
+    }
+    *n += (size_t) w;
+    if (!put_escaped(out, cap, n, v, vl) || *n + 2 > cap) {
+        return 0;
+    }
+    out[(*n)++] = '"';
+    out[*n] = '\0';
+    return 1;
+}
+
+/* Checks a metric's name and help (raises with fn's name). */
+static void
+check_name_help(lua_State *L, const char *fn, const char *name, size_t nl,
+                const char *help, size_t hl)
+{
+    if (!valid_name(name, nl, 1) || nl >= GW_METRICS_NAME_MAX) {
+        luaL_error(L, "%s: name must match [a-z_:][a-z0-9_:]* (at most %d "
+                   "bytes)", fn, GW_METRICS_NAME_MAX - 1);
+    }
+    if (hl >= GW_METRICS_HELP_MAX) {
+        luaL_error(L, "%s: help is longer than %d bytes", fn,
+                   GW_METRICS_HELP_MAX - 1);
+    }
+    for (size_t i = 0; i < hl; i++) {
+        if ((unsigned char) help[i] < 32 || help[i] == 127
+            || help[i] == '\\') {
+            luaL_error(L, "%s: help must be one line of text without "
+                       "backslashes", fn);
+        }
+    }
+}
+
 static int
 cmp_str(const void *a, const void *b)
 {
@@ -121,8 +171,7 @@ render_labels(lua_State *L, int i, const char *fn, char *out, size_t cap)
             luaL_error(L, "%s: label names must be strings", fn);
         }
         k = lua_tolstring(L, -2, &kl);
-        if (!valid_name(k, kl, 0) || kl >= 64 || (kl >= 2 && k[0] == '_'
-                                                  && k[1] == '_')) {
+        if (!valid_label(k, kl)) {
             luaL_error(L, "%s: bad label name (want [a-z_][a-z0-9_]*)", fn);
         }
         if (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER) {
@@ -138,22 +187,13 @@ render_labels(lua_State *L, int i, const char *fn, char *out, size_t cap)
     for (int j = 0; j < nk; j++) {
         size_t vl;
         const char *v;
-        int w;
 
         lua_getfield(L, i, keys[j]);
         v = lua_tolstring(L, -1, &vl);  /* a number becomes a string copy */
-        w = snprintf(out + n, cap - n, "%s%s=\"", j > 0 ? "," : "", keys[j]);
-        if (w < 0 || (size_t) w >= cap - n) {
+        if (!put_label(out, cap, &n, j == 0, keys[j], v, vl)) {
             luaL_error(L, "%s: labels too long (at most %d bytes rendered)",
                        fn, (int) cap - 1);
         }
-        n += (size_t) w;
-        if (!put_escaped(out, cap, &n, v, vl) || n + 2 > cap) {
-            luaL_error(L, "%s: labels too long (at most %d bytes rendered)",
-                       fn, (int) cap - 1);
-        }
-        out[n++] = '"';
-        out[n] = '\0';
         lua_pop(L, 1);
     }
 }
@@ -167,22 +207,7 @@ lmetrics_gauge(lua_State *L)
     const char *help = luaL_optlstring(L, 2, "", &hl);
     struct gw_lgauge *g;
 
-    if (!valid_name(name, nl, 1) || nl >= GW_METRICS_NAME_MAX) {
-        return luaL_error(L, "metrics.gauge: name must match "
-                          "[a-z_:][a-z0-9_:]* (at most %d bytes)",
-                          GW_METRICS_NAME_MAX - 1);
-    }
-    if (hl >= GW_METRICS_HELP_MAX) {
-        return luaL_error(L, "metrics.gauge: help is longer than %d bytes",
-                          GW_METRICS_HELP_MAX - 1);
-    }
-    for (size_t i = 0; i < hl; i++) {
-        if ((unsigned char) help[i] < 32 || help[i] == 127
-            || help[i] == '\\') {
-            return luaL_error(L, "metrics.gauge: help must be one line of "
-                              "text without backslashes");
-        }
-    }
+    check_name_help(L, "metrics.gauge", name, nl, help, hl);
     g = lua_newuserdata(L, sizeof(*g));
     memcpy(g->name, name, nl + 1);
     memcpy(g->help, help, hl + 1);
@@ -226,7 +251,6 @@ lmetrics_remove(lua_State *L)
     return 1;
 }
 
-
 struct gw_lcounter {
     char     name[GW_METRICS_NAME_MAX];     /* checked like a gauge's */
     char     help[GW_METRICS_HELP_MAX];     /* one line, no backslash */
@@ -237,23 +261,6 @@ struct gw_lcounter {
     unsigned gen;           /* gw_metrics_generation() family is for */
     char     overflow[GW_METRICS_LABELS_MAX];   /* every label _overflow */
 };
-
-/* Checks help (raises with fn's name). */
-static void
-check_help(lua_State *L, const char *fn, const char *help, size_t hl)
-{
-    if (hl >= GW_METRICS_HELP_MAX) {
-        luaL_error(L, "%s: help is longer than %d bytes", fn,
-                   GW_METRICS_HELP_MAX - 1);
-    }
-    for (size_t i = 0; i < hl; i++) {
-        if ((unsigned char) help[i] < 32 || help[i] == 127
-            || help[i] == '\\') {
-            luaL_error(L, "%s: help must be one line of text without "
-                       "backslashes", fn);
-        }
-    }
-}
 
 /* syntax: c = metrics.counter(name, help, label_names[, opts])
  * opts.max_series: label sets shown (default 100). Raises on misuse. */
@@ -267,12 +274,7 @@ lmetrics_counter(lua_State *L)
     int nlab = 0, max = LMETRICS_CTR_DEFAULT_SERIES;
     size_t on = 0;
 
-    if (!valid_name(name, nl, 1) || nl >= GW_METRICS_NAME_MAX) {
-        return luaL_error(L, "metrics.counter: name must match "
-                          "[a-z_:][a-z0-9_:]* (at most %d bytes)",
-                          GW_METRICS_NAME_MAX - 1);
-    }
-    check_help(L, "metrics.counter", help, hl);
+    check_name_help(L, "metrics.counter", name, nl, help, hl);
     if (!lua_isnoneornil(L, 3) && !lua_istable(L, 3)) {
         return luaL_error(L, "metrics.counter: label_names must be a table");
     }
@@ -312,8 +314,7 @@ lmetrics_counter(lua_State *L)
 
             lua_rawgeti(L, 3, i + 1);
             k = lua_tolstring(L, -1, &kl);
-            if (lua_type(L, -1) != LUA_TSTRING || !valid_name(k, kl, 0)
-                || kl >= 64 || (kl >= 2 && k[0] == '_' && k[1] == '_')) {
+            if (lua_type(L, -1) != LUA_TSTRING || !valid_label(k, kl)) {
                 return luaL_error(L, "metrics.counter: bad label name (want "
                                   "[a-z_][a-z0-9_]*)");
             }
@@ -384,7 +385,6 @@ counter_labels(lua_State *L, struct gw_lcounter *c, int i, const char *fn,
     for (int j = 0; j < c->nlabels; j++) {
         size_t vl;
         const char *v;
-        int w;
 
         lua_getfield(L, i, c->label[j]);
         if (lua_isnil(L, -1)) {
@@ -399,21 +399,7 @@ counter_labels(lua_State *L, struct gw_lcounter *c, int i, const char *fn,
                        c->label[j]);
         }
         v = lua_tolstring(L, -1, &vl);
-        if (fits) {
-            w = snprintf(out + n, cap - n, "%s%s=\"", j > 0 ? "," : "",
-                         c->label[j]);
-            if (w < 0 || (size_t) w >= cap - n) {
-                fits = 0;
-            } else {
-                n += (size_t) w;
-                if (!put_escaped(out, cap, &n, v, vl) || n + 2 > cap) {
-                    fits = 0;
-                } else {
-                    out[n++] = '"';
-                    out[n] = '\0';
-                }
-            }
-        }
+        fits = fits && put_label(out, cap, &n, j == 0, c->label[j], v, vl);
         lua_pop(L, 1);
     }
     return fits;

@@ -404,7 +404,6 @@ app_read(const struct gw_app_series *a, struct gw_app_series *out)
     return 0;
 }
 
-
 unsigned
 gw_metrics_generation(void)
 {
@@ -461,7 +460,7 @@ fam_new(struct gw_slot *s, const char *name, const char *help,
         const char *overflow_labels, int max_series)
 {
     struct gw_counter_family *f;
-    int i = s->nfam, o;
+    int i = s->nfam;
 
     if (i >= GW_METRICS_FAMILIES || s->nctr >= GW_METRICS_COUNTERS) {
         return -1;
@@ -471,11 +470,9 @@ fam_new(struct gw_slot *s, const char *name, const char *help,
     snprintf(f->help, sizeof(f->help), "%s", help);
     f->max_series = max_series < 1 ? 1 : max_series;
     f->nseries = 1;
-    f->overflow = s->nctr;
     /* the overflow series first: the master skips a series whose family
      * is not published yet, and reads the family whole once it is */
-    o = ctr_new(s, i, overflow_labels);
-    f->overflow = o;
+    f->overflow = ctr_new(s, i, overflow_labels);
     __atomic_store_n(&f->used, 1, __ATOMIC_RELEASE);
     __atomic_store_n(&s->nfam, i + 1, __ATOMIC_RELEASE);
     return i;
@@ -676,7 +673,6 @@ blabel(struct buf *b, const char *s)
     }
 }
 
-/* One gauge set per shared dictionary (read without its lock). */
 /* The sum of an edge count over live workers and retired ones. */
 static unsigned long long
 edge_sum(int event)
@@ -719,6 +715,7 @@ edge_metrics(struct buf *b)
             (unsigned long long) gw_tls_tickets_rotations());
 }
 
+/* One gauge set per shared dictionary (read without its lock). */
 static void
 shared_metrics(struct buf *b)
 {
