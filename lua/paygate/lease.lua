@@ -35,7 +35,6 @@ local core = require "paygate.core"
 local crypto = require "paygate.crypto"
 local sql = require "paygate.sql"
 local redis = require "paygate.redis"
-local json_encode = require("paygate.json").encode
 
 local _M = { _VERSION = "0.1.0" }
 
@@ -705,9 +704,10 @@ end
 local counts = { runs = 0, held = 0, renewed = 0, lost = 0, fenced = 0,
                  store_errors = 0 }
 
+-- paygate.log.warn (required when first used: paygate requires the
+-- libraries an app loads)
 local function warn(msg, fields)
-  local ok, enc = pcall(json_encode, fields)
-  core.log(2, msg, ok and enc or nil)
+  require("paygate").log.warn(msg, fields)
 end
 
 -- The handle lease.run gives fn: what fn needs to commit only while its
