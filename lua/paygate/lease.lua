@@ -561,17 +561,9 @@ local function compute_ttl(name, o)
   return math.min(math.max(q * o.margin, o.floor), o.ceiling), info
 end
 
--- syntax: ttl, info = lease.ttl_for(name[, opts])
--- The lease ttl for work named `name`: clamp(quantile x margin, floor,
--- ceiling) of its recorded durations, or `initial` (default: ceiling)
--- until min_samples durations were recorded.
--- opts: floor (1 s), ceiling (300 s), margin (1.5), quantile (0.999),
---       min_samples (20), initial (ceiling), window (3600 s)
--- returns: ttl (s), info { samples, source = "measured" | "initial",
---          quantile (s, when measured) }. Never yields.
-function _M.ttl_for(name, opts)
-  check_name("lease.ttl_for", name)
-  local o = adaptive_opts("lease.ttl_for", opts)
+-- ttl_for with its options checked (adaptive_opts' table, kept as the
+-- cache entry)
+local function ttl_of(name, o)
   local c = cached[name]
   local now = core.mono()
   if c and now - c.at < CACHE_FOR and c.floor == o.floor
@@ -584,6 +576,19 @@ function _M.ttl_for(name, opts)
   o.at, o.ttl, o.info = now, ttl, info
   cached[name] = o
   return ttl, info
+end
+
+-- syntax: ttl, info = lease.ttl_for(name[, opts])
+-- The lease ttl for work named `name`: clamp(quantile x margin, floor,
+-- ceiling) of its recorded durations, or `initial` (default: ceiling)
+-- until min_samples durations were recorded.
+-- opts: floor (1 s), ceiling (300 s), margin (1.5), quantile (0.999),
+--       min_samples (20), initial (ceiling), window (3600 s)
+-- returns: ttl (s), info { samples, source = "measured" | "initial",
+--          quantile (s, when measured) }. Never yields.
+function _M.ttl_for(name, opts)
+  check_name("lease.ttl_for", name)
+  return ttl_of(name, adaptive_opts("lease.ttl_for", opts))
 end
 
 ----------------------------------------------------------------- API
@@ -834,8 +839,7 @@ function _M.run(store, key, fn, opts)
     if ttl ~= nil then
       error("lease.run: opts.adaptive and opts.ttl exclude each other", 2)
     end
-    local o = adaptive_opts("lease.run", opts)
-    ttl = _M.ttl_for(name, o)
+    ttl = ttl_of(name, adaptive_opts("lease.run", opts))
   elseif ttl == nil then
     error("lease.run: opts.adaptive (the name its durations are recorded"
           .. " under) or opts.ttl is required", 2)
