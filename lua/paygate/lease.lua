@@ -64,6 +64,14 @@ local function check_store(fname, store)
     error(fname .. ": store must be a paygate.sql db or a paygate.redis"
           .. " client", 3)
   end
+  -- see redis_run: without a replica's acknowledgement a failover can
+  -- grant a lease twice
+  if is_redis(store) and store.sentinel and not store.lease_unsafe
+     and (store.lease_replicas or 0) == 0 then
+    error(fname .. ": a Sentinel-managed Redis client needs"
+          .. " lease_replicas >= 1 (or lease_unsafe = true to accept that a"
+          .. " failover can grant a lease twice)", 3)
+  end
 end
 
 local function check_key(fname, key)
@@ -242,12 +250,7 @@ local function redis_run(client, name, src, keys, args)
   local n = client.lease_replicas or 0
   local sc = script(client, name, src)
   if n == 0 then
-    if client.sentinel and not client.lease_unsafe then
-      error("lease: a Sentinel-managed Redis client needs lease_replicas"
-            .. " >= 1 (or lease_unsafe = true to accept that a failover"
-            .. " can grant a lease twice)", 4)
-    end
-    return sc(keys, args)
+    return sc(keys, args)       -- under Sentinel, only if lease_unsafe
   end
   local cmd = { "EVALSHA", sc.sha, #keys }
   for i = 1, #keys do
