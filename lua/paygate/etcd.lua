@@ -145,7 +145,9 @@ local function check_endpoint(url, i)
     error("etcd.new: endpoints[" .. i .. "] must be a URL string", 3)
   end
   url = url:gsub("/+$", "")
-  if not url:match("^https?://[^/%s]+$") then
+  -- no user:password@ (etcd's auth is user/password, and the URL goes
+  -- into errors and logs)
+  if not url:match("^https?://[^/%s@]+$") then
     error("etcd.new: endpoints[" .. i .. "] must be http(s)://host:port",
           3)
   end
