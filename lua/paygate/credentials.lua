@@ -163,10 +163,14 @@ function _M.open(kek, key, text)
     return invalid(key .. ": not an envelope (a secret must be sealed "
                    .. "with the key-encryption key: paygate etcd publish)")
   end
+  -- the envelope's own fields are etcd's content: only a plain number
+  -- (the version) or a KEK id's hex digits are shown, never other text
   if env.paygate_envelope ~= ENVELOPE then
+    local v = env.paygate_envelope
     return invalid(key .. ": an envelope of another format (version "
-                   .. tostring(env.paygate_envelope) .. ", this paygate "
-                   .. "opens " .. ENVELOPE .. "): publish the set again")
+                   .. (type(v) == "number" and tostring(v) or "unknown")
+                   .. ", this paygate opens " .. ENVELOPE
+                   .. "): publish the set again")
   end
   local keks = type(kek) == "table" and kek or { kek }
   kek = nil
@@ -176,9 +180,10 @@ function _M.open(kek, key, text)
     if ids[i] == env.kek then kek = k end
   end
   if not kek then
+    local id = type(env.kek) == "string" and #env.kek <= 16
+               and env.kek:match("^%x+$") or "unknown"
     return invalid(key .. ": sealed under another key-encryption key (id "
-                   .. tostring(env.kek) .. ", ours " .. table.concat(ids, ", ")
-                   .. ")")
+                   .. id .. ", ours " .. table.concat(ids, ", ") .. ")")
   end
   local dek = gcm_open(kek, DEK_AAD .. "\0" .. key, env.dek)
   local pt = dek and #dek == 32

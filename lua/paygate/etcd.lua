@@ -145,7 +145,9 @@ local function check_endpoint(url, i)
     error("etcd.new: endpoints[" .. i .. "] must be a URL string", 3)
   end
   url = url:gsub("/+$", "")
-  if not url:match("^https?://[^/%s]+$") then
+  -- no user:password@ (etcd's auth is user/password, and the URL goes
+  -- into errors and logs)
+  if not url:match("^https?://[^/%s@]+$") then
     error("etcd.new: endpoints[" .. i .. "] must be http(s)://host:port",
           3)
   end
@@ -493,9 +495,6 @@ function Client:grant(ttl)
   end
   local doc, err = call(self, "/v3/lease/grant", { TTL = ttl }, false)
   if not doc then return nil, err end
-  if doc.error and doc.error ~= "" then
-    return fail("etcd", "grant: " .. tostring(doc.error))
-  end
   local id = rev_of(doc.ID)
   if not id or id == "0" then return bad_answer("grant") end
   return { id = id, ttl = tonumber(rev_of(doc.TTL)) or ttl }
@@ -617,14 +616,14 @@ local function connect(w)
   local token, err = token_for(cli, ep)
   if cli.user and not token then return nil, err end
   local req = { key = b64(w.key), progress_notify = true }
-  -- "hasleader" metadata (the gateway passes Grpc-Metadata-* headers on):
-  -- a member that loses its leader ends the watch ("no leader") instead
-  -- of keeping it open without events while the others go on
   if w.range_end then req.range_end = b64(w.range_end) end
   if w.next_rev then req.start_revision = w.next_rev end
   local o = http_opts(cli, ep .. "/v3/watch",
                       json.encode({ create_request = req }),
                       w.reconnect_after, token)
+  -- "hasleader" metadata (the gateway passes Grpc-Metadata-* headers on):
+  -- a member that loses its leader ends the watch ("no leader") instead
+  -- of keeping it open without events while the others go on
   o.headers["Grpc-Metadata-hasleader"] = "true"
   o.max_body = 1e15
   local s = hcore.stream(o)
@@ -662,6 +661,23 @@ local function event_of(e)
   return kv
 end
 
+-- The current endpoint's token is no longer good: the next connect
+-- authenticates again.
+local function forget_token(w)
+  w.cli.tokens[w.cli.endpoints[w.ep]] = nil
+end
+
+-- An error or a cancel on the stream: reconnect (false, err) after an
+-- expired token or when not fatal, else end the iteration (nil, err).
+local function stream_error(w, kind, msg, fatal)
+  if kind == "auth" and token_expired(msg) then
+    forget_token(w)
+  elseif fatal then
+    return fail(kind, "watch: " .. msg)
+  end
+  return false, core.error(kind, "etcd: watch: " .. msg)
+end
+
 -- Handles one message of the stream. returns true, or nil, err (fatal:
 -- the iteration ends), or false, err (reconnect).
 local function message(w, line)
@@ -672,14 +688,8 @@ local function message(w, line)
   if doc.error ~= nil then
     local msg, code = error_text(doc)
     local kind = classify(code, msg)
-    if kind == "auth" and token_expired(msg) then
-      w.cli.tokens[w.cli.endpoints[w.ep]] = nil
-      return false, core.error(kind, "etcd: watch: " .. tostring(msg))
-    end
-    if kind == "unavailable" or kind == "etcd" then
-      return false, core.error(kind, "etcd: watch: " .. tostring(msg))
-    end
-    return fail(kind, "watch: " .. tostring(msg))
+    return stream_error(w, kind, msg,
+                        kind ~= "unavailable" and kind ~= "etcd")
   end
   local r = doc.result
   if type(r) ~= "table" then return true end
@@ -692,14 +702,8 @@ local function message(w, line)
     end
     local reason = tostring(r.cancel_reason or "canceled by the server")
     local kind = classify(nil, reason)
-    if kind == "auth" and token_expired(reason) then
-      w.cli.tokens[w.cli.endpoints[w.ep]] = nil
-      return false, core.error(kind, "etcd: watch: " .. reason)
-    end
-    if kind == "auth" or kind == "permission" then
-      return fail(kind, "watch: " .. reason)
-    end
-    return false, core.error(kind, "etcd: watch: " .. reason)
+    return stream_error(w, kind, reason,
+                        kind == "auth" or kind == "permission")
   end
   if r.created then
     -- a watch stands: the pause before a retry starts small again
@@ -746,7 +750,7 @@ function Watch:__call()
       local ok, err = connect(self)
       if not ok then
         if err.kind == "auth" and err.expired then
-          self.cli.tokens[self.cli.endpoints[self.ep]] = nil
+          forget_token(self)
           retry_err = err
         elseif err.kind == "auth" or err.kind == "permission"
                or err.kind == "compacted" or err.kind == "invalid" then

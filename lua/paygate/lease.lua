@@ -35,7 +35,6 @@ local core = require "paygate.core"
 local crypto = require "paygate.crypto"
 local sql = require "paygate.sql"
 local redis = require "paygate.redis"
-local json_encode = require("paygate.json").encode
 
 local _M = { _VERSION = "0.1.0" }
 
@@ -64,6 +63,14 @@ local function check_store(fname, store)
   if not is_sql(store) and not is_redis(store) then
     error(fname .. ": store must be a paygate.sql db or a paygate.redis"
           .. " client", 3)
+  end
+  -- see redis_run: without a replica's acknowledgement a failover can
+  -- grant a lease twice
+  if is_redis(store) and store.sentinel and not store.lease_unsafe
+     and (store.lease_replicas or 0) == 0 then
+    error(fname .. ": a Sentinel-managed Redis client needs"
+          .. " lease_replicas >= 1 (or lease_unsafe = true to accept that a"
+          .. " failover can grant a lease twice)", 3)
   end
 end
 
@@ -243,12 +250,7 @@ local function redis_run(client, name, src, keys, args)
   local n = client.lease_replicas or 0
   local sc = script(client, name, src)
   if n == 0 then
-    if client.sentinel and not client.lease_unsafe then
-      error("lease: a Sentinel-managed Redis client needs lease_replicas"
-            .. " >= 1 (or lease_unsafe = true to accept that a failover"
-            .. " can grant a lease twice)", 4)
-    end
-    return sc(keys, args)
+    return sc(keys, args)       -- under Sentinel, only if lease_unsafe
   end
   local cmd = { "EVALSHA", sc.sha, #keys }
   for i = 1, #keys do
@@ -562,17 +564,9 @@ local function compute_ttl(name, o)
   return math.min(math.max(q * o.margin, o.floor), o.ceiling), info
 end
 
--- syntax: ttl, info = lease.ttl_for(name[, opts])
--- The lease ttl for work named `name`: clamp(quantile x margin, floor,
--- ceiling) of its recorded durations, or `initial` (default: ceiling)
--- until min_samples durations were recorded.
--- opts: floor (1 s), ceiling (300 s), margin (1.5), quantile (0.999),
---       min_samples (20), initial (ceiling), window (3600 s)
--- returns: ttl (s), info { samples, source = "measured" | "initial",
---          quantile (s, when measured) }. Never yields.
-function _M.ttl_for(name, opts)
-  check_name("lease.ttl_for", name)
-  local o = adaptive_opts("lease.ttl_for", opts)
+-- ttl_for with its options checked (adaptive_opts' table, kept as the
+-- cache entry)
+local function ttl_of(name, o)
   local c = cached[name]
   local now = core.mono()
   if c and now - c.at < CACHE_FOR and c.floor == o.floor
@@ -585,6 +579,19 @@ function _M.ttl_for(name, opts)
   o.at, o.ttl, o.info = now, ttl, info
   cached[name] = o
   return ttl, info
+end
+
+-- syntax: ttl, info = lease.ttl_for(name[, opts])
+-- The lease ttl for work named `name`: clamp(quantile x margin, floor,
+-- ceiling) of its recorded durations, or `initial` (default: ceiling)
+-- until min_samples durations were recorded.
+-- opts: floor (1 s), ceiling (300 s), margin (1.5), quantile (0.999),
+--       min_samples (20), initial (ceiling), window (3600 s)
+-- returns: ttl (s), info { samples, source = "measured" | "initial",
+--          quantile (s, when measured) }. Never yields.
+function _M.ttl_for(name, opts)
+  check_name("lease.ttl_for", name)
+  return ttl_of(name, adaptive_opts("lease.ttl_for", opts))
 end
 
 ----------------------------------------------------------------- API
@@ -705,9 +712,10 @@ end
 local counts = { runs = 0, held = 0, renewed = 0, lost = 0, fenced = 0,
                  store_errors = 0 }
 
+-- paygate.log.warn (required when first used: paygate requires the
+-- libraries an app loads)
 local function warn(msg, fields)
-  local ok, enc = pcall(json_encode, fields)
-  core.log(2, msg, ok and enc or nil)
+  require("paygate").log.warn(msg, fields)
 end
 
 -- The handle lease.run gives fn: what fn needs to commit only while its
@@ -834,8 +842,7 @@ function _M.run(store, key, fn, opts)
     if ttl ~= nil then
       error("lease.run: opts.adaptive and opts.ttl exclude each other", 2)
     end
-    local o = adaptive_opts("lease.run", opts)
-    ttl = _M.ttl_for(name, o)
+    ttl = ttl_of(name, adaptive_opts("lease.run", opts))
   elseif ttl == nil then
     error("lease.run: opts.adaptive (the name its durations are recorded"
           .. " under) or opts.ttl is required", 2)

@@ -412,22 +412,20 @@ local function watch(self)
   end
 end
 
-local function check_opts(o)
-  local function num(name, min)
+-- redis.connect's own options: the message of a misuse, or nil
+local function opts_problem(o)
+  if o.lease_unsafe ~= nil and type(o.lease_unsafe) ~= "boolean" then
+    return "opts.lease_unsafe must be a boolean"
+  end
+  for name, min in pairs({ sentinel_poll = 0.01, lease_wait = 0.001,
+                           lease_replicas = 0 }) do
     local v = o[name]
     if v ~= nil and (type(v) ~= "number" or v < min or v ~= v) then
-      error("redis.connect: opts." .. name .. " must be a number >= "
-            .. min, 4)
+      return "opts." .. name .. " must be a number >= " .. min
     end
   end
-  if o.lease_unsafe ~= nil and type(o.lease_unsafe) ~= "boolean" then
-    error("redis.connect: opts.lease_unsafe must be a boolean", 3)
-  end
-  num("sentinel_poll", 0.01)
-  num("lease_wait", 0.001)
-  num("lease_replicas", 0)
   if o.lease_replicas and o.lease_replicas % 1 ~= 0 then
-    error("redis.connect: opts.lease_replicas must be an integer", 4)
+    return "opts.lease_replicas must be an integer"
   end
 end
 
@@ -453,7 +451,10 @@ function _M.connect(url, opts)
   for k, v in pairs(opts or {}) do
     o[k] = v
   end
-  check_opts(o)
+  local problem = opts_problem(o)
+  if problem then
+    error("redis.connect: " .. problem, 2)
+  end
   local copts = {}
   for k, v in pairs(o) do
     if not LUA_OPTS[k] then

@@ -26,7 +26,6 @@
 -- per pass (info), a warning per failed job.
 
 local core = require "paygate.core"
-local json = require "paygate.json"
 local sql = require "paygate.sql"
 local lease = require "paygate.lease"
 
@@ -70,9 +69,9 @@ local RUNNER_KEYS = { interval = true, batch = true, pause = true,
 local counts = { passes = 0, held = 0, pruned = 0, statements = 0,
                  errors = 0, jobs = {} }
 
-local function log(level, msg, fields)
-  local ok, enc = pcall(json.encode, fields)
-  core.log(level, msg, ok and enc or nil)
+-- paygate.log (required when first used)
+local function log()
+  return require("paygate").log
 end
 
 ------------------------------------------------------------- metrics
@@ -577,7 +576,7 @@ local function run_job(self, job, h, now)
   if not exists then
     if not self.missing[job.name] then
       self.missing[job.name] = true
-      log(1, "retention: table not there (yet): job skipped",
+      log().info("retention: table not there (yet): job skipped",
           { job = job.name, table = job.table })
     end
     out.missing = true
@@ -622,7 +621,7 @@ local function pass(self, h)
     js.statements = js.statements + out.statements
     if out.error then
       summary.errors = summary.errors + 1
-      log(2, "retention: job failed (retried next pass)",
+      log().warn("retention: job failed (retried next pass)",
           { job = job.name, error = tostring(out.error) })
     end
     if out.lost then
@@ -650,13 +649,13 @@ function Runner:run_once()
     if err.kind == "held" then
       st.held = st.held + 1
       counts.held = counts.held + 1
-      log(0, "retention: another instance is pruning; pass skipped",
+      log().debug("retention: another instance is pruning; pass skipped",
           { name = self.name })
     else
       st.errors = st.errors + 1
       counts.errors = counts.errors + 1
-      log(2, "retention: pass not run", { name = self.name,
-                                          error = tostring(err) })
+      log().warn("retention: pass not run", { name = self.name,
+                                              error = tostring(err) })
     end
     return nil, err
   end
@@ -671,7 +670,7 @@ function Runner:run_once()
   for name, out in pairs(summary.jobs) do
     per_job[name] = out.pruned
   end
-  log(1, "retention: pass done", { name = self.name,
+  log().info("retention: pass done", { name = self.name,
     pruned = summary.pruned, statements = summary.statements,
     errors = summary.errors, elapsed = summary.elapsed, jobs = per_job })
   return summary
@@ -691,8 +690,8 @@ function Runner:start()
       local ok, err = pcall(self.run_once, self)
       if not ok then
         self.stats.errors = self.stats.errors + 1
-        log(3, "retention: pass raised", { name = self.name,
-                                           error = tostring(err) })
+        log().error("retention: pass raised", { name = self.name,
+                                                error = tostring(err) })
       end
       core.sleep(self.interval * (1 + 0.1 * math.random()))
     end

@@ -32,6 +32,12 @@ describe("paygate.etcd", function()
         etcd.new{ endpoints = { "http://127.0.0.1:1" }, user = "u" } end)
       assert.has_error(function()
         etcd.new{ endpoints = { "http://127.0.0.1:1" }, timeout = 0 } end)
+      -- a password in the URL would go into every error naming the
+      -- endpoint: refused, without repeating it
+      local ok, err = pcall(etcd.new, { endpoints = {
+        "https://paygate:s3cret@127.0.0.1:2379" } })
+      assert.is_false(ok)
+      assert.is_nil(tostring(err):find("s3cret", 1, true), err)
     end)
 
     it("reports an endpoint that is down as connect, then tries the next",

@@ -80,6 +80,11 @@ describe("Redis through Sentinel", function()
     local ok, err = pcall(lease.acquire, r, "unsafe", 1)
     assert.is_false(ok)
     assert.truthy(tostring(err):find("lease_replicas", 1, true), err)
+    -- a misuse: raised at the caller's line
+    ok, err = pcall(function() lease.acquire(r, "unsafe", 1) end)
+    assert.is_false(ok)
+    assert.truthy(tostring(err):find("redis_sentinel_spec.lua:", 1, true),
+                  err)
     r:close()
     local u = assert(redis.connect(g.url, { lease_replicas = 0,
                                             lease_unsafe = true }))

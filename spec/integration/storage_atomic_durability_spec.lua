@@ -1,8 +1,8 @@
 -- db:atomic under kill -9: every acknowledged job is present after
 -- reopening, and no job is ever half there (SQLite, PostgreSQL).
 local sql = require "paygate.sql"
-local paygate = require "paygate"
 local servers = require "spec.support.servers"
+local kill_writer = require "spec.support.kill_writer"
 
 local BIN = os.getenv("PAYGATE_BIN") or "build/paygate"
 local KILLS = tonumber(os.getenv("PAYGATE_KILLS") or "4")
@@ -14,39 +14,9 @@ teardown(function()
   servers.sh("rm -rf " .. tmp)
 end)
 
-local function lines(path)
-  local t = {}
-  local f = io.open(path)
-  if f then
-    for l in f:lines() do
-      t[#t + 1] = l
-    end
-    f:close()
-  end
-  return t
-end
-
-local function alive(pid)
-  return servers.sh("kill -0 " .. pid .. " 2>/dev/null")
-end
-
 local function run_and_kill(url, out)
-  local pid = servers.read_cmd("sh -c '" .. BIN .. " exec "
-    .. "spec/support/atomic_writer.lua " .. url .. " >" .. out .. " 2>"
-    .. out .. ".err & echo $!'"):match("%d+")
-  assert(pid, "writer did not start")
-  servers.wait_for(function() return #lines(out) > 5 end, 20,
-                   "the writer's first acknowledgements")
-  paygate.sleep(math.random() * 0.3)
-  servers.sh("kill -9 " .. pid)
-  servers.wait_for(function() return not alive(pid) end, 10, "writer exit")
-  local acked = {}
-  for _, l in ipairs(lines(out)) do
-    if l ~= "ready" then
-      acked[#acked + 1] = l
-    end
-  end
-  return acked
+  return kill_writer.run_and_kill(BIN, "spec/support/atomic_writer.lua",
+                                  url, out)
 end
 
 -- Every acked id in both tables; both tables and the counters agree (a

@@ -75,12 +75,7 @@ function _M.start()
   local g = { dir = dir, name = "mymaster", sentinels = {}, extra = {} }
   local ports = {}
   local function port()
-    local p
-    repeat
-      p = servers.free_port()
-    until not ports[p]
-    ports[p] = true
-    return p
+    return _M.free_port_except(ports)
   end
   local mport, rport = port(), port()
   local base = "redis-server --bind 127.0.0.1 --dir " .. dir

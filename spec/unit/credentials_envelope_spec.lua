@@ -59,6 +59,22 @@ describe("credentials envelopes", function()
     assert.matches("publish the set again", err.message)
   end)
 
+  it("does not echo an envelope's own fields into its error", function()
+    -- etcd's content is input: a value with the fields of an envelope
+    -- but holding other text (a secret pasted in by hand, say) must not
+    -- carry that text into the error (and so into the logs)
+    local pasted = "-----BEGIN PRIVATE KEY-----" .. ("A"):rep(4000)
+    for _, e in ipairs({
+        { paygate_envelope = pasted },
+        { paygate_envelope = 2, kek = pasted, dek = "x", data = "y" } }) do
+      local pt, err = credentials.open(kek, KEY, json.encode(e))
+      assert.is_nil(pt)
+      assert.equal("invalid_credentials", err.kind)
+      assert.not_matches("PRIVATE KEY", err.message, 1, true)
+      assert.is_true(#err.message < 300)
+    end
+  end)
+
   it("refuses a key-encryption key of the wrong length", function()
     local raw = crypto.random_bytes(32)
     local good = {

@@ -57,6 +57,17 @@ describe("paygate.redis", function()
       assert.truthy(tostring(err):find("opts.lease_unsafe", 1, true), err)
     end)
 
+    it("raises a bad lease option at the caller's line", function()
+      for _, o in ipairs({ { lease_replicas = 1.5 }, { lease_replicas = -1 },
+                           { lease_unsafe = 1 } }) do
+        local ok, err = pcall(function()
+          redis.connect("redis://127.0.0.1:1", o)
+        end)
+        assert.is_false(ok)
+        assert.truthy(tostring(err):find("redis_spec.lua:", 1, true), err)
+      end
+    end)
+
     it("raises on a url that is not redis://", function()
       assert.has_error(function() redis.connect("http://x") end)
       -- TLS was asked for: refuse rather than talk plain text
