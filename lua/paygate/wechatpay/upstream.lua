@@ -72,14 +72,15 @@ end
 
 local ep_cache, ep_cached = {}, 0
 
---- syntax: name = upstream.endpoint(method, path)
+--- syntax: name, what = upstream.endpoint(method, path)
 -- returns: "METHOD /v3/word/{}/word" (query dropped, ids as {}, at most
--- MAX_SEGMENTS segments, then "/..."): a bounded set of names.
+-- MAX_SEGMENTS segments, then "/..."): a bounded set of names; and what,
+-- "METHOD /v3/the/path" (the query dropped: the call's name in errors).
 function _M.endpoint(method, path)
   local p = path:match("^[^?]*")
   local key = method .. " " .. p
   local name = ep_cache[key]
-  if name then return name end
+  if name then return name, key end
   local out, n, prev = { method, " " }, 0, nil
   for seg in p:gmatch("[^/]+") do
     n = n + 1
@@ -96,7 +97,7 @@ function _M.endpoint(method, path)
   -- the cache keys hold ids: bounded, dropped when full
   if ep_cached >= 512 then ep_cache, ep_cached = {}, 0 end
   ep_cache[key], ep_cached = name, ep_cached + 1
-  return name
+  return name, key
 end
 
 ------------------------------------------------------------ counting
