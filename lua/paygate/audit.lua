@@ -729,32 +729,25 @@ function _M.plan(subject, e, head)
   }
 end
 
--- Months whose partitions a db handle has made sure of (PostgreSQL).
-local prepared = setmetatable({}, { __mode = "k" })
-
 --- syntax: ok, err = audit.prepare(db, stmts)
 -- Before db:atomic runs statements that came from audit.plan: on
 -- PostgreSQL with the partitioned layout, makes sure the partitions of the
 -- entries' months exist (an append in a transaction creates them itself;
 -- a db:atomic job cannot, so without this the first entry of a month
--- nobody created ahead would fail). Cached per handle and month: after
--- the first time, no query. A no-op on SQLite.
+-- nobody created ahead would fail). Known per handle and month (the
+-- months cache appends fill too): after the first time, no query. A
+-- no-op on SQLite and on the plain layout.
 -- yields: one transaction the first time a month is seen
 function _M.prepare(db, stmts)
   if db.engine ~= "postgres" then
     return true
   end
-  local seen = prepared[db]
-  if not seen then
-    seen = {}
-    prepared[db] = seen
-  end
   for i = 1, #stmts do
     local at = stmts[i].audit_at
-    if at then
+    if at and layout[db] ~= "plain" then
       local y, m = month_of(at)
-      local key = y * 100 + m
-      if not seen[key] then
+      local known = months[db]
+      if not (known and known[y * 100 + m]) then
         local ok, err = _M.ensure_schema(db)
         if not ok then
           return nil, err
@@ -765,7 +758,13 @@ function _M.prepare(db, stmts)
         if not ok then
           return nil, err
         end
-        seen[key] = true
+        if layout[db] == "partitioned" then
+          -- committed: this month's partition and the next one's exist
+          known = months[db] or {}
+          months[db] = known
+          local ny, nm = next_month(y, m)
+          known[y * 100 + m], known[ny * 100 + nm] = true, true
+        end
       end
     end
   end
