@@ -40,6 +40,7 @@ local core = require "paygate.core"
 local crypto = require "paygate.crypto"
 local json = require "paygate.json"
 local sql = require "paygate.sql"
+local civil = require "paygate.civil"
 
 local type, pairs, ipairs, tostring, error, getmetatable, floor, sort,
       concat = type, pairs, ipairs, tostring, error, getmetatable,
@@ -106,19 +107,6 @@ local layout = setmetatable({}, { __mode = "k" })
 local months = setmetatable({}, { __mode = "k" })
 local made_in = setmetatable({}, { __mode = "k" })
 local PARTITION_LOCK = 7217003
-
--- Days from 1970-01-01 to y-m-01 (proleptic Gregorian, UTC).
-local function days_from_civil(y, m)
-  if m <= 2 then
-    y = y - 1
-  end
-  local era = floor(y / 400)
-  local yoe = y - era * 400
-  local mp = (m + 9) % 12
-  local doy = floor((153 * mp + 2) / 5)
-  local doe = yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy
-  return era * 146097 + doe - 719468
-end
 
 local function month_of(at_ms)
   local t = os.date("!*t", floor(at_ms / 1000))
@@ -189,8 +177,8 @@ local function ensure_month(tx, y, m)
     return nil, lerr
   end
   local ny, nm = next_month(y, m)
-  local from = days_from_civil(y, m) * 86400000
-  local to = days_from_civil(ny, nm) * 86400000
+  local from = civil.days(y, m) * 86400000
+  local to = civil.days(ny, nm) * 86400000
   local _, cerr = tx:exec(string.format("CREATE TABLE IF NOT EXISTS %s"
     .. " PARTITION OF paygate_audit FOR VALUES FROM (%d) TO (%d)", name,
     from, to))
@@ -356,7 +344,7 @@ function _M.partition_legacy(db)
       return "partitioned"
     end
     local y, m = next_month(month_of(floor(core.time() * 1000)))
-    local bound = days_from_civil(y, m) * 86400000
+    local bound = civil.days(y, m) * 86400000
     local steps = {
       "ALTER TABLE paygate_audit RENAME TO paygate_audit_legacy",
       "ALTER TABLE paygate_audit_legacy ADD CONSTRAINT"
