@@ -225,7 +225,8 @@ end
 local function ep_state(wx, ep)
   local s = wx.upstream.eps[ep]
   if not s then
-    s = { ring = {}, n = 0, i = 0, since = 0, timeout = nil, p95 = nil }
+    s = { ring = {}, sorted = {}, n = 0, i = 0, since = 0, timeout = nil,
+          p95 = nil }
     wx.upstream.eps[ep] = s
   end
   return s
@@ -239,7 +240,9 @@ end
 local function recompute(wx, s)
   local c = wx.conf
   local n = s.n
-  local a = {}
+  -- a copy to sort, kept between computations (n only grows: every slot
+  -- is written again)
+  local a = s.sorted
   for i = 1, n do a[i] = s.ring[i] end
   sort(a)
   s.p95 = a[max(1, ceil(n * 0.95))]
