@@ -460,9 +460,11 @@ function _M.daily(opts)
   for no in pairs(remote.payments) do
     numbers[#numbers + 1] = no
   end
+  local npay = #numbers
   for _, r in pairs(remote.refunds) do
     numbers[#numbers + 1] = r.out_trade_no
   end
+  local nref = #numbers - npay
   sort(numbers)
   local rows, lerr = opts.local_rows(date, numbers)
   if not rows then
@@ -483,9 +485,6 @@ function _M.daily(opts)
     return nil, werr
   end
   local sha = crypto.hex(crypto.digest("sha256", text))
-  local npay, nref = 0, 0
-  for _ in pairs(remote.payments) do npay = npay + 1 end
-  for _ in pairs(remote.refunds) do nref = nref + 1 end
   local entry = { what = "reconcile.bill", cause = "daily_bill",
                   actor = "reconcile", evidence = {
                     date = date, empty = not info, file = path,
