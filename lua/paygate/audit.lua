@@ -40,6 +40,7 @@ local core = require "paygate.core"
 local crypto = require "paygate.crypto"
 local json = require "paygate.json"
 local sql = require "paygate.sql"
+local civil = require "paygate.civil"
 
 local type, pairs, ipairs, tostring, error, getmetatable, floor, sort,
       concat = type, pairs, ipairs, tostring, error, getmetatable,
@@ -106,19 +107,6 @@ local layout = setmetatable({}, { __mode = "k" })
 local months = setmetatable({}, { __mode = "k" })
 local made_in = setmetatable({}, { __mode = "k" })
 local PARTITION_LOCK = 7217003
-
--- Days from 1970-01-01 to y-m-01 (proleptic Gregorian, UTC).
-local function days_from_civil(y, m)
-  if m <= 2 then
-    y = y - 1
-  end
-  local era = floor(y / 400)
-  local yoe = y - era * 400
-  local mp = (m + 9) % 12
-  local doy = floor((153 * mp + 2) / 5)
-  local doe = yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy
-  return era * 146097 + doe - 719468
-end
 
 local function month_of(at_ms)
   local t = os.date("!*t", floor(at_ms / 1000))
@@ -189,8 +177,8 @@ local function ensure_month(tx, y, m)
     return nil, lerr
   end
   local ny, nm = next_month(y, m)
-  local from = days_from_civil(y, m) * 86400000
-  local to = days_from_civil(ny, nm) * 86400000
+  local from = civil.days(y, m) * 86400000
+  local to = civil.days(ny, nm) * 86400000
   local _, cerr = tx:exec(string.format("CREATE TABLE IF NOT EXISTS %s"
     .. " PARTITION OF paygate_audit FOR VALUES FROM (%d) TO (%d)", name,
     from, to))
@@ -356,7 +344,7 @@ function _M.partition_legacy(db)
       return "partitioned"
     end
     local y, m = next_month(month_of(floor(core.time() * 1000)))
-    local bound = days_from_civil(y, m) * 86400000
+    local bound = civil.days(y, m) * 86400000
     local steps = {
       "ALTER TABLE paygate_audit RENAME TO paygate_audit_legacy",
       "ALTER TABLE paygate_audit_legacy ADD CONSTRAINT"
@@ -729,32 +717,25 @@ function _M.plan(subject, e, head)
   }
 end
 
--- Months whose partitions a db handle has made sure of (PostgreSQL).
-local prepared = setmetatable({}, { __mode = "k" })
-
 --- syntax: ok, err = audit.prepare(db, stmts)
 -- Before db:atomic runs statements that came from audit.plan: on
 -- PostgreSQL with the partitioned layout, makes sure the partitions of the
 -- entries' months exist (an append in a transaction creates them itself;
 -- a db:atomic job cannot, so without this the first entry of a month
--- nobody created ahead would fail). Cached per handle and month: after
--- the first time, no query. A no-op on SQLite.
+-- nobody created ahead would fail). Known per handle and month (the
+-- months cache appends fill too): after the first time, no query. A
+-- no-op on SQLite and on the plain layout.
 -- yields: one transaction the first time a month is seen
 function _M.prepare(db, stmts)
   if db.engine ~= "postgres" then
     return true
   end
-  local seen = prepared[db]
-  if not seen then
-    seen = {}
-    prepared[db] = seen
-  end
   for i = 1, #stmts do
     local at = stmts[i].audit_at
-    if at then
+    if at and layout[db] ~= "plain" then
       local y, m = month_of(at)
-      local key = y * 100 + m
-      if not seen[key] then
+      local known = months[db]
+      if not (known and known[y * 100 + m]) then
         local ok, err = _M.ensure_schema(db)
         if not ok then
           return nil, err
@@ -765,7 +746,13 @@ function _M.prepare(db, stmts)
         if not ok then
           return nil, err
         end
-        seen[key] = true
+        if layout[db] == "partitioned" then
+          -- committed: this month's partition and the next one's exist
+          known = months[db] or {}
+          months[db] = known
+          local ny, nm = next_month(y, m)
+          known[y * 100 + m], known[ny * 100 + nm] = true, true
+        end
       end
     end
   end

@@ -61,10 +61,16 @@ local counter = require("paygate.metrics").counter(
   .. "replayed, conflict, in_flight, taken_over, released, bad_key, "
   .. "pruned, store_failed.", { "outcome" }, { max_series = 16 })
 
+-- each name's labels table, made once (not one per request)
+local labels = {}
+for name in pairs(counts) do
+  labels[name] = { name }
+end
+
 local function bump(name, n)
   n = n or 1
   counts[name] = counts[name] + n
-  if n > 0 then counter:inc({ name }, n) end
+  if n > 0 then counter:inc(labels[name], n) end
 end
 
 local function fail(kind, message, fields)

@@ -191,6 +191,36 @@ local function schema_in(tx)
   return true
 end
 
+-- The INSERT's params of event (checked; misuse raises at the caller of
+-- the public function fname): subject, type, payload JSON, shard, at.
+local function params_of(fname, event)
+  if type(event) ~= "table" then
+    error(fname .. ": event must be a table", 3)
+  end
+  local subject, etype = event.subject or event.stream, event.type
+  if type(subject) ~= "string" or subject == "" then
+    error(fname .. ": event.subject must be a non-empty string", 3)
+  end
+  if type(etype) ~= "string" or etype == "" then
+    error(fname .. ": event.type must be a non-empty string", 3)
+  end
+  local payload = event.payload
+  if payload == nil then
+    payload = {}
+  elseif type(payload) ~= "table" then
+    error(fname .. ": event.payload must be a table", 3)
+  end
+  local at = event.at
+  if at ~= nil and type(at) ~= "number" then
+    error(fname .. ": event.at must be a number (seconds)", 3)
+  end
+  local ok, text = pcall(json.encode, payload)
+  if not ok then
+    error(fname .. ": event.payload: " .. tostring(text), 3)
+  end
+  return { subject, etype, text, shard_of(subject), at or core.time() }
+end
+
 -- syntax: id, err = outbox.enqueue(tx, event)
 -- event: { subject = "pay_1" (ordering key), type = "payment.paid",
 --          payload = table (JSON), at = seconds (optional: not before) }
@@ -202,30 +232,7 @@ function _M.enqueue(tx, event)
   if getmetatable(tx) ~= sql.TX then
     error("outbox.enqueue: tx must be the tx of a db:transaction", 2)
   end
-  if type(event) ~= "table" then
-    error("outbox.enqueue: event must be a table", 2)
-  end
-  local subject, etype = event.subject or event.stream, event.type
-  if type(subject) ~= "string" or subject == "" then
-    error("outbox.enqueue: event.subject must be a non-empty string", 2)
-  end
-  if type(etype) ~= "string" or etype == "" then
-    error("outbox.enqueue: event.type must be a non-empty string", 2)
-  end
-  local payload = event.payload
-  if payload == nil then
-    payload = {}
-  elseif type(payload) ~= "table" then
-    error("outbox.enqueue: event.payload must be a table", 2)
-  end
-  local at = event.at
-  if at ~= nil and type(at) ~= "number" then
-    error("outbox.enqueue: event.at must be a number (seconds)", 2)
-  end
-  local ok, text = pcall(json.encode, payload)
-  if not ok then
-    error("outbox.enqueue: event.payload: " .. tostring(text), 2)
-  end
+  local params = params_of("outbox.enqueue", event)
   if not ready[tx.db] then
     local _, serr = schema_in(tx)
     if serr then
@@ -233,9 +240,7 @@ function _M.enqueue(tx, event)
     end
   end
   local pg = tx.engine == "postgres"
-  local res, err = tx:exec(pg and INSERT_PG or INSERT_SQLITE,
-                           { subject, etype, text, shard_of(subject),
-                             at or core.time() })
+  local res, err = tx:exec(pg and INSERT_PG or INSERT_SQLITE, params)
   if not res then
     return nil, err
   end
@@ -251,29 +256,8 @@ function _M.statement(db, event)
   if mt ~= sql.DB and mt ~= sql.TX then
     error("outbox.statement: db must be a paygate.sql db", 2)
   end
-  if type(event) ~= "table" then
-    error("outbox.statement: event must be a table", 2)
-  end
-  local subject, etype = event.subject or event.stream, event.type
-  if type(subject) ~= "string" or subject == "" then
-    error("outbox.statement: event.subject must be a non-empty string", 2)
-  end
-  if type(etype) ~= "string" or etype == "" then
-    error("outbox.statement: event.type must be a non-empty string", 2)
-  end
-  if event.payload ~= nil and type(event.payload) ~= "table" then
-    error("outbox.statement: event.payload must be a table", 2)
-  end
-  if event.at ~= nil and type(event.at) ~= "number" then
-    error("outbox.statement: event.at must be a number (seconds)", 2)
-  end
-  local ok, text = pcall(json.encode, event.payload or {})
-  if not ok then
-    error("outbox.statement: event.payload: " .. tostring(text), 2)
-  end
   return { db.engine == "postgres" and INSERT_PG or INSERT_SQLITE,
-           { subject, etype, text, shard_of(subject),
-             event.at or core.time() }, name = "outbox" }
+           params_of("outbox.statement", event), name = "outbox" }
 end
 
 ------------------------------------------------------------ backoff

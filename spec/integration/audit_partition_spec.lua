@@ -147,6 +147,32 @@ describe("paygate.audit partitioned by month on PostgreSQL", function()
     other:close()
   end)
 
+  it("audit.prepare makes the months of planned entries before db:atomic",
+     function()
+    assert(audit.ensure_schema(db))
+    local at = ms(2032, 3, 15)
+    assert.is_false(exists(db, "paygate_audit_203203"))
+    local head = false
+    for i = 1, 3 do
+      local e, stmts = audit.plan("payment:A", { what = "step " .. i,
+                                                 at = at + i }, head)
+      assert(audit.prepare(db, stmts))
+      assert(db:atomic(stmts))
+      head = { seq = e.seq, hash = e.hash }
+    end
+    assert.equal(3, parts(db).paygate_audit_203203)
+    assert.is_true(exists(db, "paygate_audit_203204"))   -- made ahead
+    assert.is_true((audit.verify(db, "payment:A")))
+    -- a handle that knows the month (prepared, or an append saw it)
+    -- needs no query: the next month's entries find theirs made ahead
+    local e, stmts = audit.plan("payment:A", { what = "step 4",
+                                               at = ms(2032, 4, 15) }, head)
+    assert(audit.prepare(db, stmts))
+    assert(db:atomic(stmts))
+    assert.equal(1, parts(db).paygate_audit_203204)
+    assert.equal(4, e.seq)
+  end)
+
   it("create_partitions makes this month and the next ones", function()
     local names = assert(audit.create_partitions(db, { ahead = 3 }))
     assert.equal(4, #names)

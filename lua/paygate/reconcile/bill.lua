@@ -17,6 +17,7 @@
 
 local core = require "paygate.core"
 local crypto = require "paygate.crypto"
+local civil = require "paygate.civil"
 local audit = require "paygate.audit"
 local wxbill = require "paygate.wechatpay.bill"
 
@@ -105,18 +106,8 @@ function _M.day_start(date)
   if not y then
     error("bill.day_start: date must be YYYY-MM-DD", 2)
   end
-  -- days from the civil date (proleptic Gregorian), no local time zone
-  y, m, d = tonumber(y), tonumber(m), tonumber(d)
-  if m <= 2 then
-    y = y - 1
-  end
-  local era = floor(y / 400)
-  local yoe = y - era * 400
-  local mp = (m + 9) % 12
-  local doy = floor((153 * mp + 2) / 5) + d - 1
-  local doe = yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy
-  local days = era * 146097 + doe - 719468
-  return days * 86400 - BEIJING
+  return civil.days(tonumber(y), tonumber(m), tonumber(d)) * 86400
+         - BEIJING
 end
 
 ------------------------------------------------------------- download
@@ -469,9 +460,11 @@ function _M.daily(opts)
   for no in pairs(remote.payments) do
     numbers[#numbers + 1] = no
   end
+  local npay = #numbers
   for _, r in pairs(remote.refunds) do
     numbers[#numbers + 1] = r.out_trade_no
   end
+  local nref = #numbers - npay
   sort(numbers)
   local rows, lerr = opts.local_rows(date, numbers)
   if not rows then
@@ -492,9 +485,6 @@ function _M.daily(opts)
     return nil, werr
   end
   local sha = crypto.hex(crypto.digest("sha256", text))
-  local npay, nref = 0, 0
-  for _ in pairs(remote.payments) do npay = npay + 1 end
-  for _ in pairs(remote.refunds) do nref = nref + 1 end
   local entry = { what = "reconcile.bill", cause = "daily_bill",
                   actor = "reconcile", evidence = {
                     date = date, empty = not info, file = path,

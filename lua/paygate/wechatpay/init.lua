@@ -141,10 +141,7 @@ function methods.set_credentials(wx, creds)
   end
   local conf = {}
   for k, v in pairs(wx.source) do conf[k] = v end
-  for _, k in ipairs(CRED_IN) do conf[k] = nil end
-  for _, k in ipairs(CRED_IN) do
-    if creds[k] ~= nil then conf[k] = creds[k] end
-  end
+  for _, k in ipairs(CRED_IN) do conf[k] = creds[k] end
   if conf.merchant_certificate == nil and conf.merchant_serial == nil then
     return nil, errors.new("invalid_config", "wechatpay.merchant_certificate"
       .. ": a credential swap needs the merchant certificate",

@@ -149,14 +149,15 @@ function _M.request(wx, method, path, body, opts)
   if opts ~= nil and type(opts) ~= "table" then
     error("wx:request: opts must be a table", 3)
   end
-  local ep = upstream.endpoint(method, path)
-  local res, err = call(wx, method, path, body, opts or {}, ep)
+  local ep, what = upstream.endpoint(method, path)
+  local res, err = call(wx, method, path, body, opts or {}, ep, what)
   upstream.count(ep, res, err)
   return res, err
 end
 
--- The call itself (misuse raises at level 4: the caller of wx:request).
-call = function(wx, method, path, body, opts, ep)
+-- The call itself (misuse raises at level 4: the caller of wx:request);
+-- ep and what: upstream.endpoint's names of it.
+call = function(wx, method, path, body, opts, ep, what)
   -- what the HTTP client would change before sending (so the signature
   -- would cover another target): a fragment, bytes it percent-encodes,
   -- dot segments it removes
@@ -180,7 +181,6 @@ call = function(wx, method, path, body, opts, ep)
   local started = core.mono()
   local deadline = started + (opts.deadline or c.deadline)
   local max_attempts = opts.max_attempts or c.max_attempts
-  local what = method .. " " .. path:gsub("%?.*", "")
   local headers = {
     ["Accept"] = "application/json",
     ["User-Agent"] = user_agent(),

@@ -72,14 +72,15 @@ end
 
 local ep_cache, ep_cached = {}, 0
 
---- syntax: name = upstream.endpoint(method, path)
+--- syntax: name, what = upstream.endpoint(method, path)
 -- returns: "METHOD /v3/word/{}/word" (query dropped, ids as {}, at most
--- MAX_SEGMENTS segments, then "/..."): a bounded set of names.
+-- MAX_SEGMENTS segments, then "/..."): a bounded set of names; and what,
+-- "METHOD /v3/the/path" (the query dropped: the call's name in errors).
 function _M.endpoint(method, path)
   local p = path:match("^[^?]*")
   local key = method .. " " .. p
   local name = ep_cache[key]
-  if name then return name end
+  if name then return name, key end
   local out, n, prev = { method, " " }, 0, nil
   for seg in p:gmatch("[^/]+") do
     n = n + 1
@@ -96,7 +97,7 @@ function _M.endpoint(method, path)
   -- the cache keys hold ids: bounded, dropped when full
   if ep_cached >= 512 then ep_cache, ep_cached = {}, 0 end
   ep_cache[key], ep_cached = name, ep_cached + 1
-  return name
+  return name, key
 end
 
 ------------------------------------------------------------ counting
@@ -138,10 +139,14 @@ function _M.outcome(res, err)
   return "error", k
 end
 
+-- one labels table for every call: inc reads it at once (no yield)
+local labels = {}
+
 --- syntax: upstream.count(endpoint, res, err) -- one call's result
 function _M.count(endpoint, res, err)
   local outcome, kind = _M.outcome(res, err)
-  calls:inc({ endpoint, outcome, kind })
+  labels[1], labels[2], labels[3] = endpoint, outcome, kind
+  calls:inc(labels)
 end
 
 --------------------------------------------------------- degradation
@@ -178,7 +183,7 @@ end
 -- worker that starts later must not undo the admin's switch).
 function _M.init(wx)
   local c = wx.conf
-  wx.upstream = { eps = {} }
+  wx.upstream = { eps = {}, keys = {} }
   if not wx.dict then
     -- no shared dict: this worker's own state (documented)
     local t = {}
@@ -220,7 +225,8 @@ end
 local function ep_state(wx, ep)
   local s = wx.upstream.eps[ep]
   if not s then
-    s = { ring = {}, n = 0, i = 0, since = 0, timeout = nil, p95 = nil }
+    s = { ring = {}, sorted = {}, n = 0, i = 0, since = 0, timeout = nil,
+          p95 = nil }
     wx.upstream.eps[ep] = s
   end
   return s
@@ -234,7 +240,9 @@ end
 local function recompute(wx, s)
   local c = wx.conf
   local n = s.n
-  local a = {}
+  -- a copy to sort, kept between computations (n only grows: every slot
+  -- is written again)
+  local a = s.sorted
   for i = 1, n do a[i] = s.ring[i] end
   sort(a)
   s.p95 = a[max(1, ceil(n * 0.95))]
@@ -267,8 +275,25 @@ end
 
 ------------------------------------------------------------ breaker
 
-local function bkey(wx, ep)
-  return (wx.key_prefix or "wechatpay:") .. "cb:" .. ep .. ":"
+-- The breaker's dict keys of endpoint ep, made once per client and
+-- endpoint (not per attempt): k (the prefix), s (state), at (opened at),
+-- p (the probe), and the counters' keys of bucket b (c, f), remade when
+-- the bucket changes.
+local function bkeys(wx, ep)
+  local ks = wx.upstream.keys[ep]
+  if not ks then
+    local k = (wx.key_prefix or "wechatpay:") .. "cb:" .. ep .. ":"
+    ks = { k = k, s = k .. "s", at = k .. "at", p = k .. "p" }
+    wx.upstream.keys[ep] = ks
+  end
+  return ks
+end
+
+local function bucket_keys(ks, b)
+  if ks.b ~= b then
+    ks.b, ks.c, ks.f = b, ks.k .. "c" .. b, ks.k .. "f" .. b
+  end
+  return ks.c, ks.f
 end
 
 local function window_counts(d, k, c, now)
@@ -291,25 +316,25 @@ function _M.allow(wx, ep)
   local c = wx.conf
   if not c.breaker then return true end
   local d = wx.updict
-  local k = bkey(wx, ep)
-  local st = d:get(k .. "s")
+  local ks = bkeys(wx, ep)
+  local st = d:get(ks.s)
   if st == nil then return true end
   local now = core.mono()
-  local wait = (d:get(k .. "at") or 0) + c.breaker_open_for - now
+  local wait = (d:get(ks.at) or 0) + c.breaker_open_for - now
   if wait > 0 then return false, false, wait end
   -- the cool-down is over: one probe at a time (its key expires if the
   -- worker holding it dies)
-  if d:add(k .. "p", true, c.timeout_ceiling + c.breaker_open_for) then
-    d:set(k .. "s", "half_open")
+  if d:add(ks.p, true, c.timeout_ceiling + c.breaker_open_for) then
+    d:set(ks.s, "half_open")
     return true, true
   end
   return false, false, min(1, c.breaker_open_for)   -- a probe is out
 end
 
-local function open(wx, ep, k, d, now)
-  d:set(k .. "at", now)
-  d:set(k .. "s", "open")
-  d:delete(k .. "p")
+local function open(wx, ep, ks, d, now)
+  d:set(ks.at, now)
+  d:set(ks.s, "open")
+  d:delete(ks.p)
   core.log(2, "wechatpay: circuit opened", json.encode({ endpoint = ep,
     mchid = wx.conf.mchid, open_for = wx.conf.breaker_open_for }))
 end
@@ -319,13 +344,13 @@ function _M.record(wx, ep, failed, probe)
   local c = wx.conf
   if not c.breaker then return end
   local d = wx.updict
-  local k = bkey(wx, ep)
+  local ks = bkeys(wx, ep)
   local now = core.mono()
   if probe then
     if failed then
-      open(wx, ep, k, d, now)
+      open(wx, ep, ks, d, now)
     else
-      local b = floor(now / c.breaker_window)
+      local k, b = ks.k, floor(now / c.breaker_window)
       for _, x in ipairs({ "s", "at", "p", "c" .. b, "f" .. b,
                            "c" .. (b - 1), "f" .. (b - 1) }) do
         d:delete(k .. x)
@@ -335,22 +360,22 @@ function _M.record(wx, ep, failed, probe)
     end
     return
   end
-  local b = floor(now / c.breaker_window)
+  local ck, fk = bucket_keys(ks, floor(now / c.breaker_window))
   local ttl = 2 * c.breaker_window + 1
-  d:incr(k .. "c" .. b, 1, 0, ttl)
+  d:incr(ck, 1, 0, ttl)
   if not failed then return end
-  d:incr(k .. "f" .. b, 1, 0, ttl)
-  local n, f = window_counts(d, k, c, now)
+  d:incr(fk, 1, 0, ttl)
+  local n, f = window_counts(d, ks.k, c, now)
   if n >= c.breaker_min_calls and f / n >= c.breaker_failure_ratio
-     and d:get(k .. "s") == nil then
-    open(wx, ep, k, d, now)
+     and d:get(ks.s) == nil then
+    open(wx, ep, ks, d, now)
   end
 end
 
 --- syntax: upstream.release(wx, ep) -- a probe that was never sent
 -- gives its turn back
 function _M.release(wx, ep)
-  wx.updict:delete(bkey(wx, ep) .. "p")
+  wx.updict:delete(bkeys(wx, ep).p)
 end
 
 --- syntax: err = upstream.circuit_open_error(what, retry_after)
@@ -376,17 +401,13 @@ function _M.status(wx)
   local out = { degraded = d:get(DEGRADED_KEY) == true, endpoints = {} }
   for ep, s in pairs(wx.upstream.eps) do
     if s.since > 0 and s.n >= c.timeout_samples then recompute(wx, s) end
-    local k = bkey(wx, ep)
-    local n, f = window_counts(d, k, c, core.mono())
+    local ks = bkeys(wx, ep)
+    local n, f = window_counts(d, ks.k, c, core.mono())
     out.endpoints[ep] = { timeout = _M.timeout(wx, ep), p95 = s.p95,
-      samples = s.n, breaker = d:get(k .. "s") or "closed",
+      samples = s.n, breaker = d:get(ks.s) or "closed",
       calls = n, failures = f }
   end
   return out
 end
-
---- syntax: upstream.track(wx, ep) -- makes ep show in status() before
--- its first answer
-function _M.track(wx, ep) ep_state(wx, ep) end
 
 return _M
