@@ -80,6 +80,7 @@ _M.degraded = degraded
 local function not_found(what)
   return 404, err_body("not_found", what .. " not found")
 end
+_M.not_found = not_found
 
 -- input ---------------------------------------------------------------------
 
@@ -165,6 +166,7 @@ local function bad_request(bad)
   return 400, err_body("invalid_request", table.concat(parts, "; "),
                        { fields = bad })
 end
+_M.bad_request = bad_request
 
 local function body_of(req)
   local b, err = req:decode_json()
@@ -177,6 +179,7 @@ local function body_of(req)
   end
   return b
 end
+_M.body_of = body_of
 
 local function check_create(b)
   local bad, out = {}, {}
@@ -375,12 +378,16 @@ local function load_own(req, q)
   if not p or p.app_id ~= req.app_id then return false end
   return p
 end
+_M.load_own = load_own
 
+-- the answer when the store failed: its kind only (the store's own
+-- message, SQL and all, goes to the log, not to the client)
 local function store_failed(err)
   paygate.log.error("gateway: store failed", { error = tostring(err) })
   return 503, err_body("unavailable", "the store failed; retry ("
                        .. tostring(err and err.kind) .. ")")
 end
+_M.store_failed = store_failed
 
 -- POST /v1/payments ---------------------------------------------------------
 
