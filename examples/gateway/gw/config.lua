@@ -125,7 +125,7 @@ local function check_db(g)
     if dir and dir ~= "" and not mkdir_p(dir) then
       return fail("gateway.db", "cannot create the folder " .. dir)
     end
-  elseif not db:match("^postgres") or not db:match("^postgres[%w]*://") then
+  elseif not db:match("^postgres[%w]*://") then
     return fail("gateway.db", "must be \"sqlite:PATH\" or a postgres:// URL")
   end
   return db
@@ -139,6 +139,11 @@ local function check_url(key, v, loopback_http)
     scheme = host and "http"
   end
   if not scheme then return fail(key, "must start with http:// or https://") end
+  -- user info: a password in the config (and in every log line naming
+  -- the URL), and "http://localhost:80@elsewhere/" passes for loopback
+  if v:match("^https?://([^/]*)"):find("@", 1, true) then
+    return fail(key, "must have no user info (user:password@)")
+  end
   if v:find("[%s?#]") then
     return fail(key, "must have no query, fragment or spaces")
   end

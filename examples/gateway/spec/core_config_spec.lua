@@ -205,5 +205,23 @@ describe("gateway config", function()
       assert.matches("^config.gateway.webhooks%[1%].secret: ", why)
       assert.falsy(why:find("s3cr3t", 1, true))
     end)
+
+    it("refuses a URL with user info (a password, or a host that only"
+       .. " looks like loopback)", function()
+      write(dir .. "/wh.secret", "whsec-1\n")
+      local _, why = config.check({ gateway = {
+        db = "sqlite:" .. dir .. "/a.db",
+        public_url = "http://localhost:80@pay.example/" },
+        merchants = { merchant() } })
+      assert.equal("config.gateway.public_url: must have no user info"
+                   .. " (user:password@)", why)
+      _, why = config.check({ gateway = { db = "sqlite:" .. dir .. "/a.db",
+        webhooks = { { url = "https://erp:hunter2@erp.example/h",
+                       secret_file = dir .. "/wh.secret" } } },
+        merchants = { merchant() } })
+      assert.matches("^config.gateway.webhooks%[1%].url: must have no user"
+                     .. " info", why)
+      assert.falsy(why:find("hunter2", 1, true))
+    end)
   end)
 end)
