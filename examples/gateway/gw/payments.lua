@@ -551,6 +551,18 @@ local function state_conflict(p)
                        { payment = model.payment_json(p) })
 end
 
+-- Closes the payment's current attempt at WeChat (one never made counts
+-- as closed). returns: nothing when closed, else the answer: 409
+-- payment_paid (paid_message) when it was paid, or the failed call's.
+local function close_current(p, paid_message)
+  local ok, cerr = client_of(p):close(p.out_trade_no, sub_of(p))
+  if ok or cerr.kind == "not_found" then return nil end
+  if cerr.kind == "order_paid" then
+    return 409, err_body("payment_paid", paid_message)
+  end
+  return _M.wx_failure(cerr)
+end
+
 function _M.new_attempt(req, ik)
   local b, st, eb = body_of(req)
   if not b then return st, eb end
@@ -569,15 +581,9 @@ function _M.new_attempt(req, ik)
   if ctx.degraded() then return degraded() end
   -- close the previous attempt at WeChat first: a payer holding its
   -- code must not be able to pay it once another is out
-  local wx = client_of(p)
-  local closed, cerr = wx:close(p.out_trade_no, sub_of(p))
-  if not closed and cerr.kind ~= "not_found" then
-    if cerr.kind == "order_paid" then
-      return 409, err_body("payment_paid", "the previous attempt was paid;"
-                           .. " its notification applies it")
-    end
-    return _M.wx_failure(cerr)
-  end
+  local cs, cb = close_current(p, "the previous attempt was paid; its"
+                               .. " notification applies it")
+  if cs then return cs, cb end
   local actor = actor_of(req)
   local n = p.attempt + 1
   local no = model.out_trade_no(p.id, n)
@@ -638,15 +644,9 @@ function _M.close(req, ik)
   end
   if not OPEN[p.state] then return state_conflict(p) end
   if ctx.degraded() then return degraded() end
-  local wx = client_of(p)
-  local ok, cerr = wx:close(p.out_trade_no, sub_of(p))
-  if not ok and cerr.kind ~= "not_found" then
-    if cerr.kind == "order_paid" then
-      return 409, err_body("payment_paid", "the payment was paid; its"
-                           .. " notification applies it")
-    end
-    return _M.wx_failure(cerr)
-  end
+  local cs, cb = close_current(p, "the payment was paid; its notification"
+                               .. " applies it")
+  if cs then return cs, cb end
   local now = model.time()
   local a, b, c = fsm.retry(ctx.db, function(tx)
     local cur, qerr = model.payment(tx, p.id)
