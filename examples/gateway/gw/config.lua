@@ -111,6 +111,7 @@ local function mkdir_p(dir)
   f:close()
   return true
 end
+_M.mkdir_p = mkdir_p
 
 local function check_db(g)
   local db = g.db

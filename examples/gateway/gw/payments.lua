@@ -670,8 +670,7 @@ function _M.close(req, ik)
       return nil, terr
     end
     local x
-    x, terr = tx:exec("UPDATE gw_attempts SET state = 'closed', closed_at ="
-      .. " $2 WHERE payment_id = $1 AND state = 'open'", { p.id, now })
+    x, terr = model.close_attempts(tx, p.id, now)
     if not x then return nil, terr end
     x, terr = events.emit(tx, "payment.closed", res.row)
     if not x then return nil, terr end
@@ -730,9 +729,7 @@ function _M.refresh(p)
     if not res then return nil, rerr end
     if event == "closed" or event == "failed" then
       local x
-      x, rerr = tx:exec("UPDATE gw_attempts SET state = 'closed', closed_at"
-        .. " = $2 WHERE payment_id = $1 AND state = 'open'",
-        { p.id, model.time() })
+      x, rerr = model.close_attempts(tx, p.id, model.time())
       if not x then return nil, rerr end
       x, rerr = events.emit(tx, "payment." .. event, res.row)
       if not x then return nil, rerr end

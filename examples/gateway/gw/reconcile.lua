@@ -99,13 +99,9 @@ function _M.check_conf(t)
 end
 
 -- The runners' lease ttl: derived from the measured check durations
--- (p99.9 x margin, floor 10 s, ceiling lease_ttl) where paygate.lease
--- measures them (lease.ttl_for / lease.measure), else lease_ttl itself.
+-- (p99.9 x margin, floor 10 s, ceiling lease_ttl: lease.ttl_for /
+-- lease.measure).
 local function lease_opts(name, conf)
-  if type(lease.ttl_for) ~= "function" or type(lease.measure) ~= "function"
-  then
-    return conf.lease_ttl, nil
-  end
   local key = "reconcile:" .. name
   local o = { floor = math.min(10, conf.lease_ttl), ceiling = conf.lease_ttl }
   return function() return (lease.ttl_for(key, o)) end,
@@ -197,9 +193,7 @@ local function payment_checks(ctx, conf, sched)
           if not res or (res.to ~= "closed" and res.to ~= "failed") then
             return true
           end
-          local x, xerr = tx:exec("UPDATE gw_attempts SET state = 'closed',"
-            .. " closed_at = $2 WHERE payment_id = $1 AND state = 'open'",
-            { a.id, model.now() })
+          local x, xerr = model.close_attempts(tx, a.id, model.now())
           if not x then return nil, xerr end
           return events.emit(tx, "payment." .. res.to, res.row)
         end,
@@ -463,7 +457,7 @@ function _M.start(ctx)
     end
   end
   if conf.bill then
-    os.execute("mkdir -p '" .. conf.bill_dir:gsub("'", "'\\''") .. "'")
+    require("gw.config").mkdir_p(conf.bill_dir)  -- no shell
     runners.bill = bill_job(ctx, conf):start()
   end
   _M.runners = runners
