@@ -98,13 +98,15 @@ function _M.is_loopback_addr(addr)
   return is_loopback_host(host)
 end
 
--- Creates the folders of path (like mkdir -p), for the default SQLite
--- store under var/.
-local function mkdir_p(dir)
+--- syntax: ok = config.mkdir_p(dir[, mode])
+-- Creates the folders of dir (like mkdir -p; mode default 0755, an
+-- existing one is fine): the default SQLite store under var/, the bill
+-- reports, the credentials cache (0700). returns: true when dir exists.
+local function mkdir_p(dir, mode)
   local acc = dir:sub(1, 1) == "/" and "" or "."
   for part in dir:gmatch("[^/]+") do
     acc = acc .. "/" .. part
-    ffi.C.mkdir(acc, 493)           -- 0755; an existing one is fine
+    ffi.C.mkdir(acc, mode or 493)
   end
   local f = io.open(dir .. "/.", "rb")
   if not f then return nil end
