@@ -277,8 +277,13 @@ local function check_webhooks(list)
         .. " (webhook names must differ, and not be hooks or redis)")
     end
     names[name] = true
+    if w.timeout ~= nil and (type(w.timeout) ~= "number"
+                             or not (w.timeout > 0) or w.timeout > 300) then
+      return fail(where .. "timeout", "must be seconds, more than 0 and at"
+        .. " most 300")
+    end
     out[i] = { url = w.url, secret = s, types = w.types, name = name,
-               timeout = tonumber(w.timeout) }
+               timeout = w.timeout }
   end
   return out
 end
@@ -409,9 +414,11 @@ function _M.check(conf, runtime)
     then
       return fail("gateway.redis_stream.stream", "must be a stream name")
     end
-    if rs.maxlen ~= nil and (type(rs.maxlen) ~= "number" or rs.maxlen < 1)
+    if rs.maxlen ~= nil and (type(rs.maxlen) ~= "number" or rs.maxlen < 1
+                             or rs.maxlen % 1 ~= 0 or rs.maxlen == math.huge)
     then
-      return fail("gateway.redis_stream.maxlen", "must be a positive number")
+      return fail("gateway.redis_stream.maxlen", "must be a whole number of"
+        .. " entries, at least 1")
     end
     out.redis_stream = { stream = rs.stream or "paygate:events",
                          maxlen = rs.maxlen }

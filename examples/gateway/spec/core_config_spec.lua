@@ -206,6 +206,32 @@ describe("gateway config", function()
       assert.falsy(why:find("s3cr3t", 1, true))
     end)
 
+    it("refuses a webhook timeout or a stream maxlen that is not a number"
+       .. " in range", function()
+      write(dir .. "/wh.secret", "whsec-1\n")
+      for _, t in ipairs({ "5", -1, 0, 1 / 0, 0 / 0 }) do
+        local _, why = config.check({ gateway = {
+          db = "sqlite:" .. dir .. "/a.db",
+          webhooks = { { url = "http://127.0.0.1:1/h", timeout = t,
+                         secret_file = dir .. "/wh.secret" } } },
+          merchants = { merchant() } })
+        assert.equal("config.gateway.webhooks[1].timeout: must be seconds,"
+                     .. " more than 0 and at most 300", why)
+      end
+      for _, n in ipairs({ 0, 2.5, 1 / 0, "100" }) do
+        local _, why = config.check({ gateway = {
+          db = "sqlite:" .. dir .. "/a.db", redis = "redis://127.0.0.1:1",
+          redis_stream = { maxlen = n } }, merchants = { merchant() } })
+        assert.matches("^config.gateway.redis_stream.maxlen: ", why)
+      end
+      local cfg = assert(config.check({ gateway = {
+        db = "sqlite:" .. dir .. "/a.db",
+        webhooks = { { url = "http://127.0.0.1:1/h", timeout = 2.5,
+                       secret_file = dir .. "/wh.secret" } } },
+        merchants = { merchant() } }))
+      assert.equal(2.5, cfg.gateway.webhooks[1].timeout)
+    end)
+
     it("refuses a URL with user info (a password, or a host that only"
        .. " looks like loopback)", function()
       write(dir .. "/wh.secret", "whsec-1\n")
