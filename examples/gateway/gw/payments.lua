@@ -7,6 +7,7 @@ local paygate = require "paygate"
 local audit = require "paygate.audit"
 local fsm = require "paygate.fsm"
 local json = require "paygate.json"
+local validate = require "paygate.wechatpay.validate"
 local model = require "gw.model"
 local events = require "gw.events"
 local apply = require "gw.apply"
@@ -89,31 +90,9 @@ _M.not_found = not_found
 -- takes (characters of 1 to 3 bytes, no control characters but tab and
 -- newline), or nil.
 local function text_len(s)
-  local i, n, len = 1, 0, #s
-  while i <= len do
-    local c = s:byte(i)
-    local extra
-    if c < 0x80 then
-      if (c < 0x20 and c ~= 9 and c ~= 10) or c == 0x7f then return nil end
-      extra = 0
-    elseif c >= 0xc2 and c <= 0xdf then
-      extra = 1
-    elseif c >= 0xe0 and c <= 0xef then
-      extra = 2
-    else
-      return nil                    -- a 4-byte character, or not UTF-8
-    end
-    for k = 1, extra do
-      local b = s:byte(i + k)
-      if not b or b < 0x80 or b > 0xbf then return nil end
-    end
-    if extra == 2 then
-      local b = s:byte(i + 1)
-      if (c == 0xe0 and b < 0xa0) or (c == 0xed and b > 0x9f) then
-        return nil                  -- overlong, or a surrogate
-      end
-    end
-    i, n = i + extra + 1, n + 1
+  local n = validate.utf8_len(s)
+  if not n or s:find("[%z\1-\8\11-\31\127\240-\244]") then
+    return nil                      -- not UTF-8, a control, a 4-byte one
   end
   return n
 end
