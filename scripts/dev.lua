@@ -26,13 +26,20 @@ local function read(path)
   return s
 end
 
--- written whole or not at all; secrets readable by the owner only
+-- a word for sh, whatever DIR holds
+local function sh(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
+
+-- written whole or not at all; secrets readable by the owner only (made
+-- so while the file is still empty: never a moment readable by others)
 local function write(path, data, private)
   local tmp = path .. ".tmp"
   local f = assert(io.open(tmp, "wb"))
+  if private then
+    local rc = os.execute("chmod 600 " .. sh(tmp))
+    assert(rc == 0 or rc == true, "dev: cannot chmod " .. tmp)
+  end
   f:write(data)
   f:close()
-  if private then os.execute("chmod 600 '" .. tmp .. "'") end
   assert(os.rename(tmp, path))
 end
 
@@ -53,7 +60,7 @@ if sim_url == "--apikey" then
   os.exit(0)
 end
 
-os.execute("mkdir -p '" .. dir .. "/keys' '" .. dir .. "/sim-state'")
+os.execute("mkdir -p " .. sh(dir .. "/keys") .. " " .. sh(dir .. "/sim-state"))
 
 -- the merchant: made once, reused after (its keys, mchid, appid)
 local mpath = dir .. "/merchant.json"

@@ -30,21 +30,9 @@ local admin = require "gw.admin"
 -- worker finds it, only the first to claim the shared key writes it (the
 -- others wait until it is written: the master stops the rest once one
 -- has exited), and the master adds nothing to a worker's exit 2.
-local K_FATAL = "gw:config_error"
+local boot = require "gw.boot"
 local function fatal(msg)
-  local d = shared.get_dict("paygate")
-  if d:add(K_FATAL, 1, 10) then
-    io.stderr:write("gateway: " .. msg .. "\n")  -- one write: one line
-    io.stderr:flush()
-    d:set(K_FATAL, 2, 10)
-  else
-    local core = require "paygate.core"
-    local deadline = core.mono() + 2
-    while d:get(K_FATAL) ~= 2 and core.mono() < deadline do
-      core.sleep(0.01)
-    end
-  end
-  os.exit(2)
+  boot.exit("gw:config_error", msg, 2)
 end
 
 local cfg, why = config.check(paygate.config_copy(), paygate.runtime)
@@ -54,7 +42,6 @@ local g = cfg.gateway
 -- the store -----------------------------------------------------------------
 
 -- unreachable: one line and exit 1, after retrying for a while (gw.boot)
-local boot = require "gw.boot"
 local db = boot.reach("the store", g.db, function() return sql.open(g.db) end)
 do
   local ok, merr = migrate.run(db, paygate.app_dir .. "/migrations")

@@ -162,9 +162,8 @@ function _M.payment(ctx, tx, o)
   if not ok then return nil, err end
   local after = {}
   local policy = ctx.gateway.on_late_payment
-  local pre_paid = p.state == "created" or p.state == "paying"
-                   or p.state == "unknown" or p.state == "closed"
-                   or p.state == "failed"
+  -- not paid yet: the payment machine takes the success from its state
+  local pre_paid = P:can(p.state, "succeeded")
   if pre_paid then
     local set = { transaction_id = r.transaction_id or json.null,
                   payer_total = amount.payer_total or json.null,

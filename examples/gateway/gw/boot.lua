@@ -30,12 +30,12 @@ local function first_line(err)
   return (tostring(s):match("^[^\n]*"))
 end
 
---- syntax: boot.fail(msg) -- one line "gateway: msg" on stderr, exit 1
--- Every worker fails alike: the first to claim the key writes the line,
--- the others wait until it is written.
-function _M.fail(msg)
+--- syntax: boot.exit(key, msg, status)
+-- One line "gateway: msg" on stderr, then exit with status. Every worker
+-- fails alike: the first to claim the shared key writes the line (one
+-- write: one line), the others wait until it is written.
+function _M.exit(key, msg, status)
   local d = shared.get_dict("paygate")
-  local key = "gw:start_error"
   if d:add(key, 1, 10) then
     io.stderr:write("gateway: " .. msg:gsub("[\r\n]", " ") .. "\n")
     io.stderr:flush()
@@ -46,7 +46,12 @@ function _M.fail(msg)
       core.sleep(0.01)
     end
   end
-  os.exit(1)
+  os.exit(status)
+end
+
+--- syntax: boot.fail(msg) -- one line "gateway: msg" on stderr, exit 1
+function _M.fail(msg)
+  _M.exit("gw:start_error", msg, 1)
 end
 
 --- syntax: v = boot.reach(what, url, open)

@@ -98,19 +98,22 @@ function _M.is_loopback_addr(addr)
   return is_loopback_host(host)
 end
 
--- Creates the folders of path (like mkdir -p), for the default SQLite
--- store under var/.
-local function mkdir_p(dir)
+--- syntax: ok = config.mkdir_p(dir[, mode])
+-- Creates the folders of dir (like mkdir -p; mode default 0755, an
+-- existing one is fine): the default SQLite store under var/, the bill
+-- reports, the credentials cache (0700). returns: true when dir exists.
+local function mkdir_p(dir, mode)
   local acc = dir:sub(1, 1) == "/" and "" or "."
   for part in dir:gmatch("[^/]+") do
     acc = acc .. "/" .. part
-    ffi.C.mkdir(acc, 493)           -- 0755; an existing one is fine
+    ffi.C.mkdir(acc, mode or 493)
   end
   local f = io.open(dir .. "/.", "rb")
   if not f then return nil end
   f:close()
   return true
 end
+_M.mkdir_p = mkdir_p
 
 local function check_db(g)
   local db = g.db
@@ -125,7 +128,7 @@ local function check_db(g)
     if dir and dir ~= "" and not mkdir_p(dir) then
       return fail("gateway.db", "cannot create the folder " .. dir)
     end
-  elseif not db:match("^postgres") or not db:match("^postgres[%w]*://") then
+  elseif not db:match("^postgres[%w]*://") then
     return fail("gateway.db", "must be \"sqlite:PATH\" or a postgres:// URL")
   end
   return db
@@ -139,6 +142,11 @@ local function check_url(key, v, loopback_http)
     scheme = host and "http"
   end
   if not scheme then return fail(key, "must start with http:// or https://") end
+  -- user info: a password in the config (and in every log line naming
+  -- the URL), and "http://localhost:80@elsewhere/" passes for loopback
+  if v:match("^https?://([^/]*)"):find("@", 1, true) then
+    return fail(key, "must have no user info (user:password@)")
+  end
   if v:find("[%s?#]") then
     return fail(key, "must have no query, fragment or spaces")
   end
@@ -269,8 +277,13 @@ local function check_webhooks(list)
         .. " (webhook names must differ, and not be hooks or redis)")
     end
     names[name] = true
+    if w.timeout ~= nil and (type(w.timeout) ~= "number"
+                             or not (w.timeout > 0) or w.timeout > 300) then
+      return fail(where .. "timeout", "must be seconds, more than 0 and at"
+        .. " most 300")
+    end
     out[i] = { url = w.url, secret = s, types = w.types, name = name,
-               timeout = tonumber(w.timeout) }
+               timeout = w.timeout }
   end
   return out
 end
@@ -401,9 +414,11 @@ function _M.check(conf, runtime)
     then
       return fail("gateway.redis_stream.stream", "must be a stream name")
     end
-    if rs.maxlen ~= nil and (type(rs.maxlen) ~= "number" or rs.maxlen < 1)
+    if rs.maxlen ~= nil and (type(rs.maxlen) ~= "number" or rs.maxlen < 1
+                             or rs.maxlen % 1 ~= 0 or rs.maxlen == math.huge)
     then
-      return fail("gateway.redis_stream.maxlen", "must be a positive number")
+      return fail("gateway.redis_stream.maxlen", "must be a whole number of"
+        .. " entries, at least 1")
     end
     out.redis_stream = { stream = rs.stream or "paygate:events",
                          maxlen = rs.maxlen }

@@ -58,17 +58,6 @@ local function readable(path)
   return true
 end
 
-local function mkdir_p(dir)
-  local ffi = require "ffi"
-  pcall(ffi.cdef, "int mkdir(const char *path, unsigned int mode);")
-  local acc = dir:sub(1, 1) == "/" and "" or "."
-  for part in dir:gmatch("[^/]+") do
-    acc = acc .. "/" .. part
-    ffi.C.mkdir(acc, 448)           -- 0700; an existing one is fine
-  end
-  return readable(dir .. "/.")
-end
-
 -- The etcd password from password, password_file or password_env.
 local function password(e)
   local n = (e.password ~= nil and 1 or 0)
@@ -163,7 +152,7 @@ function _M.section(conf)
     return false, reason("cache_dir", "must be a folder for the"
       .. " last good sets (kept sealed)")
   end
-  if not mkdir_p(c.cache_dir) then
+  if not require("gw.config").mkdir_p(c.cache_dir, 448) then  -- 0700
     return false, reason("cache_dir", "cannot create " .. c.cache_dir)
   end
   if c.load_timeout ~= nil and (type(c.load_timeout) ~= "number"
@@ -199,8 +188,17 @@ end
 -- gateway's file-based check. A merchant named in
 -- credentials.merchants gives no key (they come from etcd); the section
 -- itself is checked with the first merchant.
+local checked = setmetatable({}, { __mode = "k" })  -- conf -> { section }
+
 function _M.check_merchant(conf, m, i, seen, check)
-  local opts, why = _M.section(conf)
+  -- the section once per config, not once per merchant (it reads the
+  -- password and the KEK, and makes the cache folder)
+  local c = checked[conf]
+  if not c then
+    c = { _M.section(conf) }
+    checked[conf] = c
+  end
+  local opts, why = c[1], c[2]
   if opts == false then return nil, why end
   if i == 1 and opts and type(opts.merchants) == "table" then
     -- every merchant of the section is in the merchants list

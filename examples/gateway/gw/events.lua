@@ -29,18 +29,25 @@ _M.TYPES = {
   "payment.late_paid", "alarm.amount_mismatch", "alarm.merchant_mismatch",
 }
 
---- syntax: id, err = events.emit(tx, type, payment_row[, refund_row[, extra]])
--- Enqueues { type, payment, refund?, at, ... extra } for the payment's
--- subject (delivered in order per payment).
-function _M.emit(tx, etype, payment, refund, extra)
+--- syntax: event = events.event(type, payment_row[, refund_row[, extra]])
+-- The outbox event { subject, type, payload = { type, payment, refund?,
+-- at, ... extra } } of a change: for outbox.enqueue, or outbox.statement
+-- in a db:atomic job (gw.notify_atomic).
+function _M.event(etype, payment, refund, extra)
   local payload = { type = etype, payment = model.payment_json(payment),
                     at = paygate.now() }
   if refund then payload.refund = model.refund_json(refund) end
   if extra then
     for k, v in pairs(extra) do payload[k] = v end
   end
-  return outbox.enqueue(tx, { subject = payment.id, type = etype,
-                              payload = payload })
+  return { subject = payment.id, type = etype, payload = payload }
+end
+
+--- syntax: id, err = events.emit(tx, type, payment_row[, refund_row[, extra]])
+-- Enqueues events.event(...) for the payment's subject (delivered in
+-- order per payment).
+function _M.emit(tx, etype, payment, refund, extra)
+  return outbox.enqueue(tx, _M.event(etype, payment, refund, extra))
 end
 
 --- syntax: sinks = events.sinks(gateway_cfg[, hooks])

@@ -159,6 +159,14 @@ function _M.refunds_of(q, payment_id)
                  .. " ORDER BY created_at, id", { payment_id })
 end
 
+--- syntax: res, err = model.close_attempts(tx, payment_id, now)
+-- The payment's open attempt closed (the payment closed or failed).
+function _M.close_attempts(tx, payment_id, now)
+  return tx:exec("UPDATE gw_attempts SET state = 'closed', closed_at = $2"
+                 .. " WHERE payment_id = $1 AND state = 'open'",
+                 { payment_id, now })
+end
+
 --- syntax: row|false, err = model.payment(q, id)
 function _M.payment(q, id)
   local rows, err = q:query("SELECT * FROM gw_payments WHERE id = $1",

@@ -90,6 +90,11 @@ function _M.process(mchid, event)
   if type(r) ~= "table" then
     return nil, paygate.error("malformed", "notification without resource")
   end
+  -- the common payment notification as one write job (it joins SQLite's
+  -- group commit); false: not that case, the transaction below has it
+  local fast, ferr = notify_atomic.process(ctx.db, mchid, event)
+  if fast then return fast end
+  if fast == nil then return nil, ferr end
   local et = tostring(event.event_type)
   local is_refund = et:sub(1, 7) == "REFUND."
   local key
@@ -99,11 +104,6 @@ function _M.process(mchid, event)
   else
     key = apply.payment_key(r)
   end
-  -- the common payment notification as one write job (it joins SQLite's
-  -- group commit); false: not that case, the transaction below has it
-  local fast, ferr = notify_atomic.process(ctx.db, mchid, event)
-  if fast then return fast end
-  if fast == nil then return nil, ferr end
   local after
   local outcome, err = fsm.retry(ctx.db, function(tx)
     local now = model.now()

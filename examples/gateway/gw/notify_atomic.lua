@@ -25,13 +25,13 @@
 -- Everything else -- refunds, other states, late or duplicate payments,
 -- amount mismatches, unknown orders -- returns false: gw.notify's
 -- transaction (gw.apply) handles it, as before.
-local paygate = require "paygate"
 local audit = require "paygate.audit"
 local fsm = require "paygate.fsm"
 local json = require "paygate.json"
 local outbox = require "paygate.outbox"
 local model = require "gw.model"
 local apply = require "gw.apply"
+local events = require "gw.events"
 
 local type = type
 
@@ -119,10 +119,8 @@ local function build(db, mchid, event, key)
   for _, st in ipairs(plan.statements) do
     stmts[#stmts + 1] = st
   end
-  -- the payload gw.events.emit gives payment.paid
-  stmts[#stmts + 1] = outbox.statement(db, { subject = p.id,
-    type = "payment.paid", payload = { type = "payment.paid",
-    payment = model.payment_json(plan.row), at = paygate.now() } })
+  stmts[#stmts + 1] = outbox.statement(db, events.event("payment.paid",
+                                                         plan.row))
   return stmts, plan
 end
 

@@ -7,6 +7,7 @@ local paygate = require "paygate"
 local audit = require "paygate.audit"
 local fsm = require "paygate.fsm"
 local json = require "paygate.json"
+local validate = require "paygate.wechatpay.validate"
 local model = require "gw.model"
 local events = require "gw.events"
 local apply = require "gw.apply"
@@ -80,6 +81,7 @@ _M.degraded = degraded
 local function not_found(what)
   return 404, err_body("not_found", what .. " not found")
 end
+_M.not_found = not_found
 
 -- input ---------------------------------------------------------------------
 
@@ -88,31 +90,9 @@ end
 -- takes (characters of 1 to 3 bytes, no control characters but tab and
 -- newline), or nil.
 local function text_len(s)
-  local i, n, len = 1, 0, #s
-  while i <= len do
-    local c = s:byte(i)
-    local extra
-    if c < 0x80 then
-      if (c < 0x20 and c ~= 9 and c ~= 10) or c == 0x7f then return nil end
-      extra = 0
-    elseif c >= 0xc2 and c <= 0xdf then
-      extra = 1
-    elseif c >= 0xe0 and c <= 0xef then
-      extra = 2
-    else
-      return nil                    -- a 4-byte character, or not UTF-8
-    end
-    for k = 1, extra do
-      local b = s:byte(i + k)
-      if not b or b < 0x80 or b > 0xbf then return nil end
-    end
-    if extra == 2 then
-      local b = s:byte(i + 1)
-      if (c == 0xe0 and b < 0xa0) or (c == 0xed and b > 0x9f) then
-        return nil                  -- overlong, or a surrogate
-      end
-    end
-    i, n = i + extra + 1, n + 1
+  local n = validate.utf8_len(s)
+  if not n or s:find("[%z\1-\8\11-\31\127\240-\244]") then
+    return nil                      -- not UTF-8, a control, a 4-byte one
   end
   return n
 end
@@ -165,6 +145,7 @@ local function bad_request(bad)
   return 400, err_body("invalid_request", table.concat(parts, "; "),
                        { fields = bad })
 end
+_M.bad_request = bad_request
 
 local function body_of(req)
   local b, err = req:decode_json()
@@ -177,6 +158,7 @@ local function body_of(req)
   end
   return b
 end
+_M.body_of = body_of
 
 local function check_create(b)
   local bad, out = {}, {}
@@ -375,12 +357,16 @@ local function load_own(req, q)
   if not p or p.app_id ~= req.app_id then return false end
   return p
 end
+_M.load_own = load_own
 
+-- the answer when the store failed: its kind only (the store's own
+-- message, SQL and all, goes to the log, not to the client)
 local function store_failed(err)
   paygate.log.error("gateway: store failed", { error = tostring(err) })
   return 503, err_body("unavailable", "the store failed; retry ("
                        .. tostring(err and err.kind) .. ")")
 end
+_M.store_failed = store_failed
 
 -- POST /v1/payments ---------------------------------------------------------
 
@@ -544,6 +530,18 @@ local function state_conflict(p)
                        { payment = model.payment_json(p) })
 end
 
+-- Closes the payment's current attempt at WeChat (one never made counts
+-- as closed). returns: nothing when closed, else the answer: 409
+-- payment_paid (paid_message) when it was paid, or the failed call's.
+local function close_current(p, paid_message)
+  local ok, cerr = client_of(p):close(p.out_trade_no, sub_of(p))
+  if ok or cerr.kind == "not_found" then return nil end
+  if cerr.kind == "order_paid" then
+    return 409, err_body("payment_paid", paid_message)
+  end
+  return _M.wx_failure(cerr)
+end
+
 function _M.new_attempt(req, ik)
   local b, st, eb = body_of(req)
   if not b then return st, eb end
@@ -562,15 +560,9 @@ function _M.new_attempt(req, ik)
   if ctx.degraded() then return degraded() end
   -- close the previous attempt at WeChat first: a payer holding its
   -- code must not be able to pay it once another is out
-  local wx = client_of(p)
-  local closed, cerr = wx:close(p.out_trade_no, sub_of(p))
-  if not closed and cerr.kind ~= "not_found" then
-    if cerr.kind == "order_paid" then
-      return 409, err_body("payment_paid", "the previous attempt was paid;"
-                           .. " its notification applies it")
-    end
-    return _M.wx_failure(cerr)
-  end
+  local cs, cb = close_current(p, "the previous attempt was paid; its"
+                               .. " notification applies it")
+  if cs then return cs, cb end
   local actor = actor_of(req)
   local n = p.attempt + 1
   local no = model.out_trade_no(p.id, n)
@@ -631,15 +623,9 @@ function _M.close(req, ik)
   end
   if not OPEN[p.state] then return state_conflict(p) end
   if ctx.degraded() then return degraded() end
-  local wx = client_of(p)
-  local ok, cerr = wx:close(p.out_trade_no, sub_of(p))
-  if not ok and cerr.kind ~= "not_found" then
-    if cerr.kind == "order_paid" then
-      return 409, err_body("payment_paid", "the payment was paid; its"
-                           .. " notification applies it")
-    end
-    return _M.wx_failure(cerr)
-  end
+  local cs, cb = close_current(p, "the payment was paid; its notification"
+                               .. " applies it")
+  if cs then return cs, cb end
   local now = model.time()
   local a, b, c = fsm.retry(ctx.db, function(tx)
     local cur, qerr = model.payment(tx, p.id)
@@ -663,8 +649,7 @@ function _M.close(req, ik)
       return nil, terr
     end
     local x
-    x, terr = tx:exec("UPDATE gw_attempts SET state = 'closed', closed_at ="
-      .. " $2 WHERE payment_id = $1 AND state = 'open'", { p.id, now })
+    x, terr = model.close_attempts(tx, p.id, now)
     if not x then return nil, terr end
     x, terr = events.emit(tx, "payment.closed", res.row)
     if not x then return nil, terr end
@@ -723,9 +708,7 @@ function _M.refresh(p)
     if not res then return nil, rerr end
     if event == "closed" or event == "failed" then
       local x
-      x, rerr = tx:exec("UPDATE gw_attempts SET state = 'closed', closed_at"
-        .. " = $2 WHERE payment_id = $1 AND state = 'open'",
-        { p.id, model.time() })
+      x, rerr = model.close_attempts(tx, p.id, model.time())
       if not x then return nil, rerr end
       x, rerr = events.emit(tx, "payment." .. event, res.row)
       if not x then return nil, rerr end

@@ -99,13 +99,9 @@ function _M.check_conf(t)
 end
 
 -- The runners' lease ttl: derived from the measured check durations
--- (p99.9 x margin, floor 10 s, ceiling lease_ttl) where paygate.lease
--- measures them (lease.ttl_for / lease.measure), else lease_ttl itself.
+-- (p99.9 x margin, floor 10 s, ceiling lease_ttl: lease.ttl_for /
+-- lease.measure).
 local function lease_opts(name, conf)
-  if type(lease.ttl_for) ~= "function" or type(lease.measure) ~= "function"
-  then
-    return conf.lease_ttl, nil
-  end
   local key = "reconcile:" .. name
   local o = { floor = math.min(10, conf.lease_ttl), ceiling = conf.lease_ttl }
   return function() return (lease.ttl_for(key, o)) end,
@@ -137,6 +133,34 @@ end
 
 ------------------------------------------------------------- payments
 
+-- The WeChat Pay client of a checked row (a payment, or a refund joined
+-- with its payment's mchid), or nil, err: its merchant is not configured,
+-- or calls to WeChat are switched off.
+local function client_for(ctx, what, row)
+  local wx = ctx.wx[row.mchid]
+  if not wx then
+    return nil, paygate.error("unknown_merchant", what .. " " .. row.id
+      .. ": merchant " .. tostring(row.mchid) .. " is not configured")
+  end
+  if ctx.degraded and ctx.degraded() then
+    return nil, paygate.error("degraded", "WeChat calls are switched off")
+  end
+  return wx
+end
+
+-- The runner's reschedule of a row whose check failed: its next check.
+local function rescheduler(db, resched, what)
+  return function(row)
+    local ok, serr = db:transaction(function(tx)
+      return resched(tx, row.id)
+    end)
+    if not ok then
+      warn("gateway: reconcile reschedule failed", { [what] = row.id,
+           error = tostring(serr) })
+    end
+  end
+end
+
 local OPEN_PAY = { created = true, paying = true, unknown = true }
 local OPEN_REF = { created = true, processing = true, unknown = true }
 
@@ -157,14 +181,8 @@ local function payment_checks(ctx, conf, sched)
         .. " created_at) LIMIT $3", { now, now - conf.check_after, limit })
     end,
     check = function(row, rctx)
-      local wx = ctx.wx[row.mchid]
-      if not wx then
-        return nil, paygate.error("unknown_merchant", "payment " .. row.id
-          .. ": merchant " .. tostring(row.mchid) .. " is not configured")
-      end
-      if ctx.degraded and ctx.degraded() then
-        return nil, paygate.error("degraded", "WeChat calls are switched off")
-      end
+      local wx, werr = client_for(ctx, "payment", row)
+      if not wx then return nil, werr end
       local action, err = reconcile.check_payment(wx, {
         id = row.id, state = row.state, out_trade_no = row.out_trade_no,
         sub_mchid = model.opt(row.sub_mchid), expires_at = row.expires_at })
@@ -197,24 +215,14 @@ local function payment_checks(ctx, conf, sched)
           if not res or (res.to ~= "closed" and res.to ~= "failed") then
             return true
           end
-          local x, xerr = tx:exec("UPDATE gw_attempts SET state = 'closed',"
-            .. " closed_at = $2 WHERE payment_id = $1 AND state = 'open'",
-            { a.id, model.now() })
+          local x, xerr = model.close_attempts(tx, a.id, model.now())
           if not x then return nil, xerr end
           return events.emit(tx, "payment." .. res.to, res.row)
         end,
         schedule = function(tx, a) return resched(tx, a.id) end,
       })
     end,
-    reschedule = function(row, err)
-      local ok, serr = db:transaction(function(tx)
-        return resched(tx, row.id)
-      end)
-      if not ok then
-        warn("gateway: reconcile reschedule failed", { payment = row.id,
-             error = tostring(serr) })
-      end
-    end,
+    reschedule = rescheduler(db, resched, "payment"),
   })
 end
 
@@ -239,14 +247,8 @@ local function refund_checks(ctx, conf, sched)
         .. " r.created_at) LIMIT $3", { now, now - conf.check_after, limit })
     end,
     check = function(row, rctx)
-      local wx = ctx.wx[row.mchid]
-      if not wx then
-        return nil, paygate.error("unknown_merchant", "refund " .. row.id
-          .. ": merchant " .. tostring(row.mchid) .. " is not configured")
-      end
-      if ctx.degraded and ctx.degraded() then
-        return nil, paygate.error("degraded", "WeChat calls are switched off")
-      end
+      local wx, werr = client_for(ctx, "refund", row)
+      if not wx then return nil, werr end
       local action, err = reconcile.check_refund(wx, {
         id = row.id, state = row.state, out_refund_no = row.out_refund_no,
         sub_mchid = model.opt(row.sub_mchid) })
@@ -286,15 +288,7 @@ local function refund_checks(ctx, conf, sched)
         return resched(tx, row.id)
       end)
     end,
-    reschedule = function(row)
-      local ok, serr = db:transaction(function(tx)
-        return resched(tx, row.id)
-      end)
-      if not ok then
-        warn("gateway: reconcile reschedule failed", { refund = row.id,
-             error = tostring(serr) })
-      end
-    end,
+    reschedule = rescheduler(db, resched, "refund"),
   })
 end
 
@@ -463,7 +457,7 @@ function _M.start(ctx)
     end
   end
   if conf.bill then
-    os.execute("mkdir -p '" .. conf.bill_dir:gsub("'", "'\\''") .. "'")
+    require("gw.config").mkdir_p(conf.bill_dir)  -- no shell
     runners.bill = bill_job(ctx, conf):start()
   end
   _M.runners = runners

@@ -14,6 +14,7 @@ local _M = {}
 
 local R = model.refunds
 local err_body = payments.err_body
+local store_failed = payments.store_failed
 local ctx
 
 function _M.init(c) ctx = c end
@@ -111,25 +112,14 @@ local function check(b)
 end
 
 function _M.create(req, ik)
-  local b, derr = req:decode_json()
-  if type(b) ~= "table" or b[1] ~= nil then
-    return 400, err_body(derr and "invalid_json" or "invalid_request",
-                         derr and derr.message or "the body must be a JSON"
-                         .. " object")
-  end
+  local b, st, eb = payments.body_of(req)
+  if not b then return st, eb end
   local ok, bad = check(b)
-  if not ok then
-    local parts = {}
-    for k, v in pairs(bad) do parts[#parts + 1] = k .. ": " .. v end
-    return 400, err_body("invalid_request", table.concat(parts, "; "),
-                         { fields = bad })
-  end
+  if not ok then return payments.bad_request(bad) end
   local db = ctx.db
-  local p, err = model.payment(db, req.params.id)
-  if p == nil then return 503, err_body("unavailable", tostring(err)) end
-  if not p or p.app_id ~= req.app_id then
-    return 404, err_body("not_found", "payment not found")
-  end
+  local p, err = payments.load_own(req)
+  if p == nil then return store_failed(err) end
+  if not p then return payments.not_found("payment") end
   if ctx.degraded() then return payments.degraded() end
   local key = req:header("Idempotency-Key")
   local request_key = key and (tostring(req.app_id) .. "|" .. key) or nil
@@ -176,10 +166,7 @@ function _M.create(req, ik)
     if not created then return nil, qerr end
     return { refund = created.row }
   end)
-  if not res then
-    return 503, err_body("unavailable", "the store failed; retry ("
-                         .. tostring(err and err.kind) .. ")")
-  end
+  if not res then return store_failed(err) end
   if res.status then return res.status, res.body end
   local a, c, d = _M.send(res.refund.id, function(tx, row, how, werr)
     if how == "not_sent" then
@@ -202,10 +189,7 @@ function _M.create(req, ik)
     end
     return ik:respond(tx, 201, model.refund_json(row))
   end)
-  if a == nil then
-    return 503, err_body("unavailable", "the store failed; retry ("
-                         .. tostring(c and c.kind) .. ")")
-  end
+  if a == nil then return store_failed(c) end
   return a, c, d
 end
 
@@ -241,14 +225,12 @@ end
 -- GET /v1/payments/:id/refunds, GET /v1/refunds/:id -------------------------
 
 function _M.list(req)
-  local p, err = model.payment(ctx.db, req.params.id)
-  if p == nil then return 503, err_body("unavailable", tostring(err)) end
-  if not p or p.app_id ~= req.app_id then
-    return 404, err_body("not_found", "payment not found")
-  end
+  local p, err = payments.load_own(req)
+  if p == nil then return store_failed(err) end
+  if not p then return payments.not_found("payment") end
   local rows
   rows, err = model.refunds_of(ctx.db, p.id)
-  if not rows then return 503, err_body("unavailable", tostring(err)) end
+  if not rows then return store_failed(err) end
   local list = {}
   for i, r in ipairs(rows) do list[i] = model.refund_json(r) end
   return 200, { refunds = model.list(list) }
@@ -258,10 +240,10 @@ function _M.get(req)
   local rows, err = ctx.db:query("SELECT r.*, p.app_id AS app_id FROM"
     .. " gw_refunds r JOIN gw_payments p ON p.id = r.payment_id WHERE"
     .. " r.id = $1", { req.params.id })
-  if not rows then return 503, err_body("unavailable", tostring(err)) end
+  if not rows then return store_failed(err) end
   local r = rows[1]
   if not r or r.app_id ~= req.app_id then
-    return 404, err_body("not_found", "refund not found")
+    return payments.not_found("refund")
   end
   return 200, model.refund_json(r)
 end

@@ -205,5 +205,49 @@ describe("gateway config", function()
       assert.matches("^config.gateway.webhooks%[1%].secret: ", why)
       assert.falsy(why:find("s3cr3t", 1, true))
     end)
+
+    it("refuses a webhook timeout or a stream maxlen that is not a number"
+       .. " in range", function()
+      write(dir .. "/wh.secret", "whsec-1\n")
+      for _, t in ipairs({ "5", -1, 0, 1 / 0, 0 / 0 }) do
+        local _, why = config.check({ gateway = {
+          db = "sqlite:" .. dir .. "/a.db",
+          webhooks = { { url = "http://127.0.0.1:1/h", timeout = t,
+                         secret_file = dir .. "/wh.secret" } } },
+          merchants = { merchant() } })
+        assert.equal("config.gateway.webhooks[1].timeout: must be seconds,"
+                     .. " more than 0 and at most 300", why)
+      end
+      for _, n in ipairs({ 0, 2.5, 1 / 0, "100" }) do
+        local _, why = config.check({ gateway = {
+          db = "sqlite:" .. dir .. "/a.db", redis = "redis://127.0.0.1:1",
+          redis_stream = { maxlen = n } }, merchants = { merchant() } })
+        assert.matches("^config.gateway.redis_stream.maxlen: ", why)
+      end
+      local cfg = assert(config.check({ gateway = {
+        db = "sqlite:" .. dir .. "/a.db",
+        webhooks = { { url = "http://127.0.0.1:1/h", timeout = 2.5,
+                       secret_file = dir .. "/wh.secret" } } },
+        merchants = { merchant() } }))
+      assert.equal(2.5, cfg.gateway.webhooks[1].timeout)
+    end)
+
+    it("refuses a URL with user info (a password, or a host that only"
+       .. " looks like loopback)", function()
+      write(dir .. "/wh.secret", "whsec-1\n")
+      local _, why = config.check({ gateway = {
+        db = "sqlite:" .. dir .. "/a.db",
+        public_url = "http://localhost:80@pay.example/" },
+        merchants = { merchant() } })
+      assert.equal("config.gateway.public_url: must have no user info"
+                   .. " (user:password@)", why)
+      _, why = config.check({ gateway = { db = "sqlite:" .. dir .. "/a.db",
+        webhooks = { { url = "https://erp:hunter2@erp.example/h",
+                       secret_file = dir .. "/wh.secret" } } },
+        merchants = { merchant() } })
+      assert.matches("^config.gateway.webhooks%[1%].url: must have no user"
+                     .. " info", why)
+      assert.falsy(why:find("hunter2", 1, true))
+    end)
   end)
 end)
