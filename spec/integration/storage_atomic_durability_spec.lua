@@ -1,10 +1,8 @@
 -- db:atomic under kill -9: every acknowledged job is present after
 -- reopening, and no job is ever half there (SQLite, PostgreSQL).
 local sql = require "paygate.sql"
-local paygate = require "paygate"
 local servers = require "spec.support.servers"
 
-local BIN = os.getenv("PAYGATE_BIN") or "build/paygate"
 local KILLS = tonumber(os.getenv("PAYGATE_KILLS") or "4")
 
 local tmp = servers.mktemp()
@@ -13,41 +11,6 @@ teardown(function()
   servers.stop_all()
   servers.sh("rm -rf " .. tmp)
 end)
-
-local function lines(path)
-  local t = {}
-  local f = io.open(path)
-  if f then
-    for l in f:lines() do
-      t[#t + 1] = l
-    end
-    f:close()
-  end
-  return t
-end
-
-local function alive(pid)
-  return servers.sh("kill -0 " .. pid .. " 2>/dev/null")
-end
-
-local function run_and_kill(url, out)
-  local pid = servers.read_cmd("sh -c '" .. BIN .. " exec "
-    .. "spec/support/atomic_writer.lua " .. url .. " >" .. out .. " 2>"
-    .. out .. ".err & echo $!'"):match("%d+")
-  assert(pid, "writer did not start")
-  servers.wait_for(function() return #lines(out) > 5 end, 20,
-                   "the writer's first acknowledgements")
-  paygate.sleep(math.random() * 0.3)
-  servers.sh("kill -9 " .. pid)
-  servers.wait_for(function() return not alive(pid) end, 10, "writer exit")
-  local acked = {}
-  for _, l in ipairs(lines(out)) do
-    if l ~= "ready" then
-      acked[#acked + 1] = l
-    end
-  end
-  return acked
-end
 
 -- Every acked id in both tables; both tables and the counters agree (a
 -- job is all there or not at all, acknowledged or not).
@@ -80,7 +43,8 @@ describe("db:atomic durability under kill -9", function()
   it("keeps every acknowledged SQLite job, whole", function()
     local url = "sqlite:" .. tmp .. "/atomic.db"
     for k = 1, KILLS do
-      local acked = run_and_kill(url, tmp .. "/sq" .. k .. ".out")
+      local acked = servers.kill_writer(url, tmp .. "/sq" .. k .. ".out",
+                                        "atomic")
       assert.truthy(#acked > 0)
       local db = assert(sql.open(url))
       check(db, acked)
@@ -92,7 +56,8 @@ describe("db:atomic durability under kill -9", function()
     it("keeps every acknowledged PostgreSQL job, whole", function()
       local srv = servers.postgres()
       for k = 1, 2 do
-        local acked = run_and_kill(srv.url, tmp .. "/pg" .. k .. ".out")
+        local acked = servers.kill_writer(srv.url,
+          tmp .. "/pg" .. k .. ".out", "atomic")
         assert.truthy(#acked > 0)
         local db = assert(sql.open(srv.url))
         check(db, acked)

@@ -8,7 +8,6 @@ local redis = require "paygate.redis"
 local paygate = require "paygate"
 local servers = require "spec.support.servers"
 
-local BIN = os.getenv("PAYGATE_BIN") or "build/paygate"
 local KILLS = tonumber(os.getenv("PAYGATE_KILLS") or "6")
 
 local tmp = servers.mktemp()
@@ -17,43 +16,6 @@ teardown(function()
   servers.stop_all()
   servers.sh("rm -rf " .. tmp)
 end)
-
-local function lines(path)
-  local t = {}
-  local f = io.open(path)
-  if f then
-    for l in f:lines() do
-      t[#t + 1] = l
-    end
-    f:close()
-  end
-  return t
-end
-
-local function alive(pid)
-  return servers.sh("kill -0 " .. pid .. " 2>/dev/null")
-end
-
--- Starts the writer, kills it with SIGKILL at a random moment after its
--- first acknowledgements, returns the acknowledged ids.
-local function run_and_kill(url, out)
-  local pid = servers.read_cmd("sh -c '" .. BIN .. " exec "
-    .. "spec/support/ack_writer.lua " .. url .. " >" .. out .. " 2>"
-    .. out .. ".err & echo $!'"):match("%d+")
-  assert(pid, "writer did not start")
-  servers.wait_for(function() return #lines(out) > 5 end, 20,
-                   "the writer's first acknowledgements")
-  paygate.sleep(math.random() * 0.3)
-  servers.sh("kill -9 " .. pid)
-  servers.wait_for(function() return not alive(pid) end, 10, "writer exit")
-  local acked = {}
-  for _, l in ipairs(lines(out)) do
-    if l ~= "ready" then
-      acked[#acked + 1] = l
-    end
-  end
-  return acked
-end
 
 local function check_all_present(db, acked)
   local present = {}
@@ -74,7 +36,7 @@ describe("durability under kill -9", function()
     local url = "sqlite:" .. tmp .. "/dur.db"
     local total = 0
     for k = 1, KILLS do
-      local acked = run_and_kill(url, tmp .. "/sq" .. k .. ".out")
+      local acked = servers.kill_writer(url, tmp .. "/sq" .. k .. ".out")
       assert.truthy(#acked > 0)
       local db = assert(sql.open(url))
       assert.equal(0, check_all_present(db, acked))
@@ -88,7 +50,7 @@ describe("durability under kill -9", function()
     it("keeps every acknowledged PostgreSQL write", function()
       local srv = servers.postgres()
       for k = 1, math.max(2, math.floor(KILLS / 2)) do
-        local acked = run_and_kill(srv.url, tmp .. "/pg" .. k .. ".out")
+        local acked = servers.kill_writer(srv.url, tmp .. "/pg" .. k .. ".out")
         assert.truthy(#acked > 0)
         local db = assert(sql.open(srv.url))
         assert.equal(0, check_all_present(db, acked))
