@@ -118,4 +118,65 @@ function _M.stop(gw)
   if gw.db then gw.db:close() end
 end
 
+----------------------------------------------- the app's modules in-process
+
+_M.MCHID = "1900000001"
+
+--- syntax: db, ctx = core.inproc(url[, wx])
+-- For specs that call the app's modules without a server: the gateway's
+-- store at url (migrated, with the audit schema) and the context
+-- gw.payments, gw.refunds and gw.notify were initialised on, for merchant
+-- core.MCHID. wx: the WeChat Pay clients by mchid ({} when not given).
+function _M.inproc(url, wx)
+  package.path = "examples/gateway/?.lua;" .. package.path
+  local migrate = require "paygate.migrate"
+  local audit = require "paygate.audit"
+  local db = assert(sql.open(url))
+  assert(migrate.run(db, "examples/gateway/migrations"))
+  assert(audit.ensure_schema(db))
+  local ctx = { db = db, wx = wx or {},
+    by_mchid = { [_M.MCHID] = { mchid = _M.MCHID } },
+    gateway = { on_late_payment = "refund", public_url = "http://x" },
+    degraded = function() return false end,
+    notify_url = function(m) return "http://127.0.0.1/n/" .. m end }
+  local refunds = require "gw.refunds"
+  require("gw.payments").init(ctx)
+  refunds.init(ctx)
+  require("gw.notify").init(ctx)
+  ctx.refunds = refunds
+  return db, ctx
+end
+
+--- syntax: id = core.payment(db, state[, amount])
+-- A payment row of merchant core.MCHID with its first attempt (open),
+-- out_trade_no id .. "_1"; state "created" or "paying".
+function _M.payment(db, state, amount)
+  local model = require "gw.model"
+  local now = model.now()
+  local id = model.new_payment_id()
+  assert(model.payments:create(db, {
+    id = id, app_id = "a", order_id = id, mchid = _M.MCHID,
+    appid = "wx1", channel = "native", amount = amount or 100,
+    currency = "CNY", description = "d", out_trade_no = id .. "_1",
+    attempt = 1, refunded = 0, expires_at = now + 60, created_at = now,
+    updated_at = now, checks = 0 }))
+  assert(db:exec("INSERT INTO gw_attempts (out_trade_no, payment_id, n,"
+    .. " channel, state, created_at) VALUES ($1, $2, 1, 'native', 'open',"
+    .. " $3)", { id .. "_1", id, now }))
+  if state == "paying" then
+    assert(model.payments:apply(db, id, "opened"))
+  end
+  return id
+end
+
+--- syntax: ev = core.paid_event(out_trade_no[, total[, id]])
+-- A parsed TRANSACTION.SUCCESS notification (id "EV-" .. out_trade_no).
+function _M.paid_event(no, total, eid)
+  return { id = eid or ("EV-" .. no), event_type = "TRANSACTION.SUCCESS",
+           resource = { mchid = _M.MCHID, out_trade_no = no,
+                        trade_state = "SUCCESS", transaction_id = "42" .. no,
+                        amount = { total = total or 100, payer_total = 100,
+                                   currency = "CNY" } } }
+end
+
 return _M
