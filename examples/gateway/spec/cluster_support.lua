@@ -12,19 +12,8 @@ local core = dofile("examples/gateway/spec/core_support.lua")
 
 local _M = { core = core }
 
-local function write(path, data)
-  local f = assert(io.open(path, "wb"))
-  f:write(data)
-  f:close()
-end
-
-local function read(path)
-  local f = io.open(path, "rb")
-  if not f then return "" end
-  local s = f:read("*a")
-  f:close()
-  return s
-end
+local write = core.write
+local read = testing.proc.read         -- "" while the file is missing
 
 --- syntax: dir, hooks_log = cluster.app_copy()
 -- A copy of examples/gateway whose hooks.lua appends, for every event it
@@ -225,8 +214,5 @@ end
 function Gw:kill9()
   return _M.kill9(self.srv)
 end
-
-_M.read = read
-_M.write = write
 
 return _M

@@ -5,6 +5,7 @@ local sql = require "paygate.sql"
 local apikey = require "paygate.apikey"
 local json = require "paygate.json"
 local crypto = require "paygate.crypto"
+local luassert = require "luassert"
 
 local _M = {}
 
@@ -14,13 +15,31 @@ local function write(path, data)
   f:close()
 end
 
---- syntax: conf = core.config(sim, srv[, gateway_over[, merchant_over]])
-function _M.config(sim, srv, over, mover, merchant)
+local function read(path)
+  local f = assert(io.open(path, "rb"))
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+
+--- syntax: core.write(path, data), s = core.read(path) -- whole files
+_M.write, _M.read = write, read
+
+--- syntax: m = core.merchant_config(sim, srv[, merchant])
+-- The simulator merchant's config.merchants entry (sim.merchant unless
+-- given) with its APIv3 key in the file srv.dir/apiv3.key.
+function _M.merchant_config(sim, srv, merchant)
   merchant = merchant or sim.merchant
   local key_file = srv.dir .. "/apiv3.key"
   write(key_file, merchant.apiv3_key .. "\n")
   local m = sim:client_config(merchant, { apiv3_key = false })
   m.apiv3_key_file = key_file
+  return m
+end
+
+--- syntax: conf = core.config(sim, srv[, gateway_over[, merchant_over]])
+function _M.config(sim, srv, over, mover, merchant)
+  local m = _M.merchant_config(sim, srv, merchant)
   for k, v in pairs(mover or {}) do m[k] = v end
   local g = { db = "sqlite:" .. srv.dir .. "/gw.db",
               public_url = srv:url(""),
@@ -28,6 +47,43 @@ function _M.config(sim, srv, over, mover, merchant)
   for k, v in pairs(over or {}) do g[k] = v end
   if g.db == false then g.db = nil end
   return { gateway = g, merchants = { m } }
+end
+
+----------------------------------------------------- the config check
+
+--- syntax: code, out = core.run_config(dir, conf[, listen])
+-- Runs the gateway with conf (written to a file in dir); returns its exit
+-- status and output.
+function _M.run_config(dir, conf, listen)
+  local server = require "paygate.testing.server"
+  local free_port = require("paygate.core").free_port
+  local file = dir .. "/conf-" .. free_port() .. ".lua"
+  write(file, "return " .. server.lua_source(conf) .. "\n")
+  return testing.proc.run({ server.bin(), "run", "examples/gateway",
+    "--listen", listen or ("127.0.0.1:" .. free_port()),
+    "--admin", "127.0.0.1:" .. free_port(), "--config", file },
+    { timeout = 30 })
+end
+
+--- syntax: lines = core.config_lines(out) -- its "gateway: ..." lines
+function _M.config_lines(out)
+  local lines = {}
+  for line in out:gmatch("[^\n]+") do
+    if line:match("^gateway: ") then lines[#lines + 1] = line end
+  end
+  return lines
+end
+
+--- syntax: out = core.expect_refused(dir, conf, want[, listen])
+-- Asserts the gateway refuses conf: exit status 2 and one "gateway: "
+-- line, containing want. returns: the output.
+function _M.expect_refused(dir, conf, want, listen)
+  local code, out = _M.run_config(dir, conf, listen)
+  luassert.equal(2, code, out)
+  local lines = _M.config_lines(out)
+  luassert.equal(1, #lines, out)
+  luassert.matches(want, lines[1], 1, true)
+  return out
 end
 
 --- syntax: gw = core.start(sim[, o]) -- o: gateway, merchant (overrides),
