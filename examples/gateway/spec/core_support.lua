@@ -86,6 +86,48 @@ function _M.expect_refused(dir, conf, want, listen)
   return out
 end
 
+--------------------------------------------------- a webhook receiver
+
+-- Checks each delivery's Paygate-Signature against "whsec-spec" (401 if
+-- it does not verify) and answers /hook with the status last POSTed to
+-- /mode (204 at first); keeps the events it answered 204.
+--   GET /got: the kept events' bodies, a JSON array, in arrival order.
+local RECEIVER = [[
+local paygate = require "paygate"
+local outbox = require "paygate.outbox"
+local d = require("paygate.shared").get_dict("paygate")
+paygate.route("POST", "/mode", function(req)
+  d:set("mode", tonumber(req.body))
+  return 204
+end)
+paygate.route("POST", "/hook", function(req)
+  local ok = outbox.verify_webhook("whsec-spec",
+                                   req:header("Paygate-Signature"), req.body)
+  if not ok then return 401 end
+  local mode = d:get("mode") or 204
+  if mode == 204 then
+    local n = d:incr("n", 1, 0)
+    d:set("ev:" .. n, req.body)
+  end
+  return mode
+end)
+paygate.route("GET", "/got", function()
+  local out = {}
+  for i = 1, d:get("n") or 0 do out[i] = d:get("ev:" .. i) end
+  return 200, "[" .. table.concat(out, ",") .. "]"
+end)
+]]
+
+--- syntax: rcv = core.receiver()
+-- The receiver above (a testing.start_app server) and its secret in the
+-- file rcv.secret_file, for a gateway.webhooks entry.
+function _M.receiver()
+  local rcv = testing.start_app{ source = RECEIVER }
+  rcv.secret_file = rcv.dir .. "/wh.secret"
+  write(rcv.secret_file, "whsec-spec\n")
+  return rcv
+end
+
 --- syntax: gw = core.start(sim[, o]) -- o: gateway, merchant (overrides),
 -- db (a function(srv) -> url), workers, partner (the simulator's service
 -- provider as the merchant), app (another copy of the app's folder)
