@@ -390,6 +390,13 @@ function Env:post_notify(body, headers, mchid)
   return res
 end
 
+-- syntax: res = env:post_paid(p[, mchid]) -- WeChat's paid notification
+-- of p (env:transaction(p)), crafted and posted as post_notify does
+function Env:post_paid(p, mchid)
+  local body, h = self:notification("TRANSACTION.SUCCESS", self:transaction(p))
+  return self:post_notify(body, h, mchid)
+end
+
 function S.ok2xx(status) return status >= 200 and status < 300 end
 
 return S
