@@ -165,14 +165,9 @@ end
 
 function Gw:start()
   local o = self.o
-  self.srv = testing.start_app{ app = o.app or "examples/gateway",
-    port = self.port, workers = o.workers or 2,
-    args = { "--log-level", "info" },
-    config = function(srv)
-      local g = { public_url = srv:url(""), db = o.db }
-      for k, v in pairs(o.gateway or {}) do g[k] = v end
-      return core.config(self.sim, srv, g)
-    end }
+  self.srv = core.start_srv(self.sim, { app = o.app, port = self.port,
+    workers = o.workers or 2, gateway = o.gateway,
+    db = function() return o.db end })
   self.starts = self.starts + 1
   if not self.key_id then
     local k = assert(apikey.create(self.db, self.app_id))

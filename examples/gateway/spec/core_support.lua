@@ -128,14 +128,13 @@ function _M.receiver()
   return rcv
 end
 
---- syntax: gw = core.start(sim[, o]) -- o: gateway, merchant (overrides),
--- db (a function(srv) -> url), workers, partner (the simulator's service
--- provider as the merchant), app (another copy of the app's folder)
-function _M.start(sim, o)
-  o = o or {}
+--- syntax: srv, db_url = core.start_srv(sim, o)
+-- The gateway's server alone (o as core.start's; port: the one to listen
+-- on) and its store's URL.
+function _M.start_srv(sim, o)
   local db_url
   local srv = testing.start_app{ app = o.app or "examples/gateway",
-    workers = o.workers, args = { "--log-level", "info" },
+    port = o.port, workers = o.workers, args = { "--log-level", "info" },
     config = function(srv)
       local c = _M.config(sim, srv, o.gateway, o.merchant,
                           o.partner and sim.partner)
@@ -143,6 +142,15 @@ function _M.start(sim, o)
       db_url = c.gateway.db
       return c
     end }
+  return srv, db_url
+end
+
+--- syntax: gw = core.start(sim[, o]) -- o: gateway, merchant (overrides),
+-- db (a function(srv) -> url), workers, partner (the simulator's service
+-- provider as the merchant), app (another copy of the app's folder)
+function _M.start(sim, o)
+  o = o or {}
+  local srv, db_url = _M.start_srv(sim, o)
   local gw = { srv = srv, db_url = db_url, app_id = "shop1" }
   gw.db = assert(sql.open(db_url))
   local k = assert(apikey.create(gw.db, gw.app_id))
