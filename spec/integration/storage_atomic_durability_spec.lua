@@ -2,9 +2,7 @@
 -- reopening, and no job is ever half there (SQLite, PostgreSQL).
 local sql = require "paygate.sql"
 local servers = require "spec.support.servers"
-local kill_writer = require "spec.support.kill_writer"
 
-local BIN = os.getenv("PAYGATE_BIN") or "build/paygate"
 local KILLS = tonumber(os.getenv("PAYGATE_KILLS") or "4")
 
 local tmp = servers.mktemp()
@@ -13,11 +11,6 @@ teardown(function()
   servers.stop_all()
   servers.sh("rm -rf " .. tmp)
 end)
-
-local function run_and_kill(url, out)
-  return kill_writer.run_and_kill(BIN, "spec/support/atomic_writer.lua",
-                                  url, out)
-end
 
 -- Every acked id in both tables; both tables and the counters agree (a
 -- job is all there or not at all, acknowledged or not).
@@ -50,7 +43,8 @@ describe("db:atomic durability under kill -9", function()
   it("keeps every acknowledged SQLite job, whole", function()
     local url = "sqlite:" .. tmp .. "/atomic.db"
     for k = 1, KILLS do
-      local acked = run_and_kill(url, tmp .. "/sq" .. k .. ".out")
+      local acked = servers.kill_writer(url, tmp .. "/sq" .. k .. ".out",
+                                        "atomic")
       assert.truthy(#acked > 0)
       local db = assert(sql.open(url))
       check(db, acked)
@@ -62,7 +56,8 @@ describe("db:atomic durability under kill -9", function()
     it("keeps every acknowledged PostgreSQL job, whole", function()
       local srv = servers.postgres()
       for k = 1, 2 do
-        local acked = run_and_kill(srv.url, tmp .. "/pg" .. k .. ".out")
+        local acked = servers.kill_writer(srv.url,
+          tmp .. "/pg" .. k .. ".out", "atomic")
         assert.truthy(#acked > 0)
         local db = assert(sql.open(srv.url))
         check(db, acked)

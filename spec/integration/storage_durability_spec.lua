@@ -7,9 +7,7 @@ local sql = require "paygate.sql"
 local redis = require "paygate.redis"
 local paygate = require "paygate"
 local servers = require "spec.support.servers"
-local kill_writer = require "spec.support.kill_writer"
 
-local BIN = os.getenv("PAYGATE_BIN") or "build/paygate"
 local KILLS = tonumber(os.getenv("PAYGATE_KILLS") or "6")
 
 local tmp = servers.mktemp()
@@ -18,10 +16,6 @@ teardown(function()
   servers.stop_all()
   servers.sh("rm -rf " .. tmp)
 end)
-
-local function run_and_kill(url, out)
-  return kill_writer.run_and_kill(BIN, "spec/support/ack_writer.lua", url, out)
-end
 
 local function check_all_present(db, acked)
   local present = {}
@@ -42,7 +36,7 @@ describe("durability under kill -9", function()
     local url = "sqlite:" .. tmp .. "/dur.db"
     local total = 0
     for k = 1, KILLS do
-      local acked = run_and_kill(url, tmp .. "/sq" .. k .. ".out")
+      local acked = servers.kill_writer(url, tmp .. "/sq" .. k .. ".out")
       assert.truthy(#acked > 0)
       local db = assert(sql.open(url))
       assert.equal(0, check_all_present(db, acked))
@@ -56,7 +50,7 @@ describe("durability under kill -9", function()
     it("keeps every acknowledged PostgreSQL write", function()
       local srv = servers.postgres()
       for k = 1, math.max(2, math.floor(KILLS / 2)) do
-        local acked = run_and_kill(srv.url, tmp .. "/pg" .. k .. ".out")
+        local acked = servers.kill_writer(srv.url, tmp .. "/pg" .. k .. ".out")
         assert.truthy(#acked > 0)
         local db = assert(sql.open(srv.url))
         assert.equal(0, check_all_present(db, acked))

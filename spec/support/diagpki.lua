@@ -156,13 +156,10 @@ end
 function _M.run(dir, args, timeout)
   local proc = require "support.proc"
   local json = require "cjson.safe"
-  local log = dir .. "/out." .. require("paygate.crypto").random_nonce(8)
   local argv = { PAYGATE_BIN }
   for _, a in ipairs(args) do argv[#argv + 1] = a end
-  local p = proc.spawn(argv, { log = log })
-  local code = p:wait(timeout or 30)
-  if code == nil then p:kill(proc.SIGKILL); p:wait(2) end
-  local out = proc.read(log)
+  local code, out = proc.run(argv, { timeout = timeout or 30,
+    log = dir .. "/out." .. require("paygate.crypto").random_nonce(8) })
   local results = {}
   for line in out:gmatch("[^\n]+") do
     if line:sub(1, 1) == "{" then results[#results + 1] = json.decode(line) end

@@ -321,6 +321,74 @@ function _M.stop_all()
   end
 end
 
+-- syntax: stores = servers.stores(dir, schema[, drop[, pg_opts]])
+-- A fresh store per call on each engine installed, keyed by engine:
+-- stores.sqlite() opens a new database file in dir; stores.postgres()
+-- (only when PostgreSQL is installed) opens the shared server (pg_opts:
+-- sql.open's) after dropping the tables listed in drop ("a, b"). schema,
+-- an SQL script or one per engine, is run on each.
+function _M.stores(dir, schema, drop, pg_opts)
+  local sql = require "paygate.sql"
+  local n, pg = 0, nil
+  local function ready(db, engine)
+    assert(db:exec_script(type(schema) == "table" and schema[engine]
+                          or schema))
+    return db
+  end
+  local stores = {
+    sqlite = function()
+      n = n + 1
+      return ready(assert(sql.open("sqlite:" .. dir .. "/s" .. n .. ".db")),
+                   "sqlite")
+    end,
+  }
+  if _M.have_postgres() then
+    stores.postgres = function()
+      pg = pg or _M.postgres()
+      local db = assert(sql.open(pg.url, pg_opts))
+      if drop then
+        assert(db:exec_script("DROP TABLE IF EXISTS " .. drop))
+      end
+      return ready(db, "postgres")
+    end
+  end
+  return stores
+end
+
+-- syntax: acked = servers.kill_writer(url, out[, mode])
+-- Starts spec/support/ack_writer.lua on url (mode "atomic": db:atomic
+-- jobs), kills it with SIGKILL at a random moment after its first
+-- acknowledgements (its stdout goes to the file out), returns the
+-- acknowledged ids.
+local function lines(path)
+  local t = {}
+  local f = io.open(path)
+  if f then
+    for l in f:lines() do t[#t + 1] = l end
+    f:close()
+  end
+  return t
+end
+
+function _M.kill_writer(url, out, mode)
+  local bin = os.getenv("PAYGATE_BIN") or "build/paygate"
+  local pid = read_cmd("sh -c '" .. bin .. " exec spec/support/ack_writer.lua "
+    .. url .. " " .. (mode or "") .. " >" .. out .. " 2>" .. out
+    .. ".err & echo $!'"):match("%d+")
+  assert(pid, "writer did not start")
+  _M.wait_for(function() return #lines(out) > 5 end, 20,
+              "the writer's first acknowledgements")
+  pause(math.random() * 0.3)
+  sh("kill -9 " .. pid)
+  _M.wait_for(function() return not sh("kill -0 " .. pid .. " 2>/dev/null") end,
+              10, "writer exit")
+  local acked = {}
+  for _, l in ipairs(lines(out)) do
+    if l ~= "ready" then acked[#acked + 1] = l end
+  end
+  return acked
+end
+
 -- A fresh temporary directory (removed by the caller).
 _M.mktemp = mktemp
 _M.free_port = free_port

@@ -2,7 +2,6 @@
 -- decided on a row read beforehand, its statements (version-guarded
 -- UPDATE, audit head move + entry) and the caller's (dedupe, outbox) as one
 -- job, retried from fresh state on a conflict. SQLite and PostgreSQL.
-local sql = require "paygate.sql"
 local fsm = require "paygate.fsm"
 local audit = require "paygate.audit"
 local outbox = require "paygate.outbox"
@@ -10,8 +9,6 @@ local paygate = require "paygate"
 local servers = require "spec.support.servers"
 
 local tmp = servers.mktemp()
-local pg_srv
-local n = 0
 
 teardown(function()
   servers.stop_all()
@@ -25,34 +22,10 @@ CREATE TABLE payments (id TEXT PRIMARY KEY, state TEXT NOT NULL,
 CREATE TABLE seen (k TEXT PRIMARY KEY);
 CREATE TABLE events (id TEXT NOT NULL, what TEXT NOT NULL)]]
 
-local stores = {
-  sqlite = function()
-    n = n + 1
-    local db = assert(sql.open("sqlite:" .. tmp .. "/p" .. n .. ".db"))
-    assert(db:exec_script(TABLES))
-    return db
-  end,
-}
-if servers.have_postgres() then
-  stores.postgres = function()
-    pg_srv = pg_srv or servers.postgres()
-    local db = assert(sql.open(pg_srv.url, { pool = 8 }))
-    assert(db:exec_script("DROP TABLE IF EXISTS payments, seen, events,"
-      .. " paygate_audit, paygate_audit_heads"))
-    assert(db:exec_script(TABLES))
-    return db
-  end
-end
+local stores = servers.stores(tmp, TABLES, "payments, seen, events,"
+  .. " paygate_audit, paygate_audit_heads", { pool = 8 })
 
-local function wait_until(cond, secs, what)
-  local deadline = paygate.update_time() + secs
-  while not cond() do
-    if paygate.update_time() > deadline then
-      error("timed out after " .. secs .. " s waiting for " .. what, 2)
-    end
-    paygate.sleep(0.002)
-  end
-end
+local wait_until = require("paygate.testing").wait_until
 
 local function state_of(db, id)
   return assert(db:query("SELECT state, version, refunded FROM payments"

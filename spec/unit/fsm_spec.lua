@@ -2,15 +2,12 @@
 -- transition of the payment and refund machines, guards, hooks, versions
 -- (stale writes, retries under concurrency) and the audit entry written in
 -- the same transaction.
-local sql = require "paygate.sql"
 local fsm = require "paygate.fsm"
 local audit = require "paygate.audit"
 local paygate = require "paygate"
 local servers = require "spec.support.servers"
 
 local tmp = servers.mktemp()
-local pg_srv
-local n = 0
 
 teardown(function()
   servers.stop_all()
@@ -27,24 +24,8 @@ CREATE TABLE orders (order_no TEXT PRIMARY KEY, status TEXT NOT NULL,
   rev INTEGER NOT NULL);
 CREATE TABLE hook_log (what TEXT NOT NULL)]]
 
-local stores = {
-  sqlite = function()
-    n = n + 1
-    local db = assert(sql.open("sqlite:" .. tmp .. "/f" .. n .. ".db"))
-    assert(db:exec_script(TABLES))
-    return db
-  end,
-}
-if servers.have_postgres() then
-  stores.postgres = function()
-    pg_srv = pg_srv or servers.postgres()
-    local db = assert(sql.open(pg_srv.url, { pool = 8 }))
-    assert(db:exec_script("DROP TABLE IF EXISTS payments, refunds, orders,"
-      .. " hook_log, paygate_audit, paygate_audit_heads"))
-    assert(db:exec_script(TABLES))
-    return db
-  end
-end
+local stores = servers.stores(tmp, TABLES, "payments, refunds, orders,"
+  .. " hook_log, paygate_audit, paygate_audit_heads", { pool = 8 })
 
 -- The declared machines, written out here so that a change to either
 -- definition shows up as a failing spec.

@@ -16,9 +16,6 @@ teardown(function()
   servers.sh("rm -rf " .. tmp)
 end)
 
-local pg_srv
-local counter = 0
-
 local SCHEMA = {
   sqlite = [[
 CREATE TABLE acct (id TEXT PRIMARY KEY, bal INTEGER NOT NULL
@@ -26,36 +23,21 @@ CREATE TABLE acct (id TEXT PRIMARY KEY, bal INTEGER NOT NULL
 CREATE TABLE seen (k TEXT PRIMARY KEY);
 CREATE TABLE log (id INTEGER PRIMARY KEY, acct TEXT, note TEXT)]],
   postgres = [[
-DROP TABLE IF EXISTS acct; DROP TABLE IF EXISTS seen; DROP TABLE IF EXISTS log;
 CREATE TABLE acct (id TEXT PRIMARY KEY, bal INTEGER NOT NULL
   CONSTRAINT bal_nonneg CHECK (bal >= 0), version INTEGER NOT NULL);
 CREATE TABLE seen (k TEXT PRIMARY KEY);
 CREATE TABLE log (id BIGSERIAL PRIMARY KEY, acct TEXT, note TEXT)]],
 }
 
+local stores = servers.stores(tmp, SCHEMA, "acct, seen, log")
+
 local function open(engine)
-  counter = counter + 1
-  local db
-  if engine == "sqlite" then
-    db = assert(sql.open("sqlite:" .. tmp .. "/a" .. counter .. ".db"))
-  else
-    pg_srv = pg_srv or servers.postgres()
-    db = assert(sql.open(pg_srv.url))
-  end
-  assert(db:exec_script(SCHEMA[engine]))
+  local db = stores[engine]()
   assert(db:exec("INSERT INTO acct (id, bal, version) VALUES ('A', 100, 1)"))
   return db
 end
 
-local function wait_until(cond, secs, what)
-  local deadline = paygate.update_time() + secs
-  while not cond() do
-    if paygate.update_time() > deadline then
-      error("timed out after " .. secs .. " s waiting for " .. what, 2)
-    end
-    paygate.sleep(0.002)
-  end
-end
+local wait_until = require("paygate.testing").wait_until
 
 local function count(db, tbl)
   return assert(db:query("SELECT count(*) AS n FROM " .. tbl))[1].n

@@ -12,19 +12,8 @@ local core = dofile("examples/gateway/spec/core_support.lua")
 
 local _M = { core = core }
 
-local function write(path, data)
-  local f = assert(io.open(path, "wb"))
-  f:write(data)
-  f:close()
-end
-
-local function read(path)
-  local f = io.open(path, "rb")
-  if not f then return "" end
-  local s = f:read("*a")
-  f:close()
-  return s
-end
+local write = core.write
+local read = testing.proc.read         -- "" while the file is missing
 
 --- syntax: dir, hooks_log = cluster.app_copy()
 -- A copy of examples/gateway whose hooks.lua appends, for every event it
@@ -176,14 +165,9 @@ end
 
 function Gw:start()
   local o = self.o
-  self.srv = testing.start_app{ app = o.app or "examples/gateway",
-    port = self.port, workers = o.workers or 2,
-    args = { "--log-level", "info" },
-    config = function(srv)
-      local g = { public_url = srv:url(""), db = o.db }
-      for k, v in pairs(o.gateway or {}) do g[k] = v end
-      return core.config(self.sim, srv, g)
-    end }
+  self.srv = core.start_srv(self.sim, { app = o.app, port = self.port,
+    workers = o.workers or 2, gateway = o.gateway,
+    db = function() return o.db end })
   self.starts = self.starts + 1
   if not self.key_id then
     local k = assert(apikey.create(self.db, self.app_id))
@@ -225,8 +209,5 @@ end
 function Gw:kill9()
   return _M.kill9(self.srv)
 end
-
-_M.read = read
-_M.write = write
 
 return _M

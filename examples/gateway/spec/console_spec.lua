@@ -21,11 +21,7 @@ end)
 paygate.route("POST", "/hook", function() return d:get("mode") or 500 end)
 ]]
 
-local function write(path, text)
-  local f = assert(io.open(path, "wb"))
-  f:write(text)
-  f:close()
-end
+local write = core.write
 
 local function csrf_of(body)
   return assert(body:match('name="csrf" value="(%x+)"'), "no csrf field")
@@ -399,7 +395,6 @@ end)
 
 describe("gateway console config", function()
   local server = require "paygate.testing.server"
-  local pcore = require "paygate.core"
   package.path = "examples/gateway/?.lua;" .. package.path
   local config = require "gw.config"
   local sim, dir
@@ -467,18 +462,9 @@ describe("gateway console config", function()
   end)
 
   it("a bad section stops the gateway: exit 2, one line", function()
-    local file = dir .. "/conf.lua"
-    write(file, "return " .. server.lua_source(conf({ access = "open" }))
-          .. "\n")
-    local code, out = testing.proc.run({ server.bin(), "run",
-      "examples/gateway", "--listen", "127.0.0.1:" .. pcore.free_port(),
-      "--admin", "127.0.0.1:" .. pcore.free_port(), "--config", file },
-      { timeout = 30 })
+    local code, out = core.run_config(dir, conf({ access = "open" }))
     assert.equal(2, code, out)
-    local lines = {}
-    for line in out:gmatch("[^\n]+") do
-      if line:match("^gateway: ") then lines[#lines + 1] = line end
-    end
+    local lines = core.config_lines(out)
     assert.same({ "gateway: config.gateway.console.access: must be"
                   .. " \"token\" or \"loopback\"" }, lines)
   end)

@@ -7,32 +7,6 @@ local json = require "paygate.json"
 local servers = require "spec.support.servers"
 local core = dofile("examples/gateway/spec/core_support.lua")
 
-local RECEIVER = [[
-local paygate = require "paygate"
-local outbox = require "paygate.outbox"
-local d = require("paygate.shared").get_dict("paygate")
-paygate.route("POST", "/mode", function(req)
-  d:set("mode", tonumber(req.body))
-  return 204
-end)
-paygate.route("POST", "/hook", function(req)
-  local ok = outbox.verify_webhook("whsec-spec",
-                                   req:header("Paygate-Signature"), req.body)
-  if not ok then return 401 end
-  local mode = d:get("mode") or 204
-  if mode == 204 then
-    local n = d:incr("n", 1, 0)
-    d:set("ev:" .. n, req.body)
-  end
-  return mode
-end)
-paygate.route("GET", "/got", function()
-  local out = {}
-  for i = 1, d:get("n") or 0 do out[i] = d:get("ev:" .. i) end
-  return 200, "[" .. table.concat(out, ",") .. "]"
-end)
-]]
-
 describe("gateway admin and events", function()
   local sim, gw, rcv, gw_token
 
@@ -48,17 +22,13 @@ describe("gateway admin and events", function()
 
   setup(function()
     sim = testing.simulator{ time_scale = 100 }
-    rcv = testing.start_app{ source = RECEIVER }
-    local secret = rcv.dir .. "/wh.secret"
-    local f = assert(io.open(secret, "wb"))
-    f:write("whsec-spec\n")
-    f:close()
+    rcv = core.receiver()
     gw = core.start(sim, { workers = 2, gateway = {
-      webhooks = { { url = rcv:url("/hook"), secret_file = secret } },
+      webhooks = { { url = rcv:url("/hook"), secret_file = rcv.secret_file } },
       dispatcher = { interval = 0.05, max_attempts = 1 },
       dev_app = "dev" } })
     local tok = rcv.dir .. "/admin.token"
-    f = assert(io.open(tok, "wb"))
+    local f = assert(io.open(tok, "wb"))
     f:write("admintok-123\n")
     f:close()
     gw_token = core.start(sim, { gateway = { admin_token_file = tok } })

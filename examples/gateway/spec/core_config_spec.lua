@@ -3,22 +3,12 @@
 local testing = require "paygate.testing"
 local core = require "paygate.core"
 local server = require "paygate.testing.server"
+local gwcore = dofile("examples/gateway/spec/core_support.lua")
+local write, read = gwcore.write, gwcore.read
 
 package.path = "examples/gateway/?.lua;" .. package.path
 local config = require "gw.config"
 
-local function write(path, data)
-  local f = assert(io.open(path, "wb"))
-  f:write(data)
-  f:close()
-end
-
-local function read(path)
-  local f = assert(io.open(path, "rb"))
-  local s = f:read("*a")
-  f:close()
-  return s
-end
 
 describe("gateway config", function()
   local m, dir, key
@@ -47,31 +37,8 @@ describe("gateway config", function()
     return t
   end
 
-  -- Runs the gateway with conf; returns its exit code and output.
-  local function run(conf, listen)
-    local file = dir .. "/conf-" .. core.free_port() .. ".lua"
-    write(file, "return " .. server.lua_source(conf) .. "\n")
-    return testing.proc.run({ server.bin(), "run", "examples/gateway",
-      "--listen", listen or ("127.0.0.1:" .. core.free_port()),
-      "--admin", "127.0.0.1:" .. core.free_port(), "--config", file },
-      { timeout = 30 })
-  end
-
-  local function config_lines(out)
-    local lines = {}
-    for line in out:gmatch("[^\n]+") do
-      if line:match("^gateway: ") then lines[#lines + 1] = line end
-    end
-    return lines
-  end
-
   local function expect_refused(conf, want, listen)
-    local code, out = run(conf, listen)
-    assert.equal(2, code, out)
-    local lines = config_lines(out)
-    assert.equal(1, #lines, out)
-    assert.matches(want, lines[1], 1, true)
-    return out
+    return gwcore.expect_refused(dir, conf, want, listen)
   end
 
   it("refuses an APIv3 key written in the config, without printing it",

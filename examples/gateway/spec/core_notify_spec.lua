@@ -5,10 +5,9 @@
 -- refund transition. Only parse_notification is replaced (it is what
 -- decides those verdicts).
 local paygate = require "paygate"
-local sql = require "paygate.sql"
-local migrate = require "paygate.migrate"
 local json = require "paygate.json"
 local server = require "paygate.testing.server"
+local gwcore = dofile("examples/gateway/spec/core_support.lua")
 local core = require "paygate.core"
 local testing = require "paygate.testing"
 local servers = require "spec.support.servers"
@@ -16,8 +15,6 @@ local servers = require "spec.support.servers"
 package.path = "examples/gateway/?.lua;" .. package.path
 local model = require "gw.model"
 local notify = require "gw.notify"
-local payments = require "gw.payments"
-local refunds = require "gw.refunds"
 
 local engines = { sqlite = function(dir) return "sqlite:" .. dir
                                                  .. "/gw.db" end }
@@ -29,7 +26,7 @@ end
 
 for engine, url_of in pairs(engines) do
 describe("gateway notify handler on " .. engine, function()
-  local dir, db, ctx, verdict
+  local dir, db, verdict
 
   local wx = {
     parse_notification = function(_, req)
@@ -45,44 +42,24 @@ describe("gateway notify handler on " .. engine, function()
   end
 
   local function payment(state, amount)
-    local now = model.now()
-    local id = model.new_payment_id()
-    assert(model.payments:create(db, {
-      id = id, app_id = "a", order_id = id, mchid = "1900000001",
-      appid = "wx1", channel = "native", amount = amount or 100,
-      currency = "CNY", description = "d", out_trade_no = id .. "_1",
-      attempt = 1, refunded = 0, expires_at = now + 60, created_at = now,
-      updated_at = now, checks = 0 }))
-    assert(db:exec("INSERT INTO gw_attempts (out_trade_no, payment_id, n,"
-      .. " channel, state, created_at) VALUES ($1, $2, 1, 'native', 'open',"
-      .. " $3)", { id .. "_1", id, now }))
-    if state == "paying" then
-      assert(model.payments:apply(db, id, "opened"))
-    end
-    return id
+    return gwcore.payment(db, state, amount)
   end
+  local paid_event = gwcore.paid_event
 
-  local function paid_event(id, no, total)
-    return { id = "EV-" .. no, event_type = "TRANSACTION.SUCCESS",
-             resource = { mchid = "1900000001", out_trade_no = no,
-                          trade_state = "SUCCESS", transaction_id = "42" .. no,
-                          amount = { total = total or 100,
-                                     currency = "CNY" } } }
+  -- a merchant refund of the paid payment id, accepted by WeChat Pay
+  local function accepted_refund(id, amount)
+    local rid = model.new_refund_id()
+    local now = model.now()
+    assert(model.refunds:create(db, { id = rid, payment_id = id,
+      out_refund_no = rid, out_trade_no = id .. "_1", kind = "merchant",
+      amount = amount, created_at = now, updated_at = now }))
+    assert(model.refunds:apply(db, rid, "accepted"))
+    return rid
   end
 
   setup(function()
     dir = server.tmpdir()
-    db = assert(sql.open(url_of(dir)))
-    assert(migrate.run(db, "examples/gateway/migrations"))
-    ctx = { db = db, wx = { ["1900000001"] = wx },
-            by_mchid = { ["1900000001"] = { mchid = "1900000001" } },
-            gateway = { on_late_payment = "refund", public_url = "http://x" },
-            degraded = function() return false end,
-            notify_url = function(m) return "http://127.0.0.1/n/" .. m end }
-    payments.init(ctx)
-    refunds.init(ctx)
-    notify.init(ctx)
-    ctx.refunds = refunds
+    db = gwcore.inproc(url_of(dir), { [gwcore.MCHID] = wx })
   end)
 
   teardown(function()
@@ -95,7 +72,7 @@ describe("gateway notify handler on " .. engine, function()
 
   it("acknowledges a replayed request whose effect committed", function()
     local id = payment("paying")
-    local ev = paid_event(id, id .. "_1")
+    local ev = paid_event(id .. "_1")
     assert.equal(204, (notify.handler(req(ev))))
     verdict = paygate.error("replayed", "seen")
     assert.equal(204, (notify.handler(req(ev))))
@@ -110,7 +87,7 @@ describe("gateway notify handler on " .. engine, function()
   end)
 
   it("fails a notification of an unknown order, records nothing", function()
-    local status = notify.handler(req(paid_event("x", "pay_unknown_1")))
+    local status = notify.handler(req(paid_event("pay_unknown_1")))
     assert.equal(500, status)
     local rows = assert(db:query("SELECT id FROM gw_notifications WHERE id"
                                  .. " = 'EV-pay_unknown_1'"))
@@ -119,7 +96,7 @@ describe("gateway notify handler on " .. engine, function()
 
   it("dedupes by business key across notification ids", function()
     local id = payment("paying")
-    local ev = paid_event(id, id .. "_1")
+    local ev = paid_event(id .. "_1")
     assert.equal(204, (notify.handler(req(ev))))
     ev.id = "EV-other-id"
     assert.equal(204, (notify.handler(req(ev))))
@@ -132,7 +109,7 @@ describe("gateway notify handler on " .. engine, function()
   it("ignores a trade state other than success, and unknown types",
      function()
     local id = payment("paying")
-    local ev = paid_event(id, id .. "_1")
+    local ev = paid_event(id .. "_1")
     ev.resource.trade_state = "NOTPAY"
     ev.id = "EV-notpay"
     assert.equal(204, (notify.handler(req(ev))))
@@ -148,13 +125,8 @@ describe("gateway notify handler on " .. engine, function()
 
   it("refuses an illegal refund transition, applies nothing", function()
     local id = payment("paying")
-    assert.equal(204, (notify.handler(req(paid_event(id, id .. "_1")))))
-    local rid = model.new_refund_id()
-    local now = model.now()
-    assert(model.refunds:create(db, { id = rid, payment_id = id,
-      out_refund_no = rid, out_trade_no = id .. "_1", kind = "merchant",
-      amount = 100, created_at = now, updated_at = now }))
-    assert(model.refunds:apply(db, rid, "accepted"))
+    assert.equal(204, (notify.handler(req(paid_event(id .. "_1")))))
+    local rid = accepted_refund(id, 100)
     assert(model.refunds:apply(db, rid, "closed"))
     local ev = { id = "EV-r1", event_type = "REFUND.ABNORMAL", resource = {
       mchid = "1900000001", out_refund_no = rid, refund_status = "ABNORMAL",
@@ -170,13 +142,8 @@ describe("gateway notify handler on " .. engine, function()
   it("raises an alarm for another merchant's refund, applies nothing",
      function()
     local id = payment("paying")
-    assert.equal(204, (notify.handler(req(paid_event(id, id .. "_1")))))
-    local rid = model.new_refund_id()
-    local now = model.now()
-    assert(model.refunds:create(db, { id = rid, payment_id = id,
-      out_refund_no = rid, out_trade_no = id .. "_1", kind = "merchant",
-      amount = 30, created_at = now, updated_at = now }))
-    assert(model.refunds:apply(db, rid, "accepted"))
+    assert.equal(204, (notify.handler(req(paid_event(id .. "_1")))))
+    local rid = accepted_refund(id, 30)
     local n = 0
     for i, res in ipairs({
       { mchid = "1900000002" },                            -- another one
@@ -216,7 +183,7 @@ describe("gateway notify handler on " .. engine, function()
   it("applies one effect under concurrent deliveries of one payment",
      function()
     local id = payment("paying")
-    local ev = paid_event(id, id .. "_1")
+    local ev = paid_event(id .. "_1")
     local statuses, done = {}, 0
     for i = 1, 16 do
       core.spawn(function()

@@ -5,6 +5,7 @@ local sql = require "paygate.sql"
 local apikey = require "paygate.apikey"
 local json = require "paygate.json"
 local crypto = require "paygate.crypto"
+local luassert = require "luassert"
 
 local _M = {}
 
@@ -14,13 +15,31 @@ local function write(path, data)
   f:close()
 end
 
---- syntax: conf = core.config(sim, srv[, gateway_over[, merchant_over]])
-function _M.config(sim, srv, over, mover, merchant)
+local function read(path)
+  local f = assert(io.open(path, "rb"))
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+
+--- syntax: core.write(path, data), s = core.read(path) -- whole files
+_M.write, _M.read = write, read
+
+--- syntax: m = core.merchant_config(sim, srv[, merchant])
+-- The simulator merchant's config.merchants entry (sim.merchant unless
+-- given) with its APIv3 key in the file srv.dir/apiv3.key.
+function _M.merchant_config(sim, srv, merchant)
   merchant = merchant or sim.merchant
   local key_file = srv.dir .. "/apiv3.key"
   write(key_file, merchant.apiv3_key .. "\n")
   local m = sim:client_config(merchant, { apiv3_key = false })
   m.apiv3_key_file = key_file
+  return m
+end
+
+--- syntax: conf = core.config(sim, srv[, gateway_over[, merchant_over]])
+function _M.config(sim, srv, over, mover, merchant)
+  local m = _M.merchant_config(sim, srv, merchant)
   for k, v in pairs(mover or {}) do m[k] = v end
   local g = { db = "sqlite:" .. srv.dir .. "/gw.db",
               public_url = srv:url(""),
@@ -30,14 +49,92 @@ function _M.config(sim, srv, over, mover, merchant)
   return { gateway = g, merchants = { m } }
 end
 
---- syntax: gw = core.start(sim[, o]) -- o: gateway, merchant (overrides),
--- db (a function(srv) -> url), workers, partner (the simulator's service
--- provider as the merchant), app (another copy of the app's folder)
-function _M.start(sim, o)
-  o = o or {}
+----------------------------------------------------- the config check
+
+--- syntax: code, out = core.run_config(dir, conf[, listen])
+-- Runs the gateway with conf (written to a file in dir); returns its exit
+-- status and output.
+function _M.run_config(dir, conf, listen)
+  local server = require "paygate.testing.server"
+  local free_port = require("paygate.core").free_port
+  local file = dir .. "/conf-" .. free_port() .. ".lua"
+  write(file, "return " .. server.lua_source(conf) .. "\n")
+  return testing.proc.run({ server.bin(), "run", "examples/gateway",
+    "--listen", listen or ("127.0.0.1:" .. free_port()),
+    "--admin", "127.0.0.1:" .. free_port(), "--config", file },
+    { timeout = 30 })
+end
+
+--- syntax: lines = core.config_lines(out) -- its "gateway: ..." lines
+function _M.config_lines(out)
+  local lines = {}
+  for line in out:gmatch("[^\n]+") do
+    if line:match("^gateway: ") then lines[#lines + 1] = line end
+  end
+  return lines
+end
+
+--- syntax: out = core.expect_refused(dir, conf, want[, listen])
+-- Asserts the gateway refuses conf: exit status 2 and one "gateway: "
+-- line, containing want. returns: the output.
+function _M.expect_refused(dir, conf, want, listen)
+  local code, out = _M.run_config(dir, conf, listen)
+  luassert.equal(2, code, out)
+  local lines = _M.config_lines(out)
+  luassert.equal(1, #lines, out)
+  luassert.matches(want, lines[1], 1, true)
+  return out
+end
+
+--------------------------------------------------- a webhook receiver
+
+-- Checks each delivery's Paygate-Signature against "whsec-spec" (401 if
+-- it does not verify) and answers /hook with the status last POSTed to
+-- /mode (204 at first); keeps the events it answered 204.
+--   GET /got: the kept events' bodies, a JSON array, in arrival order.
+local RECEIVER = [[
+local paygate = require "paygate"
+local outbox = require "paygate.outbox"
+local d = require("paygate.shared").get_dict("paygate")
+paygate.route("POST", "/mode", function(req)
+  d:set("mode", tonumber(req.body))
+  return 204
+end)
+paygate.route("POST", "/hook", function(req)
+  local ok = outbox.verify_webhook("whsec-spec",
+                                   req:header("Paygate-Signature"), req.body)
+  if not ok then return 401 end
+  local mode = d:get("mode") or 204
+  if mode == 204 then
+    local n = d:incr("n", 1, 0)
+    d:set("ev:" .. n, req.body)
+  end
+  return mode
+end)
+paygate.route("GET", "/got", function()
+  local out = {}
+  for i = 1, d:get("n") or 0 do out[i] = d:get("ev:" .. i) end
+  return 200, "[" .. table.concat(out, ",") .. "]"
+end)
+]]
+
+--- syntax: rcv = core.receiver()
+-- The receiver above (a testing.start_app server) and its secret in the
+-- file rcv.secret_file, for a gateway.webhooks entry.
+function _M.receiver()
+  local rcv = testing.start_app{ source = RECEIVER }
+  rcv.secret_file = rcv.dir .. "/wh.secret"
+  write(rcv.secret_file, "whsec-spec\n")
+  return rcv
+end
+
+--- syntax: srv, db_url = core.start_srv(sim, o)
+-- The gateway's server alone (o as core.start's; port: the one to listen
+-- on) and its store's URL.
+function _M.start_srv(sim, o)
   local db_url
   local srv = testing.start_app{ app = o.app or "examples/gateway",
-    workers = o.workers, args = { "--log-level", "info" },
+    port = o.port, workers = o.workers, args = { "--log-level", "info" },
     config = function(srv)
       local c = _M.config(sim, srv, o.gateway, o.merchant,
                           o.partner and sim.partner)
@@ -45,6 +142,15 @@ function _M.start(sim, o)
       db_url = c.gateway.db
       return c
     end }
+  return srv, db_url
+end
+
+--- syntax: gw = core.start(sim[, o]) -- o: gateway, merchant (overrides),
+-- db (a function(srv) -> url), workers, partner (the simulator's service
+-- provider as the merchant), app (another copy of the app's folder)
+function _M.start(sim, o)
+  o = o or {}
+  local srv, db_url = _M.start_srv(sim, o)
   local gw = { srv = srv, db_url = db_url, app_id = "shop1" }
   gw.db = assert(sql.open(db_url))
   local k = assert(apikey.create(gw.db, gw.app_id))
@@ -116,6 +222,67 @@ end
 
 function _M.stop(gw)
   if gw.db then gw.db:close() end
+end
+
+----------------------------------------------- the app's modules in-process
+
+_M.MCHID = "1900000001"
+
+--- syntax: db, ctx = core.inproc(url[, wx])
+-- For specs that call the app's modules without a server: the gateway's
+-- store at url (migrated, with the audit schema) and the context
+-- gw.payments, gw.refunds and gw.notify were initialised on, for merchant
+-- core.MCHID. wx: the WeChat Pay clients by mchid ({} when not given).
+function _M.inproc(url, wx)
+  package.path = "examples/gateway/?.lua;" .. package.path
+  local migrate = require "paygate.migrate"
+  local audit = require "paygate.audit"
+  local db = assert(sql.open(url))
+  assert(migrate.run(db, "examples/gateway/migrations"))
+  assert(audit.ensure_schema(db))
+  local ctx = { db = db, wx = wx or {},
+    by_mchid = { [_M.MCHID] = { mchid = _M.MCHID } },
+    gateway = { on_late_payment = "refund", public_url = "http://x" },
+    degraded = function() return false end,
+    notify_url = function(m) return "http://127.0.0.1/n/" .. m end }
+  local refunds = require "gw.refunds"
+  require("gw.payments").init(ctx)
+  refunds.init(ctx)
+  require("gw.notify").init(ctx)
+  ctx.refunds = refunds
+  return db, ctx
+end
+
+--- syntax: id = core.payment(db, state[, amount])
+-- A payment row of merchant core.MCHID with its first attempt (open),
+-- out_trade_no id .. "_1"; state "created" or "paying".
+function _M.payment(db, state, amount)
+  local model = require "gw.model"
+  local now = model.now()
+  local id = model.new_payment_id()
+  assert(model.payments:create(db, {
+    id = id, app_id = "a", order_id = id, mchid = _M.MCHID,
+    appid = "wx1", channel = "native", amount = amount or 100,
+    currency = "CNY", description = "d", out_trade_no = id .. "_1",
+    attempt = 1, refunded = 0, expires_at = now + 60, created_at = now,
+    updated_at = now, checks = 0 }))
+  assert(db:exec("INSERT INTO gw_attempts (out_trade_no, payment_id, n,"
+    .. " channel, state, created_at) VALUES ($1, $2, 1, 'native', 'open',"
+    .. " $3)", { id .. "_1", id, now }))
+  if state == "paying" then
+    assert(model.payments:apply(db, id, "opened"))
+  end
+  return id
+end
+
+--- syntax: ev = core.paid_event(out_trade_no[, total[, id]])
+-- A parsed TRANSACTION.SUCCESS notification (id "EV-" .. out_trade_no).
+function _M.paid_event(no, total, eid)
+  return { id = eid or ("EV-" .. no), event_type = "TRANSACTION.SUCCESS",
+           resource = { mchid = _M.MCHID, out_trade_no = no,
+                        trade_state = "SUCCESS", transaction_id = "42" .. no,
+                        amount = { total = total or 100, payer_total = 100,
+                                   currency = "CNY" } } }
 end
 
 return _M

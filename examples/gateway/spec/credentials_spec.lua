@@ -14,19 +14,8 @@ local etcd = require "paygate.etcd"
 local credentials = require "paygate.credentials"
 local etcdsrv = require "support.etcd"
 local gwcore = dofile("examples/gateway/spec/core_support.lua")
+local write, read = gwcore.write, gwcore.read
 
-local function write(path, data)
-  local f = assert(io.open(path, "wb"))
-  f:write(data)
-  f:close()
-end
-
-local function read(path)
-  local f = assert(io.open(path, "rb"))
-  local s = f:read("*a")
-  f:close()
-  return s
-end
 
 describe("gateway credentials from etcd", function()
   if not etcdsrv.available() then
@@ -238,31 +227,13 @@ describe("gateway credentials from etcd", function()
   end)
 
   describe("the config check", function()
-    -- Runs the gateway with conf; returns its exit code and output.
-    local function run(conf)
-      local file = dir .. "/conf-" .. core.free_port() .. ".lua"
-      write(file, "return " .. server.lua_source(conf) .. "\n")
-      return testing.proc.run({ server.bin(), "run", "examples/gateway",
-        "--listen", "127.0.0.1:" .. core.free_port(),
-        "--admin", "127.0.0.1:" .. core.free_port(), "--config", file },
-        { timeout = 30 })
-    end
-
     local function expect_refused(edit, want)
       local fake = { dir = dir }
       local conf = { gateway = { db = "sqlite:" .. dir .. "/cfg.db" },
                      merchants = { merchant_entry() },
                      credentials = section(fake) }
       edit(conf)
-      local code, out = run(conf)
-      assert.equal(2, code, out)
-      local lines = {}
-      for line in out:gmatch("[^\n]+") do
-        if line:match("^gateway: ") then lines[#lines + 1] = line end
-      end
-      assert.equal(1, #lines, out)
-      assert.matches(want, lines[1], 1, true)
-      return out
+      return gwcore.expect_refused(dir, conf, want)
     end
 
     it("refuses etcd without TLS or without a user", function()

@@ -7,12 +7,7 @@ local S = require "examples.gateway.spec.support"
 local crypto = require "paygate.crypto"
 local apikey = require "paygate.apikey"
 
-local function read(path)
-  local f = assert(io.open(path, "rb"))
-  local s = f:read("*a")
-  f:close()
-  return s
-end
+local read = S.read
 
 describe("gateway merchant API", function()
   local env

@@ -96,9 +96,7 @@ describe("gateway notifications", function()
   it("a notification for an unknown order is not acknowledged as applied",
      function()
     local fake = { out_trade_no = "GWunknown" .. S.digits(10), amount = 5 }
-    local body, h = env:notification("TRANSACTION.SUCCESS",
-                                     env:transaction(fake))
-    local res = env:post_notify(body, h)
+    local res = env:post_paid(fake)
     -- WeChat must keep it (retry) or it is recorded as an alarm: never a
     -- crash, never a payment out of nothing
     if not S.ok2xx(res.status) then assert.equal("FAIL", res.json.code) end
@@ -235,9 +233,7 @@ describe("gateway notifications", function()
     local p = env:create{ amount = 70 }.payment
     S.expect(env:api("POST", "/v1/payments/" .. p.id .. "/close"), 200,
              "close")
-    local body, h = env:notification("TRANSACTION.SUCCESS",
-                                     env:transaction(p))
-    local res = env:post_notify(body, h)
+    local res = env:post_paid(p)
     assert.is_true(S.ok2xx(res.status), res.status .. " " .. res.body)
     assert.equal(1, env:count_events(p.id, "payment.late_paid"))
     S.wait_until(function()
@@ -272,9 +268,7 @@ describe("gateway notifications", function()
     env.sim:pay_and_wait(res.json.payment.out_trade_no)
     env:wait_state(first.id, "paid")
     -- WeChat reports the first (superseded) attempt paid as well
-    local body, h = env:notification("TRANSACTION.SUCCESS",
-                                     env:transaction(first))
-    local nres = env:post_notify(body, h)
+    local nres = env:post_paid(first)
     assert.is_true(S.ok2xx(nres.status), nres.status .. " " .. nres.body)
     assert.equal(1, env:count_events(first.id, "payment.late_paid"))
     S.wait_until(function()
@@ -301,9 +295,7 @@ describe("gateway notifications with on_late_payment = alarm", function()
     local p = env:create{ amount = 70 }.payment
     S.expect(env:api("POST", "/v1/payments/" .. p.id .. "/close"), 200,
              "close")
-    local body, h = env:notification("TRANSACTION.SUCCESS",
-                                     env:transaction(p))
-    local res = env:post_notify(body, h)
+    local res = env:post_paid(p)
     assert.is_true(S.ok2xx(res.status), res.status .. " " .. res.body)
     local e = env:wait_event(p.id, "payment.late_paid")
     assert.equal(p.id, e.data.payment.id)

@@ -4,72 +4,37 @@
 -- case handed back to the transaction, and concurrent deliveries applied
 -- exactly once.
 local paygate = require "paygate"
-local sql = require "paygate.sql"
-local migrate = require "paygate.migrate"
 local audit = require "paygate.audit"
 local json = require "paygate.json"
 local server = require "paygate.testing.server"
+local testing = require "paygate.testing"
+local gwcore = dofile("examples/gateway/spec/core_support.lua")
 
 package.path = "examples/gateway/?.lua;" .. package.path
 local model = require "gw.model"
 local notify = require "gw.notify"
 local notify_atomic = require "gw.notify_atomic"
-local payments = require "gw.payments"
-local refunds = require "gw.refunds"
 
 describe("gateway notify_atomic", function()
-  local dir, db, ctx
+  local dir, db
 
   local function payment(state, amount)
-    local now = model.now()
-    local id = model.new_payment_id()
-    assert(model.payments:create(db, {
-      id = id, app_id = "a", order_id = id, mchid = "1900000001",
-      appid = "wx1", channel = "native", amount = amount or 100,
-      currency = "CNY", description = "d", out_trade_no = id .. "_1",
-      attempt = 1, refunded = 0, expires_at = now + 60, created_at = now,
-      updated_at = now, checks = 0 }))
-    assert(db:exec("INSERT INTO gw_attempts (out_trade_no, payment_id, n,"
-      .. " channel, state, created_at) VALUES ($1, $2, 1, 'native', 'open',"
-      .. " $3)", { id .. "_1", id, now }))
-    if state == "paying" then
-      assert(model.payments:apply(db, id, "opened"))
-    end
-    return id
+    return gwcore.payment(db, state, amount)
   end
-
-  local function paid_event(no, total, eid)
-    return { id = eid or ("EV-" .. no), event_type = "TRANSACTION.SUCCESS",
-             resource = { mchid = "1900000001", out_trade_no = no,
-                          trade_state = "SUCCESS", transaction_id = "42" .. no,
-                          amount = { total = total or 100, payer_total = 100,
-                                     currency = "CNY" } } }
-  end
+  local paid_event = gwcore.paid_event
 
   local function wait_all(tasks)
-    local deadline = paygate.update_time() + 20
-    for _, t in ipairs(tasks) do
-      while not t:finished() do
-        assert(paygate.update_time() < deadline, "tasks did not finish")
-        paygate.sleep(0.005)
+    testing.wait_until(function()
+      for _, t in ipairs(tasks) do
+        if not t:finished() then return false end
       end
-    end
+      return true
+    end, 20, "the tasks")
   end
 
   setup(function()
     dir = server.tmpdir()
-    db = assert(sql.open("sqlite:" .. dir .. "/gw.db"))
-    assert(migrate.run(db, "examples/gateway/migrations"))
-    assert(audit.ensure_schema(db))
-    ctx = { db = db, wx = {},
-            by_mchid = { ["1900000001"] = { mchid = "1900000001" } },
-            gateway = { on_late_payment = "refund", public_url = "http://x" },
-            degraded = function() return false end,
-            notify_url = function(m) return "http://127.0.0.1/n/" .. m end }
-    payments.init(ctx)
-    refunds.init(ctx)
-    notify.init(ctx)
-    ctx.refunds = refunds
+    db = gwcore.inproc("sqlite:" .. dir .. "/gw.db")
   end)
 
   teardown(function()

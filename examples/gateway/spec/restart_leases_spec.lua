@@ -6,31 +6,13 @@ local core = require "paygate.core"
 local outbox = require "paygate.outbox"
 local gwcore = dofile("examples/gateway/spec/core_support.lua")
 
-local RECEIVER = [[
-local paygate = require "paygate"
-local d = require("paygate.shared").get_dict("paygate")
-paygate.route("POST", "/hook", function(req)
-  local n = d:incr("n", 1, 0)
-  d:set("ev:" .. n, req.body)
-  return 204
-end)
-paygate.route("GET", "/got", function()
-  local out = {}
-  for i = 1, d:get("n") or 0 do out[i] = d:get("ev:" .. i) end
-  return 200, "[" .. table.concat(out, ",") .. "]"
-end)
-]]
-
 describe("gateway restart", function()
   local sim, rcv, dir
 
   setup(function()
     sim = testing.simulator{ time_scale = 100 }
-    rcv = testing.start_app{ source = RECEIVER }
+    rcv = gwcore.receiver()
     dir = testing.tmpdir()
-    local f = assert(io.open(dir .. "/wh.secret", "wb"))
-    f:write("whsec-spec\n")
-    f:close()
   end)
 
   teardown(function()
@@ -42,7 +24,7 @@ describe("gateway restart", function()
     return gwcore.start(sim, {
       db = function() return "sqlite:" .. dir .. "/gw.db" end,
       gateway = { webhooks = { { url = rcv:url("/hook"),
-                                 secret_file = dir .. "/wh.secret" } },
+                                 secret_file = rcv.secret_file } },
                   dispatcher = { interval = 0.05, lease_ttl = 30 } } })
   end
 

@@ -105,7 +105,6 @@ describe("gateway retention config", function()
   it("a policy shorter than WeChat's retries is one line and exit 2",
      function()
     local server = require "paygate.testing.server"
-    local pcore = require "paygate.core"
     local dir = server.tmpdir()
     for _, c in ipairs({
       { { notification_hours = 24 }, "gateway: config.gateway.retention:"
@@ -115,21 +114,7 @@ describe("gateway retention config", function()
     }) do
       local conf = core.config(sim, { dir = dir, url = function()
         return "http://127.0.0.1:9" end }, { retention = c[1] })
-      local file = dir .. "/conf.lua"
-      local f = assert(io.open(file, "wb"))
-      f:write("return " .. server.lua_source(conf) .. "\n")
-      f:close()
-      local code, out = testing.proc.run({ server.bin(), "run",
-        "examples/gateway", "--listen", "127.0.0.1:" .. pcore.free_port(),
-        "--admin", "127.0.0.1:" .. pcore.free_port(), "--config", file },
-        { timeout = 30 })
-      assert.equal(2, code, out)
-      local lines = {}
-      for line in out:gmatch("[^\n]+") do
-        if line:match("^gateway: ") then lines[#lines + 1] = line end
-      end
-      assert.equal(1, #lines, out)
-      assert.matches(c[2], lines[1], 1, true)
+      core.expect_refused(dir, conf, c[2])
     end
     server.rmdir(dir)
   end)

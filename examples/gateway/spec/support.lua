@@ -19,6 +19,7 @@ local apikey = require "paygate.apikey"
 local sql = require "paygate.sql"
 local resource = require "paygate.wechatpay.resource"
 local testing = require "paygate.testing"
+local gwcore = dofile("examples/gateway/spec/core_support.lua")
 
 local S = {}
 S.testing = testing
@@ -26,18 +27,8 @@ S.wait_until = testing.wait_until
 
 local APP = "examples/gateway"
 
-local function write(path, data)
-  local f = assert(io.open(path, "wb"))
-  f:write(data)
-  f:close()
-end
-
-local function read(path)
-  local f = assert(io.open(path, "rb"))
-  local s = f:read("*a")
-  f:close()
-  return s
-end
+local write, read = gwcore.write, gwcore.read
+S.write, S.read = write, read
 
 local function digits(n)
   local b = crypto.random_bytes(n)
@@ -140,10 +131,8 @@ function S.start(o)
     config = function(srv)
       env.dir = srv.dir
       env.db_url = env.db_url or ("sqlite:" .. srv.dir .. "/gateway.db")
-      write(srv.dir .. "/apiv3.key", env.m.apiv3_key)
       write(srv.dir .. "/hook.secret", env.hook_secret)
-      local m = env.sim:client_config(env.m, { apiv3_key = false })
-      m.apiv3_key_file = srv.dir .. "/apiv3.key"
+      local m = gwcore.merchant_config(env.sim, srv)
       local g = { db = env.db_url, public_url = srv:url(""),
                   payment_ttl = 7200, on_late_payment = "refund",
                   webhooks = { { url = env.hook:url("/hook"),
@@ -399,6 +388,13 @@ function Env:post_notify(body, headers, mchid)
   if not res then error("notify: " .. tostring(err), 2) end
   if res.body and res.body ~= "" then res.json = json.decode(res.body) end
   return res
+end
+
+-- syntax: res = env:post_paid(p[, mchid]) -- WeChat's paid notification
+-- of p (env:transaction(p)), crafted and posted as post_notify does
+function Env:post_paid(p, mchid)
+  local body, h = self:notification("TRANSACTION.SUCCESS", self:transaction(p))
+  return self:post_notify(body, h, mchid)
 end
 
 function S.ok2xx(status) return status >= 200 and status < 300 end
