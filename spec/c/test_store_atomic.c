@@ -93,8 +93,14 @@ main(void)
 
     assert(sqlite3_open_v2(db_path, &h, SQLITE_OPEN_READONLY, NULL)
            == SQLITE_OK);
-    assert(sqlite3_prepare_v2(h, "SELECT k || '|' || v FROM t ORDER BY k",
-                              -1, &st, NULL) == SQLITE_OK);
+    /* db:close() returns before the store's threads have let the file go
+     * (the writer's last close checkpoints the WAL): wait for them. */
+    sqlite3_busy_timeout(h, 10000);
+    if (sqlite3_prepare_v2(h, "SELECT k || '|' || v FROM t ORDER BY k",
+                           -1, &st, NULL) != SQLITE_OK) {
+        fprintf(stderr, "prepare: %s\n", sqlite3_errmsg(h));
+        return 1;
+    }
     while (sqlite3_step(st) == SQLITE_ROW) {
         const char *row = (const char *)sqlite3_column_text(st, 0);
 
