@@ -904,4 +904,47 @@ describe("wechatpay api", function()
       assert.are_not.equal(t.nonceStr, b.nonceStr)
     end)
   end)
+  describe("conf.on_call", function()
+    it("is told of each finished call: path without its query, outcome,"
+       .. " status, request id, the body sent", function()
+      local seen = {}
+      local owx = stub:client{ on_call = function(c) seen[#seen + 1] = c end }
+      stub:can("POST", "/v3/pay/transactions/native", 200,
+               { code_url = "weixin://wxpay/bizpayurl?pr=a" })
+      assert.truthy(owx:native_prepay(prepay_p()))
+      stub:can("GET", "/v3/pay/transactions/out-trade-no/T-0001", 404,
+               { code = "ORDER_NOT_EXIST", message = "no such order" })
+      local _, err = owx:query_by_out_trade_no("T-0001")
+      assert.equal("ORDER_NOT_EXIST", err.code, tostring(err))
+      owx:close()
+      assert.equal(2, #seen)
+      assert.equal("POST", seen[1].method)
+      assert.equal("/v3/pay/transactions/native", seen[1].path)
+      assert.equal("ok", seen[1].outcome)
+      assert.equal(200, seen[1].status)
+      assert.matches('"out_trade_no":"1217752501201407033233368018"',
+                     seen[1].body, 1, true)
+      assert.truthy(seen[1].seconds >= 0)
+      assert.equal("GET", seen[2].method)
+      assert.equal("/v3/pay/transactions/out-trade-no/T-0001", seen[2].path)
+      assert.equal(err.kind, seen[2].outcome)
+      assert.equal("ORDER_NOT_EXIST", seen[2].code)
+      assert.equal(404, seen[2].status)
+    end)
+
+    it("raising changes nothing of the call; not a function is refused",
+       function()
+      local owx = stub:client{ on_call = function() error("hook broke") end }
+      stub:can("POST", "/v3/pay/transactions/native", 200,
+               { code_url = "weixin://wxpay/bizpayurl?pr=b" })
+      local data = assert(owx:native_prepay(prepay_p()))
+      assert.equal("weixin://wxpay/bizpayurl?pr=b", data.code_url)
+      owx:close()
+      local wechatpay = require "paygate.wechatpay"
+      local conf = { mchid = wxapi.MCHID, on_call = "yes" }
+      local c, cerr = wechatpay.client(conf)
+      assert.is_nil(c)
+      assert.equal("invalid_config", cerr.kind)
+    end)
+  end)
 end)

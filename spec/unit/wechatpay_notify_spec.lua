@@ -340,3 +340,50 @@ describe("the replay cache", function()
     wx:stop()
   end)
 end)
+
+describe("wx:notification_facts", function()
+  local wx
+  before_each(function() wx = client() end)
+
+  it("of a notification signed by another key: authentic, with its order",
+     function()
+    local n = note{ key = assert(crypto.private_key(read("a5_platform_key.pem"))),
+                    id = "EV-facts-1", resource = { out_trade_no = "T-facts",
+                    transaction_id = "4200", trade_state = "SUCCESS" } }
+    local _, err = wx:parse_notification(n, NR)
+    assert.equal("bad_signature", err.kind)
+    local f = wx:notification_facts(n)
+    assert.is_true(f.authentic)
+    assert.equal("T-facts", f.out_trade_no)
+    assert.equal("4200", f.transaction_id)
+    assert.equal("SUCCESS", f.trade_state)
+    assert.equal("EV-facts-1", f.id)
+    assert.equal("TRANSACTION.SUCCESS", f.event_type)
+    assert.equal(PUB_ID, f.serial)
+    assert.equal(n.headers["wechatpay-timestamp"], f.timestamp)
+    -- nothing else of the decrypted resource is handed out
+    assert.is_nil(f.amount)
+    assert.is_nil(f.resource)
+  end)
+  it("of one encrypted with another APIv3 key: not authentic, no order",
+     function()
+    local n = note{ apiv3 = ("k"):rep(32), id = "EV-facts-2" }
+    local f = wx:notification_facts(n)
+    assert.is_false(f.authentic)
+    assert.is_nil(f.out_trade_no)
+    assert.equal("EV-facts-2", f.id)
+  end)
+  it("never raises, and keeps no markup or control bytes", function()
+    for _, req in ipairs({ nil, 5, {}, { headers = 5, body = {} },
+        { headers = {}, body = "not json" },
+        { headers = { ["Wechatpay-Serial"] = "<b>\1\n" },
+          body = '{"id":"<script>","event_type":"' .. ("x"):rep(100)
+                 .. '","resource":7}' } }) do
+      local f = wx:notification_facts(req)
+      assert.is_false(f.authentic)
+      assert.is_nil(f.id)
+      assert.is_nil(f.event_type)
+      if f.serial then assert.equal("<b>??", f.serial) end
+    end
+  end)
+end)

@@ -97,7 +97,7 @@ end
 --   the default choice, certs.init), user_agent; degraded (nil when not
 --   given), adaptive_timeout, timeout_floor, timeout_ceiling,
 --   timeout_samples, latency_window, breaker, breaker_window,
---   breaker_min_calls, breaker_failure_ratio, breaker_open_for.
+--   breaker_min_calls, breaker_failure_ratio, breaker_open_for; on_call.
 function _M.check(conf)
   if type(conf) ~= "table" then
     return bad("conf", "the configuration must be a table")
@@ -375,6 +375,11 @@ function _M.check(conf)
     return bad("degraded", "must be true or false")
   end
   c.degraded = conf.degraded
+  -- on_call(call): told of every finished wx:request (transport.lua)
+  if conf.on_call ~= nil and type(conf.on_call) ~= "function" then
+    return bad("on_call", "must be a function (call)")
+  end
+  c.on_call = conf.on_call
   c.shared_dict = conf.shared_dict or "paygate"
   if type(c.shared_dict) ~= "string" then
     return bad("shared_dict", "must be the name of a paygate.shared dict")

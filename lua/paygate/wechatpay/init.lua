@@ -70,6 +70,15 @@ function methods.parse_notification(wx, req, opts)
   return notify.parse_notification(wx, req, opts)
 end
 
+--- syntax: facts = wx:notification_facts(req)
+-- What a notification (typically a refused one) says that is safe to
+-- record: headers' serial and timestamp, its claimed id and event_type,
+-- and whether its resource decrypts under the APIv3 key (authentic), with
+-- the order and refund numbers it names. See notify.facts. Never raises.
+function methods.notification_facts(wx, req)
+  return notify.facts(wx, req)
+end
+
 --- syntax: ok, err = wx:verify_response(headers, body)
 -- The check every signed response gets (downloads certificates once for
 -- an unknown serial). returns the parsed headers, or nil, err.

@@ -12,8 +12,9 @@ local crypto = require "paygate.crypto"
 local json = require "paygate.json"  -- hardened decoder, same null
 local certs = require "paygate.wechatpay.certs"
 local resource = require "paygate.wechatpay.resource"
+local verify = require "paygate.wechatpay.verify"
 
-local type, pcall, tostring = type, pcall, tostring
+local type, pcall, tostring, ipairs = type, pcall, tostring, ipairs
 local null = json.null
 local decode = json.decode
 
@@ -106,6 +107,59 @@ function _M.parse_notification(wx, req, opts)
   end
   if ev ~= nil and ev.resource == null then ev.resource = nil end
   return ev, err
+end
+
+-- a header's value as text fit for a record: printable ASCII, bounded
+local function hval(headers, name)
+  local v = verify.header(headers, name)
+  if type(v) ~= "string" then return nil end
+  return (v:sub(1, 128):gsub("[^\32-\126]", "?"))
+end
+
+-- a claimed identifier: short, and only the characters WeChat uses
+local function ident(v)
+  if type(v) ~= "string" or v == "" or #v > 64
+     or v:find("[^%w_%-%.|*@]") then
+    return nil
+  end
+  return v
+end
+
+--- syntax: facts = notify.facts(wx, req)
+-- What can be learnt from a notification, typically one that
+-- parse_notification refused, for a record of why it was refused:
+--   serial, timestamp (its headers, as printable text), id, event_type
+--   (the body's claims: unauthenticated), and, when the resource decrypts
+--   under one of the APIv3 keys (then whoever sent it holds that key),
+--   authentic = true with the out_trade_no, out_refund_no,
+--   transaction_id, trade_state, refund_status it names. Nothing of the
+--   decrypted resource is kept but those fields. Never raises; no replay
+--   record is made; the signature is not checked (that is what failed).
+function _M.facts(wx, req)
+  local f = { authentic = false }
+  local ok = pcall(function()
+    local headers = req.headers
+    if type(headers) == "table" then
+      f.serial = hval(headers, "wechatpay-serial")
+      f.timestamp = hval(headers, "wechatpay-timestamp")
+    end
+    local body = req.body
+    if type(body) ~= "string" or body == "" or #body > 1048576 then return end
+    local doc = decode(body)
+    if type(doc) ~= "table" then return end
+    f.id, f.event_type = ident(doc.id), ident(doc.event_type)
+    if type(doc.resource) ~= "table" then return end
+    local plain = resource.decrypt(doc.resource, wx.conf.apiv3_keys)
+    local r = plain and decode(plain)
+    if type(r) ~= "table" then return end
+    f.authentic = true
+    for _, k in ipairs({ "out_trade_no", "out_refund_no", "transaction_id",
+                         "trade_state", "refund_status" }) do
+      f[k] = ident(r[k])
+    end
+  end)
+  if not ok then f.authentic = false end
+  return f
 end
 
 return _M

@@ -133,7 +133,7 @@ local function failed_attempt(res)
   return res == nil or res.status >= 500 or res.status == 429
 end
 
-local call
+local call, tell
 
 --- syntax: res, err = transport.request(wx, method, path, body, opts)
 -- See the top of this file. Counted once in paygate_wechatpay_calls_total
@@ -150,9 +150,41 @@ function _M.request(wx, method, path, body, opts)
     error("wx:request: opts must be a table", 3)
   end
   local ep, what = upstream.endpoint(method, path)
+  local started = wx.conf.on_call and core.mono()
   local res, err = call(wx, method, path, body, opts or {}, ep, what)
   upstream.count(ep, res, err)
+  if started then tell(wx, method, path, body, res, err, started) end
   return res, err
+end
+
+-- conf.on_call(call): one record per finished wx:request, for a caller
+-- that keeps a history of its calls (the reference gateway shows them per
+-- payment). The hook runs in the caller's coroutine after the answer; an
+-- error in it is logged and does not change the call's outcome.
+tell = function(wx, method, path, body, res, err, started)
+  local rec = {
+    method = method, path = path:match("^[^?]*"),
+    body = type(body) == "string" and body or nil,
+    seconds = core.mono() - started,
+    status = res and res.status or (core.is_error(err) and err.status)
+             or nil,
+    request_id = res and res.request_id
+                 or (core.is_error(err) and err.request_id) or nil,
+    attempts = core.is_error(err) and err.attempts or nil,
+  }
+  if type(body) == "table" then rec.body = _M.encode(body) end
+  if res then
+    rec.outcome = "ok"
+  elseif core.is_error(err) then
+    rec.outcome, rec.code = err.kind, err.code
+  else
+    rec.outcome = "error"
+  end
+  local ok, herr = pcall(wx.conf.on_call, rec)
+  if not ok then
+    require("paygate").log.error("wechatpay: on_call raised", {
+      error = tostring(herr):sub(1, 300) })
+  end
 end
 
 -- The call itself (misuse raises at level 4: the caller of wx:request);
