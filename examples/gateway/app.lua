@@ -54,8 +54,11 @@ end
 -- WeChat Pay clients, one per merchant --------------------------------------
 
 local wx = {}
+local history = require "gw.history"   -- each call kept for the console
+history.init{ db = db }
 require("gw.credentials").start(cfg, wx, fatal)  -- keys from etcd, if given
 for _, m in ipairs(cfg.merchants) do
+  m.client.on_call = history.on_call(m.mchid)
   local client, cerr = wechatpay.client(m.client)
   if not client then
     if cerr.kind == "invalid_config" then
@@ -179,8 +182,19 @@ if paygate.runtime.mode == "worker" then
         return require("paygate.redis").connect(g.redis)
       end)
     end
-    ctx.retention = require("paygate.retention").start(db,
-      g.retention or {}, { lease = lease_store })
+    -- and the console's history (gw.history) after 30 days, unless the
+    -- config's own tables say otherwise for them
+    local policy, tables, named = {}, {}, {}
+    for k, v in pairs(g.retention or {}) do policy[k] = v end
+    for _, t in ipairs(policy.tables or {}) do
+      tables[#tables + 1], named[t.name or t.table] = t, true
+    end
+    for _, t in ipairs(history.RETENTION) do
+      if not named[t.table] then tables[#tables + 1] = t end
+    end
+    policy.tables = tables
+    ctx.retention = require("paygate.retention").start(db, policy,
+      { lease = lease_store })
   end
   events.start(db, g, { prune = not prunes })
   -- the state machines' counts on /metrics: counters summed over the

@@ -16,6 +16,7 @@ local model = require "gw.model"
 local apply = require "gw.apply"
 local payments = require "gw.payments"
 local notify_atomic = require "gw.notify_atomic"
+local history = require "gw.history"
 
 local type, tostring, tonumber = type, tostring, tonumber
 
@@ -145,6 +146,7 @@ function _M.handler(req)
     if err.kind == "replayed" then return replayed(req) end
     paygate.log.warn("gateway: notification refused", { kind = err.kind,
                      mchid = mchid })
+    history.refused(wx, mchid, req, err)   -- for the console: why
     return fail(err.kind)
   end
   local outcome, after = _M.process(mchid, event)

@@ -25,6 +25,15 @@ describe("gateway on PostgreSQL", function()
     local p = env:wait_state(b.payment.id, "paid")
     assert.equal(1, env:count_events(p.id, "payment.paid"))
     assert.equal("paid", env:wait_event(p.id, "payment.paid").data.payment.state)
+    -- the prepay call is kept for the console (gw.history) on PostgreSQL too
+    local testing = require "paygate.testing"
+    testing.wait_until(function()
+      local rows = assert(env.db:query("SELECT outcome, status, ms FROM"
+        .. " gw_wechat_calls WHERE out_trade_no = $1",
+        { b.payment.out_trade_no }))
+      return rows[1] ~= nil and rows[1].outcome == "ok"
+        and tonumber(rows[1].status) == 200
+    end, 10, "the prepay call recorded")
   end)
 
   it("refunds, partial then full, and the over-limit refusal", function()

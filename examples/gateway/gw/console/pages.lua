@@ -311,6 +311,22 @@ function _M.overview(view)
     { n = total, w = worst and (worst == math.huge and "over 6 s"
         or ("under " .. worst .. " s")) or "-", c = chart(pts) })
 
+  -- refused notifications (gw.history): the last ones, with why
+  rows, err = db:query("SELECT received_at, mchid, kind, reason, serial,"
+    .. " authentic, out_trade_no FROM gw_notifications_refused WHERE"
+    .. " received_at >= $1 ORDER BY received_at DESC LIMIT 10",
+    { now - 86400 })
+  list = {}
+  for _, r in ipairs(rows or {}) do
+    list[#list + 1] = { when(r.received_at), r.mchid, r.kind, r.reason,
+      null(r.serial) or "", tonumber(r.authentic) == 1
+        and "yes: " .. tostring(null(r.out_trade_no) or "refund") or "no" }
+  end
+  parts[#parts + 1] = render("<section><h2>Notifications refused, last"
+    .. " 24 h (latest 10)</h2>{{t}}</section>", { t = rows and table_of({
+      "received", "merchant", "refused as", "why", "serial",
+      "decrypts (order)" }, list) or _M.failed(err) })
+
   rows, err = db:query("SELECT state, COUNT(*) AS n FROM paygate_outbox"
     .. " GROUP BY state ORDER BY state")
   list = {}
@@ -479,6 +495,52 @@ function _M.payment(id, view)
     end
   end
 
+  -- its refunds' numbers, for the calls and refusals that name them
+  local refunds
+  refunds, err = db:query("SELECT out_refund_no FROM gw_refunds WHERE"
+    .. " payment_id = $1", { id })
+  if not refunds then return nil, err end
+
+  -- the calls made to WeChat Pay about it, and the notifications about it
+  -- that were refused (gw.history): by each attempt's and refund's number
+  local calls, refused = {}, {}
+  local function collect(column, no)
+    local rows, qerr = db:query("SELECT at, method, path, outcome, status,"
+      .. " code, request_id, attempts, ms FROM gw_wechat_calls WHERE "
+      .. column .. " = $1 ORDER BY at LIMIT 200", { no })
+    if not rows then return nil, qerr end
+    for _, r in ipairs(rows) do calls[#calls + 1] = r end
+    rows, qerr = db:query("SELECT received_at, kind, reason, serial,"
+      .. " timestamp, notification_id, event_type FROM"
+      .. " gw_notifications_refused WHERE " .. column .. " = $1"
+      .. " ORDER BY received_at LIMIT 200", { no })
+    if not rows then return nil, qerr end
+    for _, r in ipairs(rows) do refused[#refused + 1] = r end
+    return true
+  end
+  for no in pairs(nos) do
+    local ok, cerr = collect("out_trade_no", no)
+    if not ok then return nil, cerr end
+  end
+  for _, r in ipairs(refunds) do
+    local ok, cerr = collect("out_refund_no", r.out_refund_no)
+    if not ok then return nil, cerr end
+  end
+  table.sort(calls, function(a, b) return a.at < b.at end)
+  table.sort(refused, function(a, b) return a.received_at < b.received_at end)
+  local cl, rl = {}, {}
+  for i, c in ipairs(calls) do
+    cl[i] = { when(c.at), c.method .. " " .. c.path, c.outcome,
+              null(c.status) or "", null(c.code) or "",
+              null(c.request_id) or "", null(c.attempts) or "",
+              tostring(c.ms) .. " ms" }
+  end
+  for i, r in ipairs(refused) do
+    rl[i] = { when(r.received_at), null(r.notification_id) or "",
+              null(r.event_type) or "", r.kind, r.reason,
+              null(r.serial) or "", null(r.timestamp) or "" }
+  end
+
   local evs
   evs, err = outbox.list(db, { subject = id, limit = 100 })
   if not evs then return nil, err end
@@ -494,6 +556,11 @@ function _M.payment(id, view)
 <section><h2>Timeline (audit trail)</h2>{{verify}}{{tl}}</section>
 <section><h2>Attempts</h2>{{at}}</section>
 <section><h2>Notifications received (verified)</h2>{{notes}}</section>
+<section><h2>Notifications refused</h2><p class="note">Not verified, so not
+applied: listed here when their resource decrypted under the APIv3 key and
+names this payment (WeChat sends a refused notification again).</p>{{refused}}
+</section>
+<section><h2>Calls to WeChat Pay</h2>{{calls}}</section>
 <section><h2>Events</h2>{{ev}}</section>]], {
     summary = summary, settle = settle,
     verify = verify_box("payment:" .. id),
@@ -502,6 +569,10 @@ function _M.payment(id, view)
     at = table_of({ "n", "out_trade_no", "channel", "state",
                     "transaction_id", "created", "closed" }, at),
     notes = table_of({ "id", "type", "key", "received", "outcome" }, notes),
+    refused = table_of({ "received", "id (claimed)", "type (claimed)",
+                         "refused as", "why", "serial", "timestamp" }, rl),
+    calls = table_of({ "at", "call", "outcome", "status", "code",
+                       "request id", "attempts", "took" }, cl),
     ev = table_of({ "id", "type", "state", "attempts", "created",
                     "delivered", "last error", "" }, el) })
 end

@@ -1,0 +1,137 @@
+-- gw.history: what the console shows of a payment beyond its state and
+-- audit trail -- the calls the gateway made to WeChat Pay (one row per
+-- wx:request, from the clients' on_call hook) and the notifications it
+-- refused, with why (gw.notify). Tables: migrations/*/003_history.sql;
+-- pruned by retention (gw.history.RETENTION).
+--
+-- Each row is written by a task of its own after the call or refusal, so
+-- recording adds no store round trip to the request. Writes in flight are
+-- bounded per worker, and refused notifications are recorded at most
+-- REFUSED_PER_SECOND a second per worker (a flood of forged callbacks
+-- must not become a flood of writes); what is not recorded is counted in
+-- paygate_gateway_history_dropped_total{what}.
+local paygate = require "paygate"
+local json = require "paygate.json"
+local metrics = require "paygate.metrics"
+
+local type, tostring, floor = type, tostring, math.floor
+
+local _M = {}
+
+_M.MAX_IN_FLIGHT = 256
+_M.REFUSED_PER_SECOND = 20
+
+-- retention.table specs (app.lua adds them to gateway.retention's tables)
+_M.RETENTION = {
+  { table = "gw_wechat_calls", column = "at", max_age = 30 * 86400 },
+  { table = "gw_notifications_refused", column = "received_at",
+    max_age = 30 * 86400 },
+}
+
+local db
+local in_flight = 0
+local dropped
+local refused_second, refused_count = 0, 0
+
+function _M.init(c) db = c.db end
+
+local function drop(what)
+  dropped = dropped or metrics.counter(
+    "paygate_gateway_history_dropped_total", "Calls to WeChat Pay and "
+    .. "refused notifications not recorded for the console (too many "
+    .. "writes in flight, or refusals over the per-second bound).",
+    { "what" })
+  dropped:inc({ what = what })
+end
+
+-- Writes one row in a task of its own; false when over the bound.
+local function write(what, sql, params)
+  if db == nil or in_flight >= _M.MAX_IN_FLIGHT then
+    drop(what)
+    return false
+  end
+  in_flight = in_flight + 1
+  paygate.spawn(function()
+    local ok, res, err = pcall(db.exec, db, sql, params)
+    in_flight = in_flight - 1
+    if not (ok and res) then
+      paygate.log.warn("gateway: cannot record " .. what, {
+        error = tostring(ok and err or res) })
+    end
+  end)
+  return true
+end
+
+-- an order or refund number as WeChat allows them (else not kept)
+local function number(v)
+  if type(v) ~= "string" or v == "" or #v > 64 or v:find("[^%w_%-|*@]") then
+    return nil
+  end
+  return v
+end
+
+--- syntax: out_trade_no, out_refund_no = history.subject(path, body)
+-- The order and refund a call is about: from the path
+-- (.../out-trade-no/{no}..., /v3/refund/domestic/refunds/{out_refund_no})
+-- or from the request body's out_trade_no / out_refund_no.
+function _M.subject(path, body)
+  local trade = number(path:match("/out%-trade%-no/([^/]+)"))
+  local refund = number(path:match("^/v3/refund/domestic/refunds/([^/]+)$"))
+  if type(body) == "string" and (body:find("out_trade_no", 1, true)
+                                 or body:find("out_refund_no", 1, true)) then
+    local doc = json.decode(body)
+    if type(doc) == "table" then
+      trade = trade or number(doc.out_trade_no)
+      refund = refund or number(doc.out_refund_no)
+    end
+  end
+  return trade, refund
+end
+
+--- syntax: fn = history.on_call(mchid) -- a wechatpay client's on_call
+function _M.on_call(mchid)
+  return function(call)
+    local trade, refund = _M.subject(call.path, call.body)
+    write("call", "INSERT INTO gw_wechat_calls (at, mchid, method, path,"
+      .. " outcome, status, code, request_id, attempts, ms, out_trade_no,"
+      .. " out_refund_no) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,"
+      .. " $11, $12)", {
+        paygate.update_time(), mchid, call.method, call.path:sub(1, 256),
+        tostring(call.outcome), call.status or json.null,
+        type(call.code) == "string" and call.code:sub(1, 64) or json.null,
+        type(call.request_id) == "string" and call.request_id:sub(1, 128)
+          or json.null,
+        call.attempts or json.null, floor(call.seconds * 1000 + 0.5),
+        trade or json.null, refund or json.null })
+  end
+end
+
+--- syntax: recorded = history.refused(wx, mchid, req, err)
+-- Records a notification that parse_notification refused: the error's
+-- kind and message, and wx:notification_facts(req) (headers, claims and,
+-- when its resource decrypts, the order or refund it is about).
+function _M.refused(wx, mchid, req, err)
+  local now = paygate.update_time()
+  local second = floor(now)
+  if second ~= refused_second then
+    refused_second, refused_count = second, 0
+  end
+  refused_count = refused_count + 1
+  if refused_count > _M.REFUSED_PER_SECOND then
+    drop("refused_notification")
+    return false
+  end
+  local f = wx:notification_facts(req)
+  local null = json.null
+  return write("refused_notification", "INSERT INTO"
+    .. " gw_notifications_refused (received_at, mchid, kind, reason,"
+    .. " serial, timestamp, notification_id, event_type, authentic,"
+    .. " out_trade_no, out_refund_no) VALUES ($1, $2, $3, $4, $5, $6, $7,"
+    .. " $8, $9, $10, $11)", {
+      now, mchid, tostring(err.kind), tostring(err.message):sub(1, 300),
+      f.serial or null, f.timestamp or null, f.id or null,
+      f.event_type or null, f.authentic and 1 or 0,
+      f.out_trade_no or null, f.out_refund_no or null })
+end
+
+return _M

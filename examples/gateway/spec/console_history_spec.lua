@@ -1,0 +1,145 @@
+-- examples/gateway: what the console's payment page shows beyond state
+-- (gw.history): the calls the gateway made to WeChat Pay about the
+-- payment, and the notifications about it that were refused, with why
+-- (a forged signature, a stale timestamp); the overview's list of the
+-- latest refusals; hostile input in a refused notification stays text.
+local testing = require "paygate.testing"
+local core = dofile("examples/gateway/spec/core_support.lua")
+
+local function get(gw, path)
+  return gw.srv:request{ path = path }
+end
+
+local function section(body, title)
+  local s = body:match("<h2>" .. title .. "</h2>(.-)</section>")
+  return assert(s, "no section " .. title)
+end
+
+describe("gateway console: a payment's history", function()
+  local sim, gw
+
+  setup(function()
+    sim = testing.simulator{ time_scale = 100 }
+    gw = core.start(sim, { gateway = {
+      console = { access = "loopback" },
+      reconcile = { enabled = false } } })
+  end)
+  teardown(function()
+    if gw then gw:stop() end
+    testing.stop_all()
+  end)
+  after_each(function() sim:clear_faults() end)
+
+  it("lists the calls made to WeChat Pay: the order, the query", function()
+    local p = gw:create{ description = "calls" }
+    -- the prepay is recorded by a task of its own after the call
+    local page
+    testing.wait_until(function()
+      page = get(gw, "/console/payments/" .. p.id).body
+      return section(page, "Calls to WeChat Pay"):find("<td>POST "
+        .. "/v3/pay/transactions/native</td>", 1, true) ~= nil
+    end, 10, "the prepay call on the payment page")
+    local calls = section(page, "Calls to WeChat Pay")
+    assert.matches("<td>ok</td><td>200</td>", calls, 1, true)
+    -- a settle from the console queries WeChat: that call shows too
+    local row = assert(gw.db:query("SELECT * FROM gw_wechat_calls WHERE"
+      .. " out_trade_no = $1", { p.out_trade_no }))[1]
+    assert.equal("POST", row.method)
+    assert.truthy(row.ms >= 0)
+    local res = gw:call("GET", "/v1/payments/" .. p.id .. "?refresh=1")
+    assert.equal(200, res.status, res.body)
+    testing.wait_until(function()
+      page = get(gw, "/console/payments/" .. p.id).body
+      return section(page, "Calls to WeChat Pay"):find("<td>GET "
+        .. "/v3/pay/transactions/out-trade-no/" .. p.out_trade_no
+        .. "</td>", 1, true) ~= nil
+    end, 10, "the query call on the payment page")
+    -- another payment's page does not show them
+    local q = gw:create{ description = "other" }
+    testing.wait_until(function()
+      return #assert(gw.db:query("SELECT id FROM gw_wechat_calls WHERE"
+        .. " out_trade_no = $1", { q.out_trade_no })) == 1
+    end, 10, "the other prepay recorded")
+    page = get(gw, "/console/payments/" .. q.id).body
+    assert.not_matches(p.out_trade_no, section(page, "Calls to WeChat Pay"),
+                       1, true)
+  end)
+
+  it("records a failed call with its outcome and WeChat's code", function()
+    local p = gw:create{ description = "failing query" }
+    sim:fault{ endpoint = "*", kind = "error", status = 400,
+               code = "PARAM_ERROR", count = 1 }
+    gw:call("GET", "/v1/payments/" .. p.id .. "?refresh=1")
+    testing.wait_until(function()
+      local rows = assert(gw.db:query("SELECT outcome, status, code FROM"
+        .. " gw_wechat_calls WHERE out_trade_no = $1 AND method = 'GET'",
+        { p.out_trade_no }))
+      return rows[1] and rows[1].code == "PARAM_ERROR"
+        and rows[1].status == 400 and rows[1].outcome ~= "ok"
+    end, 10, "the failed query recorded")
+    local page = get(gw, "/console/payments/" .. p.id).body
+    assert.matches("PARAM_ERROR", section(page, "Calls to WeChat Pay"), 1,
+                   true)
+  end)
+
+  it("shows a notification refused for its signature, why, then the one"
+     .. " that verified", function()
+    local p = gw:create{ description = "forged once" }
+    sim:fault{ endpoint = "notify", kind = "bad_signature", count = 1 }
+    sim:pay(p.out_trade_no)
+    gw:wait_state(p.id, "paid", 20)   -- WeChat's retry verified
+    local page = get(gw, "/console/payments/" .. p.id).body
+    local refused = section(page, "Notifications refused")
+    assert.matches("<td>bad_signature</td>", refused, 1, true)
+    assert.matches("TRANSACTION.SUCCESS", refused, 1, true)
+    assert.matches("TRANSACTION.SUCCESS",
+                   section(page, "Notifications received %(verified%)"), 1,
+                   true)
+    local row = assert(gw.db:query("SELECT * FROM gw_notifications_refused"
+      .. " WHERE out_trade_no = $1", { p.out_trade_no }))[1]
+    assert.equal(1, tonumber(row.authentic))
+    assert.equal(sim.merchant.mchid, row.mchid)
+    -- the overview lists it among the latest refusals
+    local over = get(gw, "/console").body
+    assert.matches("yes: " .. p.out_trade_no,
+                   section(over, "Notifications refused, last 24 h %(latest"
+                           .. " 10%)"), 1, true)
+  end)
+
+  it("records a stale timestamp as such", function()
+    local p = gw:create{ description = "stale once" }
+    sim:fault{ endpoint = "notify", kind = "stale_timestamp", skew = 900,
+               count = 1 }
+    sim:pay(p.out_trade_no)
+    gw:wait_state(p.id, "paid", 20)
+    local page = get(gw, "/console/payments/" .. p.id).body
+    assert.matches("stale", section(page, "Notifications refused"))
+  end)
+
+  it("keeps a forged notification's claims as text, linked to no payment",
+     function()
+    local hostile = "<script>alert(1)</script>"
+    local res = gw.srv:request{ method = "POST",
+      path = "/wechatpay/notify/" .. sim.merchant.mchid,
+      headers = { ["Content-Type"] = "application/json",
+        ["Wechatpay-Serial"] = hostile, ["Wechatpay-Timestamp"] =
+        tostring(os.time()), ["Wechatpay-Nonce"] = "n",
+        ["Wechatpay-Signature"] = "AAAA" },
+      body = '{"id":"' .. hostile .. '","event_type":"TRANSACTION.SUCCESS",'
+        .. '"resource":{"algorithm":"AEAD_AES_256_GCM","nonce":"abcdefabcdef",'
+        .. '"associated_data":"transaction","ciphertext":"AAAAAAAAAAAAAAAA"}}' }
+    assert.is_true(res.status >= 400)
+    local row
+    testing.wait_until(function()
+      row = assert(gw.db:query("SELECT * FROM gw_notifications_refused"
+        .. " WHERE serial = $1", { "<script>alert(1)</script>" }))[1]
+      return row ~= nil
+    end, 10, "the forged notification recorded")
+    assert.equal(0, tonumber(row.authentic))
+    assert.is_nil(row.out_trade_no)
+    assert.is_nil(row.notification_id)  -- markup is not an identifier
+    local over = get(gw, "/console").body
+    assert.not_matches("<script>", over, 1, true)
+    assert.matches("&lt;script&gt;", over, 1, true)
+  end)
+end)
