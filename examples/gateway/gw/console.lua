@@ -31,6 +31,8 @@ local pages = require "gw.console.pages"
 
 local type, tostring, tonumber, floor, ceil, max =
       type, tostring, tonumber, math.floor, math.ceil, math.max
+local xpcall, rawget, traceback, format =
+      xpcall, rawget, debug.traceback, string.format
 
 local _M = {}
 
@@ -134,7 +136,7 @@ function _M.routes(ctx)
   -- and headers rather than the runtime's bare 500.
   local function route(method, path, fn)
     paygate.route(method, path, function(req)
-      local ok, status, body, h = xpcall(fn, debug.traceback, req)
+      local ok, status, body, h = xpcall(fn, traceback, req)
       if ok then return status, body, h end
       if type(status) == "table" and rawget(status, "abort") then
         return refuse(status.status, "Refused", tostring(status.message))
@@ -280,7 +282,7 @@ function _M.routes(ctx)
       D:add(k, now, window)             -- false when a window is open: fine
       local start = D:get(k)
       if type(start) ~= "number" then start = now end
-      local ck = k .. "|" .. string.format("%.6f", start)
+      local ck = k .. "|" .. format("%.6f", start)
       local n, err = D:incr(ck, 1, 0, window)
       if not n then return nil, nil, err end
       if n > conf.login_failures then
