@@ -5,9 +5,13 @@
 -- token) logs in on /console/login and gets an HttpOnly, SameSite=Strict
 -- session cookie that lasts session_ttl seconds (sessions live in the
 -- shared dictionary: every worker sees them; a restart logs everyone
--- out). Every POST carries a CSRF token bound to the session, and a
--- cross-origin Origin header is refused. Every answer carries strict
--- security headers (no script at all; the stylesheet is served from here).
+-- out). Every POST carries a CSRF token bound to the session (the login
+-- form's is bound to a pre-session cookie, see login_csrf below), and a
+-- cross-origin Origin header is refused. Wrong tokens are counted per
+-- client address (login_failures per login_window, then 429). Every
+-- answer under /console -- the router's 404 and 405 and a handler's
+-- failure included -- carries strict security headers (no script at all;
+-- the stylesheet is served from here) and is an HTML page.
 --
 -- The pages (gw.console.pages) read what the gateway records: the
 -- payments and attempts, the audit trail, the outbox, the notifications,
@@ -25,17 +29,25 @@ local html = require "paygate.html"
 local config = require "gw.config"
 local pages = require "gw.console.pages"
 
-local type, tostring, tonumber, floor = type, tostring, tonumber, math.floor
+local type, tostring, tonumber, floor, ceil, max =
+      type, tostring, tonumber, math.floor, math.ceil, math.max
+local xpcall, rawget, traceback, format =
+      xpcall, rawget, debug.traceback, string.format
 
 local _M = {}
 
 local COOKIE = "pgc_session"
+local LOGIN_COOKIE = "pgc_login"
+local LOGIN_COOKIE_TTL = 3600
 local K_KEY = "gw:console:key"
 local K_SESSION = "gw:console:s:"
+local K_FAIL = "gw:console:lf:"      -- login failures: <host> (window start),
+                                     -- <host>|<start> (attempts counted)
+local CSP = "Content-Security-Policy"
 
 local SECURITY_HEADERS = {
   ["Content-Type"] = "text/html; charset=utf-8",
-  ["Content-Security-Policy"] = "default-src 'none'; style-src 'self';"
+  [CSP] = "default-src 'none'; style-src 'self';"
     .. " img-src 'self'; form-action 'self'; frame-ancestors 'none';"
     .. " base-uri 'none'",
   ["X-Frame-Options"] = "DENY",
@@ -62,6 +74,19 @@ local function cookie(req, name)
     if k == name then return (v:gsub("%s+$", "")) end
   end
   return nil
+end
+
+-- the client's address without its port: "[::1]:5000" -> "::1"
+local function host_of(addr)
+  addr = tostring(addr)
+  return addr:match("^%[([^%]]*)%]:%d+$") or addr:match("^([^:]*):%d+$")
+         or addr
+end
+
+-- "/console" or a path under it (also written "//console/...")
+local function under_console(path)
+  return type(path) == "string" and (path:find("^/+console$")
+                                     or path:find("^/+console/")) ~= nil
 end
 
 local function today()
@@ -105,6 +130,49 @@ function _M.routes(ctx)
     return status, tostring(pages.layout(title, html.render(
       "<p class=\"error\">{{t}}</p>", { t = text }), {})), headers()
   end
+
+  -- Every console handler runs guarded: a failure is logged with its
+  -- traceback, as the runtime would, but answered with the console's page
+  -- and headers rather than the runtime's bare 500.
+  local function route(method, path, fn)
+    paygate.route(method, path, function(req)
+      local ok, status, body, h = xpcall(fn, traceback, req)
+      if ok then return status, body, h end
+      if type(status) == "table" and rawget(status, "abort") then
+        return refuse(status.status, "Refused", tostring(status.message))
+      end
+      paygate.log.error("gateway: console handler failed", {
+        path = req.path, error = tostring(status) })
+      return refuse(500, "Internal error", "The console failed on this"
+        .. " request; the gateway's log says why.")
+    end)
+  end
+
+  -- Answers under /console that the console did not make (the router's
+  -- 404 and 405, a before hook's refusal) become the console's page with
+  -- its headers; the status and an Allow or Retry-After header are kept.
+  local KEEP = { allow = true, ["retry-after"] = true }
+  paygate.after(function(req, res)
+    if not under_console(req.path) then return end
+    local h = res.headers
+    if type(h) == "table" and h[CSP] == SECURITY_HEADERS[CSP] then return end
+    local extra = {}
+    for k, v in pairs(type(h) == "table" and h or {}) do
+      if type(k) == "string" and KEEP[k:lower()] then extra[k] = v end
+    end
+    local st = res.status
+    local title, text = "Error " .. tostring(st), "The request was refused."
+    if st == 404 then
+      title, text = "Not found", "There is no such console page."
+    elseif st == 405 then
+      title, text = "Method not allowed", "This page does not take a "
+        .. tostring(req.method) .. " request."
+    end
+    res.body = tostring(pages.layout(title, html.render(
+      "<p class=\"error\">{{t}}</p><p><a href=\"/console\">The console</a>"
+      .. "</p>", { t = text }), {}))
+    res.headers = headers(extra)
+  end)
 
   -- A request from another origin (a cross-site form) is refused even
   -- before the CSRF token is looked at.
@@ -170,21 +238,104 @@ function _M.routes(ctx)
   -- login / logout ------------------------------------------------------
 
   if conf.access == "token" then
-    paygate.route("GET", "/console/login", function()
-      return show(200, "Log in", pages.login(), {})
+    -- Login CSRF. There is no session yet to bind a token to, so the
+    -- login form binds its own: GET /console/login sets a pre-session
+    -- cookie (pgc_login: 40 random characters; HttpOnly, SameSite=Strict,
+    -- Path=/console/login) and puts HMAC-SHA256(console key, "login|" ..
+    -- cookie) in the form's hidden field. A POST is taken only when the
+    -- field is that HMAC of the cookie it came with (constant-time
+    -- compare). Another site can neither read the cookie nor mint a
+    -- field for one (the key never leaves the shared dictionary), and
+    -- nothing is stored per visitor. A cookie that is already there is
+    -- kept, so two open login tabs both work.
+    local function login_nonce(req)
+      local n = cookie(req, LOGIN_COOKIE)
+      if n and #n == 40 and n:match("^%w+$") then return n end
+      return nil
+    end
+    local function login_csrf(nonce)
+      return crypto.hex(crypto.hmac("sha256", key(), "login|" .. nonce))
+    end
+    -- the form (status, message) with its token and a fresh cookie lease
+    local function login_page(req, status, msg, extra)
+      local nonce = login_nonce(req) or crypto.random_nonce(40)
+      local h = headers(extra)
+      h["Set-Cookie"] = LOGIN_COOKIE .. "=" .. nonce .. "; Path=/console/login;"
+        .. " Max-Age=" .. LOGIN_COOKIE_TTL .. "; HttpOnly; SameSite=Strict"
+        .. (secure and "; Secure" or "")
+      return status, tostring(pages.layout("Log in",
+        pages.login(login_csrf(nonce), msg), {})), h
+    end
+
+    -- Throttling: each client address (without its port) may try
+    -- conf.login_failures wrong tokens per window of conf.login_window
+    -- seconds, the window starting at its first counted try; after that
+    -- every try, the right token too, is 429 with Retry-After until the
+    -- window ends. Both records live in the shared dictionary, so every
+    -- worker counts together. A try is counted BEFORE the token is
+    -- compared and given back when it was right, so concurrent tries on
+    -- several workers can never compare more than login_failures wrong
+    -- tokens per window. returns: nil (go on), or the seconds to wait.
+    local function reserve_try(host)
+      local now, window = core.time(), conf.login_window
+      local k = K_FAIL .. host
+      D:add(k, now, window)             -- false when a window is open: fine
+      local start = D:get(k)
+      if type(start) ~= "number" then start = now end
+      local ck = k .. "|" .. format("%.6f", start)
+      local n, err = D:incr(ck, 1, 0, window)
+      if not n then return nil, nil, err end
+      if n > conf.login_failures then
+        return ck, max(1, ceil(start + window - now))
+      end
+      return ck
+    end
+
+    route("GET", "/console/login", function(req)
+      return login_page(req, 200)
     end)
-    paygate.route("POST", "/console/login", function(req)
+    route("POST", "/console/login", function(req)
+      local remote = host_of(req.remote_addr)
       if not same_origin(req) then
-        return refuse(403, "Forbidden", "Cross-origin login refused.")
-      end
-      local got = html.decode_form(req.body).token
-      local want = conf.token
-      if type(got) ~= "string" or #got ~= #want
-         or not crypto.constant_time_equal(got, want) then
-        paygate.log.warn("gateway: console login refused",
+        paygate.log.warn("gateway: console login refused: cross-origin",
                          { remote = req.remote_addr })
-        return show(403, "Log in", pages.login("Wrong token."), {})
+        return login_page(req, 403, "Cross-origin login refused.")
       end
+      local form = html.decode_form(req.body)
+      local nonce, got = login_nonce(req), form.csrf
+      local want = nonce and login_csrf(nonce)
+      if not want or type(got) ~= "string" or #got ~= #want
+         or not crypto.constant_time_equal(got, want) then
+        paygate.log.warn("gateway: console login refused: the form's login"
+          .. " token is missing or wrong", { remote = req.remote_addr })
+        return login_page(req, 403, "The login form's CSRF token is missing"
+          .. " or wrong (the form was too old, or came from elsewhere):"
+          .. " try again.")
+      end
+      local ck, wait, err = reserve_try(remote)
+      if not ck then
+        paygate.log.error("gateway: console login refused: the attempt"
+          .. " could not be counted", { remote = req.remote_addr,
+                                        error = tostring(err) })
+        return refuse(503, "Unavailable", "Logins cannot be counted right"
+          .. " now: try again later.")
+      end
+      if wait then
+        paygate.log.warn("gateway: console login throttled",
+                         { remote = req.remote_addr, retry_after = wait })
+        return login_page(req, 429, "Too many wrong tokens from your"
+          .. " address: try again in " .. wait .. " s.",
+          { ["Retry-After"] = tostring(wait) })
+      end
+      local tok = form.token
+      local right = conf.token
+      if type(tok) ~= "string" or #tok ~= #right
+         or not crypto.constant_time_equal(tok, right) then
+        paygate.log.warn("gateway: console login refused: wrong token",
+                         { remote = req.remote_addr })
+        return login_page(req, 403, "Wrong token.")
+      end
+      D:incr(ck, -1)                    -- a success is not counted
       local sid = crypto.random_nonce(40)
       D:set(K_SESSION .. sid, core.time() + conf.session_ttl,
             conf.session_ttl)
@@ -195,7 +346,7 @@ function _M.routes(ctx)
           .. " Max-Age=" .. conf.session_ttl .. "; HttpOnly;"
           .. " SameSite=Strict" .. (secure and "; Secure" or "") })
     end)
-    paygate.route("POST", "/console/logout", action(function(_, s)
+    route("POST", "/console/logout", action(function(_, s)
       D:delete(K_SESSION .. s.id)
       return 303, "", headers({ Location = "/console/login",
         ["Set-Cookie"] = COOKIE .. "=; Path=/console; Max-Age=0; HttpOnly;"
@@ -205,20 +356,20 @@ function _M.routes(ctx)
 
   -- pages ---------------------------------------------------------------
 
-  paygate.route("GET", "/console/static/console.css", function()
+  route("GET", "/console/static/console.css", function()
     return 200, pages.CSS, headers({ ["Content-Type"] = "text/css",
       ["Cache-Control"] = "max-age=300" })
   end)
-  paygate.route("GET", "/console", page(function(_, _, view)
+  route("GET", "/console", page(function(_, _, view)
     view.refresh = 30
     return show(200, "Overview", pages.overview(view), view)
   end))
-  paygate.route("GET", "/console/payments", page(function(req, _, view)
+  route("GET", "/console/payments", page(function(req, _, view)
     local body, err = pages.payments(req:query(), view)
     if not body then return show(503, "Payments", pages.failed(err), view) end
     return show(200, "Payments", body, view)
   end))
-  paygate.route("GET", "/console/payments/:id", page(function(req, _, view)
+  route("GET", "/console/payments/:id", page(function(req, _, view)
     local body, err = pages.payment(req.params.id, view)
     if body == false then
       return show(404, "Payment", pages.failed("no such payment"), view)
@@ -226,14 +377,14 @@ function _M.routes(ctx)
     if not body then return show(503, "Payment", pages.failed(err), view) end
     return show(200, "Payment " .. req.params.id, body, view)
   end))
-  paygate.route("GET", "/console/outbox", page(function(req, _, view)
+  route("GET", "/console/outbox", page(function(req, _, view)
     local body, err = pages.dead_letters(req:query(), view)
     if not body then
       return show(503, "Dead letters", pages.failed(err), view)
     end
     return show(200, "Dead letters", body, view)
   end))
-  paygate.route("GET", "/console/reconcile", page(function(req, _, view)
+  route("GET", "/console/reconcile", page(function(req, _, view)
     local body, err = pages.reconcile(req:query(), view)
     if not body then
       return show(503, "Reconciliation", pages.failed(err), view)
@@ -243,7 +394,7 @@ function _M.routes(ctx)
 
   -- levers ----------------------------------------------------------------
 
-  paygate.route("POST", "/console/degrade", action(function(req, s, form)
+  route("POST", "/console/degrade", action(function(req, s, form)
     local on = form.on == "1"
     if form.on ~= "1" and form.on ~= "0" then
       return refuse(400, "Bad request", "on must be 1 or 0")
@@ -257,7 +408,7 @@ function _M.routes(ctx)
     return back("/console", "degradation " .. (on and "on" or "off"))
   end))
 
-  paygate.route("POST", "/console/outbox/:id/replay", action(function(req, s)
+  route("POST", "/console/outbox/:id/replay", action(function(req, s)
     local id = tonumber(req.params.id)
     if not id or id % 1 ~= 0 or id < 1 or id > 2 ^ 53 then
       return refuse(400, "Bad request", "not an event id")
@@ -271,7 +422,7 @@ function _M.routes(ctx)
       .. " replayed") or ("event " .. id .. " was pending already"))
   end))
 
-  paygate.route("POST", "/console/payments/:id/settle",
+  route("POST", "/console/payments/:id/settle",
                 action(function(req, s)
     local id = req.params.id
     local p, err = pages.payment_row(id)
@@ -292,7 +443,7 @@ function _M.routes(ctx)
       .. tostring(after and after.state))
   end))
 
-  paygate.route("POST", "/console/reconcile", action(function(_, s, form)
+  route("POST", "/console/reconcile", action(function(_, s, form)
     local date = form.date
     if type(date) ~= "string" or not date:match("^%d%d%d%d%-%d%d%-%d%d$") then
       return refuse(400, "Bad request", "date must be YYYY-MM-DD")

@@ -49,6 +49,37 @@ local function post(gw, path, fields, cookie, extra)
                          headers = h }
 end
 
+-- The login form: its pre-session cookie ("pgc_login=...") and the form's
+-- login CSRF token.
+local function login_form(gw)
+  local res = get(gw, "/console/login")
+  assert.equal(200, res.status, res.body)
+  local sc = assert(res.headers["set-cookie"], "no login cookie")
+  return { cookie = assert(sc:match("^(pgc_login=%w+);"), sc),
+           set_cookie = sc, csrf = csrf_of(res.body) }
+end
+
+local function login(g)
+  local f = login_form(g)
+  local res = post(g, "/console/login", { token = TOKEN, csrf = f.csrf },
+                   f.cookie)
+  assert.equal(303, res.status, res.body)
+  local sc = res.headers["set-cookie"]
+  return assert(sc:match("^(pgc_session=%w+);")), sc
+end
+
+local function assert_console_headers(res)
+  local h = res.headers
+  assert.matches("^text/html", h["content-type"])
+  assert.equal("DENY", h["x-frame-options"])
+  assert.equal("nosniff", h["x-content-type-options"])
+  assert.equal("no-store", h["cache-control"])
+  assert.equal("no-referrer", h["referrer-policy"])
+  assert.matches("default-src 'none'", h["content-security-policy"], 1, true)
+  assert.matches("frame-ancestors 'none'", h["content-security-policy"], 1,
+                 true)
+end
+
 -- the text of every hostile value must show escaped, never as markup
 local function assert_escaped(body)
   assert.not_matches("<script>", body, 1, true)
@@ -92,14 +123,7 @@ describe("gateway console", function()
 
   after_each(function() sim:clear_faults() end)
 
-  local function login(g)
-    local res = post(g, "/console/login", { token = TOKEN })
-    assert.equal(303, res.status, res.body)
-    local sc = res.headers["set-cookie"]
-    return assert(sc:match("^(pgc_session=%w+);")), sc
-  end
-
-  describe("access", function()
+    describe("access", function()
     it("sends a caller without a session to the login form", function()
       local res = get(gw_tok, "/console")
       assert.equal(303, res.status)
@@ -110,16 +134,85 @@ describe("gateway console", function()
     end)
 
     it("refuses a wrong or missing token", function()
+      local f = login_form(gw_tok)
       for _, t in ipairs({ "", "wrong", TOKEN .. "x", TOKEN:sub(1, -2) }) do
-        local res = post(gw_tok, "/console/login", { token = t })
+        local res = post(gw_tok, "/console/login", { token = t,
+                                                     csrf = f.csrf }, f.cookie)
         assert.equal(403, res.status)
-        assert.is_nil(res.headers["set-cookie"])
+        assert.matches("Wrong token", res.body, 1, true)
+        assert.not_matches("pgc_session", res.headers["set-cookie"] or "",
+                           1, true)
       end
-      local res = post(gw_tok, "/console/login", {})
+      local res = post(gw_tok, "/console/login", { csrf = f.csrf }, f.cookie)
       assert.equal(403, res.status)
       -- a made-up session cookie is no session
       res = get(gw_tok, "/console", "pgc_session=" .. string.rep("a", 40))
       assert.equal(303, res.status)
+    end)
+
+    it("refuses a login without the form's login CSRF token, logging"
+       .. " nothing secret", function()
+      local f = login_form(gw_tok)
+      assert.matches("; HttpOnly", f.set_cookie, 1, true)
+      assert.matches("; SameSite=Strict", f.set_cookie, 1, true)
+      assert.matches("; Path=/console/login", f.set_cookie, 1, true)
+      -- a second visit with the cookie keeps it (two tabs both work)
+      local again = get(gw_tok, "/console/login", f.cookie)
+      assert.equal(f.csrf, csrf_of(again.body))
+      local other = login_form(gw_tok)      -- another browser's pair
+      assert.not_equal(f.csrf, other.csrf)
+      local bad = f.csrf:sub(1, -2) .. (f.csrf:sub(-1) == "0" and "1" or "0")
+      for i, case in ipairs({
+        { { token = TOKEN }, f.cookie },                  -- no field
+        { { token = TOKEN, csrf = f.csrf } },             -- no cookie
+        { { token = TOKEN, csrf = "" }, f.cookie },
+        { { token = TOKEN, csrf = bad }, f.cookie },
+        { { token = TOKEN, csrf = other.csrf }, f.cookie }, -- not its cookie
+        { { token = TOKEN, csrf = f.csrf },
+          "pgc_login=" .. string.rep("a", 40) },          -- made-up cookie
+        { { token = TOKEN, csrf = f.csrf }, f.cookie,
+          { Origin = "http://evil.example" } },           -- cross-origin
+      }) do
+        local res = post(gw_tok, "/console/login", case[1], case[2], case[3])
+        assert.equal(403, res.status, "case " .. i .. ": " .. res.body)
+        assert.not_matches("pgc_session", res.headers["set-cookie"] or "", 1,
+                           true)
+        assert_console_headers(res)
+      end
+      -- the matching pair logs in
+      local res = post(gw_tok, "/console/login", { token = TOKEN,
+                                                   csrf = f.csrf }, f.cookie)
+      assert.equal(303, res.status, res.body)
+      local logs = gw_tok.srv:logs()
+      assert.matches("console login refused: the form's login token",
+                     logs, 1, true)
+      assert.not_matches(TOKEN, logs, 1, true)
+      assert.not_matches(f.csrf, logs, 1, true)
+      assert.not_matches(f.cookie:match("=(%w+)"), logs, 1, true)
+    end)
+
+    it("answers an unknown path or method under /console with an HTML"
+       .. " page and the console's headers", function()
+      for _, g in ipairs({ gw, gw_tok }) do
+        local res = get(g, "/console/nope")
+        assert.equal(404, res.status, res.body)
+        assert_console_headers(res)
+        assert.matches("Not found", res.body, 1, true)
+        res = get(g, "/console/payments/x/y/%3Cscript%3E")
+        assert.equal(404, res.status)
+        assert_console_headers(res)
+        assert.not_matches("<script", res.body, 1, true)
+      end
+      local res = gw.srv:request{ method = "DELETE",
+                                  path = "/console/payments" }
+      assert.equal(405, res.status, res.body)
+      assert_console_headers(res)
+      assert.matches("GET", res.headers["allow"], 1, true)
+      -- outside /console: the router's JSON answer, as before
+      res = get(gw, "/consolex")
+      assert.equal(404, res.status)
+      assert.matches("^application/json", res.headers["content-type"])
+      assert.is_nil(res.headers["x-frame-options"])
     end)
 
     it("logs in with the token: an HttpOnly SameSite=Strict cookie with an"
@@ -393,6 +486,58 @@ describe("gateway console", function()
   end)
 end)
 
+describe("gateway console login throttling", function()
+  local server = require "paygate.testing.server"
+  local sim, gw, dir
+
+  setup(function()
+    sim = testing.simulator{ time_scale = 100 }
+    dir = server.tmpdir()
+    write(dir .. "/console.token", TOKEN .. "\n")
+    gw = core.start(sim, { gateway = {
+      console = { token_file = dir .. "/console.token", login_failures = 3,
+                  login_window = 3 },
+      reconcile = { enabled = false } } })
+  end)
+
+  teardown(function()
+    if gw then gw:stop() end
+    testing.stop_all()
+    server.rmdir(dir)
+  end)
+
+  it("refuses with 429 and Retry-After after N wrong tokens, the right"
+     .. " one too, until the window passes; a success is not counted",
+     function()
+    local f = login_form(gw)
+    local function try(token)
+      return post(gw, "/console/login", { token = token, csrf = f.csrf },
+                  f.cookie)
+    end
+    for i = 1, 3 do
+      local res = try("wrong-token-" .. i)
+      assert.equal(403, res.status, res.body)
+    end
+    local res = try(TOKEN)
+    assert.equal(429, res.status, res.body)
+    local after = tonumber(res.headers["retry-after"])
+    assert.is_true(after ~= nil and after >= 1 and after <= 3,
+                   tostring(res.headers["retry-after"]))
+    assert.not_matches("pgc_session", res.headers["set-cookie"] or "", 1,
+                       true)
+    assert_console_headers(res)
+    assert.matches("Too many", res.body, 1, true)
+    assert.equal(429, try("wrong-token-4").status)
+    testing.wait_until(function() return try(TOKEN).status == 303 end, 15,
+                       "the login window to pass")
+    -- successful logins are not counted: more than the limit, all in
+    for _ = 1, 5 do login(gw) end
+    local logs = gw.srv:logs()
+    assert.matches("console login throttled", logs, 1, true)
+    assert.not_matches(TOKEN, logs, 1, true)
+  end)
+end)
+
 describe("gateway console config", function()
   local server = require "paygate.testing.server"
   package.path = "examples/gateway/?.lua;" .. package.path
@@ -422,7 +567,8 @@ describe("gateway console config", function()
     local cfg = assert(config.check(conf(nil)))
     assert.is_false(cfg.gateway.console)
     cfg = assert(config.check(conf({})))
-    assert.same({ access = "loopback", session_ttl = 3600 },
+    assert.same({ access = "loopback", session_ttl = 3600,
+                  login_failures = 10, login_window = 300 },
                 cfg.gateway.console)
   end)
 
@@ -435,6 +581,10 @@ describe("gateway console config", function()
                                    { admin_token_file = dir .. "/t" })))
     assert.equal(TOKEN, cfg.gateway.console.token)
     assert.equal(60, cfg.gateway.console.session_ttl)
+    cfg = assert(config.check(conf({ login_failures = 5, login_window = 60 },
+                                   { admin_token_file = dir .. "/t" })))
+    assert.equal(5, cfg.gateway.console.login_failures)
+    assert.equal(60, cfg.gateway.console.login_window)
   end)
 
   it("refuses bad sections with one line naming the key, no secret",
@@ -453,6 +603,13 @@ describe("gateway console config", function()
       { { token_env = "GW_SPEC_NO_SUCH_VAR" }, "config.gateway.console"
         .. ".token_env: the environment variable GW_SPEC_NO_SUCH_VAR" },
       { { session_ttl = 0 }, "config.gateway.console.session_ttl: must be" },
+      { { login_failures = 0 }, "config.gateway.console.login_failures:"
+        .. " must be a whole number, 1 .. 1000" },
+      { { login_failures = 2.5 }, "config.gateway.console.login_failures:" },
+      { { login_failures = "5" }, "config.gateway.console.login_failures:" },
+      { { login_window = 0 }, "config.gateway.console.login_window: must be"
+        .. " whole seconds, 1 .. 86400" },
+      { { login_window = 86401 }, "config.gateway.console.login_window:" },
     }) do
       local cfg, why = config.check(conf(case[1]))
       assert.is_nil(cfg)

@@ -82,11 +82,13 @@ function _M.failed(err)
                 { e = tostring(err) })
 end
 
-function _M.login(msg)
+-- csrf: the login form's token (bound to its pre-session cookie)
+function _M.login(csrf, msg)
   return render([[{{msg}}<form method="post" action="/console/login">
+<input type="hidden" name="csrf" value="{{csrf}}">
 <label>Console token <input type="password" name="token"
 autocomplete="current-password" required></label>
-<button>Log in</button></form>]], { msg = msg and render(
+<button>Log in</button></form>]], { csrf = csrf, msg = msg and render(
     "<p class=\"error\">{{m}}</p>", { m = msg }) or html.NONE })
 end
 
