@@ -50,11 +50,11 @@ describe("gateway console in a browser", function()
 
   -- Chromium's flags: headless, as root without its sandbox, its own
   -- profile folder, no network beyond the loopback URL it is given.
-  local function browse(args, url)
+  local function browse(args, url, height)
     local argv = { BIN, "--headless=new", "--no-sandbox", "--disable-gpu",
                    "--user-data-dir=" .. profile, "--no-first-run",
                    "--disable-extensions", "--disable-background-networking",
-                   "--window-size=1280,1000" }
+                   "--window-size=1280," .. (height or 1000) }
     for _, a in ipairs(args) do argv[#argv + 1] = a end
     argv[#argv + 1] = url
     local code, out = testing.proc.run(argv, { timeout = 90 })
@@ -66,10 +66,11 @@ describe("gateway console in a browser", function()
     return browse({ "--dump-dom" }, gw.srv:url(path))
   end
 
-  local function screenshot(path, name)
+  local function screenshot(path, name, height)
     local file = shots .. "/" .. name .. ".png"
     os.remove(file)
-    browse({ "--screenshot=" .. file, "--hide-scrollbars" }, gw.srv:url(path))
+    browse({ "--screenshot=" .. file, "--hide-scrollbars" }, gw.srv:url(path),
+           height)
     local f = assert(io.open(file, "rb"), "no screenshot " .. file)
     local head = f:read(8)
     f:close()
@@ -79,6 +80,8 @@ describe("gateway console in a browser", function()
   it("renders the overview and a payment page with their figures",
      function()
     local paid = gw:create{ description = HOSTILE, amount = 1234 }
+    -- its first notification is forged-looking (refused), the retry is not
+    sim:fault{ endpoint = "notify", kind = "bad_signature", count = 1 }
     sim:pay(paid.out_trade_no)
     testing.wait_until(function()
       local r = assert(gw.db:query("SELECT state FROM gw_payments WHERE id"
@@ -108,6 +111,8 @@ describe("gateway console in a browser", function()
     assert.matches("hash chain verified", page, 1, true)
     assert.matches("payment.succeeded", page, 1, true)
     assert.matches("TRANSACTION.SUCCESS", page, 1, true)
-    screenshot("/console/payments/" .. paid.id, "payment")
+    assert.matches("<td>bad_signature</td>", page, 1, true)
+    assert.matches("POST /v3/pay/transactions/native", page, 1, true)
+    screenshot("/console/payments/" .. paid.id, "payment", 1900)
   end)
 end)
