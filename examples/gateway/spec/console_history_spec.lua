@@ -101,7 +101,8 @@ describe("gateway console: a payment's history", function()
     assert.equal(sim.merchant.mchid, row.mchid)
     -- the overview lists it among the latest refusals
     local over = get(gw, "/console").body
-    assert.matches("yes: " .. p.out_trade_no,
+    assert.matches('<a href="/console/payments?q=' .. p.out_trade_no
+                   .. '">yes: ' .. p.out_trade_no,
                    section(over, "Notifications refused, last 24 h %(latest"
                            .. " 10%)"), 1, true)
   end)

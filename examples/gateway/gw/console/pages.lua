@@ -321,8 +321,10 @@ function _M.overview(view)
   list = {}
   for _, r in ipairs(rows or {}) do
     list[#list + 1] = { when(r.received_at), r.mchid, r.kind, r.reason,
-      null(r.serial) or "", tonumber(r.authentic) == 1
-        and "yes: " .. tostring(null(r.out_trade_no) or "refund") or "no" }
+      null(r.serial) or "", tonumber(r.authentic) ~= 1 and "no"
+        or null(r.out_trade_no) and link("/console/payments?q="
+          .. html.url_encode(r.out_trade_no), "yes: " .. r.out_trade_no)
+        or "yes (a refund)" }
   end
   parts[#parts + 1] = render("<section><h2>Notifications refused, last"
     .. " 24 h (latest 10)</h2>{{t}}</section>", { t = rows and table_of({
