@@ -35,10 +35,10 @@ struct gw_conn {
     int                 fd;         /* owned; closed in conn_close() */
     SSL                *ssl;        /* owned, or NULL for plain HTTP */
     int                 handshaken; /* TLS: 1 once a read succeeded */
-    struct event       *rev;        /* owned: readable */
+    struct event       *rev;        /* readable; in c's own memory */
     struct event       *wev;        /* owned: writable; made on first
                                        need (conn_wev_add), or NULL */
-    struct event       *timer;      /* owned: the phase's deadline */
+    struct event       *timer;      /* the phase's deadline */
     enum gw_conn_state  state;      /* where the current request is */
     int                 reading;    /* 1 while rev is added */
     int                 want_write; /* 1: output pending, wev added */
@@ -118,6 +118,10 @@ struct gw_http_srv {
                                            pause (EMFILE and the like) */
     struct gw_conn       *idle_head;    /* oldest idle keep-alive conn */
     struct gw_conn       *idle_tail;    /* newest */
+    struct event         *trim_ev;      /* owned: gives memory back a
+                                           while after a storm ends */
+    int                   trim_peak;    /* most connections since the
+                                           last trim */
 };
 
 extern struct gw_http_srv gw_srv;

@@ -14,6 +14,7 @@
  * buffer holds (pipelined requests) and turns reading back on.
  */
 #include <errno.h>
+#include <malloc.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <arpa/inet.h>
@@ -29,6 +30,7 @@
 #include <openssl/err.h>
 #include <openssl/rand.h>
 
+#include "conn_pool.h"
 #include "http_conn.h"
 #include "log.h"
 #include "loop.h"
@@ -186,6 +188,82 @@ conn_read_on(struct gw_conn *c, int on)
     } else if (!on && c->reading) {
         event_del(c->rev);
         c->reading = 0;
+    }
+}
+
+/* ---- a connection's memory ------------------------------------------ */
+
+/* A connection and its read and timer events are one block: from the
+ * pool (conn_pool.c) while it has room, else from malloc. The write event
+ * is malloc'ed when first needed: most connections never fill a socket
+ * buffer. */
+#define CONN_ALIGN(n)   (((n) + 15) & ~(size_t) 15)
+#define CONN_HEAD       CONN_ALIGN(sizeof(struct gw_conn))
+#define CONN_EV(c, k)   ((struct event *) ((char *) (c) + CONN_HEAD \
+                                           + (size_t) (k) * conn_ev_size))
+enum { CONN_EV_READ, CONN_EV_TIMER, CONN_NEV };
+
+static size_t conn_ev_size;     /* event_get_struct_event_size(), aligned */
+
+static size_t
+conn_block_size(void)
+{
+    if (conn_ev_size == 0) {
+        conn_ev_size = CONN_ALIGN(event_get_struct_event_size());
+    }
+    return CONN_HEAD + CONN_NEV * conn_ev_size;
+}
+
+static struct gw_conn *
+conn_alloc(void)
+{
+    struct gw_conn *c = gw_conn_pool_get();
+
+    if (c == NULL) {
+        c = calloc(1, conn_block_size());
+    }
+    if (c != NULL && gw_conn_pool_inuse() > (unsigned) gw_srv.trim_peak) {
+        gw_srv.trim_peak = (int) gw_conn_pool_inuse();
+    }
+    return c;
+}
+
+#define TRIM_AFTER      5       /* s after the fall before memory is given
+                                   back (a storm may come back at once) */
+#define TRIM_MIN_PEAK   64      /* connections: below, nothing to gain */
+
+/* Gives back the pool's free pages and the heap's free memory (buffers)
+ * once connections fell to half their peak since the last time. */
+static void
+on_trim(evutil_socket_t fd, short what, void *arg)
+{
+    size_t released;
+
+    (void) fd;
+    (void) what;
+    (void) arg;
+    released = gw_conn_pool_trim();
+    malloc_trim(0);
+    gw_log(GW_LOG_DEBUG, "connections: %d open (peak %d); %zu kB of "
+           "connection slots given back", gw_srv.nconns, gw_srv.trim_peak,
+           released / 1024);
+    gw_srv.trim_peak = (int) gw_conn_pool_inuse();
+}
+
+static void
+conn_free(struct gw_conn *c)
+{
+    if (gw_conn_pool_owns(c)) {
+        gw_conn_pool_put(c);
+    } else {
+        free(c);
+    }
+    if (gw_srv.trim_ev != NULL && gw_srv.trim_peak >= TRIM_MIN_PEAK
+        && gw_conn_pool_inuse() <= (unsigned) gw_srv.trim_peak / 2
+        && !evtimer_pending(gw_srv.trim_ev, NULL)) {
+        struct timeval tv = { TRIM_AFTER, 0 };
+
+        evtimer_add(gw_srv.trim_ev, &tv);
     }
 }
 
@@ -843,11 +921,15 @@ conn_close(struct gw_conn *c)
         gw_req_abandon(c);
     }
     gw_lreq_detach(gw_srv.L, c);
-    event_free(c->rev);
+    if (c->rev != NULL) {
+        event_del(c->rev);
+    }
     if (c->wev != NULL) {
         event_free(c->wev);
     }
-    event_free(c->timer);
+    if (c->timer != NULL) {
+        event_del(c->timer);
+    }
     if (c->ssl != NULL) {
         SSL_free(c->ssl);
     }
@@ -864,7 +946,7 @@ conn_close(struct gw_conn *c)
     if (c->next != NULL) {
         c->next->prev = c->prev;
     }
-    free(c);
+    conn_free(c);
     gw_srv.nconns--;
     if (!gw_srv.draining && !gw_srv.accepting
         && gw_srv.nconns < gw_srv.conf.max_connections) {
@@ -939,7 +1021,7 @@ on_accept(evutil_socket_t lfd, short what, void *arg)
             }
             return;
         }
-        c = calloc(1, sizeof(*c));
+        c = conn_alloc();
         if (c == NULL) {
             close(fd);
             return;
@@ -962,9 +1044,14 @@ on_accept(evutil_socket_t lfd, short what, void *arg)
             snprintf(c->peer, sizeof(c->peer), "[%s]:%d", ip,
                      ntohs(a->sin6_port));
         }
-        c->rev = event_new(gw_loop_base(), fd, EV_READ | EV_PERSIST,
-                           conn_on_read, c);
-        c->timer = evtimer_new(gw_loop_base(), conn_on_timer, c);
+        if (event_assign(CONN_EV(c, CONN_EV_READ), gw_loop_base(), fd,
+                         EV_READ | EV_PERSIST, conn_on_read, c) == 0) {
+            c->rev = CONN_EV(c, CONN_EV_READ);
+        }
+        if (evtimer_assign(CONN_EV(c, CONN_EV_TIMER), gw_loop_base(),
+                           conn_on_timer, c) == 0) {
+            c->timer = CONN_EV(c, CONN_EV_TIMER);
+        }
         if (gw_srv.ssl_ctx != NULL) {
             c->ssl = SSL_new(gw_srv.ssl_ctx);
             if (c->ssl != NULL) {
@@ -1006,8 +1093,17 @@ gw_server_start(lua_State *L, int fd, int dispatch_ref,
     gw_srv.lev = event_new(gw_loop_base(), fd, EV_READ | EV_PERSIST, on_accept,
                         NULL);
     gw_srv.resume_ev = evtimer_new(gw_loop_base(), on_resume, NULL);
-    if (gw_srv.lev == NULL || gw_srv.resume_ev == NULL) {
+    gw_srv.trim_ev = evtimer_new(gw_loop_base(), on_trim, NULL);
+    if (gw_srv.lev == NULL || gw_srv.resume_ev == NULL
+        || gw_srv.trim_ev == NULL) {
         return GW_ERR;
+    }
+    /* room for the cap and the ones accepted to be refused or to reclaim
+     * idle ones with; past it, connections come from malloc */
+    if (gw_conn_pool_init(conn_block_size(),
+                          (unsigned) conf->max_connections + 64) != 0) {
+        gw_log(GW_LOG_WARN, "connections: no pool (%s); using malloc",
+               strerror(errno));
     }
     return GW_OK;
 }
