@@ -18,6 +18,16 @@
 
 #include "conn_pool.h"
 
+/* Under AddressSanitizer the pool stays empty (every get is NULL, so the
+ * server mallocs): a use of a closed connection is then caught. */
+#if defined(__SANITIZE_ADDRESS__)
+#define GW_POOL_OFF 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define GW_POOL_OFF 1
+#endif
+#endif
+
 static struct {
     char     *base;         /* the mapping; NULL when not set up */
     size_t    map_len;
@@ -38,6 +48,11 @@ gw_conn_pool_init(size_t slot_size, unsigned nslots)
     size_t words_len, pages_len;
     char  *m;
 
+#ifdef GW_POOL_OFF
+    (void) slot_size;
+    (void) nslots;
+    return 0;
+#endif
     if (pool.base != NULL || nslots == 0) {
         return pool.base != NULL ? 0 : -1;
     }
