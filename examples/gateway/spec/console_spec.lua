@@ -463,9 +463,16 @@ describe("gateway console", function()
     it("run the bill reconciliation for a date", function()
       local date = os.date("!%Y-%m-%d", os.time() + 8 * 3600)
       sim:close_bills(date)
+      -- one paid payment's amount changed here: the report has a row
+      local paid = assert(gw.db:query("SELECT id, paid_out_trade_no FROM"
+        .. " gw_payments WHERE state = 'paid' LIMIT 1"))[1]
+      assert(gw.db:exec("UPDATE gw_payments SET amount = amount + 1 WHERE"
+                        .. " id = $1", { paid.id }))
       local page = get(gw, "/console/reconcile")
       local res = post(gw, "/console/reconcile", { date = date,
                                                    csrf = csrf_of(page.body) })
+      assert(gw.db:exec("UPDATE gw_payments SET amount = amount - 1 WHERE"
+                        .. " id = $1", { paid.id }))
       assert.equal(303, res.status, res.body)
       assert.matches("reconciled", res.headers["location"], 1, true)
       local r = assert(audit.entries(gw.db, "reconcile:" .. date))
@@ -478,6 +485,10 @@ describe("gateway console", function()
       page = get(gw, "/console/reconcile?date=" .. date)
       assert.equal(200, page.status)
       assert.matches("Mismatches of " .. date, page.body, 1, true)
+      -- the report's rows, cell by cell
+      assert.matches("<th>out_trade_no</th>", page.body, 1, true)
+      assert.matches("<td>amount</td><td>" .. paid.paid_out_trade_no
+                     .. "</td>", page.body, 1, true)
       res = post(gw, "/console/reconcile", { date = "<script>",
                                              csrf = csrf_of(page.body) })
       assert.equal(400, res.status)
