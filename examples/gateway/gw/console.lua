@@ -104,13 +104,24 @@ function _M.routes(ctx)
 
   local function key() return D:get(K_KEY) end
 
-  -- The caller: { id, actor } or nil and why ("login": no session)
+  -- The caller: { id, actor } or nil and why ("login": no session,
+  -- "forbidden": not a loopback client, "host": addressed to a name that
+  -- is not loopback). Loopback mode trusts the client's address, so a
+  -- request must also be addressed to localhost, 127.x.x.x or [::1]:
+  -- otherwise a web page whose name was rebound to 127.0.0.1 (DNS
+  -- rebinding) would be same-origin with the console in the operator's
+  -- browser, read its pages and CSRF token, and pull its levers.
   local function session(req)
     if conf.access == "loopback" then
-      if config.is_loopback_addr(req.remote_addr) then
-        return { id = "loopback", actor = "console:loopback" }
+      if not config.is_loopback_addr(req.remote_addr) then
+        return nil, "forbidden"
       end
-      return nil, "forbidden"
+      local host = req:header("host")
+      if host ~= nil and not config.is_loopback_addr(tostring(host):lower())
+      then
+        return nil, "host"
+      end
+      return { id = "loopback", actor = "console:loopback" }
     end
     local sid = cookie(req, COOKIE)
     if sid and #sid == 40 and sid:match("^%w+$") then
@@ -129,6 +140,19 @@ function _M.routes(ctx)
   local function refuse(status, title, text)
     return status, tostring(pages.layout(title, html.render(
       "<p class=\"error\">{{t}}</p>", { t = text }), {})), headers()
+  end
+
+  -- the 403 of a caller session() refused
+  local function refuse_caller(why)
+    if why == "host" then
+      return refuse(403, "Forbidden", "In loopback mode the console answers"
+        .. " only requests addressed to localhost, 127.0.0.1 or [::1], not"
+        .. " to another name that leads here.")
+    elseif why == "login" then
+      return refuse(403, "Forbidden", "Log in first.")
+    end
+    return refuse(403, "Forbidden", "The console answers loopback clients"
+      .. " only.")
   end
 
   -- Every console handler runs guarded: a failure is logged with its
@@ -192,8 +216,7 @@ function _M.routes(ctx)
         if why == "login" then
           return 303, "", headers({ Location = "/console/login" })
         end
-        return refuse(403, "Forbidden", "The console answers loopback"
-          .. " clients only.")
+        return refuse_caller(why)
       end
       local view = { csrf = csrf_of(s), token_mode = conf.access == "token",
                      flash = req:query().done }
@@ -204,10 +227,8 @@ function _M.routes(ctx)
   -- POST levers: fn(req, s, form) -> redirect location or status, markup
   local function action(fn)
     return function(req)
-      local s = session(req)
-      if not s then
-        return refuse(403, "Forbidden", "Log in first.")
-      end
+      local s, why = session(req)
+      if not s then return refuse_caller(why) end
       local form = html.decode_form(req.body)
       local want = csrf_of(s)
       local got = form.csrf

@@ -299,6 +299,29 @@ describe("gateway console", function()
     end)
   end)
 
+  describe("DNS rebinding", function()
+    it("in loopback mode refuses a page or a lever addressed to a name"
+       .. " that is not loopback", function()
+      local evil = { Host = "evil.example:" .. gw.srv.port }
+      local res = gw.srv:request{ path = "/console", headers = evil }
+      assert.equal(403, res.status)
+      assert_console_headers(res)
+      assert.not_matches('name="csrf"', res.body, 1, true)
+      assert.matches("localhost", res.body, 1, true)
+      local good = csrf_of(get(gw, "/console").body)
+      res = post(gw, "/console/degrade", { on = "1", csrf = good }, nil,
+                 { Host = evil.Host, Origin = "http://" .. evil.Host })
+      assert.equal(403, res.status)
+      assert.is_false(gw.srv:request("/admin/degrade").json.on)
+      -- the loopback names are fine
+      for _, h in ipairs({ "localhost", "127.0.0.1", "[::1]", "LOCALHOST" }) do
+        res = gw.srv:request{ path = "/console/payments",
+                              headers = { Host = h .. ":" .. gw.srv.port } }
+        assert.equal(200, res.status, h)
+      end
+    end)
+  end)
+
   describe("pages", function()
     it("show a hostile description as text on the list, the search and"
        .. " the payment page", function()
