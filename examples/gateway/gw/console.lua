@@ -393,7 +393,8 @@ function _M.routes(ctx)
   route("GET", "/console/payments/:id", page(function(req, _, view)
     local body, err = pages.payment(req.params.id, view)
     if body == false then
-      return show(404, "Payment", pages.failed("no such payment"), view)
+      return show(404, "Payment", html.render("<p class=\"error\">There"
+        .. " is no payment {{id}}.</p>", { id = req.params.id }), view)
     end
     if not body then return show(503, "Payment", pages.failed(err), view) end
     return show(200, "Payment " .. req.params.id, body, view)

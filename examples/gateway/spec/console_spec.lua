@@ -348,6 +348,9 @@ describe("gateway console", function()
       res = get(gw, "/console/payments/%3Cscript%3Ealert(1)%3C%2Fscript%3E")
       assert.equal(404, res.status)
       assert.not_matches("<script>", res.body, 1, true)
+      -- it says what is wrong, not that the store failed
+      assert.matches("There is no payment &lt;script&gt;", res.body, 1, true)
+      assert.not_matches("could not be read", res.body, 1, true)
     end)
 
     it("page payments newest first by keyset", function()
