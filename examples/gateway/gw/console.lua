@@ -137,6 +137,23 @@ function _M.routes(ctx)
     return crypto.hex(crypto.hmac("sha256", key(), "csrf|" .. s.id))
   end
 
+  -- A lever's one-line result travels in the redirect's query (done=...)
+  -- with its HMAC (sig=...): the page shows it only when the console made
+  -- it, so a link from elsewhere cannot put its own words in the console.
+  local function flash_sig(done)
+    return crypto.hex(crypto.hmac("sha256", key(), "flash|" .. done))
+             :sub(1, 32)
+  end
+  local function flash_of(req)
+    local q = req:query()
+    local done, sig = q.done, q.sig
+    if type(done) ~= "string" or type(sig) ~= "string" or #sig ~= 32
+       or not crypto.constant_time_equal(sig, flash_sig(done)) then
+      return nil
+    end
+    return done
+  end
+
   local function refuse(status, title, text)
     return status, tostring(pages.layout(title, html.render(
       "<p class=\"error\">{{t}}</p>", { t = text }), {})), headers()
@@ -219,7 +236,7 @@ function _M.routes(ctx)
         return refuse_caller(why)
       end
       local view = { csrf = csrf_of(s), token_mode = conf.access == "token",
-                     flash = req:query().done }
+                     flash = flash_of(req) }
       return fn(req, s, view)
     end
   end
@@ -249,7 +266,7 @@ function _M.routes(ctx)
 
   local function back(path, done)
     return 303, "", headers({ Location = path .. (done and ("?done="
-      .. html.url_encode(done)) or "") })
+      .. html.url_encode(done) .. "&sig=" .. flash_sig(done)) or "") })
   end
 
   local function show(status, title, body, view)

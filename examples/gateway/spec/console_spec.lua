@@ -420,6 +420,13 @@ describe("gateway console", function()
       assert.equal(303, res.status, res.body)
       assert.is_true(gw.srv:request("/admin/degrade").json.on)
       assert.matches("ON: calls to WeChat", get(gw, "/console").body, 1, true)
+      -- the redirect shows the lever's result; a hand-made one is not shown
+      local back = get(gw, res.headers["location"]).body
+      assert.matches('<p class="flash">degradation on</p>', back, 1, true)
+      for _, q in ipairs({ "?done=Call%20us", "?done=Call%20us&sig="
+                           .. string.rep("0", 32) }) do
+        assert.not_matches("Call us", get(gw, "/console" .. q).body, 1, true)
+      end
       res = post(gw, "/console/degrade", { on = "0", csrf = csrf })
       assert.equal(303, res.status)
       assert.is_false(gw.srv:request("/admin/degrade").json.on)
