@@ -104,13 +104,24 @@ function _M.routes(ctx)
 
   local function key() return D:get(K_KEY) end
 
-  -- The caller: { id, actor } or nil and why ("login": no session)
+  -- The caller: { id, actor } or nil and why ("login": no session,
+  -- "forbidden": not a loopback client, "host": addressed to a name that
+  -- is not loopback). Loopback mode trusts the client's address, so a
+  -- request must also be addressed to localhost, 127.x.x.x or [::1]:
+  -- otherwise a web page whose name was rebound to 127.0.0.1 (DNS
+  -- rebinding) would be same-origin with the console in the operator's
+  -- browser, read its pages and CSRF token, and pull its levers.
   local function session(req)
     if conf.access == "loopback" then
-      if config.is_loopback_addr(req.remote_addr) then
-        return { id = "loopback", actor = "console:loopback" }
+      if not config.is_loopback_addr(req.remote_addr) then
+        return nil, "forbidden"
       end
-      return nil, "forbidden"
+      local host = req:header("host")
+      if host ~= nil and not config.is_loopback_addr(tostring(host):lower())
+      then
+        return nil, "host"
+      end
+      return { id = "loopback", actor = "console:loopback" }
     end
     local sid = cookie(req, COOKIE)
     if sid and #sid == 40 and sid:match("^%w+$") then
@@ -126,9 +137,39 @@ function _M.routes(ctx)
     return crypto.hex(crypto.hmac("sha256", key(), "csrf|" .. s.id))
   end
 
+  -- A lever's one-line result travels in the redirect's query (done=...)
+  -- with its HMAC (sig=...): the page shows it only when the console made
+  -- it, so a link from elsewhere cannot put its own words in the console.
+  local function flash_sig(done)
+    return crypto.hex(crypto.hmac("sha256", key(), "flash|" .. done))
+             :sub(1, 32)
+  end
+  local function flash_of(req)
+    local q = req:query()
+    local done, sig = q.done, q.sig
+    if type(done) ~= "string" or type(sig) ~= "string" or #sig ~= 32
+       or not crypto.constant_time_equal(sig, flash_sig(done)) then
+      return nil
+    end
+    return done
+  end
+
   local function refuse(status, title, text)
     return status, tostring(pages.layout(title, html.render(
       "<p class=\"error\">{{t}}</p>", { t = text }), {})), headers()
+  end
+
+  -- the 403 of a caller session() refused
+  local function refuse_caller(why)
+    if why == "host" then
+      return refuse(403, "Forbidden", "In loopback mode the console answers"
+        .. " only requests addressed to localhost, 127.0.0.1 or [::1], not"
+        .. " to another name that leads here.")
+    elseif why == "login" then
+      return refuse(403, "Forbidden", "Log in first.")
+    end
+    return refuse(403, "Forbidden", "The console answers loopback clients"
+      .. " only.")
   end
 
   -- Every console handler runs guarded: a failure is logged with its
@@ -192,11 +233,10 @@ function _M.routes(ctx)
         if why == "login" then
           return 303, "", headers({ Location = "/console/login" })
         end
-        return refuse(403, "Forbidden", "The console answers loopback"
-          .. " clients only.")
+        return refuse_caller(why)
       end
       local view = { csrf = csrf_of(s), token_mode = conf.access == "token",
-                     flash = req:query().done }
+                     flash = flash_of(req) }
       return fn(req, s, view)
     end
   end
@@ -204,10 +244,8 @@ function _M.routes(ctx)
   -- POST levers: fn(req, s, form) -> redirect location or status, markup
   local function action(fn)
     return function(req)
-      local s = session(req)
-      if not s then
-        return refuse(403, "Forbidden", "Log in first.")
-      end
+      local s, why = session(req)
+      if not s then return refuse_caller(why) end
       local form = html.decode_form(req.body)
       local want = csrf_of(s)
       local got = form.csrf
@@ -228,7 +266,7 @@ function _M.routes(ctx)
 
   local function back(path, done)
     return 303, "", headers({ Location = path .. (done and ("?done="
-      .. html.url_encode(done)) or "") })
+      .. html.url_encode(done) .. "&sig=" .. flash_sig(done)) or "") })
   end
 
   local function show(status, title, body, view)
@@ -372,7 +410,8 @@ function _M.routes(ctx)
   route("GET", "/console/payments/:id", page(function(req, _, view)
     local body, err = pages.payment(req.params.id, view)
     if body == false then
-      return show(404, "Payment", pages.failed("no such payment"), view)
+      return show(404, "Payment", html.render("<p class=\"error\">There"
+        .. " is no payment {{id}}.</p>", { id = req.params.id }), view)
     end
     if not body then return show(503, "Payment", pages.failed(err), view) end
     return show(200, "Payment " .. req.params.id, body, view)

@@ -299,6 +299,29 @@ describe("gateway console", function()
     end)
   end)
 
+  describe("DNS rebinding", function()
+    it("in loopback mode refuses a page or a lever addressed to a name"
+       .. " that is not loopback", function()
+      local evil = { Host = "evil.example:" .. gw.srv.port }
+      local res = gw.srv:request{ path = "/console", headers = evil }
+      assert.equal(403, res.status)
+      assert_console_headers(res)
+      assert.not_matches('name="csrf"', res.body, 1, true)
+      assert.matches("localhost", res.body, 1, true)
+      local good = csrf_of(get(gw, "/console").body)
+      res = post(gw, "/console/degrade", { on = "1", csrf = good }, nil,
+                 { Host = evil.Host, Origin = "http://" .. evil.Host })
+      assert.equal(403, res.status)
+      assert.is_false(gw.srv:request("/admin/degrade").json.on)
+      -- the loopback names are fine
+      for _, h in ipairs({ "localhost", "127.0.0.1", "[::1]", "LOCALHOST" }) do
+        res = gw.srv:request{ path = "/console/payments",
+                              headers = { Host = h .. ":" .. gw.srv.port } }
+        assert.equal(200, res.status, h)
+      end
+    end)
+  end)
+
   describe("pages", function()
     it("show a hostile description as text on the list, the search and"
        .. " the payment page", function()
@@ -325,6 +348,9 @@ describe("gateway console", function()
       res = get(gw, "/console/payments/%3Cscript%3Ealert(1)%3C%2Fscript%3E")
       assert.equal(404, res.status)
       assert.not_matches("<script>", res.body, 1, true)
+      -- it says what is wrong, not that the store failed
+      assert.matches("There is no payment &lt;script&gt;", res.body, 1, true)
+      assert.not_matches("could not be read", res.body, 1, true)
     end)
 
     it("page payments newest first by keyset", function()
@@ -394,6 +420,13 @@ describe("gateway console", function()
       assert.equal(303, res.status, res.body)
       assert.is_true(gw.srv:request("/admin/degrade").json.on)
       assert.matches("ON: calls to WeChat", get(gw, "/console").body, 1, true)
+      -- the redirect shows the lever's result; a hand-made one is not shown
+      local back = get(gw, res.headers["location"]).body
+      assert.matches('<p class="flash">degradation on</p>', back, 1, true)
+      for _, q in ipairs({ "?done=Call%20us", "?done=Call%20us&sig="
+                           .. string.rep("0", 32) }) do
+        assert.not_matches("Call us", get(gw, "/console" .. q).body, 1, true)
+      end
       res = post(gw, "/console/degrade", { on = "0", csrf = csrf })
       assert.equal(303, res.status)
       assert.is_false(gw.srv:request("/admin/degrade").json.on)
@@ -463,9 +496,16 @@ describe("gateway console", function()
     it("run the bill reconciliation for a date", function()
       local date = os.date("!%Y-%m-%d", os.time() + 8 * 3600)
       sim:close_bills(date)
+      -- one paid payment's amount changed here: the report has a row
+      local paid = assert(gw.db:query("SELECT id, paid_out_trade_no FROM"
+        .. " gw_payments WHERE state = 'paid' LIMIT 1"))[1]
+      assert(gw.db:exec("UPDATE gw_payments SET amount = amount + 1 WHERE"
+                        .. " id = $1", { paid.id }))
       local page = get(gw, "/console/reconcile")
       local res = post(gw, "/console/reconcile", { date = date,
                                                    csrf = csrf_of(page.body) })
+      assert(gw.db:exec("UPDATE gw_payments SET amount = amount - 1 WHERE"
+                        .. " id = $1", { paid.id }))
       assert.equal(303, res.status, res.body)
       assert.matches("reconciled", res.headers["location"], 1, true)
       local r = assert(audit.entries(gw.db, "reconcile:" .. date))
@@ -478,6 +518,10 @@ describe("gateway console", function()
       page = get(gw, "/console/reconcile?date=" .. date)
       assert.equal(200, page.status)
       assert.matches("Mismatches of " .. date, page.body, 1, true)
+      -- the report's rows, cell by cell
+      assert.matches("<th>out_trade_no</th>", page.body, 1, true)
+      assert.matches("<td>amount</td><td>" .. paid.paid_out_trade_no
+                     .. "</td>", page.body, 1, true)
       res = post(gw, "/console/reconcile", { date = "<script>",
                                              csrf = csrf_of(page.body) })
       assert.equal(400, res.status)

@@ -641,20 +641,56 @@ function _M.run_bill(date)
   return { total = total }
 end
 
+-- The report's CSV (RFC 4180, as paygate.reconcile.bill writes it: CRLF
+-- line ends, a field quoted when it holds a quote, comma, CR or LF, its
+-- quotes doubled): the header and at most limit rows; nil when unreadable.
 local function csv_rows(path, limit)
   local f = io.open(path, "rb")
   if not f then return nil end
-  local out, head = {}, nil
-  for line in f:lines() do
-    local cells = {}
-    for cell in (line .. ","):gmatch('("[^"]*"|[^,]*),') do
-      cells[#cells + 1] = (cell:gsub('^"(.*)"$', "%1"):gsub('""', '"'))
-    end
-    if not head then head = cells else out[#out + 1] = cells end
-    if #out >= limit then break end
-  end
+  local text = f:read("*a") or ""
   f:close()
-  return head or {}, out
+  local records, cells, pos, n = {}, {}, 1, #text
+  while pos <= n and #records <= limit do
+    local cell, stop
+    if text:sub(pos, pos) == '"' then
+      local parts, i = {}, pos + 1
+      while true do
+        local q = text:find('"', i, true)
+        if not q then                       -- unterminated: the rest
+          parts[#parts + 1] = text:sub(i)
+          i = n + 1
+          break
+        end
+        parts[#parts + 1] = text:sub(i, q - 1)
+        if text:sub(q + 1, q + 1) == '"' then
+          parts[#parts + 1] = '"'
+          i = q + 2
+        else
+          i = q + 1
+          break
+        end
+      end
+      cell, stop = table.concat(parts), i
+    else
+      stop = text:find("[,\r\n]", pos) or n + 1
+      cell = text:sub(pos, stop - 1)
+    end
+    cells[#cells + 1] = cell
+    local c = text:sub(stop, stop)
+    if c == "," then
+      pos = stop + 1
+    else                                    -- end of the record
+      records[#records + 1] = cells
+      cells = {}
+      if c == "\r" and text:sub(stop + 1, stop + 1) == "\n" then
+        stop = stop + 1
+      end
+      pos = stop + 1
+    end
+  end
+  if cells[1] and #records <= limit then records[#records + 1] = cells end
+  local head = table.remove(records, 1) or {}
+  return head, records
 end
 
 function _M.reconcile(q, view)
