@@ -402,6 +402,9 @@ function _M.routes(ctx)
     view.refresh = 30
     return show(200, "Overview", pages.overview(view), view)
   end))
+  route("GET", "/console/", function()     -- a typed trailing slash
+    return 301, "", headers({ Location = "/console" })
+  end)
   route("GET", "/console/payments", page(function(req, _, view)
     local body, err = pages.payments(req:query(), view)
     if not body then return show(503, "Payments", pages.failed(err), view) end

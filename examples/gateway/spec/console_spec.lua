@@ -198,6 +198,10 @@ describe("gateway console", function()
         assert.equal(404, res.status, res.body)
         assert_console_headers(res)
         assert.matches("Not found", res.body, 1, true)
+        res = get(g, "/console/")          -- the trailing slash: moved
+        assert.equal(301, res.status)
+        assert.equal("/console", res.headers["location"])
+        assert_console_headers(res)
         res = get(g, "/console/payments/x/y/%3Cscript%3E")
         assert.equal(404, res.status)
         assert_console_headers(res)
@@ -522,6 +526,16 @@ describe("gateway console", function()
       assert.matches("<th>out_trade_no</th>", page.body, 1, true)
       assert.matches("<td>amount</td><td>" .. paid.paid_out_trade_no
                      .. "</td>", page.body, 1, true)
+      -- the list's link names the merchant; another merchant's: no rows
+      local listing = get(gw, "/console/reconcile").body
+      assert.matches("?date=" .. date .. "&amp;merchant="
+                     .. sim.merchant.mchid, listing, 1, true)
+      page = get(gw, "/console/reconcile?date=" .. date .. "&merchant="
+                 .. sim.merchant.mchid)
+      assert.matches("Mismatches of " .. date .. ", merchant "
+                     .. sim.merchant.mchid, page.body, 1, true)
+      page = get(gw, "/console/reconcile?date=" .. date .. "&merchant=1")
+      assert.not_matches("Mismatches of", page.body, 1, true)
       res = post(gw, "/console/reconcile", { date = "<script>",
                                              csrf = csrf_of(page.body) })
       assert.equal(400, res.status)
@@ -635,7 +649,12 @@ describe("gateway console config", function()
   it("refuses bad sections with one line naming the key, no secret",
      function()
     write(dir .. "/short", "short\n")
+    local ffi = require "ffi"
+    pcall(ffi.cdef, "int setenv(const char *, const char *, int);")
+    ffi.C.setenv("GW_SPEC_SHORT_TOKEN", "short", 1)
     for _, case in ipairs({
+      { { token_env = "GW_SPEC_SHORT_TOKEN" }, "config.gateway.console"
+        .. ".token_env: the token must be at least 16" },
       { "x", "config.gateway.console: must be a table" },
       { { acess = "token" }, "config.gateway.console.acess: unknown key" },
       { { token = "s3cr3t-s3cr3t-s3cr3t" },

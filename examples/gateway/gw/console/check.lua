@@ -60,8 +60,12 @@ function _M.check(t, admin_token, secret)
       .. " token_env or gateway.admin_token_file / _env"
   end
   if access == "token" and #token < 16 then
-    return nil, "config." .. where .. ".token_file: the token must be at"
-      .. " least 16 characters"
+    -- name where the short token came from
+    local from = t.token_env ~= nil and (where .. ".token_env")
+      or t.token_file ~= nil and (where .. ".token_file")
+      or "gateway.admin_token"
+    return nil, "config." .. from .. ": the token must be at least 16"
+      .. " characters"
   end
   local ttl = whole(t.session_ttl, 3600, 1, 86400)
   if not ttl then

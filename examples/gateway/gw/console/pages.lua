@@ -703,14 +703,17 @@ function _M.reconcile(q, view)
     local ev = json.decode(tostring(r.evidence)) or {}
     local c = type(ev.counts) == "table" and ev.counts or {}
     list[#list + 1] = { link("/console/reconcile?date="
-      .. html.url_encode(tostring(ev.date)), tostring(ev.date)),
+      .. html.url_encode(tostring(ev.date)) .. "&merchant="
+      .. html.url_encode(tostring(ev.merchant)), tostring(ev.date)),
       tostring(ev.merchant), c.total or "?", ev.empty and "empty bill" or "",
       when((tonumber(r.at) or 0) / 1000) }
+    -- a date's report, of the merchant named (or the first one listed)
     if q.date == ev.date and detail == html.NONE and type(ev.file) == "string"
-    then
+       and (q.merchant == nil or q.merchant == tostring(ev.merchant)) then
       local head, cells = csv_rows(ev.file, 500)
-      detail = head and render("<h2>Mismatches of {{d}}</h2>{{t}}", {
-        d = ev.date, t = table_of(head, cells) }) or render(
+      detail = head and render("<h2>Mismatches of {{d}}, merchant {{m}}</h2>"
+        .. "{{t}}", { d = ev.date, m = tostring(ev.merchant),
+                      t = table_of(head, cells) }) or render(
         "<p class=\"bad\">The report {{f}} cannot be read here.</p>",
         { f = ev.file })
     end
