@@ -90,6 +90,14 @@ local function today()
   return os.date("!%Y-%m-%d")
 end
 
+-- the last console audit entry: what, ref, who (loopback) and when
+local function assert_audited(e, what, ref)
+  assert.equal(what, e.what)
+  assert.equal(ref, e.ref)
+  assert.equal("console:loopback", e.actor)
+  assert.is_true(math.abs(e.at / 1000 - os.time()) < 60)
+end
+
 local function console_entries(gw)
   return assert(audit.entries(gw.db, "console:" .. today()))
 end
@@ -466,8 +474,7 @@ describe("gateway console", function()
         return rows[1].state == "delivered"
       end, 10, "the replayed event to be delivered")
       local e = console_entries(gw)
-      assert.equal("console.replay", e[#e].what)
-      assert.equal(tostring(row.id), e[#e].ref)
+      assert_audited(e[#e], "console.replay", tostring(row.id))
     end)
 
     it("settle an unknown payment now by a query", function()
@@ -490,8 +497,7 @@ describe("gateway console", function()
         .. " id = $1", { p.id }))[1].state
       assert.equal("paid", state)
       local e = console_entries(gw)
-      assert.equal("console.settle", e[#e].what)
-      assert.equal(p.id, e[#e].ref)
+      assert_audited(e[#e], "console.settle", p.id)
       assert.matches('"to":"paid"', e[#e].evidence, 1, true)
       page = get(gw, "/console/payments/" .. p.id .. "?done=x")
       assert.matches("payment.succeeded", page.body, 1, true)
@@ -517,8 +523,7 @@ describe("gateway console", function()
       local ev = json.decode(r[#r].evidence)
       assert.equal(sim.merchant.mchid, ev.merchant)
       local e = console_entries(gw)
-      assert.equal("console.reconcile", e[#e].what)
-      assert.equal(date, e[#e].ref)
+      assert_audited(e[#e], "console.reconcile", date)
       page = get(gw, "/console/reconcile?date=" .. date)
       assert.equal(200, page.status)
       assert.matches("Mismatches of " .. date, page.body, 1, true)
@@ -536,6 +541,11 @@ describe("gateway console", function()
                      .. sim.merchant.mchid, page.body, 1, true)
       page = get(gw, "/console/reconcile?date=" .. date .. "&merchant=1")
       assert.not_matches("Mismatches of", page.body, 1, true)
+      -- a report's cells are a bill's content (outside input): text
+      local f = assert(io.open(ev.file, "ab"))
+      f:write('amount,"' .. HOSTILE:gsub('"', '""') .. '",x\n')
+      f:close()
+      assert_escaped(get(gw, "/console/reconcile?date=" .. date).body)
       res = post(gw, "/console/reconcile", { date = "<script>",
                                              csrf = csrf_of(page.body) })
       assert.equal(400, res.status)
