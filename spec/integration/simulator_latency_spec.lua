@@ -28,8 +28,10 @@ describe("simulator latency fault longer than request_timeout", function()
     assert.equal(200, st)
     local t0 = core.mono()
     local r = sn.refund(sim, no, rno, 20, 50, sn.notify_url(recv, "lat"))
+    -- the delay happened (the simulator's timer may fire a millisecond
+    -- early by this clock: seen once in CI at 2.9997 s)
     local took = core.mono() - t0
-    assert(took >= 3, "answered after " .. took .. " s")
+    assert(took >= 2.99, "answered after " .. took .. " s")
     assert.equal(rno, r.out_refund_no)
     local q = sn.signed(sim, "GET", "/v3/refund/domestic/refunds/" .. rno)
     assert.equal(200, q.status, q.body)
