@@ -187,7 +187,9 @@ if paygate.runtime.mode == "worker" then
     local policy, tables, named = {}, {}, {}
     for k, v in pairs(g.retention or {}) do policy[k] = v end
     for _, t in ipairs(policy.tables or {}) do
-      tables[#tables + 1], named[t.name or t.table] = t, true
+      tables[#tables + 1] = t
+      named[t.table] = true             -- the same table: theirs wins
+      if t.name then named[t.name] = true end   -- or the same job name
     end
     for _, t in ipairs(history.RETENTION) do
       if not named[t.table] then tables[#tables + 1] = t end

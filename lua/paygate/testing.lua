@@ -28,6 +28,7 @@ local type, error, ipairs, pairs, tostring, setmetatable, assert, pcall =
 local _M = {
   proc = proc, server = server,
   spawn = proc.spawn, wait_until = proc.wait_until, read = proc.read,
+  write = proc.write,
   tmpdir = server.tmpdir, lua_source = server.lua_source,
   free_port = function() return core.free_port() end,
 }
@@ -55,11 +56,7 @@ local function kit_dir()
   return d
 end
 
-local function write(path, data)
-  local f = assert(io.open(path, "wb"))
-  f:write(data)
-  f:close()
-end
+local write = proc.write
 
 local function openssl(args, what)
   local argv = { "openssl" }

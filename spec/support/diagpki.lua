@@ -16,11 +16,7 @@ local function sh(cmd)
   assert(ok == 0 or ok == true, "command failed: " .. cmd)
 end
 
-local function write(path, s)
-  local f = assert(io.open(path, "wb"))
-  f:write(s)
-  f:close()
-end
+local write = require("paygate.testing.proc").write
 
 local function read(path)
   local f = assert(io.open(path, "rb"))

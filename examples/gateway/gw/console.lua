@@ -83,10 +83,12 @@ local function host_of(addr)
          or addr
 end
 
--- "/console" or a path under it (also written "//console/...")
+-- "/console" or a path under it (also written "//console/..."). Runs
+-- after every request of the gateway (its after hook): a plain find
+-- first turns the others away without a pattern match.
 local function under_console(path)
-  return type(path) == "string" and (path:find("^/+console$")
-                                     or path:find("^/+console/")) ~= nil
+  return type(path) == "string" and path:find("console", 1, true) ~= nil
+         and (path:find("^/+console$") or path:find("^/+console/")) ~= nil
 end
 
 local function today()

@@ -9,11 +9,7 @@ local luassert = require "luassert"
 
 local _M = {}
 
-local function write(path, data)
-  local f = assert(io.open(path, "wb"))
-  f:write(data)
-  f:close()
-end
+local write = testing.write
 
 local function read(path)
   local f = assert(io.open(path, "rb"))

@@ -198,6 +198,14 @@ function _M.read(path)
   return s
 end
 
+--- syntax: proc.write(path, data) -- the file's whole content (raises on
+-- failure)
+function _M.write(path, data)
+  local f = assert(io.open(path, "wb"))
+  f:write(data)
+  f:close()
+end
+
 --- syntax: proc.kill_pid(pid[, sig]) -- kill(2) by pid
 function _M.kill_pid(pid, sig) return C.kill(pid, sig or _M.SIGTERM) end
 
