@@ -562,6 +562,24 @@ describe("bill.csv", function()
     assert.equal("12", bill.csv_field(12))
   end)
 
+  it("reads back what it writes: quotes, commas, CR LF inside a field;"
+     .. " at most limit rows", function()
+    local path = tmp .. "/read.csv"
+    assert(bill.write_atomic(path, bill.csv("2026-11-29", {
+      { kind = "state", out_trade_no = 'a,"b"', ["local"] = { state =
+        "x\r\ny", amount = 5 }, remote = { state = "SUCCESS", amount = 6 } },
+      { kind = "amount", out_trade_no = "T2" },
+      { kind = "amount", out_trade_no = "T3" } })))
+    local head, rows = bill.read_csv(path, 2)
+    assert.equal("bill_date", head[1])
+    assert.equal(8, #head)
+    assert.equal(2, #rows)
+    assert.same({ "2026-11-29", "state", 'a,"b"', "", "x\r\ny", "5",
+                  "SUCCESS", "6" }, rows[1])
+    assert.equal("T2", rows[2][3])
+    assert.is_nil(bill.read_csv(tmp .. "/no-such.csv", 2))
+  end)
+
   it("writes atomically: the file appears whole, no part left", function()
     local path = tmp .. "/report.csv"
     assert(bill.write_atomic(path, "a,b\r\n"))

@@ -26,7 +26,7 @@ local type, pairs, ipairs, tostring, error, tonumber, pcall =
 local sub, find, match, byte, gsub, format =
       string.sub, string.find, string.match, string.byte, string.gsub,
       string.format
-local concat, sort = table.concat, table.sort
+local concat, sort, remove = table.concat, table.sort, table.remove
 local floor = math.floor
 
 local _M = {}
@@ -337,6 +337,64 @@ function _M.csv_field(v)
     v = '"' .. gsub(v, '"', '""') .. '"'
   end
   return v
+end
+
+local READ_MAX = 4 * 1024 * 1024
+
+--- syntax: head, rows = bill.read_csv(path, limit)
+-- Reads a report written by bill.csv (RFC 4180: CRLF line ends, a field
+-- quoted when it holds a quote, comma, CR or LF, its quotes doubled): the
+-- header's fields and at most limit rows, each an array of fields (text
+-- as written). nil when the file cannot be opened. Reads at most the
+-- file's first READ_MAX bytes.
+function _M.read_csv(path, limit)
+  local f = io.open(path, "rb")
+  if not f then return nil end
+  -- enough for limit rows of this report, however large the file
+  local text = f:read(READ_MAX) or ""
+  f:close()
+  local records, cells, pos, n = {}, {}, 1, #text
+  while pos <= n and #records <= limit do
+    local cell, stop
+    if sub(text, pos, pos) == '"' then
+      local parts, i = {}, pos + 1
+      while true do
+        local q = find(text, '"', i, true)
+        if not q then                       -- unterminated: the rest
+          parts[#parts + 1] = sub(text, i)
+          i = n + 1
+          break
+        end
+        parts[#parts + 1] = sub(text, i, q - 1)
+        if sub(text, q + 1, q + 1) == '"' then
+          parts[#parts + 1] = '"'
+          i = q + 2
+        else
+          i = q + 1
+          break
+        end
+      end
+      cell, stop = concat(parts), i
+    else
+      stop = find(text, "[,\r\n]", pos) or n + 1
+      cell = sub(text, pos, stop - 1)
+    end
+    cells[#cells + 1] = cell
+    local c = sub(text, stop, stop)
+    if c == "," then
+      pos = stop + 1
+    else                                    -- end of the record
+      records[#records + 1] = cells
+      cells = {}
+      if c == "\r" and sub(text, stop + 1, stop + 1) == "\n" then
+        stop = stop + 1
+      end
+      pos = stop + 1
+    end
+  end
+  if cells[1] and #records <= limit then records[#records + 1] = cells end
+  local head = remove(records, 1) or {}
+  return head, records
 end
 
 local HEADER = { "bill_date", "kind", "out_trade_no", "out_refund_no",

@@ -641,58 +641,6 @@ function _M.run_bill(date)
   return { total = total }
 end
 
--- The report's CSV (RFC 4180, as paygate.reconcile.bill writes it: CRLF
--- line ends, a field quoted when it holds a quote, comma, CR or LF, its
--- quotes doubled): the header and at most limit rows; nil when unreadable.
-local function csv_rows(path, limit)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local text = f:read("*a") or ""
-  f:close()
-  local records, cells, pos, n = {}, {}, 1, #text
-  while pos <= n and #records <= limit do
-    local cell, stop
-    if text:sub(pos, pos) == '"' then
-      local parts, i = {}, pos + 1
-      while true do
-        local q = text:find('"', i, true)
-        if not q then                       -- unterminated: the rest
-          parts[#parts + 1] = text:sub(i)
-          i = n + 1
-          break
-        end
-        parts[#parts + 1] = text:sub(i, q - 1)
-        if text:sub(q + 1, q + 1) == '"' then
-          parts[#parts + 1] = '"'
-          i = q + 2
-        else
-          i = q + 1
-          break
-        end
-      end
-      cell, stop = table.concat(parts), i
-    else
-      stop = text:find("[,\r\n]", pos) or n + 1
-      cell = text:sub(pos, stop - 1)
-    end
-    cells[#cells + 1] = cell
-    local c = text:sub(stop, stop)
-    if c == "," then
-      pos = stop + 1
-    else                                    -- end of the record
-      records[#records + 1] = cells
-      cells = {}
-      if c == "\r" and text:sub(stop + 1, stop + 1) == "\n" then
-        stop = stop + 1
-      end
-      pos = stop + 1
-    end
-  end
-  if cells[1] and #records <= limit then records[#records + 1] = cells end
-  local head = table.remove(records, 1) or {}
-  return head, records
-end
-
 function _M.reconcile(q, view)
   local rows, err = ctx.db:query("SELECT subject, at, actor, evidence FROM"
     .. " paygate_audit WHERE what = 'reconcile.bill' ORDER BY at DESC"
@@ -710,7 +658,7 @@ function _M.reconcile(q, view)
     -- a date's report, of the merchant named (or the first one listed)
     if q.date == ev.date and detail == html.NONE and type(ev.file) == "string"
        and (q.merchant == nil or q.merchant == tostring(ev.merchant)) then
-      local head, cells = csv_rows(ev.file, 500)
+      local head, cells = bill.read_csv(ev.file, 500)
       detail = head and render("<h2>Mismatches of {{d}}, merchant {{m}}</h2>"
         .. "{{t}}", { d = ev.date, m = tostring(ev.merchant),
                       t = table_of(head, cells) }) or render(
