@@ -678,6 +678,30 @@ function _M.check(tx, key, token)
   return true
 end
 
+-- syntax: st = lease.guard(db, key, token)
+-- The same check as a statement for db:atomic: put it first, and the job
+-- writes nothing unless token is still the newest for key (the job fails
+-- with err.kind "conflict", err.name "lease"; lease.fenced(err) tells).
+-- Unlike lease.check it holds no writer between round trips: on SQLite the
+-- job joins the group commit. PostgreSQL takes the same share lock.
+function _M.guard(db, key, token)
+  if not is_sql(db) then
+    error("lease.guard: db must be a paygate.sql handle", 2)
+  end
+  check_key("lease.guard", key)
+  check_token("lease.guard", token)
+  local lock = db.engine == "postgres" and " FOR SHARE" or ""
+  return { "SELECT token FROM paygate_leases WHERE name = $1 AND token = $2"
+           .. lock, { key, token }, expect = 1, name = "lease" }
+end
+
+-- syntax: yes = lease.fenced(err) -- err of a db:atomic whose lease.guard
+-- failed (a newer token was issued)
+function _M.fenced(err)
+  return type(err) == "table" and err.kind == "conflict"
+         and err.name == "lease"
+end
+
 -- syntax: reply, err = lease.fenced_call(client, key, token, cmd, ...)
 -- Runs the Redis command only if token is still the newest for key
 -- (the check and the command run in one script); else nil, err "fenced".

@@ -16,6 +16,9 @@ pcall(ffi.cdef, "int getpid(void);")
 paygate.route("GET", "/pid", function()
   return 200, "pid=" .. ffi.C.getpid() .. "."
 end)
+paygate.route("POST", "/len", function(req)
+  return 200, "len=" .. #req.body .. "."
+end)
 ]]
 
 local function tmpdir()
@@ -93,6 +96,60 @@ describe("TLS edge", function()
 
     teardown(function()
       if s then assert.equal(0, s:stop()) end
+    end)
+
+    it("reads every TLS record that arrives at once (it reads ahead)",
+       function()
+      -- a body in twelve 500-byte records and a pipelined GET, all in one
+      -- send() after the handshake: past the first record the rest wait
+      -- in OpenSSL's buffer, which no socket event announces
+      local py = dir .. "/records.py"
+      local f = assert(io.open(py, "w"))
+      f:write([=[
+import socket, ssl, sys
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+sock = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=8)
+inb, outb = ssl.MemoryBIO(), ssl.MemoryBIO()
+tls = ctx.wrap_bio(inb, outb)
+while True:
+    try:
+        tls.do_handshake()
+        break
+    except ssl.SSLWantReadError:
+        sock.sendall(outb.read())
+        data = sock.recv(65536)
+        if not data:
+            sys.exit("closed during the handshake")
+        inb.write(data)
+sock.sendall(outb.read())
+tls.write(b"POST /len HTTP/1.1\r\nHost: x\r\nContent-Length: 6000\r\n\r\n")
+for _ in range(12):
+    tls.write(b"x" * 500)
+tls.write(b"GET /pid HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+sock.sendall(outb.read())
+got = b""
+while True:
+    try:
+        got += tls.read(65536)
+        continue
+    except ssl.SSLWantReadError:
+        pass
+    except ssl.SSLZeroReturnError:
+        break
+    data = sock.recv(65536)
+    if not data:
+        break
+    inb.write(data)
+sys.stdout.write(got.decode("latin-1"))
+]=])
+      f:close()
+      local t0 = os.time()
+      local _, out = sh(("python3 %s %d 2>&1"):format(py, s.port))
+      assert.truthy(out:find("len=6000.", 1, true), out:sub(-600))
+      assert.truthy(out:find("pid=%d+%."), out:sub(-600))
+      assert.is_true(os.time() - t0 < 6, "answered only after a timeout")
     end)
 
     it("resumes a session on a worker that did not issue it", function()

@@ -465,6 +465,17 @@ for engine, open in pairs(stores) do
       end)
       assert.is_nil(ok)
       assert.equal("fenced", err.kind)
+      -- the same check as the first statement of a write job: the stale
+      -- token writes nothing, the current one goes through
+      local bump = { "UPDATE paygate_outbox SET attempts = attempts + 10"
+                     .. " WHERE id = $1", { id } }
+      local res, gerr = db:atomic({ lease.guard(db, la.key, la.token), bump })
+      assert.is_nil(res)
+      assert.is_true(lease.fenced(gerr))
+      assert.equal(1, row(db, id).attempts)
+      local lb = assert(b.leases[0])
+      assert.truthy(db:atomic({ lease.guard(db, lb.key, lb.token), bump }))
+      assert.equal(11, row(db, id).attempts)
       b:stop()
       a:stop()
       db:close()

@@ -67,4 +67,10 @@ describe("sql.open options", function()
     local db = assert(sql.open(base .. "?pool=4&readers=1"))
     db:close()
   end)
+
+  it("keeps SQLite's savepoint journals in memory (each write job runs in"
+     .. " a savepoint; spilled to a temporary file, a notification's job"
+     .. " cost ~45 pwrite calls)", function()
+    assert.is_true(require("paygate.sqlite.core").subjournal_in_memory)
+  end)
 end)

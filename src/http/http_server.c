@@ -155,7 +155,7 @@ idle_victim(void)
         char b;
 
         if (c->state != ST_HEAD || c->in_len != 0 || c->out_len != 0
-            || (c->ssl != NULL && SSL_pending(c->ssl) > 0)
+            || (c->ssl != NULL && SSL_has_pending(c->ssl))
             || recv(c->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) > 0) {
             continue;           /* a request is on its way */
         }
@@ -761,7 +761,10 @@ conn_read(struct gw_conn *c)
         }
         idle_leave(c);
         c->in_len += (size_t) n;
-        if (c->in_len < c->in_cap) {
+        /* TLS reads ahead (tls.c): records it holds are signalled by no
+         * socket event, so read on while it has any */
+        if (c->in_len < c->in_cap
+            && (c->ssl == NULL || !SSL_has_pending(c->ssl))) {
             return 1;
         }
     }
@@ -852,7 +855,7 @@ conn_flush(struct gw_conn *c)
         return;
     }
     /* TLS may hold decrypted bytes the socket will not signal again */
-    if (c->ssl != NULL && c->state == ST_HEAD && SSL_pending(c->ssl) > 0) {
+    if (c->ssl != NULL && c->state == ST_HEAD && SSL_has_pending(c->ssl)) {
         conn_on_read(c->fd, EV_READ, c);
     }
 }
@@ -1074,6 +1077,13 @@ on_accept(evutil_socket_t lfd, short what, void *arg)
         c->started = gw_loop_mono();
         conn_read_on(c, 1);
         gw_conn_timer(c, gw_srv.conf.header_timeout);
+        if (c->ssl != NULL) {
+            /* The ClientHello is usually in by now (a client sends it as
+             * soon as connect returns): start the handshake at once, not
+             * a loop turn later. If it is not there yet, this costs one
+             * read that finds nothing, and the read event takes over. */
+            conn_on_read(fd, EV_READ, c);
+        }
     }
 }
 

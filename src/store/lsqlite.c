@@ -1811,9 +1811,33 @@ static const luaL_Reg lsqlite_funcs[] = {
     { NULL, NULL }
 };
 
+/*
+ * Every write job runs in its own SAVEPOINT, and SQLite keeps the first
+ * image of each page a savepoint changes in a sub-journal. By default
+ * that journal spills to a temporary file past 64 KiB: a notification's
+ * job (some twenty pages) then cost ~45 pwrite() calls of its own, most of
+ * the writer's system time. Keeping sub-journals in memory up to 8 MiB (a
+ * job's images are dropped when it ends; a bigger one, a bulk UPDATE,
+ * still spills) removes them. Process-wide: only possible before SQLite
+ * initialises, which opening a database does; so it runs once, here.
+ */
+#define LSQLITE_STMT_SPILL  (8 * 1024 * 1024)
+
+static int lsqlite_spill_rc = -1;
+
+static void
+lsqlite_configure(void)
+{
+    lsqlite_spill_rc = sqlite3_config(SQLITE_CONFIG_STMTJRNL_SPILL,
+                                      LSQLITE_STMT_SPILL);
+}
+
 int
 luaopen_paygate_sqlite_core(lua_State *L)
 {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+
+    pthread_once(&once, lsqlite_configure);
     luaL_newmetatable(L, LSQLITE_MT);
     lua_pushcfunction(L, lsqlite_gc);
     lua_setfield(L, -2, "__gc");
@@ -1825,5 +1849,7 @@ luaopen_paygate_sqlite_core(lua_State *L)
     luaL_register(L, NULL, lsqlite_funcs);
     lua_pushstring(L, sqlite3_libversion());
     lua_setfield(L, -2, "version");
+    lua_pushboolean(L, lsqlite_spill_rc == SQLITE_OK);
+    lua_setfield(L, -2, "subjournal_in_memory");
     return 1;
 }
