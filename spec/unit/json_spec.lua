@@ -48,6 +48,173 @@ describe("paygate.json.decode", function()
   end)
 end)
 
+describe("paygate.json.decode, strictly RFC 8259", function()
+  local jcore = require "paygate.json.core"
+
+  local function refused(text, what)
+    local v, err = json.decode(text)
+    assert.is_nil(v, text)
+    assert.equal("invalid_json", err.kind, text)
+    if what then assert.matches(what, err.message, 1, true) end
+    return err
+  end
+
+  it("refuses what lua-cjson let through", function()
+    refused('[1.]', "a digit must follow '.'")
+    refused('[1.e5]', "a digit must follow '.'")
+    refused('[01]', "expected ',' or ']'")
+    refused('["a\tb"]', "control character in a string")
+    refused('"a"\0', "more after the value at byte 4")
+    refused('[1,]', "expected a value at byte 4")
+    refused('{"a":1,}', "expected a string key")
+  end)
+
+  it("says what is wrong and where", function()
+    assert.equal("more after the value at byte 8",
+                 refused('{"a":1}x').message)
+    assert.equal("expected a value at the end of the text",
+                 refused('').message)
+    refused('"\\ud800"', "high surrogate without its low half at byte 2")
+    refused('"\\udc00"', "lone low surrogate")
+    refused('"\\x"', "unknown escape")
+    refused('"\\u12g4"', "bad hex digit")
+    refused('"abc', "unterminated string")
+    refused('{"a" 1}', "expected ':'")
+    refused('tru', "expected a value")
+  end)
+
+  it("decodes escapes, surrogate pairs, \\u0000 and long strings", function()
+    assert.equal("x\u{e9}\u{1F600}\n\0/\"\\\b\f\r\t",
+      json.decode('"x\\u00e9\\ud83d\\ude00\\n\\u0000\\/\\"\\\\\\b\\f\\r\\t"'))
+    local long = ("ab"):rep(3000)
+    assert.equal(long .. "\n" .. long, json.decode('"' .. long .. '\\n'
+                                                   .. long .. '"'))
+    assert.equal("\u{e9}\u{e9}", json.decode('"\u{e9}\\u00e9"'))
+  end)
+
+  it("keeps the last of duplicate keys; gives -0, big and tiny numbers",
+     function()
+    assert.same({ a = 2 }, json.decode('{"a":1,"a":2}'))
+    assert.equal(-math.huge, 1 / json.decode("-0"))
+    assert.equal(123456789012345678, json.decode("123456789012345678"))
+    assert.equal(9007199254740993 + 0, json.decode("9007199254740993"))
+    assert.equal(0, json.decode("1e-400"))
+    assert.equal(-1.5e-3, json.decode(" \t\r\n-1.5E-3 \n"))
+  end)
+
+  it("nests 1000 deep and no deeper", function()
+    local ok = ("["):rep(1000) .. ("]"):rep(1000)
+    assert.is_table(json.decode(ok))
+    refused("[" .. ok .. "]", "nesting deeper than 1000")
+  end)
+
+  -- lua-cjson (numbers strict, depth 1000, and no overflow to inf) as the
+  -- reference: what it refuses is refused here; what is accepted here it
+  -- accepts with the same value; what it accepts and this refuses has a
+  -- raw control character or a "1." number in it.
+  local ref = cjson.new()
+  ref.decode_invalid_numbers(false)
+  ref.decode_max_depth(1000)
+  local function ref_decode(text)
+    local ok, v = pcall(ref.decode, text)
+    if not ok or not jcore.finite(v) then return nil end
+    return v
+  end
+
+  local function same(a, b)
+    if type(a) ~= type(b) then return false end
+    if type(a) ~= "table" then
+      return a == b or (a ~= a and b ~= b)
+    end
+    for k, v in pairs(a) do
+      if not same(v, b[k]) then return false end
+    end
+    for k in pairs(b) do
+      if a[k] == nil then return false end
+    end
+    return true
+  end
+
+  -- a seeded generator, so that a failure is the same failure again
+  local seed = 20261130
+  local function rnd(n)
+    seed = (seed * 1103515245 + 12345) % 2147483648
+    return seed % n + 1
+  end
+  local ATOMS = { "0", "-0", "1", "-12", "3.25", "1e5", "-2.5E-3", "1E+2",
+    "123456789012345678901234", "0.000001", "true", "false", "null",
+    '""', '"a"', '"\\u00e9x"', '"\\ud83d\\ude00"', '"tab\\there"',
+    '"\u{e4}\u{f6}"', '"\\\\\\"\\/"', '"' .. ("z"):rep(70) .. '"' }
+  local WS = { "", "", "", " ", "\n", "\t ", "\r\n" }
+  local function gen(depth)
+    local r = rnd(depth > 4 and 1 or 3)
+    if r == 1 then return ATOMS[rnd(#ATOMS)] end
+    local parts, n = {}, rnd(4) - 1
+    for i = 1, n do
+      local v = gen(depth + 1)
+      if r == 2 then
+        parts[i] = WS[rnd(#WS)] .. v .. WS[rnd(#WS)]
+      else
+        parts[i] = WS[rnd(#WS)] .. '"k' .. rnd(5) .. '"' .. WS[rnd(#WS)]
+                   .. ":" .. WS[rnd(#WS)] .. v
+      end
+    end
+    if r == 2 then return "[" .. table.concat(parts, ",") .. "]" end
+    return "{" .. table.concat(parts, ",") .. WS[rnd(#WS)] .. "}"
+  end
+  local BYTES = { "{", "}", "[", "]", ":", ",", '"', "\\", "u", "0", "1",
+    "9", "e", "E", ".", "+", "-", "t", "n", "l", " ", "\t", "\n", "\1",
+    "\0", "\127", "\200", "d8", "dc", "x", "'" }
+  local function mutate(text)
+    for _ = 1, rnd(3) do
+      local at = rnd(#text + 1)
+      local k = rnd(3)
+      if k == 1 then                                  -- insert
+        text = text:sub(1, at - 1) .. BYTES[rnd(#BYTES)] .. text:sub(at)
+      elseif k == 2 and #text > 0 then                -- delete
+        text = text:sub(1, at - 1) .. text:sub(at + 1)
+      else                                            -- replace
+        text = text:sub(1, at - 1) .. BYTES[rnd(#BYTES)] .. text:sub(at + 1)
+      end
+    end
+    return text
+  end
+
+  it("decodes 3,000 generated documents as lua-cjson does", function()
+    for i = 1, 3000 do
+      local text = WS[rnd(#WS)] .. gen(0) .. WS[rnd(#WS)]
+      local v, err = json.decode(text)
+      assert(v ~= nil, ("#%d %q: %s"):format(i, text, tostring(err)))
+      assert(same(v, ref_decode(text)), ("#%d %q"):format(i, text))
+    end
+  end)
+
+  it("agrees with lua-cjson on 20,000 mutated documents", function()
+    local accepted, refused_n = 0, 0
+    for i = 1, 20000 do
+      local text = mutate(gen(0))
+      local v = json.decode(text)
+      local r = ref_decode(text)
+      if v ~= nil then
+        accepted = accepted + 1
+        assert(r ~= nil, ("#%d accepted what lua-cjson refuses: %q")
+                         :format(i, text))
+        assert(same(v, r), ("#%d decoded differently: %q"):format(i, text))
+      else
+        refused_n = refused_n + 1
+        if r ~= nil then
+          assert(text:find("[%z\1-\31]") or text:find("%d%.[^%d]")
+                 or text:find("%d%.$"),
+                 ("#%d refused what lua-cjson accepts: %q"):format(i, text))
+        end
+      end
+    end
+    -- both kinds were exercised
+    assert.is_true(accepted > 1000 and refused_n > 1000,
+                   accepted .. " accepted, " .. refused_n .. " refused")
+  end)
+end)
+
 describe("paygate.json.encode", function()
   local function refuses(v, msg)
     local ok, e = pcall(json.encode, v)

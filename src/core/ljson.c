@@ -1,6 +1,7 @@
 /*
  * ljson.c -- paygate.json.core: the JSON encoder of every response body
- * and log line, and the cheap overflow test of the decoder.
+ * and log line, and the strict decoder of every JSON text from outside
+ * (decode, at the end of this file).
  *
  * Why not cjson.encode: lua-cjson 2.1.0 writes at most 14 significant
  * digits, so 123456789012345 left as 1.2345678901234e+14 while storage
@@ -447,6 +448,438 @@ ljson_finite(lua_State *L)
     return 1;
 }
 
+/* ---- decoding ------------------------------------------------------- */
+
+/*
+ * paygate.json.core.decode(text) -> value | nil, message
+ *
+ * RFC 8259, strictly: numbers only in JSON's grammar (no "+1", "01",
+ * "1.", ".5", hex, Infinity, NaN) and within a double's range (1e999 is
+ * refused, not made inf), no raw control characters in strings, no
+ * trailing commas, nothing after the value, nesting at most
+ * JSON_MAX_DEPTH. \u escapes become UTF-8 (a surrogate pair one code
+ * point; a lone surrogate is refused); other bytes are kept as they are.
+ * null is the NULL light userdata (cjson.null). Objects and arrays are
+ * plain tables; a duplicate key keeps its last value. Strings without
+ * escapes go to Lua straight from the text, in one piece.
+ */
+struct json_dec {
+    const unsigned char *p;     /* next byte */
+    const unsigned char *end;   /* one past the last */
+    const unsigned char *start; /* the text (for positions) */
+    int                  depth; /* containers open */
+    const char          *err;   /* what went wrong, or NULL */
+    const unsigned char *at;    /* where */
+};
+
+/* bytes a string's fast scan stops at: '"', '\\' and controls */
+static const unsigned char json_str_stop[256] = {
+    [0 ... 0x1F] = 1, ['"'] = 1, ['\\'] = 1
+};
+
+static int
+dec_fail(struct json_dec *d, const char *what)
+{
+    if (d->err == NULL) {
+        d->err = what;
+        d->at = d->p;
+    }
+    return -1;
+}
+
+static inline void
+dec_ws(struct json_dec *d)
+{
+    while (d->p < d->end && (*d->p == ' ' || *d->p == '\n' || *d->p == '\r'
+                             || *d->p == '\t')) {
+        d->p++;
+    }
+}
+
+static int
+dec_hex4(struct json_dec *d, unsigned *out)
+{
+    unsigned v = 0;
+
+    if (d->end - d->p < 4) {
+        return dec_fail(d, "short \\u escape");
+    }
+    for (int i = 0; i < 4; i++) {
+        unsigned c = d->p[i];
+
+        v <<= 4;
+        if (c >= '0' && c <= '9') {
+            v |= c - '0';
+        } else if ((c | 0x20) >= 'a' && (c | 0x20) <= 'f') {
+            v |= (c | 0x20) - 'a' + 10;
+        } else {
+            return dec_fail(d, "bad hex digit in a \\u escape");
+        }
+    }
+    d->p += 4;
+    *out = v;
+    return 0;
+}
+
+/* d->p just past the opening quote; pushes the string. */
+static int
+dec_string(lua_State *L, struct json_dec *d)
+{
+    const unsigned char *s = d->p, *p = d->p, *end = d->end;
+    luaL_Buffer b;
+
+    while (p < end && !json_str_stop[*p]) {
+        p++;
+    }
+    if (p < end && *p == '"') {
+        lua_pushlstring(L, (const char *) s, (size_t) (p - s));
+        d->p = p + 1;
+        return 0;
+    }
+    luaL_buffinit(L, &b);
+    luaL_addlstring(&b, (const char *) s, (size_t) (p - s));
+    for (;;) {
+        unsigned c, cp, lo;
+        char u[4];
+        int n;
+
+        if (p >= end) {
+            d->p = p;
+            return dec_fail(d, "unterminated string");
+        }
+        c = *p;
+        if (c == '"') {
+            break;
+        }
+        if (c < 0x20) {
+            d->p = p;
+            return dec_fail(d, "control character in a string (escape it)");
+        }
+        if (c != '\\') {
+            s = p;
+            while (p < end && !json_str_stop[*p]) {
+                p++;
+            }
+            luaL_addlstring(&b, (const char *) s, (size_t) (p - s));
+            continue;
+        }
+        if (p + 1 >= end) {
+            d->p = p;
+            return dec_fail(d, "unterminated string");
+        }
+        c = p[1];
+        p += 2;
+        switch (c) {
+        case '"': luaL_addchar(&b, '"'); continue;
+        case '\\': luaL_addchar(&b, '\\'); continue;
+        case '/': luaL_addchar(&b, '/'); continue;
+        case 'b': luaL_addchar(&b, '\b'); continue;
+        case 'f': luaL_addchar(&b, '\f'); continue;
+        case 'n': luaL_addchar(&b, '\n'); continue;
+        case 'r': luaL_addchar(&b, '\r'); continue;
+        case 't': luaL_addchar(&b, '\t'); continue;
+        case 'u': break;
+        default:
+            d->p = p - 2;
+            return dec_fail(d, "unknown escape in a string");
+        }
+        d->p = p;
+        if (dec_hex4(d, &cp) != 0) {
+            return -1;
+        }
+        p = d->p;
+        if (cp >= 0xDC00 && cp <= 0xDFFF) {
+            d->p = p - 6;
+            return dec_fail(d, "lone low surrogate in a \\u escape");
+        }
+        if (cp >= 0xD800 && cp <= 0xDBFF) {
+            if (end - p < 6 || p[0] != '\\' || p[1] != 'u') {
+                d->p = p - 6;
+                return dec_fail(d, "high surrogate without its low half");
+            }
+            d->p = p + 2;
+            if (dec_hex4(d, &lo) != 0) {
+                return -1;
+            }
+            if (lo < 0xDC00 || lo > 0xDFFF) {
+                d->p = p;
+                return dec_fail(d, "high surrogate without its low half");
+            }
+            p = d->p;
+            cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+        }
+        if (cp < 0x80) {
+            u[0] = (char) cp;
+            n = 1;
+        } else if (cp < 0x800) {
+            u[0] = (char) (0xC0 | (cp >> 6));
+            u[1] = (char) (0x80 | (cp & 0x3F));
+            n = 2;
+        } else if (cp < 0x10000) {
+            u[0] = (char) (0xE0 | (cp >> 12));
+            u[1] = (char) (0x80 | ((cp >> 6) & 0x3F));
+            u[2] = (char) (0x80 | (cp & 0x3F));
+            n = 3;
+        } else {
+            u[0] = (char) (0xF0 | (cp >> 18));
+            u[1] = (char) (0x80 | ((cp >> 12) & 0x3F));
+            u[2] = (char) (0x80 | ((cp >> 6) & 0x3F));
+            u[3] = (char) (0x80 | (cp & 0x3F));
+            n = 4;
+        }
+        luaL_addlstring(&b, u, (size_t) n);
+    }
+    luaL_pushresult(&b);
+    d->p = p + 1;
+    return 0;
+}
+
+static int
+dec_number(lua_State *L, struct json_dec *d)
+{
+    const unsigned char *s = d->p, *p = d->p, *end = d->end;
+    int integral = 1;
+    double v;
+
+    if (p < end && *p == '-') {
+        p++;
+    }
+    if (p < end && *p == '0') {
+        p++;
+    } else if (p < end && *p >= '1' && *p <= '9') {
+        while (p < end && *p >= '0' && *p <= '9') {
+            p++;
+        }
+    } else {
+        return dec_fail(d, "invalid number");
+    }
+    if (p < end && *p == '.') {
+        p++;
+        if (!(p < end && *p >= '0' && *p <= '9')) {
+            d->p = p;
+            return dec_fail(d, "invalid number (a digit must follow '.')");
+        }
+        while (p < end && *p >= '0' && *p <= '9') {
+            p++;
+        }
+        integral = 0;
+    }
+    if (p < end && (*p == 'e' || *p == 'E')) {
+        p++;
+        if (p < end && (*p == '+' || *p == '-')) {
+            p++;
+        }
+        if (!(p < end && *p >= '0' && *p <= '9')) {
+            d->p = p;
+            return dec_fail(d, "invalid number (a digit must follow 'e')");
+        }
+        while (p < end && *p >= '0' && *p <= '9') {
+            p++;
+        }
+        integral = 0;
+    }
+    if (integral && p - s - (*s == '-') <= 18) {
+        /* fits an int64: its conversion rounds like strtod, and is faster */
+        const unsigned char *q = s + (*s == '-');
+        int64_t n = 0;
+
+        while (q < p) {
+            n = n * 10 + (*q++ - '0');
+        }
+        v = (double) (*s == '-' ? -n : n);
+        if (n == 0 && *s == '-') {
+            v = -0.0;
+        }
+    } else {
+        char buf[64], *tmp = buf, *ep;
+        size_t len = (size_t) (p - s);
+
+        if (len >= sizeof(buf)) {
+            tmp = malloc(len + 1);
+            if (tmp == NULL) {
+                return dec_fail(d, "no memory for a number");
+            }
+        }
+        memcpy(tmp, s, len);
+        tmp[len] = '\0';
+        v = strtod(tmp, &ep);
+        if (tmp != buf) {
+            free(tmp);
+        }
+        if (!isfinite(v)) {
+            return dec_fail(d, "number out of range");
+        }
+    }
+    lua_pushnumber(L, (lua_Number) v);
+    d->p = p;
+    return 0;
+}
+
+static int dec_value(lua_State *L, struct json_dec *d);
+
+static int
+dec_object(lua_State *L, struct json_dec *d)
+{
+    d->p++;                                 /* '{' */
+    lua_createtable(L, 0, 4);
+    dec_ws(d);
+    if (d->p < d->end && *d->p == '}') {
+        d->p++;
+        return 0;
+    }
+    for (;;) {
+        if (d->p >= d->end || *d->p != '"') {
+            return dec_fail(d, "expected a string key");
+        }
+        d->p++;
+        if (dec_string(L, d) != 0) {
+            return -1;
+        }
+        dec_ws(d);
+        if (d->p >= d->end || *d->p != ':') {
+            return dec_fail(d, "expected ':' after a key");
+        }
+        d->p++;
+        dec_ws(d);
+        if (dec_value(L, d) != 0) {
+            return -1;
+        }
+        lua_rawset(L, -3);
+        dec_ws(d);
+        if (d->p < d->end && *d->p == ',') {
+            d->p++;
+            dec_ws(d);
+            continue;
+        }
+        if (d->p < d->end && *d->p == '}') {
+            d->p++;
+            return 0;
+        }
+        return dec_fail(d, "expected ',' or '}' in an object");
+    }
+}
+
+static int
+dec_array(lua_State *L, struct json_dec *d)
+{
+    int i = 0;
+
+    d->p++;                                 /* '[' */
+    lua_createtable(L, 4, 0);
+    dec_ws(d);
+    if (d->p < d->end && *d->p == ']') {
+        d->p++;
+        return 0;
+    }
+    for (;;) {
+        if (dec_value(L, d) != 0) {
+            return -1;
+        }
+        lua_rawseti(L, -2, ++i);
+        dec_ws(d);
+        if (d->p < d->end && *d->p == ',') {
+            d->p++;
+            dec_ws(d);
+            continue;
+        }
+        if (d->p < d->end && *d->p == ']') {
+            d->p++;
+            return 0;
+        }
+        return dec_fail(d, "expected ',' or ']' in an array");
+    }
+}
+
+static int
+dec_literal(struct json_dec *d, const char *word, size_t n)
+{
+    if ((size_t) (d->end - d->p) < n || memcmp(d->p, word, n) != 0) {
+        return dec_fail(d, "expected a value");
+    }
+    d->p += n;
+    return 0;
+}
+
+/* d->p at the value's first byte (whitespace skipped) */
+static int
+dec_value(lua_State *L, struct json_dec *d)
+{
+    int rc;
+
+    if (d->p >= d->end) {
+        return dec_fail(d, "expected a value");
+    }
+    switch (*d->p) {
+    case '{':
+    case '[':
+        if (++d->depth > JSON_MAX_DEPTH) {
+            return dec_fail(d, "nesting deeper than 1000");
+        }
+        luaL_checkstack(L, 4, "paygate.json.decode: document too deep");
+        rc = *d->p == '{' ? dec_object(L, d) : dec_array(L, d);
+        d->depth--;
+        return rc;
+    case '"':
+        d->p++;
+        return dec_string(L, d);
+    case 't':
+        if (dec_literal(d, "true", 4) != 0) {
+            return -1;
+        }
+        lua_pushboolean(L, 1);
+        return 0;
+    case 'f':
+        if (dec_literal(d, "false", 5) != 0) {
+            return -1;
+        }
+        lua_pushboolean(L, 0);
+        return 0;
+    case 'n':
+        if (dec_literal(d, "null", 4) != 0) {
+            return -1;
+        }
+        lua_pushlightuserdata(L, NULL);
+        return 0;
+    default:
+        if (*d->p == '-' || (*d->p >= '0' && *d->p <= '9')) {
+            return dec_number(L, d);
+        }
+        return dec_fail(d, "expected a value");
+    }
+}
+
+static int
+ljson_decode(lua_State *L)
+{
+    size_t len;
+    const char *text = luaL_checklstring(L, 1, &len);
+    struct json_dec d;
+
+    d.start = d.p = (const unsigned char *) text;
+    d.end = d.p + len;
+    d.depth = 0;
+    d.err = NULL;
+    d.at = NULL;
+    lua_settop(L, 1);
+    dec_ws(&d);
+    if (dec_value(L, &d) == 0) {
+        dec_ws(&d);
+        if (d.p == d.end) {
+            return 1;
+        }
+        dec_fail(&d, "more after the value");
+    }
+    lua_settop(L, 1);
+    lua_pushnil(L);
+    if (d.at != NULL && d.at < d.end) {
+        lua_pushfstring(L, "%s at byte %d", d.err,
+                        (int) (d.at - d.start) + 1);
+    } else {
+        lua_pushfstring(L, "%s at the end of the text", d.err);
+    }
+    return 2;
+}
+
 int
 luaopen_paygate_json_core(lua_State *L)
 {
@@ -463,6 +896,8 @@ luaopen_paygate_json_core(lua_State *L)
     lua_setfield(L, -2, "encode");
     lua_pushcfunction(L, ljson_finite);
     lua_setfield(L, -2, "finite");
+    lua_pushcfunction(L, ljson_decode);
+    lua_setfield(L, -2, "decode");
     lua_pushlightuserdata(L, (void *) &empty_array_key);
     lua_setfield(L, -2, "empty_array");
     return 1;
