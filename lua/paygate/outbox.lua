@@ -586,7 +586,7 @@ function _M.dispatcher(db, opts)
     error("outbox.dispatcher: opts must be a table", 2)
   end
   local d = { db = db, sinks = normalize_sinks(opts.sinks), leases = {},
-              probe_at = {},
+              probe_at = {}, queued = {}, recording = false,
               now = opts.now or core.time, random = opts.random
                 or math.random, next_prune = 0,
               stats = { delivered = 0, failed = 0, dead = 0, fenced = 0,
@@ -778,6 +778,76 @@ local function err_text(e)
   return s
 end
 
+-- The outcomes of deliveries are recorded in batches. A delivery queues
+-- its outcome and, unless another task is already recording, records
+-- everything queued: one write job (db:atomic) per shard and fencing
+-- token, lease.guard first, so a round of N deliveries costs a few jobs
+-- (on SQLite they join the group commit) instead of N transactions. A
+-- recorder keeps going until the queue is empty, so when a round's
+-- deliveries have returned, all their outcomes are recorded (the next
+-- round's heads must not include a delivered row).
+local function record_group(self, p, token, list)
+  local db = self.db
+  local stmts = { lease.guard(db, lease_key(self, p), token) }
+  for _, o in ipairs(list) do
+    stmts[#stmts + 1] = o.mark
+  end
+  local ok, err = db:atomic(stmts)
+  local fenced = not ok and lease.fenced(err)
+  local stats = self.stats
+  local name = measured_name(self)
+  for _, o in ipairs(list) do
+    lease.measure(name, core.mono() - o.started)
+    if ok then
+      stats[o.outcome] = stats[o.outcome] + 1
+      if o.outcome == "dead" then
+        log_warn("outbox: dead letter", { id = o.row.id, type = o.row.type,
+                                          error = concat(o.errs, "; ") })
+      end
+    else
+      if fenced then
+        stats.fenced = stats.fenced + 1
+      else
+        stats.errors = stats.errors + 1
+      end
+      log_warn("outbox: outcome not recorded", { id = o.row.id,
+        error = fenced and ("fenced: lease " .. lease_key(self, p)
+                            .. ": token " .. tostring(token)
+                            .. " is no longer the newest")
+                or tostring(err) })
+    end
+  end
+  if fenced and self.leases[p] == list[1].l then
+    self.leases[p] = nil
+  end
+end
+
+local function record_queued(self)
+  if self.recording then
+    return
+  end
+  self.recording = true
+  while self.queued[1] ~= nil do
+    local q = self.queued
+    self.queued = {}
+    local groups, order = {}, {}
+    for _, o in ipairs(q) do
+      local k = o.p .. ":" .. tostring(o.token)
+      local g = groups[k]
+      if not g then
+        g = { p = o.p, token = o.token }
+        groups[k] = g
+        order[#order + 1] = g
+      end
+      g[#g + 1] = o
+    end
+    for _, g in ipairs(order) do
+      record_group(self, g.p, g.token, g)
+    end
+  end
+  self.recording = false
+end
+
 -- Delivers one head to every sink that has not had it yet and records
 -- the outcome under the shard's fencing token. The lease is renewed here
 -- too once half of it is gone (a round of slow sinks can outlast it).
@@ -822,12 +892,8 @@ local function deliver_row(self, row, p, l)
       end
     end
   end
-  local now = self.now()
-  local key, token = lease_key(self, p), l.token
-  -- the outcome under the shard's fencing token, as one write job (it
-  -- joins SQLite's group commit instead of holding the writer for a
-  -- transaction's round trips)
   local outcome, mark
+  local now = self.now()
   if #errs == 0 then
     outcome = "delivered"
     mark = { MARK_DONE, { row.id, now, join_set(done) } }
@@ -844,31 +910,10 @@ local function deliver_row(self, row, p, l)
     mark = { MARK_FAIL, { row.id, state, next_at, join_set(done),
                           concat(errs, "; ") } }
   end
-  local ok, err = self.db:atomic({ lease.guard(self.db, key, token), mark })
-  if not ok and lease.fenced(err) then
-    err = core.error("fenced", "lease " .. key .. ": token "
-                     .. tostring(token) .. " is no longer the newest")
-  end
-  lease.measure(measured_name(self), core.mono() - started)
-  local stats = self.stats
-  if not ok then
-    if err.kind == "fenced" then
-      stats.fenced = stats.fenced + 1
-      if self.leases[p] == l then
-        self.leases[p] = nil
-      end
-    else
-      stats.errors = stats.errors + 1
-    end
-    log_warn("outbox: outcome not recorded", { id = row.id,
-                                               error = tostring(err) })
-    return
-  end
-  stats[outcome] = stats[outcome] + 1
-  if outcome == "dead" then
-    log_warn("outbox: dead letter", { id = row.id, type = row.type,
-                                      error = concat(errs, "; ") })
-  end
+  local q = self.queued
+  q[#q + 1] = { row = row, p = p, l = l, token = l.token, mark = mark,
+                outcome = outcome, errs = errs, started = started }
+  record_queued(self)
 end
 
 -- syntax: n = d:step()
@@ -883,6 +928,9 @@ function Dispatcher:step()
     return 0, err
   end
   self.stats.rounds = self.stats.rounds + 1
+  -- (a round that raised may have left the recorder's flag set; what it
+  -- queued is recorded with this round's)
+  self.recording = false
   refresh_leases(self)
   local work = {}
   local now = self.now()
@@ -914,6 +962,7 @@ function Dispatcher:step()
   for _, t in ipairs(tasks) do
     t:wait()
   end
+  record_queued(self)          -- what a raised round left, if anything
   self.workers = nil
   if self.prune and now >= self.next_prune then
     self.next_prune = now + self.prune_interval
