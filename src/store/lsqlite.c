@@ -57,6 +57,7 @@
 #include <string.h>
 #include <time.h>
 #include <sqlite3.h>
+#include <event2/event.h>
 #include <lauxlib.h>
 
 #include "loop.h"
@@ -138,6 +139,8 @@ struct lsqlite_db {
     struct lsqlite_job  *rq, *rq_tail;   /* reader jobs */
     long               active_tx;/* txid the writer serves, 0 if none */
     int                open_ok;  /* writer opened the file */
+    int                wake_deferred; /* on wake_list: the writer is woken
+                                    at the end of the loop turn */
     /* configuration, read-only after open */
     char              *path;
     int                nreaders;
@@ -1366,6 +1369,69 @@ job_new(lua_State *L, struct lsqlite_db *db, enum lsqlite_op op)
 
 enum lsqlite_queue { LSQLITE_Q_WRITER, LSQLITE_Q_TX, LSQLITE_Q_READER };
 
+/*
+ * The writer is woken once per loop turn, not once per job. A turn of the
+ * loop often runs many requests, each queueing a write; woken by the
+ * first, the writer (which on a machine with few cores shares one with
+ * the loop) would start a batch of one, commit it, and the others would
+ * wait for the next fsync. Instead the first job of a turn puts its
+ * database on wake_list and makes wake_ev active: libevent runs it after
+ * the turn's other active events, and it wakes each listed writer then,
+ * with all of the turn's jobs queued: one batch, one commit. Transactions'
+ * statements and reads are not deferred (a transaction holds the writer
+ * between its round trips; a read's result is awaited).
+ */
+static struct lsqlite_db **wake_list;   /* loop thread only */
+static int                 wake_n, wake_cap;
+static struct event       *wake_ev;
+
+static void
+wake_writers(evutil_socket_t fd, short what, void *arg)
+{
+    int i, n = wake_n;
+
+    wake_n = 0;
+    for (i = 0; i < n; i++) {
+        struct lsqlite_db *db = wake_list[i];
+
+        pthread_mutex_lock(&db->mu);
+        db->wake_deferred = 0;
+        pthread_cond_signal(&db->wcond);
+        pthread_mutex_unlock(&db->mu);
+        db_unref(db);                 /* taken by wake_writer() */
+    }
+}
+
+/* With db->mu held: wakes the writer at the end of this loop turn, or
+ * now when that cannot be arranged. */
+static void
+wake_writer(struct lsqlite_db *db)
+{
+    if (db->wake_deferred) {
+        return;
+    }
+    if (wake_ev == NULL) {
+        wake_ev = event_new(gw_loop_base(), -1, 0, wake_writers, NULL);
+    }
+    if (wake_n == wake_cap) {
+        int cap = wake_cap ? wake_cap * 2 : 8;
+        struct lsqlite_db **l = realloc(wake_list, cap * sizeof(*l));
+
+        if (l != NULL) {
+            wake_list = l;
+            wake_cap = cap;
+        }
+    }
+    if (wake_ev == NULL || wake_n == wake_cap) {
+        pthread_cond_signal(&db->wcond);
+        return;
+    }
+    db->refs++;                       /* dropped by wake_writers() */
+    db->wake_deferred = 1;
+    wake_list[wake_n++] = db;
+    event_active(wake_ev, EV_READ, 0);
+}
+
 /* Queues j and yields until it is delivered. Frees j on failure. */
 static int
 submit(lua_State *L, struct lsqlite_job *j, enum lsqlite_queue q)
@@ -1390,7 +1456,7 @@ submit(lua_State *L, struct lsqlite_job *j, enum lsqlite_queue q)
         pthread_cond_signal(&db->rcond);
     } else {
         queue_push(&db->wq, &db->wq_tail, j);
-        pthread_cond_signal(&db->wcond);
+        wake_writer(db);
     }
     pthread_mutex_unlock(&db->mu);
     return gw_co_wait(L, job_cancel, j);
