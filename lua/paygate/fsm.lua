@@ -924,8 +924,8 @@ function Machine:applied(plan)
   count("transitions", self.name, plan.from, what_of(plan.how))
 end
 
---- syntax: results, value = fsm.atomic(db, build[, opts])
--- fsm.retry for plans: build(attempt) reads what it needs and returns
+--- syntax: results, value = fsm.atomic(db, build[, opts[, ...]])
+-- fsm.retry for plans: build(attempt, ...) reads what it needs and returns
 -- stmts[, value] (stmts for db:atomic; {} for nothing to write) or nil,
 -- err. The statements run with db:atomic; when they fail with a conflict
 -- on a plan's own statement (the row's version, the audit chain: another
@@ -935,7 +935,7 @@ end
 -- returns: db:atomic's results and build's value; or nil, err (build's
 -- error, or the last db:atomic error).
 -- yields: until committed
-function _M.atomic(db, build, opts)
+function _M.atomic(db, build, opts, ...)
   if getmetatable(db) ~= sql.DB then
     error("fsm.atomic: db must be a paygate.sql db", 2)
   end
@@ -955,7 +955,7 @@ function _M.atomic(db, build, opts)
   end
   local err
   for attempt = 1, attempts do
-    local stmts, value = build(attempt)
+    local stmts, value = build(attempt, ...)
     if stmts == nil then
       return nil, value
     end

@@ -379,11 +379,14 @@ local function bucket_upper(i)
 end
 
 local shared_dict
+local function paygate_dict()
+  return require("paygate.shared").get_dict("paygate")
+end
+-- (a function of the module, not a closure made per call: a closure
+-- stops the JIT compiling the caller)
 local function dict()
   if shared_dict == nil then
-    local ok, d = pcall(function()
-      return require("paygate.shared").get_dict("paygate")
-    end)
+    local ok, d = pcall(paygate_dict)
     shared_dict = ok and d or false
   end
   return shared_dict

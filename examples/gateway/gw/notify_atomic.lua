@@ -124,6 +124,13 @@ local function build(db, mchid, event, key)
   return stmts, plan
 end
 
+-- fsm.atomic's build: the arguments pass through (a closure made per
+-- notification would stop the JIT compiling this path)
+local function build_job(_, db, mchid, event, key)
+  return build(db, mchid, event, key)
+end
+local RETRY = { retry_on = { "attempt" } }
+
 --- syntax: outcome, err = notify_atomic.process(db, mchid, event)
 -- returns: "applied" or "duplicate" once committed; false when the
 -- notification is not the common case (run gw.notify's transaction); or
@@ -141,9 +148,8 @@ function _M.process(db, mchid, event)
   if ok then ok, serr = audit.ensure_schema(db) end
   if not ok then return nil, serr end
   local key = apply.payment_key(r)
-  local results, plan = fsm.atomic(db, function()
-    return build(db, mchid, event, key)
-  end, { retry_on = { "attempt" } })
+  local results, plan = fsm.atomic(db, build_job, RETRY, db, mchid, event,
+                                   key)
   if results then
     if plan == "duplicate" then return "duplicate" end
     P:applied(plan)
