@@ -9,7 +9,9 @@
 -- NaN, hex, "+1", "01", "1."), within a double's range (1e999 is refused,
 -- not made inf), no raw control characters in strings, no trailing commas
 -- or text after the value, nesting at most 1000; null is json.null (==
--- cjson.null); \u escapes become UTF-8.
+-- cjson.null); \u escapes become UTF-8 (a lone surrogate is refused).
+-- A string's other bytes are kept as they are: they are not checked as
+-- UTF-8 (nor were they by cjson); the encoder writes bad UTF-8 as U+FFFD.
 local core = require "paygate.core"
 local jcore = require "paygate.json.core"
 local type, error = type, error

@@ -278,6 +278,73 @@ sys.stdout.write(got.decode("latin-1"))
       assert.truthy(r.pid, r.out)
     end)
 
+    it("serves others while a client's TLS record is half in", function()
+      -- A sends the first bytes of its request's one record and holds the
+      -- rest: OpenSSL keeps them (SSL_has_pending) but has nothing to give
+      -- until the rest comes, which the socket will announce. Meanwhile B
+      -- is served by the same (only) worker; then A sends the rest.
+      local py = dir .. "/split.py"
+      local f = assert(io.open(py, "w"))
+      f:write([=[
+import socket, ssl, sys
+port = int(sys.argv[1])
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+GET = b"GET /pid HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+inb, outb = ssl.MemoryBIO(), ssl.MemoryBIO()
+tls = ctx.wrap_bio(inb, outb)
+while True:
+    try:
+        tls.do_handshake()
+        break
+    except ssl.SSLWantReadError:
+        sock.sendall(outb.read())
+        data = sock.recv(65536)
+        if not data:
+            sys.exit("closed during the handshake")
+        inb.write(data)
+sock.sendall(outb.read())
+tls.write(GET)
+rec = outb.read()
+sock.sendall(rec[:9])
+try:
+    b = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port),
+                                                 timeout=3))
+    b.sendall(GET)
+    got = b""
+    while True:
+        data = b.recv(65536)
+        if not data:
+            break
+        got += data
+    sys.stdout.write("B:" + got.decode("latin-1") + "\n")
+except OSError as e:
+    sys.stdout.write("B failed: %r\n" % e)
+sock.sendall(rec[9:])
+got = b""
+while True:
+    try:
+        got += tls.read(65536)
+        continue
+    except ssl.SSLWantReadError:
+        pass
+    except ssl.SSLZeroReturnError:
+        break
+    data = sock.recv(65536)
+    if not data:
+        break
+    inb.write(data)
+sys.stdout.write("A:" + got.decode("latin-1") + "\n")
+]=])
+      f:close()
+      local _, out = sh(("python3 %s %d 2>&1"):format(py, s.port))
+      local b, a = out:match("B:(.*)A:(.*)")
+      assert.truthy(b and b:find("^HTTP/1.1 200 .*pid=%d+%."), out)
+      assert.truthy(a:find("^HTTP/1.1 200 .*pid=%d+%."), out)
+    end)
+
     it("accepts the previous ticket key for one more period, then not",
        function()
       -- a ticket made just after a rotation

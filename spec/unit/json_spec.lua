@@ -108,6 +108,26 @@ describe("paygate.json.decode, strictly RFC 8259", function()
     refused("[" .. ok .. "]", "nesting deeper than 1000")
   end)
 
+  it("reads numbers longer than its stack buffer (64 bytes)", function()
+    local digits = ("9"):rep(80)
+    assert.equal(tonumber(digits), json.decode(digits))
+    assert.equal(1e-101, json.decode("0." .. ("0"):rep(100) .. "1"))
+    assert.equal(-1.5, json.decode("-1.5" .. ("0"):rep(200)))
+    refused(digits .. ("0"):rep(300), "number out of range at byte 1")
+  end)
+
+  it("builds a long escaped string deep inside tables", function()
+    -- the string's buffer spills onto the Lua stack many times, above the
+    -- 400 tables under construction
+    local piece = "a\\n\\u00e9\\ud83d\\ude00b"
+    local text = '"' .. piece:rep(20000) .. '"'
+    local open, close = ('[{"k":'):rep(200), ("}]"):rep(200)
+    local v = assert(json.decode(open .. text .. close))
+    for _ = 1, 200 do v = v[1].k end
+    assert.equal(("a\n\u{e9}\u{1F600}b"):rep(20000), v)
+    refused(open .. text:sub(1, -2) .. "\\q" .. close, "unknown escape")
+  end)
+
   -- lua-cjson (numbers strict, depth 1000, and no overflow to inf) as the
   -- reference: what it refuses is refused here; what is accepted here it
   -- accepts with the same value; what it accepts and this refuses has a

@@ -44,6 +44,10 @@ struct gw_conn {
     int                 want_write; /* 1: output pending, wev added */
     int                 ssl_read_wants_write; /* TLS: SSL_read asked to
                                        wait for writability */
+    int                 tls_held;   /* TLS: conn_read() stopped at the
+                                       input limit with records left in
+                                       OpenSSL, which no socket event
+                                       will announce */
 
     char               *in;         /* owned input buffer; grown by
                                        copying (conn_read() rebases the

@@ -680,6 +680,7 @@ conn_handshake(struct gw_conn *c)
 static int
 conn_read(struct gw_conn *c)
 {
+    c->tls_held = 0;
     if (c->ssl != NULL && !c->handshaken) {
         /* before any buffer: a handshake needs none of ours */
         int r = conn_handshake(c);
@@ -698,7 +699,10 @@ conn_read(struct gw_conn *c)
             char *p;
 
             if (c->in_cap >= limit) {
-                return 1;       /* limits in conn_process say what's next */
+                /* limits in conn_process say what's next; conn_flush()
+                 * reads on once room is made */
+                c->tls_held = c->ssl != NULL && SSL_has_pending(c->ssl);
+                return 1;
             }
             if (cap > limit) {
                 cap = limit;
@@ -762,7 +766,9 @@ conn_read(struct gw_conn *c)
         idle_leave(c);
         c->in_len += (size_t) n;
         /* TLS reads ahead (tls.c): records it holds are signalled by no
-         * socket event, so read on while it has any */
+         * socket event, so read on while it has any (until SSL_read()
+         * wants more: what it holds then is part of a record, whose rest
+         * the socket will announce) */
         if (c->in_len < c->in_cap
             && (c->ssl == NULL || !SSL_has_pending(c->ssl))) {
             return 1;
@@ -849,14 +855,18 @@ conn_flush(struct gw_conn *c)
         gw_conn_process(c);        /* answer the pipelined rest */
         return;
     }
+    /* Records conn_read() left in OpenSSL at the input limit: the socket
+     * will not signal them. Not on SSL_has_pending() alone: that is also
+     * true for part of a record, which SSL_read() cannot give until its
+     * rest arrives, and reading on for it would spin. */
+    if (c->tls_held && (c->state == ST_HEAD || c->state == ST_BODY)) {
+        conn_on_read(c->fd, EV_READ, c);
+        return;
+    }
     if (gw_srv.draining && c->state == ST_HEAD && c->in_len == 0
         && c->requests > 0) {
         gw_conn_timer(c, DRAIN_LINGER);    /* see gw_server_drain() */
         return;
-    }
-    /* TLS may hold decrypted bytes the socket will not signal again */
-    if (c->ssl != NULL && c->state == ST_HEAD && SSL_has_pending(c->ssl)) {
-        conn_on_read(c->fd, EV_READ, c);
     }
 }
 
