@@ -1384,6 +1384,9 @@ enum lsqlite_queue { LSQLITE_Q_WRITER, LSQLITE_Q_TX, LSQLITE_Q_READER };
 static struct lsqlite_db **wake_list;   /* loop thread only */
 static int                 wake_n, wake_cap;
 static struct event       *wake_ev;
+static struct event_base  *wake_base;  /* wake_ev's: a process that made
+                                          a new loop (a forked worker)
+                                          makes a new wake_ev */
 
 static void
 wake_writers(evutil_socket_t fd, short what, void *arg)
@@ -1410,8 +1413,11 @@ wake_writer(struct lsqlite_db *db)
     if (db->wake_deferred) {
         return;
     }
-    if (wake_ev == NULL) {
-        wake_ev = event_new(gw_loop_base(), -1, 0, wake_writers, NULL);
+    if (wake_ev == NULL || wake_base != gw_loop_base()) {
+        /* (one left on a forgotten loop is left alone, like the loop;
+         * the dbs listed stay listed: the new event wakes them all) */
+        wake_base = gw_loop_base();
+        wake_ev = event_new(wake_base, -1, 0, wake_writers, NULL);
     }
     if (wake_n == wake_cap) {
         int cap = wake_cap ? wake_cap * 2 : 8;
