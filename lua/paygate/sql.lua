@@ -387,25 +387,31 @@ local function atomic_error(list, names, index, serr, got)
                     fields)
 end
 
--- PostgreSQL: the statements in one transaction, one after another (its
--- retries on serialization failures included).
+-- PostgreSQL: the statements in one transaction (its retries on
+-- serialization failures included), sent back to back on its connection:
+-- one round trip for all of them, then the COMMIT. The first statement
+-- that failed or changed other than `expect` rows decides; the ones after
+-- it ran (or failed, the transaction aborted) and are rolled back.
 local function atomic_pg(self, list, names)
   local results, index, serr, got
   local ok, err = self:transaction(function(tx)
-    results, index, serr, got = {}, nil, nil, nil
+    results, index, serr, got = nil, nil, nil, nil
+    local res, ei, e = self.h:tx_exec_batch(tx.id, list)
+    if not res then return nil, ei end     -- not sent (pool down, ...)
     for i = 1, #list do
-      local s = list[i]
-      local res, e = self.h:tx_exec(tx.id, s[1], s[2])
-      if not res then
-        index, serr = i, e
+      local r = res[i]
+      if r == nil then
+        -- ei: the first failed (before it, every one has a result)
+        index, serr = ei, e
         return nil, e
       end
-      if s.expect and res.changes ~= s.expect then
-        index, got = i, res.changes
+      local want = list[i].expect
+      if want and r.changes ~= want then
+        index, got = i, r.changes
         return nil, core.error("conflict", "expect")
       end
-      results[i] = res
     end
+    results = res
     return true
   end)
   if ok then

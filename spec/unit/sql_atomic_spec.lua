@@ -281,3 +281,128 @@ for _, engine in ipairs(engines) do
     end
   end)
 end
+
+if servers.have_postgres() then
+  describe("db:atomic on postgres, pipelined", function()
+    local proc = require "spec.support.proc"
+    local db, relay, turns_file
+
+    setup(function()
+      local srv = servers.postgres()
+      local target = assert(tonumber(srv.url:match(":(%d+)/")))
+      local port = servers.free_port()
+      turns_file = tmp .. "/turns"
+      relay = proc.spawn({ "python3", "spec/support/turn_proxy.py",
+                           tostring(port), tostring(target), turns_file,
+                           "120" })
+      proc.wait_until(function()
+        return proc.read(turns_file) ~= ""
+      end, 10, "the relay")
+      db = assert(sql.open(srv.url:gsub(":%d+/", ":" .. port .. "/", 1)
+                           .. "?pool=1"))
+      assert(db:exec_script("DROP TABLE IF EXISTS acct, seen, log;\n"
+                            .. SCHEMA.postgres))  -- connected through it
+      assert(db:exec("INSERT INTO acct (id, bal, version) VALUES ('A', 100, 1)"))
+    end)
+
+    teardown(function()
+      if db then db:close() end
+      if relay then relay:stop() end
+    end)
+
+    local function turns() return tonumber(proc.read(turns_file)) end
+
+    it("sends a job's statements together: BEGIN, one round trip, COMMIT", function()
+      assert(db:exec("DELETE FROM log"))
+      local stmts = {}
+      for i = 1, 20 do
+        stmts[i] = { "INSERT INTO log (acct, note) VALUES ('P', $1)",
+                     { "n" .. i }, expect = 1 }
+      end
+      local before = turns()
+      assert(db:atomic(stmts))
+      -- one statement at a time would be 22 round trips
+      proc.wait_until(function() return turns() >= before + 3 end, 5,
+                      "the relay's count")
+      assert.equal(before + 3, turns())
+      assert.equal(20, count(db, "log"))
+    end)
+
+    it("more statements than one connection pipelines (64) run in order", function()
+      assert(db:exec("DELETE FROM log"))
+      local stmts = {}
+      for i = 1, 150 do
+        stmts[i] = { "INSERT INTO log (acct, note) VALUES ('P', $1)"
+                     .. " RETURNING id", { "n" .. i }, expect = 1 }
+      end
+      local res = assert(db:atomic(stmts))
+      assert.equal(150, #res)
+      for i = 2, 150 do
+        assert.is_true(tonumber(res[i].last_id) > tonumber(res[i - 1].last_id))
+      end
+      local rows = assert(db:query("SELECT note FROM log ORDER BY id"))
+      assert.equal(150, #rows)
+      assert.equal("n1", rows[1].note)
+      assert.equal("n150", rows[150].note)
+    end)
+
+    it("the first failure decides, the statements after it are undone, the connection serves on", function()
+      assert(db:exec("DELETE FROM log"))
+      assert(db:exec("DELETE FROM seen"))
+      assert(db:exec("INSERT INTO seen (k) VALUES ('dup')"))
+      local res, err = db:atomic({
+        { "INSERT INTO log (acct, note) VALUES ('P', 'a')" },
+        { "UPDATE acct SET bal = bal WHERE id = 'nobody'", expect = 1,
+          name = "guard" },
+        { "INSERT INTO seen (k) VALUES ('dup')", name = "dupe" },
+        { "INSERT INTO log (acct, note) VALUES ('P', 'b')" },
+      })
+      assert.is_nil(res)
+      assert.equal("conflict", err.kind)
+      assert.equal(2, err.index)                -- not the later unique one
+      assert.equal("guard", err.name)
+      _, err = db:atomic({
+        { "INSERT INTO log (acct, note) VALUES ('P', 'a')" },
+        { "INSERT INTO seen (k) VALUES ('dup')", name = "dupe" },
+        { "INSERT INTO nope (k) VALUES (1)" },  -- fails too: aborted
+      })
+      assert.equal(2, err.index)
+      assert.equal("unique", err.reason)
+      assert.equal(0, count(db, "log"))
+      assert(db:atomic({ { "INSERT INTO log (acct, note) VALUES ('P', 'c')",
+                           expect = 1 } }))
+      assert.equal(1, count(db, "log"))
+    end)
+
+    it("a statement first seen behind a failure is prepared again next time", function()
+      assert(db:exec("DELETE FROM log"))
+      assert(db:exec("DELETE FROM seen"))
+      assert(db:exec("INSERT INTO seen (k) VALUES ('dup2')"))
+      -- the second one's Parse is skipped: the transaction is aborted
+      local fresh = "INSERT INTO log (note, acct) VALUES ($1, 'fresh')"
+      local _, err = db:atomic({
+        { "INSERT INTO seen (k) VALUES ('dup2')" },
+        { fresh, { "x" } },
+      })
+      assert.equal(1, err.index)
+      assert(db:atomic({ { fresh, { "y" }, expect = 1 } }))
+      assert(db:atomic({ { fresh, { "z" }, expect = 1 } }))
+      assert.equal(2, count(db, "log"))
+    end)
+
+    it("a connection lost mid-job fails the job as unavailable and the pool reconnects", function()
+      assert(db:exec("DELETE FROM log"))
+      local res, err = db:atomic({
+        { "INSERT INTO log (acct, note) VALUES ('P', 'lost')" },
+        { "SELECT pg_terminate_backend(pg_backend_pid())" },
+        { "INSERT INTO log (acct, note) VALUES ('P', 'after')" },
+      })
+      assert.is_nil(res)
+      assert.equal("unavailable", err.kind)
+      assert.equal(0, count(db, "log"))
+      assert(db:atomic({ { "INSERT INTO log (acct, note) VALUES ('P', 'ok')",
+                           expect = 1 } }))
+      assert.equal(1, count(db, "log"))
+    end)
+  end)
+end

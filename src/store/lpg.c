@@ -112,13 +112,28 @@ struct lpg_op {
     int               has_prepare;/* 1: command exec_step-1 is its Parse */
     int               in_sp;     /* 1: runs in savepoint gw_s */
     int               cache_slot;/* slot to forget if the prepare fails */
+    unsigned          cache_name;/* the name it prepared there */
     PGresult         *res;       /* owned; the statement's result */
     PGresult         *err;       /* owned; first error result */
     int               sync_check;/* 1: the pool's own require_sync
                                     re-check (no coroutine waits) */
     char              errkind[16];/* transport error kind or "" */
     char              errmsg[200];
+    struct lpg_batch *batch;     /* tx_exec_batch's, or NULL */
+    int               batch_i;   /* its index there (0-based) */
     struct lpg_op   *next;
+};
+
+/* h:tx_exec_batch(): statements of one transaction sent back to back on
+ * its connection (one round trip, not one each); the coroutine waits for
+ * all of them. Freed when the last op is delivered. */
+struct lpg_batch {
+    struct gw_co     *co;        /* waiting coroutine; NULL if abandoned */
+    int               n;         /* ops */
+    int               left;      /* not delivered yet */
+    int               sent;      /* handed to a connection (or failed) in
+                                    order: op i goes only after op i-1 */
+    struct lpg_op   **ops;       /* delivered ones, by index */
 };
 
 struct lpg_conn {
@@ -439,10 +454,17 @@ push_op_result(lua_State *L, struct lpg_op *op)
 }
 
 /* Loop thread: wakes the op's coroutine (if any) and frees the op. */
+static void batch_deliver(struct lpg_op *op);
+
 static void
 op_deliver(struct lpg_op *op)
 {
     struct gw_co *co = op->co;
+
+    if (op->batch != NULL) {
+        batch_deliver(op);
+        return;
+    }
 
     if (op->tx_begin && (op->err != NULL || op->errkind[0] != '\0')) {
         tx_forget(op->txid);             /* nothing to undo */
@@ -457,6 +479,60 @@ op_deliver(struct lpg_op *op)
     } else {
         op_free(op);
     }
+}
+
+/* Keeps op until its batch is complete, then wakes the coroutine with
+ * results, index, err: results[i] for each statement that ran (as
+ * h:tx_exec answers), and the first failed statement's index and error
+ * (nil, nil when none failed). */
+static void
+batch_deliver(struct lpg_op *op)
+{
+    struct lpg_batch *b = op->batch;
+    int               i, nres = 1;
+
+    b->ops[op->batch_i] = op;
+    if (--b->left > 0) {
+        return;
+    }
+    if (b->co != NULL) {
+        lua_State *L = gw_co_state(b->co);
+        int        failed = -1;
+
+        lua_createtable(L, b->n, 0);
+        for (i = 0; i < b->n; i++) {
+            int n = push_op_result(L, b->ops[i]);
+
+            if (n == 1) {
+                lua_rawseti(L, -2, i + 1);
+                continue;
+            }
+            lua_pop(L, n);                /* nil, err */
+            if (failed < 0) {
+                failed = i;               /* later ones: aborted by it */
+            }
+        }
+        if (failed >= 0) {
+            lua_pushinteger(L, failed + 1);
+            nres = 3;
+            if (push_op_result(L, b->ops[failed]) == 2) {
+                lua_remove(L, -2);        /* the nil before the err */
+            }
+        }
+    }
+    for (i = 0; i < b->n; i++) {
+        op_free(b->ops[i]);
+    }
+    if (b->co != NULL) {
+        struct gw_co *co = b->co;
+
+        free(b->ops);
+        free(b);
+        gw_co_wake(co, nres);
+        return;
+    }
+    free(b->ops);
+    free(b);
 }
 
 static void
@@ -1151,6 +1227,7 @@ conn_send(struct lpg_conn *c, struct lpg_op *op)
             return GW_ERR;
         }
         op->has_prepare = 1;
+        op->cache_name = c->cache_name[slot];
         op->exec_step++;
     }
     op->cache_slot = (int)slot;
@@ -1293,6 +1370,19 @@ conn_pop_head(struct lpg_conn *c, struct lpg_op **out)
     return rc;
 }
 
+/* op's Parse failed or was skipped: forget its statement (unless the
+ * slot went to another one since), so the next use prepares again. */
+static void
+conn_forget_prepared(struct lpg_conn *c, struct lpg_op *op)
+{
+    int s = op->cache_slot;
+
+    if (c->cache_sql[s] != NULL && c->cache_name[s] == op->cache_name) {
+        free(c->cache_sql[s]);
+        c->cache_sql[s] = NULL;
+    }
+}
+
 /* Reads every available result. Returns GW_ERR when the connection is
  * broken, LPG_DISCARD when it must be closed (conn_check_tx()), else
  * GW_OK. Finished ops are moved to *out. */
@@ -1339,11 +1429,7 @@ conn_read(struct lpg_conn *c, struct lpg_op **out)
                 c->readonly = 1;         /* replaced once idle */
             }
             if (op->has_prepare && op->step == op->exec_step - 1) {
-                /* Forget the statement so the next use prepares again. */
-                int s = op->cache_slot;
-
-                free(c->cache_sql[s]);
-                c->cache_sql[s] = NULL;
+                conn_forget_prepared(c, op);
             }
             if (op->err == NULL && st == PGRES_FATAL_ERROR) {
                 op->err = r;
@@ -1353,6 +1439,11 @@ conn_read(struct lpg_conn *c, struct lpg_op **out)
             continue;
         }
         if (st == PGRES_PIPELINE_ABORTED) {
+            if (op->has_prepare && op->step == op->exec_step - 1) {
+                /* skipped after an earlier error (a SAVEPOINT in an
+                 * aborted transaction): never prepared either */
+                conn_forget_prepared(c, op);
+            }
             PQclear(r);
             op_set_error(op, "error", "postgres: pipeline aborted");
             continue;
@@ -1474,10 +1565,15 @@ choose_conn(struct lpg_pool *pg, struct lpg_op *op, int *fail)
             continue;
         }
         if (op->txid != 0 && !op->tx_begin) {
-            if (c->txid == op->txid) {
-                return c->inflight == 0 ? c : NULL;
+            if (c->txid != op->txid) {
+                continue;
             }
-            continue;
+            if (op->batch != NULL && op->batch_i > 0) {
+                /* behind the batch's previous statement, in order */
+                return op->batch->sent == op->batch_i
+                       && c->inflight < LPG_DEPTH ? c : NULL;
+            }
+            return c->inflight == 0 ? c : NULL;
         }
         if (c->txid != 0 || c->readonly || c->nosync) {
             continue;
@@ -1553,6 +1649,9 @@ dispatch(struct lpg_pool *pg)
             continue;
         }
         wq_unlink(pg, prev, op);
+        if (op->batch != NULL) {
+            op->batch->sent++;           /* the next one may follow */
+        }
         if (c == NULL) {
             if (fail == 1) {
                 op_set_error(op, "timeout", "postgres: transaction is"
@@ -2318,6 +2417,116 @@ lpg_tx_exec(lua_State *L)
     return tx_op(L, LPG_OP_STMT, 0, NULL, 0);
 }
 
+static void
+batch_cancel(void *arg)
+{
+    struct lpg_batch *b = arg;
+
+    b->co = NULL;
+}
+
+/* h:tx_exec_batch(txid, { { sql, params }, ... })
+ *   -> results, index, err  (see batch_deliver())  |  nil, err
+ * The statements go to the transaction's connection back to back, each in
+ * its savepoint as with tx_exec; once one fails, the transaction is
+ * aborted and the ones after it fail too (the caller rolls back). */
+static int
+lpg_tx_exec_batch(lua_State *L)
+{
+    struct lpg_pool    *pg = check_pool(L);
+    long                txid = (long)luaL_checknumber(L, 2);
+    struct gw_store_tx *tx = gw_store_tx_find(pg, txid);
+    struct lpg_batch   *b;
+    struct lpg_op      *first = NULL, *last = NULL;
+    int                 i, n;
+
+    luaL_checktype(L, 3, LUA_TTABLE);
+    n = (int)lua_objlen(L, 3);
+    luaL_argcheck(L, n >= 1, 3, "no statements");
+    gw_co_current(L);
+    if (tx != NULL && tx->state == LPG_TX_ENDED) {
+        return gw_push_error(L, "misuse", 0, "postgres: the transaction"
+                             " was ended early by COMMIT or ROLLBACK in"
+                             " SQL");
+    }
+    if (!pool_has_live(pg) && gw_loop_mono_fresh() < pg->down_until) {
+        return gw_push_error(L, "unavailable", 1, "%s (pool down, retry"
+                             " later)", pg->down_msg);
+    }
+    lua_settop(L, 3);
+    for (i = 0; i < n; i++) {            /* nothing raises past here */
+        int bad = 0;
+
+        lua_rawgeti(L, 3, i + 1);
+        if (lua_istable(L, 4)) {
+            lua_rawgeti(L, 4, 1);
+            lua_rawgeti(L, 4, 2);
+            bad = !lua_isstring(L, 5)
+                  || !(lua_isnil(L, 6) || lua_istable(L, 6))
+                  || (lua_istable(L, 6) && gw_store_vals_unbindable(L, 6));
+        } else {
+            bad = 1;
+        }
+        lua_settop(L, 3);
+        if (bad) {
+            return gw_push_error(L, "misuse", 0, "postgres: statement %d"
+                                 " of the batch is not { sql, params }"
+                                 " with bindable params", i + 1);
+        }
+    }
+    b = calloc(1, sizeof(*b));
+    if (b == NULL || (b->ops = calloc((size_t)n, sizeof(*b->ops))) == NULL)
+    {
+        free(b);
+        return gw_push_error(L, "unavailable", 0, "postgres: out of memory");
+    }
+    lua_settop(L, 3);
+    for (i = 0; i < n; i++) {
+        struct lpg_op *op;
+
+        lua_rawgeti(L, 3, i + 1);
+        if (!lua_istable(L, 4)) {
+            op = NULL;
+        } else {
+            lua_rawgeti(L, 4, 1);          /* 5: sql */
+            lua_rawgeti(L, 4, 2);          /* 6: params */
+            op = lua_isstring(L, 5) ? new_op(L, 5, 6, LPG_OP_STMT) : NULL;
+        }
+        lua_settop(L, 3);
+        if (op == NULL) {
+            while (first != NULL) {
+                struct lpg_op *next = first->next;
+
+                op_free(first);
+                first = next;
+            }
+            free(b->ops);
+            free(b);
+            return gw_push_error(L, "unavailable", 0, "postgres: out of"
+                                 " memory");
+        }
+        op->txid = txid;
+        op->batch = b;
+        op->batch_i = i;
+        if (last != NULL) {
+            last->next = op;
+        } else {
+            first = op;
+        }
+        last = op;
+    }
+    b->n = b->left = n;
+    b->co = gw_co_current(L);
+    if (pg->wq_tail != NULL) {
+        pg->wq_tail->next = first;
+    } else {
+        pg->wq = first;
+    }
+    pg->wq_tail = last;
+    dispatch(pg);                        /* answers come on later turns */
+    return gw_co_wait(L, batch_cancel, b);
+}
+
 static int
 lpg_tx_query(lua_State *L)
 {
@@ -2349,6 +2558,7 @@ static const luaL_Reg lpg_methods[] = {
     { "script", lpg_script },
     { "begin", lpg_begin },
     { "tx_exec", lpg_tx_exec },
+    { "tx_exec_batch", lpg_tx_exec_batch },
     { "tx_query", lpg_tx_query },
     { "tx_script", lpg_tx_script },
     { "commit", lpg_commit },
