@@ -188,8 +188,15 @@ if cur then
   end
 end
 local token = redis.call('INCR', KEYS[2])
+local floor = tonumber(ARGV[3]) or 0
+local was = 0
+if token <= floor then
+  was = token
+  token = floor + 1
+  redis.call('SET', KEYS[2], token)
+end
 redis.call('SET', KEYS[1], token .. '|' .. ARGV[1], 'PX', ARGV[2])
-return {1, token}
+return {1, token, was}
 ]]
 
 local RENEW = [[
@@ -283,9 +290,23 @@ local function redis_run(client, name, src, keys, args)
   return res[1]
 end
 
+-- The highest token each client was granted, per key: the floor of the
+-- next grant. A Redis that lost acknowledged writes (a second failover
+-- to a replica that had not caught up, a master restarted from an old
+-- snapshot and promoted) has a counter below tokens already handed out;
+-- the script then continues above the floor, so the tokens this client
+-- sees never go backwards, and says so (logged once per fall back).
+local floors = setmetatable({}, { __mode = "k" })
+
 local function redis_acquire(client, key, ttl, owner)
+  local fl = floors[client]
+  if not fl then
+    fl = {}
+    floors[client] = fl
+  end
+  local floor = fl[key] or 0
   local res, err = redis_run(client, "acquire", ACQUIRE,
-    { PREFIX .. key, FENCE .. key }, { owner, ms(ttl) })
+    { PREFIX .. key, FENCE .. key }, { owner, ms(ttl), floor })
   if not res then
     local r = err and err.reply
     if type(r) == "table" and r[1] == 1 then
@@ -299,7 +320,16 @@ local function redis_acquire(client, key, ttl, owner)
     return fail("held", "lease " .. key .. " is held by another owner",
                 { ttl = res[2] / 1000 })
   end
-  return { key = key, token = res[2], expires_at = core.now() + ttl,
+  local token = res[2]
+  if type(token) == "number" and token > floor then fl[key] = token end
+  if type(res[3]) == "number" and res[3] > 0 then
+    require("paygate").log.warn("lease: the Redis fencing counter of "
+      .. key .. " had fallen back below a token already granted (the"
+      .. " server lost writes: a failover to a replica that had not caught"
+      .. " up?); continued above it", { key = key, counter = res[3],
+                                        granted = token })
+  end
+  return { key = key, token = token, expires_at = core.now() + ttl,
            owner = owner, ttl = ttl }
 end
 
