@@ -134,7 +134,7 @@ struct lpg_batch {
     int               sent;      /* handed to a connection (or failed) in
                                     order: op i goes only after op i-1 */
     int               failed;    /* 1: an op failed: those not sent yet
-                                    fail unsent (batch_failed()) */
+                                    fail unsent (batch_note()) */
     struct lpg_op   **ops;       /* delivered ones, by index */
 };
 
