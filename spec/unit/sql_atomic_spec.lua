@@ -390,6 +390,31 @@ if servers.have_postgres() then
       assert.equal(2, count(db, "log"))
     end)
 
+    it("past the 64 in flight, nothing after a failure is sent, and the connection serves on", function()
+      assert(db:exec("DELETE FROM seen"))
+      assert(db:exec_script("DROP SEQUENCE IF EXISTS after_fail;"
+                            .. " CREATE SEQUENCE after_fail"))
+      assert(db:exec("INSERT INTO seen (k) VALUES ('dup3')"))
+      local pid = assert(db:query("SELECT pg_backend_pid() AS p"))[1].p
+      -- nextval is not undone by a rollback: it tells what ran
+      local stmts = { { "SELECT nextval('after_fail')" },
+                      { "INSERT INTO seen (k) VALUES ('dup3')", name = "dupe" } }
+      for i = 3, 200 do
+        stmts[i] = { "SELECT nextval('after_fail')" }
+      end
+      local res, err = db:atomic(stmts)
+      assert.is_nil(res)
+      assert.equal(2, err.index)
+      assert.equal("unique", err.reason)
+      -- statements 3..65 were in flight behind it (aborted); none after
+      -- them was sent, nor run in the transaction after an undo
+      assert.equal(2, assert(db:query("SELECT nextval('after_fail') AS v"))[1].v)
+      -- its rollback went through: the same session serves on
+      assert.equal(pid, assert(db:query("SELECT pg_backend_pid() AS p"))[1].p)
+      assert(db:atomic({ { "INSERT INTO seen (k) VALUES ('after3')", expect = 1 } }))
+      assert.equal(2, count(db, "seen"))
+    end)
+
     it("a connection lost mid-job fails the job as unavailable and the pool reconnects", function()
       assert(db:exec("DELETE FROM log"))
       local res, err = db:atomic({

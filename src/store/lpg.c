@@ -133,6 +133,8 @@ struct lpg_batch {
     int               left;      /* not delivered yet */
     int               sent;      /* handed to a connection (or failed) in
                                     order: op i goes only after op i-1 */
+    int               failed;    /* 1: an op failed: those not sent yet
+                                    fail unsent (batch_note()) */
     struct lpg_op   **ops;       /* delivered ones, by index */
 };
 
@@ -1338,6 +1340,20 @@ conn_check_tx(struct lpg_conn *c, struct lpg_op *op)
     return GW_OK;
 }
 
+/* op is done (answered, or failed before it was sent): a failure stops
+ * the rest of its batch. Nothing more may go after it: the transaction is
+ * aborted, and the first statement sent after its answer would carry the
+ * undo (c->sp_failed) and run again, in the middle of the batch, with the
+ * later undo of the ops still in flight finding no savepoint (the
+ * ROLLBACK then failed, the connection was discarded). */
+static void
+batch_note(struct lpg_op *op)
+{
+    if (op->batch != NULL && (op->err != NULL || op->errkind[0] != '\0')) {
+        op->batch->failed = 1;
+    }
+}
+
 /* Moves c's first in-flight op to *out. Returns GW_OK or LPG_DISCARD
  * (see conn_check_tx()). */
 static int
@@ -1352,6 +1368,7 @@ conn_pop_head(struct lpg_conn *c, struct lpg_op **out)
     }
     c->inflight--;
     rc = conn_check_tx(c, op);
+    batch_note(op);
     if (op->err != NULL && op->txid != 0 && c->txid == op->txid
         && !op->tx_begin && !op->tx_end)
     {
@@ -1643,6 +1660,16 @@ dispatch(struct lpg_pool *pg)
         struct lpg_conn *c;
 
         next = op->next;
+        if (op->batch != NULL && op->batch->failed) {
+            /* an earlier statement of its batch failed: not sent */
+            wq_unlink(pg, prev, op);
+            op->batch->sent++;
+            op_set_error(op, "error", "postgres: not sent: an earlier"
+                         " statement of the batch failed");
+            op->next = done;
+            done = op;
+            continue;
+        }
         c = choose_conn(pg, op, &fail);
         if (c == NULL && fail == 0) {
             prev = op;
@@ -1662,6 +1689,7 @@ dispatch(struct lpg_pool *pg)
                              pg->down_msg[0] ? pg->down_msg
                                              : "postgres: unavailable");
             }
+            batch_note(op);
             op->next = done;
             done = op;
             continue;
@@ -1670,6 +1698,7 @@ dispatch(struct lpg_pool *pg)
             int rc = conn_send(c, op);
 
             if (rc == GW_AGAIN) {
+                batch_note(op);          /* refused before sending */
                 op->next = done;
                 done = op;
             } else if (rc != GW_OK) {
