@@ -197,6 +197,49 @@ describe("paygate.redis", function()
     end)
   end)
 
+  describe("set_addr", function()
+    -- a connection retired while still connecting: its connect finishing
+    -- (or failing: hiredis then frees it) before the retired one is freed
+    -- on the next loop turn must not touch the slot or free it twice
+    it("moves while connections are still being made, and serves on", function()
+      local rcore = require "paygate.redis.core"
+      local port = tonumber(srv.url:match(":(%d+)"))
+      local closed = servers.free_port()
+      local h = rcore.new("127.0.0.1", port, { pool = 1, timeout = 2,
+                                               connect_timeout = 2 })
+      for i = 1, 200 do
+        local from = i % 2 == 0 and closed or port
+        h:set_addr("127.0.0.1", from)
+        local t = paygate.spawn(function() return h:call("PING") end)
+        h:set_addr("127.0.0.1", port)       -- retires the new connection
+        local v, err = t:wait()
+        assert(v == "PONG" or (err and err.kind == "unavailable"),
+               tostring(v) .. " " .. tostring(err))
+        assert.equal("PONG", h:call("PING"))
+      end
+      h:close()
+    end)
+
+    -- what a Sentinel failover does: the old master kills its clients
+    -- (CLIENT KILL) just as the client moves; hiredis frees a context the
+    -- server closed, so the retired one must not be freed again
+    it("moves off a connection the server has just closed", function()
+      local rcore = require "paygate.redis.core"
+      local port = tonumber(srv.url:match(":(%d+)"))
+      local h = rcore.new("127.0.0.1", port, { pool = 1 })
+      for _ = 1, 20 do
+        local id = assert(h:call("CLIENT", "ID"))
+        -- blocking: the loop does not see the close before set_addr
+        local out = servers.read_cmd("redis-cli -p " .. port
+                                     .. " CLIENT KILL ID " .. id)
+        assert.truthy(out:match("1"), out)
+        h:set_addr("127.0.0.1", port)
+        assert.equal("PONG", h:call("PING"))
+      end
+      h:close()
+    end)
+  end)
+
   describe("script", function()
     it("runs by EVALSHA and reloads after SCRIPT FLUSH", function()
       local incr = r:script("return redis.call('INCRBY', KEYS[1], ARGV[1])")

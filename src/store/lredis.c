@@ -94,11 +94,13 @@ struct lredis_ud {
 
 
 /* A context of an address the client no longer uses, freed on the next
- * loop turn (freeing wakes the coroutines waiting on its commands). */
+ * loop turn (freeing wakes the coroutines waiting on its commands). It
+ * moves to a connection record of its own (its ac->data), so that its
+ * callbacks until then -- a connect that fails (hiredis then frees the
+ * context itself), one that succeeds, the server closing it -- update
+ * this record, not the slot that already serves the new address. */
 struct lredis_retired {
-    struct lredis_client  *cl;           /* holds a reference */
-    redisAsyncContext     *ac;           /* owned */
-    int                    ready;        /* connected: on_disconnect runs */
+    struct lredis_conn     conn;         /* conn.cl: holds a reference */
     struct lredis_retired *next;
 };
 
@@ -498,15 +500,12 @@ retired_free(void *arg)
     struct lredis_retired *r = arg, *next;
 
     for (; r != NULL; r = next) {
-        struct lredis_client *cl = r->cl;
+        struct lredis_client *cl = r->conn.cl;
 
         next = r->next;
-        /* As conn_drop(): a connected context's on_disconnect drops its
-         * reference; one still connecting has no callback to come. */
-        redisAsyncFree(r->ac);
-        if (!r->ready) {
-            client_unref(cl);
-        }
+        /* NULL replies for its commands; nothing if hiredis freed it
+         * already (a failed connect, the server closing it) */
+        conn_drop(&r->conn);
         client_unref(cl);                /* the retirement's own */
         free(r);
     }
@@ -546,9 +545,8 @@ lredis_set_addr(lua_State *L)
             conn_drop(c);                /* no memory: drop it now */
             continue;
         }
-        r->cl = cl;
-        r->ac = c->ac;
-        r->ready = c->ready;
+        r->conn = *c;
+        r->conn.ac->data = &r->conn;
         r->next = list;
         list = r;
         cl->refs++;
