@@ -1162,7 +1162,10 @@ conn_send(struct lpg_conn *c, struct lpg_op *op)
         undo = c->sp_failed;
         c->sp_failed = 0;
     }
-    op->in_sp = op->txid != 0 && !op->tx_begin && !op->tx_end;
+    /* A batch's statements need no savepoints: one failing fails the
+     * whole job, and the caller rolls the transaction back. */
+    op->in_sp = op->txid != 0 && !op->tx_begin && !op->tx_end
+                && op->batch == NULL;
     op->step = 0;
     op->has_prepare = 0;
     if (op->kind == LPG_OP_SCRIPT) {
@@ -1370,7 +1373,7 @@ conn_pop_head(struct lpg_conn *c, struct lpg_op **out)
     rc = conn_check_tx(c, op);
     batch_note(op);
     if (op->err != NULL && op->txid != 0 && c->txid == op->txid
-        && !op->tx_begin && !op->tx_end)
+        && op->in_sp)
     {
         c->sp_failed = 1;                /* undone before the next */
     }
