@@ -717,19 +717,9 @@ function _M.plan(subject, e, head)
   }
 end
 
---- syntax: ok, err = audit.prepare(db, stmts)
--- Before db:atomic runs statements that came from audit.plan: on
--- PostgreSQL with the partitioned layout, makes sure the partitions of the
--- entries' months exist (an append in a transaction creates them itself;
--- a db:atomic job cannot, so without this the first entry of a month
--- nobody created ahead would fail). Known per handle and month (the
--- months cache appends fill too): after the first time, no query. A
--- no-op on SQLite and on the plain layout.
--- yields: one transaction the first time a month is seen
-function _M.prepare(db, stmts)
-  if db.engine ~= "postgres" then
-    return true
-  end
+-- audit.prepare's PostgreSQL side (apart: its closure would keep the
+-- JIT from compiling audit.prepare on SQLite).
+local function prepare_pg(db, stmts)
   for i = 1, #stmts do
     local at = stmts[i].audit_at
     if at and layout[db] ~= "plain" then
@@ -757,6 +747,22 @@ function _M.prepare(db, stmts)
     end
   end
   return true
+end
+
+--- syntax: ok, err = audit.prepare(db, stmts)
+-- Before db:atomic runs statements that came from audit.plan: on
+-- PostgreSQL with the partitioned layout, makes sure the partitions of the
+-- entries' months exist (an append in a transaction creates them itself;
+-- a db:atomic job cannot, so without this the first entry of a month
+-- nobody created ahead would fail). Known per handle and month (the
+-- months cache appends fill too): after the first time, no query. A
+-- no-op on SQLite and on the plain layout.
+-- yields: one transaction the first time a month is seen
+function _M.prepare(db, stmts)
+  if db.engine ~= "postgres" then
+    return true
+  end
+  return prepare_pg(db, stmts)
 end
 
 ---------------------------------------------------------------- read
