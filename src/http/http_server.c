@@ -794,6 +794,20 @@ conn_on_read(evutil_socket_t fd, short what, void *arg)
     }
 }
 
+/* A graceful close of a TLS connection (the answer sent, an idle one
+ * timed out) tells the client with close_notify, so that it can tell the
+ * end of the stream from a cut (OpenSSL 3 clients report an EOF without
+ * it as "unexpected eof"). Best effort: not waited for, nor the
+ * client's. */
+static void
+conn_close_notify(struct gw_conn *c)
+{
+    if (c->ssl != NULL && c->handshaken) {
+        (void) SSL_shutdown(c->ssl);
+        ERR_clear_error();
+    }
+}
+
 static void
 conn_flush(struct gw_conn *c)
 {
@@ -847,6 +861,7 @@ conn_flush(struct gw_conn *c)
         conn_release(c);    /* between requests: hold no buffers */
     }
     if (c->state == ST_CLOSING) {
+        conn_close_notify(c);
         conn_close(c);
         return;
     }
@@ -920,6 +935,8 @@ conn_on_timer(evutil_socket_t fd, short what, void *arg)
     }
     if (c->ssl != NULL && !c->handshaken) {
         tls_failed(c, GW_EDGE_TLS_FAIL_TIMEOUT, 0);
+    } else {
+        conn_close_notify(c);
     }
     conn_close(c);          /* idle keep-alive connection */
 }
