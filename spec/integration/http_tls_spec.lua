@@ -106,7 +106,8 @@ describe("TLS edge", function()
       local py = dir .. "/records.py"
       local f = assert(io.open(py, "w"))
       f:write([=[
-import socket, ssl, sys
+import signal, socket, ssl, sys
+signal.alarm(20)           # ends by itself whatever the server does
 ctx = ssl.create_default_context()
 ctx.check_hostname = False
 ctx.verify_mode = ssl.CERT_NONE
@@ -299,7 +300,8 @@ sys.stdout.write(got.decode("latin-1"))
       local py = dir .. "/split.py"
       local f = assert(io.open(py, "w"))
       f:write([=[
-import socket, ssl, sys
+import signal, socket, ssl, sys
+signal.alarm(20)           # ends by itself whatever the server does
 port = int(sys.argv[1])
 ctx = ssl.create_default_context()
 ctx.check_hostname = False
