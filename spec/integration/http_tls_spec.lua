@@ -386,4 +386,48 @@ sys.stdout.write("A:" + got.decode("latin-1") + "\n")
       assert.is_false(late.reused, late.out)
     end)
   end)
+
+  describe("at the connection cap", function()
+    local s
+
+    setup(function()
+      s = server.start{ source = APP, workers = 1, scheme = "https",
+        ca_file = p.ca,
+        config = ([[return { tls = { cert = %q, key = %q },
+          limits = { connections = 1, keepalive_timeout = 30 } }]])
+          :format(p.server_cert, p.server_key) }
+    end)
+
+    teardown(function()
+      if s then assert.equal(0, s:stop()) end
+    end)
+
+    -- an idle keep-alive connection closed to admit a new client is a
+    -- graceful close like the idle timeout's: close_notify, no bare EOF
+    it("ends an idle connection it reclaims with close_notify", function()
+      local log = dir .. "/reclaimed.log"
+      -- a keep-alive request, then the client stays (stdin open 20 s)
+      local a = proc.spawn({ "sh", "-c", ("(printf 'GET /pid HTTP/1.1\\r\\n"
+        .. "Host: x\\r\\n\\r\\n'; sleep 20) | exec openssl s_client"
+        .. " -connect 127.0.0.1:%d -ign_eof -msg"):format(s.port) },
+        { log = log })
+      proc.wait_until(function()
+        return proc.read(log):find("pid=%d+%.")
+      end, 10, "the first client's answer")
+      -- the server is at its cap: this client takes the idle one's place
+      local b = tls_get(s.port)
+      assert.truthy(b.pid, b.out)
+      -- s_client says "closed" after close_notify, an error after a bare
+      -- EOF
+      local out = proc.wait_until(function()
+        local o = proc.read(log)
+        return (o:find("\nclosed", 1, true) or o:find("errno", 1, true)
+                or o:find("unexpected eof", 1, true)) and o
+      end, 10, "the reclaimed client's end")
+      a:stop(2)
+      assert.truthy(out:find("<<< TLS 1.3, Alert [length 0002], warning"
+                             .. " close_notify", 1, true), out:sub(-800))
+      assert.falsy(out:find("unexpected eof", 1, true), out:sub(-800))
+    end)
+  end)
 end)

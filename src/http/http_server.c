@@ -795,7 +795,7 @@ conn_on_read(evutil_socket_t fd, short what, void *arg)
 }
 
 /* A graceful close of a TLS connection (the answer sent, an idle one
- * timed out) tells the client with close_notify, so that it can tell the
+ * timed out or reclaimed for a new client at the cap) tells the client with close_notify, so that it can tell the
  * end of the stream from a cut (OpenSSL 3 clients report an EOF without
  * it as "unexpected eof"). Best effort: not waited for, nor the
  * client's. */
@@ -1032,6 +1032,7 @@ on_accept(evutil_socket_t lfd, short what, void *arg)
         fd = accept4(lfd, (struct sockaddr *) &ss, &sl,
                      SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd >= 0 && victim != NULL) {
+            conn_close_notify(victim);  /* idle: a graceful close */
             conn_close(victim);     /* its place goes to the new client */
             gw_edge_count(GW_EDGE_RECLAIMED);
         }
