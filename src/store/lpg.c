@@ -9,7 +9,9 @@
  * is cached per connection (name "gwN"). A transaction reserves one idle
  * connection from BEGIN until COMMIT/ROLLBACK and sends its statements one
  * at a time; each statement runs in a savepoint (see conn_send()), so a
- * failed one is undone alone and the transaction goes on. A script
+ * failed one is undone alone and the transaction goes on (the statements
+ * of a db:atomic batch go back to back, without savepoints: one failing
+ * fails the whole job, rolled back). A script
  * (several statements, no parameters) leaves pipeline mode on an idle
  * connection for the simple query protocol; nothing else is sent on that
  * connection until it is done.
@@ -2459,9 +2461,10 @@ batch_cancel(void *arg)
 
 /* h:tx_exec_batch(txid, { { sql, params }, ... })
  *   -> results, index, err  (see batch_deliver())  |  nil, err
- * The statements go to the transaction's connection back to back, each in
- * its savepoint as with tx_exec; once one fails, the transaction is
- * aborted and the ones after it fail too (the caller rolls back). */
+ * The statements go to the transaction's connection back to back, without
+ * the savepoint each tx_exec gets (conn_send()); once one fails, the
+ * transaction is aborted and the ones after it fail too (the caller rolls
+ * back). */
 static int
 lpg_tx_exec_batch(lua_State *L)
 {
