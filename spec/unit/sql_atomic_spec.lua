@@ -374,6 +374,29 @@ if servers.have_postgres() then
       assert.equal(1, count(db, "log"))
     end)
 
+    -- transaction control in a job's SQL is misuse; the statements after
+    -- it, already sent, must not run outside the transaction (each one
+    -- committed on its own), nor their job be reported done
+    for _, word in ipairs({ "ROLLBACK", "COMMIT" }) do
+      it("a " .. word .. " in a job's SQL fails it, and what follows it is not kept", function()
+        assert(db:exec("DELETE FROM log"))
+        local res, err = db:atomic({
+          { "INSERT INTO log (acct, note) VALUES ('P', 'before')" },
+          { word },
+          { "INSERT INTO log (acct, note) VALUES ('P', 'after1')" },
+          { "INSERT INTO log (acct, note) VALUES ('P', 'after2')" },
+        })
+        assert.is_nil(res)
+        assert.equal("misuse", err.kind)
+        local rows = assert(db:query("SELECT note FROM log WHERE note"
+                                     .. " LIKE 'after%'"))
+        assert.equal(0, #rows)
+        assert.equal(2, err.index)
+        assert(db:atomic({ { "INSERT INTO log (acct, note) VALUES ('P', 'c')",
+                             expect = 1 } }))
+      end)
+    end
+
     it("a statement first seen behind a failure is prepared again next time", function()
       assert(db:exec("DELETE FROM log"))
       assert(db:exec("DELETE FROM seen"))

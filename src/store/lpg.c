@@ -10,8 +10,8 @@
  * connection from BEGIN until COMMIT/ROLLBACK and sends its statements one
  * at a time; each statement runs in a savepoint (see conn_send()), so a
  * failed one is undone alone and the transaction goes on (the statements
- * of a db:atomic batch go back to back, without savepoints: one failing
- * fails the whole job, rolled back). A script
+ * of a db:atomic batch go back to back; one failing fails the whole job,
+ * rolled back). A script
  * (several statements, no parameters) leaves pipeline mode on an idle
  * connection for the simple query protocol; nothing else is sent on that
  * connection until it is done.
@@ -1164,10 +1164,13 @@ conn_send(struct lpg_conn *c, struct lpg_op *op)
         undo = c->sp_failed;
         c->sp_failed = 0;
     }
-    /* A batch's statements need no savepoints: one failing fails the
-     * whole job, and the caller rolls the transaction back. */
-    op->in_sp = op->txid != 0 && !op->tx_begin && !op->tx_end
-                && op->batch == NULL;
+    /* A batch's statements run in savepoints too, though one failing
+     * fails the whole job (rolled back; so it arms no undo, see
+     * conn_pop_head()): SAVEPOINT fails outside a transaction block, so
+     * the statements already sent behind one that ended the transaction
+     * (a COMMIT or ROLLBACK in the job's SQL) fail instead of each
+     * committing on its own. */
+    op->in_sp = op->txid != 0 && !op->tx_begin && !op->tx_end;
     op->step = 0;
     op->has_prepare = 0;
     if (op->kind == LPG_OP_SCRIPT) {
@@ -1375,7 +1378,7 @@ conn_pop_head(struct lpg_conn *c, struct lpg_op **out)
     rc = conn_check_tx(c, op);
     batch_note(op);
     if (op->err != NULL && op->txid != 0 && c->txid == op->txid
-        && op->in_sp)
+        && op->in_sp && op->batch == NULL)
     {
         c->sp_failed = 1;                /* undone before the next */
     }
@@ -2461,8 +2464,8 @@ batch_cancel(void *arg)
 
 /* h:tx_exec_batch(txid, { { sql, params }, ... })
  *   -> results, index, err  (see batch_deliver())  |  nil, err
- * The statements go to the transaction's connection back to back, without
- * the savepoint each tx_exec gets (conn_send()); once one fails, the
+ * The statements go to the transaction's connection back to back, each in
+ * its savepoint as with tx_exec (conn_send()); once one fails, the
  * transaction is aborted and the ones after it fail too (the caller rolls
  * back). */
 static int
