@@ -794,18 +794,19 @@ conn_on_read(evutil_socket_t fd, short what, void *arg)
     }
 }
 
-/* A graceful close of a TLS connection (the answer sent, an idle one
- * timed out or reclaimed for a new client at the cap) tells the client with close_notify, so that it can tell the
- * end of the stream from a cut (OpenSSL 3 clients report an EOF without
- * it as "unexpected eof"). Best effort: not waited for, nor the
- * client's. */
+/* Closes c gracefully (the answer sent, an idle one timed out or
+ * reclaimed for a new client at the cap): a TLS connection first tells
+ * the client with close_notify, so that it can tell the end of the stream
+ * from a cut (OpenSSL 3 clients report an EOF without it as "unexpected
+ * eof"). Best effort: neither it nor the client's is waited for. */
 static void
-conn_close_notify(struct gw_conn *c)
+conn_close_graceful(struct gw_conn *c)
 {
     if (c->ssl != NULL && c->handshaken) {
         (void) SSL_shutdown(c->ssl);
         ERR_clear_error();
     }
+    conn_close(c);
 }
 
 static void
@@ -861,8 +862,7 @@ conn_flush(struct gw_conn *c)
         conn_release(c);    /* between requests: hold no buffers */
     }
     if (c->state == ST_CLOSING) {
-        conn_close_notify(c);
-        conn_close(c);
+        conn_close_graceful(c);
         return;
     }
     if (c->out_blocked) {
@@ -935,10 +935,9 @@ conn_on_timer(evutil_socket_t fd, short what, void *arg)
     }
     if (c->ssl != NULL && !c->handshaken) {
         tls_failed(c, GW_EDGE_TLS_FAIL_TIMEOUT, 0);
-    } else {
-        conn_close_notify(c);
     }
-    conn_close(c);          /* idle keep-alive connection */
+    conn_close_graceful(c); /* idle keep-alive connection (close_notify
+                               only once handshaken) */
 }
 
 static void
@@ -1032,8 +1031,8 @@ on_accept(evutil_socket_t lfd, short what, void *arg)
         fd = accept4(lfd, (struct sockaddr *) &ss, &sl,
                      SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd >= 0 && victim != NULL) {
-            conn_close_notify(victim);  /* idle: a graceful close */
-            conn_close(victim);     /* its place goes to the new client */
+            conn_close_graceful(victim); /* its place goes to the new
+                                            client */
             gw_edge_count(GW_EDGE_RECLAIMED);
         }
         if (fd < 0) {

@@ -493,6 +493,7 @@ static void
 batch_deliver(struct lpg_op *op)
 {
     struct lpg_batch *b = op->batch;
+    struct gw_co     *co;
     int               i, nres = 1;
 
     b->ops[op->batch_i] = op;
@@ -527,16 +528,12 @@ batch_deliver(struct lpg_op *op)
     for (i = 0; i < b->n; i++) {
         op_free(b->ops[i]);
     }
-    if (b->co != NULL) {
-        struct gw_co *co = b->co;
-
-        free(b->ops);
-        free(b);
-        gw_co_wake(co, nres);
-        return;
-    }
+    co = b->co;
     free(b->ops);
     free(b);
+    if (co != NULL) {
+        gw_co_wake(co, nres);
+    }
 }
 
 static void
@@ -2274,25 +2271,45 @@ lpg_close(lua_State *L)
     return 0;
 }
 
+/* During an outage (no live connection, within down_for of the failed
+ * connect), new work fails fast: pushes that error and returns 2, else
+ * returns 0. */
+static int
+pool_fail_fast(lua_State *L, struct lpg_pool *pg)
+{
+    if (pool_has_live(pg) || gw_loop_mono_fresh() >= pg->down_until) {
+        return 0;
+    }
+    return gw_push_error(L, "unavailable", 1, "%s (pool down, retry later)",
+                         pg->down_msg);
+}
+
+/* Appends the ops first..last (linked by next) to the wait queue. */
+static void
+wq_append(struct lpg_pool *pg, struct lpg_op *first, struct lpg_op *last)
+{
+    if (pg->wq_tail != NULL) {
+        pg->wq_tail->next = first;
+    } else {
+        pg->wq = first;
+    }
+    pg->wq_tail = last;
+}
+
 static int
 submit(lua_State *L, struct lpg_pool *pg, struct lpg_op *op)
 {
+    int n;
+
     op->co = gw_co_current(L);
-    if (!pool_has_live(pg) && gw_loop_mono_fresh() < pg->down_until) {
-        /* Fail fast during an outage. */
+    if ((n = pool_fail_fast(L, pg)) != 0) {
         if (op->tx_begin) {
             tx_forget(op->txid);
         }
         op_free(op);
-        return gw_push_error(L, "unavailable", 1, "%s (pool down, retry"
-                             " later)", pg->down_msg);
+        return n;
     }
-    if (pg->wq_tail != NULL) {
-        pg->wq_tail->next = op;
-    } else {
-        pg->wq = op;
-    }
-    pg->wq_tail = op;
+    wq_append(pg, op, op);
     dispatch(pg);                        /* answers come on later turns */
     return gw_co_wait(L, op_cancel, op);
 }
@@ -2411,6 +2428,13 @@ lpg_begin(lua_State *L)
 }
 
 static int
+push_tx_ended(lua_State *L)
+{
+    return gw_push_error(L, "misuse", 0, "postgres: the transaction was"
+                         " ended early by COMMIT or ROLLBACK in SQL");
+}
+
+static int
 tx_op(lua_State *L, int kind, int want_rows, const char *fixed, int end)
 {
     struct lpg_pool   *pg = check_pool(L);
@@ -2424,9 +2448,7 @@ tx_op(lua_State *L, int kind, int want_rows, const char *fixed, int end)
         if (end) {
             tx_forget(txid);
         }
-        return gw_push_error(L, "misuse", 0, "postgres: the transaction"
-                             " was ended early by COMMIT or ROLLBACK in"
-                             " SQL");
+        return push_tx_ended(L);
     }
     if (fixed != NULL) {
         lua_settop(L, 2);
@@ -2483,13 +2505,10 @@ lpg_tx_exec_batch(lua_State *L)
     luaL_argcheck(L, n >= 1, 3, "no statements");
     gw_co_current(L);
     if (tx != NULL && tx->state == LPG_TX_ENDED) {
-        return gw_push_error(L, "misuse", 0, "postgres: the transaction"
-                             " was ended early by COMMIT or ROLLBACK in"
-                             " SQL");
+        return push_tx_ended(L);
     }
-    if (!pool_has_live(pg) && gw_loop_mono_fresh() < pg->down_until) {
-        return gw_push_error(L, "unavailable", 1, "%s (pool down, retry"
-                             " later)", pg->down_msg);
+    if ((i = pool_fail_fast(L, pg)) != 0) {
+        return i;
     }
     lua_settop(L, 3);
     for (i = 0; i < n; i++) {            /* nothing raises past here */
@@ -2518,18 +2537,13 @@ lpg_tx_exec_batch(lua_State *L)
         free(b);
         return gw_push_error(L, "unavailable", 0, "postgres: out of memory");
     }
-    lua_settop(L, 3);
-    for (i = 0; i < n; i++) {
+    for (i = 0; i < n; i++) {            /* each checked above */
         struct lpg_op *op;
 
         lua_rawgeti(L, 3, i + 1);
-        if (!lua_istable(L, 4)) {
-            op = NULL;
-        } else {
-            lua_rawgeti(L, 4, 1);          /* 5: sql */
-            lua_rawgeti(L, 4, 2);          /* 6: params */
-            op = lua_isstring(L, 5) ? new_op(L, 5, 6, LPG_OP_STMT) : NULL;
-        }
+        lua_rawgeti(L, 4, 1);              /* 5: sql */
+        lua_rawgeti(L, 4, 2);              /* 6: params */
+        op = new_op(L, 5, 6, LPG_OP_STMT); /* NULL: out of memory */
         lua_settop(L, 3);
         if (op == NULL) {
             while (first != NULL) {
@@ -2555,12 +2569,7 @@ lpg_tx_exec_batch(lua_State *L)
     }
     b->n = b->left = n;
     b->co = gw_co_current(L);
-    if (pg->wq_tail != NULL) {
-        pg->wq_tail->next = first;
-    } else {
-        pg->wq = first;
-    }
-    pg->wq_tail = last;
+    wq_append(pg, first, last);
     dispatch(pg);                        /* answers come on later turns */
     return gw_co_wait(L, batch_cancel, b);
 }
