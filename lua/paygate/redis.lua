@@ -303,7 +303,7 @@ local function move(self, ip, port)
       if why then
         core.log(1, "redis: not moving: " .. why)
       end
-      return false
+      return false, why
     end
     if ip == self.addr and port == self.port then
       return false
@@ -314,6 +314,24 @@ local function move(self, ip, port)
   self.addr, self.port = ip, port
   self.h:set_addr(ip, port)
   return true
+end
+
+-- A +switch-master names a new master that may not answer ROLE master
+-- yet (promotion still under way, or ROLE timed out under load): it is
+-- asked again, 0.05 s later and doubling (~1.5 s in all), rather than
+-- left to the next poll, sentinel_poll s away, that asks the Sentinels.
+local SWITCH_TRIES = 6
+
+local function follow_switch(self, ip, port)
+  local delay = 0.05
+  for try = 1, SWITCH_TRIES do
+    local moved, why = move(self, ip, port)
+    if moved or not why or self.closed or try == SWITCH_TRIES then
+      return moved
+    end
+    core.sleep(delay)
+    delay = delay * 2
+  end
 end
 
 -- Moves to the best master the Sentinels name whose ROLE agrees; stays
@@ -394,7 +412,7 @@ local function watch(self)
     if name == self.master_name then
       local addrs = resolve(ip)
       if addrs then
-        move(self, addrs[1], tonumber(port))
+        follow_switch(self, addrs[1], tonumber(port))
       end
     elseif not msg then
       if err and err.kind ~= "timeout" then

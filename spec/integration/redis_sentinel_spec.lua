@@ -309,5 +309,51 @@ describe("Redis through Sentinel", function()
     assert.equal("OK", r:call("SET", "after", "switch"))
     r:close()
   end)
+  it("a +switch-master to a server not yet master is asked again, not"
+     .. " left to the poll", function()
+    if not g then
+      pending("redis-sentinel not installed")
+      return
+    end
+    -- The client subscribes on the first address of its list: here a
+    -- plain redis-server, where the spec can PUBLISH (a Sentinel takes
+    -- none). It names no master (an error answer): the Sentinels behind
+    -- it do. The poll is too slow to matter.
+    local pub = g.server()
+    local b = g.server(true)               -- ROLE slave, for now
+    local function cli(p, args)
+      return servers.read_cmd("redis-cli -h 127.0.0.1 -p " .. p .. " "
+                              .. args .. " 2>&1")
+    end
+    local url = g.url:gsub("^redis%-sentinel://", "redis-sentinel://"
+                           .. "127.0.0.1:" .. pub.port .. ",")
+    local r = assert(redis.connect(url, { sentinel_poll = 120,
+                                          timeout = 1 }))
+    assert.equal(g.master_port(), r.port)
+    wait_for(function()
+      return cli(pub.port, "PUBSUB NUMSUB +switch-master")
+               :match("\n(%d+)") == "1"
+    end, 10, "the client's subscription")
+    local function roles_asked()
+      return tonumber(cli(b.port, "INFO commandstats")
+                        :match("cmdstat_role:calls=(%d+)")) or 0
+    end
+    assert.equal(0, roles_asked())
+    local out = cli(pub.port, "PUBLISH +switch-master 'mymaster 127.0.0.1 "
+                    .. r.port .. " 127.0.0.1 " .. b.port .. "'")
+    assert.equal("1", out:match("%d+"), out)
+    -- the client asked b, which said slave: it stayed
+    wait_for(function() return roles_asked() >= 1 end, 10,
+             "the client to ask the named server's ROLE")
+    assert.not_equal(b.port, r.port)
+    -- now promoted: the client gets there on its own, well before a poll
+    assert.truthy(cli(b.port, "REPLICAOF NO ONE"):match("OK"))
+    wait_for(function() return r.port == b.port end, 5,
+             "the client to move to the promoted server")
+    assert.equal("OK", r:call("SET", "switched", "1"))
+    r:close()
+    pub.stop()
+    b.stop()
+  end)
 end)
 

@@ -186,6 +186,23 @@ function _M.start()
     return s
   end
 
+  -- A redis-server outside the group: plain (a master of nothing), or
+  -- with replica = true a replica of a port nobody listens on (its ROLE
+  -- says slave until it is told REPLICAOF NO ONE). Stopped by cleanup.
+  function g.server(replica)
+    local sp = port()
+    local name = "extra" .. sp
+    local d = daemon(dir, name, sp, function()
+      return base .. " --port " .. sp .. " --dbfilename " .. name .. ".rdb"
+        .. (replica and (" --replicaof 127.0.0.1 "
+                         .. _M.free_port_except(ports)) or "")
+    end)
+    d.start()
+    d.stop = d.kill
+    g.extra[#g.extra + 1] = d
+    return d
+  end
+
   -- Port reserved for a Sentinel started later (g.stale_sentinel).
   function g.reserve_port()
     return port()
