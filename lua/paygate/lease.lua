@@ -732,7 +732,7 @@ end
 -- failed (a newer token was issued)
 function _M.fenced(err)
   return type(err) == "table" and err.kind == "conflict"
-         and err.name == "lease"
+         and err.name == "lease" and err.reason == "expect"
 end
 
 -- syntax: reply, err = lease.fenced_call(client, key, token, cmd, ...)

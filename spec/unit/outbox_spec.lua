@@ -499,6 +499,13 @@ for engine, open in pairs(stores) do
       local res, gerr = db:atomic({ lease.guard(db, la.key, la.token), bump })
       assert.is_nil(res)
       assert.is_true(lease.fenced(gerr))
+      assert.equal("expect", gerr.reason)
+      -- only the guard's row count says fenced: not another conflict
+      -- that happens to carry the name
+      assert.is_false(lease.fenced({ kind = "conflict", name = "lease",
+                                     reason = "unique" }))
+      assert.is_false(lease.fenced({ kind = "conflict", name = "other",
+                                     reason = "expect" }))
       assert.equal(1, row(db, id).attempts)
       local lb = assert(b.leases[0])
       assert.truthy(db:atomic({ lease.guard(db, lb.key, lb.token), bump }))
