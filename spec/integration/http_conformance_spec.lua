@@ -192,6 +192,49 @@ describe("HTTP conformance", function()
     end)
   end)
 
+  describe("closing after an answer (RFC 9112 9.6)", function()
+    -- The server closes with the client's bytes still coming: they are
+    -- read and dropped until the client's FIN (a close() with unread
+    -- input sends a reset, and the client loses the answer or its send
+    -- fails).
+    it("a refused upload: the client sends its whole body, then reads"
+       .. " the 413", function()
+      local c = assert(rawtcp.connect(s.port, 5))
+      assert(c:send("POST /text HTTP/1.1\r\nHost: x\r\n"
+                    .. "Content-Length: 50000000\r\n\r\n"))
+      -- 4 MiB of it, written after the server has answered and closed
+      -- its side; every byte must be taken (no reset)
+      local chunk = ("x"):rep(65536)
+      for i = 1, 64 do
+        local ok, err = c:send(chunk)
+        assert(ok, "send " .. i .. " of the body: " .. tostring(err))
+      end
+      local out, how = c:recv_all()
+      c:close()
+      assert.matches("^HTTP/1.1 413", out)
+      assert.matches("\r\nConnection: close\r\n", out)
+      assert.equal("eof", how)
+    end)
+
+    it("requests pipelined behind a Connection: close one: the answer,"
+       .. " then the end, not a reset", function()
+      for _ = 1, 20 do
+        local c = assert(rawtcp.connect(s.port, 5))
+        assert(c:send("GET /text HTTP/1.1\r\nHost: x\r\nConnection: close"
+                      .. "\r\n\r\n" .. ("GET /text HTTP/1.1\r\nHost: x"
+                      .. "\r\n\r\n"):rep(200)))
+        local ok, err = c:send(("GET /text HTTP/1.1\r\nHost: x\r\n\r\n")
+                               :rep(200))
+        assert(ok, tostring(err))
+        local out, how = c:recv_all()
+        c:close()
+        assert.matches("^HTTP/1.1 200", out)
+        assert.equal("twelve bytes", body_of(out))
+        assert.equal("eof", how)      -- the end, not a reset
+      end
+    end)
+  end)
+
   it("keeps serving after all of that", function()
     assert.equal(200, assert(s:request("/text")).status)
   end)

@@ -50,15 +50,26 @@ function Conn:send(s)
   return true
 end
 
---- conn:recv_all() -> everything until the peer closes or the timeout
+--- conn:recv_all() -> everything until the peer closes or the timeout,
+-- and how it ended: "eof" (the peer's FIN), "reset" (ECONNRESET),
+-- "timeout" or "errno N"
 function Conn:recv_all()
   local parts, buf = {}, ffi.new("char[65536]")
+  local how
   while true do
     local n = C.recv(self.fd, buf, 65536, 0)
-    if n <= 0 then break end
+    if n == 0 then
+      how = "eof"
+      break
+    elseif n < 0 then
+      local e = ffi.errno()
+      how = e == 104 and "reset" or (e == 11 and "timeout")
+            or ("errno " .. e)
+      break
+    end
     parts[#parts + 1] = ffi.string(buf, n)
   end
-  return table.concat(parts)
+  return table.concat(parts), how
 end
 
 --- conn:recv_some() -> what one recv returns ("" on close/timeout)

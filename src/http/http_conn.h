@@ -26,7 +26,10 @@ enum gw_conn_state {
     ST_HEAD,                    /* waiting for a complete head */
     ST_BODY,                    /* head parsed, reading the body */
     ST_HANDLE,                  /* coroutine running or waiting */
-    ST_CLOSING                  /* flush the output, then close */
+    ST_CLOSING,                 /* flush the output, then close */
+    ST_LINGER                   /* answer sent and FIN too: reading and
+                                   discarding what the client still sends
+                                   until its FIN (conn_linger) */
 };
 
 struct gw_lreq;                 /* lrequest.c: the Lua request's handle */
@@ -39,6 +42,7 @@ struct gw_conn {
     struct event       *wev;        /* owned: writable; made on first
                                        need (conn_wev_add), or NULL */
     struct event       *timer;      /* the phase's deadline */
+    double              linger_end; /* ST_LINGER: close by then (mono) */
     enum gw_conn_state  state;      /* where the current request is */
     int                 reading;    /* 1 while rev is added */
     int                 want_write; /* 1: output pending, wev added */

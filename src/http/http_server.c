@@ -41,6 +41,9 @@
                                    drains (a new one keeps header_timeout) */
 #define ACCEPT_BATCH 64         /* plain connections accepted per wakeup */
 #define ACCEPT_BATCH_TLS 1      /* TLS ones (see on_accept) */
+#define LINGER_IDLE 2.0         /* s: a lingering close waits this long
+                                   for more of the client's bytes */
+#define LINGER_MAX 5.0          /* s: and no longer than this in all */
 #define OUT_HIGH (64 * 1024)    /* bytes of unsent output before we stop
                                    answering pipelined requests */
 
@@ -48,6 +51,7 @@ struct gw_http_srv gw_srv;
 
 static void conn_flush(struct gw_conn *c);
 static void conn_close(struct gw_conn *c);
+static void conn_linger_read(struct gw_conn *c);
 
 void
 gw_server_conf_defaults(struct gw_server_conf *c)
@@ -79,7 +83,7 @@ gw_server_in_flight(void)
 /* ---- small helpers --------------------------------------------------- */
 
 static const char *const edge_names[GW_EDGE_NEVENTS] = {
-    "reclaimed", "full", "resumed", "protocol", "cipher", "client_cert",
+    "reclaimed", "lingered", "full", "resumed", "protocol", "cipher", "client_cert",
     "aborted", "timeout", "not_tls", "other"
 };
 
@@ -781,6 +785,11 @@ conn_on_read(evutil_socket_t fd, short what, void *arg)
 {
     struct gw_conn *c = arg;
 
+    if (c->state == ST_LINGER) {
+        gw_loop_update_time();
+        conn_linger_read(c);
+        return;
+    }
     if (c->state == ST_HANDLE || c->state == ST_CLOSING) {
         conn_read_on(c, 0);     /* the buffer must not move now */
         return;
@@ -807,6 +816,62 @@ conn_close_graceful(struct gw_conn *c)
         ERR_clear_error();
     }
     conn_close(c);
+}
+
+/* Closes c after its answer while the client may still be sending: a
+ * body refused before it was read (413, 400 mid-body), requests
+ * pipelined behind one answered with Connection: close. close() with
+ * unread input makes the kernel answer with a reset, and a reset can
+ * destroy the answer in the client's receive buffer before the client
+ * reads it (the client of a refused upload sees "connection reset", not
+ * the 413). So: close_notify (TLS), then FIN (the client reads the answer
+ * and the end), then read and discard what still comes until the
+ * client's FIN, LINGER_IDLE s without a byte, or LINGER_MAX s in all
+ * (nginx's lingering close). */
+static void
+conn_linger(struct gw_conn *c)
+{
+    if (c->ssl != NULL && c->handshaken) {
+        (void) SSL_shutdown(c->ssl);
+        ERR_clear_error();
+    }
+    if (shutdown(c->fd, SHUT_WR) != 0) {
+        conn_close(c);
+        return;
+    }
+    conn_release(c);
+    c->state = ST_LINGER;
+    c->linger_end = gw_loop_mono() + LINGER_MAX;
+    gw_edge_count(GW_EDGE_LINGERED);
+    conn_read_on(c, 1);
+    gw_conn_timer(c, LINGER_IDLE);
+}
+
+/* ST_LINGER: the client's bytes are read straight from the socket (TLS
+ * too: after close_notify nothing of them is used) and dropped. */
+static void
+conn_linger_read(struct gw_conn *c)
+{
+    char buf[16384];
+
+    for (int i = 0; i < 64; i++) {      /* 1 MiB per wakeup at most */
+        ssize_t n = recv(c->fd, buf, sizeof(buf), 0);
+
+        if (n > 0) {
+            continue;
+        }
+        if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
+            break;
+        }
+        conn_close(c);                  /* the client's FIN, or an error */
+        return;
+    }
+    if (gw_loop_mono() >= c->linger_end) {
+        conn_close(c);
+        return;
+    }
+    gw_conn_timer(c, c->linger_end - gw_loop_mono() < LINGER_IDLE
+                     ? c->linger_end - gw_loop_mono() : LINGER_IDLE);
 }
 
 static void
@@ -862,7 +927,15 @@ conn_flush(struct gw_conn *c)
         conn_release(c);    /* between requests: hold no buffers */
     }
     if (c->state == ST_CLOSING) {
-        conn_close_graceful(c);
+        /* unread input (the rest of a refused request, pipelined ones):
+         * the client may be sending still. Not after req:drop(), whose
+         * reset (SO_LINGER 0) is the point. */
+        if (!c->dropped && (c->in_len > c->req_start
+                            || (c->ssl != NULL && SSL_has_pending(c->ssl)))) {
+            conn_linger(c);
+        } else {
+            conn_close_graceful(c);
+        }
         return;
     }
     if (c->out_blocked) {
@@ -908,6 +981,11 @@ conn_on_timer(evutil_socket_t fd, short what, void *arg)
     struct gw_conn *c = arg;
 
     gw_loop_update_time();
+    if (c->state == ST_LINGER) {
+        conn_close(c);          /* the client sent nothing for a while, or
+                                   lingered its LINGER_MAX s */
+        return;
+    }
     if (c->state == ST_HANDLE && c->co != NULL) {
         if (gw_loop_mono() + 0.0005 >= c->deadline) {
             gw_req_deadline(c);

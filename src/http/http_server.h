@@ -45,6 +45,9 @@ enum gw_edge_event {
     GW_EDGE_RECLAIMED,          /* an idle keep-alive connection closed
                                    at the connection cap to admit a new
                                    one */
+    GW_EDGE_LINGERED,           /* closed after its answer with the
+                                   client's bytes drained first (a
+                                   refused body, pipelined requests) */
     GW_EDGE_TLS_FULL,           /* a full TLS handshake completed */
     GW_EDGE_TLS_RESUMED,        /* a resumed one (ticket or cache) */
     GW_EDGE_TLS_FAIL_PROTOCOL,  /* no protocol version in common */

@@ -695,6 +695,13 @@ edge_metrics(struct buf *b)
                "ones.\n# TYPE paygate_connections_reclaimed_total counter\n"
                "paygate_connections_reclaimed_total %llu\n",
             edge_sum(GW_EDGE_RECLAIMED));
+    bprintf(b, "# HELP paygate_connections_lingered_total Connections "
+               "closed after their answer with the client's further bytes "
+               "read and dropped first (a refused body, pipelined "
+               "requests), so that no reset destroys the answer.\n"
+               "# TYPE paygate_connections_lingered_total counter\n"
+               "paygate_connections_lingered_total %llu\n",
+            edge_sum(GW_EDGE_LINGERED));
     bprintf(b, "# HELP paygate_tls_handshakes_total Completed TLS "
                "handshakes, full or resumed.\n"
                "# TYPE paygate_tls_handshakes_total counter\n"
