@@ -156,6 +156,48 @@ sys.stdout.write(got.decode("latin-1"))
       assert.is_true(os.time() - t0 < 6, "answered only after a timeout")
     end)
 
+    it("a refused upload over TLS: the client sends on, then reads the"
+       .. " 413 and close_notify", function()
+      -- the server answers 413 on the head and closes its side; the
+      -- body's records still coming are read and dropped (a close with
+      -- unread input would reset: the client's send fails)
+      local py = dir .. "/upload.py"
+      local f = assert(io.open(py, "w"))
+      f:write([=[
+import signal, socket, ssl, sys
+signal.alarm(20)           # ends by itself whatever the server does
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+raw = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=8)
+tls = ctx.wrap_socket(raw)
+tls.sendall(b"POST /len HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Length: 50000000\r\n\r\n")
+try:
+    for _ in range(64):
+        tls.sendall(b"x" * 65536)
+    print("sent all")
+except OSError as e:
+    print("send failed: %r" % e)
+got = b""
+try:
+    while True:
+        chunk = tls.recv(65536)
+        if not chunk:
+            print("close_notify")
+            break
+        got += chunk
+except OSError as e:
+    print("recv failed: %r" % e)
+print(got.decode("latin-1").split("\r\n")[0])
+]=])
+      f:close()
+      local _, out = sh(("python3 %s %d 2>&1"):format(py, s.port))
+      assert.truthy(out:find("sent all", 1, true), out)
+      assert.truthy(out:find("close_notify", 1, true), out)
+      assert.truthy(out:find("HTTP/1.1 413", 1, true), out)
+    end)
+
     it("ends a connection it closes with close_notify, not a bare EOF", function()
       -- Connection: close: after the answer the server closes; without
       -- close_notify an OpenSSL 3 client reports "unexpected eof"
