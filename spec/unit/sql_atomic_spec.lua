@@ -438,6 +438,36 @@ if servers.have_postgres() then
       assert.equal(2, count(db, "seen"))
     end)
 
+    it("prepared statements pushed out of the cache are deallocated on the server", function()
+      -- 200 distinct statements, three rounds: each use past the cache's
+      -- 64 pushes another out and prepares again. The server keeps what
+      -- the cache holds (and the 3 savepoint commands), not one per
+      -- Parse (it kept 602 before).
+      for _ = 1, 3 do
+        for i = 1, 200 do
+          assert.equal(i, assert(db:query("SELECT " .. i .. " AS v"))[1].v)
+        end
+        -- inside transactions too, one of them rolled back: a
+        -- DEALLOCATE is not undone with it
+        for i = 201, 210 do
+          assert(db:atomic({ { "SELECT " .. i .. " AS v" } }))
+        end
+        db:transaction(function(tx)
+          for i = 211, 220 do
+            assert(tx:query("SELECT " .. i .. " AS v"))
+          end
+          return nil, "roll back"
+        end)
+      end
+      local n = assert(db:query("SELECT count(*) AS n FROM"
+                                .. " pg_prepared_statements"))[1].n
+      assert.is_true(n <= 64 + 3, "prepared on the server: " .. n)
+      -- what was pushed out comes back, what stayed is used as it is
+      for i = 1, 200 do
+        assert.equal(i, assert(db:query("SELECT " .. i .. " AS v"))[1].v)
+      end
+    end)
+
     it("a connection lost mid-job fails the job as unavailable and the pool reconnects", function()
       assert(db:exec("DELETE FROM log"))
       local res, err = db:atomic({

@@ -84,7 +84,9 @@
 
 #define LPG_MT        "paygate.pg.pool"
 #define LPG_MAXPOOL   GW_STORE_PG_MAX_POOL
-#define LPG_CACHE     64
+#define LPG_WAYS      4        /* prepared statements: a set's entries */
+#define LPG_SETS      16
+#define LPG_CACHE     (LPG_WAYS * LPG_SETS)
 #define LPG_DEPTH     64       /* statements in flight per connection */
 #define LPG_MAXHOSTS  8        /* hosts of a multi-host URL */
 #define LPG_MAXADDRS  32       /* host/hostaddr pairs given to libpq */
@@ -166,8 +168,19 @@ struct lpg_conn {
     double               since;  /* monotonic s: last progress */
     double               opened; /* monotonic s: connect started */
     unsigned             next_name;
+    /* Prepared statements, 4-way set-associative by the SQL's hash, least
+     * recently used out. One pushed out is deallocated on the server
+     * (DEALLOCATE, sent with the next statement) once its Parse is known
+     * to have succeeded: else every statement that came back after being
+     * pushed out stayed prepared there under its old name, and the
+     * backend's memory grew without bound. */
     char                *cache_sql[LPG_CACHE];  /* owned */
     unsigned             cache_name[LPG_CACHE];
+    unsigned char        cache_ok[LPG_CACHE];   /* 1: its Parse succeeded */
+    unsigned             cache_used[LPG_CACHE]; /* use tick (LRU) */
+    unsigned             use_tick;
+    unsigned             dealloc[LPG_CACHE];    /* names to DEALLOCATE */
+    int                  ndealloc;
 };
 
 /* One host of the URL and what the resolver said about it. */
@@ -594,7 +607,9 @@ conn_reset(struct lpg_conn *c)
     for (i = 0; i < LPG_CACHE; i++) {
         free(c->cache_sql[i]);
         c->cache_sql[i] = NULL;
+        c->cache_ok[i] = 0;
     }
+    c->ndealloc = 0;            /* the session's statements went with it */
     c->state = LPG_CONN_FREE;
     c->fd = -1;
     c->txid = 0;
@@ -1137,6 +1152,78 @@ send_sp(struct lpg_conn *c, int which, int *ncmd)
     return GW_OK;
 }
 
+/* Name `name`, prepared on c's server, is no longer cached: deallocate
+ * it with the next statement sent. */
+static void
+dealloc_push(struct lpg_conn *c, unsigned name)
+{
+    if (c->ndealloc < LPG_CACHE) {
+        c->dealloc[c->ndealloc++] = name;
+    } else {
+        gw_log(GW_LOG_WARN, "postgres: prepared statement gw%u left on the"
+               " server (too many to deallocate at once)", name);
+    }
+}
+
+/* Queues the DEALLOCATEs pending on c; *ncmd counts them (their results
+ * are skipped). Prepared statements are not transactional: one dropped
+ * inside a transaction stays dropped if it rolls back. */
+static int
+send_dealloc(struct lpg_conn *c, int *ncmd)
+{
+    char sql[32];
+
+    for (int i = 0; i < c->ndealloc; i++) {
+        snprintf(sql, sizeof(sql), "DEALLOCATE gw%u", c->dealloc[i]);
+        if (PQsendQueryParams(c->pc, sql, 0, NULL, NULL, NULL, NULL, 0)
+            != 1) {
+            return GW_ERR;
+        }
+        (*ncmd)++;
+    }
+    c->ndealloc = 0;
+    return GW_OK;
+}
+
+/* The cache entry of sql on c: a hit, or a free or least recently used
+ * entry of its set (*hit 0; one pushed out is queued for DEALLOCATE, or,
+ * its Parse still on the way, left to the Parse's result to queue). */
+static unsigned
+cache_entry(struct lpg_conn *c, const char *sql, int *hit)
+{
+    unsigned base = (gw_store_hash(sql) % LPG_SETS) * LPG_WAYS;
+    unsigned victim = base;
+
+    for (unsigned s = base; s < base + LPG_WAYS; s++) {
+        if (c->cache_sql[s] == NULL) {
+            if (c->cache_sql[victim] != NULL) {
+                victim = s;
+            }
+            continue;
+        }
+        if (strcmp(c->cache_sql[s], sql) == 0) {
+            c->cache_used[s] = ++c->use_tick;
+            *hit = 1;
+            return s;
+        }
+        if (c->cache_sql[victim] != NULL
+            && c->cache_used[s] < c->cache_used[victim]) {
+            victim = s;
+        }
+    }
+    if (c->cache_sql[victim] != NULL) {
+        if (c->cache_ok[victim]) {
+            dealloc_push(c, c->cache_name[victim]);
+        }
+        free(c->cache_sql[victim]);
+        c->cache_sql[victim] = NULL;
+    }
+    c->cache_ok[victim] = 0;
+    c->cache_used[victim] = ++c->use_tick;
+    *hit = 0;
+    return victim;
+}
+
 /* Sends op on c. Returns GW_OK, or GW_ERR (the connection is broken). */
 static int
 conn_send(struct lpg_conn *c, struct lpg_op *op)
@@ -1146,7 +1233,7 @@ conn_send(struct lpg_conn *c, struct lpg_op *op)
     char        numbuf[256][32];
     char        name[24];
     unsigned    slot;
-    int         i, undo = 0, ncmd = 0;
+    int         i, undo = 0, ncmd = 0, hit;
 
     /* Inside db:transaction() a failed statement is undone alone and the
      * transaction goes on (as on SQLite), instead of every later
@@ -1221,10 +1308,12 @@ conn_send(struct lpg_conn *c, struct lpg_op *op)
     {
         return GW_ERR;
     }
+    slot = cache_entry(c, op->sql, &hit);
+    if (c->ndealloc > 0 && send_dealloc(c, &ncmd) != GW_OK) {
+        return GW_ERR;
+    }
     op->exec_step = ncmd;
-    slot = gw_store_hash(op->sql) % LPG_CACHE;
-    if (c->cache_sql[slot] == NULL || strcmp(c->cache_sql[slot], op->sql)) {
-        free(c->cache_sql[slot]);
+    if (!hit) {
         c->cache_sql[slot] = strdup(op->sql);
         c->cache_name[slot] = c->next_name++;
         snprintf(name, sizeof(name), "gw%u", c->cache_name[slot]);
@@ -1405,6 +1494,20 @@ conn_forget_prepared(struct lpg_conn *c, struct lpg_op *op)
     }
 }
 
+/* op's Parse succeeded: its entry may be deallocated once pushed out;
+ * if it was pushed out meanwhile, that is now. */
+static void
+conn_prepared_ok(struct lpg_conn *c, struct lpg_op *op)
+{
+    int s = op->cache_slot;
+
+    if (c->cache_sql[s] != NULL && c->cache_name[s] == op->cache_name) {
+        c->cache_ok[s] = 1;
+    } else {
+        dealloc_push(c, op->cache_name);
+    }
+}
+
 /* Reads every available result. Returns GW_ERR when the connection is
  * broken, LPG_DISCARD when it must be closed (conn_check_tx()), else
  * GW_OK. Finished ops are moved to *out. */
@@ -1471,6 +1574,9 @@ conn_read(struct lpg_conn *c, struct lpg_op **out)
             continue;
         }
         if (op->kind != LPG_OP_SCRIPT && op->step != op->exec_step) {
+            if (op->has_prepare && op->step == op->exec_step - 1) {
+                conn_prepared_ok(c, op);
+            }
             PQclear(r);                  /* Parse, SAVEPOINT, RELEASE ... */
             continue;
         }
