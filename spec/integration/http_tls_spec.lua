@@ -29,7 +29,7 @@ local function tmpdir()
 end
 
 local function sh(cmd)
-  local code, out = proc.run({ "sh", "-c", cmd }, { timeout = 30 })
+  local code, out = proc.run({ "sh", "-c", cmd }, { timeout = 90 })
   return code, out or ""
 end
 
@@ -470,6 +470,90 @@ sys.stdout.write("A:" + got.decode("latin-1") + "\n")
       assert.truthy(out:find("<<< TLS 1.3, Alert [length 0002], warning"
                              .. " close_notify", 1, true), out:sub(-800))
       assert.falsy(out:find("unexpected eof", 1, true), out:sub(-800))
+    end)
+  end)
+  describe("at the input limit", function()
+    local s
+
+    -- header_bytes + body_bytes + 64 KiB: the input buffer's cap (66 KiB)
+    setup(function()
+      s = server.start{ source = APP, workers = 1, scheme = "https",
+        ca_file = p.ca,
+        config = ([[return { tls = { cert = %q, key = %q },
+          limits = { header_bytes = 1024, body_bytes = 1024 } }]])
+          :format(p.server_cert, p.server_key) }
+    end)
+
+    teardown(function()
+      if s then assert.equal(0, s:stop()) end
+    end)
+
+    -- Pipelined POSTs a little past that cap, in one burst: the buffer
+    -- fills at the cap while OpenSSL holds the burst's last records,
+    -- already read from the socket, so no socket event will announce
+    -- them; the server must read them on once it has answered what it
+    -- holds (tls_held), not wait for bytes that never come. Bursts of 60
+    -- to 71 requests, each on a new connection and sent in one send()
+    -- (without the read-on, those from 65 on stalled).
+    it("answers requests that OpenSSL holds past the buffer's cap", function()
+      local py = dir .. "/held.py"
+      local f = assert(io.open(py, "w"))
+      f:write([=[
+import signal, socket, ssl, sys
+signal.alarm(60)           # ends by itself whatever the server does
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+req = b"POST /len HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
+stalled = []
+for n in range(60, 72):
+    sock = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=3)
+    inb, outb = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(inb, outb)
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            sock.sendall(outb.read())
+            data = sock.recv(65536)
+            if not data:
+                sys.exit("closed during the handshake")
+            inb.write(data)
+    sock.sendall(outb.read())
+    # the whole burst's records in one send: they are all in when the
+    # server reads, and its cap falls with the rest in OpenSSL's buffer
+    tls.write((req + b"x" * 1000) * n + b"GET /pid HTTP/1.1\r\nHost: x"
+              b"\r\nConnection: close\r\n\r\n")
+    sock.sendall(outb.read())
+    got = b""
+    try:
+        while True:
+            try:
+                chunk = tls.read(65536)
+                if not chunk:
+                    break
+                got += chunk
+                continue
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLZeroReturnError:
+                break
+            data = sock.recv(65536)
+            if not data:
+                break
+            inb.write(data)
+    except OSError:
+        pass
+    text = got.decode("latin-1")
+    if text.count("len=1000.") != n or "pid=" not in text:
+        stalled.append("%d: %d answered" % (n, text.count("len=1000.")))
+    sock.close()
+print("stalled: %s" % (", ".join(stalled) or "none"))
+]=])
+      f:close()
+      local _, out = sh(("python3 %s %d 2>&1"):format(py, s.port))
+      assert.truthy(out:find("stalled: none", 1, true), out)
     end)
   end)
 end)
