@@ -468,6 +468,45 @@ if servers.have_postgres() then
       end
     end)
 
+    it("a failed job's ROLLBACK and the statements behind the failure carry no DEALLOCATE", function()
+      -- In an aborted transaction every command but ROLLBACK fails:
+      -- a DEALLOCATE sent there fails, and the ROLLBACK behind it in
+      -- the same pipeline never ran (the session stayed in the aborted
+      -- transaction: the next statement failed); one sent with a
+      -- statement behind the failure was skipped, its statement left
+      -- on the server.
+      local pid = assert(db:query("SELECT pg_backend_pid() AS p"))[1].p
+      local function fill(from)
+        -- every entry of the cache in use, each one's Parse done: the
+        -- next statement missing it pushes one out
+        for i = from, from + 199 do
+          assert(db:query("SELECT " .. i .. " AS v"))
+        end
+      end
+      for round = 1, 3 do
+        -- the job alone: its ROLLBACK pushes an entry out
+        fill(10000 * round)
+        local res, err = db:atomic({ { "SELECT 1/0 AS boom" } })
+        assert.is_nil(res)
+        assert.equal(1, err.index)
+        -- the rollback went through: the same session serves on
+        assert.equal(pid, assert(db:query("SELECT pg_backend_pid() AS p"))[1].p)
+        -- statements behind the failure push entries out
+        fill(10000 * round + 1000)
+        local stmts = { { "SELECT 1/0 AS boom" } }
+        for i = 1, 30 do
+          stmts[#stmts + 1] = { "SELECT " .. (10000 * round + 5000 + i) .. " AS v" }
+        end
+        res, err = db:atomic(stmts)
+        assert.is_nil(res)
+        assert.equal(1, err.index)
+        assert.equal(pid, assert(db:query("SELECT pg_backend_pid() AS p"))[1].p)
+      end
+      local n = assert(db:query("SELECT count(*) AS n FROM"
+                                .. " pg_prepared_statements"))[1].n
+      assert.is_true(n <= 64 + 3, "prepared on the server: " .. n)
+    end)
+
     it("a connection lost mid-job fails the job as unavailable and the pool reconnects", function()
       assert(db:exec("DELETE FROM log"))
       local res, err = db:atomic({

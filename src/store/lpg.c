@@ -179,8 +179,9 @@ struct lpg_conn {
     unsigned char        cache_ok[LPG_CACHE];   /* 1: its Parse succeeded */
     unsigned             cache_used[LPG_CACHE]; /* use tick (LRU) */
     unsigned             use_tick;
-    unsigned             dealloc[LPG_CACHE];    /* names to DEALLOCATE */
-    int                  ndealloc;
+    unsigned            *dealloc;               /* owned: names to
+                                                   DEALLOCATE */
+    int                  ndealloc, dealloc_cap;
 };
 
 /* One host of the URL and what the resolver said about it. */
@@ -609,7 +610,9 @@ conn_reset(struct lpg_conn *c)
         c->cache_sql[i] = NULL;
         c->cache_ok[i] = 0;
     }
-    c->ndealloc = 0;            /* the session's statements went with it */
+    free(c->dealloc);           /* the session's statements went with it */
+    c->dealloc = NULL;
+    c->ndealloc = c->dealloc_cap = 0;
     c->state = LPG_CONN_FREE;
     c->fd = -1;
     c->txid = 0;
@@ -1157,22 +1160,44 @@ send_sp(struct lpg_conn *c, int which, int *ncmd)
 static void
 dealloc_push(struct lpg_conn *c, unsigned name)
 {
-    if (c->ndealloc < LPG_CACHE) {
-        c->dealloc[c->ndealloc++] = name;
-    } else {
-        gw_log(GW_LOG_WARN, "postgres: prepared statement gw%u left on the"
-               " server (too many to deallocate at once)", name);
+    if (c->ndealloc == c->dealloc_cap) {
+        /* a transaction's statements push out many (their DEALLOCATEs
+         * wait for a statement outside it, send_dealloc()) */
+        int       cap = c->dealloc_cap ? c->dealloc_cap * 2 : 16;
+        unsigned *p = realloc(c->dealloc, (size_t) cap * sizeof(*p));
+
+        if (p == NULL) {
+            gw_log(GW_LOG_WARN, "postgres: prepared statement gw%u left on"
+                   " the server (no memory)", name);
+            return;
+        }
+        c->dealloc = p;
+        c->dealloc_cap = cap;
     }
+    c->dealloc[c->ndealloc++] = name;
 }
 
-/* Queues the DEALLOCATEs pending on c; *ncmd counts them (their results
- * are skipped). Prepared statements are not transactional: one dropped
- * inside a transaction stays dropped if it rolls back. */
+/* Queues the DEALLOCATEs pending on c ahead of op; *ncmd counts them
+ * (their results are skipped). Prepared statements are not
+ * transactional: one dropped inside a transaction stays dropped if it
+ * rolls back. But in an aborted transaction the server refuses every
+ * command but ROLLBACK: a DEALLOCATE there fails and takes the rest of
+ * the pipeline with it (a failed job's ROLLBACK never ran, the session
+ * stayed aborted and was discarded), or is skipped behind a failed
+ * SAVEPOINT (the name stays on the server). So they ride only with a
+ * statement that cannot find its transaction aborted: outside one, its
+ * BEGIN, or a single statement of db:transaction() (sent alone on the
+ * connection, after the undo of an earlier failure); not with a batch's
+ * statements (behind one that failed) nor a COMMIT or ROLLBACK. */
 static int
-send_dealloc(struct lpg_conn *c, int *ncmd)
+send_dealloc(struct lpg_conn *c, const struct lpg_op *op, int *ncmd)
 {
     char sql[32];
 
+    if (op->txid != 0 && !op->tx_begin
+        && (!op->in_sp || op->batch != NULL)) {
+        return GW_OK;               /* kept for a later statement */
+    }
     for (int i = 0; i < c->ndealloc; i++) {
         snprintf(sql, sizeof(sql), "DEALLOCATE gw%u", c->dealloc[i]);
         if (PQsendQueryParams(c->pc, sql, 0, NULL, NULL, NULL, NULL, 0)
@@ -1309,7 +1334,7 @@ conn_send(struct lpg_conn *c, struct lpg_op *op)
         return GW_ERR;
     }
     slot = cache_entry(c, op->sql, &hit);
-    if (c->ndealloc > 0 && send_dealloc(c, &ncmd) != GW_OK) {
+    if (c->ndealloc > 0 && send_dealloc(c, op, &ncmd) != GW_OK) {
         return GW_ERR;
     }
     op->exec_step = ncmd;
