@@ -18,6 +18,21 @@ paygate.route("GET", "/own-head", function() return 200, "get body" end)
 paygate.route("HEAD", "/own-head", function()
   return 200, nil, { ["X-Own"] = "yes" }
 end)
+-- waits, its request read, until the spec says go (files in the
+-- directory its query names)
+paygate.route("GET", "/hold", function(req)
+  local core = require "paygate.core"
+  local dir = req.query_string
+  local f = assert(io.open(dir .. "/started", "w"))
+  f:close()
+  local t0 = core.mono()
+  while core.mono() - t0 < 5 do
+    local g = io.open(dir .. "/go")
+    if g then g:close() break end
+    core.sleep(0.01)
+  end
+  return 200, "held"
+end)
 paygate.route("GET", "/count", function(req)
   local n = 0
   for _ in pairs(req.headers) do n = n + 1 end
@@ -232,6 +247,39 @@ describe("HTTP conformance", function()
         assert.equal("twelve bytes", body_of(out))
         assert.equal("eof", how)      -- the end, not a reset
       end
+    end)
+
+    it("a request pipelined while the handler of a Connection: close one"
+       .. " runs: the answer, then the end, not a reset", function()
+      -- The pipelined bytes arrive while the handler runs: they stay in
+      -- the socket (reading pauses during a request), not in the input
+      -- buffer; the close must drain them too.
+      local proc = require "support.proc"
+      local dir = server.tmpdir()
+      local c = assert(rawtcp.connect(s.port, 5))
+      assert(c:send("GET /hold?" .. dir .. " HTTP/1.1\r\nHost: x\r\n"
+                    .. "Connection: close\r\n\r\n"))
+      proc.wait_until(function()
+        local f = io.open(dir .. "/started")
+        if f then f:close() end
+        return f ~= nil
+      end, 5, "the handler")
+      assert(c:send(("GET /text HTTP/1.1\r\nHost: x\r\n\r\n"):rep(3)))
+      -- the request has reached the server's socket before the answer
+      proc.wait_until(function()
+        local p = io.popen("ss -tnH state established '( sport = :"
+                           .. s.port .. " )'")
+        local lines = p:read("*a")
+        p:close()
+        return lines:match("^%s*[1-9]") ~= nil    -- Recv-Q > 0
+      end, 5, "the pipelined request in the server's receive queue")
+      proc.write(dir .. "/go", "")
+      local out, how = c:recv_all()
+      c:close()
+      server.rmdir(dir)
+      assert.matches("^HTTP/1.1 200", out)
+      assert.equal("held", body_of(out))
+      assert.equal("eof", how)        -- the end, not a reset
     end)
   end)
 

@@ -48,6 +48,11 @@ struct gw_conn {
     int                 want_write; /* 1: output pending, wev added */
     int                 ssl_read_wants_write; /* TLS: SSL_read asked to
                                        wait for writability */
+    int                 unread;     /* the socket became readable while
+                                       a request was handled or the
+                                       answer sent (conn_on_read() left
+                                       it unread): the client's bytes or
+                                       FIN wait in the kernel */
     int                 tls_held;   /* TLS: conn_read() stopped at the
                                        input limit with records left in
                                        OpenSSL, which no socket event

@@ -569,9 +569,10 @@ gw_conn_process(struct gw_conn *c)
             c->req_start = 0;
         }
         conn_read_on(c, 1);
-    } else if (c->state == ST_CLOSING) {
-        conn_read_on(c, 0);
     }
+    /* ST_CLOSING: reading stays as it was: bytes that arrive while the
+     * answer is sent make conn_on_read() turn it off and set c->unread,
+     * so that the close drains them */
     conn_flush(c);
 }
 
@@ -685,6 +686,7 @@ static int
 conn_read(struct gw_conn *c)
 {
     c->tls_held = 0;
+    c->unread = 0;              /* reading again: the event says the rest */
     if (c->ssl != NULL && !c->handshaken) {
         /* before any buffer: a handshake needs none of ours */
         int r = conn_handshake(c);
@@ -792,6 +794,7 @@ conn_on_read(evutil_socket_t fd, short what, void *arg)
     }
     if (c->state == ST_HANDLE || c->state == ST_CLOSING) {
         conn_read_on(c, 0);     /* the buffer must not move now */
+        c->unread = 1;          /* a close must drain them (conn_flush) */
         return;
     }
     gw_loop_update_time();
@@ -927,10 +930,12 @@ conn_flush(struct gw_conn *c)
         conn_release(c);    /* between requests: hold no buffers */
     }
     if (c->state == ST_CLOSING) {
-        /* unread input (the rest of a refused request, pipelined ones):
-         * the client may be sending still. Not after req:drop(), whose
-         * reset (SO_LINGER 0) is the point. */
-        if (!c->dropped && (c->in_len > c->req_start
+        /* unread input (the rest of a refused request, pipelined ones;
+         * in the buffer, in OpenSSL's, or in the socket: bytes that came
+         * while the request was handled): the client may be sending
+         * still. Not after req:drop(), whose reset (SO_LINGER 0) is the
+         * point. */
+        if (!c->dropped && (c->in_len > c->req_start || c->unread
                             || (c->ssl != NULL && SSL_has_pending(c->ssl)))) {
             conn_linger(c);
         } else {
