@@ -438,6 +438,15 @@ if servers.have_postgres() then
       assert.equal(2, count(db, "seen"))
     end)
 
+    -- prepared statements on the server, once the DEALLOCATEs pending
+    -- went out (behind a statement: the count's first run carries them,
+    -- its second, a cache hit, sees the result)
+    local function prepared()
+      local q = "SELECT count(*) AS n FROM pg_prepared_statements"
+      assert(db:query(q))
+      return assert(db:query(q))[1].n
+    end
+
     it("prepared statements pushed out of the cache are deallocated on the server", function()
       -- 200 distinct statements, three rounds: each use past the cache's
       -- 64 pushes another out and prepares again. The server keeps what
@@ -459,8 +468,7 @@ if servers.have_postgres() then
           return nil, "roll back"
         end)
       end
-      local n = assert(db:query("SELECT count(*) AS n FROM"
-                                .. " pg_prepared_statements"))[1].n
+      local n = prepared()
       assert.is_true(n <= 64 + 3, "prepared on the server: " .. n)
       -- what was pushed out comes back, what stayed is used as it is
       for i = 1, 200 do
@@ -468,13 +476,13 @@ if servers.have_postgres() then
       end
     end)
 
-    it("a failed job's ROLLBACK and the statements behind the failure carry no DEALLOCATE", function()
+    it("a failed job rolls back with DEALLOCATEs pending, and none is lost behind the failure", function()
       -- In an aborted transaction every command but ROLLBACK fails:
-      -- a DEALLOCATE sent there fails, and the ROLLBACK behind it in
-      -- the same pipeline never ran (the session stayed in the aborted
-      -- transaction: the next statement failed); one sent with a
-      -- statement behind the failure was skipped, its statement left
-      -- on the server.
+      -- a DEALLOCATE sent ahead of the job's ROLLBACK failed, and the
+      -- ROLLBACK never ran (the session stayed in the aborted
+      -- transaction and was discarded); one sent with a statement
+      -- behind the failure was skipped, its statement left on the
+      -- server.
       local pid = assert(db:query("SELECT pg_backend_pid() AS p"))[1].p
       local function fill(from)
         -- every entry of the cache in use, each one's Parse done: the
@@ -502,9 +510,20 @@ if servers.have_postgres() then
         assert.equal(1, err.index)
         assert.equal(pid, assert(db:query("SELECT pg_backend_pid() AS p"))[1].p)
       end
-      local n = assert(db:query("SELECT count(*) AS n FROM"
-                                .. " pg_prepared_statements"))[1].n
+      local n = prepared()
       assert.is_true(n <= 64 + 3, "prepared on the server: " .. n)
+    end)
+
+    it("a statement that refuses a pipeline (VACUUM) runs with DEALLOCATEs riding along", function()
+      -- A DEALLOCATE executed ahead of it in its pipeline made the
+      -- server refuse it ("cannot be executed within a pipeline").
+      for round = 1, 3 do
+        for i = 1, 200 do
+          assert(db:query("SELECT " .. (100000 * round + i) .. " AS v"))
+        end
+        assert(db:exec("VACUUM log"))
+        assert(db:exec("VACUUM seen"))
+      end
     end)
 
     it("a connection lost mid-job fails the job as unavailable and the pool reconnects", function()

@@ -88,6 +88,7 @@
 #define LPG_SETS      16
 #define LPG_CACHE     (LPG_WAYS * LPG_SETS)
 #define LPG_DEPTH     64       /* statements in flight per connection */
+#define LPG_DEALLOC_OP 8       /* DEALLOCATEs sent with one statement */
 #define LPG_MAXHOSTS  8        /* hosts of a multi-host URL */
 #define LPG_MAXADDRS  32       /* host/hostaddr pairs given to libpq */
 
@@ -117,6 +118,10 @@ struct lpg_op {
     int               in_sp;     /* 1: runs in savepoint gw_s */
     int               cache_slot;/* slot to forget if the prepare fails */
     unsigned          cache_name;/* the name it prepared there */
+    unsigned          dealloc[LPG_DEALLOC_OP]; /* names deallocated
+                                    behind its statement (send_dealloc) */
+    int               dealloc_n;
+    int               dealloc_step;/* the command of dealloc[0] */
     PGresult         *res;       /* owned; the statement's result */
     PGresult         *err;       /* owned; first error result */
     int               sync_check;/* 1: the pool's own require_sync
@@ -1161,8 +1166,8 @@ static void
 dealloc_push(struct lpg_conn *c, unsigned name)
 {
     if (c->ndealloc == c->dealloc_cap) {
-        /* a transaction's statements push out many (their DEALLOCATEs
-         * wait for a statement outside it, send_dealloc()) */
+        /* more than statements take away (send_dealloc()): a
+         * transaction's COMMIT or ROLLBACK carries none */
         int       cap = c->dealloc_cap ? c->dealloc_cap * 2 : 16;
         unsigned *p = realloc(c->dealloc, (size_t) cap * sizeof(*p));
 
@@ -1177,36 +1182,40 @@ dealloc_push(struct lpg_conn *c, unsigned name)
     c->dealloc[c->ndealloc++] = name;
 }
 
-/* Queues the DEALLOCATEs pending on c ahead of op; *ncmd counts them
- * (their results are skipped). Prepared statements are not
+/* Queues up to LPG_DEALLOC_OP of the DEALLOCATEs pending on c behind
+ * op's statement, whose results are skipped (conn_read()); their names
+ * go with op. Behind it, not ahead: ahead, they made the server refuse
+ * a statement that cannot run in a pipeline (VACUUM: "cannot be executed
+ * within a pipeline"), and in an aborted transaction (a failed
+ * db:atomic job's statements and ROLLBACK) the server refuses every
+ * command but ROLLBACK: a DEALLOCATE ahead of the ROLLBACK failed it,
+ * the session stayed aborted. Behind, a DEALLOCATE runs only if all
+ * before it in the pipeline succeeded; skipped (PIPELINE_ABORTED), its
+ * name is queued again. Never behind a COMMIT or ROLLBACK, whose
+ * outcome must be theirs alone. Prepared statements are not
  * transactional: one dropped inside a transaction stays dropped if it
- * rolls back. But in an aborted transaction the server refuses every
- * command but ROLLBACK: a DEALLOCATE there fails and takes the rest of
- * the pipeline with it (a failed job's ROLLBACK never ran, the session
- * stayed aborted and was discarded), or is skipped behind a failed
- * SAVEPOINT (the name stays on the server). So they ride only with a
- * statement that cannot find its transaction aborted: outside one, its
- * BEGIN, or a single statement of db:transaction() (sent alone on the
- * connection, after the undo of an earlier failure); not with a batch's
- * statements (behind one that failed) nor a COMMIT or ROLLBACK. */
+ * rolls back. */
 static int
-send_dealloc(struct lpg_conn *c, const struct lpg_op *op, int *ncmd)
+send_dealloc(struct lpg_conn *c, struct lpg_op *op)
 {
     char sql[32];
+    int  n = c->ndealloc < LPG_DEALLOC_OP ? c->ndealloc : LPG_DEALLOC_OP;
 
-    if (op->txid != 0 && !op->tx_begin
-        && (!op->in_sp || op->batch != NULL)) {
+    if (op->tx_end) {
         return GW_OK;               /* kept for a later statement */
     }
-    for (int i = 0; i < c->ndealloc; i++) {
+    op->dealloc_step = op->exec_step + 1 + (op->in_sp ? 1 : 0);
+    for (int i = 0; i < n; i++) {
         snprintf(sql, sizeof(sql), "DEALLOCATE gw%u", c->dealloc[i]);
         if (PQsendQueryParams(c->pc, sql, 0, NULL, NULL, NULL, NULL, 0)
             != 1) {
             return GW_ERR;
         }
-        (*ncmd)++;
+        op->dealloc[op->dealloc_n++] = c->dealloc[i];
     }
-    c->ndealloc = 0;
+    c->ndealloc -= n;
+    memmove(c->dealloc, c->dealloc + n, (size_t) c->ndealloc
+            * sizeof(*c->dealloc));
     return GW_OK;
 }
 
@@ -1281,6 +1290,7 @@ conn_send(struct lpg_conn *c, struct lpg_op *op)
      * committing on its own. */
     op->in_sp = op->txid != 0 && !op->tx_begin && !op->tx_end;
     op->step = 0;
+    op->dealloc_n = 0;
     op->has_prepare = 0;
     if (op->kind == LPG_OP_SCRIPT) {
         char  *text;
@@ -1334,9 +1344,6 @@ conn_send(struct lpg_conn *c, struct lpg_op *op)
         return GW_ERR;
     }
     slot = cache_entry(c, op->sql, &hit);
-    if (c->ndealloc > 0 && send_dealloc(c, op, &ncmd) != GW_OK) {
-        return GW_ERR;
-    }
     op->exec_step = ncmd;
     if (!hit) {
         c->cache_sql[slot] = strdup(op->sql);
@@ -1377,6 +1384,7 @@ conn_send(struct lpg_conn *c, struct lpg_op *op)
     if (PQsendQueryPrepared(c->pc, name, op->nparams, values, lengths, NULL,
                             0) != 1
         || (op->in_sp && send_sp(c, LPG_SP_RELEASE, &ncmd) != GW_OK)
+        || (c->ndealloc > 0 && send_dealloc(c, op) != GW_OK)
         || PQpipelineSync(c->pc) != 1)
     {
         return GW_ERR;
@@ -1586,6 +1594,14 @@ conn_read(struct lpg_conn *c, struct lpg_op **out)
             } else {
                 PQclear(r);
             }
+            continue;
+        }
+        if (st == PGRES_PIPELINE_ABORTED && op->dealloc_n > 0
+            && op->step >= op->dealloc_step
+            && op->step < op->dealloc_step + op->dealloc_n) {
+            /* skipped behind op's failure: deallocate it later */
+            dealloc_push(c, op->dealloc[op->step - op->dealloc_step]);
+            PQclear(r);
             continue;
         }
         if (st == PGRES_PIPELINE_ABORTED) {
