@@ -65,6 +65,59 @@ local function failures(s, reason)
                    .. reason .. '"} (%d+)') or 0
 end
 
+-- Python helpers of the memory-BIO clients below (they control which
+-- bytes go out in which send()): the script ends by itself after its
+-- alarm whatever the server does.
+local PY_TLS = [=[
+import signal, socket, ssl, sys
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+
+def handshaken(port, timeout):
+    """a socket and its memory-BIO TLS, handshake done"""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    inb, outb = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(inb, outb)
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            sock.sendall(outb.read())
+            data = sock.recv(65536)
+            if not data:
+                sys.exit("closed during the handshake")
+            inb.write(data)
+    sock.sendall(outb.read())
+    return sock, tls, inb, outb
+
+def read_to_end(sock, tls, inb):
+    """plaintext until close_notify (b"" to Python), the socket's end or
+    its timeout"""
+    got = b""
+    while True:
+        try:
+            chunk = tls.read(65536)
+            if not chunk:
+                break
+            got += chunk
+            continue
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLZeroReturnError:
+            break
+        try:
+            data = sock.recv(65536)
+        except OSError:
+            break
+        if not data:
+            break
+        inb.write(data)
+    return got
+
+]=]
+
 describe("TLS edge", function()
   local dir, p, ec_cert, ec_key
 
@@ -83,15 +136,31 @@ describe("TLS edge", function()
     if dir then os.execute("rm -rf " .. dir) end
   end)
 
+  -- the app over https with the RSA pair; tls: more of config.tls,
+  -- rest: more of the config (Lua table fields, as text)
+  local function start_tls(workers, tls, rest)
+    return server.start{ source = APP, workers = workers, scheme = "https",
+      ca_file = p.ca,
+      config = ("return { tls = { cert = %q, key = %q%s }%s }"):format(
+        p.server_cert, p.server_key, tls and ", " .. tls or "",
+        rest and ", " .. rest or "") }
+  end
+
+  -- A Python client script in dir: PY_TLS's functions, then body.
+  local function py_script(name, body)
+    local path = dir .. "/" .. name
+    local f = assert(io.open(path, "w"))
+    f:write(PY_TLS, body)
+    f:close()
+    return path
+  end
+
   describe("two workers, RSA and ECDSA", function()
     local s
 
     setup(function()
-      s = server.start{ source = APP, workers = 2, scheme = "https",
-        ca_file = p.ca,
-        config = ([[return { tls = { cert = %q, key = %q, ecdsa_cert = %q,
-          ecdsa_key = %q } }]]):format(p.server_cert, p.server_key, ec_cert,
-                                       ec_key) }
+      s = start_tls(2, ("ecdsa_cert = %q, ecdsa_key = %q"):format(ec_cert,
+                                                                  ec_key))
     end)
 
     teardown(function()
@@ -103,52 +172,16 @@ describe("TLS edge", function()
       -- a body in twelve 500-byte records and a pipelined GET, all in one
       -- send() after the handshake: past the first record the rest wait
       -- in OpenSSL's buffer, which no socket event announces
-      local py = dir .. "/records.py"
-      local f = assert(io.open(py, "w"))
-      f:write([=[
-import signal, socket, ssl, sys
-signal.alarm(20)           # ends by itself whatever the server does
-ctx = ssl.create_default_context()
-ctx.check_hostname = False
-ctx.verify_mode = ssl.CERT_NONE
-sock = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=8)
-inb, outb = ssl.MemoryBIO(), ssl.MemoryBIO()
-tls = ctx.wrap_bio(inb, outb)
-while True:
-    try:
-        tls.do_handshake()
-        break
-    except ssl.SSLWantReadError:
-        sock.sendall(outb.read())
-        data = sock.recv(65536)
-        if not data:
-            sys.exit("closed during the handshake")
-        inb.write(data)
-sock.sendall(outb.read())
+      local py = py_script("records.py", [=[
+signal.alarm(20)
+sock, tls, inb, outb = handshaken(int(sys.argv[1]), 8)
 tls.write(b"POST /len HTTP/1.1\r\nHost: x\r\nContent-Length: 6000\r\n\r\n")
 for _ in range(12):
     tls.write(b"x" * 500)
 tls.write(b"GET /pid HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
 sock.sendall(outb.read())
-got = b""
-while True:
-    try:
-        chunk = tls.read(65536)
-        if not chunk:
-            break                  # close_notify (Python reads it as b"")
-        got += chunk
-        continue
-    except ssl.SSLWantReadError:
-        pass
-    except ssl.SSLZeroReturnError:
-        break
-    data = sock.recv(65536)
-    if not data:
-        break
-    inb.write(data)
-sys.stdout.write(got.decode("latin-1"))
+sys.stdout.write(read_to_end(sock, tls, inb).decode("latin-1"))
 ]=])
-      f:close()
       local t0 = os.time()
       local _, out = sh(("python3 %s %d 2>&1"):format(py, s.port))
       assert.truthy(out:find("len=6000.", 1, true), out:sub(-600))
@@ -161,14 +194,8 @@ sys.stdout.write(got.decode("latin-1"))
       -- the server answers 413 on the head and closes its side; the
       -- body's records still coming are read and dropped (a close with
       -- unread input would reset: the client's send fails)
-      local py = dir .. "/upload.py"
-      local f = assert(io.open(py, "w"))
-      f:write([=[
-import signal, socket, ssl, sys
-signal.alarm(20)           # ends by itself whatever the server does
-ctx = ssl.create_default_context()
-ctx.check_hostname = False
-ctx.verify_mode = ssl.CERT_NONE
+      local py = py_script("upload.py", [=[
+signal.alarm(20)
 raw = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=8)
 tls = ctx.wrap_socket(raw)
 tls.sendall(b"POST /len HTTP/1.1\r\nHost: x\r\n"
@@ -191,7 +218,6 @@ except OSError as e:
     print("recv failed: %r" % e)
 print(got.decode("latin-1").split("\r\n")[0])
 ]=])
-      f:close()
       local _, out = sh(("python3 %s %d 2>&1"):format(py, s.port))
       assert.truthy(out:find("sent all", 1, true), out)
       assert.truthy(out:find("close_notify", 1, true), out)
@@ -308,11 +334,7 @@ print(got.decode("latin-1").split("\r\n")[0])
     local s
 
     setup(function()
-      s = server.start{ source = APP, workers = 1, scheme = "https",
-        ca_file = p.ca,
-        config = ([[return { tls = { cert = %q, key = %q,
-          protocols = "TLSv1.3", ticket_key_rotation = 2 } }]])
-          :format(p.server_cert, p.server_key) }
+      s = start_tls(1, 'protocols = "TLSv1.3", ticket_key_rotation = 2')
     end)
 
     teardown(function()
@@ -339,30 +361,11 @@ print(got.decode("latin-1").split("\r\n")[0])
       -- rest: OpenSSL keeps them (SSL_has_pending) but has nothing to give
       -- until the rest comes, which the socket will announce. Meanwhile B
       -- is served by the same (only) worker; then A sends the rest.
-      local py = dir .. "/split.py"
-      local f = assert(io.open(py, "w"))
-      f:write([=[
-import signal, socket, ssl, sys
-signal.alarm(20)           # ends by itself whatever the server does
+      local py = py_script("split.py", [=[
+signal.alarm(20)
 port = int(sys.argv[1])
-ctx = ssl.create_default_context()
-ctx.check_hostname = False
-ctx.verify_mode = ssl.CERT_NONE
 GET = b"GET /pid HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-inb, outb = ssl.MemoryBIO(), ssl.MemoryBIO()
-tls = ctx.wrap_bio(inb, outb)
-while True:
-    try:
-        tls.do_handshake()
-        break
-    except ssl.SSLWantReadError:
-        sock.sendall(outb.read())
-        data = sock.recv(65536)
-        if not data:
-            sys.exit("closed during the handshake")
-        inb.write(data)
-sock.sendall(outb.read())
+sock, tls, inb, outb = handshaken(port, 5)
 tls.write(GET)
 rec = outb.read()
 sock.sendall(rec[:9])
@@ -380,25 +383,8 @@ try:
 except OSError as e:
     sys.stdout.write("B failed: %r\n" % e)
 sock.sendall(rec[9:])
-got = b""
-while True:
-    try:
-        chunk = tls.read(65536)
-        if not chunk:
-            break                  # close_notify (Python reads it as b"")
-        got += chunk
-        continue
-    except ssl.SSLWantReadError:
-        pass
-    except ssl.SSLZeroReturnError:
-        break
-    data = sock.recv(65536)
-    if not data:
-        break
-    inb.write(data)
-sys.stdout.write("A:" + got.decode("latin-1") + "\n")
+sys.stdout.write("A:" + read_to_end(sock, tls, inb).decode("latin-1") + "\n")
 ]=])
-      f:close()
       local _, out = sh(("python3 %s %d 2>&1"):format(py, s.port))
       local b, a = out:match("B:(.*)A:(.*)")
       assert.truthy(b and b:find("^HTTP/1.1 200 .*pid=%d+%."), out)
@@ -433,11 +419,8 @@ sys.stdout.write("A:" + got.decode("latin-1") + "\n")
     local s
 
     setup(function()
-      s = server.start{ source = APP, workers = 1, scheme = "https",
-        ca_file = p.ca,
-        config = ([[return { tls = { cert = %q, key = %q },
-          limits = { connections = 1, keepalive_timeout = 30 } }]])
-          :format(p.server_cert, p.server_key) }
+      s = start_tls(1, nil,
+                    "limits = { connections = 1, keepalive_timeout = 30 }")
     end)
 
     teardown(function()
@@ -472,16 +455,14 @@ sys.stdout.write("A:" + got.decode("latin-1") + "\n")
       assert.falsy(out:find("unexpected eof", 1, true), out:sub(-800))
     end)
   end)
+
   describe("at the input limit", function()
     local s
 
     -- header_bytes + body_bytes + 64 KiB: the input buffer's cap (66 KiB)
     setup(function()
-      s = server.start{ source = APP, workers = 1, scheme = "https",
-        ca_file = p.ca,
-        config = ([[return { tls = { cert = %q, key = %q },
-          limits = { header_bytes = 1024, body_bytes = 1024 } }]])
-          :format(p.server_cert, p.server_key) }
+      s = start_tls(1, nil,
+                    "limits = { header_bytes = 1024, body_bytes = 1024 }")
     end)
 
     teardown(function()
@@ -496,62 +477,23 @@ sys.stdout.write("A:" + got.decode("latin-1") + "\n")
     -- to 71 requests, each on a new connection and sent in one send()
     -- (without the read-on, those from 65 on stalled).
     it("answers requests that OpenSSL holds past the buffer's cap", function()
-      local py = dir .. "/held.py"
-      local f = assert(io.open(py, "w"))
-      f:write([=[
-import signal, socket, ssl, sys
-signal.alarm(60)           # ends by itself whatever the server does
-ctx = ssl.create_default_context()
-ctx.check_hostname = False
-ctx.verify_mode = ssl.CERT_NONE
+      local py = py_script("held.py", [=[
+signal.alarm(60)
 req = b"POST /len HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
 stalled = []
 for n in range(60, 72):
-    sock = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=3)
-    inb, outb = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = ctx.wrap_bio(inb, outb)
-    while True:
-        try:
-            tls.do_handshake()
-            break
-        except ssl.SSLWantReadError:
-            sock.sendall(outb.read())
-            data = sock.recv(65536)
-            if not data:
-                sys.exit("closed during the handshake")
-            inb.write(data)
-    sock.sendall(outb.read())
+    sock, tls, inb, outb = handshaken(int(sys.argv[1]), 3)
     # the whole burst's records in one send: they are all in when the
     # server reads, and its cap falls with the rest in OpenSSL's buffer
     tls.write((req + b"x" * 1000) * n + b"GET /pid HTTP/1.1\r\nHost: x"
               b"\r\nConnection: close\r\n\r\n")
     sock.sendall(outb.read())
-    got = b""
-    try:
-        while True:
-            try:
-                chunk = tls.read(65536)
-                if not chunk:
-                    break
-                got += chunk
-                continue
-            except ssl.SSLWantReadError:
-                pass
-            except ssl.SSLZeroReturnError:
-                break
-            data = sock.recv(65536)
-            if not data:
-                break
-            inb.write(data)
-    except OSError:
-        pass
-    text = got.decode("latin-1")
+    text = read_to_end(sock, tls, inb).decode("latin-1")
     if text.count("len=1000.") != n or "pid=" not in text:
         stalled.append("%d: %d answered" % (n, text.count("len=1000.")))
     sock.close()
 print("stalled: %s" % (", ".join(stalled) or "none"))
 ]=])
-      f:close()
       local _, out = sh(("python3 %s %d 2>&1"):format(py, s.port))
       assert.truthy(out:find("stalled: none", 1, true), out)
     end)

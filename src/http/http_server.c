@@ -83,8 +83,8 @@ gw_server_in_flight(void)
 /* ---- small helpers --------------------------------------------------- */
 
 static const char *const edge_names[GW_EDGE_NEVENTS] = {
-    "reclaimed", "lingered", "full", "resumed", "protocol", "cipher", "client_cert",
-    "aborted", "timeout", "not_tls", "other"
+    "reclaimed", "lingered", "full", "resumed", "protocol", "cipher",
+    "client_cert", "aborted", "timeout", "not_tls", "other"
 };
 
 const char *
@@ -806,18 +806,25 @@ conn_on_read(evutil_socket_t fd, short what, void *arg)
     }
 }
 
-/* Closes c gracefully (the answer sent, an idle one timed out or
- * reclaimed for a new client at the cap): a TLS connection first tells
- * the client with close_notify, so that it can tell the end of the stream
- * from a cut (OpenSSL 3 clients report an EOF without it as "unexpected
- * eof"). Best effort: neither it nor the client's is waited for. */
+/* The end of a graceful close's stream: on TLS, close_notify, so that
+ * the client can tell the end from a cut (OpenSSL 3 clients report an
+ * EOF without it as "unexpected eof"). Best effort: neither it nor the
+ * client's is waited for. */
 static void
-conn_close_graceful(struct gw_conn *c)
+conn_end_stream(struct gw_conn *c)
 {
     if (c->ssl != NULL && c->handshaken) {
         (void) SSL_shutdown(c->ssl);
         ERR_clear_error();
     }
+}
+
+/* Closes c gracefully: the answer sent, an idle one timed out or
+ * reclaimed for a new client at the cap. */
+static void
+conn_close_graceful(struct gw_conn *c)
+{
+    conn_end_stream(c);
     conn_close(c);
 }
 
@@ -834,10 +841,7 @@ conn_close_graceful(struct gw_conn *c)
 static void
 conn_linger(struct gw_conn *c)
 {
-    if (c->ssl != NULL && c->handshaken) {
-        (void) SSL_shutdown(c->ssl);
-        ERR_clear_error();
-    }
+    conn_end_stream(c);
     if (shutdown(c->fd, SHUT_WR) != 0) {
         conn_close(c);
         return;
@@ -855,7 +859,8 @@ conn_linger(struct gw_conn *c)
 static void
 conn_linger_read(struct gw_conn *c)
 {
-    char buf[16384];
+    char   buf[16384];
+    double left;
 
     for (int i = 0; i < 64; i++) {      /* 1 MiB per wakeup at most */
         ssize_t n = recv(c->fd, buf, sizeof(buf), 0);
@@ -869,12 +874,12 @@ conn_linger_read(struct gw_conn *c)
         conn_close(c);                  /* the client's FIN, or an error */
         return;
     }
-    if (gw_loop_mono() >= c->linger_end) {
+    left = c->linger_end - gw_loop_mono();
+    if (left <= 0) {
         conn_close(c);
         return;
     }
-    gw_conn_timer(c, c->linger_end - gw_loop_mono() < LINGER_IDLE
-                     ? c->linger_end - gw_loop_mono() : LINGER_IDLE);
+    gw_conn_timer(c, left < LINGER_IDLE ? left : LINGER_IDLE);
 }
 
 static void

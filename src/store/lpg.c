@@ -120,8 +120,7 @@ struct lpg_op {
     unsigned          cache_name;/* the name it prepared there */
     unsigned          dealloc[LPG_DEALLOC_OP]; /* names deallocated
                                     behind its statement (send_dealloc) */
-    int               dealloc_n;
-    int               dealloc_step;/* the command of dealloc[0] */
+    int               dealloc_n; /* from command dealloc_step(op) on */
     PGresult         *res;       /* owned; the statement's result */
     PGresult         *err;       /* owned; first error result */
     int               sync_check;/* 1: the pool's own require_sync
@@ -179,10 +178,12 @@ struct lpg_conn {
      * to have succeeded: else every statement that came back after being
      * pushed out stayed prepared there under its old name, and the
      * backend's memory grew without bound. */
-    char                *cache_sql[LPG_CACHE];  /* owned */
-    unsigned             cache_name[LPG_CACHE];
-    unsigned char        cache_ok[LPG_CACHE];   /* 1: its Parse succeeded */
-    unsigned             cache_used[LPG_CACHE]; /* use tick (LRU) */
+    struct lpg_stmt {
+        char            *sql;    /* owned; NULL: a free entry */
+        unsigned         name;   /* prepared as gw<name> */
+        unsigned         used;   /* use tick (LRU) */
+        int              ok;     /* 1: its Parse succeeded */
+    }                    cache[LPG_CACHE];
     unsigned             use_tick;
     unsigned            *dealloc;               /* owned: names to
                                                    DEALLOCATE */
@@ -611,9 +612,9 @@ conn_reset(struct lpg_conn *c)
         c->pc = NULL;
     }
     for (i = 0; i < LPG_CACHE; i++) {
-        free(c->cache_sql[i]);
-        c->cache_sql[i] = NULL;
-        c->cache_ok[i] = 0;
+        free(c->cache[i].sql);
+        c->cache[i].sql = NULL;
+        c->cache[i].ok = 0;
     }
     free(c->dealloc);           /* the session's statements went with it */
     c->dealloc = NULL;
@@ -1182,6 +1183,14 @@ dealloc_push(struct lpg_conn *c, unsigned name)
     c->dealloc[c->ndealloc++] = name;
 }
 
+/* The command of op's first DEALLOCATE: behind its statement and, in a
+ * savepoint, the RELEASE. */
+static int
+dealloc_step(const struct lpg_op *op)
+{
+    return op->exec_step + 1 + (op->in_sp ? 1 : 0);
+}
+
 /* Queues up to LPG_DEALLOC_OP of the DEALLOCATEs pending on c behind
  * op's statement, whose results are skipped (conn_read()); their names
  * go with op. Behind it, not ahead: ahead, they made the server refuse
@@ -1204,7 +1213,6 @@ send_dealloc(struct lpg_conn *c, struct lpg_op *op)
     if (op->tx_end) {
         return GW_OK;               /* kept for a later statement */
     }
-    op->dealloc_step = op->exec_step + 1 + (op->in_sp ? 1 : 0);
     for (int i = 0; i < n; i++) {
         snprintf(sql, sizeof(sql), "DEALLOCATE gw%u", c->dealloc[i]);
         if (PQsendQueryParams(c->pc, sql, 0, NULL, NULL, NULL, NULL, 0)
@@ -1225,37 +1233,35 @@ send_dealloc(struct lpg_conn *c, struct lpg_op *op)
 static unsigned
 cache_entry(struct lpg_conn *c, const char *sql, int *hit)
 {
-    unsigned base = (gw_store_hash(sql) % LPG_SETS) * LPG_WAYS;
-    unsigned victim = base;
+    unsigned         base = (gw_store_hash(sql) % LPG_SETS) * LPG_WAYS;
+    struct lpg_stmt *v = &c->cache[base];
 
     for (unsigned s = base; s < base + LPG_WAYS; s++) {
-        if (c->cache_sql[s] == NULL) {
-            if (c->cache_sql[victim] != NULL) {
-                victim = s;
+        struct lpg_stmt *e = &c->cache[s];
+
+        if (e->sql == NULL) {
+            if (v->sql != NULL) {
+                v = e;
             }
-            continue;
-        }
-        if (strcmp(c->cache_sql[s], sql) == 0) {
-            c->cache_used[s] = ++c->use_tick;
+        } else if (strcmp(e->sql, sql) == 0) {
+            e->used = ++c->use_tick;
             *hit = 1;
             return s;
-        }
-        if (c->cache_sql[victim] != NULL
-            && c->cache_used[s] < c->cache_used[victim]) {
-            victim = s;
+        } else if (v->sql != NULL && e->used < v->used) {
+            v = e;
         }
     }
-    if (c->cache_sql[victim] != NULL) {
-        if (c->cache_ok[victim]) {
-            dealloc_push(c, c->cache_name[victim]);
+    if (v->sql != NULL) {
+        if (v->ok) {
+            dealloc_push(c, v->name);
         }
-        free(c->cache_sql[victim]);
-        c->cache_sql[victim] = NULL;
+        free(v->sql);
+        v->sql = NULL;
     }
-    c->cache_ok[victim] = 0;
-    c->cache_used[victim] = ++c->use_tick;
+    v->ok = 0;
+    v->used = ++c->use_tick;
     *hit = 0;
-    return victim;
+    return (unsigned) (v - c->cache);
 }
 
 /* Sends op on c. Returns GW_OK, or GW_ERR (the connection is broken). */
@@ -1346,20 +1352,20 @@ conn_send(struct lpg_conn *c, struct lpg_op *op)
     slot = cache_entry(c, op->sql, &hit);
     op->exec_step = ncmd;
     if (!hit) {
-        c->cache_sql[slot] = strdup(op->sql);
-        c->cache_name[slot] = c->next_name++;
-        snprintf(name, sizeof(name), "gw%u", c->cache_name[slot]);
-        if (c->cache_sql[slot] == NULL
+        c->cache[slot].sql = strdup(op->sql);
+        c->cache[slot].name = c->next_name++;
+        snprintf(name, sizeof(name), "gw%u", c->cache[slot].name);
+        if (c->cache[slot].sql == NULL
             || PQsendPrepare(c->pc, name, op->sql, 0, NULL) != 1)
         {
             return GW_ERR;
         }
         op->has_prepare = 1;
-        op->cache_name = c->cache_name[slot];
+        op->cache_name = c->cache[slot].name;
         op->exec_step++;
     }
     op->cache_slot = (int)slot;
-    snprintf(name, sizeof(name), "gw%u", c->cache_name[slot]);
+    snprintf(name, sizeof(name), "gw%u", c->cache[slot].name);
     for (i = 0; i < op->nparams; i++) {
         struct gw_store_val *v = &op->params[i];
 
@@ -1514,16 +1520,26 @@ conn_pop_head(struct lpg_conn *c, struct lpg_op **out)
     return rc;
 }
 
-/* op's Parse failed or was skipped: forget its statement (unless the
- * slot went to another one since), so the next use prepares again. */
+/* The cache entry op's Parse made, if it still holds that statement
+ * (the entry may have gone to another one since), or NULL. */
+static struct lpg_stmt *
+op_stmt(struct lpg_conn *c, const struct lpg_op *op)
+{
+    struct lpg_stmt *e = &c->cache[op->cache_slot];
+
+    return e->sql != NULL && e->name == op->cache_name ? e : NULL;
+}
+
+/* op's Parse failed or was skipped: forget its statement, so the next
+ * use prepares again. */
 static void
 conn_forget_prepared(struct lpg_conn *c, struct lpg_op *op)
 {
-    int s = op->cache_slot;
+    struct lpg_stmt *e = op_stmt(c, op);
 
-    if (c->cache_sql[s] != NULL && c->cache_name[s] == op->cache_name) {
-        free(c->cache_sql[s]);
-        c->cache_sql[s] = NULL;
+    if (e != NULL) {
+        free(e->sql);
+        e->sql = NULL;
     }
 }
 
@@ -1532,10 +1548,10 @@ conn_forget_prepared(struct lpg_conn *c, struct lpg_op *op)
 static void
 conn_prepared_ok(struct lpg_conn *c, struct lpg_op *op)
 {
-    int s = op->cache_slot;
+    struct lpg_stmt *e = op_stmt(c, op);
 
-    if (c->cache_sql[s] != NULL && c->cache_name[s] == op->cache_name) {
-        c->cache_ok[s] = 1;
+    if (e != NULL) {
+        e->ok = 1;
     } else {
         dealloc_push(c, op->cache_name);
     }
@@ -1597,10 +1613,10 @@ conn_read(struct lpg_conn *c, struct lpg_op **out)
             continue;
         }
         if (st == PGRES_PIPELINE_ABORTED && op->dealloc_n > 0
-            && op->step >= op->dealloc_step
-            && op->step < op->dealloc_step + op->dealloc_n) {
+            && op->step >= dealloc_step(op)
+            && op->step < dealloc_step(op) + op->dealloc_n) {
             /* skipped behind op's failure: deallocate it later */
-            dealloc_push(c, op->dealloc[op->step - op->dealloc_step]);
+            dealloc_push(c, op->dealloc[op->step - dealloc_step(op)]);
             PQclear(r);
             continue;
         }
