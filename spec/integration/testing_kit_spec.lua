@@ -95,6 +95,50 @@ paygate.route("POST", "/echo", function(req) return 200, req:json() end)]],
   end)
 end)
 
+describe("testing.start_app on a port taken after the pick", function()
+  local core = require "paygate.core"
+  local pick = core.free_port
+  local taker
+  setup(function() taker = testing.start_app{ source = "" } end)
+  teardown(function()
+    core.free_port = pick
+    testing.stop_all()
+  end)
+
+  -- core.free_port's n-th answer is the taker's (listening) port
+  local function take(n)
+    local calls = 0
+    core.free_port = function(...)
+      calls = calls + 1
+      if calls == n then return taker.port end
+      return pick(...)
+    end
+  end
+
+  for n, which in ipairs({ "main", "admin" }) do
+    it("starts again on fresh ports when the " .. which .. " port was taken",
+       function()
+      take(n)
+      local srv = testing.start_app{ source = [[
+require("paygate").route("GET", "/", function() return 200, "mine" end)]] }
+      core.free_port = pick
+      assert.are_not.equal(taker.port, srv.port)
+      assert.are_not.equal(taker.port, srv.admin)
+      assert.equal("mine", assert(srv:request("/")).body)
+      assert.not_matches("already in use", srv:logs())
+      srv:stop()
+    end)
+  end
+
+  it("does not move a port the caller chose", function()
+    local ok, err = pcall(testing.start_app,
+                          { source = "", port = taker.port })
+    assert.is_false(ok)
+    assert.matches("exited early", err)
+    assert.matches("Address already in use", err)
+  end)
+end)
+
 describe("a spec run that dies", function()
   it("leaves no app behind (the watchdog ends it, removes its folder)",
      function()

@@ -79,29 +79,14 @@ local function lua_source(v, indent)
 end
 _M.lua_source = lua_source
 
---- syntax: srv = server.start(o)
--- o: app (a directory) or source (app.lua's text); config (a table, a
--- function(srv) returning one — srv.port and srv:url() are known by then —
--- or Lua source); workers (1); args (more CLI arguments); port; scheme
--- ("http"); ca_file; wait (default true: until /healthz answers 200);
--- timeout (15 s for it); bin.
--- yields: until the server serves.
--- returns: the server; raises with its log if it exits or never serves.
-function _M.start(o)
-  if type(o) ~= "table" or (o.app == nil and o.source == nil) then
-    error("testing.start_app: give app (a directory) or source", 2)
-  end
-  local dir = _M.tmpdir()
-  local app = o.app
-  if o.source then
-    app = dir .. "/app"
-    os.execute("mkdir -p " .. sh_quote(app))
-    local f = assert(io.open(app .. "/app.lua", "w"))
-    f:write(o.source)
-    f:close()
-  end
+local PORT_TRIES = 5
+
+-- Starts one `paygate run` in dir on freshly picked ports (o.port, when
+-- given, for the main listener); returns the server, not yet waited on.
+local function spawn(o, dir, app)
   local port = o.port or core.free_port()
   local admin = core.free_port()
+  while admin == port do admin = core.free_port() end
   local s = setmetatable({ dir = dir, app = app, port = port, admin = admin,
                            scheme = o.scheme or "http",
                            log = dir .. "/paygate.log",
@@ -128,27 +113,64 @@ function _M.start(o)
   s.proc = proc.spawn(argv, { log = s.log, watchdog = o.watchdog ~= false,
                               watchdog_rmdir = dir })
   s.pid = s.proc.pid
-  if o.wait ~= false then
+  return s
+end
+
+--- syntax: srv = server.start(o)
+-- o: app (a directory) or source (app.lua's text); config (a table, a
+-- function(srv) returning one — srv.port and srv:url() are known by then —
+-- or Lua source); workers (1); args (more CLI arguments); port; scheme
+-- ("http"); ca_file; wait (default true: until /healthz answers 200);
+-- timeout (15 s for it); bin.
+-- yields: until the server serves.
+-- returns: the server; raises with its log if it exits or never serves.
+function _M.start(o)
+  if type(o) ~= "table" or (o.app == nil and o.source == nil) then
+    error("testing.start_app: give app (a directory) or source", 2)
+  end
+  local dir = _M.tmpdir()
+  local app = o.app
+  if o.source then
+    app = dir .. "/app"
+    os.execute("mkdir -p " .. sh_quote(app))
+    local f = assert(io.open(app .. "/app.lua", "w"))
+    f:write(o.source)
+    f:close()
+  end
+  -- The ports are free when picked, but another process may bind one
+  -- before the server does: then the server exits at once with "cannot
+  -- listen on ...: Address already in use", and a port this function
+  -- picked is picked again, PORT_TRIES times at most.
+  for try = 1, PORT_TRIES do
+    local s = spawn(o, dir, app)
+    if o.wait == false then return s end
     local ok, err = pcall(proc.wait_until, function()
       if s.proc:poll() then return true end
       local res = http.request{
-        url = "http://127.0.0.1:" .. admin .. "/healthz", timeout = 1 }
+        url = "http://127.0.0.1:" .. s.admin .. "/healthz", timeout = 1 }
       return res and res.status == 200
     end, o.timeout or 15, "paygate to serve " .. app)
     if s.proc:poll() then
       local code = s.proc.status
       local logs = s:logs()
-      _M.rmdir(dir)
-      error("paygate run " .. app .. " exited early (" .. code .. "):\n"
-            .. logs, 2)
-    end
-    if not ok then
+      local taken = tonumber(logs:match(
+        "cannot listen on 127%.0%.0%.1:(%d+): Address already in use"))
+      if try < PORT_TRIES and taken
+         and (taken == s.admin or (taken == s.port and not o.port)) then
+        os.remove(s.log)
+      else
+        _M.rmdir(dir)
+        error("paygate run " .. app .. " exited early (" .. code .. "):\n"
+              .. logs, 2)
+      end
+    elseif not ok then
       local logs = s:logs()
       s:stop()
       error(tostring(err) .. ":\n" .. logs, 2)
+    else
+      return s
     end
   end
-  return s
 end
 
 --- syntax: url = srv:url([path]) -- "http://127.0.0.1:PORT" .. path
