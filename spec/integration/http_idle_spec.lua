@@ -81,3 +81,51 @@ describe("idle keep-alive connections at the connection cap", function()
     for _, c in ipairs(fresh) do c:close() end
   end)
 end)
+
+describe("lingering closes at the connection cap", function()
+  local s
+  local CAP2 = 5
+
+  setup(function()
+    s = server.start{ source = APP, workers = 1,
+      config = ([[return { limits = { connections = %d } }]]):format(CAP2) }
+  end)
+
+  teardown(function()
+    if s then assert.equal(0, s:stop()) end
+  end)
+
+  it("go first to admit new clients, before the linger ends", function()
+    -- CAP2 clients each pipeline a request behind one that asks to close:
+    -- the server answers, shuts its side and lingers (reading what they
+    -- still send, for 2 s after their last byte) while they stay open
+    local lingering = {}
+    for i = 1, CAP2 do
+      local c = assert(rawtcp.connect(s.port, 5))
+      assert(c:send("GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                    .. "GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+      local out, how = c:recv_all()
+      assert.matches("^HTTP/1.1 200", out)
+      assert.equal("eof", how)
+      lingering[i] = c
+    end
+    proc.wait_until(function()
+      local res = s:admin_get("/metrics")
+      local n = res and res.body:match(
+        "\npaygate_connections_lingered_total (%d+)\n")
+      return n and tonumber(n) >= CAP2
+    end, 5, "lingering connections on /metrics")
+    for i = 1, 2 do
+      local c = assert(rawtcp.connect(s.port, 5))
+      local t0 = core.mono()
+      get(c, "/")
+      local out = c:recv_some()
+      local took = core.mono() - t0
+      assert.matches("^HTTP/1.1 200", out)
+      assert.is_true(took < 1, "new client " .. i .. " waited " .. took
+                     .. " s")
+      c:close()
+    end
+    for _, c in ipairs(lingering) do c:close() end
+  end)
+end)

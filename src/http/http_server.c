@@ -101,7 +101,9 @@ gw_edge_count(int event)
     }
 }
 
-/* c idles on keep-alive: it joins the idle list's end (newest). */
+/* c idles on keep-alive: it joins the idle list's end (newest). A
+ * lingering close (ST_LINGER) joins its head: its answer is delivered,
+ * so it is the first to go for a new client at the cap. */
 static void
 idle_enter(struct gw_conn *c)
 {
@@ -109,14 +111,25 @@ idle_enter(struct gw_conn *c)
         return;
     }
     c->idle = 1;
-    c->inext = NULL;
-    c->iprev = gw_srv.idle_tail;
-    if (gw_srv.idle_tail != NULL) {
-        gw_srv.idle_tail->inext = c;
-    } else {
+    if (c->state == ST_LINGER) {
+        c->iprev = NULL;
+        c->inext = gw_srv.idle_head;
+        if (gw_srv.idle_head != NULL) {
+            gw_srv.idle_head->iprev = c;
+        } else {
+            gw_srv.idle_tail = c;
+        }
         gw_srv.idle_head = c;
+    } else {
+        c->inext = NULL;
+        c->iprev = gw_srv.idle_tail;
+        if (gw_srv.idle_tail != NULL) {
+            gw_srv.idle_tail->inext = c;
+        } else {
+            gw_srv.idle_head = c;
+        }
+        gw_srv.idle_tail = c;
     }
-    gw_srv.idle_tail = c;
     /* accepting paused at the cap: a client may wait in the backlog, and
      * on_accept() can now admit it by closing an idle connection */
     if (!gw_srv.accepting && !gw_srv.draining && gw_srv.lev != NULL
@@ -146,18 +159,23 @@ idle_leave(struct gw_conn *c)
     c->idle = 0;
 }
 
-/* At the connection cap: the oldest idle keep-alive connection that is
- * truly idle (nothing to send, no byte of a next request waiting in the
- * socket or in TLS), which on_accept() closes once it has a new client to
- * admit in its place, so the new client is served at once instead of
- * waiting out keepalive_timeout ("reusing connections"). A connection in
- * a request is never on the list. NULL when there is none. */
+/* At the connection cap: a lingering close (what the client still
+ * sends is dropped anyway), else the oldest idle keep-alive connection
+ * that is truly idle (nothing to send, no byte of a next request waiting
+ * in the socket or in TLS), which on_accept() closes once it has a new
+ * client to admit in its place, so the new client is served at once
+ * instead of waiting out keepalive_timeout ("reusing connections"). A
+ * connection in a request is never on the list. NULL when there is
+ * none. */
 static struct gw_conn *
 idle_victim(void)
 {
     for (struct gw_conn *c = gw_srv.idle_head; c != NULL; c = c->inext) {
         char b;
 
+        if (c->state == ST_LINGER) {
+            return c;
+        }
         if (c->state != ST_HEAD || c->in_len != 0 || c->out_len != 0
             || (c->ssl != NULL && SSL_has_pending(c->ssl))
             || recv(c->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) > 0) {
@@ -850,6 +868,7 @@ conn_linger(struct gw_conn *c)
     c->state = ST_LINGER;
     c->linger_end = gw_loop_mono() + LINGER_MAX;
     gw_edge_count(GW_EDGE_LINGERED);
+    idle_enter(c);              /* the first to go at the cap */
     conn_read_on(c, 1);
     gw_conn_timer(c, LINGER_IDLE);
 }
@@ -1119,8 +1138,12 @@ on_accept(evutil_socket_t lfd, short what, void *arg)
         fd = accept4(lfd, (struct sockaddr *) &ss, &sl,
                      SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd >= 0 && victim != NULL) {
-            conn_close_graceful(victim); /* its place goes to the new
-                                            client */
+            /* its place goes to the new client */
+            if (victim->state == ST_LINGER) {
+                conn_close(victim);     /* its stream has ended already */
+            } else {
+                conn_close_graceful(victim);
+            }
             gw_edge_count(GW_EDGE_RECLAIMED);
         }
         if (fd < 0) {
