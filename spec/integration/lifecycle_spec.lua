@@ -282,6 +282,7 @@ local function start_limited(nofile)
   os.execute("mkdir -p " .. dir .. "/app")
   write(dir .. "/app/app.lua", app_source("v1"))
   local port, admin = core.free_port(), core.free_port()
+  while admin == port do admin = core.free_port() end
   local p = proc.spawn({ "/bin/sh", "-c", ("ulimit -n %d; exec %s run %s/app "
     .. "--listen 127.0.0.1:%d --admin 127.0.0.1:%d --workers 1"):format(
     nofile, PAYGATE_BIN, dir, port, admin) }, { log = dir .. "/log" })
