@@ -33,7 +33,8 @@
 -- BENCH_ENGINES ("sqlite postgres"), BENCH_FILLS ("0 FILL"),
 -- BENCH_COMPARE (a git revision, or an app folder: its gateway runs too,
 -- before the working tree's, on payments of its own), BENCH_GATEWAY (the app,
--- default examples/gateway), BENCH_PG_POOL (the gateway's PostgreSQL
+-- default examples/gateway), BENCH_SQLITE_OPTS (the gateway's SQLite
+-- options as a query string, e.g. inline_reads=0), BENCH_PG_POOL (the gateway's PostgreSQL
 -- pool, default 16), PAYGATE_BIN.
 --
 -- The fill's audit rows carry random hashes (not verifiable chains): they
@@ -492,6 +493,8 @@ local function run()
       if engine == "sqlite" then
         url = "sqlite:" .. tmp .. "/gw" .. fi .. ".db"
         gw_url = url
+        local o = os.getenv("BENCH_SQLITE_OPTS")
+        if o and o ~= "" then gw_url = url .. "?" .. o end
       else
         local dbname = "bench" .. fi
         local admin = assert(sql.open(pg_srv.url))

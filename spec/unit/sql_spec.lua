@@ -765,6 +765,80 @@ describe("paygate.sql on sqlite (engine specifics)", function()
     db:close()
   end)
 
+  it("serves a lookup on the loop thread (inline), seeing every commit",
+     function()
+    local db = open("sqlite")
+    -- a schema of some size: loading it is more than a budget's work,
+    -- and must not be cut short (it would be, every time)
+    local ddl = {}
+    for i = 1, 40 do
+      ddl[i] = ("CREATE TABLE s%d (a INTEGER PRIMARY KEY, b TEXT UNIQUE,"
+                .. " c REAL, d BLOB); CREATE INDEX s%d_c ON s%d (c, b);")
+               :format(i, i, i)
+    end
+    assert(db:exec_script(table.concat(ddl)))
+    assert(db:exec_script("CREATE TABLE g (k INTEGER PRIMARY KEY, v TEXT)"))
+    local before = db:stats()
+    for i = 1, 50 do
+      assert(db:exec("INSERT INTO g VALUES ($1, $2)", { i, "v" .. i }))
+      assert.same({ { v = "v" .. i } },
+                  db:query("SELECT v FROM g WHERE k = $1", { i }))
+    end
+    local after = db:stats()
+    assert.equal(50, after.reads_inline - before.reads_inline)
+    assert.equal(0, after.reads_moved - before.reads_moved)
+    -- a query's own error comes back as from a reader
+    local rows, err = db:query("SELECT nope FROM g")
+    assert.is_nil(rows)
+    assert.matches("no such column", err.message)
+    db:close()
+  end)
+
+  it("moves a query over its inline budget to a reader; the loop runs on",
+     function()
+    local db = open("sqlite", { inline_reads = 200 })
+    -- about a second of SQLite work: far over 200 microseconds
+    local SLOW = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1"
+      .. " FROM c WHERE x < $1) SELECT count(*) AS n FROM c"
+    local gap, last, done = 0, paygate.update_time(), false
+    local ticker = paygate.spawn(function()
+      while not done do
+        paygate.sleep(0.001)
+        local now = paygate.update_time()
+        if now - last > gap then gap = now - last end
+        last = now
+      end
+    end)
+    paygate.sleep(0.01)
+    local t0 = paygate.update_time()
+    local rows = assert(db:query(SLOW, { 3000000 }))
+    local took = paygate.update_time() - t0
+    done = true
+    ticker:wait()
+    assert.equal(3000000, rows[1].n)
+    assert.equal(1, db:stats().reads_moved)
+    -- the loop was held for the budget at most, not for the query
+    assert.truthy(took > 0.1, "the query took " .. took .. " s")
+    assert.truthy(gap < took / 2, ("the loop stalled %.3f s of the"
+                  .. " query's %.3f s"):format(gap, took))
+    -- its next runs go to the readers at once: no second budget spent
+    local inline = db:stats().reads_inline
+    assert.equal(10, assert(db:query(SLOW, { 10 }))[1].n)
+    local st = db:stats()
+    assert.equal(1, st.reads_moved)
+    assert.equal(inline, st.reads_inline)
+    db:close()
+  end)
+
+  it("inline_reads = 0 sends every query to the readers", function()
+    local db = open("sqlite", { inline_reads = 0 })
+    assert(db:exec_script("CREATE TABLE g (k INTEGER)"))
+    assert(db:exec("INSERT INTO g VALUES (1)"))
+    assert.same({ { k = 1 } }, db:query("SELECT k FROM g"))
+    assert.equal(0, db:stats().reads_inline)
+    db:close()
+  end)
+
   it("answers a writing query in flight when the handle closes", function()
     -- The reader hands it to the writer, which may already have left.
     for round = 1, 20 do

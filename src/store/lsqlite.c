@@ -30,6 +30,19 @@
  * exec. Unlike an interactive transaction it never holds the writer
  * between statements, so it joins the group commit.
  *
+ * Inline reads: a query (h:query) runs first on the loop thread itself,
+ * on a read-only connection of its own, within a budget of inline_reads
+ * microseconds (a progress handler checks the clock every few hundred VM
+ * steps). Most reads of a gateway are lookups by key, a few microseconds
+ * of SQLite, and a round trip through a reader thread costs several
+ * times that in wake-ups and context switches, which on a core shared by
+ * the loop and the threads (a pinned worker) is all overhead. A query
+ * that runs over its budget, or meets a lock (busy_timeout is 0 here:
+ * the loop never waits), is abandoned (a read: nothing to undo) and
+ * queued for a reader thread as before; its SQL then goes to the readers
+ * directly for its next INLINE_SKIPS runs. inline_reads = 0: every query
+ * goes to the readers.
+ *
  * Opening: the writer creates the file and switches it to WAL. Other
  * processes may do the same at the same moment (workers on a first
  * start): that waits within busy_timeout like any write (conn_open()).
@@ -52,10 +65,12 @@
  * is queued when that BEGIN is delivered.
  */
 #include <errno.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 #include <sqlite3.h>
 #include <event2/event.h>
 #include <lauxlib.h>
@@ -69,6 +84,10 @@
 #define LSQLITE_READERS   2
 #define LSQLITE_MAX_READERS GW_STORE_SQLITE_MAX_READERS /* threads */
 #define LSQLITE_BATCH_MAX 1024    /* jobs per group commit */
+#define LSQLITE_INLINE_US 200     /* inline read budget, microseconds */
+#define INLINE_SKIPS      64      /* runs of an over-budget query that go
+                                     to the readers directly */
+#define INLINE_STEPS      200     /* VM steps between clock checks */
 
 enum lsqlite_op {
     LSQLITE_OP_OPEN,      /* writer: open + pragmas */
@@ -117,6 +136,8 @@ struct lsqlite_cache {
     char         *sql[LSQLITE_CACHE];  /* owned keys */
     sqlite3_stmt *st[LSQLITE_CACHE];   /* owned statements */
     char          tx[LSQLITE_CACHE];   /* prepared with allow_tx: ours */
+    unsigned char skip[LSQLITE_CACHE]; /* inline connection: runs left
+                                          that go to the readers */
 };
 
 struct lsqlite_conn {
@@ -148,6 +169,14 @@ struct lsqlite_db {
     int                busy_ms;      /* busy_timeout for other processes */
     int                tx_timeout_ms;/* idle interactive tx is rolled back */
     int                synchronous;  /* PRAGMA synchronous value */
+    int                inline_us;    /* inline read budget, 0: none */
+    /* the loop thread's own read-only connection (inline reads) */
+    struct lsqlite_conn inl;
+    pid_t              inl_pid;      /* the process that opened it */
+    int                inl_off;      /* it could not be opened */
+    double             inl_deadline; /* monotonic s: the running read's */
+    long               reads_inline; /* loop thread only */
+    long               reads_moved;  /* over budget: to the readers */
     /* counters, written by the writer with atomics */
     long               commits;      /* successful COMMITs (fsyncs) */
     long               writes;       /* jobs acknowledged by a COMMIT */
@@ -557,6 +586,7 @@ stmt_get(struct lsqlite_conn *c, struct lsqlite_job *j)
     }
     sqlite3_finalize(c->cache.st[slot]);
     free(c->cache.sql[slot]);
+    c->cache.skip[slot] = 0;
     c->cache.sql[slot] = strdup(j->sql);
     c->cache.st[slot] = c->cache.sql[slot] != NULL ? st : NULL;
     c->cache.tx[slot] = (char) c->allow_tx;
@@ -1481,6 +1511,7 @@ lsqlite_open(lua_State *L)
     struct lsqlite_db  *db;
     pthread_t         tid;
     int               i, nreaders, batch_max, busy_ms, tx_ms, sync;
+    int               inline_us;
 
     /* Checked first: raising must not leak what is allocated below. */
     gw_store_sql_opts_check(L, 2);   /* both engines' options */
@@ -1494,6 +1525,8 @@ lsqlite_open(lua_State *L)
     tx_ms = gw_store_opt_int(L, 2, "sql.open", "tx_timeout", 30000, 1,
                              INT_MAX);
     sync = gw_store_opt_int(L, 2, "sql.open", "synchronous", 2, 0, 3);
+    inline_us = gw_store_opt_int(L, 2, "sql.open", "inline_reads",
+                                 LSQLITE_INLINE_US, 0, 1000000);
     db = calloc(1, sizeof(*db));
     if (db == NULL) {
         return gw_push_error(L, "unavailable", 0, "sqlite: out of memory");
@@ -1516,6 +1549,7 @@ lsqlite_open(lua_State *L)
     db->busy_ms = busy_ms;
     db->tx_timeout_ms = tx_ms;
     db->synchronous = sync;
+    db->inline_us = inline_us;
     ud = lua_newuserdata(L, sizeof(*ud));
     ud->db = db;                         /* __gc now owns our reference */
     luaL_getmetatable(L, LSQLITE_MT);
@@ -1574,6 +1608,9 @@ lsqlite_gc(lua_State *L)
         return 0;
     }
     ud->db = NULL;
+    if (db->inl.h != NULL && db->inl_pid == getpid()) {
+        conn_close(&db->inl);       /* the loop thread's: closed here */
+    }
     pthread_mutex_lock(&db->mu);
     db->closing = 1;
     pthread_cond_broadcast(&db->wcond);
@@ -1627,7 +1664,113 @@ lsqlite_exec(lua_State *L)
     return submit(L, j, LSQLITE_Q_WRITER);
 }
 
-/* h:query(sql, params) -> rows | nil, err   (reader connections) */
+/* ------------------------------------------- inline reads (loop thread) */
+
+/* The progress handler of the inline connection: non-zero interrupts the
+ * statement (SQLITE_INTERRUPT) once the read is past its deadline. */
+static int
+inline_progress(void *arg)
+{
+    struct lsqlite_db *db = arg;
+
+    return gw_loop_mono_fresh() > db->inl_deadline;
+}
+
+/* The loop thread's read-only connection, opened on first use; NULL when
+ * inline reads are off or it cannot be opened (then the readers serve). */
+static struct lsqlite_conn *
+inline_conn(struct lsqlite_db *db)
+{
+    char *msg = NULL;
+
+    if (db->inline_us == 0 || db->inl_off) {
+        return NULL;
+    }
+    if (db->inl.h != NULL && db->inl_pid == getpid()) {
+        return &db->inl;
+    }
+    /* none yet, or the parent's before a fork: never used here */
+    memset(&db->inl, 0, sizeof(db->inl));
+    if (conn_open(&db->inl, db, 1, &msg) != SQLITE_OK) {
+        free(msg);
+        db->inl_off = 1;
+        return NULL;
+    }
+    sqlite3_busy_timeout(db->inl.h, 0);      /* the loop never waits */
+    sqlite3_progress_handler(db->inl.h, INLINE_STEPS, inline_progress, db);
+    db->inl_pid = getpid();
+    return &db->inl;
+}
+
+/* j's results as before it ran (its SQL and parameters kept). */
+static void
+job_unrun(struct lsqlite_job *j)
+{
+    int i;
+
+    free(j->errmsg);
+    for (i = 0; i < j->ncols; i++) {
+        free(j->cols[i]);
+    }
+    free(j->cols);
+    gw_store_vals_free(j->cells, j->nrows * j->ncols);
+    j->errmsg = NULL;
+    j->cols = NULL;
+    j->cells = NULL;
+    j->rc = j->xrc = j->at_prepare = 0;
+    j->changes = j->last_id = 0;
+    j->ncols = j->nrows = j->cap = 0;
+}
+
+/* Runs the query j on the loop thread within the budget. returns: 1 when
+ * j holds its outcome (its rows, or its own error), 0 when a reader must
+ * run it (over budget, a lock, a statement that writes). */
+static int
+inline_read(struct lsqlite_db *db, struct lsqlite_job *j)
+{
+    struct lsqlite_conn *c = inline_conn(db);
+    sqlite3_stmt        *st;
+    unsigned             slot;
+    int                  rc;
+
+    if (c == NULL) {
+        return 0;
+    }
+    slot = gw_store_hash(j->sql) % LSQLITE_CACHE;
+    if (c->cache.skip[slot] > 0 && c->cache.sql[slot] != NULL
+        && strcmp(c->cache.sql[slot], j->sql) == 0)
+    {
+        c->cache.skip[slot]--;      /* over budget lately: readers */
+        return 0;
+    }
+    /* Preparing is not budgeted: interrupted, a first prepare (which
+     * loads the schema) would fail the same way every time. */
+    db->inl_deadline = HUGE_VAL;
+    st = stmt_get(c, j);
+    if (st != NULL && !sqlite3_stmt_readonly(st)) {
+        return 0;                   /* a reader hands it to the writer */
+    }
+    if (st != NULL) {
+        db->inl_deadline = gw_loop_mono_fresh() + db->inline_us / 1e6;
+        rc = run_stmt(c, j);
+    } else {
+        rc = j->rc;                 /* prepare failed */
+    }
+    if (rc == SQLITE_INTERRUPT || rc == SQLITE_BUSY || rc == SQLITE_LOCKED) {
+        if (rc == SQLITE_INTERRUPT && c->cache.sql[slot] != NULL
+            && strcmp(c->cache.sql[slot], j->sql) == 0)
+        {
+            c->cache.skip[slot] = INLINE_SKIPS;
+        }
+        job_unrun(j);
+        db->reads_moved++;
+        return 0;
+    }
+    db->reads_inline++;
+    return 1;
+}
+
+/* h:query(sql, params) -> rows | nil, err   (inline, or a reader) */
 static int
 lsqlite_query(lua_State *L)
 {
@@ -1638,6 +1781,12 @@ lsqlite_query(lua_State *L)
         return gw_push_error(L, "unavailable", 0, "sqlite: out of memory");
     }
     j->want_rows = 1;
+    if (inline_read(db, j)) {
+        int n = push_job_result(L, j);
+
+        job_free(j);
+        return n;
+    }
     return submit(L, j, LSQLITE_Q_READER);
 }
 
@@ -1845,13 +1994,18 @@ lsqlite_rollback(lua_State *L)
     return tx_stmt(L, LSQLITE_OP_ROLLBACK, 0);
 }
 
-/* h:stats() -> { commits = n, writes = n } */
+/* h:stats() -> { commits = n, writes = n, reads_inline = n,
+ *                reads_moved = n } */
 static int
 lsqlite_stats(lua_State *L)
 {
     struct lsqlite_db *db = check_db(L);
 
-    lua_createtable(L, 0, 2);
+    lua_createtable(L, 0, 4);
+    lua_pushnumber(L, (lua_Number)db->reads_inline);
+    lua_setfield(L, -2, "reads_inline");
+    lua_pushnumber(L, (lua_Number)db->reads_moved);
+    lua_setfield(L, -2, "reads_moved");
     lua_pushnumber(L, (lua_Number)__atomic_load_n(&db->commits,
                                                   __ATOMIC_RELAXED));
     lua_setfield(L, -2, "commits");

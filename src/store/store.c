@@ -191,6 +191,7 @@ gw_store_strdup(const char *s)
 const char *const gw_store_sql_opts[] = {
     "retries",                                          /* paygate.sql */
     "readers", "batch_max", "busy_timeout", "tx_timeout", "synchronous",
+    "inline_reads",
     "pool", "connect_timeout", "query_timeout", "down_for",
     "require_sync", "sync_recheck",
     NULL
@@ -211,6 +212,7 @@ static const struct sql_opt {
     { "busy_timeout", 'i', 0, INT_MAX },
     { "tx_timeout", 'i', 1, INT_MAX },
     { "synchronous", 'i', 0, 3 },
+    { "inline_reads", 'i', 0, 1000000 },
     { "pool", 'i', 1, GW_STORE_PG_MAX_POOL },
     { "connect_timeout", 'p', 0, 0 },
     { "query_timeout", 'p', 0, 0 },
