@@ -827,6 +827,9 @@ describe("paygate.sql on sqlite (engine specifics)", function()
     local st = db:stats()
     assert.equal(1, st.reads_moved)
     assert.equal(inline, st.reads_inline)
+    -- and other queries are still served inline after the interruption
+    assert.same({ { one = 1 } }, db:query("SELECT 1 AS one"))
+    assert.equal(inline + 1, db:stats().reads_inline)
     db:close()
   end)
 
