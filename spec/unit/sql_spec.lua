@@ -833,6 +833,37 @@ describe("paygate.sql on sqlite (engine specifics)", function()
     db:close()
   end)
 
+  it("a coroutine reading in a loop still lets the loop run", function()
+    local db = open("sqlite")
+    assert(db:exec_script("CREATE TABLE g (k INTEGER PRIMARY KEY)"))
+    assert(db:exec("INSERT INTO g VALUES (1)"))
+    local gap, last, done = 0, paygate.update_time(), false
+    local ticker = paygate.spawn(function()
+      while not done do
+        paygate.sleep(0.001)
+        local now = paygate.update_time()
+        if now - last > gap then gap = now - last end
+        last = now
+      end
+    end)
+    paygate.sleep(0.01)
+    local t0 = paygate.update_time()
+    for _ = 1, 20000 do
+      assert(db:query("SELECT k FROM g WHERE k = $1", { 1 }))
+    end
+    local took = paygate.update_time() - t0
+    done = true
+    ticker:wait()
+    local st = db:stats()
+    -- most ran inline, and every few milliseconds one went to a reader
+    -- (a yield); without that, the loop would have stalled for all of it
+    assert.truthy(st.reads_inline > 10000, "inline: " .. st.reads_inline)
+    assert.truthy(took > 0.05, "20,000 reads took " .. took .. " s")
+    assert.truthy(gap < 0.05 and gap < took / 2, ("the loop stalled %.3f"
+                  .. " s of %.3f s"):format(gap, took))
+    db:close()
+  end)
+
   it("inline_reads = 0 sends every query to the readers", function()
     local db = open("sqlite", { inline_reads = 0 })
     assert(db:exec_script("CREATE TABLE g (k INTEGER)"))

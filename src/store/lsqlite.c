@@ -41,7 +41,10 @@
  * the loop never waits), is abandoned (a read: nothing to undo) and
  * queued for a reader thread as before; its SQL then goes to the readers
  * directly for its next INLINE_SKIPS runs. inline_reads = 0: every query
- * goes to the readers.
+ * goes to the readers. A loop turn spends at most INLINE_TURN budgets on
+ * inline reads: a coroutine that reads in a loop (a cursor over a big
+ * table) then goes through a reader, yields, and lets the loop serve
+ * others, as before.
  *
  * Opening: the writer creates the file and switches it to WAL. Other
  * processes may do the same at the same moment (workers on a first
@@ -88,6 +91,7 @@
 #define INLINE_SKIPS      64      /* runs of an over-budget query that go
                                      to the readers directly */
 #define INLINE_STEPS      200     /* VM steps between clock checks */
+#define INLINE_TURN       10      /* budgets of inline reads per loop turn */
 
 enum lsqlite_op {
     LSQLITE_OP_OPEN,      /* writer: open + pragmas */
@@ -1702,6 +1706,11 @@ inline_conn(struct lsqlite_db *db)
     return &db->inl;
 }
 
+/* Inline reads in this loop turn (the turn: the loop's cached monotonic
+ * time, which each wakeup renews). Loop thread only. */
+static double inl_turn = -1;
+static double inl_spent;               /* s */
+
 /* j's results as before it ran (its SQL and parameters kept). */
 static void
 job_unrun(struct lsqlite_job *j)
@@ -1732,9 +1741,17 @@ inline_read(struct lsqlite_db *db, struct lsqlite_job *j)
     sqlite3_stmt        *st;
     unsigned             slot;
     int                  rc;
+    double               t0;
 
     if (c == NULL) {
         return 0;
+    }
+    if (gw_loop_mono() != inl_turn) {
+        inl_turn = gw_loop_mono();
+        inl_spent = 0;
+    }
+    if (inl_spent >= INLINE_TURN * db->inline_us / 1e6) {
+        return 0;                   /* enough for this turn: yield */
     }
     slot = gw_store_hash(j->sql) % LSQLITE_CACHE;
     if (c->cache.skip[slot] > 0 && c->cache.sql[slot] != NULL
@@ -1751,8 +1768,10 @@ inline_read(struct lsqlite_db *db, struct lsqlite_job *j)
         return 0;                   /* a reader hands it to the writer */
     }
     if (st != NULL) {
-        db->inl_deadline = gw_loop_mono_fresh() + db->inline_us / 1e6;
+        t0 = gw_loop_mono_fresh();
+        db->inl_deadline = t0 + db->inline_us / 1e6;
         rc = run_stmt(c, j);
+        inl_spent += gw_loop_mono_fresh() - t0;
     } else {
         rc = j->rc;                 /* prepare failed */
     }
