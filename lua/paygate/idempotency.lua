@@ -286,8 +286,8 @@ function _M.begin(db, scope, key, fingerprint, opts)
   if not sok then
     return nil, serr
   end
-  -- A replay or a conflict needs no write: read first (SQLite: on a
-  -- reader thread, beside the writer). "done" lasts until expiry, so a
+  -- A replay or a conflict needs no write: read first (SQLite: on a read
+  -- connection, beside the writer). "done" lasts until expiry, so a
   -- done row read here is still done; a running one may have finished
   -- since, which the transaction below sees.
   local rows, rerr = db:query(SELECT, { scope, key })

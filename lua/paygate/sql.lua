@@ -199,7 +199,9 @@ end
 
 -- syntax: rows, err = db:query(sql [, params])
 -- returns: an array of rows (column name -> value; NULL columns absent)
--- yields: until the rows are read (SQLite: on a reader thread)
+-- yields: until the rows are read (SQLite: a lookup is read inline, on the
+-- worker's own read connection, without yielding; a longer query on a
+-- reader thread; see docs/storage.md)
 function DB:query(sql, params)
   check_db("db:query", self)
   check_stmt("db:query", sql, params)

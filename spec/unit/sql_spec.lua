@@ -821,15 +821,81 @@ describe("paygate.sql on sqlite (engine specifics)", function()
     assert.truthy(took > 0.1, "the query took " .. took .. " s")
     assert.truthy(gap < took / 2, ("the loop stalled %.3f s of the"
                   .. " query's %.3f s"):format(gap, took))
-    -- its next runs go to the readers at once: no second budget spent
+    -- cut short twice in a row (the first time might have been a schema
+    -- reload), its next runs go to the readers at once: no budget spent
+    assert.equal(300000, assert(db:query(SLOW, { 300000 }))[1].n)
+    assert.equal(2, db:stats().reads_moved)
     local inline = db:stats().reads_inline
     assert.equal(10, assert(db:query(SLOW, { 10 }))[1].n)
     local st = db:stats()
-    assert.equal(1, st.reads_moved)
+    assert.equal(2, st.reads_moved)
     assert.equal(inline, st.reads_inline)
     -- and other queries are still served inline after the interruption
     assert.same({ { one = 1 } }, db:query("SELECT 1 AS one"))
     assert.equal(inline + 1, db:stats().reads_inline)
+    db:close()
+  end)
+
+  it("serves lookups inline again after the schema changed", function()
+    -- a schema whose reload takes longer than the budget: the reload
+    -- happens inside a cached statement's step, under the budget
+    local db = open("sqlite", { inline_reads = 200 })
+    local ddl = {}
+    for i = 1, 120 do
+      ddl[i] = ("CREATE TABLE s%d (a INTEGER PRIMARY KEY, b TEXT UNIQUE,"
+                .. " c REAL, d BLOB); CREATE INDEX s%d_c ON s%d (c, b);")
+               :format(i, i, i)
+    end
+    assert(db:exec_script(table.concat(ddl)))
+    assert(db:exec_script("CREATE TABLE g (k INTEGER PRIMARY KEY, v TEXT);"
+                          .. " INSERT INTO g VALUES (1, 'one')"))
+    local LOOKUP = "SELECT v FROM g WHERE k = $1"
+    assert.same({ { v = "one" } }, db:query(LOOKUP, { 1 }))
+    assert(db:exec_script("CREATE TABLE late (x INTEGER)"))
+    local before = db:stats().reads_inline
+    for _ = 1, 200 do
+      assert.same({ { v = "one" } }, db:query(LOOKUP, { 1 }))
+    end
+    local served = db:stats().reads_inline - before
+    assert.truthy(served >= 100, served .. " of 200 served inline")
+    db:close()
+  end)
+
+  it("sends a query that ran long in one step to the readers next time",
+     function()
+    local db = open("sqlite", { inline_reads = 200 })
+    assert(db:exec_script("CREATE TABLE big (k INTEGER PRIMARY KEY, v TEXT);"
+      .. " WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c"
+      .. " WHERE x < 300000) INSERT INTO big SELECT x, hex(x) FROM c"))
+    local COUNT = "SELECT count(*) AS n FROM big"
+    -- count(*) walks the table in one VM step: nothing can stop it, but it
+    -- is not run inline again for a while
+    assert.equal(300000, assert(db:query(COUNT))[1].n)
+    local st = db:stats()
+    assert.equal(300000, assert(db:query(COUNT))[1].n)
+    assert.equal(st.reads_inline, db:stats().reads_inline)
+    db:close()
+  end)
+
+  it("runs no PRAGMA inline (the worker's own connection stays as it is)",
+     function()
+    local db = open("sqlite")
+    local before = db:stats().reads_inline
+    assert(db:query("PRAGMA busy_timeout = 3000"))
+    assert(db:query("PRAGMA user_version"))
+    assert.equal(before, db:stats().reads_inline)
+    db:close()
+  end)
+
+  it("a query where the caller cannot yield raises, fast or not",
+     function()
+    local db = open("sqlite")
+    local ok, err = pcall(table.sort, { 3, 1, 2 }, function(a, b)
+      db:query("SELECT 1 AS one")
+      return a < b
+    end)
+    assert.is_false(ok)
+    assert.matches("yield", tostring(err))
     db:close()
   end)
 

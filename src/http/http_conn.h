@@ -106,7 +106,8 @@ struct gw_conn {
                                        head failed to parse */
     char                peer[64];   /* "ip:port" */
     struct gw_conn     *prev, *next;/* all connections; gw_srv.conns */
-    struct gw_conn     *iprev, *inext; /* idle keep-alive connections,
+    struct gw_conn     *iprev, *inext; /* lingering closes, then idle
+                                       keep-alive connections, each
                                        oldest first; gw_srv.idle_* */
     int                 idle;       /* 1 while on that list */
 };
@@ -129,8 +130,13 @@ struct gw_http_srv {
     uint64_t              rid_state;    /* xorshift state for ids */
     struct event         *resume_ev;    /* owned: accepts again after a
                                            pause (EMFILE and the like) */
-    struct gw_conn       *idle_head;    /* oldest idle keep-alive conn */
-    struct gw_conn       *idle_tail;    /* newest */
+    struct gw_conn       *idle_head;    /* the idle list: lingering
+                                           closes (oldest first), then
+                                           idle keep-alive conns (oldest
+                                           first) */
+    struct gw_conn       *idle_tail;    /* its newest keep-alive one */
+    struct gw_conn       *linger_last;  /* its newest lingering close,
+                                           NULL if none */
     struct event         *trim_ev;      /* owned: gives memory back a
                                            while after a storm ends */
     int                   trim_peak;    /* most connections since the

@@ -22,9 +22,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
+#include <linux/sockios.h>
 
 #include <event2/event.h>
 #include <openssl/err.h>
@@ -102,8 +104,9 @@ gw_edge_count(int event)
 }
 
 /* c idles on keep-alive: it joins the idle list's end (newest). A
- * lingering close (ST_LINGER) joins its head: its answer is delivered,
- * so it is the first to go for a new client at the cap. */
+ * lingering close (ST_LINGER) joins the end of the lingering ones, which
+ * come first: its answer is out, so at the cap the oldest of them is
+ * the first to go for a new client. */
 static void
 idle_enter(struct gw_conn *c)
 {
@@ -112,14 +115,21 @@ idle_enter(struct gw_conn *c)
     }
     c->idle = 1;
     if (c->state == ST_LINGER) {
-        c->iprev = NULL;
-        c->inext = gw_srv.idle_head;
-        if (gw_srv.idle_head != NULL) {
-            gw_srv.idle_head->iprev = c;
+        struct gw_conn *after = gw_srv.linger_last;
+
+        c->iprev = after;
+        c->inext = after != NULL ? after->inext : gw_srv.idle_head;
+        if (c->inext != NULL) {
+            c->inext->iprev = c;
         } else {
             gw_srv.idle_tail = c;
         }
-        gw_srv.idle_head = c;
+        if (after != NULL) {
+            after->inext = c;
+        } else {
+            gw_srv.idle_head = c;
+        }
+        gw_srv.linger_last = c;
     } else {
         c->inext = NULL;
         c->iprev = gw_srv.idle_tail;
@@ -145,6 +155,9 @@ idle_leave(struct gw_conn *c)
     if (!c->idle) {
         return;
     }
+    if (c == gw_srv.linger_last) {
+        gw_srv.linger_last = c->iprev;  /* lingering too, or NULL */
+    }
     if (c->iprev != NULL) {
         c->iprev->inext = c->inext;
     } else {
@@ -159,14 +172,15 @@ idle_leave(struct gw_conn *c)
     c->idle = 0;
 }
 
-/* At the connection cap: a lingering close (what the client still
- * sends is dropped anyway), else the oldest idle keep-alive connection
- * that is truly idle (nothing to send, no byte of a next request waiting
- * in the socket or in TLS), which on_accept() closes once it has a new
- * client to admit in its place, so the new client is served at once
- * instead of waiting out keepalive_timeout ("reusing connections"). A
- * connection in a request is never on the list. NULL when there is
- * none. */
+/* At the connection cap: the oldest lingering close whose answer the
+ * client has acknowledged (nothing left in the send queue but our FIN:
+ * what the client still sends is dropped anyway), else the oldest idle
+ * keep-alive connection that is truly idle (nothing to send, no byte of
+ * a next request waiting in the socket or in TLS), which on_accept()
+ * closes once it has a new client to admit in its place, so the new
+ * client is served at once instead of waiting out keepalive_timeout
+ * ("reusing connections"). A connection in a request is never on the
+ * list. NULL when there is none. */
 static struct gw_conn *
 idle_victim(void)
 {
@@ -174,7 +188,13 @@ idle_victim(void)
         char b;
 
         if (c->state == ST_LINGER) {
-            return c;
+            int queued = 1;
+
+            /* 1: the FIN alone (its ACK may be delayed) */
+            if (ioctl(c->fd, SIOCOUTQ, &queued) == 0 && queued <= 1) {
+                return c;
+            }
+            continue;           /* its answer may still be in flight */
         }
         if (c->state != ST_HEAD || c->in_len != 0 || c->out_len != 0
             || (c->ssl != NULL && SSL_has_pending(c->ssl))
@@ -1140,7 +1160,15 @@ on_accept(evutil_socket_t lfd, short what, void *arg)
         if (fd >= 0 && victim != NULL) {
             /* its place goes to the new client */
             if (victim->state == ST_LINGER) {
-                conn_close(victim);     /* its stream has ended already */
+                /* its stream has ended already; what the client sent
+                 * meanwhile is read first, so that the close sends a
+                 * FIN, not a reset */
+                char drop[16384];
+
+                for (int k = 0; k < 16
+                     && recv(victim->fd, drop, sizeof(drop), 0) > 0; k++) {
+                }
+                conn_close(victim);
             } else {
                 conn_close_graceful(victim);
             }

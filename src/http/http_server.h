@@ -42,9 +42,9 @@ struct gw_server_conf {
 
 /* What the edge counts beside requests (conf.on_event). */
 enum gw_edge_event {
-    GW_EDGE_RECLAIMED,          /* an idle keep-alive connection closed
-                                   at the connection cap to admit a new
-                                   one */
+    GW_EDGE_RECLAIMED,          /* a lingering close or an idle
+                                   keep-alive connection closed at the
+                                   connection cap to admit a new one */
     GW_EDGE_LINGERED,           /* closed after its answer with the
                                    client's bytes drained first (a
                                    refused body, pipelined requests) */

@@ -696,9 +696,9 @@ admin_read(struct bufferevent *bev, void *arg)
         int ready = count(m.gen, W_READY);
         int n = snprintf(body, sizeof(body),
                          "{\"status\":\"%s\",\"workers\":%d,"
-                         "\"generation\":%d}\n",
+                         "\"generation\":%d,\"pid\":%d}\n",
                          ready > 0 && !m.stopping ? "ok" : "unavailable",
-                         ready, m.gen);
+                         ready, m.gen, (int) getpid());
 
         admin_reply(bev, ready > 0 && !m.stopping ? 200 : 503,
                     "application/json", body, (size_t) n);

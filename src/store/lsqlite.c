@@ -3,8 +3,9 @@
  *
  * One database handle owns one writer thread (one read-write connection)
  * and a few reader threads (read-only connections; WAL lets them read
- * while the writer writes). The loop thread only queues jobs and turns
- * finished jobs into Lua values.
+ * while the writer writes). The loop thread queues jobs and turns
+ * finished jobs into Lua values; it runs no SQL itself except inline
+ * reads (below), each within a budget of time.
  *
  * Group commit: the writer takes every job that is queued, runs each one
  * inside its own SAVEPOINT within one BEGIN IMMEDIATE ... COMMIT, and
@@ -40,7 +41,17 @@
  * that runs over its budget, or meets a lock (busy_timeout is 0 here:
  * the loop never waits), is abandoned (a read: nothing to undo) and
  * queued for a reader thread as before; its SQL then goes to the readers
- * directly for its next INLINE_SKIPS runs. inline_reads = 0: every query
+ * directly for its next INLINE_SKIPS runs, and so does the SQL of a query
+ * that finished but took longer than the budget (one VM step can be long:
+ * count(*) walks a whole table in one; so can a page read from a slow
+ * disk). An interrupted statement is also finalized: if what was cut
+ * short was a schema reload (after DDL, SQLite reloads the schema inside
+ * the step), its next prepare loads the schema without a budget. A
+ * PRAGMA, ATTACH or DETACH never runs inline (it would configure the
+ * loop's own connection: a busy_timeout there would make the loop wait),
+ * and neither does a query where the caller cannot yield (inside a
+ * metamethod or a sort comparator: a query there raises, inline or not,
+ * instead of working only while it is fast). inline_reads = 0: every query
  * goes to the readers. A loop turn spends at most INLINE_TURN budgets on
  * inline reads: a coroutine that reads in a loop (a cursor over a big
  * table) then goes through a reader, yields, and lets the loop serve
@@ -142,6 +153,10 @@ struct lsqlite_cache {
     char          tx[LSQLITE_CACHE];   /* prepared with allow_tx: ours */
     unsigned char skip[LSQLITE_CACHE]; /* inline connection: runs left
                                           that go to the readers */
+    char          cfg[LSQLITE_CACHE];  /* a PRAGMA, ATTACH or DETACH */
+    char          strike[LSQLITE_CACHE];/* interrupted once: once more and
+                                          it is slow (the first may have
+                                          been a schema reload) */
 };
 
 struct lsqlite_conn {
@@ -149,6 +164,8 @@ struct lsqlite_conn {
     struct lsqlite_cache  cache;
     int                 allow_tx;/* 1 while run_fixed() runs our own
                                     BEGIN/SAVEPOINT/RELEASE/COMMIT */
+    int                 saw_cfg; /* the authorizer saw a PRAGMA, ATTACH or
+                                    DETACH in the statement being prepared */
 };
 
 struct lsqlite_db {
@@ -565,11 +582,15 @@ stmt_get(struct lsqlite_conn *c, struct lsqlite_job *j)
     int           rc;
 
     /* our own BEGIN/COMMIT never serves user SQL of the same text */
-    if (c->cache.sql[slot] != NULL && strcmp(c->cache.sql[slot], j->sql) == 0
-        && c->cache.tx[slot] == c->allow_tx)
-    {
+    int           same = c->cache.sql[slot] != NULL
+                         && strcmp(c->cache.sql[slot], j->sql) == 0
+                         && c->cache.tx[slot] == c->allow_tx;
+
+    if (same && c->cache.st[slot] != NULL) {
         return c->cache.st[slot];
     }
+    /* (same: finalized after an inline interrupt; its counts stay) */
+    c->saw_cfg = 0;
     rc = sqlite3_prepare_v2(c->h, j->sql, -1, &st, &tail);
     if (rc != SQLITE_OK) {
         j->at_prepare = 1;
@@ -590,7 +611,11 @@ stmt_get(struct lsqlite_conn *c, struct lsqlite_job *j)
     }
     sqlite3_finalize(c->cache.st[slot]);
     free(c->cache.sql[slot]);
-    c->cache.skip[slot] = 0;
+    if (!same) {
+        c->cache.skip[slot] = 0;
+        c->cache.strike[slot] = 0;
+    }
+    c->cache.cfg[slot] = (char) c->saw_cfg;
     c->cache.sql[slot] = strdup(j->sql);
     c->cache.st[slot] = c->cache.sql[slot] != NULL ? st : NULL;
     c->cache.tx[slot] = (char) c->allow_tx;
@@ -845,6 +870,10 @@ authorize(void *arg, int action, const char *a, const char *b,
     if ((action == SQLITE_TRANSACTION || action == SQLITE_SAVEPOINT)
         && !c->allow_tx) {
         return SQLITE_DENY;
+    }
+    if (action == SQLITE_PRAGMA || action == SQLITE_ATTACH
+        || action == SQLITE_DETACH) {
+        c->saw_cfg = 1;
     }
     return SQLITE_OK;
 }
@@ -1764,23 +1793,40 @@ inline_read(struct lsqlite_db *db, struct lsqlite_job *j)
      * loads the schema) would fail the same way every time. */
     db->inl_deadline = HUGE_VAL;
     st = stmt_get(c, j);
-    if (st != NULL && !sqlite3_stmt_readonly(st)) {
-        return 0;                   /* a reader hands it to the writer */
+    if (st != NULL && (!sqlite3_stmt_readonly(st) || c->cache.cfg[slot])) {
+        return 0;                   /* a write (a reader hands it to the
+                                       writer), or connection settings */
     }
-    if (st != NULL) {
+    if (st == NULL) {
+        rc = j->rc;                 /* prepare failed */
+    } else {
+        double took;
+
         t0 = gw_loop_mono_fresh();
         db->inl_deadline = t0 + db->inline_us / 1e6;
         rc = run_stmt(c, j);
-        inl_spent += gw_loop_mono_fresh() - t0;
-    } else {
-        rc = j->rc;                 /* prepare failed */
+        took = gw_loop_mono_fresh() - t0;
+        inl_spent += took;
+        if (rc == SQLITE_INTERRUPT) {
+            /* What was cut short may be a reload of the schema (after
+             * DDL): finalized, the statement is prepared again next time,
+             * which loads the schema without a budget. Cut short twice
+             * in a row, the query itself is slow. */
+            sqlite3_finalize(c->cache.st[slot]);
+            c->cache.st[slot] = NULL;
+            if (c->cache.strike[slot]) {
+                c->cache.strike[slot] = 0;
+                c->cache.skip[slot] = INLINE_SKIPS;
+            } else {
+                c->cache.strike[slot] = 1;
+            }
+        } else if (took > db->inline_us / 1e6) {
+            c->cache.skip[slot] = INLINE_SKIPS;  /* slow in one step */
+        } else {
+            c->cache.strike[slot] = 0;
+        }
     }
     if (rc == SQLITE_INTERRUPT || rc == SQLITE_BUSY || rc == SQLITE_LOCKED) {
-        if (rc == SQLITE_INTERRUPT && c->cache.sql[slot] != NULL
-            && strcmp(c->cache.sql[slot], j->sql) == 0)
-        {
-            c->cache.skip[slot] = INLINE_SKIPS;
-        }
         job_unrun(j);
         db->reads_moved++;
         return 0;
@@ -1800,7 +1846,7 @@ lsqlite_query(lua_State *L)
         return gw_push_error(L, "unavailable", 0, "sqlite: out of memory");
     }
     j->want_rows = 1;
-    if (inline_read(db, j)) {
+    if (lua_isyieldable(L) && inline_read(db, j)) {
         int n = push_job_result(L, j);
 
         job_free(j);

@@ -148,7 +148,9 @@ function _M.start(o)
       if s.proc:poll() then return true end
       local res = http.request{
         url = "http://127.0.0.1:" .. s.admin .. "/healthz", timeout = 1 }
-      return res and res.status == 200
+      -- ours (the master's pid): another server could hold the port
+      local h = res and res.status == 200 and json.decode(res.body)
+      return type(h) == "table" and h.pid == s.pid
     end, o.timeout or 15, "paygate to serve " .. app)
     if s.proc:poll() then
       local code = s.proc.status
