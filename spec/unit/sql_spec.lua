@@ -46,6 +46,27 @@ local function wait_until(cond, secs, what)
   end
 end
 
+-- Runs fn while a task ticks every millisecond. returns: how long fn
+-- took and the longest gap between two ticks (how long the loop stalled).
+local function timed_with_ticker(fn)
+  local gap, last, done = 0, paygate.update_time(), false
+  local ticker = paygate.spawn(function()
+    while not done do
+      paygate.sleep(0.001)
+      local now = paygate.update_time()
+      if now - last > gap then gap = now - last end
+      last = now
+    end
+  end)
+  paygate.sleep(0.01)
+  local t0 = paygate.update_time()
+  fn()
+  local took = paygate.update_time() - t0
+  done = true
+  ticker:wait()
+  return took, gap
+end
+
 -- task:wait() with a deadline.
 local function wait_task(t, secs, what)
   wait_until(function() return t:finished() end, secs, what)
@@ -803,21 +824,10 @@ describe("paygate.sql on sqlite (engine specifics)", function()
     -- about a second of SQLite work: far over 200 microseconds
     local SLOW = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1"
       .. " FROM c WHERE x < $1) SELECT count(*) AS n FROM c"
-    local gap, last, done = 0, paygate.update_time(), false
-    local ticker = paygate.spawn(function()
-      while not done do
-        paygate.sleep(0.001)
-        local now = paygate.update_time()
-        if now - last > gap then gap = now - last end
-        last = now
-      end
+    local rows
+    local took, gap = timed_with_ticker(function()
+      rows = assert(db:query(SLOW, { 3000000 }))
     end)
-    paygate.sleep(0.01)
-    local t0 = paygate.update_time()
-    local rows = assert(db:query(SLOW, { 3000000 }))
-    local took = paygate.update_time() - t0
-    done = true
-    ticker:wait()
     assert.equal(3000000, rows[1].n)
     assert.equal(1, db:stats().reads_moved)
     -- the loop was held for the budget at most, not for the query
@@ -906,23 +916,11 @@ describe("paygate.sql on sqlite (engine specifics)", function()
     local db = open("sqlite")
     assert(db:exec_script("CREATE TABLE g (k INTEGER PRIMARY KEY)"))
     assert(db:exec("INSERT INTO g VALUES (1)"))
-    local gap, last, done = 0, paygate.update_time(), false
-    local ticker = paygate.spawn(function()
-      while not done do
-        paygate.sleep(0.001)
-        local now = paygate.update_time()
-        if now - last > gap then gap = now - last end
-        last = now
+    local took, gap = timed_with_ticker(function()
+      for _ = 1, 20000 do
+        assert(db:query("SELECT k FROM g WHERE k = $1", { 1 }))
       end
     end)
-    paygate.sleep(0.01)
-    local t0 = paygate.update_time()
-    for _ = 1, 20000 do
-      assert(db:query("SELECT k FROM g WHERE k = $1", { 1 }))
-    end
-    local took = paygate.update_time() - t0
-    done = true
-    ticker:wait()
     local st = db:stats()
     -- most ran inline, and every few milliseconds one went to a reader
     -- (a yield); without that, the loop would have stalled for all of it
