@@ -456,6 +456,127 @@ sys.stdout.write("A:" + read_to_end(sock, tls, inb).decode("latin-1") + "\n")
     end)
   end)
 
+  describe("one worker, handshakes queued", function()
+    local s
+
+    setup(function() s = start_tls(1) end)
+
+    teardown(function()
+      if s then assert.equal(0, s:stop()) end
+    end)
+
+    -- Eight new connections' ClientHellos, then a request on a
+    -- handshaken connection, reach the worker while it is stopped: once
+    -- resumed it finds them all readable, the request last. Each
+    -- ClientHello costs a private-key signature; the request costs
+    -- little. The request is answered first: by the kernel's receive
+    -- timestamps, at most one of the eight ServerHellos came in before
+    -- the answer. (Run in the order the sockets became readable, all
+    -- eight handshakes ran first.) Then every one of the eight
+    -- completes: the queue starves nobody.
+    it("answers a handshaken client before the ClientHellos that came"
+       .. " with its request", function()
+      local py = py_script("hellos.py", [=[
+import os, re, struct, time, urllib.request
+signal.alarm(40)
+port, admin, K = int(sys.argv[1]), int(sys.argv[2]), 8
+GET = b"GET /pid HTTP/1.1\r\nHost: x\r\n\r\n"
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+
+def stamped(s):
+    """the next bytes of s and the time the kernel received them"""
+    data, anc, _, _ = s.recvmsg(65536, 256)
+    for level, kind, v in anc:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+            sec, ns = struct.unpack("qq", v[:16])
+            return data, sec + ns / 1e9
+    return data, None      # (bytes in before the option was set)
+
+sock, tls, inb, outb = handshaken(port, 8)
+
+def answer():
+    got, at = b"", None
+    while not re.search(rb"pid=\d+\.", got):
+        try:
+            got += tls.read(65536)
+            continue
+        except ssl.SSLWantReadError:
+            pass
+        data, t = stamped(sock)
+        if not data:
+            sys.exit("closed before the answer")
+        at = t             # the last piece's: the answer's end
+        inb.write(data)
+    return got, at
+
+sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+tls.write(GET)
+sock.sendall(outb.read())
+pid = int(re.search(rb"pid=(\d+)\.", answer()[0]).group(1))
+raws = [socket.create_connection(("127.0.0.1", port), timeout=8)
+        for _ in range(K)]
+for r in raws:
+    r.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+# until the worker has accepted the eight (its connections gauge)
+deadline = time.time() + 15
+while True:
+    m = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % admin,
+                               timeout=5).read().decode()
+    n = re.search(r'paygate_connections\{pid="%d"\} (\d+)' % pid, m)
+    if n and int(n.group(1)) >= K + 1:
+        break
+    if time.time() > deadline:
+        sys.exit("the worker did not accept the connections")
+    time.sleep(0.05)
+clients = []
+for r in raws:
+    i, o = ssl.MemoryBIO(), ssl.MemoryBIO()
+    t = ctx.wrap_bio(i, o)
+    try:
+        t.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    clients.append((r, t, i, o))
+os.kill(pid, signal.SIGSTOP)
+try:
+    for r, t, i, o in clients:
+        r.sendall(o.read())
+    tls.write(GET)
+    sock.sendall(outb.read())
+finally:
+    os.kill(pid, signal.SIGCONT)
+_, answered = answer()
+if answered is None:
+    sys.exit("no receive timestamp")
+before, done = 0, 0
+for r, t, i, o in clients:
+    data, at = stamped(r)
+    if at is None:
+        sys.exit("no receive timestamp")
+    if at < answered:
+        before += 1
+    while data:
+        i.write(data)
+        try:
+            t.do_handshake()
+            done += 1
+            break
+        except ssl.SSLWantReadError:
+            r.sendall(o.read())
+            data = r.recv(65536)
+    r.close()
+print("flights in before the answer: %d of %d" % (before, K))
+print("handshakes completed: %d of %d" % (done, K))
+]=])
+      local _, out = sh(("python3 %s %d %d 2>&1"):format(py, s.port,
+                                                          s.admin))
+      local n = tonumber(out:match("flights in before the answer: (%d+)"))
+      assert.truthy(n, out)
+      assert.is_true(n <= 1, out)
+      assert.truthy(out:find("handshakes completed: 8 of 8", 1, true), out)
+    end)
+  end)
+
   describe("at the input limit", function()
     local s
 

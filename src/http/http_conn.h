@@ -110,6 +110,10 @@ struct gw_conn {
                                        keep-alive connections, each
                                        oldest first; gw_srv.idle_* */
     int                 idle;       /* 1 while on that list */
+    struct gw_conn     *hprev, *hnext; /* TLS: new connections whose
+                                       ClientHello waits its turn, oldest
+                                       first; gw_srv.hello_* */
+    int                 hello_queued; /* 1 while on that list */
 };
 
 /* The worker's one server. */
@@ -141,6 +145,10 @@ struct gw_http_srv {
                                            while after a storm ends */
     int                   trim_peak;    /* most connections since the
                                            last trim */
+    struct gw_conn       *hello_head;   /* TLS: first handshake steps
+                                           waiting (hello_queue) */
+    struct gw_conn       *hello_tail;
+    struct event         *hello_ev;     /* owned: runs the oldest */
 };
 
 extern struct gw_http_srv gw_srv;

@@ -820,6 +820,9 @@ conn_read(struct gw_conn *c)
     }
 }
 
+static void conn_read_process(struct gw_conn *c);
+static void hello_queue(struct gw_conn *c);
+
 static void
 conn_on_read(evutil_socket_t fd, short what, void *arg)
 {
@@ -835,6 +838,18 @@ conn_on_read(evutil_socket_t fd, short what, void *arg)
         c->unread = 1;          /* a close must drain them (conn_flush) */
         return;
     }
+    if (c->ssl != NULL && !c->handshaken
+        && SSL_get_state(c->ssl) == TLS_ST_BEFORE) {
+        hello_queue(c);
+        return;
+    }
+    conn_read_process(c);
+}
+
+/* Reads what c has and goes on with its request. */
+static void
+conn_read_process(struct gw_conn *c)
+{
     gw_loop_update_time();
     if (!conn_read(c)) {
         return;
@@ -842,6 +857,82 @@ conn_on_read(evutil_socket_t fd, short what, void *arg)
     if (c->state == ST_HEAD || c->state == ST_BODY) {
         gw_conn_process(c);
     }
+}
+
+/*
+ * A new TLS connection's first handshake step waits its turn. That step
+ * is the costly one: reading the ClientHello, the server signs with its
+ * private key (~1 ms for RSA-2048) and makes its key share; the steps
+ * after it and the requests of handshaken connections cost a few
+ * microseconds each. Run as their sockets become readable, the
+ * ClientHellos that arrive together run ahead of the requests that
+ * arrive with them, and every one of those requests waits for all of
+ * them. So the step is queued here, and hello_ev, a timer due at once,
+ * runs the oldest: libevent runs timers after the socket events of its
+ * loop turn, so every request that is in waits for one handshake at most,
+ * and the handshakes, one per turn, are never starved by a busy server.
+ */
+static const struct timeval hello_now = { 0, 0 };
+
+static void
+hello_queue(struct gw_conn *c)
+{
+    if (c->hello_queued) {
+        return;
+    }
+    if (gw_srv.hello_ev == NULL) {
+        conn_read_process(c);           /* no timer: as it comes */
+        return;
+    }
+    conn_read_on(c, 0);                 /* the bytes wait in the kernel */
+    c->hello_queued = 1;
+    c->hnext = NULL;
+    c->hprev = gw_srv.hello_tail;
+    if (gw_srv.hello_tail != NULL) {
+        gw_srv.hello_tail->hnext = c;
+    } else {
+        gw_srv.hello_head = c;
+    }
+    gw_srv.hello_tail = c;
+    if (!evtimer_pending(gw_srv.hello_ev, NULL)) {
+        evtimer_add(gw_srv.hello_ev, &hello_now);
+    }
+}
+
+static void
+hello_leave(struct gw_conn *c)
+{
+    if (!c->hello_queued) {
+        return;
+    }
+    if (c->hprev != NULL) {
+        c->hprev->hnext = c->hnext;
+    } else {
+        gw_srv.hello_head = c->hnext;
+    }
+    if (c->hnext != NULL) {
+        c->hnext->hprev = c->hprev;
+    } else {
+        gw_srv.hello_tail = c->hprev;
+    }
+    c->hprev = c->hnext = NULL;
+    c->hello_queued = 0;
+}
+
+static void
+on_hello(evutil_socket_t fd, short what, void *arg)
+{
+    struct gw_conn *c = gw_srv.hello_head;
+
+    if (c == NULL) {
+        return;
+    }
+    hello_leave(c);
+    if (gw_srv.hello_head != NULL) {
+        evtimer_add(gw_srv.hello_ev, &hello_now);   /* next turn */
+    }
+    conn_read_on(c, 1);
+    conn_read_process(c);
 }
 
 /* The end of a graceful close's stream: on TLS, close_notify, so that
@@ -1072,6 +1163,7 @@ conn_close(struct gw_conn *c)
 {
     c->closing = 1;
     idle_leave(c);
+    hello_leave(c);
     if (c->co != NULL) {
         /* only on shutdown: the handler's coroutine goes with us */
         gw_req_abandon(c);
@@ -1245,9 +1337,10 @@ on_accept(evutil_socket_t lfd, short what, void *arg)
         gw_conn_timer(c, gw_srv.conf.header_timeout);
         if (c->ssl != NULL) {
             /* The ClientHello is usually in by now (a client sends it as
-             * soon as connect returns): start the handshake at once, not
-             * a loop turn later. If it is not there yet, this costs one
-             * read that finds nothing, and the read event takes over. */
+             * soon as connect returns): its turn is queued at once
+             * (hello_queue), not after a wait for the read event. If it
+             * is not there yet, its turn costs one read that finds
+             * nothing, and the read event takes over. */
             conn_on_read(fd, EV_READ, c);
         }
     }
@@ -1270,6 +1363,8 @@ gw_server_start(lua_State *L, int fd, int dispatch_ref,
                         NULL);
     gw_srv.resume_ev = evtimer_new(gw_loop_base(), on_resume, NULL);
     gw_srv.trim_ev = evtimer_new(gw_loop_base(), on_trim, NULL);
+    gw_srv.hello_ev = ssl_ctx != NULL
+                      ? evtimer_new(gw_loop_base(), on_hello, NULL) : NULL;
     if (gw_srv.lev == NULL || gw_srv.resume_ev == NULL
         || gw_srv.trim_ev == NULL) {
         return GW_ERR;
