@@ -273,9 +273,13 @@ function req_methods.json(req)
   return v
 end
 
+local function hex_char(h) return string.char(tonumber(h, 16)) end
+-- (no closure made per call, and no work where there is nothing to undo:
+-- the query's parse stays compiled by the JIT)
 local function unescape(s)
-  s = s:gsub("+", " ")
-  return (s:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
+  if s:find("+", 1, true) then s = s:gsub("+", " ") end
+  if not s:find("%", 1, true) then return s end
+  return (s:gsub("%%(%x%x)", hex_char))
 end
 
 --- syntax: value, err = req:decode_json()

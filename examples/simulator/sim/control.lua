@@ -73,12 +73,6 @@ function _M.routes(ctx)
   local api = ctx.api
   local route = _M.route
 
-  local function unescape(s)
-    return (s:gsub("%%(%x%x)", function(h)
-      return string.char(tonumber(h, 16))
-    end))
-  end
-
   local function bad(why)
     return answer(400, { code = "PARAM_ERROR", message = why })
   end
@@ -98,7 +92,7 @@ function _M.routes(ctx)
         return bad(k .. " must be a string")
       end
     end
-    local t, err = orders.pay(unescape(req.params.no), {
+    local t, err = orders.pay(req.params.no, {
       mchid = req:query().mchid, payer_total = b.payer_total,
       bank_type = b.bank_type, openid = b.openid })
     if not t then return answer(err.status or 500, err) end
@@ -109,7 +103,7 @@ function _M.routes(ctx)
   route("POST", "/sim/transactions/:no/fail", function(req)
     local b = body_of(req)
     if not b then return bad("body must be a JSON object") end
-    local t, err = orders.fail(unescape(req.params.no), {
+    local t, err = orders.fail(req.params.no, {
       mchid = req:query().mchid,
       bank_type = type(b.bank_type) == "string" and b.bank_type or nil })
     if not t then return answer(err.status or 500, err) end
@@ -124,7 +118,7 @@ function _M.routes(ctx)
     if st ~= "SUCCESS" and st ~= "ABNORMAL" and st ~= "CLOSED" then
       return bad("status must be SUCCESS, ABNORMAL or CLOSED")
     end
-    local r, err = orders.settle(unescape(req.params.no), st,
+    local r, err = orders.settle(req.params.no, st,
                                  req:query().mchid)
     if not r then return answer(err.status or 500, err) end
     return answer(200, r)
