@@ -98,6 +98,11 @@ Env.__index = Env
 local pg_server
 local envs = {}           -- started, for S.stop to close their handles
 
+-- S.default_db: the store of an env whose o.db is nil ("sqlite" when nil);
+-- the *_postgres_spec files set it to "postgres" and run a SQLite spec
+-- file as it is (the same cases on both stores).
+S.default_db = nil
+
 -- syntax: env = S.start([o])
 -- o: db ("sqlite" default, or "postgres": a PostgreSQL server of
 -- spec/support/servers.lua, shared by the file's envs), gateway (more
@@ -106,6 +111,7 @@ local envs = {}           -- started, for S.stop to close their handles
 -- yields: makes keys, starts simulator, receiver and gateway.
 function S.start(o)
   o = o or {}
+  if o.db == nil then o.db = S.default_db end
   local env = setmetatable({}, Env)
   -- the platform key is ours, so specs can sign notifications
   env.platform = testing.merchant_keys{ mchid = "platform" }
