@@ -50,6 +50,16 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     h->headers = (struct gw_http_header *) (h + 1);
     h->max_headers = 64;
     if (gw_http_parse_head(buf, end, h) == 0) {
+        /* a head the full parse takes was never refused early, at any
+         * cut before its end, whatever was scanned before */
+        for (size_t cut = 1; cut < end; cut += 1 + cut / 16) {
+            size_t sc = 0;
+
+            if (gw_http_head_end(buf, cut, &sc) == 0) {
+                assert(gw_http_head_early(buf, cut, 0) == 0);
+                assert(gw_http_head_early(buf, cut, split % cut) == 0);
+            }
+        }
         inside(buf, end, h->method, h->method_len);
         inside(buf, end, h->target, h->target_len);
         if (!h->path_outside) {

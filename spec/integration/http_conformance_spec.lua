@@ -154,6 +154,58 @@ describe("HTTP conformance", function()
       assert.matches("^HTTP/1.1 400", out)
       assert.is_true(secs < 1, "answered after " .. secs .. " s")
     end)
+
+    -- a complete line that cannot be part of a valid head, before the
+    -- blank line: refused then, with the full parse's status (no Host or
+    -- blank line follows; the header timeout is 5 s)
+    it("is refused at once: a complete request line or header line that"
+       .. " is invalid", function()
+      local cases = {
+        { "GET  /text HTTP/1.1\r\n", 400 },        -- two spaces
+        { "GET /text  HTTP/1.1\r\n", 400 },
+        { "GET /text HTTP/1.1 \r\n", 400 },
+        { "GET /text HTTP/x.1\r\n", 400 },
+        { "GET /text\r\n", 400 },                   -- HTTP/0.9 form
+        { "GET http:// HTTP/1.1\r\n", 400 },        -- no host
+        { "GET /text HTTP/9.9\r\n", 505 },
+        { "GET /text HTTP/1.1\r\nHost: x\r\nBad Name: v\r\n", 400 },
+        { "GET /text HTTP/1.1\r\nHost: x\r\n folded\r\n", 400 },
+        { "GET /text HTTP/1.1\r\nHost: x\r\nA: b\1c\r\n", 400 },
+        { "GET /text HTTP/1.1\r\n: empty\r\n", 400 },
+      }
+      for _, c in ipairs(cases) do
+        local out, secs = raw(c[1])
+        assert.matches("^HTTP/1.1 " .. c[2], out, c[1])
+        assert.is_true(secs < 1, ("%q answered after %.2f s"):format(c[1],
+                                                                 secs))
+      end
+    end)
+
+    it("is refused at once: a bare CR or a NUL, before its line ends",
+       function()
+      for _, bytes in ipairs{ "GET /te\rxt HTTP/1.1", "GET /te\0",
+                              "GET /text HTTP/1.1\r\nHost: x\rA" } do
+        local out, secs = raw(bytes)
+        assert.matches("^HTTP/1.1 400", out, bytes)
+        assert.is_true(secs < 1, ("%q answered after %.2f s"):format(bytes,
+                                                                  secs))
+      end
+    end)
+
+    it("waits for a valid head that comes in pieces, line by line",
+       function()
+      local c = assert(rawtcp.connect(s.port, 3))
+      for _, piece in ipairs{ "GET /te", "xt HTTP/1.1\r", "\nHost: x\r\nX-A",
+                              ": 1\r\n", "Connection: close\r\n", "\r\n" } do
+        c:send(piece)
+        core.sleep(0.05)   -- each piece in a read of its own (or not:
+                           -- the answer is the same)
+      end
+      local out = c:recv_all()
+      c:close()
+      assert.matches("^HTTP/1.1 200", out)
+      assert.equal("twelve bytes", body_of(out))
+    end)
   end)
 
   describe("limits", function()

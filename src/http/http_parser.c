@@ -71,10 +71,40 @@ gw_http_count_fields(const char *buf, size_t head_len)
     return n > 0 ? n - 1 : 0;
 }
 
+static int request_line(const char **pp, const char *end,
+                        struct gw_http_head *h);
+
+/* A complete header line [p, eol] (eol at its LF, CR before it) that the
+ * full parse would refuse: 400, else 0. */
+static int
+header_line_bad(const char *p, const char *eol)
+{
+    const char *c = p;
+
+    if (*p == ' ' || *p == '\t') {
+        return 400;                 /* obs-fold */
+    }
+    while (c < eol && tchar[(unsigned char) *c]) {
+        c++;
+    }
+    if (c == p || *c != ':') {
+        return 400;                 /* empty name or space before colon */
+    }
+    for (c++; c < eol - 1; c++) {
+        unsigned char u = (unsigned char) *c;
+
+        if ((u < 0x20 && u != '\t') || u == 0x7f) {
+            return 400;             /* NUL, other controls */
+        }
+    }
+    return 0;
+}
+
 int
 gw_http_head_early(const char *buf, size_t len, size_t from)
 {
-    size_t i = 0, m;
+    size_t i = 0, m, line0, ls;
+    struct gw_http_head h;
 
     /* empty lines before the request line (RFC 9112 2.2) */
     while (i < len && buf[i] == '\r') {
@@ -86,6 +116,7 @@ gw_http_head_early(const char *buf, size_t len, size_t from)
     if (i >= len) {
         return 0;
     }
+    line0 = i;
     for (m = 0; i + m < len && tchar[(unsigned char) buf[i + m]]; m++) {
         if (m == 20) {
             return 400;             /* no method is that long */
@@ -94,9 +125,26 @@ gw_http_head_early(const char *buf, size_t len, size_t from)
     if (i + m < len && (m == 0 || buf[i + m] != ' ')) {
         return 400;                 /* cannot start a request line */
     }
+    if (from < line0) {
+        from = line0;
+    }
+    /* the lines that ended in the bytes from `from` on (those before
+     * passed already), from the start of the line holding `from` */
+    ls = from;
+    while (ls > line0 && buf[ls - 1] != '\n') {
+        ls--;
+    }
     for (i = from; i < len; i++) {
-        const char *q = memchr(buf + i, '\n', len - i);
+        const char *q = memchr(buf + i, '\n', len - i), *cr;
 
+        if (memchr(buf + i, '\0', (q != NULL ? (size_t) (q - buf) + 1 : len)
+                   - i) != NULL) {
+            return 400;             /* a NUL is in no valid head */
+        }
+        cr = memchr(buf + i, '\r', (q != NULL ? (size_t) (q - buf) : len) - i);
+        if (cr != NULL && (size_t) (cr - buf) + 1 < len && cr[1] != '\n') {
+            return 400;             /* a bare CR */
+        }
         if (q == NULL) {
             break;
         }
@@ -104,6 +152,26 @@ gw_http_head_early(const char *buf, size_t len, size_t from)
         if (i == 0 || buf[i - 1] != '\r') {
             return 400;             /* a bare LF ends no line */
         }
+        /* a complete line [ls, i]: refused now if the full parse would
+         * refuse it (the blank line that ends the head is not seen here:
+         * the caller has the whole head then) */
+        if (ls == line0) {
+            const char *p = buf + ls;
+            int rc;
+
+            memset(&h, 0, sizeof(h));
+            rc = request_line(&p, buf + i + 1, &h);
+            if (rc != 0) {
+                return rc;
+            }
+        } else if (i - ls > 1) {
+            int rc = header_line_bad(buf + ls, buf + i);
+
+            if (rc != 0) {
+                return rc;
+            }
+        }
+        ls = i + 1;
     }
     return 0;
 }
@@ -349,23 +417,15 @@ conn_token(void *arg, const char *t, size_t len)
     }
 }
 
-int
-gw_http_parse_head(const char *buf, size_t head_len, struct gw_http_head *h)
+/* The request line at *pp (its CRLF before end): method, target and
+ * version into h, *pp past its CRLF. 0, or the status that refuses it
+ * (400, 505). */
+static int
+request_line(const char **pp, const char *end, struct gw_http_head *h)
 {
-    const char *p = buf, *end = buf + head_len, *eol;
+    const char *p = *pp;
     const char *target;
     size_t target_len;
-    struct conn_flags cf = { 0, 0 };
-    int te_seen = 0, host_seen = 0;
-
-    /* every result; the caller's headers and max_headers stay */
-    memset(h, 0, offsetof(struct gw_http_head, headers));
-    h->content_length = -1;
-
-    /* RFC 9112 2.2: ignore at least one empty line before the request. */
-    while (end - p >= 2 && p[0] == '\r' && p[1] == '\n') {
-        p += 2;
-    }
 
     /* method */
     h->method = p;
@@ -445,6 +505,30 @@ gw_http_parse_head(const char *buf, size_t head_len, struct gw_http_head *h)
         h->minor = 1;   /* HTTP/1.2+ is answered as 1.1 (RFC 9110 2.5) */
     }
     p += 10;
+    *pp = p;
+    return 0;
+}
+
+int
+gw_http_parse_head(const char *buf, size_t head_len, struct gw_http_head *h)
+{
+    const char *p = buf, *end = buf + head_len, *eol;
+    struct conn_flags cf = { 0, 0 };
+    int te_seen = 0, host_seen = 0, rc;
+
+    /* every result; the caller's headers and max_headers stay */
+    memset(h, 0, offsetof(struct gw_http_head, headers));
+    h->content_length = -1;
+
+    /* RFC 9112 2.2: ignore at least one empty line before the request. */
+    while (end - p >= 2 && p[0] == '\r' && p[1] == '\n') {
+        p += 2;
+    }
+
+    rc = request_line(&p, end, h);
+    if (rc != 0) {
+        return rc;
+    }
 
     /* header fields, up to the blank line that ends the head */
     while (p < end) {

@@ -55,10 +55,12 @@ size_t gw_http_count_fields(const char *buf, size_t head_len);
 
 /*
  * An incomplete head buf[0..len) that already cannot become a valid
- * request: a bare LF anywhere (checked from byte `from` on, the bytes
- * before it having passed), a first byte that cannot start a method (a
- * TLS ClientHello on a plain port), a method over 20 bytes. Returns 400
- * then, 0 when more bytes may still make a request.
+ * request: a first byte that cannot start a method (a TLS ClientHello on
+ * a plain port), a method over 20 bytes, a bare LF, a bare CR or a NUL
+ * anywhere, or a complete line the full parse would refuse (the request
+ * line: 400 or 505; a header line: 400). Bytes before `from` passed
+ * already: only the lines that end from there on are checked. Returns
+ * the status then, 0 when more bytes may still make a request.
  */
 int gw_http_head_early(const char *buf, size_t len, size_t from);
 

@@ -482,10 +482,13 @@ gw_conn_process(struct gw_conn *c)
             if (end == 0) {
                 /* refuse at once what cannot become a request (a bare
                  * LF, a TLS ClientHello), not after header_timeout */
-                if (gw_http_head_early(c->in + c->req_start, avail,
-                                       from > 0 ? from - 1 : 0) != 0) {
-                    conn_bad(c, 400, "bad_request",
-                             "malformed request head");
+                rc = gw_http_head_early(c->in + c->req_start, avail,
+                                        from > 0 ? from - 1 : 0);
+                if (rc != 0) {
+                    conn_bad(c, rc, rc == 400 ? "bad_request"
+                             : "unsupported", rc == 400
+                             ? "malformed request head"
+                             : "malformed or unsupported request");
                     continue;
                 }
                 if (avail > gw_srv.conf.max_header_bytes) {
