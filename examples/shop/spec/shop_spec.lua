@@ -1,5 +1,5 @@
 -- The shop against the WeChat Pay simulator, through paygate.testing:
---   paygate exec busted examples/shop/spec/shop_spec.lua
+--   paygate exec "$(command -v busted)" examples/shop/spec/shop_spec.lua
 local testing = require "paygate.testing"
 local http = require "paygate.http"
 
