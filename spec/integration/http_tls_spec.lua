@@ -465,6 +465,18 @@ sys.stdout.write("A:" + read_to_end(sock, tls, inb).decode("latin-1") + "\n")
       if s then assert.equal(0, s:stop()) end
     end)
 
+    -- TLS 1.2 without tickets: the client offers the session id it was
+    -- given, and the worker finds the session in its cache
+    it("resumes a TLS 1.2 session by id from the worker's cache", function()
+      local sess = dir .. "/cache.sess"
+      local first = tls_get(s.port, { sess_out = sess,
+                                      extra = "-tls1_2 -no_ticket" })
+      assert.is_true(first.new, first.out)
+      local again = tls_get(s.port, { sess_in = sess,
+                                      extra = "-tls1_2 -no_ticket" })
+      assert.is_true(again.reused, again.out)
+    end)
+
     -- Eight new connections' ClientHellos, then a request on a
     -- handshaken connection, reach the worker while it is stopped: once
     -- resumed it finds them all readable, the request last. Each
