@@ -221,3 +221,39 @@ paygate.route("POST", "/fail", function() return 500, "no" end)]] }
     wx:stop()
   end)
 end)
+
+-- Two merchants may use the same out_trade_no: the control API then asks
+-- which one (409 AMBIGUOUS) and ?mchid= picks it (sim:pay's mchid).
+describe("testing.simulator with two merchants", function()
+  local sim, app
+
+  setup(function()
+    sim = testing.simulator{ merchants = 2, time_scale = 100 }
+    app = testing.start_app{ source = [[
+local paygate = require "paygate"
+paygate.route("POST", "/ok", function() return 204, "" end)]] }
+  end)
+
+  teardown(testing.stop_all)
+
+  it("pays the one ?mchid= names when both have the out_trade_no",
+     function()
+    local a, b = sim.merchants[1], sim.merchants[2]
+    local no = testing.out_trade_no()
+    sim:order{ merchant = a, out_trade_no = no, notify_url = app:url("/ok"),
+               total = 3 }
+    sim:order{ merchant = b, out_trade_no = no, notify_url = app:url("/ok"),
+               total = 5 }
+    local body, res = sim:control("POST", "/sim/transactions/" .. no
+                                  .. "/pay", nil, 409)
+    assert.equal("AMBIGUOUS", body.code, res.body)
+    local paid = sim:pay(no, b.mchid)
+    assert.equal("SUCCESS", paid.trade_state)
+    assert.equal(5, paid.amount.total)
+    -- a's order is untouched; b's answers SUCCESS at its own query
+    local wa = sim:client(a)
+    local wb = sim:client(b)
+    assert.equal("NOTPAY", assert(wa:query_by_out_trade_no(no)).trade_state)
+    assert.equal("SUCCESS", assert(wb:query_by_out_trade_no(no)).trade_state)
+  end)
+end)
