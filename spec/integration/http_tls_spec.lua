@@ -328,6 +328,25 @@ print(got.decode("latin-1").split("\r\n")[0])
       end, 5, "the failures to be counted")
       assert.is_nil(s:logs():find('"level":"info"[^\n]*tls handshake'))
     end)
+
+    -- the defaults: TLS 1.2 and 1.3, AEAD ciphers with forward secrecy
+    it("serves TLS 1.2 and 1.3 by default, refuses TLS 1.1 and a cipher"
+       .. " without forward secrecy, and counts both", function()
+      for _, v in ipairs{ "-tls1_2", "-tls1_3" } do
+        local r = tls_get(s.port, { extra = v })
+        assert.truthy(r.pid, v .. ": " .. r.out)
+      end
+      local proto0, cipher0 = failures(s, "protocol"), failures(s, "cipher")
+      -- (seclevel 0: OpenSSL 3 clients offer TLS 1.1 and SHA-1 only so)
+      local r = tls_get(s.port, { extra = "-tls1_1 -cipher DEFAULT@SECLEVEL=0" })
+      assert.is_nil(r.pid, r.out)
+      r = tls_get(s.port, { extra = "-tls1_2 -cipher AES128-SHA256" })
+      assert.is_nil(r.pid, r.out)
+      proc.wait_until(function()
+        return failures(s, "protocol") > proto0
+               and failures(s, "cipher") > cipher0
+      end, 5, "the protocol and the cipher failure to be counted")
+    end)
   end)
 
   describe("TLS 1.3 only, ticket keys rotated every 2 s", function()
