@@ -149,3 +149,106 @@ describe("memory per idle connection", function()
            .. " peak +%d kB)"):format(closed, settled, base, peak))
   end)
 end)
+
+-- TLS: OpenSSL's own state comes on top of the connection's (the SSL
+-- object, its session, the record ciphers); SSL_MODE_RELEASE_BUFFERS
+-- frees the record buffers while a connection idles. Measured by hand at
+-- about 15 KB of worker RSS per idle TLS 1.3 connection after one
+-- request, 26.5 KB without the release; the bound sits between.
+describe("memory per idle TLS connection", function()
+  local pki = require "support.pki"
+  local NT = 400
+  local TLS_BOUND = 21 * 1024
+  local s, worker, dir
+
+  setup(function()
+    if not have_fds then return end
+    dir = os.tmpname()
+    os.remove(dir)
+    assert(os.execute("mkdir -p " .. dir) == 0)
+    local p = pki.make(dir)
+    s = server.start{ source = APP, workers = 1, scheme = "https",
+      ca_file = p.ca,
+      config = ([[return { access_log = false, tls = { cert = %q,
+        key = %q }, limits = { connections = 2000, keepalive_timeout = 120,
+        header_timeout = 120 } }]]):format(p.server_cert, p.server_key) }
+    local f = assert(io.open(("/proc/%d/task/%d/children"):format(s.pid,
+                                                                    s.pid)))
+    worker = tonumber(f:read("*a"):match("%d+"))
+    f:close()
+    assert(worker, "the worker's pid")
+  end)
+
+  teardown(function()
+    if s then assert.equal(0, s:stop()) end
+    if dir then os.execute("rm -rf " .. dir) end
+  end)
+
+  -- a Python client: n TLS connections, one request each, then idle
+  -- until its stdin... it has none: it prints "idle n" and sleeps until
+  -- killed (its alarm ends it in any case)
+  local PY = [=[
+import signal, socket, ssl, sys, time
+signal.alarm(120)
+port, n = int(sys.argv[1]), int(sys.argv[2])
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+kept = []
+for i in range(n):
+    c = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), 10))
+    c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    got = b""
+    while len(got) < 2000 or b"\r\n\r\n" not in got:
+        more = c.recv(65536)
+        if not more:
+            sys.exit("closed at %d" % i)
+        got += more
+    kept.append(c)
+print("idle %d" % n, flush=True)
+time.sleep(110)
+]=]
+
+  it("costs at most 21 KB of RSS per idle TLS connection", function()
+    if not have_fds then
+      pending("the fd limit is below " .. (2 * N + 200))
+      return
+    end
+    if (os.getenv("PAYGATE_SANITIZE") or "") ~= "" then
+      pending("RSS is not measured under ASan")
+      return
+    end
+    local py = dir .. "/idle.py"
+    proc.write(py, PY)
+    -- warm-up: a few connections, closed (OpenSSL's tables, the heap)
+    local w = proc.spawn({ "python3", py, tostring(s.port), "10" },
+                         { log = dir .. "/warm.log" })
+    proc.wait_until(function()
+      return (proc.read(dir .. "/warm.log") or ""):find("idle 10", 1, true)
+    end, 30, "the warm-up connections")
+    w:stop(2)
+    local base
+    proc.wait_until(function()
+      local res = s:admin_get("/metrics")
+      return res and res.body:match("\npaygate_connections{pid=\"" .. worker
+                                    .. "\"} 0\n")
+    end, 10, "the warm-up connections to close")
+    base = assert(rss_kb(worker))
+    local log = dir .. "/idle.log"
+    local c = proc.spawn({ "python3", py, tostring(s.port), tostring(NT) },
+                         { log = log })
+    local ok, err = pcall(proc.wait_until, function()
+      local out = proc.read(log) or ""
+      assert(not out:find("Error", 1, true), out)
+      return out:find("idle " .. NT, 1, true)
+    end, 90, "the idle TLS connections")
+    local after = rss_kb(worker)
+    c:stop(2)
+    assert(ok, err)
+    local per = (after - base) * 1024 / NT
+    print(("\nworker RSS: base %d kB; %d idle TLS keep-alive connections "
+           .. "+%d kB (%.0f B each)"):format(base, NT, after - base, per))
+    assert.is_true(per <= TLS_BOUND, ("%.0f B per idle TLS connection")
+                   :format(per))
+  end)
+end)
