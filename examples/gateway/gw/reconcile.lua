@@ -395,15 +395,17 @@ local function bill_job(ctx, conf)
     end
     return items
   end
+  local ttl, measure = lease_opts("bill", conf)
   return reconcile.runner(db, {
-    name = "bill", batch = 20, interval = 60, lease_ttl = conf.lease_ttl,
+    name = "bill", batch = 20, interval = 60, lease_ttl = ttl,
+    measure = measure,
     due = function(now) return pending(now) end,
     check = function(item, rctx)
       tried[item.key] = core.time()
       local wx = ctx.wx[item.mchid]
       local report, err = bill.daily{
         wx = wx, db = db, dir = conf.bill_dir, date = item.date,
-        name = item.mchid, fence = rctx.fence,
+        name = item.mchid, fence = rctx.fence, on_wait = rctx.keepalive,
         retry = { attempts = 1 },        -- again after bill_retry
         local_rows = function(date, numbers)
           return _M.local_rows(db, item.mchid, date, numbers)

@@ -190,6 +190,11 @@ describe("gateway reconciliation", function()
     assert.equal("reconcile.bill", e[1].what)
     assert.matches('"empty":true', e[1].evidence)
     assert.matches('"merchant":"' .. sim.merchant.mchid .. '"', e[1].evidence)
+    -- the gauge, per merchant, on the gateway's /metrics
+    local m = gw.srv:admin_get("/metrics")
+    assert.truthy(m and m.body:find('\npaygate_reconcile_bill_mismatches{'
+      .. 'kind="amount",merchant="' .. sim.merchant.mchid .. '"} 0\n', 1,
+      true), m and m.body:match("[^\n]*bill_mismatches[^\n]*") or "none")
     local path = e[1].evidence:match('"file":"([^"]+)"')
     local f = assert(io.open(path, "rb"))
     f:close()

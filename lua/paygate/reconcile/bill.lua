@@ -448,16 +448,18 @@ end
 
 local gauge
 
-local function publish(counts)
+-- (one series per kind, and per merchant where the run has a name: the
+-- runs of several merchants do not overwrite one another's counts)
+local function publish(counts, name)
   if gauge == nil then
     local ok, metrics = pcall(require, "paygate.metrics")
     gauge = ok and metrics.gauge("paygate_reconcile_bill_mismatches",
-      "Mismatches found by the last daily bill reconciliation, by kind")
-      or false
+      "Mismatches found by the last daily bill reconciliation, by kind"
+      .. " (and merchant)") or false
   end
   if gauge then
     for kind in pairs(KIND_ORDER) do
-      gauge:set(counts[kind] or 0, { kind = kind })
+      gauge:set(counts[kind] or 0, { kind = kind, merchant = name })
     end
   end
 end
@@ -569,7 +571,7 @@ function _M.daily(opts)
   if not e then
     return nil, aerr
   end
-  publish(counts)
+  publish(counts, opts.name)
   return { date = date, empty = not info, mismatches = mismatches,
            counts = counts, path = path, sha256 = sha, audit = e,
            remote_payments = npay, remote_refunds = nref,
