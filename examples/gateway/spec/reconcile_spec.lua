@@ -22,6 +22,47 @@ local function start(gateway, db)
   return sim, core.start(sim, { db = db, gateway = gateway }), bill_dir
 end
 
+-- The daily bill of today, diffed against the gateway's rows (the app's
+-- own local_rows, run here against its database): they agree; then one
+-- amount changed locally shows as the one mismatch. refunds: how many
+-- refunds succeeded at the simulator today (in the bill).
+local function bill_diff(sim, gw, refunds)
+  -- the app's own local_rows, run here against its database
+  package.path = "examples/gateway/?.lua;" .. package.path
+  local gwr = require "gw.reconcile"
+  local today = os.date("!%Y-%m-%d", os.time() + 8 * 3600)
+  sim:close_bills(today)
+  local dir = os.tmpname()
+  os.remove(dir)
+  os.execute("mkdir -p '" .. dir .. "'")
+  local function run()
+    return assert(bill.daily{ wx = sim:client(), db = gw.db, dir = dir,
+      date = today, name = "spec", local_rows = function(date, numbers)
+        return gwr.local_rows(gw.db, sim.merchant.mchid, date, numbers)
+      end })
+  end
+  local report = run()
+  assert.is_false(report.empty)
+  assert.is_true(report.remote_payments >= 2)    -- the specs above
+  assert.equal(refunds, report.remote_refunds)   -- the SUCCESS ones
+  assert.same({}, report.mismatches)
+  -- one amount changed locally: the diff names it
+  local row = assert(gw.db:query("SELECT id, amount, paid_out_trade_no"
+    .. " FROM gw_payments WHERE state = 'paid' LIMIT 1"))[1]
+  assert(gw.db:exec("UPDATE gw_payments SET amount = amount + 1 WHERE"
+                    .. " id = $1", { row.id }))
+  report = run()
+  assert.equal(1, #report.mismatches)
+  local m = report.mismatches[1]
+  assert.same({ "amount", row.paid_out_trade_no, row.amount + 1,
+                row.amount },
+              { m.kind, m.out_trade_no, m["local"].amount,
+                m.remote.amount })
+  assert(gw.db:exec("UPDATE gw_payments SET amount = amount - 1 WHERE"
+                    .. " id = $1", { row.id }))
+  os.execute("rm -rf '" .. dir .. "'")
+end
+
 describe("gateway reconciliation", function()
   local sim, gw, bill_dir
 
@@ -143,40 +184,7 @@ describe("gateway reconciliation", function()
 
   it("the gateway's rows of a day agree with WeChat's bill; a changed"
      .. " amount shows", function()
-    -- the app's own local_rows, run here against its database
-    package.path = "examples/gateway/?.lua;" .. package.path
-    local gwr = require "gw.reconcile"
-    local today = os.date("!%Y-%m-%d", os.time() + 8 * 3600)
-    sim:close_bills(today)
-    local dir = os.tmpname()
-    os.remove(dir)
-    os.execute("mkdir -p '" .. dir .. "'")
-    local function run()
-      return assert(bill.daily{ wx = sim:client(), db = gw.db, dir = dir,
-        date = today, name = "spec", local_rows = function(date, numbers)
-          return gwr.local_rows(gw.db, sim.merchant.mchid, date, numbers)
-        end })
-    end
-    local report = run()
-    assert.is_false(report.empty)
-    assert.is_true(report.remote_payments >= 2)    -- the specs above
-    assert.equal(1, report.remote_refunds)         -- the SUCCESS one
-    assert.same({}, report.mismatches)
-    -- one amount changed locally: the diff names it
-    local row = assert(gw.db:query("SELECT id, amount, paid_out_trade_no"
-      .. " FROM gw_payments WHERE state = 'paid' LIMIT 1"))[1]
-    assert(gw.db:exec("UPDATE gw_payments SET amount = amount + 1 WHERE"
-                      .. " id = $1", { row.id }))
-    report = run()
-    assert.equal(1, #report.mismatches)
-    local m = report.mismatches[1]
-    assert.same({ "amount", row.paid_out_trade_no, row.amount + 1,
-                  row.amount },
-                { m.kind, m.out_trade_no, m["local"].amount,
-                  m.remote.amount })
-    assert(gw.db:exec("UPDATE gw_payments SET amount = amount - 1 WHERE"
-                      .. " id = $1", { row.id }))
-    os.execute("rm -rf '" .. dir .. "'")
+    bill_diff(sim, gw, 1)
   end)
 
   it("the daily bill job reports yesterday (no trades: an empty day)",
@@ -269,6 +277,29 @@ if servers.have_postgres() then
       local b = audit.entries(gw.db, "reconcile:" .. date)
       local path = b[1].evidence:match('"file":"([^"]+)"')
       os.execute("rm -rf '" .. path:match("^(.*)/[^/]+$") .. "'")
+    end)
+
+    it("an unknown payment (its prepay answer failed verification) ends"
+       .. " paid by the query", function()
+      sim:fault{ endpoint = "prepay", kind = "bad_signature", count = 1 }
+      local res = gw:call("POST", "/v1/payments", { order_id = "unk-"
+        .. require("paygate.crypto").random_nonce(8), channel = "native",
+        amount = 41, description = "unverified" })
+      assert.equal(502, res.status, res.body)
+      local p = res.json.payment
+      assert.equal("unknown", p.state)
+      sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }
+      sim:pay(p.out_trade_no)
+      gw:wait_state(p.id, "paid", 20)
+      local e = audit.entries(gw.db, "payment:" .. p.id)
+      assert.equal("payment.succeeded", e[#e].what)
+      assert.equal("unknown", e[#e].from)
+      assert.equal("reconcile", e[#e].actor)
+    end)
+
+    it("the gateway's rows of a day agree with WeChat's bill; a changed"
+       .. " amount shows", function()
+      bill_diff(sim, gw, 0)
     end)
   end)
 end
