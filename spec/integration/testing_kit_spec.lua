@@ -257,3 +257,37 @@ paygate.route("POST", "/ok", function() return 204, "" end)]] }
     assert.equal("SUCCESS", assert(wb:query_by_out_trade_no(no)).trade_state)
   end)
 end)
+
+-- The replay check's nonces fill at most NONCE_SHARE of the "paygate"
+-- dictionary: past that they are not recorded (said once in the log),
+-- and the simulator's own state there -- a fault's count -- is never
+-- evicted for them. (They used to evict the least recently used
+-- entries: a count-limited fault taken once before a burst of requests
+-- lost its count and fired again.)
+describe("testing.simulator under a burst of requests", function()
+  local sim
+
+  setup(function()
+    sim = testing.simulator{ config = { shared = { paygate = "512k" } } }
+  end)
+
+  teardown(testing.stop_all)
+
+  it("keeps a fault's count however many nonces come", function()
+    local wx = sim:client(nil, { max_attempts = 1 })   -- no retry of a 500
+    sim:fault{ endpoint = "close", kind = "error", status = 500, count = 2 }
+    local no = testing.out_trade_no()
+    local _, err = wx:close(no)
+    assert.equal(500, err.status)                    -- the fault's first
+    -- ~150 bytes a nonce: 6,000 distinct requests are well past 512 KB
+    for i = 1, 6000 do
+      local t, qerr = wx:query_by_out_trade_no(no .. "q")
+      assert(t == nil and qerr.kind == "not_found", "request " .. i)
+    end
+    _, err = wx:close(no)
+    assert.equal(500, err.status)                    -- its second
+    local ok, err3 = wx:close(no)                    -- and no more
+    assert(ok or (err3 and err3.status ~= 500), err3 and tostring(err3))
+    assert.truthy(sim.srv:logs():find("records no more nonces", 1, true))
+  end)
+end)

@@ -23,6 +23,7 @@ local type, tostring, tonumber, setmetatable, pairs =
 local _M = {}
 
 local S = { cfg = nil, dict = nil }
+local nonce_room, nonce_full
 
 -- How many requests GET /sim/requests keeps (the most recent).
 _M.KEEP_REQUESTS = 1000
@@ -103,6 +104,41 @@ function _M.clear_requests()
   end
 end
 
+-- The nonces of the replay check share the "paygate" dictionary with the
+-- simulator's own state (faults and their counts, the request log); at a
+-- high request rate they would fill it. They take at most NONCE_SHARE of
+-- it: past that a request's nonce is not recorded (its replay would pass;
+-- said in the log once a minute, with the size to configure), and the
+-- rest of the dictionary stays for that state, which is then never
+-- evicted. Checked every NONCE_EVERY requests (d:stats()).
+_M.NONCE_SHARE = 0.75
+local NONCE_EVERY = 64
+local nonce = { n = 0, room = true, said = -math.huge }
+
+nonce_room = function()
+  nonce.n = nonce.n + 1
+  if nonce.n >= NONCE_EVERY then
+    nonce.n = 0
+    local st = S.dict:stats()
+    nonce.room = st.used < st.capacity * _M.NONCE_SHARE
+  end
+  if not nonce.room then nonce_full() end
+  return nonce.room
+end
+
+nonce_full = function()
+  nonce.room = false
+  local now = core.mono()
+  if now - nonce.said >= 60 then
+    nonce.said = now
+    paygate.log.warn("simulator: the replay check records no more nonces:"
+      .. " the shared dictionary \"paygate\" is full enough; a replayed"
+      .. " request would pass. Configure shared = { paygate = \"64m\" }"
+      .. " (about 150 bytes per request within twice timestamp_window)",
+      { capacity = S.dict:stats().capacity })
+  end
+end
+
 local function sign_error(message, detail)
   return err(401, "SIGN_ERROR", message, detail)
 end
@@ -166,7 +202,16 @@ function _M.authenticate(req, target)
   end
   if S.cfg.replay_check then
     local k = "sim:nonce:" .. m.mchid .. ":" .. a.nonce_str
-    if not S.dict:add(k, true, 2 * S.cfg.timestamp_window + 10) then
+    local ok
+    if nonce_room() then
+      -- never evicting: an evicted entry could be the simulator's own
+      -- state (a fault, its count) as well as an older nonce
+      ok = S.dict:safe_add(k, true, 2 * S.cfg.timestamp_window + 10)
+      if ok == nil then nonce_full() end
+    else
+      ok = S.dict:get(k) == nil      -- a recorded one is still refused
+    end
+    if ok == false then
       return nil, sign_error("Http头Authorization中的nonce_str重复：请求已处理过",
         { field = "nonce_str", location = "authorization" })
     end
