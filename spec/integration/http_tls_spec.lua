@@ -484,6 +484,33 @@ sys.stdout.write("A:" + read_to_end(sock, tls, inb).decode("latin-1") + "\n")
       if s then assert.equal(0, s:stop()) end
     end)
 
+    -- the two failure reasons a default server cannot show: a client
+    -- without the certificate client_ca asks for, and one that sends
+    -- nothing until header_timeout
+    it("counts a missing client certificate and a handshake timeout",
+       function()
+      local cs = start_tls(1, ("client_ca = %q"):format(p.ca),
+                           "limits = { header_timeout = 1 }")
+      local ok, err = pcall(function()
+        local cert0, time0 = failures(cs, "client_cert"),
+                             failures(cs, "timeout")
+        local r = tls_get(cs.port)
+        assert.is_nil(r.pid, r.out)
+        r = tls_get(cs.port, { extra = ("-cert %s -key %s"):format(
+          p.client_cert, p.client_key) })
+        assert.truthy(r.pid, r.out)
+        local c = assert(rawtcp.connect(cs.port, 5))
+        c:recv_all()                   -- the server ends it after 1 s
+        c:close()
+        proc.wait_until(function()
+          return failures(cs, "client_cert") > cert0
+                 and failures(cs, "timeout") > time0
+        end, 5, "the client_cert and timeout failures to be counted")
+      end)
+      assert.equal(0, cs:stop())
+      assert(ok, err)
+    end)
+
     -- TLS 1.2 without tickets: the client offers the session id it was
     -- given, and the worker finds the session in its cache
     it("resumes a TLS 1.2 session by id from the worker's cache", function()
