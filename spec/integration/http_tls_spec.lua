@@ -511,6 +511,24 @@ sys.stdout.write("A:" + read_to_end(sock, tls, inb).decode("latin-1") + "\n")
       assert(ok, err)
     end)
 
+    it("limits TLS 1.3 to the ciphersuites configured; a bad list is"
+       .. " refused at start", function()
+      local cs = start_tls(1, 'ciphersuites = "TLS_CHACHA20_POLY1305_SHA256"')
+      local ok, err = pcall(function()
+        local r = tls_get(cs.port, { extra = "-tls1_3 -ciphersuites"
+                                     .. " TLS_CHACHA20_POLY1305_SHA256" })
+        assert.truthy(r.pid, r.out)
+        r = tls_get(cs.port, { extra = "-tls1_3 -ciphersuites"
+                               .. " TLS_AES_128_GCM_SHA256" })
+        assert.is_nil(r.pid, r.out)
+      end)
+      assert.equal(0, cs:stop())
+      assert(ok, err)
+      local bad, berr = pcall(start_tls, 1, 'ciphersuites = "TLS_NOPE"')
+      assert.is_false(bad)
+      assert.truthy(tostring(berr):find("ciphersuites", 1, true), berr)
+    end)
+
     -- TLS 1.2 without tickets: the client offers the session id it was
     -- given, and the worker finds the session in its cache
     it("resumes a TLS 1.2 session by id from the worker's cache", function()

@@ -255,6 +255,11 @@ gw_tls_server_ctx(const struct gw_tls_conf *conf, char *err, size_t errlen)
         ssl_reason(err, errlen, "tls ciphers", ciphers);
         goto err;
     }
+    if (conf->ciphersuites != NULL && conf->ciphersuites[0] != '\0'
+        && SSL_CTX_set_ciphersuites(ctx, conf->ciphersuites) != 1) {
+        ssl_reason(err, errlen, "tls ciphersuites", conf->ciphersuites);
+        goto err;
+    }
     SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE
                           | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER
                           | SSL_MODE_RELEASE_BUFFERS);

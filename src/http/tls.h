@@ -18,6 +18,8 @@ struct gw_tls_conf {
     const char *client_ca;      /* required client certs' CA, NULL / "" */
     const char *protocols;      /* "TLSv1.2 TLSv1.3" (any of the two) */
     const char *ciphers;        /* TLS 1.2 cipher list; NULL / "": ours */
+    const char *ciphersuites;   /* TLS 1.3 suites (OpenSSL's syntax);
+                                   NULL / "": OpenSSL's (all AEAD) */
     int         session_cache;  /* sessions cached per worker; 0: none */
     double      ticket_rotation;/* s between ticket-key rotations: a
                                    session lives twice that at most */

@@ -74,6 +74,7 @@ static const struct key tls_keys[] = {
     { "ecdsa_key", 's', S(tls_ecdsa_key) },
     { "protocols", 's', S(tls_protocols) },
     { "ciphers", 's', S(tls_ciphers) },
+    { "ciphersuites", 's', S(tls_ciphersuites) },
     { "session_cache", 'i', N(tls_session_cache) },
     { "ticket_key_rotation", 'n', N(tls_ticket_rotation) },
     { NULL, 0, 0, 0 }

@@ -24,6 +24,8 @@ struct gw_opts {
     char                  tls_ecdsa_key[1024];
     char                  tls_protocols[64];  /* "TLSv1.2 TLSv1.3" */
     char                  tls_ciphers[512];   /* TLS 1.2 cipher list */
+    char                  tls_ciphersuites[256]; /* TLS 1.3 suites, or ""
+                                             (OpenSSL's: all AEAD) */
     int                   tls_session_cache;  /* sessions per worker */
     double                tls_ticket_rotation;/* s between ticket-key
                                              rotations (session life) */

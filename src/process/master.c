@@ -400,7 +400,8 @@ tls_ctx(const struct gw_opts *o, char *err, size_t errlen)
         .cert = o->tls_cert, .key = o->tls_key,
         .cert2 = o->tls_ecdsa_cert, .key2 = o->tls_ecdsa_key,
         .client_ca = o->tls_client_ca, .protocols = o->tls_protocols,
-        .ciphers = o->tls_ciphers, .session_cache = o->tls_session_cache,
+        .ciphers = o->tls_ciphers, .ciphersuites = o->tls_ciphersuites,
+        .session_cache = o->tls_session_cache,
         .ticket_rotation = o->tls_ticket_rotation
     };
 
