@@ -55,16 +55,18 @@ local function new_order()
   return "unk-" .. require("paygate.crypto").random_nonce(8)
 end
 
-describe("gateway: prepay outcome unknown", function()
+-- The cases, on the store db_for(name) gives each of the two gateways
+-- (nil: SQLite, a file of its own; or core.start's db function).
+local function cases(db_for)
   local sim, gw, gw_rec
 
   setup(function()
     sim = testing.simulator{ time_scale = 100 }
     -- one attempt of at most 0.5 s per call: a slower answer is lost
-    gw = core.start(sim, {
+    gw = core.start(sim, { db = db_for and db_for("gw"),
       gateway = { reconcile = { enabled = false } },
       merchant = { timeout = 0.5, timeout_floor = 0.2, max_attempts = 1 } })
-    gw_rec = core.start(sim, { gateway = {
+    gw_rec = core.start(sim, { db = db_for and db_for("gw_rec"), gateway = {
       reconcile = { check_after = 1, first = 0.5, ceiling = 1,
                     interval = 0.1, bill = false } } })
   end)
@@ -209,4 +211,28 @@ describe("gateway: prepay outcome unknown", function()
     assert.equal("paying", res.json.payment.state)
     assert.equal(3, res.json.payment.attempt)
   end)
-end)
+end
+
+describe("gateway: prepay outcome unknown", function() cases(nil) end)
+
+local servers = require "spec.support.servers"
+if servers.have_postgres() then
+  -- each gateway a database of its own on one PostgreSQL server (as each
+  -- has a file of its own on SQLite: gw_rec must not reconcile gw's)
+  describe("gateway: prepay outcome unknown, on PostgreSQL", function()
+    local sql = require "paygate.sql"
+    local pg
+    local function db_for(name)
+      pg = pg or servers.postgres()
+      local dbname = name .. "_" .. require("paygate.crypto").hex(
+        require("paygate.crypto").random_bytes(4))
+      local admin = assert(sql.open(pg.url))
+      assert(admin:exec("CREATE DATABASE " .. dbname))
+      admin:close()
+      local url = pg.url:gsub("/postgres$", "/" .. dbname)
+      return function() return url end
+    end
+    teardown(function() servers.stop_all() end)
+    cases(db_for)
+  end)
+end
