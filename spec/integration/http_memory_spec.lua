@@ -45,6 +45,15 @@ paygate.route("GET", "/", function() return 200, ("x"):rep(2000) end)
 
 local have_fds = raise_fd_limit(2 * N + 200)
 
+-- the pid of server s's one worker (its master's child)
+local function worker_of(s)
+  local f = assert(io.open(("/proc/%d/task/%d/children"):format(s.pid,
+                                                                  s.pid)))
+  local pid = tonumber(f:read("*a"):match("%d+"))
+  f:close()
+  return assert(pid, "the worker's pid")
+end
+
 describe("memory per idle connection", function()
   local s, worker
 
@@ -54,11 +63,7 @@ describe("memory per idle connection", function()
       config = [[return { access_log = false, limits = {
         connections = 5000, keepalive_timeout = 120,
         header_timeout = 120 } }]] }
-    local f = assert(io.open(("/proc/%d/task/%d/children"):format(s.pid,
-                                                                    s.pid)))
-    worker = tonumber(f:read("*a"):match("%d+"))
-    f:close()
-    assert(worker, "the worker's pid")
+    worker = worker_of(s)
   end)
 
   teardown(function()
@@ -172,11 +177,7 @@ describe("memory per idle TLS connection", function()
       config = ([[return { access_log = false, tls = { cert = %q,
         key = %q }, limits = { connections = 2000, keepalive_timeout = 120,
         header_timeout = 120 } }]]):format(p.server_cert, p.server_key) }
-    local f = assert(io.open(("/proc/%d/task/%d/children"):format(s.pid,
-                                                                    s.pid)))
-    worker = tonumber(f:read("*a"):match("%d+"))
-    f:close()
-    assert(worker, "the worker's pid")
+    worker = worker_of(s)
   end)
 
   teardown(function()
