@@ -6,6 +6,7 @@
  */
 #include <limits.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <openssl/evp.h>
 
 #include "runtime.h"
@@ -25,44 +26,77 @@ static const signed char gw_b64_rev[256] = {
 #undef X
 };
 
+/*
+ * The decoder's tables: for each byte, its 6 bits already shifted into
+ * place for each position of a quad (0: bits 18-23 ... 3: bits 0-5), or
+ * GW_B64_BAD (bit 31) for a byte outside the alphabet. One lookup per
+ * character and one OR per quad tell a bad quad, with no branch per
+ * character. Built from gw_b64_rev when the program is loaded, before any
+ * thread starts.
+ */
+#define GW_B64_BAD 0x80000000u
+static uint32_t gw_b64_pos[4][256];
+
+__attribute__((constructor)) static void
+gw_b64_tables(void)
+{
+    for (int c = 0; c < 256; c++) {
+        int v = gw_b64_rev[c];
+
+        for (int p = 0; p < 4; p++) {
+            gw_b64_pos[p][c] = v < 0 ? GW_B64_BAD
+                               : (uint32_t)v << (6 * (3 - p));
+        }
+    }
+}
+
 long
 gw_base64_decode(const char *in, size_t len, unsigned char *out)
 {
     const unsigned char *s = (const unsigned char *)in;
-    size_t i, o = 0;
-    int pad = 0;
+    size_t i, o = 0, body;
+    int pad = 0, a, b, c, d;
 
     if (len % 4 != 0) {
         return -1;
     }
-    if (len > 0 && s[len - 1] == '=') {
-        pad = (len > 1 && s[len - 2] == '=') ? 2 : 1;
+    if (len == 0) {
+        return 0;
     }
-    for (i = 0; i < len; i += 4) {
-        int last = i + 4 == len;
-        int a = gw_b64_rev[s[i]], b = gw_b64_rev[s[i + 1]];
-        int c = (last && pad == 2) ? 0 : gw_b64_rev[s[i + 2]];
-        int d = (last && pad >= 1) ? 0 : gw_b64_rev[s[i + 3]];
+    /* every quad but the last: no padding possible */
+    body = len - 4;
+    for (i = 0; i < body; i += 4) {
+        uint32_t v = gw_b64_pos[0][s[i]] | gw_b64_pos[1][s[i + 1]]
+                     | gw_b64_pos[2][s[i + 2]] | gw_b64_pos[3][s[i + 3]];
 
-        if ((a | b | c | d) < 0) {
+        if (v & GW_B64_BAD) {
             return -1;
         }
-        out[o++] = (unsigned char)((a << 2) | (b >> 4));
-        if (last && pad == 2) {
-            if (b & 0x0f) {
-                return -1;          /* non-canonical trailing bits */
-            }
-            break;
-        }
-        out[o++] = (unsigned char)(((b & 0x0f) << 4) | (c >> 2));
-        if (last && pad == 1) {
-            if (c & 0x03) {
-                return -1;
-            }
-            break;
-        }
-        out[o++] = (unsigned char)(((c & 0x03) << 6) | d);
+        out[o] = (unsigned char)(v >> 16);
+        out[o + 1] = (unsigned char)(v >> 8);
+        out[o + 2] = (unsigned char)v;
+        o += 3;
     }
+    /* the last quad: "xx==", "xxx=" or "xxxx", trailing bits zero */
+    if (s[len - 1] == '=') {
+        pad = s[len - 2] == '=' ? 2 : 1;
+    }
+    a = gw_b64_rev[s[body]];
+    b = gw_b64_rev[s[body + 1]];
+    c = pad == 2 ? 0 : gw_b64_rev[s[body + 2]];
+    d = pad >= 1 ? 0 : gw_b64_rev[s[body + 3]];
+    if ((a | b | c | d) < 0) {
+        return -1;
+    }
+    out[o++] = (unsigned char)((a << 2) | (b >> 4));
+    if (pad == 2) {
+        return (b & 0x0f) ? -1 : (long)o;   /* non-canonical trailing bits */
+    }
+    out[o++] = (unsigned char)(((b & 0x0f) << 4) | (c >> 2));
+    if (pad == 1) {
+        return (c & 0x03) ? -1 : (long)o;
+    }
+    out[o++] = (unsigned char)(((c & 0x03) << 6) | d);
     return (long)o;
 }
 
