@@ -536,9 +536,44 @@ sys.stdout.write("A:" + read_to_end(sock, tls, inb).decode("latin-1") + "\n")
       local first = tls_get(s.port, { sess_out = sess,
                                       extra = "-tls1_2 -no_ticket" })
       assert.is_true(first.new, first.out)
+      assert.truthy(first.out:find("\n%s*Session%-ID: %x+\n"), first.out)
       local again = tls_get(s.port, { sess_in = sess,
                                       extra = "-tls1_2 -no_ticket" })
       assert.is_true(again.reused, again.out)
+    end)
+
+    -- session_cache = 0 turns the cache off (tickets, when the client
+    -- takes them, still resume); below 0 is refused at start
+    it("keeps no session cache with session_cache = 0", function()
+      local cs = start_tls(1, "session_cache = 0")
+      local ok, err = pcall(function()
+        local sess = dir .. "/nocache.sess"
+        local first = tls_get(cs.port, { sess_out = sess,
+                                         extra = "-tls1_2 -no_ticket" })
+        assert.is_true(first.new, first.out)
+        -- no session id given out: nothing the client could offer back
+        -- (with the cache, the test above gets one and resumes by it)
+        assert.truthy(first.out:find("\n%s*Session%-ID: *\n"), first.out)
+        local f = io.open(sess, "rb")
+        if f then
+          f:close()
+          local again = tls_get(cs.port, { sess_in = sess,
+                                           extra = "-tls1_2 -no_ticket" })
+          assert.is_true(again.new, again.out)
+        end
+        -- a ticket still resumes
+        local t1 = dir .. "/nocache_ticket.sess"
+        assert.is_true(tls_get(cs.port, { sess_out = t1,
+                                          extra = "-tls1_2" }).new)
+        local r = tls_get(cs.port, { sess_in = t1, extra = "-tls1_2" })
+        assert.is_true(r.reused, r.out)
+      end)
+      assert.equal(0, cs:stop())
+      assert(ok, err)
+      local bad, berr = pcall(start_tls, 1, "session_cache = -1")
+      assert.is_false(bad)
+      assert.truthy(tostring(berr):find("session_cache must be a "
+                    .. "non-negative integer", 1, true), berr)
     end)
 
     -- Eight new connections' ClientHellos, then a request on a

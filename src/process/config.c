@@ -48,6 +48,7 @@ gw_opts_defaults(struct gw_opts *o)
 struct key {
     const char *name;
     int         type;           /* 's' string, 'n' number, 'i' integer,
+                                   '0' integer that may be 0 (off),
                                    'b' boolean, 'z' size in bytes */
     size_t      off;
     size_t      size;           /* for strings: buffer size */
@@ -75,7 +76,7 @@ static const struct key tls_keys[] = {
     { "protocols", 's', S(tls_protocols) },
     { "ciphers", 's', S(tls_ciphers) },
     { "ciphersuites", 's', S(tls_ciphersuites) },
-    { "session_cache", 'i', N(tls_session_cache) },
+    { "session_cache", '0', N(tls_session_cache) },   /* 0: no cache */
     { "ticket_key_rotation", 'n', N(tls_ticket_rotation) },
     { NULL, 0, 0, 0 }
 };
@@ -156,10 +157,12 @@ read_keys(lua_State *L, int t, const char *where, const struct key *keys,
                 return GW_ERR;
             }
             v = lua_tonumber(L, -1);
-            if (!(v > 0) || v > 1e12
+            if (!(v > 0 || (k->type == '0' && v == 0)) || v > 1e12
                 || (k->type != 'n' && v != (double) (long long) v)) {
-                snprintf(err, errlen, "%s.%s must be a positive %s", where,
-                         name, k->type == 'n' ? "number" : "integer");
+                snprintf(err, errlen, "%s.%s must be a %s", where, name,
+                         k->type == 'n' ? "positive number"
+                         : k->type == '0' ? "non-negative integer (0: off)"
+                         : "positive integer");
                 return GW_ERR;
             }
             if (k->type == 'n') {
