@@ -347,6 +347,24 @@ print(got.decode("latin-1").split("\r\n")[0])
                and failures(s, "cipher") > cipher0
       end, 5, "the protocol and the cipher failure to be counted")
     end)
+
+    -- a client that does not trust the certificate ends the handshake
+    -- with an alert (unknown_ca): no reason of its own, "other"
+    it("counts a handshake the client ends with an alert as other",
+       function()
+      local other0 = failures(s, "other")
+      -- trusting only an unrelated certificate (a WeChat Pay test one)
+      local ca = "spec/fixtures/wechatpay/a6_platform_cert.pem"
+      for _, v in ipairs{ "-tls1_2", "-tls1_3" } do
+        local r = tls_get(s.port, { extra = v .. " -CAfile " .. ca
+                                    .. " -verify_return_error" })
+        assert.is_nil(r.pid, r.out)
+        assert.truthy(r.out:find("verify error", 1, true), r.out)
+      end
+      proc.wait_until(function()
+        return failures(s, "other") >= other0 + 2
+      end, 5, "both failures to be counted as other")
+    end)
   end)
 
   describe("TLS 1.3 only, ticket keys rotated every 2 s", function()
