@@ -333,12 +333,21 @@ end
 
 -- Called by the C server for every request, in the request's coroutine.
 function _M._dispatch(req, method, path)
-  local fn, pattern, params, allowed = routes:find(method, path)
+  local fn, pattern, params, allowed, bad = routes:find(method, path)
   if not fn and method == "HEAD" then
     -- HEAD is served by the GET route unless the app routed HEAD itself
     -- (RFC 9110 9.3.2); the server sends the head without the body
-    local gfn, gpattern, gparams = routes:find("GET", path)
-    if gfn then fn, pattern, params, allowed = gfn, gpattern, gparams, nil end
+    local gfn, gpattern, gparams, _, gbad = routes:find("GET", path)
+    if gfn then
+      fn, pattern, params, allowed = gfn, gpattern, gparams, nil
+    elseif gbad then
+      pattern, bad = gpattern, gbad
+    end
+  end
+  if bad then
+    -- a parameter that could walk an app out of its folder (router.lua)
+    return finish(req, 400, { error = "bad_path", message = bad }, nil,
+                  pattern)
   end
   if allowed and allowed:find("GET", 1, true) and method ~= "HEAD" then
     allowed = allowed .. ", HEAD"

@@ -99,8 +99,29 @@ local function unescape(s)
   return (s:gsub("%%(%x%x)", hex_char))
 end
 
---- syntax: fn, pattern, params, allowed = router:find(method, path)
+-- A decoded parameter that an app mapping it to a file could be walked
+-- out of its folder with: a "." or ".." piece between slashes or
+-- backslashes once %2F / %5C are decoded (the server resolved the path's
+-- own dot-segments before; an encoded slash is data to it, not a
+-- separator), or a NUL (C file APIs stop at it: "a.key%00.png").
+local function unsafe(v)
+  if v:find("\0", 1, true) then return "a NUL byte" end
+  if not v:find(".", 1, true) then return nil end
+  local from = 1
+  while true do
+    local stop = v:find("[/\\]", from)
+    local piece = v:sub(from, (stop or 0) - 1)
+    if piece == "." or piece == ".." then return "a dot-segment" end
+    if not stop then return nil end
+    from = stop + 1
+  end
+end
+
+--- syntax: fn, pattern, params, allowed, bad = router:find(method, path)
 -- fn nil: no route; allowed then lists the methods the path has (405).
+-- bad (fn nil too): the route matched, but a parameter, once
+-- percent-decoded, holds a dot-segment or a NUL: the request is refused
+-- (400), never handed to the route.
 function _M:find(method, path)
   local t = self.static[method]
   local fn = t and t[path]
@@ -113,7 +134,17 @@ function _M:find(method, path)
       local spec = list[i]
       local params = match(spec, segs)
       if params then
-        for k, v in pairs(params) do params[k] = unescape(v) end
+        for k, v in pairs(params) do
+          local d = unescape(v)
+          if d ~= v then
+            local why = unsafe(d)
+            if why then
+              return nil, spec.pattern, nil, nil, "parameter " .. k
+                     .. " holds " .. why .. " once percent-decoded"
+            end
+          end
+          params[k] = d
+        end
         return spec.fn, spec.pattern, params
       end
     end

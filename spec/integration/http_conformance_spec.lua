@@ -250,6 +250,32 @@ describe("HTTP conformance", function()
       assert.equal("/info/b", json.decode(body_of(out)).path)
     end)
 
+    -- an encoded slash is data to the path (not a separator), but a
+    -- route parameter is percent-decoded: one that would then hold a
+    -- dot-segment (or a NUL, where C file APIs stop) is refused
+    it("answer 400 to a parameter that decodes to a dot-segment or a NUL",
+       function()
+      for _, t in ipairs{ "/info/..%2f..%2fetc", "/info/%2e%2e%2fx",
+                          "/info/a/..%2F", "/info/..%5c..%5cx",
+                          "/info/x%00.png", "/info/.%2fa" } do
+        local out = raw("GET " .. t .. " HTTP/1.1\r\nHost: x\r\n"
+                        .. "Connection: close\r\n\r\n")
+        assert.matches("^HTTP/1.1 400", out, t)
+        assert.truthy(out:find('"bad_path"', 1, true), t .. ": " .. out)
+        out = raw("HEAD " .. t .. " HTTP/1.1\r\nHost: x\r\n"
+                  .. "Connection: close\r\n\r\n")
+        assert.matches("^HTTP/1.1 400", out, "HEAD " .. t)
+      end
+      -- decoded slashes, dots inside names: served as they decode
+      for t, rest in pairs{ ["/info/a%2fb"] = "a/b",
+                            ["/info/..a%2fb..%2f.c"] = "..a/b../.c" } do
+        local out = raw("GET " .. t .. " HTTP/1.1\r\nHost: x\r\n"
+                        .. "Connection: close\r\n\r\n")
+        assert.matches("^HTTP/1.1 200", out, t)
+        assert.equal(rest, json.decode(body_of(out)).rest, t)
+      end
+    end)
+
     it("answer 400 to a path that climbs out of the root", function()
       for _, t in ipairs{ "/../etc/passwd", "/info/../../x",
                           "/info/%2e%2e/%2E./x", "/.." } do
