@@ -1,7 +1,7 @@
--- At the connection cap, idle keep-alive connections must not lock new
--- clients out: the oldest idle one is closed to admit a new client at
--- once; a connection in a request is never closed for this; counted on
--- /metrics.
+-- At the connection cap, idle keep-alive connections, and new ones that
+-- have sent nothing, must not lock new clients out: the oldest idle one
+-- is closed to admit a new client at once; a connection in a request is
+-- never closed for this; counted on /metrics.
 local server = require "support.server"
 local rawtcp = require "support.rawtcp"
 local core = require "paygate.core"
@@ -128,4 +128,99 @@ describe("lingering closes at the connection cap", function()
     end
     for _, c in ipairs(lingering) do c:close() end
   end)
+end)
+
+-- A client that connects and sends nothing is no more in a request than
+-- an idle keep-alive one: at the cap the oldest such connection goes too
+-- (as nginx reuses them), or a handful of silent clients reconnecting
+-- every header_timeout would lock everyone out. On TLS: silent before
+-- its ClientHello.
+describe("silent new connections at the connection cap", function()
+  local pki = require "support.pki"
+  local CAP3 = 5
+  local dir, p
+
+  local function new_client_answered(port, tls)
+    local t0 = core.mono()
+    local out
+    if tls then
+      local _, o = proc.run({ "sh", "-c", ("printf 'GET / HTTP/1.1\\r\\n"
+        .. "Host: x\\r\\nConnection: close\\r\\n\\r\\n' | openssl s_client"
+        .. " -connect 127.0.0.1:%d -quiet 2>/dev/null"):format(port) },
+        { timeout = 20 })
+      out = o or ""
+    else
+      local c = assert(rawtcp.connect(port, 20))
+      get(c, "/")
+      out = c:recv_some() or ""
+      c:close()
+    end
+    return out, core.mono() - t0
+  end
+
+  setup(function()
+    dir = os.tmpname()
+    os.remove(dir)
+    assert(os.execute("mkdir -p " .. dir))
+    p = pki.make(dir)
+  end)
+
+  teardown(function()
+    if dir then os.execute("rm -rf " .. dir) end
+  end)
+
+  for _, tls in ipairs{ false, true } do
+    it("are closed, oldest first, to admit new clients at once ("
+       .. (tls and "https" or "http") .. ")", function()
+      local s = server.start{ source = APP, workers = 1,
+        scheme = tls and "https" or "http", ca_file = tls and p.ca or nil,
+        config = ([[return { limits = { connections = %d,
+          header_timeout = 15 }%s }]]):format(CAP3, tls and
+          (", tls = { cert = %q, key = %q }"):format(p.server_cert,
+                                                     p.server_key) or "") }
+      local ok, err = pcall(function()
+        -- one in a request that takes 1.5 s (plain: a raw socket can ask
+        -- on plain HTTP only), the rest connected and silent, oldest
+        -- first (a short receive timeout: the newest is checked to stay)
+        local busy
+        if not tls then
+          busy = assert(rawtcp.connect(s.port, 5))
+          get(busy, "/slow")
+        end
+        local silent = {}
+        local function add_silent()
+          silent[#silent + 1] = assert(rawtcp.connect(s.port, 0.5))
+        end
+        for _ = 1, CAP3 - (busy and 1 or 0) do add_silent() end
+        for i = 1, 2 do
+          local out, took = new_client_answered(s.port, tls)
+          assert.matches("HTTP/1.1 200", out)
+          assert.is_true(took < 1, "new client " .. i .. " waited " .. took
+                         .. " s")
+          add_silent()          -- the cap is full again, newest last
+        end
+        if busy then
+          assert.matches("^HTTP/1.1 200.*slow done$", busy:recv_some())
+          busy:close()
+        end
+        -- the two oldest silent ones were closed, the newest is open
+        for i = 1, 2 do
+          local out, how = silent[i]:recv_all()
+          assert.equal("", out)
+          assert.equal("eof", how, "silent connection " .. i)
+        end
+        local _, how = silent[#silent]:recv_all()
+        assert.equal("timeout", how, "the newest silent connection")
+        proc.wait_until(function()
+          local res = s:admin_get("/metrics")
+          local n = res and res.body:match(
+            "\npaygate_connections_reclaimed_total (%d+)\n")
+          return n and tonumber(n) >= 2
+        end, 5, "reclaimed connections on /metrics")
+        for _, c in ipairs(silent) do c:close() end
+      end)
+      assert.equal(0, s:stop())
+      assert(ok, err)
+    end)
+  end
 end)

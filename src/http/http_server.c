@@ -175,12 +175,17 @@ idle_leave(struct gw_conn *c)
 /* At the connection cap: the oldest lingering close whose answer the
  * client has acknowledged (nothing left in the send queue but our FIN:
  * what the client still sends is dropped anyway), else the oldest idle
- * keep-alive connection that is truly idle (nothing to send, no byte of
- * a next request waiting in the socket or in TLS), which on_accept()
- * closes once it has a new client to admit in its place, so the new
- * client is served at once instead of waiting out keepalive_timeout
- * ("reusing connections"). A connection in a request is never on the
- * list. NULL when there is none. */
+ * connection that is truly idle (nothing to send, no byte of a request
+ * waiting in the socket or in TLS), which on_accept() closes once it has
+ * a new client to admit in its place, so the new client is served at
+ * once instead of waiting out keepalive_timeout or header_timeout
+ * ("reusing connections"). Idle: a keep-alive connection between
+ * requests, and a new one that has sent nothing yet (on TLS: no byte of
+ * its handshake, or handshaken and no byte of its first request), as
+ * nginx counts them; otherwise clients that connect and stay silent
+ * would lock everyone out for header_timeout. A connection in a request,
+ * or in the middle of its handshake, is never on the list. NULL when
+ * there is none. */
 static struct gw_conn *
 idle_victim(void)
 {
@@ -197,7 +202,9 @@ idle_victim(void)
             continue;           /* its answer may still be in flight */
         }
         if (c->state != ST_HEAD || c->in_len != 0 || c->out_len != 0
-            || (c->ssl != NULL && SSL_has_pending(c->ssl))
+            || (c->ssl != NULL && (SSL_has_pending(c->ssl)
+                                   || (!c->handshaken && SSL_get_state(c->ssl)
+                                       != TLS_ST_BEFORE)))
             || recv(c->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) > 0) {
             continue;           /* a request is on its way */
         }
@@ -589,9 +596,14 @@ gw_conn_process(struct gw_conn *c)
             idle_enter(c);
         } else if (c->in_len == 0) {
             /* a new connection (or a TLS handshake under way) has the
-             * head's time from its accept, not the idle keep-alive's */
+             * head's time from its accept, not the idle keep-alive's;
+             * handshaken, with no byte of its first request, it can be
+             * reclaimed at the cap (idle_victim) */
             gw_conn_timer(c, gw_srv.conf.header_timeout
                           - (gw_loop_mono() - c->started));
+            if (c->ssl == NULL || c->handshaken) {
+                idle_enter(c);
+            }
         } else if (c->started == 0) {
             c->started = gw_loop_mono();
         }
@@ -698,6 +710,9 @@ conn_handshake(struct gw_conn *c)
     int r = SSL_do_handshake(c->ssl), e;
     unsigned long err;
 
+    if (c->idle && SSL_get_state(c->ssl) != TLS_ST_BEFORE) {
+        idle_leave(c);          /* under way: not reclaimed at the cap */
+    }
     if (r == 1) {
         c->handshaken = 1;
         gw_edge_count(SSL_session_reused(c->ssl) ? GW_EDGE_TLS_RESUMED
@@ -1338,6 +1353,7 @@ on_accept(evutil_socket_t lfd, short what, void *arg)
         c->started = gw_loop_mono();
         conn_read_on(c, 1);
         gw_conn_timer(c, gw_srv.conf.header_timeout);
+        idle_enter(c);          /* nothing sent yet: reclaimable at the cap */
         if (c->ssl != NULL) {
             /* The ClientHello is usually in by now (a client sends it as
              * soon as connect returns): its turn is queued at once
