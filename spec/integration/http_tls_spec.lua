@@ -594,6 +594,36 @@ sys.stdout.write("A:" + read_to_end(sock, tls, inb).decode("latin-1") + "\n")
                     .. "non-negative integer", 1, true), berr)
     end)
 
+    -- session_tickets = false: no ticket given out (TLS 1.2 or 1.3); with
+    -- session_cache = 0 too, nothing resumes: every handshake is full
+    it("gives out no tickets with session_tickets = false", function()
+      local cs = start_tls(1, "session_tickets = false, session_cache = 0")
+      local ok, err = pcall(function()
+        for _, v in ipairs{ "-tls1_2", "-tls1_3" } do
+          local sess = dir .. "/noticket" .. v .. ".sess"
+          local first = tls_get(cs.port, { sess_out = sess, extra = v })
+          assert.is_true(first.new, first.out)
+          assert.is_nil(first.out:find("TLS session ticket:", 1, true),
+                        first.out)
+          local f = io.open(sess, "rb")
+          if f then
+            f:close()
+            local again = tls_get(cs.port, { sess_in = sess, extra = v })
+            assert.is_true(again.new, v .. ": " .. again.out)
+            assert.is_falsy(again.reused, v .. ": " .. again.out)
+          end
+        end
+        -- every handshake counted full, none resumed
+        assert.equal(0, handshakes(cs, "resumed"))
+      end)
+      assert.equal(0, cs:stop())
+      assert(ok, err)
+      local bad, berr = pcall(start_tls, 1, 'session_tickets = "no"')
+      assert.is_false(bad)
+      assert.truthy(tostring(berr):find("session_tickets must be true or "
+                    .. "false", 1, true), berr)
+    end)
+
     -- Eight new connections' ClientHellos, then a request on a
     -- handshaken connection, reach the worker while it is stopped: once
     -- resumed it finds them all readable, the request last. Each

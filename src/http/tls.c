@@ -303,7 +303,12 @@ gw_tls_server_ctx(const struct gw_tls_conf *conf, char *err, size_t errlen)
     } else {
         SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
     }
-    if (tickets != NULL
+    if (conf->no_tickets) {
+        /* none issued (TLS 1.2: the extension refused; TLS 1.3: no
+         * NewSessionTicket), and none accepted */
+        SSL_CTX_set_options(ctx, SSL_OP_NO_TICKET);
+        SSL_CTX_set_num_tickets(ctx, 0);
+    } else if (tickets != NULL
         && SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx, ticket_cb) != 1) {
         snprintf(err, errlen, "tls: cannot set the ticket keys");
         goto err;

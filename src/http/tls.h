@@ -21,6 +21,7 @@ struct gw_tls_conf {
     const char *ciphersuites;   /* TLS 1.3 suites (OpenSSL's syntax);
                                    NULL / "": OpenSSL's (all AEAD) */
     int         session_cache;  /* sessions cached per worker; 0: none */
+    int         no_tickets;     /* 1: no session tickets issued */
     double      ticket_rotation;/* s between ticket-key rotations: a
                                    session lives twice that at most */
 };

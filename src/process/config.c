@@ -42,6 +42,7 @@ gw_opts_defaults(struct gw_opts *o)
              GW_TLS_PROTOCOLS);
     snprintf(o->tls_ciphers, sizeof(o->tls_ciphers), "%s", GW_TLS_CIPHERS);
     o->tls_session_cache = 4096;
+    o->tls_session_tickets = 1;
     o->tls_ticket_rotation = 3600;
 }
 
@@ -77,6 +78,7 @@ static const struct key tls_keys[] = {
     { "ciphers", 's', S(tls_ciphers) },
     { "ciphersuites", 's', S(tls_ciphersuites) },
     { "session_cache", '0', N(tls_session_cache) },   /* 0: no cache */
+    { "session_tickets", 'b', N(tls_session_tickets) },
     { "ticket_key_rotation", 'n', N(tls_ticket_rotation) },
     { NULL, 0, 0, 0 }
 };
@@ -148,6 +150,11 @@ read_keys(lua_State *L, int t, const char *where, const struct key *keys,
             }
             memcpy((char *) o + k->off, v, len + 1);
         } else if (k->type == 'b') {
+            if (lua_type(L, -1) != LUA_TBOOLEAN) {
+                snprintf(err, errlen, "%s.%s must be true or false", where,
+                         name);
+                return GW_ERR;
+            }
             *(int *) ((char *) o + k->off) = lua_toboolean(L, -1);
         } else {
             double v;

@@ -27,6 +27,7 @@ struct gw_opts {
     char                  tls_ciphersuites[256]; /* TLS 1.3 suites, or ""
                                              (OpenSSL's: all AEAD) */
     int                   tls_session_cache;  /* sessions per worker */
+    int                   tls_session_tickets;/* 0: none issued */
     double                tls_ticket_rotation;/* s between ticket-key
                                              rotations (session life) */
     int                   workers;        /* processes; >= 1 */

@@ -402,6 +402,7 @@ tls_ctx(const struct gw_opts *o, char *err, size_t errlen)
         .client_ca = o->tls_client_ca, .protocols = o->tls_protocols,
         .ciphers = o->tls_ciphers, .ciphersuites = o->tls_ciphersuites,
         .session_cache = o->tls_session_cache,
+        .no_tickets = !o->tls_session_tickets,
         .ticket_rotation = o->tls_ticket_rotation
     };
 
