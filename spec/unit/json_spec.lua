@@ -4,6 +4,39 @@ local cjson = require "cjson"
 local core = require "paygate.core"
 
 describe("paygate.json.decode", function()
+  -- the string scan reads eight bytes at a time: every byte it must stop
+  -- at ('"', '\\', a control byte), at every offset within a word, in
+  -- strings of every length around a word, next to bytes >= 0x80
+  it("finds quotes, escapes and control bytes at any offset", function()
+    local fill = { "a", "\xc3\xa9", "~", "\x7f", "\xff" }
+    for len = 0, 40 do
+      for _, f in ipairs(fill) do
+        local base = f:rep(len):sub(1, len)
+        assert.equal(base, json.decode('"' .. base .. '"'), len)
+        for at = 1, len do
+          local function with(c) return base:sub(1, at - 1) .. c
+                                        .. base:sub(at + 1) end
+          -- escapes: the value has the character
+          assert.equal(with('"'), json.decode('"' .. with('\\"') .. '"'))
+          assert.equal(with("\\"), json.decode('"' .. with("\\\\") .. '"'))
+          assert.equal(with("\1"), json.decode('"' .. with("\\u0001")
+                                                .. '"'))
+          -- a raw control byte is refused, at its byte
+          for _, c in ipairs{ "\0", "\1", "\n", "\31" } do
+            local v, err = json.decode('"' .. with(c) .. '"')
+            assert.is_nil(v, len .. "/" .. at)
+            assert.matches("control character", err.message)
+            assert.truthy(err.message:find("at byte " .. (at + 1), 1, true),
+                          err.message)
+          end
+          -- a quote ends the string there
+          local v = assert(json.decode('["' .. with('","') .. '"]'))
+          assert.same({ base:sub(1, at - 1), base:sub(at + 1) }, v)
+        end
+      end
+    end
+  end)
+
   it("refuses numbers that are not JSON", function()
     for _, text in ipairs{
       '{"amount":Infinity}', '{"amount":-Infinity}', '{"amount":NaN}',
