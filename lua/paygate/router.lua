@@ -136,7 +136,8 @@ function _M:find(method, path)
       if params then
         for k, v in pairs(params) do
           local d = unescape(v)
-          if d ~= v then
+          -- (a raw backslash too: the target may carry one as it is)
+          if d ~= v or v:find("\\", 1, true) then
             local why = unsafe(d)
             if why then
               return nil, spec.pattern, nil, nil, "parameter " .. k

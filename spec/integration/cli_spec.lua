@@ -68,6 +68,18 @@ describe("paygate CLI", function()
     code, out = run({ "run", "examples/hello", "--config", dir .. "/c.lua" })
     assert.equal(2, code)
     assert.matches("workers must be a number", out)
+    -- a switch given as text is refused, not taken as on
+    for text, msg in pairs{
+      ["return { access_log = 'off' }"] = "access_log must be true or false",
+      ["return { tls = { session_tickets = 'no' } }"] =
+        "session_tickets must be true or false" } do
+      f = assert(io.open(dir .. "/c.lua", "w"))
+      f:write(text)
+      f:close()
+      code, out = run({ "run", "examples/hello", "--config", dir .. "/c.lua" })
+      assert.equal(2, code, text)
+      assert.truthy(out:find(msg, 1, true), out)
+    end
     f = assert(io.open(dir .. "/c.lua", "w"))
     f:write("syntax error here")
     f:close()

@@ -257,7 +257,8 @@ describe("HTTP conformance", function()
        function()
       for _, t in ipairs{ "/info/..%2f..%2fetc", "/info/%2e%2e%2fx",
                           "/info/a/..%2F", "/info/..%5c..%5cx",
-                          "/info/x%00.png", "/info/.%2fa" } do
+                          "/info/x%00.png", "/info/.%2fa",
+                          "/info/..\\..\\x" } do
         local out = raw("GET " .. t .. " HTTP/1.1\r\nHost: x\r\n"
                         .. "Connection: close\r\n\r\n")
         assert.matches("^HTTP/1.1 400", out, t)

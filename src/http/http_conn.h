@@ -110,6 +110,7 @@ struct gw_conn {
                                        keep-alive connections, each
                                        oldest first; gw_srv.idle_* */
     int                 idle;       /* 1 while on that list */
+    double              idle_at;    /* s (mono): when it joined it */
     struct gw_conn     *hprev, *hnext; /* TLS: new connections whose
                                        ClientHello waits its turn, oldest
                                        first; gw_srv.hello_* */

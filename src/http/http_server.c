@@ -42,6 +42,10 @@
                                    still send one request once the worker
                                    drains (a new one keeps header_timeout) */
 #define ACCEPT_BATCH 64         /* plain connections accepted per wakeup */
+#define FRESH_GRACE 1.0         /* s a connection that has sent nothing yet
+                                   (or handshaken, no request yet) is kept
+                                   at the cap: its client's first bytes
+                                   may be a round trip away */
 #define ACCEPT_BATCH_TLS 1      /* TLS ones (see on_accept) */
 #define LINGER_IDLE 2.0         /* s: a lingering close waits this long
                                    for more of the client's bytes */
@@ -114,6 +118,7 @@ idle_enter(struct gw_conn *c)
         return;
     }
     c->idle = 1;
+    c->idle_at = gw_loop_mono();
     if (c->state == ST_LINGER) {
         struct gw_conn *after = gw_srv.linger_last;
 
@@ -172,6 +177,17 @@ idle_leave(struct gw_conn *c)
     c->idle = 0;
 }
 
+/* A TLS connection that has received a byte of its handshake (OpenSSL's
+ * state stays "before" until a whole ClientHello is in, which may take
+ * several records). */
+static int
+tls_started(struct gw_conn *c)
+{
+    return c->ssl != NULL && !c->handshaken
+           && (SSL_get_state(c->ssl) != TLS_ST_BEFORE
+               || BIO_number_read(SSL_get_rbio(c->ssl)) > 0);
+}
+
 /* At the connection cap: the oldest lingering close whose answer the
  * client has acknowledged (nothing left in the send queue but our FIN:
  * what the client still sends is dropped anyway), else the oldest idle
@@ -183,12 +199,21 @@ idle_leave(struct gw_conn *c)
  * requests, and a new one that has sent nothing yet (on TLS: no byte of
  * its handshake, or handshaken and no byte of its first request), as
  * nginx counts them; otherwise clients that connect and stay silent
- * would lock everyone out for header_timeout. A connection in a request,
- * or in the middle of its handshake, is never on the list. NULL when
- * there is none. */
+ * would lock everyone out for header_timeout. A new one only once it has
+ * been silent FRESH_GRACE s: the client of a connection just accepted (or
+ * just handshaken) may be sending its first bytes, and closing it would
+ * throw away the handshake it paid for and fail a request it will not
+ * retry. A connection in a request, or in the middle of its handshake,
+ * is never on the list. NULL when there is none; *next (if not NULL) is
+ * then the time (mono) a new one becomes eligible, or 0. */
 static struct gw_conn *
-idle_victim(void)
+idle_victim(double *next)
 {
+    double now = gw_loop_mono();
+
+    if (next != NULL) {
+        *next = 0;
+    }
     for (struct gw_conn *c = gw_srv.idle_head; c != NULL; c = c->inext) {
         char b;
 
@@ -202,11 +227,16 @@ idle_victim(void)
             continue;           /* its answer may still be in flight */
         }
         if (c->state != ST_HEAD || c->in_len != 0 || c->out_len != 0
-            || (c->ssl != NULL && (SSL_has_pending(c->ssl)
-                                   || (!c->handshaken && SSL_get_state(c->ssl)
-                                       != TLS_ST_BEFORE)))
+            || (c->ssl != NULL && SSL_has_pending(c->ssl)) || tls_started(c)
             || recv(c->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) > 0) {
             continue;           /* a request is on its way */
+        }
+        if (c->requests == 0 && now - c->idle_at < FRESH_GRACE) {
+            if (next != NULL && (*next == 0
+                                 || c->idle_at + FRESH_GRACE < *next)) {
+                *next = c->idle_at + FRESH_GRACE;
+            }
+            continue;           /* just accepted or handshaken */
         }
         return c;
     }
@@ -710,7 +740,7 @@ conn_handshake(struct gw_conn *c)
     int r = SSL_do_handshake(c->ssl), e;
     unsigned long err;
 
-    if (c->idle && SSL_get_state(c->ssl) != TLS_ST_BEFORE) {
+    if (c->idle && tls_started(c)) {
         idle_leave(c);          /* under way: not reclaimed at the cap */
     }
     if (r == 1) {
@@ -1227,13 +1257,39 @@ conn_close(struct gw_conn *c)
     }
 }
 
+/* Accepting, paused at the cap, is tried again at `at` (mono). */
+static void
+resume_at(double at)
+{
+    double in = at - gw_loop_mono() + 0.001;
+    struct timeval tv;
+
+    if (in < 0.001) {
+        in = 0.001;
+    }
+    tv.tv_sec = (time_t) in;
+    tv.tv_usec = (suseconds_t) ((in - (double) tv.tv_sec) * 1e6);
+    evtimer_add(gw_srv.resume_ev, &tv);
+}
+
 static void
 on_resume(evutil_socket_t fd, short what, void *arg)
 {
-    if (!gw_srv.draining && !gw_srv.accepting
-        && gw_srv.nconns < gw_srv.conf.max_connections) {
+    double next = 0;
+
+    (void) fd;
+    (void) what;
+    (void) arg;
+    gw_loop_update_time();      /* the grace is judged by the time now */
+    if (gw_srv.draining || gw_srv.accepting) {
+        return;
+    }
+    if (gw_srv.nconns < gw_srv.conf.max_connections
+        || idle_victim(&next) != NULL) {
         event_add(gw_srv.lev, NULL);
         gw_srv.accepting = 1;
+    } else if (next > 0) {
+        resume_at(next);        /* a silent new connection's grace ends */
     }
 }
 
@@ -1258,10 +1314,15 @@ on_accept(evutil_socket_t lfd, short what, void *arg)
         int fd, one = 1;
 
         if (gw_srv.nconns >= gw_srv.conf.max_connections) {
-            victim = idle_victim();
+            double next;
+
+            victim = idle_victim(&next);
             if (victim == NULL) {
                 event_del(gw_srv.lev); /* the kernel backlog holds the rest */
                 gw_srv.accepting = 0;
+                if (next > 0) {
+                    resume_at(next);    /* a silent new one's grace ends */
+                }
                 return;
             }
         }

@@ -290,6 +290,10 @@ gw_opts_load_file(struct gw_opts *o, const char *path, char *err,
     lua_pushliteral(L, "access_log");
     lua_rawget(L, 1);    /* raw: a metatable must not run here, unprotected */
     if (!lua_isnil(L, -1)) {
+        if (lua_type(L, -1) != LUA_TBOOLEAN) {
+            snprintf(err, errlen, "config.access_log must be true or false");
+            goto done;
+        }
         o->server.access_log = lua_toboolean(L, -1);
     }
     lua_pop(L, 1);
