@@ -22,6 +22,17 @@ local function get(c, path)
   assert(c:send("GET " .. path .. " HTTP/1.1\r\nHost: x\r\n\r\n"))
 end
 
+-- waits (5 s at most) until /metrics counts at least n connections
+-- `what` (reclaimed, lingered)
+local function wait_counted(s, what, n)
+  proc.wait_until(function()
+    local res = s:admin_get("/metrics")
+    local got = res and res.body:match("\npaygate_connections_" .. what
+                                       .. "_total (%d+)\n")
+    return got and tonumber(got) >= n
+  end, 5, what .. " connections on /metrics")
+end
+
 describe("idle keep-alive connections at the connection cap", function()
   local s
 
@@ -70,12 +81,7 @@ describe("idle keep-alive connections at the connection cap", function()
     get(idle[CAP - 1], "/")
     assert.matches("^HTTP/1.1 200", idle[CAP - 1]:recv_some())
     -- counted
-    proc.wait_until(function()
-      local res = s:admin_get("/metrics")
-      local n = res and res.body:match(
-        "\npaygate_connections_reclaimed_total (%d+)\n")
-      return n and tonumber(n) >= 3
-    end, 5, "reclaimed connections on /metrics")
+    wait_counted(s, "reclaimed", 3)
     busy:close()
     for _, c in ipairs(idle) do c:close() end
     for _, c in ipairs(fresh) do c:close() end
@@ -109,12 +115,7 @@ describe("lingering closes at the connection cap", function()
       assert.equal("eof", how)
       lingering[i] = c
     end
-    proc.wait_until(function()
-      local res = s:admin_get("/metrics")
-      local n = res and res.body:match(
-        "\npaygate_connections_lingered_total (%d+)\n")
-      return n and tonumber(n) >= CAP2
-    end, 5, "lingering connections on /metrics")
+    wait_counted(s, "lingered", CAP2)
     for i = 1, 2 do
       local c = assert(rawtcp.connect(s.port, 5))
       local t0 = core.mono()
@@ -246,12 +247,7 @@ describe("silent new connections at the connection cap", function()
         end
         local _, how = silent[#silent]:recv_all()
         assert.equal("timeout", how, "the newest silent connection")
-        proc.wait_until(function()
-          local res = s:admin_get("/metrics")
-          local n = res and res.body:match(
-            "\npaygate_connections_reclaimed_total (%d+)\n")
-          return n and tonumber(n) >= 2
-        end, 5, "reclaimed connections on /metrics")
+        wait_counted(s, "reclaimed", 2)
         for _, c in ipairs(silent) do c:close() end
       end)
       assert.equal(0, s:stop())

@@ -146,6 +146,22 @@ describe("TLS edge", function()
         rest and ", " .. rest or "") }
   end
 
+  -- fn(cs) against a one-worker server with these tls settings; the
+  -- server is stopped (exit 0) whatever fn does
+  local function with_tls(tls, fn)
+    local cs = start_tls(1, tls)
+    local ok, err = pcall(fn, cs)
+    assert.equal(0, cs:stop())
+    assert(ok, err)
+  end
+
+  -- these tls settings are refused at start, saying `msg`
+  local function refused(tls, msg)
+    local bad, err = pcall(start_tls, 1, tls)
+    assert.is_false(bad)
+    assert.truthy(tostring(err):find(msg, 1, true), err)
+  end
+
   -- A Python client script in dir: PY_TLS's functions, then body.
   local function py_script(name, body)
     local path = dir .. "/" .. name
@@ -531,8 +547,7 @@ sys.stdout.write("A:" + read_to_end(sock, tls, inb).decode("latin-1") + "\n")
 
     it("limits TLS 1.3 to the ciphersuites configured; a bad list is"
        .. " refused at start", function()
-      local cs = start_tls(1, 'ciphersuites = "TLS_CHACHA20_POLY1305_SHA256"')
-      local ok, err = pcall(function()
+      with_tls('ciphersuites = "TLS_CHACHA20_POLY1305_SHA256"', function(cs)
         local r = tls_get(cs.port, { extra = "-tls1_3 -ciphersuites"
                                      .. " TLS_CHACHA20_POLY1305_SHA256" })
         assert.truthy(r.pid, r.out)
@@ -540,11 +555,7 @@ sys.stdout.write("A:" + read_to_end(sock, tls, inb).decode("latin-1") + "\n")
                                .. " TLS_AES_128_GCM_SHA256" })
         assert.is_nil(r.pid, r.out)
       end)
-      assert.equal(0, cs:stop())
-      assert(ok, err)
-      local bad, berr = pcall(start_tls, 1, 'ciphersuites = "TLS_NOPE"')
-      assert.is_false(bad)
-      assert.truthy(tostring(berr):find("ciphersuites", 1, true), berr)
+      refused('ciphersuites = "TLS_NOPE"', "ciphersuites")
     end)
 
     -- TLS 1.2 without tickets: the client offers the session id it was
@@ -563,8 +574,7 @@ sys.stdout.write("A:" + read_to_end(sock, tls, inb).decode("latin-1") + "\n")
     -- session_cache = 0 turns the cache off (tickets, when the client
     -- takes them, still resume); below 0 is refused at start
     it("keeps no session cache with session_cache = 0", function()
-      local cs = start_tls(1, "session_cache = 0")
-      local ok, err = pcall(function()
+      with_tls("session_cache = 0", function(cs)
         local sess = dir .. "/nocache.sess"
         local first = tls_get(cs.port, { sess_out = sess,
                                          extra = "-tls1_2 -no_ticket" })
@@ -586,19 +596,14 @@ sys.stdout.write("A:" + read_to_end(sock, tls, inb).decode("latin-1") + "\n")
         local r = tls_get(cs.port, { sess_in = t1, extra = "-tls1_2" })
         assert.is_true(r.reused, r.out)
       end)
-      assert.equal(0, cs:stop())
-      assert(ok, err)
-      local bad, berr = pcall(start_tls, 1, "session_cache = -1")
-      assert.is_false(bad)
-      assert.truthy(tostring(berr):find("session_cache must be a "
-                    .. "non-negative integer", 1, true), berr)
+      refused("session_cache = -1",
+              "session_cache must be a non-negative integer")
     end)
 
     -- session_tickets = false: no ticket given out (TLS 1.2 or 1.3); with
     -- session_cache = 0 too, nothing resumes: every handshake is full
     it("gives out no tickets with session_tickets = false", function()
-      local cs = start_tls(1, "session_tickets = false, session_cache = 0")
-      local ok, err = pcall(function()
+      with_tls("session_tickets = false, session_cache = 0", function(cs)
         for _, v in ipairs{ "-tls1_2", "-tls1_3" } do
           local sess = dir .. "/noticket" .. v .. ".sess"
           local first = tls_get(cs.port, { sess_out = sess, extra = v })
@@ -616,12 +621,7 @@ sys.stdout.write("A:" + read_to_end(sock, tls, inb).decode("latin-1") + "\n")
         -- every handshake counted full, none resumed
         assert.equal(0, handshakes(cs, "resumed"))
       end)
-      assert.equal(0, cs:stop())
-      assert(ok, err)
-      local bad, berr = pcall(start_tls, 1, 'session_tickets = "no"')
-      assert.is_false(bad)
-      assert.truthy(tostring(berr):find("session_tickets must be true or "
-                    .. "false", 1, true), berr)
+      refused('session_tickets = "no"', "session_tickets must be true or false")
     end)
 
     -- Eight new connections' ClientHellos, then a request on a

@@ -243,9 +243,9 @@ idle_victim(double *next)
     return NULL;
 }
 
-/* (Re)arms c's one timer: secs from now (at least 1 ms). */
-void
-gw_conn_timer(struct gw_conn *c, double secs)
+/* secs as a timer's delay: at least 1 ms */
+static struct timeval
+delay_tv(double secs)
 {
     struct timeval tv;
 
@@ -254,6 +254,15 @@ gw_conn_timer(struct gw_conn *c, double secs)
     }
     tv.tv_sec = (time_t) secs;
     tv.tv_usec = (suseconds_t) ((secs - (double) tv.tv_sec) * 1e6);
+    return tv;
+}
+
+/* (Re)arms c's one timer: secs from now (at least 1 ms). */
+void
+gw_conn_timer(struct gw_conn *c, double secs)
+{
+    struct timeval tv = delay_tv(secs);
+
     evtimer_add(c->timer, &tv);
 }
 
@@ -1261,14 +1270,8 @@ conn_close(struct gw_conn *c)
 static void
 resume_at(double at)
 {
-    double in = at - gw_loop_mono() + 0.001;
-    struct timeval tv;
+    struct timeval tv = delay_tv(at - gw_loop_mono() + 0.001);
 
-    if (in < 0.001) {
-        in = 0.001;
-    }
-    tv.tv_sec = (time_t) in;
-    tv.tv_usec = (suseconds_t) ((in - (double) tv.tv_sec) * 1e6);
     evtimer_add(gw_srv.resume_ev, &tv);
 }
 
