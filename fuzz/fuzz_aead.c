@@ -1,10 +1,13 @@
 /*
  * fuzz_aead.c -- AEAD decrypt entry point (AES-256-GCM and our SM4-GCM).
  * Input: byte 0 picks the algorithm (bit 0) and, when bit 1 is set, a
- * nonce length of byte0 >> 4 (0..15, empty included) instead of 12; then
- * the nonce, 1 byte aad length, aad, ciphertext||tag. Properties: random input never authenticates
- * (with overwhelming probability; we only check no crash / leak), and an
- * encryption of the same fields always decrypts back.
+ * nonce length of byte0 >> 4 (0..15, empty included) instead of 12, and
+ * bits 2-3 pick one of four keys (the C side keeps keyed contexts: keys
+ * and nonce lengths change between calls); then the nonce, 1 byte aad
+ * length, aad, ciphertext||tag. Properties: random input never
+ * authenticates (with overwhelming probability; we only check no crash /
+ * leak), an encryption of the same fields always decrypts back, and never
+ * under the next key.
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -25,7 +28,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     char msg[GW_ERRMSG_MAX];
     const unsigned char *nonce, *aad, *ct;
     size_t noncelen = 12, aadlen, ctlen, keylen;
-    unsigned char *out, *enc;
+    unsigned char *out, *enc, key[32], other[32];
 
     if (size < 2) {
         return 0;
@@ -35,6 +38,10 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (data[0] & 2) {
         noncelen = data[0] >> 4;        /* 0 is refused; others hash */
     }
+    memcpy(key, key32, 32);
+    key[0] ^= (unsigned char)((data[0] >> 2) & 3);
+    memcpy(other, key, 32);
+    other[0] ^= 4;
     data++;
     size--;
     if (size < noncelen + 1) {
@@ -55,15 +62,18 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         free(enc);
         return 0;
     }
-    gw_aead_decrypt(alg, key32, keylen, nonce, noncelen, aad, aadlen, ct,
+    gw_aead_decrypt(alg, key, keylen, nonce, noncelen, aad, aadlen, ct,
                     ctlen, out, &kind, msg, sizeof(msg));
-    if (gw_aead_encrypt(alg, key32, keylen, nonce, noncelen, aad, aadlen,
+    if (gw_aead_encrypt(alg, key, keylen, nonce, noncelen, aad, aadlen,
                         ct, ctlen, enc, &kind, msg, sizeof(msg)) == GW_OK)
     {
-        if (gw_aead_decrypt(alg, key32, keylen, nonce, noncelen, aad,
+        if (gw_aead_decrypt(alg, key, keylen, nonce, noncelen, aad,
                             aadlen, enc, ctlen + 16, out, &kind, msg,
                             sizeof(msg)) != GW_OK
-            || memcmp(out, ct, ctlen) != 0)
+            || memcmp(out, ct, ctlen) != 0
+            || gw_aead_decrypt(alg, other, keylen, nonce, noncelen, aad,
+                               aadlen, enc, ctlen + 16, out, &kind, msg,
+                               sizeof(msg)) == GW_OK)
         {
             __builtin_trap();
         }

@@ -76,6 +76,18 @@ describe("notification replay", function()
     assert.equal(204, (post(note("EV-retry"))))
     assert.equal(204, (post(note("EV-retry"))))
   end)
+  it("reads each header from the request's head, in any case", function()
+    -- the app hands parse_notification the request itself (req:header,
+    -- no req.headers table): an upper-case Signature-Type that the RSA
+    -- key does not fit is still seen, and refused
+    local n = note("EV-type")
+    n.headers["WECHATPAY-SIGNATURE-TYPE"] = "WECHATPAY2-SM2-WITH-SM3"
+    local s, kind = post(n)
+    assert.equal(401, s)
+    assert.equal("bad_signature", kind)
+    n.headers["WECHATPAY-SIGNATURE-TYPE"] = "WECHATPAY2-SHA256-RSA2048"
+    assert.equal(204, (post(n)))
+  end)
   it("a tampered replay is bad_signature, not replayed", function()
     local n = note("EV-t")
     assert.equal(204, (post(n)))

@@ -383,6 +383,41 @@ describe("paygate.crypto", function()
         crypto.aead_encrypt("AEAD_AES_256_GCM", APIV3, "uluk4a9R25RW", "associatedData", "message")))
     end)
 
+    it("keeps keys apart across more keys than it holds schedules for (interleaved, both directions, both ciphers)", function()
+      -- the C side keeps the schedules of 4 keys: 7 keys of each cipher,
+      -- used round-robin, evict each other on every call
+      local K = unhex("feffe9928665731c6d6a8f9467308308feffe9928665731c6d6a8f9467308308")
+      local IV = unhex("cafebabefacedbaddecaf888")
+      local P = unhex("d9313225f88406e5a55909c5aff5269a86a7a9531534f7da2e4c303d8a318a721c3c0c95956809532fcf0e2449a6b525b16aedf5aa0de657ba637b39")
+      local A = unhex("feedfacedeadbeeffeedfacedeadbeefabaddad2")
+      local CT = "522dc1f099567d07f47f37a32a84427d643a8cdcbfe5c0c97598a2bd2555d1aa8cb08e48590dbb3da7b08b1056828838c5f61e6393ba7a0abcc9f662"
+        .. "76fc6ece0f4e1768cddf8853bb2d551b"
+      local keys, cts = {}, {}
+      for i = 1, 7 do
+        local aes = (("%d"):format(i)):rep(32)
+        keys[#keys + 1] = { "AEAD_AES_256_GCM", aes }
+        keys[#keys + 1] = { "AEAD_SM4_GCM", crypto.sm4_key(aes) }
+      end
+      for round = 1, 3 do
+        for i, k in ipairs(keys) do
+          local nonce = round == 2 and ("n"):rep(16) or "0123456789ab"
+          local ct = assert(crypto.aead_encrypt(k[1], k[2], nonce, "transaction", "payload " .. i))
+          if cts[i] and round ~= 2 then assert.equal(cts[i], ct) end
+          if round ~= 2 then cts[i] = ct end
+          assert.equal("payload " .. i, crypto.aead_decrypt(k[1], k[2], nonce, "transaction", ct))
+          -- the key used just before never opens it
+          local prev = keys[(i - 3) % #keys + 1]
+          fails_with("decrypt_failed", crypto.aead_decrypt(k[1], prev[2], nonce, "transaction", ct))
+          -- the NIST vector still holds between them
+          assert.equal(CT, hex(crypto.aead_encrypt("AEAD_AES_256_GCM", K, IV, A, P)))
+        end
+      end
+      -- decrypting in reverse order, after all the others were used
+      for i = #keys, 1, -1 do
+        assert.equal("payload " .. i, crypto.aead_decrypt(keys[i][1], keys[i][2], "0123456789ab", "transaction", cts[i]))
+      end
+    end)
+
     it("round-trips nonces of 1..128 bytes, WeChat-style strings included (13, 16, 32 characters)", function()
       local sm4key = crypto.sm4_key(APIV3)
       for _, alg in ipairs({ "AEAD_AES_256_GCM", "AEAD_SM4_GCM" }) do

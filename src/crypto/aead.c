@@ -76,67 +76,126 @@ gw_aead_setup(const char *alg, size_t keylen, size_t noncelen,
     return GW_OK;
 }
 
-static EVP_CIPHER_CTX *gw_aead_ctx;  /* reused; this is a per-process
-                                      * single-threaded cache */
+/*
+ * Keyed contexts: a GCM context keeps its key schedule (the AES round keys
+ * and the GHASH table) between operations, so an operation under a key
+ * seen before only sets the nonce. Setting a key means a fresh provider
+ * context (an allocation), the key expansion and the GHASH table: about
+ * as long as decrypting a whole notification's resource, and code and
+ * data that push a signature's out of the caches. A process uses one or
+ * two keys (the APIv3 key, a previous one): GW_AEAD_KEYED slots, the
+ * least recently used one reused. A slot holds no more than the key it is
+ * made from, which the caller keeps anyway (it passed it in); a slot
+ * given up is cleansed. Per process, single-threaded (the loop thread).
+ */
+#define GW_AEAD_KEYED 4
 
-/* One GCM operation through an OpenSSL cipher. A nonce other than 12
- * bytes needs its length set between choosing the cipher and giving the
- * key and nonce; the 12-byte case stays one init call. */
+struct gw_aead_keyed {
+    EVP_CIPHER_CTX *ctx;
+    EVP_CIPHER     *cipher;
+    unsigned char   key[32];
+    size_t          keylen;
+    size_t          ivlen;           /* the ctx's nonce length now */
+    unsigned long   used;            /* tick of the last use; 0: empty */
+};
+
+static struct gw_aead_keyed gw_aead_keyed[GW_AEAD_KEYED];
+static unsigned long        gw_aead_tick;
+
+/* The context for (cipher, key), its nonce length set to noncelen, ready
+ * for a new nonce; NULL when out of memory. */
+static EVP_CIPHER_CTX *
+gw_aead_keyed_ctx(EVP_CIPHER *cipher, int enc, const unsigned char *key,
+                  size_t keylen, size_t noncelen)
+{
+    struct gw_aead_keyed *k = NULL, *old = &gw_aead_keyed[0];
+    int i;
+
+    for (i = 0; i < GW_AEAD_KEYED; i++) {
+        struct gw_aead_keyed *s = &gw_aead_keyed[i];
+
+        if (s->used != 0 && s->cipher == cipher && s->keylen == keylen
+            && CRYPTO_memcmp(s->key, key, keylen) == 0)
+        {
+            k = s;
+            break;
+        }
+        if (s->used < old->used) {
+            old = s;
+        }
+    }
+    if (k == NULL) {
+        k = old;
+        if (k->ctx == NULL && (k->ctx = EVP_CIPHER_CTX_new()) == NULL) {
+            return NULL;
+        }
+        EVP_CIPHER_CTX_reset(k->ctx);            /* drops the old schedule */
+        OPENSSL_cleanse(k->key, sizeof(k->key));
+        k->used = 0;
+        if (EVP_CipherInit_ex2(k->ctx, cipher, key, NULL, enc, NULL) != 1) {
+            EVP_CIPHER_CTX_reset(k->ctx);
+            return NULL;
+        }
+        k->cipher = cipher;
+        memcpy(k->key, key, keylen);
+        k->keylen = keylen;
+        k->ivlen = 12;                           /* GCM's default */
+    }
+    if (k->ivlen != noncelen) {
+        if (EVP_CIPHER_CTX_ctrl(k->ctx, EVP_CTRL_AEAD_SET_IVLEN,
+                                (int)noncelen, NULL) != 1)
+        {
+            return NULL;
+        }
+        k->ivlen = noncelen;
+    }
+    k->used = ++gw_aead_tick;
+    return k->ctx;
+}
+
+/* One GCM operation through an OpenSSL cipher, on the key's context: the
+ * nonce is set with the key schedule kept. */
 static int
 gw_evp_aead(EVP_CIPHER *cipher, int enc, const unsigned char *key,
-            const unsigned char *nonce, size_t noncelen,
+            size_t keylen, const unsigned char *nonce, size_t noncelen,
             const unsigned char *aad,
             size_t aadlen, const unsigned char *in, size_t len,
             unsigned char *tag, unsigned char *out)
 {
     EVP_CIPHER_CTX *ctx;
-    int n, rc = GW_ERR;
+    int n;
 
-    if (gw_aead_ctx == NULL) {
-        gw_aead_ctx = EVP_CIPHER_CTX_new();
+    if (len > INT_MAX || aadlen > INT_MAX) {
+        return GW_ERR;
     }
-    ctx = gw_aead_ctx;
-    if (ctx == NULL || len > INT_MAX || aadlen > INT_MAX) {
-        goto err;
-    }
-    if (noncelen == 12) {
-        if (EVP_CipherInit_ex2(ctx, cipher, key, nonce, enc, NULL) != 1) {
-            goto err;
-        }
-    } else if (EVP_CipherInit_ex2(ctx, cipher, NULL, NULL, enc, NULL) != 1
-               || EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_IVLEN,
-                                      (int)noncelen, NULL) != 1
-               || EVP_CipherInit_ex2(ctx, NULL, key, nonce, enc, NULL) != 1)
+    ctx = gw_aead_keyed_ctx(cipher, enc, key, keylen, noncelen);
+    if (ctx == NULL
+        || EVP_CipherInit_ex2(ctx, NULL, NULL, nonce, enc, NULL) != 1)
     {
-        goto err;
+        return GW_ERR;
     }
     if (aadlen > 0
         && EVP_CipherUpdate(ctx, NULL, &n, aad, (int)aadlen) != 1)
     {
-        goto err;
+        return GW_ERR;
     }
     if (len > 0 && EVP_CipherUpdate(ctx, out, &n, in, (int)len) != 1) {
-        goto err;
+        return GW_ERR;
     }
     if (!enc && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, 16,
                                     tag) != 1)
     {
-        goto err;
+        return GW_ERR;
     }
     if (EVP_CipherFinal_ex(ctx, out + len, &n) != 1) {
-        goto err;
+        return GW_ERR;
     }
     if (enc && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_GET_TAG, 16,
                                    tag) != 1)
     {
-        goto err;
+        return GW_ERR;
     }
-    rc = GW_OK;
-err:
-    if (ctx != NULL) {
-        EVP_CIPHER_CTX_reset(ctx);   /* drops the key schedule */
-    }
-    return rc;
+    return GW_OK;
 }
 
 int
@@ -155,8 +214,8 @@ gw_aead_encrypt(const char *alg, const unsigned char *key, size_t keylen,
         return GW_ERR;
     }
     if (cipher != NULL) {
-        rc = gw_evp_aead(cipher, 1, key, nonce, noncelen, aad, aadlen, in,
-                         len, out + len, out);
+        rc = gw_evp_aead(cipher, 1, key, keylen, nonce, noncelen, aad,
+                         aadlen, in, len, out + len, out);
     } else {
         rc = gw_sm4gcm_seal(key, nonce, noncelen, aad, aadlen, in, len,
                             out, out + len);
@@ -195,8 +254,8 @@ gw_aead_decrypt(const char *alg, const unsigned char *key, size_t keylen,
     len -= 16;
     memcpy(tag, in + len, 16);
     if (cipher != NULL) {
-        rc = gw_evp_aead(cipher, 0, key, nonce, noncelen, aad, aadlen, in,
-                         len, tag, out);
+        rc = gw_evp_aead(cipher, 0, key, keylen, nonce, noncelen, aad,
+                         aadlen, in, len, tag, out);
     } else {
         rc = gw_sm4gcm_open(key, nonce, noncelen, aad, aadlen, in, len, tag,
                             out);

@@ -36,8 +36,15 @@ local function parse(wx, req, opts)
   if type(req) ~= "table" and type(req) ~= "userdata" then
     return fail("malformed", "not a request")
   end
-  local headers, body = req.headers, req.body
-  if type(headers) ~= "table" then return fail("malformed", "no headers") end
+  -- the server's request answers each header from its head (req:header):
+  -- no req.headers table is built for the five a notification needs
+  local headers, body = req, req.body
+  if type(req) == "table" then
+    headers = req.headers
+    if type(headers) ~= "table" then
+      return fail("malformed", "no headers")
+    end
+  end
   if type(body) ~= "string" or body == "" then
     return fail("malformed", "empty body")
   end

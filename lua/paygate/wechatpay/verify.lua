@@ -27,13 +27,19 @@ local SIG_TYPES = {
 }
 
 --- syntax: v = verify.header(headers, name)
--- name in lower case. Looks it up as given and, for tables made by hand
--- ({ ["Wechatpay-Serial"] = ... }), case-insensitively.
+-- name in lower case. headers: a table, looked up as given and, for
+-- tables made by hand ({ ["Wechatpay-Serial"] = ... }),
+-- case-insensitively; or the server's request itself (req), whose
+-- req:header(name) reads the head without building req.headers.
 function _M.header(headers, name)
+  if type(headers) == "userdata" then return headers:header(name) end
   local v = headers[name]
   if v ~= nil then return v end
+  local n = #name
   for k, val in pairs(headers) do
-    if type(k) == "string" and k:lower() == name then return val end
+    if type(k) == "string" and #k == n and k:lower() == name then
+      return val
+    end
   end
   return nil
 end
@@ -52,7 +58,7 @@ end
 -- returns: { timestamp (string), ts (number), nonce, signature, serial,
 -- sig_type } or nil, err (malformed).
 function _M.parse_headers(headers)
-  if type(headers) ~= "table" then
+  if type(headers) ~= "table" and type(headers) ~= "userdata" then
     return fail("malformed", "no headers")
   end
   local ts = header(headers, "wechatpay-timestamp")
