@@ -699,6 +699,32 @@ local function take(self, p, now)
   return false
 end
 
+-- paygate_outbox_shards{outbox, pid}: the shards each worker's dispatcher
+-- holds now (set every round, removed by d:stop()), so an operator sees
+-- how the shards spread over the instances and workers.
+local shards_gauge
+local function shards_metric()
+  if shards_gauge == nil then
+    local ok, m = pcall(require, "paygate.metrics")
+    shards_gauge = ok and type(m) == "table" and m.gauge(
+      "paygate_outbox_shards", "Outbox shards this worker's dispatcher "
+      .. "holds the lease of, per outbox.") or false
+  end
+  return shards_gauge or nil
+end
+
+local function publish_shards(self, held)
+  local g = shards_metric()
+  if g then
+    local labels = { outbox = self.name, pid = tostring(core.pid()) }
+    if held == nil then
+      g:remove(labels)
+    else
+      g:set(held, labels)
+    end
+  end
+end
+
 local function refresh_leases(self)
   local now = core.time()
   local held = 0
@@ -737,6 +763,7 @@ local function refresh_leases(self)
       end
     end
   end
+  publish_shards(self, held)
 end
 
 local HEADS = "SELECT id, subject, type, payload, attempts, created_at,"
@@ -1022,6 +1049,7 @@ function Dispatcher:stop()
     self.leases[p] = nil
     lease.release(self.db, l)
   end
+  publish_shards(self, nil)
 end
 
 ------------------------------------------------- prune, replay, list

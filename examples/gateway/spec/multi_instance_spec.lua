@@ -52,6 +52,23 @@ describe("two gateway instances on one PostgreSQL and Redis", function()
         db = function() return pg.url .. "?pool=6" end, gateway = gateway })
     end
     tee.targets({ gws[1].srv:url(""), gws[2].srv:url("") })
+    -- the first instance's dispatchers take every free shard (past their
+    -- cap too) before the second starts, and give the extra ones back
+    -- after lease_ttl: wait until each instance holds shards, or events
+    -- sent sooner could all be dispatched by the first (its /metrics:
+    -- paygate_outbox_shards per worker)
+    testing.wait_until(function()
+      for _, gw in ipairs(gws) do
+        local res = gw.srv:admin_get("/metrics")
+        local held = 0
+        for n in (res.status == 200 and res.body or ""):gmatch(
+            "\npaygate_outbox_shards{[^}]*} (%d+)") do
+          held = held + tonumber(n)
+        end
+        if held == 0 then return false end
+      end
+      return true
+    end, 20, "both instances' dispatchers to hold outbox shards")
   end)
 
   teardown(function()
