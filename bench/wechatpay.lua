@@ -15,6 +15,8 @@
 --                            shared dict, timeout, latency sample, the
 --                            calls counter), a successful one-attempt GET
 --       counter_inc          one paygate.metrics counter inc (3 labels)
+--     and after each pair "NAME_ratio r": the median over ABBA quads of
+--     the first one's time per call / the second's
 --   paygate exec bench/wechatpay.lua gen FILE N
 --     writes N freshly signed, distinct notifications to FILE, one per
 --     line: timestamp TAB nonce TAB signature TAB serial TAB body (read by
@@ -84,30 +86,39 @@ function _M.client_conf(base_url)
   }
 end
 
--- Times fa and fb in alternating blocks of about 0.2 s each until 2 * secs
--- of CPU time pass: long enough that each runs with warm caches, short
--- and alternated so that a load coming and going on a shared machine hits
--- both alike. returns: the ops/s of each.
+-- Times fa and fb in short blocks (about 20 ms of CPU each, whole
+-- batches of 8 calls) in the order A B B A, until 2 * secs of CPU time
+-- pass: each block runs with warm caches, and a load that comes and goes
+-- on a shared machine, or a drift in its speed, hits both alike (ABBA
+-- cancels a steady drift within a quad). returns: the ops/s of each over
+-- all blocks, and the median over the quads of fa's time per call /
+-- fb's (the figure the targets are judged by: one slow stretch moves a
+-- median less than a sum).
 local function measure_pair(secs, fa, fb)
   for _ = 1, 200 do fa(); fb() end      -- warm up (contexts, JIT)
   local function block(fn)
     local n, t0 = 0, os.clock()
     local t = t0
-    while t - t0 < 0.2 do
-      for _ = 1, 32 do fn() end
-      n = n + 32
+    while t - t0 < 0.02 do
+      for _ = 1, 8 do fn() end
+      n = n + 8
       t = os.clock()
     end
     return n, t - t0
   end
   local na, ta, nb, tb = 0, 0, 0, 0
+  local ratios = {}
   while ta + tb < 2 * secs do
-    local n, t = block(fa)
-    na, ta = na + n, ta + t
-    n, t = block(fb)
-    nb, tb = nb + n, tb + t
+    local n1, t1 = block(fa)
+    local n2, t2 = block(fb)
+    local n3, t3 = block(fb)
+    local n4, t4 = block(fa)
+    na, ta = na + n1 + n4, ta + t1 + t4
+    nb, tb = nb + n2 + n3, tb + t2 + t3
+    ratios[#ratios + 1] = ((t1 + t4) / (n1 + n4)) / ((t2 + t3) / (n2 + n3))
   end
-  return na / ta, nb / tb
+  table.sort(ratios)
+  return na / ta, nb / tb, ratios[math.floor((#ratios + 1) / 2)]
 end
 
 local function inproc(secs)
@@ -174,9 +185,9 @@ local function inproc(secs)
   -- each pair (the call, its baseline) is timed in alternating batches,
   -- so a load that comes and goes on a shared machine hits both alike
   for i = 1, #results, 2 do
-    local a, b = measure_pair(secs, results[i][2], results[i + 1][2])
-    io.write(("%s %.1f\n%s %.1f\n"):format(results[i][1], a,
-                                           results[i + 1][1], b))
+    local a, b, r = measure_pair(secs, results[i][2], results[i + 1][2])
+    io.write(("%s %.1f\n%s %.1f\n%s_ratio %.4f\n"):format(results[i][1],
+      a, results[i + 1][1], b, results[i][1], r))
     io.flush()
   end
   wx:stop()
