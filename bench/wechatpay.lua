@@ -118,7 +118,10 @@ local function measure_pair(secs, fa, fb)
     ratios[#ratios + 1] = ((t1 + t4) / (n1 + n4)) / ((t2 + t3) / (n2 + n3))
   end
   table.sort(ratios)
-  return na / ta, nb / tb, ratios[math.floor((#ratios + 1) / 2)]
+  local m = #ratios
+  local med = m % 2 == 1 and ratios[(m + 1) / 2]
+              or (ratios[m / 2] + ratios[m / 2 + 1]) / 2
+  return na / ta, nb / tb, med
 end
 
 local function inproc(secs)

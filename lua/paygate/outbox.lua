@@ -713,14 +713,16 @@ local function shards_metric()
   return shards_gauge or nil
 end
 
+-- (pcall: a gauge raises on labels over its limit -- a very long outbox
+-- name -- and a metric must never stop deliveries)
 local function publish_shards(self, held)
   local g = shards_metric()
   if g then
     local labels = { outbox = self.name, pid = tostring(core.pid()) }
     if held == nil then
-      g:remove(labels)
+      pcall(g.remove, g, labels)
     else
-      g:set(held, labels)
+      pcall(g.set, g, held, labels)
     end
   end
 end

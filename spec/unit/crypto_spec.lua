@@ -405,7 +405,7 @@ describe("paygate.crypto", function()
           if cts[i] and round ~= 2 then assert.equal(cts[i], ct) end
           if round ~= 2 then cts[i] = ct end
           assert.equal("payload " .. i, crypto.aead_decrypt(k[1], k[2], nonce, "transaction", ct))
-          -- the key used just before never opens it
+          -- another key of the same cipher (two calls back) never opens it
           local prev = keys[(i - 3) % #keys + 1]
           fails_with("decrypt_failed", crypto.aead_decrypt(k[1], prev[2], nonce, "transaction", ct))
           -- the NIST vector still holds between them

@@ -94,6 +94,34 @@ describe("parse_notification: known answer", function()
     assert.equal(100, ev.resource.amount.total)
     assert.equal("SUCCESS", ev.resource.trade_state)
   end)
+  it("takes the server's request as it is: headers through req:header, "
+     .. "no req.headers table", function()
+    local given = {
+      ["wechatpay-timestamp"] = tostring(KAT_TS),
+      ["wechatpay-nonce"] = "5K8264ILTKCH16CQ2502SI8ZNMTM67VS",
+      ["wechatpay-serial"] = PUB_ID, ["wechatpay-signature"] = KAT_SIG }
+    local asked = {}
+    local req = newproxy(true)
+    getmetatable(req).__index = function(_, k)
+      if k == "body" then return KAT_BODY end
+      if k == "header" then
+        return function(_, name)
+          asked[#asked + 1] = name
+          return given[name:lower()]
+        end
+      end
+      error("req." .. tostring(k) .. " read")   -- req.headers: not built
+    end
+    local ev = assert(client():parse_notification(req, { replay = false,
+                                                          now = KAT_TS + 10 }))
+    assert.equal("EV-2018022511223320873", ev.id)
+    assert.equal("1217752501201407033233368018", ev.resource.out_trade_no)
+    assert.is_true(#asked >= 4)
+    -- a userdata that is no request: malformed, never a raise
+    local ev2, err = client():parse_notification(io.stdout, NR)
+    assert.is_nil(ev2)
+    assert.equal("malformed", err.kind)
+  end)
   it("at its real age it is stale", function()
     local _, err = client():parse_notification({ headers = {
       ["wechatpay-timestamp"] = tostring(KAT_TS),

@@ -145,6 +145,9 @@ gw_aead_keyed_ctx(EVP_CIPHER *cipher, int enc, const unsigned char *key,
         if (EVP_CIPHER_CTX_ctrl(k->ctx, EVP_CTRL_AEAD_SET_IVLEN,
                                 (int)noncelen, NULL) != 1)
         {
+            EVP_CIPHER_CTX_reset(k->ctx);        /* the slot is given up */
+            OPENSSL_cleanse(k->key, sizeof(k->key));
+            k->used = 0;
             return NULL;
         }
         k->ivlen = noncelen;

@@ -145,8 +145,10 @@ end
 function _M.facts(wx, req)
   local f = { authentic = false }
   local ok = pcall(function()
-    local headers = req.headers
-    if type(headers) == "table" then
+    -- the same source of headers as parse: the request itself when it
+    -- is the server's, so the record shows what parse judged
+    local headers = type(req) == "userdata" and req or req.headers
+    if type(headers) == "table" or type(headers) == "userdata" then
       f.serial = hval(headers, "wechatpay-serial")
       f.timestamp = hval(headers, "wechatpay-timestamp")
     end

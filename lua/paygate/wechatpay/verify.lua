@@ -31,8 +31,18 @@ local SIG_TYPES = {
 -- tables made by hand ({ ["Wechatpay-Serial"] = ... }),
 -- case-insensitively; or the server's request itself (req), whose
 -- req:header(name) reads the head without building req.headers.
+local function req_header(req, name)
+  return req:header(name)
+end
+
 function _M.header(headers, name)
-  if type(headers) == "userdata" then return headers:header(name) end
+  if type(headers) == "userdata" then
+    -- (pcall: a userdata that is not a request, or a request whose
+    -- handler has returned, has no header to give: nil)
+    local ok, v = pcall(req_header, headers, name)
+    if ok and type(v) == "string" then return v end
+    return nil
+  end
   local v = headers[name]
   if v ~= nil then return v end
   local n = #name
