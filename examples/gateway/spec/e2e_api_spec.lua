@@ -169,6 +169,21 @@ describe("gateway merchant API", function()
       assert.same({}, p.refunds)
     end)
 
+    it("reads paid right after the simulator's pay?wait= answered (the"
+       .. " README's demo)", function()
+      local b = env:create()
+      local t, res = env.sim:control("POST", "/sim/transactions/"
+                                     .. b.payment.out_trade_no .. "/pay?wait=5")
+      assert.equal("SUCCESS", t.trade_state)
+      assert.equal("204", res.headers["x-sim-notified"])
+      assert.equal("paid", env:get(b.payment.id).state)   -- no wait here
+      -- a bad wait is refused before anything is paid
+      local c = env:create()
+      env.sim:control("POST", "/sim/transactions/" .. c.payment.out_trade_no
+                      .. "/pay?wait=99", nil, 400)
+      assert.equal("paying", env:get(c.payment.id).state)
+    end)
+
     it("404 for an unknown payment and for another app's", function()
       local res = env:api("GET", "/v1/payments/pay_doesnotexist")
       assert.equal(404, res.status)

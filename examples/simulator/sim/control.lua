@@ -92,10 +92,45 @@ function _M.routes(ctx)
         return bad(k .. " must be a string")
       end
     end
+    local q = req:query()
+    local wait = q.wait
+    if wait ~= nil then
+      wait = tonumber(wait)
+      if not wait or wait <= 0 or wait > 30 then
+        return bad("wait must be a number of seconds in (0, 30]")
+      end
+    end
     local t, err = orders.pay(req.params.no, {
-      mchid = req:query().mchid, payer_total = b.payer_total,
+      mchid = q.mchid, payer_total = b.payer_total,
       bank_type = b.bank_type, openid = b.openid })
     if not t then return answer(err.status or 500, err) end
+    if wait then
+      -- ?wait=SECONDS: answer once the notification's first delivery
+      -- was answered by the merchant (or failed: no answer, refused
+      -- connection), or when the wait ends: a demo or a script can read
+      -- the merchant's state right after (X-Sim-Notified says which)
+      local id, seen = err, "waiting"
+      local deadline = paygate.now() + wait
+      repeat
+        local list = require("sim.notify").list(ctx.db, { id = id })
+        for _, a in ipairs(list and list[1] and list[1].attempts or {}) do
+          if type(a.status) == "number" then
+            seen = tostring(a.status)
+            break
+          elseif type(a.error) == "string"
+                 and not a.error:match("^in_flight")
+                 and not a.error:match("^interrupted") then
+            seen = "error"
+            break
+          end
+        end
+        if seen ~= "waiting" then break end
+        paygate.sleep(0.01)
+      until paygate.now() >= deadline
+      local st, body, h = answer(200, t)
+      h["X-Sim-Notified"] = seen
+      return st, body, h
+    end
     return answer(200, t)
   end)
 

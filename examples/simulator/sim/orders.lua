@@ -915,17 +915,18 @@ function _M.pay(no, opts)
       { n = 6, o.transaction_id, now, o.payer_total, o.bank_type, o.openid,
         o.id }))
     local t = _M.transaction(o)
-    local ok, nerr = notify.enqueue(tx, {
+    local note = {
       mchid = o.sp_mchid or o.owner, sub_mchid = o.sp_mchid and o.owner,
       notify_url = o.notify_url, event_type = "TRANSACTION.SUCCESS",
       summary = "支付成功", resource_type = "encrypt-resource",
       original_type = "transaction", resource = t,
-      out_trade_no = o.out_trade_no })
+      out_trade_no = o.out_trade_no }
+    local ok, nerr = notify.enqueue(tx, note)
     if not ok then
       return nil, { status = 500, code = "SYSTEM_ERROR",
                     message = "notify.enqueue: " .. tostring(nerr) }
     end
-    return t
+    return t, note.id              -- the notification's id (same on retries)
   end)
 end
 
