@@ -105,12 +105,11 @@ describe("paygate decrypt", function()
     assert.matches("%-%-notification", r[1].fix)
   end)
 
-  it("names a key with a leading space, and a PEM file as the key",
-     function()
+  it("reads a key file with spaces around the key as the gateway does,"
+     .. " and names a PEM file given as the key", function()
     local res = aes("abcdefghijkl", "transaction")
     local code, out, r = decrypt(res, " " .. KEY)
-    assert.equal(1, code, out)
-    assert.matches("leading space", r[1].cause)
+    assert.equal(0, code, out)
     local pem = "-----BEGIN CERTIFICATE-----\n" .. ("QUJD"):rep(100)
                 .. "\n-----END CERTIFICATE-----\n"
     code, out, r = decrypt(res, pem)

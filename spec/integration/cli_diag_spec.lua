@@ -205,10 +205,20 @@ describe("paygate decrypt", function()
     end
   end)
 
-  it("names a key with a trailing newline, hex or base64", function()
+  it("reads a key file as the gateway does: the newline around the key"
+     .. " is not part of it", function()
+    local res = resource("abcdefghijkl")
+    for _, text in ipairs({ KEY .. "\n", KEY .. "\r\n", " " .. KEY .. " \n" }) do
+      local code, out = run({ "decrypt", "--apiv3-key-file",
+                              file("k", text), "--resource", res })
+      assert.equal(0, code, out)
+      assert.matches('{"out_trade_no":"T-1"}', out, 1, true)
+    end
+  end)
+
+  it("names a key given hex or base64", function()
     local res = resource("abcdefghijkl")
     local cases = {
-      { KEY .. "\n", "trailing newline" },
       { crypto.hex(KEY), "hex encoding of 32 bytes" },
       { crypto.base64_encode(KEY), "base64 of 32 bytes" },
     }

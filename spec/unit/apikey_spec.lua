@@ -308,6 +308,7 @@ describe("paygate apikey (command)", function()
   it("creates a key whose printed secret signs, lists it, revokes it",
      function()
     local url = "sqlite:" .. tmp .. "/cmd.db"
+    assert(sql.open(url)):close()          -- the gateway's store exists
     local code, out = run_cmd({ "create", "--db", url, "--app", "shop9",
                                 "--json" })
     assert.equal(0, code, out)
@@ -331,5 +332,19 @@ describe("paygate apikey (command)", function()
     assert.equal(2, code)
     assert.matches("--app must be", out, 1, true)
     db:close()
+  end)
+
+  it("refuses a SQLite path with no database (a typo), making no file",
+     function()
+    local path = tmp .. "/gatway.db"
+    for _, args in ipairs({ { "create", "--db", "sqlite:" .. path, "--app",
+                              "shop2" }, { "list", "--db", "sqlite:" .. path },
+                            { "revoke", "--db", "sqlite://" .. path,
+                              "--key", "k" } }) do
+      local code, out = run_cmd(args)
+      assert.equal(2, code, out)
+      assert.matches("no database file " .. path, out, 1, true)
+      assert.is_nil(io.open(path))
+    end
   end)
 end)

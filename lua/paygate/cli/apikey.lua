@@ -13,7 +13,7 @@ usage: paygate apikey create --db URL --app APP_ID [--json]
 
 Manages the API keys merchants' systems sign requests with (see
 docs/idempotency.md, "Authentication"). URL is the gateway's store
-(sqlite:/path/app.db or postgres://...).
+(sqlite:/path/app.db or postgres://...); a SQLite file must exist.
 
 create  makes a key for APP_ID and prints app_id, key_id and the secret.
         The secret is shown this once: the store keeps only the signing
@@ -30,6 +30,8 @@ local SPEC = { ["--db"] = "value", ["--app"] = "value", ["--key"] = "value",
 
 local function open(o)
   if not o["--db"] then common.usage_error("--db URL is required") end
+  -- the keys belong in the gateway's store: never in a new empty file
+  common.sqlite_must_exist(o["--db"])
   local ok, db, err = pcall(sql.open, o["--db"])
   if not ok then common.usage_error("%s", tostring(db)) end
   if not db then

@@ -52,15 +52,7 @@ local function main(args)
     common.usage_error("verify takes one DB_URL (see --help)")
   end
   -- sql.open creates a missing SQLite file: a verifier must not
-  local rest = url:match("^sqlite3?:(.*)$")
-  if rest then
-    local path = rest:gsub("^//", ""):gsub("%?.*$", "")
-    local f = io.open(path, "rb")
-    if not f then
-      common.usage_error("no database file %s", path)
-    end
-    f:close()
-  end
+  common.sqlite_must_exist(url)
   local ok, db, err = pcall(sql.open, url)
   if not ok then
     common.usage_error("bad DB_URL %s: %s", redact(url), tostring(db))

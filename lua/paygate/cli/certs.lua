@@ -102,7 +102,8 @@ local function download(o, out)
                        "--out" }) do
     if not o[k] then common.usage_error("--download needs %s", k) end
   end
-  local apiv3 = common.read_secret(o["--apiv3-key-file"], "--apiv3-key-file")
+  local apiv3 = common.read_apiv3_key_file(o["--apiv3-key-file"],
+                                          "--apiv3-key-file")
   local keypem = common.read_secret(o["--key"], "--key")
   out:secret(apiv3)
   out:secret(keypem)

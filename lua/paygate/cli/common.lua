@@ -21,6 +21,22 @@ function _M.usage_error(fmt, ...)
 end
 local usage_error = _M.usage_error
 
+--- syntax: common.sqlite_must_exist(url)
+-- sql.open creates a missing SQLite file: a tool that reads or edits an
+-- existing store (a typo in the path would make an empty one and act on
+-- it) raises a usage error instead. URLs of other engines pass.
+function _M.sqlite_must_exist(url)
+  local rest = type(url) == "string" and url:match("^sqlite3?:(.*)$")
+  if not rest then return end
+  local path = rest:gsub("^//", ""):gsub("%?.*$", "")
+  local f = io.open(path, "rb")
+  if not f then
+    usage_error("no database file %s (the gateway makes it on its first "
+                .. "start: check the path)", path)
+  end
+  f:close()
+end
+
 --- syntax: opts, positional = common.parse(args, spec)
 -- spec maps an option name ("--json", "-H") to "flag" (boolean), "value"
 -- (string, the last one given wins) or "list" (every value, in order).
@@ -98,6 +114,14 @@ function _M.read_secret(path, option)
                 reason(path, err or "cannot read"))
   end
   return s
+end
+
+--- syntax: key = common.read_apiv3_key_file(path, option)
+-- The APIv3 key from a file, as the gateway reads apiv3_key_file: the
+-- whitespace around it (a file's trailing newline) is not part of it.
+function _M.read_apiv3_key_file(path, option)
+  local s = _M.read_secret(path, option)
+  return (s:gsub("^%s+", ""):gsub("%s+$", ""))
 end
 
 --- syntax: s = common.shown(path) -- path as printed in a message, or a

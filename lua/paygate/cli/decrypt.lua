@@ -15,8 +15,10 @@ Decrypts a WeChat Pay resource { algorithm, nonce, associated_data,
 ciphertext } (AEAD_AES_256_GCM, or AEAD_SM4_GCM) with the APIv3 key and
 prints the plaintext. --notification takes a whole callback body and
 decrypts its "resource". The nonce is used as given, whatever its length.
-When it fails, the cause is named: a key that is not 32 bytes (a hex or
-base64 encoding of one, a trailing newline), a tag that does not match
+The key file is read as the gateway reads apiv3_key_file: the whitespace
+around the key (its trailing newline) is dropped. When it fails, the
+cause is named: a key that is not 32 bytes (a hex or base64 encoding of
+one), a tag that does not match
 (the wrong key, e.g. the APIv2 key, or an altered ciphertext), an
 unknown algorithm.
 
@@ -38,7 +40,8 @@ local function main(args)
     common.usage_error("give one of --resource FILE, --notification FILE")
   end
   local out = common.output(o["--json"])
-  local key = common.read_secret(o["--apiv3-key-file"], "--apiv3-key-file")
+  local key = common.read_apiv3_key_file(o["--apiv3-key-file"],
+                                          "--apiv3-key-file")
   out:secret(key)
   local path = o["--resource"] or o["--notification"]
   local doc = json.decode(common.read(path, "input"))
