@@ -89,12 +89,23 @@ describe("scripts/run", function()
     end, 15, "both stopped")
   end)
 
-  it("reuses the dev keys, and stops the gateway when the simulator dies",
-     function()
+  it("reuses the dev keys, merges gateway.local.lua, and stops the"
+     .. " gateway when the simulator dies", function()
     local before = proc.read(dir .. "/dev/merchant.json")
     assert.truthy(#before > 0)
-    local p = launch()
+    -- the user's own settings, kept across runs: here the console off
+    -- (the written config turns it on)
+    local f = assert(io.open(dir .. "/dev/gateway.local.lua", "w"))
+    f:write('return { gateway = { console = false } }\n')
+    f:close()
+    local p, _, lines = launch()
     assert.equal(before, proc.read(dir .. "/dev/merchant.json"))
+    local url = lines[3]:match("(http://127%.0%.0%.1:%d+)/v1/")
+    local code, res = proc.run({ "curl", "-s", "-o", "/dev/null", "-w",
+      "%{http_code}", url .. "/console" }, { timeout = 20 })
+    assert.equal(0, code, res)
+    assert.equal("404", res)
+    os.remove(dir .. "/dev/gateway.local.lua")
     local sim = pid_of(dir .. "/dev/simulator.pid")
     local gw = pid_of(dir .. "/dev/gateway.pid")
     proc.kill_pid(sim, 9)
