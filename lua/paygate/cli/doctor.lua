@@ -23,7 +23,7 @@ local tostring, ipairs, pairs, type, pcall = tostring, ipairs, pairs, type,
 local duration = common.duration
 
 local usage = [[
-usage: paygate doctor --config FILE [--json]
+usage: paygate doctor --config FILE [--merchant MCHID] [--json]
 
 Checks a gateway configuration end to end and prints one line per check
 (ok, warn or FAIL, what was checked, the fix): the merchant key against
@@ -38,13 +38,18 @@ the measured processing time, certificates expiring within 30 days.
 
 FILE is a Lua file returning { wechatpay = {...}, notify_url = ...,
 database = ..., redis = ..., limits = {...}, metrics_url = ...,
-leases = {...}, api_crl_file = ... } (see docs/troubleshooting.md).
+leases = {...}, api_crl_file = ... } (see docs/troubleshooting.md), or
+the reference gateway's own config ({ gateway = {...}, merchants = {...} },
+docs/gateway.md): its merchant (the first, or --merchant MCHID) is
+checked with its APIv3 key file, its notify URL (public_url), its
+database and Redis, and the config's limits.
 
 exit: 0 no check failed (warnings allowed), 1 a check failed, 2 usage or
 an unreadable configuration.
 ]]
 
-local SPEC = { ["--config"] = "value", ["--json"] = "flag" }
+local SPEC = { ["--config"] = "value", ["--json"] = "flag",
+               ["--merchant"] = "value" }
 
 local WINDOW = 5             -- s WeChat waits for a notification's answer
 local DAY = 86400
@@ -100,6 +105,69 @@ local function load_config(path)
     common.usage_error("%s must return a table", path)
   end
   return conf
+end
+
+-- The reference gateway's config ({ gateway, merchants }, examples/gateway)
+-- as the checks' shape: the merchant's keys go to paygate.wechatpay as the
+-- gateway passes them, its APIv3 key read as the gateway reads it (a file
+-- or an environment variable, the whitespace around it dropped), its
+-- notify URL the one the gateway gives WeChat. returns: the config, and
+-- which merchant of how many.
+local GATEWAY_OWN = { apiv3_key_file = true, apiv3_key_env = true,
+                      previous_apiv3_key_files = true }
+local DEFAULT_GATEWAY_DB = "sqlite:var/gateway.db"
+
+local function read_key(path, what)
+  local f = io.open(path, "rb")
+  local v = f and f:read("*a")
+  if f then f:close() end
+  if not v then
+    common.usage_error("%s: cannot read %s", what, common.shown(path))
+  end
+  return (v:gsub("^%s+", ""):gsub("%s+$", ""))
+end
+
+local function from_gateway(conf, pick)
+  local list, g = conf.merchants, conf.gateway
+  if type(g) ~= "table" then g = {} end
+  if type(list) ~= "table" or type(list[1]) ~= "table" then
+    common.usage_error("the gateway config has no merchants list")
+  end
+  local m
+  for _, cand in ipairs(list) do
+    local id = type(cand) == "table" and (cand.mchid or cand.sp_mchid)
+    if pick == nil or tostring(id) == pick then
+      m = cand
+      break
+    end
+  end
+  if not m then
+    common.usage_error("no merchant %s in the gateway config", pick)
+  end
+  local id = tostring(m.mchid or m.sp_mchid)
+  local wc = {}
+  for k, v in pairs(m) do
+    if not GATEWAY_OWN[k] then wc[k] = v end
+  end
+  if type(m.apiv3_key_file) == "string" then
+    wc.apiv3_key = read_key(m.apiv3_key_file, "merchants apiv3_key_file")
+  elseif type(m.apiv3_key_env) == "string" then
+    wc.apiv3_key = os.getenv(m.apiv3_key_env)
+  end
+  if type(m.previous_apiv3_key_files) == "table" then
+    local keys = {}
+    for j, path in ipairs(m.previous_apiv3_key_files) do
+      keys[j] = read_key(tostring(path), "merchants previous_apiv3_key_files")
+    end
+    wc.previous_apiv3_keys = keys
+  end
+  local out = { wechatpay = wc, database = g.db or DEFAULT_GATEWAY_DB,
+                redis = g.redis, limits = conf.limits }
+  if type(g.public_url) == "string" then
+    out.notify_url = g.public_url:gsub("/+$", "") .. "/wechatpay/notify/"
+                     .. id
+  end
+  return out, id, #list
 end
 
 -- A key or certificate given as PEM text or a file path. The reason never
@@ -674,6 +742,14 @@ local function main(args)
   if not o["--config"] then common.usage_error("--config FILE is required") end
   local conf = load_config(o["--config"])
   local out = common.output(o["--json"])
+  if conf.wechatpay == nil and conf.merchants ~= nil then
+    local id, n
+    conf, id, n = from_gateway(conf, o["--merchant"])
+    out:ok("config", ("the gateway's config: merchant %s (%d of them%s)")
+           :format(id, n, n > 1 and "; --merchant MCHID picks another" or ""))
+  elseif o["--merchant"] then
+    common.usage_error("--merchant is for the gateway's config (merchants)")
+  end
   local now = core.time()
   local expiring = {}
   local wc = conf.wechatpay

@@ -1,0 +1,87 @@
+-- paygate doctor on the reference gateway's own config ({ gateway,
+-- merchants }, as scripts/run writes it): the merchant's keys are checked
+-- as the gateway reads them (its APIv3 key file, the newline dropped),
+-- the notify URL is the one the gateway gives WeChat, the database its.
+local json = require "cjson.safe"
+local server = require "support.server"
+local proc = require "support.proc"
+
+local dir
+
+local function run(args)
+  local log = dir .. "/out"
+  os.remove(log)
+  local argv = { PAYGATE_BIN }
+  for _, a in ipairs(args) do argv[#argv + 1] = a end
+  local p = proc.spawn(argv, { log = log })
+  local code = p:wait(60)
+  if code == nil then p:kill(proc.SIGKILL); p:wait(2) end
+  local out = proc.read(log)
+  local results = {}
+  for line in out:gmatch("[^\n]+") do
+    if line:sub(1, 1) == "{" then
+      local r = json.decode(line)
+      results[#results + 1] = r
+      results[r.kind] = results[r.kind] or r
+    end
+  end
+  return code, out, results
+end
+
+setup(function()
+  dir = server.tmpdir()
+  -- the dev merchant and the gateway config scripts/run makes (ports
+  -- where nothing listens: reachability fails, the rest is checked)
+  local code, out = run({ "exec", "scripts/dev.lua", dir .. "/dev",
+                          "http://127.0.0.1:9", "http://127.0.0.1:9" })
+  assert(code == 0, out)
+end)
+
+teardown(function() os.execute("rm -rf " .. dir) end)
+
+describe("paygate doctor --config <the gateway's config>", function()
+  it("checks its merchant as the gateway reads it", function()
+    local conf = dir .. "/dev/gateway.lua"
+    -- a key file ending in a newline, which the gateway drops: so must
+    -- the check
+    local kf = dir .. "/dev/apiv3.key"
+    local key = assert(io.open(kf)):read("*a")
+    assert.equal(32, #key)
+    local f = assert(io.open(kf, "w"))
+    f:write(key, "\n")
+    f:close()
+    local _, out, r = run({ "doctor", "--json", "--config", conf })
+    assert.is_nil(out:find("no wechatpay table", 1, true))
+    assert.equal("ok", r.config.status, out)
+    assert.matches("merchant %d+ %(1 of them%)", r.config.cause)
+    for _, k in ipairs({ "key_certificate", "serial_format", "apiv3_key",
+                         "wechatpay_config", "database" }) do
+      assert.equal("ok", r[k] and r[k].status, k .. ": " .. out)
+    end
+    -- the notify URL is public_url's route for the merchant
+    local probed
+    for _, x in ipairs(r) do
+      if x.kind == "notify_url" and x.cause:find("127.0.0.1:9/wechatpay/"
+                                                  .. "notify/19", 1, true)
+      then
+        probed = true
+      end
+    end
+    assert.is_true(probed, out)
+  end)
+
+  it("refuses --merchant for a merchant it does not list, and for a"
+     .. " config of its own shape", function()
+    local conf = dir .. "/dev/gateway.lua"
+    local code, out = run({ "doctor", "--config", conf, "--merchant", "42" })
+    assert.equal(2, code, out)
+    assert.matches("no merchant 42", out, 1, true)
+    local own = dir .. "/own.lua"
+    local f = assert(io.open(own, "w"))
+    f:write("return { wechatpay = { mchid = '1900000001' } }\n")
+    f:close()
+    code, out = run({ "doctor", "--config", own, "--merchant", "1" })
+    assert.equal(2, code, out)
+    assert.matches("--merchant is for the gateway's config", out, 1, true)
+  end)
+end)
