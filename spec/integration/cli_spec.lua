@@ -162,6 +162,29 @@ describe("paygate CLI", function()
     os.execute("rm -rf " .. dir)
   end)
 
+  it("reload through a pid file the master did not write: signals, says"
+     .. " the outcome is in the log, does not wait", function()
+    local s = server.start{ source = "local paygate = require 'paygate'\n"
+      .. "paygate.route('GET', '/', function() return 200, 'hi' end)" }
+    local other = s.dir .. "/by-hand.pid"
+    local f = assert(io.open(other, "w"))
+    f:write(s.proc.pid, "\n")
+    f:close()
+    local t0 = os.time()
+    local code, out = run({ "reload", "--pid-file", other }, 30)
+    assert.equal(0, code, out)
+    assert.matches("not started with --pid-file", out, 1, true)
+    assert.is_true(os.time() - t0 < 10)        -- not the 90 s wait
+    proc.wait_until(function()
+      return s:logs():find("generation 2 serving", 1, true) ~= nil
+    end, 20, "the reload in the server's log")
+    -- through the master's own pid file it waits and reports
+    code, out = run({ "reload", "--pid-file", s.dir .. "/paygate.pid" }, 30)
+    assert.equal(0, code, out)
+    assert.matches("done, generation 3", out, 1, true)
+    s:stop()
+  end)
+
   it("exec returns the script's exit status", function()
     local dir = server.tmpdir()
     local f = assert(io.open(dir .. "/s.lua", "w"))
