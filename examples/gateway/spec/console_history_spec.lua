@@ -65,6 +65,43 @@ describe("gateway console: a payment's history", function()
                        1, true)
   end)
 
+  it("lists each refund call once, and the refund notifications received",
+     function()
+    local p = gw:create{ description = "refunds", amount = 300 }
+    sim:pay_and_wait(p.out_trade_no)
+    gw:wait_state(p.id, "paid")
+    local nos = {}
+    for _, amount in ipairs({ 100, 200 }) do
+      local res = gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
+                          { amount = amount })
+      assert.equal(201, res.status, res.body)
+      nos[#nos + 1] = res.json.out_refund_no
+      sim:settle(res.json.out_refund_no)
+    end
+    gw:wait_state(p.id, "refunded")
+    local page
+    testing.wait_until(function()
+      page = get(gw, "/console/payments/" .. p.id).body
+      local _, n = section(page, "Calls to WeChat Pay"):gsub("<td>POST "
+        .. "/v3/refund/domestic/refunds</td>", "")
+      return n >= 2
+    end, 10, "the refund calls on the payment page")
+    -- each refund call once (a refund's call names the attempt too)
+    local calls = section(page, "Calls to WeChat Pay")
+    local _, n = calls:gsub("<td>POST /v3/refund/domestic/refunds</td>", "")
+    assert.equal(2, n)
+    local stored = assert(gw.db:query("SELECT count(*) AS n FROM"
+      .. " gw_wechat_calls WHERE path = '/v3/refund/domestic/refunds'"
+      .. " AND out_trade_no = $1", { p.out_trade_no }))
+    assert.equal(2, tonumber(stored[1].n))
+    -- the REFUND.SUCCESS notifications, applied, beside the payment's own
+    local received = section(page, "Notifications received %(verified%)")
+    assert.matches("TRANSACTION.SUCCESS", received, 1, true)
+    for _, no in ipairs(nos) do
+      assert.matches("refund|" .. no .. "|SUCCESS", received, 1, true)
+    end
+  end)
+
   it("records a failed call with its outcome and WeChat's code", function()
     local p = gw:create{ description = "failing query" }
     sim:fault{ endpoint = "*", kind = "error", status = 400,

@@ -483,8 +483,9 @@ function _M.payment(id, view)
     nos[a.out_trade_no] = true
   end
 
-  -- the notifications whose business key names one of its attempts
-  local notes = {}
+  -- the notifications whose business key names one of its attempts (and,
+  -- below, one of its refunds)
+  local nrows = {}
   for no in pairs(nos) do
     local rows
     rows, err = db:query("SELECT id, event_type, business_key, received_at,"
@@ -493,33 +494,69 @@ function _M.payment(id, view)
     if not rows then return nil, err end
     for _, r in ipairs(rows) do
       if tostring(r.business_key):find("|" .. no .. "|", 1, true) then
-        notes[#notes + 1] = { r.id, r.event_type, r.business_key,
-                              when(r.received_at), r.outcome }
+        nrows[#nrows + 1] = r
       end
     end
   end
 
-  -- its refunds' numbers, for the calls and refusals that name them
+  -- its refunds' numbers, for the notifications, calls and refusals that
+  -- name them
   local refunds
   refunds, err = db:query("SELECT out_refund_no FROM gw_refunds WHERE"
     .. " payment_id = $1", { id })
   if not refunds then return nil, err end
+  for _, rf in ipairs(refunds) do
+    local no = rf.out_refund_no
+    local rows
+    rows, err = db:query("SELECT id, event_type, business_key, received_at,"
+      .. " outcome FROM gw_notifications WHERE business_key LIKE $1"
+      .. " ORDER BY received_at", { "refund|" .. no .. "|%" })
+    if not rows then return nil, err end
+    for _, r in ipairs(rows) do
+      if tostring(r.business_key):sub(1, #no + 8) == "refund|" .. no .. "|"
+      then
+        nrows[#nrows + 1] = r
+      end
+    end
+  end
+  table.sort(nrows, function(a, b)
+    return (tonumber(a.received_at) or 0) < (tonumber(b.received_at) or 0)
+  end)
+  local notes = {}
+  for i, r in ipairs(nrows) do
+    notes[i] = { r.id, r.event_type, r.business_key, when(r.received_at),
+                 r.outcome }
+  end
 
   -- the calls made to WeChat Pay about it, and the notifications about it
   -- that were refused (gw.history): by each attempt's and refund's number
+  -- (a refund's call and a refund notification's refusal name both the
+  -- refund and the attempt: found by the attempt's number, they are not
+  -- taken again by the refund's)
   local calls, refused = {}, {}
   local function collect(column, no)
     local rows, qerr = db:query("SELECT at, method, path, outcome, status,"
-      .. " code, request_id, attempts, ms FROM gw_wechat_calls WHERE "
-      .. column .. " = $1 ORDER BY at LIMIT 200", { no })
+      .. " code, request_id, attempts, ms, out_trade_no FROM"
+      .. " gw_wechat_calls WHERE " .. column .. " = $1 ORDER BY at"
+      .. " LIMIT 200", { no })
     if not rows then return nil, qerr end
-    for _, r in ipairs(rows) do calls[#calls + 1] = r end
+    for _, r in ipairs(rows) do
+      if column == "out_trade_no" or not nos[null(r.out_trade_no) or ""]
+      then
+        calls[#calls + 1] = r
+      end
+    end
     rows, qerr = db:query("SELECT received_at, kind, reason, serial,"
-      .. " timestamp, notification_id, event_type FROM"
+      .. " timestamp, notification_id, event_type, out_trade_no FROM"
       .. " gw_notifications_refused WHERE " .. column .. " = $1"
       .. " ORDER BY received_at LIMIT 200", { no })
     if not rows then return nil, qerr end
-    for _, r in ipairs(rows) do refused[#refused + 1] = r end
+    for _, r in ipairs(rows) do
+      if column == "out_trade_no" or not nos[null(r.out_trade_no) or ""]
+      then
+        refused[#refused + 1] = r
+      end
+    end
     return true
   end
   for no in pairs(nos) do
