@@ -328,6 +328,13 @@ describe("notify_ack / notify_fail", function()
     s, b = wechatpay.notify_fail("db down")
     assert.equal(500, s)
     assert.same({ code = "FAIL", message = "db down" }, b)
+    s, b = wechatpay.notify_fail("bad_signature", 401)
+    assert.equal(401, s)
+    assert.same({ code = "FAIL", message = "bad_signature" }, b)
+    for _, bad in ipairs({ 200, 204, 302, 600, 401.5, "401" }) do
+      assert.has_error(function() wechatpay.notify_fail("x", bad) end,
+                       "wechatpay.notify_fail: status must be a 4xx or 5xx code")
+    end
   end)
 end)
 

@@ -4,8 +4,9 @@
 -- ONE transaction: the notification id recorded (a second one is a
 -- duplicate: acknowledged, nothing applied again), the business key
 -- claimed (gw.apply), the amount checked, the fsm transition with its
--- audit entry, the outbox events. 204 only after the commit; any failure
--- is 500 with WeChat's FAIL body, so WeChat sends it again.
+-- audit entry, the outbox events. 204 only after the commit; a
+-- notification that does not verify is 401, any other failure 500, both
+-- with WeChat's FAIL body, so WeChat sends it again.
 local paygate = require "paygate"
 local fsm = require "paygate.fsm"
 local json = require "paygate.json"
@@ -29,6 +30,14 @@ function _M.init(c) ctx = c end
 local function fail(message)
   return wechatpay.notify_fail(message)
 end
+
+-- A notification that does not verify -- a forgery, a probe, junk, or a
+-- genuine one this gateway cannot check yet -- is answered 401 with
+-- WeChat's FAIL body: WeChat sends a genuine one again on any 4xx or 5xx,
+-- and monitoring tells junk apart from failures of ours, which stay 500.
+local UNVERIFIED = { bad_signature = true, unknown_serial = true,
+                     stale_timestamp = true, cert_expired = true,
+                     malformed = true, decrypt_failed = true }
 
 -- A `replayed` verdict: the same signed request came again. If its
 -- notification's effect is committed, acknowledge it (an answer of ours
@@ -147,6 +156,9 @@ function _M.handler(req)
     paygate.log.warn("gateway: notification refused", { kind = err.kind,
                      mchid = mchid })
     history.refused(wx, mchid, req, err)   -- for the console: why
+    if UNVERIFIED[err.kind] then
+      return wechatpay.notify_fail(err.kind, 401)
+    end
     return fail(err.kind)
   end
   local outcome, after = _M.process(mchid, event)

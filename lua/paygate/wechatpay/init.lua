@@ -250,10 +250,16 @@ end
 -- returns: 204, "" — what WeChat Pay counts as a received notification.
 function _M.notify_ack() return 204, "" end
 
---- syntax: return wechatpay.notify_fail(message)
--- returns: 500, { code = "FAIL", message = message }: WeChat Pay retries.
-function _M.notify_fail(message)
-  return 500, { code = "FAIL", message = tostring(message or "failed") }
+--- syntax: return wechatpay.notify_fail(message[, status])
+-- returns: status (default 500; any 4xx or 5xx), { code = "FAIL",
+-- message = message }: WeChat Pay sends the notification again on either.
+function _M.notify_fail(message, status)
+  if status ~= nil and (type(status) ~= "number" or status < 400
+                        or status > 599 or status % 1 ~= 0) then
+    error("wechatpay.notify_fail: status must be a 4xx or 5xx code", 2)
+  end
+  return status or 500, { code = "FAIL",
+                          message = tostring(message or "failed") }
 end
 
 return _M
