@@ -68,6 +68,18 @@ local function main()
   if not o then
     return usage(ids)
   end
+  -- sql.open would make a missing SQLite file: a typo in the path must
+  -- not list an empty store as if it were the gateway's
+  local path = url:match("^sqlite3?:(.*)$")
+  if path then
+    path = path:gsub("^//", ""):gsub("%?.*$", "")
+    local f = io.open(path, "rb")
+    if not f then
+      io.stderr:write("outbox: no database file ", path, "\n")
+      return 2
+    end
+    f:close()
+  end
   local db, err = sql.open(url)
   if not db then
     io.stderr:write("outbox: cannot open the store: ", tostring(err), "\n")
@@ -83,6 +95,9 @@ local function main()
     end
     for _, r in ipairs(rows) do
       io.stdout:write(json.encode(r), "\n")
+    end
+    if #rows == 0 then
+      io.stderr:write("outbox: no events match\n")   -- stdout stays JSON lines
     end
     return 0
   elseif cmd == "replay" then

@@ -376,6 +376,7 @@ end
 _M.webhook_body = webhook_body
 
 -- Status codes after which trying again may help.
+local REASON_MAX = 200     -- bytes of a refusing webhook's answer kept
 local RETRY_STATUS = { [408] = true, [409] = true, [425] = true,
                        [429] = true }
 
@@ -432,13 +433,22 @@ function _M.webhook(opts)
     headers["Paygate-Signature"] = _M.sign_webhook(secret, body)
     headers["Paygate-Event-Id"] = string.format("%d", event.id)
     headers["Paygate-Event-Type"] = event.type
+    -- of the answer's body only its first bytes are kept (a refusal's
+    -- reason, for last_error and the log): a large one cannot fail a
+    -- delivery
+    local head, kept = {}, 0
     local res, err = http.request{ method = "POST", url = url, body = body,
                                    headers = headers, timeout = timeout,
                                    ca_file = opts.ca_file,
                                    resolve = opts.resolve,
-                                   -- the answer's body is not read: a
-                                   -- large one cannot fail a delivery
-                                   sink = function() end }
+                                   sink = function(chunk)
+                                     if kept < REASON_MAX then
+                                       local piece = chunk:sub(1,
+                                         REASON_MAX - kept)
+                                       head[#head + 1] = piece
+                                       kept = kept + #piece
+                                     end
+                                   end }
     if not res then
       return nil, core.error("webhook_failed", "webhook: " .. tostring(err),
                              { retryable = true, cause = err.kind })
@@ -447,7 +457,12 @@ function _M.webhook(opts)
     if s >= 200 and s < 300 then
       return true
     end
-    return nil, core.error("webhook_status", "webhook: answered " .. s,
+    -- the receiver's words, as printable text (its body is not ours to
+    -- trust)
+    local why = concat(head):gsub("[^\32-\126]", "?"):gsub("^%s+", "")
+                            :gsub("%s+$", "")
+    return nil, core.error("webhook_status", "webhook: answered " .. s
+                           .. (why ~= "" and (": " .. why) or ""),
                            { status = s,
                              retryable = s >= 500 or RETRY_STATUS[s]
                                          or false })

@@ -54,6 +54,7 @@ end
 -- Runs the exec script; returns its exit code and output.
 local function outbox_cli(url, ...)
   local out = tmp .. "/cli.out"
+  os.remove(out)                    -- the log is appended to: one run's
   local argv = { BIN, "exec", "scripts/outbox.lua", url, ... }
   local p = proc.spawn(argv, { log = out })
   local rc = p:wait(30)
@@ -212,7 +213,9 @@ for engine, new_url in pairs(engines) do
       local row = json.decode(out:match("[^\n]+"))
       assert.equal("dead", row.state)
       assert.equal(1, row.attempts)       -- 400: not retried
-      assert.truthy(row.last_error:find("400", 1, true))
+      -- the status and the receiver's reason (its answer's body)
+      assert.truthy(row.last_error:find('answered 400: {"error":"rejected"}',
+                                        1, true), row.last_error)
       assert.equal(post_json(receiver, "/_ctl/reject", { subjects = {} }),
                    200)
       rc, out = outbox_cli(url, "replay", "--dead", "--subject", subject)
@@ -224,6 +227,17 @@ for engine, new_url in pairs(engines) do
       end, 30, "the replayed event")
       rc, out = outbox_cli(url, "bogus")
       assert.equal(2, rc, out)
+      -- nothing to list: said on stderr, stdout stays JSON lines
+      rc, out = outbox_cli(url, "list", "--subject", "no_such_subject")
+      assert.equal(0, rc, out)
+      assert.matches("no events match", out, 1, true)
+      if engine == "sqlite" then
+        local typo = tmp .. "/no-such.db"
+        rc, out = outbox_cli("sqlite:" .. typo, "list")
+        assert.equal(2, rc, out)
+        assert.matches("no database file", out, 1, true)
+        assert.is_nil(io.open(typo))
+      end
     end)
   end)
 end
