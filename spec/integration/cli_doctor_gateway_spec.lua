@@ -35,6 +35,9 @@ setup(function()
   local code, out = run({ "exec", "scripts/dev.lua", dir .. "/dev",
                           "http://127.0.0.1:9", "http://127.0.0.1:9" })
   assert(code == 0, out)
+  -- the gateway's database, as its first start makes it
+  assert(require("paygate.sql").open("sqlite:" .. dir .. "/dev/gateway.db"))
+    :close()
 end)
 
 teardown(function() os.execute("rm -rf " .. dir) end)
@@ -68,6 +71,20 @@ describe("paygate doctor --config <the gateway's config>", function()
       end
     end
     assert.is_true(probed, out)
+  end)
+
+  it("says a SQLite database is missing, and makes no file", function()
+    local conf = dir .. "/nodb.lua"
+    local f = assert(io.open(conf, "w"))
+    f:write(("local c = dofile(%q)\n"):format(dir .. "/dev/gateway.lua")
+      .. ("c.gateway.db = %q\nreturn c\n"):format("sqlite:" .. dir
+                                                   .. "/typo.db"))
+    f:close()
+    local code, out, r = run({ "doctor", "--json", "--config", conf })
+    assert.equal(1, code, out)
+    assert.equal("fail", r.database.status)
+    assert.matches("no database file", r.database.cause, 1, true)
+    assert.is_nil(io.open(dir .. "/typo.db"))
   end)
 
   it("refuses --merchant for a merchant it does not list, and for a"

@@ -95,6 +95,9 @@ setup(function()
   dir = server.tmpdir()
   pki = diagpki.make(dir)
   notify = server.start{ source = APP }
+  -- the configs' database exists (doctor never makes one)
+  assert(require("paygate.sql").open("sqlite:" .. dir .. "/doctor.sqlite"))
+    :close()
 end)
 
 teardown(function()

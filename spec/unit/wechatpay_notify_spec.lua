@@ -288,6 +288,8 @@ describe("parse_notification: failures", function()
       assert(ok, ev)
       assert.is_nil(ev)
       assert.is_truthy(err.kind)
+      -- refused by a check, never by a Lua error caught inside (internal)
+      assert(err.kind ~= "internal", tostring(err))
     end
   end)
 end)

@@ -90,7 +90,7 @@ static const char usage_reload[] =
 "It waits for the outcome (default up to 90 s) and prints it: exit 0 when\n"
 "the new code serves, 1 when it was refused (with the reason) or no\n"
 "outcome came in time. --no-wait only sends the signal. A pid file the\n"
-"server did not write (it was started without --pid-file FILE) holds no\n"
+"server did not write (it writes FILE.reload beside its own) holds no\n"
 "outcome: the signal is sent, and the server's log says how it ended.\n";
 
 /* Reads FILE.reload's outcome counter and line; 0 when there is none. */
@@ -301,46 +301,6 @@ cmd_lua(const char *name, int argc, char **argv)
     return gw_exec_main(script, argc - 1, argv + 1);
 }
 
-/* 1 when the master's command line (cmd, n bytes of NUL-separated
- * arguments) has --pid-file naming the same file as pid_file: only then
- * does it write its reload outcomes beside that file. A relative path is
- * the master's, from its own working directory. */
-static int
-master_writes_outcome(int pid, const char *pid_file, const char *cmd,
-                      size_t n)
-{
-    char mine[PATH_MAX], theirs[PATH_MAX], path[PATH_MAX + 64];
-    const char *arg = NULL;
-    size_t i = 0;
-
-    if (realpath(pid_file, mine) == NULL) {
-        return 0;
-    }
-    while (i < n) {
-        const char *a = cmd + i;
-        size_t len = strlen(a);
-
-        if (strcmp(a, "--pid-file") == 0 && i + len + 1 < n) {
-            arg = a + len + 1;
-            break;
-        }
-        if (strncmp(a, "--pid-file=", 11) == 0) {
-            arg = a + 11;
-            break;
-        }
-        i += len + 1;
-    }
-    if (arg == NULL) {
-        return 0;
-    }
-    if (arg[0] == '/') {
-        snprintf(path, sizeof(path), "%s", arg);
-    } else {
-        snprintf(path, sizeof(path), "/proc/%d/cwd/%s", pid, arg);
-    }
-    return realpath(path, theirs) != NULL && strcmp(mine, theirs) == 0;
-}
-
 static int
 cmd_reload(int argc, char **argv)
 {
@@ -412,17 +372,20 @@ cmd_reload(int argc, char **argv)
             return 1;
         }
     }
-    if (wait && !master_writes_outcome(pid, pid_file, cmd, n)) {
-        /* a pid file written by hand: the master writes no outcome, and
-         * waiting for one would only time out */
+    snprintf(cmd, sizeof(cmd), "%s.reload", pid_file);
+    if (wait && access(cmd, F_OK) != 0) {
+        /* a pid file the master did not write (it writes FILE.reload
+         * before FILE): no outcome will come, and waiting for one would
+         * only time out */
         if (kill(pid, SIGHUP) != 0) {
             fprintf(stderr, "paygate reload: cannot signal pid %d: %s\n",
                     pid, strerror(errno));
             return 1;
         }
-        printf("paygate reload: asked pid %d to reload; it was not started "
-               "with --pid-file %s, so it records no outcome there: its log "
-               "says how the reload ended\n", pid, pid_file);
+        printf("paygate reload: asked pid %d to reload; it did not write "
+               "%s itself (not started with it as its pid_file), so it "
+               "records no outcome there: its log says how the reload "
+               "ended\n", pid, pid_file);
         return 0;
     }
     before = reload_outcome(pid_file, line, sizeof(line));

@@ -158,28 +158,37 @@ go(struct gw_worker *wk)
  * where n counts reload outcomes. Written to a temporary file and renamed,
  * so a reader never sees half a line. Best effort: the log says it too.
  */
-static void
-reload_status(int ok, const char *what)
+static int
+reload_line(int n, const char *what)
 {
     char path[1100], tmp[1120];
     FILE *f;
+
+    snprintf(path, sizeof(path), "%s.reload", m.o->pid_file);
+    snprintf(tmp, sizeof(tmp), "%s.tmp", path);
+    f = fopen(tmp, "w");
+    if (f == NULL) {
+        return GW_ERR;
+    }
+    fprintf(f, "%d %s\n", n, what);
+    if (fclose(f) != 0) {
+        unlink(tmp);
+        return GW_ERR;
+    }
+    return rename(tmp, path) == 0 ? GW_OK : GW_ERR;
+}
+
+static void
+reload_status(int ok, const char *what)
+{
+    char line[1024];
 
     m.reloads_done++;
     if (m.o->pid_file[0] == '\0') {
         return;
     }
-    snprintf(path, sizeof(path), "%s.reload", m.o->pid_file);
-    snprintf(tmp, sizeof(tmp), "%s.tmp", path);
-    f = fopen(tmp, "w");
-    if (f == NULL) {
-        return;
-    }
-    fprintf(f, "%d %s%s\n", m.reloads_done, ok ? "ok " : "refused: ", what);
-    if (fclose(f) == 0) {
-        rename(tmp, path);
-    } else {
-        unlink(tmp);
-    }
+    snprintf(line, sizeof(line), "%s%s", ok ? "ok " : "refused: ", what);
+    reload_line(m.reloads_done, line);
 }
 
 static void
@@ -850,6 +859,14 @@ gw_master_main(struct gw_opts *o)
     evsignal_add(chld, NULL);
     /* only now: `paygate reload` as soon as the file exists must find
      * HUP handled, not at its default action (which ends the master) */
+    /* PID_FILE.reload first ("0 started"): `paygate reload` tells a pid
+     * file this master wrote (it waits for the outcome here) from one
+     * written by hand (no outcome will come) by this file */
+    if (o->pid_file[0] != '\0' && reload_line(0, "started") != GW_OK) {
+        fprintf(stderr, "paygate: cannot write %s.reload: %s\n",
+                o->pid_file, strerror(errno));
+        return 2;
+    }
     if (o->pid_file[0] != '\0' && write_pid_file(o->pid_file) != GW_OK) {
         fprintf(stderr, "paygate: cannot write pid file %s: %s\n",
                 o->pid_file, strerror(errno));

@@ -34,10 +34,13 @@ end
 -- A notification that does not verify -- a forgery, a probe, junk, or a
 -- genuine one this gateway cannot check yet -- is answered 401 with
 -- WeChat's FAIL body: WeChat sends a genuine one again on any 4xx or 5xx,
--- and monitoring tells junk apart from failures of ours, which stay 500.
+-- and monitoring tells junk apart from failures of ours, which stay 500:
+-- the store, the replay record, and a resource that does not decrypt
+-- under a signature that verified (WeChat sent it: our APIv3 key is
+-- wrong). The 401 names the scheme WeChat signs with (RFC 7235).
 local UNVERIFIED = { bad_signature = true, unknown_serial = true,
                      stale_timestamp = true, cert_expired = true,
-                     malformed = true, decrypt_failed = true }
+                     malformed = true }
 
 -- A `replayed` verdict: the same signed request came again. If its
 -- notification's effect is committed, acknowledge it (an answer of ours
@@ -157,7 +160,8 @@ function _M.handler(req)
                      mchid = mchid })
     history.refused(wx, mchid, req, err)   -- for the console: why
     if UNVERIFIED[err.kind] then
-      return wechatpay.notify_fail(err.kind, 401)
+      local status, body = wechatpay.notify_fail(err.kind, 401)
+      return status, body, { ["WWW-Authenticate"] = wx.conf.signer.schema }
     end
     return fail(err.kind)
   end

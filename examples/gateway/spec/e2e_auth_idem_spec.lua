@@ -82,12 +82,12 @@ describe("gateway API keys", function()
     local res = env:api("GET", "/openapi.json", nil, { sign = false })
     assert.equal(200, res.status)
     res = env:post_notify("{}", { ["Content-Type"] = "application/json" })
-    -- refused by the notification's own check (WeChat's FAIL body: no
-    -- signature headers), not by the API keys (their 401 has an error
-    -- field and WWW-Authenticate)
+    -- refused by the notification's own check (WeChat's FAIL body and
+    -- scheme: no signature headers), not by the API keys (their 401 has
+    -- an error field and the PAYGATE-HMAC-SHA256 scheme)
     assert.equal("FAIL", res.json.code, res.body)
     assert.equal("malformed", res.json.message)
-    assert.is_nil(res.headers["www-authenticate"])
+    assert.matches("^WECHATPAY2%-", res.headers["www-authenticate"])
   end)
 end)
 

@@ -31,8 +31,9 @@ function _M.sqlite_must_exist(url)
   local path = rest:gsub("^//", ""):gsub("%?.*$", "")
   local f = io.open(path, "rb")
   if not f then
-    usage_error("no database file %s (the gateway makes it on its first "
-                .. "start: check the path)", path)
+    usage_error("no database file %s (check the path: the store is made "
+                .. "by the app that owns it, e.g. the gateway at its first "
+                .. "start)", path)
   end
   f:close()
 end

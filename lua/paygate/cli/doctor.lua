@@ -640,8 +640,28 @@ local function check_notify(out, conf, metrics)
   end
 end
 
+-- sql.open makes a missing SQLite file: a check must not (doctor run
+-- from another directory would make an empty store and call it fine)
+local function sqlite_missing(url)
+  local rest = type(url) == "string" and url:match("^sqlite3?:(.*)$")
+  if not rest then return nil end
+  local path = rest:gsub("^//", ""):gsub("%?.*$", "")
+  local f = io.open(path, "rb")
+  if f then
+    f:close()
+    return nil
+  end
+  return path
+end
+
 local function check_stores(out, conf)
-  if conf.database then
+  local missing = conf.database and sqlite_missing(conf.database)
+  if missing then
+    out:fail("database", "no database file " .. missing, "a relative path"
+             .. " is taken from the directory doctor runs in", "run doctor"
+             .. " where the gateway runs, or give the database's absolute"
+             .. " path (the gateway makes the file on its first start)")
+  elseif conf.database then
     local sql = require "paygate.sql"
     local ok, db, err = pcall(sql.open, conf.database)
     if ok and db then

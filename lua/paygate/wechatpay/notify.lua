@@ -102,11 +102,13 @@ end
 --- syntax: event, err = notify.parse_notification(wx, req[, opts])
 -- opts: replay = false skips the replay check; now = epoch seconds to
 -- judge the timestamp by (tools, known-answer tests). Never raises: any
--- failure is nil, err.
+-- failure is nil, err (a Lua error inside: kind internal).
 function _M.parse_notification(wx, req, opts)
   local ok, ev, err = pcall(parse, wx, req, opts)
   if not ok then
-    return nil, core.error("malformed", "notification: "
+    -- parse checks what it reads before using it: a raise is a fault of
+    -- this side (kind internal: a gateway answers it 500), not of the input
+    return nil, core.error("internal", "notification: "
                            .. tostring(ev):sub(1, 200))
   end
   if ev == nil and err ~= nil then
