@@ -70,15 +70,10 @@ local function main()
   end
   -- sql.open would make a missing SQLite file: a typo in the path must
   -- not list an empty store as if it were the gateway's
-  local path = url:match("^sqlite3?:(.*)$")
-  if path then
-    path = path:gsub("^//", ""):gsub("%?.*$", "")
-    local f = io.open(path, "rb")
-    if not f then
-      io.stderr:write("outbox: no database file ", path, "\n")
-      return 2
-    end
-    f:close()
+  local missing = require("paygate.cli.common").sqlite_missing(url)
+  if missing then
+    io.stderr:write("outbox: no database file ", missing, "\n")
+    return 2
   end
   local db, err = sql.open(url)
   if not db then

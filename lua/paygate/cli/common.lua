@@ -21,21 +21,32 @@ function _M.usage_error(fmt, ...)
 end
 local usage_error = _M.usage_error
 
---- syntax: common.sqlite_must_exist(url)
--- sql.open creates a missing SQLite file: a tool that reads or edits an
--- existing store (a typo in the path would make an empty one and act on
--- it) raises a usage error instead. URLs of other engines pass.
-function _M.sqlite_must_exist(url)
+--- syntax: path = common.sqlite_missing(url)
+-- returns: the file a sqlite: URL names when it does not exist (sql.open
+-- would make it), else nil (it exists, or another engine's URL).
+function _M.sqlite_missing(url)
   local rest = type(url) == "string" and url:match("^sqlite3?:(.*)$")
-  if not rest then return end
+  if not rest then return nil end
   local path = rest:gsub("^//", ""):gsub("%?.*$", "")
   local f = io.open(path, "rb")
-  if not f then
+  if f then
+    f:close()
+    return nil
+  end
+  return path
+end
+
+--- syntax: common.sqlite_must_exist(url)
+-- A tool that reads or edits an existing store (a typo in the path would
+-- make an empty one and act on it) raises a usage error for a missing
+-- SQLite file instead. URLs of other engines pass.
+function _M.sqlite_must_exist(url)
+  local path = _M.sqlite_missing(url)
+  if path then
     usage_error("no database file %s (check the path: the store is made "
                 .. "by the app that owns it, e.g. the gateway at its first "
                 .. "start)", path)
   end
-  f:close()
 end
 
 --- syntax: opts, positional = common.parse(args, spec)

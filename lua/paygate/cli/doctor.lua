@@ -117,16 +117,6 @@ local GATEWAY_OWN = { apiv3_key_file = true, apiv3_key_env = true,
                       previous_apiv3_key_files = true }
 local DEFAULT_GATEWAY_DB = "sqlite:var/gateway.db"
 
-local function read_key(path, what)
-  local f = io.open(path, "rb")
-  local v = f and f:read("*a")
-  if f then f:close() end
-  if not v then
-    common.usage_error("%s: cannot read %s", what, common.shown(path))
-  end
-  return (v:gsub("^%s+", ""):gsub("%s+$", ""))
-end
-
 local function from_gateway(conf, pick)
   local list, g = conf.merchants, conf.gateway
   if type(g) ~= "table" then g = {} end
@@ -150,14 +140,16 @@ local function from_gateway(conf, pick)
     if not GATEWAY_OWN[k] then wc[k] = v end
   end
   if type(m.apiv3_key_file) == "string" then
-    wc.apiv3_key = read_key(m.apiv3_key_file, "merchants apiv3_key_file")
+    wc.apiv3_key = common.read_apiv3_key_file(m.apiv3_key_file,
+                                              "merchants apiv3_key_file")
   elseif type(m.apiv3_key_env) == "string" then
     wc.apiv3_key = os.getenv(m.apiv3_key_env)
   end
   if type(m.previous_apiv3_key_files) == "table" then
     local keys = {}
     for j, path in ipairs(m.previous_apiv3_key_files) do
-      keys[j] = read_key(tostring(path), "merchants previous_apiv3_key_files")
+      keys[j] = common.read_apiv3_key_file(tostring(path),
+                                           "merchants previous_apiv3_key_files")
     end
     wc.previous_apiv3_keys = keys
   end
@@ -642,20 +634,8 @@ end
 
 -- sql.open makes a missing SQLite file: a check must not (doctor run
 -- from another directory would make an empty store and call it fine)
-local function sqlite_missing(url)
-  local rest = type(url) == "string" and url:match("^sqlite3?:(.*)$")
-  if not rest then return nil end
-  local path = rest:gsub("^//", ""):gsub("%?.*$", "")
-  local f = io.open(path, "rb")
-  if f then
-    f:close()
-    return nil
-  end
-  return path
-end
-
 local function check_stores(out, conf)
-  local missing = conf.database and sqlite_missing(conf.database)
+  local missing = conf.database and common.sqlite_missing(conf.database)
   if missing then
     out:fail("database", "no database file " .. missing, "a relative path"
              .. " is taken from the directory doctor runs in", "run doctor"

@@ -484,19 +484,24 @@ function _M.payment(id, view)
   end
 
   -- the notifications whose business key names one of its attempts (and,
-  -- below, one of its refunds)
+  -- below, one of its refunds): LIKE narrows, the plain find confirms (a
+  -- number may hold LIKE's wildcards)
   local nrows = {}
-  for no in pairs(nos) do
-    local rows
-    rows, err = db:query("SELECT id, event_type, business_key, received_at,"
-      .. " outcome FROM gw_notifications WHERE business_key LIKE $1"
-      .. " ORDER BY received_at", { "pay|%|" .. no .. "|%" })
-    if not rows then return nil, err end
+  local function notes_by(like, part)
+    local rows, qerr = db:query("SELECT id, event_type, business_key,"
+      .. " received_at, outcome FROM gw_notifications WHERE business_key"
+      .. " LIKE $1", { like })
+    if not rows then return nil, qerr end
     for _, r in ipairs(rows) do
-      if tostring(r.business_key):find("|" .. no .. "|", 1, true) then
+      if tostring(r.business_key):find(part, 1, true) then
         nrows[#nrows + 1] = r
       end
     end
+    return true
+  end
+  for no in pairs(nos) do
+    local ok, nerr = notes_by("pay|%|" .. no .. "|%", "|" .. no .. "|")
+    if not ok then return nil, nerr end
   end
 
   -- its refunds' numbers, for the notifications, calls and refusals that
@@ -507,17 +512,8 @@ function _M.payment(id, view)
   if not refunds then return nil, err end
   for _, rf in ipairs(refunds) do
     local no = rf.out_refund_no
-    local rows
-    rows, err = db:query("SELECT id, event_type, business_key, received_at,"
-      .. " outcome FROM gw_notifications WHERE business_key LIKE $1"
-      .. " ORDER BY received_at", { "refund|" .. no .. "|%" })
-    if not rows then return nil, err end
-    for _, r in ipairs(rows) do
-      if tostring(r.business_key):sub(1, #no + 8) == "refund|" .. no .. "|"
-      then
-        nrows[#nrows + 1] = r
-      end
-    end
+    local ok, nerr = notes_by("refund|" .. no .. "|%", "refund|" .. no .. "|")
+    if not ok then return nil, nerr end
   end
   table.sort(nrows, function(a, b)
     return (tonumber(a.received_at) or 0) < (tonumber(b.received_at) or 0)
