@@ -174,6 +174,43 @@ local function sql_release(db, l)
   return true
 end
 
+-- Releases what owner holds among keys, IN lists of at most 100, in one
+-- transaction.
+local function sql_release_owner(db, owner, keys)
+  local ok, err = ensure_schema(db)
+  if not ok then
+    return nil, err
+  end
+  return db:transaction(function(tx)
+    if db.engine == "postgres" then
+      -- waits for the lease writes in flight (an abandoned acquisition's
+      -- COMMIT on another connection: its inserted row is not visible
+      -- before), and holds new ones off until this transaction ends
+      local _, e = tx:exec("LOCK TABLE paygate_leases IN SHARE ROW"
+                           .. " EXCLUSIVE MODE")
+      if e then
+        return nil, e
+      end
+    end
+    local n = 0
+    for first = 1, #keys, 100 do
+      local args, marks = { owner }, {}
+      for i = first, math.min(#keys, first + 99) do
+        args[#args + 1] = keys[i]
+        marks[#marks + 1] = "$" .. #args
+      end
+      local res, e = tx:exec("UPDATE paygate_leases SET expires_at = 0,"
+        .. " owner = NULL WHERE owner = $1 AND name IN ("
+        .. table.concat(marks, ", ") .. ")", args)
+      if not res then
+        return nil, e
+      end
+      n = n + res.changes
+    end
+    return n
+  end)
+end
+
 ---------------------------------------------------------------- Redis
 
 local PREFIX = "paygate:lease:"
@@ -215,6 +252,18 @@ if cur and string.match(cur, '^([^|]*)|') == ARGV[1] then
   return 1
 end
 return 0
+]]
+
+local RELEASE_OWNER = [[
+local n = 0
+for i = 1, #KEYS do
+  local cur = redis.call('GET', KEYS[i])
+  if cur and string.match(cur, '^[^|]*|(.*)$') == ARGV[1] then
+    redis.call('DEL', KEYS[i])
+    n = n + 1
+  end
+end
+return n
 ]]
 
 local FENCED = [[
@@ -356,6 +405,23 @@ local function redis_release(client, l)
     return fail("lost", "lease " .. l.key .. " was already taken over")
   end
   return true
+end
+
+local function redis_release_owner(client, owner, keys)
+  local n = 0
+  for first = 1, #keys, 100 do
+    local ks = {}
+    for i = first, math.min(#keys, first + 99) do
+      ks[#ks + 1] = PREFIX .. keys[i]
+    end
+    local res, err = redis_run(client, "release_owner", RELEASE_OWNER, ks,
+                               { owner })
+    if not res then
+      return nil, err
+    end
+    n = n + res
+  end
+  return n
 end
 
 ------------------------------------------------- measured durations
@@ -682,6 +748,38 @@ function _M.release(store, l)
     return sql_release(store, l)
   end
   return redis_release(store, l)
+end
+
+-- syntax: id = lease.owner()
+-- A fresh owner id (CSPRNG) for lease.acquire's opts.owner: a holder
+-- that acquires many keys under one id can give back, with
+-- lease.release_owner, also the ones whose grant it never saw (an
+-- acquisition abandoned by task:cancel() while its commit was in flight).
+function _M.owner()
+  return random_owner()
+end
+
+-- syntax: n, err = lease.release_owner(store, owner, keys)
+-- Releases those of keys (a list) that owner holds; returns how many.
+-- An acquisition still committing is waited for: on SQLite the writer
+-- runs it first; on PostgreSQL the transaction locks paygate_leases
+-- against writes (SHARE ROW EXCLUSIVE) for its own short duration.
+-- yields: one transaction / one script call per 100 keys
+function _M.release_owner(store, owner, keys)
+  check_store("lease.release_owner", store)
+  if type(owner) ~= "string" or owner == "" then
+    error("lease.release_owner: owner must be a non-empty string", 2)
+  end
+  if type(keys) ~= "table" then
+    error("lease.release_owner: keys must be a list of keys", 2)
+  end
+  for i = 1, #keys do
+    check_key("lease.release_owner", keys[i])
+  end
+  if is_sql(store) then
+    return sql_release_owner(store, owner, keys)
+  end
+  return redis_release_owner(store, owner, keys)
 end
 
 -- syntax: ok, err = lease.check(tx, key, token)

@@ -601,6 +601,7 @@ function _M.dispatcher(db, opts)
     error("outbox.dispatcher: opts must be a table", 2)
   end
   local d = { db = db, sinks = normalize_sinks(opts.sinks), leases = {},
+              owner = lease.owner(),
               probe_at = {}, queued = {}, recording = false,
               now = opts.now or core.time, random = opts.random
                 or math.random, next_prune = 0,
@@ -656,6 +657,10 @@ local function lease_key(self, p)
   return "outbox:" .. self.name .. ":" .. self.partitions .. ":" .. p
 end
 
+local function prune_key(self)
+  return "outbox:" .. self.name .. ":prune"
+end
+
 local function shuffled(n, random)
   local t = {}
   for i = 1, n do
@@ -702,7 +707,7 @@ end
 
 local function take(self, p, now)
   local l, err = lease.acquire(self.db, lease_key(self, p),
-                               self:lease_ttl_now())
+                               self:lease_ttl_now(), { owner = self.owner })
   if l then
     l.since = now
     self.leases[p] = l
@@ -1010,8 +1015,8 @@ function Dispatcher:step()
   self.workers = nil
   if self.prune and now >= self.next_prune then
     self.next_prune = now + self.prune_interval
-    local pl = lease.acquire(self.db, "outbox:" .. self.name .. ":prune",
-                             self.lease_ttl)
+    local pl = lease.acquire(self.db, prune_key(self), self.lease_ttl,
+                             { owner = self.owner })
     if pl then
       local pruned = _M.prune(self.db, { keep_days = self.keep_days,
                                          batch = self.prune_batch,
@@ -1062,9 +1067,17 @@ function Dispatcher:stop()
     pcall(t.cancel, t)
   end
   self.workers = nil
-  for p, l in pairs(self.leases) do
-    self.leases[p] = nil
-    lease.release(self.db, l)
+  -- By owner, not by the leases in self.leases: a task cancelled while an
+  -- acquisition's commit was in flight never saw the lease it was granted
+  -- (on SQLite the writer runs that commit before this statement).
+  local keys = { prune_key(self) }
+  for p = 0, self.partitions - 1 do
+    keys[#keys + 1] = lease_key(self, p)
+  end
+  self.leases = {}
+  local _, err = lease.release_owner(self.db, self.owner, keys)
+  if err then
+    log_warn("outbox: releasing the leases", { error = tostring(err) })
   end
   publish_shards(self, nil)
 end

@@ -197,6 +197,33 @@ for engine, new_store in pairs(stores) do
       assert.equal(1, lease.durations(name).samples)
     end)
 
+    it("release_owner gives back what one owner holds among the keys,"
+       .. " and nothing else", function()
+      local me, other = lease.owner(), lease.owner()
+      assert.not_equal(me, other)
+      assert(lease.acquire(store, "ro:a", 30, { owner = me }))
+      assert(lease.acquire(store, "ro:b", 30, { owner = me }))
+      assert(lease.acquire(store, "ro:c", 30, { owner = me }))  -- not listed
+      assert(lease.acquire(store, "ro:d", 30, { owner = other }))
+      local keys = { "ro:a", "ro:b", "ro:d", "ro:none" }
+      for i = 1, 150 do                     -- more than one batch of 100
+        keys[#keys + 1] = "ro:x" .. i
+      end
+      keys[#keys + 1] = "ro:last"
+      assert(lease.acquire(store, "ro:last", 30, { owner = me }))
+      assert.equal(3, lease.release_owner(store, me, keys))
+      assert(lease.acquire(store, "ro:a", 30))          -- free again
+      assert(lease.acquire(store, "ro:b", 30))
+      assert(lease.acquire(store, "ro:last", 30))
+      assert.equal("held", select(2, lease.acquire(store, "ro:c", 30)).kind)
+      assert.equal("held", select(2, lease.acquire(store, "ro:d", 30)).kind)
+      assert.equal(0, lease.release_owner(store, me, keys))
+      assert.has_error(function() lease.release_owner(store, "", keys) end,
+        "lease.release_owner: owner must be a non-empty string")
+      assert.has_error(function() lease.release_owner(store, me, "k") end,
+        "lease.release_owner: keys must be a list of keys")
+    end)
+
     it("returns held without running fn while another owner holds it",
        function()
       assert(lease.acquire(store, "busy", 5))
