@@ -829,24 +829,22 @@ end
 
 -- The outcomes of deliveries are recorded in batches. A delivery queues
 -- its outcome and, unless another task is already recording, records
--- everything queued: one write job (db:atomic) per shard and fencing
--- token, lease.guard first, so a round of N deliveries costs a few jobs
--- (on SQLite they join the group commit) instead of N transactions. A
--- recorder keeps going until the queue is empty, so when a round's
+-- everything queued: ONE write job (db:atomic) for all of it, each shard's
+-- marks behind the lease.guard of its fencing token, so a round of N
+-- deliveries over any number of shards costs a few jobs (on SQLite they
+-- join the group commit) instead of N transactions, or one per shard.
+-- A guard that fails (a newer token was issued: the shard moved on) fails
+-- the job; its group is then dropped (fenced) and the rest written again.
+-- A recorder keeps going until the queue is empty, so when a round's
 -- deliveries have returned, all their outcomes are recorded (the next
 -- round's heads must not include a delivered row).
-local function record_group(self, p, token, list)
-  local db = self.db
-  local stmts = { lease.guard(db, lease_key(self, p), token) }
-  for _, o in ipairs(list) do
-    stmts[#stmts + 1] = o.mark
-  end
-  local ok, err = db:atomic(stmts)
-  local fenced = not ok and lease.fenced(err)
+local function record_done(self, g, ok, err, fenced)
   local stats = self.stats
   local name = measured_name(self)
-  for _, o in ipairs(list) do
-    lease.measure(name, core.mono() - o.started)
+  local p, token = g.p, g.token
+  local now = core.mono()
+  for _, o in ipairs(g) do
+    lease.measure(name, now - o.started)
     if ok then
       stats[o.outcome] = stats[o.outcome] + 1
       if o.outcome == "dead" then
@@ -866,8 +864,39 @@ local function record_group(self, p, token, list)
                 or tostring(err) })
     end
   end
-  if fenced and self.leases[p] == list[1].l then
+  if fenced and self.leases[p] == g[1].l then
     self.leases[p] = nil
+  end
+end
+
+local function record_groups(self, order)
+  local db = self.db
+  while order[1] ~= nil do
+    local stmts, first = {}, {}
+    for gi, g in ipairs(order) do
+      first[gi] = #stmts + 1               -- the index of its guard
+      stmts[#stmts + 1] = lease.guard(db, lease_key(self, g.p), g.token)
+      for _, o in ipairs(g) do
+        stmts[#stmts + 1] = o.mark
+      end
+    end
+    local ok, err = db:atomic(stmts)
+    if ok then
+      for _, g in ipairs(order) do record_done(self, g, true) end
+      return
+    end
+    -- which group's guard failed, if one did
+    local bad = lease.fenced(err) and err.index or nil
+    local gi_bad
+    for gi = 1, #order do
+      if first[gi] == bad then gi_bad = gi end
+    end
+    if not gi_bad then
+      for _, g in ipairs(order) do record_done(self, g, false, err) end
+      return
+    end
+    record_done(self, order[gi_bad], false, err, true)
+    table.remove(order, gi_bad)
   end
 end
 
@@ -890,9 +919,7 @@ local function record_queued(self)
       end
       g[#g + 1] = o
     end
-    for _, g in ipairs(order) do
-      record_group(self, g.p, g.token, g)
-    end
+    record_groups(self, order)
   end
   self.recording = false
 end

@@ -568,6 +568,60 @@ for engine, open in pairs(stores) do
       db:close()
     end)
 
+    it("outcomes of several shards are recorded in one job; a fenced"
+       .. " shard's are dropped, the others' kept", function()
+      local db = open()
+      local rec = recorder()
+      local t = core.time() - 60                -- nothing due yet
+      local d = outbox.dispatcher(db, { sinks = { rec.sink },
+        partitions = 2, now = function() return t end })
+      -- two events on each shard
+      local by_shard, ids = { [0] = {}, [1] = {} }, {}
+      local k = 0
+      while #by_shard[0] < 2 or #by_shard[1] < 2 do
+        k = k + 1
+        local id = enqueue(db, "pay_g" .. k, "payment.paid")
+        local sh = assert(db:query("SELECT shard FROM paygate_outbox"
+                                   .. " WHERE id = $1", { id }))[1].shard % 2
+        if #by_shard[sh] < 2 then
+          by_shard[sh][#by_shard[sh] + 1] = id
+          ids[#ids + 1] = id
+        else
+          assert(db:exec("DELETE FROM paygate_outbox WHERE id = $1", { id }))
+        end
+      end
+      assert.equal(0, d:step())                 -- takes the leases
+      t = core.time() + 1
+      -- hold the writer: the first outcome's job waits behind this
+      -- transaction while the other deliveries queue theirs; inside it,
+      -- shard 1 moves on (a newer token)
+      local go = false
+      local holder = paygate.spawn(function()
+        return db:transaction(function(tx)
+          assert(tx:exec("UPDATE paygate_leases SET token = token + 1"
+                         .. " WHERE name = $1", { d.leases[1].key }))
+          wait_until(function() return go end, 10, "go")
+          return true
+        end)
+      end)
+      local stepper = paygate.spawn(function() return d:step() end)
+      wait_until(function() return #rec.got == 4 end, 10, "4 deliveries")
+      go = true
+      assert(holder:wait())
+      assert.equal(4, stepper:wait())
+      assert.equal(2, d.stats.delivered)
+      assert.equal(2, d.stats.fenced)
+      assert.is_nil(d.leases[1])            -- the stale lease dropped
+      for _, id in ipairs(by_shard[0]) do
+        assert.equal("delivered", row(db, id).state)
+      end
+      for _, id in ipairs(by_shard[1]) do
+        assert.equal("pending", row(db, id).state)
+      end
+      d:stop()
+      db:close()
+    end)
+
     it("stop() releases a lease whose grant a cancelled round never saw",
        function()
       -- The round task is cancelled wherever it waits; when that is an
