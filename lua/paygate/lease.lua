@@ -175,29 +175,37 @@ local function sql_release(db, l)
 end
 
 -- Releases what owner holds among keys, IN lists of at most 100, in one
--- transaction.
+-- transaction. On PostgreSQL an acquisition committing on another
+-- connection must be waited for: an UPDATE waits for a row's writer and
+-- checks the committed row again, but a row still being inserted (a key's
+-- first acquisition) is invisible to it. So the keys are inserted first
+-- (ON CONFLICT DO NOTHING waits for an insert of the same key in flight):
+-- per key, never the whole table.
 local function sql_release_owner(db, owner, keys)
   local ok, err = ensure_schema(db)
   if not ok then
     return nil, err
   end
   return db:transaction(function(tx)
-    if db.engine == "postgres" then
-      -- waits for the lease writes in flight (an abandoned acquisition's
-      -- COMMIT on another connection: its inserted row is not visible
-      -- before), and holds new ones off until this transaction ends
-      local _, e = tx:exec("LOCK TABLE paygate_leases IN SHARE ROW"
-                           .. " EXCLUSIVE MODE")
-      if e then
-        return nil, e
-      end
-    end
     local n = 0
     for first = 1, #keys, 100 do
-      local args, marks = { owner }, {}
+      local names, marks, rows = {}, {}, {}
       for i = first, math.min(#keys, first + 99) do
-        args[#args + 1] = keys[i]
-        marks[#marks + 1] = "$" .. #args
+        names[#names + 1] = keys[i]
+        marks[#marks + 1] = "$" .. (#names + 1)
+        rows[#rows + 1] = "($" .. #names .. ", 0, NULL, 0)"
+      end
+      if db.engine == "postgres" then
+        local _, e = tx:exec("INSERT INTO paygate_leases (name, token,"
+          .. " owner, expires_at) VALUES " .. table.concat(rows, ", ")
+          .. " ON CONFLICT (name) DO NOTHING", names)
+        if e then
+          return nil, e
+        end
+      end
+      local args = { owner }
+      for i = 1, #names do
+        args[i + 1] = names[i]
       end
       local res, e = tx:exec("UPDATE paygate_leases SET expires_at = 0,"
         .. " owner = NULL WHERE owner = $1 AND name IN ("
@@ -761,20 +769,25 @@ end
 
 -- syntax: n, err = lease.release_owner(store, owner, keys)
 -- Releases those of keys (a list) that owner holds; returns how many.
--- An acquisition still committing is waited for: on SQLite the writer
--- runs it first; on PostgreSQL the transaction locks paygate_leases
--- against writes (SHARE ROW EXCLUSIVE) for its own short duration.
--- yields: one transaction / one script call per 100 keys
+-- An acquisition of one of the keys still committing is waited for on
+-- SQL (on SQLite the writer runs it first; on PostgreSQL per key, see
+-- sql_release_owner). On Redis a grant in flight on another connection may
+-- land after the release: it then lasts until its ttl.
+-- yields: one transaction (SQL) / one script call per 100 keys (Redis)
 function _M.release_owner(store, owner, keys)
   check_store("lease.release_owner", store)
-  if type(owner) ~= "string" or owner == "" then
-    error("lease.release_owner: owner must be a non-empty string", 2)
+  if type(owner) ~= "string" or owner == "" or owner:find("|", 1, true) then
+    error("lease.release_owner: owner must be a non-empty string without"
+          .. " '|'", 2)
   end
   if type(keys) ~= "table" then
     error("lease.release_owner: keys must be a list of keys", 2)
   end
   for i = 1, #keys do
     check_key("lease.release_owner", keys[i])
+  end
+  if #keys == 0 then
+    return 0
   end
   if is_sql(store) then
     return sql_release_owner(store, owner, keys)

@@ -819,22 +819,60 @@ local function join_set(set)
   return concat(t, ",")
 end
 
+-- A byte that may follow a lead byte, by lead byte: the valid UTF-8
+-- sequences (no overlong forms, no surrogates, nothing past U+10FFFF).
+local function utf8_len(s, i)
+  local c = s:byte(i)
+  if c < 0x80 then
+    return (c >= 0x20 and c ~= 0x7f or c == 9 or c == 10) and 1 or nil
+  end
+  local n, lo, hi
+  if c >= 0xc2 and c <= 0xdf then n, lo, hi = 2, 0x80, 0xbf
+  elseif c == 0xe0 then n, lo, hi = 3, 0xa0, 0xbf
+  elseif c == 0xed then n, lo, hi = 3, 0x80, 0x9f
+  elseif c >= 0xe1 and c <= 0xef then n, lo, hi = 3, 0x80, 0xbf
+  elseif c == 0xf0 then n, lo, hi = 4, 0x90, 0xbf
+  elseif c == 0xf4 then n, lo, hi = 4, 0x80, 0x8f
+  elseif c >= 0xf1 and c <= 0xf3 then n, lo, hi = 4, 0x80, 0xbf
+  else return nil end
+  local b = s:byte(i + 1)
+  if not b or b < lo or b > hi then return nil end
+  for k = 2, n - 1 do
+    b = s:byte(i + k)
+    if not b or b < 0x80 or b > 0xbf then return nil end
+  end
+  return n
+end
+
+-- An error as last_error's text: at most 500 bytes, valid UTF-8 without
+-- control characters (PostgreSQL refuses invalid UTF-8 and NUL in TEXT,
+-- and a cut must not split a character); anything else becomes '?'.
 local function err_text(e)
   local s = tostring(e)
-  if #s > 500 then
-    s = s:sub(1, 500)
+  if #s <= 500 and not s:find("[%z\1-\8\11-\31\127-\255]") then
+    return s
   end
-  return s
+  local out, i, size = {}, 1, 0
+  while i <= #s do
+    local n = utf8_len(s, i)
+    local piece = n and s:sub(i, i + n - 1) or "?"
+    if size + #piece > 500 then break end
+    out[#out + 1] = piece
+    size = size + #piece
+    i = i + (n or 1)
+  end
+  return concat(out)
 end
 
 -- The outcomes of deliveries are recorded in batches. A delivery queues
 -- its outcome and, unless another task is already recording, records
--- everything queued: ONE write job (db:atomic) for all of it, each shard's
--- marks behind the lease.guard of its fencing token, so a round of N
--- deliveries over any number of shards costs a few jobs (on SQLite they
--- join the group commit) instead of N transactions, or one per shard.
+-- everything queued: one write job (db:atomic) per JOB_MAX statements,
+-- whatever the shards, each shard's marks behind the lease.guard of its
+-- fencing token, so a round of N deliveries costs a few jobs (on SQLite
+-- they join the group commit) instead of N transactions, or one per shard.
 -- A guard that fails (a newer token was issued: the shard moved on) fails
--- the job; its group is then dropped (fenced) and the rest written again.
+-- the job; that shard's outcomes are then dropped (fenced) and the rest
+-- written again; so is an outcome whose own statement failed.
 -- A recorder keeps going until the queue is empty, so when a round's
 -- deliveries have returned, all their outcomes are recorded (the next
 -- round's heads must not include a delivered row).
@@ -869,34 +907,81 @@ local function record_done(self, g, ok, err, fenced)
   end
 end
 
-local function record_groups(self, order)
+-- Statements per recording job (db:atomic takes up to 1000): a pass
+-- with more outcomes is written in several jobs, and a shard with more
+-- than fit in one is split, each part behind its own guard.
+local JOB_MAX = 500
+
+-- Writes one job of parts (each { p, token, outcome... }). A guard that
+-- fails drops its part (fenced, or the store's error on it); a mark that
+-- fails (err.index names it) drops that outcome alone; the rest is
+-- written again. A failure of the whole job fails every part.
+local function record_job(self, parts)
   local db = self.db
-  while order[1] ~= nil do
+  while parts[1] ~= nil do
     local stmts, first = {}, {}
-    for gi, g in ipairs(order) do
-      first[gi] = #stmts + 1               -- the index of its guard
-      stmts[#stmts + 1] = lease.guard(db, lease_key(self, g.p), g.token)
-      for _, o in ipairs(g) do
+    for pi, part in ipairs(parts) do
+      first[pi] = #stmts + 1               -- the index of its guard
+      stmts[#stmts + 1] = lease.guard(db, lease_key(self, part.p),
+                                      part.token)
+      for _, o in ipairs(part) do
         stmts[#stmts + 1] = o.mark
       end
     end
     local ok, err = db:atomic(stmts)
     if ok then
-      for _, g in ipairs(order) do record_done(self, g, true) end
+      for _, part in ipairs(parts) do record_done(self, part, true) end
       return
     end
-    -- which group's guard failed, if one did
-    local bad = lease.fenced(err) and err.index or nil
-    local gi_bad
-    for gi = 1, #order do
-      if first[gi] == bad then gi_bad = gi end
+    local index = type(err) == "table" and err.index or nil
+    local pi_bad
+    if type(index) == "number" then
+      for pi = #parts, 1, -1 do
+        if first[pi] <= index then
+          pi_bad = pi
+          break
+        end
+      end
     end
-    if not gi_bad then
-      for _, g in ipairs(order) do record_done(self, g, false, err) end
+    if not pi_bad then
+      for _, part in ipairs(parts) do record_done(self, part, false, err) end
       return
     end
-    record_done(self, order[gi_bad], false, err, true)
-    table.remove(order, gi_bad)
+    local part = parts[pi_bad]
+    if index == first[pi_bad] then
+      record_done(self, part, false, err, lease.fenced(err))
+      table.remove(parts, pi_bad)
+    else
+      local o = table.remove(part, index - first[pi_bad])
+      record_done(self, { p = part.p, token = part.token, o }, false, err)
+      if part[1] == nil then
+        table.remove(parts, pi_bad)
+      end
+    end
+  end
+end
+
+local function record_groups(self, order)
+  local parts, part = {}, nil
+  for _, g in ipairs(order) do
+    part = nil
+    for _, o in ipairs(g) do
+      if not part or #part >= JOB_MAX - 1 then
+        part = { p = g.p, token = g.token }
+        parts[#parts + 1] = part
+      end
+      part[#part + 1] = o
+    end
+  end
+  local i = 1
+  while i <= #parts do
+    local job, n = {}, 0
+    while i <= #parts and n + #parts[i] + 1 <= JOB_MAX do
+      job[#job + 1] = parts[i]
+      n = n + #parts[i] + 1
+      i = i + 1
+    end
+    record_job(self, job)
   end
 end
 
@@ -1082,7 +1167,7 @@ end
 -- syntax: d:stop()
 -- Stops the task and its deliveries (one in flight is abandoned: its row
 -- stays pending) and releases the leases.
--- yields: one statement per held lease
+-- yields: one transaction (lease.release_owner)
 function Dispatcher:stop()
   self.stopping = true
   -- pcall: a sink may call d:stop(), and a task cannot cancel itself

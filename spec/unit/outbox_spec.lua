@@ -249,13 +249,13 @@ for engine, open in pairs(stores) do
       db:close()
     end)
 
-    it("records a round's outcomes in a few write jobs, not one each",
-       function()
+    it("records a round's outcomes in a few write jobs, not one each"
+       .. " (nor one per shard)", function()
       local db = open()
       local rec = recorder()
       local d = outbox.dispatcher(db, { sinks = { rec.sink },
-                                        partitions = 1 })
-      assert.equal(0, d:step())       -- tables made, the shard's lease taken
+                                        partitions = 4 })
+      assert.equal(0, d:step())       -- tables made, the shards' leases taken
       local ids = {}
       for i = 1, 40 do
         ids[i] = enqueue(db, "pay_batch" .. i, "payment.paid")
@@ -567,6 +567,86 @@ for engine, open in pairs(stores) do
       d2:stop()
       db:close()
     end)
+
+    it("a round larger than one write job may hold is recorded in"
+       .. " several", function()
+      local db = open()
+      local rec = recorder()
+      local d = outbox.dispatcher(db, { sinks = { rec.sink },
+                                        partitions = 8, batch = 200 })
+      assert.equal(0, d:step())
+      assert(db:transaction(function(tx)
+        for i = 1, 1400 do
+          assert(outbox.enqueue(tx, { subject = "pay_big" .. i,
+            type = "payment.paid", payload = { i = i } }))
+        end
+        return true
+      end))
+      -- the sink never yields: every delivery of the round is queued while
+      -- the first outcome is written, then recorded in one pass
+      assert.equal(1400, d:step())
+      assert.equal(1400, d.stats.delivered)
+      assert.equal(0, d.stats.errors)
+      assert.equal(1400, #rec.got)
+      local n = assert(db:query("SELECT count(*) AS n FROM paygate_outbox"
+        .. " WHERE state = 'delivered' AND subject LIKE 'pay_big%'"))[1].n
+      assert.equal(1400, tonumber(n))
+      assert.equal(0, d:step())       -- nothing delivered twice
+      d:stop()
+      db:close()
+    end)
+
+    it("a failed attempt's error is stored as valid UTF-8 of at most 500"
+       .. " bytes", function()
+      local db = open()
+      local errors = {
+        pay_long = string.rep("a", 498) .. "中文",  -- a cut inside 中
+        pay_bytes = "x\0y\1z\255\237\160\128中 end",  -- NUL, control,
+      }                                    -- stray byte, a surrogate
+      local bad = { name = "bad", deliver = function(event)
+        return nil, errors[event.subject]
+      end }
+      local d = outbox.dispatcher(db, { sinks = { bad }, partitions = 2 })
+      local long = enqueue(db, "pay_long", "payment.paid")
+      local bytes = enqueue(db, "pay_bytes", "payment.paid")
+      assert.equal(2, d:step())
+      assert.equal(2, d.stats.failed)
+      local r = row(db, long)
+      assert.equal("pending", r.state)
+      assert.equal(1, r.attempts)
+      assert.equal("bad: " .. string.rep("a", 498), r.last_error)
+      assert.equal("bad: x?y?z????中 end", row(db, bytes).last_error)
+      d:stop()
+      db:close()
+    end)
+
+    if engine == "sqlite" then
+      it("an outcome whose statement fails is dropped alone; the others of"
+         .. " the job are recorded", function()
+        local db = open()
+        local rec = recorder()
+        local d = outbox.dispatcher(db, { sinks = { rec.sink },
+                                          partitions = 4 })
+        assert.equal(0, d:step())
+        local ids = {}
+        for i = 1, 20 do
+          ids[i] = enqueue(db, "pay_one" .. i, "payment.paid")
+        end
+        -- the 10th event's row refuses its update
+        assert(db:exec_script("CREATE TRIGGER pg_refuse BEFORE UPDATE ON"
+          .. " paygate_outbox WHEN OLD.id = " .. ids[10] .. " BEGIN"
+          .. " SELECT RAISE(ABORT, 'refused'); END"))
+        assert.equal(20, d:step())
+        assert.equal(19, d.stats.delivered)
+        assert.equal(1, d.stats.errors)
+        for i, id in ipairs(ids) do
+          assert.equal(i == 10 and "pending" or "delivered", row(db, id).state)
+        end
+        assert(db:exec_script("DROP TRIGGER pg_refuse"))
+        d:stop()
+        db:close()
+      end)
+    end
 
     it("outcomes of several shards are recorded in one job; a fenced"
        .. " shard's are dropped, the others' kept", function()
