@@ -819,8 +819,9 @@ local function join_set(set)
   return concat(t, ",")
 end
 
--- A byte that may follow a lead byte, by lead byte: the valid UTF-8
--- sequences (no overlong forms, no surrogates, nothing past U+10FFFF).
+-- The length of the character at s[i] when it is printable ASCII (or a
+-- tab, a newline) or valid UTF-8 (no overlong form, no surrogate, nothing
+-- past U+10FFFF); nil otherwise.
 local function utf8_len(s, i)
   local c = s:byte(i)
   if c < 0x80 then
