@@ -633,7 +633,7 @@ for engine, open in pairs(stores) do
           ids[i] = enqueue(db, "pay_one" .. i, "payment.paid")
         end
         -- the 10th event's row refuses its update
-        assert(db:exec_script("CREATE TRIGGER pg_refuse BEFORE UPDATE ON"
+        assert(db:exec_script("CREATE TRIGGER refuse_update BEFORE UPDATE ON"
           .. " paygate_outbox WHEN OLD.id = " .. ids[10] .. " BEGIN"
           .. " SELECT RAISE(ABORT, 'refused'); END"))
         assert.equal(20, d:step())
@@ -642,14 +642,14 @@ for engine, open in pairs(stores) do
         for i, id in ipairs(ids) do
           assert.equal(i == 10 and "pending" or "delivered", row(db, id).state)
         end
-        assert(db:exec_script("DROP TRIGGER pg_refuse"))
+        assert(db:exec_script("DROP TRIGGER refuse_update"))
         d:stop()
         db:close()
       end)
     end
 
-    it("outcomes of several shards are recorded in one job; a fenced"
-       .. " shard's are dropped, the others' kept", function()
+    it("outcomes of two shards queued together: the fenced shard's are"
+       .. " dropped, the other's kept", function()
       local db = open()
       local rec = recorder()
       local t = core.time() - 60                -- nothing due yet
