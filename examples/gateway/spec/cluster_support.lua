@@ -185,11 +185,25 @@ local function alive(pid)
   return not st:match("^%d+ %b() Z")        -- a zombie is gone
 end
 
+local function stopped(pid)
+  local f = io.open("/proc/" .. pid .. "/stat")
+  if not f then return true end             -- gone
+  local st = f:read("*a")
+  f:close()
+  return st:match("^%d+ %b() [TtZ]") ~= nil
+end
+
 --- syntax: n = cluster.kill9(srv) -- SIGKILL to a server started by
 -- testing.start_app: its master and every worker at once; waits until
 -- all are gone, removes its folder. returns: how many were killed.
 function _M.kill9(srv)
+  -- SIGSTOP first, so that the master forks no worker between the list of
+  -- its children and the kill (a worker forked then would outlive it and
+  -- keep the port)
   local pids = { srv.pid }
+  ffi.C.kill(srv.pid, 19)                   -- SIGSTOP
+  proc.wait_until(function() return stopped(srv.pid) end, 5,
+                  "the master to stop")
   local p = io.popen("pgrep -P " .. srv.pid)
   for pid in p:read("*a"):gmatch("%d+") do pids[#pids + 1] = tonumber(pid) end
   p:close()
