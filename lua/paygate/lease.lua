@@ -192,8 +192,8 @@ local function sql_release_owner(db, owner, keys)
       local names, marks, rows = {}, {}, {}
       for i = first, math.min(#keys, first + 99) do
         names[#names + 1] = keys[i]
-        marks[#marks + 1] = "$" .. (#names + 1)
-        rows[#rows + 1] = "($" .. #names .. ", 0, NULL, 0)"
+        marks[#names] = "$" .. #names
+        rows[#names] = "($" .. #names .. ", 0, NULL, 0)"
       end
       if db.engine == "postgres" then
         local _, e = tx:exec("INSERT INTO paygate_leases (name, token,"
@@ -203,13 +203,11 @@ local function sql_release_owner(db, owner, keys)
           return nil, e
         end
       end
-      local args = { owner }
-      for i = 1, #names do
-        args[i + 1] = names[i]
-      end
+      local n_names = #names
+      names[n_names + 1] = owner            -- the UPDATE's last parameter
       local res, e = tx:exec("UPDATE paygate_leases SET expires_at = 0,"
-        .. " owner = NULL WHERE owner = $1 AND name IN ("
-        .. table.concat(marks, ", ") .. ")", args)
+        .. " owner = NULL WHERE name IN (" .. table.concat(marks, ", ")
+        .. ") AND owner = $" .. (n_names + 1), names)
       if not res then
         return nil, e
       end

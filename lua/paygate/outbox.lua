@@ -37,6 +37,7 @@ local crypto = require "paygate.crypto"
 local json = require "paygate.json"
 local sql = require "paygate.sql"
 local lease = require "paygate.lease"
+local char_len = require("paygate.utf8").char_len
 
 local _M = { _VERSION = "0.1.0" }
 
@@ -819,32 +820,6 @@ local function join_set(set)
   return concat(t, ",")
 end
 
--- The length of the character at s[i] when it is printable ASCII (or a
--- tab, a newline) or valid UTF-8 (no overlong form, no surrogate, nothing
--- past U+10FFFF); nil otherwise.
-local function utf8_len(s, i)
-  local c = s:byte(i)
-  if c < 0x80 then
-    return (c >= 0x20 and c ~= 0x7f or c == 9 or c == 10) and 1 or nil
-  end
-  local n, lo, hi
-  if c >= 0xc2 and c <= 0xdf then n, lo, hi = 2, 0x80, 0xbf
-  elseif c == 0xe0 then n, lo, hi = 3, 0xa0, 0xbf
-  elseif c == 0xed then n, lo, hi = 3, 0x80, 0x9f
-  elseif c >= 0xe1 and c <= 0xef then n, lo, hi = 3, 0x80, 0xbf
-  elseif c == 0xf0 then n, lo, hi = 4, 0x90, 0xbf
-  elseif c == 0xf4 then n, lo, hi = 4, 0x80, 0x8f
-  elseif c >= 0xf1 and c <= 0xf3 then n, lo, hi = 4, 0x80, 0xbf
-  else return nil end
-  local b = s:byte(i + 1)
-  if not b or b < lo or b > hi then return nil end
-  for k = 2, n - 1 do
-    b = s:byte(i + k)
-    if not b or b < 0x80 or b > 0xbf then return nil end
-  end
-  return n
-end
-
 -- An error as last_error's text: at most 500 bytes, valid UTF-8 without
 -- control characters (PostgreSQL refuses invalid UTF-8 and NUL in TEXT,
 -- and a cut must not split a character); anything else becomes '?'.
@@ -855,7 +830,10 @@ local function err_text(e)
   end
   local out, i, size = {}, 1, 0
   while i <= #s do
-    local n = utf8_len(s, i)
+    local n = char_len(s, i)
+    if n == 1 and s:find("^[%z\1-\8\11-\31\127]", i) then
+      n = nil                             -- a control character
+    end
     local piece = n and s:sub(i, i + n - 1) or "?"
     if size + #piece > 500 then break end
     out[#out + 1] = piece

@@ -176,21 +176,24 @@ function Gw:start()
   return self
 end
 
-local function alive(pid)
-  if ffi.C.kill(pid, 0) ~= 0 then return false end
+-- The state letter of pid in /proc (R, S, T, Z, ...), or nil when gone.
+local function state(pid)
   local f = io.open("/proc/" .. pid .. "/stat")
-  if not f then return false end
+  if not f then return nil end
   local st = f:read("*a")
   f:close()
-  return not st:match("^%d+ %b() Z")        -- a zombie is gone
+  return st:match("^%d+ %b() (%a)")
+end
+
+local function alive(pid)
+  if ffi.C.kill(pid, 0) ~= 0 then return false end
+  local s = state(pid)
+  return s ~= nil and s ~= "Z"              -- a zombie is gone
 end
 
 local function stopped(pid)
-  local f = io.open("/proc/" .. pid .. "/stat")
-  if not f then return true end             -- gone
-  local st = f:read("*a")
-  f:close()
-  return st:match("^%d+ %b() [TtZ]") ~= nil
+  local s = state(pid)
+  return s == nil or s == "T" or s == "t" or s == "Z"
 end
 
 --- syntax: n = cluster.kill9(srv) -- SIGKILL to a server started by

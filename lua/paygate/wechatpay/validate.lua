@@ -22,7 +22,7 @@ local core = require "paygate.core"
 
 local type, pairs, ipairs, tostring, floor, huge =
       type, pairs, ipairs, tostring, math.floor, math.huge
-local byte, find, sub, concat = string.byte, string.find, string.sub,
+local find, sub, concat = string.find, string.sub,
       table.concat
 
 local _M = {}
@@ -35,43 +35,7 @@ _M.fail = fail
 
 -- Number of UTF-8 characters in s, or nil, byte offset when s is not valid
 -- UTF-8 (overlong forms, surrogates and values past U+10FFFF included).
-local function utf8_len(s)
-  local i, n, len = 1, 0, #s
-  while i <= len do
-    local c = byte(s, i)
-    local k
-    if c < 0x80 then
-      k = 0
-    elseif c >= 0xC2 and c <= 0xDF then
-      k = 1
-    elseif c >= 0xE0 and c <= 0xEF then
-      k = 2
-    elseif c >= 0xF0 and c <= 0xF4 then
-      k = 3
-    else
-      return nil, i
-    end
-    if i + k > len then return nil, i end
-    for j = 1, k do
-      local d = byte(s, i + j)
-      if d < 0x80 or d > 0xBF then return nil, i end
-    end
-    if k == 2 then
-      local d = byte(s, i + 1)
-      if (c == 0xE0 and d < 0xA0) or (c == 0xED and d > 0x9F) then
-        return nil, i
-      end
-    elseif k == 3 then
-      local d = byte(s, i + 1)
-      if (c == 0xF0 and d < 0x90) or (c == 0xF4 and d > 0x8F) then
-        return nil, i
-      end
-    end
-    i = i + k + 1
-    n = n + 1
-  end
-  return n
-end
+local utf8_len = require("paygate.utf8").len
 _M.utf8_len = utf8_len
 
 local function is_array(t)

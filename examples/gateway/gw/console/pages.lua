@@ -485,15 +485,16 @@ function _M.payment(id, view)
 
   -- the notifications whose business key names one of its attempts (and,
   -- below, one of its refunds): LIKE narrows, the plain find confirms (a
-  -- number may hold LIKE's wildcards)
+  -- number may hold LIKE's wildcards); at_start: part must begin the key
   local nrows = {}
-  local function notes_by(like, part)
+  local function notes_by(like, part, at_start)
     local rows, qerr = db:query("SELECT id, event_type, business_key,"
       .. " received_at, outcome FROM gw_notifications WHERE business_key"
       .. " LIKE $1", { like })
     if not rows then return nil, qerr end
     for _, r in ipairs(rows) do
-      if tostring(r.business_key):find(part, 1, true) then
+      local at = tostring(r.business_key):find(part, 1, true)
+      if at and (at == 1 or not at_start) then
         nrows[#nrows + 1] = r
       end
     end
@@ -512,7 +513,8 @@ function _M.payment(id, view)
   if not refunds then return nil, err end
   for _, rf in ipairs(refunds) do
     local no = rf.out_refund_no
-    local ok, nerr = notes_by("refund|" .. no .. "|%", "refund|" .. no .. "|")
+    local ok, nerr = notes_by("refund|" .. no .. "|%", "refund|" .. no .. "|",
+                              true)
     if not ok then return nil, nerr end
   end
   table.sort(nrows, function(a, b)

@@ -1,0 +1,43 @@
+-- paygate.utf8: the one UTF-8 decoder of the libraries (wechatpay's
+-- parameter checks, the outbox's last_error).
+local utf8 = require "paygate.utf8"
+
+describe("paygate.utf8", function()
+  it("char_len: the length of a valid character, nil for anything else",
+     function()
+    assert.equal(1, utf8.char_len("a", 1))
+    assert.equal(1, utf8.char_len("\0", 1))           -- ASCII, controls too
+    assert.equal(2, utf8.char_len("é", 1))
+    assert.equal(3, utf8.char_len("中", 1))
+    assert.equal(4, utf8.char_len("😀", 1))
+    assert.equal(3, utf8.char_len("a中", 2))
+    assert.is_nil(utf8.char_len("a", 2))              -- past the end
+    for _, bad in ipairs({
+      "\128",            -- a continuation byte alone
+      "\192\175",        -- overlong (C0, C1)
+      "\193\191",
+      "\224\128\175",    -- overlong three-byte
+      "\237\160\128",    -- a surrogate (U+D800)
+      "\240\128\128\175",-- overlong four-byte
+      "\244\144\128\128",-- past U+10FFFF
+      "\245\128\128\128",
+      "\255",
+      "\228\184",        -- cut
+      "\228a\173",       -- a bad continuation
+    }) do
+      assert.is_nil(utf8.char_len(bad, 1), ("%q"):format(bad))
+    end
+  end)
+
+  it("len: characters, or nil and the offset of the first bad byte",
+     function()
+    assert.equal(0, utf8.len(""))
+    assert.equal(6, utf8.len("a中é😀\t\n"))
+    local n, at = utf8.len("ab\237\160\128c")
+    assert.is_nil(n)
+    assert.equal(3, at)
+    n, at = utf8.len("中\228\184")
+    assert.is_nil(n)
+    assert.equal(4, at)
+  end)
+end)
