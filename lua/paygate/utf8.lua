@@ -37,9 +37,13 @@ local char_len = _M.char_len
 function _M.len(s)
   local i, n, len = 1, 0, #s
   while i <= len do
-    local k = char_len(s, i)
-    if not k then return nil, i end
-    i = i + k
+    if byte(s, i) < 0x80 then     -- ASCII: no call (most text is)
+      i = i + 1
+    else
+      local k = char_len(s, i)
+      if not k then return nil, i end
+      i = i + k
+    end
     n = n + 1
   end
   return n

@@ -8,6 +8,7 @@
  * kind; misuse (wrong argument types) raises.
  */
 #include <limits.h>
+#include <pthread.h>
 #include <string.h>
 #include <stdlib.h>
 #include <openssl/crypto.h>
@@ -535,6 +536,47 @@ lcrypto_hmac(lua_State *L)
     return 1;
 }
 
+/*
+ * Nonces draw their bytes from a small per-process pool filled by
+ * RAND_bytes 4 KiB at a time: one CSPRNG call per ~100 nonces instead of
+ * one per nonce (a signed request or answer makes one). A nonce is public
+ * and only needs to be unpredictable and unique, so its future bytes may
+ * wait in memory; keys and secrets never come from here (random_bytes
+ * reads the CSPRNG directly). A fork empties the pool in the child
+ * (pthread_atfork), so two workers never hand out the same bytes.
+ */
+#define GW_NONCE_POOL 4096
+
+static unsigned char gw_nonce_pool[GW_NONCE_POOL];
+static size_t gw_nonce_left;            /* unread bytes at the pool's end */
+static int gw_nonce_atfork;
+
+static void
+gw_nonce_pool_forget(void)
+{
+    OPENSSL_cleanse(gw_nonce_pool, sizeof(gw_nonce_pool));
+    gw_nonce_left = 0;
+}
+
+/* the next random byte, or -1 when the CSPRNG fails */
+static int
+gw_nonce_byte(void)
+{
+    if (gw_nonce_left == 0) {
+        if (!gw_nonce_atfork) {
+            if (pthread_atfork(NULL, NULL, gw_nonce_pool_forget) != 0) {
+                return -1;
+            }
+            gw_nonce_atfork = 1;
+        }
+        if (RAND_bytes(gw_nonce_pool, sizeof(gw_nonce_pool)) != 1) {
+            return -1;
+        }
+        gw_nonce_left = sizeof(gw_nonce_pool);
+    }
+    return gw_nonce_pool[sizeof(gw_nonce_pool) - gw_nonce_left--];
+}
+
 /* syntax: s = crypto.random_nonce([n]) -- n alphanumerics, default 32 */
 static int
 lcrypto_random_nonce(lua_State *L)
@@ -542,21 +584,18 @@ lcrypto_random_nonce(lua_State *L)
     static const char alphabet[] =
         "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
     lua_Integer want = luaL_optinteger(L, 1, 32);
-    unsigned char rnd[64];
     char out[1024];
-    int n = 0, i;
+    int n = 0, c;
 
     luaL_argcheck(L, want >= 1 && want <= (lua_Integer)sizeof(out), 1,
                   "nonce length must be 1..1024");
     while (n < want) {
-        if (RAND_bytes(rnd, sizeof(rnd)) != 1) {
+        if ((c = gw_nonce_byte()) < 0) {
             ERR_clear_error();
             return gw_push_error(L, "internal", 1, "random: CSPRNG failed");
         }
-        for (i = 0; i < (int)sizeof(rnd) && n < want; i++) {
-            if (rnd[i] < 248) {          /* 248 = 4 * 62: no modulo bias */
-                out[n++] = alphabet[rnd[i] % 62];
-            }
+        if (c < 248) {                  /* 248 = 4 * 62: no modulo bias */
+            out[n++] = alphabet[c % 62];
         }
     }
     lua_pushlstring(L, out, (size_t)n);
