@@ -539,11 +539,13 @@ lcrypto_hmac(lua_State *L)
 /*
  * Nonces draw their bytes from a small per-process pool filled by
  * RAND_bytes 4 KiB at a time: one CSPRNG call per ~100 nonces instead of
- * one per nonce (a signed request or answer makes one). A nonce is public
- * and only needs to be unpredictable and unique, so its future bytes may
- * wait in memory; keys and secrets never come from here (random_bytes
- * reads the CSPRNG directly). A fork empties the pool in the child
- * (pthread_atfork), so two workers never hand out the same bytes.
+ * one per nonce (a signed request or answer makes one). Every byte is
+ * the CSPRNG's output all the same, so a token drawn from here (a session
+ * id, an API key) is as unpredictable as one read directly; a byte is
+ * zeroed as it is handed out, so only bytes not yet given wait in memory.
+ * A fork empties the pool in the child (pthread_atfork), so two workers
+ * never hand out the same bytes. No lock: a process runs Lua on its loop
+ * thread only.
  */
 #define GW_NONCE_POOL 4096
 
@@ -574,7 +576,14 @@ gw_nonce_byte(void)
         }
         gw_nonce_left = sizeof(gw_nonce_pool);
     }
-    return gw_nonce_pool[sizeof(gw_nonce_pool) - gw_nonce_left--];
+    {
+        unsigned char *b = &gw_nonce_pool[sizeof(gw_nonce_pool)
+                                          - gw_nonce_left--];
+        int c = *b;
+
+        *b = 0;
+        return c;
+    }
 }
 
 /* syntax: s = crypto.random_nonce([n]) -- n alphanumerics, default 32 */
