@@ -539,10 +539,12 @@ lcrypto_hmac(lua_State *L)
 /*
  * Nonces draw their bytes from a small per-process pool filled by
  * RAND_bytes 4 KiB at a time: one CSPRNG call per ~100 nonces instead of
- * one per nonce (a signed request or answer makes one). Every byte is
- * the CSPRNG's output all the same, so a token drawn from here (a session
- * id, an API key) is as unpredictable as one read directly; a byte is
- * zeroed as it is handed out, so only bytes not yet given wait in memory.
+ * one per nonce (a signed request or answer makes one). Every byte still
+ * comes straight from the CSPRNG, so a token drawn from here (a session
+ * id, an API key) is as unpredictable as one read directly. The price: up
+ * to 4 KiB of output not yet handed out waits in the process's memory (a
+ * core dump shows it, as it shows OpenSSL's own generator state); a byte
+ * is zeroed as it is handed out.
  * A fork empties the pool in the child (pthread_atfork), so two workers
  * never hand out the same bytes. No lock: a process runs Lua on its loop
  * thread only.
@@ -560,14 +562,15 @@ gw_nonce_pool_forget(void)
     gw_nonce_left = 0;
 }
 
-/* the next random byte, or -1 when the CSPRNG fails */
+/* the next random byte; -1 when the CSPRNG fails, -2 when the fork
+ * handler cannot be registered (no pool is filled without it) */
 static int
 gw_nonce_byte(void)
 {
     if (gw_nonce_left == 0) {
         if (!gw_nonce_atfork) {
             if (pthread_atfork(NULL, NULL, gw_nonce_pool_forget) != 0) {
-                return -1;
+                return -2;
             }
             gw_nonce_atfork = 1;
         }
@@ -601,7 +604,9 @@ lcrypto_random_nonce(lua_State *L)
     while (n < want) {
         if ((c = gw_nonce_byte()) < 0) {
             ERR_clear_error();
-            return gw_push_error(L, "internal", 1, "random: CSPRNG failed");
+            return gw_push_error(L, "internal", 1, c == -2
+                                 ? "random: cannot register the fork handler"
+                                 : "random: CSPRNG failed");
         }
         if (c < 248) {                  /* 248 = 4 * 62: no modulo bias */
             out[n++] = alphabet[c % 62];
