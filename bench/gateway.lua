@@ -16,7 +16,10 @@
 --           204), and before it the gateway at BENCH_COMPARE if given,
 --     and prints unique notifications/s, p50, p99 and the ratios. After
 --     each gateway run it checks in the store that every payment notified
---     is paid, once.
+--     is paid, once. With SQLite it first measures, beside the store, what
+--     one commit (one fsync) per notification allows -- single-row inserts
+--     from BENCH_CONC coroutines without group commit, 3 s -- and prints
+--     the gateway's rate against it.
 --   paygate exec bench/gateway.lua gen FILE FROM COUNT
 --     signs COUNT notifications for bench payments FROM .. FROM+COUNT-1
 --   paygate exec bench/gateway.lua fill URL KIND FROM TO
@@ -435,6 +438,35 @@ local function rates_of(list)
   return table.concat(t, ", ")
 end
 
+-- The issue's first SQLite bound, on this machine: what one commit (one
+-- fsync) per notification allows. Single-row inserts into a SQLite file
+-- beside the gateway's, from BENCH_CONC coroutines, each its own commit
+-- (batch_max = 1: no group commit), for 3 s. returns: commits/s.
+local function one_commit_rate(tmp)
+  local db = assert(sql.open("sqlite:" .. tmp .. "/one_commit.db",
+                             { batch_max = 1 }))
+  assert(db:exec_script("CREATE TABLE t (w INTEGER, i INTEGER, v TEXT)"))
+  local stop = paygate.update_time() + 3
+  local t0 = paygate.update_time()
+  local count, tasks = 0, {}
+  for w = 1, env_num("BENCH_CONC", 50) do
+    tasks[w] = paygate.spawn(function()
+      local i = 0
+      while paygate.update_time() < stop do
+        i = i + 1
+        assert(db:exec("INSERT INTO t (w, i, v) VALUES ($1, $2, $3)",
+                       { w, i, "one notification" }))
+        count = count + 1
+      end
+    end)
+  end
+  for _, t in ipairs(tasks) do t:wait() end
+  local rate = count / (paygate.update_time() - t0)
+  db:close()
+  os.remove(tmp .. "/one_commit.db")
+  return rate
+end
+
 local function run()
   local servers = require "spec.support.servers"
   local N = env_num("BENCH_N", 100000)
@@ -483,6 +515,15 @@ local function run()
     "fill", "receiver", "notif/s", "p50_ms", "p99_ms", "x base", "cpu_us",
     "x base", "check"))
   local results = {}
+  local one_commit
+  for _, e in ipairs(engines) do
+    if e == "sqlite" then one_commit = one_commit_rate(tmp) end
+  end
+  if one_commit then
+    print(("%-8s %-7s %-24s %8.0f   (single-row inserts, one commit each:"
+      .. " what one fsync per notification allows here)"):format("sqlite",
+      "", "one commit per write", one_commit))
+  end
   for _, engine in ipairs(engines) do
     local pg_srv
     if engine == "postgres" then
@@ -595,6 +636,15 @@ local function run()
          and b.fill > 0 then
         print(("%s, %s: filled / fresh: throughput %.2f, p99 %.2f"):format(
           a.engine, a.mode, b.gw.rate / a.gw.rate, b.gw.p99 / a.gw.p99))
+      end
+    end
+  end
+  if one_commit then
+    for _, a in ipairs(results) do
+      if a.engine == "sqlite" then
+        print(("sqlite, %s, %s: %.2f x one commit per write (%.0f/s)")
+          :format(a.mode, a.fill == 0 and "fresh" or "filled",
+          a.gw.rate / one_commit, one_commit))
       end
     end
   end

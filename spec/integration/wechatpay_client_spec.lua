@@ -126,12 +126,17 @@ describe("response verification", function()
     end
   end)
   -- (the exact 299/300 s edge is in spec/unit/wechatpay_sign_spec.lua,
-  -- with a fixed clock; here a second may tick between the two ends)
-  it("297 s of skew verifies; 301 s is stale_timestamp", function()
+  -- with a fixed clock; here a second may tick between the two ends).
+  -- The server stamps whole seconds (os.time() + offset), the client
+  -- judges by its fractional clock a little later: a stamp 301 s ahead
+  -- made at x.99 s and read at x+1.01 s is only 299.98 s ahead. 302 s
+  -- ahead stays stale for any answer read within a second.
+  it("297 s of skew verifies; 301 s behind, 302 s ahead is stale_timestamp",
+     function()
     wxtest.queue(srv, "GET", "/v3/x", { { body = "{}", sign = { ts_offset = -297 } },
       { body = "{}", sign = { ts_offset = 297 } },
       { body = "{}", sign = { ts_offset = -301 } },
-      { body = "{}", sign = { ts_offset = 301 } } })
+      { body = "{}", sign = { ts_offset = 302 } } })
     assert(wx:request("GET", "/v3/x"))
     assert(wx:request("GET", "/v3/x"))
     local _, err = wx:request("GET", "/v3/x")
