@@ -613,6 +613,7 @@ lcrypto_random_nonce(lua_State *L)
         }
     }
     lua_pushlstring(L, out, (size_t)n);
+    OPENSSL_cleanse(out, (size_t)n);    /* it may be a token: no stack copy */
     return 1;
 }
 
