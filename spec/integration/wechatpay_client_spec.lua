@@ -129,7 +129,7 @@ describe("response verification", function()
   -- with a fixed clock; here a second may tick between the two ends).
   -- The server stamps whole seconds (os.time() + offset), the client
   -- judges by its fractional clock a little later: a stamp 301 s ahead
-  -- made at x.99 s and read at x+1.01 s is only 299.98 s ahead. 302 s
+  -- made at x.99 s and read at x+1.01 s is only 299.99 s ahead. 302 s
   -- ahead stays stale for any answer read within a second.
   it("297 s of skew verifies; 301 s behind, 302 s ahead is stale_timestamp",
      function()
