@@ -43,6 +43,7 @@ local _M = { _VERSION = "0.1.0" }
 
 local floor, min, max = math.floor, math.min, math.max
 local concat = table.concat
+local byte = string.byte
 
 local DEFAULTS = {
   name = "default",         -- lease namespace: one per independent outbox
@@ -831,8 +832,11 @@ local function err_text(e)
   local out, i, size = {}, 1, 0
   while i <= #s do
     local n = char_len(s, i)
-    if n == 1 and s:find("^[%z\1-\8\11-\31\127]", i) then
-      n = nil                             -- a control character
+    if n == 1 then
+      local c = byte(s, i)
+      if (c < 32 and c ~= 9 and c ~= 10) or c == 127 then
+        n = nil                           -- a control character
+      end
     end
     local piece = n and s:sub(i, i + n - 1) or "?"
     if size + #piece > 500 then break end
