@@ -397,6 +397,57 @@ if servers.have_postgres() then
       end)
     end
 
+    -- The batch's statements run in the job's transaction itself, not
+    -- each in a savepoint (a subtransaction each, for nothing: one failing
+    -- fails the job). A row written in a savepoint carries the
+    -- subtransaction's id as its xmin, not the transaction's.
+    it("runs a job's statements in its transaction, no savepoint each", function()
+      assert(db:exec("DELETE FROM log"))
+      assert(db:atomic({
+        { "INSERT INTO log (acct, note) VALUES ('X', 'a')" },
+        { "INSERT INTO log (acct, note) VALUES ('X',"
+          .. " pg_current_xact_id()::text)" },
+      }))
+      local rows = assert(db:query("SELECT note, xmin::text AS xmin FROM log"
+                                   .. " WHERE acct = 'X' ORDER BY id"))
+      assert.equal(2, #rows)
+      local top = tonumber(rows[2].note) % 2 ^ 32   -- xmin is 32 bits
+      assert.equal(top, tonumber(rows[1].xmin))
+      assert.equal(top, tonumber(rows[2].xmin))
+    end)
+
+    -- so transaction control in a job's SQL is refused before anything
+    -- of the job is sent, however it is spelt: BEGIN and ROLLBACK go to
+    -- the server, the job's statements do not
+    it("refuses transaction control in any spelling before sending the job", function()
+      assert(db:exec("DELETE FROM log"))
+      for _, word in ipairs({ "commit", "  /* a /* nested */ one */ ROLLBACK",
+                              "-- a note\nEND", "savepoint s1",
+                              "RELEASE s1", "PREPARE\n TRANSACTION 'x'",
+                              "start transaction", "Abort", "BEGIN" }) do
+        local before = turns()
+        local res, err = db:atomic({
+          { "INSERT INTO log (acct, note) VALUES ('P', 'before')" },
+          { word },
+          { "INSERT INTO log (acct, note) VALUES ('P', 'after')" },
+        })
+        assert.is_nil(res, word)
+        assert.equal("misuse", err.kind, word)
+        assert.equal(2, err.index, word)
+        proc.wait_until(function() return turns() >= before + 2 end, 5,
+                        "the relay's count")
+        assert.equal(before + 2, turns(), word)       -- BEGIN, ROLLBACK
+      end
+      assert.equal(0, count(db, "log"))
+      -- the words elsewhere, or a PREPARE of a statement, are not refused
+      assert(db:atomic({
+        { "/* commit */ INSERT INTO log (acct, note) VALUES ('P', 'end')" },
+        { "PREPARE transactional AS SELECT 1" },
+        { "DEALLOCATE transactional" },
+      }))
+      assert.equal(1, count(db, "log"))
+    end)
+
     it("a statement first seen behind a failure is prepared again next time", function()
       assert(db:exec("DELETE FROM log"))
       assert(db:exec("DELETE FROM seen"))

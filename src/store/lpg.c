@@ -10,8 +10,9 @@
  * connection from BEGIN until COMMIT/ROLLBACK and sends its statements one
  * at a time; each statement runs in a savepoint (see conn_send()), so a
  * failed one is undone alone and the transaction goes on (the statements
- * of a db:atomic batch go back to back; one failing fails the whole job,
- * rolled back). A script
+ * of a db:atomic batch go back to back, in no savepoint: one failing fails
+ * the whole job, rolled back; transaction control in them is refused
+ * before they are sent, controls_tx()). A script
  * (several statements, no parameters) leaves pipeline mode on an idle
  * connection for the simple query protocol; nothing else is sent on that
  * connection until it is done.
@@ -71,6 +72,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 #include <sys/stat.h>
 #include <event2/event.h>
@@ -1288,13 +1290,16 @@ conn_send(struct lpg_conn *c, struct lpg_op *op)
         undo = c->sp_failed;
         c->sp_failed = 0;
     }
-    /* A batch's statements run in savepoints too, though one failing
-     * fails the whole job (rolled back; so it arms no undo, see
-     * conn_pop_head()): SAVEPOINT fails outside a transaction block, so
-     * the statements already sent behind one that ended the transaction
-     * (a COMMIT or ROLLBACK in the job's SQL) fail instead of each
-     * committing on its own. */
-    op->in_sp = op->txid != 0 && !op->tx_begin && !op->tx_end;
+    /* A batch's statements (db:atomic) run in no savepoint: one failing
+     * fails the whole job, rolled back, so there is nothing to undo
+     * alone, and a SAVEPOINT + RELEASE per statement was two more
+     * commands and a subtransaction each on the server. What the
+     * savepoints also guarded against -- a COMMIT or ROLLBACK in the
+     * job's SQL ending the transaction, the statements sent behind it
+     * then committing one by one -- is refused before the batch is sent
+     * (controls_tx()). */
+    op->in_sp = op->txid != 0 && !op->tx_begin && !op->tx_end
+                && op->batch == NULL;
     op->step = 0;
     op->dealloc_n = 0;
     op->has_prepare = 0;
@@ -2647,12 +2652,81 @@ batch_cancel(void *arg)
     b->co = NULL;
 }
 
+/* Does sql (one statement: the extended protocol takes no more) control
+ * the transaction it runs in -- BEGIN, START TRANSACTION, COMMIT, END,
+ * ROLLBACK, ABORT, SAVEPOINT, RELEASE, PREPARE TRANSACTION? Its first
+ * word, past blanks and comments (-- to the end of the line; nested
+ * block comments), tells: no other statement can end a transaction
+ * block (a procedure or a DO block that tries is refused by the server
+ * inside one). Unterminated comments answer no: the server refuses
+ * them as a syntax error. */
+static int
+controls_tx(const char *sql)
+{
+    static const char *const words[] = {
+        "BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT",
+        "SAVEPOINT", "RELEASE"
+    };
+    const char *p = sql;
+    size_t      n, i;
+
+    for (;;) {
+        while (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r'
+               || *p == '\f' || *p == '\v') {
+            p++;
+        }
+        if (p[0] == '-' && p[1] == '-') {
+            p = strchr(p, '\n');
+            if (p == NULL) {
+                return 0;
+            }
+        } else if (p[0] == '/' && p[1] == '*') {
+            int depth = 1;
+
+            for (p += 2; depth > 0; p++) {
+                if (*p == '\0') {
+                    return 0;
+                }
+                if (p[0] == '/' && p[1] == '*') {
+                    depth++;
+                    p++;
+                } else if (p[0] == '*' && p[1] == '/') {
+                    depth--;
+                    p++;
+                }
+            }
+        } else {
+            break;
+        }
+    }
+    for (n = 0; (p[n] >= 'a' && p[n] <= 'z') || (p[n] >= 'A' && p[n] <= 'Z')
+                || (p[n] >= '0' && p[n] <= '9') || p[n] == '_'; n++) {
+    }
+    for (i = 0; i < sizeof(words) / sizeof(words[0]); i++) {
+        if (strlen(words[i]) == n && strncasecmp(p, words[i], n) == 0) {
+            return 1;
+        }
+    }
+    if (n == 7 && strncasecmp(p, "PREPARE", 7) == 0) {
+        p += 7;
+        while (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r') {
+            p++;
+        }
+        return strncasecmp(p, "TRANSACTION", 11) == 0
+               && !((p[11] >= 'a' && p[11] <= 'z')
+                    || (p[11] >= 'A' && p[11] <= 'Z') || p[11] == '_');
+    }
+    return 0;
+}
+
 /* h:tx_exec_batch(txid, { { sql, params }, ... })
  *   -> results, index, err  (see batch_deliver())  |  nil, err
- * The statements go to the transaction's connection back to back, each in
- * its savepoint as with tx_exec (conn_send()); once one fails, the
- * transaction is aborted and the ones after it fail too (the caller rolls
- * back). */
+ * The statements go to the transaction's connection back to back; once
+ * one fails, the transaction is aborted and the ones after it fail too
+ * (the caller, db:atomic, rolls back: all or none). Unlike tx_exec's,
+ * they run in no savepoint of their own (no failure is undone alone), so
+ * a statement that would end or reshape the transaction (controls_tx())
+ * is refused before anything is sent: results {}, its index, misuse. */
 static int
 lpg_tx_exec_batch(lua_State *L)
 {
@@ -2686,6 +2760,16 @@ lpg_tx_exec_batch(lua_State *L)
                   || (lua_istable(L, 6) && gw_store_vals_unbindable(L, 6));
         } else {
             bad = 1;
+        }
+        if (!bad && controls_tx(lua_tostring(L, 5))) {
+            lua_settop(L, 3);
+            lua_newtable(L);
+            lua_pushinteger(L, i + 1);
+            gw_push_error(L, "misuse", 0, "postgres: transaction control"
+                          " in SQL (statement %d of the job): it belongs"
+                          " to db:transaction()", i + 1);
+            lua_remove(L, -2);             /* the nil before the err */
+            return 3;
         }
         lua_settop(L, 3);
         if (bad) {
