@@ -512,7 +512,8 @@ end
 
 -- syntax: st = db:stats()
 -- returns: SQLite: { commits = COMMITs (fsyncs) so far, writes = jobs they
---          acknowledged }; PostgreSQL: {}
+--          acknowledged, reads_inline, reads_moved }; PostgreSQL:
+--          { round_trips = requests the server answered as one so far }
 function DB:stats()
   check_db("db:stats", self)
   if self.h.stats then

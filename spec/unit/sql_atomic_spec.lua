@@ -319,12 +319,14 @@ if servers.have_postgres() then
         stmts[i] = { "INSERT INTO log (acct, note) VALUES ('P', $1)",
                      { "n" .. i }, expect = 1 }
       end
-      local before = turns()
+      local before, trips = turns(), db:stats().round_trips
       assert(db:atomic(stmts))
       -- one statement at a time would be 22 round trips
       proc.wait_until(function() return turns() >= before + 3 end, 5,
                       "the relay's count")
       assert.equal(before + 3, turns())
+      -- and the server answers the 20 as one (one Sync, not one each)
+      assert.equal(trips + 3, db:stats().round_trips)
       assert.equal(20, count(db, "log"))
     end)
 
@@ -335,7 +337,10 @@ if servers.have_postgres() then
         stmts[i] = { "INSERT INTO log (acct, note) VALUES ('P', $1)"
                      .. " RETURNING id", { "n" .. i }, expect = 1 }
       end
+      local trips = db:stats().round_trips
       local res = assert(db:atomic(stmts))
+      -- BEGIN, 64 + 64 + 22 statements, COMMIT
+      assert.equal(trips + 5, db:stats().round_trips)
       assert.equal(150, #res)
       for i = 2, 150 do
         assert.is_true(tonumber(res[i].last_id) > tonumber(res[i - 1].last_id))
@@ -438,6 +443,18 @@ if servers.have_postgres() then
                         "the relay's count")
         assert.equal(before + 2, turns(), word)       -- BEGIN, ROLLBACK
       end
+      assert.equal(0, count(db, "log"))
+      -- so is a parameter PostgreSQL cannot take (a NUL byte in text)
+      local trips = db:stats().round_trips
+      local res, err = db:atomic({
+        { "INSERT INTO log (acct, note) VALUES ('P', 'before')" },
+        { "INSERT INTO log (acct, note) VALUES ('P', $1)", { "a\0b" } },
+      })
+      assert.is_nil(res)
+      assert.equal("misuse", err.kind)
+      assert.equal(2, err.index)
+      assert.matches("NUL", err.message)
+      assert.equal(trips + 2, db:stats().round_trips)  -- BEGIN, ROLLBACK
       assert.equal(0, count(db, "log"))
       -- the words elsewhere, or a PREPARE of a statement, are not refused
       assert(db:atomic({

@@ -5,8 +5,9 @@
  * A pool holds up to `pool` connections. Each connection is in pipeline
  * mode: statements from many coroutines are sent back to back, each one
  * as [Parse (first use on this connection)] + Bind/Execute + Sync, so an
- * error in one does not abort its neighbours, and the prepared statement
- * is cached per connection (name "gwN"). A transaction reserves one idle
+ * error in one does not abort its neighbours (a db:atomic job's
+ * statements share one Sync: one failing fails them all anyway), and the
+ * prepared statement is cached per connection (name "gwN"). A transaction reserves one idle
  * connection from BEGIN until COMMIT/ROLLBACK and sends its statements one
  * at a time; each statement runs in a savepoint (see conn_send()), so a
  * failed one is undone alone and the transaction goes on (the statements
@@ -118,6 +119,10 @@ struct lpg_op {
     int               exec_step; /* the command that is op's statement */
     int               has_prepare;/* 1: command exec_step-1 is its Parse */
     int               in_sp;     /* 1: runs in savepoint gw_s */
+    int               no_sync;   /* 1: no Sync behind it (a batch's
+                                    statement but the last of a segment):
+                                    done after its ncmds commands */
+    int               ncmds;     /* commands it queued (with no_sync) */
     int               cache_slot;/* slot to forget if the prepare fails */
     unsigned          cache_name;/* the name it prepared there */
     unsigned          dealloc[LPG_DEALLOC_OP]; /* names deallocated
@@ -228,6 +233,8 @@ struct lpg_pool {
     struct event     *tick;      /* owned */
     int               closed;
     int               dispatching;
+    double            round_trips; /* Syncs and scripts sent: answers the
+                                      server flushed as one (h:stats()) */
 };
 
 struct lpg_ud {
@@ -1266,6 +1273,27 @@ cache_entry(struct lpg_conn *c, const char *sql, int *hit)
     return (unsigned) (v - c->cache);
 }
 
+/* Can op's parameters not be sent? Then msg says why (misuse). */
+static int
+op_unsendable(const struct lpg_op *op, char *msg, size_t size)
+{
+    if (op->nparams > 256) {
+        snprintf(msg, size, "postgres: more than 256 parameters");
+        return 1;
+    }
+    for (int i = 0; i < op->nparams; i++) {
+        /* Text parameters go as C strings: a NUL would cut the value. */
+        if (op->params[i].type == GW_STORE_TEXT
+            && memchr(op->params[i].s, '\0', op->params[i].len) != NULL)
+        {
+            snprintf(msg, size, "postgres: parameter %d contains a NUL"
+                     " byte", i + 1);
+            return 1;
+        }
+    }
+    return 0;
+}
+
 /* Sends op on c. Returns GW_OK, or GW_ERR (the connection is broken). */
 static int
 conn_send(struct lpg_conn *c, struct lpg_op *op)
@@ -1300,6 +1328,17 @@ conn_send(struct lpg_conn *c, struct lpg_op *op)
      * (controls_tx()). */
     op->in_sp = op->txid != 0 && !op->tx_begin && !op->tx_end
                 && op->batch == NULL;
+    /* A batch's statements share one Sync per segment -- the last
+     * statement, and every LPG_DEPTH-th, since no answer comes before a
+     * Sync and the next segment waits for room -- instead of one each:
+     * the server then answers the segment in one write, and the client
+     * sends it in one. A failure skips the rest of its segment
+     * (PGRES_PIPELINE_ABORTED), which fails the job anyway. Every
+     * statement of a batch is sent (lpg_tx_exec_batch() checks them
+     * first), so a segment's Sync always follows its statements. */
+    op->no_sync = op->kind == LPG_OP_STMT && op->batch != NULL
+                  && op->batch_i != op->batch->n - 1
+                  && (op->batch_i + 1) % LPG_DEPTH != 0;
     op->step = 0;
     op->dealloc_n = 0;
     op->has_prepare = 0;
@@ -1322,6 +1361,7 @@ conn_send(struct lpg_conn *c, struct lpg_op *op)
                      op->in_sp ? "\n;RELEASE SAVEPOINT gw_s" : "");
         }
         rc = PQexitPipelineMode(c->pc) == 1 && PQsendQuery(c->pc, text) == 1;
+        c->pg->round_trips++;
         if (text != op->sql) {
             free(text);
         }
@@ -1330,19 +1370,10 @@ conn_send(struct lpg_conn *c, struct lpg_op *op)
         }
         goto sent;
     }
-    if (op->nparams > 256) {
-        op_set_error(op, "misuse", "postgres: more than 256 parameters");
-        return GW_AGAIN;
-    }
-    for (i = 0; i < op->nparams; i++) {
-        /* Text parameters go as C strings: a NUL would cut the value. */
-        if (op->params[i].type == GW_STORE_TEXT
-            && memchr(op->params[i].s, '\0', op->params[i].len) != NULL)
-        {
-            char msg[80];
+    {
+        char msg[80];
 
-            snprintf(msg, sizeof(msg), "postgres: parameter %d contains a"
-                     " NUL byte", i + 1);
+        if (op_unsendable(op, msg, sizeof(msg))) {
             op_set_error(op, "misuse", msg);
             return GW_AGAIN;
         }
@@ -1396,9 +1427,13 @@ conn_send(struct lpg_conn *c, struct lpg_op *op)
                             0) != 1
         || (op->in_sp && send_sp(c, LPG_SP_RELEASE, &ncmd) != GW_OK)
         || (c->ndealloc > 0 && send_dealloc(c, op) != GW_OK)
-        || PQpipelineSync(c->pc) != 1)
+        || (!op->no_sync && PQpipelineSync(c->pc) != 1))
     {
         return GW_ERR;
+    }
+    op->ncmds = dealloc_step(op) + op->dealloc_n;
+    if (!op->no_sync) {
+        c->pg->round_trips++;
     }
 sent:
     op->next = NULL;
@@ -1415,8 +1450,11 @@ sent:
         c->txid = op->txid;
     }
     /* A failed flush leaves op queued: the read side sees the broken
-     * connection next and fails everything on it. */
-    conn_flush(c);
+     * connection next and fails everything on it. A statement without a
+     * Sync waits in libpq's buffer for its segment's last one. */
+    if (!op->no_sync) {
+        conn_flush(c);
+    }
     return GW_OK;
 }
 
@@ -1591,6 +1629,12 @@ conn_read(struct lpg_conn *c, struct lpg_op **out)
                 continue;
             }
             op->step++;                  /* next command's results */
+            if (op->no_sync && op->step == op->ncmds) {
+                /* all its commands answered: no Sync of its own */
+                if (conn_pop_head(c, out) != GW_OK) {
+                    return LPG_DISCARD;
+                }
+            }
             continue;
         }
         st = PQresultStatus(r);
@@ -2735,6 +2779,7 @@ lpg_tx_exec_batch(lua_State *L)
     struct gw_store_tx *tx = gw_store_tx_find(pg, txid);
     struct lpg_batch   *b;
     struct lpg_op      *first = NULL, *last = NULL;
+    char                msg[80];
     int                 i, n;
 
     luaL_checktype(L, 3, LUA_TTABLE);
@@ -2792,7 +2837,11 @@ lpg_tx_exec_batch(lua_State *L)
         lua_rawgeti(L, 4, 2);              /* 6: params */
         op = new_op(L, 5, 6, LPG_OP_STMT); /* NULL: out of memory */
         lua_settop(L, 3);
-        if (op == NULL) {
+        if (op == NULL || op_unsendable(op, msg, sizeof(msg))) {
+            /* nothing queued: a segment's statements are all sent */
+            if (op != NULL) {
+                op_free(op);
+            }
             while (first != NULL) {
                 struct lpg_op *next = first->next;
 
@@ -2801,8 +2850,16 @@ lpg_tx_exec_batch(lua_State *L)
             }
             free(b->ops);
             free(b);
-            return gw_push_error(L, "unavailable", 0, "postgres: out of"
-                                 " memory");
+            if (op == NULL) {
+                return gw_push_error(L, "unavailable", 0, "postgres: out"
+                                     " of memory");
+            }
+            lua_newtable(L);
+            lua_pushinteger(L, i + 1);
+            gw_push_error(L, "misuse", 0, "%s (statement %d of the job)",
+                          msg, i + 1);
+            lua_remove(L, -2);             /* the nil before the err */
+            return 3;
         }
         op->txid = txid;
         op->batch = b;
@@ -2845,8 +2902,21 @@ lpg_rollback(lua_State *L)
     return tx_op(L, LPG_OP_STMT, 0, "ROLLBACK", 1);
 }
 
+/* h:stats() -> { round_trips = Syncs and scripts sent so far } */
+static int
+lpg_stats(lua_State *L)
+{
+    struct lpg_pool *pg = check_pool(L);
+
+    lua_createtable(L, 0, 1);
+    lua_pushnumber(L, pg->round_trips);
+    lua_setfield(L, -2, "round_trips");
+    return 1;
+}
+
 static const luaL_Reg lpg_methods[] = {
     { "connect", lpg_connect },
+    { "stats", lpg_stats },
     { "exec", lpg_exec },
     { "query", lpg_query },
     { "script", lpg_script },
