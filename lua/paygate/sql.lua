@@ -389,35 +389,51 @@ local function atomic_error(list, names, index, serr, got)
                     fields)
 end
 
--- PostgreSQL: the statements in one transaction (its retries on
--- serialization failures included), sent back to back on its connection:
--- one round trip for all of them, then the COMMIT. The first statement
--- that failed or changed other than `expect` rows decides; the ones after
--- it ran (or failed, the transaction aborted) and are rolled back.
+-- PostgreSQL: BEGIN and the statements sent back to back on one
+-- connection (h:begin_atomic: one round trip for them all), then COMMIT
+-- once every statement changed its `expect` rows, else ROLLBACK. The first
+-- statement that failed or changed other than `expect` rows decides; the
+-- ones after it ran (or failed, the transaction aborted) and are rolled
+-- back. A serialization failure or a busy database runs the job again, at
+-- most db.retries times, as db:transaction does.
 local function atomic_pg(self, list, names)
-  local results, index, serr, got
-  local ok, err = self:transaction(function(tx)
-    results, index, serr, got = nil, nil, nil, nil
-    local res, ei, e = self.h:tx_exec_batch(tx.id, list)
-    if not res then return nil, ei end     -- not sent (pool down, ...)
-    for i = 1, #list do
-      local r = res[i]
-      if r == nil then
-        -- ei: the first failed (before it, every one has a result)
-        index, serr = ei, e
-        return nil, e
+  local index, serr, got, err
+  for attempt = 1, self.retries do
+    index, serr, got = nil, nil, nil
+    local txid, res, ei, e = self.h:begin_atomic(list)
+    if txid == false then            -- refused: nothing was sent
+      return nil, atomic_error(list, names, res, ei)
+    elseif not txid then             -- nothing began
+      err = res
+    else
+      for i = 1, #list do
+        local r = res[i]
+        if r == nil then
+          -- ei: the first failed (before it, every one has a result)
+          index, serr = ei, e
+          break
+        end
+        local want = list[i].expect
+        if want and r.changes ~= want then
+          index, got = i, r.changes
+          break
+        end
       end
-      local want = list[i].expect
-      if want and r.changes ~= want then
-        index, got = i, r.changes
-        return nil, core.error("conflict", "expect")
+      if not index then
+        local ok, cerr = self.h:commit(txid)
+        if ok then
+          return res
+        end
+        err = cerr
+      else
+        self.h:rollback(txid)
+        err = serr or core.error("conflict", "expect")
       end
     end
-    results = res
-    return true
-  end)
-  if ok then
-    return results
+    if not is_retryable_tx(err) or attempt == self.retries then
+      break
+    end
+    core.sleep(0.002 * attempt * (0.5 + math.random()))
   end
   if index then
     return nil, atomic_error(list, names, index, serr, got)

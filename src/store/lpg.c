@@ -134,14 +134,14 @@ struct lpg_op {
                                     re-check (no coroutine waits) */
     char              errkind[16];/* transport error kind or "" */
     char              errmsg[200];
-    struct lpg_batch *batch;     /* tx_exec_batch's, or NULL */
+    struct lpg_batch *batch;     /* begin_atomic's, or NULL */
     int               batch_i;   /* its index there (0-based) */
     struct lpg_op   *next;
 };
 
-/* h:tx_exec_batch(): statements of one transaction sent back to back on
- * its connection (one round trip, not one each); the coroutine waits for
- * all of them. Freed when the last op is delivered. */
+/* h:begin_atomic(): BEGIN and the statements of one transaction sent back
+ * to back on one connection (one round trip, not one each); the coroutine
+ * waits for all of them. Freed when the last op is delivered. */
 struct lpg_batch {
     struct gw_co     *co;        /* waiting coroutine; NULL if abandoned */
     int               n;         /* ops */
@@ -515,42 +515,56 @@ op_deliver(struct lpg_op *op)
 }
 
 /* Keeps op until its batch is complete, then wakes the coroutine with
- * results, index, err: results[i] for each statement that ran (as
- * h:tx_exec answers), and the first failed statement's index and error
- * (nil, nil when none failed). */
+ * txid, results, index, err (h:begin_atomic()): results[i] for each
+ * statement that ran (as h:tx_exec answers), and the first failed
+ * statement's index and error (nil, nil when none failed); or nil, err
+ * when the BEGIN failed (nothing is open: the statements behind it were
+ * skipped). */
 static void
 batch_deliver(struct lpg_op *op)
 {
     struct lpg_batch *b = op->batch;
+    struct lpg_op    *bop;           /* op 0: the BEGIN */
     struct gw_co     *co;
-    int               i, nres = 1;
+    int               i, nres = 2;
+    int               begun;
 
     b->ops[op->batch_i] = op;
     if (--b->left > 0) {
         return;
     }
+    bop = b->ops[0];
+    begun = bop->err == NULL && bop->errkind[0] == '\0';
+    if (!begun) {
+        tx_forget(bop->txid);             /* nothing to undo */
+    }
     if (b->co != NULL) {
         lua_State *L = gw_co_state(b->co);
         int        failed = -1;
 
-        lua_createtable(L, b->n, 0);
-        for (i = 0; i < b->n; i++) {
-            int n = push_op_result(L, b->ops[i]);
+        if (!begun) {
+            nres = push_op_result(L, bop);  /* nil, err */
+        } else {
+            lua_pushnumber(L, (lua_Number)bop->txid);
+            lua_createtable(L, b->n - 1, 0);
+            for (i = 1; i < b->n; i++) {
+                int n = push_op_result(L, b->ops[i]);
 
-            if (n == 1) {
-                lua_rawseti(L, -2, i + 1);
-                continue;
+                if (n == 1) {
+                    lua_rawseti(L, -2, i);
+                    continue;
+                }
+                lua_pop(L, n);            /* nil, err */
+                if (failed < 0) {
+                    failed = i;           /* later ones: aborted by it */
+                }
             }
-            lua_pop(L, n);                /* nil, err */
-            if (failed < 0) {
-                failed = i;               /* later ones: aborted by it */
-            }
-        }
-        if (failed >= 0) {
-            lua_pushinteger(L, failed + 1);
-            nres = 3;
-            if (push_op_result(L, b->ops[failed]) == 2) {
-                lua_remove(L, -2);        /* the nil before the err */
+            if (failed >= 0) {
+                lua_pushinteger(L, failed);
+                nres = 4;
+                if (push_op_result(L, b->ops[failed]) == 2) {
+                    lua_remove(L, -2);    /* the nil before the err */
+                }
             }
         }
     }
@@ -1333,8 +1347,10 @@ conn_send(struct lpg_conn *c, struct lpg_op *op)
      * Sync and the next segment waits for room -- instead of one each:
      * the server then answers the segment in one write, and the client
      * sends it in one. A failure skips the rest of its segment
-     * (PGRES_PIPELINE_ABORTED), which fails the job anyway. Every
-     * statement of a batch is sent (lpg_tx_exec_batch() checks them
+     * (PGRES_PIPELINE_ABORTED), which fails the job anyway; a BEGIN
+     * that fails so skips the statements behind it, which therefore
+     * never run outside the transaction. Every
+     * statement of a batch is sent (lpg_begin_atomic() checks them
      * first), so a segment's Sync always follows its statements. */
     op->no_sync = op->kind == LPG_OP_STMT && op->batch != NULL
                   && op->batch_i != op->batch->n - 1
@@ -1784,6 +1800,11 @@ choose_conn(struct lpg_pool *pg, struct lpg_op *op, int *fail)
     int               i, free_slot = -1, connecting = 0;
 
     *fail = 0;
+    if (op->batch != NULL && op->batch->sent != op->batch_i) {
+        /* behind its batch's previous op, in order: the statements wait
+         * for their BEGIN to get a connection */
+        return NULL;
+    }
     for (i = 0; i < pg->npool; i++) {
         c = &pg->conns[i];
         if (c->state == LPG_CONN_FREE) {
@@ -1802,10 +1823,9 @@ choose_conn(struct lpg_pool *pg, struct lpg_op *op, int *fail)
             if (c->txid != op->txid) {
                 continue;
             }
-            if (op->batch != NULL && op->batch_i > 0) {
-                /* behind the batch's previous statement, in order */
-                return op->batch->sent == op->batch_i
-                       && c->inflight < LPG_DEPTH ? c : NULL;
+            if (op->batch != NULL) {
+                /* right behind the previous one (checked above) */
+                return c->inflight < LPG_DEPTH ? c : NULL;
             }
             return c->inflight == 0 ? c : NULL;
         }
@@ -2763,52 +2783,59 @@ controls_tx(const char *sql)
     return 0;
 }
 
-/* h:tx_exec_batch(txid, { { sql, params }, ... })
- *   -> results, index, err  (see batch_deliver())  |  nil, err
- * The statements go to the transaction's connection back to back; once
- * one fails, the transaction is aborted and the ones after it fail too
- * (the caller, db:atomic, rolls back: all or none). Unlike tx_exec's,
- * they run in no savepoint of their own (no failure is undone alone), so
- * a statement that would end or reshape the transaction (controls_tx())
- * is refused before anything is sent: results {}, its index, misuse. */
+/* h:begin_atomic({ { sql, params }, ... })
+ *   -> txid, results, index, err  |  false, index, err  |  nil, err
+ * db:atomic's transaction: BEGIN and the job's statements sent back to
+ * back on one idle connection, the transaction then left open for the
+ * caller's COMMIT or ROLLBACK (h:commit/h:rollback with txid) once it has
+ * checked the results: one round trip for BEGIN and up to 63 statements.
+ * results[i] for each statement that ran (as h:tx_exec answers), and the
+ * first failed statement's index and error (nil, nil when none failed);
+ * once one fails, the transaction is aborted and the ones after it fail
+ * too (the caller rolls back: all or none). The statements run in no
+ * savepoint of their own (no failure is undone alone), so a statement
+ * that would end or reshape the transaction (controls_tx()), or that
+ * PostgreSQL cannot take (op_unsendable()), is refused before anything is
+ * sent: false, its index, misuse. nil, err: nothing began (the BEGIN
+ * failed, the pool is down). */
 static int
-lpg_tx_exec_batch(lua_State *L)
+lpg_begin_atomic(lua_State *L)
 {
     struct lpg_pool    *pg = check_pool(L);
-    long                txid = (long)luaL_checknumber(L, 2);
-    struct gw_store_tx *tx = gw_store_tx_find(pg, txid);
+    struct gw_store_tx *tx;
     struct lpg_batch   *b;
-    struct lpg_op      *first = NULL, *last = NULL;
+    struct lpg_op      *first = NULL, *last = NULL, *op;
     char                msg[80];
     int                 i, n;
 
-    luaL_checktype(L, 3, LUA_TTABLE);
-    n = (int)lua_objlen(L, 3);
-    luaL_argcheck(L, n >= 1, 3, "no statements");
-    gw_co_current(L);
-    if (tx != NULL && tx->state == LPG_TX_ENDED) {
-        return push_tx_ended(L);
+    if (!lua_isyieldable(L)) {
+        /* as h:begin(): refuse before a transaction is queued */
+        return luaL_error(L, "attempt to yield across a C-call boundary");
     }
+    luaL_checktype(L, 2, LUA_TTABLE);
+    n = (int)lua_objlen(L, 2);
+    luaL_argcheck(L, n >= 1, 2, "no statements");
+    gw_co_current(L);
     if ((i = pool_fail_fast(L, pg)) != 0) {
         return i;
     }
-    lua_settop(L, 3);
+    lua_settop(L, 2);
     for (i = 0; i < n; i++) {            /* nothing raises past here */
         int bad = 0;
 
-        lua_rawgeti(L, 3, i + 1);
-        if (lua_istable(L, 4)) {
-            lua_rawgeti(L, 4, 1);
-            lua_rawgeti(L, 4, 2);
-            bad = !lua_isstring(L, 5)
-                  || !(lua_isnil(L, 6) || lua_istable(L, 6))
-                  || (lua_istable(L, 6) && gw_store_vals_unbindable(L, 6));
+        lua_rawgeti(L, 2, i + 1);
+        if (lua_istable(L, 3)) {
+            lua_rawgeti(L, 3, 1);
+            lua_rawgeti(L, 3, 2);
+            bad = !lua_isstring(L, 4)
+                  || !(lua_isnil(L, 5) || lua_istable(L, 5))
+                  || (lua_istable(L, 5) && gw_store_vals_unbindable(L, 5));
         } else {
             bad = 1;
         }
-        if (!bad && controls_tx(lua_tostring(L, 5))) {
-            lua_settop(L, 3);
-            lua_newtable(L);
+        if (!bad && controls_tx(lua_tostring(L, 4))) {
+            lua_settop(L, 2);
+            lua_pushboolean(L, 0);
             lua_pushinteger(L, i + 1);
             gw_push_error(L, "misuse", 0, "postgres: transaction control"
                           " in SQL (statement %d of the job): it belongs"
@@ -2816,7 +2843,7 @@ lpg_tx_exec_batch(lua_State *L)
             lua_remove(L, -2);             /* the nil before the err */
             return 3;
         }
-        lua_settop(L, 3);
+        lua_settop(L, 2);
         if (bad) {
             return gw_push_error(L, "misuse", 0, "postgres: statement %d"
                                  " of the batch is not { sql, params }"
@@ -2824,54 +2851,60 @@ lpg_tx_exec_batch(lua_State *L)
         }
     }
     b = calloc(1, sizeof(*b));
-    if (b == NULL || (b->ops = calloc((size_t)n, sizeof(*b->ops))) == NULL)
+    if (b == NULL
+        || (b->ops = calloc((size_t)n + 1, sizeof(*b->ops))) == NULL)
     {
         free(b);
         return gw_push_error(L, "unavailable", 0, "postgres: out of memory");
     }
-    for (i = 0; i < n; i++) {            /* each checked above */
-        struct lpg_op *op;
-
-        lua_rawgeti(L, 3, i + 1);
-        lua_rawgeti(L, 4, 1);              /* 5: sql */
-        lua_rawgeti(L, 4, 2);              /* 6: params */
-        op = new_op(L, 5, 6, LPG_OP_STMT); /* NULL: out of memory */
-        lua_settop(L, 3);
-        if (op == NULL || op_unsendable(op, msg, sizeof(msg))) {
-            /* nothing queued: a segment's statements are all sent */
-            if (op != NULL) {
-                op_free(op);
-            }
-            while (first != NULL) {
-                struct lpg_op *next = first->next;
-
-                op_free(first);
-                first = next;
-            }
-            free(b->ops);
-            free(b);
-            if (op == NULL) {
-                return gw_push_error(L, "unavailable", 0, "postgres: out"
-                                     " of memory");
-            }
-            lua_newtable(L);
-            lua_pushinteger(L, i + 1);
-            gw_push_error(L, "misuse", 0, "%s (statement %d of the job)",
-                          msg, i + 1);
-            lua_remove(L, -2);             /* the nil before the err */
-            return 3;
+    lua_pushliteral(L, "BEGIN");         /* 3 */
+    first = last = new_op(L, 3, 0, LPG_OP_STMT);
+    lua_settop(L, 2);
+    msg[0] = '\0';
+    for (i = 0; first != NULL && i < n; i++) {  /* each checked above */
+        lua_rawgeti(L, 2, i + 1);
+        lua_rawgeti(L, 3, 1);              /* 4: sql */
+        lua_rawgeti(L, 3, 2);              /* 5: params */
+        op = new_op(L, 4, 5, LPG_OP_STMT); /* NULL: out of memory */
+        lua_settop(L, 2);
+        if (op == NULL) {
+            break;
         }
-        op->txid = txid;
-        op->batch = b;
-        op->batch_i = i;
-        if (last != NULL) {
-            last->next = op;
-        } else {
+        last->next = op;
+        last = op;
+        op->batch_i = i + 1;
+        if (op_unsendable(op, msg, sizeof(msg))) {
+            break;
+        }
+    }
+    tx = i == n && first != NULL
+         ? gw_store_tx_new(gw_co_current(L), pg, tx_abandon) : NULL;
+    if (tx == NULL) {
+        /* nothing queued: a segment's statements are all sent */
+        while (first != NULL) {
+            op = first->next;
+            op_free(first);
             first = op;
         }
-        last = op;
+        free(b->ops);
+        free(b);
+        if (msg[0] == '\0') {
+            return gw_push_error(L, "unavailable", 0, "postgres: out of"
+                                 " memory");
+        }
+        lua_pushboolean(L, 0);
+        lua_pushinteger(L, i + 1);
+        gw_push_error(L, "misuse", 0, "%s (statement %d of the job)", msg,
+                      i + 1);
+        lua_remove(L, -2);                 /* the nil before the err */
+        return 3;
     }
-    b->n = b->left = n;
+    first->tx_begin = 1;
+    for (op = first; op != NULL; op = op->next) {
+        op->txid = tx->id;
+        op->batch = b;
+    }
+    b->n = b->left = n + 1;
     b->co = gw_co_current(L);
     wq_append(pg, first, last);
     dispatch(pg);                        /* answers come on later turns */
@@ -2922,7 +2955,7 @@ static const luaL_Reg lpg_methods[] = {
     { "script", lpg_script },
     { "begin", lpg_begin },
     { "tx_exec", lpg_tx_exec },
-    { "tx_exec_batch", lpg_tx_exec_batch },
+    { "begin_atomic", lpg_begin_atomic },
     { "tx_query", lpg_tx_query },
     { "tx_script", lpg_tx_script },
     { "commit", lpg_commit },
