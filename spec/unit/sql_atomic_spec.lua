@@ -429,7 +429,7 @@ if servers.have_postgres() then
       assert(db:exec("DELETE FROM log"))
       for _, word in ipairs({ "commit", "  /* a /* nested */ one */ ROLLBACK",
                               "-- a note\nEND", "savepoint s1",
-                              "RELEASE s1", "PREPARE\n TRANSACTION 'x'",
+                              "RELEASE s1", "PREPARE /* c */\n TRANSACTION 'x'",
                               "start transaction", "Abort", "BEGIN" }) do
         local before = turns()
         local res, err = db:atomic({

@@ -1377,7 +1377,7 @@ conn_send(struct lpg_conn *c, struct lpg_op *op)
                      op->in_sp ? "\n;RELEASE SAVEPOINT gw_s" : "");
         }
         rc = PQexitPipelineMode(c->pc) == 1 && PQsendQuery(c->pc, text) == 1;
-        c->pg->round_trips++;
+        c->pg->round_trips += rc;
         if (text != op->sql) {
             free(text);
         }
@@ -2716,40 +2716,26 @@ batch_cancel(void *arg)
     b->co = NULL;
 }
 
-/* Does sql (one statement: the extended protocol takes no more) control
- * the transaction it runs in -- BEGIN, START TRANSACTION, COMMIT, END,
- * ROLLBACK, ABORT, SAVEPOINT, RELEASE, PREPARE TRANSACTION? Its first
- * word, past blanks and comments (-- to the end of the line; nested
- * block comments), tells: no other statement can end a transaction
- * block (a procedure or a DO block that tries is refused by the server
- * inside one). Unterminated comments answer no: the server refuses
- * them as a syntax error. */
-static int
-controls_tx(const char *sql)
+/* p past blanks and comments (-- to the end of the line; nested block
+ * comments), or NULL at an unterminated block comment. */
+static const char *
+skip_blank(const char *p)
 {
-    static const char *const words[] = {
-        "BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT",
-        "SAVEPOINT", "RELEASE"
-    };
-    const char *p = sql;
-    size_t      n, i;
-
     for (;;) {
         while (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r'
                || *p == '\f' || *p == '\v') {
             p++;
         }
         if (p[0] == '-' && p[1] == '-') {
-            p = strchr(p, '\n');
-            if (p == NULL) {
-                return 0;
+            while (*p != '\0' && *p != '\n') {
+                p++;
             }
         } else if (p[0] == '/' && p[1] == '*') {
             int depth = 1;
 
             for (p += 2; depth > 0; p++) {
                 if (*p == '\0') {
-                    return 0;
+                    return NULL;
                 }
                 if (p[0] == '/' && p[1] == '*') {
                     depth++;
@@ -2760,25 +2746,54 @@ controls_tx(const char *sql)
                 }
             }
         } else {
-            break;
+            return p;
         }
     }
-    for (n = 0; (p[n] >= 'a' && p[n] <= 'z') || (p[n] >= 'A' && p[n] <= 'Z')
-                || (p[n] >= '0' && p[n] <= '9') || p[n] == '_'; n++) {
+}
+
+/* The length of the word (letters, digits, _) at p. */
+static size_t
+word_len(const char *p)
+{
+    size_t n = 0;
+
+    while ((p[n] >= 'a' && p[n] <= 'z') || (p[n] >= 'A' && p[n] <= 'Z')
+           || (p[n] >= '0' && p[n] <= '9') || p[n] == '_') {
+        n++;
     }
+    return n;
+}
+
+/* Does sql (one statement: the extended protocol takes no more) control
+ * the transaction it runs in -- BEGIN, START TRANSACTION, COMMIT, END,
+ * ROLLBACK, ABORT, SAVEPOINT, RELEASE, PREPARE TRANSACTION? Its first
+ * word, past blanks and comments, tells: no other statement can end a
+ * transaction block (a procedure or a DO block that tries is refused by
+ * the server inside one). An unterminated comment answers no: the server
+ * refuses it as a syntax error. */
+static int
+controls_tx(const char *sql)
+{
+    static const char *const words[] = {
+        "BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT",
+        "SAVEPOINT", "RELEASE"
+    };
+    const char *p = skip_blank(sql);
+    size_t      n, i;
+
+    if (p == NULL) {
+        return 0;
+    }
+    n = word_len(p);
     for (i = 0; i < sizeof(words) / sizeof(words[0]); i++) {
         if (strlen(words[i]) == n && strncasecmp(p, words[i], n) == 0) {
             return 1;
         }
     }
     if (n == 7 && strncasecmp(p, "PREPARE", 7) == 0) {
-        p += 7;
-        while (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r') {
-            p++;
-        }
-        return strncasecmp(p, "TRANSACTION", 11) == 0
-               && !((p[11] >= 'a' && p[11] <= 'z')
-                    || (p[11] >= 'A' && p[11] <= 'Z') || p[11] == '_');
+        p = skip_blank(p + 7);
+        return p != NULL && word_len(p) == 11
+               && strncasecmp(p, "TRANSACTION", 11) == 0;
     }
     return 0;
 }
