@@ -430,6 +430,8 @@ if servers.have_postgres() then
       for _, word in ipairs({ "commit", "  /* a /* nested */ one */ ROLLBACK",
                               "-- a note\nEND", "savepoint s1",
                               "RELEASE s1", "PREPARE /* c */\n TRANSACTION 'x'",
+                              ";COMMIT", " ; ;COMMIT", "-- x\rCOMMIT",
+                              ";ROLLBACK",
                               "start transaction", "Abort", "BEGIN" }) do
         local before = turns()
         local res, err = db:atomic({
@@ -496,13 +498,72 @@ if servers.have_postgres() then
       assert.is_nil(res)
       assert.equal(2, err.index)
       assert.equal("unique", err.reason)
-      -- statements 3..65 were in flight behind it (aborted); none after
+      -- statements 3..63 went out in its segment (skipped); none after
       -- them was sent, nor run in the transaction after an undo
       assert.equal(2, assert(db:query("SELECT nextval('after_fail') AS v"))[1].v)
       -- its rollback went through: the same session serves on
       assert.equal(pid, assert(db:query("SELECT pg_backend_pid() AS p"))[1].p)
       assert(db:atomic({ { "INSERT INTO seen (k) VALUES ('after3')", expect = 1 } }))
       assert.equal(2, count(db, "seen"))
+    end)
+
+    -- The server flushes a segment's answers every 8 KB: big rows ahead
+    -- of a failure make them come in several reads. The next segment
+    -- starts only once the whole one before is answered, so it is never
+    -- cut short by the failure, without its Sync (the connection was
+    -- then lost to a pipeline left aborted).
+    it("a failure behind big answers stops the job cleanly past 64 statements", function()
+      assert(db:exec_script("DROP SEQUENCE IF EXISTS after_big;"
+                            .. " CREATE SEQUENCE after_big"))
+      local pid = assert(db:query("SELECT pg_backend_pid() AS p"))[1].p
+      local stmts = {}
+      for i = 1, 40 do
+        stmts[i] = { "SELECT repeat('x', 4000)" }
+      end
+      stmts[41] = { "SELECT 1 / 0", name = "zero" }
+      for i = 42, 130 do
+        stmts[i] = { "SELECT nextval('after_big')" }
+      end
+      local res, err = db:atomic(stmts)
+      assert.is_nil(res)
+      assert.equal(41, err.index)
+      assert.equal("zero", err.name)
+      assert.equal(1, assert(db:query("SELECT nextval('after_big') AS v"))[1].v)
+      assert.equal(pid, assert(db:query("SELECT pg_backend_pid() AS p"))[1].p)
+    end)
+
+    -- A serialization failure runs the job again (db.retries times), as
+    -- db:transaction does; nextval, not undone by a rollback, makes the
+    -- first try fail and the second pass
+    it("runs a job again after a serialization failure", function()
+      assert(db:exec("DELETE FROM log"))
+      assert(db:exec_script("DROP SEQUENCE IF EXISTS retry_seq;"
+                            .. " CREATE SEQUENCE retry_seq"))
+      local function raise(cond)
+        return { "DO $$ BEGIN IF " .. cond .. " THEN RAISE EXCEPTION"
+                 .. " 'try again' USING ERRCODE = '40001'; END IF; END $$",
+                 name = "flaky" }
+      end
+      local trips = db:stats().round_trips
+      assert(db:atomic({
+        { "INSERT INTO log (acct, note) VALUES ('R', 'once')" },
+        raise("nextval('retry_seq') = 1"),
+      }))
+      -- BEGIN with the job, ROLLBACK, again, COMMIT
+      assert.equal(trips + 4, db:stats().round_trips)
+      assert.same({ { note = "once" } }, assert(db:query(
+        "SELECT note FROM log WHERE acct = 'R'")))
+      -- failing every time: the last failure is the answer
+      trips = db:stats().round_trips
+      local _, err = db:atomic({
+        { "INSERT INTO log (acct, note) VALUES ('R', 'never')" },
+        raise("true"),
+      })
+      assert.equal("serialization", err.kind)
+      assert.equal(2, err.index)
+      assert.equal("flaky", err.name)
+      assert.equal(trips + 2 * db.retries, db:stats().round_trips)
+      assert.equal(1, count(db, "log"))
     end)
 
     -- prepared statements on the server, once the DEALLOCATEs pending

@@ -1824,8 +1824,12 @@ choose_conn(struct lpg_pool *pg, struct lpg_op *op, int *fail)
                 continue;
             }
             if (op->batch != NULL) {
-                /* right behind the previous one (checked above) */
-                return c->inflight < LPG_DEPTH ? c : NULL;
+                /* right behind the previous one (checked above); a
+                 * segment starts on an idle connection only, so it goes
+                 * out whole in one dispatch pass: a failure read while
+                 * it went out would stop it before its Sync */
+                return c->inflight < (op->batch_i % LPG_DEPTH == 0
+                                      ? 1 : LPG_DEPTH) ? c : NULL;
             }
             return c->inflight == 0 ? c : NULL;
         }
@@ -2716,18 +2720,20 @@ batch_cancel(void *arg)
     b->co = NULL;
 }
 
-/* p past blanks and comments (-- to the end of the line; nested block
- * comments), or NULL at an unterminated block comment. */
+/* p past blanks and comments (-- to the end of the line, which \r ends
+ * too for the server's lexer; nested block comments) and, with semis,
+ * empty statements (the server takes ";COMMIT" as one command), or NULL
+ * at an unterminated block comment. */
 static const char *
-skip_blank(const char *p)
+skip_blank(const char *p, int semis)
 {
     for (;;) {
         while (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r'
-               || *p == '\f' || *p == '\v') {
+               || *p == '\f' || *p == '\v' || (semis && *p == ';')) {
             p++;
         }
         if (p[0] == '-' && p[1] == '-') {
-            while (*p != '\0' && *p != '\n') {
+            while (*p != '\0' && *p != '\n' && *p != '\r') {
                 p++;
             }
         } else if (p[0] == '/' && p[1] == '*') {
@@ -2767,10 +2773,10 @@ word_len(const char *p)
 /* Does sql (one statement: the extended protocol takes no more) control
  * the transaction it runs in -- BEGIN, START TRANSACTION, COMMIT, END,
  * ROLLBACK, ABORT, SAVEPOINT, RELEASE, PREPARE TRANSACTION? Its first
- * word, past blanks and comments, tells: no other statement can end a
- * transaction block (a procedure or a DO block that tries is refused by
- * the server inside one). An unterminated comment answers no: the server
- * refuses it as a syntax error. */
+ * word, past blanks, comments and empty statements, tells: no other
+ * statement can end a transaction block (a procedure or a DO block that
+ * tries is refused by the server inside one). An unterminated comment
+ * answers no: the server refuses it as a syntax error. */
 static int
 controls_tx(const char *sql)
 {
@@ -2778,7 +2784,7 @@ controls_tx(const char *sql)
         "BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT",
         "SAVEPOINT", "RELEASE"
     };
-    const char *p = skip_blank(sql);
+    const char *p = skip_blank(sql, 1);
     size_t      n, i;
 
     if (p == NULL) {
@@ -2791,7 +2797,7 @@ controls_tx(const char *sql)
         }
     }
     if (n == 7 && strncasecmp(p, "PREPARE", 7) == 0) {
-        p = skip_blank(p + 7);
+        p = skip_blank(p + 7, 0);
         return p != NULL && word_len(p) == 11
                && strncasecmp(p, "TRANSACTION", 11) == 0;
     }
