@@ -517,7 +517,10 @@ local function run()
   local results = {}
   local one_commit
   for _, e in ipairs(engines) do
-    if e == "sqlite" then one_commit = one_commit_rate(tmp) end
+    if e == "sqlite" then
+      one_commit = one_commit_rate(tmp)
+      break
+    end
   end
   if one_commit then
     print(("%-8s %-7s %-24s %8.0f   (single-row inserts, one commit each:"

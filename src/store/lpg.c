@@ -2804,6 +2804,19 @@ controls_tx(const char *sql)
     return 0;
 }
 
+/* begin_atomic's answer for a job refused before anything was sent:
+ * false, index, a misuse error naming the statement. */
+static int
+push_refused(lua_State *L, int index, const char *why)
+{
+    lua_pushboolean(L, 0);
+    lua_pushinteger(L, index);
+    gw_push_error(L, "misuse", 0, "%s (statement %d of the job)", why,
+                  index);
+    lua_remove(L, -2);                   /* the nil before the err */
+    return 3;
+}
+
 /* h:begin_atomic({ { sql, params }, ... })
  *   -> txid, results, index, err  |  false, index, err  |  nil, err
  * db:atomic's transaction: BEGIN and the job's statements sent back to
@@ -2856,13 +2869,8 @@ lpg_begin_atomic(lua_State *L)
         }
         if (!bad && controls_tx(lua_tostring(L, 4))) {
             lua_settop(L, 2);
-            lua_pushboolean(L, 0);
-            lua_pushinteger(L, i + 1);
-            gw_push_error(L, "misuse", 0, "postgres: transaction control"
-                          " in SQL (statement %d of the job): it belongs"
-                          " to db:transaction()", i + 1);
-            lua_remove(L, -2);             /* the nil before the err */
-            return 3;
+            return push_refused(L, i + 1, "postgres: transaction control"
+                                " in SQL: it belongs to db:transaction()");
         }
         lua_settop(L, 2);
         if (bad) {
@@ -2913,12 +2921,7 @@ lpg_begin_atomic(lua_State *L)
             return gw_push_error(L, "unavailable", 0, "postgres: out of"
                                  " memory");
         }
-        lua_pushboolean(L, 0);
-        lua_pushinteger(L, i + 1);
-        gw_push_error(L, "misuse", 0, "%s (statement %d of the job)", msg,
-                      i + 1);
-        lua_remove(L, -2);                 /* the nil before the err */
-        return 3;
+        return push_refused(L, i + 1, msg);
     }
     first->tx_begin = 1;
     for (op = first; op != NULL; op = op->next) {
