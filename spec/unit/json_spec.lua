@@ -135,6 +135,40 @@ describe("paygate.json.decode, strictly RFC 8259", function()
     assert.equal(-1.5e-3, json.decode(" \t\r\n-1.5E-3 \n"))
   end)
 
+  -- objects are made the size the last object with the same first key
+  -- had (a hint): whatever the hint says, every member is there
+  it("decodes objects of one first key and many sizes whole", function()
+    local function obj(first, n, extra)
+      local t, parts = {}, {}
+      for i = 1, n do
+        local k = i == 1 and first or ("m" .. i .. (extra or ""))
+        t[k] = i
+        parts[#parts + 1] = cjson.encode(k) .. ":" .. i
+      end
+      return "{" .. table.concat(parts, ",") .. "}", t
+    end
+    local firsts = { "a", "out_trade_no", "out_trade_x", "out_trad",
+                     "", "k\\\"q", "\u{e9}t\u{e9}", "id" }
+    for _, first in ipairs(firsts) do
+      local key = cjson.decode('"' .. first .. '"')
+      -- 1, 200, 3, 65, 2 ... members: each after another size
+      for _, n in ipairs{ 1, 200, 3, 65, 2, 64, 17, 1, 9, 9 } do
+        local text, want = obj(key, n, first)
+        assert.same(want, json.decode(text), first .. "/" .. n)
+        -- the same shape nested, and in an array of its own kind
+        local two = assert(json.decode('{"x":' .. text .. ',"y":[' .. text
+                                       .. "," .. text .. "]}"))
+        assert.same({ x = want, y = { want, want } }, two)
+      end
+    end
+    -- duplicate keys count as members; the last still wins
+    assert.same({ a = 3, b = 1 }, json.decode('{"a":1,"b":1,"a":2,"a":3}'))
+    assert.same({ a = 1 }, json.decode('{"a":1}'))
+    -- a first key at the end of the text, shorter than a word
+    assert.same({ k = {} }, json.decode('{"k":{}}'))
+    assert.is_nil((json.decode('{"ab')))
+  end)
+
   it("nests 1000 deep and no deeper", function()
     local ok = ("["):rep(1000) .. ("]"):rep(1000)
     assert.is_table(json.decode(ok))
