@@ -18,7 +18,8 @@ local opts = not conf.replay and { replay = false } or nil
 
 if conf.verify_only or conf.raw_steps then
   -- the issue's ceiling: the signature verified (the platform public key,
-  -- the same headers and body), nothing decrypted or parsed
+  -- the same headers and body), nothing decrypted or parsed; or, raw
+  -- steps, that and the bare decode, decrypt and decode after it
   local crypto = require "paygate.crypto"
   local json = require "paygate.json"
   local verify = require "paygate.wechatpay.verify"

@@ -12,6 +12,10 @@
 -- cjson.null); \u escapes become UTF-8 (a lone surrogate is refused).
 -- A string's other bytes are kept as they are: they are not checked as
 -- UTF-8 (nor were they by cjson); the encoder writes bad UTF-8 as U+FFFD.
+-- An object's tables are sized after the last object decoded with the
+-- same first key, so pairs() may walk two decodes of one text in
+-- different orders: rely on keys, never on their order (json.encode
+-- writes a table's keys in pairs() order).
 local core = require "paygate.core"
 local jcore = require "paygate.json.core"
 local type, error = type, error

@@ -4,11 +4,13 @@ local cjson = require "cjson"
 local core = require "paygate.core"
 
 describe("paygate.json.decode", function()
-  -- the string scan reads eight bytes at a time: every byte it must stop
-  -- at ('"', '\\', a control byte), at every offset within a word, in
-  -- strings of every length around a word, next to bytes >= 0x80
+  -- the string scan reads sixteen bytes at a time, then eight: every byte
+  -- it must stop at ('"', '\\', a control byte), at every offset within
+  -- a block, in strings of every length around one, next to bytes that
+  -- neighbour the stop bytes (' ', '!', '#', '[', ']', 0x7f, 0x80, 0xff)
   it("finds quotes, escapes and control bytes at any offset", function()
-    local fill = { "a", "\xc3\xa9", "~", "\x7f", "\xff" }
+    local fill = { "a", "\xc3\xa9", "~", "\x7f", "\xff", " ", "!", "#",
+                   "[", "]", "\x80" }
     for len = 0, 40 do
       for _, f in ipairs(fill) do
         local base = f:rep(len):sub(1, len)
@@ -161,12 +163,40 @@ describe("paygate.json.decode, strictly RFC 8259", function()
         assert.same({ x = want, y = { want, want } }, two)
       end
     end
-    -- duplicate keys count as members; the last still wins
+    -- duplicate keys count as members (for the hint); the last still wins
     assert.same({ a = 3, b = 1 }, json.decode('{"a":1,"b":1,"a":2,"a":3}'))
     assert.same({ a = 1 }, json.decode('{"a":1}'))
     -- a first key at the end of the text, shorter than a word
     assert.same({ k = {} }, json.decode('{"k":{}}'))
     assert.is_nil((json.decode('{"ab')))
+  end)
+
+  -- hints come from earlier texts, which may be hostile: one that sets a
+  -- large hint for a first key, then a chain of small objects under that
+  -- key, must cost what the chain costs unprimed, not 16 times more
+  it("keeps hinted table sizes within what the text can hold", function()
+    local chain = ('{"x":'):rep(990) .. "0" .. ("}"):rep(990)
+    local function held(text)
+      collectgarbage("collect")
+      local before = collectgarbage("count")
+      local v = assert(json.decode(text))
+      collectgarbage("collect")
+      local kb = collectgarbage("count") - before
+      assert.is_table(v)
+      return kb
+    end
+    local plain = held((chain:gsub('"x"', '"w"')))  -- a key never hinted
+    local distinct = { '"x":0' }
+    for i = 1, 63 do distinct[#distinct + 1] = '"k' .. i .. '":0' end
+    for _, prime in ipairs{
+      "{" .. ('"x":0,'):rep(63) .. '"x":0}',          -- one key, repeated
+      "{" .. table.concat(distinct, ",") .. "}",      -- 64 keys
+    } do
+      assert.is_table(json.decode(prime))
+      local primed = held(chain)
+      assert.is_true(primed < 1.5 * plain, ("%.0f KB primed, %.0f KB"
+        .. " unprimed"):format(primed, plain))
+    end
   end)
 
   it("nests 1000 deep and no deeper", function()

@@ -471,6 +471,7 @@ struct json_dec {
     const unsigned char *end;   /* one past the last */
     const unsigned char *start; /* the text (for positions) */
     int                  depth; /* containers open */
+    size_t               hinted; /* table slots hints may still add */
     const char          *err;   /* what went wrong, or NULL */
     const unsigned char *at;    /* where */
 };
@@ -782,8 +783,14 @@ static int dec_value(lua_State *L, struct json_dec *d);
  * word before the key is decoded, pick a slot here, which remembers how
  * many members the last object so begun had. A wrong hint (another shape
  * with the same first key) only sizes a table wrong, as the fixed guess
- * of 4 did before: never more than JSON_HINT_MAX slots. Per process, the
- * loop thread's: no lock.
+ * of 4 did before: never more than JSON_HINT_MAX slots. Hints are set by
+ * what was decoded before, which may be hostile: hints above 4 spend a
+ * budget of one slot per 4 bytes of the text (an honest object has at
+ * most that many members), so a text primed for large hints and then
+ * nesting many small objects costs no more memory than its size allows.
+ * A decoded object's pairs() order may differ with its table's size, so
+ * with the hints: JSON objects have no order, and neither do Lua tables.
+ * Per process, the loop thread's: no lock.
  */
 #define JSON_HINTS    128
 #define JSON_HINT_MAX 64
@@ -832,7 +839,7 @@ dec_object(lua_State *L, struct json_dec *d)
 {
     uint64_t tag;
     unsigned slot;
-    int n = 0;
+    int n = 0, size = 4;
 
     d->p++;                                 /* '{' */
     dec_ws(d);
@@ -843,8 +850,17 @@ dec_object(lua_State *L, struct json_dec *d)
     }
     tag = d->p < d->end && *d->p == '"' ? json_hint_tag(d->p + 1, d->end) : 0;
     slot = json_hint_slot(tag);
-    lua_createtable(L, 0, tag != 0 && json_hints[slot].tag == tag
-                          ? json_hints[slot].n : 4);
+    if (tag != 0 && json_hints[slot].tag == tag) {
+        size = json_hints[slot].n;
+        if (size > 4) {
+            if ((size_t) size <= d->hinted) {
+                d->hinted -= (size_t) size;
+            } else {
+                size = 4;           /* the budget is spent */
+            }
+        }
+    }
+    lua_createtable(L, 0, size);
     for (;;) {
         if (d->p >= d->end || *d->p != '"') {
             return dec_fail(d, "expected a string key");
@@ -981,6 +997,7 @@ ljson_decode(lua_State *L)
     d.start = d.p = (const unsigned char *) text;
     d.end = d.p + len;
     d.depth = 0;
+    d.hinted = len / 4;
     d.err = NULL;
     d.at = NULL;
     lua_settop(L, 1);
