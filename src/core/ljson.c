@@ -538,6 +538,16 @@ dec_hex4(struct json_dec *d, unsigned *out)
 #define JSON_ONES  0x0101010101010101ULL
 #define JSON_HIGHS 0x8080808080808080ULL
 
+/* The high bit of each byte of w that is c, and maybe of bytes above the
+ * first such one (a borrow): the lowest set bit is always exact. */
+static inline uint64_t
+json_word_has(uint64_t w, unsigned char c)
+{
+    uint64_t x = w ^ (JSON_ONES * c);
+
+    return (x - JSON_ONES) & ~x & JSON_HIGHS;
+}
+
 static inline const unsigned char *
 dec_str_scan(const unsigned char *p, const unsigned char *end)
 {
@@ -560,13 +570,11 @@ dec_str_scan(const unsigned char *p, const unsigned char *end)
     }
 #endif
     while (end - p >= 8) {
-        uint64_t w, q, b, hit;
+        uint64_t w, hit;
 
         memcpy(&w, p, 8);
-        q = w ^ (JSON_ONES * '"');
-        b = w ^ (JSON_ONES * '\\');
-        hit = (((q - JSON_ONES) & ~q) | ((b - JSON_ONES) & ~b)
-               | ((w - JSON_ONES * 0x20) & ~w)) & JSON_HIGHS;
+        hit = json_word_has(w, '"') | json_word_has(w, '\\')
+              | ((w - JSON_ONES * 0x20) & ~w & JSON_HIGHS);
         if (hit != 0) {
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
             return p + __builtin_ctzll(hit) / 8;
@@ -807,25 +815,26 @@ static struct {
 static inline uint64_t
 json_hint_tag(const unsigned char *p, const unsigned char *end)
 {
-    uint64_t w, q, m;
-
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    (void) p;
+    (void) end;
     return 0;                   /* the tag's byte order: no hints there */
-#endif
+#else
+    uint64_t w, m;
+
     if (end - p < 8) {
         return 0;
     }
     memcpy(&w, p, 8);
-    q = w ^ (JSON_ONES * '"');
-    m = (q - JSON_ONES) & ~q & JSON_HIGHS;  /* the high bit of each '"' */
+    m = json_word_has(w, '"');
     if (m != 0) {
-        /* keep the bytes before the first quote: the lowest set bit is
-         * the first quote's (a borrow only adds bits above it) */
+        /* keep the bytes before the first quote */
         unsigned keep = (unsigned) __builtin_ctzll(m) / 8;
 
         w = keep == 0 ? 0 : w & (~0ULL >> (64 - keep * 8));
     }
     return w;
+#endif
 }
 
 static inline unsigned
