@@ -982,7 +982,7 @@ on_stream_wake(evutil_socket_t fd, short what, void *arg)
 static struct gw_http_op *
 stream_check(lua_State *L, const char *what)
 {
-    struct gw_http_stream *ud = luaL_checkudata(L, 1, LSTREAM_MT);
+    struct gw_http_stream *ud = gw_checkudata(L, 1, LSTREAM_MT);
 
     if (ud->op == NULL) {
         luaL_error(L, "http stream:%s: the stream is closed", what);
@@ -1072,7 +1072,7 @@ lstream_time(lua_State *L)
 static int
 lstream_close(lua_State *L)
 {
-    struct gw_http_stream *ud = luaL_checkudata(L, 1, LSTREAM_MT);
+    struct gw_http_stream *ud = gw_checkudata(L, 1, LSTREAM_MT);
 
     if (ud->op != NULL) {
         if (ud->op->co != NULL) {
@@ -1088,7 +1088,7 @@ lstream_close(lua_State *L)
 static int
 lstream_gc(lua_State *L)
 {
-    struct gw_http_stream *ud = luaL_checkudata(L, 1, LSTREAM_MT);
+    struct gw_http_stream *ud = gw_checkudata(L, 1, LSTREAM_MT);
 
     if (ud->op != NULL) {
         ud->op->co = NULL;

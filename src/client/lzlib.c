@@ -180,7 +180,7 @@ lz_run(lua_State *L, struct gw_lz *z, int finishing)
 static struct gw_lz *
 lz_check(lua_State *L, const char *what)
 {
-    struct gw_lz *z = luaL_checkudata(L, 1, LZ_MT);
+    struct gw_lz *z = gw_checkudata(L, 1, LZ_MT);
 
     if (z->state == LZ_FAILED) {
         luaL_error(L, "zlib inflate:%s: the stream failed or was closed",
@@ -225,7 +225,7 @@ lz_finish(lua_State *L)
 static int
 lz_gc(lua_State *L)
 {
-    struct gw_lz *z = luaL_checkudata(L, 1, LZ_MT);
+    struct gw_lz *z = gw_checkudata(L, 1, LZ_MT);
 
     z->state = LZ_FAILED;
     lz_free(z);

@@ -366,7 +366,7 @@ waiter_cancel(void *arg)
 static int
 ltask_wait(lua_State *L)
 {
-    struct gw_task *t = luaL_checkudata(L, 1, LTASK_MT);
+    struct gw_task *t = gw_checkudata(L, 1, LTASK_MT);
     struct gw_waiter *w;
     struct gw_co *co;
 
@@ -413,7 +413,7 @@ ltask_wait(lua_State *L)
 static int
 ltask_cancel(lua_State *L)
 {
-    struct gw_task *t = luaL_checkudata(L, 1, LTASK_MT);
+    struct gw_task *t = gw_checkudata(L, 1, LTASK_MT);
     struct gw_co *co = t->co;
 
     if (t->ended || co == NULL) {
@@ -436,7 +436,7 @@ ltask_cancel(lua_State *L)
 static int
 ltask_finished(lua_State *L)
 {
-    struct gw_task *t = luaL_checkudata(L, 1, LTASK_MT);
+    struct gw_task *t = gw_checkudata(L, 1, LTASK_MT);
 
     lua_pushboolean(L, t->ended);
     return 1;
@@ -445,7 +445,7 @@ ltask_finished(lua_State *L)
 static int
 ltask_gc(lua_State *L)
 {
-    struct gw_task *t = luaL_checkudata(L, 1, LTASK_MT);
+    struct gw_task *t = gw_checkudata(L, 1, LTASK_MT);
 
     if (t->results != LUA_NOREF) {
         luaL_unref(L, LUA_REGISTRYINDEX, t->results);
@@ -598,7 +598,7 @@ lcore_event(lua_State *L)
 static int
 levent_wait(lua_State *L)
 {
-    struct gw_event *e = luaL_checkudata(L, 1, LEVENT_MT);
+    struct gw_event *e = gw_checkudata(L, 1, LEVENT_MT);
     double secs = -1;
     struct gw_co *co;
     struct gw_evwaiter *w;
@@ -642,7 +642,7 @@ levent_wait(lua_State *L)
 static int
 levent_set(lua_State *L)
 {
-    struct gw_event *e = luaL_checkudata(L, 1, LEVENT_MT);
+    struct gw_event *e = gw_checkudata(L, 1, LEVENT_MT);
     int n = 0;
 
     e->sets++;
@@ -680,7 +680,7 @@ levent_set(lua_State *L)
 static int
 levent_waiters(lua_State *L)
 {
-    struct gw_event *e = luaL_checkudata(L, 1, LEVENT_MT);
+    struct gw_event *e = gw_checkudata(L, 1, LEVENT_MT);
     int n = 0;
 
     for (struct gw_evwaiter *w = e->waiting; w != NULL; w = w->next) {
@@ -694,7 +694,7 @@ levent_waiters(lua_State *L)
 static int
 levent_count(lua_State *L)
 {
-    struct gw_event *e = luaL_checkudata(L, 1, LEVENT_MT);
+    struct gw_event *e = gw_checkudata(L, 1, LEVENT_MT);
 
     lua_pushinteger(L, (lua_Integer) e->sets);
     return 1;
@@ -705,7 +705,7 @@ levent_count(lua_State *L)
 static int
 levent_gc(lua_State *L)
 {
-    struct gw_event *e = luaL_checkudata(L, 1, LEVENT_MT);
+    struct gw_event *e = gw_checkudata(L, 1, LEVENT_MT);
     struct gw_evwaiter **lists[2] = { &e->waiting, &e->fired };
 
     for (int i = 0; i < 2; i++) {

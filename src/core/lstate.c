@@ -5,6 +5,7 @@
 #include <limits.h>
 #include <math.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -324,6 +325,116 @@ gw_opt_string(lua_State *L, int idx, const char *fn, const char *name)
     return s;
 }
 
+/* gw_testudata's memory: the metatable of each type name seen, for one
+ * state. Only the loop thread runs Lua, so no lock. A new state (which
+ * may reuse a closed one's addresses) makes every entry stale. */
+#define GW_UDATA_SLOTS 64
+static struct {
+    const char *tname;              /* the caller's literal (by address) */
+    const void *registry;           /* the state's registry table */
+    unsigned    gen;                /* ... and its gw_lstate_new count */
+    const void *mt;                 /* registry[tname] */
+} udata_seen[GW_UDATA_SLOTS];
+static unsigned lstate_gen = 1;
+
+void *
+gw_testudata(lua_State *L, int idx, const char *tname)
+{
+    size_t      slot = ((uintptr_t)tname >> 3) % GW_UDATA_SLOTS;
+    const void *reg, *mt;
+    void       *p;
+    int         same;
+
+    if (lua_type(L, idx) != LUA_TUSERDATA) {
+        return NULL;
+    }
+    p = lua_touserdata(L, idx);     /* before a push moves a relative idx */
+    if (!lua_getmetatable(L, idx)) {
+        return NULL;
+    }
+    mt = lua_topointer(L, -1);
+    reg = lua_topointer(L, LUA_REGISTRYINDEX);
+    if (udata_seen[slot].tname == tname && udata_seen[slot].registry == reg
+        && udata_seen[slot].gen == lstate_gen)
+    {
+        lua_pop(L, 1);
+        return mt == udata_seen[slot].mt ? p : NULL;
+    }
+    lua_getfield(L, LUA_REGISTRYINDEX, tname);
+    same = lua_rawequal(L, -1, -2);
+    if (lua_istable(L, -1)) {      /* registered: remember it */
+        udata_seen[slot].tname = tname;
+        udata_seen[slot].registry = reg;
+        udata_seen[slot].gen = lstate_gen;
+        udata_seen[slot].mt = lua_topointer(L, -1);
+    }
+    lua_pop(L, 2);
+    return same ? p : NULL;
+}
+
+void *
+gw_checkudata(lua_State *L, int idx, const char *tname)
+{
+    void *p = gw_testudata(L, idx, tname);
+
+    return p != NULL ? p : luaL_checkudata(L, idx, tname);
+}
+
+/* gw_pushkey's memory: literal (by address) -> registry ref of its
+ * string, for one state (as udata_seen). */
+static struct {
+    const char *k;
+    const void *registry;
+    unsigned    gen;
+    int         ref;
+} keys_seen[GW_UDATA_SLOTS];
+
+void
+gw_pushkey(lua_State *L, const char *k)
+{
+    size_t      slot = ((uintptr_t)k >> 2) % GW_UDATA_SLOTS;
+    const void *reg = lua_topointer(L, LUA_REGISTRYINDEX);
+
+    if (keys_seen[slot].k == k && keys_seen[slot].registry == reg
+        && keys_seen[slot].gen == lstate_gen)
+    {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, keys_seen[slot].ref);
+        return;
+    }
+    if (keys_seen[slot].registry == reg && keys_seen[slot].gen == lstate_gen)
+    {
+        /* another key of this state had the slot: free its ref */
+        luaL_unref(L, LUA_REGISTRYINDEX, keys_seen[slot].ref);
+    }
+    lua_pushstring(L, k);
+    lua_pushvalue(L, -1);
+    keys_seen[slot].k = k;
+    keys_seen[slot].registry = reg;
+    keys_seen[slot].gen = lstate_gen;
+    keys_seen[slot].ref = luaL_ref(L, LUA_REGISTRYINDEX);
+}
+
+void
+gw_getfield(lua_State *L, int idx, const char *k)
+{
+    if (idx < 0 && idx > LUA_REGISTRYINDEX) {
+        idx--;                          /* below the key pushed next */
+    }
+    gw_pushkey(L, k);
+    lua_gettable(L, idx);
+}
+
+void
+gw_setfield(lua_State *L, int idx, const char *k)
+{
+    if (idx < 0 && idx > LUA_REGISTRYINDEX) {
+        idx--;
+    }
+    gw_pushkey(L, k);
+    lua_insert(L, -2);                  /* key below the value */
+    lua_settable(L, idx);
+}
+
 lua_State *
 gw_lstate_new(const char *app_dir, const luaL_Reg *preload)
 {
@@ -333,6 +444,7 @@ gw_lstate_new(const char *app_dir, const luaL_Reg *preload)
     if (L == NULL) {
         return NULL;
     }
+    lstate_gen++;
     luaL_openlibs(L);
     seed_math_random(L);
 

@@ -19,6 +19,23 @@ const char *gw_lua_dir(void);
  * Returns NULL when out of memory. */
 lua_State *gw_lstate_new(const char *app_dir, const luaL_Reg *preload);
 
+/* luaL_testudata / luaL_checkudata without the registry lookup by name
+ * on every call (Lua's own interns tname each time: a string-table walk
+ * per method call on a hot path). The metatable found for tname is
+ * remembered per state (states are told apart by their registry and by
+ * a count of gw_lstate_new calls); a miss takes Lua's own path, and so
+ * does the error: gw_checkudata raises Lua's own message. */
+void *gw_testudata(lua_State *L, int idx, const char *tname);
+void *gw_checkudata(lua_State *L, int idx, const char *tname);
+
+/* lua_getfield / lua_setfield for a key that is a string literal, on a
+ * hot path: the key's Lua string is kept (per state, like gw_testudata's
+ * memory) instead of interned again on every call. Same semantics
+ * (metamethods included); k must be a literal or live as long. */
+void gw_pushkey(lua_State *L, const char *k);
+void gw_getfield(lua_State *L, int idx, const char *k);
+void gw_setfield(lua_State *L, int idx, const char *k);
+
 /* The paygate.core module (lpaygate.c). */
 int luaopen_paygate_core(lua_State *L);
 

@@ -20,6 +20,7 @@
 #include <lua.h>
 #include <lauxlib.h>
 
+#include "lstate.h"
 #include "runtime.h"
 #include "crypto.h"
 #include "lobjects.h"
@@ -463,7 +464,7 @@ lcrypto_digest_new(lua_State *L)
 static struct gw_digest *
 gw_digest_check(lua_State *L)
 {
-    struct gw_digest *d = luaL_checkudata(L, 1, GW_DIGEST_MT);
+    struct gw_digest *d = gw_checkudata(L, 1, GW_DIGEST_MT);
 
     if (d->ctx == NULL) {
         luaL_error(L, "digest already finalized");
@@ -507,7 +508,7 @@ ldigest_final(lua_State *L)
 static int
 ldigest_gc(lua_State *L)
 {
-    struct gw_digest *d = luaL_checkudata(L, 1, GW_DIGEST_MT);
+    struct gw_digest *d = gw_checkudata(L, 1, GW_DIGEST_MT);
 
     EVP_MD_CTX_free(d->ctx);
     d->ctx = NULL;

@@ -188,8 +188,8 @@ gw_kr_entry_new(lua_State *L, const char *id, size_t idlen, int idx,
                 double not_before, double not_after, char *msg,
                 size_t msglen)
 {
-    struct gw_key *k = luaL_testudata(L, idx, GW_KEY_MT);
-    struct gw_cert *c = luaL_testudata(L, idx, GW_CERT_MT);
+    struct gw_key *k = gw_testudata(L, idx, GW_KEY_MT);
+    struct gw_cert *c = gw_testudata(L, idx, GW_CERT_MT);
     struct gw_keyinfo *src;
     struct gw_kr_entry *e;
     const char *kind;
@@ -290,7 +290,7 @@ gw_kr_check_id(lua_State *L, int idx, size_t *len)
 static int
 lkeyring_gc(lua_State *L)
 {
-    struct gw_keyring *kr = luaL_checkudata(L, 1, GW_KEYRING_MT);
+    struct gw_keyring *kr = gw_checkudata(L, 1, GW_KEYRING_MT);
 
     gw_kr_clear(kr);
     kr->closed = 1;
@@ -308,7 +308,7 @@ gw_kr_default(lua_State *L)
 static struct gw_keyring *
 gw_kr_self(lua_State *L)
 {
-    struct gw_keyring *kr = luaL_checkudata(L, 1, GW_KEYRING_MT);
+    struct gw_keyring *kr = gw_checkudata(L, 1, GW_KEYRING_MT);
 
     if (kr->closed) {
         luaL_argerror(L, 1, "key ring is closed");
@@ -421,7 +421,7 @@ gw_kr_op_replace(lua_State *L, struct gw_keyring *kr, int b)
         gw_kr_rawfield(L, -1, "id");
         gw_kr_check_id(L, lua_gettop(L), &len);
         gw_kr_rawfield(L, -2, "key");
-        if (luaL_testudata(L, -1, GW_KEY_MT) == NULL) {
+        if (gw_testudata(L, -1, GW_KEY_MT) == NULL) {
             gw_cert_check(L, lua_gettop(L));
         }
         gw_kr_rawfield(L, -3, "not_before");
@@ -871,7 +871,7 @@ lring_close(lua_State *L)
 static int
 lring_tostring(lua_State *L)
 {
-    struct gw_keyring *kr = luaL_checkudata(L, 1, GW_KEYRING_MT);
+    struct gw_keyring *kr = gw_checkudata(L, 1, GW_KEYRING_MT);
 
     if (kr->closed) {
         lua_pushliteral(L, "paygate.keyring.ring (closed)");

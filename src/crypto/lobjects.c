@@ -33,7 +33,7 @@
 struct gw_key *
 gw_key_check(lua_State *L, int idx)
 {
-    struct gw_key *k = luaL_checkudata(L, idx, GW_KEY_MT);
+    struct gw_key *k = gw_checkudata(L, idx, GW_KEY_MT);
 
     if (k->ki.pkey == NULL) {
         luaL_argerror(L, idx, "key handle is closed");
@@ -63,7 +63,7 @@ gw_key_push(lua_State *L, EVP_PKEY *pkey, int is_private)
 struct gw_keyinfo *
 gw_verifier_check(lua_State *L, int idx)
 {
-    struct gw_key *k = luaL_testudata(L, idx, GW_KEY_MT);
+    struct gw_key *k = gw_testudata(L, idx, GW_KEY_MT);
     struct gw_cert *c;
 
     if (k != NULL) {
@@ -72,7 +72,7 @@ gw_verifier_check(lua_State *L, int idx)
         }
         return &k->ki;
     }
-    c = luaL_testudata(L, idx, GW_CERT_MT);
+    c = gw_testudata(L, idx, GW_CERT_MT);
     if (c == NULL) {
         luaL_typerror(L, idx, "key or certificate handle");
     }
@@ -85,7 +85,7 @@ gw_verifier_check(lua_State *L, int idx)
 static int
 lkey_gc(lua_State *L)
 {
-    struct gw_key *k = luaL_checkudata(L, 1, GW_KEY_MT);
+    struct gw_key *k = gw_checkudata(L, 1, GW_KEY_MT);
 
     gw_keyinfo_clear(&k->ki);
     return 0;
@@ -100,7 +100,7 @@ gw_type_name(int type)
 static int
 lkey_tostring(lua_State *L)
 {
-    struct gw_key *k = luaL_checkudata(L, 1, GW_KEY_MT);
+    struct gw_key *k = gw_checkudata(L, 1, GW_KEY_MT);
     char fpr[65];
 
     if (k->ki.pkey == NULL) {
@@ -234,7 +234,7 @@ gw_cert_push(lua_State *L, X509 *x509)
 struct gw_cert *
 gw_cert_check(lua_State *L, int idx)
 {
-    struct gw_cert *c = luaL_checkudata(L, idx, GW_CERT_MT);
+    struct gw_cert *c = gw_checkudata(L, idx, GW_CERT_MT);
 
     if (c->x509 == NULL) {
         luaL_argerror(L, idx, "certificate handle is closed");
@@ -245,7 +245,7 @@ gw_cert_check(lua_State *L, int idx)
 static int
 lcert_gc(lua_State *L)
 {
-    struct gw_cert *c = luaL_checkudata(L, 1, GW_CERT_MT);
+    struct gw_cert *c = gw_checkudata(L, 1, GW_CERT_MT);
 
     gw_keyinfo_clear(&c->ki);
     X509_free(c->x509);
@@ -432,7 +432,7 @@ gw_lcert_info(lua_State *L)
 static int
 lcert_tostring(lua_State *L)
 {
-    struct gw_cert *c = luaL_checkudata(L, 1, GW_CERT_MT);
+    struct gw_cert *c = gw_checkudata(L, 1, GW_CERT_MT);
     char serial[256];
 
     if (c->x509 == NULL) {
@@ -490,7 +490,7 @@ gw_collect(lua_State *L, int idx, STACK_OF(X509) *sk, const char **kind,
         return GW_OK;
     }
     if (lua_isuserdata(L, idx)) {
-        struct gw_cert *c = luaL_testudata(L, idx, GW_CERT_MT);
+        struct gw_cert *c = gw_testudata(L, idx, GW_CERT_MT);
 
         if (c == NULL || c->x509 == NULL) {
             *kind = "malformed";
@@ -615,7 +615,7 @@ check_certs_opt(lua_State *L, int idx, const char *name)
     int t = lua_type(L, idx);
 
     if (t != LUA_TNIL && t != LUA_TSTRING && t != LUA_TTABLE
-        && luaL_testudata(L, idx, GW_CERT_MT) == NULL) {
+        && gw_testudata(L, idx, GW_CERT_MT) == NULL) {
         gw_raise(L, VC ": opts.%s must be a certificate handle, a PEM "
                  "string or an array of them", name);
     }

@@ -17,6 +17,7 @@
 
 #include "http_conn.h"
 #include "loop.h"
+#include "lstate.h"
 
 #define LREQ_MT "paygate.request"
 
@@ -28,6 +29,8 @@ static int empty_env_ref = LUA_NOREF; /* registry: shared empty env of
                                          requests nothing was set on */
 static int methods_ref = LUA_NOREF;   /* registry: the request methods
                                          table (request_methods()) */
+static int mt_ref = LUA_NOREF;        /* registry: LREQ_MT's metatable
+                                         (no lookup by name per request) */
 
 void
 gw_lreq_push(lua_State *L, struct gw_conn *c)
@@ -35,7 +38,7 @@ gw_lreq_push(lua_State *L, struct gw_conn *c)
     struct gw_lreq *r = lua_newuserdata(L, sizeof(*r));
 
     r->c = c;
-    luaL_getmetatable(L, LREQ_MT);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, mt_ref);
     lua_setmetatable(L, -2);
     lua_rawgeti(L, LUA_REGISTRYINDEX, empty_env_ref);
     lua_setfenv(L, -2);
@@ -59,7 +62,7 @@ gw_lreq_detach(lua_State *L, struct gw_conn *c)
 static struct gw_conn *
 lreq_conn(lua_State *L, int idx)
 {
-    struct gw_lreq *r = luaL_checkudata(L, idx, LREQ_MT);
+    struct gw_lreq *r = gw_checkudata(L, idx, LREQ_MT);
 
     if (r->c == NULL) {
         luaL_error(L, "request already finished: copy what you need "
@@ -177,7 +180,7 @@ lreq_index(lua_State *L)
 {
     size_t klen;
     const char *k = luaL_checklstring(L, 2, &klen);
-    struct gw_lreq *r = luaL_checkudata(L, 1, LREQ_MT);
+    struct gw_lreq *r = gw_checkudata(L, 1, LREQ_MT);
     struct gw_conn *c;
 
     lua_getfenv(L, 1);
@@ -261,7 +264,7 @@ lreq_index(lua_State *L)
 static int
 lreq_newindex(lua_State *L)
 {
-    luaL_checkudata(L, 1, LREQ_MT);
+    gw_checkudata(L, 1, LREQ_MT);
     luaL_checkany(L, 2);
     lreq_env(L, 1);
     lua_pushvalue(L, 2);
@@ -328,7 +331,7 @@ lreq_drop(lua_State *L)
 static int
 lreq_tostring(lua_State *L)
 {
-    struct gw_lreq *r = luaL_checkudata(L, 1, LREQ_MT);
+    struct gw_lreq *r = gw_checkudata(L, 1, LREQ_MT);
 
     if (r->c == NULL) {
         lua_pushliteral(L, "request (finished)");
@@ -368,7 +371,7 @@ luaopen_paygate_request_core(lua_State *L)
     lua_setfield(L, -2, "__newindex");
     lua_pushcfunction(L, lreq_tostring);
     lua_setfield(L, -2, "__tostring");
-    lua_pop(L, 1);
+    mt_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     lua_newtable(L);
     empty_env_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     lua_newtable(L);

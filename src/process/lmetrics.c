@@ -30,6 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "lstate.h"
 #include "metrics.h"
 #include "runtime.h"
 
@@ -221,7 +222,7 @@ lmetrics_gauge(lua_State *L)
 static int
 lmetrics_set(lua_State *L)
 {
-    struct gw_lgauge *g = luaL_checkudata(L, 1, LMETRICS_MT);
+    struct gw_lgauge *g = gw_checkudata(L, 1, LMETRICS_MT);
     char labels[GW_METRICS_LABELS_MAX];
     double v;
 
@@ -243,7 +244,7 @@ lmetrics_set(lua_State *L)
 static int
 lmetrics_remove(lua_State *L)
 {
-    struct gw_lgauge *g = luaL_checkudata(L, 1, LMETRICS_MT);
+    struct gw_lgauge *g = gw_checkudata(L, 1, LMETRICS_MT);
     char labels[GW_METRICS_LABELS_MAX];
 
     render_labels(L, 2, "gauge:remove", labels, sizeof(labels));
@@ -422,7 +423,7 @@ counter_family(struct gw_lcounter *c)
 static int
 lmetrics_inc(lua_State *L)
 {
-    struct gw_lcounter *c = luaL_checkudata(L, 1, LMETRICS_CTR_MT);
+    struct gw_lcounter *c = gw_checkudata(L, 1, LMETRICS_CTR_MT);
     char labels[GW_METRICS_LABELS_MAX];
     double n = 1;
     int fits, f;
@@ -453,7 +454,7 @@ lmetrics_inc(lua_State *L)
 static int
 lmetrics_get(lua_State *L)
 {
-    struct gw_lcounter *c = luaL_checkudata(L, 1, LMETRICS_CTR_MT);
+    struct gw_lcounter *c = gw_checkudata(L, 1, LMETRICS_CTR_MT);
     char labels[GW_METRICS_LABELS_MAX];
     int fits = 0, f;
 

@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "lstate.h"
 #include "runtime.h"
 #include "shdict.h"
 
@@ -27,7 +28,7 @@ static char *value_buf;             /* owned: GW_SHD_MAX_VALUE bytes */
 static struct gw_shdict *
 check_dict(lua_State *L)
 {
-    return ((struct gw_lshared *) luaL_checkudata(L, 1, LSHARED_MT))->d;
+    return ((struct gw_lshared *) gw_checkudata(L, 1, LSHARED_MT))->d;
 }
 
 static const char *

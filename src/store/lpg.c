@@ -82,6 +82,7 @@
 
 #include "dns.h"
 #include "loop.h"
+#include "lstate.h"
 #include "runtime.h"
 #include "store.h"
 
@@ -373,8 +374,16 @@ push_cell(lua_State *L, PGresult *r, int row, int col)
 static void
 push_rows(lua_State *L, PGresult *r)
 {
-    int nrows = PQntuples(r), ncols = PQnfields(r), i, c;
+    int nrows = PQntuples(r), ncols = PQnfields(r), i, c, names = 0;
 
+    /* Several rows: each column name made a Lua string once, not once
+     * per row (a row is a fresh table: rawset is setfield here). */
+    if (nrows > 1 && lua_checkstack(L, ncols + 4)) {
+        names = lua_gettop(L) + 1;
+        for (c = 0; c < ncols; c++) {
+            lua_pushstring(L, PQfname(r, c));
+        }
+    }
     lua_createtable(L, nrows, 0);
     for (i = 0; i < nrows; i++) {
         lua_createtable(L, 0, ncols);
@@ -382,10 +391,20 @@ push_rows(lua_State *L, PGresult *r)
             if (PQgetisnull(r, i, c)) {
                 continue;
             }
-            push_cell(L, r, i, c);
-            lua_setfield(L, -2, PQfname(r, c));
+            if (names > 0) {
+                lua_pushvalue(L, names + c);
+                push_cell(L, r, i, c);
+                lua_rawset(L, -3);
+            } else {
+                push_cell(L, r, i, c);
+                lua_setfield(L, -2, PQfname(r, c));
+            }
         }
         lua_rawseti(L, -2, i + 1);
+    }
+    if (names > 0) {
+        lua_replace(L, names);          /* the rows where the names began */
+        lua_settop(L, names);
     }
 }
 
@@ -473,14 +492,14 @@ push_op_result(lua_State *L, struct lpg_op *op)
         } else {
             lua_pushnumber(L, 0);
         }
-        lua_setfield(L, -2, "changes");
+        gw_setfield(L, -2, "changes");
         if (PQntuples(r) > 0) {
             if (PQnfields(r) > 0 && !PQgetisnull(r, 0, 0)) {
                 push_cell(L, r, 0, 0);
-                lua_setfield(L, -2, "last_id");
+                gw_setfield(L, -2, "last_id");
             }
             push_rows(L, r);
-            lua_setfield(L, -2, "rows");
+            gw_setfield(L, -2, "rows");
         }
     }
     return 1;
@@ -2125,7 +2144,7 @@ tx_abandon(struct gw_store_tx *tx)
 static struct lpg_pool *
 check_pool(lua_State *L)
 {
-    struct lpg_ud *ud = luaL_checkudata(L, 1, LPG_MT);
+    struct lpg_ud *ud = gw_checkudata(L, 1, LPG_MT);
 
     if (ud->pg == NULL) {
         luaL_error(L, "postgres: pool is closed");
@@ -2487,7 +2506,7 @@ lpg_open(lua_State *L)
 static int
 lpg_close(lua_State *L)
 {
-    struct lpg_ud *ud = luaL_checkudata(L, 1, LPG_MT);
+    struct lpg_ud *ud = gw_checkudata(L, 1, LPG_MT);
     struct lpg_pool   *pg = ud->pg;
     struct lpg_op *done = NULL;
     int             i;

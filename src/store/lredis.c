@@ -41,6 +41,7 @@
 
 #include "dns.h"
 #include "loop.h"
+#include "lstate.h"
 #include "runtime.h"
 #include "store.h"
 
@@ -486,7 +487,7 @@ on_tick(evutil_socket_t fd, short what, void *arg)
 static struct lredis_client *
 check_client(lua_State *L)
 {
-    struct lredis_ud *ud = luaL_checkudata(L, 1, LREDIS_MT);
+    struct lredis_ud *ud = gw_checkudata(L, 1, LREDIS_MT);
 
     if (ud->cl == NULL) {
         luaL_error(L, "redis: client is closed");
@@ -647,7 +648,7 @@ close_conns(void *arg)
 static int
 lredis_close(lua_State *L)
 {
-    struct lredis_ud   *ud = luaL_checkudata(L, 1, LREDIS_MT);
+    struct lredis_ud   *ud = gw_checkudata(L, 1, LREDIS_MT);
     struct lredis_client *cl = ud->cl;
 
     if (cl == NULL) {
@@ -1087,7 +1088,7 @@ sub_cancel(void *arg)
 static int
 lredis_sub_close(lua_State *L)
 {
-    struct lredis_sub_ud *ud = luaL_checkudata(L, 1, LREDIS_SUB_MT);
+    struct lredis_sub_ud *ud = gw_checkudata(L, 1, LREDIS_SUB_MT);
     struct lredis_sub    *s = ud->s;
 
     if (s == NULL) {
@@ -1109,7 +1110,7 @@ lredis_sub_close(lua_State *L)
 static int
 lredis_sub_next(lua_State *L)
 {
-    struct lredis_sub_ud *ud = luaL_checkudata(L, 1, LREDIS_SUB_MT);
+    struct lredis_sub_ud *ud = gw_checkudata(L, 1, LREDIS_SUB_MT);
     struct lredis_sub    *s = ud->s;
     double                secs = luaL_checknumber(L, 2);
     struct timeval        tv;

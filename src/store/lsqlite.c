@@ -90,6 +90,7 @@
 #include <lauxlib.h>
 
 #include "loop.h"
+#include "lstate.h"
 #include "runtime.h"
 #include "store.h"
 
@@ -391,8 +392,16 @@ push_job_error(lua_State *L, struct lsqlite_job *j)
 static void
 push_rows(lua_State *L, struct lsqlite_job *j)
 {
-    int r, c;
+    int r, c, names = 0;
 
+    /* Several rows: each column name made a Lua string once, not once
+     * per row (a row is a fresh table: rawset is setfield here). */
+    if (j->nrows > 1 && lua_checkstack(L, j->ncols + 4)) {
+        names = lua_gettop(L) + 1;
+        for (c = 0; c < j->ncols; c++) {
+            lua_pushstring(L, j->cols[c]);
+        }
+    }
     lua_createtable(L, j->nrows, 0);
     for (r = 0; r < j->nrows; r++) {
         lua_createtable(L, 0, j->ncols);
@@ -402,10 +411,20 @@ push_rows(lua_State *L, struct lsqlite_job *j)
             if (v->type == GW_STORE_NULL) {
                 continue;
             }
-            gw_store_val_push(L, v);
-            lua_setfield(L, -2, j->cols[c]);
+            if (names > 0) {
+                lua_pushvalue(L, names + c);
+                gw_store_val_push(L, v);
+                lua_rawset(L, -3);
+            } else {
+                gw_store_val_push(L, v);
+                lua_setfield(L, -2, j->cols[c]);
+            }
         }
         lua_rawseti(L, -2, r + 1);
+    }
+    if (names > 0) {
+        lua_replace(L, names);          /* the rows where the names began */
+        lua_settop(L, names);
     }
 }
 
@@ -455,12 +474,12 @@ push_stmt_result(lua_State *L, struct lsqlite_job *j)
 {
     lua_createtable(L, 0, 3);
     gw_store_push_int(L, (int64_t)j->changes);
-    lua_setfield(L, -2, "changes");
+    gw_setfield(L, -2, "changes");
     gw_store_push_int(L, (int64_t)j->last_id);
-    lua_setfield(L, -2, "last_id");
+    gw_setfield(L, -2, "last_id");
     if (j->nrows > 0) {
         push_rows(L, j);
-        lua_setfield(L, -2, "rows");
+        gw_setfield(L, -2, "rows");
     }
 }
 
@@ -1409,7 +1428,7 @@ tx_begin_delivered(struct lsqlite_job *j)
 static struct lsqlite_db *
 check_db(lua_State *L)
 {
-    struct lsqlite_ud *ud = luaL_checkudata(L, 1, LSQLITE_MT);
+    struct lsqlite_ud *ud = gw_checkudata(L, 1, LSQLITE_MT);
 
     if (ud->db == NULL) {
         luaL_error(L, "sqlite: database is closed");
@@ -1634,7 +1653,7 @@ lsqlite_connect(lua_State *L)
 static int
 lsqlite_gc(lua_State *L)
 {
-    struct lsqlite_ud *ud = luaL_checkudata(L, 1, LSQLITE_MT);
+    struct lsqlite_ud *ud = gw_checkudata(L, 1, LSQLITE_MT);
     struct lsqlite_db *db = ud->db;
 
     if (db == NULL) {
@@ -1930,7 +1949,7 @@ lsqlite_atomic(lua_State *L)
         }
         lua_rawgeti(L, -2, 2);
         atomic_check_params(L, lua_gettop(L), i);
-        lua_getfield(L, -3, "expect");
+        gw_getfield(L, -3, "expect");
         if (!lua_isnil(L, -1) && (!lua_isnumber(L, -1)
                                   || lua_tonumber(L, -1) < 0))
         {
@@ -1961,7 +1980,7 @@ lsqlite_atomic(lua_State *L)
         lua_rawgeti(L, -2, 2);
         rc = gw_store_vals_from_lua(L, lua_gettop(L), &s->params,
                                     &s->nparams);
-        lua_getfield(L, -3, "expect");
+        gw_getfield(L, -3, "expect");
         s->expect = lua_isnil(L, -1) ? -1 : (int64_t)lua_tonumber(L, -1);
         lua_pop(L, 4);
         if (s->sql == NULL || rc != GW_OK) {

@@ -20,7 +20,7 @@ param_count(lua_State *L, int idx)
 {
     int n;
 
-    lua_getfield(L, idx, "n");
+    gw_getfield(L, idx, "n");
     if (lua_isnumber(L, -1)) {
         n = (int)lua_tointeger(L, -1);
     } else {

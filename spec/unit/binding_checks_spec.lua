@@ -1,0 +1,152 @@
+-- The C bindings check their objects' types and read their constant keys
+-- from per-state memory (gw_testudata, gw_getfield in src/core/lstate.c)
+-- instead of interning a name on every call. These specs pin that the
+-- shortcuts change nothing a caller can see: the same type errors, the
+-- same metamethod semantics, the same rows.
+local crypto = require "paygate.crypto"
+local sql = require "paygate.sql"
+local servers = require "spec.support.servers"
+
+local FIX = "spec/fixtures/wechatpay/"
+local function read(path)
+  local f = assert(io.open(path, "rb"))
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+
+local tmp = servers.mktemp()
+teardown(function()
+  servers.stop_all()
+  servers.sh("rm -rf " .. tmp)
+end)
+
+describe("object types", function()
+  local key = assert(crypto.private_key(read(FIX .. "a3_merchant_key.pem")))
+  local cert = assert(crypto.certificate(read(FIX .. "a4_merchant_cert.pem")))
+  local key_bits = getmetatable(key).__index.bits
+  local cert_serial = getmetatable(cert).__index.serial
+
+  it("a method given another object raises Lua's own message", function()
+    -- each type seen first the right way, so both are remembered
+    assert.equal(2048, key:bits())
+    assert.is_string(cert:serial())
+    for _ = 1, 3 do            -- and again, from what is remembered
+      local ok, err = pcall(key_bits, cert)
+      assert.is_false(ok)
+      assert.matches("bad argument #1 .*paygate%.crypto%.key expected,"
+                     .. " got userdata", err)
+      ok, err = pcall(cert_serial, key)
+      assert.is_false(ok)
+      assert.matches("paygate%.x509%.cert expected, got userdata", err)
+      ok, err = pcall(key_bits, {})
+      assert.is_false(ok)
+      assert.matches("paygate%.crypto%.key expected, got table", err)
+      ok, err = pcall(key_bits, nil)
+      assert.is_false(ok)
+      assert.matches("paygate%.crypto%.key expected, got", err)
+      assert.equal(2048, key_bits(key))
+    end
+  end)
+
+  it("a userdata with a look-alike metatable is refused", function()
+    local fake = newproxy(true)
+    local mt = getmetatable(fake)
+    for k, v in pairs(getmetatable(key)) do
+      if k ~= "__gc" then mt[k] = v end   -- (a __gc would run on it)
+    end
+    local ok, err = pcall(key_bits, fake)
+    assert.is_false(ok)
+    assert.matches("paygate%.crypto%.key expected", err)
+  end)
+
+  it("where a key or a certificate is taken, both still work", function()
+    local pub_cert = assert(crypto.certificate(read(FIX
+                                                    .. "a4_merchant_cert.pem")))
+    local msg = "message\n"
+    local sig = assert(crypto.sign(key, msg))
+    assert.is_true(crypto.verify(pub_cert, msg, sig))
+    assert.is_true(crypto.verify(key, msg, sig))
+    local ok = pcall(crypto.verify, crypto.digest_new("sha256"), msg, sig)
+    assert.is_false(ok)
+  end)
+end)
+
+local engines = { "sqlite" }
+if servers.have_postgres() then engines[#engines + 1] = "postgres" end
+
+local function wide(id_type)
+  local cols = {}
+  for i = 1, 40 do cols[#cols + 1] = ("c%02d TEXT"):format(i) end
+  return "CREATE TABLE wide (id " .. id_type .. " PRIMARY KEY, "
+         .. table.concat(cols, ", ") .. ")"
+end
+local stores = servers.stores(tmp, { sqlite = wide("INTEGER"),
+                                     postgres = wide("BIGINT") }, "wide")
+
+for _, engine in ipairs(engines) do
+  describe("rows and statement keys on " .. engine, function()
+    local db
+    setup(function() db = stores[engine]() end)
+    teardown(function() if db then db:close() end end)
+
+    it("several rows carry every column they have, none they lack",
+       function()
+      local N = 300
+      for i = 1, N do
+        local names, holes, params = { "id" }, { "$1" }, { i }
+        for c = 1, 40 do
+          if (i + c) % 3 ~= 0 then         -- every third column NULL
+            names[#names + 1] = ("c%02d"):format(c)
+            params[#params + 1] = ("r%d.c%d"):format(i, c)
+            holes[#holes + 1] = "$" .. #params
+          end
+        end
+        assert(db:exec("INSERT INTO wide (" .. table.concat(names, ", ")
+          .. ") VALUES (" .. table.concat(holes, ", ") .. ")", params))
+      end
+      -- many multi-row reads in a row: the names' stack slots are given back
+      for _ = 1, 50 do
+        local rows = assert(db:query("SELECT * FROM wide ORDER BY id"))
+        assert.equal(N, #rows)
+        for i = 1, N, 37 do
+          local r = rows[i]
+          assert.equal(i, tonumber(r.id))
+          for c = 1, 40 do
+            local v = r[("c%02d"):format(c)]
+            if (i + c) % 3 == 0 then
+              assert.is_nil(v)
+            else
+              assert.equal(("r%d.c%d"):format(i, c), v)
+            end
+          end
+        end
+      end
+      local one = assert(db:query("SELECT id, c01, c02 FROM wide WHERE"
+                                  .. " id = $1", { 2 }))
+      assert.same({ { id = 2, c02 = "r2.c2" } }, one)
+    end)
+
+    it("a statement's expect and a parameter list's n are read as Lua"
+       .. " would (metamethods included)", function()
+      local stmt = setmetatable({ "UPDATE wide SET c01 = $1 WHERE id = $2",
+                                  { "x", 1 } },
+                                { __index = { expect = 1 } })
+      assert(db:atomic({ stmt }))
+      stmt = setmetatable({ "UPDATE wide SET c01 = $1 WHERE id = $2",
+                            { "y", -1 }, name = "missing" },
+                          { __index = { expect = 1 } })
+      local res, err = db:atomic({ stmt })
+      assert.is_nil(res)
+      assert.equal("conflict", err.kind)
+      -- n from a metatable: the nil in the middle is bound as NULL
+      local params = setmetatable({ [2] = 1 }, { __index = { n = 2 } })
+      assert(db:atomic({ { "UPDATE wide SET c03 = $1 WHERE id = $2",
+                           params, expect = 1 } }))
+      local rows = assert(db:query("SELECT c01, c03 FROM wide WHERE id = 1"))
+      assert.same({ { c01 = "x" } }, rows)
+      local r = assert(db:exec("UPDATE wide SET c04 = 'z' WHERE id <= 2"))
+      assert.equal(2, r.changes)
+    end)
+  end)
+end
