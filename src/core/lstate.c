@@ -325,25 +325,45 @@ gw_opt_string(lua_State *L, int idx, const char *fn, const char *name)
     return s;
 }
 
-/* gw_testudata's memory: the metatable of each type name seen, for one
- * state. Only the loop thread runs Lua, so no lock. A new state (which
- * may reuse a closed one's addresses) makes every entry stale. */
-#define GW_UDATA_SLOTS 64
+/* What gw_testudata and gw_pushkey remember: the metatable of each type
+ * name, and a registry ref to each literal key's string, for THE state:
+ * they are used only while exactly one state made by gw_lstate_new is
+ * open and the caller is that state (its registry; coroutines share it).
+ * Any other state -- a second one, one from plain luaL_newstate -- takes
+ * Lua's own paths. Each gw_lstate_new and gw_lstate_close makes every
+ * entry stale (a new state may reuse a closed one's addresses). Only the
+ * loop thread runs Lua, so no lock. */
+#define GW_SEEN_SLOTS 64
+static unsigned    lstate_gen = 1;      /* bumped by each new and close */
+static int         lstate_open;         /* gw_lstate_new's, not closed */
+static const void *lstate_registry;     /* the registry of the one open */
+
 static struct {
     const char *tname;              /* the caller's literal (by address) */
-    const void *registry;           /* the state's registry table */
-    unsigned    gen;                /* ... and its gw_lstate_new count */
+    unsigned    gen;
     const void *mt;                 /* registry[tname] */
-} udata_seen[GW_UDATA_SLOTS];
-static unsigned lstate_gen = 1;
+} udata_seen[GW_SEEN_SLOTS];
+
+static struct {
+    const char *k;
+    unsigned    gen;
+    int         ref;                /* registry[ref] is the string k */
+} keys_seen[GW_SEEN_SLOTS];
+
+static int
+seen_usable(lua_State *L)
+{
+    return lstate_open == 1
+           && lua_topointer(L, LUA_REGISTRYINDEX) == lstate_registry;
+}
 
 void *
 gw_testudata(lua_State *L, int idx, const char *tname)
 {
-    size_t      slot = ((uintptr_t)tname >> 3) % GW_UDATA_SLOTS;
-    const void *reg, *mt;
+    size_t      slot = ((uintptr_t)tname >> 3) % GW_SEEN_SLOTS;
+    const void *mt;
     void       *p;
-    int         same;
+    int         same, usable;
 
     if (lua_type(L, idx) != LUA_TUSERDATA) {
         return NULL;
@@ -353,8 +373,8 @@ gw_testudata(lua_State *L, int idx, const char *tname)
         return NULL;
     }
     mt = lua_topointer(L, -1);
-    reg = lua_topointer(L, LUA_REGISTRYINDEX);
-    if (udata_seen[slot].tname == tname && udata_seen[slot].registry == reg
+    usable = seen_usable(L);
+    if (usable && udata_seen[slot].tname == tname
         && udata_seen[slot].gen == lstate_gen)
     {
         lua_pop(L, 1);
@@ -362,9 +382,8 @@ gw_testudata(lua_State *L, int idx, const char *tname)
     }
     lua_getfield(L, LUA_REGISTRYINDEX, tname);
     same = lua_rawequal(L, -1, -2);
-    if (lua_istable(L, -1)) {      /* registered: remember it */
+    if (usable && lua_istable(L, -1)) {    /* registered: remember it */
         udata_seen[slot].tname = tname;
-        udata_seen[slot].registry = reg;
         udata_seen[slot].gen = lstate_gen;
         udata_seen[slot].mt = lua_topointer(L, -1);
     }
@@ -380,36 +399,26 @@ gw_checkudata(lua_State *L, int idx, const char *tname)
     return p != NULL ? p : luaL_checkudata(L, idx, tname);
 }
 
-/* gw_pushkey's memory: literal (by address) -> registry ref of its
- * string, for one state (as udata_seen). */
-static struct {
-    const char *k;
-    const void *registry;
-    unsigned    gen;
-    int         ref;
-} keys_seen[GW_UDATA_SLOTS];
-
 void
 gw_pushkey(lua_State *L, const char *k)
 {
-    size_t      slot = ((uintptr_t)k >> 2) % GW_UDATA_SLOTS;
-    const void *reg = lua_topointer(L, LUA_REGISTRYINDEX);
+    size_t slot = ((uintptr_t)k >> 2) % GW_SEEN_SLOTS;
 
-    if (keys_seen[slot].k == k && keys_seen[slot].registry == reg
-        && keys_seen[slot].gen == lstate_gen)
-    {
+    if (!seen_usable(L)) {
+        lua_pushstring(L, k);
+        return;
+    }
+    if (keys_seen[slot].k == k && keys_seen[slot].gen == lstate_gen) {
         lua_rawgeti(L, LUA_REGISTRYINDEX, keys_seen[slot].ref);
         return;
     }
-    if (keys_seen[slot].registry == reg && keys_seen[slot].gen == lstate_gen)
-    {
+    if (keys_seen[slot].k != NULL && keys_seen[slot].gen == lstate_gen) {
         /* another key of this state had the slot: free its ref */
         luaL_unref(L, LUA_REGISTRYINDEX, keys_seen[slot].ref);
     }
     lua_pushstring(L, k);
     lua_pushvalue(L, -1);
     keys_seen[slot].k = k;
-    keys_seen[slot].registry = reg;
     keys_seen[slot].gen = lstate_gen;
     keys_seen[slot].ref = luaL_ref(L, LUA_REGISTRYINDEX);
 }
@@ -445,6 +454,8 @@ gw_lstate_new(const char *app_dir, const luaL_Reg *preload)
         return NULL;
     }
     lstate_gen++;
+    lstate_open++;
+    lstate_registry = lua_topointer(L, LUA_REGISTRYINDEX);
     luaL_openlibs(L);
     seed_math_random(L);
 

@@ -22,16 +22,18 @@ lua_State *gw_lstate_new(const char *app_dir, const luaL_Reg *preload);
 /* luaL_testudata / luaL_checkudata without the registry lookup by name
  * on every call (Lua's own interns tname each time: a string-table walk
  * per method call on a hot path). The metatable found for tname is
- * remembered per state (states are told apart by their registry and by
- * a count of gw_lstate_new calls); a miss takes Lua's own path, and so
- * does the error: gw_checkudata raises Lua's own message. */
+ * remembered while exactly one state made by gw_lstate_new is open and
+ * the caller is that state; any other state takes Lua's own path (a
+ * state of gw_lstate_new is never closed: the process ends with it).
+ * The error is Lua's own: gw_checkudata raises luaL_checkudata's. */
 void *gw_testudata(lua_State *L, int idx, const char *tname);
 void *gw_checkudata(lua_State *L, int idx, const char *tname);
 
 /* lua_getfield / lua_setfield for a key that is a string literal, on a
- * hot path: the key's Lua string is kept (per state, like gw_testudata's
- * memory) instead of interned again on every call. Same semantics
- * (metamethods included); k must be a literal or live as long. */
+ * hot path: the key's Lua string is kept (in the registry, under the
+ * same rule as gw_testudata's memory) instead of interned again on every
+ * call. Same semantics (metamethods included); k must be a literal or
+ * live as long. */
 void gw_pushkey(lua_State *L, const char *k);
 void gw_getfield(lua_State *L, int idx, const char *k);
 void gw_setfield(lua_State *L, int idx, const char *k);

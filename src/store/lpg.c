@@ -378,7 +378,7 @@ push_rows(lua_State *L, PGresult *r)
 
     /* Several rows: each column name made a Lua string once, not once
      * per row (a row is a fresh table: rawset is setfield here). */
-    if (nrows > 1 && lua_checkstack(L, ncols + 4)) {
+    if (nrows > 1 && ncols > 0 && lua_checkstack(L, ncols + 4)) {
         names = lua_gettop(L) + 1;
         for (c = 0; c < ncols; c++) {
             lua_pushstring(L, PQfname(r, c));

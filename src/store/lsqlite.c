@@ -396,7 +396,7 @@ push_rows(lua_State *L, struct lsqlite_job *j)
 
     /* Several rows: each column name made a Lua string once, not once
      * per row (a row is a fresh table: rawset is setfield here). */
-    if (j->nrows > 1 && lua_checkstack(L, j->ncols + 4)) {
+    if (j->nrows > 1 && j->ncols > 0 && lua_checkstack(L, j->ncols + 4)) {
         names = lua_gettop(L) + 1;
         for (c = 0; c < j->ncols; c++) {
             lua_pushstring(L, j->cols[c]);
