@@ -160,3 +160,68 @@ for _, engine in ipairs(engines) do
     end
   end)
 end
+
+describe("short strings remembered (JSON keys, column names)", function()
+  local json = require "paygate.json"
+
+  local function registry_size()
+    local n = 0
+    for _ in pairs(debug.getregistry()) do n = n + 1 end
+    return n
+  end
+
+  it("keys that share their slot's hash stay apart", function()
+    -- same length, same first and last 8 bytes: only the middle differs
+    local keys = {}
+    for len = 17, 32 do
+      for i = 1, 40 do
+        local mid = ("%0" .. (len - 16) .. "d"):format(i)
+        keys[#keys + 1] = "AAAAAAAA" .. mid .. "ZZZZZZZZ"
+      end
+    end
+    for round = 1, 3 do
+      for i = 1, #keys, 7 do
+        local a, b = keys[i], keys[(i * 13 + round) % #keys + 1]
+        local doc = json.decode('{"' .. a .. '":1,"' .. b .. '":2}')
+        assert.equal(a == b and 2 or 1, doc[a])
+        assert.equal(2, doc[b])
+        local n = 0
+        for k in pairs(doc) do
+          n = n + 1
+          assert.is_true(k == a or k == b)
+        end
+        assert.equal(a == b and 1 or 2, n)
+      end
+    end
+  end)
+
+  it("every length and form decodes to its own bytes", function()
+    for len = 0, 40 do
+      local k = ("k"):rep(len)
+      local doc = json.decode('{"' .. k .. '":true,"x' .. k .. '":false}')
+      assert.is_true(doc[k])
+      assert.is_false(doc["x" .. k])
+    end
+    -- escapes, NUL and UTF-8 in a key
+    local doc = json.decode('{"a\\u0000b":1,"\\"q\\"":2,"\\u4e2d\\u6587":3,'
+                            .. '"a\\nb":4}')
+    assert.equal(1, doc["a\0b"])
+    assert.equal(2, doc['"q"'])
+    assert.equal(3, doc["中文"])
+    assert.equal(4, doc["a\nb"])
+  end)
+
+  it("many distinct keys keep the registry bounded", function()
+    for i = 1, 2000 do                  -- fill every slot first
+      json.decode('{"warm' .. i .. '":1}')
+    end
+    collectgarbage()
+    local before = registry_size()
+    for i = 1, 50000 do
+      local k = "key" .. i
+      assert.equal(i, json.decode('{"' .. k .. '":' .. i .. '}')[k])
+    end
+    collectgarbage()
+    assert.is_true(registry_size() - before < 50)
+  end)
+end)

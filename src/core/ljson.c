@@ -782,6 +782,21 @@ dec_number(lua_State *L, struct json_dec *d)
 
 static int dec_value(lua_State *L, struct json_dec *d);
 
+/* d->p just past a key's opening quote; pushes the key. Keys come again
+ * and again: a short one without escapes goes through gw_pushshort. */
+static int
+dec_key(lua_State *L, struct json_dec *d)
+{
+    const unsigned char *s = d->p, *p = dec_str_scan(d->p, d->end);
+
+    if (p < d->end && *p == '"' && (size_t) (p - s) <= GW_SHORT_MAX) {
+        gw_pushshort(L, (const char *) s, (size_t) (p - s));
+        d->p = p + 1;
+        return 0;
+    }
+    return dec_string(L, d);
+}
+
 /*
  * Size hints for objects. A table that grows one key at a time is rehashed
  * at 5, 9, 17... keys (each rehash reinserts every key so far); one made
@@ -875,7 +890,7 @@ dec_object(lua_State *L, struct json_dec *d)
             return dec_fail(d, "expected a string key");
         }
         d->p++;
-        if (dec_string(L, d) != 0) {
+        if (dec_key(L, d) != 0) {
             return -1;
         }
         dec_ws(d);

@@ -423,6 +423,57 @@ gw_pushkey(lua_State *L, const char *k)
     keys_seen[slot].ref = luaL_ref(L, LUA_REGISTRYINDEX);
 }
 
+/* gw_pushshort's memory: direct-mapped by a hash of the bytes. */
+#define GW_SHORT_SLOTS 256
+static struct {
+    unsigned char len;              /* 0: empty */
+    char          bytes[GW_SHORT_MAX];
+    unsigned      gen;
+    int           ref;              /* registry[ref] is the string */
+} shorts_seen[GW_SHORT_SLOTS];
+
+static inline unsigned
+short_slot(const char *s, size_t len)
+{
+    uint64_t a = 0, b = 0;
+
+    if (len >= 8) {
+        memcpy(&a, s, 8);
+        memcpy(&b, s + len - 8, 8);
+    } else {
+        memcpy(&a, s, len);
+    }
+    a = (a ^ (b * 0x9E3779B97F4A7C15ULL) ^ len) * 0xFF51AFD7ED558CCDULL;
+    return (unsigned) (a >> 56);                        /* 8 bits */
+}
+
+void
+gw_pushshort(lua_State *L, const char *s, size_t len)
+{
+    unsigned slot;
+
+    if (len == 0 || len > GW_SHORT_MAX || !seen_usable(L)) {
+        lua_pushlstring(L, s, len);
+        return;
+    }
+    slot = short_slot(s, len);
+    if (shorts_seen[slot].len == len && shorts_seen[slot].gen == lstate_gen
+        && memcmp(shorts_seen[slot].bytes, s, len) == 0)
+    {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, shorts_seen[slot].ref);
+        return;
+    }
+    if (shorts_seen[slot].len != 0 && shorts_seen[slot].gen == lstate_gen) {
+        luaL_unref(L, LUA_REGISTRYINDEX, shorts_seen[slot].ref);
+    }
+    lua_pushlstring(L, s, len);
+    lua_pushvalue(L, -1);
+    shorts_seen[slot].ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    shorts_seen[slot].len = (unsigned char) len;
+    shorts_seen[slot].gen = lstate_gen;
+    memcpy(shorts_seen[slot].bytes, s, len);
+}
+
 void
 gw_getfield(lua_State *L, int idx, const char *k)
 {

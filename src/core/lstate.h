@@ -38,6 +38,16 @@ void gw_pushkey(lua_State *L, const char *k);
 void gw_getfield(lua_State *L, int idx, const char *k);
 void gw_setfield(lua_State *L, int idx, const char *k);
 
+/* lua_pushlstring for a short string that comes again and again (a JSON
+ * object's keys, a query's column names): a small table remembers the
+ * strings of up to GW_SHORT_MAX bytes last pushed, each kept alive by a
+ * registry ref, under the same rule as gw_testudata's memory, and pushes
+ * the remembered one instead of interning the bytes again (the string
+ * table of a large heap is a cache miss or two per lookup). Any string
+ * and any state works; only what is remembered changes. */
+#define GW_SHORT_MAX 32
+void gw_pushshort(lua_State *L, const char *s, size_t len);
+
 /* The paygate.core module (lpaygate.c). */
 int luaopen_paygate_core(lua_State *L);
 

@@ -376,12 +376,13 @@ push_rows(lua_State *L, PGresult *r)
 {
     int nrows = PQntuples(r), ncols = PQnfields(r), i, c, names = 0;
 
-    /* Several rows: each column name made a Lua string once, not once
-     * per row (a row is a fresh table: rawset is setfield here). */
+    /* Column names through gw_pushshort, and for several rows made
+     * once, not once per row (a row is a fresh table: rawset is setfield
+     * here). */
     if (nrows > 1 && ncols > 0 && lua_checkstack(L, ncols + 4)) {
         names = lua_gettop(L) + 1;
         for (c = 0; c < ncols; c++) {
-            lua_pushstring(L, PQfname(r, c));
+            gw_pushshort(L, PQfname(r, c), strlen(PQfname(r, c)));
         }
     }
     lua_createtable(L, nrows, 0);
@@ -396,8 +397,9 @@ push_rows(lua_State *L, PGresult *r)
                 push_cell(L, r, i, c);
                 lua_rawset(L, -3);
             } else {
+                gw_pushshort(L, PQfname(r, c), strlen(PQfname(r, c)));
                 push_cell(L, r, i, c);
-                lua_setfield(L, -2, PQfname(r, c));
+                lua_rawset(L, -3);
             }
         }
         lua_rawseti(L, -2, i + 1);

@@ -394,12 +394,13 @@ push_rows(lua_State *L, struct lsqlite_job *j)
 {
     int r, c, names = 0;
 
-    /* Several rows: each column name made a Lua string once, not once
-     * per row (a row is a fresh table: rawset is setfield here). */
+    /* Column names through gw_pushshort, and for several rows made
+     * once, not once per row (a row is a fresh table: rawset is setfield
+     * here). */
     if (j->nrows > 1 && j->ncols > 0 && lua_checkstack(L, j->ncols + 4)) {
         names = lua_gettop(L) + 1;
         for (c = 0; c < j->ncols; c++) {
-            lua_pushstring(L, j->cols[c]);
+            gw_pushshort(L, j->cols[c], strlen(j->cols[c]));
         }
     }
     lua_createtable(L, j->nrows, 0);
@@ -416,8 +417,9 @@ push_rows(lua_State *L, struct lsqlite_job *j)
                 gw_store_val_push(L, v);
                 lua_rawset(L, -3);
             } else {
+                gw_pushshort(L, j->cols[c], strlen(j->cols[c]));
                 gw_store_val_push(L, v);
-                lua_setfield(L, -2, j->cols[c]);
+                lua_rawset(L, -3);
             }
         }
         lua_rawseti(L, -2, r + 1);
