@@ -403,6 +403,7 @@ void
 gw_pushkey(lua_State *L, const char *k)
 {
     size_t slot = ((uintptr_t)k >> 2) % GW_SEEN_SLOTS;
+    int    ref;
 
     if (!seen_usable(L)) {
         lua_pushstring(L, k);
@@ -413,14 +414,19 @@ gw_pushkey(lua_State *L, const char *k)
         return;
     }
     if (keys_seen[slot].k != NULL && keys_seen[slot].gen == lstate_gen) {
-        /* another key of this state had the slot: free its ref */
+        /* another key of this state had the slot: forget it, then free
+         * its ref (never a slot naming a freed ref, even if this raises) */
+        keys_seen[slot].k = NULL;
         luaL_unref(L, LUA_REGISTRYINDEX, keys_seen[slot].ref);
     }
     lua_pushstring(L, k);
     lua_pushvalue(L, -1);
-    keys_seen[slot].k = k;
+    ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    /* remembered only once the ref exists: either push above can raise
+     * (out of memory, or a finalizer's error from the GC step) */
+    keys_seen[slot].ref = ref;
     keys_seen[slot].gen = lstate_gen;
-    keys_seen[slot].ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    keys_seen[slot].k = k;
 }
 
 /* gw_pushshort's memory: direct-mapped by a hash of the bytes. */
@@ -451,6 +457,7 @@ void
 gw_pushshort(lua_State *L, const char *s, size_t len)
 {
     unsigned slot;
+    int      ref;
 
     if (len == 0 || len > GW_SHORT_MAX || !seen_usable(L)) {
         lua_pushlstring(L, s, len);
@@ -464,14 +471,17 @@ gw_pushshort(lua_State *L, const char *s, size_t len)
         return;
     }
     if (shorts_seen[slot].len != 0 && shorts_seen[slot].gen == lstate_gen) {
+        /* forget it, then free its ref (as gw_pushkey) */
+        shorts_seen[slot].len = 0;
         luaL_unref(L, LUA_REGISTRYINDEX, shorts_seen[slot].ref);
     }
     lua_pushlstring(L, s, len);
     lua_pushvalue(L, -1);
-    shorts_seen[slot].ref = luaL_ref(L, LUA_REGISTRYINDEX);
-    shorts_seen[slot].len = (unsigned char) len;
+    ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    shorts_seen[slot].ref = ref;        /* remembered once the ref exists */
     shorts_seen[slot].gen = lstate_gen;
     memcpy(shorts_seen[slot].bytes, s, len);
+    shorts_seen[slot].len = (unsigned char) len;
 }
 
 void
