@@ -325,18 +325,20 @@ gw_opt_string(lua_State *L, int idx, const char *fn, const char *name)
     return s;
 }
 
-/* What gw_testudata and gw_pushkey remember: the metatable of each type
- * name, and a registry ref to each literal key's string, for THE state:
- * they are used only while exactly one state made by gw_lstate_new is
- * open and the caller is that state (its registry; coroutines share it).
- * Any other state -- a second one, one from plain luaL_newstate -- takes
- * Lua's own paths. Each gw_lstate_new and gw_lstate_close makes every
- * entry stale (a new state may reuse a closed one's addresses). Only the
- * loop thread runs Lua, so no lock. */
+/* What gw_testudata, gw_pushkey and gw_pushshort remember: the
+ * metatable of each type name, and registry refs to strings, for THE
+ * state: used only while exactly one state made by gw_lstate_new exists
+ * and the caller is that state (its registry; coroutines share it). Any
+ * other state -- a second one, one from plain luaL_newstate -- takes
+ * Lua's own paths. A state of gw_lstate_new is never closed (the process
+ * ends with it); one closed and another made would count two, and turn
+ * the memory off rather than let the new state meet the old addresses.
+ * Each gw_lstate_new also makes every entry stale. Only the loop thread
+ * runs Lua, so no lock. */
 #define GW_SEEN_SLOTS 64
-static unsigned    lstate_gen = 1;      /* bumped by each new and close */
-static int         lstate_open;         /* gw_lstate_new's, not closed */
-static const void *lstate_registry;     /* the registry of the one open */
+static unsigned    lstate_gen = 1;      /* bumped by each gw_lstate_new */
+static int         lstate_open;         /* states gw_lstate_new made */
+static const void *lstate_registry;     /* the registry of the last one */
 
 static struct {
     const char *tname;              /* the caller's literal (by address) */
