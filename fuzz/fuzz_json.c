@@ -21,8 +21,8 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-/* check(text): decodes; when it did, encodes and decodes again and
- * compares. Raises on a difference. */
+/* check(text): decodes; when it did, compares with cjson's value, then
+ * encodes, decodes again and compares. Raises on a difference. */
 static const char HARNESS[] =
     "local json = require 'paygate.json.core'\n"
     "local function same(a, b, depth)\n"
