@@ -8,12 +8,7 @@ local sql = require "paygate.sql"
 local servers = require "spec.support.servers"
 
 local FIX = "spec/fixtures/wechatpay/"
-local function read(path)
-  local f = assert(io.open(path, "rb"))
-  local s = f:read("*a")
-  f:close()
-  return s
-end
+local read = require("spec.support.simclient").read
 
 local tmp = servers.mktemp()
 teardown(function()
