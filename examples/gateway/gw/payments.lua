@@ -762,10 +762,12 @@ function _M.get(req)
   local p, err = load_own(req)
   if p == nil then return store_failed(err) end
   if not p then return not_found("payment") end
-  local stale
+  -- degraded: the local state, marked stale (nothing asks WeChat, and the
+  -- reconciliation runners that catch up lost notifications are paused)
+  local stale = ctx.degraded() or nil
   if req:query().refresh == "1" then
-    if ctx.degraded() then
-      stale = true
+    if stale then
+      -- not asked
     else
       local ok, rerr = _M.refresh(p)
       if not ok then

@@ -233,7 +233,7 @@ function _M.list(req)
   if not rows then return store_failed(err) end
   local list = {}
   for i, r in ipairs(rows) do list[i] = model.refund_json(r) end
-  return 200, { refunds = model.list(list) }
+  return 200, { refunds = model.list(list), stale = ctx.degraded() or nil }
 end
 
 function _M.get(req)
@@ -245,7 +245,9 @@ function _M.get(req)
   if not r or r.app_id ~= req.app_id then
     return payments.not_found("refund")
   end
-  return 200, model.refund_json(r)
+  local t = model.refund_json(r)
+  if ctx.degraded() then t.stale = true end
+  return 200, t
 end
 
 return _M
