@@ -48,11 +48,45 @@ describe("object types", function()
     local fake = newproxy(true)
     local mt = getmetatable(fake)
     for k, v in pairs(getmetatable(key)) do
-      if k ~= "__gc" then mt[k] = v end   -- (a __gc would run on it)
+      if k ~= "__gc" then mt[k] = v end   -- (finalizers: the next case)
     end
     local ok, err = pcall(key_bits, fake)
     assert.is_false(ok)
     assert.matches("paygate%.crypto%.key expected", err)
+  end)
+
+  it("a finalizer given another userdata ignores it (never raises)",
+     function()
+    -- every paygate type with a __gc, loaded (SQLite's opens a handle)
+    for _, m in ipairs{ "paygate", "paygate.keyring", "paygate.redis",
+                        "paygate.http", "paygate.wechatpay",
+                        "paygate.pg.core" } do
+      require(m)
+    end
+    local db = assert(sql.open("sqlite:" .. tmp .. "/gc.db"))
+    db:close()
+    local names = {}
+    for k, v in pairs(debug.getregistry()) do
+      if type(k) == "string" and k:find("^paygate%.") and type(v) == "table"
+         and v.__gc then
+        names[#names + 1] = k
+      end
+    end
+    table.sort(names)
+    assert.equal("paygate.crypto.digest paygate.crypto.key paygate.event"
+      .. " paygate.http_stream paygate.keyring.ring paygate.pg.pool"
+      .. " paygate.redis.client paygate.redis.sub paygate.sqlite.db"
+      .. " paygate.task paygate.x509.cert paygate.zlib_inflate",
+      table.concat(names, " "))
+    for _, name in ipairs(names) do
+      local fake = newproxy(true)
+      getmetatable(fake).__gc = debug.getregistry()[name].__gc
+      fake = nil                              -- luacheck: ignore
+      local ok, err = pcall(collectgarbage, "collect")
+      assert.is_true(ok, name .. ": " .. tostring(err))
+      ok, err = pcall(collectgarbage, "collect")
+      assert.is_true(ok, name .. ": " .. tostring(err))
+    end
   end)
 
   it("where a key or a certificate is taken, both still work", function()

@@ -1088,7 +1088,11 @@ lstream_close(lua_State *L)
 static int
 lstream_gc(lua_State *L)
 {
-    struct gw_http_stream *ud = gw_checkudata(L, 1, LSTREAM_MT);
+    struct gw_http_stream *ud = gw_testudata(L, 1, LSTREAM_MT);
+
+    if (ud == NULL) {
+        return 0;
+    }
 
     if (ud->op != NULL) {
         ud->op->co = NULL;

@@ -225,7 +225,11 @@ lz_finish(lua_State *L)
 static int
 lz_gc(lua_State *L)
 {
-    struct gw_lz *z = gw_checkudata(L, 1, LZ_MT);
+    struct gw_lz *z = gw_testudata(L, 1, LZ_MT);
+
+    if (z == NULL) {
+        return 0;
+    }
 
     z->state = LZ_FAILED;
     lz_free(z);

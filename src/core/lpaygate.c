@@ -445,7 +445,11 @@ ltask_finished(lua_State *L)
 static int
 ltask_gc(lua_State *L)
 {
-    struct gw_task *t = gw_checkudata(L, 1, LTASK_MT);
+    struct gw_task *t = gw_testudata(L, 1, LTASK_MT);
+
+    if (t == NULL) {
+        return 0;
+    }
 
     if (t->results != LUA_NOREF) {
         luaL_unref(L, LUA_REGISTRYINDEX, t->results);
@@ -705,9 +709,14 @@ levent_count(lua_State *L)
 static int
 levent_gc(lua_State *L)
 {
-    struct gw_event *e = gw_checkudata(L, 1, LEVENT_MT);
-    struct gw_evwaiter **lists[2] = { &e->waiting, &e->fired };
+    struct gw_event *e = gw_testudata(L, 1, LEVENT_MT);
+    struct gw_evwaiter **lists[2];
 
+    if (e == NULL) {
+        return 0;
+    }
+    lists[0] = &e->waiting;
+    lists[1] = &e->fired;
     for (int i = 0; i < 2; i++) {
         while (*lists[i] != NULL) {
             struct gw_evwaiter *w = *lists[i];

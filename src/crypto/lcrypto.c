@@ -508,7 +508,11 @@ ldigest_final(lua_State *L)
 static int
 ldigest_gc(lua_State *L)
 {
-    struct gw_digest *d = gw_checkudata(L, 1, GW_DIGEST_MT);
+    struct gw_digest *d = gw_testudata(L, 1, GW_DIGEST_MT);
+
+    if (d == NULL) {
+        return 0;                       /* not ours: see gw_testudata */
+    }
 
     EVP_MD_CTX_free(d->ctx);
     d->ctx = NULL;

@@ -290,7 +290,11 @@ gw_kr_check_id(lua_State *L, int idx, size_t *len)
 static int
 lkeyring_gc(lua_State *L)
 {
-    struct gw_keyring *kr = gw_checkudata(L, 1, GW_KEYRING_MT);
+    struct gw_keyring *kr = gw_testudata(L, 1, GW_KEYRING_MT);
+
+    if (kr == NULL) {
+        return 0;
+    }
 
     gw_kr_clear(kr);
     kr->closed = 1;

@@ -85,7 +85,11 @@ gw_verifier_check(lua_State *L, int idx)
 static int
 lkey_gc(lua_State *L)
 {
-    struct gw_key *k = gw_checkudata(L, 1, GW_KEY_MT);
+    struct gw_key *k = gw_testudata(L, 1, GW_KEY_MT);
+
+    if (k == NULL) {
+        return 0;
+    }
 
     gw_keyinfo_clear(&k->ki);
     return 0;
@@ -245,7 +249,11 @@ gw_cert_check(lua_State *L, int idx)
 static int
 lcert_gc(lua_State *L)
 {
-    struct gw_cert *c = gw_checkudata(L, 1, GW_CERT_MT);
+    struct gw_cert *c = gw_testudata(L, 1, GW_CERT_MT);
+
+    if (c == NULL) {
+        return 0;
+    }
 
     gw_keyinfo_clear(&c->ki);
     X509_free(c->x509);

@@ -2992,6 +2992,17 @@ lpg_stats(lua_State *L)
     return 1;
 }
 
+/* __gc: close(), for our own userdata only (a finalizer must not raise:
+ * a metatable copied onto another userdata would call it) */
+static int
+lpg_gc(lua_State *L)
+{
+    if (gw_testudata(L, 1, LPG_MT) == NULL) {
+        return 0;
+    }
+    return lpg_close(L);
+}
+
 static const luaL_Reg lpg_methods[] = {
     { "connect", lpg_connect },
     { "stats", lpg_stats },
@@ -3018,7 +3029,7 @@ int
 luaopen_paygate_pg_core(lua_State *L)
 {
     luaL_newmetatable(L, LPG_MT);
-    lua_pushcfunction(L, lpg_close);
+    lua_pushcfunction(L, lpg_gc);
     lua_setfield(L, -2, "__gc");
     lua_newtable(L);
     luaL_register(L, NULL, lpg_methods);

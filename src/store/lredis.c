@@ -1195,6 +1195,26 @@ lredis_subscribe(lua_State *L)
     return 1;
 }
 
+/* __gc: close(), for our own userdata only (a finalizer must not raise:
+ * a metatable copied onto another userdata would call it) */
+static int
+lredis_gc(lua_State *L)
+{
+    if (gw_testudata(L, 1, LREDIS_MT) == NULL) {
+        return 0;
+    }
+    return lredis_close(L);
+}
+
+static int
+lredis_sub_gc(lua_State *L)
+{
+    if (gw_testudata(L, 1, LREDIS_SUB_MT) == NULL) {
+        return 0;
+    }
+    return lredis_sub_close(L);
+}
+
 static const luaL_Reg lredis_sub_methods[] = {
     { "next", lredis_sub_next },
     { "close", lredis_sub_close },
@@ -1220,14 +1240,14 @@ int
 luaopen_paygate_redis_core(lua_State *L)
 {
     luaL_newmetatable(L, LREDIS_MT);
-    lua_pushcfunction(L, lredis_close);
+    lua_pushcfunction(L, lredis_gc);
     lua_setfield(L, -2, "__gc");
     lua_newtable(L);
     luaL_register(L, NULL, lredis_methods);
     lua_setfield(L, -2, "__index");
     lua_pop(L, 1);
     luaL_newmetatable(L, LREDIS_SUB_MT);
-    lua_pushcfunction(L, lredis_sub_close);
+    lua_pushcfunction(L, lredis_sub_gc);
     lua_setfield(L, -2, "__gc");
     lua_newtable(L);
     luaL_register(L, NULL, lredis_sub_methods);

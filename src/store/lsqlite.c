@@ -1655,11 +1655,11 @@ lsqlite_connect(lua_State *L)
 static int
 lsqlite_gc(lua_State *L)
 {
-    struct lsqlite_ud *ud = gw_checkudata(L, 1, LSQLITE_MT);
-    struct lsqlite_db *db = ud->db;
+    struct lsqlite_ud *ud = gw_testudata(L, 1, LSQLITE_MT);
+    struct lsqlite_db *db = ud != NULL ? ud->db : NULL;
 
     if (db == NULL) {
-        return 0;
+        return 0;                   /* closed, or not ours (gw_testudata) */
     }
     ud->db = NULL;
     if (db->inl.h != NULL && db->inl_pid == getpid()) {
