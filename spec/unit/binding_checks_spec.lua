@@ -200,7 +200,8 @@ describe("short strings remembered (JSON keys, column names)", function()
   end
 
   it("keys that share their slot's hash stay apart", function()
-    -- same length, same first and last 8 bytes: only the middle differs
+    -- 640 keys for 256 slots, so many share one; of the same length, the
+    -- same first and last 8 bytes: only the middle tells them apart
     local keys = {}
     for len = 17, 32 do
       for i = 1, 40 do

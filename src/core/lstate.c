@@ -440,19 +440,33 @@ static struct {
     int           ref;              /* registry[ref] is the string */
 } shorts_seen[GW_SHORT_SLOTS];
 
+/* A random key per process (gw_lstate_new draws it): which strings share
+ * a slot cannot be worked out from outside, so hostile JSON keys cannot be
+ * made to push the hot ones out. Every byte counts (len <= 32: up to four
+ * 8-byte words, the last one overlapping). */
+static uint64_t short_key;
+
 static inline unsigned
 short_slot(const char *s, size_t len)
 {
-    uint64_t a = 0, b = 0;
+    uint64_t h = short_key ^ (len * 0x9E3779B97F4A7C15ULL), w;
+    size_t   i;
 
-    if (len >= 8) {
-        memcpy(&a, s, 8);
-        memcpy(&b, s + len - 8, 8);
+    if (len < 8) {
+        w = 0;
+        memcpy(&w, s, len);
+        h = (h ^ w) * 0xFF51AFD7ED558CCDULL;
     } else {
-        memcpy(&a, s, len);
+        for (i = 0; i + 8 < len; i += 8) {
+            memcpy(&w, s + i, 8);
+            h = (h ^ w) * 0xFF51AFD7ED558CCDULL;
+            h ^= h >> 29;
+        }
+        memcpy(&w, s + len - 8, 8);
+        h = (h ^ w) * 0xFF51AFD7ED558CCDULL;
     }
-    a = (a ^ (b * 0x9E3779B97F4A7C15ULL) ^ len) * 0xFF51AFD7ED558CCDULL;
-    return (unsigned) (a >> 56);                        /* 8 bits */
+    h ^= h >> 32;
+    return (unsigned) ((h * 0xC4CEB9FE1A85EC53ULL) >> 56);   /* 8 bits */
 }
 
 void
@@ -515,6 +529,12 @@ gw_lstate_new(const char *app_dir, const luaL_Reg *preload)
 
     if (L == NULL) {
         return NULL;
+    }
+    while (short_key == 0) {
+        if (getentropy(&short_key, sizeof(short_key)) != 0) {
+            short_key = (uint64_t) getpid() * 0x9E3779B97F4A7C15ULL
+                        ^ (uint64_t) time(NULL) ^ (uintptr_t) L;
+        }
     }
     lstate_gen++;
     lstate_open++;
