@@ -394,13 +394,11 @@ push_rows(lua_State *L, PGresult *r)
             }
             if (names > 0) {
                 lua_pushvalue(L, names + c);
-                push_cell(L, r, i, c);
-                lua_rawset(L, -3);
             } else {
                 gw_pushshort(L, PQfname(r, c), strlen(PQfname(r, c)));
-                push_cell(L, r, i, c);
-                lua_rawset(L, -3);
             }
+            push_cell(L, r, i, c);
+            lua_rawset(L, -3);
         }
         lua_rawseti(L, -2, i + 1);
     }

@@ -414,13 +414,11 @@ push_rows(lua_State *L, struct lsqlite_job *j)
             }
             if (names > 0) {
                 lua_pushvalue(L, names + c);
-                gw_store_val_push(L, v);
-                lua_rawset(L, -3);
             } else {
                 gw_pushshort(L, j->cols[c], strlen(j->cols[c]));
-                gw_store_val_push(L, v);
-                lua_rawset(L, -3);
             }
+            gw_store_val_push(L, v);
+            lua_rawset(L, -3);
         }
         lua_rawseti(L, -2, r + 1);
     }
