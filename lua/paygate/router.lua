@@ -12,10 +12,20 @@ function _M.new()
   return setmetatable({ static = {}, dynamic = {}, methods = {} }, mt)
 end
 
+-- The segments between slashes, empty ones kept: "//a", "/a//b" and
+-- "/a/" are not "/a" or "/a/b" to the router, as they are not to a
+-- static route or to a before hook guarding a prefix of req.path (merging
+-- them would let "//v1/x/1" reach "/v1/x/:id" past a hook on "/v1/").
 local function split(path)
-  local segs = {}
-  for seg in path:gmatch("[^/]+") do segs[#segs + 1] = seg end
-  return segs
+  local segs, n = {}, 0
+  local from = path:byte(1) == 47 and 2 or 1          -- past a leading "/"
+  while true do
+    local stop = path:find("/", from, true)
+    n = n + 1
+    segs[n] = path:sub(from, (stop or 0) - 1)
+    if not stop then return segs end
+    from = stop + 1
+  end
 end
 
 --- syntax: router:add(method, path, fn)
@@ -78,6 +88,7 @@ local function match(spec, segs)
     end
     if got == nil then return nil end
     if want == ":" then
+      if got == "" then return nil end      -- a parameter is never empty
       params = params or {}
       params[spec.names[i]] = got
     elseif want ~= got then

@@ -14,6 +14,18 @@ paygate.route("GET", "/info/*rest", function(req)
                 query = req.query_string }
 end)
 paygate.route("GET", "/text", function() return 200, "twelve bytes" end)
+paygate.route("GET", "/items/:id", function(req)
+  return 200, { id = req.params.id, path = req.path }
+end)
+paygate.route("GET", "/v1/things/:id", function(req)
+  return 200, { id = req.params.id }
+end)
+-- a hook guarding a prefix of req.path, as apikey.before_hook does
+paygate.before(function(req)
+  if req.path:sub(1, 4) == "/v1/" and req:header("x-auth") ~= "yes" then
+    return 401, { error = "auth" }
+  end
+end)
 paygate.route("GET", "/own-head", function() return 200, "get body" end)
 paygate.route("HEAD", "/own-head", function()
   return 200, nil, { ["X-Own"] = "yes" }
@@ -282,6 +294,34 @@ describe("HTTP conformance", function()
                           "/info/%2e%2e/%2E./x", "/.." } do
         local out = raw("GET " .. t .. " HTTP/1.1\r\nHost: x\r\n\r\n")
         assert.matches("^HTTP/1.1 400", out, t)
+      end
+    end)
+  end)
+
+  describe("empty path segments", function()
+    local function get(t, extra)
+      local out = raw("GET " .. t .. " HTTP/1.1\r\nHost: x\r\n" .. (extra or "")
+                      .. "Connection: close\r\n\r\n")
+      return tonumber(out:match("^HTTP/1.1 (%d+)")), body_of(out)
+    end
+
+    it("are not merged: a parameter route matches the exact path", function()
+      local status, body = get("/items/a")
+      assert.equal(200, status)
+      assert.equal("a", json.decode(body).id)
+      for _, t in ipairs{ "//items/a", "/items//a", "/items/a/", "/items/",
+                          "///items/a" } do
+        assert.equal(404, (get(t)), t)
+      end
+    end)
+
+    it("cannot reach a route past a hook guarding its prefix", function()
+      assert.equal(401, (get("/v1/things/a")))
+      assert.equal(200, (get("/v1/things/a", "X-Auth: yes\r\n")))
+      for _, t in ipairs{ "//v1/things/a", "http://x//v1/things/a",
+                          "/./v1/things/a", "/%2e/v1/things/a" } do
+        local status = get(t)
+        assert.is_true(status == 401 or status == 404, t .. ": " .. status)
       end
     end)
   end)
