@@ -90,18 +90,26 @@ function _M.signing_key(secret)
   return crypto.hmac("sha256", secret, KDF_LABEL)
 end
 
--- syntax: s = apikey.message(method, path, timestamp, body)
--- returns: the bytes that are signed (path includes its query string)
-function _M.message(method, path, timestamp, body)
+-- syntax: s = apikey.message(method, path, timestamp, body[, idem_key])
+-- returns: the bytes that are signed: METHOD, PATH (with its query
+-- string), TIMESTAMP, the Idempotency-Key header's value (empty when the
+-- request has none) and BODY, joined by "\n". The key is signed so that a
+-- captured request cannot be sent again under another key, where it
+-- would run again (a second refund) instead of replaying the first answer.
+function _M.message(method, path, timestamp, body, idem_key)
   return method .. "\n" .. path .. "\n" .. tostring(timestamp) .. "\n"
-         .. (body or "")
+         .. (idem_key or "") .. "\n" .. (body or "")
 end
 
 -- syntax: headers = apikey.sign{ app_id, key_id, secret | signing_key,
---                                method, path, body, timestamp }
+--                                method, path, body, timestamp,
+--                                idempotency_key }
 -- The client side, for merchants' systems and specs: path includes the
--- query string exactly as it is sent; timestamp defaults to now.
--- returns: { Authorization = "PAYGATE-HMAC-SHA256 ..." }
+-- query string exactly as it is sent; timestamp defaults to now;
+-- idempotency_key: the request's Idempotency-Key (signed, and returned
+-- as that header).
+-- returns: { Authorization = "PAYGATE-HMAC-SHA256 ...",
+--            ["Idempotency-Key"] = idempotency_key }
 function _M.sign(o)
   if type(o) ~= "table" then
     error("apikey.sign: argument must be a table", 2)
@@ -125,11 +133,16 @@ function _M.sign(o)
   if type(ts) ~= "number" or ts % 1 ~= 0 then
     error("apikey.sign: timestamp must be an integer", 2)
   end
+  local ik = o.idempotency_key
+  if ik ~= nil and (type(ik) ~= "string" or ik:find("[\r\n]")) then
+    error("apikey.sign: idempotency_key must be a string without CR or LF",
+          2)
+  end
   local sig = crypto.hex(crypto.hmac("sha256", key,
-    _M.message(o.method, o.path, string.format("%d", ts), o.body)))
+    _M.message(o.method, o.path, string.format("%d", ts), o.body, ik)))
   return { Authorization = string.format(
     '%s app_id="%s",key_id="%s",timestamp="%d",signature="%s"',
-    SCHEME, o.app_id, o.key_id, ts, sig) }
+    SCHEME, o.app_id, o.key_id, ts, sig), ["Idempotency-Key"] = ik }
 end
 
 -- syntax: fields = apikey.parse(header)
@@ -313,7 +326,8 @@ local function refuse(reason, message, fields)
 end
 
 -- syntax: app_id, err = apikey.verify(db, r[, opts])
--- r: { method, path (with query), body, authorization (the header) }
+-- r: { method, path (with query), body, authorization (the header),
+--      idempotency_key (the Idempotency-Key header, if any) }
 -- opts: window (s, default 300), now (a function giving epoch seconds;
 --       default paygate.core.time), cache_ttl (s, default 5)
 -- returns: the app id, or nil, err with err.kind the 401 reason (or a
@@ -350,7 +364,7 @@ function _M.verify(db, r, opts)
                   { app_id = f.app_id, key_id = f.key_id })
   end
   local want = crypto.hex(crypto.hmac("sha256", k.key,
-    _M.message(r.method, r.path, f.timestamp, r.body)))
+    _M.message(r.method, r.path, f.timestamp, r.body, r.idempotency_key)))
   if not crypto.constant_time_equal(want, f.signature:lower()) then
     return refuse("bad_signature", "the signature does not match the"
                   .. " request", { app_id = f.app_id, key_id = f.key_id })
@@ -393,6 +407,7 @@ function _M.before_hook(db, opts)
     local target = req.target:gsub("^%a[%w+.-]*://[^/?]*", "")
     local app_id, err = _M.verify(db, {
       method = req.method, path = target, body = req.body,
+      idempotency_key = req:header("idempotency-key"),
       authorization = req:header("authorization") }, opts)
     if app_id then
       req.app_id = app_id

@@ -166,8 +166,8 @@ for name, engine in pairs(engines) do
     local function post(path, ikey, body, timeout, via)
       local h = apikey.sign{ app_id = key.app_id, key_id = key.key_id,
                              secret = key.secret, method = "POST",
-                             path = path, body = body }
-      h["Idempotency-Key"] = ikey
+                             path = path, body = body,
+                             idempotency_key = ikey }
       h["Content-Type"] = "application/json"
       return (via or srv):request{ method = "POST", path = path, body = body,
                           headers = h, timeout = timeout or 10 }
@@ -299,9 +299,9 @@ for name, engine in pairs(engines) do
        function()
       local h = apikey.sign{ app_id = key.app_id, key_id = key.key_id,
                              secret = key.secret, method = "POST",
-                             path = "/v1/payments", body = "{}" }
+                             path = "/v1/payments", body = "{}",
+                             idempotency_key = "logged-1" }
       local sig = h.Authorization:match('signature="(%x+)"')
-      h["Idempotency-Key"] = "logged-1"
       local res = assert(srv:request{ method = "POST", path = "/v1/payments",
                                       body = "{ }", headers = h })
       assert.equal(401, res.status)

@@ -119,7 +119,9 @@ describe("apikey.verify and before_hook", function()
       app_id = o.app_id or key.app_id, key_id = o.key_id or key.key_id,
       secret = o.secret or key.secret, method = o.sign_method or "POST",
       path = o.sign_path or "/v1/payments?x=1",
-      body = o.sign_body or "{\"total\":100}", timestamp = o.ts or T }
+      body = o.sign_body or "{\"total\":100}", timestamp = o.ts or T,
+      idempotency_key = o.sign_ik }
+    if o.ik ~= nil then hdr["Idempotency-Key"] = o.ik or nil end
     return fake_req{ headers = hdr, query = "x=1", body = "{\"total\":100}" }
   end
 
@@ -131,6 +133,9 @@ describe("apikey.verify and before_hook", function()
 
   it("accepts a good signature and sets req.app_id", function()
     local s, _, _, req = run(signed{})
+    assert.is_nil(s)
+    assert.equal("shop1", req.app_id)
+    s, _, _, req = run(signed{ sign_ik = "k-1" })
     assert.is_nil(s)
     assert.equal("shop1", req.app_id)
   end)
@@ -160,6 +165,13 @@ describe("apikey.verify and before_hook", function()
     { "bad_signature", function()
         return signed{ sign_path = "/v1/payments?x=2" } end },
     { "bad_signature", function() return signed{ sign_method = "PUT" } end },
+    -- the Idempotency-Key is signed: a captured request sent again under
+    -- another key, or with one added or dropped, does not verify
+    { "bad_signature", function()
+        return signed{ sign_ik = "k-1", ik = "k-2" } end },
+    { "bad_signature", function() return signed{ ik = "k-2" } end },
+    { "bad_signature", function()
+        return signed{ sign_ik = "k-1", ik = false } end },
   }
   for i, c in ipairs(cases) do
     it("answers 401 " .. c[1] .. " (case " .. i .. "), counted", function()
@@ -269,11 +281,11 @@ describe("apikey.verify and before_hook", function()
 end)
 
 describe("apikey.sign", function()
-  it("signs METHOD\\nPATH\\nTIMESTAMP\\nBODY with the derived key",
-     function()
+  it("signs METHOD\\nPATH\\nTIMESTAMP\\nIDEMPOTENCY_KEY\\nBODY with the"
+     .. " derived key", function()
     local sk = apikey.signing_key("sk_test")
     local want = crypto.hex(crypto.hmac("sha256", sk,
-                                        "POST\n/p?a=1\n1700000000\n{}"))
+                                        "POST\n/p?a=1\n1700000000\n\n{}"))
     local h = apikey.sign{ app_id = "a", key_id = "k", secret = "sk_test",
                            method = "POST", path = "/p?a=1", body = "{}",
                            timestamp = 1700000000 }
@@ -284,6 +296,19 @@ describe("apikey.sign", function()
                             method = "POST", path = "/p?a=1", body = "{}",
                             timestamp = 1700000000 }
     assert.equal(h.Authorization, h2.Authorization)
+    assert.is_nil(h["Idempotency-Key"])
+    -- with an Idempotency-Key: signed, and returned as the header
+    local h3 = apikey.sign{ app_id = "a", key_id = "k", signing_key = sk,
+                            method = "POST", path = "/p?a=1", body = "{}",
+                            timestamp = 1700000000, idempotency_key = "o-1" }
+    assert.equal("o-1", h3["Idempotency-Key"])
+    assert.equal(crypto.hex(crypto.hmac("sha256", sk,
+                   "POST\n/p?a=1\n1700000000\no-1\n{}")),
+                 h3.Authorization:match('signature="(%x+)"'))
+    assert.has_error(function()
+      apikey.sign{ app_id = "a", key_id = "k", signing_key = sk,
+                   method = "POST", path = "/", idempotency_key = "a\nb" }
+    end)
     local now = math.floor(core.time())
     local ts = tonumber(apikey.sign{ app_id = "a", key_id = "k",
       secret = "s", method = "GET", path = "/" }.Authorization

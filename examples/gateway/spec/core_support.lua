@@ -160,14 +160,18 @@ end
 function _M.call(gw, method, path, body, headers)
   if type(body) == "table" then body = json.encode(body) end
   body = body or ""
+  local ik
+  if method == "POST" then ik = crypto.random_nonce(24) end
+  for k, v in pairs(headers or {}) do
+    if k:lower() == "idempotency-key" then ik = v or nil end
+  end
   local h = apikey.sign{ app_id = gw.app_id, key_id = gw.key_id,
                          secret = gw.secret, method = method, path = path,
-                         body = body }
+                         body = body, idempotency_key = ik }
   h["Content-Type"] = "application/json"
-  if method == "POST" then
-    h["Idempotency-Key"] = crypto.random_nonce(24)
+  for k, v in pairs(headers or {}) do
+    if k:lower() ~= "idempotency-key" then h[k] = v or nil end
   end
-  for k, v in pairs(headers or {}) do h[k] = v or nil end
   return gw.srv:request{ method = method, path = path, body = body,
                          headers = h }
 end

@@ -45,12 +45,36 @@ describe("gateway API keys", function()
     local b = body()
     local h = apikey.sign{ app_id = env.key.app_id, key_id = env.key.key_id,
       secret = env.key.secret, method = "POST", path = "/v1/payments",
-      body = require("cjson").encode(b) }
+      body = require("cjson").encode(b), idempotency_key = "k-body" }
     b.amount = 1
-    res = env:api("POST", "/v1/payments", b, { sign = false,
+    res = env:api("POST", "/v1/payments", b, { sign = false, key = "k-body",
       headers = { Authorization = h.Authorization } })
     assert.equal(401, res.status)
     assert.equal("bad_signature", res.json.error)
+  end)
+
+  it("a signed request sent again under another Idempotency-Key: 401, it"
+     .. " does not run again", function()
+    local b = body()
+    local raw = require("cjson").encode(b)
+    local h = apikey.sign{ app_id = env.key.app_id, key_id = env.key.key_id,
+      secret = env.key.secret, method = "POST", path = "/v1/payments",
+      body = raw, idempotency_key = "k-first" }
+    local res = env:api("POST", "/v1/payments", raw, { sign = false,
+      key = "k-first", headers = { Authorization = h.Authorization } })
+    assert.equal(201, res.status, res.body)
+    -- the same bytes and Authorization: the first answer, replayed
+    local again = env:api("POST", "/v1/payments", raw, { sign = false,
+      key = "k-first", headers = { Authorization = h.Authorization } })
+    assert.equal(201, again.status)
+    assert.equal(res.body, again.body)
+    -- captured and sent under another key (or none): refused
+    for _, k in ipairs{ "k-second", false } do
+      local other = env:api("POST", "/v1/payments", raw, { sign = false,
+        key = k, headers = { Authorization = h.Authorization } })
+      assert.equal(401, other.status, other.body)
+      assert.equal("bad_signature", other.json.error)
+    end
   end)
 
   it("an old timestamp: 401 stale_timestamp", function()

@@ -185,16 +185,18 @@ function Env:api(method, path, body, o)
   if type(body) == "table" then body = json.encode(body) end
   local headers = {}
   if body then headers["Content-Type"] = "application/json" end
+  local ik
+  if method == "POST" and o.key ~= false then
+    ik = o.key or ("k-" .. crypto.random_nonce(16))
+    headers["Idempotency-Key"] = ik
+  end
   if o.sign ~= false then
     local h = apikey.sign{ app_id = o.app_id or self.key.app_id,
                            key_id = o.key_id or self.key.key_id,
                            secret = o.secret or self.key.secret,
                            method = method, path = path, body = body or "",
-                           timestamp = o.timestamp }
+                           timestamp = o.timestamp, idempotency_key = ik }
     headers.Authorization = h.Authorization
-  end
-  if method == "POST" and o.key ~= false then
-    headers["Idempotency-Key"] = o.key or ("k-" .. crypto.random_nonce(16))
   end
   for k, v in pairs(o.headers or {}) do headers[k] = v end
   local res, err = http.request{ method = method, url = self.gw:url(path),
