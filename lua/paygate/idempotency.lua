@@ -538,8 +538,19 @@ function Run:respond(tx, status, body, headers)
     self.lost = err.kind == "lost"
     error(err, 0)
   end
-  self.response = r
+  self.response, self.response_tx = r, tx
   return r.status, r.body, r.headers
+end
+
+-- The response ik:respond stored, if the transaction it was stored in
+-- committed (else nil: it rolled back with it, or its commit failed, and
+-- the record is still running).
+local function stored_response(run)
+  local tx = run.response_tx
+  if tx and tx.committed then
+    return run.response
+  end
+  return nil
 end
 
 -- The ik a handler gets for a request without a key (opts.required =
@@ -634,7 +645,8 @@ function _M.wrap(db, handler, opts)
     if not h then
       if err.kind == "conflict" then
         return reply(422, "idempotency_key_reused", "this Idempotency-Key"
-                     .. " was used with another request body")
+                     .. " was used with another request (method, path with"
+                     .. " query, or body)")
       elseif err.kind == "in_flight" then
         return reply(409, "idempotency_in_flight", "a request with this"
                      .. " Idempotency-Key is still running",
@@ -651,8 +663,9 @@ function _M.wrap(db, handler, opts)
 
     local run = setmetatable({ h = h }, Run)
     local res = { pcall(handler, req, run) }
+    local done = stored_response(run)
     if not res[1] then
-      if run.response == nil and not run.lost then
+      if done == nil and not run.lost then
         _M.release(db, h)
       end
       error(res[2], 0)
@@ -669,10 +682,12 @@ function _M.wrap(db, handler, opts)
       return reply(503, core.is_error(body) and body.kind or "error",
                    "the request failed and was not applied; retry it")
     end
-    if run.response then
+    if done then
       -- stored in the handler's committed transaction: send exactly that
-      return sent(run.response, false)
+      return sent(done, false)
     end
+    -- (a response ik:respond stored in a transaction that then rolled back
+    -- or failed to commit is not sent: what the handler returned is)
     local r = normalize(status, body, headers)
     if not keep(r.status) then
       _M.release(db, h)

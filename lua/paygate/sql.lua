@@ -277,6 +277,7 @@ function DB:transaction(fn, opts)
       else
         local ok, cerr = self.h:commit(txid)
         if ok then
+          tx.committed = true          -- (for what was written through it)
           if res.n == 1 then
             return true
           end

@@ -94,6 +94,21 @@ paygate.route("POST", "/v1/slow", idem.wrap(db, function(req, ik)
   return effect(req, ik, "slow")
 end, { lease = 30 }))
 
+-- stores its response with ik:respond, then rolls the transaction back
+-- (as a failed COMMIT would) unless the spec made its commit file
+paygate.route("POST", "/v1/rolled", idem.wrap(db, function(req, ik)
+  local key = req:header("idempotency-key")
+  local ok = db:transaction(function(tx)
+    ik:respond(tx, 201, { created = key })
+    if not exists(conf.dir .. "/commit-" .. key) then
+      return nil, paygate.error("busy", "stands in for a failed commit")
+    end
+    return true
+  end)
+  if not ok then return 503, { error = "unavailable" } end
+  return ok
+end))
+
 paygate.route("POST", "/v1/doomed", idem.wrap(db, function(req, ik)
   local key = req:header("idempotency-key")
   local f = io.open(conf.dir .. "/started-" .. key, "w")
@@ -218,6 +233,22 @@ for name, engine in pairs(engines) do
       assert.equal(422, other.status)
       assert.equal("idempotency_key_reused", json.decode(other.body).error)
       assert.equal(1, #runs("pay-1"))
+    end)
+
+    it("never sends a stored response whose transaction rolled back",
+       function()
+      local first = assert(post("/v1/rolled", "rolled-1", "{}"))
+      assert.equal(503, first.status, first.body)
+      assert.equal("unavailable", json.decode(first.body).error)
+      -- the record was released, not left running: the repeat runs now
+      write(dir .. "/commit-rolled-1", "")
+      local again = assert(post("/v1/rolled", "rolled-1", "{}"))
+      assert.equal(201, again.status, again.body)
+      assert.equal("rolled-1", json.decode(again.body).created)
+      assert.is_nil(again.headers["idempotent-replayed"])
+      local third = assert(post("/v1/rolled", "rolled-1", "{}"))
+      assert.equal(again.body, third.body)
+      assert.equal("true", third.headers["idempotent-replayed"])
     end)
 
     it("answers 409 while the first request still runs", function()
