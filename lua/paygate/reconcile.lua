@@ -623,6 +623,21 @@ local function map_event(action, state)
   return _M.payment_event(state, action.remote)
 end
 
+-- Whether the answer in action still concerns row, read in the
+-- transaction: opts.current(row, action) when given; else the row's
+-- out_trade_no (a payment) or out_refund_no (a refund), when it has that
+-- column, must be the one that was asked about. (A payment may have
+-- moved on to a new attempt since the batch was read: an answer about the
+-- old one -- CLOSED, ORDER_NOT_EXIST -- must not close the new one.)
+local function is_current(row, action, current)
+  if current then
+    return current(row, action) and true or false
+  end
+  local col = action.kind == "refund" and "out_refund_no" or "out_trade_no"
+  local have, asked = row[col], action[col]
+  return have == nil or asked == nil or have == asked
+end
+
 -- syntax: res, err = reconcile.apply(db, machine, action[, opts])
 -- Applies a check's action through the app's fsm machine in one
 -- transaction (fsm.retry: retried from fresh state on stale_version):
@@ -632,7 +647,10 @@ end
 -- nothing illegal), then opts.within(tx, action, tres) and
 -- opts.schedule(tx, action, tres) (the app's extra writes, e.g. its
 -- next_check_at). opts.set = fn(row, action) -> columns (default
--- action.set); cause ("reconcile"), actor ("reconcile").
+-- action.set); cause ("reconcile"), actor ("reconcile"); current =
+-- fn(row, action) -> boolean: whether the answer still concerns the row
+-- (default: the row's out_trade_no / out_refund_no, when it has that
+-- column, is the one asked about; when not, no event: skipped).
 -- returns: { applied = bool, event, transition (fsm's result or nil),
 --   skipped (true when the row had moved on) } or nil, err
 -- yields: until committed
@@ -649,7 +667,7 @@ function _M.apply(db, machine, action, opts)
   if type(opts) ~= "table" then
     error("reconcile.apply: opts must be a table", 2)
   end
-  for _, k in ipairs({ "fence", "within", "schedule", "set" }) do
+  for _, k in ipairs({ "fence", "within", "schedule", "set", "current" }) do
     if opts[k] ~= nil and type(opts[k]) ~= "function" then
       error("reconcile.apply: opts." .. k .. " must be a function", 2)
     end
@@ -672,7 +690,10 @@ function _M.apply(db, machine, action, opts)
                   .. tostring(action.id) .. " not found")
     end
     local state = row[machine.store.state_col or "state"]
-    local event = map_event(action, state)
+    local event
+    if is_current(row, action, opts.current) then
+      event = map_event(action, state)
+    end
     out.event = event
     if action.event and event ~= action.event then
       out.skipped = true

@@ -26,7 +26,7 @@ local function new_db()
   assert(db:exec_script([[CREATE TABLE payments (id TEXT PRIMARY KEY,
     state TEXT NOT NULL, version INTEGER NOT NULL, amount INTEGER,
     transaction_id TEXT, payer_total INTEGER, next_check_at REAL,
-    checks INTEGER NOT NULL DEFAULT 0)]]))
+    checks INTEGER NOT NULL DEFAULT 0, out_trade_no TEXT)]]))
   return db
 end
 
@@ -43,7 +43,7 @@ if servers.have_postgres() then
       .. [[CREATE TABLE payments (id TEXT PRIMARY KEY,
       state TEXT NOT NULL, version INTEGER NOT NULL, amount INTEGER,
       transaction_id TEXT, payer_total INTEGER, next_check_at REAL,
-      checks INTEGER NOT NULL DEFAULT 0)]]))
+      checks INTEGER NOT NULL DEFAULT 0, out_trade_no TEXT)]]))
     return db
   end
 end
@@ -279,6 +279,33 @@ for engine, open_db in pairs(engines) do
       assert.is_false(res.applied)
       assert.is_true(res.skipped)
       assert.equal(before, fsm.stats().illegal_transitions_total)
+    end)
+
+    it("an answer about an attempt the row has left is skipped", function()
+      -- the batch read P1 on attempt P1_1; it moved to P1_2 meanwhile
+      assert(db:exec("UPDATE payments SET out_trade_no = 'P1_2' WHERE"
+                     .. " id = 'P1'"))
+      local closed = { kind = "payment", id = "P1", remote = "CLOSED",
+                       event = "closed", out_trade_no = "P1_1" }
+      local res = assert(reconcile.apply(db, m, closed))
+      assert.is_false(res.applied)
+      assert.is_true(res.skipped)
+      assert.equal("paying", m:get(db, "P1").state)
+      -- opts.current decides when given
+      res = assert(reconcile.apply(db, m, closed, {
+        current = function(row, a) return row.id == a.id end }))
+      assert.is_true(res.applied)
+      assert.equal("closed", m:get(db, "P1").state)
+    end)
+
+    it("an answer about the row's own attempt applies", function()
+      assert(db:exec("UPDATE payments SET out_trade_no = 'P1_1' WHERE"
+                     .. " id = 'P1'"))
+      local res = assert(reconcile.apply(db, m, { kind = "payment",
+        id = "P1", remote = "CLOSED", event = "closed",
+        out_trade_no = "P1_1" }))
+      assert.is_true(res.applied)
+      assert.equal("closed", m:get(db, "P1").state)
     end)
 
     it("a stale fencing token commits nothing", function()
