@@ -680,6 +680,55 @@ describe("bill.records", function()
     assert.same({ "amount", "T000007" }, { out[1].kind, out[1].out_trade_no })
   end)
 
+  it("a day's refund of an earlier day's payment, with a coupon: no"
+     .. " mismatch", function()
+    local HEAD = "交易时间,公众账号ID,商户号,特约商户号,设备号,微信订单号,"
+      .. "商户订单号,用户标识,交易类型,交易状态,付款银行,货币种类,应结订单金额,"
+      .. "代金券金额,微信退款单号,商户退款单号,退款金额,充值券退款金额,退款类型,"
+      .. "退款状态,商品名称,商户数据包,手续费,费率,订单金额,申请退款金额,费率备注"
+    -- today: T2 paid; a refund R1 of T1, paid on an earlier day (so not in
+    -- this bill), 0.10 asked for, 0.08 of it money (a coupon's 0.02 not)
+    local text = HEAD .. "\r\n"
+      .. "`2026-11-29 10:00:00,`wx1,`1900,`0,`,`4200002,`T2,`o1,`NATIVE,"
+      .. "`SUCCESS,`OTHERS,`CNY,`0.29,`0.00,`0,`0,`0.00,`0.00,`,`,`a,`,"
+      .. "`0.00000,`0.60%,`0.29,`0.00,`\r\n"
+      .. "`2026-11-29 11:00:00,`wx1,`1900,`0,`,`4200001,`T1,`o1,`NATIVE,"
+      .. "`REFUND,`OTHERS,`CNY,`0.00,`0.00,`5000001,`R1,`0.08,`0.00,"
+      .. "`ORIGINAL,`SUCCESS,`a,`,`0.00000,`0.60%,`0.00,`0.10,`\r\n"
+    local wx = {
+      trade_bill = function() return { download_url = "x" } end,
+      download_bill = function(_, _, path)
+        local f = assert(io.open(path, "wb"))
+        f:write(text)
+        f:close()
+        return { path = path }
+      end,
+    }
+    local db = new_db()
+    local dir = tmp .. "/daily"
+    os.execute("mkdir -p " .. dir)
+    local asked
+    local report = assert(bill.daily{ wx = wx, db = db, dir = dir,
+      date = "2026-11-29", local_rows = function(_, numbers)
+        asked = numbers
+        -- as the gateway's: the day's paid payments, every payment the
+        -- bill names (T1 is paid here too), the day's refunds
+        local rows = { { out_trade_no = "T2", amount = 29, state = "paid" },
+                       { out_trade_no = "T1", out_refund_no = "R1",
+                         amount = 10, state = "succeeded" } }
+        for _, no in ipairs(numbers) do
+          if no ~= "T2" then
+            rows[#rows + 1] = { out_trade_no = no, amount = 50,
+                                state = "paid" }
+          end
+        end
+        return rows
+      end })
+    assert.same({ "T2" }, asked)
+    assert.same({}, report.mismatches)
+    db:close()
+  end)
+
   it("refuses a bill with a bad amount", function()
     local path = tmp .. "/bad.csv"
     local f = assert(io.open(path, "wb"))

@@ -194,8 +194,11 @@ function _M.records(path)
       end
       if state == "REFUND" then
         local rno = row["商户退款单号"]
-        local amount, err = _M.parse_fen(row["退款金额"]
-                                         or row["申请退款金额"])
+        -- the amount asked for (申请退款金额), as the local refund
+        -- holds it; 退款金额 is that less non-recharge coupons (older
+        -- bills have only it)
+        local amount, err = _M.parse_fen(row["申请退款金额"]
+                                         or row["退款金额"])
         if not amount then
           err.line = n
           return nil, err
@@ -520,11 +523,14 @@ function _M.daily(opts)
   for no in pairs(remote.payments) do
     numbers[#numbers + 1] = no
   end
+  -- (the bill's payments only: a refund line's out_trade_no is usually a
+  -- payment of an earlier day, which this day's bill rightly lacks; named
+  -- here, it came back as a paid local row "missing" from the bill)
   local npay = #numbers
-  for _, r in pairs(remote.refunds) do
-    numbers[#numbers + 1] = r.out_trade_no
+  local nref = 0
+  for _ in pairs(remote.refunds) do
+    nref = nref + 1
   end
-  local nref = #numbers - npay
   sort(numbers)
   local rows, lerr = opts.local_rows(date, numbers)
   if not rows then
