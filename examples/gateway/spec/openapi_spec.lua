@@ -80,6 +80,38 @@ describe("examples/gateway/openapi.json", function()
     end
   end)
 
+  it("admin routes document their 403 (never a 401)", function()
+    local n = 0
+    for path, item in pairs(doc.paths) do
+      if path:sub(1, 7) == "/admin/" then
+        for method, op in pairs(item) do
+          n = n + 1
+          assert.is_table(op.responses["403"], method .. " " .. path)
+          assert.is_nil(op.responses["401"], method .. " " .. path)
+        end
+      end
+    end
+    assert.is_true(n >= 3)
+  end)
+
+  it("the Error schema names every error of the docs' table", function()
+    local f = assert(io.open("docs/gateway.md"))
+    local text = f:read("*a")
+    f:close()
+    local desc = doc.components.schemas.Error.properties.error.description
+    local n = 0
+    for line in text:gmatch("[^\n]+") do
+      if line:match("^| [45]%d%d |") then
+        local kinds = line:match("^| %d+ | ([^|]+) |")
+        for kind in kinds:gmatch("`([a-z_]+)`") do
+          n = n + 1
+          assert.truthy(desc:find(kind, 1, true), kind .. " not in Error")
+        end
+      end
+    end
+    assert.is_true(n >= 15, n)
+  end)
+
   it("every merchant POST takes the Idempotency-Key, and only those",
      function()
     local p = doc.components.parameters.IdempotencyKey
