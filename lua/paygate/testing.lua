@@ -19,6 +19,12 @@ local core = require "paygate.core"
 local crypto = require "paygate.crypto"
 local http = require "paygate.http"
 local json = require "cjson.safe"
+
+-- a value in a message: JSON as paygate writes it (no "\/" for "/")
+local function shown(v)
+  local ok, s = pcall(require("paygate.json").encode, v)
+  return ok and s or tostring(v)
+end
 local proc = require "paygate.testing.proc"
 local server = require "paygate.testing.server"
 
@@ -406,8 +412,8 @@ function Sim:wait_notification(match, opts)
   if ok then return d end
   error("testing: no " .. (opts.attempts and (opts.attempts .. " attempts")
         or "acknowledged delivery") .. " of a notification matching "
-        .. json.encode(match) .. " in " .. (opts.timeout or 15)
-        .. " s; seen: " .. tostring(json.encode(seen)), 2)
+        .. shown(match) .. " in " .. (opts.timeout or 15)
+        .. " s; seen: " .. shown(seen), 2)
 end
 
 --- syntax: d = sim:pay_and_wait(out_trade_no[, opts])

@@ -182,6 +182,11 @@ describe("paygate verify", function()
       "--headers", "/nonexistent", "--certificate", pki.platform })
     assert.equal(2, code)
     assert.matches("cannot read body file /nonexistent", out)
+    -- a certificate path that is not there: the reason too
+    code, out = run({ "certs", "/nonexistent.pem" })
+    assert.equal(2, code)
+    assert.matches("cannot read /nonexistent.pem: No such file", out, 1,
+                   true)
   end)
 end)
 

@@ -210,6 +210,9 @@ paygate.route("POST", "/fail", function() return 500, "no" end)]] }
     assert.is_false(ok)
     assert.matches("no acknowledged delivery", err)
     assert.matches('"status":500', err)
+    -- the URL the app was called at, as written (no "\/" escapes)
+    assert.truthy(err:find("/fail", 1, true), err)
+    assert.is_nil(err:find("\\/", 1, true), err)
   end)
 
   it("makes clients for the merchant it configured", function()

@@ -52,6 +52,9 @@ local function main(args)
     common.usage_error("give create, list or revoke (see --help)")
   end
   if #pos > 1 then common.usage_error("unexpected argument %s", pos[2]) end
+  if cmd == "create" and o["--app"] == nil then
+    common.usage_error("create needs --app APP (the app the key is for)")
+  end
   if cmd == "create" and not valid_id(o["--app"]) then
     common.usage_error("--app must be 1..64 of [A-Za-z0-9_.-]")
   end

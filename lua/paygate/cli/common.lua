@@ -160,8 +160,8 @@ function _M.files(path)
     end
     return out
   end
-  local f = io.open(path, "rb")
-  if not f then return nil end
+  local f, err = io.open(path, "rb")
+  if not f then return nil, reason(path, err) end
   f:close()
   return { path }
 end

@@ -30,9 +30,9 @@ end
 -- is PUB_KEY_ID_... (a --keyring directory names them so). Raises a usage
 -- error for a path that cannot be read; skips what is not a key.
 function _M.load(path, id)
-  local files = common.files(path)
+  local files, why = common.files(path)
   if not files then
-    common.usage_error("cannot read %s", common.shown(path))
+    common.usage_error("cannot read %s: %s", common.shown(path), why)
   end
   local out = {}
   for _, file in ipairs(files) do
