@@ -230,6 +230,11 @@ function _M.refund_status(ctx, tx, rf, o)
   local status, now = o.status, model.time()
   local event = REFUND_EVENT[status]
   if not event then return "ignored" end
+  if status == "PROCESSING" and rf.state == "abnormal" then
+    -- an application through the abnormal-refund API under way: it stays
+    -- abnormal until WeChat says how it ended
+    return "duplicate"
+  end
   local p, err = model.payment(tx, rf.payment_id)
   if not p then return nil, err or paygate.error("not_found", "payment") end
   if o.amount ~= nil and o.amount ~= rf.amount then

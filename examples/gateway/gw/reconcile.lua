@@ -162,7 +162,10 @@ local function rescheduler(db, resched, what)
 end
 
 local OPEN_PAY = { created = true, paying = true, unknown = true }
-local OPEN_REF = { created = true, processing = true, unknown = true }
+-- (abnormal too: the outcome of an application through the abnormal-refund
+-- API must land even if its notification is lost)
+local OPEN_REF = { created = true, processing = true, unknown = true,
+                   abnormal = true }
 
 local function payment_checks(ctx, conf, sched)
   local db = ctx.db
@@ -241,7 +244,8 @@ local function refund_checks(ctx, conf, sched)
       return db:query("SELECT r.*, p.mchid AS mchid, p.sub_mchid AS"
         .. " sub_mchid FROM gw_refunds r JOIN gw_payments p ON p.id ="
         .. " r.payment_id WHERE r.state IN ('created', 'processing',"
-        .. " 'unknown') AND ((r.next_check_at IS NULL AND r.checks = 0 AND"
+        .. " 'unknown', 'abnormal') AND ((r.next_check_at IS NULL AND"
+        .. " r.checks = 0 AND"
         .. " r.created_at <= $2) OR r.next_check_at <= $1) ORDER BY"
         .. " COALESCE(r.next_check_at,"
         .. " r.created_at) LIMIT $3", { now, now - conf.check_after, limit })
@@ -269,7 +273,7 @@ local function refund_checks(ctx, conf, sched)
         return true
       end
       if not action then return nil, err end
-      if action.abnormal then
+      if action.abnormal and row.state ~= "abnormal" then
         paygate.log.warn("gateway: refund ABNORMAL: apply for the"
           .. " abnormal-refund API", { refund = row.id,
           refund_id = action.refund.refund_id })
@@ -285,7 +289,9 @@ local function refund_checks(ctx, conf, sched)
           status = action.remote, refund_id = action.refund.refund_id,
           amount = amount, source = "query", actor = "reconcile" })
         if not outcome then return nil, aerr end
-        return resched(tx, row.id)
+        -- an amount mismatch was raised (audit, event, gauge) and the
+        -- refund left as it is: asking again would only repeat it
+        return resched(tx, row.id, outcome == "alarm")
       end)
     end,
     reschedule = rescheduler(db, resched, "refund"),

@@ -180,11 +180,30 @@ describe("gateway reconciliation", function()
     local ev = assert(gw.db:query("SELECT type FROM paygate_outbox WHERE"
       .. " subject = $1 AND type = 'refund.abnormal'", { p.id }))
     assert.equal(1, #ev)
+    -- the merchant applies through the abnormal-refund API; WeChat pays it
+    -- to the bank card, and that notification is lost too: the checks,
+    -- which keep asking about an abnormal refund, see it succeed
+    local rf = refund(r2.json.id)
+    local a = assert(sim:client():abnormal_refund{ refund_id = rf.refund_id,
+      out_refund_no = rf.out_refund_no, type = "MERCHANT_BANK_CARD" })
+    assert.equal("PROCESSING", a.status)
+    sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }
+    sim:settle(rf.out_refund_no, "SUCCESS")
+    testing.wait_until(function()
+      return refund(r2.json.id).state == "succeeded"
+    end, 20, "the abnormal refund's outcome, by query")
+    got = gw:wait_state(p.id, "partially_refunded")
+    assert.equal(150, got.refunded)
+    -- while it was abnormal and processing, no transition was refused
+    local illegal = assert(gw.db:query("SELECT count(*) AS n FROM"
+      .. " paygate_audit WHERE subject = $1 AND what LIKE '%illegal%'",
+      { "refund:" .. r2.json.id }))
+    assert.equal(0, tonumber(illegal[1].n))
   end)
 
   it("the gateway's rows of a day agree with WeChat's bill; a changed"
      .. " amount shows", function()
-    bill_diff(sim, gw, 1)
+    bill_diff(sim, gw, 2)        -- the refund, and the abnormal one paid out
   end)
 
   it("the daily bill job reports yesterday (no trades: an empty day)",
