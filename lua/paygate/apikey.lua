@@ -217,6 +217,11 @@ function _M.create(db, app_id)
 end
 
 local cache = setmetatable({}, { __mode = "k" })   -- db -> key_id -> row
+-- db -> { n = count, [key_id] = until }: key ids the store did not know,
+-- remembered for cache_ttl too, so a stream of forged key ids costs no
+-- query each; at most MISSES_MAX, then forgotten all at once
+local misses = setmetatable({}, { __mode = "k" })
+local MISSES_MAX = 4096
 
 -- syntax: ok, err = apikey.revoke(db, key_id)
 -- returns: true when a key was revoked, false when none was active
@@ -269,6 +274,10 @@ local function lookup(db, key_id, cache_ttl, now)
   if hit and hit.until_ > now then
     return hit
   end
+  local m = misses[db]
+  if m and m[key_id] and m[key_id] > now then
+    return false
+  end
   local ok, err = ensure_schema(db)
   if not ok then
     return nil, err
@@ -282,6 +291,12 @@ local function lookup(db, key_id, cache_ttl, now)
   local row = rows[1]
   if not row then
     c[key_id] = nil
+    if not m or m.n >= MISSES_MAX then
+      m = { n = 0 }
+      misses[db] = m
+    end
+    if not m[key_id] then m.n = m.n + 1 end
+    m[key_id] = now + cache_ttl
     return false
   end
   local key = crypto.hex_decode(row.verifier)

@@ -217,6 +217,30 @@ describe("apikey.verify and before_hook", function()
     crypto.constant_time_equal:revert()
   end)
 
+  it("asks the store about an unknown key id once per cache_ttl",
+     function()
+    local n = 0
+    local query = db.query
+    db.query = function(self, ...) n = n + 1 return query(self, ...) end
+    finally(function() db.query = nil end)
+    local h = apikey.before_hook(db, { now = clock(T) })
+    for _ = 1, 5 do
+      local s, body = h(signed{ key_id = "ak_forged1" })
+      assert.equal(401, s)
+      assert.equal("unknown_app", body.error)
+    end
+    assert.equal(1, n)
+    -- after cache_ttl (5 s), asked again
+    h = apikey.before_hook(db, { now = clock(T + 6) })
+    assert.equal(401, (h(signed{ key_id = "ak_forged1", ts = T + 6 })))
+    assert.equal(2, n)
+    -- many forged ids: each asked once, the memory bounded
+    for i = 1, 5000 do
+      h(signed{ key_id = "ak_many" .. i, ts = T + 6 })
+    end
+    assert.equal(5002, n)
+  end)
+
   it("refuses a revoked key at once", function()
     local k2 = assert(apikey.create(db, "shop1"))
     local req = fake_req{ headers = apikey.sign{ app_id = "shop1",
