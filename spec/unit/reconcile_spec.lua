@@ -729,6 +729,44 @@ describe("bill.records", function()
     db:close()
   end)
 
+  it("a description holding \",`\" does not shift the amounts; a line cut"
+     .. " short is refused", function()
+    local HEAD = "交易时间,公众账号ID,商户号,特约商户号,设备号,微信订单号,"
+      .. "商户订单号,用户标识,交易类型,交易状态,付款银行,货币种类,应结订单金额,"
+      .. "代金券金额,微信退款单号,商户退款单号,退款金额,充值券退款金额,退款类型,"
+      .. "退款状态,商品名称,商户数据包,手续费,费率,订单金额,申请退款金额,费率备注"
+    local path = tmp .. "/shifted.csv"
+    local f = assert(io.open(path, "wb"))
+    -- 商品名称 "tea,`0.60%,`9.99" (a merchant's description), attach "x"
+    f:write(HEAD .. "\r\n"
+      .. "`2026-11-29 10:00:00,`wx1,`1900,`0,`,`4200003,`T3,`o1,`NATIVE,"
+      .. "`SUCCESS,`OTHERS,`CNY,`0.30,`0.00,`0,`0,`0.00,`0.00,`,`,"
+      .. "`tea,`0.60%,`9.99,`x,`0.00000,`0.60%,`0.31,`0.00,`\r\n")
+    f:close()
+    local r = assert(bill.records(path))
+    assert.same({ amount = 31, state = "SUCCESS", transaction_id = "4200003" },
+                r.payments.T3)
+    local rows = {}
+    for kind, row in require("paygate.wechatpay.bill").rows(path) do
+      if kind == "record" then rows[#rows + 1] = row end
+    end
+    assert.is_true(rows[1].realigned)
+    assert.equal("tea,`0.60%,`9.99", rows[1]["商品名称"])
+    assert.equal("x", rows[1]["商户数据包"])
+    assert.equal("0.60%", rows[1]["费率"])
+    -- cut short: refused, not read from the wrong columns
+    f = assert(io.open(path, "wb"))
+    f:write(HEAD .. "\r\n"
+      .. "`2026-11-29 10:00:00,`wx1,`1900,`0,`,`4200003,`T3,`o1,`NATIVE,"
+      .. "`SUCCESS,`OTHERS,`CNY,`0.30,`0.00\r\n")
+    f:close()
+    local none, err = bill.records(path)
+    assert.is_nil(none)
+    assert.equal("bad_bill", err.kind)
+    assert.matches("line 1 has 14 fields, its header 27", err.message, 1,
+                   true)
+  end)
+
   it("refuses a bill with a bad amount", function()
     local path = tmp .. "/bad.csv"
     local f = assert(io.open(path, "wb"))

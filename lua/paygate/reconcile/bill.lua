@@ -183,10 +183,16 @@ function _M.records(path)
     return fail("io", "bill: cannot read " .. tostring(path))
   end
   local payments, refunds, n = {}, {}, 0
-  for kind, row in it do
+  for kind, row, names in it do
     if kind == "record" then
       n = n + 1
       pause(n)
+      if names and (#row < #names or row.misaligned) then
+        -- cut short, or fields that cannot be put in place: its amounts
+        -- would be read from the wrong columns
+        return fail("bad_bill", "bill: line " .. n .. " has " .. #row
+                    .. " fields, its header " .. #names)
+      end
       local no, state = row["商户订单号"], row["交易状态"]
       if type(no) ~= "string" or no == "" or type(state) ~= "string" then
         return fail("bad_bill", "bill: line " .. n .. " has no 商户订单号"

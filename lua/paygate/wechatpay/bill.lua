@@ -234,10 +234,41 @@ function _M.split(line)
   return fields, false
 end
 
+-- A record with more fields than its header: a free-text column (商品名称,
+-- 商户数据包: the merchant's description and attach) held ",`". The
+-- columns before the first text column and after the last are where they
+-- belong, counted from each end; what is between is the text, joined
+-- back into the first text column (which of the two held the ",`" cannot
+-- be told). nil when the header has no such columns.
+local function realign(fields, names)
+  local first, last
+  for i, n in ipairs(names) do
+    if n == "商品名称" or n == "商户数据包" then
+      first = first or i
+      last = i
+    end
+  end
+  if not first then return nil end
+  local extra = #fields - #names
+  local out = {}
+  for i = 1, first - 1 do out[i] = fields[i] end
+  local text = {}
+  for i = first, last + extra do text[#text + 1] = fields[i] end
+  out[first] = table.concat(text, ",`", 1, #text - (last - first))
+  for i = first + 1, last do
+    out[i] = text[#text - (last - i)]
+  end
+  for i = last + 1, #names do out[i] = fields[i + extra] end
+  return out
+end
+
 --- syntax: for kind, row, names in bill.rows(path) do ... end
 -- kind "record" for each line under the first header, "summary" for each
 -- line under the second; row maps each header name to the field (and
--- row[i] is the i-th field); names is the header. Raises if the file
+-- row[i] is the i-th field); names is the header. A record with more
+-- fields than the header had ",`" in a free-text column: its fields are
+-- put back in place (row.realigned), or, without such columns in the
+-- header, row.misaligned is set. Raises if the file
 -- cannot be opened (read it after download_bill succeeded).
 function _M.rows(path)
   local f = assert(io_open(path, "rb"))
@@ -260,6 +291,14 @@ function _M.rows(path)
           section = section + 1
         else
           local row = {}
+          if names and #fields > #names then
+            local fixed = realign(fields, names)
+            if fixed then
+              fields, row.realigned = fixed, true
+            else
+              row.misaligned = true      -- where the extra ones are: unknown
+            end
+          end
           for i, v in ipairs(fields) do
             row[i] = v
             if names and names[i] then row[names[i]] = v end
