@@ -2,6 +2,7 @@
 -- (os.time reads a date as local time).
 --
 --   civil.days(2026, 11, 30)   -- days from 1970-01-01 (may be < 0)
+--   civil.epoch("2026-06-08T10:34:56+08:00")   -- its epoch seconds
 
 local floor = math.floor
 
@@ -21,6 +22,40 @@ function _M.days(y, m, d)
   local doy = floor((153 * mp + 2) / 5) + (d or 1) - 1
   local doe = yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy
   return era * 146097 + doe - 719468
+end
+
+--- syntax: t = civil.epoch(s)
+-- s: an RFC 3339 time ("2026-06-08T10:34:56+08:00", "...Z", a fraction
+-- allowed and dropped). returns: its epoch seconds (UTC), or nil when s
+-- is not such a time.
+function _M.epoch(s)
+  if type(s) ~= "string" or #s > 40 then
+    return nil
+  end
+  local y, mo, d, h, mi, sec, rest = s:match(
+    "^(%d%d%d%d)%-(%d%d)%-(%d%d)[Tt](%d%d):(%d%d):(%d%d)(.*)$")
+  if not y then
+    return nil
+  end
+  y, mo, d = tonumber(y), tonumber(mo), tonumber(d)
+  h, mi, sec = tonumber(h), tonumber(mi), tonumber(sec)
+  if mo < 1 or mo > 12 or d < 1 or d > 31 or h > 23 or mi > 59
+     or sec > 60 then
+    return nil
+  end
+  rest = rest:gsub("^%.%d+", "")
+  local off = 0
+  if rest ~= "Z" and rest ~= "z" then
+    local sign, oh, om = rest:match("^([%+%-])(%d%d):(%d%d)$")
+    if not sign then
+      return nil
+    end
+    off = (tonumber(oh) * 60 + tonumber(om)) * 60
+    if sign == "-" then
+      off = -off
+    end
+  end
+  return _M.days(y, mo, d) * 86400 + h * 3600 + mi * 60 + sec - off
 end
 
 return _M

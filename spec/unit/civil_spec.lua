@@ -23,3 +23,27 @@ describe("paygate.civil.days", function()
                  civil.days(2026, 12) * 86400)
   end)
 end)
+
+describe("paygate.civil.epoch", function()
+  it("reads RFC 3339 times with an offset, Z, or a fraction", function()
+    assert.equal(0, civil.epoch("1970-01-01T08:00:00+08:00"))
+    assert.equal(0, civil.epoch("1970-01-01T00:00:00Z"))
+    assert.equal(0, civil.epoch("1969-12-31T19:00:00-05:00"))
+    assert.equal(1780886096, civil.epoch("2026-06-08T10:34:56+08:00"))
+    assert.equal(1780886096, civil.epoch("2026-06-08T02:34:56.123Z"))
+    -- the last second of a Beijing day and the first of the next
+    assert.equal(civil.days(2026, 3, 1) * 86400 + 16 * 3600 - 1,
+                 civil.epoch("2026-03-01T23:59:59+08:00"))
+    assert.equal(civil.days(2026, 3, 1) * 86400 + 16 * 3600,
+                 civil.epoch("2026-03-02T00:00:00+08:00"))
+  end)
+
+  it("is nil for anything else", function()
+    for _, s in ipairs{ "", "2026-06-08", "2026-06-08 10:34:56+08:00",
+                        "2026-13-08T10:34:56Z", "2026-06-08T24:00:00Z",
+                        "2026-06-08T10:34:56", "2026-06-08T10:34:56+0800",
+                        ("9"):rep(50), 12, false } do
+      assert.is_nil(civil.epoch(s), tostring(s))
+    end
+  end)
+end)

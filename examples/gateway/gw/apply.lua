@@ -16,6 +16,14 @@ local shared = require "paygate.shared"
 local json = require "paygate.json"
 local model = require "gw.model"
 local events = require "gw.events"
+local civil = require "paygate.civil"
+
+-- WeChat's success_time when it is an RFC 3339 time (kept in the audit
+-- evidence: the daily bill places a payment or refund on WeChat's day,
+-- not on the day this gateway learnt of it), else nil
+local function wx_time(v)
+  return civil.epoch(v) and v or nil
+end
 
 local type, tostring, tonumber = type, tostring, tonumber
 
@@ -154,7 +162,8 @@ function _M.payment(ctx, tx, o)
   local late = a.state ~= "open"
   local evidence = { notification_id = o.notification_id, source = o.source,
                      out_trade_no = no, transaction_id = r.transaction_id,
-                     trade_state = state, attempt_state = a.state }
+                     trade_state = state, attempt_state = a.state,
+                     success_time = wx_time(r.success_time) }
   local ok
   ok, err = tx:exec("UPDATE gw_attempts SET state = 'paid', transaction_id"
     .. " = $2, closed_at = COALESCE(closed_at, $3) WHERE out_trade_no = $1",
@@ -262,7 +271,8 @@ function _M.refund_status(ctx, tx, rf, o)
   res, err = R:transition(tx, rf.id, event, {
     row = rf, set = set, cause = o.source, actor = o.actor or "wechatpay",
     evidence = { notification_id = o.notification_id, status = status,
-                 refund_id = o.refund_id } })
+                 refund_id = o.refund_id,
+                 success_time = wx_time(o.success_time) } })
   if not res then return nil, err end
   rf = res.row
   if event == "succeeded" then
@@ -332,7 +342,7 @@ function _M.refund(ctx, tx, o)
   return _M.refund_status(ctx, tx, rf, {
     status = r.refund_status or r.status, refund_id = r.refund_id,
     amount = amount, notification_id = o.notification_id,
-    source = o.source, actor = o.actor })
+    success_time = r.success_time, source = o.source, actor = o.actor })
 end
 
 return _M

@@ -31,6 +31,7 @@ local fsm = require "paygate.fsm"
 local audit = require "paygate.audit"
 local reconcile = require "paygate.reconcile"
 local bill = require "paygate.reconcile.bill"
+local civil = require "paygate.civil"
 local model = require "gw.model"
 local apply = require "gw.apply"
 local events = require "gw.events"
@@ -287,7 +288,8 @@ local function refund_checks(ctx, conf, sched)
                        and action.refund.amount.refund or nil
         local outcome, aerr = apply.refund_status(ctx, tx, rf, {
           status = action.remote, refund_id = action.refund.refund_id,
-          amount = amount, source = "query", actor = "reconcile" })
+          amount = amount, success_time = action.refund.success_time,
+          source = "query", actor = "reconcile" })
         if not outcome then return nil, aerr end
         -- an amount mismatch was raised (audit, event, gauge) and the
         -- refund left as it is: asking again would only repeat it
@@ -303,10 +305,26 @@ end
 local PAID = { paid = true, partially_refunded = true, refunded = true }
 
 --- syntax: rows, err = reconcile.local_rows(db, mchid, date, numbers)
+-- How long after WeChat's success_time this gateway may record it: a
+-- lost notification is caught up by the checks (within their ceiling) or
+-- by WeChat's retries (24 h 4 min).
+local RECORDED_WITHIN = 25 * 3600
+
+-- Whether the audit entry (at: epoch ms, evidence: JSON) is of the
+-- Beijing day [from, to): by WeChat's success_time in its evidence, else
+-- (an entry without one) by when it was recorded.
+local function of_day(at, evidence, from, to)
+  local t = type(evidence) == "string"
+            and evidence:match('"success_time":"([^"]+)"')
+  t = t and civil.epoch(t)
+  if not t then t = (tonumber(at) or 0) / 1000 end
+  return t >= from and t < to
+end
+
 -- The gateway's side of a day's bill for merchant mchid: payments whose
 -- money WeChat took that Beijing day (their `payment.succeeded` audit
--- entries), the attempts the bill names whatever their day, and the
--- refunds that succeeded that day.
+-- entries, placed by WeChat's success_time), the attempts the bill names
+-- whatever their day, and the refunds that succeeded that day.
 function _M.local_rows(db, mchid, date, numbers)
   local from = bill.day_start(date)
   local to = from + 86400
@@ -316,15 +334,19 @@ function _M.local_rows(db, mchid, date, numbers)
     seen[no] = true
     out[#out + 1] = { out_trade_no = no, amount = amount, state = state }
   end
-  -- what was paid that day here (the audit trail is kept: evidence)
-  local rows, err = db:query("SELECT p.* FROM paygate_audit a JOIN"
-    .. " gw_payments p ON a.subject = 'payment:' || p.id WHERE a.what ="
-    .. " 'payment.succeeded' AND a.at >= $1 AND a.at < $2 AND p.mchid = $3",
-    { from * 1000, to * 1000, mchid })
+  -- what was paid that day (the audit trail is kept: evidence), recorded
+  -- then or up to RECORDED_WITHIN later
+  local rows, err = db:query("SELECT p.*, a.at AS gw_at, a.evidence AS"
+    .. " gw_evidence FROM paygate_audit a JOIN gw_payments p ON a.subject ="
+    .. " 'payment:' || p.id WHERE a.what = 'payment.succeeded' AND a.at >="
+    .. " $1 AND a.at < $2 AND p.mchid = $3",
+    { from * 1000, (to + RECORDED_WITHIN) * 1000, mchid })
   if not rows then return nil, err end
   for _, p in ipairs(rows) do
-    add_payment(model.opt(p.paid_out_trade_no) or p.out_trade_no, p.amount,
-                PAID[p.state] and "paid" or p.state)
+    if of_day(p.gw_at, p.gw_evidence, from, to) then
+      add_payment(model.opt(p.paid_out_trade_no) or p.out_trade_no,
+                  p.amount, PAID[p.state] and "paid" or p.state)
+    end
   end
   -- the attempts the bill names (paid on another day here, or not at all)
   for i = 1, #numbers, 200 do
@@ -349,15 +371,18 @@ function _M.local_rows(db, mchid, date, numbers)
   -- refunds that succeeded that day (their audit entries are in their own
   -- chain refund:<id>)
   local rrows, rerr = db:query("SELECT r.out_trade_no, r.out_refund_no,"
-    .. " r.amount, r.state FROM paygate_audit a JOIN gw_refunds r ON"
-    .. " a.subject = 'refund:' || r.id JOIN gw_payments p ON p.id ="
-    .. " r.payment_id WHERE a.what = 'refund.succeeded' AND a.at >= $1 AND"
-    .. " a.at < $2 AND p.mchid = $3", { from * 1000, to * 1000, mchid })
+    .. " r.amount, r.state, a.at AS gw_at, a.evidence AS gw_evidence FROM"
+    .. " paygate_audit a JOIN gw_refunds r ON a.subject = 'refund:' || r.id"
+    .. " JOIN gw_payments p ON p.id = r.payment_id WHERE a.what ="
+    .. " 'refund.succeeded' AND a.at >= $1 AND a.at < $2 AND p.mchid = $3",
+    { from * 1000, (to + RECORDED_WITHIN) * 1000, mchid })
   if not rrows then return nil, rerr end
   for _, r in ipairs(rrows) do
-    out[#out + 1] = { out_trade_no = r.out_trade_no,
-                      out_refund_no = r.out_refund_no, amount = r.amount,
-                      state = r.state }
+    if of_day(r.gw_at, r.gw_evidence, from, to) then
+      out[#out + 1] = { out_trade_no = r.out_trade_no,
+                        out_refund_no = r.out_refund_no, amount = r.amount,
+                        state = r.state }
+    end
   end
   return out
 end

@@ -206,6 +206,39 @@ describe("gateway reconciliation", function()
     bill_diff(sim, gw, 2)        -- the refund, and the abnormal one paid out
   end)
 
+  it("a payment is on the day WeChat took the money, not the day it was"
+     .. " recorded", function()
+    package.path = "examples/gateway/?.lua;" .. package.path
+    local gwr = require "gw.reconcile"
+    local p = gw:create{ amount = 7 }
+    -- paid at 23:59:50 on 2026-03-01 (Beijing), its notification recorded
+    -- 2 minutes after midnight (a lost one, caught up later)
+    local day = "2026-03-01"
+    local next_day = bill.day_start(day) + 86400
+    assert(gw.db:exec("UPDATE gw_payments SET state = 'paid',"
+      .. " paid_out_trade_no = out_trade_no WHERE id = $1", { p.id }))
+    assert(audit.append(gw.db, "payment:" .. p.id, {
+      what = "payment.succeeded", from = "paying", to = "paid",
+      cause = "paid", actor = "wechatpay", at = (next_day + 120) * 1000,
+      evidence = { success_time = "2026-03-01T23:59:50+08:00",
+                   out_trade_no = p.out_trade_no } }))
+    local function has(date)
+      for _, r in ipairs(assert(gwr.local_rows(gw.db, sim.merchant.mchid,
+                                               date, {}))) do
+        if r.out_trade_no == p.out_trade_no then return true end
+      end
+      return false
+    end
+    assert.is_true(has(day))
+    assert.is_false(has("2026-03-02"))
+    -- a payment the notification path applies keeps WeChat's success_time
+    local q = gw:create{ amount = 8 }
+    sim:pay_and_wait(q.out_trade_no)
+    gw:wait_state(q.id, "paid")
+    local e = audit.entries(gw.db, "payment:" .. q.id)
+    assert.matches('"success_time":"%d%d%d%d%-%d%d%-%d%dT', e[#e].evidence)
+  end)
+
   it("the daily bill job reports yesterday (no trades: an empty day)",
      function()
     local date = bill.bill_date()
