@@ -32,6 +32,7 @@ local audit = require "paygate.audit"
 local reconcile = require "paygate.reconcile"
 local bill = require "paygate.reconcile.bill"
 local civil = require "paygate.civil"
+local metrics = require "paygate.metrics"
 local model = require "gw.model"
 local apply = require "gw.apply"
 local events = require "gw.events"
@@ -426,9 +427,16 @@ local function bill_job(ctx, conf)
     end
     return items
   end
+  -- 1 while a merchant's last bill run failed (not a bill still being
+  -- made): /metrics shows it, where the mismatch gauge keeps the last good
+  -- day's counts
+  local failing = metrics.gauge("paygate_reconcile_bill_failed",
+    "1 when the last daily bill run of a merchant failed (its kind in"
+    .. " the log), 0 once one succeeds.")
   local ttl, measure = lease_opts("bill", conf)
   return reconcile.runner(db, {
-    name = "bill", batch = 20, interval = 60, lease_ttl = ttl,
+    name = "bill", batch = 20, interval = math.min(60, conf.bill_retry),
+    lease_ttl = ttl,
     measure = measure,
     due = function(now) return pending(now) end,
     check = function(item, rctx)
@@ -441,7 +449,13 @@ local function bill_job(ctx, conf)
         local_rows = function(date, numbers)
           return _M.local_rows(db, item.mchid, date, numbers)
         end }
-      if not report then return nil, err end
+      if not report then
+        if err.kind ~= "statement_creating" then
+          failing:set(1, { merchant = item.mchid })
+        end
+        return nil, err
+      end
+      failing:set(0, { merchant = item.mchid })
       local level = report.counts.total > 0 and "warn" or "info"
       paygate.log[level]("gateway: daily bill reconciled", {
         date = report.date, mchid = item.mchid, path = report.path,

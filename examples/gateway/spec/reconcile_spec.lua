@@ -11,14 +11,17 @@ local core = dofile("examples/gateway/spec/core_support.lua")
 -- The simulator (bills ready as soon as a day is over: whatever the hour
 -- the spec runs, yesterday's bill exists) and a gateway reconciling fast,
 -- its bills in a fresh folder. gateway: more config.gateway keys; db: as
--- core.start's. returns: sim, gw, bill_dir
-local function start(gateway, db)
+-- core.start's; rec: more gateway.reconcile keys; pre(sim): run before the
+-- gateway starts. returns: sim, gw, bill_dir
+local function start(gateway, db, rec, pre)
   local sim = testing.simulator{ time_scale = 100,
                                  config = { bill_ready_after = 0 } }
+  if pre then pre(sim) end
   local bill_dir = "/tmp/paygate-gw-reconcile-"
                    .. require("paygate.crypto").random_nonce(8)
   gateway.reconcile = { check_after = 1, first = 0.5, ceiling = 1,
     interval = 0.1, bill_hour = 0, bill_dir = bill_dir }
+  for k, v in pairs(rec or {}) do gateway.reconcile[k] = v end
   return sim, core.start(sim, { db = db, gateway = gateway }), bill_dir
 end
 
@@ -267,6 +270,44 @@ describe("gateway reconciliation", function()
     end, 20, "the audit entry of the bill of " .. before)
     assert.equal("reconcile.bill", e[1].what)
     os.execute("rm -rf '" .. path:match("^(.*)/[^/]+$") .. "'")
+  end)
+end)
+
+describe("gateway daily bill job failures", function()
+  local sim, gw, bill_dir
+
+  setup(function()
+    -- the bill's download fails from the start
+    sim, gw, bill_dir = start({}, nil, { bill_retry = 0.5, bill_days = 1 },
+      function(s)
+        s:fault{ endpoint = "tradebill", kind = "error", status = 500,
+                 count = 100000 }
+      end)
+  end)
+
+  teardown(function()
+    if gw then gw:stop() end
+    testing.stop_all()
+    if bill_dir then os.execute("rm -rf '" .. bill_dir .. "'") end
+  end)
+
+  local function failed_gauge()
+    local m = gw.srv:admin_get("/metrics")
+    return m and m.body:match('\npaygate_reconcile_bill_failed{merchant="'
+                              .. sim.merchant.mchid .. '"} (%d+)\n')
+  end
+
+  it("a failing run shows on /metrics until one succeeds", function()
+    -- no report, and the gauge says so
+    testing.wait_until(function() return failed_gauge() == "1" end, 20,
+                       "paygate_reconcile_bill_failed 1")
+    assert.same({}, audit.entries(gw.db, "reconcile:" .. bill.bill_date()))
+    -- it works again: reported, and the gauge back to 0
+    sim:clear_faults()
+    testing.wait_until(function()
+      local e = audit.entries(gw.db, "reconcile:" .. bill.bill_date())
+      return e and e[1] and failed_gauge() == "0"
+    end, 20, "the report, and paygate_reconcile_bill_failed 0")
   end)
 end)
 
