@@ -217,8 +217,8 @@ function _M.create(db, app_id)
 end
 
 local cache = setmetatable({}, { __mode = "k" })   -- db -> key_id -> row
--- db -> { n = count, [key_id] = until }: key ids the store did not know,
--- remembered for cache_ttl too, so a stream of forged key ids costs no
+-- db -> { n = count, ids = { [key_id] = until } }: key ids the store did
+-- not know, remembered for cache_ttl too, so a stream of forged key ids costs no
 -- query each; at most MISSES_MAX, then forgotten all at once
 local misses = setmetatable({}, { __mode = "k" })
 local MISSES_MAX = 4096
@@ -275,7 +275,7 @@ local function lookup(db, key_id, cache_ttl, now)
     return hit
   end
   local m = misses[db]
-  if m and m[key_id] and m[key_id] > now then
+  if m and m.ids[key_id] and m.ids[key_id] > now then
     return false
   end
   local ok, err = ensure_schema(db)
@@ -292,11 +292,11 @@ local function lookup(db, key_id, cache_ttl, now)
   if not row then
     c[key_id] = nil
     if not m or m.n >= MISSES_MAX then
-      m = { n = 0 }
+      m = { n = 0, ids = {} }
       misses[db] = m
     end
-    if not m[key_id] then m.n = m.n + 1 end
-    m[key_id] = now + cache_ttl
+    if not m.ids[key_id] then m.n = m.n + 1 end
+    m.ids[key_id] = now + cache_ttl
     return false
   end
   local key = crypto.hex_decode(row.verifier)

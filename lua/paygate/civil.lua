@@ -39,15 +39,19 @@ function _M.epoch(s)
   end
   y, mo, d = tonumber(y), tonumber(mo), tonumber(d)
   h, mi, sec = tonumber(h), tonumber(mi), tonumber(sec)
-  if mo < 1 or mo > 12 or d < 1 or d > 31 or h > 23 or mi > 59
-     or sec > 60 then
-    return nil
+  if mo < 1 or mo > 12 or d < 1 or h > 23 or mi > 59 or sec > 60
+     or d > _M.days(mo == 12 and y + 1 or y, mo % 12 + 1) - _M.days(y, mo)
+  then
+    return nil                      -- (the 31st of a 30-day month too)
   end
   rest = rest:gsub("^%.%d+", "")
   local off = 0
   if rest ~= "Z" and rest ~= "z" then
     local sign, oh, om = rest:match("^([%+%-])(%d%d):(%d%d)$")
     if not sign then
+      return nil
+    end
+    if tonumber(oh) > 23 or tonumber(om) > 59 then
       return nil
     end
     off = (tonumber(oh) * 60 + tonumber(om)) * 60

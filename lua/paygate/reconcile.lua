@@ -691,11 +691,12 @@ function _M.apply(db, machine, action, opts)
     end
     local state = row[machine.store.state_col or "state"]
     local event
-    if is_current(row, action, opts.current) then
+    local current = is_current(row, action, opts.current)
+    if current then
       event = map_event(action, state)
     end
     out.event = event
-    if action.event and event ~= action.event then
+    if not current or (action.event and event ~= action.event) then
       out.skipped = true
     end
     if event then

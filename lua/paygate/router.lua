@@ -114,9 +114,16 @@ end
 -- out of its folder with: a "." or ".." piece between slashes or
 -- backslashes once %2F / %5C are decoded (the server resolved the path's
 -- own dot-segments before; an encoded slash is data to it, not a
--- separator), or a NUL (C file APIs stop at it: "a.key%00.png").
+-- separator), a NUL (C file APIs stop at it: "a.key%00.png"), or a
+-- leading slash or backslash (a path join takes it as absolute).
 local function unsafe(v)
   if v:find("\0", 1, true) then return "a NUL byte" end
+  local c = v:byte(1)
+  if c == 47 or c == 92 then
+    -- "/files//etc/passwd" or "/files/%2Fetc": a rest that a path join
+    -- would take as absolute
+    return "an absolute path"
+  end
   if not v:find(".", 1, true) then return nil end
   local from = 1
   while true do
@@ -131,8 +138,8 @@ end
 --- syntax: fn, pattern, params, allowed, bad = router:find(method, path)
 -- fn nil: no route; allowed then lists the methods the path has (405).
 -- bad (fn nil too): the route matched, but a parameter, once
--- percent-decoded, holds a dot-segment or a NUL: the request is refused
--- (400), never handed to the route.
+-- percent-decoded, holds a dot-segment or a NUL, or starts with a slash
+-- or backslash: the request is refused (400), never handed to the route.
 function _M:find(method, path)
   local t = self.static[method]
   local fn = t and t[path]
@@ -147,8 +154,9 @@ function _M:find(method, path)
       if params then
         for k, v in pairs(params) do
           local d = unescape(v)
-          -- (a raw backslash too: the target may carry one as it is)
-          if d ~= v or v:find("\\", 1, true) then
+          -- (a raw backslash too: the target may carry one as it is; and
+          -- a rest starting with "/": an empty segment after its prefix)
+          if d ~= v or v:find("\\", 1, true) or v:byte(1) == 47 then
             local why = unsafe(d)
             if why then
               return nil, spec.pattern, nil, nil, "parameter " .. k

@@ -33,8 +33,8 @@ describe("docs/testing.md", function()
       bin = (os.getenv("PWD") or ".") .. "/" .. bin
     end
     local code, out = proc.run({ "sh", "-c", 'cd "$1" && PAYGATE_BIN="$2"'
-      .. ' exec "$2" exec /usr/bin/busted spec/notify_spec.lua', "sh", dir,
-      bin }, { timeout = 120 })
+      .. ' exec "$2" exec "$(command -v busted)" spec/notify_spec.lua', "sh",
+      dir, bin }, { timeout = 120 })
     assert.equal(0, code, out)
     assert.matches("1 success / 0 failures / 0 errors", out)
   end)

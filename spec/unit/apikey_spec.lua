@@ -239,6 +239,11 @@ describe("apikey.verify and before_hook", function()
       h(signed{ key_id = "ak_many" .. i, ts = T + 6 })
     end
     assert.equal(5002, n)
+    -- a key id named like the memory's own fields does not upset it
+    for _, id in ipairs{ "n", "ids", "n", "ak_other", "ak_other" } do
+      h(signed{ key_id = id, ts = T + 6 })
+    end
+    assert.equal(5002 + 3, n)
   end)
 
   it("refuses a revoked key at once", function()

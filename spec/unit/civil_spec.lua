@@ -36,12 +36,20 @@ describe("paygate.civil.epoch", function()
                  civil.epoch("2026-03-01T23:59:59+08:00"))
     assert.equal(civil.days(2026, 3, 1) * 86400 + 16 * 3600,
                  civil.epoch("2026-03-02T00:00:00+08:00"))
+    -- month lengths: the last day of each is accepted
+    assert.equal(civil.days(2028, 2, 29) * 86400,
+                 civil.epoch("2028-02-29T00:00:00Z"))
+    assert.equal(civil.days(2026, 12, 31) * 86400,
+                 civil.epoch("2026-12-31T00:00:00Z"))
   end)
 
   it("is nil for anything else", function()
     for _, s in ipairs{ "", "2026-06-08", "2026-06-08 10:34:56+08:00",
                         "2026-13-08T10:34:56Z", "2026-06-08T24:00:00Z",
                         "2026-06-08T10:34:56", "2026-06-08T10:34:56+0800",
+                        "2026-02-29T00:00:00Z", "2026-04-31T00:00:00Z",
+                        "2026-06-08T10:34:56+24:00",
+                        "2026-06-08T10:34:56+08:60",
                         ("9"):rep(50), 12, false } do
       assert.is_nil(civil.epoch(s), tostring(s))
     end

@@ -310,6 +310,9 @@ local PAID = { paid = true, partially_refunded = true, refunded = true }
 -- lost notification is caught up by the checks (within their ceiling) or
 -- by WeChat's retries (24 h 4 min).
 local RECORDED_WITHIN = 25 * 3600
+-- and how far this host's clock may be behind WeChat's: an entry recorded
+-- at 23:59:58 here for a success_time of 00:00:01 is the next day's
+local CLOCK_SKEW = 3600
 
 -- Whether the audit entry (at: epoch ms, evidence: JSON) is of the
 -- Beijing day [from, to): by WeChat's success_time in its evidence, else
@@ -341,7 +344,7 @@ function _M.local_rows(db, mchid, date, numbers)
     .. " gw_evidence FROM paygate_audit a JOIN gw_payments p ON a.subject ="
     .. " 'payment:' || p.id WHERE a.what = 'payment.succeeded' AND a.at >="
     .. " $1 AND a.at < $2 AND p.mchid = $3",
-    { from * 1000, (to + RECORDED_WITHIN) * 1000, mchid })
+    { (from - CLOCK_SKEW) * 1000, (to + RECORDED_WITHIN) * 1000, mchid })
   if not rows then return nil, err end
   for _, p in ipairs(rows) do
     if of_day(p.gw_at, p.gw_evidence, from, to) then
@@ -376,7 +379,7 @@ function _M.local_rows(db, mchid, date, numbers)
     .. " paygate_audit a JOIN gw_refunds r ON a.subject = 'refund:' || r.id"
     .. " JOIN gw_payments p ON p.id = r.payment_id WHERE a.what ="
     .. " 'refund.succeeded' AND a.at >= $1 AND a.at < $2 AND p.mchid = $3",
-    { from * 1000, (to + RECORDED_WITHIN) * 1000, mchid })
+    { (from - CLOCK_SKEW) * 1000, (to + RECORDED_WITHIN) * 1000, mchid })
   if not rrows then return nil, rerr end
   for _, r in ipairs(rrows) do
     if of_day(r.gw_at, r.gw_evidence, from, to) then

@@ -74,8 +74,8 @@ function _M.send(id, finish, actor)
       local outcome
       outcome, terr = apply.refund_status(ctx, tx, row, {
         status = data.status == "SUCCESS" and "SUCCESS" or "PROCESSING",
-        refund_id = data.refund_id, source = "refund_call",
-        actor = actor })
+        refund_id = data.refund_id, success_time = data.success_time,
+        source = "refund_call", actor = actor })
       if not outcome then return nil, terr end
     elseif how ~= "not_sent"
            and (row.state == "created" or row.state == "unknown") then
@@ -194,12 +194,13 @@ function _M.create(req, ik)
 end
 
 --- syntax: ok, err = refunds.refresh_open(p)
--- Queries the payment's refunds still under way (processing, unknown)
--- and applies what WeChat says.
+-- Queries the payment's refunds still under way (processing, unknown,
+-- created, abnormal: an abnormal-refund application may have ended) and
+-- applies what WeChat says.
 function _M.refresh_open(p)
   local rows, err = ctx.db:query("SELECT * FROM gw_refunds WHERE"
-    .. " payment_id = $1 AND state IN ('processing', 'unknown', 'created')",
-    { p.id })
+    .. " payment_id = $1 AND state IN ('processing', 'unknown', 'created',"
+    .. " 'abnormal')", { p.id })
   if not rows then return nil, err end
   local wx = ctx.wx[p.mchid]
   for _, rf in ipairs(rows) do
@@ -214,7 +215,8 @@ function _M.refresh_open(p)
         return apply.refund_status(ctx, tx, row, {
           status = data.status, refund_id = data.refund_id,
           amount = type(data.amount) == "table" and data.amount.refund
-                   or nil, source = "query", actor = "gateway:query" })
+                   or nil, success_time = data.success_time,
+          source = "query", actor = "gateway:query" })
       end)
       if not ok then return nil, aerr end
     end
