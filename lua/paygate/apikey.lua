@@ -218,8 +218,8 @@ end
 
 local cache = setmetatable({}, { __mode = "k" })   -- db -> key_id -> row
 -- db -> { n = count, ids = { [key_id] = until } }: key ids the store did
--- not know, remembered for cache_ttl too, so a stream of forged key ids costs no
--- query each; at most MISSES_MAX, then forgotten all at once
+-- not know, remembered for cache_ttl too, so a stream of forged key ids
+-- costs no query each; at most MISSES_MAX, then forgotten all at once
 local misses = setmetatable({}, { __mode = "k" })
 local MISSES_MAX = 4096
 

@@ -19,14 +19,14 @@ local core = require "paygate.core"
 local crypto = require "paygate.crypto"
 local http = require "paygate.http"
 local json = require "cjson.safe"
+local proc = require "paygate.testing.proc"
+local server = require "paygate.testing.server"
 
 -- a value in a message: JSON as paygate writes it (no "\/" for "/")
 local function shown(v)
   local ok, s = pcall(require("paygate.json").encode, v)
   return ok and s or tostring(v)
 end
-local proc = require "paygate.testing.proc"
-local server = require "paygate.testing.server"
 
 local type, error, ipairs, pairs, tostring, setmetatable, assert, pcall =
       type, error, ipairs, pairs, tostring, setmetatable, assert, pcall

@@ -530,11 +530,12 @@ gw_lstate_new(const char *app_dir, const luaL_Reg *preload)
     if (L == NULL) {
         return NULL;
     }
-    while (short_key == 0) {
+    if (short_key == 0) {
         if (getentropy(&short_key, sizeof(short_key)) != 0) {
             short_key = (uint64_t) getpid() * 0x9E3779B97F4A7C15ULL
                         ^ (uint64_t) time(NULL) ^ (uintptr_t) L;
         }
+        short_key |= 1;                 /* drawn: never 0 again */
     }
     lstate_gen++;
     lstate_open++;
