@@ -765,18 +765,14 @@ function _M.get(req)
   -- degraded: the local state, marked stale (nothing asks WeChat, and the
   -- reconciliation runners that catch up lost notifications are paused)
   local stale = ctx.degraded() or nil
-  if req:query().refresh == "1" then
-    if stale then
-      -- not asked
-    else
-      local ok, rerr = _M.refresh(p)
-      if not ok then
-        paygate.log.warn("gateway: refresh failed; answering local state",
-                         { payment = p.id, kind = rerr and rerr.kind })
-        stale = true
-      end
-      p = model.payment(ctx.db, p.id) or p
+  if req:query().refresh == "1" and not stale then
+    local ok, rerr = _M.refresh(p)
+    if not ok then
+      paygate.log.warn("gateway: refresh failed; answering local state",
+                       { payment = p.id, kind = rerr and rerr.kind })
+      stale = true
     end
+    p = model.payment(ctx.db, p.id) or p
   end
   local attempts, refunds
   attempts, err = model.attempts(ctx.db, p.id)

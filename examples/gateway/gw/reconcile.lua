@@ -305,7 +305,6 @@ end
 
 local PAID = { paid = true, partially_refunded = true, refunded = true }
 
---- syntax: rows, err = reconcile.local_rows(db, mchid, date, numbers)
 -- How long after WeChat's success_time this gateway may record it: a
 -- lost notification is caught up by the checks (within their ceiling) or
 -- by WeChat's retries (24 h 4 min).
@@ -325,6 +324,7 @@ local function of_day(at, evidence, from, to)
   return t >= from and t < to
 end
 
+--- syntax: rows, err = reconcile.local_rows(db, mchid, date, numbers)
 -- The gateway's side of a day's bill for merchant mchid: payments whose
 -- money WeChat took that Beijing day (their `payment.succeeded` audit
 -- entries, placed by WeChat's success_time), the attempts the bill names
