@@ -420,10 +420,19 @@ function _M.before_hook(db, opts)
     -- signed over the target as sent (an absolute-form one's path and
     -- query), not the path with its dot-segments resolved
     local target = req.target:gsub("^%a[%w+.-]*://[^/?]*", "")
-    local app_id, err = _M.verify(db, {
-      method = req.method, path = target, body = req.body,
-      idempotency_key = req:header("idempotency-key"),
-      authorization = req:header("authorization") }, opts)
+    local app_id, err
+    if req.header_count and (req:header_count("authorization") > 1
+                             or req:header_count("idempotency-key") > 1) then
+      -- two values where one is signed: which one a proxy in front acts
+      -- on is not known, so neither is taken
+      app_id, err = refuse("malformed_signature", "the Authorization or"
+                           .. " Idempotency-Key header is repeated")
+    else
+      app_id, err = _M.verify(db, {
+        method = req.method, path = target, body = req.body,
+        idempotency_key = req:header("idempotency-key"),
+        authorization = req:header("authorization") }, opts)
+    end
     if app_id then
       req.app_id = app_id
       return nil

@@ -203,6 +203,44 @@ for name, engine in pairs(engines) do
       assert.equal(1, json.decode(st.body).apikey.missing_signature)
     end)
 
+    it("refuses a repeated Authorization or Idempotency-Key, before any"
+       .. " record", function()
+      local rawtcp = require "support.rawtcp"
+      local body = "{}"
+      local function raw(extra, ikeys)
+        local h = apikey.sign{ app_id = key.app_id, key_id = key.key_id,
+                               secret = key.secret, method = "POST",
+                               path = "/v1/payments", body = body,
+                               idempotency_key = ikeys[1] }
+        local lines = { "POST /v1/payments HTTP/1.1", "Host: x",
+                        "Connection: close", "Content-Length: 2",
+                        "Authorization: " .. h.Authorization }
+        for _, k in ipairs(ikeys) do
+          lines[#lines + 1] = "Idempotency-Key: " .. k
+        end
+        for _, l in ipairs(extra) do lines[#lines + 1] = l end
+        local c = assert(rawtcp.connect(srv.port, 5))
+        c:send(table.concat(lines, "\r\n") .. "\r\n\r\n" .. body)
+        local out = c:recv_all()
+        c:close()
+        return tonumber(out:match("^HTTP/1.1 (%d+)")), out
+      end
+      -- the one signed, and another
+      local status, out = raw({}, { "rep-1", "rep-2" })
+      assert.equal(401, status, out)
+      assert.truthy(out:find('"malformed_signature"', 1, true), out)
+      -- a second Authorization
+      status, out = raw({ "Authorization: Bearer x" }, { "rep-3" })
+      assert.equal(401, status, out)
+      assert.truthy(out:find('"malformed_signature"', 1, true), out)
+      for _, k in ipairs{ "rep-1", "rep-2", "rep-3" } do
+        assert.equal(0, #runs(k))
+      end
+      -- once each: accepted
+      status, out = raw({}, { "rep-4" })
+      assert.equal(201, status, out)
+    end)
+
     it("answers 400 for a bad key", function()
       local res = assert(post("/v1/payments", ("k"):rep(256), "{}"))
       assert.equal(400, res.status)

@@ -342,32 +342,51 @@ ieq(const char *a, size_t alen, const char *lower, size_t llen)
     return 1;
 }
 
+/* 1 when field x is named name (ASCII case-insensitive) */
+static int
+name_is(const struct gw_http_header *x, const char *name, size_t len)
+{
+    size_t j = 0;
+
+    if (x->name_len != len) {
+        return 0;
+    }
+    for (; j < len; j++) {
+        unsigned char a = (unsigned char) x->name[j];
+        unsigned char b = (unsigned char) name[j];
+
+        if (a >= 'A' && a <= 'Z') {
+            a = (unsigned char) (a + 32);
+        }
+        if (b >= 'A' && b <= 'Z') {
+            b = (unsigned char) (b + 32);
+        }
+        if (a != b) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+size_t
+gw_http_count(const struct gw_http_head *h, const char *name, size_t len)
+{
+    size_t n = 0;
+
+    for (size_t i = 0; i < h->nheaders; i++) {
+        n += (size_t) name_is(&h->headers[i], name, len);
+    }
+    return n;
+}
+
 const struct gw_http_header *
 gw_http_find(const struct gw_http_head *h, const char *name, size_t len)
 {
     for (size_t i = 0; i < h->nheaders; i++) {
         const struct gw_http_header *x = &h->headers[i];
 
-        if (x->name_len == len) {
-            size_t j = 0;
-
-            for (; j < len; j++) {
-                unsigned char a = (unsigned char) x->name[j];
-                unsigned char b = (unsigned char) name[j];
-
-                if (a >= 'A' && a <= 'Z') {
-                    a = (unsigned char) (a + 32);
-                }
-                if (b >= 'A' && b <= 'Z') {
-                    b = (unsigned char) (b + 32);
-                }
-                if (a != b) {
-                    break;
-                }
-            }
-            if (j == len) {
-                return x;
-            }
+        if (name_is(x, name, len)) {
+            return x;
         }
     }
     return NULL;

@@ -93,6 +93,10 @@ int gw_http_path_resolve(const char *path, size_t len, char *out,
 const struct gw_http_header *gw_http_find(const struct gw_http_head *h,
                                           const char *name, size_t len);
 
+/* How many fields are named name (case-insensitive): 0, 1, or a repeat. */
+size_t gw_http_count(const struct gw_http_head *h, const char *name,
+                     size_t len);
+
 struct gw_chunked {
     int      state;             /* decoder state; 0 at start */
     uint64_t remaining;         /* bytes left in the current chunk */

@@ -293,6 +293,23 @@ lreq_header(lua_State *L)
 }
 
 /*
+ * syntax: n = req:header_count(name)
+ * How many fields of that name the request has (case-insensitive): a
+ * value that must be one (Authorization, Idempotency-Key) can be refused
+ * when repeated, rather than read as its first.
+ */
+static int
+lreq_header_count(lua_State *L)
+{
+    struct gw_conn *c = lreq_conn(L, 1);
+    size_t len;
+    const char *name = luaL_checklstring(L, 2, &len);
+
+    lua_pushinteger(L, (lua_Integer) gw_http_count(&c->head, name, len));
+    return 1;
+}
+
+/*
  * syntax: req:set_deadline(seconds)
  * From now: when it passes the client gets 504 and the handler's pending
  * operation is cancelled.
@@ -344,7 +361,7 @@ lreq_tostring(lua_State *L)
 /*
  * syntax: request_methods(t)
  * t's functions become req's methods (t is kept, not copied), with
- * header, set_deadline and drop (C) added to it.
+ * header, header_count, set_deadline and drop (C) added to it.
  */
 static int
 lreq_set_methods(lua_State *L)
@@ -352,6 +369,8 @@ lreq_set_methods(lua_State *L)
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_pushcfunction(L, lreq_header);
     lua_setfield(L, 1, "header");
+    lua_pushcfunction(L, lreq_header_count);
+    lua_setfield(L, 1, "header_count");
     lua_pushcfunction(L, lreq_set_deadline);
     lua_setfield(L, 1, "set_deadline");
     lua_pushcfunction(L, lreq_drop);
