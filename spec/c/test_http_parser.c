@@ -62,6 +62,14 @@ test_basic(void)
     assert(eq(h.headers[1].value, h.headers[1].value_len, "v w"));
     assert(gw_http_find(&h, "x-y", 3) == &h.headers[1]);
     assert(gw_http_find(&h, "X-Z", 3) == NULL);
+    assert(gw_http_count(&h, "x-y", 3) == 1);
+    assert(gw_http_count(&h, "x-z", 3) == 0);
+    /* a repeated field: found first, counted twice, whatever the case */
+    assert(parse("GET / HTTP/1.1\r\nHost: h\r\nIdem: a\r\nX: 1\r\n"
+                 "IDEM: b\r\n\r\n") == 0);
+    assert(gw_http_find(&h, "idem", 4) == &h.headers[1]);
+    assert(gw_http_count(&h, "Idem", 4) == 2);
+    assert(gw_http_count(&h, "ide", 3) == 0);
 }
 
 static void
