@@ -397,7 +397,25 @@ end
 
 local function bill_job(ctx, conf)
   local db = ctx.db
-  local tried = {}          -- date|mchid -> when last tried (this worker)
+  -- date|mchid -> when last tried, in the instance's shared dictionary:
+  -- the lease may move to another worker, which must not ask WeChat again
+  -- before bill_retry (WeChat asks for every 30 minutes while it makes
+  -- the bill); this worker's own memory when there is no dictionary
+  local d = require("paygate.shared").get_dict("paygate")
+  local mine = {}
+  local tried = {
+    get = function(key)
+      if d then return tonumber(d:get("gw:bill_tried:" .. key)) end
+      return mine[key]
+    end,
+    set = function(key, t)
+      if d then
+        d:set("gw:bill_tried:" .. key, t, conf.bill_retry + 60)
+      else
+        mine[key] = t
+      end
+    end,
+  }
   local function pending(now)
     if ctx.degraded and ctx.degraded() then return {} end
     if beijing_hour(now) < conf.bill_hour then
@@ -422,7 +440,8 @@ local function bill_job(ctx, conf)
             done = true
           end
         end
-        if not done and (not tried[key] or now - tried[key]
+        local last = tried.get(key)
+        if not done and (not last or now - last
                          >= conf.bill_retry) then
           items[#items + 1] = { date = date, mchid = m.mchid, key = key }
         end
@@ -443,7 +462,7 @@ local function bill_job(ctx, conf)
     measure = measure,
     due = function(now) return pending(now) end,
     check = function(item, rctx)
-      tried[item.key] = core.time()
+      tried.set(item.key, core.time())
       local wx = ctx.wx[item.mchid]
       local report, err = bill.daily{
         wx = wx, db = db, dir = conf.bill_dir, date = item.date,
