@@ -624,6 +624,12 @@ describe("bill.csv", function()
   end)
 end)
 
+-- a trade bill's header line, as WeChat writes it
+local TRADE_HEAD = "交易时间,公众账号ID,商户号,特约商户号,设备号,微信订单号,"
+  .. "商户订单号,用户标识,交易类型,交易状态,付款银行,货币种类,应结订单金额,"
+  .. "代金券金额,微信退款单号,商户退款单号,退款金额,充值券退款金额,退款类型,"
+  .. "退款状态,商品名称,商户数据包,手续费,费率,订单金额,申请退款金额,费率备注"
+
 describe("bill.records", function()
   it("reads a trade bill into fen by out_trade_no and out_refund_no",
      function()
@@ -682,13 +688,9 @@ describe("bill.records", function()
 
   it("a day's refund of an earlier day's payment, with a coupon: no"
      .. " mismatch", function()
-    local HEAD = "交易时间,公众账号ID,商户号,特约商户号,设备号,微信订单号,"
-      .. "商户订单号,用户标识,交易类型,交易状态,付款银行,货币种类,应结订单金额,"
-      .. "代金券金额,微信退款单号,商户退款单号,退款金额,充值券退款金额,退款类型,"
-      .. "退款状态,商品名称,商户数据包,手续费,费率,订单金额,申请退款金额,费率备注"
     -- today: T2 paid; a refund R1 of T1, paid on an earlier day (so not in
     -- this bill), 0.10 asked for, 0.08 of it money (a coupon's 0.02 not)
-    local text = HEAD .. "\r\n"
+    local text = TRADE_HEAD .. "\r\n"
       .. "`2026-11-29 10:00:00,`wx1,`1900,`0,`,`4200002,`T2,`o1,`NATIVE,"
       .. "`SUCCESS,`OTHERS,`CNY,`0.29,`0.00,`0,`0,`0.00,`0.00,`,`,`a,`,"
       .. "`0.00000,`0.60%,`0.29,`0.00,`\r\n"
@@ -731,14 +733,10 @@ describe("bill.records", function()
 
   it("a description holding \",`\" does not shift the amounts; a line cut"
      .. " short is refused", function()
-    local HEAD = "交易时间,公众账号ID,商户号,特约商户号,设备号,微信订单号,"
-      .. "商户订单号,用户标识,交易类型,交易状态,付款银行,货币种类,应结订单金额,"
-      .. "代金券金额,微信退款单号,商户退款单号,退款金额,充值券退款金额,退款类型,"
-      .. "退款状态,商品名称,商户数据包,手续费,费率,订单金额,申请退款金额,费率备注"
     local path = tmp .. "/shifted.csv"
     local f = assert(io.open(path, "wb"))
     -- 商品名称 "tea,`0.60%,`9.99" (a merchant's description), attach "x"
-    f:write(HEAD .. "\r\n"
+    f:write(TRADE_HEAD .. "\r\n"
       .. "`2026-11-29 10:00:00,`wx1,`1900,`0,`,`4200003,`T3,`o1,`NATIVE,"
       .. "`SUCCESS,`OTHERS,`CNY,`0.30,`0.00,`0,`0,`0.00,`0.00,`,`,"
       .. "`tea,`0.60%,`9.99,`x,`0.00000,`0.60%,`0.31,`0.00,`\r\n")
@@ -756,7 +754,7 @@ describe("bill.records", function()
     assert.equal("0.60%", rows[1]["费率"])
     -- cut short: refused, not read from the wrong columns
     f = assert(io.open(path, "wb"))
-    f:write(HEAD .. "\r\n"
+    f:write(TRADE_HEAD .. "\r\n"
       .. "`2026-11-29 10:00:00,`wx1,`1900,`0,`,`4200003,`T3,`o1,`NATIVE,"
       .. "`SUCCESS,`OTHERS,`CNY,`0.30,`0.00\r\n")
     f:close()

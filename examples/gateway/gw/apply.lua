@@ -29,6 +29,9 @@ local type, tostring, tonumber = type, tostring, tonumber
 
 local _M = {}
 
+--- syntax: s = apply.wx_time(v) -- v when it is an RFC 3339 time, else nil
+_M.wx_time = wx_time
+
 local P, R = model.payments, model.refunds
 
 local alarm_counter

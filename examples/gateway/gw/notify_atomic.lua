@@ -29,7 +29,6 @@ local audit = require "paygate.audit"
 local fsm = require "paygate.fsm"
 local json = require "paygate.json"
 local outbox = require "paygate.outbox"
-local civil = require "paygate.civil"
 local model = require "gw.model"
 local apply = require "gw.apply"
 local events = require "gw.events"
@@ -98,8 +97,7 @@ local function build(db, mchid, event, key)
   local evidence = { notification_id = event.id, source = "notification",
                      out_trade_no = no, transaction_id = r.transaction_id,
                      trade_state = r.trade_state, attempt_state = a.state,
-                     success_time = civil.epoch(r.success_time)
-                                    and r.success_time or nil }
+                     success_time = apply.wx_time(r.success_time) }
   local plan
   plan, err = P:plan(db, p.id, "succeeded", {
     row = p, head = head, cause = "paid", actor = "wechatpay", evidence = evidence,

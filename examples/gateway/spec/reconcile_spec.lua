@@ -25,6 +25,13 @@ local function start(gateway, db, rec, pre)
   return sim, core.start(sim, { db = db, gateway = gateway }), bill_dir
 end
 
+-- start's undoing: the gateway, the simulator, the bills' folder
+local function stop(gw, bill_dir)
+  if gw then gw:stop() end
+  testing.stop_all()
+  if bill_dir then os.execute("rm -rf '" .. bill_dir .. "'") end
+end
+
 -- The daily bill of today, diffed against the gateway's rows (the app's
 -- own local_rows, run here against its database): they agree; then one
 -- amount changed locally shows as the one mismatch. refunds: how many
@@ -73,11 +80,7 @@ describe("gateway reconciliation", function()
     sim, gw, bill_dir = start{ payment_ttl = 60 }
   end)
 
-  teardown(function()
-    if gw then gw:stop() end
-    testing.stop_all()
-    if bill_dir then os.execute("rm -rf '" .. bill_dir .. "'") end
-  end)
+  teardown(function() stop(gw, bill_dir) end)
 
   it("a payment whose notification is lost ends paid by the query",
      function()
@@ -285,11 +288,7 @@ describe("gateway daily bill job failures", function()
       end)
   end)
 
-  teardown(function()
-    if gw then gw:stop() end
-    testing.stop_all()
-    if bill_dir then os.execute("rm -rf '" .. bill_dir .. "'") end
-  end)
+  teardown(function() stop(gw, bill_dir) end)
 
   local function failed_gauge()
     local m = gw.srv:admin_get("/metrics")
