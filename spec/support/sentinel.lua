@@ -128,14 +128,42 @@ function _M.start()
     return true
   end, 20, "the Sentinels to see each other and the replica")
 
-  -- Sentinel 1 sees the master's replica as healthy: linked, in sync,
-  -- no s_down flag (what a failover needs to pick it).
+  -- Sentinel 1 sees the master's replica as one it would pick for a
+  -- failover (sentinelSelectSlave's tests): flagged only "slave",
+  -- reporting that role and the current master, linked, its link not
+  -- down, its INFO and PING answers fresh, priority not zero.
   function g.wait_replica_ok(secs)
     servers.wait_for(function()
+      local mp = g.master_port()
       local out = cli(g.sentinels[1].port, "SENTINEL replicas mymaster")
-      return out:match("\nflags\nslave\n")
-             and out:match("master%-link%-status\nok")
-    end, secs or 30, "Sentinel 1 to see a healthy replica")
+      local lines, cur = {}, nil
+      for line in (out .. "\n"):gmatch("(.-)\n") do
+        lines[#lines + 1] = line    -- empty values kept: pairs stay aligned
+      end
+      local function good(r)
+        return r.flags == "slave" and r["role-reported"] == "slave"
+          and r["master-link-status"] == "ok"
+          and tostring(r["master-port"]) == tostring(mp)
+          and tonumber(r["master-link-down-time"] or "") == 0
+          and (tonumber(r["info-refresh"] or "") or 1e9) < 5000
+          and (tonumber(r["last-ok-ping-reply"] or "") or 1e9) < 2000
+          and tonumber(r["slave-priority"] or "0") ~= 0
+      end
+      -- key and value lines; "name" opens each replica's
+      for i = 1, #lines - 1, 2 do
+        local k, v = lines[i], lines[i + 1]
+        if k == "name" then
+          if cur and good(cur) then
+            return true
+          end
+          cur = {}
+        end
+        if cur then
+          cur[k] = v
+        end
+      end
+      return cur ~= nil and good(cur)
+    end, secs or 30, "Sentinel 1 to see a replica it would promote")
   end
 
   -- The last lines of a Sentinel's log (for a failure message).
