@@ -351,6 +351,29 @@ describe("the replay cache", function()
     wx:stop()
   end)
 
+  it("keeps a record until the notification's timestamp leaves the window"
+     .. " (a clock ahead of ours makes it fresh for up to 600 s)", function()
+    local wx = client()
+    local real = wx.replay_dict
+    local ttls = {}
+    -- the real dict behind a spy on the ttl each record is given
+    wx.replay_dict = setmetatable({ safe_add = function(_, k, v, ttl)
+      ttls[#ttls + 1] = ttl
+      return real:safe_add(k, v, ttl)
+    end }, { __index = real })
+    local now = os.time()
+    local ahead = note{ ts = now + 299 }
+    assert(wx:parse_notification(ahead, { now = now }))
+    -- fresh until now + 299 + 300: the record must live at least that
+    assert.is_true(ttls[1] >= 599, "ttl " .. tostring(ttls[1]))
+    local _, err = wx:parse_notification(ahead, { now = now + 598 })
+    assert.equal("replayed", err.kind)
+    assert(wx:parse_notification(note{ ts = now - 299 }, { now = now }))
+    assert.is_true(ttls[2] >= 1 and ttls[2] <= 330, tostring(ttls[2]))
+    wx.replay_dict = real
+    wx:stop()
+  end)
+
   it("a full dict refuses (replay_check_unavailable) and never evicts a "
      .. "record, so a replay stays refused", function()
     local d = require("paygate.shared").get_dict("spec_replay_full", "32k")

@@ -21,7 +21,17 @@ local decode = json.decode
 local _M = {}
 
 -- A replay key outlives the window a little (clock steps, slow handlers).
+-- The window is judged on the notification's own timestamp: one stamped
+-- ahead of our clock stays fresh until timestamp + 300 s, so its record
+-- lives that much longer (up to 630 s), never less than REPLAY_TTL.
 _M.REPLAY_TTL = 330
+
+local function replay_ttl(ts, now)
+  local ahead = (tonumber(ts) or 0) - now
+  if ahead > 0 then return _M.REPLAY_TTL + ahead end
+  return _M.REPLAY_TTL
+end
+_M.replay_ttl = replay_ttl
 
 local function fail(kind, msg)
   return nil, core.error(kind, msg)
@@ -78,7 +88,8 @@ local function parse(wx, req, opts)
     -- out early would let its replay through. A full dict answers
     -- no_memory instead, and the notification is refused (WeChat sends
     -- it again later), never accepted unchecked.
-    local ok, aerr = dict:safe_add(key, true, _M.REPLAY_TTL)
+    local ok, aerr = dict:safe_add(key, true, replay_ttl(h.timestamp,
+                                   opts and opts.now or core.time()))
     if ok == false then
       return fail("replayed", "this notification (same nonce, timestamp "
                   .. "and signature) was already accepted")
