@@ -131,3 +131,73 @@ describe("the connection limit", function()
     assert.equal(0, s:stop())
   end)
 end)
+
+describe("write_timeout", function()
+  local s
+  setup(function()
+    s = server.start{ source = [[
+local paygate = require "paygate"
+local big = ("b"):rep(512 * 1024)
+paygate.route("GET", "/big", function() return 200, big end)
+local mid = ("m"):rep(8 * 1024)
+paygate.route("GET", "/mid", function() return 200, mid end)
+local huge = ("h"):rep(8 * 1024 * 1024)
+paygate.route("GET", "/huge", function() return 200, huge end)
+]], workers = 1, args = { "--log-level", "info" }, config = [[
+      return { limits = { write_timeout = 1 } }]] }
+  end)
+  teardown(function() if s then assert.equal(0, s:stop()) end end)
+
+  it("closes a pipelining client that never reads its answers", function()
+    -- a few requests at a time, so each is handled while earlier
+    -- answers (under the 64 KiB pause mark) still wait to be sent, until
+    -- the worker stops reading
+    local c = assert(rawtcp.connect(s.port, 10, 4096))
+    local req = ("GET /mid HTTP/1.1\r\nHost: x\r\n\r\n"):rep(5)
+    local function answered()
+      local m = s:admin_get("/metrics")
+      return tonumber(m and m.body:match('route="/mid",status="200"} (%d+)'))
+             or 0
+    end
+    local wait_until = require("support.proc").wait_until
+    local last, steady, sent = -1, 0, 0
+    wait_until(function()
+      if c:send(req) then sent = sent + 5 end   -- fails once closed
+      paygate.sleep(0.05)
+      local now = answered()
+      steady = (now == last) and steady + 1 or 0
+      last = now
+      return steady >= 5
+    end, 30, "the worker to stop reading")
+    local n = sent
+    -- closed by write_timeout (1 s), long before keepalive_timeout (75 s)
+    wait_until(function()
+      return s:logs():find("write stalled", 1, true)
+    end, 15, "the stalled connection to be closed")
+    local out, how = c:recv_all()
+    c:close()
+    local _, got = out:gsub("HTTP/1.1 200 OK", "")
+    assert.is_true(got < n, got .. " of " .. n .. " answers")
+    assert.is_true(how == "eof" or how == "reset", how)
+  end)
+
+  it("does not cut a client that keeps reading, however long it takes",
+     function()
+    -- 8 MiB through a small window at ~2.5 MiB/s: several write_timeouts
+    -- in all, never one without progress
+    local c = assert(rawtcp.connect(s.port, 10, 16384))
+    assert(c:send("GET /huge HTTP/1.1\r\nHost: x\r\nConnection: close"
+                  .. "\r\n\r\n"))
+    local parts, total = {}, 0
+    while true do
+      local piece = c:recv_some()
+      if piece == "" then break end
+      parts[#parts + 1] = piece
+      total = total + #piece
+      if #parts % 4 == 0 then paygate.sleep(0.02) end
+    end
+    c:close()
+    assert.is_true(total > 8 * 1024 * 1024, "got " .. total .. " bytes")
+    assert.matches("^HTTP/1.1 200", parts[1])
+  end)
+end)

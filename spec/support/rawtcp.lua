@@ -22,9 +22,15 @@ local _M = {}
 local Conn = {}
 Conn.__index = Conn
 
-function _M.connect(port, timeout)
+-- rcvbuf: SO_RCVBUF set before connecting (a small window, for clients
+-- that read slowly or not at all)
+function _M.connect(port, timeout, rcvbuf)
   local fd = C.socket(2, 1, 0)
   assert(fd >= 0, "socket")
+  if rcvbuf then
+    local v = ffi.new("int[1]", rcvbuf)
+    C.setsockopt(fd, 1, 8, v, 4)                   -- SO_RCVBUF
+  end
   local tv = ffi.new("struct gw_timeval", { math.floor(timeout or 5),
     math.floor(((timeout or 5) % 1) * 1e6) })
   C.setsockopt(fd, 1, 20, tv, ffi.sizeof(tv))   -- SO_RCVTIMEO

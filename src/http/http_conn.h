@@ -46,6 +46,10 @@ struct gw_conn {
     enum gw_conn_state  state;      /* where the current request is */
     int                 reading;    /* 1 while rev is added */
     int                 want_write; /* 1: output pending, wev added */
+    double              write_by;   /* want_write: closed as stalled if
+                                       no byte of it is sent by then
+                                       (mono; write_timeout after the
+                                       stall began or the last progress) */
     int                 ssl_read_wants_write; /* TLS: SSL_read asked to
                                        wait for writability */
     int                 unread;     /* the socket became readable while

@@ -266,6 +266,32 @@ gw_conn_timer(struct gw_conn *c, double secs)
     evtimer_add(c->timer, &tv);
 }
 
+/* Arms c's timer for the phase's deadline (head, body, keep-alive) secs
+ * from now; while an answer drains, for write_by instead: the phase's
+ * deadline waits until the answer is out (conn_flush arms it then). */
+static void
+conn_timer_io(struct gw_conn *c, double secs)
+{
+    if (c->want_write) {
+        secs = c->write_by - gw_loop_mono();
+    }
+    gw_conn_timer(c, secs);
+}
+
+/* The phase's deadline again, once an answer has drained. */
+static void
+conn_timer_phase(struct gw_conn *c)
+{
+    if (c->state == ST_BODY) {
+        gw_conn_timer(c, gw_srv.conf.body_timeout);
+    } else if (c->state == ST_HEAD && c->in_len > 0 && c->started > 0) {
+        gw_conn_timer(c, gw_srv.conf.header_timeout
+                      - (gw_loop_mono() - c->started));
+    } else if (c->state == ST_HEAD && c->requests > 0) {
+        gw_conn_timer(c, gw_srv.conf.keepalive_timeout);
+    }
+}
+
 /* Adds (on) or removes c's read event, once. */
 static void
 conn_read_on(struct gw_conn *c, int on)
@@ -590,7 +616,7 @@ gw_conn_process(struct gw_conn *c)
                     continue;
                 }
                 if (rc == 0) {
-                    gw_conn_timer(c, gw_srv.conf.body_timeout);
+                    conn_timer_io(c, gw_srv.conf.body_timeout);
                     break;
                 }
                 c->body_len = c->chunk.out;
@@ -598,7 +624,7 @@ gw_conn_process(struct gw_conn *c)
                 size_t need = c->head.content_length > 0
                               ? (size_t) c->head.content_length : 0;
                 if (have < need) {
-                    gw_conn_timer(c, gw_srv.conf.body_timeout);
+                    conn_timer_io(c, gw_srv.conf.body_timeout);
                     break;
                 }
                 c->body_len = need;
@@ -629,7 +655,7 @@ gw_conn_process(struct gw_conn *c)
             c->req_start = 0;
         }
         if (c->in_len == 0 && c->requests > 0) {
-            gw_conn_timer(c, gw_srv.draining && DRAIN_LINGER
+            conn_timer_io(c, gw_srv.draining && DRAIN_LINGER
                           < gw_srv.conf.keepalive_timeout
                           ? DRAIN_LINGER : gw_srv.conf.keepalive_timeout);
             idle_enter(c);
@@ -638,7 +664,7 @@ gw_conn_process(struct gw_conn *c)
              * head's time from its accept, not the idle keep-alive's;
              * handshaken, with no byte of its first request, it can be
              * reclaimed at the cap (idle_victim) */
-            gw_conn_timer(c, gw_srv.conf.header_timeout
+            conn_timer_io(c, gw_srv.conf.header_timeout
                           - (gw_loop_mono() - c->started));
             if (c->ssl == NULL || c->handshaken) {
                 idle_enter(c);
@@ -647,7 +673,7 @@ gw_conn_process(struct gw_conn *c)
             c->started = gw_loop_mono();
         }
         if (c->in_len > 0) {
-            gw_conn_timer(c, gw_srv.conf.header_timeout
+            conn_timer_io(c, gw_srv.conf.header_timeout
                           - (gw_loop_mono() - c->started));
         }
         conn_read_on(c, 1);
@@ -1072,6 +1098,8 @@ conn_linger_read(struct gw_conn *c)
 static void
 conn_flush(struct gw_conn *c)
 {
+    size_t was_sent = c->out_sent;
+
     while (c->out_sent < c->out_len) {
         size_t left = c->out_len - c->out_sent;
         ssize_t n;
@@ -1109,7 +1137,21 @@ conn_flush(struct gw_conn *c)
                 return;
             }
             c->want_write = 1;
+            c->write_by = gw_loop_mono() + gw_srv.conf.write_timeout;
             gw_conn_timer(c, gw_srv.conf.write_timeout);
+        } else if (c->state != ST_HANDLE
+                   && (c->out_sent > was_sent
+                       || !evtimer_pending(c->timer, NULL))) {
+            /* progress restarts write_timeout (a slow reader is not a
+             * stalled one); and a timer taken for a request handled
+             * meanwhile (gw_req_start) is given back, else a client
+             * that pipelines and never reads would hold the connection
+             * with no timer at all. (In ST_HANDLE the timer is the
+             * request's deadline; the answer's flush comes back here.) */
+            if (c->out_sent > was_sent) {
+                c->write_by = gw_loop_mono() + gw_srv.conf.write_timeout;
+            }
+            gw_conn_timer(c, c->write_by - gw_loop_mono());
         }
         return;
     }
@@ -1117,6 +1159,7 @@ conn_flush(struct gw_conn *c)
     if (c->want_write) {
         event_del(c->wev);
         c->want_write = 0;
+        conn_timer_phase(c);    /* the write timer's turn is over */
     }
     if (c->state == ST_HEAD && c->in_len == 0) {
         conn_release(c);    /* between requests: hold no buffers */
@@ -1192,8 +1235,13 @@ conn_on_timer(evutil_socket_t fd, short what, void *arg)
         return;
     }
     if (c->want_write) {
-        gw_log(GW_LOG_INFO, "closing %s: write stalled", c->peer);
-        conn_close(c);
+        /* while an answer drains the timer is write_by's alone */
+        if (gw_loop_mono() + 0.0005 >= c->write_by) {
+            gw_log(GW_LOG_INFO, "closing %s: write stalled", c->peer);
+            conn_close(c);
+        } else {
+            gw_conn_timer(c, c->write_by - gw_loop_mono());
+        }
         return;
     }
     if (c->state == ST_BODY) {
