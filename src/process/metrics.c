@@ -136,9 +136,13 @@ gw_metrics_attach(int slot)
         mine = calloc(1, sizeof(*mine));    /* exec: private counters */
         return;
     }
+    /* The master cleared the slot when it reserved it (pid -1): clearing
+     * it here would show pid 0 -- free -- to a master choosing a slot for
+     * the next worker, for as long as the memset of the whole slot takes,
+     * and two workers would share one slot (and one worker's counts would
+     * vanish from /metrics). */
     mine = &shm->slots[slot];
-    memset(mine, 0, sizeof(*mine));
-    mine->pid = getpid();
+    __atomic_store_n(&mine->pid, getpid(), __ATOMIC_RELEASE);
 }
 
 int
@@ -146,6 +150,9 @@ gw_metrics_free_slot(void)
 {
     for (int i = 0; shm != NULL && i < shm->nslots; i++) {
         if (shm->slots[i].pid == 0) {
+            /* cleared here, before the fork: the worker only stores its
+             * pid over the reservation */
+            memset(&shm->slots[i], 0, sizeof(shm->slots[i]));
             shm->slots[i].pid = -1;         /* reserved until attach */
             return i;
         }

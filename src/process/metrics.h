@@ -12,10 +12,13 @@
 /* Maps the shared segment (master, before forking). GW_OK or GW_ERR. */
 int gw_metrics_init(int max_slots);
 
-/* In a worker: use slot for this process's counters. */
+/* In a worker: use slot (reserved and cleared by gw_metrics_free_slot in
+ * the master) for this process's counters; only stores the pid, so the
+ * slot never looks free while the worker takes it. */
 void gw_metrics_attach(int slot);
 
-/* A slot nobody uses now, or -1. */
+/* Master: a slot nobody uses now, cleared and reserved (pid -1) until its
+ * worker attaches, or -1. */
 int gw_metrics_free_slot(void);
 
 /* Master, after a worker died: fold its counters into the retired totals
