@@ -205,6 +205,29 @@ test_chunked(void)
         assert(gw_chunked_decode(&st, bad, strlen(bad)) == -1);
     }
     {
+        /* after the size: whitespace, then only ';' or CR */
+        const char *bad[] = { "3 4\r\nabc\r\n", "0 1\r\n\r\n",
+                              "3 \x01\r\nabc\r\n", "3;a\x7f\r\nabc\r\n",
+                              "3;a\x00b\r\nabc\r\n", "3 x;e\r\nabc\r\n" };
+        const size_t blen[] = { 10, 7, 10, 11, 12, 12 };
+        const char *good[] = { "3 \r\nabc\r\n0\r\n\r\n",
+                               "3\t ;e=\"v w\"\r\nabc\r\n0\r\n\r\n" };
+
+        char copy[64];      /* decoded in place: not a literal */
+
+        for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+            memset(&st, 0, sizeof(st));
+            memcpy(copy, bad[i], blen[i]);
+            assert(gw_chunked_decode(&st, copy, blen[i]) == -1);
+        }
+        for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++) {
+            memset(&st, 0, sizeof(st));
+            memcpy(copy, good[i], strlen(good[i]));
+            assert(gw_chunked_decode(&st, copy, strlen(good[i])) == 1);
+            assert(st.out == 3 && memcmp(copy, "abc", 3) == 0);
+        }
+    }
+    {
         char huge[] = "ffffffffffffffff\r\n";
         memset(&st, 0, sizeof(st));
         assert(gw_chunked_decode(&st, huge, strlen(huge)) == -1);

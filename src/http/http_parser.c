@@ -651,7 +651,8 @@ enum {
     CH_DATA_CR,
     CH_DATA_LF,
     CH_TRAILER,     /* trailer line (or the final empty line) */
-    CH_TRAILER_LF
+    CH_TRAILER_LF,
+    CH_BWS          /* whitespace after the size: then ';' or CR only */
 };
 
 #define CH_MAX_LINE 4096    /* bytes in a size or trailer line */
@@ -691,8 +692,10 @@ gw_chunked_decode(struct gw_chunked *st, char *buf, size_t len)
             if (st->line == 0) {
                 return -1;
             }
-            if (c == ';' || c == ' ' || c == '\t') {
+            if (c == ';') {
                 st->state = CH_EXT;
+            } else if (c == ' ' || c == '\t') {
+                st->state = CH_BWS;     /* "3 4" is not a size */
             } else if (c == '\r') {
                 st->state = CH_SIZE_LF;
             } else {
@@ -701,10 +704,24 @@ gw_chunked_decode(struct gw_chunked *st, char *buf, size_t len)
             st->in++;
             break;
         }
+        case CH_BWS:
+            if (c == ';') {
+                st->state = CH_EXT;
+            } else if (c == '\r') {
+                st->state = CH_SIZE_LF;
+            } else if ((c != ' ' && c != '\t') || ++st->line > CH_MAX_LINE) {
+                return -1;
+            }
+            st->in++;
+            break;
         case CH_EXT:
+            /* skipped, but only what a chunk-ext can hold: tokens,
+             * quoted strings, '=', ';' and whitespace (no control bytes:
+             * a front proxy may read those differently) */
             if (c == '\r') {
                 st->state = CH_SIZE_LF;
-            } else if (c == '\n' || ++st->line > CH_MAX_LINE) {
+            } else if ((c < 0x20 && c != '\t') || c == 0x7f
+                       || ++st->line > CH_MAX_LINE) {
                 return -1;
             }
             st->in++;
