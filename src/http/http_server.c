@@ -806,6 +806,8 @@ conn_handshake(struct gw_conn *c)
 static int
 conn_read(struct gw_conn *c)
 {
+    size_t got = 0;             /* bytes this call read */
+
     c->tls_held = 0;
     c->unread = 0;              /* reading again: the event says the rest */
     if (c->ssl != NULL && !c->handshaken) {
@@ -869,6 +871,13 @@ conn_read(struct gw_conn *c)
                     return 1;
                 }
                 ERR_clear_error();
+                if (got > 0 && e == SSL_ERROR_ZERO_RETURN) {
+                    /* close_notify behind complete requests: answer
+                     * them first; the next read meets it again (no
+                     * socket event may come: read on after the flush) */
+                    c->tls_held = 1;
+                    return 1;
+                }
                 conn_close(c);
                 return 0;
             }
@@ -883,6 +892,12 @@ conn_read(struct gw_conn *c)
                 return 0;
             }
             if (n == 0) {
+                if (got > 0) {
+                    /* a half-close behind complete requests: answer
+                     * them first; the socket stays readable, and the
+                     * next read meets the end again */
+                    return 1;
+                }
                 conn_close(c);
                 return 0;
             }
@@ -892,6 +907,7 @@ conn_read(struct gw_conn *c)
         }
         idle_leave(c);
         c->in_len += (size_t) n;
+        got += (size_t) n;
         /* TLS reads ahead (tls.c): records it holds are signalled by no
          * socket event, so read on while it has any (until SSL_read()
          * wants more: what it holds then is part of a record, whose rest

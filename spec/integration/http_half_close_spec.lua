@@ -1,0 +1,40 @@
+-- A client that sends its last request and half-closes (shutdown(SHUT_WR),
+-- or a TLS close_notify) in the same breath still gets its answer, however
+-- the bytes fall into the server's reads.
+local server = require "support.server"
+local rawtcp = require "support.rawtcp"
+
+local APP = [[
+local paygate = require "paygate"
+paygate.route("POST", "/echo", function(req) return 200, "len " .. #req.body end)
+]]
+
+describe("a half-close right behind a request", function()
+  local s
+  setup(function() s = server.start{ source = APP, workers = 1 } end)
+  teardown(function() if s then assert.equal(0, s:stop()) end end)
+
+  -- heads and bodies that end exactly at the first input buffer's size
+  -- (4096), its double, and around them
+  for _, total in ipairs({ 4095, 4096, 4097, 8192, 100 }) do
+    it("answers a " .. total .. "-byte request, then closes", function()
+      local head = "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: "
+      -- the Content-Length's own digits count toward the total
+      local body_len, len
+      for d = 1, 5 do
+        body_len = total - #head - 4 - d
+        len = tostring(body_len)
+        if #len == d then break end
+      end
+      assert(#head + #len + 4 + body_len == total)
+      local c = assert(rawtcp.connect(s.port, 5))
+      assert(c:send(head .. len .. "\r\n\r\n" .. ("b"):rep(body_len)))
+      require("ffi").C.shutdown(c.fd, 1)            -- SHUT_WR
+      local out, how = c:recv_all()
+      c:close()
+      assert.matches("^HTTP/1.1 200", out)
+      assert.matches("len " .. body_len .. "$", out)
+      assert.equal("eof", how)
+    end)
+  end
+end)
