@@ -31,7 +31,9 @@ its certificate, serial formats, the APIv3 key, the clock against the API
 host's Date, the TLS chain to the API host (each failure named: expired,
 not yet valid, unknown CA, missing intermediate, hostname mismatch,
 revoked, weak or bad signature, wrong usage, self-signed...),
-reachability, the notify URL reachable, refusing an unsigned probe and
+reachability, one signed call (GET /v3/certificates through
+paygate.wechatpay: WeChat's verdict on the signature, the APIv3 key
+decrypting what it sends, the answer verified), the notify URL reachable, refusing an unsigned probe and
 answering within WeChat's 5 s, the server's timeouts (request, header,
 body) against that window, the database and Redis, lease TTLs against
 the measured processing time, certificates expiring within 30 days.
@@ -450,7 +452,7 @@ local function check_api(out, wc, conf, now, expiring)
   end
   if not t then
     out:warn("clock", "the API host sent no Date header: skew not measured")
-    return
+    return true
   end
   local skew = core.time() - took / 2 - t
   local abs = math.abs(skew)
@@ -467,6 +469,105 @@ local function check_api(out, wc, conf, now, expiring)
     out:ok("clock", ("within %d s of the API host's Date"):format(
            math.ceil(abs)))
   end
+  return true
+end
+
+-- What a failed signed call means, by the client's error kind: the cause
+-- in words and the fix. mode: the client's (certificate, migration,
+-- public_key).
+local function signed_failure(err, mode)
+  local k = err.kind
+  if k == "sign_error" then
+    return "WeChat refused the request's signature", "merchant_serial (or "
+      .. "merchant_certificate) must name the API certificate WeChat holds "
+      .. "for this mchid (merchant platform, API security), and "
+      .. "merchant_private_key must be its key; check mchid too"
+  elseif k == "no_auth" or k == "mch_not_exists" then
+    return "WeChat does not let this merchant make the call", "check mchid "
+      .. "(and sp_mchid for a service provider)"
+  elseif k == "decrypt_failed" then
+    return "the APIv3 key does not decrypt the certificates WeChat sent",
+      "set apiv3_key to the APIv3 key set in the merchant platform (API "
+      .. "security); paygate decrypt names why a ciphertext fails"
+  elseif k == "bad_signature" or k == "unknown_serial" then
+    return "WeChat's answer does not verify with the keys configured",
+      mode == "certificate" and "platform_certificates must be WeChat's "
+      .. "(paygate certs --download)" or "public_key must be the WeChat "
+      .. "Pay public key shown beside public_key_id in the merchant "
+      .. "platform"
+  elseif k == "stale_timestamp" then
+    return "WeChat's answer carries a timestamp 300 s or more off this "
+      .. "clock", "sync the clock (NTP)"
+  elseif k == "invalid_config" then
+    return "the configuration does not fit what WeChat has for this "
+      .. "merchant", "configure public_key and public_key_id"
+  elseif err.retryable or k == "system_error" or k == "timeout"
+         or k == "connect" or k == "dns" or k == "tls" then
+    return "the API host did not serve a signed call", "retry later; if it "
+      .. "lasts, check base_url and the network"
+  end
+  return "the signed call failed", nil
+end
+
+-- One signed call through paygate.wechatpay, as the gateway makes them:
+-- GET /v3/certificates. WeChat checks the request's signature (merchant
+-- key, serial, mchid); in certificate and migration mode the answer's
+-- certificates are decrypted with the APIv3 key and its signature is
+-- verified with the configured keys (the public key in migration mode,
+-- where the request names its id). In public-key mode WeChat answers 404
+-- RESOURCE_NOT_EXISTS, an unsigned error: the signature is checked, the
+-- public key and the APIv3 key are not (the first signed answer and the
+-- first notification check them).
+local function check_signed(out, wc, cfg)
+  local conf = {}
+  for k, v in pairs(wc) do conf[k] = v end
+  conf.backup_url, conf.timeout, conf.deadline = false, 10, 20
+  conf.max_attempts = 2   -- one retry: a failing host is named, not waited out
+  conf.state_dir, conf.shared_dict = nil, nil
+  if cfg.mode ~= "public_key" then conf.download_certificates = "manual" end
+  -- the client's own log lines (a certificate expiring soon...) are the
+  -- other checks' business here: doctor prints its lines only
+  local pg = require "paygate"
+  local log = pg.log
+  local function quiet() end
+  pg.log = setmetatable({}, { __index = function() return quiet end })
+  local wx, err = require("paygate.wechatpay").client(conf)
+  local n
+  if wx then
+    if cfg.mode == "public_key" then
+      local res
+      res, err = wx:request("GET", "/v3/certificates")
+      n = res and 0
+    else
+      n, err = wx:refresh_certificates()
+    end
+    wx:stop()
+  end
+  pg.log = log
+  if not wx then
+    out:fail("signed_call", tostring(err.message), nil, nil)
+    return
+  end
+  local serial = cfg.merchant_serial
+  if n then
+    out:ok("signed_call", "GET /v3/certificates signed with serial "
+           .. tostring(serial) .. ": WeChat accepted the signature; the "
+           .. "certificates decrypted with the APIv3 key and the answer's "
+           .. "signature verified")
+    return
+  end
+  if cfg.mode == "public_key" and err.status == 404 then
+    out:ok("signed_call", "GET /v3/certificates signed with serial "
+           .. tostring(serial) .. ": WeChat accepted the signature (404 "
+           .. "RESOURCE_NOT_EXISTS: no platform certificate, as in public-"
+           .. "key mode)", "WeChat signs no error answer: the public key "
+           .. "and the APIv3 key are checked by the first signed answer "
+           .. "and the first notification")
+    return
+  end
+  local cause, fix = signed_failure(err, cfg.mode)
+  out:fail("signed_call", cause .. ": " .. tostring(err.message),
+           err.request_id and "Request-ID " .. err.request_id or nil, fix)
 end
 
 -- The request-duration histogram of one route from a /metrics text:
@@ -752,6 +853,7 @@ local function main(args)
   end
   local now = core.time()
   local expiring = {}
+  local cfg
   local wc = conf.wechatpay
   if type(wc) ~= "table" then
     out:fail("wechatpay_config", "no wechatpay table in the configuration",
@@ -759,9 +861,11 @@ local function main(args)
     wc = {}
   else
     secrets(out, wc)
-    check_keys(out, wc, now, expiring)
+    cfg = check_keys(out, wc, now, expiring)
   end
-  check_api(out, wc, conf, now, expiring)
+  if check_api(out, wc, conf, now, expiring) and cfg then
+    check_signed(out, wc, cfg)
+  end
   local metrics
   if conf.metrics_url then
     local res = http.request{ url = conf.metrics_url, timeout = 5 }

@@ -556,6 +556,7 @@ end
 function _M.start(wx)
   local c = wx.conf
   _M.report(wx)
+  if c.download_manual then return true end
   if next(wx.certs) ~= nil or c.download then
     -- the days left shrink between downloads: recompute them hourly
     wx.reporter = core.spawn(function()

@@ -280,6 +280,10 @@ function _M.check(conf)
   end
   if conf.download_certificates == nil then
     c.download = c.mode ~= "public_key"
+  elseif conf.download_certificates == "manual" then
+    -- only when asked (wx:refresh_certificates, an unknown serial): no
+    -- download at start, no background refresh (a command line's client)
+    c.download, c.download_manual = true, true
   else
     c.download = conf.download_certificates and true or false
   end

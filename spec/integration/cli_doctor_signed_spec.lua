@@ -1,0 +1,138 @@
+-- paygate doctor makes one signed call through paygate.wechatpay against
+-- the simulator (a real HTTP server speaking the protocol): it passes for
+-- a merchant WeChat knows, and names what is wrong when WeChat refuses the
+-- signature (a certificate it does not hold for the mchid), when the
+-- APIv3 key does not decrypt the certificates, when the public key does
+-- not verify the answer (migration mode), and when the host fails.
+local testing = require "paygate.testing"
+local crypto = require "paygate.crypto"
+local json = require "cjson.safe"
+local server = require "support.server"
+local proc = require "support.proc"
+
+local dir
+
+local function literal(v)
+  if type(v) == "table" then
+    local parts = {}
+    for k, x in pairs(v) do
+      parts[#parts + 1] = ("[%q] = %s"):format(k, literal(x))
+    end
+    return "{ " .. table.concat(parts, ", ") .. " }"
+  elseif type(v) == "string" then
+    return ("%q"):format(v)
+  end
+  return tostring(v)
+end
+
+local function doctor(wc)
+  local path = dir .. "/conf." .. crypto.random_nonce(8) .. ".lua"
+  local f = assert(io.open(path, "w"))
+  f:write("return { wechatpay = ", literal(wc), " }\n")
+  f:close()
+  local log = path .. ".out"
+  local p = proc.spawn({ PAYGATE_BIN, "doctor", "--json", "--config", path },
+                       { log = log })
+  local code = p:wait(60)
+  if code == nil then p:kill(proc.SIGKILL); p:wait(2) end
+  local out = proc.read(log)
+  local r = {}
+  for line in out:gmatch("[^\n]+") do
+    if line:sub(1, 1) == "{" then
+      local x = json.decode(line)
+      if x and x.kind then r[x.kind] = r[x.kind] or x end
+    end
+  end
+  assert(r.signed_call, "no signed_call check:\n" .. out)
+  return r.signed_call, out, code
+end
+
+local function read(path)
+  local f = assert(io.open(path, "rb"))
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+
+setup(function() dir = server.tmpdir() end)
+teardown(function()
+  testing.stop_all()
+  os.execute("rm -rf " .. dir)
+end)
+
+describe("paygate doctor's signed call (platform certificate mode)", function()
+  local sim
+  setup(function() sim = testing.simulator() end)
+
+  it("passes for the merchant WeChat knows", function()
+    local r, out = doctor(sim:client_config())
+    assert.equal("ok", r.status, out)
+    assert.matches("accepted the signature", r.cause, 1, true)
+    assert.matches("decrypted with the APIv3 key", r.cause, 1, true)
+    -- and it wrote nothing anywhere, and printed no secret
+    assert.is_nil(out:find(sim.merchant.apiv3_key, 1, true))
+  end)
+
+  it("fails when WeChat does not hold the merchant's certificate", function()
+    local other = testing.merchant_keys{ mchid = sim.merchant.mchid }
+    local r, out, code = doctor(sim:client_config(nil, {
+      merchant_private_key = other.private_key,
+      merchant_certificate = other.certificate }))
+    assert.equal(1, code, out)
+    assert.equal("fail", r.status, out)
+    assert.matches("refused the request's signature", r.cause, 1, true)
+    assert.matches("merchant_serial", r.fix, 1, true)
+  end)
+
+  it("fails when the APIv3 key is wrong", function()
+    local key = testing.apiv3_key()
+    local r, out, code = doctor(sim:client_config(nil, { apiv3_key = key }))
+    assert.equal(1, code, out)
+    assert.equal("fail", r.status, out)
+    assert.matches("APIv3 key does not decrypt", r.cause, 1, true)
+    assert.is_nil(out:find(key, 1, true))
+  end)
+
+  it("fails when the host answers 503", function()
+    sim:fault{ endpoint = "certificates", kind = "error", status = 503,
+               code = "SYSTEM_ERROR" }
+    local ok, r, out, code = pcall(doctor, sim:client_config())
+    sim:clear_faults()
+    assert(ok, r)
+    assert.equal(1, code, out)
+    assert.equal("fail", r.status, out)
+    assert.matches("did not serve a signed call", r.cause, 1, true)
+    assert.matches("503", r.cause, 1, true)
+  end)
+end)
+
+describe("paygate doctor's signed call (public key)", function()
+  it("fails in migration mode when the public key is not WeChat's",
+     function()
+    local sim = testing.simulator{ verifier_mode = "both" }
+    local r, out = doctor(sim:client_config())
+    assert.equal("ok", r.status, out)
+    local wrong = read(testing.merchant_keys().public_key)
+    local code
+    r, out, code = doctor(sim:client_config(nil, { public_key = wrong }))
+    assert.equal(1, code, out)
+    assert.equal("fail", r.status, out)
+    assert.matches("does not verify", r.cause, 1, true)
+    assert.matches("public_key", r.fix, 1, true)
+  end)
+
+  it("in public-key mode, checks the signature and says what it cannot",
+     function()
+    local sim = testing.simulator{ verifier_mode = "public_key" }
+    local r, out = doctor(sim:client_config())
+    assert.equal("ok", r.status, out)
+    assert.matches("404 RESOURCE_NOT_EXISTS", r.cause, 1, true)
+    assert.matches("checked by the first signed answer", r.detail, 1, true)
+    local other = testing.merchant_keys{ mchid = sim.merchant.mchid }
+    r, out = doctor(sim:client_config(nil, {
+      merchant_private_key = other.private_key,
+      merchant_certificate = other.certificate }))
+    assert.equal("fail", r.status, out)
+    assert.matches("refused the request's signature", r.cause, 1, true)
+  end)
+end)
