@@ -13,6 +13,7 @@
 
 local core = require "paygate.core"
 local crypto = require "paygate.crypto"
+local sign = require "paygate.wechatpay.sign"  -- the one pay-sign builder
 
 local type, tostring, floor = type, tostring, math.floor
 
@@ -51,8 +52,8 @@ function _M.jsapi(key, appid, prepay_id, o)
   end
   local ts, nonce = stamp(o)
   local package = "prepay_id=" .. prepay_id
-  local msg = appid .. "\n" .. ts .. "\n" .. nonce .. "\n" .. package .. "\n"
-  local sig, err = crypto.sign_base64(key, msg)
+  local sig, err = sign.pay_sign({ key = key },
+                                 { appid, ts, nonce, package })
   if not sig then return nil, err end
   return {
     appId = appid, timeStamp = ts, nonceStr = nonce, package = package,
@@ -68,8 +69,8 @@ function _M.app(key, mchid, appid, prepay_id, o)
     return nil, _M.bad_args("app_pay_params", appid, prepay_id)
   end
   local ts, nonce = stamp(o)
-  local msg = appid .. "\n" .. ts .. "\n" .. nonce .. "\n" .. prepay_id .. "\n"
-  local sig, err = crypto.sign_base64(key, msg)
+  local sig, err = sign.pay_sign({ key = key },
+                                 { appid, ts, nonce, prepay_id })
   if not sig then return nil, err end
   return {
     appid = appid, partnerid = mchid, prepayid = prepay_id,
