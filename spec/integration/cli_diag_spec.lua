@@ -369,6 +369,20 @@ describe("the diagnostic commands", function()
                    .. "(see --help)\n", out)
     end
   end)
+
+  it("exit 2 for an argument that is not an option, without echoing it",
+     function()
+    -- a value given twice, or a key pasted where no option takes it
+    local stray = "k3yPastedByMistake0123456789abcd"
+    for _, c in ipairs({ "sign", "verify", "decrypt", "doctor" }) do
+      local code, out = run({ c, "--json", stray })
+      assert.equal(2, code, out)
+      assert.equal("paygate " .. c .. ": argument 2 is not an option, nor "
+                   .. "an option's value (this command takes options only;"
+                   .. " see --help)\n", out)
+      assert.is_nil(out:find(stray, 1, true))
+    end
+  end)
 end)
 
 describe("paygate verify --keyring", function()

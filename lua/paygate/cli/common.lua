@@ -88,6 +88,24 @@ function _M.parse(args, spec)
   return opts, pos
 end
 
+--- syntax: opts = common.parse_options(args, spec)
+-- As common.parse, for a command that takes options only: an argument
+-- that is not an option is a usage error (a mistyped option's value, a
+-- path meant for --config), not silently dropped.
+function _M.parse_options(args, spec)
+  local opts, pos = _M.parse(args, spec)
+  if pos[1] ~= nil then
+    -- not echoed: a stray argument may be a key pasted in the wrong place
+    for i, a in ipairs(args) do
+      if a == pos[1] then
+        usage_error("argument %d is not an option, nor an option's value "
+                    .. "(this command takes options only; see --help)", i)
+      end
+    end
+  end
+  return opts
+end
+
 -- io.open's message names the path; the reason alone (errno text)
 local function reason(path, err)
   err = tostring(err)

@@ -32,7 +32,7 @@ local SPEC = {
 }
 
 local function main(args)
-  local o = common.parse(args, SPEC)
+  local o = common.parse_options(args, SPEC)
   if not o["--apiv3-key-file"] then
     common.usage_error("--apiv3-key-file is required")
   end

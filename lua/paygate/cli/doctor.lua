@@ -839,7 +839,7 @@ local function check_expiry(out, expiring, now)
 end
 
 local function main(args)
-  local o = common.parse(args, SPEC)
+  local o = common.parse_options(args, SPEC)
   if not o["--config"] then common.usage_error("--config FILE is required") end
   local conf = load_config(o["--config"])
   local out = common.output(o["--json"])

@@ -192,7 +192,7 @@ local function keys_sorted(s)
 end
 
 local function main(args)
-  local o = common.parse(args, SPEC)
+  local o = common.parse_options(args, SPEC)
   if not o["--body"] then common.usage_error("--body is required") end
   if not o["--headers"] and not o["-H"] then
     common.usage_error("give --headers FILE or -H 'Name: value'")
