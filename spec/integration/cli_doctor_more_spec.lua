@@ -34,6 +34,9 @@ paygate.route("GET", "/notify-get-only", function() return 200, "" end)
 paygate.route("POST", "/notify-moved", function()
   return 301, "", { location = "/elsewhere" }
 end)
+paygate.route("POST", "/notify-by/:mchid", function()
+  return 401, { code = "FAIL" }
+end)
 paygate.route("POST", "/notify-late", function()
   paygate.sleep(5.3)
   return 401, ""
@@ -93,7 +96,8 @@ local function config(o)
     merchant_serial = o.serial }
   local t = { wechatpay = wc, notify_url = o.notify_url or app:url("/notify"),
     database = o.database or ("sqlite:" .. dir .. "/doctor.sqlite"),
-    limits = o.limits, metrics_url = o.metrics_url }
+    limits = o.limits, metrics_url = o.metrics_url,
+    notify_route = o.notify_route }
   local path = dir .. "/doctor." .. crypto.random_nonce(6) .. ".lua"
   write(path, "return " .. lua_literal(t))
   return path
@@ -194,6 +198,21 @@ describe("paygate doctor", function()
     assert.equal(1, code, out)
     assert.equal("fail", r.notify_latency.status, out)
     assert.matches("not within 5 s", r.notify_latency.cause)
+  end)
+
+  it("finds a notify route with a parameter by notify_route", function()
+    local metrics = "http://127.0.0.1:" .. app.admin .. "/metrics"
+    local res = app:request{ method = "POST", path = "/notify-by/1900000001" }
+    assert.equal(401, res.status)
+    -- /metrics labels it /notify-by/:mchid: the URL's path finds nothing
+    local _, out, r = run({ "doctor", "--json", "--config", config{
+      metrics_url = metrics, notify_url = app:url("/notify-by/1900000001") } })
+    assert.is_nil(r.notify_latency, out)
+    _, out, r = run({ "doctor", "--json", "--config", config{
+      metrics_url = metrics, notify_url = app:url("/notify-by/1900000001"),
+      notify_route = "/notify-by/:mchid" } })
+    assert.equal("ok", r.notify_latency and r.notify_latency.status, out)
+    assert.matches("POST /notify-by/:mchid", r.notify_latency.cause, 1, true)
   end)
 
   it("keeps a driver's multi-line message on one line", function()

@@ -3,6 +3,8 @@
 -- returning a table (docs/troubleshooting.md describes it):
 --   { wechatpay = { ...paygate.wechatpay client configuration... },
 --     notify_url = "https://...", notify_ca_file = PEM,
+--     notify_route = "/wechatpay/notify/:mchid",  -- its route pattern, as
+--                    /metrics labels it (default: notify_url's path)
 --     database = "sqlite:PATH" | "postgres://...", redis = "redis://...",
 --     limits = { request_timeout = s, ... },   -- as for paygate run
 --     metrics_url = "http://127.0.0.1:9090/metrics",
@@ -161,6 +163,8 @@ local function from_gateway(conf, pick)
     out.notify_url = g.public_url:gsub("/+$", "") .. "/wechatpay/notify/"
                      .. id
   end
+  -- /metrics labels a request by the route it matched, not its path
+  out.notify_route = "/wechatpay/notify/:mchid"
   return out, id, #list
 end
 
@@ -718,7 +722,8 @@ local function check_notify(out, conf, metrics)
     end
   end
   if metrics and url and type(url) == "string" then
-    local path = url:match("^https?://[^/]+(/[^?]*)") or "/"
+    local path = type(conf.notify_route) == "string" and conf.notify_route
+                 or url:match("^https?://[^/]+(/[^?]*)") or "/"
     local n, p99 = measured(metrics, "POST", path)
     if n then
       if p99 >= WINDOW then
