@@ -766,3 +766,17 @@ describe("gateway console on PostgreSQL", function()
     assert.equal("console.degrade", e[#e].what)
   end)
 end)
+
+describe("gateway console certificate days", function()
+  package.path = "examples/gateway/?.lua;" .. package.path
+  local pages = require "gw.console.pages"
+
+  it("counts whole days left, and says when a certificate expired", function()
+    assert.matches(">45 days<", pages.days_cell(45.9), 1, true)
+    assert.matches('"bad">1 day<', pages.days_cell(1.2), 1, true)
+    assert.matches('"bad">0 days<', pages.days_cell(0.4), 1, true)
+    assert.matches(">expired today<", pages.days_cell(-0.1), 1, true)
+    assert.matches(">expired 1 day ago<", pages.days_cell(-1.5), 1, true)
+    assert.matches(">expired 3 days ago<", pages.days_cell(-3.01), 1, true)
+  end)
+end)

@@ -257,12 +257,21 @@ local function merchant_cert_days(m, now)
   return not_after
 end
 
+-- Whole days left, rounded down; past the end "expired N days ago" (a
+-- certificate that expired an hour ago has expired today, not -1 days).
 local function days_cell(days)
+  if days < 0 then
+    local ago = floor(-days)
+    return render("<span class=\"bad\">expired {{a}}</span>", {
+      a = ago == 0 and "today" or ago .. (ago == 1 and " day" or " days")
+          .. " ago" })
+  end
   local d = floor(days)
   return render("<span class=\"{{c}}\">{{d}} {{u}}</span>", {
     c = days < 30 and "bad" or "good", d = d, u = d == 1 and "day"
     or "days" })
 end
+_M.days_cell = days_cell
 
 local function certs_box()
   local rows, now = {}, core.time()
