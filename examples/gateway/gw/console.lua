@@ -459,11 +459,20 @@ function _M.routes(ctx)
     end
     local n, err = outbox.replay(ctx.db, id)
     if not n then return refuse(503, "Unavailable", tostring(err)) end
+    if n == 0 then
+      -- nothing changed: pending already, or no such event (nothing to
+      -- audit either way)
+      local rows, lerr = outbox.list(ctx.db, { id = id })
+      if not rows then return refuse(503, "Unavailable", tostring(lerr)) end
+      if rows[1] == nil then
+        return refuse(404, "Not found", "no outbox event " .. id)
+      end
+      return back("/console/outbox", "event " .. id .. " was pending already")
+    end
     local e, aerr = audited(s, "console.replay", tostring(id),
                             { event = id, replayed = n })
     if not e then return refuse(503, "Unavailable", tostring(aerr)) end
-    return back("/console/outbox", n == 1 and ("event " .. id
-      .. " replayed") or ("event " .. id .. " was pending already"))
+    return back("/console/outbox", "event " .. id .. " replayed")
   end))
 
   route("POST", "/console/payments/:id/settle",

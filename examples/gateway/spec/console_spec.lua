@@ -475,6 +475,13 @@ describe("gateway console", function()
       end, 10, "the replayed event to be delivered")
       local e = console_entries(gw)
       assert_audited(e[#e], "console.replay", tostring(row.id))
+      -- an event that does not exist: 404, and nothing audited
+      page = get(gw, "/console/outbox")
+      res = post(gw, "/console/outbox/" .. (row.id + 100000) .. "/replay",
+                 { csrf = csrf_of(page.body) })
+      assert.equal(404, res.status, res.body)
+      assert.matches("no outbox event", res.body, 1, true)
+      assert.equal(#e, #console_entries(gw))
     end)
 
     it("settle an unknown payment now by a query", function()
