@@ -2,6 +2,7 @@
 -- (os.time reads a date as local time).
 --
 --   civil.days(2026, 11, 30)   -- days from 1970-01-01 (may be < 0)
+--   civil.date("2026-11-30")   -- the same, or nil for no such date
 --   civil.epoch("2026-06-08T10:34:56+08:00")   -- its epoch seconds
 
 local floor = math.floor
@@ -22,6 +23,26 @@ function _M.days(y, m, d)
   local doy = floor((153 * mp + 2) / 5) + (d or 1) - 1
   local doe = yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy
   return era * 146097 + doe - 719468
+end
+
+--- syntax: n = civil.date(s)
+-- s: a calendar date "YYYY-MM-DD". returns: its days from 1970-01-01, or
+-- nil when s is not one (month 13, the 30th of February...).
+function _M.date(s)
+  if type(s) ~= "string" then
+    return nil
+  end
+  local y, mo, d = s:match("^(%d%d%d%d)%-(%d%d)%-(%d%d)$")
+  if not y then
+    return nil
+  end
+  y, mo, d = tonumber(y), tonumber(mo), tonumber(d)
+  if mo < 1 or mo > 12 or d < 1
+     or d > _M.days(mo == 12 and y + 1 or y, mo % 12 + 1) - _M.days(y, mo)
+  then
+    return nil
+  end
+  return _M.days(y, mo, d)
 end
 
 --- syntax: t = civil.epoch(s)

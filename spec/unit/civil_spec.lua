@@ -55,3 +55,19 @@ describe("paygate.civil.epoch", function()
     end
   end)
 end)
+
+describe("paygate.civil.date", function()
+  it("gives a date's days, and nil for what is not a date", function()
+    assert.equal(0, civil.date("1970-01-01"))
+    assert.equal(civil.days(2026, 11, 30), civil.date("2026-11-30"))
+    assert.equal(civil.days(2024, 2, 29), civil.date("2024-02-29"))
+    for _, bad in ipairs({ "2026-02-29", "2026-02-30", "2026-04-31",
+                           "2026-13-01", "2026-00-10", "2026-01-00",
+                           "2026-1-01", "2026-01-01 ", "20260101", "",
+                           "2026-01-01T00:00:00Z" }) do
+      assert.is_nil(civil.date(bad), bad)
+    end
+    assert.is_nil(civil.date(nil))
+    assert.is_nil(civil.date(20260101))
+  end)
+end)

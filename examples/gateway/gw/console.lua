@@ -22,6 +22,7 @@
 local paygate = require "paygate"
 local core = require "paygate.core"
 local crypto = require "paygate.crypto"
+local civil = require "paygate.civil"
 local shared = require "paygate.shared"
 local audit = require "paygate.audit"
 local outbox = require "paygate.outbox"
@@ -498,8 +499,15 @@ function _M.routes(ctx)
 
   route("POST", "/console/reconcile", action(function(_, s, form)
     local date = form.date
-    if type(date) ~= "string" or not date:match("^%d%d%d%d%-%d%d%-%d%d$") then
-      return refuse(400, "Bad request", "date must be YYYY-MM-DD")
+    local day = civil.date(date)
+    if not day then
+      return refuse(400, "Bad request", "date must be a date, YYYY-MM-DD")
+    end
+    -- WeChat's days are Beijing's (UTC+8): a day after today there has
+    -- no bill (today's is asked for, and WeChat says it is not ready)
+    if day > math.floor((core.time() + 8 * 3600) / 86400) then
+      return refuse(400, "Bad request", date .. " has not begun in "
+                    .. "Beijing: no bill exists for it")
     end
     local reports, err = pages.run_bill(date)
     local e, aerr = audited(s, "console.reconcile", date, {

@@ -475,8 +475,9 @@ describe("gateway console", function()
       end, 10, "the replayed event to be delivered")
       local e = console_entries(gw)
       assert_audited(e[#e], "console.replay", tostring(row.id))
-      -- an event that does not exist: 404, and nothing audited
-      page = get(gw, "/console/outbox")
+      -- an event that does not exist: 404, and nothing audited (the
+      -- reconcile page always has a form to take the csrf token from)
+      page = get(gw, "/console/reconcile")
       res = post(gw, "/console/outbox/" .. (row.id + 100000) .. "/replay",
                  { csrf = csrf_of(page.body) })
       assert.equal(404, res.status, res.body)
@@ -519,6 +520,15 @@ describe("gateway console", function()
       assert(gw.db:exec("UPDATE gw_payments SET amount = amount + 1 WHERE"
                         .. " id = $1", { paid.id }))
       local page = get(gw, "/console/reconcile")
+      -- no such day, and a day not begun yet: refused, nothing audited
+      local n = #console_entries(gw)
+      local future = os.date("!%Y-%m-%d", os.time() + 8 * 3600 + 2 * 86400)
+      for _, bad in ipairs({ "2026-02-30", "2026-13-01", future }) do
+        local r = post(gw, "/console/reconcile", { date = bad,
+                                                   csrf = csrf_of(page.body) })
+        assert.equal(400, r.status, bad .. ": " .. r.body)
+      end
+      assert.equal(n, #console_entries(gw))
       local res = post(gw, "/console/reconcile", { date = date,
                                                    csrf = csrf_of(page.body) })
       assert(gw.db:exec("UPDATE gw_payments SET amount = amount - 1 WHERE"
