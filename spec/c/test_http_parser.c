@@ -47,6 +47,22 @@ test_head_end(void)
             break;
         }
     }
+
+    /* empty lines before the request line: skipped, whole or fed byte by
+     * byte, and the head parses (it ended at byte 4 before) */
+    {
+        const char *t = "\r\n\r\n\r\nGET /x HTTP/1.1\r\nHost: a\r\n\r\n";
+        size_t e = 0;
+
+        scanned = 0;
+        assert(gw_http_head_end(t, 6, &scanned) == 0);
+        for (size_t i = 1; i <= strlen(t) && e == 0; i++) {
+            e = gw_http_head_end(t, i, &scanned);
+        }
+        assert(e == strlen(t));
+        assert(parse(t) == 0);
+        assert(eq(h.path, h.path_len, "/x"));
+    }
 }
 
 static void

@@ -35,8 +35,17 @@ static const unsigned char tchar[256] = {
 size_t
 gw_http_head_end(const char *buf, size_t len, size_t *scanned)
 {
-    size_t i = *scanned > 3 ? *scanned - 3 : 0;
+    size_t i = *scanned > 3 ? *scanned - 3 : 0, lead = 0;
 
+    /* empty lines before the request line are not the end of a head
+     * (RFC 9112 2.2; gw_http_parse_head skips them): "\r\n\r\nGET ..."
+     * would end at byte 4 with no request line in it */
+    while (lead + 1 < len && buf[lead] == '\r' && buf[lead + 1] == '\n') {
+        lead += 2;
+    }
+    if (i < lead) {
+        i = lead;
+    }
     for (; i + 3 < len; i++) {
         const char *p = memchr(buf + i, '\r', len - 3 - i);
 
