@@ -169,6 +169,19 @@ describe("paygate run", function()
       assert.same({ ua = "v", via_method = "v" }, json.decode(res.body))
     end)
 
+    it("joins a repeated header with ', ' in order, whatever its case",
+       function()
+      local c = assert(rawtcp.connect(s.port, 3))
+      c:send("GET /headers HTTP/1.1\r\nHost: x\r\nX-Test: a\r\nX-Other: o"
+             .. "\r\nx-test: b\r\nX-TEST: c,d\r\nConnection: close\r\n\r\n")
+      local out = c:recv_all()
+      c:close()
+      assert.matches("^HTTP/1.1 200", out)
+      -- (req:header gives the first, as documented)
+      assert.same({ ua = "a, b, c,d", via_method = "a" },
+                  json.decode(out:match("\r\n\r\n(.*)$")))
+    end)
+
     it("gives the app its config file, read-only, with a copy to iterate", function()
       local res = assert(s:request("/config"))
       assert.same({ keys = { "body_bytes", "body_timeout", "header_bytes",

@@ -91,25 +91,57 @@ push_lower(lua_State *L, const char *s, size_t len)
     }
 }
 
-/* headers as a table with lower-case names; repeats joined by ", ". */
+/* Header names equal, ASCII case-insensitively. */
+static int
+same_name(const struct gw_http_header *a, const struct gw_http_header *b)
+{
+    if (a->name_len != b->name_len) {
+        return 0;
+    }
+    for (size_t i = 0; i < a->name_len; i++) {
+        char x = a->name[i], y = b->name[i];
+
+        x = (x >= 'A' && x <= 'Z') ? (char) (x + 32) : x;
+        y = (y >= 'A' && y <= 'Z') ? (char) (y + 32) : y;
+        if (x != y) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* headers as a table with lower-case names; repeats joined by ", " in
+ * one buffer per name (joining them one by one copied the value made so
+ * far for each repeat: quadratic in a head of repeats). */
 static void
 push_headers(lua_State *L, struct gw_conn *c)
 {
-    lua_createtable(L, 0, (int) c->head.nheaders);
-    for (size_t i = 0; i < c->head.nheaders; i++) {
+    size_t n = c->head.nheaders;
+
+    lua_createtable(L, 0, (int) n);
+    for (size_t i = 0; i < n; i++) {
         const struct gw_http_header *h = &c->head.headers[i];
+        luaL_Buffer b;
 
         push_lower(L, h->name, h->name_len);
         lua_pushvalue(L, -1);
         lua_rawget(L, -3);
-        if (lua_isnil(L, -1)) {
-            lua_pop(L, 1);
-            lua_pushlstring(L, h->value, h->value_len);
-        } else {
-            lua_pushliteral(L, ", ");
-            lua_pushlstring(L, h->value, h->value_len);
-            lua_concat(L, 3);
+        if (!lua_isnil(L, -1)) {
+            lua_pop(L, 2);          /* joined when first seen */
+            continue;
         }
+        lua_pop(L, 1);
+        luaL_buffinit(L, &b);
+        luaL_addlstring(&b, h->value, h->value_len);
+        for (size_t j = i + 1; j < n; j++) {
+            const struct gw_http_header *r = &c->head.headers[j];
+
+            if (same_name(h, r)) {
+                luaL_addlstring(&b, ", ", 2);
+                luaL_addlstring(&b, r->value, r->value_len);
+            }
+        }
+        luaL_pushresult(&b);
         lua_rawset(L, -3);
     }
 }
