@@ -228,6 +228,8 @@ describe("paygate run", function()
       local t0 = paygate.update_time()
       local res = assert(s:request("/deadline"))
       assert.equal(504, res.status)
+      -- the connection closes after it, and the answer says so
+      assert.equal("close", res.headers["connection"])
       assert.equal("deadline_exceeded", json.decode(res.body).error)
       assert.is_true(paygate.update_time() - t0 < 1.5)
     end)

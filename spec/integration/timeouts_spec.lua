@@ -7,7 +7,10 @@ local rawtcp = require "support.rawtcp"
 local APP = [[
 local paygate = require "paygate"
 local reached = 0
-paygate.route("POST", "/notify", function(req) return 200, "got " .. #req.body end)
+paygate.route("POST", "/notify", function(req)
+  paygate.sleep(0.05)            -- the handler waits on something, as they do
+  return 200, "got " .. #req.body
+end)
 paygate.route("GET", "/abandoned", function(req)
   req:set_deadline(0.1)
   paygate.sleep(0.5)
@@ -23,7 +26,8 @@ describe("timeouts", function()
   local s
   setup(function()
     s = server.start{ source = APP, workers = 1, config = [[
-      return { limits = { header_timeout = 1, body_timeout = 0.5 } }]] }
+      return { limits = { header_timeout = 1, body_timeout = 0.5,
+                          request_timeout = 1 } }]] }
   end)
   teardown(function() if s then assert.equal(0, s:stop()) end end)
 
@@ -32,8 +36,9 @@ describe("timeouts", function()
     local body = ("x"):rep(60)
     c:send("POST /notify HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" ..
            "Content-Length: " .. #body .. "\r\n\r\n")
-    -- 6 pieces, 0.3 s apart: 1.8 s in total, far over both timeouts,
-    -- but no gap reaches the 0.5 s body timeout
+    -- 6 pieces, 0.3 s apart: 1.5 s in total, far over both timeouts,
+    -- but no gap reaches the 0.5 s body timeout; and request_timeout (1 s)
+    -- is the handler's time, which starts once the body is in
     for i = 0, 5 do
       c:send(body:sub(i * 10 + 1, i * 10 + 10))
       if i < 5 then paygate.sleep(0.3) end

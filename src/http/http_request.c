@@ -342,9 +342,9 @@ gw_req_deadline(struct gw_conn *c)
     }
     req_log(c, GW_LOG_WARN,
             "request deadline passed: answered 504, handler cancelled");
+    c->close_after = 1;             /* before writing: the head says so */
     gw_resp_error(c, 504, "deadline_exceeded",
                   "the handler did not finish in time");
-    c->close_after = 1;
     req_end(c, co, 504, NULL, 0);
 }
 
@@ -370,7 +370,10 @@ gw_req_start(struct gw_conn *c)
      * it off then, unread (level-triggered, so nothing is missed). */
     evtimer_del(c->timer);
     make_request_id(c);
-    c->deadline = c->started + gw_srv.conf.request_timeout;
+    /* request_timeout is the handler's time: it starts now, not at the
+     * request's first byte (a slow but steady upload is body_timeout's
+     * business, and would otherwise reach its handler already late) */
+    c->deadline = gw_loop_mono() + gw_srv.conf.request_timeout;
 
     lua_rawgeti(L, LUA_REGISTRYINDEX, gw_srv.dispatch_ref);
     gw_lreq_push(L, c);
@@ -379,8 +382,8 @@ gw_req_start(struct gw_conn *c)
     c->in_start = 1;
     co = gw_co_start(L, 3, &req_owner, c, c->request_id);
     if (co == NULL && c->state == ST_HANDLE) {
-        gw_resp_error(c, 503, "overloaded", "out of memory");
         c->close_after = 1;
+        gw_resp_error(c, 503, "overloaded", "out of memory");
         req_end(c, NULL, 503, NULL, 0);
     }
     c->in_start = 0;
