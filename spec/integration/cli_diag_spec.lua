@@ -346,6 +346,9 @@ describe("paygate certs --download", function()
     assert.equal(1, code, out)
     assert.equal("download", r[#r].kind)
     assert.matches("decrypt_failed", r[#r].cause)
+    -- one download, answered once: no log line of a background retry
+    assert.is_nil(out:find("retrying", 1, true), out)
+    assert.is_nil(out:find('"level"', 1, true), out)
   end)
 end)
 

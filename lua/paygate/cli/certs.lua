@@ -113,6 +113,9 @@ local function download(o, out)
     merchant_serial = o["--serial"], apiv3_key = apiv3,
     base_url = o["--download"], backup_url = false,
     ca_file = o["--ca-file"], timeout = 10, deadline = 20,
+    -- one download, the one below: none at start, none in the background
+    -- (a failure is this command's answer, not a retry logged after it)
+    download_certificates = "manual",
   }
   if not wx then
     out:fail("download", tostring(err.message), nil,
