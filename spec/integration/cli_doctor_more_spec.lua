@@ -200,6 +200,19 @@ describe("paygate doctor", function()
     assert.matches("not within 5 s", r.notify_latency.cause)
   end)
 
+  it("says nothing listens at a loopback notify URL, and that WeChat could"
+     .. " not reach it anyway", function()
+    local code, out, r = run({ "doctor", "--json", "--config", config{
+      notify_url = "http://127.0.0.1:9/wechatpay/notify" } })
+    assert.equal(1, code, out)
+    assert.equal("warn", r.notify_host.status, out)
+    assert.matches("127.0.0.1 is a loopback address", r.notify_host.cause,
+                   1, true)
+    assert.equal("fail", r.notify_url.status, out)
+    assert.matches("nothing listens there", r.notify_url.fix, 1, true)
+    assert.is_nil(r.notify_url.fix:find("DNS", 1, true))
+  end)
+
   it("finds a notify route with a parameter by notify_route", function()
     local metrics = "http://127.0.0.1:" .. app.admin .. "/metrics"
     local res = app:request{ method = "POST", path = "/notify-by/1900000001" }

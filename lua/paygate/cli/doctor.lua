@@ -603,6 +603,24 @@ local function fail_body(res)
   return type(t) == "table" and t.code == "FAIL"
 end
 
+-- What kind of address host is when WeChat cannot reach it ("a loopback
+-- address", "a private address"), or nil.
+local function local_host(host)
+  host = host:lower()
+  if host == "localhost" or host:match("%.localhost$") or host == "::1"
+     or host:match("^127%.%d+%.%d+%.%d+$") then
+    return "a loopback address"
+  end
+  local a, b = host:match("^(%d+)%.(%d+)%.%d+%.%d+$")
+  a, b = tonumber(a), tonumber(b)
+  if a == 10 or (a == 172 and b >= 16 and b <= 31)
+     or (a == 192 and b == 168) or (a == 169 and b == 254)
+     or host:match("^f[cd]%x%x:") or host:match("^fe80:") then
+    return "a private address"
+  end
+  return nil
+end
+
 local function check_notify(out, conf, metrics)
   local url = conf.notify_url
   local limits = type(conf.limits) == "table" and conf.limits or {}
@@ -620,6 +638,16 @@ local function check_notify(out, conf, metrics)
       out:warn("notify_url", "notify_url is http://; WeChat delivers only to "
                .. "https://", nil, "serve it over HTTPS with a public CA "
                .. "certificate")
+    end
+    local host = url:match("^https?://%[([^%]]+)%]")
+                 or url:match("^https?://([^/:]+)")
+    local private = host and local_host(host)
+    if private then
+      out:warn("notify_host", ("notify_url's host %s is %s: WeChat cannot "
+               .. "reach it"):format(host, private), "fine for the "
+               .. "simulator; WeChat delivers only to a public address",
+               "in production give the public https:// address (the "
+               .. "gateway's public_url)")
     end
     local t0 = core.mono()
     local res, err = http.request{ method = "POST", url = url,
@@ -652,6 +680,9 @@ local function check_notify(out, conf, metrics)
                .. "failure and sends the notification again later",
                err.kind == "timeout" and "answer within 5 s: record the "
                .. "notification durably and do the rest afterwards"
+               or private and err.kind == "connect" and "nothing listens "
+               .. "there: start the gateway (paygate run), or fix the "
+               .. "port in notify_url (public_url)"
                or "make it reachable from the internet (DNS, firewall, "
                .. "TLS with a public CA)")
     elseif res.status >= 200 and res.status < 300 then
