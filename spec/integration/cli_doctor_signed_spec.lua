@@ -44,7 +44,7 @@ local function doctor(wc)
     end
   end
   assert(r.signed_call, "no signed_call check:\n" .. out)
-  return r.signed_call, out, code
+  return r.signed_call, out, code, r
 end
 
 local function read(path)
@@ -119,6 +119,13 @@ describe("paygate doctor's signed call (public key)", function()
     assert.equal("fail", r.status, out)
     assert.matches("does not verify", r.cause, 1, true)
     assert.matches("public_key", r.fix, 1, true)
+    -- the merchant's own public key there: named as such, before any call
+    local all
+    r, out, code, all = doctor(sim:client_config(nil, {
+      public_key = read(sim.merchant.public_key) }))
+    assert.equal(1, code, out)
+    assert.equal("fail", all.public_key and all.public_key.status, out)
+    assert.matches("merchant's own public key", all.public_key.cause, 1, true)
   end)
 
   it("in public-key mode, checks the signature and says what it cannot",

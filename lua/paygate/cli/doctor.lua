@@ -255,6 +255,19 @@ local function check_keys(out, wc, now, expiring)
              "set merchant_certificate = \"apiclient_cert.pem\" (its serial "
              .. "is then read from it)")
   end
+  -- WeChat Pay's public key, not the merchant's own (both are "a public
+  -- key" in a PEM file: the merchant platform offers both for download)
+  local ppem = key and wc.public_key ~= nil
+               and material(wc.public_key, "wechatpay.public_key")
+  local pub = ppem and crypto.public_key(ppem)
+  if pub and crypto.check_pair(key, pub) then
+    out:fail("public_key", "public_key is the merchant's own public key "
+             .. "(the pair of merchant_private_key), not WeChat Pay's",
+             "WeChat signs its answers and notifications with its own key: "
+             .. "every answer would fail verification (bad_signature)",
+             "put WeChat Pay's public key (pub_key.pem, downloaded beside "
+             .. "its PUB_KEY_ID_ in the merchant platform) in public_key")
+  end
   -- serial formats
   local serial = wc.merchant_serial
   if serial ~= nil then
