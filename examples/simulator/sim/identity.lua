@@ -20,7 +20,9 @@
 --                          names, if it is one of ours and valid; else the
 --                          one in use
 --   both (migration)       PUB_KEY_ID_... in the request's Wechatpay-Serial
---                          -> the public key; otherwise as above
+--                          -> the public key; otherwise as above; the
+--                          notifications alternate between the public key
+--                          and the certificate in use
 local core = require "paygate.core"
 local crypto = require "paygate.crypto"
 local x509 = require "paygate.x509"
@@ -38,6 +40,7 @@ local SUBJECT = "/C=CN/O=Tenpay.com/OU=Tenpay.com CA Center/L=ShenZhen"
                 .. "/CN=Tenpay.com sign"
 local DAYS = 1825                     -- platform certificates: 5 years
 local K_GEN = "sim:identity:gen"
+local K_NOTIFY_ALT = "sim:identity:notify_alt"  -- migration: which key next
 
 local S = {                           -- per worker
   db = nil, cfg = nil, gen = -1,
@@ -323,11 +326,21 @@ function _M.rotate(delay)
   return S.by_serial[row.id]
 end
 
--- The key a response is signed with. returns: id, private key handle
-local function choose(mode, request_serial, now)
+-- The key a response (or a notification) is signed with. returns: id,
+-- private key handle
+local function choose(mode, request_serial, now, notification)
   if mode == "public_key" or (mode == "both" and type(request_serial)
      == "string" and request_serial:sub(1, 11) == "PUB_KEY_ID_") then
     return S.pub.id, S.pub.key
+  end
+  if mode == "both" and notification then
+    -- in migration WeChat moves notifications to the public key over
+    -- days: both are in flight, so here they alternate (a client must
+    -- verify either)
+    local n = dict():incr(K_NOTIFY_ALT, 1, 0)
+    if n and n % 2 == 0 then
+      return S.pub.id, S.pub.key
+    end
   end
   if type(request_serial) == "string" then
     local c = S.by_serial[request_serial:upper()]
@@ -341,7 +354,8 @@ end
 
 --- syntax: headers = identity.sign_headers(body, opts)
 -- opts: merchant (from the config; its verifier_mode), request_serial (the
--- request's Wechatpay-Serial or nil), fault (from sim.faults, after phase:
+-- request's Wechatpay-Serial or nil), notification (true for a
+-- notification), fault (from sim.faults, after phase:
 -- bad_signature, stale_timestamp, unknown_serial) and extra headers to
 -- merge. returns: the Wechatpay-* headers, exact spellings.
 function _M.sign_headers(body, opts)
@@ -349,7 +363,7 @@ function _M.sign_headers(body, opts)
   local now = core.time()
   local mode = opts.merchant and opts.merchant.verifier_mode
                or S.cfg.verifier_mode
-  local id, key = choose(mode, opts.request_serial, now)
+  local id, key = choose(mode, opts.request_serial, now, opts.notification)
   local ts = math.floor(now)
   local fault = opts.fault
   if fault and fault.kind == "stale_timestamp" then

@@ -187,7 +187,8 @@ end
 -- them the way it spoils a response.
 local function headers(ctx, row, body, fault)
   local ok, h = pcall(ctx.identity.sign_headers, body,
-                      { merchant = merchant(ctx, row.mchid), fault = fault })
+                      { merchant = merchant(ctx, row.mchid), fault = fault,
+                        notification = true })
   if not ok then return nil, h end
   h["Content-Type"] = "application/json"
   h["Request-ID"] = crypto.hex(crypto.random_bytes(21)):upper() .. "-0"
