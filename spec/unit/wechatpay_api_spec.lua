@@ -930,6 +930,9 @@ describe("wechatpay api", function()
       assert.equal(err.kind, seen[2].outcome)
       assert.equal("ORDER_NOT_EXIST", seen[2].code)
       assert.equal(404, seen[2].status)
+      -- how many attempts each took, success included
+      assert.equal(1, seen[1].attempts)
+      assert.equal(1, seen[2].attempts)
     end)
 
     it("raising changes nothing of the call; not a function is refused",

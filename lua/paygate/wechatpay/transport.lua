@@ -43,12 +43,13 @@
 --     headers          extra request headers (table name -> string)
 --     max_attempts     cap on attempts (default 4)
 --
--- returns res = { status, headers, body, json, request_id }
+-- returns res = { status, headers, body, json, request_id, attempts }
 --   status      HTTP status (2xx only; anything else is an error)
 --   headers     response headers, names lower-case
 --   body        the raw response body (nil with sink)
 --   json        the decoded body when it is JSON, else nil
 --   request_id  WeChat's Request-ID header, or nil
+--   attempts    how many attempts the call took (retries included)
 -- or nil, err: see errors.lua (err.kind, err.code, err.status,
 --   err.request_id, err.retryable, err.detail).
 local core = require "paygate.core"
@@ -170,7 +171,8 @@ tell = function(wx, method, path, body, res, err, started)
              or nil,
     request_id = res and res.request_id
                  or (core.is_error(err) and err.request_id) or nil,
-    attempts = core.is_error(err) and err.attempts or nil,
+    attempts = res and res.attempts
+               or (core.is_error(err) and err.attempts) or nil,
   }
   if type(body) == "table" then rec.body = _M.encode(body) end
   if res then
@@ -352,6 +354,7 @@ call = function(wx, method, path, body, opts, ep, what)
         end
       end
       if not sink then res.json = decode_json(res) end
+      res.attempts = attempt
       return res
     else
       local e = errors.from_response(what, res)
@@ -360,7 +363,10 @@ call = function(wx, method, path, body, opts, ep, what)
       then
         retry = not delivered
       end
-      if not retry then return nil, e end
+      if not retry then
+        e.attempts = attempt
+        return nil, e
+      end
     end
     if attempt >= max_attempts then break end
     if retry ~= "now" then
