@@ -49,6 +49,21 @@ describe("timeouts", function()
     assert.matches("got 60$", out)
   end)
 
+  it("give a connection's first head header_timeout from the accept, not"
+     .. " again from its first byte", function()
+    local c = assert(rawtcp.connect(s.port, 5))
+    local t0 = paygate.update_time()
+    paygate.sleep(0.8)               -- a client that waits, then trickles
+    c:send("GET / HTTP/1.1\r\n")
+    local out = c:recv_all()
+    c:close()
+    assert.matches("^HTTP/1.1 408", out)
+    -- closed 1 s (header_timeout) after the accept; it was 1 s after the
+    -- first byte, 1.8 s in all
+    local took = paygate.update_time() - t0
+    assert.is_true(took < 1.5, ("closed after %.2f s"):format(took))
+  end)
+
   it("close a body that stops arriving with 408 after the gap", function()
     local c = assert(rawtcp.connect(s.port, 5))
     local t0 = paygate.update_time()

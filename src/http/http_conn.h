@@ -96,6 +96,8 @@ struct gw_conn {
                                        LUA_NOREF */
     double              started;    /* s (mono): the request's first byte,
                                        or the connection's accept */
+    double              accepted;   /* s (mono): accept; the first head's
+                                       header_timeout counts from it */
     double              deadline;   /* s (mono): absolute handler deadline */
     int                 requests;   /* served on this connection */
     int                 close_after;/* close once the output is sent */

@@ -278,6 +278,15 @@ conn_timer_io(struct gw_conn *c, double secs)
     gw_conn_timer(c, secs);
 }
 
+/* When the current head's header_timeout began: its first byte, but for
+ * a connection's first request its accept (a client that waits before
+ * sending must not get the time twice). */
+static double
+head_since(const struct gw_conn *c)
+{
+    return c->requests == 0 && c->accepted > 0 ? c->accepted : c->started;
+}
+
 /* The phase's deadline again, once an answer has drained. */
 static void
 conn_timer_phase(struct gw_conn *c)
@@ -286,7 +295,7 @@ conn_timer_phase(struct gw_conn *c)
         gw_conn_timer(c, gw_srv.conf.body_timeout);
     } else if (c->state == ST_HEAD && c->in_len > 0 && c->started > 0) {
         gw_conn_timer(c, gw_srv.conf.header_timeout
-                      - (gw_loop_mono() - c->started));
+                      - (gw_loop_mono() - head_since(c)));
     } else if (c->state == ST_HEAD && c->requests > 0) {
         gw_conn_timer(c, gw_srv.conf.keepalive_timeout);
     }
@@ -674,7 +683,7 @@ gw_conn_process(struct gw_conn *c)
         }
         if (c->in_len > 0) {
             conn_timer_io(c, gw_srv.conf.header_timeout
-                          - (gw_loop_mono() - c->started));
+                          - (gw_loop_mono() - head_since(c)));
         }
         conn_read_on(c, 1);
     } else if (c->state == ST_BODY) {
@@ -1479,6 +1488,7 @@ on_accept(evutil_socket_t lfd, short what, void *arg)
         }
         c->state = ST_HEAD;
         c->started = gw_loop_mono();
+        c->accepted = c->started;
         conn_read_on(c, 1);
         gw_conn_timer(c, gw_srv.conf.header_timeout);
         idle_enter(c);          /* nothing sent yet: reclaimable at the cap */
