@@ -57,8 +57,9 @@ describe("paygate doctor --config <the gateway's config>", function()
     assert.is_nil(out:find("no wechatpay table", 1, true))
     assert.equal("ok", r.config.status, out)
     assert.matches("merchant %d+ %(1 of them%)", r.config.cause)
-    for _, k in ipairs({ "key_certificate", "serial_format", "apiv3_key",
-                         "wechatpay_config", "database" }) do
+    for _, k in ipairs({ "gateway_config", "key_certificate",
+                         "serial_format", "apiv3_key", "wechatpay_config",
+                         "database" }) do
       assert.equal("ok", r[k] and r[k].status, k .. ": " .. out)
     end
     -- the notify URL is public_url's route for the merchant
@@ -71,6 +72,25 @@ describe("paygate doctor --config <the gateway's config>", function()
       end
     end
     assert.is_true(probed, out)
+  end)
+
+  it("fails what the gateway itself would refuse to start with", function()
+    local conf = dir .. "/badkey.lua"
+    local f = assert(io.open(conf, "w"))
+    f:write(("local c = dofile(%q)\n"):format(dir .. "/dev/gateway.lua")
+      .. "c.gateway.frobnicate = true\nreturn c\n")
+    f:close()
+    local code, out, r = run({ "doctor", "--json", "--config", conf })
+    assert.equal(1, code, out)
+    assert.equal("fail", r.gateway_config.status, out)
+    assert.matches("gateway.frobnicate", r.gateway_config.cause, 1, true)
+    -- the same with the app named; a folder without the gateway: exit 2
+    code, out, r = run({ "doctor", "--json", "--config", conf, "--app",
+                         "examples/gateway" })
+    assert.equal("fail", r.gateway_config.status, out)
+    code, out = run({ "doctor", "--config", conf, "--app", dir })
+    assert.equal(2, code, out)
+    assert.matches("no gw/config.lua there", out, 1, true)
   end)
 
   it("says a SQLite database is missing, and makes no file", function()

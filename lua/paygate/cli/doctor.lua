@@ -25,7 +25,7 @@ local tostring, ipairs, pairs, type, pcall = tostring, ipairs, pairs, type,
 local duration = common.duration
 
 local usage = [[
-usage: paygate doctor --config FILE [--merchant MCHID] [--json]
+usage: paygate doctor --config FILE [--merchant MCHID] [--app DIR] [--json]
 
 Checks a gateway configuration end to end and prints one line per check
 (ok, warn or FAIL, what was checked, the fix): the merchant key against
@@ -44,16 +44,19 @@ FILE is a Lua file returning { wechatpay = {...}, notify_url = ...,
 database = ..., redis = ..., limits = {...}, metrics_url = ...,
 leases = {...}, api_crl_file = ... } (see docs/troubleshooting.md), or
 the reference gateway's own config ({ gateway = {...}, merchants = {...} },
-docs/gateway.md): its merchant (the first, or --merchant MCHID) is
-checked with its APIv3 key file, its notify URL (public_url), its
-database and Redis, and the config's limits.
+docs/gateway.md): first the gateway's own check of it (gw/config.lua
+of the gateway app: --app DIR, default examples/gateway when it is
+there), which refuses what the gateway would refuse to start with; then
+its merchant (the first, or --merchant MCHID) is checked with its APIv3
+key file, its notify URL (public_url), its database and Redis, and the
+config's limits.
 
 exit: 0 no check failed (warnings allowed), 1 a check failed, 2 usage or
 an unreadable configuration.
 ]]
 
 local SPEC = { ["--config"] = "value", ["--json"] = "flag",
-               ["--merchant"] = "value" }
+               ["--merchant"] = "value", ["--app"] = "value" }
 
 local WINDOW = 5             -- s WeChat waits for a notification's answer
 local DAY = 86400
@@ -166,6 +169,53 @@ local function from_gateway(conf, pick)
   -- /metrics labels a request by the route it matched, not its path
   out.notify_route = "/wechatpay/notify/:mchid"
   return out, id, #list
+end
+
+-- The gateway's own check of its config (gw.config.check of the gateway
+-- app in dir, default examples/gateway when present): what the gateway
+-- would refuse at start, doctor fails too.
+local function gateway_check(out, conf, dir)
+  local given = dir ~= nil
+  dir = dir or "examples/gateway"
+  local f = io.open(dir .. "/gw/config.lua", "rb")
+  if not f then
+    if given then
+      common.usage_error("--app %s: no gw/config.lua there (the gateway "
+                         .. "app's folder)", common.shown(dir))
+    end
+    out:warn("gateway_config", "the gateway's own check was not run: no "
+             .. "gateway app at " .. dir, nil, "give its folder: --app DIR")
+    return
+  end
+  f:close()
+  local saved = package.path
+  package.path = dir .. "/?.lua;" .. package.path
+  local ok, gwc = pcall(require, "gw.config")
+  if not ok or type(gwc) ~= "table" or type(gwc.check) ~= "function" then
+    package.path = saved
+    out:warn("gateway_config", "the gateway's own check did not load: "
+             .. tostring(gwc):sub(1, 200), nil, nil)
+    return
+  end
+  -- (the check requires more of the app's modules as it goes; it gets a
+  -- copy: what it fills in must not change what the checks below read)
+  local function copy(v, depth)
+    if type(v) ~= "table" or depth > 20 then return v end
+    local t = {}
+    for k, x in pairs(v) do t[k] = copy(x, depth + 1) end
+    return t
+  end
+  local cok, cfg, err = pcall(gwc.check, copy(conf, 0))
+  package.path = saved
+  if cok and cfg then
+    out:ok("gateway_config", "the gateway accepts its configuration")
+  else
+    local why = cok and (type(err) == "table" and err.message
+                         or tostring(err)) or tostring(cfg)
+    out:fail("gateway_config", "the gateway would refuse to start: "
+             .. tostring(why), nil, "fix the key it names "
+             .. "(docs/gateway.md lists them)")
+  end
 end
 
 -- A key or certificate given as PEM text or a file path. The reason never
@@ -893,12 +943,14 @@ local function main(args)
   local conf = load_config(o["--config"])
   local out = common.output(o["--json"])
   if conf.wechatpay == nil and conf.merchants ~= nil then
+    gateway_check(out, conf, o["--app"])
     local id, n
     conf, id, n = from_gateway(conf, o["--merchant"])
     out:ok("config", ("the gateway's config: merchant %s (%d of them%s)")
            :format(id, n, n > 1 and "; --merchant MCHID picks another" or ""))
-  elseif o["--merchant"] then
-    common.usage_error("--merchant is for the gateway's config (merchants)")
+  elseif o["--merchant"] or o["--app"] then
+    common.usage_error("%s is for the gateway's config (merchants)",
+                       o["--merchant"] and "--merchant" or "--app")
   end
   local now = core.time()
   local expiring = {}
