@@ -485,6 +485,19 @@ describe("gateway console", function()
       assert.equal(#e, #console_entries(gw))
     end)
 
+    it("names paygate doctor's unsigned probe among refused notifications",
+       function()
+      local res = gw.srv:request{ method = "POST", path = "/wechatpay/notify/"
+        .. sim.merchant.mchid, headers = { ["Content-Type"] =
+        "application/json" }, body = '{"id":"paygate-doctor-probe",'
+        .. '"event_type":"DOCTOR.PROBE"}' }
+      assert.is_true(res.status >= 400, res.status .. " " .. res.body)
+      testing.wait_until(function()
+        return get(gw, "/console").body:find("claims to be paygate doctor",
+                                             1, true)
+      end, 10, "the refused probe on the overview")
+    end)
+
     it("settle an unknown payment now by a query", function()
       sim:fault{ endpoint = "prepay", kind = "bad_signature", count = 1 }
       local res = gw:call("POST", "/v1/payments", { order_id = "c-"

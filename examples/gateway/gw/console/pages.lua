@@ -324,12 +324,19 @@ function _M.overview(view)
 
   -- refused notifications (gw.history): the last ones, with why
   rows, err = db:query("SELECT received_at, mchid, kind, reason, serial,"
-    .. " authentic, out_trade_no FROM gw_notifications_refused WHERE"
-    .. " received_at >= $1 ORDER BY received_at DESC LIMIT 10",
-    { now - 86400 })
+    .. " authentic, out_trade_no, notification_id FROM"
+    .. " gw_notifications_refused WHERE received_at >= $1 ORDER BY"
+    .. " received_at DESC LIMIT 10", { now - 86400 })
   list = {}
   for _, r in ipairs(rows or {}) do
-    list[#list + 1] = { when(r.received_at), r.mchid, r.kind, r.reason,
+    -- paygate doctor's unsigned probe is refused on purpose: said so (its
+    -- id is only claimed, so the row stays, named as a claim)
+    local why = r.reason
+    if r.notification_id == "paygate-doctor-probe" then
+      why = tostring(why) .. " (claims to be paygate doctor's probe, "
+            .. "which must be refused)"
+    end
+    list[#list + 1] = { when(r.received_at), r.mchid, r.kind, why,
       null(r.serial) or "", tonumber(r.authentic) ~= 1 and "no"
         or null(r.out_trade_no) and link("/console/payments?q="
           .. html.url_encode(r.out_trade_no), "yes: " .. r.out_trade_no)
