@@ -127,6 +127,29 @@ describe("a TLS handshake that stalls", function()
   end)
 end)
 
+describe("part of a TLS record after a keep-alive request", function()
+  it("gets header_timeout, not keepalive_timeout", function()
+    local pki = require "support.pki"
+    local dir = server.tmpdir()
+    local certs = pki.make(dir)
+    local s = server.start{ source = APP, workers = 1, scheme = "https",
+      ca_file = certs.ca, config = [[
+        return { limits = { header_timeout = 0.5, keepalive_timeout = 60 } }]],
+      args = { "--tls-cert", certs.server_cert, "--tls-key", certs.server_key } }
+    local p = assert(io.popen("python3 spec/support/tls_partial.py " .. s.port
+                              .. " " .. certs.ca .. " 2>&1"))
+    local out = p:read("*a")
+    p:close()
+    assert.matches("answered", out, 1, true)
+    local how, secs = out:match("(%a+) ([%d.]+)%s*$")
+    assert.equal("closed", how, out)
+    -- 0.5 s after those bytes, not 60 s (the client gives up at 30)
+    assert.is_true(tonumber(secs) < 5, out)
+    assert.equal(0, s:stop())
+    os.execute("rm -rf " .. dir)
+  end)
+end)
+
 describe("the connection limit", function()
   -- (connections that sent nothing, or idle between requests, would be
   -- closed to admit the third: http_idle_spec)

@@ -98,6 +98,10 @@ struct gw_conn {
                                        or the connection's accept */
     double              accepted;   /* s (mono): accept; the first head's
                                        header_timeout counts from it */
+    double              part_at;    /* s (mono): a keep-alive TLS
+                                       connection got part of a record
+                                       (no byte of a request yet): its
+                                       head's header_timeout began; 0 */
     double              deadline;   /* s (mono): absolute handler deadline */
     int                 requests;   /* served on this connection */
     int                 close_after;/* close once the output is sent */

@@ -296,6 +296,9 @@ conn_timer_phase(struct gw_conn *c)
     } else if (c->state == ST_HEAD && c->in_len > 0 && c->started > 0) {
         gw_conn_timer(c, gw_srv.conf.header_timeout
                       - (gw_loop_mono() - head_since(c)));
+    } else if (c->state == ST_HEAD && c->part_at > 0) {
+        gw_conn_timer(c, gw_srv.conf.header_timeout
+                      - (gw_loop_mono() - c->part_at));
     } else if (c->state == ST_HEAD && c->requests > 0) {
         gw_conn_timer(c, gw_srv.conf.keepalive_timeout);
     }
@@ -663,7 +666,21 @@ gw_conn_process(struct gw_conn *c)
             c->scanned = 0;
             c->req_start = 0;
         }
-        if (c->in_len == 0 && c->requests > 0) {
+        if (c->in_len == 0 && c->requests > 0 && c->ssl != NULL
+            && SSL_has_pending(c->ssl)) {
+            /* part of a TLS record after a keep-alive request: a head
+             * is on its way, with header_timeout from its first bytes,
+             * not the idle keep-alive's (nor reclaimable as idle: a
+             * client sending three bytes would hold its slot for
+             * keepalive_timeout) */
+            if (c->part_at == 0) {
+                c->part_at = gw_loop_mono();
+            }
+            idle_leave(c);
+            conn_timer_io(c, gw_srv.conf.header_timeout
+                          - (gw_loop_mono() - c->part_at));
+        } else if (c->in_len == 0 && c->requests > 0) {
+            c->part_at = 0;
             conn_timer_io(c, gw_srv.draining && DRAIN_LINGER
                           < gw_srv.conf.keepalive_timeout
                           ? DRAIN_LINGER : gw_srv.conf.keepalive_timeout);
@@ -912,7 +929,10 @@ conn_read(struct gw_conn *c)
             }
         }
         if (c->in_len == c->req_start && c->state == ST_HEAD) {
-            c->started = gw_loop_mono();     /* a new request's first byte */
+            /* a new request's first byte (or, on TLS, the first bytes
+             * of the record that carried it) */
+            c->started = c->part_at > 0 ? c->part_at : gw_loop_mono();
+            c->part_at = 0;
         }
         idle_leave(c);
         c->in_len += (size_t) n;
