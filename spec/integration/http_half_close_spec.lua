@@ -38,3 +38,32 @@ describe("a half-close right behind a request", function()
     end)
   end
 end)
+
+describe("a half-close right behind a request, over TLS", function()
+  local s, dir, certs
+  setup(function()
+    local pki = require "support.pki"
+    dir = server.tmpdir()
+    certs = pki.make(dir)
+    s = server.start{ source = APP, workers = 1, scheme = "https",
+      ca_file = certs.ca,
+      args = { "--tls-cert", certs.server_cert, "--tls-key", certs.server_key } }
+  end)
+  teardown(function()
+    if s then assert.equal(0, s:stop()) end
+    os.execute("rm -rf " .. dir)
+  end)
+
+  for _, how in ipairs({ "close_notify", "fin" }) do
+    for _, total in ipairs({ 100, 4096, 8192 }) do
+      it("answers a " .. total .. "-byte request followed by a " .. how,
+         function()
+        local p = assert(io.popen(("python3 spec/support/tls_halfclose.py"
+          .. " %d %s %d %s 2>&1"):format(s.port, certs.ca, total, how)))
+        local out = p:read("*a")
+        p:close()
+        assert.matches("^HTTP/1.1 200 OK | len %d+%s*$", out)
+      end)
+    end
+  end
+end)

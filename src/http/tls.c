@@ -263,8 +263,13 @@ gw_tls_server_ctx(const struct gw_tls_conf *conf, char *err, size_t errlen)
     SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE
                           | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER
                           | SSL_MODE_RELEASE_BUFFERS);
+    /* A client's FIN without close_notify ends its sending as a
+     * close_notify would (as nginx reads it): requests it sent before are
+     * answered. HTTP frames its own messages, so a cut one is still seen
+     * as incomplete (a body short of its Content-Length). */
     SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION
-                             | SSL_OP_CIPHER_SERVER_PREFERENCE);
+                             | SSL_OP_CIPHER_SERVER_PREFERENCE
+                             | SSL_OP_IGNORE_UNEXPECTED_EOF);
     /* Read what the socket has, not a record header and then its body:
      * a new connection's handshake and first request take 2 reads
      * instead of 8. The server then reads on while SSL_has_pending(). */
