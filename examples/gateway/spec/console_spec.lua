@@ -492,10 +492,14 @@ describe("gateway console", function()
         "application/json" }, body = '{"id":"paygate-doctor-probe",'
         .. '"event_type":"DOCTOR.PROBE"}' }
       assert.is_true(res.status >= 400, res.status .. " " .. res.body)
+      local body
       testing.wait_until(function()
-        return get(gw, "/console").body:find("claims to be paygate doctor",
-                                             1, true)
+        body = get(gw, "/console").body
+        return body:find("claims to be paygate doctor", 1, true)
       end, 10, "the refused probe on the overview")
+      -- the chart names its percentiles by their histogram buckets
+      assert.matches("notifications, p50 under [%d.]+ s, p99 under [%d.]+ s"
+                     .. " %(histogram buckets%)", body)
     end)
 
     it("settle an unknown payment now by a query", function()

@@ -188,6 +188,12 @@ local function answer_times(now)
 end
 _M.answer_times = answer_times
 
+-- A percentile known by its histogram bucket: "under 0.25 s", "over 6 s"
+local function bound(v)
+  if v == math.huge then return "over " .. BUCKETS[#BUCKETS - 1] .. " s" end
+  return "under " .. tostring(v) .. " s"
+end
+
 -- The chart: bars of notifications per minute (grey, own scale), p50
 -- (blue) and p99 (orange) answer times against the 5 s window (red line).
 local function chart(points)
@@ -206,8 +212,8 @@ local function chart(points)
         { x = ("%.1f"):format(x), y = ("%.1f"):format(H - h),
           w = ("%.1f"):format(bw - 1), h = ("%.1f"):format(h),
           t = os.date("!%H:%M", p.minute * 60) .. ": " .. p.n
-            .. " notifications, p50 " .. tostring(p.p50) .. " s, p99 "
-            .. tostring(p.p99) .. " s" })
+            .. " notifications, p50 " .. bound(p.p50) .. ", p99 "
+            .. bound(p.p99) .. " (histogram buckets)" })
       for _, q in ipairs({ { "p50", p.p50 }, { "p99", p.p99 } }) do
         dots[#dots + 1] = render("<circle class=\"{{c}}\" cx=\"{{x}}\""
           .. " cy=\"{{y}}\" r=\"3\"></circle>", { c = q[1],
