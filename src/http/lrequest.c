@@ -131,9 +131,19 @@ push_headers(lua_State *L, struct gw_conn *c)
             continue;
         }
         lua_pop(L, 1);
+        size_t j = i + 1;
+
+        while (j < n && !same_name(h, &c->head.headers[j])) {
+            j++;
+        }
+        if (j == n) {               /* the usual case: said once */
+            lua_pushlstring(L, h->value, h->value_len);
+            lua_rawset(L, -3);
+            continue;
+        }
         luaL_buffinit(L, &b);
         luaL_addlstring(&b, h->value, h->value_len);
-        for (size_t j = i + 1; j < n; j++) {
+        for (; j < n; j++) {
             const struct gw_http_header *r = &c->head.headers[j];
 
             if (same_name(h, r)) {
