@@ -385,6 +385,24 @@ describe("the diagnostic commands", function()
                    .. " see --help)\n", out)
       assert.is_nil(out:find(stray, 1, true))
     end
+    -- the position of the stray one, even when it repeats an option's value
+    local code, out = run({ "decrypt", "--apiv3-key-file", "k.txt", "k.txt" })
+    assert.equal(2, code, out)
+    assert.matches("argument 3 is not an option", out, 1, true)
+  end)
+
+  it("names an unknown option without the value glued to it, and never"
+     .. " echoes a pasted key", function()
+    local secret = "S3cretS3cretS3cretS3cretS3cret12"
+    local code, out = run({ "decrypt", "--apiv3-key=" .. secret })
+    assert.equal(2, code, out)
+    assert.equal("paygate decrypt: unknown option --apiv3-key (see --help)\n",
+                 out)
+    local pem = "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEF\n"
+    code, out = run({ "sign", pem })
+    assert.equal(2, code, out)
+    assert.matches("argument 1 is not an option", out, 1, true)
+    assert.is_nil(out:find("MIIE", 1, true))
   end)
 end)
 

@@ -51,7 +51,9 @@ local function main(args)
   if cmd ~= "create" and cmd ~= "list" and cmd ~= "revoke" then
     common.usage_error("give create, list or revoke (see --help)")
   end
-  if #pos > 1 then common.usage_error("unexpected argument %s", pos[2]) end
+  if #pos > 1 then
+    common.usage_error("argument %d is unexpected (see --help)", pos.at[2])
+  end
   if cmd == "create" and o["--app"] == nil then
     common.usage_error("create needs --app APP (the app the key is for)")
   end

@@ -54,7 +54,7 @@ end
 -- (string, the last one given wins) or "list" (every value, in order).
 -- "--name=value" works as "--name value".
 function _M.parse(args, spec)
-  local opts, pos = {}, {}
+  local opts, pos = {}, { at = {} }
   local i = 1
   while i <= #args do
     local a = args[i]
@@ -62,9 +62,16 @@ function _M.parse(args, spec)
     name = name or a
     local kind = spec[name]
     if a:sub(1, 1) == "-" and a ~= "-" and not kind then
-      usage_error("unknown option %s (see --help)", a)
+      -- its name only: "--apiv3-key=<the key>" or a pasted PEM must not
+      -- come back in the message
+      if name:match("^%-%-?[%w][%w-]*$") and #name <= 40 then
+        usage_error("unknown option %s (see --help)", name)
+      end
+      usage_error("argument %d is not an option this command knows (see "
+                  .. "--help)", i)
     elseif not kind then
       pos[#pos + 1] = a
+      pos.at[#pos] = i
     elseif kind == "flag" then
       if inline then usage_error("%s takes no value", name) end
       opts[name] = true
@@ -96,12 +103,8 @@ function _M.parse_options(args, spec)
   local opts, pos = _M.parse(args, spec)
   if pos[1] ~= nil then
     -- not echoed: a stray argument may be a key pasted in the wrong place
-    for i, a in ipairs(args) do
-      if a == pos[1] then
-        usage_error("argument %d is not an option, nor an option's value "
-                    .. "(this command takes options only; see --help)", i)
-      end
-    end
+    usage_error("argument %d is not an option, nor an option's value "
+                .. "(this command takes options only; see --help)", pos.at[1])
   end
   return opts
 end

@@ -182,7 +182,9 @@ end
 local function main(args)
   local o, pos = common.parse(args, SPEC)
   local cmd = pos[1]
-  if #pos > 1 then common.usage_error("unexpected argument %s", pos[2]) end
+  if #pos > 1 then
+    common.usage_error("argument %d is unexpected (see --help)", pos.at[2])
+  end
   if cmd == "publish" then return publish(o) end
   if cmd == "show" then return show(o) end
   common.usage_error("give publish or show (see --help)")
