@@ -98,13 +98,15 @@ describe("paygate doctor --config <the gateway's config>", function()
     local f = assert(io.open(conf, "w"))
     f:write(("local c = dofile(%q)\n"):format(dir .. "/dev/gateway.lua")
       .. ("c.gateway.db = %q\nreturn c\n"):format("sqlite:" .. dir
-                                                   .. "/typo.db"))
+                                                   .. "/typo/typo.db"))
     f:close()
     local code, out, r = run({ "doctor", "--json", "--config", conf })
     assert.equal(1, code, out)
     assert.equal("fail", r.database.status)
     assert.matches("no database file", r.database.cause, 1, true)
-    assert.is_nil(io.open(dir .. "/typo.db"))
+    -- nor its folder (the gateway's own check makes it at start)
+    assert.is_nil(io.open(dir .. "/typo/typo.db"))
+    assert.is_nil(io.open(dir .. "/typo"))
   end)
 
   it("refuses --merchant for a merchant it does not list, and for a"

@@ -69,7 +69,7 @@ describe("paygate doctor's signed call (platform certificate mode)", function()
     assert.equal("ok", r.status, out)
     assert.matches("accepted the signature", r.cause, 1, true)
     assert.matches("decrypted with the APIv3 key", r.cause, 1, true)
-    -- and it wrote nothing anywhere, and printed no secret
+    -- and it printed no secret
     assert.is_nil(out:find(sim.merchant.apiv3_key, 1, true))
   end)
 
@@ -141,5 +141,13 @@ describe("paygate doctor's signed call (public key)", function()
       merchant_certificate = other.certificate }))
     assert.equal("fail", r.status, out)
     assert.matches("refused the request's signature", r.cause, 1, true)
+    -- a 404 that is not WeChat's RESOURCE_NOT_EXISTS (a proxy, another
+    -- host) proves nothing
+    sim:fault{ endpoint = "certificates", kind = "error", status = 404,
+               code = "NOT_FOUND" }
+    local ok, r2, out2 = pcall(doctor, sim:client_config())
+    sim:clear_faults()
+    assert(ok, r2)
+    assert.equal("fail", r2.status, out2)
   end)
 end)

@@ -162,6 +162,9 @@ describe("paygate doctor", function()
     assert.equal(1, code, out)
     assert.equal("fail", r.clock.status)
     assert.matches("60 min %d+ s ahead of the API host's", r.clock.cause)
+    -- the signed call's 401 then points at the clock first
+    assert.equal("fail", r.signed_call and r.signed_call.status, out)
+    assert.matches("sync the clock first", r.signed_call.fix, 1, true)
   end)
 
   it("fails a notify URL that accepts an unsigned notification", function()

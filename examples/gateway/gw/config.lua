@@ -102,7 +102,10 @@ end
 -- Creates the folders of dir (like mkdir -p; mode default 0755, an
 -- existing one is fine): the default SQLite store under var/, the bill
 -- reports, the credentials cache (0700). returns: true when dir exists.
+-- config.dry_run = true (paygate doctor): check only, create nothing --
+-- the folders are made when the gateway starts.
 local function mkdir_p(dir, mode)
+  if _M.dry_run then return true end
   local acc = dir:sub(1, 1) == "/" and "" or "."
   for part in dir:gmatch("[^/]+") do
     acc = acc .. "/" .. part

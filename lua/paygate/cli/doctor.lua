@@ -198,7 +198,9 @@ local function gateway_check(out, conf, dir)
     return
   end
   -- (the check requires more of the app's modules as it goes; it gets a
-  -- copy: what it fills in must not change what the checks below read)
+  -- copy: what it fills in must not change what the checks below read;
+  -- dry_run: it makes none of the folders the gateway makes at start)
+  gwc.dry_run = true
   local function copy(v, depth)
     if type(v) ~= "table" or depth > 20 then return v end
     local t = {}
@@ -528,6 +530,7 @@ local function check_api(out, wc, conf, now, expiring)
     out:fail("clock", ("this clock is %s %s the API host's"):format(
              duration(skew), which), "WeChat refuses requests and this side "
              .. "refuses answers 300 s or more off", "sync the clock (NTP)")
+    return true, true
   elseif abs >= 60 then
     out:warn("clock", ("this clock is %s %s the API host's"):format(
              duration(skew), which), "within the 300 s window, but drifting",
@@ -585,7 +588,7 @@ end
 -- RESOURCE_NOT_EXISTS, an unsigned error: the signature is checked, the
 -- public key and the APIv3 key are not (the first signed answer and the
 -- first notification check them).
-local function check_signed(out, wc, cfg)
+local function check_signed(out, wc, cfg, clock_bad)
   local conf = {}
   for k, v in pairs(wc) do conf[k] = v end
   conf.backup_url, conf.timeout, conf.deadline = false, 10, 20
@@ -618,12 +621,15 @@ local function check_signed(out, wc, cfg)
   local serial = cfg.merchant_serial
   if n then
     out:ok("signed_call", "GET /v3/certificates signed with serial "
-           .. tostring(serial) .. ": WeChat accepted the signature; the "
-           .. "certificates decrypted with the APIv3 key and the answer's "
-           .. "signature verified")
+           .. tostring(serial) .. ": WeChat accepted the signature; "
+           .. (cfg.mode == "public_key" and "the answer's signature "
+               .. "verified with the public key"
+               or "the certificates decrypted with the APIv3 key and the "
+               .. "answer's signature verified"))
     return
   end
-  if cfg.mode == "public_key" and err.status == 404 then
+  if cfg.mode == "public_key" and err.status == 404
+     and err.code == "RESOURCE_NOT_EXISTS" then
     out:ok("signed_call", "GET /v3/certificates signed with serial "
            .. tostring(serial) .. ": WeChat accepted the signature (404 "
            .. "RESOURCE_NOT_EXISTS: no platform certificate, as in public-"
@@ -633,6 +639,12 @@ local function check_signed(out, wc, cfg)
     return
   end
   local cause, fix = signed_failure(err, cfg.mode)
+  if err.kind == "sign_error" and clock_bad then
+    -- WeChat refuses a timestamp 5 minutes off as a bad signature
+    fix = "sync the clock first (see clock above): WeChat refuses a "
+          .. "timestamp 5 minutes off with SIGN_ERROR; then, if it stays, "
+          .. fix
+  end
   out:fail("signed_call", cause .. ": " .. tostring(err.message),
            err.request_id and "Request-ID " .. err.request_id or nil, fix)
 end
@@ -943,9 +955,10 @@ local function main(args)
   local conf = load_config(o["--config"])
   local out = common.output(o["--json"])
   if conf.wechatpay == nil and conf.merchants ~= nil then
-    gateway_check(out, conf, o["--app"])
-    local id, n
+    local raw, id, n = conf, nil, nil
     conf, id, n = from_gateway(conf, o["--merchant"])
+    if type(conf.wechatpay) == "table" then secrets(out, conf.wechatpay) end
+    gateway_check(out, raw, o["--app"])
     out:ok("config", ("the gateway's config: merchant %s (%d of them%s)")
            :format(id, n, n > 1 and "; --merchant MCHID picks another" or ""))
   elseif o["--merchant"] or o["--app"] then
@@ -964,8 +977,9 @@ local function main(args)
     secrets(out, wc)
     cfg = check_keys(out, wc, now, expiring)
   end
-  if check_api(out, wc, conf, now, expiring) and cfg then
-    check_signed(out, wc, cfg)
+  local reached, clock_bad = check_api(out, wc, conf, now, expiring)
+  if reached and cfg then
+    check_signed(out, wc, cfg, clock_bad)
   end
   local metrics
   if conf.metrics_url then
