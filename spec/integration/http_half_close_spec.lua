@@ -7,6 +7,8 @@ local rawtcp = require "support.rawtcp"
 local APP = [[
 local paygate = require "paygate"
 paygate.route("POST", "/echo", function(req) return 200, "len " .. #req.body end)
+local mid = ("m"):rep(400000)  -- past the socket buffers and 64 KiB
+paygate.route("GET", "/mid", function() return 200, mid end)
 ]]
 
 describe("a half-close right behind a request", function()
@@ -37,6 +39,30 @@ describe("a half-close right behind a request", function()
       assert.equal("eof", how)
     end)
   end
+end)
+
+describe("a half-close while the answer is still going out", function()
+  local s
+  setup(function() s = server.start{ source = APP, workers = 1 } end)
+  teardown(function() if s then assert.equal(0, s:stop()) end end)
+
+  it("sends the whole answer, then closes", function()
+    -- a client reading slowly (a small window): the answer waits in the
+    -- server's buffer when the client's FIN is read. (On loopback the
+    -- kernel's buffers take an answer under 64 KiB whole, and past it the
+    -- server reads nothing until it is out: this guards the large case;
+    -- the small one, a real network's, has no loopback reproduction.)
+    local c = assert(rawtcp.connect(s.port, 5, 2048))
+    assert(c:send("GET /mid HTTP/1.1\r\nHost: x\r\n\r\n"))
+    require("ffi").C.shutdown(c.fd, 1)            -- SHUT_WR
+    require("paygate").sleep(0.5)
+    local out, how = c:recv_all()
+    c:close()
+    assert.matches("^HTTP/1.1 200", out)
+    local body = out:match("\r\n\r\n(.*)$") or ""
+    assert.equal(400000, #body)
+    assert.equal("eof", how)
+  end)
 end)
 
 describe("a half-close right behind a request, over TLS", function()

@@ -828,7 +828,24 @@ conn_handshake(struct gw_conn *c)
     return -1;
 }
 
-/* Reads what is there. Returns 0 on EOF/error (connection closed), 1. */
+/* The client has finished sending while an answer is still going out
+ * (part of it waits in our buffer): read no more, send the rest, then
+ * close (ST_CLOSING closes once it is out; write_timeout still bounds a
+ * reader that stalls). 1 when that is so, 0 when nothing is pending. */
+static int
+peer_done(struct gw_conn *c)
+{
+    if (c->out_sent >= c->out_len
+        || (c->state != ST_HEAD && c->state != ST_BODY)) {
+        return 0;
+    }
+    c->state = ST_CLOSING;
+    conn_read_on(c, 0);
+    return 1;
+}
+
+/* Reads what is there. Returns 0 on EOF/error (connection closed, or
+ * closing once its answer is out: peer_done), 1. */
 static int
 conn_read(struct gw_conn *c)
 {
@@ -904,6 +921,9 @@ conn_read(struct gw_conn *c)
                     c->tls_held = 1;
                     return 1;
                 }
+                if (e == SSL_ERROR_ZERO_RETURN && peer_done(c)) {
+                    return 0;
+                }
                 conn_close(c);
                 return 0;
             }
@@ -923,6 +943,9 @@ conn_read(struct gw_conn *c)
                      * them first; the socket stays readable, and the
                      * next read meets the end again */
                     return 1;
+                }
+                if (peer_done(c)) {
+                    return 0;
                 }
                 conn_close(c);
                 return 0;
