@@ -91,69 +91,67 @@ push_lower(lua_State *L, const char *s, size_t len)
     }
 }
 
-/* Header names equal, ASCII case-insensitively. */
-static int
-same_name(const struct gw_http_header *a, const struct gw_http_header *b)
-{
-    if (a->name_len != b->name_len) {
-        return 0;
-    }
-    for (size_t i = 0; i < a->name_len; i++) {
-        char x = a->name[i], y = b->name[i];
-
-        x = (x >= 'A' && x <= 'Z') ? (char) (x + 32) : x;
-        y = (y >= 'A' && y <= 'Z') ? (char) (y + 32) : y;
-        if (x != y) {
-            return 0;
-        }
-    }
-    return 1;
-}
-
 /* headers as a table with lower-case names; repeats joined by ", " in
- * one buffer per name (joining them one by one copied the value made so
- * far for each repeat: quadratic in a head of repeats). */
+ * order. One pass (a name said again is collected in a scratch table of
+ * lists), then each repeated name joined once: linear in the head, however
+ * many names or repeats it holds. */
 static void
 push_headers(lua_State *L, struct gw_conn *c)
 {
     size_t n = c->head.nheaders;
+    int t, r;
 
     lua_createtable(L, 0, (int) n);
+    t = lua_gettop(L);
+    lua_newtable(L);                        /* name -> { values } */
+    r = t + 1;
     for (size_t i = 0; i < n; i++) {
         const struct gw_http_header *h = &c->head.headers[i];
+
+        push_lower(L, h->name, h->name_len);            /* key */
+        lua_pushvalue(L, -1);
+        lua_rawget(L, t);                               /* key, first */
+        if (lua_isnil(L, -1)) {
+            lua_pop(L, 1);
+            lua_pushlstring(L, h->value, h->value_len);
+            lua_rawset(L, t);
+            continue;
+        }
+        lua_pushvalue(L, -2);
+        lua_rawget(L, r);                               /* key, first, list */
+        if (lua_isnil(L, -1)) {
+            lua_pop(L, 1);
+            lua_createtable(L, 4, 0);
+            lua_pushvalue(L, -2);
+            lua_rawseti(L, -2, 1);                      /* list[1] = first */
+            lua_pushvalue(L, -3);
+            lua_pushvalue(L, -2);
+            lua_rawset(L, r);                           /* r[key] = list */
+        }
+        lua_pushlstring(L, h->value, h->value_len);
+        lua_rawseti(L, -2, (int) lua_objlen(L, -2) + 1);
+        lua_pop(L, 3);
+    }
+    lua_pushnil(L);
+    while (lua_next(L, r) != 0) {                       /* key, list */
+        int list = lua_gettop(L);
+        size_t k = lua_objlen(L, list);
         luaL_Buffer b;
 
-        push_lower(L, h->name, h->name_len);
-        lua_pushvalue(L, -1);
-        lua_rawget(L, -3);
-        if (!lua_isnil(L, -1)) {
-            lua_pop(L, 2);          /* joined when first seen */
-            continue;
-        }
-        lua_pop(L, 1);
-        size_t j = i + 1;
-
-        while (j < n && !same_name(h, &c->head.headers[j])) {
-            j++;
-        }
-        if (j == n) {               /* the usual case: said once */
-            lua_pushlstring(L, h->value, h->value_len);
-            lua_rawset(L, -3);
-            continue;
-        }
+        lua_pushvalue(L, list - 1);
         luaL_buffinit(L, &b);
-        luaL_addlstring(&b, h->value, h->value_len);
-        for (; j < n; j++) {
-            const struct gw_http_header *r = &c->head.headers[j];
-
-            if (same_name(h, r)) {
+        for (size_t j = 1; j <= k; j++) {
+            if (j > 1) {
                 luaL_addlstring(&b, ", ", 2);
-                luaL_addlstring(&b, r->value, r->value_len);
             }
+            lua_rawgeti(L, list, (int) j);
+            luaL_addvalue(&b);
         }
         luaL_pushresult(&b);
-        lua_rawset(L, -3);
+        lua_rawset(L, t);                               /* t[key] = joined */
+        lua_pop(L, 1);                                  /* key */
     }
+    lua_remove(L, r);
 }
 
 /* The request's own environment table (made on first use), pushed. */
