@@ -933,6 +933,18 @@ describe("wechatpay api", function()
       -- how many attempts each took, success included
       assert.equal(1, seen[1].attempts)
       assert.equal(1, seen[2].attempts)
+      -- a query that succeeds on its second attempt says 2
+      local owx2 = stub:client{ max_attempts = 3,
+                                on_call = function(c) seen[#seen + 1] = c end }
+      stub:can("GET", "/v3/pay/transactions/out-trade-no/T-0002", 500,
+               { code = "SYSTEM_ERROR", message = "busy" }, { times = 1 })
+      stub:can("GET", "/v3/pay/transactions/out-trade-no/T-0002", 200,
+               { out_trade_no = "T-0002", trade_state = "NOTPAY" })
+      assert.truthy(owx2:query_by_out_trade_no("T-0002"))
+      owx2:close()
+      assert.equal(3, #seen)
+      assert.equal("ok", seen[3].outcome)
+      assert.equal(2, seen[3].attempts)
     end)
 
     it("raising changes nothing of the call; not a function is refused",

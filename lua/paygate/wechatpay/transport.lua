@@ -152,7 +152,13 @@ function _M.request(wx, method, path, body, opts)
   end
   local ep, what = upstream.endpoint(method, path)
   local started = wx.conf.on_call and core.mono()
-  local res, err = call(wx, method, path, body, opts or {}, ep, what)
+  local stat = { attempts = 0 }           -- attempts made (sent or tried)
+  local res, err = call(wx, method, path, body, opts or {}, ep, what, stat)
+  if res then
+    res.attempts = stat.attempts
+  elseif core.is_error(err) and err.attempts == nil then
+    err.attempts = stat.attempts
+  end
   upstream.count(ep, res, err)
   if started then tell(wx, method, path, body, res, err, started) end
   return res, err
@@ -191,7 +197,7 @@ end
 
 -- The call itself (misuse raises at level 4: the caller of wx:request);
 -- ep and what: upstream.endpoint's names of it.
-call = function(wx, method, path, body, opts, ep, what)
+call = function(wx, method, path, body, opts, ep, what, stat)
   -- what the HTTP client would change before sending (so the signature
   -- would cover another target): a fragment, bytes it percent-encodes,
   -- dot segments it removes
@@ -278,6 +284,7 @@ call = function(wx, method, path, body, opts, ep, what)
                               .. tostring(serr), serr)
     end
     headers["Authorization"] = auth
+    stat.attempts = attempt
     local sent_at = core.mono()
     local own = upstream.timeout(wx, ep)
     -- resend = false: the HTTP client never sends these bytes a second
@@ -354,7 +361,6 @@ call = function(wx, method, path, body, opts, ep, what)
         end
       end
       if not sink then res.json = decode_json(res) end
-      res.attempts = attempt
       return res
     else
       local e = errors.from_response(what, res)
@@ -363,10 +369,7 @@ call = function(wx, method, path, body, opts, ep, what)
       then
         retry = not delivered
       end
-      if not retry then
-        e.attempts = attempt
-        return nil, e
-      end
+      if not retry then return nil, e end
     end
     if attempt >= max_attempts then break end
     if retry ~= "now" then
@@ -383,9 +386,9 @@ call = function(wx, method, path, body, opts, ep, what)
   if not core.is_error(last) then return nil, last end
   if last.status == nil and reached and not SAFE_METHODS[method] then
     -- retries ran out, and one attempt at least may have reached WeChat
-    return nil, outcome_unknown(what, last, idempotent, attempt)
+    return nil, outcome_unknown(what, last, idempotent, stat.attempts)
   end
-  last.attempts = attempt
+  last.attempts = stat.attempts
   return nil, last
 end
 
