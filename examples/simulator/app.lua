@@ -63,6 +63,7 @@ local ctx = { db = db, config = cfg, identity = identity, faults = faults,
 orders.init(ctx)
 orders.routes(ctx)
 bills.routes(ctx)
+require("sim.media").routes(ctx)
 api.catch_all()                   -- after every /v3 route
 if cfg.control then
   control.routes(ctx)

@@ -143,10 +143,58 @@ local function sign_error(message, detail)
   return err(401, "SIGN_ERROR", message, detail)
 end
 
---- syntax: m, e = api.authenticate(req, target)
--- Checks the Authorization header. returns: the configured merchant (the
+--- syntax: parts, why = api.multipart(req)
+-- A multipart/form-data body (a media upload): { name = { headers, data,
+-- filename } } for each part, or nil and why it is not one. Hostile
+-- input: a missing or odd boundary, no closing delimiter, a part without
+-- Content-Disposition name, a name twice -- each refused.
+function _M.multipart(req)
+  local ct = req.headers["content-type"]
+  if type(ct) ~= "string" or not ct:lower():find("^multipart/form%-data") then
+    return nil, "Content-Type is not multipart/form-data"
+  end
+  local b = ct:match(';%s*[Bb][Oo][Uu][Nn][Dd][Aa][Rr][Yy]="([^"]+)"')
+            or ct:match(";%s*[Bb][Oo][Uu][Nn][Dd][Aa][Rr][Yy]=([^;%s]+)")
+  if not b or #b > 70 then return nil, "no boundary (1-70 characters)" end
+  local body, delim = req.body or "", "--" .. b
+  local pos = body:find(delim, 1, true)
+  if pos ~= 1 then return nil, "the body does not start with the boundary" end
+  local parts, n = {}, 0
+  pos = #delim + 1
+  while true do
+    if body:sub(pos, pos + 1) == "--" then break end      -- the end
+    if body:sub(pos, pos + 1) ~= "\r\n" then
+      return nil, "a boundary line not ended by CRLF"
+    end
+    local head_end = body:find("\r\n\r\n", pos + 2, true)
+    if not head_end then return nil, "a part without the end of its head" end
+    local head = body:sub(pos + 2, head_end - 1)
+    local nxt = body:find("\r\n" .. delim, head_end + 4, true)
+    if not nxt then return nil, "no closing boundary" end
+    local hs = {}
+    for line in (head .. "\r\n"):gmatch("(.-)\r\n") do
+      local k, v = line:match("^([%w%-]+):%s*(.-)%s*$")
+      if not k then return nil, "a bad part header line" end
+      hs[k:lower()] = v
+    end
+    local cd = hs["content-disposition"] or ""
+    local name = cd:match('^form%-data;.-%f[%w]name="([^"]*)"')
+    if not name then return nil, "a part without a form-data name" end
+    if parts[name] then return nil, "part " .. name .. " twice" end
+    n = n + 1
+    if n > 8 then return nil, "too many parts" end
+    parts[name] = { headers = hs, data = body:sub(head_end + 4, nxt - 1),
+                    filename = cd:match('filename="([^"]*)"') }
+    pos = nxt + 2 + #delim
+  end
+  return parts
+end
+
+--- syntax: m, e = api.authenticate(req, target[, signed_body])
+-- Checks the Authorization header (over signed_body when given: a
+-- multipart upload's meta JSON). returns: the configured merchant (the
 -- Authorization's mchid), or nil, e (an api.err).
-function _M.authenticate(req, target)
+function _M.authenticate(req, target, signed_body)
   local h = req.headers
   local auth = h["authorization"]
   if type(auth) ~= "string" or auth == "" then
@@ -189,7 +237,7 @@ function _M.authenticate(req, target)
         value = a.serial_no:sub(1, 64) })
   end
   local msg = sign.request_message(req.method, target, a.timestamp,
-                                   a.nonce_str, req.body)
+                                   a.nonce_str, signed_body or req.body)
   local ok = crypto.verify_base64(key, msg, a.signature, S.cfg.sign_type)
   if not ok then
     return nil, sign_error("错误的签名，验签失败", {
@@ -289,7 +337,18 @@ function _M.handle(req, target, endpoint, fn, opts, entry)
     return error_answer(err(400, "INVALID_REQUEST",
                             "Http头缺少Accept或User-Agent"))
   end
-  local m, e = _M.authenticate(req, target)
+  local parts
+  if opts.multipart then
+    local why
+    parts, why = _M.multipart(req)
+    if not parts or not parts.meta then
+      entry.code = "PARAM_ERROR"
+      return error_answer(err(400, "PARAM_ERROR", "请求体不是合法的"
+        .. "multipart/form-data：" .. (why or "no meta part"),
+        { location = "body", issue = why or "no meta part" }))
+    end
+  end
+  local m, e = _M.authenticate(req, target, parts and parts.meta.data)
   if not m then
     entry.code = e.code
     entry.issue = e.message
@@ -297,8 +356,9 @@ function _M.handle(req, target, endpoint, fn, opts, entry)
   end
   entry.mchid = m.mchid
   local c = { m = m, serial = h["wechatpay-serial"], query = req:query(),
-              params = req.params, now = core.time(), req = req }
-  if req.method == "POST" and opts.json ~= false then
+              params = req.params, now = core.time(), req = req,
+              parts = parts }
+  if req.method == "POST" and opts.json ~= false and not opts.multipart then
     local doc = json.decode(req.body)
     if type(doc) ~= "table" then
       entry.code = "PARAM_ERROR"

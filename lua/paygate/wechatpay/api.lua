@@ -709,6 +709,80 @@ function _M.download_bill(self, b, path, o)
   return info, meta(res)
 end
 
+-- media upload ----------------------------------------------------------
+
+local MEDIA_PATHS = {
+  ["/v3/merchant/media/upload"] = true,          -- images (JPG, BMP, PNG)
+  ["/v3/merchant/media/video_upload"] = true,    -- videos
+}
+local MEDIA_TYPES = { jpg = "image/jpeg", jpeg = "image/jpeg",
+                      png = "image/png", bmp = "image/bmp" }
+
+--- syntax: data, meta = wx:upload_media(filename, content[, opts])
+-- Uploads an image (or a video: opts.path = "/v3/merchant/media/
+-- video_upload") as multipart/form-data: a "meta" part, the JSON
+-- { filename, sha256 } (sha256 of content, hex), then a "file" part with
+-- the bytes. The signature covers the meta JSON only, as WeChat checks it.
+-- filename: 1-128 printable characters without quotes or slashes, ending
+-- in the file's extension; content: the file's bytes (not empty).
+-- opts: path, content_type (default from the extension), deadline,
+-- timeout, max_attempts. returns: { media_id }, meta, or nil, err. yields.
+function _M.upload_media(self, filename, content, o)
+  check_opts("upload_media", o)
+  o = o or {}
+  local path = o.path or "/v3/merchant/media/upload"
+  if not MEDIA_PATHS[path] then
+    return fail("upload_media", "path", "must be one of the media upload "
+                .. "paths (/v3/merchant/media/upload, "
+                .. "/v3/merchant/media/video_upload)")
+  end
+  if type(filename) ~= "string" or filename == "" or #filename > 128
+     or filename:find("[%c\"/\\]") or not filename:find("%.%w+$") then
+    return fail("upload_media", "filename", "must be 1-128 characters "
+                .. "without quotes, slashes or control characters, with "
+                .. "an extension")
+  end
+  if type(content) ~= "string" or content == "" then
+    return fail("upload_media", "content", "must be the file's bytes")
+  end
+  local ctype = o.content_type
+                or MEDIA_TYPES[lower(filename:match("%.(%w+)$"))]
+                or "application/octet-stream"
+  if type(ctype) ~= "string" or ctype:find("[%c\"]") then
+    return fail("upload_media", "content_type", "must be a MIME type")
+  end
+  local crypto = require "paygate.crypto"
+  local meta_json = json_encode({ filename = filename,
+    sha256 = crypto.hex(crypto.digest("sha256", content)) })
+  -- a boundary the content cannot hold (checked, not assumed)
+  local boundary
+  repeat
+    boundary = "paygate-" .. crypto.random_nonce(24)
+  until not find(content, boundary, 1, true)
+  local body = "--" .. boundary .. "\r\n"
+    .. "Content-Disposition: form-data; name=\"meta\"\r\n"
+    .. "Content-Type: application/json\r\n\r\n" .. meta_json .. "\r\n"
+    .. "--" .. boundary .. "\r\n"
+    .. "Content-Disposition: form-data; name=\"file\"; filename=\""
+    .. filename .. "\"\r\nContent-Type: " .. ctype .. "\r\n\r\n" .. content
+    .. "\r\n--" .. boundary .. "--\r\n"
+  local res, err = self:request("POST", path, body, {
+    signed_body = meta_json, deadline = o.deadline, timeout = o.timeout,
+    max_attempts = o.max_attempts,
+    -- the same file again gets the same media: safe to repeat
+    idempotent = true,
+    headers = { ["Content-Type"] = "multipart/form-data; boundary="
+                .. boundary } })
+  if not res then return nil, err end
+  local data = res.json
+  if type(data) ~= "table" or type(data.media_id) ~= "string" then
+    return nil, core.error("malformed", "upload_media: the answer has no "
+                           .. "media_id", { status = res.status,
+                           request_id = res.request_id, retryable = false })
+  end
+  return data, meta(res)
+end
+
 -- pay-sign parameters ---------------------------------------------------
 
 --- syntax: t, err = wx:jsapi_pay_params(appid, prepay_id[, opts])

@@ -42,6 +42,9 @@
 --                      false: none
 --     headers          extra request headers (table name -> string)
 --     max_attempts     cap on attempts (default 4)
+--     signed_body      string: what the signature covers instead of the
+--                      body (a multipart upload: its meta JSON; §2 of the
+--                      protocol notes, docs/wechatpay.md wx:upload_media)
 --
 -- returns res = { status, headers, body, json, request_id, attempts }
 --   status      HTTP status (2xx only; anything else is an error)
@@ -215,6 +218,9 @@ call = function(wx, method, path, body, opts, ep, what, stat)
   elseif body ~= nil and type(body) ~= "string" then
     error("wx:request: body must be a string or a table", 4)
   end
+  if opts.signed_body ~= nil and type(opts.signed_body) ~= "string" then
+    error("wx:request: opts.signed_body must be a string", 4)
+  end
   local c = wx.conf
   local idempotent = opts.idempotent
   if idempotent == nil then idempotent = SAFE_METHODS[method] or false end
@@ -277,7 +283,8 @@ call = function(wx, method, path, body, opts, ep, what, stat)
       end
       break                     -- opened by this call's own failures
     end
-    local auth, serr = sign.sign_request(c.signer, method, path, body)
+    local auth, serr = sign.sign_request(c.signer, method, path,
+                                         opts.signed_body or body)
     if not auth then
       if probe then upstream.release(wx, ep) end     -- nothing was tried
       return nil, errors.wrap("sign_error", "cannot sign the request: "
