@@ -77,3 +77,34 @@ describe("wx:upload_media", function()
     end
   end)
 end)
+
+describe("the simulator's multipart reader", function()
+  package.path = "examples/simulator/?.lua;" .. package.path
+  local api = require "sim.api"
+
+  local function read(body, ct)
+    return api.multipart({ headers = { ["content-type"] = ct
+      or "multipart/form-data; boundary=b" }, body = body })
+  end
+
+  it("reads parts, and never raises on hostile bytes", function()
+    local parts = assert(read("--b\r\nContent-Disposition: form-data; "
+      .. "name=\"meta\"\r\n\r\n{}\r\n--b\r\nContent-Disposition: form-data; "
+      .. "name=\"file\"; filename=\"a.png\"\r\n\r\nPNG\r\n--b--\r\n"))
+    assert.equal("{}", parts.meta.data)
+    assert.equal("PNG", parts.file.data)
+    assert.equal("a.png", parts.file.filename)
+    for _, bad in ipairs({ "", "--b", "--b\r\n", "--c\r\n\r\nx\r\n--c--",
+                           ("--b\r\nContent-Disposition: form-data; name=\"x\""
+                            .. "\r\n\r\n1\r\n"):rep(2) .. "--b--" }) do
+      assert.is_nil(read(bad))
+    end
+    assert.is_nil(read("--b--", "application/json"))
+    for _ = 1, 3000 do
+      local body = "--b\r\n" .. crypto.random_bytes(math.random(0, 300))
+                   .. (math.random() < 0.5 and "\r\n--b--" or "")
+      local ok, err = pcall(read, body)
+      assert(ok, err)
+    end
+  end)
+end)
