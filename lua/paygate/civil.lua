@@ -25,6 +25,12 @@ function _M.days(y, m, d)
   return era * 146097 + doe - 719468
 end
 
+-- 1 when y-mo-d is a day of the calendar (month 1-12, day within it)
+local function valid(y, mo, d)
+  return mo >= 1 and mo <= 12 and d >= 1
+         and d <= _M.days(mo == 12 and y + 1 or y, mo % 12 + 1) - _M.days(y, mo)
+end
+
 --- syntax: n = civil.date(s)
 -- s: a calendar date "YYYY-MM-DD". returns: its days from 1970-01-01, or
 -- nil when s is not one (month 13, the 30th of February...).
@@ -37,9 +43,7 @@ function _M.date(s)
     return nil
   end
   y, mo, d = tonumber(y), tonumber(mo), tonumber(d)
-  if mo < 1 or mo > 12 or d < 1
-     or d > _M.days(mo == 12 and y + 1 or y, mo % 12 + 1) - _M.days(y, mo)
-  then
+  if not valid(y, mo, d) then
     return nil
   end
   return _M.days(y, mo, d)
@@ -60,9 +64,7 @@ function _M.epoch(s)
   end
   y, mo, d = tonumber(y), tonumber(mo), tonumber(d)
   h, mi, sec = tonumber(h), tonumber(mi), tonumber(sec)
-  if mo < 1 or mo > 12 or d < 1 or h > 23 or mi > 59 or sec > 60
-     or d > _M.days(mo == 12 and y + 1 or y, mo % 12 + 1) - _M.days(y, mo)
-  then
+  if not valid(y, mo, d) or h > 23 or mi > 59 or sec > 60 then
     return nil                      -- (the 31st of a 30-day month too)
   end
   rest = rest:gsub("^%.%d+", "")

@@ -47,13 +47,6 @@ local function doctor(wc)
   return r.signed_call, out, code, r
 end
 
-local function read(path)
-  local f = assert(io.open(path, "rb"))
-  local s = f:read("*a")
-  f:close()
-  return s
-end
-
 setup(function() dir = server.tmpdir() end)
 teardown(function()
   testing.stop_all()
@@ -112,7 +105,7 @@ describe("paygate doctor's signed call (public key)", function()
     local sim = testing.simulator{ verifier_mode = "both" }
     local r, out = doctor(sim:client_config())
     assert.equal("ok", r.status, out)
-    local wrong = read(testing.merchant_keys().public_key)
+    local wrong = proc.read(testing.merchant_keys().public_key)
     local code
     r, out, code = doctor(sim:client_config(nil, { public_key = wrong }))
     assert.equal(1, code, out)
@@ -122,7 +115,7 @@ describe("paygate doctor's signed call (public key)", function()
     -- the merchant's own public key there: named as such, before any call
     local all
     r, out, code, all = doctor(sim:client_config(nil, {
-      public_key = read(sim.merchant.public_key) }))
+      public_key = proc.read(sim.merchant.public_key) }))
     assert.equal(1, code, out)
     assert.equal("fail", all.public_key and all.public_key.status, out)
     assert.matches("merchant's own public key", all.public_key.cause, 1, true)

@@ -6,29 +6,11 @@
 # ("none" when the server closed without one). A memory BIO puts the
 # request and the end into the same send when they fit.
 import socket, ssl, sys
+from tls_bio import Client
 
 port, ca, total, how = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
-ctx = ssl.create_default_context(cafile=ca)
-ctx.check_hostname = False
-sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
-tls = ctx.wrap_bio(inc, out, server_hostname="localhost")
-
-def pump():
-    data = sock.recv(65536)
-    if not data:
-        return False
-    inc.write(data)
-    return True
-
-while True:
-    try:
-        tls.do_handshake()
-        break
-    except ssl.SSLWantReadError:
-        sock.sendall(out.read())
-        pump()
-sock.sendall(out.read())
+c = Client(port, ca, 10)
+sock, tls, out, pump = c.sock, c.tls, c.out, c.pump
 head = "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: "
 for d in range(1, 6):
     body_len = total - len(head) - 4 - d

@@ -6,35 +6,17 @@
 # those 3 bytes until the server closed (or "open S" at its 30 s limit).
 # Over a memory BIO, so the raw bytes go under the TLS layer.
 import socket, ssl, sys, time
+from tls_bio import Client
 
-port, ca = int(sys.argv[1]), sys.argv[2]
-ctx = ssl.create_default_context(cafile=ca)
-ctx.check_hostname = False
-sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
-tls = ctx.wrap_bio(inc, out, server_hostname="localhost")
-
-def flush():
-    data = out.read()
-    if data:
-        sock.sendall(data)
+c = Client(int(sys.argv[1]), sys.argv[2], 30)
+sock, tls = c.sock, c.tls
 
 def pump():
-    data = sock.recv(65536)
-    if not data:
+    if not c.pump():
         raise SystemExit("closed early")
-    inc.write(data)
 
-while True:
-    try:
-        tls.do_handshake()
-        break
-    except ssl.SSLWantReadError:
-        flush()
-        pump()
-flush()
 tls.write(b"GET /reached HTTP/1.1\r\nHost: x\r\n\r\n")
-flush()
+c.flush()
 got = b""
 while b"\r\n\r\n" not in got:
     try:

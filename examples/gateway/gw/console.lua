@@ -23,6 +23,7 @@ local paygate = require "paygate"
 local core = require "paygate.core"
 local crypto = require "paygate.crypto"
 local civil = require "paygate.civil"
+local bill = require "paygate.reconcile.bill"
 local shared = require "paygate.shared"
 local audit = require "paygate.audit"
 local outbox = require "paygate.outbox"
@@ -499,13 +500,13 @@ function _M.routes(ctx)
 
   route("POST", "/console/reconcile", action(function(_, s, form)
     local date = form.date
-    local day = civil.date(date)
-    if not day then
+    if not civil.date(date) then
       return refuse(400, "Bad request", "date must be a date, YYYY-MM-DD")
     end
-    -- WeChat's days are Beijing's (UTC+8): a day after today there has
-    -- no bill (today's is asked for, and WeChat says it is not ready)
-    if day > math.floor((core.time() + 8 * 3600) / 86400) then
+    -- WeChat's days are Beijing's: a day after today there has no bill
+    -- (today's is asked for, and WeChat says it is not ready). Today is
+    -- the day after the newest bill day; YYYY-MM-DD compares as text.
+    if date > bill.bill_date(core.time() + 86400) then
       return refuse(400, "Bad request", date .. " has not begun in "
                     .. "Beijing: no bill exists for it")
     end

@@ -23,6 +23,7 @@
 -- body bytes.
 
 local core = require "paygate.core"
+local crypto = require "paygate.crypto"
 local transport = require "paygate.wechatpay.transport"
 local validate = require "paygate.wechatpay.validate"
 local payparams = require "paygate.wechatpay.payparams"
@@ -751,7 +752,6 @@ function _M.upload_media(self, filename, content, o)
   if type(ctype) ~= "string" or ctype:find("[%c\"]") then
     return fail("upload_media", "content_type", "must be a MIME type")
   end
-  local crypto = require "paygate.crypto"
   local meta_json = json_encode({ filename = filename,
     sha256 = crypto.hex(crypto.digest("sha256", content)) })
   -- a boundary the content cannot hold (checked, not assumed)

@@ -395,7 +395,6 @@ call = function(wx, method, path, body, opts, ep, what, stat)
     -- retries ran out, and one attempt at least may have reached WeChat
     return nil, outcome_unknown(what, last, idempotent, stat.attempts)
   end
-  last.attempts = stat.attempts
   return nil, last
 end
 
