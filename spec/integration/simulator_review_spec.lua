@@ -415,6 +415,21 @@ return { state_dir = %q, merchants = { { mchid = %q, apiv3_key = %q,
     assert.is_nil(head:lower():find("\r\nwechatpay%-signature:"))
   end)
 
+  it("an Authorization sent twice is 401 SIGN_ERROR, though each verifies",
+     function()
+    local req = raw_request("GET", "/v3/certificates")
+    local auth = req:match("\r\n(Authorization: [^\r]*)\r\n")
+    assert.truthy(auth)
+    local cut = #req - 2                 -- before the head's closing CRLF
+    req = req:sub(1, cut) .. auth .. "\r\n\r\n"
+    local c = assert(rawtcp.connect(sim.port, 10))
+    assert(c:send(req))
+    local got = read_to_end(c)
+    c:close()
+    assert.equal("401", got:match("^HTTP/1%.1 (%d+)"), got)
+    assert.truthy(got:find('"code":"SIGN_ERROR"', 1, true), got)
+  end)
+
   it("the merchant serial matches in any case, and with leading zeros",
      function()
     assert.equal(200, (exchange("GET", "/v3/certificates", nil,

@@ -542,9 +542,10 @@ lcrypto_hmac(lua_State *L)
 }
 
 /*
- * Nonces draw their bytes from a small per-process pool filled by
- * RAND_bytes 4 KiB at a time: one CSPRNG call per ~100 nonces instead of
- * one per nonce (a signed request or answer makes one). Every byte still
+ * Nonces, and random_bytes up to 256 bytes, draw their bytes from a small
+ * per-process pool filled by RAND_bytes 4 KiB at a time: one CSPRNG call
+ * per ~100 nonces instead of one per nonce (a signed request or answer
+ * makes one). Every byte still
  * comes straight from the CSPRNG, so a token drawn from here (a session
  * id, an API key) is as unpredictable as one read directly. The price: up
  * to 4 KiB of output not yet handed out waits in the process's memory (a
@@ -622,7 +623,13 @@ lcrypto_random_nonce(lua_State *L)
     return 1;
 }
 
-/* syntax: raw = crypto.random_bytes(n) */
+/* syntax: raw = crypto.random_bytes(n)
+ * Up to GW_POOL_DRAW bytes come from the nonce pool above (a request id,
+ * a token, a key: as unpredictable, without a CSPRNG call each: RAND_bytes
+ * costs microseconds, a fork check and a lock included); more are read
+ * from RAND_bytes directly. */
+#define GW_POOL_DRAW 256
+
 static int
 lcrypto_random_bytes(lua_State *L)
 {
@@ -631,7 +638,21 @@ lcrypto_random_bytes(lua_State *L)
 
     luaL_argcheck(L, want >= 0 && want <= (lua_Integer)sizeof(out), 1,
                   "length must be 0..4096");
-    if (RAND_bytes(out, (int)want) != 1) {
+    if (want <= GW_POOL_DRAW) {
+        lua_Integer i;
+        int c;
+
+        for (i = 0; i < want; i++) {
+            if ((c = gw_nonce_byte()) < 0) {
+                ERR_clear_error();
+                OPENSSL_cleanse(out, (size_t)i);
+                return gw_push_error(L, "internal", 1, c == -2
+                    ? "random: cannot register the fork handler"
+                    : "random: CSPRNG failed");
+            }
+            out[i] = (unsigned char)c;
+        }
+    } else if (RAND_bytes(out, (int)want) != 1) {
         ERR_clear_error();
         return gw_push_error(L, "internal", 1, "random: CSPRNG failed");
     }

@@ -1555,6 +1555,39 @@ submit(lua_State *L, struct lsqlite_job *j, enum lsqlite_queue q)
  * opts: readers, batch_max, busy_timeout (ms), tx_timeout (ms),
  * synchronous (0..3, default 2 = FULL).
  */
+/* The process's pid, read once per process: the loop thread compares it
+ * on every inline read (is db->inl this process's, or the parent's from
+ * before a fork?), and getpid() is a system call each time. A fork
+ * clears it in the child (pthread_atfork, registered at the first open). */
+static pid_t          self_pid_v;
+static pthread_once_t self_pid_once = PTHREAD_ONCE_INIT;
+
+static void
+self_pid_forget(void)
+{
+    self_pid_v = 0;
+}
+
+static void
+self_pid_register(void)
+{
+    if (pthread_atfork(NULL, NULL, self_pid_forget) != 0) {
+        self_pid_v = -1;            /* never cached: getpid() each time */
+    }
+}
+
+static pid_t
+self_pid(void)
+{
+    if (self_pid_v > 0) {
+        return self_pid_v;
+    }
+    if (self_pid_v < 0) {
+        return getpid();
+    }
+    return self_pid_v = getpid();
+}
+
 static int
 lsqlite_open(lua_State *L)
 {
@@ -1579,6 +1612,7 @@ lsqlite_open(lua_State *L)
     sync = gw_store_opt_int(L, 2, "sql.open", "synchronous", 2, 0, 3);
     inline_us = gw_store_opt_int(L, 2, "sql.open", "inline_reads",
                                  LSQLITE_INLINE_US, 0, 1000000);
+    pthread_once(&self_pid_once, self_pid_register);
     db = calloc(1, sizeof(*db));
     if (db == NULL) {
         return gw_push_error(L, "unavailable", 0, "sqlite: out of memory");
@@ -1660,7 +1694,7 @@ lsqlite_gc(lua_State *L)
         return 0;                   /* closed, or not ours (gw_testudata) */
     }
     ud->db = NULL;
-    if (db->inl.h != NULL && db->inl_pid == getpid()) {
+    if (db->inl.h != NULL && db->inl_pid == self_pid()) {
         conn_close(&db->inl);       /* the loop thread's: closed here */
     }
     pthread_mutex_lock(&db->mu);
@@ -1738,7 +1772,7 @@ inline_conn(struct lsqlite_db *db)
     if (db->inline_us == 0 || db->inl_off) {
         return NULL;
     }
-    if (db->inl.h != NULL && db->inl_pid == getpid()) {
+    if (db->inl.h != NULL && db->inl_pid == self_pid()) {
         return &db->inl;
     }
     /* none yet, or the parent's before a fork: never used here */
@@ -1750,7 +1784,7 @@ inline_conn(struct lsqlite_db *db)
     }
     sqlite3_busy_timeout(db->inl.h, 0);      /* the loop never waits */
     sqlite3_progress_handler(db->inl.h, INLINE_STEPS, inline_progress, db);
-    db->inl_pid = getpid();
+    db->inl_pid = self_pid();
     return &db->inl;
 }
 

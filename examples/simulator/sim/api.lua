@@ -139,6 +139,17 @@ nonce_full = function()
   end
 end
 
+-- A request header's value, read from the head without building
+-- req.headers; a header sent twice reads as req.headers has it (the
+-- values joined by ", ": an Authorization twice then fails its parse).
+local function header(req, name)
+  if type(req) == "table" or req:header_count(name) > 1 then
+    return req.headers[name]          -- (a table: { headers, body })
+  end
+  return req:header(name)
+end
+_M.header = header
+
 local function sign_error(message, detail)
   return err(401, "SIGN_ERROR", message, detail)
 end
@@ -149,7 +160,7 @@ end
 -- input: a missing or odd boundary, no closing delimiter, a part without
 -- Content-Disposition name, a name twice -- each refused.
 function _M.multipart(req)
-  local ct = req.headers["content-type"]
+  local ct = header(req, "content-type")
   if type(ct) ~= "string" or not ct:lower():find("^multipart/form%-data") then
     return nil, "Content-Type is not multipart/form-data"
   end
@@ -195,8 +206,7 @@ end
 -- multipart upload's meta JSON). returns: the configured merchant (the
 -- Authorization's mchid), or nil, e (an api.err).
 function _M.authenticate(req, target, signed_body)
-  local h = req.headers
-  local auth = h["authorization"]
+  local auth = header(req, "authorization")
   if type(auth) ~= "string" or auth == "" then
     return nil, sign_error("Http头缺少Authorization", { field =
       "Authorization", location = "header", issue = "missing" })
@@ -291,7 +301,10 @@ function _M.route(method, pattern, endpoint, fn, opts)
   paygate.route(method, pattern, function(req)
     -- the signature is over the target as sent (dot-segments and all;
     -- an absolute-form target's path and query)
-    local target = req.target:gsub("^%a[%w+.-]*://[^/?]*", "")
+    local target = req.target
+    if target:byte(1) ~= 47 then               -- not "/": absolute-form
+      target = target:gsub("^%a[%w+.-]*://[^/?]*", "")
+    end
     local entry = { time = core.time(), method = req.method, target = target,
                     endpoint = endpoint }
     local status, body, headers = _M.handle(req, target, endpoint, fn, opts,
@@ -331,8 +344,7 @@ function _M.handle(req, target, endpoint, fn, opts, entry)
     entry.code = fault.code
     return error_answer(err(fault.status, fault.code, fault.message))
   end
-  local h = req.headers
-  if not h["accept"] or not h["user-agent"] then
+  if not req:header("accept") or not req:header("user-agent") then
     entry.code = "INVALID_REQUEST"
     return error_answer(err(400, "INVALID_REQUEST",
                             "Http头缺少Accept或User-Agent"))
@@ -355,7 +367,8 @@ function _M.handle(req, target, endpoint, fn, opts, entry)
     return error_answer(e)
   end
   entry.mchid = m.mchid
-  local c = { m = m, serial = h["wechatpay-serial"], query = req:query(),
+  local c = { m = m, serial = header(req, "wechatpay-serial"),
+              query = req:query(),
               params = req.params, now = core.time(), req = req,
               parts = parts }
   if req.method == "POST" and opts.json ~= false and not opts.multipart then
