@@ -464,13 +464,19 @@ local function bill_job(ctx, conf)
     check = function(item, rctx)
       tried.set(item.key, core.time())
       local wx = ctx.wx[item.mchid]
-      local report, err = bill.daily{
+      local ok, report, err = pcall(bill.daily, {
         wx = wx, db = db, dir = conf.bill_dir, date = item.date,
         name = item.mchid, fence = rctx.fence, on_wait = rctx.keepalive,
         retry = { attempts = 1 },        -- again after bill_retry
         local_rows = function(date, numbers)
           return _M.local_rows(db, item.mchid, date, numbers)
-        end }
+        end })
+      if not ok then
+        -- a raise (a fault on this side) fails the run all the same; the
+        -- runner logs it as before
+        failing:set(1, { merchant = item.mchid })
+        error(report, 0)
+      end
       if not report then
         if err.kind ~= "statement_creating" then
           failing:set(1, { merchant = item.mchid })
