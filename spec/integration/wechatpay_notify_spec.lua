@@ -88,6 +88,19 @@ describe("notification replay", function()
     n.headers["WECHATPAY-SIGNATURE-TYPE"] = "WECHATPAY2-SHA256-RSA2048"
     assert.equal(204, (post(n)))
   end)
+  it("refuses a Wechatpay-* header sent twice, though each copy verifies",
+     function()
+    local n = note("EV-twice")
+    for _, name in ipairs({ "Wechatpay-Serial", "Wechatpay-Timestamp",
+                            "Wechatpay-Nonce", "Wechatpay-Signature" }) do
+      n.headers[name:lower()] = n.headers[name]   -- the same field again
+      local s, kind = post(n)
+      assert.equal(401, s, name)
+      assert.equal("malformed", kind, name)
+      n.headers[name:lower()] = nil
+    end
+    assert.equal(204, (post(n)))                 -- once each: accepted
+  end)
   it("a tampered replay is bad_signature, not replayed", function()
     local n = note("EV-t")
     assert.equal(204, (post(n)))

@@ -10,6 +10,7 @@
 #include <limits.h>
 #include <pthread.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <stdlib.h>
 #include <openssl/crypto.h>
 #include <openssl/err.h>
@@ -548,16 +549,19 @@ lcrypto_hmac(lua_State *L)
  * makes one). Every byte still
  * comes straight from the CSPRNG, so a token drawn from here (a session
  * id, an API key) is as unpredictable as one read directly. The price: up
- * to 4 KiB of output not yet handed out waits in the process's memory (a
- * core dump shows it, as it shows OpenSSL's own generator state); a byte
- * is zeroed as it is handed out.
+ * to 4 KiB of output not yet handed out (nonces, and the keys and tokens
+ * random_bytes will give) waits in the process's memory -- its page is
+ * left out of core dumps (MADV_DONTDUMP), OpenSSL's own generator state
+ * is not; a byte is zeroed as it is handed out.
  * A fork empties the pool in the child (pthread_atfork), so two workers
  * never hand out the same bytes. No lock: a process runs Lua on its loop
  * thread only.
  */
 #define GW_NONCE_POOL 4096
 
-static unsigned char gw_nonce_pool[GW_NONCE_POOL];
+/* one page of its own, left out of core dumps (MADV_DONTDUMP) */
+static unsigned char gw_nonce_pool[GW_NONCE_POOL]
+    __attribute__((aligned(GW_NONCE_POOL)));
 static size_t gw_nonce_left;            /* unread bytes at the pool's end */
 static int gw_nonce_atfork;
 
@@ -579,6 +583,10 @@ gw_nonce_byte(void)
                 return -2;
             }
             gw_nonce_atfork = 1;
+#ifdef MADV_DONTDUMP
+            (void) madvise(gw_nonce_pool, sizeof(gw_nonce_pool),
+                           MADV_DONTDUMP);     /* best effort */
+#endif
         }
         if (RAND_bytes(gw_nonce_pool, sizeof(gw_nonce_pool)) != 1) {
             return -1;

@@ -314,8 +314,11 @@ lreq_newindex(lua_State *L)
 }
 
 /*
- * syntax: value = req:header(name)
- * Case-insensitive; repeated headers give the first. No table is built.
+ * syntax: value, n = req:header(name)
+ * Case-insensitive; repeated headers give the first, and n says how many
+ * fields of that name came (a value that must be one -- Authorization, a
+ * Wechatpay-* header -- can be refused when repeated, in the same call).
+ * No table is built.
  */
 static int
 lreq_header(lua_State *L)
@@ -329,7 +332,8 @@ lreq_header(lua_State *L)
         return 0;
     }
     lua_pushlstring(L, h->value, h->value_len);
-    return 1;
+    lua_pushinteger(L, (lua_Integer) gw_http_count(&c->head, name, len));
+    return 2;
 }
 
 /*

@@ -228,6 +228,9 @@ function _M.authenticate(req, target, signed_body)
       { field = "mchid", location = "authorization",
         value = a.mchid:sub(1, 64) })
   end
+  -- WeChat's answer says the timestamp may "not exceed" 5 minutes (不得
+  -- 超过): 300 s itself passes here; the client refuses at 300 s (the
+  -- SDKs' >=), the stricter side, so the two never disagree in its favour
   local ts = a.timestamp:match("^[1-9]%d*$") and tonumber(a.timestamp)
   local now = core.time()
   if not ts or #a.timestamp > 12

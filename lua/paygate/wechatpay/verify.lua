@@ -26,11 +26,12 @@ local SIG_TYPES = {
   ["WECHATPAY2-SM2-WITH-SM3"] = true,
 }
 
---- syntax: v = verify.header(headers, name)
+--- syntax: v, n = verify.header(headers, name)
 -- name in lower case. headers: a table, looked up as given and, for
 -- tables made by hand ({ ["Wechatpay-Serial"] = ... }),
 -- case-insensitively; or the server's request itself (req), whose
--- req:header(name) reads the head without building req.headers.
+-- req:header(name) reads the head without building req.headers; then n
+-- is how many fields of that name the request has (nil for a table).
 local function req_header(req, name)
   return req:header(name)
 end
@@ -39,8 +40,8 @@ function _M.header(headers, name)
   if type(headers) == "userdata" then
     -- (pcall: a userdata that is not a request, or a request whose
     -- handler has returned, has no header to give: nil)
-    local ok, v = pcall(req_header, headers, name)
-    if ok and type(v) == "string" then return v end
+    local ok, v, n = pcall(req_header, headers, name)
+    if ok and type(v) == "string" then return v, n end
     return nil
   end
   local v = headers[name]
@@ -71,10 +72,12 @@ function _M.parse_headers(headers)
   if type(headers) ~= "table" and type(headers) ~= "userdata" then
     return fail("malformed", "no headers")
   end
-  local ts = header(headers, "wechatpay-timestamp")
-  local nonce = header(headers, "wechatpay-nonce")
-  local sig = header(headers, "wechatpay-signature")
-  local serial = header(headers, "wechatpay-serial")
+  -- (a request's fields counted: one sent twice is refused, never read
+  -- as its first copy; a table's repeats are joined, and fail below)
+  local ts, n1 = header(headers, "wechatpay-timestamp")
+  local nonce, n2 = header(headers, "wechatpay-nonce")
+  local sig, n3 = header(headers, "wechatpay-signature")
+  local serial, n4 = header(headers, "wechatpay-serial")
   local missing
   if type(ts) ~= "string" then missing = "Wechatpay-Timestamp"
   elseif type(nonce) ~= "string" then missing = "Wechatpay-Nonce"
@@ -83,6 +86,9 @@ function _M.parse_headers(headers)
   end
   if missing then
     return fail("malformed", "missing " .. missing .. " header")
+  end
+  if n1 and (n1 > 1 or n2 > 1 or n3 > 1 or n4 > 1) then
+    return fail("malformed", "a Wechatpay-* header sent more than once")
   end
   if not ts:match("^%d+$") or #ts > 12 then
     return fail("malformed", "Wechatpay-Timestamp is not a number of "
@@ -97,7 +103,10 @@ function _M.parse_headers(headers)
   if #sig == 0 or #sig > MAX_SIG then
     return fail("bad_signature", "Wechatpay-Signature is empty or too long")
   end
-  local sig_type = header(headers, "wechatpay-signature-type")
+  local sig_type, n5 = header(headers, "wechatpay-signature-type")
+  if n5 and n5 > 1 then
+    return fail("malformed", "Wechatpay-Signature-Type sent more than once")
+  end
   if sig_type ~= nil and (type(sig_type) ~= "string"
                           or not SIG_TYPES[sig_type]) then
     return fail("bad_signature", "unknown Wechatpay-Signature-Type "
