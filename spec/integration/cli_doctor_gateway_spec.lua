@@ -93,6 +93,41 @@ describe("paygate doctor --config <the gateway's config>", function()
     assert.matches("no gw/config.lua there", out, 1, true)
   end)
 
+  it("fails a merchant key the gateway's start would refuse", function()
+    -- an EC key: the structure is fine, the WeChat Pay client's check
+    -- (made at start) refuses it; doctor says so in gateway_config
+    local ec = dir .. "/ec_key.pem"
+    assert(os.execute("openssl genpkey -algorithm EC -pkeyopt "
+      .. "ec_paramgen_curve:P-256 -out " .. ec .. " 2>/dev/null"))
+    local conf = dir .. "/eckey.lua"
+    local f = assert(io.open(conf, "w"))
+    f:write(("local c = dofile(%q)\n"):format(dir .. "/dev/gateway.lua")
+      .. ("c.merchants[1].merchant_private_key = %q\nreturn c\n"):format(ec))
+    f:close()
+    local code, out, r = run({ "doctor", "--json", "--config", conf })
+    assert.equal(1, code, out)
+    assert.equal("fail", r.gateway_config.status, out)
+    assert.matches("config.merchants[1].merchant_private_key: cannot load "
+                   .. "the private key", r.gateway_config.cause, 1, true)
+    assert.is_nil(out:find("BEGIN", 1, true))
+    -- the key's own check says what is wrong with it, in the gateway's terms
+    assert.equal("fail", r.merchant_key.status, out)
+    assert.matches("RSA key", r.merchant_key.fix, 1, true)
+    -- a key file that is not there: a path is the fix (the gateway takes
+    -- no PEM text), under the gateway's key name
+    f = assert(io.open(conf, "w"))
+    f:write(("local c = dofile(%q)\n"):format(dir .. "/dev/gateway.lua")
+      .. ("c.merchants[1].merchant_private_key = %q\nreturn c\n")
+         :format(dir .. "/nope.pem"))
+    f:close()
+    code, out, r = run({ "doctor", "--json", "--config", conf })
+    assert.equal(1, code, out)
+    assert.equal("fail", r.gateway_config.status, out)
+    assert.matches("merchants[1].merchant_private_key",
+                   r.merchant_key.cause, 1, true)
+    assert.is_nil(r.merchant_key.fix:find("BEGIN", 1, true))
+  end)
+
   it("says a SQLite database is missing, and makes no file", function()
     local conf = dir .. "/nodb.lua"
     local f = assert(io.open(conf, "w"))

@@ -130,11 +130,11 @@ local function from_gateway(conf, pick)
   if type(list) ~= "table" or type(list[1]) ~= "table" then
     common.usage_error("the gateway config has no merchants list")
   end
-  local m
-  for _, cand in ipairs(list) do
+  local m, at
+  for i, cand in ipairs(list) do
     local id = type(cand) == "table" and (cand.mchid or cand.sp_mchid)
     if pick == nil or tostring(id) == pick then
-      m = cand
+      m, at = cand, i
       break
     end
   end
@@ -161,7 +161,9 @@ local function from_gateway(conf, pick)
     wc.previous_apiv3_keys = keys
   end
   local out = { wechatpay = wc, database = g.db or DEFAULT_GATEWAY_DB,
-                redis = g.redis, limits = conf.limits }
+                redis = g.redis, limits = conf.limits,
+                -- where a fix goes: the gateway's keys, not wechatpay.*
+                key_prefix = "merchants[" .. at .. "].", gateway = true }
   if type(g.public_url) == "string" then
     out.notify_url = g.public_url:gsub("/+$", "") .. "/wechatpay/notify/"
                      .. id
@@ -209,6 +211,26 @@ local function gateway_check(out, conf, dir)
   end
   local cok, cfg, err = pcall(gwc.check, copy(conf, 0))
   package.path = saved
+  if cok and cfg and type(cfg.merchants) == "table" then
+    -- then, as the gateway's start does, each merchant's WeChat Pay
+    -- client config (its keys loaded, the pair matched; no I/O but the
+    -- files): a merchant whose keys come from etcd has none here
+    local wcheck = require("paygate.wechatpay.config").check
+    for _, m in ipairs(cfg.merchants) do
+      if type(m) == "table" and type(m.client) == "table" and not m.etcd then
+        local wok, wc, werr = pcall(wcheck, m.client)
+        if not wok or not wc then
+          local e = wok and werr or nil
+          local msg = e and tostring(e.message or e)
+                      :gsub("^wechatpay%.[%w_.%[%]]*: ", "")
+                      or tostring(wc)
+          cok, cfg, err = true, nil, "config.merchants[" .. tostring(m.index)
+            .. "]." .. tostring(e and e.key or "?") .. ": " .. msg
+          break
+        end
+      end
+    end
+  end
   if cok and cfg then
     out:ok("gateway_config", "the gateway accepts its configuration")
   else
@@ -262,26 +284,39 @@ local function secrets(out, wc)
   end
 end
 
-local function check_keys(out, wc, now, expiring)
+local function check_keys(out, wc, now, expiring, conf)
+  -- where the keys are set: wechatpay.* in a client config, merchants[i].*
+  -- in the gateway's (which takes paths only, never PEM text)
+  local prefix = conf and conf.key_prefix or "wechatpay."
+  local gateway = conf and conf.gateway
   -- key and certificate
   local key, cert
   local pem, why = material(wc.merchant_private_key,
-                            "wechatpay.merchant_private_key")
+                            prefix .. "merchant_private_key")
   if not pem then
     out:fail("merchant_key", why, nil, "point it at apiclient_key.pem "
-             .. "(a path), or give the PEM with its BEGIN and END lines")
+             .. (gateway and "(a path)" or "(a path), or give the PEM with "
+                 .. "its BEGIN and END lines"))
   else
     local kerr
     key, kerr = crypto.private_key(pem)
     if not key then
+      local kind = tostring(kerr and kerr.kind)
       out:fail("merchant_key", "the merchant private key does not load ("
-               .. tostring(kerr and kerr.kind) .. ")", nil,
-               "use apiclient_key.pem as downloaded (PKCS#8 PEM)")
+               .. kind .. ")", nil,
+               pem:find("-----BEGIN CERTIFICATE", 1, true)
+                 and "this is a certificate, not a private key: point "
+                     .. prefix .. "merchant_private_key at apiclient_key.pem"
+               or kind == "unsupported_key_type"
+                 and "WeChat Pay needs the merchant's RSA key (an SM2 key "
+                     .. "for the SM variant), and this is another type: "
+                     .. "use apiclient_key.pem as downloaded"
+               or "use apiclient_key.pem as downloaded (PKCS#8 PEM)")
     end
   end
   if wc.merchant_certificate then
     pem, why = material(wc.merchant_certificate,
-                        "wechatpay.merchant_certificate")
+                        prefix .. "merchant_certificate")
     cert = pem and crypto.certificate(pem)
     if not cert then
       out:fail("merchant_certificate", "merchant_certificate does not load: "
@@ -310,7 +345,7 @@ local function check_keys(out, wc, now, expiring)
   -- WeChat Pay's public key, not the merchant's own (both are "a public
   -- key" in a PEM file: the merchant platform offers both for download)
   local ppem = key and wc.public_key ~= nil
-               and material(wc.public_key, "wechatpay.public_key")
+               and material(wc.public_key, prefix .. "public_key")
   local pub = ppem and crypto.public_key(ppem)
   if pub and crypto.check_pair(key, pub) then
     out:fail("public_key", "public_key is the merchant's own public key "
@@ -378,7 +413,7 @@ local function check_keys(out, wc, now, expiring)
   local mserial = type(serial) == "string" and serial:upper():gsub("^0+", "")
                   or cert and cert:serial():gsub("^0+", "")
   for i, v in ipairs(type(pcs) == "table" and pcs or {}) do
-    local p = material(v, "wechatpay.platform_certificates")
+    local p = material(v, prefix .. "platform_certificates")
     local name = "platform_certificates[" .. i .. "]"
                  .. (type(v) == "string" and not v:find("-----BEGIN", 1, true)
                      and " (" .. common.shown(v) .. ")" or "")
@@ -410,9 +445,10 @@ local function check_keys(out, wc, now, expiring)
     out:ok("wechatpay_config", "paygate.wechatpay accepts the configuration "
            .. "(" .. c.mode .. " mode)")
   else
-    out:fail("wechatpay_config", tostring(err.message), nil,
+    out:fail("wechatpay_config", (tostring(err.message):gsub("^wechatpay%.",
+             prefix)), nil,
              misplaced and "fix platform_certificates (see above)"
-             or "fix wechatpay." .. tostring(err.key))
+             or "fix " .. prefix .. tostring(err.key))
   end
   return c
 end
@@ -975,7 +1011,7 @@ local function main(args)
     wc = {}
   else
     secrets(out, wc)
-    cfg = check_keys(out, wc, now, expiring)
+    cfg = check_keys(out, wc, now, expiring, conf)
   end
   local reached, clock_bad = check_api(out, wc, conf, now, expiring)
   if reached and cfg then
