@@ -131,7 +131,23 @@ describe("paygate CLI", function()
     local code, out = run({ "run", "examples/hello", "--tls-cert", "/nonexistent.pem",
                             "--tls-key", "/nonexistent.key" })
     assert.equal(2, code)
-    assert.matches("tls certificate", out)
+    assert.matches("tls certificate /nonexistent.pem: No such file or "
+                   .. "directory", out, 1, true)
+    -- the two files swapped: said in words, not as an OpenSSL code
+    local dir = server.tmpdir()
+    assert(os.execute("openssl req -x509 -newkey rsa:2048 -nodes -keyout "
+      .. dir .. "/k.pem -out " .. dir .. "/c.pem -subj /CN=t -days 1 "
+      .. "2>/dev/null"))
+    code, out = run({ "run", "examples/hello", "--tls-cert", dir .. "/k.pem",
+                      "--tls-key", dir .. "/c.pem" })
+    assert.equal(2, code)
+    assert.matches("a private key, not a certificate", out, 1, true)
+    assert.is_nil(out:find("BEGIN", 1, true))
+    code, out = run({ "run", "examples/hello", "--tls-cert", dir .. "/c.pem",
+                      "--tls-key", dir .. "/c.pem" })
+    assert.equal(2, code)
+    assert.matches("a certificate, not a private key", out, 1, true)
+    os.execute("rm -rf " .. dir)
   end)
 
   it("exits 1 when the app fails to load at start, saying why", function()

@@ -7,6 +7,7 @@
  * resumes whichever worker accepts it, and after a reload. The master is
  * the only writer (rotation); workers read under a sequence lock.
  */
+#include <errno.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -208,16 +209,65 @@ parse_protocols(const char *s, int *min, int *max)
     return *min == 0 ? -1 : 0;
 }
 
+/* Why the PEM file at path (what: "certificate" or "key") did not load,
+ * in words where they are known: the file's own error (missing, a
+ * folder, unreadable), empty, or holding the other kind of PEM (a key
+ * given as the certificate); else OpenSSL's reason. Never the content:
+ * the buffer that held it is wiped. */
+static void
+file_reason(char *err, size_t errlen, const char *what, const char *path)
+{
+    char buf[16384];
+    size_t n;
+    int is_key = strcmp(what, "key") == 0, has_cert, has_key, e;
+    FILE *f = fopen(path, "r");
+
+    if (f == NULL) {
+        snprintf(err, errlen, "tls %s %s: %s", what, path, strerror(errno));
+        ERR_clear_error();
+        return;
+    }
+    n = fread(buf, 1, sizeof(buf) - 1, f);
+    e = ferror(f) ? errno : 0;
+    fclose(f);
+    buf[n] = 0;
+    has_cert = strstr(buf, "-----BEGIN CERTIFICATE-----") != NULL;
+    has_key = strstr(buf, "PRIVATE KEY-----") != NULL;
+    OPENSSL_cleanse(buf, sizeof(buf));
+    if (n == 0 && e != 0) {
+        snprintf(err, errlen, "tls %s %s: %s", what, path, strerror(e));
+    } else if (n == 0) {
+        snprintf(err, errlen, "tls %s %s: the file is empty", what, path);
+    } else if (!is_key && !has_cert) {
+        snprintf(err, errlen, "tls certificate %s: %s", path, has_key
+                 ? "a private key, not a certificate (are the certificate "
+                   "and the key swapped?)"
+                 : "no PEM certificate in it (-----BEGIN CERTIFICATE-----)");
+    } else if (is_key && !has_key) {
+        snprintf(err, errlen, "tls key %s: %s", path, has_cert
+                 ? "a certificate, not a private key (are the certificate "
+                   "and the key swapped?)"
+                 : "no PEM private key in it (-----BEGIN PRIVATE KEY-----)");
+    } else {
+        unsigned long oe = ERR_peek_last_error();
+        const char *r = oe ? ERR_reason_error_string(oe) : NULL;
+
+        snprintf(err, errlen, "tls %s %s: cannot be loaded (%s)", what, path,
+                 r ? r : "malformed PEM");
+    }
+    ERR_clear_error();
+}
+
 static int
 load_pair(SSL_CTX *ctx, const char *cert, const char *key, char *err,
           size_t errlen)
 {
     if (SSL_CTX_use_certificate_chain_file(ctx, cert) != 1) {
-        ssl_reason(err, errlen, "tls certificate", cert);
+        file_reason(err, errlen, "certificate", cert);
         return -1;
     }
     if (SSL_CTX_use_PrivateKey_file(ctx, key, SSL_FILETYPE_PEM) != 1) {
-        ssl_reason(err, errlen, "tls key", key);
+        file_reason(err, errlen, "key", key);
         return -1;
     }
     if (SSL_CTX_check_private_key(ctx) != 1) {
