@@ -45,6 +45,21 @@ describe("wechatpay.client configuration", function()
     local _, err = wechatpay.client("x")
     assert.equal("invalid_config", err.kind)
   end)
+  it("refuses a key it does not know, naming the one meant", function()
+    -- a typo would otherwise keep the default without a word
+    refused({ timout = 5 }, "timout", "unknown key %(did you mean timeout%?%)")
+    refused({ apiv3_key_file = "/k" }, "apiv3_key_file",
+            "the client takes apiv3_key")
+    refused({ frobnicate = true }, "frobnicate", "unknown key$")
+    refused({ [1] = "x" }, "?", "not a plain name")
+    -- every key the documentation lists is known
+    local f = assert(io.open("docs/wechatpay.md", "rb"))
+    local doc = f:read("*a")
+    f:close()
+    for k in pairs(config.KNOWN) do
+      assert.truthy(doc:find("`" .. k .. "`", 1, true), k .. " in the docs")
+    end
+  end)
   it("mchid must be digits", function()
     refused({ mchid = "19000x" }, "mchid")
     refused({ mchid = NIL }, "mchid")

@@ -83,6 +83,46 @@ local function positive(conf, key, default)
   return v
 end
 
+-- Every key config.check reads: any other is refused (a typo such as
+-- timout = 5 would otherwise keep the default without a word).
+local KNOWN = {}
+for k in ([[mchid sp_mchid appid sp_appid merchant_private_key
+    merchant_certificate merchant_serial apiv3_key previous_apiv3_keys
+    platform_certificates public_key public_key_id sign_type base_url
+    backup_url download_certificates state_dir ca_file platform_ca
+    refresh_interval timeout deadline download_min_interval max_attempts
+    startup_timeout latency_window timeout_samples breaker_window
+    breaker_min_calls breaker_open_for breaker_failure_ratio timeout_floor
+    timeout_ceiling adaptive_timeout breaker degraded on_call shared_dict
+    replay_dict]]):gmatch("%S+") do
+  KNOWN[k] = true
+end
+_M.KNOWN = KNOWN
+
+-- the known key nearest to a typo (at most two edits away), or nil
+local function nearest(key)
+  local best, bd = nil, 3
+  for k in pairs(KNOWN) do
+    if math.abs(#k - #key) < bd then
+      -- Levenshtein distance, two rows
+      local prev, cur = {}, {}
+      for j = 0, #k do prev[j] = j end
+      for i = 1, #key do
+        cur[0] = i
+        for j = 1, #k do
+          local cost = key:byte(i) == k:byte(j) and 0 or 1
+          cur[j] = math.min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + cost)
+        end
+        prev, cur = cur, prev
+      end
+      if prev[#k] < bd or (prev[#k] == bd and best and k < best) then
+        best, bd = k, prev[#k]
+      end
+    end
+  end
+  return best
+end
+
 --- syntax: cfg, err = config.check(conf)
 -- returns: the checked configuration with its keys loaded:
 --   mchid (the signing merchant: sp_mchid in partner mode), partner,
@@ -101,6 +141,20 @@ end
 function _M.check(conf)
   if type(conf) ~= "table" then
     return bad("conf", "the configuration must be a table")
+  end
+  for k in pairs(conf) do
+    if not KNOWN[k] then
+      local name = type(k) == "string" and #k <= 64
+                   and k:match("^[%w_]+$") and k or nil
+      local near = name and nearest(name)
+      if name == "apiv3_key_file" or name == "apiv3_key_env" then
+        return bad(name, "unknown key: the client takes apiv3_key, the key "
+                   .. "itself (" .. name .. " is the gateway's config)")
+      end
+      return bad(name or "?", "unknown key" .. (near and (" (did you mean "
+                 .. near .. "?)") or "") .. (name and "" or ": a key that "
+                 .. "is not a plain name"))
+    end
   end
   local c = {}
   -- merchant ids
