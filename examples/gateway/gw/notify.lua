@@ -156,8 +156,10 @@ function _M.handler(req)
   local event, err = wx:parse_notification(req)
   if not event then
     if err.kind == "replayed" then return replayed(req) end
+    -- reason: what was wrong (which header, which check); the message
+    -- quotes no secret, and header values only bounded and printable
     paygate.log.warn("gateway: notification refused", { kind = err.kind,
-                     mchid = mchid })
+                     mchid = mchid, reason = tostring(err.message) })
     history.refused(wx, mchid, req, err)   -- for the console: why
     if UNVERIFIED[err.kind] then
       local status, body = wechatpay.notify_fail(err.kind, 401)

@@ -36,6 +36,17 @@ describe("gateway notifications", function()
                    "first attempt answered " .. d.attempts[1].status)
       assert.is_true(S.ok2xx(d.last.status))
       check_applied_once(b.payment)
+      -- the log says what was wrong, not only the kind
+      local said
+      for line in env.gw:logs():gmatch("[^\n]+") do
+        local rec = json.decode(line)
+        if type(rec) == "table" and rec.msg == "gateway: notification refused"
+           and rec.kind == kind then
+          said = rec.reason
+        end
+      end
+      assert.is_string(said, "a reason in the log for " .. kind)
+      assert.truthy(#said > 0)
     end)
   end
 
