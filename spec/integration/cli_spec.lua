@@ -20,7 +20,7 @@ end
 describe("paygate CLI", function()
   it("prints help for every command, exit 0", function()
     for _, args in ipairs({ { "--help" }, { "run", "--help" }, { "exec", "--help" },
-                            { "reload", "--help" } }) do
+                            { "reload", "--help" }, { "version", "--help" } }) do
       local code, out = run(args)
       assert.equal(0, code)
       assert.matches("usage: paygate", out)
@@ -45,6 +45,18 @@ describe("paygate CLI", function()
     code, out = run({ "reload" })
     assert.equal(2, code)
     code, out = run({ "exec", "/nonexistent.lua" })
+    assert.equal(2, code)
+    -- an unknown option, or one without its value: one line naming it
+    -- (never the value given with =), not the whole usage
+    code, out = run({ "run", "examples/hello", "--bogus=s3cret" })
+    assert.equal(2, code)
+    assert.equal("paygate run: unknown option --bogus (see paygate run "
+                 .. "--help)\n", out)
+    code, out = run({ "run", "examples/hello", "--listen" })
+    assert.equal(2, code)
+    assert.equal("paygate run: --listen needs a value (see paygate run "
+                 .. "--help)\n", out)
+    code, out = run({ "version", "extra" })
     assert.equal(2, code)
   end)
 

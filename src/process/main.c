@@ -175,7 +175,8 @@ cmd_run(int argc, char **argv)
         o.config_file = config;
     }
     optind = 1;
-    while ((c = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
+    opterr = 0;             /* our own one line, below: not getopt's */
+    while ((c = getopt_long(argc, argv, ":h", longopts, NULL)) != -1) {
         switch (c) {
         case 'l':
             if (copy_opt(o.listen, sizeof(o.listen), optarg, "--listen")) {
@@ -236,9 +237,19 @@ cmd_run(int argc, char **argv)
         case 'h':
             fputs(usage_run, stdout);
             return 0;
-        default:
-            fputs(usage_run, stderr);
+        case ':':
+            fprintf(stderr, "paygate run: %s needs a value (see paygate run "
+                            "--help)\n", argv[optind - 1]);
             return 2;
+        default: {
+            /* the option as given, without a value that may be a secret */
+            const char *bad = argv[optind - 1];
+            size_t n = strcspn(bad, "=");
+
+            fprintf(stderr, "paygate run: unknown option %.*s (see paygate "
+                            "run --help)\n", (int) (n > 64 ? 64 : n), bad);
+            return 2;
+        }
         }
     }
     if (optind != argc - 1) {
@@ -439,6 +450,15 @@ main(int argc, char **argv)
         return 0;
     }
     if (strcmp(cmd, "version") == 0 || strcmp(cmd, "--version") == 0) {
+        if (argc > 2 && is_help(argv[2])) {
+            puts("usage: paygate version\n\nPrints the version of this "
+                 "binary: paygate X.Y.Z.");
+            return 0;
+        }
+        if (argc > 2) {
+            fprintf(stderr, "paygate version: takes no arguments\n");
+            return 2;
+        }
         printf("paygate %s\n", PAYGATE_VERSION);
         return 0;
     }

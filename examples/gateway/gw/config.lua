@@ -446,6 +446,10 @@ function _M.check(conf, runtime)
   end
 
   local ms = conf.merchants
+  if ms ~= nil and type(ms) ~= "table" then
+    return fail("merchants", "must be a list of merchants ({ { mchid = "
+                .. "..., ... } }), not a " .. type(ms))
+  end
   if type(ms) ~= "table" or ms[1] == nil then
     return fail("merchants", "must list at least one merchant")
   end

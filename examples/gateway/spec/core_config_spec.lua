@@ -84,6 +84,9 @@ describe("gateway config", function()
                    "gateway: config.gateway.paymnet_ttl: unknown key")
     expect_refused({ gateway = { db = "sqlite:" .. dir .. "/a.db" } },
                    "gateway: config.merchants: must list at least one")
+    expect_refused({ gateway = { db = "sqlite:" .. dir .. "/a.db" },
+                     merchants = "1900000001" },
+                   "gateway: config.merchants: must be a list of merchants")
   end)
 
   it("refuses dev_app unless it listens on loopback only", function()
@@ -103,6 +106,11 @@ describe("gateway config", function()
                      merchants = { merchant{
                        merchant_private_key = dir .. "/none.pem" } } },
                    "gateway: config.merchants[1].merchant_private_key: ")
+    -- a misspelt client option stops the start too (it kept its default)
+    expect_refused({ gateway = { db = "sqlite:" .. dir .. "/a.db" },
+                     merchants = { merchant{ timout = 5 } } },
+                   "gateway: config.merchants[1].timout: unknown key (did"
+                   .. " you mean timeout?)")
   end)
 
   it("refuses a bad gateway.dispatcher option in one line", function()

@@ -124,9 +124,12 @@ function _M.read(path, what)
     usage_error("cannot read %s %s: %s", what, _M.shown(path),
                 reason(path, err))
   end
-  local s = f:read("*a")
+  local s, rerr = f:read("*a")
   f:close()
-  if s == nil then usage_error("cannot read %s %s", what, _M.shown(path)) end
+  if s == nil then        -- a folder opens, and then reads nothing
+    usage_error("cannot read %s %s: %s", what, _M.shown(path),
+                reason(path, rerr or "cannot read"))
+  end
   return s
 end
 
@@ -176,8 +179,12 @@ function _M.files(path)
   local ok, names = pcall(core.listdir, path)
   if ok and type(names) == "table" then
     local out = {}
+    path = path:match("^(.-)/*$")             -- "keys/": no "keys//x.pem"
+    if path == "" then path = "/" end
     for _, n in ipairs(names) do
-      if n:sub(1, 1) ~= "." then out[#out + 1] = path .. "/" .. n end
+      if n:sub(1, 1) ~= "." then
+        out[#out + 1] = (path == "/" and "" or path) .. "/" .. n
+      end
     end
     return out
   end

@@ -23,16 +23,18 @@ function _M.role(cert)
   return "other"
 end
 
---- syntax: list = keys.load(path[, id])
+--- syntax: list = keys.load(path[, id[, option]])
 -- Every PEM object in the file (or each file of the directory):
 -- { kind = "certificate" | "public_key" | "private_key", cert | key,
 --   file, id }. A public key's id is `id`, or else the file name when it
 -- is PUB_KEY_ID_... (a --keyring directory names them so). Raises a usage
--- error for a path that cannot be read; skips what is not a key.
-function _M.load(path, id)
+-- error for a path that cannot be read (naming option, the command-line
+-- option that gave it); skips what is not a key.
+function _M.load(path, id, option)
   local files, why = common.files(path)
   if not files then
-    common.usage_error("cannot read %s: %s", common.shown(path), why)
+    common.usage_error("cannot read %s%s: %s", option and (option .. " ")
+                       or "", common.shown(path), why)
   end
   local out = {}
   for _, file in ipairs(files) do

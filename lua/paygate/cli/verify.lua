@@ -222,7 +222,9 @@ local function main(args)
   -- the keys given
   local given = {}
   for _, p in ipairs(o["--certificate"] or {}) do
-    for _, e in ipairs(keys.load(p)) do given[#given + 1] = e end
+    for _, e in ipairs(keys.load(p, nil, "--certificate")) do
+      given[#given + 1] = e
+    end
   end
   if o["--public-key"] then
     local id = o["--public-key-id"]
@@ -230,14 +232,14 @@ local function main(args)
       common.usage_error("--public-key-id must be PUB_KEY_ID_ and digits, "
                          .. "as shown beside the key")
     end
-    local l = keys.load(o["--public-key"], id)
+    local l = keys.load(o["--public-key"], id, "--public-key")
     if #l == 0 or l[1].kind ~= "public_key" then
       common.usage_error("%s holds no public key", o["--public-key"])
     end
     given[#given + 1] = l[1]
   end
   if o["--keyring"] then
-    for _, e in ipairs(keys.load(o["--keyring"])) do
+    for _, e in ipairs(keys.load(o["--keyring"], nil, "--keyring")) do
       given[#given + 1] = e
     end
   end
