@@ -175,6 +175,36 @@ require("paygate.core").sleep(60)
   end)
 end)
 
+describe("testing.tmpdir", function()
+  it("a folder a spec forgot is removed when its busted run ends",
+     function()
+    local dir = testing.tmpdir()
+    local spec = dir .. "/forgets_spec.lua"
+    local f = assert(io.open(spec, "w"))
+    f:write(([[
+local testing = require "paygate.testing"
+it("makes a folder and leaves it", function()
+  local d = testing.tmpdir()
+  local o = assert(io.open(d .. "/key.pem", "w"))
+  o:write("secret")
+  o:close()
+  o = assert(io.open(%q, "w"))
+  o:write(d)
+  o:close()
+end)
+]]):format(dir .. "/made"))
+    f:close()
+    local busted = assert(io.popen("command -v busted")):read("*l")
+    local p = proc.spawn({ testing.server.bin(), "exec", busted, "-o", "TAP",
+                           spec }, { log = dir .. "/log" })
+    assert.equal(0, p:wait(60), testing.read(dir .. "/log"))
+    local made = testing.read(dir .. "/made")
+    assert.matches("^/tmp/paygate%-test%.", made)
+    assert.is_nil(io.open(made .. "/key.pem"), "left behind: " .. made)
+    testing.server.rmdir(dir)
+  end)
+end)
+
 describe("testing.simulator", function()
   local sim, app
 

@@ -31,20 +31,56 @@ end
 
 local function sh_quote(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
 
---- syntax: dir = server.tmpdir() -- a fresh private directory under /tmp
-function _M.tmpdir()
-  local p = assert(io.popen("mktemp -d /tmp/paygate-test.XXXXXX"))
-  local d = p:read("*l")
-  p:close()
-  assert(d and d ~= "", "mktemp failed")
-  return d
-end
+-- Every directory tmpdir() made in this process, removed at the end of
+-- the busted run (a spec that forgot its own, or failed before removing
+-- it, leaves nothing behind: keys and databases included).
+local made = {}
+local subscribed = false
 
 --- syntax: server.rmdir(dir) -- removes a directory tmpdir() made
 function _M.rmdir(dir)
   if type(dir) == "string" and dir:match("^/tmp/paygate%-") then
     os.execute("rm -rf " .. sh_quote(dir))
   end
+end
+
+--- syntax: n = server.cleanup() -- removes every tmpdir() still there
+function _M.cleanup()
+  local n = 0
+  for i = #made, 1, -1 do
+    local f = io.open(made[i] .. "/.", "rb")
+    if f then
+      f:close()
+      _M.rmdir(made[i])
+      n = n + 1
+    end
+    made[i] = nil
+  end
+  return n
+end
+
+-- under busted: cleanup() when the run ends (the runner's "suite end")
+local function subscribe()
+  subscribed = true
+  local ok, busted = pcall(require, "busted")
+  local sub = ok and type(busted) == "table" and busted.subscribe
+  if type(sub) == "function" then
+    pcall(sub, { "suite", "end" }, function()
+      _M.cleanup()
+      return nil, true
+    end)
+  end
+end
+
+--- syntax: dir = server.tmpdir() -- a fresh private directory under /tmp
+function _M.tmpdir()
+  local p = assert(io.popen("mktemp -d /tmp/paygate-test.XXXXXX"))
+  local d = p:read("*l")
+  p:close()
+  assert(d and d ~= "", "mktemp failed")
+  made[#made + 1] = d
+  if not subscribed then subscribe() end
+  return d
 end
 
 -- Lua source for a value (strings, numbers, booleans, tables of them),
