@@ -128,6 +128,28 @@ describe("paygate doctor --config <the gateway's config>", function()
     assert.is_nil(r.merchant_key.fix:find("BEGIN", 1, true))
   end)
 
+  it("finds the gateway app from another folder", function()
+    -- run outside the checkout: its examples/gateway is still the app
+    local bin = PAYGATE_BIN
+    if bin:sub(1, 1) ~= "/" then
+      bin = io.popen("pwd"):read("*l") .. "/" .. bin
+    end
+    local log = dir .. "/out"
+    os.remove(log)
+    local p = proc.spawn({ "/bin/sh", "-c", ("cd %q && exec %q doctor --json"
+      .. " --config %q"):format(dir, bin, dir .. "/dev/gateway.lua") },
+      { log = log })
+    p:wait(60)
+    local out = proc.read(log)
+    local r
+    for line in out:gmatch("[^\n]+") do
+      local x = json.decode(line)
+      if type(x) == "table" and x.kind == "gateway_config" then r = x end
+    end
+    assert.truthy(r, out)
+    assert.equal("ok", r.status, out)
+  end)
+
   it("says a SQLite database is missing, and makes no file", function()
     local conf = dir .. "/nodb.lua"
     local f = assert(io.open(conf, "w"))

@@ -45,8 +45,9 @@ database = ..., redis = ..., limits = {...}, metrics_url = ...,
 leases = {...}, api_crl_file = ... } (see docs/troubleshooting.md), or
 the reference gateway's own config ({ gateway = {...}, merchants = {...} },
 docs/gateway.md): first the gateway's own check of it (gw/config.lua
-of the gateway app: --app DIR, default examples/gateway when it is
-there), which refuses what the gateway would refuse to start with; then
+of the gateway app: --app DIR, default examples/gateway here, else that
+of the checkout this paygate comes from), and each merchant's WeChat Pay
+client check: what the gateway would refuse to start with; then
 its merchant (the first, or --merchant MCHID) is checked with its APIv3
 key file, its notify URL (public_url), its database and Redis, and the
 config's limits.
@@ -176,10 +177,22 @@ end
 -- The gateway's own check of its config (gw.config.check of the gateway
 -- app in dir, default examples/gateway when present): what the gateway
 -- would refuse at start, doctor fails too.
+-- The checkout this doctor comes from (lua/paygate/cli/doctor.lua in it),
+-- or nil: its examples/gateway is the default app from anywhere.
+local function checkout()
+  local src = debug.getinfo(1, "S").source
+  return type(src) == "string"
+         and src:match("^@(.+)/lua/paygate/cli/doctor%.lua$") or nil
+end
+
 local function gateway_check(out, conf, dir)
   local given = dir ~= nil
   dir = dir or "examples/gateway"
   local f = io.open(dir .. "/gw/config.lua", "rb")
+  if not f and not given and checkout() then
+    dir = checkout() .. "/examples/gateway"     -- run from another folder
+    f = io.open(dir .. "/gw/config.lua", "rb")
+  end
   if not f then
     if given then
       common.usage_error("--app %s: no gw/config.lua there (the gateway "
