@@ -1550,11 +1550,6 @@ submit(lua_State *L, struct lsqlite_job *j, enum lsqlite_queue q)
     return gw_co_wait(L, job_cancel, j);
 }
 
-/*
- * core.open(path, opts) -> handle (threads started; then h:connect())
- * opts: readers, batch_max, busy_timeout (ms), tx_timeout (ms),
- * synchronous (0..3, default 2 = FULL).
- */
 /* The process's pid, read once per process: the loop thread compares it
  * on every inline read (is db->inl this process's, or the parent's from
  * before a fork?), and getpid() is a system call each time. A fork
@@ -1588,6 +1583,11 @@ self_pid(void)
     return self_pid_v = getpid();
 }
 
+/*
+ * core.open(path, opts) -> handle (threads started; then h:connect())
+ * opts: readers, batch_max, busy_timeout (ms), tx_timeout (ms),
+ * synchronous (0..3, default 2 = FULL).
+ */
 static int
 lsqlite_open(lua_State *L)
 {
