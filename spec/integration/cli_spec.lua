@@ -56,6 +56,18 @@ describe("paygate CLI", function()
     assert.equal(2, code)
     assert.equal("paygate run: --listen needs a value (see paygate run "
                  .. "--help)\n", out)
+    for args, want in pairs({
+      [{ "run", "examples/hello", "-xy" }] = "unknown option -x",
+      [{ "run", "-vx", "examples/hello" }] = "unknown option -v",
+      [{ "run", "examples/hello", "--no-access-log=yes" }] =
+        "--no-access-log takes no value",
+      [{ "run", "examples/hello", "--tls" }] = "ambiguous option --tls",
+    }) do
+      code, out = run(args)
+      assert.equal(2, code, out)
+      assert.equal("paygate run: " .. want .. " (see paygate run --help)\n",
+                   out)
+    end
     code, out = run({ "version", "extra" })
     assert.equal(2, code)
   end)
@@ -159,6 +171,17 @@ describe("paygate CLI", function()
                       "--tls-key", dir .. "/c.pem" })
     assert.equal(2, code)
     assert.matches("a certificate, not a private key", out, 1, true)
+    -- a FIFO is refused, not opened (with no writer it would block the
+    -- start for good); PEM text given for a path is not repeated
+    assert(os.execute("mkfifo " .. dir .. "/fifo"))
+    code, out = run({ "run", "examples/hello", "--tls-cert", dir .. "/c.pem",
+                      "--tls-key", dir .. "/fifo" })
+    assert.equal(2, code)
+    assert.matches("not a regular file", out, 1, true)
+    code, out = run({ "run", "examples/hello", "--tls-cert", dir .. "/c.pem",
+                      "--tls-key", "-----BEGIN PRIVATE KEY-----\nMIIEvAIB" })
+    assert.equal(2, code)
+    assert.is_nil(out:find("MIIEvAIB", 1, true), out)
     os.execute("rm -rf " .. dir)
   end)
 

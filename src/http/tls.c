@@ -8,9 +8,12 @@
  * the only writer (rotation); workers read under a sequence lock.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <openssl/core_names.h>
 #include <openssl/err.h>
@@ -215,21 +218,54 @@ parse_protocols(const char *s, int *min, int *max)
  * given as the certificate); else OpenSSL's reason. Never the content:
  * the buffer that held it is wiped. */
 static void
-file_reason(char *err, size_t errlen, const char *what, const char *path)
+file_reason(char *err, size_t errlen, const char *what, const char *path0)
 {
     char buf[16384];
-    size_t n;
-    int is_key = strcmp(what, "key") == 0, has_cert, has_key, e;
-    FILE *f = fopen(path, "r");
+    size_t n = 0;
+    int is_key = strcmp(what, "key") == 0, has_cert, has_key, e = 0, fd;
+    struct stat st;
+    /* a value that is no path (PEM text pasted in its place, several
+     * lines, very long) is not repeated: it may be the key itself */
+    const char *path = strstr(path0, "-----BEGIN") != NULL
+                       || strpbrk(path0, "\r\n") != NULL
+                       || strlen(path0) > 200
+                       ? "(value not shown: it is not a path)" : path0;
 
-    if (f == NULL) {
+    if (stat(path0, &st) != 0) {
         snprintf(err, errlen, "tls %s %s: %s", what, path, strerror(errno));
         ERR_clear_error();
         return;
     }
-    n = fread(buf, 1, sizeof(buf) - 1, f);
-    e = ferror(f) ? errno : 0;
-    fclose(f);
+    if (!S_ISREG(st.st_mode)) {           /* a folder, a FIFO: never read */
+        snprintf(err, errlen, "tls %s %s: %s", what, path,
+                 S_ISDIR(st.st_mode) ? strerror(EISDIR)
+                                     : "not a regular file");
+        ERR_clear_error();
+        return;
+    }
+    /* read(2), no stdio: no buffer of its own keeps a copy of the key */
+    fd = open(path0, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) {
+        snprintf(err, errlen, "tls %s %s: %s", what, path, strerror(errno));
+        ERR_clear_error();
+        return;
+    }
+    while (n < sizeof(buf) - 1) {
+        ssize_t r = read(fd, buf + n, sizeof(buf) - 1 - n);
+
+        if (r < 0 && errno == EINTR) {
+            continue;
+        }
+        if (r < 0) {
+            e = errno;
+            break;
+        }
+        if (r == 0) {
+            break;
+        }
+        n += (size_t) r;
+    }
+    close(fd);
     buf[n] = 0;
     has_cert = strstr(buf, "-----BEGIN CERTIFICATE-----") != NULL;
     has_key = strstr(buf, "PRIVATE KEY-----") != NULL;
@@ -259,9 +295,27 @@ file_reason(char *err, size_t errlen, const char *what, const char *path)
 }
 
 static int
+regular_file(const char *path)
+{
+    struct stat st;
+
+    return stat(path, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+static int
 load_pair(SSL_CTX *ctx, const char *cert, const char *key, char *err,
           size_t errlen)
 {
+    /* a missing file, a folder or a FIFO is said before OpenSSL opens it
+     * (a FIFO with no writer would block the start for good) */
+    if (!regular_file(cert)) {
+        file_reason(err, errlen, "certificate", cert);
+        return -1;
+    }
+    if (!regular_file(key)) {
+        file_reason(err, errlen, "key", key);
+        return -1;
+    }
     if (SSL_CTX_use_certificate_chain_file(ctx, cert) != 1) {
         file_reason(err, errlen, "certificate", cert);
         return -1;

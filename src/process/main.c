@@ -130,6 +130,52 @@ copy_opt(char *dst, size_t cap, const char *v, const char *name)
     return 0;
 }
 
+/* What was wrong with a `paygate run` option getopt refused ('?'), in one
+ * line naming it, never the value given with "=" (it may be a secret):
+ * a long option that takes no value, an ambiguous prefix, an unknown long
+ * option, or an unknown short one (optopt; last may be another argument
+ * then: getopt does not step past a group it is inside). */
+static void
+run_option_error(const char *last, const struct option *longopts)
+{
+    size_t n = strcspn(last, "=");
+    int matches = 0;
+
+    if (strncmp(last, "--", 2) == 0) {
+        const char *name = last + 2;
+        size_t len = n - 2;
+
+        for (const struct option *o = longopts; o->name != NULL; o++) {
+            if (strncmp(o->name, name, len) != 0) {
+                continue;
+            }
+            if (strlen(o->name) == len) {
+                if (optopt != 0 && o->val == optopt && last[n] == '=') {
+                    fprintf(stderr, "paygate run: --%s takes no value (see "
+                                    "paygate run --help)\n", o->name);
+                    return;
+                }
+                matches = 1;            /* exact: not ambiguous */
+                break;
+            }
+            matches++;
+        }
+        if (optopt == 0) {
+            fprintf(stderr, "paygate run: %s option %.*s (see paygate run "
+                            "--help)\n", matches > 1 ? "ambiguous" : "unknown",
+                    (int) (n > 64 ? 64 : n), last);
+            return;
+        }
+    }
+    if (optopt > 32 && optopt < 127) {
+        fprintf(stderr, "paygate run: unknown option -%c (see paygate run "
+                        "--help)\n", optopt);
+    } else {
+        fprintf(stderr, "paygate run: unknown option (see paygate run "
+                        "--help)\n");
+    }
+}
+
 static int
 cmd_run(int argc, char **argv)
 {
@@ -241,15 +287,9 @@ cmd_run(int argc, char **argv)
             fprintf(stderr, "paygate run: %s needs a value (see paygate run "
                             "--help)\n", argv[optind - 1]);
             return 2;
-        default: {
-            /* the option as given, without a value that may be a secret */
-            const char *bad = argv[optind - 1];
-            size_t n = strcspn(bad, "=");
-
-            fprintf(stderr, "paygate run: unknown option %.*s (see paygate "
-                            "run --help)\n", (int) (n > 64 ? 64 : n), bad);
+        default:
+            run_option_error(argv[optind - 1], longopts);
             return 2;
-        }
         }
     }
     if (optind != argc - 1) {
