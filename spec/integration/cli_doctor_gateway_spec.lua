@@ -150,6 +150,30 @@ describe("paygate doctor --config <the gateway's config>", function()
     assert.equal("ok", r.status, out)
   end)
 
+  it("a merchant whose keys come from etcd: said, not failed", function()
+    local kek = dir .. "/kek"
+    local f = assert(io.open(kek, "w"))
+    f:write(("ab"):rep(32), "\n")
+    f:close()
+    local conf = dir .. "/etcd.lua"
+    f = assert(io.open(conf, "w"))
+    f:write(("local c = dofile(%q)\n"):format(dir .. "/dev/gateway.lua")
+      .. "local m = c.merchants[1]\n"
+      .. "c.merchants[1] = { mchid = m.mchid, appid = m.appid,"
+      .. " base_url = m.base_url }\n"
+      .. ("c.credentials = { etcd = { endpoints = { 'https://127.0.0.1:9' },"
+          .. " user = 'paygate', password = 'pw' },"
+          .. " kek_file = %q, cache_dir = %q, merchants = { [m.mchid] ="
+          .. " '/paygate/m/' } }\nreturn c\n"):format(kek, dir .. "/cache"))
+    f:close()
+    local _, out, r = run({ "doctor", "--json", "--config", conf })
+    assert.equal("ok", r.gateway_config.status, out)
+    assert.equal("warn", r.wechatpay_config.status, out)
+    assert.matches("come from etcd (/paygate/m/)", r.wechatpay_config.cause,
+                   1, true)
+    assert.is_nil(r.merchant_key, out)       -- no check of keys not here
+  end)
+
   it("says a SQLite database is missing, and makes no file", function()
     local conf = dir .. "/nodb.lua"
     local f = assert(io.open(conf, "w"))

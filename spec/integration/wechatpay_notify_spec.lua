@@ -99,6 +99,13 @@ describe("notification replay", function()
       assert.equal("malformed", kind, name)
       n.headers[name:lower()] = nil
     end
+    -- Wechatpay-Signature-Type, optional, is refused twice as well
+    n.headers["Wechatpay-Signature-Type"] = "WECHATPAY2-SHA256-RSA2048"
+    n.headers["wechatpay-signature-type"] = "WECHATPAY2-SHA256-RSA2048"
+    local s, kind = post(n)
+    assert.equal(401, s)
+    assert.equal("malformed", kind)
+    n.headers["wechatpay-signature-type"] = nil
     assert.equal(204, (post(n)))                 -- once each: accepted
   end)
   it("a tampered replay is bad_signature, not replayed", function()

@@ -161,7 +161,13 @@ local function from_gateway(conf, pick)
     end
     wc.previous_apiv3_keys = keys
   end
+  -- a merchant whose keys the gateway takes from etcd (credentials
+  -- section): none of them is in this file
+  local cred = conf.credentials
+  local etcd = type(cred) == "table" and type(cred.merchants) == "table"
+               and cred.merchants[id] or nil
   local out = { wechatpay = wc, database = g.db or DEFAULT_GATEWAY_DB,
+                etcd_prefix = etcd,
                 redis = g.redis, limits = conf.limits,
                 -- where a fix goes: the gateway's keys, not wechatpay.*
                 key_prefix = "merchants[" .. at .. "].", gateway = true }
@@ -244,13 +250,16 @@ local function gateway_check(out, conf, dir)
       end
     end
   end
+  -- (the app checked is named: from another folder it is the checkout's)
+  local app = common.shown(dir)
   if cok and cfg then
-    out:ok("gateway_config", "the gateway accepts its configuration")
+    out:ok("gateway_config", "the gateway (" .. app .. ") accepts its "
+           .. "configuration")
   else
     local why = cok and (type(err) == "table" and err.message
                          or tostring(err)) or tostring(cfg)
-    out:fail("gateway_config", "the gateway would refuse to start: "
-             .. tostring(why), nil, "fix the key it names "
+    out:fail("gateway_config", "the gateway (" .. app .. ") would refuse "
+             .. "to start: " .. tostring(why), nil, "fix the key it names "
              .. "(docs/gateway.md lists them)")
   end
 end
@@ -1022,6 +1031,14 @@ local function main(args)
     out:fail("wechatpay_config", "no wechatpay table in the configuration",
              nil, "add wechatpay = { mchid = ..., ... }")
     wc = {}
+  elseif conf.etcd_prefix then
+    -- its keys and APIv3 key come from etcd: not read here, and what the
+    -- file-based checks would say of their absence is not so
+    out:warn("wechatpay_config", "the merchant's keys and APIv3 key come "
+             .. "from etcd (" .. common.shown(tostring(conf.etcd_prefix))
+             .. "): doctor does not read them there", nil,
+             "paygate etcd show --prefix PREFIX ... shows the set the "
+             .. "gateway gets (docs/etcd.md)")
   else
     secrets(out, wc)
     cfg = check_keys(out, wc, now, expiring, conf)

@@ -260,7 +260,8 @@ function Server:signal(sig) proc.kill_pid(self.pid, sig) end
 
 --- syntax: code = srv:stop([timeout[, keep_dir]])
 -- yields: TERM, wait for the exit (KILL after timeout, default 15 s), then
--- removes its directory (kept with keep_dir).
+-- removes its directory (kept with keep_dir until the busted run ends:
+-- tmpdir's cleanup removes it then).
 -- returns: the exit code.
 function Server:stop(timeout, keep_dir)
   local code = self.proc:stop(timeout)
