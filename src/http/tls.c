@@ -278,12 +278,12 @@ file_reason(char *err, size_t errlen, const char *what, const char *path0)
         snprintf(err, errlen, "tls certificate %s: %s", path, has_key
                  ? "a private key, not a certificate (are the certificate "
                    "and the key swapped?)"
-                 : "no PEM certificate in it (-----BEGIN CERTIFICATE-----)");
+                 : "no PEM certificate in it (a BEGIN CERTIFICATE line)");
     } else if (is_key && !has_key) {
         snprintf(err, errlen, "tls key %s: %s", path, has_cert
                  ? "a certificate, not a private key (are the certificate "
                    "and the key swapped?)"
-                 : "no PEM private key in it (-----BEGIN PRIVATE KEY-----)");
+                 : "no PEM private key in it (a BEGIN ... PRIVATE KEY line)");
     } else {
         unsigned long oe = ERR_peek_last_error();
         const char *r = oe ? ERR_reason_error_string(oe) : NULL;

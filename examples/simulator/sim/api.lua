@@ -143,10 +143,12 @@ end
 -- req.headers; a header sent twice reads as req.headers has it (the
 -- values joined by ", ": an Authorization twice then fails its parse).
 local function header(req, name)
-  if type(req) == "table" or req:header_count(name) > 1 then
-    return req.headers[name]          -- (a table: { headers, body })
+  if type(req) == "table" then
+    return req.headers[name]          -- { headers, body }
   end
-  return req:header(name)
+  local v, n = req:header(name)
+  if n and n > 1 then return req.headers[name] end
+  return v
 end
 _M.header = header
 

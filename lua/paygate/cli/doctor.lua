@@ -170,7 +170,7 @@ local function from_gateway(conf, pick)
                 etcd_prefix = etcd,
                 redis = g.redis, limits = conf.limits,
                 -- where a fix goes: the gateway's keys, not wechatpay.*
-                key_prefix = "merchants[" .. at .. "].", gateway = true }
+                key_prefix = "merchants[" .. at .. "]." }
   if type(g.public_url) == "string" then
     out.notify_url = g.public_url:gsub("/+$", "") .. "/wechatpay/notify/"
                      .. id
@@ -195,8 +195,9 @@ local function gateway_check(out, conf, dir)
   local given = dir ~= nil
   dir = dir or "examples/gateway"
   local f = io.open(dir .. "/gw/config.lua", "rb")
-  if not f and not given and checkout() then
-    dir = checkout() .. "/examples/gateway"     -- run from another folder
+  local home = not f and not given and checkout()
+  if home then
+    dir = home .. "/examples/gateway"           -- run from another folder
     f = io.open(dir .. "/gw/config.lua", "rb")
   end
   if not f then
@@ -310,7 +311,7 @@ local function check_keys(out, wc, now, expiring, conf)
   -- where the keys are set: wechatpay.* in a client config, merchants[i].*
   -- in the gateway's (which takes paths only, never PEM text)
   local prefix = conf and conf.key_prefix or "wechatpay."
-  local gateway = conf and conf.gateway
+  local gateway = conf and conf.key_prefix ~= nil
   -- key and certificate
   local key, cert
   local pem, why = material(wc.merchant_private_key,
