@@ -348,6 +348,40 @@ describe("the notification deliverer's fencing", function()
     db:close()
   end)
 
+  it("an attempt claimed between list's two reads is in flight", function()
+    -- notify.list reads the notifications, then their attempts: a claim
+    -- landing in between must not read as an interrupted attempt
+    local notify = require "sim.notify"
+    local dir = server.tmpdir()
+    local db = assert(sql.open("sqlite:" .. dir .. "/sim.db"))
+    assert(migrate.run(db, "examples/simulator/migrations"))
+    local now = require("paygate.core").time()
+    assert(db:exec("INSERT INTO sim_notifications (id, mchid, notify_url,"
+      .. " event_type, summary, original_type, resource, body, "
+      .. "create_time, created_at, state, attempts, next_at) VALUES ('N1', "
+      .. "'1900007291', 'http://127.0.0.1:1/n', 'TRANSACTION.SUCCESS', "
+      .. "'s', 'transaction', '{}', '{\"id\":1}', "
+      .. "'2026-01-01T00:00:00+08:00', $1, 'pending', 0, $1)", { now - 1 }))
+    local l = assert(lease.acquire(db, notify.LEASE_KEY, 30))
+    local d = setmetatable({ ctx = { config = { answer_timeout = 5,
+      time_scale = 1 } }, db = db, lease = l, in_flight = 0 },
+      notify.Deliverer)
+    local r = assert(db:query("SELECT * FROM sim_notifications"))[1]
+    local claimed
+    local racing = { query = function(_, q, p)
+      local rows, err = db:query(q, p)
+      if not claimed and q:find("FROM sim_notifications", 1, true) then
+        claimed = assert(d:claim(r))
+      end
+      return rows, err
+    end }
+    local list = assert(notify.list(racing, { id = "N1" }))
+    assert.equal(1, claimed)
+    assert.equal(1, #list[1].attempts)
+    assert.equal("in_flight: no answer yet", list[1].attempts[1].error)
+    db:close()
+  end)
+
   it("the holder's finish marks it delivered", function()
     local notify = require "sim.notify"
     local dir = server.tmpdir()

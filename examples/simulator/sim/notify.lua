@@ -498,7 +498,10 @@ function _M.list(db, f)
       if n then
         local e = a.error
         if a.status == nil and e == nil then
-          e = (a.n == n._last and core.time() < n._owned_until)
+          -- the two reads are not one snapshot: an attempt newer than
+          -- the row read above was claimed in between, so it is in flight
+          e = (a.n > n._last or (a.n == n._last
+                                 and core.time() < n._owned_until))
               and "in_flight: no answer yet"
               or "interrupted: the simulator stopped before the answer"
         end
