@@ -194,11 +194,15 @@ function _M.load()
   return #rows
 end
 
+-- The generation is taken as seen only once its keys are loaded: until
+-- then (load yields) every caller loads again rather than signing with
+-- the keys of before, and a failed load is tried again on the next call.
+-- (Two loads overlapping: the one that ends last may hold the older rows
+-- with the older generation, and the next call loads once more.)
 local function fresh()
   local gen = dict():get(K_GEN) or 0
-  if gen ~= S.gen then
+  if gen ~= S.gen and _M.load() then
     S.gen = gen
-    _M.load()
   end
 end
 
