@@ -1813,104 +1813,11 @@ job_unrun(struct lsqlite_job *j)
     j->ncols = j->nrows = j->cap = 0;
 }
 
-/* run_stmt for a query read inline: the rows go straight from the
- * statement into a Lua table (no copy of every cell and column name in C
- * first: those allocations were half the cost of a one-row read). On
- * success (returns SQLITE_OK) the table of rows is on L's stack; on any
- * failure nothing is left there and j holds the error. The column names
- * are pushed once, with the first row, above the table of rows. */
-static int
-run_rows(lua_State *L, struct lsqlite_conn *c, struct lsqlite_job *j,
-         sqlite3_stmt *st)
-{
-    int rc, k, ncols = sqlite3_column_count(st), r = 0, rows, names = 0;
-
-    if (sqlite3_stmt_busy(st)) {
-        sqlite3_reset(st);          /* left mid-step by a raise below */
-    }
-    rc = bind_params(st, j);
-    if (rc != SQLITE_OK) {
-        job_fail_db(j, c->h, rc);
-        goto done;
-    }
-    lua_createtable(L, 1, 0);
-    rows = lua_gettop(L);
-    for (;;) {
-        rc = sqlite3_step(st);
-        if (rc != SQLITE_ROW) {
-            break;
-        }
-        if (r == 0 && ncols > 0 && lua_checkstack(L, ncols + 8)) {
-            names = rows + 1;
-            for (k = 0; k < ncols; k++) {
-                const char *name = sqlite3_column_name(st, k);
-
-                if (name == NULL) {             /* out of memory */
-                    rc = SQLITE_NOMEM;
-                    break;
-                }
-                gw_pushshort(L, name, strlen(name));
-            }
-            if (rc == SQLITE_NOMEM) {
-                break;
-            }
-        }
-        lua_createtable(L, 0, ncols);
-        for (k = 0; k < ncols; k++) {
-            int         t = sqlite3_column_type(st, k);
-            const void *b;
-
-            if (t == SQLITE_NULL) {
-                continue;
-            }
-            if (names > 0) {
-                lua_pushvalue(L, names + k);
-            } else {
-                const char *name = sqlite3_column_name(st, k);
-
-                lua_pushstring(L, name != NULL ? name : "?");
-            }
-            switch (t) {
-            case SQLITE_INTEGER:
-                gw_store_push_int(L, sqlite3_column_int64(st, k));
-                break;
-            case SQLITE_FLOAT:
-                lua_pushnumber(L, sqlite3_column_double(st, k));
-                break;
-            default:                        /* TEXT, BLOB */
-                b = sqlite3_column_blob(st, k);
-                lua_pushlstring(L, b != NULL ? (const char *) b : "",
-                                (size_t) sqlite3_column_bytes(st, k));
-                break;
-            }
-            lua_rawset(L, -3);
-        }
-        lua_rawseti(L, rows, ++r);
-    }
-    if (rc == SQLITE_DONE) {
-        j->rc = SQLITE_OK;
-        j->nrows = r;
-        j->changes = r;
-        lua_settop(L, rows);
-    } else {
-        lua_settop(L, rows - 1);
-        if (rc == SQLITE_NOMEM) {
-            job_fail(j, rc, NULL);
-        } else {
-            job_fail_db(j, c->h, rc);
-        }
-    }
-done:
-    sqlite3_reset(st);
-    sqlite3_clear_bindings(st);
-    return j->rc;
-}
-
 /* Runs the query j on the loop thread within the budget. returns: 1 when
  * j holds its outcome (its rows, or its own error), 0 when a reader must
  * run it (over budget, a lock, a statement that writes). */
 static int
-inline_read(lua_State *L, struct lsqlite_db *db, struct lsqlite_job *j)
+inline_read(struct lsqlite_db *db, struct lsqlite_job *j)
 {
     struct lsqlite_conn *c = inline_conn(db);
     sqlite3_stmt        *st;
@@ -1950,7 +1857,7 @@ inline_read(lua_State *L, struct lsqlite_db *db, struct lsqlite_job *j)
 
         t0 = gw_loop_mono_fresh();
         db->inl_deadline = t0 + db->inline_us / 1e6;
-        rc = run_rows(L, c, j, st);
+        rc = run_stmt(c, j);
         took = gw_loop_mono_fresh() - t0;
         inl_spent += took;
         if (rc == SQLITE_INTERRUPT) {
@@ -1992,9 +1899,8 @@ lsqlite_query(lua_State *L)
         return gw_push_error(L, "unavailable", 0, "sqlite: out of memory");
     }
     j->want_rows = 1;
-    if (lua_isyieldable(L) && inline_read(L, db, j)) {
-        /* its rows are on the stack already (run_rows), or j's error */
-        int n = j->rc == SQLITE_OK ? 1 : push_job_result(L, j);
+    if (lua_isyieldable(L) && inline_read(db, j)) {
+        int n = push_job_result(L, j);
 
         job_free(j);
         return n;
