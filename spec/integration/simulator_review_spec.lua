@@ -308,29 +308,41 @@ describe("the notification deliverer's fencing", function()
   end)
   teardown(function() package.path = saved_path end)
 
-  it("a lost lease cannot mark a notification delivered", function()
-    local notify = require "sim.notify"
-    local dir = server.tmpdir()
-    local db = assert(sql.open("sqlite:" .. dir .. "/sim.db"))
+  -- a fresh simulator database holding the pending notifications ids
+  -- (due a second ago); returns it and a row(id) reader
+  local function store(ids)
+    local db = assert(sql.open("sqlite:" .. server.tmpdir() .. "/sim.db"))
     assert(migrate.run(db, "examples/simulator/migrations"))
     local now = require("paygate.core").time()
-    for i = 1, 2 do
+    for _, id in ipairs(ids) do
       assert(db:exec("INSERT INTO sim_notifications (id, mchid, notify_url,"
         .. " event_type, summary, original_type, resource, body, "
         .. "create_time, created_at, state, attempts, next_at) VALUES ($1, "
         .. "'1900007291', 'http://127.0.0.1:1/n', 'TRANSACTION.SUCCESS', "
         .. "'s', 'transaction', '{}', '{\"id\":1}', "
         .. "'2026-01-01T00:00:00+08:00', $2, 'pending', 0, $2)",
-        { "N" .. i, now - 1 }))
+        { id, now - 1 }))
     end
     local function row(id)
       return assert(db:query("SELECT * FROM sim_notifications WHERE id = $1",
                              { id }))[1]
     end
-    local l = assert(lease.acquire(db, notify.LEASE_KEY, 0.2))
-    local d = setmetatable({ ctx = { config = { answer_timeout = 1,
+    return db, row
+  end
+
+  -- a deliverer on db holding the lease for ttl seconds
+  local function deliverer(db, ttl, answer_timeout)
+    local notify = require "sim.notify"
+    local l = assert(lease.acquire(db, notify.LEASE_KEY, ttl))
+    return setmetatable({ ctx = { config = { answer_timeout = answer_timeout,
       time_scale = 1 } }, db = db, lease = l, in_flight = 0 },
       notify.Deliverer)
+  end
+
+  it("a lost lease cannot mark a notification delivered", function()
+    local notify = require "sim.notify"
+    local db, row = store({ "N1", "N2" })
+    local d = deliverer(db, 0.2, 1)
     local r1 = row("N1")
     local n = d:claim(r1)
     assert.equal(1, n)
@@ -352,21 +364,9 @@ describe("the notification deliverer's fencing", function()
     -- notify.list reads the notifications, then their attempts: a claim
     -- landing in between must not read as an interrupted attempt
     local notify = require "sim.notify"
-    local dir = server.tmpdir()
-    local db = assert(sql.open("sqlite:" .. dir .. "/sim.db"))
-    assert(migrate.run(db, "examples/simulator/migrations"))
-    local now = require("paygate.core").time()
-    assert(db:exec("INSERT INTO sim_notifications (id, mchid, notify_url,"
-      .. " event_type, summary, original_type, resource, body, "
-      .. "create_time, created_at, state, attempts, next_at) VALUES ('N1', "
-      .. "'1900007291', 'http://127.0.0.1:1/n', 'TRANSACTION.SUCCESS', "
-      .. "'s', 'transaction', '{}', '{\"id\":1}', "
-      .. "'2026-01-01T00:00:00+08:00', $1, 'pending', 0, $1)", { now - 1 }))
-    local l = assert(lease.acquire(db, notify.LEASE_KEY, 30))
-    local d = setmetatable({ ctx = { config = { answer_timeout = 5,
-      time_scale = 1 } }, db = db, lease = l, in_flight = 0 },
-      notify.Deliverer)
-    local r = assert(db:query("SELECT * FROM sim_notifications"))[1]
+    local db, row = store({ "N1" })
+    local d = deliverer(db, 30, 5)
+    local r = row("N1")
     local claimed
     local racing = { query = function(_, q, p)
       local rows, err = db:query(q, p)
@@ -383,26 +383,12 @@ describe("the notification deliverer's fencing", function()
   end)
 
   it("the holder's finish marks it delivered", function()
-    local notify = require "sim.notify"
-    local dir = server.tmpdir()
-    local db = assert(sql.open("sqlite:" .. dir .. "/sim.db"))
-    assert(migrate.run(db, "examples/simulator/migrations"))
-    local now = require("paygate.core").time()
-    assert(db:exec("INSERT INTO sim_notifications (id, mchid, notify_url,"
-      .. " event_type, summary, original_type, resource, body, "
-      .. "create_time, created_at, state, attempts, next_at) VALUES ('N1', "
-      .. "'1900007291', 'http://127.0.0.1:1/n', 'TRANSACTION.SUCCESS', "
-      .. "'s', 'transaction', '{}', '{\"id\":1}', "
-      .. "'2026-01-01T00:00:00+08:00', $1, 'pending', 0, $1)", { now - 1 }))
-    local l = assert(lease.acquire(db, notify.LEASE_KEY, 30))
-    local d = setmetatable({ ctx = { config = { answer_timeout = 1,
-      time_scale = 1 } }, db = db, lease = l, in_flight = 0 },
-      notify.Deliverer)
-    local r = assert(db:query("SELECT * FROM sim_notifications"))[1]
+    local db, row = store({ "N1" })
+    local d = deliverer(db, 30, 1)
+    local r = row("N1")
     local n = assert(d:claim(r))
     d:finish(r, n, { status = 204, latency = 0.01 }, 0)
-    assert.equal("delivered", assert(db:query(
-      "SELECT state FROM sim_notifications"))[1].state)
+    assert.equal("delivered", row("N1").state)
     db:close()
   end)
 end)

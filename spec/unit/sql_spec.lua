@@ -932,11 +932,12 @@ describe("paygate.sql on sqlite (engine specifics)", function()
   end)
 
   it("an inline read answers exactly what a reader answers", function()
-    -- the inline path builds its rows straight from the statement: the
-    -- same values as a reader's (NULL absent, NUL bytes kept, reals,
-    -- integers past 2^53 as strings), no row, many rows, and an error
-    -- met after some rows were made leaves no partial answer
+    -- the loop thread's read and a reader thread's give the same values
+    -- (NULL absent, NUL bytes kept, reals, integers past 2^53 as
+    -- strings), no row, many rows, and an error met after some rows
+    -- were made leaves no partial answer
     local inl = open("sqlite", { inline_reads = 500000 })
+    -- (a second handle on the same file: open() named it t<counter>.db)
     local rdr = assert(sql.open("sqlite:" .. tmp .. "/t" .. counter .. ".db",
                                 { inline_reads = 0 }))
     assert(inl:exec_script("CREATE TABLE m (k INTEGER PRIMARY KEY, t TEXT,"
