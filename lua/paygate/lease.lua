@@ -88,7 +88,8 @@ end
 
 local function check_lease(fname, l)
   if type(l) ~= "table" or type(l.key) ~= "string"
-     or (type(l.token) ~= "number" and type(l.token) ~= "string") then
+     or (type(l.token) ~= "number" and type(l.token) ~= "string")
+     or type(l.owner) ~= "string" then
     error(fname .. ": l must be a lease returned by lease.acquire", 3)
   end
 end
@@ -242,9 +243,12 @@ redis.call('SET', KEYS[1], token .. '|' .. ARGV[1], 'PX', ARGV[2])
 return {1, token, was}
 ]]
 
+-- renew and release match the whole value, token and owner: a Redis that
+-- lost writes restarts its counter, and another owner can then hold the
+-- same token (the fencing floor only keeps one client's grants rising)
 local RENEW = [[
 local cur = redis.call('GET', KEYS[1])
-if cur and string.match(cur, '^([^|]*)|') == ARGV[1] then
+if cur and cur == ARGV[1] .. '|' .. ARGV[3] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return 1
 end
@@ -253,7 +257,7 @@ return 0
 
 local RELEASE = [[
 local cur = redis.call('GET', KEYS[1])
-if cur and string.match(cur, '^([^|]*)|') == ARGV[1] then
+if cur and cur == ARGV[1] .. '|' .. ARGV[2] then
   redis.call('DEL', KEYS[1])
   return 1
 end
@@ -281,13 +285,14 @@ end
 return redis.call(unpack(ARGV, 2))
 ]]
 
-local scripts = setmetatable({}, { __mode = "k" })
-
+-- The scripts are kept on the client itself: a weak-keyed table whose
+-- values (the scripts) hold the client would keep every client alive
+-- (LuaJIT has no ephemerons), and with it its pool and connections.
 local function script(client, name, src)
-  local s = scripts[client]
+  local s = rawget(client, "_lease_scripts")
   if not s then
     s = {}
-    scripts[client] = s
+    rawset(client, "_lease_scripts", s)
   end
   if not s[name] then
     s[name] = client:script(src)
@@ -360,6 +365,9 @@ local function redis_acquire(client, key, ttl, owner)
     floors[client] = fl
   end
   local floor = fl[key] or 0
+  -- PX counts from when the script ran, not from its reply (which a WAIT
+  -- for the replicas may delay): the expiry is judged from before sending
+  local sent = core.time()
   local res, err = redis_run(client, "acquire", ACQUIRE,
     { PREFIX .. key, FENCE .. key }, { owner, ms(ttl), floor })
   if not res then
@@ -367,7 +375,8 @@ local function redis_acquire(client, key, ttl, owner)
     if type(r) == "table" and r[1] == 1 then
       -- granted on the master but not replicated: give it back (best
       -- effort; it expires after ttl anyway)
-      redis_run(client, "release", RELEASE, { PREFIX .. key }, { r[2] })
+      redis_run(client, "release", RELEASE, { PREFIX .. key },
+                { r[2], owner })
     end
     return nil, err
   end
@@ -384,26 +393,27 @@ local function redis_acquire(client, key, ttl, owner)
       .. " up?); continued above it", { key = key, counter = res[3],
                                         granted = token })
   end
-  return { key = key, token = token, expires_at = core.now() + ttl,
+  return { key = key, token = token, expires_at = sent + ttl,
            owner = owner, ttl = ttl }
 end
 
 local function redis_renew(client, l, ttl)
+  local sent = core.time()
   local res, err = redis_run(client, "renew", RENEW,
-    { PREFIX .. l.key }, { l.token, ms(ttl) })
+    { PREFIX .. l.key }, { l.token, ms(ttl), l.owner })
   if not res then
     return nil, err
   end
   if res ~= 1 then
     return fail("lost", "lease " .. l.key .. " expired or was taken over")
   end
-  l.expires_at = core.now() + ttl
+  l.expires_at = sent + ttl
   return l
 end
 
 local function redis_release(client, l)
   local res, err = redis_run(client, "release", RELEASE,
-    { PREFIX .. l.key }, { l.token })
+    { PREFIX .. l.key }, { l.token, l.owner })
   if not res then
     return nil, err
   end
@@ -876,7 +886,7 @@ end
 
 -- per-worker counters (lease.stats())
 local counts = { runs = 0, held = 0, renewed = 0, lost = 0, fenced = 0,
-                 store_errors = 0 }
+                 store_errors = 0, abandoned = 0 }
 
 -- paygate.log.warn (required when first used: paygate requires the
 -- libraries an app loads)
@@ -936,12 +946,25 @@ function Held:remaining()
   return self.lease.expires_at - core.now()
 end
 
+-- The work's coroutine was abandoned (its request's deadline,
+-- task:cancel(), shutdown): it will never release the lease, so the
+-- renewer does, and stops renewing it.
+local function abandoned(store, h)
+  counts.abandoned = counts.abandoned + 1
+  warn("lease: the work was abandoned (cancelled, or its request timed"
+       .. " out) while holding the lease: released", { key = h.key,
+       name = h.name, ttl = h.ttl, elapsed = core.mono() - h.started })
+  _M.release(store, h.lease)
+end
+
 -- Renews the lease each time half of it is gone, until done is set or
 -- the lease is lost. A store failure is retried after a tenth of the ttl.
+-- done set while the work is not finished: its coroutine was abandoned.
 local function renewer(store, h, done)
   while true do
     local wait = h.lease.expires_at - h.ttl / 2 - core.time()
     if wait > 0 and done:wait(wait) then
+      if not h.finished then abandoned(store, h) end
       return
     end
     if h.finished then
@@ -961,6 +984,7 @@ local function renewer(store, h, done)
     else
       counts.store_errors = counts.store_errors + 1
       if done:wait(math.max(h.ttl / 10, 0.01)) then
+        if not h.finished then abandoned(store, h) end
         return
       end
     end
@@ -1041,15 +1065,19 @@ function _M.run(store, key, fn, opts)
   local h = setmetatable({ key = key, token = l.token, ttl = ttl,
                            name = name, lease = l, store = store,
                            lost = false, started = core.mono() }, Held)
-  local done, task
+  local done, task, guard
   if opts.renew ~= false then
     done = core.event()
     task = core.spawn(renewer, store, h, done)
+    -- if this coroutine is abandoned mid-work, done is set with
+    -- h.finished unset: the renewer releases the lease and stops
+    guard = done:set_on_abandon()
   end
   local res = pack(pcall(fn, h))
   local elapsed = core.mono() - h.started
   h.finished = true
   if task then
+    guard:cancel()
     done:set()
     task:wait()                  -- a renewal in flight ends first
   end
@@ -1075,7 +1103,8 @@ end
 -- returns: this worker's lease.run counters: runs, held (not run: another
 -- owner held the key), renewed, lost (a lease found gone by a renewal
 -- or the release), fenced (writes refused by h:check / h:call),
--- store_errors (renewals that failed on the store)
+-- store_errors (renewals that failed on the store), abandoned (runs whose
+-- coroutine was abandoned mid-work: the renewer released their lease)
 function _M.stats()
   local t = {}
   for k, v in pairs(counts) do

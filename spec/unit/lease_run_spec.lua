@@ -255,6 +255,29 @@ for engine, new_store in pairs(stores) do
       assert(lease.acquire(store, "boom", 5))
     end)
 
+    it("releases the lease of a run whose coroutine was abandoned"
+       .. " mid-work, and stops renewing it", function()
+      local abandoned = lease.stats().abandoned
+      local running = false
+      local t = paygate.spawn(function()
+        lease.run(store, "abandoned", function()
+          running = true
+          paygate.sleep(30)
+        end, { ttl = 5 })
+      end)
+      servers.wait_for(function() return running end, 5, "the work")
+      t:cancel()
+      -- released at once (before, renewed until the process exited; the
+      -- ttl alone would have kept it 5 s)
+      local l
+      servers.wait_for(function()
+        l = lease.acquire(store, "abandoned", 5)
+        return l ~= nil
+      end, 3, "the abandoned run's lease to be released")
+      assert.equal(abandoned + 1, lease.stats().abandoned)
+      assert(lease.release(store, l))
+    end)
+
     it("renews in the background while fn outlives the ttl", function()
       local renewed = lease.stats().renewed
       local refused = 0

@@ -25,6 +25,7 @@
 
 #define LTASK_MT "paygate.task"
 #define LEVENT_MT "paygate.event"
+#define LGUARD_MT "paygate.abandon_guard"
 
 /* ---- sleep ---------------------------------------------------------- */
 
@@ -643,17 +644,19 @@ levent_wait(lua_State *L)
  * Signals every coroutine waiting now; they resume on the next loop turn.
  * returns: how many were waiting. Never yields.
  */
+/* ev:set() for the event e, whose userdata is at L's index idx: moves
+ * the waiters to the fired list and arms the zero-delay wake (never wakes
+ * anyone itself). Returns how many were waiting, or -1 out of memory. */
 static int
-levent_set(lua_State *L)
+event_set(lua_State *L, struct gw_event *e, int idx)
 {
-    struct gw_event *e = gw_checkudata(L, 1, LEVENT_MT);
     int n = 0;
 
     e->sets++;
     if (e->waiting != NULL && e->wake == NULL) {
         e->wake = evtimer_new(gw_loop_base(), event_wake_fired, e);
         if (e->wake == NULL) {
-            return luaL_error(L, "no memory");
+            return -1;
         }
     }
     while (e->waiting != NULL) {
@@ -671,14 +674,126 @@ levent_set(lua_State *L)
         struct timeval zero = { 0, 0 };
 
         if (e->hold_ref == LUA_NOREF) {
-            lua_pushvalue(L, 1);
+            lua_pushvalue(L, idx);
             e->hold_ref = luaL_ref(L, LUA_REGISTRYINDEX);
         }
         evtimer_add(e->wake, &zero);
     }
+    return n;
+}
+
+static int
+levent_set(lua_State *L)
+{
+    struct gw_event *e = gw_checkudata(L, 1, LEVENT_MT);
+    int n = event_set(L, e, 1);
+
+    if (n < 0) {
+        return luaL_error(L, "no memory");
+    }
     lua_pushinteger(L, n);
     return 1;
 }
+
+/*
+ * syntax: guard = ev:set_on_abandon()
+ * Sets ev if the calling coroutine is abandoned -- its request's deadline,
+ * task:cancel(), shutdown -- or ends, before guard:cancel(): a helper task
+ * waiting on ev learns that the coroutine it serves will never run again
+ * (Lua cannot see that: an abandoned coroutine stays "suspended"). The
+ * set happens with no Lua running; its waiters resume on a later turn.
+ * Raises outside a coroutine.
+ */
+struct gw_abandon_guard {
+    struct gw_co_cleanup cl;
+    int                  ev_ref;   /* registry: the event; LUA_NOREF */
+    int                  self_ref; /* registry: this guard while armed */
+};
+
+static void
+guard_disarm(lua_State *L, struct gw_abandon_guard *g)
+{
+    gw_co_cleanup_del(&g->cl);
+    luaL_unref(L, LUA_REGISTRYINDEX, g->ev_ref);
+    luaL_unref(L, LUA_REGISTRYINDEX, g->self_ref);
+    g->ev_ref = g->self_ref = LUA_NOREF;
+}
+
+static void
+guard_fire(void *arg)
+{
+    struct gw_abandon_guard *g = arg;
+    lua_State               *L = gw_co_main();
+    int                      top = lua_gettop(L);
+
+    if (g->ev_ref == LUA_NOREF) {
+        return;
+    }
+    lua_rawgeti(L, LUA_REGISTRYINDEX, g->ev_ref);
+    {
+        struct gw_event *e = gw_testudata(L, -1, LEVENT_MT);
+
+        if (e != NULL && event_set(L, e, lua_gettop(L)) < 0) {
+            gw_log(GW_LOG_ERROR, "event: no memory to set an event on a"
+                   " coroutine's abandonment");
+        }
+    }
+    lua_settop(L, top);
+    guard_disarm(L, g);          /* cl is already detached by the co */
+}
+
+static int
+levent_set_on_abandon(lua_State *L)
+{
+    struct gw_co            *co;
+    struct gw_abandon_guard *g;
+
+    gw_checkudata(L, 1, LEVENT_MT);
+    co = gw_co_current(L);               /* raises outside a coroutine */
+    g = lua_newuserdata(L, sizeof(*g));
+    memset(g, 0, sizeof(*g));
+    g->ev_ref = g->self_ref = LUA_NOREF;
+    luaL_getmetatable(L, LGUARD_MT);
+    lua_setmetatable(L, -2);
+    lua_pushvalue(L, 1);
+    g->ev_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_pushvalue(L, -1);
+    g->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    g->cl.fn = guard_fire;
+    g->cl.arg = g;
+    gw_co_cleanup_add(co, &g->cl);
+    return 1;
+}
+
+/* syntax: guard:cancel() -- disarms it (idempotent); returns nothing */
+static int
+lguard_cancel(lua_State *L)
+{
+    struct gw_abandon_guard *g = gw_checkudata(L, 1, LGUARD_MT);
+
+    if (g->self_ref != LUA_NOREF) {
+        guard_disarm(L, g);
+    }
+    return 0;
+}
+
+/* Armed, a guard is anchored in the registry: this runs once it is
+ * disarmed, or at lua_close() (then detach it from its co, if any). */
+static int
+lguard_gc(lua_State *L)
+{
+    struct gw_abandon_guard *g = gw_testudata(L, 1, LGUARD_MT);
+
+    if (g != NULL) {
+        gw_co_cleanup_del(&g->cl);
+    }
+    return 0;
+}
+
+static const luaL_Reg lguard_methods[] = {
+    { "cancel", lguard_cancel },
+    { NULL, NULL }
+};
 
 /* syntax: n = ev:waiters() -- coroutines waiting (not yet signalled) */
 static int
@@ -737,6 +852,7 @@ static const luaL_Reg levent_methods[] = {
     { "set", levent_set },
     { "waiters", levent_waiters },
     { "count", levent_count },
+    { "set_on_abandon", levent_set_on_abandon },
     { NULL, NULL }
 };
 
@@ -935,6 +1051,13 @@ luaopen_paygate_core(lua_State *L)
     lua_setfield(L, -2, "__gc");
     lua_newtable(L);
     luaL_register(L, NULL, levent_methods);
+    lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
+    luaL_newmetatable(L, LGUARD_MT);
+    lua_pushcfunction(L, lguard_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_newtable(L);
+    luaL_register(L, NULL, lguard_methods);
     lua_setfield(L, -2, "__index");
     lua_pop(L, 1);
     lua_newtable(L);

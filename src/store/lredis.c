@@ -124,28 +124,40 @@ client_unref(struct lredis_client *cl)
 
 /* ------------------------------------------------------------- replies */
 
+/* 1 when the reply's first word (its error code) is w: prefixes alone
+ * would read BUSYGROUP or BUSYKEY as BUSY. */
+static int
+code_is(const char *s, const char *w)
+{
+    size_t n = strlen(w);
+
+    return strncmp(s, w, n) == 0 && (s[n] == ' ' || s[n] == '\0');
+}
+
 static const char *
 error_kind(const char *s, int *retryable)
 {
     *retryable = 0;
-    if (strncmp(s, "NOSCRIPT", 8) == 0) {
+    if (code_is(s, "NOSCRIPT")) {
         return "noscript";
     }
-    if (strncmp(s, "BUSY", 4) == 0 || strncmp(s, "TRYAGAIN", 8) == 0) {
+    if (code_is(s, "BUSY") || code_is(s, "TRYAGAIN")) {
         *retryable = 1;
         return "busy";
     }
-    if (strncmp(s, "LOADING", 7) == 0 || strncmp(s, "READONLY", 8) == 0
-        || strncmp(s, "MASTERDOWN", 10) == 0
-        || strncmp(s, "CLUSTERDOWN", 11) == 0)
+    if (code_is(s, "LOADING") || code_is(s, "READONLY")
+        || code_is(s, "MASTERDOWN") || code_is(s, "CLUSTERDOWN"))
     {
         *retryable = 1;
         return "unavailable";
     }
-    if (strncmp(s, "OOM", 3) == 0) {
+    if (code_is(s, "OOM")) {
         return "unavailable";
     }
-    if (strncmp(s, "WRONGTYPE", 9) == 0) {
+    /* the group or key exists already: trying again cannot succeed */
+    if (code_is(s, "WRONGTYPE") || code_is(s, "BUSYGROUP")
+        || code_is(s, "BUSYKEY"))
+    {
         return "constraint";
     }
     if (strncmp(s, "ERR unknown command", 19) == 0
@@ -229,7 +241,7 @@ op_finish(struct lredis_op *op)
     struct gw_co    *co = op->co;
     struct lredis_client *cl = op->cl;
     lua_State       *L;
-    int              n;
+    int              n, retry;
 
     if (co == NULL) {
         if (op->results != LUA_NOREF) {
@@ -240,16 +252,18 @@ op_finish(struct lredis_op *op)
         return;
     }
     L = gw_co_state(co);
+    /* timeout and unavailable may pass; a closed client stays closed */
+    retry = strcmp(op->kind, "closed") != 0;
     if (op->results != LUA_NOREF) {
         if (op->kind[0] != '\0') {
-            n = gw_push_error(L, op->kind, 1, "%s", op->msg);
+            n = gw_push_error(L, op->kind, retry, "%s", op->msg);
         } else {
             lua_rawgeti(L, LUA_REGISTRYINDEX, op->results);
             n = 1;
         }
         luaL_unref(L, LUA_REGISTRYINDEX, op->results);
     } else {
-        n = gw_push_error(L, op->kind, 1, "%s", op->msg);
+        n = gw_push_error(L, op->kind, retry, "%s", op->msg);
     }
     free(op);
     client_unref(cl);
