@@ -6,8 +6,9 @@
 -- and DIR/gateway.lua: the simulator and the gateway on loopback, SQLite
 -- under DIR, the gateway's unsigned-loopback dev app "dev".
 --   build/paygate exec scripts/dev.lua DIR --apikey
--- prints the dev app's API key (made once, kept in DIR/apikey.json), for
--- trying signed requests; run it once the gateway has started.
+-- prints the dev app's API key when it makes it (once, kept in
+-- DIR/apikey.json), for trying signed requests, else "kept"; run it once
+-- the gateway has started.
 local testing = require "paygate.testing"
 local json = require "cjson.safe"
 
@@ -48,14 +49,16 @@ local function q(s) return string.format("%q", s) end
 if sim_url == "--apikey" then
   local path = dir .. "/apikey.json"
   local k = json.decode(read(path) or "")
-  if not k then
-    local apikey = require "paygate.apikey"
-    local sql = require "paygate.sql"
-    local db = assert(sql.open("sqlite:" .. dir .. "/gateway.db"))
-    k = assert(apikey.create(db, "dev"))
-    db:close()
-    write(path, json.encode(k), true)
+  if k then
+    print("kept")        -- printed when made; not again on every start
+    os.exit(0)
   end
+  local apikey = require "paygate.apikey"
+  local sql = require "paygate.sql"
+  local db = assert(sql.open("sqlite:" .. dir .. "/gateway.db"))
+  k = assert(apikey.create(db, "dev"))
+  db:close()
+  write(path, json.encode(k), true)
   print(k.app_id .. " " .. k.key_id .. " " .. k.secret)
   os.exit(0)
 end

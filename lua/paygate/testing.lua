@@ -407,13 +407,25 @@ function Sim:wait_notification(match, opts)
       end
     end
   end
-  local ok, d = pcall(proc.wait_until, find, opts.timeout or 15,
-                      "a notification")
+  local timeout = opts.timeout or 15
+  local ok, d = pcall(proc.wait_until, find, timeout, "a notification")
   if ok then return d end
+  -- a retry not due yet: WeChat's schedule (15 s, 15 s, 30 s, ...) is
+  -- longer than the wait unless the simulator runs with a time_scale
+  local hint = ""
+  for _, sd in ipairs(seen or {}) do
+    if sd.state == "pending" and type(sd.next_at) == "number" then
+      hint = ("; its next attempt is due in %.1f s (WeChat's retry"
+        .. " schedule): start the simulator with a time_scale, e.g."
+        .. " testing.simulator{ time_scale = 100 }, or pass opts.timeout")
+        :format(sd.next_at - os.time())
+      break
+    end
+  end
   error("testing: no " .. (opts.attempts and (opts.attempts .. " attempts")
         or "acknowledged delivery") .. " of a notification matching "
-        .. shown(match) .. " in " .. (opts.timeout or 15)
-        .. " s; seen: " .. shown(seen), 2)
+        .. shown(match) .. " in " .. timeout .. " s" .. hint .. "; seen: "
+        .. shown(seen), 2)
 end
 
 --- syntax: d = sim:pay_and_wait(out_trade_no[, opts])

@@ -254,6 +254,28 @@ paygate.route("POST", "/fail", function() return 500, "no" end)]] }
   end)
 end)
 
+describe("testing.simulator on WeChat's own retry schedule", function()
+  teardown(testing.stop_all)
+
+  it("a wait for a retry not due yet says when it is due and what to do",
+     function()
+    local sim = testing.simulator()
+    local app = testing.start_app{ source = [[
+local paygate = require "paygate"
+paygate.route("POST", "/fail", function() return 500, "no" end)]] }
+    local no = sim:order{ notify_url = app:url("/fail") }
+    sim:pay(no)
+    sim:wait_notification(no, { attempts = 1 })
+    local ok, err = pcall(sim.wait_notification, sim, no,
+                          { attempts = 2, timeout = 0.5 })
+    assert.is_false(ok)
+    assert.matches("no 2 attempts", err)
+    -- the first retry comes 15 s after the failed attempt
+    assert.matches("its next attempt is due in 1%d%.%d s", err)
+    assert.matches("time_scale = 100", err, 1, true)
+  end)
+end)
+
 -- Two merchants may use the same out_trade_no: the control API then asks
 -- which one (409 AMBIGUOUS) and ?mchid= picks it (sim:pay's mchid).
 describe("testing.simulator with two merchants", function()

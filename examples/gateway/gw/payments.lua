@@ -176,12 +176,14 @@ local function check_create(b)
   if out.currency ~= "CNY" then bad.currency = "must be CNY" end
   if type(b.description) ~= "string" or b.description == ""
      or utf8_len(b.description) > 127 then
-    bad.description = "must be 1..127 characters of UTF-8 text (no emoji)"
+    bad.description = "must be 1..127 characters of UTF-8 text (no emoji,"
+      .. " no control characters)"
   end
   out.description = b.description
   if b.attach ~= nil and (type(b.attach) ~= "string"
                           or utf8_len(b.attach) > 128) then
-    bad.attach = "must be UTF-8 text of at most 128 characters"
+    bad.attach = "must be at most 128 characters of UTF-8 text (no emoji,"
+      .. " no control characters)"
   end
   out.attach = b.attach
   if b.expires_in ~= nil and not is_int(b.expires_in, 60, 7 * 86400) then

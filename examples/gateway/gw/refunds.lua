@@ -106,7 +106,8 @@ local function check(b)
   end
   if b.reason ~= nil and (type(b.reason) ~= "string" or b.reason == ""
                           or (payments.text_len(b.reason) or 81) > 80) then
-    bad.reason = "must be a string of at most 80 characters"
+    bad.reason = "must be 1..80 characters of UTF-8 text (no emoji, no"
+      .. " control characters)"
   end
   return next(bad) == nil, bad
 end

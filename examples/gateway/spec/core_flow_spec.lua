@@ -36,6 +36,16 @@ describe("gateway core flow", function()
       channel = "native", amount = 1, description = "cake \240\159\142\130" })
     assert.equal(400, res.status)
     assert.matches("no emoji", res.json.fields.description, 1, true)
+    -- the same rule, said the same way, for attach and a refund's reason
+    res = gw:call("POST", "/v1/payments", { order_id = "emoji-2",
+      channel = "native", amount = 1, description = "cake",
+      attach = "\240\159\152\128" })
+    assert.equal(400, res.status)
+    assert.matches("no emoji", res.json.fields.attach, 1, true)
+    res = gw:call("POST", "/v1/payments/pay_none/refunds", { amount = 1,
+      reason = "\240\159\152\128" })
+    assert.equal(400, res.status, res.body)
+    assert.matches("no emoji", res.json.fields.reason, 1, true)
     -- raw bytes: an encoder would turn them into other characters
     res = gw:call("POST", "/v1/payments", '{"order_id":"bad-utf8",'
       .. '"channel":"native","amount":1,"description":"\255\254"}')
