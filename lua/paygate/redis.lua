@@ -445,6 +445,15 @@ local function opts_problem(o)
   if o.lease_replicas and o.lease_replicas % 1 ~= 0 then
     return "opts.lease_replicas must be an integer"
   end
+  -- a lease's WAIT holds its connection up to lease_wait: at or past the
+  -- reply timeout the connection would be dropped under it (and with it
+  -- every command pipelined behind)
+  local timeout = type(o.timeout) == "number" and o.timeout or 5
+  if o.lease_wait and o.lease_wait >= timeout then
+    return "opts.lease_wait (" .. tostring(o.lease_wait) .. " s) must be"
+      .. " shorter than opts.timeout (" .. tostring(timeout) .. " s): a"
+      .. " lease's WAIT would outlast the reply timeout"
+  end
 end
 
 -- syntax: client, err = redis.connect(url [, opts])
@@ -454,7 +463,8 @@ end
 --       default 5), connect_timeout (s, default 2), password, db;
 --       Sentinel: sentinel_poll (s, default 1), sentinel_password;
 --       leases (paygate.lease): lease_replicas (replicas a grant waits
---       for: default 1 under Sentinel, else 0), lease_wait (s, default 1),
+--       for: default 1 under Sentinel, else 0), lease_wait (s, default 1,
+--       or half of timeout when that is less; shorter than timeout),
 --       lease_unsafe (true: allow leases under Sentinel without waiting)
 -- returns: a client after one PING (Sentinel: ROLE) answered, or nil, err
 -- yields: for the name lookups and that round trip
@@ -482,7 +492,8 @@ function _M.connect(url, opts)
   local self = setmetatable({
     host = target.host or target.master,
     lease_replicas = o.lease_replicas or (target.sentinels and 1 or 0),
-    lease_wait = o.lease_wait or 1,
+    -- (by default 1 s, and within the reply timeout: see opts_problem)
+    lease_wait = o.lease_wait or math.min(1, (tonumber(o.timeout) or 5) / 2),
     lease_unsafe = o.lease_unsafe == true,
     sentinel = target.sentinels ~= nil,
   }, Client)

@@ -41,6 +41,17 @@ describe("paygate.redis", function()
       ok, err = pcall(redis.connect, srv.url .. "?pool=many")
       assert.is_false(ok)
       assert.truthy(tostring(err):find("opts.pool must be", 1, true), err)
+      -- a lease's WAIT would outlast the reply timeout, dropping the
+      -- connection under it and every command pipelined behind
+      ok, err = pcall(redis.connect, srv.url, { timeout = 1,
+                                                lease_wait = 1 })
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find("opts.lease_wait (1 s) must be"
+        .. " shorter than opts.timeout (1 s)", 1, true), err)
+      -- the default follows a short timeout
+      local c = assert(redis.connect(srv.url, { timeout = 0.4 }))
+      assert.equal(0.2, c.lease_wait)
+      c:close()
     end)
 
     it("takes lease_unsafe from the URL as a boolean, and raises on"
