@@ -179,6 +179,33 @@ describe("paygate doctor --config <the gateway's config>", function()
     assert.is_nil(io.open(dir .. "/typo"))
   end)
 
+  it("measures its notify route and leases from its metrics_url", function()
+    -- the gateway's notify route, on an app whose admin listener serves
+    -- /metrics as the gateway's does
+    local app = server.start{ source = [[
+      require("paygate").route("POST", "/wechatpay/notify/:mchid",
+        function() return 401, { code = "FAIL" } end)
+    ]] }
+    local ok, err = pcall(function()
+      local res = app:request{ method = "POST",
+                               path = "/wechatpay/notify/1900000001" }
+      assert.equal(401, res.status)
+      local conf = variant("metrics", ("c.gateway.public_url = %q\n"
+        .. "c.metrics_url = %q\n"
+        .. "c.leases = { notify = { ttl = 10, route = "
+        .. "'POST /wechatpay/notify/:mchid' } }")
+        :format(app:url(""), "http://127.0.0.1:" .. app.admin .. "/metrics"))
+      local _, out, r = run({ "doctor", "--json", "--config", conf })
+      assert.equal("ok", r.gateway_config.status, out)
+      assert.equal("ok", r.notify_latency and r.notify_latency.status, out)
+      assert.matches("POST /wechatpay/notify/:mchid", r.notify_latency.cause,
+                     1, true)
+      assert.equal("ok", r.lease_ttl and r.lease_ttl.status, out)
+    end)
+    app:stop()
+    assert(ok, err)
+  end)
+
   it("refuses --merchant for a merchant it does not list, and for a"
      .. " config of its own shape", function()
     local conf = dir .. "/dev/gateway.lua"

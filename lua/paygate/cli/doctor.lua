@@ -169,6 +169,11 @@ local function from_gateway(conf, pick)
   local out = { wechatpay = wc, database = g.db or DEFAULT_GATEWAY_DB,
                 etcd_prefix = etcd,
                 redis = g.redis, limits = conf.limits,
+                -- doctor's own keys, beside the gateway's at the top level
+                -- (the runtime leaves keys it does not know to the app)
+                metrics_url = conf.metrics_url, leases = conf.leases,
+                api_crl_file = conf.api_crl_file,
+                notify_ca_file = conf.notify_ca_file,
                 -- where a fix goes: the gateway's keys, not wechatpay.*
                 key_prefix = "merchants[" .. at .. "]." }
   if type(g.public_url) == "string" then
@@ -176,7 +181,8 @@ local function from_gateway(conf, pick)
                      .. id
   end
   -- /metrics labels a request by the route it matched, not its path
-  out.notify_route = "/wechatpay/notify/:mchid"
+  out.notify_route = type(conf.notify_route) == "string" and conf.notify_route
+                     or "/wechatpay/notify/:mchid"
   return out, id, #list
 end
 
