@@ -220,7 +220,17 @@ describe("paygate doctor", function()
     -- /metrics labels it /notify-by/:mchid: the URL's path finds nothing
     local _, out, r = run({ "doctor", "--json", "--config", config{
       metrics_url = metrics, notify_url = app:url("/notify-by/1900000001") } })
-    assert.is_nil(r.notify_latency, out)
+    -- said, as lease_ttl says it, naming the route looked for
+    assert.equal("warn", r.notify_latency and r.notify_latency.status, out)
+    assert.matches("POST /notify-by/1900000001: nothing measured yet",
+                   r.notify_latency.cause, 1, true)
+    assert.matches("notify_route", r.notify_latency.fix, 1, true)
+    -- a metrics_url that does not answer: said too
+    _, out, r = run({ "doctor", "--json", "--config", config{
+      metrics_url = "http://127.0.0.1:9/metrics" } })
+    assert.equal("warn", r.notify_latency and r.notify_latency.status, out)
+    assert.matches("no answer from http://127.0.0.1:9/metrics",
+                   r.notify_latency.detail, 1, true)
     _, out, r = run({ "doctor", "--json", "--config", config{
       metrics_url = metrics, notify_url = app:url("/notify-by/1900000001"),
       notify_route = "/notify-by/:mchid" } })

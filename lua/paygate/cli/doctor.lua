@@ -892,11 +892,23 @@ local function check_notify(out, conf, metrics)
              :format(name, v, WINDOW))
     end
   end
-  if metrics and url and type(url) == "string" then
+  if conf.metrics_url and url and type(url) == "string" then
     local path = type(conf.notify_route) == "string" and conf.notify_route
                  or url:match("^https?://[^/]+(/[^?]*)") or "/"
-    local n, p99 = measured(metrics, "POST", path)
-    if n then
+    local n, p99
+    if metrics then n, p99 = measured(metrics, "POST", path) end
+    if not metrics then
+      out:warn("notify_latency", ("POST %s: nothing measured yet"):format(
+               path), "no answer from " .. tostring(conf.metrics_url),
+               "check metrics_url (the running gateway's admin listener, "
+               .. "/metrics) and run doctor again")
+    elseif not n then
+      out:warn("notify_latency", ("POST %s: nothing measured yet (no "
+               .. "request on that route in /metrics)"):format(path), nil,
+               "run traffic (or the simulator) through that route and run "
+               .. "doctor again; a route with a parameter is labelled by "
+               .. "its pattern: set notify_route (e.g. /notify/:mchid)")
+    else
       if p99 >= WINDOW then
         out:fail("notify_latency", ("POST %s: 99%% of %d answered within "
                  .. "%s s, not within %d s"):format(path, n, tostring(p99),
