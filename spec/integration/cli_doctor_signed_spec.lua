@@ -86,6 +86,53 @@ describe("paygate doctor's signed call (platform certificate mode)", function()
     assert.is_nil(out:find(key, 1, true))
   end)
 
+  it("a wrong APIv3 key: the fix names the keys of the config checked",
+     function()
+    local key = testing.apiv3_key()
+    -- a client config: its own keys
+    local r, out = doctor(sim:client_config(nil, { apiv3_key = key }))
+    assert.matches("set apiv3_key to", r.fix, 1, true)
+    -- the gateway's config: apiv3_key is refused there; its keys are
+    -- apiv3_key_file (or _env) and previous_apiv3_key_files
+    local wc = sim:client_config()
+    local kf = dir .. "/wrong." .. crypto.random_nonce(6) .. ".key"
+    local f = assert(io.open(kf, "w"))
+    f:write(key, "\n")
+    f:close()
+    local gw = dir .. "/gw." .. crypto.random_nonce(6) .. ".lua"
+    f = assert(io.open(gw, "w"))
+    f:write("return { gateway = ", literal{ db = "sqlite:" .. dir
+      .. "/gw.db", public_url = "http://127.0.0.1:9" }, ", merchants = { ",
+      literal{ mchid = wc.mchid, appid = wc.appid,
+        merchant_private_key = wc.merchant_private_key,
+        merchant_certificate = wc.merchant_certificate,
+        apiv3_key_file = kf, base_url = wc.base_url }, " } }\n")
+    f:close()
+    local p = proc.spawn({ PAYGATE_BIN, "doctor", "--json", "--config", gw },
+                         { log = gw .. ".out" })
+    local code = p:wait(60)
+    out = proc.read(gw .. ".out")
+    assert.equal(1, code, out)
+    local all = {}
+    for line in out:gmatch("[^\n]+") do
+      local x = json.decode(line)
+      if x and x.kind then all[x.kind] = all[x.kind] or x end
+    end
+    r = all.signed_call
+    assert.equal("fail", r and r.status, out)
+    assert.matches("APIv3 key does not decrypt", r.cause, 1, true)
+    assert.matches("merchants[1].apiv3_key_file", r.fix, 1, true)
+    assert.matches("merchants[1].previous_apiv3_key_files", r.fix, 1, true)
+    for _, x in ipairs({ r.cause, r.fix, all.apiv3_key.cause }) do
+      assert.is_nil(x:find("apiv3_key,", 1, true), x)
+      assert.is_nil(x:find("apiv3_key ", 1, true), x)
+      assert.is_nil(x:find("previous_apiv3_keys", 1, true), x)
+    end
+    assert.matches("merchants[1].apiv3_key_file", all.apiv3_key.cause, 1,
+                   true)
+    assert.is_nil(out:find(key, 1, true))
+  end)
+
   it("fails when the host answers 503", function()
     sim:fault{ endpoint = "certificates", kind = "error", status = 503,
                code = "SYSTEM_ERROR" }

@@ -101,9 +101,10 @@ local function main(args)
                .. "nonce or associated_data (" .. #r.nonce .. "-byte nonce, "
                .. "associated_data \"" .. tostring(aad):sub(1, 80) .. "\")",
                "set the current APIv3 key (merchant platform, API security);"
-               .. " after changing it, keep the old one in "
-               .. "previous_apiv3_keys while notifications encrypted with "
-               .. "it may still arrive")
+               .. " after changing it, keep the old one while notifications "
+               .. "encrypted with it may still arrive: previous_apiv3_keys "
+               .. "(paygate.wechatpay's config), previous_apiv3_key_files "
+               .. "(the gateway's)")
     end
     return 1
   end

@@ -175,7 +175,13 @@ local function from_gateway(conf, pick)
                 api_crl_file = conf.api_crl_file,
                 notify_ca_file = conf.notify_ca_file,
                 -- where a fix goes: the gateway's keys, not wechatpay.*
-                key_prefix = "merchants[" .. at .. "]." }
+                key_prefix = "merchants[" .. at .. "].",
+                -- (the APIv3 keys are its own: a file or a variable)
+                key_names = { apiv3_key = "merchants[" .. at .. "]."
+                  .. (m.apiv3_key_file == nil and m.apiv3_key_env ~= nil
+                      and "apiv3_key_env" or "apiv3_key_file"),
+                  previous_apiv3_keys = "merchants[" .. at
+                  .. "].previous_apiv3_key_files" } }
   if type(g.public_url) == "string" then
     out.notify_url = g.public_url:gsub("/+$", "") .. "/wechatpay/notify/"
                      .. id
@@ -313,6 +319,27 @@ local function secrets(out, wc)
   end
 end
 
+-- The setting a client key is given by: wechatpay.<key> in a client
+-- config; in the gateway's, merchants[i].<key>, but the APIv3 keys are
+-- apiv3_key_file / apiv3_key_env and previous_apiv3_key_files there.
+local function key_name(conf, key, bare)
+  local names = conf and conf.key_names
+  if names and names[key] then return names[key] end
+  if bare then return key end
+  return (conf and conf.key_prefix or "wechatpay.") .. key
+end
+
+-- Where to put the APIv3 key: the fix's words
+local function apiv3_where(conf)
+  local name = key_name(conf, "apiv3_key", true)
+  if name:find("apiv3_key_env$") then
+    return "the variable " .. name .. " names"
+  elseif name:find("apiv3_key_file$") then
+    return "the file " .. name .. " names"
+  end
+  return name
+end
+
 local function check_keys(out, wc, now, expiring, conf)
   -- where the keys are set: wechatpay.* in a client config, merchants[i].*
   -- in the gateway's (which takes paths only, never PEM text)
@@ -431,7 +458,20 @@ local function check_keys(out, wc, now, expiring, conf)
   end
   -- the APIv3 key
   local cause, fix = common.apiv3_key_problem(wc.apiv3_key)
-  if cause then out:fail("apiv3_key", cause, nil, fix)
+  if gateway then
+    local name = key_name(conf, "apiv3_key")
+    if cause then
+      cause = cause .. " (" .. name .. ")"
+      if wc.apiv3_key == nil then
+        fix = "give " .. prefix .. "apiv3_key_file (a file holding the 32 "
+              .. "characters set in the merchant platform, API security) "
+              .. "or " .. prefix .. "apiv3_key_env (a variable holding them)"
+      end
+    end
+    if cause then out:fail("apiv3_key", cause, nil, fix)
+    else out:ok("apiv3_key", "the APIv3 key (" .. name .. ") is 32 bytes")
+    end
+  elseif cause then out:fail("apiv3_key", cause, nil, fix)
   else out:ok("apiv3_key", "apiv3_key is 32 bytes") end
   -- platform certificates configured: each entry's role first (the
   -- merchant's own certificate put there makes the client blame
@@ -474,10 +514,15 @@ local function check_keys(out, wc, now, expiring, conf)
     out:ok("wechatpay_config", "paygate.wechatpay accepts the configuration "
            .. "(" .. c.mode .. " mode)")
   else
-    out:fail("wechatpay_config", (tostring(err.message):gsub("^wechatpay%.",
-             prefix)), nil,
+    local name = key_name(conf, tostring(err.key))
+    local msg = tostring(err.message)
+    msg = msg:sub(1, #("wechatpay." .. tostring(err.key)) + 1)
+          == "wechatpay." .. tostring(err.key) .. ":"
+          and name .. msg:sub(#("wechatpay." .. tostring(err.key)) + 1)
+          or (msg:gsub("^wechatpay%.", prefix))
+    out:fail("wechatpay_config", msg, nil,
              misplaced and "fix platform_certificates (see above)"
-             or "fix " .. prefix .. tostring(err.key))
+             or "fix " .. name)
   end
   return c
 end
@@ -610,7 +655,7 @@ end
 -- What a failed signed call means, by the client's error kind: the cause
 -- in words and the fix. mode: the client's (certificate, migration,
 -- public_key).
-local function signed_failure(err, mode)
+local function signed_failure(err, mode, conf)
   local k = err.kind
   if k == "sign_error" then
     return "WeChat refused the request's signature", "merchant_serial (or "
@@ -622,7 +667,11 @@ local function signed_failure(err, mode)
       .. "(and sp_mchid for a service provider)"
   elseif k == "decrypt_failed" then
     return "the APIv3 key does not decrypt the certificates WeChat sent",
-      "set apiv3_key to the APIv3 key set in the merchant platform (API "
+      conf and conf.key_names and "put the APIv3 key set in the merchant "
+      .. "platform (API security) in " .. apiv3_where(conf) .. " (after a "
+      .. "change, the old one in " .. key_name(conf, "previous_apiv3_keys")
+      .. "); paygate decrypt names why a ciphertext fails"
+      or "set apiv3_key to the APIv3 key set in the merchant platform (API "
       .. "security); paygate decrypt names why a ciphertext fails"
   elseif k == "bad_signature" or k == "unknown_serial" then
     return "WeChat's answer does not verify with the keys configured",
@@ -653,7 +702,7 @@ end
 -- RESOURCE_NOT_EXISTS, an unsigned error: the signature is checked, the
 -- public key and the APIv3 key are not (the first signed answer and the
 -- first notification check them).
-local function check_signed(out, wc, cfg, clock_bad)
+local function check_signed(out, wc, cfg, clock_bad, dconf)
   local conf = {}
   for k, v in pairs(wc) do conf[k] = v end
   conf.backup_url, conf.timeout, conf.deadline = false, 10, 20
@@ -703,14 +752,22 @@ local function check_signed(out, wc, cfg, clock_bad)
            .. "and the first notification")
     return
   end
-  local cause, fix = signed_failure(err, cfg.mode)
+  local cause, fix = signed_failure(err, cfg.mode, dconf)
   if err.kind == "sign_error" and clock_bad then
     -- WeChat refuses a timestamp 5 minutes off as a bad signature
     fix = "sync the clock first (see clock above): WeChat refuses a "
           .. "timestamp 5 minutes off with SIGN_ERROR; then, if it stays, "
           .. fix
   end
-  out:fail("signed_call", cause .. ": " .. tostring(err.message),
+  local msg = tostring(err.message)
+  if dconf and dconf.key_names then
+    -- the client names its own keys; the gateway's config has others
+    msg = msg:gsub("%(apiv3_key, previous_apiv3_keys%)", function()
+      return "(" .. key_name(dconf, "apiv3_key") .. ", "
+             .. key_name(dconf, "previous_apiv3_keys") .. ")"
+    end)
+  end
+  out:fail("signed_call", cause .. ": " .. msg,
            err.request_id and "Request-ID " .. err.request_id or nil, fix)
 end
 
@@ -1064,7 +1121,7 @@ local function main(args)
   end
   local reached, clock_bad = check_api(out, wc, conf, now, expiring)
   if reached and cfg then
-    check_signed(out, wc, cfg, clock_bad)
+    check_signed(out, wc, cfg, clock_bad, conf)
   end
   local metrics
   if conf.metrics_url then
