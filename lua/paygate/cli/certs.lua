@@ -97,6 +97,32 @@ local function list_key(out, e)
                      "merchant private key" }
 end
 
+-- What a 401 SIGN_ERROR blames, from WeChat's detail.field or message
+-- (the mchid, the serial, the timestamp, the signature itself): the fix.
+local function sign_error_fix(err)
+  local d = type(err.detail) == "table" and err.detail or {}
+  local field = type(d.field) == "string" and d.field or ""
+  local m = tostring(err.wechat_message or err.message)
+  if field == "mchid" or m:find("mchid", 1, true)
+     or m:find("商户号", 1, true) then
+    return "WeChat does not know this merchant id: check --mchid (the CN "
+      .. "of apiclient_cert.pem's subject: paygate certs apiclient_cert.pem)"
+  elseif field == "serial_no" or m:find("序列号", 1, true)
+         or m:lower():find("serial", 1, true) then
+    return "check --serial: the serial of the API certificate WeChat holds "
+      .. "for this mchid (paygate certs apiclient_cert.pem prints it)"
+  elseif field == "timestamp" or m:find("timestamp", 1, true) then
+    return "sync this host's clock (NTP): WeChat refuses a timestamp 5 "
+      .. "minutes off"
+  elseif field == "signature" or m:find("验签", 1, true) then
+    return "--key is not the key of the certificate --serial names: use "
+      .. "apiclient_key.pem and apiclient_cert.pem's serial from the same "
+      .. "download (paygate doctor checks the pair)"
+  end
+  return "check --mchid, and --serial against the merchant certificate and "
+    .. "the key pair (paygate doctor)"
+end
+
 local function download(o, out)
   for _, k in ipairs({ "--mchid", "--key", "--serial", "--apiv3-key-file",
                        "--out" }) do
@@ -104,7 +130,9 @@ local function download(o, out)
   end
   local apiv3 = common.read_apiv3_key_file(o["--apiv3-key-file"],
                                           "--apiv3-key-file")
-  local keypem = common.read_secret(o["--key"], "--key")
+  -- a key that does not load is unusable input (exit 2), named here:
+  -- the client would say "cannot load the private key" of no file
+  local _, keypem = common.private_key_file(o["--key"], "--key")
   out:secret(apiv3)
   out:secret(keypem)
   local wechatpay = require "paygate.wechatpay"
@@ -130,8 +158,7 @@ local function download(o, out)
              err.request_id and "request id " .. err.request_id,
              err.kind == "decrypt_failed" and "the APIv3 key is wrong "
              .. "(paygate decrypt names why)" or err.kind == "sign_error"
-             and "check --serial against the merchant certificate and the "
-             .. "key pair (paygate doctor)" or nil)
+             and sign_error_fix(err) or nil)
     return 1
   end
   os.execute("mkdir -p '" .. o["--out"]:gsub("'", "") .. "'")

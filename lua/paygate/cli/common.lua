@@ -152,6 +152,36 @@ function _M.read_secret(path, option)
   return s
 end
 
+--- syntax: key, pem = common.private_key_file(path, option)
+-- Reads and loads the private key a --key option names; raises a usage
+-- error naming the option, the file (as common.shown shows it) and what
+-- the file holds instead (a certificate, a public key...). Never its
+-- content.
+function _M.private_key_file(path, option)
+  local pem = _M.read_secret(path, option)
+  local crypto = require "paygate.crypto"
+  local ok, key, kerr = pcall(crypto.private_key, pem)
+  if ok and key then return key, pem end
+  local why
+  if pem:find("-----BEGIN CERTIFICATE-----", 1, true) then
+    why = "it holds a CERTIFICATE, not a private key (apiclient_cert.pem? "
+          .. "the key is apiclient_key.pem)"
+  elseif pem:find("-----BEGIN PUBLIC KEY-----", 1, true)
+         or pem:find("-----BEGIN RSA PUBLIC KEY-----", 1, true) then
+    why = "it holds a PUBLIC key, not a private key (the key is "
+          .. "apiclient_key.pem)"
+  elseif pem:find("-----BEGIN ENCRYPTED PRIVATE KEY-----", 1, true) then
+    why = "it holds an ENCRYPTED private key: decrypt it first (openssl "
+          .. "pkey -in KEY -out PLAIN_KEY)"
+  elseif not pem:find("-----BEGIN", 1, true) then
+    why = "it holds no PEM block (-----BEGIN PRIVATE KEY----- ...)"
+  else
+    why = "it does not load as a private key ("
+          .. tostring(ok and kerr and kerr.kind or "malformed") .. ")"
+  end
+  usage_error("%s %s: %s", option, _M.shown(path), why)
+end
+
 --- syntax: key = common.read_apiv3_key_file(path, option)
 -- The APIv3 key from a file, as the gateway reads apiv3_key_file: the
 -- whitespace around it (a file's trailing newline) is not part of it.

@@ -37,12 +37,7 @@ local function main(args)
   local out = common.output(o["--json"])
   local method, url = o["--method"], o["--url"]
   local body = o["--body"] and common.read(o["--body"], "body file") or ""
-  local key, kerr = crypto.private_key(common.read_secret(o["--key"],
-                                                          "--key"))
-  if not key then
-    common.usage_error("--key: the file holds no private key PEM (%s)",
-                       tostring(kerr and kerr.kind))
-  end
+  local key = common.private_key_file(o["--key"], "--key")
   local schema = o["--sm2"] and sign.SM2 or sign.RSA
   local ts = o["--timestamp"] or tostring(os.time())
   local nonce = o["--nonce"] or crypto.random_nonce(32)

@@ -1,0 +1,74 @@
+-- paygate certs --download against the simulator: a SIGN_ERROR's fix
+-- follows what WeChat blamed (an unknown mchid is not a serial to check),
+-- and a --key that is not a private key (a certificate given for it) is
+-- unusable input, exit 2, naming the option, the file and what it holds.
+local testing = require "paygate.testing"
+local crypto = require "paygate.crypto"
+local server = require "support.server"
+local diagpki = require "support.diagpki"
+
+local dir, sim, wc, serial
+
+local function download(o)
+  return diagpki.run(dir, { "certs", "--json", "--download", wc.base_url,
+    "--mchid", o.mchid or wc.mchid, "--key", o.key or wc.merchant_private_key,
+    "--serial", o.serial or serial, "--apiv3-key-file", dir .. "/apiv3",
+    "--out", dir .. "/dl" }, 60)
+end
+
+setup(function()
+  dir = server.tmpdir()
+  sim = testing.simulator()
+  wc = sim:client_config()
+  diagpki.write(dir .. "/apiv3", wc.apiv3_key)
+  serial = assert(crypto.certificate(diagpki.read(wc.merchant_certificate)))
+           :serial()
+end)
+
+teardown(function()
+  testing.stop_all()
+  os.execute("rm -rf " .. dir)
+end)
+
+describe("paygate certs --download", function()
+  it("downloads with the right credentials", function()
+    local code, out = download{}
+    assert.equal(0, code, out)
+  end)
+
+  it("an mchid WeChat does not know: check --mchid", function()
+    local code, out, r = download{ mchid = "1234567" }
+    assert.equal(1, code, out)
+    local x = r[#r]
+    assert.equal("download", x.kind)
+    assert.matches("SIGN_ERROR", x.cause, 1, true)
+    assert.matches("check --mchid", x.fix, 1, true)
+    assert.is_nil(x.fix:find("check --serial", 1, true))
+  end)
+
+  it("a serial WeChat does not hold: check --serial", function()
+    local code, out, r = download{ serial = ("AB"):rep(20) }
+    assert.equal(1, code, out)
+    assert.matches("check --serial", r[#r].fix, 1, true)
+  end)
+
+  it("a certificate given as --key: exit 2, the file and why", function()
+    local code, out = download{ key = wc.merchant_certificate }
+    assert.equal(2, code, out)
+    assert.matches("--key " .. wc.merchant_certificate, out, 1, true)
+    assert.matches("holds a CERTIFICATE, not a private key", out, 1, true)
+    assert.is_nil(out:find("BEGIN", 1, true))
+    -- paygate sign says the same
+    code, out = diagpki.run(dir, { "sign", "--method", "GET", "--url",
+      "/v3/certificates", "--mchid", wc.mchid, "--serial", serial, "--key",
+      wc.merchant_certificate })
+    assert.equal(2, code, out)
+    assert.matches("holds a CERTIFICATE, not a private key", out, 1, true)
+    -- a file without PEM: said too, its content not shown
+    diagpki.write(dir .. "/notpem", wc.apiv3_key)
+    code, out = download{ key = dir .. "/notpem" }
+    assert.equal(2, code, out)
+    assert.matches("no PEM block", out, 1, true)
+    assert.is_nil(out:find(wc.apiv3_key, 1, true))
+  end)
+end)
