@@ -177,6 +177,17 @@ describe("paygate doctor --config <the gateway's config>", function()
     -- nor its folder (the gateway's own check makes it at start)
     assert.is_nil(io.open(dir .. "/typo/typo.db"))
     assert.is_nil(io.open(dir .. "/typo"))
+    -- an absolute path: no advice about relative ones
+    assert.is_nil(r.database.detail, out)
+    assert.is_nil(r.database.fix:find("absolute path", 1, true), out)
+    assert.matches("check the path", r.database.fix, 1, true)
+    -- a relative one: taken from where doctor runs, said
+    conf = variant("reldb", "c.gateway.db = 'sqlite:typo/typo.db'")
+    code, out, r = run({ "doctor", "--json", "--config", conf }, dir)
+    assert.equal(1, code, out)
+    assert.matches("a relative path", r.database.detail, 1, true)
+    assert.matches("absolute path", r.database.fix, 1, true)
+    assert.is_nil(io.open(dir .. "/typo"))
   end)
 
   it("measures its notify route and leases from its metrics_url", function()

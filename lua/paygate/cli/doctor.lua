@@ -982,7 +982,11 @@ end
 -- from another directory would make an empty store and call it fine)
 local function check_stores(out, conf)
   local missing = conf.database and common.sqlite_missing(conf.database)
-  if missing then
+  if missing and missing:sub(1, 1) == "/" then
+    out:fail("database", "no database file " .. missing, nil, "check the "
+             .. "path (a typo? the gateway makes the file on its first "
+             .. "start: has it started with this config?)")
+  elseif missing then
     out:fail("database", "no database file " .. missing, "a relative path"
              .. " is taken from the directory doctor runs in", "run doctor"
              .. " where the gateway runs, or give the database's absolute"
