@@ -72,3 +72,30 @@ describe("paygate certs --download", function()
     assert.is_nil(out:find(wc.apiv3_key, 1, true))
   end)
 end)
+
+describe("paygate certs: the time left", function()
+  it("a certificate valid 2 days from now: 1 day 23 h, not \"1 days\"",
+     function()
+    -- testing.merchant_keys{ days = 2 }: valid from now for 2 days, so a
+    -- moment later a little under 2 days are left
+    local k = testing.merchant_keys{ days = 2, dir = dir }
+    local code, out = diagpki.run(dir, { "certs", k.certificate })
+    assert.equal(0, code, out)
+    assert.matches("(1 day 23 h left)", out, 1, true)
+    assert.matches("expires in 1 day 23 h", out, 1, true)
+    assert.is_nil(out:find("1 days", 1, true), out)
+  end)
+
+  it("is said in whole days, rounded down, and hours under 2 days",
+     function()
+    local days = require("paygate.cli.common").days
+    local D, H = 86400, 3600
+    assert.equal("29 days", days(30 * D - 60))
+    assert.equal("2 days", days(2 * D))
+    assert.equal("1 day 23 h", days(2 * D - 60))
+    assert.equal("1 day", days(D + 60))
+    assert.equal("5 h", days(5 * H + 60))
+    assert.equal("40 min", days(40 * 60 + 5))
+    assert.equal("3 days", days(-3.5 * D))         -- expired 3 days ago
+  end)
+end)

@@ -48,8 +48,9 @@ local function list_cert(out, e, now)
   local left = (c:not_after() - now) / DAY
   local detail = ("subject %s\nissuer  %s\nvalid   %s to %s (%s)\nkey     "
     .. "%s-%d, file %s"):format(c:subject(), c:issuer(), date(c:not_before()),
-    date(c:not_after()), left >= 0 and ("%d days left"):format(left)
-    or ("expired %d days ago"):format(-left), c:key_type(), c:key_bits(),
+    date(c:not_after()), left >= 0 and common.days(left * DAY) .. " left"
+    or "expired " .. common.days(left * DAY) .. " ago", c:key_type(),
+    c:key_bits(),
     e.file)
   local name = role == "other" and "" or role .. " "
   local r = { kind = role == "CA" and "ca" or role == "other"
@@ -73,7 +74,7 @@ local function list_cert(out, e, now)
             "replace it; for a TLS server, install a current certificate"
   elseif left < 30 then
     r.status = "warn"
-    r.cause = r.cause .. (" expires in %d days"):format(left)
+    r.cause = r.cause .. " expires in " .. common.days(left * DAY)
     r.fix = role == "merchant" and "renew the API certificate in the "
             .. "merchant platform" or role == "CA" and "replace the CA "
             .. "certificate before then" or "download the new platform "

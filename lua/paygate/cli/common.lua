@@ -420,6 +420,20 @@ function _M.number(opts, name)
   return n
 end
 
+--- syntax: s = common.days(seconds) -- a certificate's time left (or
+-- since it expired), rounded down as the gateway's console does: "12
+-- days", and under 2 days with its hours, "1 day 23 h", "5 h", "40 min"
+-- (never "1 days" for 47 hours)
+function _M.days(s)
+  s = math.abs(s)
+  local d = math.floor(s / 86400)
+  if d >= 2 then return d .. " days" end
+  local h = math.floor(s % 86400 / 3600)
+  if d == 1 then return h > 0 and ("1 day " .. h .. " h") or "1 day" end
+  if h >= 1 then return h .. " h" end
+  return math.floor(s / 60) .. " min"
+end
+
 --- syntax: s = common.duration(seconds) -- "3 min 20 s", "2 h 5 min"...
 function _M.duration(s)
   s = math.floor(math.abs(s) + 0.5)

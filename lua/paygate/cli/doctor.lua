@@ -1074,15 +1074,15 @@ local function check_expiry(out, expiring, now)
   for _, e in ipairs(expiring) do
     local c = e[2]
     local left = (c:not_after() - now) / DAY
+    local d = common.days(left * DAY)
     if left < 0 then
-      out:fail("cert_expiry", ("%s %s expired %d days ago"):format(e[1],
-               c:serial(), -left), nil, "renew or download it")
+      out:fail("cert_expiry", ("%s %s expired %s ago"):format(e[1],
+               c:serial(), d), nil, "renew or download it")
     elseif left < 30 then
-      out:warn("cert_expiry", ("%s %s expires in %d days"):format(e[1],
-               c:serial(), left), nil, "renew it before then")
+      out:warn("cert_expiry", ("%s %s expires in %s"):format(e[1],
+               c:serial(), d), nil, "renew it before then")
     else
-      out:ok("cert_expiry", ("%s %s: %d days left"):format(e[1], c:serial(),
-             left))
+      out:ok("cert_expiry", ("%s %s: %s left"):format(e[1], c:serial(), d))
     end
   end
 end
