@@ -191,4 +191,24 @@ describe("paygate verify (more causes)", function()
       "--at", tostring(old + 10) }
     assert.equal(0, code, out)
   end)
+
+  it("marks a signed string cut short, and never cuts a character",
+     function()
+    -- a long body whose signature does not match (signed over another)
+    local body = '{"summary":"' .. ("支付成功"):rep(40) .. '"}'
+    local headers = signed('{"other":1}')
+    local r, out = last(body, headers)
+    local tried = r.detail:match("signed string tried: ([^\n]*)")
+    assert.truthy(tried, out)
+    local shown, more = tried:match("^(.*)… %((%d+) more bytes%)$")
+    assert.truthy(shown, tried)
+    -- what is shown and what is left out make the whole signed string
+    local ts = headers:match("Wechatpay%-Timestamp: (%d+)")
+    local nonce = headers:match("Wechatpay%-Nonce: (%S+)")
+    local msg = ts .. "\n" .. nonce .. "\n" .. body .. "\n"
+    assert.equal(#msg, #shown:gsub("\\n", "\n") + tonumber(more))
+    assert.truthy(require("paygate.utf8").len(shown),
+                  "cut inside a character: " .. shown)
+    assert.is_true(#shown <= 200)
+  end)
 end)

@@ -191,6 +191,26 @@ local function keys_sorted(s)
   return sorted and big
 end
 
+-- The signed string as shown (common.visible on one line), at most max
+-- bytes of it: a longer one is cut at a character (never inside a UTF-8
+-- sequence) and says how many of its bytes were left out.
+local TRIED_BYTES = 200
+local function shown(s) return (common.visible(s):gsub("\n", "")) end
+local function tried_text(msg, max)
+  if #shown(msg) <= max then return shown(msg) end
+  local lo, hi = 0, #msg                -- the longest prefix that fits
+  while lo < hi do
+    local mid = math.ceil((lo + hi) / 2)
+    if #shown(msg:sub(1, mid)) <= max then lo = mid else hi = mid - 1 end
+  end
+  local b = msg:byte(lo + 1)
+  while lo > 0 and b and b >= 0x80 and b < 0xC0 do  -- a continuation byte
+    lo = lo - 1
+    b = msg:byte(lo + 1)
+  end
+  return shown(msg:sub(1, lo)) .. "… (" .. (#msg - lo) .. " more bytes)"
+end
+
 local function main(args)
   local o = common.parse_options(args, SPEC)
   if not o["--body"] then common.usage_error("--body is required") end
@@ -588,9 +608,9 @@ local function main(args)
       .. "bodies; for a public key, download it again from the merchant "
       .. "platform" }
   end
+  local tried = "signed string tried: " .. tried_text(verify.message(
+    h.timestamp, h.nonce, body), TRIED_BYTES)
   for _, c in ipairs(causes) do
-    local tried = "signed string tried: " .. common.visible(
-      verify.message(h.timestamp, h.nonce, body)):gsub("\n", ""):sub(1, 200)
     out:result{ status = "fail", kind = c.kind, what = c.what,
                 steps = c.steps, possible = c.possible, cause = c.cause,
                 fix = c.fix, detail = c.detail and c.detail .. "\n" .. tried
