@@ -22,6 +22,13 @@ one), a tag that does not match
 (the wrong key, e.g. the APIv2 key, or an altered ciphertext), an
 unknown algorithm.
 
+  --json   one JSON object per line instead of text. Decrypted: status
+           "ok", kind "plaintext", cause, and plaintext (a JSON string;
+           bytes that are not UTF-8 become U+FFFD: for the raw bytes
+           leave --json out). Not decrypted: status "fail", kind
+           (apiv3_key_length, tag_mismatch, unknown_algorithm,
+           malformed, truncated), cause, detail, fix.
+
 exit: 0 decrypted, 1 not decrypted (the cause printed), 2 usage or
 unreadable input.
 ]]
