@@ -76,6 +76,9 @@ describe("paygate doctor --config <the gateway's config>", function()
     f:close()
     local _, out, r = run({ "doctor", "--json", "--config", conf })
     assert.is_nil(out:find("no wechatpay table", 1, true))
+    -- JSON as the rest of paygate writes it (paygate.json): "/" as is
+    assert.matches("http://127.0.0.1:9/wechatpay/notify/", out, 1, true)
+    assert.is_nil(out:find("\\/", 1, true), out)
     assert.equal("ok", r.config.status, out)
     assert.matches("merchant %d+ %(1 of them%)", r.config.cause)
     for _, k in ipairs({ "gateway_config", "key_certificate",

@@ -4,7 +4,7 @@
 local common = require "paygate.cli.common"
 local apikey = require "paygate.apikey"
 local sql = require "paygate.sql"
-local json = require "cjson.safe"
+local json = require "paygate.json"
 
 local usage = [[
 usage: paygate apikey create --db URL --app APP_ID [--json]

@@ -6,7 +6,7 @@
 local common = require "paygate.cli.common"
 local sql = require "paygate.sql"
 local audit = require "paygate.audit"
-local json = require "cjson.safe"
+local json = require "paygate.json"
 
 local tostring = tostring
 

@@ -7,7 +7,7 @@
 -- nil; fix: what to do, may be nil). Exit status: 0 when no result
 -- failed, 1 when one did, 2 for a usage error or unreadable input (one
 -- line on stderr).
-local json = require "cjson.safe"
+local json = require "paygate.json"      -- the runtime's encoder: "/" as is
 
 local type, tostring, ipairs = type, tostring, ipairs
 
@@ -245,6 +245,14 @@ function _M.output(json_mode)
   return setmetatable({ json = json_mode, results = {}, worst = 0 }, Out)
 end
 
+-- a result's value as JSON; what JSON has no form for (an infinite
+-- number, a function) as its text: a result is printed, never raised
+local function encode(v)
+  local ok, s = pcall(json.encode, v)
+  if ok then return s end
+  return json.encode(tostring(v))
+end
+
 local RANK = { ok = 0, warn = 0, fail = 1 }
 local MARK = { ok = "ok  ", warn = "warn", fail = "FAIL" }
 
@@ -267,7 +275,7 @@ function Out:result(r)
     local function add(k)
       if r[k] ~= nil and not seen[k] then
         seen[k] = true
-        parts[#parts + 1] = json.encode(k) .. ":" .. json.encode(r[k])
+        parts[#parts + 1] = json.encode(k) .. ":" .. encode(r[k])
       end
     end
     for _, k in ipairs({ "status", "kind", "cause", "detail", "fix" }) do

@@ -5,7 +5,7 @@
 local common = require "paygate.cli.common"
 local credentials = require "paygate.credentials"
 local etcd = require "paygate.etcd"
-local json = require "cjson.safe"
+local json = require "paygate.json"
 
 local usage = [[
 usage: paygate etcd publish --prefix PREFIX --dir DIR [--tls] ETCD KEK
