@@ -160,7 +160,16 @@ _M.shard_of = shard_of
 
 local INSERT_SQLITE = "INSERT INTO paygate_outbox (subject, type, payload,"
   .. " shard, next_at, created_at) VALUES ($1, $2, $3, $4, $5, $5)"
-local INSERT_PG = INSERT_SQLITE .. " RETURNING id"
+-- PostgreSQL hands out BIGSERIAL ids at INSERT, not at COMMIT: two
+-- transactions enqueueing for one subject could commit in the other order,
+-- and the dispatcher would see (and deliver) the later id first. A
+-- transaction-scoped advisory lock per subject, taken before the id is
+-- drawn, makes a subject's ids follow its commits.
+local INSERT_PG = "INSERT INTO paygate_outbox (subject, type, payload,"
+  .. " shard, next_at, created_at) SELECT $1::text, $2::text, $3::text,"
+  .. " $4::integer, $5::double precision, $5::double precision FROM"
+  .. " (SELECT pg_advisory_xact_lock(7217003, hashtext($1::text))) l"
+  .. " RETURNING id"
 
 local EXISTS_SQLITE = "SELECT 1 AS x FROM sqlite_master WHERE type ="
   .. " 'table' AND name = 'paygate_outbox'"
@@ -379,6 +388,7 @@ _M.webhook_body = webhook_body
 
 -- Status codes after which trying again may help.
 local REASON_MAX = 200     -- bytes of a refusing webhook's answer kept
+local OK_BODY_MAX = 65536  -- bytes of an accepting answer read (then dropped)
 local RETRY_STATUS = { [408] = true, [409] = true, [425] = true,
                        [429] = true }
 
@@ -435,22 +445,41 @@ function _M.webhook(opts)
     headers["Paygate-Signature"] = _M.sign_webhook(secret, body)
     headers["Paygate-Event-Id"] = string.format("%d", event.id)
     headers["Paygate-Event-Type"] = event.type
-    -- of the answer's body only its first bytes are kept (a refusal's
-    -- reason, for last_error and the log): a large one cannot fail a
-    -- delivery
-    local head, kept = {}, 0
+    -- The status is the answer. A 2xx's body is read only so that the
+    -- connection can serve again (up to OK_BODY_MAX, then dropped), and a
+    -- transfer that fails after a 2xx status -- a body that drips past
+    -- the timeout, a reset -- is still delivered. Of another status's
+    -- body only the first REASON_MAX bytes are read (a refusal's reason,
+    -- for last_error and the log): a large one cannot fail a delivery.
+    local head, kept, status, read = {}, 0, nil, 0
     local res, err = http.request{ method = "POST", url = url, body = body,
                                    headers = headers, timeout = timeout,
                                    ca_file = opts.ca_file,
                                    resolve = opts.resolve,
+                                   on_headers = function(st)
+                                     status = st
+                                   end,
                                    sink = function(chunk)
+                                     read = read + #chunk
+                                     if status >= 200 and status < 300 then
+                                       if read > OK_BODY_MAX then
+                                         return false
+                                       end
+                                       return
+                                     end
                                      if kept < REASON_MAX then
                                        local piece = chunk:sub(1,
                                          REASON_MAX - kept)
                                        head[#head + 1] = piece
                                        kept = kept + #piece
                                      end
+                                     if kept >= REASON_MAX then
+                                       return false
+                                     end
                                    end }
+    if not res and status then
+      res = { status = status }        -- the answer came; its body did not
+    end
     if not res then
       return nil, core.error("webhook_failed", "webhook: " .. tostring(err),
                              { retryable = true, cause = err.kind })
@@ -1103,8 +1132,45 @@ function Dispatcher:step()
   for k = 1, min(self.concurrency, n) do
     tasks[k] = core.spawn(worker)
   end
+  -- While deliveries are in flight the held leases are kept alive: a
+  -- delivery (every sink in turn) may take longer than the half lease it
+  -- may start with, and a lease must not expire under it (another
+  -- dispatcher would deliver the same event at the same time). Not past
+  -- lease_ttl_max, though: a sink that hangs (a hook has no timeout) must
+  -- not hold its shards forever; the leases then lapse and another
+  -- dispatcher takes over (the hung outcome is fenced).
+  local round_over, keeping = false, false
+  local round_start = core.mono()
+  local keep_for = max(self.lease_ttl, self.lease_ttl_max)
+  local keeper = n > 0 and core.spawn(function()
+    while not round_over and core.mono() - round_start < keep_for do
+      core.sleep(self.lease_ttl / 8)
+      keeping = true
+      for p, l in pairs(self.leases) do
+        if round_over then break end
+        if l.expires_at - core.time() < l.ttl / 2 and not l.renewing then
+          l.renewing = true
+          local rok, rerr = renew(self, l)
+          l.renewing = false
+          if not rok and rerr.kind == "lost" and self.leases[p] == l then
+            self.leases[p] = nil
+          end
+        end
+      end
+      keeping = false
+    end
+  end)
+  if keeper then tasks[#tasks + 1] = keeper end   -- d:stop() cancels it
   for _, t in ipairs(tasks) do
-    t:wait()
+    if t ~= keeper then t:wait() end
+  end
+  round_over = true
+  if keeper then
+    if keeping then
+      keeper:wait()                   -- a renewal in flight: let it end
+    else
+      pcall(keeper.cancel, keeper)    -- asleep: not worth waiting for
+    end
   end
   record_queued(self)          -- what a raised round left, if anything
   self.workers = nil

@@ -459,17 +459,20 @@ function _M.routes(ctx)
     if not id or id % 1 ~= 0 or id < 1 or id > 2 ^ 53 then
       return refuse(400, "Bad request", "not an event id")
     end
-    local n, err = outbox.replay(ctx.db, id)
+    -- only a dead letter: a second submit of the form, or a stale page,
+    -- must not send a delivered event to every sink again
+    local n, err = outbox.replay(ctx.db, { id = id, state = "dead" })
     if not n then return refuse(503, "Unavailable", tostring(err)) end
     if n == 0 then
-      -- nothing changed: pending already, or no such event (nothing to
-      -- audit either way)
+      -- nothing changed: not dead (pending or delivered already), or no
+      -- such event (nothing to audit either way)
       local rows, lerr = outbox.list(ctx.db, { id = id })
       if not rows then return refuse(503, "Unavailable", tostring(lerr)) end
       if rows[1] == nil then
         return refuse(404, "Not found", "no outbox event " .. id)
       end
-      return back("/console/outbox", "event " .. id .. " was pending already")
+      return back("/console/outbox", "event " .. id .. " is not a dead letter"
+                  .. " (" .. tostring(rows[1].state) .. ")")
     end
     local e, aerr = audited(s, "console.replay", tostring(id),
                             { event = id, replayed = n })

@@ -468,13 +468,25 @@ describe("gateway console", function()
       local res = post(gw, "/console/outbox/" .. row.id .. "/replay",
                        { csrf = csrf_of(page.body) })
       assert.equal(303, res.status, res.body)
+      local delivered
       testing.wait_until(function()
-        local rows = assert(gw.db:query("SELECT state FROM paygate_outbox"
-          .. " WHERE id = $1", { row.id }))
-        return rows[1].state == "delivered"
+        local rows = assert(gw.db:query("SELECT state, delivered_at FROM"
+          .. " paygate_outbox WHERE id = $1", { row.id }))
+        delivered = rows[1]
+        return delivered.state == "delivered"
       end, 10, "the replayed event to be delivered")
       local e = console_entries(gw)
       assert_audited(e[#e], "console.replay", tostring(row.id))
+      -- the same form submitted again (a double click, a stale page, the
+      -- browser's resubmit): no dead letter any more, nothing re-sent
+      res = post(gw, "/console/outbox/" .. row.id .. "/replay",
+                 { csrf = csrf_of(page.body) })
+      assert.equal(303, res.status, res.body)
+      assert.equal(#e, #console_entries(gw), "replayed and audited again")
+      local now = assert(gw.db:query("SELECT state, delivered_at FROM"
+        .. " paygate_outbox WHERE id = $1", { row.id }))[1]
+      assert.equal("delivered", now.state)
+      assert.equal(delivered.delivered_at, now.delivered_at)
       -- an event that does not exist: 404, and nothing audited (the
       -- reconcile page always has a form to take the csrf token from)
       page = get(gw, "/console/reconcile")
