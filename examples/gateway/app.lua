@@ -110,8 +110,11 @@ end
 local auth = apikey.before_hook(db, { prefix = "/v1/" })
 if g.dev_app then
   paygate.before(function(req)
+    -- (a browser page from elsewhere -- a rebound name, a cross-site
+    -- form -- is no loopback client of ours: it must sign)
     if req.path:sub(1, 4) == "/v1/" and req:header("authorization") == nil
-       and config.is_loopback_addr(req.remote_addr) then
+       and config.is_loopback_addr(req.remote_addr)
+       and not admin.from_browser_elsewhere(req) then
       req.app_id = g.dev_app
       return nil
     end

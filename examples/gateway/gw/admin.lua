@@ -1,6 +1,8 @@
--- gw.admin: /admin/* routes. Loopback callers only, unless an admin
--- token is configured (gateway.admin_token_file / _env): then every
--- caller, loopback included, sends Authorization: Bearer <token>.
+-- gw.admin: /admin/* routes. Loopback callers only (and not a browser
+-- page from elsewhere: a foreign Host, Origin or Sec-Fetch-Site), unless
+-- an admin token is configured (gateway.admin_token_file / _env): then
+-- every caller, loopback included, sends Authorization: Bearer <token>,
+-- and wrong tokens are throttled per address with the console's logins.
 --   GET  /admin/degrade            -> { on, clients = { [mchid] = on } }
 --   POST /admin/degrade {on}       -> the same; every worker sees it, and
 --                                     the WeChat Pay clients' switch flips
@@ -10,20 +12,53 @@ local paygate = require "paygate"
 local crypto = require "paygate.crypto"
 local outbox = require "paygate.outbox"
 local config = require "gw.config"
+local throttle = require "gw.throttle"
 
 local type = type
 
 local _M = {}
 
+-- A browser on the gateway's host must not be a way in without the
+-- token: a page whose name was rebound to 127.0.0.1 (its Host is not a
+-- loopback name), or a cross-site form (a text/plain body can be JSON)
+-- whose Origin or Sec-Fetch-Site names another site. curl and scripts
+-- send neither Origin nor Sec-Fetch-Site.
+function _M.from_browser_elsewhere(req)
+  local host = req:header("host")
+  if host ~= nil and not config.is_loopback_addr(tostring(host):lower()) then
+    return true
+  end
+  local origin = req:header("origin")
+  if origin ~= nil and origin ~= "http://" .. tostring(host)
+     and origin ~= "https://" .. tostring(host) then
+    return true
+  end
+  local site = req:header("sec-fetch-site")
+  return site ~= nil and site ~= "same-origin" and site ~= "none"
+end
+
+-- returns: true; or false and, when the caller's address has tried too
+-- many wrong tokens (counted with the console's logins: gw.throttle),
+-- the seconds to wait, or "unavailable" when a try cannot be counted
 local function allowed(ctx, req)
   local token = ctx.gateway.admin_token
   if token then
+    local c = type(ctx.gateway.console) == "table" and ctx.gateway.console
+              or {}
+    local ck, wait = throttle.reserve(throttle.host_of(req.remote_addr),
+                                      c.login_failures or 10,
+                                      c.login_window or 300)
+    if not ck then return false, "unavailable" end
+    if wait then return false, wait end
     local h = req:header("authorization") or ""
     local got = h:match("^[Bb]earer%s+(.+)$")
-    return got ~= nil and #got == #token
-           and crypto.constant_time_equal(got, token)
+    local ok = got ~= nil and #got == #token
+               and crypto.constant_time_equal(got, token)
+    if ok then throttle.give_back(ck) end
+    return ok
   end
   return config.is_loopback_addr(req.remote_addr)
+         and not _M.from_browser_elsewhere(req)
 end
 
 local function body(req)
@@ -35,7 +70,16 @@ end
 --- syntax: admin.guard(ctx, fn) -> a route handler checking the caller
 function _M.guard(ctx, fn)
   return function(req)
-    if not allowed(ctx, req) then
+    local ok, wait = allowed(ctx, req)
+    if wait == "unavailable" then
+      return 503, { error = "unavailable", message = "the try cannot be"
+        .. " counted right now: try again later" }
+    elseif wait then
+      return 429, { error = "throttled", message = "too many wrong tokens"
+        .. " from your address: try again in " .. wait .. " s" },
+        { ["Retry-After"] = tostring(wait) }
+    end
+    if not ok then
       return 403, { error = "forbidden", message = "admin routes answer"
         .. " loopback callers, or the admin token" }
     end

@@ -30,11 +30,10 @@ local outbox = require "paygate.outbox"
 local html = require "paygate.html"
 local config = require "gw.config"
 local pages = require "gw.console.pages"
+local throttle = require "gw.throttle"
 
-local type, tostring, tonumber, floor, ceil, max =
-      type, tostring, tonumber, math.floor, math.ceil, math.max
-local xpcall, rawget, traceback, format =
-      xpcall, rawget, debug.traceback, string.format
+local type, tostring, tonumber, floor = type, tostring, tonumber, math.floor
+local xpcall, rawget, traceback = xpcall, rawget, debug.traceback
 
 local _M = {}
 
@@ -43,8 +42,6 @@ local LOGIN_COOKIE = "pgc_login"
 local LOGIN_COOKIE_TTL = 3600
 local K_KEY = "gw:console:key"
 local K_SESSION = "gw:console:s:"
-local K_FAIL = "gw:console:lf:"      -- login failures: <host> (window start),
-                                     -- <host>|<start> (attempts counted)
 local CSP = "Content-Security-Policy"
 
 local SECURITY_HEADERS = {
@@ -76,13 +73,6 @@ local function cookie(req, name)
     if k == name then return (v:gsub("%s+$", "")) end
   end
   return nil
-end
-
--- the client's address without its port: "[::1]:5000" -> "::1"
-local function host_of(addr)
-  addr = tostring(addr)
-  return addr:match("^%[([^%]]*)%]:%d+$") or addr:match("^([^:]*):%d+$")
-         or addr
 end
 
 -- "/console" or a path under it (also written "//console/..."). Runs
@@ -309,35 +299,15 @@ function _M.routes(ctx)
         pages.login(login_csrf(nonce), msg), {})), h
     end
 
-    -- Throttling: each client address (without its port) may try
-    -- conf.login_failures wrong tokens per window of conf.login_window
-    -- seconds, the window starting at its first counted try; after that
-    -- every try, the right token too, is 429 with Retry-After until the
-    -- window ends. Both records live in the shared dictionary, so every
-    -- worker counts together. A try is counted BEFORE the token is
-    -- compared and given back when it was right, so concurrent tries on
-    -- several workers can never compare more than login_failures wrong
-    -- tokens per window. returns: nil (go on), or the seconds to wait.
-    local function reserve_try(host)
-      local now, window = core.time(), conf.login_window
-      local k = K_FAIL .. host
-      D:add(k, now, window)             -- false when a window is open: fine
-      local start = D:get(k)
-      if type(start) ~= "number" then start = now end
-      local ck = k .. "|" .. format("%.6f", start)
-      local n, err = D:incr(ck, 1, 0, window)
-      if not n then return nil, nil, err end
-      if n > conf.login_failures then
-        return ck, max(1, ceil(start + window - now))
-      end
-      return ck
-    end
-
+    -- Throttling (gw.throttle): each client address may try
+    -- conf.login_failures wrong tokens per conf.login_window seconds,
+    -- counted with the admin token's wrong tries; then 429 with
+    -- Retry-After until the window ends.
     route("GET", "/console/login", function(req)
       return login_page(req, 200)
     end)
     route("POST", "/console/login", function(req)
-      local remote = host_of(req.remote_addr)
+      local remote = throttle.host_of(req.remote_addr)
       if not same_origin(req) then
         paygate.log.warn("gateway: console login refused: cross-origin",
                          { remote = req.remote_addr })
@@ -354,7 +324,8 @@ function _M.routes(ctx)
           .. " or wrong (the form was too old, or came from elsewhere):"
           .. " try again.")
       end
-      local ck, wait, err = reserve_try(remote)
+      local ck, wait, err = throttle.reserve(remote, conf.login_failures,
+                                             conf.login_window)
       if not ck then
         paygate.log.error("gateway: console login refused: the attempt"
           .. " could not be counted", { remote = req.remote_addr,
@@ -377,7 +348,7 @@ function _M.routes(ctx)
                          { remote = req.remote_addr })
         return login_page(req, 403, "Wrong token.")
       end
-      D:incr(ck, -1)                    -- a success is not counted
+      throttle.give_back(ck)            -- a success is not counted
       local sid = crypto.random_nonce(40)
       D:set(K_SESSION .. sid, core.time() + conf.session_ttl,
             conf.session_ttl)

@@ -183,5 +183,18 @@ return _M
     assert.equal(401, bad.status)
     -- without dev_app, unsigned is refused
     assert.equal(401, gw_token.srv:request("/v1/payments/x").status)
+    -- a browser page from elsewhere is no loopback client of ours: a
+    -- cross-site form (a text/plain body can be JSON), a rebound name
+    for _, h in ipairs({
+      { ["Content-Type"] = "text/plain", Origin = "https://evil.example" },
+      { ["Content-Type"] = "text/plain", ["Sec-Fetch-Site"] = "cross-site" },
+      { ["Content-Type"] = "application/json",
+        Host = "evil.example:" .. gw.srv.port } }) do
+      h["Idempotency-Key"] = "dev-csrf"
+      res = gw.srv:request{ method = "POST", path = "/v1/payments",
+        body = json.encode{ order_id = "dev-csrf", channel = "native",
+                            amount = 3, description = "csrf" }, headers = h }
+      assert.equal(401, res.status, res.body)
+    end
   end)
 end)
