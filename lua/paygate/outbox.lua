@@ -435,6 +435,22 @@ function _M.webhook(opts)
   local url, secret = opts.url, opts.secret
   local timeout = opts.timeout or 10
   local extra = opts.headers or {}
+  if type(extra) ~= "table" then
+    error("outbox.webhook: opts.headers must be a table of name = value", 2)
+  end
+  for k, v in pairs(extra) do
+    if type(k) ~= "string" or type(v) ~= "string" then
+      error("outbox.webhook: opts.headers must map names to strings", 2)
+    end
+    -- the ones the webhook sets itself: a second one in other letters
+    -- would go out beside ours
+    local lk = k:lower()
+    if lk == "content-type" or lk == "paygate-signature"
+       or lk == "paygate-event-id" or lk == "paygate-event-type" then
+      error("outbox.webhook: opts.headers." .. k .. " is set by the"
+            .. " webhook itself", 2)
+    end
+  end
   local function deliver(event)
     local body = webhook_body(event)
     local headers = {}

@@ -131,6 +131,15 @@ describe("paygate.outbox misuse", function()
     assert.has_error(function() outbox.webhook{ url = "ftp://x",
                                                 secret = "s" } end,
       "outbox.webhook: opts.url must be an http(s) URL")
+    -- a header the webhook sets itself, in other letters, would go out
+    -- twice
+    assert.has_error(function() outbox.webhook{ url = "http://x",
+      secret = "s", headers = { ["content-type"] = "text/plain" } } end,
+      "outbox.webhook: opts.headers.content-type is set by the webhook"
+      .. " itself")
+    assert.has_error(function() outbox.webhook{ url = "http://x",
+      secret = "s", headers = { ["X-N"] = 1 } } end,
+      "outbox.webhook: opts.headers must map names to strings")
     db:close()
   end)
 end)

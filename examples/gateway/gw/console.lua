@@ -430,6 +430,10 @@ function _M.routes(ctx)
     if not id or id % 1 ~= 0 or id < 1 or id > 2 ^ 53 then
       return refuse(400, "Bad request", "not an event id")
     end
+    -- the dead letter's last error and attempts, for the audit entry
+    -- (the replay resets them)
+    local before = outbox.list(ctx.db, { id = id, state = "dead" })
+    before = before and before[1]
     -- only a dead letter: a second submit of the form, or a stale page,
     -- must not send a delivered event to every sink again
     local n, err = outbox.replay(ctx.db, { id = id, state = "dead" })
@@ -446,7 +450,9 @@ function _M.routes(ctx)
                   .. " (" .. tostring(rows[1].state) .. ")")
     end
     local e, aerr = audited(s, "console.replay", tostring(id),
-                            { event = id, replayed = n })
+                            { event = id, replayed = n,
+                              last_error = before and before.last_error,
+                              attempts = before and before.attempts })
     if not e then return refuse(503, "Unavailable", tostring(aerr)) end
     return back("/console/outbox", "event " .. id .. " replayed")
   end))

@@ -477,6 +477,11 @@ describe("gateway console", function()
       end, 10, "the replayed event to be delivered")
       local e = console_entries(gw)
       assert_audited(e[#e], "console.replay", tostring(row.id))
+      -- what the replay reset is kept in the entry: why it was dead
+      local ev = e[#e].evidence
+      if type(ev) == "string" then ev = require("cjson").decode(ev) end
+      assert.matches("500", tostring(ev.last_error))
+      assert.truthy(ev.attempts >= 1)
       -- the same form submitted again (a double click, a stale page, the
       -- browser's resubmit): no dead letter any more, nothing re-sent
       res = post(gw, "/console/outbox/" .. row.id .. "/replay",
