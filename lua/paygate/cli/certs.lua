@@ -28,6 +28,9 @@ certificates are decrypted with the APIv3 key, their serials checked and
 the answer's signature verified (paygate.wechatpay does all of it), then
 each is written to DIR/SERIAL.pem and listed.
 
+--json prints one JSON object per result line instead of text (status,
+kind, cause, detail, fix and the result's own fields), for scripts.
+
 exit: 0 all valid, 1 a certificate expired or a download failed, 2 usage
 or unreadable input.
 ]]

@@ -52,6 +52,9 @@ its merchant (the first, or --merchant MCHID) is checked with its APIv3
 key file, its notify URL (public_url), its database and Redis, and the
 config's limits.
 
+--json prints one JSON object per result line instead of text (status,
+kind, cause, detail, fix and the result's own fields), for scripts.
+
 exit: 0 no check failed (warnings allowed), 1 a check failed, 2 usage or
 an unreadable configuration.
 ]]

@@ -18,6 +18,9 @@ host). --body FILE is the body exactly as sent (no body: GET). Without
 --timestamp and --nonce the current time and a random nonce are used.
 --sm2 signs with WECHATPAY2-SM2-WITH-SM3 (an SM2 key).
 
+--json prints one JSON object per result line instead of text (status,
+kind, cause, detail, fix and the result's own fields), for scripts.
+
 exit: 0 signed (warnings allowed), 1 a check failed, 2 usage or unreadable
 input.
 ]]
