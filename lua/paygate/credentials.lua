@@ -407,9 +407,15 @@ local function write_cache(src, set, raw, revision)
     log().warn("credentials: cannot write the cache", { file = tmp })
     return
   end
-  f:write(json.encode({ revision = revision, files = raw }))
-  f:close()
-  os.rename(tmp, path)
+  -- a write that fails (disk full) must not replace the good cache with
+  -- an empty file: a worker started with etcd down would have no set
+  local ok = f:write(json.encode({ revision = revision, files = raw }))
+  ok = f:close() and ok
+  if not ok or not os.rename(tmp, path) then
+    os.remove(tmp)
+    log().warn("credentials: cannot write the cache, the old one kept",
+               { file = path })
+  end
 end
 
 local function read_cache(src, set)
@@ -580,15 +586,22 @@ local function watch_set(src, set)
       local w = src.cli:watch(set.prefix,
                               { from_revision = etcd.rev_next(from) })
       set.watch = w
-      for ev, err in w do
-        if err then
-          log().warn("credentials: watch ended, reading the set again",
-                     { set = set.name, reason = tostring(err) })
+      while true do
+        local ev, err = w()
+        if not ev then
+          if err then
+            log().warn("credentials: watch ended, reading the set again",
+                       { set = set.name, reason = tostring(err) })
+          end
           break                   -- compacted and the like: read again
         end
-        if not set.current or etcd.rev_cmp(ev.revision,
-                                           set.current.revision) > 0 then
-          reread()
+        -- a read that fails after its event (etcd restarting, no leader)
+        -- would lose the change: the watch has moved past it. Watch again
+        -- from the last read instead, and the event comes again.
+        if (not set.current or etcd.rev_cmp(ev.revision,
+                                            set.current.revision) > 0)
+           and not reread() then
+          break
         end
       end
       w:close()

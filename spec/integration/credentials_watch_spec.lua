@@ -1,0 +1,231 @@
+-- paygate.credentials against a real etcd (TLS + auth): a change whose
+-- read fails after its watch event is still applied; the watch resumes
+-- after an etcd restart; no socket leaks per reconnect or start/stop; a
+-- cache write that fails keeps the previous cache. (Cases 1 and the last
+-- failed before their fixes.)
+local crypto = require "paygate.crypto"
+local etcd = require "paygate.etcd"
+local credentials = require "paygate.credentials"
+local wechatpay = require "paygate.wechatpay"
+local etcdsrv = require "support.etcd"
+local servers = require "support.servers"
+local core = require "paygate.core"
+
+local MCHID = "1900000001"
+local PREFIX = "/paygate/merchants/" .. MCHID .. "/"
+local APIV3 = "0123456789abcdef0123456789ABCDEF"
+local APIV3_B = "fedcba9876543210FEDCBA9876543210"
+
+local function sh(cmd)
+  assert(servers.sh(cmd .. " >/dev/null 2>&1"), "command failed: " .. cmd)
+end
+local function write(path, s)
+  local f = assert(io.open(path, "wb")); f:write(s); f:close()
+end
+local function read(path)
+  local f = assert(io.open(path, "rb")); local s = f:read("*a"); f:close()
+  return s
+end
+local function merchant_pair(dir, name, serial)
+  sh(("openssl req -x509 -newkey rsa:2048 -nodes -keyout %s/%s.key -out "
+      .. "%s/%s.pem -days 2 -set_serial 0x%s -subj /CN=%s"):format(dir, name,
+      dir, name, serial, MCHID))
+end
+local function set_dir(dir, name, kname, cname, apiv3)
+  local d = dir .. "/" .. name
+  sh("mkdir -p " .. d)
+  write(d .. "/apiclient_key.pem", read(dir .. "/" .. kname .. ".key"))
+  write(d .. "/apiclient_cert.pem", read(dir .. "/" .. cname .. ".pem"))
+  write(d .. "/apiv3_key", apiv3)
+  return d
+end
+
+describe("watched credentials", function()
+  if not etcdsrv.available() then pending("no etcd") return end
+  local c, dir, kek_file, cli, env
+
+  local function publish(d, prefix)
+    local o = c:client_opts()
+    local cmd = ("PAYGATE_SPEC_ETCD_PW=%s %s etcd publish --prefix %s "
+      .. "--dir %s --endpoints %s --user %s --password-env "
+      .. "PAYGATE_SPEC_ETCD_PW --ca-file %s --cert %s --key %s "
+      .. "--kek-file %s --json 2>&1; echo \"exit=$?\""):format(
+      o.password, PAYGATE_BIN, prefix or PREFIX, d,
+      table.concat(o.endpoints, ","), o.user, o.ca_file, o.client_cert,
+      o.client_key, kek_file)
+    local p = io.popen(cmd)
+    local out = p:read("*a")
+    p:close()
+    local code = tonumber(out:match("exit=(%d+)%s*$"))
+    return code, (out:gsub("exit=%d+%s*$", ""))
+  end
+
+  local function source(cache, extra)
+    sh("mkdir -p " .. cache)
+    local conf = { etcd = c:client_opts(), kek_file = kek_file,
+                   cache_dir = cache, merchants = { [MCHID] = PREFIX } }
+    for k, v in pairs(extra or {}) do conf[k] = v end
+    return assert(credentials.new(conf))
+  end
+
+  local function client_for(src)
+    local wx = assert(wechatpay.client(src:wechatpay_conf(MCHID, {
+      mchid = MCHID, base_url = "http://127.0.0.1:1",
+      download_certificates = false,
+      platform_certificates = { dir .. "/p.pem" } })))
+    src:bind(MCHID, wx)
+    return wx
+  end
+
+  setup(function()
+    c = etcdsrv.start{ tls = true, auth = true }
+    dir = c.dir
+    kek_file = dir .. "/kek"
+    write(kek_file, crypto.hex(crypto.random_bytes(32)) .. "\n")
+    merchant_pair(dir, "a", "AAAA01")
+    merchant_pair(dir, "b", "BBBB02")
+    merchant_pair(dir, "p", "CCCC03")
+    env = { a = set_dir(dir, "set_a", "a", "a", APIV3),
+            b = set_dir(dir, "set_b", "b", "b", APIV3_B) }
+    cli = etcd.new(c:client_opts())
+  end)
+  teardown(function()
+    require("paygate.testing").stop_all()
+    etcdsrv.stop_all()
+  end)
+
+  it("a published change is applied even if the read after its watch "
+     .. "event fails for a second (a transient etcd outage)", function()
+    local code, out = publish(env.a)
+    assert.equal(0, code, out)
+    local src = source(dir .. "/cache_t1")
+    assert(src:load(MCHID))
+    local wx = client_for(src)
+    src:start()
+    -- range requests fail for one second from the first one after the
+    -- publish (as during a leader election or a timed-out member); later
+    -- ones work
+    local real = src.cli.get_prefix
+    local failed, until_t = 0, nil
+    src.cli.get_prefix = function(self, ...)
+      local now = core.update_time()
+      until_t = until_t or now + 1
+      if now < until_t then
+        failed = failed + 1
+        return nil, core.error("unavailable", "etcd: /v3/kv/range: "
+                               .. "etcdserver: request timed out",
+                               { retryable = true })
+      end
+      return real(self, ...)
+    end
+    code, out = publish(env.b)
+    assert.equal(0, code, out)
+    local ok, err = pcall(servers.wait_for, function()
+      return wx.conf.signer.serial == "BBBB02"
+    end, 10, "the swap to BBBB02 after failed reads")
+    src:stop(); wx:stop()
+    assert.is_true(failed >= 1)
+    assert(ok, tostring(err) .. " (still " .. wx.conf.signer.serial .. ")")
+  end)
+  local function fds()
+    local n = 0
+    local p = io.popen("ls /proc/" .. core.pid() .. "/fd")
+    for _ in p:lines() do n = n + 1 end
+    p:close()
+    return n
+  end
+
+  it("after an etcd restart (auth on: tokens gone) a running source "
+     .. "applies the next publish", function()
+    local code, out = publish(env.a)
+    assert.equal(0, code, out)
+    local src = source(dir .. "/cache_t2")
+    assert(src:load(MCHID))
+    local wx = client_for(src)
+    src:start()
+    servers.wait_for(function() return src.sets[MCHID].watch ~= nil
+      and src.sets[MCHID].watch.connects >= 1 end, 10, "the watch")
+    for _, m in ipairs(c.members) do m:stop() end
+    for _, m in ipairs(c.members) do m:start() end
+    for _, m in ipairs(c.members) do m:wait_ready(30) end
+    code, out = publish(env.b)
+    assert.equal(0, code, out)
+    local ok, err = pcall(servers.wait_for, function()
+      return wx.conf.signer.serial == "BBBB02"
+    end, 15, "the swap after the restart")
+    src:stop(); wx:stop()
+    assert(ok, tostring(err))
+  end)
+
+  it("a watch reconnecting every 0.1 s holds no more sockets", function()
+    local wcli = etcd.new(c:client_opts())
+    local w = wcli:watch("/review/leak/", { reconnect_after = 0.1 })
+    local task = core.spawn(function() for _ in w do end end)
+    servers.wait_for(function() return w.connects >= 3 end, 10, "3 connects")
+    local before = fds()
+    servers.wait_for(function() return w.connects >= 40 end, 30, "40 connects")
+    local after = fds()
+    w:close(); pcall(task.cancel, task)
+    assert.is_true(after <= before + 2, before .. " -> " .. after)
+  end)
+  it("starting and stopping a source leaves no socket open", function()
+    local code, out = publish(env.a)
+    assert.equal(0, code, out)
+    local function cycle(i)
+      local src = source(dir .. "/cache_t6")
+      assert(src:load(MCHID))
+      src:start()
+      servers.wait_for(function() return src.sets[MCHID].watch ~= nil
+        and src.sets[MCHID].watch.connects >= 1 end, 10, "the watch " .. i)
+      src:stop()
+    end
+    cycle(0)
+    local before = fds()
+    for i = 1, 10 do cycle(i) end
+    local after = fds()
+    assert.is_true(after <= before + 2, before .. " -> " .. after)
+  end)
+
+  it("a cache write that fails (disk full) keeps the previous cache",
+     function()
+    local mnt = dir .. "/tinyfs"
+    sh("mkdir -p " .. mnt)
+    if not servers.sh("mount -t tmpfs -o size=64k tmpfs " .. mnt
+                      .. " >/dev/null 2>&1") then
+      pending("cannot mount a tmpfs here")
+      return
+    end
+    local ok, err = pcall(function()
+      local code, out = publish(env.a)
+      assert.equal(0, code, out)
+      local src = source(mnt .. "/cache")
+      local wx
+      assert(src:load(MCHID))
+      local good = read(mnt .. "/cache/" .. MCHID .. ".json")
+      wx = client_for(src)
+      src:start()
+      -- the disk fills up
+      servers.sh("dd if=/dev/zero of=" .. mnt .. "/fill bs=1k >/dev/null 2>&1")
+      code, out = publish(env.b)
+      assert.equal(0, code, out)
+      servers.wait_for(function() return wx.conf.signer.serial == "BBBB02" end,
+                       10, "the swap")
+      src:stop(); wx:stop()
+      sh("rm -f " .. mnt .. "/fill")
+      local now = read(mnt .. "/cache/" .. MCHID .. ".json")
+      assert.truthy(#now > 0 and (now == good or now:find("BBBB", 1, true)
+                    or now:find("revision", 1, true)),
+                    "the cache is now " .. #now .. " bytes (was " .. #good
+                    .. ")")
+      -- etcd down: a restarted worker must still find a cached set
+      for _, m in ipairs(c.members) do m:stop() end
+      local src3 = source(mnt .. "/cache", { load_timeout = 1 })
+      local set, lerr = src3:load(MCHID)
+      for _, m in ipairs(c.members) do m:start() end
+      for _, m in ipairs(c.members) do m:wait_ready(30) end
+      assert(set, tostring(lerr))
+    end)
+    servers.sh("umount " .. mnt)
+    assert(ok, tostring(err))
+  end)
+end)
