@@ -539,6 +539,13 @@ function _M.verify(wx, headers, body, now)
   end
   ok, err = verify.signature(h, body, wx.ring, c.signer.schema, now)
   if ok then return h end
+  if err.kind == "unknown_serial" and rerr and rerr.kind == "timeout" then
+    -- the download that could have brought the key did not finish in
+    -- time: a slow network, not a key this merchant lacks
+    return nil, core.error("timeout", err.message .. ": the platform"
+      .. " certificate download did not finish in time (" .. tostring(rerr)
+      .. ")", { serial = h.serial, cause = rerr.kind, retryable = true })
+  end
   if err.kind == "unknown_serial" then
     err.message = err.message .. " even after downloading the platform "
       .. "certificates" .. (rerr and (" (" .. tostring(rerr) .. ")") or "")
@@ -567,7 +574,8 @@ function _M.start(wx)
     end)
   end
   if not c.download then return true end
-  if next(wx.certs) == nil and core.in_coroutine() then
+  local held = next(wx.certs) ~= nil     -- from the config or state_dir
+  if not held and core.in_coroutine() then
     -- a blackholed WeChat must not hold a worker's start for a whole
     -- timeout: wait startup_timeout, then let the download finish alone
     local ok, err = _M.refresh(wx, "start", c.startup_timeout)
@@ -586,7 +594,16 @@ function _M.start(wx)
   end
   wx.refresher = core.spawn(function()
     local backoff = 5
-    if next(wx.certs) == nil then
+    if held then
+      -- certificates held from the configuration or state_dir: newer ones
+      -- (rotated in while this process was down) are looked for now, in
+      -- the background, not a refresh_interval later
+      local ok, err = _M.refresh(wx, "start")
+      if not ok then
+        log().warn("wechatpay: platform certificate download failed",
+                   { mchid = c.mchid, error = tostring(err) })
+      end
+    elseif next(wx.certs) == nil then
       -- nothing held yet: retry soon, doubling, until one works
       while next(wx.certs) == nil do
         core.sleep(backoff * (0.5 + math.random()))

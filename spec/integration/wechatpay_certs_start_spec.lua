@@ -1,0 +1,88 @@
+-- paygate.wechatpay's platform certificate download, as docs/wechatpay.md
+-- says ("Platform certificates", "Notifications"): certificates held at
+-- start are refreshed from the start; a download that times out is
+-- timeout. Each case failed before its fix.
+local core = require "paygate.core"
+local crypto = require "paygate.crypto"
+local json = require "cjson.safe"
+local wechatpay = require "paygate.wechatpay"
+local resource = require "paygate.wechatpay.resource"
+local server = require "support.server"
+local proc = require "support.proc"
+local wxtest = require "support.wxtest"
+
+local P1, P2 = wxtest.P1, wxtest.P2
+local dir, keys, srv
+
+local function downloads()
+  local n = 0
+  for _, r in ipairs(wxtest.requests(srv)) do
+    if r.method == "GET" and r.target == "/v3/certificates" then n = n + 1 end
+  end
+  return n
+end
+
+local function client(over)
+  local wx, err = wechatpay.client(wxtest.client_conf(srv, keys, over))
+  assert(wx, tostring(err))
+  return wx
+end
+
+-- a notification signed with P2's key (a serial the client does not hold)
+local function notification_by_p2()
+  local r = assert(resource.encrypt(wxtest.APIV3,
+    json.encode({ out_trade_no = "T20261130001", trade_state = "SUCCESS" }),
+    "transaction"))
+  local body = json.encode({ id = "EV-1", event_type = "TRANSACTION.SUCCESS",
+                             resource_type = "encrypt-resource", resource = r })
+  local f = assert(io.open(keys.p2_key)); local pem = f:read("*a"); f:close()
+  local ts, nonce = tostring(os.time()), crypto.random_nonce(32)
+  local sig = crypto.sign_base64(crypto.private_key(pem),
+                                 ts .. "\n" .. nonce .. "\n" .. body .. "\n")
+  return { headers = { ["wechatpay-timestamp"] = ts,
+    ["wechatpay-nonce"] = nonce, ["wechatpay-serial"] = P2,
+    ["wechatpay-signature"] = sig }, body = body }
+end
+
+setup(function()
+  dir = server.tmpdir()
+  keys = wxtest.make(dir)
+  srv = wxtest.start(keys)
+end)
+teardown(function()
+  if srv then srv:stop() end
+  os.execute("rm -rf " .. dir)
+end)
+before_each(function()
+  require("paygate.shared").get_dict("paygate"):flush_all()
+  wxtest.reset(srv)
+  wxtest.certs(srv, { serials = { P1 } })
+end)
+
+describe("certificates held at start", function()
+  it("are refreshed by a background download from the start", function()
+    -- WeChat already lists the rotated-in P2; the client starts holding P1
+    -- only (configured, or from state_dir)
+    wxtest.certs(srv, { serials = { P1, P2 } })
+    local wx = client{ platform_certificates = { keys.p1_cert } }
+    local ok = pcall(proc.wait_until, function() return downloads() > 0 end,
+                     5, "a download at start")
+    local serials = wx:certificate_status().serials
+    wx:stop()
+    assert.is_true(ok, "no /v3/certificates request within 5 s of start")
+    assert.same({ P1, P2 }, serials)
+  end)
+end)
+
+describe("a notification whose unknown serial's download times out", function()
+  it("is timeout, as documented, not unknown_serial", function()
+    local wx = client{ platform_certificates = { keys.p1_cert },
+                       download_certificates = "manual", timeout = 0.5 }
+    wxtest.certs(srv, { serials = { P1, P2 }, delay = 2 })
+    local ev, err = wx:parse_notification(notification_by_p2(),
+                                          { replay = false })
+    wx:stop()
+    assert.is_nil(ev)
+    assert.equal("timeout", err.kind, tostring(err))
+  end)
+end)
