@@ -15,6 +15,7 @@
 --   app.lua:       require("gw.credentials").start(cfg, wx, fatal)
 local paygate = require "paygate"
 local credentials = require "paygate.credentials"
+local wxconfig = require "paygate.wechatpay.config"
 
 local type, pairs, ipairs, tostring = type, pairs, ipairs, tostring
 
@@ -250,21 +251,33 @@ function _M.start(cfg, wx, fatal)
   if not src then return fatal("config.credentials: " .. tostring(err)) end
   for _, m in ipairs(cfg.merchants) do
     if m.etcd then
+      -- before the load: a set the WeChat Pay client would refuse (one
+      -- `validate` lets through, e.g. an SM2 pair for an RSA merchant) is
+      -- refused at start as a running worker refuses it, so the load
+      -- falls back to the cached set instead of taking (and caching) it
+      src:on_change(m.mchid, function(v)
+        local client = wx[m.mchid]
+        if client then return client:set_credentials(v) end
+        -- before the client is made (the load, or a newer set meanwhile):
+        -- the client's own check of the merged config, then it takes it
+        local conf = {}
+        for k, x in pairs(m.client) do conf[k] = x end
+        for _, d in pairs(credentials.MERCHANT_FILES) do
+          conf[d.field] = v[d.field]
+        end
+        local ok, cerr = wxconfig.check(conf)
+        if not ok then return nil, cerr end
+        for _, d in pairs(credentials.MERCHANT_FILES) do
+          m.client[d.field] = v[d.field]
+        end
+        return true
+      end)
       local set, lerr = src:load(m.mchid)
       if not set then
         return fatal("config.credentials.merchants." .. m.mchid .. ": "
           .. tostring(lerr.message):gsub("^credentials: ", ""))
       end
       m.client = src:wechatpay_conf(m.mchid, m.client)
-      src:on_change(m.mchid, function(v)
-        local client = wx[m.mchid]
-        if client then return client:set_credentials(v) end
-        -- a newer set before the client is made: the client takes it
-        for _, d in pairs(credentials.MERCHANT_FILES) do
-          m.client[d.field] = v[d.field]
-        end
-        return true
-      end)
     end
   end
   if opts.tls then

@@ -226,6 +226,41 @@ describe("gateway credentials from etcd", function()
     for _, mem in ipairs(c.members) do mem:wait_ready(30) end
   end)
 
+  it("refuses at start, as running workers do, a set the WeChat Pay client"
+     .. " cannot use, and serves the cached one", function()
+    -- the instances above cached their last set: the good one
+    local cache = gws[1].srv.dir .. "/credentials/" .. m.mchid .. ".json"
+    local good = read(cache)
+    local good_rev = assert(require("cjson").decode(good)).revision
+    -- an SM2 pair for this RSA merchant: `validate` lets it through (the
+    -- key matches its certificate), the client refuses it
+    local sm = testing.merchant_keys{ mchid = m.mchid, sm2 = true }
+    local bad_rev = publish("sm2", sm.private_key, sm.certificate)
+    local srv = testing.start_app{ app = "examples/gateway", workers = 1,
+      args = { "--log-level", "info" },
+      config = function(s)
+        assert(os.execute("mkdir -p " .. s.dir .. "/credentials") == 0)
+        write(s.dir .. "/credentials/" .. m.mchid .. ".json", good)
+        return { gateway = { db = "sqlite:" .. s.dir .. "/gw.db",
+                             public_url = s:url("") },
+                 merchants = { merchant_entry() },
+                 credentials = section(s) }
+      end }
+    local gw = setmetatable({ srv = srv, app_id = "shop1" },
+                            { __index = gwcore })
+    gw.db = assert(sql.open("sqlite:" .. srv.dir .. "/gw.db"))
+    local k = assert(apikey.create(gw.db, gw.app_id))
+    gw.key_id, gw.secret = k.key_id, k.secret
+    gw:create{}                        -- signs with the good, cached set
+    local logs = srv:logs()
+    assert.truthy(logs:find("set refused", 1, true), logs)
+    local now = assert(require("cjson").decode(read(srv.dir
+      .. "/credentials/" .. m.mchid .. ".json")))
+    assert.equal(good_rev, now.revision)
+    assert.are_not.equal(bad_rev, now.revision)
+    gw:stop()
+  end)
+
   describe("the config check", function()
     local function expect_refused(edit, want)
       local fake = { dir = dir }
