@@ -639,11 +639,6 @@ levent_wait(lua_State *L)
     return gw_co_wait(L, evwaiter_cancel, w);
 }
 
-/*
- * syntax: n = ev:set()
- * Signals every coroutine waiting now; they resume on the next loop turn.
- * returns: how many were waiting. Never yields.
- */
 /* ev:set() for the event e, whose userdata is at L's index idx: moves
  * the waiters to the fired list and arms the zero-delay wake (never wakes
  * anyone itself). Returns how many were waiting, or -1 out of memory. */
@@ -682,6 +677,11 @@ event_set(lua_State *L, struct gw_event *e, int idx)
     return n;
 }
 
+/*
+ * syntax: n = ev:set()
+ * Signals every coroutine waiting now; they resume on the next loop turn.
+ * returns: how many were waiting. Never yields.
+ */
 static int
 levent_set(lua_State *L)
 {
@@ -695,15 +695,7 @@ levent_set(lua_State *L)
     return 1;
 }
 
-/*
- * syntax: guard = ev:set_on_abandon()
- * Sets ev if the calling coroutine is abandoned -- its request's deadline,
- * task:cancel(), shutdown -- or ends, before guard:cancel(): a helper task
- * waiting on ev learns that the coroutine it serves will never run again
- * (Lua cannot see that: an abandoned coroutine stays "suspended"). The
- * set happens with no Lua running; its waiters resume on a later turn.
- * Raises outside a coroutine.
- */
+/* A guard of ev:set_on_abandon(): a cleanup attached to a coroutine. */
 struct gw_abandon_guard {
     struct gw_co_cleanup cl;
     int                  ev_ref;   /* registry: the event; LUA_NOREF */
@@ -742,6 +734,15 @@ guard_fire(void *arg)
     guard_disarm(L, g);          /* cl is already detached by the co */
 }
 
+/*
+ * syntax: guard = ev:set_on_abandon()
+ * Sets ev if the calling coroutine is abandoned -- its request's deadline,
+ * task:cancel(), shutdown -- or ends, before guard:cancel(): a helper task
+ * waiting on ev learns that the coroutine it serves will never run again
+ * (Lua cannot see that: an abandoned coroutine stays "suspended"). The
+ * set happens with no Lua running; its waiters resume on a later turn.
+ * Raises outside a coroutine.
+ */
 static int
 levent_set_on_abandon(lua_State *L)
 {
