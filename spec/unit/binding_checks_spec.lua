@@ -73,7 +73,8 @@ describe("object types", function()
       end
     end
     table.sort(names)
-    assert.equal("paygate.crypto.digest paygate.crypto.key paygate.event"
+    assert.equal("paygate.abandon_guard paygate.crypto.digest"
+      .. " paygate.crypto.key paygate.event"
       .. " paygate.http_stream paygate.keyring.ring paygate.pg.pool"
       .. " paygate.redis.client paygate.redis.sub paygate.sqlite.db"
       .. " paygate.task paygate.x509.cert paygate.zlib_inflate",
