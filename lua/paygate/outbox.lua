@@ -386,9 +386,9 @@ local function webhook_body(event)
 end
 _M.webhook_body = webhook_body
 
--- Status codes after which trying again may help.
 local REASON_MAX = 200     -- bytes of a refusing webhook's answer kept
 local OK_BODY_MAX = 65536  -- bytes of an accepting answer read (then dropped)
+-- Status codes after which trying again may help.
 local RETRY_STATUS = { [408] = true, [409] = true, [425] = true,
                        [429] = true }
 
