@@ -504,7 +504,13 @@ local function dict()
   return shared_dict
 end
 
-local local_hist = {}             -- key -> count, when there is no dict
+-- This worker's own samples, beside the shared dictionary's sums of all
+-- workers': key -> count. A full dictionary evicts its least recently
+-- used entries -- first the rarely touched slow buckets, which would
+-- shorten the p99.9 and with it the ttl -- so a bucket never reads less
+-- than this worker's own count of it (nor does it without a dictionary).
+-- Generations past the window are dropped (own_gens: name -> { gen }).
+local own, own_gens = {}, {}
 local cached = {}                 -- name -> { at, ttl, info, opts key }
 
 local function check_name(fname, name)
@@ -520,21 +526,39 @@ local function hist_key(name, gen, i)
 end
 
 local function hist_incr(key, ttl)
+  own[key] = (own[key] or 0) + 1
   local d = dict()
   if d then
-    local _, err = d:incr(key, 1, 0, ttl)
-    if not err then
-      return
-    end
-    -- a full dictionary evicts; a failure here only loses a sample
+    d:incr(key, 1, 0, ttl)        -- a failure loses a sample of the sum
   end
-  local_hist[key] = (local_hist[key] or 0) + 1
 end
 
 local function hist_get(key)
   local d = dict()
-  local v = d and d:get(key)
-  return (tonumber(v) or 0) + (local_hist[key] or 0)
+  local v = tonumber(d and d:get(key)) or 0
+  local mine = own[key] or 0
+  return v > mine and v or mine
+end
+
+-- Drops this worker's counts of name's generations older than gen - 1
+-- (the histogram reads gen and gen - 1).
+local function own_prune(name, gen)
+  local gens = own_gens[name]
+  if not gens then
+    gens = {}
+    own_gens[name] = gens
+  end
+  if gens[gen] then return end
+  gens[gen] = true
+  for g in pairs(gens) do
+    if g < gen - 1 then
+      gens[g] = nil
+      own[hist_key(name, g, "n")] = nil
+      for i = 0, NBUCKETS - 1 do
+        own[hist_key(name, g, i)] = nil
+      end
+    end
+  end
 end
 
 local function check_window(fname, window)
@@ -560,6 +584,7 @@ function _M.measure(name, seconds, opts)
   local window = check_window("lease.measure", opts and opts.window)
   local gen = math.floor(core.time() / window)
   local ttl = 2 * window + 60
+  own_prune(name, gen)
   hist_incr(hist_key(name, gen, bucket_of(seconds)), ttl)
   hist_incr(hist_key(name, gen, "n"), ttl)
   cached[name] = nil

@@ -90,6 +90,36 @@ describe("lease.ttl_for / lease.measure", function()
     assert.truthy(tb >= 0.15 and tb < 0.15 * 1.091, tostring(tb))
   end)
 
+  it("does not shrink when the shared dictionary evicts a slow bucket:"
+     .. " this worker's own samples floor it", function()
+    local a = series("evicted")
+    for _ = 1, 100 do
+      lease.measure(a, 0.1)
+    end
+    lease.measure(a, 4)
+    local opts = { floor = 0.01, ceiling = 100, margin = 1.5 }
+    local before = lease.ttl_for(a, opts)
+    assert.truthy(before >= 6, tostring(before))
+    -- a full dictionary evicts its least recently used entries: the slow
+    -- bucket, touched once, goes first (played here by deleting it)
+    local d = require("paygate.shared").get_dict("paygate")
+    local gen = math.floor(core.time() / lease.DEFAULTS.window)
+    local gone = 0
+    for g = gen - 1, gen do      -- (the samples may be an hour's last)
+      for i = 0, 255 do                    -- the slow one: counted once
+        local k = "paygate.lease.d|" .. a .. "|" .. g .. "|" .. i
+        if tonumber(d:get(k)) == 1 then
+          d:delete(k)
+          gone = gone + 1
+        end
+      end
+    end
+    assert.equal(1, gone)
+    lease.measure(a, 0.1)          -- (a new sample: the cached ttl goes)
+    local after = lease.ttl_for(a, opts)
+    assert.truthy(after >= 6, "the ttl shrank to " .. after)
+  end)
+
   it("clamps to floor and ceiling", function()
     local name = series("clamp")
     for _ = 1, 30 do
