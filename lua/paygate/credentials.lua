@@ -44,6 +44,10 @@ _M.MERCHANT_FILES = {
   ["apiv3_key"] = { field = "apiv3_key", secret = true },
   ["wechatpay_public_key.pem"] = { field = "public_key", optional = true },
   ["public_key_id"] = { field = "public_key_id", optional = true },
+  -- during an APIv3 key rotation: the old key, so that a worker started
+  -- after the swap still opens what WeChat sealed under it
+  ["previous_apiv3_key"] = { field = "previous_apiv3_keys", secret = true,
+                             optional = true },
 }
 _M.TLS_FILES = {
   ["cert.pem"] = { field = "cert" },
@@ -244,6 +248,12 @@ function _M.validate(files, kind, now)
   if kind == "tls" then return set end
   if #set.apiv3_key ~= 32 then
     return invalid("apiv3_key must be exactly 32 bytes")
+  end
+  if set.previous_apiv3_keys ~= nil then
+    if #set.previous_apiv3_keys ~= 32 then
+      return invalid("previous_apiv3_key must be exactly 32 bytes")
+    end
+    set.previous_apiv3_keys = { set.previous_apiv3_keys }
   end
   if (set.public_key == nil) ~= (set.public_key_id == nil) then
     return invalid("wechatpay_public_key.pem and public_key_id go together")

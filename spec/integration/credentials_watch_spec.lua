@@ -186,6 +186,40 @@ describe("watched credentials", function()
     assert.is_true(after <= before + 2, before .. " -> " .. after)
   end)
 
+  it("an APIv3 key rotation published with previous_apiv3_key: a worker"
+     .. " started after the swap still opens what was sealed under the old"
+     .. " key", function()
+    local resource = require "paygate.wechatpay.resource"
+    local code, out = publish(env.a)          -- APIV3
+    assert.equal(0, code, out)
+    -- the rotation: the new key, and the old one beside it
+    local d = set_dir(dir, "set_b_prev", "b", "b", APIV3_B)
+    write(d .. "/previous_apiv3_key", APIV3)
+    code, out = publish(d)
+    assert.equal(0, code, out)
+    -- a notification WeChat sealed under the old key, still in flight
+    local nonce = "0123456789ab"
+    local ct = assert(crypto.aead_encrypt("AEAD_AES_256_GCM", APIV3, nonce,
+                                          "transaction", '{"ok":1}'))
+    local r = { algorithm = "AEAD_AES_256_GCM", nonce = nonce,
+                associated_data = "transaction",
+                ciphertext = crypto.base64_encode(ct) }
+    -- a worker (re)started now: it never saw the old set
+    local src = source(dir .. "/cache_prev")
+    assert(src:load(MCHID))
+    local wx = client_for(src)
+    assert.equal("BBBB02", wx.conf.signer.serial)
+    assert.equal(APIV3_B, wx.conf.apiv3_keys[1])
+    local plain, err = resource.decrypt(r, wx.conf.apiv3_keys)
+    wx:stop()
+    assert.equal('{"ok":1}', plain, tostring(err))
+    -- a previous key of the wrong length is refused at publish
+    write(d .. "/previous_apiv3_key", APIV3 .. "\n")
+    code, out = publish(d)
+    assert.equal(1, code, out)
+    assert.matches("previous_apiv3_key", out)
+  end)
+
   it("a cache write that fails (disk full) keeps the previous cache",
      function()
     local mnt = dir .. "/tinyfs"

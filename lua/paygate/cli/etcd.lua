@@ -23,8 +23,11 @@ publish  reads the set from DIR, validates it (the private key matches
          new one lacks are deleted in it). Every gateway watching PREFIX
          swaps to it. A merchant's DIR holds apiclient_key.pem,
          apiclient_cert.pem, apiv3_key and optionally
-         wechatpay_public_key.pem + public_key_id; with --tls, cert.pem
-         and key.pem (the HTTPS listener's).
+         wechatpay_public_key.pem + public_key_id, and previous_apiv3_key
+         (in an APIv3 key rotation: the old key, so that a worker started
+         after the swap still opens what WeChat sealed under it; publish
+         again without it a day later); with --tls, cert.pem and key.pem
+         (the HTTPS listener's).
 show     prints the set's revision, the certificate's serial and dates,
          and which files are sealed (never a secret).
 
@@ -108,9 +111,11 @@ local function publish(o)
   if files.public_key_id then
     files.public_key_id = files.public_key_id:gsub("%s+$", "")
   end
-  if kind == "merchant" and files.apiv3_key then
-    local cause, fix = common.apiv3_key_problem(files.apiv3_key)
-    if cause then return fail(cause .. "; " .. fix) end
+  for _, name in ipairs({ "apiv3_key", "previous_apiv3_key" }) do
+    if kind == "merchant" and files[name] then
+      local cause, fix = common.apiv3_key_problem(files[name])
+      if cause then return fail(name .. ": " .. cause .. "; " .. fix) end
+    end
   end
   local set, err = credentials.validate(files, kind)
   if not set then return fail(tostring(err.message)) end

@@ -137,12 +137,13 @@ local CRED_IN = { "merchant_private_key", "merchant_certificate",
 -- Swaps the merchant's credentials in the running client, e.g. after a
 -- rotation published in etcd (paygate.credentials): creds holds
 -- merchant_private_key and merchant_certificate (PEM), apiv3_key, and
--- optionally public_key + public_key_id, each as wechatpay.client takes
--- them. The whole set is checked first (the key matches the certificate,
+-- optionally public_key + public_key_id and previous_apiv3_keys, each as
+-- wechatpay.client takes them. The whole set is checked first (the key matches the certificate,
 -- key types, the APIv3 key's length); on any failure nothing changes and
 -- nil, err (invalid_config, err.key) comes back. On success the next
 -- signature uses the new key and serial (a request already signed keeps
--- its own), the previous APIv3 keys (two at most) still decrypt, and a
+-- its own), creds.previous_apiv3_keys and the APIv3 keys in use until
+-- now (two at most) still decrypt, and a
 -- new public key joins the key ring beside the old one. Never yields.
 function methods.set_credentials(wx, creds)
   if type(creds) ~= "table" then
@@ -157,9 +158,18 @@ function methods.set_credentials(wx, creds)
       { key = "merchant_certificate" })
   end
   local old = wx.conf
-  local prev = {}
+  local prev, seen = {}, { [creds.apiv3_key or ""] = true }
+  -- the set's own previous keys (an APIv3 rotation published with the old
+  -- key), then the ones in use until now (two at most)
+  for _, k in ipairs(type(creds.previous_apiv3_keys) == "table"
+                     and creds.previous_apiv3_keys or {}) do
+    if not seen[k] then prev[#prev + 1], seen[k] = k, true end
+  end
+  local kept = 0
   for _, k in ipairs(old.apiv3_keys) do
-    if k ~= creds.apiv3_key and #prev < 2 then prev[#prev + 1] = k end
+    if not seen[k] and kept < 2 then
+      prev[#prev + 1], seen[k], kept = k, true, kept + 1
+    end
   end
   conf.previous_apiv3_keys = prev
   local cfg, err = config.check(conf)
