@@ -114,6 +114,7 @@ if g.dev_app then
     -- form -- is no loopback client of ours: it must sign)
     if req.path:sub(1, 4) == "/v1/" and req:header("authorization") == nil
        and config.is_loopback_addr(req.remote_addr)
+       and not config.proxied(req)
        and not admin.from_browser_elsewhere(req) then
       req.app_id = g.dev_app
       return nil

@@ -58,6 +58,7 @@ local function allowed(ctx, req)
     return ok
   end
   return config.is_loopback_addr(req.remote_addr)
+         and not config.proxied(req)
          and not _M.from_browser_elsewhere(req)
 end
 

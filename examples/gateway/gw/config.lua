@@ -98,6 +98,17 @@ function _M.is_loopback_addr(addr)
   return is_loopback_host(host)
 end
 
+--- syntax: yes = config.proxied(req)
+-- true when a request says a proxy relayed it (Forwarded, X-Forwarded-For,
+-- X-Real-IP): behind a reverse proxy on this host every visitor comes
+-- from loopback, so what trusts a loopback address (the console's and the
+-- admin routes' loopback mode, dev_app) refuses such a request.
+function _M.proxied(req)
+  return req:header("forwarded") ~= nil
+         or req:header("x-forwarded-for") ~= nil
+         or req:header("x-real-ip") ~= nil
+end
+
 --- syntax: ok = config.mkdir_p(dir[, mode])
 -- Creates the folders of dir (like mkdir -p; mode default 0755, an
 -- existing one is fine): the default SQLite store under var/, the bill

@@ -110,6 +110,7 @@ function _M.routes(ctx)
       if not config.is_loopback_addr(req.remote_addr) then
         return nil, "forbidden"
       end
+      if config.proxied(req) then return nil, "proxied" end
       local host = req:header("host")
       if host ~= nil and not config.is_loopback_addr(tostring(host):lower())
       then
@@ -159,6 +160,11 @@ function _M.routes(ctx)
       return refuse(403, "Forbidden", "In loopback mode the console answers"
         .. " only requests addressed to localhost, 127.0.0.1 or [::1], not"
         .. " to another name that leads here.")
+    elseif why == "proxied" then
+      return refuse(403, "Forbidden", "In loopback mode the console refuses"
+        .. " requests a proxy relayed (Forwarded, X-Forwarded-For,"
+        .. " X-Real-IP): behind a reverse proxy every visitor would look"
+        .. " local. Give the console a token (console.access = \"token\").")
     elseif why == "login" then
       return refuse(403, "Forbidden", "Log in first.")
     end

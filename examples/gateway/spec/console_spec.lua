@@ -332,6 +332,21 @@ describe("gateway console", function()
         assert.equal(200, res.status, h)
       end
     end)
+
+    it("in loopback mode refuses a request a proxy relayed: behind a"
+       .. " reverse proxy every visitor would look local", function()
+      for _, h in ipairs({ { ["X-Forwarded-For"] = "203.0.113.9" },
+                           { Forwarded = "for=203.0.113.9" },
+                           { ["X-Real-IP"] = "203.0.113.9" } }) do
+        local res = gw.srv:request{ path = "/console", headers = h }
+        assert.equal(403, res.status)
+        assert.matches("a proxy relayed", res.body, 1, true)
+        assert.not_matches('name="csrf"', res.body, 1, true)
+        -- the admin routes (no token here) and dev_app alike
+        res = gw.srv:request{ path = "/admin/degrade", headers = h }
+        assert.equal(403, res.status, res.body)
+      end
+    end)
   end)
 
   describe("pages", function()

@@ -189,7 +189,10 @@ return _M
       { ["Content-Type"] = "text/plain", Origin = "https://evil.example" },
       { ["Content-Type"] = "text/plain", ["Sec-Fetch-Site"] = "cross-site" },
       { ["Content-Type"] = "application/json",
-        Host = "evil.example:" .. gw.srv.port } }) do
+        Host = "evil.example:" .. gw.srv.port },
+      -- relayed by a reverse proxy on this host: any visitor
+      { ["Content-Type"] = "application/json",
+        ["X-Forwarded-For"] = "203.0.113.9" } }) do
       h["Idempotency-Key"] = "dev-csrf"
       res = gw.srv:request{ method = "POST", path = "/v1/payments",
         body = json.encode{ order_id = "dev-csrf", channel = "native",
