@@ -410,21 +410,14 @@ end
 
 local function write_cache(src, set, raw, revision)
   local path = cache_path(src, set)
-  -- per process: the workers of an instance share cache_dir
-  local tmp = path .. "." .. core.pid() .. ".tmp"
-  local f = io.open(tmp, "wb")
-  if not f then
-    log().warn("credentials: cannot write the cache", { file = tmp })
-    return
-  end
-  -- a write that fails (disk full) must not replace the good cache with
-  -- an empty file: a worker started with etcd down would have no set
-  local ok = f:write(json.encode({ revision = revision, files = raw }))
-  ok = f:close() and ok
-  if not ok or not os.rename(tmp, path) then
-    os.remove(tmp)
+  -- whole or not at all, flushed, the owner's alone: a write that fails
+  -- (a full disk) keeps the previous cache, which a worker started with
+  -- etcd down serves from (the secrets in it stay sealed)
+  local ok, err = core.write_file(path, json.encode({ revision = revision,
+                                                      files = raw }), 384)
+  if not ok then
     log().warn("credentials: cannot write the cache, the old one kept",
-               { file = path })
+               { file = path, error = tostring(err) })
   end
 end
 

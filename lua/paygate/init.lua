@@ -55,6 +55,8 @@ _M.spawn = core.spawn          -- task = paygate.spawn(fn, ...)
 _M.event = core.event          -- ev = paygate.event(): ev:wait(t), ev:set()
 _M.now = core.now              -- cached seconds since the epoch
 _M.update_time = core.update_time
+-- ok, err = paygate.write_file(path, data[, mode]): whole or not at all
+_M.write_file = core.write_file
 
 _M.timer = {}
 

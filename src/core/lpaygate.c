@@ -2,11 +2,13 @@
  * lpaygate.c -- paygate.core: what every module needs and nothing above
  * core provides: the scheduling primitives (sleep, spawn/task), the
  * clocks (now, time, mono), the one error shape (error, is_error), null,
- * listdir, and the logger's C half.
+ * listdir, write_file, and the logger's C half.
  */
 #include <arpa/inet.h>
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <libgen.h>
 #include <math.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -139,6 +141,81 @@ lcore_listdir(lua_State *L)
     lua_pushvalue(L, -3);
     lua_call(L, 1, 0);
     lua_pop(L, 1);
+    return 1;
+}
+
+/*
+ * core.write_file(path, data[, mode]) -> true | nil, err (kind io)
+ * Replaces path with data whole or not at all: written to a temporary
+ * file beside it (mode, default 0600, as created: never readable by others
+ * meanwhile), flushed to the disk (fsync), renamed over path, and the
+ * folder flushed so the rename lasts. On any failure (a full disk, say)
+ * the temporary file is removed and path is left as it was. Blocking: for
+ * small files written now and then (a cache, a state file).
+ */
+static int
+lcore_write_file(lua_State *L)
+{
+    size_t      len, off = 0;
+    const char *path = luaL_checkstring(L, 1);
+    const char *data = luaL_checklstring(L, 2, &len);
+    lua_Integer mode = luaL_optinteger(L, 3, 0600);
+    char        tmp[4096], dir[4096];
+    int         fd, dfd, err = 0;
+    const char *step = "open";
+
+    if (mode < 0 || mode > 07777) {
+        return luaL_argerror(L, 3, "mode must be a file mode (0 .. 07777)");
+    }
+    if (snprintf(tmp, sizeof(tmp), "%s.%ld.tmp", path, (long) getpid())
+        >= (int) sizeof(tmp))
+    {
+        return gw_push_error(L, "io", 0, "write_file %s: path too long",
+                             path);
+    }
+    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, (mode_t) mode);
+    if (fd < 0) {
+        return gw_push_error(L, "io", 0, "write_file %s: open: %s", tmp,
+                             strerror(errno));
+    }
+    while (off < len) {
+        ssize_t n = write(fd, data + off, len - off);
+
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n <= 0) {
+            err = n < 0 ? errno : ENOSPC;
+            step = "write";
+            break;
+        }
+        off += (size_t) n;
+    }
+    if (err == 0 && fsync(fd) != 0) {
+        err = errno;
+        step = "fsync";
+    }
+    if (close(fd) != 0 && err == 0) {
+        err = errno;
+        step = "close";
+    }
+    if (err == 0 && rename(tmp, path) != 0) {
+        err = errno;
+        step = "rename";
+    }
+    if (err != 0) {
+        unlink(tmp);
+        return gw_push_error(L, "io", 0, "write_file %s: %s: %s", path, step,
+                             strerror(err));
+    }
+    /* the rename itself, durable: the folder's entry */
+    snprintf(dir, sizeof(dir), "%s", path);
+    dfd = open(dirname(dir), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd >= 0) {
+        (void) fsync(dfd);
+        close(dfd);
+    }
+    lua_pushboolean(L, 1);
     return 1;
 }
 
@@ -1020,6 +1097,7 @@ static const luaL_Reg lcore_funcs[] = {
     { "time", lcore_time },
     { "mono", lcore_mono },
     { "listdir", lcore_listdir },
+    { "write_file", lcore_write_file },
     { "error", lcore_error },
     { "is_error", lcore_is_error },
     { "error_string", gw_lerror_string },

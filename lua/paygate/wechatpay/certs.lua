@@ -150,23 +150,16 @@ function _M.save_state(wx)
   for _, cert in pairs(wx.certs) do parts[#parts + 1] = cert:pem() end
   table.sort(parts)
   local path = state_path(wx)
-  local tmp = path .. ".tmp." .. core.pid()
-  local f = io.open(tmp, "wb")
-  if not f then
-    os.execute("mkdir -p " .. shell_quote(dir))
-    f = io.open(tmp, "wb")
-  end
-  if not f then
-    return nil, core.error("io", "cannot write " .. tmp)
-  end
-  f:write(table.concat(parts))
-  f:close()
-  local ok, err = os.rename(tmp, path)
+  -- whole or not at all, and durable: a failed write (a full disk) must
+  -- not leave an empty file where the last good set was -- a restart
+  -- with WeChat unreachable verifies with it
+  local data = table.concat(parts)
+  local ok, err = core.write_file(path, data, 420)      -- 0644
   if not ok then
-    os.remove(tmp)
-    return nil, core.error("io", "cannot rename into " .. path .. ": "
-                           .. tostring(err))
+    os.execute("mkdir -p " .. shell_quote(dir))
+    ok, err = core.write_file(path, data, 420)
   end
+  if not ok then return nil, err end
   return true
 end
 

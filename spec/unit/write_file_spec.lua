@@ -1,0 +1,70 @@
+-- core.write_file: a file replaced whole or not at all, flushed, with its
+-- mode from the start (the credentials cache and the platform
+-- certificates' state file are written with it).
+local core = require "paygate.core"
+local servers = require "spec.support.servers"
+
+local tmp = servers.mktemp()
+teardown(function()
+  servers.sh("umount " .. tmp .. "/tiny >/dev/null 2>&1")
+  servers.sh("rm -rf " .. tmp)
+end)
+
+local function read(p)
+  local f = io.open(p, "rb")
+  if not f then return nil end
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+
+local function mode(p)
+  return servers.read_cmd("stat -c %a " .. p):gsub("%s+$", "")
+end
+
+local function leftovers(dir)
+  return servers.read_cmd("ls -a " .. dir .. " | grep -c '\\.tmp$' || true")
+         :gsub("%s+$", "")
+end
+
+describe("core.write_file (paygate.write_file)", function()
+  it("writes, replaces whole, with mode 0600 unless told", function()
+    local p = tmp .. "/a.json"
+    assert.is_true(core.write_file(p, "first"))
+    assert.equal("first", read(p))
+    assert.equal("600", mode(p))
+    assert.is_true(core.write_file(p, string.rep("x", 100000), 420))
+    assert.equal(100000, #read(p))
+    assert.is_true(core.write_file(p, ""))
+    assert.equal("", read(p))
+    assert.equal("0", leftovers(tmp))
+    assert.equal(core.write_file, require("paygate").write_file)
+  end)
+
+  it("fails with kind io and leaves nothing where it cannot write",
+     function()
+    local ok, err = core.write_file(tmp .. "/no/such/dir/x", "data")
+    assert.is_nil(ok)
+    assert.equal("io", err.kind)
+    assert.matches("No such file", err.message)
+    assert.has_error(function() core.write_file(tmp .. "/m", "x", -1) end)
+    assert.has_error(function() core.write_file(tmp .. "/m", nil) end)
+  end)
+
+  it("keeps the old file when the disk is full", function()
+    local dir = tmp .. "/tiny"
+    servers.sh("mkdir -p " .. dir)
+    if not servers.sh("mount -t tmpfs -o size=64k tmpfs " .. dir
+                      .. " >/dev/null 2>&1") then
+      pending("cannot mount a tmpfs here (not root)")
+      return
+    end
+    local p = dir .. "/state.pem"
+    assert.is_true(core.write_file(p, "the last good set"))
+    local ok, err = core.write_file(p, string.rep("y", 200 * 1024))
+    assert.is_nil(ok)
+    assert.equal("io", err.kind)
+    assert.equal("the last good set", read(p))
+    assert.equal("0", leftovers(dir))
+  end)
+end)
