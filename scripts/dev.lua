@@ -30,18 +30,10 @@ end
 -- a word for sh, whatever DIR holds
 local function sh(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
 
--- written whole or not at all; secrets readable by the owner only (made
--- so while the file is still empty: never a moment readable by others)
+-- written whole or not at all; secrets readable by the owner only (from
+-- the file's creation: never a moment readable by others)
 local function write(path, data, private)
-  local tmp = path .. ".tmp"
-  local f = assert(io.open(tmp, "wb"))
-  if private then
-    local rc = os.execute("chmod 600 " .. sh(tmp))
-    assert(rc == 0 or rc == true, "dev: cannot chmod " .. tmp)
-  end
-  f:write(data)
-  f:close()
-  assert(os.rename(tmp, path))
+  assert(require("paygate").write_file(path, data, private and 384 or 420))
 end
 
 local function q(s) return string.format("%q", s) end
