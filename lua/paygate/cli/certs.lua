@@ -170,13 +170,11 @@ local function download(o, out)
   local now = core.time()
   for serial, cert in pairs(wx.certs) do
     local path = o["--out"] .. "/" .. serial .. ".pem"
-    local f = io.open(path, "wb")
-    if not f then
+    local wok, werr = core.write_file(path, cert:pem(), 420)   -- 0644
+    if not wok then
       wx:stop()
-      common.usage_error("cannot write %s", path)
+      common.usage_error("cannot write %s (%s)", path, tostring(werr))
     end
-    f:write(cert:pem())
-    f:close()
     written = written + 1
     list_cert(out, { cert = cert, file = path }, now)
   end
