@@ -237,7 +237,7 @@ function _M.validate(files, kind, now)
   end
   if cert:not_before() > now then
     return invalid("the certificate (serial " .. cert:serial()
-                   .. ") is not valid yet")
+                   .. ") is not valid yet", { valid_from = cert:not_before() })
   end
   if cert:not_after() <= now then
     return invalid("the certificate (serial " .. cert:serial()
@@ -483,6 +483,23 @@ local function apply(src, set, raw, rev, from_cache)
       log().warn("credentials: set refused, the old one kept", {
         set = set.name, revision = rev, kept = set.current
         and set.current.revision or nil, reason = tostring(err) })
+    end
+    local from = type(err) == "table" and err.valid_from
+    if from and not from_cache then
+      -- refused only for now (its certificate starts soon: a clock a
+      -- little behind its issuer's): read it again once it is valid, or
+      -- it would wait for the next change in etcd
+      local delay = from - core.time() + 1
+      if delay > 0 and delay <= 86400 and not src.tasks["retry:" .. set.name]
+      then
+        src.tasks["retry:" .. set.name] = core.spawn(function()
+          core.sleep(delay)
+          src.tasks["retry:" .. set.name] = nil
+          if src.stopped then return end
+          local raw2, rev2 = fetch(src, set)
+          if raw2 then apply(src, set, raw2, rev2) end
+        end)
+      end
     end
     return nil, err
   end

@@ -220,6 +220,40 @@ describe("watched credentials", function()
     assert.matches("previous_apiv3_key", out)
   end)
 
+  it("a set refused only because its certificate starts soon (a clock a"
+     .. " little behind) is taken once valid, with no new publish",
+     function()
+    local code, out = publish(env.a)
+    assert.equal(0, code, out)
+    local src = source(dir .. "/cache_soon")
+    assert(src:load(MCHID))
+    local wx = client_for(src)
+    src:start()
+    -- B's certificate, as this worker's clock sees it, starts in 1.5 s
+    local real = credentials.validate
+    local from = core.time() + 1.5
+    credentials.validate = function(files, kind, now)
+      local set, err = real(files, kind, now)
+      if set and set.serial == "BBBB02" and core.time() < from then
+        return nil, core.error("invalid_credentials", "credentials: the"
+          .. " certificate (serial BBBB02) is not valid yet",
+          { valid_from = from })
+      end
+      return set, err
+    end
+    code, out = publish(env.b)
+    assert.equal(0, code, out)
+    local ok, err = pcall(servers.wait_for, function()
+      return wx.conf.signer.serial == "BBBB02"
+    end, 10, "the swap once the certificate is valid")
+    credentials.validate = real
+    local refused = src.refusals or 0
+    src:stop()
+    wx:stop()
+    assert(ok, tostring(err))
+    assert.truthy(refused >= 1)             -- refused first, then taken
+  end)
+
   it("a cache write that fails (disk full) keeps the previous cache",
      function()
     local mnt = dir .. "/tinyfs"
