@@ -174,7 +174,7 @@ function _M.private_key_file(path, option)
     why = "it holds an ENCRYPTED private key: decrypt it first (openssl "
           .. "pkey -in KEY -out PLAIN_KEY)"
   elseif not pem:find("-----BEGIN", 1, true) then
-    why = "it holds no PEM block (-----BEGIN PRIVATE KEY----- ...)"
+    why = "it holds no PEM block (a private key file begins with a BEGIN PRIVATE KEY line)"
   else
     why = "it does not load as a private key ("
           .. tostring(ok and kerr and kerr.kind or "malformed") .. ")"
