@@ -75,6 +75,32 @@ describe("paygate doctor's signed call (platform certificate mode)", function()
     assert.equal("fail", r.status, out)
     assert.matches("refused the request's signature", r.cause, 1, true)
     assert.matches("merchant_serial", r.fix, 1, true)
+    assert.matches("must name the API certificate WeChat holds", r.fix, 1,
+                   true)
+  end)
+
+  -- paygate certs --download's reading of WeChat's detail.field, shared
+  it("a SIGN_ERROR's fix names what WeChat blamed", function()
+    local serial = crypto.certificate(proc.read(sim.merchant.certificate))
+                   :serial()
+    -- the right serial signed with another key: the signature
+    local other = testing.merchant_keys{ mchid = sim.merchant.mchid }
+    local r, out, code = doctor(sim:client_config(nil, {
+      merchant_private_key = other.private_key,
+      merchant_certificate = false, merchant_serial = serial }))
+    assert.equal(1, code, out)
+    assert.matches("SIGN_ERROR", r.cause, 1, true)
+    assert.matches("merchant_private_key is not the key of the "
+                   .. "certificate merchant_serial names", r.fix, 1, true)
+    assert.is_nil(r.fix:find("check mchid", 1, true), r.fix)
+    -- a merchant id WeChat does not know
+    r, out, code = doctor(sim:client_config(nil, { mchid = "1234567",
+      merchant_certificate = false, merchant_serial = serial }))
+    assert.equal(1, code, out)
+    assert.matches("SIGN_ERROR", r.cause, 1, true)
+    assert.matches("WeChat does not know this merchant id: check mchid",
+                   r.fix, 1, true)
+    assert.is_nil(r.fix:find("merchant_serial", 1, true), r.fix)
   end)
 
   it("fails when the APIv3 key is wrong", function()

@@ -101,24 +101,19 @@ local function list_key(out, e)
                      "merchant private key" }
 end
 
--- What a 401 SIGN_ERROR blames, from WeChat's detail.field or message
--- (the mchid, the serial, the timestamp, the signature itself): the fix.
+-- A 401 SIGN_ERROR's fix, after what WeChat blamed (common.sign_error_blame)
 local function sign_error_fix(err)
-  local d = type(err.detail) == "table" and err.detail or {}
-  local field = type(d.field) == "string" and d.field or ""
-  local m = tostring(err.wechat_message or err.message)
-  if field == "mchid" or m:find("mchid", 1, true)
-     or m:find("商户号", 1, true) then
+  local blame = common.sign_error_blame(err)
+  if blame == "mchid" then
     return "WeChat does not know this merchant id: check --mchid (the CN "
       .. "of apiclient_cert.pem's subject: paygate certs apiclient_cert.pem)"
-  elseif field == "serial_no" or m:find("序列号", 1, true)
-         or m:lower():find("serial", 1, true) then
+  elseif blame == "serial" then
     return "check --serial: the serial of the API certificate WeChat holds "
       .. "for this mchid (paygate certs apiclient_cert.pem prints it)"
-  elseif field == "timestamp" or m:find("timestamp", 1, true) then
+  elseif blame == "timestamp" then
     return "sync this host's clock (NTP): WeChat refuses a timestamp 5 "
       .. "minutes off"
-  elseif field == "signature" or m:find("验签", 1, true) then
+  elseif blame == "signature" then
     return "--key is not the key of the certificate --serial names: use "
       .. "apiclient_key.pem and apiclient_cert.pem's serial from the same "
       .. "download (paygate doctor checks the pair)"

@@ -428,6 +428,29 @@ function _M.number(opts, name)
   return n
 end
 
+--- syntax: what = common.sign_error_blame(err)
+-- What a 401 SIGN_ERROR (err.kind "sign_error" of paygate.wechatpay)
+-- blames, from WeChat's detail.field or message: "mchid", "serial",
+-- "timestamp", "signature", or nil when it says nothing more. paygate
+-- certs and paygate doctor word the fix each with their own names.
+function _M.sign_error_blame(err)
+  local d = type(err.detail) == "table" and err.detail or {}
+  local field = type(d.field) == "string" and d.field or ""
+  local m = tostring(err.wechat_message or err.message)
+  if field == "mchid" or m:find("mchid", 1, true)
+     or m:find("商户号", 1, true) then
+    return "mchid"
+  elseif field == "serial_no" or m:find("序列号", 1, true)
+         or m:lower():find("serial", 1, true) then
+    return "serial"
+  elseif field == "timestamp" or m:find("timestamp", 1, true) then
+    return "timestamp"
+  elseif field == "signature" or m:find("验签", 1, true) then
+    return "signature"
+  end
+  return nil
+end
+
 --- syntax: s = common.days(seconds) -- a certificate's time left (or
 -- since it expired), rounded down as the gateway's console does: "12
 -- days", and under 2 days with its hours, "1 day 23 h", "5 h", "40 min"

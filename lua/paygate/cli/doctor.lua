@@ -661,7 +661,27 @@ end
 local function signed_failure(err, mode, conf)
   local k = err.kind
   if k == "sign_error" then
-    return "WeChat refused the request's signature", "merchant_serial (or "
+    -- what WeChat blamed, as paygate certs --download reads it
+    local blame = common.sign_error_blame(err)
+    local cause = "WeChat refused the request's signature"
+    if blame == "mchid" then
+      return cause, "WeChat does not know this merchant id: check mchid "
+        .. "(the CN of merchant_certificate's subject: paygate certs "
+        .. "prints it)"
+    elseif blame == "serial" then
+      return cause, "merchant_serial (or merchant_certificate) must name "
+        .. "the API certificate WeChat holds for this mchid (merchant "
+        .. "platform, API security), and merchant_private_key must be its key"
+    elseif blame == "timestamp" then
+      return cause, "sync this host's clock (NTP): WeChat refuses a "
+        .. "timestamp 5 minutes off"
+    elseif blame == "signature" then
+      return cause, "merchant_private_key is not the key of the certificate "
+        .. "merchant_serial names: use apiclient_key.pem and "
+        .. "apiclient_cert.pem from the same download (give "
+        .. "merchant_certificate: key_certificate checks the pair)"
+    end
+    return cause, "merchant_serial (or "
       .. "merchant_certificate) must name the API certificate WeChat holds "
       .. "for this mchid (merchant platform, API security), and "
       .. "merchant_private_key must be its key; check mchid too"
@@ -756,7 +776,8 @@ local function check_signed(out, wc, cfg, clock_bad, dconf)
     return
   end
   local cause, fix = signed_failure(err, cfg.mode, dconf)
-  if err.kind == "sign_error" and clock_bad then
+  if err.kind == "sign_error" and clock_bad
+     and common.sign_error_blame(err) ~= "timestamp" then
     -- WeChat refuses a timestamp 5 minutes off as a bad signature
     fix = "sync the clock first (see clock above): WeChat refuses a "
           .. "timestamp 5 minutes off with SIGN_ERROR; then, if it stays, "
