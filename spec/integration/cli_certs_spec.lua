@@ -1,7 +1,8 @@
 -- paygate certs --download against the simulator: a SIGN_ERROR's fix
 -- follows what WeChat blamed (an unknown mchid is not a serial to check),
 -- and a --key that is not a private key (a certificate given for it) is
--- unusable input, exit 2, naming the option, the file and what it holds.
+-- unusable input, exit 2, naming the option, the file and what it holds;
+-- the time left, in the text and in --json (expired, days_left).
 local testing = require "paygate.testing"
 local crypto = require "paygate.crypto"
 local server = require "support.server"
@@ -84,6 +85,59 @@ describe("paygate certs: the time left", function()
     assert.matches("(1 day 23 h left)", out, 1, true)
     assert.matches("expires in 1 day 23 h", out, 1, true)
     assert.is_nil(out:find("1 days", 1, true), out)
+  end)
+
+  -- a self-signed certificate valid from `from` to `to` seconds from now
+  local function cert_between(name, from, to)
+    local f = function(x) return dir .. "/" .. name .. x end
+    local function stamp(t) return os.date("!%Y%m%d%H%M%SZ", os.time() + t) end
+    diagpki.write(f(".cnf"), ("[ca]\ndefault_ca=d\n[d]\ndatabase=%s\n"
+      .. "new_certs_dir=%s\nserial=%s\ndefault_md=sha256\npolicy=p\n[p]\n"
+      .. "commonName=supplied\n"):format(f(".idx"), dir, f(".srl")))
+    diagpki.write(f(".idx"), "")
+    diagpki.write(f(".srl"), "0400\n")
+    local ok = os.execute(("openssl req -newkey rsa:2048 -nodes -keyout %s -out "
+      .. "%s -subj /CN=%s >/dev/null 2>&1 && openssl ca -batch -notext "
+      .. "-selfsign -config %s -in %s -keyfile %s -startdate %s -enddate %s "
+      .. "-out %s >/dev/null 2>&1"):format(f(".key"), f(".csr"), name,
+      f(".cnf"), f(".csr"), f(".key"), stamp(from), stamp(to), f(".pem")))
+    assert(ok == 0 or ok == true, "openssl failed")
+    return f(".pem")
+  end
+
+  it("--json: expired is explicit; days_left is never negative",
+     function()
+    local H, D = 3600, 86400
+    -- expired 6 hours ago: days_left was -1, as if a day had passed
+    local code, out, r = diagpki.run(dir, { "certs", "--json",
+      cert_between("gone6h", -10 * D, -6 * H) })
+    assert.equal(1, code, out)
+    assert.equal("fail", r[1].status, out)
+    assert.is_true(r[1].expired, out)
+    assert.equal(0, r[1].days_left, out)
+    assert.equal(0, r[1].expired_days_ago, out)
+    -- expired 3.5 days ago: "expired 3 days ago", as the text says
+    code, out, r = diagpki.run(dir, { "certs", "--json",
+      cert_between("gone3d", -10 * D, -3.5 * D) })
+    assert.is_true(r[1].expired, out)
+    assert.equal(0, r[1].days_left, out)
+    assert.equal(3, r[1].expired_days_ago, out)
+    assert.matches("expired 3 days ago", r[1].detail, 1, true)
+    -- 12 hours left: not expired, 0 whole days left, a warning
+    code, out, r = diagpki.run(dir, { "certs", "--json",
+      cert_between("soon12h", -D, 12 * H) })
+    assert.equal(0, code, out)
+    assert.equal("warn", r[1].status, out)
+    assert.is_false(r[1].expired, out)
+    assert.equal(0, r[1].days_left, out)
+    assert.is_nil(r[1].expired_days_ago, out)
+    -- the WeChat Pay public key does not expire: no days_left
+    code, out, r = diagpki.run(dir, { "certs", "--json",
+      "spec/fixtures/wechatpay/a2_wechatpay_pubkey.pem" })
+    assert.equal(0, code, out)
+    assert.equal("public_key", r[1].kind, out)
+    assert.is_false(r[1].expired, out)
+    assert.is_nil(r[1].days_left, out)
   end)
 
   it("is said in whole days, rounded down, and hours under 2 days",

@@ -29,7 +29,10 @@ the answer's signature verified (paygate.wechatpay does all of it), then
 each is written to DIR/SERIAL.pem and listed.
 
 --json prints one JSON object per result line instead of text (status,
-kind, cause, detail, fix and the result's own fields), for scripts.
+kind, cause, detail, fix and the result's own fields), for scripts. A
+certificate's expired is true once past its end; days_left is its whole
+days left (0 once expired), expired_days_ago the whole days since then.
+A key has expired false and no days_left.
 
 exit: 0 all valid, 1 a certificate expired or a download failed, 2 usage
 or unreadable input.
@@ -61,7 +64,11 @@ local function list_cert(out, e, now)
               cause = name .. "certificate " .. c:serial(), detail = detail,
               serial = c:serial(), subject = c:subject(),
               issuer = c:issuer(), not_before = c:not_before(),
-              not_after = c:not_after(), days_left = math.floor(left),
+              not_after = c:not_after(),
+              -- whole days, rounded down as the text says them: left,
+              -- 0 once expired (and since when, apart)
+              expired = left < 0, days_left = math.max(0, math.floor(left)),
+              expired_days_ago = left < 0 and math.floor(-left) or nil,
               key_type = c:key_type(), key_bits = c:key_bits(),
               role = role, file = e.file }
   if c:not_before() > now then
@@ -95,7 +102,9 @@ local function list_key(out, e)
               .. (e.id or "") .. (e.id and " " or "") .. "(" .. k:type()
               .. "-" .. k:bits() .. ")", detail = "SHA256:"
               .. k:fingerprint() .. ", file " .. e.file,
-              id = e.id, key_type = k:type(), key_bits = k:bits(),
+              -- a key does not expire: no days_left
+              id = e.id, expired = false, key_type = k:type(),
+              key_bits = k:bits(),
               fingerprint = k:fingerprint(), file = e.file,
               role = e.kind == "public_key" and "public key" or
                      "merchant private key" }
