@@ -129,6 +129,43 @@ describe("watched credentials", function()
     assert.matches("newline", out)
   end)
 
+  it("publish refuses a key the sign_type cannot use and writes nothing",
+     function()
+    local testing = require "paygate.testing"
+    local sm = testing.merchant_keys{ mchid = MCHID, sm2 = true, dir = dir }
+    local d = dir .. "/set_sm2"
+    sh("mkdir -p " .. d)
+    write(d .. "/apiclient_key.pem", read(sm.private_key))
+    write(d .. "/apiclient_cert.pem", read(sm.certificate))
+    write(d .. "/apiv3_key", APIV3)
+    -- an SM2 pair for the default sign_type (RSA): every worker's client
+    -- would refuse it
+    local code, out = publish(d)
+    assert.equal(1, code, out)
+    assert.matches("apiclient_key.pem is an SM2 key; sign_type "
+                   .. "WECHATPAY2-SHA256-RSA2048 needs an RSA key", out, 1,
+                   true)
+    assert.matches("--sign-type WECHATPAY2-SM2-WITH-SM3", out, 1, true)
+    assert.is_nil(out:find("BEGIN", 1, true), out)
+    assert.same({}, assert(cli:get_prefix(PREFIX)).kvs)
+    -- an RSA pair for the SM variant
+    code, out = publish(env.a, "--sign-type WECHATPAY2-SM2-WITH-SM3")
+    assert.equal(1, code, out)
+    assert.matches("apiclient_key.pem is an RSA key; sign_type "
+                   .. "WECHATPAY2-SM2-WITH-SM3 needs an SM2 key", out, 1,
+                   true)
+    assert.same({}, assert(cli:get_prefix(PREFIX)).kvs)
+    -- a sign_type that is none: a usage error
+    code, out = publish(d, "--sign-type SM2")
+    assert.equal(2, code, out)
+    -- the SM2 pair for the SM variant is published
+    local other = "/paygate/merchants/sm2/"
+    code, out = publish(d, "--sign-type WECHATPAY2-SM2-WITH-SM3", other)
+    assert.equal(0, code, out)
+    assert.equal(3, #assert(cli:get_prefix(other)).kvs)
+    assert(cli:delete(other, { prefix = true }))
+  end)
+
   it("publishes in one transaction, secrets sealed", function()
     local code, out = publish(env.a)
     assert.equal(0, code, out)

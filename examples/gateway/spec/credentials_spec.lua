@@ -27,7 +27,8 @@ describe("gateway credentials from etcd", function()
   local gws = {}
 
   -- `paygate etcd publish` of a merchant set made of key/cert files
-  local function publish(name, key, cert)
+  -- (sign_type: --sign-type's, by default the client's, RSA)
+  local function publish(name, key, cert, sign_type)
     local d = dir .. "/" .. name
     assert(os.execute("mkdir -p " .. d) == 0)
     write(d .. "/apiclient_key.pem", read(key))
@@ -41,6 +42,10 @@ describe("gateway credentials from etcd", function()
       "--user", o.user, "--password-env", "GW_SPEC_ETCD_PW",
       "--ca-file", o.ca_file, "--cert", o.client_cert,
       "--key", o.client_key, "--kek-file", kek_file, "--json" }
+    if sign_type then
+      argv[#argv + 1] = "--sign-type"
+      argv[#argv + 1] = sign_type
+    end
     local code, out = testing.proc.run(argv, { timeout = 30 })
     assert.equal(0, code, out)
     return assert(require("cjson").decode(out:match("{.*}"))).revision
@@ -232,10 +237,12 @@ describe("gateway credentials from etcd", function()
     local cache = gws[1].srv.dir .. "/credentials/" .. m.mchid .. ".json"
     local good = read(cache)
     local good_rev = assert(require("cjson").decode(good)).revision
-    -- an SM2 pair for this RSA merchant: `validate` lets it through (the
-    -- key matches its certificate), the client refuses it
+    -- an SM2 pair for this RSA merchant, published as an SM merchant's
+    -- (publish refuses it for the RSA sign_type): `validate` lets it
+    -- through (the key matches its certificate), the client refuses it
     local sm = testing.merchant_keys{ mchid = m.mchid, sm2 = true }
-    local bad_rev = publish("sm2", sm.private_key, sm.certificate)
+    local bad_rev = publish("sm2", sm.private_key, sm.certificate,
+                            "WECHATPAY2-SM2-WITH-SM3")
     local srv = testing.start_app{ app = "examples/gateway", workers = 1,
       args = { "--log-level", "info" },
       config = function(s)

@@ -6,9 +6,12 @@ local common = require "paygate.cli.common"
 local credentials = require "paygate.credentials"
 local etcd = require "paygate.etcd"
 local json = require "paygate.json"
+local crypto = require "paygate.crypto"
+local sign = require "paygate.wechatpay.sign"
 
 local usage = [[
-usage: paygate etcd publish --prefix PREFIX --dir DIR [--tls] ETCD KEK
+usage: paygate etcd publish --prefix PREFIX --dir DIR [--sign-type TYPE]
+                            [--tls] ETCD KEK
        paygate etcd show    --prefix PREFIX [--tls] ETCD KEK
 
 ETCD: --endpoints URL[,URL...] --user NAME --password-env VAR
@@ -27,7 +30,9 @@ publish  reads the set from DIR, validates it (the private key matches
          (in an APIv3 key rotation: the old key, so that a worker started
          after the swap still opens what WeChat sealed under it; publish
          again without it a day later); with --tls, cert.pem and key.pem
-         (the HTTPS listener's).
+         (the HTTPS listener's). --sign-type is the merchant client's
+         sign_type (WECHATPAY2-SHA256-RSA2048, the default, or
+         WECHATPAY2-SM2-WITH-SM3): a key of another type is refused.
 show     prints the set's revision, the certificate's serial and dates,
          and which files are sealed (never a secret).
 
@@ -44,6 +49,7 @@ local SPEC = {
   ["--password-env"] = "value", ["--ca-file"] = "value",
   ["--cert"] = "value", ["--key"] = "value", ["--insecure"] = "flag",
   ["--kek-file"] = "value", ["--kek-env"] = "value", ["--json"] = "flag",
+  ["--sign-type"] = "value",
 }
 
 local function fail(msg)
@@ -100,6 +106,12 @@ local function publish(o)
   local kind = o["--tls"] and "tls" or "merchant"
   local spec = kind == "tls" and credentials.TLS_FILES
                or credentials.MERCHANT_FILES
+  local schema = o["--sign-type"] or sign.RSA
+  if schema ~= sign.RSA and schema ~= sign.SM2 then
+    common.usage_error("--sign-type must be %s or %s", sign.RSA, sign.SM2)
+  elseif kind == "tls" and o["--sign-type"] then
+    common.usage_error("--sign-type is for a merchant's set, not --tls")
+  end
   local files = {}
   for name in pairs(spec) do
     local f = io.open(dir .. "/" .. name, "rb")
@@ -119,6 +131,22 @@ local function publish(o)
   end
   local set, err = credentials.validate(files, kind)
   if not set then return fail(tostring(err.message)) end
+  if kind == "merchant" then
+    -- the client's sign_type takes keys of one type (the workers' client
+    -- would refuse the set): said before anything is written
+    local want = schema == sign.SM2 and "SM2" or "RSA"
+    local keys = {
+      { "apiclient_key.pem", crypto.private_key(set.merchant_private_key) },
+      { "wechatpay_public_key.pem",
+        set.public_key and crypto.public_key(set.public_key) } }
+    for _, e in ipairs(keys) do
+      if e[2] and e[2]:type() ~= want then
+        return fail(("%s is an %s key; sign_type %s needs an %s key%s")
+          :format(e[1], e[2]:type(), schema, want, o["--sign-type"] and ""
+          or " (an SM merchant's set: --sign-type " .. sign.SM2 .. ")"))
+      end
+    end
+  end
   local cli = client(o)
   local ops = {}
   local names = {}
