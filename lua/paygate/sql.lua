@@ -14,7 +14,9 @@
 -- Every failure returns nil, err (the core.error shape: tostring gives
 -- "kind: message") with err.kind one of: constraint (with err.constraint
 -- naming it), unavailable, timeout, serialization, busy, syntax, misuse,
--- closed, error; err.retryable says whether trying again can help.
+-- unknown_outcome (PostgreSQL: a COMMIT, or a write outside a transaction,
+-- that may have committed: never run again here), closed, error;
+-- err.retryable says whether trying again can help.
 -- Misuse raises, naming the function and the argument: wrong argument
 -- types, a bad option, a value that cannot be bound, a closed db.
 

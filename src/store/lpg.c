@@ -27,8 +27,10 @@
  * are "misuse" too.
  *
  * Failure handling: a broken connection fails its statements with
- * "unavailable" (retryable; for a write the outcome is unknown) and is
- * replaced on demand (reconnection after a server restart). A connect
+ * "unavailable" (retryable) and is replaced on demand (reconnection after
+ * a server restart); a write outside a transaction (h:exec, h:script)
+ * that was sent and not answered, or answered by the end of the session
+ * (FATAL), fails "unknown_outcome" instead: it may have committed. A connect
  * attempt that fails marks the pool down for `down_for` seconds, during
  * which statements fail at once instead of hanging. A connection that has
  * statements outstanding and received nothing for `query_timeout`
@@ -177,6 +179,8 @@ struct lpg_conn {
     int                  readonly; /* 1: the server refused a write as
                                       read-only (25006): it is no longer
                                       the primary; closed once idle */
+    int                  ended;    /* 1: a FATAL came while idle (the
+                                      session ends): conn_idle_ok() */
     double               since;  /* monotonic s: last progress */
     double               opened; /* monotonic s: connect started */
     unsigned             next_name;
@@ -428,22 +432,34 @@ err_ends_session(const PGresult *r)
                              || strcmp(state, "57P03") == 0);
 }
 
+/* 1 when op is a write that commits on its own (h:exec, h:script outside
+ * a transaction): once sent, it may have committed whatever the
+ * connection did next, as a COMMIT may. */
+static int
+op_commits_alone(const struct lpg_op *op)
+{
+    return op->txid == 0 && !op->tx_end && op->batch == NULL
+           && !op->sync_check && (op->kind == LPG_OP_SCRIPT || !op->want_rows);
+}
+
 static int
 push_op_result(lua_State *L, struct lpg_op *op)
 {
     PGresult *r = op->res;
+    int       commit = op->tx_end && strcmp(op->sql, "COMMIT") == 0;
 
-    if (op->err != NULL && op->tx_end && strcmp(op->sql, "COMMIT") == 0
+    if (op->err != NULL && (commit || op_commits_alone(op))
         && err_ends_session(op->err))
     {
         const char *msg = PQresultErrorField(op->err,
                                              PG_DIAG_MESSAGE_PRIMARY);
         const char *state = PQresultErrorField(op->err, PG_DIAG_SQLSTATE);
 
-        gw_push_error(L, "unknown_outcome", 0, "postgres: COMMIT was"
-                      " answered by the end of the session (%.100s): the"
-                      " transaction may or may not be committed",
-                      msg != NULL ? msg : "no message");
+        gw_push_error(L, "unknown_outcome", 0, "postgres: %s was answered"
+                      " by the end of the session (%.100s): %s may or may"
+                      " not be committed", commit ? "COMMIT" : "a write",
+                      msg != NULL ? msg : "no message",
+                      commit ? "the transaction" : "it");
         lua_pushstring(L, state != NULL ? state : "");
         lua_setfield(L, -2, "code");
         return 2;
@@ -667,6 +683,7 @@ conn_reset(struct lpg_conn *c)
     c->sp_failed = 0;
     c->sp_prepared = 0;
     c->readonly = 0;
+    c->ended = 0;
     c->checking = 0;
     c->inflight = 0;
 }
@@ -698,6 +715,34 @@ conn_fail(struct lpg_conn *c, const char *kind, const char *msg,
     }
     c->head = c->tail = NULL;
     conn_reset(c);
+}
+
+/* c broke with statements in flight: conn_fail() with "unavailable",
+ * but a write that commits on its own and was not answered (or answered
+ * only in part: an autocommit statement commits at its Sync) may have
+ * committed, and fails "unknown_outcome". Those sent behind a statement
+ * answered by the end of the session never ran: the server stops there. */
+static void
+conn_lost(struct lpg_conn *c, const char *msg, struct lpg_op **out)
+{
+    struct lpg_op *op;
+
+    for (op = c->head; op != NULL; op = op->next) {
+        if (op->err != NULL && err_ends_session(op->err)) {
+            break;
+        }
+        if (op_commits_alone(op) && op->err == NULL
+            && op->errkind[0] == '\0')
+        {
+            char buf[sizeof(op->errmsg)];
+
+            snprintf(buf, sizeof(buf), "postgres: a write was sent but its"
+                     " answer was lost (%.100s): it may or may not be"
+                     " committed", msg);
+            op_set_error(op, "unknown_outcome", buf);
+        }
+    }
+    conn_fail(c, "unavailable", msg, out);
 }
 
 static int
@@ -908,6 +953,9 @@ on_notice(void *arg, const PGresult *r)
     char              buf[200];
 
     gw_log(GW_LOG_DEBUG, "postgres: %s", PQresultErrorMessage(r));
+    if (c->head == NULL && err_ends_session(r)) {
+        c->ended = 1;                /* libpq passes an idle one here */
+    }
     if (state != NULL && c->head != NULL
         && (strcmp(state, "25001") == 0 || strcmp(state, "25P01") == 0))
     {
@@ -1749,8 +1797,8 @@ conn_event(evutil_socket_t fd, short what, void *arg)
         }
     } else if (c->state == LPG_CONN_READY) {
         if ((what & EV_WRITE) && conn_flush(c) != GW_OK) {
-            conn_fail(c, "unavailable", "postgres: connection lost"
-                      " (outcome unknown)", &done);
+            conn_lost(c, "postgres: connection lost (outcome unknown)",
+                      &done);
         } else if (what & EV_READ) {
             rc = conn_read(c, &done);
             if (rc == LPG_DISCARD) {
@@ -1763,7 +1811,7 @@ conn_event(evutil_socket_t fd, short what, void *arg)
 
                 snprintf(msg, sizeof(msg), "postgres: connection lost"
                          " (outcome unknown): %s", PQerrorMessage(c->pc));
-                conn_fail(c, "unavailable", msg, &done);
+                conn_lost(c, msg, &done);
             }
         }
     }
@@ -1811,6 +1859,29 @@ conn_event(evutil_socket_t fd, short what, void *arg)
 }
 
 /* --------------------------------------------------------- dispatching */
+
+/* c is idle, so the server has nothing to say on it; reads what came
+ * anyway before a statement is sent there. A session that ended while
+ * idle (a shutdown, pg_terminate_backend, idle_session_timeout: FATAL,
+ * then EOF) is closed here and 0 returned, so the statement goes to a new
+ * connection: sent on this one, it would be answered by that FATAL, and
+ * a write would read as of unknown outcome though it never ran. */
+static int
+conn_idle_ok(struct lpg_conn *c)
+{
+    struct lpg_op *none = NULL;          /* c has no ops */
+
+    if (PQconsumeInput(c->pc) == 1) {
+        (void)PQisBusy(c->pc);           /* parses it: FATAL to on_notice */
+        if (!c->ended) {
+            return 1;
+        }
+    }
+    gw_log(GW_LOG_INFO, "postgres: the session of an idle connection"
+           " ended; reconnecting");
+    conn_fail(c, "unavailable", "postgres: session ended", &none);
+    return 0;
+}
 
 static struct lpg_conn *
 choose_conn(struct lpg_pool *pg, struct lpg_op *op, int *fail)
@@ -1931,6 +2002,11 @@ dispatch(struct lpg_pool *pg)
             continue;
         }
         c = choose_conn(pg, op, &fail);
+        while (c != NULL && c->head == NULL && c->txid == 0
+               && !conn_idle_ok(c))
+        {
+            c = choose_conn(pg, op, &fail);  /* c was closed: another */
+        }
         if (c == NULL && fail == 0) {
             prev = op;
             continue;
@@ -1968,8 +2044,8 @@ dispatch(struct lpg_pool *pg)
                 op_set_error(op, "unavailable", PQerrorMessage(c->pc));
                 op->next = lost;
                 lost = op;
-                conn_fail(c, "unavailable", "postgres: connection lost"
-                          " (outcome unknown)", &lost);
+                conn_lost(c, "postgres: connection lost (outcome"
+                          " unknown)", &lost);
                 while (lost != NULL) {
                     struct lpg_op *l = lost;
 

@@ -1,0 +1,216 @@
+-- An autocommit write (db:exec, db:exec_script outside a transaction) on
+-- PostgreSQL whose answer is the end of the session -- FATAL 57P01 from
+-- a terminated backend, or the connection gone with no answer -- may have
+-- committed: it fails unknown_outcome (not retryable), and paygate.sql
+-- does not run it again (docs/storage.md, Error kinds). It once failed
+-- unavailable, retryable, as if nothing had been written. A read ended
+-- the same way, and a write that was never sent, stay unavailable.
+local core = require "paygate.core"
+local sql = require "paygate.sql"
+local servers = require "spec.support.servers"
+
+local function wait_for(fn, secs, what)
+  local deadline = core.mono() + secs
+  while core.mono() < deadline do
+    local v = fn()
+    if v then
+      return v
+    end
+    core.sleep(0.02)
+  end
+  error("timed out waiting for " .. what, 2)
+end
+
+describe("PostgreSQL autocommit write whose session ends", function()
+  local srv, db, admin
+
+  setup(function()
+    if servers.have_postgres() then
+      srv = servers.postgres()
+    end
+  end)
+
+  teardown(function()
+    servers.stop_all()
+  end)
+
+  before_each(function()
+    if not srv then
+      return
+    end
+    db = assert(sql.open(srv.url, { pool = 1 }))
+    admin = assert(sql.open(srv.url, { pool = 1 }))
+    assert(admin:exec_script("DROP TABLE IF EXISTS t;"
+      .. " DROP SEQUENCE IF EXISTS s; CREATE SEQUENCE s;"
+      .. " CREATE TABLE t (id int);"
+      .. " CREATE OR REPLACE FUNCTION slow_id() RETURNS int LANGUAGE plpgsql"
+      .. " AS $$ BEGIN PERFORM nextval('s'); PERFORM pg_sleep(30);"
+      .. " RETURN 1; END $$"))
+  end)
+
+  after_each(function()
+    if db then
+      db:close()
+      admin:close()
+    end
+  end)
+
+  -- Runs fn(db) in a task (and after, if given, in another one: its
+  -- statement queued behind fn's on the connection); once fn's statement
+  -- sleeps on the server, terminates its backend from the admin
+  -- connection. Returns what fn returned.
+  local function terminated(fn, after)
+    local result
+    core.spawn(function()
+      result = { fn(db) }
+    end)
+    if after then
+      core.spawn(after)
+    end
+    local sleeping = "FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
+                     .. " AND pid <> pg_backend_pid()"
+    wait_for(function()
+      local rows = admin:query("SELECT count(*) AS n " .. sleeping)
+      return rows and rows[1].n == 1
+    end, 10, "the statement to run")
+    assert(admin:query("SELECT pg_terminate_backend(pid) " .. sleeping))
+    wait_for(function() return result end, 10, "the statement's answer")
+    return result
+  end
+
+  local function nextvals()
+    local rows = assert(admin:query("SELECT last_value, is_called FROM s"))
+    return rows[1].is_called and rows[1].last_value or 0
+  end
+
+  it("db:exec answered by FATAL 57P01 fails unknown_outcome, once",
+     function()
+    if not srv then
+      pending("postgres not installed")
+      return
+    end
+    local r = terminated(function(d)
+      return d:exec("INSERT INTO t VALUES (slow_id())")
+    end)
+    assert.is_nil(r[1])
+    assert.equal("unknown_outcome", r[2].kind, tostring(r[2]))
+    assert.is_false(r[2].retryable)
+    assert.equal("57P01", r[2].code)
+    -- the statement ran once: nothing ran it again
+    assert.equal(1, nextvals())
+    -- the pool reconnects: the next write goes through
+    assert.equal(1, assert(db:exec("INSERT INTO t VALUES (2)")).changes)
+  end)
+
+  it("a write sent behind it on the connection never ran: unavailable,"
+     .. " retryable", function()
+    if not srv then
+      pending("postgres not installed")
+      return
+    end
+    local behind
+    local r = terminated(function(d)
+      return d:exec("INSERT INTO t VALUES (slow_id())")
+    end, function()
+      behind = { db:exec("INSERT INTO t VALUES (nextval('s'))") }
+    end)
+    assert.equal("unknown_outcome", r[2].kind, tostring(r[2]))
+    wait_for(function() return behind end, 10, "the second answer")
+    assert.is_nil(behind[1])
+    assert.equal("unavailable", behind[2].kind, tostring(behind[2]))
+    assert.is_true(behind[2].retryable)
+    assert.equal(1, nextvals())
+  end)
+
+  it("db:exec_script answered by FATAL 57P01 fails unknown_outcome",
+     function()
+    if not srv then
+      pending("postgres not installed")
+      return
+    end
+    local r = terminated(function(d)
+      return d:exec_script("INSERT INTO t VALUES (slow_id());"
+                           .. " INSERT INTO t VALUES (3)")
+    end)
+    assert.is_nil(r[1])
+    assert.equal("unknown_outcome", r[2].kind, tostring(r[2]))
+    assert.is_false(r[2].retryable)
+    assert.equal(1, nextvals())
+  end)
+
+  it("a statement that ends its own session fails unknown_outcome",
+     function()
+    if not srv then
+      pending("postgres not installed")
+      return
+    end
+    local res, err = db:exec("INSERT INTO t SELECT 1 WHERE"
+                             .. " pg_terminate_backend(pg_backend_pid())")
+    assert.is_nil(res)
+    assert.equal("unknown_outcome", err.kind, tostring(err))
+    assert.is_false(err.retryable)
+  end)
+
+  it("a read answered by FATAL stays unavailable, retryable", function()
+    if not srv then
+      pending("postgres not installed")
+      return
+    end
+    local r = terminated(function(d)
+      return d:query("SELECT pg_sleep(30) AS z")
+    end)
+    assert.is_nil(r[1])
+    assert.equal("unavailable", r[2].kind, tostring(r[2]))
+    assert.is_true(r[2].retryable)
+    assert.equal("57P01", r[2].code)
+  end)
+
+  it("a write that was never sent stays unavailable, retryable",
+     function()
+    if not srv then
+      pending("postgres not installed")
+      return
+    end
+    assert(db:query("SELECT 1 AS one"))    -- db has a connection
+    -- the shutdown ends its idle session (FATAL 57P01, then EOF) while
+    -- this loop is blocked (os.execute): the write must not be sent on it
+    -- (answered by that FATAL, it would read as of unknown outcome), and
+    -- with the server gone it finds no connection
+    srv.stop()
+    local res, err = db:exec("INSERT INTO t VALUES (5)")
+    srv.start()
+    assert.is_nil(res)
+    assert.equal("unavailable", err.kind, tostring(err))
+    assert.is_true(err.retryable)
+  end)
+
+  it("db:exec whose connection is lost with no answer fails"
+     .. " unknown_outcome", function()
+    if not srv then
+      pending("postgres not installed")
+      return
+    end
+    local pid = assert(db:query("SELECT pg_backend_pid() AS pid"))[1].pid
+    local result
+    core.spawn(function()
+      result = { db:exec("INSERT INTO t VALUES (slow_id())") }
+    end)
+    wait_for(function()
+      local rows = admin:query("SELECT count(*) AS n FROM pg_stat_activity"
+                               .. " WHERE wait_event = 'PgSleep'")
+      return rows and rows[1].n == 1
+    end, 10, "the statement to run")
+    -- SIGKILL: the backend says nothing (the server then restarts its
+    -- other sessions too)
+    assert(os.execute("kill -KILL " .. math.floor(pid)))
+    wait_for(function() return result end, 10, "the statement's answer")
+    assert.is_nil(result[1])
+    assert.equal("unknown_outcome", result[2].kind, tostring(result[2]))
+    assert.is_false(result[2].retryable)
+    -- the server restarts its sessions and recovers; the pool serves
+    -- again
+    wait_for(function()
+      return db:exec("INSERT INTO t VALUES (4)")
+    end, 20, "the server to recover")
+  end)
+end)
