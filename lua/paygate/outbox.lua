@@ -576,10 +576,23 @@ function _M.redis_stream(opts)
            types = type_filter(opts.types) }
 end
 
+local HOOK_TIMEOUT = 10   -- s; a hook's (and a plain function sink's) limit
+
+local function pack(...)
+  return { n = select("#", ...), ... }
+end
+
+-- A sink's timeout: nil, or seconds that ev:wait accepts.
+local function bad_timeout(t)
+  return t ~= nil and (type(t) ~= "number" or not (t > 0) or t > 1e8)
+end
+
 -- syntax: sink = outbox.hooks(map [, opts])
 -- map: event type -> function(event) ("*" matches any type). A hook fails
 -- by returning false or nil, err, or by raising; returning nothing counts
 -- as done. Events with no hook are done at once.
+-- opts: name ("hooks"), timeout (s, 10): a hook still running then is
+-- cancelled where it waits, and the attempt fails (kind timeout, retried).
 --   outbox.hooks{ ["payment.paid"] = on_paid,
 --                 ["refund.succeeded"] = on_refunded }
 function _M.hooks(map, opts)
@@ -594,6 +607,11 @@ function _M.hooks(map, opts)
   end
   opts = opts or {}
   check_sink_opts("outbox.hooks", opts)
+  local timeout = opts.timeout or HOOK_TIMEOUT
+  if bad_timeout(timeout) then
+    error("outbox.hooks: opts.timeout must be a positive number of seconds"
+          .. " (at most 1e8)", 2)
+  end
   local function deliver(event)
     local fn = map[event.type] or map["*"]
     if not fn then
@@ -601,7 +619,8 @@ function _M.hooks(map, opts)
     end
     return fn(event)
   end
-  return { name = opts.name or "hooks", deliver = deliver }
+  return { name = opts.name or "hooks", deliver = deliver,
+           timeout = timeout }
 end
 
 ----------------------------------------------------------- dispatcher
@@ -617,13 +636,17 @@ local function normalize_sinks(sinks)
   local out, names = {}, {}
   for i, s in ipairs(sinks) do
     if type(s) == "function" then
-      s = { name = "sink" .. i, deliver = s }
+      s = { name = "sink" .. i, deliver = s, timeout = HOOK_TIMEOUT }
     end
     if type(s) ~= "table" or type(s.deliver) ~= "function"
        or type(s.name) ~= "string" or s.name == ""
        or s.name:find(",", 1, true) then
       error("outbox.dispatcher: opts.sinks[" .. i .. "] must be a function"
             .. " or a { name, deliver } table", 3)
+    end
+    if bad_timeout(s.timeout) then
+      error("outbox.dispatcher: opts.sinks[" .. i .. "].timeout must be a"
+            .. " positive number of seconds (at most 1e8)", 3)
     end
     if names[s.name] then
       error("outbox.dispatcher: two sinks are named " .. s.name, 3)
@@ -648,7 +671,7 @@ function _M.dispatcher(db, opts)
     error("outbox.dispatcher: opts must be a table", 2)
   end
   local d = { db = db, sinks = normalize_sinks(opts.sinks), leases = {},
-              owner = lease.owner(),
+              owner = lease.owner(), sink_tasks = {},
               probe_at = {}, queued = {}, recording = false,
               now = opts.now or core.time, random = opts.random
                 or math.random, next_prune = 0,
@@ -1037,6 +1060,35 @@ local function record_queued(self)
   self.recording = false
 end
 
+-- Runs sink.deliver(event) as pcall would. With sink.timeout (a hook's),
+-- in a task of its own: still running after that many seconds, the task
+-- is cancelled where it waits (d:stop() cancels it too) and the attempt
+-- fails with kind timeout, so a hung hook costs one attempt, not the
+-- round and the shard's lease.
+local function call_sink(self, sink, event)
+  if not sink.timeout then
+    return pcall(sink.deliver, event)
+  end
+  local res
+  local done = core.event()
+  local task = core.spawn(function()
+    res = pack(pcall(sink.deliver, event))
+    done:set()
+  end)
+  if not res then
+    self.sink_tasks[task] = true
+    done:wait(sink.timeout)
+    self.sink_tasks[task] = nil
+  end
+  if res then
+    return unpack(res, 1, res.n)
+  end
+  pcall(task.cancel, task)
+  return true, nil, core.error("timeout", "no answer within "
+                               .. sink.timeout .. " s (cancelled)",
+                               { retryable = true })
+end
+
 -- Delivers one head to every sink that has not had it yet and records
 -- the outcome under the shard's fencing token. The lease is renewed here
 -- too once half of it is gone (a round of slow sinks can outlast it).
@@ -1068,7 +1120,7 @@ local function deliver_row(self, row, p, l)
     for _, sink in ipairs(self.sinks) do
       if not done[sink.name]
          and (not sink.types or sink.types[event.type]) then
-        local ok, r, e = pcall(sink.deliver, event)
+        local ok, r, e = call_sink(self, sink, event)
         if ok and r ~= false and not (r == nil and e ~= nil) then
           done[sink.name] = true
         else
@@ -1152,7 +1204,7 @@ function Dispatcher:step()
   -- delivery (every sink in turn) may take longer than the half lease it
   -- may start with, and a lease must not expire under it (another
   -- dispatcher would deliver the same event at the same time). Not past
-  -- lease_ttl_max, though: a sink that hangs (a hook has no timeout) must
+  -- lease_ttl_max, though: a sink that hangs (one without a timeout) must
   -- not hold its shards forever; the leases then lapse and another
   -- dispatcher takes over (the hung outcome is fenced).
   local round_over, keeping = false, false
@@ -1244,6 +1296,10 @@ function Dispatcher:stop()
     pcall(t.cancel, t)
   end
   self.workers = nil
+  for t in pairs(self.sink_tasks) do     -- hooks the workers waited for
+    pcall(t.cancel, t)
+  end
+  self.sink_tasks = {}
   -- By owner, not by the leases in self.leases: a task cancelled while an
   -- acquisition's commit was in flight never saw the lease it was granted
   -- (on SQLite the writer runs that commit before this statement).

@@ -580,6 +580,53 @@ for engine, open in pairs(stores) do
       db:close()
     end)
 
+    it("a hook that never returns fails its attempt after the hook timeout"
+       .. " and is cancelled; other events are still delivered", function()
+      local db = open()
+      local gone, refunded = {}, {}
+      local hooks = outbox.hooks({
+        ["payment.paid"] = function()
+          -- set once this coroutine is abandoned (cancelled) or ends
+          local ev = paygate.event()
+          ev:set_on_abandon()
+          gone[#gone + 1] = ev
+          paygate.event():wait()         -- never set: hangs
+        end,
+        ["payment.refunded"] = function(e) refunded[#refunded + 1] = e.id end,
+      }, { timeout = 0.2 })
+      local d = outbox.dispatcher(db, { sinks = { hooks }, interval = 0.02,
+                                        random = function() return 0 end,
+                                        backoff_base = 0.01 }):start()
+      local stuck = enqueue(db, "pay_hang", "payment.paid")
+      local other = enqueue(db, "pay_ok", "payment.refunded")
+      -- the hung attempt counts as failed and is retried (backoff 0 here),
+      -- well before lease_ttl_max; the other subject goes on meanwhile
+      wait_until(function()
+        local r = row(db, stuck)
+        return r.attempts >= 2 and #refunded == 1
+      end, 10, "the hung hook's attempts to fail and the other delivery")
+      local r = row(db, stuck)
+      assert.equal("pending", r.state)
+      assert.truthy(r.last_error:find("hooks: timeout: no answer within 0.2"
+                                      .. " s", 1, true), r.last_error)
+      assert.same({ other }, refunded)
+      assert.equal("delivered", row(db, other).state)
+      -- every hung hook's coroutine was cancelled, not left waiting (the
+      -- one of an attempt in flight now by d:stop())
+      d:stop()
+      assert.truthy(#gone >= 2)
+      wait_until(function()
+        for _, ev in ipairs(gone) do
+          if ev:count() == 0 then return false end
+        end
+        return true
+      end, 5, "the hung hooks to be cancelled")
+      assert.has_error(function()
+        outbox.hooks({}, { timeout = 0 })
+      end)
+      db:close()
+    end)
+
     it("a round larger than one write job may hold is recorded in"
        .. " several", function()
       local db = open()
