@@ -8,45 +8,12 @@ local credentials = require "paygate.credentials"
 local wechatpay = require "paygate.wechatpay"
 local etcdsrv = require "support.etcd"
 local servers = require "support.servers"
+local credsets = require "support.credsets"
 
-local MCHID = "1900000001"
-local PREFIX = "/paygate/merchants/" .. MCHID .. "/"
-local APIV3 = "0123456789abcdef0123456789ABCDEF"
-local APIV3_B = "fedcba9876543210FEDCBA9876543210"
-
-local function sh(cmd)
-  assert(servers.sh(cmd .. " >/dev/null 2>&1"), "command failed: " .. cmd)
-end
-
-local function write(path, s)
-  local f = assert(io.open(path, "wb"))
-  f:write(s)
-  f:close()
-end
-
-local function read(path)
-  local f = assert(io.open(path, "rb"))
-  local s = f:read("*a")
-  f:close()
-  return s
-end
-
--- a merchant key and certificate (serial in hex) in dir/NAME.{key,pem}
-local function merchant_pair(dir, name, serial)
-  sh(("openssl req -x509 -newkey rsa:2048 -nodes -keyout %s/%s.key -out "
-      .. "%s/%s.pem -days 2 -set_serial 0x%s -subj /CN=%s"):format(dir, name,
-      dir, name, serial, MCHID))
-end
-
--- a publishable directory: key of pair kname, certificate of pair cname
-local function set_dir(dir, name, kname, cname, apiv3)
-  local d = dir .. "/" .. name
-  sh("mkdir -p " .. d)
-  write(d .. "/apiclient_key.pem", read(dir .. "/" .. kname .. ".key"))
-  write(d .. "/apiclient_cert.pem", read(dir .. "/" .. cname .. ".pem"))
-  write(d .. "/apiv3_key", apiv3)
-  return d
-end
+local MCHID, PREFIX = credsets.MCHID, credsets.PREFIX
+local APIV3, APIV3_B = credsets.APIV3, credsets.APIV3_B
+local sh, write, read = credsets.sh, credsets.write, credsets.read
+local set_dir = credsets.set_dir
 
 describe("watched credentials", function()
   if not etcdsrv.available() then
@@ -54,45 +21,13 @@ describe("watched credentials", function()
     return
   end
 
-  local c, dir, kek_file, cli, env
-
-  local function publish(d, extra, prefix)
-    local o = c:client_opts()
-    local cmd = ("PAYGATE_SPEC_ETCD_PW=%s %s etcd publish --prefix %s "
-      .. "--dir %s --endpoints %s --user %s --password-env "
-      .. "PAYGATE_SPEC_ETCD_PW --ca-file %s --cert %s --key %s "
-      .. "--kek-file %s --json %s 2>&1; echo \"exit=$?\""):format(
-      o.password, PAYGATE_BIN, prefix or PREFIX, d,
-      table.concat(o.endpoints, ","), o.user, o.ca_file, o.client_cert,
-      o.client_key, kek_file, extra or "")
-    local p = io.popen(cmd)
-    local out = p:read("*a")
-    p:close()
-    local code = tonumber(out:match("exit=(%d+)%s*$"))
-    return code, (out:gsub("exit=%d+%s*$", ""))
-  end
-
-  local function source(cache, extra)
-    local conf = { etcd = c:client_opts(), kek_file = kek_file,
-                   cache_dir = cache, merchants = { [MCHID] = PREFIX } }
-    for k, v in pairs(extra or {}) do conf[k] = v end
-    return assert(credentials.new(conf))
-  end
+  local creds, c, dir, kek_file, cli, env
 
   setup(function()
-    c = etcdsrv.start{ tls = true, auth = true }
-    dir = c.dir
-    kek_file = dir .. "/kek"
-    write(kek_file, crypto.hex(crypto.random_bytes(32)) .. "\n")
-    merchant_pair(dir, "a", "AAAA01")
-    merchant_pair(dir, "b", "BBBB02")
-    merchant_pair(dir, "p", "CCCC03")      -- a platform certificate
-    env = {
-      a = set_dir(dir, "set_a", "a", "a", APIV3),
-      b = set_dir(dir, "set_b", "b", "b", APIV3_B),
-      bad = set_dir(dir, "set_bad", "a", "b", APIV3),
-    }
-    cli = etcd.new(c:client_opts())
+    creds = credsets.start()
+    c, dir, kek_file, cli = creds.c, creds.dir, creds.kek_file, creds.cli
+    env = creds.env
+    env.bad = set_dir(dir, "set_bad", "a", "b", APIV3)
   end)
   teardown(function()
     require("paygate.testing").stop_all()
@@ -118,13 +53,13 @@ describe("watched credentials", function()
   end)
 
   it("publish refuses an invalid set and writes nothing", function()
-    local code, out = publish(env.bad)
+    local code, out = creds:publish(env.bad)
     assert.equal(1, code, out)
     assert.matches("does not match", out)
     assert.same({}, assert(cli:get_prefix(PREFIX)).kvs)
     -- an APIv3 key with a newline is named as such
     local d = set_dir(dir, "set_nl", "a", "a", APIV3 .. "\n")
-    code, out = publish(d)
+    code, out = creds:publish(d)
     assert.equal(1, code)
     assert.matches("newline", out)
   end)
@@ -140,7 +75,7 @@ describe("watched credentials", function()
     write(d .. "/apiv3_key", APIV3)
     -- an SM2 pair for the default sign_type (RSA): every worker's client
     -- would refuse it
-    local code, out = publish(d)
+    local code, out = creds:publish(d)
     assert.equal(1, code, out)
     assert.matches("apiclient_key.pem is an SM2 key; sign_type "
                    .. "WECHATPAY2-SHA256-RSA2048 needs an RSA key", out, 1,
@@ -149,25 +84,25 @@ describe("watched credentials", function()
     assert.is_nil(out:find("BEGIN", 1, true), out)
     assert.same({}, assert(cli:get_prefix(PREFIX)).kvs)
     -- an RSA pair for the SM variant
-    code, out = publish(env.a, "--sign-type WECHATPAY2-SM2-WITH-SM3")
+    code, out = creds:publish(env.a, "--sign-type WECHATPAY2-SM2-WITH-SM3")
     assert.equal(1, code, out)
     assert.matches("apiclient_key.pem is an RSA key; sign_type "
                    .. "WECHATPAY2-SM2-WITH-SM3 needs an SM2 key", out, 1,
                    true)
     assert.same({}, assert(cli:get_prefix(PREFIX)).kvs)
     -- a sign_type that is none: a usage error
-    code, out = publish(d, "--sign-type SM2")
+    code, out = creds:publish(d, "--sign-type SM2")
     assert.equal(2, code, out)
     -- the SM2 pair for the SM variant is published
     local other = "/paygate/merchants/sm2/"
-    code, out = publish(d, "--sign-type WECHATPAY2-SM2-WITH-SM3", other)
+    code, out = creds:publish(d, "--sign-type WECHATPAY2-SM2-WITH-SM3", other)
     assert.equal(0, code, out)
     assert.equal(3, #assert(cli:get_prefix(other)).kvs)
     assert(cli:delete(other, { prefix = true }))
   end)
 
   it("publishes in one transaction, secrets sealed", function()
-    local code, out = publish(env.a)
+    local code, out = creds:publish(env.a)
     assert.equal(0, code, out)
     local res = assert(cli:get_prefix(PREFIX))
     assert.equal(3, #res.kvs)
@@ -210,7 +145,7 @@ describe("watched credentials", function()
      .. "there", function()
     -- someone who may write etcd but has no KEK copies merchant A's
     -- sealed private key and APIv3 key into merchant B's prefix
-    local code, out = publish(env.a)
+    local code, out = creds:publish(env.a)
     assert.equal(0, code, out)
     local other = "/paygate/merchants/1900000002/"
     local ops = {}
@@ -238,24 +173,20 @@ describe("watched credentials", function()
 
   it("loads, binds, hot-swaps on a rotation, refuses a bad set, never "
      .. "goes back", function()
-    local src = source(dir .. "/cache1")
+    local src = creds:source(dir .. "/cache1")
     sh("mkdir -p " .. dir .. "/cache1")
     local set = assert(src:load(MCHID))
     assert.equal("AAAA01", set.serial)
-    local wx = assert(wechatpay.client(src:wechatpay_conf(MCHID, {
-      mchid = MCHID, base_url = "http://127.0.0.1:1",
-      download_certificates = false,
-      platform_certificates = { dir .. "/p.pem" } })))
-    src:bind(MCHID, wx)
+    local wx = creds:client_for(src)
     assert.equal("AAAA01", wx.conf.signer.serial)
     src:start()
     -- a second worker's source
-    local src2 = source(dir .. "/cache2")
+    local src2 = creds:source(dir .. "/cache2")
     sh("mkdir -p " .. dir .. "/cache2")
     assert(src2:load(MCHID))
     src2:start()
 
-    local code, out = publish(env.b)
+    local code, out = creds:publish(env.b)
     assert.equal(0, code, out)
     local rev = assert(require("cjson").decode(out)).revision
     servers.wait_for(function() return wx.conf.signer.serial == "BBBB02" end,
@@ -285,7 +216,7 @@ describe("watched credentials", function()
     assert.equal(rev, src:current(MCHID).revision)
 
     -- the good set again (a newer revision) is taken
-    code, out = publish(env.a)
+    code, out = creds:publish(env.a)
     assert.equal(0, code, out)
     servers.wait_for(function() return wx.conf.signer.serial == "AAAA01" end,
                      10, "the swap back to AAAA01 at a newer revision")
@@ -296,7 +227,7 @@ describe("watched credentials", function()
 
     -- etcd down at start: the cached set serves
     for _, m in ipairs(c.members) do m:stop() end
-    local src3 = source(dir .. "/cache1", { load_timeout = 1 })
+    local src3 = creds:source(dir .. "/cache1", { load_timeout = 1 })
     local cached = assert(src3:load(MCHID))
     assert.equal("AAAA01", cached.serial)
     assert.equal(final, cached.revision)
@@ -308,7 +239,7 @@ describe("watched credentials", function()
     src3:start()
     for _, m in ipairs(c.members) do m:start() end
     for _, m in ipairs(c.members) do m:wait_ready(30) end
-    code, out = publish(env.b)
+    code, out = creds:publish(env.b)
     assert.equal(0, code, out)
     servers.wait_for(function()
       return src3:current(MCHID).serial == "BBBB02"
@@ -332,8 +263,8 @@ describe("watched credentials", function()
       write(d .. "/apiv3_key", m.apiv3_key)
       return d
     end
-    local code, out = publish(dir_of("sim_a", m.private_key, m.certificate),
-                              nil, prefix)
+    local code, out = creds:publish(dir_of("sim_a", m.private_key,
+                                           m.certificate), nil, prefix)
     assert.equal(0, code, out)
     sh("mkdir -p " .. dir .. "/cache_sim")
     local src = assert(credentials.new{ etcd = c:client_opts(),
@@ -377,8 +308,8 @@ describe("watched credentials", function()
     local ok, err = pcall(function()
       servers.wait_for(function() return ok_n >= 20 end, 30, "load")
       local n_before = ok_n
-      code, out = publish(dir_of("sim_b", k2.private_key, k2.certificate),
-                          nil, prefix)
+      code, out = creds:publish(dir_of("sim_b", k2.private_key,
+                                       k2.certificate), nil, prefix)
       assert.equal(0, code, out)
       servers.wait_for(function()
         return wx.conf.signer.serial == k2.serial

@@ -6,102 +6,59 @@
 local crypto = require "paygate.crypto"
 local etcd = require "paygate.etcd"
 local credentials = require "paygate.credentials"
-local wechatpay = require "paygate.wechatpay"
 local etcdsrv = require "support.etcd"
 local servers = require "support.servers"
+local credsets = require "support.credsets"
 local core = require "paygate.core"
 
-local MCHID = "1900000001"
-local PREFIX = "/paygate/merchants/" .. MCHID .. "/"
-local APIV3 = "0123456789abcdef0123456789ABCDEF"
-local APIV3_B = "fedcba9876543210FEDCBA9876543210"
-
-local function sh(cmd)
-  assert(servers.sh(cmd .. " >/dev/null 2>&1"), "command failed: " .. cmd)
-end
-local function write(path, s)
-  local f = assert(io.open(path, "wb")); f:write(s); f:close()
-end
-local function read(path)
-  local f = assert(io.open(path, "rb")); local s = f:read("*a"); f:close()
-  return s
-end
-local function merchant_pair(dir, name, serial)
-  sh(("openssl req -x509 -newkey rsa:2048 -nodes -keyout %s/%s.key -out "
-      .. "%s/%s.pem -days 2 -set_serial 0x%s -subj /CN=%s"):format(dir, name,
-      dir, name, serial, MCHID))
-end
-local function set_dir(dir, name, kname, cname, apiv3)
-  local d = dir .. "/" .. name
-  sh("mkdir -p " .. d)
-  write(d .. "/apiclient_key.pem", read(dir .. "/" .. kname .. ".key"))
-  write(d .. "/apiclient_cert.pem", read(dir .. "/" .. cname .. ".pem"))
-  write(d .. "/apiv3_key", apiv3)
-  return d
-end
+local MCHID = credsets.MCHID
+local APIV3, APIV3_B = credsets.APIV3, credsets.APIV3_B
+local sh, write, read = credsets.sh, credsets.write, credsets.read
+local set_dir = credsets.set_dir
 
 describe("watched credentials", function()
   if not etcdsrv.available() then pending("no etcd") return end
-  local c, dir, kek_file, cli, env
-
-  local function publish(d, prefix)
-    local o = c:client_opts()
-    local cmd = ("PAYGATE_SPEC_ETCD_PW=%s %s etcd publish --prefix %s "
-      .. "--dir %s --endpoints %s --user %s --password-env "
-      .. "PAYGATE_SPEC_ETCD_PW --ca-file %s --cert %s --key %s "
-      .. "--kek-file %s --json 2>&1; echo \"exit=$?\""):format(
-      o.password, PAYGATE_BIN, prefix or PREFIX, d,
-      table.concat(o.endpoints, ","), o.user, o.ca_file, o.client_cert,
-      o.client_key, kek_file)
-    local p = io.popen(cmd)
-    local out = p:read("*a")
-    p:close()
-    local code = tonumber(out:match("exit=(%d+)%s*$"))
-    return code, (out:gsub("exit=%d+%s*$", ""))
-  end
-
-  local function source(cache, extra)
-    sh("mkdir -p " .. cache)
-    local conf = { etcd = c:client_opts(), kek_file = kek_file,
-                   cache_dir = cache, merchants = { [MCHID] = PREFIX } }
-    for k, v in pairs(extra or {}) do conf[k] = v end
-    return assert(credentials.new(conf))
-  end
-
-  local function client_for(src)
-    local wx = assert(wechatpay.client(src:wechatpay_conf(MCHID, {
-      mchid = MCHID, base_url = "http://127.0.0.1:1",
-      download_certificates = false,
-      platform_certificates = { dir .. "/p.pem" } })))
-    src:bind(MCHID, wx)
-    return wx
-  end
+  local creds, c, dir, env
 
   setup(function()
-    c = etcdsrv.start{ tls = true, auth = true }
-    dir = c.dir
-    kek_file = dir .. "/kek"
-    write(kek_file, crypto.hex(crypto.random_bytes(32)) .. "\n")
-    merchant_pair(dir, "a", "AAAA01")
-    merchant_pair(dir, "b", "BBBB02")
-    merchant_pair(dir, "p", "CCCC03")
-    env = { a = set_dir(dir, "set_a", "a", "a", APIV3),
-            b = set_dir(dir, "set_b", "b", "b", APIV3_B) }
-    cli = etcd.new(c:client_opts())
+    creds = credsets.start()
+    c, dir, env = creds.c, creds.dir, creds.env
   end)
   teardown(function()
     require("paygate.testing").stop_all()
     etcdsrv.stop_all()
   end)
 
+  -- set A published; a source with its cache in `cache` loads it, binds a
+  -- client and watches
+  local function watching(cache)
+    local code, out = creds:publish(env.a)
+    assert.equal(0, code, out)
+    local src = creds:source(cache)
+    assert(src:load(MCHID))
+    local wx = creds:client_for(src)
+    src:start()
+    return src, wx
+  end
+
+  -- set B published; then pcall of waiting `secs` for wx to sign with it
+  local function swap_to_b(wx, secs, what)
+    local code, out = creds:publish(env.b)
+    assert.equal(0, code, out)
+    return pcall(servers.wait_for, function()
+      return wx.conf.signer.serial == "BBBB02"
+    end, secs, what)
+  end
+
+  -- waits until src's watch has connected
+  local function wait_watching(src, what)
+    servers.wait_for(function() return src.sets[MCHID].watch ~= nil
+      and src.sets[MCHID].watch.connects >= 1 end, 10, what)
+  end
+
   it("a published change is applied even if the read after its watch "
      .. "event fails for a second (a transient etcd outage)", function()
-    local code, out = publish(env.a)
-    assert.equal(0, code, out)
-    local src = source(dir .. "/cache_t1")
-    assert(src:load(MCHID))
-    local wx = client_for(src)
-    src:start()
+    local src, wx = watching(dir .. "/cache_t1")
     -- range requests fail for one second from the first one after the
     -- publish (as during a leader election or a timed-out member); later
     -- ones work
@@ -118,11 +75,7 @@ describe("watched credentials", function()
       end
       return real(self, ...)
     end
-    code, out = publish(env.b)
-    assert.equal(0, code, out)
-    local ok, err = pcall(servers.wait_for, function()
-      return wx.conf.signer.serial == "BBBB02"
-    end, 10, "the swap to BBBB02 after failed reads")
+    local ok, err = swap_to_b(wx, 10, "the swap to BBBB02 after failed reads")
     src:stop(); wx:stop()
     assert.is_true(failed >= 1)
     assert(ok, tostring(err) .. " (still " .. wx.conf.signer.serial .. ")")
@@ -137,22 +90,12 @@ describe("watched credentials", function()
 
   it("after an etcd restart (auth on: tokens gone) a running source "
      .. "applies the next publish", function()
-    local code, out = publish(env.a)
-    assert.equal(0, code, out)
-    local src = source(dir .. "/cache_t2")
-    assert(src:load(MCHID))
-    local wx = client_for(src)
-    src:start()
-    servers.wait_for(function() return src.sets[MCHID].watch ~= nil
-      and src.sets[MCHID].watch.connects >= 1 end, 10, "the watch")
+    local src, wx = watching(dir .. "/cache_t2")
+    wait_watching(src, "the watch")
     for _, m in ipairs(c.members) do m:stop() end
     for _, m in ipairs(c.members) do m:start() end
     for _, m in ipairs(c.members) do m:wait_ready(30) end
-    code, out = publish(env.b)
-    assert.equal(0, code, out)
-    local ok, err = pcall(servers.wait_for, function()
-      return wx.conf.signer.serial == "BBBB02"
-    end, 15, "the swap after the restart")
+    local ok, err = swap_to_b(wx, 15, "the swap after the restart")
     src:stop(); wx:stop()
     assert(ok, tostring(err))
   end)
@@ -169,14 +112,13 @@ describe("watched credentials", function()
     assert.is_true(after <= before + 2, before .. " -> " .. after)
   end)
   it("starting and stopping a source leaves no socket open", function()
-    local code, out = publish(env.a)
+    local code, out = creds:publish(env.a)
     assert.equal(0, code, out)
     local function cycle(i)
-      local src = source(dir .. "/cache_t6")
+      local src = creds:source(dir .. "/cache_t6")
       assert(src:load(MCHID))
       src:start()
-      servers.wait_for(function() return src.sets[MCHID].watch ~= nil
-        and src.sets[MCHID].watch.connects >= 1 end, 10, "the watch " .. i)
+      wait_watching(src, "the watch " .. i)
       src:stop()
     end
     cycle(0)
@@ -190,12 +132,12 @@ describe("watched credentials", function()
      .. " started after the swap still opens what was sealed under the old"
      .. " key", function()
     local resource = require "paygate.wechatpay.resource"
-    local code, out = publish(env.a)          -- APIV3
+    local code, out = creds:publish(env.a)          -- APIV3
     assert.equal(0, code, out)
     -- the rotation: the new key, and the old one beside it
     local d = set_dir(dir, "set_b_prev", "b", "b", APIV3_B)
     write(d .. "/previous_apiv3_key", APIV3)
-    code, out = publish(d)
+    code, out = creds:publish(d)
     assert.equal(0, code, out)
     -- a notification WeChat sealed under the old key, still in flight
     local nonce = "0123456789ab"
@@ -205,9 +147,9 @@ describe("watched credentials", function()
                 associated_data = "transaction",
                 ciphertext = crypto.base64_encode(ct) }
     -- a worker (re)started now: it never saw the old set
-    local src = source(dir .. "/cache_prev")
+    local src = creds:source(dir .. "/cache_prev")
     assert(src:load(MCHID))
-    local wx = client_for(src)
+    local wx = creds:client_for(src)
     assert.equal("BBBB02", wx.conf.signer.serial)
     assert.equal(APIV3_B, wx.conf.apiv3_keys[1])
     local plain, err = resource.decrypt(r, wx.conf.apiv3_keys)
@@ -215,7 +157,7 @@ describe("watched credentials", function()
     assert.equal('{"ok":1}', plain, tostring(err))
     -- a previous key of the wrong length is refused at publish
     write(d .. "/previous_apiv3_key", APIV3 .. "\n")
-    code, out = publish(d)
+    code, out = creds:publish(d)
     assert.equal(1, code, out)
     assert.matches("previous_apiv3_key", out)
   end)
@@ -223,12 +165,7 @@ describe("watched credentials", function()
   it("a set refused only because its certificate starts soon (a clock a"
      .. " little behind) is taken once valid, with no new publish",
      function()
-    local code, out = publish(env.a)
-    assert.equal(0, code, out)
-    local src = source(dir .. "/cache_soon")
-    assert(src:load(MCHID))
-    local wx = client_for(src)
-    src:start()
+    local src, wx = watching(dir .. "/cache_soon")
     -- B's certificate, as this worker's clock sees it, starts in 1.5 s
     local real = credentials.validate
     local from = core.time() + 1.5
@@ -241,11 +178,7 @@ describe("watched credentials", function()
       end
       return set, err
     end
-    code, out = publish(env.b)
-    assert.equal(0, code, out)
-    local ok, err = pcall(servers.wait_for, function()
-      return wx.conf.signer.serial == "BBBB02"
-    end, 10, "the swap once the certificate is valid")
+    local ok, err = swap_to_b(wx, 10, "the swap once the certificate is valid")
     credentials.validate = real
     local refused = src.refusals or 0
     src:stop()
@@ -264,17 +197,17 @@ describe("watched credentials", function()
       return
     end
     local ok, err = pcall(function()
-      local code, out = publish(env.a)
+      local code, out = creds:publish(env.a)
       assert.equal(0, code, out)
-      local src = source(mnt .. "/cache")
+      local src = creds:source(mnt .. "/cache")
       local wx
       assert(src:load(MCHID))
       local good = read(mnt .. "/cache/" .. MCHID .. ".json")
-      wx = client_for(src)
+      wx = creds:client_for(src)
       src:start()
       -- the disk fills up
       servers.sh("dd if=/dev/zero of=" .. mnt .. "/fill bs=1k >/dev/null 2>&1")
-      code, out = publish(env.b)
+      code, out = creds:publish(env.b)
       assert.equal(0, code, out)
       servers.wait_for(function() return wx.conf.signer.serial == "BBBB02" end,
                        10, "the swap")
@@ -287,7 +220,7 @@ describe("watched credentials", function()
                     .. ")")
       -- etcd down: a restarted worker must still find a cached set
       for _, m in ipairs(c.members) do m:stop() end
-      local src3 = source(mnt .. "/cache", { load_timeout = 1 })
+      local src3 = creds:source(mnt .. "/cache", { load_timeout = 1 })
       local set, lerr = src3:load(MCHID)
       for _, m in ipairs(c.members) do m:start() end
       for _, m in ipairs(c.members) do m:wait_ready(30) end
