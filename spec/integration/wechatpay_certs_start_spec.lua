@@ -5,9 +5,7 @@
 local core = require "paygate.core"
 local crypto = require "paygate.crypto"
 local json = require "cjson.safe"
-local wechatpay = require "paygate.wechatpay"
 local resource = require "paygate.wechatpay.resource"
-local server = require "support.server"
 local proc = require "support.proc"
 local wxtest = require "support.wxtest"
 
@@ -15,18 +13,10 @@ local P1, P2 = wxtest.P1, wxtest.P2
 local dir, keys, srv
 
 local function downloads()
-  local n = 0
-  for _, r in ipairs(wxtest.requests(srv)) do
-    if r.method == "GET" and r.target == "/v3/certificates" then n = n + 1 end
-  end
-  return n
+  return wxtest.count(srv, "GET", "/v3/certificates")
 end
 
-local function client(over)
-  local wx, err = wechatpay.client(wxtest.client_conf(srv, keys, over))
-  assert(wx, tostring(err))
-  return wx
-end
+local function client(over) return wxtest.client(srv, keys, over) end
 
 -- a notification signed with P2's key (a serial the client does not hold)
 local function notification_by_p2()
@@ -44,20 +34,9 @@ local function notification_by_p2()
     ["wechatpay-signature"] = sig }, body = body }
 end
 
-setup(function()
-  dir = server.tmpdir()
-  keys = wxtest.make(dir)
-  srv = wxtest.start(keys)
-end)
-teardown(function()
-  if srv then srv:stop() end
-  os.execute("rm -rf " .. dir)
-end)
-before_each(function()
-  require("paygate.shared").get_dict("paygate"):flush_all()
-  wxtest.reset(srv)
-  wxtest.certs(srv, { serials = { P1 } })
-end)
+setup(function() dir, keys, srv = wxtest.serve() end)
+teardown(function() wxtest.stop(srv, dir) end)
+before_each(function() wxtest.fresh(srv, P1) end)
 
 describe("certificates held at start", function()
   it("are refreshed by a background download from the start", function()

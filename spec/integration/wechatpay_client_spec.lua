@@ -15,36 +15,16 @@ local P1, P2, PUB_ID = wxtest.P1, wxtest.P2, wxtest.PUB_ID
 local dir, keys, srv
 
 local function count(method, target)
-  local n = 0
-  for _, r in ipairs(wxtest.requests(srv)) do
-    if r.method == method and r.target == target then n = n + 1 end
-  end
-  return n
+  return wxtest.count(srv, method, target)
 end
 
-local function client(over)
-  local wx, err = wechatpay.client(wxtest.client_conf(srv, keys, over))
-  assert(wx, tostring(err))
-  return wx
-end
+local function client(over) return wxtest.client(srv, keys, over) end
 
-setup(function()
-  dir = server.tmpdir()
-  keys = wxtest.make(dir)
-  srv = wxtest.start(keys)
-end)
+setup(function() dir, keys, srv = wxtest.serve() end)
 
-teardown(function()
-  if srv then srv:stop() end
-  os.execute("rm -rf " .. dir)
-end)
+teardown(function() wxtest.stop(srv, dir) end)
 
-before_each(function()
-  -- downloads are rate-limited instance-wide, through this dict
-  require("paygate.shared").get_dict("paygate"):flush_all()
-  wxtest.reset(srv)
-  wxtest.certs(srv, { serials = { P1 } })
-end)
+before_each(function() wxtest.fresh(srv, P1) end)
 
 describe("wx:request signing", function()
   it("sends a header the server verifies with the merchant's public key",

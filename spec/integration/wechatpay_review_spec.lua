@@ -5,8 +5,6 @@
 -- serial_no lies are not taken; JSON answers with leading whitespace or a
 -- BOM decode; transport errors say which call failed.
 local core = require "paygate.core"
-local wechatpay = require "paygate.wechatpay"
-local server = require "support.server"
 local wxtest = require "support.wxtest"
 
 local P1, P2 = wxtest.P1, wxtest.P2
@@ -24,37 +22,20 @@ local function read(path)
 end
 
 local function count(method, target)
-  local n = 0
-  for _, r in ipairs(wxtest.requests(srv)) do
-    if r.method == method and r.target == target then n = n + 1 end
-  end
-  return n
+  return wxtest.count(srv, method, target)
 end
 
-local function client(over)
-  local wx, err = wechatpay.client(wxtest.client_conf(srv, keys, over))
-  assert(wx, tostring(err))
-  return wx
-end
+local function client(over) return wxtest.client(srv, keys, over) end
 
 setup(function()
-  dir = server.tmpdir()
-  keys = wxtest.make(dir)
-  srv = wxtest.start(keys)
+  dir, keys, srv = wxtest.serve()
   wxtest.ctl(srv, "/_ctl/add_cert", { serial = EXPIRED,
     pem = read("spec/fixtures/wechatpay/a6_platform_cert.pem") })
 end)
 
-teardown(function()
-  if srv then srv:stop() end
-  os.execute("rm -rf " .. dir)
-end)
+teardown(function() wxtest.stop(srv, dir) end)
 
-before_each(function()
-  require("paygate.shared").get_dict("paygate"):flush_all()
-  wxtest.reset(srv)
-  wxtest.certs(srv, { serials = { P1 } })
-end)
+before_each(function() wxtest.fresh(srv, P1) end)
 
 describe("an idempotent POST out of retries after timeouts (S1)", function()
   local function slow(path, n)

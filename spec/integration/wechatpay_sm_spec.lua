@@ -6,8 +6,6 @@
 local core = require "paygate.core"
 local crypto = require "paygate.crypto"
 local json = require "cjson.safe"
-local wechatpay = require "paygate.wechatpay"
-local server = require "support.server"
 local wxtest = require "support.wxtest"
 
 local S1, S2 = wxtest.S1, wxtest.S2
@@ -15,19 +13,9 @@ local CERTS = "/v3/certificates?algorithm_type=SM2"
 
 local dir, keys, srv
 
-local function count(target)
-  local n = 0
-  for _, r in ipairs(wxtest.requests(srv)) do
-    if r.target == target then n = n + 1 end
-  end
-  return n
-end
+local function count(target) return wxtest.count(srv, nil, target) end
 
-local function client(over)
-  local wx, err = wechatpay.client(wxtest.client_conf(srv, keys, over))
-  assert(wx, tostring(err))
-  return wx
-end
+local function client(over) return wxtest.client(srv, keys, over) end
 
 local function read(path)
   local f = assert(io.open(path, "rb"))
@@ -36,22 +24,11 @@ local function read(path)
   return s
 end
 
-setup(function()
-  dir = server.tmpdir()
-  keys = wxtest.make_sm(dir)
-  srv = wxtest.start(keys)
-end)
+setup(function() dir, keys, srv = wxtest.serve(wxtest.make_sm) end)
 
-teardown(function()
-  if srv then srv:stop() end
-  os.execute("rm -rf " .. dir)
-end)
+teardown(function() wxtest.stop(srv, dir) end)
 
-before_each(function()
-  require("paygate.shared").get_dict("paygate"):flush_all()
-  wxtest.reset(srv)
-  wxtest.certs(srv, { serials = { S1 } })
-end)
+before_each(function() wxtest.fresh(srv, S1) end)
 
 describe("the SM variant against a server", function()
   it("downloads the SM2 certificates (SM4-GCM) and verifies SM2 answers",

@@ -136,6 +136,51 @@ end
 function _M.certs(srv, t) return ctl(srv, "/_ctl/certs", t) end
 function _M.requests(srv) return ctl(srv, "/_ctl/requests") end
 
+--- dir, keys, srv = serve([make]): in setup(): a temporary directory, the
+--- keys made in it (make: _M.make, the default, or _M.make_sm) and the
+--- test server started on them
+function _M.serve(make)
+  local dir = server.tmpdir()
+  local keys = (make or _M.make)(dir)
+  return dir, keys, _M.start(keys)
+end
+
+--- stop(srv, dir): in teardown(): what serve() started and made
+function _M.stop(srv, dir)
+  if srv then srv:stop() end
+  if dir then os.execute("rm -rf " .. dir) end
+end
+
+--- fresh(srv, serial): in before_each(): certificate downloads no longer
+--- rate-limited (they are instance-wide, through the "paygate" dict), the
+--- server reset and listing the one certificate `serial`
+function _M.fresh(srv, serial)
+  require("paygate.shared").get_dict("paygate"):flush_all()
+  _M.reset(srv)
+  _M.certs(srv, { serials = { serial } })
+end
+
+--- n = count(srv, method, target): the requests the server got for target
+--- (method nil: any method)
+function _M.count(srv, method, target)
+  local n = 0
+  for _, r in ipairs(_M.requests(srv)) do
+    if (method == nil or r.method == method) and r.target == target then
+      n = n + 1
+    end
+  end
+  return n
+end
+
+--- wx = client(srv, keys[, over]): a paygate.wechatpay client on
+--- client_conf(srv, keys, over); fails the spec if there is none
+function _M.client(srv, keys, over)
+  local wx, err = require("paygate.wechatpay").client(
+    _M.client_conf(srv, keys, over))
+  assert(wx, tostring(err))
+  return wx
+end
+
 --- conf = client_conf(srv, keys, over): a client configuration for it
 function _M.client_conf(srv, k, over)
   local c = { mchid = _M.MCHID, merchant_private_key = k.merchant_key,
