@@ -33,9 +33,7 @@ describe("gateway console in a browser", function()
   local sim, gw, profile, shots
 
   setup(function()
-    sim = testing.simulator{ time_scale = 100 }
-    gw = core.start(sim, { gateway = { console = { access = "loopback" },
-                                       reconcile = { enabled = false } } })
+    sim, gw = core.start_loopback()
     profile = server.tmpdir()
     local bin = os.getenv("PAYGATE_BIN") or "build/paygate"
     shots = (bin:match("^(.*)/[^/]*$") or ".") .. "/console-screenshots"

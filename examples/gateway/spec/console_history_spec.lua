@@ -18,12 +18,7 @@ end
 describe("gateway console: a payment's history", function()
   local sim, gw
 
-  setup(function()
-    sim = testing.simulator{ time_scale = 100 }
-    gw = core.start(sim, { gateway = {
-      console = { access = "loopback" },
-      reconcile = { enabled = false } } })
-  end)
+  setup(function() sim, gw = core.start_loopback() end)
   teardown(function()
     if gw then gw:stop() end
     testing.stop_all()

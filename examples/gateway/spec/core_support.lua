@@ -141,17 +141,32 @@ function _M.start_srv(sim, o)
   return srv, db_url
 end
 
---- syntax: gw = core.start(sim[, o]) -- o: gateway, merchant (overrides),
--- db (a function(srv) -> url), workers, partner (the simulator's service
--- provider as the merchant), app (another copy of the app's folder)
-function _M.start(sim, o)
-  o = o or {}
-  local srv, db_url = _M.start_srv(sim, o)
+--- syntax: gw = core.gateway(srv, db_url)
+-- A running gateway server as a gw: its store (opened at db_url) and an
+-- API key made there for the app "shop1".
+function _M.gateway(srv, db_url)
   local gw = { srv = srv, db_url = db_url, app_id = "shop1" }
   gw.db = assert(sql.open(db_url))
   local k = assert(apikey.create(gw.db, gw.app_id))
   gw.key_id, gw.secret = k.key_id, k.secret
   return setmetatable(gw, { __index = _M })
+end
+
+--- syntax: gw = core.start(sim[, o]) -- o: gateway, merchant (overrides),
+-- db (a function(srv) -> url), workers, partner (the simulator's service
+-- provider as the merchant), app (another copy of the app's folder)
+function _M.start(sim, o)
+  return _M.gateway(_M.start_srv(sim, o or {}))
+end
+
+--- syntax: sim, gw = core.start_loopback()
+-- A simulator (time_scale 100) and the gateway on it as scripts/run sets
+-- it up: the console in loopback mode, no admin token; reconcile off.
+function _M.start_loopback()
+  local sim = testing.simulator{ time_scale = 100 }
+  return sim, _M.start(sim, { gateway = {
+    console = { access = "loopback" },
+    reconcile = { enabled = false } } })
 end
 
 --- syntax: res = gw:call(method, path[, body[, headers]])

@@ -6,8 +6,6 @@
 -- and exit 2.
 local testing = require "paygate.testing"
 local core = require "paygate.core"
-local sql = require "paygate.sql"
-local apikey = require "paygate.apikey"
 local server = require "paygate.testing.server"
 local crypto = require "paygate.crypto"
 local etcd = require "paygate.etcd"
@@ -81,13 +79,26 @@ describe("gateway credentials from etcd", function()
                  merchants = { merchant_entry() },
                  credentials = section(srv) }
       end }
-    local gw = setmetatable({ srv = srv, app_id = "shop1" },
-                            { __index = gwcore })
-    gw.db = assert(sql.open(db_url))
-    local k = assert(apikey.create(gw.db, gw.app_id))
-    gw.key_id, gw.secret = k.key_id, k.secret
+    local gw = gwcore.gateway(srv, db_url)
     gws[#gws + 1] = gw
     return gw
+  end
+
+  -- an instance of one worker whose credentials cache holds `cached` (the
+  -- text of a cache file); o: args, load_timeout (of its section)
+  local function start_cached(cached, o)
+    local srv = testing.start_app{ app = "examples/gateway", workers = 1,
+      args = o.args,
+      config = function(s)
+        local sec = section(s)
+        sec.load_timeout = o.load_timeout
+        assert(os.execute("mkdir -p " .. s.dir .. "/credentials") == 0)
+        write(s.dir .. "/credentials/" .. m.mchid .. ".json", cached)
+        return { gateway = { db = "sqlite:" .. s.dir .. "/gw.db",
+                             public_url = s:url("") },
+                 merchants = { merchant_entry() }, credentials = sec }
+      end }
+    return gwcore.gateway(srv, "sqlite:" .. srv.dir .. "/gw.db")
   end
 
   -- worker pid -> the revision in use, from the instance's /metrics
@@ -209,21 +220,8 @@ describe("gateway credentials from etcd", function()
     assert.not_matches("PRIVATE KEY", text)
     assert.is_nil(text:find(m.apiv3_key, 1, true))
     for _, mem in ipairs(c.members) do mem:stop() end
-    local srv = testing.start_app{ app = "examples/gateway", workers = 1,
-      config = function(s)
-        local sec = section(s)
-        sec.load_timeout = 1
-        assert(os.execute("mkdir -p " .. s.dir .. "/credentials") == 0)
-        write(s.dir .. "/credentials/" .. m.mchid .. ".json", text)
-        return { gateway = { db = "sqlite:" .. s.dir .. "/gw.db",
-                             public_url = s:url("") },
-                 merchants = { merchant_entry() }, credentials = sec }
-      end }
-    local gw = setmetatable({ srv = srv, app_id = "shop1" },
-                            { __index = gwcore })
-    gw.db = assert(sql.open("sqlite:" .. srv.dir .. "/gw.db"))
-    local k = assert(apikey.create(gw.db, gw.app_id))
-    gw.key_id, gw.secret = k.key_id, k.secret
+    local gw = start_cached(text, { load_timeout = 1 })
+    local srv = gw.srv
     gw:create{}
     assert.truthy(srv:logs():find("serving the cached set", 1, true))
     gw:stop()
@@ -243,21 +241,8 @@ describe("gateway credentials from etcd", function()
     local sm = testing.merchant_keys{ mchid = m.mchid, sm2 = true }
     local bad_rev = publish("sm2", sm.private_key, sm.certificate,
                             "WECHATPAY2-SM2-WITH-SM3")
-    local srv = testing.start_app{ app = "examples/gateway", workers = 1,
-      args = { "--log-level", "info" },
-      config = function(s)
-        assert(os.execute("mkdir -p " .. s.dir .. "/credentials") == 0)
-        write(s.dir .. "/credentials/" .. m.mchid .. ".json", good)
-        return { gateway = { db = "sqlite:" .. s.dir .. "/gw.db",
-                             public_url = s:url("") },
-                 merchants = { merchant_entry() },
-                 credentials = section(s) }
-      end }
-    local gw = setmetatable({ srv = srv, app_id = "shop1" },
-                            { __index = gwcore })
-    gw.db = assert(sql.open("sqlite:" .. srv.dir .. "/gw.db"))
-    local k = assert(apikey.create(gw.db, gw.app_id))
-    gw.key_id, gw.secret = k.key_id, k.secret
+    local gw = start_cached(good, { args = { "--log-level", "info" } })
+    local srv = gw.srv
     gw:create{}                        -- signs with the good, cached set
     local logs = srv:logs()
     assert.truthy(logs:find("set refused", 1, true), logs)
