@@ -9,6 +9,8 @@ local sql = require "paygate.sql"
 local outbox = require "paygate.outbox"
 local servers = require "spec.support.servers"
 local proc = require "paygate.testing.proc"
+local kit = require "support.outbox_kit"
+local wait_until, enqueue = kit.wait_until, kit.enqueue
 
 local tmp = servers.mktemp()
 local n = 0
@@ -21,23 +23,6 @@ end)
 local function sqlite()
   n = n + 1
   return assert(sql.open("sqlite:" .. tmp .. "/r" .. n .. ".db"))
-end
-
-local function wait_until(cond, secs, what)
-  local deadline = core.time() + secs
-  while not cond() do
-    if core.time() > deadline then
-      error("timed out after " .. secs .. " s waiting for " .. what, 2)
-    end
-    paygate.sleep(0.01)
-  end
-end
-
-local function enqueue(db, subject, etype)
-  return assert(db:transaction(function(tx)
-    return outbox.enqueue(tx, { subject = subject, type = etype,
-                                payload = { subject = subject } })
-  end))
 end
 
 local function row(db, id)

@@ -10,6 +10,8 @@ local redis = require "paygate.redis"
 local lease = require "paygate.lease"
 local outbox = require "paygate.outbox"
 local servers = require "spec.support.servers"
+local kit = require "support.outbox_kit"
+local wait_until, enqueue = kit.wait_until, kit.enqueue
 
 local tmp = servers.mktemp()
 local pg_srv, redis_srv
@@ -36,23 +38,6 @@ if servers.have_postgres() then
       .. " CREATE TABLE payments (id TEXT PRIMARY KEY, state TEXT)"))
     return db
   end
-end
-
-local function wait_until(cond, secs, what)
-  local deadline = core.time() + secs
-  while not cond() do
-    if core.time() > deadline then
-      error("timed out after " .. secs .. " s waiting for " .. what, 2)
-    end
-    paygate.sleep(0.01)
-  end
-end
-
-local function enqueue(db, subject, etype, payload)
-  return assert(db:transaction(function(tx)
-    return outbox.enqueue(tx, { subject = subject, type = etype,
-                                payload = payload or { subject = subject } })
-  end))
 end
 
 -- A clock the test moves by hand, starting a second ahead of the real
