@@ -151,6 +151,36 @@ describe("PostgreSQL autocommit write whose session ends", function()
     assert.is_false(err.retryable)
   end)
 
+  it("db:exec with no answer within query_timeout fails unknown_outcome"
+     .. " (it commits later on the server)", function()
+    if not srv then
+      pending("postgres not installed")
+      return
+    end
+    local q = assert(sql.open(srv.url .. "?query_timeout=0.5", { pool = 1 }))
+    assert(admin:exec("CREATE OR REPLACE FUNCTION slow_two() RETURNS int"
+      .. " LANGUAGE plpgsql AS $$ BEGIN PERFORM nextval('s');"
+      .. " PERFORM pg_sleep(1.5); RETURN 2; END $$"))
+    local res, err = q:exec("INSERT INTO t VALUES (slow_two())")
+    assert.is_nil(res)
+    assert.equal("unknown_outcome", err.kind, tostring(err))
+    assert.is_false(err.retryable)
+    assert.matches("no reply within 0.5 s", err.message, 1, true)
+    -- the server never saw the client go: the row lands once the sleep
+    -- ends, and nothing ran the statement again
+    wait_for(function()
+      local rows = admin:query("SELECT count(*) AS n FROM t WHERE id = 2")
+      return rows and rows[1].n == 1
+    end, 10, "the write to commit on the server")
+    assert.equal(1, nextvals())
+    -- a read past query_timeout stays timeout, retryable
+    local rres, rerr = q:query("SELECT pg_sleep(1.5) AS z")
+    assert.is_nil(rres)
+    assert.equal("timeout", rerr.kind, tostring(rerr))
+    assert.is_true(rerr.retryable)
+    q:close()
+  end)
+
   it("a read answered by FATAL stays unavailable, retryable", function()
     if not srv then
       pending("postgres not installed")

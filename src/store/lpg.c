@@ -717,13 +717,15 @@ conn_fail(struct lpg_conn *c, const char *kind, const char *msg,
     conn_reset(c);
 }
 
-/* c broke with statements in flight: conn_fail() with "unavailable",
- * but a write that commits on its own and was not answered (or answered
- * only in part: an autocommit statement commits at its Sync) may have
+/* c broke (kind "unavailable") or went silent past query_timeout (kind
+ * "timeout") with statements in flight: conn_fail() with that kind, but
+ * a write that commits on its own and was not answered (or answered only
+ * in part: an autocommit statement commits at its Sync) may have
  * committed, and fails "unknown_outcome". Those sent behind a statement
  * answered by the end of the session never ran: the server stops there. */
 static void
-conn_lost(struct lpg_conn *c, const char *msg, struct lpg_op **out)
+conn_lost(struct lpg_conn *c, const char *kind, const char *msg,
+          struct lpg_op **out)
 {
     struct lpg_op *op;
 
@@ -742,7 +744,7 @@ conn_lost(struct lpg_conn *c, const char *msg, struct lpg_op **out)
             op_set_error(op, "unknown_outcome", buf);
         }
     }
-    conn_fail(c, "unavailable", msg, out);
+    conn_fail(c, kind, msg, out);
 }
 
 static int
@@ -1797,8 +1799,8 @@ conn_event(evutil_socket_t fd, short what, void *arg)
         }
     } else if (c->state == LPG_CONN_READY) {
         if ((what & EV_WRITE) && conn_flush(c) != GW_OK) {
-            conn_lost(c, "postgres: connection lost (outcome unknown)",
-                      &done);
+            conn_lost(c, "unavailable", "postgres: connection lost"
+                      " (outcome unknown)", &done);
         } else if (what & EV_READ) {
             rc = conn_read(c, &done);
             if (rc == LPG_DISCARD) {
@@ -1811,7 +1813,7 @@ conn_event(evutil_socket_t fd, short what, void *arg)
 
                 snprintf(msg, sizeof(msg), "postgres: connection lost"
                          " (outcome unknown): %s", PQerrorMessage(c->pc));
-                conn_lost(c, msg, &done);
+                conn_lost(c, "unavailable", msg, &done);
             }
         }
     }
@@ -2044,8 +2046,8 @@ dispatch(struct lpg_pool *pg)
                 op_set_error(op, "unavailable", PQerrorMessage(c->pc));
                 op->next = lost;
                 lost = op;
-                conn_lost(c, "postgres: connection lost (outcome"
-                          " unknown)", &lost);
+                conn_lost(c, "unavailable", "postgres: connection lost"
+                          " (outcome unknown)", &lost);
                 while (lost != NULL) {
                     struct lpg_op *l = lost;
 
@@ -2129,7 +2131,8 @@ on_tick(evutil_socket_t fd, short what, void *arg)
 
             snprintf(msg, sizeof(msg), "postgres: no reply within %.3g s",
                      pg->query_timeout);
-            conn_fail(c, "timeout", msg, &done);
+            /* an autocommit write among them may commit yet */
+            conn_lost(c, "timeout", msg, &done);
         }
     }
     dispatch(pg);
