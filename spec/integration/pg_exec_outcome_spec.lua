@@ -9,17 +9,7 @@ local core = require "paygate.core"
 local sql = require "paygate.sql"
 local servers = require "spec.support.servers"
 
-local function wait_for(fn, secs, what)
-  local deadline = core.mono() + secs
-  while core.mono() < deadline do
-    local v = fn()
-    if v then
-      return v
-    end
-    core.sleep(0.02)
-  end
-  error("timed out waiting for " .. what, 2)
-end
+local wait_for = servers.wait_for
 
 describe("PostgreSQL autocommit write whose session ends", function()
   local srv, db, admin
@@ -55,6 +45,27 @@ describe("PostgreSQL autocommit write whose session ends", function()
     end
   end)
 
+  -- a case that needs the server (pending where PostgreSQL is missing)
+  local function it_pg(name, fn)
+    it(name, function()
+      if not srv then
+        pending("postgres not installed")
+        return
+      end
+      fn()
+    end)
+  end
+
+  -- the session whose statement sleeps on the server (not admin's)
+  local SLEEPING = "FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
+                   .. " AND pid <> pg_backend_pid()"
+  local function wait_sleeping()
+    wait_for(function()
+      local rows = admin:query("SELECT count(*) AS n " .. SLEEPING)
+      return rows and rows[1].n == 1
+    end, 10, "the statement to run")
+  end
+
   -- Runs fn(db) in a task (and after, if given, in another one: its
   -- statement queued behind fn's on the connection); once fn's statement
   -- sleeps on the server, terminates its backend from the admin
@@ -67,13 +78,8 @@ describe("PostgreSQL autocommit write whose session ends", function()
     if after then
       core.spawn(after)
     end
-    local sleeping = "FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
-                     .. " AND pid <> pg_backend_pid()"
-    wait_for(function()
-      local rows = admin:query("SELECT count(*) AS n " .. sleeping)
-      return rows and rows[1].n == 1
-    end, 10, "the statement to run")
-    assert(admin:query("SELECT pg_terminate_backend(pid) " .. sleeping))
+    wait_sleeping()
+    assert(admin:query("SELECT pg_terminate_backend(pid) " .. SLEEPING))
     wait_for(function() return result end, 10, "the statement's answer")
     return result
   end
@@ -83,12 +89,8 @@ describe("PostgreSQL autocommit write whose session ends", function()
     return rows[1].is_called and rows[1].last_value or 0
   end
 
-  it("db:exec answered by FATAL 57P01 fails unknown_outcome, once",
+  it_pg("db:exec answered by FATAL 57P01 fails unknown_outcome, once",
      function()
-    if not srv then
-      pending("postgres not installed")
-      return
-    end
     local r = terminated(function(d)
       return d:exec("INSERT INTO t VALUES (slow_id())")
     end)
@@ -102,12 +104,8 @@ describe("PostgreSQL autocommit write whose session ends", function()
     assert.equal(1, assert(db:exec("INSERT INTO t VALUES (2)")).changes)
   end)
 
-  it("a write sent behind it on the connection never ran: unavailable,"
+  it_pg("a write sent behind it on the connection never ran: unavailable,"
      .. " retryable", function()
-    if not srv then
-      pending("postgres not installed")
-      return
-    end
     local behind
     local r = terminated(function(d)
       return d:exec("INSERT INTO t VALUES (slow_id())")
@@ -122,12 +120,8 @@ describe("PostgreSQL autocommit write whose session ends", function()
     assert.equal(1, nextvals())
   end)
 
-  it("db:exec_script answered by FATAL 57P01 fails unknown_outcome",
+  it_pg("db:exec_script answered by FATAL 57P01 fails unknown_outcome",
      function()
-    if not srv then
-      pending("postgres not installed")
-      return
-    end
     local r = terminated(function(d)
       return d:exec_script("INSERT INTO t VALUES (slow_id());"
                            .. " INSERT INTO t VALUES (3)")
@@ -138,12 +132,8 @@ describe("PostgreSQL autocommit write whose session ends", function()
     assert.equal(1, nextvals())
   end)
 
-  it("a statement that ends its own session fails unknown_outcome",
+  it_pg("a statement that ends its own session fails unknown_outcome",
      function()
-    if not srv then
-      pending("postgres not installed")
-      return
-    end
     local res, err = db:exec("INSERT INTO t SELECT 1 WHERE"
                              .. " pg_terminate_backend(pg_backend_pid())")
     assert.is_nil(res)
@@ -151,12 +141,8 @@ describe("PostgreSQL autocommit write whose session ends", function()
     assert.is_false(err.retryable)
   end)
 
-  it("db:exec with no answer within query_timeout fails unknown_outcome"
+  it_pg("db:exec with no answer within query_timeout fails unknown_outcome"
      .. " (it commits later on the server)", function()
-    if not srv then
-      pending("postgres not installed")
-      return
-    end
     local q = assert(sql.open(srv.url .. "?query_timeout=0.5", { pool = 1 }))
     assert(admin:exec("CREATE OR REPLACE FUNCTION slow_two() RETURNS int"
       .. " LANGUAGE plpgsql AS $$ BEGIN PERFORM nextval('s');"
@@ -181,11 +167,7 @@ describe("PostgreSQL autocommit write whose session ends", function()
     q:close()
   end)
 
-  it("a read answered by FATAL stays unavailable, retryable", function()
-    if not srv then
-      pending("postgres not installed")
-      return
-    end
+  it_pg("a read answered by FATAL stays unavailable, retryable", function()
     local r = terminated(function(d)
       return d:query("SELECT pg_sleep(30) AS z")
     end)
@@ -195,12 +177,8 @@ describe("PostgreSQL autocommit write whose session ends", function()
     assert.equal("57P01", r[2].code)
   end)
 
-  it("a write that was never sent stays unavailable, retryable",
+  it_pg("a write that was never sent stays unavailable, retryable",
      function()
-    if not srv then
-      pending("postgres not installed")
-      return
-    end
     assert(db:query("SELECT 1 AS one"))    -- db has a connection
     -- the shutdown ends its idle session (FATAL 57P01, then EOF) while
     -- this loop is blocked (os.execute): the write must not be sent on it
@@ -214,22 +192,14 @@ describe("PostgreSQL autocommit write whose session ends", function()
     assert.is_true(err.retryable)
   end)
 
-  it("db:exec whose connection is lost with no answer fails"
+  it_pg("db:exec whose connection is lost with no answer fails"
      .. " unknown_outcome", function()
-    if not srv then
-      pending("postgres not installed")
-      return
-    end
     local pid = assert(db:query("SELECT pg_backend_pid() AS pid"))[1].pid
     local result
     core.spawn(function()
       result = { db:exec("INSERT INTO t VALUES (slow_id())") }
     end)
-    wait_for(function()
-      local rows = admin:query("SELECT count(*) AS n FROM pg_stat_activity"
-                               .. " WHERE wait_event = 'PgSleep'")
-      return rows and rows[1].n == 1
-    end, 10, "the statement to run")
+    wait_sleeping()
     -- SIGKILL: the backend says nothing (the server then restarts its
     -- other sessions too)
     assert(os.execute("kill -KILL " .. math.floor(pid)))
