@@ -506,6 +506,33 @@ describe("errors and retries", function()
     assert(wx:request("GET", "/v3/x", nil, { timeout = 0.5 }))
     assert.equal(2, count("GET", "/v3/x"))
   end)
+  it("an idempotent POST answered 500 SYSTEM_ERROR once, then unreachable,"
+     .. " is unknown_outcome (WeChat may have acted on the first), not a"
+     .. " connect error", function()
+    local port = core.free_port()
+    local log = dir .. "/once." .. port .. ".log"
+    proc.spawn({ "python3", "spec/support/answer_once.py", tostring(port),
+                 "500", json.encode{ code = "SYSTEM_ERROR",
+                                     message = "系统繁忙" }, log })
+    local deadline = core.mono() + 10
+    while core.mono() < deadline do
+      local f = io.open(log)
+      local l = f and f:read("*l")
+      if f then f:close() end
+      if l == "ready" then break end
+      core.sleep(0.02)
+    end
+    local wx2 = client{ base_url = "http://127.0.0.1:" .. port,
+                        backup_url = false,
+                        platform_certificates = { keys.p1_cert },
+                        download_certificates = false }
+    local _, err = wx2:request("POST", "/v3/x", "{}", { idempotent = true,
+                                                        deadline = 2 })
+    wx2:stop()
+    assert.equal("unknown_outcome", err.kind, tostring(err))
+    assert.is_true(err.retryable)        -- the same request may be repeated
+    assert.truthy(err.attempts >= 2)
+  end)
   it("uses the backup domain when the primary cannot be reached", function()
     local wx2 = client{ base_url = "http://127.0.0.1:" .. core.free_port(),
                         backup_url = srv.base_url,

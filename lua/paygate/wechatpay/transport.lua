@@ -372,6 +372,12 @@ call = function(wx, method, path, body, opts, ep, what, stat)
     else
       local e = errors.from_response(what, res)
       last = e
+      -- a 5xx (SYSTEM_ERROR) was received by WeChat, which may have acted
+      -- on it: if a later attempt fails before it is sent, the call's
+      -- outcome is still unknown, not "never sent"
+      if res.status >= 500 or e.kind == "system_error" then
+        reached = true
+      end
       if RETRY_ALWAYS[e.kind] or (idempotent and RETRY_IDEMPOTENT[e.kind])
       then
         retry = not delivered
