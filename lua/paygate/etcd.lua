@@ -730,6 +730,17 @@ local function message(w, line)
       w.last = w.queue[n].revision
       w.next_rev = rev_next(w.last)
     end
+  elseif not r.created then
+    -- a progress notification: every event of this watch up to its
+    -- header's revision has been sent, so a resumed stream may start
+    -- after it. A quiet watch then does not resume from the revision of
+    -- its last event, which a compaction may have removed meanwhile
+    -- (the resume would fail "compacted")
+    local rev = header_rev(r)
+    local nxt = rev and rev_next(rev)
+    if nxt and (not w.next_rev or rev_cmp(nxt, w.next_rev) > 0) then
+      w.next_rev = nxt
+    end
   end
   return true
 end

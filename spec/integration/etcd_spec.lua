@@ -18,7 +18,9 @@ describe("paygate.etcd", function()
   local srv, cli
 
   setup(function()
-    srv = etcdsrv.start()
+    -- progress notifications every 200 ms (etcd's default is 10 min):
+    -- the watches below see them, and one relies on them
+    srv = etcdsrv.start{ progress_notify = "200ms" }
     cli = etcd.new(srv:client_opts())
   end)
   teardown(function() etcdsrv.stop_all() end)
@@ -309,6 +311,42 @@ describe("paygate.etcd", function()
         assert.equal(-1, etcd.rev_cmp(got[i - 1].revision, got[i].revision))
       end
       assert.equal("after5", got[11].value)
+      assert.is_true(w.connects >= 2, "reconnected: " .. w.connects)
+    end)
+
+    it("a quiet watch resumes after a compaction of what it skipped"
+       .. " (progress notifications move its resume revision)", function()
+      local m = srv.members[1]
+      local got, errs = {}, {}
+      local from = assert(cli:put("/spec/w6/start", "0")).revision
+      local w = cli:watch("/spec/w6/", { from_revision = from })
+      local task = paygate.spawn(function()
+        for ev, err in w do
+          if err then errs[#errs + 1] = err break end
+          got[#got + 1] = ev
+          if ev.key == "/spec/w6/end" then break end
+        end
+      end)
+      wait_for(function() return #got == 1 end, 10, "the first event")
+      -- the store moves on elsewhere; this watch sees nothing
+      local now
+      for i = 1, 5 do
+        now = assert(cli:put("/spec/not-w6", tostring(i))).revision
+      end
+      wait_for(function() return etcd.rev_cmp(w.next_rev, now) > 0 end, 10,
+               "a progress notification past revision " .. now)
+      srv:compact(now)              -- from + 1 .. now are gone
+      m:kill()                      -- the stream must be opened anew
+      m:start()
+      m:wait_ready(30)
+      assert(cli:put("/spec/w6/end", "x"))
+      wait_for(function()
+        return #errs > 0 or (got[#got] and got[#got].key == "/spec/w6/end")
+      end, 30, "the event after the compaction")
+      task:wait(5)
+      w:close()
+      assert.same({}, errs)
+      assert.equal(2, #got)
       assert.is_true(w.connects >= 2, "reconnected: " .. w.connects)
     end)
 

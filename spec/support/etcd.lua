@@ -80,6 +80,10 @@ function Member:start()
     "--heartbeat-interval", "50", "--election-timeout", "500",
     "--logger", "zap", "--log-outputs", "stderr",
   }
+  if c.progress_notify then
+    argv[#argv + 1] = "--experimental-watch-progress-notify-interval"
+    argv[#argv + 1] = c.progress_notify
+  end
   if c.pki then
     for _, a in ipairs({ "--cert-file", c.member_cert,
                          "--key-file", c.member_key,
@@ -121,12 +125,16 @@ function Member:running()
   return self.proc ~= nil and self.proc:poll() == nil
 end
 
---- syntax: c = etcd.start{ members = 1, tls = false, auth = false }
+--- syntax: c = etcd.start{ members = 1, tls = false, auth = false,
+--                          progress_notify = nil }
+-- progress_notify: the members' watch progress notification interval
+-- (an etcd duration, "200ms"; etcd's default is 10 minutes)
 function _M.start(opts)
   opts = opts or {}
   local n = opts.members or 1
   local c = setmetatable({ members = {}, endpoints = {},
-    dir = servers.mktemp(), token = "paygate-spec-" .. core.free_port() },
+    dir = servers.mktemp(), token = "paygate-spec-" .. core.free_port(),
+    progress_notify = opts.progress_notify },
     Cluster)
   if opts.tls then
     c.pki = pki.make(c.dir)
