@@ -24,7 +24,7 @@ local GATEWAY_KEYS = {
   on_late_payment = true, degraded = true, admin_token_file = true,
   admin_token_env = true, webhooks = true, redis_stream = true,
   reconcile = true, retention = true, dev_app = true, dispatcher = true,
-  console = true,
+  console = true, hooks_timeout = true,
 }
 
 -- Keys of a merchant the gateway reads itself; the rest go to
@@ -391,6 +391,14 @@ function _M.check(conf, runtime)
     return fail("gateway.payment_ttl", "must be whole seconds, 60 .. 604800")
   end
   out.payment_ttl = ttl
+
+  local ht = g.hooks_timeout
+  if ht == nil then ht = 10 end
+  if type(ht) ~= "number" or not (ht > 0) or ht > 86400 then
+    return fail("gateway.hooks_timeout", "must be seconds, more than 0 and"
+                .. " at most 86400")
+  end
+  out.hooks_timeout = ht
 
   local late = g.on_late_payment
   if late == nil then late = "refund" end

@@ -71,7 +71,7 @@ function _M.sinks(g, hooks)
       end
     end
   end
-  sinks[#sinks + 1] = outbox.hooks(map)
+  sinks[#sinks + 1] = outbox.hooks(map, { timeout = g.hooks_timeout })
   return sinks
 end
 

@@ -166,6 +166,56 @@ return _M
     require("paygate.testing.server").rmdir(dir)
   end)
 
+  it("cancels a hook still running after gateway.hooks_timeout and"
+     .. " delivers the event again", function()
+    local dir = testing.tmpdir()
+    os.execute("cp -r examples/gateway/app.lua examples/gateway/gw"
+               .. " examples/gateway/migrations '" .. dir .. "/'")
+    -- the first call never returns on its own; the second records
+    local f = assert(io.open(dir .. "/gw/hooks.lua", "wb"))
+    f:write([=[
+local paygate = require "paygate"
+local _M = {}
+local function log(line)
+  local f = assert(io.open(paygate.app_dir .. "/hooks.log", "ab"))
+  f:write(line, "\n")
+  f:close()
+end
+local calls = 0
+function _M.on_paid(event)
+  calls = calls + 1
+  if calls == 1 then
+    log("hang " .. event.payload.payment.id)
+    paygate.sleep(3600)
+    log("woke")                 -- never: the hook is cancelled
+  end
+  log("done " .. event.payload.payment.id)
+end
+return _M
+]=])
+    f:close()
+    local g2 = core.start(sim, { app = dir, gateway = { hooks_timeout = 0.5,
+      dispatcher = { backoff_base = 0.05, backoff_cap = 0.1 } } })
+    local p = g2:create{ amount = 8 }
+    sim:pay_and_wait(p.out_trade_no)
+    local log = ""
+    testing.wait_until(function()
+      local h = io.open(dir .. "/hooks.log", "rb")
+      log = h and h:read("*a") or ""
+      if h then h:close() end
+      return log:find("done " .. p.id, 1, true)
+    end, 15, "the hook's second call")
+    assert.truthy(log:find("hang " .. p.id, 1, true))
+    assert.is_nil(log:find("woke", 1, true))
+    local rows = assert(g2.db:query("SELECT state, attempts, last_error"
+      .. " FROM paygate_outbox WHERE subject = $1 AND type = 'payment.paid'",
+      { p.id }))
+    assert.equal("delivered", rows[1].state)
+    assert.equal(2, rows[1].attempts)
+    g2:stop()
+    require("paygate.testing.server").rmdir(dir)
+  end)
+
   it("lets unsigned loopback requests act as dev_app", function()
     local res = gw.srv:request{ method = "POST", path = "/v1/payments",
       body = json.encode{ order_id = "dev-1", channel = "native",

@@ -125,6 +125,10 @@ describe("gateway config", function()
                                  dispatcher = { batchh = 5 } },
                      merchants = { merchant() } },
                    "gateway: config.gateway.dispatcher.batchh: unknown key")
+    expect_refused({ gateway = { db = "sqlite:" .. dir .. "/a.db",
+                                 hooks_timeout = 0 },
+                     merchants = { merchant() } },
+                   "gateway: config.gateway.hooks_timeout: must be seconds")
   end)
 
   it("refuses a webhook event type that does not exist, and a name"
