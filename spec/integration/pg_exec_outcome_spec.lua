@@ -167,6 +167,29 @@ describe("PostgreSQL autocommit write whose session ends", function()
     q:close()
   end)
 
+  it_pg("db:query of a write (INSERT ... RETURNING) answered by FATAL fails"
+     .. " unknown_outcome, as db:exec does", function()
+    local r = terminated(function(d)
+      return d:query("INSERT INTO t VALUES (slow_id()) RETURNING id")
+    end)
+    assert.is_nil(r[1])
+    assert.equal("unknown_outcome", r[2].kind, tostring(r[2]))
+    assert.is_false(r[2].retryable)
+    assert.equal(1, nextvals())
+    -- a data-modifying WITH is a write too
+    r = terminated(function(d)
+      return d:query("WITH x AS (INSERT INTO t VALUES (slow_id())"
+                     .. " RETURNING id) SELECT id FROM x")
+    end)
+    assert.equal("unknown_outcome", r[2].kind, tostring(r[2]))
+    -- a read through WITH stays unavailable, retryable
+    r = terminated(function(d)
+      return d:query("WITH x AS (SELECT pg_sleep(30) AS z) SELECT z FROM x")
+    end)
+    assert.equal("unavailable", r[2].kind, tostring(r[2]))
+    assert.is_true(r[2].retryable)
+  end)
+
   it_pg("a read answered by FATAL stays unavailable, retryable", function()
     local r = terminated(function(d)
       return d:query("SELECT pg_sleep(30) AS z")

@@ -28,8 +28,8 @@
  *
  * Failure handling: a broken connection fails its statements with
  * "unavailable" (retryable) and is replaced on demand (reconnection after
- * a server restart); a write outside a transaction (h:exec, h:script)
- * that was sent and not answered, or answered by the end of the session
+ * a server restart); a write outside a transaction (h:exec, h:script,
+ * an h:query whose SQL may write: sql_may_write()) that was sent and not answered, or answered by the end of the session
  * (FATAL), fails "unknown_outcome" instead: it may have committed. A connect
  * attempt that fails marks the pool down for `down_for` seconds, during
  * which statements fail at once instead of hanging. A connection that has
@@ -70,6 +70,7 @@
  * statement of the transaction in flight is closed (the server rolls
  * back) and its slot reconnects on demand.
  */
+#include <ctype.h>
 #include <limits.h>
 #include <pwd.h>
 #include <stdio.h>
@@ -111,6 +112,8 @@ struct lpg_op {
     enum lpg_op_kind kind;
     struct gw_co     *co;        /* waiting coroutine; NULL if abandoned */
     int               want_rows; /* query (rows) vs exec (changes) */
+    int               writes;    /* h:query whose SQL may write (see
+                                    sql_may_write()) */
     long              txid;      /* transaction this op belongs to, 0 none */
     int               tx_begin;  /* 1: BEGIN, reserves a connection */
     int               tx_end;    /* 1: COMMIT/ROLLBACK, releases it */
@@ -432,14 +435,76 @@ err_ends_session(const PGresult *r)
                              || strcmp(state, "57P03") == 0);
 }
 
-/* 1 when op is a write that commits on its own (h:exec, h:script outside
- * a transaction): once sent, it may have committed whatever the
- * connection did next, as a COMMIT may. */
+/* 1 when op is a write that commits on its own (h:exec, h:script, or an
+ * h:query whose SQL may write, outside a transaction): once sent, it may
+ * have committed whatever the connection did next, as a COMMIT may. */
 static int
 op_commits_alone(const struct lpg_op *op)
 {
     return op->txid == 0 && !op->tx_end && op->batch == NULL
-           && !op->sync_check && (op->kind == LPG_OP_SCRIPT || !op->want_rows);
+           && !op->sync_check
+           && (op->kind == LPG_OP_SCRIPT || !op->want_rows || op->writes);
+}
+
+/* 1 when the word w (n bytes, letters) occurs in sql as a whole word. */
+static int
+sql_has_word(const char *sql, const char *w, size_t n)
+{
+    const char *p;
+
+    for (p = sql; *p != '\0'; p++) {
+        if (strncasecmp(p, w, n) == 0
+            && (p == sql || !(isalnum((unsigned char)p[-1]) || p[-1] == '_'))
+            && !(isalnum((unsigned char)p[n]) || p[n] == '_'))
+        {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* 1 unless sql (one statement given to h:query) is a plain read: its first
+ * word is SELECT, VALUES, TABLE or SHOW, or WITH with no INSERT, UPDATE,
+ * DELETE or MERGE in it. An INSERT ... RETURNING through h:query is a
+ * write: lost once sent, it may have committed. */
+static int
+sql_may_write(const char *sql)
+{
+    const char *p = sql, *w;
+    size_t      n;
+
+    for (;;) {
+        while (isspace((unsigned char)*p) || *p == '(') {
+            p++;
+        }
+        if (p[0] == '-' && p[1] == '-') {
+            p += strcspn(p, "\n");
+        } else if (p[0] == '/' && p[1] == '*') {
+            const char *e = strstr(p + 2, "*/");
+
+            if (e == NULL) {
+                return 1;
+            }
+            p = e + 2;
+        } else {
+            break;
+        }
+    }
+    for (w = p; isalpha((unsigned char)*p); p++) {
+    }
+    n = (size_t)(p - w);
+    if ((n == 6 && strncasecmp(w, "SELECT", 6) == 0)
+        || (n == 6 && strncasecmp(w, "VALUES", 6) == 0)
+        || (n == 5 && strncasecmp(w, "TABLE", 5) == 0)
+        || (n == 4 && strncasecmp(w, "SHOW", 4) == 0))
+    {
+        return 0;
+    }
+    if (n == 4 && strncasecmp(w, "WITH", 4) == 0) {
+        return sql_has_word(p, "INSERT", 6) || sql_has_word(p, "UPDATE", 6)
+               || sql_has_word(p, "DELETE", 6) || sql_has_word(p, "MERGE", 5);
+    }
+    return 1;
 }
 
 static int
@@ -2691,6 +2756,7 @@ run_op(lua_State *L, struct lpg_pool *pg, int sql_idx, int params_idx,
     }
     op->want_rows = want_rows;
     op->txid = txid;
+    op->writes = want_rows && txid == 0 && sql_may_write(op->sql);
     return submit(L, pg, op);
 }
 
