@@ -190,6 +190,27 @@ describe("PostgreSQL autocommit write whose session ends", function()
     assert.is_true(r[2].retryable)
   end)
 
+  it_pg("db:exec in flight when its pool is closed fails unknown_outcome"
+     .. " (as a COMMIT does): the server commits it", function()
+    assert(admin:exec("CREATE OR REPLACE FUNCTION slow_two() RETURNS int"
+      .. " LANGUAGE plpgsql AS $$ BEGIN PERFORM nextval('s');"
+      .. " PERFORM pg_sleep(1); RETURN 2; END $$"))
+    local result
+    core.spawn(function()
+      result = { db:exec("INSERT INTO t VALUES (slow_two())") }
+    end)
+    wait_sleeping()
+    db:close()
+    wait_for(function() return result end, 10, "the statement's answer")
+    assert.is_nil(result[1])
+    assert.equal("unknown_outcome", result[2].kind, tostring(result[2]))
+    assert.is_false(result[2].retryable)
+    wait_for(function()
+      local rows = admin:query("SELECT count(*) AS n FROM t WHERE id = 2")
+      return rows and rows[1].n == 1
+    end, 10, "the write to commit on the server")
+  end)
+
   it_pg("a read answered by FATAL stays unavailable, retryable", function()
     local r = terminated(function(d)
       return d:query("SELECT pg_sleep(30) AS z")

@@ -2662,7 +2662,8 @@ lpg_close(lua_State *L)
     pg->closed = 1;
     gw_store_tx_free_owner(pg);
     for (i = 0; i < LPG_MAXPOOL; i++) {
-        conn_fail(&pg->conns[i], "closed", "postgres: pool closed", &done);
+        /* a write sent and unanswered may commit yet: unknown_outcome */
+        conn_lost(&pg->conns[i], "closed", "postgres: pool closed", &done);
     }
     pool_fail_waiting(pg, "closed", "postgres: pool closed", &done);
     pool_free(pg);
