@@ -29,8 +29,9 @@
  * Failure handling: a broken connection fails its statements with
  * "unavailable" (retryable) and is replaced on demand (reconnection after
  * a server restart); a write outside a transaction (h:exec, h:script,
- * an h:query whose SQL may write: sql_may_write()) that was sent and not answered, or answered by the end of the session
- * (FATAL), fails "unknown_outcome" instead: it may have committed. A connect
+ * an h:query whose SQL may write: sql_may_write()) that was sent and not
+ * answered, or answered by the end of the session (FATAL), fails
+ * "unknown_outcome" instead: it may have committed. A connect
  * attempt that fails marks the pool down for `down_for` seconds, during
  * which statements fail at once instead of hanging. A connection that has
  * statements outstanding and received nothing for `query_timeout`
