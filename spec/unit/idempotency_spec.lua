@@ -374,6 +374,9 @@ for name, engine in pairs(engines) do
           if mode == "nil" then
             return nil, paygate.error("unavailable", "x")
           end
+          if mode == "unknown" then
+            return nil, paygate.error("unknown_outcome", "commit lost")
+          end
           if mode == "502" then return 502, { error = "upstream" } end
           return 200, "ok"
         end)
@@ -381,7 +384,18 @@ for name, engine in pairs(engines) do
         assert.error_matches(function() fn(fake_req{ headers = hdr }) end,
                              "boom")
         mode = "nil"
-        assert.equal(503, (fn(fake_req{ headers = hdr })))
+        local s0, b0 = fn(fake_req{ headers = hdr })
+        assert.equal(503, s0)
+        assert.matches("was not applied", b0, 1, true)
+        -- a write whose answer was lost is not said to be "not applied":
+        -- the caller must retry with the same key
+        mode = "unknown"
+        s0, b0 = fn(fake_req{ headers = hdr })
+        assert.equal(503, s0)
+        local doc = require("cjson").decode(b0)
+        assert.equal("unknown_outcome", doc.error)
+        assert.matches("may have been applied", doc.message, 1, true)
+        assert.matches("same Idempotency-Key", doc.message, 1, true)
         mode = "502"
         assert.equal(502, (fn(fake_req{ headers = hdr })))
         mode = "ok"
