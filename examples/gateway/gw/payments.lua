@@ -693,6 +693,11 @@ function _M.refresh(p)
     end
     local row, rerr = model.payment(tx, p.id)
     if not row then return nil, rerr end
+    if row.out_trade_no ~= p.out_trade_no then
+      -- moved to a new attempt meanwhile: the answer is about the old one
+      -- (CLOSED: the new attempt's request closed it), not this one
+      return true
+    end
     local event
     if ts == "CLOSED" and OPEN[row.state] then
       event = "closed"

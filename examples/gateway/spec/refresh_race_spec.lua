@@ -1,0 +1,54 @@
+-- GET /v1/payments/:id?refresh=1 racing a new attempt: the query asked
+-- about the attempt that was current when the GET read the payment; an
+-- answer about it (CLOSED: the new attempt's request closed it at WeChat)
+-- must not close the payment, which moved to a new, open attempt.
+local testing = require "paygate.testing"
+local core = dofile("examples/gateway/spec/core_support.lua")
+
+describe("gateway ?refresh=1 and a new attempt", function()
+  local sim, gw
+
+  setup(function()
+    sim = testing.simulator{ time_scale = 100 }
+    gw = core.start(sim, { gateway = { reconcile = { enabled = false } } })
+  end)
+
+  teardown(function()
+    if gw then gw:stop() end
+    testing.stop_all()
+  end)
+
+  it("a CLOSED about the previous attempt leaves the new one open",
+     function()
+    local pcore = require "paygate.core"
+    local p = gw:create{ amount = 321 }
+    assert.equal("paying", p.state)
+    -- the refresh's query waits at WeChat; meanwhile a new attempt closes
+    -- the first one there and takes its place
+    sim:fault{ endpoint = "query", kind = "latency", seconds = 1.5,
+               count = 1 }
+    local got
+    pcore.spawn(function()
+      got = gw:call("GET", "/v1/payments/" .. p.id .. "?refresh=1")
+    end)
+    pcore.sleep(0.3)
+    local res = gw:call("POST", "/v1/payments/" .. p.id .. "/attempts",
+                        { channel = "native" })
+    assert.equal(201, res.status, res.body)
+    testing.wait_until(function() return got ~= nil end, 10,
+                       "the refresh to answer")
+    local now = gw:get(p.id)
+    assert.equal(p.id .. "_2", now.out_trade_no)
+    -- the new attempt is open at WeChat, and so is the payment here
+    assert.equal("NOTPAY", assert(sim:client():query_by_out_trade_no(
+      now.out_trade_no)).trade_state)
+    assert.equal("paying", now.state)
+    -- paid on it: an ordinary payment, not a late one
+    sim:pay(now.out_trade_no)
+    local paid = gw:wait_state(p.id, "paid", 20)
+    local rows = assert(gw.db:query("SELECT late FROM gw_payments WHERE"
+                                    .. " id = $1", { p.id }))
+    assert.equal(0, rows[1].late)
+    assert.equal(321, paid.amount)
+  end)
+end)
