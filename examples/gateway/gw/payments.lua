@@ -269,12 +269,30 @@ local function prepay(p, no, o)
   return params
 end
 
+-- Closes at WeChat attempt `no` of payment p, which another attempt
+-- replaced while its prepay was on the way (nobody must pay it). A close
+-- that fails leaves it open until its time_expire: money taken on it is a
+-- late payment, handled as such.
+local function close_superseded(p, no)
+  local ok, err = client_of(p):close(no, sub_of(p))
+  if not ok and err.kind ~= "not_found" then
+    paygate.log.warn("gateway: closing a superseded attempt failed",
+                     { out_trade_no = no, kind = err.kind })
+  end
+end
+
 -- The attempt's prepay recorded and the payment opened (created ->
--- paying), the answer stored with them.
+-- paying), the answer stored with them. An attempt superseded while its
+-- prepay was on the way (a create of the same order_id under another
+-- Idempotency-Key resumed the payment) is not handed out: it is closed
+-- at WeChat and the answer is 409 conflict.
 local function opened(p, no, pay, ik, status, actor)
-  return fsm.retry(ctx.db, function(tx)
+  local a, b, c = fsm.retry(ctx.db, function(tx)
     local row, err = model.payment(tx, p.id)
     if not row then return nil, err end
+    if row.out_trade_no ~= no then
+      return { superseded = row }
+    end
     local ok
     ok, err = tx:exec("UPDATE gw_attempts SET prepay = $2 WHERE"
                       .. " out_trade_no = $1", { no, json.encode(pay) })
@@ -296,6 +314,13 @@ local function opened(p, no, pay, ik, status, actor)
     return ik:respond(tx, status, { payment = model.payment_json(row),
                                     pay = pay })
   end)
+  if type(a) == "table" and a.superseded then
+    close_superseded(p, no)
+    return 409, err_body("conflict", "the payment moved to another attempt"
+      .. " while this one was being made (a request for the same payment"
+      .. " at the same time)", { payment = model.payment_json(a.superseded) })
+  end
+  return a, b, c
 end
 
 -- A prepay that may have reached WeChat (maybe_sent): the payment's
@@ -306,8 +331,11 @@ local function outcome_unknown(p, no, werr, actor)
   local row, err = fsm.retry(ctx.db, function(tx)
     local cur, terr = model.payment(tx, p.id)
     if not cur then return nil, terr end
-    if not P:can(cur.state, "outcome_unknown") then
-      return cur                    -- moved on meanwhile (paid, closed)
+    if not P:can(cur.state, "outcome_unknown")
+       or cur.out_trade_no ~= no then
+      -- moved on meanwhile (paid, closed), or to another attempt (a create
+      -- of the same order_id resumed it): the unknown one is not current
+      return cur
     end
     local res
     res, terr = P:transition(tx, p.id, "outcome_unknown", {
@@ -339,6 +367,7 @@ local function prepay_failed(p, no, err, actor)
   if unknown then
     local row = outcome_unknown(p, no, err, actor)
     if row then extra = { payment = model.payment_json(row) } end
+    if row and row.out_trade_no ~= no then close_superseded(p, no) end
   end
   return _M.wx_failure(err, extra)
 end

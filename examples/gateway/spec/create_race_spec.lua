@@ -1,0 +1,96 @@
+-- Two creates of one order_id under different Idempotency-Keys (a caller
+-- that retried with a new key while its first request still waited for
+-- WeChat): the second resumes the payment with a new attempt. The first
+-- one's prepay, answered after that, is of a superseded attempt: its code
+-- must not be handed out (a payer who paid it had a late payment,
+-- refunded), and it is closed at WeChat.
+local testing = require "paygate.testing"
+local core = dofile("examples/gateway/spec/core_support.lua")
+
+describe("gateway create racing a resumed create", function()
+  local sim, gw
+
+  setup(function()
+    sim = testing.simulator{ time_scale = 100 }
+    gw = core.start(sim, { gateway = { reconcile = { enabled = false } } })
+  end)
+
+  teardown(function()
+    if gw then gw:stop() end
+    testing.stop_all()
+  end)
+
+  it("only the current attempt's code is handed out", function()
+    local pcore = require "paygate.core"
+    local body = { order_id = "race-" .. require("paygate.crypto")
+                     .random_nonce(8), channel = "native", amount = 130,
+                   description = "two creates" }
+    -- the first create's prepay waits at WeChat
+    sim:fault{ endpoint = "prepay", kind = "latency", seconds = 1.5,
+               count = 1 }
+    local first
+    pcore.spawn(function()
+      first = gw:call("POST", "/v1/payments", body)
+    end)
+    pcore.sleep(0.3)
+    local second = gw:call("POST", "/v1/payments", body)
+    testing.wait_until(function() return first ~= nil end, 10,
+                       "the first create to answer")
+    assert.equal(201, second.status, second.body)
+    local p = second.json.payment
+    assert.equal(p.id .. "_2", p.out_trade_no)
+    -- the first is refused: its attempt was superseded while it waited
+    assert.equal(409, first.status, first.body)
+    assert.equal("conflict", first.json.error)
+    -- and its attempt cannot be paid any more
+    local wx = sim:client()
+    testing.wait_until(function()
+      local t = wx:query_by_out_trade_no(p.id .. "_1")
+      return t and t.trade_state == "CLOSED"
+    end, 10, "the superseded attempt closed at WeChat")
+    assert.equal("NOTPAY", assert(wx:query_by_out_trade_no(p.id .. "_2"))
+                 .trade_state)
+    -- the handed-out code pays the payment, an ordinary payment
+    sim:pay(p.out_trade_no)
+    gw:wait_state(p.id, "paid", 20)
+    local rows = assert(gw.db:query("SELECT late FROM gw_payments WHERE"
+                                    .. " id = $1", { p.id }))
+    assert.equal(0, rows[1].late)
+  end)
+
+  it("a failed prepay of the superseded attempt leaves the payment as the"
+     .. " current attempt has it", function()
+    local pcore = require "paygate.core"
+    local body = { order_id = "race-" .. require("paygate.crypto")
+                     .random_nonce(8), channel = "native", amount = 140,
+                   description = "two creates, the first fails" }
+    -- the first create's prepay waits; once the second is answered, the
+    -- first's answer will not verify (WeChat may have made the order: the
+    -- outcome of that attempt is not known)
+    sim:fault{ endpoint = "prepay", kind = "latency", seconds = 1.5,
+               count = 1 }
+    local first
+    pcore.spawn(function()
+      first = gw:call("POST", "/v1/payments", body)
+    end)
+    pcore.sleep(0.3)
+    local second = gw:call("POST", "/v1/payments", body)
+    sim:fault{ endpoint = "prepay", kind = "bad_signature", count = 1 }
+    testing.wait_until(function() return first ~= nil end, 10,
+                       "the first create to answer")
+    sim:clear_faults()
+    assert.equal(201, second.status, second.body)
+    assert.is_true(first.status >= 500, first.body)
+    local p = gw:get(second.json.payment.id)
+    assert.equal(p.id .. "_2", p.out_trade_no)
+    -- attempt 2 was handed out and is open: not unknown because of
+    -- attempt 1
+    assert.equal("paying", p.state)
+    -- and attempt 1, which WeChat did make, cannot be paid
+    local wx = sim:client()
+    testing.wait_until(function()
+      local t = wx:query_by_out_trade_no(p.id .. "_1")
+      return t and t.trade_state == "CLOSED"
+    end, 10, "the superseded attempt closed at WeChat")
+  end)
+end)
