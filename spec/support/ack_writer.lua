@@ -1,7 +1,9 @@
 -- Child process for the kill -9 durability specs:
 --   paygate exec spec/support/ack_writer.lua URL [atomic]
 -- 20 coroutines stream writes and print each one's id on stdout once it
--- was acknowledged (unbuffered), until killed. A write is one db:exec
+-- was acknowledged (unbuffered, id and newline in one write()), until
+-- killed. Only complete lines are acknowledgements (servers.acked_ids):
+-- the kill may cut the last one short. A write is one db:exec
 -- insert, or with `atomic` one db:atomic job of three statements (two
 -- inserts and a counter update guarded by expect = 1).
 local sql = require "paygate.sql"
@@ -43,7 +45,7 @@ for w = 1, 20 do
       local id = run .. "-" .. w .. "-" .. i
       local ok, err = write(w, id)
       if ok then
-        io.stdout:write(id, "\n")
+        io.stdout:write(id .. "\n")
       else
         io.stderr:write("write failed: ", tostring(err), "\n")
       end

@@ -355,38 +355,43 @@ function _M.stores(dir, schema, drop, pg_opts)
   return stores
 end
 
--- syntax: acked = servers.kill_writer(url, out[, mode])
--- Starts spec/support/ack_writer.lua on url (mode "atomic": db:atomic
--- jobs), kills it with SIGKILL at a random moment after its first
--- acknowledgements (its stdout goes to the file out), returns the
--- acknowledged ids.
-local function lines(path)
+-- syntax: ids = servers.acked_ids(out)
+-- The ids a killed ack_writer printed to the file out: its complete
+-- lines only. SIGKILL can cut a write() to a regular file short (the
+-- kernel checks for a fatal signal between the pages it copies, so a
+-- write that straddles a page boundary may stop at it), and the writer
+-- may die between an id and its newline: a last line without its
+-- newline may be a truncated id, which is no acknowledgement at all.
+function _M.acked_ids(out)
   local t = {}
-  local f = io.open(path)
+  local f = io.open(out, "rb")
   if f then
-    for l in f:lines() do t[#t + 1] = l end
+    for l in f:read("*a"):gmatch("([^\n]*)\n") do
+      if l ~= "ready" then t[#t + 1] = l end
+    end
     f:close()
   end
   return t
 end
 
+-- syntax: acked = servers.kill_writer(url, out[, mode])
+-- Starts spec/support/ack_writer.lua on url (mode "atomic": db:atomic
+-- jobs), kills it with SIGKILL at a random moment after its first
+-- acknowledgements (its stdout goes to the file out), returns the
+-- acknowledged ids.
 function _M.kill_writer(url, out, mode)
   local bin = os.getenv("PAYGATE_BIN") or "build/paygate"
   local pid = read_cmd("sh -c '" .. bin .. " exec spec/support/ack_writer.lua "
     .. url .. " " .. (mode or "") .. " >" .. out .. " 2>" .. out
     .. ".err & echo $!'"):match("%d+")
   assert(pid, "writer did not start")
-  _M.wait_for(function() return #lines(out) > 5 end, 20,
+  _M.wait_for(function() return #_M.acked_ids(out) > 5 end, 20,
               "the writer's first acknowledgements")
   pause(math.random() * 0.3)
   sh("kill -9 " .. pid)
   _M.wait_for(function() return not sh("kill -0 " .. pid .. " 2>/dev/null") end,
               10, "writer exit")
-  local acked = {}
-  for _, l in ipairs(lines(out)) do
-    if l ~= "ready" then acked[#acked + 1] = l end
-  end
-  return acked
+  return _M.acked_ids(out)
 end
 
 -- A fresh temporary directory (removed by the caller).
