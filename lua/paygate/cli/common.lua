@@ -162,19 +162,21 @@ function _M.private_key_file(path, option)
   local crypto = require "paygate.crypto"
   local ok, key, kerr = pcall(crypto.private_key, pem)
   if ok and key then return key, pem end
+  -- what the file holds instead, by its first PEM block's label
+  local label = pem:match("%-%-%-%-%-BEGIN ([%u%d ]+)%-%-%-%-%-")
   local why
-  if pem:find("-----BEGIN CERTIFICATE-----", 1, true) then
+  if label == "CERTIFICATE" then
     why = "it holds a CERTIFICATE, not a private key (apiclient_cert.pem? "
           .. "the key is apiclient_key.pem)"
-  elseif pem:find("-----BEGIN PUBLIC KEY-----", 1, true)
-         or pem:find("-----BEGIN RSA PUBLIC KEY-----", 1, true) then
+  elseif label == "PUBLIC KEY" or label == "RSA PUBLIC KEY" then
     why = "it holds a PUBLIC key, not a private key (the key is "
           .. "apiclient_key.pem)"
-  elseif pem:find("-----BEGIN ENCRYPTED PRIVATE KEY-----", 1, true) then
+  elseif label and label:find("^ENCRYPTED ") then
     why = "it holds an ENCRYPTED private key: decrypt it first (openssl "
           .. "pkey -in KEY -out PLAIN_KEY)"
   elseif not pem:find("-----BEGIN", 1, true) then
-    why = "it holds no PEM block (a private key file begins with a BEGIN PRIVATE KEY line)"
+    why = "it holds no PEM block (a private key file is a PEM block"
+          .. " whose label names a private key)"
   else
     why = "it does not load as a private key ("
           .. tostring(ok and kerr and kerr.kind or "malformed") .. ")"
