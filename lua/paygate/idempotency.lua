@@ -680,17 +680,15 @@ function _M.wrap(db, handler, opts)
       end
       _M.release(db, h)
       local kind = core.is_error(body) and body.kind or "error"
-      if kind == "unknown_outcome" then
-        -- a write whose answer the store lost: it may have committed.
-        -- Released all the same (a record ik:respond stored in that
-        -- transaction is no longer running and stays: the retry replays
-        -- it); the caller must retry with THIS key, never a new one
-        return reply(503, kind, "the store lost the answer to the"
-          .. " request's write: it may have been applied. Retry with the"
-          .. " same Idempotency-Key (not a new one)")
-      end
-      return reply(503, kind,
-                   "the request failed and was not applied; retry it")
+      -- unknown_outcome: a write whose answer the store lost may have
+      -- committed. Released all the same (a record ik:respond stored in
+      -- that transaction is no longer running and stays: the retry
+      -- replays it); the caller must retry with THIS key, never a new one
+      return reply(503, kind, kind == "unknown_outcome"
+        and "the store lost the answer to the request's write: it may have"
+            .. " been applied. Retry with the same Idempotency-Key (not a"
+            .. " new one)"
+        or "the request failed and was not applied; retry it")
     end
     if done then
       -- stored in the handler's committed transaction: send exactly that

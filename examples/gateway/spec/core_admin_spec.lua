@@ -132,13 +132,32 @@ describe("gateway admin and events", function()
     end)
   end
 
-  it("runs the in-process hooks of gw/hooks.lua", function()
-    -- a copy of the app whose hooks.lua records what it is given
+  -- A copy of the app (a folder of its own) whose gw/hooks.lua is source.
+  local function app_with_hooks(source)
     local dir = testing.tmpdir()
     os.execute("cp -r examples/gateway/app.lua examples/gateway/gw"
                .. " examples/gateway/migrations '" .. dir .. "/'")
     local f = assert(io.open(dir .. "/gw/hooks.lua", "wb"))
-    f:write([=[
+    f:write(source)
+    f:close()
+    return dir
+  end
+
+  -- Waits until the hooks' log in dir holds want; returns the log.
+  local function hooks_log(dir, want, secs, what)
+    local log = ""
+    testing.wait_until(function()
+      local h = io.open(dir .. "/hooks.log", "rb")
+      log = h and h:read("*a") or ""
+      if h then h:close() end
+      return log:find(want, 1, true)
+    end, secs, what)
+    return log
+  end
+
+  it("runs the in-process hooks of gw/hooks.lua", function()
+    -- a copy of the app whose hooks.lua records what it is given
+    local dir = app_with_hooks([=[
 local paygate = require "paygate"
 local _M = {}
 local function record(kind, event)
@@ -150,17 +169,11 @@ function _M.on_paid(event) record("on_paid", event) end
 _M["payment.paying"] = function(event) record("any", event) end
 return _M
 ]=])
-    f:close()
     local g2 = core.start(sim, { app = dir })
     local p = g2:create{ amount = 9 }
     sim:pay_and_wait(p.out_trade_no)
-    local log = ""
-    testing.wait_until(function()
-      local h = io.open(dir .. "/hooks.log", "rb")
-      log = h and h:read("*a") or ""
-      if h then h:close() end
-      return log:find("on_paid payment.paid " .. p.id, 1, true)
-    end, 10, "the on_paid hook")
+    local log = hooks_log(dir, "on_paid payment.paid " .. p.id, 10,
+                          "the on_paid hook")
     assert.truthy(log:find("any payment.paying " .. p.id, 1, true))
     g2:stop()
     require("paygate.testing.server").rmdir(dir)
@@ -168,12 +181,8 @@ return _M
 
   it("cancels a hook still running after gateway.hooks_timeout and"
      .. " delivers the event again", function()
-    local dir = testing.tmpdir()
-    os.execute("cp -r examples/gateway/app.lua examples/gateway/gw"
-               .. " examples/gateway/migrations '" .. dir .. "/'")
     -- the first call never returns on its own; the second records
-    local f = assert(io.open(dir .. "/gw/hooks.lua", "wb"))
-    f:write([=[
+    local dir = app_with_hooks([=[
 local paygate = require "paygate"
 local _M = {}
 local function log(line)
@@ -193,18 +202,11 @@ function _M.on_paid(event)
 end
 return _M
 ]=])
-    f:close()
     local g2 = core.start(sim, { app = dir, gateway = { hooks_timeout = 0.5,
       dispatcher = { backoff_base = 0.05, backoff_cap = 0.1 } } })
     local p = g2:create{ amount = 8 }
     sim:pay_and_wait(p.out_trade_no)
-    local log = ""
-    testing.wait_until(function()
-      local h = io.open(dir .. "/hooks.log", "rb")
-      log = h and h:read("*a") or ""
-      if h then h:close() end
-      return log:find("done " .. p.id, 1, true)
-    end, 15, "the hook's second call")
+    local log = hooks_log(dir, "done " .. p.id, 15, "the hook's second call")
     assert.truthy(log:find("hang " .. p.id, 1, true))
     assert.is_nil(log:find("woke", 1, true))
     -- the hook wrote "done" before it returned: its delivery is

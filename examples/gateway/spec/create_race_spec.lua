@@ -20,22 +20,36 @@ describe("gateway create racing a resumed create", function()
     testing.stop_all()
   end)
 
-  it("only the current attempt's code is handed out", function()
-    local pcore = require "paygate.core"
+  -- A create of a fresh order whose prepay waits at WeChat (a latency
+  -- fault), then a second create of the same order_id under another key,
+  -- sent once the first's attempt is recorded (its prepay is on the way).
+  -- after_second(): run once the second answered. returns: the body, and
+  -- a function giving the first's answer once it came.
+  local function racing_creates(amount, description, after_second)
     local body = { order_id = "race-" .. require("paygate.crypto")
-                     .random_nonce(8), channel = "native", amount = 130,
-                   description = "two creates" }
-    -- the first create's prepay waits at WeChat
+                     .random_nonce(8), channel = "native", amount = amount,
+                   description = description }
     sim:fault{ endpoint = "prepay", kind = "latency", seconds = 1.5,
                count = 1 }
     local first
-    pcore.spawn(function()
+    require("paygate.core").spawn(function()
       first = gw:call("POST", "/v1/payments", body)
     end)
-    pcore.sleep(0.3)
+    testing.wait_until(function()
+      local rows = gw.db:query("SELECT 1 AS x FROM gw_attempts a JOIN"
+        .. " gw_payments p ON p.id = a.payment_id WHERE p.order_id = $1",
+        { body.order_id })
+      return rows and rows[1] ~= nil
+    end, 10, "the first create's attempt")
     local second = gw:call("POST", "/v1/payments", body)
+    if after_second then after_second() end
     testing.wait_until(function() return first ~= nil end, 10,
                        "the first create to answer")
+    return first, second
+  end
+
+  it("only the current attempt's code is handed out", function()
+    local first, second = racing_creates(130, "two creates")
     assert.equal(201, second.status, second.body)
     local p = second.json.payment
     assert.equal(p.id .. "_2", p.out_trade_no)
@@ -60,24 +74,13 @@ describe("gateway create racing a resumed create", function()
 
   it("a failed prepay of the superseded attempt leaves the payment as the"
      .. " current attempt has it", function()
-    local pcore = require "paygate.core"
-    local body = { order_id = "race-" .. require("paygate.crypto")
-                     .random_nonce(8), channel = "native", amount = 140,
-                   description = "two creates, the first fails" }
-    -- the first create's prepay waits; once the second is answered, the
-    -- first's answer will not verify (WeChat may have made the order: the
-    -- outcome of that attempt is not known)
-    sim:fault{ endpoint = "prepay", kind = "latency", seconds = 1.5,
-               count = 1 }
-    local first
-    pcore.spawn(function()
-      first = gw:call("POST", "/v1/payments", body)
-    end)
-    pcore.sleep(0.3)
-    local second = gw:call("POST", "/v1/payments", body)
-    sim:fault{ endpoint = "prepay", kind = "bad_signature", count = 1 }
-    testing.wait_until(function() return first ~= nil end, 10,
-                       "the first create to answer")
+    -- once the second is answered, the first's answer will not verify
+    -- (WeChat may have made the order: the outcome of that attempt is not
+    -- known)
+    local first, second = racing_creates(140, "two creates, the first fails",
+      function()
+        sim:fault{ endpoint = "prepay", kind = "bad_signature", count = 1 }
+      end)
     sim:clear_faults()
     assert.equal(201, second.status, second.body)
     assert.is_true(first.status >= 500, first.body)
