@@ -976,6 +976,59 @@ describe("paygate.sql on sqlite (engine specifics)", function()
     rdr:close()
   end)
 
+  it("a finalizer that closes the db during an inline read frees nothing"
+     .. " the read still uses", function()
+    -- Building the rows allocates Lua objects, hence GC steps and __gc
+    -- finalizers; one that closes the db finalizes the inline
+    -- connection's statements. An inline read that made its Lua rows
+    -- straight from the stepping statement (5a276d2, reverted) then read a
+    -- freed statement: heap-use-after-free under ASan, a general
+    -- protection fault in sqlite3_column_type without it.
+    local db = open("sqlite", { inline_reads = 1000000 })
+    local path = db.path
+    assert(db:exec_script("CREATE TABLE m (k INTEGER PRIMARY KEY, a TEXT,"
+      .. " b TEXT, c TEXT, d TEXT); WITH RECURSIVE c(x) AS (SELECT 1 UNION"
+      .. " ALL SELECT x + 1 FROM c WHERE x < 2000) INSERT INTO m SELECT x,"
+      .. " 'a' || x, 'b' || x, 'c' || x, 'd' || x FROM c"))
+    local ALL = "SELECT * FROM m ORDER BY k"
+    assert(db:query("SELECT * FROM m WHERE k = 1"))  -- the inline conn
+    local armed, closed = false, false
+    collectgarbage()
+    collectgarbage("stop")
+    local ok, rows, err = pcall(function()
+      for _ = 1, 200 do
+        local p = newproxy(true)
+        getmetatable(p).__gc = function()
+          if armed and not closed then
+            closed = true
+            db:close()
+          end
+        end
+      end
+      for i = 1, 20000 do
+        local _ = { {}, "garbage" .. i }           -- work for the GC
+      end
+      armed = true
+      collectgarbage("restart")        -- the read's allocations step it
+      return db:query(ALL)
+    end)
+    collectgarbage("restart")
+    collectgarbage()
+    assert.is_true(closed, "the finalizer ran")
+    if ok and rows then
+      -- the finalizer ran once the statement was done: whole answer
+      assert.equal(2000, #rows)
+      assert.same({ k = 2000, a = "a2000", b = "b2000", c = "c2000",
+                    d = "d2000" }, rows[2000])
+    else
+      -- (or before the read began: a closed db, nothing read)
+      assert.matches("closed", tostring(ok and err.message or rows))
+    end
+    local again = assert(sql.open("sqlite:" .. path))
+    assert.equal(2000, #assert(again:query(ALL)))
+    again:close()
+  end)
+
   it("inline_reads = 0 sends every query to the readers", function()
     local db = open("sqlite", { inline_reads = 0 })
     assert(db:exec_script("CREATE TABLE g (k INTEGER)"))
