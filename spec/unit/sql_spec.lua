@@ -1029,6 +1029,37 @@ describe("paygate.sql on sqlite (engine specifics)", function()
     again:close()
   end)
 
+  it("a params table whose metamethod closes the db: the call raises"
+     .. " 'closed' and uses nothing of the freed handle", function()
+    -- Reading the parameters runs Lua (the params table's __index for
+    -- its n); a handle closed there may be freed by the time the job
+    -- would use it.
+    local function closing(db)
+      return setmetatable({ 1 }, { __index = function(_, k)
+        if k == "n" and not db.closed then db:close() end
+      end })
+    end
+    local db = open("sqlite")
+    local path = db.path
+    assert(db:exec_script("CREATE TABLE q (k INTEGER)"))
+    local h = db.h                       -- below paygate.sql's own checks
+    for _, call in ipairs({
+      function(d) return h:query("SELECT k FROM q WHERE k = $1", closing(d)) end,
+      function(d) return h:exec("INSERT INTO q VALUES ($1)", closing(d)) end,
+      function(d) return h:atomic({ { "INSERT INTO q VALUES ($1)",
+                                      closing(d) } }) end,
+    }) do
+      local ok, err = pcall(call, db)
+      assert.is_false(ok)
+      assert.matches("closed", tostring(err))
+      db = assert(sql.open("sqlite:" .. path))
+      h = db.h
+    end
+    -- nothing was written, and the file reads as before
+    assert.same({}, assert(db:query("SELECT k FROM q")))
+    db:close()
+  end)
+
   it("inline_reads = 0 sends every query to the readers", function()
     local db = open("sqlite", { inline_reads = 0 })
     assert(db:exec_script("CREATE TABLE g (k INTEGER)"))

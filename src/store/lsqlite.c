@@ -1436,6 +1436,22 @@ check_db(lua_State *L)
     return ud->db;
 }
 
+/* Reading a statement's parameters can run Lua (a metamethod of the
+ * params table, a finalizer run by an allocation), and that Lua can close
+ * the handle, after which db may be freed. Called after the job is built
+ * and before db is used: a handle closed meanwhile frees the job and
+ * raises as check_db does. */
+static void
+recheck_db(lua_State *L, struct lsqlite_db *db, struct lsqlite_job *j)
+{
+    struct lsqlite_ud *ud = lua_touserdata(L, 1);
+
+    if (ud == NULL || ud->db != db) {
+        job_free(j);
+        luaL_error(L, "sqlite: database is closed");
+    }
+}
+
 static struct lsqlite_job *
 job_new(lua_State *L, struct lsqlite_db *db, enum lsqlite_op op)
 {
@@ -1747,6 +1763,7 @@ lsqlite_exec(lua_State *L)
     if (j == NULL) {
         return gw_push_error(L, "unavailable", 0, "sqlite: out of memory");
     }
+    recheck_db(L, db, j);
     return submit(L, j, LSQLITE_Q_WRITER);
 }
 
@@ -1898,6 +1915,7 @@ lsqlite_query(lua_State *L)
     if (j == NULL) {
         return gw_push_error(L, "unavailable", 0, "sqlite: out of memory");
     }
+    recheck_db(L, db, j);
     j->want_rows = 1;
     if (lua_isyieldable(L) && inline_read(db, j)) {
         int n = push_job_result(L, j);
@@ -1918,6 +1936,7 @@ lsqlite_script(lua_State *L)
     if (j == NULL) {
         return gw_push_error(L, "unavailable", 0, "sqlite: out of memory");
     }
+    recheck_db(L, db, j);
     return submit(L, j, LSQLITE_Q_WRITER);
 }
 
@@ -2023,6 +2042,7 @@ lsqlite_atomic(lua_State *L)
                                  "sqlite: out of memory");
         }
     }
+    recheck_db(L, db, j);
     return submit(L, j, LSQLITE_Q_WRITER);
 }
 
@@ -2071,6 +2091,7 @@ tx_stmt(lua_State *L, enum lsqlite_op op, int want_rows)
     if (j == NULL) {
         return gw_push_error(L, "unavailable", 0, "sqlite: out of memory");
     }
+    recheck_db(L, db, j);
     j->txid = txid;
     j->want_rows = want_rows;
     if (op == LSQLITE_OP_COMMIT || op == LSQLITE_OP_ROLLBACK) {
