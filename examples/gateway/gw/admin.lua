@@ -37,9 +37,26 @@ function _M.from_browser_elsewhere(req)
   return site ~= nil and site ~= "same-origin" and site ~= "none"
 end
 
+-- Why a caller is refused (the 403's message): a caller on loopback that
+-- is refused for one of its headers must learn which, or it is left
+-- wondering why "loopback callers only" does not let it in.
+local REFUSED = {
+  token = "admin routes need Authorization: Bearer <token>, the admin"
+    .. " token (gateway.admin_token_file / admin_token_env)",
+  not_loopback = "admin routes answer loopback callers only (no admin token"
+    .. " is configured)",
+  proxied = "admin routes refuse a request a proxy relayed (Forwarded,"
+    .. " X-Forwarded-For, X-Real-IP): behind a proxy every caller is on"
+    .. " loopback; configure an admin token",
+  browser = "admin routes refuse a browser page from elsewhere: a Host that"
+    .. " is not a loopback name, or an Origin or Sec-Fetch-Site of another"
+    .. " site (use curl or a script, or the console)",
+}
+
 -- returns: true; or false and, when the caller's address has tried too
 -- many wrong tokens (counted with the console's logins: gw.throttle),
--- the seconds to wait, or "unavailable" when a try cannot be counted
+-- the seconds to wait, "unavailable" when a try cannot be counted, or
+-- else the reason of the refusal (a key of REFUSED)
 local function allowed(ctx, req)
   local token = ctx.gateway.admin_token
   if token then
@@ -54,12 +71,20 @@ local function allowed(ctx, req)
     local got = h:match("^[Bb]earer%s+(.+)$")
     local ok = got ~= nil and #got == #token
                and crypto.constant_time_equal(got, token)
-    if ok then throttle.give_back(ck) end
-    return ok
+    if ok then
+      throttle.give_back(ck)
+      return true
+    end
+    return false, "token"
   end
-  return config.is_loopback_addr(req.remote_addr)
-         and not config.proxied(req)
-         and not _M.from_browser_elsewhere(req)
+  if not config.is_loopback_addr(req.remote_addr) then
+    return false, "not_loopback"
+  elseif config.proxied(req) then
+    return false, "proxied"
+  elseif _M.from_browser_elsewhere(req) then
+    return false, "browser"
+  end
+  return true
 end
 
 local function body(req)
@@ -75,14 +100,13 @@ function _M.guard(ctx, fn)
     if wait == "unavailable" then
       return 503, { error = "unavailable", message = "the try cannot be"
         .. " counted right now: try again later" }
-    elseif wait then
+    elseif type(wait) == "number" then
       return 429, { error = "throttled", message = "too many wrong tokens"
         .. " from your address: try again in " .. wait .. " s" },
         { ["Retry-After"] = tostring(wait) }
     end
     if not ok then
-      return 403, { error = "forbidden", message = "admin routes answer"
-        .. " loopback callers, or the admin token" }
+      return 403, { error = "forbidden", message = REFUSED[wait] }
     end
     return fn(req)
   end

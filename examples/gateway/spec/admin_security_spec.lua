@@ -62,6 +62,24 @@ describe("gateway admin routes", function()
     assert.is_false(on)
   end)
 
+  it("a loopback caller refused for one of its headers is told which",
+     function()
+    -- curl from the gateway's own host is a loopback caller: a 403 that
+    -- only says "loopback callers, or the admin token" leaves it stuck
+    local res = gw.srv:request{ method = "POST", path = "/admin/degrade",
+      json = { on = true }, headers = { Origin = "https://evil.example" } }
+    assert.equal(403, res.status, res.body)
+    assert.equal("forbidden", res.json.error)
+    assert.matches("browser page from elsewhere", res.json.message, 1, true)
+    assert.matches("Origin", res.json.message, 1, true)
+    res = gw.srv:request{ path = "/admin/degrade",
+      headers = { ["X-Forwarded-For"] = "203.0.113.7" } }
+    assert.equal(403, res.status, res.body)
+    assert.matches("a proxy relayed", res.json.message, 1, true)
+    assert.matches("admin token", res.json.message, 1, true)
+    assert.is_false(degraded())
+  end)
+
   describe("with an admin token (the console's default token)", function()
     local gt
     local TOKEN = "admin-token-0123456789abcdef"
