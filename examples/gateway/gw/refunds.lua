@@ -135,10 +135,22 @@ function _M.create(req, ik)
     end
     if request_key then
       -- a retry of a request whose run died before its answer was stored
+      -- (or whose key's record expired): that request's refund, if it is
+      -- one; a refund of another payment or amount made under this key
+      -- is not this request's
       local rows, qerr = tx:query("SELECT * FROM gw_refunds WHERE"
         .. " request_key = $1", { request_key })
       if not rows then return nil, qerr end
-      if rows[1] then return { refund = rows[1] } end
+      local found = rows[1]
+      if found then
+        if found.payment_id ~= p.id or found.amount ~= b.amount
+           or model.opt(found.reason) ~= b.reason then
+          return { status = 422, body = err_body("idempotency_key_reused",
+            "this Idempotency-Key was used with another refund ("
+            .. found.id .. ")") }
+        end
+        return { refund = found }
+      end
     end
     local row, qerr = model.payment(tx, p.id)
     if not row then return nil, qerr end
@@ -169,6 +181,16 @@ function _M.create(req, ik)
   end)
   if not res then return store_failed(err) end
   if res.status then return res.status, res.body end
+  local rf = res.refund
+  if rf.state ~= "created" and rf.state ~= "unknown" then
+    -- the request ran before and its refund went on (or ended): answered
+    -- as it is, not sent again (a refund WeChat refused stays refused)
+    if rf.state == "failed" then
+      return 502, err_body("wechat_error", "WeChat Pay refused the refund",
+                           { refund = model.refund_json(rf) })
+    end
+    return 201, model.refund_json(rf)
+  end
   local a, c, d = _M.send(res.refund.id, function(tx, row, how, werr)
     if how == "not_sent" then
       -- not stored (a 503): a retry with the key finds this refund by
