@@ -210,6 +210,13 @@ function _M.create(req, ik)
         .. " answer in time; the refund is checked again later",
         { refund = model.refund_json(row) }))
     end
+    if how == "unknown" then
+      -- WeChat failed it (a 5xx, an answer that does not verify) or it
+      -- did not leave: the refund is unknown and checked again later
+      local st, eb = payments.wx_failure(werr,
+                                         { refund = model.refund_json(row) })
+      return ik:respond(tx, st, eb)
+    end
     return ik:respond(tx, 201, model.refund_json(row))
   end)
   if a == nil then return store_failed(c) end

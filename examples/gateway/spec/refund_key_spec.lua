@@ -6,6 +6,9 @@
 -- that request's refund -- not another payment's, nor another amount --
 -- and a refund that already ended (WeChat refused it: failed) is not
 -- sent to WeChat again under its out_refund_no.
+--
+-- And an answer of 201 means WeChat accepted the refund: a call WeChat
+-- failed (5xx) leaves the refund unknown, which is an error answer.
 local testing = require "paygate.testing"
 local core = dofile("examples/gateway/spec/core_support.lua")
 
@@ -95,5 +98,21 @@ describe("gateway refunds: the Idempotency-Key and the answer", function()
     assert.equal("not_found", err.kind)
     assert.equal("failed", gw:call("GET", "/v1/refunds/" .. rf.id)
                              .json.state)
+  end)
+
+  it("a refund WeChat failed (5xx) is not answered 201", function()
+    local p = paid(100)
+    sim:fault{ endpoint = "refund", kind = "error", status = 500,
+               code = "SYSTEM_ERROR", count = 1000 }
+    local res = refund(p.id, 30, "refund-5xx-" .. p.id)
+    sim:clear_faults()
+    assert.is_not.equal(201, res.status, res.body)
+    assert.equal(502, res.status, res.body)
+    assert.equal("wechat_error", res.json.error)
+    -- the refund exists, its outcome unknown: it counts, and is kept
+    assert.equal("unknown", res.json.refund.state)
+    local again = refund(p.id, 30, "refund-5xx-" .. p.id)
+    assert.equal(res.body, again.body)
+    assert.equal(422, refund(p.id, 71).status)
   end)
 end)
