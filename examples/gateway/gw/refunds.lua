@@ -112,6 +112,19 @@ local function check(b)
   return next(bad) == nil, bad
 end
 
+-- The store failed once the refund was (or may have been) stored, and
+-- perhaps sent: a retry under a new key would be a second refund (the
+-- refund checks send this one), so the answer says to retry under this
+-- one, which finds it by its request_key.
+local function stored_failed(err, rf)
+  local st, eb = store_failed(err)
+  eb.message = "the store failed after the refund was stored (it may be"
+    .. " at WeChat Pay already); retry with the same Idempotency-Key, not"
+    .. " a new one (" .. tostring(type(err) == "table" and err.kind) .. ")"
+  if rf then eb.refund = model.refund_json(rf) end
+  return st, eb
+end
+
 function _M.create(req, ik)
   local b, st, eb = payments.body_of(req)
   if not b then return st, eb end
@@ -179,7 +192,14 @@ function _M.create(req, ik)
     if not created then return nil, qerr end
     return { refund = created.row }
   end)
-  if not res then return store_failed(err) end
+  if not res then
+    if type(err) == "table" and err.kind == "unknown_outcome" then
+      -- the refund may be stored all the same (the refund checks then
+      -- send it): only a retry under this key finds it
+      return stored_failed(err)
+    end
+    return store_failed(err)
+  end
   if res.status then return res.status, res.body end
   local rf = res.refund
   if rf.state ~= "created" and rf.state ~= "unknown" then
@@ -219,7 +239,7 @@ function _M.create(req, ik)
     end
     return ik:respond(tx, 201, model.refund_json(row))
   end)
-  if a == nil then return store_failed(c) end
+  if a == nil then return stored_failed(c, rf) end
   return a, c, d
 end
 

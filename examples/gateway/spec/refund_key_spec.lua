@@ -115,4 +115,38 @@ describe("gateway refunds: the Idempotency-Key and the answer", function()
     assert.equal(res.body, again.body)
     assert.equal(422, refund(p.id, 71).status)
   end)
+  it("a refund whose answer the store failed to record says to retry "
+     .. "with the same key, and that retry makes no second refund",
+     function()
+    local pcore = require "paygate.core"
+    local p = paid(100)
+    local key = "refund-store-" .. p.id
+    -- the call waits at WeChat; meanwhile the store loses gw_refunds, so
+    -- the transaction that records WeChat's answer fails
+    sim:fault{ endpoint = "refund", kind = "latency", seconds = 1.5,
+               count = 1 }
+    local res
+    pcore.spawn(function() res = refund(p.id, 30, key) end)
+    testing.wait_until(function()
+      local rows = assert(gw.db:query("SELECT id FROM gw_refunds WHERE"
+                                      .. " payment_id = $1", { p.id }))
+      return rows[1] ~= nil
+    end, 10, "the refund stored")
+    assert(gw.db:exec("ALTER TABLE gw_refunds RENAME TO gw_refunds_away"))
+    testing.wait_until(function() return res ~= nil end, 20,
+                       "the answer")
+    assert(gw.db:exec("ALTER TABLE gw_refunds_away RENAME TO gw_refunds"))
+    assert.equal(503, res.status, res.body)
+    -- WeChat has the refund: the answer must not read "failed, retry"
+    -- (a retry under a new key is a second refund of 30)
+    assert.matches("same Idempotency-Key", res.json.message, 1, true)
+    local rf = assert(res.json.refund, res.body)
+    assert.equal("PROCESSING", assert(sim:client():query_refund(
+      rf.out_refund_no)).status)
+    -- the retry with the same key: that refund, no second one
+    local again = refund(p.id, 30, key)
+    assert.equal(201, again.status, again.body)
+    assert.equal(rf.id, again.json.id)
+    assert.equal(1, #gw:get(p.id).refunds)
+  end)
 end)
