@@ -30,8 +30,9 @@ local function refused(err)
 end
 
 -- The call was not made: the degradation switch is on, or the refund
--- endpoint's circuit breaker is open. The refund stays as it was (created:
--- the refund checks send it once calls go out again).
+-- endpoint's circuit breaker is open. send() leaves the refund as it was
+-- (created: the refund checks send it once calls go out again); the
+-- merchant API's create ends it instead (not_sent below).
 local NOT_SENT = { degraded = true, circuit_open = true }
 
 --- syntax: row, how, err = refunds.send(id[, finish[, actor]])
@@ -125,6 +126,29 @@ local function stored_failed(err, rf)
   return st, eb
 end
 
+-- The refund call was not made (degraded, circuit_open). A 503 reads as
+-- "nothing done", and a retry under a new key makes another refund: so
+-- this one ends here (failed, cause not_sent; out of the refunded total)
+-- and is never sent. Its request_key is let go: the answer is not kept
+-- (a 503), and a retry under the same key makes a new refund.
+local function not_sent(tx, row, werr, actor)
+  local st, eb = payments.wx_failure(werr)
+  if row.state == "created" then
+    local res, err = R:transition(tx, row.id, "rejected", { row = row,
+      cause = "not_sent", actor = actor,
+      evidence = { kind = werr.kind,
+                   request_key = model.opt(row.request_key) },
+      set = { request_key = json.null, updated_at = model.time() } })
+    if not res then return nil, err end
+    row = res.row
+    eb.message = "WeChat Pay was not called (" .. tostring(werr) .. "):"
+      .. " no refund was made, and this one is failed; retry (with any"
+      .. " Idempotency-Key) once calls go out again"
+  end
+  eb.refund = model.refund_json(row)
+  return st, eb
+end
+
 function _M.create(req, ik)
   local b, st, eb = payments.body_of(req)
   if not b then return st, eb end
@@ -211,13 +235,10 @@ function _M.create(req, ik)
     end
     return 201, model.refund_json(rf)
   end
+  local actor = "app:" .. tostring(req.app_id)
   local a, c, d = _M.send(res.refund.id, function(tx, row, how, werr)
     if how == "not_sent" then
-      -- not stored (a 503): a retry with the key finds this refund by
-      -- its request_key and sends it then
-      local st, eb = payments.wx_failure(werr)
-      eb.refund = model.refund_json(row)
-      return st, eb
+      return not_sent(tx, row, werr, actor)
     end
     if how == "rejected" then
       return ik:respond(tx, 502, err_body("wechat_error", "WeChat Pay"

@@ -3,8 +3,8 @@
 -- while it is on, a late payment's automatic refund and the reconciliation
 -- send nothing (the refund stays created and is sent once the switch is
 -- off); a call refused by an open circuit breaker is a 503 `degraded` for
--- writes (nothing was sent: a payment stays created, a refund created)
--- and a stale local answer for reads.
+-- writes (nothing was sent: a payment stays created, a merchant's refund
+-- ends failed, never sent) and a stale local answer for reads.
 local testing = require "paygate.testing"
 local http = require "paygate.http"
 local json = require "paygate.json"
@@ -138,12 +138,13 @@ describe("gateway behind an open circuit breaker", function()
     for _, r in ipairs(sim:requests()) do
       if r.seq > seq then seq = r.seq end
     end
-    -- a refund: 503 degraded, the refund created (not unknown)
+    -- a refund: 503 degraded, the refund failed (not unknown: never sent,
+    -- and never sent later either)
     local r = gw:call("POST", "/v1/payments/" .. paid.id .. "/refunds",
                       { amount = 2 })
     assert.equal(503, r.status, r.body)
     assert.equal("degraded", r.json.error)
-    assert.equal("created", r.json.refund.state)
+    assert.equal("failed", r.json.refund.state)
     -- a payment: 503 degraded, the payment created (resumed later)
     local order_id = "cb-" .. require("paygate.crypto").random_nonce(6)
     local c = gw:call("POST", "/v1/payments", { order_id = order_id,

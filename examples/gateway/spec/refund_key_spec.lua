@@ -150,3 +150,112 @@ describe("gateway refunds: the Idempotency-Key and the answer", function()
     assert.equal(1, #gw:get(p.id).refunds)
   end)
 end)
+
+-- A refund whose call was never made (the refund endpoint's circuit
+-- breaker open, or the degradation switch turned on after the create's
+-- check): the answer is a 503, which a merchant reads as "nothing done"
+-- and may retry under a new Idempotency-Key. So the refund must end
+-- there, never sent: were it left `created`, the refund checks would send
+-- it too, and the payer would get the money twice.
+describe("gateway refunds: a refund call that was never made", function()
+  local sim, gw
+  local OPEN_FOR = 3
+
+  setup(function()
+    sim = testing.simulator{ time_scale = 100 }
+    gw = core.start(sim, {
+      gateway = { reconcile = { check_after = 1, first = 0.5, ceiling = 1,
+                                interval = 0.1, bill = false } },
+      merchant = { max_attempts = 1, breaker_min_calls = 2,
+                   breaker_failure_ratio = 0.5,
+                   breaker_open_for = OPEN_FOR } })
+  end)
+
+  teardown(function()
+    if gw then gw:stop() end
+    testing.stop_all()
+  end)
+
+  local function paid(amount)
+    local p = gw:create{ amount = amount }
+    sim:pay(p.out_trade_no)
+    return gw:wait_state(p.id, "paid", 20)
+  end
+
+  local function refund(id, amount, key)
+    return gw:call("POST", "/v1/payments/" .. id .. "/refunds",
+                   { amount = amount }, { ["Idempotency-Key"] = key })
+  end
+
+  -- the refund endpoint's breaker opened: refund calls of another
+  -- payment fail at WeChat until a refund is refused on its way out
+  local opened = 0
+  local function open_breaker()
+    testing.wait_until(function() return os.time() > opened + OPEN_FOR end,
+                       OPEN_FOR + 5, "the breaker's open time to pass")
+    local other = paid(100)
+    sim:fault{ endpoint = "refund", kind = "error", status = 500,
+               code = "SYSTEM_ERROR" }
+    testing.wait_until(function()
+      return refund(other.id, 1).status == 503
+    end, 20, "the refund endpoint's breaker to open")
+    opened = os.time()
+    sim:clear_faults()
+  end
+
+  local function breaker_passed()
+    testing.wait_until(function() return os.time() > opened + OPEN_FOR end,
+                       OPEN_FOR + 5, "the breaker's open time to pass")
+  end
+
+  it("ends the refund unsent, so a retry under a new key is the only "
+     .. "refund", function()
+    local b = paid(100)
+    open_breaker()
+    local res = refund(b.id, 30, "not-sent-" .. b.id)
+    assert.equal(503, res.status, res.body)
+    assert.equal("degraded", res.json.error)
+    local rf = assert(res.json.refund, res.body)
+    -- the merchant retries under a new key once the breaker lets calls
+    -- through again
+    breaker_passed()
+    local again = refund(b.id, 30, "not-sent-retry-" .. b.id)
+    assert.equal(201, again.status, again.body)
+    assert.is_not.equal(rf.id, again.json.id)
+    -- the refund checks have looked at everything due before the retry's
+    -- refund (they go by created_at)
+    testing.wait_until(function()
+      local rows = assert(gw.db:query("SELECT checks FROM gw_refunds"
+                                      .. " WHERE id = $1", { again.json.id }))
+      return rows[1].checks > 0
+    end, 20, "the refund checks to look at the retry's refund")
+    -- the first was never sent: WeChat has one refund of 30 for b
+    local got, err = sim:client():query_refund(rf.out_refund_no)
+    assert.is_nil(got, "the refund the 503 answered was sent")
+    assert.equal("not_found", err and err.kind)
+    -- ended here (failed), not left `created` for the refund checks, and
+    -- the answer says so
+    assert.equal("failed", rf.state, res.body)
+    assert.matches("any Idempotency-Key", res.json.message, 1, true)
+    assert.equal("failed", gw:call("GET", "/v1/refunds/" .. rf.id)
+                             .json.state)
+    -- and it does not count against the payment: 70 fen are left
+    local rest = refund(b.id, 70)
+    assert.equal(201, rest.status, rest.body)
+    assert.equal(422, refund(b.id, 1).status)
+  end)
+
+  it("a retry with the same key makes the refund then", function()
+    local b = paid(100)
+    open_breaker()
+    local key = "not-sent-same-" .. b.id
+    local res = refund(b.id, 30, key)
+    assert.equal(503, res.status, res.body)
+    breaker_passed()
+    local again = refund(b.id, 30, key)
+    assert.equal(201, again.status, again.body)
+    assert.equal("processing", again.json.state)
+    assert.equal(30, assert(sim:client():query_refund(
+      again.json.out_refund_no)).amount.refund)
+  end)
+end)
