@@ -233,6 +233,8 @@ local REFUND_EVENT = { SUCCESS = "succeeded", CLOSED = "closed",
                        ABNORMAL = "abnormal", PROCESSING = "accepted" }
 local REFUND_TARGET = { SUCCESS = "succeeded", CLOSED = "closed",
                         ABNORMAL = "abnormal", PROCESSING = "processing" }
+-- the states WeChat settled a refund in: a PROCESSING report is older
+local SETTLED = { succeeded = true, closed = true }
 
 --- syntax: outcome = apply.refund_status(ctx, tx, refund_row, o)
 -- o: { status (SUCCESS, CLOSED, ABNORMAL, PROCESSING), refund_id,
@@ -245,6 +247,15 @@ function _M.refund_status(ctx, tx, rf, o)
   if status == "PROCESSING" and rf.state == "abnormal" then
     -- an application through the abnormal-refund API under way: it stays
     -- abnormal until WeChat says how it ended
+    return "duplicate"
+  end
+  if status == "PROCESSING" and SETTLED[rf.state] then
+    -- a late report (the refund call's answer, a query) older than the
+    -- settlement a notification applied meanwhile: a race, not an
+    -- illegal transition
+    paygate.log.debug("gateway: refund report older than its state:"
+      .. " ignored", { refund = rf.id, state = rf.state, status = status,
+                       source = o.source })
     return "duplicate"
   end
   local p, err = model.payment(tx, rf.payment_id)

@@ -28,11 +28,13 @@ for engine, url_of in pairs(engines) do
 describe("gateway notify handler on " .. engine, function()
   local dir, db, verdict
 
+  local on_query                  -- what wx:query_refund does, if set
   local wx = {
     parse_notification = function(_, req)
       if verdict then return nil, verdict end
       return json.decode(req.body)
     end,
+    query_refund = function(_, no) return on_query(no) end,
   }
 
   local function req(body)
@@ -137,6 +139,51 @@ describe("gateway notify handler on " .. engine, function()
     assert.equal("refused", rows[1].outcome)
     assert.equal("closed", model.refund(db, rid).state)
     assert.equal("paid", model.payment(db, id).state)
+  end)
+
+  -- the refund machine's illegal transitions this process counted
+  local function illegal_refund_transitions()
+    local n = 0
+    for _, t in ipairs(require("paygate.fsm").stats().illegal_transitions) do
+      if t.machine == "refund" then n = n + t.count end
+    end
+    return n
+  end
+
+  it("ignores a PROCESSING answer that lands after the refund settled: "
+     .. "no illegal transition counted", function()
+    local refunds = require "gw.refunds"
+    local id = payment("paying")
+    assert.equal(204, (notify.handler(req(paid_event(id .. "_1")))))
+    local rid = accepted_refund(id, 100)
+    local before = illegal_refund_transitions()
+    -- ?refresh=1 asks WeChat about the processing refund; its answer,
+    -- PROCESSING, lands after the REFUND.SUCCESS notification applied
+    on_query = function(no)
+      assert.equal(204, (notify.handler(req({ id = "EV-late-" .. no,
+        event_type = "REFUND.SUCCESS", resource = { mchid = gwcore.MCHID,
+          out_refund_no = no, refund_status = "SUCCESS",
+          amount = { refund = 100, total = 100 } } }))))
+      return { out_refund_no = no, status = "PROCESSING",
+               amount = { refund = 100, total = 100 } }
+    end
+    assert.is_true(refunds.refresh_open(model.payment(db, id)))
+    on_query = nil
+    assert.equal("succeeded", model.refund(db, rid).state)
+    assert.equal("refunded", model.payment(db, id).state)
+    assert.equal(before, illegal_refund_transitions())
+    -- a genuinely illegal report (a closed refund reported SUCCESS) is
+    -- still refused and counted
+    local id2 = payment("paying")
+    assert.equal(204, (notify.handler(req(paid_event(id2 .. "_1")))))
+    local rid2 = accepted_refund(id2, 100)
+    assert(model.refunds:apply(db, rid2, "closed"))
+    assert.equal(204, (notify.handler(req({ id = "EV-illegal-" .. rid2,
+      event_type = "REFUND.SUCCESS", resource = { mchid = gwcore.MCHID,
+        out_refund_no = rid2, refund_status = "SUCCESS",
+        amount = { refund = 100, total = 100 } } }))))
+    assert.equal("closed", model.refund(db, rid2).state)
+    assert.equal(before + 1, illegal_refund_transitions())
   end)
 
   it("raises an alarm for another merchant's refund, applies nothing",
