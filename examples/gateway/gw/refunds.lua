@@ -35,6 +35,12 @@ end
 -- merchant API's create ends it instead (not_sent below).
 local NOT_SENT = { degraded = true, circuit_open = true }
 
+-- WeChat's answer to a refund call is the refund as it stands (an
+-- out_refund_no sent again is answered with it, settled or not): applied
+-- as its notification would be; any other status as accepted.
+local STATUSES = { SUCCESS = true, PROCESSING = true, CLOSED = true,
+                   ABNORMAL = true }
+
 --- syntax: row, how, err = refunds.send(id[, finish[, actor]])
 -- Sends refund `id` (state created or unknown) to WeChat and applies the
 -- answer through the refund machine. finish(tx, row, how, err), when
@@ -74,7 +80,7 @@ function _M.send(id, finish, actor)
     if data then
       local outcome
       outcome, terr = apply.refund_status(ctx, tx, row, {
-        status = data.status == "SUCCESS" and "SUCCESS" or "PROCESSING",
+        status = STATUSES[data.status] and data.status or "PROCESSING",
         refund_id = data.refund_id, success_time = data.success_time,
         source = "refund_call", actor = actor })
       if not outcome then return nil, terr end

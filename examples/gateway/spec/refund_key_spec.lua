@@ -149,6 +149,42 @@ describe("gateway refunds: the Idempotency-Key and the answer", function()
     assert.equal(rf.id, again.json.id)
     assert.equal(1, #gw:get(p.id).refunds)
   end)
+
+  -- WeChat answers a repeated out_refund_no with the refund as it stands:
+  -- sent again (its request back after the key expired), a refund WeChat
+  -- closed or found abnormal meanwhile is that, not `processing`
+  for _, status in ipairs({ "CLOSED", "ABNORMAL" }) do
+    it("a refund sent again takes the status WeChat answers: " .. status,
+       function()
+      local p = paid(100)
+      local key = "refund-again-" .. status .. "-" .. p.id
+      -- made at WeChat, but the answer is a 500: unknown here
+      sim:fault{ endpoint = "refund", kind = "error", status = 500,
+                 code = "SYSTEM_ERROR", after = true }
+      local first = refund(p.id, 30, key)
+      sim:clear_faults()
+      assert.equal(502, first.status, first.body)
+      local rf = first.json.refund
+      assert.equal("unknown", rf.state)
+      -- WeChat settles it; its notification is lost
+      sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }
+      sim:settle(rf.out_refund_no, status)
+      assert.equal(status, assert(sim:client():query_refund(
+        rf.out_refund_no)).status)
+      -- the merchant's retry of that request, a day later: sent again
+      expire(key)
+      local res = refund(p.id, 30, key)
+      assert.equal(rf.id, res.json.id, res.body)
+      local want = status:lower()
+      assert.equal(want, res.json.state, res.body)
+      assert.equal(want, gw:call("GET", "/v1/refunds/" .. rf.id)
+                           .json.state)
+      if status == "CLOSED" then
+        -- a closed refund gives its amount back: all 100 are refundable
+        assert.equal(201, refund(p.id, 100).status)
+      end
+    end)
+  end
 end)
 
 -- A refund whose call was never made (the refund endpoint's circuit
