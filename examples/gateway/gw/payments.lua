@@ -106,9 +106,39 @@ local function is_int(v, lo, hi)
   return type(v) == "number" and v % 1 == 0 and v >= lo and v <= hi
 end
 
+local function set_of(list)
+  local set = {}
+  for _, k in ipairs(list) do set[k] = true end
+  return set
+end
+
+-- The fields of each body: any other is refused (400 naming it), so a
+-- typo ("expire_in", "amout") does not silently leave a default in place.
+local CREATE_FIELDS = set_of{ "order_id", "channel", "amount", "currency",
+  "description", "payer", "client_ip", "h5_type", "expires_in", "attach",
+  "mchid", "sub_mchid", "appid" }
+local ATTEMPT_FIELDS = set_of{ "channel", "payer", "client_ip", "h5_type" }
+local PAYER_FIELDS = set_of{ "openid" }
+local NO_FIELDS = {}
+
+--- syntax: payments.unknown_fields(b, known, bad[, prefix])
+-- Adds "unknown field" to bad for each field of the object b that is not
+-- in the set known; prefix: the path of b in the body ("payer.").
+local function unknown_fields(b, known, bad, prefix)
+  for k in pairs(b) do
+    if not known[k] then
+      bad[(prefix or "") .. tostring(k)] = "unknown field"
+    end
+  end
+end
+_M.unknown_fields = unknown_fields
+
 -- Checks the channel-specific fields of a body into out; adds reasons to
 -- bad (field -> reason).
 local function check_channel(b, out, bad)
+  if type(b.payer) == "table" then
+    unknown_fields(b.payer, PAYER_FIELDS, bad, "payer.")
+  end
   if not CHANNELS[b.channel] then
     bad.channel = "must be native, h5, jsapi or app"
     return
@@ -162,6 +192,7 @@ _M.body_of = body_of
 
 local function check_create(b)
   local bad, out = {}, {}
+  unknown_fields(b, CREATE_FIELDS, bad)
   if type(b.order_id) ~= "string" or b.order_id == "" or #b.order_id > 64
      or not b.order_id:match("^[%w%-_.:|*@]+$") then
     bad.order_id = "must be 1..64 of letters, digits and - _ . : | * @"
@@ -577,6 +608,7 @@ function _M.new_attempt(req, ik)
   local b, st, eb = body_of(req)
   if not b then return st, eb end
   local o, bad = {}, {}
+  unknown_fields(b, ATTEMPT_FIELDS, bad)
   check_channel(b, o, bad)
   if next(bad) then return bad_request(bad) end
   local p, err = load_own(req)
@@ -646,6 +678,14 @@ end
 -- POST /v1/payments/:id/close -----------------------------------------------
 
 function _M.close(req, ik)
+  if req.body and req.body:find("%S") then
+    -- a close takes no fields: no body, or {}
+    local b, st, eb = body_of(req)
+    if not b then return st, eb end
+    local bad = {}
+    unknown_fields(b, NO_FIELDS, bad)
+    if next(bad) then return bad_request(bad) end
+  end
   local p, err = load_own(req)
   if p == nil then return store_failed(err) end
   if not p then return not_found("payment") end

@@ -105,8 +105,11 @@ end
 
 -- POST /v1/payments/:id/refunds ---------------------------------------------
 
+local FIELDS = { amount = true, reason = true }
+
 local function check(b)
   local bad = {}
+  payments.unknown_fields(b, FIELDS, bad)
   if type(b.amount) ~= "number" or b.amount % 1 ~= 0 or b.amount < 1
      or b.amount > 10000000000 then
     bad.amount = "must be a whole number of fen, at least 1"

@@ -53,6 +53,43 @@ describe("gateway core flow", function()
     assert.truthy(res.json.fields.description)
   end)
 
+  it("refuses a field it does not know, in every POST body", function()
+    local function refused(res, field)
+      assert.equal(400, res.status, res.body)
+      assert.equal("invalid_request", res.json.error)
+      assert.equal("unknown field", res.json.fields[field], res.body)
+      assert.matches(field .. ": unknown field", res.json.message, 1, true)
+    end
+    -- a typo of expires_in would leave the default in place
+    refused(gw:call("POST", "/v1/payments", { order_id = "typo-1",
+      channel = "native", amount = 1, description = "tea",
+      expire_in = 60 }), "expire_in")
+    refused(gw:call("POST", "/v1/payments", { order_id = "typo-2",
+      channel = "jsapi", amount = 1, description = "tea",
+      payer = { openid = "o-1", open_id = "o-1" } }), "payer.open_id")
+    assert.equal(0, #assert(gw.db:query("SELECT id FROM gw_payments WHERE"
+      .. " order_id IN ('typo-1', 'typo-2')")))
+    local p = gw:create{ amount = 100 }
+    refused(gw:call("POST", "/v1/payments/" .. p.id .. "/attempts",
+      { channel = "h5", client_ip = "203.0.113.7", h5type = "iOS" }),
+      "h5type")
+    refused(gw:call("POST", "/v1/payments/" .. p.id .. "/close",
+      { reason = "customer left" }), "reason")
+    assert.equal(1, #gw:get(p.id).attempts)
+    assert.equal("paying", gw:get(p.id).state)
+    sim:pay(p.out_trade_no)
+    gw:wait_state(p.id, "paid")
+    refused(gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
+      { amout = 30 }), "amout")
+    refused(gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
+      { amount = 30, notify_url = "https://x" }), "notify_url")
+    assert.equal(0, #gw:get(p.id).refunds)
+    -- a close's body may be empty, or {}
+    local q = gw:create{ amount = 100 }
+    local res = gw:call("POST", "/v1/payments/" .. q.id .. "/close", "{}")
+    assert.equal(200, res.status, res.body)
+  end)
+
   it("creates a native payment, applies its notification once", function()
     local p, pay = gw:create{ amount = 250 }
     assert.matches("^weixin://", pay.code_url)
