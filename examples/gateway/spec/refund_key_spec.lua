@@ -12,6 +12,18 @@
 local testing = require "paygate.testing"
 local core = dofile("examples/gateway/spec/core_support.lua")
 
+-- a paid payment of amount (fen), through the simulator
+local function paid(sim, gw, amount)
+  local p = gw:create{ amount = amount }
+  sim:pay(p.out_trade_no)
+  return gw:wait_state(p.id, "paid", 20)
+end
+
+local function refund(gw, id, amount, key)
+  return gw:call("POST", "/v1/payments/" .. id .. "/refunds",
+                 { amount = amount }, { ["Idempotency-Key"] = key })
+end
+
 describe("gateway refunds: the Idempotency-Key and the answer", function()
   local sim, gw
 
@@ -28,17 +40,6 @@ describe("gateway refunds: the Idempotency-Key and the answer", function()
 
   before_each(function() sim:clear_faults() end)
 
-  local function paid(amount)
-    local p = gw:create{ amount = amount }
-    sim:pay(p.out_trade_no)
-    return gw:wait_state(p.id, "paid", 20)
-  end
-
-  local function refund(id, amount, key)
-    return gw:call("POST", "/v1/payments/" .. id .. "/refunds",
-                   { amount = amount }, { ["Idempotency-Key"] = key })
-  end
-
   -- the key's record past its 24 h, as the retention pruner finds it
   local function expire(key)
     assert(gw.db:exec("UPDATE paygate_idempotency SET expires_at = 0"
@@ -47,12 +48,12 @@ describe("gateway refunds: the Idempotency-Key and the answer", function()
 
   it("a key used again after it expired, for another payment, is not "
      .. "answered with the first payment's refund", function()
-    local p1, p2 = paid(100), paid(100)
+    local p1, p2 = paid(sim, gw, 100), paid(sim, gw, 100)
     local key = "refund-key-" .. p1.id
-    local first = refund(p1.id, 30, key)
+    local first = refund(gw, p1.id, 30, key)
     assert.equal(201, first.status, first.body)
     expire(key)
-    local res = refund(p2.id, 20, key)
+    local res = refund(gw, p2.id, 20, key)
     -- not p1's refund of 30 as if it were p2's of 20
     assert.is_not.equal(p1.id, res.json and res.json.payment_id, res.body)
     assert.equal(422, res.status, res.body)
@@ -64,11 +65,11 @@ describe("gateway refunds: the Idempotency-Key and the answer", function()
 
   it("a key used again after it expired, for another amount, is not "
      .. "answered with the first refund", function()
-    local p = paid(100)
+    local p = paid(sim, gw, 100)
     local key = "refund-amount-" .. p.id
-    assert.equal(201, refund(p.id, 30, key).status)
+    assert.equal(201, refund(gw, p.id, 30, key).status)
     expire(key)
-    local res = refund(p.id, 20, key)
+    local res = refund(gw, p.id, 20, key)
     assert.equal(422, res.status, res.body)
     assert.equal("idempotency_key_reused", res.json.error)
     assert.equal(1, #gw:get(p.id).refunds)
@@ -76,17 +77,17 @@ describe("gateway refunds: the Idempotency-Key and the answer", function()
 
   it("a refund WeChat refused is not sent again when its request comes "
      .. "back after the key expired", function()
-    local p = paid(100)
+    local p = paid(sim, gw, 100)
     local key = "refund-refused-" .. p.id
     sim:fault{ endpoint = "refund", kind = "error", status = 403,
                code = "NOT_ENOUGH", count = 1 }
-    local first = refund(p.id, 30, key)
+    local first = refund(gw, p.id, 30, key)
     assert.equal(502, first.status, first.body)
     local rf = first.json.refund
     assert.equal("failed", rf.state)
     expire(key)
     -- the merchant's retry of that request, a day later
-    local res = refund(p.id, 30, key)
+    local res = refund(gw, p.id, 30, key)
     assert.equal(502, res.status, res.body)
     assert.equal(rf.id, res.json.refund.id)
     assert.equal("failed", res.json.refund.state)
@@ -101,32 +102,32 @@ describe("gateway refunds: the Idempotency-Key and the answer", function()
   end)
 
   it("a refund WeChat failed (5xx) is not answered 201", function()
-    local p = paid(100)
+    local p = paid(sim, gw, 100)
     sim:fault{ endpoint = "refund", kind = "error", status = 500,
                code = "SYSTEM_ERROR", count = 1000 }
-    local res = refund(p.id, 30, "refund-5xx-" .. p.id)
+    local res = refund(gw, p.id, 30, "refund-5xx-" .. p.id)
     sim:clear_faults()
     assert.is_not.equal(201, res.status, res.body)
     assert.equal(502, res.status, res.body)
     assert.equal("wechat_error", res.json.error)
     -- the refund exists, its outcome unknown: it counts, and is kept
     assert.equal("unknown", res.json.refund.state)
-    local again = refund(p.id, 30, "refund-5xx-" .. p.id)
+    local again = refund(gw, p.id, 30, "refund-5xx-" .. p.id)
     assert.equal(res.body, again.body)
-    assert.equal(422, refund(p.id, 71).status)
+    assert.equal(422, refund(gw, p.id, 71).status)
   end)
   it("a refund whose answer the store failed to record says to retry "
      .. "with the same key, and that retry makes no second refund",
      function()
     local pcore = require "paygate.core"
-    local p = paid(100)
+    local p = paid(sim, gw, 100)
     local key = "refund-store-" .. p.id
     -- the call waits at WeChat; meanwhile the store loses gw_refunds, so
     -- the transaction that records WeChat's answer fails
     sim:fault{ endpoint = "refund", kind = "latency", seconds = 1.5,
                count = 1 }
     local res
-    pcore.spawn(function() res = refund(p.id, 30, key) end)
+    pcore.spawn(function() res = refund(gw, p.id, 30, key) end)
     testing.wait_until(function()
       local rows = assert(gw.db:query("SELECT id FROM gw_refunds WHERE"
                                       .. " payment_id = $1", { p.id }))
@@ -144,7 +145,7 @@ describe("gateway refunds: the Idempotency-Key and the answer", function()
     assert.equal("PROCESSING", assert(sim:client():query_refund(
       rf.out_refund_no)).status)
     -- the retry with the same key: that refund, no second one
-    local again = refund(p.id, 30, key)
+    local again = refund(gw, p.id, 30, key)
     assert.equal(201, again.status, again.body)
     assert.equal(rf.id, again.json.id)
     assert.equal(1, #gw:get(p.id).refunds)
@@ -156,12 +157,12 @@ describe("gateway refunds: the Idempotency-Key and the answer", function()
   for _, status in ipairs({ "CLOSED", "ABNORMAL" }) do
     it("a refund sent again takes the status WeChat answers: " .. status,
        function()
-      local p = paid(100)
+      local p = paid(sim, gw, 100)
       local key = "refund-again-" .. status .. "-" .. p.id
       -- made at WeChat, but the answer is a 500: unknown here
       sim:fault{ endpoint = "refund", kind = "error", status = 500,
                  code = "SYSTEM_ERROR", after = true }
-      local first = refund(p.id, 30, key)
+      local first = refund(gw, p.id, 30, key)
       sim:clear_faults()
       assert.equal(502, first.status, first.body)
       local rf = first.json.refund
@@ -173,7 +174,7 @@ describe("gateway refunds: the Idempotency-Key and the answer", function()
         rf.out_refund_no)).status)
       -- the merchant's retry of that request, a day later: sent again
       expire(key)
-      local res = refund(p.id, 30, key)
+      local res = refund(gw, p.id, 30, key)
       assert.equal(rf.id, res.json.id, res.body)
       local want = status:lower()
       assert.equal(want, res.json.state, res.body)
@@ -181,7 +182,7 @@ describe("gateway refunds: the Idempotency-Key and the answer", function()
                            .json.state)
       if status == "CLOSED" then
         -- a closed refund gives its amount back: all 100 are refundable
-        assert.equal(201, refund(p.id, 100).status)
+        assert.equal(201, refund(gw, p.id, 100).status)
       end
     end)
   end
@@ -212,28 +213,17 @@ describe("gateway refunds: a refund call that was never made", function()
     testing.stop_all()
   end)
 
-  local function paid(amount)
-    local p = gw:create{ amount = amount }
-    sim:pay(p.out_trade_no)
-    return gw:wait_state(p.id, "paid", 20)
-  end
-
-  local function refund(id, amount, key)
-    return gw:call("POST", "/v1/payments/" .. id .. "/refunds",
-                   { amount = amount }, { ["Idempotency-Key"] = key })
-  end
-
   -- the refund endpoint's breaker opened: refund calls of another
   -- payment fail at WeChat until a refund is refused on its way out
   local opened = 0
   local function open_breaker()
     testing.wait_until(function() return os.time() > opened + OPEN_FOR end,
                        OPEN_FOR + 5, "the breaker's open time to pass")
-    local other = paid(100)
+    local other = paid(sim, gw, 100)
     sim:fault{ endpoint = "refund", kind = "error", status = 500,
                code = "SYSTEM_ERROR" }
     testing.wait_until(function()
-      return refund(other.id, 1).status == 503
+      return refund(gw, other.id, 1).status == 503
     end, 20, "the refund endpoint's breaker to open")
     opened = os.time()
     sim:clear_faults()
@@ -246,16 +236,16 @@ describe("gateway refunds: a refund call that was never made", function()
 
   it("ends the refund unsent, so a retry under a new key is the only "
      .. "refund", function()
-    local b = paid(100)
+    local b = paid(sim, gw, 100)
     open_breaker()
-    local res = refund(b.id, 30, "not-sent-" .. b.id)
+    local res = refund(gw, b.id, 30, "not-sent-" .. b.id)
     assert.equal(503, res.status, res.body)
     assert.equal("degraded", res.json.error)
     local rf = assert(res.json.refund, res.body)
     -- the merchant retries under a new key once the breaker lets calls
     -- through again
     breaker_passed()
-    local again = refund(b.id, 30, "not-sent-retry-" .. b.id)
+    local again = refund(gw, b.id, 30, "not-sent-retry-" .. b.id)
     assert.equal(201, again.status, again.body)
     assert.is_not.equal(rf.id, again.json.id)
     -- the refund checks have looked at everything due before the retry's
@@ -276,19 +266,19 @@ describe("gateway refunds: a refund call that was never made", function()
     assert.equal("failed", gw:call("GET", "/v1/refunds/" .. rf.id)
                              .json.state)
     -- and it does not count against the payment: 70 fen are left
-    local rest = refund(b.id, 70)
+    local rest = refund(gw, b.id, 70)
     assert.equal(201, rest.status, rest.body)
-    assert.equal(422, refund(b.id, 1).status)
+    assert.equal(422, refund(gw, b.id, 1).status)
   end)
 
   it("a retry with the same key makes the refund then", function()
-    local b = paid(100)
+    local b = paid(sim, gw, 100)
     open_breaker()
     local key = "not-sent-same-" .. b.id
-    local res = refund(b.id, 30, key)
+    local res = refund(gw, b.id, 30, key)
     assert.equal(503, res.status, res.body)
     breaker_passed()
-    local again = refund(b.id, 30, key)
+    local again = refund(gw, b.id, 30, key)
     assert.equal(201, again.status, again.body)
     assert.equal("processing", again.json.state)
     assert.equal(30, assert(sim:client():query_refund(
