@@ -316,13 +316,21 @@ end
 -- paying), the answer stored with them. An attempt superseded while its
 -- prepay was on the way (a create of the same order_id under another
 -- Idempotency-Key resumed the payment) is not handed out: it is closed
--- at WeChat and the answer is 409 conflict.
+-- at WeChat and the answer is 409 conflict. So is one of a payment that
+-- ended meanwhile (closed while the prepay was on the way: 409
+-- invalid_state).
 local function opened(p, no, pay, ik, status, actor)
   local a, b, c = fsm.retry(ctx.db, function(tx)
     local row, err = model.payment(tx, p.id)
     if not row then return nil, err end
     if row.out_trade_no ~= no then
       return { superseded = row }
+    end
+    if row.state ~= "created" and row.state ~= "paying"
+       and row.state ~= "unknown" then
+      -- the payment ended while the prepay was on the way (a close that
+      -- found this attempt not yet made at WeChat): nothing to hand out
+      return { ended = row }
     end
     local ok
     ok, err = tx:exec("UPDATE gw_attempts SET prepay = $2 WHERE"
@@ -350,6 +358,15 @@ local function opened(p, no, pay, ik, status, actor)
     return 409, err_body("conflict", "the payment moved to another attempt"
       .. " while this one was being made (a request for the same payment"
       .. " at the same time)", { payment = model.payment_json(a.superseded) })
+  end
+  if type(a) == "table" and a.ended then
+    close_superseded(p, no)
+    local st = a.ended.state
+    return 409, err_body((st == "paid" or st == "partially_refunded"
+                          or st == "refunded") and "payment_paid"
+                         or "invalid_state", "payment " .. p.id .. " became "
+      .. st .. " while this attempt was being made (a close or a payment"
+      .. " at the same time)", { payment = model.payment_json(a.ended) })
   end
   return a, b, c
 end

@@ -1,0 +1,99 @@
+-- POST /v1/payments/:id/close racing the other requests that open an
+-- attempt: a close that lands while a new attempt's prepay is on its way
+-- to WeChat closes the payment here (WeChat does not know the new attempt
+-- yet: its close answers ORDER_NOT_EXIST). The prepay answered after that
+-- is of a closed payment: its code must not be handed out (a payer who
+-- paid it would pay a closed order: a late payment, refunded or left to
+-- an alarm), and it is closed at WeChat.
+local testing = require "paygate.testing"
+local core = dofile("examples/gateway/spec/core_support.lua")
+
+describe("gateway close racing a new attempt", function()
+  local sim, gw
+
+  setup(function()
+    sim = testing.simulator{ time_scale = 100 }
+    gw = core.start(sim, { gateway = { reconcile = { enabled = false } } })
+  end)
+
+  teardown(function()
+    if gw then gw:stop() end
+    testing.stop_all()
+  end)
+
+  local function attempt_recorded(no)
+    return function()
+      local rows = gw.db:query("SELECT 1 AS x FROM gw_attempts WHERE"
+                               .. " out_trade_no = $1", { no })
+      return rows and rows[1] ~= nil
+    end
+  end
+
+  it("a close while the new attempt's prepay waits: the code is not"
+     .. " handed out, the attempt is closed at WeChat", function()
+    local p = gw:create{ amount = 217 }
+    assert.equal("paying", p.state)
+    sim:fault{ endpoint = "prepay", kind = "latency", seconds = 1.5,
+               count = 1 }
+    local attempt
+    require("paygate.core").spawn(function()
+      attempt = gw:call("POST", "/v1/payments/" .. p.id .. "/attempts",
+                        { channel = "native" })
+    end)
+    testing.wait_until(attempt_recorded(p.id .. "_2"), 10,
+                       "the new attempt recorded")
+    local closed = gw:call("POST", "/v1/payments/" .. p.id .. "/close")
+    assert.equal(200, closed.status, closed.body)
+    assert.equal("closed", closed.json.state)
+    testing.wait_until(function() return attempt ~= nil end, 10,
+                       "the attempt to answer")
+    -- the payment is closed: no code of it is handed out
+    assert.equal(409, attempt.status, attempt.body)
+    assert.is_nil(attempt.json.pay)
+    assert.equal("closed", gw:get(p.id).state)
+    -- and nobody can pay the attempt WeChat made after the close
+    local wx = sim:client()
+    testing.wait_until(function()
+      local t = wx:query_by_out_trade_no(p.id .. "_2")
+      return t and t.trade_state == "CLOSED"
+    end, 10, "the attempt made after the close closed at WeChat")
+  end)
+
+  it("a close while a resumed create's prepay waits: the same", function()
+    -- a create whose prepay WeChat refused (not sent: the payment stays
+    -- created), resumed by a second create whose prepay waits
+    local order_id = "close-race-" .. require("paygate.crypto")
+                       .random_nonce(8)
+    local body = { order_id = order_id, channel = "native", amount = 218,
+                   description = "close race" }
+    sim:fault{ endpoint = "prepay", kind = "error", status = 400,
+               code = "PARAM_ERROR", count = 1 }
+    local first = gw:call("POST", "/v1/payments", body)
+    assert.equal(502, first.status, first.body)
+    local rows = assert(gw.db:query("SELECT id, state FROM gw_payments"
+                                    .. " WHERE order_id = $1", { order_id }))
+    local id = rows[1].id
+    assert.equal("created", rows[1].state)
+    sim:fault{ endpoint = "prepay", kind = "latency", seconds = 1.5,
+               count = 1 }
+    local second
+    require("paygate.core").spawn(function()
+      second = gw:call("POST", "/v1/payments", body)
+    end)
+    testing.wait_until(attempt_recorded(id .. "_2"), 10,
+                       "the resumed create's attempt recorded")
+    local closed = gw:call("POST", "/v1/payments/" .. id .. "/close")
+    assert.equal(200, closed.status, closed.body)
+    assert.equal("closed", closed.json.state)
+    testing.wait_until(function() return second ~= nil end, 10,
+                       "the resumed create to answer")
+    assert.equal(409, second.status, second.body)
+    assert.is_nil(second.json.pay)
+    assert.equal("closed", gw:get(id).state)
+    local wx = sim:client()
+    testing.wait_until(function()
+      local t = wx:query_by_out_trade_no(id .. "_2")
+      return t and t.trade_state == "CLOSED"
+    end, 10, "the attempt made after the close closed at WeChat")
+  end)
+end)
