@@ -324,12 +324,14 @@ local function of_day(at, evidence, from, to)
   return t >= from and t < to
 end
 
---- syntax: rows, err = reconcile.local_rows(db, mchid, date, numbers)
+--- syntax: rows, err = reconcile.local_rows(db, mchid, date, numbers[,
+--   refund_numbers])
 -- The gateway's side of a day's bill for merchant mchid: payments whose
 -- money WeChat took that Beijing day (their `payment.succeeded` audit
 -- entries, placed by WeChat's success_time), the attempts the bill names
--- whatever their day, and the refunds that succeeded that day.
-function _M.local_rows(db, mchid, date, numbers)
+-- whatever their day, the refunds that succeeded that day, and the
+-- refunds the bill names (refund_numbers) whatever their state.
+function _M.local_rows(db, mchid, date, numbers, refund_numbers)
   local from = bill.day_start(date)
   local to = from + 86400
   local out, seen = {}, {}
@@ -381,12 +383,32 @@ function _M.local_rows(db, mchid, date, numbers)
     .. " 'refund.succeeded' AND a.at >= $1 AND a.at < $2 AND p.mchid = $3",
     { (from - CLOCK_SKEW) * 1000, (to + RECORDED_WITHIN) * 1000, mchid })
   if not rrows then return nil, rerr end
+  local rseen = {}
+  local function add_refund(r)
+    if rseen[r.out_refund_no] then return end
+    rseen[r.out_refund_no] = true
+    out[#out + 1] = { out_trade_no = r.out_trade_no,
+                      out_refund_no = r.out_refund_no, amount = r.amount,
+                      state = r.state }
+  end
   for _, r in ipairs(rrows) do
-    if of_day(r.gw_at, r.gw_evidence, from, to) then
-      out[#out + 1] = { out_trade_no = r.out_trade_no,
-                        out_refund_no = r.out_refund_no, amount = r.amount,
-                        state = r.state }
+    if of_day(r.gw_at, r.gw_evidence, from, to) then add_refund(r) end
+  end
+  -- the refunds the bill names (settled on another day here, or not yet:
+  -- a lost notification): a state mismatch, not one "missing" here
+  refund_numbers = refund_numbers or {}
+  for i = 1, #refund_numbers, 200 do
+    local ph, args = {}, { mchid }
+    for j = i, math.min(#refund_numbers, i + 199) do
+      args[#args + 1] = refund_numbers[j]
+      ph[#ph + 1] = "$" .. #args
     end
+    local frows, ferr = db:query("SELECT r.out_trade_no, r.out_refund_no,"
+      .. " r.amount, r.state FROM gw_refunds r JOIN gw_payments p ON p.id ="
+      .. " r.payment_id WHERE p.mchid = $1 AND r.out_refund_no IN ("
+      .. table.concat(ph, ",") .. ")", args)
+    if not frows then return nil, ferr end
+    for _, r in ipairs(frows) do add_refund(r) end
   end
   return out
 end
@@ -468,8 +490,9 @@ local function bill_job(ctx, conf)
         wx = wx, db = db, dir = conf.bill_dir, date = item.date,
         name = item.mchid, fence = rctx.fence, on_wait = rctx.keepalive,
         retry = { attempts = 1 },        -- again after bill_retry
-        local_rows = function(date, numbers)
-          return _M.local_rows(db, item.mchid, date, numbers)
+        local_rows = function(date, numbers, refund_numbers)
+          return _M.local_rows(db, item.mchid, date, numbers,
+                               refund_numbers)
         end })
       if not ok then
         -- a raise (a fault on this side) fails the run all the same; the

@@ -276,6 +276,59 @@ describe("gateway reconciliation", function()
   end)
 end)
 
+describe("gateway daily bill: a refund line the gateway has as not"
+         .. " settled", function()
+  local sim, gw, bill_dir
+
+  setup(function()
+    -- no runner: the refund's lost notification is not caught up before
+    -- the bill is read
+    sim, gw, bill_dir = start({}, nil, { enabled = false })
+  end)
+
+  teardown(function() stop(gw, bill_dir) end)
+
+  it("is a state mismatch naming the local refund, not missing_local",
+     function()
+    package.path = "examples/gateway/?.lua;" .. package.path
+    local gwr = require "gw.reconcile"
+    local p = gw:create{ amount = 90 }
+    sim:pay_and_wait(p.out_trade_no)
+    gw:wait_state(p.id, "paid")
+    local r = gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
+                      { amount = 40 })
+    assert.equal(201, r.status, r.body)
+    assert.equal("processing", r.json.state)
+    -- WeChat pays it back; its notification is lost
+    sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }
+    sim:settle(r.json.out_refund_no, "SUCCESS")
+    testing.wait_until(function()
+      local n = sim:notifications{ out_refund_no = r.json.out_refund_no }[1]
+      return n and n.state == "dropped"
+    end, 10, "the refund's notification dropped")
+    local today = os.date("!%Y-%m-%d", os.time() + 8 * 3600)
+    sim:close_bills(today)
+    local dir = bill_dir .. "/spec"
+    os.execute("mkdir -p '" .. dir .. "'")
+    local report = assert(bill.daily{ wx = sim:client(), db = gw.db,
+      dir = dir, date = today, name = "spec",
+      local_rows = function(date, numbers, refund_numbers)
+        return gwr.local_rows(gw.db, sim.merchant.mchid, date, numbers,
+                              refund_numbers)
+      end })
+    assert.equal(1, report.remote_refunds)
+    assert.equal(1, #report.mismatches)
+    local m = report.mismatches[1]
+    -- the bill's refund is this gateway's, still processing here
+    assert.same({ "state", p.out_trade_no, r.json.out_refund_no,
+                  "processing", 40, "SUCCESS", 40 },
+                { m.kind, m.out_trade_no, m.out_refund_no,
+                  m["local"] and m["local"].state,
+                  m["local"] and m["local"].amount, m.remote.state,
+                  m.remote.amount })
+  end)
+end)
+
 describe("gateway daily bill job failures", function()
   local sim, gw, bill_dir
 

@@ -3,7 +3,7 @@
 --   local report, err = bill.daily{
 --     wx = wx, db = db, dir = "var/reconcile",      -- CSV reports go there
 --     date = bill.bill_date(),                      -- Beijing yesterday
---     local_rows = function(date, numbers) ... end, -- the app's rows
+--     local_rows = function(date, numbers, refund_numbers) ... end,
 --   }
 --   -- report = { date, empty, mismatches, counts, path, sha256, audit }
 --
@@ -477,10 +477,11 @@ end
 
 -- syntax: report, err = bill.daily(opts)
 -- opts: wx (client), db (paygate.sql: the audit entry), dir (the reports'
--- folder, must exist), local_rows = fn(date, out_trade_nos) -> rows | nil,
--- err (the app's payments paid that Beijing day, plus its rows for the
--- given numbers whatever their day, and its refunds that succeeded that
--- day with out_refund_no; see bill.diff), date ("YYYY-MM-DD", default
+-- folder, must exist), local_rows = fn(date, out_trade_nos,
+-- out_refund_nos) -> rows | nil, err (the app's payments paid that Beijing
+-- day, plus its rows for the given numbers whatever their day, and its
+-- refunds that succeeded that day, plus those of the given out_refund_nos
+-- whatever their state, with out_refund_no; see bill.diff), date ("YYYY-MM-DD", default
 -- bill.bill_date()), name (a suffix for several merchants' reports),
 -- sub_mchid, retry, sleep, on_wait (as bill.fetch), fence (fn(tx) -> ok,
 -- err: checked in the audit entry's transaction), paid_states,
@@ -533,12 +534,16 @@ function _M.daily(opts)
   -- payment of an earlier day, which this day's bill rightly lacks; named
   -- here, it came back as a paid local row "missing" from the bill)
   local npay = #numbers
-  local nref = 0
-  for _ in pairs(remote.refunds) do
-    nref = nref + 1
+  -- and the bill's refunds, so that one the app has but not as settled
+  -- that day is a state mismatch, not a refund it has no row for
+  local rnumbers = {}
+  for rno in pairs(remote.refunds) do
+    rnumbers[#rnumbers + 1] = rno
   end
+  local nref = #rnumbers
   sort(numbers)
-  local rows, lerr = opts.local_rows(date, numbers)
+  sort(rnumbers)
+  local rows, lerr = opts.local_rows(date, numbers, rnumbers)
   if not rows then
     return nil, lerr or core.error("internal", "local_rows returned nothing")
   end
