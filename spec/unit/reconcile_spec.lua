@@ -765,6 +765,53 @@ describe("bill.records", function()
                    true)
   end)
 
+  it("a second line with the same number is a duplicate_line mismatch,"
+     .. " not dropped", function()
+    local path = tmp .. "/dup.csv"
+    local f = assert(io.open(path, "wb"))
+    f:write("商户订单号,交易状态,订单金额,微信订单号,商户退款单号,"
+      .. "申请退款金额,退款状态\r\n"
+      .. "`T1,`SUCCESS,`0.29,`4201,`0,`0.00,`\r\n"
+      .. "`T1,`SUCCESS,`0.30,`4202,`0,`0.00,`\r\n"      -- differs
+      .. "`T2,`SUCCESS,`0.50,`4203,`0,`0.00,`\r\n"
+      .. "`T2,`SUCCESS,`0.50,`4203,`0,`0.00,`\r\n"      -- identical
+      .. "`T1,`REFUND,`0.00,`4201,`R1,`0.10,`SUCCESS\r\n"
+      .. "`T1,`REFUND,`0.00,`4201,`R1,`0.20,`SUCCESS\r\n")
+    f:close()
+    local r = assert(bill.records(path))
+    assert.equal(6, r.lines)
+    -- the first line of a number is the one compared
+    assert.same({ amount = 29, state = "SUCCESS", transaction_id = "4201" },
+                r.payments.T1)
+    assert.equal(10, r.refunds.R1.amount)
+    assert.equal(3, #r.duplicates)
+    local out = bill.diff(r, {
+      { out_trade_no = "T1", amount = 29, state = "paid" },
+      { out_trade_no = "T2", amount = 50, state = "paid" },
+      { out_trade_no = "T1", out_refund_no = "R1", amount = 10,
+        state = "succeeded" } })
+    -- the kept lines agree with the local rows; each later line is its
+    -- own mismatch, with the line it repeats
+    assert.equal(3, #out)
+    for _, m in ipairs(out) do assert.equal("duplicate_line", m.kind) end
+    assert.same({ "T1", "T1", "T2" }, { out[1].out_trade_no,
+                out[2].out_trade_no, out[3].out_trade_no })
+    local pay = out[1].out_refund_no and out[2] or out[1]
+    local ref = out[1].out_refund_no and out[1] or out[2]
+    assert.same({ 30, "4202" }, { pay.remote.amount,
+                                  pay.remote.transaction_id })
+    assert.same({ 29, "4201" }, { pay.first.amount,
+                                  pay.first.transaction_id })
+    assert.equal("R1", ref.out_refund_no)
+    assert.same({ 20, 10 }, { ref.remote.amount, ref.first.amount })
+    assert.same(out[3].first, out[3].remote)       -- reported all the same
+    assert.is_nil(out[1]["local"])
+    -- in the report
+    local text = bill.csv("2026-11-29", out)
+    assert.matches("2026-11-29,duplicate_line,T1,,,,SUCCESS,30\r\n", text, 1,
+                   true)
+  end)
+
   it("refuses a bill with a bad amount", function()
     local path = tmp .. "/bad.csv"
     local f = assert(io.open(path, "wb"))

@@ -175,14 +175,18 @@ end
 -- Reads a downloaded trade bill.
 -- returns: { payments = { [out_trade_no] = { amount, state,
 --   transaction_id } }, refunds = { [out_refund_no] = { out_trade_no,
---   amount, state, refund_id } }, lines = n } or nil, err (bad_amount,
---   bad_bill)
+--   amount, state, refund_id } }, duplicates = { { out_trade_no,
+--   out_refund_no (a refund line's), line, record, first }, ... },
+--   lines = n } or nil, err (bad_amount, bad_bill). A line whose number
+--   was on an earlier line is not merged into it (one of the two would be
+--   lost unseen): the first is kept, the later one is in duplicates (with
+--   the first), identical or not.
 function _M.records(path)
   local ok, it = pcall(wxbill.rows, path)
   if not ok then
     return fail("io", "bill: cannot read " .. tostring(path))
   end
-  local payments, refunds, n = {}, {}, 0
+  local payments, refunds, duplicates, n = {}, {}, {}, 0
   for kind, row, names in it do
     if kind == "record" then
       n = n + 1
@@ -213,9 +217,16 @@ function _M.records(path)
           return fail("bad_bill", "bill: refund line " .. n
                       .. " has no 商户退款单号")
         end
-        refunds[rno] = { out_trade_no = no, amount = amount,
-                         state = row["退款状态"] or "",
-                         refund_id = row["微信退款单号"] }
+        local rec = { out_trade_no = no, amount = amount,
+                      state = row["退款状态"] or "",
+                      refund_id = row["微信退款单号"] }
+        if refunds[rno] then
+          duplicates[#duplicates + 1] = { out_trade_no = no,
+            out_refund_no = rno, line = n, record = rec,
+            first = refunds[rno] }
+        else
+          refunds[rno] = rec
+        end
       else
         local amount, err = _M.parse_fen(row["订单金额"]
                                          or row["应结订单金额"])
@@ -223,12 +234,19 @@ function _M.records(path)
           err.line = n
           return nil, err
         end
-        payments[no] = { amount = amount, state = state,
-                         transaction_id = row["微信订单号"] }
+        local rec = { amount = amount, state = state,
+                      transaction_id = row["微信订单号"] }
+        if payments[no] then
+          duplicates[#duplicates + 1] = { out_trade_no = no, line = n,
+            record = rec, first = payments[no] }
+        else
+          payments[no] = rec
+        end
       end
     end
   end
-  return { payments = payments, refunds = refunds, lines = n }
+  return { payments = payments, refunds = refunds, duplicates = duplicates,
+           lines = n }
 end
 
 ----------------------------------------------------------------- diff
@@ -248,7 +266,7 @@ local function set_of(list, default)
 end
 
 local KIND_ORDER = { missing_local = 1, missing_remote = 2, amount = 3,
-                     state = 4 }
+                     state = 4, duplicate_line = 5 }
 
 -- syntax: mismatches = bill.diff(remote, local_rows[, opts])
 -- remote: bill.records' result (or { payments = {}, refunds = {} } for an
@@ -257,8 +275,10 @@ local KIND_ORDER = { missing_local = 1, missing_remote = 2, amount = 3,
 -- states WeChat's bill lists as SUCCESS; default paid, partially_refunded,
 -- refunded), opts.refund_states (default succeeded).
 -- returns: a list sorted by kind, out_trade_no, out_refund_no of
--- { kind = missing_local | missing_remote | amount | state, out_trade_no,
---   out_refund_no, ["local"] = row | nil, remote = record | nil }
+-- { kind = missing_local | missing_remote | amount | state |
+--   duplicate_line, out_trade_no, out_refund_no, ["local"] = row | nil,
+--   remote = record | nil, first = record (duplicate_line: the earlier
+--   line of that number, the one compared) }
 function _M.diff(remote, rows, opts)
   if type(remote) ~= "table" or type(rows) ~= "table" then
     error("bill.diff: remote and local_rows must be tables", 2)
@@ -310,6 +330,10 @@ function _M.diff(remote, rows, opts)
   end
   compare(remote.payments or {}, lp, paid, false)
   compare(remote.refunds or {}, lr, refunded, true)
+  for _, d in ipairs(remote.duplicates or {}) do
+    add("duplicate_line", d.out_trade_no, d.out_refund_no, nil, d.record)
+    out[#out].first = d.first
+  end
   sort(out, function(a, b)
     if a.kind ~= b.kind then
       return KIND_ORDER[a.kind] < KIND_ORDER[b.kind]
