@@ -97,3 +97,72 @@ describe("gateway close racing a new attempt", function()
     end, 10, "the attempt made after the close closed at WeChat")
   end)
 end)
+
+-- A close that finds the payment paid (a late payment on a superseded
+-- attempt applied while the close waited at WeChat) answers 409
+-- payment_paid without trying paid -> closed: that is no illegal
+-- transition, and paygate_gateway_fsm_illegal_transitions_total (the
+-- alert for real bugs) stays as it was.
+describe("gateway close finding the payment paid", function()
+  local sim, gw
+
+  setup(function()
+    sim = testing.simulator{ time_scale = 100 }
+    -- one worker: its counters on /metrics are all of them
+    gw = core.start(sim, { workers = 1,
+                           gateway = { reconcile = { enabled = false } } })
+  end)
+
+  teardown(function()
+    if gw then gw:stop() end
+    testing.stop_all()
+  end)
+
+  local function counter(name)
+    local res = gw.srv:admin_get("/metrics")
+    local body = res and res.status == 200 and res.body or ""
+    return tonumber(body:match("\n" .. name
+                               .. '{machine="payment"} (%d+)\n'))
+  end
+
+  it("answers 409 payment_paid and counts no illegal transition",
+     function()
+    local pcore = require "paygate.core"
+    local p = gw:create{ amount = 219 }
+    -- the switch's close of attempt 1 is told "no such order": attempt 1
+    -- stays payable at the simulator
+    sim:fault{ endpoint = "close", kind = "error", status = 404,
+               code = "ORDER_NOT_EXIST", count = 1 }
+    local res = gw:call("POST", "/v1/payments/" .. p.id .. "/attempts",
+                        { channel = "native" })
+    assert.equal(201, res.status, res.body)
+    local before = testing.wait_until(function()
+      return counter("paygate_gateway_fsm_illegal_transitions_total")
+    end, 10, "the counters on /metrics")
+    -- the close of attempt 2 waits at WeChat; meanwhile the payer pays
+    -- attempt 1 and its notification is applied: paid, late
+    sim:fault{ endpoint = "close", kind = "latency", seconds = 1.5,
+               count = 1 }
+    local closed
+    pcore.spawn(function()
+      closed = gw:call("POST", "/v1/payments/" .. p.id .. "/close")
+    end)
+    pcore.sleep(0.2)
+    sim:pay_and_wait(p.id .. "_1")
+    assert.equal("paid", gw:get(p.id).state)
+    testing.wait_until(function() return closed ~= nil end, 10,
+                       "the close to answer")
+    assert.equal(409, closed.status, closed.body)
+    assert.equal("payment_paid", closed.json.error)
+    assert.equal("paid", gw:get(p.id).state)
+    -- a transition made after the close: once /metrics shows it, it shows
+    -- whatever the close counted
+    local moved = counter("paygate_gateway_fsm_transitions_total")
+    gw:create{ amount = 1 }
+    testing.wait_until(function()
+      return (counter("paygate_gateway_fsm_transitions_total") or 0) > moved
+    end, 10, "the later transition on /metrics")
+    assert.equal(before,
+                 counter("paygate_gateway_fsm_illegal_transitions_total"))
+  end)
+end)
