@@ -169,8 +169,8 @@ function _M.payment(ctx, tx, o)
                      success_time = wx_time(r.success_time) }
   local ok
   ok, err = tx:exec("UPDATE gw_attempts SET state = 'paid', transaction_id"
-    .. " = $2, closed_at = COALESCE(closed_at, $3) WHERE out_trade_no = $1",
-    { no, r.transaction_id or json.null, now })
+    .. " = $2, closed_at = COALESCE(closed_at, $3), close_check_at = NULL"
+    .. " WHERE out_trade_no = $1", { no, r.transaction_id or json.null, now })
   if not ok then return nil, err end
   local after = {}
   local policy = ctx.gateway.on_late_payment
@@ -188,11 +188,14 @@ function _M.payment(ctx, tx, o)
       actor = o.actor or "wechatpay", evidence = evidence, set = set })
     if not res then return nil, err end
     p = res.row
-    -- the current attempt is no longer the one to pay
+    -- the current attempt is no longer the one to pay: closed at WeChat
+    -- after the commit (payments.after), and by the payment checks if
+    -- that close does not happen or fails (close_check_at)
     if no ~= p.out_trade_no then
       ok, err = tx:exec("UPDATE gw_attempts SET state = 'superseded',"
-        .. " closed_at = $2 WHERE out_trade_no = $1 AND state = 'open'",
-        { p.out_trade_no, now })
+        .. " closed_at = $2, close_check_at = $3 WHERE out_trade_no = $1"
+        .. " AND state = 'open'", { p.out_trade_no, now,
+                                    model.close_check_at(ctx, p.mchid) })
       if not ok then return nil, err end
       after[#after + 1] = { close = p.out_trade_no, mchid = p.mchid,
                             sub_mchid = model.opt(p.sub_mchid) }

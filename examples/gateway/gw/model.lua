@@ -159,12 +159,38 @@ function _M.refunds_of(q, payment_id)
                  .. " ORDER BY created_at, id", { payment_id })
 end
 
---- syntax: res, err = model.close_attempts(tx, payment_id, now)
+--- syntax: t = model.close_check_at(ctx, mchid)
+-- When the payment checks first ask about an attempt closed or
+-- superseded here whose close at WeChat is not confirmed (close_check_at):
+-- once the calls that may still make it at WeChat (a prepay on its way:
+-- the merchant's client deadline) are over, and the close the gateway
+-- itself makes after them (close_superseded, payments.after) had its go.
+function _M.close_check_at(ctx, mchid)
+  local m = ctx.by_mchid and ctx.by_mchid[mchid]
+  local deadline = m and m.client and m.client.deadline or 30
+  return _M.now() + deadline + 5
+end
+
+--- syntax: res, err = model.close_attempts(ctx, tx, payment, now[,
+--   confirmed])
 -- The payment's open attempt closed (the payment closed or failed).
-function _M.close_attempts(tx, payment_id, now)
-  return tx:exec("UPDATE gw_attempts SET state = 'closed', closed_at = $2"
-                 .. " WHERE payment_id = $1 AND state = 'open'",
-                 { payment_id, now })
+-- confirmed: the out_trade_no WeChat confirmed closed (its close answered,
+-- or a query said CLOSED); any other attempt closed here is remembered
+-- (close_check_at) until the payment checks confirm it.
+function _M.close_attempts(ctx, tx, p, now, confirmed)
+  return tx:exec("UPDATE gw_attempts SET state = 'closed', closed_at = $2,"
+                 .. " close_check_at = CASE WHEN out_trade_no = $3 THEN"
+                 .. " NULL ELSE CAST($4 AS BIGINT) END WHERE payment_id ="
+                 .. " $1 AND state = 'open'", { p.id, now, confirmed or "",
+                                 _M.close_check_at(ctx, p.mchid) })
+end
+
+--- syntax: res, err = model.close_confirmed(q, out_trade_no)
+-- WeChat confirmed the attempt closed (or never made): nothing left to
+-- check about it.
+function _M.close_confirmed(q, no)
+  return q:exec("UPDATE gw_attempts SET close_check_at = NULL WHERE"
+                .. " out_trade_no = $1 AND state <> 'open'", { no })
 end
 
 --- syntax: row|false, err = model.payment(q, id)

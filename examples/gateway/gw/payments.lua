@@ -302,13 +302,23 @@ end
 
 -- Closes at WeChat attempt `no` of payment p, which another attempt
 -- replaced while its prepay was on the way (nobody must pay it). A close
--- that fails leaves it open until its time_expire: money taken on it is a
--- late payment, handled as such.
+-- that fails leaves it open at WeChat: the transaction that superseded or
+-- closed it here set its close_check_at, so the payment checks close it
+-- later (money taken on it meanwhile is a late payment, handled as such).
 local function close_superseded(p, no)
   local ok, err = client_of(p):close(no, sub_of(p))
   if not ok and err.kind ~= "not_found" then
-    paygate.log.warn("gateway: closing a superseded attempt failed",
-                     { out_trade_no = no, kind = err.kind })
+    paygate.log.warn("gateway: closing a superseded attempt failed; the"
+      .. " payment checks close it later", { out_trade_no = no,
+                                             kind = err.kind })
+    return
+  end
+  -- (its prepay has answered: an order WeChat does not know is never made)
+  local cok, cerr = model.close_confirmed(ctx.db, no)
+  if not cok then
+    paygate.log.warn("gateway: cannot record a superseded attempt closed;"
+      .. " the payment checks close it again", { out_trade_no = no,
+                                                 error = tostring(cerr) })
   end
 end
 
@@ -518,9 +528,12 @@ function _M.create(req, ik)
         end
         local n = old.attempt + 1
         local res
+        -- (closed at WeChat, if made there, by the request that made it, or
+        -- by settle_unknown; the payment checks make sure: close_check_at)
         res, qerr = tx:exec("UPDATE gw_attempts SET state = 'superseded',"
-          .. " closed_at = $2 WHERE payment_id = $1 AND state = 'open'",
-          { old.id, now })
+          .. " closed_at = $2, close_check_at = $3 WHERE payment_id = $1"
+          .. " AND state = 'open'",
+          { old.id, now, model.close_check_at(ctx, old.mchid) })
         if not res then return nil, qerr end
         res, qerr = tx:exec("UPDATE gw_payments SET channel = $2, amount = $3,"
           .. " currency = $4, description = $5, attach = $6, appid = $7,"
@@ -610,11 +623,14 @@ local function state_conflict(p)
 end
 
 -- Closes the payment's current attempt at WeChat (one never made counts
--- as closed). returns: nothing when closed, else the answer: 409
--- payment_paid (paid_message) when it was paid, or the failed call's.
+-- as closed). returns: nothing when closed (and true as the second value
+-- when WeChat closed it; when it did not know it, its prepay may still be
+-- on the way), else the answer: 409 payment_paid (paid_message) when it
+-- was paid, or the failed call's.
 local function close_current(p, paid_message)
   local ok, cerr = client_of(p):close(p.out_trade_no, sub_of(p))
-  if ok or cerr.kind == "not_found" then return nil end
+  if ok then return nil, true end
+  if cerr.kind == "not_found" then return nil, false end
   if cerr.kind == "order_paid" then
     return 409, err_body("payment_paid", paid_message)
   end
@@ -643,14 +659,19 @@ function _M.new_attempt(req, ik)
   local cs, cb = close_current(p, "the previous attempt was paid; its"
                                .. " notification applies it")
   if cs then return cs, cb end
+  local confirmed = cb and p.out_trade_no or ""
   local actor = actor_of(req)
   local n = p.attempt + 1
   local no = model.out_trade_no(p.id, n)
   local row
   row, err = fsm.retry(ctx.db, function(tx)
+    -- the one WeChat closed above is done; any other (not known at WeChat
+    -- yet: a prepay on its way) is left to the payment checks
     local res, qerr = tx:exec("UPDATE gw_attempts SET state = 'superseded',"
-      .. " closed_at = $2 WHERE payment_id = $1 AND state = 'open'",
-      { p.id, now })
+      .. " closed_at = $2, close_check_at = CASE WHEN out_trade_no = $3"
+      .. " THEN NULL ELSE CAST($4 AS BIGINT) END WHERE payment_id = $1 AND"
+      .. " state = 'open'",
+      { p.id, now, confirmed, model.close_check_at(ctx, p.mchid) })
     if not res then return nil, qerr end
     res, qerr = tx:exec("UPDATE gw_payments SET channel = $2, out_trade_no"
       .. " = $3, attempt = $4, updated_at = $5 WHERE id = $1 AND attempt ="
@@ -714,6 +735,7 @@ function _M.close(req, ik)
   local cs, cb = close_current(p, "the payment was paid; its notification"
                                .. " applies it")
   if cs then return cs, cb end
+  local confirmed = cb and p.out_trade_no or nil
   local now = model.time()
   local a, b, c = fsm.retry(ctx.db, function(tx)
     local cur, qerr = model.payment(tx, p.id)
@@ -736,7 +758,7 @@ function _M.close(req, ik)
       set = { updated_at = now } })
     if not res then return nil, terr end
     local x
-    x, terr = model.close_attempts(tx, p.id, now)
+    x, terr = model.close_attempts(ctx, tx, cur, now, confirmed)
     if not x then return nil, terr end
     x, terr = events.emit(tx, "payment.closed", res.row)
     if not x then return nil, terr end
@@ -800,7 +822,10 @@ function _M.refresh(p)
     if not res then return nil, rerr end
     if event == "closed" or event == "failed" then
       local x
-      x, rerr = model.close_attempts(tx, p.id, model.time())
+      -- CLOSED: WeChat closed this attempt; PAYERROR: the payer may still
+      -- pay it, so the payment checks close it at WeChat
+      x, rerr = model.close_attempts(ctx, tx, row, model.time(),
+                                     event == "closed" and p.out_trade_no)
       if not x then return nil, rerr end
       x, rerr = events.emit(tx, "payment." .. event, res.row)
       if not x then return nil, rerr end
@@ -826,8 +851,9 @@ function _M.after(list)
       if ctx.degraded() then
         -- no call while degraded: a refund stays created (the refund
         -- checks send it once the switch is off); a superseded attempt
-        -- left open at WeChat ends at its time_expire (money taken on it
-        -- meanwhile is a late payment, handled as such)
+        -- left open at WeChat is closed by the payment checks once the
+        -- switch is off (its close_check_at; money taken on it meanwhile
+        -- is a late payment, handled as such)
         paygate.log.warn("gateway: degraded: work after a commit left for"
           .. " later", { refund = w.refund, close = w.close })
         break
@@ -841,9 +867,15 @@ function _M.after(list)
       elseif w.close then
         local wx = ctx.wx[w.mchid]
         local ok, err = wx:close(w.close, w.sub_mchid)
+        if ok then
+          ok, err = model.close_confirmed(ctx.db, w.close)
+        end
+        -- (not_found: maybe its prepay is still on the way; the payment
+        -- checks ask again once it is over)
         if not ok and err.kind ~= "not_found" then
-          paygate.log.warn("gateway: closing a superseded attempt failed",
-                           { out_trade_no = w.close, kind = err.kind })
+          paygate.log.warn("gateway: closing a superseded attempt failed;"
+            .. " the payment checks close it later",
+            { out_trade_no = w.close, kind = err.kind })
         end
       end
     end

@@ -5,7 +5,10 @@
 --   reconcile:payments  payments still open (created, paying, unknown) with
 --                       no notification after check_after seconds, queried
 --                       on a backoff; NOTPAY past expires_at closed through
---                       the close API
+--                       the close API; and attempts closed or superseded
+--                       here whose close at WeChat is not confirmed
+--                       (gw_attempts.close_check_at): closed there, or
+--                       money taken on them applied as a late payment
 --   reconcile:refunds   refunds under way (created, processing, unknown);
 --                       one WeChat does not know is sent (again)
 --   reconcile:bill      once a day, after bill_hour (Beijing), yesterday's
@@ -169,9 +172,74 @@ local OPEN_PAY = { created = true, paying = true, unknown = true }
 local OPEN_REF = { created = true, processing = true, unknown = true,
                    abnormal = true }
 
+-- An attempt closed or superseded here whose close WeChat has not
+-- confirmed (gw_attempts.close_check_at): its next check on the schedule,
+-- or none once confirmed (done).
+local function attempt_resched(sched)
+  return function(tx, no, done)
+    if done then
+      return tx:exec("UPDATE gw_attempts SET close_check_at = NULL WHERE"
+                     .. " out_trade_no = $1", { no })
+    end
+    local rows, err = tx:query("SELECT close_checks FROM gw_attempts WHERE"
+                               .. " out_trade_no = $1", { no })
+    if not rows then return nil, err end
+    if not rows[1] then return true end
+    local checks = (tonumber(rows[1].close_checks) or 0) + 1
+    return tx:exec("UPDATE gw_attempts SET close_checks = $2, close_check_at"
+      .. " = $3 WHERE out_trade_no = $1 AND close_check_at IS NOT NULL",
+      { no, checks, floor(sched:next(core.time(), checks)) + 1 })
+  end
+end
+
+-- The check of such an attempt: asks WeChat about it. Paid (SUCCESS,
+-- REFUND): applied as a notification would be (a late payment: refunded
+-- or an alarm, by on_late_payment); closed (CLOSED, REVOKED) or never
+-- made (ORDER_NOT_EXIST, asked once its prepay is over): done; else
+-- closed at WeChat now (ORDER_PAID: paid in between, the next check
+-- applies it). A failed call is rescheduled on the backoff.
+local function check_attempt(ctx, wx, row, rctx, resched)
+  local db = ctx.db
+  local no, sub = row.out_trade_no, model.opt(row.sub_mchid)
+  local txn, err = wx:query_by_out_trade_no(no, sub)
+  if not txn and err.kind ~= "not_found" then return nil, err end
+  local ts = txn and txn.trade_state
+  if ts == "SUCCESS" or ts == "REFUND" then
+    local after
+    local ok, aerr = fsm.retry(db, function(tx)
+      local f, ferr = rctx.fence(tx)
+      if not f then return nil, ferr end
+      local outcome, list = apply.payment(ctx, tx, {
+        resource = txn, source = "query", actor = "reconcile" })
+      if not outcome then return nil, list end
+      after = list
+      -- applied (or a duplicate of what a notification applied, or an
+      -- amount mismatch raised as an alarm): nothing left to ask
+      return resched(tx, no, true)
+    end)
+    if not ok then return nil, aerr end
+    if after and ctx.payments and ctx.payments.after then
+      ctx.payments.after(after)
+    end
+    return true
+  end
+  if txn and ts ~= "CLOSED" and ts ~= "REVOKED" then
+    local ok, cerr = wx:close(no, sub)
+    if not ok and cerr.kind ~= "not_found" then return nil, cerr end
+    paygate.log.info("gateway: closed at WeChat an attempt closed here",
+                     { out_trade_no = no, trade_state = ts })
+  end
+  return db:transaction(function(tx)
+    local f, ferr = rctx.fence(tx)
+    if not f then return nil, ferr end
+    return resched(tx, no, true)
+  end)
+end
+
 local function payment_checks(ctx, conf, sched)
   local db = ctx.db
   local resched = schedule_sql("gw_payments", OPEN_PAY, sched)
+  local aresched = attempt_resched(sched)
   local ttl, measure = lease_opts("payments", conf)
   return reconcile.runner(db, {
     name = "payments", batch = conf.batch, interval = conf.interval,
@@ -179,15 +247,30 @@ local function payment_checks(ctx, conf, sched)
     due = function(now, limit)
       if ctx.degraded and ctx.degraded() then return {} end
       now = floor(now)
-      return db:query("SELECT * FROM gw_payments WHERE state IN ('created',"
-        .. " 'paying', 'unknown') AND ((next_check_at IS NULL AND checks = 0"
-        .. " AND created_at <= $2) OR next_check_at <= $1) ORDER BY"
-        .. " COALESCE(next_check_at,"
+      local rows, err = db:query("SELECT * FROM gw_payments WHERE state IN"
+        .. " ('created', 'paying', 'unknown') AND ((next_check_at IS NULL"
+        .. " AND checks = 0 AND created_at <= $2) OR next_check_at <= $1)"
+        .. " ORDER BY COALESCE(next_check_at,"
         .. " created_at) LIMIT $3", { now, now - conf.check_after, limit })
+      if not rows or #rows >= limit then return rows, err end
+      -- and the attempts closed here that WeChat may still take money on
+      local arows
+      arows, err = db:query("SELECT a.out_trade_no AS out_trade_no,"
+        .. " a.payment_id AS id, p.mchid AS mchid, p.sub_mchid AS sub_mchid,"
+        .. " 'attempt' AS gw_check FROM gw_attempts a JOIN gw_payments p ON"
+        .. " p.id = a.payment_id WHERE a.close_check_at <= $1 AND a.state IN"
+        .. " ('closed', 'superseded') ORDER BY a.close_check_at LIMIT $2",
+        { now, limit - #rows })
+      if not arows then return nil, err end
+      for _, a in ipairs(arows) do rows[#rows + 1] = a end
+      return rows
     end,
     check = function(row, rctx)
       local wx, werr = client_for(ctx, "payment", row)
       if not wx then return nil, werr end
+      if row.gw_check == "attempt" then
+        return check_attempt(ctx, wx, row, rctx, aresched)
+      end
       local action, err = reconcile.check_payment(wx, {
         id = row.id, state = row.state, out_trade_no = row.out_trade_no,
         sub_mchid = model.opt(row.sub_mchid), expires_at = row.expires_at })
@@ -220,14 +303,30 @@ local function payment_checks(ctx, conf, sched)
           if not res or (res.to ~= "closed" and res.to ~= "failed") then
             return true
           end
-          local x, xerr = model.close_attempts(tx, a.id, model.now())
+          -- WeChat closed the attempt asked about (CLOSED, closed by the
+          -- check, or not made and expired); PAYERROR: still to close
+          local confirmed = res.to == "closed" and a.out_trade_no or nil
+          local x, xerr = model.close_attempts(ctx, tx, res.row, model.now(),
+                                               confirmed)
           if not x then return nil, xerr end
           return events.emit(tx, "payment." .. res.to, res.row)
         end,
         schedule = function(tx, a) return resched(tx, a.id) end,
       })
     end,
-    reschedule = rescheduler(db, resched, "payment"),
+    reschedule = function(row, err)
+      if row.gw_check == "attempt" then
+        local ok, serr = db:transaction(function(tx)
+          return aresched(tx, row.out_trade_no)
+        end)
+        if not ok then
+          warn("gateway: reconcile reschedule failed", {
+               out_trade_no = row.out_trade_no, error = tostring(serr) })
+        end
+        return
+      end
+      return rescheduler(db, resched, "payment")(row, err)
+    end,
   })
 end
 

@@ -166,3 +166,74 @@ describe("gateway close finding the payment paid", function()
                  counter("paygate_gateway_fsm_illegal_transitions_total"))
   end)
 end)
+
+-- An attempt closed here whose close at WeChat failed stays payable
+-- there. The gateway remembers it and the payment checks finish the close
+-- (on their backoff); money taken on it meanwhile, its notification lost,
+-- is found by them and applied as a late payment (refunded).
+describe("gateway attempt whose close at WeChat failed", function()
+  local sim, gw
+
+  setup(function()
+    sim = testing.simulator{ time_scale = 100 }
+    gw = core.start(sim, {
+      -- a short deadline: the checks take up a close left open once the
+      -- calls that might still make the attempt (its prepay) are over
+      merchant = { deadline = 3 },
+      gateway = { reconcile = { check_after = 1, first = 0.5, ceiling = 1,
+                                interval = 0.1, bill = false } } })
+  end)
+
+  teardown(function()
+    if gw then gw:stop() end
+    testing.stop_all()
+  end)
+
+  it("money on it with its notification lost is applied as a late"
+     .. " payment and refunded", function()
+    local pcore = require "paygate.core"
+    local p = gw:create{ amount = 223 }
+    sim:fault{ endpoint = "prepay", kind = "latency", seconds = 1.5,
+               count = 1 }
+    local attempt
+    pcore.spawn(function()
+      attempt = gw:call("POST", "/v1/payments/" .. p.id .. "/attempts",
+                        { channel = "native" })
+    end)
+    testing.wait_until(function()
+      local rows = gw.db:query("SELECT 1 AS x FROM gw_attempts WHERE"
+                               .. " out_trade_no = $1", { p.id .. "_2" })
+      return rows and rows[1] ~= nil
+    end, 10, "the new attempt recorded")
+    -- the close finds attempt 2 not yet made at WeChat: closed here
+    local closed = gw:call("POST", "/v1/payments/" .. p.id .. "/close")
+    assert.equal(200, closed.status, closed.body)
+    -- then the close of attempt 2, made after all, fails at WeChat
+    sim:fault{ endpoint = "close", kind = "error", status = 500 }
+    testing.wait_until(function() return attempt ~= nil end, 15,
+                       "the attempt to answer")
+    assert.equal(409, attempt.status, attempt.body)
+    local wx = sim:client()
+    assert.equal("NOTPAY", assert(wx:query_by_out_trade_no(p.id .. "_2"))
+                             .trade_state)
+    -- the payer pays it; the notification is lost
+    sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }
+    sim:pay(p.id .. "_2")
+    testing.wait_until(function()
+      local n = sim:notifications{ out_trade_no = p.id .. "_2" }[1]
+      return n and n.state == "dropped"
+    end, 10, "the notification dropped")
+    local got = gw:wait_state(p.id, "paid", 30)
+    assert.is_true(got.late)
+    assert.equal(p.id .. "_2", got.attempts[2].out_trade_no)
+    assert.equal("paid", got.attempts[2].state)
+    sim:clear_faults()
+    testing.wait_until(function()
+      local r = gw:get(p.id).refunds[1]
+      return r and r.state == "processing"
+    end, 20, "the automatic refund sent")
+    local rf = gw:get(p.id).refunds[1]
+    assert.same({ "late_payment", 223, p.id .. "_2" },
+                { rf.kind, rf.amount, rf.out_trade_no })
+  end)
+end)
