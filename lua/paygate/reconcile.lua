@@ -629,9 +629,9 @@ end
 -- column, must be the one that was asked about. (A payment may have
 -- moved on to a new attempt since the batch was read: an answer about the
 -- old one -- CLOSED, ORDER_NOT_EXIST -- must not close the new one.)
-local function is_current(row, action, current)
+local function is_current(row, action, current, tx)
   if current then
-    return current(row, action) and true or false
+    return current(row, action, tx) and true or false
   end
   local col = action.kind == "refund" and "out_refund_no" or "out_trade_no"
   local have, asked = row[col], action[col]
@@ -648,7 +648,7 @@ end
 -- opts.schedule(tx, action, tres) (the app's extra writes, e.g. its
 -- next_check_at). opts.set = fn(row, action) -> columns (default
 -- action.set); cause ("reconcile"), actor ("reconcile"); current =
--- fn(row, action) -> boolean: whether the answer still concerns the row
+-- fn(row, action, tx) -> boolean: whether the answer still concerns the row
 -- (default: the row's out_trade_no / out_refund_no, when it has that
 -- column, is the one asked about; when not, no event: skipped).
 -- returns: { applied = bool, event, transition (fsm's result or nil),
@@ -691,7 +691,7 @@ function _M.apply(db, machine, action, opts)
     end
     local state = row[machine.store.state_col or "state"]
     local event
-    local current = is_current(row, action, opts.current)
+    local current = is_current(row, action, opts.current, tx)
     if current then
       event = map_event(action, state)
     end

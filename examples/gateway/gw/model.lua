@@ -185,6 +185,18 @@ function _M.close_attempts(ctx, tx, p, now, confirmed)
                                  _M.close_check_at(ctx, p.mchid) })
 end
 
+--- syntax: yes = model.switching(q, out_trade_no)
+-- Whether the gateway itself is closing that attempt, still open, at
+-- WeChat for a channel switch (POST attempts marked it, close_check_at,
+-- before the close): a CLOSED about it is that close, not the payment's
+-- end. (A store error counts as yes: the answer is looked at again.)
+function _M.switching(q, no)
+  local rows = q:query("SELECT close_check_at FROM gw_attempts WHERE"
+                       .. " out_trade_no = $1 AND state = 'open'", { no })
+  if not rows then return true end
+  return rows[1] ~= nil and opt(rows[1].close_check_at) ~= nil
+end
+
 --- syntax: res, err = model.close_confirmed(q, out_trade_no)
 -- WeChat confirmed the attempt closed (or never made): nothing left to
 -- check about it.

@@ -654,33 +654,63 @@ function _M.new_attempt(req, ik)
                          .. " expired; create a new one")
   end
   if ctx.degraded() then return degraded() end
+  -- the attempt marked as being closed for this switch first, if the
+  -- payment is still open on it: a payment check or ?refresh=1 that reads
+  -- CLOSED for it before the switch is recorded takes that for this close,
+  -- not for the payment's end (model.switching)
+  local mres, merr = ctx.db:exec("UPDATE gw_attempts SET close_check_at ="
+    .. " $2 WHERE out_trade_no = $1 AND state = 'open' AND EXISTS (SELECT 1"
+    .. " FROM gw_payments WHERE id = $3 AND attempt = $4 AND state IN"
+    .. " ('created', 'paying', 'unknown'))", { p.out_trade_no,
+    model.close_check_at(ctx, p.mchid), p.id, p.attempt })
+  if not mres then return store_failed(merr) end
+  if mres.changes ~= 1 then
+    local now_p = model.payment(ctx.db, p.id) or p
+    if not OPEN[now_p.state] then return state_conflict(now_p) end
+    return 409, err_body("conflict", "another attempt was opened at the"
+                         .. " same time")
+  end
   -- close the previous attempt at WeChat first: a payer holding its
   -- code must not be able to pay it once another is out
   local cs, cb = close_current(p, "the previous attempt was paid; its"
                                .. " notification applies it")
-  if cs then return cs, cb end
+  if cs then
+    -- no switch: the attempt stays the payment's (a crash before this
+    -- leaves the mark to the payment checks, which drop it)
+    local ok, uerr = ctx.db:exec("UPDATE gw_attempts SET close_check_at ="
+      .. " NULL WHERE out_trade_no = $1 AND state = 'open'",
+      { p.out_trade_no })
+    if not ok then
+      paygate.log.warn("gateway: cannot unmark an attempt after a failed"
+        .. " switch; the payment checks do", { out_trade_no = p.out_trade_no,
+                                               error = tostring(uerr) })
+    end
+    return cs, cb
+  end
   local confirmed = cb and p.out_trade_no or ""
   local actor = actor_of(req)
   local n = p.attempt + 1
   local no = model.out_trade_no(p.id, n)
   local row
   row, err = fsm.retry(ctx.db, function(tx)
+    local res, qerr = tx:exec("UPDATE gw_payments SET channel = $2,"
+      .. " out_trade_no = $3, attempt = $4, updated_at = $5 WHERE id = $1 AND"
+      .. " attempt = $6 AND state IN ('created', 'paying', 'unknown')",
+      { p.id, o.channel, no, n, now, p.attempt })
+    if not res then return nil, qerr end
+    if res.changes ~= 1 then
+      -- (before any attempt is touched: the open one is another
+      -- request's now)
+      return { conflict = true }
+    end
     -- the one WeChat closed above is done; any other (not known at WeChat
     -- yet: a prepay on its way) is left to the payment checks
-    local res, qerr = tx:exec("UPDATE gw_attempts SET state = 'superseded',"
+    res, qerr = tx:exec("UPDATE gw_attempts SET state = 'superseded',"
       .. " closed_at = $2, close_check_at = CASE WHEN out_trade_no = $3"
       .. " THEN NULL ELSE CAST($4 AS BIGINT) END WHERE payment_id = $1 AND"
       .. " state = 'open'",
       { p.id, now, confirmed, model.close_check_at(ctx, p.mchid) })
     if not res then return nil, qerr end
-    res, qerr = tx:exec("UPDATE gw_payments SET channel = $2, out_trade_no"
-      .. " = $3, attempt = $4, updated_at = $5 WHERE id = $1 AND attempt ="
-      .. " $6 AND state IN ('created', 'paying', 'unknown')",
-      { p.id, o.channel, no, n, now, p.attempt })
-    if not res then return nil, qerr end
-    if res.changes ~= 1 then
-      return { conflict = true }
-    end
     res, qerr = insert_attempt(tx, p, n, o.channel, now)
     if not res then return nil, qerr end
     local ok
@@ -803,6 +833,11 @@ function _M.refresh(p)
     if row.out_trade_no ~= p.out_trade_no then
       -- moved to a new attempt meanwhile: the answer is about the old one
       -- (CLOSED: the new attempt's request closed it), not this one
+      return true
+    end
+    if ts == "CLOSED" and model.switching(tx, p.out_trade_no) then
+      -- a new attempt's request closed it and has not recorded the
+      -- switch yet: the payment goes on with that attempt
       return true
     end
     local event

@@ -201,6 +201,17 @@ end
 local function check_attempt(ctx, wx, row, rctx, resched)
   local db = ctx.db
   local no, sub = row.out_trade_no, model.opt(row.sub_mchid)
+  if row.attempt_state == "open" then
+    -- marked by a switch (POST attempts) whose request ended without
+    -- recording it or unmarking it (a crash, the store): the attempt is
+    -- still the payment's, and its own checks apply what WeChat says
+    return db:transaction(function(tx)
+      local f, ferr = rctx.fence(tx)
+      if not f then return nil, ferr end
+      return tx:exec("UPDATE gw_attempts SET close_check_at = NULL WHERE"
+                     .. " out_trade_no = $1 AND state = 'open'", { no })
+    end)
+  end
   local txn, err = wx:query_by_out_trade_no(no, sub)
   if not txn and err.kind ~= "not_found" then return nil, err end
   local ts = txn and txn.trade_state
@@ -236,6 +247,9 @@ local function check_attempt(ctx, wx, row, rctx, resched)
   end)
 end
 
+-- what WeChat says of an attempt that closes its payment
+local CLOSING = { CLOSED = true, REVOKED = true, ORDER_NOT_EXIST = true }
+
 local function payment_checks(ctx, conf, sched)
   local db = ctx.db
   local resched = schedule_sql("gw_payments", OPEN_PAY, sched)
@@ -257,9 +271,10 @@ local function payment_checks(ctx, conf, sched)
       local arows
       arows, err = db:query("SELECT a.out_trade_no AS out_trade_no,"
         .. " a.payment_id AS id, p.mchid AS mchid, p.sub_mchid AS sub_mchid,"
-        .. " 'attempt' AS gw_check FROM gw_attempts a JOIN gw_payments p ON"
-        .. " p.id = a.payment_id WHERE a.close_check_at <= $1 AND a.state IN"
-        .. " ('closed', 'superseded') ORDER BY a.close_check_at LIMIT $2",
+        .. " a.state AS attempt_state, 'attempt' AS gw_check FROM gw_attempts"
+        .. " a JOIN gw_payments p ON p.id = a.payment_id WHERE"
+        .. " a.close_check_at <= $1 AND a.state IN ('open', 'closed',"
+        .. " 'superseded') ORDER BY a.close_check_at LIMIT $2",
         { now, limit - #rows })
       if not arows then return nil, err end
       for _, a in ipairs(arows) do rows[#rows + 1] = a end
@@ -298,6 +313,15 @@ local function payment_checks(ctx, conf, sched)
       end
       return reconcile.apply(db, P, action, {
         fence = rctx.fence,
+        current = function(prow, a, tx)
+          if prow.out_trade_no ~= a.out_trade_no then return false end
+          -- a CLOSED made by a switch's own close, the switch not yet
+          -- recorded: not the payment's end (model.switching)
+          if CLOSING[a.remote] then
+            return not model.switching(tx, a.out_trade_no)
+          end
+          return true
+        end,
         set = function() return { updated_at = model.now() } end,
         within = function(tx, a, res)
           if not res or (res.to ~= "closed" and res.to ~= "failed") then

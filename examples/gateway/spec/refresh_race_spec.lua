@@ -51,4 +51,38 @@ describe("gateway ?refresh=1 and a new attempt", function()
     assert.equal(0, rows[1].late)
     assert.equal(321, paid.amount)
   end)
+
+  it("a CLOSED made by a switch's own close, before the switch is"
+     .. " recorded, does not close the payment", function()
+    local p = gw:create{ amount = 322 }
+    -- the switch's close of attempt 1: done at WeChat, then answered 500;
+    -- its retry (after the same delay) answers 204. Between the two the
+    -- attempt is CLOSED at WeChat and still the current one here
+    sim:fault{ endpoint = "close", kind = "latency", seconds = 1.5,
+               count = 2 }
+    local failed = sim:fault{ endpoint = "close", kind = "error",
+                              status = 500, after = true, count = 1 }
+    local res
+    require("paygate.core").spawn(function()
+      res = gw:call("POST", "/v1/payments/" .. p.id .. "/attempts",
+                    { channel = "native" })
+    end)
+    testing.wait_until(function()
+      for _, f in ipairs(sim:control("GET", "/sim/faults")) do
+        if f.id == failed.id and (f.fired or 0) >= 1 then return true end
+      end
+    end, 10, "the first close done at WeChat")
+    assert.equal("CLOSED", assert(sim:client():query_by_out_trade_no(
+      p.id .. "_1")).trade_state)
+    -- a refresh now reads CLOSED for the payment's current attempt
+    local got = gw:get(p.id, "?refresh=1")
+    assert.equal("paying", got.state)
+    testing.wait_until(function() return res ~= nil end, 15,
+                       "the switch to answer")
+    assert.equal(201, res.status, res.body)
+    assert.equal(p.id .. "_2", res.json.payment.out_trade_no)
+    assert.equal("paying", gw:get(p.id).state)
+    sim:pay(p.id .. "_2")
+    gw:wait_state(p.id, "paid", 20)
+  end)
 end)
