@@ -170,13 +170,23 @@ end)
 -- An attempt closed here whose close at WeChat failed stays payable
 -- there. The gateway remembers it and the payment checks finish the close
 -- (on their backoff); money taken on it meanwhile, its notification lost,
--- is found by them and applied as a late payment (refunded).
-describe("gateway attempt whose close at WeChat failed", function()
+-- is found by them and applied as a late payment (refunded). On SQLite
+-- and, when installed, on PostgreSQL.
+local servers = require "spec.support.servers"
+local engines = { { "SQLite" } }
+if servers.have_postgres() then
+  engines[2] = { "PostgreSQL", function() return servers.postgres().url end }
+end
+
+for _, engine in ipairs(engines) do
+describe("gateway attempt whose close at WeChat failed on " .. engine[1],
+         function()
   local sim, gw
 
   setup(function()
     sim = testing.simulator{ time_scale = 100 }
     gw = core.start(sim, {
+      db = engine[2],
       -- a short deadline: the checks take up a close left open once the
       -- calls that might still make the attempt (its prepay) are over
       merchant = { deadline = 3 },
@@ -187,6 +197,7 @@ describe("gateway attempt whose close at WeChat failed", function()
   teardown(function()
     if gw then gw:stop() end
     testing.stop_all()
+    servers.stop_all()
   end)
 
   it("money on it with its notification lost is applied as a late"
@@ -237,3 +248,4 @@ describe("gateway attempt whose close at WeChat failed", function()
                 { rf.kind, rf.amount, rf.out_trade_no })
   end)
 end)
+end

@@ -4,6 +4,7 @@
 local sql = require "paygate.sql"
 local migrate = require "paygate.migrate"
 local servers = require "spec.support.servers"
+local json = require "paygate.json"
 
 describe("gateway migrations over an older store", function()
   local dir = servers.mktemp()
@@ -46,4 +47,77 @@ describe("gateway migrations over an older store", function()
     assert.is_nil(got.r_done)
     db:close()
   end)
+
+  -- 005 on each engine: the attempts closed or superseded before it, of
+  -- payments not expired for more than a day, are due at once
+  -- (close_check_at = 0); the others are left alone.
+  local engines = { { "sqlite", function()
+    return "sqlite:" .. dir .. "/gw005.db"
+  end } }
+  if servers.have_postgres() then
+    engines[2] = { "postgres", function() return servers.postgres().url end }
+  end
+  teardown(function() servers.stop_all() end)
+
+  for _, engine in ipairs(engines) do
+    local name = engine[1]
+    it("005 on " .. name .. ": closed and superseded attempts of payments"
+       .. " not long expired are due now", function()
+      local old = dir .. "/old005"
+      assert(os.execute("mkdir -p " .. old .. "/" .. name))
+      for _, f in ipairs{ "001_gateway.sql", "002_console.sql",
+                          "003_history.sql", "004_abnormal_checks.sql" } do
+        assert(os.execute("cp examples/gateway/migrations/" .. name .. "/"
+                          .. f .. " " .. old .. "/" .. name .. "/"))
+      end
+      local db = assert(sql.open(engine[2]()))
+      assert(migrate.run(db, old))
+      local now = os.time()
+      local function payment(id, expires_at, state)
+        assert(db:exec("INSERT INTO gw_payments (id, app_id, order_id,"
+          .. " mchid, appid, channel, amount, currency, description, state,"
+          .. " version, out_trade_no, attempt, expires_at, created_at,"
+          .. " updated_at) VALUES ($1, 'a', $1, '1900', 'wx1', 'native',"
+          .. " 100, 'CNY', 'd', $2, 2, $1 || '_3', 3, $3, 0, 0)",
+          { id, state, expires_at }))
+      end
+      local function attempt(pid, n, state)
+        assert(db:exec("INSERT INTO gw_attempts (out_trade_no, payment_id,"
+          .. " n, channel, state, created_at) VALUES ($1, $2, $3, 'native',"
+          .. " $4, 0)", { pid .. "_" .. n, pid, n, state }))
+      end
+      -- open, closed a minute ago: its attempts may still be payable
+      payment("p_fresh", now + 3600, "paying")
+      attempt("p_fresh", 1, "closed")
+      attempt("p_fresh", 2, "superseded")
+      attempt("p_fresh", 3, "open")
+      -- expired an hour ago: less than a day, still asked about
+      payment("p_recent", now - 3600, "closed")
+      attempt("p_recent", 1, "superseded")
+      attempt("p_recent", 2, "paid")
+      attempt("p_recent", 3, "closed")
+      -- expired ten days ago: long over at WeChat
+      payment("p_old", now - 10 * 86400, "closed")
+      attempt("p_old", 1, "closed")
+      attempt("p_old", 2, "superseded")
+      attempt("p_old", 3, "closed")
+      local applied = assert(migrate.run(db, "examples/gateway/migrations"))
+      assert.equal(1, #applied)
+      local got = {}
+      for _, r in ipairs(assert(db:query("SELECT out_trade_no,"
+                          .. " close_check_at, close_checks FROM"
+                          .. " gw_attempts"))) do
+        local at = r.close_check_at
+        if at == json.null then at = nil end
+        got[r.out_trade_no] = at and tonumber(at) or "none"
+        assert.equal(0, tonumber(r.close_checks))
+      end
+      assert.same({
+        p_fresh_1 = 0, p_fresh_2 = 0, p_fresh_3 = "none",
+        p_recent_1 = 0, p_recent_2 = "none", p_recent_3 = 0,
+        p_old_1 = "none", p_old_2 = "none", p_old_3 = "none",
+      }, got)
+      db:close()
+    end)
+  end
 end)
