@@ -2697,11 +2697,30 @@ wq_append(struct lpg_pool *pg, struct lpg_op *first, struct lpg_op *last)
     pg->wq_tail = last;
 }
 
+/* Building an op reads its SQL and parameters, which can run Lua (a
+ * metamethod of the params table, a finalizer run by an allocation); Lua
+ * that closes the pool there frees pg (lpg_close). Asked before pg is used
+ * after that: is the handle at index 1 still this pool's? */
+static int
+pool_gone(lua_State *L, struct lpg_pool *pg)
+{
+    struct lpg_ud *ud = lua_touserdata(L, 1);
+
+    return ud == NULL || ud->pg != pg;
+}
+
 static int
 submit(lua_State *L, struct lpg_pool *pg, struct lpg_op *op)
 {
     int n;
 
+    if (pool_gone(L, pg)) {
+        if (op->tx_begin) {
+            tx_forget(op->txid);
+        }
+        op_free(op);
+        return luaL_error(L, "postgres: pool is closed");
+    }
     op->co = gw_co_current(L);
     if ((n = pool_fail_fast(L, pg)) != 0) {
         if (op->tx_begin) {
@@ -2818,6 +2837,10 @@ lpg_begin(lua_State *L)
     op = new_op(L, 2, 0, LPG_OP_STMT);
     if (op == NULL) {
         return gw_push_error(L, "unavailable", 0, "postgres: out of memory");
+    }
+    if (pool_gone(L, pg)) {              /* (a finalizer run above) */
+        op_free(op);
+        return luaL_error(L, "postgres: pool is closed");
     }
     tx = gw_store_tx_new(gw_co_current(L), pg, tx_abandon);
     if (tx == NULL) {
@@ -3071,6 +3094,16 @@ lpg_begin_atomic(lua_State *L)
         if (op_unsendable(op, msg, sizeof(msg))) {
             break;
         }
+    }
+    if (pool_gone(L, pg)) {
+        while (first != NULL) {
+            op = first->next;
+            op_free(first);
+            first = op;
+        }
+        free(b->ops);
+        free(b);
+        return luaL_error(L, "postgres: pool is closed");
     }
     tx = i == n && first != NULL
          ? gw_store_tx_new(gw_co_current(L), pg, tx_abandon) : NULL;
