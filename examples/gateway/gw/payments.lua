@@ -145,9 +145,13 @@ local function check_channel(b, out, bad)
   end
   out.channel = b.channel
   if b.channel == "jsapi" then
+    -- (an openid is ASCII: a control or other bytes would go to WeChat,
+    -- or fail its client's check after the payment was stored)
     if type(b.payer) ~= "table" or type(b.payer.openid) ~= "string"
-       or b.payer.openid == "" or #b.payer.openid > 128 then
-      bad["payer.openid"] = "a jsapi payment needs the payer's openid"
+       or b.payer.openid == "" or #b.payer.openid > 128
+       or b.payer.openid:find("[^\33-\126]") then
+      bad["payer.openid"] = "a jsapi payment needs the payer's openid (1..128"
+        .. " printable ASCII characters)"
     else
       out.openid = b.payer.openid
     end

@@ -1,0 +1,238 @@
+-- examples/gateway: hostile input on every route of the merchant API.
+-- Each bad input gets a classified 4xx (never a 5xx, nothing stored, no
+-- store or Lua error text), and good inputs at the edges are taken.
+local testing = require "paygate.testing"
+local core = dofile("examples/gateway/spec/core_support.lua")
+
+describe("gateway hostile input", function()
+  local sim, gw
+
+  setup(function()
+    sim = testing.simulator{ time_scale = 100 }
+    gw = core.start(sim)
+  end)
+
+  teardown(function()
+    if gw then gw:stop() end
+    testing.stop_all()
+  end)
+
+  local n = 0
+  local function order_id()
+    n = n + 1
+    return "hostile-" .. n
+  end
+
+  local function stored(id)
+    return #assert(gw.db:query("SELECT id FROM gw_payments WHERE"
+      .. " order_id = $1", { id }))
+  end
+
+  -- a 4xx of this error (and field), nothing stored for the order, and
+  -- no store or Lua error text in the answer
+  local function refused(res, status, err, field, oid)
+    assert.equal(status, res.status, res.body)
+    assert.equal(err, res.json.error, res.body)
+    if field then assert.truthy(res.json.fields[field], res.body) end
+    assert.falsy(res.body:find("traceback", 1, true), res.body)
+    assert.falsy(res.body:find("%.lua:%d"), res.body)
+    assert.falsy(res.body:lower():find("sql"), res.body)
+    if oid then assert.equal(0, stored(oid)) end
+  end
+
+  -- a create body with one raw JSON field spliced in
+  local function create_raw(oid, extra, channel)
+    return gw:call("POST", "/v1/payments", '{"order_id":"' .. oid
+      .. '","channel":"' .. (channel or "native") .. '","amount":1,'
+      .. '"description":"tea"' .. (extra or "") .. '}')
+  end
+
+  it("refuses amounts that are not whole fen, and takes the edges",
+     function()
+    for _, a in ipairs{ "1e308", "-0", "0", "1.5", '"100"',
+                        "9007199254740993", "true", "null", "[]", "{}",
+                        "10000000001" } do
+      local oid = order_id()
+      local res = gw:call("POST", "/v1/payments", '{"order_id":"' .. oid
+        .. '","channel":"native","amount":' .. a .. ',"description":"tea"}')
+      refused(res, 400, "invalid_request", "amount", oid)
+    end
+    local oid = order_id()
+    refused(gw:call("POST", "/v1/payments", '{"order_id":"' .. oid
+      .. '","channel":"native","amount":1e400,"description":"tea"}'),
+      400, "invalid_json", nil, oid)
+    for _, a in ipairs{ "1", "10000000000" } do
+      oid = order_id()
+      local res = gw:call("POST", "/v1/payments", '{"order_id":"' .. oid
+        .. '","channel":"native","amount":' .. a .. ',"description":"tea"}')
+      assert.equal(201, res.status, res.body)
+      assert.equal(tonumber(a), res.json.payment.amount)
+    end
+  end)
+
+  it("refuses text WeChat does not take in description and attach",
+     function()
+    for _, field in ipairs{ "description", "attach" } do
+      for _, v in ipairs{ '"a\255b"', '"a\\u0000b"', '"a\\u007fb"',
+                          '"' .. string.rep("x", 10240) .. '"',
+                          '"\240\159\141\181"', '"\\ud83c\\udf75"', "5" } do
+        local oid = order_id()
+        local text = { description = '"tea"', attach = '"x"' }
+        text[field] = v
+        local json = '{"order_id":"' .. oid .. '","channel":"native",'
+          .. '"amount":1,"description":' .. text.description
+          .. ',"attach":' .. text.attach .. '}'
+        refused(gw:call("POST", "/v1/payments", json), 400,
+                "invalid_request", field, oid)
+      end
+    end
+    -- at the edges: 127 (128) three-byte characters
+    local oid = order_id()
+    local res = gw:call("POST", "/v1/payments", { order_id = oid,
+      channel = "native", amount = 1,
+      description = string.rep("\232\140\182", 127),
+      attach = string.rep("\232\140\182", 128) })
+    assert.equal(201, res.status, res.body)
+    oid = order_id()
+    refused(gw:call("POST", "/v1/payments", { order_id = oid,
+      channel = "native", amount = 1,
+      description = string.rep("\232\140\182", 128) }),
+      400, "invalid_request", "description", oid)
+  end)
+
+  it("holds order_id to 1..64 of its characters, expires_in to its range",
+     function()
+    local res = gw:call("POST", "/v1/payments", { order_id =
+      string.rep("a", 64), channel = "native", amount = 1,
+      description = "tea" })
+    assert.equal(201, res.status, res.body)
+    res = gw:call("POST", "/v1/payments", { order_id = "-_.:|*@",
+      channel = "native", amount = 1, description = "tea" })
+    assert.equal(201, res.status, res.body)
+    for _, oid in ipairs{ string.rep("b", 65), "", "a b", "a/b", "a%b",
+                          "\195\169", "a\0b", "a+b", "a\nb" } do
+      refused(gw:call("POST", "/v1/payments", { order_id = oid,
+        channel = "native", amount = 1, description = "tea" }),
+        400, "invalid_request", "order_id", oid)
+    end
+    for _, e in ipairs{ "59", "604801", "60.5", '"60"', "null" } do
+      local oid = order_id()
+      refused(create_raw(oid, ',"expires_in":' .. e), 400,
+              "invalid_request", "expires_in", oid)
+    end
+    for _, e in ipairs{ 60, 604800 } do
+      res = create_raw(order_id(), ',"expires_in":' .. e)
+      assert.equal(201, res.status, res.body)
+      local p = res.json.payment
+      assert.near(p.created_at + e, p.expires_at, 1)
+    end
+  end)
+
+  it("refuses bodies that are not one JSON object", function()
+    local oid = order_id()
+    local ok = '{"order_id":"' .. oid .. '","channel":"native","amount":1,'
+               .. '"description":"tea"}'
+    for _, case in ipairs{
+      { "\239\187\191" .. ok, "invalid_json" },          -- a UTF-8 BOM
+      { (ok:gsub("}$", ",}")), "invalid_json" },            -- trailing comma
+      { "", "invalid_json" }, { "   ", "invalid_json" },
+      { ok .. "{}", "invalid_json" },
+      { string.rep("[", 1001) .. string.rep("]", 1001), "invalid_json" },
+      { "[" .. ok .. "]", "invalid_request" },
+      { "null", "invalid_request" }, { '"x"', "invalid_request" },
+    } do
+      refused(gw:call("POST", "/v1/payments", case[1]), 400, case[2], nil,
+              oid)
+    end
+    -- nested 1000 deep: decoded, then refused by field
+    refused(gw:call("POST", "/v1/payments", '{"order_id":"' .. oid
+      .. '","channel":"native","description":"tea","amount":'
+      .. string.rep("[", 999) .. string.rep("]", 999) .. '}'),
+      400, "invalid_request", "amount", oid)
+    -- past the runtime's body limit (5 MiB)
+    local res = gw:call("POST", "/v1/payments", (ok:gsub('"tea"', '"'
+      .. string.rep("x", 6 * 1024 * 1024) .. '"')))
+    assert.equal(413, res.status)
+    assert.equal(0, stored(oid))
+  end)
+
+  it("refuses a payer openid that is not printable ASCII, before WeChat",
+     function()
+    -- was: a NUL or a control went to WeChat; bytes that are not UTF-8
+    -- got 502 wechat_error from the client's own check, with the payment
+    -- stored (created) for an order whose input was bad
+    for _, v in ipairs{ '"a\\u0000b"', '"a\\u0001b"', '"o\255"',
+                        '"o\\u00e9"', '"o p"' } do
+      local oid = order_id()
+      refused(create_raw(oid, ',"payer":{"openid":' .. v .. '}', "jsapi"),
+              400, "invalid_request", "payer.openid", oid)
+    end
+    local p = gw:create{ amount = 100 }
+    refused(gw:call("POST", "/v1/payments/" .. p.id .. "/attempts",
+      '{"channel":"jsapi","payer":{"openid":"o\255"}}'),
+      400, "invalid_request", "payer.openid")
+    assert.equal(1, #gw:get(p.id).attempts)
+    local res = create_raw(order_id(),
+      ',"payer":{"openid":"oUpF8uMuAJO_M2pxb1Q9zNjWeS6o"}', "jsapi")
+    assert.equal(201, res.status, res.body)
+  end)
+
+  it("refuses an unusable Idempotency-Key, takes 255 characters",
+     function()
+    for _, k in ipairs{ "", string.rep("k", 256), string.rep("k", 300),
+                        "k\195\164", "k\tk" } do
+      local oid = order_id()
+      refused(gw:call("POST", "/v1/payments", { order_id = oid,
+        channel = "native", amount = 1, description = "tea" },
+        { ["Idempotency-Key"] = k }), 400, "invalid_idempotency_key", nil,
+        oid)
+    end
+    local res = gw:call("POST", "/v1/payments", { order_id = order_id(),
+      channel = "native", amount = 1, description = "tea" },
+      { ["Idempotency-Key"] = string.rep("k", 255) })
+    assert.equal(201, res.status, res.body)
+  end)
+
+  it("answers odd payment ids in the path with 400 or 404", function()
+    local p = gw:create{ amount = 100 }
+    for _, case in ipairs{ { "pay_x%00", 400, "bad_path" },
+                           { p.id .. "%00", 400, "bad_path" },
+                           { "..%2F..%2Fadmin", 400, "bad_path" },
+                           { "pay_x%2Fy", 404, "not_found" },
+                           { string.rep("p", 200), 404, "not_found" },
+                           { "%ff", 404, "not_found" } } do
+      refused(gw:call("GET", "/v1/payments/" .. case[1]), case[2], case[3])
+      refused(gw:call("POST", "/v1/payments/" .. case[1] .. "/close", ""),
+              case[2], case[3])
+      refused(gw:call("POST", "/v1/payments/" .. case[1] .. "/refunds",
+              { amount = 1 }), case[2], case[3])
+      refused(gw:call("GET", "/v1/refunds/" .. case[1]), case[2], case[3])
+    end
+    assert.equal("paying", gw:get(p.id).state)
+  end)
+
+  it("refunds up to what is left, and not a fen more", function()
+    local p = gw:create{ amount = 100 }
+    sim:pay(p.out_trade_no)
+    gw:wait_state(p.id, "paid")
+    local R = "/v1/payments/" .. p.id .. "/refunds"
+    for _, a in ipairs{ "0", "-0", "1.5", '"10"', "1e308", "true", "null",
+                        "9007199254740993" } do
+      refused(gw:call("POST", R, '{"amount":' .. a .. '}'), 400,
+              "invalid_request", "amount")
+    end
+    local res = gw:call("POST", R, { amount = 101 })
+    refused(res, 422, "refund_exceeds_paid")
+    assert.equal(100, res.json.refundable)
+    assert.equal(201, gw:call("POST", R, { amount = 60 }).status)
+    res = gw:call("POST", R, { amount = 41 })
+    refused(res, 422, "refund_exceeds_paid")
+    assert.equal(40, res.json.refundable)
+    assert.equal(201, gw:call("POST", R, { amount = 40 }).status)
+    res = gw:call("POST", R, { amount = 1 })
+    refused(res, 422, "refund_exceeds_paid")
+    assert.equal(0, res.json.refundable)
+    assert.equal(2, #assert(gw.db:query("SELECT id FROM gw_refunds WHERE"
+      .. " payment_id = $1", { p.id })))
+  end)
+end)
