@@ -186,7 +186,8 @@ local function body_of(req)
   if b == nil then
     return nil, 400, err_body("invalid_json", err.message)
   end
-  if type(b) ~= "table" or b[1] ~= nil then
+  -- ([] decodes to an empty table too: only the text tells it from {})
+  if type(b) ~= "table" or b[1] ~= nil or req.body:find("^%s*%[") then
     return nil, 400, err_body("invalid_request", "the body must be a JSON"
                               .. " object")
   end

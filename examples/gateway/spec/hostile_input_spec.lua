@@ -177,6 +177,28 @@ describe("gateway hostile input", function()
     assert.equal(201, res.status, res.body)
   end)
 
+  it("refuses an empty JSON array where an object belongs", function()
+    -- was: [] decoded to an empty table, taken for {}: a close with it
+    -- closed the payment, the others answered field by field
+    local p = gw:create{ amount = 100 }
+    local oid = order_id()
+    for _, case in ipairs{ { "/v1/payments", "[]" },
+                           { "/v1/payments", " [ ] " },
+                           { "/v1/payments/" .. p.id .. "/attempts", "[]" },
+                           { "/v1/payments/" .. p.id .. "/close", "[]" },
+                           { "/v1/payments/" .. p.id .. "/refunds", "[]" } } do
+      local res = gw:call("POST", case[1], case[2])
+      refused(res, 400, "invalid_request", nil, oid)
+      assert.equal("the body must be a JSON object", res.json.message)
+    end
+    local got = gw:get(p.id)
+    assert.equal("paying", got.state)
+    assert.equal(1, #got.attempts)
+    -- {} and no body still close
+    assert.equal(200, gw:call("POST", "/v1/payments/" .. p.id .. "/close",
+                              "{}").status)
+  end)
+
   it("refuses an unusable Idempotency-Key, takes 255 characters",
      function()
     for _, k in ipairs{ "", string.rep("k", 256), string.rep("k", 300),
