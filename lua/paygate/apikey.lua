@@ -134,9 +134,12 @@ function _M.sign(o)
     error("apikey.sign: timestamp must be an integer", 2)
   end
   local ik = o.idempotency_key
-  if ik ~= nil and (type(ik) ~= "string" or ik:find("[\r\n]")) then
-    error("apikey.sign: idempotency_key must be a string without CR or LF",
-          2)
+  -- (HTTP drops a header value's leading and trailing spaces and tabs:
+  -- the server would check the signature over a key without them)
+  if ik ~= nil and (type(ik) ~= "string" or ik:find("[\r\n]")
+                    or ik:find("^[ \t]") or ik:find("[ \t]$")) then
+    error("apikey.sign: idempotency_key must be a string without CR or LF"
+          .. " and without leading or trailing spaces or tabs", 2)
   end
   local sig = crypto.hex(crypto.hmac("sha256", key,
     _M.message(o.method, o.path, string.format("%d", ts), o.body, ik)))

@@ -338,6 +338,15 @@ describe("apikey.sign", function()
       apikey.sign{ app_id = "a", key_id = "k", signing_key = sk,
                    method = "POST", path = "/", idempotency_key = "a\nb" }
     end)
+    -- HTTP drops a header value's outer spaces: a key with them would be
+    -- signed as sent and checked without them (an opaque bad_signature)
+    for _, ik in ipairs({ " o-1", "o-1 ", "\to-1" }) do
+      assert.has_error(function()
+        apikey.sign{ app_id = "a", key_id = "k", signing_key = sk,
+                     method = "POST", path = "/", idempotency_key = ik }
+      end, "apikey.sign: idempotency_key must be a string without CR or LF"
+           .. " and without leading or trailing spaces or tabs")
+    end
     local now = math.floor(core.time())
     local ts = tonumber(apikey.sign{ app_id = "a", key_id = "k",
       secret = "s", method = "GET", path = "/" }.Authorization
