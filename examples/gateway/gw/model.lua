@@ -197,6 +197,14 @@ function _M.switching(q, no)
   return rows[1] ~= nil and opt(rows[1].close_check_at) ~= nil
 end
 
+--- syntax: res, err = model.unmark_switch(q, out_trade_no)
+-- The switch's mark taken off the attempt, still open (the switch did not
+-- happen, or its request died): it stays the payment's.
+function _M.unmark_switch(q, no)
+  return q:exec("UPDATE gw_attempts SET close_check_at = NULL WHERE"
+                .. " out_trade_no = $1 AND state = 'open'", { no })
+end
+
 --- syntax: res, err = model.close_confirmed(q, out_trade_no)
 -- WeChat confirmed the attempt closed (or never made): nothing left to
 -- check about it.

@@ -682,9 +682,7 @@ function _M.new_attempt(req, ik)
   if cs then
     -- no switch: the attempt stays the payment's (a crash before this
     -- leaves the mark to the payment checks, which drop it)
-    local ok, uerr = ctx.db:exec("UPDATE gw_attempts SET close_check_at ="
-      .. " NULL WHERE out_trade_no = $1 AND state = 'open'",
-      { p.out_trade_no })
+    local ok, uerr = model.unmark_switch(ctx.db, p.out_trade_no)
     if not ok then
       paygate.log.warn("gateway: cannot unmark an attempt after a failed"
         .. " switch; the payment checks do", { out_trade_no = p.out_trade_no,

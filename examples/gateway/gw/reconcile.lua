@@ -172,15 +172,35 @@ local OPEN_PAY = { created = true, paying = true, unknown = true }
 local OPEN_REF = { created = true, processing = true, unknown = true,
                    abnormal = true }
 
+-- Applies a query's answer that WeChat took the money (SUCCESS, REFUND)
+-- as a notification would (dedupe, amount, late payment, events), under
+-- the runner's fence; resched(tx, outcome) ends or moves the row's checks
+-- in the same transaction. The work after the commit (a late payment's
+-- refund, closes) is started then.
+local function apply_paid(ctx, rctx, txn, resched)
+  local after
+  local ok, err = fsm.retry(ctx.db, function(tx)
+    local f, ferr = rctx.fence(tx)
+    if not f then return nil, ferr end
+    local outcome, list = apply.payment(ctx, tx, {
+      resource = txn, source = "query", actor = "reconcile" })
+    if not outcome then return nil, list end
+    after = list
+    return resched(tx, outcome)
+  end)
+  if not ok then return nil, err end
+  if after and ctx.payments and ctx.payments.after then
+    ctx.payments.after(after)
+  end
+  return true
+end
+
 -- An attempt closed or superseded here whose close WeChat has not
 -- confirmed (gw_attempts.close_check_at): its next check on the schedule,
 -- or none once confirmed (done).
 local function attempt_resched(sched)
   return function(tx, no, done)
-    if done then
-      return tx:exec("UPDATE gw_attempts SET close_check_at = NULL WHERE"
-                     .. " out_trade_no = $1", { no })
-    end
+    if done then return model.close_confirmed(tx, no) end
     local rows, err = tx:query("SELECT close_checks FROM gw_attempts WHERE"
                                .. " out_trade_no = $1", { no })
     if not rows then return nil, err end
@@ -208,31 +228,18 @@ local function check_attempt(ctx, wx, row, rctx, resched)
     return db:transaction(function(tx)
       local f, ferr = rctx.fence(tx)
       if not f then return nil, ferr end
-      return tx:exec("UPDATE gw_attempts SET close_check_at = NULL WHERE"
-                     .. " out_trade_no = $1 AND state = 'open'", { no })
+      return model.unmark_switch(tx, no)
     end)
   end
   local txn, err = wx:query_by_out_trade_no(no, sub)
   if not txn and err.kind ~= "not_found" then return nil, err end
   local ts = txn and txn.trade_state
   if ts == "SUCCESS" or ts == "REFUND" then
-    local after
-    local ok, aerr = fsm.retry(db, function(tx)
-      local f, ferr = rctx.fence(tx)
-      if not f then return nil, ferr end
-      local outcome, list = apply.payment(ctx, tx, {
-        resource = txn, source = "query", actor = "reconcile" })
-      if not outcome then return nil, list end
-      after = list
-      -- applied (or a duplicate of what a notification applied, or an
-      -- amount mismatch raised as an alarm): nothing left to ask
+    -- applied (or a duplicate of what a notification applied, or an
+    -- amount mismatch raised as an alarm): nothing left to ask
+    return apply_paid(ctx, rctx, txn, function(tx)
       return resched(tx, no, true)
     end)
-    if not ok then return nil, aerr end
-    if after and ctx.payments and ctx.payments.after then
-      ctx.payments.after(after)
-    end
-    return true
   end
   if txn and ts ~= "CLOSED" and ts ~= "REVOKED" then
     local ok, cerr = wx:close(no, sub)
@@ -290,26 +297,13 @@ local function payment_checks(ctx, conf, sched)
         id = row.id, state = row.state, out_trade_no = row.out_trade_no,
         sub_mchid = model.opt(row.sub_mchid), expires_at = row.expires_at })
       if not action then return nil, err end
-      local after
       if action.remote == "SUCCESS" or action.remote == "REFUND" then
-        -- as a notification would: dedupe, amount, late payment, events
-        local ok, aerr = fsm.retry(db, function(tx)
-          local f, ferr = rctx.fence(tx)
-          if not f then return nil, ferr end
-          local outcome, list = apply.payment(ctx, tx, {
-            resource = action.transaction, source = "query",
-            actor = "reconcile" })
-          if not outcome then return nil, list end
-          after = list
-          -- an amount mismatch was raised (audit, event, gauge) and the
-          -- payment left as it is: asking again would only repeat it
+        -- an amount mismatch was raised (audit, event, gauge) and the
+        -- payment left as it is: asking again would only repeat it
+        return apply_paid(ctx, rctx, action.transaction,
+                          function(tx, outcome)
           return resched(tx, row.id, outcome == "alarm")
         end)
-        if not ok then return nil, aerr end
-        if after and ctx.payments and ctx.payments.after then
-          ctx.payments.after(after)
-        end
-        return true
       end
       return reconcile.apply(db, P, action, {
         fence = rctx.fence,
