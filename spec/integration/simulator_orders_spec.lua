@@ -114,6 +114,9 @@ describe("simulator: prepay", function()
         "/colour")
     err(prepay("pp-bad-0012", { payer = false }, "h5"), 400, "PARAM_ERROR",
         "/scene_info/h5_info")
+    err(prepay("pp-bad-0015", { payer = false, scene_info = {
+      payer_client_ip = ":::", h5_info = { type = "Wap" } } }, "h5"), 400,
+      "PARAM_ERROR", "/scene_info/payer_client_ip")
     err(prepay("pp-bad-0013", { appid = "wx0000000000000000" }), 400,
         "APPID_MCHID_NOT_MATCH")
     err(prepay("pp-bad-0014", { mchid = sc.MCHID2 }), 400, "INVALID_REQUEST",

@@ -137,6 +137,10 @@ describe("wechatpay api", function()
           return wx:h5_prepay(prepay_p{ scene_info = {
             h5_info = { type = "Wap" } } }) end,
         "scene_info.payer_client_ip" },
+      { "h5 prepay with a payer_client_ip that is no IP address", function()
+          return wx:h5_prepay(prepay_p{ scene_info = {
+            payer_client_ip = "999.1.1.1", h5_info = { type = "Wap" } } })
+        end, "scene_info.payer_client_ip" },
       { "h5 prepay with an unknown h5_info.type", function()
           return wx:h5_prepay(prepay_p{ scene_info = {
             payer_client_ip = "1.2.3.4", h5_info = { type = "web" } } }) end,
@@ -961,5 +965,32 @@ describe("wechatpay api", function()
       assert.is_nil(c)
       assert.equal("invalid_config", cerr.kind)
     end)
+  end)
+end)
+
+describe("paygate.wechatpay.validate.ip_address", function()
+  local ip_address = require("paygate.wechatpay.validate").ip_address
+
+  it("takes IPv4 and IPv6 addresses as text", function()
+    for _, s in ipairs{ "203.0.113.7", "0.0.0.0", "255.255.255.255", "::",
+                        "::1", "2001:db8::1", "2001:db8:0:0:0:0:2:1",
+                        "::ffff:192.0.2.1", "fe80::", "1:2:3:4:5:6:7:8",
+                        "1:2:3:4:5:6:1.2.3.4", "1::8", "::2:3:4:5:6:7:8" } do
+      assert.is_true(ip_address(s), s)
+    end
+  end)
+
+  it("refuses anything else", function()
+    for _, s in ipairs{ ":::", "", "1.2.3", "1.2.3.4.5", "256.1.1.1",
+                        "01.2.3.4", "1.2.3.-4", "1:2:3:4:5:6:7:8:9",
+                        "1::2::3", "12345::", "g::1", "1:2:3:4:5:6:7",
+                        "::1.2.3", "1.2.3.4::", "fe80::1%eth0",
+                        " 1.2.3.4", "1.2.3.4\n", "1:2:3:4:5:6:7:1.2.3.4",
+                        "1::2:3:4:5:6:7:8", ":1:2:3:4:5:6:7",
+                        "1:2:3:4:5:6:7:", ("1"):rep(46) } do
+      assert.is_false(ip_address(s), s)
+    end
+    assert.is_false(ip_address(5))
+    assert.is_false(ip_address(nil))
   end)
 end)

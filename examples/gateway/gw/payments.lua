@@ -157,9 +157,9 @@ local function check_channel(b, out, bad)
     end
   end
   if b.channel == "h5" then
-    if type(b.client_ip) ~= "string" or #b.client_ip > 45
-       or not b.client_ip:match("^[%x%.:]+$") then
-      bad.client_ip = "an h5 payment needs the payer's IP address"
+    if not validate.ip_address(b.client_ip) then
+      bad.client_ip = "an h5 payment needs the payer's IP address (IPv4"
+        .. " as 203.0.113.7, or IPv6)"
     else
       out.client_ip = b.client_ip
     end

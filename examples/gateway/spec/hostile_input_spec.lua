@@ -177,6 +177,29 @@ describe("gateway hostile input", function()
     assert.equal(201, res.status, res.body)
   end)
 
+  it("takes an h5 client_ip only as an IPv4 or IPv6 address", function()
+    -- was: any run of hex digits, dots and colons (":::", "1.2.3",
+    -- "999.1.1.1") went to WeChat, which refused the prepay: a 502
+    -- wechat_error, the payment stored for an order whose input was bad
+    for _, v in ipairs{ '":::"', '"1.2.3"', '"999.1.1.1"', '"01.2.3.4"',
+                        '"1::2::3"', '"12345::1"', '"fe80::1%eth0"',
+                        '"1:2:3:4:5:6:7"', '" 203.0.113.7"', '""', "7" } do
+      local oid = order_id()
+      refused(create_raw(oid, ',"client_ip":' .. v, "h5"),
+              400, "invalid_request", "client_ip", oid)
+    end
+    local p = gw:create{ amount = 100 }
+    refused(gw:call("POST", "/v1/payments/" .. p.id .. "/attempts",
+      '{"channel":"h5","client_ip":"1.2.3"}'),
+      400, "invalid_request", "client_ip")
+    assert.equal(1, #gw:get(p.id).attempts)
+    for _, v in ipairs{ "203.0.113.7", "2001:db8::1", "::ffff:192.0.2.1" } do
+      local res = create_raw(order_id(), ',"client_ip":"' .. v .. '"', "h5")
+      assert.equal(201, res.status, res.body)
+      assert.truthy(res.json.h5_url or res.json.payment, res.body)
+    end
+  end)
+
   it("refuses an empty JSON array where an object belongs", function()
     -- was: [] decoded to an empty table, taken for {}: a close with it
     -- closed the payment, the others answered field by field

@@ -11,6 +11,7 @@
 -- notification (sim.notify) in the transaction that makes the change.
 local core = require "paygate.core"
 local crypto = require "paygate.crypto"
+local validate = require "paygate.wechatpay.validate"
 local json = require "sim.json"
 local notify = require "sim.notify"
 local certificates = require "sim.certificates"
@@ -323,6 +324,10 @@ local function check_prepay(c, body, trade_type, partner)
     if type(scene) ~= "table" or type(scene.payer_client_ip) ~= "string"
        or scene.payer_client_ip == "" then
       return nil, a.param_error("/scene_info/payer_client_ip", "此字段为必填项")
+    end
+    if not validate.ip_address(scene.payer_client_ip) then
+      return nil, a.param_error("/scene_info/payer_client_ip",
+                                "IP地址格式不正确", scene.payer_client_ip:sub(1, 64))
     end
   end
   if trade_type == "MWEB" then

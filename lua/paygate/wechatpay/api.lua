@@ -74,6 +74,8 @@ local NOTIFY_URL = { min = 1, max = 255,
   end,
   what = "an https URL without a query string (http only to a loopback "
          .. "host: 127.0.0.1, localhost, [::1])" }
+local IP = { min = 1, max = 45, test = validate.ip_address,
+             what = "an IPv4 or IPv6 address (203.0.113.7, 2001:db8::1)" }
 local RFC3339 = {
   test = function(v)
     local rest = v:match("^%d%d%d%d%-[01]%d%-[0-3]%dT[0-2]%d:[0-5]%d:[0-6]%d"
@@ -120,7 +122,7 @@ local PREPAY_COMMON = {
   rule("detail.goods_detail[].quantity", "int", { min = 1 }, REQ),
   rule("detail.goods_detail[].unit_price", "int", { min = 0 }, REQ),
   rule("scene_info", "object"),
-  rule("scene_info.payer_client_ip", "string", { min = 1, max = 45 }, REQ),
+  rule("scene_info.payer_client_ip", "string", IP, REQ),
   rule("scene_info.device_id", "string", { max = 32 }),
   rule("scene_info.store_info", "object"),
   rule("scene_info.store_info.id", "string", { min = 1, max = 32 }, REQ),

@@ -57,6 +57,52 @@ local function is_int(v)
 end
 _M.is_int = is_int
 
+-- An IPv4 address in dotted-quad form (no leading zeros: "010" reads as
+-- octal to some parsers), or an IPv6 address (RFC 4291 text: eight groups
+-- of 1-4 hex digits, one "::" for a run of zero groups, an IPv4 tail; no
+-- zone). What WeChat takes as scene_info.payer_client_ip: the client, the
+-- simulator and the gateway judge it by this one function.
+local function ipv4(s)
+  local a, b, c, d = s:match("^(%d+)%.(%d+)%.(%d+)%.(%d+)$")
+  if not a then return false end
+  for _, o in ipairs{ a, b, c, d } do
+    if #o > 3 or tonumber(o) > 255 or (#o > 1 and o:byte(1) == 48) then
+      return false
+    end
+  end
+  return true
+end
+
+local function ipv6_groups(part, tail_ok)
+  if part == "" then return 0 end
+  local n, groups = 0, {}
+  for g in (part .. ":"):gmatch("([^:]*):") do groups[#groups + 1] = g end
+  for i, g in ipairs(groups) do
+    if i == #groups and tail_ok and g:find(".", 1, true) then
+      if not ipv4(g) then return nil end
+      n = n + 2
+    elseif g:match("^%x%x?%x?%x?$") then
+      n = n + 1
+    else
+      return nil
+    end
+  end
+  return n
+end
+
+--- syntax: ok = validate.ip_address(s)
+-- true when s is an IPv4 or IPv6 address as text (see above).
+function _M.ip_address(s)
+  if type(s) ~= "string" or #s > 45 then return false end
+  if ipv4(s) then return true end
+  local left, right = s:match("^(.-)::(.*)$")
+  if left then
+    if right:find("::", 1, true) then return false end
+    local l, r = ipv6_groups(left, false), ipv6_groups(right, true)
+    return l ~= nil and r ~= nil and l + r <= 7
+  end
+  return ipv6_groups(s, true) == 8
+end
 -- Checks one value against one rule; returns nil, err or true.
 local function check_value(call, field, v, r)
   local t = r[2]
