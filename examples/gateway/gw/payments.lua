@@ -632,12 +632,28 @@ end
 -- when WeChat closed it; when it did not know it, its prepay may still be
 -- on the way), else the answer: 409 payment_paid (paid_message) when it
 -- was paid, or the failed call's.
+local PAID = { SUCCESS = true, REFUND = true }
+
 local function close_current(p, paid_message)
-  local ok, cerr = client_of(p):close(p.out_trade_no, sub_of(p))
+  local wx, sub = client_of(p), sub_of(p)
+  local ok, cerr = wx:close(p.out_trade_no, sub)
   if ok then return nil, true end
   if cerr.kind == "not_found" then return nil, false end
   if cerr.kind == "order_paid" then
     return 409, err_body("payment_paid", paid_message)
+  end
+  if _M.maybe_sent(cerr) then
+    -- the close may have been made and its answer lost (a timeout after
+    -- sending, WeChat's 5xx, an answer that did not verify): asked once.
+    -- CLOSED is this close done -- answering 5xx instead left the attempt
+    -- the payment's, and the next check, reading CLOSED, closed the
+    -- payment the merchant had asked to switch to another channel
+    local txn = wx:query_by_out_trade_no(p.out_trade_no, sub)
+    local ts = type(txn) == "table" and txn.trade_state
+    if ts == "CLOSED" then return nil, true end
+    if PAID[ts] then
+      return 409, err_body("payment_paid", paid_message)
+    end
   end
   return _M.wx_failure(cerr)
 end

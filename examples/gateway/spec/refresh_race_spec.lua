@@ -85,4 +85,50 @@ describe("gateway ?refresh=1 and a new attempt", function()
     sim:pay(p.id .. "_2")
     gw:wait_state(p.id, "paid", 20)
   end)
+
+  -- the close of the attempt done at WeChat, every answer to it lost (a
+  -- 500 after the work, through the client's retries)
+  local function close_unanswered()
+    sim:fault{ endpoint = "close", kind = "error", status = 500,
+               after = true, count = 10 }
+  end
+
+  it("a switch whose close WeChat made but never answered goes on",
+     function()
+    -- was: 502 and the attempt left the payment's; the next check read
+    -- CLOSED and closed the payment: its order could not be paid again
+    local p = gw:create{ amount = 323 }
+    close_unanswered()
+    local res = gw:call("POST", "/v1/payments/" .. p.id .. "/attempts",
+                        { channel = "native" })
+    sim:control("DELETE", "/sim/faults")
+    assert.equal(201, res.status, res.body)
+    assert.equal(p.id .. "_2", res.json.payment.out_trade_no)
+    assert.equal("CLOSED", assert(sim:client():query_by_out_trade_no(
+      p.id .. "_1")).trade_state)
+    -- a refresh reads the new attempt, open
+    assert.equal("paying", gw:get(p.id, "?refresh=1").state)
+    sim:pay(p.id .. "_2")
+    gw:wait_state(p.id, "paid", 20)
+  end)
+
+  it("a close WeChat made but never answered is answered closed",
+     function()
+    local p = gw:create{ amount = 324 }
+    close_unanswered()
+    local res = gw:call("POST", "/v1/payments/" .. p.id .. "/close")
+    sim:control("DELETE", "/sim/faults")
+    assert.equal(200, res.status, res.body)
+    assert.equal("closed", res.json.state)
+    -- WeChat's own failure (nothing closed) is still an error
+    local q = gw:create{ amount = 325 }
+    sim:fault{ endpoint = "close", kind = "error", status = 500, count = 10 }
+    res = gw:call("POST", "/v1/payments/" .. q.id .. "/attempts",
+                  { channel = "native" })
+    sim:control("DELETE", "/sim/faults")
+    assert.equal(502, res.status, res.body)
+    assert.equal(q.id .. "_1", gw:get(q.id).out_trade_no)
+    assert.equal("NOTPAY", assert(sim:client():query_by_out_trade_no(
+      q.id .. "_1")).trade_state)
+  end)
 end)
