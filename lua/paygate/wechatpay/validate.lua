@@ -103,6 +103,7 @@ function _M.ip_address(s)
   end
   return ipv6_groups(s, true) == 8
 end
+
 -- Checks one value against one rule; returns nil, err or true.
 local function check_value(call, field, v, r)
   local t = r[2]
