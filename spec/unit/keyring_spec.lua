@@ -133,6 +133,38 @@ describe("paygate.keyring", function()
     assert.is_true(keyring.remove("PUB_KEY_ID_abc"))
   end)
 
+  it("finds a hex serial with or without its leading zeros", function()
+    -- Go and OpenSSL write "0A1E...", Java's BigInteger "A1E..."
+    local z40 = "0A1E989910B253E069A11568C91C57CA44568101"
+    local z39 = z40:sub(2)
+    assert.equal(z40, keyring.put(z40, wxpub))
+    for _, id in ipairs({ z39, z40, z39:lower(), "00" .. z40 }) do
+      assert.is_not_nil(keyring.get(id), id)
+      assert.is_true(keyring.verify_base64(id, VERIFY_11_3, SIG_11_3), id)
+    end
+    -- one entry, listed as it was put; putting the other spelling
+    -- replaces it
+    assert.same({ z40 }, { keyring.list()[1].id })
+    keyring.put(z39, wxpub)
+    assert.equal(1, keyring.count())
+    assert.is_true(keyring.remove("000" .. z39))
+    assert.equal(0, keyring.count())
+    -- "0" and "00" are one serial; ids that are not hex, and PUB_KEY_ID_
+    -- ids, keep their zeros
+    keyring.put("00", wxpub)
+    assert.is_not_nil(keyring.get("0"))
+    keyring.put("0XYZ", wxpub)
+    fails_with("unknown_serial", keyring.get("XYZ"))
+    keyring.put("PUB_KEY_ID_0001", wxpub)
+    fails_with("unknown_serial", keyring.get("PUB_KEY_ID_001"))
+    -- on a ring too
+    local ring = keyring.new()
+    ring:put(z40, wxpub)
+    assert.is_true(ring:verify_lines_base64(z39, SIG_11_3, nil, nil,
+      VERIFY_11_3:match("^(.-)\n(.-)\n(.*)\n$")))
+    ring:close()
+  end)
+
   it("replace() reads items raw: an __index cannot change or abort them", function()
     keyring.put("OLD", wxpub)
     -- an id that is a string when checked and a table when used

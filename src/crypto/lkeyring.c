@@ -12,9 +12,13 @@
  * allocation. Replacing an entry or the whole set builds the new state
  * first and swaps pointers last, so a failed put leaves the ring intact.
  *
- * Lookups compare ids exactly; serials are stored uppercase (WeChat Pay
- * sends uppercase hex, and put() upper-cases hex serials), PUB_KEY_ID_
- * ids are opaque.
+ * Serials are stored uppercase and looked up uppercased (WeChat Pay sends
+ * uppercase hex; put() upper-cases hex serials); PUB_KEY_ID_ ids are
+ * opaque, compared exactly. A serial is a number written in hex, and not every
+ * writer keeps its leading zero (Go prints two digits per byte, "0A1E...",
+ * as OpenSSL does; Java's BigInteger drops it, "A1E..."): an id made only
+ * of hex digits is looked up without its leading zeros, so either
+ * spelling finds the entry; the entry keeps the id as it was put.
  */
 #include <ctype.h>
 #include <stdlib.h>
@@ -39,7 +43,8 @@
 struct gw_kr_entry {
     char             *id;          /* owned, NUL-terminated */
     size_t            idlen;       /* bytes */
-    uint32_t          hash;        /* FNV-1a of id */
+    size_t            skip;        /* leading zeros the lookup ignores */
+    uint32_t          hash;        /* FNV-1a of id + skip */
     struct gw_keyinfo ki;          /* owned key reference + contexts */
     X509             *cert;        /* owned reference, or NULL (pub key) */
     double            not_before;  /* epoch s; 0 = unbounded */
@@ -70,7 +75,33 @@ gw_kr_entry_free(struct gw_kr_entry *e)
     free(e);
 }
 
-/* Slot index of id, or of the first free slot for it (*found = 0). */
+static int
+gw_kr_is_pub_id(const char *id, size_t len)
+{
+    return len >= 11 && memcmp(id, "PUB_KEY_ID_", 11) == 0;
+}
+
+/* How many leading zeros of id (already upper-cased) a lookup ignores:
+ * those of a hex serial (all hex digits), keeping one digit; none for any
+ * other id. */
+static size_t
+gw_kr_skip(const char *id, size_t len)
+{
+    size_t i, zeros = 0;
+
+    for (i = 0; i < len; i++) {
+        if (!isxdigit((unsigned char)id[i])) {
+            return 0;
+        }
+    }
+    while (zeros + 1 < len && id[zeros] == '0') {
+        zeros++;
+    }
+    return zeros;
+}
+
+/* Slot index of the lookup key (an id from which gw_kr_skip's zeros are
+ * dropped), or of the first free slot for it (*found = 0). */
 static size_t
 gw_kr_find(struct gw_keyring *kr, const char *id, size_t len, uint32_t h,
            int *found)
@@ -88,8 +119,8 @@ gw_kr_find(struct gw_keyring *kr, const char *id, size_t len, uint32_t h,
             if (free_slot == (size_t)-1) {
                 free_slot = i;
             }
-        } else if (e->hash == h && e->idlen == len
-                   && memcmp(e->id, id, len) == 0)
+        } else if (e->hash == h && e->idlen - e->skip == len
+                   && memcmp(e->id + e->skip, id, len) == 0)
         {
             *found = 1;
             return i;
@@ -98,17 +129,36 @@ gw_kr_find(struct gw_keyring *kr, const char *id, size_t len, uint32_t h,
     }
 }
 
+/* The slot of the entry id names (hex serials in any case, with or
+ * without leading zeros; PUB_KEY_ID_ ids exactly), or (size_t)-1. */
+static size_t
+gw_kr_slot(struct gw_keyring *kr, const char *id, size_t len)
+{
+    char up[GW_KEYRING_MAX_ID];
+    int found;
+    size_t i, skip;
+
+    if (kr->count == 0 || len == 0 || len > GW_KEYRING_MAX_ID) {
+        return (size_t)-1;
+    }
+    if (!gw_kr_is_pub_id(id, len)) {
+        for (i = 0; i < len; i++) {
+            up[i] = (char)toupper((unsigned char)id[i]);
+        }
+        id = up;
+    }
+    skip = gw_kr_skip(id, len);
+    i = gw_kr_find(kr, id + skip, len - skip,
+                   gw_hash_fnv1a(id + skip, len - skip), &found);
+    return found ? i : (size_t)-1;
+}
+
 static struct gw_kr_entry *
 gw_kr_get(struct gw_keyring *kr, const char *id, size_t len)
 {
-    int found;
-    size_t i;
+    size_t i = gw_kr_slot(kr, id, len);
 
-    if (kr->count == 0) {
-        return NULL;
-    }
-    i = gw_kr_find(kr, id, len, gw_hash_fnv1a(id, len), &found);
-    return found ? kr->slots[i] : NULL;
+    return i != (size_t)-1 ? kr->slots[i] : NULL;
 }
 
 /* Grows (or rehashes) so that one more entry keeps load below 1/2. */
@@ -136,7 +186,8 @@ gw_kr_reserve(struct gw_keyring *kr)
         struct gw_kr_entry *e = old[i];
 
         if (e != NULL && e != GW_KR_TOMB) {
-            slots[gw_kr_find(kr, e->id, e->idlen, e->hash, &found)] = e;
+            slots[gw_kr_find(kr, e->id + e->skip, e->idlen - e->skip,
+                             e->hash, &found)] = e;
         }
     }
     free(old);
@@ -153,7 +204,8 @@ gw_kr_insert(struct gw_keyring *kr, struct gw_kr_entry *e)
     if (gw_kr_reserve(kr) != GW_OK) {
         return GW_ERR;
     }
-    i = gw_kr_find(kr, e->id, e->idlen, e->hash, &found);
+    i = gw_kr_find(kr, e->id + e->skip, e->idlen - e->skip, e->hash,
+                   &found);
     if (found) {
         gw_kr_entry_free(kr->slots[i]);
     } else {
@@ -208,14 +260,15 @@ gw_kr_entry_new(lua_State *L, const char *id, size_t idlen, int idx,
         snprintf(msg, msglen, "out of memory");
         return NULL;
     }
-    pubkey_id = idlen >= 11 && memcmp(id, "PUB_KEY_ID_", 11) == 0;
+    pubkey_id = gw_kr_is_pub_id(id, idlen);
     for (i = 0; i < idlen; i++) {
         /* Hex serials compare case-insensitively: store uppercase. */
         e->id[i] = pubkey_id ? id[i] : (char)toupper((unsigned char)id[i]);
     }
     e->id[idlen] = '\0';
     e->idlen = idlen;
-    e->hash = gw_hash_fnv1a(e->id, idlen);
+    e->skip = pubkey_id ? 0 : gw_kr_skip(e->id, idlen);
+    e->hash = gw_hash_fnv1a(e->id + e->skip, idlen - e->skip);
     if (gw_keyinfo_init(&e->ki, src->pkey, 0, &kind, msg, msglen)
         != GW_OK)
     {
@@ -485,20 +538,9 @@ gw_kr_lookup(lua_State *L, struct gw_keyring *kr, int idx, int at_idx,
 {
     size_t len;
     const char *id = luaL_checklstring(L, idx, &len);
-    char up[GW_KEYRING_MAX_ID];
-    struct gw_kr_entry *e = NULL;
+    struct gw_kr_entry *e = gw_kr_get(kr, id, len);
     double now;
-    size_t i;
 
-    if (len > 0 && len <= GW_KEYRING_MAX_ID) {
-        e = gw_kr_get(kr, id, len);
-        if (e == NULL && strncmp(id, "PUB_KEY_ID_", 11) != 0) {
-            for (i = 0; i < len; i++) {
-                up[i] = (char)toupper((unsigned char)id[i]);
-            }
-            e = gw_kr_get(kr, up, len);
-        }
-    }
     if (e == NULL) {
         *nret = gw_push_error(L, "unknown_serial", 0, "no verifier for "
                               "Wechatpay-Serial %.128s (%d known): "
@@ -671,30 +713,18 @@ lring_verify_lines_base64(lua_State *L)
 static int
 gw_kr_op_remove(lua_State *L, struct gw_keyring *kr, int b)
 {
-    size_t len, i;
+    size_t len;
     const char *id = luaL_checklstring(L, b + 1, &len);
-    char up[GW_KEYRING_MAX_ID];
-    int found = 0;
+    /* matched as lookups match: put() stores hex serials uppercase */
+    size_t i = gw_kr_slot(kr, id, len);
 
-    /* put() stores hex serials uppercase: match them the same way. */
-    if (len <= GW_KEYRING_MAX_ID
-        && !(len >= 11 && memcmp(id, "PUB_KEY_ID_", 11) == 0))
-    {
-        for (i = 0; i < len; i++) {
-            up[i] = (char)toupper((unsigned char)id[i]);
-        }
-        id = up;
+    if (i != (size_t)-1) {
+        gw_kr_entry_free(kr->slots[i]);
+        kr->slots[i] = GW_KR_TOMB;
+        kr->count--;
+        kr->tombs++;
     }
-    if (kr->count > 0) {
-        i = gw_kr_find(kr, id, len, gw_hash_fnv1a(id, len), &found);
-        if (found) {
-            gw_kr_entry_free(kr->slots[i]);
-            kr->slots[i] = GW_KR_TOMB;
-            kr->count--;
-            kr->tombs++;
-        }
-    }
-    lua_pushboolean(L, found);
+    lua_pushboolean(L, i != (size_t)-1);
     return 1;
 }
 

@@ -377,21 +377,7 @@ local function main(args)
       end
     end
     local cause, detail, fix
-    local bare = serial:upper():gsub("^0+", "")
-    local padded
-    for _, e in ipairs(certs) do
-      if e.id ~= serial:upper() and e.id:gsub("^0+", "") == bare then
-        padded = e
-      end
-    end
-    if padded then
-      cause = "Wechatpay-Serial " .. serial .. " is certificate "
-              .. padded.id .. " with its leading zero dropped"
-      detail = "a serial printed as a number (Java's BigInteger."
-               .. "toString(16), a spreadsheet) loses its leading zeros; "
-               .. "WeChat compares the 40 hex digits as text"
-      fix = "keep serials as strings of 40 hex digits: " .. padded.id
-    elseif other then
+    if other then
       cause = "Wechatpay-Serial " .. serial .. " names no key given, but "
               .. "the signature verifies with " .. tostring(other.id)
               .. " (" .. other.file .. ")"
@@ -453,6 +439,22 @@ local function main(args)
                  .. "Wechatpay-Signature-Type: WECHATPAY2-SM2-WITH-SM3",
                  "capture and pass every Wechatpay-* header")
         return 0
+      end
+      -- the key ring finds a serial without its leading zeros, as the
+      -- client does: say so, since WeChat writes all 40 digits
+      local bare = serial:upper():gsub("^0+", "")
+      for _, e in ipairs(certs) do
+        if e.id ~= serial:upper() and e.id:gsub("^0+", "") == bare then
+          out:warn("serial", "verified with certificate " .. e.id
+                   .. ", named by Wechatpay-Serial " .. serial
+                   .. " with its leading zero dropped",
+                   "a serial printed as a number (Java's BigInteger."
+                   .. "toString(16), a spreadsheet) loses its leading "
+                   .. "zeros; the gateway finds the certificate either way,"
+                   .. " WeChat writes the 40 hex digits",
+                   "keep serials as strings of 40 hex digits: " .. e.id)
+          return 0
+        end
       end
       out:ok("signature", "verified with " .. serial .. " over "
              .. #body .. " body bytes")

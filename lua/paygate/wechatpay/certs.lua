@@ -53,6 +53,14 @@ function _M.shared_dict(name)
   return d
 end
 
+--- syntax: same = certs.same_serial(a, b)
+-- Whether two hex serials name the same number: case and leading zeros
+-- aside (Go writes two digits per byte, "0A1E...", as OpenSSL does; Java's
+-- BigInteger drops the zero, "A1E..."; the key ring looks both up alike).
+function _M.same_serial(a, b)
+  return (a:upper():gsub("^0+(.)", "%1")) == (b:upper():gsub("^0+(.)", "%1"))
+end
+
 local function is_pub_id(serial)
   return serial:sub(1, 11) == "PUB_KEY_ID_"
 end
@@ -215,7 +223,7 @@ local function decode_download(wx, body, now)
         .. ": not a certificate (" .. tostring(cerr and cerr.kind) .. ")")
     end
     if type(item.serial_no) == "string"
-       and item.serial_no:upper() ~= cert:serial() then
+       and not _M.same_serial(item.serial_no, cert:serial()) then
       return nil, core.error("bad_response", "/v3/certificates entry " .. i
         .. ": serial_no " .. printable(item.serial_no, 64)
         .. " differs from the certificate's " .. cert:serial())
