@@ -1,7 +1,8 @@
 -- paygate.wechatpay's platform certificate download, as docs/wechatpay.md
 -- says ("Platform certificates", "Notifications"): certificates held at
 -- start are refreshed from the start; a download that times out is
--- timeout. Each case failed before its fix.
+-- timeout; a configuration error answered to every verification is not
+-- grown by each caller. Each case failed before its fix.
 local core = require "paygate.core"
 local crypto = require "paygate.crypto"
 local json = require "cjson.safe"
@@ -63,5 +64,41 @@ describe("a notification whose unknown serial's download times out", function()
     wx:stop()
     assert.is_nil(ev)
     assert.equal("timeout", err.kind, tostring(err))
+  end)
+end)
+
+describe("a 404 RESOURCE_NOT_EXISTS seen after startup_timeout", function()
+  it("answers every verification the same invalid_config, never a message "
+     .. "grown by the callers before", function()
+    -- the start's download outlasts startup_timeout, then finds the
+    -- merchant has only a public key
+    wxtest.certs(srv, { status = 404, delay = 0.5 })
+    local wx = client{ startup_timeout = 0.1 }
+    -- (a verification's own download for the unknown serial answers the
+    -- 404 too, then they are rate-limited, unknown_serial, until the
+    -- background retry, 2.5 to 7.5 s on, records the configuration error:
+    -- then every verification answers it without a download)
+    wx:parse_notification(notification_by_p2(), { replay = false })
+    proc.wait_until(function()
+      local before = downloads()
+      local _, err = wx:parse_notification(notification_by_p2(),
+                                           { replay = false })
+      return err.kind == "invalid_config" and downloads() == before
+    end, 15, "the background download's 404")
+    local msgs = {}
+    for i = 1, 3 do
+      local _, err = wx:parse_notification(notification_by_p2(),
+                                           { replay = false })
+      assert.equal("invalid_config", err.kind)
+      msgs[i] = err.message
+    end
+    wxtest.queue(srv, "GET", "/v3/x", { { body = "{}" }, { body = "{}" } })
+    local _, e1 = wx:request("GET", "/v3/x")
+    local _, e2 = wx:request("GET", "/v3/x")
+    wx:stop()
+    assert.equal(msgs[1], msgs[3])
+    assert.equal(e1.message, e2.message)
+    assert.matches("^notification: WeChat Pay has no platform certificate",
+                   msgs[1])
   end)
 end)

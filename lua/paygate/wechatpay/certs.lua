@@ -61,6 +61,18 @@ function _M.same_serial(a, b)
   return (a:upper():gsub("^0+(.)", "%1")) == (b:upper():gsub("^0+(.)", "%1"))
 end
 
+-- A copy of an error that more than one caller is given (a download's,
+-- every waiter's; the configuration error, every verification's): callers
+-- add to err.message (the notification parser, the transport), and on one
+-- shared table each addition would stay for every later caller -- the
+-- message growing by a prefix a call, without bound.
+local function copy_error(e)
+  if type(e) ~= "table" then return e end
+  local t = {}
+  for k, v in pairs(e) do t[k] = v end
+  return core.error(e.kind, e.message, t)
+end
+
 local function is_pub_id(serial)
   return serial:sub(1, 11) == "PUB_KEY_ID_"
 end
@@ -439,7 +451,7 @@ function _M.refresh(wx, reason, wait)
                              .. "running")
     end
   end
-  return dl.last, dl.last_err
+  return dl.last, copy_error(dl.last_err)
 end
 
 local function dl_recent(wx, now)
@@ -513,7 +525,7 @@ function _M.verify(wx, headers, body, now)
   local ok
   ok, err = verify.fresh(h.ts, now)
   if not ok then return nil, err end
-  if wx.config_error then return nil, wx.config_error end
+  if wx.config_error then return nil, copy_error(wx.config_error) end
   ok, err = verify.signature(h, body, wx.ring, c.signer.schema, now)
   if ok then return h end
   if err.kind ~= "unknown_serial" then return nil, err end
