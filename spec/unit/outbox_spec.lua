@@ -888,5 +888,38 @@ if servers.have_redis() then
       c:close()
       db:close()
     end)
+
+    it("a Redis out of memory (OOM) is retried, not dead-lettered",
+       function()
+      redis_srv = redis_srv or servers.redis()
+      local c = assert(redis.connect(redis_srv.url))
+      local db = stores.sqlite()
+      local clock = new_clock()
+      local d = outbox.dispatcher(db, { now = clock.now,
+        random = function() return 0.5 end, sinks = {
+          outbox.redis_stream{ client = c, stream = "oom" } } })
+      -- full: every write is refused until consumers trim the streams or
+      -- the limit is raised; no reason to drop the event
+      assert(c:call("CONFIG", "SET", "maxmemory-policy", "noeviction"))
+      assert(c:call("CONFIG", "SET", "maxmemory", "1"))
+      local ok, err = pcall(function()
+        local id = enqueue(db, "pay_oom", "payment.paid")
+        assert.equal(1, d:step())
+        local r = row(db, id)
+        assert.equal("pending", r.state)
+        assert.equal(1, r.attempts)
+        assert.truthy(r.last_error:find("OOM", 1, true))
+        assert(c:call("CONFIG", "SET", "maxmemory", "0"))
+        clock.advance(1)
+        assert.equal(1, d:step())
+        assert.equal("delivered", row(db, id).state)
+        assert.equal(1, #assert(c:call("XRANGE", "oom", "-", "+")))
+      end)
+      c:call("CONFIG", "SET", "maxmemory", "0")
+      d:stop()
+      c:close()
+      db:close()
+      assert(ok, err)
+    end)
   end)
 end
