@@ -66,6 +66,24 @@ local DEFAULTS = {
 -- check names the keys it accepts)
 _M.DEFAULTS = DEFAULTS
 
+-- The longest dispatcher name: the name is part of the series its
+-- delivery times are measured under ("outbox:<name>:delivery",
+-- lease.measure: at most 200 bytes, no '|'). A name past it made every
+-- round raise, so nothing was ever delivered.
+local NAME_MAX = 200 - #"outbox:" - #":delivery"
+
+-- syntax: ok, reason = outbox.check_name(name)
+-- Whether name can be a dispatcher's opts.name (an app's config check
+-- refuses a bad one before any worker starts); reason: "must be ...".
+function _M.check_name(name)
+  if type(name) ~= "string" or name == "" or name:find("|", 1, true)
+     or #name > NAME_MAX then
+    return nil, "must be a non-empty string without '|' (at most "
+                .. NAME_MAX .. " bytes)"
+  end
+  return true
+end
+
 ------------------------------------------------------------- schema
 
 local SQLITE_SCHEMA = [[
@@ -700,8 +718,9 @@ function _M.dispatcher(db, opts)
     if o == nil then
       d[k] = v
     elseif k == "name" then
-      if type(o) ~= "string" or o == "" then
-        error("outbox.dispatcher: opts.name must be a non-empty string", 2)
+      local _, why = _M.check_name(o)
+      if why then
+        error("outbox.dispatcher: opts.name " .. why, 2)
       end
       d[k] = o
     else

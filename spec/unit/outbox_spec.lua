@@ -111,6 +111,20 @@ describe("paygate.outbox misuse", function()
     assert.has_error(function()
       outbox.dispatcher(db, { sinks = { function() end }, interval = 0 })
     end, "outbox.dispatcher: opts.interval must be a positive number")
+    -- the name is part of the name its delivery times are measured under
+    -- (paygate.lease: no '|', at most 200 bytes): before, such a name was
+    -- taken and every round raised, delivering nothing
+    for _, name in ipairs({ "gw|eu", string.rep("o", 185) }) do
+      assert.has_error(function()
+        outbox.dispatcher(db, { sinks = { function() end }, name = name })
+      end, "outbox.dispatcher: opts.name must be a non-empty string"
+           .. " without '|' (at most 184 bytes)")
+    end
+    local long = outbox.dispatcher(db, { sinks = { function() end },
+                                         name = string.rep("o", 184) })
+    assert.equal(184, #long.name)
+    assert.equal(0, long:step())
+    long:stop()
     assert.has_error(function() outbox.replay(db, { colour = "x" }) end,
       "outbox.replay: unknown filter key colour")
     assert.has_error(function() outbox.webhook{ url = "ftp://x",

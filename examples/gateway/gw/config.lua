@@ -320,8 +320,9 @@ local function check_dispatcher(d)
   for k, v in pairs(d) do
     local where = "gateway.dispatcher." .. tostring(k)
     if k == "name" then
-      if type(v) ~= "string" or v == "" then
-        return bad(where, "must be a non-empty string")
+      local _, why = require("paygate.outbox").check_name(v)
+      if why then
+        return bad(where, why)
       end
     elseif defaults[k] ~= nil or k == "max_partitions" then
       if type(v) ~= "number" or not (v > 0) or v == math.huge then

@@ -125,6 +125,14 @@ describe("gateway config", function()
                                  dispatcher = { batchh = 5 } },
                      merchants = { merchant() } },
                    "gateway: config.gateway.dispatcher.batchh: unknown key")
+    -- a name the outbox cannot measure its deliveries under: before, it
+    -- passed here and every worker's dispatcher raised in every round,
+    -- delivering nothing
+    expect_refused({ gateway = { db = "sqlite:" .. dir .. "/a.db",
+                                 dispatcher = { name = "gw|eu" } },
+                     merchants = { merchant() } },
+                   "gateway: config.gateway.dispatcher.name: must be a"
+                   .. " non-empty string without '|' (at most 184 bytes)")
     expect_refused({ gateway = { db = "sqlite:" .. dir .. "/a.db",
                                  hooks_timeout = 0 },
                      merchants = { merchant() } },
