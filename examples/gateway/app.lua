@@ -39,6 +39,13 @@ local cfg, why = config.check(paygate.config_copy(), paygate.runtime)
 if not cfg then fatal(why) end
 local g = cfg.gateway
 
+-- gw/hooks.lua is the merchant's code beside the config: one that does
+-- not load is refused the same way (a reload keeps the old workers)
+do
+  local hooks, hwhy = events.load_hooks()
+  if not hooks then fatal(hwhy) end
+end
+
 -- the store -----------------------------------------------------------------
 
 -- unreachable: one line and exit 1, after retrying for a while (gw.boot)

@@ -75,16 +75,33 @@ function _M.sinks(g, hooks)
   return sinks
 end
 
+--- syntax: hooks, why = events.load_hooks()
+-- gw/hooks.lua's table, or nil and why it does not load (an error in it,
+-- or a module that returns no table). The gateway refuses to start
+-- then: running without its hooks would count every event as done for
+-- the hooks sink (no hook for its type), so fixing hooks.lua later would
+-- never bring those events to it.
+function _M.load_hooks()
+  local ok, hooks = pcall(require, "gw.hooks")
+  if not ok then
+    return nil, "gw/hooks.lua does not load: " .. tostring(hooks)
+  end
+  if type(hooks) ~= "table" then
+    return nil, "gw/hooks.lua must return a table of hooks (got "
+                .. type(hooks) .. ": a missing 'return _M'?)"
+  end
+  return hooks
+end
+
 --- syntax: d = events.start(db, gateway_cfg[, over])
 -- Starts the dispatcher (a task), stopped by the worker's graceful stop,
 -- and returns it. over: options that win
 -- over gateway.dispatcher's (prune = false: paygate.retention prunes).
+-- Raises when gw/hooks.lua does not load (events.load_hooks).
 function _M.start(db, g, over)
-  local ok, hooks = pcall(require, "gw.hooks")
-  if not ok then
-    paygate.log.error("gw.hooks failed to load; no in-process hooks",
-                      { error = tostring(hooks) })
-    hooks = {}
+  local hooks, why = _M.load_hooks()
+  if not hooks then
+    error("gateway: " .. why, 2)
   end
   local opts = { sinks = _M.sinks(g, hooks), name = "gateway" }
   for k, v in pairs(g.dispatcher or {}) do opts[k] = v end

@@ -159,6 +159,40 @@ describe("gateway config", function()
       "gateway: config.gateway.webhooks[2].name: ")
   end)
 
+  it("refuses to start with a gw/hooks.lua that does not load, in one"
+     .. " line", function()
+    -- before: the gateway ran without its hooks, and the hooks sink
+    -- counted every event as done (no hook for its type), so once
+    -- hooks.lua was fixed those events never reached it
+    local free_port = core.free_port
+    local file = dir .. "/hooks-conf.lua"
+    write(file, "return " .. server.lua_source({ gateway = {
+      db = "sqlite:" .. dir .. "/hooks.db" }, merchants = { merchant() } })
+      .. "\n")
+    for _, case in ipairs({
+      { "local _M = {}\nfunction _M.on_paid(event)\nreturn _M\n",
+        "gw/hooks.lua" },
+      { "error('no fulfilment service configured')\n",
+        "no fulfilment service configured" },
+      { "local _M = {}\nfunction _M.on_paid(event) end\n",
+        "gw/hooks.lua must return a table" },
+    }) do
+      local app = server.tmpdir()
+      os.execute("cp -r examples/gateway/app.lua examples/gateway/gw"
+                 .. " examples/gateway/migrations '" .. app .. "/'")
+      write(app .. "/gw/hooks.lua", case[1])
+      local code, out = testing.proc.run({ server.bin(), "run", app,
+        "--listen", "127.0.0.1:" .. free_port(),
+        "--admin", "127.0.0.1:" .. free_port(), "--config", file },
+        { timeout = 15 })
+      server.rmdir(app)
+      assert.equal(2, code, out)
+      local lines = gwcore.config_lines(out)
+      assert.equal(1, #lines, out)
+      assert.matches(case[2], lines[1], 1, true)
+    end
+  end)
+
   describe("check()", function()
     it("fills the defaults and makes the store's folder", function()
       local cfg = assert(config.check({
