@@ -7,7 +7,8 @@
 --   POST /admin/degrade {on}       -> the same; every worker sees it, and
 --                                     the WeChat Pay clients' switch flips
 --   POST /admin/outbox/replay {id | dead = true[, type, subject]}
---                                  -> { replayed = n }
+--                                  -> { replayed = n }; any other key,
+--                                     or a filter that is no string: 400
 local paygate = require "paygate"
 local crypto = require "paygate.crypto"
 local outbox = require "paygate.outbox"
@@ -138,21 +139,31 @@ function _M.routes(ctx)
   end))
   paygate.route("POST", "/admin/outbox/replay", guard(function(req)
     local b = body(req)
+    local usage = { error = "invalid_request", message = "send {\"id\": n}"
+                    .. " or {\"dead\": true[, \"subject\": s][, \"type\":"
+                    .. " t]}" }
     if not b then
-      return 400, { error = "invalid_request", message = "send {\"id\": n}"
-                    .. " or {\"dead\": true}" }
+      return 400, usage
+    end
+    -- A filter that cannot be applied is refused, never dropped: a
+    -- misspelt key or a subject sent as a number would otherwise widen
+    -- the request to every dead letter of every payment.
+    for k, v in pairs(b) do
+      if (k ~= "id" and k ~= "dead" and k ~= "subject" and k ~= "type")
+         or ((k == "subject" or k == "type")
+             and (type(v) ~= "string" or v == "" or b.id ~= nil)) then
+        return 400, usage
+      end
     end
     local n, err
-    if type(b.id) == "number" and b.id % 1 == 0 and b.id > 0 then
+    if type(b.id) == "number" and b.id % 1 == 0 and b.id > 0
+       and b.dead == nil then
       n, err = outbox.replay(ctx.db, b.id)
-    elseif b.dead == true then
-      local f = { state = "dead" }
-      if type(b.type) == "string" then f.type = b.type end
-      if type(b.subject) == "string" then f.subject = b.subject end
-      n, err = outbox.replay(ctx.db, f)
+    elseif b.dead == true and b.id == nil then
+      n, err = outbox.replay(ctx.db, { state = "dead", type = b.type,
+                                       subject = b.subject })
     else
-      return 400, { error = "invalid_request", message = "send {\"id\": n}"
-                    .. " or {\"dead\": true}" }
+      return 400, usage
     end
     if not n then
       return 503, { error = "unavailable", message = tostring(err) }

@@ -106,6 +106,18 @@ describe("gateway events (webhooks)", function()
     assert.equal(400, res.status, res.body)
     res = env:admin("POST", "/admin/outbox/replay", { id = "seventeen" })
     assert.equal(400, res.status, res.body)
+    -- a filter that cannot be applied is refused, not dropped: before,
+    -- a misspelt key or a subject sent as a number was ignored and the
+    -- request replayed every dead letter of every payment
+    for _, b in ipairs({ { dead = true, subjet = "pay_x" },
+                         { dead = true, subject = 17 },
+                         { dead = true, type = { "payment.paid" } },
+                         { id = 17, subject = "pay_x" },
+                         { dead = false, subject = "pay_x" } }) do
+      res = env:admin("POST", "/admin/outbox/replay", b)
+      assert.equal(400, res.status, res.body)
+      assert.equal("invalid_request", res.json.error, res.body)
+    end
   end)
 end)
 
