@@ -536,17 +536,17 @@ function _M.webhook(opts)
            types = type_filter(opts.types) }
 end
 
--- Error kinds of paygate.redis after which an XADD may succeed later:
--- Redis down, restarting or failing over, slow, busy, or out of memory.
--- paygate.redis calls OOM (kind unavailable) not retryable, since a retry
--- at once would meet the same full server; but the outbox retries with
--- backoff, and the memory comes back once consumers trim their streams
--- or the limit is raised. Dead-lettering would drop every event of every
--- subject while Redis is full, and let the later ones of a subject go
--- before them. A command error (WRONGTYPE: the key is not a stream) stays
--- as it is: no retry fixes it.
-local REDIS_RETRY = { unavailable = true, timeout = true, closed = true,
-                      busy = true }
+-- The error kinds of paygate.redis that no retry of an XADD fixes: the
+-- key is no stream (constraint: WRONGTYPE), or the command itself is
+-- refused (syntax). Every other failure is a state of the server -- down,
+-- restarting, failing over, slow, busy, out of memory (OOM, which
+-- paygate.redis calls not retryable: a retry at once meets the same full
+-- server), short of the replicas min-replicas-to-write asks for
+-- (NOREPLICAS), unable to persist (MISCONF) -- and is retried with the
+-- dispatcher's backoff. Dead-lettering there would drop every event of
+-- every subject for as long as it lasts, and let the later ones of a
+-- subject go before them.
+local REDIS_FATAL = { constraint = true, syntax = true }
 
 -- syntax: sink = outbox.redis_stream(opts)
 -- opts: client (a paygate.redis client) or url (connected on first use, in
@@ -555,8 +555,9 @@ local REDIS_RETRY = { unavailable = true, timeout = true, closed = true,
 --       name ("redis"), types
 -- Each event is one entry: id, type, subject, created_at, payload (JSON).
 -- A retry after a lost reply can add an entry twice: consumers dedupe by
--- the id field. Redis down, busy, slow or out of memory is retried (see
--- REDIS_RETRY); a command error (WRONGTYPE) dead-letters the event.
+-- the id field. Redis down, busy, slow, full or short of replicas is
+-- retried; a command error (WRONGTYPE) dead-letters the event (see
+-- REDIS_FATAL).
 function _M.redis_stream(opts)
   check_sink_opts("outbox.redis_stream", opts)
   local redis = require "paygate.redis"
@@ -599,7 +600,8 @@ function _M.redis_stream(opts)
     end
     local res, err = client:call(unpack(args))
     if not res then
-      if type(err) == "table" and REDIS_RETRY[err.kind] then
+      if type(err) == "table" and not REDIS_FATAL[err.kind]
+         and err.retryable ~= true then
         -- a copy: paygate.redis may hand one error to several callers
         err = core.error(err.kind, err.message,
                          { code = err.code, retryable = true })

@@ -903,33 +903,43 @@ if servers.have_redis() then
       db:close()
     end)
 
-    it("a Redis out of memory (OOM) is retried, not dead-lettered",
-       function()
+    it("a Redis that cannot take writes for now (OOM, NOREPLICAS) is"
+       .. " retried, not dead-lettered", function()
       redis_srv = redis_srv or servers.redis()
       local c = assert(redis.connect(redis_srv.url))
       local db = stores.sqlite()
       local clock = new_clock()
       local d = outbox.dispatcher(db, { now = clock.now,
         random = function() return 0.5 end, sinks = {
-          outbox.redis_stream{ client = c, stream = "oom" } } })
-      -- full: every write is refused until consumers trim the streams or
-      -- the limit is raised; no reason to drop the event
-      assert(c:call("CONFIG", "SET", "maxmemory-policy", "noeviction"))
-      assert(c:call("CONFIG", "SET", "maxmemory", "1"))
+          outbox.redis_stream{ client = c, stream = "full" } } })
+      -- full (OOM: until consumers trim their streams or the limit is
+      -- raised), or short of the replicas min-replicas-to-write asks for
+      -- (NOREPLICAS: until one catches up): states of the server, not of
+      -- the event, so no reason to drop it
+      local cases = {
+        { "OOM", { "maxmemory-policy", "noeviction", "maxmemory", "1" },
+          { "maxmemory", "0" } },
+        { "NOREPLICAS", { "min-replicas-to-write", "1" },
+          { "min-replicas-to-write", "0" } },
+      }
       local ok, err = pcall(function()
-        local id = enqueue(db, "pay_oom", "payment.paid")
-        assert.equal(1, d:step())
-        local r = row(db, id)
-        assert.equal("pending", r.state)
-        assert.equal(1, r.attempts)
-        assert.truthy(r.last_error:find("OOM", 1, true))
-        assert(c:call("CONFIG", "SET", "maxmemory", "0"))
-        clock.advance(1)
-        assert.equal(1, d:step())
-        assert.equal("delivered", row(db, id).state)
-        assert.equal(1, #assert(c:call("XRANGE", "oom", "-", "+")))
+        for i, case in ipairs(cases) do
+          assert(c:call("CONFIG", "SET", unpack(case[2])))
+          local id = enqueue(db, "pay_full" .. i, "payment.paid")
+          assert.equal(1, d:step())
+          local r = row(db, id)
+          assert.equal("pending", r.state, case[1])
+          assert.equal(1, r.attempts)
+          assert.truthy(r.last_error:find(case[1], 1, true), r.last_error)
+          assert(c:call("CONFIG", "SET", unpack(case[3])))
+          clock.advance(1)
+          assert.equal(1, d:step())
+          assert.equal("delivered", row(db, id).state)
+          assert.equal(i, #assert(c:call("XRANGE", "full", "-", "+")))
+        end
       end)
       c:call("CONFIG", "SET", "maxmemory", "0")
+      c:call("CONFIG", "SET", "min-replicas-to-write", "0")
       d:stop()
       c:close()
       db:close()
