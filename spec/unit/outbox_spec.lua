@@ -9,6 +9,7 @@ local sql = require "paygate.sql"
 local redis = require "paygate.redis"
 local lease = require "paygate.lease"
 local outbox = require "paygate.outbox"
+local json = require "paygate.json"
 local servers = require "spec.support.servers"
 local kit = require "support.outbox_kit"
 local wait_until, enqueue = kit.wait_until, kit.enqueue
@@ -207,6 +208,66 @@ describe("outbox.verify_webhook", function()
     local h2 = h .. ",v1=" .. ("0"):rep(64)
     assert.is_true(outbox.verify_webhook({ "old", "new" }, h2, body,
                                          { now = 1700000000 }))
+  end)
+
+  -- The Python receiver docs/gateway.md gives merchants to copy: it must
+  -- agree with verify_webhook, and answer a hostile or missing header
+  -- with False, never an exception (a 500 from the merchant's receiver).
+  -- Before, a non-ASCII digit in t (int() refused what isdigit() took), a
+  -- non-ASCII v1 (compare_digest raised) and no header at all raised.
+  local have_python = os.execute("command -v python3 >/dev/null 2>&1")
+  have_python = have_python == 0 or have_python == true
+  ;(have_python and it or pending)("the Python receiver in"
+     .. " docs/gateway.md agrees, and never raises on a hostile header",
+     function()
+    local f = assert(io.open("docs/gateway.md", "rb"))
+    local doc = f:read("*a")
+    f:close()
+    local snippet = assert(doc:match("```python\n(# the same in Python\n"
+                                     .. ".-)```"), "the Python snippet")
+    local now = math.floor(core.time())
+    local good = outbox.sign_webhook(secret, body, now)
+    local sig = good:match("v1=(%x+)")
+    local cases = {
+      { good, true },
+      { outbox.sign_webhook(secret, body, now - 400), false },  -- stale
+      { outbox.sign_webhook("other", body, now), false },
+      { "t=" .. now .. "," .. "v1=" .. ("0"):rep(64), false },
+      { "t=\194\178,v1=" .. sig, false },          -- t=² (no ASCII digit)
+      { "t=" .. now .. ",v1=\195\169", false },     -- v1=é
+      { json.null, false },                            -- no header
+      { "", false }, { "t=,v1=", false }, { ",,,=,=", false },
+    }
+    local dir = servers.mktemp()
+    local input = {}
+    for i, c in ipairs(cases) do input[i] = c[1] end
+    local jf = assert(io.open(dir .. "/cases.json", "wb"))
+    jf:write(json.encode({ secret = secret, body = body, headers = input }))
+    jf:close()
+    local pf = assert(io.open(dir .. "/run.py", "wb"))
+    pf:write(snippet, [[
+
+import json, sys
+cases = json.load(open(sys.argv[1], encoding="utf-8"))
+for h in cases["headers"]:
+    try:
+        print(verify(cases["secret"].encode(), h, cases["body"].encode()))
+    except Exception as e:
+        print("raised " + type(e).__name__)
+]])
+    pf:close()
+    local p = assert(io.popen("python3 " .. dir .. "/run.py " .. dir
+                              .. "/cases.json 2>&1"))
+    local out = p:read("*a")
+    p:close()
+    servers.sh("rm -rf " .. dir)
+    local i = 0
+    for line in out:gmatch("[^\n]+") do
+      i = i + 1
+      assert.equal(tostring(cases[i][2]):gsub("^%l", string.upper), line,
+                   "case " .. i .. ": " .. tostring(cases[i][1]))
+    end
+    assert.equal(#cases, i, out)
   end)
 end)
 
