@@ -6,7 +6,8 @@
 --   replay --dead [--subject S] [--type T]
 --                                     replay the matching dead letters
 --   prune  [--keep-days N]            delete delivered rows now
--- Exit: 0 done, 1 the store failed, 2 usage.
+-- Exit: 0 done, 1 the store failed, 2 usage (an option or event ids the
+-- command does not take included: nothing is changed).
 local sql = require "paygate.sql"
 local outbox = require "paygate.outbox"
 local json = require "paygate.json"
@@ -37,7 +38,7 @@ local function options(from)
     local a = args[i]
     local flag = a:match("^%-%-([%w-]+)$")
     if flag == "dead" then
-      o.state = "dead"
+      o.dead = true
     elseif flag then
       local v = args[i + 1]
       if v == nil then
@@ -55,6 +56,38 @@ local function options(from)
   return o, ids
 end
 
+-- The options each command takes (ids: whether it takes event ids). Any
+-- other is a usage error: a filter dropped without a word would widen a
+-- replay (`replay --dead --subjet pay_1` replayed every dead letter).
+local TAKES = {
+  list = { state = true, dead = true, subject = true, type = true,
+           limit = true },
+  replay = { dead = true, subject = true, type = true, ids = true },
+  prune = { ["keep-days"] = true },
+}
+local NUMERIC = { limit = true, ["keep-days"] = true }
+
+-- nil, or why o and ids do not fit cmd
+local function misfit(cmd, o, ids)
+  local takes = TAKES[cmd]
+  if not takes then
+    return nil                          -- said as an unknown command
+  end
+  for k, v in pairs(o) do
+    if not takes[k] then
+      return cmd .. " takes no --" .. k
+    end
+    if NUMERIC[k] and not tonumber(v) then
+      return "--" .. k .. " must be a number"
+    end
+  end
+  if #ids > 0 and (not takes.ids or next(o) ~= nil) then
+    return cmd == "replay" and "replay takes event ids or --dead with"
+      .. " filters, not both" or (cmd .. " takes no event ids")
+  end
+  return nil
+end
+
 local function main()
   local url, cmd = args[1], args[2]
   if url == "--help" or url == "-h" then
@@ -67,6 +100,10 @@ local function main()
   local o, ids = options(3)
   if not o then
     return usage(ids)
+  end
+  local why = misfit(cmd, o, ids)
+  if why then
+    return usage(why)
   end
   -- sql.open would make a missing SQLite file: a typo in the path must
   -- not list an empty store as if it were the gateway's
@@ -81,7 +118,9 @@ local function main()
     return 1
   end
   if cmd == "list" then
-    local rows, lerr = outbox.list(db, { state = o.state, subject = o.subject,
+    local rows, lerr = outbox.list(db, { state = o.state
+                                           or (o.dead and "dead" or nil),
+                                         subject = o.subject,
                                          type = o.type,
                                          limit = tonumber(o.limit) })
     if not rows then
@@ -106,7 +145,7 @@ local function main()
         end
         total = total + n
       end
-    elseif o.state == "dead" then
+    elseif o.dead then
       local n, rerr = outbox.replay(db, { state = "dead",
                                           subject = o.subject,
                                           type = o.type })

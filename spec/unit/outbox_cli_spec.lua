@@ -1,0 +1,74 @@
+-- scripts/outbox.lua against a SQLite store: an option the command does
+-- not know is a usage error (exit 2) that changes nothing. A filter
+-- dropped without a word widens a replay: `replay --dead --subjet pay_1`
+-- set every dead letter of every subject pending again.
+local paygate = require "paygate"
+local sql = require "paygate.sql"
+local outbox = require "paygate.outbox"
+local servers = require "spec.support.servers"
+local proc = require "spec.support.proc"
+local kit = require "support.outbox_kit"
+
+local BIN = os.getenv("PAYGATE_BIN") or "build/paygate"
+local tmp = servers.mktemp()
+
+teardown(function()
+  servers.sh("rm -rf " .. tmp)
+end)
+
+-- Runs the exec script; returns its exit code and output.
+local function cli(url, ...)
+  local out = tmp .. "/cli.out"
+  os.remove(out)
+  local p = proc.spawn({ BIN, "exec", "scripts/outbox.lua", url, ... },
+                       { log = out })
+  local rc = p:wait(30)
+  return rc, proc.read(out)
+end
+
+describe("scripts/outbox.lua", function()
+  it("refuses an option its command does not take, and replays nothing",
+     function()
+    local path = tmp .. "/cli.db"
+    local url = "sqlite:" .. path
+    local db = assert(sql.open(url))
+    local ids = {}
+    for i, subject in ipairs({ "pay_1", "pay_2" }) do
+      ids[i] = kit.enqueue(db, subject, "payment.paid")
+    end
+    local d = outbox.dispatcher(db, { sinks = { function()
+      return nil, paygate.error("rejected", "no", { retryable = false })
+    end } })
+    assert.equal(2, d:step())
+    d:stop()
+    local function states()
+      local t = {}
+      for i, id in ipairs(ids) do
+        t[i] = assert(outbox.list(db, { id = id }))[1].state
+      end
+      return t
+    end
+    assert.same({ "dead", "dead" }, states())
+    for _, argv in ipairs({
+      { "replay", "--dead", "--subjet", "pay_1" },   -- a misspelt filter
+      { "replay", "--dead", "--state", "delivered" },
+      { "replay", "--dead", "--limit", "1" },
+      { "replay", "--dead", "--keep-days", "1" },
+      { "replay", tostring(ids[1]), "--subject", "pay_1" },
+      { "list", "--stat", "dead" },
+      { "prune", "--keep-day", "0" },
+      { "list", "17" },
+    }) do
+      local rc, out = cli(url, unpack(argv))
+      assert.equal(2, rc, table.concat(argv, " ") .. ": " .. out)
+      assert.matches("usage:", out, 1, true)
+      assert.same({ "dead", "dead" }, states())
+    end
+    -- the right spelling replays the one subject's
+    local rc, out = cli(url, "replay", "--dead", "--subject", "pay_1")
+    assert.equal(0, rc, out)
+    assert.matches("replayed 1", out, 1, true)
+    assert.same({ "pending", "dead" }, states())
+    db:close()
+  end)
+end)
