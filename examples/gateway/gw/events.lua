@@ -77,10 +77,12 @@ end
 
 --- syntax: hooks, why = events.load_hooks()
 -- gw/hooks.lua's table, or nil and why it does not load (an error in it,
--- or a module that returns no table). The gateway refuses to start
--- then: running without its hooks would count every event as done for
--- the hooks sink (no hook for its type), so fixing hooks.lua later would
--- never bring those events to it.
+-- a module that returns no table, a function under a name that is no
+-- event type, "*" or on_<name> shorthand, or such a name that holds no
+-- function; other values, a module's constants, may stay). The gateway
+-- refuses to start then: running without its hooks would count every
+-- event as done for the hooks sink (no hook for its type), so fixing
+-- hooks.lua later would never bring those events to it.
 function _M.load_hooks()
   local ok, hooks = pcall(require, "gw.hooks")
   if not ok then
@@ -89,6 +91,25 @@ function _M.load_hooks()
   if type(hooks) ~= "table" then
     return nil, "gw/hooks.lua must return a table of hooks (got "
                 .. type(hooks) .. ": a missing 'return _M'?)"
+  end
+  -- a misspelt name (on_payed) is a hook that never runs while the hooks
+  -- sink counts its events as done, as a webhook's misspelt type is
+  local known = { ["*"] = true }
+  for _, t in ipairs(_M.TYPES) do known[t] = true end
+  for k, v in pairs(hooks) do
+    local name = tostring(k)
+    if type(k) ~= "string" or not (SHORT[k] or known[k]) then
+      if type(v) == "function" then
+        local shorts = {}
+        for s in pairs(SHORT) do shorts[#shorts + 1] = s end
+        table.sort(shorts)
+        return nil, "gw/hooks.lua: " .. name .. " is neither an event type"
+          .. " nor one of " .. table.concat(shorts, ", ")
+      end
+    elseif type(v) ~= "function" then
+      return nil, "gw/hooks.lua: " .. name .. " must be a function (got "
+                  .. type(v) .. ")"
+    end
   end
   return hooks
 end

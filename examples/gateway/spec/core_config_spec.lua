@@ -176,6 +176,12 @@ describe("gateway config", function()
         "no fulfilment service configured" },
       { "local _M = {}\nfunction _M.on_paid(event) end\n",
         "gw/hooks.lua must return a table" },
+      -- a misspelt name is a hook that never runs, while the hooks sink
+      -- counts its events as done
+      { "local _M = {}\nfunction _M.on_payed(event) end\nreturn _M\n",
+        "gw/hooks.lua: on_payed is neither an event type nor" },
+      { "return { on_paid = true }\n",
+        "gw/hooks.lua: on_paid must be a function" },
     }) do
       local app = server.tmpdir()
       os.execute("cp -r examples/gateway/app.lua examples/gateway/gw"
