@@ -98,6 +98,28 @@ describe("paygate decrypt", function()
     assert.is_nil(out:find("unknown_algorithm", 1, true))
   end)
 
+  it("says a JSON object without an algorithm is no resource (not an"
+     .. " unknown algorithm \"nil\")", function()
+    -- a /v3/certificates answer (its resources are data[i]
+    -- .encrypt_certificate), or any other JSON object
+    for _, doc in ipairs{ { data = { { encrypt_certificate =
+                              aes("abcdefghijkl", "certificate") } } },
+                          { out_trade_no = "T-1" } } do
+      local code, out, r = decrypt(doc)
+      assert.equal(1, code, out)
+      assert.equal("malformed", r[1].kind, out)
+      assert.matches("no algorithm", r[1].cause, 1, true)
+      assert.is_nil(out:find("nil", 1, true), out)
+      assert.matches("encrypt_certificate", r[1].fix, 1, true)
+    end
+    -- an algorithm that is there but not known is still named so
+    local res = aes("abcdefghijkl", "transaction")
+    res.algorithm = "AES-256-ECB"
+    local code, out, r = decrypt(res)
+    assert.equal(1, code, out)
+    assert.equal("unknown_algorithm", r[1].kind, out)
+  end)
+
   it("suggests --notification for a whole notification", function()
     local code, out, r = decrypt({ id = "EV-1",
       resource = aes("abcdefghijkl", "transaction") })

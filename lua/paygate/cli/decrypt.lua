@@ -85,7 +85,17 @@ local function main(args)
   local alg = r.algorithm
   local plain, err = resource.decrypt(r, { key })
   if not plain then
-    if alg ~= resource.AES and alg ~= resource.SM4 then
+    if alg == nil then
+      -- not a resource at all: no algorithm to name
+      out:fail("malformed", "the object has no algorithm: it is not a "
+               .. "resource { algorithm, nonce, associated_data, "
+               .. "ciphertext }", type(r.data) == "table" and "it looks "
+               .. "like a /v3/certificates answer: each of its data[i] "
+               .. "holds one in encrypt_certificate" or nil,
+               "pass a notification's resource, or an encrypt_certificate"
+               .. " of /v3/certificates (or the whole callback body with "
+               .. "--notification)")
+    elseif alg ~= resource.AES and alg ~= resource.SM4 then
       out:fail("unknown_algorithm", "algorithm " .. (type(alg) == "string"
                and alg:sub(1, 40) or tostring(alg)) .. " is not "
                .. resource.AES .. " or " .. resource.SM4, nil,
