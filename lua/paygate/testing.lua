@@ -251,6 +251,7 @@ function _M.simulator(o)
                   sign_type = sim.sign_type }
       if o.answer_timeout then c.answer_timeout = o.answer_timeout end
       for k, v in pairs(o.config or {}) do c[k] = v end
+      sim.time_scale = c.time_scale
       os.execute("mkdir -p '" .. c.state_dir .. "'")
       return c
     end,
@@ -412,13 +413,19 @@ function Sim:wait_notification(match, opts)
   if ok then return d end
   -- a retry not due yet: WeChat's schedule (15 s, 15 s, 30 s, ...) is
   -- longer than the wait unless the simulator runs with a time_scale
+  -- (with one already set, only a longer wait helps)
   local hint = ""
   for _, sd in ipairs(seen or {}) do
     if sd.state == "pending" and type(sd.next_at) == "number" then
+      local scale = tonumber(self.time_scale) or 1
       hint = ("; its next attempt is due in %.1f s (WeChat's retry"
-        .. " schedule): start the simulator with a time_scale, e.g."
-        .. " testing.simulator{ time_scale = 100 }, or pass opts.timeout")
-        :format(sd.next_at - os.time())
+        .. " schedule%s): %s"):format(sd.next_at - core.time(),
+        scale ~= 1 and (", divided by the simulator's time_scale "
+                        .. scale) or "",
+        scale ~= 1 and "pass a longer opts.timeout"
+          or "start the simulator with a time_scale, e.g."
+             .. " testing.simulator{ time_scale = 100 }, or pass"
+             .. " opts.timeout")
       break
     end
   end

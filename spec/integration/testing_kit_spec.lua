@@ -274,6 +274,27 @@ paygate.route("POST", "/fail", function() return 500, "no" end)]] }
     assert.matches("its next attempt is due in 1%d%.%d s", err)
     assert.matches("time_scale = 100", err, 1, true)
   end)
+
+  it("with a time_scale already set, a wait for a retry not due yet says"
+     .. " to wait longer, not to set one", function()
+    local sim = testing.simulator{ time_scale = 100 }
+    local app = testing.start_app{ source = [[
+local paygate = require "paygate"
+paygate.route("POST", "/fail", function() return 500, "no" end)]] }
+    local no = sim:order{ notify_url = app:url("/fail") }
+    sim:pay(no)
+    -- 15 s, 15 s, 30 s, 3 min: /100, the fifth comes 1.8 s after the
+    -- fourth
+    sim:wait_notification(no, { attempts = 4 })
+    local ok, err = pcall(sim.wait_notification, sim, no,
+                          { attempts = 5, timeout = 0.5 })
+    assert.is_false(ok)
+    assert.matches("its next attempt is due in %d%.%d s", err)
+    assert.is_nil(err:find("start the simulator with a time_scale", 1,
+                           true), err)
+    assert.matches("time_scale 100", err, 1, true)
+    assert.matches("opts.timeout", err, 1, true)
+  end)
 end)
 
 -- Two merchants may use the same out_trade_no: the control API then asks
