@@ -27,6 +27,19 @@ describe("paygate CLI", function()
     end
   end)
 
+  it("help COMMAND is COMMAND --help", function()
+    for _, cmd in ipairs({ "run", "reload", "version", "doctor", "apikey" }) do
+      local code, out = run({ "help", cmd })
+      local want_code, want = run({ cmd, "--help" })
+      assert.equal(0, want_code, want)
+      assert.equal(0, code, out)
+      assert.equal(want, out)
+    end
+    local code, out = run({ "help", "frobnicate" })
+    assert.equal(2, code)
+    assert.matches("unknown command 'frobnicate'", out, 1, true)
+  end)
+
   it("exits 2 with a reason for usage errors", function()
     local code, out = run({ "frobnicate" })
     assert.equal(2, code)

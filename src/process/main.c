@@ -40,7 +40,7 @@ static const char usage_main[] =
 "  certs           list certificates and keys; download platform ones\n"
 "  doctor          check a gateway configuration end to end\n"
 "\n"
-"`paygate COMMAND --help` describes each command.\n"
+"`paygate COMMAND --help` (or `paygate help COMMAND`) describes each command.\n"
 "exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error\n";
 
 static const char usage_run[] =
@@ -485,6 +485,13 @@ main(int argc, char **argv)
         return 2;
     }
     cmd = argv[1];
+    if (strcmp(cmd, "help") == 0 && argc > 2) {
+        /* paygate help COMMAND: the same as paygate COMMAND --help */
+        static char help_flag[] = "--help";
+        char *hargv[] = { argv[0], argv[2], help_flag, NULL };
+
+        return main(3, hargv);
+    }
     if (is_help(cmd) || strcmp(cmd, "help") == 0) {
         fputs(usage_main, stdout);
         return 0;
