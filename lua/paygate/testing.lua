@@ -207,7 +207,7 @@ end
 --- syntax: sim = testing.simulator([o])
 -- o: merchants (a list of testing.merchant() tables, or a number: how many
 -- to make; default 1), partner (true: also a service provider with one
--- sub-merchant: sim.partner, sim.sub_mchid), verifier_mode
+-- sub-merchant: sim.partner, sim.partner.sub_mchid), verifier_mode
 -- ("platform_certificates" default, "public_key", "both"), sign_type (RSA
 -- default; WECHATPAY2-SM2-WITH-SM3 makes SM2 merchant keys), time_scale
 -- (default 1), answer_timeout, config (more simulator config keys), app
