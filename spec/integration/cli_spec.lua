@@ -40,6 +40,22 @@ describe("paygate CLI", function()
     assert.matches("unknown command 'frobnicate'", out, 1, true)
   end)
 
+  it("exec of a command's name (not a file here) gives its path on PATH",
+     function()
+    -- paygate exec busted ...: the script is a file, so busted's path
+    local f = assert(io.popen("command -v sh"))
+    local path = f:read("*l")
+    f:close()
+    local code, out = run({ "exec", "sh" })
+    assert.equal(2, code)
+    assert.matches("cannot read sh: No such file or directory", out, 1, true)
+    assert.matches("give its path: " .. path, out, 1, true)
+    code, out = run({ "exec", "no-such-command-or-file" })
+    assert.equal(2, code)
+    assert.equal("paygate exec: cannot read no-such-command-or-file: No such"
+                 .. " file or directory\n", out)
+  end)
+
   it("exits 2 with a reason for usage errors", function()
     local code, out = run({ "frobnicate" })
     assert.equal(2, code)

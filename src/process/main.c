@@ -311,6 +311,35 @@ cmd_run(int argc, char **argv)
     return gw_master_main(&o);
 }
 
+/* Finds NAME (no '/') as a regular executable file in a $PATH folder, as a
+ * shell would: 1 with its path in buf, else 0. */
+static int
+on_path(const char *name, char *buf, size_t size)
+{
+    const char *p = getenv("PATH");
+    struct stat st;
+
+    if (p == NULL || *name == '\0' || strchr(name, '/') != NULL) {
+        return 0;
+    }
+    while (*p != '\0') {
+        size_t len = strcspn(p, ":");
+        /* an empty entry is the current folder */
+        int n = len > 0 ? snprintf(buf, size, "%.*s/%s", (int)len, p, name)
+                        : snprintf(buf, size, "./%s", name);
+
+        if (n > 0 && (size_t)n < size && stat(buf, &st) == 0
+            && S_ISREG(st.st_mode) && access(buf, X_OK) == 0) {
+            return 1;
+        }
+        p += len;
+        if (*p == ':') {
+            p++;
+        }
+    }
+    return 0;
+}
+
 static int
 cmd_exec(int argc, char **argv)
 {
@@ -323,8 +352,17 @@ cmd_exec(int argc, char **argv)
         return 0;
     }
     if (access(argv[1], R_OK) != 0) {
-        fprintf(stderr, "paygate exec: cannot read %s: %s\n", argv[1],
-                strerror(errno));
+        int e = errno;
+        char found[4096];
+
+        fprintf(stderr, "paygate exec: cannot read %s: %s", argv[1],
+                strerror(e));
+        /* `paygate exec busted`: a command's name, where a file is read */
+        if (e == ENOENT && on_path(argv[1], found, sizeof(found))) {
+            fprintf(stderr, " (%s is a command: paygate exec runs a script "
+                            "file, give its path: %s)", argv[1], found);
+        }
+        fputc('\n', stderr);
         return 2;
     }
     return gw_exec_main(argv[1], argc - 2, argv + 2);
