@@ -937,13 +937,19 @@ function _M.after(list)
 end
 
 function _M.get(req)
+  -- (refresh=yes, =true or =0 would otherwise answer local state with no
+  -- word that nothing was asked)
+  local refresh = req:query().refresh
+  if refresh ~= nil and refresh ~= "1" then
+    return bad_request({ refresh = "must be 1 (or left out)" })
+  end
   local p, err = load_own(req)
   if p == nil then return store_failed(err) end
   if not p then return not_found("payment") end
   -- degraded: the local state, marked stale (nothing asks WeChat, and the
   -- reconciliation runners that catch up lost notifications are paused)
   local stale = ctx.degraded() or nil
-  if req:query().refresh == "1" and not stale then
+  if refresh and not stale then
     local ok, rerr = _M.refresh(p)
     if not ok then
       paygate.log.warn("gateway: refresh failed; answering local state",

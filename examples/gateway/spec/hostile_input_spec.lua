@@ -238,6 +238,17 @@ describe("gateway hostile input", function()
     assert.equal(201, res.status, res.body)
   end)
 
+  it("takes refresh=1 and no other value of refresh", function()
+    -- was: ?refresh=yes (=true, =0) answered local state, nothing asked
+    local p = gw:create{ amount = 100 }
+    for _, v in ipairs{ "yes", "true", "0", "", "1%00" } do
+      refused(gw:call("GET", "/v1/payments/" .. p.id .. "?refresh=" .. v),
+              400, "invalid_request", "refresh")
+    end
+    assert.equal("paying", gw:get(p.id, "?refresh=1").state)
+    assert.equal("paying", gw:get(p.id).state)
+  end)
+
   it("answers odd payment ids in the path with 400 or 404", function()
     local p = gw:create{ amount = 100 }
     for _, case in ipairs{ { "pay_x%00", 400, "bad_path" },
