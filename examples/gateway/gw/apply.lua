@@ -137,9 +137,16 @@ function _M.payment(ctx, tx, o)
     return nil, err or paygate.error("unknown_order", "no payment "
                                      .. a.payment_id)
   end
-  local who = r.sp_mchid or r.mchid
-  if who ~= p.mchid or (r.sub_mchid or model.opt(p.sub_mchid))
-                       ~= model.opt(p.sub_mchid) then
+  -- the payment must be the one the resource names (mchid, or
+  -- sp_mchid/sub_mchid: a resource without a sub_mchid is the provider's
+  -- own order, not its sub-merchant's) and the one of the route it came
+  -- through: a notification verified with one merchant's keys is no word
+  -- on another's payment. (gw.notify_atomic takes only the owner this
+  -- accepts.)
+  local want = merchant_of(p.mchid, model.opt(p.sub_mchid) and p.mchid,
+                           model.opt(p.sub_mchid))
+  if merchant_of(r.mchid, r.sp_mchid, r.sub_mchid) ~= want
+     or (o.mchid ~= nil and o.mchid ~= p.mchid) then
     return nil, paygate.error("merchant_mismatch", "payment " .. p.id
       .. " belongs to another merchant than the notification's")
   end

@@ -23,8 +23,10 @@
 -- must have been claimed: a read with expect = 1).
 --
 -- Everything else -- refunds, other states, late or duplicate payments,
--- amount mismatches, unknown orders -- returns false: gw.notify's
--- transaction (gw.apply) handles it, as before.
+-- amount mismatches, another owner (a partner's payment, another route),
+-- unknown orders -- returns false: gw.notify's transaction (gw.apply)
+-- handles it, as before; also a repeat of an applied payment that
+-- gw.apply would not call a duplicate.
 local audit = require "paygate.audit"
 local fsm = require "paygate.fsm"
 local json = require "paygate.json"
@@ -65,8 +67,23 @@ local function build(db, mchid, event, key)
   local rows, err = db:query(READ[db.engine], { no })
   if not rows then return nil, err end
   local p = rows[1]
-  local a = p and { state = p.gw_a_state, payment_id = p.gw_a_payment }
-  if a and a.state == "paid" then
+  if not p or p.id == nil then return nil, NOT_MINE end
+  -- what gw.apply checks first, before a repeat is a duplicate: the
+  -- owner (the route's merchant, and a direct payment's own mchid with
+  -- no sub_mchid; a partner's is the transaction's) and the amount. Else
+  -- the transaction's verdict (merchant_mismatch, the alarm) and this
+  -- path's would differ for the same notification.
+  if mchid ~= p.mchid or r.mchid ~= p.mchid or r.sp_mchid ~= nil
+     or r.sub_mchid ~= nil or model.opt(p.sub_mchid) ~= nil then
+    return nil, NOT_MINE
+  end
+  local amount = type(r.amount) == "table" and r.amount or {}
+  if amount.total ~= p.amount or (amount.currency or "CNY") ~= p.currency
+  then
+    return nil, NOT_MINE                  -- the alarm
+  end
+  local a = { state = p.gw_a_state, payment_id = p.gw_a_payment }
+  if a.state == "paid" then
     -- a repeat of what is applied: record it, if the key was claimed
     return {
       { INSERT_NOTIFICATION, { event.id, event.event_type, key, model.now(),
@@ -76,22 +93,11 @@ local function build(db, mchid, event, key)
         expect = 1, name = "claimed" },
     }, "duplicate"
   end
-  if not a or a.state ~= "open" or p.id == nil then
-    return nil, NOT_MINE
-  end
+  if a.state ~= "open" then return nil, NOT_MINE end
   local head = p.gw_h_seq and { seq = p.gw_h_seq, hash = p.gw_h_hash }
                or false
   p.gw_a_state, p.gw_a_payment, p.gw_h_seq, p.gw_h_hash = nil, nil, nil, nil
   if no ~= p.out_trade_no then return nil, NOT_MINE end
-  if r.sp_mchid ~= nil or r.mchid ~= p.mchid
-     or model.opt(p.sub_mchid) ~= nil then
-    return nil, NOT_MINE
-  end
-  local amount = type(r.amount) == "table" and r.amount or {}
-  if amount.total ~= p.amount or (amount.currency or "CNY") ~= p.currency
-  then
-    return nil, NOT_MINE                  -- the alarm
-  end
   if not P:can(p.state, "succeeded") then return nil, NOT_MINE end
   local now = model.time()
   local evidence = { notification_id = event.id, source = "notification",

@@ -37,8 +37,8 @@ describe("gateway notify handler on " .. engine, function()
     query_refund = function(_, no) return on_query(no) end,
   }
 
-  local function req(body)
-    return { params = { mchid = "1900000001" },
+  local function req(body, route)
+    return { params = { mchid = route or "1900000001" },
              body = type(body) == "table" and json.encode(body) or body,
              header = function() return nil end }
   end
@@ -61,7 +61,10 @@ describe("gateway notify handler on " .. engine, function()
 
   setup(function()
     dir = server.tmpdir()
-    db = gwcore.inproc(url_of(dir), { [gwcore.MCHID] = wx })
+    -- a second merchant, whose route a notification of the first's must
+    -- not be applied through
+    db = gwcore.inproc(url_of(dir), { [gwcore.MCHID] = wx,
+                                      ["1900000002"] = wx })
   end)
 
   teardown(function()
@@ -225,6 +228,58 @@ describe("gateway notify handler on " .. engine, function()
     assert.equal(204, (notify.handler(req(ev))))
     assert.equal("succeeded", model.refund(db, rid).state)
     assert.equal(30, model.payment(db, id).refunded)
+  end)
+
+  it("refuses a payment notification on another merchant's route, or"
+     .. " naming another owner, on the fast path and the transaction's",
+     function()
+    -- each case: the payment's state before (paying: the fast path's
+    -- case; closed: the transaction's, a late payment) and the
+    -- notification; none may be applied
+    local function partner(id)     -- the payment made a sub-merchant's
+      assert(db:exec("UPDATE gw_payments SET sub_mchid = '1900000009'"
+                     .. " WHERE id = $1", { id }))
+    end
+    local cases = {
+      { what = "another merchant's route", route = "1900000002" },
+      { what = "another merchant's route, late", route = "1900000002",
+        closed = true },
+      { what = "a sub_mchid on a direct payment",
+        res = { sub_mchid = "1900000009" } },
+      { what = "a partner payment notified as the provider's own",
+        prepare = partner },
+      { what = "a partner payment notified as the provider's own, late",
+        prepare = partner, closed = true },
+    }
+    for i, c in ipairs(cases) do
+      local id = payment("paying")
+      if c.prepare then c.prepare(id) end
+      if c.closed then
+        assert(model.payments:apply(db, id, "closed"))
+        assert(db:exec("UPDATE gw_attempts SET state = 'closed' WHERE"
+                       .. " payment_id = $1", { id }))
+      end
+      local ev = paid_event(id .. "_1", 100, "EV-owner-" .. i)
+      for k, v in pairs(c.res or {}) do ev.resource[k] = v end
+      local status, body = notify.handler(req(ev, c.route))
+      assert.is_true(status >= 400, c.what .. ": " .. tostring(status))
+      assert.equal("FAIL", body.code, c.what)
+      local p = model.payment(db, id)
+      assert.equal(c.closed and "closed" or "paying", p.state, c.what)
+      assert.equal(0, #assert(db:query("SELECT key FROM"
+        .. " gw_notification_effects WHERE key LIKE $1",
+        { "%|" .. id .. "_1|%" })), c.what)
+      assert.equal(0, #assert(db:query("SELECT id FROM gw_refunds WHERE"
+        .. " payment_id = $1", { id })), c.what)
+    end
+    -- a repeat on another route of a payment applied is refused too, as
+    -- the transaction refuses it, not acknowledged as a duplicate
+    local id = payment("paying")
+    assert.equal(204, (notify.handler(req(paid_event(id .. "_1")))))
+    local status = notify.handler(req(paid_event(id .. "_1", 100,
+                                                 "EV-owner-again"),
+                                      "1900000002"))
+    assert.is_true(status >= 400, tostring(status))
   end)
 
   it("applies one effect under concurrent deliveries of one payment",
