@@ -119,6 +119,9 @@ function _M.process(mchid, event)
   end
   local after
   local outcome, err = fsm.retry(ctx.db, function(tx)
+    -- (a try rolled back and run again: its work after commit -- a late
+    -- payment's refund, an attempt to close -- went with it)
+    after = nil
     local now = model.now()
     local res, ierr = tx:exec("INSERT INTO gw_notifications (id,"
       .. " event_type, business_key, received_at, outcome) VALUES ($1, $2,"
