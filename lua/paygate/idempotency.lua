@@ -237,13 +237,54 @@ local SELECT = "SELECT fingerprint, state, token, lease_until, status,"
   .. " headers, body, expires_at FROM paygate_idempotency"
   .. " WHERE scope = $1 AND idem_key = $2"
 
-local function decode_response(row)
+-- Headers as stored: a JSON list of [base64(name), base64(value)]. HTTP
+-- lets a value carry bytes 0x80..0xFF that are not UTF-8 (a GBK file name
+-- in Content-Disposition), which the server sends as given but JSON
+-- cannot hold: json.encode would make them U+FFFD, and the replay would
+-- not repeat the first answer's bytes.
+local function encode_headers(h)
+  local list = {}
+  for k, v in pairs(h) do
+    list[#list + 1] = { crypto.base64_encode(k), crypto.base64_encode(v) }
+  end
+  return json.encode(list)
+end
+
+local function decode_headers(text)
   local headers = {}
-  if row.headers and row.headers ~= "" then
-    local h = json.decode(row.headers)
-    if type(h) == "table" then
-      headers = h
+  local h = text and text ~= "" and json.decode(text)
+  if type(h) ~= "table" then
+    return headers
+  end
+  if type(h[1]) ~= "table" then
+    -- a record stored before this form (a JSON object of the values
+    -- themselves): read as it is until it expires
+    for k, v in pairs(h) do
+      if type(k) == "string" and type(v) == "string" then
+        headers[k] = v
+      end
     end
+    return headers
+  end
+  for i = 1, #h do
+    local pair = h[i]
+    local k = type(pair) == "table" and type(pair[1]) == "string"
+              and crypto.base64_decode(pair[1])
+    local v = k and type(pair[2]) == "string"
+              and crypto.base64_decode(pair[2])
+    if not v then
+      return nil
+    end
+    headers[k] = v
+  end
+  return headers
+end
+
+local function decode_response(row)
+  local headers = decode_headers(row.headers)
+  if not headers then
+    return nil, core.error("corrupt", "idempotency: stored headers are"
+                           .. " not valid")
   end
   local body = ""
   if row.body and row.body ~= "" then
@@ -418,7 +459,7 @@ function _M.complete(store, h, status, body, headers)
     .. " state = 'done', token = NULL, lease_until = NULL, status = $4,"
     .. " headers = $5, body = $6 WHERE scope = $1 AND idem_key = $2"
     .. " AND token = $3",
-    { h.scope, h.key, h.token, r.status, json.encode(r.headers),
+    { h.scope, h.key, h.token, r.status, encode_headers(r.headers),
       crypto.base64_encode(r.body) })
   if not res then
     return nil, err

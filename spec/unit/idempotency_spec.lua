@@ -121,6 +121,30 @@ for name, engine in pairs(engines) do
       assert.equal("new", assert(idem.begin(db, "app2", "k1", fp)).state)
     end)
 
+    it("replays header values byte for byte, bytes outside UTF-8 too",
+       function()
+      -- HTTP lets a header value carry bytes 0x80..0xFF (a GBK file name
+      -- in Content-Disposition, say), and the server sends them as given
+      local headers = {
+        ["Content-Disposition"] = "attachment; filename=\"\180\243.csv\"",
+        ["X-Raw"] = "\255\254 \1 \127 \"q\" \\",
+        ["X-Utf8"] = "\229\143\176", ["X-N"] = 42, ["X-Empty"] = "" }
+      local h = assert(idem.begin(db, "a", "kh", "f"))
+      local r = assert(idem.complete(db, h, 200, "ok", headers))
+      local want = { ["Content-Disposition"] = headers["Content-Disposition"],
+                     ["X-Raw"] = headers["X-Raw"], ["X-Utf8"] = "\229\143\176",
+                     ["X-N"] = "42", ["X-Empty"] = "" }
+      assert.same(want, r.headers)
+      local again = assert(idem.begin(db, "a", "kh", "f"))
+      assert.equal("done", again.state)
+      assert.same(want, again.response.headers)
+      -- a record stored in the earlier form (a JSON object) still replays
+      assert(db:exec("UPDATE paygate_idempotency SET headers = $1 WHERE"
+                     .. " idem_key = 'kh'", { '{"X-Old":"v 1"}' }))
+      again = assert(idem.begin(db, "a", "kh", "f"))
+      assert.same({ ["X-Old"] = "v 1" }, again.response.headers)
+    end)
+
     it("stores a table body as the JSON it is sent as", function()
       local h = assert(idem.begin(db, "a", "k", "f"))
       local r = assert(idem.complete(db, h, 200, { id = "p1", n = 2 }))
