@@ -209,6 +209,52 @@ describe("paygate.wechatpay against a slow or failing WeChat", function()
     assert.equal(fail0 + 7, calls:get({ EP, "http_5xx", "system_error" }))
   end)
 
+  it("a primary domain that cannot be reached, with the backup answering, "
+     .. "does not open the breaker; a probe goes on to the backup",
+     function()
+    -- nothing listens on the primary: every call switches to the backup
+    -- domain before anything was sent, and the backup answers
+    local wx = client{ base_url = "http://127.0.0.1:" .. core.free_port(),
+                       backup_url = stub:base_url(), breaker_min_calls = 4,
+                       breaker_failure_ratio = 0.5, breaker_window = 3600,
+                       breaker_open_for = 1 }
+    local P = "/v3/pay/transactions/out-trade-no/PG5"
+    local EP = "GET /v3/pay/transactions/out-trade-no/{}"
+    local function state() return wx:upstream_status().endpoints[EP].breaker end
+    stub:can("GET", P, 200, { trade_state = "NOTPAY" })
+    for i = 1, 8 do
+      local res, err = get(wx, P)
+      assert.is_truthy(res, "call " .. i .. ": " .. tostring(err))
+    end
+    assert.equal(8, #stub:requests())
+    assert.equal("closed", state())
+    -- the backup failing too opens it (its 5xx are failures): 8 of 16
+    stub:reset()
+    stub:can("GET", P, 500, { code = "SYSTEM_ERROR", message = "busy" })
+    local err
+    for i = 1, 7 do
+      _, err = get(wx, P)
+      assert.equal("system_error", err.kind)
+    end
+    assert.equal("closed", state())
+    _, err = get(wx, P)
+    assert.equal("system_error", err.kind)
+    assert.equal("open", state())
+    _, err = get(wx, P)
+    assert.equal("circuit_open", err.kind)
+    -- half-open: the probe cannot reach the primary and goes on to the
+    -- backup, whose answer closes the breaker
+    core.sleep(err.retry_after + 0.05)
+    stub:reset()
+    stub:can("GET", P, 200, { trade_state = "NOTPAY" })
+    local res
+    res, err = get(wx, P)
+    assert.is_truthy(res, tostring(err))
+    assert.equal("closed", state())
+    assert.equal(1, #stub:requests())
+    wx:stop()
+  end)
+
   it("degraded: every call fails fast, nothing is sent; off again works",
      function()
     local wx = client()

@@ -272,11 +272,22 @@ call = function(wx, method, path, body, opts, ep, what, stat)
   local on_backup = false
   local attempt = 0
   local last, reached
+  local carried                 -- the breaker's word, kept for the backup
   while true do
     attempt = attempt + 1
     local remaining = deadline - core.mono()
-    if remaining <= 0 then break end
-    local allowed, probe, retry_after = upstream.allow(wx, ep)
+    if remaining <= 0 then
+      if carried then upstream.release(wx, ep) end   -- a probe not sent
+      break
+    end
+    local allowed, probe, retry_after
+    if carried ~= nil then
+      -- the attempt goes on on the backup domain: the breaker already let
+      -- it through (as the probe, when it was one)
+      allowed, probe, carried = true, carried, nil
+    else
+      allowed, probe, retry_after = upstream.allow(wx, ep)
+    end
     if not allowed then
       if last == nil then
         return nil, upstream.circuit_open_error(what, retry_after)
@@ -313,9 +324,19 @@ call = function(wx, method, path, body, opts, ep, what, stat)
                and opts.timeout == nil and own <= remaining) then
       upstream.observe(wx, ep, core.mono() - sent_at)
     end
-    -- the breaker: an abort is this side's (a sink that stopped)
-    upstream.record(wx, ep, failed_attempt(res) and not (core.is_error(err)
-                    and err.kind == "aborted"), probe)
+    -- the breaker: an abort is this side's (a sink that stopped). The
+    -- primary domain not reached, with the backup yet to try, is no
+    -- failure of the endpoint: the attempt goes on on the backup, whose
+    -- result is recorded (a primary that cannot be reached would else
+    -- open the breaker while the backup answers every call, and a probe
+    -- would never get to the backup)
+    if not res and core.is_error(err) and c.backup_url and not on_backup
+       and unsent(err) and not delivered then
+      carried = probe
+    else
+      upstream.record(wx, ep, failed_attempt(res) and not (core.is_error(err)
+                      and err.kind == "aborted"), probe)
+    end
     if not res and core.is_error(err) then
       err.message = what .. ": " .. tostring(err.message)
       reached = reached or not unsent(err)
