@@ -141,6 +141,43 @@ describe("paygate.wechatpay against a slow or failing WeChat", function()
     assert.equal(200, res.status)
   end)
 
+  it("a timeout before the request was sent (a TLS handshake that never "
+     .. "ends) is no latency sample", function()
+    -- a listener that never accepts: the kernel completes the TCP
+    -- handshake, nobody answers the TLS one
+    local ffi = require "ffi"
+    pcall(ffi.cdef, [[
+      struct hf_sockaddr_in { unsigned short family; unsigned short port;
+                              unsigned int addr; char zero[8]; };
+      int socket(int domain, int type, int protocol);
+      int bind(int fd, const void *addr, unsigned int len);
+      int listen(int fd, int backlog);
+      int close(int fd);
+      unsigned short htons(unsigned short v);
+    ]])
+    local port = core.free_port()
+    local fd = ffi.C.socket(2, 1, 0)
+    local a = ffi.new("struct hf_sockaddr_in")
+    a.family, a.port, a.addr = 2, ffi.C.htons(port), 0x0100007f
+    assert(fd >= 0 and ffi.C.bind(fd, a, ffi.sizeof(a)) == 0
+           and ffi.C.listen(fd, 16) == 0, "listen")
+    local wx = client{ base_url = "https://127.0.0.1:" .. port,
+                       timeout = 0.3, timeout_samples = 3, latency_window = 10,
+                       timeout_floor = 0.1, timeout_ceiling = 4,
+                       breaker = false }
+    local EP = "GET /v3/pay/transactions/id/{}"
+    for i = 1, 4 do
+      local _, err = get(wx, "/v3/pay/transactions/id/4200000009")
+      assert.equal("timeout", err.kind)
+      assert.is_false(err.sent)
+    end
+    ffi.C.close(fd)
+    local s = wx:upstream_status().endpoints[EP]
+    assert.equal(0, s and s.samples or 0)
+    assert.equal(0.3, s and s.timeout or 0.3)
+    wx:stop()
+  end)
+
   it("opens the breaker after failures, fails fast without sending, "
      .. "lets one probe through half-open, closes on success", function()
     local wx = client{ breaker_min_calls = 4, breaker_failure_ratio = 0.5,

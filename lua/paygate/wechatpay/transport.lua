@@ -319,9 +319,12 @@ call = function(wx, method, path, body, opts, ep, what, stat)
     }
     -- latency: answers, and timeouts at the endpoint's own timeout (a
     -- slow endpoint's timeout grows; a shorter opts.timeout or the
-    -- deadline's rest says nothing about the endpoint)
+    -- deadline's rest says nothing about the endpoint, nor does a timeout
+    -- before the request was sent: a connect or TLS handshake that did
+    -- not finish is no answer time)
     if res or (core.is_error(err) and err.kind == "timeout"
-               and opts.timeout == nil and own <= remaining) then
+               and err.sent ~= false and opts.timeout == nil
+               and own <= remaining) then
       upstream.observe(wx, ep, core.mono() - sent_at)
     end
     -- the breaker: an abort is this side's (a sink that stopped). The
