@@ -246,6 +246,25 @@ describe("paygate.wechatpay against a slow or failing WeChat", function()
     assert.equal(fail0 + 7, calls:get({ EP, "http_5xx", "system_error" }))
   end)
 
+  it("a 500 whose code says the request is wrong (OPENID_MISMATCH) is an "
+     .. "answer: it does not open the breaker", function()
+    local wx = client{ breaker_min_calls = 4, breaker_failure_ratio = 0.5,
+                       breaker_window = 3600, breaker_open_for = 10 }
+    local P = "/v3/pay/transactions/id/4200000007"
+    local EP = "GET /v3/pay/transactions/id/{}"
+    stub:can("GET", P, 500, { code = "OPENID_MISMATCH",
+                              message = "openid和appid不匹配" })
+    for i = 1, 6 do
+      local _, err = get(wx, P)
+      assert.equal("param_error", err.kind)
+      assert.is_false(err.retryable)
+    end
+    assert.equal(6, #stub:requests())
+    assert.equal("closed", wx:upstream_status().endpoints[EP].breaker)
+    assert.equal(0, wx:upstream_status().endpoints[EP].failures)
+    wx:stop()
+  end)
+
   it("a primary domain that cannot be reached, with the backup answering, "
      .. "does not open the breaker; a probe goes on to the backup",
      function()

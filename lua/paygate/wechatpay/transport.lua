@@ -132,9 +132,13 @@ local function decode_json(res)
 end
 
 -- An attempt that tells the breaker the endpoint is unwell: no answer,
--- a 5xx or a 429.
-local function failed_attempt(res)
-  return res == nil or res.status >= 500 or res.status == 429
+-- a 5xx or a 429 (rerr: the error of a non-2xx answer). A 5xx whose code
+-- says the request itself is wrong (500 OPENID_MISMATCH: not retryable)
+-- is an answer, as a 4xx is: the merchant's mistake, not WeChat's trouble.
+local function failed_attempt(res, rerr)
+  if res == nil then return true end
+  if res.status == 429 then return true end
+  return res.status >= 500 and not (rerr and rerr.retryable == false)
 end
 
 local call, tell
@@ -327,6 +331,11 @@ call = function(wx, method, path, body, opts, ep, what, stat)
                and own <= remaining) then
       upstream.observe(wx, ep, core.mono() - sent_at)
     end
+    if res and sink and (res.status < 200 or res.status >= 300) then
+      res.body = table.concat(errbuf)
+    end
+    local rerr = res and (res.status < 200 or res.status >= 300)
+                 and errors.from_response(what, res) or nil
     -- the breaker: an abort is this side's (a sink that stopped). The
     -- primary domain not reached, with the backup yet to try, is no
     -- failure of the endpoint: the attempt goes on on the backup, whose
@@ -337,15 +346,13 @@ call = function(wx, method, path, body, opts, ep, what, stat)
        and unsent(err) and not delivered then
       carried = probe
     else
-      upstream.record(wx, ep, failed_attempt(res) and not (core.is_error(err)
-                      and err.kind == "aborted"), probe)
+      upstream.record(wx, ep, failed_attempt(res, rerr)
+                      and not (core.is_error(err) and err.kind == "aborted"),
+                      probe)
     end
     if not res and core.is_error(err) then
       err.message = what .. ": " .. tostring(err.message)
       reached = reached or not unsent(err)
-    end
-    if res and sink and (res.status < 200 or res.status >= 300) then
-      res.body = table.concat(errbuf)
     end
     local retry = false
     if not res then
@@ -394,7 +401,7 @@ call = function(wx, method, path, body, opts, ep, what, stat)
       if not sink then res.json = decode_json(res) end
       return res
     else
-      local e = errors.from_response(what, res)
+      local e = rerr
       last = e
       -- a 5xx (SYSTEM_ERROR) was received by WeChat, which may have acted
       -- on it: if a later attempt fails before it is sent, the call's
