@@ -533,6 +533,20 @@ describe("errors and retries", function()
     assert.is_true(err.retryable)        -- the same request may be repeated
     assert.truthy(err.attempts >= 2)
   end)
+  it("an idempotent POST that timed out after sending, then was refused "
+     .. "429 to its retries, is unknown_outcome (the first may have acted)",
+     function()
+    local limited = { status = 429, body = json.encode{
+      code = "FREQUENCY_LIMITED", message = "频率超限" } }
+    wxtest.queue(srv, "POST", "/v3/x", { { delay = 1.5, body = "{}" },
+                                         limited, limited })
+    local _, err = wx:request("POST", "/v3/x", "{}", { idempotent = true,
+      timeout = 0.5, max_attempts = 3 })
+    assert.equal("unknown_outcome", err.kind, tostring(err))
+    assert.is_true(err.retryable)
+    assert.equal(3, err.attempts)
+    assert.equal(3, count("POST", "/v3/x"))
+  end)
   it("uses the backup domain when the primary cannot be reached", function()
     local wx2 = client{ base_url = "http://127.0.0.1:" .. core.free_port(),
                         backup_url = srv.base_url,

@@ -428,8 +428,11 @@ call = function(wx, method, path, body, opts, ep, what, stat)
       { retryable = true })
   end
   if not core.is_error(last) then return nil, last end
-  if last.status == nil and reached and not SAFE_METHODS[method] then
-    -- retries ran out, and one attempt at least may have reached WeChat
+  if reached and not SAFE_METHODS[method]
+     and (last.status == nil or RETRY_ALWAYS[last.kind]) then
+    -- retries ran out, and one attempt at least may have reached WeChat:
+    -- the last failed without an answer, or was refused (429) without a
+    -- word on what the earlier one did
     return nil, outcome_unknown(what, last, idempotent, stat.attempts)
   end
   return nil, last
