@@ -31,7 +31,8 @@ describe("gateway store errors", function()
   end)
 
   local function req(id)
-    return { params = { id = id }, app_id = "a" }
+    return { params = { id = id }, app_id = "a",
+             query = function() return {} end }
   end
 
   local function assert_opaque(status, body)
