@@ -124,8 +124,14 @@ function _M.payment(ctx, tx, o)
     return nil, paygate.error("malformed", "the transaction has no"
                               .. " out_trade_no")
   end
+  -- (PostgreSQL: read locked. A transaction applying another attempt's
+  -- payment may be about to commit the payment paid and this attempt
+  -- superseded; read unlocked, this one would see the attempt open and
+  -- then the payment paid -- "paid already, on the current attempt": no
+  -- refund of money taken twice. Locked, the read waits and sees it.)
   local rows, err = tx:query("SELECT * FROM gw_attempts WHERE"
-                             .. " out_trade_no = $1", { no })
+    .. " out_trade_no = $1" .. (tx.engine == "postgres" and " FOR UPDATE"
+                                or ""), { no })
   if not rows then return nil, err end
   local a = rows[1]
   if not a then
