@@ -233,6 +233,13 @@ local function params_of(fname, event)
   if type(etype) ~= "string" or etype == "" then
     error(fname .. ": event.type must be a non-empty string", 3)
   end
+  -- (it goes out in the webhook's Paygate-Event-Type header: a CR, LF,
+  -- space or other byte no header value may hold would fail every
+  -- delivery until the event is dead-lettered)
+  if #etype > 200 or etype:find("[^\33-\126]") then
+    error(fname .. ": event.type must be at most 200 visible ASCII"
+          .. " characters (no space or control byte)", 3)
+  end
   local payload = event.payload
   if payload == nil then
     payload = {}

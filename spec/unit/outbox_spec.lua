@@ -100,6 +100,13 @@ describe("paygate.outbox misuse", function()
         "outbox.enqueue: event.subject must be a non-empty string")
       assert.has_error(function() outbox.enqueue(tx, { subject = "s" }) end,
         "outbox.enqueue: event.type must be a non-empty string")
+      for _, bad in ipairs{ "paid\r\nX-Evil: 1", "payment paid",
+                            "pay\0ment", "zahlung.\195\182", ("t"):rep(201) } do
+        assert.has_error(function()
+          outbox.enqueue(tx, { subject = "s", type = bad })
+        end, "outbox.enqueue: event.type must be at most 200 visible ASCII"
+          .. " characters (no space or control byte)")
+      end
       assert.has_error(function()
         outbox.enqueue(tx, { subject = "s", type = "t", payload = "x" })
       end, "outbox.enqueue: event.payload must be a table")
