@@ -211,13 +211,40 @@ end
 
 -- A handler's response made into what goes on the wire and in the store:
 -- a table body is JSON-encoded here, once, with its Content-Type.
+-- What the server sends of a handler's headers: names that are tokens,
+-- values without CR, LF or NUL, 4 KiB of them in all (less what a replay
+-- adds). Anything else it answers 500 -- stored, that 500 would be every
+-- replay's answer for the record's lifetime.
+local HEADERS_MAX = 4096 - 64
+
+local function check_headers(h)
+  local size = 0
+  for k, v in pairs(h) do
+    if not k:find("^[%w_%-]+$") then
+      error("idempotency: handler header name " .. string.format("%q", k)
+            .. " is not a token (letters, digits, - and _)", 4)
+    end
+    if v:find("[\r\n%z]") then
+      error("idempotency: handler header " .. k .. " holds a CR, LF or"
+            .. " NUL", 4)
+    end
+    size = size + #k + #v + 4
+  end
+  if size > HEADERS_MAX then
+    error("idempotency: handler headers exceed " .. HEADERS_MAX
+          .. " bytes", 4)
+  end
+end
+
 local function normalize(status, body, headers)
-  if type(status) ~= "number" or status % 1 ~= 0 or status < 100
+  -- (a 1xx is no final answer: the server does not send one)
+  if type(status) ~= "number" or status % 1 ~= 0 or status < 200
      or status > 599 then
-    error("idempotency: handler status must be an integer 100..599 (got "
+    error("idempotency: handler status must be an integer 200..599 (got "
           .. tostring(status) .. ")", 3)
   end
   local h = copy_headers(headers)
+  check_headers(h)
   if type(body) == "table" then
     body = json.encode(body)
     if not has_header(h, "Content-Type") then
@@ -737,7 +764,12 @@ function _M.wrap(db, handler, opts)
     end
     -- (a response ik:respond stored in a transaction that then rolled back
     -- or failed to commit is not sent: what the handler returned is)
-    local r = normalize(status, body, headers)
+    local nok, r = pcall(normalize, status, body, headers)
+    if not nok then
+      -- a response the server cannot send: nothing stored, the key free
+      _M.release(db, h)
+      error(r, 0)
+    end
     if not keep(r.status) then
       _M.release(db, h)
       return sent(r, false)

@@ -431,6 +431,39 @@ for name, engine in pairs(engines) do
         assert.equal(200, s)
         assert.equal("ok", b)
       end)
+
+      it("stores no response the server could not send (bad header,"
+         .. " 1xx status): it raises and releases the key", function()
+        local answer
+        local fn = idem.wrap(db, function() return answer() end)
+        local bad = {
+          function() return 200, "ok", { ["X-Note"] = "a\r\nSet-Cookie: x" } end,
+          function() return 200, "ok", { ["X Note"] = "a" } end,
+          function() return 200, "ok", { ["X-Big"] = ("v"):rep(5000) } end,
+          function() return 103, "" end,
+        }
+        local hdr = { ["Idempotency-Key"] = "bad-response" }
+        for _, f in ipairs(bad) do
+          answer = f
+          assert.error_matches(function() fn(fake_req{ headers = hdr }) end,
+            "idempotency: handler")
+          -- released: the next request with the key runs again
+        end
+        -- and the same through ik:respond in the handler's transaction
+        local fn2 = idem.wrap(db, function(_, ik)
+          return db:transaction(function(tx)
+            return ik:respond(tx, 200, "ok", { ["X-Note"] = "a\nb" })
+          end)
+        end)
+        assert.error_matches(function() fn2(fake_req{ headers = hdr }) end,
+          "idempotency: handler")
+        answer = function() return 200, "fine", { ["X-Note"] = "ok" } end
+        local s, b, h = fn(fake_req{ headers = hdr })
+        assert.equal(200, s)
+        assert.equal("fine", b)
+        assert.equal("ok", h["X-Note"])
+        assert.is_nil(h["Idempotent-Replayed"])
+      end)
     end)
   end)
 end
