@@ -939,7 +939,13 @@ end
 -- control characters (PostgreSQL refuses invalid UTF-8 and NUL in TEXT,
 -- and a cut must not split a character); anything else becomes '?'.
 local function err_text(e)
-  local s = tostring(e)
+  -- (a sink's error whose __tostring raises, or gives no string, must
+  -- still fail its attempt: raised here, the round would end without the
+  -- outcome, and the row would be tried again at once, with no backoff)
+  local ok, s = pcall(tostring, e)
+  if not ok or type(s) ~= "string" then
+    return "(an error that cannot be shown)"
+  end
   if #s <= 500 and not s:find("[%z\1-\8\11-\31\127-\255]") then
     return s
   end

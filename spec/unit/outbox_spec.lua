@@ -746,6 +746,30 @@ for engine, open in pairs(stores) do
       db:close()
     end)
 
+    it("a sink error that cannot be shown (its __tostring raises or is no"
+       .. " string) fails its attempt with backoff all the same", function()
+      local db = open()
+      local shown = { pay_raise = function() error("no text for you") end,
+                      pay_table = function() return {} end }
+      local bad = { name = "bad", deliver = function(event)
+        return nil, setmetatable({}, { __tostring = shown[event.subject] })
+      end }
+      local d = outbox.dispatcher(db, { sinks = { bad }, partitions = 2 })
+      local ids = { enqueue(db, "pay_raise", "payment.paid"),
+                    enqueue(db, "pay_table", "payment.paid") }
+      assert.equal(2, d:step())
+      assert.equal(2, d.stats.failed)
+      for _, id in ipairs(ids) do
+        local r = row(db, id)
+        assert.equal("pending", r.state)
+        assert.equal(1, r.attempts)
+        assert.equal("bad: (an error that cannot be shown)", r.last_error)
+        assert.is_true(r.next_at > r.created_at)
+      end
+      d:stop()
+      db:close()
+    end)
+
     if engine == "sqlite" then
       it("an outcome whose statement fails is dropped alone; the others of"
          .. " the job are recorded", function()
