@@ -26,6 +26,13 @@ describe("upstream.endpoint", function()
       upstream.endpoint("GET", "/v3/refund/domestic/refunds/refund"))
     assert.equal("POST /v3/pay/transactions/native",
       upstream.endpoint("POST", "/v3/pay/transactions/native"))
+    -- every path the client calls has a name of its own (its breaker,
+    -- its timeout, its line on /metrics)
+    assert.equal("POST /v3/refund/domestic/refunds/{}/apply-abnormal-refund",
+      upstream.endpoint("POST", "/v3/refund/domestic/refunds/50300/"
+                        .. "apply-abnormal-refund"))
+    assert.equal("POST /v3/merchant/media/video_upload",
+      upstream.endpoint("POST", "/v3/merchant/media/video_upload"))
     -- hostile paths: ids and depth never make new names past a bound
     local names = {}
     for i = 1, 2000 do

@@ -57,7 +57,7 @@ for w in ([[v3 pay partner transactions native h5 jsapi app out-trade-no
   provinces cities branches transfer batches batch-id out-batch-no
   details detail-id out-detail-no bills bill-receipt elecsign
   transfer-bills out-bill-no new-tax-control-fapiao fapiao-applications
-  goldplan ]]):gmatch("%S+") do
+  goldplan apply-abnormal-refund video_upload ]]):gmatch("%S+") do
   WORDS[w] = true
 end
 
