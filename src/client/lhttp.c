@@ -539,7 +539,8 @@ op_cancel(void *arg)
 static const char *const request_opts[] = {
     "url", "method", "headers", "body", "timeout", "connect_timeout",
     "ca_file", "client_cert", "client_key", "client_key_password",
-    "max_body", "resolve", "resend", "sink", "on_headers", NULL
+    "max_body", "resolve", "resend", "sink", "on_headers", "idle_timeout",
+    NULL
 };
 
 static int
@@ -606,7 +607,11 @@ is_idempotent(const char *method)
  * syntax: res, err = paygate.http.request{ url=, method=, headers=, body=,
  *             timeout=, connect_timeout=, ca_file=, client_cert=,
  *             client_key=, client_key_password=, max_body=, resolve=,
- *             resend= }
+ *             resend=, idle_timeout= }
+ * idle_timeout: s without a byte coming or going after which the request
+ *          fails with kind timeout, whatever is left of timeout (a long
+ *          download that keeps flowing gets a long timeout, a stalled one
+ *          still ends soon). Default: none.
  * resend: whether curl may send the request a second time by itself when
  *          a reused keep-alive connection dies after the request went out
  *          but before any byte of the answer (the server may have acted on
@@ -627,7 +632,7 @@ op_setup(lua_State *L, int stream)
     struct gw_http_op *op;
     const char *url, *method, *s;
     size_t body_len = 0;
-    double timeout, connect_timeout, max_body;
+    double timeout, connect_timeout, max_body, idle = 0;
     CURL *e;
 
     gw_opts_known(L, 1, "http.request", "opts", request_opts);
@@ -643,6 +648,11 @@ op_setup(lua_State *L, int stream)
                                          86400));
     connect_timeout = lua_tonumber(L, opt_number(L, 1, "connect_timeout",
                                                  DEFAULT_CONNECT, 3600));
+    lua_getfield(L, 1, "idle_timeout");
+    if (!lua_isnil(L, -1)) {
+        idle = lua_tonumber(L, opt_number(L, 1, "idle_timeout", 1, 86400));
+    }
+    lua_pop(L, 1);
     lua_getfield(L, 1, "max_body");
     if (stream && lua_isnil(L, -1)) {
         max_body = -1;              /* streamed: no limit unless given */
@@ -690,6 +700,12 @@ op_setup(lua_State *L, int stream)
     curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long) (timeout * 1000));
     curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS,
                      (long) (connect_timeout * 1000));
+    if (idle > 0) {
+        /* below 1 byte/s for that many whole seconds: a stall */
+        curl_easy_setopt(e, CURLOPT_LOW_SPEED_LIMIT, 1L);
+        curl_easy_setopt(e, CURLOPT_LOW_SPEED_TIME,
+                         (long) (idle < 1 ? 1 : idle + 0.999));
+    }
     curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
     curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 1L);
     curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, 2L);
@@ -830,7 +846,11 @@ op_setup(lua_State *L, int stream)
  * syntax: res, err = paygate.http.request{ url=, method=, headers=, body=,
  *             timeout=, connect_timeout=, ca_file=, client_cert=,
  *             client_key=, client_key_password=, max_body=, resolve=,
- *             resend= }
+ *             resend=, idle_timeout= }
+ * idle_timeout: s without a byte coming or going after which the request
+ *          fails with kind timeout, whatever is left of timeout (a long
+ *          download that keeps flowing gets a long timeout, a stalled one
+ *          still ends soon). Default: none.
  * returns: see above.
  * yields: until the response has been read, or the request failed.
  */

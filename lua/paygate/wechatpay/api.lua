@@ -655,13 +655,19 @@ function _M.fund_flow_bill(self, p, o)
                       p, o)
 end
 
+local BILL_DEADLINE, BILL_TIMEOUT, BILL_IDLE = 3600, 1800, 30
+
 --- syntax: info, meta = wx:download_bill(bill, file_path[, opts])
 -- bill: what wx:trade_bill / wx:fund_flow_bill returned. Downloads the file
 -- (a signed GET of download_url's path and query, against the client's
 -- base URL; WeChat does not sign the answer), streaming it to file_path --
 -- gunzipped when it is gzip -- and checks the SHA-1 of the content against
 -- bill.hash_value. The bill is never held in memory whole.
--- opts: deadline, timeout, max_bytes (default 8 GiB of content).
+-- opts: deadline (default 3600 s), timeout (one attempt, default 1800 s),
+-- idle_timeout (s without a byte: the attempt fails as a timeout; default
+-- 30), max_bytes (default 8 GiB of content). A large bill takes as long
+-- as it flows: the client's timeout and deadline (10 s, 30 s, for API
+-- calls) would cut it off every day.
 -- returns: info = { path, bytes, received, gzip, sha1 }, meta; or nil, err
 -- (hash_mismatch, malformed, too_large, io, or a transport error), with
 -- nothing left at file_path.
@@ -696,9 +702,12 @@ function _M.download_bill(self, b, path, o)
   w, err = bill.writer(path, { max_bytes = o.max_bytes })
   if not w then return nil, err end
   local res, rerr = self:request("GET", target, nil, {
-    idempotent = true, unsigned = true, deadline = o.deadline,
+    idempotent = true, unsigned = true,
+    deadline = o.deadline or BILL_DEADLINE,
     headers = { Accept = "*/*" },     -- a file, not JSON
-    timeout = o.timeout, max_attempts = o.max_attempts,
+    timeout = o.timeout or BILL_TIMEOUT,
+    idle_timeout = o.idle_timeout or BILL_IDLE,
+    max_attempts = o.max_attempts,
     sink = function(chunk) return w:feed(chunk) end,
   })
   if not res then

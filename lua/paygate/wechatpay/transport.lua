@@ -27,6 +27,10 @@
 --                      (default conf.deadline, 30)
 --     timeout          seconds for one attempt (default conf.timeout, 10;
 --                      never past the deadline)
+--     idle_timeout     seconds without a byte after which an attempt
+--                      fails as a timeout, whatever is left of timeout
+--                      (for a large file: a long timeout that still ends
+--                      soon when the transfer stalls); default none
 --     unsigned         true for raw file downloads WeChat does not sign
 --                      (/v3/billdownload/file): no response signature
 --                      check (the caller checks the file's hash)
@@ -319,6 +323,7 @@ call = function(wx, method, path, body, opts, ep, what, stat)
       method = method, url = base .. path, headers = headers, body = body,
       timeout = min(opts.timeout or own, remaining),
       connect_timeout = min(5, remaining), ca_file = c.ca_file,
+      idle_timeout = opts.idle_timeout,
       sink = wrapped, on_headers = on_headers, resend = false,
     }
     -- latency: answers, and timeouts at the endpoint's own timeout (a
