@@ -29,6 +29,29 @@ local function body(no)
            amount = { total = 1 }, payer = { openid = "o1" } }
 end
 
+-- An ABNORMAL refund of a fresh order, then apply-abnormal-refund with the
+-- bank fields encrypted for key and Wechatpay-Serial = serial.
+local function apply_abnormal(c, base, no, serial, key)
+  assert.equal(200, c:call("POST", "/v3/pay/transactions/jsapi",
+                           body(no)).status)
+  assert.equal(200, sc.control(base, "POST", "/sim/transactions/" .. no
+                               .. "/pay", {}).status)
+  local r = c:call("POST", "/v3/refund/domestic/refunds", {
+    out_trade_no = no, out_refund_no = no .. "-r",
+    amount = { refund = 1, total = 1, currency = "CNY" } })
+  assert.equal(200, r.status, r.body)
+  assert.equal(200, sc.control(base, "POST", "/sim/refunds/" .. no
+                               .. "-r/settle", { status = "ABNORMAL" }).status)
+  local function enc(v)
+    return crypto.base64_encode(assert(crypto.oaep_encrypt(key, v)))
+  end
+  return c:call("POST", "/v3/refund/domestic/refunds/" .. r.json.refund_id
+    .. "/apply-abnormal-refund", { out_refund_no = no .. "-r",
+    type = "USER_BANK_CARD", bank_type = "ICBC_DEBIT",
+    bank_account = enc("6212260000000000000"), real_name = enc("张三") },
+    { headers = { ["Wechatpay-Serial"] = serial } })
+end
+
 describe("simulator: platform certificates mode", function()
   local s, c, base, dir
   setup(function() s, c, base, dir = start("workers = 2, rotation_delay = 1,") end)
@@ -102,6 +125,20 @@ describe("simulator: platform certificates mode", function()
       assert.equal(serial, sn)
     end
   end)
+
+  it("takes sensitive fields encrypted for a platform certificate only",
+     function()
+    -- the merchant has not enabled the WeChat Pay public key: fields
+    -- encrypted for it are refused as WeChat would
+    local keys, pub_id = c:platform_keys()
+    local res = apply_abnormal(c, base, "pc-abn-001", pub_id, keys[pub_id])
+    assert.equal(400, res.status, res.body)
+    assert.equal("PARAM_ERROR", res.json.code)
+    assert.equal("Wechatpay-Serial", res.json.detail.field)
+    local serial = next((download()))
+    res = apply_abnormal(c, base, "pc-abn-002", serial, keys[serial])
+    assert.equal(200, res.status, res.body)
+  end)
 end)
 
 describe("simulator: public key mode", function()
@@ -122,6 +159,22 @@ describe("simulator: public key mode", function()
     assert.equal(404, res.status)
     assert.equal("RESOURCE_NOT_EXISTS", res.json.code)
     assert.matches("微信支付公钥", res.json.message, 1, true)
+  end)
+
+  it("takes sensitive fields encrypted for the public key only", function()
+    -- the merchant has no platform certificate (its /v3/certificates is
+    -- 404): fields encrypted for one, named by Wechatpay-Serial, are
+    -- refused as WeChat would
+    local keys, pub_id = c:platform_keys()
+    local serial, cert = next(keys)
+    while serial == pub_id do serial, cert = next(keys, serial) end
+    local res = apply_abnormal(c, base, "pk-abn-001", serial, cert)
+    assert.equal(400, res.status, res.body)
+    assert.equal("PARAM_ERROR", res.json.code)
+    assert.equal("Wechatpay-Serial", res.json.detail.field)
+    res = apply_abnormal(c, base, "pk-abn-002", pub_id, keys[pub_id])
+    assert.equal(200, res.status, res.body)
+    assert.equal("PROCESSING", res.json.status)
   end)
 end)
 

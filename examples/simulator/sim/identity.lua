@@ -409,13 +409,20 @@ function _M.encrypt_resource(merchant, plaintext, aad, original_type)
     original_type = original_type }))
 end
 
---- syntax: ok, err = identity.known_serial(serial)
--- Whether a request's Wechatpay-Serial names one of our keys (a platform
--- certificate not expired, or the public key id).
-function _M.known_serial(serial)
+--- syntax: ok, key = identity.known_serial(serial[, mode])
+-- Whether a request's Wechatpay-Serial names one of our keys the merchant
+-- holds, by its verifier_mode (default both): a platform certificate not
+-- expired (not in public_key mode: such a merchant has none, its
+-- /v3/certificates is 404), or the public key id (not in
+-- platform_certificates mode: that merchant has no public key).
+function _M.known_serial(serial, mode)
   fresh()
   if type(serial) ~= "string" then return false end
-  if S.pub and serial == S.pub.id then return true, S.pub end
+  if S.pub and serial == S.pub.id then
+    if mode == "platform_certificates" then return false end
+    return true, S.pub
+  end
+  if mode == "public_key" then return false end
   local c = S.by_serial[serial:upper()]
   if c and c.not_after > core.time() then return true, c end
   return false

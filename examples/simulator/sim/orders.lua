@@ -822,7 +822,7 @@ local function abnormal_refund(req, c)
         .. "序列号(Wechatpay-Serial)", { field = "Wechatpay-Serial",
         location = "header" })
     end
-    local known, k = S.identity.known_serial(serial)
+    local known, k = S.identity.known_serial(serial, c.m.verifier_mode)
     if not known then
       return nil, a.err(400, "PARAM_ERROR", "平台证书序列号Wechatpay-Serial错误",
         { field = "Wechatpay-Serial", location = "header" })
