@@ -369,7 +369,9 @@ end
 --- syntax: d = sim:wait_notification(match[, { timeout, attempts, event_type
 ---         }])
 -- match: an out_trade_no, or { out_trade_no = , out_refund_no = ,
--- event_type = }. Waits (default 15 s) until a matching delivery was
+-- event_type = } (opts.event_type is match's event_type, when match has
+-- none: a refund's REFUND.* notification carries its order's
+-- out_trade_no too). Waits (default 15 s) until a matching delivery was
 -- acknowledged (200/204), or, with opts.attempts = n, until it has n
 -- answered attempts (an answer or an error each), whatever the answers.
 -- yields: polls GET /sim/notifications.
@@ -378,6 +380,15 @@ end
 function Sim:wait_notification(match, opts)
   opts = opts or {}
   if type(match) == "string" then match = { out_trade_no = match } end
+  if opts.event_type ~= nil and opts.event_type ~= match.event_type then
+    if match.event_type ~= nil then
+      error("sim:wait_notification: match.event_type and opts.event_type "
+            .. "differ", 2)
+    end
+    local m = { event_type = opts.event_type }
+    for k, v in pairs(match) do m[k] = v end
+    match = m
+  end
   local seen
   local function find()
     seen = {}

@@ -244,6 +244,30 @@ paygate.route("POST", "/fail", function() return 500, "no" end)]] }
     assert.is_nil(err:find("\\/", 1, true), err)
   end)
 
+  it("waits for the event_type opts names, not the order's payment",
+     function()
+    local no = sim:order{ notify_url = app:url("/ok"), total = 3 }
+    sim:pay_and_wait(no)
+    local wx = sim:client()
+    local rno = "R" .. no
+    assert(wx:refund{ out_trade_no = no, out_refund_no = rno,
+      notify_url = app:url("/fail"),
+      amount = { refund = 3, total = 3, currency = "CNY" } })
+    sim:settle(rno)
+    wx:stop()
+    -- the refund's notification is refused: no acknowledged REFUND.SUCCESS
+    -- (the payment's TRANSACTION.SUCCESS, acknowledged, is not it)
+    local ok, err = pcall(sim.wait_notification, sim, no,
+                          { event_type = "REFUND.SUCCESS", timeout = 0.5 })
+    assert.is_false(ok, "took " .. tostring(ok and err.event_type))
+    assert.matches("REFUND.SUCCESS", err, 1, true)
+    local d = sim:wait_notification(no, { event_type = "REFUND.SUCCESS",
+                                          attempts = 1 })
+    assert.equal("REFUND.SUCCESS", d.event_type)
+    assert.equal(rno, d.resource.out_refund_no)
+    assert.equal(500, d.attempts[1].status)
+  end)
+
   it("makes clients for the merchant it configured", function()
     local wx = sim:client()
     local no = sim:order{ notify_url = app:url("/ok") }
