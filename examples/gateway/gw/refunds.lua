@@ -140,9 +140,19 @@ end
 -- this one ends here (failed, cause not_sent; out of the refunded total)
 -- and is never sent. Its request_key is let go: the answer is not kept
 -- (a 503), and a retry under the same key makes a new refund.
-local function not_sent(tx, row, werr, actor)
+-- earlier: the refund was found by its request_key, made by an earlier run
+-- of this request, which may have sent it (its run died during the call,
+-- or the store failed to record WeChat's answer): not this call's to end.
+-- It stays as it is, counted (the refund checks settle it), and the
+-- answer says to retry with the same key.
+local function not_sent(tx, row, werr, actor, earlier)
   local st, eb = payments.wx_failure(werr)
-  if row.state == "created" then
+  if earlier then
+    eb.message = "WeChat Pay was not called now (" .. tostring(werr)
+      .. "); this refund was stored by an earlier run of this request and"
+      .. " may be at WeChat Pay already: retry with the same"
+      .. " Idempotency-Key, not a new one"
+  elseif row.state == "created" then
     local res, err = R:transition(tx, row.id, "rejected", { row = row,
       cause = "not_sent", actor = actor,
       evidence = { kind = werr.kind,
@@ -195,7 +205,7 @@ function _M.create(req, ik)
             "this Idempotency-Key was used with another refund ("
             .. found.id .. ")") }
         end
-        return { refund = found }
+        return { refund = found, earlier = true }
       end
     end
     local row, qerr = model.payment(tx, p.id)
@@ -247,7 +257,7 @@ function _M.create(req, ik)
   local actor = "app:" .. tostring(req.app_id)
   local a, c, d = _M.send(res.refund.id, function(tx, row, how, werr)
     if how == "not_sent" then
-      return not_sent(tx, row, werr, actor)
+      return not_sent(tx, row, werr, actor, res.earlier)
     end
     if how == "rejected" then
       return ik:respond(tx, 502, err_body("wechat_error", "WeChat Pay"

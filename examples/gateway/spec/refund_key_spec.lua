@@ -285,3 +285,82 @@ describe("gateway refunds: a refund call that was never made", function()
       again.json.out_refund_no)).amount.refund)
   end)
 end)
+
+-- A refund a retry finds by its key, still `created`, was made by an
+-- earlier run of the request, which may have sent it: the store failed to
+-- record WeChat's answer (the 503 that says to retry with the same key),
+-- or the run died during the call. A call refused on its way out now (the
+-- breaker open) says nothing about that one: were it ended `failed`, its
+-- amount would no longer count and the answer would invite a new key, a
+-- second refund while WeChat pays back the first.
+describe("gateway refunds: a retry whose call is not made, of a refund an "
+         .. "earlier run may have sent", function()
+  local sim, gw
+  local OPEN_FOR = 3
+
+  setup(function()
+    sim = testing.simulator{ time_scale = 100 }
+    gw = core.start(sim, {
+      gateway = { reconcile = { enabled = false } },
+      merchant = { max_attempts = 1, breaker_min_calls = 2,
+                   breaker_failure_ratio = 0.5,
+                   breaker_open_for = OPEN_FOR } })
+  end)
+
+  teardown(function()
+    if gw then gw:stop() end
+    testing.stop_all()
+  end)
+
+  it("leaves it counted and says to retry with the same key", function()
+    local pcore = require "paygate.core"
+    local p = paid(sim, gw, 100)
+    local key = "refund-earlier-" .. p.id
+    -- the first run: WeChat takes the refund, the store fails to record
+    -- its answer
+    sim:fault{ endpoint = "refund", kind = "latency", seconds = 1.5,
+               count = 1 }
+    local res
+    pcore.spawn(function() res = refund(gw, p.id, 30, key) end)
+    testing.wait_until(function()
+      local rows = assert(gw.db:query("SELECT id FROM gw_refunds WHERE"
+                                      .. " payment_id = $1", { p.id }))
+      return rows[1] ~= nil
+    end, 10, "the refund stored")
+    assert(gw.db:exec("ALTER TABLE gw_refunds RENAME TO gw_refunds_away"))
+    testing.wait_until(function() return res ~= nil end, 20, "the answer")
+    assert(gw.db:exec("ALTER TABLE gw_refunds_away RENAME TO gw_refunds"))
+    assert.equal(503, res.status, res.body)
+    local rf = assert(res.json.refund, res.body)
+    assert.equal("PROCESSING", assert(sim:client():query_refund(
+      rf.out_refund_no)).status)
+    -- the refund endpoint's breaker opens (another payment's refunds fail)
+    local other = paid(sim, gw, 100)
+    sim:fault{ endpoint = "refund", kind = "error", status = 500,
+               code = "SYSTEM_ERROR" }
+    testing.wait_until(function()
+      return refund(gw, other.id, 1).status == 503
+    end, 20, "the refund endpoint's breaker to open")
+    sim:clear_faults()
+    -- the retry with the same key, its call refused by the breaker
+    local again = refund(gw, p.id, 30, key)
+    assert.equal(503, again.status, again.body)
+    assert.equal(rf.id, again.json.refund.id)
+    assert.equal("created", again.json.refund.state, again.body)
+    assert.matches("same Idempotency-Key", again.json.message, 1, true)
+    assert.equal("created", gw:call("GET", "/v1/refunds/" .. rf.id)
+                              .json.state)
+    -- its 30 fen still count: 70 are left
+    local over = refund(gw, p.id, 71)
+    assert.equal(422, over.status, over.body)
+    -- once calls go out again, the same key finds it: one refund of 30
+    testing.wait_until(function()
+      again = refund(gw, p.id, 30, key)
+      return again.status ~= 503
+    end, OPEN_FOR + 10, "the breaker to let the retry through")
+    assert.equal(201, again.status, again.body)
+    assert.equal(rf.id, again.json.id)
+    assert.equal("processing", again.json.state)
+    assert.equal(1, #gw:get(p.id).refunds)
+  end)
+end)
