@@ -184,9 +184,15 @@ function _M.create(req, ik)
   local res
   res, err = fsm.retry(db, function(tx)
     if tx.engine == "postgres" then
-      -- refunds of one payment take turns: the sum below stays true
-      local _, lerr = tx:query("SELECT id FROM gw_payments WHERE id = $1"
-                               .. " FOR UPDATE", { p.id })
+      -- refunds of one payment take turns: the sum below stays true. The
+      -- row is written, not only locked (FOR UPDATE): under REPEATABLE
+      -- READ (a database's default_transaction_isolation) the waiting
+      -- transaction's snapshot predates the other's commit, and a row
+      -- only locked there would let it sum the refunds without the
+      -- other's; a row written there fails it (serialization, tried
+      -- again with a fresh snapshot). READ COMMITTED reads anew anyway.
+      local _, lerr = tx:exec("UPDATE gw_payments SET id = id WHERE id = $1",
+                              { p.id })
       if lerr then return nil, lerr end
     end
     if request_key then
