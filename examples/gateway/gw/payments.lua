@@ -74,7 +74,8 @@ end
 
 local function degraded()
   return 503, err_body("degraded", "the gateway is degraded: calls that"
-                       .. " need WeChat Pay are refused for now")
+                       .. " need WeChat Pay are refused for now; retry later"
+                       .. " with the same Idempotency-Key")
 end
 _M.degraded = degraded
 
