@@ -24,6 +24,8 @@ local REFUNDABLE = { paid = true, partially_refunded = true }
 -- WeChat answered with a refusal: the refund was not made.
 local function refused(err)
   local k = err.kind
+  -- (invalid_params: the client's own checks refused it; nothing was sent)
+  if k == "invalid_params" then return true end
   return type(err.status) == "number" and err.status >= 400
          and err.status < 500 and k ~= "frequency_limited"
          and k ~= "unknown_outcome" and k ~= "unverified_response"
