@@ -559,6 +559,29 @@ describe("bill.diff", function()
     assert.is_nil(out[1]["local"])
   end)
 
+  it("a refund WeChat's bill lists PROCESSING is no mismatch while it is"
+     .. " processing here too (nor a lost one: it is missing here)",
+     function()
+    local r = { payments = {}, refunds = {
+      R7 = { out_trade_no = "T7", amount = 70, state = "PROCESSING" },
+      R8 = { out_trade_no = "T8", amount = 80, state = "PROCESSING" },
+      R9 = { out_trade_no = "T9", amount = 90, state = "PROCESSING" } } }
+    local out = bill.diff(r, {
+      { out_trade_no = "T7", out_refund_no = "R7", amount = 70,
+        state = "processing" },
+      { out_trade_no = "T8", out_refund_no = "R8", amount = 80,
+        state = "failed" } })
+    local got = {}
+    for _, m in ipairs(out) do
+      got[#got + 1] = m.kind .. " " .. tostring(m.out_refund_no)
+    end
+    assert.same({ "missing_local R9", "state R8" }, got)
+    -- a processing refund of another amount is still an amount mismatch
+    out = bill.diff(r, { { out_trade_no = "T7", out_refund_no = "R7",
+                           amount = 71, state = "processing" } })
+    assert.equal("amount", out[#out].kind)
+  end)
+
   it("an empty day: every locally paid row is missing remotely", function()
     local out = bill.diff({ payments = {}, refunds = {} }, {
       { out_trade_no = "T4", amount = 400, state = "paid" } })

@@ -253,6 +253,7 @@ end
 
 local PAID = { paid = true, partially_refunded = true, refunded = true }
 local REFUNDED = { succeeded = true }
+local PENDING = { processing = true }
 
 local function set_of(list, default)
   if list == nil then
@@ -273,7 +274,9 @@ local KIND_ORDER = { missing_local = 1, missing_remote = 2, amount = 3,
 -- empty day). local_rows: { { out_trade_no, amount (fen), state,
 -- out_refund_no? (a refund's row) }, ... }. opts.paid_states (payment
 -- states WeChat's bill lists as SUCCESS; default paid, partially_refunded,
--- refunded), opts.refund_states (default succeeded).
+-- refunded), opts.refund_states (default succeeded),
+-- opts.refund_pending_states (refund states that agree with a bill line
+-- still PROCESSING; default processing).
 -- returns: a list sorted by kind, out_trade_no, out_refund_no of
 -- { kind = missing_local | missing_remote | amount | state |
 --   duplicate_line, out_trade_no, out_refund_no, ["local"] = row | nil,
@@ -286,6 +289,7 @@ function _M.diff(remote, rows, opts)
   opts = opts or {}
   local paid = set_of(opts.paid_states, PAID)
   local refunded = set_of(opts.refund_states, REFUNDED)
+  local pending = set_of(opts.refund_pending_states, PENDING)
   local out = {}
   local function add(kind, no, rno, l, r)
     out[#out + 1] = { kind = kind, out_trade_no = no, out_refund_no = rno,
@@ -315,7 +319,9 @@ function _M.diff(remote, rows, opts)
       local l = local_map[key]
       if not l then
         add("missing_local", no, rno, nil, r)
-      elseif not done[l.state] or r.state ~= "SUCCESS" then
+      elseif not (done[l.state] and r.state == "SUCCESS")
+             and not (is_refund and r.state == "PROCESSING"
+                      and pending[l.state]) then
         add("state", no, rno, l, r)
       elseif l.amount ~= r.amount then
         add("amount", no, rno, l, r)
