@@ -53,6 +53,7 @@ local GENESIS = _M.GENESIS
 local FORMAT = "paygate.audit.v1"
 local APPEND_ATTEMPTS = 16
 local PAGE = 1000
+local ROUNDS = 100                -- verify: reads of a chain that moves on
 local MAX_AT = 253402300799999     -- 9999-12-31T23:59:59.999Z (partitions)
 
 ------------------------------------------------------------- schema
@@ -907,6 +908,10 @@ end
 -- { subject, seq, reason, message, entries } at its first break (reason:
 -- "edited", "missing", "bad_seq", "broken_link", "head_missing",
 -- "head_mismatch"); nil, err when the store fails.
+-- The entries and the head are read by separate queries, so an append
+-- committing between them shows a head past the entries read: they are
+-- read on from there, until a round finds no entry the head read before
+-- it names (then they are missing), at most ROUNDS rounds.
 -- yields: until read
 function _M.verify(q, subject)
   check_q("audit.verify", q)
@@ -918,26 +923,43 @@ function _M.verify(q, subject)
     end
     return true, { subject = subject, entries = 0 }
   end
-  local c, after = checker(subject), 0
-  while true do
-    local rows
-    rows, err = q:query(SELECT .. " WHERE subject = $1 AND seq > $2"
-      .. " ORDER BY seq LIMIT " .. PAGE, { subject, after })
-    if not rows then
+  local c, last, head = checker(subject), nil, nil
+  for round = 1, ROUNDS do
+    local got = 0
+    while true do
+      local rows
+      if last then
+        -- (seq, at): on PostgreSQL a second row with a seq can be in
+        -- another month (see SCHEMA); a page must not end between them
+        rows, err = q:query(SELECT .. " WHERE subject = $1 AND (seq, at) >"
+          .. " ($2, $3) ORDER BY seq, at LIMIT " .. PAGE,
+          { subject, last.seq, last.at })
+      else
+        rows, err = q:query(SELECT .. " WHERE subject = $1 ORDER BY seq, at"
+          .. " LIMIT " .. PAGE, { subject })
+      end
+      if not rows then
+        return nil, err
+      end
+      for i = 1, #rows do
+        feed(c, rows[i])
+      end
+      got = got + #rows
+      last = rows[#rows] or last
+      if #rows < PAGE then
+        break
+      end
+    end
+    head, err = _M.head(q, subject)
+    if head == nil then
       return nil, err
     end
-    for i = 1, #rows do
-      feed(c, rows[i])
-    end
-    if #rows < PAGE then
+    -- the head is past the entries read, and the last round read some:
+    -- appends may have committed in between
+    if not (head and (round == 1 or got > 0) and type(head.seq) == "number"
+            and head.seq > (last and tonumber(last.seq) or 0)) then
       break
     end
-    after = rows[#rows].seq
-  end
-  local head
-  head, err = _M.head(q, subject)
-  if head == nil then
-    return nil, err
   end
   if c.entries == 0 and not head then
     return true, { subject = subject, entries = 0 }
@@ -1001,11 +1023,13 @@ function _M.verify_all(q, opts)
     return true, { subjects = 0, entries = 0, broken = {}, tables = false }
   end
   local summary = { subjects = 0, entries = 0, broken = {}, tables = true }
+  -- (subject, seq, at): a page must not end between two rows with one
+  -- seq (PostgreSQL, see verify)
   local entries = cursor(q,
-    SELECT .. " ORDER BY subject, seq LIMIT " .. PAGE,
-    SELECT .. " WHERE (subject, seq) > ($1, $2) ORDER BY subject, seq"
-      .. " LIMIT " .. PAGE,
-    function(r) return { r.subject, r.seq } end)
+    SELECT .. " ORDER BY subject, seq, at LIMIT " .. PAGE,
+    SELECT .. " WHERE (subject, seq, at) > ($1, $2, $3) ORDER BY subject,"
+      .. " seq, at LIMIT " .. PAGE,
+    function(r) return { r.subject, r.seq, r.at } end)
   local heads = cursor(q,
     "SELECT subject, seq, hash FROM paygate_audit_heads ORDER BY subject"
       .. " LIMIT " .. PAGE,
@@ -1031,10 +1055,18 @@ function _M.verify_all(q, opts)
       end
       local head = h and h.subject == subject and heads.next() or nil
       summary.subjects = summary.subjects + 1
-      summary.entries = summary.entries + c.entries
-      local b = finish(c, head)
+      local b, n = finish(c, head), c.entries
       if b then
-        b.entries = c.entries
+        -- the chain's entries and its head were read at different times:
+        -- appends in between look like a break, verify reads it again
+        local vok, rep = _M.verify(q, subject)
+        if vok == nil then
+          error(rep, 0)
+        end
+        b, n = not vok and rep or nil, rep.entries
+      end
+      summary.entries = summary.entries + n
+      if b then
         summary.broken[#summary.broken + 1] = b
         if on_broken then
           on_broken(b)

@@ -118,6 +118,51 @@ describe("paygate.audit partitioned by month on PostgreSQL", function()
     assert.equal("bad_seq", rep.reason)
   end)
 
+  -- 1,000 entries (verify's and verify_all's page) of payment:B in
+  -- October 2026, and a second seq 1,000 in `month`, hash and link right:
+  -- the pages must not end between the two
+  for _, month in ipairs({ 11, 9 }) do
+    it("finds a second row with the last seq of a page, put into month "
+       .. month, function()
+      -- (the partitions of September to November)
+      assert(audit.append(db, "payment:P", { what = "a", at = ms(2026, 9, 1) }))
+      assert(audit.append(db, "payment:P", { what = "b",
+                                             at = ms(2026, 10, 1) }))
+      local prev, at0 = audit.GENESIS, ms(2026, 10, 10)
+      local head
+      assert(db:transaction(function(tx)
+        for seq = 1, 1000 do
+          local e = { subject = "payment:B", seq = seq, what = "step",
+                      at = at0 + seq, prev_hash = prev }
+          e.hash = audit.hash(e)
+          assert(tx:exec("INSERT INTO paygate_audit (subject, seq, what, at,"
+            .. " prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6)",
+            { e.subject, e.seq, e.what, e.at, e.prev_hash, e.hash }))
+          if seq == 999 then head = e.hash end
+          prev = e.hash
+        end
+        assert(tx:exec("INSERT INTO paygate_audit_heads (subject, seq, hash)"
+          .. " VALUES ('payment:B', 1000, $1)", { prev }))
+      end))
+      assert.is_true((audit.verify(db, "payment:B")))
+      assert.is_true((audit.verify_all(db)))
+      local forged = { subject = "payment:B", seq = 1000, what = "refund",
+                       at = ms(2026, month, 20), prev_hash = head }
+      forged.hash = audit.hash(forged)
+      assert(db:exec("INSERT INTO paygate_audit (subject, seq, what, at,"
+        .. " prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6)",
+        { forged.subject, forged.seq, forged.what, forged.at,
+          forged.prev_hash, forged.hash }))
+      local ok, rep = audit.verify(db, "payment:B")
+      assert.is_false(ok)
+      assert.equal(1000, rep.seq)
+      local all_ok, sum = audit.verify_all(db)
+      assert.is_false(all_ok)
+      assert.equal(1, #sum.broken)
+      assert.equal(1000, sum.broken[1].seq)
+    end)
+  end
+
   it("concurrent appends into a month without a partition create it once"
      .. " and never share a seq", function()
     local other = assert(sql.open(pg_srv.url, { pool = 8 }))

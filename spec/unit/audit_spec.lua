@@ -269,6 +269,15 @@ for engine, new_db in pairs(stores) do
       ok, rep = verify("payment:M")
       assert.is_false(ok)
       assert.same({ 3, "broken_link" }, { rep.seq, rep.reason })
+
+      -- before the first: seq 0
+      chain("payment:Z", 2)
+      assert(db:exec("INSERT INTO paygate_audit (subject, seq, what, at,"
+        .. " prev_hash, hash) VALUES ('payment:Z', 0, 'step', $1, $2, $2)",
+        { first.at, audit.GENESIS }))
+      ok, rep = verify("payment:Z")
+      assert.is_false(ok)
+      assert.same({ 0, "bad_seq" }, { rep.seq, rep.reason })
     end)
 
     it("finds a reordered seq", function()
@@ -365,6 +374,43 @@ for engine, new_db in pairs(stores) do
       local ok, rep = verify("payment:C")
       assert.is_true(ok, rep.message)
       assert.equal(40, rep.entries)
+    end)
+
+    it("verify and verify_all hold while appends commit between their"
+       .. " reads of the entries and of the heads", function()
+      chain("payment:L", 3)
+      chain("payment:M", 2)
+      -- appends commit right after a read of entries (the next list of
+      -- subjects of `plan` each time): the head read next is past it
+      local query, plan = sql.DB.query, {}
+      sql.DB.query = function(self, text, params)
+        local rows, err = query(self, text, params)
+        if #plan > 0 and text:find("FROM paygate_audit[^_]") then
+          for _, s in ipairs(table.remove(plan, 1)) do
+            assert(audit.append(db, s, { what = "late" }))
+          end
+        end
+        return rows, err
+      end
+      local ok, res, sum
+      local done, perr = pcall(function()
+        plan = { { "payment:L" }, { "payment:L" } }
+        ok, res = audit.verify(db, "payment:L")
+        assert.is_true(ok, res and res.message)
+        assert.equal(5, res.entries)
+        -- after the first page: a chain moves on, a new one begins
+        plan = { { "payment:M", "payment:N" } }
+        ok, sum = audit.verify_all(db)
+      end)
+      sql.DB.query = query
+      assert(done, perr)
+      assert.same({}, plan)
+      assert.same({}, sum.broken)
+      assert.is_true(ok)
+      assert.same({ 3, 9 }, { sum.subjects, sum.entries })
+      ok, sum = audit.verify_all(db)
+      assert.is_true(ok)
+      assert.same({ 3, 9 }, { sum.subjects, sum.entries })
     end)
 
     it("paygate exec of the verify script exits 0, 1 or 2", function()
