@@ -886,8 +886,12 @@ local function finish(c, head)
   if not head then
     broken(c, last, "head_missing", "no head row for " .. last
       .. " entries (head deleted)")
+  elseif type(head.seq) ~= "number" then
+    broken(c, last, "head_mismatch", "the head's seq "
+      .. string.format("%q", tostring(head.seq)) .. " is no number (head"
+      .. " edited)")
   elseif head.seq ~= last then
-    if type(head.seq) == "number" and head.seq > last then
+    if head.seq > last then
       broken(c, last + 1, "missing", "seq " .. (last + 1)
         .. (head.seq > last + 1 and ".." .. head.seq or "")
         .. " missing (deleted): the head is at seq " .. head.seq)

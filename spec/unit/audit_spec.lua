@@ -306,6 +306,19 @@ for engine, new_db in pairs(stores) do
       ok, rep = verify("payment:H2")
       assert.is_false(ok)
       assert.equal("head_missing", rep.reason)
+      if engine == "sqlite" then
+        -- a seq that is no number (SQLite keeps text in an INTEGER
+        -- column): reported, not raised
+        chain("payment:H3", 2)
+        assert(db:exec("UPDATE paygate_audit_heads SET seq = 'x' WHERE"
+          .. " subject = 'payment:H3'"))
+        ok, rep = verify("payment:H3")
+        assert.is_false(ok)
+        assert.same({ 2, "head_mismatch" }, { rep.seq, rep.reason })
+        local all_ok, sum = audit.verify_all(db)
+        assert.is_false(all_ok)
+        assert.equal(3, #sum.broken)
+      end
     end)
 
     it("verify_all reports each broken chain by subject and seq, across"
