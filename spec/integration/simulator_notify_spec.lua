@@ -170,6 +170,20 @@ describe("simulator notifications (one worker, time_scale 21660)", function()
     assert.equal(3, count(sigs))
   end)
 
+  it("a 200 with a large body (a framework's HTML page) counts as "
+     .. "delivered: the status decides, not the body", function()
+    local b, no = box(), order_no()
+    sn.answer(recv, b, { status = 200, body_bytes = 256 * 1024 })
+    sn.prepay(sim, no, sn.notify_url(recv, b))
+    sn.pay(sim, no)
+    got(b, 1)
+    local n = settled(sim, no)
+    assert.equal("delivered", n.state)
+    assert.equal(1, #n.attempts)
+    assert.equal(200, n.attempts[1].status)
+    assert.is_nil(n.attempts[1].error)
+  end)
+
   it("the schedule: 15 retries after the first delivery, spaced as WeChat "
      .. "spaces them (scaled), then gives up", function()
     local b, no = box(), order_no()
