@@ -177,6 +177,28 @@ describe("simulator: order states", function()
     err(prepay("st-pay-0001", { attach = "a1" }), 400, "ORDER_PAID")
   end)
 
+  it("pay refuses a payer_total WeChat could not report: above the "
+     .. "order's total, negative, fractional, not a number", function()
+    signed(prepay("st-pay-total1"))
+    for _, v in ipairs({ 101, 1e300, -1, 2.5, "90" }) do
+      local p = pay("st-pay-total1", { payer_total = v })
+      assert.equal(400, p.status, tostring(v) .. ": " .. p.body)
+      assert.equal("PARAM_ERROR", p.json.code)
+      assert.matches("payer_total", p.json.message)
+    end
+    local res = query("st-pay-total1")
+    signed(res)
+    assert.equal("NOTPAY", res.json.trade_state)
+    -- the whole total (and none of it: a full discount) are fine
+    local p = pay("st-pay-total1", { payer_total = 100 })
+    assert.equal(200, p.status, p.body)
+    assert.equal(100, p.json.amount.payer_total)
+    signed(prepay("st-pay-total2"))
+    p = pay("st-pay-total2", { payer_total = 0 })
+    assert.equal(200, p.status, p.body)
+    assert.equal(0, p.json.amount.payer_total)
+  end)
+
   it("NOTPAY -> PAYERROR", function()
     signed(prepay("st-fail-001"))
     local f = sc.control(base, "POST", "/sim/transactions/st-fail-001/fail")

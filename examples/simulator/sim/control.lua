@@ -84,7 +84,8 @@ function _M.routes(ctx)
     if b.payer_total ~= nil and (type(b.payer_total) ~= "number"
        or b.payer_total < 0 or b.payer_total ~= math.floor(b.payer_total))
     then
-      return bad("payer_total must be an integer >= 0")
+      return bad("payer_total must be an integer >= 0, at most the "
+                 .. "order's total")
     end
     for _, k in ipairs({ "bank_type", "openid" }) do
       if b[k] ~= nil and (type(b[k]) ~= "string" or b[k] == ""

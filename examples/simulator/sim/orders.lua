@@ -905,6 +905,12 @@ function _M.pay(no, opts)
       return nil, { status = 409, code = "ORDER_CLOSED", message = "order "
                     .. no .. " is closed" }
     end
+    -- the payer pays the total or less (discounts), never more
+    if opts.payer_total and opts.payer_total > o.total then
+      return nil, { status = 400, code = "PARAM_ERROR", message =
+        "payer_total " .. string.format("%.0f", opts.payer_total)
+        .. " exceeds the order's total " .. o.total }
+    end
     o.transaction_id = "4200" .. beijing_stamp(now):sub(1, 8)
                        .. random_digits(16)
     o.trade_state, o.success_at = "SUCCESS", now
