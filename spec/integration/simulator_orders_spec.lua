@@ -415,6 +415,89 @@ describe("simulator: partner (service provider) mode", function()
   end)
 end)
 
+describe("simulator: partner orders belong to their service provider",
+         function()
+  -- A sub-merchant moves from MCHID to MCHID2 across a restart on the same
+  -- state: MCHID2 may now act for it, but MCHID's orders and refunds for
+  -- it stay MCHID's, as WeChat keeps them: to MCHID2 they do not exist.
+  it("another provider of the same sub-merchant finds none of them",
+     function()
+    local dir = server.tmpdir()
+    local conf = sc.config(dir .. "/state", "workers = 1,")
+    local s = server.start{ app = "examples/simulator", config = conf }
+    local sbase = "http://127.0.0.1:" .. s.port
+    local c1 = sc.new{ base = sbase }
+    local sub = (", sub_merchants = { { mchid = %q, appids = { %q } } }")
+                :format(sc.SUB, sc.SUB_APPID)
+    local ok, e = pcall(function()
+      local res = c1:call("POST", "/v3/pay/partner/transactions/jsapi", {
+        sp_appid = sc.APPID, sp_mchid = sc.MCHID, sub_mchid = sc.SUB,
+        sub_appid = sc.SUB_APPID, description = "子商户商品",
+        out_trade_no = "mv-order-01", notify_url = "https://sp.example/n",
+        amount = { total = 100 }, payer = { sub_openid = "oSub1" } })
+      assert.equal(200, res.status, res.body)
+      local p = sc.control(sbase, "POST", "/sim/transactions/mv-order-01/pay",
+                           {})
+      assert.equal(200, p.status, p.body)
+      local tid = p.json.transaction_id
+      res = c1:call("POST", "/v3/refund/domestic/refunds", {
+        sub_mchid = sc.SUB, out_trade_no = "mv-order-01",
+        out_refund_no = "mv-r1",
+        amount = { refund = 10, total = 100, currency = "CNY" } })
+      assert.equal(200, res.status, res.body)
+      local refund_id = res.json.refund_id
+      s:stop()
+      s = nil
+      -- the sub-merchant now belongs to MCHID2
+      local i = assert(conf:find(sub, 1, true))
+      local conf2 = conf:sub(1, i - 1) .. conf:sub(i + #sub)
+      local j = assert(conf2:find("appids = { \"" .. sc.APPID .. "\" } },\n"
+                                  .. "  },", 1, true))
+      j = j + #("appids = { \"" .. sc.APPID .. "\" }")
+      conf2 = conf2:sub(1, j - 1) .. sub .. conf2:sub(j)
+      s = server.start{ app = "examples/simulator", config = conf2 }
+      sbase = "http://127.0.0.1:" .. s.port
+      local c2 = sc.new{ base = sbase, mchid = sc.MCHID2,
+        serial = sc.SERIAL2, key = assert(crypto.private_key(sc.read(sc.FIX
+                                                   .. "a1_merchant_key.pem"))) }
+      local q = "?sp_mchid=" .. sc.MCHID2 .. "&sub_mchid=" .. sc.SUB
+      err(c2:call("GET", "/v3/pay/partner/transactions/out-trade-no/"
+                  .. "mv-order-01" .. q), 404, "ORDER_NOT_EXIST")
+      err(c2:call("GET", "/v3/pay/partner/transactions/id/" .. tid .. q),
+          404, "ORDER_NOT_EXIST")
+      err(c2:call("POST", "/v3/pay/partner/transactions/out-trade-no/"
+                  .. "mv-order-01/close",
+                  { sp_mchid = sc.MCHID2, sub_mchid = sc.SUB }),
+          404, "ORDER_NOT_EXIST")
+      err(c2:call("POST", "/v3/refund/domestic/refunds", {
+        sub_mchid = sc.SUB, out_trade_no = "mv-order-01",
+        out_refund_no = "mv-r2",
+        amount = { refund = 10, total = 100, currency = "CNY" } }),
+        404, "RESOURCE_NOT_EXISTS")
+      err(c2:call("GET", "/v3/refund/domestic/refunds/mv-r1?sub_mchid="
+                  .. sc.SUB), 404, "RESOURCE_NOT_EXISTS")
+      err(c2:call("POST", "/v3/refund/domestic/refunds/" .. refund_id
+                  .. "/apply-abnormal-refund",
+                  { sub_mchid = sc.SUB, out_refund_no = "mv-r1",
+                    type = "MERCHANT_BANK_CARD" }),
+          404, "RESOURCE_NOT_EXISTS")
+      -- mv-r1 is the sub-merchant's out_refund_no, made by MCHID: taken
+      err(c2:call("POST", "/v3/refund/domestic/refunds", {
+        sub_mchid = sc.SUB, out_trade_no = "mv-order-01",
+        out_refund_no = "mv-r1",
+        amount = { refund = 10, total = 100, currency = "CNY" } }),
+        400, "INVALID_REQUEST", "/out_refund_no")
+      -- the order is untouched: still paid, 10 refunded
+      local p2 = sc.control(sbase, "POST", "/sim/transactions/mv-order-01/pay",
+                            {})
+      assert.equal(409, p2.status, p2.body)
+    end)
+    if s then s:stop() end
+    os.execute("rm -rf " .. dir)
+    assert(ok, e)
+  end)
+end)
+
 describe("simulator: refunds settle by themselves", function()
   it("with refund_settle_after", function()
     local dir = server.tmpdir()

@@ -477,25 +477,30 @@ function _M.transaction(o)
   return t
 end
 
+-- An order is found by who placed it: its owner and its service provider
+-- (sp nil: a direct order). A provider does not see the sub-merchant's
+-- direct orders or another provider's (a sub-merchant that changed
+-- provider, or became a direct merchant, across restarts on one state),
+-- nor does a direct merchant see orders placed for it by a provider.
 local FIND_ORDER = {
   transaction_id = "SELECT * FROM sim_orders WHERE owner = $1 AND "
-                   .. "transaction_id = $2",
+                   .. "sp_mchid IS $2 AND transaction_id = $3",
   out_trade_no = "SELECT * FROM sim_orders WHERE owner = $1 AND "
-                 .. "out_trade_no = $2",
+                 .. "sp_mchid IS $2 AND out_trade_no = $3",
 }
 
-local function find_order(tx, owner, by, value)
+local function find_order(tx, owner, sp, by, value)
   local rows = assert(tx:query(FIND_ORDER[by] or FIND_ORDER.out_trade_no,
-                               { owner, value }))
+                               { n = 3, owner, sp, value }))
   return rows[1]
 end
 
 -- an order whose time_expire passed is closed when it is next looked at
 -- (a function of its own: a closure in query() would keep the JIT from
 -- compiling the query path)
-local function query_expired(owner, by, key, now)
+local function query_expired(owner, sp, by, key, now)
   return S.db:transaction(function(tx)
-    local cur = find_order(tx, owner, by, key)
+    local cur = find_order(tx, owner, sp, by, key)
     return 200, _M.transaction(expire(tx, cur, now))
   end)
 end
@@ -521,13 +526,14 @@ local function query(req, c, by, partner)
   end
   if not owner then return nil, e end
   local key = c.params.id
+  local sp = partner and c.m.mchid or nil
   -- a read (reader thread); a write transaction only to close an order
   -- whose time_expire passed
-  local o = find_order(S.db, owner, by, key)
+  local o = find_order(S.db, owner, sp, by, key)
   if not o then return nil, a.err(404, "ORDER_NOT_EXIST", "订单不存在") end
   if (o.trade_state == "NOTPAY" or o.trade_state == "PAYERROR")
      and o.time_expire and o.time_expire <= c.now then
-    return query_expired(owner, by, key, c.now)
+    return query_expired(owner, sp, by, key, c.now)
   end
   return 200, _M.transaction(o)
 end
@@ -551,7 +557,8 @@ local function close(req, c, partner)
   if not owner then return nil, e end
   local no = c.params.id
   return S.db:transaction(function(tx)
-    local o = find_order(tx, owner, "out_trade_no", no)
+    local o = find_order(tx, owner, partner and c.m.mchid or nil,
+                         "out_trade_no", no)
     if not o then return nil, a.err(404, "ORDER_NOT_EXIST", "订单不存在") end
     o = expire(tx, o, c.now)
     if o.trade_state == "SUCCESS" or o.trade_state == "REFUND" then
@@ -653,11 +660,16 @@ local function create_refund(req, c)
   local owner
   owner, e = refund_owner(c, b.sub_mchid)
   if not owner then return nil, e end
+  local sp = b.sub_mchid and c.m.mchid or nil
   local hash = digest(b)
   return S.db:transaction(function(tx)
     local rows = assert(tx:query("SELECT * FROM sim_refunds WHERE owner = $1 "
       .. "AND out_refund_no = $2", { owner, no }))
     local f = rows[1]
+    if f and f.sp_mchid ~= sp then
+      -- the merchant's out_refund_no, taken by a refund someone else made
+      return nil, a.invalid("/out_refund_no", "商户退款单号已被使用")
+    end
     if f then
       if f.params_hash ~= hash then
         local err = a.invalid("/out_refund_no",
@@ -670,9 +682,9 @@ local function create_refund(req, c)
       return 200, _M.refund_object(f, o)
     end
     local o = b.transaction_id
-      and find_order(tx, owner, "transaction_id", b.transaction_id)
+      and find_order(tx, owner, sp, "transaction_id", b.transaction_id)
       or (b.transaction_id == nil
-          and find_order(tx, owner, "out_trade_no", b.out_trade_no))
+          and find_order(tx, owner, sp, "out_trade_no", b.out_trade_no))
     if not o then
       return nil, a.err(404, "RESOURCE_NOT_EXISTS", "订单不存在")
     end
@@ -695,7 +707,7 @@ local function create_refund(req, c)
     local refund_id = "50" .. beijing_stamp(c.now):sub(1, 8)
                       .. random_digits(20)
     local settle = S.config.refund_settle_after
-    f = { owner = owner, sp_mchid = b.sub_mchid and c.m.mchid or nil,
+    f = { owner = owner, sp_mchid = sp,
           order_id = o.id, refund_id = refund_id, out_refund_no = no,
           status = "PROCESSING", refund = b.amount.refund,
           total = b.amount.total, currency = "CNY", reason = b.reason,
@@ -720,8 +732,10 @@ local function query_refund(req, c)
   local a = api()
   local owner, e = refund_owner(c, c.query.sub_mchid)
   if not owner then return nil, e end
+  local sp = c.query.sub_mchid and c.m.mchid or nil
   local rows = assert(S.db:query("SELECT * FROM sim_refunds WHERE owner = $1 "
-    .. "AND out_refund_no = $2", { owner, c.params.id }))
+    .. "AND sp_mchid IS $2 AND out_refund_no = $3",
+    { n = 3, owner, sp, c.params.id }))
   local f = rows[1]
   if not f then return nil, a.err(404, "RESOURCE_NOT_EXISTS", "退款单不存在") end
   local o = assert(S.db:query("SELECT * FROM sim_orders WHERE id = $1",
@@ -842,9 +856,11 @@ local function abnormal_refund(req, c)
   local owner
   owner, e = refund_owner(c, b.sub_mchid)
   if not owner then return nil, e end
+  local sp = b.sub_mchid and c.m.mchid or nil
   return S.db:transaction(function(tx)
     local f = assert(tx:query("SELECT * FROM sim_refunds WHERE owner = $1 "
-      .. "AND refund_id = $2", { owner, c.params.id }))[1]
+      .. "AND sp_mchid IS $2 AND refund_id = $3",
+      { n = 3, owner, sp, c.params.id }))[1]
     if not f or f.out_refund_no ~= b.out_refund_no then
       return nil, a.err(404, "RESOURCE_NOT_EXISTS", "退款单不存在")
     end
