@@ -281,5 +281,55 @@ describe("simulator bills", function()
       assert.equal("no_statement_exist", err.kind)
       wx:stop()
     end)
+
+    -- last: the payment below adds to today's records
+    it("a signature fault on \"*\" waits for a signed API answer: the "
+       .. "bill file and a notification pass it by", function()
+      local function verifies(res)
+        local h = res.headers
+        local cert = certs[h["wechatpay-serial"]]
+        return cert ~= nil and crypto.verify_base64(cert,
+          h["wechatpay-timestamp"] .. "\n" .. h["wechatpay-nonce"] .. "\n"
+          .. res.body .. "\n", h["wechatpay-signature"]) == true
+      end
+      local function fault()
+        local st, doc = sn.ctl(sim, "POST", "/sim/faults", { endpoint = "*",
+                               kind = "bad_signature", count = 1 })
+        assert.equal(200, st, json.encode(doc))
+      end
+      local ok, e = pcall(function()
+        -- the bill file (never signed) leaves it to the next answer
+        local st, doc = get("/v3/bill/tradebill?bill_date=" .. today)
+        assert.equal(200, st)
+        fault()
+        local file = download(doc.download_url)
+        assert.equal(200, file.status)
+        local res = sn.signed(sim, "GET", "/v3/certificates")
+        assert.equal(200, res.status)
+        assert.is_false(verifies(res), "the answer after the bill file")
+        assert.is_true(verifies(sn.signed(sim, "GET", "/v3/certificates")))
+        -- a notification (a fault on "notify" spoils those) too
+        local box = "sigfault" .. crypto.random_nonce(6)
+        local no = "SIGF" .. crypto.random_nonce(12)
+        sn.prepay(sim, no, sn.notify_url(recv, box), 3)
+        fault()
+        sn.pay(sim, no)
+        local got
+        sn.wait_until(function()
+          got = sn.received(recv, box)
+          return #got >= 1
+        end, 20, "the notification of " .. no)
+        assert.truthy(sn.verify(certs, got[1]))
+        res = sn.signed(sim, "GET", "/v3/certificates")
+        assert.is_false(verifies(res), "the answer after the notification")
+        -- where it cannot act, it cannot be set
+        st, doc = sn.ctl(sim, "POST", "/sim/faults", {
+          endpoint = "billdownload", kind = "unknown_serial" })
+        assert.equal(400, st)
+        assert.matches("unsigned", doc.message)
+      end)
+      sn.ctl(sim, "DELETE", "/sim/faults")
+      assert(ok, e)
+    end)
   end)
 end)

@@ -300,7 +300,7 @@ local ROUTES = {}                   -- { method, Lua pattern } of every route
 
 function _M.route(method, pattern, endpoint, fn, opts)
   opts = opts or {}
-  faults.endpoint(endpoint)
+  faults.endpoint(endpoint, opts.raw)
   ROUTES[#ROUTES + 1] = { method, "^" .. pattern:gsub("%-", "%%-")
                                             :gsub(":[%w_]+", "[^/]+") .. "$" }
   paygate.route(method, pattern, function(req)

@@ -34,7 +34,10 @@
 -- The endpoint of a fault must be a registered name (faults.endpoint(),
 -- called by api.route for every /v3 route), "*", or "notify"; the
 -- notification-only kinds (phase "notify") only go to "notify", and
--- latency, error and reset never to "notify".
+-- latency, error and reset never to "notify". "*" is every /v3 endpoint,
+-- not "notify". The signature kinds act on a signed answer only: "*"
+-- passes over an endpoint whose answers are unsigned (the bill file), and
+-- they cannot be set on one.
 -- Other modules may add kinds (faults.define); simB adds the
 -- notification ones.
 local core = require "paygate.core"
@@ -115,13 +118,18 @@ end)
 local NOTIFY = "notify"
 local ENDPOINTS = { ["*"] = true, [NOTIFY] = true }
 local REQUEST_ONLY = { latency = true, error = true, reset = true }
+local SIGNATURE = { bad_signature = true, stale_timestamp = true,
+                    unknown_serial = true }
+local UNSIGNED = {}             -- endpoints whose success is not signed
 
---- syntax: faults.endpoint(name) -- a name faults may be set on
-function _M.endpoint(name)
+--- syntax: faults.endpoint(name[, unsigned]) -- a name faults may be set
+-- on; unsigned = true: its answers carry no signature to spoil
+function _M.endpoint(name, unsigned)
   if type(name) ~= "string" or name == "" then
     error("faults.endpoint: name must be a non-empty string", 2)
   end
   ENDPOINTS[name] = true
+  if unsigned then UNSIGNED[name] = true end
 end
 
 local function endpoint_names()
@@ -171,6 +179,10 @@ function _M.add(spec)
   if REQUEST_ONLY[spec.kind] and spec.endpoint == NOTIFY then
     return nil, "kind " .. spec.kind .. " is not a notification fault"
   end
+  if SIGNATURE[spec.kind] and UNSIGNED[spec.endpoint] then
+    return nil, "kind " .. spec.kind .. " spoils a signature: endpoint "
+                .. spec.endpoint .. " answers unsigned"
+  end
   if spec.count ~= nil and (type(spec.count) ~= "number" or spec.count < 1
      or spec.count ~= math.floor(spec.count) or spec.count > 1e9) then
     return nil, "count must be a positive integer (absent: every time)"
@@ -211,16 +223,20 @@ function _M.list()
 end
 
 --- syntax: f = faults.take(endpoint[, phase[, kinds]])
--- returns: the first fault for endpoint (or "*") in phase (default
--- "before"), of one of kinds (a set; absent: any) when given, that has
--- firings left, counting this one, or nil.
+-- returns: the first fault for endpoint (or "*": not for "notify", nor a
+-- signature kind for an unsigned endpoint) in phase (default "before"),
+-- of one of kinds (a set; absent: any) when given, that has firings
+-- left, counting this one, or nil.
 function _M.take(endpoint, phase, kinds)
   phase = phase or "before"
   local l, d = list()
   if l[1] == nil then return nil end
+  local unsigned = UNSIGNED[endpoint]
   for _, f in ipairs(l) do
-    if f.phase == phase and (f.endpoint == endpoint or f.endpoint == "*")
-       and (kinds == nil or kinds[f.kind]) then
+    if f.phase == phase and (f.endpoint == endpoint
+                             or (f.endpoint == "*" and endpoint ~= NOTIFY))
+       and (kinds == nil or kinds[f.kind])
+       and not (unsigned and SIGNATURE[f.kind]) then
       local key = "sim:fault:" .. f.id
       if not f.count then
         d:incr(key, 1, 0)
