@@ -78,10 +78,15 @@ function _M.rev_next(s)
 end
 local rev_next = _M.rev_next
 
--- A revision field from etcd: protobuf leaves zero values out.
+-- A revision field from etcd: protobuf leaves zero values out. Anything
+-- but a non-negative integer is nil (a malformed answer): "%d" of -5 or
+-- 1e30 would make a string that compares above every real revision.
 local function rev_of(v)
   if v == nil then return "0" end
-  if type(v) == "number" then return ("%d"):format(v) end
+  if type(v) == "number" then
+    if v < 0 or v ~= math.floor(v) or v >= 2 ^ 53 then return nil end
+    return ("%d"):format(v)
+  end
   if is_rev(v) then return v end
   return nil
 end
@@ -304,19 +309,29 @@ local function check_key(key, what)
   end
 end
 
+-- nil for what is not base64 text (a malformed answer)
 local function decode_b64(s)
   if s == nil or s == "" then return "" end
+  if type(s) ~= "string" then return nil end
   local v = unb64(s)
   return v
 end
 
+-- A kv of an answer, or nil when any field is malformed (never a kv
+-- whose revisions cannot be compared)
 local function kv_of(kv)
+  if type(kv) ~= "table" then return nil end
   local key, value = decode_b64(kv.key), decode_b64(kv.value)
   if not key or not value then return nil end
-  return { key = key, value = value,
-           mod_revision = rev_of(kv.mod_revision),
-           create_revision = rev_of(kv.create_revision),
-           version = rev_of(kv.version), lease = rev_of(kv.lease) }
+  local r = { key = key, value = value,
+              mod_revision = rev_of(kv.mod_revision),
+              create_revision = rev_of(kv.create_revision),
+              version = rev_of(kv.version), lease = rev_of(kv.lease) }
+  if not (r.mod_revision and r.create_revision and r.version and r.lease)
+  then
+    return nil
+  end
+  return r
 end
 
 local function header_rev(doc)
@@ -363,7 +378,7 @@ function Client:get_prefix(prefix, opts)
   local kvs = {}
   if type(doc.kvs) == "table" then
     for i, raw in ipairs(doc.kvs) do
-      local kv = type(raw) == "table" and kv_of(raw)
+      local kv = kv_of(raw)
       if not kv then return bad_answer("get_prefix") end
       kvs[i] = kv
     end

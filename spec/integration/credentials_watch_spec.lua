@@ -80,6 +80,56 @@ describe("watched credentials", function()
     assert.is_true(failed >= 1)
     assert(ok, tostring(err) .. " (still " .. wx.conf.signer.serial .. ")")
   end)
+  it("a hostile answer to the read after a change (a revision that is no"
+     .. " number, a value that is no string) is refused as malformed; the"
+     .. " watch lives on and takes the next good read", function()
+    local http = require "paygate.http"
+    local json = require "paygate.json"
+    local src, wx = watching(dir .. "/cache_hostile")
+    wait_watching(src, "the watch")
+    -- the next range answers, each spoiled one way, then real ones
+    local spoil = {
+      function(kv) kv.mod_revision = "12abc" end,
+      function(kv) kv.mod_revision = -5 end,
+      function(kv) kv.mod_revision = 1e30 end,
+      function(kv) kv.value = { "x" } end,
+      function(kv) kv.key = true end,
+    }
+    local real, spoiled, errs = http.request, 0, {}
+    http.request = function(o)
+      local res, err = real(o)
+      if res and o.url:find("/v3/kv/range", 1, true) and spoiled < #spoil then
+        local doc = json.decode(res.body)
+        if type(doc) == "table" and type(doc.kvs) == "table" and doc.kvs[1] then
+          spoiled = spoiled + 1
+          spoil[spoiled](doc.kvs[1])
+          res.body = json.encode(doc)
+        end
+      end
+      return res, err
+    end
+    -- the client itself: nil, err (malformed), never a raise or a kv
+    -- with a revision it cannot compare
+    local probe = etcd.new(c:client_opts())
+    for i = 1, #spoil do
+      local ok, res, err = pcall(probe.get_prefix, probe,
+                                 credsets.PREFIX)
+      errs[i] = { ok, res, err }
+    end
+    spoiled = 0
+    local ok, err = swap_to_b(wx, 10, "the swap to BBBB02 after bad answers")
+    http.request = real
+    src:stop(); wx:stop()
+    for i, e in ipairs(errs) do
+      assert(e[1], "get_prefix raised on spoil " .. i .. ": "
+             .. tostring(e[2]))
+      assert(e[2] == nil, "spoil " .. i .. " gave an answer")
+      assert.equal("etcd", e[3].kind)
+      assert.matches("malformed", e[3].message)
+    end
+    assert.equal(#spoil, spoiled)
+    assert(ok, tostring(err) .. " (still " .. wx.conf.signer.serial .. ")")
+  end)
   local function fds()
     local n = 0
     local p = io.popen("ls /proc/" .. core.pid() .. "/fd")
