@@ -585,7 +585,7 @@ function Client:watch(prefix, opts)
     reconnect_after = opts.reconnect_after or 60,
     give_up_after = opts.give_up_after,
     ep = self.ep,
-    queue = {}, qi = 1, buf = "",
+    queue = {}, qi = 1, buf = {}, buf_len = 0,  -- buf: a line's pieces
     connects = 0,                  -- connections made (for specs, metrics)
     backoff = 0.05,                -- seconds before the next retry
     down_since = nil,              -- update_time() of the first failure
@@ -604,7 +604,7 @@ end
 local function drop(w)
   local s = w.stream
   w.stream = nil
-  w.buf = ""
+  w.buf, w.buf_len = {}, 0
   if s then pcall(s.close, s) end
 end
 
@@ -795,12 +795,17 @@ function Watch:__call()
         drop(self)
         if err and err.kind ~= "timeout" then retry_err = err end
       else
-        local buf = self.buf .. chunk
+        -- only the new chunk is searched for a line's end, and a line
+        -- not yet ended is kept in pieces: a long message (a huge value)
+        -- costs time linear in its size, not quadratic
         local pos = 1
         while true do
-          local nl = buf:find("\n", pos, true)
+          local nl = chunk:find("\n", pos, true)
           if not nl then break end
-          local line = buf:sub(pos, nl - 1)
+          local parts = self.buf
+          parts[#parts + 1] = chunk:sub(pos, nl - 1)
+          local line = table.concat(parts)
+          self.buf, self.buf_len = {}, 0
           pos = nl + 1
           if line:find("%S") then
             local ok, merr = message(self, line)
@@ -814,8 +819,11 @@ function Watch:__call()
             end
           end
         end
-        if self.stream then self.buf = buf:sub(pos) end
-        if #self.buf > 64 * 1024 * 1024 then
+        if self.stream and pos <= #chunk then
+          self.buf[#self.buf + 1] = chunk:sub(pos)
+          self.buf_len = self.buf_len + #chunk - pos + 1
+        end
+        if self.buf_len > 64 * 1024 * 1024 then
           drop(self)
           retry_err = core.error("etcd", "etcd: watch: message too large")
         end

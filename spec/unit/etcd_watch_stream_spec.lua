@@ -1,0 +1,81 @@
+-- paygate.etcd's watch stream parser, on a stream stubbed in-process (no
+-- etcd): lines split across chunks and several lines in one chunk, and a
+-- long message (a huge value) read in time linear in its size.
+local core = require "paygate.core"
+local json = require "paygate.json"
+local crypto = require "paygate.crypto"
+local hcore = require "paygate.http.core"
+local etcd = require "paygate.etcd"
+
+-- a watch answer line with one put of key = value at revision rev
+local function put_line(key, value, rev)
+  return json.encode({ result = { header = { revision = rev }, events = {
+    { kv = { key = crypto.base64_encode(key),
+             value = crypto.base64_encode(value),
+             mod_revision = rev, create_revision = "2", version = "1" } } } }
+  }) .. "\n"
+end
+
+-- hcore.stream replaced by one serving `chunks` in turn, then waiting
+local function stub(chunks)
+  local real = hcore.stream
+  hcore.stream = function()
+    local i = 0
+    return { headers = function() return 200, {} end,
+             read = function()
+               i = i + 1
+               if chunks[i] then return chunks[i] end
+               core.sleep(0.05)
+               return nil, core.error("timeout", "idle")
+             end,
+             close = function() end }
+  end
+  return function() hcore.stream = real end
+end
+
+describe("etcd watch stream", function()
+  local cli = etcd.new{ endpoints = { "http://127.0.0.1:1" } }
+
+  it("splits lines across chunks and takes several lines in one chunk",
+     function()
+    local text = json.encode({ result = { header = { revision = "5" },
+                                          created = true } }) .. "\n"
+                 .. put_line("/x/a", "1", "6") .. put_line("/x/b", "2", "7")
+                 .. put_line("/x/c", "3", "8")
+    local chunks = {}
+    for i = 1, #text, 7 do chunks[#chunks + 1] = text:sub(i, i + 6) end
+    chunks[#chunks + 1] = put_line("/x/d", "4", "9")
+                          .. put_line("/x/e", "5", "10")
+    local restore = stub(chunks)
+    local w = cli:watch("/x/", { from_revision = "6" })
+    local got = {}
+    for _ = 1, 5 do
+      local ev, err = w()
+      assert(ev, tostring(err))
+      got[#got + 1] = ev.key .. "=" .. ev.value .. "@" .. ev.revision
+    end
+    w:close()
+    restore()
+    assert.same({ "/x/a=1@6", "/x/b=2@7", "/x/c=3@8", "/x/d=4@9",
+                  "/x/e=5@10" }, got)
+  end)
+
+  it("reads a 16 MiB message in 16 KiB chunks in time linear in its size"
+     .. " (a huge value does not hold the worker's CPU)", function()
+    local value = ("v"):rep(12 * 1024 * 1024)
+    local line = put_line("/x/big", value, "6")
+    local chunks = {}
+    for i = 1, #line, 16384 do chunks[#chunks + 1] = line:sub(i, i + 16383) end
+    local restore = stub(chunks)
+    local w = cli:watch("/x/", { from_revision = "6" })
+    local t0 = os.clock()
+    local ev, err = w()
+    local cpu = os.clock() - t0
+    w:close()
+    restore()
+    assert(ev, tostring(err))
+    assert.equal(#value, #ev.value)
+    -- linear: well under a second; the quadratic scan took about 50 s
+    assert.is_true(cpu < 3, ("%.1f s of CPU"):format(cpu))
+  end)
+end)
