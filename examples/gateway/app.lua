@@ -63,7 +63,7 @@ end
 local wx = {}
 local history = require "gw.history"   -- each call kept for the console
 history.init{ db = db }
-require("gw.credentials").start(cfg, wx, fatal)  -- keys from etcd, if given
+local creds = require("gw.credentials").start(cfg, wx, fatal) -- etcd keys
 for _, m in ipairs(cfg.merchants) do
   m.client.on_call = history.on_call(m.mchid)
   local client, cerr = wechatpay.client(m.client)
@@ -77,6 +77,8 @@ for _, m in ipairs(cfg.merchants) do
   end
   wx[m.mchid] = client
 end
+-- (only now: a set that came while a client was made would miss it)
+if creds then creds:start() end
 
 -- the degradation switch: in the shared dictionary, so every worker sees
 -- what /admin/degrade set (add: a worker starting later keeps it). The

@@ -240,8 +240,13 @@ end
 -- merchant's set (etcd, else the cached set after load_timeout) into its
 -- client config, swaps each later set into wx[mchid] (bound lazily: the
 -- clients are made right after this returns) and into the HTTPS
--- listener when `tls` is given, and starts the watches. fatal(msg) ends
--- the start with the one-line reason (a set that cannot be had).
+-- listener when `tls` is given. fatal(msg) ends the start with the
+-- one-line reason (a set that cannot be had). The caller starts the
+-- watches (src:start()) once the clients are made: a set that came while
+-- a client was being made (its certificate download yields) would be
+-- written into the config that client had already read, and the client
+-- would sign with the older key while the source reported the newer.
+-- (The watches begin at the loaded revision: nothing is missed.)
 -- returns: the paygate.credentials source, or nil (no section).
 function _M.start(cfg, wx, fatal)
   local opts, why = _M.section(paygate.config_copy())
@@ -295,7 +300,6 @@ function _M.start(cfg, wx, fatal)
         .. tostring(lerr.message):gsub("^credentials: ", ""))
     end
   end
-  src:start()
   return src
 end
 
