@@ -31,6 +31,7 @@ local html = require "paygate.html"
 local config = require "gw.config"
 local pages = require "gw.console.pages"
 local throttle = require "gw.throttle"
+local utf8 = require "paygate.utf8"
 
 local type, tostring, tonumber, floor = type, tostring, tonumber, math.floor
 local xpcall, rawget, traceback = xpcall, rawget, debug.traceback
@@ -225,6 +226,26 @@ function _M.routes(ctx)
                             or origin == "https://" .. host)
   end
 
+  -- The path's parameters and the query's values must be text the store
+  -- takes: PostgreSQL refuses invalid UTF-8 and NUL, and a hostile link
+  -- must get a 400, not the 503 of a store that "could not be read".
+  -- (The flash, done= and sig=, never reaches the store: a lever's result
+  -- may quote an error cut inside a character, and must still show.)
+  local FLASH = { done = true, sig = true }
+  local function bad_text(req)
+    for _, t in ipairs({ req.params, req:query() }) do
+      for k, v in pairs(t) do
+        for _, x in ipairs({ k, not FLASH[k] and v or nil }) do
+          if type(x) == "string" and (x:find("%z") or not utf8.len(x)) then
+            return refuse(400, "Bad request", "the path or the query is not"
+              .. " UTF-8 text")
+          end
+        end
+      end
+    end
+    return nil
+  end
+
   -- GET pages: fn(req, s, view) -> status, markup
   local function page(fn)
     return function(req)
@@ -235,6 +256,8 @@ function _M.routes(ctx)
         end
         return refuse_caller(why)
       end
+      local st, b, h = bad_text(req)
+      if st then return st, b, h end
       local view = { csrf = csrf_of(s), token_mode = conf.access == "token",
                      flash = flash_of(req) }
       return fn(req, s, view)
@@ -246,6 +269,8 @@ function _M.routes(ctx)
     return function(req)
       local s, why = session(req)
       if not s then return refuse_caller(why) end
+      local st, b, h = bad_text(req)
+      if st then return st, b, h end
       local form = html.decode_form(req.body)
       local want = csrf_of(s)
       local got = form.csrf
@@ -267,6 +292,14 @@ function _M.routes(ctx)
   local function back(path, done)
     return 303, "", headers({ Location = path .. (done and ("?done="
       .. html.url_encode(done) .. "&sig=" .. flash_sig(done)) or "") })
+  end
+
+  -- an outbox event id: digits only (a BIGINT in PostgreSQL), or nil
+  local function event_id(v)
+    if type(v) ~= "string" or not v:match("^%d+$") or #v > 14 then
+      return nil
+    end
+    return tonumber(v)
   end
 
   local function show(status, title, body, view)
@@ -401,7 +434,11 @@ function _M.routes(ctx)
     return show(200, "Payment " .. req.params.id, body, view)
   end))
   route("GET", "/console/outbox", page(function(req, _, view)
-    local body, err = pages.dead_letters(req:query(), view)
+    local q = req:query()
+    if q.after ~= nil and not event_id(q.after) then
+      return refuse(400, "Bad request", "after must be an event id")
+    end
+    local body, err = pages.dead_letters(q, view)
     if not body then
       return show(503, "Dead letters", pages.failed(err), view)
     end
@@ -432,8 +469,8 @@ function _M.routes(ctx)
   end))
 
   route("POST", "/console/outbox/:id/replay", action(function(req, s)
-    local id = tonumber(req.params.id)
-    if not id or id % 1 ~= 0 or id < 1 or id > 2 ^ 53 then
+    local id = event_id(req.params.id)
+    if not id or id < 1 then
       return refuse(400, "Bad request", "not an event id")
     end
     -- the dead letter's last error and attempts, for the audit entry

@@ -102,6 +102,32 @@ local function console_entries(gw)
   return assert(audit.entries(gw.db, "console:" .. today()))
 end
 
+-- Hostile paging cursors, filters and ids (not an event id, not UTF-8, a
+-- NUL byte) get the console's 400 page, never a 5xx: PostgreSQL refuses
+-- such values, and the page would say the store could not be read.
+local function assert_hostile_refused(gw)
+  local page = get(gw, "/console").body
+  for _, path in ipairs({
+    "/console/outbox?after=1.5", "/console/outbox?after=1e999",
+    "/console/outbox?after=99999999999999999999999",
+    "/console/outbox?after=%FF", "/console/payments?q=%00",
+    "/console/payments?q=%FF%FE", "/console/payments?state=%FF",
+    "/console/payments/%FF", "/console/reconcile?date=%C0%AF",
+  }) do
+    local res = get(gw, path)
+    assert.equal(400, res.status, path .. ": " .. res.body)
+    assert_console_headers(res)
+    assert.not_matches("could not be read", res.body, 1, true)
+  end
+  for _, path in ipairs({ "/console/payments/%FF/settle",
+                          "/console/outbox/1e3/replay",
+                          "/console/outbox/99999999999999999/replay" }) do
+    local res = post(gw, path, { csrf = csrf_of(page) })
+    assert.equal(400, res.status, path .. ": " .. res.body)
+    assert.not_matches("could not be read", res.body, 1, true)
+  end
+end
+
 describe("gateway console", function()
   local sim, gw, gw_tok, rcv
 
@@ -378,6 +404,10 @@ describe("gateway console", function()
       -- it says what is wrong, not that the store failed
       assert.matches("There is no payment &lt;script&gt;", res.body, 1, true)
       assert.not_matches("could not be read", res.body, 1, true)
+    end)
+
+    it("answer a hostile query or path 400", function()
+      assert_hostile_refused(gw)
     end)
 
     it("page payments newest first by keyset", function()
@@ -830,6 +860,10 @@ describe("gateway console on PostgreSQL", function()
     assert.is_true(gw.srv:request("/admin/degrade").json.on)
     local e = console_entries(gw)
     assert.equal("console.degrade", e[#e].what)
+  end)
+
+  it("answers a hostile query or path 400, not the store's 503", function()
+    assert_hostile_refused(gw)
   end)
 end)
 
