@@ -9,8 +9,13 @@
 --   POST /admin/outbox/replay {id | dead = true[, type, subject]}
 --                                  -> { replayed = n }; any other key,
 --                                     or a filter that is no string: 400
+-- Each lever that changes something writes an audit entry, as the
+-- console's do: subject admin:<YYYY-MM-DD> (UTC), actor "admin:token" or
+-- "admin:loopback", the caller's address in the evidence.
 local paygate = require "paygate"
+local core = require "paygate.core"
 local crypto = require "paygate.crypto"
+local audit = require "paygate.audit"
 local outbox = require "paygate.outbox"
 local config = require "gw.config"
 local throttle = require "gw.throttle"
@@ -115,6 +120,13 @@ end
 
 function _M.routes(ctx)
   local guard = function(fn) return _M.guard(ctx, fn) end
+  local function audited(req, what, ref, evidence)
+    evidence.remote = req.remote_addr
+    return audit.append(ctx.db, "admin:" .. os.date("!%Y-%m-%d",
+                                                    math.floor(core.time())), {
+      what = what, ref = ref, cause = "admin", evidence = evidence,
+      actor = ctx.gateway.admin_token and "admin:token" or "admin:loopback" })
+  end
   -- { on, clients = { [mchid] = the WeChat Pay client's own switch } }
   local function state()
     local clients = {}
@@ -131,6 +143,12 @@ function _M.routes(ctx)
     if not b or type(b.on) ~= "boolean" then
       return 400, { error = "invalid_request",
                     message = "send {\"on\": true} or {\"on\": false}" }
+    end
+    -- written before the switch flips, as the console's lever does
+    local e, err = audited(req, "admin.degrade", b.on and "on" or "off",
+                           { on = b.on })
+    if not e then
+      return 503, { error = "unavailable", message = tostring(err) }
     end
     ctx.set_degraded(b.on)
     paygate.log.warn("gateway: degradation switched " .. (b.on and "on"
@@ -167,6 +185,15 @@ function _M.routes(ctx)
     end
     if not n then
       return 503, { error = "unavailable", message = tostring(err) }
+    end
+    if n > 0 then
+      local e, aerr = audited(req, "admin.replay", b.id and ("%d"):format(b.id)
+        or "dead", { id = b.id, dead = b.dead, subject = b.subject,
+                     type = b.type, replayed = n })
+      if not e then
+        return 503, { error = "unavailable", message = "replayed " .. n
+          .. " but the audit entry was not written: " .. tostring(aerr) }
+      end
     end
     return 200, { replayed = n }
   end))

@@ -2,6 +2,8 @@
 -- (a cross-site form, a DNS-rebound page) and against token guessing
 -- (throttled with the console's logins). Each case failed before its fix.
 local testing = require "paygate.testing"
+local audit = require "paygate.audit"
+local outbox = require "paygate.outbox"
 local core = dofile("examples/gateway/spec/core_support.lua")
 
 describe("gateway admin routes", function()
@@ -80,6 +82,50 @@ describe("gateway admin routes", function()
     assert.is_false(degraded())
   end)
 
+  -- the admin levers' audit entries of today (UTC)
+  local function admin_entries(g)
+    return assert(audit.entries(g.db, "admin:" .. os.date("!%Y-%m-%d")))
+  end
+
+  it("each lever that changes something is audited, the caller as actor",
+     function()
+    local res = gw.srv:request{ method = "POST", path = "/admin/degrade",
+                                json = { on = true } }
+    assert.equal(200, res.status, res.body)
+    assert.is_true(degraded())
+    local e = admin_entries(gw)
+    local on, off = e[#e - 1], e[#e]         -- degraded() switched it off
+    assert.equal("admin.degrade", on.what)
+    assert.equal("on", on.ref)
+    assert.equal("admin:loopback", on.actor)
+    assert.equal("off", off.ref)
+    assert.is_true(math.abs(on.at / 1000 - os.time()) < 60)
+    assert.matches("127.0.0.1", tostring(on.evidence), 1, true)
+    -- a replay that changed something (an event by id); one that changed
+    -- nothing writes nothing
+    gw:create{}
+    local ev
+    testing.wait_until(function()
+      ev = (outbox.list(gw.db, { state = "delivered", limit = 1 }) or {})[1]
+      return ev ~= nil
+    end, 10, "a delivered outbox event")
+    local before = #admin_entries(gw)
+    res = gw.srv:request{ method = "POST", path = "/admin/outbox/replay",
+                          json = { id = ev.id } }
+    assert.equal(200, res.status, res.body)
+    assert.equal(1, res.json.replayed)
+    e = admin_entries(gw)
+    assert.equal(before + 1, #e)
+    assert.equal("admin.replay", e[#e].what)
+    assert.equal(tostring(ev.id), e[#e].ref)
+    assert.equal("admin:loopback", e[#e].actor)
+    res = gw.srv:request{ method = "POST", path = "/admin/outbox/replay",
+                          json = { id = 999999999 } }
+    assert.equal(0, res.json.replayed)
+    assert.equal(before + 1, #admin_entries(gw))
+    assert.is_true(audit.verify(gw.db, "admin:" .. os.date("!%Y-%m-%d")))
+  end)
+
   describe("with an admin token (the console's default token)", function()
     local gt
     local TOKEN = "admin-token-0123456789abcdef"
@@ -123,6 +169,24 @@ describe("gateway admin routes", function()
                     "20 wrong guesses answered 403, none throttled")
       assert.not_equal(200, right.status,
                        "the right guess confirmed while the login is locked")
+    end)
+
+    it("a lever pulled with the token is audited as admin:token", function()
+      local dir = os.tmpname()
+      os.remove(dir)
+      os.execute("mkdir -p " .. dir)
+      core.write(dir .. "/admin.token", TOKEN .. "\n")
+      local g2 = core.start(sim, { gateway = {
+        admin_token_file = dir .. "/admin.token",
+        reconcile = { enabled = false } } })
+      local res = g2.srv:request{ method = "POST", path = "/admin/degrade",
+        json = { on = false },
+        headers = { Authorization = "Bearer " .. TOKEN } }
+      local e = admin_entries(g2)
+      g2:stop()
+      assert.equal(200, res.status, res.body)
+      assert.equal("admin.degrade", e[#e].what)
+      assert.equal("admin:token", e[#e].actor)
     end)
   end)
 end)
