@@ -126,6 +126,24 @@ describe("gateway admin routes", function()
     assert.is_true(audit.verify(gw.db, "admin:" .. os.date("!%Y-%m-%d")))
   end)
 
+  it("the degradation switch flips when its audit entry cannot be"
+     .. " written (the store failing is an outage it is for)", function()
+    assert(gw.db:exec("ALTER TABLE paygate_audit RENAME TO"
+                      .. " paygate_audit_away"))
+    local ok, err = pcall(function()
+      local res = gw.srv:request{ method = "POST", path = "/admin/degrade",
+                                  json = { on = true } }
+      assert.equal(200, res.status, res.body)
+      assert.is_true(res.json.on)
+      assert.is_false(res.json.audited)
+      assert.is_nil(res.body:find("paygate_audit", 1, true), res.body)
+      assert.is_true(degraded())
+    end)
+    assert(gw.db:exec("ALTER TABLE paygate_audit_away RENAME TO"
+                      .. " paygate_audit"))
+    assert(ok, err)
+  end)
+
   describe("with an admin token (the console's default token)", function()
     local gt
     local TOKEN = "admin-token-0123456789abcdef"
