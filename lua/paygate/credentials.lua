@@ -466,7 +466,13 @@ local function apply(src, set, raw, rev, from_cache)
   local v, err = open_set(src, set, raw, rev)
   if v then
     for _, hook in ipairs(set.hooks or {}) do
-      local ok, herr = hook(v)
+      -- (a hook that raises refuses the set: raised here, it would end
+      -- the watch, and no later set would ever be taken)
+      local called, ok, herr = pcall(hook, v)
+      if not called then
+        ok, herr = nil, core.error("invalid_credentials", "credentials: a"
+                                   .. " hook raised: " .. tostring(ok))
+      end
       if not ok then
         v, err = nil, herr or core.error("invalid_credentials",
                                          "credentials: refused by a hook")

@@ -80,6 +80,36 @@ describe("watched credentials", function()
     assert.is_true(failed >= 1)
     assert(ok, tostring(err) .. " (still " .. wx.conf.signer.serial .. ")")
   end)
+  it("a hook that raises refuses the set (the old one kept) and the watch"
+     .. " goes on", function()
+    local code, out = creds:publish(env.a)
+    assert.equal(0, code, out)
+    local src = creds:source(dir .. "/cache_raise")
+    local raise = false
+    src:on_change(MCHID, function()
+      if raise then error("a hook's own bug") end
+      return true
+    end)
+    assert(src:load(MCHID))
+    local wx = creds:client_for(src)
+    src:start()
+    wait_watching(src, "the watch")
+    local before = wx.conf.signer.serial
+    raise = true
+    code, out = creds:publish(env.b)
+    assert.equal(0, code, out)
+    local ok, err = pcall(servers.wait_for, function()
+      return src.sets[MCHID].refused ~= nil
+    end, 10, "the set the hook raised on refused")
+    if ok then
+      assert.equal(before, wx.conf.signer.serial)
+      raise = false
+      ok, err = swap_to_b(wx, 10, "the swap once the hook works again")
+    end
+    src:stop(); wx:stop()
+    assert(ok, tostring(err))
+  end)
+
   it("a hostile answer to the read after a change (a revision that is no"
      .. " number, a value that is no string) is refused as malformed; the"
      .. " watch lives on and takes the next good read", function()
