@@ -148,6 +148,32 @@ describe("paygate verify (more causes)", function()
     assert.matches(full, r.fix)
   end)
 
+  it("names an expired or not yet valid certificate its serial names "
+     .. "without the leading zero", function()
+    os.execute(("openssl req -x509 -newkey rsa:2048 -nodes -keyout %s/z2.key"
+      .. " -out %s/z2.pem -days 3 -set_serial 0x0ABC5678 -subj "
+      .. "'/CN=Tenpay.com sign/O=Tenpay.com' -addext basicConstraints="
+      .. "CA:FALSE >/dev/null 2>&1"):format(dir, dir))
+    local zkey = assert(crypto.private_key(read(dir .. "/z2.key")))
+    local cert = assert(crypto.certificate(read(dir .. "/z2.pem")))
+    local bare = cert:serial():gsub("^0+", "")
+    assert.are_not.equal(cert:serial(), bare)
+    for _, c in ipairs({ { cert:not_after() + 7200, "cert_expired",
+                           "expired 2 h 0 min ago" },
+                         { cert:not_before() - 7200, "cert_not_yet_valid",
+                           "is valid only in 2 h 0 min" } }) do
+      local at = c[1]
+      local code, out, r = run{ "verify", "--json", "--body", file("body",
+        SORTED), "--headers", file("headers", signed(SORTED, { ts = at,
+        key = zkey, serial = bare })), "--certificate", dir .. "/z2.pem",
+        "--at", tostring(at) }
+      assert.equal(1, code, out)
+      assert.not_matches("internal error", out)
+      assert.equal(c[2], r[#r].kind, out)
+      assert.matches(c[3], r[#r].cause, 1, true)
+    end
+  end)
+
   it("says a captured 401 answer is unsigned", function()
     local r = last('{"code":"SIGN_ERROR","message":"bad"}',
                    "HTTP/1.1 401 Unauthorized\r\nRequest-ID: x\r\n\r\n")

@@ -351,9 +351,11 @@ local function main(args)
   if not kok then
     local k = kerr and kerr.kind
     if k == "cert_expired" or k == "cert_not_yet_valid" then
+      -- the key ring finds a serial without its leading zeros too
       local e
+      local bare = serial:upper():gsub("^0+", "")
       for _, c in ipairs(certs) do
-        if c.cert:serial() == serial:upper() then e = c end
+        if c.cert:serial():gsub("^0+", "") == bare then e = c end
       end
       out:fail(k, "platform certificate " .. serial .. (k == "cert_expired"
                and " expired " .. duration(now - e.cert:not_after()) .. " ago"
