@@ -97,7 +97,7 @@ local function config(o)
   local t = { wechatpay = wc, notify_url = o.notify_url or app:url("/notify"),
     database = o.database or ("sqlite:" .. dir .. "/doctor.sqlite"),
     limits = o.limits, metrics_url = o.metrics_url,
-    notify_route = o.notify_route }
+    notify_route = o.notify_route, leases = o.leases }
   local path = dir .. "/doctor." .. crypto.random_nonce(6) .. ".lua"
   write(path, "return " .. lua_literal(t))
   return path
@@ -174,6 +174,28 @@ describe("paygate doctor", function()
     for _, x in ipairs(all(r, "server_timeouts")) do
       assert.equal("ok", x.status, out)
     end
+  end)
+
+  it("names a timeout in quotes, a metrics_url or a lease that is no "
+     .. "table, and goes on", function()
+    local code, out, r = run({ "doctor", "--json", "--config", config{
+      limits = { request_timeout = "30", header_timeout = "3" },
+      metrics_url = { "http://127.0.0.1:9/metrics" },
+      leases = { notify = 10 } } })
+    assert.equal(1, code, out)
+    assert.not_matches("internal error", out)
+    local failed = {}
+    for _, x in ipairs(all(r, "server_timeouts")) do
+      if x.status == "fail" then failed[#failed + 1] = x.cause end
+    end
+    assert.same({ "limits.request_timeout is a string, not a number",
+                  "limits.header_timeout is a string, not a number" },
+                failed, out)
+    assert.equal("fail", r.metrics_url.status, out)
+    assert.equal("fail", r.lease_ttl.status, out)
+    assert.matches("leases.notify needs ttl", r.lease_ttl.cause)
+    -- the checks after them ran
+    assert.truthy(r.cert_expiry, out)
   end)
 
   it("fails a merchant_serial that is not the certificate's", function()

@@ -946,7 +946,18 @@ local function check_notify(out, conf, metrics)
     end
   end
   -- the server's own timeouts against WeChat's window
-  if rt <= WINDOW then
+  -- paygate run takes numbers only: "30" in quotes stops it at start
+  for _, name in ipairs({ "request_timeout", "header_timeout",
+                          "body_timeout" }) do
+    if limits[name] ~= nil and type(limits[name]) ~= "number" then
+      out:fail("server_timeouts", ("limits.%s is a %s, not a number")
+               :format(name, type(limits[name])), "paygate run refuses "
+               .. "to start with it", ("write limits.%s as a number of "
+               .. "seconds, without quotes"):format(name))
+    end
+  end
+  if type(rt) ~= "number" then          -- named above: not judged
+  elseif rt <= WINDOW then
     out:warn("server_timeouts", ("request_timeout %g s is within WeChat's "
              .. "%d s window"):format(rt, WINDOW), "a handler still working "
              .. "is cut off, its answer lost, and WeChat sends the "
@@ -960,8 +971,9 @@ local function check_notify(out, conf, metrics)
   end
   -- reading a notification must not be cut off inside WeChat's window
   for _, name in ipairs({ "header_timeout", "body_timeout" }) do
-    local v = tonumber(limits[name]) or 10
-    if v <= WINDOW then
+    local v = limits[name] or 10
+    if type(v) ~= "number" then         -- named above: not judged
+    elseif v <= WINDOW then
       out:warn("server_timeouts", ("%s %g s is within WeChat's %d s "
                .. "window"):format(name, v, WINDOW), "a notification "
                .. "arriving slowly (a slow network, a large body) is cut "
@@ -1058,7 +1070,8 @@ local function check_leases(out, conf, metrics)
   for _, name in ipairs(names) do
     local l = conf.leases[name]
     local ttl = type(l) == "table" and tonumber(l.ttl)
-    local method, route = tostring(l and l.route or ""):match("^(%u+) (/%S*)$")
+    local method, route = tostring(type(l) == "table" and l.route or "")
+                          :match("^(%u+) (/%S*)$")
     if not ttl or not method then
       out:fail("lease_ttl", "leases." .. tostring(name) .. " needs ttl "
                .. "(seconds) and route (\"POST /path\")", nil, nil)
@@ -1152,6 +1165,12 @@ local function main(args)
     check_signed(out, wc, cfg, clock_bad, conf)
   end
   local metrics
+  if conf.metrics_url ~= nil and type(conf.metrics_url) ~= "string" then
+    out:fail("metrics_url", "metrics_url is a " .. type(conf.metrics_url)
+             .. ", not a URL", nil, "give the running gateway's /metrics "
+             .. "URL, e.g. \"http://127.0.0.1:9090/metrics\"")
+    conf.metrics_url = nil
+  end
   if conf.metrics_url then
     local res = http.request{ url = conf.metrics_url, timeout = 5 }
     metrics = res and res.status == 200 and res.body or nil
