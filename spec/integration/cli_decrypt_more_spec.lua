@@ -153,4 +153,33 @@ describe("paygate decrypt", function()
     assert.equal("plaintext", r[1].kind)
     assert.equal("string", type(r[1].plaintext))
   end)
+
+  it("names an associated_data or an algorithm changed on the way, not "
+     .. "the key", function()
+    local res = assert(resource.encrypt(KEY, '{"out_refund_no":"R-1"}',
+      "refund", { original_type = "refund" }))
+    local changed = {}
+    for k, v in pairs(res) do changed[k] = v end
+    changed.associated_data = "transaction"
+    local code, out, r = decrypt(changed)
+    assert.equal(1, code, out)
+    assert.equal("associated_data", r[1].kind, out)
+    assert.matches('encrypted with "refund"', r[1].cause, 1, true)
+    assert.matches("the APIv3 key is right", r[1].detail, 1, true)
+    changed.associated_data = nil
+    code, out, r = decrypt(changed)
+    assert.equal("associated_data", r[1].kind, out)
+    assert.matches("associated_data is missing", r[1].cause, 1, true)
+    -- SM4 ciphertext labelled AES
+    local sm = assert(resource.encrypt(KEY, "{}", "transaction",
+                                       { algorithm = resource.SM4 }))
+    sm.algorithm = resource.AES
+    code, out, r = decrypt(sm)
+    assert.equal(1, code, out)
+    assert.equal("algorithm", r[1].kind, out)
+    -- the wrong key is still the wrong key
+    code, out, r = decrypt(res, ("x"):rep(32))
+    assert.equal(1, code, out)
+    assert.equal("tag_mismatch", r[1].kind, out)
+  end)
 end)

@@ -20,14 +20,16 @@ around the key (its trailing newline) is dropped. When it fails, the
 cause is named: a key that is not 32 bytes (a hex or base64 encoding of
 one), a tag that does not match
 (the wrong key, e.g. the APIv2 key, or an altered ciphertext), an
-unknown algorithm.
+associated_data or algorithm changed on the way (the key decrypts the
+resource with the one WeChat used), an unknown algorithm.
 
   --json   one JSON object per line instead of text. Decrypted: status
            "ok", kind "plaintext", cause, and plaintext (a JSON string;
            bytes that are not UTF-8 become U+FFFD: for the raw bytes
            leave --json out). Not decrypted: status "fail", kind
-           (apiv3_key_length, tag_mismatch, unknown_algorithm,
-           malformed, truncated), cause, detail, fix.
+           (apiv3_key_length, tag_mismatch, associated_data,
+           algorithm, unknown_algorithm, malformed, truncated), cause,
+           detail, fix.
 
 exit: 0 decrypted, 1 not decrypted (the cause printed), 2 usage or
 unreadable input.
@@ -112,6 +114,47 @@ local function main(args)
     else
       local aad = r.associated_data
       if aad == json.null or aad == nil then aad = "" end
+      -- the key is right when it decrypts the resource under another
+      -- associated_data (the ones WeChat uses) or the other algorithm:
+      -- the resource was altered on the way, not the key
+      local function with(alg2, aad2)
+        local t = {}
+        for k, v in pairs(r) do t[k] = v end
+        t.algorithm, t.associated_data = alg2, aad2
+        return resource.decrypt(t, { key }) ~= nil
+      end
+      local other = alg == resource.AES and resource.SM4 or resource.AES
+      local tried, seen = {}, { [aad] = true }
+      for _, a in ipairs({ r.original_type, "transaction", "refund",
+                           "certificate", "" }) do
+        if type(a) == "string" and not seen[a] then
+          seen[a] = true
+          tried[#tried + 1] = a
+        end
+      end
+      for _, a in ipairs(tried) do
+        if with(alg, a) then
+          out:fail("associated_data", (r.associated_data == nil
+                   and "associated_data is missing" or "associated_data "
+                   .. "is \"" .. tostring(aad):sub(1, 80) .. "\"")
+                   .. ", but the resource "
+                   .. "was encrypted with \"" .. a .. "\"",
+                   "the APIv3 key is right: associated_data is "
+                   .. "authenticated with the ciphertext, and was changed "
+                   .. "after WeChat sent it (payments: \"transaction\", "
+                   .. "refunds: \"refund\", certificates: \"certificate\")",
+                   "pass the resource exactly as received")
+          return 1
+        end
+      end
+      if with(other, aad) then
+        out:fail("algorithm", "algorithm is " .. alg .. ", but the "
+                 .. "resource was encrypted with " .. other, "the APIv3 "
+                 .. "key is right: the algorithm field was changed after "
+                 .. "WeChat sent it", "pass the resource exactly as "
+                 .. "received")
+        return 1
+      end
       out:fail("tag_mismatch", "the authentication tag does not match",
                "wrong APIv3 key — the APIv2 key is also 32 characters, "
                .. "check which one you copied — or an altered ciphertext, "
