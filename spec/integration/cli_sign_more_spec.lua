@@ -1,5 +1,6 @@
 -- paygate sign: its warnings (a lower-case method, a GET with a body, a
--- body file ending in a newline), each with what it then signs.
+-- body file ending in a newline), each with what it then signs; a key
+-- encrypted with a passphrase, in either PEM form, named as such.
 local crypto = require "paygate.crypto"
 local json = require "cjson.safe"
 local server = require "support.server"
@@ -71,5 +72,37 @@ describe("paygate sign warns", function()
     assert.equal(1, #warns, out)
     assert.matches("ends with a newline", warns[1].cause)
     assert.equal('{"a":1}\n\n', sig.signing_string:sub(-9))
+  end)
+end)
+
+describe("paygate sign and doctor name an encrypted key", function()
+  it("in the PKCS#8 and in the older OpenSSL PEM form", function()
+    local forms = {
+      { "p8", "openssl pkcs8 -topk8 -in %s -out %s -passout pass:secret" },
+      { "trad", "openssl rsa -in %s -aes256 -traditional -passout "
+                .. "pass:secret -out %s" },
+    }
+    for _, f in ipairs(forms) do
+      local path = dir .. "/enc_" .. f[1] .. ".key"
+      assert(os.execute(f[2]:format(pki.merchant_key, path)
+                        .. " >/dev/null 2>&1") == 0)
+      local code, out = diagpki.run(dir, { "sign", "--method", "GET",
+        "--url", "/v3/certificates", "--mchid", "1900000001", "--serial",
+        "5F1C72E2A8931B72A2E13AF8DEE92471EB397115", "--key", path })
+      assert.equal(2, code, out)
+      assert.matches("holds an ENCRYPTED private key: decrypt it first",
+                     out, 1, true)
+      local conf = dir .. "/enc_" .. f[1] .. ".lua"
+      diagpki.write(conf, ("return { wechatpay = { mchid = \"1900000001\", "
+        .. "merchant_private_key = %q, merchant_certificate = %q, "
+        .. "apiv3_key = %q, platform_certificates = { %q }, base_url = "
+        .. "\"http://127.0.0.1:9\" } }"):format(path, pki.merchant,
+        ("k"):rep(32), pki.platform))
+      local _, dout, r = diagpki.run(dir, { "doctor", "--json", "--config",
+                                            conf })
+      assert.equal("merchant_key", r[1].kind, dout)
+      assert.equal("fail", r[1].status, dout)
+      assert.matches("encrypted with a passphrase", r[1].fix, 1, true)
+    end
   end)
 end)

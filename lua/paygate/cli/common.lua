@@ -171,7 +171,10 @@ function _M.private_key_file(path, option)
   elseif label == "PUBLIC KEY" or label == "RSA PUBLIC KEY" then
     why = "it holds a PUBLIC key, not a private key (the key is "
           .. "apiclient_key.pem)"
-  elseif label and label:find("^ENCRYPTED ") then
+  elseif label and label:find("^ENCRYPTED ")
+         or pem:find("Proc-Type: 4,ENCRYPTED", 1, true) then
+    -- PKCS#8 (ENCRYPTED PRIVATE KEY) or the older OpenSSL form (RSA
+    -- PRIVATE KEY with Proc-Type and DEK-Info lines)
     why = "it holds an ENCRYPTED private key: decrypt it first (openssl "
           .. "pkey -in KEY -out PLAIN_KEY)"
   elseif not pem:find("-----BEGIN", 1, true) then
