@@ -193,6 +193,26 @@ describe("paygate verify (more causes)", function()
     assert.matches("a private key, not a certificate", out)
   end)
 
+  it("says a certificate given as --public-key goes to --certificate, and"
+     .. " refuses a JSON header that is no string", function()
+    local code, out = verify(SORTED, signed(SORTED),
+      { "--public-key", pki.platform, "--public-key-id",
+        "PUB_KEY_ID_0114232134912410000000000000000001" })
+    assert.equal(2, code, out)
+    assert.matches("holds a certificate, not a public key", out, 1, true)
+    assert.matches("--certificate", out, 1, true)
+    for _, v in ipairs({ "null", "[1]", "{}", "true" }) do
+      code, out = verify(SORTED, '{"Wechatpay-Serial":' .. v .. ','
+        .. '"Wechatpay-Timestamp":"1","Wechatpay-Nonce":"n",'
+        .. '"Wechatpay-Signature":"AA=="}')
+      assert.equal(2, code, out)
+      assert.matches("header Wechatpay-Serial must be a string", out, 1,
+                     true)
+      assert.is_nil(out:find("userdata", 1, true), out)
+      assert.is_nil(out:find("table: 0x", 1, true), out)
+    end
+  end)
+
   it("names an expired platform certificate", function()
     local cert = assert(crypto.certificate(read(pki.platform)))
     local at = cert:not_after() + 7200

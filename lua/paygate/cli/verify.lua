@@ -64,7 +64,18 @@ local function parse_headers(text, name)
       common.usage_error("%s is not a JSON object", name)
     end
     for k, v in pairs(t) do
-      if type(k) == "string" then h[k:lower()] = tostring(v) end
+      if type(k) == "string" then
+        -- (a header is a string, or a number for a timestamp or status:
+        -- null, an array or an object would read "userdata: NULL" or
+        -- "table: 0x..." in the diagnosis)
+        if type(v) ~= "string" and type(v) ~= "number" then
+          common.usage_error("%s: header %s must be a string, not %s",
+                             name, k, v == json.null and "null"
+                             or type(v) == "table" and "an array or object"
+                             or type(v))
+        end
+        h[k:lower()] = tostring(v)
+      end
     end
     return h, tonumber(h[":status"] or h["status"])
   end
@@ -254,6 +265,12 @@ local function main(args)
     end
     local l = keys.load(o["--public-key"], id, "--public-key")
     if #l == 0 or l[1].kind ~= "public_key" then
+      if l[1] and l[1].kind == "certificate" then
+        common.usage_error("%s holds a certificate, not a public key: give"
+          .. " it with --certificate (a platform certificate), or give"
+          .. " --public-key the WeChat Pay public key (pub_key.pem)",
+          o["--public-key"])
+      end
       common.usage_error("%s holds no public key", o["--public-key"])
     end
     given[#given + 1] = l[1]
