@@ -384,6 +384,12 @@ end
 -- the fix. Never repeats the key.
 function _M.apiv3_key_problem(key)
   local crypto = require "paygate.crypto"
+  if key ~= nil and type(key) ~= "string" then
+    -- (a number: written without quotes in the config; never repeated)
+    return "the APIv3 key is a " .. type(key) .. ", not a string",
+           "write it as a string: the 32 characters in quotes, or a file"
+           .. " holding them"
+  end
   if type(key) ~= "string" then
     return "the APIv3 key is missing", "set it (the 32 characters set in "
            .. "the merchant platform, API security)"
