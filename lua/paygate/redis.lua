@@ -85,6 +85,17 @@ local function check_self(fname, self)
   end
 end
 
+-- v (a string or number, from a URL or a Sentinel) as a TCP port, or nil
+-- unless it is an integer 1..65535: a larger one would be taken modulo
+-- 65536 by the connect (glibc), reaching another port than the one the
+-- client records, and set_addr refuses it (a raise).
+local function port_of(v)
+  local p = tonumber(v)
+  if p and p % 1 == 0 and p >= 1 and p <= 65535 then
+    return p
+  end
+end
+
 -- "h:p,h2:p2" -> { { host =, port = }, ... }
 local function parse_hosts(list, default_port)
   local hosts = {}
@@ -96,10 +107,10 @@ local function parse_hosts(list, default_port)
     if not host then
       host, port = item:match("^%[(.*)%]$") or item, default_port
     end
-    if host == "" then
+    if host == "" or not port_of(port) then
       return nil
     end
-    hosts[#hosts + 1] = { host = host, port = tonumber(port) }
+    hosts[#hosts + 1] = { host = host, port = port_of(port) }
   end
   return #hosts > 0 and hosts or nil
 end
@@ -201,16 +212,20 @@ local function ask_sentinel(self, s)
       for i = 1, #r - 1, 2 do
         f[r[i]] = r[i + 1]
       end
-      local port = tonumber(f.port)
-      if f.ip and port then
+      -- what a Sentinel says is checked: a server that is none (a
+      -- wrong port in the URL, a hostile one) answers what it likes
+      local port = port_of(f.port)
+      local epoch = tonumber(f["config-epoch"] or 0)
+      if type(f.ip) ~= "string" or f.ip == "" or not port then
+        err = "no address in SENTINEL MASTER"
+      elseif not epoch or epoch % 1 ~= 0 or epoch < 0 then
+        err = "no config-epoch in SENTINEL MASTER"
+      else
         local maddrs, merr = resolve(f.ip)
         if maddrs then
-          return { ip = maddrs[1], port = port,
-                   epoch = tonumber(f["config-epoch"]) or 0 }
+          return { ip = maddrs[1], port = port, epoch = epoch }
         end
         err = merr
-      else
-        err = "no address in SENTINEL MASTER"
       end
     end
     why[#why + 1] = key .. ": " .. tostring(err)
@@ -410,9 +425,9 @@ local function watch(self)
       name, ip, port = msg:match("^(%S+) %S+ %S+ (%S+) (%d+)$")
     end
     if name == self.master_name then
-      local addrs = resolve(ip)
+      local addrs = port_of(port) and resolve(ip)
       if addrs then
-        follow_switch(self, addrs[1], tonumber(port))
+        follow_switch(self, addrs[1], port_of(port))
       end
     elseif not msg then
       if err and err.kind ~= "timeout" then

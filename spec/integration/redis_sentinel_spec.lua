@@ -10,6 +10,7 @@ local redis = require "paygate.redis"
 local lease = require "paygate.lease"
 local servers = require "spec.support.servers"
 local sentinel = require "spec.support.sentinel"
+local proc = require "spec.support.proc"
 
 local function wait_for(fn, secs, what)
   local deadline = core.mono() + secs
@@ -366,5 +367,107 @@ describe("Redis through Sentinel", function()
     pub.stop()
     b.stop()
   end)
-end)
 
+  -- A Sentinel that is not one (a wrong port in the URL, a hostile
+  -- server) answers SENTINEL MASTER with what it likes. ANSWER is raw RESP.
+  local function fake_sentinel(answer)
+    local port = g.reserve_port()
+    local log = os.tmpname()
+    local p = proc.spawn({ "python3", "spec/support/fake_sentinel.py",
+                           tostring(port), answer, log })
+    local function asks()
+      local n = 0
+      for _ in (proc.read(log) or ""):gmatch("ask\n") do
+        n = n + 1
+      end
+      return n
+    end
+    wait_for(function()
+      return (proc.read(log) or ""):find("ready", 1, true)
+    end, 10, "the fake Sentinel")
+    return port, asks, function() p:kill() os.remove(log) end
+  end
+
+  local function master_answer(ip, port, epoch)
+    local function bulk(v)
+      return "$" .. #v .. "\r\n" .. v .. "\r\n"
+    end
+    return "*6\r\n" .. bulk("ip") .. (ip == nil and "*1\r\n$1\r\nx\r\n"
+      or bulk(ip)) .. bulk("port") .. bulk(port) .. bulk("config-epoch")
+      .. bulk(epoch)
+  end
+
+  it("a Sentinel answer that is no address is not used: a port past"
+     .. " 65535, an ip that is not a string, an epoch that is no number",
+     function()
+    if not g then
+      pending("redis-sentinel not installed")
+      return
+    end
+    local master = g.master_port()
+    for _, case in ipairs({
+      -- glibc takes the port modulo 65536: this one reaches the master,
+      -- and the client took it as its port
+      { "127.0.0.1", tostring(master + 65536), "1000" },
+      -- an array where the ip goes: it raised in the question's task,
+      -- and the round waited its whole 2.5 s for that Sentinel
+      { nil, tostring(master), "1000" },
+      { "127.0.0.1", tostring(master), "nan" },
+    }) do
+      local port, asks, stop = fake_sentinel(master_answer(case[1],
+                                                           case[2], case[3]))
+      finally(stop)
+      local url = g.url:gsub("^redis%-sentinel://", "redis-sentinel://"
+                             .. "127.0.0.1:" .. port .. ",")
+      local t0 = core.mono()
+      local r = assert(redis.connect(url, { sentinel_poll = 0.05 }))
+      local took = core.mono() - t0
+      assert.equal(master, r.port)
+      assert.is_true(took < 2, "connect took " .. took .. " s")
+      wait_for(function() return asks() >= 4 end, 10,
+               "the client to ask the fake Sentinel again")
+      assert.equal(master, r.port)
+      assert.equal("OK", r:call("SET", "fake", "sentinel"))
+      r:close()
+      stop()
+    end
+  end)
+
+  it("a +switch-master naming a port past 65535 is ignored, and the"
+     .. " client goes on following", function()
+    if not g then
+      pending("redis-sentinel not installed")
+      return
+    end
+    local pub = g.server()
+    local b = g.server(true)
+    finally(function() pub.stop() b.stop() end)
+    local function cli(p, args)
+      return servers.read_cmd("redis-cli -h 127.0.0.1 -p " .. p .. " "
+                              .. args .. " 2>&1")
+    end
+    local url = g.url:gsub("^redis%-sentinel://", "redis-sentinel://"
+                           .. "127.0.0.1:" .. pub.port .. ",")
+    local r = assert(redis.connect(url, { sentinel_poll = 120,
+                                          timeout = 1 }))
+    local master = g.master_port()
+    assert.equal(master, r.port)
+    wait_for(function()
+      return cli(pub.port, "PUBSUB NUMSUB +switch-master")
+               :match("\n(%d+)") == "1"
+    end, 10, "the client's subscription")
+    -- the master's own port + 65536: a connect wraps it to the master,
+    -- whose ROLE says master; set_addr then raised and ended the watch
+    local out = cli(pub.port, "PUBLISH +switch-master 'mymaster 127.0.0.1 "
+                    .. master .. " 127.0.0.1 " .. (master + 65536) .. "'")
+    assert.equal("1", out:match("%d+"), out)
+    assert.truthy(cli(b.port, "REPLICAOF NO ONE"):match("OK"))
+    out = cli(pub.port, "PUBLISH +switch-master 'mymaster 127.0.0.1 "
+              .. master .. " 127.0.0.1 " .. b.port .. "'")
+    assert.equal("1", out:match("%d+"), out)
+    wait_for(function() return r.port == b.port end, 5,
+             "the client to follow the second +switch-master")
+    assert.equal("OK", r:call("SET", "switched", "2"))
+    r:close()
+  end)
+end)
