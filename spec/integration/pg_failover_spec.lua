@@ -303,3 +303,75 @@ describe("PostgreSQL failover", function()
     db:close()
   end)
 end)
+
+describe("PostgreSQL switchover with the old primary kept up, read-only",
+         function()
+  local c
+
+  setup(function()
+    if servers.have_postgres() then
+      c = pgha.start({ sync = false })
+    end
+  end)
+
+  teardown(function()
+    if c then
+      c.cleanup()
+    end
+  end)
+
+  it("a write refused read-only (25006) replaces every connection to"
+     .. " that server: reads and writes go to the new primary", function()
+    if not c then
+      pending("postgres not installed")
+      return
+    end
+    local db = assert(sql.open(c.url, { pool = 4, down_for = 0.1 }))
+    finally(function() db:close() end)
+    assert(db:exec("CREATE TABLE sw (id int PRIMARY KEY)"))
+    -- four connections open, all to the primary
+    local n = 0
+    for _ = 1, 4 do
+      core.spawn(function()
+        assert(db:query("SELECT pg_sleep(0.1)"))
+        n = n + 1
+      end)
+    end
+    wait_for(function() return n == 4 end, 10, "four connections")
+    local function port()
+      return tonumber(assert(db:query("SELECT inet_server_port() AS p"))[1].p)
+    end
+    assert.equal(c.primary.port, port())
+    wait_for(function()
+      return c.standby.psql("SELECT count(*) FROM sw") == "0"
+    end, 10, "the table on the standby")
+    -- the old primary is fenced (read-only, as a failover manager does
+    -- when it cannot stop it), then the standby is promoted
+    c.primary.psql("ALTER SYSTEM SET default_transaction_read_only = on")
+    c.primary.psql("SELECT pg_reload_conf()")
+    wait_for(function()
+      return c.primary.psql("SHOW default_transaction_read_only") == "on"
+    end, 10, "the old primary to be read-only")
+    c.promote()
+    wait_for(function()
+      return c.standby.psql("SELECT pg_is_in_recovery()") == "f"
+    end, 30, "the promotion")
+    -- writes on the pool's connections are refused until one says 25006
+    local id, err = 0, nil
+    wait_for(function()
+      id = id + 1
+      local res
+      res, err = db:exec("INSERT INTO sw (id) VALUES ($1)", { id })
+      return not res and err.code == "25006"
+    end, 10, "a write refused by the read-only server")
+    assert.equal("unavailable", err.kind)
+    -- from now on: the new primary, for reads and writes alike
+    for _ = 1, 6 do
+      assert.equal(c.standby.port, port())
+    end
+    for _ = 1, 6 do
+      id = id + 1
+      assert(db:exec("INSERT INTO sw (id) VALUES ($1)", { id }))
+    end
+  end)
+end)

@@ -40,9 +40,9 @@
  * Failover: with a multi-host URL and target_session_attrs=read-write,
  * each new connection goes to whichever host accepts writes now (libpq
  * tries them in order). A statement answered with 25006 (read-only: a
- * standby, or a demoted primary) fails "unavailable" and marks its
- * connection, which is closed once idle, so the pool reconnects to the
- * current primary. A COMMIT in flight on a connection that breaks (or
+ * standby, or a demoted primary) fails "unavailable" and marks every
+ * connection of the pool to that server, each closed once idle, so the
+ * pool reconnects to the current primary. A COMMIT in flight on a connection that breaks (or
  * times out, or whose pool closes) fails "unknown_outcome": it may have
  * committed, so neither success nor failure may be reported. With
  * require_sync, a new connection serves only once the server said it
@@ -1751,6 +1751,39 @@ conn_prepared_ok(struct lpg_conn *c, struct lpg_op *op)
     }
 }
 
+/* 1 when a and b are NULL or equal strings. */
+static int
+same_str(const char *a, const char *b)
+{
+    return a == b || (a != NULL && b != NULL && strcmp(a, b) == 0);
+}
+
+/* c's server refused a write (25006): it is a standby now, or a primary
+ * made read-only. Every connection of the pool to that server is marked,
+ * not c alone: each is closed once idle and none gets new statements, so
+ * that reads are not served on by the old server (stale after the
+ * promotion) and each of the others does not fail a write of its own
+ * first. */
+static void
+pool_mark_readonly(struct lpg_conn *c)
+{
+    struct lpg_pool *pg = c->pg;
+    int              i;
+
+    c->readonly = 1;
+    for (i = 0; i < pg->npool; i++) {
+        struct lpg_conn *d = &pg->conns[i];
+
+        if (d != c && d->state == LPG_CONN_READY && d->pc != NULL
+            && same_str(PQhost(d->pc), PQhost(c->pc))
+            && same_str(PQhostaddr(d->pc), PQhostaddr(c->pc))
+            && same_str(PQport(d->pc), PQport(c->pc)))
+        {
+            d->readonly = 1;
+        }
+    }
+}
+
 /* Reads every available result. Returns GW_ERR when the connection is
  * broken, LPG_DISCARD when it must be closed (conn_check_tx()), else
  * GW_OK. Finished ops are moved to *out. */
@@ -1800,7 +1833,7 @@ conn_read(struct lpg_conn *c, struct lpg_op **out)
             const char *code = PQresultErrorField(r, PG_DIAG_SQLSTATE);
 
             if (code != NULL && strcmp(code, "25006") == 0) {
-                c->readonly = 1;         /* replaced once idle */
+                pool_mark_readonly(c);   /* replaced once idle */
             }
             if (op->has_prepare && op->step == op->exec_step - 1) {
                 conn_forget_prepared(c, op);
@@ -1909,12 +1942,17 @@ conn_event(evutil_socket_t fd, short what, void *arg)
         conn_fail(c, "unavailable", "postgres: the server no longer commits"
                   " with a synchronous standby (require_sync)", &done);
     }
-    if (c->state == LPG_CONN_READY && c->readonly && c->inflight == 0) {
-        /* A standby now (25006): a new connection finds the primary. */
-        gw_log(GW_LOG_INFO, "postgres: server is read-only; reconnecting"
-               " to find the primary");
-        conn_fail(c, "unavailable", "postgres: server is read-only",
-                  &done);
+    for (int i = 0; i < pg->npool; i++) {
+        struct lpg_conn *d = &pg->conns[i];
+
+        if (d->state == LPG_CONN_READY && d->readonly && d->inflight == 0) {
+            /* A standby now (25006): a new connection finds the primary.
+             * (Its siblings to that server too: pool_mark_readonly().) */
+            gw_log(GW_LOG_INFO, "postgres: server is read-only;"
+                   " reconnecting to find the primary");
+            conn_fail(d, "unavailable", "postgres: server is read-only",
+                      &done);
+        }
     }
     /* done is newest-first: deliver in completion order. */
     for (; done != NULL; done = next) {
