@@ -47,8 +47,8 @@
 --     headers          extra request headers (table name -> string)
 --     max_attempts     cap on attempts (default 4)
 --     signed_body      string: what the signature covers instead of the
---                      body (a multipart upload: its meta JSON; §2 of the
---                      protocol notes, docs/wechatpay.md wx:upload_media)
+--                      body (a multipart upload: its meta JSON; see
+--                      docs/wechatpay.md, wx:upload_media)
 --
 -- returns res = { status, headers, body, json, request_id, attempts }
 --   status      HTTP status (2xx only; anything else is an error)
