@@ -471,6 +471,13 @@ function _M.check(conf, runtime)
                 .. "..., ... } }), not a " .. type(ms))
   end
   if type(ms) ~= "table" or ms[1] == nil then
+    -- started without --config, there is no config at all: say how to
+    -- give one rather than what the empty one lacks
+    if runtime.mode == "worker" and runtime.config_file == nil then
+      return fail("merchants", "must list at least one merchant, and no"
+        .. " config file was given: paygate run examples/gateway --config"
+        .. " FILE (docs/gateway.md, Configuration; scripts/run writes one)")
+    end
     return fail("merchants", "must list at least one merchant")
   end
   local merchants, by_mchid, seen = {}, {}, {}

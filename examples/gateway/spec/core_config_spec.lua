@@ -89,6 +89,24 @@ describe("gateway config", function()
                    "gateway: config.merchants: must be a list of merchants")
   end)
 
+  it("started without --config, says to give one", function()
+    local free_port = core.free_port
+    local code, out = testing.proc.run({ server.bin(), "run",
+      "examples/gateway", "--listen", "127.0.0.1:" .. free_port(),
+      "--admin", "127.0.0.1:" .. free_port() }, { timeout = 30 })
+    assert.equal(2, code, out)
+    local lines = gwcore.config_lines(out)
+    assert.equal(1, #lines, out)
+    assert.matches("gateway: config.merchants: must list at least one"
+      .. " merchant, and no config file was given: paygate run"
+      .. " examples/gateway --config FILE", lines[1], 1, true)
+    -- with a config file, the plain reason (the file is there)
+    out = expect_refused({ gateway = { db = "sqlite:" .. dir .. "/a.db" } },
+                         "gateway: config.merchants: must list at least one"
+                         .. " merchant")
+    assert.falsy(out:find("no config file", 1, true))
+  end)
+
   it("refuses dev_app unless it listens on loopback only", function()
     expect_refused({ gateway = { db = "sqlite:" .. dir .. "/a.db",
                                  dev_app = "dev" },
