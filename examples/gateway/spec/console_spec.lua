@@ -113,6 +113,8 @@ local function assert_hostile_refused(gw)
     "/console/outbox?after=%FF", "/console/payments?q=%00",
     "/console/payments?q=%FF%FE", "/console/payments?state=%FF",
     "/console/payments/%FF", "/console/reconcile?date=%C0%AF",
+    "/console/payments?after=garbage", "/console/payments?after=1e999~pay_x",
+    "/console/payments?after=1.5~", "/console/payments?after=nan~pay_x",
   }) do
     local res = get(gw, path)
     assert.equal(400, res.status, path .. ": " .. res.body)
