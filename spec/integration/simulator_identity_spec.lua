@@ -370,6 +370,12 @@ describe("simulator: faults and the request log", function()
     local since = sc.control(base, "GET", "/sim/requests?since="
                              .. l[#l - 1].seq).json
     assert.equal(1, #since)
+    -- a since that is no seq is refused, not read as "all of them"
+    for _, bad in ipairs({ "abc", "-1", "1.5", "1e3" }) do
+      local r = sc.control(base, "GET", "/sim/requests?since=" .. bad)
+      assert.equal(400, r.status, bad)
+      assert.equal("PARAM_ERROR", r.json.code)
+    end
   end)
 end)
 

@@ -197,8 +197,14 @@ function _M.routes(ctx)
   end)
 
   route("GET", "/sim/requests", function(req)
-    local since = tonumber(req:query().since)
-    local l = api.requests(since)
+    local raw = req:query().since
+    -- (a seq: digits; anything else would quietly list every request)
+    if raw ~= nil and (type(raw) ~= "string" or not raw:match("^%d+$")
+                       or #raw > 15) then
+      return answer(400, { code = "PARAM_ERROR",
+                           message = "since must be a request's seq" })
+    end
+    local l = api.requests(tonumber(raw))
     if l[1] == nil then return answer(200, "[]") end
     return answer(200, l)
   end)
