@@ -113,12 +113,27 @@ end
 
 local function main()
   local url = args[1]
-  if url == nil or url == "-h" or url == "--help" or args[2] ~= nil then
-    io.stderr:write("usage: paygate exec examples/gateway/scripts/verify.lua"
-                    .. " DB_URL\n")
-    return url and url:sub(1, 1) == "-" and 0 or 2
+  if url == nil or url:sub(1, 1) == "-" or args[2] ~= nil then
+    local help = url == "-h" or url == "--help"
+    local out = help and io.stdout or io.stderr
+    out:write("usage: paygate exec examples/gateway/scripts/verify.lua"
+              .. " DB_URL\n")
+    if help then
+      out:write([[
+The gateway's audit check: every audit chain verifies, and every payment
+and refund row agrees with its chain (its version is the number of its
+transitions, its state the last one's). One line per finding (broken,
+missing, short, long, state, orphan). DB_URL: the gateway's store
+(sqlite:var/gateway.db, postgres://...).
+Exit: 0 nothing found, 1 a finding, 2 usage or the store failed.
+]])
+      return 0
+    end
+    return 2
   end
-  local db, err = sql.open(url)
+  -- (a URL of no known scheme raises: a usage error all the same)
+  local opened, db, err = pcall(sql.open, url)
+  if not opened then db, err = nil, db end
   if not db then
     io.stderr:write("verify: cannot open the store: ", tostring(err), "\n")
     return 2
