@@ -198,8 +198,12 @@ function _M.routes(ctx)
         or "dead", { id = b.id, dead = b.dead, subject = b.subject,
                      type = b.type, replayed = n })
       if not e then
+        -- (the store's own message goes to the log, not to the caller)
+        paygate.log.error("gateway: the replay's audit entry could not be"
+          .. " written", { replayed = n, error = tostring(aerr) })
         return 503, { error = "unavailable", message = "replayed " .. n
-          .. " but the audit entry was not written: " .. tostring(aerr) }
+          .. " but the audit entry was not written (the store failed; the"
+          .. " log has why)" }
       end
     end
     return 200, { replayed = n }
