@@ -209,8 +209,6 @@ local function has_header(h, name)
   return false
 end
 
--- A handler's response made into what goes on the wire and in the store:
--- a table body is JSON-encoded here, once, with its Content-Type.
 -- What the server sends of a handler's headers: names that are tokens,
 -- values without CR, LF or NUL, 4 KiB of them in all (less what a replay
 -- adds). Anything else it answers 500 -- stored, that 500 would be every
@@ -236,6 +234,8 @@ local function check_headers(h)
   end
 end
 
+-- A handler's response made into what goes on the wire and in the store:
+-- a table body is JSON-encoded here, once, with its Content-Type.
 local function normalize(status, body, headers)
   -- (a 1xx is no final answer: the server does not send one)
   if type(status) ~= "number" or status % 1 ~= 0 or status < 200

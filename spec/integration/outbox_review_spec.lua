@@ -10,6 +10,7 @@ local outbox = require "paygate.outbox"
 local servers = require "spec.support.servers"
 local proc = require "paygate.testing.proc"
 local kit = require "support.outbox_kit"
+local slow_http = require "support.slow_http"
 local wait_until, enqueue = kit.wait_until, kit.enqueue
 
 local tmp = servers.mktemp()
@@ -29,23 +30,10 @@ local function row(db, id)
   return assert(outbox.list(db, { id = id }))[1]
 end
 
-local function lines(path)
-  local f = io.open(path)
-  if not f then return {} end
-  local t = {}
-  for l in f:lines() do t[#t + 1] = l end
-  f:close()
-  return t
-end
+local lines = slow_http.lines
 
 local function receiver(mode)
-  local port = servers.free_port()
-  local log = tmp .. "/recv" .. port .. ".log"
-  proc.spawn({ "python3", "spec/support/drip_receiver.py", tostring(port),
-               mode, log })
-  wait_until(function() return lines(log)[1] == "ready" end, 10,
-             "the receiver")
-  return port, log
+  return slow_http.start(tmp, mode)
 end
 
 describe("outbox", function()

@@ -6,6 +6,7 @@ local wechatpay = require "paygate.wechatpay"
 local core = require "paygate.core"
 local servers = require "spec.support.servers"
 local proc = require "paygate.testing.proc"
+local slow_http = require "support.slow_http"
 
 local FIX = "spec/fixtures/wechatpay/"
 local tmp = servers.mktemp()
@@ -14,23 +15,8 @@ teardown(function()
   servers.sh("rm -rf " .. tmp)
 end)
 
-local function lines(path)
-  local f = io.open(path)
-  if not f then return {} end
-  local t = {}
-  for l in f:lines() do t[#t + 1] = l end
-  f:close()
-  return t
-end
-
 local function bill_server(mode)
-  local port = servers.free_port()
-  local log = tmp .. "/bill" .. port .. ".log"
-  proc.spawn({ "python3", "spec/support/bill_server.py", tostring(port),
-               mode, log })
-  proc.wait_until(function() return lines(log)[1] == "ready" end, 10,
-                  "the bill server")
-  return port
+  return (slow_http.start(tmp, mode))
 end
 
 -- public-key mode (no certificate download); API calls get 1 s each and

@@ -423,14 +423,9 @@ function _M.routes(ctx)
     local q = req:query()
     -- the "Older" link's cursor: a finite time, "~", a payment id (else
     -- the page would quietly start from the newest again)
-    if q.after ~= nil then
-      local at = type(q.after) == "string"
-                 and q.after:match("^([%d.e+-]+)~pay_%w+$")
-      at = at and tonumber(at)
-      if not at or at ~= at or at == math.huge or at == -math.huge then
-        return refuse(400, "Bad request", "after must be the cursor of an"
-                      .. " \"Older\" link")
-      end
+    if q.after ~= nil and not pages.parse_cursor(q.after) then
+      return refuse(400, "Bad request", "after must be the cursor of an"
+                    .. " \"Older\" link")
     end
     local body, err = pages.payments(q, view)
     if not body then return show(503, "Payments", pages.failed(err), view) end

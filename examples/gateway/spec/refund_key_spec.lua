@@ -24,6 +24,40 @@ local function refund(gw, id, amount, key)
                  { amount = amount }, { ["Idempotency-Key"] = key })
 end
 
+-- A refund of 30 fen of payment p under key whose answer the store failed
+-- to record: the call waits at WeChat (which makes the refund), and
+-- meanwhile the store loses gw_refunds, so the transaction that records
+-- WeChat's answer fails. returns: the merchant API's answer
+local function refund_answer_lost(sim, gw, p, key)
+  sim:fault{ endpoint = "refund", kind = "latency", seconds = 1.5,
+             count = 1 }
+  local res
+  require("paygate.core").spawn(function()
+    res = refund(gw, p.id, 30, key)
+  end)
+  testing.wait_until(function()
+    local rows = assert(gw.db:query("SELECT id FROM gw_refunds WHERE"
+                                    .. " payment_id = $1", { p.id }))
+    return rows[1] ~= nil
+  end, 10, "the refund stored")
+  assert(gw.db:exec("ALTER TABLE gw_refunds RENAME TO gw_refunds_away"))
+  testing.wait_until(function() return res ~= nil end, 20, "the answer")
+  assert(gw.db:exec("ALTER TABLE gw_refunds_away RENAME TO gw_refunds"))
+  return res
+end
+
+-- Opens the refund endpoint's breaker: refund calls of another payment
+-- fail at WeChat (500) until one is refused on its way out (503)
+local function open_breaker(sim, gw)
+  local other = paid(sim, gw, 100)
+  sim:fault{ endpoint = "refund", kind = "error", status = 500,
+             code = "SYSTEM_ERROR" }
+  testing.wait_until(function()
+    return refund(gw, other.id, 1).status == 503
+  end, 20, "the refund endpoint's breaker to open")
+  sim:clear_faults()
+end
+
 describe("gateway refunds: the Idempotency-Key and the answer", function()
   local sim, gw
 
@@ -119,24 +153,9 @@ describe("gateway refunds: the Idempotency-Key and the answer", function()
   it("a refund whose answer the store failed to record says to retry "
      .. "with the same key, and that retry makes no second refund",
      function()
-    local pcore = require "paygate.core"
     local p = paid(sim, gw, 100)
     local key = "refund-store-" .. p.id
-    -- the call waits at WeChat; meanwhile the store loses gw_refunds, so
-    -- the transaction that records WeChat's answer fails
-    sim:fault{ endpoint = "refund", kind = "latency", seconds = 1.5,
-               count = 1 }
-    local res
-    pcore.spawn(function() res = refund(gw, p.id, 30, key) end)
-    testing.wait_until(function()
-      local rows = assert(gw.db:query("SELECT id FROM gw_refunds WHERE"
-                                      .. " payment_id = $1", { p.id }))
-      return rows[1] ~= nil
-    end, 10, "the refund stored")
-    assert(gw.db:exec("ALTER TABLE gw_refunds RENAME TO gw_refunds_away"))
-    testing.wait_until(function() return res ~= nil end, 20,
-                       "the answer")
-    assert(gw.db:exec("ALTER TABLE gw_refunds_away RENAME TO gw_refunds"))
+    local res = refund_answer_lost(sim, gw, p, key)
     assert.equal(503, res.status, res.body)
     -- WeChat has the refund: the answer must not read "failed, retry"
     -- (a retry under a new key is a second refund of 30)
@@ -216,17 +235,11 @@ describe("gateway refunds: a refund call that was never made", function()
   -- the refund endpoint's breaker opened: refund calls of another
   -- payment fail at WeChat until a refund is refused on its way out
   local opened = 0
-  local function open_breaker()
+  local function open_breaker_again()
     testing.wait_until(function() return os.time() > opened + OPEN_FOR end,
                        OPEN_FOR + 5, "the breaker's open time to pass")
-    local other = paid(sim, gw, 100)
-    sim:fault{ endpoint = "refund", kind = "error", status = 500,
-               code = "SYSTEM_ERROR" }
-    testing.wait_until(function()
-      return refund(gw, other.id, 1).status == 503
-    end, 20, "the refund endpoint's breaker to open")
+    open_breaker(sim, gw)
     opened = os.time()
-    sim:clear_faults()
   end
 
   local function breaker_passed()
@@ -251,7 +264,7 @@ describe("gateway refunds: a refund call that was never made", function()
   it("ends the refund unsent, so a retry under a new key is the only "
      .. "refund", function()
     local b = paid(sim, gw, 100)
-    open_breaker()
+    open_breaker_again()
     local res = refund(gw, b.id, 30, "not-sent-" .. b.id)
     assert.equal(503, res.status, res.body)
     assert.equal("degraded", res.json.error)
@@ -287,7 +300,7 @@ describe("gateway refunds: a refund call that was never made", function()
 
   it("a retry with the same key makes the refund then", function()
     local b = paid(sim, gw, 100)
-    open_breaker()
+    open_breaker_again()
     local key = "not-sent-same-" .. b.id
     local res = refund(gw, b.id, 30, key)
     assert.equal(503, res.status, res.body)
@@ -327,35 +340,17 @@ describe("gateway refunds: a retry whose call is not made, of a refund an "
   end)
 
   it("leaves it counted and says to retry with the same key", function()
-    local pcore = require "paygate.core"
     local p = paid(sim, gw, 100)
     local key = "refund-earlier-" .. p.id
     -- the first run: WeChat takes the refund, the store fails to record
     -- its answer
-    sim:fault{ endpoint = "refund", kind = "latency", seconds = 1.5,
-               count = 1 }
-    local res
-    pcore.spawn(function() res = refund(gw, p.id, 30, key) end)
-    testing.wait_until(function()
-      local rows = assert(gw.db:query("SELECT id FROM gw_refunds WHERE"
-                                      .. " payment_id = $1", { p.id }))
-      return rows[1] ~= nil
-    end, 10, "the refund stored")
-    assert(gw.db:exec("ALTER TABLE gw_refunds RENAME TO gw_refunds_away"))
-    testing.wait_until(function() return res ~= nil end, 20, "the answer")
-    assert(gw.db:exec("ALTER TABLE gw_refunds_away RENAME TO gw_refunds"))
+    local res = refund_answer_lost(sim, gw, p, key)
     assert.equal(503, res.status, res.body)
     local rf = assert(res.json.refund, res.body)
     assert.equal("PROCESSING", assert(sim:client():query_refund(
       rf.out_refund_no)).status)
     -- the refund endpoint's breaker opens (another payment's refunds fail)
-    local other = paid(sim, gw, 100)
-    sim:fault{ endpoint = "refund", kind = "error", status = 500,
-               code = "SYSTEM_ERROR" }
-    testing.wait_until(function()
-      return refund(gw, other.id, 1).status == 503
-    end, 20, "the refund endpoint's breaker to open")
-    sim:clear_faults()
+    open_breaker(sim, gw)
     -- the retry with the same key, its call refused by the breaker
     local again = refund(gw, p.id, 30, key)
     assert.equal(503, again.status, again.body)

@@ -67,7 +67,7 @@ local function check_url(key, url)
   url = url:gsub("/+$", "")
   -- the host: a name or IPv4 address, or [IPv6], then :port if any (a
   -- query, fragment or stray byte would be glued to every request path)
-  local hostport = url:match("^https?://(.*)$")
+  local scheme, hostport = url:match("^(https?)://(.*)$")
   local host, port = (hostport or ""):match("^([%w%.%-]+)(.*)$")
   if not host then
     host, port = (hostport or ""):match("^(%[[%x:%.]+%])(.*)$")
@@ -75,13 +75,9 @@ local function check_url(key, url)
   if not host or (port ~= "" and not port:match("^:%d+$")) then
     return bad(key, "must be https://host[:port] with no path")
   end
-  if url:match("^https://") then return url end
-  if url:match("^http://") then
-    if is_loopback_url(url) then return url end
-    return bad(key, "must be https:// (http:// only for a loopback "
-               .. "address such as the simulator's)")
-  end
-  return bad(key, "must be https://host[:port] with no path")
+  if scheme == "https" or is_loopback_url(url) then return url end
+  return bad(key, "must be https:// (http:// only for a loopback "
+             .. "address such as the simulator's)")
 end
 
 local function positive(conf, key, default)

@@ -395,6 +395,18 @@ local function cursor(r)
   return ("%.17g"):format(r.created_at) .. "~" .. r.id
 end
 
+--- syntax: at, id = pages.parse_cursor(after)
+-- The payments page's "Older" cursor (cursor() above): a finite time and
+-- a payment id, or nil for anything else.
+function _M.parse_cursor(after)
+  local at, id = tostring(after or ""):match("^([%d.e+-]+)~(pay_%w+)$")
+  at = tonumber(at)
+  if not at or at ~= at or at == math.huge or at == -math.huge then
+    return nil
+  end
+  return at, id
+end
+
 function _M.payments(q, view)
   local db = ctx.db
   local term = type(q.q) == "string" and q.q:gsub("^%s+", "")
@@ -414,9 +426,9 @@ function _M.payments(q, view)
       params[#params + 1] = q.state
       where[#where + 1] = "state = $" .. #params
     end
-    local at, id = tostring(q.after or ""):match("^([%d.e+-]+)~(pay_%w+)$")
-    if at and tonumber(at) then
-      params[#params + 1] = tonumber(at)
+    local at, id = _M.parse_cursor(q.after)
+    if at then
+      params[#params + 1] = at
       params[#params + 1] = id
       where[#where + 1] = "(created_at < $" .. (#params - 1)
         .. " OR (created_at = $" .. (#params - 1) .. " AND id < $"

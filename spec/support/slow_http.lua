@@ -1,0 +1,31 @@
+-- support.slow_http: starts spec/support/slow_http.py (a raw HTTP server
+-- answering slowly: modes drip, steady, stall; see its header) on a free
+-- loopback port. Stopped by paygate.testing.proc.stop_all().
+local servers = require "spec.support.servers"
+local proc = require "paygate.testing.proc"
+
+local _M = {}
+
+--- syntax: lines = slow_http.lines(path) -- a file's lines ({} if none)
+function _M.lines(path)
+  local f = io.open(path)
+  if not f then return {} end
+  local t = {}
+  for l in f:lines() do t[#t + 1] = l end
+  f:close()
+  return t
+end
+
+--- syntax: port, log = slow_http.start(dir, mode)
+-- log: its file in dir, a line "start" per request it took
+function _M.start(dir, mode)
+  local port = servers.free_port()
+  local log = dir .. "/slow_http" .. port .. ".log"
+  proc.spawn({ "python3", "spec/support/slow_http.py", tostring(port),
+               mode, log })
+  proc.wait_until(function() return _M.lines(log)[1] == "ready" end, 10,
+                  "the slow HTTP server")
+  return port, log
+end
+
+return _M
