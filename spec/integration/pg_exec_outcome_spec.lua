@@ -56,12 +56,20 @@ describe("PostgreSQL autocommit write whose session ends", function()
     end)
   end
 
-  -- the session whose statement sleeps on the server (not admin's)
-  local SLEEPING = "FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
-                   .. " AND pid <> pg_backend_pid()"
-  local function wait_sleeping()
+  -- db's session (the pool holds one connection): the one whose
+  -- statement the cases make sleep on the server
+  local function session()
+    return assert(db:query("SELECT pg_backend_pid() AS pid"))[1].pid
+  end
+
+  -- Waits until session pid sleeps on the server. By pid, not by "some
+  -- session sleeps": a session of an earlier case whose client gave up
+  -- (query_timeout) may still be asleep, and ending that one instead
+  -- left this case's statement asleep for 30 s.
+  local function wait_sleeping(pid)
     wait_for(function()
-      local rows = admin:query("SELECT count(*) AS n " .. SLEEPING)
+      local rows = admin:query("SELECT count(*) AS n FROM pg_stat_activity"
+        .. " WHERE wait_event = 'PgSleep' AND pid = " .. math.floor(pid))
       return rows and rows[1].n == 1
     end, 10, "the statement to run")
   end
@@ -71,6 +79,7 @@ describe("PostgreSQL autocommit write whose session ends", function()
   -- sleeps on the server, terminates its backend from the admin
   -- connection. Returns what fn returned.
   local function terminated(fn, after)
+    local pid = session()
     local result
     core.spawn(function()
       result = { fn(db) }
@@ -78,8 +87,9 @@ describe("PostgreSQL autocommit write whose session ends", function()
     if after then
       core.spawn(after)
     end
-    wait_sleeping()
-    assert(admin:query("SELECT pg_terminate_backend(pid) " .. SLEEPING))
+    wait_sleeping(pid)
+    assert(admin:query("SELECT pg_terminate_backend(" .. math.floor(pid)
+                       .. ") AS ok"))
     wait_for(function() return result end, 10, "the statement's answer")
     return result
   end
@@ -195,11 +205,12 @@ describe("PostgreSQL autocommit write whose session ends", function()
     assert(admin:exec("CREATE OR REPLACE FUNCTION slow_two() RETURNS int"
       .. " LANGUAGE plpgsql AS $$ BEGIN PERFORM nextval('s');"
       .. " PERFORM pg_sleep(1); RETURN 2; END $$"))
+    local pid = session()
     local result
     core.spawn(function()
       result = { db:exec("INSERT INTO t VALUES (slow_two())") }
     end)
-    wait_sleeping()
+    wait_sleeping(pid)
     db:close()
     wait_for(function() return result end, 10, "the statement's answer")
     assert.is_nil(result[1])
@@ -238,12 +249,12 @@ describe("PostgreSQL autocommit write whose session ends", function()
 
   it_pg("db:exec whose connection is lost with no answer fails"
      .. " unknown_outcome", function()
-    local pid = assert(db:query("SELECT pg_backend_pid() AS pid"))[1].pid
+    local pid = session()
     local result
     core.spawn(function()
       result = { db:exec("INSERT INTO t VALUES (slow_id())") }
     end)
-    wait_sleeping()
+    wait_sleeping(pid)
     -- SIGKILL: the backend says nothing (the server then restarts its
     -- other sessions too)
     assert(os.execute("kill -KILL " .. math.floor(pid)))
