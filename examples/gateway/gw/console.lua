@@ -134,17 +134,26 @@ function _M.routes(ctx)
   end
 
   -- A lever's one-line result travels in the redirect's query (done=...)
-  -- with its HMAC (sig=...): the page shows it only when the console made
-  -- it, so a link from elsewhere cannot put its own words in the console.
-  local function flash_sig(done)
-    return crypto.hex(crypto.hmac("sha256", key(), "flash|" .. done))
-             :sub(1, 32)
+  -- with the time it was made (at=...) and an HMAC over both and the
+  -- session (sig=...): the page shows it only when the console made it,
+  -- for this session, within FLASH_TTL seconds, so a link from elsewhere
+  -- cannot put its own words in the console, and a result copied into
+  -- another session's browser or opened again later is not shown as news.
+  local FLASH_TTL = 120
+  local function flash_sig(s, at, done)
+    return crypto.hex(crypto.hmac("sha256", key(), "flash|" .. s.id .. "|"
+                                  .. at .. "|" .. done)):sub(1, 32)
   end
-  local function flash_of(req)
+  local function flash_of(req, s)
     local q = req:query()
-    local done, sig = q.done, q.sig
+    local done, at, sig = q.done, q.at, q.sig
     if type(done) ~= "string" or type(sig) ~= "string" or #sig ~= 32
-       or not crypto.constant_time_equal(sig, flash_sig(done)) then
+       or type(at) ~= "string" or not at:match("^%d+$") or #at > 12 then
+      return nil
+    end
+    local age = core.time() - tonumber(at)
+    if age > FLASH_TTL or age < -5
+       or not crypto.constant_time_equal(sig, flash_sig(s, at, done)) then
       return nil
     end
     return done
@@ -229,9 +238,9 @@ function _M.routes(ctx)
   -- The path's parameters and the query's values must be text the store
   -- takes: PostgreSQL refuses invalid UTF-8 and NUL, and a hostile link
   -- must get a 400, not the 503 of a store that "could not be read".
-  -- (The flash, done= and sig=, never reaches the store: a lever's result
+  -- (The flash, done=, at= and sig=, never reaches the store: a lever's result
   -- may quote an error cut inside a character, and must still show.)
-  local FLASH = { done = true, sig = true }
+  local FLASH = { done = true, at = true, sig = true }
   local function bad_text(req)
     for _, t in ipairs({ req.params, req:query() }) do
       for k, v in pairs(t) do
@@ -259,7 +268,7 @@ function _M.routes(ctx)
       local st, b, h = bad_text(req)
       if st then return st, b, h end
       local view = { csrf = csrf_of(s), token_mode = conf.access == "token",
-                     flash = flash_of(req) }
+                     flash = flash_of(req, s) }
       return fn(req, s, view)
     end
   end
@@ -289,9 +298,11 @@ function _M.routes(ctx)
       evidence = evidence })
   end
 
-  local function back(path, done)
+  local function back(s, path, done)
+    local at = tostring(math.floor(core.time()))
     return 303, "", headers({ Location = path .. (done and ("?done="
-      .. html.url_encode(done) .. "&sig=" .. flash_sig(done)) or "") })
+      .. html.url_encode(done) .. "&at=" .. at .. "&sig="
+      .. flash_sig(s, at, done)) or "") })
   end
 
   -- an outbox event id: digits only (a BIGINT in PostgreSQL), or nil
@@ -477,10 +488,10 @@ function _M.routes(ctx)
     if not e then
       paygate.log.error("gateway: the degradation switch's audit entry"
         .. " could not be written", { error = tostring(err) })
-      return back("/console", "degradation " .. (on and "on" or "off")
+      return back(s, "/console", "degradation " .. (on and "on" or "off")
                   .. " (not audited: the store failed)")
     end
-    return back("/console", "degradation " .. (on and "on" or "off"))
+    return back(s, "/console", "degradation " .. (on and "on" or "off"))
   end))
 
   route("POST", "/console/outbox/:id/replay", action(function(req, s)
@@ -504,15 +515,15 @@ function _M.routes(ctx)
       if rows[1] == nil then
         return refuse(404, "Not found", "no outbox event " .. id)
       end
-      return back("/console/outbox", "event " .. id .. " is not a dead letter"
-                  .. " (" .. tostring(rows[1].state) .. ")")
+      return back(s, "/console/outbox", "event " .. id .. " is not a dead"
+                  .. " letter (" .. tostring(rows[1].state) .. ")")
     end
     local e, aerr = audited(s, "console.replay", tostring(id),
                             { event = id, replayed = n,
                               last_error = before and before.last_error,
                               attempts = before and before.attempts })
     if not e then return refuse(503, "Unavailable", tostring(aerr)) end
-    return back("/console/outbox", "event " .. id .. " replayed")
+    return back(s, "/console/outbox", "event " .. id .. " replayed")
   end))
 
   route("POST", "/console/payments/:id/settle",
@@ -530,9 +541,9 @@ function _M.routes(ctx)
     if not e then return refuse(503, "Unavailable", tostring(aerr)) end
     local path = "/console/payments/" .. html.url_encode(id)
     if not ok then
-      return back(path, "WeChat could not be asked: " .. tostring(rerr))
+      return back(s, path, "WeChat could not be asked: " .. tostring(rerr))
     end
-    return back(path, "queried WeChat: " .. tostring(before) .. " -> "
+    return back(s, path, "queried WeChat: " .. tostring(before) .. " -> "
       .. tostring(after and after.state))
   end))
 
@@ -554,10 +565,10 @@ function _M.routes(ctx)
       mismatches = reports and reports.total or nil })
     if not e then return refuse(503, "Unavailable", tostring(aerr)) end
     if not reports then
-      return back("/console/reconcile", "reconciliation of " .. date
+      return back(s, "/console/reconcile", "reconciliation of " .. date
         .. " failed: " .. tostring(err))
     end
-    return back("/console/reconcile", "reconciled " .. date .. ": "
+    return back(s, "/console/reconcile", "reconciled " .. date .. ": "
       .. reports.total .. " mismatches")
   end))
 

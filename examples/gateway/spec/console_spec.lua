@@ -270,6 +270,21 @@ describe("gateway console", function()
       end, 10, "the session to expire")
     end)
 
+    it("shows a lever's result to the session that pulled it only",
+       function()
+      local a, b = login(gw_tok), login(gw_tok)
+      local csrf = csrf_of(get(gw_tok, "/console", a).body)
+      local res = post(gw_tok, "/console/degrade", { on = "0", csrf = csrf },
+                       a)
+      assert.equal(303, res.status, res.body)
+      local loc = res.headers["location"]
+      assert.matches('<p class="flash">degradation off</p>',
+                     get(gw_tok, loc, a).body, 1, true)
+      local other = get(gw_tok, loc, b)
+      assert.equal(200, other.status)
+      assert.not_matches('class="flash"', other.body, 1, true)
+    end)
+
     it("logs out: the session is gone", function()
       local cookie = login(gw_tok)
       local page = get(gw_tok, "/console/payments", cookie)
@@ -485,6 +500,13 @@ describe("gateway console", function()
       for _, q in ipairs({ "?done=Call%20us", "?done=Call%20us&sig="
                            .. string.rep("0", 32) }) do
         assert.not_matches("Call us", get(gw, "/console" .. q).body, 1, true)
+      end
+      -- the HMAC covers the time it was made: another time is not shown
+      local loc = res.headers["location"]
+      local at = assert(loc:match("[?&]at=(%d+)"), loc)
+      for _, other in ipairs({ tostring(at - 1), tostring(at - 3600) }) do
+        local forged = loc:gsub("([?&]at=)%d+", "%1" .. other)
+        assert.not_matches('class="flash"', get(gw, forged).body, 1, true)
       end
       res = post(gw, "/console/degrade", { on = "0", csrf = csrf })
       assert.equal(303, res.status)
