@@ -94,6 +94,9 @@ function _M.init(wx)
   wx.dl = { gen = 0, busy = false, last = nil, last_err = nil,
             done = core.event() }
   wx.key_prefix = "wechatpay:" .. c.mchid .. ":"
+  -- the certificate set shared between workers is per variant too: an RSA
+  -- and an SM client of one mchid each need their own key type's set
+  wx.certs_prefix = wx.key_prefix .. (c.sm and "sm:" or "")
   wx.dict = _M.shared_dict(c.shared_dict)
   -- the replay cache's dict: replay_dict, else a "wechatpay_replay" dict
   -- when the runtime has one, else shared_dict
@@ -111,9 +114,11 @@ function _M.init(wx)
   if c.state_dir then _M.load_state(wx) end
 end
 
+-- one file per mchid and variant (an RSA and an SM client of one mchid
+-- must not replace each other's); the RSA name is the older one, kept
 local function state_path(wx)
   return wx.conf.state_dir .. "/wechatpay-" .. wx.conf.mchid
-         .. "-platform-certificates.pem"
+         .. (wx.conf.sm and "-sm" or "") .. "-platform-certificates.pem"
 end
 _M.state_path = state_path
 
@@ -461,7 +466,7 @@ end
 function _M.refresh_locked(wx, reason)
   local c = wx.conf
   local dict = wx.dict
-  local K = wx.key_prefix
+  local K = wx.certs_prefix
   local now = core.mono()
   if reason == "unknown_serial" then
     if dict then
