@@ -30,6 +30,9 @@
 -- it; err.ttl, retryable), "lost" (renew/release after it expired or moved
 -- on), "fenced" (err.current), or the store's own kinds (unavailable,
 -- timeout, ...). Misuse (wrong argument types) raises.
+--
+-- Tokens: a non-negative integer, as a number or a string of its decimal
+-- digits ("42" is token 42: see canon_token).
 
 local core = require "paygate.core"
 local crypto = require "paygate.crypto"
@@ -86,18 +89,64 @@ local function check_ttl(fname, ttl)
   end
 end
 
+-- A token is a non-negative integer. It may come as a number or as a
+-- string of its decimal digits: a token kept in a text column or an HTTP
+-- header comes back a string, and paygate.sql gives an integer beyond
+-- 2^53 as its exact digits (docs/storage.md). So every token is brought
+-- to one form before it is compared or sent: a number when it is exact in
+-- a double (at most 2^53), else the digits as a string. "42" and 42 are
+-- then the same token -- compared with ~= as they came, the string was
+-- "fenced" forever. Returns nil for anything else (a sign, a fraction,
+-- leading zeros, spaces, an exponent: not how a store writes a token).
+local MAX_EXACT = 2 ^ 53
+local MAX_EXACT_DIGITS = string.format("%.0f", MAX_EXACT)
+
+local function canon_token(t)
+  if type(t) == "number" then
+    if t ~= t or t < 0 or t == math.huge or t ~= math.floor(t) then
+      return nil
+    end
+    if t <= MAX_EXACT then
+      return t
+    end
+    return string.format("%.0f", t)
+  end
+  if type(t) ~= "string" or not (t == "0" or t:find("^[1-9]%d*$")) then
+    return nil
+  end
+  -- compare digit strings, not tonumber's result: tonumber rounds above
+  -- 2^53 ("9007199254740993" would pass as 2^53)
+  if #t < #MAX_EXACT_DIGITS
+     or (#t == #MAX_EXACT_DIGITS and t <= MAX_EXACT_DIGITS) then
+    return tonumber(t)
+  end
+  return t
+end
+
+local TOKEN_MSG = "must be a non-negative integer (a number, or a string of"
+  .. " its decimal digits)"
+
 local function check_lease(fname, l)
   if type(l) ~= "table" or type(l.key) ~= "string"
      or (type(l.token) ~= "number" and type(l.token) ~= "string")
      or type(l.owner) ~= "string" then
     error(fname .. ": l must be a lease returned by lease.acquire", 3)
   end
+  local token = canon_token(l.token)
+  if token == nil then
+    error(fname .. ": l.token " .. TOKEN_MSG, 3)
+  end
+  return token
 end
 
+-- Raises at the caller of the public function; returns the token in its
+-- one form (canon_token).
 local function check_token(fname, token)
-  if type(token) ~= "number" and type(token) ~= "string" then
-    error(fname .. ": token must be a number", 3)
+  local t = canon_token(token)
+  if t == nil then
+    error(fname .. ": token " .. TOKEN_MSG, 3)
   end
+  return t
 end
 
 ------------------------------------------------------------------ SQL
@@ -148,11 +197,11 @@ local function sql_acquire(db, key, ttl, owner)
   end)
 end
 
-local function sql_renew(db, l, ttl)
+local function sql_renew(db, l, token, ttl)
   local now = core.now()
   local res, err = db:exec("UPDATE paygate_leases SET expires_at = $3"
     .. " WHERE name = $1 AND token = $2 AND expires_at > $4",
-    { l.key, l.token, now + ttl, now })
+    { l.key, token, now + ttl, now })
   if not res then
     return nil, err
   end
@@ -163,9 +212,9 @@ local function sql_renew(db, l, ttl)
   return l
 end
 
-local function sql_release(db, l)
+local function sql_release(db, l, token)
   local res, err = db:exec("UPDATE paygate_leases SET expires_at = 0,"
-    .. " owner = NULL WHERE name = $1 AND token = $2", { l.key, l.token })
+    .. " owner = NULL WHERE name = $1 AND token = $2", { l.key, token })
   if not res then
     return nil, err
   end
@@ -397,10 +446,10 @@ local function redis_acquire(client, key, ttl, owner)
            owner = owner, ttl = ttl }
 end
 
-local function redis_renew(client, l, ttl)
+local function redis_renew(client, l, token, ttl)
   local sent = core.time()
   local res, err = redis_run(client, "renew", RENEW,
-    { PREFIX .. l.key }, { l.token, ms(ttl), l.owner })
+    { PREFIX .. l.key }, { token, ms(ttl), l.owner })
   if not res then
     return nil, err
   end
@@ -411,9 +460,9 @@ local function redis_renew(client, l, ttl)
   return l
 end
 
-local function redis_release(client, l)
+local function redis_release(client, l, token)
   local res, err = redis_run(client, "release", RELEASE,
-    { PREFIX .. l.key }, { l.token, l.owner })
+    { PREFIX .. l.key }, { token, l.owner })
   if not res then
     return nil, err
   end
@@ -767,15 +816,15 @@ end
 -- yields: one statement / one script call
 function _M.renew(store, l, ttl)
   check_store("lease.renew", store)
-  check_lease("lease.renew", l)
+  local token = check_lease("lease.renew", l)
   if ttl == nil then
     ttl = l.ttl
   end
   check_ttl("lease.renew", ttl)
   if is_sql(store) then
-    return sql_renew(store, l, ttl)
+    return sql_renew(store, l, token, ttl)
   end
-  return redis_renew(store, l, ttl)
+  return redis_renew(store, l, token, ttl)
 end
 
 -- syntax: ok, err = lease.release(store, l)
@@ -784,11 +833,11 @@ end
 -- yields: one statement / one script call
 function _M.release(store, l)
   check_store("lease.release", store)
-  check_lease("lease.release", l)
+  local token = check_lease("lease.release", l)
   if is_sql(store) then
-    return sql_release(store, l)
+    return sql_release(store, l, token)
   end
-  return redis_release(store, l)
+  return redis_release(store, l, token)
 end
 
 -- syntax: id = lease.owner()
@@ -839,7 +888,7 @@ function _M.check(tx, key, token)
     error("lease.check: tx must be the tx of a db:transaction", 2)
   end
   check_key("lease.check", key)
-  check_token("lease.check", token)
+  local want = check_token("lease.check", token)
   local lock = tx.engine == "postgres" and " FOR SHARE" or ""
   local rows, err = tx:query("SELECT token FROM paygate_leases WHERE"
     .. " name = $1" .. lock, { key })
@@ -847,7 +896,7 @@ function _M.check(tx, key, token)
     return nil, err
   end
   local cur = rows[1] and rows[1].token or 0
-  if cur ~= token then
+  if canon_token(cur) ~= want then
     return fail("fenced", string.format("lease %s: token %s is older than"
                 .. " %s", key, tostring(token), tostring(cur)),
                 { current = cur })
@@ -866,7 +915,7 @@ function _M.guard(db, key, token)
     error("lease.guard: db must be a paygate.sql handle", 2)
   end
   check_key("lease.guard", key)
-  check_token("lease.guard", token)
+  token = check_token("lease.guard", token)
   local lock = db.engine == "postgres" and " FOR SHARE" or ""
   return { "SELECT token FROM paygate_leases WHERE name = $1 AND token = $2"
            .. lock, { key, token }, expect = 1, name = "lease" }
@@ -888,7 +937,7 @@ function _M.fenced_call(client, key, token, cmd, ...)
     error("lease.fenced_call: client must be a paygate.redis client", 2)
   end
   check_key("lease.fenced_call", key)
-  check_token("lease.fenced_call", token)
+  token = check_token("lease.fenced_call", token)
   if type(cmd) ~= "string" then
     error("lease.fenced_call: cmd must be a string", 2)
   end

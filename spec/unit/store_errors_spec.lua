@@ -220,7 +220,7 @@ describe("paygate.lease and paygate.migrate misuse", function()
         end, "lease.check: key must be a non-empty string" },
       { "check token", function()
           db:transaction(function(tx) lease.check(tx, "k", {}) end)
-        end, "lease.check: token must be a number" },
+        end, "lease.check: token must be a non-negative integer" },
       { "fenced_call client", function()
           lease.fenced_call(db, "k", 1, "GET", "x")
         end, "lease.fenced_call: client must be a paygate.redis client" },
