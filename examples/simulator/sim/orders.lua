@@ -443,11 +443,15 @@ function _M.transaction(o)
   local req = r and (r:find("scene_info", 1, true) or r:find("\\u", 1, true))
               and json.decode(r) or EMPTY
   local paid = o.trade_state == "SUCCESS" or o.trade_state == "REFUND"
+  -- an unpaid order's answer, as WeChat gives it, carries amount.total and
+  -- payer_currency but no amount.currency, and no attach at all (not even
+  -- ""): a client must not count on either before payment
+  local notpay = o.trade_state == "NOTPAY"
   local t = {
     out_trade_no = o.out_trade_no,
     trade_state = o.trade_state,
     trade_state_desc = DESC[o.trade_state],
-    amount = { total = o.total, currency = o.currency,
+    amount = { total = o.total, currency = not notpay and o.currency or nil,
                payer_currency = o.currency },
   }
   if o.sp_mchid then
@@ -456,7 +460,7 @@ function _M.transaction(o)
   else
     t.appid, t.mchid = o.appid, o.owner
   end
-  t.attach = o.attach or ""
+  if not notpay then t.attach = o.attach or "" end
   if o.transaction_id then t.transaction_id = o.transaction_id end
   if paid or o.trade_state == "PAYERROR" then
     t.trade_type = o.trade_type
