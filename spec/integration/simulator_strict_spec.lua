@@ -1,5 +1,6 @@
 -- The simulator answers as WeChat Pay does where a client could come to
--- depend on a difference: the shape of an unpaid order's query answer.
+-- depend on a difference: the shape of an unpaid order's query answer;
+-- unknown keys inside a request's nested objects, refused as at the top.
 local server = require "support.server"
 local sc = require "support.simclient"
 
@@ -30,6 +31,18 @@ end
 local function pay(no, body)
   return sc.control(base, "POST", "/sim/transactions/" .. no .. "/pay",
                     body or {})
+end
+
+local function refund(b)
+  return c:call("POST", "/v3/refund/domestic/refunds", b)
+end
+
+local function err(res, status, code, field)
+  assert.equal(status, res.status, res.body)
+  assert.equal(code, res.json.code)
+  assert.is_string(res.json.message)
+  assert.is_nil(res.headers["wechatpay-signature"])
+  if field then assert.equal(field, res.json.detail.field, res.body) end
 end
 
 local function signed(res, status)
@@ -74,5 +87,96 @@ describe("simulator: the query answer of an unpaid order", function()
     assert.equal("CNY", t.amount.currency)
     assert.equal("a1", t.attach)
     assert.equal("", query("np-shape-02").json.attach)
+  end)
+end)
+
+describe("simulator: unknown keys in nested objects", function()
+  local EXTRA = "参数中含有非法的额外参数"
+
+  local function unknown(res, field)
+    err(res, 400, "PARAM_ERROR", field)
+    assert.equal(EXTRA, res.json.detail.issue or res.json.message, res.body)
+  end
+
+  it("takes every key WeChat defines in a prepay's objects", function()
+    signed(prepay("nk-all-0001", {
+      amount = { total = 100, currency = "CNY" },
+      payer = { openid = "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o" },
+      detail = { cost_price = 100, invoice_id = "inv-1", goods_detail = {
+        { merchant_goods_id = "g1", wechatpay_goods_id = "1001",
+          goods_name = "商品", quantity = 1, unit_price = 100 } } },
+      scene_info = { payer_client_ip = "14.23.150.211", device_id = "013467",
+        store_info = { id = "0001", name = "店", area_code = "440305",
+                       address = "深圳" } },
+      settle_info = { profit_sharing = false } }))
+    signed(prepay("nk-all-0002", { payer = false, scene_info = {
+      payer_client_ip = "14.23.150.211", h5_info = { type = "iOS",
+        app_name = "a", app_url = "https://a.example", bundle_id = "b",
+        package_name = "p" } } }, "h5"))
+  end)
+
+  it("refuses an unknown key in a prepay's objects, naming its path",
+     function()
+    unknown(prepay("nk-bad-0001", { amount = { total = 1, currency = "CNY",
+      totl = 1 } }), "/amount/totl")
+    unknown(prepay("nk-bad-0002", { payer = { openid = "o1",
+      sub_openid = "o2" } }), "/payer/sub_openid")
+    unknown(prepay("nk-bad-0003", { detail = { goods = 1 } }),
+            "/detail/goods")
+    unknown(prepay("nk-bad-0004", { detail = { goods_detail = {
+      { merchant_goods_id = "g1", quantity = 1, unit_price = 1 },
+      { merchant_goods_id = "g2", quantity = 1, unit_price = 1,
+        price = 1 } } } }), "/detail/goods_detail/1/price")
+    unknown(prepay("nk-bad-0005", { scene_info = {
+      payer_client_ip = "14.23.150.211", ip = "x" } }), "/scene_info/ip")
+    unknown(prepay("nk-bad-0006", { scene_info = {
+      payer_client_ip = "14.23.150.211", store_info = { id = "1",
+        city = "x" } } }), "/scene_info/store_info/city")
+    unknown(prepay("nk-bad-0007", { payer = false, scene_info = {
+      payer_client_ip = "14.23.150.211", h5_info = { type = "Wap",
+        wap_url = "https://a.example" } } }, "h5"),
+      "/scene_info/h5_info/wap_url")
+    unknown(prepay("nk-bad-0008", { settle_info = { profit_sharing = true,
+      ratio = 1 } }), "/settle_info/ratio")
+    -- nothing was created: the same out_trade_no with a clean body is new
+    signed(prepay("nk-bad-0001"))
+  end)
+
+  it("refuses a direct payer's key in partner mode and the reverse",
+     function()
+    local b = prepay_body("nk-pt-00001")
+    b.appid, b.mchid = nil, nil
+    b.sp_appid, b.sp_mchid, b.sub_mchid = sc.APPID, sc.MCHID, sc.SUB
+    b.payer = { openid = "o1" }
+    unknown(c:call("POST", "/v3/pay/partner/transactions/jsapi", b),
+            "/payer/openid")
+    b.payer = { sp_openid = "o1" }
+    signed(c:call("POST", "/v3/pay/partner/transactions/jsapi", b))
+  end)
+
+  it("checks a refund's amount, amount.from and goods_detail", function()
+    signed(prepay("nk-rf-00001"))
+    assert.equal(200, pay("nk-rf-00001").status)
+    local function body(no, over)
+      local b = { out_trade_no = "nk-rf-00001", out_refund_no = no,
+                  amount = { refund = 10, total = 100, currency = "CNY" } }
+      for k, v in pairs(over or {}) do b[k] = v end
+      return b
+    end
+    unknown(refund(body("nk-r-bad1", { amount = { refund = 10, total = 100,
+      currency = "CNY", fee = 0 } })), "/amount/fee")
+    unknown(refund(body("nk-r-bad2", { amount = { refund = 10, total = 100,
+      currency = "CNY", from = { { account = "AVAILABLE", amount = 10,
+        bank = "x" } } } })), "/amount/from/0/bank")
+    unknown(refund(body("nk-r-bad3", { goods_detail = {
+      { merchant_goods_id = "g1", unit_price = 10, refund_amount = 10,
+        refund_quantity = 1, sku = "s" } } })), "/goods_detail/0/sku")
+    signed(refund(body("nk-r-ok1", {
+      reason = "r", funds_account = "AVAILABLE",
+      amount = { refund = 10, total = 100, currency = "CNY", from = {
+        { account = "AVAILABLE", amount = 10 } } },
+      goods_detail = { { merchant_goods_id = "g1", wechatpay_goods_id = "1",
+        goods_name = "n", unit_price = 10, refund_amount = 10,
+        refund_quantity = 1 } } })))
   end)
 end)

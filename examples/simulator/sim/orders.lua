@@ -212,6 +212,83 @@ local function set_of(list)
   return t
 end
 
+-- The objects nested in a request body, with every key WeChat defines
+-- for them: an unknown key in one is refused as one at the top level is,
+-- naming its path ("/amount/foo"; an array item by its index from 0,
+-- "/detail/goods_detail/0/foo"). A client that misspells a nested key
+-- (amount.totl) would otherwise pass here and fail only in production.
+-- shape: { keys = set, children = { key = the shape of its value } } or,
+-- for an array of objects, { items = shape }.
+local function obj(keys, children)
+  return { keys = set_of(keys), children = children or EMPTY }
+end
+local function items(shape) return { items = shape } end
+
+local PREPAY_NESTED = {
+  amount = obj({ "total", "currency" }),
+  detail = obj({ "cost_price", "invoice_id", "goods_detail" }, {
+    goods_detail = items(obj({ "merchant_goods_id", "wechatpay_goods_id",
+                               "goods_name", "quantity", "unit_price" })) }),
+  scene_info = obj({ "payer_client_ip", "device_id", "store_info",
+                     "h5_info" }, {
+    store_info = obj({ "id", "name", "area_code", "address" }),
+    h5_info = obj({ "type", "app_name", "app_url", "bundle_id",
+                    "package_name" }) }),
+  settle_info = obj({ "profit_sharing" }),
+}
+-- payer differs by mode: a direct merchant's payer is openid; a service
+-- provider's, sp_openid or sub_openid
+local DIRECT_PAYER = obj({ "openid" })
+local PARTNER_PAYER = obj({ "sp_openid", "sub_openid" })
+
+local REFUND_NESTED = {
+  amount = obj({ "refund", "from", "total", "currency" }, {
+    from = items(obj({ "account", "amount" })) }),
+  goods_detail = items(obj({ "merchant_goods_id", "wechatpay_goods_id",
+    "goods_name", "unit_price", "refund_amount", "refund_quantity" })),
+}
+
+-- The first unknown key (in sorted order: the same request always names
+-- the same field) of v against shape, below path. A value of the wrong
+-- type is left to the field's own check.
+local function nested_keys(v, shape, path)
+  if type(v) ~= "table" then return true end
+  if shape.items then
+    for i = 1, #v do
+      local ok, e = nested_keys(v[i], shape.items, path .. "/" .. (i - 1))
+      if not ok then return nil, e end
+    end
+    return true
+  end
+  local bad
+  for k in pairs(v) do
+    local name = tostring(k)
+    if not shape.keys[k] and (bad == nil or name < bad) then bad = name end
+  end
+  if bad then
+    return nil, api().param_error(path .. "/" .. bad,
+                                  "参数中含有非法的额外参数")
+  end
+  for k, sub in pairs(shape.children) do
+    if v[k] ~= nil then
+      local ok, e = nested_keys(v[k], sub, path .. "/" .. k)
+      if not ok then return nil, e end
+    end
+  end
+  return true
+end
+
+-- Every nested object of body that nested (a table key -> shape) names.
+local function nested_objects(body, nested)
+  for k, shape in pairs(nested) do
+    if body[k] ~= nil then
+      local ok, e = nested_keys(body[k], shape, "/" .. k)
+      if not ok then return nil, e end
+    end
+  end
+  return true
+end
+
 local PREPAY_COMMON = { "description", "out_trade_no", "time_expire",
   "attach", "notify_url", "goods_tag", "support_fapiao", "limit_pay",
   "amount", "payer", "detail", "scene_info", "settle_info" }
@@ -251,6 +328,13 @@ local function check_prepay(c, body, trade_type, partner)
   local a = api()
   local ok, e = only_keys(body, partner and PARTNER_KEYS or DIRECT_KEYS)
   if not ok then return nil, e end
+  ok, e = nested_objects(body, PREPAY_NESTED)
+  if not ok then return nil, e end
+  if body.payer ~= nil then
+    ok, e = nested_keys(body.payer, partner and PARTNER_PAYER
+                        or DIRECT_PAYER, "/payer")
+    if not ok then return nil, e end
+  end
   local appid_key = partner and "sp_appid" or "appid"
   local mchid_key = partner and "sp_mchid" or "mchid"
   for _, f in ipairs({ { appid_key, 32 }, { mchid_key, 32 },
@@ -626,6 +710,8 @@ local function create_refund(req, c)
   local a = api()
   local b = c.body
   local ok, e = only_keys(b, REFUND_KEYS)
+  if not ok then return nil, e end
+  ok, e = nested_objects(b, REFUND_NESTED)
   if not ok then return nil, e end
   local no = b.out_refund_no
   if no == nil then return nil, a.param_error("/out_refund_no", "此字段为必填项") end
