@@ -1,6 +1,7 @@
 -- The simulator answers as WeChat Pay does where a client could come to
 -- depend on a difference: the shape of an unpaid order's query answer;
--- unknown keys inside a request's nested objects, refused as at the top.
+-- unknown keys inside a request's nested objects, refused as at the top;
+-- a refund whose transaction_id and out_trade_no name different orders.
 local server = require "support.server"
 local sc = require "support.simclient"
 
@@ -178,5 +179,40 @@ describe("simulator: unknown keys in nested objects", function()
       goods_detail = { { merchant_goods_id = "g1", wechatpay_goods_id = "1",
         goods_name = "n", unit_price = 10, refund_amount = 10,
         refund_quantity = 1 } } })))
+  end)
+end)
+
+describe("simulator: a refund naming its order twice", function()
+  local function paid(no)
+    signed(prepay(no))
+    local p = pay(no)
+    assert.equal(200, p.status, p.body)
+    return p.json.transaction_id
+  end
+
+  it("refuses transaction_id and out_trade_no of different orders",
+     function()
+    local ta = paid("two-ids-a01")
+    paid("two-ids-b01")
+    local body = { transaction_id = ta, out_trade_no = "two-ids-b01",
+                   out_refund_no = "two-ids-r1",
+                   amount = { refund = 10, total = 100, currency = "CNY" } }
+    local res = refund(body)
+    err(res, 400, "INVALID_REQUEST", "/out_trade_no")
+    assert.matches("transaction_id", res.json.message)
+    -- an out_trade_no of no order at all is a mismatch as well
+    body.out_trade_no, body.out_refund_no = "two-ids-none", "two-ids-r2"
+    err(refund(body), 400, "INVALID_REQUEST", "/out_trade_no")
+    -- neither order was refunded
+    for _, no in ipairs({ "two-ids-a01", "two-ids-b01" }) do
+      assert.equal("SUCCESS", query(no).json.trade_state)
+    end
+    -- both naming the same order is fine
+    body.out_trade_no, body.out_refund_no = "two-ids-a01", "two-ids-r3"
+    res = refund(body)
+    signed(res)
+    assert.equal("two-ids-a01", res.json.out_trade_no)
+    assert.equal("REFUND", query("two-ids-a01").json.trade_state)
+    assert.equal("SUCCESS", query("two-ids-b01").json.trade_state)
   end)
 end)

@@ -778,6 +778,15 @@ local function create_refund(req, c)
     if not o then
       return nil, a.err(404, "RESOURCE_NOT_EXISTS", "订单不存在")
     end
+    -- both ids given: they must name this one order. Taking the first and
+    -- ignoring the other would refund an order the caller may not have
+    -- meant (a copy-paste of another order's out_trade_no). WeChat's
+    -- answer is not known: the simulator's choice (docs/simulator.md)
+    if b.transaction_id ~= nil and b.out_trade_no ~= nil
+       and b.out_trade_no ~= o.out_trade_no then
+      return nil, a.invalid("/out_trade_no", "transaction_id和out_trade_no"
+        .. "对应的不是同一笔订单")
+    end
     o = expire(tx, o, c.now)
     if o.trade_state ~= "SUCCESS" and o.trade_state ~= "REFUND" then
       return nil, a.invalid("/out_trade_no", "订单未支付，不能退款")
