@@ -2,7 +2,8 @@
 -- follows what WeChat blamed (an unknown mchid is not a serial to check),
 -- and a --key that is not a private key (a certificate given for it) is
 -- unusable input, exit 2, naming the option, the file and what it holds;
--- the time left, in the text and in --json (expired, days_left).
+-- the time left, in the text and in --json (expired, days_left); a private
+-- key under a passphrase, listed as such with how to decrypt it.
 local testing = require "paygate.testing"
 local crypto = require "paygate.crypto"
 local server = require "support.server"
@@ -151,5 +152,71 @@ describe("paygate certs: the time left", function()
     assert.equal("5 h", days(5 * H + 60))
     assert.equal("40 min", days(40 * 60 + 5))
     assert.equal("3 days", days(-3.5 * D))         -- expired 3 days ago
+  end)
+end)
+
+describe("paygate certs: a private key under a passphrase", function()
+  -- both PEM forms: PKCS#8 (ENCRYPTED PRIVATE KEY) and the older OpenSSL
+  -- one (RSA PRIVATE KEY with Proc-Type: 4,ENCRYPTED)
+  local FORMS = {
+    { "p8", "PKCS#8", "openssl pkcs8 -topk8 -in %s -out %s -passout "
+      .. "pass:secret" },
+    { "trad", "traditional", "openssl rsa -in %s -aes256 -traditional "
+      .. "-passout pass:secret -out %s" },
+  }
+
+  local function encrypted(form)
+    local k = testing.merchant_keys{ dir = dir, days = 365 }
+    local path = dir .. "/enc_" .. form[1] .. ".key"
+    local ok = os.execute(form[3]:format(k.private_key, path)
+                          .. " >/dev/null 2>&1")
+    assert(ok == 0 or ok == true, "openssl failed")
+    return path, diagpki.read(path), k
+  end
+
+  it("says it is encrypted, that paygate needs it unencrypted, and how",
+     function()
+    for _, form in ipairs(FORMS) do
+      local path, pem = encrypted(form)
+      assert.truthy(pem:find(form[1] == "p8" and "ENCRYPTED PRIVATE KEY"
+                             or "Proc-Type: 4,ENCRYPTED", 1, true), pem)
+      local code, out = diagpki.run(dir, { "certs", path })
+      assert.equal(1, code, out)
+      assert.is_nil(out:find("no certificate or key found", 1, true), out)
+      assert.matches("private key " .. path .. " is encrypted", out, 1, true)
+      assert.matches("reads private keys unencrypted only", out, 1, true)
+      assert.matches("openssl pkey -in " .. path .. " -out key.pem", out, 1,
+                     true)
+      -- nothing of the key: no PEM line, no base64 run of its body
+      assert.is_nil(out:find("-----BEGIN", 1, true), out)
+      for line in pem:gmatch("[^\n]+") do
+        if not line:find("^%-%-%-%-%-") and not line:find(":") and #line > 16
+        then
+          assert.is_nil(out:find(line:sub(1, 16), 1, true), out)
+        end
+      end
+      local _, jout, r = diagpki.run(dir, { "certs", "--json", path })
+      assert.equal(1, #r, jout)
+      assert.equal("fail", r[1].status, jout)
+      assert.equal("private_key", r[1].kind, jout)
+      assert.is_true(r[1].encrypted, jout)
+      assert.equal(form[2], r[1].form, jout)
+      assert.matches("openssl pkey", r[1].fix, 1, true)
+    end
+  end)
+
+  it("lists the rest of a directory beside it", function()
+    local sub = dir .. "/mixed"
+    os.execute("mkdir -p " .. sub)
+    local path, _, k = encrypted(FORMS[1])
+    os.execute(("cp %s %s/a.key && cp %s %s/b_cert.pem"):format(path, sub,
+               k.certificate, sub))
+    local code, out, r = diagpki.run(dir, { "certs", "--json", sub })
+    assert.equal(1, code, out)
+    assert.equal(2, #r, out)
+    local kinds = {}
+    for _, x in ipairs(r) do kinds[x.kind] = x.status end
+    assert.equal("fail", kinds.private_key, out)
+    assert.equal("ok", kinds.merchant_certificate or kinds.certificate, out)
   end)
 end)

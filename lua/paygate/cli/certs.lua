@@ -34,8 +34,12 @@ certificate's expired is true once past its end; days_left is its whole
 days left (0 once expired), expired_days_ago the whole days since then.
 A key has expired false and no days_left.
 
-exit: 0 all valid, 1 a certificate expired or a download failed, 2 usage
-or unreadable input.
+A private key under a passphrase (ENCRYPTED PRIVATE KEY, or Proc-Type:
+4,ENCRYPTED) fails: paygate reads private keys unencrypted only; the fix
+line gives the openssl command that decrypts it.
+
+exit: 0 all valid, 1 a certificate expired, a private key is encrypted or
+a download failed, 2 usage or unreadable input.
 ]]
 
 local SPEC = {
@@ -108,6 +112,35 @@ local function list_key(out, e)
               fingerprint = k:fingerprint(), file = e.file,
               role = e.kind == "public_key" and "public key" or
                      "merchant private key" }
+end
+
+-- A private key under a passphrase: listed as a failure (paygate cannot
+-- use it) with the command that decrypts it. Only the file and the PEM
+-- form are told, never a byte of the key.
+local FORMS = {
+  ["PKCS#8"] = "PEM ENCRYPTED PRIVATE KEY (PKCS#8 with a passphrase)",
+  traditional = "PEM PRIVATE KEY with Proc-Type: 4,ENCRYPTED (the older"
+    .. " OpenSSL form with a passphrase)",
+}
+
+local function list_encrypted(out, e)
+  local file = common.shown(e.file)
+  -- the fix is a command to paste: a path with a space or a quote in it
+  -- is given single-quoted
+  local quoted = file
+  if quoted:find("[^%w%._/%-+,=@]") then
+    quoted = "'" .. quoted:gsub("'", "'\\''") .. "'"
+  end
+  out:result{ status = "fail", kind = "private_key",
+              cause = "private key " .. file .. " is encrypted: paygate"
+                .. " reads private keys unencrypted only",
+              detail = FORMS[e.form] .. ", file " .. file,
+              fix = "decrypt it (openssl asks for the passphrase): openssl"
+                .. " pkey -in " .. quoted .. " -out key.pem, then chmod 600"
+                .. " key.pem and use key.pem (WeChat's apiclient_key.pem is"
+                .. " unencrypted as downloaded)",
+              encrypted = true, form = e.form, expired = false,
+              role = "merchant private key", file = e.file }
 end
 
 -- A 401 SIGN_ERROR's fix, after what WeChat blamed (common.sign_error_blame)
@@ -202,6 +235,7 @@ local function main(args)
     for _, e in ipairs(keys.load(p)) do
       n = n + 1
       if e.kind == "certificate" then list_cert(out, e, now)
+      elseif e.kind == "encrypted_private_key" then list_encrypted(out, e)
       else list_key(out, e) end
     end
   end

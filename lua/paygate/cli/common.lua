@@ -152,6 +152,23 @@ function _M.read_secret(path, option)
   return s
 end
 
+--- syntax: form = common.encrypted_key_form(pem)
+-- How pem's private key is encrypted, or nil when it is not: "PKCS#8"
+-- (-----BEGIN ENCRYPTED PRIVATE KEY-----) or "traditional" (an OpenSSL
+-- RSA/EC PRIVATE KEY block with Proc-Type: 4,ENCRYPTED and DEK-Info).
+-- paygate loads private keys without a passphrase only, so either form
+-- is refused, and the commands say so rather than that no key was found.
+function _M.encrypted_key_form(pem)
+  if pem:find("-----BEGIN ENCRYPTED PRIVATE KEY-----", 1, true) then
+    return "PKCS#8"
+  end
+  if pem:find("PRIVATE KEY-----", 1, true)
+     and pem:find("Proc-Type: 4,ENCRYPTED", 1, true) then
+    return "traditional"
+  end
+  return nil
+end
+
 --- syntax: key, pem = common.private_key_file(path, option)
 -- Reads and loads the private key a --key option names; raises a usage
 -- error naming the option, the file (as common.shown shows it) and what
@@ -171,8 +188,7 @@ function _M.private_key_file(path, option)
   elseif label == "PUBLIC KEY" or label == "RSA PUBLIC KEY" then
     why = "it holds a PUBLIC key, not a private key (the key is "
           .. "apiclient_key.pem)"
-  elseif label and label:find("^ENCRYPTED ")
-         or pem:find("Proc-Type: 4,ENCRYPTED", 1, true) then
+  elseif _M.encrypted_key_form(pem) then
     -- PKCS#8 (ENCRYPTED PRIVATE KEY) or the older OpenSSL form (RSA
     -- PRIVATE KEY with Proc-Type and DEK-Info lines)
     why = "it holds an ENCRYPTED private key: decrypt it first (openssl "

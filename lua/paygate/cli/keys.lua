@@ -26,7 +26,9 @@ end
 --- syntax: list = keys.load(path[, id[, option]])
 -- Every PEM object in the file (or each file of the directory):
 -- { kind = "certificate" | "public_key" | "private_key", cert | key,
---   file, id }. A public key's id is `id`, or else the file name when it
+--   file, id }, and { kind = "encrypted_private_key", form, file } for a
+-- private key under a passphrase (no key: paygate does not decrypt it,
+-- and the caller must say so rather than skip the file as no key). A public key's id is `id`, or else the file name when it
 -- is PUB_KEY_ID_... (a --keyring directory names them so). Raises a usage
 -- error for a path that cannot be read (naming option, the command-line
 -- option that gave it); skips what is not a key.
@@ -57,6 +59,13 @@ function _M.load(path, id, option)
           id = id or (name:match("^PUB_KEY_ID_%w+$") and name) }
         found = true
       end
+    end
+    local encrypted = not found and common.encrypted_key_form(data)
+    if encrypted then
+      -- told apart before any load is tried: nothing asks for a passphrase
+      out[#out + 1] = { kind = "encrypted_private_key", form = encrypted,
+                        file = file }
+      found = true
     end
     if not found and data:find("PRIVATE KEY", 1, true) then
       local ok, key = pcall(crypto.private_key, data)

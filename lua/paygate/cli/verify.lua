@@ -304,7 +304,7 @@ local function main(args)
       skipped[#skipped + 1] = e.file .. ": a public key without an id (name "
         .. "it PUB_KEY_ID_....pem in --keyring, or use --public-key with "
         .. "--public-key-id)"
-    elseif e.kind == "private_key" then
+    elseif e.kind == "private_key" or e.kind == "encrypted_private_key" then
       skipped[#skipped + 1] = e.file .. ": a private key, not a certificate "
         .. "(verify needs WeChat's platform certificate or public key)"
     end
