@@ -14,7 +14,9 @@
 --   reconcile:bill      once a day, after bill_hour (Beijing), yesterday's
 --                       trade bill per merchant diffed against gw_payments
 --                       and gw_refunds: a CSV in bill_dir, a gauge, an
---                       audit entry reconcile:<date>
+--                       audit entry reconcile:<date>; older days within
+--                       bill_days still without one at once, whatever
+--                       the hour
 --
 -- What WeChat says is applied the way a notification is: SUCCESS and every
 -- refund status through gw.apply (the same dedupe by business key, amount
@@ -534,6 +536,24 @@ local function beijing_hour(t)
   return floor(((t + 8 * 3600) % 86400) / 3600)
 end
 
+--- syntax: dates = reconcile.bill_dates(now, conf)
+-- The days whose bill the job may fetch at now (epoch s), oldest first:
+-- the conf.bill_days - 1 days before yesterday (Beijing), whatever the
+-- hour -- their bills were made long ago, and they are pending only when
+-- the gateway was down when their turn came, so they are not held back
+-- another morning -- and yesterday's, once it is conf.bill_hour in
+-- Beijing (WeChat makes a day's bill during the next morning: asked
+-- earlier, it says STATEMENT_CREATING).
+function _M.bill_dates(now, conf)
+  local dates = {}
+  for back = conf.bill_days - 1, 0, -1 do
+    if back > 0 or beijing_hour(now) >= conf.bill_hour then
+      dates[#dates + 1] = bill.bill_date(now - back * 86400)
+    end
+  end
+  return dates
+end
+
 local function bill_job(ctx, conf)
   local db = ctx.db
   -- date|mchid -> when last tried, in the instance's shared dictionary:
@@ -557,15 +577,11 @@ local function bill_job(ctx, conf)
   }
   local function pending(now)
     if ctx.degraded and ctx.degraded() then return {} end
-    if beijing_hour(now) < conf.bill_hour then
-      -- before the hour the bill is not there yet; yesterday's wait
-      return {}
-    end
-    -- yesterday's bill, and those of the bill_days - 1 days before it
-    -- not reported yet (the gateway was down when their turn came)
+    -- yesterday's bill (from bill_hour on), and those of the
+    -- bill_days - 1 days before it not reported yet (the gateway was down
+    -- when their turn came): at once, whatever the hour
     local items = {}
-    for back = conf.bill_days - 1, 0, -1 do
-      local date = bill.bill_date(now - back * 86400)
+    for _, date in ipairs(_M.bill_dates(now, conf)) do
       -- a day is done for a merchant when its audit entry exists
       local rows, err = db:query("SELECT evidence FROM paygate_audit WHERE"
         .. " subject = $1", { "reconcile:" .. date })
