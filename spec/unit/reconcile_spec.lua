@@ -788,6 +788,71 @@ describe("bill.records", function()
                    true)
   end)
 
+  it("a record broken across lines is a bad bill naming the line, not the"
+     .. " start of the summary", function()
+    local function line(no, last)
+      return "`2026-11-29 10:00:00,`wx1,`1900,`0,`,`42" .. no .. ",`" .. no
+        .. ",`o1,`NATIVE,`SUCCESS,`OTHERS,`CNY,`0.29,`0.00,`0,`0,`0.00,"
+        .. "`0.00,`,`,`tea,`,`0.00000,`0.60%,`0.29,`0.00,`" .. (last or "")
+        .. "\r\n"
+    end
+    local SUMMARY = "总交易单数,应结订单总金额,退款总金额,充值券退款总金额,"
+      .. "手续费总金额,订单总金额,申请退款金额\r\n`3,`0.87,`0.00,`0.00,"
+      .. "`0.00000,`0.87,`0.00\r\n"
+    local function records(text)
+      local path = tmp .. "/broken.csv"
+      local f = assert(io.open(path, "wb"))
+      f:write(text)
+      f:close()
+      return bill.records(path)
+    end
+    -- the whole bill reads
+    local r = assert(records(TRADE_HEAD .. "\r\n" .. line("T1") .. line("T2")
+                             .. line("T3") .. SUMMARY))
+    assert.equal(3, r.lines)
+    local cases = {
+      -- a line break in the last field (费率备注) of T1: the rest of it
+      -- looked like the summary header, and T2, T3 like its rows
+      { line("T1", "a\nb") .. line("T2") .. line("T3") .. SUMMARY, 4,
+        "a summary row of 27 fields under a summary header (line 3) of 1" },
+      -- the same in the last record: the rest, then the summary header
+      { line("T1") .. line("T2") .. line("T3", "a\nb") .. SUMMARY, 6,
+        "a third header line (the summary's was line 5)" },
+      -- the same, the file ending there
+      { line("T1") .. line("T2") .. line("T3", "a\nb"), 5,
+        "a header line with no row under it" },
+    }
+    for i, c in ipairs(cases) do
+      local none, err = records(TRADE_HEAD .. "\r\n" .. c[1])
+      assert.is_nil(none, "case " .. i)
+      assert.equal("bad_bill", err.kind, "case " .. i)
+      assert.equal(c[2], err.file_line, "case " .. i)
+      assert.matches("bill: line " .. c[2] .. ": " .. c[3], err.message, 1,
+                     true)
+      assert.matches("a record broken across lines", err.message, 1, true)
+    end
+    -- in the description (商品名称): T2 cut short, then the rest of it
+    local text = line("T1") .. line("T2"):gsub("`tea", "`te\na")
+    local none, err = records(TRADE_HEAD .. "\r\n" .. text .. line("T3")
+                              .. SUMMARY)
+    assert.is_nil(none)
+    assert.same({ "bad_bill", 2, 3 }, { err.kind, err.line, err.file_line })
+    assert.matches("bill: line 2 has 21 fields, its header 27 (line 3 of"
+                   .. " the file)", err.message, 1, true)
+    -- and read by bill.rows alone, the rest of it is no header
+    local path = tmp .. "/broken.csv"
+    local kinds = {}
+    for kind, row in require("paygate.wechatpay.bill").rows(path) do
+      kinds[#kinds + 1] = kind
+      if kind == "malformed" then
+        assert.equal(4, row.line)
+        assert.matches("^line 4: a line not starting with a backtick holds"
+                       .. " one: a record broken", row.message)
+      end
+    end
+    assert.same({ "record", "record", "malformed" }, kinds)
+  end)
+
   it("a second line with the same number is a duplicate_line mismatch,"
      .. " not dropped", function()
     local path = tmp .. "/dup.csv"

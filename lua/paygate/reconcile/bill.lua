@@ -180,7 +180,10 @@ end
 --   lines = n } or nil, err (bad_amount, bad_bill). A line whose number
 --   was on an earlier line is not merged into it (one of the two would be
 --   lost unseen): the first is kept, the later one is in duplicates (with
---   the first), identical or not.
+--   the first), identical or not. A bill out of shape (wxbill.rows'
+--   "malformed": a record broken across lines by a line break in a field)
+--   is bad_bill. An error's line is the record's number (1 = the first
+--   record), its file_line the line of the file.
 function _M.records(path)
   local ok, it = pcall(wxbill.rows, path)
   if not ok then
@@ -188,19 +191,28 @@ function _M.records(path)
   end
   local payments, refunds, duplicates, n = {}, {}, {}, 0
   for kind, row, names in it do
+    if kind == "malformed" then
+      -- out of shape (a record broken across lines): what follows cannot
+      -- be told from the summary, and reading on would drop records
+      return fail("bad_bill", "bill: " .. row.message,
+                  { file_line = row.line })
+    end
     if kind == "record" then
       n = n + 1
       pause(n)
+      -- (n counts records; row.line is the line of the file)
+      local at = " (line " .. tostring(row.line) .. " of the file)"
       if names and (#row < #names or row.misaligned) then
         -- cut short, or fields that cannot be put in place: its amounts
         -- would be read from the wrong columns
         return fail("bad_bill", "bill: line " .. n .. " has " .. #row
-                    .. " fields, its header " .. #names)
+                    .. " fields, its header " .. #names .. at,
+                    { line = n, file_line = row.line })
       end
       local no, state = row["商户订单号"], row["交易状态"]
       if type(no) ~= "string" or no == "" or type(state) ~= "string" then
         return fail("bad_bill", "bill: line " .. n .. " has no 商户订单号"
-                    .. " or 交易状态")
+                    .. " or 交易状态" .. at, { line = n, file_line = row.line })
       end
       if state == "REFUND" then
         local rno = row["商户退款单号"]
@@ -210,12 +222,13 @@ function _M.records(path)
         local amount, err = _M.parse_fen(row["申请退款金额"]
                                          or row["退款金额"])
         if not amount then
-          err.line = n
+          err.line, err.file_line = n, row.line
           return nil, err
         end
         if type(rno) ~= "string" or rno == "" or rno == "0" then
           return fail("bad_bill", "bill: refund line " .. n
-                      .. " has no 商户退款单号")
+                      .. " has no 商户退款单号" .. at,
+                      { line = n, file_line = row.line })
         end
         local rec = { out_trade_no = no, amount = amount,
                       state = row["退款状态"] or "",
@@ -231,7 +244,7 @@ function _M.records(path)
         local amount, err = _M.parse_fen(row["订单金额"]
                                          or row["应结订单金额"])
         if not amount then
-          err.line = n
+          err.line, err.file_line = n, row.line
           return nil, err
         end
         local rec = { amount = amount, state = state,

@@ -262,24 +262,52 @@ local function realign(fields, names)
   return out
 end
 
+-- Why a line out of place makes the bill malformed rather than a header:
+-- the trade bill has exactly two header lines (the records' and the
+-- summary's), and a record broken across lines (a line break inside a
+-- field, or a garbled file) leaves a line that does not start with a
+-- backtick. Taken for the summary header, it hid every record after it
+-- (read as summary rows, then missing from the reconciliation).
+local BROKEN = ": a record broken across lines (a line break inside a"
+               .. " field) or a garbled bill"
+
 --- syntax: for kind, row, names in bill.rows(path) do ... end
 -- kind "record" for each line under the first header, "summary" for each
 -- line under the second; row maps each header name to the field (and
--- row[i] is the i-th field); names is the header. A record with more
--- fields than the header had ",`" in a free-text column: its fields are
--- put back in place (row.realigned), or, without such columns in the
--- header, row.misaligned is set. Raises if the file
--- cannot be opened (read it after download_bill succeeded).
+-- row[i] is the i-th field; row.line is its line in the file); names is
+-- the header. A record with more fields than the header had ",`" in a
+-- free-text column: its fields are put back in place (row.realigned), or,
+-- without such columns in the header, row.misaligned is set. A bill out
+-- of shape yields kind "malformed" once, row = { line, message }, and
+-- ends: a header line holding a backtick, a third header line, a summary
+-- row whose field count is not its header's, a summary header with no
+-- row under it. (A record cut short is left to the caller: row has fewer
+-- fields than names.) Raises if the file cannot be opened (read it after
+-- download_bill succeeded).
 function _M.rows(path)
   local f = assert(io_open(path, "rb"))
-  local names, section, first = nil, 0, true
+  local names, section, first, ln = nil, 0, true, 0
+  local summary_at, summary_rows, over = nil, 0, false
+  local function malformed(at, msg)
+    f:close()
+    over = true
+    return "malformed", { line = at, message = "line " .. at .. ": " .. msg },
+           names
+  end
   return function()
+    if over then return nil end
     while true do
       local line = f:read("*l")
       if not line then
+        if summary_at and summary_rows == 0 then
+          return malformed(summary_at, "a header line with no row under"
+                           .. " it" .. BROKEN)
+        end
         f:close()
+        over = true
         return nil
       end
+      ln = ln + 1
       if first then
         first = false
         if sub(line, 1, 3) == "\239\187\191" then line = sub(line, 4) end
@@ -287,10 +315,25 @@ function _M.rows(path)
       if line ~= "" and line ~= "\r" then
         local fields, record = _M.split(line)
         if not record then
+          if find(line, "`", 1, true) then
+            -- no header holds one; the rest of a broken record does
+            return malformed(ln, "a line not starting with a backtick"
+                             .. " holds one" .. BROKEN)
+          end
+          if section >= 2 then
+            return malformed(ln, "a third header line (the summary's was"
+                             .. " line " .. summary_at .. ")" .. BROKEN)
+          end
           names = fields
           section = section + 1
+          if section == 2 then summary_at = ln end
+        elseif section == 2 and #fields ~= #names then
+          return malformed(ln, "a summary row of " .. #fields .. " fields"
+                           .. " under a summary header (line " .. summary_at
+                           .. ") of " .. #names .. BROKEN)
         else
-          local row = {}
+          local row = { line = ln }
+          if section == 2 then summary_rows = summary_rows + 1 end
           if names and #fields > #names then
             local fixed = realign(fields, names)
             if fixed then
