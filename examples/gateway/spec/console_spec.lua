@@ -904,3 +904,40 @@ describe("gateway console certificate days", function()
     assert.matches(">expired 3 days ago<", pages.days_cell(-3.01), 1, true)
   end)
 end)
+
+describe("gateway console: the bill reconciliation's folder", function()
+  package.path = "examples/gateway/?.lua;" .. package.path
+  local pages = require "gw.console.pages"
+  local server = require "paygate.testing.server"
+  local dir
+
+  before_each(function() dir = server.tmpdir() end)
+  after_each(function() server.rmdir(dir) end)
+
+  local function run(bill_dir)
+    pages.init{ gateway = { reconcile = { bill_dir = bill_dir } },
+                merchants = {} }
+    return pages.run_bill("2026-11-29")
+  end
+
+  it("is made without a shell, whatever its name", function()
+    local name = dir .. "/it's $(touch " .. dir .. "/ran) `x`; -a/b"
+    assert.same({ total = 0 }, run(name))
+    local f = assert(io.open(name .. "/.", "rb"))
+    f:close()
+    assert.is_nil(io.open(dir .. "/ran", "rb"))
+  end)
+
+  it("that cannot be made fails the run, saying which and why", function()
+    local file = dir .. "/plain"
+    write(file, "x")
+    local none, err = run(file .. "/reports")
+    assert.is_nil(none)
+    assert.equal("cannot create the folder " .. file .. "/reports: Not a"
+                 .. " directory", err)
+    none, err = run(file .. "/reports/deeper")
+    assert.is_nil(none)
+    assert.equal("cannot create the folder " .. file .. "/reports/deeper:"
+                 .. " Not a directory (making " .. file .. "/reports)", err)
+  end)
+end)

@@ -693,7 +693,10 @@ function _M.run_bill(date)
   if not dir then
     return nil, "set gateway.reconcile.bill_dir to run it from here"
   end
-  os.execute("mkdir -p '" .. dir:gsub("'", "'\\''") .. "'")
+  -- made as the bill job makes it (mkdir(2), no shell: the path comes
+  -- from the config); a folder that cannot be made says which and why
+  local made, why = require("gw.config").mkdir_p(dir)
+  if not made then return nil, why end
   -- gw.reconcile is the gateway's plug-in: loaded when this lever is used
   local gwr = require "gw.reconcile"
   local total = 0
