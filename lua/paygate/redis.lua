@@ -14,6 +14,11 @@
 -- noscript, error; err.code holds Redis's error word. Misuse (a wrong
 -- argument type, a closed client, a call outside a coroutine) raises.
 --
+-- While the server is down, commands fail "unavailable" at once: after a
+-- failed connect attempt the C client waits (0.1 s doubling to 2 s, with
+-- jitter) before the next one, and fails commands meanwhile without a
+-- connect; set_addr (a move below) ends that wait.
+--
 -- Host names are resolved with paygate.dns (on the loop, never the
 -- blocking system resolver), every address in turn until one answers;
 -- after a transport failure the name is looked up again (the cache keeps

@@ -8,7 +8,9 @@
  * that breaks is forgotten; the next command opens a new one
  * (reconnection). While the server is down a command fails at once with
  * "unavailable" (loopback connects are refused immediately; a connect
- * that hangs is bounded by connect_timeout).
+ * that hangs is bounded by connect_timeout), and after a failed attempt
+ * the next ones wait for a growing window (backoff, below): meanwhile
+ * commands fail "unavailable" without a connect.
  *
  * Timeouts: a once-per-100-ms tick checks each connection; when it has
  * replies outstanding and none arrived for `timeout` seconds, the
@@ -36,6 +38,7 @@
 #include <hiredis/hiredis.h>
 #include <hiredis/async.h>
 #include <hiredis/adapters/libevent.h>
+#include <openssl/rand.h>
 #include <openssl/sha.h>
 #include <lauxlib.h>
 
@@ -49,6 +52,21 @@
 #define LREDIS_MAXARGS  1024
 #define LREDIS_MAXPOOL  16
 
+/* Reconnect backoff. With no connection up, every command would open
+ * one: while the server is down that is a connect per command, a burst
+ * of commands hammers a server that is coming back, and each caller
+ * waits for its own connect to fail. So once an attempt failed (refused,
+ * timed out, AUTH or SELECT refused, closed before its first reply),
+ * commands fail at once without connecting until a window has passed.
+ * The window doubles with each failed attempt, from LREDIS_BACKOFF_MIN
+ * to LREDIS_BACKOFF_MAX (a server that is back is used again within
+ * that), and is drawn between half and all of it so that workers and
+ * instances do not reconnect in step. The first reply on a connection
+ * ends the backoff; so does a new address (set_addr): a new master owes
+ * nothing to the old one's failures. */
+#define LREDIS_BACKOFF_MIN  0.1
+#define LREDIS_BACKOFF_MAX  2.0
+
 struct lredis_client;
 
 struct lredis_conn {
@@ -59,6 +77,8 @@ struct lredis_conn {
     double              since;   /* monotonic s: last reply or first send */
     double              opened;  /* monotonic s: connect started */
     int                 timedout;/* we dropped ac for a timeout */
+    int                 settled; /* the attempt's outcome was counted
+                                    (backoff); set for retired records */
 };
 
 struct lredis_client {
@@ -71,6 +91,10 @@ struct lredis_client {
     int              npool;
     int              rr;         /* round-robin cursor */
     struct lredis_conn  conns[LREDIS_MAXPOOL];
+    double           backoff;    /* s: the last window's length before
+                                    jitter; 0 after a success */
+    double           retry_at;   /* monotonic s: no connect before this */
+    char             lasterr[128]; /* why the last attempt failed */
     struct event    *tick;       /* owned; deadline checks */
     int              refs;       /* Lua handle + live contexts */
     int              closed;     /* Lua closed it */
@@ -120,6 +144,70 @@ client_unref(struct lredis_client *cl)
     free(cl->host);
     free(cl->password);
     free(cl);
+}
+
+/* ------------------------------------------------------------ backoff */
+
+/* A draw in [0, 1) for the jitter. OpenSSL's generator, not random():
+ * workers forked from one parent would draw the same sequence. */
+static double
+jitter(void)
+{
+    unsigned short u;
+
+    if (RAND_bytes((unsigned char *)&u, sizeof(u)) != 1) {
+        return 0.5;
+    }
+    return u / 65536.0;
+}
+
+/* A connection attempt to the current address failed: no new one until
+ * a longer window has passed. */
+static void
+backoff_fail(struct lredis_client *cl, const char *why)
+{
+    double b = cl->backoff * 2;
+
+    if (b < LREDIS_BACKOFF_MIN) {
+        b = LREDIS_BACKOFF_MIN;
+    }
+    if (b > LREDIS_BACKOFF_MAX) {
+        b = LREDIS_BACKOFF_MAX;
+    }
+    cl->backoff = b;
+    cl->retry_at = gw_loop_mono_fresh() + b * (0.5 + 0.5 * jitter());
+    snprintf(cl->lasterr, sizeof(cl->lasterr), "%s:%d: %s", cl->host,
+             cl->port, why);
+}
+
+static void
+backoff_reset(struct lredis_client *cl)
+{
+    cl->backoff = 0;
+    cl->retry_at = 0;
+}
+
+/* The outcome of c's attempt, counted once: its first reply is a
+ * success; its end before one (or a refused AUTH or SELECT) a failure.
+ * A connection that breaks after answering was a success: the next
+ * command reconnects at once, and only if that attempt fails does the
+ * client back off. */
+static void
+attempt_failed(struct lredis_conn *c, const char *why)
+{
+    if (!c->settled) {
+        c->settled = 1;
+        backoff_fail(c->cl, why[0] != '\0' ? why : "connection lost");
+    }
+}
+
+static void
+attempt_ok(struct lredis_conn *c)
+{
+    if (!c->settled) {
+        c->settled = 1;
+        backoff_reset(c->cl);
+    }
 }
 
 /* ------------------------------------------------------------- replies */
@@ -289,9 +377,13 @@ on_reply(redisAsyncContext *ac, void *reply, void *privdata)
         c->since = gw_loop_mono_fresh();
         if (r == NULL) {
             /* The context is going away: a coroutine woken below must
-             * open a new one, not queue on this one. */
+             * open a new one, not queue on this one, and see the backoff
+             * when this one never answered. */
+            attempt_failed(c, ac->errstr);
             c->ac = NULL;
             c->ready = 0;
+        } else {
+            attempt_ok(c);
         }
     }
     op->got++;
@@ -338,6 +430,11 @@ on_setup_reply(redisAsyncContext *ac, void *reply, void *privdata)
     if (c != NULL && c->ac == ac) {
         c->pending--;
         c->since = gw_loop_mono_fresh();
+        /* the commands' own replies come after this one: NOAUTH errors
+         * are no success */
+        if (r != NULL && r->type == REDIS_REPLY_ERROR) {
+            attempt_failed(c, r->str);
+        }
     }
     if (r != NULL && r->type == REDIS_REPLY_ERROR) {
         gw_log(GW_LOG_ERROR, "redis: connection setup failed: %s", r->str);
@@ -361,6 +458,7 @@ on_connect(const redisAsyncContext *ac, int status)
      * disconnect callback: forget it here. Its pending commands get NULL
      * replies next ("unavailable"). */
     if (c->ac == ac) {
+        attempt_failed(c, ac->errstr);
         c->ac = NULL;
     }
     ((redisAsyncContext *)ac)->data = NULL;
@@ -400,6 +498,7 @@ on_disconnect(const redisAsyncContext *ac, int status)
     }
     cl = c->cl;
     if (c->ac == ac) {
+        attempt_failed(c, ac->errstr);
         c->ac = NULL;
         c->ready = 0;
         c->pending = 0;
@@ -422,6 +521,7 @@ conn_open(struct lredis_conn *c, char *err, size_t errlen)
     if (ac->err) {
         snprintf(err, errlen, "redis: connect %s:%d: %s", cl->host,
                  cl->port, ac->errstr);
+        backoff_fail(cl, ac->errstr);
         redisAsyncFree(ac);
         return GW_ERR;
     }
@@ -437,6 +537,7 @@ conn_open(struct lredis_conn *c, char *err, size_t errlen)
     c->ready = 0;
     c->pending = 0;
     c->timedout = 0;
+    c->settled = 0;
     c->opened = gw_loop_mono_fresh();
     c->since = c->opened;
     cl->refs++;                          /* released in on_disconnect */
@@ -452,11 +553,13 @@ conn_open(struct lredis_conn *c, char *err, size_t errlen)
     return GW_OK;
 }
 
-/* Picks a connection, opening one when needed. NULL + err on failure. */
+/* Picks a connection, opening one when needed and not backing off.
+ * NULL + err on failure. */
 static struct lredis_conn *
 pick_conn(struct lredis_client *cl, char *err, size_t errlen)
 {
-    int i, k;
+    double now;
+    int    i, k;
 
     for (i = 0; i < cl->npool; i++) {
         k = (cl->rr + i) % cl->npool;
@@ -465,6 +568,13 @@ pick_conn(struct lredis_client *cl, char *err, size_t errlen)
         }
         cl->rr = k + 1;
         return &cl->conns[k];
+    }
+    now = gw_loop_mono_fresh();
+    if (now < cl->retry_at) {
+        snprintf(err, errlen, "redis: not connected: next attempt in"
+                 " %.2f s (last attempt: %s)", cl->retry_at - now,
+                 cl->lasterr);
+        return NULL;
     }
     k = cl->rr++ % cl->npool;
     if (conn_open(&cl->conns[k], err, errlen) != GW_OK) {
@@ -479,6 +589,7 @@ on_tick(evutil_socket_t fd, short what, void *arg)
 {
     struct lredis_client *cl = arg;
     double           now = gw_loop_mono_fresh();
+    char             why[48];
     int              i;
 
     for (i = 0; i < cl->npool; i++) {
@@ -487,12 +598,18 @@ on_tick(evutil_socket_t fd, short what, void *arg)
         if (c->ac == NULL) {
             continue;
         }
-        if ((c->pending > 0 && now - c->since > cl->timeout)
-            || (!c->ready && now - c->opened > cl->connect_timeout))
-        {
-            c->timedout = 1;
-            conn_drop(c);                /* NULL replies, then disconnect */
+        if (!c->ready && now - c->opened > cl->connect_timeout) {
+            snprintf(why, sizeof(why), "no connection within %.3g s",
+                     cl->connect_timeout);
+        } else if (c->pending > 0 && now - c->since > cl->timeout) {
+            snprintf(why, sizeof(why), "no reply within %.3g s",
+                     cl->timeout);
+        } else {
+            continue;
         }
+        attempt_failed(c, why);          /* conn_drop hides ac from us */
+        c->timedout = 1;
+        conn_drop(c);                    /* NULL replies, then disconnect */
     }
 }
 
@@ -549,6 +666,7 @@ lredis_set_addr(lua_State *L)
     free(cl->host);
     cl->host = dup;
     cl->port = port;
+    backoff_reset(cl);
     for (i = 0; i < cl->npool; i++) {
         struct lredis_conn *c = &cl->conns[i];
 
@@ -561,6 +679,7 @@ lredis_set_addr(lua_State *L)
             continue;
         }
         r->conn = *c;
+        r->conn.settled = 1;             /* the old address: not counted */
         r->conn.ac->data = &r->conn;
         r->next = list;
         list = r;
