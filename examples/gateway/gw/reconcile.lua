@@ -619,14 +619,9 @@ local function bill_job(ctx, conf)
     check = function(item, rctx)
       tried.set(item.key, core.time())
       local wx = ctx.wx[item.mchid]
-      local ok, report, err = pcall(bill.daily, {
+      local ok, report, err = pcall(_M.bill_day, {
         wx = wx, db = db, dir = conf.bill_dir, date = item.date,
-        name = item.mchid, fence = rctx.fence, on_wait = rctx.keepalive,
-        retry = { attempts = 1 },        -- again after bill_retry
-        local_rows = function(date, numbers, refund_numbers)
-          return _M.local_rows(db, item.mchid, date, numbers,
-                               refund_numbers)
-        end })
+        mchid = item.mchid, fence = rctx.fence, on_wait = rctx.keepalive })
       if not ok then
         -- a raise (a fault on this side) fails the run all the same; the
         -- runner logs it as before
@@ -647,6 +642,23 @@ local function bill_job(ctx, conf)
       return report
     end,
   })
+end
+
+--- syntax: report, err = reconcile.bill_day(o)
+-- One merchant's bill of one day, reconciled (paygate.reconcile.bill's
+-- daily: the report file, its audit entry reconcile:<date>) against this
+-- gateway's rows (local_rows, the refunds the bill names included). The
+-- daily job and the console's lever both run it, so that a day run from
+-- the console reports what the job would. o: { wx, db, dir, date, mchid,
+-- fence, on_wait }; one attempt (the job tries again after bill_retry).
+function _M.bill_day(o)
+  local db, mchid = o.db, o.mchid
+  return bill.daily{
+    wx = o.wx, db = db, dir = o.dir, date = o.date, name = mchid,
+    fence = o.fence, on_wait = o.on_wait, retry = { attempts = 1 },
+    local_rows = function(date, numbers, refund_numbers)
+      return _M.local_rows(db, mchid, date, numbers, refund_numbers)
+    end }
 end
 
 ----------------------------------------------------------------- start

@@ -615,6 +615,21 @@ describe("gateway console", function()
     end)
 
     it("run the bill reconciliation for a date", function()
+      -- a refund WeChat paid back whose notification was lost: still
+      -- processing here, the bill names it (the daily job's run reports a
+      -- state mismatch of it, and so must the lever's)
+      local rp = gw:create{ description = "refunded" }
+      sim:pay_and_wait(rp.out_trade_no)
+      gw:wait_state(rp.id, "paid")
+      local rf = gw:call("POST", "/v1/payments/" .. rp.id .. "/refunds",
+                         { amount = 1 })
+      assert.equal(201, rf.status, rf.body)
+      sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }
+      sim:settle(rf.json.out_refund_no, "SUCCESS")
+      testing.wait_until(function()
+        local n = sim:notifications{ out_refund_no = rf.json.out_refund_no }
+        return n[1] and n[1].state == "dropped"
+      end, 10, "the refund's notification dropped")
       local date = os.date("!%Y-%m-%d", os.time() + 8 * 3600)
       sim:close_bills(date)
       -- one paid payment's amount changed here: the report has a row
@@ -649,6 +664,9 @@ describe("gateway console", function()
       assert.matches("Mismatches of " .. date, page.body, 1, true)
       -- the report's rows, cell by cell
       assert.matches("<th>out_trade_no</th>", page.body, 1, true)
+      assert.matches("<td>state</td><td>" .. rp.out_trade_no .. "</td><td>"
+                     .. rf.json.out_refund_no .. "</td><td>processing</td>",
+                     page.body, 1, true)
       assert.matches("<td>amount</td><td>" .. paid.paid_out_trade_no
                      .. "</td>", page.body, 1, true)
       -- the list's link names the merchant; another merchant's: no rows

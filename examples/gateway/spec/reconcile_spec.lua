@@ -310,12 +310,8 @@ describe("gateway daily bill: a refund line the gateway has as not"
     sim:close_bills(today)
     local dir = bill_dir .. "/spec"
     os.execute("mkdir -p '" .. dir .. "'")
-    local report = assert(bill.daily{ wx = sim:client(), db = gw.db,
-      dir = dir, date = today, name = "spec",
-      local_rows = function(date, numbers, refund_numbers)
-        return gwr.local_rows(gw.db, sim.merchant.mchid, date, numbers,
-                              refund_numbers)
-      end })
+    local report = assert(gwr.bill_day{ wx = sim:client(), db = gw.db,
+      dir = dir, date = today, mchid = sim.merchant.mchid })
     assert.equal(1, report.remote_refunds)
     assert.equal(1, #report.mismatches)
     local m = report.mismatches[1]

@@ -701,12 +701,9 @@ function _M.run_bill(date)
   local gwr = require "gw.reconcile"
   local total = 0
   for _, m in ipairs(ctx.merchants) do
-    local report, err = bill.daily{
-      wx = ctx.wx[m.mchid], db = ctx.db, dir = dir, date = date,
-      name = m.mchid, retry = { attempts = 1 },
-      local_rows = function(d, numbers)
-        return gwr.local_rows(ctx.db, m.mchid, d, numbers)
-      end }
+    local report, err = gwr.bill_day{ wx = ctx.wx[m.mchid], db = ctx.db,
+                                      dir = dir, date = date,
+                                      mchid = m.mchid }
     if not report then return nil, err end
     total = total + report.counts.total
   end
