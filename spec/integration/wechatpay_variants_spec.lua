@@ -48,4 +48,22 @@ describe("an RSA and an SM client of one mchid", function()
       wx:stop()
     end
   end)
+
+  it("an SM client reads the set an older version saved under the RSA"
+     .. " file name", function()
+    wxtest.fresh(sm.srv, S1)
+    local state = sm.dir .. "/state-old"
+    local b = wxtest.client(sm.srv, sm.keys, { state_dir = state })
+    assert.same({ S1 }, b:certificate_status().serials)
+    b:stop()
+    local base = state .. "/wechatpay-" .. wxtest.MCHID
+    assert(os.rename(base .. "-sm-platform-certificates.pem",
+                     base .. "-platform-certificates.pem"))
+    require("paygate.shared").get_dict("paygate"):flush_all()
+    local wx = wxtest.client(nil, sm.keys, { state_dir = state,
+      base_url = "http://127.0.0.1:" .. core.free_port(),
+      startup_timeout = 0.5 })
+    assert.same({ S1 }, wx:certificate_status().serials)
+    wx:stop()
+  end)
 end)

@@ -146,6 +146,13 @@ end
 --- syntax: n = certs.load_state(wx) -- the certificates last saved
 function _M.load_state(wx)
   local f = io.open(state_path(wx), "rb")
+  if not f and wx.conf.sm then
+    -- an SM client's set was once saved under the RSA name: read there
+    -- until the next save writes its own file (acceptable() below keeps
+    -- the SM2 certificates only)
+    f = io.open(wx.conf.state_dir .. "/wechatpay-" .. wx.conf.mchid
+                .. "-platform-certificates.pem", "rb")
+  end
   if not f then return 0 end
   local pem = f:read("*a")
   f:close()
