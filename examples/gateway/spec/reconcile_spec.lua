@@ -385,40 +385,40 @@ end)
 -- The same, by the job of a running gateway: bill_hour is set to the
 -- next Beijing hour, so that the spec runs before it (not possible from
 -- 23:00 Beijing, nor in an hour's last two minutes: it would pass during
--- the spec).
-local bj = (os.time() + 8 * 3600) % 86400
-if bj < 23 * 3600 and bj % 3600 < 3480 then
-  describe("gateway daily bill job before bill_hour", function()
-    local sim, gw, bill_dir
+-- the spec). Which days are due, yesterday excluded, is the case above;
+-- here, that the job fetches the older ones at all before bill_hour.
+describe("gateway daily bill job before bill_hour", function()
+  local sim, gw, bill_dir, hour
 
-    setup(function()
+  setup(function()
+    -- judged when the block runs (the file's earlier blocks take time)
+    local bj = (os.time() + 8 * 3600) % 86400
+    if bj < 23 * 3600 and bj % 3600 < 3480 then
+      hour = math.floor(bj / 3600) + 1
       sim, gw, bill_dir = start({}, nil, { bill_days = 3,
-        bill_hour = math.floor(bj / 3600) + 1 })
-    end)
-
-    teardown(function() stop(gw, bill_dir) end)
-
-    it("catches up the older days at once, not yesterday", function()
-      local now = os.time()
-      for back = 2, 1, -1 do
-        local date = bill.bill_date(now - back * 86400)
-        testing.wait_until(function()
-          local e = audit.entries(gw.db, "reconcile:" .. date)
-          return e and e[1]
-        end, 20, "the audit entry of the bill of " .. date)
-      end
-      -- yesterday, were it due, would be checked in the same round, right
-      -- after them (oldest first): not waited for (the older days fetched
-      -- at all is what failed before), only not there yet
-      assert.same({}, audit.entries(gw.db, "reconcile:"
-                                           .. bill.bill_date(now)))
-    end)
+                                           bill_hour = hour })
+    end
   end)
-else
-  describe("gateway daily bill job before bill_hour", function()
-    pending("no later Beijing hour today (23:00 or an hour's end)")
+
+  teardown(function()
+    if gw then stop(gw, bill_dir) end
   end)
-end
+
+  it("catches up the older days at once", function()
+    if not hour then
+      pending("no later Beijing hour today (23:00 or an hour's end)")
+      return
+    end
+    local now = os.time()
+    for back = 2, 1, -1 do
+      local date = bill.bill_date(now - back * 86400)
+      testing.wait_until(function()
+        local e = audit.entries(gw.db, "reconcile:" .. date)
+        return e and e[1]
+      end, 20, "the audit entry of the bill of " .. date)
+    end
+  end)
+end)
 
 describe("gateway reconciliation config", function()
   local sim
