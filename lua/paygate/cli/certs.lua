@@ -35,11 +35,12 @@ days left (0 once expired), expired_days_ago the whole days since then.
 A key has expired false and no days_left.
 
 A private key under a passphrase (ENCRYPTED PRIVATE KEY, or Proc-Type:
-4,ENCRYPTED) fails: paygate reads private keys unencrypted only; the fix
-line gives the openssl command that decrypts it.
+4,ENCRYPTED) fails when named itself, and is a warning when found in a
+directory: paygate reads private keys unencrypted only; the fix line
+gives the openssl command that decrypts it.
 
-exit: 0 all valid, 1 a certificate expired, a private key is encrypted or
-a download failed, 2 usage or unreadable input.
+exit: 0 all valid, 1 a certificate expired, a private key named is
+encrypted or a download failed, 2 usage or unreadable input.
 ]]
 
 local SPEC = {
@@ -123,7 +124,7 @@ local FORMS = {
     .. " OpenSSL form with a passphrase)",
 }
 
-local function list_encrypted(out, e)
+local function list_encrypted(out, e, in_dir)
   local file = common.shown(e.file)
   -- the fix is a command to paste: a path with a space or a quote in it
   -- is given single-quoted
@@ -131,13 +132,18 @@ local function list_encrypted(out, e)
   if quoted:find("[^%w%._/%-+,=@]") then
     quoted = "'" .. quoted:gsub("'", "'\\''") .. "'"
   end
-  out:result{ status = "fail", kind = "private_key",
+  -- named itself, it is a failure; found in a directory listed for its
+  -- certificates (a check run by cron on the expiry exit code), a warning
+  -- beside them: an encrypted backup there must not fail every run
+  out:result{ status = in_dir and "warn" or "fail", kind = "private_key",
               cause = "private key " .. file .. " is encrypted: paygate"
                 .. " reads private keys unencrypted only",
               detail = FORMS[e.form] .. ", file " .. file,
-              fix = "decrypt it (openssl asks for the passphrase): openssl"
-                .. " pkey -in " .. quoted .. " -out key.pem, then chmod 600"
-                .. " key.pem and use key.pem (WeChat's apiclient_key.pem is"
+              -- (umask first: the decrypted key is never readable by
+              -- others, not even until a chmod)
+              fix = "decrypt it (openssl asks for the passphrase): (umask"
+                .. " 077; openssl pkey -in " .. quoted .. " -out key.pem)"
+                .. " and use key.pem (WeChat's apiclient_key.pem is"
                 .. " unencrypted as downloaded)",
               encrypted = true, form = e.form, expired = false,
               role = "merchant private key", file = e.file }
@@ -235,7 +241,8 @@ local function main(args)
     for _, e in ipairs(keys.load(p)) do
       n = n + 1
       if e.kind == "certificate" then list_cert(out, e, now)
-      elseif e.kind == "encrypted_private_key" then list_encrypted(out, e)
+      elseif e.kind == "encrypted_private_key" then
+        list_encrypted(out, e, e.file ~= p)
       else list_key(out, e) end
     end
   end
