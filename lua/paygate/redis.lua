@@ -14,6 +14,12 @@
 -- noscript, error; err.code holds Redis's error word. Misuse (a wrong
 -- argument type, a closed client, a call outside a coroutine) raises.
 --
+-- Commands take the pool's connections in turn. A blocking command
+-- (BLPOP, XREAD BLOCK, ...: BLOCKING below) runs on a connection of its
+-- own, its reply allowed its block time on top of `timeout`; in a
+-- pipeline it raises, and so do WAIT / WAITAOF in call (they belong in a
+-- pipeline, after the writes they wait for) and pub/sub or MONITOR.
+--
 -- While the server is down, commands fail "unavailable" at once: after a
 -- failed connect attempt the C client waits (0.1 s doubling to 2 s, with
 -- jitter) before the next one, and fails commands meanwhile without a
@@ -450,6 +456,79 @@ local function watch(self)
   end
 end
 
+-- Blocking commands. Each one runs on a connection of its own, opened
+-- for it and closed after its reply: on a shared connection every
+-- command queued behind it (replies come in order) would wait as long,
+-- and a block longer than `timeout` would read as a timeout, failing
+-- them all. Its reply may come its block time later than `timeout`.
+-- The value says where its block time is: the last argument, or the
+-- first after the name, in seconds (0: forever).
+local BLOCKING = {
+  BLPOP = "last", BRPOP = "last", BRPOPLPUSH = "last", BLMOVE = "last",
+  BZPOPMIN = "last", BZPOPMAX = "last", BLMPOP = "first", BZMPOP = "first",
+}
+
+-- WAIT and WAITAOF wait for the writes sent before them on their own
+-- connection: only a pipeline says which connection that is (on a
+-- connection of their own they would confirm nothing). They block it
+-- for their timeout (milliseconds, the last argument).
+local WAITS = { WAIT = true, WAITAOF = true }
+
+-- Commands that turn a connection into a stream of pushed messages, which
+-- the shared connections cannot carry (hiredis would hand every message
+-- to a command long answered).
+local STREAMING = {
+  SUBSCRIBE = true, PSUBSCRIBE = true, SSUBSCRIBE = true,
+  UNSUBSCRIBE = true, PUNSUBSCRIBE = true, SUNSUBSCRIBE = true,
+  MONITOR = true,
+}
+
+-- XREAD / XREADGROUP: the BLOCK option's milliseconds, or nil without
+-- one. Options come before STREAMS; GROUP takes two values (a group or
+-- consumer may be named BLOCK).
+local function xread_block(args)
+  local i = 2
+  while i <= #args do
+    local a = tostring(args[i]):upper()
+    if a == "STREAMS" then
+      return nil
+    elseif a == "BLOCK" then
+      return args[i + 1]
+    end
+    i = i + (a == "GROUP" and 3 or a == "COUNT" and 2 or 1)
+  end
+end
+
+-- A block time as Redis reads it: secs (0: forever, math.huge here); a
+-- value it refuses (the command fails at once) counts as none.
+local function block_secs(v, scale)
+  local n = tonumber(v)
+  if not n or n < 0 or n ~= n then
+    return 0
+  end
+  return n == 0 and math.huge or n * scale
+end
+
+-- What kind of command args ({ name, ... }) is: "blocking", block secs;
+-- "wait", its timeout in s (math.huge for 0); "streaming"; or nil.
+local function command_kind(args)
+  local name = args[1]:upper()
+  local where = BLOCKING[name]
+  if where then
+    return "blocking", block_secs(args[where == "last" and #args or 2], 1)
+  end
+  if name == "XREAD" or name == "XREADGROUP" then
+    local ms = xread_block(args)
+    if ms ~= nil then
+      return "blocking", block_secs(ms, 0.001)
+    end
+  elseif WAITS[name] then
+    return "wait", block_secs(args[#args], 0.001)
+  elseif STREAMING[name] then
+    return "streaming"
+  end
+end
+
 -- redis.connect's own options: the message of a misuse, or nil
 local function opts_problem(o)
   if o.lease_unsafe ~= nil and type(o.lease_unsafe) ~= "boolean" then
@@ -516,6 +595,7 @@ function _M.connect(url, opts)
     lease_wait = o.lease_wait or math.min(1, (tonumber(o.timeout) or 5) / 2),
     lease_unsafe = o.lease_unsafe == true,
     sentinel = target.sentinels ~= nil,
+    timeout = tonumber(o.timeout) or 5,
   }, Client)
   local candidates = {}
   if target.sentinels then
@@ -589,7 +669,20 @@ function Client:call(cmd, ...)
   for i = 1, n do
     check_arg("client:call", "argument " .. i, (select(i, ...)), 2)
   end
-  local res, err = self.h:call(cmd, ...)
+  local kind, block = command_kind({ cmd, ... })
+  local res, err
+  if kind == "streaming" then
+    error("client:call: " .. cmd:upper() .. " is not supported (pub/sub"
+          .. " and MONITOR are not offered)", 2)
+  elseif kind == "wait" then
+    error("client:call: " .. cmd:upper() .. " waits for the writes sent"
+          .. " before it on its connection: send it in client:pipeline,"
+          .. " after those writes", 2)
+  elseif kind == "blocking" then
+    res, err = self.h:call_blocking(block, cmd, ...)
+  else
+    res, err = self.h:call(cmd, ...)
+  end
   if res == nil and needs_refresh(err) then
     refresh(self)
   end
@@ -617,6 +710,23 @@ function Client:pipeline(cmds)
     end
     for k = 2, #c do
       check_arg("client:pipeline", "cmds[" .. i .. "][" .. k .. "]", c[k], 2)
+    end
+    -- a pipeline shares its connection with other coroutines' commands
+    local kind, block = command_kind(c)
+    local what = "client:pipeline: cmds[" .. i .. "] (" .. c[1]:upper()
+                 .. ")"
+    if kind == "streaming" then
+      error(what .. " is not supported (pub/sub and MONITOR are not"
+            .. " offered)", 2)
+    elseif kind == "blocking" then
+      error(what .. " blocks, holding the connection other coroutines'"
+            .. " commands share: send it with client:call, which gives"
+            .. " it a connection of its own", 2)
+    elseif kind == "wait" and block >= self.timeout then
+      error(what .. " may wait " .. (block == math.huge and "forever"
+            or block .. " s") .. ": in a pipeline it must wait less than"
+            .. " timeout (" .. self.timeout .. " s), holding a shared"
+            .. " connection", 2)
     end
   end
   local res, err = self.h:pipeline(cmds)

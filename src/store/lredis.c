@@ -2,19 +2,28 @@
  * lredis.c -- paygate.redis.core: Redis through hiredis's async API on
  * the process's event base (hiredis/adapters/libevent.h).
  *
- * A client is a small pool of connections to one server. Commands from
- * many coroutines share a connection: hiredis queues them and writes them
- * together, so concurrent callers are pipelined for free. A connection
- * that breaks is forgotten; the next command opens a new one
- * (reconnection). While the server is down a command fails at once with
- * "unavailable" (loopback connects are refused immediately; a connect
- * that hangs is bounded by connect_timeout), and after a failed attempt
- * the next ones wait for a growing window (backoff, below): meanwhile
- * commands fail "unavailable" without a connect.
+ * A client is a small pool of connections to one server. Commands take
+ * the connections in turn, and many coroutines share each one: hiredis
+ * queues them and writes them together, so concurrent callers are
+ * pipelined for free. A connection is opened when its turn first comes;
+ * one that breaks is forgotten and the next command on its turn opens a
+ * new one (reconnection).
+ *
+ * A blocking command (BLPOP, XREAD BLOCK, ...: paygate.redis says which,
+ * with call_blocking) gets a connection of its own, opened for it and
+ * closed after its reply: on a shared one, every command queued behind
+ * it would wait for it, and its wait would read as a timeout.
+ *
+ * While the server is down a command fails at once with "unavailable"
+ * (loopback connects are refused immediately; a connect that hangs is
+ * bounded by connect_timeout), and after a failed attempt the next ones
+ * wait for a growing window (backoff, below): meanwhile commands fail
+ * "unavailable" without a connect.
  *
  * Timeouts: a once-per-100-ms tick checks each connection; when it has
- * replies outstanding and none arrived for `timeout` seconds, the
- * connection is dropped and every command on it fails with "timeout".
+ * replies outstanding and none arrived for `timeout` seconds (plus the
+ * block time on a blocking command's own connection), the connection is
+ * dropped and every command on it fails with "timeout".
  *
  * Addresses: the host must be numeric (hiredis would resolve a name with
  * the blocking system resolver): paygate.redis resolves names with
@@ -26,7 +35,8 @@
  * Sentinel's +switch-master.
  *
  * Lifetime: struct lredis_client is freed when the Lua handle was closed and
- * every hiredis context has called its disconnect callback (refs). An op
+ * every hiredis context has called its disconnect callback (refs); a
+ * blocking command's connection record lives as long as its context. An op
  * lives until all its replies (or NULLs, when a context is freed) came;
  * an abandoned coroutine only clears op->co.
  */
@@ -79,6 +89,12 @@ struct lredis_conn {
     int                 timedout;/* we dropped ac for a timeout */
     int                 settled; /* the attempt's outcome was counted
                                     (backoff); set for retired records */
+    /* A blocking command's own connection (heap, on cl->alone) */
+    int                 alone;
+    double              block;   /* s its command may block (HUGE_VAL:
+                                    forever): added to the timeout */
+    unsigned            gen;     /* cl->gen when opened */
+    struct lredis_conn *prev, *next; /* cl->alone */
 };
 
 struct lredis_client {
@@ -89,8 +105,10 @@ struct lredis_client {
     double           timeout;    /* s without a reply before failing */
     double           connect_timeout; /* s */
     int              npool;
-    int              rr;         /* round-robin cursor */
+    unsigned         rr;         /* round-robin cursor */
     struct lredis_conn  conns[LREDIS_MAXPOOL];
+    struct lredis_conn *alone;   /* blocking commands' connections */
+    unsigned         gen;        /* bumped by set_addr */
     double           backoff;    /* s: the last window's length before
                                     jitter; 0 after a success */
     double           retry_at;   /* monotonic s: no connect before this */
@@ -311,7 +329,7 @@ op_transport_error(struct lredis_op *op, struct lredis_conn *c,
     if (c != NULL && c->timedout) {
         snprintf(op->kind, sizeof(op->kind), "timeout");
         snprintf(op->msg, sizeof(op->msg), "redis: no reply within %.3g s",
-                 op->cl->timeout);
+                 c->block + op->cl->timeout);
     } else if (op->cl->closed) {
         snprintf(op->kind, sizeof(op->kind), "closed");
         snprintf(op->msg, sizeof(op->msg), "redis: client closed");
@@ -384,6 +402,12 @@ on_reply(redisAsyncContext *ac, void *reply, void *privdata)
             c->ready = 0;
         } else {
             attempt_ok(c);
+            if (c->alone) {
+                /* its one command answered: closed once hiredis is done
+                 * with the reply (on_disconnect frees c) */
+                c->ac = NULL;
+                redisAsyncDisconnect(ac);
+            }
         }
     }
     op->got++;
@@ -442,10 +466,33 @@ on_setup_reply(redisAsyncContext *ac, void *reply, void *privdata)
     }
 }
 
+/* c's context is gone (or never was): a blocking command's connection
+ * record goes with it. Call before client_unref: c may hold the last
+ * reference's client. */
+static void
+conn_gone(struct lredis_conn *c)
+{
+    struct lredis_client *cl = c->cl;
+
+    if (!c->alone) {
+        return;
+    }
+    if (c->prev != NULL) {
+        c->prev->next = c->next;
+    } else {
+        cl->alone = c->next;
+    }
+    if (c->next != NULL) {
+        c->next->prev = c->prev;
+    }
+    free(c);
+}
+
 static void
 on_connect(const redisAsyncContext *ac, int status)
 {
-    struct lredis_conn *c = ac->data;
+    struct lredis_conn   *c = ac->data;
+    struct lredis_client *cl;
 
     if (c == NULL) {
         return;
@@ -462,14 +509,17 @@ on_connect(const redisAsyncContext *ac, int status)
         c->ac = NULL;
     }
     ((redisAsyncContext *)ac)->data = NULL;
-    client_unref(c->cl);
+    cl = c->cl;
+    conn_gone(c);
+    client_unref(cl);
 }
 
 /* Drops a connection now: pending commands get NULL replies. */
 static void
 conn_drop(struct lredis_conn *c)
 {
-    redisAsyncContext *ac = c->ac;
+    redisAsyncContext    *ac = c->ac;
+    struct lredis_client *cl = c->cl;
 
     if (ac == NULL) {
         return;
@@ -481,10 +531,9 @@ conn_drop(struct lredis_conn *c)
         return;
     }
     /* Never connected: no callback will tell us, so clean up here. */
-    c->ac = NULL;
     redisAsyncFree(ac);
-    ac = NULL;
-    client_unref(c->cl);
+    conn_gone(c);
+    client_unref(cl);
 }
 
 static void
@@ -503,6 +552,7 @@ on_disconnect(const redisAsyncContext *ac, int status)
         c->ready = 0;
         c->pending = 0;
     }
+    conn_gone(c);
     client_unref(cl);
 }
 
@@ -553,34 +603,105 @@ conn_open(struct lredis_conn *c, char *err, size_t errlen)
     return GW_OK;
 }
 
-/* Picks a connection, opening one when needed and not backing off.
- * NULL + err on failure. */
+static void
+backoff_msg(struct lredis_client *cl, double now, char *err, size_t errlen)
+{
+    snprintf(err, errlen, "redis: not connected: next attempt in %.2f s"
+             " (last attempt: %s)", cl->retry_at - now, cl->lasterr);
+}
+
+/* Picks the connection for a command: the slots take turns, and a slot
+ * whose turn comes without a connection opens one. Not while the client
+ * backs off, nor while another slot's attempt has not answered yet:
+ * until the server has shown that it answers, one attempt at a time, so
+ * that a burst against a dead server costs one connect, not one per slot.
+ * Then any live connection takes the command. NULL + err when none is
+ * live and none may be opened. */
 static struct lredis_conn *
 pick_conn(struct lredis_client *cl, char *err, size_t errlen)
 {
-    double now;
-    int    i, k;
+    struct lredis_conn *c = &cl->conns[cl->rr++ % (unsigned)cl->npool];
+    struct lredis_conn *live = NULL;
+    double              now;
+    int                 i, probing = 0;
 
+    if (c->ac != NULL) {
+        return c;
+    }
     for (i = 0; i < cl->npool; i++) {
-        k = (cl->rr + i) % cl->npool;
-        if (cl->conns[k].ac == NULL) {
-            continue;
+        struct lredis_conn *o = &cl->conns[(cl->rr + i) % (unsigned)cl->npool];
+
+        if (o->ac != NULL) {
+            live = live != NULL ? live : o;
+            probing |= !o->settled;
         }
-        cl->rr = k + 1;
-        return &cl->conns[k];
     }
     now = gw_loop_mono_fresh();
     if (now < cl->retry_at) {
-        snprintf(err, errlen, "redis: not connected: next attempt in"
-                 " %.2f s (last attempt: %s)", cl->retry_at - now,
-                 cl->lasterr);
+        backoff_msg(cl, now, err, errlen);
+    } else if (!probing && conn_open(c, err, errlen) == GW_OK) {
+        return c;
+    }
+    return live;
+}
+
+/* Opens a connection for one blocking command that may block for block
+ * s (HUGE_VAL: forever), unless the client backs off. NULL + err on
+ * failure. */
+static struct lredis_conn *
+alone_open(struct lredis_client *cl, double block, char *err, size_t errlen)
+{
+    struct lredis_conn *c;
+    double              now = gw_loop_mono_fresh();
+
+    if (now < cl->retry_at) {
+        backoff_msg(cl, now, err, errlen);
         return NULL;
     }
-    k = cl->rr++ % cl->npool;
-    if (conn_open(&cl->conns[k], err, errlen) != GW_OK) {
+    c = calloc(1, sizeof(*c));
+    if (c == NULL) {
+        snprintf(err, errlen, "redis: out of memory");
         return NULL;
     }
-    return &cl->conns[k];
+    c->cl = cl;
+    if (conn_open(c, err, errlen) != GW_OK) {
+        free(c);
+        return NULL;
+    }
+    c->alone = 1;
+    c->block = block;
+    c->gen = cl->gen;
+    c->next = cl->alone;
+    if (c->next != NULL) {
+        c->next->prev = c;
+    }
+    cl->alone = c;
+    return c;
+}
+
+/* Drops c if it stopped answering, or never connected. */
+static void
+conn_check(struct lredis_conn *c)
+{
+    struct lredis_client *cl = c->cl;
+    double                now = gw_loop_mono_fresh();
+    char                  why[48];
+
+    if (c->ac == NULL) {
+        return;
+    }
+    if (!c->ready && now - c->opened > cl->connect_timeout) {
+        snprintf(why, sizeof(why), "no connection within %.3g s",
+                 cl->connect_timeout);
+    } else if (c->pending > 0 && now - c->since > c->block + cl->timeout) {
+        snprintf(why, sizeof(why), "no reply within %.3g s",
+                 c->block + cl->timeout);
+    } else {
+        return;
+    }
+    attempt_failed(c, why);              /* conn_drop hides ac from us */
+    c->timedout = 1;
+    conn_drop(c);                        /* NULL replies, then disconnect */
 }
 
 /* Timer: fail connections that stopped answering, or never connected. */
@@ -588,28 +709,18 @@ static void
 on_tick(evutil_socket_t fd, short what, void *arg)
 {
     struct lredis_client *cl = arg;
-    double           now = gw_loop_mono_fresh();
-    char             why[48];
-    int              i;
+    struct lredis_conn   *c, *next;
+    int                   i;
 
+    (void)fd;
+    (void)what;
     for (i = 0; i < cl->npool; i++) {
-        struct lredis_conn *c = &cl->conns[i];
-
-        if (c->ac == NULL) {
-            continue;
-        }
-        if (!c->ready && now - c->opened > cl->connect_timeout) {
-            snprintf(why, sizeof(why), "no connection within %.3g s",
-                     cl->connect_timeout);
-        } else if (c->pending > 0 && now - c->since > cl->timeout) {
-            snprintf(why, sizeof(why), "no reply within %.3g s",
-                     cl->timeout);
-        } else {
-            continue;
-        }
-        attempt_failed(c, why);          /* conn_drop hides ac from us */
-        c->timedout = 1;
-        conn_drop(c);                    /* NULL replies, then disconnect */
+        conn_check(&cl->conns[i]);
+    }
+    /* next first: a dropped record is freed */
+    for (c = cl->alone; c != NULL; c = next) {
+        next = c->next;
+        conn_check(c);
     }
 }
 
@@ -641,6 +752,23 @@ retired_free(void *arg)
         client_unref(cl);                /* the retirement's own */
         free(r);
     }
+}
+
+/* Loop turn after set_addr: drops the blocking commands' connections to
+ * an old address (their commands fail "unavailable"). */
+static void
+alone_retire(void *arg)
+{
+    struct lredis_client *cl = arg;
+    struct lredis_conn   *c, *next;
+
+    for (c = cl->alone; c != NULL; c = next) {
+        next = c->next;                  /* c may be freed */
+        if (c->gen != cl->gen) {
+            conn_drop(c);
+        }
+    }
+    client_unref(cl);                    /* the post's own */
 }
 
 /* client:set_addr(ip, port): later commands go there; the connections
@@ -690,6 +818,13 @@ lredis_set_addr(lua_State *L)
     }
     if (list != NULL && gw_loop_post(retired_free, list) != GW_OK) {
         retired_free(list);
+    }
+    cl->gen++;
+    if (cl->alone != NULL) {
+        cl->refs++;
+        if (gw_loop_post(alone_retire, cl) != GW_OK) {
+            alone_retire(cl);
+        }
     }
     return 0;
 }
@@ -768,11 +903,17 @@ close_conns(void *arg)
 {
     struct lredis_client *cl = arg;
 
+    struct lredis_conn   *c, *next;
+
     cl->refs++;                          /* conn_drop may drop the last */
     for (int i = 0; i < cl->npool; i++) {
         /* Pending commands get NULL replies ("closed"); inside a hiredis
          * callback the free is deferred by hiredis. */
         conn_drop(&cl->conns[i]);
+    }
+    for (c = cl->alone; c != NULL; c = next) {
+        next = c->next;                  /* c may be freed */
+        conn_drop(c);
     }
     client_unref(cl);
     client_unref(cl);
@@ -890,11 +1031,11 @@ op_cancel(void *arg)
     op->co = NULL;
 }
 
-/* client:call(cmd, ...) -> reply | nil, err */
+/* Sends the command at [first, top] of L on the connection pick() gives
+ * and waits for its reply. */
 static int
-lredis_call(lua_State *L)
+call_on(lua_State *L, struct lredis_client *cl, int first, double block)
 {
-    struct lredis_client *cl = check_client(L);
     const char      *args[LREDIS_MAXARGS];
     size_t           lens[LREDIS_MAXARGS];
     struct lredis_conn *c;
@@ -903,19 +1044,23 @@ lredis_call(lua_State *L)
     int              top = lua_gettop(L), n;
 
     gw_co_current(L);
-    luaL_checkstring(L, 2);
+    luaL_checkstring(L, first);
     luaL_checkstack(L, top + 8, "redis: too many arguments");
-    if (top - 1 > LREDIS_MAXARGS) {
+    if (top - first + 1 > LREDIS_MAXARGS) {
         return luaL_error(L, "redis: more than %d arguments",
                           LREDIS_MAXARGS);
     }
-    n = collect_args(L, 0, 2, top, args, lens);
-    c = pick_conn(cl, err, sizeof(err));
+    n = collect_args(L, 0, first, top, args, lens);
+    c = block < 0 ? pick_conn(cl, err, sizeof(err))
+                  : alone_open(cl, block, err, sizeof(err));
     if (c == NULL) {
         return gw_push_error(L, "unavailable", 1, "%s", err);
     }
     op = calloc(1, sizeof(*op));
     if (op == NULL) {
+        if (c->alone) {
+            conn_drop(c);                /* nothing pending on it */
+        }
         return gw_push_error(L, "unavailable", 1, "redis: out of memory");
     }
     op->cl = cl;
@@ -925,8 +1070,12 @@ lredis_call(lua_State *L)
         != REDIS_OK)
     {
         free(op);
-        return gw_push_error(L, "unavailable", 1, "redis: cannot send: %s",
-                             c->ac->errstr);
+        n = gw_push_error(L, "unavailable", 1, "redis: cannot send: %s",
+                          c->ac->errstr);
+        if (c->alone) {
+            conn_drop(c);
+        }
+        return n;
     }
     cl->refs++;
     if (c->pending++ == 0) {
@@ -934,6 +1083,29 @@ lredis_call(lua_State *L)
     }
     op->co = gw_co_current(L);
     return gw_co_wait(L, op_cancel, op);
+}
+
+/* client:call(cmd, ...) -> reply | nil, err */
+static int
+lredis_call(lua_State *L)
+{
+    return call_on(L, check_client(L), 2, -1);
+}
+
+/* client:call_blocking(block, cmd, ...) -> reply | nil, err: a command
+ * that may block for block s (math.huge: forever), on a connection of
+ * its own; its reply may take block s more than the timeout. */
+static int
+lredis_call_blocking(lua_State *L)
+{
+    struct lredis_client *cl = check_client(L);
+    double                block = luaL_checknumber(L, 2);
+
+    if (!(block >= 0)) {
+        return luaL_error(L, "redis: call_blocking: block must be a number"
+                          " of seconds >= 0");
+    }
+    return call_on(L, cl, 3, block);
 }
 
 /* client:pipeline({ {cmd, ...}, ... }) -> { reply or err, ... } | nil, err */
@@ -1356,6 +1528,7 @@ static const luaL_Reg lredis_sub_methods[] = {
 
 static const luaL_Reg lredis_methods[] = {
     { "call", lredis_call },
+    { "call_blocking", lredis_call_blocking },
     { "pipeline", lredis_pipeline },
     { "set_addr", lredis_set_addr },
     { "close", lredis_close },

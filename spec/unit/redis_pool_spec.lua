@@ -1,0 +1,248 @@
+-- paygate.redis's connections: commands are spread over `pool` of them,
+-- and a blocking command (BLPOP, XREAD BLOCK, ...) runs on a connection
+-- of its own, so that it neither holds up other coroutines' commands
+-- nor reads as a timeout when it blocks longer than `timeout`.
+local redis = require "paygate.redis"
+local rcore = require "paygate.redis.core"
+local paygate = require "paygate"
+local servers = require "spec.support.servers"
+local proc = require "spec.support.proc"
+local slow_http = require "spec.support.slow_http"
+
+-- a field of INFO clients, asked on admin (a client of its own)
+local function info_clients(admin, field)
+  local info = assert(admin:call("INFO", "clients"))
+  return tonumber(info:match(field .. ":(%d+)"))
+end
+
+describe("paygate.redis connections", function()
+  local srv, admin
+
+  -- the connections the server sees besides admin's
+  local function clients()
+    return info_clients(admin, "connected_clients") - 1
+  end
+
+  local function blocked()
+    return info_clients(admin, "blocked_clients")
+  end
+
+  before_each(function()
+    srv = servers.redis()
+    admin = assert(redis.connect(srv.url, { pool = 1 }))
+  end)
+
+  after_each(function()
+    admin:close()
+    servers.stop_all()
+  end)
+
+  teardown(function()
+    proc.stop_all()
+  end)
+
+  describe("pool", function()
+    it("spreads concurrent commands over pool connections, no more",
+       function()
+      local r = assert(redis.connect(srv.url, { pool = 3 }))
+      local function burst()
+        local tasks = {}
+        for i = 1, 20 do
+          tasks[i] = paygate.spawn(function()
+            return r:call("SET", "p" .. i, i)
+          end)
+        end
+        for i = 1, 20 do
+          assert.equal("OK", tasks[i]:wait())
+        end
+      end
+      -- a slot opens its connection when its turn comes (one attempt at a
+      -- time until the server answered it)
+      servers.wait_for(function()
+        burst()
+        return clients() == 3
+      end, 10, "3 connections")
+      burst()
+      assert.equal(3, clients())
+      r:close()
+      servers.wait_for(function() return clients() == 0 end, 10,
+                       "the connections to close")
+    end)
+
+    it("a concurrent burst against a server that closes every connection"
+       .. " makes one connect, not one per slot", function()
+      local dir = servers.mktemp()
+      local port = servers.free_port()
+      local log = dir .. "/closing.log"
+      proc.spawn({ "python3", "spec/support/closing_listener.py",
+                   tostring(port), log }, { watchdog = true })
+      servers.wait_for(function()
+        return slow_http.lines(log)[1] == "ready"
+      end, 10, "the closing listener")
+      local h = rcore.new("127.0.0.1", port, { pool = 4 })
+      local tasks = {}
+      for i = 1, 40 do
+        tasks[i] = paygate.spawn(function() return h:call("PING") end)
+      end
+      for i = 1, 40 do
+        local v, err = tasks[i]:wait()
+        assert.is_nil(v)
+        assert.equal("unavailable", err.kind)
+      end
+      local accepts = #slow_http.lines(log) - 1
+      assert.truthy(accepts >= 1 and accepts <= 2, accepts .. " connects")
+      h:close()
+      servers.sh("rm -rf " .. dir)
+    end)
+  end)
+
+  describe("blocking commands", function()
+    it("a GET from another coroutine answers while a BLPOP blocks",
+       function()
+      -- one connection: before, the GET queued behind the BLPOP on it
+      local r = assert(redis.connect(srv.url, { pool = 1 }))
+      assert(r:call("SET", "k", "v"))
+      local popped = false
+      local t = paygate.spawn(function()
+        local v, err = r:call("BLPOP", "q", 10)
+        popped = true
+        return v, err
+      end)
+      servers.wait_for(function() return blocked() == 1 end, 10,
+                       "the BLPOP to block")
+      assert.equal("v", r:call("GET", "k"))
+      assert.is_false(popped)
+      assert.equal(1, admin:call("LPUSH", "q", "x"))
+      local v, err = t:wait()
+      assert.same({ "q", "x" }, v, tostring(err))
+      r:close()
+    end)
+
+    it("a block longer than timeout is no timeout", function()
+      local r = assert(redis.connect(srv.url, { pool = 1, timeout = 1 }))
+      local function past_timeout()
+        -- the reply timeout's window (1 s, checked every 0.1 s) passes
+        -- while the command blocks
+        local t0 = paygate.now()
+        servers.wait_for(function() return paygate.now() - t0 > 2 end, 10,
+                         "the timeout's window to pass")
+      end
+
+      local t = paygate.spawn(function() return r:call("blpop", "q", 10) end)
+      servers.wait_for(function() return blocked() == 1 end, 10,
+                       "the BLPOP to block")
+      past_timeout()
+      assert.equal(1, admin:call("LPUSH", "q", "x"))
+      local v, err = t:wait()
+      assert.same({ "q", "x" }, v, tostring(err))
+
+      assert(r:call("XADD", "s", "*", "f", "1"))
+      t = paygate.spawn(function()
+        return r:call("XREAD", "COUNT", 1, "BLOCK", 10000, "STREAMS", "s",
+                      "$")
+      end)
+      servers.wait_for(function() return blocked() == 1 end, 10,
+                       "the XREAD to block")
+      past_timeout()
+      local id = assert(admin:call("XADD", "s", "*", "f", "2"))
+      v, err = t:wait()
+      assert.is_table(v, tostring(err))
+      assert.equal("s", v[1][1])
+      assert.equal(id, v[1][2][1][1])
+      assert.same({ "f", "2" }, v[1][2][1][2])
+      r:close()
+    end)
+
+    it("runs on a connection of its own, closed after its reply",
+       function()
+      local r = assert(redis.connect(srv.url, { pool = 1 }))
+      assert.equal("PONG", r:call("PING"))
+      assert.equal(1, clients())
+      local t = paygate.spawn(function() return r:call("BLPOP", "q", 10) end)
+      servers.wait_for(function() return blocked() == 1 end, 10,
+                       "the BLPOP to block")
+      assert.equal(2, clients())
+      assert.equal(1, admin:call("LPUSH", "q", "x"))
+      assert.same({ "q", "x" }, t:wait())
+      servers.wait_for(function() return clients() == 1 end, 10,
+                       "the BLPOP's connection to close")
+      -- a block that ends without a value: closed too
+      assert.equal(redis.null, r:call("BRPOP", "q", 0.05))
+      servers.wait_for(function() return clients() == 1 end, 10,
+                       "the BRPOP's connection to close")
+      r:close()
+    end)
+
+    it("a move to another address fails a blocked command unavailable",
+       function()
+      local other = servers.redis()
+      local h = rcore.new("127.0.0.1", srv.port, { pool = 1 })
+      local t = paygate.spawn(function()
+        return h:call_blocking(math.huge, "BLPOP", "q", 0)
+      end)
+      servers.wait_for(function() return blocked() == 1 end, 10,
+                       "the BLPOP to block")
+      h:set_addr("127.0.0.1", other.port)
+      local v, err = t:wait()
+      assert.is_nil(v)
+      assert.equal("unavailable", err.kind)
+      servers.wait_for(function() return clients() == 0 end, 10,
+                       "the BLPOP's connection to close")
+      assert.equal("PONG", h:call("PING"))
+      h:close()
+    end)
+
+    it("in a pipeline raises: a pipeline shares its connection", function()
+      local r = assert(redis.connect(srv.url, { timeout = 2 }))
+      for _, cmd in ipairs({ { "BLPOP", "q", 1 }, { "bzpopmin", "z", 1 },
+                             { "BLMPOP", 1, 1, "q", "LEFT" },
+                             { "XREAD", "BLOCK", 100, "STREAMS", "s", "$" },
+                             { "XREADGROUP", "GROUP", "g", "c", "BLOCK", 0,
+                               "STREAMS", "s", ">" } }) do
+        local ok, err = pcall(function()
+          r:pipeline({ { "SET", "a", 1 }, cmd })
+        end)
+        assert.is_false(ok, cmd[1])
+        assert.truthy(tostring(err):find("redis_pool_spec.lua:", 1, true),
+                      err)
+        assert.truthy(tostring(err):find("client:pipeline: cmds[2] ("
+                      .. cmd[1]:upper() .. ") blocks", 1, true), err)
+      end
+      -- nothing was sent
+      assert.equal(redis.null, r:call("GET", "a"))
+      -- without BLOCK, XREAD answers at once
+      assert(r:call("XADD", "s", "*", "f", "1"))
+      local res = assert(r:pipeline({ { "XREAD", "COUNT", 1, "STREAMS",
+                                        "s", "0" } }))
+      assert.equal("s", res[1][1][1])
+      -- WAIT counts the pipeline's writes: allowed, shorter than timeout
+      res = assert(r:pipeline({ { "SET", "a", 1 }, { "WAIT", 0, 100 } }))
+      assert.same({ "OK", 0 }, res)
+      for _, ms in ipairs({ 0, 2000 }) do
+        assert.has_error(function()
+          r:pipeline({ { "SET", "a", 1 }, { "WAIT", 0, ms } })
+        end)
+      end
+      r:close()
+    end)
+
+    it("WAIT, pub/sub and MONITOR through call raise", function()
+      local r = assert(redis.connect(srv.url))
+      for _, cmd in ipairs({ { "WAIT", 0, 100 }, { "waitaof", 1, 0, 100 },
+                             { "SUBSCRIBE", "ch" }, { "psubscribe", "c*" },
+                             { "MONITOR" } }) do
+        local ok, err = pcall(function() r:call(unpack(cmd)) end)
+        assert.is_false(ok, cmd[1])
+        assert.truthy(tostring(err):find("redis_pool_spec.lua:", 1, true),
+                      err)
+        assert.truthy(tostring(err):find("client:call: " .. cmd[1]:upper(),
+                                         1, true), err)
+      end
+      local ok = pcall(function() r:pipeline({ { "SUBSCRIBE", "ch" } }) end)
+      assert.is_false(ok)
+      -- the client serves on
+      assert.equal("PONG", r:call("PING"))
+      r:close()
+    end)
+  end)
+end)
