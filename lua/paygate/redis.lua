@@ -319,7 +319,9 @@ end
 
 -- Points the client at ip:port (a new master, a new DNS answer). Under
 -- Sentinel, only if that server's ROLE says master: never a replica.
-local function move(self, ip, port)
+-- keep_backoff: the next address of the name, after a failure (see
+-- set_addr in lredis.c), not a new master
+local function move(self, ip, port, keep_backoff)
   if self.closed or (ip == self.addr and port == self.port) then
     return false
   end
@@ -338,7 +340,7 @@ local function move(self, ip, port)
   core.log(1, "redis: moving from " .. tostring(self.addr) .. ":"
            .. tostring(self.port) .. " to " .. ip .. ":" .. port)
   self.addr, self.port = ip, port
-  self.h:set_addr(ip, port)
+  self.h:set_addr(ip, port, keep_backoff)
   return true
 end
 
@@ -394,7 +396,7 @@ local function refresh(self)
           nxt = addrs[i % #addrs + 1]
         end
       end
-      move(self, nxt, self.port)
+      move(self, nxt, self.port, true)
     end
   end
   self.refreshed_at = core.mono()

@@ -468,6 +468,25 @@ print(db and "opened" or (err.kind .. " | " .. tostring(err)))
       assert.equal("dns", err.kind)
     end)
   
+    it("Redis: a name whose every address is down is backed off from,"
+       .. " not tried at each turn of its addresses", function()
+      local srv = servers.redis()
+      local r = assert(redis.connect("redis://two.test:" .. srv.port))
+      assert.equal("PONG", r:call("PING"))
+      srv.stop()
+      -- both 127.0.0.2 and 127.0.0.1 now refuse: the client turns from
+      -- one to the other, and the wait before its next attempt grows
+      local longest = 0
+      wait_for(function()
+        local v, err = r:call("GET", "k")
+        assert.is_nil(v)
+        local w = tonumber(err.message:match("next attempt in ([%d.]+) s"))
+        longest = math.max(longest, w or 0)
+        return longest > 0.4
+      end, 10, "the wait before the next attempt to grow past 0.4 s")
+      r:close()
+    end)
+
     it("Redis: after a lost connection, follows the name to its new"
        .. " address", function()
       local a = servers.redis()

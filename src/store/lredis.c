@@ -771,8 +771,12 @@ alone_retire(void *arg)
     client_unref(cl);                    /* the post's own */
 }
 
-/* client:set_addr(ip, port): later commands go there; the connections
- * to the old address are dropped on the next loop turn. */
+/* client:set_addr(ip, port[, keep_backoff]): later commands go there;
+ * the connections to the old address are dropped on the next loop turn.
+ * The backoff ends (a new master owes nothing to the old one's failures)
+ * unless keep_backoff: the next address of one name, tried in turn after
+ * a failure, is no news -- were the wait reset at each turn, a name whose
+ * addresses are all down would be tried every 0.1 s, never backing off. */
 static int
 lredis_set_addr(lua_State *L)
 {
@@ -794,7 +798,9 @@ lredis_set_addr(lua_State *L)
     free(cl->host);
     cl->host = dup;
     cl->port = port;
-    backoff_reset(cl);
+    if (!lua_toboolean(L, 4)) {
+        backoff_reset(cl);
+    }
     for (i = 0; i < cl->npool; i++) {
         struct lredis_conn *c = &cl->conns[i];
 
