@@ -157,8 +157,9 @@ local function check_db(g)
     local path = db:match("^sqlite3?:([^?]*)")
     if path == "" then return fail("gateway.db", "sqlite: needs a path") end
     local dir = path:match("^(.*)/[^/]*$")
-    if dir and dir ~= "" and not mkdir_p(dir) then
-      return fail("gateway.db", "cannot create the folder " .. dir)
+    if dir and dir ~= "" then
+      local made, why = mkdir_p(dir)
+      if not made then return fail("gateway.db", why) end
     end
   elseif not db:match("^postgres[%w]*://") then
     return fail("gateway.db", "must be \"sqlite:PATH\" or a postgres:// URL")

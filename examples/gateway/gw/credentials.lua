@@ -153,8 +153,9 @@ function _M.section(conf)
     return false, reason("cache_dir", "must be a folder for the"
       .. " last good sets (kept sealed)")
   end
-  if not require("gw.config").mkdir_p(c.cache_dir, 448) then  -- 0700
-    return false, reason("cache_dir", "cannot create " .. c.cache_dir)
+  local made, why = require("gw.config").mkdir_p(c.cache_dir, 448) -- 0700
+  if not made then
+    return false, reason("cache_dir", why)
   end
   if c.load_timeout ~= nil and (type(c.load_timeout) ~= "number"
                                 or c.load_timeout <= 0) then

@@ -700,7 +700,14 @@ function _M.start(ctx)
     end
   end
   if conf.bill then
-    require("gw.config").mkdir_p(conf.bill_dir)  -- no shell
+    -- no shell; a folder that cannot be made is said once here (each run
+    -- then fails on its report file, counted on /metrics), and payments
+    -- go on: the reports are no reason to stop the gateway
+    local made, why = require("gw.config").mkdir_p(conf.bill_dir)
+    if not made then
+      paygate.log.error("gateway: the daily bill's reports folder: " .. why
+                        .. "; every bill run fails until it can be made")
+    end
     runners.bill = bill_job(ctx, conf):start()
   end
   _M.runners = runners

@@ -68,6 +68,14 @@ describe("gateway config", function()
     assert.falsy(out:find("0123456789abcdef", 1, true))
   end)
 
+  it("says why the SQLite store's folder cannot be made", function()
+    write(dir .. "/plain", "a file, not a folder\n")
+    expect_refused({ gateway = { db = "sqlite:" .. dir .. "/plain/sub/g.db" },
+                     merchants = { merchant{} } },
+      "config.gateway.db: cannot create the folder " .. dir
+      .. "/plain/sub: Not a directory")
+  end)
+
   it("names an unset APIv3 key variable", function()
     expect_refused({ gateway = { db = "sqlite:" .. dir .. "/a.db" },
       merchants = { merchant{ apiv3_key_file = false,
