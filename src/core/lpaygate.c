@@ -2,7 +2,7 @@
  * lpaygate.c -- paygate.core: what every module needs and nothing above
  * core provides: the scheduling primitives (sleep, spawn/task), the
  * clocks (now, time, mono), the one error shape (error, is_error), null,
- * listdir, write_file, and the logger's C half.
+ * listdir, write_file, mkdir_p, and the logger's C half.
  */
 #include <arpa/inet.h>
 #include <dirent.h>
@@ -12,6 +12,7 @@
 #include <math.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -217,6 +218,65 @@ lcore_write_file(lua_State *L)
     }
     lua_pushboolean(L, 1);
     return 1;
+}
+
+/*
+ * core.mkdir_p(dir[, mode]) -> true | nil, err (kind io)
+ * Makes dir and its missing parents (mode default 0755; an existing one
+ * is fine), by mkdir(2) itself: never through a shell, whatever the path
+ * holds (it often comes from a config). err.message says which folder
+ * and why, as strerror words the first refusal, and, when that was a
+ * parent, which: "cannot create the folder a/b/c: Not a directory
+ * (making a/b)". Blocking: folders made at start or now and then.
+ */
+static int
+lcore_mkdir_p(lua_State *L)
+{
+    size_t      len;
+    const char *dir = luaL_checklstring(L, 1, &len);
+    lua_Integer mode = luaL_optinteger(L, 2, 0755);
+    char        path[4096], at[4096];
+    struct stat st;
+    size_t      i;
+    int         err = 0;
+
+    if (mode < 0 || mode > 07777) {
+        return luaL_argerror(L, 2, "mode must be a file mode (0 .. 07777)");
+    }
+    if (len == 0 || len >= sizeof(path) || memchr(dir, '\0', len) != NULL) {
+        return gw_push_error(L, "io", 0, "cannot create the folder %s: %s",
+                             dir, len == 0 ? "empty path"
+                             : "not a path");
+    }
+    memcpy(path, dir, len + 1);
+    at[0] = '\0';
+    /* each prefix ending before a '/', then the whole path */
+    for (i = 1; i <= len; i++) {
+        if (i < len && path[i] != '/') {
+            continue;
+        }
+        path[i] = '\0';
+        if (mkdir(path, (mode_t) mode) != 0 && errno != EEXIST && err == 0) {
+            err = errno;
+            memcpy(at, path, i + 1);
+        }
+        if (i < len) {
+            path[i] = '/';
+        }
+    }
+    if (stat(dir, &st) == 0 && S_ISDIR(st.st_mode)) {
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    if (err == 0) {
+        err = ENOTDIR;                   /* there, but a file */
+    }
+    if (at[0] != '\0' && strcmp(at, dir) != 0) {
+        return gw_push_error(L, "io", 0, "cannot create the folder %s: %s"
+                             " (making %s)", dir, strerror(err), at);
+    }
+    return gw_push_error(L, "io", 0, "cannot create the folder %s: %s", dir,
+                         strerror(err));
 }
 
 /*
@@ -1098,6 +1158,7 @@ static const luaL_Reg lcore_funcs[] = {
     { "mono", lcore_mono },
     { "listdir", lcore_listdir },
     { "write_file", lcore_write_file },
+    { "mkdir_p", lcore_mkdir_p },
     { "error", lcore_error },
     { "is_error", lcore_is_error },
     { "error_string", gw_lerror_string },

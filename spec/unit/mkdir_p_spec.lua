@@ -1,0 +1,69 @@
+-- core.mkdir_p: a folder and its missing parents made by mkdir(2) itself,
+-- never through a shell (the path often comes from a config), with the
+-- reason when it cannot be made. The gateway's folders (the SQLite store,
+-- the bill reports, the credentials cache), the client's state_dir, the
+-- CLI's --out and the test kit's state folders are made with it.
+local core = require "paygate.core"
+local servers = require "spec.support.servers"
+
+local tmp = servers.mktemp()
+teardown(function() servers.sh("rm -rf " .. tmp) end)
+
+-- (no shell here either: the paths below are hostile)
+local function is_dir(p)
+  local f = io.open(p .. "/.", "rb")
+  if f then f:close() end
+  return f ~= nil
+end
+
+local function exists(p)
+  local f = io.open(p, "rb")
+  if f then f:close() end
+  return f ~= nil
+end
+
+local function mode(p)
+  return servers.read_cmd("stat -c %a '" .. p .. "'"):gsub("%s+$", "")
+end
+
+describe("core.mkdir_p", function()
+  it("makes the folder and its parents, and an existing one is fine",
+     function()
+    local d = tmp .. "/a/b/c"
+    assert.is_true(core.mkdir_p(d))
+    assert.is_true(is_dir(d))
+    assert.equal("755", mode(d))
+    assert.is_true(core.mkdir_p(d))
+    assert.is_true(core.mkdir_p(tmp .. "/a/b/c/"))     -- a trailing slash
+    assert.is_true(core.mkdir_p(tmp .. "/m", 448))     -- 0700
+    assert.equal("700", mode(tmp .. "/m"))
+  end)
+
+  it("never runs the path through a shell", function()
+    local d = tmp .. "/x'; touch " .. tmp .. "/pwned; echo '$(id)"
+    assert.is_true(core.mkdir_p(d))
+    assert.is_true(is_dir(d))
+    assert.is_false(exists(tmp .. "/pwned"))
+  end)
+
+  it("says which folder cannot be made, why, and which parent failed",
+     function()
+    local f = assert(io.open(tmp .. "/plain", "wb"))
+    f:write("a file\n")
+    f:close()
+    local ok, err = core.mkdir_p(tmp .. "/plain")
+    assert.is_nil(ok)
+    assert.equal("io", err.kind)
+    assert.equal("cannot create the folder " .. tmp .. "/plain: Not a"
+                 .. " directory", err.message)
+    ok, err = core.mkdir_p(tmp .. "/plain/sub/deeper")
+    assert.is_nil(ok)
+    assert.equal("cannot create the folder " .. tmp .. "/plain/sub/deeper:"
+                 .. " Not a directory (making " .. tmp .. "/plain/sub)",
+                 err.message)
+    ok, err = core.mkdir_p("")
+    assert.is_nil(ok)
+    assert.equal("io", err.kind)
+    assert.has_error(function() core.mkdir_p(tmp .. "/z", -1) end)
+  end)
+end)
