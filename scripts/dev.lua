@@ -9,6 +9,7 @@
 -- prints the dev app's API key when it makes it (once, kept in
 -- DIR/apikey.json), for trying signed requests, else "kept"; run it once
 -- the gateway has started.
+local core = require "paygate.core"
 local testing = require "paygate.testing"
 local json = require "cjson.safe"
 
@@ -26,9 +27,6 @@ local function read(path)
   f:close()
   return s
 end
-
--- a word for sh, whatever DIR holds
-local function sh(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
 
 -- written whole or not at all; secrets readable by the owner only (from
 -- the file's creation: never a moment readable by others)
@@ -55,7 +53,8 @@ if sim_url == "--apikey" then
   os.exit(0)
 end
 
-os.execute("mkdir -p " .. sh(dir .. "/keys") .. " " .. sh(dir .. "/sim-state"))
+assert(core.mkdir_p(dir .. "/keys"))
+assert(core.mkdir_p(dir .. "/sim-state"))
 
 -- the merchant: made once, reused after (its keys, mchid, appid)
 local mpath = dir .. "/merchant.json"

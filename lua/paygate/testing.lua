@@ -252,7 +252,7 @@ function _M.simulator(o)
       if o.answer_timeout then c.answer_timeout = o.answer_timeout end
       for k, v in pairs(o.config or {}) do c[k] = v end
       sim.time_scale = c.time_scale
-      os.execute("mkdir -p '" .. c.state_dir .. "'")
+      assert(core.mkdir_p(c.state_dir))
       return c
     end,
   }

@@ -8,16 +8,10 @@
 -- merchant's private key as a path, webhook secrets and the admin token
 -- likewise. A secret pasted into the config is refused with a reason
 -- that does not repeat it.
-local ffi = require "ffi"
+local core = require "paygate.core"
 
 local type, pairs, ipairs, tostring, tonumber = type, pairs, ipairs,
       tostring, tonumber
-
-ffi.cdef [[
-int mkdir(const char *path, unsigned int mode);
-]]
--- (pcall: another module of the process may have declared it already)
-pcall(ffi.cdef, "char *strerror(int errnum);")
 
 local _M = {}
 
@@ -111,38 +105,18 @@ function _M.proxied(req)
          or req:header("x-real-ip") ~= nil
 end
 
-local EEXIST = 17                                  -- Linux
-
 --- syntax: ok, why = config.mkdir_p(dir[, mode])
--- Creates the folders of dir (like mkdir -p; mode default 0755, an
--- existing one is fine) by mkdir(2) itself, never through a shell (the
--- path comes from the config): the default SQLite store under var/, the
--- bill reports, the credentials cache (0700). returns: true when dir
--- exists, else nil, "cannot create the folder <dir>: <why>" (the first
--- refusal, as strerror words it: a parent not writable, a file in the
--- way, ...). config.dry_run = true (paygate doctor): check only, create
--- nothing -- the folders are made when the gateway starts.
+-- Creates the folders of dir (core.mkdir_p: mkdir(2), never a shell --
+-- the path comes from the config; mode default 0755, an existing one is
+-- fine): the default SQLite store under var/, the bill reports, the
+-- credentials cache (0700). returns: true when dir exists, else nil,
+-- "cannot create the folder <dir>: <why>". config.dry_run = true (paygate
+-- doctor): check only, create nothing -- the folders are made when the
+-- gateway starts.
 local function mkdir_p(dir, mode)
   if _M.dry_run then return true end
-  local acc = dir:sub(1, 1) == "/" and "" or "."
-  local why, at
-  for part in dir:gmatch("[^/]+") do
-    acc = acc .. "/" .. part
-    if ffi.C.mkdir(acc, mode or 493) ~= 0 and not why then
-      local e = ffi.errno()
-      if e ~= EEXIST then
-        why, at = ffi.string(ffi.C.strerror(e)), acc
-      end
-    end
-  end
-  local f, ferr = io.open(dir .. "/.", "rb")
-  if not f then
-    -- where it failed, when that is a parent of dir
-    if why and at ~= acc then why = why .. " (making " .. at .. ")" end
-    return nil, "cannot create the folder " .. dir .. ": "
-                .. (why or tostring(ferr))
-  end
-  f:close()
+  local ok, err = core.mkdir_p(dir, mode)
+  if not ok then return nil, err.message end
   return true
 end
 _M.mkdir_p = mkdir_p

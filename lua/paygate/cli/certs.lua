@@ -208,7 +208,11 @@ local function download(o, out)
              and sign_error_fix(err) or nil)
     return 1
   end
-  os.execute("mkdir -p '" .. o["--out"]:gsub("'", "") .. "'")
+  local made, merr = core.mkdir_p(o["--out"])
+  if not made then
+    wx:stop()
+    common.usage_error("--out: %s", merr.message)
+  end
   local written = 0
   local now = core.time()
   for serial, cert in pairs(wx.certs) do

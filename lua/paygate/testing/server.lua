@@ -168,7 +168,7 @@ function _M.start(o)
   local app = o.app
   if o.source then
     app = dir .. "/app"
-    os.execute("mkdir -p " .. sh_quote(app))
+    assert(core.mkdir_p(app))
     local f = assert(io.open(app .. "/app.lua", "w"))
     f:write(o.source)
     f:close()

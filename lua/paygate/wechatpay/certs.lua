@@ -169,10 +169,6 @@ function _M.load_state(wx)
   return adopt(wx, ok, now)
 end
 
-local function shell_quote(s)
-  return "'" .. s:gsub("'", "'\\''") .. "'"
-end
-
 --- syntax: ok, err = certs.save_state(wx)
 -- Writes every platform certificate held to state_dir, atomically.
 function _M.save_state(wx)
@@ -188,7 +184,9 @@ function _M.save_state(wx)
   local data = table.concat(parts)
   local ok, err = core.write_file(path, data, 420)      -- 0644
   if not ok then
-    os.execute("mkdir -p " .. shell_quote(dir))
+    -- the folder first made (by mkdir(2): no shell), then again
+    local made, merr = core.mkdir_p(dir)
+    if not made then return nil, merr end
     ok, err = core.write_file(path, data, 420)
   end
   if not ok then return nil, err end
