@@ -57,6 +57,8 @@ _M.now = core.now              -- cached seconds since the epoch
 _M.update_time = core.update_time
 -- ok, err = paygate.write_file(path, data[, mode]): whole or not at all
 _M.write_file = core.write_file
+-- ok, err = paygate.mkdir_p(dir[, mode]): a folder and its parents, no shell
+_M.mkdir_p = core.mkdir_p
 
 _M.timer = {}
 
