@@ -485,6 +485,24 @@ local STREAMING = {
   MONITOR = true,
 }
 
+-- Commands that change the state of the connection they go out on, which
+-- other coroutines' commands share: a SELECT or AUTH would move or
+-- re-authenticate them, HELLO switch the protocol hiredis reads, CLIENT
+-- REPLY OFF/SKIP leave replies unsent (every later reply then answers the
+-- wrong command), QUIT and RESET end or reset it. The client's db and
+-- password are options (redis.connect).
+local CONN_STATE = {
+  SELECT = true, AUTH = true, HELLO = true, QUIT = true, RESET = true,
+}
+
+-- A transaction's commands: through call, other coroutines' commands
+-- could land between MULTI and EXEC on the shared connection (and join
+-- the transaction), or the EXEC go out on another connection. In one
+-- pipeline they go out together, in order.
+local TRANSACTION = {
+  MULTI = true, EXEC = true, DISCARD = true, WATCH = true, UNWATCH = true,
+}
+
 -- XREAD / XREADGROUP: the BLOCK option's milliseconds, or nil without
 -- one. Options come before STREAMS; GROUP takes two values (a group or
 -- consumer may be named BLOCK).
@@ -528,6 +546,11 @@ local function command_kind(args)
     return "wait", block_secs(args[#args], 0.001)
   elseif STREAMING[name] then
     return "streaming"
+  elseif CONN_STATE[name] or (name == "CLIENT" and args[2] ~= nil
+                              and tostring(args[2]):upper() == "REPLY") then
+    return "conn_state"
+  elseif TRANSACTION[name] then
+    return "transaction"
   end
 end
 
@@ -676,6 +699,15 @@ function Client:call(cmd, ...)
   if kind == "streaming" then
     error("client:call: " .. cmd:upper() .. " is not supported (pub/sub"
           .. " and MONITOR are not offered)", 2)
+  elseif kind == "conn_state" then
+    error("client:call: " .. cmd:upper() .. " would change the connection"
+          .. " other coroutines' commands share (the db and the password"
+          .. " are redis.connect options)", 2)
+  elseif kind == "transaction" then
+    error("client:call: " .. cmd:upper() .. " goes in one client:pipeline"
+          .. " with the whole transaction (MULTI ... EXEC), or use"
+          .. " client:script: calls share connections with other"
+          .. " coroutines", 2)
   elseif kind == "wait" then
     error("client:call: " .. cmd:upper() .. " waits for the writes sent"
           .. " before it on its connection: send it in client:pipeline,"
@@ -720,6 +752,10 @@ function Client:pipeline(cmds)
     if kind == "streaming" then
       error(what .. " is not supported (pub/sub and MONITOR are not"
             .. " offered)", 2)
+    elseif kind == "conn_state" then
+      error(what .. " would change the connection other coroutines'"
+            .. " commands share (the db and the password are"
+            .. " redis.connect options)", 2)
     elseif kind == "blocking" then
       error(what .. " blocks, holding the connection other coroutines'"
             .. " commands share: send it with client:call, which gives"

@@ -244,5 +244,39 @@ describe("paygate.redis connections", function()
       assert.equal("PONG", r:call("PING"))
       r:close()
     end)
+
+    it("commands that change the shared connection raise; a transaction"
+       .. " goes in one pipeline", function()
+      local r = assert(redis.connect(srv.url))
+      for _, cmd in ipairs({ { "SELECT", 1 }, { "auth", "pw" },
+                             { "HELLO", 3 }, { "QUIT" }, { "RESET" },
+                             { "client", "reply", "off" }, { "MULTI" },
+                             { "exec" }, { "WATCH", "k" } }) do
+        local ok, err = pcall(function() r:call(unpack(cmd)) end)
+        assert.is_false(ok, cmd[1])
+        assert.truthy(tostring(err):find("redis_pool_spec.lua:", 1, true),
+                      err)
+        assert.truthy(tostring(err):find("client:call: " .. cmd[1]:upper(),
+                                         1, true), err)
+      end
+      for _, cmd in ipairs({ { "SELECT", 1 }, { "CLIENT", "REPLY", "SKIP" },
+                             { "HELLO", 3 } }) do
+        local ok, err = pcall(function()
+          r:pipeline({ { "PING" }, cmd })
+        end)
+        assert.is_false(ok, cmd[1])
+        assert.truthy(tostring(err):find("client:pipeline: cmds[2]", 1, true),
+                      err)
+      end
+      -- nothing was sent: db 0 still, replies still in step
+      assert.equal("OK", r:call("SET", "where", "db0"))
+      local res = assert(r:pipeline({ { "MULTI" }, { "INCR", "tx" },
+                                      { "INCR", "tx" }, { "EXEC" } }))
+      assert.same({ 1, 2 }, res[4])
+      assert.equal("db0", r:call("GET", "where"))
+      assert.equal("PONG", r:call("PING"))
+      assert.equal("OK", r:call("CLIENT", "SETNAME", "still-fine"))
+      r:close()
+    end)
   end)
 end)
