@@ -17,8 +17,9 @@
 -- Commands take the pool's connections in turn. A blocking command
 -- (BLPOP, XREAD BLOCK, ...: BLOCKING below) runs on a connection of its
 -- own, its reply allowed its block time on top of `timeout`; in a
--- pipeline it raises, and so do WAIT / WAITAOF in call (they belong in a
--- pipeline, after the writes they wait for) and pub/sub or MONITOR.
+-- pipeline it raises, and so do WAIT / WAITAOF and a transaction's
+-- commands in call (they belong in a pipeline), pub/sub and MONITOR, and
+-- the commands that change the connection itself (SELECT, AUTH, ...).
 --
 -- While the server is down, commands fail "unavailable" at once: after a
 -- failed connect attempt the C client waits (0.1 s doubling to 2 s, with
@@ -530,7 +531,8 @@ local function block_secs(v, scale)
 end
 
 -- What kind of command args ({ name, ... }) is: "blocking", block secs;
--- "wait", its timeout in s (math.huge for 0); "streaming"; or nil.
+-- "wait", its timeout in s (math.huge for 0); "streaming"; "conn_state";
+-- "transaction"; or nil (an ordinary command).
 local function command_kind(args)
   local name = args[1]:upper()
   local where = BLOCKING[name]
