@@ -504,6 +504,26 @@ local TRANSACTION = {
   MULTI = true, EXEC = true, DISCARD = true, WATCH = true, UNWATCH = true,
 }
 
+-- Why a kind of command (command_kind) is refused: anywhere, in call
+-- only, in a pipeline only.
+local REFUSED = {
+  streaming = "is not supported (pub/sub and MONITOR are not offered)",
+  conn_state = "would change the connection other coroutines' commands"
+    .. " share (the db and the password are redis.connect options)",
+}
+local REFUSED_IN_CALL = {
+  transaction = "goes in one client:pipeline with the whole transaction"
+    .. " (MULTI ... EXEC), or use client:script: calls share connections"
+    .. " with other coroutines",
+  wait = "waits for the writes sent before it on its connection: send it"
+    .. " in client:pipeline, after those writes",
+}
+local REFUSED_IN_PIPELINE = {
+  blocking = "blocks, holding the connection other coroutines' commands"
+    .. " share: send it with client:call, which gives it a connection of"
+    .. " its own",
+}
+
 -- XREAD / XREADGROUP: the BLOCK option's milliseconds, or nil without
 -- one. Options come before STREAMS; GROUP takes two values (a group or
 -- consumer may be named BLOCK).
@@ -697,24 +717,12 @@ function Client:call(cmd, ...)
     check_arg("client:call", "argument " .. i, (select(i, ...)), 2)
   end
   local kind, block = command_kind({ cmd, ... })
+  local why = REFUSED[kind] or REFUSED_IN_CALL[kind]
+  if why then
+    error("client:call: " .. cmd:upper() .. " " .. why, 2)
+  end
   local res, err
-  if kind == "streaming" then
-    error("client:call: " .. cmd:upper() .. " is not supported (pub/sub"
-          .. " and MONITOR are not offered)", 2)
-  elseif kind == "conn_state" then
-    error("client:call: " .. cmd:upper() .. " would change the connection"
-          .. " other coroutines' commands share (the db and the password"
-          .. " are redis.connect options)", 2)
-  elseif kind == "transaction" then
-    error("client:call: " .. cmd:upper() .. " goes in one client:pipeline"
-          .. " with the whole transaction (MULTI ... EXEC), or use"
-          .. " client:script: calls share connections with other"
-          .. " coroutines", 2)
-  elseif kind == "wait" then
-    error("client:call: " .. cmd:upper() .. " waits for the writes sent"
-          .. " before it on its connection: send it in client:pipeline,"
-          .. " after those writes", 2)
-  elseif kind == "blocking" then
+  if kind == "blocking" then
     res, err = self.h:call_blocking(block, cmd, ...)
   else
     res, err = self.h:call(cmd, ...)
@@ -751,17 +759,9 @@ function Client:pipeline(cmds)
     local kind, block = command_kind(c)
     local what = "client:pipeline: cmds[" .. i .. "] (" .. c[1]:upper()
                  .. ")"
-    if kind == "streaming" then
-      error(what .. " is not supported (pub/sub and MONITOR are not"
-            .. " offered)", 2)
-    elseif kind == "conn_state" then
-      error(what .. " would change the connection other coroutines'"
-            .. " commands share (the db and the password are"
-            .. " redis.connect options)", 2)
-    elseif kind == "blocking" then
-      error(what .. " blocks, holding the connection other coroutines'"
-            .. " commands share: send it with client:call, which gives"
-            .. " it a connection of its own", 2)
+    local why = REFUSED[kind] or REFUSED_IN_PIPELINE[kind]
+    if why then
+      error(what .. " " .. why, 2)
     elseif kind == "wait" and block >= self.timeout then
       error(what .. " may wait " .. (block == math.huge and "forever"
             or block .. " s") .. ": in a pipeline it must wait less than"

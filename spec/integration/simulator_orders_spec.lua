@@ -8,32 +8,9 @@ local sc = require "support.simclient"
 
 local srv, c, keys, base
 
-local function prepay_body(no, over)
-  local b = { appid = sc.APPID, mchid = sc.MCHID, description = "测试商品",
-              out_trade_no = no,
-              notify_url = "https://merchant.example/notify",
-              amount = { total = 100, currency = "CNY" },
-              payer = { openid = "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o" } }
-  for k, v in pairs(over or {}) do
-    if v == false then b[k] = nil else b[k] = v end
-  end
-  return b
-end
-
-local function prepay(no, over, kind)
-  return c:call("POST", "/v3/pay/transactions/" .. (kind or "jsapi"),
-                prepay_body(no, over))
-end
-
-local function query(no)
-  return c:call("GET", "/v3/pay/transactions/out-trade-no/" .. no
-                .. "?mchid=" .. sc.MCHID)
-end
-
-local function pay(no, body)
-  return sc.control(base, "POST", "/sim/transactions/" .. no .. "/pay",
-                    body or {})
-end
+local function prepay(no, over, kind) return c:prepay(no, over, kind) end
+local function query(no) return c:query(no) end
+local function pay(no, body) return c:pay(no, body) end
 
 local function refund(no, out_refund_no, amount, over)
   local b = { out_trade_no = no, out_refund_no = out_refund_no,
@@ -43,19 +20,9 @@ local function refund(no, out_refund_no, amount, over)
   return c:call("POST", "/v3/refund/domestic/refunds", b)
 end
 
-local function signed(res, status)
-  assert.equal(status or 200, res.status, res.body)
-  local ok, why = sc.verify(res, keys)
-  assert(ok, why)
-end
+local function signed(res, status) sc.assert_signed(res, keys, status) end
 
-local function err(res, status, code, field)
-  assert.equal(status, res.status, res.body)
-  assert.equal(code, res.json.code)
-  assert.is_string(res.json.message)
-  assert.is_nil(res.headers["wechatpay-signature"])
-  if field then assert.equal(field, res.json.detail.field) end
-end
+local err = sc.assert_err
 
 setup(function()
   local dir = server.tmpdir()

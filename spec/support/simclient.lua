@@ -13,6 +13,7 @@ local paygate = require "paygate"
 local crypto = require "paygate.crypto"
 local x509 = require "paygate.x509"
 local json = require "cjson.safe"
+local luassert = require "luassert"
 
 local _M = {}
 
@@ -115,6 +116,55 @@ function Client:call(method, target, body, o)
   assert(res, tostring(err))
   res.json = res.body ~= "" and json.decode(res.body) or nil
   return res
+end
+
+--- body = simclient.prepay_body(no[, over]): a direct JSAPI prepay's body
+--- for order no (over: keys to set; false removes one)
+function _M.prepay_body(no, over)
+  local b = { appid = _M.APPID, mchid = _M.MCHID, description = "测试商品",
+              out_trade_no = no,
+              notify_url = "https://merchant.example/notify",
+              amount = { total = 100, currency = "CNY" },
+              payer = { openid = "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o" } }
+  for k, v in pairs(over or {}) do
+    if v == false then b[k] = nil else b[k] = v end
+  end
+  return b
+end
+
+--- res = c:prepay(no[, over[, kind]]): POST /v3/pay/transactions/KIND
+function Client:prepay(no, over, kind)
+  return self:call("POST", "/v3/pay/transactions/" .. (kind or "jsapi"),
+                   _M.prepay_body(no, over))
+end
+
+--- res = c:query(no): GET .../out-trade-no/NO?mchid=
+function Client:query(no)
+  return self:call("GET", "/v3/pay/transactions/out-trade-no/" .. no
+                   .. "?mchid=" .. self.mchid)
+end
+
+--- res = c:pay(no[, body]): the payer pays order no (control API)
+function Client:pay(no, body)
+  return _M.control(self.base, "POST", "/sim/transactions/" .. no .. "/pay",
+                    body or {})
+end
+
+--- simclient.assert_signed(res, keys[, status]): a signed answer
+function _M.assert_signed(res, keys, status)
+  luassert.equal(status or 200, res.status, res.body)
+  local ok, why = _M.verify(res, keys)
+  luassert(ok, why)
+end
+
+--- simclient.assert_err(res, status, code[, field]): an error answer in
+--- WeChat's shape, unsigned, naming field (detail.field) when given
+function _M.assert_err(res, status, code, field)
+  luassert.equal(status, res.status, res.body)
+  luassert.equal(code, res.json.code)
+  luassert.is_string(res.json.message)
+  luassert.is_nil(res.headers["wechatpay-signature"])
+  if field then luassert.equal(field, res.json.detail.field, res.body) end
 end
 
 --- a key ring for verify: the simulator's certificates and public key,

@@ -2,34 +2,20 @@
 -- back from a text column or an HTTP header) is the same token as the
 -- number, on SQLite, PostgreSQL and Redis; anything else that is not a
 -- non-negative integer is misuse and raises.
-local sql = require "paygate.sql"
 local redis = require "paygate.redis"
 local lease = require "paygate.lease"
 local servers = require "spec.support.servers"
 
 local tmp = servers.mktemp()
-local pg_srv, redis_srv
-local n = 0
+local redis_srv
 
 teardown(function()
   servers.stop_all()
   servers.sh("rm -rf " .. tmp)
 end)
 
-local stores = {
-  sqlite = function()
-    n = n + 1
-    return assert(sql.open("sqlite:" .. tmp .. "/t" .. n .. ".db"))
-  end,
-}
-if servers.have_postgres() then
-  stores.postgres = function()
-    pg_srv = pg_srv or servers.postgres()
-    local db = assert(sql.open(pg_srv.url))
-    assert(db:exec_script("DROP TABLE IF EXISTS paygate_leases;"))
-    return db
-  end
-end
+-- SQLite and PostgreSQL (each call a fresh store), then Redis
+local stores = servers.stores(tmp, "", "paygate_leases")
 if servers.have_redis() then
   stores.redis = function()
     redis_srv = redis_srv or servers.redis()

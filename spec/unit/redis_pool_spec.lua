@@ -15,6 +15,17 @@ local function info_clients(admin, field)
   return tonumber(info:match(field .. ":(%d+)"))
 end
 
+-- each of cmds through r:call raises at the caller's line, naming itself
+local function call_raises(r, cmds)
+  for _, cmd in ipairs(cmds) do
+    local ok, err = pcall(function() r:call(unpack(cmd)) end)
+    assert.is_false(ok, cmd[1])
+    assert.truthy(tostring(err):find("redis_pool_spec.lua:", 1, true), err)
+    assert.truthy(tostring(err):find("client:call: " .. cmd[1]:upper(), 1,
+                                     true), err)
+  end
+end
+
 describe("paygate.redis connections", function()
   local srv, admin
 
@@ -228,16 +239,9 @@ describe("paygate.redis connections", function()
 
     it("WAIT, pub/sub and MONITOR through call raise", function()
       local r = assert(redis.connect(srv.url))
-      for _, cmd in ipairs({ { "WAIT", 0, 100 }, { "waitaof", 1, 0, 100 },
-                             { "SUBSCRIBE", "ch" }, { "psubscribe", "c*" },
-                             { "MONITOR" } }) do
-        local ok, err = pcall(function() r:call(unpack(cmd)) end)
-        assert.is_false(ok, cmd[1])
-        assert.truthy(tostring(err):find("redis_pool_spec.lua:", 1, true),
-                      err)
-        assert.truthy(tostring(err):find("client:call: " .. cmd[1]:upper(),
-                                         1, true), err)
-      end
+      call_raises(r, { { "WAIT", 0, 100 }, { "waitaof", 1, 0, 100 },
+                       { "SUBSCRIBE", "ch" }, { "psubscribe", "c*" },
+                       { "MONITOR" } })
       local ok = pcall(function() r:pipeline({ { "SUBSCRIBE", "ch" } }) end)
       assert.is_false(ok)
       -- the client serves on
@@ -248,17 +252,9 @@ describe("paygate.redis connections", function()
     it("commands that change the shared connection raise; a transaction"
        .. " goes in one pipeline", function()
       local r = assert(redis.connect(srv.url))
-      for _, cmd in ipairs({ { "SELECT", 1 }, { "auth", "pw" },
-                             { "HELLO", 3 }, { "QUIT" }, { "RESET" },
-                             { "client", "reply", "off" }, { "MULTI" },
-                             { "exec" }, { "WATCH", "k" } }) do
-        local ok, err = pcall(function() r:call(unpack(cmd)) end)
-        assert.is_false(ok, cmd[1])
-        assert.truthy(tostring(err):find("redis_pool_spec.lua:", 1, true),
-                      err)
-        assert.truthy(tostring(err):find("client:call: " .. cmd[1]:upper(),
-                                         1, true), err)
-      end
+      call_raises(r, { { "SELECT", 1 }, { "auth", "pw" }, { "HELLO", 3 },
+                       { "QUIT" }, { "RESET" }, { "client", "reply", "off" },
+                       { "MULTI" }, { "exec" }, { "WATCH", "k" } })
       for _, cmd in ipairs({ { "SELECT", 1 }, { "CLIENT", "REPLY", "SKIP" },
                              { "HELLO", 3 } }) do
         local ok, err = pcall(function()

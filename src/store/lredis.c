@@ -908,7 +908,6 @@ static void
 close_conns(void *arg)
 {
     struct lredis_client *cl = arg;
-
     struct lredis_conn   *c, *next;
 
     cl->refs++;                          /* conn_drop may drop the last */

@@ -224,7 +224,7 @@ local function obj(keys, children)
 end
 local function items(shape) return { items = shape } end
 
-local PREPAY_NESTED = {
+local NESTED_COMMON = {
   amount = obj({ "total", "currency" }),
   detail = obj({ "cost_price", "invoice_id", "goods_detail" }, {
     goods_detail = items(obj({ "merchant_goods_id", "wechatpay_goods_id",
@@ -237,9 +237,15 @@ local PREPAY_NESTED = {
   settle_info = obj({ "profit_sharing" }),
 }
 -- payer differs by mode: a direct merchant's payer is openid; a service
--- provider's, sp_openid or sub_openid
-local DIRECT_PAYER = obj({ "openid" })
-local PARTNER_PAYER = obj({ "sp_openid", "sub_openid" })
+-- provider's, sp_openid or sub_openid. PREPAY_NESTED[partner]
+local function with_payer(payer)
+  local t = { payer = payer }
+  for k, v in pairs(NESTED_COMMON) do t[k] = v end
+  return t
+end
+local PREPAY_NESTED = { [false] = with_payer(obj({ "openid" })),
+                        [true] = with_payer(obj({ "sp_openid",
+                                                  "sub_openid" })) }
 
 local REFUND_NESTED = {
   amount = obj({ "refund", "from", "total", "currency" }, {
@@ -328,13 +334,8 @@ local function check_prepay(c, body, trade_type, partner)
   local a = api()
   local ok, e = only_keys(body, partner and PARTNER_KEYS or DIRECT_KEYS)
   if not ok then return nil, e end
-  ok, e = nested_objects(body, PREPAY_NESTED)
+  ok, e = nested_objects(body, PREPAY_NESTED[partner and true or false])
   if not ok then return nil, e end
-  if body.payer ~= nil then
-    ok, e = nested_keys(body.payer, partner and PARTNER_PAYER
-                        or DIRECT_PAYER, "/payer")
-    if not ok then return nil, e end
-  end
   local appid_key = partner and "sp_appid" or "appid"
   local mchid_key = partner and "sp_mchid" or "mchid"
   for _, f in ipairs({ { appid_key, 32 }, { mchid_key, 32 },

@@ -28,8 +28,9 @@ end
 -- { kind = "certificate" | "public_key" | "private_key", cert | key,
 --   file, id }, and { kind = "encrypted_private_key", form, file } for a
 -- private key under a passphrase (no key: paygate does not decrypt it,
--- and the caller must say so rather than skip the file as no key). A public key's id is `id`, or else the file name when it
--- is PUB_KEY_ID_... (a --keyring directory names them so). Raises a usage
+-- and the caller must say so rather than skip the file as no key). A
+-- public key's id is `id`, or else the file name when it is
+-- PUB_KEY_ID_... (a --keyring directory names them so). Raises a usage
 -- error for a path that cannot be read (naming option, the command-line
 -- option that gave it); skips what is not a key.
 function _M.load(path, id, option)

@@ -115,10 +115,12 @@ function _M.init(wx)
 end
 
 -- one file per mchid and variant (an RSA and an SM client of one mchid
--- must not replace each other's); the RSA name is the older one, kept
-local function state_path(wx)
+-- must not replace each other's); the RSA name is the older one, kept.
+-- rsa_name: that name whatever the variant (where an SM set once was)
+local function state_path(wx, rsa_name)
   return wx.conf.state_dir .. "/wechatpay-" .. wx.conf.mchid
-         .. (wx.conf.sm and "-sm" or "") .. "-platform-certificates.pem"
+         .. ((wx.conf.sm and not rsa_name) and "-sm" or "")
+         .. "-platform-certificates.pem"
 end
 _M.state_path = state_path
 
@@ -150,8 +152,7 @@ function _M.load_state(wx)
     -- an SM client's set was once saved under the RSA name: read there
     -- until the next save writes its own file (acceptable() below keeps
     -- the SM2 certificates only)
-    f = io.open(wx.conf.state_dir .. "/wechatpay-" .. wx.conf.mchid
-                .. "-platform-certificates.pem", "rb")
+    f = io.open(state_path(wx, true), "rb")
   end
   if not f then return 0 end
   local pem = f:read("*a")
