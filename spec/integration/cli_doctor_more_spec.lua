@@ -158,6 +158,33 @@ describe("paygate doctor", function()
     assert.is_nil(out:find("fix wechatpay.merchant_serial", 1, true))
   end)
 
+  it("judges a CA certificate in platform_certificates as the client"
+     .. " uses it", function()
+    -- beside the platform certificate (a chain file) it is the issuer: not
+    -- used, nothing to say
+    local chain = dir .. "/chain." .. crypto.random_nonce(6) .. ".pem"
+    write(chain, diagpki.read(pki.platform) .. diagpki.read(pki.root))
+    local _, out, r = run({ "doctor", "--json", "--config", config{
+      platform = { chain } } })
+    for _, x in ipairs(all(r, "platform_certificates")) do
+      assert.is_nil(x.cause and x.cause:find("CA certificate", 1, true),
+                    out)
+    end
+    -- alone it is used: a warning (a root put there verifies nothing)
+    _, out, r = run({ "doctor", "--json", "--config", config{
+      platform = { pki.platform, pki.root } } })
+    local seen
+    for _, x in ipairs(all(r, "platform_certificates")) do
+      if x.cause and x.cause:find("is a CA certificate", 1, true) then
+        seen = x
+      end
+    end
+    assert.truthy(seen, out)
+    assert.equal("warn", seen.status, out)
+    assert.matches("platform_certificates%[2%]", seen.cause)
+    assert.matches("platform_ca", seen.fix, 1, true)
+  end)
+
   it("checks header_timeout and body_timeout against the 5 s window",
      function()
     local code, out, r = run({ "doctor", "--json", "--config", config{

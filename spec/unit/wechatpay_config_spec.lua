@@ -206,6 +206,60 @@ describe("wechatpay.client configuration", function()
     assert.equal("certificate", c.mode)
     assert.is_true(c.download)
   end)
+  it("a platform_certificates entry with its CA uses the platform"
+     .. " certificate only; a lone CA:TRUE certificate is used", function()
+    -- a chain file (platform certificate + the CA that issued it): the CA
+    -- outlives the leaf, and used as a platform certificate it would be
+    -- the newest (sensitive fields encrypted to it, the expiry gauge on it)
+    local dir = os.tmpname()
+    os.remove(dir)
+    assert(require("paygate").mkdir_p(dir))
+    local function sh(cmd)
+      local ok = os.execute(cmd .. " >/dev/null 2>&1")
+      assert(ok == 0 or ok == true, cmd)
+    end
+    sh(("openssl req -x509 -newkey rsa:2048 -nodes -keyout %s/ca.key -out"
+        .. " %s/ca.pem -days 3650 -subj /CN=test-root -addext"
+        .. " basicConstraints=critical,CA:TRUE"):format(dir, dir))
+    sh(("openssl req -newkey rsa:2048 -nodes -keyout %s/p.key -out %s/p.csr"
+        .. " -subj '/O=Tenpay.com/CN=Tenpay.com sign'"):format(dir, dir))
+    local ext = io.open(dir .. "/p.ext", "w")
+    ext:write("basicConstraints=critical,CA:FALSE\n")
+    ext:close()
+    sh(("openssl x509 -req -in %s/p.csr -CA %s/ca.pem -CAkey %s/ca.key"
+        .. " -set_serial 4660 -days 400 -extfile %s/p.ext -out %s/p.pem")
+       :format(dir, dir, dir, dir, dir))
+    local function slurp(n)
+      local f = assert(io.open(dir .. "/" .. n, "rb"))
+      local t = f:read("*a")
+      f:close()
+      return t
+    end
+    local chain = slurp("p.pem") .. slurp("ca.pem")
+    local ca_first = slurp("ca.pem") .. slurp("p.pem")
+    local ca = slurp("ca.pem")
+    os.execute("rm -rf " .. dir)
+    local wx = assert(wechatpay.client(base{ public_key = NIL,
+      public_key_id = NIL, download_certificates = false,
+      platform_certificates = { chain } }))
+    local st = wx:certificate_status()
+    assert.same({ "1234" }, st.serials)
+    assert.equal("1234", st.newest)
+    assert.equal("1234", wx.ring:newest())
+    -- the CA first in the file: the same
+    wx = assert(wechatpay.client(base{ public_key = NIL,
+      public_key_id = NIL, download_certificates = false,
+      platform_certificates = { ca_first } }))
+    assert.same({ "1234" }, wx:certificate_status().serials)
+    -- alone, a self-signed CA:TRUE certificate is used (SDKs' test
+    -- platform certificates are made so)
+    wx = assert(wechatpay.client(base{ public_key = NIL,
+      public_key_id = NIL, download_certificates = false,
+      platform_certificates = { ca } }))
+    local serials = wx:certificate_status().serials
+    assert.equal(1, #serials)
+    assert.not_equal("1234", serials[1])
+  end)
   it("two clients never share keys", function()
     local a = assert(wechatpay.client(base()))
     local b = assert(wechatpay.client(base{ public_key_id = "PUB_KEY_ID_2" }))

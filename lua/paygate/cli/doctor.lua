@@ -494,7 +494,10 @@ local function check_keys(out, wc, now, expiring, conf)
     local name = "platform_certificates[" .. i .. "]"
                  .. (type(v) == "string" and not v:find("-----BEGIN", 1, true)
                      and " (" .. common.shown(v) .. ")" or "")
-    for _, c in ipairs(p and x509.chain(p) or {}) do
+    -- the certificates the client uses of this entry: a chain's CA
+    -- certificates are its issuers (not used), a lone CA certificate is
+    local used = wconfig.platform_certs_of(p and x509.chain(p) or {})
+    for _, c in ipairs(used) do
       local role = keys.role(c)
       if role == "merchant" or c:serial():gsub("^0+", "") == mserial then
         misplaced = true
@@ -506,11 +509,18 @@ local function check_keys(out, wc, now, expiring, conf)
                  .. " (paygate certs --download), and apiclient_cert.pem in"
                  .. " merchant_certificate")
       elseif role == "CA" then
-        misplaced = true
-        out:fail("platform_certificates", name .. " is a CA certificate "
-                 .. c:serial() .. " (" .. c:subject() .. "), which never "
-                 .. "signs answers", nil, "put the platform certificate "
-                 .. "there (paygate certs --download)")
+        -- the client loads it (SDKs' test platform certificates are
+        -- CA:TRUE), but WeChat's are not: a root CA put here verifies
+        -- nothing
+        out:warn("platform_certificates", name .. " is a CA certificate "
+                 .. c:serial() .. " (" .. c:subject() .. "): the client "
+                 .. "uses it as a platform certificate, but WeChat's "
+                 .. "platform certificates are not CA certificates; a CA "
+                 .. "issues them and signs no answer", nil, "put the "
+                 .. "platform certificate there (paygate certs --download);"
+                 .. " WeChat's root CA, to check downloads against, goes in"
+                 .. " platform_ca")
+        expiring[#expiring + 1] = { "platform certificate", c }
       else
         expiring[#expiring + 1] = { "platform certificate", c }
       end

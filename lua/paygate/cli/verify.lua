@@ -7,6 +7,7 @@ local keys = require "paygate.cli.keys"
 local crypto = require "paygate.crypto"
 local keyring = require "paygate.keyring"
 local verify = require "paygate.wechatpay.verify"
+local wconfig = require "paygate.wechatpay.config"
 local json = require "cjson.safe"
 
 local tostring, ipairs, pcall, type = tostring, ipairs, pcall, type
@@ -280,18 +281,39 @@ local function main(args)
       given[#given + 1] = e
     end
   end
+  -- a file's certificates are used as the client uses a
+  -- platform_certificates entry: its CA certificates are the issuers of
+  -- the others (left out), or are used when the file holds nothing else
+  local issuer = {}
+  do
+    local byfile, order = {}, {}
+    for _, e in ipairs(given) do
+      if e.kind == "certificate" then
+        if not byfile[e.file] then
+          byfile[e.file] = {}
+          order[#order + 1] = e.file
+        end
+        table.insert(byfile[e.file], e.cert)
+      end
+    end
+    for _, f in ipairs(order) do
+      local _, left_out = wconfig.platform_certs_of(byfile[f])
+      for _, c in ipairs(left_out) do issuer[c] = true end
+    end
+  end
   local ring = keyring.new()
-  local certs, pubs, merchants, skipped = {}, {}, {}, {}
+  local certs, pubs, merchants, skipped, cas = {}, {}, {}, {}, {}
   for _, e in ipairs(given) do
     if e.kind == "certificate" then
       if keys.role(e.cert) == "merchant" then
         merchants[#merchants + 1] = e
       end
-      if e.cert:is_ca() then
+      if issuer[e.cert] then
         skipped[#skipped + 1] = e.file .. ": certificate " .. e.cert:serial()
-          .. " is a CA certificate (CA:TRUE), which never signs answers "
-          .. "(some SDKs' test platform certificates are flagged so)"
+          .. " is the CA certificate (CA:TRUE) of the others in the file,"
+          .. " which never signs answers"
       elseif pcall(ring.put, ring, nil, e.cert) then
+        if e.cert:is_ca() then cas[#cas + 1] = e end
         certs[#certs + 1] = e
       else
         skipped[#skipped + 1] = e.file .. ": certificate " .. e.cert:serial()
@@ -438,6 +460,12 @@ local function main(args)
       for _, e in ipairs(pubs) do ids[#ids + 1] = e.id end
       cause = "Wechatpay-Serial " .. serial .. " is not among the keys given"
       detail = "keys given: " .. table.concat(ids, ", ")
+      for _, e in ipairs(cas) do
+        detail = detail .. "; " .. e.id .. " (" .. e.cert:subject()
+          .. ") is a CA certificate (CA:TRUE): a CA issues platform "
+          .. "certificates and signs no answer (WeChat's own platform "
+          .. "certificates are not CA certificates)"
+      end
       fix = "download the current platform certificates (paygate certs "
             .. "--download): WeChat rotates them"
     end

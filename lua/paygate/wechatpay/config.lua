@@ -80,6 +80,28 @@ local function check_url(key, url)
              .. "address such as the simulator's)")
 end
 
+--- syntax: used, issuers = config.platform_certs_of(chain)
+-- The certificates of one platform_certificates entry (a file or PEM text:
+-- x509.chain's list) that verify answers: its end-entity certificates
+-- (CA:FALSE) when it has any -- a chain file's CA certificates are their
+-- issuers, and one used as a platform certificate would be "newest" for
+-- encrypting sensitive fields and for the expiry gauge -- else every one
+-- (a self-signed test certificate made with `openssl req -x509` is
+-- flagged CA:TRUE; SDKs' test vectors are). issuers: the CA certificates
+-- left out. The client, `paygate verify` and `paygate doctor` all apply it.
+function _M.platform_certs_of(chain)
+  local used, issuers = {}, {}
+  for _, cert in ipairs(chain) do
+    if cert:is_ca() then
+      issuers[#issuers + 1] = cert
+    else
+      used[#used + 1] = cert
+    end
+  end
+  if #used == 0 then return issuers, {} end
+  return used, issuers
+end
+
 local function positive(conf, key, default)
   local v = conf[key]
   if v == nil then return default end
@@ -285,7 +307,7 @@ function _M.check(conf)
         return bad("platform_certificates", "entry " .. i .. ": not a "
                    .. "certificate (" .. tostring(cerr and cerr.kind) .. ")")
       end
-      for _, cert in ipairs(chain) do
+      for _, cert in ipairs(_M.platform_certs_of(chain)) do
         if cert:key_type() ~= key_type then
           return bad("platform_certificates", "entry " .. i .. " holds an "
                      .. cert:key_type() .. " certificate; sign_type needs "
