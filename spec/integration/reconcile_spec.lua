@@ -341,6 +341,34 @@ describe("the daily trade bill", function()
     end
   end)
 
+  it("keeps the lease through the download: on_wait is called as it"
+     .. " flows, and its failure (the lease lost) ends it", function()
+    -- today's bill is made (the case above): no STATEMENT_CREATING wait,
+    -- so every call is the download's or the reading's
+    local calls = 0
+    local report = assert(bill.daily{
+      wx = wx, db = db, dir = dir, date = today, local_rows = local_rows,
+      on_wait = function()
+        calls = calls + 1
+        return true
+      end })
+    assert.is_true(calls >= 1)
+    assert.is_false(report.empty)
+    local before = #audit.entries(db, "reconcile:" .. today)
+    local r, err = bill.daily{
+      wx = wx, db = db, dir = dir, date = today, local_rows = local_rows,
+      on_wait = function()
+        return nil, core.error("lost", "lease bill was lost")
+      end }
+    assert.is_nil(r)
+    assert.equal("lost", err.kind)
+    assert.equal(before, #audit.entries(db, "reconcile:" .. today))
+    for _, name in ipairs(core.listdir(dir)) do
+      assert.is_nil(name:find(".part-", 1, true))
+      assert.is_nil(name:find("tradebill", 1, true))
+    end
+  end)
+
   it("gives up on STATEMENT_CREATING after the bounded attempts", function()
     -- bills are made 10 days after a day ends here, so yesterday is still
     -- being made

@@ -129,7 +129,9 @@ end
 -- ("ALL"), retry = { attempts = 6, first = 60, factor = 2, ceiling = 1800,
 -- jitter = "equal", random } (for STATEMENT_CREATING), sleep (fn(s),
 -- default core.sleep), on_wait (fn() -> ok, err: called before each
--- pause, e.g. the runner's keepalive; a failure ends the wait).
+-- pause and during the download, e.g. the runner's keepalive, so that a
+-- wait or a download longer than the lease keeps it; a failure ends the
+-- wait or the download with that error).
 -- returns: the download's info ({ path, bytes, sha1, ... }), false for
 -- NO_STATEMENT_EXIST (a day without trades), or nil, err
 -- (statement_creating after the last attempt, retryable; any other)
@@ -168,11 +170,15 @@ function _M.fetch(wx, date, opts)
     end
     sleep(s:delay(n))
   end
-  return wx:download_bill(b, opts.path)
+  local on_wait = opts.on_wait
+  return wx:download_bill(b, opts.path, { on_progress = on_wait
+    and function() return on_wait() end })
 end
 
--- syntax: remote, err = bill.records(path)
--- Reads a downloaded trade bill.
+-- syntax: remote, err = bill.records(path[, on_wait])
+-- Reads a downloaded trade bill, letting other coroutines run every
+-- YIELD_EVERY records; on_wait (as bill.fetch's) is called there too, and
+-- its failure ends the reading with its error.
 -- returns: { payments = { [out_trade_no] = { amount, state,
 --   transaction_id } }, refunds = { [out_refund_no] = { out_trade_no,
 --   amount, state, refund_id } }, duplicates = { { out_trade_no,
@@ -184,7 +190,7 @@ end
 --   "malformed": a record broken across lines by a line break in a field)
 --   is bad_bill. An error's line is the record's number (1 = the first
 --   record), its file_line the line of the file.
-function _M.records(path)
+function _M.records(path, on_wait)
   local ok, it = pcall(wxbill.rows, path)
   if not ok then
     return fail("io", "bill: cannot read " .. tostring(path))
@@ -200,6 +206,13 @@ function _M.records(path)
     if kind == "record" then
       n = n + 1
       pause(n)
+      if on_wait and n % YIELD_EVERY == 0 then
+        local wok, werr = on_wait()
+        if not wok then
+          return nil, werr or core.error("lost", "bill: on_wait stopped"
+                                         .. " the reading")
+        end
+      end
       -- (n counts records; row.line is the line of the file)
       local at = " (line " .. tostring(row.line) .. " of the file)"
       if names and (#row < #names or row.misaligned) then
@@ -561,7 +574,7 @@ function _M.daily(opts)
   end
   local remote = { payments = {}, refunds = {}, lines = 0 }
   if info then
-    remote, err = _M.records(info.path)
+    remote, err = _M.records(info.path, opts.on_wait)
     if not opts.keep_bill then
       os.remove(info.path)
     end

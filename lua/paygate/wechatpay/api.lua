@@ -665,12 +665,16 @@ local BILL_DEADLINE, BILL_TIMEOUT, BILL_IDLE = 3600, 1800, 30
 -- bill.hash_value. The bill is never held in memory whole.
 -- opts: deadline (default 3600 s), timeout (one attempt, default 1800 s),
 -- idle_timeout (s without a byte: the attempt fails as a timeout; default
--- 30), max_bytes (default 8 GiB of content). A large bill takes as long
--- as it flows: the client's timeout and deadline (10 s, 30 s, for API
--- calls) would cut it off every day.
+-- 30), max_bytes (default 8 GiB of content), on_progress (fn(received)
+-- -> anything but false / nil, err to go on: called after each chunk
+-- written, in the caller's coroutine, may yield; e.g. a lease's
+-- keepalive, so that a download longer than the lease keeps it). A large
+-- bill takes as long as it flows: the client's timeout and deadline
+-- (10 s, 30 s, for API calls) would cut it off every day.
 -- returns: info = { path, bytes, received, gzip, sha1 }, meta; or nil, err
--- (hash_mismatch, malformed, too_large, io, or a transport error), with
--- nothing left at file_path.
+-- (hash_mismatch, malformed, too_large, io, or a transport error; the
+-- error on_progress returned when it stopped the download), with nothing
+-- left at file_path.
 function _M.download_bill(self, b, path, o)
   local name = "download_bill"
   if type(b) ~= "table" then
@@ -698,7 +702,11 @@ function _M.download_bill(self, b, path, o)
     return fail(name, "download_url", "must be a WeChat Pay "
                 .. "/v3/billdownload/ URL")
   end
-  local w
+  local progress = o.on_progress
+  if progress ~= nil and type(progress) ~= "function" then
+    error("wechatpay.download_bill: opts.on_progress must be a function", 2)
+  end
+  local w, stopped
   w, err = bill.writer(path, { max_bytes = o.max_bytes })
   if not w then return nil, err end
   local res, rerr = self:request("GET", target, nil, {
@@ -708,11 +716,22 @@ function _M.download_bill(self, b, path, o)
     timeout = o.timeout or BILL_TIMEOUT,
     idle_timeout = o.idle_timeout or BILL_IDLE,
     max_attempts = o.max_attempts,
-    sink = function(chunk) return w:feed(chunk) end,
+    sink = function(chunk)
+      local ok, ferr = w:feed(chunk)
+      if not ok or not progress then return ok, ferr end
+      local go, perr = progress(w.received)
+      if go == false or (go == nil and perr ~= nil) then
+        stopped = perr or core.error("aborted", "download_bill: on_progress"
+                                     .. " stopped the download")
+        return false, stopped
+      end
+      return true
+    end,
   })
   if not res then
     w:abort()
     if w.err then return nil, w.err end
+    if stopped then return nil, stopped end
     return nil, rerr
   end
   local info
