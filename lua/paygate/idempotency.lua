@@ -694,6 +694,11 @@ function _M.wrap(db, handler, opts)
       return handler(req, unprotected)
     end
     local ok, why = _M.check_key(key)
+    if ok and req.header_count and req:header_count(HEADER) > 1 then
+      -- which one would be the key? (a proxy may have added one); the
+      -- signed requests of paygate.apikey refuse it the same way
+      ok, why = false, "given more than once"
+    end
     if not ok then
       bump("bad_key")
       if why == "missing" then

@@ -113,6 +113,19 @@ describe("paygate doctor --config <the gateway's config>", function()
     assert.matches("no gw/config.lua there", out, 1, true)
   end)
 
+  it("names an APIv3 key given inline as it is given", function()
+    -- the gateway refuses it (keys come from files or variables); the
+    -- key's own check must not speak of an apiv3_key_file never given
+    local conf = variant("inline", "local m = c.merchants[1]\n"
+      .. "m.apiv3_key = string.rep('k', 32)\n"
+      .. "m.apiv3_key_file = nil")
+    local code, out, r = run({ "doctor", "--json", "--config", conf })
+    assert.equal(1, code, out)
+    assert.equal("fail", r.gateway_config.status, out)
+    assert.matches("merchants[1].apiv3_key)", r.apiv3_key.cause, 1, true)
+    assert.is_nil(r.apiv3_key.cause:find("apiv3_key_file", 1, true), out)
+  end)
+
   it("fails a merchant key the gateway's start would refuse", function()
     -- an EC key: the structure is fine, the WeChat Pay client's check
     -- (made at start) refuses it; doctor says so in gateway_config

@@ -54,6 +54,11 @@ describe("paygate CLI", function()
     assert.equal(2, code)
     assert.equal("paygate exec: cannot read no-such-command-or-file: No such"
                  .. " file or directory\n", out)
+    -- paygate exec "$(command -v busted)" with busted not installed
+    code, out = run({ "exec", "" })
+    assert.equal(2, code)
+    assert.matches("the script path is empty", out, 1, true)
+    assert.matches("lua-busted", out, 1, true)
   end)
 
   it("exits 2 with a reason for usage errors", function()

@@ -43,13 +43,22 @@ if servers.have_postgres() then
 end
 
 -- A request the wrapper can read, as the server's req would be.
+-- (a header given as a list is repeated: header() is its first value)
 local function fake_req(o)
   local headers = {}
   for k, v in pairs(o.headers or {}) do headers[k:lower()] = v end
   return {
     method = o.method or "POST", path = o.path or "/payments",
     query_string = o.query or "", body = o.body or "", app_id = o.app_id,
-    header = function(_, name) return headers[name:lower()] end,
+    header = function(_, name)
+      local v = headers[name:lower()]
+      if type(v) == "table" then return v[1] end
+      return v
+    end,
+    header_count = function(_, name)
+      local v = headers[name:lower()]
+      return type(v) == "table" and #v or (v and 1 or 0)
+    end,
   }
 end
 
@@ -317,6 +326,11 @@ for name, engine in pairs(engines) do
           assert.equal(400, s)
           assert.equal("invalid_idempotency_key", json.decode(b).error)
         end
+        -- given twice (unsigned: paygate.apikey refuses a signed one)
+        s, b = fn(fake_req{ headers = { ["Idempotency-Key"] = { "a", "b" } } })
+        assert.equal(400, s)
+        assert.equal("invalid_idempotency_key", json.decode(b).error)
+        assert.matches("more than once", json.decode(b).message, 1, true)
         assert.equal(0, calls.n)
       end)
 

@@ -351,6 +351,13 @@ cmd_exec(int argc, char **argv)
         fputs(usage_exec, stdout);
         return 0;
     }
+    if (argv[1][0] == '\0') {
+        /* `paygate exec "$(command -v busted)"` without busted installed */
+        fputs("paygate exec: the script path is empty (a `$(command -v "
+              "NAME)` that found nothing? busted is the Debian package "
+              "lua-busted: scripts/deps installs it)\n", stderr);
+        return 2;
+    }
     if (access(argv[1], R_OK) != 0) {
         int e = errno;
         char found[4096];

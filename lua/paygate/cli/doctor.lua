@@ -181,8 +181,12 @@ local function from_gateway(conf, pick)
                 key_prefix = "merchants[" .. at .. "].",
                 -- (the APIv3 keys are its own: a file or a variable)
                 key_names = { apiv3_key = "merchants[" .. at .. "]."
-                  .. (m.apiv3_key_file == nil and m.apiv3_key_env ~= nil
-                      and "apiv3_key_env" or "apiv3_key_file"),
+                  .. (m.apiv3_key_file ~= nil and "apiv3_key_file"
+                      or m.apiv3_key_env ~= nil and "apiv3_key_env"
+                      -- given inline (the gateway refuses it: see
+                      -- gateway_config), named as it is
+                      or m.apiv3_key ~= nil and "apiv3_key"
+                      or "apiv3_key_file"),
                   previous_apiv3_keys = "merchants[" .. at
                   .. "].previous_apiv3_key_files" } }
   if type(g.public_url) == "string" then
