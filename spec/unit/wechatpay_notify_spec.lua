@@ -265,6 +265,49 @@ describe("parse_notification: failures", function()
       assert.equal("malformed", err.kind, plain)
     end
   end)
+  it("a resource field of the wrong type, or no id or event_type, is"
+     .. " malformed", function()
+    -- signed and encrypted as WeChat would: a handler must still never
+    -- get a table as an id or "lots" as an amount
+    local bad = {
+      { transaction_id = { a = 1 } }, { out_trade_no = 5 },
+      { trade_state = true }, { amount = { total = 100, payer_total = "lots" } },
+      { amount = { total = 100, payer_total = -5 } },
+      { amount = { total = 1.5 } }, { amount = "100" },
+      { amount = { total = 100, currency = {} } }, { payer = "x" },
+      { success_time = 1 }, { refund_id = { a = 1 } },
+    }
+    for i, over in ipairs(bad) do
+      local r = { out_trade_no = "T1", trade_state = "SUCCESS",
+                  amount = { total = 100 } }
+      for k, v in pairs(over) do r[k] = v end
+      local res, err = wx:parse_notification(note{ resource = r }, NR)
+      assert.is_nil(res, i)
+      assert.equal("malformed", err.kind, i)
+      assert.matches("resource field", err.message, 1, true)
+      assert.is_nil(err.message:find("lots", 1, true))
+      assert.is_nil(err.message:find("table: 0x", 1, true))
+    end
+    -- nulls and absent fields are fine; so are other products' resources
+    local ok = assert(wx:parse_notification(note{ resource = {
+      out_trade_no = "T1", trade_state = "SUCCESS", transaction_id = json.null,
+      amount = { total = 100, payer_total = 0 } } }, NR))
+    assert.equal("T1", ok.resource.out_trade_no)
+    for _, field in ipairs({ "id", "event_type" }) do
+      for _, v in ipairs({ json.null, 5, "" }) do
+        local n = note{ body_hook = function(b)
+          local d = json.decode(b)
+          d[field] = v
+          return json.encode(d)
+        end }
+        local res, err = wx:parse_notification(n, NR)
+        assert.is_nil(res, field)
+        assert.equal("malformed", err.kind, field)
+        assert.matches("no " .. field, err.message, 1, true)
+      end
+    end
+  end)
+
   it("a SIGNTEST probe is bad_signature", function()
     local n = note()
     n.headers["wechatpay-signature"] = "WECHATPAY/SIGNTEST/" .. crypto.random_nonce(40)

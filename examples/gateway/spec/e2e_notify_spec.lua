@@ -95,6 +95,40 @@ describe("gateway notifications", function()
     assert.equal("paying", env:get(p.id).state)
   end)
 
+  it("a signed notification with a field of the wrong type, or without"
+     .. " an id, is refused with WeChat's FAIL body, nothing stored",
+     function()
+    local p = env:create().payment
+    local cases = {
+      env:transaction(p, { transaction_id = { a = 1 } }),
+      env:transaction(p, { amount = { total = p.amount,
+                                      payer_total = "lots" } }),
+      env:transaction(p, { amount = { total = p.amount, payer_total = -5 } }),
+    }
+    for i, t in ipairs(cases) do
+      local body, h = env:notification("TRANSACTION.SUCCESS", t)
+      local res = env:post_notify(body, h)
+      assert.equal(401, res.status, i .. ": " .. tostring(res.body))
+      assert.equal("FAIL", res.json.code, i)
+      assert.equal("malformed", res.json.message, i)
+    end
+    -- the envelope without its id
+    local body = env:notification("TRANSACTION.SUCCESS", env:transaction(p))
+    local t = json.decode(body)
+    t.id = nil
+    body = json.encode(t)
+    local res = env:post_notify(body, env:notify_headers(body))
+    assert.equal(401, res.status, res.body)
+    assert.equal("malformed", res.json.message)
+    assert.equal("paying", env:get(p.id).state)
+    assert.equal(0, #assert(env.db:query("SELECT id FROM gw_notifications"
+      .. " WHERE id IS NULL OR outcome = 'received'")))
+    -- and the real one is applied once
+    res = env:post_paid(p)
+    assert.is_true(S.ok2xx(res.status), res.body)
+    check_applied_once(p)
+  end)
+
   it("a notification posted under another merchant's path is refused",
      function()
     local p = env:create().payment

@@ -42,6 +42,66 @@ local function str(v)
   return nil
 end
 
+-- The decrypted resource of a payment or refund notification: the fields
+-- an application reads, checked for type where present (the whole
+-- notification is signed by WeChat, but a handler must never bind a table
+-- as an id or store "lots" as an amount). Other products' resources pass
+-- unchecked.
+local STRINGS = { "mchid", "appid", "sp_mchid", "sub_mchid", "sp_appid",
+  "sub_appid", "out_trade_no", "transaction_id", "trade_type", "trade_state",
+  "trade_state_desc", "bank_type", "attach", "success_time", "out_refund_no",
+  "refund_id", "refund_status", "user_received_account" }
+local AMOUNT_INTS = { "total", "payer_total", "refund", "payer_refund" }
+local AMOUNT_STRINGS = { "currency", "payer_currency" }
+
+local function what(v)
+  local t = type(v)
+  if t == "table" then return "an object or array" end
+  return "a " .. t
+end
+
+local function checked(r, event_type)
+  if not (event_type:find("^TRANSACTION%.") or event_type:find("^REFUND%."))
+  then
+    return true
+  end
+  for _, k in ipairs(STRINGS) do
+    local v = r[k]
+    if v ~= nil and v ~= null and type(v) ~= "string" then
+      return fail("malformed", "resource field " .. k .. " must be a string"
+                  .. " (got " .. what(v) .. ")")
+    end
+  end
+  local a = r.amount
+  if a ~= nil and a ~= null then
+    if type(a) ~= "table" then
+      return fail("malformed", "resource field amount must be an object (got "
+                  .. what(a) .. ")")
+    end
+    for _, k in ipairs(AMOUNT_INTS) do
+      local v = a[k]
+      if v ~= nil and v ~= null and (type(v) ~= "number" or v ~= v
+         or v < 0 or v >= 2 ^ 53 or v % 1 ~= 0) then
+        return fail("malformed", "resource field amount." .. k .. " must be"
+                    .. " a whole number of fen, 0 or more")
+      end
+    end
+    for _, k in ipairs(AMOUNT_STRINGS) do
+      local v = a[k]
+      if v ~= nil and v ~= null and type(v) ~= "string" then
+        return fail("malformed", "resource field amount." .. k .. " must be"
+                    .. " a string (got " .. what(v) .. ")")
+      end
+    end
+  end
+  local payer = r.payer
+  if payer ~= nil and payer ~= null and type(payer) ~= "table" then
+    return fail("malformed", "resource field payer must be an object (got "
+                .. what(payer) .. ")")
+  end
+  return true
+end
+
 local function parse(wx, req, opts)
   if type(req) ~= "table" and type(req) ~= "userdata" then
     return fail("malformed", "not a request")
@@ -64,6 +124,14 @@ local function parse(wx, req, opts)
   if type(doc) ~= "table" then
     return fail("malformed", "body is not a JSON object")
   end
+  -- the id is what a retry repeats and an application deduplicates by;
+  -- the event type says what the resource is
+  if type(doc.id) ~= "string" or doc.id == "" then
+    return fail("malformed", "the notification has no id (a string)")
+  end
+  if type(doc.event_type) ~= "string" or doc.event_type == "" then
+    return fail("malformed", "the notification has no event_type (a string)")
+  end
   local r = doc.resource
   if type(r) ~= "table" then
     return fail("malformed", "no resource object in the notification")
@@ -75,6 +143,8 @@ local function parse(wx, req, opts)
   if type(resource) ~= "table" then
     return fail("malformed", "decrypted resource is not a JSON object")
   end
+  local cok, cerr = checked(resource, doc.event_type)
+  if not cok then return nil, cerr end
   if not (opts and opts.replay == false) then
     local dict = wx.replay_dict
     if not dict then
