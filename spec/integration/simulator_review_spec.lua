@@ -138,6 +138,19 @@ describe("a bad configuration with two workers", function()
     end
   end)
 
+  it("never repeats a key body pasted where a path or PEM belongs",
+     function()
+    -- a private key's base64 body without its PEM lines
+    local body = "MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7"
+    local code, log = run(sc.config("/tmp/never-made",
+      "public_key_id = 'PUB_KEY_ID_0114232134912410000000000000000001',"
+      .. " public_key_private_key = '" .. body .. "',"))
+    assert.equal(2, code)
+    assert.matches("config.public_key_private_key: not PEM text", log, 1,
+                   true)
+    assert.is_nil(log:find(body:sub(1, 24), 1, true), log)
+  end)
+
   it("a state_dir that cannot be made: one line, no mkdir chatter",
      function()
     local dir = server.tmpdir()

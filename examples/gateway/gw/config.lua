@@ -36,11 +36,14 @@ local function fail(key, reason)
   return nil, "config." .. key .. ": " .. reason
 end
 
+-- The value of a *_file key may be the secret itself, pasted where its
+-- file's path belongs: a reason never repeats it (io.open's message is
+-- "PATH: reason": the reason only; the key at fault names the setting).
 local function read_secret(path)
-  local f, err = io.open(path, "rb")
+  local f, err, code = io.open(path, "rb")
   if not f then
-    -- io.open's message names the path and the reason, not the content
-    return nil, "cannot read " .. tostring(err)
+    local why = type(code) == "number" and tostring(err):sub(#path + 3)
+    return nil, "cannot read the file it names (" .. (why or "?") .. ")"
   end
   local s = f:read("*a") or ""
   f:close()
@@ -72,8 +75,12 @@ local function secret(t, base, where)
     end
     local v = os.getenv(env)
     if v == nil or v == "" then
-      return false, where .. base .. "_env: the environment variable " .. env
-        .. " is not set"
+      -- named only when it looks like a variable's name (upper case, short):
+      -- the secret itself may have been written here
+      local shown = (#env < 32 and env:match("^[A-Z][A-Z0-9_]*$"))
+                    and ("the environment variable " .. env)
+                    or "the environment variable it names"
+      return false, where .. base .. "_env: " .. shown .. " is not set"
     end
     return v
   end

@@ -84,6 +84,27 @@ describe("gateway config", function()
       .. " GW_SPEC_NO_SUCH_VAR is not set")
   end)
 
+  it("never repeats a secret written where a file or variable's name"
+     .. " belongs", function()
+    local key = "hOC69FJ5aBcDeFgHiJkLmNoPqRsTuVwX"      -- 32 characters
+    local out = expect_refused({ gateway = { db = "sqlite:" .. dir
+        .. "/a.db" }, merchants = { merchant{ apiv3_key_file = key } } },
+      "config.merchants[1].apiv3_key_file: cannot read the file it names"
+      .. " (No such file or directory)")
+    assert.falsy(out:find(key, 1, true), out)
+    out = expect_refused({ gateway = { db = "sqlite:" .. dir .. "/a.db" },
+      merchants = { merchant{ apiv3_key_file = false,
+                              apiv3_key_env = key } } },
+      "config.merchants[1].apiv3_key_env: the environment variable it names"
+      .. " is not set")
+    assert.falsy(out:find(key, 1, true), out)
+    out = expect_refused({ gateway = { db = "sqlite:" .. dir .. "/a.db",
+                                       admin_token_file = key },
+                           merchants = { merchant() } },
+      "admin_token_file: cannot read the file it names")
+    assert.falsy(out:find(key, 1, true), out)
+  end)
+
   it("refuses an unknown gateway key and a missing merchant list",
      function()
     expect_refused({ gateway = { db = "sqlite:" .. dir .. "/a.db",

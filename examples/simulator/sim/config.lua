@@ -59,18 +59,9 @@ end
 _M.number_check = number_check
 
 -- A value given as PEM text (it holds "-----BEGIN") or as a file path.
-local function material(v)
-  if type(v) ~= "string" or v == "" then
-    return nil, "must be a file path or PEM text"
-  end
-  if v:find("-----BEGIN", 1, true) then return v end
-  local f, err = io.open(v, "rb")
-  if not f then return nil, "cannot read the file: " .. tostring(err) end
-  local s = f:read("*a")
-  f:close()
-  if not s or s == "" then return nil, "the file " .. v .. " is empty" end
-  return s
-end
+-- A file path or PEM text: the WeChat Pay client's reading, whose reasons
+-- never repeat the value (a key body pasted without its PEM lines)
+local material = require("paygate.wechatpay.config").material
 _M.material = material
 
 local function digits(v)
