@@ -54,6 +54,25 @@ _M.TLS_FILES = {
   ["key.pem"] = { field = "key", secret = true },
 }
 
+--- syntax: s = credentials.shown_name(v)
+-- A file path or variable name from a config, as a message may print it:
+-- nil when it may be the secret itself, written where its name belongs
+-- (a variable's name is upper case and short; a path holds a "." or a "/"
+-- and no run of 32 key characters).
+function _M.shown_name(v)
+  if type(v) ~= "string" or v == "" or #v > 200 or v:find("[%c]") then
+    return nil
+  end
+  if v:match("^[A-Z][A-Z0-9_]*$") then
+    return #v < 32 and v or nil
+  end
+  if (v:find(".", 1, true) or v:find("/", 1, true))
+     and not v:find(("[%w+=]"):rep(32)) then
+    return v
+  end
+  return nil
+end
+
 local function log()
   return require("paygate").log
 end
@@ -95,17 +114,24 @@ function _M.read_kek(conf)
       return bad("kek_file must be a file path")
     end
     local f = io.open(conf.kek_file, "rb")
-    if not f then return bad("kek_file: cannot read " .. conf.kek_file) end
+    local name = _M.shown_name(conf.kek_file)
+    if not f then
+      return bad("kek_file: cannot read " .. (name or "the file it names"))
+    end
     raw = f:read("*a")
     f:close()
-    from = "kek_file " .. conf.kek_file
+    from = "kek_file" .. (name and " " .. name or "")
   elseif conf.kek_env ~= nil then
     if type(conf.kek_env) ~= "string" then
       return bad("kek_env must be an environment variable's name")
     end
     raw = os.getenv(conf.kek_env)
-    if not raw then return bad("kek_env: " .. conf.kek_env .. " is not set") end
-    from = "kek_env " .. conf.kek_env
+    local name = _M.shown_name(conf.kek_env)
+    if not raw then
+      return bad("kek_env: " .. (name or "the variable it names")
+                 .. " is not set")
+    end
+    from = "kek_env" .. (name and " " .. name or "")
   else
     return bad("give kek_file or kek_env (the key-encryption key)")
   end

@@ -19,3 +19,32 @@ describe("cli common.apiv3_key_problem", function()
     assert.is_nil((cause .. fix):find("1234", 1, true))
   end)
 end)
+
+describe("what a message may print of a path or a variable's name", function()
+  local credentials = require "paygate.credentials"
+  local KEY = "hOC69FJ5aBcDeFgHiJkLmNoPqRsTuVwX"    -- an APIv3 key's shape
+
+  it("common.shown hides key material, keeps paths", function()
+    for _, v in ipairs({ KEY, "MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIB",
+                         "-----BEGIN PRIVATE KEY-----" }) do
+      assert.matches("not shown", common.shown(v), 1, true)
+    end
+    for _, v in ipairs({ "/etc/paygate/apiv3.key", "apiclient_key.pem",
+      "/var/lib/paygate/5F1C72E2A8931B72A2E13AF8DEE92471EB397115.pem" }) do
+      assert.equal(v, common.shown(v))
+    end
+  end)
+
+  it("credentials.shown_name names variables and paths, never a secret",
+     function()
+    assert.equal("PAYGATE_KEK", credentials.shown_name("PAYGATE_KEK"))
+    assert.equal("/etc/paygate/kek", credentials.shown_name("/etc/paygate/kek"))
+    for _, v in ipairs({ KEY, KEY:upper(), "s3cr3t-pa55", "a\nb", "", 5 }) do
+      assert.is_nil(credentials.shown_name(v), tostring(v))
+    end
+    local _, err = credentials.read_kek{ kek_env = KEY }
+    assert.is_nil(err.message:find(KEY, 1, true))
+    _, err = credentials.read_kek{ kek_file = KEY }
+    assert.is_nil(err.message:find(KEY, 1, true))
+  end)
+end)

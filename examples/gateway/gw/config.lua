@@ -75,12 +75,11 @@ local function secret(t, base, where)
     end
     local v = os.getenv(env)
     if v == nil or v == "" then
-      -- named only when it looks like a variable's name (upper case, short):
-      -- the secret itself may have been written here
-      local shown = (#env < 32 and env:match("^[A-Z][A-Z0-9_]*$"))
-                    and ("the environment variable " .. env)
-                    or "the environment variable it names"
-      return false, where .. base .. "_env: " .. shown .. " is not set"
+      -- named only when it looks like a variable's name: the secret itself
+      -- may have been written here
+      return false, where .. base .. "_env: the environment variable "
+        .. (require("paygate.credentials").shown_name(env) or "it names")
+        .. " is not set"
     end
     return v
   end

@@ -80,7 +80,8 @@ local function password(e)
     local s = type(e.password_env) == "string" and os.getenv(e.password_env)
     if not s or s == "" then
       return false, "password_env: the environment variable "
-        .. tostring(e.password_env) .. " is not set"
+        .. (credentials.shown_name(e.password_env) or "it names")
+        .. " is not set"
     end
     return s
   end

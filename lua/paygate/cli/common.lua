@@ -213,11 +213,13 @@ end
 
 --- syntax: s = common.shown(path) -- path as printed in a message, or a
 -- note in its place when it looks like key material rather than a path
--- (PEM text, several lines, very long).
+-- (PEM text, several lines, very long, or 32 key characters in a row and
+-- no "." as an APIv3 key or a key body has).
 function _M.shown(path)
   path = tostring(path)
   if path:find("-----BEGIN", 1, true) or path:find("[\r\n]") or #path > 200
-     or path:find("PRIVATE KEY", 1, true) then
+     or path:find("PRIVATE KEY", 1, true)
+     or (not path:find(".", 1, true) and path:find(("[%w+=]"):rep(32))) then
     return "(value not shown: it is not a path)"
   end
   return path
