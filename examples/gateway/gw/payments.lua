@@ -136,9 +136,32 @@ _M.unknown_fields = unknown_fields
 
 -- Checks the channel-specific fields of a body into out; adds reasons to
 -- bad (field -> reason).
+-- (an openid is ASCII: a control or other bytes would go to WeChat, or
+-- fail its client's check after the payment was stored)
+local function is_openid(v)
+  return type(v) == "string" and v ~= "" and #v <= 128
+         and not v:find("[^\33-\126]")
+end
+
+-- The channel and its fields. A field of another channel is not used,
+-- but is checked all the same when given: a body one client sends for
+-- every channel must not carry junk through unseen.
+local function given(v) return v ~= nil and v ~= json.null end
+
 local function check_channel(b, out, bad)
-  if type(b.payer) == "table" then
+  if given(b.payer) and type(b.payer) ~= "table" then
+    bad.payer = "must be an object ({\"openid\": ...})"
+  elseif type(b.payer) == "table" then
     unknown_fields(b.payer, PAYER_FIELDS, bad, "payer.")
+    if given(b.payer.openid) and not is_openid(b.payer.openid) then
+      bad["payer.openid"] = "must be 1..128 printable ASCII characters"
+    end
+  end
+  if given(b.client_ip) and not validate.ip_address(b.client_ip) then
+    bad.client_ip = "must be an IP address (IPv4 as 203.0.113.7, or IPv6)"
+  end
+  if given(b.h5_type) and not H5_TYPES[b.h5_type] then
+    bad.h5_type = "must be iOS, Android or Wap"
   end
   if not CHANNELS[b.channel] then
     bad.channel = "must be native, h5, jsapi or app"
@@ -146,11 +169,7 @@ local function check_channel(b, out, bad)
   end
   out.channel = b.channel
   if b.channel == "jsapi" then
-    -- (an openid is ASCII: a control or other bytes would go to WeChat,
-    -- or fail its client's check after the payment was stored)
-    if type(b.payer) ~= "table" or type(b.payer.openid) ~= "string"
-       or b.payer.openid == "" or #b.payer.openid > 128
-       or b.payer.openid:find("[^\33-\126]") then
+    if type(b.payer) ~= "table" or not is_openid(b.payer.openid) then
       bad["payer.openid"] = "a jsapi payment needs the payer's openid (1..128"
         .. " printable ASCII characters)"
     else
@@ -164,10 +183,7 @@ local function check_channel(b, out, bad)
     else
       out.client_ip = b.client_ip
     end
-    if b.h5_type ~= nil and not H5_TYPES[b.h5_type] then
-      bad.h5_type = "must be iOS, Android or Wap"
-    end
-    out.h5_type = b.h5_type or "Wap"
+    out.h5_type = given(b.h5_type) and b.h5_type or "Wap"
   end
 end
 

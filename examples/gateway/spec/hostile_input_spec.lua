@@ -200,6 +200,27 @@ describe("gateway hostile input", function()
     end
   end)
 
+  it("checks another channel's fields when given, takes them null",
+     function()
+    -- a body one client sends for every channel: its junk is refused even
+    -- where the field is not used (was: a native payment took payer "x",
+    -- client_ip 5 and h5_type [])
+    for _, c in ipairs{ { ',"payer":"x"', "payer" },
+                        { ',"payer":{"openid":5}', "payer.openid" },
+                        { ',"client_ip":5', "client_ip" },
+                        { ',"h5_type":[]', "h5_type" } } do
+      local oid = order_id()
+      refused(create_raw(oid, c[1], "native"), 400, "invalid_request", c[2],
+              oid)
+    end
+    local res = create_raw(order_id(), ',"payer":null,"client_ip":null,'
+      .. '"h5_type":null', "native")
+    assert.equal(201, res.status, res.body)
+    res = create_raw(order_id(), ',"client_ip":"203.0.113.7",'
+      .. '"payer":{"openid":"o-1"}', "native")
+    assert.equal(201, res.status, res.body)
+  end)
+
   it("refuses an empty JSON array where an object belongs", function()
     -- was: [] decoded to an empty table, taken for {}: a close with it
     -- closed the payment, the others answered field by field
