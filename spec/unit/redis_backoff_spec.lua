@@ -9,6 +9,7 @@ local rcore = require "paygate.redis.core"
 local servers = require "spec.support.servers"
 local proc = require "spec.support.proc"
 local slow_http = require "spec.support.slow_http"
+local rawtcp = require "spec.support.rawtcp"
 
 -- a listener on a free port that closes every connection it accepts;
 -- returns its proc, its port and a function counting the accepts
@@ -20,6 +21,19 @@ local function closing_listener(dir)
   proc.wait_until(function() return slow_http.lines(log)[1] == "ready" end,
                   10, "the closing listener")
   return p, port, function() return #slow_http.lines(log) - 1 end
+end
+
+-- a listener on a free port whose accept queue is full (closer.lua
+-- holds it, never accepting; one connection fills backlog 0): a connect
+-- to it gets no SYN-ACK. Returns its port and the connection to close.
+local function unanswered_port(dir)
+  local port = servers.free_port()
+  local log = dir .. "/hold" .. port .. ".log"
+  proc.spawn({ PAYGATE_BIN, "exec", "spec/support/closer.lua", tostring(port),
+               "60", "hold" }, { log = log, watchdog = true })
+  proc.wait_until(function() return proc.read(log):find("listening") end,
+                  10, "the holding listener")
+  return port, assert(rawtcp.connect(port, 1))
 end
 
 local function backing_off(err)
@@ -121,6 +135,45 @@ describe("paygate.redis reconnect backoff", function()
     assert.truthy(wait > 0, "no command failed fast")
     assert.truthy(wait <= 0.1, "next attempt in " .. wait .. " s")
     r:close()
+  end)
+
+  it("a connect that times out says so, not \"no reply\"", function()
+    local port, held = unanswered_port(dir)
+    local addr = "127.0.0.1:" .. port
+    local want = "redis: connect to " .. addr .. " timed out after 0.3 s"
+    local h = rcore.new("127.0.0.1", port, { pool = 1, timeout = 5,
+                                             connect_timeout = 0.3 })
+    local t0 = core.mono()
+    local v, err = h:call("PING")
+    local took = core.mono() - t0
+    assert.is_nil(v)
+    assert.equal(want, err.message)
+    -- never sent: unavailable, as a refused connect
+    assert.equal("unavailable", err.kind)
+    assert.is_true(err.retryable)
+    assert.truthy(took < 2, "took " .. took .. " s, not connect_timeout")
+    -- the commands that fail fast meanwhile give the same reason
+    v, err = h:call("PING")
+    assert.is_nil(v)
+    assert.is_true(backing_off(err), err.message)
+    assert.truthy(err.message:find("(last attempt: " .. addr .. ": connect"
+                                   .. " timed out after 0.3 s)", 1, true),
+                  err.message)
+    -- a blocking command's own connection: connect_timeout too, not its
+    -- block time plus timeout (set_addr ends the backoff)
+    h:set_addr("127.0.0.1", port)
+    v, err = h:call_blocking(10, "BLPOP", "q", 10)
+    assert.is_nil(v)
+    assert.equal("unavailable", err.kind)
+    assert.equal(want, err.message)
+    h:close()
+    -- and redis.connect
+    local r
+    r, err = redis.connect("redis://" .. addr, { connect_timeout = 0.3 })
+    assert.is_nil(r)
+    assert.equal("unavailable", err.kind)
+    assert.equal(want, err.message)
+    held:close()
   end)
 
   it("a new address is used at once, whatever the old one's backoff",

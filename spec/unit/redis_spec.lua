@@ -285,6 +285,7 @@ describe("paygate.redis", function()
       servers.read_cmd("redis-cli -p " .. port .. " CLIENT UNPAUSE")
       assert.is_nil(res)
       assert.equal("timeout", err.kind)
+      assert.equal("redis: no reply within 0.2 s", err.message)
       assert.truthy(paygate.now() - t0 < 5)
       -- and the client reconnects for the next command
       assert.equal("PONG", c:call("PING"))

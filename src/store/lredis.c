@@ -23,7 +23,9 @@
  * Timeouts: a once-per-100-ms tick checks each connection; when it has
  * replies outstanding and none arrived for `timeout` seconds (plus the
  * block time on a blocking command's own connection), the connection is
- * dropped and every command on it fails with "timeout".
+ * dropped and every command on it fails with "timeout". One not connected
+ * within connect_timeout is dropped too; its commands, never sent, fail
+ * "unavailable" ("connect to ... timed out"), not "no reply".
  *
  * Addresses: the host must be numeric (hiredis would resolve a name with
  * the blocking system resolver): paygate.redis resolves names with
@@ -79,6 +81,11 @@
 
 struct lredis_client;
 
+/* Why conn_check dropped a connection (lredis_conn.timedout). */
+#define LREDIS_TIMEDOUT_REPLY    1       /* no reply within the timeout */
+#define LREDIS_TIMEDOUT_CONNECT  2       /* no connection within
+                                            connect_timeout */
+
 struct lredis_conn {
     struct lredis_client    *cl;      /* owner */
     redisAsyncContext  *ac;      /* NULL when not connected */
@@ -86,7 +93,7 @@ struct lredis_conn {
     int                 pending; /* replies outstanding on ac */
     double              since;   /* monotonic s: last reply or first send */
     double              opened;  /* monotonic s: connect started */
-    int                 timedout;/* we dropped ac for a timeout */
+    int                 timedout;/* we dropped ac: LREDIS_TIMEDOUT_* */
     int                 settled; /* the attempt's outcome was counted
                                     (backoff); set for retired records */
     /* A blocking command's own connection (heap, on cl->alone) */
@@ -326,7 +333,13 @@ op_transport_error(struct lredis_op *op, struct lredis_conn *c,
     if (op->kind[0] != '\0') {
         return;
     }
-    if (c != NULL && c->timedout) {
+    if (c != NULL && c->timedout == LREDIS_TIMEDOUT_CONNECT) {
+        /* never sent: as safe to retry as a refused connect */
+        snprintf(op->kind, sizeof(op->kind), "unavailable");
+        snprintf(op->msg, sizeof(op->msg), "redis: connect to %s:%d timed"
+                 " out after %.3g s", op->cl->host, op->cl->port,
+                 op->cl->connect_timeout);
+    } else if (c != NULL && c->timedout) {
         snprintf(op->kind, sizeof(op->kind), "timeout");
         snprintf(op->msg, sizeof(op->msg), "redis: no reply within %.3g s",
                  c->block + op->cl->timeout);
@@ -686,21 +699,24 @@ conn_check(struct lredis_conn *c)
     struct lredis_client *cl = c->cl;
     double                now = gw_loop_mono_fresh();
     char                  why[48];
+    int                   timedout;
 
     if (c->ac == NULL) {
         return;
     }
     if (!c->ready && now - c->opened > cl->connect_timeout) {
-        snprintf(why, sizeof(why), "no connection within %.3g s",
+        snprintf(why, sizeof(why), "connect timed out after %.3g s",
                  cl->connect_timeout);
+        timedout = LREDIS_TIMEDOUT_CONNECT;
     } else if (c->pending > 0 && now - c->since > c->block + cl->timeout) {
         snprintf(why, sizeof(why), "no reply within %.3g s",
                  c->block + cl->timeout);
+        timedout = LREDIS_TIMEDOUT_REPLY;
     } else {
         return;
     }
     attempt_failed(c, why);              /* conn_drop hides ac from us */
-    c->timedout = 1;
+    c->timedout = timedout;
     conn_drop(c);                        /* NULL replies, then disconnect */
 }
 
