@@ -16,7 +16,8 @@
 --
 -- Commands take the pool's connections in turn. A blocking command
 -- (BLPOP, XREAD BLOCK, ...: BLOCKING below) runs on a connection of its
--- own, its reply allowed its block time on top of `timeout`; in a
+-- own, its reply allowed its block time on top of `timeout`; past
+-- `max_blocking` of them at once it fails "busy" at once; in a
 -- pipeline it raises, and so do WAIT / WAITAOF and a transaction's
 -- commands in call (they belong in a pipeline), pub/sub and MONITOR, and
 -- the commands that change the connection itself (SELECT, AUTH, ...).
@@ -463,9 +464,10 @@ end
 -- for it and closed after its reply: on a shared connection every
 -- command queued behind it (replies come in order) would wait as long,
 -- and a block longer than `timeout` would read as a timeout, failing
--- them all. Its reply may come its block time later than `timeout`.
--- The value says where its block time is: the last argument, or the
--- first after the name, in seconds (0: forever).
+-- them all. Its reply may come its block time later than `timeout`. At
+-- most max_blocking run at once (the C client refuses one more, "busy").
+-- The value says where a command's block time is: the last argument, or
+-- the first after the name, in seconds (0: forever).
 local BLOCKING = {
   BLPOP = "last", BRPOP = "last", BRPOPLPUSH = "last", BLMOVE = "last",
   BZPOPMIN = "last", BZPOPMAX = "last", BLMPOP = "first", BZMPOP = "first",
@@ -606,7 +608,8 @@ end
 -- url: redis://[password@]host[:port][/db] or
 --      redis-sentinel://[password@]s1[:26379][,s2...]/master_name[/db]
 -- opts: pool (connections, default 2), timeout (s without a reply,
---       default 5), connect_timeout (s, default 2), password, db;
+--       default 5), connect_timeout (s, default 2), password, db,
+--       max_blocking (blocking commands at once, default 64);
 --       Sentinel: sentinel_poll (s, default 1), sentinel_password;
 --       leases (paygate.lease): lease_replicas (replicas a grant waits
 --       for: default 1 under Sentinel, else 0), lease_wait (s, default 1,

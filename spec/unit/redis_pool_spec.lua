@@ -184,6 +184,86 @@ describe("paygate.redis connections", function()
       r:close()
     end)
 
+    it("at most max_blocking at once: one more fails busy at once, and the"
+       .. " server sees no more connections", function()
+      local r = assert(redis.connect(srv.url, { pool = 1, max_blocking = 2 }))
+      assert.equal("PONG", r:call("PING"))
+      assert.equal(1, clients())
+      -- three coroutines BLPOP an empty list at once
+      local results, tasks = {}, {}
+      for i = 1, 3 do
+        tasks[i] = paygate.spawn(function()
+          local v, err = r:call("BLPOP", "q", 10)
+          results[i] = { v = v, err = err }
+        end)
+      end
+      local refused
+      servers.wait_for(function()
+        for i = 1, 3 do
+          if results[i] then
+            refused = i
+          end
+        end
+        return refused ~= nil
+      end, 5, "a BLPOP to be refused")
+      local err = results[refused].err
+      assert.is_nil(results[refused].v)
+      assert.equal("busy", err.kind)
+      assert.is_true(err.retryable)
+      assert.truthy(err.message:find("BLPOP refused", 1, true), err.message)
+      assert.truthy(err.message:find("(max_blocking = 2,", 1, true),
+                    err.message)
+      servers.wait_for(function() return blocked() == 2 end, 10,
+                       "the other two to block")
+      local done = 0
+      for i = 1, 3 do
+        done = done + (results[i] and 1 or 0)
+      end
+      assert.equal(1, done)
+      -- the pool's connection and two of their own, not a third
+      assert.equal(3, clients())
+      local list = assert(admin:call("CLIENT", "LIST"))
+      local _, blpops = list:gsub("cmd=blpop", "")
+      assert.equal(2, blpops, list)
+      -- the client serves other commands meanwhile
+      assert.equal("PONG", r:call("PING"))
+      -- the two blocked ones take the values pushed
+      assert.equal(2, admin:call("RPUSH", "q", "a", "b"))
+      local got = {}
+      for i = 1, 3 do
+        tasks[i]:wait()
+        if i ~= refused then
+          assert.is_table(results[i].v, tostring(results[i].err))
+          got[#got + 1] = results[i].v[2]
+        end
+      end
+      table.sort(got)
+      assert.same({ "a", "b" }, got)
+      -- their connections closed, the slots are free again
+      servers.wait_for(function() return clients() == 1 end, 10,
+                       "the BLPOPs' connections to close")
+      local t = paygate.spawn(function() return r:call("BLPOP", "q", 10) end)
+      servers.wait_for(function() return blocked() == 1 end, 10,
+                       "a BLPOP to block again")
+      assert.equal(1, admin:call("LPUSH", "q", "c"))
+      assert.same({ "q", "c" }, t:wait())
+      r:close()
+      -- from the URL too; a blocking XREAD counts as well
+      r = assert(redis.connect(srv.url .. "?max_blocking=1&pool=1"))
+      t = paygate.spawn(function() return r:call("BRPOP", "q", 10) end)
+      servers.wait_for(function() return blocked() == 1 end, 10,
+                       "the BRPOP to block")
+      local v
+      v, err = r:call("XREAD", "BLOCK", 10000, "STREAMS", "s", "$")
+      assert.is_nil(v)
+      assert.equal("busy", err.kind)
+      assert.truthy(err.message:find("(max_blocking = 1,", 1, true),
+                    err.message)
+      assert.equal(1, admin:call("LPUSH", "q", "d"))
+      assert.same({ "q", "d" }, t:wait())
+      r:close()
+    end)
+
     it("a move to another address fails a blocked command unavailable",
        function()
       local other = servers.redis()

@@ -28,7 +28,8 @@ describe("paygate.redis", function()
 
     it("raises on a mistyped option, naming it", function()
       for name, v in pairs({ password = {}, pool = "x", timeout = 0,
-                             connect_timeout = "1", db = -1 }) do
+                             connect_timeout = "1", db = -1,
+                             max_blocking = 0 }) do
         local ok, err = pcall(redis.connect, srv.url, { [name] = v })
         assert.is_false(ok, name)
         assert.truthy(tostring(err):find("redis.connect: opts." .. name

@@ -12,7 +12,9 @@
  * A blocking command (BLPOP, XREAD BLOCK, ...: paygate.redis says which,
  * with call_blocking) gets a connection of its own, opened for it and
  * closed after its reply: on a shared one, every command queued behind
- * it would wait for it, and its wait would read as a timeout.
+ * it would wait for it, and its wait would read as a timeout. At most
+ * max_blocking of them at once (each is a client on the server, which
+ * has maxclients): one more fails "busy" at once.
  *
  * While the server is down a command fails at once with "unavailable"
  * (loopback connects are refused immediately; a connect that hangs is
@@ -63,6 +65,7 @@
 #define LREDIS_MT       "paygate.redis.client"
 #define LREDIS_MAXARGS  1024
 #define LREDIS_MAXPOOL  16
+#define LREDIS_MAXBLOCKING 64            /* default max_blocking */
 
 /* Reconnect backoff. With no connection up, every command would open
  * one: while the server is down that is a connect per command, a burst
@@ -115,6 +118,8 @@ struct lredis_client {
     unsigned         rr;         /* round-robin cursor */
     struct lredis_conn  conns[LREDIS_MAXPOOL];
     struct lredis_conn *alone;   /* blocking commands' connections */
+    int              nalone;     /* records on alone */
+    int              max_blocking; /* cap on nalone */
     unsigned         gen;        /* bumped by set_addr */
     double           backoff;    /* s: the last window's length before
                                     jitter; 0 after a success */
@@ -490,6 +495,7 @@ conn_gone(struct lredis_conn *c)
     if (!c->alone) {
         return;
     }
+    cl->nalone--;
     if (c->prev != NULL) {
         c->prev->next = c->next;
     } else {
@@ -658,17 +664,29 @@ pick_conn(struct lredis_client *cl, char *err, size_t errlen)
     return live;
 }
 
-/* Opens a connection for one blocking command that may block for block
- * s (HUGE_VAL: forever), unless the client backs off. NULL + err on
- * failure. */
+/* Opens a connection for one blocking command (cmd) that may block for
+ * block s (HUGE_VAL: forever), unless the client backs off or has
+ * max_blocking of them already. NULL + err and its kind on failure. */
 static struct lredis_conn *
-alone_open(struct lredis_client *cl, double block, char *err, size_t errlen)
+alone_open(struct lredis_client *cl, double block, const char *cmd,
+           const char **kind, char *err, size_t errlen)
 {
     struct lredis_conn *c;
     double              now = gw_loop_mono_fresh();
 
+    *kind = "unavailable";
     if (now < cl->retry_at) {
         backoff_msg(cl, now, err, errlen);
+        return NULL;
+    }
+    if (cl->nalone >= cl->max_blocking) {
+        /* refused, not queued: a wait for a slot would come on top of
+         * the block time the caller asked for */
+        *kind = "busy";
+        snprintf(err, errlen, "redis: %.32s refused: %d blocking commands"
+                 " already hold connections of their own (max_blocking ="
+                 " %d, a redis.connect option)", cmd, cl->nalone,
+                 cl->max_blocking);
         return NULL;
     }
     c = calloc(1, sizeof(*c));
@@ -689,6 +707,7 @@ alone_open(struct lredis_client *cl, double block, char *err, size_t errlen)
         c->next->prev = c;
     }
     cl->alone = c;
+    cl->nalone++;
     return c;
 }
 
@@ -853,7 +872,8 @@ lredis_set_addr(lua_State *L)
 
 /*
  * core.new(host, port, opts) -> client (no I/O yet)
- * opts: password, db, pool, timeout (s), connect_timeout (s)
+ * opts: password, db, pool, timeout (s), connect_timeout (s),
+ *       max_blocking (blocking commands at once)
  */
 static int
 lredis_new(lua_State *L)
@@ -863,11 +883,12 @@ lredis_new(lua_State *L)
     struct lredis_client *cl;
     struct lredis_ud   *ud;
     struct timeval   tv = { 0, 100000 };
-    int              i, npool, dbnum;
+    int              i, npool, dbnum, max_blocking;
     double           timeout, connect_timeout;
     const char      *password;
     static const char *const known[] = {
-        "password", "db", "pool", "timeout", "connect_timeout", NULL
+        "password", "db", "pool", "timeout", "connect_timeout",
+        "max_blocking", NULL
     };
 
     /* Checked first: raising must not leak what is allocated below. */
@@ -883,6 +904,8 @@ lredis_new(lua_State *L)
     npool = gw_store_opt_int(L, 3, "redis.connect", "pool", 2, 1,
                              LREDIS_MAXPOOL);
     dbnum = gw_store_opt_int(L, 3, "redis.connect", "db", 0, 0, INT_MAX);
+    max_blocking = gw_store_opt_int(L, 3, "redis.connect", "max_blocking",
+                                    LREDIS_MAXBLOCKING, 1, INT_MAX);
     password = gw_store_opt_str(L, 3, "redis.connect", "password");
     ud = lua_newuserdata(L, sizeof(*ud));
     ud->cl = NULL;
@@ -900,6 +923,7 @@ lredis_new(lua_State *L)
     cl->connect_timeout = connect_timeout;
     cl->npool = npool;
     cl->dbnum = dbnum;
+    cl->max_blocking = max_blocking;
     if (password != NULL) {
         cl->password = strdup(password);
         if (cl->password == NULL) {
@@ -1061,6 +1085,7 @@ call_on(lua_State *L, struct lredis_client *cl, int first, double block)
     size_t           lens[LREDIS_MAXARGS];
     struct lredis_conn *c;
     struct lredis_op   *op;
+    const char      *kind = "unavailable";
     char             err[200];
     int              top = lua_gettop(L), n;
 
@@ -1073,9 +1098,9 @@ call_on(lua_State *L, struct lredis_client *cl, int first, double block)
     }
     n = collect_args(L, 0, first, top, args, lens);
     c = block < 0 ? pick_conn(cl, err, sizeof(err))
-                  : alone_open(cl, block, err, sizeof(err));
+                  : alone_open(cl, block, args[0], &kind, err, sizeof(err));
     if (c == NULL) {
-        return gw_push_error(L, "unavailable", 1, "%s", err);
+        return gw_push_error(L, kind, 1, "%s", err);
     }
     op = calloc(1, sizeof(*op));
     if (op == NULL) {
