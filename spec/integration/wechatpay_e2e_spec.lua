@@ -258,6 +258,17 @@ local function suite(label, sim_opts)
       -- variant) and the simulator decrypts them with its key
       a = assert(wx:abnormal_refund(p))
       assert.equal(rno, a.out_refund_no)
+      -- its answer lost after WeChat acted: not retried (a repeat is
+      -- refused, the refund is no longer ABNORMAL), unknown_outcome, and
+      -- the query tells
+      id, rno = abnormal()
+      sim:fault{ endpoint = "abnormal_refund", kind = "reset", count = 1,
+                 after = true }
+      local r, err = wx:abnormal_refund{ refund_id = id, out_refund_no = rno,
+                                         type = "MERCHANT_BANK_CARD" }
+      assert.is_nil(r)
+      assert.equal("unknown_outcome", err.kind)
+      assert.equal("PROCESSING", assert(wx:query_refund(rno)).status)
     end)
 
     it("gives bills and downloads them with their hash checked", function()

@@ -17,10 +17,11 @@
 -- the id for the id-only calls).
 --
 -- Retries: GETs are idempotent; so are the POSTs that carry an
--- out_trade_no / out_refund_no (prepay, close, refund, abnormal refund):
--- WeChat answers a repeat with the same parameters as the first without
--- acting twice, so a timeout after sending can be retried with the same
--- body bytes.
+-- out_trade_no / out_refund_no (prepay, close, refund): WeChat answers a
+-- repeat with the same parameters as the first without acting twice, so a
+-- timeout after sending can be retried with the same body bytes. Not the
+-- abnormal refund: once applied the refund is no longer ABNORMAL and a
+-- repeat is refused, so a lost answer is unknown_outcome (query_refund).
 
 local core = require "paygate.core"
 local crypto = require "paygate.crypto"
@@ -586,7 +587,6 @@ function _M.abnormal_refund(self, p, o)
   s, err = encode(name, body)
   if not s then return nil, err end
   o = o and copy(o) or {}
-  o.idempotent = true
   o.wechatpay_serial = serial
   return call(self, name, "POST", "/v3/refund/domestic/refunds/"
               .. esc(p.refund_id) .. "/apply-abnormal-refund", s, o)
