@@ -11,6 +11,8 @@
 local paygate = require "paygate"
 local core = require "paygate.core"
 local crypto = require "paygate.crypto"
+local utf8 = require "paygate.utf8"
+local validate = require "paygate.wechatpay.validate"
 local sign = require "paygate.wechatpay.sign"
 local json = require "sim.json"
 local faults = require "sim.faults"
@@ -52,13 +54,49 @@ function _M.err(status, code, message, detail)
 end
 local err = _M.err
 
+--- syntax: s = api.kind(v) -- what a JSON value is, for a message
+-- "an object", "an array" ("an empty object or array": the decoder
+-- cannot tell {} from []), "a string", "a number", "a boolean", "null".
+function _M.kind(v)
+  local t = type(v)
+  if t == "table" then
+    if next(v) == nil then return "an empty object or array" end
+    return validate.is_array(v) and "an array" or "an object"
+  end
+  if v == json.null then return "null" end
+  return t == "number" and "a number" or t == "boolean" and "a boolean"
+         or "a string"
+end
+
+--- syntax: s = api.shown(v[, max]) -- a request value as an answer echoes it
+-- A string as valid UTF-8 (a bad byte written as U+FFFD), cut to max
+-- characters when given; a number or a boolean as JSON writes it; null,
+-- an object or an array by what it is (never a table's address).
+function _M.shown(v, max)
+  local t = type(v)
+  if t == "nil" then return nil end
+  if t == "number" or t == "boolean" then return tostring(v) end
+  if t ~= "string" then return v == json.null and "null" or _M.kind(v) end
+  local n = utf8.len(v)
+  if n and (not max or n <= max) then return v end
+  local out, i, len, chars = {}, 1, #v, 0
+  while i <= len and (not max or chars < max) do
+    local k = utf8.char_len(v, i)
+    out[#out + 1] = k and v:sub(i, i + k - 1) or "\239\191\189"
+    i, chars = i + (k or 1), chars + 1
+  end
+  return table.concat(out)
+end
+local shown = _M.shown
+
 --- syntax: e = api.param_error(field, issue[, value[, location]])
--- 400 PARAM_ERROR naming the field as a JSON pointer ("/amount/total").
+-- 400 PARAM_ERROR naming the field as a JSON pointer ("/amount/total");
+-- value, the one refused, is echoed as api.shown writes it.
 function _M.param_error(field, issue, value, location)
   local path = field:sub(1, 1) == "/" and field or "/" .. field
   return err(400, "PARAM_ERROR", "输入源“/" .. (location or "body")
     .. path .. "”映射到值字段“" .. field .. "”校验失败：" .. issue,
-    { field = field, value = value, issue = issue,
+    { field = field, value = shown(value), issue = issue,
       location = location or "body" })
 end
 
@@ -222,13 +260,13 @@ function _M.authenticate(req, target, signed_body)
   if a.schema ~= S.cfg.sign_type then
     return nil, sign_error("Http头Authorization中的认证类型有误，应为"
       .. S.cfg.sign_type, { field = "schema", location = "authorization",
-      value = a.schema:sub(1, 64) })
+      value = shown(a.schema, 64) })
   end
   local m = S.cfg.by_mchid[a.mchid]
   if not m then
     return nil, sign_error("Http头Authorization中的mchid有误：商户号不存在",
       { field = "mchid", location = "authorization",
-        value = a.mchid:sub(1, 64) })
+        value = shown(a.mchid, 64) })
   end
   -- WeChat's answer says the timestamp may "not exceed" 5 minutes (不得
   -- 超过): 300 s itself passes here; the client refuses at 300 s (the
@@ -239,7 +277,7 @@ function _M.authenticate(req, target, signed_body)
      or math.abs(now - ts) > S.cfg.timestamp_window then
     return nil, sign_error("Http头Authorization中的timestamp与发起请求的时间"
       .. "不得超过5分钟", { field = "timestamp", location = "authorization",
-      value = a.timestamp:sub(1, 32) })
+      value = shown(a.timestamp, 32) })
   end
   if a.nonce_str == "" or #a.nonce_str > 64 then
     return nil, sign_error("Http头Authorization中的nonce_str有误",
@@ -249,7 +287,7 @@ function _M.authenticate(req, target, signed_body)
   if not key then
     return nil, sign_error("商户证书序列号有误。请使用签名私钥匹配的证书序列号",
       { field = "serial_no", location = "authorization",
-        value = a.serial_no:sub(1, 64) })
+        value = shown(a.serial_no, 64) })
   end
   local msg = sign.request_message(req.method, target, a.timestamp,
                                    a.nonce_str, signed_body or req.body)
@@ -377,11 +415,11 @@ function _M.handle(req, target, endpoint, fn, opts, entry)
               params = req.params, now = core.time(), req = req,
               parts = parts }
   if req.method == "POST" and opts.json ~= false and not opts.multipart then
-    local doc = json.decode(req.body)
-    if type(doc) ~= "table" then
+    local doc, why = json.object(req.body)
+    if not doc then
       entry.code = "PARAM_ERROR"
       return error_answer(err(400, "PARAM_ERROR", "请求体不是合法的JSON对象",
-        { location = "body", issue = "not a JSON object" }))
+        { location = "body", issue = why:match("^[^:]*") }))
     end
     c.body = doc
   end

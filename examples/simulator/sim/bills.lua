@@ -362,7 +362,7 @@ function _M.ask(ctx, req, m, kind)
   local now = core.time()
   local start, why = _M.day_start(q.bill_date)
   if not start then
-    return bad("PARAM_ERROR", why, "bill_date", q.bill_date:sub(1, 32))
+    return bad("PARAM_ERROR", why, "bill_date", API.shown(q.bill_date, 32))
   end
   local bill_type
   if kind == "trade" then
@@ -387,7 +387,7 @@ function _M.ask(ctx, req, m, kind)
   local sub = q.sub_mchid
   if sub ~= nil then
     if kind ~= "trade" or not (m.sub and m.sub[sub]) then
-      return bad("PARAM_ERROR", "sub_mchid " .. tostring(sub):sub(1, 32)
+      return bad("PARAM_ERROR", "sub_mchid " .. API.shown(sub, 32)
                  .. " is not a sub-merchant of " .. m.mchid, "sub_mchid")
     end
   end

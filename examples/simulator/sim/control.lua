@@ -8,6 +8,7 @@
 local paygate = require "paygate"
 local config = require "sim.config"
 local json = require "sim.json"
+local utf8 = require "paygate.utf8"
 local faults = require "sim.faults"
 local identity = require "sim.identity"
 local certificates = require "sim.certificates"
@@ -60,13 +61,27 @@ function _M.route(method, pattern, fn)
   end)
 end
 
+--- syntax: b, why = control.body_of(req)
+-- A control request's body: a JSON object ({} when there is none), or
+-- nil and why (not JSON, or JSON but not an object: an array too).
 local function body_of(req)
   if req.body == nil or req.body == "" then return {} end
-  local v = json.decode(req.body)
-  if type(v) ~= "table" then return nil end
+  local v, why = json.object(req.body)
+  if not v then return nil, "body must be a JSON object (" .. why .. ")" end
   return v
 end
 _M.body_of = body_of
+
+-- A string field of a control body: absent, or 1 to 128 bytes of UTF-8
+-- (the order's answers and its notification carry it). returns: why
+-- not, or nil.
+local function bad_string(b, k)
+  local v = b[k]
+  if v ~= nil and (type(v) ~= "string" or v == "" or #v > 128
+                   or not utf8.len(v)) then
+    return k .. " must be a UTF-8 string of 1 to 128 bytes"
+  end
+end
 
 function _M.routes(ctx)
   S.listen = ctx.config.control_listen
@@ -79,8 +94,8 @@ function _M.routes(ctx)
 
   -- the payer pays: NOTPAY -> SUCCESS (+ TRANSACTION.SUCCESS notification)
   route("POST", "/sim/transactions/:no/pay", function(req)
-    local b = body_of(req)
-    if not b then return bad("body must be a JSON object") end
+    local b, why = body_of(req)
+    if not b then return bad(why) end
     if b.payer_total ~= nil and (type(b.payer_total) ~= "number"
        or b.payer_total < 0 or b.payer_total ~= math.floor(b.payer_total))
     then
@@ -88,10 +103,8 @@ function _M.routes(ctx)
                  .. "order's total")
     end
     for _, k in ipairs({ "bank_type", "openid" }) do
-      if b[k] ~= nil and (type(b[k]) ~= "string" or b[k] == ""
-                          or #b[k] > 128) then
-        return bad(k .. " must be a string")
-      end
+      why = bad_string(b, k)
+      if why then return bad(why) end
     end
     local q = req:query()
     local wait = q.wait
@@ -137,20 +150,22 @@ function _M.routes(ctx)
 
   -- the payment fails: NOTPAY -> PAYERROR (WeChat sends no notification)
   route("POST", "/sim/transactions/:no/fail", function(req)
-    local b = body_of(req)
-    if not b then return bad("body must be a JSON object") end
+    local b, why = body_of(req)
+    if not b then return bad(why) end
+    why = bad_string(b, "bank_type")
+    if why then return bad(why) end
     local t, err = orders.fail(req.params.no, {
-      mchid = req:query().mchid,
-      bank_type = type(b.bank_type) == "string" and b.bank_type or nil })
+      mchid = req:query().mchid, bank_type = b.bank_type })
     if not t then return answer(err.status or 500, err) end
     return answer(200, t)
   end)
 
   -- the refund settles: PROCESSING -> SUCCESS | ABNORMAL | CLOSED
   route("POST", "/sim/refunds/:no/settle", function(req)
-    local b = body_of(req)
-    if not b then return bad("body must be a JSON object") end
-    local st = b.status or "SUCCESS"
+    local b, why = body_of(req)
+    if not b then return bad(why) end
+    local st = b.status
+    if st == nil then st = "SUCCESS" end
     if st ~= "SUCCESS" and st ~= "ABNORMAL" and st ~= "CLOSED" then
       return bad("status must be SUCCESS, ABNORMAL or CLOSED")
     end
@@ -178,13 +193,11 @@ function _M.routes(ctx)
   end)
 
   route("POST", "/sim/certificates/rotate", function(req)
-    local b = body_of(req)
-    if not b then return answer(400, { code = "PARAM_ERROR",
-                                       message = "body must be JSON" }) end
+    local b, why = body_of(req)
+    if not b then return bad(why) end
     local delay = b.delay
     if delay ~= nil and (type(delay) ~= "number" or delay < 0) then
-      return answer(400, { code = "PARAM_ERROR",
-                           message = "delay must be a number >= 0" })
+      return bad("delay must be a number >= 0")
     end
     local c, err = identity.rotate(delay)
     if not c then
@@ -215,10 +228,11 @@ function _M.routes(ctx)
   end)
 
   route("POST", "/sim/faults", function(req)
-    local f, why = faults.add(body_of(req))
-    if not f then
-      return answer(400, { code = "PARAM_ERROR", message = why })
-    end
+    local b, why = body_of(req)
+    if not b then return bad(why) end
+    local f
+    f, why = faults.add(b)
+    if not f then return bad(why) end
     return answer(200, f)
   end)
 

@@ -30,12 +30,11 @@ function _M.routes(ctx)
   end)
 
   control.route("POST", "/sim/bills/close", function(req)
-    local b = control.body_of(req)
-    if not b or type(b.bill_date) ~= "string" then
-      return answer(400, { code = "PARAM_ERROR",
-                           message = "body must be { \"bill_date\": "
-                                     .. "\"YYYY-MM-DD\" }" })
+    local b, why = control.body_of(req)
+    if b and type(b.bill_date) ~= "string" then
+      why = 'bill_date must be a string "YYYY-MM-DD"'
     end
+    if why then return answer(400, { code = "PARAM_ERROR", message = why }) end
     local cut, err = bills.close(ctx, b.bill_date)
     if not cut then
       return answer(400, { code = "PARAM_ERROR", message = tostring(err) })

@@ -90,6 +90,9 @@ _M.define("error", "before", function(f)
   then
     return nil, "message must be a string"
   end
+  if f.after ~= nil and type(f.after) ~= "boolean" then
+    return nil, "after must be a boolean"
+  end
   f.code = f.code or (f.status == 429 and "FREQUENCY_LIMITED")
            or (f.status >= 500 and "SYSTEM_ERROR") or "INVALID_REQUEST"
   f.message = f.message or (f.code == "SYSTEM_ERROR" and "系统繁忙,请稍后重试")

@@ -1,17 +1,33 @@
--- sim.json: JSON as WeChat Pay writes it. lua-cjson 2.1.0 escapes "/" as
--- "\/" (valid JSON, but not what WeChat sends: code_url reads
--- "weixin://..."); encode undoes that. Every "/" cjson writes is escaped,
--- so replacing each "\/" with "/" is exact (an escaped backslash before a
--- slash comes out as "\\\/" and becomes "\\/").
-local cjson = require "cjson.safe"
+-- sim.json: JSON as WeChat Pay reads and writes it, on the runtime's own
+-- codec (paygate.json.core). decode is strict RFC 8259: hex, NaN,
+-- Infinity, "+1" and trailing text are not JSON, as they are not to
+-- WeChat (lua-cjson took them). encode writes "/" unescaped (code_url
+-- reads "weixin://..."), and a string that is not valid UTF-8 with
+-- U+FFFD for each bad byte: whatever a request held, an answer that
+-- echoes it is valid UTF-8 JSON.
+local jcore = require "paygate.json.core"
 
-local _M = { null = cjson.null, decode = cjson.decode }
+local type, find = type, string.find
 
---- syntax: s = json.encode(v)
-function _M.encode(v)
-  local s = cjson.encode(v)
-  if s and s:find("\\/", 1, true) then s = s:gsub("\\/", "/") end
-  return s
+local _M = { null = require("paygate.core").null, encode = jcore.encode }
+
+--- syntax: v, err = json.decode(text) -- nil, err for what is not JSON
+function _M.decode(text)
+  if type(text) ~= "string" then return nil, "no text" end
+  return jcore.decode(text)
+end
+
+--- syntax: t, why = json.object(text)
+-- A request body that must be a JSON object: the table, or nil and why
+-- ("not JSON: ...", "not a JSON object"). An array decodes to a table
+-- too: the text's first character tells them apart.
+function _M.object(text)
+  local v, err = _M.decode(text)
+  if v == nil then return nil, "not JSON: " .. tostring(err) end
+  if type(v) ~= "table" or not find(text, "^[ \t\r\n]*{") then
+    return nil, "not a JSON object"
+  end
+  return v
 end
 
 return _M

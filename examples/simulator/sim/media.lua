@@ -6,7 +6,7 @@
 -- RMVB for videos) and its size within the limit (5 MB images, 5 MB
 -- videos here). The answer: { media_id }.
 local crypto = require "paygate.crypto"
-local json = require "cjson.safe"
+local json = require "sim.json"
 
 local _M = {}
 
@@ -21,12 +21,12 @@ local function upload(api, kinds, what)
     if type(meta) ~= "table" or type(meta.filename) ~= "string"
        or type(meta.sha256) ~= "string" then
       return nil, api.param_error("meta", "应为包含filename和sha256的JSON",
-                                  c.parts.meta.data:sub(1, 64))
+                                  api.shown(c.parts.meta.data, 64))
     end
     local ext = meta.filename:match("%.(%w+)$")
     if not ext or not kinds[ext:lower()] then
       return nil, api.param_error("meta.filename", "文件名后缀不是支持的"
-                                  .. what .. "格式", meta.filename:sub(1, 64))
+        .. what .. "格式", api.shown(meta.filename, 64))
     end
     local file = c.parts.file
     if not file then
@@ -39,7 +39,7 @@ local function upload(api, kinds, what)
     if crypto.hex(crypto.digest("sha256", file.data)) ~= meta.sha256:lower()
     then
       return nil, api.param_error("meta.sha256", "文件摘要与文件内容不符",
-                                  meta.sha256:sub(1, 64))
+                                  api.shown(meta.sha256, 64))
     end
     return 200, { media_id = "V" .. crypto.hex(crypto.random_bytes(24)) }
   end

@@ -175,7 +175,7 @@ local function str(body, key, max, required, field, min)
     return true
   end
   if type(v) ~= "string" then
-    return nil, api().param_error(field, "应为字符串", tostring(v))
+    return nil, api().param_error(field, "应为字符串", v)
   end
   if not utf8_bmp(v) then
     return nil, api().param_error(field,
@@ -191,8 +191,7 @@ end
 
 local function int(v, field, min)
   if type(v) ~= "number" or v ~= math_floor(v) or v < min or v > 1e12 then
-    return nil, api().param_error(field, "应为不小于" .. min .. "的整数",
-                                  tostring(v))
+    return nil, api().param_error(field, "应为不小于" .. min .. "的整数", v)
   end
   return true
 end
@@ -212,29 +211,97 @@ local function set_of(list)
   return t
 end
 
+-- A JSON object is a table that is not a non-empty array ({} and []
+-- decode alike).
+local function is_object(v)
+  return type(v) == "table" and (next(v) == nil or not validate.is_array(v))
+end
+
+-- The checks of a nested object's fields: check(t, key, field) -> true,
+-- or nil, e (a PARAM_ERROR naming field): a string of min..max
+-- characters, an integer >= min, a boolean, one of values.
+local REQ = true
+local function a_string(min, max, required)
+  return function(t, k, field) return str(t, k, max, required, field, min) end
+end
+local function an_int(min, required)
+  return function(t, k, field)
+    if t[k] == nil then
+      if not required then return true end
+      return nil, api().param_error(field, "此字段为必填项")
+    end
+    return int(t[k], field, min)
+  end
+end
+local function a_bool(t, k, field)
+  if t[k] == nil or type(t[k]) == "boolean" then return true end
+  return nil, api().param_error(field, "应为布尔值", t[k])
+end
+local function one_of(values, required)
+  local set = {}
+  for _, v in ipairs(values) do set[v] = true end
+  local issue = "应为" .. table.concat(values, "或")
+  return function(t, k, field)
+    local v = t[k]
+    if v == nil and not required then return true end
+    if v == nil then return nil, api().param_error(field, "此字段为必填项") end
+    if type(v) ~= "string" or not set[v] then
+      return nil, api().param_error(field, issue, v)
+    end
+    return true
+  end
+end
+local KNOWN = false             -- a key the endpoint's own code checks
+
+local function sorted_keys(t)
+  local l = {}
+  for k in pairs(t) do l[#l + 1] = k end
+  table.sort(l)
+  return l
+end
+
 -- The objects nested in a request body, with every key WeChat defines
 -- for them: an unknown key in one is refused as one at the top level is,
 -- naming its path ("/amount/foo"; an array item by its index from 0,
 -- "/detail/goods_detail/0/foo"). A client that misspells a nested key
 -- (amount.totl) would otherwise pass here and fail only in production.
--- shape: { keys = set, children = { key = the shape of its value } } or,
--- for an array of objects, { items = shape }.
-local function obj(keys, children)
-  return { keys = set_of(keys), children = children or EMPTY }
+-- Then each field's type (a string, an integer, ...), and the object or
+-- array a shape says a value is: an array of objects has at least one
+-- item, each an object.
+-- shape: { fields = { key = check or KNOWN }, children = { key = the
+-- shape of its value } } or, for an array of objects, { items = shape }.
+local function obj(fields, children)
+  return { fields = fields, names = sorted_keys(fields),
+           children = children or EMPTY,
+           child_names = sorted_keys(children or EMPTY) }
 end
 local function items(shape) return { items = shape } end
 
+local function goods(extra)
+  local t = { merchant_goods_id = a_string(1, 32, REQ),
+              wechatpay_goods_id = a_string(nil, 32),
+              goods_name = a_string(nil, 256),
+              unit_price = an_int(0, REQ) }
+  for k, v in pairs(extra) do t[k] = v end
+  return obj(t)
+end
+
 local NESTED_COMMON = {
-  amount = obj({ "total", "currency" }),
-  detail = obj({ "cost_price", "invoice_id", "goods_detail" }, {
-    goods_detail = items(obj({ "merchant_goods_id", "wechatpay_goods_id",
-                               "goods_name", "quantity", "unit_price" })) }),
-  scene_info = obj({ "payer_client_ip", "device_id", "store_info",
-                     "h5_info" }, {
-    store_info = obj({ "id", "name", "area_code", "address" }),
-    h5_info = obj({ "type", "app_name", "app_url", "bundle_id",
-                    "package_name" }) }),
-  settle_info = obj({ "profit_sharing" }),
+  amount = obj({ total = KNOWN, currency = KNOWN }),
+  detail = obj({ cost_price = an_int(0), invoice_id = a_string(nil, 32),
+                 goods_detail = KNOWN }, {
+    goods_detail = items(goods({ quantity = an_int(1, REQ) })) }),
+  scene_info = obj({ payer_client_ip = KNOWN, device_id = a_string(nil, 32),
+                     store_info = KNOWN, h5_info = KNOWN }, {
+    store_info = obj({ id = a_string(1, 32, REQ),
+                       name = a_string(nil, 256),
+                       area_code = a_string(nil, 32),
+                       address = a_string(nil, 512) }),
+    h5_info = obj({ type = one_of({ "iOS", "Android", "Wap" }),
+                    app_name = a_string(nil, 64), app_url = a_string(nil, 512),
+                    bundle_id = a_string(nil, 256),
+                    package_name = a_string(nil, 256) }) }),
+  settle_info = obj({ profit_sharing = a_bool }),
 }
 -- payer differs by mode: a direct merchant's payer is openid; a service
 -- provider's, sp_openid or sub_openid. PREPAY_NESTED[partner]
@@ -243,52 +310,77 @@ local function with_payer(payer)
   for k, v in pairs(NESTED_COMMON) do t[k] = v end
   return t
 end
-local PREPAY_NESTED = { [false] = with_payer(obj({ "openid" })),
-                        [true] = with_payer(obj({ "sp_openid",
-                                                  "sub_openid" })) }
+local PREPAY_NESTED = {
+  [false] = with_payer(obj({ openid = a_string(1, 128) })),
+  [true] = with_payer(obj({ sp_openid = a_string(1, 128),
+                            sub_openid = a_string(1, 128) })) }
 
 local REFUND_NESTED = {
-  amount = obj({ "refund", "from", "total", "currency" }, {
-    from = items(obj({ "account", "amount" })) }),
-  goods_detail = items(obj({ "merchant_goods_id", "wechatpay_goods_id",
-    "goods_name", "unit_price", "refund_amount", "refund_quantity" })),
+  amount = obj({ refund = KNOWN, from = KNOWN, total = KNOWN,
+                 currency = KNOWN }, {
+    from = items(obj({ account = one_of({ "AVAILABLE", "UNAVAILABLE" }, REQ),
+                       amount = an_int(1, REQ) })) }),
+  goods_detail = items(goods({ refund_amount = an_int(0, REQ),
+                               refund_quantity = an_int(1, REQ) })),
 }
 
--- The first unknown key (in sorted order: the same request always names
--- the same field) of v against shape, below path. A value of the wrong
--- type is left to the field's own check.
-local function nested_keys(v, shape, path)
-  if type(v) ~= "table" then return true end
+-- v against shape, below path: the first unknown key (in sorted order:
+-- the same request always names the same field), else the first field
+-- of the wrong type or missing, in the same order.
+local function nested(v, shape, path)
+  local a = api()
   if shape.items then
+    if type(v) ~= "table" or not validate.is_array(v) then
+      return nil, a.param_error(path, "应为数组", v)
+    end
+    if v[1] == nil then
+      return nil, a.param_error(path, "应为至少含1项的数组", v)
+    end
     for i = 1, #v do
-      local ok, e = nested_keys(v[i], shape.items, path .. "/" .. (i - 1))
+      local ok, e = nested(v[i], shape.items, path .. "/" .. (i - 1))
       if not ok then return nil, e end
     end
     return true
   end
+  if not is_object(v) then return nil, a.param_error(path, "应为对象", v) end
   local bad
   for k in pairs(v) do
     local name = tostring(k)
-    if not shape.keys[k] and (bad == nil or name < bad) then bad = name end
+    if shape.fields[k] == nil and (bad == nil or name < bad) then
+      bad = name
+    end
   end
   if bad then
-    return nil, api().param_error(path .. "/" .. bad,
-                                  "参数中含有非法的额外参数")
+    return nil, a.param_error(path .. "/" .. bad, "参数中含有非法的额外参数")
   end
-  for k, sub in pairs(shape.children) do
+  for _, k in ipairs(shape.names) do
+    local check = shape.fields[k]
+    if check then
+      local ok, e = check(v, k, path .. "/" .. k)
+      if not ok then return nil, e end
+    end
+  end
+  for _, k in ipairs(shape.child_names) do
     if v[k] ~= nil then
-      local ok, e = nested_keys(v[k], sub, path .. "/" .. k)
+      local ok, e = nested(v[k], shape.children[k], path .. "/" .. k)
       if not ok then return nil, e end
     end
   end
   return true
 end
 
--- Every nested object of body that nested (a table key -> shape) names.
-local function nested_objects(body, nested)
-  for k, shape in pairs(nested) do
+-- Every nested object or array of body that a shape of nested (a table
+-- key -> shape) names, in sorted order.
+local NESTED_NAMES = setmetatable({}, { __mode = "k" })
+local function nested_objects(body, shapes)
+  local names = NESTED_NAMES[shapes]
+  if not names then
+    names = sorted_keys(shapes)
+    NESTED_NAMES[shapes] = names
+  end
+  for _, k in ipairs(names) do
     if body[k] ~= nil then
-      local ok, e = nested_keys(body[k], shape, "/" .. k)
+      local ok, e = nested(body[k], shapes[k], "/" .. k)
       if not ok then return nil, e end
     end
   end
@@ -354,7 +446,7 @@ local function check_prepay(c, body, trade_type, partner)
   if type(no) ~= "string" or #no < 6 or #no > 32
      or not no:match("^[%w_%-|*]+$") then
     return nil, a.param_error("/out_trade_no",
-      "应为6到32位的数字、大小写字母、_-|*", tostring(no))
+      "应为6到32位的数字、大小写字母、_-|*", no)
   end
   if type(body.amount) ~= "table" then
     return nil, a.param_error("/amount", "此字段为必填项")
@@ -363,23 +455,33 @@ local function check_prepay(c, body, trade_type, partner)
   if not ok then return nil, e end
   if body.amount.currency ~= nil and body.amount.currency ~= "CNY" then
     return nil, a.param_error("/amount/currency", "Currency code is invalid",
-                              tostring(body.amount.currency))
+                              body.amount.currency)
   end
   ok, e = check_url(body.notify_url, c)
   if not ok then return nil, a.param_error("/notify_url", e, body.notify_url) end
-  if body.detail ~= nil and type(body.detail) ~= "table" then
-    return nil, a.param_error("/detail", "应为对象", tostring(body.detail))
-  end
   for _, f in ipairs({ { "attach", 128 }, { "goods_tag", 32 } }) do
     ok, e = str(body, f[1], f[2], false)
     if not ok then return nil, e end
+  end
+  ok, e = a_bool(body, "support_fapiao", "/support_fapiao")
+  if not ok then return nil, e end
+  local limit = body.limit_pay
+  if limit ~= nil then
+    if type(limit) ~= "table" or not validate.is_array(limit)
+       or limit[1] == nil then
+      return nil, a.param_error("/limit_pay", "应为至少含1项的数组", limit)
+    end
+    for i = 1, #limit do
+      ok, e = str(limit, i, 32, true, "/limit_pay/" .. (i - 1))
+      if not ok then return nil, e end
+    end
   end
   local expire
   if body.time_expire ~= nil then
     expire = parse_time(body.time_expire)
     if not expire then
       return nil, a.param_error("/time_expire", "应为RFC3339格式的时间，如"
-        .. "2018-06-08T10:34:56+08:00", tostring(body.time_expire))
+        .. "2018-06-08T10:34:56+08:00", body.time_expire)
     end
     if expire <= c.now then
       return nil, a.param_error("/time_expire", "订单失效时间应晚于当前时间",
@@ -412,7 +514,7 @@ local function check_prepay(c, body, trade_type, partner)
     end
     if not validate.ip_address(scene.payer_client_ip) then
       return nil, a.param_error("/scene_info/payer_client_ip",
-                                "IP地址格式不正确", scene.payer_client_ip:sub(1, 64))
+                                "IP地址格式不正确", a.shown(scene.payer_client_ip, 64))
     end
   end
   if trade_type == "MWEB" then
@@ -422,7 +524,7 @@ local function check_prepay(c, body, trade_type, partner)
     end
     if h5.type ~= "iOS" and h5.type ~= "Android" and h5.type ~= "Wap" then
       return nil, a.param_error("/scene_info/h5_info/type",
-        "应为iOS、Android或Wap", tostring(h5.type))
+        "应为iOS、Android或Wap", h5.type)
     end
   end
   -- who, and the appids they may use
@@ -718,7 +820,7 @@ local function create_refund(req, c)
   if no == nil then return nil, a.param_error("/out_refund_no", "此字段为必填项") end
   if type(no) ~= "string" or #no > 64 or not no:match("^[%w_%-|*@]+$") then
     return nil, a.param_error("/out_refund_no",
-      "应为1到64位的数字、大小写字母、_-|*@", tostring(no))
+      "应为1到64位的数字、大小写字母、_-|*@", no)
   end
   if b.transaction_id == nil and b.out_trade_no == nil then
     return nil, a.param_error("/transaction_id",
@@ -735,7 +837,7 @@ local function create_refund(req, c)
   end
   if b.funds_account ~= nil and b.funds_account ~= "AVAILABLE" then
     return nil, a.param_error("/funds_account", "应为AVAILABLE",
-                              tostring(b.funds_account))
+                              b.funds_account)
   end
   if type(b.amount) ~= "table" then
     return nil, a.param_error("/amount", "此字段为必填项")
@@ -746,7 +848,7 @@ local function create_refund(req, c)
   if not ok then return nil, e end
   if b.amount.currency ~= "CNY" then
     return nil, a.param_error("/amount/currency", "Currency code is invalid",
-                              tostring(b.amount.currency))
+                              b.amount.currency)
   end
   local owner
   owner, e = refund_owner(c, b.sub_mchid)
@@ -921,7 +1023,7 @@ local function abnormal_refund(req, c)
   if not ok then return nil, e end
   if b.type ~= "USER_BANK_CARD" and b.type ~= "MERCHANT_BANK_CARD" then
     return nil, a.param_error("/type", "应为USER_BANK_CARD或MERCHANT_BANK_CARD",
-                              tostring(b.type))
+                              b.type)
   end
   if b.type == "USER_BANK_CARD" then
     for _, k in ipairs({ "bank_type", "bank_account", "real_name" }) do
