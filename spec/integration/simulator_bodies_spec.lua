@@ -125,6 +125,11 @@ describe("simulator control API: bodies", function()
       .. '"error", "after": "yes"}'), "after")
     refused(control("POST", "/sim/faults", '{"endpoint": "query", "kind": '
       .. '"error", "count": "1"}'), "count")
+    -- a key the kind does not take: a typo of count would fire forever
+    refused(control("POST", "/sim/faults", '{"endpoint": "query", "kind": '
+      .. '"error", "cout": 1}'), "unknown key cout")
+    refused(control("POST", "/sim/faults", '{"endpoint": "query", "kind": '
+      .. '"latency", "status": 500}'), "unknown key status")
     refused(control("POST", "/sim/bills/close", '{"bill_date": 20260101}'),
             "bill_date")
     assert.equal(before, control("GET", "/sim/platform-certificates").body)

@@ -54,17 +54,21 @@ local K_LIST, K_GEN, K_ID = "sim:faults", "sim:faults:gen", "sim:faults:id"
 -- kind -> { phase = "before" | "after" | "notify" | ..., check = fn }
 local KINDS = {}
 
---- syntax: faults.define(kind, phase, check)
+--- syntax: faults.define(kind, phase, check[, fields])
 -- check(f) validates the fault table given to POST /sim/faults (it may
 -- fill defaults) and returns true or nil, why. phase is the default phase
--- ("before", "after", or a name the taker uses).
-function _M.define(kind, phase, check)
+-- ("before", "after", or a name the taker uses). fields: the keys the kind
+-- takes beside endpoint, kind and count; any other key is refused (a typo
+-- such as "cout" would leave a fault that fires on every request).
+function _M.define(kind, phase, check, fields)
   if type(kind) ~= "string" or type(phase) ~= "string"
      or type(check) ~= "function" then
     error("faults.define: kind, phase must be strings, check a function", 2)
   end
   if KINDS[kind] then error("faults.define: kind " .. kind .. " exists", 2) end
-  KINDS[kind] = { phase = phase, check = check }
+  local known = { endpoint = true, kind = true, count = true }
+  for _, k in ipairs(fields or {}) do known[k] = true end
+  KINDS[kind] = { phase = phase, check = check, known = known }
 end
 
 local function num(f, k, default, min, max)
@@ -78,7 +82,7 @@ end
 
 _M.define("latency", "before", function(f)
   return num(f, "seconds", 1, 0, 600)
-end)
+end, { "seconds" })
 _M.define("error", "before", function(f)
   local ok, why = num(f, "status", 500, 400, 599)
   if not ok then return nil, why end
@@ -99,16 +103,16 @@ _M.define("error", "before", function(f)
               or "injected fault"
   if f.after == true then f.phase = "after" end
   return true
-end)
+end, { "status", "code", "message", "after" })
 _M.define("bad_signature", "after", function(f)
   if f.signtest ~= nil and type(f.signtest) ~= "boolean" then
     return nil, "signtest must be a boolean"
   end
   return true
-end)
+end, { "signtest" })
 _M.define("stale_timestamp", "after", function(f)
   return num(f, "skew", 600, -86400 * 365, 86400 * 365)
-end)
+end, { "skew" })
 _M.define("unknown_serial", "after", function() return true end)
 _M.define("reset", "before", function(f)
   if f.after ~= nil and type(f.after) ~= "boolean" then
@@ -116,7 +120,7 @@ _M.define("reset", "before", function(f)
   end
   if f.after == true then f.phase = "after" end
   return true
-end)
+end, { "after" })
 
 local NOTIFY = "notify"
 local ENDPOINTS = { ["*"] = true, [NOTIFY] = true }
@@ -185,6 +189,13 @@ function _M.add(spec)
   if SIGNATURE[spec.kind] and UNSIGNED[spec.endpoint] then
     return nil, "kind " .. spec.kind .. " spoils a signature: endpoint "
                 .. spec.endpoint .. " answers unsigned"
+  end
+  for key in pairs(spec) do
+    if not k.known[key] then
+      return nil, "unknown key " .. (type(key) == "string"
+        and key:sub(1, 32):gsub("[^%w_]", "?") or "?") .. " for kind "
+        .. spec.kind
+    end
   end
   if spec.count ~= nil and (type(spec.count) ~= "number" or spec.count < 1
      or spec.count ~= math.floor(spec.count) or spec.count > 1e9) then

@@ -151,7 +151,7 @@ do
       return nil, "times must be an integer from 1 to 10"
     end
     return true
-  end)
+  end, { "times" })
 end
 
 -- Body and headers of one attempt -------------------------------------
