@@ -6,7 +6,8 @@
  * the decoder's size hints and the remembered short strings of
  * gw_pushshort may change nothing); and encoded and decoded again it is
  * the same value, unless the encoder had to write invalid UTF-8 as
- * U+FFFD.
+ * U+FFFD. Decoded with unique keys it is the same value, or refused for
+ * a duplicate key where the plain decode took it.
  * The state comes from gw_lstate_new, so that memory is in use, and a
  * full GC runs every 64 inputs (the remembered strings live through it).
  */
@@ -41,7 +42,17 @@ static const char HARNESS[] =
     "local has_cjson, cjson = pcall(require, 'cjson')\n"
     "return function(text)\n"
     "  local v = json.decode(text)\n"
-    "  if v == nil then return end\n"
+    "  local u, why = json.decode(text, true)\n"
+    "  if v == nil then\n"
+    "    if u ~= nil then error('unique keys took what plain refused', 0) end\n"
+    "    return\n"
+    "  end\n"
+    "  if u == nil and not why:find('^duplicate key') then\n"
+    "    error('unique keys refused: ' .. why, 0)\n"
+    "  end\n"
+    "  if u ~= nil and not same(v, u, 0) then\n"
+    "    error('unique keys differ', 0)\n"
+    "  end\n"
     "  -- the same value as another decoder's, where both take the text\n"
     "  if has_cjson then\n"
     "    local ok, c = pcall(cjson.decode, text)\n"

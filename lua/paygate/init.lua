@@ -265,11 +265,15 @@ end
 
 local req_methods = {}
 
+-- request bodies: a key given twice is refused (paygate.json)
+local BODY_JSON = { unique_keys = true }
+
 --- syntax: value = req:json()
--- returns: the decoded body. Invalid JSON ends the request with 400.
+-- returns: the decoded body. Invalid JSON (or an object with a key given
+-- twice) ends the request with 400.
 function req_methods.json(req)
   local body = req.body
-  local v, err = json.decode(body or "")
+  local v, err = json.decode(body or "", BODY_JSON)
   if v == nil then
     _M.abort(400, "invalid_json", "request body is not valid JSON: "
              .. err.message:sub(1, 120))
@@ -287,12 +291,13 @@ local function unescape(s)
 end
 
 --- syntax: value, err = req:decode_json()
--- returns: the decoded body, or nil and an error (kind "invalid_json") --
--- for routes that answer bad input in their own format instead of the
--- automatic 400 of req:json() (WeChat notifications answer FAIL bodies).
+-- returns: the decoded body, or nil and an error (kind "invalid_json";
+-- an object with a key given twice too) -- for routes that answer bad
+-- input in their own format instead of the automatic 400 of req:json()
+-- (WeChat notifications answer FAIL bodies).
 function req_methods.decode_json(req)
   local body = req.body
-  local v, err = json.decode(body or "")
+  local v, err = json.decode(body or "", BODY_JSON)
   if v == nil then
     return nil, _M.error("invalid_json", "request body is not valid JSON: "
                          .. err.message:sub(1, 120))

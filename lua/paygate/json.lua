@@ -3,6 +3,7 @@
 --   local json = require "paygate.json"
 --   local text = json.encode({ id = 1, items = json.empty_array })
 --   local v, err = json.decode(text)      -- err.kind == "invalid_json"
+--   local v, err = json.decode(text, { unique_keys = true })
 --
 -- decode is paygate's own strict decoder (paygate.json.core.decode): RFC
 -- 8259 and nothing else -- numbers only in JSON's grammar (no Infinity,
@@ -12,6 +13,11 @@
 -- cjson.null); \u escapes become UTF-8 (a lone surrogate is refused).
 -- A string's other bytes are kept as they are: they are not checked as
 -- UTF-8 (nor were they by cjson); the encoder writes bad UTF-8 as U+FFFD.
+-- A key given twice in one object keeps its last value, unless
+-- unique_keys is set: then the text is refused, naming the key. Readers
+-- disagree on which value wins (some keep the first), so a text from
+-- outside that one system checks and another acts on must say one thing:
+-- req:json() and req:decode_json() decode request bodies so.
 -- An object's tables are sized after the last object decoded with the
 -- same first key, so pairs() may walk two decodes of one text in
 -- different orders: rely on keys, never on their order (json.encode
@@ -32,14 +38,22 @@ local _M = {
 -- the path, e.g. "at value.items[2].price").
 _M.encode = jcore.encode
 
---- syntax: v, err = json.decode(text)
+--- syntax: v, err = json.decode(text[, opts])
+-- opts.unique_keys: refuse an object with a key given twice.
 -- returns: the value (json.null for null), or nil, err (kind
 -- "invalid_json", the message says what and at which byte).
-function _M.decode(text)
+function _M.decode(text, opts)
   if type(text) ~= "string" then
     error("paygate.json.decode: text must be a string", 2)
   end
-  local v, err = jdecode(text)
+  local unique = false
+  if opts ~= nil then
+    if type(opts) ~= "table" then
+      error("paygate.json.decode: opts must be a table", 2)
+    end
+    unique = opts.unique_keys == true
+  end
+  local v, err = jdecode(text, unique)
   if v == nil then
     return nil, core.error("invalid_json", err)
   end

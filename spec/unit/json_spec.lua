@@ -137,6 +137,69 @@ describe("paygate.json.decode, strictly RFC 8259", function()
     assert.equal(-1.5e-3, json.decode(" \t\r\n-1.5E-3 \n"))
   end)
 
+  describe("with unique_keys", function()
+    local U = { unique_keys = true }
+
+    local function dup(text)
+      local v, err = json.decode(text, U)
+      assert.is_nil(v, text)
+      assert.equal("invalid_json", err.kind)
+      return err.message
+    end
+
+    it("refuses a key given twice, naming it and where it came again",
+       function()
+      local body = '{"order_id":"a1","channel":"native","amount":100,'
+                   .. '"description":"tea","amount":5}'
+      assert.equal('duplicate key "amount" at byte '
+                   .. body:find('"amount":5', 1, true), dup(body))
+      assert.equal('duplicate key "a" at byte 9', dup('{"a":1, "a":1}'))
+      -- null is a value like any other; an escaped spelling is one key
+      assert.equal('duplicate key "a" at byte 11', dup('{"a":null,"a":2}'))
+      assert.equal('duplicate key "ab" at byte 9',
+                   dup('{"ab":1,"a\\u0062":2}'))
+      assert.equal('duplicate key "" at byte 7', dup('{"":1,"":2}'))
+    end)
+
+    it("refuses it in nested objects and inside arrays", function()
+      assert.equal('duplicate key "amount" at byte 29',
+                   dup('{"refund":{"amount":1,"x":2,"amount":3}}'))
+      assert.equal('duplicate key "k" at byte 17',
+                   dup('[{"k":1},{"k":2,"k":3}]'))
+      assert.matches('^duplicate key "k" at byte %d+$',
+                     dup(('[{"a":'):rep(50) .. '{"k":1,"k":2}'
+                         .. ('}]'):rep(50)))
+    end)
+
+    it("takes a key again in another object, nested or beside", function()
+      assert.same({ a = 1, b = { a = 2, b = { a = 3 } }, c = { { a = 4 },
+                    { a = 5 } } },
+                  json.decode('{"a":1,"b":{"a":2,"b":{"a":3}},'
+                              .. '"c":[{"a":4},{"a":5}]}', U))
+      assert.same({ a = json.null, b = false },
+                  json.decode('{"a":null,"b":false}', U))
+      -- keys of 1 and "1" are one key in a Lua table, both strings here
+      assert.same({ ["1"] = 1, ["01"] = 2 },
+                  json.decode('{"1":1,"01":2}', U))
+    end)
+
+    it("names a long key in part and a control character as ?", function()
+      local long = ("k"):rep(100)
+      assert.equal('duplicate key "' .. ("k"):rep(48) .. '..." at byte 107',
+                   dup('{"' .. long .. '":1,"' .. long .. '":2}'))
+      assert.equal('duplicate key "a?b" at byte 11',
+                   dup('{"a\\nb":1,"a\\nb":2}'))
+    end)
+
+    it("is off without the option, and opts must be a table", function()
+      assert.same({ a = 2 }, json.decode('{"a":1,"a":2}', {}))
+      assert.same({ a = 2 }, json.decode('{"a":1,"a":2}',
+                                         { unique_keys = false }))
+      assert.has_error(function() json.decode("{}", true) end,
+                       "paygate.json.decode: opts must be a table")
+    end)
+  end)
+
   -- objects are made the size the last object with the same first key
   -- had (a hint): whatever the hint says, every member is there
   it("decodes objects of one first key and many sizes whole", function()

@@ -454,7 +454,7 @@ ljson_finite(lua_State *L)
 /* ---- decoding ------------------------------------------------------- */
 
 /*
- * paygate.json.core.decode(text) -> value | nil, message
+ * paygate.json.core.decode(text[, unique]) -> value | nil, message
  *
  * RFC 8259, strictly: numbers only in JSON's grammar (no "+1", "01",
  * "1.", ".5", hex, Infinity, NaN) and within a double's range (1e999 is
@@ -463,8 +463,11 @@ ljson_finite(lua_State *L)
  * JSON_MAX_DEPTH. \u escapes become UTF-8 (a surrogate pair one code
  * point; a lone surrogate is refused); other bytes are kept as they are.
  * null is the NULL light userdata (cjson.null). Objects and arrays are
- * plain tables; a duplicate key keeps its last value. Strings without
- * escapes go to Lua straight from the text, in one piece.
+ * plain tables; a duplicate key keeps its last value, unless unique is
+ * true: then it is refused, naming the key (readers of one text disagree
+ * on which value a key given twice has, so a body checked by one and
+ * acted on by another could say two things). Strings without escapes go
+ * to Lua straight from the text, in one piece.
  */
 struct json_dec {
     const unsigned char *p;     /* next byte */
@@ -472,8 +475,10 @@ struct json_dec {
     const unsigned char *start; /* the text (for positions) */
     int                  depth; /* containers open */
     size_t               hinted; /* table slots hints may still add */
+    int                  unique; /* 1: refuse a key given twice */
     const char          *err;   /* what went wrong, or NULL */
     const unsigned char *at;    /* where */
+    char                 msg[96]; /* err when it names a key */
 };
 
 /* bytes a string's fast scan stops at: '"', '\\' and controls */
@@ -797,6 +802,25 @@ dec_key(lua_State *L, struct json_dec *d)
     return dec_string(L, d);
 }
 
+/* The key on top is already in the object below it: refuses it, naming it
+ * (at most 48 bytes, control characters as '?'), at its opening quote. */
+static int
+dec_dup_key(lua_State *L, struct json_dec *d, const unsigned char *at)
+{
+    size_t len, n;
+    const char *k = lua_tolstring(L, -1, &len);
+    char name[48];
+
+    n = len > sizeof(name) ? sizeof(name) : len;
+    for (size_t i = 0; i < n; i++) {
+        name[i] = (unsigned char) k[i] < 0x20 ? '?' : k[i];
+    }
+    snprintf(d->msg, sizeof(d->msg), "duplicate key \"%.*s%s\"", (int) n,
+             name, len > n ? "..." : "");
+    d->p = at;
+    return dec_fail(d, d->msg);
+}
+
 /*
  * Size hints for objects. A table that grows one key at a time is rehashed
  * at 5, 9, 17... keys (each rehash reinserts every key so far); one made
@@ -886,12 +910,23 @@ dec_object(lua_State *L, struct json_dec *d)
     }
     lua_createtable(L, 0, size);
     for (;;) {
+        const unsigned char *key = d->p;
+
         if (d->p >= d->end || *d->p != '"') {
             return dec_fail(d, "expected a string key");
         }
         d->p++;
         if (dec_key(L, d) != 0) {
             return -1;
+        }
+        if (d->unique) {
+            lua_pushvalue(L, -1);
+            lua_rawget(L, -3);
+            if (!lua_isnil(L, -1)) {
+                lua_pop(L, 1);
+                return dec_dup_key(L, d, key);
+            }
+            lua_pop(L, 1);
         }
         dec_ws(d);
         if (d->p >= d->end || *d->p != ':') {
@@ -1022,6 +1057,7 @@ ljson_decode(lua_State *L)
     d.end = d.p + len;
     d.depth = 0;
     d.hinted = len / 4;
+    d.unique = lua_toboolean(L, 2);
     d.err = NULL;
     d.at = NULL;
     lua_settop(L, 1);

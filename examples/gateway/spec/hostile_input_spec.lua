@@ -156,6 +156,39 @@ describe("gateway hostile input", function()
     assert.equal(0, stored(oid))
   end)
 
+  it("refuses a key given twice in a payment or a refund body", function()
+    -- was: the last amount won (5 fen), while a merchant system whose
+    -- JSON reader keeps the first had checked 100
+    local oid = order_id()
+    local body = '{"order_id":"' .. oid .. '","channel":"native",'
+                 .. '"amount":100,"description":"tea","amount":5}'
+    local res = gw:call("POST", "/v1/payments", body)
+    refused(res, 400, "invalid_json", nil, oid)
+    assert.equal('request body is not valid JSON: duplicate key "amount"'
+                 .. " at byte " .. body:find('"amount":5', 1, true),
+                 res.json.message)
+    -- nested: a payer's openid twice
+    refused(gw:call("POST", "/v1/payments", '{"order_id":"' .. oid
+      .. '","channel":"jsapi","amount":1,"description":"tea",'
+      .. '"payer":{"openid":"o-1","openid":"o-2"}}'), 400, "invalid_json",
+      nil, oid)
+    local p = gw:create{ amount = 100 }
+    sim:pay(p.out_trade_no)
+    gw:wait_state(p.id, "paid")
+    res = gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
+                  '{"amount":100,"reason":"r","amount":5}')
+    refused(res, 400, "invalid_json")
+    assert.matches('duplicate key "amount"', res.json.message, 1, true)
+    assert.equal(0, #assert(gw.db:query("SELECT id FROM gw_refunds WHERE"
+      .. " payment_id = $1", { p.id })))
+    -- one key in two objects is no duplicate: decoded, refused by field
+    local oid2 = order_id()
+    refused(gw:call("POST", "/v1/payments", '{"order_id":"' .. oid2
+      .. '","channel":"jsapi","amount":1,"description":"tea",'
+      .. '"payer":{"openid":"o-1","amount":1}}'), 400, "invalid_request",
+      "payer.amount", oid2)
+  end)
+
   it("refuses a payer openid that is not printable ASCII, before WeChat",
      function()
     -- was: a NUL or a control went to WeChat; bytes that are not UTF-8
