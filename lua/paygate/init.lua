@@ -320,7 +320,9 @@ end
 req_methods.params = setmetatable({}, {
   __newindex = function() error("req.params is read-only", 2) end })
 
-require("paygate.request.core").request_methods(req_methods)
+local request_core = require "paygate.request.core"
+request_core.request_methods(req_methods)
+local set_route = request_core.set_route
 
 local JSON_CT = "application/json"
 
@@ -353,6 +355,8 @@ function _M._dispatch(req, method, path)
       pattern, bad = gpattern, gbad
     end
   end
+  -- counted under it however the request ends (an error, abort, deadline)
+  if pattern then set_route(req, pattern) end
   if bad then
     -- a parameter that could walk an app out of its folder (router.lua)
     return finish(req, 400, { error = "bad_path", message = bad }, nil,

@@ -412,4 +412,60 @@ describe("metrics", function()
     local body = s:admin_get("/metrics").body
     assert.is_nil(body:find('method="XA', 1, true), "client methods are labels")
   end)
+
+  it("counts a request that failed under the route it matched", function()
+    -- was: a handler's error (500), paygate.abort, a deadline's 504 and a
+    -- request abandoned at shutdown were all route="(unmatched)"
+    local s = server.start{ workers = 1, source = [[
+local paygate = require "paygate"
+paygate.before(function(req)
+  if req:header("x-deny") then paygate.abort(403, "denied", "no") end
+end)
+paygate.route("GET", "/boom/:id", function() error("handler exploded") end)
+paygate.route("GET", "/abort", function()
+  paygate.abort(409, "conflict", "taken")
+end)
+paygate.route("GET", "/late", function(req)
+  req:set_deadline(0.1)
+  paygate.sleep(5)
+  return 200, "too late"
+end)
+paygate.route("GET", "/slow", function()
+  paygate.sleep(30)
+  return 200, "finished"
+end)
+]], config = "return { shutdown_timeout = 0.5 }" }
+    finally(function() s:stop() end)
+    local function count(line)
+      local res = s:admin_get("/metrics")
+      return tonumber(res and res.body:match(
+        "\npaygate_requests_total{" .. line:gsub("%p", "%%%0") .. "} (%d+)"))
+    end
+    assert.equal(500, assert(s:request("/boom/1")).status)
+    assert.equal(409, assert(s:request("/abort")).status)
+    assert.equal(403, assert(s:request{ path = "/abort",
+                                        headers = { ["X-Deny"] = "1" } }).status)
+    assert.equal(504, assert(s:request("/late")).status)
+    assert.equal(404, assert(s:request("/nowhere")).status)
+    -- held by the worker a reload drains: abandoned after shutdown_timeout
+    local slow = paygate.spawn(function()
+      return s:request{ path = "/slow", timeout = 10 }
+    end)
+    proc.wait_until(function()
+      return (tonumber(s:admin_get("/metrics").body
+        :match('paygate_requests_in_flight{pid="%d+"} (%d+)')) or 0) > 0
+    end, 5, "the slow request to start")
+    reload(s)
+    slow:wait()
+    proc.wait_until(function()
+      return count('method="GET",route="/slow",status="499"') == 1
+    end, 10, "the abandoned request to be counted under /slow")
+    assert.equal(1, count('method="GET",route="/boom/:id",status="500"'))
+    assert.equal(1, count('method="GET",route="/abort",status="409"'))
+    assert.equal(1, count('method="GET",route="/abort",status="403"'))
+    assert.equal(1, count('method="GET",route="/late",status="504"'))
+    -- one that matched no route is still unmatched
+    assert.equal(1, count('method="GET",route="(unmatched)",status="404"'))
+    assert.is_nil(count('method="GET",route="(unmatched)",status="500"'))
+  end)
 end)

@@ -94,6 +94,10 @@ struct gw_conn {
                                        NULL; anchored by lreq_ref */
     int                 lreq_ref;   /* registry ref to the request ud, or
                                        LUA_NOREF */
+    int                 route_ref;  /* registry ref to the pattern of the
+                                       route the request matched, or
+                                       LUA_NOREF (set_route in lrequest.c;
+                                       released by its end) */
     double              started;    /* s (mono): the request's first byte,
                                        or the connection's accept */
     double              accepted;   /* s (mono): accept; the first head's

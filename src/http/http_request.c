@@ -95,15 +95,23 @@ access_log(struct gw_conn *c, int status, double secs)
  * moves the connection past the request, frees co (may be NULL; route
  * points into its stack, so it goes last), then goes on with the next
  * pipelined request -- unless called from inside gw_req_start() or
- * conn_close(), whose callers go on themselves.
+ * conn_close(), whose callers go on themselves. route NULL: the pattern
+ * dispatch matched (c->route_ref), if it got that far, so a request that
+ * raised, was aborted, timed out or was abandoned counts under its route.
  */
 static void
 req_end(struct gw_conn *c, struct gw_co *co, int status, const char *route,
         size_t route_len)
 {
+    lua_State *L = gw_srv.L;
     double secs;
 
-    gw_lreq_detach(gw_srv.L, c);
+    if (route == NULL && c->route_ref != LUA_NOREF) {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, c->route_ref);
+        route = lua_tolstring(L, -1, &route_len);
+        lua_pop(L, 1);              /* the ref keeps it until below */
+    }
+    gw_lreq_detach(L, c);
     c->co = NULL;
     gw_srv.in_flight--;
     c->requests++;
@@ -116,6 +124,10 @@ req_end(struct gw_conn *c, struct gw_co *co, int status, const char *route,
     }
     if (gw_srv.conf.access_log && gw_log_min <= GW_LOG_INFO) {
         access_log(c, status, secs);
+    }
+    if (c->route_ref != LUA_NOREF) {
+        luaL_unref(L, LUA_REGISTRYINDEX, c->route_ref);
+        c->route_ref = LUA_NOREF;
     }
     gw_conn_advance(c);
     if (co != NULL) {

@@ -1487,6 +1487,7 @@ on_accept(evutil_socket_t lfd, short what, void *arg)
         }
         c->fd = fd;
         c->lreq_ref = LUA_NOREF;
+        c->route_ref = LUA_NOREF;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
         if (ss.ss_family == AF_INET) {
             struct sockaddr_in *a = (struct sockaddr_in *) &ss;

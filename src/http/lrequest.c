@@ -389,6 +389,28 @@ lreq_drop(lua_State *L)
     return 0;
 }
 
+/*
+ * syntax: set_route(req, pattern)
+ * The pattern of the route the request matched (dispatch calls it): a
+ * request that ends other than by its handler's return -- an error,
+ * paygate.abort, its deadline, abandoned at shutdown -- is counted under
+ * it rather than as unmatched.
+ */
+static int
+lreq_set_route(lua_State *L)
+{
+    struct gw_conn *c = lreq_conn(L, 1);
+
+    luaL_checktype(L, 2, LUA_TSTRING);
+    lua_settop(L, 2);
+    if (c->route_ref == LUA_NOREF) {
+        c->route_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    } else {
+        lua_rawseti(L, LUA_REGISTRYINDEX, c->route_ref);
+    }
+    return 0;
+}
+
 static int
 lreq_tostring(lua_State *L)
 {
@@ -442,5 +464,7 @@ luaopen_paygate_request_core(lua_State *L)
     lua_newtable(L);
     lua_pushcfunction(L, lreq_set_methods);
     lua_setfield(L, -2, "request_methods");
+    lua_pushcfunction(L, lreq_set_route);
+    lua_setfield(L, -2, "set_route");
     return 1;
 }
