@@ -7,7 +7,6 @@
 local paygate = require "paygate"
 local utf8 = require "paygate.utf8"
 local json = require "cjson.safe"
-local server = require "support.server"
 local sc = require "support.simclient"
 
 local srv, c, base
@@ -39,15 +38,11 @@ local function valid_utf8(res)
 end
 
 local function refund(b)
-  return c:call("POST", "/v3/refund/domestic/refunds", b)
+  return c:refund(b)
 end
 
 setup(function()
-  local dir = server.tmpdir()
-  srv = server.start{ app = "examples/simulator",
-                      config = sc.config(dir .. "/state", "workers = 1,") }
-  base = "http://127.0.0.1:" .. srv.port
-  c = sc.new{ base = base }
+  srv, base, c = sc.start(1)
 end)
 
 teardown(function() if srv then srv:stop() end end)

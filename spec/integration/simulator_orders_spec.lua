@@ -17,7 +17,7 @@ local function refund(no, out_refund_no, amount, over)
               amount = { refund = amount, total = 100, currency = "CNY" },
               notify_url = "https://merchant.example/refund" }
   for k, v in pairs(over or {}) do b[k] = v end
-  return c:call("POST", "/v3/refund/domestic/refunds", b)
+  return c:refund(b)
 end
 
 local function signed(res, status) sc.assert_signed(res, keys, status) end
@@ -25,11 +25,7 @@ local function signed(res, status) sc.assert_signed(res, keys, status) end
 local err = sc.assert_err
 
 setup(function()
-  local dir = server.tmpdir()
-  srv = server.start{ app = "examples/simulator",
-                      config = sc.config(dir .. "/state", "workers = 2,") }
-  base = "http://127.0.0.1:" .. srv.port
-  c = sc.new{ base = base }
+  srv, base, c = sc.start(2)
   keys = c:platform_keys()
 end)
 

@@ -2,7 +2,6 @@
 -- depend on a difference: the shape of an unpaid order's query answer;
 -- unknown keys inside a request's nested objects, refused as at the top;
 -- a refund whose transaction_id and out_trade_no name different orders.
-local server = require "support.server"
 local sc = require "support.simclient"
 
 local srv, c, keys, base
@@ -12,7 +11,7 @@ local function query(no) return c:query(no) end
 local function pay(no, body) return c:pay(no, body) end
 
 local function refund(b)
-  return c:call("POST", "/v3/refund/domestic/refunds", b)
+  return c:refund(b)
 end
 
 local err = sc.assert_err
@@ -20,11 +19,7 @@ local err = sc.assert_err
 local function signed(res, status) sc.assert_signed(res, keys, status) end
 
 setup(function()
-  local dir = server.tmpdir()
-  srv = server.start{ app = "examples/simulator",
-                      config = sc.config(dir .. "/state", "workers = 1,") }
-  base = "http://127.0.0.1:" .. srv.port
-  c = sc.new{ base = base }
+  srv, base, c = sc.start(1)
   keys = c:platform_keys()
 end)
 

@@ -144,6 +144,11 @@ function Client:query(no)
                    .. "?mchid=" .. self.mchid)
 end
 
+--- res = c:refund(body): POST /v3/refund/domestic/refunds with body as is
+function Client:refund(body)
+  return self:call("POST", "/v3/refund/domestic/refunds", body)
+end
+
 --- res = c:pay(no[, body]): the payer pays order no (control API)
 function Client:pay(no, body)
   return _M.control(self.base, "POST", "/sim/transactions/" .. no .. "/pay",
@@ -213,6 +218,17 @@ function _M.control(base, method, path, body)
     timeout = 30 })
   res.json = res.body ~= "" and json.decode(res.body) or nil
   return res
+end
+
+--- srv, base, c = simclient.start(workers): the simulator started with
+--- the spec merchants (simclient.config) and a client of the first
+function _M.start(workers)
+  local server = require "support.server"
+  local dir = server.tmpdir()
+  local srv = server.start{ app = "examples/simulator",
+    config = _M.config(dir .. "/state", "workers = " .. workers .. ",") }
+  local base = "http://127.0.0.1:" .. srv.port
+  return srv, base, _M.new{ base = base }
 end
 
 return _M
