@@ -60,18 +60,25 @@ local function what(v)
   return "a " .. t
 end
 
+-- nil, err for the first of keys in t given and not a string
+local function strings(t, keys, prefix)
+  for _, k in ipairs(keys) do
+    local v = t[k]
+    if v ~= nil and v ~= null and type(v) ~= "string" then
+      return fail("malformed", "resource field " .. prefix .. k .. " must be"
+                  .. " a string (got " .. what(v) .. ")")
+    end
+  end
+  return true
+end
+
 local function checked(r, event_type)
   if not (event_type:find("^TRANSACTION%.") or event_type:find("^REFUND%."))
   then
     return true
   end
-  for _, k in ipairs(STRINGS) do
-    local v = r[k]
-    if v ~= nil and v ~= null and type(v) ~= "string" then
-      return fail("malformed", "resource field " .. k .. " must be a string"
-                  .. " (got " .. what(v) .. ")")
-    end
-  end
+  local ok, err = strings(r, STRINGS, "")
+  if not ok then return nil, err end
   local a = r.amount
   if a ~= nil and a ~= null then
     if type(a) ~= "table" then
@@ -86,13 +93,8 @@ local function checked(r, event_type)
                     .. " a whole number of fen, 0 or more")
       end
     end
-    for _, k in ipairs(AMOUNT_STRINGS) do
-      local v = a[k]
-      if v ~= nil and v ~= null and type(v) ~= "string" then
-        return fail("malformed", "resource field amount." .. k .. " must be"
-                    .. " a string (got " .. what(v) .. ")")
-      end
-    end
+    ok, err = strings(a, AMOUNT_STRINGS, "amount.")
+    if not ok then return nil, err end
   end
   local payer = r.payer
   if payer ~= nil and payer ~= null and type(payer) ~= "table" then
