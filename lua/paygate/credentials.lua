@@ -54,6 +54,28 @@ _M.TLS_FILES = {
   ["key.pem"] = { field = "key", secret = true },
 }
 
+--- syntax: s = credentials.redact_url(url)
+-- A store's URL as a message may print it: no password. The user info is
+-- everything before the last "@" ahead of the query, as paygate.redis and
+-- paygate.sql read it (a password may hold "/" or "@"); of it, only a
+-- PostgreSQL user name before ":" is kept (redis://SECRET@host: the whole
+-- of it is the password). A password= query parameter is masked too.
+function _M.redact_url(url)
+  url = tostring(url)
+  local scheme, rest = url:match("^(%a[%w+.-]*://)(.*)$")
+  if scheme then
+    local main, query = rest:match("^([^?]*)(.*)$")
+    local at = main:match(".*()@")
+    if at then
+      local user = not scheme:lower():find("^redis")
+                   and main:sub(1, at - 1):match("^([^:]*)") or ""
+      main = (user ~= "" and user .. "@" or "") .. main:sub(at + 1)
+    end
+    url = scheme .. main .. query
+  end
+  return (url:gsub("([?&][Pp][Aa][Ss][Ss][Ww][Oo][Rr][Dd]=)[^&]*", "%1***"))
+end
+
 --- syntax: s = credentials.shown_name(v)
 -- A file path or variable name from a config, as a message may print it:
 -- nil when it may be the secret itself, written where its name belongs

@@ -48,3 +48,26 @@ describe("what a message may print of a path or a variable's name", function()
     assert.is_nil(err.message:find(KEY, 1, true))
   end)
 end)
+
+describe("credentials.redact_url", function()
+  local redact = require("paygate.credentials").redact_url
+
+  it("drops the password wherever the URL parsers would find it", function()
+    -- the user info runs to the last @ ahead of the query, as
+    -- paygate.redis and paygate.sql read it
+    local cases = {
+      { "redis://:ab/Cd+Slash9@127.0.0.1:26390", "redis://127.0.0.1:26390" },
+      { "redis://:R3d@Secret@h:1/0", "redis://h:1/0" },
+      { "redis://secret@h", "redis://h" },
+      { "redis-sentinel://pw@a:1,b:2/m", "redis-sentinel://a:1,b:2/m" },
+      { "postgres://gateway:Pg/Slash7@h:5432/db?pool=4",
+        "postgres://gateway@h:5432/db?pool=4" },
+      { "postgres://gw:Wr@ngPw@h/db", "postgres://gw@h/db" },
+      { "postgres://gw@h/db", "postgres://gw@h/db" },
+      { "postgres://h/db?password=xx&pool=2",
+        "postgres://h/db?password=***&pool=2" },
+      { "sqlite:var/x.db", "sqlite:var/x.db" },
+    }
+    for _, c in ipairs(cases) do assert.equal(c[2], redact(c[1])) end
+  end)
+end)

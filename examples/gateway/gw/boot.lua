@@ -14,15 +14,7 @@ local _M = {}
 _M.WAIT = 10
 
 --- syntax: s = boot.redact(url) -- the URL without a password
-function _M.redact(url)
-  url = tostring(url)
-  url = url:gsub("^([%a][%w+.-]*://)([^/@]*)@", function(scheme, userinfo)
-    local user = userinfo:match("^([^:]*)")
-    return scheme .. (user ~= "" and user .. "@" or "")
-  end)
-  url = url:gsub("([?&][Pp][Aa][Ss][Ss][Ww][Oo][Rr][Dd]=)[^&]*", "%1***")
-  return url
-end
+_M.redact = require("paygate.credentials").redact_url
 
 -- an error's message, first line only (libpq's run over several)
 local function first_line(err)

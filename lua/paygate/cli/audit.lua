@@ -33,10 +33,8 @@ database cannot be read, or it holds no audit trail.
 
 local SPEC = { ["--subject"] = "value", ["--json"] = "flag" }
 
--- A URL without its password (postgres://user:secret@host -> user:***).
-local function redact(url)
-  return (url:gsub("^(%a[%w+.-]*://[^:/@]*):[^@]*@", "%1:***@"))
-end
+-- A URL without its password (postgres://user:secret@host -> user@host).
+local redact = require("paygate.credentials").redact_url
 
 local function one_line(v)
   return (tostring(v):gsub("%s*\n%s*", " "))
