@@ -249,9 +249,14 @@ local function table_prune(self, db, batch, now)
     stmt = delete_sql(db.engine, self)
     self.sql[db.engine] = stmt
   end
+  -- whole seconds (or ms): a time column may be an integer one (BIGINT
+  -- on PostgreSQL refuses 1796318449.94 as its input); rounded down, the
+  -- cut keeps a row at most one unit longer
   local before = now - self.max_age
   if self.unit == "ms" then
     before = floor(before * 1000)
+  else
+    before = floor(before)
   end
   local res, err = db:exec(stmt, { before, batch })
   if not res then

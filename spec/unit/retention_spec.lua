@@ -167,6 +167,23 @@ for engine, open in pairs(engines) do
       assert.equal(1, s.statements)
     end)
 
+    it("cuts an integer seconds column at a fractional clock", function()
+      -- the gateway's notification tables keep BIGINT seconds: before,
+      -- PostgreSQL refused the cut 1796318449.94 ("invalid input syntax
+      -- for type bigint") and nothing was ever pruned there
+      assert(db:exec_script("CREATE TABLE stamps (id INTEGER PRIMARY KEY,"
+        .. " at BIGINT NOT NULL)"))
+      assert(db:exec("INSERT INTO stamps (id, at) VALUES (1, $1), (2, $2)",
+                     { NOW - 86400 - 5, NOW - 86400 + 5 }))
+      local r = retention.new(db, { { table = "stamps", column = "at",
+                                      max_age = 86400 } },
+        { batch = 100, pause = 0.001, now = function() return NOW + 0.25 end })
+      local s = assert(r:run_once())
+      assert.equal(1, s.pruned)
+      assert.equal(1, tonumber(assert(db:query(
+        "SELECT count(*) AS n FROM stamps"))[1].n))
+    end)
+
     it("honours an extra condition and a named key", function()
       fill(200, 10, true)
       local r = retention.new(db, { { name = "done-events", table = "events",
