@@ -49,7 +49,8 @@ end
 -- the store -----------------------------------------------------------------
 
 -- unreachable: one line and exit 1, after retrying for a while (gw.boot)
-local db = boot.reach("the store", g.db, function() return sql.open(g.db) end)
+local db = boot.reach("the store", g.db, function() return sql.open(g.db) end,
+                      "gateway.db")
 do
   local ok, merr = migrate.run(db, paygate.app_dir .. "/migrations")
   if not ok then boot.fail("migrations: " .. tostring(merr)) end
@@ -193,7 +194,7 @@ if paygate.runtime.mode == "worker" then
     if g.redis then
       lease_store = boot.reach("redis", g.redis, function()
         return require("paygate.redis").connect(g.redis)
-      end)
+      end, "gateway.redis")
     end
     -- and the console's history (gw.history) after 30 days, unless the
     -- config's own tables say otherwise for them

@@ -604,6 +604,27 @@ local function opts_problem(o)
   end
 end
 
+-- syntax: ok, why = redis.check_url(url)
+-- Whether redis.connect would take url (scheme, form, options), without
+-- connecting: true, or nil and the reason connect would raise with. For a
+-- config check at start.
+function _M.check_url(url)
+  if type(url) ~= "string" then return nil, "must be a string" end
+  local ok, err = pcall(function()
+    local _, o = parse_url(url)
+    local problem = opts_problem(o)
+    if problem then error("redis.connect: " .. problem, 0) end
+    local copts = {}
+    for k, v in pairs(o) do
+      if not LUA_OPTS[k] then copts[k] = v end
+    end
+    -- the C client checks its own options when made; it connects later
+    rcore.new("127.0.0.1", 6379, copts):close()
+  end)
+  if ok then return true end
+  return nil, (tostring(err):gsub("^[^:]*:%d+: ", ""))
+end
+
 -- syntax: client, err = redis.connect(url [, opts])
 -- url: redis://[password@]host[:port][/db] or
 --      redis-sentinel://[password@]s1[:26379][,s2...]/master_name[/db]

@@ -46,14 +46,22 @@ function _M.fail(msg)
   _M.exit("gw:start_error", msg, 1)
 end
 
---- syntax: v = boot.reach(what, url, open)
+--- syntax: v = boot.reach(what, url, open, key)
 -- open() -> v or nil, err. Returns v; an error that is not retryable, or
--- one still there after WAIT seconds, ends the worker (boot.fail).
-function _M.reach(what, url, open)
+-- one still there after WAIT seconds, ends the worker (boot.fail). open()
+-- raising is the URL's fault (an option paygate.sql or paygate.redis
+-- refuses: ?pool=many): one line naming the config key (config.<key>),
+-- exit 2, like every config error.
+function _M.reach(what, url, open, key)
   local deadline = core.mono() + _M.WAIT
   local delay = 0.2
   while true do
-    local v, err = open()
+    local ok, v, err = pcall(open)
+    if not ok then
+      local msg = tostring(type(v) == "table" and v.message or v)
+      _M.exit("gw:config_error", "config." .. key .. ": "
+              .. _M.redact(msg):match("^[^\n]*"), 2)
+    end
     if v then return v end
     local why = first_line(err)
     local retryable = type(err) == "table" and err.retryable

@@ -242,11 +242,31 @@ local function check_merchant(m, i, seen)
            appid = m.appid or m.sp_appid }
 end
 
+-- nil, reason for the first key of t not in keys (a typo would leave a
+-- default in place without a word: a stream never trimmed)
+local function only(t, keys, where)
+  for k in pairs(t) do
+    if type(k) ~= "string" or not keys[k] then
+      return fail(where .. tostring(k):sub(1, 64), "unknown key")
+    end
+  end
+  return true
+end
+
+local WEBHOOK_KEYS = { url = true, secret = true, secret_file = true,
+  secret_env = true, types = true, name = true, timeout = true }
+
 local function check_webhooks(list)
   if list == nil then return {} end
-  if type(list) ~= "table" then
+  local n = 0
+  if type(list) == "table" then
+    for _ in pairs(list) do n = n + 1 end
+  end
+  -- a list: { url = ... } without its brackets would be no webhook at all,
+  -- and the events marked delivered
+  if type(list) ~= "table" or n ~= #list then
     return fail("gateway.webhooks", "must be a list of { url, secret_file"
-      .. " | secret_env }")
+      .. " | secret_env } (one webhook is webhooks = { { url = ... } })")
   end
   local out = {}
   local known = {}
@@ -258,6 +278,8 @@ local function check_webhooks(list)
     if type(w) ~= "table" then
       return fail("gateway.webhooks[" .. i .. "]", "must be a table")
     end
+    local kok, kerr = only(w, WEBHOOK_KEYS, where)
+    if not kok then return nil, kerr end
     if w.secret ~= nil then
       return fail(where .. "secret", "the secret may not be written in the"
         .. " config; give secret_file or secret_env")
@@ -366,8 +388,11 @@ function _M.check(conf, runtime)
   out.db = db
 
   if g.redis ~= nil then
-    if type(g.redis) ~= "string" or not g.redis:match("^rediss?://") then
-      return fail("gateway.redis", "must be a redis:// URL")
+    local ok, why = require("paygate.redis").check_url(g.redis)
+    if not ok then
+      return fail("gateway.redis", "must be a redis:// or redis-sentinel://"
+        .. " URL paygate.redis takes ("
+        .. require("paygate.credentials").redact_url(why) .. ")")
     end
   end
   out.redis = g.redis
@@ -429,6 +454,9 @@ function _M.check(conf, runtime)
     if type(rs) ~= "table" then
       return fail("gateway.redis_stream", "must be a table { stream = ... }")
     end
+    local kok, kerr = only(rs, { stream = true, maxlen = true },
+                           "gateway.redis_stream.")
+    if not kok then return nil, kerr end
     if not out.redis then
       return fail("gateway.redis_stream", "needs gateway.redis")
     end

@@ -105,6 +105,26 @@ describe("gateway config", function()
     assert.falsy(out:find(key, 1, true), out)
   end)
 
+  it("refuses a store URL its client would refuse: one line, exit 2,"
+     .. " no password", function()
+    -- before: a traceback and exit 1 (the option raised at connect), and
+    -- rediss:// passed the check
+    local out = expect_refused({ gateway = { db = "sqlite:" .. dir
+        .. "/a.db", redis = "redis://:pw-s3cr3t@127.0.0.1:1?pool=99" },
+      merchants = { merchant() } },
+      "gateway: config.gateway.redis: must be a redis:// or redis-sentinel"
+      .. ":// URL paygate.redis takes (redis.connect: opts.pool must be")
+    assert.falsy(out:find("s3cr3t", 1, true), out)
+    expect_refused({ gateway = { db = "sqlite:" .. dir .. "/a.db",
+                                 redis = "rediss://127.0.0.1:1" },
+                     merchants = { merchant() } },
+      "gateway: config.gateway.redis: ")
+    out = expect_refused({ gateway = { db = "sqlite:" .. dir
+        .. "/a.db?readers=many" }, merchants = { merchant() } },
+      "gateway: config.gateway.db: ")
+    assert.falsy(out:find("traceback", 1, true), out)
+  end)
+
   it("refuses an unknown gateway key and a missing merchant list",
      function()
     expect_refused({ gateway = { db = "sqlite:" .. dir .. "/a.db",
@@ -278,6 +298,31 @@ describe("gateway config", function()
         merchants = { merchant() } })
       assert.matches("^config.gateway.webhooks%[1%].secret: ", why)
       assert.falsy(why:find("s3cr3t", 1, true))
+    end)
+
+    it("refuses a sink's unknown key, and a webhook list without its"
+       .. " brackets", function()
+      write(dir .. "/wh.secret", "whsec-1\n")
+      local function why_of(g)
+        g.db = "sqlite:" .. dir .. "/a.db"
+        local _, why = config.check({ gateway = g, merchants = { merchant() } })
+        return why
+      end
+      -- before: each started, the key silently dropped
+      assert.equal("config.gateway.webhooks[1].secert_file: unknown key",
+        why_of{ webhooks = { { url = "http://127.0.0.1:1/h",
+                               secert_file = dir .. "/wh.secret" } } })
+      assert.equal("config.gateway.webhooks[1].retries: unknown key",
+        why_of{ webhooks = { { url = "http://127.0.0.1:1/h", retries = 3,
+                               secret_file = dir .. "/wh.secret" } } })
+      assert.equal("config.gateway.redis_stream.max_len: unknown key",
+        why_of{ redis = "redis://127.0.0.1:1",
+                redis_stream = { max_len = 1000 } })
+      -- one webhook written without the list's brackets: before, no
+      -- webhook ran and the events were marked delivered
+      assert.matches("^config.gateway.webhooks: must be a list",
+        why_of{ webhooks = { url = "http://127.0.0.1:1/h",
+                             secret_file = dir .. "/wh.secret" } })
     end)
 
     it("refuses a webhook timeout or a stream maxlen that is not a number"
