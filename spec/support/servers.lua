@@ -4,6 +4,8 @@
 --   local servers = require "spec.support.servers"
 --   local r = servers.redis()        -- { port, url, dir, stop(), start() }
 --   local pg = servers.postgres()    -- { port, url, dir, stop(), start() }
+--   servers.postgres{ password = "pw" }   -- password auth on 127.0.0.1
+--                                          -- (scram-sha-256); url has it
 --   servers.stop_all()               -- in teardown()
 --
 -- Readiness is waited for with a deadline (redis-cli PING, pg_ctl -w):
@@ -93,6 +95,13 @@ local function free_port()
     end
   end
   error("no free port")
+end
+
+-- redis-cli against our server on port (with its password, through the
+-- environment: not on the command line)
+local function redis_cli(port, password)
+  return (password and "REDISCLI_AUTH='" .. password .. "' " or "")
+    .. "redis-cli -h 127.0.0.1 -p " .. port
 end
 
 local function redis_ping(port)
@@ -238,23 +247,42 @@ function _M.redis(opts)
   return srv
 end
 
--- syntax: srv = servers.postgres()
--- A fresh cluster (trust auth on 127.0.0.1), database "postgres".
-function _M.postgres()
+-- syntax: srv = servers.postgres([{ password = "pw" }])
+-- A fresh cluster (trust auth on 127.0.0.1), database "postgres". With
+-- password: connections over TCP authenticate with it (scram-sha-256;
+-- srv.password, and srv.url has it); the socket in srv.dir stays trust.
+function _M.postgres(opts)
+  opts = opts or {}
   local root = is_root()
   local owner = root and "postgres" or nil
   local as = root and "runuser -u postgres -- " or ""
-  local srv = { dir = mktemp(owner), kind = "postgres" }
+  local srv = { dir = mktemp(owner), kind = "postgres",
+                password = opts.password }
+  assert(srv.password == nil or srv.password:match("^[%w_-]+$"),
+         "servers.postgres: password must be letters, digits, _ or -")
   local function set_port(port)
     srv.port = port
-    srv.url = "postgres://postgres@127.0.0.1:" .. port .. "/postgres"
+    srv.url = "postgres://postgres" .. (srv.password and ":" .. srv.password
+      or "") .. "@127.0.0.1:" .. port .. "/postgres"
   end
   set_port(_M.pick_port())
   srv.data = srv.dir .. "/data"
   local log = srv.dir .. "/pg.log"
 
+  local auth = " -A trust"
+  if srv.password then
+    local pwfile = srv.dir .. "/pwfile"
+    local f = assert(io.open(pwfile, "w"))
+    f:write(srv.password, "\n")
+    f:close()
+    if owner then
+      assert(sh("chown " .. owner .. " " .. pwfile), "chown " .. pwfile)
+    end
+    auth = " --auth-local=trust --auth-host=scram-sha-256 --pwfile="
+      .. pwfile
+  end
   assert(sh(as .. PG_BIN .. "/initdb -D " .. srv.data
-            .. " -A trust -U postgres --no-sync -E UTF8 >"
+            .. auth .. " -U postgres --no-sync -E UTF8 >"
             .. (root and "/dev/null" or srv.dir .. "/initdb.log") .. " 2>&1"),
          "initdb failed (as root it runs as the postgres user)")
 

@@ -33,9 +33,13 @@
  * answered, or answered by the end of the session (FATAL), fails
  * "unknown_outcome" instead: it may have committed. A connect
  * attempt that fails marks the pool down for `down_for` seconds, during
- * which statements fail at once instead of hanging. A connection that has
- * statements outstanding and received nothing for `query_timeout`
- * seconds is closed and its statements fail with "timeout".
+ * which statements fail at once instead of hanging. A connect the server
+ * refused for good (a wrong password, an unknown role or database:
+ * connect_refused_for_good()) fails "config", not retryable, instead of
+ * "unavailable", and so do the statements during that window. A
+ * connection that has statements outstanding and received nothing for
+ * `query_timeout` seconds is closed and its statements fail with
+ * "timeout".
  *
  * Failover: with a multi-host URL and target_session_attrs=read-write,
  * each new connection goes to whichever host accepts writes now (libpq
@@ -536,6 +540,7 @@ push_op_result(lua_State *L, struct lpg_op *op)
     if (op->errkind[0] != '\0') {
         return gw_push_error(L, op->errkind,
                              strcmp(op->errkind, "closed") != 0
+                             && strcmp(op->errkind, "config") != 0
                              && strcmp(op->errkind, "misuse") != 0
                              && strcmp(op->errkind, "unknown_outcome") != 0,
                              "%s", op->errmsg);
@@ -906,6 +911,7 @@ conn_poll_connect(struct lpg_conn *c)
         return GW_ERR;
     }
     if (st == PGRES_POLLING_OK) {
+        PQsetErrorVerbosity(c->pc, PQERRORS_DEFAULT);
         if (PQsetnonblocking(c->pc, 1) != 0) {
             return GW_ERR;
         }
@@ -989,21 +995,98 @@ conn_down(struct lpg_conn *c, const char *kind, const char *msg,
     }
 }
 
-/* A connect attempt failed: conn_down() with libpq's reason. */
+/* Whether a failed connect is one that trying again cannot fix: the
+ * server refused the login or the database (a wrong password, an unknown
+ * role or database, no pg_hba.conf entry), or it asked for a password and
+ * none was given. libpq (15) keeps the server's error response to itself
+ * after a failed connect (PQgetResult gives none, or one without a
+ * SQLSTATE), so the connect runs with PQERRORS_VERBOSE
+ * (conn_start_libpq()), which writes the SQLSTATE into the message
+ * ("FATAL:  28P01: password authentication failed ..."): class 28
+ * (authentication), 3D000 (no such database) and 42501 (no CONNECT
+ * privilege) decide, whatever the server's lc_messages. libpq's own
+ * "no password supplied" has no SQLSTATE: its text decides. With several
+ * hosts (or addresses), libpq reports each attempt ("connection to server
+ * ... failed: ..."): only when every one of them was refused so is the
+ * failure permanent; a host that could not be reached may come back. */
+static int
+connect_refused_for_good(const char *why)
+{
+    const char *line = why, *eol, *p;
+    int         attempts = 0, refused = 0, this_refused = 0;
+
+    for (; *line != '\0'; line = *eol != '\0' ? eol + 1 : eol) {
+        eol = strchr(line, '\n');
+        if (eol == NULL) {
+            eol = line + strlen(line);
+        }
+        if (strncmp(line, "connection to server ", 21) == 0
+            || attempts == 0)
+        {
+            refused += this_refused;     /* the attempt before this one */
+            this_refused = 0;
+            attempts++;
+        }
+        for (p = line; p + 10 <= eol; p++) {
+            /* "SEVERITY:  XXXXX: " (the severity may be translated) */
+            if (p[0] == ':' && p[1] == ' ' && p[2] == ' '
+                && strspn(p + 3, "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+                   == 5
+                && p[8] == ':' && p[9] == ' ')
+            {
+                if (strncmp(p + 3, "28", 2) == 0
+                    || strncmp(p + 3, "3D000", 5) == 0
+                    || strncmp(p + 3, "42501", 5) == 0)
+                {
+                    this_refused = 1;
+                }
+                break;
+            }
+        }
+        if (memmem(line, (size_t)(eol - line), "no password supplied", 20)
+            != NULL)
+        {
+            this_refused = 1;
+        }
+    }
+    refused += this_refused;
+    return attempts > 0 && refused == attempts;
+}
+
+/* A connect attempt failed: conn_down() with libpq's reason, without the
+ * LOCATION lines of its verbose form. Kind "config" (not retryable) when
+ * the server refused the login or the database for good, else
+ * "unavailable". libpq's messages never hold the password. */
 static void
 conn_connect_failed(struct lpg_conn *c, struct lpg_op **out,
                     int fail_waiting)
 {
     char          msg[200];
     const char   *why = c->pc != NULL ? PQerrorMessage(c->pc) : "no memory";
+    const char   *line, *eol;
     size_t        n;
 
-    snprintf(msg, sizeof(msg), "postgres: connect: %s", why);
+    n = (size_t)snprintf(msg, sizeof(msg), "postgres: connect: ");
+    for (line = why; *line != '\0' && n < sizeof(msg) - 1;
+         line = *eol != '\0' ? eol + 1 : eol)
+    {
+        eol = strchr(line, '\n');
+        if (eol == NULL) {
+            eol = line + strlen(line);
+        }
+        if (strncmp(line, "LOCATION:", 9) == 0) {
+            continue;
+        }
+        n += (size_t)snprintf(msg + n, sizeof(msg) - n, "%.*s%s",
+                              (int)(eol - line), line,
+                              *eol != '\0' ? "\n" : "");
+    }
     n = strlen(msg);
     while (n > 0 && (msg[n - 1] == '\n' || msg[n - 1] == ' ')) {
         msg[--n] = '\0';
     }
-    conn_down(c, "unavailable", msg, out, fail_waiting);
+    conn_down(c, c->pc != NULL && connect_refused_for_good(why)
+                 ? "config" : "unavailable", msg, out, fail_waiting);
 }
 
 /* Server notices (e.g. "table does not exist, skipping") go to the
@@ -1117,6 +1200,9 @@ started:
         return GW_ERR;
     }
     PQsetNoticeReceiver(c->pc, on_notice, c);
+    /* the SQLSTATE of a refused connect in its message (until it is up:
+     * conn_poll_connect()), for connect_refused_for_good() */
+    PQsetErrorVerbosity(c->pc, PQERRORS_VERBOSE);
     return conn_poll_connect(c) == GW_ERR ? GW_ERR : GW_OK;
 }
 
@@ -2718,6 +2804,11 @@ pool_fail_fast(lua_State *L, struct lpg_pool *pg)
 {
     if (pool_has_live(pg) || gw_loop_mono_fresh() >= pg->down_until) {
         return 0;
+    }
+    if (strcmp(pg->down_kind, "config") == 0) {
+        /* the server refused the login: trying again cannot help */
+        return gw_push_error(L, "config", 0, "%s (pool down)",
+                             pg->down_msg);
     }
     return gw_push_error(L, "unavailable", 1, "%s (pool down, retry later)",
                          pg->down_msg);

@@ -1,6 +1,8 @@
 -- examples/gateway: an unreachable PostgreSQL or Redis at start is tried
 -- again for a while (gw.boot), then one line naming it (no password, no
 -- stack trace) and exit status 1; one that comes up meanwhile is used.
+-- One that refuses the password is not tried again: the line comes at
+-- once.
 local testing = require "paygate.testing"
 local core = require "paygate.core"
 local servers = require "spec.support.servers"
@@ -48,6 +50,41 @@ describe("gateway start with its stores unreachable", function()
     assert.not_matches("secretpw", logs, 1, true)
     assert.not_matches("traceback", logs, 1, true)
     srv:stop()
+  end)
+
+  -- a start that stops at once: exit 1, one line starting want, no
+  -- retry, neither password anywhere
+  local function refused_at_once(srv, want, passwords)
+    local t0 = core.mono()
+    local code = srv.proc:wait(40)
+    local took = core.mono() - t0
+    local logs = srv:logs()
+    assert.equal(1, code, logs)
+    assert.is_true(took < 4, "took " .. took .. " s: " .. logs)
+    assert.not_matches("trying again", logs, 1, true)
+    assert.equal(1, lines(logs, "gateway: cannot reach"), logs)
+    assert.matches(want, logs, 1, true)
+    for _, pw in ipairs(passwords) do
+      assert.not_matches(pw, logs, 1, true)
+    end
+    assert.not_matches("traceback", logs, 1, true)
+    srv:stop()
+  end
+
+  it("PostgreSQL refusing the password: one line at once, no retries",
+     function()
+    if not servers.have_postgres() then
+      pending("postgres not installed")
+      return
+    end
+    local pg = servers.postgres({ password = "right-pw-61aa" })
+    local srv = start({ db = "postgres://postgres:wrong-pw-07bd@127.0.0.1:"
+                             .. pg.port .. "/postgres" }, 2)
+    refused_at_once(srv, "gateway: cannot reach the store"
+      .. " postgres://postgres@127.0.0.1:" .. pg.port .. "/postgres:"
+      .. " postgres: connect: connection to server at \"127.0.0.1\", port "
+      .. pg.port .. " failed: FATAL:  28P01: password authentication failed"
+      .. " for user \"postgres\"\n", { "wrong-pw-07bd", "right-pw-61aa" })
   end)
 
   it("Redis: waits for it to come up, and serves", function()
