@@ -4,6 +4,7 @@
 --   local servers = require "spec.support.servers"
 --   local r = servers.redis()        -- { port, url, dir, stop(), start() }
 --   local pg = servers.postgres()    -- { port, url, dir, stop(), start() }
+--   servers.redis{ requirepass = "pw" }   -- AUTH required; url has it
 --   servers.postgres{ password = "pw" }   -- password auth on 127.0.0.1
 --                                          -- (scram-sha-256); url has it
 --   servers.stop_all()               -- in teardown()
@@ -104,8 +105,8 @@ local function redis_cli(port, password)
     .. "redis-cli -h 127.0.0.1 -p " .. port
 end
 
-local function redis_ping(port)
-  return read_cmd("redis-cli -h 127.0.0.1 -p " .. port
+local function redis_ping(port, password)
+  return read_cmd(redis_cli(port, password)
                   .. " PING 2>/dev/null"):match("PONG") ~= nil
 end
 
@@ -148,13 +149,18 @@ local function first_start(srv, start_once, set_port)
   end
 end
 
--- syntax: srv = servers.redis([{ appendfsync = "always" }])
+-- syntax: srv = servers.redis([{ appendfsync = "always",
+--                                 requirepass = "pw" }])
+-- requirepass: clients must AUTH with it (srv.password; srv.url has it)
 function _M.redis(opts)
   opts = opts or {}
-  local srv = { dir = mktemp(), kind = "redis" }
+  local srv = { dir = mktemp(), kind = "redis", password = opts.requirepass }
+  assert(srv.password == nil or srv.password:match("^[%w_-]+$"),
+         "servers.redis: requirepass must be letters, digits, _ or -")
   local function set_port(port)
     srv.port = port
-    srv.url = "redis://127.0.0.1:" .. port
+    srv.url = "redis://" .. (srv.password and ":" .. srv.password .. "@"
+                             or "") .. "127.0.0.1:" .. port
   end
   set_port(_M.pick_port())
   srv.pidfile = srv.dir .. "/redis.pid"
@@ -181,6 +187,9 @@ function _M.redis(opts)
     else
       args[#args + 1] = "--appendonly no"
     end
+    if srv.password then
+      args[#args + 1] = "--requirepass " .. srv.password
+    end
     if not sh(table.concat(args, " ")) then
       return nil, false
     end
@@ -190,8 +199,8 @@ function _M.redis(opts)
         taken = true
         return true
       end
-      if redis_ping(srv.port) then
-        ours = read_cmd("redis-cli -h 127.0.0.1 -p " .. srv.port
+      if redis_ping(srv.port, srv.password) then
+        ours = read_cmd(redis_cli(srv.port, srv.password)
           .. " CONFIG GET dir 2>/dev/null"):find(srv.dir, 1, true) ~= nil
         taken = not ours
         return true

@@ -20,7 +20,9 @@
  * (loopback connects are refused immediately; a connect that hangs is
  * bounded by connect_timeout), and after a failed attempt the next ones
  * wait for a growing window (backoff, below): meanwhile commands fail
- * "unavailable" without a connect.
+ * "unavailable" without a connect. A refused AUTH is "config", not
+ * retryable, for the commands sent behind it (the server answers them
+ * NOAUTH) and during the wait that follows (on_setup_reply()).
  *
  * Timeouts: a once-per-100-ms tick checks each connection; when it has
  * replies outstanding and none arrived for `timeout` seconds (plus the
@@ -105,6 +107,8 @@ struct lredis_conn {
                                     forever): added to the timeout */
     unsigned            gen;     /* cl->gen when opened */
     struct lredis_conn *prev, *next; /* cl->alone */
+    char                autherr[128]; /* the server's answer to a refused
+                                         AUTH, or "" */
 };
 
 struct lredis_client {
@@ -125,6 +129,8 @@ struct lredis_client {
                                     jitter; 0 after a success */
     double           retry_at;   /* monotonic s: no connect before this */
     char             lasterr[128]; /* why the last attempt failed */
+    const char      *lastkind;   /* its kind: "unavailable", or "config"
+                                    when the server refused the AUTH */
     struct event    *tick;       /* owned; deadline checks */
     int              refs;       /* Lua handle + live contexts */
     int              closed;     /* Lua closed it */
@@ -206,6 +212,7 @@ backoff_fail(struct lredis_client *cl, const char *why)
     }
     cl->backoff = b;
     cl->retry_at = gw_loop_mono_fresh() + b * (0.5 + 0.5 * jitter());
+    cl->lastkind = "unavailable";
     snprintf(cl->lasterr, sizeof(cl->lasterr), "%s:%d: %s", cl->host,
              cl->port, why);
 }
@@ -272,6 +279,10 @@ error_kind(const char *s, int *retryable)
     if (code_is(s, "OOM")) {
         return "unavailable";
     }
+    /* no password, or a wrong one: only a new configuration helps */
+    if (code_is(s, "NOAUTH") || code_is(s, "WRONGPASS")) {
+        return "config";
+    }
     /* the group or key exists already: trying again cannot succeed */
     if (code_is(s, "WRONGTYPE") || code_is(s, "BUSYGROUP")
         || code_is(s, "BUSYKEY"))
@@ -299,6 +310,28 @@ push_reply_error(lua_State *L, const char *s, size_t len)
     lua_pushlstring(L, s, w);
     lua_setfield(L, -2, "code");
     lua_remove(L, -2);                   /* keep the table, drop nil */
+}
+
+/* The server refused the AUTH of the connection (autherr: its answer,
+ * WRONGPASS ... or ERR invalid password): the error table for the
+ * commands sent behind it, which the server answered NOAUTH. Redis never
+ * repeats the password in these answers. */
+static void
+push_auth_error(lua_State *L, const char *autherr)
+{
+    gw_push_error(L, "config", 0, "redis: AUTH refused: %s", autherr);
+    lua_pushlstring(L, autherr, strcspn(autherr, " "));
+    lua_setfield(L, -2, "code");
+    lua_remove(L, -2);                   /* keep the table, drop nil */
+}
+
+/* 1 when r is the NOAUTH answer to a command sent behind c's refused
+ * AUTH: push_auth_error() tells why. */
+static int
+behind_refused_auth(const struct lredis_conn *c, const redisReply *r)
+{
+    return c != NULL && c->autherr[0] != '\0'
+           && r->type == REDIS_REPLY_ERROR && code_is(r->str, "NOAUTH");
 }
 
 /* Pushes one Lua value for r (an error reply becomes an error table). */
@@ -435,7 +468,11 @@ on_reply(redisAsyncContext *ac, void *reply, void *privdata)
         lua_State *T = op->cl->T;
 
         lua_rawgeti(T, LUA_REGISTRYINDEX, op->results);
-        push_reply(T, r);
+        if (behind_refused_auth(c, r)) {
+            push_auth_error(T, c->autherr);
+        } else {
+            push_reply(T, r);
+        }
         lua_rawseti(T, -2, op->got);
         lua_pop(T, 1);
     } else if (op->co != NULL) {
@@ -445,7 +482,11 @@ on_reply(redisAsyncContext *ac, void *reply, void *privdata)
         lua_State       *L = gw_co_state(co);
         int              n = 1;
 
-        if (r->type == REDIS_REPLY_ERROR) {
+        if (behind_refused_auth(c, r)) {
+            lua_pushnil(L);
+            push_auth_error(L, c->autherr);
+            n = 2;
+        } else if (r->type == REDIS_REPLY_ERROR) {
             lua_pushnil(L);
             push_reply_error(L, r->str, r->len);
             n = 2;
@@ -462,12 +503,19 @@ on_reply(redisAsyncContext *ac, void *reply, void *privdata)
     }
 }
 
-/* Internal commands (AUTH, SELECT): a failure drops the connection. */
+/* Internal commands (AUTH, SELECT: privdata names it): a failure drops
+ * the connection. A refused AUTH is kept on the connection: the commands
+ * queued behind it get the server's answer to it instead of their NOAUTH
+ * (which would say only that a password is needed), kind "config", not
+ * retryable; so do the commands that fail while the client then waits
+ * before its next attempt (lastkind). */
 static void
 on_setup_reply(redisAsyncContext *ac, void *reply, void *privdata)
 {
     struct lredis_conn *c = conn_of(ac);
     redisReply      *r = reply;
+    int              auth = strcmp((const char *)privdata, "AUTH") == 0;
+    int              counted;
 
     if (c != NULL && c->ac == ac) {
         c->pending--;
@@ -475,11 +523,19 @@ on_setup_reply(redisAsyncContext *ac, void *reply, void *privdata)
         /* the commands' own replies come after this one: NOAUTH errors
          * are no success */
         if (r != NULL && r->type == REDIS_REPLY_ERROR) {
+            counted = !c->settled;
             attempt_failed(c, r->str);
+            if (counted && auth) {
+                c->cl->lastkind = "config";
+            }
         }
     }
     if (r != NULL && r->type == REDIS_REPLY_ERROR) {
-        gw_log(GW_LOG_ERROR, "redis: connection setup failed: %s", r->str);
+        if (auth && c != NULL) {
+            snprintf(c->autherr, sizeof(c->autherr), "%s", r->str);
+        }
+        gw_log(GW_LOG_ERROR, "redis: connection setup failed: %s refused:"
+               " %s", auth ? "AUTH" : "SELECT", r->str);
         redisAsyncDisconnect(ac);
     }
 }
@@ -607,26 +663,44 @@ conn_open(struct lredis_conn *c, char *err, size_t errlen)
     c->pending = 0;
     c->timedout = 0;
     c->settled = 0;
+    c->autherr[0] = '\0';
     c->opened = gw_loop_mono_fresh();
     c->since = c->opened;
     cl->refs++;                          /* released in on_disconnect */
     if (cl->password != NULL) {
-        redisAsyncCommand(ac, on_setup_reply, NULL, "AUTH %s",
+        redisAsyncCommand(ac, on_setup_reply, (void *)"AUTH", "AUTH %s",
                           cl->password);
         c->pending++;
     }
     if (cl->dbnum != 0) {
-        redisAsyncCommand(ac, on_setup_reply, NULL, "SELECT %d", cl->dbnum);
+        redisAsyncCommand(ac, on_setup_reply, (void *)"SELECT",
+                          "SELECT %d", cl->dbnum);
         c->pending++;
     }
     return GW_OK;
 }
 
+/* The error of a command refused while the client waits before its next
+ * attempt: "unavailable", or "config" when the server refused the last
+ * attempt's AUTH. */
 static void
-backoff_msg(struct lredis_client *cl, double now, char *err, size_t errlen)
+backoff_msg(struct lredis_client *cl, double now, const char **kind,
+            char *err, size_t errlen)
 {
+    *kind = cl->lastkind != NULL ? cl->lastkind : "unavailable";
     snprintf(err, errlen, "redis: not connected: next attempt in %.2f s"
-             " (last attempt: %s)", cl->retry_at - now, cl->lasterr);
+             " (last attempt: %s)", cl->retry_at > now ? cl->retry_at - now
+                                                        : 0.0, cl->lasterr);
+}
+
+/* 1 while c's context closes after a refused AUTH or SELECT
+ * (on_setup_reply()): the replies queued on it still come, but hiredis
+ * takes no new command there ("cannot send"), and its slot is not free
+ * to open another until it is gone. */
+static int
+conn_closing(const struct lredis_conn *c)
+{
+    return c->ac != NULL && (c->ac->c.flags & REDIS_DISCONNECTING) != 0;
 }
 
 /* Picks the connection for a command: the slots take turns, and a slot
@@ -635,29 +709,32 @@ backoff_msg(struct lredis_client *cl, double now, char *err, size_t errlen)
  * until the server has shown that it answers, one attempt at a time, so
  * that a burst against a dead server costs one connect, not one per slot.
  * Then any live connection takes the command. NULL + err when none is
- * live and none may be opened. */
+ * live and none may be opened (and its kind). */
 static struct lredis_conn *
-pick_conn(struct lredis_client *cl, char *err, size_t errlen)
+pick_conn(struct lredis_client *cl, const char **kind, char *err,
+          size_t errlen)
 {
     struct lredis_conn *c = &cl->conns[cl->rr++ % (unsigned)cl->npool];
     struct lredis_conn *live = NULL;
     double              now;
     int                 i, probing = 0;
 
-    if (c->ac != NULL) {
+    if (c->ac != NULL && !conn_closing(c)) {
         return c;
     }
     for (i = 0; i < cl->npool; i++) {
         struct lredis_conn *o = &cl->conns[(cl->rr + i) % (unsigned)cl->npool];
 
-        if (o->ac != NULL) {
+        if (o->ac != NULL && !conn_closing(o)) {
             live = live != NULL ? live : o;
             probing |= !o->settled;
         }
     }
     now = gw_loop_mono_fresh();
-    if (now < cl->retry_at) {
-        backoff_msg(cl, now, err, errlen);
+    *kind = "unavailable";
+    if (now < cl->retry_at || c->ac != NULL) {
+        /* (a closing c: its refusal started the wait) */
+        backoff_msg(cl, now, kind, err, errlen);
     } else if (!probing && conn_open(c, err, errlen) == GW_OK) {
         return c;
     }
@@ -676,7 +753,7 @@ alone_open(struct lredis_client *cl, double block, const char *cmd,
 
     *kind = "unavailable";
     if (now < cl->retry_at) {
-        backoff_msg(cl, now, err, errlen);
+        backoff_msg(cl, now, kind, err, errlen);
         return NULL;
     }
     if (cl->nalone >= cl->max_blocking) {
@@ -1097,10 +1174,11 @@ call_on(lua_State *L, struct lredis_client *cl, int first, double block)
                           LREDIS_MAXARGS);
     }
     n = collect_args(L, 0, first, top, args, lens);
-    c = block < 0 ? pick_conn(cl, err, sizeof(err))
+    c = block < 0 ? pick_conn(cl, &kind, err, sizeof(err))
                   : alone_open(cl, block, args[0], &kind, err, sizeof(err));
     if (c == NULL) {
-        return gw_push_error(L, kind, 1, "%s", err);
+        return gw_push_error(L, kind, strcmp(kind, "config") != 0, "%s",
+                             err);
     }
     op = calloc(1, sizeof(*op));
     if (op == NULL) {
@@ -1163,6 +1241,7 @@ lredis_pipeline(lua_State *L)
     size_t           lens[LREDIS_MAXARGS];
     struct lredis_conn *c;
     struct lredis_op   *op;
+    const char      *kind;
     char             err[200];
     int              i, ncmds, n, base;
 
@@ -1174,9 +1253,10 @@ lredis_pipeline(lua_State *L)
     if (ncmds == 0) {
         return 1;
     }
-    c = pick_conn(cl, err, sizeof(err));
+    c = pick_conn(cl, &kind, err, sizeof(err));
     if (c == NULL) {
-        return gw_push_error(L, "unavailable", 1, "%s", err);
+        return gw_push_error(L, kind, strcmp(kind, "config") != 0, "%s",
+                             err);
     }
     op = calloc(1, sizeof(*op));
     if (op == NULL) {

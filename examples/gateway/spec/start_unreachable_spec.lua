@@ -87,6 +87,16 @@ describe("gateway start with its stores unreachable", function()
       .. " for user \"postgres\"\n", { "wrong-pw-07bd", "right-pw-61aa" })
   end)
 
+  it("Redis refusing the password: one line at once, naming the refusal",
+     function()
+    local rs = servers.redis({ requirepass = "right-pw-c2d4" })
+    local srv = start({ redis = "redis://:wrong-pw-93ef@127.0.0.1:"
+                                .. rs.port })
+    refused_at_once(srv, "gateway: cannot reach redis redis://127.0.0.1:"
+      .. rs.port .. ": redis: AUTH refused: WRONGPASS ",
+      { "wrong-pw-93ef", "right-pw-c2d4" })
+  end)
+
   it("Redis: waits for it to come up, and serves", function()
     local rs = servers.redis()
     rs.stop()
