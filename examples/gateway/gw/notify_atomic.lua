@@ -118,9 +118,11 @@ local function build(db, mchid, event, key)
     { "INSERT INTO gw_notification_effects (key, notification_id,"
       .. " applied_at) VALUES ($1, $2, $3) ON CONFLICT (key) DO NOTHING",
       { key, event.id, model.now() }, expect = 1, name = "effect" },
+    -- (as gw.apply does it: a switch's close mark goes with it)
     { "UPDATE gw_attempts SET state = 'paid', transaction_id = $2,"
-      .. " closed_at = COALESCE(closed_at, $3) WHERE out_trade_no = $1"
-      .. " AND state = 'open'", { no, r.transaction_id or json.null, now },
+      .. " closed_at = COALESCE(closed_at, $3), close_check_at = NULL"
+      .. " WHERE out_trade_no = $1 AND state = 'open'",
+      { no, r.transaction_id or json.null, now },
       expect = 1, name = "attempt" },
   }
   for _, st in ipairs(plan.statements) do

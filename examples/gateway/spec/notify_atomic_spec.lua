@@ -44,6 +44,13 @@ describe("gateway notify_atomic", function()
 
   it("applies a payment as the transaction does: same rows, audit, event", function()
     local a, b = payment("paying"), payment("paying")
+    -- both attempts carry a channel switch's close mark (POST attempts
+    -- sets it before closing the old attempt): paid, it goes, as
+    -- gw.apply takes it off
+    for _, id in ipairs({ a, b }) do
+      assert(db:exec("UPDATE gw_attempts SET close_check_at = 1 WHERE"
+                     .. " payment_id = $1", { id }))
+    end
     assert.equal("applied", notify_atomic.process(db, "1900000001",
                                                    paid_event(a .. "_1")))
     assert.equal("applied", (notify.process("1900000001",
@@ -58,9 +65,12 @@ describe("gateway notify_atomic", function()
     assert.equal("42" .. a .. "_1", pa.transaction_id)
     assert.equal(a .. "_1", pa.paid_out_trade_no)
     assert.truthy(pa.notified_at)
-    local at = assert(db:query("SELECT state, transaction_id FROM gw_attempts"
-                         .. " WHERE payment_id = $1", { a }))[1]
-    assert.same({ state = "paid", transaction_id = "42" .. a .. "_1" }, at)
+    for _, id in ipairs({ a, b }) do
+      local at = assert(db:query("SELECT state, transaction_id,"
+        .. " close_check_at FROM gw_attempts WHERE payment_id = $1",
+        { id }))[1]
+      assert.same({ state = "paid", transaction_id = "42" .. id .. "_1" }, at)
+    end
     for _, id in ipairs({ a, b }) do
       local n = assert(db:query("SELECT outcome FROM gw_notifications WHERE"
                                 .. " id = $1", { "EV-" .. id .. "_1" }))[1]
