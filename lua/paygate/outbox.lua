@@ -664,8 +664,12 @@ function _M.hooks(map, opts)
     end
     return fn(event)
   end
+  -- (for the dispatcher: a type without a hook is done at once, no task)
+  local function hooked(etype)
+    return (map[etype] or map["*"]) ~= nil
+  end
   return { name = opts.name or "hooks", deliver = deliver,
-           timeout = timeout }
+           timeout = timeout, hooked = hooked }
 end
 
 ----------------------------------------------------------- dispatcher
@@ -1118,7 +1122,9 @@ end
 -- fails with kind timeout, so a hung hook costs one attempt, not the
 -- round and the shard's lease.
 local function call_sink(self, sink, event)
-  if not sink.timeout then
+  -- (a hooks sink with no hook for this type: its deliver returns true
+  -- at once, so it cannot time out and needs no task of its own)
+  if not sink.timeout or (sink.hooked and not sink.hooked(event.type)) then
     return pcall(sink.deliver, event)
   end
   local res
