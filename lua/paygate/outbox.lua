@@ -914,6 +914,15 @@ local HEADS = "SELECT id, subject, type, payload, attempts, created_at,"
   .. " FROM paygate_outbox e WHERE e.state = 'pending'"
   .. " AND e.subject = o.subject AND e.id < o.id) ORDER BY id LIMIT $4"
 
+-- The heads of every shard at once (a dispatcher holding all of them):
+-- one scan of the pending rows instead of one per shard, each of which
+-- read past the other shards' rows; the rows are split by shard after.
+local HEADS_ALL = "SELECT id, subject, type, payload, attempts, created_at,"
+  .. " sinks_done, shard FROM paygate_outbox o WHERE state = 'pending'"
+  .. " AND next_at <= $1 AND NOT EXISTS (SELECT 1"
+  .. " FROM paygate_outbox e WHERE e.state = 'pending'"
+  .. " AND e.subject = o.subject AND e.id < o.id) ORDER BY id LIMIT $2"
+
 local MARK_DONE = "UPDATE paygate_outbox SET state = 'delivered',"
   .. " delivered_at = $2, attempts = attempts + 1, sinks_done = $3,"
   .. " last_error = NULL WHERE id = $1 AND state = 'pending'"
@@ -1233,15 +1242,40 @@ function Dispatcher:step()
   refresh_leases(self)
   local work = {}
   local now = self.now()
-  for p, l in pairs(self.leases) do
-    local rows, qerr = self.db:query(HEADS, { self.partitions, p, now,
-                                              self.batch })
+  local held = 0
+  for _ in pairs(self.leases) do
+    held = held + 1
+  end
+  if held > 1 and held == self.partitions then
+    -- every shard: one query, at most `batch` heads kept per shard (the
+    -- first ones in id order, as the query of that shard alone returns)
+    local rows, qerr = self.db:query(HEADS_ALL, { now, self.batch * held })
     if not rows then
       self.stats.errors = self.stats.errors + 1
       log_warn("outbox: heads", { error = tostring(qerr) })
     else
+      local per = {}
       for _, row in ipairs(rows) do
-        work[#work + 1] = { row, p, l }
+        local p = tonumber(row.shard) % self.partitions
+        local l, c = self.leases[p], per[p] or 0
+        if l and c < self.batch then
+          per[p] = c + 1
+          row.shard = nil
+          work[#work + 1] = { row, p, l }
+        end
+      end
+    end
+  else
+    for p, l in pairs(self.leases) do
+      local rows, qerr = self.db:query(HEADS, { self.partitions, p, now,
+                                                self.batch })
+      if not rows then
+        self.stats.errors = self.stats.errors + 1
+        log_warn("outbox: heads", { error = tostring(qerr) })
+      else
+        for _, row in ipairs(rows) do
+          work[#work + 1] = { row, p, l }
+        end
       end
     end
   end
