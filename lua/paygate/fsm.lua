@@ -249,24 +249,66 @@ local function sorted_keys(t)
   return keys
 end
 
--- The UPDATE that moves row id from version to version + 1 (state to, and
--- the columns of set): { sql, params }.
-function Store:save_stmt(id, version, to, set)
+-- The UPDATE's text for the sorted keys of set, checked and made once per
+-- list of keys (the same keys give the same text and the same verdict):
+-- kept in a tree of the keys in order, so no key can stand for another.
+local SAVE_TEXTS_MAX = 64      -- texts kept per store (then started over)
+local TEXT = {}                -- a node's text (a key no caller has)
+
+local function save_text(self, keys)
+  local node = self.save_texts
+  for i = 1, #keys do
+    if not node then
+      break
+    end
+    node = node[keys[i]]
+  end
+  local text = node and node[TEXT]
+  if text then
+    return text
+  end
   local sets = { self.state_col .. " = $1", self.version_col .. " = $2" }
-  local params = { to, version + 1 }
-  for _, k in ipairs(sorted_keys(set)) do
+  for i, k in ipairs(keys) do
     check_ident("fsm: opts.set", "a key", k)
     if k == self.state_col or k == self.version_col or k == self.id_col then
       error("fsm: opts.set may not change " .. k .. " (the machine's)", 0)
     end
-    params[#params + 1] = set[k]
-    sets[#sets + 1] = k .. " = $" .. #params
+    sets[#sets + 1] = k .. " = $" .. (i + 2)
   end
-  local n = #params
-  params[n + 1], params[n + 2], params.n = id, version, n + 2
-  return { "UPDATE " .. self.table .. " SET " .. concat(sets, ", ")
+  local n = #keys + 2
+  text = "UPDATE " .. self.table .. " SET " .. concat(sets, ", ")
     .. " WHERE " .. self.id_col .. " = $" .. (n + 1) .. " AND "
-    .. self.version_col .. " = $" .. (n + 2), params }
+    .. self.version_col .. " = $" .. (n + 2)
+  if not self.save_texts or self.save_texts_n >= SAVE_TEXTS_MAX then
+    self.save_texts, self.save_texts_n = {}, 0
+  end
+  node = self.save_texts
+  for i = 1, #keys do
+    local nx = node[keys[i]]
+    if not nx then
+      nx = {}
+      node[keys[i]] = nx
+    end
+    node = nx
+  end
+  node[TEXT] = text
+  self.save_texts_n = self.save_texts_n + 1
+  return text
+end
+
+-- The UPDATE that moves row id from version to version + 1 (state to, and
+-- the columns of set): { sql, params }.
+function Store:save_stmt(id, version, to, set)
+  local keys = sorted_keys(set)
+  local text = save_text(self, keys)
+  local params = { to, version + 1 }
+  local n = #keys
+  for i = 1, n do
+    params[i + 2] = set[keys[i]]
+  end
+  n = n + 2
+  params[n + 1], params[n + 2], params.n = id, version, n + 2
+  return { text, params }
 end
 
 function Store:save(tx, id, version, to, set)
