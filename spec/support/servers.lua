@@ -150,8 +150,11 @@ local function first_start(srv, start_once, set_port)
 end
 
 -- syntax: srv = servers.redis([{ appendfsync = "always",
---                                 requirepass = "pw" }])
+--                                 requirepass = "pw", databases = 4,
+--                                 rename = { SELECT = "" } }])
 -- requirepass: clients must AUTH with it (srv.password; srv.url has it)
+-- databases: how many dbs the server has (redis' default 16)
+-- rename: commands renamed ("" disables them), as rename-command
 function _M.redis(opts)
   opts = opts or {}
   local srv = { dir = mktemp(), kind = "redis", password = opts.requirepass }
@@ -189,6 +192,14 @@ function _M.redis(opts)
     end
     if srv.password then
       args[#args + 1] = "--requirepass " .. srv.password
+    end
+    if opts.databases then
+      args[#args + 1] = "--databases " .. math.floor(opts.databases)
+    end
+    for cmd, to in pairs(opts.rename or {}) do
+      assert(cmd:match("^%w+$") and to:match("^[%w_-]*$"),
+             "servers.redis: rename wants command names")
+      args[#args + 1] = "--rename-command " .. cmd .. " '" .. to .. "'"
     end
     if not sh(table.concat(args, " ")) then
       return nil, false

@@ -1,9 +1,10 @@
 -- paygate.redis against a server that requires a password (requirepass):
 -- a refused AUTH is reported as itself -- the server's WRONGPASS -- with
 -- kind "config", not retryable, and never the password. The commands
--- queued behind the AUTH on its connection are answered NOAUTH by the
--- server; that answer, which says only that a password is needed, was
--- what redis.connect reported, and the WRONGPASS went to the log alone.
+-- waiting for that connection are held until the AUTH answered, and fail
+-- with it unsent (before, they went behind the AUTH and the server's
+-- NOAUTH to them, which says only that a password is needed, was what
+-- redis.connect reported; the WRONGPASS went to the log alone).
 local core = require "paygate.core"
 local redis = require "paygate.redis"
 local servers = require "spec.support.servers"

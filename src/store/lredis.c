@@ -20,9 +20,15 @@
  * (loopback connects are refused immediately; a connect that hangs is
  * bounded by connect_timeout), and after a failed attempt the next ones
  * wait for a growing window (backoff, below): meanwhile commands fail
- * "unavailable" without a connect. A refused AUTH is "config", not
- * retryable, for the commands sent behind it (the server answers them
- * NOAUTH) and during the wait that follows (on_setup_reply()).
+ * "unavailable" without a connect.
+ *
+ * Setup: a new connection sends AUTH (with a password) and SELECT (db
+ * other than 0) first, and the callers' commands for it are held until
+ * both answered OK (one round trip per connection, never per command):
+ * sent behind a SELECT the server refuses, they would run on db 0. A
+ * refused AUTH or SELECT fails them unsent -- "redis: SELECT 5 refused:
+ * <the server's answer>", kind "config", not retryable -- and so are the
+ * commands during the wait that follows (on_setup_reply()).
  *
  * Timeouts: a once-per-100-ms tick checks each connection; when it has
  * replies outstanding and none arrived for `timeout` seconds (plus the
@@ -85,6 +91,16 @@
 #define LREDIS_BACKOFF_MAX  2.0
 
 struct lredis_client;
+struct lredis_op;
+
+/* A caller's command held until its connection's setup answered
+ * (conn_send()): formatted, not yet given to hiredis. */
+struct lredis_held {
+    struct lredis_held *next;
+    struct lredis_op   *op;
+    char               *cmd;     /* redisFormatCommandArgv's */
+    long long           len;
+};
 
 /* Why conn_check dropped a connection (lredis_conn.timedout). */
 #define LREDIS_TIMEDOUT_REPLY    1       /* no reply within the timeout */
@@ -107,8 +123,13 @@ struct lredis_conn {
                                     forever): added to the timeout */
     unsigned            gen;     /* cl->gen when opened */
     struct lredis_conn *prev, *next; /* cl->alone */
-    char                autherr[128]; /* the server's answer to a refused
-                                         AUTH, or "" */
+    int                 retired; /* of an address set_addr left */
+    int                 setup;   /* AUTH/SELECT replies outstanding: the
+                                    callers' commands wait on held */
+    struct lredis_held *held;    /* newest first */
+    char                refused[24];  /* "AUTH" or "SELECT <n>" the
+                                         server refused, or "" */
+    char                answer[128];  /* its answer */
 };
 
 struct lredis_client {
@@ -130,7 +151,8 @@ struct lredis_client {
     double           retry_at;   /* monotonic s: no connect before this */
     char             lasterr[128]; /* why the last attempt failed */
     const char      *lastkind;   /* its kind: "unavailable", or "config"
-                                    when the server refused the AUTH */
+                                    when the server refused the AUTH or
+                                    SELECT */
     struct event    *tick;       /* owned; deadline checks */
     int              refs;       /* Lua handle + live contexts */
     int              closed;     /* Lua closed it */
@@ -312,26 +334,17 @@ push_reply_error(lua_State *L, const char *s, size_t len)
     lua_remove(L, -2);                   /* keep the table, drop nil */
 }
 
-/* The server refused the AUTH of the connection (autherr: its answer,
- * WRONGPASS ... or ERR invalid password): the error table for the
- * commands sent behind it, which the server answered NOAUTH. Redis never
- * repeats the password in these answers. */
+/* The server refused the AUTH or SELECT (what) of a connection
+ * (answer: WRONGPASS ..., ERR DB index is out of range, ...): the error
+ * table for the commands held behind it, never sent. Redis never repeats
+ * the password in these answers. */
 static void
-push_auth_error(lua_State *L, const char *autherr)
+push_setup_error(lua_State *L, const char *what, const char *answer)
 {
-    gw_push_error(L, "config", 0, "redis: AUTH refused: %s", autherr);
-    lua_pushlstring(L, autherr, strcspn(autherr, " "));
+    gw_push_error(L, "config", 0, "redis: %s refused: %s", what, answer);
+    lua_pushlstring(L, answer, strcspn(answer, " "));
     lua_setfield(L, -2, "code");
     lua_remove(L, -2);                   /* keep the table, drop nil */
-}
-
-/* 1 when r is the NOAUTH answer to a command sent behind c's refused
- * AUTH: push_auth_error() tells why. */
-static int
-behind_refused_auth(const struct lredis_conn *c, const redisReply *r)
-{
-    return c != NULL && c->autherr[0] != '\0'
-           && r->type == REDIS_REPLY_ERROR && code_is(r->str, "NOAUTH");
 }
 
 /* Pushes one Lua value for r (an error reply becomes an error table). */
@@ -433,6 +446,56 @@ conn_of(redisAsyncContext *ac)
     return ac->data;
 }
 
+/* One answer for op: the reply r, a transport failure of c (r NULL,
+ * what NULL), or the refusal of c's setup (what: "AUTH" or "SELECT n",
+ * answer: the server's) for a command held behind it. */
+static void
+op_answer(struct lredis_op *op, struct lredis_conn *c,
+          const redisAsyncContext *ac, redisReply *r, const char *what,
+          const char *answer)
+{
+    op->got++;
+    if (what == NULL && r == NULL) {
+        op_transport_error(op, c, ac);
+    } else if (op->co != NULL && op->results != LUA_NOREF) {
+        lua_State *T = op->cl->T;
+
+        lua_rawgeti(T, LUA_REGISTRYINDEX, op->results);
+        if (what != NULL) {
+            push_setup_error(T, what, answer);
+        } else {
+            push_reply(T, r);
+        }
+        lua_rawseti(T, -2, op->got);
+        lua_pop(T, 1);
+    } else if (op->co != NULL) {
+        /* One command: answer now, straight from the reply. */
+        struct gw_co    *co = op->co;
+        struct lredis_client *cl = op->cl;
+        lua_State       *L = gw_co_state(co);
+        int              n = 1;
+
+        if (what != NULL) {
+            lua_pushnil(L);
+            push_setup_error(L, what, answer);
+            n = 2;
+        } else if (r->type == REDIS_REPLY_ERROR) {
+            lua_pushnil(L);
+            push_reply_error(L, r->str, r->len);
+            n = 2;
+        } else {
+            push_reply(L, r);
+        }
+        free(op);
+        client_unref(cl);
+        gw_co_wake(co, n);
+        return;
+    }
+    if (op->got == op->ncmds) {
+        op_finish(op);
+    }
+}
+
 /* hiredis callback for every command we send. */
 static void
 on_reply(redisAsyncContext *ac, void *reply, void *privdata)
@@ -461,54 +524,126 @@ on_reply(redisAsyncContext *ac, void *reply, void *privdata)
             }
         }
     }
-    op->got++;
-    if (r == NULL) {
-        op_transport_error(op, c, ac);
-    } else if (op->co != NULL && op->results != LUA_NOREF) {
-        lua_State *T = op->cl->T;
+    op_answer(op, c, ac, r, NULL, NULL);
+}
 
-        lua_rawgeti(T, LUA_REGISTRYINDEX, op->results);
-        if (behind_refused_auth(c, r)) {
-            push_auth_error(T, c->autherr);
-        } else {
-            push_reply(T, r);
-        }
-        lua_rawseti(T, -2, op->got);
-        lua_pop(T, 1);
-    } else if (op->co != NULL) {
-        /* One command: answer now, straight from the reply. */
-        struct gw_co    *co = op->co;
-        struct lredis_client *cl = op->cl;
-        lua_State       *L = gw_co_state(co);
-        int              n = 1;
+/* Fails the commands held on c (their context ac is going away, or
+ * refused its setup: what and answer, see op_answer()); they were never
+ * sent. Takes the list off c first: a coroutine woken here may send on
+ * c again (a new connection). ac may be NULL. */
+static void
+held_fail(struct lredis_conn *c, const redisAsyncContext *ac,
+          const char *what, const char *answer)
+{
+    struct lredis_held *h = c->held, *prev = NULL, *next;
+    char                w[sizeof(c->refused)], a[sizeof(c->answer)];
 
-        if (behind_refused_auth(c, r)) {
-            lua_pushnil(L);
-            push_auth_error(L, c->autherr);
-            n = 2;
-        } else if (r->type == REDIS_REPLY_ERROR) {
-            lua_pushnil(L);
-            push_reply_error(L, r->str, r->len);
-            n = 2;
-        } else {
-            push_reply(L, r);
-        }
-        free(op);
-        client_unref(cl);
-        gw_co_wake(co, n);
+    if (h == NULL) {
         return;
     }
-    if (op->got == op->ncmds) {
-        op_finish(op);
+    c->held = NULL;
+    if (what != NULL) {
+        /* copies: c's own fields may change under a woken coroutine */
+        snprintf(w, sizeof(w), "%s", what);
+        snprintf(a, sizeof(a), "%s", answer);
+        what = w;
+        answer = a;
+    }
+    for (; h != NULL; h = next) {        /* oldest first */
+        next = h->next;
+        h->next = prev;
+        prev = h;
+    }
+    for (h = prev; h != NULL; h = next) {
+        next = h->next;
+        if (c->ac == ac && ac != NULL && c->pending > 0) {
+            c->pending--;
+        }
+        op_answer(h->op, c, ac, NULL, what, answer);
+        redisFreeCommand(h->cmd);
+        free(h);
     }
 }
 
-/* Internal commands (AUTH, SELECT: privdata names it): a failure drops
- * the connection. A refused AUTH is kept on the connection: the commands
- * queued behind it get the server's answer to it instead of their NOAUTH
- * (which would say only that a password is needed), kind "config", not
- * retryable; so do the commands that fail while the client then waits
- * before its next attempt (lastkind). */
+/* c's setup answered OK: its held commands go out, oldest first. */
+static void
+held_flush(struct lredis_conn *c)
+{
+    struct lredis_held *h = c->held, *prev = NULL, *next;
+
+    c->held = NULL;
+    for (; h != NULL; h = next) {
+        next = h->next;
+        h->next = prev;
+        prev = h;
+    }
+    for (h = prev; h != NULL; h = next) {
+        next = h->next;
+        if (c->ac == NULL
+            || redisAsyncFormattedCommand(c->ac, on_reply, h->op, h->cmd,
+                                          (size_t)h->len) != REDIS_OK)
+        {
+            if (c->ac != NULL && c->pending > 0) {
+                c->pending--;
+            }
+            op_answer(h->op, c, c->ac, NULL, NULL, NULL);
+        }
+        redisFreeCommand(h->cmd);
+        free(h);
+    }
+}
+
+/* Sends one command of op on c, or holds it while c's setup has not
+ * answered yet. REDIS_OK, or REDIS_ERR when it cannot be (nothing kept). */
+static int
+conn_send(struct lredis_conn *c, struct lredis_op *op, int n,
+          const char **args, const size_t *lens)
+{
+    struct lredis_held *h;
+    char               *cmd;
+    long long           len;
+
+    if (c->ac == NULL) {
+        return REDIS_ERR;
+    }
+    if (c->setup == 0) {
+        return redisAsyncCommandArgv(c->ac, on_reply, op, n, args, lens);
+    }
+    if ((c->ac->c.flags & (REDIS_DISCONNECTING | REDIS_FREEING)) != 0) {
+        return REDIS_ERR;
+    }
+    len = redisFormatCommandArgv(&cmd, n, args, lens);
+    if (len < 0) {
+        return REDIS_ERR;
+    }
+    h = malloc(sizeof(*h));
+    if (h == NULL) {
+        redisFreeCommand(cmd);
+        return REDIS_ERR;
+    }
+    h->op = op;
+    h->cmd = cmd;
+    h->len = len;
+    h->next = c->held;
+    c->held = h;
+    return REDIS_OK;
+}
+
+/* 1 when c serves the client's current address (set_addr retires the
+ * others): only there do held commands go out. */
+static int
+conn_current(const struct lredis_conn *c)
+{
+    return !c->retired && (!c->alone || c->gen == c->cl->gen);
+}
+
+/* Internal commands (AUTH, SELECT: privdata names it), sent first on a
+ * new connection; the callers' commands wait on c->held until both
+ * answered OK. A refusal drops the connection and fails the held
+ * commands, unsent, with the server's answer ("redis: SELECT 5 refused:
+ * ERR DB index is out of range"), kind "config", not retryable; so do
+ * the commands that fail while the client then waits before its next
+ * attempt (lastkind). */
 static void
 on_setup_reply(redisAsyncContext *ac, void *reply, void *privdata)
 {
@@ -516,27 +651,56 @@ on_setup_reply(redisAsyncContext *ac, void *reply, void *privdata)
     redisReply      *r = reply;
     int              auth = strcmp((const char *)privdata, "AUTH") == 0;
     int              counted;
+    char             what[24], why[160];
 
-    if (c != NULL && c->ac == ac) {
-        c->pending--;
-        c->since = gw_loop_mono_fresh();
-        /* the commands' own replies come after this one: NOAUTH errors
-         * are no success */
-        if (r != NULL && r->type == REDIS_REPLY_ERROR) {
-            counted = !c->settled;
-            attempt_failed(c, r->str);
-            if (counted && auth) {
-                c->cl->lastkind = "config";
-            }
-        }
+    if (auth) {
+        snprintf(what, sizeof(what), "AUTH");
+    } else {
+        snprintf(what, sizeof(what), "SELECT %d",
+                 c != NULL ? c->cl->dbnum : 0);
     }
-    if (r != NULL && r->type == REDIS_REPLY_ERROR) {
-        if (auth && c != NULL) {
-            snprintf(c->autherr, sizeof(c->autherr), "%s", r->str);
+    if (c == NULL || c->ac != ac) {
+        if (r != NULL && r->type == REDIS_REPLY_ERROR) {
+            redisAsyncDisconnect(ac);
+        }
+        return;
+    }
+    c->pending--;
+    c->since = gw_loop_mono_fresh();
+    if (c->setup > 0) {
+        c->setup--;
+    }
+    if (r == NULL) {
+        /* the context is going away before the setup answered */
+        attempt_failed(c, ac->errstr);
+        c->ac = NULL;
+        c->ready = 0;
+        held_fail(c, ac, NULL, NULL);
+        return;
+    }
+    if (r->type == REDIS_REPLY_ERROR) {
+        if (c->refused[0] != '\0') {
+            return;              /* the SELECT behind a refused AUTH */
+        }
+        snprintf(c->refused, sizeof(c->refused), "%s", what);
+        snprintf(c->answer, sizeof(c->answer), "%s", r->str);
+        snprintf(why, sizeof(why), "%s refused: %s", what, r->str);
+        counted = !c->settled;
+        attempt_failed(c, why);
+        if (counted) {
+            c->cl->lastkind = "config";
         }
         gw_log(GW_LOG_ERROR, "redis: connection setup failed: %s refused:"
-               " %s", auth ? "AUTH" : "SELECT", r->str);
+               " %s", what, r->str);
         redisAsyncDisconnect(ac);
+        held_fail(c, ac, c->refused, c->answer);
+        return;
+    }
+    if (c->setup == 0 && c->refused[0] == '\0') {
+        attempt_ok(c);
+        if (conn_current(c)) {
+            held_flush(c);
+        }
     }
 }
 
@@ -582,6 +746,7 @@ on_connect(const redisAsyncContext *ac, int status)
     if (c->ac == ac) {
         attempt_failed(c, ac->errstr);
         c->ac = NULL;
+        held_fail(c, ac, NULL, NULL);    /* never sent: unavailable */
     }
     ((redisAsyncContext *)ac)->data = NULL;
     cl = c->cl;
@@ -595,13 +760,18 @@ conn_drop(struct lredis_conn *c)
 {
     redisAsyncContext    *ac = c->ac;
     struct lredis_client *cl = c->cl;
+    int                   ready = c->ready;
 
     if (ac == NULL) {
         return;
     }
     c->ac = NULL;
-    if (c->ready) {
-        c->ready = 0;
+    c->ready = 0;
+    /* the held commands first, while c and ac are sure to live (a woken
+     * coroutine may open a new connection on a pool slot c: not ours to
+     * touch below) */
+    held_fail(c, ac, NULL, NULL);
+    if (ready) {
         redisAsyncFree(ac);          /* on_disconnect drops its ref */
         return;
     }
@@ -626,6 +796,7 @@ on_disconnect(const redisAsyncContext *ac, int status)
         c->ac = NULL;
         c->ready = 0;
         c->pending = 0;
+        held_fail(c, ac, NULL, NULL);
     }
     conn_gone(c);
     client_unref(cl);
@@ -663,7 +834,10 @@ conn_open(struct lredis_conn *c, char *err, size_t errlen)
     c->pending = 0;
     c->timedout = 0;
     c->settled = 0;
-    c->autherr[0] = '\0';
+    c->setup = 0;
+    c->held = NULL;                      /* (failed with the last one) */
+    c->refused[0] = '\0';
+    c->answer[0] = '\0';
     c->opened = gw_loop_mono_fresh();
     c->since = c->opened;
     cl->refs++;                          /* released in on_disconnect */
@@ -671,11 +845,13 @@ conn_open(struct lredis_conn *c, char *err, size_t errlen)
         redisAsyncCommand(ac, on_setup_reply, (void *)"AUTH", "AUTH %s",
                           cl->password);
         c->pending++;
+        c->setup++;
     }
     if (cl->dbnum != 0) {
         redisAsyncCommand(ac, on_setup_reply, (void *)"SELECT",
                           "SELECT %d", cl->dbnum);
         c->pending++;
+        c->setup++;
     }
     return GW_OK;
 }
@@ -926,6 +1102,7 @@ lredis_set_addr(lua_State *L)
         }
         r->conn = *c;
         r->conn.settled = 1;             /* the old address: not counted */
+        r->conn.retired = 1;             /* its held commands stay held */
         r->conn.ac->data = &r->conn;
         r->next = list;
         list = r;
@@ -933,6 +1110,8 @@ lredis_set_addr(lua_State *L)
         c->ac = NULL;
         c->ready = 0;
         c->pending = 0;
+        c->setup = 0;
+        c->held = NULL;                  /* moved to r */
     }
     if (list != NULL && gw_loop_post(retired_free, list) != GW_OK) {
         retired_free(list);
@@ -1190,12 +1369,11 @@ call_on(lua_State *L, struct lredis_client *cl, int first, double block)
     op->cl = cl;
     op->ncmds = 1;
     op->results = LUA_NOREF;
-    if (redisAsyncCommandArgv(c->ac, on_reply, op, n, args, lens)
-        != REDIS_OK)
-    {
+    if (conn_send(c, op, n, args, lens) != REDIS_OK) {
         free(op);
         n = gw_push_error(L, "unavailable", 1, "redis: cannot send: %s",
-                          c->ac->errstr);
+                          c->ac->errstr[0] != '\0' ? c->ac->errstr
+                                                    : "out of memory");
         if (c->alone) {
             conn_drop(c);
         }
@@ -1272,10 +1450,7 @@ lredis_pipeline(lua_State *L)
         luaL_checkstack(L, (int)lua_objlen(L, base) + 8, "redis: too many"
                         " arguments");
         n = collect_args(L, base, 1, (int)lua_objlen(L, base), args, lens);
-        if (c->ac == NULL
-            || redisAsyncCommandArgv(c->ac, on_reply, op, n, args, lens)
-               != REDIS_OK)
-        {
+        if (conn_send(c, op, n, args, lens) != REDIS_OK) {
             /* Count the unsent ones as failed replies. */
             snprintf(op->kind, sizeof(op->kind), "unavailable");
             snprintf(op->msg, sizeof(op->msg), "redis: cannot send");
