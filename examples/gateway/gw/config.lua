@@ -254,7 +254,27 @@ local function only(t, keys, where)
 end
 
 local WEBHOOK_KEYS = { url = true, secret = true, secret_file = true,
-  secret_env = true, types = true, name = true, timeout = true }
+  secret_env = true, types = true, name = true, timeout = true,
+  headers = true, ca_file = true }
+
+-- A webhook's extra headers: names as HTTP tokens, values without control
+-- characters (a CR or LF would start another header); the ones the
+-- webhook sets itself are paygate.outbox's to refuse.
+local function check_headers(h, where)
+  if type(h) ~= "table" then
+    return fail(where .. "headers", "must be a table of name = value")
+  end
+  for k, v in pairs(h) do
+    if type(k) ~= "string" or not k:match("^[%w!#$%%&'*+.^_`|~-]+$") then
+      return fail(where .. "headers", "names must be HTTP header names")
+    end
+    if type(v) ~= "string" or v:find("[%c\127]") then
+      return fail(where .. "headers." .. k, "must be a string without"
+        .. " control characters")
+    end
+  end
+  return true
+end
 
 local function check_webhooks(list)
   if list == nil then return {} end
@@ -317,8 +337,28 @@ local function check_webhooks(list)
       return fail(where .. "timeout", "must be seconds, more than 0 and at"
         .. " most 300")
     end
-    out[i] = { url = w.url, secret = s, types = w.types, name = name,
-               timeout = w.timeout }
+    if w.headers ~= nil then
+      local hok, herr = check_headers(w.headers, where)
+      if not hok then return nil, herr end
+    end
+    if w.ca_file ~= nil then
+      local f = type(w.ca_file) == "string" and io.open(w.ca_file, "rb")
+      if not f then
+        return fail(where .. "ca_file", "must name a readable file of CA"
+          .. " certificates (PEM)")
+      end
+      f:close()
+    end
+    local sink = { url = w.url, secret = s, types = w.types, name = name,
+                   timeout = w.timeout, headers = w.headers,
+                   ca_file = w.ca_file }
+    -- what paygate.outbox itself refuses (a header it sets), said here
+    local wok, werr = pcall(require("paygate.outbox").webhook, sink)
+    if not wok then
+      return fail(where:sub(1, -2),
+                  (tostring(werr):gsub("^[^:]*:%d+: ", "")))
+    end
+    out[i] = sink
   end
   return out
 end

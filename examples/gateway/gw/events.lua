@@ -56,7 +56,9 @@ function _M.sinks(g, hooks)
   for _, w in ipairs(g.webhooks or {}) do
     sinks[#sinks + 1] = outbox.webhook{ url = w.url, secret = w.secret,
                                         name = w.name, types = w.types,
-                                        timeout = w.timeout }
+                                        timeout = w.timeout,
+                                        headers = w.headers,
+                                        ca_file = w.ca_file }
   end
   if g.redis_stream then
     sinks[#sinks + 1] = outbox.redis_stream{ url = g.redis,

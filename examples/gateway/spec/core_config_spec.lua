@@ -318,6 +318,26 @@ describe("gateway config", function()
       assert.equal("config.gateway.redis_stream.max_len: unknown key",
         why_of{ redis = "redis://127.0.0.1:1",
                 redis_stream = { max_len = 1000 } })
+      -- headers and ca_file are the webhook's (paygate.outbox's options)
+      local cfg = assert(config.check({ gateway = { db = "sqlite:" .. dir
+        .. "/a.db", webhooks = { { url = "https://127.0.0.1:1/h",
+          secret_file = dir .. "/wh.secret", ca_file = dir .. "/wh.secret",
+          headers = { ["X-Tenant"] = "t-1" } } } },
+        merchants = { merchant() } }))
+      assert.equal("t-1", cfg.gateway.webhooks[1].headers["X-Tenant"])
+      assert.equal("config.gateway.webhooks[1].headers.X-Tenant: must be a"
+        .. " string without control characters",
+        why_of{ webhooks = { { url = "http://127.0.0.1:1/h",
+          secret_file = dir .. "/wh.secret",
+          headers = { ["X-Tenant"] = "a\r\nX-Evil: 1" } } } })
+      assert.matches("^config.gateway.webhooks%[1%]: .*Paygate%-Signature is"
+        .. " set by the webhook itself", why_of{ webhooks = { { url =
+          "http://127.0.0.1:1/h", secret_file = dir .. "/wh.secret",
+          headers = { ["Paygate-Signature"] = "x" } } } })
+      assert.matches("^config.gateway.webhooks%[1%].ca_file: must name a"
+        .. " readable file", why_of{ webhooks = { { url =
+          "https://127.0.0.1:1/h", secret_file = dir .. "/wh.secret",
+          ca_file = dir .. "/nope.pem" } } })
       -- one webhook written without the list's brackets: before, no
       -- webhook ran and the events were marked delivered
       assert.matches("^config.gateway.webhooks: must be a list",

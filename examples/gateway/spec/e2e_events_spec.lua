@@ -26,6 +26,8 @@ describe("gateway events (webhooks)", function()
     assert.equal("paid", e.data.payment.state)
     assert.equal(25, e.data.payment.amount)
     assert.is_number(e.data.at)
+    -- the webhook's own headers (gateway.webhooks[1].headers) came along
+    assert.equal("spec", e.tenant)
     local paying = env:wait_event(p.id, "payment.paying")
     assert.truthy(paying.id < e.id)
     -- in delivery order, too

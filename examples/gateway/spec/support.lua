@@ -50,7 +50,7 @@ end
 --                              | 500 (failing on purpose)
 --   POST /_ctl/mode {reject = {subject = true}, fail_first = bool}
 --   GET  /_ctl/events          {events = [{id, type, subject, data,
---                               attempt}], attempts = {[id] = n},
+--                               attempt, tenant (X-Tenant)}], attempts = {[id] = n},
 --                               refused = {kind = n}}
 -- Everything in memory: one worker.
 S.RECEIVER = [[
@@ -75,7 +75,8 @@ paygate.route("POST", "/hook", function(req)
     return 500, { error = "first attempt fails" }
   end
   events[#events + 1] = { id = e.id, type = e.type, subject = e.subject,
-                          data = e.data, attempt = e.attempt }
+                          data = e.data, attempt = e.attempt,
+                          tenant = req:header("X-Tenant") }
   return 204
 end)
 paygate.route("POST", "/_ctl/mode", function(req)
@@ -142,7 +143,8 @@ function S.start(o)
       local g = { db = env.db_url, public_url = srv:url(""),
                   payment_ttl = 7200, on_late_payment = "refund",
                   webhooks = { { url = env.hook:url("/hook"),
-                                 secret_file = srv.dir .. "/hook.secret" } } }
+                                 secret_file = srv.dir .. "/hook.secret",
+                                 headers = { ["X-Tenant"] = "spec" } } } }
       if o.admin_token then
         write(srv.dir .. "/admin.token", o.admin_token)
         g.admin_token_file = srv.dir .. "/admin.token"
