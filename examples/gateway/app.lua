@@ -193,7 +193,7 @@ if paygate.runtime.mode == "worker" then
     local lease_store = db
     if g.redis then
       lease_store = boot.reach("redis", g.redis, function()
-        return require("paygate.redis").connect(g.redis)
+        return require("paygate.redis").connect(g.redis, g.redis_opts)
       end, "gateway.redis")
     end
     -- and the console's history (gw.history) after 30 days, unless the

@@ -557,7 +557,9 @@ local REDIS_FATAL = { constraint = true, syntax = true }
 
 -- syntax: sink = outbox.redis_stream(opts)
 -- opts: client (a paygate.redis client) or url (connected on first use, in
---       the delivering worker), stream (name, or function(event) -> name;
+--       the delivering worker, with redis.connect's options in connect:
+--       { password = ... } for one kept out of the URL), stream (name, or
+--       function(event) -> name;
 --       default "paygate:events"), maxlen (approximate trim, optional),
 --       name ("redis"), types
 -- Each event is one entry: id, type, subject, created_at, payload (JSON).
@@ -583,7 +585,7 @@ function _M.redis_stream(opts)
   local client = opts.client
   local function deliver(event)
     if not client then
-      local c, err = redis.connect(opts.url)
+      local c, err = redis.connect(opts.url, opts.connect)
       if not c then
         return nil, err
       end

@@ -19,6 +19,7 @@ local GATEWAY_KEYS = {
   db = true, redis = true, public_url = true, payment_ttl = true,
   on_late_payment = true, degraded = true, admin_token_file = true,
   admin_token_env = true, webhooks = true, redis_stream = true,
+  redis_password_file = true, redis_password_env = true,
   reconcile = true, retention = true, dev_app = true, dispatcher = true,
   console = true, hooks_timeout = true,
 }
@@ -427,6 +428,14 @@ function _M.check(conf, runtime)
   if not db then return nil, err end
   out.db = db
 
+  -- its password, kept out of the URL (from a file or a variable)
+  local rpw, rwhy = secret(g, "redis_password", "gateway.")
+  if rpw == false then return nil, "config." .. rwhy end
+  if rpw ~= nil and g.redis == nil then
+    return fail("gateway.redis_password_" .. (g.redis_password_file
+      and "file" or "env"), "needs gateway.redis")
+  end
+  out.redis_opts = rpw and { password = rpw } or nil
   if g.redis ~= nil then
     local ok, why = require("paygate.redis").check_url(g.redis)
     if not ok then

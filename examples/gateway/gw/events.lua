@@ -62,6 +62,7 @@ function _M.sinks(g, hooks)
   end
   if g.redis_stream then
     sinks[#sinks + 1] = outbox.redis_stream{ url = g.redis,
+      connect = g.redis_opts,
       stream = g.redis_stream.stream, maxlen = g.redis_stream.maxlen }
   end
   local map = {}

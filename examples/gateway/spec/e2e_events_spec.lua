@@ -124,11 +124,19 @@ describe("gateway events (webhooks)", function()
 end)
 
 describe("gateway events (Redis Stream)", function()
-  local env, rds, r
+  local env, rds, r, pwfile
 
   setup(function()
-    rds = require("support.servers").redis()
-    env = S.start{ gateway = { redis = rds.url,
+    -- a Redis with a password, given to the gateway from a file, out of
+    -- the URL (gateway.redis_password_file): the stream sink and
+    -- retention's lease both connect with it
+    rds = require("support.servers").redis({ requirepass = "spec-stream-pw" })
+    pwfile = os.tmpname()
+    local f = assert(io.open(pwfile, "w"))
+    f:write("spec-stream-pw\n")
+    f:close()
+    env = S.start{ gateway = { redis = "redis://127.0.0.1:" .. rds.port,
+                               redis_password_file = pwfile,
                                redis_stream = { stream = "gw:events" } } }
     r = assert(require("paygate.redis").connect(rds.url))
   end)
@@ -136,6 +144,7 @@ describe("gateway events (Redis Stream)", function()
     if r then r:close() end
     S.stop()
     require("support.servers").stop_all()
+    if pwfile then os.remove(pwfile) end
   end)
 
   it("every event is XADDed with its id, type, subject and payload",

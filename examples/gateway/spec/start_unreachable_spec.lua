@@ -113,6 +113,36 @@ describe("gateway start with its stores unreachable", function()
     srv:stop()
   end)
 
+  it("Redis with a password from a file, kept out of the URL", function()
+    local rs = servers.redis({ requirepass = "spec-redis-pw" })
+    local pwfile = os.tmpname()
+    local f = assert(io.open(pwfile, "w"))
+    f:write("spec-redis-pw\n")
+    f:close()
+    local url = "redis://127.0.0.1:" .. rs.port
+    local srv = start({ redis = url, redis_password_file = pwfile })
+    testing.wait_until(function()
+      local res = srv:admin_get("/healthz")
+      return res and res.status == 200
+    end, 15, "the gateway to serve")
+    assert.is_nil(srv:logs():find("NOAUTH", 1, true))
+    srv:stop()
+    -- the wrong one: refused at once, one line, the password not in it
+    f = assert(io.open(pwfile, "w"))
+    f:write("not-it\n")
+    f:close()
+    srv = start({ redis = url, redis_password_file = pwfile })
+    local code = srv.proc:wait(40)
+    local logs = srv:logs()
+    os.remove(pwfile)
+    assert.is_true(code ~= 0, logs)
+    assert.matches("gateway: cannot reach redis redis://127.0.0.1:", logs, 1,
+                   true)
+    assert.matches("WRONGPASS", logs, 1, true)
+    assert.not_matches("not-it", logs, 1, true)
+    srv:stop()
+  end)
+
   it("Redis that stays down: one line naming it, exit 1", function()
     local port = core.free_port()
     -- a password holding "/" and "@" (paygate.redis reads the user info
