@@ -133,7 +133,7 @@ local function parse_url(url)
     -- never fall back to plain text when TLS was asked for
     error("redis.connect: rediss:// (TLS) is not supported (hiredis 0.14 "
           .. "has no TLS): reach Redis over loopback or a TLS tunnel "
-          .. "with redis://", 3)
+          .. "with redis://", 4)
   end
   local scheme, rest = url:match("^(redis)://(.*)$")
   if not scheme then
@@ -141,7 +141,7 @@ local function parse_url(url)
   end
   if not scheme then
     error("redis.connect: url must start with redis:// or"
-          .. " redis-sentinel://", 3)
+          .. " redis-sentinel://", 4)
   end
   local opts = {}
   local main, qs = rest:match("^([^?]*)%??(.*)$")
@@ -163,7 +163,7 @@ local function parse_url(url)
     local sentinels = list and parse_hosts(list, 26379)
     if not sentinels then
       error("redis.connect: url must be redis-sentinel://[password@]"
-            .. "host:port[,host:port...]/master_name[/db]", 3)
+            .. "host:port[,host:port...]/master_name[/db]", 4)
     end
     if db ~= "" and opts.db == nil then
       opts.db = tonumber(db)
@@ -173,12 +173,12 @@ local function parse_url(url)
   local hostport, db = hostpart:match("^([^/]*)/?(%d*)$")
   if not hostport then
     error("redis.connect: url must be redis://[password@]host[:port][/db]"
-          .. " with a numeric db", 3)
+          .. " with a numeric db", 4)
   end
   local hosts = parse_hosts(hostport, 6379)
   if not hosts or #hosts ~= 1 then
     error("redis.connect: url must be redis://[password@]host[:port][/db]"
-          .. " with one host", 3)
+          .. " with one host", 4)
   end
   if db ~= "" and opts.db == nil then
     opts.db = tonumber(db)
@@ -604,6 +604,27 @@ local function opts_problem(o)
   end
 end
 
+-- The url's target, its options merged with opts (opts win), and those
+-- of them the C client takes. Raises what redis.connect raises, at the
+-- line of connect's caller (parse_url's level 4, this one's 3).
+local function prepare(url, opts)
+  local target, o = parse_url(url)
+  for k, v in pairs(opts or {}) do
+    o[k] = v
+  end
+  local problem = opts_problem(o)
+  if problem then
+    error("redis.connect: " .. problem, 3)
+  end
+  local copts = {}
+  for k, v in pairs(o) do
+    if not LUA_OPTS[k] then
+      copts[k] = v
+    end
+  end
+  return target, o, copts
+end
+
 -- syntax: ok, why = redis.check_url(url)
 -- Whether redis.connect would take url (scheme, form, options), without
 -- connecting: true, or nil and the reason connect would raise with. For a
@@ -611,13 +632,7 @@ end
 function _M.check_url(url)
   if type(url) ~= "string" then return nil, "must be a string" end
   local ok, err = pcall(function()
-    local _, o = parse_url(url)
-    local problem = opts_problem(o)
-    if problem then error("redis.connect: " .. problem, 0) end
-    local copts = {}
-    for k, v in pairs(o) do
-      if not LUA_OPTS[k] then copts[k] = v end
-    end
+    local _, _, copts = prepare(url)
     -- the C client checks its own options when made; it connects later
     rcore.new("127.0.0.1", 6379, copts):close()
   end)
@@ -645,20 +660,7 @@ function _M.connect(url, opts)
   if opts ~= nil and type(opts) ~= "table" then
     error("redis.connect: opts must be a table", 2)
   end
-  local target, o = parse_url(url)
-  for k, v in pairs(opts or {}) do
-    o[k] = v
-  end
-  local problem = opts_problem(o)
-  if problem then
-    error("redis.connect: " .. problem, 2)
-  end
-  local copts = {}
-  for k, v in pairs(o) do
-    if not LUA_OPTS[k] then
-      copts[k] = v
-    end
-  end
+  local target, o, copts = prepare(url, opts)
   local self = setmetatable({
     host = target.host or target.master,
     lease_replicas = o.lease_replicas or (target.sentinels and 1 or 0),
