@@ -38,7 +38,8 @@
 -- before the working tree's, on payments of its own), BENCH_GATEWAY (the app,
 -- default examples/gateway), BENCH_SQLITE_OPTS (the gateway's SQLite
 -- options as a query string, e.g. inline_reads=0), BENCH_PG_POOL (the gateway's PostgreSQL
--- pool, default 16), PAYGATE_BIN.
+-- pool, default 16), BENCH_PERF (a file: perf record of each gateway run
+-- into it, the last one kept), PAYGATE_BIN.
 --
 -- The fill's audit rows carry random hashes (not verifiable chains): they
 -- are there for their size and indexes, not for audit.verify.
@@ -393,7 +394,20 @@ local function gateway(url, app, file, n, tmp)
     io.stderr:write(assert(io.open(log)):read("*a"))
     error(err, 0)
   end
+  -- BENCH_PERF=FILE: perf record of core 0 (the receiver's, all its
+  -- threads) while wrk drives it, into FILE (perf report -i FILE; -p
+  -- records nothing on some VMs, -a -C does)
+  local perf = os.getenv("BENCH_PERF")
+  local perf_pid = perf and start(("perf record -q -e cpu-clock -F 1999 -g"
+    .. " -a -C 0 -o %s"):format(perf), tmp .. "/perf.log")
   local r = drive_cpu(pid, port, "/wechatpay/notify/" .. MCHID, file, tmp)
+  if perf_pid then
+    sh("kill -INT " .. perf_pid .. " 2>/dev/null")
+    for _ = 1, 200 do
+      if not sh("kill -0 " .. perf_pid .. " 2>/dev/null") then break end
+      paygate.sleep(0.05)
+    end
+  end
   stop(pid)
   r.log = log
   return r

@@ -189,6 +189,26 @@ local INSERT_PG = "INSERT INTO paygate_outbox (subject, type, payload,"
   .. " (SELECT pg_advisory_xact_lock(7217003, hashtext($1::text))) l"
   .. " RETURNING id"
 
+-- An event no sink takes (outbox.enqueue's event.settled) is written
+-- delivered: kept, listed and replayable like any delivered event, and
+-- never a dispatcher's work.
+local INSERT_SETTLED_SQLITE = "INSERT INTO paygate_outbox (subject, type,"
+  .. " payload, shard, next_at, created_at, state, delivered_at) VALUES"
+  .. " ($1, $2, $3, $4, $5, $5, 'delivered', $6)"
+local INSERT_SETTLED_PG = "INSERT INTO paygate_outbox (subject, type,"
+  .. " payload, shard, next_at, created_at, state, delivered_at) SELECT"
+  .. " $1::text, $2::text, $3::text, $4::integer, $5::double precision,"
+  .. " $5::double precision, 'delivered', $6::double precision FROM"
+  .. " (SELECT pg_advisory_xact_lock(7217003, hashtext($1::text))) l"
+  .. " RETURNING id"
+
+local function insert_sql(engine, settled)
+  if engine == "postgres" then
+    return settled and INSERT_SETTLED_PG or INSERT_PG
+  end
+  return settled and INSERT_SETTLED_SQLITE or INSERT_SQLITE
+end
+
 local EXISTS_SQLITE = "SELECT 1 AS x FROM sqlite_master WHERE type ="
   .. " 'table' AND name = 'paygate_outbox'"
 local EXISTS_PG = "SELECT 1 AS x WHERE to_regclass('paygate_outbox') IS NOT"
@@ -250,16 +270,26 @@ local function params_of(fname, event)
   if at ~= nil and type(at) ~= "number" then
     error(fname .. ": event.at must be a number (seconds)", 3)
   end
+  if event.settled ~= nil and type(event.settled) ~= "boolean" then
+    error(fname .. ": event.settled must be a boolean", 3)
+  end
   local ok, text = pcall(json.encode, payload)
   if not ok then
     error(fname .. ": event.payload: " .. tostring(text), 3)
   end
-  return { subject, etype, text, shard_of(subject), at or core.time() }
+  local now = core.time()
+  if event.settled then
+    return { subject, etype, text, shard_of(subject), at or now, now }
+  end
+  return { subject, etype, text, shard_of(subject), at or now }
 end
 
 -- syntax: id, err = outbox.enqueue(tx, event)
 -- event: { subject = "pay_1" (ordering key), type = "payment.paid",
---          payload = table (JSON), at = seconds (optional: not before) }
+--          payload = table (JSON), at = seconds (optional: not before),
+--          settled = true (optional: no sink takes this type -- see
+--          d:wants -- so it is written delivered at once: kept, listed,
+--          pruned and replayable, never dispatched) }
 -- returns: the event id (grows with every enqueue; never reused), or nil,
 --          err (the store's kinds). Rolled back with the caller's
 --          transaction.
@@ -275,8 +305,7 @@ function _M.enqueue(tx, event)
       return nil, serr
     end
   end
-  local pg = tx.engine == "postgres"
-  local res, err = tx:exec(pg and INSERT_PG or INSERT_SQLITE, params)
+  local res, err = tx:exec(insert_sql(tx.engine, event.settled), params)
   if not res then
     return nil, err
   end
@@ -292,8 +321,8 @@ function _M.statement(db, event)
   if mt ~= sql.DB and mt ~= sql.TX then
     error("outbox.statement: db must be a paygate.sql db", 2)
   end
-  return { db.engine == "postgres" and INSERT_PG or INSERT_SQLITE,
-           params_of("outbox.statement", event), name = "outbox" }
+  local params = params_of("outbox.statement", event)
+  return { insert_sql(db.engine, event.settled), params, name = "outbox" }
 end
 
 ------------------------------------------------------------ backoff
@@ -1156,6 +1185,25 @@ local function call_sink(self, sink, event)
   return true, nil, core.error("timeout", "no answer within "
                                .. sink.timeout .. " s (cancelled)",
                                { retryable = true })
+end
+-- syntax: yes = d:wants(type)
+-- Whether a sink of this dispatcher delivers events of this type: false
+-- when every sink leaves it out (a webhook's or stream's `types`, a hooks
+-- sink without a hook for it). An event enqueued with settled = not
+-- d:wants(type) costs no dispatch round, no delivery and no mark.
+-- (Every dispatcher of the outbox should have the same sinks: any of them
+-- may deliver any shard.)
+function Dispatcher:wants(etype)
+  if type(etype) ~= "string" then
+    error("outbox: d:wants(type): type must be a string", 2)
+  end
+  for _, sink in ipairs(self.sinks) do
+    if (not sink.types or sink.types[etype])
+       and not (sink.hooked and not sink.hooked(etype)) then
+      return true
+    end
+  end
+  return false
 end
 
 -- Delivers one head to every sink that has not had it yet and records

@@ -499,6 +499,58 @@ for engine, open in pairs(stores) do
       db:close()
     end)
 
+    it("an event no sink takes (settled) is written delivered: never"
+       .. " dispatched, still listed and replayable", function()
+      local db = open()
+      local clock = new_clock()
+      local rec = recorder("webhook")
+      rec.sink.types = { ["payment.paid"] = true }
+      local hooks = outbox.hooks{ ["refund.succeeded"] = function() end }
+      local d = outbox.dispatcher(db, { sinks = { rec.sink, hooks },
+                                        now = clock.now })
+      -- wants: a webhook's types, a hooks sink's hooked types
+      assert.is_true(d:wants("payment.paid"))
+      assert.is_true(d:wants("refund.succeeded"))
+      assert.is_false(d:wants("payment.closed"))
+      assert.is_true(outbox.dispatcher(db, { sinks = { function() end },
+        now = clock.now }):wants("payment.closed"))   -- takes every type
+      assert.has_error(function() d:wants(7) end)
+      assert.has_error(function()
+        outbox.statement(db, { subject = "s", type = "t", settled = "yes" })
+      end)
+      local id = assert(db:transaction(function(tx)
+        return outbox.enqueue(tx, { subject = "pay_s", type = "payment.closed",
+                                    settled = not d:wants("payment.closed"),
+                                    at = clock.t })
+      end))
+      -- and as a db:atomic statement
+      local res = assert(db:atomic({ outbox.statement(db, {
+        subject = "pay_t", type = "payment.closed", settled = true }) }))
+      local id2 = res[1].last_id
+      local r1, r2 = row(db, id), row(db, id2)
+      assert.equal("delivered", r1.state)
+      assert.equal(0, r1.attempts)
+      -- delivered when written (at: its created_at / next_at)
+      assert.equal(clock.t, r1.created_at)
+      assert.truthy(math.abs(r1.delivered_at - core.time()) < 60)
+      assert.equal("", r1.sinks_done)
+      assert.equal("delivered", r2.state)
+      -- a settled event holds nothing back: the subject's next one goes
+      local p = enqueue(db, "pay_s", "payment.paid")
+      assert.equal(1, d:step())
+      assert.same({ p }, rec.ids())
+      -- listed, and replayable to the sinks (here: one now takes it)
+      assert.equal(2, #assert(outbox.list(db, { state = "delivered",
+                                                 type = "payment.closed" })))
+      rec.sink.types["payment.closed"] = true
+      assert.equal(1, assert(outbox.replay(db, { id = id, state = "any" })))
+      clock.advance(1)
+      assert.equal(1, d:step())
+      assert.same({ p, id }, rec.ids())
+      d:stop()
+      db:close()
+    end)
+
     it("prunes delivered rows past keep_days in batches, nothing else",
        function()
       local db = open()

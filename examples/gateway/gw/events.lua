@@ -29,10 +29,27 @@ _M.TYPES = {
   "payment.late_paid", "alarm.amount_mismatch", "alarm.merchant_mismatch",
 }
 
+-- type -> whether a sink of this worker's dispatcher takes it (d:wants),
+-- asked once per type; reset by start()
+local wanted = {}
+
+local function settled(etype)
+  local d = _M.dispatcher
+  if not d then return false end       -- no dispatcher here (a tool): pending
+  local w = wanted[etype]
+  if w == nil then
+    w = d:wants(etype)
+    wanted[etype] = w
+  end
+  return not w
+end
+
 --- syntax: event = events.event(type, payment_row[, refund_row[, extra]])
 -- The outbox event { subject, type, payload = { type, payment, refund?,
 -- at, ... extra } } of a change: for outbox.enqueue, or outbox.statement
--- in a db:atomic job (gw.notify_atomic).
+-- in a db:atomic job (gw.notify_atomic). A type no sink takes (no webhook
+-- or stream for it, no hook in gw/hooks.lua) is recorded delivered at
+-- once (outbox's settled): listed and replayable, never dispatched.
 function _M.event(etype, payment, refund, extra)
   local payload = { type = etype, payment = model.payment_json(payment),
                     at = paygate.now() }
@@ -40,7 +57,8 @@ function _M.event(etype, payment, refund, extra)
   if extra then
     for k, v in pairs(extra) do payload[k] = v end
   end
-  return { subject = payment.id, type = etype, payload = payload }
+  return { subject = payment.id, type = etype, payload = payload,
+           settled = settled(etype) }
 end
 
 --- syntax: id, err = events.emit(tx, type, payment_row[, refund_row[, extra]])
@@ -133,6 +151,7 @@ function _M.start(db, g, over)
   local d = outbox.dispatcher(db, opts)
   d:start()
   _M.dispatcher = d
+  wanted = {}
   -- a graceful stop (restart, reload) hands the shard leases over at once:
   -- the next workers deliver without waiting for them to expire
   paygate.on_stop(function() d:stop() end)

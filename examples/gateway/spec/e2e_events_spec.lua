@@ -169,3 +169,35 @@ describe("gateway events (Redis Stream)", function()
     env:wait_event(p.id, "payment.paid")
   end)
 end)
+
+describe("gateway events no sink takes", function()
+  local env
+
+  setup(function()
+    env = S.start{ webhook_types = { "payment.paid" } }
+  end)
+  teardown(S.stop)
+
+  it("are recorded delivered at once, never sent; the others are sent",
+     function()
+    local p = env:paid_payment{ amount = 8 }
+    local e = env:wait_event(p.id, "payment.paid")
+    assert.equal(p.id, e.data.payment.id)
+    local rows = assert(env.db:query("SELECT type, state, attempts,"
+      .. " delivered_at, created_at FROM paygate_outbox WHERE subject = $1"
+      .. " ORDER BY id", { p.id }))
+    assert.equal(2, #rows)
+    -- payment.paying: the webhook takes payment.paid only, gw/hooks.lua
+    -- has no hook: written delivered in its own transaction
+    assert.equal("payment.paying", rows[1].type)
+    assert.equal("delivered", rows[1].state)
+    assert.equal(0, rows[1].attempts)
+    assert.is_number(rows[1].delivered_at)
+    assert.equal("payment.paid", rows[2].type)
+    assert.equal("delivered", rows[2].state)
+    assert.equal(1, rows[2].attempts)
+    local seen = {}
+    for _, x in ipairs(env:events(p.id)) do seen[#seen + 1] = x.type end
+    assert.same({ "payment.paid" }, seen)
+  end)
+end)

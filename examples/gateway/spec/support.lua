@@ -144,7 +144,8 @@ function S.start(o)
                   payment_ttl = 7200, on_late_payment = "refund",
                   webhooks = { { url = env.hook:url("/hook"),
                                  secret_file = srv.dir .. "/hook.secret",
-                                 headers = { ["X-Tenant"] = "spec" } } } }
+                                 headers = { ["X-Tenant"] = "spec" },
+                                 types = o.webhook_types } } }
       if o.admin_token then
         write(srv.dir .. "/admin.token", o.admin_token)
         g.admin_token_file = srv.dir .. "/admin.token"
