@@ -37,7 +37,7 @@
 -- then most votes, wins), checks it says ROLE master, and follows a
 -- failover: a background task subscribes to +switch-master on a Sentinel
 -- and moves to the new master it names (never to a server whose ROLE is
--- not master); after
+-- not master); once subscribed, after
 -- a transport failure or a READONLY answer, and every `sentinel_poll`
 -- seconds (default 1), it also asks the Sentinels again. Redis
 -- replication is asynchronous: a write the old master acknowledged can
@@ -411,10 +411,17 @@ end
 
 -- Follows the Sentinels' view of the master until the client closes:
 -- subscribed to +switch-master on one Sentinel (the next one when that
--- connection ends), and asking them every sentinel_poll seconds anyway
--- (a message is lost while no subscription is up).
+-- connection ends), and asking them every sentinel_poll seconds anyway.
+-- A message is lost while no subscription is up, so they are asked as
+-- soon as the Sentinel confirmed the SUBSCRIBE (a failover announced
+-- since the last question -- connect's, or the one after a lost
+-- subscription -- would wait for the poll), and a lost subscription is
+-- replaced LOST_WAIT s later (doubling, up to sentinel_poll, while they
+-- keep failing), not a whole poll later.
+local LOST_WAIT = 0.1
+
 local function watch(self)
-  local sub, i = nil, 0
+  local sub, i, wait = nil, 0, LOST_WAIT
   while not self.closed do
     if not sub then
       i = i % #self.sentinels + 1
@@ -436,10 +443,13 @@ local function watch(self)
     end
     -- "<master name> <old ip> <old port> <new ip> <new port>"
     local name, ip, port
-    if msg then
+    if type(msg) == "string" then
       name, ip, port = msg:match("^(%S+) %S+ %S+ (%S+) (%d+)$")
     end
-    if name == self.master_name then
+    if msg == true then                 -- subscribed: what did we miss?
+      wait = LOST_WAIT
+      follow_sentinels(self)
+    elseif name == self.master_name then
       local addrs = port_of(port) and resolve(ip)
       if addrs then
         follow_switch(self, addrs[1], port_of(port))
@@ -448,7 +458,8 @@ local function watch(self)
       if err and err.kind ~= "timeout" then
         sub:close()                     -- lost: the next Sentinel's
         sub = nil
-        core.sleep(self.sentinel_poll)
+        core.sleep(math.min(wait, self.sentinel_poll))
+        wait = wait * 2
       end
       if not self.closed then
         follow_sentinels(self)

@@ -273,6 +273,34 @@ describe("Redis through Sentinel", function()
     r:close()
   end)
 
+  -- The ids of Sentinel 1's clients in subscribe mode.
+  local function subscribers()
+    local ids = {}
+    local out = servers.read_cmd("redis-cli -h 127.0.0.1 -p "
+      .. g.sentinels[1].port .. " CLIENT LIST 2>&1")
+    for id in out:gmatch("id=(%d+)[^\n]*cmd=subscribe") do
+      ids[id] = true
+    end
+    return ids
+  end
+
+  -- A manual failover through Sentinel 1. A failover this Sentinel tried
+  -- and lost in a spec before stays "in progress" until its timeout (10 s
+  -- here), and a replica that just came back may not pass Sentinel's own
+  -- checks until its next INFO (NOGOODSLAVE): asked again until then.
+  local function failover()
+    local out
+    wait_for(function()
+      out = servers.read_cmd("redis-cli -h 127.0.0.1 -p "
+        .. g.sentinels[1].port .. " SENTINEL failover mymaster 2>&1")
+      if not out:match("^INPROG") and not out:match("^NOGOODSLAVE") then
+        return true
+      end
+      core.sleep(0.2)
+    end, 60, "Sentinel 1 to accept a failover")
+    assert.truthy(out:match("OK"), out)
+  end
+
   it("an idle client follows +switch-master without polling", function()
     if not g then
       pending("redis-sentinel not installed")
@@ -280,15 +308,6 @@ describe("Redis through Sentinel", function()
     end
     -- no commands, and a poll too slow to matter: only the subscription
     -- can move it
-    local function subscribers()
-      local ids = {}
-      local out = servers.read_cmd("redis-cli -h 127.0.0.1 -p "
-        .. g.sentinels[1].port .. " CLIENT LIST 2>&1")
-      for id in out:gmatch("id=(%d+)[^\n]*cmd=subscribe") do
-        ids[id] = true
-      end
-      return ids
-    end
     g.wait_replica_ok(60)      -- the old master, back as a replica
     local before = subscribers()
     local r = assert(redis.connect(g.url, { sentinel_poll = 120 }))
@@ -300,25 +319,67 @@ describe("Redis through Sentinel", function()
         end
       end
     end, 10, "the client's subscription on the first Sentinel")
-    -- A failover this Sentinel tried and lost in the spec before stays
-    -- "in progress" until its timeout (10 s here), and a replica that
-    -- just came back may not pass Sentinel's own checks until its next
-    -- INFO (NOGOODSLAVE): ask again until then.
-    local out
-    wait_for(function()
-      out = servers.read_cmd("redis-cli -h 127.0.0.1 -p "
-        .. g.sentinels[1].port .. " SENTINEL failover mymaster 2>&1")
-      if not out:match("^INPROG") and not out:match("^NOGOODSLAVE") then
-        return true
-      end
-      core.sleep(0.2)
-    end, 60, "Sentinel 1 to accept a failover")
-    assert.truthy(out:match("OK"), out)
+    failover()
     local ok, err = pcall(wait_for, function() return r.port ~= from end,
                           60, "the client to follow +switch-master")
     assert(ok, tostring(err) .. "\nSentinel 1 log:\n" .. g.log_tail(1, 30))
     assert.equal(g.master_port(), r.port)
     assert.equal("OK", r:call("SET", "after", "switch"))
+    r:close()
+  end)
+
+  it("a failover announced before the subscription took effect: the"
+     .. " client asks the Sentinels once subscribed, not at the poll",
+     function()
+    if not g then
+      pending("redis-sentinel not installed")
+      return
+    end
+    -- The client subscribes on the first address of its list: here a
+    -- plain redis-server, stopped, so that its SUBSCRIBE waits unread
+    -- while the Sentinels fail over (and publish where the client does
+    -- not listen). The poll is too slow to matter.
+    local pub = g.server()
+    local function signal(sig)
+      return servers.sh("kill -" .. sig .. " $(cat " .. pub.pidfile .. ")")
+    end
+    finally(function() pub.stop() end)
+    g.wait_replica_ok(60)
+    assert(signal("STOP"))
+    local url = g.url:gsub("^redis%-sentinel://", "redis-sentinel://"
+                           .. "127.0.0.1:" .. pub.port .. ",")
+    local r = assert(redis.connect(url, { sentinel_poll = 120,
+                                          timeout = 1 }))
+    local from = r.port
+    assert.equal(g.master_port(), from)
+    failover()
+    -- done once Sentinel 1 switched (+switch-master): what SENTINEL
+    -- MASTER names. (get-master-addr-by-name, g.master_port(), names the
+    -- promoted replica sooner, while the others are reconfigured.)
+    wait_for(function()
+      local out = servers.read_cmd("redis-cli -h 127.0.0.1 -p "
+        .. g.sentinels[1].port .. " SENTINEL master mymaster 2>&1")
+      local now = tonumber(out:match("\nport\n(%d+)"))
+      return now and now ~= from
+    end, 60, "Sentinel 1 to switch to the new master")
+    assert.equal(from, r.port)             -- nobody told the client
+    -- the SUBSCRIBE is answered now: what was announced before, it asks
+    assert(signal("CONT"))
+    wait_for(function() return r.port ~= from end, 10,
+             "the client to ask the Sentinels once subscribed")
+    assert.equal(g.master_port(), r.port)
+    assert.equal("OK", r:call("SET", "late", "subscribe"))
+    -- the subscription lost (its server gone): the next Sentinel's
+    -- replaces it at once, not a poll (120 s) later
+    local before = subscribers()
+    pub.stop()
+    wait_for(function()
+      for id in pairs(subscribers()) do
+        if not before[id] then
+          return true
+        end
+      end
+    end, 10, "the client to subscribe on the next Sentinel")
     r:close()
   end)
   it("a +switch-master to a server not yet master is asked again, not"

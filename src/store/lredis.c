@@ -1497,8 +1497,11 @@ lredis_sha1hex(lua_State *L)
  * core.subscribe(host, port, channel, opts) -> sub: one connection in
  * subscribe mode (what Sentinel's +switch-master needs); sub:next(secs)
  * yields until a message's payload (or nil, err: "timeout" when none
- * came in secs, "unavailable" once the connection is gone). Messages that
- * arrive while nobody waits are queued (the newest LREDIS_SUB_MAXQ).
+ * came in secs, "unavailable" once the connection is gone). It gives true
+ * once, first, when the server confirmed the SUBSCRIBE: what was
+ * published before then was never sent here, and the caller may want to
+ * look for what it missed. Messages that arrive while nobody waits are
+ * queued (the newest LREDIS_SUB_MAXQ).
  *
  * Lifetime: struct lredis_sub lives until the Lua handle was closed (or
  * collected) and the context is gone. close() frees the context on the
@@ -1515,7 +1518,8 @@ struct lredis_sub {
     int                waking;   /* inside sub_wake(): not freed */
     struct gw_co      *co;       /* waiting in next(), or NULL */
     struct event      *timer;    /* owned; next()'s deadline */
-    char              *q[LREDIS_SUB_MAXQ];    /* owned payloads */
+    char              *q[LREDIS_SUB_MAXQ];    /* owned payloads; NULL:
+                                                 the confirmation */
     size_t             qlen[LREDIS_SUB_MAXQ]; /* bytes */
     int                qhead, qn;             /* ring buffer */
     char               err[160]; /* why the connection ended, or "" */
@@ -1526,11 +1530,13 @@ struct lredis_sub_ud {
 };
 
 /* Takes the oldest queued message off (s->qn > 0): pushed onto L
- * unless L is NULL, then freed. */
+ * unless L is NULL (true for the confirmation), then freed. */
 static void
 sub_shift(struct lredis_sub *s, lua_State *L)
 {
-    if (L != NULL) {
+    if (L != NULL && s->q[s->qhead] == NULL) {
+        lua_pushboolean(L, 1);
+    } else if (L != NULL) {
         lua_pushlstring(L, s->q[s->qhead], s->qlen[s->qhead]);
     }
     free(s->q[s->qhead]);
@@ -1587,27 +1593,33 @@ on_sub_msg(redisAsyncContext *ac, void *reply, void *privdata)
 {
     struct lredis_sub *s = privdata;
     redisReply        *r = reply;
-    char              *copy;
+    char              *copy = NULL;
+    size_t             len = 0;
     int                slot;
 
     if (r == NULL || ac->data == NULL || r->type != REDIS_REPLY_ARRAY
-        || r->elements != 3 || r->element[0]->type != REDIS_REPLY_STRING
-        || strcmp(r->element[0]->str, "message") != 0
-        || r->element[2]->type != REDIS_REPLY_STRING)
+        || r->elements != 3 || r->element[0]->type != REDIS_REPLY_STRING)
     {
-        return;                          /* the subscribe confirmation */
-    }
-    copy = malloc(r->element[2]->len + 1);
-    if (copy == NULL) {
         return;
     }
-    memcpy(copy, r->element[2]->str, r->element[2]->len + 1);
+    if (strcmp(r->element[0]->str, "message") == 0
+        && r->element[2]->type == REDIS_REPLY_STRING)
+    {
+        len = r->element[2]->len;
+        copy = malloc(len + 1);
+        if (copy == NULL) {
+            return;
+        }
+        memcpy(copy, r->element[2]->str, len + 1);
+    } else if (strcmp(r->element[0]->str, "subscribe") != 0) {
+        return;
+    }                                    /* (the confirmation: NULL) */
     if (s->qn == LREDIS_SUB_MAXQ) {
         sub_shift(s, NULL);              /* drop the oldest */
     }
     slot = (s->qhead + s->qn) % LREDIS_SUB_MAXQ;
     s->q[slot] = copy;
-    s->qlen[slot] = r->element[2]->len;
+    s->qlen[slot] = len;
     s->qn++;
     sub_wake(s);
     sub_maybe_free(s);
@@ -1712,7 +1724,7 @@ lredis_sub_close(lua_State *L)
     return 0;
 }
 
-/* sub:next(secs) -> payload | nil, err */
+/* sub:next(secs) -> payload | true (subscribed) | nil, err */
 static int
 lredis_sub_next(lua_State *L)
 {
