@@ -315,11 +315,24 @@ local function cpu_of(pid)
   return (tonumber(fields[12]) + tonumber(fields[13])) / TICK
 end
 
--- drive() with the worker's CPU time per acknowledged notification (us).
+-- Bytes the receiver's worker had written to storage (/proc/PID/io
+-- write_bytes: the store's WAL and database pages; 0 where unreadable).
+local function written_of(pid)
+  local w = tonumber((read_cmd("pgrep -P " .. pid):match("%d+"))) or pid
+  local f = io.open("/proc/" .. w .. "/io")
+  if not f then return 0 end
+  local n = tonumber(f:read("*a"):match("\nwrite_bytes: (%d+)")) or 0
+  f:close()
+  return n
+end
+
+-- drive() with the worker's CPU time (us) and storage writes (KiB) per
+-- acknowledged notification.
 local function drive_cpu(pid, port, path, file, tmp, secs)
-  local c0 = cpu_of(pid)
+  local c0, w0 = cpu_of(pid), written_of(pid)
   local r = drive(port, path, file, tmp, secs)
   r.cpu_us = r.ok > 0 and (cpu_of(pid) - c0) * 1e6 / r.ok or 0
+  r.write_kib = r.ok > 0 and (written_of(pid) - w0) / 1024 / r.ok or 0
   return r
 end
 
@@ -441,7 +454,7 @@ local function median_run(list)
     return v[math.floor((#v + 1) / 2)]
   end
   return { rate = med("rate"), p50 = med("p50"), p99 = med("p99"),
-           cpu_us = med("cpu_us") }
+           cpu_us = med("cpu_us"), write_kib = med("write_kib") }
 end
 
 local function rates_of(list)
@@ -628,6 +641,8 @@ local function run()
           all_ok and "ok" or "BAD"))
         print(("%-8s %-7s %-24s %s"):format("", "", "  rounds, notif/s:",
           rates_of(runs[mi])))
+        print(("%-8s %-7s %-24s %.1f KiB per notification"):format("", "",
+          "  written to storage:", gw.write_kib or 0))
         results[#results + 1] = { engine = engine, fill = nfill,
           mode = mode.label, base = base, gw = gw }
       end
