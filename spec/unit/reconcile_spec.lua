@@ -900,6 +900,37 @@ describe("bill.records", function()
                    true)
   end)
 
+  it("a summary that counts other than the records read is a bad bill",
+     function()
+    local HEAD = "商户订单号,交易状态,订单金额\r\n"
+    local SUM = "总交易单数,应结订单总金额,退款总金额,充值券退款总金额,"
+      .. "手续费总金额,订单总金额,申请退款总金额\r\n"
+    local function records(text)
+      local path = tmp .. "/count.csv"
+      local f = assert(io.open(path, "wb"))
+      f:write(text)
+      f:close()
+      return bill.records(path)
+    end
+    local body = "`T1,`SUCCESS,`0.29\r\n`T2,`SUCCESS,`0.30\r\n"
+    local r = assert(records(HEAD .. body .. SUM
+                             .. "`2,`0.59,`0.00,`0.00,`0.00,`0.59,`0.00\r\n"))
+    assert.equal(2, r.lines)
+    -- a line lost in between (the summary says 3)
+    local none, err = records(HEAD .. body .. SUM
+      .. "`3,`0.88,`0.00,`0.00,`0.00,`0.88,`0.00\r\n")
+    assert.is_nil(none)
+    assert.equal("bad_bill", err.kind)
+    assert.matches("the summary counts 3 records, the file holds 2",
+                   err.message, 1, true)
+    assert.equal(5, err.file_line)
+    none, err = records(HEAD .. body .. SUM
+      .. "`two,`0.59,`0.00,`0.00,`0.00,`0.59,`0.00\r\n")
+    assert.is_nil(none)
+    assert.equal("bad_bill", err.kind)
+    assert.matches("总交易单数 is not a count", err.message, 1, true)
+  end)
+
   it("refuses a bill with a bad amount", function()
     local path = tmp .. "/bad.csv"
     local f = assert(io.open(path, "wb"))

@@ -188,8 +188,10 @@ end
 --   lost unseen): the first is kept, the later one is in duplicates (with
 --   the first), identical or not. A bill out of shape (wxbill.rows'
 --   "malformed": a record broken across lines by a line break in a field)
---   is bad_bill. An error's line is the record's number (1 = the first
---   record), its file_line the line of the file.
+--   is bad_bill, and so is a summary whose 总交易单数 is not the number
+--   of records read (a bill without a summary is read as it is). An
+--   error's line is the record's number (1 = the first record), its
+--   file_line the line of the file.
 function _M.records(path, on_wait)
   local ok, it = pcall(wxbill.rows, path)
   if not ok then
@@ -203,7 +205,26 @@ function _M.records(path, on_wait)
       return fail("bad_bill", "bill: " .. row.message,
                   { file_line = row.line })
     end
-    if kind == "record" then
+    if kind == "summary" then
+      -- the summary's count of records: a bill that lost lines (or grew
+      -- some) between WeChat and here says so, not only a hash would
+      local count = row["总交易单数"]
+      if count ~= nil then
+        local c = type(count) == "string" and count:match("^%d+$")
+                  and tonumber(count)
+        if not c then
+          return fail("bad_bill", "bill: the summary's 总交易单数 is not a"
+                      .. " count (line " .. tostring(row.line)
+                      .. " of the file)", { file_line = row.line })
+        end
+        if c ~= n then
+          return fail("bad_bill", "bill: the summary counts " .. c
+                      .. " records, the file holds " .. n .. " (line "
+                      .. tostring(row.line) .. " of the file): lines lost"
+                      .. " or added", { file_line = row.line })
+        end
+      end
+    elseif kind == "record" then
       n = n + 1
       pause(n)
       if on_wait and n % YIELD_EVERY == 0 then
