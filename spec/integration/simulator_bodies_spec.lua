@@ -116,6 +116,10 @@ describe("simulator control API: bodies", function()
     end
     refused(control("POST", "/sim/certificates/rotate", '{"delay": "5"}'),
             "delay")
+    -- past a year: the new certificate (valid for five) might never be
+    -- used
+    refused(control("POST", "/sim/certificates/rotate",
+                    '{"delay": 40000000}'), "at most 31536000")
     refused(control("POST", "/sim/faults", '{"endpoint": "query", "kind": '
       .. '"error", "after": "yes"}'), "after")
     refused(control("POST", "/sim/faults", '{"endpoint": "query", "kind": '

@@ -336,7 +336,18 @@ end)
 
 _M.define("time_scale", number_check(0, true), 1)
 _M.define("answer_timeout", number_check(0, true), 5)
-_M.define("rotation_delay", number_check(0, false), 60)
+-- A rotation's delay: at most a year (the new certificate is valid for
+-- five; a delay past its end, or an infinite one, would never switch)
+_M.ROTATION_DELAY_MAX = 365 * 86400
+function _M.check_rotation_delay(v)
+  local d, why = number_check(0, false)(v)
+  if d and d > _M.ROTATION_DELAY_MAX then
+    d, why = nil, "must be at most " .. _M.ROTATION_DELAY_MAX
+             .. " (a year)"
+  end
+  return d, why
+end
+_M.define("rotation_delay", _M.check_rotation_delay, 60)
 _M.define("timestamp_window", number_check(0, true), 300)
 
 _M.define("refund_settle_after", function(v)

@@ -196,8 +196,9 @@ function _M.routes(ctx)
     local b, why = body_of(req)
     if not b then return bad(why) end
     local delay = b.delay
-    if delay ~= nil and (type(delay) ~= "number" or delay < 0) then
-      return bad("delay must be a number >= 0")
+    if delay ~= nil then
+      local _, why = config.check_rotation_delay(delay)
+      if why then return bad("delay " .. why) end
     end
     local c, err = identity.rotate(delay)
     if not c then
