@@ -496,6 +496,16 @@ function _M.webhook(opts)
     if type(k) ~= "string" or type(v) ~= "string" then
       error("outbox.webhook: opts.headers must map names to strings", 2)
     end
+    -- (checked here, not at the first delivery: the HTTP client refuses
+    -- them there, and every event would fail until dead-lettered)
+    if not k:match("^[%w!#$%%&'*+.^_`|~-]+$") then
+      error("outbox.webhook: opts.headers: " .. ("%q"):format(k:sub(1, 64))
+            .. " is not an HTTP header name", 2)
+    end
+    if v:find("[%c\127]") then
+      error("outbox.webhook: opts.headers." .. k .. " must be a string"
+            .. " without control characters (CR, LF, NUL...)", 2)
+    end
     -- the ones the webhook sets itself: a second one in other letters
     -- would go out beside ours
     local lk = k:lower()

@@ -147,6 +147,17 @@ describe("paygate.outbox misuse", function()
     assert.has_error(function() outbox.webhook{ url = "http://x",
       secret = "s", headers = { ["X-N"] = 1 } } end,
       "outbox.webhook: opts.headers must map names to strings")
+    -- refused when made, not at every delivery (the HTTP client raises
+    -- there: each event would fail until dead-lettered)
+    assert.has_error(function() outbox.webhook{ url = "http://x",
+      secret = "s", headers = { ["X-T"] = "a\r\nX-Evil: 1" } } end,
+      "outbox.webhook: opts.headers.X-T must be a string without control"
+      .. " characters (CR, LF, NUL...)")
+    assert.has_error(function() outbox.webhook{ url = "http://x",
+      secret = "s", headers = { ["X T"] = "a" } } end,
+      'outbox.webhook: opts.headers: "X T" is not an HTTP header name')
+    outbox.webhook{ url = "http://x", secret = "s",
+                    headers = { ["X-Tenant"] = "shop 1; v=2" } }
     db:close()
   end)
 end)
