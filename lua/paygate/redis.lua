@@ -416,8 +416,8 @@ end
 -- soon as the Sentinel confirmed the SUBSCRIBE (a failover announced
 -- since the last question -- connect's, or the one after a lost
 -- subscription -- would wait for the poll), and a lost subscription is
--- replaced LOST_WAIT s later (doubling, up to sentinel_poll, while they
--- keep failing), not a whole poll later.
+-- replaced LOST_WAIT s later (doubling, up to sentinel_poll, while
+-- subscriptions keep ending before a poll's time), not a whole poll later.
 local LOST_WAIT = 0.1
 
 local function watch(self)
@@ -447,7 +447,6 @@ local function watch(self)
       name, ip, port = msg:match("^(%S+) %S+ %S+ (%S+) (%d+)$")
     end
     if msg == true then                 -- subscribed: what did we miss?
-      wait = LOST_WAIT
       follow_sentinels(self)
     elseif name == self.master_name then
       local addrs = port_of(port) and resolve(ip)
@@ -460,6 +459,11 @@ local function watch(self)
         sub = nil
         core.sleep(math.min(wait, self.sentinel_poll))
         wait = wait * 2
+      elseif sub then
+        -- up for a whole poll: the next loss is replaced quickly again
+        -- (not on the confirmation: a Sentinel that confirms and drops at
+        -- once would be asked again every LOST_WAIT)
+        wait = LOST_WAIT
       end
       if not self.closed then
         follow_sentinels(self)
