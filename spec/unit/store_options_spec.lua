@@ -19,6 +19,7 @@ local BAD = {
   busy_timeout = { "5", -1 },
   tx_timeout = { "x", 0 },
   synchronous = { "x", 9, -1 },
+  checkpoint_pages = { "x", 0, 1.5 },
   pool = { "x", 0, 1.5, 33, true },
   connect_timeout = { "1", -1, 0 / 0, math.huge },
   query_timeout = { "x", 0, -1, 0 / 0 },
@@ -56,6 +57,30 @@ describe("sql.open options", function()
         engine)
       db:close()
     end
+  end)
+
+  it("checkpoint_pages: how many WAL pages a commit leaves before it"
+     .. " copies them into the database", function()
+    local function wal_after(pages)
+      local path = tmp .. "/ck" .. pages .. ".db"
+      local db = assert(sql.open("sqlite:" .. path .. "?checkpoint_pages="
+                                 .. pages))
+      assert(db:exec("CREATE TABLE t (v TEXT)"))
+      for i = 1, 60 do
+        assert(db:exec("INSERT INTO t (v) VALUES ($1)", { ("x"):rep(500)
+                                                           .. i }))
+      end
+      local f = assert(io.open(path .. "-wal", "rb"))
+      local size = f:seek("end")
+      f:close()
+      db:close()
+      return size
+    end
+    -- 60 commits of a page or more each: kept in the log (about 250 KB),
+    -- or copied after each commit and the log started over (a few pages)
+    local kept, copied = wal_after(100000), wal_after(1)
+    assert.truthy(kept > 60 * 4096, kept)
+    assert.truthy(copied < 16 * 4096, copied)
   end)
 
   it("checks options given in a sqlite url's query string", function()

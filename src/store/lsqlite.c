@@ -191,6 +191,7 @@ struct lsqlite_db {
     int                busy_ms;      /* busy_timeout for other processes */
     int                tx_timeout_ms;/* idle interactive tx is rolled back */
     int                synchronous;  /* PRAGMA synchronous value */
+    int                ckpt_pages;   /* PRAGMA wal_autocheckpoint value */
     int                inline_us;    /* inline read budget, 0: none */
     /* the loop thread's own read-only connection (inline reads) */
     struct lsqlite_conn inl;
@@ -922,7 +923,8 @@ conn_open(struct lsqlite_conn *c, struct lsqlite_db *db, int readonly,
     }
     snprintf(pragmas, sizeof(pragmas),
              "PRAGMA journal_mode=WAL; PRAGMA synchronous=%d;"
-             " PRAGMA foreign_keys=ON;", db->synchronous);
+             " PRAGMA foreign_keys=ON; PRAGMA wal_autocheckpoint=%d;",
+             db->synchronous, db->ckpt_pages);
     /* Switching to WAL takes an exclusive lock, and SQLite answers BUSY
      * at once, without its busy handler, when waiting could deadlock (a
      * second process holding a shared lock on the new file while it
@@ -1602,7 +1604,9 @@ self_pid(void)
 /*
  * core.open(path, opts) -> handle (threads started; then h:connect())
  * opts: readers, batch_max, busy_timeout (ms), tx_timeout (ms),
- * synchronous (0..3, default 2 = FULL).
+ * synchronous (0..3, default 2 = FULL), checkpoint_pages (the WAL's
+ * pages after which a commit copies them into the database: SQLite's
+ * wal_autocheckpoint, default 1000).
  */
 static int
 lsqlite_open(lua_State *L)
@@ -1612,7 +1616,7 @@ lsqlite_open(lua_State *L)
     struct lsqlite_db  *db;
     pthread_t         tid;
     int               i, nreaders, batch_max, busy_ms, tx_ms, sync;
-    int               inline_us;
+    int               inline_us, ckpt_pages;
 
     /* Checked first: raising must not leak what is allocated below. */
     gw_store_sql_opts_check(L, 2);   /* both engines' options */
@@ -1628,6 +1632,8 @@ lsqlite_open(lua_State *L)
     sync = gw_store_opt_int(L, 2, "sql.open", "synchronous", 2, 0, 3);
     inline_us = gw_store_opt_int(L, 2, "sql.open", "inline_reads",
                                  LSQLITE_INLINE_US, 0, 1000000);
+    ckpt_pages = gw_store_opt_int(L, 2, "sql.open", "checkpoint_pages",
+                                  1000, 1, 1000000);
     pthread_once(&self_pid_once, self_pid_register);
     db = calloc(1, sizeof(*db));
     if (db == NULL) {
@@ -1652,6 +1658,7 @@ lsqlite_open(lua_State *L)
     db->tx_timeout_ms = tx_ms;
     db->synchronous = sync;
     db->inline_us = inline_us;
+    db->ckpt_pages = ckpt_pages;
     ud = lua_newuserdata(L, sizeof(*ud));
     ud->db = db;                         /* __gc now owns our reference */
     luaL_getmetatable(L, LSQLITE_MT);

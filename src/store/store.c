@@ -191,7 +191,7 @@ gw_store_strdup(const char *s)
 const char *const gw_store_sql_opts[] = {
     "retries",                                          /* paygate.sql */
     "readers", "batch_max", "busy_timeout", "tx_timeout", "synchronous",
-    "inline_reads",
+    "inline_reads", "checkpoint_pages",
     "pool", "connect_timeout", "query_timeout", "down_for",
     "require_sync", "sync_recheck",
     NULL
@@ -213,6 +213,7 @@ static const struct sql_opt {
     { "tx_timeout", 'i', 1, INT_MAX },
     { "synchronous", 'i', 0, 3 },
     { "inline_reads", 'i', 0, 1000000 },
+    { "checkpoint_pages", 'i', 1, 1000000 },
     { "pool", 'i', 1, GW_STORE_PG_MAX_POOL },
     { "connect_timeout", 'p', 0, 0 },
     { "query_timeout", 'p', 0, 0 },
