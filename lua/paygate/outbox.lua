@@ -1196,6 +1196,7 @@ local function call_sink(self, sink, event)
                                .. sink.timeout .. " s (cancelled)",
                                { retryable = true })
 end
+
 -- syntax: yes = d:wants(type)
 -- Whether a sink of this dispatcher delivers events of this type: false
 -- when every sink leaves it out (a webhook's or stream's `types`, a hooks
