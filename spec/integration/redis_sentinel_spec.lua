@@ -284,6 +284,18 @@ describe("Redis through Sentinel", function()
     return ids
   end
 
+  -- Waits until Sentinel 1 lists a subscriber that was not in before (a
+  -- subscribers() taken earlier)
+  local function wait_new_subscriber(before, what)
+    wait_for(function()
+      for id in pairs(subscribers()) do
+        if not before[id] then
+          return true
+        end
+      end
+    end, 10, what)
+  end
+
   -- A manual failover through Sentinel 1. A failover this Sentinel tried
   -- and lost in a spec before stays "in progress" until its timeout (10 s
   -- here), and a replica that just came back may not pass Sentinel's own
@@ -312,13 +324,8 @@ describe("Redis through Sentinel", function()
     local before = subscribers()
     local r = assert(redis.connect(g.url, { sentinel_poll = 120 }))
     local from = r.port
-    wait_for(function()
-      for id in pairs(subscribers()) do
-        if not before[id] then
-          return true
-        end
-      end
-    end, 10, "the client's subscription on the first Sentinel")
+    wait_new_subscriber(before, "the client's subscription on the first"
+                        .. " Sentinel")
     failover()
     local ok, err = pcall(wait_for, function() return r.port ~= from end,
                           60, "the client to follow +switch-master")
@@ -373,13 +380,8 @@ describe("Redis through Sentinel", function()
     -- replaces it at once, not a poll (120 s) later
     local before = subscribers()
     pub.stop()
-    wait_for(function()
-      for id in pairs(subscribers()) do
-        if not before[id] then
-          return true
-        end
-      end
-    end, 10, "the client to subscribe on the next Sentinel")
+    wait_new_subscriber(before, "the client to subscribe on the next"
+                        .. " Sentinel")
     r:close()
   end)
   it("a +switch-master to a server not yet master is asked again, not"
