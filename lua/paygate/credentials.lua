@@ -54,46 +54,13 @@ _M.TLS_FILES = {
   ["key.pem"] = { field = "key", secret = true },
 }
 
---- syntax: s = credentials.redact_url(url)
--- A store's URL as a message may print it: no password. The user info is
--- everything before the last "@" ahead of the query, as paygate.redis and
--- paygate.sql read it (a password may hold "/" or "@"); of it, only a
--- PostgreSQL user name before ":" is kept (redis://SECRET@host: the whole
--- of it is the password). A password= query parameter is masked too.
-function _M.redact_url(url)
-  url = tostring(url)
-  local scheme, rest = url:match("^(%a[%w+.-]*://)(.*)$")
-  if scheme then
-    local main, query = rest:match("^([^?]*)(.*)$")
-    local at = main:match(".*()@")
-    if at then
-      local user = not scheme:lower():find("^redis")
-                   and main:sub(1, at - 1):match("^([^:]*)") or ""
-      main = (user ~= "" and user .. "@" or "") .. main:sub(at + 1)
-    end
-    url = scheme .. main .. query
-  end
-  return (url:gsub("([?&][Pp][Aa][Ss][Ss][Ww][Oo][Rr][Dd]=)[^&]*", "%1***"))
-end
-
---- syntax: s = credentials.shown_name(v)
--- A file path or variable name from a config, as a message may print it:
--- nil when it may be the secret itself, written where its name belongs
--- (a variable's name is upper case and short; a path holds a "." or a "/"
--- and no run of 32 key characters).
-function _M.shown_name(v)
-  if type(v) ~= "string" or v == "" or #v > 200 or v:find("[%c]") then
-    return nil
-  end
-  if v:match("^[A-Z][A-Z0-9_]*$") then
-    return #v < 32 and v or nil
-  end
-  if (v:find(".", 1, true) or v:find("/", 1, true))
-     and not v:find(("[%w+=]"):rep(32)) then
-    return v
-  end
-  return nil
-end
+-- credentials.redact_url(url), credentials.shown_name(v): what a message
+-- may print of a store URL or a secret's file or variable name -- kept
+-- here for the callers that know them under these names; they live in
+-- paygate.redact (redact.url, redact.name).
+local redact = require "paygate.redact"
+_M.redact_url = redact.url
+_M.shown_name = redact.name
 
 local function log()
   return require("paygate").log

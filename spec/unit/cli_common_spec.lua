@@ -49,8 +49,28 @@ describe("what a message may print of a path or a variable's name", function()
   end)
 end)
 
-describe("credentials.redact_url", function()
-  local redact = require("paygate.credentials").redact_url
+describe("redact.url", function()
+  local redact = require("paygate.redact").url
+
+  it("is what paygate.credentials gives as redact_url and shown_name, and"
+     .. " needs no etcd client", function()
+    assert.equal(redact, require("paygate.credentials").redact_url)
+    assert.equal(require("paygate.redact").name,
+                 require("paygate.credentials").shown_name)
+    -- (paygate audit prints store URLs: it used to load the etcd client
+    -- for that alone)
+    local script = os.tmpname()
+    local f = assert(io.open(script, "w"))
+    -- (required bare, the command only prints its usage, to stderr)
+    f:write('pcall(require, "paygate.cli.audit")\n'
+            .. 'io.write(tostring(package.loaded["paygate.etcd"] ~= nil))\n')
+    f:close()
+    local out = require("spec.support.servers").read_cmd(
+      (os.getenv("PAYGATE_BIN") or "build/paygate") .. " exec " .. script
+      .. " 2>/dev/null")
+    os.remove(script)
+    assert.equal("false", out)
+  end)
 
   it("drops the password wherever the URL parsers would find it", function()
     -- the user info runs to the last @ ahead of the query, as

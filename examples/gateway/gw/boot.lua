@@ -14,7 +14,7 @@ local _M = {}
 _M.WAIT = 10
 
 --- syntax: s = boot.redact(url) -- the URL without a password
-_M.redact = require("paygate.credentials").redact_url
+_M.redact = require("paygate.redact").url
 
 -- an error's message, first line only (libpq's run over several)
 local function first_line(err)

@@ -79,7 +79,7 @@ local function secret(t, base, where)
       -- named only when it looks like a variable's name: the secret itself
       -- may have been written here
       return false, where .. base .. "_env: the environment variable "
-        .. (require("paygate.credentials").shown_name(env) or "it names")
+        .. (require("paygate.redact").name(env) or "it names")
         .. " is not set"
     end
     return v
@@ -441,7 +441,7 @@ function _M.check(conf, runtime)
     if not ok then
       return fail("gateway.redis", "must be a redis:// or redis-sentinel://"
         .. " URL paygate.redis takes ("
-        .. require("paygate.credentials").redact_url(why) .. ")")
+        .. require("paygate.redact").url(why) .. ")")
     end
   end
   out.redis = g.redis

@@ -34,7 +34,7 @@ database cannot be read, or it holds no audit trail.
 local SPEC = { ["--subject"] = "value", ["--json"] = "flag" }
 
 -- A URL without its password (postgres://user:secret@host -> user@host).
-local redact = require("paygate.credentials").redact_url
+local redact = require("paygate.redact").url
 
 local function one_line(v)
   return (tostring(v):gsub("%s*\n%s*", " "))
