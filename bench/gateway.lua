@@ -301,10 +301,14 @@ end
 
 local TICK = tonumber(read_cmd("getconf CLK_TCK")) or 100
 
--- CPU seconds (user + system, every thread) of the receiver's worker: the
--- master's child (--workers 1), or the process itself.
-local function cpu_of(pid)
-  local w = tonumber((read_cmd("pgrep -P " .. pid):match("%d+"))) or pid
+-- The receiver's worker: the master's child (--workers 1), or the
+-- process itself.
+local function worker_of(pid)
+  return tonumber((read_cmd("pgrep -P " .. pid):match("%d+"))) or pid
+end
+
+-- CPU seconds (user + system, every thread) of worker w.
+local function cpu_of(w)
   local f = io.open("/proc/" .. w .. "/stat")
   if not f then return 0 end
   local st = f:read("*a"):gsub("^.*%) ", "")
@@ -315,10 +319,9 @@ local function cpu_of(pid)
   return (tonumber(fields[12]) + tonumber(fields[13])) / TICK
 end
 
--- Bytes the receiver's worker had written to storage (/proc/PID/io
--- write_bytes: the store's WAL and database pages; 0 where unreadable).
-local function written_of(pid)
-  local w = tonumber((read_cmd("pgrep -P " .. pid):match("%d+"))) or pid
+-- Bytes worker w had written to storage (/proc/PID/io write_bytes: the
+-- store's WAL and database pages; 0 where unreadable).
+local function written_of(w)
   local f = io.open("/proc/" .. w .. "/io")
   if not f then return 0 end
   local n = tonumber(f:read("*a"):match("\nwrite_bytes: (%d+)")) or 0
@@ -329,10 +332,11 @@ end
 -- drive() with the worker's CPU time (us) and storage writes (KiB) per
 -- acknowledged notification.
 local function drive_cpu(pid, port, path, file, tmp, secs)
-  local c0, w0 = cpu_of(pid), written_of(pid)
+  local w = worker_of(pid)
+  local c0, w0 = cpu_of(w), written_of(w)
   local r = drive(port, path, file, tmp, secs)
-  r.cpu_us = r.ok > 0 and (cpu_of(pid) - c0) * 1e6 / r.ok or 0
-  r.write_kib = r.ok > 0 and (written_of(pid) - w0) / 1024 / r.ok or 0
+  r.cpu_us = r.ok > 0 and (cpu_of(w) - c0) * 1e6 / r.ok or 0
+  r.write_kib = r.ok > 0 and (written_of(w) - w0) / 1024 / r.ok or 0
   return r
 end
 

@@ -176,37 +176,39 @@ local function shard_of(subject)
 end
 _M.shard_of = shard_of
 
-local INSERT_SQLITE = "INSERT INTO paygate_outbox (subject, type, payload,"
-  .. " shard, next_at, created_at) VALUES ($1, $2, $3, $4, $5, $5)"
+-- The enqueue's INSERT, per engine, for a pending event or a settled one
+-- (outbox.enqueue's event.settled: no sink takes it, so it is written
+-- delivered: kept, listed and replayable like any delivered event, and
+-- never a dispatcher's work; $6 is its delivered_at).
 -- PostgreSQL hands out BIGSERIAL ids at INSERT, not at COMMIT: two
 -- transactions enqueueing for one subject could commit in the other order,
 -- and the dispatcher would see (and deliver) the later id first. A
 -- transaction-scoped advisory lock per subject, taken before the id is
 -- drawn, makes a subject's ids follow its commits.
-local INSERT_PG = "INSERT INTO paygate_outbox (subject, type, payload,"
-  .. " shard, next_at, created_at) SELECT $1::text, $2::text, $3::text,"
-  .. " $4::integer, $5::double precision, $5::double precision FROM"
-  .. " (SELECT pg_advisory_xact_lock(7217003, hashtext($1::text))) l"
-  .. " RETURNING id"
-
--- An event no sink takes (outbox.enqueue's event.settled) is written
--- delivered: kept, listed and replayable like any delivered event, and
--- never a dispatcher's work.
-local INSERT_SETTLED_SQLITE = "INSERT INTO paygate_outbox (subject, type,"
-  .. " payload, shard, next_at, created_at, state, delivered_at) VALUES"
-  .. " ($1, $2, $3, $4, $5, $5, 'delivered', $6)"
-local INSERT_SETTLED_PG = "INSERT INTO paygate_outbox (subject, type,"
-  .. " payload, shard, next_at, created_at, state, delivered_at) SELECT"
-  .. " $1::text, $2::text, $3::text, $4::integer, $5::double precision,"
-  .. " $5::double precision, 'delivered', $6::double precision FROM"
-  .. " (SELECT pg_advisory_xact_lock(7217003, hashtext($1::text))) l"
-  .. " RETURNING id"
+local function insert_text(pg, settled)
+  local cols = "subject, type, payload, shard, next_at, created_at"
+    .. (settled and ", state, delivered_at" or "")
+  if not pg then
+    return "INSERT INTO paygate_outbox (" .. cols .. ") VALUES ($1, $2,"
+      .. " $3, $4, $5, $5" .. (settled and ", 'delivered', $6" or "") .. ")"
+  end
+  return "INSERT INTO paygate_outbox (" .. cols .. ") SELECT $1::text,"
+    .. " $2::text, $3::text, $4::integer, $5::double precision,"
+    .. " $5::double precision"
+    .. (settled and ", 'delivered', $6::double precision" or "")
+    .. " FROM (SELECT pg_advisory_xact_lock(7217003, hashtext($1::text)))"
+    .. " l RETURNING id"
+end
+local INSERT = {
+  sqlite = { [false] = insert_text(false, false),
+             [true] = insert_text(false, true) },
+  postgres = { [false] = insert_text(true, false),
+               [true] = insert_text(true, true) },
+}
 
 local function insert_sql(engine, settled)
-  if engine == "postgres" then
-    return settled and INSERT_SETTLED_PG or INSERT_PG
-  end
-  return settled and INSERT_SETTLED_SQLITE or INSERT_SQLITE
+  return INSERT[engine == "postgres" and "postgres" or "sqlite"][
+    settled == true]
 end
 
 local EXISTS_SQLITE = "SELECT 1 AS x FROM sqlite_master WHERE type ="
@@ -470,6 +472,22 @@ local function type_filter(types)
   return set
 end
 
+-- syntax: bad = outbox.header_problem(name, value)
+-- What is wrong with an extra header a webhook is given: "name" (not an
+-- HTTP token), "value" (not a string, or holding a control character: a
+-- CR or LF would start another header), or nil. (An app's config check
+-- asks the same question, to name its own key.)
+function _M.header_problem(name, value)
+  if type(name) ~= "string" or not name:match("^[%w!#$%%&'*+.^_`|~-]+$")
+  then
+    return "name"
+  end
+  if type(value) ~= "string" or value:find("[%c\127]") then
+    return "value"
+  end
+  return nil
+end
+
 -- syntax: sink = outbox.webhook(opts)
 -- opts: url, secret, name ("webhook"), timeout (s, 10), headers (extra),
 --       types (array: only these event types), ca_file, resolve
@@ -498,11 +516,11 @@ function _M.webhook(opts)
     end
     -- (checked here, not at the first delivery: the HTTP client refuses
     -- them there, and every event would fail until dead-lettered)
-    if not k:match("^[%w!#$%%&'*+.^_`|~-]+$") then
+    local bad = _M.header_problem(k, v)
+    if bad == "name" then
       error("outbox.webhook: opts.headers: " .. ("%q"):format(k:sub(1, 64))
             .. " is not an HTTP header name", 2)
-    end
-    if v:find("[%c\127]") then
+    elseif bad == "value" then
       error("outbox.webhook: opts.headers." .. k .. " must be a string"
             .. " without control characters (CR, LF, NUL...)", 2)
     end

@@ -258,18 +258,18 @@ local WEBHOOK_KEYS = { url = true, secret = true, secret_file = true,
   secret_env = true, types = true, name = true, timeout = true,
   headers = true, ca_file = true }
 
--- A webhook's extra headers: names as HTTP tokens, values without control
--- characters (a CR or LF would start another header); the ones the
--- webhook sets itself are paygate.outbox's to refuse.
+-- A webhook's extra headers, by paygate.outbox's rule (header_problem),
+-- named with the config's key; the ones the webhook sets itself are
+-- paygate.outbox's to refuse.
 local function check_headers(h, where)
   if type(h) ~= "table" then
     return fail(where .. "headers", "must be a table of name = value")
   end
   for k, v in pairs(h) do
-    if type(k) ~= "string" or not k:match("^[%w!#$%%&'*+.^_`|~-]+$") then
+    local bad = require("paygate.outbox").header_problem(k, v)
+    if bad == "name" then
       return fail(where .. "headers", "names must be HTTP header names")
-    end
-    if type(v) ~= "string" or v:find("[%c\127]") then
+    elseif bad == "value" then
       return fail(where .. "headers." .. k, "must be a string without"
         .. " control characters")
     end
