@@ -83,6 +83,10 @@ local function mktemp(owner)
 end
 
 -- A port nothing listens on now (random in 20000..59999; ss confirms).
+-- ports free_port handed out in this process: nothing listens on one
+-- until its server starts, so a second call must not give it again
+local given = {}
+
 local function free_port()
   math.randomseed(os.time() + tonumber(tostring({}):match("0x(%x+)"), 16))
   local listening = read_cmd("ss -Htln 2>/dev/null")
@@ -91,7 +95,8 @@ local function free_port()
     -- its port mid-test must not find it taken by an outbound socket (a
     -- client reconnecting to a stopped server can even connect to itself)
     local p = math.random(20000, 32767)
-    if not listening:find(":" .. p .. "%s") then
+    if not given[p] and not listening:find(":" .. p .. "%s") then
+      given[p] = true
       return p
     end
   end

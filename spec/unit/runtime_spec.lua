@@ -161,3 +161,26 @@ describe("paygate.config", function()
     assert.is_nil(paygate.config.x)
   end)
 end)
+
+describe("core.free_port (for specs' servers)", function()
+  -- nothing listens on a port handed out until its server starts: a
+  -- three-member etcd cluster once got the same port for two members
+  it("never hands out the same port twice in a row of 256 calls", function()
+    local seen = {}
+    for _ = 1, 256 do
+      local p = core.free_port()
+      assert.is_nil(seen[p], "port " .. p .. " handed out twice")
+      seen[p] = true
+    end
+  end)
+
+  it("and neither does the specs' servers.free_port", function()
+    local servers = require "support.servers"
+    local seen = {}
+    for _ = 1, 200 do
+      local p = servers.free_port()
+      assert.is_nil(seen[p], "port " .. p .. " handed out twice")
+      seen[p] = true
+    end
+  end)
+end)

@@ -1078,8 +1078,37 @@ port_bindable(struct sockaddr_in *a, int port)
 }
 
 /*
+ * The ports free_port handed out lately: nothing listens on them until the
+ * caller's server binds, so without this a second call (a cluster's next
+ * member) could be handed the same port.
+ */
+#define GW_GIVEN_PORTS 256
+static _Thread_local int gw_given_ports[GW_GIVEN_PORTS];
+static _Thread_local unsigned int gw_given_next;
+
+static int
+port_given(int port)
+{
+    for (int i = 0; i < GW_GIVEN_PORTS; i++) {
+        if (gw_given_ports[i] == port) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static int
+port_give(lua_State *L, int port)
+{
+    gw_given_ports[gw_given_next++ % GW_GIVEN_PORTS] = port;
+    lua_pushinteger(L, port);
+    return 1;
+}
+
+/*
  * core.free_port([host]) -> a TCP port nothing listens on now, for a test
- * server to bind a moment later. Picked at random BELOW the kernel's
+ * server to bind a moment later; never one it returned among its last 256
+ * answers. Picked at random BELOW the kernel's
  * ephemeral range (ip_local_port_range): a port the kernel hands out
  * (bind to 0) is also what it gives outgoing connections, so one of them
  * could take it before the server binds ("Address already in use").
@@ -1116,9 +1145,8 @@ lcore_free_port(lua_State *L)
             r = (unsigned int) rand();
         }
         port = lo + (int) (r % (unsigned int) (hi - lo + 1));
-        if (port_bindable(&a, port)) {
-            lua_pushinteger(L, port);
-            return 1;
+        if (!port_given(port) && port_bindable(&a, port)) {
+            return port_give(L, port);
         }
     }
     /* no luck below the range: let the kernel pick */
@@ -1133,8 +1161,7 @@ lcore_free_port(lua_State *L)
                              strerror(errno));
     }
     close(fd);
-    lua_pushinteger(L, ntohs(a.sin_port));
-    return 1;
+    return port_give(L, ntohs(a.sin_port));
 }
 
 static int
