@@ -56,6 +56,18 @@ function _M.header(headers, name)
 end
 local header = _M.header
 
+-- A request's five Wechatpay-* fields, each value with its count (one
+-- pcall for the five: parse_headers'; the method looked up once)
+local function req_headers(req)
+  local get = req.header
+  local ts, n1 = get(req, "wechatpay-timestamp")
+  local nonce, n2 = get(req, "wechatpay-nonce")
+  local sig, n3 = get(req, "wechatpay-signature")
+  local serial, n4 = get(req, "wechatpay-serial")
+  local sig_type, n5 = get(req, "wechatpay-signature-type")
+  return ts, n1, nonce, n2, sig, n3, serial, n4, sig_type, n5
+end
+
 --- syntax: msg = verify.message(ts, nonce, body)
 function _M.message(ts, nonce, body)
   return ts .. "\n" .. nonce .. "\n" .. body .. "\n"
@@ -74,10 +86,19 @@ function _M.parse_headers(headers)
   end
   -- (a request's fields counted: one sent twice is refused, never read
   -- as its first copy; a table's repeats are joined, and fail below)
-  local ts, n1 = header(headers, "wechatpay-timestamp")
-  local nonce, n2 = header(headers, "wechatpay-nonce")
-  local sig, n3 = header(headers, "wechatpay-signature")
-  local serial, n4 = header(headers, "wechatpay-serial")
+  local ts, n1, nonce, n2, sig, n3, serial, n4, sig_type, n5
+  if type(headers) == "userdata" then
+    local ok
+    ok, ts, n1, nonce, n2, sig, n3, serial, n4, sig_type, n5 =
+      pcall(req_headers, headers)
+    if not ok then ts, n1 = nil, nil end
+  else
+    ts = header(headers, "wechatpay-timestamp")
+    nonce = header(headers, "wechatpay-nonce")
+    sig = header(headers, "wechatpay-signature")
+    serial = header(headers, "wechatpay-serial")
+    sig_type = header(headers, "wechatpay-signature-type")
+  end
   local missing
   if type(ts) ~= "string" then missing = "Wechatpay-Timestamp"
   elseif type(nonce) ~= "string" then missing = "Wechatpay-Nonce"
@@ -103,7 +124,6 @@ function _M.parse_headers(headers)
   if #sig == 0 or #sig > MAX_SIG then
     return fail("bad_signature", "Wechatpay-Signature is empty or too long")
   end
-  local sig_type, n5 = header(headers, "wechatpay-signature-type")
   if n5 and n5 > 1 then
     return fail("malformed", "Wechatpay-Signature-Type sent more than once")
   end
