@@ -401,6 +401,26 @@ gw_http_find(const struct gw_http_head *h, const char *name, size_t len)
     return NULL;
 }
 
+const struct gw_http_header *
+gw_http_find_count(const struct gw_http_head *h, const char *name, size_t len,
+                   size_t *n)
+{
+    const struct gw_http_header *first = NULL;
+
+    *n = 0;
+    for (size_t i = 0; i < h->nheaders; i++) {
+        const struct gw_http_header *x = &h->headers[i];
+
+        if (name_is(x, name, len)) {
+            if (first == NULL) {
+                first = x;
+            }
+            (*n)++;
+        }
+    }
+    return first;
+}
+
 /* Walks a comma-separated token list; calls back per trimmed token. */
 static void
 each_token(const char *v, size_t len, void (*fn)(void *, const char *,

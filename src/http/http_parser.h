@@ -93,6 +93,11 @@ int gw_http_path_resolve(const char *path, size_t len, char *out,
 const struct gw_http_header *gw_http_find(const struct gw_http_head *h,
                                           const char *name, size_t len);
 
+/* gw_http_find, and in the same pass how many fields are so named (*n). */
+const struct gw_http_header *gw_http_find_count(const struct gw_http_head *h,
+                                                const char *name, size_t len,
+                                                size_t *n);
+
 /* How many fields are named name (case-insensitive): 0, 1, or a repeat. */
 size_t gw_http_count(const struct gw_http_head *h, const char *name,
                      size_t len);

@@ -326,13 +326,15 @@ lreq_header(lua_State *L)
     struct gw_conn *c = lreq_conn(L, 1);
     size_t len;
     const char *name = luaL_checklstring(L, 2, &len);
-    const struct gw_http_header *h = gw_http_find(&c->head, name, len);
+    size_t n;
+    const struct gw_http_header *h = gw_http_find_count(&c->head, name, len,
+                                                        &n);
 
     if (h == NULL) {
         return 0;
     }
     lua_pushlstring(L, h->value, h->value_len);
-    lua_pushinteger(L, (lua_Integer) gw_http_count(&c->head, name, len));
+    lua_pushinteger(L, (lua_Integer) n);
     return 2;
 }
 
