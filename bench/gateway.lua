@@ -14,7 +14,9 @@
 --       (b) examples/gateway on one worker: POST /wechatpay/notify/{mchid}
 --           (verify, decrypt, dedupe, transition, audit, outbox, commit,
 --           204), and before it the gateway at BENCH_COMPARE if given,
---     and prints unique notifications/s, p50, p99 and the ratios. After
+--     and prints unique notifications/s, p50, p99, the ratios, and what
+--     each notification cost the store: bytes the worker wrote (SQLite:
+--     the WAL and the checkpoints) or the WAL PostgreSQL generated. After
 --     each gateway run it checks in the store that every payment notified
 --     is paid, once. With SQLite it first measures, beside the store, what
 --     one commit (one fsync) per notification allows -- single-row inserts
@@ -417,7 +419,20 @@ local function gateway(url, app, file, n, tmp)
   local perf = os.getenv("BENCH_PERF")
   local perf_pid = perf and start(("perf record -q -e cpu-clock -F 1999 -g"
     .. " -a -C 0 -o %s"):format(perf), tmp .. "/perf.log")
+  -- PostgreSQL writes in its own processes (the worker's write_bytes stay
+  -- near 0): there the figure is the WAL the server generated
+  local pgdb, lsn0 = nil, nil
+  if url:match("^postgres") then
+    pgdb = assert(sql.open(url))
+    lsn0 = assert(pgdb:query("SELECT pg_current_wal_lsn()::text AS l"))[1].l
+  end
   local r = drive_cpu(pid, port, "/wechatpay/notify/" .. MCHID, file, tmp)
+  if pgdb then
+    local d = assert(pgdb:query("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(),"
+      .. " $1::pg_lsn)::float8 AS d", { lsn0 }))[1].d
+    r.write_kib = r.ok > 0 and d / 1024 / r.ok or 0
+    pgdb:close()
+  end
   if perf_pid then
     sh("kill -INT " .. perf_pid .. " 2>/dev/null")
     for _ = 1, 200 do
@@ -646,7 +661,8 @@ local function run()
         print(("%-8s %-7s %-24s %s"):format("", "", "  rounds, notif/s:",
           rates_of(runs[mi])))
         print(("%-8s %-7s %-24s %.1f KiB per notification"):format("", "",
-          "  written to storage:", gw.write_kib or 0))
+          engine == "postgres" and "  WAL generated:"
+          or "  written to storage:", gw.write_kib or 0))
         results[#results + 1] = { engine = engine, fill = nfill,
           mode = mode.label, base = base, gw = gw }
       end
