@@ -143,3 +143,24 @@ describe("boot with WeChat unreachable", function()
     assert(ok, e)
   end)
 end)
+
+describe("a replay_dict the instance does not have", function()
+  it("stops the start with a message naming it (under paygate run dicts "
+     .. "are configured, not made on use)", function()
+    local s = server.start{ app = "spec/support/wxnotify", wait = false,
+      config = ("return { wechatpay = { mchid = %q, merchant_private_key = %q, "
+        .. "merchant_serial = %q, apiv3_key = %q, public_key = %q, "
+        .. "public_key_id = %q, base_url = 'http://127.0.0.1:1', "
+        .. "replay_dict = 'wechatpay_replay_typo' } }")
+        :format(wxtest.MCHID, abs(FIX .. "a3_merchant_key.pem"),
+                wxtest.MERCHANT_SERIAL, wxtest.APIV3, abs(FIX .. "a1_pub.pem"),
+                PUB_ID) }
+    local code = s.proc:wait(15)
+    local logs = s:logs()
+    s:stop()
+    assert.equal(1, code, logs)
+    assert.matches("invalid_config: wechatpay.replay_dict: no paygate.shared "
+      .. "dict wechatpay_replay_typo", logs, 1, true)
+    assert.not_matches(wxtest.APIV3, logs, 1, true)
+  end)
+end)

@@ -44,6 +44,14 @@ function _M.client(conf)
       .. " (configure shared = { " .. tostring(cfg.shared_dict)
       .. " = \"1m\" })", { key = "shared_dict" })
   end
+  -- a replay_dict named but missing would refuse every notification
+  -- (replay_check_unavailable) once running: refused here instead
+  if not wx.replay_dict and conf.replay_dict ~= nil then
+    return nil, errors.new("invalid_config", "wechatpay.replay_dict: no "
+      .. "paygate.shared dict " .. tostring(cfg.replay_dict)
+      .. " (configure shared = { " .. tostring(cfg.replay_dict)
+      .. " = \"64m\" })", { key = "replay_dict" })
+  end
   local ok
   ok, err = certs.start(wx)
   if not ok then
