@@ -471,7 +471,10 @@ describe("errors and retries", function()
       code = "SYSTEM_ERROR", message = "m" } }, { body = "{}" } })
     local _, err = wx:request("POST", "/v3/x", "{}")
     assert.equal("system_error", err.kind)
-    assert.is_true(err.retryable)
+    -- WeChat received it and may have acted: not to be repeated blindly
+    assert.is_false(err.retryable)
+    assert.matches("query the outcome before repeating", err.message, 1,
+                   true)
     assert.equal(1, count("POST", "/v3/x"))
     assert(wx:request("POST", "/v3/x", "{}", { idempotent = true }))
     assert.equal(3, count("POST", "/v3/x"))

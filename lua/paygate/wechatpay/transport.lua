@@ -418,6 +418,14 @@ call = function(wx, method, path, body, opts, ep, what, stat)
       then
         retry = not delivered
       end
+      if not retry and not idempotent and res.status >= 500
+         and e.retryable then
+        -- WeChat received it and may have acted: a call that is not
+        -- idempotent (an abnormal refund) must not be repeated blindly
+        e.retryable = false
+        e.message = e.message .. " (WeChat may have acted on it and the "
+          .. "call is not idempotent: query the outcome before repeating)"
+      end
       if not retry then return nil, e end
     end
     if attempt >= max_attempts then break end
