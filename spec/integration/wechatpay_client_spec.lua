@@ -219,6 +219,36 @@ describe("platform certificates", function()
     assert.equal(2, count("GET", "/v3/certificates"))
     wx:stop()
   end)
+  it("an unknown serial's download takes the lock before the rate mark "
+     .. "(another worker that sees the mark then waits for the download, "
+     .. "never takes the old set as its result)", function()
+    local wx = client()
+    local real, adds = wx.dict, {}
+    wx.dict = setmetatable({ add = function(_, k, ...)
+      adds[#adds + 1] = k:match("[^:]+$")
+      return real:add(k, ...)
+    end }, { __index = function(_, k)
+      local v = real[k]
+      if type(v) == "function" then
+        return function(_, ...) return v(real, ...) end
+      end
+      return v
+    end })
+    wxtest.queue(srv, "GET", "/v3/x", { { body = "{}", sign = { serial = P2 } },
+      { body = "{}", sign = { serial = P2 } } })
+    local _, err = wx:request("GET", "/v3/x")
+    assert.equal("unknown_serial", err.kind)
+    local lock, rate
+    for i, k in ipairs(adds) do
+      if k == "lock" and not lock then lock = i end
+      if k == "rate" and not rate then rate = i end
+    end
+    assert.is_number(lock, table.concat(adds, " "))
+    assert.is_number(rate, table.concat(adds, " "))
+    assert.is_true(lock < rate, table.concat(adds, " "))
+    wx.dict = real
+    wx:stop()
+  end)
   it("100 concurrent unknown serials cause one download", function()
     local wx = client()
     wxtest.certs(srv, { serials = { P1, P2 } })

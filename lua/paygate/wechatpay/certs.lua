@@ -474,17 +474,29 @@ function _M.refresh_locked(wx, reason)
   local dict = wx.dict
   local K = wx.certs_prefix
   local now = core.mono()
+  local locked = false
   if reason == "unknown_serial" then
     if dict then
-      if not dict:add(K .. "rate", true, c.download_min_interval) then
-        -- another download ran (or runs) recently: take its result
+      -- the lock first, then the rate mark: a worker that finds the mark
+      -- then always finds the lock of the download it stands for, if that
+      -- still runs (the other order left a moment with the mark set and
+      -- no lock yet, and that worker took the old set as the result)
+      if not dict:add(K .. "lock", core.pid(), c.timeout + 5) then
+        -- a download runs: take its result
         wait_for(function() return not dict:get(K .. "lock") end,
                  c.timeout + 5)
+        import(wx, dict:get(K .. "set"))
+        return true
+      end
+      if not dict:add(K .. "rate", true, c.download_min_interval) then
+        -- another download ran recently: its set is the result
+        dict:delete(K .. "lock")
         import(wx, dict:get(K .. "set"))
         return nil, core.error("unknown_serial", "certificates were "
           .. "downloaded less than " .. c.download_min_interval
           .. " s ago (download_min_interval)")
       end
+      locked = true
     elseif dl_recent(wx, now) then
       return nil, core.error("unknown_serial", "certificates were "
         .. "downloaded less than " .. c.download_min_interval
@@ -500,7 +512,7 @@ function _M.refresh_locked(wx, reason)
       return true
     end
   end
-  if dict then
+  if dict and not locked then
     if not dict:add(K .. "lock", core.pid(), c.timeout + 5) then
       wait_for(function() return not dict:get(K .. "lock") end,
                c.timeout + 5)
