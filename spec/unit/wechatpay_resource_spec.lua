@@ -75,6 +75,9 @@ describe("resource.decrypt", function()
       { with("algorithm", "ROT13"), "malformed" },
       { with("nonce", ""), "malformed" },
       { with("nonce", ("n"):rep(300)), "malformed" },
+      -- past the 128 bytes GCM takes here: malformed, as documented (not
+      -- decrypt_failed, which means a wrong key or altered data)
+      { with("nonce", ("n"):rep(129)), "malformed" },
       { with("associated_data", 5), "malformed" },
       { with("ciphertext", "%%%"), "malformed" },
       { with("ciphertext", "AAAA"), "decrypt_failed" },

@@ -80,7 +80,7 @@ function _M.decrypt(r, apiv3_keys)
     return nil, core.error("malformed", "unknown algorithm "
                            .. printable(alg, 40))
   end
-  if type(nonce) ~= "string" or nonce == "" or #nonce > 256 then
+  if type(nonce) ~= "string" or nonce == "" or #nonce > 128 then
     return nil, core.error("malformed", "resource nonce missing or too long")
   end
   if aad == nil or aad == json.null then aad = "" end
