@@ -144,23 +144,25 @@ describe("boot with WeChat unreachable", function()
   end)
 end)
 
-describe("a replay_dict the instance does not have", function()
-  it("stops the start with a message naming it (under paygate run dicts "
-     .. "are configured, not made on use)", function()
-    local s = server.start{ app = "spec/support/wxnotify", wait = false,
-      config = ("return { wechatpay = { mchid = %q, merchant_private_key = %q, "
-        .. "merchant_serial = %q, apiv3_key = %q, public_key = %q, "
-        .. "public_key_id = %q, base_url = 'http://127.0.0.1:1', "
-        .. "replay_dict = 'wechatpay_replay_typo' } }")
-        :format(wxtest.MCHID, abs(FIX .. "a3_merchant_key.pem"),
-                wxtest.MERCHANT_SERIAL, wxtest.APIV3, abs(FIX .. "a1_pub.pem"),
-                PUB_ID) }
-    local code = s.proc:wait(15)
-    local logs = s:logs()
-    s:stop()
-    assert.equal(1, code, logs)
-    assert.matches("invalid_config: wechatpay.replay_dict: no paygate.shared "
-      .. "dict wechatpay_replay_typo", logs, 1, true)
-    assert.not_matches(wxtest.APIV3, logs, 1, true)
-  end)
+describe("a dict the instance does not have", function()
+  -- under paygate run dicts are configured, not made on use
+  for _, key in ipairs{ "replay_dict", "shared_dict" } do
+    it(key .. " stops the start with a message naming it", function()
+      local s = server.start{ app = "spec/support/wxnotify", wait = false,
+        config = ("return { wechatpay = { mchid = %q, merchant_private_key "
+          .. "= %q, merchant_serial = %q, apiv3_key = %q, public_key = %q, "
+          .. "public_key_id = %q, base_url = 'http://127.0.0.1:1', "
+          .. "%s = 'spec_dict_typo' } }")
+          :format(wxtest.MCHID, abs(FIX .. "a3_merchant_key.pem"),
+                  wxtest.MERCHANT_SERIAL, wxtest.APIV3,
+                  abs(FIX .. "a1_pub.pem"), PUB_ID, key) }
+      local code = s.proc:wait(15)
+      local logs = s:logs()
+      s:stop()
+      assert.equal(1, code, logs)
+      assert.matches("invalid_config: wechatpay." .. key .. ": no "
+        .. "paygate.shared dict spec_dict_typo", logs, 1, true)
+      assert.not_matches(wxtest.APIV3, logs, 1, true)
+    end)
+  end
 end)

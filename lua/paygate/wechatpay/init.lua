@@ -32,25 +32,27 @@ _M.methods = methods
 -- when no platform certificate is held yet: at most startup_timeout
 -- seconds, then it goes on in the background); a download failure is not
 -- fatal (retried in the background) except 404 RESOURCE_NOT_EXISTS.
+-- the config keys that name a paygate.shared dict: the client's field
+-- holding it, and a size to suggest
+local NAMED_DICTS = { { "shared_dict", "dict", "1m" },
+                      { "replay_dict", "replay_dict", "64m" } }
+
 function _M.client(conf)
   local cfg, err = config.check(conf)
   if not cfg then return nil, err end
   local wx = setmetatable({ conf = cfg, source = conf }, client_mt)
   certs.init(wx)
   upstream.init(wx)
-  if not wx.dict and conf.shared_dict ~= nil then
-    return nil, errors.new("invalid_config", "wechatpay.shared_dict: no "
-      .. "paygate.shared dict " .. tostring(cfg.shared_dict)
-      .. " (configure shared = { " .. tostring(cfg.shared_dict)
-      .. " = \"1m\" })", { key = "shared_dict" })
-  end
-  -- a replay_dict named but missing would refuse every notification
-  -- (replay_check_unavailable) once running: refused here instead
-  if not wx.replay_dict and conf.replay_dict ~= nil then
-    return nil, errors.new("invalid_config", "wechatpay.replay_dict: no "
-      .. "paygate.shared dict " .. tostring(cfg.replay_dict)
-      .. " (configure shared = { " .. tostring(cfg.replay_dict)
-      .. " = \"64m\" })", { key = "replay_dict" })
+  -- a dict named in the config must exist (a replay_dict missing would
+  -- refuse every notification, replay_check_unavailable, once running)
+  for _, d in ipairs(NAMED_DICTS) do
+    local key = d[1]
+    if conf[key] ~= nil and not wx[d[2]] then
+      return nil, errors.new("invalid_config", "wechatpay." .. key .. ": no "
+        .. "paygate.shared dict " .. tostring(cfg[key]) .. " (configure "
+        .. "shared = { " .. tostring(cfg[key]) .. " = \"" .. d[3] .. "\" })",
+        { key = key })
+    end
   end
   local ok
   ok, err = certs.start(wx)
