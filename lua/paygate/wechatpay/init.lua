@@ -26,17 +26,17 @@ local methods = {}
 local client_mt = { __index = methods }
 _M.methods = methods
 
+-- the config keys that name a paygate.shared dict: the client's field
+-- holding it, and a size to suggest
+local NAMED_DICTS = { { "shared_dict", "dict", "1m" },
+                      { "replay_dict", "replay_dict", "64m" } }
+
 --- syntax: wx, err = wechatpay.client(conf)
 -- returns: a client, or nil, err (kind invalid_config, err.key names the
 -- configuration key at fault). May yield (the first certificate download,
 -- when no platform certificate is held yet: at most startup_timeout
 -- seconds, then it goes on in the background); a download failure is not
 -- fatal (retried in the background) except 404 RESOURCE_NOT_EXISTS.
--- the config keys that name a paygate.shared dict: the client's field
--- holding it, and a size to suggest
-local NAMED_DICTS = { { "shared_dict", "dict", "1m" },
-                      { "replay_dict", "replay_dict", "64m" } }
-
 function _M.client(conf)
   local cfg, err = config.check(conf)
   if not cfg then return nil, err end
