@@ -82,11 +82,12 @@ local function mktemp(owner)
   return dir
 end
 
--- A port nothing listens on now (random in 20000..59999; ss confirms).
 -- ports free_port handed out in this process: nothing listens on one
 -- until its server starts, so a second call must not give it again
 local given = {}
 
+-- A port nothing listens on now (random in 20000..32767; ss confirms),
+-- never one this process was given before.
 local function free_port()
   math.randomseed(os.time() + tonumber(tostring({}):match("0x(%x+)"), 16))
   local listening = read_cmd("ss -Htln 2>/dev/null")
