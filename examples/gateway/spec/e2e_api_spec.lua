@@ -362,6 +362,27 @@ describe("gateway merchant API", function()
       assert.equal(80, after.refunded)
     end)
 
+    it("reads succeeded right after the simulator's settle?wait= answered"
+       .. " (docs/gateway.md's walk-through)", function()
+      local p = env:paid_payment{ amount = 60 }
+      local r = S.expect(env:refund(p.id, 60), 201, "refund 60")
+      local doc, res = env.sim:control("POST", "/sim/refunds/"
+                                       .. r.out_refund_no .. "/settle?wait=5")
+      assert.equal("SUCCESS", doc.status)
+      assert.equal("204", res.headers["x-sim-notified"])
+      -- no wait here: the gateway answered the notification after commit
+      local got = env:api("GET", "/v1/refunds/" .. r.id)
+      assert.equal(200, got.status, got.body)
+      assert.equal("succeeded", got.json.state)
+      -- a bad wait is refused before anything is settled
+      local p2 = env:paid_payment{ amount = 60 }
+      local r2 = S.expect(env:refund(p2.id, 60), 201, "refund 60")
+      env.sim:control("POST", "/sim/refunds/" .. r2.out_refund_no
+                      .. "/settle?wait=0", nil, 400)
+      assert.equal("processing", env:api("GET", "/v1/refunds/" .. r2.id)
+                                   .json.state)
+    end)
+
     it("partial, several, then over the limit (422 refund_exceeds_paid)",
        function()
       local p = env:paid_payment{ amount = 100 }

@@ -83,10 +83,54 @@ local function bad_string(b, k)
   end
 end
 
+-- ?wait=SECONDS of a control call that makes a notification: nil when
+-- absent, or the seconds, or nil, why.
+local function wait_of(q)
+  local wait = q.wait
+  if wait == nil then return nil end
+  wait = tonumber(wait)
+  if not wait or wait <= 0 or wait > 30 then
+    return nil, "wait must be a number of seconds in (0, 30]"
+  end
+  return wait
+end
+
 function _M.routes(ctx)
   S.listen = ctx.config.control_listen
   local api = ctx.api
   local route = _M.route
+
+  -- The answer to a control call that enqueued notification id. With
+  -- wait (?wait=SECONDS), it comes once the notification's first delivery
+  -- was answered by the merchant (or failed: no answer, refused
+  -- connection), or when the wait ends: a demo or a script can read the
+  -- merchant's state right after (X-Sim-Notified says which: the
+  -- merchant's status, "error", or "waiting"; "none" when the call made
+  -- no notification).
+  local function answer_notified(obj, id, wait)
+    if not wait then return answer(200, obj) end
+    local seen = id and "waiting" or "none"
+    local deadline = paygate.now() + wait
+    while id do
+      local list = require("sim.notify").list(ctx.db, { id = id })
+      for _, a in ipairs(list and list[1] and list[1].attempts or {}) do
+        if type(a.status) == "number" then
+          seen = tostring(a.status)
+          break
+        elseif type(a.error) == "string"
+               and not a.error:match("^in_flight")
+               and not a.error:match("^interrupted") then
+          seen = "error"
+          break
+        end
+      end
+      if seen ~= "waiting" or paygate.now() >= deadline then break end
+      paygate.sleep(0.01)
+    end
+    local st, body, h = answer(200, obj)
+    h["X-Sim-Notified"] = seen
+    return st, body, h
+  end
 
   local function bad(why)
     return answer(400, { code = "PARAM_ERROR", message = why })
@@ -107,45 +151,13 @@ function _M.routes(ctx)
       if why then return bad(why) end
     end
     local q = req:query()
-    local wait = q.wait
-    if wait ~= nil then
-      wait = tonumber(wait)
-      if not wait or wait <= 0 or wait > 30 then
-        return bad("wait must be a number of seconds in (0, 30]")
-      end
-    end
+    local wait, werr = wait_of(q)
+    if werr then return bad(werr) end
     local t, err = orders.pay(req.params.no, {
       mchid = q.mchid, payer_total = b.payer_total,
       bank_type = b.bank_type, openid = b.openid })
     if not t then return answer(err.status or 500, err) end
-    if wait then
-      -- ?wait=SECONDS: answer once the notification's first delivery
-      -- was answered by the merchant (or failed: no answer, refused
-      -- connection), or when the wait ends: a demo or a script can read
-      -- the merchant's state right after (X-Sim-Notified says which)
-      local id, seen = err, "waiting"
-      local deadline = paygate.now() + wait
-      repeat
-        local list = require("sim.notify").list(ctx.db, { id = id })
-        for _, a in ipairs(list and list[1] and list[1].attempts or {}) do
-          if type(a.status) == "number" then
-            seen = tostring(a.status)
-            break
-          elseif type(a.error) == "string"
-                 and not a.error:match("^in_flight")
-                 and not a.error:match("^interrupted") then
-            seen = "error"
-            break
-          end
-        end
-        if seen ~= "waiting" then break end
-        paygate.sleep(0.01)
-      until paygate.now() >= deadline
-      local st, body, h = answer(200, t)
-      h["X-Sim-Notified"] = seen
-      return st, body, h
-    end
-    return answer(200, t)
+    return answer_notified(t, err, wait)
   end)
 
   -- the payment fails: NOTPAY -> PAYERROR (WeChat sends no notification)
@@ -169,10 +181,12 @@ function _M.routes(ctx)
     if st ~= "SUCCESS" and st ~= "ABNORMAL" and st ~= "CLOSED" then
       return bad("status must be SUCCESS, ABNORMAL or CLOSED")
     end
-    local r, err = orders.settle(req.params.no, st,
-                                 req:query().mchid)
+    local q = req:query()
+    local wait, werr = wait_of(q)
+    if werr then return bad(werr) end
+    local r, err = orders.settle(req.params.no, st, q.mchid)
     if not r then return answer(err.status or 500, err) end
-    return answer(200, r)
+    return answer_notified(r, err, wait)
   end)
 
   route("GET", "/sim/platform-certificates", function()

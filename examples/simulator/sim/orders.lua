@@ -949,7 +949,8 @@ local SUMMARY = { SUCCESS = "退款成功", ABNORMAL = "退款异常",
                   CLOSED = "退款关闭" }
 
 -- Moves a PROCESSING refund to status (inside tx) and enqueues its
--- notification. returns: the refund row and its order, or nil, why.
+-- notification. returns: the refund row, its order and the
+-- notification's id (nil without a notify_url), or nil, why.
 local function settle_in(tx, f, status, now)
   local res = assert(tx:exec("UPDATE sim_refunds SET status = $1, "
     .. "success_at = $2 WHERE id = $3 AND status = 'PROCESSING'",
@@ -963,21 +964,24 @@ local function settle_in(tx, f, status, now)
   end
   local o = assert(tx:query("SELECT * FROM sim_orders WHERE id = $1",
                             { f.order_id }))[1]
+  local note
   if f.notify_url then
-    local ok, err = notify.enqueue(tx, {
+    note = {
       mchid = o.sp_mchid or o.owner, sub_mchid = o.sp_mchid and o.owner,
       notify_url = f.notify_url, event_type = "REFUND." .. status,
       summary = SUMMARY[status], resource_type = "encrypt-resource",
       original_type = "refund", resource = refund_resource(f, o),
-      out_trade_no = o.out_trade_no, out_refund_no = f.out_refund_no })
+      out_trade_no = o.out_trade_no, out_refund_no = f.out_refund_no }
+    local ok, err = notify.enqueue(tx, note)
     if not ok then return nil, err end
   end
-  return f, o
+  return f, o, note and note.id
 end
 
---- syntax: r, err = orders.settle(out_refund_no, status[, mchid])
+--- syntax: r, id = orders.settle(out_refund_no, status[, mchid])
 -- The control API's settle: PROCESSING -> SUCCESS | ABNORMAL | CLOSED.
--- returns: the refund object, or nil, { status, code, message }.
+-- returns: the refund object and its notification's id (nil when the
+-- refund has no notify_url), or nil, { status, code, message }.
 function _M.settle(no, status, mchid)
   return S.db:transaction(function(tx)
     local rows
@@ -1002,12 +1006,12 @@ function _M.settle(no, status, mchid)
       return nil, { status = 409, code = "REFUND_" .. f.status, message =
         "refund " .. no .. " is " .. f.status .. ", not PROCESSING" }
     end
-    local o
-    f, o = settle_in(tx, f, status, core.time())
+    local o, id
+    f, o, id = settle_in(tx, f, status, core.time())
     if not f then
       return nil, { status = 409, code = "CONFLICT", message = tostring(o) }
     end
-    return _M.refund_object(f, o)
+    return _M.refund_object(f, o), id
   end)
 end
 
