@@ -82,26 +82,13 @@ local function mktemp(owner)
   return dir
 end
 
--- ports free_port handed out in this process: nothing listens on one
--- until its server starts, so a second call must not give it again
-local given = {}
-
--- A port nothing listens on now (random in 20000..32767; ss confirms),
--- never one this process was given before.
+-- A port nothing listens on now, below the kernel's ephemeral range (a
+-- server restarted on its port mid-test must not find it taken by an
+-- outbound socket; a client reconnecting to a stopped server can even
+-- connect to itself), never one this process was given lately: the
+-- runtime's core.free_port, the one picker of every spec.
 local function free_port()
-  math.randomseed(os.time() + tonumber(tostring({}):match("0x(%x+)"), 16))
-  local listening = read_cmd("ss -Htln 2>/dev/null")
-  for _ = 1, 50 do
-    -- below the kernel's ephemeral range (32768+): a server restarted on
-    -- its port mid-test must not find it taken by an outbound socket (a
-    -- client reconnecting to a stopped server can even connect to itself)
-    local p = math.random(20000, 32767)
-    if not given[p] and not listening:find(":" .. p .. "%s") then
-      given[p] = true
-      return p
-    end
-  end
-  error("no free port")
+  return require("paygate.core").free_port()
 end
 
 -- redis-cli against our server on port (with its password, through the

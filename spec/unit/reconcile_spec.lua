@@ -653,6 +653,15 @@ local TRADE_HEAD = "交易时间,公众账号ID,商户号,特约商户号,设备
   .. "代金券金额,微信退款单号,商户退款单号,退款金额,充值券退款金额,退款类型,"
   .. "退款状态,商品名称,商户数据包,手续费,费率,订单金额,申请退款金额,费率备注"
 
+-- bill.records of text, written to tmp/name first
+local function bill_of(text, name)
+  local path = tmp .. "/" .. name
+  local f = assert(io.open(path, "wb"))
+  f:write(text)
+  f:close()
+  return bill.records(path)
+end
+
 describe("bill.records", function()
   it("reads a trade bill into fen by out_trade_no and out_refund_no",
      function()
@@ -799,13 +808,7 @@ describe("bill.records", function()
     local SUMMARY = "总交易单数,应结订单总金额,退款总金额,充值券退款总金额,"
       .. "手续费总金额,订单总金额,申请退款金额\r\n`3,`0.87,`0.00,`0.00,"
       .. "`0.00000,`0.87,`0.00\r\n"
-    local function records(text)
-      local path = tmp .. "/broken.csv"
-      local f = assert(io.open(path, "wb"))
-      f:write(text)
-      f:close()
-      return bill.records(path)
-    end
+    local function records(text) return bill_of(text, "broken.csv") end
     -- the whole bill reads
     local r = assert(records(TRADE_HEAD .. "\r\n" .. line("T1") .. line("T2")
                              .. line("T3") .. SUMMARY))
@@ -905,13 +908,7 @@ describe("bill.records", function()
     local HEAD = "商户订单号,交易状态,订单金额\r\n"
     local SUM = "总交易单数,应结订单总金额,退款总金额,充值券退款总金额,"
       .. "手续费总金额,订单总金额,申请退款总金额\r\n"
-    local function records(text)
-      local path = tmp .. "/count.csv"
-      local f = assert(io.open(path, "wb"))
-      f:write(text)
-      f:close()
-      return bill.records(path)
-    end
+    local function records(text) return bill_of(text, "count.csv") end
     local body = "`T1,`SUCCESS,`0.29\r\n`T2,`SUCCESS,`0.30\r\n"
     local r = assert(records(HEAD .. body .. SUM
                              .. "`2,`0.59,`0.00,`0.00,`0.00,`0.59,`0.00\r\n"))

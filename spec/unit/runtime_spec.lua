@@ -165,22 +165,20 @@ end)
 describe("core.free_port (for specs' servers)", function()
   -- nothing listens on a port handed out until its server starts: a
   -- three-member etcd cluster once got the same port for two members
-  it("never hands out the same port twice in a row of 256 calls", function()
-    local seen = {}
-    for _ = 1, 256 do
-      local p = core.free_port()
-      assert.is_nil(seen[p], "port " .. p .. " handed out twice")
-      seen[p] = true
-    end
-  end)
-
-  it("and neither does the specs' servers.free_port", function()
-    local servers = require "support.servers"
-    local seen = {}
-    for _ = 1, 200 do
-      local p = servers.free_port()
-      assert.is_nil(seen[p], "port " .. p .. " handed out twice")
-      seen[p] = true
-    end
-  end)
+  local pickers = {
+    { "core.free_port", core.free_port, 256 },
+    { "the specs' servers.free_port", require("support.servers").free_port,
+      200 },
+  }
+  for _, p in ipairs(pickers) do
+    it(p[1] .. " never hands out the same port twice in a row of " .. p[3]
+       .. " calls", function()
+      local seen = {}
+      for _ = 1, p[3] do
+        local port = p[2]()
+        assert.is_nil(seen[port], "port " .. port .. " handed out twice")
+        seen[port] = true
+      end
+    end)
+  end
 end)

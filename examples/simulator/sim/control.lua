@@ -111,8 +111,9 @@ function _M.routes(ctx)
     if not wait then return answer(200, obj) end
     local seen = id and "waiting" or "none"
     local deadline = paygate.now() + wait
+    local notify = require "sim.notify"
     while id do
-      local list = require("sim.notify").list(ctx.db, { id = id })
+      local list = notify.list(ctx.db, { id = id })
       for _, a in ipairs(list and list[1] and list[1].attempts or {}) do
         if type(a.status) == "number" then
           seen = tostring(a.status)
