@@ -183,7 +183,14 @@ describe("gateway events no sink takes", function()
     local p = env:paid_payment{ amount = 8 }
     local e = env:wait_event(p.id, "payment.paid")
     assert.equal(p.id, e.data.payment.id)
-    local rows = assert(env.db:query("SELECT type, state, attempts,"
+    -- the receiver has the event a moment before its row says delivered
+    local rows
+    S.wait_until(function()
+      rows = assert(env.db:query("SELECT state FROM paygate_outbox"
+        .. " WHERE subject = $1 AND type = 'payment.paid'", { p.id }))
+      return rows[1] and rows[1].state == "delivered"
+    end, 30, "the webhook's delivery recorded")
+    rows = assert(env.db:query("SELECT type, state, attempts,"
       .. " delivered_at, created_at FROM paygate_outbox WHERE subject = $1"
       .. " ORDER BY id", { p.id }))
     assert.equal(2, #rows)
