@@ -256,8 +256,14 @@ describe("gateway reconciliation", function()
     assert.equal("reconcile.bill", e[1].what)
     assert.matches('"empty":true', e[1].evidence)
     assert.matches('"merchant":"' .. sim.merchant.mchid .. '"', e[1].evidence)
-    -- the gauge, per merchant, on the gateway's /metrics
-    local m = gw.srv:admin_get("/metrics")
+    -- the gauge, per merchant, on the gateway's /metrics: published once
+    -- the run's audit entry committed, a moment after others can read it
+    local m
+    testing.wait_until(function()
+      m = gw.srv:admin_get("/metrics")
+      return m and m.body:find('\npaygate_reconcile_bill_mismatches{'
+        .. 'kind="amount",merchant="' .. sim.merchant.mchid .. '"} ', 1, true)
+    end, 20, "the bill's mismatch gauge on /metrics")
     assert.truthy(m and m.body:find('\npaygate_reconcile_bill_mismatches{'
       .. 'kind="amount",merchant="' .. sim.merchant.mchid .. '"} 0\n', 1,
       true), m and m.body:match("[^\n]*bill_mismatches[^\n]*") or "none")

@@ -86,9 +86,18 @@ describe("gateway retention", function()
                           .. " WHERE subject = 'ret-young'"))
     assert.equal(1, count(db, "SELECT COUNT(*) AS n FROM paygate_idempotency"
                           .. " WHERE idem_key = 'ret-live'"))
-    -- counted on /metrics per job
-    local m = assert(http.request{ url = "http://127.0.0.1:" .. gw.srv.admin
-                                   .. "/metrics" })
+    -- counted on /metrics per job: each job's gauge is set once its
+    -- DELETE returned, a moment after the rows are gone for other readers
+    -- (the notification jobs come after the idempotency and outbox ones)
+    local m
+    testing.wait_until(function()
+      m = assert(http.request{ url = "http://127.0.0.1:" .. gw.srv.admin
+                               .. "/metrics" })
+      return m.body:find('paygate_retention_pruned_rows{job='
+          .. '"gw_notifications"} 2', 1, true)
+        and m.body:find('paygate_retention_pruned_rows{job='
+          .. '"gw_notification_effects"} 2', 1, true)
+    end, 20, "the pruned rows counted on /metrics")
     assert.matches('paygate_retention_pruned_rows{job="gw_notifications"} 2',
                    m.body, 1, true)
     assert.matches('paygate_retention_pruned_rows{job='
