@@ -109,12 +109,31 @@ local function is_retryable_tx(err)
     and (err.kind == "serialization" or err.kind == "busy")
 end
 
-local function open_sqlite(rest, opts)
-  local sqlite_core = require "paygate.sqlite.core"
+-- A sqlite: URL's text after the scheme: the file's path (a leading
+-- "//" dropped) and the query string.
+local function sqlite_parts(rest)
   local path, qs = rest:match("^([^?]*)%??(.*)$")
   if path:sub(1, 2) == "//" then
     path = path:sub(3)
   end
+  return path, qs
+end
+
+--- syntax: path = sql.sqlite_path(url)
+-- The file a sqlite: (or sqlite3:) URL names, as sql.open reads it:
+-- without a leading "//" or the ?options. nil for another engine's URL,
+-- or no path.
+function _M.sqlite_path(url)
+  local rest = type(url) == "string" and url:match("^sqlite3?:(.*)$")
+  if not rest then return nil end
+  local path = sqlite_parts(rest)
+  if path == "" then return nil end
+  return path
+end
+
+local function open_sqlite(rest, opts)
+  local sqlite_core = require "paygate.sqlite.core"
+  local path, qs = sqlite_parts(rest)
   if path == "" then
     error("sql.open: sqlite url needs a path (sqlite:/var/lib/app.db)", 3)
   end

@@ -736,6 +736,32 @@ describe("paygate.sql on sqlite (engine specifics)", function()
     assert.has_error(function() sql.open("mysql://x") end)
   end)
 
+  it("sqlite_path names the file sql.open opens, for both schemes",
+     function()
+    for url, want in pairs{
+      ["sqlite:var/gw.db"] = "var/gw.db",
+      ["sqlite3:var/gw.db"] = "var/gw.db",
+      ["sqlite:var/gw.db?inline_reads=0&batch_max=8"] = "var/gw.db",
+      ["sqlite3:///srv/pay/gw.db?x=1"] = "/srv/pay/gw.db",
+      ["sqlite://rel.db"] = "rel.db",
+    } do
+      assert.equal(want, sql.sqlite_path(url), url)
+    end
+    for _, url in ipairs{ "sqlite:", "sqlite3:?x=1", "postgres://h/db",
+                          "mysql://x", "var/gw.db" } do
+      assert.is_nil(sql.sqlite_path(url), url)
+    end
+    assert.is_nil(sql.sqlite_path(nil))
+    assert.is_nil(sql.sqlite_path({}))
+    -- what it names is the file the store writes
+    local url = "sqlite3:" .. tmp .. "/named.db?batch_max=4"
+    local db = assert(sql.open(url))
+    assert(db:exec("CREATE TABLE t (x INTEGER)"))
+    db:close()
+    local f = assert(io.open(sql.sqlite_path(url), "rb"))
+    f:close()
+  end)
+
   it("refuses transaction control in SQL, which would commit or undo its neighbours", function()
     local db = open("sqlite")
     assert(db:exec_script("CREATE TABLE tc (k INTEGER)"))

@@ -551,10 +551,8 @@ on_chld(evutil_socket_t sig, short what, void *arg)
                 m.crashes = 0;
             }
             m.last_crash = gw_loop_now();
+            /* 0.1 s doubling, at most 25.6 s (2^8 x 0.1 s) */
             delay = 0.1 * (double) (1 << (m.crashes < 8 ? m.crashes : 8));
-            if (delay > 30) {
-                delay = 30;
-            }
             m.crashes++;
             gw_log(GW_LOG_ERROR, "worker %d %s; restarting in %.1f s",
                    (int) pid, why, delay);

@@ -9,6 +9,7 @@
 -- likewise. A secret pasted into the config is refused with a reason
 -- that does not repeat it.
 local core = require "paygate.core"
+local sql = require "paygate.sql"
 
 local type, pairs, ipairs, tostring, tonumber = type, pairs, ipairs,
       tostring, tonumber
@@ -135,8 +136,8 @@ local function check_db(g)
     return fail("gateway.db", "must be \"sqlite:PATH\" or a postgres:// URL")
   end
   if db:match("^sqlite3?:") then
-    local path = db:match("^sqlite3?:([^?]*)")
-    if path == "" then return fail("gateway.db", "sqlite: needs a path") end
+    local path = sql.sqlite_path(db)
+    if not path then return fail("gateway.db", "sqlite: needs a path") end
     local dir = path:match("^(.*)/[^/]*$")
     if dir and dir ~= "" then
       local made, why = mkdir_p(dir)
@@ -146,6 +147,21 @@ local function check_db(g)
     return fail("gateway.db", "must be \"sqlite:PATH\" or a postgres:// URL")
   end
   return db
+end
+
+--- syntax: dir = config.bill_dir(gateway)
+-- Where the daily bill reconciliation writes its reports:
+-- gateway.reconcile.bill_dir, else a folder "reconcile" beside an SQLite
+-- store (var/gateway.db -> var/reconcile); nil with PostgreSQL (the
+-- instances may run anywhere: the folder must be named).
+function _M.bill_dir(g)
+  local rc = type(g) == "table" and g.reconcile
+  if type(rc) == "table" and type(rc.bill_dir) == "string" then
+    return rc.bill_dir
+  end
+  local path = sql.sqlite_path(type(g) == "table" and g.db or nil)
+  if not path then return nil end
+  return (path:match("^(.*)/[^/]*$") or ".") .. "/reconcile"
 end
 
 local function check_url(key, v, loopback_http)

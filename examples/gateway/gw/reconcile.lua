@@ -735,9 +735,9 @@ function _M.start(ctx)
     -- beside an SQLite store (var/gateway.db -> var/reconcile). With
     -- PostgreSQL the instances may run anywhere: the reports' folder
     -- must be named (the job runs on whichever instance holds the lease)
-    local path = tostring(ctx.gateway.db or ""):match("^sqlite:(.+)$")
-    if path then
-      conf.bill_dir = (path:match("^(.*)/[^/]*$") or ".") .. "/reconcile"
+    local dir = require("gw.config").bill_dir(ctx.gateway)
+    if dir then
+      conf.bill_dir = dir
     else
       conf.bill = false
       if require("paygate.shared").get_dict("paygate"):add(

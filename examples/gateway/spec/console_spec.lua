@@ -932,11 +932,26 @@ describe("gateway console: the bill reconciliation's folder", function()
   before_each(function() dir = server.tmpdir() end)
   after_each(function() server.rmdir(dir) end)
 
-  local function run(bill_dir)
-    pages.init{ gateway = { reconcile = { bill_dir = bill_dir } },
+  local function run(bill_dir, db)
+    pages.init{ gateway = { reconcile = { bill_dir = bill_dir }, db = db },
                 merchants = {} }
     return pages.run_bill("2026-11-29")
   end
+
+  it("is beside an SQLite store when not named, whichever way the URL is"
+     .. " written; with PostgreSQL it must be named", function()
+    for i, url in ipairs{ "sqlite:" .. dir .. "/a/gw.db",
+                          "sqlite3:" .. dir .. "/b/gw.db",
+                          "sqlite:" .. dir .. "/c/gw.db?inline_reads=0" } do
+      local sub = dir .. "/" .. ("abc"):sub(i, i)
+      assert.same({ total = 0 }, run(nil, url), url)
+      local f = assert(io.open(sub .. "/reconcile/.", "rb"), url)
+      f:close()
+    end
+    local none, err = run(nil, "postgres://127.0.0.1:1/gw")
+    assert.is_nil(none)
+    assert.equal("set gateway.reconcile.bill_dir to run it from here", err)
+  end)
 
   it("is made without a shell, whatever its name", function()
     local name = dir .. "/it's $(touch " .. dir .. "/ran) `x`; -a/b"

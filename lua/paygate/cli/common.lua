@@ -25,9 +25,10 @@ local usage_error = _M.usage_error
 -- returns: the file a sqlite: URL names when it does not exist (sql.open
 -- would make it), else nil (it exists, or another engine's URL).
 function _M.sqlite_missing(url)
-  local rest = type(url) == "string" and url:match("^sqlite3?:(.*)$")
-  if not rest then return nil end
-  local path = rest:gsub("^//", ""):gsub("%?.*$", "")
+  if not (type(url) == "string" and url:match("^sqlite3?:")) then
+    return nil
+  end
+  local path = require("paygate.sql").sqlite_path(url) or ""
   local f = io.open(path, "rb")
   if f then
     f:close()

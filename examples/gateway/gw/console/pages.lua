@@ -675,21 +675,11 @@ end
 
 ---------------------------------------------------------- reconciliation
 
-local function bill_dir()
-  local rc = ctx.gateway.reconcile
-  if type(rc) == "table" and type(rc.bill_dir) == "string" then
-    return rc.bill_dir
-  end
-  local path = tostring(ctx.gateway.db or ""):match("^sqlite:(.+)$")
-  if path then return (path:match("^(.*)/[^/]*$") or ".") .. "/reconcile" end
-  return nil
-end
-
 --- syntax: res, err = pages.run_bill(date) -- res: { total }
 -- The day's bill reconciliation for every merchant now (paygate's
 -- reconcile.bill: the report, its audit entry reconcile:<date>).
 function _M.run_bill(date)
-  local dir = bill_dir()
+  local dir = require("gw.config").bill_dir(ctx.gateway)
   if not dir then
     return nil, "set gateway.reconcile.bill_dir to run it from here"
   end
