@@ -166,10 +166,10 @@ end
 
 local function check_url(key, v, loopback_http)
   if type(v) ~= "string" then return fail(key, "must be a URL string") end
-  local scheme, host = v:match("^(https?)://([^/:]+)")
+  -- an [IPv6] host first: "[^/:]+" would take "[" of http://[::1]:8080
+  local scheme, host = v:match("^(https?)://(%[[^%]]+%])")
   if not scheme then
-    host = v:match("^http://(%[[^%]]+%])")
-    scheme = host and "http"
+    scheme, host = v:match("^(https?)://([^/:]+)")
   end
   if not scheme then return fail(key, "must start with http:// or https://") end
   -- user info: a password in the config (and in every log line naming
@@ -471,6 +471,8 @@ function _M.check(conf, runtime)
     local host, port = listen:match("^(.*):(%d+)$")
     if host == "0.0.0.0" or host == "" or host == nil then
       host = "127.0.0.1"
+    elseif host == "[::]" then
+      host = "[::1]"      -- the IPv6 wildcard is no address to send to
     end
     out.public_url = "http://" .. host .. ":" .. (port or "8080")
   end

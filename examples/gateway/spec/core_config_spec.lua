@@ -371,6 +371,29 @@ describe("gateway config", function()
       assert.equal(2.5, cfg.gateway.webhooks[1].timeout)
     end)
 
+    it("takes an IPv6 loopback public_url, and a notify URL for an IPv6"
+       .. " wildcard listen address", function()
+      -- before: "http://[::1]:8080" was refused as not loopback (its host
+      -- read as "["), and --listen [::]:8080 made http://[::]:8080, a
+      -- notify_url WeChat (the simulator) refuses as not loopback
+      local cfg = assert(config.check({ gateway = {
+        db = "sqlite:" .. dir .. "/a.db", public_url = "http://[::1]:8099/" },
+        merchants = { merchant() } }))
+      assert.equal("http://[::1]:8099", cfg.gateway.public_url)
+      local _, why = config.check({ gateway = {
+        db = "sqlite:" .. dir .. "/a.db",
+        public_url = "http://[2001:db8::1]:8099" },
+        merchants = { merchant() } })
+      assert.equal("config.gateway.public_url: http:// is allowed for a"
+                   .. " loopback host only; use https://", why)
+      assert(config.check({ gateway = { db = "sqlite:" .. dir .. "/a.db",
+        public_url = "https://[2001:db8::1]:8443" },
+        merchants = { merchant() } }))
+      cfg = assert(config.check({ gateway = { db = "sqlite:" .. dir
+        .. "/a.db" }, merchants = { merchant() } }, { listen = "[::]:8099" }))
+      assert.equal("http://[::1]:8099", cfg.gateway.public_url)
+    end)
+
     it("refuses a URL with user info (a password, or a host that only"
        .. " looks like loopback)", function()
       write(dir .. "/wh.secret", "whsec-1\n")
