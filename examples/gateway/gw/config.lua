@@ -143,7 +143,8 @@ local function check_db(g)
       local made, why = mkdir_p(dir)
       if not made then return fail("gateway.db", why) end
     end
-  elseif not db:match("^postgres[%w]*://") then
+  elseif not (db:match("^postgres://") or db:match("^postgresql://")) then
+    -- sql.open's two schemes: postgress:// passed here and raised there
     return fail("gateway.db", "must be \"sqlite:PATH\" or a postgres:// URL")
   end
   return db

@@ -394,6 +394,20 @@ describe("gateway config", function()
       assert.equal("http://[::1]:8099", cfg.gateway.public_url)
     end)
 
+    it("takes the PostgreSQL schemes sql.open takes, no other", function()
+      -- before: any postgres<letters>:// passed, and sql.open raised on it
+      for _, url in ipairs({ "postgress://u@h/db", "postgresx://h/db" }) do
+        local _, why = config.check({ gateway = { db = url },
+                                      merchants = { merchant() } })
+        assert.equal("config.gateway.db: must be \"sqlite:PATH\" or a"
+                     .. " postgres:// URL", why)
+      end
+      for _, url in ipairs({ "postgres://u@h/db", "postgresql://u@h/db" }) do
+        assert(config.check({ gateway = { db = url },
+                              merchants = { merchant() } }))
+      end
+    end)
+
     it("refuses a URL with user info (a password, or a host that only"
        .. " looks like loopback)", function()
       write(dir .. "/wh.secret", "whsec-1\n")
