@@ -441,6 +441,15 @@ function _M.check(conf, runtime)
     local ok, why = require("paygate.retention").check(g.retention)
     if not ok then return fail("gateway.retention", why) end
   end
+  -- gw.reconcile's options: its start refuses a bad one in each worker;
+  -- checked here too, so that paygate doctor refuses what the gateway would
+  if g.reconcile ~= nil then
+    local rok, rc = pcall(require, "gw.reconcile")
+    if rok and type(rc) == "table" and rc.check_conf then
+      local ok, why = rc.check_conf(g.reconcile)
+      if not ok then return nil, "config." .. why end
+    end
+  end
   local db, err = check_db(g)
   if not db then return nil, err end
   out.db = db

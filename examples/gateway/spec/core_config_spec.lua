@@ -408,6 +408,26 @@ describe("gateway config", function()
       end
     end)
 
+    it("refuses a bad gateway.reconcile option, as the worker's start"
+       .. " would", function()
+      -- before: check() passed any reconcile table (paygate doctor said
+      -- the gateway accepts its configuration); gw.reconcile.start then
+      -- refused it in every worker
+      for _, case in ipairs({
+        { { bil = true }, "config.gateway.reconcile.bil: unknown key" },
+        { { bill_hour = 25 }, "config.gateway.reconcile.bill_hour: must be"
+          .. " a whole hour, 0 .. 23" },
+        { false, "config.gateway.reconcile: must be a table" },
+      }) do
+        local _, why = config.check({ gateway = { db = "sqlite:" .. dir
+          .. "/a.db", reconcile = case[1] }, merchants = { merchant() } })
+        assert.equal(case[2], why)
+      end
+      assert(config.check({ gateway = { db = "sqlite:" .. dir .. "/a.db",
+        reconcile = { bill_hour = 9, enabled = false } },
+        merchants = { merchant() } }))
+    end)
+
     it("refuses a URL with user info (a password, or a host that only"
        .. " looks like loopback)", function()
       write(dir .. "/wh.secret", "whsec-1\n")
