@@ -446,6 +446,24 @@ local function from_config(fname, conf)
   return jobs, ropts
 end
 
+local function whole_batches(fname, batch, max_batches, prefix)
+  if batch % 1 ~= 0 or max_batches % 1 ~= 0 then
+    misuse(fname .. ": " .. prefix .. "batch and " .. prefix
+          .. "max_batches must be integers")
+  end
+end
+
+-- every job's name differs (the runner's counters and gauge are by name)
+local function unique_names(fname, list)
+  local seen = {}
+  for _, j in ipairs(list) do
+    if seen[j.name] then
+      misuse(fname .. ": two jobs are named " .. j.name .. " (set name)")
+    end
+    seen[j.name] = true
+  end
+end
+
 --- syntax: ok, err = retention.check(conf)
 -- Checks the config form (what gateway.retention holds) without starting
 -- anything: true, or nil and a one-line reason.
@@ -456,11 +474,16 @@ function _M.check(conf)
   if type(conf) ~= "table" then
     return nil, "must be a table"
   end
+  -- what retention.new refuses in the config form: two jobs of one name,
+  -- a runner option that is not positive, a batch count not whole
   local ok, err = pcall(function()
-    local _, ropts = from_config("retention", conf)
+    local jobs, ropts = from_config("retention", conf)
+    unique_names("retention", jobs)
     for k, v in pairs(ropts) do
       positive("retention", k, v)
     end
+    whole_batches("retention", ropts.batch or DEFAULTS.batch,
+                  ropts.max_batches or DEFAULTS.max_batches, "")
   end)
   if ok then
     return true
@@ -497,13 +520,7 @@ local function normalize_jobs(fname, jobs)
       end
     end
   end
-  local seen = {}
-  for _, j in ipairs(list) do
-    if seen[j.name] then
-      misuse(fname .. ": two jobs are named " .. j.name .. " (set name)")
-    end
-    seen[j.name] = true
-  end
+  unique_names(fname, list)
   return list, ropts
 end
 
@@ -543,10 +560,7 @@ local function new(db, jobs, opts, fname)
       r[k] = positive(fname, "opts." .. k, o)
     end
   end
-  if r.batch % 1 ~= 0 or r.max_batches % 1 ~= 0 then
-    misuse(fname .. ": opts.batch and opts.max_batches must be"
-          .. " integers")
-  end
+  whole_batches(fname, r.batch, r.max_batches, "opts.")
   for k in pairs(opts) do
     if DEFAULTS[k] == nil and k ~= "lease" and k ~= "name" and k ~= "now"
     then

@@ -83,6 +83,17 @@ describe("retention jobs: misuse", function()
                 { retention.check({ outbox_days = "7" }) })
     assert.same({ nil, "batch must be a positive number" },
                 { retention.check({ batch = -1 }) })
+    -- what retention.new refuses, check refuses too (before: it passed,
+    -- and the gateway's workers raised at start)
+    assert.same({ nil, "batch and max_batches must be integers" },
+                { retention.check({ batch = 10.5 }) })
+    assert.same({ nil, "batch and max_batches must be integers" },
+                { retention.check({ max_batches = 2.5 }) })
+    assert.same({ nil, "two jobs are named gw_notifications (set name)" },
+                { retention.check({ tables = { { table = "gw_notifications",
+                  column = "at", max_age = 60 } } }) })
+    assert.is_true(retention.check({ tables = { { table = "gw_notifications",
+      column = "at", max_age = 60, name = "mine" } } }))
     assert.is_true(retention.check({ outbox_days = false, interval = 60,
       notifications = { { table = "n", column = "at" } } }))
     assert.is_true(retention.check(nil))
