@@ -385,7 +385,7 @@ end
 -- checked here so a bad one is a config error, not a worker's crash. The
 -- gateway sets sinks and prune itself.
 -- returns: the table (or nil: none given), or false, reason.
-local function check_dispatcher(d)
+local function check_dispatcher(d, retention)
   local function bad(key, reason)
     local _, why = fail(key, reason)
     return false, why
@@ -403,6 +403,12 @@ local function check_dispatcher(d)
       if why then
         return bad(where, why)
       end
+    elseif retention and k == "keep_days" then
+      -- the dispatcher prunes only with retention = false (app.lua):
+      -- else retention's outbox_days rules, and this would be ignored
+      return bad(where, "delivered events are pruned by gateway.retention"
+        .. " (its outbox_days) while it is on; set that, or retention ="
+        .. " false")
     elseif defaults[k] ~= nil or k == "max_partitions" then
       if type(v) ~= "number" or not (v > 0) or v == math.huge then
         return bad(where, "must be a positive number")
@@ -552,7 +558,7 @@ function _M.check(conf, runtime)
   end
 
   local dispatcher
-  dispatcher, err = check_dispatcher(g.dispatcher)
+  dispatcher, err = check_dispatcher(g.dispatcher, g.retention ~= false)
   if dispatcher == false then return nil, err end
   out.dispatcher = dispatcher
 

@@ -428,6 +428,26 @@ describe("gateway config", function()
         merchants = { merchant() } }))
     end)
 
+    it("refuses dispatcher.keep_days while retention prunes the outbox",
+       function()
+      -- before: accepted and ignored (the dispatcher runs with prune =
+      -- false; retention's outbox_days, 7 by default, decided)
+      local _, why = config.check({ gateway = { db = "sqlite:" .. dir
+        .. "/a.db", dispatcher = { keep_days = 30 } },
+        merchants = { merchant() } })
+      assert.equal("config.gateway.dispatcher.keep_days: delivered events"
+        .. " are pruned by gateway.retention (its outbox_days) while it is"
+        .. " on; set that, or retention = false", why)
+      _, why = config.check({ gateway = { db = "sqlite:" .. dir .. "/a.db",
+        dispatcher = { keep_days = 30 }, retention = { outbox_days = 9 } },
+        merchants = { merchant() } })
+      assert.matches("^config.gateway.dispatcher.keep_days: ", why)
+      local cfg = assert(config.check({ gateway = { db = "sqlite:" .. dir
+        .. "/a.db", dispatcher = { keep_days = 30 }, retention = false },
+        merchants = { merchant() } }))
+      assert.equal(30, cfg.gateway.dispatcher.keep_days)
+    end)
+
     it("refuses a URL with user info (a password, or a host that only"
        .. " looks like loopback)", function()
       write(dir .. "/wh.secret", "whsec-1\n")
