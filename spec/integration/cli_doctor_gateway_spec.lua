@@ -98,6 +98,28 @@ describe("paygate doctor --config <the gateway's config>", function()
     assert.is_true(probed, out)
   end)
 
+  if require("spec.support.servers").have_redis() then
+    it("reaches Redis with the password the gateway reads from"
+       .. " redis_password_file", function()
+      -- before: doctor connected without it, and Redis's NOAUTH failed
+      -- the check of a config the gateway runs with
+      local servers = require "spec.support.servers"
+      local srv = servers.redis{ requirepass = "doctorpw" }
+      local pf = dir .. "/redis.pw"
+      local f = assert(io.open(pf, "w"))
+      f:write("doctorpw\n")
+      f:close()
+      local conf = variant("redispw", ("c.gateway.redis = %q\n"
+        .. "c.gateway.redis_password_file = %q")
+        :format("redis://127.0.0.1:" .. srv.port, pf))
+      local _, out, r = run({ "doctor", "--json", "--config", conf })
+      servers.stop_all()
+      assert.equal("ok", r.gateway_config.status, out)
+      assert.equal("ok", r.redis and r.redis.status, out)
+      assert.is_nil(out:find("doctorpw", 1, true), out)
+    end)
+  end
+
   it("fails what the gateway itself would refuse to start with", function()
     local conf = variant("badkey", "c.gateway.frobnicate = true")
     local code, out, r = run({ "doctor", "--json", "--config", conf })

@@ -189,6 +189,18 @@ local function from_gateway(conf, pick)
                       or "apiv3_key_file"),
                   previous_apiv3_keys = "merchants[" .. at
                   .. "].previous_apiv3_key_files" } }
+  -- Redis's password as the gateway reads it, kept out of the URL (a file,
+  -- the whitespace around it dropped, or a variable); one it cannot read
+  -- is gateway_config's to say
+  if type(g.redis_password_file) == "string" then
+    local f = io.open(g.redis_password_file, "rb")
+    local s = f and f:read("*a")
+    if f then f:close() end
+    out.redis_password = s and s:gsub("^%s+", ""):gsub("%s+$", "")
+  elseif type(g.redis_password_env) == "string" then
+    out.redis_password = os.getenv(g.redis_password_env)
+  end
+  if out.redis_password == "" then out.redis_password = nil end
   if type(g.public_url) == "string" then
     out.notify_url = g.public_url:gsub("/+$", "") .. "/wechatpay/notify/"
                      .. id
@@ -1070,7 +1082,7 @@ local function check_stores(out, conf)
   if conf.redis then
     local redis = require "paygate.redis"
     local ok, c, err = pcall(redis.connect, conf.redis, { timeout = 3,
-                                                          connect_timeout = 2 })
+      connect_timeout = 2, password = conf.redis_password })
     if ok and c then
       out:ok("redis", "Redis answers PING")
       c:close()
