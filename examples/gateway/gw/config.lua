@@ -10,6 +10,7 @@
 -- that does not repeat it.
 local core = require "paygate.core"
 local sql = require "paygate.sql"
+local addr = require "paygate.addr"
 
 local type, pairs, ipairs, tostring, tonumber = type, pairs, ipairs,
       tostring, tonumber
@@ -88,19 +89,13 @@ local function secret(t, base, where)
   return nil
 end
 
-local function is_loopback_host(h)
-  return h == "localhost" or h:match("^127%.%d+%.%d+%.%d+$") ~= nil
-         or h == "[::1]" or h == "::1"
-end
+-- (paygate.addr: the one answer of the gateway, the simulator and the
+-- WeChat Pay client; an IPv4 client on a [::] listener is loopback too)
+local is_loopback_host = addr.loopback_host
 _M.is_loopback_host = is_loopback_host
 
 --- syntax: ok = config.is_loopback_addr("127.0.0.1:5000")
-function _M.is_loopback_addr(addr)
-  if type(addr) ~= "string" then return false end
-  local host = addr:match("^(%[[^%]]*%]):%d+$") or addr:match("^(.*):%d+$")
-               or addr
-  return is_loopback_host(host)
-end
+_M.is_loopback_addr = addr.loopback_addr
 
 --- syntax: yes = config.proxied(req)
 -- true when a request says a proxy relayed it (Forwarded, X-Forwarded-For,

@@ -22,10 +22,7 @@ local function answer(status, body)
 end
 _M.answer = answer
 
-local function loopback(addr)
-  return type(addr) == "string" and (addr:match("^127%.") or addr == "::1"
-    or addr:match("^%[?::1%]?") or addr:match("^::ffff:127%."))
-end
+local loopback = require("paygate.addr").loopback_addr
 
 -- "[::ffff:1.2.3.4]:p" (a v4 client on a dual-stack socket) -> "1.2.3.4:p"
 local function plain_addr(a)

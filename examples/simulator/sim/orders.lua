@@ -134,9 +134,7 @@ local function parse_time(s)
 end
 _M.parse_time = parse_time
 
-local function loopback_host(host)
-  return host == "localhost" or host == "::1" or host:match("^127%.%d+%.%d+%.%d+$")
-end
+local loopback_host = require("paygate.addr").loopback_host
 
 -- notify_url: https (http only to a loopback host: specs and demos), at
 -- most 255 bytes, no query string, no userinfo, and not the simulator

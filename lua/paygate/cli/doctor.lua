@@ -859,8 +859,8 @@ end
 -- address", "a private address"), or nil.
 local function local_host(host)
   host = host:lower()
-  if host == "localhost" or host:match("%.localhost$") or host == "::1"
-     or host:match("^127%.%d+%.%d+%.%d+$") then
+  if require("paygate.addr").loopback_host(host)
+     or host:match("%.localhost$") then
     return "a loopback address"
   end
   local a, b = host:match("^(%d+)%.(%d+)%.%d+%.%d+$")

@@ -74,7 +74,7 @@ local NOTIFY_URL = { min = 1, max = 255,
            and wxconfig.is_loopback_url(v)
   end,
   what = "an https URL without a query string (http only to a loopback "
-         .. "host: 127.0.0.1, localhost, [::1])" }
+         .. "host: 127.x.x.x, localhost, [::1])" }
 local IP = { min = 1, max = 45, test = validate.ip_address,
              what = "an IPv4 or IPv6 address (203.0.113.7, 2001:db8::1)" }
 local RFC3339 = {

@@ -1,6 +1,7 @@
 -- paygate.wechatpay.config: checks a client configuration and loads its
 -- keys once. Each failure is an invalid_config error whose err.key names
 -- the configuration key at fault (and whose message never holds a key).
+local addr = require "paygate.addr"
 local core = require "paygate.core"
 local crypto = require "paygate.crypto"
 local x509 = require "paygate.x509"
@@ -50,13 +51,13 @@ local function material(v)
 end
 _M.material = material
 
--- An http:// URL to a loopback host (127.0.0.1, localhost, ::1): the
+-- An http:// URL to a loopback host (127.0.0.0/8, localhost, ::1): the
 -- simulator's and a local spec's. A URL with userinfo (@) is refused, so
 -- "http://localhost:x@elsewhere/" cannot pass for loopback.
 local function is_loopback_url(url)
   if url:find("@", 1, true) then return false end
   local host = url:match("^http://%[([^%]]+)%]") or url:match("^http://([^/:]+)")
-  return host == "127.0.0.1" or host == "localhost" or host == "::1"
+  return addr.loopback_host(host)
 end
 _M.is_loopback_url = is_loopback_url
 

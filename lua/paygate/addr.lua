@@ -1,0 +1,47 @@
+-- paygate.addr: is a host, or a peer's address, this machine's loopback?
+-- One answer for every check that trusts the local machine: the gateway's
+-- admin and console loopback mode and dev_app, the simulator's control
+-- API, and the http:// URLs allowed only to a loopback host.
+--
+--   local addr = require "paygate.addr"
+--   addr.loopback_host("[::1]")                     --> true
+--   addr.loopback_addr(req.remote_addr)             --> "127.0.0.1:5000": true
+--
+-- Loopback: the name localhost, 127.0.0.0/8, ::1, and an IPv4 loopback
+-- address mapped into IPv6 (::ffff:127.0.0.1: what a listener on [::]
+-- reports for a client that connected to 127.0.0.1).
+local type, tonumber = type, tonumber
+
+local _M = {}
+
+local function v4_loopback(h)
+  local a, b, c, d = h:match("^(%d+)%.(%d+)%.(%d+)%.(%d+)$")
+  if not a then return false end
+  a, b, c, d = tonumber(a), tonumber(b), tonumber(c), tonumber(d)
+  return a == 127 and b <= 255 and c <= 255 and d <= 255
+end
+
+--- syntax: yes = addr.loopback_host(host)
+-- host: a name, an IPv4 address, or an IPv6 address with or without its
+-- brackets (as in a URL). Anything else, or not a string: false.
+function _M.loopback_host(h)
+  if type(h) ~= "string" then return false end
+  h = h:lower()
+  h = h:match("^%[(.*)%]$") or h
+  if h == "localhost" or h == "::1" or h == "0:0:0:0:0:0:0:1" then
+    return true
+  end
+  return v4_loopback(h:match("^::ffff:(.+)$") or h)
+end
+
+--- syntax: yes = addr.loopback_addr(a)
+-- a: a peer's or a listener's address as the server gives it
+-- (req.remote_addr): "IPv4:port", "[IPv6]:port", or a host alone.
+function _M.loopback_addr(a)
+  if type(a) ~= "string" then return false end
+  local host = a:match("^(%[[^%]]*%]):%d+$") or a:match("^([^:]*):%d+$")
+               or a
+  return _M.loopback_host(host)
+end
+
+return _M
