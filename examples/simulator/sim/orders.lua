@@ -102,36 +102,9 @@ local function beijing_stamp(now)
   return os.date("!%Y%m%d%H%M%S", math_floor(now) + 8 * 3600)
 end
 
--- 2026-01-02T03:04:05+08:00 (or Z, or fractions) to epoch seconds.
-local function parse_time(s)
-  if type(s) ~= "string" or #s > 40 then return nil end
-  local y, mo, d, h, mi, se, rest =
-    s:match("^(%d%d%d%d)%-(%d%d)%-(%d%d)T(%d%d):(%d%d):(%d%d)(.*)$")
-  if not y then return nil end
-  rest = rest:gsub("^%.%d+", "")
-  local off
-  if rest == "Z" then off = 0
-  else
-    local sg, oh, om = rest:match("^([+-])(%d%d):(%d%d)$")
-    if not sg then return nil end
-    off = (tonumber(oh) * 3600 + tonumber(om) * 60) * (sg == "-" and -1 or 1)
-  end
-  y, mo, d, h, mi, se = tonumber(y), tonumber(mo), tonumber(d), tonumber(h),
-                        tonumber(mi), tonumber(se)
-  if mo < 1 or mo > 12 or d < 1 or d > 31 or h > 23 or mi > 59 or se > 60
-  then
-    return nil
-  end
-  -- days from civil (proleptic Gregorian)
-  local yy = mo <= 2 and y - 1 or y
-  local era = math_floor(yy / 400)
-  local yoe = yy - era * 400
-  local mp = (mo + 9) % 12
-  local doy = math_floor((153 * mp + 2) / 5) + d - 1
-  local doe = yoe * 365 + math_floor(yoe / 4) - math_floor(yoe / 100) + doy
-  local days = era * 146097 + doe - 719468
-  return days * 86400 + h * 3600 + mi * 60 + se - off
-end
+-- 2026-01-02T03:04:05+08:00 (or Z, or fractions) to epoch seconds: the
+-- client's reading (it checks time_expire with it before sending).
+local parse_time = require("paygate.civil").epoch
 _M.parse_time = parse_time
 
 local loopback_host = require("paygate.addr").loopback_host

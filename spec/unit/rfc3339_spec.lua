@@ -1,0 +1,49 @@
+-- One reading of an RFC 3339 time (paygate.civil.epoch) for the client's
+-- check of time_expire before sending and the simulator's when it takes
+-- the prepay: a time one accepts and the other refuses is a request the
+-- client sends and WeChat's stand-in answers PARAM_ERROR (or the other
+-- way round: a date the client refuses that the simulator took).
+package.path = "examples/simulator/?.lua;" .. package.path
+local civil = require "paygate.civil"
+local wechatpay = require "paygate.wechatpay"
+local orders = require "sim.orders"
+
+local FIX = "spec/fixtures/wechatpay/"
+
+describe("time_expire: one RFC 3339 reading", function()
+  local wx
+  setup(function()
+    wx = assert(wechatpay.client{
+      mchid = "1900000001", merchant_private_key = FIX
+        .. "a1_merchant_key.pem",
+      merchant_serial = "1DDE55AD98ED71D6EDD4A4A16996DE7B47773A8C",
+      apiv3_key = "a7cde1ZJB1kG2e7VfTs3jQzaWizur8Gb",
+      public_key = FIX .. "a7_platform_pubkey.pem",
+      public_key_id = "PUB_KEY_ID_0114232020260101000000000001",
+      base_url = "https://127.0.0.1:1", backup_url = false })
+  end)
+  teardown(function() wx:close() end)
+
+  local function client_takes(t)
+    return (wx:prepay_request("native", {
+      appid = "wx2421b1c4370ec43b", description = "d",
+      out_trade_no = "1217752501201407033233368018",
+      notify_url = "https://www.weixin.qq.com/wxpay/pay.php",
+      amount = { total = 100 }, time_expire = t })) ~= nil
+  end
+
+  it("the client, the simulator and civil.epoch agree", function()
+    for _, t in ipairs({
+      "2026-06-08T10:34:56+08:00", "2026-06-08T02:34:56Z",
+      "2026-06-08T10:34:56.123-05:30", "2026-06-08T10:34:56z",
+      "2026-06-08t10:34:56+08:00", "2026-06-08T25:00:00+08:00",
+      "2026-06-08T10:34:69+08:00", "2026-06-08T10:34:56+29:00",
+      "2026-02-30T10:34:56+08:00", "2026-04-31T10:34:56+08:00",
+      "2028-02-29T10:34:56+08:00", "2026-06-08 10:34:56+08:00",
+      "2026-06-08T10:34:56", "2026-06-08T10:34:56+0800" }) do
+      local want = civil.epoch(t) ~= nil
+      assert.equal(want, client_takes(t), "client: " .. t)
+      assert.equal(want, orders.parse_time(t) ~= nil, "simulator: " .. t)
+    end
+  end)
+end)
