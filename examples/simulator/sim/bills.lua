@@ -19,8 +19,9 @@ local crypto = require "paygate.crypto"
 local zlib = require "paygate.zlib"
 local json = require "cjson.safe"
 local config = require "sim.config"
+local civil = require "paygate.civil"
 
-local type, tostring, ipairs, tonumber = type, tostring, ipairs, tonumber
+local type, tostring, ipairs = type, tostring, ipairs
 local floor, fmt, concat = math.floor, string.format, table.concat
 
 local _M = {}
@@ -52,32 +53,17 @@ local ACCOUNT_TYPES = { BASIC = true, OPERATION = true, FEES = true }
 
 -- Dates --------------------------------------------------------------------
 
--- Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's
--- days_from_civil).
-local function days_from_civil(y, m, d)
-  if m <= 2 then y = y - 1 end
-  local era = floor(y / 400)
-  local yoe = y - era * 400
-  local mp = (m + 9) % 12
-  local doy = floor((153 * mp + 2) / 5) + d - 1
-  local doe = yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy
-  return era * 146097 + doe - 719468
-end
-
 --- syntax: start, err = bills.day_start(date) -- "YYYY-MM-DD" (Beijing)
 -- returns: the epoch second the Beijing day starts, or nil, why.
 function _M.day_start(date)
   if type(date) ~= "string" then return nil, "bill_date is required" end
-  local y, m, d = date:match("^(%d%d%d%d)%-(%d%d)%-(%d%d)$")
-  if not y then return nil, "bill_date must be YYYY-MM-DD" end
-  y, m, d = tonumber(y), tonumber(m), tonumber(d)
-  local t = days_from_civil(y, m, d) * DAY - BEIJING
-  -- 2025-02-30 and the like: the day must read back the same
-  if m < 1 or m > 12 or d < 1
-     or os.date("!%Y-%m-%d", t + BEIJING) ~= date then
-    return nil, "bill_date is not a calendar date"
+  if not date:match("^%d%d%d%d%-%d%d%-%d%d$") then
+    return nil, "bill_date must be YYYY-MM-DD"
   end
-  return t
+  -- 2025-02-30 and the like (civil.date: the client's check too)
+  local days = civil.date(date)
+  if not days then return nil, "bill_date is not a calendar date" end
+  return days * DAY - BEIJING
 end
 
 local function beijing_time(t)

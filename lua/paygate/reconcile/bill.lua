@@ -102,19 +102,17 @@ end
 
 -- syntax: t = bill.day_start(date) -- the epoch s of that Beijing midnight
 function _M.day_start(date)
-  local y, m, d = match(tostring(date), "^(%d%d%d%d)%-(%d%d)%-(%d%d)$")
-  if not y then
+  local days = civil.date(date)
+  if not days then
     error("bill.day_start: date must be YYYY-MM-DD", 2)
   end
-  return civil.days(tonumber(y), tonumber(m), tonumber(d)) * 86400
-         - BEIJING
+  return days * 86400 - BEIJING
 end
 
 ------------------------------------------------------------- download
 
 local function check_date(fname, date)
-  if type(date) ~= "string" or not match(date, "^%d%d%d%d%-%d%d%-%d%d$")
-  then
+  if not civil.date(date) then
     error(fname .. ": date must be YYYY-MM-DD", 3)
   end
 end

@@ -83,7 +83,8 @@ local RFC3339 = {
   test = function(v) return civil.epoch(v) ~= nil end,
   what = "an RFC 3339 time such as 2026-06-08T10:34:56+08:00" }
 local CURRENCY = { pattern = "^%u%u%u$", what = "a currency code (CNY)" }
-local DATE = { pattern = "^%d%d%d%d%-[01]%d%-[0-3]%d$",
+-- (a day of the calendar: the simulator refuses 2026-02-30 too)
+local DATE = { test = function(v) return civil.date(v) ~= nil end,
                what = "a date YYYY-MM-DD" }
 
 local function rule(path, t, base, extra)

@@ -1,12 +1,14 @@
--- One reading of an RFC 3339 time (paygate.civil.epoch) for the client's
--- check of time_expire before sending and the simulator's when it takes
--- the prepay: a time one accepts and the other refuses is a request the
--- client sends and WeChat's stand-in answers PARAM_ERROR (or the other
--- way round: a date the client refuses that the simulator took).
+-- One reading of an RFC 3339 time (paygate.civil.epoch) and of a date
+-- (paygate.civil.date) for the client's checks before sending, the
+-- simulator's when it takes the request and the bill reconciliation's:
+-- a value one accepts and the other refuses is a request the client
+-- sends and WeChat's stand-in answers PARAM_ERROR.
 package.path = "examples/simulator/?.lua;" .. package.path
 local civil = require "paygate.civil"
 local wechatpay = require "paygate.wechatpay"
 local orders = require "sim.orders"
+local sim_bills = require "sim.bills"
+local bill = require "paygate.reconcile.bill"
 
 local FIX = "spec/fixtures/wechatpay/"
 
@@ -44,6 +46,23 @@ describe("time_expire: one RFC 3339 reading", function()
       local want = civil.epoch(t) ~= nil
       assert.equal(want, client_takes(t), "client: " .. t)
       assert.equal(want, orders.parse_time(t) ~= nil, "simulator: " .. t)
+    end
+  end)
+
+  it("bill_date: the client, the simulator and the reconciliation agree",
+     function()
+    for _, d in ipairs({ "2026-11-30", "2028-02-29", "2026-02-29",
+                         "2026-02-30", "2026-04-31", "2026-13-01",
+                         "2026-19-39", "2026-00-10", "2026-01-00",
+                         "2026-1-01", "20261130" }) do
+      local want = civil.date(d) ~= nil
+      -- (an unknown parameter, checked after the rules: no request made)
+      local ok, err = wx:trade_bill({ bill_date = d, zz = 1 })
+      assert.is_nil(ok)
+      assert.equal("invalid_params", err.kind)
+      assert.equal(want, err.field ~= "bill_date", "client: " .. d)
+      assert.equal(want, sim_bills.day_start(d) ~= nil, "simulator: " .. d)
+      assert.equal(want, (pcall(bill.day_start, d)), "reconcile: " .. d)
     end
   end)
 end)
