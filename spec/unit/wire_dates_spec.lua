@@ -12,7 +12,7 @@ local bill = require "paygate.reconcile.bill"
 
 local FIX = "spec/fixtures/wechatpay/"
 
-describe("time_expire: one RFC 3339 reading", function()
+describe("the client's checks and the simulator's agree", function()
   local wx
   setup(function()
     wx = assert(wechatpay.client{
@@ -34,7 +34,7 @@ describe("time_expire: one RFC 3339 reading", function()
       amount = { total = 100 }, time_expire = t })) ~= nil
   end
 
-  it("the client, the simulator and civil.epoch agree", function()
+  it("time_expire: one RFC 3339 reading (civil.epoch)", function()
     for _, t in ipairs({
       "2026-06-08T10:34:56+08:00", "2026-06-08T02:34:56Z",
       "2026-06-08T10:34:56.123-05:30", "2026-06-08T10:34:56z",
@@ -63,6 +63,29 @@ describe("time_expire: one RFC 3339 reading", function()
       assert.equal(want, err.field ~= "bill_date", "client: " .. d)
       assert.equal(want, sim_bills.day_start(d) ~= nil, "simulator: " .. d)
       assert.equal(want, (pcall(bill.day_start, d)), "reconcile: " .. d)
+    end
+  end)
+
+  it("notify_url: the client refuses what the simulator refuses", function()
+    local function client_takes(u)
+      return (wx:prepay_request("native", {
+        appid = "wx2421b1c4370ec43b", description = "d",
+        out_trade_no = "1217752501201407033233368018", notify_url = u,
+        amount = { total = 100 } })) ~= nil
+    end
+    local long = "https://pay.example/" .. ("通"):rep(79)   -- 257 bytes
+    for _, c in ipairs({
+      { "https://pay.example/wechatpay/notify/1900000001", true },
+      { "http://127.0.0.2:8080/n", true }, { "http://[::1]/n", true },
+      { "https://pay.example/" .. ("a"):rep(235), true },   -- 255 bytes
+      { long, false }, { "https://u:pw@pay.example/n", false },
+      { "https:///n", false }, { "https://pay.example/n?a=1", false },
+      { "https://pay.example/n#f", false }, { "http://pay.example/n", false },
+      { "https://pay.example/\1n", false }, { "ftp://pay.example/", false },
+    }) do
+      local u = c[1]
+      assert.equal(c[2], client_takes(u), "client: " .. u)
+      assert.equal(c[2], orders.check_url(u) ~= nil, "simulator: " .. u)
     end
   end)
 end)

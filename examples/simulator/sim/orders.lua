@@ -109,25 +109,14 @@ _M.parse_time = parse_time
 
 local loopback_host = require("paygate.addr").loopback_host
 
--- notify_url: https (http only to a loopback host: specs and demos), at
--- most 255 bytes, no query string, no userinfo, and not the simulator
--- itself (a loopback URL on the port this request came in on: its /sim/
--- API would take the notification for a command).
+-- notify_url: validate.notify_url (the client's check before sending),
+-- and not the simulator itself (a loopback URL on the port this request
+-- came in on: its /sim/ API would take the notification for a command).
+local URL_WHY = { length = "应为不超过255字节的URL",
+                  scheme = "应为https://开头的URL", query = "不能携带参数" }
 local function check_url(u, c)
-  if type(u) ~= "string" or #u > 255 or u:find("[%s%c]") then
-    return nil, "应为不超过255字节的URL"
-  end
-  local scheme, host, port = u:match("^(https?)://%[([^%]/]+)%]:?(%d*)")
-  if not scheme then
-    scheme, host, port = u:match("^(https?)://([^/:?#]+):?(%d*)")
-  end
-  if not scheme or u:match("^https?://[^/]*@") then
-    return nil, "应为https://开头的URL"
-  end
-  if scheme == "http" and not loopback_host(host) then
-    return nil, "应为https://开头的URL"
-  end
-  if u:find("?", 1, true) then return nil, "不能携带参数" end
+  local scheme, host, port = validate.notify_url(u)
+  if not scheme then return nil, URL_WHY[host] end
   if loopback_host(host) and c and c.req then
     local own = (c.req.local_addr or ""):match(":(%d+)$")
     if port == "" then port = scheme == "https" and "443" or "80" end
@@ -135,6 +124,7 @@ local function check_url(u, c)
   end
   return true
 end
+_M.check_url = check_url
 
 local function str(body, key, max, required, field, min)
   local v = body[key]

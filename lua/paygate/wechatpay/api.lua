@@ -29,7 +29,6 @@ local transport = require "paygate.wechatpay.transport"
 local validate = require "paygate.wechatpay.validate"
 local payparams = require "paygate.wechatpay.payparams"
 local bill = require "paygate.wechatpay.bill"
-local wxconfig = require "paygate.wechatpay.config"
 local civil = require "paygate.civil"
 
 local type, pairs, ipairs, tostring, error, select =
@@ -68,14 +67,12 @@ local APPID = { min = 1, max = 32, pattern = "^[%w_%-]+$",
                 what = "an appid (letters, digits, _ and -)" }
 -- https, or http to a loopback host (the simulator's rule: a local spec's
 -- receiver), by the same loopback test base_url uses.
-local NOTIFY_URL = { min = 1, max = 255,
-  test = function(v)
-    if find(v, "^https://[^%s?#]+$") then return true end
-    return find(v, "^http://[^%s?#]+$") ~= nil
-           and wxconfig.is_loopback_url(v)
-  end,
-  what = "an https URL without a query string (http only to a loopback "
-         .. "host: 127.x.x.x, localhost, [::1])" }
+-- (validate.notify_url: the simulator's check too)
+local NOTIFY_URL = { min = 1,
+  test = function(v) return validate.notify_url(v) ~= nil end,
+  what = "an https URL of at most 255 bytes without user info, query or"
+         .. " fragment (http only to a loopback host: 127.x.x.x,"
+         .. " localhost, [::1])" }
 local IP = { min = 1, max = 45, test = validate.ip_address,
              what = "an IPv4 or IPv6 address (203.0.113.7, 2001:db8::1)" }
 -- (civil.epoch: the simulator reads time_expire with it too)

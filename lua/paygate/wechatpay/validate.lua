@@ -19,6 +19,7 @@
 -- of an absent optional parent is skipped.
 
 local core = require "paygate.core"
+local loopback_host = require("paygate.addr").loopback_host
 
 local type, pairs, ipairs, tostring, floor, huge =
       type, pairs, ipairs, tostring, math.floor, math.huge
@@ -228,6 +229,29 @@ local function walk(call, r, node, parts, i, prefix)
     return fail(call, field, "must be an object")
   end
   return walk(call, r, v, parts, i + 1, field)
+end
+
+--- syntax: scheme, host, port = validate.notify_url(u)
+-- The notify_url WeChat takes: https (http only to a loopback host:
+-- specs and demos), a host, at most 255 bytes, no spaces or control
+-- characters, no user info, no query or fragment. The client checks it
+-- before sending and the simulator when it takes it: one answer.
+-- returns: the scheme, the host (an IPv6 one without its brackets) and
+-- the port ("" when none), or nil and why: "length", "scheme" or "query".
+function _M.notify_url(u)
+  if type(u) ~= "string" or #u > 255 or find(u, "[%s%c]") then
+    return nil, "length"
+  end
+  local scheme, host, port = u:match("^(https?)://%[([^%]/]+)%]:?(%d*)")
+  if not scheme then
+    scheme, host, port = u:match("^(https?)://([^/:?#@]+):?(%d*)")
+  end
+  if not scheme or find(u, "^https?://[^/]*@")
+     or (scheme == "http" and not loopback_host(host)) then
+    return nil, "scheme"
+  end
+  if find(u, "[?#]") then return nil, "query" end
+  return scheme, host, port
 end
 
 --- syntax: ok, err = validate.check(call, p, schema)
