@@ -11,6 +11,7 @@
 local core = require "paygate.core"
 local sql = require "paygate.sql"
 local addr = require "paygate.addr"
+local validate = require "paygate.wechatpay.validate"
 
 local type, pairs, ipairs, tostring, tonumber = type, pairs, ipairs,
       tostring, tonumber
@@ -593,6 +594,19 @@ function _M.check(conf, runtime)
     mm.index = i
     merchants[i] = mm
     by_mchid[mm.mchid] = mm
+    -- each prepay's and refund's notify_url, checked as the client checks
+    -- it before sending (else every one of them fails invalid_params)
+    local url = out.public_url .. "/wechatpay/notify/" .. mm.mchid
+    if not validate.notify_url(url) then
+      if g.public_url == nil then
+        return fail("gateway.public_url", "is required when --listen ("
+          .. listen .. ") is not a loopback address: WeChat Pay takes"
+          .. " https:// notify URLs (" .. url .. ")")
+      end
+      return fail("gateway.public_url", "makes the notify_url " .. url
+        .. ", which WeChat Pay refuses (at most 255 bytes, no control"
+        .. " characters)")
+    end
   end
   return { gateway = out, merchants = merchants, by_mchid = by_mchid }
 end

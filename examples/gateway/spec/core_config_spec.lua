@@ -394,6 +394,23 @@ describe("gateway config", function()
       assert.equal("http://[::1]:8099", cfg.gateway.public_url)
     end)
 
+    it("refuses a public_url whose notify URLs the client refuses",
+       function()
+      -- before: --listen 10.0.0.5:8099 without public_url made
+      -- http://10.0.0.5:8099, and a 240-byte public_url passed: every
+      -- prepay then failed invalid_params on its notify_url
+      local _, why = config.check({ gateway = { db = "sqlite:" .. dir
+        .. "/a.db" }, merchants = { merchant() } }, { listen = "10.0.0.5:8099" })
+      assert.matches("^config.gateway.public_url: is required", why)
+      _, why = config.check({ gateway = { db = "sqlite:" .. dir .. "/a.db",
+        public_url = "https://pay.example/" .. ("a"):rep(220) },
+        merchants = { merchant() } })
+      assert.matches("^config.gateway.public_url: makes the notify_url", why)
+      assert(config.check({ gateway = { db = "sqlite:" .. dir .. "/a.db",
+        public_url = "https://pay.example/" .. ("a"):rep(200) },
+        merchants = { merchant() } }))
+    end)
+
     it("takes the PostgreSQL schemes sql.open takes, no other", function()
       -- before: any postgres<letters>:// passed, and sql.open raised on it
       for _, url in ipairs({ "postgress://u@h/db", "postgresx://h/db" }) do
