@@ -14,11 +14,12 @@ local type, tonumber = type, tonumber
 
 local _M = {}
 
+-- The first part is the text "127": a resolver reads a leading zero as
+-- octal (0127.0.0.1 is 87.0.0.1), so tonumber's 127 would not do.
 local function v4_loopback(h)
-  local a, b, c, d = h:match("^(%d+)%.(%d+)%.(%d+)%.(%d+)$")
-  if not a then return false end
-  a, b, c, d = tonumber(a), tonumber(b), tonumber(c), tonumber(d)
-  return a == 127 and b <= 255 and c <= 255 and d <= 255
+  local b, c, d = h:match("^127%.(%d+)%.(%d+)%.(%d+)$")
+  if not b then return false end
+  return tonumber(b) <= 255 and tonumber(c) <= 255 and tonumber(d) <= 255
 end
 
 --- syntax: yes = addr.loopback_host(host)

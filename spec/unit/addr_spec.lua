@@ -16,6 +16,7 @@ describe("paygate.addr", function()
                         "[::]", "::2", "::10", "::1:2", "::ffff:10.0.0.1",
                         "127.0.0.1.evil.example", "evil.127.0.0.1",
                         "127.0.0.256", "127.0.0", "localhost.evil.example",
+                        "0127.0.0.1", "00127.0.0.1", "::ffff:0127.0.0.1",
                         "[127.0.0.1]x", "2001:db8::1" } do
       assert.is_false(addr.loopback_host(h), h)
     end
