@@ -40,7 +40,8 @@ describe("paygate.addr", function()
     assert.is_false(addr.loopback_addr(nil))
   end)
 
-  it("is what the gateway, the simulator and the client's URL check use",
+  it("is what the gateway and the client's URL check use (the simulator's:"
+     .. " spec/unit/wire_dates)",
      function()
     package.path = "examples/gateway/?.lua;" .. package.path
     local gwconfig = require "gw.config"

@@ -603,7 +603,11 @@ function _M.check(conf, runtime)
           .. listen .. ") is not a loopback address: WeChat Pay takes"
           .. " https:// notify URLs (" .. url .. ")")
       end
-      return fail("gateway.public_url", "makes the notify_url " .. url
+      -- (a control character is shown as \ddd, not sent to the terminal)
+      local shown = url:gsub("%c", function(ch)
+        return ("\\%03d"):format(ch:byte())
+      end)
+      return fail("gateway.public_url", "makes the notify_url " .. shown
         .. ", which WeChat Pay refuses (at most 255 bytes, no control"
         .. " characters)")
     end
