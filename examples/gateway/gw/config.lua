@@ -445,12 +445,11 @@ function _M.check(conf, runtime)
   end
   -- gw.reconcile's options: its start refuses a bad one in each worker;
   -- checked here too, so that paygate doctor refuses what the gateway would
+  -- (a plain require: a module that does not load is an error to see,
+  -- not a check to skip)
   if g.reconcile ~= nil then
-    local rok, rc = pcall(require, "gw.reconcile")
-    if rok and type(rc) == "table" and rc.check_conf then
-      local ok, why = rc.check_conf(g.reconcile)
-      if not ok then return nil, "config." .. why end
-    end
+    local ok, why = require("gw.reconcile").check_conf(g.reconcile)
+    if not ok then return nil, "config." .. why end
   end
   local db, err = check_db(g)
   if not db then return nil, err end
