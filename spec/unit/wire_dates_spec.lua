@@ -82,10 +82,26 @@ describe("the client's checks and the simulator's agree", function()
       { "https:///n", false }, { "https://pay.example/n?a=1", false },
       { "https://pay.example/n#f", false }, { "http://pay.example/n", false },
       { "https://pay.example/\1n", false }, { "ftp://pay.example/", false },
+      { "https://pay.example/n@x", true }, { "http://[::1]:9000/n", true },
+      { "https://[2001:db8::1]/n", true }, { "http://[2001:db8::1]/n", false },
+      { "https://pay.example/n?\1", false }, { "https://@pay.example/", false },
     }) do
       local u = c[1]
       assert.equal(c[2], client_takes(u), "client: " .. u)
       assert.equal(c[2], orders.check_url(u) ~= nil, "simulator: " .. u)
     end
+    -- why, for the simulator's messages: the first thing wrong
+    local validate = require "paygate.wechatpay.validate"
+    for u, why in pairs{ ["https://pay.example/n?\1"] = "length",
+                         ["https://pay.example/ n?a"] = "length",
+                         ["http://pay.example/n?a"] = "scheme",
+                         ["https://pay.example/n#f"] = "query",
+                         [long] = "length" } do
+      assert.same({ nil, why }, { validate.notify_url(u) }, u)
+    end
+    assert.same({ "http", "::1", "9000" },
+                { validate.notify_url("http://[::1]:9000/n") })
+    assert.same({ "https", "pay.example", "" },
+                { validate.notify_url("https://pay.example/n") })
   end)
 end)

@@ -25,6 +25,7 @@ local type, pairs, ipairs, tostring, floor, huge =
       type, pairs, ipairs, tostring, math.floor, math.huge
 local find, sub, concat = string.find, string.sub,
       table.concat
+local match, byte = string.match, string.byte
 
 local _M = {}
 
@@ -239,18 +240,29 @@ end
 -- returns: the scheme, the host (an IPv6 one without its brackets) and
 -- the port ("" when none), or nil and why: "length", "scheme" or "query".
 function _M.notify_url(u)
-  if type(u) ~= "string" or #u > 255 or find(u, "[%s%c]") then
-    return nil, "length"
+  if type(u) ~= "string" or #u > 255 then return nil, "length" end
+  -- one scan for what may not be there: spaces and control characters
+  -- (said first), then ? and # (no query or fragment)
+  local at = find(u, "[%s%c?#]")
+  if at then
+    local b = byte(u, at)
+    if (b ~= 63 and b ~= 35) or find(u, "[%s%c]", at + 1) then
+      return nil, "length"
+    end
   end
-  local scheme, host, port = u:match("^(https?)://%[([^%]/]+)%]:?(%d*)")
+  -- a name or IPv4 host first (the common case: one match), then [IPv6]
+  local scheme, host, port = match(u, "^(https?)://([^/:?#@%[]+):?(%d*)")
   if not scheme then
-    scheme, host, port = u:match("^(https?)://([^/:?#@]+):?(%d*)")
+    scheme, host, port = match(u, "^(https?)://%[([^%]/]+)%]:?(%d*)")
   end
-  if not scheme or find(u, "^https?://[^/]*@")
+  -- user info: an @ before the path
+  local a = scheme and find(u, "@", 1, true)
+  if not scheme
+     or (a and a < (find(u, "/", #scheme + 4, true) or #u + 1))
      or (scheme == "http" and not loopback_host(host)) then
     return nil, "scheme"
   end
-  if find(u, "[?#]") then return nil, "query" end
+  if at then return nil, "query" end
   return scheme, host, port
 end
 
