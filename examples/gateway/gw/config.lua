@@ -12,6 +12,7 @@ local core = require "paygate.core"
 local sql = require "paygate.sql"
 local addr = require "paygate.addr"
 local validate = require "paygate.wechatpay.validate"
+local errors = require "paygate.wechatpay.errors"
 
 local type, pairs, ipairs, tostring, tonumber = type, pairs, ipairs,
       tostring, tonumber
@@ -602,11 +603,9 @@ function _M.check(conf, runtime)
           .. listen .. ") is not a loopback address: WeChat Pay takes"
           .. " https:// notify URLs (" .. url .. ")")
       end
-      -- (a control character is shown as \ddd, not sent to the terminal)
-      local shown = url:gsub("%c", function(ch)
-        return ("\\%03d"):format(ch:byte())
-      end)
-      return fail("gateway.public_url", "makes the notify_url " .. shown
+      -- (a control character shown as ?, not sent to the terminal)
+      return fail("gateway.public_url", "makes the notify_url "
+        .. errors.printable(url, 300)
         .. ", which WeChat Pay refuses (at most 255 bytes, no control"
         .. " characters)")
     end

@@ -189,18 +189,6 @@ local function from_gateway(conf, pick)
                       or "apiv3_key_file"),
                   previous_apiv3_keys = "merchants[" .. at
                   .. "].previous_apiv3_key_files" } }
-  -- Redis's password as the gateway reads it, kept out of the URL (a file,
-  -- the whitespace around it dropped, or a variable); one it cannot read
-  -- is gateway_config's to say
-  if type(g.redis_password_file) == "string" then
-    local f = io.open(g.redis_password_file, "rb")
-    local s = f and f:read("*a")
-    if f then f:close() end
-    out.redis_password = s and s:gsub("^%s+", ""):gsub("%s+$", "")
-  elseif type(g.redis_password_env) == "string" then
-    out.redis_password = os.getenv(g.redis_password_env)
-  end
-  if out.redis_password == "" then out.redis_password = nil end
   if type(g.public_url) == "string" then
     out.notify_url = g.public_url:gsub("/+$", "") .. "/wechatpay/notify/"
                      .. id
@@ -287,6 +275,7 @@ local function gateway_check(out, conf, dir)
   if cok and cfg then
     out:ok("gateway_config", "the gateway (" .. app .. ") accepts its "
            .. "configuration")
+    return cfg
   else
     local why = cok and (type(err) == "table" and err.message
                          or tostring(err)) or tostring(cfg)
@@ -1164,7 +1153,11 @@ local function main(args)
     local raw, id, n = conf, nil, nil
     conf, id, n = from_gateway(conf, o["--merchant"])
     if type(conf.wechatpay) == "table" then secrets(out, conf.wechatpay) end
-    gateway_check(out, raw, o["--app"])
+    -- Redis's password as the gateway's own check read it (from
+    -- redis_password_file / _env: kept out of the URL)
+    local gcfg = gateway_check(out, raw, o["--app"])
+    local ropts = gcfg and gcfg.gateway and gcfg.gateway.redis_opts
+    conf.redis_password = ropts and ropts.password
     out:ok("config", ("the gateway's config: merchant %s (%d of them%s)")
            :format(id, n, n > 1 and "; --merchant MCHID picks another" or ""))
   elseif o["--merchant"] or o["--app"] then
