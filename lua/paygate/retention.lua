@@ -410,11 +410,17 @@ local function from_config(fname, conf)
     end
     jobs[#jobs + 1] = make_outbox({ keep_days = days })
   end
-  local hours = conf.notification_hours or POLICY.notification_hours
+  local hours = conf.notification_hours
+  if hours == nil then
+    hours = POLICY.notification_hours
+  end
   if type(hours) ~= "number" or hours * HOUR <= _M.WECHAT_RETRY_WINDOW
      or hours == math.huge then
+    -- (false is not "keep them": that is notifications = false)
     misuse(fname .. ": notification_hours must be a number above 24.07"
-          .. " (WeChat retries a notification for 24 h 4 min)")
+          .. " (WeChat retries a notification for 24 h 4 min)"
+          .. (hours == false and "; to keep the dedupe rows, set"
+              .. " notifications = false" or ""))
   end
   local notes = conf.notifications
   if notes == nil then

@@ -57,6 +57,15 @@ describe("retention jobs: misuse", function()
     assert.is_nil(ok)
     assert.equal("notification_hours must be a number above 24.07 (WeChat"
                  .. " retries a notification for 24 h 4 min)", err)
+    -- false is refused with the way to keep the rows (before: taken as
+    -- the default, 25 hours, without a word)
+    ok, err = retention.check({ notification_hours = false })
+    assert.is_nil(ok)
+    assert.equal("notification_hours must be a number above 24.07 (WeChat"
+                 .. " retries a notification for 24 h 4 min); to keep the"
+                 .. " dedupe rows, set notifications = false", err)
+    assert(retention.check({ notification_hours = 30 }))
+    assert(retention.check({ notifications = false }))
   end)
 
   it("checks names, keys and options", function()

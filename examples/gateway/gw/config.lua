@@ -400,12 +400,16 @@ local function check_dispatcher(d, retention)
       if why then
         return bad(where, why)
       end
-    elseif retention and k == "keep_days" then
+    elseif retention and (k == "keep_days" or k == "prune_batch"
+                          or k == "prune_interval") then
       -- the dispatcher prunes only with retention = false (app.lua):
-      -- else retention's outbox_days rules, and this would be ignored
+      -- else retention's outbox_days, batch and interval rule, and this
+      -- would be ignored
+      local theirs = k == "keep_days" and "outbox_days"
+                     or k == "prune_batch" and "batch" or "interval"
       return bad(where, "delivered events are pruned by gateway.retention"
-        .. " (its outbox_days) while it is on; set that, or retention ="
-        .. " false")
+        .. " (its " .. theirs .. ") while it is on; set that, or"
+        .. " retention = false")
     elseif defaults[k] ~= nil or k == "max_partitions" then
       if type(v) ~= "number" or not (v > 0) or v == math.huge then
         return bad(where, "must be a positive number")

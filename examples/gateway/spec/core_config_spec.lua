@@ -463,6 +463,21 @@ describe("gateway config", function()
         .. "/a.db", dispatcher = { keep_days = 30 }, retention = false },
         merchants = { merchant() } }))
       assert.equal(30, cfg.gateway.dispatcher.keep_days)
+      -- the dispatcher's other pruning options too (before: accepted and
+      -- ignored while retention prunes)
+      for k, theirs in pairs({ prune_batch = "batch",
+                               prune_interval = "interval" }) do
+        _, why = config.check({ gateway = { db = "sqlite:" .. dir
+          .. "/a.db", dispatcher = { [k] = 50 } },
+          merchants = { merchant() } })
+        assert.equal("config.gateway.dispatcher." .. k .. ": delivered"
+          .. " events are pruned by gateway.retention (its " .. theirs
+          .. ") while it is on; set that, or retention = false", why)
+        cfg = assert(config.check({ gateway = { db = "sqlite:" .. dir
+          .. "/a.db", dispatcher = { [k] = 50 }, retention = false },
+          merchants = { merchant() } }))
+        assert.equal(50, cfg.gateway.dispatcher[k])
+      end
     end)
 
     it("refuses a URL with user info (a password, or a host that only"
