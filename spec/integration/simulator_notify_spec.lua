@@ -255,6 +255,23 @@ describe("simulator notifications (one worker, time_scale 21660)", function()
       assert.equal(1, #sn.received(recv, b))
     end)
 
+    it("?wait=nan is refused like a wait out of range, nothing paid",
+       function()
+      -- was: "nan" passed the range check (every comparison with NaN is
+      -- false), the order was paid and the wait for a notification the
+      -- fault never sends had no end: a 504 at the request's deadline
+      fault{ endpoint = "notify", kind = "never_sent", count = 1 }
+      local b, no = box(), order_no()
+      sn.prepay(sim, no, sn.notify_url(recv, b))
+      for _, w in ipairs({ "nan", "-nan", "0", "31", "x" }) do
+        local st, doc = sn.ctl(sim, "POST", "/sim/transactions/" .. no
+                               .. "/pay?wait=" .. w)
+        assert.equal(400, st, w)
+        assert.equal("PARAM_ERROR", doc.code, w)
+      end
+      sn.pay(sim, no)                 -- (a paid order would answer 409)
+    end)
+
     it("duplicate: delivered twice, same id, fresh signature", function()
       fault{ endpoint = "notify", kind = "duplicate", count = 1 }
       local b, no = box(), order_no()

@@ -86,7 +86,9 @@ local function wait_of(q)
   local wait = q.wait
   if wait == nil then return nil end
   wait = tonumber(wait)
-  if not wait or wait <= 0 or wait > 30 then
+  -- (tonumber reads "nan" too: every comparison is false for it, so it
+  -- passed the range below and the wait had no end)
+  if not wait or wait ~= wait or wait <= 0 or wait > 30 then
     return nil, "wait must be a number of seconds in (0, 30]"
   end
   return wait
