@@ -142,15 +142,25 @@ ctx.refunds = refunds
 ctx.payments = payments
 ctx.fatal = fatal   -- for the plug-ins' config checks (gw.reconcile)
 
+-- A 400 refused the body before anything ran (invalid JSON, a bad or
+-- unknown field): it is not kept, so the request corrected can be sent
+-- again under the same Idempotency-Key, as after paygate.idempotency's
+-- own refusals. Kept, the fix was 422 idempotency_key_reused for 24 h.
+local keep = { keep = function(status)
+  return status < 500 and status ~= 400
+end }
 -- Responses committed with their effects are kept whatever their status
 -- (a refund refused by WeChat is a fact to replay, not to run again).
-local keep_all = { keep = function(status) return status ~= 503 end }
+local keep_all = { keep = function(status)
+  return status ~= 503 and status ~= 400
+end }
 
-paygate.route("POST", "/v1/payments", idem.wrap(db, payments.create))
+paygate.route("POST", "/v1/payments", idem.wrap(db, payments.create, keep))
 paygate.route("GET", "/v1/payments/:id", payments.get)
 paygate.route("POST", "/v1/payments/:id/attempts",
-              idem.wrap(db, payments.new_attempt))
-paygate.route("POST", "/v1/payments/:id/close", idem.wrap(db, payments.close))
+              idem.wrap(db, payments.new_attempt, keep))
+paygate.route("POST", "/v1/payments/:id/close",
+              idem.wrap(db, payments.close, keep))
 paygate.route("POST", "/v1/payments/:id/refunds",
               idem.wrap(db, refunds.create, keep_all))
 paygate.route("GET", "/v1/payments/:id/refunds", refunds.list)

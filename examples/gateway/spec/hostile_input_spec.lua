@@ -292,6 +292,39 @@ describe("gateway hostile input", function()
     assert.equal(201, res.status, res.body)
   end)
 
+  it("keeps no refused body for its Idempotency-Key: the fix runs",
+     function()
+    -- was: the 400 was stored as the key's answer, so the corrected
+    -- request under the same key was 422 idempotency_key_reused for 24 h
+    local oid = order_id()
+    local key = { ["Idempotency-Key"] = "fix-" .. oid }
+    refused(gw:call("POST", "/v1/payments", { order_id = oid,
+      channel = "native", amount = 0, description = "tea" }, key),
+      400, "invalid_request", "amount", oid)
+    refused(gw:call("POST", "/v1/payments", '{"order_id":', key), 400,
+            "invalid_json", nil, oid)
+    assert.equal(0, #assert(gw.db:query("SELECT idem_key FROM"
+      .. " paygate_idempotency WHERE idem_key = $1", { key["Idempotency-Key"] })))
+    local res = gw:call("POST", "/v1/payments", { order_id = oid,
+      channel = "native", amount = 1, description = "tea" }, key)
+    assert.equal(201, res.status, res.body)
+    -- the same for the payment's other POSTs (a refund's keep rule too)
+    local p = res.json.payment
+    sim:pay(p.out_trade_no)
+    gw:wait_state(p.id, "paid")
+    local rk = { ["Idempotency-Key"] = "fix-r-" .. oid }
+    refused(gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
+      { amount = 1, reason = "r", rason = "typo" }, rk),
+      400, "invalid_request", "rason")
+    assert.equal(201, gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
+      { amount = 1, reason = "r" }, rk).status)
+    local ak = { ["Idempotency-Key"] = "fix-a-" .. oid }
+    refused(gw:call("POST", "/v1/payments/" .. p.id .. "/close",
+      { foo = 1 }, ak), 400, "invalid_request", "foo")
+    assert.equal(409, gw:call("POST", "/v1/payments/" .. p.id .. "/close",
+      "", ak).status)                           -- paid: ran, not 422
+  end)
+
   it("takes refresh=1 and no other value of refresh", function()
     -- was: ?refresh=yes (=true, =0) answered local state, nothing asked
     local p = gw:create{ amount = 100 }
