@@ -246,6 +246,25 @@ describe("parse_notification: failures", function()
     local _, err = wx:parse_notification(n, NR)
     assert.equal("malformed", err.kind)
   end)
+  it("a plaintext that is a JSON array is malformed, not a resource",
+     function()
+    for _, plain in ipairs{ '[1,2]', '[{"out_trade_no":"T1"}]', '["x"]' } do
+      local rnonce = "abcdefabcdef"
+      local ct = crypto.aead_encrypt("AEAD_AES_256_GCM", APIV3, rnonce,
+                                     "transaction", plain)
+      local n = note{ body_hook = function(b)
+        local d = json.decode(b)
+        d.resource.nonce = rnonce
+        d.resource.ciphertext = crypto.base64_encode(ct)
+        return json.encode(d)
+      end }
+      local res, err = wx:parse_notification(n, NR)
+      assert.is_nil(res, plain)
+      assert.equal("malformed", err.kind, plain)
+      assert.equal("notification: decrypted resource is not a JSON object",
+                   err.message)
+    end
+  end)
   it("a plaintext with a non-JSON or overflowing number is malformed",
      function()
     for _, plain in ipairs{ '{"out_trade_no":"T1","amount":{"total":Infinity}}',

@@ -142,7 +142,9 @@ local function parse(wx, req, opts)
   plain, err = resource.decrypt(r, wx.conf.apiv3_keys)
   if not plain then return nil, err end
   local resource = decode(plain)
-  if type(resource) ~= "table" then
+  -- (an array is a table too: its fields would all read absent, and a
+  -- handler would fail on it instead of the parse)
+  if type(resource) ~= "table" or resource[1] ~= nil then
     return fail("malformed", "decrypted resource is not a JSON object")
   end
   local cok, cerr = checked(resource, doc.event_type)
