@@ -263,7 +263,8 @@ describe("simulator notifications (one worker, time_scale 21660)", function()
       fault{ endpoint = "notify", kind = "never_sent", count = 1 }
       local b, no = box(), order_no()
       sn.prepay(sim, no, sn.notify_url(recv, b))
-      for _, w in ipairs({ "nan", "-nan", "0", "31", "x" }) do
+      for _, w in ipairs({ "nan", "-nan", "0", "31", "x", "0x10", "%205",
+                           "1e1", "inf" }) do
         local st, doc = sn.ctl(sim, "POST", "/sim/transactions/" .. no
                                .. "/pay?wait=" .. w)
         assert.equal(400, st, w)

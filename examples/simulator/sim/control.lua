@@ -85,10 +85,12 @@ end
 local function wait_of(q)
   local wait = q.wait
   if wait == nil then return nil end
-  wait = tonumber(wait)
-  -- (tonumber reads "nan" too: every comparison is false for it, so it
-  -- passed the range below and the wait had no end)
-  if not wait or wait ~= wait or wait <= 0 or wait > 30 then
+  -- decimal seconds only: tonumber also reads "nan" (every comparison is
+  -- false for it: it passed the range below and the wait had no end),
+  -- "0x10" and " 5 "
+  wait = type(wait) == "string" and #wait <= 16
+         and wait:find("^%d+%.?%d*$") and tonumber(wait)
+  if not wait or wait <= 0 or wait > 30 then
     return nil, "wait must be a number of seconds in (0, 30]"
   end
   return wait
