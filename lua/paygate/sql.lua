@@ -21,6 +21,7 @@
 -- types, a bad option, a value that cannot be bound, a closed db.
 
 local core = require "paygate.core"
+local redact = require "paygate.redact"
 
 local _M = { _VERSION = "0.1.0" }
 
@@ -208,7 +209,9 @@ function _M.open(url, opts)
     db, err = open_pg(url, opts)
     return db, err
   end
-  error("sql.open: unknown url scheme in " .. url
+  -- (the URL as a message may show it: a typo'd postgress://user:PW@
+  -- holds a password)
+  error("sql.open: unknown url scheme in " .. redact.url(url)
         .. " (want sqlite:PATH or postgres://...)", 2)
 end
 

@@ -736,6 +736,19 @@ describe("paygate.sql on sqlite (engine specifics)", function()
     assert.has_error(function() sql.open("mysql://x") end)
   end)
 
+  it("raises on an unknown url scheme without the URL's password",
+     function()
+    -- a typo'd scheme (postgress://) on a URL that holds a password:
+    -- paygate audit verify and paygate apikey print this message
+    local ok, msg = pcall(sql.open,
+                          "postgress://gw:SECRETMARKER123@127.0.0.1/gw")
+    assert.is_false(ok)
+    assert.truthy(tostring(msg):find("unknown url scheme", 1, true), msg)
+    assert.truthy(tostring(msg):find("postgress://gw@127.0.0.1/gw", 1, true),
+                  msg)
+    assert.is_nil(tostring(msg):find("SECRETMARKER123", 1, true), msg)
+  end)
+
   it("sqlite_path names the file sql.open opens, for both schemes",
      function()
     for url, want in pairs{
