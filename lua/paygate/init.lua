@@ -212,7 +212,9 @@ do
   local conf = {}
   if rt.config_file then
     local chunk, err = loadfile(rt.config_file)
-    if not chunk then error("config: " .. err) end
+    if not chunk then
+      error("config: " .. require("paygate.redact").load_error(err))
+    end
     conf = chunk()
   end
   local function copy(t)

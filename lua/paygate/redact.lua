@@ -47,4 +47,16 @@ function _M.name(v)
   return nil
 end
 
+--- syntax: s = redact.load_error(msg)
+-- A Lua file's load error (loadfile's message) as a message may print
+-- it: without the token a syntax error quotes ("... near '<token>'"),
+-- which may be a secret written in the file (an unfinished string: the
+-- rest of its line). The file and line stay. (src/process/config.c
+-- applies the same rule to the config the runtime reads.)
+function _M.load_error(msg)
+  msg = tostring(msg)
+  local i = msg:find(" near '", 1, true)
+  return i and msg:sub(1, i - 1) or msg
+end
+
 return _M

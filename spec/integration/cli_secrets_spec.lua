@@ -123,3 +123,30 @@ describe("the diagnostic commands with a secret in place of a path", function()
     end)
   end
 end)
+
+describe("a config file that does not parse", function()
+  -- Lua's syntax error quotes the token it stopped at: an unfinished
+  -- string is the rest of its line, here the APIv3 key (or a store URL's
+  -- password). The file and the line are named, never the token.
+  it("is refused by doctor and by run without the token", function()
+    for _, text in ipairs({
+      "return { wechatpay = { mchid = '1900000001',\n apiv3_key = '"
+        .. APIV3 .. ",\n merchant_serial = 'AB' } }\n",
+      "return { wechatpay = { mchid = '1900000001', apiv3_key = 'x' '"
+        .. APIV3 .. "' } }\n",
+      "return { gateway = { db = \"postgres://gw:" .. APIV3
+        .. "@127.0.0.1/gw } }\n",
+    }) do
+      local path = dir .. "/bad." .. crypto.random_nonce(6) .. ".lua"
+      write(path, text)
+      for _, argv in ipairs({ { "doctor", "--config", path },
+          { "run", "examples/hello", "--config", path, "--listen",
+            "127.0.0.1:" .. core.free_port(), "--admin", "off" } }) do
+        local code, out = run(argv)
+        assert.equal(2, code, out)
+        assert.matches(path:gsub("%p", "%%%0") .. ":%d+:", out)
+        assert_hidden(APIV3, out)
+      end
+    end
+  end)
+end)

@@ -262,7 +262,19 @@ gw_opts_load_file(struct gw_opts *o, const char *path, char *err,
     config_deadline = gw_loop_mono_fresh() + CONFIG_SECONDS;
     lua_sethook(L, config_hook, LUA_MASKCOUNT, 100000);
     if (gw_lstate_dofile(L, path, 1) != GW_OK) {
-        snprintf(err, errlen, "config %s: %s", path, lua_tostring(L, -1));
+        /* A syntax error ends "near '<token>'": the token may be a secret
+         * written in the file (an unfinished "...: the rest of its line),
+         * never printed; the line number stays (paygate.redact's
+         * load_error, for the Lua side). */
+        const char *msg = lua_tostring(L, -1);
+        const char *near;
+
+        if (msg == NULL) {
+            msg = "(an error that is not a string)";
+        }
+        near = strstr(msg, " near '");
+        snprintf(err, errlen, "config %s: %.*s", path,
+                 near != NULL ? (int)(near - msg) : (int)strlen(msg), msg);
         goto done;
     }
     if (!lua_istable(L, -1)) {

@@ -109,7 +109,10 @@ local CHAIN = {
 local function load_config(path)
   common.read(path, "config")
   local chunk, err = loadfile(path)
-  if not chunk then common.usage_error("cannot load %s: %s", path, err) end
+  if not chunk then
+    common.usage_error("cannot load %s: %s", path,
+                       require("paygate.redact").load_error(err))
+  end
   local ok, conf = pcall(chunk)
   if not ok then common.usage_error("%s raised: %s", path, tostring(conf)) end
   if type(conf) ~= "table" then
