@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -520,11 +521,25 @@ cmd_reload(int argc, char **argv)
     return 1;
 }
 
+/* No core dumps, soft or hard limit: a crashed process's memory holds
+ * the secrets it read (private keys, APIv3 keys, webhook secrets, store
+ * passwords), and a core file (or a dump piped to systemd-coredump, which
+ * honours the limit) would keep them on disk. Workers and the processes
+ * they spawn inherit it. A crash is still reported ("killed by signal"). */
+static void
+no_core_dumps(void)
+{
+    struct rlimit rl = { 0, 0 };
+
+    (void) setrlimit(RLIMIT_CORE, &rl);
+}
+
 int
 main(int argc, char **argv)
 {
     const char *cmd;
 
+    no_core_dumps();
     if (argc < 2) {
         fputs(usage_main, stderr);
         return 2;
