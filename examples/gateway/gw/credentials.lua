@@ -143,7 +143,10 @@ function _M.section(conf)
   end
   for _, k in ipairs({ "ca_file", "client_cert", "client_key" }) do
     if e[k] ~= nil and not readable(e[k]) then
-      return false, reason("etcd." .. k, "cannot read " .. tostring(e[k]))
+      -- named only when it can be a path: client_key may hold the key's
+      -- PEM text itself, pasted where its file's path belongs
+      return false, reason("etcd." .. k, "cannot read "
+        .. (credentials.shown_name(e[k]) or "the file it names"))
     end
   end
   if (e.client_cert == nil) ~= (e.client_key == nil) then

@@ -288,6 +288,20 @@ describe("gateway credentials from etcd", function()
                      "gateway: config.credentials.kek_file: give kek_file")
     end)
 
+    it("refuses a client key given as PEM text without printing it",
+       function()
+      local pem = read(c:client_opts().client_key)
+      local out = expect_refused(function(cf)
+        cf.credentials.etcd.client_key = pem
+      end, "gateway: config.credentials.etcd.client_key: cannot read the"
+           .. " file it names")
+      for line in pem:gmatch("[^\n]+") do
+        if not line:find("-----", 1, true) then
+          assert.is_nil(out:find(line, 1, true), out)
+        end
+      end
+    end)
+
     it("refuses a key in an etcd merchant's entry and an unlisted one",
        function()
       expect_refused(function(cf)
