@@ -231,6 +231,36 @@ describe("paygate.http.request", function()
       assert.is_false(err.sent)
     end)
 
+    it("fails tls without repeating a key or CA given as PEM text",
+       function()
+      -- curl's message quotes the file options as given: a key pasted
+      -- where its path belongs would be in the error (and in every log
+      -- line or CLI message that shows it)
+      local f = assert(io.open(certs.client_key, "rb"))
+      local pem = f:read("*a")
+      f:close()
+      local body = pem:match("\n([%w+/=]+)\n")
+      for _, o in ipairs({
+        { ca_file = certs.ca, client_cert = certs.client_cert,
+          client_key = pem },
+        { ca_file = certs.ca, client_cert = pem,
+          client_key = certs.client_key },
+        { ca_file = pem, client_cert = certs.client_cert,
+          client_key = certs.client_key },
+      }) do
+        -- a host name of its own: no pooled connection (made with the
+        -- right key) is reused, so the files are loaded
+        o.url = "https://pem-check.test:" .. tls.port .. "/whoami"
+        o.resolve = { "pem-check.test:" .. tls.port .. ":127.0.0.1" }
+        local res, err = paygate.http.request(o)
+        assert.is_nil(res)
+        assert.equal("tls", err.kind)
+        assert.is_nil(err.message:find(body, 1, true), err.message)
+        assert.is_nil(err.message:find("BEGIN", 1, true), err.message)
+        assert.truthy(err.message:find("not shown", 1, true), err.message)
+      end
+    end)
+
     it("is refused by the server without a client certificate", function()
       local res, err = paygate.http.request{ url = tls:url("/whoami"),
                                              ca_file = certs.ca }

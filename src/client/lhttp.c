@@ -457,6 +457,20 @@ push_failure(lua_State *L, struct gw_http_op *op, CURLcode rc)
         n = gw_push_error(L, kind, 1, "http request: the connection was "
                           "lost after the request was sent, before any "
                           "answer; not sent again (resend is off)");
+    } else if (rc == CURLE_SSL_CERTPROBLEM) {
+        /* curl's message quotes client_cert / client_key as given: the
+         * key's PEM text, when it was passed where its path belongs */
+        n = gw_push_error(L, kind, retryable, "http request: the client"
+                          " certificate cannot be used (client_cert,"
+                          " client_key: a file that cannot be read or is not"
+                          " PEM, a key that does not match the certificate,"
+                          " or a wrong client_key_password; the values are"
+                          " not shown)");
+    } else if (rc == CURLE_SSL_CACERT_BADFILE) {
+        /* and ca_file, likewise */
+        n = gw_push_error(L, kind, retryable, "http request: ca_file cannot"
+                          " be used (a file that cannot be read or holds no"
+                          " PEM certificate; its value is not shown)");
     } else {
         n = gw_push_error(L, kind, retryable, "http request: %s",
                           op->err[0] ? op->err : curl_easy_strerror(rc));
