@@ -6,17 +6,36 @@ local type, tostring = type, tostring
 
 local _M = {}
 
+--- syntax: main, query = redact.split_query(s)
+-- s (a store URL, or what follows its scheme) cut where its query starts:
+-- query is "" or begins with "?". A "?" with an "@" after it and no "="
+-- between them is in the user info (a password holding "?"), not the
+-- query: the query then starts at the first "?" after that "@". The one
+-- reading of paygate.redis, paygate.sql and redact.url.
+function _M.split_query(s)
+  local main, query = s:match("^([^?]*)(.*)$")
+  -- the last "@" of the query with no "=" ahead of it
+  local at = query:match("^[^=]*()@")
+  if at then
+    local rest, q = query:sub(at + 1):match("^([^?]*)(.*)$")
+    return main .. query:sub(1, at) .. rest, q
+  end
+  return main, query
+end
+local split_query = _M.split_query
+
 --- syntax: s = redact.url(url)
 -- A store's URL as a message may print it: no password. The user info is
--- everything before the last "@" ahead of the query, as paygate.redis and
--- paygate.sql read it (a password may hold "/" or "@"); of it, only a
+-- everything before the last "@" ahead of the query (split_query), as
+-- paygate.redis and paygate.sql read it (a password may hold "/", "@" or
+-- "?"); of it, only a
 -- PostgreSQL user name before ":" is kept (redis://SECRET@host: the whole
 -- of it is the password). A password= query parameter is masked too.
 function _M.url(url)
   url = tostring(url)
   local scheme, rest = url:match("^(%a[%w+.-]*://)(.*)$")
   if scheme then
-    local main, query = rest:match("^([^?]*)(.*)$")
+    local main, query = split_query(rest)
     local at = main:match(".*()@")
     if at then
       local user = not scheme:lower():find("^redis")

@@ -48,6 +48,7 @@
 local core = require "paygate.core"
 local dns = require "paygate.dns"
 local rcore = require "paygate.redis.core"
+local redact = require "paygate.redact"
 
 local _M = { _VERSION = "0.1.0" }
 
@@ -144,7 +145,10 @@ local function parse_url(url)
           .. " redis-sentinel://", 4)
   end
   local opts = {}
-  local main, qs = rest:match("^([^?]*)%??(.*)$")
+  -- (a password may hold "?": paygate.redact's reading, which messages
+  -- show the URL by)
+  local main, qs = redact.split_query(rest)
+  qs = qs:sub(2)
   for k, v in qs:gmatch("([^&=]+)=([^&]*)") do
     if BOOL_OPTS[k] and BOOLS[v] ~= nil then
       opts[k] = BOOLS[v]

@@ -154,7 +154,9 @@ end
 
 local function open_pg(url, opts)
   local pg_core = require "paygate.pg.core"
-  local base, qs = url:match("^([^?]*)%??(.*)$")
+  -- (a password may hold "?": paygate.redact's reading)
+  local base, qs = redact.split_query(url)
+  qs = qs:sub(2)
   -- Our options leave the URL; the rest (sslmode, ...) goes to libpq.
   local ours = { pool = true, connect_timeout = true, query_timeout = true,
                  retries = true, down_for = true }

@@ -87,6 +87,15 @@ describe("redact.url", function()
       { "postgres://h/db?password=xx&pool=2",
         "postgres://h/db?password=***&pool=2" },
       { "sqlite:var/x.db", "sqlite:var/x.db" },
+      -- a "?" in the password (no "=" before its "@"): user info, not a
+      -- query
+      { "redis://Pa?ss@h:1/0", "redis://h:1/0" },
+      { "redis://:Pa?s?s@h:1/0?timeout=2", "redis://h:1/0?timeout=2" },
+      { "postgres://gw:Pa?ss@h/db?pool=4", "postgres://gw@h/db?pool=4" },
+      -- an "@" in a query's value stays the query's
+      { "postgres://h/db?application_name=me@x",
+        "postgres://h/db?application_name=me@x" },
+      { "redis://h:1?password=p@ss", "redis://h:1?password=***" },
     }
     for _, c in ipairs(cases) do assert.equal(c[2], redact(c[1])) end
   end)

@@ -55,6 +55,20 @@ describe("paygate.redis with a password", function()
     end
   end)
 
+  it("a password holding ? in the URL: read as the password (not a"
+     .. " query), shown by no message", function()
+    -- read as host "wrongq" and a query, it failed dns naming the
+    -- password's first part, and redact.url showed all of it
+    local pw = "wrongq?pw-71c4"
+    local u = url(":" .. pw)
+    local c, err = redis.connect(u)
+    assert.is_nil(c)
+    assert.equal("WRONGPASS", err.code, tostring(err))
+    assert.not_matches("wrongq", err.message, 1, true)
+    local shown = require("paygate.redact").url(u)
+    assert.equal("redis://127.0.0.1:" .. srv.port, shown)
+  end)
+
   it("the password as an option: the same", function()
     local c, err = redis.connect(url(), { password = WRONG })
     assert.is_nil(c)
