@@ -30,7 +30,9 @@ local split_query = _M.split_query
 -- paygate.redis and paygate.sql read it (a password may hold "/", "@" or
 -- "?"); of it, only a
 -- PostgreSQL user name before ":" is kept (redis://SECRET@host: the whole
--- of it is the password). A password= query parameter is masked too.
+-- of it is the password). A query parameter named password (or
+-- sentinel_password, sslpassword: any name ending in password) is masked
+-- too.
 function _M.url(url)
   url = tostring(url)
   local scheme, rest = url:match("^(%a[%w+.-]*://)(.*)$")
@@ -44,7 +46,10 @@ function _M.url(url)
     end
     url = scheme .. main .. query
   end
-  return (url:gsub("([?&][Pp][Aa][Ss][Ss][Ww][Oo][Rr][Dd]=)[^&]*", "%1***"))
+  -- password=, and every other option named *password (paygate.redis's
+  -- sentinel_password, libpq's sslpassword)
+  return (url:gsub("([?&][%w_]*[Pp][Aa][Ss][Ss][Ww][Oo][Rr][Dd]=)[^&]*",
+                   "%1***"))
 end
 
 --- syntax: s = redact.name(v)

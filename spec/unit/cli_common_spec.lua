@@ -96,6 +96,11 @@ describe("redact.url", function()
       { "postgres://h/db?application_name=me@x",
         "postgres://h/db?application_name=me@x" },
       { "redis://h:1?password=p@ss", "redis://h:1?password=***" },
+      -- every option named *password
+      { "redis-sentinel://a:1/m?sentinel_password=sp&db=1",
+        "redis-sentinel://a:1/m?sentinel_password=***&db=1" },
+      { "postgres://h/db?sslmode=require&sslpassword=kp",
+        "postgres://h/db?sslmode=require&sslpassword=***" },
     }
     for _, c in ipairs(cases) do assert.equal(c[2], redact(c[1])) end
   end)
