@@ -124,6 +124,24 @@ describe("the diagnostic commands with a secret in place of a path", function()
   end
 end)
 
+describe("doctor's metrics_url", function()
+  it("is shown without the password of its user info", function()
+    local port = core.free_port()
+    local path = dir .. "/metrics." .. crypto.random_nonce(6) .. ".lua"
+    write(path, ("return { wechatpay = { mchid = '1900000001', "
+      .. "merchant_private_key = %q, merchant_serial = 'ABCDEF', "
+      .. "apiv3_key = %q, base_url = 'http://127.0.0.1:%d' }, "
+      .. "notify_url = 'http://127.0.0.1:%d/notify', "
+      .. "metrics_url = 'http://prom:Metr1csPw9@127.0.0.1:%d/metrics', "
+      .. "leases = { n = { ttl = 10, route = 'POST /notify' } } }"):format(
+      pki.merchant_key, APIV3, port, port, port))
+    local code, out = run{ "doctor", "--config", path }
+    assert.equal(1, code, out)
+    assert.matches("no answer from http://prom@127.0.0.1:" .. port, out)
+    assert.is_nil(out:find("Metr1csPw9", 1, true), out)
+  end)
+end)
+
 describe("a config file that does not parse", function()
   -- Lua's syntax error quotes the token it stopped at: an unfinished
   -- string is the rest of its line, here the APIv3 key (or a store URL's

@@ -19,6 +19,8 @@ local http = require("paygate").http
 local wconfig = require "paygate.wechatpay.config"
 local verify = require "paygate.wechatpay.verify"
 local json = require "cjson.safe"
+-- a URL as a message may show it (metrics_url may hold user:password@)
+local redact_url = require("paygate.redact").url
 
 local tostring, ipairs, pairs, type, pcall = tostring, ipairs, pairs, type,
                                              pcall
@@ -1015,7 +1017,7 @@ local function check_notify(out, conf, metrics)
     if metrics then n, p99 = measured(metrics, "POST", path) end
     if not metrics then
       out:warn("notify_latency", ("POST %s: nothing measured yet"):format(
-               path), "no answer from " .. tostring(conf.metrics_url),
+               path), "no answer from " .. redact_url(conf.metrics_url),
                "check metrics_url (the running gateway's admin listener, "
                .. "/metrics) and run doctor again")
     elseif not n then
@@ -1101,7 +1103,7 @@ local function check_leases(out, conf, metrics)
     elseif not metrics then
       out:warn("lease_ttl", ("lease %s: ttl %g s, nothing measured yet")
                :format(name, ttl), conf.metrics_url and "no answer from "
-               .. conf.metrics_url or "no metrics_url configured",
+               .. redact_url(conf.metrics_url) or "no metrics_url configured",
                "run traffic (or the simulator) through the gateway, set "
                .. "metrics_url, and run doctor again")
     else
