@@ -149,10 +149,15 @@ describe("paygate.shared", function()
     it("makes room from expired entries", function()
       local d = fresh("64k")
       local v = ("v"):rep(1000)
-      local i = 0
-      repeat i = i + 1 until not d:safe_add("old" .. i, v, 0.01)
+      -- (a TTL far above the fill's time: with 10 ms, a slow machine (ASan,
+      -- load) saw the first entries expire during the fill, which then
+      -- reclaimed them and held more than one dict's worth of entries)
+      local ttl, i = 0.5, 0
       local t0 = core.mono()
-      assert.is_true(wait_for(function() return core.mono() - t0 > 0.02 end, 5))
+      repeat i = i + 1 until not d:safe_add("old" .. i, v, ttl)
+      assert.is_true(core.mono() - t0 < ttl, "the fill outlasted the TTL")
+      assert.is_true(wait_for(function() return core.mono() - t0 > ttl + 0.01
+                              end, 5))
       for j = 1, i - 1 do assert.is_true(d:safe_add("new" .. j, v)) end
       assert.equal(0, d:stats().evictions)
     end)
