@@ -172,6 +172,39 @@ describe("paygate doctor's signed call (platform certificate mode)", function()
   end)
 end)
 
+-- The gateway downloads its platform certificates (none configured):
+-- cert_expiry covers the ones WeChat sends, as it covers configured ones.
+describe("paygate doctor's cert_expiry of the downloaded platform "
+         .. "certificates", function()
+  it("warns of the one WeChat sends expiring within 30 days", function()
+    local key, cert = dir .. "/plat2d.key", dir .. "/plat2d.pem"
+    assert(os.execute(("openssl req -x509 -newkey rsa:2048 -nodes -days 2 "
+      .. "-subj '/C=CN/O=Tenpay.com/CN=Tenpay.com sign' -set_serial "
+      .. "0x5F1C72E2A8931B72A2E13AF8DEE92471EB397115 -keyout %s -out %s "
+      .. ">/dev/null 2>&1"):format(key, cert)) == 0)
+    local sim = testing.simulator{ config = {
+      platform_private_key = key, platform_certificate = cert } }
+    local wc = sim:client_config()
+    assert.is_nil(wc.platform_certificates)
+    local _, out, code = doctor(wc)
+    assert.equal(0, code, out)
+    local found
+    for line in out:gmatch("[^\n]+") do
+      local x = json.decode(line)
+      if x and x.kind == "cert_expiry"
+         and x.cause:find("platform certificate", 1, true) then
+        found = x
+      end
+    end
+    assert(found, "no cert_expiry of the platform certificate:\n" .. out)
+    assert.equal("warn", found.status, out)
+    assert.matches("5F1C72E2A8931B72A2E13AF8DEE92471EB397115 expires in 1 "
+                   .. "day", found.cause, 1, true)
+    assert.matches("paygate certs --download", found.fix, 1, true)
+    sim:stop()
+  end)
+end)
+
 describe("paygate doctor's signed call (public key)", function()
   it("fails in migration mode when the public key is not WeChat's",
      function()

@@ -66,6 +66,12 @@ local SPEC = { ["--config"] = "value", ["--json"] = "flag",
 
 local WINDOW = 5             -- s WeChat waits for a notification's answer
 local DAY = 86400
+-- cert_expiry's fix for WeChat's platform certificate: the merchant does
+-- not renew it; WeChat lists the next one before it ends
+local PLATFORM_FIX = "WeChat lists the next platform certificate before "
+  .. "this one ends: paygate.wechatpay downloads it (every 12 h, and on an "
+  .. "unknown serial), paygate certs --download fetches it now; if none "
+  .. "comes, use the WeChat Pay public key (public_key, public_key_id)"
 
 -- x509 chain failure kinds: the cause in words and the fix
 local CHAIN = {
@@ -530,9 +536,11 @@ local function check_keys(out, wc, now, expiring, conf)
                  .. "platform certificate there (paygate certs --download);"
                  .. " WeChat's root CA, to check downloads against, goes in"
                  .. " platform_ca")
-        expiring[#expiring + 1] = { "platform certificate", c }
+        expiring[#expiring + 1] = { "platform certificate", c,
+                                    PLATFORM_FIX }
       else
-        expiring[#expiring + 1] = { "platform certificate", c }
+        expiring[#expiring + 1] = { "platform certificate", c,
+                                    PLATFORM_FIX }
       end
     end
   end
@@ -750,7 +758,7 @@ end
 -- RESOURCE_NOT_EXISTS, an unsigned error: the signature is checked, the
 -- public key and the APIv3 key are not (the first signed answer and the
 -- first notification check them).
-local function check_signed(out, wc, cfg, clock_bad, dconf)
+local function check_signed(out, wc, cfg, clock_bad, dconf, expiring)
   local conf = {}
   for k, v in pairs(wc) do conf[k] = v end
   conf.backup_url, conf.timeout, conf.deadline = false, 10, 20
@@ -772,6 +780,22 @@ local function check_signed(out, wc, cfg, clock_bad, dconf)
       n = res and 0
     else
       n, err = wx:refresh_certificates()
+      if n then
+        -- the platform certificates WeChat sends, for cert_expiry: the
+        -- gateway downloads them (none configured), and one expiring is
+        -- what a merchant must see before answers stop verifying. A
+        -- configured one is listed already.
+        local listed, got = {}, {}
+        for _, e in ipairs(expiring) do listed[e[2]:serial()] = true end
+        for serial, c in pairs(wx.certs or {}) do
+          if not listed[serial] then got[#got + 1] = c end
+        end
+        table.sort(got, function(a, b) return a:serial() < b:serial() end)
+        for _, c in ipairs(got) do
+          expiring[#expiring + 1] = { "platform certificate", c,
+                                      PLATFORM_FIX }
+        end
+      end
     end
     wx:stop()
   end
@@ -1142,7 +1166,7 @@ local function check_expiry(out, expiring, now)
                c:serial(), d), nil, "renew or download it")
     elseif left < 30 then
       out:warn("cert_expiry", ("%s %s expires in %s"):format(e[1],
-               c:serial(), d), nil, "renew it before then")
+               c:serial(), d), nil, e[3] or "renew it before then")
     else
       out:ok("cert_expiry", ("%s %s: %s left"):format(e[1], c:serial(), d))
     end
@@ -1191,7 +1215,7 @@ local function main(args)
   end
   local reached, clock_bad = check_api(out, wc, conf, now, expiring)
   if reached and cfg then
-    check_signed(out, wc, cfg, clock_bad, conf)
+    check_signed(out, wc, cfg, clock_bad, conf, expiring)
   end
   local metrics
   if conf.metrics_url ~= nil and type(conf.metrics_url) ~= "string" then
