@@ -123,3 +123,56 @@ describe("paygate doctor: the TLS chain to the API host", function()
     end)
   end
 end)
+
+-- WeChat delivers notifications over HTTPS only and trusts public CAs: a
+-- notify server that sends its leaf without the intermediate, or a
+-- self-signed certificate, gets no notification at all. notify_url names
+-- the chain failure as tls_chain names the API host's (it was curl's
+-- message, told as a timeout: "no answer within 5 s").
+describe("paygate doctor: the TLS chain of the notify URL", function()
+  local function notify_config(url)
+    local path = dir .. "/doctor." .. crypto.random_nonce(6) .. ".lua"
+    write(path, ("return { wechatpay = { mchid = '1900000001', "
+      .. "merchant_private_key = %q, merchant_certificate = %q, "
+      .. "apiv3_key = '0123456789abcdefghijABCDEFGHIJkl', base_url = "
+      .. "'http://127.0.0.1:9' }, notify_url = %q, notify_ca_file = %q }")
+      :format(pki.merchant_key, pki.merchant, url, pki.root))
+    return path
+  end
+  local cases = {
+    { "a leaf sent without its intermediate", "good", "good_key",
+      "missing_intermediate", "the intermediates" },
+    { "a self-signed certificate", "self_signed", "self_signed_key",
+      "self_signed_untrusted", "public CAs only" },
+    { "an expired certificate", "expired_chain", "expired_key", "expired",
+      "renew" },
+  }
+  for _, c in ipairs(cases) do
+    it("names " .. c[1], function()
+      local s = server.start{ source = APP, scheme = "https", args = {
+        "--tls-cert", pki[c[2]], "--tls-key", pki[c[3]] } }
+      local code, out, r = run({ "doctor", "--json", "--config",
+        notify_config("https://localhost:" .. s.port .. "/notify") })
+      s:stop()
+      local n = r.notify_url
+      assert.truthy(n, out)
+      assert.equal(1, code, out)
+      assert.equal("fail", n.status, out)
+      assert.equal(c[4], n.x509_kind, out)
+      assert.matches("TLS " .. c[4], n.cause, 1, true)
+      assert.matches("no notification reaches the handler", n.detail, 1,
+                     true)
+      assert.is_nil(n.detail:find("within 5 s", 1, true), out)
+      assert.matches(c[5], n.fix, 1, true)
+    end)
+  end
+
+  it("passes the full chain from a CA it trusts", function()
+    local s = server.start{ source = APP, scheme = "https", args = {
+      "--tls-cert", pki.good_chain, "--tls-key", pki.good_key } }
+    local _, out, r = run({ "doctor", "--json", "--config",
+      notify_config("https://localhost:" .. s.port .. "/notify") })
+    s:stop()
+    assert.equal("ok", r.notify_url and r.notify_url.status, out)
+  end)
+end)

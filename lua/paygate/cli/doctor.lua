@@ -891,6 +891,49 @@ local function local_host(host)
   return nil
 end
 
+-- A notify URL's TLS failure, classified as tls_chain classifies the API
+-- host's: the chain the server sends, verified as WeChat verifies it (a
+-- public CA; notify_ca_file for a test server). returns: true when it
+-- printed the failure.
+local NOTIFY_TLS_FIX = {
+  missing_intermediate = "serve the full chain: the certificate file "
+    .. "(paygate run's tls.cert) holds the leaf, then the intermediates; "
+    .. "openssl s_client -connect HOST:443 -showcerts shows what is sent",
+  self_signed_untrusted = "WeChat trusts public CAs only: install a "
+    .. "certificate from one (for a test server, notify_ca_file names its "
+    .. "CA to doctor)",
+  unknown_authority = "WeChat trusts public CAs only: install a "
+    .. "certificate from one (for a test server, notify_ca_file names its "
+    .. "CA to doctor)",
+  expired = "renew the notify server's certificate; if it looks current, "
+    .. "check this host's clock",
+  hostname_mismatch = "install a certificate that covers the host of "
+    .. "notify_url (the gateway's public_url)",
+}
+local function notify_tls(out, url, host, port, conf, now)
+  if not host:match("^[%w][%w%.%-]*$") or #host > 253 then return end
+  local pem = fetch_chain(host, port)
+  if not pem then return end
+  local chain = x509.chain(pem)
+  local inter = {}
+  for i = 2, #chain do inter[#inter + 1] = chain[i] end
+  local roots = conf.notify_ca_file and common.read(conf.notify_ca_file,
+                                                    "notify_ca_file")
+                or "system"
+  local ok, err = x509.verify_chain(chain[1], { roots = roots,
+    intermediates = inter, hostname = host, purpose = "server", at = now })
+  if ok or not err or not err.kind then return end
+  local c = CHAIN[err.kind] or { "the chain does not verify", nil }
+  out:result{ status = "fail", kind = "notify_url", x509_kind = err.kind,
+              cause = url .. ": TLS " .. err.kind .. ": " .. c[1],
+              detail = host .. ": " .. tostring(err.message) .. "\nleaf "
+              .. chain[1]:subject() .. ", issuer " .. chain[1]:issuer()
+              .. "\nWeChat's handshake fails the same way: no notification "
+              .. "reaches the handler, and the access log shows none",
+              fix = NOTIFY_TLS_FIX[err.kind] or c[2] }
+  return true
+end
+
 local function check_notify(out, conf, metrics)
   local url = conf.notify_url
   local limits = type(conf.limits) == "table" and conf.limits or {}
@@ -935,6 +978,7 @@ local function check_notify(out, conf, metrics)
         .. url:sub(9), timeout = 2, connect_timeout = 2 }
       plain = r2 ~= nil
     end
+    local port = tonumber(url:match("^https://[^/]-:(%d+)")) or 443
     if plain then
       out:fail("notify_url", url .. " speaks plain HTTP, not TLS: "
                .. "an https:// URL served without TLS", "the TLS handshake "
@@ -943,6 +987,9 @@ local function check_notify(out, conf, metrics)
                .. "answered", "serve the notify URL with TLS (a public "
                .. "CA certificate) or fix the port (a proxy forwarding "
                .. "443 to the application's plain-HTTP port?)")
+    elseif not res and err.kind == "tls" and url:match("^https://")
+           and host and notify_tls(out, url, host, port, conf, core.time()) then
+      -- named by notify_tls
     elseif not res then
       out:fail("notify_url", err.kind == "timeout" and ("%s did not answer "
                .. "within %d s"):format(url, WINDOW) or url .. ": "
