@@ -653,12 +653,6 @@ local function bill_job(ctx, conf)
     end
     return items
   end
-  -- 1 while a merchant's last bill run failed (not a bill still being
-  -- made): /metrics shows it, where the mismatch gauge keeps the last good
-  -- day's counts
-  local failing = metrics.gauge("paygate_reconcile_bill_failed",
-    "1 when the last daily bill run of a merchant failed (its kind in"
-    .. " the log), 0 once one succeeds.")
   local ttl, measure = lease_opts("bill", conf)
   return reconcile.runner(db, {
     name = "bill", batch = 20, interval = math.min(60, conf.bill_retry),
@@ -668,22 +662,12 @@ local function bill_job(ctx, conf)
     check = function(item, rctx)
       tried.set(item.key, core.time())
       local wx = ctx.wx[item.mchid]
-      local ok, report, err = pcall(_M.bill_day, {
+      -- a raise (a fault on this side) goes on to the runner, which logs
+      -- it as before
+      local report, err = _M.bill_day{
         wx = wx, db = db, dir = conf.bill_dir, date = item.date,
-        mchid = item.mchid, fence = rctx.fence, on_wait = rctx.keepalive })
-      if not ok then
-        -- a raise (a fault on this side) fails the run all the same; the
-        -- runner logs it as before
-        failing:set(1, { merchant = item.mchid })
-        error(report, 0)
-      end
-      if not report then
-        if err.kind ~= "statement_creating" then
-          failing:set(1, { merchant = item.mchid })
-        end
-        return nil, err
-      end
-      failing:set(0, { merchant = item.mchid })
+        mchid = item.mchid, fence = rctx.fence, on_wait = rctx.keepalive }
+      if not report then return nil, err end
       local level = report.counts.total > 0 and "warn" or "info"
       paygate.log[level]("gateway: daily bill reconciled", {
         date = report.date, mchid = item.mchid, path = report.path,
@@ -700,14 +684,43 @@ end
 -- daily job and the console's lever both run it, so that a day run from
 -- the console reports what the job would. o: { wx, db, dir, date, mchid,
 -- fence, on_wait }; one attempt (the job tries again after bill_retry).
+-- Its outcome sets paygate_reconcile_bill_failed{merchant} (1 failed, 0
+-- succeeded; a bill WeChat is still making changes nothing), whoever ran
+-- it: a day the console ran again with success clears the alarm the job's
+-- failure raised (the job, finding the day reported, never runs it again).
+local failing
+
+local function bill_failed(mchid, v)
+  if failing == nil then
+    -- 1 while a merchant's last bill run failed (not a bill still being
+    -- made): /metrics shows it, where the mismatch gauge keeps the last
+    -- good day's counts
+    failing = metrics.gauge("paygate_reconcile_bill_failed",
+      "1 when the last daily bill run of a merchant failed (its kind in"
+      .. " the log), 0 once one succeeds.")
+  end
+  failing:set(v, { merchant = mchid })
+end
+
 function _M.bill_day(o)
   local db, mchid = o.db, o.mchid
-  return bill.daily{
+  local ok, report, err = pcall(bill.daily, {
     wx = o.wx, db = db, dir = o.dir, date = o.date, name = mchid,
     fence = o.fence, on_wait = o.on_wait, retry = { attempts = 1 },
     local_rows = function(date, numbers, refund_numbers)
       return _M.local_rows(db, mchid, date, numbers, refund_numbers)
-    end }
+    end })
+  if not ok then
+    -- a raise (a fault on this side) fails the run all the same
+    bill_failed(mchid, 1)
+    error(report, 0)
+  end
+  if not report then
+    if err.kind ~= "statement_creating" then bill_failed(mchid, 1) end
+    return nil, err
+  end
+  bill_failed(mchid, 0)
+  return report
 end
 
 ----------------------------------------------------------------- start

@@ -365,6 +365,48 @@ describe("gateway daily bill job failures", function()
   end)
 end)
 
+-- The job failed a day (the alarm raised), then the operator ran that day
+-- again from the console, with success: the job finds the day reported
+-- and never runs it again, so the console's run must clear the alarm.
+describe("gateway daily bill failed, then run from the console", function()
+  local sim, gw, bill_dir
+
+  setup(function()
+    -- no retry by the job within the spec: only the console runs it again
+    sim, gw, bill_dir = start({ console = { access = "loopback" } }, nil,
+      { bill_retry = 3600, bill_days = 1 }, function(s)
+        s:fault{ endpoint = "tradebill", kind = "error", status = 500,
+                 count = 100000 }
+      end)
+  end)
+
+  teardown(function() stop(gw, bill_dir) end)
+
+  local function failed_gauge()
+    local m = gw.srv:admin_get("/metrics")
+    return m and m.body:match('\npaygate_reconcile_bill_failed{merchant="'
+                              .. sim.merchant.mchid .. '"} (%d+)\n')
+  end
+
+  it("the console's successful run sets paygate_reconcile_bill_failed 0",
+     function()
+    testing.wait_until(function() return failed_gauge() == "1" end, 20,
+                       "paygate_reconcile_bill_failed 1")
+    sim:clear_faults()
+    local page = gw.srv:request{ path = "/console/reconcile" }
+    assert.equal(200, page.status, page.body)
+    local csrf = assert(page.body:match('name="csrf" value="(%x+)"'))
+    local res = gw.srv:request{ method = "POST", path = "/console/reconcile",
+      body = "csrf=" .. csrf .. "&date=" .. bill.bill_date(),
+      headers = { ["Content-Type"] = "application/x-www-form-urlencoded" } }
+    assert.equal(303, res.status, res.body)
+    assert.matches("reconciled", res.headers["location"])
+    assert.equal(1, #audit.entries(gw.db, "reconcile:" .. bill.bill_date()))
+    testing.wait_until(function() return failed_gauge() == "0" end, 5,
+                       "paygate_reconcile_bill_failed 0")
+  end)
+end)
+
 describe("gateway daily bill: which days before bill_hour", function()
   package.path = "examples/gateway/?.lua;" .. package.path
   local gwr = require "gw.reconcile"
