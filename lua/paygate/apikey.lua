@@ -158,7 +158,8 @@ function _M.parse(header)
     return nil, "malformed_signature"
   end
   local scheme, rest = header:match("^%s*(%S+)%s+(.-)%s*$")
-  if scheme ~= SCHEME then
+  -- the scheme is a case-insensitive token (RFC 9110, 11.1)
+  if scheme == nil or scheme:upper() ~= SCHEME then
     return nil, scheme == nil and "malformed_signature" or
            "missing_signature"
   end

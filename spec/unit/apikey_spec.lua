@@ -89,6 +89,11 @@ describe("apikey.parse", function()
       .. 'key_id="k",timestamp="12",signature="ab"'))
     assert.same({ app_id = "a", key_id = "k", timestamp = "12",
                   signature = "ab" }, f)
+    -- the scheme in any case (RFC 9110: a case-insensitive token)
+    for _, scheme in ipairs({ "paygate-hmac-sha256", "Paygate-Hmac-Sha256" }) do
+      assert.same(f, apikey.parse(scheme .. ' app_id="a",key_id="k",'
+        .. 'timestamp="12",signature="ab"'), scheme)
+    end
   end)
 end)
 
