@@ -311,6 +311,23 @@ describe("paygate certs", function()
     assert.equal("fail", r[5].status)
     assert.equal(2048, r[1].key_bits)
   end)
+
+  it("lists a directory's files, passing over a folder inside it",
+     function()
+    local d = dir .. "/keys-with-folder"
+    os.execute("mkdir -p '" .. d .. "/old'")
+    write(d .. "/platform.pem", read(pki.platform))
+    write(d .. "/old/merchant.pem", read(pki.merchant))
+    local code, out, r = run({ "certs", "--json", d })
+    assert.equal(0, code, out)
+    assert.equal(1, #r, out)
+    assert.equal("platform", r[1].role)
+    -- verify reads a --keyring / --certificate folder the same way
+    code, out = verify(BODY, signed(BODY), { "--keyring", d })
+    assert.equal(0, code, out)
+    code, out = verify(BODY, signed(BODY), { "--certificate", d })
+    assert.equal(0, code, out)
+  end)
 end)
 
 describe("paygate certs --download", function()

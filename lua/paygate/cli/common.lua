@@ -227,7 +227,8 @@ function _M.shown(path)
 end
 
 --- syntax: names = common.files(path) -- a file, or a directory's files
--- (sorted, not recursive); nil when neither.
+-- (sorted, not recursive: a folder inside is passed over, as a file that
+-- holds no key is); nil when neither.
 function _M.files(path)
   local core = require "paygate.core"
   local ok, names = pcall(core.listdir, path)
@@ -236,8 +237,9 @@ function _M.files(path)
     path = path:match("^(.-)/*$")             -- "keys/": no "keys//x.pem"
     if path == "" then path = "/" end
     for _, n in ipairs(names) do
-      if n:sub(1, 1) ~= "." then
-        out[#out + 1] = (path == "/" and "" or path) .. "/" .. n
+      local full = (path == "/" and "" or path) .. "/" .. n
+      if n:sub(1, 1) ~= "." and type(core.listdir(full)) ~= "table" then
+        out[#out + 1] = full
       end
     end
     return out
