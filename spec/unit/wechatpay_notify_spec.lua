@@ -233,32 +233,26 @@ describe("parse_notification: failures", function()
     local _, err = wx:parse_notification(n, NR)
     assert.equal("malformed", err.kind)
   end)
-  it("a plaintext that is not JSON is malformed", function()
+  -- a notification whose resource decrypts to the bytes plain
+  local function with_plaintext(plain)
     local rnonce = "abcdefabcdef"
     local ct = crypto.aead_encrypt("AEAD_AES_256_GCM", APIV3, rnonce,
-                                   "transaction", "not json")
-    local n = note{ body_hook = function(b)
+                                   "transaction", plain)
+    return note{ body_hook = function(b)
       local d = json.decode(b)
       d.resource.nonce = rnonce
       d.resource.ciphertext = crypto.base64_encode(ct)
       return json.encode(d)
     end }
-    local _, err = wx:parse_notification(n, NR)
+  end
+  it("a plaintext that is not JSON is malformed", function()
+    local _, err = wx:parse_notification(with_plaintext("not json"), NR)
     assert.equal("malformed", err.kind)
   end)
   it("a plaintext that is a JSON array is malformed, not a resource",
      function()
     for _, plain in ipairs{ '[1,2]', '[{"out_trade_no":"T1"}]', '["x"]' } do
-      local rnonce = "abcdefabcdef"
-      local ct = crypto.aead_encrypt("AEAD_AES_256_GCM", APIV3, rnonce,
-                                     "transaction", plain)
-      local n = note{ body_hook = function(b)
-        local d = json.decode(b)
-        d.resource.nonce = rnonce
-        d.resource.ciphertext = crypto.base64_encode(ct)
-        return json.encode(d)
-      end }
-      local res, err = wx:parse_notification(n, NR)
+      local res, err = wx:parse_notification(with_plaintext(plain), NR)
       assert.is_nil(res, plain)
       assert.equal("malformed", err.kind, plain)
       assert.equal("notification: decrypted resource is not a JSON object",
@@ -270,16 +264,7 @@ describe("parse_notification: failures", function()
     for _, plain in ipairs{ '{"out_trade_no":"T1","amount":{"total":Infinity}}',
                             '{"out_trade_no":"T1","amount":{"total":1e999}}',
                             '{"out_trade_no":"T1","amount":{"total":0x10}}' } do
-      local rnonce = "abcdefabcdef"
-      local ct = crypto.aead_encrypt("AEAD_AES_256_GCM", APIV3, rnonce,
-                                     "transaction", plain)
-      local n = note{ body_hook = function(b)
-        local d = json.decode(b)
-        d.resource.nonce = rnonce
-        d.resource.ciphertext = crypto.base64_encode(ct)
-        return json.encode(d)
-      end }
-      local res, err = wx:parse_notification(n, NR)
+      local res, err = wx:parse_notification(with_plaintext(plain), NR)
       assert.is_nil(res, plain)
       assert.equal("malformed", err.kind, plain)
     end

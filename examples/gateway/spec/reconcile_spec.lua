@@ -331,6 +331,13 @@ describe("gateway daily bill: a refund line the gateway has as not"
   end)
 end)
 
+-- paygate_reconcile_bill_failed{merchant} on gw's /metrics, or nil
+local function bill_failed_gauge(gw, sim)
+  local m = gw.srv:admin_get("/metrics")
+  return m and m.body:match('\npaygate_reconcile_bill_failed{merchant="'
+                            .. sim.merchant.mchid .. '"} (%d+)\n')
+end
+
 describe("gateway daily bill job failures", function()
   local sim, gw, bill_dir
 
@@ -345,11 +352,7 @@ describe("gateway daily bill job failures", function()
 
   teardown(function() stop(gw, bill_dir) end)
 
-  local function failed_gauge()
-    local m = gw.srv:admin_get("/metrics")
-    return m and m.body:match('\npaygate_reconcile_bill_failed{merchant="'
-                              .. sim.merchant.mchid .. '"} (%d+)\n')
-  end
+  local function failed_gauge() return bill_failed_gauge(gw, sim) end
 
   it("a failing run shows on /metrics until one succeeds", function()
     -- no report, and the gauge says so
@@ -382,11 +385,7 @@ describe("gateway daily bill failed, then run from the console", function()
 
   teardown(function() stop(gw, bill_dir) end)
 
-  local function failed_gauge()
-    local m = gw.srv:admin_get("/metrics")
-    return m and m.body:match('\npaygate_reconcile_bill_failed{merchant="'
-                              .. sim.merchant.mchid .. '"} (%d+)\n')
-  end
+  local function failed_gauge() return bill_failed_gauge(gw, sim) end
 
   it("the console's successful run sets paygate_reconcile_bill_failed 0",
      function()
