@@ -15,17 +15,23 @@ local function count(db, sql, args)
 end
 
 describe("gateway retention", function()
-  local sim, gw
+  local sim, gw, opts
 
   setup(function()
     sim = testing.simulator{ time_scale = 100 }
-    gw = core.start(sim, { gateway = {
+    local url = "sqlite:" .. testing.tmpdir() .. "/gw.db"
+    opts = { db = function() return url end, gateway = {
       reconcile = { enabled = false },
       -- delivered outbox rows kept 30 days here; a dispatcher that
-      -- pruned as well would drop them after its own 7 (and at once)
-      dispatcher = { interval = 0.05, prune_interval = 0.1 },
-      retention = { outbox_days = 30, delay = 0.5, interval = 0.5 },
-    } })
+      -- pruned as well would drop them after its own 7 at its first
+      -- round (its prune options are refused while retention is on: the
+      -- spec restarts the gateway on the rows instead)
+      dispatcher = { interval = 0.05 },
+      -- (no pass before the restart below: the rows are the second
+      -- gateway's to prune and count)
+      retention = { outbox_days = 30, delay = 3600, interval = 0.5 },
+    } }
+    gw = core.start(sim, opts)
   end)
 
   teardown(function()
@@ -66,6 +72,13 @@ describe("gateway retention", function()
     end
     idem("ret-expired", -60)
     idem("ret-live", H)
+    -- a gateway started on these rows: its dispatcher's first round
+    -- would prune ret-young at once, if it pruned
+    gw.srv:stop()
+    gw:stop()
+    opts.gateway.retention.delay = 0.5
+    gw = core.start(sim, opts)
+    db = gw.db
 
     testing.wait_until(function()
       return count(db, "SELECT COUNT(*) AS n FROM gw_notifications WHERE"
