@@ -60,6 +60,13 @@ describe("paygate.metrics.counter", function()
     assert.has_error(function()
       metrics.counter("x_total", "h", {}, { max_series = 1.5 })
     end)
+    -- 8 label names of 63 bytes: their overflow series ('k="_overflow"',
+    -- ...) takes over 256 bytes; it was rendered past its buffer's end
+    local long = {}
+    for i = 1, 8 do long[i] = ("l" .. i):rep(32):sub(1, 63) end
+    assert.has_error(function() metrics.counter("x_total", "h", long) end,
+                     "metrics.counter: label names too long (their overflow"
+                     .. " series takes over 255 bytes)")
     local c = metrics.counter("spec_misuse_total", "h", { "a", "b" })
     assert.has_error(function() c:inc({ a = "x" }) end)            -- b missing
     assert.has_error(function() c:inc({ a = "x", b = "y", z = "" }) end)

@@ -272,7 +272,7 @@ lmetrics_counter(lua_State *L)
     const char *name = luaL_checklstring(L, 1, &nl);
     const char *help = luaL_optlstring(L, 2, "", &hl);
     struct gw_lcounter *c;
-    int nlab = 0, max = LMETRICS_CTR_DEFAULT_SERIES;
+    int nlab = 0, max = LMETRICS_CTR_DEFAULT_SERIES, w;
     size_t on = 0;
 
     check_name_help(L, "metrics.counter", name, nl, help, hl);
@@ -326,10 +326,18 @@ lmetrics_counter(lua_State *L)
                 }
             }
             memcpy(c->label[i], k, kl + 1);
+            w = snprintf(c->overflow + on, sizeof(c->overflow) - on,
+                         "%s%s=\"" GW_METRICS_OVERFLOW "\"", i > 0 ? "," : "",
+                         k);
+            if (w < 0 || (size_t) w >= sizeof(c->overflow) - on) {
+                /* the overflow series must fit a series' labels: past
+                 * it, on would pass the buffer's end */
+                return luaL_error(L, "metrics.counter: label names too long"
+                                  " (their overflow series takes over %d "
+                                  "bytes)", (int) sizeof(c->overflow) - 1);
+            }
+            on += (size_t) w;
             lua_pop(L, 1);
-            on += (size_t) snprintf(c->overflow + on, sizeof(c->overflow) - on,
-                                    "%s%s=\"" GW_METRICS_OVERFLOW "\"",
-                                    i > 0 ? "," : "", k);
         }
     }
     c->nlabels = nlab;
