@@ -135,6 +135,21 @@ describe("paygate.x509", function()
       assert.matches("host name", err.message)
     end)
 
+    it("an empty hostname, or one with a NUL, is refused, not skipped", function()
+      -- OpenSSL takes an empty name as "no host check" and reads a name up
+      -- to its NUL: either verified any host name as matching
+      for _, h in ipairs({ "", "api.example.com\0" .. HOST, HOST .. "\0" }) do
+        assert.has_error(function()
+          x509.verify_chain(pki.L, { roots = { pki.R }, intermediates = { pki.I },
+                                     hostname = h })
+        end, "x509.verify_chain: opts.hostname must be a host name (not empty,"
+             .. " no NUL byte)")
+      end
+      assert.is_true(x509.verify_chain(pki.L, { roots = { pki.R },
+                                                intermediates = { pki.I },
+                                                hostname = HOST }))
+    end)
+
     it("wrong_usage: a client-only certificate used as a server", function()
       local err = fails_with("wrong_usage", x509.verify_chain(pki.C,
         { roots = { pki.R }, intermediates = { pki.I }, purpose = "server" }))

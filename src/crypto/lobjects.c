@@ -663,6 +663,19 @@ gw_lcert_verify_chain(lua_State *L)
     gw_opts_known(L, 2, VC, "opts", verify_chain_opts);
     lua_settop(L, 2);
     v.host = gw_opt_string(L, 2, VC, "hostname");
+    if (v.host != NULL) {
+        size_t hl;
+
+        /* OpenSSL checks no host at all for "" and reads a name up to a
+         * NUL: either would pass any certificate's names */
+        lua_getfield(L, 2, "hostname");
+        lua_tolstring(L, -1, &hl);
+        lua_pop(L, 1);
+        if (hl == 0 || strlen(v.host) != hl) {
+            return gw_raise(L, VC ": opts.hostname must be a host name (not "
+                            "empty, no NUL byte)");
+        }
+    }
     lua_getfield(L, 2, "at");
     v.has_at = !lua_isnil(L, -1);
     lua_pop(L, 1);

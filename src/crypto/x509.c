@@ -343,8 +343,12 @@ gw_x509_verify_chain(X509 *leaf, const struct gw_x509_verify *v,
     if (v->has_at) {
         X509_VERIFY_PARAM_set_time(param, v->at);
     }
-    if (v->host != NULL) {
-        X509_VERIFY_PARAM_set1_host(param, v->host, 0);
+    if (v->host != NULL
+        && (v->host[0] == '\0'
+            || X509_VERIFY_PARAM_set1_host(param, v->host, 0) != 1))
+    {
+        /* unchecked, no host would be checked at all */
+        GW_FAIL("internal", "cannot set the expected host name");
     }
     if (v->purpose != 0) {
         X509_STORE_CTX_set_purpose(ctx, v->purpose);
