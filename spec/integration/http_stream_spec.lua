@@ -177,4 +177,50 @@ describe("paygate.http.request with a sink", function()
     assert.equal(200, assert(paygate.http.request{
       url = srv:url("/bytes/16") }).status)
   end)
+
+  it("a coroutine waiting on a stream another one opened is woken when "
+     .. "the opener ends and the transfer is aborted", function()
+    local hcore = require "paygate.http.core"
+    local s
+    local opener = paygate.spawn(function()
+      s = hcore.stream{ url = srv:url("/slow") }
+    end)
+    opener:wait()
+    -- the opener ended before this: its transfer was aborted. A reader
+    -- that waits while it ends must be woken too, not left for ever
+    local got, done
+    local reader = paygate.spawn(function()
+      got = { s:headers() }
+      done = true
+    end)
+    local t0 = paygate.update_time()
+    while not done and paygate.update_time() - t0 < 5 do
+      paygate.sleep(0.01)
+    end
+    assert.is_true(done)
+    assert.is_nil(got[1])
+    assert.is_true(paygate.update_time() - t0 < 1)
+    local s2, waiting = nil, false
+    local opener2 = paygate.spawn(function()
+      s2 = hcore.stream{ url = srv:url("/slow") }
+      paygate.sleep(0.1)              -- ends while the reader waits
+    end)
+    paygate.sleep(0.02)
+    done, got = false, nil
+    local reader2 = paygate.spawn(function()
+      waiting = true
+      got = { s2:headers() }
+      done = true
+    end)
+    t0 = paygate.update_time()
+    while not done and paygate.update_time() - t0 < 5 do
+      paygate.sleep(0.01)
+    end
+    assert.is_true(waiting)
+    assert.is_true(done, "the reader was never woken")
+    assert.is_nil(got[1])
+    assert.is_true(paygate.update_time() - t0 < 1)
+    reader:cancel() reader2:cancel() opener2:cancel()
+    s:close() s2:close()
+  end)
 end)

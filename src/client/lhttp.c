@@ -938,10 +938,18 @@ stream_cancel(void *arg)
     stream_abort(arg);
 }
 
+/* The opening coroutine ended without close(): stop the transfer. Its own
+ * wait, if any, was cancelled first (op->co is NULL then); a coroutine
+ * still waiting is another one, which the stop wakes with the error on a
+ * later turn (stream_kick) instead of leaving it waiting for ever. */
 static void
 stream_cleanup(void *arg)
 {
-    stream_abort(arg);
+    struct gw_http_op *op = arg;
+
+    if (!op->done) {
+        stream_done(op, CURLE_ABORTED_BY_CALLBACK);
+    }
 }
 
 /*
