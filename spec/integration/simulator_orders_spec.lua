@@ -376,6 +376,29 @@ describe("simulator: partner (service provider) mode", function()
                partner_body("pt-bad-0003", { payer = {} })),
         400, "PARAM_ERROR", "/payer/sp_openid")
   end)
+
+  it("names a refused query parameter with location query", function()
+    -- a merchant that reads detail.location to tell its own query from
+    -- its body must be told "query" when the query is at fault
+    local function at_query(res, field)
+      err(res, 400, "INVALID_REQUEST", field)
+      assert.equal("query", res.json.detail.location, res.body)
+    end
+    at_query(c:call("GET", "/v3/pay/transactions/out-trade-no/st-none-0001"
+                    .. "?mchid=" .. sc.MCHID2), "mchid")
+    local q = "/v3/pay/partner/transactions/out-trade-no/pt-none-01"
+    at_query(c:call("GET", q .. "?sp_mchid=" .. sc.MCHID2 .. "&sub_mchid="
+                    .. sc.SUB), "sp_mchid")
+    at_query(c:call("GET", q .. "?sp_mchid=" .. sc.MCHID
+                    .. "&sub_mchid=1999999999"), "sub_mchid")
+    at_query(c:call("GET", "/v3/refund/domestic/refunds/pt-r1?sub_mchid="
+                    .. "1999999999"), "sub_mchid")
+    -- in a body, as before: a JSON pointer, location body
+    local res = c:call("POST", "/v3/pay/partner/transactions/jsapi",
+                       partner_body("pt-bad-0004", { sub_mchid = "1999999999" }))
+    err(res, 400, "INVALID_REQUEST", "/sub_mchid")
+    assert.equal("body", res.json.detail.location)
+  end)
 end)
 
 describe("simulator: partner orders belong to their service provider",

@@ -100,11 +100,13 @@ function _M.param_error(field, issue, value, location)
       location = location or "body" })
 end
 
---- syntax: e = api.invalid(field, message[, issue])
--- 400 INVALID_REQUEST naming the field.
-function _M.invalid(field, message, issue)
+--- syntax: e = api.invalid(field, message[, issue[, location]])
+-- 400 INVALID_REQUEST naming the field; location "body" unless given
+-- ("query" for a query parameter).
+function _M.invalid(field, message, issue, location)
   return err(400, "INVALID_REQUEST", message,
-             { field = field, issue = issue or message, location = "body" })
+             { field = field, issue = issue or message,
+               location = location or "body" })
 end
 
 local function request_id(suffix)

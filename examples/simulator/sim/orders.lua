@@ -363,20 +363,21 @@ end
 local function owner_for(c, mchid, sub_mchid, where)
   where = where or "body"
   local m = c.m
+  -- a body field is named as a JSON pointer, a query parameter by name
+  local at = where == "body" and "/" or ""
   if sub_mchid ~= nil then
     if mchid ~= m.mchid then
-      return nil, api().invalid((where == "body" and "/" or "") .. "sp_mchid",
-        "sp_mchid与Authorization中的商户号不一致")
+      return nil, api().invalid(at .. "sp_mchid",
+        "sp_mchid与Authorization中的商户号不一致", nil, where)
     end
     if type(sub_mchid) ~= "string" or not m.sub[sub_mchid] then
-      return nil, api().invalid((where == "body" and "/" or "") .. "sub_mchid",
-        "受理关系不存在")
+      return nil, api().invalid(at .. "sub_mchid", "受理关系不存在", nil, where)
     end
     return sub_mchid
   end
   if mchid ~= m.mchid then
-    return nil, api().invalid((where == "body" and "/" or "") .. "mchid",
-      "mchid与Authorization中的商户号不一致")
+    return nil, api().invalid(at .. "mchid",
+      "mchid与Authorization中的商户号不一致", nil, where)
   end
   return m.mchid
 end
@@ -762,9 +763,13 @@ local function refund_resource(f, o)
   return r
 end
 
-local function refund_owner(c, sub)
+-- where: "body" (the default) or "query", where sub_mchid came from
+local function refund_owner(c, sub, where)
   if sub == nil then return c.m.mchid end
   if type(sub) ~= "string" or not c.m.sub[sub] then
+    if where == "query" then
+      return nil, api().invalid("sub_mchid", "受理关系不存在", nil, "query")
+    end
     return nil, api().invalid("/sub_mchid", "受理关系不存在")
   end
   return sub
@@ -893,7 +898,7 @@ end
 
 local function query_refund(req, c)
   local a = api()
-  local owner, e = refund_owner(c, c.query.sub_mchid)
+  local owner, e = refund_owner(c, c.query.sub_mchid, "query")
   if not owner then return nil, e end
   local sp = c.query.sub_mchid and c.m.mchid or nil
   local rows = assert(S.db:query("SELECT * FROM sim_refunds WHERE owner = $1 "
