@@ -368,7 +368,10 @@ push_headers(lua_State *L, struct gw_http_op *op)
         if (ll > 0 && line[ll - 1] == '\r') {
             ll--;
         }
-        if (colon == NULL || colon == line || memcmp(line, "HTTP/", 5) == 0) {
+        /* (a status line; a header line may be shorter than "HTTP/": a
+         * last line "a:" at the buffer's end) */
+        if (colon == NULL || colon == line
+            || (ll >= 5 && memcmp(line, "HTTP/", 5) == 0)) {
             continue;
         }
         {
