@@ -347,9 +347,15 @@ push_setup_error(lua_State *L, const char *what, const char *answer)
     lua_remove(L, -2);                   /* keep the table, drop nil */
 }
 
-/* Pushes one Lua value for r (an error reply becomes an error table). */
+/* Pushes one Lua value for r (an error reply becomes an error table).
+ * depth: of r's array in the reply. An array takes a stack slot per
+ * level: past PUSH_MAX_DEPTH levels (hiredis 0.14 stops at 7; later
+ * versions need not) it is an error value instead, so the stack is
+ * checked without raising (this runs in hiredis's callback). */
+#define PUSH_MAX_DEPTH 32
+
 static void
-push_reply(lua_State *L, redisReply *r)
+push_reply_at(lua_State *L, redisReply *r, int depth)
 {
     size_t i;
 
@@ -362,9 +368,13 @@ push_reply(lua_State *L, redisReply *r)
         gw_store_push_int(L, (int64_t)r->integer);
         break;
     case REDIS_REPLY_ARRAY:
+        if (depth >= PUSH_MAX_DEPTH || !lua_checkstack(L, 4)) {
+            push_reply_error(L, "ERR reply nested too deeply", 27);
+            break;
+        }
         lua_createtable(L, (int)r->elements, 0);
         for (i = 0; i < r->elements; i++) {
-            push_reply(L, r->element[i]);
+            push_reply_at(L, r->element[i], depth + 1);
             lua_rawseti(L, -2, (int)i + 1);
         }
         break;
@@ -375,6 +385,12 @@ push_reply(lua_State *L, redisReply *r)
         lua_pushlightuserdata(L, NULL);  /* nil reply: redis.null */
         break;
     }
+}
+
+static void
+push_reply(lua_State *L, redisReply *r)
+{
+    push_reply_at(L, r, 0);
 }
 
 static void
