@@ -495,8 +495,12 @@ function _M.check(conf, runtime)
 
   local ttl = g.payment_ttl
   if ttl == nil then ttl = 7200 end
-  if type(ttl) ~= "number" or ttl % 1 ~= 0 or ttl < 60 or ttl > 7 * 86400 then
-    return fail("gateway.payment_ttl", "must be whole seconds, 60 .. 604800")
+  -- at least 120: WeChat has been reported to refuse a time_expire less
+  -- than a minute ahead (PARAM_ERROR); the second minute is a margin for
+  -- clock skew and the prepay's own latency
+  if type(ttl) ~= "number" or ttl % 1 ~= 0 or ttl < 120
+     or ttl > 7 * 86400 then
+    return fail("gateway.payment_ttl", "must be whole seconds, 120 .. 604800")
   end
   out.payment_ttl = ttl
 

@@ -248,8 +248,10 @@ local function check_create(b)
       .. " no control characters)"
   end
   out.attach = b.attach
-  if b.expires_in ~= nil and not is_int(b.expires_in, 60, 7 * 86400) then
-    bad.expires_in = "must be whole seconds, 60 .. 604800"
+  -- at least 120 (as gateway.payment_ttl): WeChat has been reported to
+  -- refuse a time_expire less than a minute ahead
+  if b.expires_in ~= nil and not is_int(b.expires_in, 120, 7 * 86400) then
+    bad.expires_in = "must be whole seconds, 120 .. 604800"
   end
   out.expires_in = b.expires_in or ctx.gateway.payment_ttl
   local m = ctx.default_merchant

@@ -284,6 +284,25 @@ describe("gateway config", function()
       assert.equal("sqlite:var/gateway.db", def.gateway.db)
     end)
 
+    it("holds payment_ttl to 120 .. 604800 (WeChat is reported to refuse"
+       .. " a time_expire less than a minute ahead)", function()
+      -- before: 60 was taken, and its time_expire reached WeChat a little
+      -- under a minute ahead
+      for _, t in ipairs({ 60, 119, 604801, 120.5, "7200" }) do
+        local _, why = config.check({ gateway = {
+          db = "sqlite:" .. dir .. "/a.db", payment_ttl = t },
+          merchants = { merchant() } })
+        assert.equal("config.gateway.payment_ttl: must be whole seconds,"
+                     .. " 120 .. 604800", why)
+      end
+      for _, t in ipairs({ 120, 604800 }) do
+        local cfg = assert(config.check({ gateway = {
+          db = "sqlite:" .. dir .. "/a.db", payment_ttl = t },
+          merchants = { merchant() } }))
+        assert.equal(t, cfg.gateway.payment_ttl)
+      end
+    end)
+
     it("reads webhook secrets from files or the environment", function()
       write(dir .. "/wh.secret", "whsec-1\n")
       local cfg = assert(config.check({ gateway = {

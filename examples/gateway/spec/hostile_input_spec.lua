@@ -115,12 +115,16 @@ describe("gateway hostile input", function()
         channel = "native", amount = 1, description = "tea" }),
         400, "invalid_request", "order_id", oid)
     end
-    for _, e in ipairs{ "59", "604801", "60.5", '"60"', "null" } do
+    -- at least 120: WeChat is reported to refuse a time_expire less than
+    -- a minute ahead (before: 60 was taken)
+    for _, e in ipairs{ "60", "119", "604801", "120.5", '"120"', "null" } do
       local oid = order_id()
-      refused(create_raw(oid, ',"expires_in":' .. e), 400,
-              "invalid_request", "expires_in", oid)
+      local res = create_raw(oid, ',"expires_in":' .. e)
+      refused(res, 400, "invalid_request", "expires_in", oid)
+      assert.equal("must be whole seconds, 120 .. 604800",
+                   res.json.fields.expires_in, res.body)
     end
-    for _, e in ipairs{ 60, 604800 } do
+    for _, e in ipairs{ 120, 604800 } do
       res = create_raw(order_id(), ',"expires_in":' .. e)
       assert.equal(201, res.status, res.body)
       local p = res.json.payment
