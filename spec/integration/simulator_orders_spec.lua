@@ -189,17 +189,6 @@ describe("simulator: order states", function()
         "PARAM_ERROR", "/extra")
   end)
 
-  it("NOTPAY -> CLOSED when time_expire passes", function()
-    local t = os.time() + 2
-    local exp = os.date("!%Y-%m-%dT%H:%M:%S", t + 8 * 3600) .. "+08:00"
-    signed(prepay("st-expire-1", { time_expire = exp }))
-    assert.equal("NOTPAY", query("st-expire-1").json.trade_state)
-    assert(proc.wait_until(function()
-      return query("st-expire-1").json.trade_state == "CLOSED"
-    end, 10, "the order to expire"))
-    assert.equal(409, pay("st-expire-1").status)
-  end)
-
   it("answers ORDER_NOT_EXIST and wants mchid", function()
     err(query("st-none-0001"), 404, "ORDER_NOT_EXIST")
     err(c:call("GET", "/v3/pay/transactions/id/4200000000000000000000000000"
@@ -208,6 +197,75 @@ describe("simulator: order states", function()
     err(res, 400, "PARAM_ERROR", "mchid")
     err(c:call("GET", "/v3/pay/transactions/out-trade-no/st-none-0001?mchid="
                .. sc.MCHID2), 400, "INVALID_REQUEST")
+  end)
+end)
+
+-- a time_expire of epoch second t, as WeChat writes it (Beijing time)
+local function beijing(t)
+  return os.date("!%Y-%m-%dT%H:%M:%S", t + 8 * 3600) .. "+08:00"
+end
+
+describe("simulator: time_expire_min", function()
+  it("refuses a time_expire less than a minute ahead (default 60), as one"
+     .. " in the past", function()
+    -- before: only the past was refused, so a gateway sending one a little
+    -- under a minute ahead passed here and failed at WeChat
+    local now = math.ceil(core.time())
+    local past = prepay("te-min-past1", { time_expire = beijing(now - 10) })
+    err(past, 400, "PARAM_ERROR", "/time_expire")
+    local exp = beijing(now + 30)
+    local res = prepay("te-min-0030", { time_expire = exp })
+    err(res, 400, "PARAM_ERROR", "/time_expire")
+    -- the shape of the past case: the same detail keys, location body,
+    -- the value echoed, the path in the message
+    local d, pd = res.json.detail, past.json.detail
+    assert.equal("body", d.location)
+    assert.equal(exp, d.value)
+    assert.matches("60", d.issue, 1, true)
+    assert.matches("/time_expire", res.json.message, 1, true)
+    assert.matches(d.issue, res.json.message, 1, true)
+    local keys, pkeys = {}, {}
+    for k in pairs(d) do keys[#keys + 1] = k end
+    for k in pairs(pd) do pkeys[#pkeys + 1] = k end
+    table.sort(keys)
+    table.sort(pkeys)
+    assert.same(pkeys, keys)
+    assert.equal(past.headers["content-type"], res.headers["content-type"])
+    assert.equal(404, query("te-min-0030").status)      -- nothing stored
+    -- 61 s ahead (from the next whole second): taken
+    signed(prepay("te-min-0061", { time_expire = beijing(now + 61) }))
+    assert.equal("NOTPAY", query("te-min-0061").json.trade_state)
+  end)
+end)
+
+describe("simulator: time_expire_min = 0", function()
+  local srv0, c0, keys0
+
+  setup(function()
+    local s0, _, cl0 = sc.start(1, "time_expire_min = 0,")
+    srv0, c0 = s0, cl0
+    keys0 = c0:platform_keys()
+  end)
+
+  teardown(function() if srv0 then srv0:stop() end end)
+
+  it("takes a time_expire 30 s ahead; one in the past is still refused",
+     function()
+    local now = math.ceil(core.time())
+    sc.assert_signed(c0:prepay("te-zero-0030",
+      { time_expire = beijing(now + 30) }), keys0)
+    err(c0:prepay("te-zero-past", { time_expire = beijing(now - 10) }), 400,
+        "PARAM_ERROR", "/time_expire")
+  end)
+
+  it("NOTPAY -> CLOSED when time_expire passes", function()
+    local exp = beijing(os.time() + 2)
+    sc.assert_signed(c0:prepay("st-expire-1", { time_expire = exp }), keys0)
+    assert.equal("NOTPAY", c0:query("st-expire-1").json.trade_state)
+    assert(proc.wait_until(function()
+      return c0:query("st-expire-1").json.trade_state == "CLOSED"
+    end, 10, "the order to expire"))
+    assert.equal(409, c0:pay("st-expire-1").status)
   end)
 end)
 

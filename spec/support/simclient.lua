@@ -220,13 +220,15 @@ function _M.control(base, method, path, body)
   return res
 end
 
---- srv, base, c = simclient.start(workers): the simulator started with
---- the spec merchants (simclient.config) and a client of the first
-function _M.start(workers)
+--- srv, base, c = simclient.start(workers[, extra]): the simulator
+--- started with the spec merchants (simclient.config; extra: more
+--- "key = value," config lines) and a client of the first
+function _M.start(workers, extra)
   local server = require "support.server"
   local dir = server.tmpdir()
   local srv = server.start{ app = "examples/simulator",
-    config = _M.config(dir .. "/state", "workers = " .. workers .. ",") }
+    config = _M.config(dir .. "/state", "workers = " .. workers .. ","
+                       .. (extra or "")) }
   local base = "http://127.0.0.1:" .. srv.port
   return srv, base, _M.new{ base = base }
 end

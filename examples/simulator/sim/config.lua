@@ -239,7 +239,7 @@ end
 --               sub (sub_mchid -> { mchid, appids (set) }), verifier_mode }
 --   cfg.state_dir, time_scale, answer_timeout, verifier_mode, sign_type,
 --   sm (boolean), control, rotation_delay, refund_settle_after,
---   timestamp_window, platform_private_key, platform_certificate,
+--   timestamp_window, time_expire_min, platform_private_key, platform_certificate,
 --   public_key_id, public_key_private_key (PEM texts or nil), and every
 --   key added with config.define.
 function _M.check(raw)
@@ -349,6 +349,10 @@ function _M.check_rotation_delay(v)
 end
 _M.define("rotation_delay", _M.check_rotation_delay, 60)
 _M.define("timestamp_window", number_check(0, true), 300)
+-- A prepay's time_expire must lie at least this many seconds ahead (0: only
+-- in the future). WeChat has been reported to refuse one less than a minute
+-- ahead (a community report, unconfirmed).
+_M.define("time_expire_min", number_check(0, false), 60)
 
 _M.define("refund_settle_after", function(v)
   if v == false then return false end

@@ -449,6 +449,14 @@ local function check_prepay(c, body, trade_type, partner)
       return nil, a.param_error("/time_expire", "订单失效时间应晚于当前时间",
                                 body.time_expire)
     end
+    -- at least time_expire_min ahead: WeChat has been reported to refuse
+    -- one less than a minute ahead (a community report)
+    local min = S.config.time_expire_min
+    if min > 0 and expire - c.now < min then
+      local secs = min % 1 == 0 and ("%.0f"):format(min) or ("%g"):format(min)
+      return nil, a.param_error("/time_expire", "订单失效时间应至少晚于当前"
+        .. "时间" .. secs .. "秒", body.time_expire)
+    end
   end
   if body.payer ~= nil and type(body.payer) ~= "table" then
     return nil, a.param_error("/payer", "应为对象")
