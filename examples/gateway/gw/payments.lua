@@ -118,6 +118,9 @@ end
 local CREATE_FIELDS = set_of{ "order_id", "channel", "amount", "currency",
   "description", "payer", "client_ip", "h5_type", "expires_in", "attach",
   "mchid", "sub_mchid", "appid" }
+-- s a payment must have left for a new attempt (its time_expire: WeChat
+-- is reported to want one at least 60 s ahead; 30 s of margin)
+local ATTEMPT_MIN_LEFT = 90
 local ATTEMPT_FIELDS = set_of{ "channel", "payer", "client_ip", "h5_type" }
 local PAYER_FIELDS = set_of{ "openid" }
 local NO_FIELDS = {}
@@ -701,6 +704,15 @@ function _M.new_attempt(req, ik)
   if p.expires_at <= now then
     return 409, err_body("payment_expired", "payment " .. p.id
                          .. " expired; create a new one")
+  end
+  -- the new attempt's time_expire is the payment's: WeChat is reported
+  -- to refuse one less than a minute ahead (a margin for clocks and the
+  -- trip on top)
+  if p.expires_at - now < ATTEMPT_MIN_LEFT then
+    return 409, err_body("payment_expired", ("payment %s expires in %d s:"
+      .. " too soon for a new attempt (WeChat wants its time_expire at"
+      .. " least a minute ahead); create a new one"):format(p.id,
+      floor(p.expires_at - now)))
   end
   if ctx.degraded() then return degraded() end
   -- the attempt marked as being closed for this switch first, if the

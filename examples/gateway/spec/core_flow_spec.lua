@@ -194,6 +194,29 @@ describe("gateway core flow", function()
     assert.equal("CLOSED", q.trade_state)
   end)
 
+  it("opens no attempt in a payment's last 90 s: payment_expired",
+     function()
+    -- the attempt's time_expire is the payment's, and WeChat is reported
+    -- to refuse one under a minute ahead (before: sent, and refused)
+    local p = gw:create{ channel = "native" }
+    assert(gw.db:exec("UPDATE gw_payments SET expires_at = $2 WHERE id = $1",
+                      { p.id, os.time() + 80 }))
+    local res = gw:call("POST", "/v1/payments/" .. p.id .. "/attempts",
+                        { channel = "native" })
+    assert.equal(409, res.status, res.body)
+    assert.equal("payment_expired", res.json.error)
+    assert.matches("too soon for a new attempt", res.json.message, 1, true)
+    -- nothing changed: the first attempt is still the open one
+    local got = gw:get(p.id)
+    assert.equal(1, #got.attempts)
+    assert.equal("open", got.attempts[1].state)
+    assert(gw.db:exec("UPDATE gw_payments SET expires_at = $2 WHERE id = $1",
+                      { p.id, os.time() + 200 }))
+    res = gw:call("POST", "/v1/payments/" .. p.id .. "/attempts",
+                  { channel = "native" })
+    assert.equal(201, res.status, res.body)
+  end)
+
   it("closes a payment", function()
     local p = gw:create{}
     local res = gw:call("POST", "/v1/payments/" .. p.id .. "/close")
