@@ -438,6 +438,43 @@ describe("paygate.json.encode", function()
     assert.equal("0.1", json.encode(0.1))
   end)
 
+  -- A finalizer may run inside an encode (the GC step of its final
+  -- lua_pushlstring, before the copy) and encode too, e.g. by logging.
+  -- It used to write into the same buffer, and free it when large: the
+  -- outer result was read from freed memory (ASan: heap-use-after-free;
+  -- without it, a crash or another value's bytes).
+  it("gives an encode run by a finalizer during an encode its own buffer",
+     function()
+    local big = {}
+    for i = 1, 3000 do big[i] = ("x"):rep(100) .. i end
+    local want = json.encode(big)
+    local ran = 0
+    local function garbage()
+      local p = newproxy(true)
+      getmetatable(p).__gc = function()
+        ran = ran + 1
+        assert(#json.encode({ a = ("y"):rep(300000) }) == 300008)
+      end
+    end
+    -- a whole cycle at every GC check: the proxy made just before an
+    -- encode is finalized in the encode's own lua_pushlstring
+    local bad = 0
+    collectgarbage("setpause", 1)
+    collectgarbage("setstepmul", 100000)
+    collectgarbage()                    -- the next cycle starts at once
+    local ok, err = pcall(function()
+      for _ = 1, 20 do
+        garbage()
+        if json.encode(big) ~= want then bad = bad + 1 end
+      end
+    end)
+    collectgarbage("setpause", 200)
+    collectgarbage("setstepmul", 200)
+    assert(ok, err)
+    assert.is_true(ran > 0)
+    assert.equal(0, bad)
+  end)
+
   it("writes strings without escaping / and keeps UTF-8", function()
     assert.equal('"https://a/b?c=\\"d\\"\\\\"', json.encode('https://a/b?c="d"\\'))
     assert.equal('"\\u0000\\n\\t\\u001f é"', json.encode("\0\n\t\31 é"))

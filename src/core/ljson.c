@@ -15,8 +15,11 @@
  * empty_array sentinel is []. Functions, userdata, threads, NaN, +-inf,
  * sparse arrays, cycles and nesting deeper than JSON_MAX_DEPTH raise,
  * naming the path of the bad value. Reading uses raw access only, so no
- * Lua code runs while encoding: the one output buffer per Lua state
- * (owned by a userdata upvalue with __gc) is never used twice at once.
+ * Lua code of the value's runs while encoding; a finalizer may (one that
+ * an allocation's GC step runs, e.g. in the final lua_pushlstring), and
+ * an encode it calls gets a buffer of its own (busy): the one output
+ * buffer per Lua state (owned by a userdata upvalue with __gc) is never
+ * used twice at once.
  */
 #include <math.h>
 #include <stdint.h>
@@ -51,6 +54,7 @@ struct json_enc {
     size_t           len;       /* bytes written */
     size_t           cap;       /* bytes allocated */
     int              depth;     /* tables entered */
+    int              busy;      /* an encode is using buf and path */
     struct json_step path[JSON_MAX_DEPTH + 1]; /* steps 0..depth-1 */
 };
 
@@ -84,6 +88,7 @@ enc_fail(lua_State *L, struct json_enc *e, const char *what)
         luaL_addstring(&b, "...");
     }
     luaL_pushresult(&b);
+    e->busy = 0;
     return lua_error(L);
 }
 
@@ -96,12 +101,14 @@ enc_grow(lua_State *L, struct json_enc *e, size_t n)
     cap = e->cap < 256 ? 256 : e->cap;
     while (cap - e->len < n) {
         if (cap > SIZE_MAX / 2) {
+            e->busy = 0;
             luaL_error(L, "paygate.json.encode: output too large");
         }
         cap *= 2;
     }
     p = realloc(e->buf, cap);
     if (p == NULL) {
+        e->busy = 0;
         luaL_error(L, "paygate.json.encode: no memory");
     }
     e->buf = p;
@@ -155,6 +162,7 @@ enc_string(lua_State *L, struct json_enc *e, const char *s, size_t n)
         return;
     }
     if (n > (SIZE_MAX - 16) / 6) {
+        e->busy = 0;
         luaL_error(L, "paygate.json.encode: string too large");
     }
     enc_reserve(L, e, n * 6 + 16);  /* worst case: every byte \u00XX */
@@ -376,18 +384,36 @@ ljson_encode(lua_State *L)
 {
     struct json_enc *e = lua_touserdata(L, lua_upvalueindex(1));
 
+    int nested = 0;
+
     luaL_checkany(L, 1);
     lua_settop(L, 1);
+    if (e->busy) {
+        /* Called while an encode is using the state's buffer: by a
+         * finalizer that an allocation of that encode ran (the GC step of
+         * its lua_pushlstring, which happens before the copy), e.g. one
+         * that logs. It gets a buffer of its own (freed now, or by __gc
+         * if it raises), so the outer one's is neither overwritten nor
+         * freed under it. (Left set by a memory error raised through an
+         * encode, the flag only sends later calls this way.) */
+        e = lua_newuserdata(L, sizeof(*e));
+        memset(e, 0, sizeof(*e));
+        lua_getmetatable(L, lua_upvalueindex(1));
+        lua_setmetatable(L, -2);
+        nested = 1;
+    }
+    e->busy = 1;
     e->len = 0;
     e->depth = 0;
     enc_value(L, e, 1);
     lua_pushlstring(L, e->buf, e->len);
-    if (e->cap > JSON_KEEP_BYTES) {
+    if (nested || e->cap > JSON_KEEP_BYTES) {
         free(e->buf);
         e->buf = NULL;
         e->cap = 0;
     }
     e->len = 0;
+    e->busy = 0;
     return 1;
 }
 
