@@ -77,6 +77,8 @@ static struct {
     struct event     *admin_pause;  /* owned: re-arms admin_ev */
     struct event     *ticket_ev;    /* owned: rotates the TLS ticket key */
     int               admin_conns;  /* open admin connections */
+    struct bufferevent *admin_bev[ADMIN_MAX_CONNS]; /* them, or NULL: a
+                                       worker closes their fds after fork */
 } m;
 
 static int spawn_worker(int gen);
@@ -334,6 +336,14 @@ spawn_worker(int gen)
         close(p[0]);
         if (m.admin_fd >= 0) {
             close(m.admin_fd);
+        }
+        /* the admin clients' sockets too: held here, a connection the
+         * master closes would stay open (no EOF for its client) for as
+         * long as this worker lives */
+        for (int i = 0; i < ADMIN_MAX_CONNS; i++) {
+            if (m.admin_bev[i] != NULL) {
+                close(bufferevent_getfd(m.admin_bev[i]));
+            }
         }
         for (int i = 0; i < MAX_WORKERS; i++) {
             if (m.w[i].ready_fd >= 0 && m.w[i].pid != 0) {
@@ -648,6 +658,12 @@ admin_reply(struct bufferevent *bev, int status, const char *ctype,
 static void
 admin_done(struct bufferevent *bev)
 {
+    for (int i = 0; i < ADMIN_MAX_CONNS; i++) {
+        if (m.admin_bev[i] == bev) {
+            m.admin_bev[i] = NULL;
+            break;
+        }
+    }
     bufferevent_free(bev);
     m.admin_conns--;
 }
@@ -757,6 +773,12 @@ on_admin_accept(evutil_socket_t lfd, short what, void *arg)
         return;
     }
     m.admin_conns++;
+    for (int i = 0; i < ADMIN_MAX_CONNS; i++) {
+        if (m.admin_bev[i] == NULL) {
+            m.admin_bev[i] = bev;
+            break;
+        }
+    }
     bufferevent_setcb(bev, admin_read, NULL, admin_event, NULL);
     bufferevent_set_timeouts(bev, &tv, &tv);
     bufferevent_enable(bev, EV_READ);

@@ -1,0 +1,36 @@
+-- Admin connections are the master's alone: a worker forked while one is
+-- open (a start, a restart, a reload) must not keep it. It did: the
+-- master closed its end (the reply written, or its 5 s timeout) and the
+-- client saw no EOF for as long as that worker lived, which held the
+-- socket too.
+local paygate = require "paygate"
+local server = require "support.server"
+local proc = require "paygate.testing.proc"
+local rawtcp = require "support.rawtcp"
+
+describe("an admin connection open while a worker is forked", function()
+  it("is closed when the master closes it", function()
+    local s = server.start{ source = [[
+local paygate = require "paygate"
+paygate.route("GET", "/version", function() return 200, "v1" end)
+]], workers = 1 }
+    finally(function() s:stop() end)
+    -- one idle, one mid-request: both open when generation 2 forks
+    local idle = assert(rawtcp.connect(s.admin, 10))
+    local half = assert(rawtcp.connect(s.admin, 10))
+    assert(half:send("GET /healthz HTTP/1.1\r\n"))
+    paygate.sleep(0.2)
+    s:signal(proc.SIGHUP)
+    proc.wait_until(function()
+      return s:logs():find("generation 2 serving", 1, true) ~= nil
+    end, 15, "the reload")
+    -- the master times both out after 5 s of silence and closes them
+    local _, how = idle:recv_all()
+    assert.equal("eof", how)
+    assert(half:send("\r\n"))
+    local _, how2 = half:recv_all()
+    assert.is_true(how2 == "eof" or how2 == "reset", how2)
+    idle:close()
+    half:close()
+  end)
+end)
