@@ -775,6 +775,64 @@ describe("paygate.sql on sqlite (engine specifics)", function()
     f:close()
   end)
 
+  -- A deferred foreign key is checked at the outer COMMIT, the batch's:
+  -- one write left violating it failed that COMMIT, and so every write of
+  -- the group commit with "constraint". Only that write fails now.
+  it("fails only the write that leaves a deferred foreign key unmet", function()
+    local db = open("sqlite")
+    assert(db:exec_script([[
+      CREATE TABLE fp (id INTEGER PRIMARY KEY);
+      CREATE TABLE fc (id INTEGER PRIMARY KEY, pid INTEGER
+        REFERENCES fp (id) DEFERRABLE INITIALLY DEFERRED);
+      CREATE TABLE fo (v INTEGER);
+      INSERT INTO fp VALUES (1);
+    ]]))
+    -- four neighbours and bad() queued in one loop turn: one batch
+    local function batch(bad)
+      local tasks = {}
+      for i = 1, 4 do
+        tasks[i] = paygate.spawn(function()
+          return db:exec("INSERT INTO fo VALUES ($1)", { i })
+        end)
+      end
+      local culprit = paygate.spawn(bad)
+      for i = 1, 4 do assert(tasks[i]:wait()) end
+      return culprit:wait()
+    end
+    local r, err = batch(function()
+      return db:exec("INSERT INTO fc VALUES (1, 999)")
+    end)
+    assert.is_nil(r)
+    assert.equal("constraint", err.kind)
+    assert.matches("FOREIGN KEY", err.message)
+    -- the same through a transaction (checked at its COMMIT), a script
+    -- and db:atomic
+    r, err = batch(function()
+      return db:transaction(function(tx)
+        assert(tx:exec("INSERT INTO fc VALUES (2, 999)"))
+      end)
+    end)
+    assert.is_nil(r)
+    assert.equal("constraint", err.kind)
+    r, err = batch(function()
+      return db:exec_script("INSERT INTO fc VALUES (3, 999)")
+    end)
+    assert.is_nil(r)
+    assert.equal("constraint", err.kind)
+    r, err = batch(function()
+      return db:atomic({ { "INSERT INTO fc VALUES (4, 999)" } })
+    end)
+    assert.is_nil(r)
+    assert.equal("constraint", err.kind)
+    -- a violation mended before the end commits
+    assert(db:transaction(function(tx)
+      assert(tx:exec("INSERT INTO fc VALUES (5, 2)"))
+      assert(tx:exec("INSERT INTO fp VALUES (2)"))
+    end))
+    assert.same({ { n = 16 } }, db:query("SELECT count(*) AS n FROM fo"))
+    assert.same({ { id = 5 } }, db:query("SELECT id FROM fc"))
+  end)
+
   it("refuses transaction control in SQL, which would commit or undo its neighbours", function()
     local db = open("sqlite")
     assert(db:exec_script("CREATE TABLE tc (k INTEGER)"))

@@ -1022,6 +1022,32 @@ batch_begin(struct lsqlite_batch *b, struct lsqlite_conn *c,
     return SQLITE_OK;
 }
 
+/*
+ * A deferred foreign key (DEFERRABLE INITIALLY DEFERRED, or PRAGMA
+ * defer_foreign_keys) is checked only at the outer COMMIT, which is the
+ * batch's: a write left violating one made that COMMIT fail, and with it
+ * every neighbour in the batch (a non-retryable "constraint" for writes
+ * that broke nothing). So a job is checked as it ends (an exec, a script,
+ * an atomic job; an interactive transaction at its COMMIT): with a
+ * violation left, it fails as SQLite's COMMIT would have failed it, and
+ * its savepoint is rolled back, which restores the count (0 at every
+ * job's start). Returns 1 and fails j when one is left.
+ */
+static int
+deferred_fk_left(struct lsqlite_conn *c, struct lsqlite_job *j)
+{
+    int cur = 0, hi = 0;
+
+    if (sqlite3_db_status(c->h, SQLITE_DBSTATUS_DEFERRED_FKS, &cur, &hi, 0)
+        != SQLITE_OK || cur == 0)
+    {
+        return 0;
+    }
+    job_fail(j, SQLITE_CONSTRAINT, "FOREIGN KEY constraint failed");
+    j->xrc = SQLITE_CONSTRAINT_FOREIGNKEY;
+    return 1;
+}
+
 static void
 savepoint_undo(struct lsqlite_conn *c)
 {
@@ -1117,6 +1143,12 @@ serve_tx(struct lsqlite_db *db, struct lsqlite_conn *c, struct lsqlite_batch *b,
 
         switch (j->op) {
         case LSQLITE_OP_COMMIT:
+            if (deferred_fk_left(c, j)) {
+                savepoint_undo(c);
+                post_one(j);
+                batch_check(b, c);
+                return;
+            }
             rc = run_fixed(c, "RELEASE gw", &j->errmsg);
             if (rc != SQLITE_OK) {
                 j->rc = rc;
@@ -1190,7 +1222,7 @@ batch_run_job(struct lsqlite_db *db, struct lsqlite_conn *c,
         post_one(j);
         return;
     }
-    if (run_job(c, j) != SQLITE_OK) {
+    if (run_job(c, j) != SQLITE_OK || deferred_fk_left(c, j)) {
         savepoint_undo(c);
         post_one(j);
         batch_check(b, c);
