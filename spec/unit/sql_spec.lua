@@ -1051,6 +1051,37 @@ describe("paygate.sql on sqlite (engine specifics)", function()
     db:close()
   end)
 
+  -- The write used to be queued before the yield was refused: it
+  -- committed while the caller was told that the call raised.
+  it("a write where the caller cannot yield raises and writes nothing",
+     function()
+    local db = open("sqlite")
+    assert(db:exec_script("CREATE TABLE ny (v TEXT)"))
+    local function in_gsub(fn)
+      local ok, err = pcall(string.gsub, "x", "x", fn)
+      assert.is_false(ok)
+      assert.matches("yield", tostring(err))
+    end
+    in_gsub(function() db:exec("INSERT INTO ny VALUES ('exec')") end)
+    in_gsub(function() db:exec_script("INSERT INTO ny VALUES ('script')") end)
+    in_gsub(function()
+      db:atomic({ { "INSERT INTO ny VALUES ('atomic')" } })
+    end)
+    -- a COMMIT refused so leaves the transaction to its coroutine, which
+    -- rolls it back when it ends
+    local r, err = db:transaction(function(tx)
+      assert(tx:exec("INSERT INTO ny VALUES ('tx')"))
+      in_gsub(function() tx:exec("INSERT INTO ny VALUES ('tx2')") end)
+      return nil, { kind = "undo" }
+    end)
+    assert.is_nil(r)
+    assert.equal("undo", err.kind)
+    paygate.sleep(0.1)                -- anything queued has committed
+    assert.same({ { n = 0 } }, db:query("SELECT count(*) AS n FROM ny"))
+    assert(db:exec("INSERT INTO ny VALUES ('after')"))
+    db:close()
+  end)
+
   it("a coroutine reading in a loop still lets the loop run", function()
     local db = open("sqlite")
     assert(db:exec_script("CREATE TABLE g (k INTEGER PRIMARY KEY)"))

@@ -1570,6 +1570,12 @@ wake_writer(struct lsqlite_db *db)
     event_active(wake_ev, EV_READ, 0);
 }
 
+static void
+cancel_nothing(void *arg)
+{
+    (void) arg;
+}
+
 /* Queues j and yields until it is delivered. Frees j on failure. */
 static int
 submit(lua_State *L, struct lsqlite_job *j, enum lsqlite_queue q)
@@ -1577,6 +1583,13 @@ submit(lua_State *L, struct lsqlite_job *j, enum lsqlite_queue q)
     struct lsqlite_db *db = j->db;
 
     j->co = gw_co_current(L);
+    if (!lua_isyieldable(L)) {
+        /* gw_co_wait() would raise after j was queued: a write would be
+         * committed under a caller told that it raised. Nothing queued,
+         * the same error (gw_co_wait's). */
+        job_free(j);
+        return gw_co_wait(L, cancel_nothing, NULL);
+    }
     pthread_mutex_lock(&db->mu);
     if (q == LSQLITE_Q_TX) {
         if (db->active_tx != j->txid) {
@@ -2121,6 +2134,12 @@ tx_stmt(lua_State *L, enum lsqlite_op op, int want_rows)
     long              txid = (long)luaL_checknumber(L, 2);
     struct lsqlite_job *j;
 
+    if (!lua_isyieldable(L)) {
+        /* before a COMMIT or ROLLBACK lets go of the transaction's record
+         * (submit() would refuse it): its coroutine's end rolls it back */
+        gw_co_current(L);
+        return gw_co_wait(L, cancel_nothing, NULL);
+    }
     if (op == LSQLITE_OP_STMT || op == LSQLITE_OP_SCRIPT) {
         j = stmt_job(L, db, 3, op == LSQLITE_OP_STMT ? 4 : 0, op);
     } else {
