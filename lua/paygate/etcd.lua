@@ -663,6 +663,7 @@ local function connect(w)
       code = code, expired = token_expired(msg) })
   end
   w.stream = s
+  w.created = false             -- until the member says the watch stands
   w.connects = w.connects + 1
   return true
 end
@@ -721,6 +722,7 @@ local function message(w, line)
                         kind == "auth" or kind == "permission")
   end
   if r.created then
+    w.created = true
     -- a watch stands: the pause before a retry starts small again
     w.backoff, w.down_since = 0.05, nil
     if not w.next_rev then
@@ -792,8 +794,22 @@ function Watch:__call()
     if self.stream then
       local chunk, err = self.stream:read()
       if chunk == nil then
+        local created = self.created
         drop(self)
-        if err and err.kind ~= "timeout" then retry_err = err end
+        if err and err.kind ~= "timeout" then
+          retry_err = err
+        elseif not created then
+          -- the end of a connection is the normal cycle (reconnect_after)
+          -- only for a watch that stood: a member that answered 200 and
+          -- then nothing, or closed before the watch was created, is a
+          -- failed attempt (the next endpoint, a pause, give_up_after),
+          -- not a reason to reconnect to it at once, again and again
+          retry_err = core.error(err and "timeout" or "etcd", "etcd: watch:"
+            .. " the member " .. (err and "did not create the watch within "
+            .. self.reconnect_after .. " s" or "ended the stream before"
+            .. " creating the watch") .. " (" .. self.cli.endpoints[self.ep]
+            .. ")")
+        end
       else
         -- only the new chunk is searched for a line's end, and a line
         -- not yet ended is kept in pieces: a long message (a huge value)

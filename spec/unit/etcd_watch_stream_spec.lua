@@ -91,4 +91,54 @@ describe("etcd watch stream", function()
       .. " took %.3f s (x %.0f)"):format(big, small, ratio))
   end)
 
+  -- A member that answers 200 and then ends the stream (or sends nothing
+  -- until reconnect_after) without creating the watch: each connection
+  -- was reconnected to the same member at once, for ever -- no other
+  -- endpoint tried, no pause, give_up_after never reached.
+  local function broken_member(finish)
+    local real = hcore.stream
+    local urls = {}
+    hcore.stream = function(o)
+      urls[#urls + 1] = o.url:match("^http://[^/]+")
+      return { headers = function() return 200, {} end,
+               read = function() return finish() end,
+               close = function() end }
+    end
+    return urls, function() hcore.stream = real end
+  end
+
+  for _, case in ipairs({
+    { "ends the stream", function() core.sleep(0.01) return nil end,
+      "ended the stream before creating the watch" },
+    { "sends nothing until reconnect_after", function()
+        core.sleep(0.1)
+        return nil, core.error("timeout", "Operation timed out")
+      end, "did not create the watch within 0.1 s" } }) do
+    it("a member that " .. case[1] .. " before the watch is created is a"
+       .. " failure: the next endpoint, a pause, give_up_after", function()
+      local urls, restore = broken_member(case[2])
+      local c2 = etcd.new{ endpoints = { "http://127.0.0.1:1",
+                                         "http://127.0.0.1:2" } }
+      local w = c2:watch("/x/", { reconnect_after = 0.1,
+                                  give_up_after = 0.5 })
+      local ev, err
+      local done = core.event()
+      local task = core.spawn(function() ev, err = w(); done:set() end)
+      local ended = done:wait(5)
+      if not ended then task:cancel() end
+      w:close()
+      restore()
+      assert.is_true(ended, "the watch still ran after 5 s, "
+                     .. #urls .. " connections")
+      assert.is_nil(ev)
+      assert.equal("unavailable", err.kind)
+      assert.matches(case[3], tostring(err), 1, true)
+      assert.is_true(#urls < 30, #urls .. " connections")
+      local seen = {}
+      for _, u in ipairs(urls) do seen[u] = true end
+      assert.is_true(seen["http://127.0.0.1:1"] and seen["http://127.0.0.1:2"]
+                     or false)
+    end)
+  end
+
 end)
