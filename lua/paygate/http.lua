@@ -5,7 +5,9 @@
 --     timeout = 5, ca_file = "ca.pem", client_cert = "c.pem",
 --     client_key = "k.pem" }
 --   if not res then -- err.kind: timeout, connect, dns, tls, closed,
---                   -- body_too_large; err.retryable; err.sent is false
+--                   -- body_too_large, header_too_large (a response
+--                   -- header line past 100 KiB, or past 256 KiB of
+--                   -- them); err.retryable; err.sent is false
 --                   -- when nothing of the request was written (dns,
 --                   -- connect, TLS handshake): safe to retry blindly
 --   end
@@ -94,7 +96,8 @@ end
 --       resend, sink, on_headers
 -- returns: res { status, headers, body (nil with a sink), time } or
 --          nil, err (kind timeout, connect, dns, tls, closed,
---          body_too_large, aborted; err.sent, err.retryable)
+--          body_too_large, header_too_large, aborted; err.sent,
+--          err.retryable)
 -- yields: until the response is read or the request failed.
 function _M.request(opts)
   if type(opts) ~= "table" then

@@ -163,6 +163,39 @@ describe("paygate.http.request", function()
     assert.equal("body_too_large", err.kind)
   end)
 
+  it("classifies a response head too large: a header line past curl's"
+     .. " 100 KiB (which curl reports as out of memory) or 256 KiB of"
+     .. " header lines, streamed or not", function()
+    local proc = require "support.proc"
+    local port = core.free_port()
+    local log = dir .. "/huge_head.log"
+    local p = proc.spawn({ "python3", "spec/support/huge_head.py",
+                           tostring(port), log }, { watchdog = true })
+    proc.wait_until(function()
+      local f = io.open(log)
+      local l = f and f:read("*l")
+      if f then f:close() end
+      return l == "ready"
+    end, 10, "huge_head.py")
+    local base = "http://127.0.0.1:" .. port
+    for _, path in ipairs({ "/line", "/many" }) do
+      for _, sink in ipairs({ false, true }) do
+        local res, err = paygate.http.request{ url = base .. path,
+          sink = sink and function() end or nil }
+        assert.is_nil(res)
+        assert.equal("header_too_large", err.kind, path .. ": "
+                     .. tostring(err))
+        assert.matches("the response head is too large", err.message, 1,
+                       true)
+        assert.is_false(err.retryable)
+        assert.is_true(err.sent)
+      end
+    end
+    assert.equal(200, assert(paygate.http.request{ url = base .. "/ok" })
+                        .status)
+    p:stop()
+  end)
+
   it("reuses connections across requests", function()
     for _ = 1, 20 do
       assert.equal(200, assert(paygate.http.request{ url = plain:url("/reuse") }).status)

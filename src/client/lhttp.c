@@ -19,6 +19,7 @@
 #define DEFAULT_TIMEOUT     30.0            /* s, whole request */
 #define DEFAULT_CONNECT     10.0            /* s */
 #define DEFAULT_MAX_BODY    (16 << 20)      /* bytes */
+#define HEAD_MAX            (256 * 1024)    /* bytes of response head */
 
 struct gw_http_op {
     CURL              *easy;        /* owned */
@@ -39,6 +40,10 @@ struct gw_http_op {
     size_t             len, cap;    /* bytes */
     size_t             max_body;    /* bytes; more fails body_too_large */
     int                too_large;
+    int                head_too_large;  /* 1: the response head went past
+                                       HEAD_MAX, or a line past curl's
+                                       own limit (CURL_MAX_HTTP_HEADER) */
+    int                head_done;   /* 1 once a final (>= 200) head ended */
     int                sent;        /* 1 once curl was about to send the
                                        request (CURLOPT_PREREQFUNCTION) */
     char              *hdr;         /* owned: raw response header lines */
@@ -317,20 +322,25 @@ header_cb(char *p, size_t size, size_t n, void *arg)
     if (len >= 5 && memcmp(p, "HTTP/", 5) == 0) {
         op->hlen = 0;
     }
-    if (op->hlen + len > 256 * 1024) {
+    if (op->hlen + len > HEAD_MAX) {
+        op->head_too_large = 1;
         return 0;
     }
-    if (op->stream && (len == 2 || len == 1) && (p[0] == '\r'
-                                                 || p[0] == '\n')) {
+    if ((len == 2 || len == 1) && (p[0] == '\r' || p[0] == '\n')) {
         long code = 0;
 
         /* the blank line ending a head; 1xx heads are followed by more */
         curl_easy_getinfo(op->easy, CURLINFO_RESPONSE_CODE, &code);
         if (code >= 200) {
-            op->headers_done = 1;
-            stream_kick(op);
+            op->head_done = 1;
         }
-        return len;
+        if (op->stream) {
+            if (code >= 200) {
+                op->headers_done = 1;
+                stream_kick(op);
+            }
+            return len;
+        }
     }
     if (op->hlen + len > op->hcap) {
         size_t cap = op->hcap ? op->hcap * 2 : 2048;
@@ -410,12 +420,16 @@ push_headers(lua_State *L, struct gw_http_op *op)
 }
 
 static const char *
-classify(CURLcode rc, int too_large, int *retryable)
+classify(CURLcode rc, struct gw_http_op *op, int *retryable)
 {
     *retryable = 1;
-    if (too_large) {
+    if (op->too_large) {
         *retryable = 0;
         return "body_too_large";
+    }
+    if (op->head_too_large) {
+        *retryable = 0;
+        return "header_too_large";
     }
     switch (rc) {
     case CURLE_OPERATION_TIMEDOUT:
@@ -450,11 +464,23 @@ static int
 push_failure(lua_State *L, struct gw_http_op *op, CURLcode rc)
 {
     int n, retryable;
-    const char *kind = classify(rc, op->too_large, &retryable);
+    const char *kind;
 
+    /* libcurl (7.88) fails a header line past CURL_MAX_HTTP_HEADER (100
+     * KiB) as CURLE_OUT_OF_MEMORY, with no message: "Out of memory" was
+     * the server's huge header, not this process */
+    if (rc == CURLE_OUT_OF_MEMORY && !op->head_done) {
+        op->head_too_large = 1;
+    }
+    kind = classify(rc, op, &retryable);
     if (op->too_large) {
         n = gw_push_error(L, kind, retryable, "http request: response body "
                           "exceeds max_body (%zu bytes)", op->max_body);
+    } else if (op->head_too_large) {
+        n = gw_push_error(L, kind, retryable, "http request: the response "
+                          "head is too large (a header line past %d KiB, or "
+                          "more than %d KiB of header lines)",
+                          CURL_MAX_HTTP_HEADER / 1024, HEAD_MAX / 1024);
     } else if (op->refused) {
         kind = "closed";
         n = gw_push_error(L, kind, 1, "http request: the connection was "
@@ -637,9 +663,10 @@ is_idempotent(const char *method)
  *          such a request fails with kind closed and err.sent = true.
  * returns: { status, headers (lower-case names), body, time } or nil, err
  *          with err.kind one of timeout, connect, dns, tls, closed,
- *          body_too_large, and err.sent: false when the failure came
- *          before any byte of the request was written (dns, connect, TLS
- *          handshake, a connect timeout), so a retry cannot repeat it;
+ *          body_too_large, header_too_large, and err.sent: false when
+ *          the failure came before any byte of the request was written
+ *          (dns, connect, TLS handshake, a connect timeout), so a retry
+ *          cannot repeat it;
  *          true when the server may have received it.
  * yields: until the response has been read, or the request failed.
  */

@@ -146,7 +146,7 @@ _M.KINDS = {
   "bad_signature", "stale_timestamp", "unknown_serial", "cert_expired",
   "malformed", "replayed", "replay_check_unavailable", "decrypt_failed",
   "bad_response", "timeout", "connect", "dns", "tls",
-  "closed", "body_too_large", "aborted", "internal",
+  "closed", "body_too_large", "header_too_large", "aborted", "internal",
   -- upstream.lua: the breaker and the degradation switch
   "circuit_open", "degraded",
   -- download_bill

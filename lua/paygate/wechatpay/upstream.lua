@@ -117,13 +117,14 @@ local UNAVAILABLE = { connect = true, dns = true, closed = true,
 local OWN = { timeout = true, tls = true, circuit_open = true,
               degraded = true, unknown_outcome = true,
               unverified_response = true, invalid_params = true,
-              body_too_large = true }
+              body_too_large = true, header_too_large = true }
 
 --- syntax: outcome, kind = upstream.outcome(res, err)
 -- returns: the labels of a call's result: outcome ok, http_4xx,
 -- http_5xx, timeout, unavailable (connect, dns, reset), tls,
 -- circuit_open, degraded, unknown_outcome, unverified_response,
--- invalid_params, body_too_large or error; kind: err.kind when it is one
+-- invalid_params, body_too_large, header_too_large or error; kind:
+-- err.kind when it is one
 -- of errors.KINDS (else "other"), "" for ok.
 function _M.outcome(res, err)
   if res then return "ok", "" end
