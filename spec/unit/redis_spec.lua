@@ -189,6 +189,26 @@ describe("paygate.redis", function()
     end)
   end)
 
+  -- A command from a coroutine that cannot yield (inside string.gsub's
+  -- callback, table.sort's comparator) used to be sent before the yield
+  -- was refused: it ran while the caller was told that the call raised.
+  it("sends nothing for a caller that cannot yield", function()
+    -- one connection: the GET below is answered after anything sent
+    local one = assert(redis.connect(srv.url, { pool = 1 }))
+    assert(one:call("DEL", "ny1", "ny2"))
+    for _, fn in ipairs({
+      function() one:call("SET", "ny1", "1") end,
+      function() one:pipeline({ { "SET", "ny2", "1" } }) end,
+    }) do
+      local ok, err = pcall(string.gsub, "x", "x", fn)
+      assert.is_false(ok)
+      assert.matches("yield", tostring(err))
+    end
+    assert.same({ redis.null, redis.null }, one:pipeline({ { "GET", "ny1" },
+                                                           { "GET", "ny2" } }))
+    one:close()
+  end)
+
   describe("close", function()
     it("fails pending commands with closed, waking them after close returns", function()
       local one = assert(redis.connect(srv.url, { pool = 1 }))

@@ -175,6 +175,15 @@ gw_co_start(lua_State *L, int nargs, const struct gw_co_owner *owner,
 }
 
 int
+gw_co_unyieldable(lua_State *L)
+{
+    return luaL_error(L, "attempt to yield across a C-call boundary (a C "
+                         "function such as string.gsub, require or "
+                         "table.sort is between the call and its "
+                         "coroutine)");
+}
+
+int
 gw_co_wait(lua_State *L, gw_cancel_fn cancel, void *arg)
 {
     struct gw_co *co = gw_co_current(L);
@@ -185,10 +194,7 @@ gw_co_wait(lua_State *L, gw_cancel_fn cancel, void *arg)
          * registered, and the op would later wake a coroutine that went
          * on, or was freed. Cancel it now and raise. */
         cancel(arg);
-        return luaL_error(L, "attempt to yield across a C-call boundary "
-                             "(a C function such as string.gsub, require "
-                             "or table.sort is between the call and its "
-                             "coroutine)");
+        return gw_co_unyieldable(L);
     }
     co->cancel = cancel;
     co->cancel_arg = arg;

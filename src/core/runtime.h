@@ -72,6 +72,14 @@ struct gw_co *gw_co_find(lua_State *L);
  * values passed to gw_co_wake become the C function's return values. */
 int gw_co_wait(lua_State *L, gw_cancel_fn cancel, void *arg);
 
+/* Raises the error gw_co_wait raises in a coroutine that cannot yield (a
+ * C function such as string.gsub, require or table.sort is between the
+ * call and its coroutine). An operation that queues or sends work before
+ * it waits checks lua_isyieldable(L) first and, when false, frees what it
+ * made and returns this, before anything leaves: else the work would be
+ * done for a caller told that the call raised. */
+int gw_co_unyieldable(lua_State *L);
+
 /* The coroutine's Lua thread: push wake values here. */
 lua_State *gw_co_state(struct gw_co *co);
 

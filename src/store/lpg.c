@@ -2851,6 +2851,15 @@ submit(lua_State *L, struct lpg_pool *pg, struct lpg_op *op)
         return luaL_error(L, "postgres: pool is closed");
     }
     op->co = gw_co_current(L);
+    if (!lua_isyieldable(L)) {
+        /* gw_co_wait would raise after the statement was sent: it would
+         * run for a caller told that the call raised */
+        if (op->tx_begin) {
+            tx_forget(op->txid);
+        }
+        op_free(op);
+        return gw_co_unyieldable(L);
+    }
     if ((n = pool_fail_fast(L, pg)) != 0) {
         if (op->tx_begin) {
             tx_forget(op->txid);
@@ -2959,7 +2968,7 @@ lpg_begin(lua_State *L)
     if (!lua_isyieldable(L)) {
         /* gw_co_wait would raise after the BEGIN was queued, leaving a
          * transaction open until this coroutine ends: refuse first. */
-        return luaL_error(L, "attempt to yield across a C-call boundary");
+        return gw_co_unyieldable(L);
     }
     lua_settop(L, 1);
     lua_pushliteral(L, "BEGIN");
@@ -2996,6 +3005,12 @@ tx_op(lua_State *L, int kind, int want_rows, const char *fixed, int end)
     struct gw_store_tx *tx = gw_store_tx_find(pg, txid);
     struct lpg_op     *op;
 
+    if (!lua_isyieldable(L)) {
+        /* before a COMMIT or ROLLBACK lets go of the transaction's record
+         * (submit() would refuse it): its coroutine's end rolls it back */
+        gw_co_current(L);
+        return gw_co_unyieldable(L);
+    }
     if (tx != NULL && tx->state == LPG_TX_ENDED) {
         /* COMMIT/ROLLBACK in its SQL ended it: nothing more runs in it. */
         gw_co_current(L);
@@ -3162,7 +3177,7 @@ lpg_begin_atomic(lua_State *L)
 
     if (!lua_isyieldable(L)) {
         /* as h:begin(): refuse before a transaction is queued */
-        return luaL_error(L, "attempt to yield across a C-call boundary");
+        return gw_co_unyieldable(L);
     }
     luaL_checktype(L, 2, LUA_TTABLE);
     n = (int)lua_objlen(L, 2);

@@ -1362,6 +1362,11 @@ call_on(lua_State *L, struct lredis_client *cl, int first, double block)
     int              top = lua_gettop(L), n;
 
     gw_co_current(L);
+    if (!lua_isyieldable(L)) {
+        /* gw_co_wait would raise after the command was sent: it would run
+         * for a caller told that the call raised */
+        return gw_co_unyieldable(L);
+    }
     luaL_checkstring(L, first);
     luaL_checkstack(L, top + 8, "redis: too many arguments");
     if (top - first + 1 > LREDIS_MAXARGS) {
@@ -1440,6 +1445,9 @@ lredis_pipeline(lua_State *L)
     int              i, ncmds, n, base;
 
     gw_co_current(L);
+    if (!lua_isyieldable(L)) {
+        return gw_co_unyieldable(L);    /* as call_on: before any send */
+    }
     luaL_checktype(L, 2, LUA_TTABLE);
     ncmds = (int)lua_objlen(L, 2);
     check_pipeline(L, 2, ncmds);         /* collect_args cannot raise now */

@@ -1570,12 +1570,6 @@ wake_writer(struct lsqlite_db *db)
     event_active(wake_ev, EV_READ, 0);
 }
 
-static void
-cancel_nothing(void *arg)
-{
-    (void) arg;
-}
-
 /* Queues j and yields until it is delivered. Frees j on failure. */
 static int
 submit(lua_State *L, struct lsqlite_job *j, enum lsqlite_queue q)
@@ -1588,7 +1582,7 @@ submit(lua_State *L, struct lsqlite_job *j, enum lsqlite_queue q)
          * committed under a caller told that it raised. Nothing queued,
          * the same error (gw_co_wait's). */
         job_free(j);
-        return gw_co_wait(L, cancel_nothing, NULL);
+        return gw_co_unyieldable(L);
     }
     pthread_mutex_lock(&db->mu);
     if (q == LSQLITE_Q_TX) {
@@ -2110,7 +2104,7 @@ lsqlite_begin(lua_State *L)
     if (!lua_isyieldable(L)) {
         /* gw_co_wait would raise after the BEGIN was queued, leaving a
          * transaction open until this coroutine ends: refuse first. */
-        return luaL_error(L, "attempt to yield across a C-call boundary");
+        return gw_co_unyieldable(L);
     }
     j = job_new(L, db, LSQLITE_OP_BEGIN);
     if (j == NULL) {
@@ -2138,7 +2132,7 @@ tx_stmt(lua_State *L, enum lsqlite_op op, int want_rows)
         /* before a COMMIT or ROLLBACK lets go of the transaction's record
          * (submit() would refuse it): its coroutine's end rolls it back */
         gw_co_current(L);
-        return gw_co_wait(L, cancel_nothing, NULL);
+        return gw_co_unyieldable(L);
     }
     if (op == LSQLITE_OP_STMT || op == LSQLITE_OP_SCRIPT) {
         j = stmt_job(L, db, 3, op == LSQLITE_OP_STMT ? 4 : 0, op);
