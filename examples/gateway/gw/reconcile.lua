@@ -688,16 +688,29 @@ end
 -- succeeded; a bill WeChat is still making changes nothing), whoever ran
 -- it: a day the console ran again with success clears the alarm the job's
 -- failure raised (the job, finding the day reported, never runs it again).
+-- The gauge follows the newest day run for the merchant (the job's or
+-- the console's): an older day run from the console, good or bad, neither
+-- clears a newer day's failure nor raises the alarm over a newer success.
+-- The newest day and its outcome are kept in the shared dict, for every
+-- worker (the console's request may come to any).
 local failing
 
-local function bill_failed(mchid, v)
+local function bill_failed(mchid, date, v)
+  local d = require("paygate.shared").get_dict("paygate")
+  local key = "gw:bill_newest:" .. mchid
+  local newest = d and d:get(key)
+  if type(date) == "string" and type(newest) == "string"
+     and date < newest:sub(1, 10) then
+    return                                     -- an older day
+  end
+  if d and type(date) == "string" then d:set(key, date .. "|" .. v) end
   if failing == nil then
-    -- 1 while a merchant's last bill run failed (not a bill still being
+    -- 1 while a merchant's newest day run failed (not a bill still being
     -- made): /metrics shows it, where the mismatch gauge keeps the last
     -- good day's counts
     failing = metrics.gauge("paygate_reconcile_bill_failed",
-      "1 when the last daily bill run of a merchant failed (its kind in"
-      .. " the log), 0 once one succeeds.")
+      "1 when the newest daily bill run of a merchant failed (its kind in"
+      .. " the log), 0 once that day or a later one succeeds.")
   end
   failing:set(v, { merchant = mchid })
 end
@@ -712,14 +725,16 @@ function _M.bill_day(o)
     end })
   if not ok then
     -- a raise (a fault on this side) fails the run all the same
-    bill_failed(mchid, 1)
+    bill_failed(mchid, o.date, 1)
     error(report, 0)
   end
   if not report then
-    if err.kind ~= "statement_creating" then bill_failed(mchid, 1) end
+    if err.kind ~= "statement_creating" then
+      bill_failed(mchid, o.date, 1)
+    end
     return nil, err
   end
-  bill_failed(mchid, 0)
+  bill_failed(mchid, o.date, 0)
   return report
 end
 

@@ -389,22 +389,42 @@ describe("gateway daily bill failed, then run from the console", function()
 
   local function failed_gauge() return bill_failed_gauge(gw, sim) end
 
-  it("the console's successful run sets paygate_reconcile_bill_failed 0",
-     function()
-    testing.wait_until(function() return failed_gauge() == "1" end, 20,
-                       "paygate_reconcile_bill_failed 1")
-    sim:clear_faults()
+  -- the console's Reconcile lever for date: its redirect's location
+  local function console_run(date)
     local page = gw.srv:request{ path = "/console/reconcile" }
     assert.equal(200, page.status, page.body)
     local csrf = assert(page.body:match('name="csrf" value="(%x+)"'))
     local res = gw.srv:request{ method = "POST", path = "/console/reconcile",
-      body = "csrf=" .. csrf .. "&date=" .. bill.bill_date(),
+      body = "csrf=" .. csrf .. "&date=" .. date,
       headers = { ["Content-Type"] = "application/x-www-form-urlencoded" } }
     assert.equal(303, res.status, res.body)
-    assert.matches("reconciled", res.headers["location"])
+    return res.headers["location"]
+  end
+
+  it("the console's successful run sets paygate_reconcile_bill_failed 0;"
+     .. " an older day's run, good or bad, leaves it", function()
+    testing.wait_until(function() return failed_gauge() == "1" end, 20,
+                       "paygate_reconcile_bill_failed 1")
+    sim:clear_faults()
+    -- the day before the failed one, reconciled: the newer failure stands
+    local older = os.date("!%Y-%m-%d", bill.day_start(bill.bill_date())
+                          - 86400 + 8 * 3600)
+    assert.matches("reconciled", console_run(older))
+    assert.equal(1, #audit.entries(gw.db, "reconcile:" .. older))
+    assert.equal("1", failed_gauge())
+    -- the failed day itself: cleared
+    assert.matches("reconciled", console_run(bill.bill_date()))
     assert.equal(1, #audit.entries(gw.db, "reconcile:" .. bill.bill_date()))
     testing.wait_until(function() return failed_gauge() == "0" end, 5,
                        "paygate_reconcile_bill_failed 0")
+    -- an older day failing now does not raise the alarm over it
+    sim:fault{ endpoint = "tradebill", kind = "error", status = 500,
+               count = 100 }
+    local two_before = os.date("!%Y-%m-%d", bill.day_start(bill.bill_date())
+                               - 2 * 86400 + 8 * 3600)
+    assert.is_nil(console_run(two_before):find("reconciled", 1, true))
+    assert.equal("0", failed_gauge())
+    sim:clear_faults()
   end)
 end)
 
