@@ -16,7 +16,8 @@ local function literal(v)
   if type(v) == "table" then
     local parts = {}
     for k, x in pairs(v) do
-      parts[#parts + 1] = ("[%q] = %s"):format(k, literal(x))
+      parts[#parts + 1] = (type(k) == "number" and "[%d] = %s"
+                           or "[%q] = %s"):format(k, literal(x))
     end
     return "{ " .. table.concat(parts, ", ") .. " }"
   elseif type(v) == "string" then
@@ -201,6 +202,44 @@ describe("paygate doctor's cert_expiry of the downloaded platform "
     assert.matches("5F1C72E2A8931B72A2E13AF8DEE92471EB397115 expires in 1 "
                    .. "day", found.cause, 1, true)
     assert.matches("paygate certs --download", found.fix, 1, true)
+    assert.matches("paygate.wechatpay downloads it", found.fix, 1, true)
+    sim:stop()
+  end)
+
+  -- with download_certificates = false or "manual" the client does not
+  -- fetch it every 12 h: the fix says how it gets there
+  it("says what to do when the client does not download it", function()
+    local key, cert = dir .. "/plat2m.key", dir .. "/plat2m.pem"
+    assert(os.execute(("openssl req -x509 -newkey rsa:2048 -nodes -days 2 "
+      .. "-subj '/C=CN/O=Tenpay.com/CN=Tenpay.com sign' -set_serial "
+      .. "0x5F1C72E2A8931B72A2E13AF8DEE92471EB397116 -keyout %s -out %s "
+      .. ">/dev/null 2>&1"):format(key, cert)) == 0)
+    local sim = testing.simulator{ config = {
+      platform_private_key = key, platform_certificate = cert } }
+    for _, case in ipairs{
+      { false, { cert }, "with download_certificates = false nothing "
+                         .. "downloads it" },
+      { "manual", nil, 'with download_certificates = "manual" it is '
+                       .. "downloaded only on an unknown serial" } } do
+      local wc = sim:client_config()
+      wc.download_certificates, wc.platform_certificates = case[1], case[2]
+      local _, out, code = doctor(wc)
+      assert.equal(0, code, out)
+      local found
+      for line in out:gmatch("[^\n]+") do
+        local x = json.decode(line)
+        if x and x.kind == "cert_expiry"
+           and x.cause:find("platform certificate", 1, true) then
+          found = x
+        end
+      end
+      assert(found, "no cert_expiry of the platform certificate:\n" .. out)
+      assert.equal("warn", found.status, out)
+      assert.matches(case[3], found.fix, 1, true)
+      assert.matches("fetch it with paygate certs --download and add it to "
+                     .. "platform_certificates", found.fix, 1, true)
+      assert.not_matches("paygate.wechatpay downloads it", found.fix, 1, true)
+    end
     sim:stop()
   end)
 end)

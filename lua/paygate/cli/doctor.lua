@@ -67,11 +67,26 @@ local SPEC = { ["--config"] = "value", ["--json"] = "flag",
 local WINDOW = 5             -- s WeChat waits for a notification's answer
 local DAY = 86400
 -- cert_expiry's fix for WeChat's platform certificate: the merchant does
--- not renew it; WeChat lists the next one before it ends
-local PLATFORM_FIX = "WeChat lists the next platform certificate before "
-  .. "this one ends: paygate.wechatpay downloads it (every 12 h, and on an "
-  .. "unknown serial), paygate certs --download fetches it now; if none "
-  .. "comes, use the WeChat Pay public key (public_key, public_key_id)"
+-- not renew it; WeChat lists the next one before it ends. Whether
+-- paygate.wechatpay fetches it follows the client's download_certificates
+-- (nil/true: at start, every refresh_interval and on an unknown serial;
+-- "manual": on an unknown serial only; false: never).
+local function platform_fix(wc)
+  local dl = wc.download_certificates
+  if dl == false or dl == "manual" then
+    return "WeChat lists the next platform certificate before this one "
+      .. "ends: with download_certificates = "
+      .. (dl == false and "false nothing downloads it"
+          or '"manual" it is downloaded only on an unknown serial')
+      .. "; fetch it with paygate certs --download and add it to "
+      .. "platform_certificates, or use the WeChat Pay public key "
+      .. "(public_key, public_key_id)"
+  end
+  return "WeChat lists the next platform certificate before this one "
+    .. "ends: paygate.wechatpay downloads it (every 12 h, and on an unknown "
+    .. "serial), paygate certs --download fetches it now; if none comes, "
+    .. "use the WeChat Pay public key (public_key, public_key_id)"
+end
 
 -- x509 chain failure kinds: the cause in words and the fix
 local CHAIN = {
@@ -537,10 +552,10 @@ local function check_keys(out, wc, now, expiring, conf)
                  .. " WeChat's root CA, to check downloads against, goes in"
                  .. " platform_ca")
         expiring[#expiring + 1] = { "platform certificate", c,
-                                    PLATFORM_FIX }
+                                    platform_fix(wc) }
       else
         expiring[#expiring + 1] = { "platform certificate", c,
-                                    PLATFORM_FIX }
+                                    platform_fix(wc) }
       end
     end
   end
@@ -793,7 +808,7 @@ local function check_signed(out, wc, cfg, clock_bad, dconf, expiring)
         table.sort(got, function(a, b) return a:serial() < b:serial() end)
         for _, c in ipairs(got) do
           expiring[#expiring + 1] = { "platform certificate", c,
-                                      PLATFORM_FIX }
+                                      platform_fix(wc) }
         end
       end
     end
