@@ -74,7 +74,9 @@ local function allowed(ctx, req)
     if not ck then return false, "unavailable" end
     if wait then return false, wait end
     local h = req:header("authorization") or ""
-    local got = h:match("^[Bb]earer%s+(.+)$")
+    -- the scheme is a case-insensitive token (RFC 9110, 11.1)
+    local scheme, got = h:match("^(%S+)%s+(.*)$")
+    if scheme and scheme:lower() ~= "bearer" then got = nil end
     local ok = got ~= nil and #got == #token
                and crypto.constant_time_equal(got, token)
     if ok then

@@ -71,6 +71,13 @@ describe("gateway admin and events", function()
     local res = admin(gw_token, "GET", "/admin/degrade", nil,
                       { Authorization = "Bearer admintok-123" })
     assert.equal(200, res.status)
+    -- the scheme is case-insensitive (RFC 9110, 11.1); another is refused
+    for _, scheme in ipairs{ "BEARER", "bearer", "BeArEr" } do
+      assert.equal(200, admin(gw_token, "GET", "/admin/degrade", nil,
+        { Authorization = scheme .. " admintok-123" }).status, scheme)
+    end
+    assert.equal(403, admin(gw_token, "GET", "/admin/degrade", nil,
+      { Authorization = "Basic admintok-123" }).status)
   end)
 
   it("delivers events to a signed webhook, dead-letters, replays",
