@@ -251,7 +251,8 @@ describe("parse_notification: failures", function()
   end)
   it("a plaintext that is a JSON array is malformed, not a resource",
      function()
-    for _, plain in ipairs{ '[1,2]', '[{"out_trade_no":"T1"}]', '["x"]' } do
+    for _, plain in ipairs{ '[1,2]', '[{"out_trade_no":"T1"}]', '["x"]',
+                            '[]', ' [ ] ' } do
       local res, err = wx:parse_notification(with_plaintext(plain), NR)
       assert.is_nil(res, plain)
       assert.equal("malformed", err.kind, plain)

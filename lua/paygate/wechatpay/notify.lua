@@ -141,10 +141,11 @@ local function parse(wx, req, opts)
   local plain
   plain, err = resource.decrypt(r, wx.conf.apiv3_keys)
   if not plain then return nil, err end
-  local resource = decode(plain)
-  -- (an array is a table too: its fields would all read absent, and a
-  -- handler would fail on it instead of the parse)
-  if type(resource) ~= "table" or resource[1] ~= nil then
+  -- an array is a table too, [] an empty one: its fields would all read
+  -- absent, and a handler would fail on it instead of the parse. Told by
+  -- its first byte, before it is decoded.
+  local resource = not plain:find("^%s*%[") and decode(plain)
+  if type(resource) ~= "table" then
     return fail("malformed", "decrypted resource is not a JSON object")
   end
   local cok, cerr = checked(resource, doc.event_type)
