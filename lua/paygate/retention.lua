@@ -414,8 +414,11 @@ local function from_config(fname, conf)
   if hours == nil then
     hours = POLICY.notification_hours
   end
-  if type(hours) ~= "number" or hours * HOUR <= _M.WECHAT_RETRY_WINDOW
-     or hours == math.huge then
+  -- false beside notifications = false says the same thing twice: taken
+  -- (a number there is still checked, a typo for when they come back)
+  if not (hours == false and conf.notifications == false)
+     and (type(hours) ~= "number" or hours * HOUR <= _M.WECHAT_RETRY_WINDOW
+          or hours == math.huge) then
     -- (false is not "keep them": that is notifications = false)
     misuse(fname .. ": notification_hours must be a number above 24.07"
           .. " (WeChat retries a notification for 24 h 4 min)"

@@ -64,6 +64,13 @@ describe("retention jobs: misuse", function()
     assert.equal("notification_hours must be a number above 24.07 (WeChat"
                  .. " retries a notification for 24 h 4 min); to keep the"
                  .. " dedupe rows, set notifications = false", err)
+    -- ... and taken once notifications = false is set (before: refused
+    -- with the same hint)
+    assert(retention.check({ notification_hours = false,
+                             notifications = false }))
+    ok, err = retention.check({ notification_hours = 24,
+                                notifications = false })
+    assert.is_nil(ok)
     assert(retention.check({ notification_hours = 30 }))
     assert(retention.check({ notifications = false }))
   end)
