@@ -128,7 +128,8 @@ local NO_FIELDS = {}
 --- syntax: payments.unknown_fields(b, known, bad[, prefix])
 -- Adds "unknown field" to bad for each field of the object b that is not
 -- in the set known; prefix: the path of b in the body ("payer."). At most
--- MAX_UNKNOWN are named, each by its first 64 bytes: a body of 5 MB of
+-- MAX_UNKNOWN are named per call (per object: the body and its payer name
+-- 20 together), each by its first 64 bytes: a body of 5 MB of
 -- short unknown keys was answered with 21 MB naming each, after seconds
 -- of the worker's time sorting and joining them.
 local MAX_UNKNOWN = 10
