@@ -167,6 +167,23 @@ describe("paygate doctor: the TLS chain of the notify URL", function()
     end)
   end
 
+  -- an IP-literal host: the verify's host check matches DNS names only,
+  -- so the chain is verified without it (before: the expired chain below
+  -- was hostname_mismatch, "install a certificate that covers the host")
+  it("names the chain's fault at an IPv4 address, not the host",
+     function()
+    local s = server.start{ source = APP, scheme = "https", args = {
+      "--tls-cert", pki.expired_chain, "--tls-key", pki.expired_key } }
+    local code, out, r = run({ "doctor", "--json", "--config",
+      notify_config("https://127.0.0.1:" .. s.port .. "/notify") })
+    s:stop()
+    local n = r.notify_url
+    assert.truthy(n, out)
+    assert.equal(1, code, out)
+    assert.equal("fail", n.status, out)
+    assert.equal("expired", n.x509_kind, out)
+  end)
+
   it("passes the full chain from a CA it trusts", function()
     local s = server.start{ source = APP, scheme = "https", args = {
       "--tls-cert", pki.good_chain, "--tls-key", pki.good_key } }
