@@ -146,6 +146,9 @@ describe("paygate doctor: the TLS chain of the notify URL", function()
       "self_signed_untrusted", "public CAs only" },
     { "an expired certificate", "expired_chain", "expired_key", "expired",
       "renew" },
+    { "a certificate for another host (DNS:wrong.example)",
+      "wronghost_chain", "wronghost_key", "hostname_mismatch",
+      "covers the host of notify_url" },
   }
   for _, c in ipairs(cases) do
     it("names " .. c[1], function()
