@@ -512,6 +512,11 @@ local function field(v, integer)
   end
   if integer then
     if type(v) == "number" then
+      if v % 1 ~= 0 then
+        -- never written (append takes integers only): a row edited to a
+        -- fraction must not hash as the integer %d would truncate it to
+        return "r" .. string.format("%.17g", v)
+      end
       return "i" .. string.format("%d", v)
     end
     return "i" .. tostring(v)         -- past 2^53: the store's exact digits

@@ -203,6 +203,22 @@ for engine, new_db in pairs(stores) do
                   { rep.subject, rep.seq, rep.reason })
     end)
 
+    it("finds an integer field edited to a fraction", function()
+      chain("payment:F", 3)
+      -- SQLite keeps a REAL in an INTEGER column: at + 0.5 must not hash
+      -- as the integer it truncates to (PostgreSQL rounds it into bigint)
+      assert(db:exec("UPDATE paygate_audit SET at = at + 0.5 WHERE"
+        .. " subject = 'payment:F' AND seq = 2"))
+      local ok, rep = verify("payment:F")
+      assert.is_false(ok)
+      assert.same({ "payment:F", 2, "edited" },
+                  { rep.subject, rep.seq, rep.reason })
+      local all_ok, summary = audit.verify_all(db)
+      assert.is_false(all_ok)
+      assert.same({ "payment:F", 2, "edited" }, { summary.broken[1].subject,
+        summary.broken[1].seq, summary.broken[1].reason })
+    end)
+
     it("finds an edited row whose hash was recomputed", function()
       chain("payment:E2", 4)
       local e = assert(audit.entries(db, "payment:E2"))[2]
