@@ -891,9 +891,9 @@ local function finish(c, head)
   if not head then
     broken(c, last, "head_missing", "no head row for " .. last
       .. " entries (head deleted)")
-  elseif type(head.seq) ~= "number" then
+  elseif type(head.seq) ~= "number" or head.seq % 1 ~= 0 then
     broken(c, last, "head_mismatch", "the head's seq "
-      .. string.format("%q", tostring(head.seq)) .. " is no number (head"
+      .. string.format("%q", tostring(head.seq)) .. " is no integer (head"
       .. " edited)")
   elseif head.seq ~= last then
     if head.seq > last then

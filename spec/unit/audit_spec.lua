@@ -331,9 +331,20 @@ for engine, new_db in pairs(stores) do
         ok, rep = verify("payment:H3")
         assert.is_false(ok)
         assert.same({ 2, "head_mismatch" }, { rep.seq, rep.reason })
+        -- a fraction: the head edited, not a row missing or inserted
+        -- (it read "seq 3..2.5 missing" and "seq 2.5..2 beyond the head")
+        for i, bad in ipairs({ 2.5, 1.5 }) do
+          chain("payment:H4" .. i, 2)
+          assert(db:exec("UPDATE paygate_audit_heads SET seq = $1 WHERE"
+            .. " subject = $2", { bad, "payment:H4" .. i }))
+          ok, rep = verify("payment:H4" .. i)
+          assert.is_false(ok)
+          assert.same({ 2, "head_mismatch" }, { rep.seq, rep.reason })
+          assert.matches("is no integer", rep.message, 1, true)
+        end
         local all_ok, sum = audit.verify_all(db)
         assert.is_false(all_ok)
-        assert.equal(3, #sum.broken)
+        assert.equal(5, #sum.broken)
       end
     end)
 
