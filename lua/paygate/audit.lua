@@ -28,9 +28,12 @@
 -- same seq, so one of them fails that step and reads the head again.
 --
 -- What it proves: a row edited, inserted, deleted or renumbered without
--- recomputing every later hash and the head is found by verify. Someone
--- who can rewrite the tables can recompute them too: to detect that,
--- keep audit.head() values somewhere else (an anchor) and compare.
+-- recomputing every later hash and the head is found by verify. Not
+-- found: the last entries deleted with the head set back to the new last
+-- entry's seq and hash (nothing to compute), a chain deleted whole with
+-- its head, and anything recomputed by someone who can rewrite the
+-- tables: to detect those, keep audit.head() values somewhere else (an
+-- anchor) and compare.
 --
 -- Failures: nil, err (core.error) with the store's kinds (unavailable,
 -- timeout, ...) or "conflict" (retryable: the head kept moving under us).

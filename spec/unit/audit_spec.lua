@@ -480,3 +480,38 @@ for engine, new_db in pairs(stores) do
     end)
   end)
 end
+
+describe("paygate.audit's limits", function()
+  local function read(path)
+    local f = assert(io.open(path, "rb"))
+    local s = f:read("*a")
+    f:close()
+    return (s:gsub("%s+", " "))
+  end
+
+  -- No key is involved: a chain cut short with its head set back to the
+  -- new last entry (both values already in the table) verifies. The docs
+  -- must say so rather than promise that any deleted row is found.
+  it("a cut tail with its head moved back verifies, as the docs say",
+     function()
+    local db = assert(sql.open("sqlite:" .. tmp .. "/limits.db"))
+    for i = 1, 3 do
+      assert(audit.append(db, "payment:L", { what = "step", to = "s" .. i }))
+    end
+    assert(db:exec_script([[
+DELETE FROM paygate_audit WHERE subject = 'payment:L' AND seq = 3;
+UPDATE paygate_audit_heads SET seq = 2, hash = (SELECT hash FROM
+  paygate_audit WHERE subject = 'payment:L' AND seq = 2)]]))
+    local ok, rep = audit.verify(db, "payment:L")
+    assert.same({ true, 2 }, { ok, rep.entries })
+    db:close()
+    local fsm_md, readme = read("docs/fsm.md"), read("README.md")
+    assert.not_matches("finds any row edited", fsm_md, 1, true)
+    assert.matches("The last entries deleted, the head moved back", fsm_md,
+                   1, true)
+    assert.matches("not a chain's last entries deleted with its head moved"
+      .. " back", readme, 1, true)
+    assert.matches("seen by neither check", read("docs/gateway.md"), 1,
+                   true)
+  end)
+end)

@@ -7,6 +7,8 @@
 -- paygate.fsm writes one entry per transition (the first on create) and
 -- raises the row's version by one with each, so the row's version is the
 -- number of its transition entries, and its state is the last one's `to`.
+-- Entries that change no state (payment.alarm, ...) are not counted: such
+-- entries cut from a chain's end, with its head moved back, stay unseen.
 -- Reported (one line each, on stdout):
 --   broken SUBJECT seq N REASON: ...   a chain that does not verify
 --   missing SUBJECT: ...               a row whose chain is gone

@@ -18,7 +18,11 @@ DB_URL (sqlite:PATH or postgres://...): every subject's chain of entries
 (one chain per payment) is read in seq order, each entry's hash is
 computed again over its fields and the previous entry's hash, and the
 last one is compared with the chain's head row. An edited, inserted,
-deleted or renumbered row breaks its chain from that seq on.
+deleted or renumbered row breaks its chain from that seq on. Not seen:
+a chain's last entries deleted with its head moved back to the new last
+entry, a chain deleted whole with its head, a chain rewritten with every
+later hash and its head recomputed (no key is involved): compare the
+heads with a copy kept elsewhere to catch those.
 
 Prints one line per broken chain:
   broken SUBJECT seq N REASON: what was found
