@@ -94,7 +94,12 @@ function _M.routes(ctx)
   if not conf then return end
   local D = shared.get_dict("paygate")
   D:add(K_KEY, crypto.hex(crypto.random_bytes(32)))
-  local secure = ctx.gateway.public_url:sub(1, 8) == "https://"
+  -- Secure cookies when public_url is https:// or the request itself came
+  -- over TLS (a listener with --tls-cert whose public_url is http://)
+  local https_url = ctx.gateway.public_url:sub(1, 8) == "https://"
+  local function secure(req)
+    return https_url or req.scheme == "https"
+  end
   pages.init(ctx)
 
   local function key() return D:get(K_KEY) end
@@ -344,7 +349,7 @@ function _M.routes(ctx)
       local h = headers(extra)
       h["Set-Cookie"] = LOGIN_COOKIE .. "=" .. nonce .. "; Path=/console/login;"
         .. " Max-Age=" .. LOGIN_COOKIE_TTL .. "; HttpOnly; SameSite=Strict"
-        .. (secure and "; Secure" or "")
+        .. (secure(req) and "; Secure" or "")
       return status, tostring(pages.layout("Log in",
         pages.login(login_csrf(nonce), msg), {})), h
     end
@@ -407,13 +412,13 @@ function _M.routes(ctx)
       return 303, "", headers({ Location = "/console",
         ["Set-Cookie"] = COOKIE .. "=" .. sid .. "; Path=/console;"
           .. " Max-Age=" .. conf.session_ttl .. "; HttpOnly;"
-          .. " SameSite=Strict" .. (secure and "; Secure" or "") })
+          .. " SameSite=Strict" .. (secure(req) and "; Secure" or "") })
     end)
-    route("POST", "/console/logout", action(function(_, s)
+    route("POST", "/console/logout", action(function(req, s)
       D:delete(K_SESSION .. s.id)
       return 303, "", headers({ Location = "/console/login",
         ["Set-Cookie"] = COOKIE .. "=; Path=/console; Max-Age=0; HttpOnly;"
-          .. " SameSite=Strict" })
+          .. " SameSite=Strict" .. (secure(req) and "; Secure" or "") })
     end))
   end
 

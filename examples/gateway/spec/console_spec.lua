@@ -974,3 +974,41 @@ describe("gateway console: the bill reconciliation's folder", function()
                  .. " Not a directory (making " .. file .. "/reports)", err)
   end)
 end)
+
+describe("gateway console over TLS", function()
+  local sim, srv
+
+  setup(function()
+    sim = testing.simulator{ time_scale = 100 }
+    local pki = require("support.pki").make(testing.tmpdir())
+    -- served over TLS (--tls-cert), its public_url left http:// (a
+    -- loopback one is allowed): the request's scheme makes the cookies
+    -- Secure, not only an https:// public_url
+    srv = testing.start_app{ app = "examples/gateway", scheme = "https",
+      ca_file = pki.ca,
+      args = { "--tls-cert", pki.server_cert, "--tls-key", pki.server_key },
+      config = function(s)
+        write(s.dir .. "/console.token", TOKEN .. "\n")
+        local c = core.config(sim, s, { reconcile = { enabled = false },
+          console = { token_file = s.dir .. "/console.token" } })
+        c.gateway.public_url = "http://127.0.0.1:" .. s.port
+        return c
+      end }
+  end)
+
+  teardown(function() testing.stop_all() end)
+
+  it("sets every console cookie Secure", function()
+    local g = { srv = srv }
+    local f = login_form(g)
+    assert.matches("; Secure", f.set_cookie, 1, true)
+    local cookie, sc = login(g)
+    assert.matches("; Secure", sc, 1, true)
+    local page = get(g, "/console", cookie)
+    assert.equal(200, page.status, page.body)
+    local res = post(g, "/console/logout", { csrf = csrf_of(page.body) },
+                     cookie)
+    assert.equal(303, res.status, res.body)
+    assert.matches("; Secure", res.headers["set-cookie"], 1, true)
+  end)
+end)
