@@ -177,16 +177,20 @@ end)
 -- cert_expiry covers the ones WeChat sends, as it covers configured ones.
 describe("paygate doctor's cert_expiry of the downloaded platform "
          .. "certificates", function()
-  it("warns of the one WeChat sends expiring within 30 days", function()
-    local key, cert = dir .. "/plat2d.key", dir .. "/plat2d.pem"
+  -- a simulator whose platform certificate (serial) ends in 2 days
+  local function expiring_simulator(name, serial)
+    local key, cert = dir .. "/" .. name .. ".key", dir .. "/" .. name
+                      .. ".pem"
     assert(os.execute(("openssl req -x509 -newkey rsa:2048 -nodes -days 2 "
       .. "-subj '/C=CN/O=Tenpay.com/CN=Tenpay.com sign' -set_serial "
-      .. "0x5F1C72E2A8931B72A2E13AF8DEE92471EB397115 -keyout %s -out %s "
-      .. ">/dev/null 2>&1"):format(key, cert)) == 0)
-    local sim = testing.simulator{ config = {
-      platform_private_key = key, platform_certificate = cert } }
-    local wc = sim:client_config()
-    assert.is_nil(wc.platform_certificates)
+      .. "0x%s -keyout %s -out %s >/dev/null 2>&1"):format(serial, key,
+      cert)) == 0)
+    return testing.simulator{ config = {
+      platform_private_key = key, platform_certificate = cert } }, cert
+  end
+
+  -- doctor's cert_expiry line of the platform certificate (a warning)
+  local function platform_expiry(wc)
     local _, out, code = doctor(wc)
     assert.equal(0, code, out)
     local found
@@ -199,6 +203,15 @@ describe("paygate doctor's cert_expiry of the downloaded platform "
     end
     assert(found, "no cert_expiry of the platform certificate:\n" .. out)
     assert.equal("warn", found.status, out)
+    return found
+  end
+
+  it("warns of the one WeChat sends expiring within 30 days", function()
+    local sim = expiring_simulator("plat2d",
+                                   "5F1C72E2A8931B72A2E13AF8DEE92471EB397115")
+    local wc = sim:client_config()
+    assert.is_nil(wc.platform_certificates)
+    local found = platform_expiry(wc)
     assert.matches("5F1C72E2A8931B72A2E13AF8DEE92471EB397115 expires in 1 "
                    .. "day", found.cause, 1, true)
     assert.matches("paygate certs --download", found.fix, 1, true)
@@ -209,13 +222,8 @@ describe("paygate doctor's cert_expiry of the downloaded platform "
   -- with download_certificates = false or "manual" the client does not
   -- fetch it every 12 h: the fix says how it gets there
   it("says what to do when the client does not download it", function()
-    local key, cert = dir .. "/plat2m.key", dir .. "/plat2m.pem"
-    assert(os.execute(("openssl req -x509 -newkey rsa:2048 -nodes -days 2 "
-      .. "-subj '/C=CN/O=Tenpay.com/CN=Tenpay.com sign' -set_serial "
-      .. "0x5F1C72E2A8931B72A2E13AF8DEE92471EB397116 -keyout %s -out %s "
-      .. ">/dev/null 2>&1"):format(key, cert)) == 0)
-    local sim = testing.simulator{ config = {
-      platform_private_key = key, platform_certificate = cert } }
+    local sim, cert = expiring_simulator("plat2m",
+      "5F1C72E2A8931B72A2E13AF8DEE92471EB397116")
     for _, case in ipairs{
       { false, { cert }, "with download_certificates = false nothing "
                          .. "downloads it" },
@@ -223,18 +231,7 @@ describe("paygate doctor's cert_expiry of the downloaded platform "
                        .. "downloaded only on an unknown serial" } } do
       local wc = sim:client_config()
       wc.download_certificates, wc.platform_certificates = case[1], case[2]
-      local _, out, code = doctor(wc)
-      assert.equal(0, code, out)
-      local found
-      for line in out:gmatch("[^\n]+") do
-        local x = json.decode(line)
-        if x and x.kind == "cert_expiry"
-           and x.cause:find("platform certificate", 1, true) then
-          found = x
-        end
-      end
-      assert(found, "no cert_expiry of the platform certificate:\n" .. out)
-      assert.equal("warn", found.status, out)
+      local found = platform_expiry(wc)
       assert.matches(case[3], found.fix, 1, true)
       assert.matches("fetch it with paygate certs --download and add it to "
                      .. "platform_certificates", found.fix, 1, true)
