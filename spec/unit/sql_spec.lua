@@ -1100,8 +1100,10 @@ describe("paygate.sql on sqlite (engine specifics)", function()
     -- (a yield); without that, the loop would have stalled for all of it
     assert.truthy(st.reads_inline > 10000, "inline: " .. st.reads_inline)
     assert.truthy(took > 0.05, "20,000 reads took " .. took .. " s")
-    assert.truthy(gap < 0.05 and gap < took / 2, ("the loop stalled %.3f"
-                  .. " s of %.3f s"):format(gap, took))
+    -- (a share of the run, not a time: ASan at ctest -j4 saw a 0.27 s gap
+    -- in a 4 s run from the machine alone, where an absolute 50 ms failed)
+    assert.truthy(gap < took / 2, ("the loop stalled %.3f s of %.3f s")
+                  :format(gap, took))
     db:close()
   end)
 
