@@ -43,7 +43,8 @@ struct gw_http_op {
     int                head_too_large;  /* 1: the response head went past
                                        HEAD_MAX, or a line past curl's
                                        own limit (CURL_MAX_HTTP_HEADER) */
-    int                head_done;   /* 1 once a final (>= 200) head ended */
+    int                head_done;   /* 1 once the final (>= 200) head was
+                                       read, or body bytes came */
     int                sent;        /* 1 once curl was about to send the
                                        request (CURLOPT_PREREQFUNCTION) */
     char              *hdr;         /* owned: raw response header lines */
@@ -55,7 +56,6 @@ struct gw_http_op {
     int                stream;      /* 1: the body goes out by :read() */
     int                in_multi;    /* 1 while the easy is in the multi */
     int                done;        /* 1 once curl finished (or aborted) */
-    int                headers_done;/* 1 once the final head was read */
     int                paused;      /* 1: write_cb returned PAUSE */
     int                want;        /* what co waits for: WANT_* */
     size_t             total;       /* bytes of body received so far */
@@ -216,7 +216,7 @@ write_cb(char *p, size_t size, size_t n, void *arg)
             return CURL_WRITEFUNC_PAUSE;
         }
         op->total += len;
-        op->headers_done = 1;
+        op->head_done = 1;
     } else if (op->len + len > op->max_body) {
         op->too_large = 1;
         return 0;
@@ -333,12 +333,11 @@ header_cb(char *p, size_t size, size_t n, void *arg)
         curl_easy_getinfo(op->easy, CURLINFO_RESPONSE_CODE, &code);
         if (code >= 200) {
             op->head_done = 1;
-        }
-        if (op->stream) {
-            if (code >= 200) {
-                op->headers_done = 1;
+            if (op->stream) {
                 stream_kick(op);
             }
+        }
+        if (op->stream) {
             return len;
         }
     }
@@ -997,7 +996,7 @@ stream_try(lua_State *L, struct gw_http_op *op, int want)
         if (op->done && op->result != CURLE_OK) {
             return push_failure(L, op, op->result);
         }
-        if (!op->headers_done && !op->done) {
+        if (!op->head_done && !op->done) {
             return -1;
         }
         curl_easy_getinfo(op->easy, CURLINFO_RESPONSE_CODE, &status);

@@ -360,23 +360,28 @@ end
 
 -- The caller may act for mchid: itself, or as service provider for
 -- sub_mchid. returns: owner (the merchant that owns the orders), or nil, e.
+-- A field as detail.field names it: a body field as a JSON pointer, a
+-- query parameter by its name. where: "body" (nil) or "query".
+local function field_at(where, name)
+  return (where == "query" and "" or "/") .. name
+end
+
 local function owner_for(c, mchid, sub_mchid, where)
   where = where or "body"
   local m = c.m
-  -- a body field is named as a JSON pointer, a query parameter by name
-  local at = where == "body" and "/" or ""
+  local function at(name) return field_at(where, name) end
   if sub_mchid ~= nil then
     if mchid ~= m.mchid then
-      return nil, api().invalid(at .. "sp_mchid",
+      return nil, api().invalid(at("sp_mchid"),
         "sp_mchid与Authorization中的商户号不一致", nil, where)
     end
     if type(sub_mchid) ~= "string" or not m.sub[sub_mchid] then
-      return nil, api().invalid(at .. "sub_mchid", "受理关系不存在", nil, where)
+      return nil, api().invalid(at("sub_mchid"), "受理关系不存在", nil, where)
     end
     return sub_mchid
   end
   if mchid ~= m.mchid then
-    return nil, api().invalid(at .. "mchid",
+    return nil, api().invalid(at("mchid"),
       "mchid与Authorization中的商户号不一致", nil, where)
   end
   return m.mchid
@@ -775,10 +780,8 @@ end
 local function refund_owner(c, sub, where)
   if sub == nil then return c.m.mchid end
   if type(sub) ~= "string" or not c.m.sub[sub] then
-    if where == "query" then
-      return nil, api().invalid("sub_mchid", "受理关系不存在", nil, "query")
-    end
-    return nil, api().invalid("/sub_mchid", "受理关系不存在")
+    return nil, api().invalid(field_at(where, "sub_mchid"), "受理关系不存在",
+                              nil, where or "body")
   end
   return sub
 end
