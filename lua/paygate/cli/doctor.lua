@@ -530,7 +530,9 @@ local function check_keys(out, wc, now, expiring, conf)
     local used = wconfig.platform_certs_of(p and x509.chain(p) or {})
     for _, c in ipairs(used) do
       local role = keys.role(c)
-      if role == "merchant" or c:serial():gsub("^0+", "") == mserial then
+      local mine = role == "merchant"
+                   or c:serial():gsub("^0+", "") == mserial
+      if mine then
         misplaced = true
         out:fail("platform_certificates", name .. " is the merchant's own "
                  .. "API certificate " .. c:serial() .. " (" .. c:subject()
@@ -551,9 +553,8 @@ local function check_keys(out, wc, now, expiring, conf)
                  .. "platform certificate there (paygate certs --download);"
                  .. " WeChat's root CA, to check downloads against, goes in"
                  .. " platform_ca")
-        expiring[#expiring + 1] = { "platform certificate", c,
-                                    platform_fix(wc) }
-      else
+      end
+      if not mine then
         expiring[#expiring + 1] = { "platform certificate", c,
                                     platform_fix(wc) }
       end
@@ -910,16 +911,14 @@ end
 -- host's: the chain the server sends, verified as WeChat verifies it (a
 -- public CA; notify_ca_file for a test server). returns: true when it
 -- printed the failure.
+local PUBLIC_CA_FIX = "WeChat trusts public CAs only: install a certificate "
+  .. "from one (for a test server, notify_ca_file names its CA to doctor)"
 local NOTIFY_TLS_FIX = {
   missing_intermediate = "serve the full chain: the certificate file "
     .. "(paygate run's tls.cert) holds the leaf, then the intermediates; "
     .. "openssl s_client -connect HOST:443 -showcerts shows what is sent",
-  self_signed_untrusted = "WeChat trusts public CAs only: install a "
-    .. "certificate from one (for a test server, notify_ca_file names its "
-    .. "CA to doctor)",
-  unknown_authority = "WeChat trusts public CAs only: install a "
-    .. "certificate from one (for a test server, notify_ca_file names its "
-    .. "CA to doctor)",
+  self_signed_untrusted = PUBLIC_CA_FIX,
+  unknown_authority = PUBLIC_CA_FIX,
   expired = "renew the notify server's certificate; if it looks current, "
     .. "check this host's clock",
   hostname_mismatch = "install a certificate that covers the host of "
