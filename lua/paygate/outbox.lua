@@ -37,7 +37,7 @@ local crypto = require "paygate.crypto"
 local json = require "paygate.json"
 local sql = require "paygate.sql"
 local lease = require "paygate.lease"
-local char_len = require("paygate.utf8").char_len
+local utf8_clean = require("paygate.utf8").clean
 
 local _M = { _VERSION = "0.1.0" }
 
@@ -1008,8 +1008,9 @@ local function join_set(set)
 end
 
 -- An error as last_error's text: at most 500 bytes, valid UTF-8 without
--- control characters (PostgreSQL refuses invalid UTF-8 and NUL in TEXT,
--- and a cut must not split a character); anything else becomes '?'.
+-- control characters but tab and newline (PostgreSQL refuses invalid
+-- UTF-8 and NUL in TEXT, and a cut must not split a character); anything
+-- else becomes '?' (paygate.utf8.clean).
 local function err_text(e)
   -- (a sink's error whose __tostring raises, or gives no string, must
   -- still fail its attempt: raised here, the round would end without the
@@ -1018,25 +1019,7 @@ local function err_text(e)
   if not ok or type(s) ~= "string" then
     return "(an error that cannot be shown)"
   end
-  if #s <= 500 and not s:find("[%z\1-\8\11-\31\127-\255]") then
-    return s
-  end
-  local out, i, size = {}, 1, 0
-  while i <= #s do
-    local n = char_len(s, i)
-    if n == 1 then
-      local c = byte(s, i)
-      if (c < 32 and c ~= 9 and c ~= 10) or c == 127 then
-        n = nil                           -- a control character
-      end
-    end
-    local piece = n and s:sub(i, i + n - 1) or "?"
-    if size + #piece > 500 then break end
-    out[#out + 1] = piece
-    size = size + #piece
-    i = i + (n or 1)
-  end
-  return concat(out)
+  return (utf8_clean(s, 500, true))
 end
 
 -- The outcomes of deliveries are recorded in batches. A delivery queues

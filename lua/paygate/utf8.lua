@@ -2,6 +2,7 @@
 -- form, no surrogate, nothing past U+10FFFF), one decoder for the
 -- libraries that check or clean text.
 local byte = string.byte
+local concat = table.concat
 
 local _M = {}
 
@@ -47,6 +48,44 @@ function _M.len(s)
     n = n + 1
   end
   return n
+end
+
+--- syntax: t, cut = utf8.clean(s, max[, keep_lines])
+-- s as text any store and log takes: each byte that is not part of a
+-- valid character, and each control character (tab and newline kept
+-- with keep_lines), as "?"; at most max bytes, cut at a character's end
+-- (PostgreSQL refuses a text that is not UTF-8 or holds a NUL: a record
+-- of hostile input must not be lost for its bytes). cut: whether s was
+-- longer than what is returned.
+function _M.clean(s, max, keep_lines)
+  local len = #s
+  if len <= max and not s:find("[%z\1-\31\127-\255]") then
+    return s, false
+  end
+  local out, n, i, size = {}, 0, 1, 0
+  while i <= len do
+    local k = char_len(s, i)
+    local piece
+    if k == 1 then
+      local c = byte(s, i)
+      if (c < 32 or c == 127) and not (keep_lines and (c == 9 or c == 10))
+      then
+        piece = "?"
+      else
+        piece = s:sub(i, i)
+      end
+    elseif k then
+      piece = s:sub(i, i + k - 1)
+    else
+      piece, k = "?", 1
+    end
+    if size + #piece > max then return concat(out), true end
+    n = n + 1
+    out[n] = piece
+    size = size + #piece
+    i = i + k
+  end
+  return concat(out), false
 end
 
 return _M

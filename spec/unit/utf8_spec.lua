@@ -40,4 +40,39 @@ describe("paygate.utf8", function()
     assert.is_nil(n)
     assert.equal(4, at)
   end)
+
+  it("clean: bad bytes and controls as ?, cut at a character's end",
+     function()
+    -- text that needs nothing is the same string, not cut
+    local t, cut = utf8.clean("abc 中文", 100)
+    assert.equal("abc 中文", t)
+    assert.is_false(cut)
+    -- invalid bytes and control characters, each byte one "?" (the
+    -- surrogate's three bytes are three)
+    assert.equal("a?b?c?d???", (utf8.clean("a\255b\0c\27d\237\160\128",
+                                           100)))
+    assert.equal("x\ty\nz", (utf8.clean("x\ty\nz", 100, true)))
+    assert.equal("x?y?z", (utf8.clean("x\ty\nz", 100)))
+    -- a cut never splits a character: "中" is 3 bytes, so 4 bytes of
+    -- "a中中" keep "a中", 6 keep "a中" too
+    t, cut = utf8.clean("a中中", 4)
+    assert.equal("a中", t)
+    assert.is_true(cut)
+    t, cut = utf8.clean("a中中", 6)
+    assert.equal("a中", t)
+    assert.is_true(cut)
+    t, cut = utf8.clean("a中中", 7)
+    assert.equal("a中中", t)
+    assert.is_false(cut)
+    -- what comes out is always valid UTF-8 of at most max bytes
+    local rnd = {}
+    for i = 1, 2000 do rnd[i] = string.char(math.random(0, 255)) end
+    local s = table.concat(rnd)
+    for _, max in ipairs({ 0, 1, 2, 3, 50, 1999, 5000 }) do
+      t = utf8.clean(s, max)
+      assert.truthy(utf8.len(t))
+      assert.truthy(#t <= max)
+      assert.is_nil(t:find("[%z\1-\31\127]"))
+    end
+  end)
 end)

@@ -179,6 +179,21 @@ describe("parse_notification: failures", function()
     _, err = wx:parse_notification(note{ serial = "PUB_KEY_ID_99" }, NR)
     assert.equal("unknown_serial", err.kind)
   end)
+  it("a refusal quoting a hostile header is valid UTF-8 text", function()
+    -- bytes that are not UTF-8 and a character cut by the 64-byte bound:
+    -- the message goes to logs and to records (PostgreSQL refuses a text
+    -- that is not UTF-8), so each bad byte is "?" and no cut splits one
+    local utf8 = require "paygate.utf8"
+    for _, serial in ipairs({ "AB\255\254CD\0",
+                              ("x"):rep(62) .. "中文中文" }) do
+      local _, err = wx:parse_notification(note{ serial = serial }, NR)
+      assert.equal("unknown_serial", err.kind)
+      assert.truthy(utf8.len(err.message), err.message)
+      assert.is_nil(err.message:find("[%z\1-\31\127]"))
+    end
+    local _, err = wx:parse_notification(note{ serial = "AB\255\254CD" }, NR)
+    assert.matches("AB??CD", err.message, 1, true)
+  end)
   it("a wrong APIv3 key is decrypt_failed, naming the APIv3 key", function()
     local _, err = wx:parse_notification(note{
       apiv3 = "0123456789abcdef0123456789abcdef" }, NR)

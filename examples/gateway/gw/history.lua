@@ -13,8 +13,17 @@
 local paygate = require "paygate"
 local json = require "paygate.json"
 local metrics = require "paygate.metrics"
+local utf8 = require "paygate.utf8"
 
 local type, tostring, floor = type, tostring, math.floor
+
+-- What came from outside (WeChat's code and Request-ID, a refusal's
+-- message quoting a forged header) as text any store takes: valid UTF-8,
+-- no control characters, at most max bytes cut at a character's end
+-- (PostgreSQL refuses anything else, and the row would be lost).
+local function text(s, max)
+  return (utf8.clean(s, max))
+end
 
 local _M = {}
 
@@ -98,8 +107,8 @@ function _M.on_call(mchid)
       .. " $11, $12)", {
         paygate.update_time(), mchid, call.method, call.path:sub(1, 256),
         tostring(call.outcome), call.status or json.null,
-        type(call.code) == "string" and call.code:sub(1, 64) or json.null,
-        type(call.request_id) == "string" and call.request_id:sub(1, 128)
+        type(call.code) == "string" and text(call.code, 64) or json.null,
+        type(call.request_id) == "string" and text(call.request_id, 128)
           or json.null,
         call.attempts or json.null, floor(call.seconds * 1000 + 0.5),
         trade or json.null, refund or json.null })
@@ -128,7 +137,7 @@ function _M.refused(wx, mchid, req, err)
     .. " serial, timestamp, notification_id, event_type, authentic,"
     .. " out_trade_no, out_refund_no) VALUES ($1, $2, $3, $4, $5, $6, $7,"
     .. " $8, $9, $10, $11)", {
-      now, mchid, tostring(err.kind), tostring(err.message):sub(1, 300),
+      now, mchid, tostring(err.kind), text(tostring(err.message), 300),
       f.serial or null, f.timestamp or null, f.id or null,
       f.event_type or null, f.authentic and 1 or 0,
       f.out_trade_no or null, f.out_refund_no or null })

@@ -100,4 +100,29 @@ describe("gateway on PostgreSQL", function()
     assert.equal("paid", got.state)
     assert.is_nil(got.stale)
   end)
+
+  it("records a forged notification whose headers are not UTF-8", function()
+    -- the refusal's reason quotes the serial (its first 64 bytes: the
+    -- cut falls inside the last character): PostgreSQL refuses a text
+    -- that is not UTF-8, and the record of the forgery would be lost
+    local serial = "FORGED\255\254" .. ("x"):rep(55) .. "中"
+    local res = gw.srv:request{ method = "POST",
+      path = "/wechatpay/notify/" .. sim.merchant.mchid,
+      headers = { ["Content-Type"] = "application/json",
+        ["Wechatpay-Serial"] = serial,
+        ["Wechatpay-Timestamp"] = tostring(os.time()),
+        ["Wechatpay-Nonce"] = "n", ["Wechatpay-Signature"] = "AAAA" },
+      body = '{"id":"forged-utf8","event_type":"TRANSACTION.SUCCESS",'
+        .. '"resource":{}}' }
+    assert.equal(401, res.status, res.body)
+    local row
+    testing.wait_until(function()
+      row = assert(gw.db:query("SELECT * FROM gw_notifications_refused"
+        .. " WHERE notification_id = $1", { "forged-utf8" }))[1]
+      return row ~= nil
+    end, 10, "the forged notification recorded")
+    assert.equal("unknown_serial", row.kind, row.reason)
+    assert.matches("FORGED??xxx", row.reason, 1, true)
+    assert.equal(0, tonumber(row.authentic))
+  end)
 end)

@@ -16,6 +16,7 @@
 --   detail      WeChat's detail (decoded JSON, opaque), when present
 local core = require "paygate.core"
 local json = require "paygate.json"  -- hardened decoder, same null
+local utf8_clean = require("paygate.utf8").clean
 
 local type, tostring = type, tostring
 
@@ -77,11 +78,13 @@ local function by_status(status)
   return "http_error", false
 end
 
--- Printable, bounded text from hostile bytes (for messages).
+-- Printable, bounded text from hostile bytes (for messages, and the
+-- records made of them): control characters and bytes that are not UTF-8
+-- as "?", cut at a character's end, "..." when cut.
 local function printable(s, max)
-  s = tostring(s)
-  if #s > max then s = s:sub(1, max) .. "..." end
-  return (s:gsub("[%z\1-\31\127]", "?"))
+  local t, cut = utf8_clean(tostring(s), max)
+  if cut then t = t .. "..." end
+  return t
 end
 _M.printable = printable
 
