@@ -13,6 +13,13 @@
 --   end
 --   res.status, res.headers["content-type"], res.body
 --
+-- A TLS file that cannot be used (kind tls) is named with why, when that
+-- shows from here: err.option is "ca_file", "client_cert" or "client_key"
+-- and the message says the file cannot be read (and the system's reason)
+-- or is not PEM. The value is shown only when it is a file name (PEM text
+-- pasted where its path belongs never is). A key that does not match its
+-- certificate, or a wrong client_key_password, leaves err.option unset.
+--
 -- A request is written once: when a reused keep-alive connection dies
 -- after the request went out and before any byte of the answer, libcurl
 -- would send it again on a new connection, though the server may have
@@ -37,6 +44,7 @@
 -- `timeout` covers the whole transfer, time spent in the sink included.
 
 local core = require "paygate.http.core"
+local redact = require "paygate.redact"
 local pcore = require "paygate.core"
 
 local _M = {}
@@ -60,12 +68,58 @@ local function stops(ok, r, e)
   return not ok or r == false or (r == nil and e ~= nil)
 end
 
+-- What is wrong with a TLS file option's file, or nil when it reads as
+-- PEM (then the fault is elsewhere: a key that does not match its
+-- certificate, a wrong password, a certificate that is not one).
+local function file_problem(path)
+  local f, e = io.open(path, "rb")
+  if not f then
+    -- io.open's message is "PATH: reason": the reason alone (the value
+    -- is shown, when it may be, through redact.name)
+    return "cannot be read (" .. (tostring(e):match(".*: ([^:]+)$")
+                                  or "no such file") .. ")"
+  end
+  local head = f:read(65536)
+  f:close()
+  if not head or head == "" then return "is an empty file" end
+  if not head:find("-----BEGIN ", 1, true) then
+    return "is not PEM (no -----BEGIN line)"
+  end
+  return nil
+end
+
+-- err (kind tls, err.tls_files from the C side: "client" or "ca") told
+-- which option's file is at fault and why, when that can be seen from
+-- here. A value that is not a file name (PEM text pasted where its path
+-- belongs) is never shown.
+local function tls_files(opts, err)
+  if type(err) ~= "table" or not err.tls_files then return err end
+  local names = err.tls_files == "ca" and { "ca_file" }
+                or { "client_cert", "client_key" }
+  for _, name in ipairs(names) do
+    local v = opts[name]
+    if type(v) == "string" then
+      local why = file_problem(v)
+      if why then
+        local shown = redact.name(v)
+        err.message = err.message .. ": " .. name .. " "
+          .. (shown and ("%q"):format(shown) or "(its value is not a file"
+                                                  .. " name: not shown)")
+          .. " " .. why
+        err.option = name
+        return err
+      end
+    end
+  end
+  return err
+end
+
 local function stream(opts, sink, on_headers)
   local s = core.stream(opts)
   local status, headers = s:headers()
   if not status then
     s:close()
-    return nil, headers
+    return nil, tls_files(opts, headers)
   end
   if on_headers then
     local ok, r, e = pcall(on_headers, status, headers)
@@ -108,7 +162,9 @@ function _M.request(opts)
     if on_headers ~= nil then
       error("http.request: on_headers needs a sink", 2)
     end
-    return core.request(opts)
+    local res, err = core.request(opts)
+    if not res then return nil, tls_files(opts, err) end
+    return res
   end
   if type(sink) ~= "function" then
     error("http.request: sink must be a function", 2)

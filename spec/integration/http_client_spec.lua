@@ -294,6 +294,47 @@ describe("paygate.http.request", function()
       end
     end)
 
+    it("fails tls naming the file option at fault and why", function()
+      local notpem = dir .. "/notpem.key"
+      local f = assert(io.open(notpem, "wb"))
+      f:write("not a key\n")
+      f:close()
+      local n = 0
+      local function try(o)
+        n = n + 1
+        -- a host name of its own each time: no pooled connection is reused
+        local host = "files-" .. n .. ".test"
+        o.url = "https://" .. host .. ":" .. tls.port .. "/whoami"
+        o.resolve = { host .. ":" .. tls.port .. ":127.0.0.1" }
+        local res, err = paygate.http.request(o)
+        assert.is_nil(res)
+        assert.equal("tls", err.kind)
+        return err
+      end
+      local err = try{ ca_file = certs.ca, client_cert = certs.client_cert,
+                       client_key = dir .. "/missing.key" }
+      assert.equal("client_key", err.option)
+      assert.truthy(err.message:find('client_key "' .. dir
+        .. '/missing.key" cannot be read (No such file or directory)', 1,
+        true), err.message)
+      err = try{ ca_file = certs.ca, client_cert = certs.client_cert,
+                 client_key = notpem }
+      assert.equal("client_key", err.option)
+      assert.truthy(err.message:find("is not PEM", 1, true), err.message)
+      err = try{ ca_file = dir .. "/missing-ca.pem",
+                 client_cert = certs.client_cert,
+                 client_key = certs.client_key }
+      assert.equal("ca_file", err.option)
+      assert.truthy(err.message:find('ca_file "' .. dir
+        .. '/missing-ca.pem" cannot be read', 1, true), err.message)
+      -- the files read as PEM: nothing more to say from here (a key that
+      -- does not match), and no option is blamed
+      err = try{ ca_file = certs.ca, client_cert = certs.client_cert,
+                 client_key = certs.server_key }
+      assert.is_nil(err.option)
+      os.remove(notpem)
+    end)
+
     it("is refused by the server without a client certificate", function()
       local res, err = paygate.http.request{ url = tls:url("/whoami"),
                                              ca_file = certs.ca }

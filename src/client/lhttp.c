@@ -492,13 +492,18 @@ push_failure(lua_State *L, struct gw_http_op *op, CURLcode rc)
                           " certificate cannot be used (client_cert,"
                           " client_key: a file that cannot be read or is not"
                           " PEM, a key that does not match the certificate,"
-                          " or a wrong client_key_password; the values are"
-                          " not shown)");
+                          " or a wrong client_key_password; curl's message"
+                          " is not shown: it quotes the values)");
+        lua_pushliteral(L, "client");         /* paygate.http says which */
+        lua_setfield(L, -2, "tls_files");
     } else if (rc == CURLE_SSL_CACERT_BADFILE) {
         /* and ca_file, likewise */
         n = gw_push_error(L, kind, retryable, "http request: ca_file cannot"
                           " be used (a file that cannot be read or holds no"
-                          " PEM certificate; its value is not shown)");
+                          " PEM certificate; curl's message is not shown:"
+                          " it quotes the value)");
+        lua_pushliteral(L, "ca");
+        lua_setfield(L, -2, "tls_files");
     } else {
         n = gw_push_error(L, kind, retryable, "http request: %s",
                           op->err[0] ? op->err : curl_easy_strerror(rc));
