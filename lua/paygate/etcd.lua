@@ -32,6 +32,11 @@ local b64, unb64 = crypto.base64_encode, crypto.base64_decode
 
 local _M = { _VERSION = "0.1.0" }
 
+-- seconds a watch must have stood before a failure after it pauses as
+-- little as a first one (0.05 s); a watch ended sooner keeps doubling
+-- the pause (to 1 s)
+_M.STOOD = 1
+
 local Client = {}
 Client.__index = Client
 _M.Client = Client
@@ -723,8 +728,11 @@ local function message(w, line)
   end
   if r.created then
     w.created = true
-    -- a watch stands: the pause before a retry starts small again
-    w.backoff, w.down_since = 0.05, nil
+    -- a member answers; the pause before a retry starts small again only
+    -- once the watch has stood a while (STOOD): a proxy that ends every
+    -- stream just after its creation must not be reconnected to at once,
+    -- again and again
+    w.down_since, w.stood_since = nil, core.update_time()
     if not w.next_rev then
       local rev = header_rev(r)
       if rev then w.next_rev = rev_next(rev) end
@@ -798,6 +806,13 @@ function Watch:__call()
         drop(self)
         if err and err.kind ~= "timeout" then
           retry_err = err
+        elseif created and not err then
+          -- the member (or a proxy) ended a standing watch's stream: etcd
+          -- does not, short of a restart; the end of our reconnect_after
+          -- cycle is a timeout. A failed attempt: the next endpoint,
+          -- after a pause
+          retry_err = core.error("etcd", "etcd: watch: the member ended"
+            .. " the stream (" .. self.cli.endpoints[self.ep] .. ")")
         elseif not created then
           -- the end of a connection is the normal cycle (reconnect_after)
           -- only for a watch that stood: a member that answered 200 and
@@ -850,6 +865,10 @@ function Watch:__call()
       self.last_error = retry_err
       self.ep = self.ep % #self.cli.endpoints + 1
       local now = core.update_time()
+      if self.stood_since and now - self.stood_since >= _M.STOOD then
+        self.backoff = 0.05          -- a first failure after a good while
+      end
+      self.stood_since = nil
       self.down_since = self.down_since or now
       if self.give_up_after
          and now - self.down_since > self.give_up_after then

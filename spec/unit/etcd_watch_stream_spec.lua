@@ -141,4 +141,37 @@ describe("etcd watch stream", function()
     end)
   end
 
+  it("a member that ends each stream just after creating the watch is"
+     .. " reconnected to after a pause that grows", function()
+    -- (a proxy closing every long response): before, each end was the
+    -- normal cycle and the watch reconnected at once, for ever
+    local real = hcore.stream
+    local n = 0
+    local created = json.encode({ result = { header = { revision = "5" },
+                                             created = true } }) .. "\n"
+    hcore.stream = function()
+      n = n + 1
+      local sent = false
+      return { headers = function() return 200, {} end,
+               read = function()
+                 core.sleep(0.005)
+                 if not sent then sent = true return created end
+                 return nil                       -- a clean end
+               end,
+               close = function() end }
+    end
+    local c2 = etcd.new{ endpoints = { "http://127.0.0.1:1",
+                                       "http://127.0.0.1:2" } }
+    local w = c2:watch("/x/", { reconnect_after = 30 })
+    local task = core.spawn(function() w() end)
+    core.sleep(1)
+    task:cancel()
+    w:close()
+    hcore.stream = real
+    -- pauses of 0.05, 0.1, 0.2, 0.4 s...: about 5 connections in 1 s
+    -- (at once, it was about 100)
+    assert.is_true(n >= 2 and n <= 10, n .. " connections in 1 s")
+    assert.matches("ended the stream", tostring(w.last_error), 1, true)
+  end)
+
 end)
