@@ -117,6 +117,19 @@ describe("paygate doctor --config <the gateway's config>", function()
       assert.equal("ok", r.gateway_config.status, out)
       assert.equal("ok", r.redis and r.redis.status, out)
       assert.is_nil(out:find("doctorpw", 1, true), out)
+      -- the gateway's check failing (another key), the password is not
+      -- read: Redis is not checked, rather than failed with NOAUTH
+      srv = servers.redis{ requirepass = "doctorpw" }
+      conf = variant("redispw2", ("c.gateway.redis = %q\n"
+        .. "c.gateway.redis_password_file = %q\n"
+        .. "c.gateway.frobnicate = true")
+        :format("redis://127.0.0.1:" .. srv.port, pf))
+      _, out, r = run({ "doctor", "--json", "--config", conf })
+      servers.stop_all()
+      assert.equal("fail", r.gateway_config.status, out)
+      assert.equal("warn", r.redis and r.redis.status, out)
+      assert.matches("not checked", r.redis.cause, 1, true)
+      assert.is_nil(out:find("NOAUTH", 1, true), out)
     end)
   end
 

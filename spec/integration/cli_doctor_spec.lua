@@ -177,6 +177,21 @@ describe("paygate doctor", function()
     assert.matches("accepted an unsigned probe", out)
   end)
 
+  it("fails a notify URL holding user info, shows it without the password,"
+     .. " and probes it without the credentials", function()
+    local s = tls_server(pki.good_chain, pki.good_key)
+    local url = notify:url("/notify-open"):gsub("^(https?://)",
+                                                 "%1probe:S3CRETPW@")
+    local code, out = run({ "doctor", "--json", "--config", config{
+      base_url = "https://localhost:" .. s.port, notify_url = url } })
+    s:stop()
+    assert.equal(1, code, out)
+    assert.matches("holds user info", out, 1, true)
+    assert.is_nil(out:find("S3CRETPW", 1, true), out)
+    -- the probe went on, to the URL without its user info
+    assert.matches("accepted an unsigned probe", out, 1, true)
+  end)
+
   it("fails a notify URL that does not answer within 5 s, and warns of a "
      .. "server timeout inside WeChat's window", function()
     local s = tls_server(pki.good_chain, pki.good_key)

@@ -604,7 +604,8 @@ local function check_api(out, wc, conf, now, expiring)
                 or wconfig.DEFAULT_BASE_URL):gsub("/+$", "")
   local scheme, host, port = base:match("^(https?)://([^/:]+):?(%d*)")
   if not host then
-    out:fail("api_host", "base_url " .. base .. " is not a URL", nil,
+    out:fail("api_host", "base_url " .. redact_url(base) .. " is not a URL",
+             nil,
              "https://api.mch.weixin.qq.com")
     return
   end
@@ -947,7 +948,7 @@ local function notify_tls(out, url, host, port, conf, now)
   if ok or not err or not err.kind then return end
   local c = CHAIN[err.kind] or { "the chain does not verify", nil }
   out:result{ status = "fail", kind = "notify_url", x509_kind = err.kind,
-              cause = url .. ": TLS " .. err.kind .. ": " .. c[1],
+              cause = redact_url(url) .. ": TLS " .. err.kind .. ": " .. c[1],
               detail = host .. ": " .. tostring(err.message) .. "\nleaf "
               .. chain[1]:subject() .. ", issuer " .. chain[1]:issuer()
               .. "\nWeChat's handshake fails the same way: no notification "
@@ -966,7 +967,17 @@ local function check_notify(out, conf, metrics)
     out:fail("notify_url", "notify_url is not a URL", nil,
              "https://your.host/path (no query)")
   else
-    if url:find("?", 1, true) then
+    -- shown without a password a URL's user info may hold (WeChat takes
+    -- no user info in notify_url: refused below)
+    local shown = redact_url(url)
+    if url:match("^https?://[^/?#]*@") then
+      out:fail("notify_url", "notify_url " .. shown .. " holds user info"
+               .. " (user@ or user:password@); WeChat refuses it", nil,
+               "https://your.host/path: no user info, no query")
+      -- probed without it: no credentials sent to the notify server
+      url = url:gsub("^(https?://)[^/?#]*@", "%1")
+      shown = redact_url(url)
+    elseif url:find("?", 1, true) then
       out:fail("notify_url", "notify_url has a query string; WeChat refuses "
                .. "it", nil, "put what you need in the path")
     elseif not url:match("^https://") then
@@ -1002,7 +1013,7 @@ local function check_notify(out, conf, metrics)
     end
     local port = tonumber(url:match("^https://[^/]-:(%d+)")) or 443
     if plain then
-      out:fail("notify_url", url .. " speaks plain HTTP, not TLS: "
+      out:fail("notify_url", shown .. " speaks plain HTTP, not TLS: "
                .. "an https:// URL served without TLS", "the TLS handshake "
                .. "got no TLS answer (" .. tostring(err.kind) .. "), while "
                .. "an http:// request to the same host and port is "
@@ -1014,7 +1025,7 @@ local function check_notify(out, conf, metrics)
       -- named by notify_tls
     elseif not res then
       out:fail("notify_url", err.kind == "timeout" and ("%s did not answer "
-               .. "within %d s"):format(url, WINDOW) or url .. ": "
+               .. "within %d s"):format(shown, WINDOW) or shown .. ": "
                .. tostring(err), "WeChat counts no answer within 5 s as a "
                .. "failure and sends the notification again later",
                err.kind == "timeout" and "answer within 5 s: record the "
@@ -1026,21 +1037,21 @@ local function check_notify(out, conf, metrics)
                .. "TLS with a public CA)")
     elseif res.status >= 200 and res.status < 300 then
       out:fail("notify_url", ("%s accepted an unsigned probe (HTTP %d)")
-               :format(url, res.status), "a handler that answers success "
+               :format(shown, res.status), "a handler that answers success "
                .. "without verifying the signature accepts forged payments",
                "verify every notification (wx:parse_notification) and answer"
                .. " 4xx/5xx when it fails")
     elseif res.status == 404 or res.status == 405 or (res.status >= 300
            and res.status < 400) then
       out:fail("notify_url", ("%s answered HTTP %d: no handler at this "
-               .. "path"):format(url, res.status), res.status >= 300
+               .. "path"):format(shown, res.status), res.status >= 300
                and res.status < 400 and "WeChat does not follow redirects"
                or "WeChat's notifications would be refused the same way "
                .. "and never reach a handler", "route POST "
                .. (url:match("^https?://[^/]+(/[^?]*)") or "/")
                .. " to the notification handler (or fix notify_url)")
     elseif res.status >= 500 and not fail_body(res) then
-      out:fail("notify_url", ("%s answered HTTP %d: %s"):format(url,
+      out:fail("notify_url", ("%s answered HTTP %d: %s"):format(shown,
                res.status, (res.status == 502 or res.status == 503
                or res.status == 504) and "a proxy answers, the application "
                .. "behind it does not" or "a server error, not the "
@@ -1051,15 +1062,15 @@ local function check_notify(out, conf, metrics)
     elseif res.status ~= 400 and res.status ~= 401 and res.status ~= 403
            and res.status < 500 then
       out:warn("notify_url", ("%s answered HTTP %d to the unsigned probe")
-               :format(url, res.status), "a handler refusing an unsigned "
+               :format(shown, res.status), "a handler refusing an unsigned "
                .. "notification answers 400, 401 or 403", "check that the "
                .. "path is the notification handler")
     elseif took > WINDOW / 2 then
-      out:warn("notify_url", ("%s answered in %.1f s"):format(url, took),
+      out:warn("notify_url", ("%s answered in %.1f s"):format(shown, took),
                "close to WeChat's 5 s", "answer sooner")
     else
       out:ok("notify_url", ("%s answered HTTP %d in %d ms (refused the "
-             .. "unsigned probe, as it should)"):format(url, res.status,
+             .. "unsigned probe, as it should)"):format(shown, res.status,
              took * 1000))
     end
   end
@@ -1166,7 +1177,10 @@ local function check_stores(out, conf)
     out:warn("database", "no database configured: notifications cannot be "
              .. "recorded durably", nil, "set database")
   end
-  if conf.redis then
+  if conf.redis and conf.redis_unchecked then
+    out:warn("redis", "Redis not checked: " .. conf.redis_unchecked, nil,
+             "fix the configuration, then run doctor again")
+  elseif conf.redis then
     local redis = require "paygate.redis"
     local ok, c, err = pcall(redis.connect, conf.redis, { timeout = 3,
       connect_timeout = 2, password = conf.redis_password })
@@ -1256,6 +1270,14 @@ local function main(args)
     local gcfg = gateway_check(out, raw, o["--app"])
     local ropts = gcfg and gcfg.gateway and gcfg.gateway.redis_opts
     conf.redis_password = ropts and ropts.password
+    local g = type(raw.gateway) == "table" and raw.gateway or {}
+    if not gcfg and (g.redis_password_file ~= nil
+                     or g.redis_password_env ~= nil) then
+      -- a check without the password would say NOAUTH of a working Redis
+      conf.redis_unchecked = "its password (gateway.redis_password_file /"
+        .. " _env) is read by the gateway's configuration check, which"
+        .. " failed (above)"
+    end
     out:ok("config", ("the gateway's config: merchant %s (%d of them%s)")
            :format(id, n, n > 1 and "; --merchant MCHID picks another" or ""))
   elseif o["--merchant"] or o["--app"] then
