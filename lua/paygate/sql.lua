@@ -132,6 +132,28 @@ function _M.sqlite_path(url)
   return path
 end
 
+-- SQLite's "unable to open database file" names neither the file nor
+-- why: say which, and what is wrong with its folder when something is
+-- (missing, not a folder, not readable). SQLite makes the file, never
+-- the folder.
+local function cantopen(err, path)
+  if not core.is_error(err) or not tostring(err.message):find(
+       "unable to open database file", 1, true) then
+    return err
+  end
+  local dir = path:match("^(.*)/[^/]*$") or "."
+  if dir == "" then dir = "/" end
+  local why = "check the permissions of the file and its folder"
+  local _, lerr = core.listdir(dir)
+  if lerr then
+    why = "its folder " .. dir .. ": "
+      .. tostring(lerr.message):gsub("^listdir .-: ", "")
+      .. " (sql.open makes the file, not the folder)"
+  end
+  err.message = err.message .. " " .. path .. ": " .. why
+  return err
+end
+
 local function open_sqlite(rest, opts)
   local sqlite_core = require "paygate.sqlite.core"
   local path, qs = sqlite_parts(rest)
@@ -141,12 +163,12 @@ local function open_sqlite(rest, opts)
   opts = parse_query(qs, opts)
   local h, oerr = sqlite_core.open(path, opts)
   if not h then
-    return nil, oerr
+    return nil, cantopen(oerr, path)
   end
   local ok, err = h:connect()
   if not ok then
     h:close()
-    return nil, err
+    return nil, cantopen(err, path)
   end
   return setmetatable({ engine = "sqlite", h = h, path = path,
                         retries = opts.retries or DEFAULT_RETRIES }, DB)

@@ -144,6 +144,25 @@ describe("paygate.sql misuse", function()
     assert.equal("syntax: ", tostring(err):sub(1, 8))
   end)
 
+  it("a SQLite file that cannot be opened is named, with its folder's fault",
+     function()
+    -- SQLite alone says "unable to open database file": which, and why?
+    local cases = {
+      { tmp .. "/nodir/x.db", "its folder " .. tmp .. "/nodir: No such file"
+        .. " or directory (sql.open makes the file, not the folder)" },
+      { tmp .. "/e.db/x.db", "its folder " .. tmp .. "/e.db: Not a"
+        .. " directory" },
+    }
+    for _, c in ipairs(cases) do
+      local db2, err = sql.open("sqlite:" .. c[1])
+      assert.is_nil(db2)
+      assert.is_true(core.is_error(err))
+      assert.equal("unavailable", err.kind)
+      assert.matches("unable to open database file " .. c[1] .. ": "
+                     .. c[2], err.message, 1, true)
+    end
+  end)
+
   it("a malformed postgres url's error does not quote its password",
      function()
     -- libpq's parse error quotes the bad token, here the password
