@@ -136,15 +136,41 @@ function _M.merchant(o)
   return m
 end
 
+-- A misspelt option (time_scal, confg) would be ignored and keep its
+-- default, and the spec would fail far from the typo: raise naming it,
+-- and the options there are.
+local function check_options(fn, o, known)
+  if o == nil then return end
+  if type(o) ~= "table" then error(fn .. ": o must be a table", 3) end
+  for k in pairs(o) do
+    if not known[k] then
+      local names = {}
+      for n in pairs(known) do names[#names + 1] = n end
+      table.sort(names)
+      error(fn .. ": unknown option o." .. tostring(k) .. " (known: "
+            .. table.concat(names, ", ") .. ")", 3)
+    end
+  end
+end
+
+local APP_OPTIONS = { app = true, source = true, config = true,
+  workers = true, args = true, port = true, wait = true, timeout = true,
+  scheme = true, ca_file = true, bin = true, watchdog = true }
+
 --- syntax: srv = testing.start_app(o)
 -- Starts `paygate run o.app` on a free loopback port (o as for
 -- paygate.testing.server.start: app | source, config (a table, or a
 -- function(srv) returning one: srv.port and srv:url(path) are known),
--- workers, args, env...).
+-- workers, args, port, wait, timeout, scheme, ca_file, bin; another key
+-- raises).
 -- yields: until it serves (GET /healthz on its admin port).
 -- returns: srv (srv:url(path), srv:request{...}, srv:logs(), srv:stop()).
 function _M.start_app(o)
-  local srv = server.start(o)
+  check_options("testing.start_app", o, APP_OPTIONS)
+  -- server.start's errors name its caller: this line. Raised again here,
+  -- they name the spec's.
+  local ok, srv = pcall(server.start, o)
+  if not ok then error(srv, 2) end
   started[#started + 1] = srv
   return srv
 end
@@ -204,6 +230,11 @@ local function sim_merchant_conf(m)
   return c
 end
 
+local SIM_OPTIONS = { merchants = true, partner = true,
+  verifier_mode = true, sign_type = true, time_scale = true,
+  answer_timeout = true, config = true, app = true, workers = true,
+  log_level = true }
+
 --- syntax: sim = testing.simulator([o])
 -- o: merchants (a list of testing.merchant() tables, or a number: how many
 -- to make; default 1), partner (true: also a service provider with one
@@ -212,11 +243,12 @@ end
 -- default; WECHATPAY2-SM2-WITH-SM3 makes SM2 merchant keys), time_scale
 -- (default 1), answer_timeout, config (more simulator config keys), app
 -- (the simulator's directory: $PAYGATE_SIMULATOR or examples/simulator),
--- workers.
+-- workers, log_level ("warn"); another key raises.
 -- yields: makes keys, starts the simulator and waits until it serves.
 -- returns: sim: sim.url, sim.merchant (the first), sim.merchants, and the
 -- methods below.
 function _M.simulator(o)
+  check_options("testing.simulator", o, SIM_OPTIONS)
   o = o or {}
   local sm2 = o.sign_type == SM2_TYPE
   local merchants = o.merchants

@@ -62,6 +62,30 @@ describe("testing.start_app", function()
     assert.matches("boom at start", err)
   end)
 
+  it("refuses a misspelt option, naming it, before starting anything",
+     function()
+    -- ignored, confg would start the app without its config, and
+    -- time_scal would leave WeChat's 15 s retries in place
+    local ok, err = pcall(testing.start_app, { source = "", confg = {} })
+    assert.is_false(ok)
+    assert.matches("testing.start_app: unknown option o.confg (known: app,",
+                   err, 1, true)
+    ok, err = pcall(testing.simulator, { time_scal = 100 })
+    assert.is_false(ok)
+    assert.matches("testing.simulator: unknown option o.time_scal (known:",
+                   err, 1, true)
+    assert.matches("time_scale", err, 1, true)
+  end)
+
+  it("names the spec's line when the app cannot start", function()
+    local ok, err = pcall(function()
+      testing.start_app{ app = "no/such/app" }
+    end)
+    assert.is_false(ok)
+    assert.matches("^[^\n]*testing_kit_spec%.lua:%d+: paygate run no/such/app"
+                   .. " exited early", err)
+  end)
+
   it("serves an app with a config made from its own port", function()
     local srv = testing.start_app{
       source = [[
