@@ -432,6 +432,32 @@ describe("wechatpay api", function()
       assert.equal(MCHID, r.json.mchid)
     end)
 
+    it("signs pay parameters with the configured appid when given none",
+       function()
+      -- the prepay took the configured appid: its pay parameters must be
+      -- signed with it, not refused
+      local wx2 = stub:client({ appid = APPID })
+      local j, jerr = wx2:jsapi_pay_params(nil, "wx2014")
+      local a, aerr = wx2:app_pay_params(nil, "wx2014")
+      wx2:close()
+      assert.is_table(j, tostring(jerr))
+      assert.equal(APPID, j.appId)
+      assert.is_table(a, tostring(aerr))
+      assert.equal(APPID, a.appid)
+      -- none configured (and a service provider's: sp_appid or sub_appid?):
+      -- the appid is required, and the message says so
+      for _, c in ipairs({ { wx, "jsapi_pay_params" },
+                           { wx, "app_pay_params" },
+                           { pwx, "jsapi_pay_params" },
+                           { pwx, "app_pay_params", "1900000109" } }) do
+        local t2, err = c[1][c[2]](c[1], nil, "wx2014", c[3])
+        assert.is_nil(t2)
+        assert.equal("appid", err.field)
+        assert.equal(c[2] .. ": appid: is required (the appid that ordered)",
+                     err.message)
+      end
+    end)
+
     it("takes sp_appid from a partner configuration", function()
       local pwx2 = stub:partner_client({ sp_appid = APPID })
       stub:can("POST", "/v3/pay/partner/transactions/native", 200,

@@ -815,9 +815,13 @@ end
 -- paySign }, signed with the merchant key. appid is the one that ordered
 -- (in partner mode: sub_appid when the payer was a sub_openid, else
 -- sp_appid). opts: timestamp, nonce (fixed values, for tests).
+-- A direct merchant's nil appid is the configured appid, which the prepay
+-- filled in too; a service provider's must be given (sp_appid or
+-- sub_appid: which one ordered is not known here).
 -- returns: the table, or nil, err (invalid_params). Does not yield.
 function _M.jsapi_pay_params(self, appid, prepay_id, o)
   check_opts("jsapi_pay_params", o)
+  if appid == nil and not is_partner(self) then appid = conf(self).appid end
   return payparams.jsapi(merchant_key(self), appid, prepay_id, o)
 end
 
@@ -838,6 +842,7 @@ function _M.app_pay_params(self, appid, prepay_id, sub, o)
       return fail("app_pay_params", "sub_mchid", "is for partner mode")
     end
     partnerid = conf(self).mchid
+    if appid == nil then appid = conf(self).appid end
   end
   return payparams.app(merchant_key(self), partnerid, appid, prepay_id, o)
 end

@@ -84,8 +84,13 @@ function _M.bad_args(fn, appid, prepay_id)
      and not appid:find("[%c%s]") then
     field = "prepay_id"
   end
-  local v = field == "appid" and appid or prepay_id
-  local why = type(v) ~= "string" and "must be a string"
+  -- (not `field == "appid" and appid or prepay_id`: a nil appid would
+  -- be judged by the prepay_id's value)
+  local v = prepay_id
+  if field == "appid" then v = appid end
+  local why = v == nil and (field == "appid" and "is required (the appid"
+                .. " that ordered)" or "is required")
+              or type(v) ~= "string" and "must be a string"
               or v == "" and "must not be empty"
               or "must be at most " .. (field == "appid" and 32 or 64)
                  .. " characters without spaces or control characters"
