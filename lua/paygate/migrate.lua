@@ -37,7 +37,19 @@ local function scan(dir, engine, fname, level)
   local folder = dir .. "/" .. engine
   local names, err = core.listdir(folder)
   if not names then
-    return nil, core.error("unavailable", "migrate: " .. err.message,
+    local hint = ""
+    local top = core.listdir(dir)
+    if top then
+      -- .sql files straight in dir: the engine's folder is missing
+      for _, n in ipairs(top) do
+        if n:match("%.sql$") then
+          hint = " (the .sql files are in " .. dir .. " itself: put each"
+            .. " engine's in its own folder, " .. folder .. "/NNN_name.sql)"
+          break
+        end
+      end
+    end
+    return nil, core.error("unavailable", "migrate: " .. err.message .. hint,
                            { retryable = false })
   end
   local list, seen = {}, {}

@@ -272,6 +272,16 @@ describe("paygate.lease and paygate.migrate misuse", function()
     assert.is_true(core.is_error(err))
     assert.truthy(tostring(err):find("^unavailable: migrate: "),
                   tostring(err))
+    -- .sql files put in the folder itself: the message says where they go
+    local flat = tmp .. "/flat"
+    assert(os.execute("mkdir -p " .. flat) == 0)
+    local f = assert(io.open(flat .. "/001_init.sql", "w"))
+    f:write("CREATE TABLE t (x INTEGER);\n")
+    f:close()
+    res, err = migrate.run(db, flat)
+    assert.is_nil(res)
+    assert.truthy(tostring(err):find("put each engine's in its own folder, "
+      .. flat .. "/sqlite/NNN_name.sql", 1, true), tostring(err))
     local l2, herr = lease.acquire(db, "k", 5)
     assert.is_nil(l2)
     assert.is_true(core.is_error(herr))

@@ -44,6 +44,11 @@ describe("wechatpay.client configuration", function()
   it("refuses a non-table", function()
     local _, err = wechatpay.client("x")
     assert.equal("invalid_config", err.kind)
+    -- nil: most likely the config file's wechatpay table is missing
+    _, err = wechatpay.client(nil)
+    assert.equal("invalid_config", err.kind)
+    assert.matches("got nil: is the config file's wechatpay table missing?",
+                   err.message, 1, true)
   end)
   it("refuses a key it does not know, naming the one meant", function()
     -- a typo would otherwise keep the default without a word
@@ -77,7 +82,8 @@ describe("wechatpay.client configuration", function()
             "merchant_private_key", "cannot read")
     refused({ merchant_private_key = read("a4_merchant_cert.pem") },
             "merchant_private_key")
-    refused({ merchant_private_key = NIL }, "merchant_private_key")
+    refused({ merchant_private_key = NIL }, "merchant_private_key",
+            "is required %(a file path or PEM text%)")
   end)
   it("the private key must match the merchant certificate", function()
     local wx = assert(wechatpay.client(base{ merchant_serial = NIL,

@@ -28,6 +28,9 @@ end
 -- APIv3 key has).
 -- returns: the bytes, or nil, reason.
 local function material(v)
+  if v == nil then
+    return nil, "is required (a file path or PEM text)"
+  end
   if type(v) ~= "string" or v == "" then
     return nil, "must be a file path or PEM text"
   end
@@ -169,7 +172,9 @@ end
 --   breaker_min_calls, breaker_failure_ratio, breaker_open_for; on_call.
 function _M.check(conf)
   if type(conf) ~= "table" then
-    return bad("conf", "the configuration must be a table")
+    return bad("conf", "the configuration must be a table (got "
+               .. type(conf) .. (conf == nil and ": is the config file's"
+               .. " wechatpay table missing?" or "") .. ")")
   end
   for k in pairs(conf) do
     if not KNOWN[k] then
