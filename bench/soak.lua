@@ -54,9 +54,13 @@ end
 local procs = { { "gateway", worker("gateway") },
                 { "simulator", worker("simulator") } }
 
+-- KiB resident: all of it, and the process's own memory (RssAnon: the
+-- heaps; not the libraries' pages nor the shared dictionaries, which grow
+-- until their configured size is in use)
 local function rss_kib(pid)
   local s = read("/proc/" .. pid .. "/status") or ""
-  return tonumber(s:match("VmRSS:%s*(%d+)")) or 0
+  return tonumber(s:match("VmRSS:%s*(%d+)")) or 0,
+         tonumber(s:match("RssAnon:%s*(%d+)")) or 0
 end
 local function fds(pid)
   return tonumber(cmd("ls /proc/" .. pid .. "/fd 2>/dev/null | wc -l")) or 0
@@ -139,10 +143,10 @@ local function sample(t)
   local line = ("%5.0f s  flows %6d  errors %d"):format(t, stats.flows,
                                                           stats.errors)
   for _, p in ipairs(procs) do
-    s[p[1]] = rss_kib(p[2])
-    line = line .. ("  %s rss %.1f MiB fds %d"):format(p[1],
-                                                       s[p[1]] / 1024,
-                                                       fds(p[2]))
+    local all, own = rss_kib(p[2])
+    s[p[1]] = own
+    line = line .. ("  %s rss %.1f MiB (own %.1f) fds %d"):format(p[1],
+      all / 1024, own / 1024, fds(p[2]))
   end
   line = line .. ("  lua heap %.1f MiB  store %.0f MiB"):format(
     s.heap / 1048576, s.store)
@@ -164,10 +168,10 @@ for w = 1, conc do
   end)
 end
 sample(0)
-while core.mono() < stop_at do
-  paygate.sleep(math.min(INTERVAL, stop_at - core.mono()))
+repeat
+  paygate.sleep(math.max(0, math.min(INTERVAL, stop_at - core.mono())))
   sample(core.mono() - t0)
-end
+until core.mono() >= stop_at - 0.5
 for _, t in ipairs(tasks) do t:wait() end
 
 print()
@@ -179,8 +183,9 @@ local first, mid, last = samples[1], samples[math.floor(#samples / 2) + 1],
                          samples[#samples]
 for _, p in ipairs(procs) do
   local k = p[1]
-  print(("%-9s RSS %.1f -> %.1f -> %.1f MiB: +%.1f MiB in the first half,"
-         .. " +%.1f in the second"):format(k, first[k] / 1024, mid[k] / 1024,
+  print(("%-9s own RSS %.1f -> %.1f -> %.1f MiB: %+.1f MiB in the first"
+         .. " half, %+.1f in the second"):format(k, first[k] / 1024,
+         mid[k] / 1024,
          last[k] / 1024, (mid[k] - first[k]) / 1024,
          (last[k] - mid[k]) / 1024))
 end
