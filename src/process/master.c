@@ -355,7 +355,7 @@ spawn_worker(int gen)
         rc = gw_worker_main(m.o, m.listen_fd,
                             gen == m.gen ? m.ssl_ctx
                             : (m.ssl_next ? m.ssl_next : m.ssl_ctx),
-                            p[1], slot);
+                            p[1], slot, gen);
         _exit(rc);
     }
     close(p[1]);

@@ -37,10 +37,12 @@ static struct {
 } w;
 
 /* Sets package.loaded["paygate.runtime"] = { mode, app_dir, config_file,
- * listen ("HOST:PORT" of the public listener; workers only) } */
+ * listen ("HOST:PORT" of the public listener; workers only), generation
+ * (the code generation the worker runs: 1 at start, one more per reload
+ * tried; workers only) } */
 static void
 push_runtime_info(lua_State *L, const char *mode, const char *app_dir,
-                  const char *config_file, const char *listen)
+                  const char *config_file, const char *listen, int gen)
 {
     lua_getglobal(L, "package");
     lua_getfield(L, -1, "loaded");
@@ -58,6 +60,10 @@ push_runtime_info(lua_State *L, const char *mode, const char *app_dir,
     if (listen != NULL) {
         lua_pushstring(L, listen);
         lua_setfield(L, -2, "listen");
+    }
+    if (gen > 0) {
+        lua_pushinteger(L, gen);
+        lua_setfield(L, -2, "generation");
     }
     lua_pushstring(L, gw_lua_dir());
     lua_setfield(L, -2, "lua_dir");
@@ -329,7 +335,7 @@ runtime_init(const char *app_dir)
 
 int
 gw_worker_main(const struct gw_opts *o, int listen_fd, SSL_CTX *ctx,
-               int ready_fd, int slot)
+               int ready_fd, int slot, int gen)
 {
     char path[4096];
     struct timeval one = { 1, 0 };
@@ -347,7 +353,7 @@ gw_worker_main(const struct gw_opts *o, int listen_fd, SSL_CTX *ctx,
         return 1;
     }
     push_runtime_info(w.L, "worker", o->app_dir, o->config_file,
-                      o->listen);
+                      o->listen, gen);
     if (o->resolver[0] != '\0') {   /* checked when the config was read */
         gw_dns_configure(o->resolver, -1, -1, -1, path, sizeof(path));
     }
@@ -435,7 +441,7 @@ gw_exec_main(const char *script, int argc, char **argv)
             *slash = '\0';
         }
         push_runtime_info(L, "exec", slash != NULL ? (abs[0] ? abs : "/")
-                                                   : NULL, NULL, NULL);
+                                                   : NULL, NULL, NULL, 0);
         free(abs);
     }
 

@@ -12,9 +12,10 @@
 /* Runs a worker until it is stopped; returns the process exit code. It
  * writes 'R' to ready_fd (a socket to the master) once the app loaded, or
  * 'F' if it failed; after 'R' it accepts only once the master answers 'G'
- * (and stops if the master closes the socket instead). */
+ * (and stops if the master closes the socket instead). gen: the code
+ * generation it belongs to (paygate.runtime.generation). */
 int gw_worker_main(const struct gw_opts *o, int listen_fd, SSL_CTX *ctx,
-                   int ready_fd, int slot);
+                   int ready_fd, int slot, int gen);
 
 /* Seconds a stopping worker gives the app's paygate.on_stop functions,
  * once its requests drained (or the drain deadline passed). The master's

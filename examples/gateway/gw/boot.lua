@@ -25,9 +25,12 @@ end
 --- syntax: boot.exit(key, msg, status)
 -- One line "gateway: msg" on stderr, then exit with status. Every worker
 -- fails alike: the first to claim the shared key writes the line (one
--- write: one line), the others wait until it is written.
+-- write: one line), the others wait until it is written. The claim is
+-- per code generation: the shared dictionary outlives a reload, and a
+-- reload refused again within the claim's 10 s must still say why.
 function _M.exit(key, msg, status)
   local d = shared.get_dict("paygate")
+  key = key .. ":" .. tostring(paygate.runtime.generation or 0)
   if d:add(key, 1, 10) then
     io.stderr:write("gateway: " .. msg:gsub("[\r\n]", " ") .. "\n")
     io.stderr:flush()
