@@ -363,6 +363,44 @@ describe("a restarted worker that cannot load the app", function()
   end)
 end)
 
+describe("the config file on reload", function()
+  it("names the runtime keys a reload cannot apply, and refuses a config"
+     .. " the next start would refuse", function()
+    local s = server.start{ source = app_source("v1"), config = [[
+return { limits = { request_timeout = 30 }, greeting = "a" }
+]] }
+    finally(function() s:stop() end)
+    -- an app key alone: nothing to say
+    write(s.config_file, [[
+return { limits = { request_timeout = 30 }, greeting = "b" }
+]])
+    local code, out = try_reload(s)
+    assert.equal(0, code, out)
+    assert.equal("paygate reload: done, generation 2\n", out)
+    -- runtime keys: the reload goes through and says what it did not apply
+    write(s.config_file, [[
+return { limits = { request_timeout = 5 }, workers = 3, greeting = "b" }
+]])
+    code, out = try_reload(s)
+    assert.equal(0, code, out)
+    assert.matches("done, generation 3 (not applied until a restart:"
+                   .. " workers, limits.request_timeout)", out, 1, true)
+    assert.matches("changes workers, limits.request_timeout: runtime keys"
+                   .. " take effect on a restart", s:logs(), 1, true)
+    -- a runtime key the next start would refuse: refused now, old code on
+    write(s.config_file, [[
+return { limits = { request_timeout = "soon" } }
+]])
+    write(s.app .. "/app.lua", app_source("v2"))
+    code, out = try_reload(s)
+    assert.equal(1, code, out)
+    assert.matches("refused: config.limits.request_timeout must be a number",
+                   out, 1, true)
+    assert.equal("v1", assert(s:request("/version")).body)
+    assert.equal(1, metric(s, "paygate_reload_failures_total"))
+  end)
+end)
+
 describe("TLS files", function()
   it("are reloaded with the code on HUP", function()
     local dir = server.tmpdir()

@@ -349,6 +349,83 @@ done:
     return rc;
 }
 
+/* Appends prefix name to out, comma-separated; "..." once it is full. */
+static void
+add_name(char *out, size_t outlen, const char *prefix, const char *name)
+{
+    size_t len = strlen(out);
+
+    if (len + strlen(prefix) + strlen(name) + 6 >= outlen) {
+        if (len + 6 < outlen && (len < 3 || strcmp(out + len - 3, "...")
+                                 != 0)) {
+            snprintf(out + len, outlen - len, "%s...", len ? ", " : "");
+        }
+        return;
+    }
+    snprintf(out + len, outlen - len, "%s%s%s", len ? ", " : "", prefix,
+             name);
+}
+
+static void
+diff_keys(const struct key *keys, const char *prefix,
+          const struct gw_opts *a, const struct gw_opts *b, char *out,
+          size_t outlen)
+{
+    for (const struct key *k = keys; k->name != NULL; k++) {
+        const char *pa = (const char *) a + k->off;
+        const char *pb = (const char *) b + k->off;
+        int same;
+
+        if (k->type == 's') {
+            same = strcmp(pa, pb) == 0;
+        } else if (k->type == 'n') {
+            same = *(const double *) pa == *(const double *) pb;
+        } else if (k->type == 'z') {
+            same = *(const size_t *) pa == *(const size_t *) pb;
+        } else {
+            same = *(const int *) pa == *(const int *) pb;
+        }
+        if (!same) {
+            add_name(out, outlen, prefix, k->name);
+        }
+    }
+}
+
+static size_t
+shared_size(const struct gw_opts *o, const char *name)
+{
+    for (int i = 0; i < o->nshared; i++) {
+        if (strcmp(o->shared[i].name, name) == 0) {
+            return o->shared[i].size;
+        }
+    }
+    return 0;
+}
+
+void
+gw_opts_diff(const struct gw_opts *a, const struct gw_opts *b, char *out,
+             size_t outlen)
+{
+    int shared_same = a->nshared == b->nshared;
+
+    out[0] = '\0';
+    diff_keys(top_keys, "", a, b, out, outlen);
+    if (a->log_level != b->log_level) {
+        add_name(out, outlen, "", "log_level");
+    }
+    if (a->server.access_log != b->server.access_log) {
+        add_name(out, outlen, "", "access_log");
+    }
+    diff_keys(tls_keys, "tls.", a, b, out, outlen);
+    diff_keys(limit_keys, "limits.", a, b, out, outlen);
+    for (int i = 0; shared_same && i < a->nshared; i++) {
+        shared_same = shared_size(b, a->shared[i].name) == a->shared[i].size;
+    }
+    if (!shared_same) {
+        add_name(out, outlen, "", "shared");
+    }
+}
+
 int
 gw_listen(const char *spec, int backlog, char *err, size_t errlen)
 {

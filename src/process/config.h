@@ -52,6 +52,12 @@ void gw_opts_defaults(struct gw_opts *o);
 int gw_opts_load_file(struct gw_opts *o, const char *path, char *err,
                       size_t errlen);
 
+/* Names the runtime keys whose values differ between a and b (both read
+ * from a file over the defaults) in out, comma-separated ("listen,
+ * limits.request_timeout"); "" when none does. */
+void gw_opts_diff(const struct gw_opts *a, const struct gw_opts *b,
+                  char *out, size_t outlen);
+
 /* Splits "HOST:PORT" / "[V6]:PORT" / "PORT" and binds a listening socket
  * (non-blocking). Returns the fd, or -1 with a reason in err. */
 int gw_listen(const char *spec, int backlog, char *err, size_t errlen);

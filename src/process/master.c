@@ -59,6 +59,9 @@ static struct {
     int               last_gen;     /* highest ever started: an aborted
                                        generation's number is never reused */
     int               reload_again; /* HUP arrived during a reload */
+    char              not_applied[512]; /* runtime keys the reload being
+                                       made found changed in the config
+                                       file, or "" */
     int               reloads_done; /* outcomes so far (status file) */
     int               stopping;
     int               failed_start; /* a first-generation worker failed */
@@ -80,6 +83,12 @@ static struct {
     struct bufferevent *admin_bev[ADMIN_MAX_CONNS]; /* them, or NULL: a
                                        worker closes their fds after fork */
 } m;
+
+/* The runtime keys of the config file as the master started with them
+ * (over the defaults, before any flag), and as a reload finds them: what
+ * a reload cannot apply is named rather than silently kept. */
+static struct gw_opts file_start, file_now;
+static int            have_file_start;
 
 static int spawn_worker(int gen);
 static void reload_abort(const char *why);
@@ -218,9 +227,14 @@ reload_commit(void)
     gw_log(GW_LOG_INFO, "reload: generation %d serving; generation %d "
                         "draining", m.gen, old);
     {
-        char what[64];
+        char what[700];
 
-        snprintf(what, sizeof(what), "generation %d", m.gen);
+        if (m.not_applied[0] != '\0') {
+            snprintf(what, sizeof(what), "generation %d (not applied until "
+                     "a restart: %s)", m.gen, m.not_applied);
+        } else {
+            snprintf(what, sizeof(what), "generation %d", m.gen);
+        }
         reload_status(1, what);
     }
     if (m.reload_again) {
@@ -451,6 +465,31 @@ on_hup(evutil_socket_t sig, short what, void *arg)
         return;
     }
     gw_log(GW_LOG_INFO, "reload: loading the new code");
+    m.not_applied[0] = '\0';
+    if (m.o->config_file != NULL) {
+        /* a config file the next start would refuse is refused now, not
+         * found at that start; runtime keys changed in it are named (they
+         * take effect on a restart: the new workers get the old ones) */
+        gw_opts_defaults(&file_now);
+        if (gw_opts_load_file(&file_now, m.o->config_file, err,
+                              sizeof(err)) != GW_OK) {
+            gw_metrics_reload(0);
+            gw_log(GW_LOG_ERROR, "reload refused: %s; generation %d keeps "
+                                 "serving", err, m.gen);
+            reload_status(0, err);
+            return;
+        }
+        if (have_file_start) {
+            gw_opts_diff(&file_start, &file_now, m.not_applied,
+                         sizeof(m.not_applied));
+        }
+        if (m.not_applied[0] != '\0') {
+            gw_log(GW_LOG_WARN, "reload: %s changes %s: runtime keys take "
+                                "effect on a restart; the new workers run "
+                                "with the values the server started with",
+                   m.o->config_file, m.not_applied);
+        }
+    }
     if (m.o->tls_cert[0] != '\0') {
         m.ssl_next = tls_ctx(m.o, err, sizeof(err));
         if (m.ssl_next == NULL) {
@@ -809,6 +848,12 @@ gw_master_main(struct gw_opts *o)
     m.o = o;
     m.admin_fd = -1;
     gw_log_min = o->log_level;
+    if (o->config_file != NULL) {
+        /* as main read it a moment ago (the baseline of a reload's check) */
+        gw_opts_defaults(&file_start);
+        have_file_start = gw_opts_load_file(&file_start, o->config_file, err,
+                                            sizeof(err)) == GW_OK;
+    }
     if (o->workers < 1 || o->workers > MAX_WORKERS / 2) {
         fprintf(stderr, "paygate: --workers must be 1..%d\n",
                 MAX_WORKERS / 2);
