@@ -274,6 +274,33 @@ describe("a restart pending across a reload", function()
   end)
 end)
 
+describe("paygate reload while another reload is loading", function()
+  it("waits for the reload that loads its code, not the one before",
+     function()
+    local s = server.start{ source = app_source("v1"), workers = 1 }
+    finally(function() s:stop() end)
+    -- a reload that takes a while: its worker has read app.lua (v2) and
+    -- sleeps at its top level
+    local marker = s.dir .. "/v2.loading"
+    write(s.app .. "/app.lua", ("io.open(%q, 'w'):close()\n"):format(marker)
+          .. "require('paygate').sleep(3)\n" .. app_source("v2"))
+    s:signal(proc.SIGHUP)
+    proc.wait_until(function()
+      local f = io.open(marker)
+      if f then f:close() end
+      return f ~= nil
+    end, 10, "the new generation's worker to run v2")
+    -- meanwhile the operator ships code that does not load, and reloads:
+    -- the reload in progress (v2) is not the one that loads it
+    write(s.app .. "/app.lua", "this is not lua (")
+    local code, out = try_reload(s)
+    assert.equal(1, code, out)
+    assert.matches("refused: a new worker failed to load the app: .*app.lua:1:",
+                   out)
+    assert.equal("v2", assert(s:request("/version")).body)
+  end)
+end)
+
 -- Starts `paygate run` (1 worker) under `ulimit -n nofile`; returns the
 -- process, its ports, its log path and a serves() probe. Cleans up after
 -- the test, whatever happens.

@@ -170,7 +170,8 @@ end
 local function reloads_done(s)
   local text = proc.read(s.dir .. "/paygate.pid.reload") or ""
   local n, what = text:match("^(%d+) (%a+)")
-  assert(what == nil or what == "ok" or what == "started",
+  assert(what == nil or what == "ok" or what == "started"
+         or what == "loading",
          "a reload was refused: " .. text)
   return tonumber(n) or 0
 end

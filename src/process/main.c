@@ -90,9 +90,11 @@ static const char usage_reload[] =
 "\n"
 "It waits for the outcome (default up to 90 s) and prints it: exit 0 when\n"
 "the new code serves, 1 when it was refused (with the reason) or no\n"
-"outcome came in time. --no-wait only sends the signal. A pid file the\n"
-"server did not write (it writes FILE.reload beside its own) holds no\n"
-"outcome: the signal is sent, and the server's log says how it ended.\n";
+"outcome came in time. Run while another reload is loading, it waits for\n"
+"the one after (the one loading read the code before it ran). --no-wait\n"
+"only sends the signal. A pid file the server did not write (it writes\n"
+"FILE.reload beside its own) holds no outcome: the signal is sent, and\n"
+"the server's log says how it ended.\n";
 
 /* Reads FILE.reload's outcome counter and line; 0 when there is none. */
 static int
@@ -485,7 +487,18 @@ cmd_reload(int argc, char **argv)
                "ended\n", pid, pid_file);
         return 0;
     }
+    line[0] = '\0';
     before = reload_outcome(pid_file, line, sizeof(line));
+    {
+        /* a reload loading now read the code before this command ran: its
+         * outcome is not this one's; the master starts another after it
+         * for our HUP, whose outcome is the next */
+        const char *what = strchr(line, ' ');
+
+        if (what != NULL && strncmp(what, " loading", 8) == 0) {
+            before++;
+        }
+    }
     if (kill(pid, SIGHUP) != 0) {
         fprintf(stderr, "paygate reload: cannot signal pid %d: %s\n", pid,
                 strerror(errno));

@@ -166,7 +166,7 @@ go(struct gw_worker *wk)
 /*
  * Records how the last reload ended in PID_FILE.reload, for `paygate
  * reload` to report: "<n> ok generation <g>" or "<n> refused: <why>",
- * where n counts reload outcomes. Written to a temporary file and renamed,
+ * where n counts reload outcomes ("<n> loading" while one is made). Written to a temporary file and renamed,
  * so a reader never sees half a line. Best effort: the log says it too.
  */
 static int
@@ -501,6 +501,12 @@ on_hup(evutil_socket_t sig, short what, void *arg)
         }
     }
     m.next_gen = ++m.last_gen;
+    /* "<n> loading" until the outcome: `paygate reload` run meanwhile
+     * knows that the outcome coming next is of code read before it ran,
+     * and waits for the reload after it (its HUP makes one) */
+    if (m.o->pid_file[0] != '\0') {
+        reload_line(m.reloads_done, "loading");
+    }
     for (int i = 0; i < m.o->workers; i++) {
         if (spawn_worker(m.next_gen) != GW_OK) {
             reload_abort("cannot start the new workers");
