@@ -240,3 +240,54 @@ describe("a reload refused by one worker of the new generation", function()
     assert.matches('"workers":2,"generation":1', health.body)
   end)
 end)
+
+-- The workers of a refused generation that had loaded the app stop
+-- gracefully (they accepted nothing): their paygate.on_stop functions run,
+-- so what their tasks took -- a lease above all -- is given back at once
+-- rather than when its ttl runs out. Only a worker still loading is
+-- killed (it may be stuck).
+local V3 = [[
+local paygate = require "paygate"
+local core = require "paygate.core"
+local d = require("paygate.shared").get_dict("paygate")
+local MARK = %q
+paygate.route("GET", "/version", function() return 200, "v3" end)
+if d:add("v3_loaded", true) then
+  paygate.on_stop(function()
+    local f = assert(io.open(MARK, "w"))
+    f:write("stopped\n")
+    f:close()
+  end)
+  d:set("v3_ready", true)
+  return
+end
+-- the second worker: fails once the first has loaded (and a moment more,
+-- for the master to read its ready message)
+local deadline = core.mono() + 10
+while not d:get("v3_ready") and core.mono() < deadline do
+  core.sleep(0.02)
+end
+core.sleep(0.3)
+error("the second worker cannot load v3")
+]]
+
+describe("a refused generation's workers that had loaded", function()
+  local s
+  after_each(function() if s then s:stop(); s = nil end end)
+
+  it("stop gracefully: their on_stop functions run", function()
+    s = server.start{ source = V1, workers = 2 }
+    local mark = s.dir .. "/v3.stopped"
+    write(s.app .. "/app.lua", V3:format(mark))
+    local out = s.dir .. "/reload.out"
+    local p = proc.spawn({ PAYGATE_BIN, "reload", "--pid-file",
+                           s.dir .. "/paygate.pid" }, { log = out })
+    assert.equal(1, p:wait(30), proc.read(out))
+    assert.matches("the second worker cannot load v3", proc.read(out))
+    proc.wait_until(function() return proc.read(mark) == "stopped\n" end,
+                    10, "the loaded worker's on_stop function")
+    assert.equal("v1", assert(s:request("/version")).body)
+    assert.matches("worker %d+ %(generation 2%) exited with status 0",
+                   s:logs())
+  end)
+end)

@@ -397,14 +397,20 @@ reload_abort(const char *why)
     m.next_gen = 0;
     evtimer_del(m.reload_timer);
     /* None of them has accepted a connection (they wait for a go that
-     * only a whole generation gets), so killing them drops no request;
-     * some may be stuck loading the app, so SIGKILL. */
+     * only a whole generation gets), so stopping them drops no request.
+     * One that has loaded the app reads EOF instead of its go and stops
+     * gracefully: its paygate.on_stop functions give back what its tasks
+     * took (leases), which a kill would hold until their ttl ran out. One
+     * still loading may be stuck there: SIGKILL. */
     for (int i = 0; i < MAX_WORKERS; i++) {
         if (m.w[i].pid != 0 && m.w[i].gen == gen) {
             drop_ready(&m.w[i]);
+            if (m.w[i].state != W_READY) {
+                kill(m.w[i].pid, SIGKILL);
+            }
+            m.w[i].state = W_DRAINING;
         }
     }
-    signal_gen(gen, SIGKILL, W_DRAINING);
     if (m.ssl_next != NULL) {
         SSL_CTX_free(m.ssl_next);
         m.ssl_next = NULL;
