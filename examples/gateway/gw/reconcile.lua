@@ -788,6 +788,12 @@ function _M.start(ctx)
     runners.bill = bill_job(ctx, conf):start()
   end
   _M.runners = runners
+  -- a runner holds its lease from round to round: a graceful stop (a
+  -- reload, a restart) gives it back, or the next workers' checks wait
+  -- for it to expire (up to lease_ttl)
+  paygate.on_stop(function()
+    for _, r in pairs(runners) do r:stop() end
+  end)
   return runners
 end
 

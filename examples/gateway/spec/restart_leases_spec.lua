@@ -1,6 +1,8 @@
 -- examples/gateway: a graceful stop releases the outbox leases
 -- (paygate.on_stop -> the dispatcher's stop), so after a restart events
--- are delivered at once, not once the old leases' ttl (30 s) ran out.
+-- are delivered at once, not once the old leases' ttl (30 s) ran out; and
+-- the reconciliation runners' leases (held from round to round), so that
+-- a reload or a restart does not pause the checks for up to their ttl.
 local testing = require "paygate.testing"
 local core = require "paygate.core"
 local outbox = require "paygate.outbox"
@@ -55,5 +57,23 @@ describe("gateway restart", function()
     assert.is_true(core.mono() - t0 < 15)
     gw2.srv:stop()
     gw2:stop()
+  end)
+
+  it("gives back the reconciliation leases on a graceful stop", function()
+    local gw = start()
+    local function reconcile_leases()
+      local rows = assert(gw.db:query("SELECT name FROM paygate_leases"
+        .. " WHERE name LIKE 'reconcile:%' AND expires_at > $1",
+        { core.time() }))
+      local names = {}
+      for _, r in ipairs(rows) do names[#names + 1] = r.name end
+      table.sort(names)
+      return names
+    end
+    testing.wait_until(function() return #reconcile_leases() >= 2 end, 15,
+                       "the reconciliation runners to take their leases")
+    assert.equal(0, gw.srv:stop(15, true))
+    assert.same({}, reconcile_leases())
+    gw:stop()
   end)
 end)
