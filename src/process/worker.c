@@ -147,6 +147,17 @@ ready_why(char c, const char *why)
     w.ready_fd = -1;
 }
 
+/* paygate.runtime.fail(why): an app that ends its worker itself while it
+ * loads (os.exit after its own message: the reference gateway's config
+ * errors) tells the master why first, as a load error would, so that
+ * `paygate reload` can say it. Once per worker; nothing after its 'R'. */
+static int
+lruntime_fail(lua_State *L)
+{
+    ready_why('F', luaL_checkstring(L, 1));
+    return 0;
+}
+
 static void
 ready(char c)
 {
@@ -354,6 +365,12 @@ gw_worker_main(const struct gw_opts *o, int listen_fd, SSL_CTX *ctx,
     }
     push_runtime_info(w.L, "worker", o->app_dir, o->config_file,
                       o->listen, gen);
+    lua_getglobal(w.L, "package");
+    lua_getfield(w.L, -1, "loaded");
+    lua_getfield(w.L, -1, "paygate.runtime");
+    lua_pushcfunction(w.L, lruntime_fail);
+    lua_setfield(w.L, -2, "fail");
+    lua_pop(w.L, 3);
     if (o->resolver[0] != '\0') {   /* checked when the config was read */
         gw_dns_configure(o->resolver, -1, -1, -1, path, sizeof(path));
     }

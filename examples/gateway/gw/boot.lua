@@ -41,6 +41,11 @@ function _M.exit(key, msg, status)
       core.sleep(0.01)
     end
   end
+  -- the master is told why too, as of an app that raises while it loads:
+  -- a reload's refusal says it (`paygate reload` prints it). Last: the
+  -- master then stops this generation's workers
+  local fail = paygate.runtime.fail
+  if fail then fail("gateway: " .. (msg:gsub("[\r\n]", " "))) end
   os.exit(status)
 end
 

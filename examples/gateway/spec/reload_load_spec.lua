@@ -185,8 +185,11 @@ describe("gateway reload refused", function()
                          "reload " .. r)
       local _, what, text = reloads(srv)
       assert.equal("refused:", what, text)
+      -- the reason reaches the master, so `paygate reload` prints it
+      assert.matches("gw/hooks.lua: on_payed is neither", text, 1, true)
       local lines = 0
-      for _ in srv:logs():gmatch("gateway: gw/hooks%.lua: on_payed is"
+      -- (its own line; the master's JSON line quotes it too)
+      for _ in srv:logs():gmatch("\ngateway: gw/hooks%.lua: on_payed is"
                                  .. " neither") do
         lines = lines + 1
       end
