@@ -2,8 +2,11 @@
 -- Redis (paygate.redis).
 --
 --   local l, err = lease.acquire(store, "settlement", 10)  -- ttl seconds
---   -- l = { key, token, expires_at, owner, ttl }; token grows with every
---   -- acquisition of the key, across owners and restarts
+--   -- l = { key, token, expires_at, deadline, owner, ttl }; token grows
+--   -- with every acquisition of the key, across owners and restarts
+--   -- expires_at: the wall-clock expiry the store judges by; deadline:
+--   -- the same on core.mono(), for the holder's own "how much is left"
+--   -- (lease.remaining), which a wall-clock step must not stretch
 --   lease.renew(store, l [, ttl]); lease.release(store, l)
 --
 -- Owners: without opts.owner each acquisition gets a fresh owner id from
@@ -162,6 +165,7 @@ local function ensure_schema(db)
 end
 
 local function sql_acquire(db, key, ttl, owner)
+  local sent = core.mono()
   local ok, err = ensure_schema(db)
   if not ok then
     return nil, err
@@ -193,12 +197,12 @@ local function sql_acquire(db, key, ttl, owner)
       return nil, uerr
     end
     return { key = key, token = token, expires_at = expires_at,
-             owner = owner, ttl = ttl }
+             deadline = sent + ttl, owner = owner, ttl = ttl }
   end)
 end
 
 local function sql_renew(db, l, token, ttl)
-  local now = core.now()
+  local now, sent = core.now(), core.mono()
   local res, err = db:exec("UPDATE paygate_leases SET expires_at = $3"
     .. " WHERE name = $1 AND token = $2 AND expires_at > $4",
     { l.key, token, now + ttl, now })
@@ -208,7 +212,7 @@ local function sql_renew(db, l, token, ttl)
   if res.changes ~= 1 then
     return fail("lost", "lease " .. l.key .. " expired or was taken over")
   end
-  l.expires_at = now + ttl
+  l.expires_at, l.deadline = now + ttl, sent + ttl
   return l
 end
 
@@ -416,7 +420,7 @@ local function redis_acquire(client, key, ttl, owner)
   local floor = fl[key] or 0
   -- PX counts from when the script ran, not from its reply (which a WAIT
   -- for the replicas may delay): the expiry is judged from before sending
-  local sent = core.time()
+  local sent, mono = core.time(), core.mono()
   local res, err = redis_run(client, "acquire", ACQUIRE,
     { PREFIX .. key, FENCE .. key }, { owner, ms(ttl), floor })
   if not res then
@@ -443,11 +447,11 @@ local function redis_acquire(client, key, ttl, owner)
                                         granted = token })
   end
   return { key = key, token = token, expires_at = sent + ttl,
-           owner = owner, ttl = ttl }
+           deadline = mono + ttl, owner = owner, ttl = ttl }
 end
 
 local function redis_renew(client, l, token, ttl)
-  local sent = core.time()
+  local sent, mono = core.time(), core.mono()
   local res, err = redis_run(client, "renew", RENEW,
     { PREFIX .. l.key }, { token, ms(ttl), l.owner })
   if not res then
@@ -456,7 +460,7 @@ local function redis_renew(client, l, token, ttl)
   if res ~= 1 then
     return fail("lost", "lease " .. l.key .. " expired or was taken over")
   end
-  l.expires_at = sent + ttl
+  l.expires_at, l.deadline = sent + ttl, mono + ttl
   return l
 end
 
@@ -785,8 +789,21 @@ end
 
 ----------------------------------------------------------------- API
 
+-- syntax: s = lease.remaining(l)
+-- returns: seconds left of l as this holder last acquired or renewed it
+-- (negative once past), on the monotonic clock: a wall-clock step (NTP,
+-- a VM resumed) neither stretches nor ends it. Decide when to renew
+-- with it, not with l.expires_at (the wall-clock expiry the store
+-- judges by).
+function _M.remaining(l)
+  if type(l) ~= "table" or type(l.deadline) ~= "number" then
+    error("lease.remaining: l must be a lease from lease.acquire", 2)
+  end
+  return l.deadline - core.mono()
+end
+
 -- syntax: l, err = lease.acquire(store, key, ttl [, { owner = id }])
--- returns: { key, token, expires_at, owner, ttl } or nil, err ("held",
+-- returns: { key, token, expires_at, deadline, owner, ttl } or nil, err ("held",
 --          with err.ttl = seconds left, ...)
 -- yields: one transaction / one script call
 function _M.acquire(store, key, ttl, opts)
@@ -1017,7 +1034,7 @@ end
 -- returns: seconds left until the lease expires, as last acquired or
 -- renewed (negative once past)
 function Held:remaining()
-  return self.lease.expires_at - core.now()
+  return _M.remaining(self.lease)
 end
 
 -- The work's coroutine was abandoned (its request's deadline,
@@ -1036,7 +1053,7 @@ end
 -- done set while the work is not finished: its coroutine was abandoned.
 local function renewer(store, h, done)
   while true do
-    local wait = h.lease.expires_at - h.ttl / 2 - core.time()
+    local wait = _M.remaining(h.lease) - h.ttl / 2
     if wait > 0 and done:wait(wait) then
       if not h.finished then abandoned(store, h) end
       return

@@ -927,14 +927,14 @@ local function publish_shards(self, held)
 end
 
 local function refresh_leases(self)
-  local now = core.time()
+  local now = core.mono()            -- since, probe_at: durations
   local held = 0
   for p, l in pairs(self.leases) do
     if l.extra and now - l.since > self.lease_ttl then
       self.leases[p] = nil
       self.probe_at[p] = now + PROBE_ROUNDS * self.interval
       lease.release(self.db, l)
-    elseif l.expires_at - now < l.ttl / 2 then
+    elseif lease.remaining(l) < l.ttl / 2 then
       local ok, err = renew(self, l)
       if not ok and err.kind == "lost" then
         self.leases[p] = nil
@@ -1224,7 +1224,7 @@ end
 local function deliver_row(self, row, p, l)
   -- Not enough lease left for a delivery to finish: leave it to the next
   -- round (after a renewal) rather than race a new holder.
-  if l.expires_at - core.time() < l.ttl / 2 and not l.renewing then
+  if lease.remaining(l) < l.ttl / 2 and not l.renewing then
     l.renewing = true
     local ok, err = renew(self, l)
     if not ok and err.kind == "lost" and self.leases[p] == l then
@@ -1232,7 +1232,7 @@ local function deliver_row(self, row, p, l)
     end
     l.renewing = false
   end
-  if self.leases[p] ~= l or l.expires_at - core.time() < l.ttl / 4 then
+  if self.leases[p] ~= l or lease.remaining(l) < l.ttl / 4 then
     return
   end
   local started = core.mono()
@@ -1370,7 +1370,7 @@ function Dispatcher:step()
       keeping = true
       for p, l in pairs(self.leases) do
         if round_over then break end
-        if l.expires_at - core.time() < l.ttl / 2 and not l.renewing then
+        if lease.remaining(l) < l.ttl / 2 and not l.renewing then
           l.renewing = true
           local rok, rerr = renew(self, l)
           l.renewing = false

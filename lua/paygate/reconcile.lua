@@ -248,8 +248,7 @@ end
 
 function Runner:hold()
   local l = self.lease
-  local now = core.time()
-  if l and l.expires_at - now > self.lease_ttl / 2 then
+  if l and lease.remaining(l) > self.lease_ttl / 2 then
     return l
   end
   local ttl = self:ttl()
@@ -350,7 +349,7 @@ function Runner:step()
     end
     -- let requests run between items; renew when half the lease is spent
     core.sleep(0)
-    if l.expires_at - core.time() < self.lease_ttl / 2 then
+    if lease.remaining(l) < self.lease_ttl / 2 then
       ctx.keepalive()
     end
   end

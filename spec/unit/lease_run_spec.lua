@@ -264,6 +264,33 @@ for engine, new_store in pairs(stores) do
         "lease.release_owner: keys must be a list of keys")
     end)
 
+    it("counts what is left on the monotonic clock: a wall clock stepped"
+       .. " back an hour neither stretches the lease nor delays its"
+       .. " renewal", function()
+      local time, now = core.time, core.now
+      local left, renewed, ok, err
+      lease.run(store, "step", function(h)
+        core.time = function() return time() - 3600 end
+        core.now = function() return now() - 3600 end
+        ok, err = pcall(function()
+          left = h:remaining()
+          local first = h.lease.deadline
+          servers.wait_for(function() return h.lease.deadline ~= first end,
+                           3, "a renewal")
+          renewed = h:remaining()
+        end)
+        core.time, core.now = time, now
+      end, { ttl = 0.4 })
+      core.time, core.now = time, now
+      assert(ok, err)
+      assert.is_true(left <= 0.4 and left > 0, tostring(left))
+      assert.is_true(renewed <= 0.4 and renewed > 0.1, tostring(renewed))
+      local l = assert(lease.acquire(store, "step2", 5))
+      assert.near(5, lease.remaining(l), 0.5)
+      assert.has_error(function() lease.remaining({}) end,
+                       "lease.remaining: l must be a lease from lease.acquire")
+    end)
+
     it("returns held without running fn while another owner holds it",
        function()
       assert(lease.acquire(store, "busy", 5))

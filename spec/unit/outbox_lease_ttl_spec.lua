@@ -65,7 +65,7 @@ describe("outbox lease ttl", function()
     assert.is_true(ttl >= 2 * 8 * 1.5, "ttl " .. ttl)
     assert.is_true(ttl <= 100, "ttl " .. ttl)
     for _, l in pairs(d.leases) do
-      l.expires_at = core.time() + 1   -- past half: renewed this round
+      l.deadline = core.mono() + 1     -- past half: renewed this round
     end
     d:step()
     for _, l in pairs(d.leases) do
@@ -82,6 +82,36 @@ describe("outbox lease ttl", function()
     d:stop()
     assert.equal(0, #assert(db:query("SELECT name FROM paygate_leases WHERE"
       .. " name LIKE 'outbox:%' AND expires_at > $1", { core.time() })))
+  end)
+
+  it("renews on time after the wall clock steps back an hour (NTP, a VM"
+     .. " resumed): how much of a lease is left is monotonic", function()
+    local db = store()
+    local d = outbox.dispatcher(db, { name = "step" .. n, partitions = 2,
+      lease_ttl = 0.4, lease_ttl_max = 0.4,
+      sinks = { { name = "s", deliver = function() return true end } } })
+    d:step()
+    assert.equal(2, #lease_rows(db))
+    local time, now = core.time, core.now
+    core.time = function() return time() - 3600 end
+    core.now = function() return now() - 3600 end
+    local renewed
+    local ok, err = pcall(function()
+      local deadline = core.mono() + 3
+      repeat
+        require("paygate").sleep(0.05)
+        d:step()
+        renewed = true
+        for _, r in ipairs(lease_rows(db)) do
+          -- renewed: its expiry was written from the stepped clock
+          if r.expires_at > time() - 1800 then renewed = false end
+        end
+      until renewed or core.mono() > deadline
+    end)
+    core.time, core.now = time, now
+    d:stop()
+    assert(ok, err)
+    assert.is_true(renewed, "the shard leases were left to lapse")
   end)
 
   it("refuses a bad lease_ttl_max", function()
