@@ -593,7 +593,7 @@ function Client:watch(prefix, opts)
     queue = {}, qi = 1, buf = {}, buf_len = 0,  -- buf: a line's pieces
     connects = 0,                  -- connections made (for specs, metrics)
     backoff = 0.05,                -- seconds before the next retry
-    down_since = nil,              -- update_time() of the first failure
+    down_since = nil,              -- core.mono() of the first failure
                                    -- since a watch last stood
   }, Watch)
   return w
@@ -732,7 +732,7 @@ local function message(w, line)
     -- once the watch has stood a while (STOOD): a proxy that ends every
     -- stream just after its creation must not be reconnected to at once,
     -- again and again
-    w.down_since, w.stood_since = nil, core.update_time()
+    w.down_since, w.stood_since = nil, core.mono()
     if not w.next_rev then
       local rev = header_rev(r)
       if rev then w.next_rev = rev_next(rev) end
@@ -864,7 +864,7 @@ function Watch:__call()
       -- the next endpoint, after a pause that grows while all are down
       self.last_error = retry_err
       self.ep = self.ep % #self.cli.endpoints + 1
-      local now = core.update_time()
+      local now = core.mono()
       if self.stood_since and now - self.stood_since >= _M.STOOD then
         self.backoff = 0.05          -- a first failure after a good while
       end

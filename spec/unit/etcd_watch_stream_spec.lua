@@ -141,6 +141,35 @@ describe("etcd watch stream", function()
     end)
   end
 
+  it("give_up_after and the pause count on the monotonic clock: a wall"
+     .. " clock stepped forward two hours does not end the watch", function()
+    local urls, restore = broken_member(function()
+      core.sleep(0.01)
+      return nil
+    end)
+    local real_update, real_time = core.update_time, core.time
+    local calls = 0
+    core.update_time = function()
+      calls = calls + 1
+      return real_update() + (calls > 1 and 7200 or 0)
+    end
+    core.time = function() return real_time() + 7200 end
+    local c2 = etcd.new{ endpoints = { "http://127.0.0.1:1",
+                                       "http://127.0.0.1:2" } }
+    local w = c2:watch("/x/", { reconnect_after = 0.1, give_up_after = 30 })
+    local err
+    local done = core.event()
+    local task = core.spawn(function() err = select(2, w()); done:set() end)
+    local ended = done:wait(0.5)
+    core.update_time, core.time = real_update, real_time
+    if not ended then task:cancel() end
+    w:close()
+    restore()
+    assert.is_falsy(ended, "gave up after " .. #urls .. " connections: "
+                    .. tostring(err))
+    assert.is_true(#urls >= 2, #urls .. " connections")
+  end)
+
   it("a member that ends each stream just after creating the watch is"
      .. " reconnected to after a pause that grows", function()
     -- (a proxy closing every long response): before, each end was the
