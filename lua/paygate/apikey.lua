@@ -348,7 +348,10 @@ end
 -- r: { method, path (with query), body, authorization (the header),
 --      idempotency_key (the Idempotency-Key header, if any) }
 -- opts: window (s, default 300), now (a function giving epoch seconds;
---       default paygate.core.time), cache_ttl (s, default 5)
+--       default paygate.core.time), cache_ttl (s, default 5), mono (a
+--       function giving monotonic seconds, default paygate.core.mono:
+--       what cache_ttl is counted on, so a wall-clock step back neither
+--       keeps a revoked key cached nor an unknown id refused)
 -- returns: the app id, or nil, err with err.kind the 401 reason (or a
 --          store kind: unavailable, timeout, ...)
 -- yields: one query when the key is not cached
@@ -373,7 +376,8 @@ function _M.verify(db, r, opts)
                   .. " s away from the server's clock",
                   { app_id = f.app_id, key_id = f.key_id })
   end
-  local k, err = lookup(db, f.key_id, opts.cache_ttl or CACHE_TTL, now)
+  local k, err = lookup(db, f.key_id, opts.cache_ttl or CACHE_TTL,
+                        (opts.mono or core.mono)())
   if k == nil then
     return nil, err
   end

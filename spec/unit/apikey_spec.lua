@@ -228,7 +228,7 @@ describe("apikey.verify and before_hook", function()
     local query = db.query
     db.query = function(self, ...) n = n + 1 return query(self, ...) end
     finally(function() db.query = nil end)
-    local h = apikey.before_hook(db, { now = clock(T) })
+    local h = apikey.before_hook(db, { now = clock(T), mono = clock(100) })
     for _ = 1, 5 do
       local s, body = h(signed{ key_id = "ak_forged1" })
       assert.equal(401, s)
@@ -236,7 +236,7 @@ describe("apikey.verify and before_hook", function()
     end
     assert.equal(1, n)
     -- after cache_ttl (5 s), asked again
-    h = apikey.before_hook(db, { now = clock(T + 6) })
+    h = apikey.before_hook(db, { now = clock(T + 6), mono = clock(106) })
     assert.equal(401, (h(signed{ key_id = "ak_forged1", ts = T + 6 })))
     assert.equal(2, n)
     -- many forged ids: each asked once, the memory bounded
@@ -260,6 +260,28 @@ describe("apikey.verify and before_hook", function()
     assert.is_true(apikey.revoke(db, k2.key_id))
     assert.is_false(apikey.revoke(db, k2.key_id))
     local s, body = run(req)
+    assert.equal(401, s)
+    assert.equal("unknown_app", body.error)
+  end)
+
+  it("counts cache_ttl on the monotonic clock: a key revoked elsewhere is"
+     .. " refused within it though the wall clock stepped back", function()
+    local k3 = assert(apikey.create(db, "shop1"))
+    local function req(ts)
+      return fake_req{ headers = apikey.sign{ app_id = "shop1",
+        key_id = k3.key_id, secret = k3.secret, method = "GET",
+        path = "/v1/x", timestamp = ts }, method = "GET", path = "/v1/x" }
+    end
+    -- cached at wall T, monotonic 500
+    local h = apikey.before_hook(db, { now = clock(T), mono = clock(500) })
+    assert.is_nil((h(req(T))))
+    -- revoked by another worker or `paygate apikey revoke`: this worker's
+    -- cache is not told
+    assert(db:exec("UPDATE paygate_api_keys SET revoked_at = $2 WHERE"
+                   .. " key_id = $1", { k3.key_id, T }))
+    -- 6 s later the wall clock reads 4 min earlier (NTP stepped it back)
+    h = apikey.before_hook(db, { now = clock(T - 234), mono = clock(506) })
+    local s, body = h(req(T - 234))
     assert.equal(401, s)
     assert.equal("unknown_app", body.error)
   end)
