@@ -30,7 +30,9 @@ end
 -- seconds to wait; or nil, nil, err when the try cannot be counted.
 function _M.reserve(host, limit, window)
   local D = shared.get_dict("paygate")
-  local now = core.time()
+  -- monotonic (one clock for every process of the host): the wait told
+  -- is the window's rest, whatever a wall-clock step did meanwhile
+  local now = core.mono()
   local k = K_FAIL .. host
   D:add(k, now, window)               -- false when a window is open: fine
   local start = D:get(k)
