@@ -251,6 +251,16 @@ describe("paygate verify (more causes)", function()
       "--headers", file("headers", h), "--certificate", pki.platform,
       "--at", tostring(old + 10) }
     assert.equal(0, code, out)
+    -- not a time: refused as a usage error (nan passed every check; an
+    -- old notification was verified)
+    for _, at in ipairs({ "nan", "inf", "-inf" }) do
+      code, out = run{ "verify", "--json", "--body", file("body", SORTED),
+        "--headers", file("headers", h), "--certificate", pki.platform,
+        "--at", at }
+      assert.equal(2, code, at .. ": " .. out)
+      assert.matches("--at must be a number", out, 1, true)
+    end
+    assert.is_nil((require("paygate.wechatpay.verify").fresh(old, 0 / 0)))
   end)
 
   it("marks a signed string cut short, and never cuts a character",

@@ -456,7 +456,11 @@ function _M.number(opts, name)
   local v = opts[name]
   if v == nil then return nil end
   local n = tonumber(v)
-  if not n then usage_error("%s must be a number, not %s", name, v) end
+  -- nan and inf read as numbers, and every comparison with NaN is false:
+  -- --at nan passed every freshness and validity check
+  if not n or n ~= n or n == math.huge or n == -math.huge then
+    usage_error("%s must be a number, not %s", name, v)
+  end
   return n
 end
 

@@ -140,7 +140,7 @@ end
 -- stale_timestamp when |now - ts| >= 300 s.
 function _M.fresh(ts, now)
   local skew = now - ts
-  if skew >= _M.WINDOW or -skew >= _M.WINDOW then
+  if not (skew < _M.WINDOW and -skew < _M.WINDOW) then   -- NaN: stale
     return fail("stale_timestamp", ("Wechatpay-Timestamp is %d s %s the "
       .. "local clock (limit %d s): a replay, or a clock out of sync")
       :format(skew < 0 and -skew or skew, skew < 0 and "ahead of" or
