@@ -66,8 +66,11 @@ _M.timer = {}
 -- Runs fn(...) in its own coroutine after delay seconds.
 -- returns: a task; handle:cancel() stops it before it runs.
 function _M.timer.at(delay, fn, ...)
-  if type(delay) ~= "number" or delay < 0 then
-    error("paygate.timer.at: delay must be a number >= 0", 2)
+  -- (NaN and inf passed a test of < 0: the task then died in core.sleep,
+  -- logged, and the timer never ran)
+  if type(delay) ~= "number" or not (delay >= 0 and delay <= 1e8) then
+    error("paygate.timer.at: delay must be a number of seconds, 0 .. 1e8",
+          2)
   end
   if type(fn) ~= "function" then error("paygate.timer.at: fn must be a function", 2) end
   return core.spawn(function(...)
@@ -80,8 +83,10 @@ end
 -- Runs fn(...) every interval seconds, never two at once; an error in fn
 -- is logged and the next tick still runs. handle:cancel() stops it.
 function _M.timer.every(interval, fn, ...)
-  if type(interval) ~= "number" or interval <= 0 then
-    error("paygate.timer.every: interval must be a number > 0", 2)
+  if type(interval) ~= "number" or not (interval > 0 and interval <= 1e8)
+  then
+    error("paygate.timer.every: interval must be a number of seconds,"
+          .. " > 0 and at most 1e8", 2)
   end
   if type(fn) ~= "function" then
     error("paygate.timer.every: fn must be a function", 2)

@@ -40,6 +40,14 @@ describe("misuse of the paygate API", function()
     raises(function() paygate.timer.at(1, 1) end, "paygate.timer.at: fn")
     raises(function() paygate.timer.every(0, print) end,
            "paygate.timer.every: interval")
+    -- not a duration: refused at the call, not by the task later (where
+    -- the timer died with a log line and never ran)
+    for _, v in ipairs({ 0 / 0, math.huge, 2e8 }) do
+      raises(function() paygate.timer.at(v, print) end,
+             "paygate.timer.at: delay")
+      raises(function() paygate.timer.every(v, print) end,
+             "paygate.timer.every: interval")
+    end
     raises(function() paygate.abort(200) end, "paygate.abort: status")
     raises(function() paygate.log.info("m", "f") end,
            "paygate.log: fields must be a table")
