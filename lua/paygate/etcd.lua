@@ -581,6 +581,19 @@ function Client:watch(prefix, opts)
   end
   opts = opts or {}
   if type(opts) ~= "table" then error("etcd watch: opts must be a table", 2) end
+  -- durations checked here, not by the stream later (NaN passed every
+  -- test: the watch then raised from its iterator, or never gave up)
+  local ra, gu = opts.reconnect_after, opts.give_up_after
+  if ra ~= nil and (type(ra) ~= "number" or not (ra > 0 and ra <= 86400))
+  then
+    error("etcd watch: opts.reconnect_after must be a number of seconds,"
+          .. " > 0 and at most 86400", 2)
+  end
+  if gu ~= nil and (type(gu) ~= "number" or not (gu >= 0 and gu < math.huge))
+  then
+    error("etcd watch: opts.give_up_after must be a number of seconds,"
+          .. " 0 or more", 2)
+  end
   local w = setmetatable({
     cli = self,
     key = opts.key and prefix or (prefix == "" and "\0" or prefix),

@@ -141,6 +141,27 @@ describe("etcd watch stream", function()
     end)
   end
 
+  it("refuses a reconnect_after or give_up_after that is not a duration"
+     .. " at the call", function()
+    -- (NaN passed: the iterator raised later, or the watch never gave up;
+    -- a string gave up with a Lua error from inside the watch)
+    for _, o in ipairs({ { reconnect_after = 0 / 0 },
+                         { reconnect_after = -1 },
+                         { reconnect_after = "5" },
+                         { reconnect_after = 1e6 },
+                         { give_up_after = 0 / 0 },
+                         { give_up_after = -1 },
+                         { give_up_after = "1" },
+                         { give_up_after = math.huge } }) do
+      local k = next(o)
+      local ok, err = pcall(cli.watch, cli, "/x/", o)
+      assert.is_false(ok, k .. " " .. tostring(o[k]))
+      assert.matches("etcd watch: opts." .. k .. " must be", err, 1, true)
+    end
+    local w = cli:watch("/x/", { reconnect_after = 0.5, give_up_after = 0 })
+    w:close()
+  end)
+
   it("give_up_after and the pause count on the monotonic clock: a wall"
      .. " clock stepped forward two hours does not end the watch", function()
     local urls, restore = broken_member(function()
