@@ -199,6 +199,30 @@ require("paygate.core").sleep(60)
   end)
 end)
 
+describe("testing.wait_until and a process's wait", function()
+  it("count their deadline on the monotonic clock: a wall clock stepped"
+     .. " forward an hour (NTP) does not end them at once", function()
+    local pcore = require "paygate.core"
+    local update = pcore.update_time
+    local calls = 0
+    pcore.update_time = function()
+      calls = calls + 1
+      return update() + (calls > 1 and 3600 or 0)
+    end
+    local t0 = pcore.mono()
+    local ok, v = pcall(testing.wait_until,
+                        function() return pcore.mono() - t0 > 0.1 and "met" end,
+                        5, "0.1 s")
+    calls = 0
+    local p = testing.spawn({ "sleep", "0.2" })
+    local code = p:wait(5)
+    pcore.update_time = update
+    assert(ok, v)
+    assert.equal("met", v)
+    assert.equal(0, code)
+  end)
+end)
+
 describe("testing.tmpdir", function()
   it("a folder a spec forgot is removed when its busted run ends",
      function()

@@ -138,8 +138,10 @@ end
 -- yields: polls until the process ends or timeout (default 10 s) passes.
 -- returns: its exit code, or nil if it still runs at the deadline.
 function Proc:wait(timeout)
-  local deadline = core.update_time() + (timeout or 10)
-  while core.update_time() < deadline do
+  -- monotonic: a wall-clock step (NTP) neither ends the wait at once nor
+  -- makes it last as long as the step
+  local deadline = core.mono() + (timeout or 10)
+  while core.mono() < deadline do
     local s = self:poll()
     if s then return s end
     core.sleep(0.01)
@@ -165,12 +167,12 @@ end
 -- returns: that value; raises "timed out waiting for WHAT" at the deadline
 -- (default 10 s).
 function _M.wait_until(fn, timeout, what)
-  local deadline = core.update_time() + (timeout or 10)
+  local deadline = core.mono() + (timeout or 10)
   repeat
     local v = fn()
     if v then return v end
     core.sleep(0.02)
-  until core.update_time() > deadline
+  until core.mono() > deadline
   error("timed out waiting for " .. (what or "a condition"), 2)
 end
 
