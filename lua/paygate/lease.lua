@@ -803,8 +803,8 @@ function _M.remaining(l)
 end
 
 -- syntax: l, err = lease.acquire(store, key, ttl [, { owner = id }])
--- returns: { key, token, expires_at, deadline, owner, ttl } or nil, err ("held",
---          with err.ttl = seconds left, ...)
+-- returns: { key, token, expires_at, deadline, owner, ttl } or nil, err
+--          ("held", with err.ttl = seconds left, ...)
 -- yields: one transaction / one script call
 function _M.acquire(store, key, ttl, opts)
   check_store("lease.acquire", store)

@@ -210,9 +210,9 @@ describe("testing.wait_until and a process's wait", function()
       return update() + (calls > 1 and 3600 or 0)
     end
     local t0 = pcore.mono()
-    local ok, v = pcall(testing.wait_until,
-                        function() return pcore.mono() - t0 > 0.1 and "met" end,
-                        5, "0.1 s")
+    local ok, v = pcall(testing.wait_until, function()
+      return pcore.mono() - t0 > 0.1 and "met"
+    end, 5, "0.1 s")
     calls = 0
     local p = testing.spawn({ "sleep", "0.2" })
     local code = p:wait(5)
