@@ -180,6 +180,13 @@ describe("wechatpay.client configuration", function()
   it("numbers must be positive", function()
     refused({ timeout = -1 }, "timeout")
     refused({ refresh_interval = "12h" }, "refresh_interval")
+    -- not durations: inf kept an opened breaker open for good
+    for _, k in ipairs({ "breaker_open_for", "refresh_interval", "timeout",
+                         "deadline", "breaker_window", "timeout_ceiling" }) do
+      refused({ [k] = math.huge }, k, "at most 1e8")
+      refused({ [k] = 0 / 0 }, k)
+      refused({ [k] = 2e8 }, k)
+    end
   end)
   it("the adaptive timeout's bounds default around the timeout", function()
     -- a timeout under a second: the floor follows it down

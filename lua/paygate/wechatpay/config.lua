@@ -106,10 +106,13 @@ function _M.platform_certs_of(chain)
   return used, issuers
 end
 
+-- (at most 1e8: inf passed before, and breaker_open_for = inf kept an
+-- opened breaker open for good, a refresh_interval of inf ended the
+-- refresher in core.sleep)
 local function positive(conf, key, default)
   local v = conf[key]
   if v == nil then return default end
-  if type(v) ~= "number" or v ~= v or v <= 0 then
+  if type(v) ~= "number" or not (v > 0 and v <= 1e8) then
     return nil
   end
   return v
@@ -414,7 +417,7 @@ function _M.check(conf)
                             deadline = 30, download_min_interval = 60,
                             max_attempts = 4, startup_timeout = 3 }) do
     c[k] = positive(conf, k, default)
-    if not c[k] then return bad(k, "must be a number > 0") end
+    if not c[k] then return bad(k, "must be a number > 0 (at most 1e8)") end
   end
   -- degradation, adaptive timeouts, breaker (upstream.lua)
   for k, default in pairs({ latency_window = 200,
@@ -422,18 +425,18 @@ function _M.check(conf)
                             breaker_min_calls = 20, breaker_open_for = 10,
                             breaker_failure_ratio = 0.5 }) do
     c[k] = positive(conf, k, default)
-    if not c[k] then return bad(k, "must be a number > 0") end
+    if not c[k] then return bad(k, "must be a number > 0 (at most 1e8)") end
   end
   -- the bounds default around the timeout and each other, so that only
   -- both given and crossed is refused: floor min(1, timeout, ceiling),
   -- ceiling max(timeout, floor)
   c.timeout_floor = positive(conf, "timeout_floor", 1)
   if not c.timeout_floor then
-    return bad("timeout_floor", "must be a number > 0")
+    return bad("timeout_floor", "must be a number > 0 (at most 1e8)")
   end
   c.timeout_ceiling = positive(conf, "timeout_ceiling", c.timeout)
   if not c.timeout_ceiling then
-    return bad("timeout_ceiling", "must be a number > 0")
+    return bad("timeout_ceiling", "must be a number > 0 (at most 1e8)")
   end
   if conf.timeout_floor == nil then
     c.timeout_floor = min(1, c.timeout, c.timeout_ceiling)
