@@ -635,8 +635,11 @@ function _M.redis_stream(opts)
     error("outbox.redis_stream: opts.stream must be a string or a function",
           2)
   end
+  -- (NaN and inf passed a test of < 1: Redis refused every XADD, "value
+  -- is not an integer", and each event was retried until dead)
   if opts.maxlen ~= nil and (type(opts.maxlen) ~= "number"
-                             or opts.maxlen < 1) then
+                             or not (opts.maxlen >= 1
+                                     and opts.maxlen < 2 ^ 53)) then
     error("outbox.redis_stream: opts.maxlen must be a positive number", 2)
   end
   local client = opts.client

@@ -158,6 +158,14 @@ describe("paygate.outbox misuse", function()
       'outbox.webhook: opts.headers: "X T" is not an HTTP header name')
     outbox.webhook{ url = "http://x", secret = "s",
                     headers = { ["X-Tenant"] = "shop 1; v=2" } }
+    -- a maxlen Redis cannot take: NaN and inf passed, and every XADD was
+    -- refused until the events were dead
+    for _, m in ipairs({ 0 / 0, math.huge, 0.5, "100" }) do
+      assert.has_error(function()
+        outbox.redis_stream{ url = "redis://127.0.0.1:1", maxlen = m }
+      end, "outbox.redis_stream: opts.maxlen must be a positive number")
+    end
+    outbox.redis_stream{ url = "redis://127.0.0.1:1", maxlen = 1000 }
     db:close()
   end)
 end)
