@@ -186,8 +186,11 @@ function _M.new(opts)
     error("etcd.new: user and password must be strings", 2)
   end
   local timeout = opts.timeout or 5
-  if type(timeout) ~= "number" or timeout <= 0 then
-    error("etcd.new: timeout must be a number > 0", 2)
+  -- (NaN, inf and more than a day passed: every call then raised from
+  -- the HTTP client instead of answering nil, err)
+  if type(timeout) ~= "number" or not (timeout > 0 and timeout <= 86400)
+  then
+    error("etcd.new: timeout must be a number > 0 (at most 86400)", 2)
   end
   for _, k in ipairs({ "ca_file", "client_cert", "client_key" }) do
     if opts[k] ~= nil and type(opts[k]) ~= "string" then

@@ -160,6 +160,13 @@ describe("etcd watch stream", function()
     end
     local w = cli:watch("/x/", { reconnect_after = 0.5, give_up_after = 0 })
     w:close()
+    -- the client's own timeout likewise (every call raised from the HTTP
+    -- client for NaN, inf or more than a day)
+    for _, t in ipairs({ 0 / 0, math.huge, 1e6, 0 }) do
+      assert.has_error(function()
+        etcd.new{ endpoints = { "http://127.0.0.1:1" }, timeout = t }
+      end, "etcd.new: timeout must be a number > 0 (at most 86400)")
+    end
   end)
 
   it("give_up_after and the pause count on the monotonic clock: a wall"
