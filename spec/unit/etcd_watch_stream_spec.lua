@@ -167,6 +167,14 @@ describe("etcd watch stream", function()
         etcd.new{ endpoints = { "http://127.0.0.1:1" }, timeout = t }
       end, "etcd.new: timeout must be a number > 0 (at most 86400)")
     end
+    -- and keep_alive_every's period (its task died in core.sleep: no
+    -- keepalive was ever sent, and the lease expired)
+    for _, e in ipairs({ 0 / 0, -1, 0, math.huge }) do
+      assert.has_error(function() cli:keep_alive_every("7", e) end,
+        "etcd keep_alive_every: seconds must be a number > 0 (at most 1e8)")
+    end
+    assert.has_error(function() cli:keep_alive_every("7") end,
+      "etcd keep_alive_every: seconds must be a number > 0 (at most 1e8)")
   end)
 
   it("give_up_after and the pause count on the monotonic clock: a wall"
