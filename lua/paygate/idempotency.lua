@@ -557,8 +557,21 @@ function _M.pruner(db, opts)
   check_store("idempotency.pruner", db)
   opts = opts or {}
   local interval = opts.interval or 60
-  check_positive("idempotency.pruner", "opts.interval", interval)
   local batch, pause = opts.batch or 500, opts.pause or 0.05
+  -- checked here, not by the task's first tick: a bad one ended the task
+  -- (a raise in core.sleep or prune) and nothing was pruned again
+  if type(interval) ~= "number" or not (interval > 0 and interval <= 1e8)
+  then
+    error("idempotency.pruner: opts.interval must be a positive number of"
+          .. " seconds (at most 1e8)", 2)
+  end
+  if type(pause) ~= "number" or not (pause >= 0 and pause <= 1e8) then
+    error("idempotency.pruner: opts.pause must be a number of seconds,"
+          .. " 0 .. 1e8", 2)
+  end
+  if type(batch) ~= "number" or batch < 1 or batch % 1 ~= 0 then
+    error("idempotency.pruner: opts.batch must be a positive integer", 2)
+  end
   return core.spawn(function()
     while true do
       core.sleep(interval)

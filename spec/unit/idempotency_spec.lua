@@ -279,6 +279,19 @@ for name, engine in pairs(engines) do
       assert.equal(0, left)
     end)
 
+    it("pruner() refuses a bad interval, pause or batch at the call", function()
+      -- (the task's first tick raised, and nothing was pruned again)
+      for _, o in ipairs({ { interval = 0 / 0 }, { interval = 1e9 },
+                           { pause = 0 / 0 }, { pause = -1 },
+                           { batch = 0 }, { batch = 2.5 }, { batch = "9" } }) do
+        local k = next(o)
+        local ok, err = pcall(idem.pruner, db, o)
+        assert.is_false(ok, k .. " " .. tostring(o[k]))
+        assert.matches("idempotency.pruner: opts." .. k .. " must be", err,
+                       1, true)
+      end
+    end)
+
     it("lets exactly one of many racers on two handles run", function()
       local db2 = open()
       for round = 1, 5 do
