@@ -48,6 +48,32 @@ describe("paygate.keyring", function()
       assert.is_not_nil(keyring.get("PUB_KEY_ID_1", 150))
     end)
 
+    it("a certificate that ended before 1970 is expired, not unbounded",
+       function()
+      -- its notAfter is a negative epoch: a check for "has an end"
+      -- written as > 0 took it for a key without one, valid for ever
+      local dir = T.tmpdir()
+      local function sh(fmt, ...) return T.sh((fmt):format(...)) end
+      sh("openssl req -x509 -newkey rsa:2048 -nodes -keyout %s/ca.key -out"
+         .. " %s/ca.pem -subj /CN=oldca -days 1", dir, dir)
+      sh("openssl req -newkey rsa:2048 -nodes -keyout %s/l.key -out %s/l.csr"
+         .. " -subj /CN=old", dir, dir)
+      local f = assert(io.open(dir .. "/ca.cnf", "w"))
+      f:write(("[ca]\ndefault_ca=d\n[d]\ndatabase=%s/index.txt\n"
+        .. "new_certs_dir=%s\nserial=%s/serial\ndefault_md=sha256\n"
+        .. "policy=p\n[p]\ncommonName=supplied\n"):format(dir, dir, dir))
+      f:close()
+      sh("touch %s/index.txt && echo 01 > %s/serial", dir, dir)
+      sh("openssl ca -batch -notext -config %s/ca.cnf -in %s/l.csr -cert"
+         .. " %s/ca.pem -keyfile %s/ca.key -startdate 600101000000Z"
+         .. " -enddate 650101000000Z -out %s/l.pem", dir, dir, dir, dir, dir)
+      local c = assert(crypto.certificate(T.read(dir .. "/l.pem")))
+      T.cleanup(dir)
+      assert.is_true(c:not_after() < 0)
+      keyring.put("OLD", c)
+      fails_with("cert_expired", keyring.get("OLD"))
+    end)
+
     it("classifies bad signatures and algorithm mismatches", function()
       keyring.put(PUB_ID, wxpub)
       local sig = crypto.base64_decode(SIG_11_3)

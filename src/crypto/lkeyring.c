@@ -281,6 +281,11 @@ gw_kr_entry_new(lua_State *L, const char *id, size_t idlen, int idx,
         e->cert = c->x509;
         e->not_before = gw_crypto_asn1_epoch(X509_get0_notBefore(c->x509));
         e->not_after = gw_crypto_asn1_epoch(X509_get0_notAfter(c->x509));
+        if (e->not_after <= 0) {
+            /* an end before 1970 (negative) or one that does not read
+             * (0): expired, not "unbounded" as 0 means for a key */
+            e->not_after = 1;
+        }
     }
     if (not_before >= 0) {
         e->not_before = not_before;
