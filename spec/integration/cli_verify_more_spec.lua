@@ -253,7 +253,7 @@ describe("paygate verify (more causes)", function()
     assert.equal(0, code, out)
     -- not a time: refused as a usage error (nan passed every check; an
     -- old notification was verified)
-    for _, at in ipairs({ "nan", "inf", "-inf" }) do
+    for _, at in ipairs({ "nan", "inf", "-inf", "0x10", " 5", "5 " }) do
       code, out = run{ "verify", "--json", "--body", file("body", SORTED),
         "--headers", file("headers", h), "--certificate", pki.platform,
         "--at", at }

@@ -452,10 +452,18 @@ function _M.apiv3_key_problem(key)
 end
 
 --- syntax: n = common.number(opts, name) -- a numeric option or nil
+-- decimal notation only (1700000000, 1.5, 2e3): Lua's tonumber also
+-- takes hex (0x10), spaces around and nan/inf
+local function decimal(s)
+  local m = s:match("^([+-]?[%d.]+)[eE][+-]?%d+$") or s
+  return m:match("^[+-]?%d+%.?%d*$") or m:match("^[+-]?%.%d+$")
+end
+
 function _M.number(opts, name)
   local v = opts[name]
   if v == nil then return nil end
-  local n = tonumber(v)
+  local n = type(v) == "string" and decimal(v) and tonumber(v)
+            or type(v) == "number" and v or nil
   -- nan and inf read as numbers, and every comparison with NaN is false:
   -- --at nan passed every freshness and validity check
   if not n or n ~= n or n == math.huge or n == -math.huge then
