@@ -799,9 +799,11 @@ function _M.dispatcher(db, opts)
       end
       d[k] = o
     else
-      if type(o) ~= "number" or not (o > 0) or o == math.huge then
+      -- (at most 1e8: the longest sleep the runtime takes; past it the
+      -- dispatcher's task would end on its first wait)
+      if type(o) ~= "number" or not (o > 0) or o > 1e8 then
         error("outbox.dispatcher: opts." .. k .. " must be a positive"
-              .. " number", 2)
+              .. " number (at most 1e8)", 2)
       end
       d[k] = o
     end

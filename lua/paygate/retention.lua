@@ -182,6 +182,17 @@ local function positive(fname, what, v)
   return v
 end
 
+-- A runner's number (interval, pause, delay, batch, max_batches): also
+-- at most 1e8, the longest sleep the runtime takes (core.sleep raises
+-- past it, and the task would end on its first wait)
+local function runner_number(fname, what, v)
+  positive(fname, what, v)
+  if v > 1e8 then
+    misuse(fname .. ": " .. what .. " must be at most 1e8")
+  end
+  return v
+end
+
 ---------------------------------------------------------------- jobs
 
 -- A job: { name, kind, prune = function(db, batch, now) -> n | nil, err,
@@ -489,7 +500,7 @@ function _M.check(conf)
     local jobs, ropts = from_config("retention", conf)
     unique_names("retention", jobs)
     for k, v in pairs(ropts) do
-      positive("retention", k, v)
+      runner_number("retention", k, v)
     end
     whole_batches("retention", ropts.batch or DEFAULTS.batch,
                   ropts.max_batches or DEFAULTS.max_batches, "")
@@ -566,7 +577,7 @@ local function new(db, jobs, opts, fname)
     if o == nil then
       r[k] = v
     else
-      r[k] = positive(fname, "opts." .. k, o)
+      r[k] = runner_number(fname, "opts." .. k, o)
     end
   end
   whole_batches(fname, r.batch, r.max_batches, "opts.")

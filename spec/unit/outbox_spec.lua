@@ -118,7 +118,13 @@ describe("paygate.outbox misuse", function()
     end, "outbox.dispatcher: unknown option opts.batchh")
     assert.has_error(function()
       outbox.dispatcher(db, { sinks = { function() end }, interval = 0 })
-    end, "outbox.dispatcher: opts.interval must be a positive number")
+    end, "outbox.dispatcher: opts.interval must be a positive number"
+         .. " (at most 1e8)")
+    -- past 1e8 the task's first sleep raised and the dispatcher was gone
+    assert.has_error(function()
+      outbox.dispatcher(db, { sinks = { function() end }, interval = 2e8 })
+    end, "outbox.dispatcher: opts.interval must be a positive number"
+         .. " (at most 1e8)")
     -- the name is part of the name its delivery times are measured under
     -- (paygate.lease: no '|', at most 200 bytes): before, such a name was
     -- taken and every round raised, delivering nothing

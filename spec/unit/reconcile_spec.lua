@@ -340,6 +340,10 @@ describe("reconcile.runner", function()
       check = print }) end)
     assert.has_error(function() reconcile.runner(db, { name = "x",
       due = print, check = print, batch = 1.5 }) end)
+    -- past 1e8 s the runner's first sleep raised and ended its task
+    assert.has_error(function() reconcile.runner(db, { name = "x",
+      due = print, check = print, interval = 2e8 }) end,
+      "reconcile.runner: opts.interval must be at most 1e8")
   end)
 
   it("checks due items in a batch; one failing or raising item is"

@@ -99,6 +99,9 @@ describe("retention jobs: misuse", function()
                 { retention.check({ outbox_days = "7" }) })
     assert.same({ nil, "batch must be a positive number" },
                 { retention.check({ batch = -1 }) })
+    -- past 1e8 s a runner's first sleep raised and ended its task
+    assert.same({ nil, "interval must be at most 1e8" },
+                { retention.check({ interval = 2e8 }) })
     -- what retention.new refuses, check refuses too (before: it passed,
     -- and the gateway's workers raised at start)
     assert.same({ nil, "batch and max_batches must be integers" },
