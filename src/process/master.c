@@ -608,10 +608,10 @@ on_chld(evutil_socket_t sig, short what, void *arg)
             double delay;
             struct timeval tv;
 
-            if (gw_loop_now() - m.last_crash > 60) {
+            if (gw_loop_mono() - m.last_crash > 60) {
                 m.crashes = 0;
             }
-            m.last_crash = gw_loop_now();
+            m.last_crash = gw_loop_mono();
             /* 0.1 s doubling, at most 25.6 s (2^8 x 0.1 s) */
             delay = 0.1 * (double) (1 << (m.crashes < 8 ? m.crashes : 8));
             m.crashes++;

@@ -23,6 +23,7 @@ end
 _M.answer = answer
 
 local loopback = require("paygate.addr").loopback_addr
+local mono = require("paygate.core").mono
 
 -- "[::ffff:1.2.3.4]:p" (a v4 client on a dual-stack socket) -> "1.2.3.4:p"
 local function plain_addr(a)
@@ -111,7 +112,7 @@ function _M.routes(ctx)
   local function answer_notified(obj, id, wait)
     if not wait then return answer(200, obj) end
     local seen = id and "waiting" or "none"
-    local deadline = paygate.now() + wait
+    local deadline = mono() + wait   -- a wall-clock step must not stretch it
     local notify = require "sim.notify"
     while id do
       local list = notify.list(ctx.db, { id = id })
@@ -126,7 +127,7 @@ function _M.routes(ctx)
           break
         end
       end
-      if seen ~= "waiting" or paygate.now() >= deadline then break end
+      if seen ~= "waiting" or mono() >= deadline then break end
       paygate.sleep(0.01)
     end
     local st, body, h = answer(200, obj)
