@@ -91,10 +91,10 @@ static const char usage_reload[] =
 "It waits for the outcome (default up to 90 s) and prints it: exit 0 when\n"
 "the new code serves, 1 when it was refused (with the reason) or no\n"
 "outcome came in time. Run while another reload is loading, it waits for\n"
-"the one after (the one loading read the code before it ran). --no-wait\n"
-"only sends the signal. A pid file the server did not write (it writes\n"
-"FILE.reload beside its own) holds no outcome: the signal is sent, and\n"
-"the server's log says how it ended.\n";
+"the one after (the one loading read the code before it ran; the default\n"
+"wait is then 150 s). --no-wait only sends the signal. A pid file the\n"
+"server did not write (it writes FILE.reload beside its own) holds no\n"
+"outcome: the signal is sent, and the server's log says how it ended.\n";
 
 /* Reads FILE.reload's outcome counter and line; 0 when there is none. */
 static int
@@ -405,7 +405,7 @@ cmd_reload(int argc, char **argv)
 {
     const char *pid_file = NULL;
     FILE *f;
-    int pid = 0, wait = 1, before;
+    int pid = 0, wait = 1, before, timeout_given = 0;
     double timeout = 90;
     char line[1200], cmd[4096];
     size_t n = 0;
@@ -424,6 +424,7 @@ cmd_reload(int argc, char **argv)
         } else if (strcmp(argv[i], "--timeout") == 0 && i + 1 < argc) {
             char *end;
 
+            timeout_given = 1;
             timeout = strtod(argv[++i], &end);
             if (*end != '\0' || !(timeout > 0) || timeout > 3600) {
                 fprintf(stderr, "paygate reload: --timeout must be in "
@@ -497,6 +498,9 @@ cmd_reload(int argc, char **argv)
 
         if (what != NULL && strncmp(what, " loading", 8) == 0) {
             before++;
+            if (!timeout_given) {
+                timeout += 60;     /* that reload may take its 60 s first */
+            }
         }
     }
     if (kill(pid, SIGHUP) != 0) {
