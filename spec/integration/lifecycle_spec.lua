@@ -428,6 +428,37 @@ return { limits = { request_timeout = "soon" } }
   end)
 end)
 
+describe("a drained generation's deadline", function()
+  it("kills an old worker that never stops (a handler that does not"
+     .. " yield), as TERM's deadline does", function()
+    -- shutdown_timeout 1: the deadline is 1 + 5 (on_stop) + 2 s
+    local s = server.start{ workers = 1,
+      config = "return { shutdown_timeout = 1 }", source = app_source("v1") .. [[
+paygate.route("GET", "/spin", function() while true do end end)
+]] }
+    finally(function() s:stop() end)
+    local old = children(s.pid)
+    assert.equal(1, #old)
+    -- the old worker is stuck in /spin: it will never read its TERM
+    paygate.spawn(function() s:request{ path = "/spin", timeout = 1 } end)
+    paygate.sleep(0.3)
+    write(s.app .. "/app.lua", app_source("v2"))
+    s:signal(proc.SIGHUP)
+    proc.wait_until(function()
+      local res = s:request("/version")
+      return res and res.body == "v2"
+    end, 15, "the new code serving")
+    -- before, the stuck worker stayed for good beside the new generation
+    proc.wait_until(function()
+      local f = io.open("/proc/" .. old[1] .. "/status")
+      if f then f:close() end
+      return f == nil
+    end, 20, "the stuck worker killed")
+    assert.matches("still running 8 s after it was told to stop; killing",
+                   s:logs(), 1, true)
+  end)
+end)
+
 describe("TLS files", function()
   it("are reloaded with the code on HUP", function()
     local dir = server.tmpdir()

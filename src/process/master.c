@@ -202,6 +202,57 @@ reload_status(int ok, const char *what)
     reload_line(m.reloads_done, line);
 }
 
+/* A generation told to stop (the old one of a reload, a refused one's
+ * loaded workers) gets the deadline TERM gives every worker: a worker
+ * still running past it (a handler or on_stop looping without yielding
+ * never reads its signal) is killed, as on TERM, instead of staying for
+ * good beside the serving generation. */
+struct drain_deadline {
+    struct event *ev;
+    int           gen;
+};
+
+static void
+on_drain_deadline(evutil_socket_t fd, short what, void *arg)
+{
+    struct drain_deadline *d = arg;
+
+    for (int i = 0; i < MAX_WORKERS; i++) {
+        if (m.w[i].pid != 0 && m.w[i].gen == d->gen
+            && m.w[i].state == W_DRAINING)
+        {
+            gw_log(GW_LOG_WARN, "worker %d (generation %d) still running "
+                                "%.0f s after it was told to stop; killing "
+                                "it", (int) m.w[i].pid, d->gen,
+                   m.o->shutdown_timeout + GW_STOP_HOOKS_TIMEOUT + 2);
+            kill(m.w[i].pid, SIGKILL);
+        }
+    }
+    event_free(d->ev);
+    free(d);
+}
+
+static void
+drain_deadline(int gen)
+{
+    double secs = m.o->shutdown_timeout + GW_STOP_HOOKS_TIMEOUT + 2;
+    struct drain_deadline *d = malloc(sizeof(*d));
+    struct timeval tv;
+
+    if (d == NULL) {
+        return;
+    }
+    d->gen = gen;
+    d->ev = evtimer_new(gw_loop_base(), on_drain_deadline, d);
+    if (d->ev == NULL) {
+        free(d);
+        return;
+    }
+    tv.tv_sec = (time_t) secs;
+    tv.tv_usec = (suseconds_t) ((secs - (double) tv.tv_sec) * 1e6);
+    evtimer_add(d->ev, &tv);
+}
+
 static void
 reload_commit(void)
 {
@@ -223,6 +274,7 @@ reload_commit(void)
         }
     }
     signal_gen(old, SIGTERM, W_DRAINING);
+    drain_deadline(old);
     gw_metrics_reload(1);
     gw_log(GW_LOG_INFO, "reload: generation %d serving; generation %d "
                         "draining", m.gen, old);
@@ -411,6 +463,7 @@ reload_abort(const char *why)
             m.w[i].state = W_DRAINING;
         }
     }
+    drain_deadline(gen);
     if (m.ssl_next != NULL) {
         SSL_CTX_free(m.ssl_next);
         m.ssl_next = NULL;
