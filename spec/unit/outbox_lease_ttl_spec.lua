@@ -118,6 +118,7 @@ describe("outbox lease ttl", function()
     assert.has_error(function()
       outbox.dispatcher(store(), { lease_ttl_max = 0, sinks = {
         { name = "s", deliver = function() return true end } } })
-    end, "outbox.dispatcher: opts.lease_ttl_max must be a positive number")
+    end, "outbox.dispatcher: opts.lease_ttl_max must be a positive number"
+         .. " (at most 1e8)")
   end)
 end)
