@@ -291,3 +291,57 @@ describe("a refused generation's workers that had loaded", function()
                    s:logs())
   end)
 end)
+
+-- paygate.runtime.fail is for a worker ending itself while it loads. One
+-- that has loaded (its 'R' sent) and waits for its generation's go must
+-- not be cut off by it: the master reads nothing more from it, and the
+-- worker, its socket closed, would never get the go -- never accepting,
+-- though counted as serving. Here the first new worker calls it from a
+-- timer while the second still loads; the second is then stopped
+-- (SIGSTOP), so only the first can answer.
+local V4 = [[
+local paygate = require "paygate"
+local core = require "paygate.core"
+local d = require("paygate.shared").get_dict("paygate")
+paygate.route("GET", "/version", function() return 200, "v4" end)
+paygate.route("GET", "/facts", function()
+  return 200, tostring(d:get("v4_second")) .. " "
+    .. tostring(d:get("v4_fail"))
+end)
+if d:add("v4_first", true) then
+  paygate.timer.at(0.1, function()
+    d:set("v4_fail", tostring(paygate.runtime.fail("late")))
+  end)
+  return
+end
+d:set("v4_second", core.pid())
+local deadline = core.mono() + 10
+while not d:get("v4_fail") and core.mono() < deadline do
+  core.sleep(0.02)
+end
+]]
+
+describe("paygate.runtime.fail after the worker loaded", function()
+  local s, stopped
+  after_each(function()
+    if stopped then proc.kill_pid(stopped, 18) end     -- SIGCONT
+    stopped = nil
+    if s then s:stop(); s = nil end
+  end)
+
+  it("is refused (false), and the worker serves", function()
+    s = server.start{ source = V1, workers = 2 }
+    write(s.app .. "/app.lua", V4)
+    local out = s.dir .. "/reload.out"
+    local p = proc.spawn({ PAYGATE_BIN, "reload", "--pid-file",
+                           s.dir .. "/paygate.pid" }, { log = out })
+    assert.equal(0, p:wait(30), proc.read(out))
+    local facts = assert(s:request("/facts")).body
+    local second, told = facts:match("^(%d+) (%S+)$")
+    assert.equal("false", told, facts)
+    stopped = assert(tonumber(second), facts)
+    assert.equal(0, proc.kill_pid(stopped, 19))           -- SIGSTOP
+    local res, err = s:request{ path = "/version", timeout = 3 }
+    assert.equal("v4", res and res.body, tostring(err))
+  end)
+end)

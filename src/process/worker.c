@@ -150,12 +150,22 @@ ready_why(char c, const char *why)
 /* paygate.runtime.fail(why): an app that ends its worker itself while it
  * loads (os.exit after its own message: the reference gateway's config
  * errors) tells the master why first, as a load error would, so that
- * `paygate reload` can say it. Once per worker; nothing after its 'R'. */
+ * `paygate reload` can say it. Returns true when it told; false once the
+ * worker has loaded ('R' sent: the master reads nothing more, and closing
+ * the socket while the worker waits for its go would leave it never
+ * accepting, counted as serving) or has told already. */
 static int
 lruntime_fail(lua_State *L)
 {
-    ready_why('F', luaL_checkstring(L, 1));
-    return 0;
+    const char *why = luaL_checkstring(L, 1);
+
+    if (w.ready_fd < 0 || w.go_ev != NULL) {
+        lua_pushboolean(L, 0);
+        return 1;
+    }
+    ready_why('F', why);
+    lua_pushboolean(L, 1);
+    return 1;
 }
 
 static void
