@@ -79,8 +79,10 @@ local function file_problem(path)
     return "cannot be read (" .. (tostring(e):match(".*: ([^:]+)$")
                                   or "no such file") .. ")"
   end
-  local head = f:read(65536)
+  -- (a folder opens, and its read fails: "Is a directory")
+  local head, rerr = f:read(65536)
   f:close()
+  if not head and rerr then return "cannot be read (" .. rerr .. ")" end
   if not head or head == "" then return "is an empty file" end
   if not head:find("-----BEGIN ", 1, true) then
     return "is not PEM (no -----BEGIN line)"

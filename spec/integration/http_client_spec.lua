@@ -327,6 +327,12 @@ describe("paygate.http.request", function()
       assert.equal("ca_file", err.option)
       assert.truthy(err.message:find('ca_file "' .. dir
         .. '/missing-ca.pem" cannot be read', 1, true), err.message)
+      -- a folder opens, and then does not read: not "an empty file"
+      err = try{ ca_file = certs.ca, client_cert = certs.client_cert,
+                 client_key = dir }
+      assert.equal("client_key", err.option)
+      assert.truthy(err.message:find('client_key "' .. dir
+        .. '" cannot be read (Is a directory)', 1, true), err.message)
       -- the files read as PEM: nothing more to say from here (a key that
       -- does not match), and no option is blamed
       err = try{ ca_file = certs.ca, client_cert = certs.client_cert,
