@@ -828,8 +828,8 @@ function _M.acquire(store, key, ttl, opts)
 end
 
 -- syntax: l, err = lease.renew(store, l [, ttl])
--- returns: l with a new expires_at (ttl defaults to l.ttl), or nil, err
---          ("lost" once it expired or a newer token was issued)
+-- returns: l with a new expires_at and deadline (ttl defaults to l.ttl), or
+--          nil, err ("lost" once it expired or a newer token was issued)
 -- yields: one statement / one script call
 function _M.renew(store, l, ttl)
   check_store("lease.renew", store)
