@@ -166,8 +166,9 @@ go(struct gw_worker *wk)
 /*
  * Records how the last reload ended in PID_FILE.reload, for `paygate
  * reload` to report: "<n> ok generation <g>" or "<n> refused: <why>",
- * where n counts reload outcomes ("<n> loading" while one is made). Written to a temporary file and renamed,
- * so a reader never sees half a line. Best effort: the log says it too.
+ * where n counts reload outcomes ("<n> loading" while one is made).
+ * Written to a temporary file and renamed, so a reader never sees half a
+ * line. Best effort: the log says it too.
  */
 static int
 reload_line(int n, const char *what)
