@@ -336,7 +336,9 @@ describe("paygate.runtime.fail after the worker loaded", function()
     local p = proc.spawn({ PAYGATE_BIN, "reload", "--pid-file",
                            s.dir .. "/paygate.pid" }, { log = out })
     assert.equal(0, p:wait(30), proc.read(out))
-    local facts = assert(s:request("/facts")).body
+    -- (Connection: close: no pooled connection to the worker stopped below)
+    local facts = assert(s:request{ path = "/facts",
+                                    headers = { Connection = "close" } }).body
     local second, told = facts:match("^(%d+) (%S+)$")
     assert.equal("false", told, facts)
     stopped = assert(tonumber(second), facts)
