@@ -36,7 +36,14 @@ function _M.reserve(host, limit, window)
   local k = K_FAIL .. host
   D:add(k, now, window)               -- false when a window is open: fine
   local start = D:get(k)
-  if type(start) ~= "number" then start = now end
+  if type(start) ~= "number" then
+    start = now
+  elseif start > now then
+    -- no monotonic time: a wall-clock one left in the shared dictionary
+    -- (which outlives a reload) by the code before; the window starts now
+    start = now
+    D:set(k, now, window)
+  end
   local ck = k .. "|" .. format("%.6f", start)
   local n, err = D:incr(ck, 1, 0, window)
   if not n then return nil, nil, err end

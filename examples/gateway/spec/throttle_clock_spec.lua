@@ -20,4 +20,18 @@ describe("gw.throttle", function()
     assert.is_number(wait)
     assert.is_true(wait >= 1 and wait <= 60, "wait " .. wait .. " s")
   end)
+
+  it("tells at most the window after a reload from code that stored the"
+     .. " window's start on the wall clock", function()
+    -- the shared dictionary outlives a reload: the code before left a
+    -- window opened at a wall-clock time (epoch seconds)
+    local host = "198.51.100." .. math.random(1, 250) .. "-" .. pcore.pid()
+    local d = require("paygate.shared").get_dict("paygate")
+    assert(d:set("gw:console:lf:" .. host, pcore.time(), 60))
+    assert(throttle.reserve(host, 1, 60))
+    local ck, wait = throttle.reserve(host, 1, 60)
+    assert.is_string(ck)
+    assert.is_number(wait)
+    assert.is_true(wait >= 1 and wait <= 60, "wait " .. wait .. " s")
+  end)
 end)
