@@ -244,3 +244,20 @@ describe("verify.check (official public-key example)", function()
     end
   end)
 end)
+
+describe("verify.fresh", function()
+  it("fails a clock or timestamp that is not a finite number as stale,"
+     .. " saying so", function()
+    for _, c in ipairs({ { 100, 0 / 0 }, { 0 / 0, 100 }, { 100, math.huge },
+                         { -math.huge, 100 } }) do
+      local ok, err = verify.fresh(c[1], c[2])
+      assert.is_nil(ok)
+      assert.equal("stale_timestamp", err.kind)
+      assert.matches("cannot be compared with the local clock", err.message,
+                     1, true)
+    end
+    assert.is_true(verify.fresh(100, 399))
+    assert.matches("300 s behind", select(2, verify.fresh(100, 400)).message,
+                   1, true)
+  end)
+end)

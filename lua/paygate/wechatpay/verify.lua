@@ -140,7 +140,13 @@ end
 -- stale_timestamp when |now - ts| >= 300 s.
 function _M.fresh(ts, now)
   local skew = now - ts
-  if not (skew < _M.WINDOW and -skew < _M.WINDOW) then   -- NaN: stale
+  if skew ~= skew or skew == math.huge or skew == -math.huge then
+    -- (%d of these would print -9223372036854775808 s)
+    return fail("stale_timestamp", "Wechatpay-Timestamp cannot be compared"
+      .. " with the local clock (" .. tostring(ts) .. " against "
+      .. tostring(now) .. "): taken as stale", { skew = skew })
+  end
+  if not (skew < _M.WINDOW and -skew < _M.WINDOW) then
     return fail("stale_timestamp", ("Wechatpay-Timestamp is %d s %s the "
       .. "local clock (limit %d s): a replay, or a clock out of sync")
       :format(skew < 0 and -skew or skew, skew < 0 and "ahead of" or
