@@ -9,6 +9,19 @@ local core = require "paygate.core"
 local audit = require "paygate.audit"
 local cluster = dofile("examples/gateway/spec/cluster_support.lua")
 
+-- Stops the gateway and the servers, and removes the folders made.
+local function cleanup(gw, ...)
+  if gw then
+    if gw.srv then gw.srv:stop() end
+    gw:stop()
+  end
+  testing.stop_all()
+  for i = 1, select("#", ...) do
+    local d = select(i, ...)
+    if d then testing.server.rmdir(d) end
+  end
+end
+
 local N = 40
 local RELOADS = 6
 
@@ -37,14 +50,7 @@ describe("gateway reloaded under load", function()
     gw:start()
   end)
 
-  teardown(function()
-    if gw then
-      if gw.srv then gw.srv:stop() end
-      gw:stop()
-    end
-    testing.stop_all()
-    if dir then testing.server.rmdir(dir) end
-  end)
+  teardown(function() cleanup(gw, dir) end)
 
   it("answers every request and applies every notification once", function()
     local ids, nos = {}, {}
@@ -156,15 +162,7 @@ describe("gateway reload refused", function()
     gw:start()
   end)
 
-  teardown(function()
-    if gw then
-      if gw.srv then gw.srv:stop() end
-      gw:stop()
-    end
-    testing.stop_all()
-    if dir then testing.server.rmdir(dir) end
-    if app then testing.server.rmdir(app) end
-  end)
+  teardown(function() cleanup(gw, dir, app) end)
 
   local function metric(name)
     local res = assert(gw.srv:admin_get("/metrics"))
