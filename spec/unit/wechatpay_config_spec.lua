@@ -187,6 +187,12 @@ describe("wechatpay.client configuration", function()
       refused({ [k] = 0 / 0 }, k)
       refused({ [k] = 2e8 }, k)
     end
+    -- one attempt's timeout is the HTTP client's, at most a day: past it
+    -- every call raised from paygate.http instead of answering
+    for _, k in ipairs({ "timeout", "timeout_floor", "timeout_ceiling" }) do
+      refused({ [k] = 86401 }, k, "at most 86400")
+    end
+    assert(wechatpay.client(base{ timeout = 86400, deadline = 1e5 }))
   end)
   it("the adaptive timeout's bounds default around the timeout", function()
     -- a timeout under a second: the floor follows it down

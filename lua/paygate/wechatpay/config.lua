@@ -438,6 +438,13 @@ function _M.check(conf)
   if not c.timeout_ceiling then
     return bad("timeout_ceiling", "must be a number > 0 (at most 1e8)")
   end
+  -- one attempt's timeout goes to paygate.http, which takes at most a
+  -- day: past it every call raised there instead of answering
+  for _, k in ipairs({ "timeout", "timeout_floor", "timeout_ceiling" }) do
+    if c[k] > 86400 then
+      return bad(k, "must be at most 86400 (s: one attempt)")
+    end
+  end
   if conf.timeout_floor == nil then
     c.timeout_floor = min(1, c.timeout, c.timeout_ceiling)
   elseif conf.timeout_ceiling == nil then
