@@ -506,6 +506,13 @@ function _M.webhook(opts)
   local http = require "paygate.http"
   local url, secret = opts.url, opts.secret
   local timeout = opts.timeout or 10
+  -- (checked here: the HTTP client refuses anything else at each
+  -- delivery, and every event would fail until dead-lettered)
+  if type(timeout) ~= "number" or not (timeout > 0 and timeout <= 86400)
+  then
+    error("outbox.webhook: opts.timeout must be a number of seconds, more"
+          .. " than 0 and at most 86400", 2)
+  end
   local extra = opts.headers or {}
   if type(extra) ~= "table" then
     error("outbox.webhook: opts.headers must be a table of name = value", 2)

@@ -164,6 +164,13 @@ describe("paygate.outbox misuse", function()
       'outbox.webhook: opts.headers: "X T" is not an HTTP header name')
     outbox.webhook{ url = "http://x", secret = "s",
                     headers = { ["X-Tenant"] = "shop 1; v=2" } }
+    for _, t in ipairs({ 0 / 0, math.huge, 0, 86401, "10" }) do
+      assert.has_error(function()
+        outbox.webhook{ url = "http://x", secret = "s", timeout = t }
+      end, "outbox.webhook: opts.timeout must be a number of seconds, more"
+        .. " than 0 and at most 86400")
+    end
+    outbox.webhook{ url = "http://x", secret = "s", timeout = 86400 }
     -- a maxlen Redis cannot take: NaN and inf passed, and every XADD was
     -- refused until the events were dead
     for _, m in ipairs({ 0 / 0, math.huge, 0.5, "100" }) do
