@@ -105,8 +105,9 @@ on_go(evutil_socket_t fd, short what, void *arg)
  * why's first line after an 'F' so that `paygate reload` can say it. One
  * write: a socket write of a few bytes arrives whole. After an 'R' the
  * socket stays open for the master's go (on_go): a worker accepts nothing
- * until its whole generation has loaded, so a refused reload can kill
- * its workers without dropping a connection. */
+ * until its whole generation has loaded, so a refused reload can stop
+ * its workers (EOF instead of the go; SIGKILL for one still loading)
+ * without dropping a connection. */
 static void
 ready_why(char c, const char *why)
 {
