@@ -425,6 +425,16 @@ return { limits = { request_timeout = "soon" } }
                    out, 1, true)
     assert.equal("v1", assert(s:request("/version")).body)
     assert.equal(1, metric(s, "paygate_reload_failures_total"))
+    -- a value of the right type that the next start refuses all the same
+    -- (the master's start took at most 128 workers; the reload said
+    -- "done (not applied until a restart: workers)")
+    write(s.config_file, [[
+return { workers = 500 }
+]])
+    code, out = try_reload(s)
+    assert.equal(1, code, out)
+    assert.matches("refused: config.workers must be 1..128", out, 1, true)
+    assert.equal("v1", assert(s:request("/version")).body)
   end)
 end)
 

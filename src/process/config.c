@@ -284,6 +284,16 @@ gw_opts_load_file(struct gw_opts *o, const char *path, char *err,
     if (read_keys(L, 1, "config", top_keys, 0, o, err, errlen) != GW_OK) {
         goto done;
     }
+    lua_pushliteral(L, "workers");
+    lua_rawget(L, 1);    /* raw: a metatable must not run here, unprotected */
+    if (!lua_isnil(L, -1) && o->workers > GW_MAX_WORKERS) {
+        /* refused here, not only by the master's start: a reload reads
+         * the file too, and must not take what the next start refuses */
+        snprintf(err, errlen, "config.workers must be 1..%d",
+                 GW_MAX_WORKERS);
+        goto done;
+    }
+    lua_pop(L, 1);
     if (gw_dns_check_resolver(o->resolver, err, errlen) != GW_OK) {
         goto done;                       /* "resolver must be ..." */
     }

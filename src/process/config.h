@@ -41,6 +41,9 @@ struct gw_opts {
     int                   nshared;
 };
 
+/* The most workers `paygate run` takes (--workers, config workers). */
+#define GW_MAX_WORKERS 128
+
 /* Defaults: 127.0.0.1:8080, admin 127.0.0.1:9090, a worker per core. */
 void gw_opts_defaults(struct gw_opts *o);
 

@@ -236,8 +236,9 @@ cmd_run(int argc, char **argv)
             char *end;
             long n = strtol(optarg, &end, 10);
 
-            if (*end != '\0' || n < 1 || n > 128) {
-                fprintf(stderr, "paygate: --workers must be 1..128\n");
+            if (*end != '\0' || n < 1 || n > GW_MAX_WORKERS) {
+                fprintf(stderr, "paygate: --workers must be 1..%d\n",
+                        GW_MAX_WORKERS);
                 return 2;
             }
             o.workers = (int) n;

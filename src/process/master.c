@@ -31,7 +31,7 @@
 #include "tls.h"
 #include "worker.h"
 
-#define MAX_WORKERS 256
+#define MAX_WORKERS (2 * GW_MAX_WORKERS)  /* two generations during a reload */
 #define READY_TIMEOUT 60.0      /* s for a new worker to load the app */
 #define ADMIN_MAX_CONNS 64      /* admin clients at once; more wait */
 
