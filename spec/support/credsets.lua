@@ -108,8 +108,12 @@ end
 -- directory cache (made here); extra's fields are added to its config.
 function Creds:source(cache, extra)
   sh("mkdir -p " .. cache)
+  -- load_timeout 10 (the default is 3): a loaded machine (ASan, specs
+  -- run four at a time beside other work) kept etcd's first answer past
+  -- 3 s; the specs of the timeout itself give their own
   local conf = { etcd = self.c:client_opts(), kek_file = self.kek_file,
-                 cache_dir = cache, merchants = { [_M.MCHID] = _M.PREFIX } }
+                 cache_dir = cache, merchants = { [_M.MCHID] = _M.PREFIX },
+                 load_timeout = 10 }
   for k, v in pairs(extra or {}) do conf[k] = v end
   return assert(credentials.new(conf))
 end
