@@ -915,6 +915,13 @@ function _M.refresh(p)
       actor = "gateway:query", evidence = { trade_state = ts,
       out_trade_no = p.out_trade_no }, set = { updated_at = model.time() } })
     if not res then return nil, rerr end
+    if event == "still_open" then
+      -- unknown -> paying: its event, like every transition's (a merchant
+      -- told payment.unknown learns the attempt is open after all)
+      local x
+      x, rerr = events.emit(tx, "payment.paying", res.row)
+      if not x then return nil, rerr end
+    end
     if event == "closed" or event == "failed" then
       local x
       -- CLOSED: WeChat closed this attempt; PAYERROR: the payer may still

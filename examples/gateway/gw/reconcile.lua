@@ -376,6 +376,10 @@ local function payment_checks(ctx, conf, sched)
         end,
         set = function() return { updated_at = model.now() } end,
         within = function(tx, a, res)
+          if res and res.to == "paying" then
+            -- unknown -> paying (still_open): its event too
+            return events.emit(tx, "payment.paying", res.row)
+          end
           if not res or (res.to ~= "closed" and res.to ~= "failed") then
             return true
           end

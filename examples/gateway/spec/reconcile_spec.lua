@@ -143,6 +143,10 @@ describe("gateway reconciliation", function()
     local e = audit.entries(gw.db, "payment:" .. p.id)
     assert.equal("payment.still_open", e[#e].what)
     assert.equal("reconcile", e[#e].actor)
+    -- its event, like every transition's: the prepay's and this one's
+    local ev = assert(gw.db:query("SELECT type FROM paygate_outbox WHERE"
+      .. " subject = $1 AND type = 'payment.paying'", { p.id }))
+    assert.equal(2, #ev)
   end)
 
   it("an expired unpaid payment is closed through the close API", function()
