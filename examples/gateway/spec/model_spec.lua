@@ -1,10 +1,14 @@
 -- A model-based randomized test of the gateway against the simulator: a
 -- seeded generator drives payments through random operations (create on
--- every channel, switch attempt, pay in full or with payer_total < total,
--- fail, close, refunds partial / full / over / concurrent, settle
--- SUCCESS / ABNORMAL / CLOSED, duplicate and reordered notifications,
--- ?refresh=1, idempotent replays), keeps a model of what must be true and
--- checks it after each step and at the end:
+-- every channel, two creates of one order at once, switch attempt (two at
+-- once too), pay in full or with payer_total < total, fail, close,
+-- switch or close racing a payment, refunds partial / full / over /
+-- concurrent / one key sent twice at once, settle SUCCESS / ABNORMAL /
+-- CLOSED, an abnormal refund applied for and settled, duplicate, reordered
+-- and held notifications, WeChat faults (5xx, 4xx, reset, bad signature)
+-- on prepay / close / query / refund / refund_query, the degradation
+-- switch, ?refresh=1, idempotent replays), keeps a model of what must be
+-- true and checks it after each step and at the end:
 --   - every answer is a documented status; an error has a documented
 --     `error` for its status and a `message`;
 --   - the model's expected state (where the operation decides it);
@@ -15,10 +19,15 @@
 --     last one ended;
 --   - one outbox event per transition (payment.<to>, refund.<to>);
 --   - a payment paid at the simulator on its current attempt is paid
---     locally, exactly once, not late;
+--     locally, exactly once, not late; every attempt paid at the
+--     simulator is paid here (money never dropped); no attempt of a
+--     paying or closed payment but its current one is payable there;
 --   - a replay of a kept answer is the same answer byte for byte.
 --
--- The seed is printed; re-run with MODEL_SEED=<seed> (MODEL_N: payments).
+-- The seed is printed; re-run with MODEL_SEED=<seed> (MODEL_N: payments;
+-- MODEL_TRACE=<file>: the steps taken). The operations are the seed's;
+-- the interleaving of those sent at once is not, and the checks hold for
+-- any of them.
 local testing = require "paygate.testing"
 local core = require "paygate.core"
 local json = require "paygate.json"
@@ -167,15 +176,18 @@ describe("gateway model (seed " .. SEED .. ")", function()
 
   -- a kept answer replayed byte for byte; a new body under the key is 422
   local function replay(p)
+    -- (docs/gateway.md, Idempotency-Key: a refund's answers are kept but
+    -- a 503 or a 400; a create's, a switch's or a close's but a 5xx or a
+    -- 400.) One not kept would run again, behind the model's back.
+    local kept = p.status ~= 503 and p.status ~= 400
+      and (p.path:match("/refunds$") or p.status < 500)
+    if not kept then return end
     local res = gw:call("POST", p.path, p.text,
                         { ["Idempotency-Key"] = p.key })
     shape("replay " .. p.path, res)
-    -- (docs/gateway.md, Idempotency-Key: a refund's answers are kept but
-    -- a 503 or a 400; a create's, a switch's or a close's but a 5xx or a
-    -- 400)
-    local kept = p.status ~= 503 and p.status ~= 400
-      and (p.path:match("/refunds$") or p.status < 500)
-    if kept then
+    check(res.headers["idempotent-replayed"] == "true", "a replay of "
+          .. p.path .. " without Idempotent-Replayed")
+    do
       check(res.status == p.status and res.body == p.body, "replay of "
             .. p.path .. " " .. p.text .. ": " .. p.status .. " " .. p.body
             .. " then " .. res.status .. " " .. res.body)
@@ -236,6 +248,7 @@ describe("gateway model (seed " .. SEED .. ")", function()
   end
 
   local function step_check(m)
+    if m.pending then m.state = nil end  -- its notification may come now
     local p = get(m.id)
     check_money(m, p)
     if m.state then
@@ -294,6 +307,24 @@ describe("gateway model (seed " .. SEED .. ")", function()
   local function final_check(m)
     local p = get(m.id)
     check_money(m, p)
+    -- money taken at WeChat is never dropped: each attempt paid there is
+    -- paid here, and so is the payment
+    for _, a in ipairs(p.attempts) do
+      local t = wx:query_by_out_trade_no(a.out_trade_no)
+      local ts = t and t.trade_state
+      if ts == "SUCCESS" or ts == "REFUND" then
+        check(a.state == "paid" and a.transaction_id == t.transaction_id,
+              m.id .. ": attempt " .. a.out_trade_no .. " paid at WeChat ("
+              .. t.transaction_id .. "), here " .. a.state .. " "
+              .. tostring(a.transaction_id))
+        check(p.state == "paid" or p.state == "partially_refunded"
+              or p.state == "refunded", m.id .. ": paid at WeChat on "
+              .. a.out_trade_no .. ", here " .. p.state)
+      else
+        check(a.state ~= "paid", m.id .. ": attempt " .. a.out_trade_no
+              .. " paid here, " .. tostring(ts) .. " at WeChat")
+      end
+    end
     if p.state == "paying" or p.state == "closed" then
       for _, a in ipairs(p.attempts) do
         if a.out_trade_no ~= p.out_trade_no or p.state == "closed" then
@@ -497,6 +528,104 @@ describe("gateway model (seed " .. SEED .. ")", function()
     end
   end
 
+  -- paid with the notification held and nothing asking: the payment is
+  -- paid once the notification comes (released by a later one), whatever
+  -- is done with it meanwhile
+  function ops.pay_held(r, m)
+    if m.sim[m.no] ~= "NOTPAY" or not OPEN[m.state] then return pay(r, m) end
+    sim:fault{ endpoint = "notify", kind = "out_of_order", count = 1 }
+    local res = control("POST", "/sim/transactions/" .. m.no .. "/pay")
+    check(res.status == 200, "sim pay: " .. res.status)
+    held = held + 1
+    m.sim[m.no] = "SUCCESS"
+    m.paid_current = m.no
+    m.payer_total = m.amount
+    m.pending = true
+    m.state = nil
+  end
+
+  -- the degradation switch on for one operation
+  local function degrade(on)
+    local res = gw.srv:request{ method = "POST", path = "/admin/degrade",
+                                json = { on = on } }
+    check(res.status == 200 and res.json.on == on, "degrade " .. tostring(on)
+          .. ": " .. res.status .. " " .. res.body)
+    log("degrade", on)
+  end
+  function ops.degraded(r, m)
+    degrade(true)
+    local what = r.pick({ "refund", "switch", "close", "get", "pay" })
+    local ok, err = pcall(function()
+      if what == "pay" then
+        if m.state ~= "failed" then pay(r, m) end
+        return
+      end
+      if what == "get" then
+        local p = get(m.id, "?refresh=1")
+        check(p.stale == true, "a degraded refresh without stale")
+        return
+      end
+      local res
+      if what == "refund" then
+        res = post("/v1/payments/" .. m.id .. "/refunds", { amount = 1 })
+      elseif what == "switch" then
+        res = post("/v1/payments/" .. m.id .. "/attempts",
+                   channel_body(r, {}))
+      else
+        res = post("/v1/payments/" .. m.id .. "/close", {})
+      end
+      -- a write that would call WeChat: 503 degraded; else as ever (a
+      -- close of a closed payment sends nothing: 200; 409)
+      local would = what == "refund" and PAID[m.state]
+                    or what ~= "refund" and OPEN[m.state]
+      check(res.status == 503 and res.json.error == "degraded"
+            or not would and (res.status == 409 or what == "close"
+                              and m.state == "closed" and res.status == 200),
+            what .. " of a " .. m.state .. " payment while degraded: "
+            .. res.status .. " " .. res.body)
+    end)
+    degrade(false)
+    if not ok then error(err, 0) end
+  end
+
+  -- one refund request sent twice at once under one key: one refund; the
+  -- other answer is its replay or 409 idempotency_in_flight
+  function ops.refund_same_key(r, m)
+    if not PAID[m.state] then return ops.refund(r, m) end
+    local left = m.amount - counted(m)
+    if left < 1 then return ops.refund(r, m) end
+    local text = json.encode({ amount = r.int(1, left) })
+    local key = "k-" .. crypto.random_nonce(16)
+    local path = "/v1/payments/" .. m.id .. "/refunds"
+    local results, done = {}, 0
+    for i = 1, 2 do
+      core.spawn(function()
+        results[i] = gw:call("POST", path, text,
+                             { ["Idempotency-Key"] = key })
+        done = done + 1
+      end)
+    end
+    testing.wait_until(function() return done == 2 end, 30, "the refunds")
+    local made
+    for _, res in ipairs(results) do
+      shape("POST " .. path, res)
+      log("POST", path, text, "(same key) ->", res.status)
+      if res.status == 201 then
+        if made and made.body ~= res.body then
+          fail("one key, two refunds: " .. made.body .. " " .. res.body)
+        end
+        made = made or res
+      else
+        check(res.status == 409 and res.json.error == "idempotency_in_flight",
+              "one key twice: " .. res.status .. " " .. res.body)
+      end
+    end
+    check(made, "one key twice, no refund: " .. results[1].body)
+    add_refund(m, nil, made)
+    posts[#posts + 1] = { path = path, text = text, key = key, status = 201,
+                          body = made.body }
+  end
+
   function ops.pay(r, m) pay(r, m) end
   function ops.pay_dup(r, m) pay(r, m, "duplicate") end
   function ops.pay_reordered(r, m) pay(r, m, "out_of_order") end
@@ -506,6 +635,8 @@ describe("gateway model (seed " .. SEED .. ")", function()
     if m.sim[m.no] == "NOTPAY" then
       check(res.status == 200, "sim fail: " .. res.status)
       m.sim[m.no] = "PAYERROR"
+    elseif m.sim[m.no] == "NONE" then  -- its prepay never reached WeChat
+      check(res.status == 404, "sim fail: " .. res.status)
     else
       check(res.status == 409, "sim fail: " .. res.status)
     end
@@ -619,6 +750,39 @@ describe("gateway model (seed " .. SEED .. ")", function()
       check(res.headers["x-sim-notified"] == "204", "refund notification"
             .. " answered " .. tostring(res.headers["x-sim-notified"]))
     end
+    settle_expect(m, rf, status)
+  end
+
+  -- an abnormal refund applied for through WeChat's abnormal-refund API:
+  -- it stays abnormal while WeChat processes it (?refresh=1 says so), then
+  -- ends as WeChat settles it
+  function ops.abnormal_apply(r, m)
+    local list = {}
+    for _, x in ipairs(get(m.id).refunds) do
+      if x.state == "abnormal" then list[#list + 1] = x end
+    end
+    if not list[1] then return settle(r, m) end
+    local x = r.pick(list)
+    local rf = m.refunds[x.id]
+    local data, err = wx:abnormal_refund{ refund_id = x.refund_id,
+      out_refund_no = x.out_refund_no, type = "MERCHANT_BANK_CARD" }
+    log("abnormal_refund", x.id, data and data.status or tostring(err))
+    check(data and data.status == "PROCESSING", "abnormal refund: "
+          .. tostring(err))
+    local p = get(m.id, "?refresh=1")
+    for _, y in ipairs(p.refunds) do
+      if y.id == x.id then
+        check(y.state == "abnormal", x.id .. ": applied for, " .. y.state)
+      end
+    end
+    local status = r.pick({ "SUCCESS", "CLOSED" })
+    if r.chance(0.3) then
+      sim:fault{ endpoint = "notify", kind = "duplicate", count = 1 }
+    end
+    local res = control("POST", "/sim/refunds/" .. x.out_refund_no
+                        .. "/settle?wait=5", { status = status })
+    check(res.status == 200 and res.headers["x-sim-notified"] == "204",
+          "settle after the application: " .. res.status)
     settle_expect(m, rf, status)
   end
 
@@ -778,6 +942,8 @@ describe("gateway model (seed " .. SEED .. ")", function()
     { "settle_reordered", 1 }, { "replay", 2 }, { "switch_race", 1 },
     { "close_race", 1 }, { "refund_fault", 2 }, { "switch_fault", 1 },
     { "close_fault", 1 }, { "refresh_fault", 1 }, { "switch_twice", 2 },
+    { "pay_held", 1 }, { "degraded", 2 }, { "refund_same_key", 2 },
+    { "abnormal_apply", 3 },
   }
   local TOTAL = 0
   for _, w in ipairs(WEIGHTS) do TOTAL = TOTAL + w[2] end
@@ -877,8 +1043,9 @@ describe("gateway model (seed " .. SEED .. ")", function()
       check(p.state == "paying", "create: " .. p.state)
       models[i] = m
       log("payment", i, m.id, amount)
-      for _ = 1, r.int(4, 12) do
-        local op = pick_op(r)
+      for k = 1, r.int(4, 14) do
+        -- most payments are paid early: refunds are where the money is
+        local op = (k == 1 and r.chance(0.5)) and "pay" or pick_op(r)
         log("op", op, m.id)
         ops[op](r, m)
         step_check(m)
@@ -905,6 +1072,8 @@ describe("gateway model (seed " .. SEED .. ")", function()
     local code, out = testing.proc.run({ testing.server.bin(), "exec",
       "examples/gateway/scripts/verify.lua", gw.db_url }, { timeout = 60 })
     check(code == 0, "verify.lua: " .. tostring(code) .. " " .. out)
+    local f = io.open(os.getenv("MODEL_TRACE") or "/dev/null", "w")
+    if f then f:write(table.concat(trace, "\n"), "\n") f:close() end
     print(("model_spec: %d payments, %d POSTs, %d held, %.1f s"):format(N,
       #posts, held, core.time() - started))
   end)
