@@ -554,7 +554,7 @@ function Client:keep_alive_every(id, every)
   id = rev_arg(id, "etcd keep_alive_every: id")
   -- checked here: a NaN, nil or negative one ended the task in core.sleep
   -- (a log line) and the lease expired for want of a keepalive
-  if type(every) ~= "number" or not (every > 0 and every <= 1e8) then
+  if not core.is_seconds(every) then
     error("etcd keep_alive_every: seconds must be a number > 0 (at most"
           .. " 1e8)", 2)
   end

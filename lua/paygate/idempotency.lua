@@ -560,12 +560,11 @@ function _M.pruner(db, opts)
   local batch, pause = opts.batch or 500, opts.pause or 0.05
   -- checked here, not by the task's first tick: a bad one ended the task
   -- (a raise in core.sleep or prune) and nothing was pruned again
-  if type(interval) ~= "number" or not (interval > 0 and interval <= 1e8)
-  then
+  if not core.is_seconds(interval) then
     error("idempotency.pruner: opts.interval must be a positive number of"
           .. " seconds (at most 1e8)", 2)
   end
-  if type(pause) ~= "number" or not (pause >= 0 and pause <= 1e8) then
+  if not core.is_seconds(pause, true) then
     error("idempotency.pruner: opts.pause must be a number of seconds,"
           .. " 0 .. 1e8", 2)
   end

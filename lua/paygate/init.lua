@@ -68,7 +68,7 @@ _M.timer = {}
 function _M.timer.at(delay, fn, ...)
   -- (NaN and inf passed a test of < 0: the task then died in core.sleep,
   -- logged, and the timer never ran)
-  if type(delay) ~= "number" or not (delay >= 0 and delay <= 1e8) then
+  if not core.is_seconds(delay, true) then
     error("paygate.timer.at: delay must be a number of seconds, 0 .. 1e8",
           2)
   end
@@ -83,8 +83,7 @@ end
 -- Runs fn(...) every interval seconds, never two at once; an error in fn
 -- is logged and the next tick still runs. handle:cancel() stops it.
 function _M.timer.every(interval, fn, ...)
-  if type(interval) ~= "number" or not (interval > 0 and interval <= 1e8)
-  then
+  if not core.is_seconds(interval) then
     error("paygate.timer.every: interval must be a number of seconds,"
           .. " > 0 and at most 1e8", 2)
   end

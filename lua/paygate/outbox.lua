@@ -698,7 +698,7 @@ end
 
 -- A sink's timeout: nil, or seconds that ev:wait accepts.
 local function bad_timeout(t)
-  return t ~= nil and (type(t) ~= "number" or not (t > 0) or t > 1e8)
+  return t ~= nil and not core.is_seconds(t)
 end
 
 -- syntax: sink = outbox.hooks(map [, opts])
@@ -808,7 +808,7 @@ function _M.dispatcher(db, opts)
     else
       -- (at most 1e8: the longest sleep the runtime takes; past it the
       -- dispatcher's task would end on its first wait)
-      if type(o) ~= "number" or not (o > 0) or o > 1e8 then
+      if not core.is_seconds(o) then
         error("outbox.dispatcher: opts." .. k .. " must be a positive"
               .. " number (at most 1e8)", 2)
       end

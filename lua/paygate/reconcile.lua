@@ -225,7 +225,7 @@ function _M.runner(store, opts)
       r[k] = v
     else
       r[k] = positive("reconcile.runner", opts, k, v)
-      if r[k] > 1e8 then
+      if not core.is_seconds(r[k]) then
         -- the longest sleep the runtime takes: past it the runner's task
         -- would end on its first wait
         error("reconcile.runner: opts." .. k .. " must be at most 1e8", 2)

@@ -187,7 +187,7 @@ end
 -- past it, and the task would end on its first wait)
 local function runner_number(fname, what, v)
   positive(fname, what, v)
-  if v > 1e8 then
+  if not core.is_seconds(v) then
     misuse(fname .. ": " .. what .. " must be at most 1e8")
   end
   return v

@@ -57,6 +57,31 @@ sleep_cancel(void *arg)
     free(s);
 }
 
+/* The longest sleep or wait the loop takes, in seconds (about 3 years). */
+#define GW_MAX_WAIT 1e8
+
+/*
+ * syntax: ok = core.is_seconds(v[, zero_ok])
+ * Whether v is a duration core.sleep takes: a number more than 0 (or 0
+ * with zero_ok), at most 1e8; NaN, inf and anything else are not. What a
+ * library checks an interval, timeout or pause with when it is given, so
+ * that its task does not end on its first sleep.
+ */
+static int
+lcore_is_seconds(lua_State *L)
+{
+    double v;
+
+    if (lua_type(L, 1) != LUA_TNUMBER) {
+        lua_pushboolean(L, 0);
+        return 1;
+    }
+    v = lua_tonumber(L, 1);
+    lua_pushboolean(L, (lua_toboolean(L, 2) ? v >= 0 : v > 0)
+                       && v <= GW_MAX_WAIT);
+    return 1;
+}
+
 /*
  * syntax: paygate.sleep(seconds)
  * yields: until the time has passed (0 gives other coroutines a turn).
@@ -69,7 +94,7 @@ lcore_sleep(lua_State *L)
     struct gw_sleep *s;
     struct timeval tv;
 
-    if (!(secs >= 0) || secs > 1e8) {
+    if (!(secs >= 0) || secs > GW_MAX_WAIT) {
         return luaL_argerror(L, 1, "seconds must be between 0 and 1e8");
     }
     s = malloc(sizeof(*s));
@@ -747,7 +772,7 @@ levent_wait(lua_State *L)
 
     if (!lua_isnoneornil(L, 2)) {
         secs = luaL_checknumber(L, 2);
-        if (!(secs >= 0) || secs > 1e8) {
+        if (!(secs >= 0) || secs > GW_MAX_WAIT) {
             return luaL_argerror(L, 2, "timeout must be between 0 and 1e8");
         }
     }
@@ -1180,6 +1205,7 @@ static const luaL_Reg ltask_methods[] = {
 
 static const luaL_Reg lcore_funcs[] = {
     { "sleep", lcore_sleep },
+    { "is_seconds", lcore_is_seconds },
     { "now", lcore_now },
     { "time", lcore_time },
     { "mono", lcore_mono },

@@ -196,7 +196,7 @@ cmd_run(int argc, char **argv)
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 }
     };
-    struct gw_opts o;
+    struct gw_opts o, file_opts;
     char err[512];
     const char *config = NULL;
     struct stat st;
@@ -222,6 +222,7 @@ cmd_run(int argc, char **argv)
             return 2;
         }
         o.config_file = config;
+        file_opts = o;      /* the file over the defaults, before flags */
     }
     optind = 1;
     opterr = 0;             /* our own one line, below: not getopt's */
@@ -312,7 +313,7 @@ cmd_run(int argc, char **argv)
                         "with an app.lua)\n", app_lua);
         return 2;
     }
-    return gw_master_main(&o);
+    return gw_master_main(&o, config != NULL ? &file_opts : NULL);
 }
 
 /* Finds NAME (no '/') as a regular executable file in a $PATH folder, as a

@@ -90,6 +90,14 @@ static struct {
 static struct gw_opts file_start, file_now;
 static int            have_file_start;
 
+/* s a worker told to stop may take before the master kills it: its drain
+ * (shutdown_timeout), its on_stop functions, and a margin */
+static double
+stop_deadline(void)
+{
+    return m.o->shutdown_timeout + GW_STOP_HOOKS_TIMEOUT + 2;
+}
+
 static int spawn_worker(int gen);
 static void reload_abort(const char *why);
 
@@ -225,7 +233,7 @@ on_drain_deadline(evutil_socket_t fd, short what, void *arg)
             gw_log(GW_LOG_WARN, "worker %d (generation %d) still running "
                                 "%.0f s after it was told to stop; killing "
                                 "it", (int) m.w[i].pid, d->gen,
-                   m.o->shutdown_timeout + GW_STOP_HOOKS_TIMEOUT + 2);
+                   stop_deadline());
             kill(m.w[i].pid, SIGKILL);
         }
     }
@@ -236,7 +244,7 @@ on_drain_deadline(evutil_socket_t fd, short what, void *arg)
 static void
 drain_deadline(int gen)
 {
-    double secs = m.o->shutdown_timeout + GW_STOP_HOOKS_TIMEOUT + 2;
+    double secs = stop_deadline();
     struct drain_deadline *d = malloc(sizeof(*d));
     struct timeval tv;
 
@@ -714,7 +722,7 @@ static void
 on_term(evutil_socket_t sig, short what, void *arg)
 {
     /* workers get their own deadline; ours is a little later */
-    double secs = m.o->shutdown_timeout + GW_STOP_HOOKS_TIMEOUT + 2;
+    double secs = stop_deadline();
     struct timeval tv;
 
     if (m.stopping) {
@@ -904,7 +912,7 @@ write_pid_file(const char *path)
 }
 
 int
-gw_master_main(struct gw_opts *o)
+gw_master_main(struct gw_opts *o, const struct gw_opts *file)
 {
     char err[512];
     struct event *hup, *term, *intr, *chld;
@@ -914,11 +922,9 @@ gw_master_main(struct gw_opts *o)
     m.o = o;
     m.admin_fd = -1;
     gw_log_min = o->log_level;
-    if (o->config_file != NULL) {
-        /* as main read it a moment ago (the baseline of a reload's check) */
-        gw_opts_defaults(&file_start);
-        have_file_start = gw_opts_load_file(&file_start, o->config_file, err,
-                                            sizeof(err)) == GW_OK;
+    if (file != NULL) {
+        file_start = *file;     /* the baseline of a reload's check */
+        have_file_start = 1;
     }
     if (o->workers < 1 || o->workers > MAX_WORKERS / 2) {
         fprintf(stderr, "paygate: --workers must be 1..%d\n",

@@ -36,10 +36,12 @@ static struct {
     int                   hooks_started, hooks_done;
 } w;
 
+static int lruntime_fail(lua_State *L);
+
 /* Sets package.loaded["paygate.runtime"] = { mode, app_dir, config_file,
  * listen ("HOST:PORT" of the public listener; workers only), generation
  * (the code generation the worker runs: 1 at start, one more per reload
- * tried; workers only) } */
+ * tried) and fail (lruntime_fail) (workers only) } */
 static void
 push_runtime_info(lua_State *L, const char *mode, const char *app_dir,
                   const char *config_file, const char *listen, int gen)
@@ -64,6 +66,8 @@ push_runtime_info(lua_State *L, const char *mode, const char *app_dir,
     if (gen > 0) {
         lua_pushinteger(L, gen);
         lua_setfield(L, -2, "generation");
+        lua_pushcfunction(L, lruntime_fail);
+        lua_setfield(L, -2, "fail");
     }
     lua_pushstring(L, gw_lua_dir());
     lua_setfield(L, -2, "lua_dir");
@@ -376,12 +380,6 @@ gw_worker_main(const struct gw_opts *o, int listen_fd, SSL_CTX *ctx,
     }
     push_runtime_info(w.L, "worker", o->app_dir, o->config_file,
                       o->listen, gen);
-    lua_getglobal(w.L, "package");
-    lua_getfield(w.L, -1, "loaded");
-    lua_getfield(w.L, -1, "paygate.runtime");
-    lua_pushcfunction(w.L, lruntime_fail);
-    lua_setfield(w.L, -2, "fail");
-    lua_pop(w.L, 3);
     if (o->resolver[0] != '\0') {   /* checked when the config was read */
         gw_dns_configure(o->resolver, -1, -1, -1, path, sizeof(path));
     }

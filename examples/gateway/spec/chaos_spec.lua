@@ -16,23 +16,8 @@ local audit = require "paygate.audit"
 local servers = require "spec.support.servers"
 local cluster = dofile("examples/gateway/spec/cluster_support.lua")
 
-local SEED = tonumber(os.getenv("CHAOS_SEED"))
-             or (os.time() % 100000 + math.floor(core.time() * 1000) % 1000)
-print("\nchaos_spec: CHAOS_SEED=" .. SEED)
-
--- a small generator of our own (math.random is shared with other code)
-local function rng(seed)
-  local s = seed % 2147483647
-  if s <= 0 then s = s + 2147483646 end
-  local function step()
-    s = s * 16807 % 2147483647
-    return s
-  end
-  for _ = 1, 20 do step() end      -- near seeds, far apart draws
-  return function(a, b)
-    return a + (b - a) * ((step() - 1) / 2147483646)
-  end
-end
+local seeded = dofile("examples/gateway/spec/seeded.lua")
+local SEED = seeded.seed("CHAOS_SEED", "chaos_spec")
 
 local N = 40           -- payments per stream
 local KILLS = 4
@@ -133,7 +118,7 @@ describe("gateway killed with SIGKILL on " .. engine[1], function()
 
   it("ends with every paid payment paid once and every event delivered",
      function()
-    local rand = rng(SEED)
+    local rand = seeded.rng(SEED).float
     local ids, nos = {}, {}
     for i = 1, N do
       local p = gw:create{ amount = 200 + i }
@@ -234,7 +219,7 @@ describe("gateway with its store (PostgreSQL) stopped mid-stream", function()
 
   it("answers FAIL while it is down, acknowledges only what committed,"
      .. " recovers by itself", function()
-    local rand = rng(SEED + 1)
+    local rand = seeded.rng(SEED + 1).float
     local ids, nos = {}, {}
     for i = 1, N do
       local p = gw:create{ amount = 300 + i }

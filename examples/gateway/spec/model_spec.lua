@@ -36,28 +36,11 @@ local audit = require "paygate.audit"
 local fsm = require "paygate.fsm"
 local support = dofile("examples/gateway/spec/core_support.lua")
 
-local SEED = tonumber(os.getenv("MODEL_SEED"))
-             or (os.time() % 100000 + math.floor(core.time() * 1000) % 1000)
+local seeded = dofile("examples/gateway/spec/seeded.lua")
+local SEED = seeded.seed("MODEL_SEED", "model_spec")
 local N = tonumber(os.getenv("MODEL_N")) or 40
-print("\nmodel_spec: MODEL_SEED=" .. SEED .. " MODEL_N=" .. N)
-
--- a generator of our own (math.random is shared with other code)
-local function rng(seed)
-  local s = seed % 2147483647
-  if s <= 0 then s = s + 2147483646 end
-  local function step()
-    s = s * 16807 % 2147483647
-    return s
-  end
-  for _ = 1, 20 do step() end
-  local r = {}
-  function r.int(a, b)     -- a .. b inclusive
-    return a + math.floor((step() - 1) / 2147483646 * (b - a + 1))
-  end
-  function r.pick(t) return t[r.int(1, #t)] end
-  function r.chance(p) return (step() - 1) / 2147483646 < p end
-  return r
-end
+print("model_spec: MODEL_N=" .. N)
+local rng = seeded.rng
 
 -- what the docs say each status may carry as `error`
 local ERRORS = {

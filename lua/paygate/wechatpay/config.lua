@@ -112,9 +112,7 @@ end
 local function positive(conf, key, default)
   local v = conf[key]
   if v == nil then return default end
-  if type(v) ~= "number" or not (v > 0 and v <= 1e8) then
-    return nil
-  end
+  if not core.is_seconds(v) then return nil end
   return v
 end
 
