@@ -423,19 +423,6 @@ local function open_set(src, set, raw, revision)
   return v
 end
 
-local function write_cache(src, set, raw, revision)
-  local path = cache_path(src, set)
-  -- whole or not at all, flushed, the owner's alone: a write that fails
-  -- (a full disk) keeps the previous cache, which a worker started with
-  -- etcd down serves from (the secrets in it stay sealed)
-  local ok, err = core.write_file(path, json.encode({ revision = revision,
-                                                      files = raw }), 384)
-  if not ok then
-    log().warn("credentials: cannot write the cache, the old one kept",
-               { file = path, error = tostring(err) })
-  end
-end
-
 local function read_cache(src, set)
   local f = io.open(cache_path(src, set), "rb")
   if not f then return nil end
@@ -446,6 +433,56 @@ local function read_cache(src, set)
     return nil
   end
   return doc
+end
+
+-- seconds a cache write waits for another worker's (a write and an
+-- fsync: milliseconds) before it is given up, the cache left as it is
+local CACHE_LOCK_WAIT = 5
+
+-- Takes the cache's lock (cache_dir/<name>.json.lock, shared by every
+-- worker and instance using cache_dir). returns the lock, or nil, err.
+-- yields (in a coroutine) while another holds it.
+local function lock_cache(path)
+  local deadline = core.mono() + CACHE_LOCK_WAIT
+  while true do
+    local lock, err = core.lock_file(path .. ".lock", 384)
+    if lock or err.kind ~= "busy" or not core.in_coroutine()
+       or core.mono() >= deadline then
+      return lock, err
+    end
+    core.sleep(0.01)
+  end
+end
+
+local function write_cache(src, set, raw, revision)
+  local path = cache_path(src, set)
+  -- several workers write the same file (all of an instance's, a draining
+  -- generation's after a reload, other instances' on a shared disk): the
+  -- revision on disk is compared and replaced under one lock, so a
+  -- worker that lags never puts an older set over a newer one, which a
+  -- worker started later with etcd down would load
+  local lock, err = lock_cache(path)
+  if not lock then
+    log().warn("credentials: cannot lock the cache, the old one kept",
+               { file = path, error = tostring(err) })
+    return
+  end
+  local on_disk = read_cache(src, set)
+  if on_disk and on_disk.revision:match("^%d+$")
+     and etcd.rev_cmp(on_disk.revision, revision) >= 0 then
+    lock:unlock()
+    return                          -- as new or newer already
+  end
+  -- whole or not at all, flushed, the owner's alone: a write that fails
+  -- (a full disk) keeps the previous cache, which a worker started with
+  -- etcd down serves from (the secrets in it stay sealed)
+  local ok, werr = core.write_file(path, json.encode({ revision = revision,
+                                                       files = raw }), 384)
+  lock:unlock()
+  if not ok then
+    log().warn("credentials: cannot write the cache, the old one kept",
+               { file = path, error = tostring(werr) })
+  end
 end
 
 -- The raw files of a set in etcd: name -> value, and the set's revision

@@ -267,6 +267,49 @@ describe("watched credentials", function()
     assert.truthy(refused >= 1)             -- refused first, then taken
   end)
 
+  it("a lagging worker's older set does not replace a newer cache (a"
+     .. " later start with etcd down loads the newest)", function()
+    local json = require "paygate.json"
+    local cache = dir .. "/cache_lag"
+    local file = cache .. "/" .. MCHID .. ".json"
+    local function cached_rev()
+      return json.decode(read(file)).revision
+    end
+    -- the draining worker: loads A, then lags behind two publishes
+    local code, out = creds:publish(env.a)
+    assert.equal(0, code, out)
+    local old = creds:source(cache)
+    assert(old:load(MCHID))
+    code, out = creds:publish(env.b)            -- B, the lagging read's
+    assert.equal(0, code, out)
+    local at_b = assert(creds.cli:get_prefix(credsets.PREFIX))
+    code, out = creds:publish(env.a)            -- A again: the newest
+    assert.equal(0, code, out)
+    -- a worker of the new generation takes the newest and caches it
+    local new = creds:source(cache)
+    local newest = assert(new:load(MCHID)).revision
+    assert.equal(newest, cached_rev())
+    -- the old worker's read answers only now, with B (lag made
+    -- deterministic: its reads return the answer etcd gave at B)
+    old.cli.get_prefix = function() return at_b end
+    old:start()
+    local ok, err = pcall(servers.wait_for, function()
+      return old:current(MCHID).serial == "BBBB02"
+    end, 10, "the lagging worker to apply B")
+    old:stop()
+    assert(ok, tostring(err))
+    assert.equal(newest, cached_rev())
+    -- etcd down: a worker started now serves the newest set (A)
+    for _, m in ipairs(c.members) do m:stop() end
+    local later = creds:source(cache, { load_timeout = 1 })
+    local set, lerr = later:load(MCHID)
+    for _, m in ipairs(c.members) do m:start() end
+    for _, m in ipairs(c.members) do m:wait_ready(30) end
+    assert(set, tostring(lerr))
+    assert.equal("AAAA01", set.serial)
+    assert.equal(newest, set.revision)
+  end)
+
   it("a cache write that fails (disk full) keeps the previous cache",
      function()
     local mnt = dir .. "/tinyfs"

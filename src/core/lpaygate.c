@@ -2,7 +2,7 @@
  * lpaygate.c -- paygate.core: what every module needs and nothing above
  * core provides: the scheduling primitives (sleep, spawn/task), the
  * clocks (now, time, mono), the one error shape (error, is_error), null,
- * listdir, write_file, mkdir_p, and the logger's C half.
+ * listdir, write_file, mkdir_p, lock_file, and the logger's C half.
  */
 #include <arpa/inet.h>
 #include <dirent.h>
@@ -11,6 +11,7 @@
 #include <libgen.h>
 #include <math.h>
 #include <netinet/in.h>
+#include <sys/file.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <stdio.h>
@@ -29,6 +30,7 @@
 #define LTASK_MT "paygate.task"
 #define LEVENT_MT "paygate.event"
 #define LGUARD_MT "paygate.abandon_guard"
+#define LLOCK_MT "paygate.file_lock"
 
 /* ---- sleep ---------------------------------------------------------- */
 
@@ -1189,6 +1191,77 @@ lcore_free_port(lua_State *L)
     return port_give(L, ntohs(a.sin_port));
 }
 
+/* ---- lock_file ------------------------------------------------------ */
+
+struct gw_file_lock {
+    int fd;                     /* owned (holds the flock); -1 once unlocked */
+};
+
+/*
+ * core.lock_file(path[, mode]) -> lock | nil, err
+ * Takes an exclusive flock(2) on path (made with mode, default 0600, when
+ * missing) without waiting: err.kind is "busy" when another open of the
+ * file holds it (another process, or another lock here), "io" for any
+ * other failure. The lock lasts until lock:unlock(), the lock's __gc or
+ * the process's end (the kernel drops it then: a crashed holder never
+ * leaves it taken). For a read-compare-write of a small file that several
+ * processes share (the credentials cache); the caller retries on busy.
+ */
+static int
+lcore_lock_file(lua_State *L)
+{
+    const char          *path = luaL_checkstring(L, 1);
+    lua_Integer          mode = luaL_optinteger(L, 2, 0600);
+    struct gw_file_lock *lk;
+    int                  fd;
+
+    if (mode < 0 || mode > 07777) {
+        return luaL_argerror(L, 2, "mode must be a file mode (0 .. 07777)");
+    }
+    fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, (mode_t) mode);
+    if (fd < 0) {
+        return gw_push_error(L, "io", 0, "lock_file %s: open: %s", path,
+                             strerror(errno));
+    }
+    while (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        int err = errno;
+
+        if (err == EINTR) {
+            continue;
+        }
+        close(fd);
+        if (err == EWOULDBLOCK) {
+            return gw_push_error(L, "busy", 1, "lock_file %s: held by "
+                                 "another", path);
+        }
+        return gw_push_error(L, "io", 0, "lock_file %s: flock: %s", path,
+                             strerror(err));
+    }
+    lk = lua_newuserdata(L, sizeof(*lk));
+    lk->fd = fd;
+    luaL_getmetatable(L, LLOCK_MT);
+    lua_setmetatable(L, -2);
+    return 1;
+}
+
+/* lock:unlock() and __gc: releases the lock; safe to call twice */
+static int
+llock_unlock(lua_State *L)
+{
+    struct gw_file_lock *lk = luaL_checkudata(L, 1, LLOCK_MT);
+
+    if (lk->fd >= 0) {
+        close(lk->fd);          /* the last close of the open drops the lock */
+        lk->fd = -1;
+    }
+    return 0;
+}
+
+static const luaL_Reg llock_methods[] = {
+    { "unlock", llock_unlock },
+    { NULL, NULL }
+};
+
 static int
 lcore_pid(lua_State *L)
 {
@@ -1212,6 +1285,7 @@ static const luaL_Reg lcore_funcs[] = {
     { "listdir", lcore_listdir },
     { "write_file", lcore_write_file },
     { "mkdir_p", lcore_mkdir_p },
+    { "lock_file", lcore_lock_file },
     { "error", lcore_error },
     { "is_error", lcore_is_error },
     { "error_string", gw_lerror_string },
@@ -1244,6 +1318,13 @@ luaopen_paygate_core(lua_State *L)
     lua_setfield(L, -2, "__gc");
     lua_newtable(L);
     luaL_register(L, NULL, levent_methods);
+    lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
+    luaL_newmetatable(L, LLOCK_MT);
+    lua_pushcfunction(L, llock_unlock);
+    lua_setfield(L, -2, "__gc");
+    lua_newtable(L);
+    luaL_register(L, NULL, llock_methods);
     lua_setfield(L, -2, "__index");
     lua_pop(L, 1);
     luaL_newmetatable(L, LGUARD_MT);
