@@ -856,6 +856,7 @@ end
 
 local function feed(c, r)
   c.entries = c.entries + 1
+  c.tail = r                      -- the last row read (verify_all's renames)
   if c.broken then
     return
   end
@@ -1014,12 +1015,80 @@ local function cursor(q, first_sql, next_sql, key)
   return cur
 end
 
+-- A chain renamed: its entries under one subject and its head under
+-- another (an UPDATE of the subject in one of the two tables) showed as
+-- two broken chains, one under each name: entries without a head, and a
+-- head without entries. The two are one chain when the head's seq and
+-- hash are those of the last entry (a SHA-256: no coincidence), and the
+-- entries verify under one of the two names: that is the chain's own
+-- name (it is in every entry's hash). Only such pairs are merged; any
+-- other break keeps its own report.
+--
+-- headless: { { report, tail }, ... } -- entries, no head
+-- lone: { { report, head }, ... } -- a head, no entries
+-- returns: the merged reports ({ subject, seq, reason = "renamed",
+-- renamed = the other name, message, entries }), the reports replaced
+-- (a set), or nil, err when the store fails.
+local function by_hash(halves, field)
+  local t = {}
+  for _, x in ipairs(halves) do
+    local h = x[field].hash
+    t[h] = t[h] == nil and x or false     -- false: more than one
+  end
+  return t
+end
+
+local function pair_renames(q, headless, lone)
+  local merged, replaced = {}, {}
+  local tails, heads = by_hash(headless, "tail"), by_hash(lone, "head")
+  for h, a in pairs(tails) do
+    local b = heads[h]
+    if a and b and b.head.seq == a.tail.seq then
+      local rep
+      if a.report.reason == "head_missing" then
+        -- the entries hold under their own name: the head was moved
+        rep = { subject = a.report.subject, seq = a.report.seq,
+          reason = "renamed", renamed = b.report.subject,
+          message = "its head row is under the subject "
+            .. b.report.subject .. " (renamed)" }
+      else
+        -- do the entries hold under the head's name? they were moved
+        local rows, err = _M.entries(q, a.report.subject)
+        if not rows then
+          return nil, err
+        end
+        local c = checker(b.report.subject)
+        for i = 1, #rows do
+          rows[i].subject = b.report.subject
+          rows[i].from_state, rows[i].to_state = rows[i].from, rows[i].to
+          feed(c, rows[i])
+        end
+        if #rows > 0 and not finish(c, b.head) then
+          rep = { subject = b.report.subject, seq = 1, reason = "renamed",
+            renamed = a.report.subject,
+            message = "its entries are under the subject "
+              .. a.report.subject .. " (renamed)" }
+        end
+      end
+      if rep then
+        rep.entries = a.report.entries
+        merged[#merged + 1] = rep
+        replaced[a.report], replaced[b.report] = true, true
+      end
+    end
+  end
+  return merged, replaced
+end
+
 --- syntax: ok, summary = audit.verify_all(q[, opts])
 -- Walks every chain once (two ordered streams merged: entries and heads).
 -- returns: ok (true when every chain holds), { subjects = n, entries = n,
 -- broken = { report, ... } } (reports as audit.verify's, in subject
 -- order); nil, err when the store fails. opts.on_broken(report) is
--- called for each broken chain as it is found.
+-- called for each broken chain as it is found. A chain whose head or
+-- entries were moved to another subject is one report under the
+-- chain's own name (reason "renamed", report.renamed the other name),
+-- given once the walk has ended, and one subject in the count.
 -- yields: until read
 function _M.verify_all(q, opts)
   check_q("audit.verify_all", q)
@@ -1035,6 +1104,7 @@ function _M.verify_all(q, opts)
     return true, { subjects = 0, entries = 0, broken = {}, tables = false }
   end
   local summary = { subjects = 0, entries = 0, broken = {}, tables = true }
+  local headless, lone, deferred = {}, {}, {}
   -- (subject, seq, at): a page must not end between two rows with one
   -- seq (PostgreSQL, see verify)
   local entries = cursor(q,
@@ -1080,7 +1150,13 @@ function _M.verify_all(q, opts)
       summary.entries = summary.entries + n
       if b then
         summary.broken[#summary.broken + 1] = b
-        if on_broken then
+        -- half of a renamed chain, perhaps: told once the walk has ended
+        if n > 0 and not head and c.tail and (b.reason == "head_missing"
+           or (b.reason == "edited" and b.seq == 1)) then
+          headless[#headless + 1] = { report = b, tail = c.tail }
+        elseif n == 0 and head and b.reason == "missing" then
+          lone[#lone + 1] = { report = b, head = head }
+        elseif on_broken then
           on_broken(b)
         end
       end
@@ -1091,6 +1167,39 @@ function _M.verify_all(q, opts)
       return nil, perr
     end
     error(perr, 0)
+  end
+  local merged, replaced = pair_renames(q, headless, lone)
+  if not merged then
+    return nil, replaced
+  end
+  local list = {}
+  for _, b in ipairs(summary.broken) do
+    if not replaced[b] then
+      list[#list + 1] = b
+    end
+  end
+  for _, b in ipairs(merged) do
+    list[#list + 1] = b
+  end
+  sort(list, function(x, y) return x.subject < y.subject end)
+  summary.broken = list
+  summary.subjects = summary.subjects - #merged
+  if on_broken then
+    -- the halves that were no rename, then the renames
+    for _, t in ipairs({ headless, lone }) do
+      for _, half in ipairs(t) do
+        if not replaced[half.report] then
+          deferred[#deferred + 1] = half.report
+        end
+      end
+    end
+    for _, b in ipairs(merged) do
+      deferred[#deferred + 1] = b
+    end
+    sort(deferred, function(x, y) return x.subject < y.subject end)
+    for _, b in ipairs(deferred) do
+      on_broken(b)
+    end
   end
   return #summary.broken == 0, summary
 end

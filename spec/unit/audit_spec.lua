@@ -391,6 +391,56 @@ for engine, new_db in pairs(stores) do
       assert.equal(130, sum.subjects)
     end)
 
+    it("verify_all reports a renamed chain (its head or its entries moved"
+       .. " to another subject) once, under the chain's own name",
+       function()
+      assert(audit.ensure_schema(db))
+      for _, s in ipairs({ "payment:R1", "payment:R2", "payment:R3" }) do
+        for i = 1, 3 do
+          assert(audit.append(db, s, { what = "step " .. i }))
+        end
+      end
+      local function broken()
+        local seen = {}
+        local ok, sum = audit.verify_all(db, { on_broken = function(b)
+          seen[#seen + 1] = b.subject
+        end })
+        assert.is_false(ok)
+        local got = {}
+        for _, b in ipairs(sum.broken) do
+          got[#got + 1] = { b.subject, b.seq, b.reason, b.renamed,
+                            b.message, b.entries }
+        end
+        return got, seen, sum
+      end
+      -- the head moved (R1's to R9, after R3 in subject order)
+      assert(db:exec("UPDATE paygate_audit_heads SET subject = 'payment:R9'"
+        .. " WHERE subject = 'payment:R1'"))
+      local got, seen, sum = broken()
+      assert.same({ { "payment:R1", 3, "renamed", "payment:R9", "its head"
+        .. " row is under the subject payment:R9 (renamed)", 3 } }, got)
+      assert.same({ "payment:R1" }, seen)
+      assert.same({ 3, 9 }, { sum.subjects, sum.entries })
+      -- the entries moved instead (R2's to R0, before R1)
+      assert(db:exec("UPDATE paygate_audit_heads SET subject = 'payment:R1'"
+        .. " WHERE subject = 'payment:R9'"))
+      assert(db:exec("UPDATE paygate_audit SET subject = 'payment:R0'"
+        .. " WHERE subject = 'payment:R2'"))
+      got, seen, sum = broken()
+      assert.same({ { "payment:R2", 1, "renamed", "payment:R0", "its"
+        .. " entries are under the subject payment:R0 (renamed)", 3 } }, got)
+      assert.same({ "payment:R2" }, seen)
+      assert.same({ 3, 9 }, { sum.subjects, sum.entries })
+      -- moved and edited too: no longer one chain, both names reported
+      assert(db:exec("UPDATE paygate_audit SET what = 'x' WHERE subject ="
+        .. " 'payment:R0' AND seq = 2"))
+      got = broken()
+      assert.same({ { "payment:R0", 1, "edited" },
+                    { "payment:R2", 1, "missing" } },
+                  { { got[1][1], got[1][2], got[1][3] },
+                    { got[2][1], got[2][2], got[2][3] } })
+    end)
+
     it("never forks a chain under concurrent appenders", function()
       assert(audit.ensure_schema(db))
       local db2 = assert(sql.open(url))     -- a second handle (pool, writer)

@@ -125,6 +125,34 @@ describe("gateway verify script", function()
     assert.matches("broken payment:pay_A: seq 2 edited", out, 1, true)
   end)
 
+  it("reports a chain renamed (its head or its entries moved to another"
+     .. " subject) once, under the chain's own name", function()
+    -- the head moved
+    assert(db:exec("UPDATE paygate_audit_heads SET subject = 'payment:pay_Z'"
+                   .. " WHERE subject = 'payment:pay_A'"))
+    local rc, out = sh(BIN .. " exec " .. SCRIPT .. " " .. url)
+    assert.equal(1, rc, out)
+    assert.matches("broken payment:pay_A: seq 4 renamed: its head row is"
+      .. " under the subject payment:pay_Z (renamed)\n", out, 1, true)
+    assert.not_matches("pay_Z:", out, 1, true)
+    assert.matches(", 1 findings\n", out, 1, true)
+    rc, out = sh(BIN .. " audit verify " .. url)
+    assert.equal(1, rc, out)
+    assert.matches("^broken payment:pay_A seq 4 renamed: [^\n]*\n3 chains,"
+                   .. " 10 entries, 1 broken\n$", out)
+    -- put back; the entries moved instead
+    assert(db:exec("UPDATE paygate_audit_heads SET subject = 'payment:pay_A'"
+                   .. " WHERE subject = 'payment:pay_Z'"))
+    assert(db:exec("UPDATE paygate_audit SET subject = 'payment:pay_Z'"
+                   .. " WHERE subject = 'payment:pay_A'"))
+    rc, out = sh(BIN .. " exec " .. SCRIPT .. " " .. url)
+    assert.equal(1, rc, out)
+    assert.matches("broken payment:pay_A: seq 1 renamed: its entries are"
+      .. " under the subject payment:pay_Z (renamed)\n", out, 1, true)
+    assert.not_matches("pay_Z:", out, 1, true)
+    assert.matches(", 1 findings\n", out, 1, true)
+  end)
+
   it("exits 2 on a store it cannot open", function()
     local rc = sh(BIN .. " exec " .. SCRIPT
                   .. " postgres://nobody@127.0.0.1:1/x")

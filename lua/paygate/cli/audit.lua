@@ -66,7 +66,8 @@ local function main(args)
   local line = function(b)
     if opts["--json"] then
       io.stdout:write(json.encode({ status = "broken", subject = b.subject,
-        seq = b.seq, reason = b.reason, message = b.message }), "\n")
+        seq = b.seq, reason = b.reason, message = b.message,
+        renamed = b.renamed }), "\n")
     else
       io.stdout:write(("broken %s seq %s %s: %s\n"):format(b.subject,
         tostring(b.seq), b.reason, b.message))
