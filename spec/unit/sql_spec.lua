@@ -771,6 +771,51 @@ describe("paygate.sql on sqlite (engine specifics)", function()
     assert.has_error(function() sql.open("mysql://x") end)
   end)
 
+  it("writes queued while another process holds the write lock all fail"
+     .. " busy within one busy_timeout (one deadline, not one per write)",
+     function()
+    local proc = require "paygate.testing.proc"
+    local core = require "paygate.core"
+    local file = tmp .. "/held.db"
+    local db = assert(sql.open("sqlite:" .. file, { busy_timeout = 400 }))
+    assert(db:exec("CREATE TABLE h (id INTEGER PRIMARY KEY)"))
+    -- another process: BEGIN IMMEDIATE, then says so (the marker) and
+    -- holds the lock until the marker is gone
+    local marker = tmp .. "/held.marker"
+    local holder = proc.spawn({ "sqlite3", file, "BEGIN IMMEDIATE;",
+      "INSERT INTO h VALUES (0);", ".shell touch " .. marker,
+      ".shell while [ -e " .. marker .. " ]; do sleep 0.05; done" },
+      { watchdog = true })
+    local ok, err = pcall(function()
+      proc.wait_until(function() return io.open(marker) ~= nil end, 10,
+                      "the other process to hold the lock")
+      local K, done, kinds = 6, 0, {}
+      local t0 = core.mono()
+      local last = t0
+      for i = 1, K do
+        paygate.spawn(function()
+          local r, e = db:exec("INSERT INTO h VALUES (?)", { i })
+          kinds[#kinds + 1] = r and "ok" or e.kind
+          last = core.mono()
+          done = done + 1
+        end)
+      end
+      wait_until(function() return done == K end, 30, "the writes")
+      for i = 1, K do assert.equal("busy", kinds[i]) end
+      -- each waited the whole busy_timeout before: the last after K x
+      -- 0.4 s = 2.4 s
+      assert.truthy(last - t0 >= 0.35, "waited " .. (last - t0) .. " s")
+      assert.truthy(last - t0 < 1.2, "the last failed after "
+                    .. (last - t0) .. " s (busy_timeout 0.4 s)")
+    end)
+    os.remove(marker)
+    if holder:wait(10) == nil then holder:kill(9) end
+    assert(ok, tostring(err))
+    -- the lock gone, writes work again
+    assert(db:exec("INSERT INTO h VALUES (100)"))
+    db:close()
+  end)
+
   it("raises on an unknown url scheme without the URL's password",
      function()
     -- a typo'd scheme (postgress://) on a URL that holds a password:

@@ -969,6 +969,8 @@ struct lsqlite_batch {
     struct lsqlite_job *done;      /* jobs that wait for COMMIT */
     struct lsqlite_job *done_tail;
     int               began;     /* BEGIN IMMEDIATE is open */
+    double            busy_until;/* monotonic s: the end of this batch's
+                                    wait for the write lock; 0: none */
 };
 
 /* The outer transaction ended underneath us (I/O error, full disk):
@@ -1002,23 +1004,43 @@ batch_check(struct lsqlite_batch *b, struct lsqlite_conn *c)
     }
 }
 
+/*
+ * Opens the batch's transaction for j unless it is open. Another
+ * process holding the write lock makes BEGIN IMMEDIATE wait, and fail
+ * with busy after the wait: each job of the batch then tries in turn.
+ * They share one deadline, busy_timeout after the first try, so that k
+ * jobs queued behind the lock all fail within busy_timeout, not the k-th
+ * after k times it; a try past the deadline does not wait. The deadline
+ * ends with the batch or with a BEGIN that succeeds. Fails j (not
+ * posted) and returns SQLite's code, or SQLITE_OK.
+ */
 static int
-batch_begin(struct lsqlite_batch *b, struct lsqlite_conn *c,
-            struct lsqlite_job *j)
+batch_begin(struct lsqlite_db *db, struct lsqlite_batch *b,
+            struct lsqlite_conn *c, struct lsqlite_job *j)
 {
-    char *msg = NULL;
-    int   rc;
+    char   *msg = NULL;
+    int     rc;
+    double  now, left;
 
     if (b->began) {
         return SQLITE_OK;
     }
+    now = gw_loop_mono_fresh();
+    if (b->busy_until == 0) {
+        b->busy_until = now + db->busy_ms / 1000.0;
+    }
+    left = b->busy_until - now;
+    /* (0 ms: no busy handler, one try) */
+    sqlite3_busy_timeout(c->h, left > 0 ? (int) ceil(left * 1000.0) : 0);
     rc = run_fixed(c, "BEGIN IMMEDIATE", &msg);
+    sqlite3_busy_timeout(c->h, db->busy_ms);
     if (rc != SQLITE_OK) {
         job_fail(j, rc, msg);
         free(msg);
         return rc;
     }
     b->began = 1;
+    b->busy_until = 0;
     return SQLITE_OK;
 }
 
@@ -1194,7 +1216,7 @@ batch_run_job(struct lsqlite_db *db, struct lsqlite_conn *c,
 {
     int rc;
 
-    if (batch_begin(b, c, j) != SQLITE_OK) {
+    if (batch_begin(db, b, c, j) != SQLITE_OK) {
         post_one(j);
         return;
     }
@@ -1247,6 +1269,7 @@ batch_commit(struct lsqlite_db *db, struct lsqlite_conn *c,
     char *msg = NULL;
     int   rc;
 
+    b->busy_until = 0;          /* the next batch waits afresh */
     if (!b->began) {
         post_jobs(b->done);
         b->done = b->done_tail = NULL;
