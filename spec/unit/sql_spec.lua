@@ -1152,6 +1152,27 @@ describe("paygate.sql on sqlite (engine specifics)", function()
     db:close()
   end)
 
+  it("a coroutine reading in a loop still lets the loop run when it"
+     .. " calls paygate.update_time() between reads", function()
+    -- the budget is per loop turn: refreshing the cached time (which
+    -- code with deadlines does) is not a new turn
+    local db = open("sqlite")
+    assert(db:exec_script("CREATE TABLE g (k INTEGER PRIMARY KEY)"))
+    assert(db:exec("INSERT INTO g VALUES (1)"))
+    local took, gap = timed_with_ticker(function()
+      for _ = 1, 20000 do
+        paygate.update_time()
+        assert(db:query("SELECT k FROM g WHERE k = $1", { 1 }))
+      end
+    end)
+    local st = db:stats()
+    assert.truthy(st.reads_inline > 10000, "inline: " .. st.reads_inline)
+    assert.truthy(took > 0.05, "20,000 reads took " .. took .. " s")
+    assert.truthy(gap < took / 2, ("the loop stalled %.3f s of %.3f s")
+                  :format(gap, took))
+    db:close()
+  end)
+
   it("an inline read answers exactly what a reader answers", function()
     -- the loop thread's read and a reader thread's give the same values
     -- (NULL absent, NUL bytes kept, reals, integers past 2^53 as

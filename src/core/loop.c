@@ -29,6 +29,7 @@ static struct gw_post    *post_head;    /* FIFO under post_lock */
 static struct gw_post    *post_tail;
 static double             now_cached;   /* s since the epoch (wall) */
 static double             mono_cached;  /* s, CLOCK_MONOTONIC */
+static unsigned long      turn;         /* gw_loop_update_time() calls */
 
 struct event_base *
 gw_loop_base(void)
@@ -58,13 +59,26 @@ gw_loop_mono_fresh(void)
 }
 
 void
-gw_loop_update_time(void)
+gw_loop_refresh_time(void)
 {
     struct timeval tv;
 
     gettimeofday(&tv, NULL);
     now_cached = (double) tv.tv_sec + (double) tv.tv_usec / 1e6;
     mono_cached = gw_loop_mono_fresh();
+}
+
+void
+gw_loop_update_time(void)
+{
+    gw_loop_refresh_time();
+    turn++;
+}
+
+unsigned long
+gw_loop_turn(void)
+{
+    return turn;
 }
 
 static void

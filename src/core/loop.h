@@ -29,7 +29,19 @@ double gw_loop_mono(void);
  * measures time within one loop pass. */
 double gw_loop_mono_fresh(void);
 
-/* Refreshes the cached times. */
+/* Refreshes the cached times and starts a new turn (below): for the
+ * loop's own entries into callbacks (a coroutine woken, posted results
+ * delivered). */
 void gw_loop_update_time(void);
+
+/* Refreshes the cached times within the current turn
+ * (paygate.update_time()). */
+void gw_loop_refresh_time(void);
+
+/* The loop's turn: a number that changes with each gw_loop_update_time(),
+ * never with gw_loop_refresh_time(). What a turn may spend (the SQLite
+ * inline reads' budget) is keyed on it, so code that refreshes the time
+ * for itself does not start a new turn. Loop thread only. */
+unsigned long gw_loop_turn(void);
 
 #endif

@@ -366,7 +366,7 @@ lcore_is_error(lua_State *L)
 static int
 lcore_update_time(lua_State *L)
 {
-    gw_loop_update_time();
+    gw_loop_refresh_time();     /* the time, not a new turn of the loop */
     lua_pushnumber(L, gw_loop_now());
     return 1;
 }

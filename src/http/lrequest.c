@@ -369,7 +369,7 @@ lreq_set_deadline(lua_State *L)
     if (!(s > 0) || s > 86400) {
         return luaL_argerror(L, 2, "seconds must be in (0, 86400]");
     }
-    gw_loop_update_time();
+    gw_loop_refresh_time();     /* (called from Lua: not a new turn) */
     c->deadline = gw_loop_mono() + s;
     return 0;
 }

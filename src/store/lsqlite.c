@@ -1874,10 +1874,13 @@ inline_conn(struct lsqlite_db *db)
     return &db->inl;
 }
 
-/* Inline reads in this loop turn (the turn: the loop's cached monotonic
- * time, which each wakeup renews). Loop thread only. */
-static double inl_turn = -1;
-static double inl_spent;               /* s */
+/* Inline reads in this loop turn (gw_loop_turn(): each wakeup by the
+ * loop renews it; paygate.update_time() does not, so a coroutine that
+ * refreshes the time as it reads in a loop still runs out of budget and
+ * yields). Loop thread only. */
+static unsigned long inl_turn;
+static int           inl_turn_set;     /* inl_turn holds a turn */
+static double        inl_spent;        /* s */
 
 /* j's results as before it ran (its SQL and parameters kept). */
 static void
@@ -1914,8 +1917,9 @@ inline_read(struct lsqlite_db *db, struct lsqlite_job *j)
     if (c == NULL) {
         return 0;
     }
-    if (gw_loop_mono() != inl_turn) {
-        inl_turn = gw_loop_mono();
+    if (!inl_turn_set || gw_loop_turn() != inl_turn) {
+        inl_turn = gw_loop_turn();
+        inl_turn_set = 1;
         inl_spent = 0;
     }
     if (inl_spent >= INLINE_TURN * db->inline_us / 1e6) {
