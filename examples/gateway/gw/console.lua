@@ -126,8 +126,13 @@ function _M.routes(ctx)
     end
     local sid = cookie(req, COOKIE)
     if sid and #sid == 40 and sid:match("^%w+$") then
+      -- the entry's TTL in the shared dictionary is the session's expiry:
+      -- on the monotonic clock, which every worker of the instance shares
+      -- and a step of the wall clock (NTP, a VM resumed) does not move;
+      -- the wall-clock expiry it holds is not compared (a step forward
+      -- would end every session at once)
       local exp = D:get(K_SESSION .. sid)
-      if type(exp) == "number" and exp > core.time() then
+      if type(exp) == "number" then
         return { id = sid, actor = "console:session-" .. sid:sub(1, 8) }
       end
     end
@@ -405,6 +410,8 @@ function _M.routes(ctx)
       end
       throttle.give_back(ck)            -- a success is not counted
       local sid = crypto.random_nonce(40)
+      -- (the value: the wall-clock expiry, which the code before compared:
+      -- the workers of the generation before a reload still do)
       D:set(K_SESSION .. sid, core.time() + conf.session_ttl,
             conf.session_ttl)
       paygate.log.info("gateway: console login", {

@@ -270,6 +270,54 @@ describe("gateway console", function()
       end, 10, "the session to expire")
     end)
 
+    it("a session lasts session_ttl whatever the wall clock does (a step"
+       .. " forward or back)", function()
+      -- a copy of the app whose wall clock (paygate.core.time) is the
+      -- real one plus the seconds in its folder's clock_step file
+      local dir = testing.tmpdir()
+      os.execute("cp -r examples/gateway/app.lua examples/gateway/gw"
+                 .. " examples/gateway/migrations '" .. dir .. "/'")
+      local app = dir .. "/app.lua"
+      local f = assert(io.open(app, "rb"))
+      local source = f:read("*a")
+      f:close()
+      write(app, [[
+do
+  local pcore = require "paygate.core"
+  local real = pcore.time
+  local file = require("paygate").app_dir .. "/clock_step"
+  pcore.time = function()
+    local h = io.open(file, "rb")
+    local step = h and tonumber(h:read("*a")) or 0
+    if h then h:close() end
+    return real() + step
+  end
+end
+]] .. source)
+      local tok = dir .. "/console.token"
+      write(tok, TOKEN .. "\n")
+      local g = core.start(sim, { app = dir, gateway = {
+        console = { token_file = tok, session_ttl = 4 },
+        reconcile = { enabled = false } } })
+      local ok, err = pcall(function()
+        local cookie = login(g)
+        local t0 = require("paygate.core").mono()
+        assert.equal(200, get(g, "/console", cookie).status)
+        write(dir .. "/clock_step", "7200")          -- two hours ahead
+        assert.equal(200, get(g, "/console", cookie).status)
+        write(dir .. "/clock_step", "-7200")         -- two hours back
+        assert.equal(200, get(g, "/console", cookie).status)
+        -- and it still ends after session_ttl
+        testing.wait_until(function()
+          return get(g, "/console", cookie).status == 303
+        end, 15, "the session to expire")
+        local lasted = require("paygate.core").mono() - t0
+        assert.truthy(lasted >= 3, "ended after " .. lasted .. " s")
+      end)
+      g:stop()
+      assert(ok, tostring(err))
+    end)
+
     it("shows a lever's result to the session that pulled it only",
        function()
       local a, b = login(gw_tok), login(gw_tok)
