@@ -20,6 +20,11 @@
 -- pasted where its path belongs never is). A key that does not match its
 -- certificate, or a wrong client_key_password, leaves err.option unset.
 --
+-- Connections are kept alive and reused. One made with a client
+-- certificate is reused only by a request with the same client identity:
+-- the same client_cert and client_key paths, and the same bytes in those
+-- files (a key replaced, even at the same path, gets a new connection).
+--
 -- A request is written once: when a reused keep-alive connection dies
 -- after the request went out and before any byte of the answer, libcurl
 -- would send it again on a new connection, though the server may have

@@ -347,5 +347,96 @@ describe("paygate.http.request", function()
       assert.is_nil(res)
       assert.is_truthy(({ tls = true, closed = true })[err.kind], err.kind)
     end)
+
+    -- libcurl matches a pooled connection on the certificate's path, not
+    -- on the key: a request whose key is another one must not go out on
+    -- a connection the old key authenticated.
+    describe("a change of client key", function()
+      local proc = require "support.proc"
+      local port, whoami_server, whoami_log, a_cert, a_key, b_cert, b_key
+
+      setup(function()
+        a_cert, a_key = pki.client(dir, "client-a")
+        b_cert, b_key = pki.client(dir, "client-b")
+        port = core.free_port()
+        local log = dir .. "/whoami.log"
+        whoami_server = proc.spawn({ "python3", "spec/support/mtls_whoami.py",
+          tostring(port), certs.server_cert, certs.server_key, certs.ca,
+          log })
+        proc.wait_until(function() return proc.read(log) == "ready\n" end,
+                        10, "the mutual-TLS server")
+        whoami_log = log
+      end)
+
+      teardown(function()
+        if whoami_server then whoami_server:stop() end
+      end)
+
+      local function copy(from, to)
+        proc.write(to, proc.read(from))
+      end
+
+      -- "cn=<client CN> conn=<server's connection number>"
+      local function whoami(cert, key)
+        local res = assert(paygate.http.request{
+          url = ("https://127.0.0.1:%d/"):format(port), ca_file = certs.ca,
+          client_cert = cert, client_key = key })
+        assert.equal(200, res.status)
+        local cn, conn = res.body:match("^cn=(%S+) conn=(%d+)$")
+        return cn, tonumber(conn)
+      end
+
+      it("another key file (the certificate's file rewritten): a new"
+         .. " connection", function()
+        local cert = dir .. "/rotated.pem"
+        copy(a_cert, cert)
+        local cn, first = whoami(cert, a_key)
+        assert.equal("client-a", cn)
+        local _, again = whoami(cert, a_key)
+        assert.equal(first, again)          -- the same key: pooled
+        copy(b_cert, cert)
+        local cn2, conn2 = whoami(cert, b_key)
+        assert.equal("client-b", cn2)
+        assert.is_true(conn2 > first)
+        -- and the first key's connection is still there for it
+        copy(a_cert, cert)
+        local cn3, conn3 = whoami(cert, a_key)
+        assert.equal("client-a", cn3)
+        assert.equal(first, conn3)
+      end)
+
+      it("the same files with another key in them: a new connection",
+         function()
+        local cert, key = dir .. "/inplace.pem", dir .. "/inplace.key"
+        copy(a_cert, cert)
+        copy(a_key, key)
+        assert.equal("client-a", (whoami(cert, key)))
+        copy(b_cert, cert)
+        copy(b_key, key)
+        assert.equal("client-b", (whoami(cert, key)))
+      end)
+
+      it("keeps the pools of 16 identities: the least recently used"
+         .. " beyond them is closed", function()
+        local conns = {}
+        for i = 1, 17 do
+          local cert, key = dir .. "/pool" .. i .. ".pem",
+                            dir .. "/pool" .. i .. ".key"
+          copy(a_cert, cert)
+          copy(a_key, key)
+          local _, conn = whoami(cert, key)
+          conns[i] = conn
+        end
+        -- the 17th identity closed the first one's idle connection
+        proc.wait_until(function()
+          return proc.read(whoami_log):find("\nclosed " .. conns[1] .. "\n",
+                                            1, true)
+        end, 10, "the first identity's connection closed")
+        local _, again = whoami(dir .. "/pool17.pem", dir .. "/pool17.key")
+        assert.equal(conns[17], again)
+        local _, first = whoami(dir .. "/pool1.pem", dir .. "/pool1.key")
+        assert.is_true(first > conns[17])
+      end)
+    end)
   end)
 end)

@@ -48,4 +48,17 @@ function _M.make(dir)
   return p
 end
 
+--- syntax: cert, key = pki.client(dir, cn) -- one more client
+-- certificate (CN = cn) from the CA pki.make(dir) made, and its key:
+-- dir/<cn>.pem, dir/<cn>.key.
+function _M.client(dir, cn)
+  local function f(name) return dir .. "/" .. name end
+  sh(("openssl req -newkey rsa:2048 -nodes -keyout %s -out %s " ..
+      "-subj /CN=%s"):format(f(cn .. ".key"), f(cn .. ".csr"), cn))
+  sh(("openssl x509 -req -in %s -CA %s -CAkey %s -CAcreateserial " ..
+      "-out %s -days 2 -extfile %s"):format(f(cn .. ".csr"), f("ca.pem"),
+      f("ca.key"), f(cn .. ".pem"), f("client.ext")))
+  return f(cn .. ".pem"), f(cn .. ".key")
+end
+
 return _M

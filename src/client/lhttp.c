@@ -2,14 +2,21 @@
  * lhttp.c -- paygate.http.core: an HTTP client on libcurl's multi
  * interface driven by our libevent loop (socket and timer callbacks).
  * One call yields its coroutine until the response or a classified error.
- * Connections (and TLS sessions) are reused through the multi handle.
+ * Connections (and TLS sessions) are reused through the multi handle;
+ * those made with a client certificate through a pool of their client
+ * identity's own (struct gw_http_pool).
  */
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <curl/curl.h>
 #include <event2/event.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
 
 #include "co.h"
 #include "log.h"
@@ -20,10 +27,34 @@
 #define DEFAULT_CONNECT     10.0            /* s */
 #define DEFAULT_MAX_BODY    (16 << 20)      /* bytes */
 #define HEAD_MAX            (256 * 1024)    /* bytes of response head */
+#define POOL_MAX            16              /* client identities whose
+                                               pools are kept when idle */
+#define ID_FILE_MAX         (1 << 20)       /* bytes of a client TLS file
+                                               read into its identity */
+
+/*
+ * The connections made with one client identity. libcurl (7.88) matches
+ * a pooled TLS connection on the client certificate's path but not on
+ * the key, nor on what the files hold: a request whose key changed (a
+ * new client_key, or new files at the same paths) would go out on a
+ * connection the old key authenticated. So each identity -- a SHA-256
+ * of the certificate's and the key's paths and contents -- has its own
+ * connection cache (a share handle with CURL_LOCK_DATA_CONNECT), and a
+ * request only ever reuses a connection made with the same files.
+ */
+struct gw_http_pool {
+    unsigned char        id[32];    /* SHA-256 of the identity */
+    CURLSH              *share;     /* owned: the identity's connections */
+    int                  users;     /* ops whose easy uses share now */
+    unsigned long        used;      /* pool_clock at its last use */
+    struct gw_http_pool *next;      /* owned by the pools list */
+};
 
 struct gw_http_op {
     CURL              *easy;        /* owned */
     struct gw_co      *co;          /* waiting coroutine; not owned */
+    struct gw_http_pool *pool;      /* its client identity's connections
+                                       (a user counted), or NULL */
     struct curl_slist *headers;     /* owned: request headers */
     struct curl_slist *resolve;     /* owned: CURLOPT_RESOLVE entries */
     int                body_ref;    /* registry ref anchoring the body */
@@ -76,6 +107,10 @@ struct gw_sock {
 
 static CURLM        *multi;         /* one per process, made on first use */
 static struct event *multi_timer;   /* owned */
+static struct gw_http_pool *pools;  /* owned: the client identities' pools */
+static int           npools;        /* entries in pools */
+static unsigned long pool_clock;    /* counts pool uses (least recently
+                                       used goes first) */
 
 static void check_done(void);
 static void stream_kick(struct gw_http_op *op);
@@ -183,7 +218,10 @@ op_free(struct gw_http_op *op)
         if (!op->stream || op->in_multi) {
             curl_multi_remove_handle(multi, op->easy);
         }
-        curl_easy_cleanup(op->easy);
+        curl_easy_cleanup(op->easy);   /* lets go of op->pool's share */
+    }
+    if (op->pool != NULL) {
+        op->pool->users--;
     }
     if (op->wake_ev != NULL) {
         event_free(op->wake_ev);
@@ -647,6 +685,114 @@ is_idempotent(const char *method)
 }
 
 /*
+ * Adds one client TLS file to an identity's digest: its path, then what
+ * it holds (up to ID_FILE_MAX bytes) or why it could not be read (curl
+ * fails on it then). A blocking read of a small file on the loop thread,
+ * as curl's own of the same files for each new connection. Returns GW_OK,
+ * or GW_ERR when the digest failed.
+ */
+static int
+id_add_file(EVP_MD_CTX *md, const char *path)
+{
+    unsigned char buf[16384];
+    struct stat st;
+    size_t total = 0;
+    ssize_t n;
+    int fd, rc = GW_OK;
+
+    if (EVP_DigestUpdate(md, path, strlen(path) + 1) != 1) {
+        return GW_ERR;
+    }
+    fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+    if (fd < 0 || fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        if (fd >= 0) {
+            close(fd);
+        }
+        return EVP_DigestUpdate(md, "\0unreadable", 12) == 1
+               ? GW_OK : GW_ERR;
+    }
+    while (total < ID_FILE_MAX
+           && (n = read(fd, buf, sizeof(buf))) > 0) {
+        if (EVP_DigestUpdate(md, buf, (size_t) n) != 1) {
+            rc = GW_ERR;
+            break;
+        }
+        total += (size_t) n;
+    }
+    close(fd);
+    OPENSSL_cleanse(buf, sizeof(buf));  /* it held the key */
+    if (rc == GW_OK
+        && EVP_DigestUpdate(md, &total, sizeof(total)) != 1) {
+        rc = GW_ERR;
+    }
+    return rc;
+}
+
+/*
+ * The pool of the client identity made of cert's and key's files (key
+ * NULL: the key is in cert's file, as curl reads it then), made (and
+ * the least recently used idle pool beyond POOL_MAX closed) when new.
+ * Returns the pool, its user count not yet raised, or NULL when it could
+ * not be made (no memory).
+ */
+static struct gw_http_pool *
+pool_get(const char *cert, const char *key)
+{
+    unsigned char id[32];
+    unsigned int idlen = 0;
+    struct gw_http_pool *p, **pp, **lru = NULL;
+    EVP_MD_CTX *md = EVP_MD_CTX_new();
+    int ok;
+
+    ok = md != NULL && EVP_DigestInit_ex(md, EVP_sha256(), NULL) == 1
+         && id_add_file(md, cert) == GW_OK
+         && id_add_file(md, key != NULL ? key : cert) == GW_OK
+         && EVP_DigestFinal_ex(md, id, &idlen) == 1 && idlen == sizeof(id);
+    EVP_MD_CTX_free(md);
+    if (!ok) {
+        return NULL;
+    }
+    for (p = pools; p != NULL; p = p->next) {
+        if (memcmp(p->id, id, sizeof(id)) == 0) {
+            p->used = ++pool_clock;
+            return p;
+        }
+    }
+    /* a new identity: first close the oldest idle pool past the limit */
+    if (npools >= POOL_MAX) {
+        for (pp = &pools; *pp != NULL; pp = &(*pp)->next) {
+            if ((*pp)->users == 0
+                && (lru == NULL || (*pp)->used < (*lru)->used)) {
+                lru = pp;
+            }
+        }
+        if (lru != NULL
+            && curl_share_cleanup((*lru)->share) == CURLSHE_OK) {
+            p = *lru;
+            *lru = p->next;
+            free(p);
+            npools--;
+        }
+    }
+    p = calloc(1, sizeof(*p));
+    if (p == NULL || (p->share = curl_share_init()) == NULL
+        || curl_share_setopt(p->share, CURLSHOPT_SHARE,
+                             CURL_LOCK_DATA_CONNECT) != CURLSHE_OK) {
+        if (p != NULL && p->share != NULL) {
+            curl_share_cleanup(p->share);
+        }
+        free(p);
+        return NULL;
+    }
+    memcpy(p->id, id, sizeof(id));
+    p->used = ++pool_clock;
+    p->next = pools;
+    pools = p;
+    npools++;
+    return p;
+}
+
+/*
  * Parses the options of a request (table at index 1) into a new op with
  * its easy handle set up, not yet started. Raises on misuse (after
  * freeing what it made). The caller owns the op.
@@ -863,9 +1009,25 @@ op_setup(lua_State *L, int stream)
         curl_easy_setopt(e, CURLOPT_CAPATH, NULL);
     }
     if ((s = opt_string(L, 1, "client_cert")) != NULL) {
+        const char *key = opt_string(L, 1, "client_key");
+
         curl_easy_setopt(e, CURLOPT_SSLCERT, s);
-    }
-    if ((s = opt_string(L, 1, "client_key")) != NULL) {
+        if (key != NULL) {
+            curl_easy_setopt(e, CURLOPT_SSLKEY, key);
+        }
+        /* connections of this client identity only (gw_http_pool) */
+        op->pool = pool_get(s, key);
+        if (op->pool != NULL
+            && curl_easy_setopt(e, CURLOPT_SHARE, op->pool->share)
+               == CURLE_OK) {
+            op->pool->users++;
+        } else {
+            op->pool = NULL;
+            /* no pool to keep it apart: a connection of its own */
+            curl_easy_setopt(e, CURLOPT_FRESH_CONNECT, 1L);
+            curl_easy_setopt(e, CURLOPT_FORBID_REUSE, 1L);
+        }
+    } else if ((s = opt_string(L, 1, "client_key")) != NULL) {
         curl_easy_setopt(e, CURLOPT_SSLKEY, s);
     }
     if ((s = opt_string(L, 1, "client_key_password")) != NULL) {
