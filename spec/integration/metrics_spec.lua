@@ -15,6 +15,14 @@ paygate.route("POST", "/set/:v", function(req)
   assert(g:set(tonumber(req.params.v), { site = 'a"b\\c', zone = "1" }))
   return 200, pid
 end)
+local special = metrics.gauge("spec_special", "Values that are no numbers.")
+paygate.route("POST", "/special", function()
+  assert(special:set(0 / 0, { v = "nan" }))
+  assert(special:set(-(0 / 0), { v = "nan2" }))
+  assert(special:set(1 / 0, { v = "pos" }))
+  assert(special:set(-1 / 0, { v = "neg" }))
+  return 200, pid
+end)
 paygate.route("POST", "/remove", function()
   return 200, tostring(g:remove({ site = 'a"b\\c', zone = "1" }))
 end)
@@ -49,5 +57,18 @@ describe("app gauges on /metrics", function()
     assert.is_truthy(body:find(line, 1, true), body)
     local _, count = body:gsub("spec_app_value{", "")
     assert.equal(1, count)
+  end)
+
+  it("spell NaN and infinities as the text format does", function()
+    call(s, "/special")
+    local body = assert(s:admin_get("/metrics")).body
+    for _, line in ipairs({ 'spec_special{v="nan"} NaN\n',
+                            'spec_special{v="nan2"} NaN\n',
+                            'spec_special{v="pos"} +Inf\n',
+                            'spec_special{v="neg"} -Inf\n' }) do
+      assert.is_truthy(body:find(line, 1, true), body)
+    end
+    assert.is_nil(body:find(" %-?nan\n"))
+    assert.is_nil(body:find(" %-?inf\n"))
   end)
 end)

@@ -3,6 +3,7 @@
  * writer, no locks); the master reads all slots. Counters are 64-bit and
  * aligned, so a reader sees each one whole.
  */
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -760,10 +761,27 @@ shared_metrics(struct buf *b)
     }
 }
 
+/* A sample value as the text exposition format spells it: NaN, +Inf and
+ * -Inf (printf's nan, inf would not parse), else %.17g. Writes into out
+ * (at least 32 bytes) and returns it. */
+static const char *
+sample_value(char *out, size_t n, double v)
+{
+    if (isnan(v)) {
+        return "NaN";
+    }
+    if (isinf(v)) {
+        return v > 0 ? "+Inf" : "-Inf";
+    }
+    snprintf(out, n, "%.17g", v);
+    return out;
+}
+
 /* The gauges apps set: every (name, labels) held by a live worker, with
  * the value of the worker that set it last (each worker computes the
  * same fact, e.g. a certificate's days left, at its own moment). A name's
- * HELP is the one of that first series met. Values are printed %.17g. */
+ * HELP is the one of that first series met. Values are printed %.17g
+ * (sample_value). */
 static void
 app_metrics(struct buf *b)
 {
@@ -819,11 +837,13 @@ app_metrics(struct buf *b)
             if (strcmp(all[x].name, all[k].name) != 0) {
                 continue;
             }
+            char num[32];
+            const char *v = sample_value(num, sizeof(num), all[x].value);
+
             if (all[x].labels[0] != '\0') {
-                bprintf(b, "%s{%s} %.17g\n", all[x].name, all[x].labels,
-                        all[x].value);
+                bprintf(b, "%s{%s} %s\n", all[x].name, all[x].labels, v);
             } else {
-                bprintf(b, "%s %.17g\n", all[x].name, all[x].value);
+                bprintf(b, "%s %s\n", all[x].name, v);
             }
         }
     }
@@ -952,6 +972,7 @@ counter_metrics(struct buf *b)
         for (int x = k; x < end;) {
             int y = x + 1;
             double v = rows[x].value;
+            char num[32];
 
             while (y < end && rows[y].overflow == rows[x].overflow
                    && strcmp(rows[y].labels, rows[x].labels) == 0) {
@@ -960,14 +981,17 @@ counter_metrics(struct buf *b)
             if (rows[x].overflow) {
                 v += extra;
                 if (v > 0) {
-                    bprintf(b, "%s{%s} %.17g\n", name, rows[x].labels, v);
+                    bprintf(b, "%s{%s} %s\n", name, rows[x].labels,
+                            sample_value(num, sizeof(num), v));
                 }
             } else if (held < rows[x].max_series) {
                 held++;
                 if (rows[x].labels[0] != '\0') {
-                    bprintf(b, "%s{%s} %.17g\n", name, rows[x].labels, v);
+                    bprintf(b, "%s{%s} %s\n", name, rows[x].labels,
+                            sample_value(num, sizeof(num), v));
                 } else {
-                    bprintf(b, "%s %.17g\n", name, v);
+                    bprintf(b, "%s %s\n", name,
+                            sample_value(num, sizeof(num), v));
                 }
             } else {
                 extra += v;         /* past the cap: into the overflow */
