@@ -130,6 +130,20 @@ main(void)
     assert(gw_shdict_parse_size("16mb", &size) != 0);
     assert(gw_shdict_parse_size("", &size) != 0);
     assert(gw_shdict_parse_size("-1m", &size) != 0);
+    /* digits and an optional unit, nothing else (strtod took these) */
+    assert(gw_shdict_parse_size("+16m", &size) != 0);
+    assert(gw_shdict_parse_size(" 16m", &size) != 0);
+    assert(gw_shdict_parse_size("\t16m", &size) != 0);
+    assert(gw_shdict_parse_size("16m ", &size) != 0);
+    assert(gw_shdict_parse_size("16 m", &size) != 0);
+    assert(gw_shdict_parse_size("1.5m", &size) != 0);
+    assert(gw_shdict_parse_size("1e6", &size) != 0);
+    assert(gw_shdict_parse_size("0x100000", &size) != 0);
+    assert(gw_shdict_parse_size("m", &size) != 0);
+    assert(gw_shdict_parse_size("4g", &size) == 0 && size == 1ull << 32);
+    assert(gw_shdict_parse_size("4194305k", &size) != 0);  /* 4g + 1k */
+    assert(gw_shdict_parse_size("99999999999999999999999m", &size) != 0);
+    assert(gw_shdict_parse_size("0032k", &size) == 0 && size == 32768);
     assert(gw_shdict_create("bad name", 1 << 20, err, sizeof(err)) == NULL);
 
     d = gw_shdict_create("t", 256 * 1024, err, sizeof(err));

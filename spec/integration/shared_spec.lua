@@ -138,19 +138,24 @@ describe("paygate.shared across workers", function()
 end)
 
 describe("config shared", function()
+  -- a size is digits and an optional unit: a sign, a space, a fraction
+  -- or an exponent (which strtod took) is refused too
   it("refuses a bad size with exit code 2, naming the key", function()
-    local dir = server.tmpdir()
-    local f = assert(io.open(dir .. "/c.lua", "w"))
-    f:write([[return { shared = { cache = "lots" } }]])
-    f:close()
-    local log = dir .. "/out"
-    local p = proc.spawn({ PAYGATE_BIN, "run", "examples/hello", "--config",
-                           dir .. "/c.lua", "--listen", "127.0.0.1:0",
-                           "--admin", "off" }, { log = log })
-    local code = p:wait(10)
-    local out = proc.read(log)
-    os.execute("rm -rf " .. dir)
-    assert.equal(2, code, out)
-    assert.matches("config.shared.cache", out)
+    for _, size in ipairs({ "lots", "+16m", " 16m", "16m ", "1.5m", "1e6" }) do
+      local dir = server.tmpdir()
+      local f = assert(io.open(dir .. "/c.lua", "w"))
+      f:write(("return { shared = { cache = %q } }"):format(size))
+      f:close()
+      local log = dir .. "/out"
+      local p = proc.spawn({ PAYGATE_BIN, "run", "examples/hello", "--config",
+                             dir .. "/c.lua", "--listen", "127.0.0.1:0",
+                             "--admin", "off" }, { log = log })
+      local code = p:wait(10)
+      local out = proc.read(log)
+      os.execute("rm -rf " .. dir)
+      assert.equal(2, code, size .. ": " .. out)
+      assert.matches("config.shared.cache must be a size: digits and an"
+                     .. " optional unit k, m or g", out, 1, true)
+    end
   end)
 end)

@@ -213,8 +213,10 @@ read_shared(lua_State *L, int t, struct gw_opts *o, char *err, size_t errlen)
             size = ok ? (size_t) v : 0;
         }
         if (!ok) {
-            snprintf(err, errlen, "config.shared.%.64s must be a size like "
-                                  "\"512k\" or \"16m\" (32k..4g)", name);
+            snprintf(err, errlen, "config.shared.%.64s must be a size: "
+                                  "digits and an optional unit k, m or g, "
+                                  "like \"512k\" or \"16m\" (32k..4g)",
+                     name);
             return GW_ERR;
         }
         if (strlen(name) >= sizeof(o->shared[0].name)

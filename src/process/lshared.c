@@ -311,9 +311,10 @@ lshared_get_dict(lua_State *L)
             size = (size_t) lua_tonumber(L, 2);
         } else if (lua_type(L, 2) == LUA_TSTRING) {
             if (gw_shdict_parse_size(lua_tostring(L, 2), &size) != GW_OK) {
-                return luaL_error(L, "shared.get_dict: bad size '%s' (like "
-                                     "\"512k\", \"16m\"; 32k..4g)",
-                                  lua_tostring(L, 2));
+                return luaL_error(L, "shared.get_dict: bad size '%s' "
+                                     "(digits and an optional unit k, m "
+                                     "or g, like \"512k\", \"16m\"; "
+                                     "32k..4g)", lua_tostring(L, 2));
             }
         } else if (!lua_isnoneornil(L, 2)) {
             return luaL_error(L, "shared.get_dict: size must be a string "

@@ -457,29 +457,37 @@ dict_unlock(struct gw_shdict *d)
 
 /* ---- public --------------------------------------------------------- */
 
+/*
+ * A size is decimal digits and an optional unit k, m or g (either case),
+ * nothing else: no sign, space, fraction, exponent or hex (strtod's and
+ * strtoul's leniencies). Within GW_SHD_MIN_SIZE..GW_SHD_MAX_SIZE.
+ */
 int
 gw_shdict_parse_size(const char *s, size_t *bytes)
 {
-    char *end;
-    double v;
-    double mul = 1;
+    unsigned long long v = 0, mul = 1;
+    const char *p = s;
 
-    errno = 0;
-    v = strtod(s, &end);
-    if (end == s || errno != 0 || !(v > 0)) {
+    if (*p < '0' || *p > '9') {
         return GW_ERR;
     }
-    if (*end == 'k' || *end == 'K') {
-        mul = 1024;
-        end++;
-    } else if (*end == 'm' || *end == 'M') {
-        mul = 1024.0 * 1024;
-        end++;
-    } else if (*end == 'g' || *end == 'G') {
-        mul = 1024.0 * 1024 * 1024;
-        end++;
+    for (; *p >= '0' && *p <= '9'; p++) {
+        v = v * 10 + (unsigned long long) (*p - '0');
+        if (v > GW_SHD_MAX_SIZE) {
+            return GW_ERR;          /* too large already (no overflow) */
+        }
     }
-    if (*end != '\0' || v * mul > (double) GW_SHD_MAX_SIZE
+    if (*p == 'k' || *p == 'K') {
+        mul = 1024;
+        p++;
+    } else if (*p == 'm' || *p == 'M') {
+        mul = 1024ull * 1024;
+        p++;
+    } else if (*p == 'g' || *p == 'G') {
+        mul = 1024ull * 1024 * 1024;
+        p++;
+    }
+    if (*p != '\0' || v > GW_SHD_MAX_SIZE / mul
         || v * mul < GW_SHD_MIN_SIZE) {
         return GW_ERR;
     }

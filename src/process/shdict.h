@@ -62,7 +62,8 @@ struct gw_shd_stats {
     uint64_t recoveries;    /* rebuilds after a holder died */
 };
 
-/* Parses "16m", "512k", "1g" or a byte count. GW_OK or GW_ERR. */
+/* Parses "16m", "512k", "1g" or a byte count: digits and an optional
+ * unit k, m or g, nothing else. GW_OK or GW_ERR. */
 int gw_shdict_parse_size(const char *s, size_t *bytes);
 
 /* Maps a new dictionary of about `bytes` and registers it under name in
