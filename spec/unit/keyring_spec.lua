@@ -71,7 +71,14 @@ describe("paygate.keyring", function()
       T.cleanup(dir)
       assert.is_true(c:not_after() < 0)
       keyring.put("OLD", c)
-      fails_with("cert_expired", keyring.get("OLD"))
+      local err = fails_with("cert_expired", keyring.get("OLD"))
+      assert.is_nil(keyring.newest())
+      -- listed and told with its real end, as cert:not_after() gives it
+      -- (it showed 1: 1970-01-01T00:00:01Z)
+      assert.equal(c:not_after(), keyring.list()[1].not_after)
+      assert.equal(c:not_before(), keyring.list()[1].not_before)
+      assert.truthy(err.message:find(("expired at %.0f"):format(
+        c:not_after()), 1, true), err.message)
     end)
 
     it("classifies bad signatures and algorithm mismatches", function()

@@ -47,8 +47,12 @@ struct gw_kr_entry {
     uint32_t          hash;        /* FNV-1a of id + skip */
     struct gw_keyinfo ki;          /* owned key reference + contexts */
     X509             *cert;        /* owned reference, or NULL (pub key) */
-    double            not_before;  /* epoch s; 0 = unbounded */
-    double            not_after;   /* epoch s; 0 = unbounded */
+    double            not_before;  /* epoch s; 0 or less = unbounded */
+    double            not_after;   /* epoch s (negative: before 1970);
+                                      an end only when has_end */
+    int               has_end;     /* 1: not_after ends the window (a
+                                      certificate's own end, or one
+                                      given above 0) */
 };
 
 struct gw_keyring {
@@ -280,18 +284,18 @@ gw_kr_entry_new(lua_State *L, const char *id, size_t idlen, int idx,
         X509_up_ref(c->x509);
         e->cert = c->x509;
         e->not_before = gw_crypto_asn1_epoch(X509_get0_notBefore(c->x509));
+        /* as cert:not_after() gives it: an end before 1970 is negative
+         * (one that does not read, 0); either way an end, so expired,
+         * not "unbounded" as a key without one is */
         e->not_after = gw_crypto_asn1_epoch(X509_get0_notAfter(c->x509));
-        if (e->not_after <= 0) {
-            /* an end before 1970 (negative) or one that does not read
-             * (0): expired, not "unbounded" as 0 means for a key */
-            e->not_after = 1;
-        }
+        e->has_end = 1;
     }
     if (not_before >= 0) {
         e->not_before = not_before;
     }
     if (not_after >= 0) {
         e->not_after = not_after;
+        e->has_end = not_after > 0;     /* 0: unbounded */
     }
     return e;
 }
@@ -556,7 +560,7 @@ gw_kr_lookup(lua_State *L, struct gw_keyring *kr, int idx, int at_idx,
     }
     now = lua_isnoneornil(L, at_idx) ? (double)time(NULL)
                                      : luaL_checknumber(L, at_idx);
-    if (e->not_after > 0 && now > e->not_after) {
+    if (e->has_end && now > e->not_after) {
         *nret = gw_push_error(L, "cert_expired", 0, "verifier %s expired "
                               "at %.0f: download the current platform "
                               "certificate", e->id, e->not_after);
@@ -743,7 +747,10 @@ gw_kr_cmp(const void *a, const void *b)
 }
 
 /* syntax: list = ring:list() -- sorted by id: { id, source, key_type,
- *         key_bits, not_before, not_after, fingerprint } */
+ *         key_bits, not_before, not_after, fingerprint }; not_after 0
+ *         for no end (a key put without one), else the end as given or
+ *         the certificate's own, as cert:not_after() (negative before
+ *         1970) */
 static int
 gw_kr_op_list(lua_State *L, struct gw_keyring *kr, int b)
 {
@@ -802,7 +809,7 @@ gw_kr_op_newest(lua_State *L, struct gw_keyring *kr, int b)
         struct gw_kr_entry *e = kr->slots[i];
 
         if (e == NULL || e == GW_KR_TOMB
-            || (e->not_after > 0 && now > e->not_after)
+            || (e->has_end && now > e->not_after)
             || (e->not_before > 0 && now < e->not_before))
         {
             continue;
