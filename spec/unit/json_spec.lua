@@ -475,6 +475,49 @@ describe("paygate.json.encode", function()
     assert.equal(0, bad)
   end)
 
+  -- An error raised through an encode -- a finalizer that raises in the
+  -- GC step of its final lua_pushlstring, as a memory error would --
+  -- left the state's encoder marked busy, so every later encode took the
+  -- nested path: a new state of its own (about 32 KB) each time.
+  it("is not left busy by an error raised through an encode", function()
+    local v = { "x" }
+    local armed = false
+    local function raising_garbage()
+      local p = newproxy(true)
+      getmetatable(p).__gc = function()
+        if armed then error("finalizer failed", 0) end
+      end
+    end
+    local raised
+    -- a whole cycle at every GC check, however large the heap is (a step
+    -- that stops short would run the finalizer at some later allocation,
+    -- unarmed): the proxy is finalized in the encode's lua_pushlstring
+    collectgarbage("setpause", 1)
+    collectgarbage("setstepmul", 100000000)
+    collectgarbage()                    -- the next cycle starts at once
+    local ok, err = pcall(function()
+      for _ = 1, 20 do
+        raising_garbage()
+        armed = true
+        local done, e = pcall(json.encode, v)
+        armed = false
+        if not done then raised = e break end
+      end
+    end)
+    armed = false
+    collectgarbage("setpause", 200)
+    collectgarbage("setstepmul", 200)
+    assert(ok, err)
+    assert.equal("finalizer failed", raised)
+    collectgarbage()
+    collectgarbage("stop")
+    local before = collectgarbage("count")
+    for _ = 1, 10 do assert.equal('["x"]', json.encode(v)) end
+    local grew = collectgarbage("count") - before
+    collectgarbage("restart")
+    assert.is_true(grew < 30, ("%.1f KB allocated by 10 encodes"):format(grew))
+  end)
+
   it("writes strings without escaping / and keeps UTF-8", function()
     assert.equal('"https://a/b?c=\\"d\\"\\\\"', json.encode('https://a/b?c="d"\\'))
     assert.equal('"\\u0000\\n\\t\\u001f é"', json.encode("\0\n\t\31 é"))

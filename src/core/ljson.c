@@ -19,7 +19,9 @@
  * an allocation's GC step runs, e.g. in the final lua_pushlstring), and
  * an encode it calls gets a buffer of its own (busy): the one output
  * buffer per Lua state (owned by a userdata upvalue with __gc) is never
- * used twice at once.
+ * used twice at once. The encode runs under lua_pcall, so busy is
+ * cleared however it ends: a result, its own error, or one raised
+ * through it (no memory, a finalizer that raises).
  */
 #include <math.h>
 #include <stdint.h>
@@ -88,8 +90,7 @@ enc_fail(lua_State *L, struct json_enc *e, const char *what)
         luaL_addstring(&b, "...");
     }
     luaL_pushresult(&b);
-    e->busy = 0;
-    return lua_error(L);
+    return lua_error(L);        /* ljson_encode clears busy */
 }
 
 static void
@@ -101,14 +102,12 @@ enc_grow(lua_State *L, struct json_enc *e, size_t n)
     cap = e->cap < 256 ? 256 : e->cap;
     while (cap - e->len < n) {
         if (cap > SIZE_MAX / 2) {
-            e->busy = 0;
             luaL_error(L, "paygate.json.encode: output too large");
         }
         cap *= 2;
     }
     p = realloc(e->buf, cap);
     if (p == NULL) {
-        e->busy = 0;
         luaL_error(L, "paygate.json.encode: no memory");
     }
     e->buf = p;
@@ -162,7 +161,6 @@ enc_string(lua_State *L, struct json_enc *e, const char *s, size_t n)
         return;
     }
     if (n > (SIZE_MAX - 16) / 6) {
-        e->busy = 0;
         luaL_error(L, "paygate.json.encode: string too large");
     }
     enc_reserve(L, e, n * 6 + 16);  /* worst case: every byte \u00XX */
@@ -377,14 +375,25 @@ enc_value(lua_State *L, struct json_enc *e, int idx)
     enc_fail(L, e, lua_tostring(L, -1));
 }
 
+/* The encode itself, under ljson_encode's lua_pcall: (value, state as a
+ * light userdata) -> text. Raises on what JSON cannot hold. */
+static int
+ljson_encode_run(lua_State *L)
+{
+    struct json_enc *e = lua_touserdata(L, 2);
+
+    enc_value(L, e, 1);
+    lua_pushlstring(L, e->buf, e->len);
+    return 1;
+}
+
 /* paygate.json.core.encode(value) -> text; raises on what JSON cannot
  * hold (see the top of this file). */
 static int
 ljson_encode(lua_State *L)
 {
     struct json_enc *e = lua_touserdata(L, lua_upvalueindex(1));
-
-    int nested = 0;
+    int nested = 0, rc;
 
     luaL_checkany(L, 1);
     lua_settop(L, 1);
@@ -392,10 +401,8 @@ ljson_encode(lua_State *L)
         /* Called while an encode is using the state's buffer: by a
          * finalizer that an allocation of that encode ran (the GC step of
          * its lua_pushlstring, which happens before the copy), e.g. one
-         * that logs. It gets a buffer of its own (freed now, or by __gc
-         * if it raises), so the outer one's is neither overwritten nor
-         * freed under it. (Left set by a memory error raised through an
-         * encode, the flag only sends later calls this way.) */
+         * that logs. It gets a buffer of its own (freed below), so the
+         * outer one's is neither overwritten nor freed under it. */
         e = lua_newuserdata(L, sizeof(*e));
         memset(e, 0, sizeof(*e));
         lua_getmetatable(L, lua_upvalueindex(1));
@@ -405,8 +412,13 @@ ljson_encode(lua_State *L)
     e->busy = 1;
     e->len = 0;
     e->depth = 0;
-    enc_value(L, e, 1);
-    lua_pushlstring(L, e->buf, e->len);
+    lua_pushvalue(L, lua_upvalueindex(2));     /* ljson_encode_run */
+    lua_pushvalue(L, 1);
+    lua_pushlightuserdata(L, e);
+    rc = lua_pcall(L, 2, 1, 0);
+    /* every way out comes here: the text, or any error raised in or
+     * through the encode; left set, busy would send every later encode
+     * of this state the nested way */
     if (nested || e->cap > JSON_KEEP_BYTES) {
         free(e->buf);
         e->buf = NULL;
@@ -414,6 +426,9 @@ ljson_encode(lua_State *L)
     }
     e->len = 0;
     e->busy = 0;
+    if (rc != 0) {
+        return lua_error(L);        /* the error, raised on */
+    }
     return 1;
 }
 
@@ -1118,7 +1133,8 @@ luaopen_paygate_json_core(lua_State *L)
     lua_pushcfunction(L, ljson_enc_gc);
     lua_setfield(L, -2, "__gc");
     lua_setmetatable(L, -2);
-    lua_pushcclosure(L, ljson_encode, 1);
+    lua_pushcfunction(L, ljson_encode_run);
+    lua_pushcclosure(L, ljson_encode, 2);
     lua_setfield(L, -2, "encode");
     lua_pushcfunction(L, ljson_finite);
     lua_setfield(L, -2, "finite");
