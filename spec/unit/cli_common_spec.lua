@@ -105,3 +105,73 @@ describe("redact.url", function()
     for _, c in ipairs(cases) do assert.equal(c[2], redact(c[1])) end
   end)
 end)
+
+-- common.files: what the CLI reads as key or certificate files when given
+-- a folder (paygate certs, verify --keyring / --certificate).
+describe("common.files", function()
+  local proc = require "paygate.testing.proc"
+  local dir
+
+  before_each(function()
+    dir = os.tmpname()
+    os.remove(dir)
+    assert(os.execute("mkdir -m 755 " .. dir) == 0)
+  end)
+
+  after_each(function()
+    os.execute("chmod -R u+rwx " .. dir .. " 2>/dev/null; rm -rf " .. dir
+               .. " " .. dir .. ".lua")
+  end)
+
+  -- the path of each of common.files(d)'s names, relative to d
+  local function names(list)
+    local out = {}
+    for i, f in ipairs(list) do out[i] = f:sub(#dir + 2) end
+    return out
+  end
+
+  -- a FIFO, a socket and a folder are no files, for root as for anyone:
+  -- they were taken for files (a FIFO's read then waited for a writer)
+  it("takes a folder's regular files and links to them, passing over"
+     .. " folders, FIFOs and sockets", function()
+    proc.write(dir .. "/a.pem", "x")
+    assert(os.execute(("mkdir %s/sub && mkfifo %s/fifo && ln -s a.pem"
+      .. " %s/link.pem && ln -s missing.pem %s/dangling.pem"):format(
+      dir, dir, dir, dir)) == 0)
+    assert.equal(0, (proc.run({ "python3", "-c", "import socket, sys;"
+      .. " socket.socket(socket.AF_UNIX).bind(sys.argv[1])",
+      dir .. "/sock" })))
+    -- a dangling link is kept: reading it says why
+    assert.same({ "a.pem", "dangling.pem", "link.pem" },
+                names(assert(common.files(dir))))
+    assert.same({ dir .. "/a.pem" }, common.files(dir .. "/a.pem"))
+  end)
+
+  -- a folder inside that cannot be opened (EACCES) was taken for a file,
+  -- and reading it failed the whole command. Root opens any folder: then
+  -- the check runs as nobody (setpriv), or is left pending, saying why.
+  it("passes over a folder inside that it cannot open", function()
+    proc.write(dir .. "/a.pem", "x")
+    assert(os.execute(("mkdir -m 000 %s/locked"):format(dir)) == 0)
+    local script = dir .. ".lua"           -- beside the folder, not in it
+    proc.write(script, 'local common = require "paygate.cli.common"\n'
+      .. 'local t, why = common.files(arg[1])\n'
+      .. 'print("FILES " .. (t and table.concat(t, ",") or "nil " .. why))\n')
+    local argv = { PAYGATE_BIN, "exec", script, dir }
+    local _, uid = proc.run({ "id", "-u" })
+    if uid:match("^0%s") then
+      if os.execute("command -v setpriv >/dev/null") ~= 0 then
+        pending("running as root without setpriv: root opens a mode-000"
+                .. " folder, so there is no EACCES to see")
+        return
+      end
+      table.insert(argv, 1, "setpriv")
+      table.insert(argv, 2, "--reuid=65534")
+      table.insert(argv, 3, "--regid=65534")
+      table.insert(argv, 4, "--clear-groups")
+    end
+    local code, out = proc.run(argv, { timeout = 30 })
+    assert.equal(0, code, out)
+    assert.equal("FILES " .. dir .. "/a.pem", out:match("FILES [^\n]*"), out)
+  end)
+end)

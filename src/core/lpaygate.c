@@ -172,6 +172,26 @@ lcore_listdir(lua_State *L)
     return 1;
 }
 
+/* core.file_type(path) -> "file" | "directory" | "other" (a FIFO, a
+ * socket, a device) | nil, err (kind unavailable: it cannot be stat'd).
+ * A symbolic link is followed. Needs no read permission on path itself,
+ * so a folder that cannot be opened is still a "directory". Blocking:
+ * for command-line and start-up work. */
+static int
+lcore_file_type(lua_State *L)
+{
+    const char *path = luaL_checkstring(L, 1);
+    struct stat st;
+
+    if (stat(path, &st) != 0) {
+        return gw_push_error(L, "unavailable", 0, "stat %s: %s", path,
+                             strerror(errno));
+    }
+    lua_pushstring(L, S_ISREG(st.st_mode) ? "file"
+                      : S_ISDIR(st.st_mode) ? "directory" : "other");
+    return 1;
+}
+
 /*
  * core.write_file(path, data[, mode]) -> true | nil, err (kind io)
  * Replaces path with data whole or not at all: written to a temporary
@@ -1283,6 +1303,7 @@ static const luaL_Reg lcore_funcs[] = {
     { "time", lcore_time },
     { "mono", lcore_mono },
     { "listdir", lcore_listdir },
+    { "file_type", lcore_file_type },
     { "write_file", lcore_write_file },
     { "mkdir_p", lcore_mkdir_p },
     { "lock_file", lcore_lock_file },

@@ -228,24 +228,35 @@ end
 
 --- syntax: names = common.files(path) -- a file, or a directory's files
 -- (sorted, not recursive: a folder inside is passed over, as a file that
--- holds no key is); nil when neither.
+-- holds no key is, and so is one that cannot be opened); nil, why when
+-- neither. Of a folder's entries only regular files (or links to them)
+-- are taken: a FIFO, socket or device in it is passed over too (reading
+-- a FIFO would wait for a writer); path itself may be one (a pipe given
+-- as <(command) is read). An entry that cannot be looked at (a dangling
+-- link) is kept, so that reading it says why.
 function _M.files(path)
   local core = require "paygate.core"
-  local ok, names = pcall(core.listdir, path)
-  if ok and type(names) == "table" then
+  local kind, kerr = core.file_type(path)
+  if kind == "directory" then
+    local names, lerr = core.listdir(path)
+    if not names then     -- "listdir PATH: Permission denied": the reason
+      return nil, tostring(lerr.message or lerr):match(": ([^:]+)$")
+                  or "cannot open"
+    end
     local out = {}
     path = path:match("^(.-)/*$")             -- "keys/": no "keys//x.pem"
     if path == "" then path = "/" end
     for _, n in ipairs(names) do
       local full = (path == "/" and "" or path) .. "/" .. n
-      if n:sub(1, 1) ~= "." and type(core.listdir(full)) ~= "table" then
+      local t = core.file_type(full)
+      if n:sub(1, 1) ~= "." and (t == "file" or t == nil) then
         out[#out + 1] = full
       end
     end
     return out
   end
   local f, err = io.open(path, "rb")
-  if not f then return nil, reason(path, err) end
+  if not f then return nil, reason(path, err or kerr) end
   f:close()
   return { path }
 end
