@@ -141,10 +141,18 @@ describe("config shared", function()
   -- a size is digits and an optional unit: a sign, a space, a fraction
   -- or an exponent (which strtod took) is refused too
   it("refuses a bad size with exit code 2, naming the key", function()
-    for _, size in ipairs({ "lots", "+16m", " 16m", "16m ", "1.5m", "1e6" }) do
+    -- as Lua source: strings, and numbers that are no byte count
+    local sizes = {}
+    for _, s in ipairs({ "lots", "+16m", " 16m", "16m ", "1.5m", "1e6" }) do
+      sizes[#sizes + 1] = ("%q"):format(s)
+    end
+    for _, n in ipairs({ "1048576.5", "-1048576", "0/0", "2^40" }) do
+      sizes[#sizes + 1] = n
+    end
+    for _, size in ipairs(sizes) do
       local dir = server.tmpdir()
       local f = assert(io.open(dir .. "/c.lua", "w"))
-      f:write(("return { shared = { cache = %q } }"):format(size))
+      f:write(("return { shared = { cache = %s } }"):format(size))
       f:close()
       local log = dir .. "/out"
       local p = proc.spawn({ PAYGATE_BIN, "run", "examples/hello", "--config",

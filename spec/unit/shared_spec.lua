@@ -30,6 +30,14 @@ describe("paygate.shared", function()
     assert.has_error(function() shared.get_dict("bad name") end)
     assert.has_error(function() shared.get_dict("tiny", "1k") end)
     assert.has_error(function() shared.get_dict("odd", "16q") end)
+    -- a number must be a whole byte count in range (checked before the
+    -- cast to size_t, where a negative or NaN one was undefined)
+    for _, n in ipairs({ -1, -1048576, 1048576.5, 0 / 0, 2 ^ 40, 1 / 0 }) do
+      assert.has_error(function() shared.get_dict("num", n) end,
+                       "shared.get_dict: size must be a whole number of"
+                       .. " bytes (32k..4g)")
+    end
+    assert.truthy(shared.get_dict("num_ok", 65536))
   end)
 
   it("always has the paygate dictionary, 8m by default", function()

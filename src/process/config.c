@@ -3,6 +3,7 @@
  */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <math.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <stddef.h>
@@ -209,7 +210,9 @@ read_shared(lua_State *L, int t, struct gw_opts *o, char *err, size_t errlen)
         } else if (lua_type(L, -1) == LUA_TNUMBER) {
             double v = lua_tonumber(L, -1);
 
-            ok = v >= GW_SHD_MIN_SIZE && v <= (double) GW_SHD_MAX_SIZE;
+            /* a byte count: whole, in range (a fraction is no size) */
+            ok = v >= GW_SHD_MIN_SIZE && v <= (double) GW_SHD_MAX_SIZE
+                 && v == floor(v);
             size = ok ? (size_t) v : 0;
         }
         if (!ok) {
