@@ -32,6 +32,7 @@ local DESC = {
 local TYPES = { jsapi = "JSAPI", app = "APP", h5 = "MWEB", native = "NATIVE" }
 local MAX_REFUNDS = 50
 local EMPTY = {}                 -- read only
+local EMPTY_ARRAY = require("paygate.json.core").empty_array  -- encodes []
 
 local function api() return S.api end
 
@@ -597,6 +598,23 @@ end
 
 -- the Transaction object ------------------------------------------------------
 
+--- syntax: p = orders.promotion(o)
+-- The discount of an order paid for less than its total (the control
+-- API's payer_total): one promotion, a whole-order (GLOBAL) recharge
+-- coupon (CASH, so the amounts to settle stay the total's) the merchant
+-- funded, of total - payer_total. nil for an order paid in full or not
+-- paid. Its ids are the simulator's own, made from the transaction_id.
+function _M.promotion(o)
+  local paid = o.payer_total or o.total
+  if not o.transaction_id or paid >= o.total then return nil end
+  local amount = o.total - paid
+  return { coupon_id = o.transaction_id:sub(-10), name = "模拟器优惠",
+           scope = "GLOBAL", type = "CASH", amount = amount,
+           stock_id = o.transaction_id:sub(-8), wechatpay_contribute = 0,
+           merchant_contribute = amount, other_contribute = 0,
+           currency = o.currency or "CNY" }
+end
+
 --- syntax: t = orders.transaction(o) -- the query answer for an order row
 function _M.transaction(o)
   -- the stored request is decoded only when it may hold what the answer
@@ -744,8 +762,36 @@ local REFUND_KEYS = set_of({ "sub_mchid", "transaction_id", "out_trade_no",
   "out_refund_no", "reason", "notify_url", "funds_account", "amount",
   "goods_detail" })
 
+-- The part of a refund the payer gets back (amount.payer_refund): all of
+-- it when the payer paid the total; of an order paid with a discount
+-- (the control API's payer_total below the total), the payer's share,
+-- rounded down, so that the refunds of an order never give back more
+-- than the payer paid. The rest is the discount's (discount_refund).
+local function payer_refund(refund, o)
+  local paid = o.payer_total or o.total
+  if paid >= o.total then return refund end
+  return math_floor(refund * paid / o.total)
+end
+_M.payer_refund = payer_refund
+
+-- promotion_detail of a refund: [] for an order paid in full; for one
+-- paid with a discount, the one promotion that discount stands for
+-- (orders.promotion), with what this refund takes back of it.
+local function refund_promotions(f, o)
+  local p = _M.promotion(o)
+  if not p then return EMPTY_ARRAY end
+  return { { promotion_id = p.coupon_id, scope = p.scope, type = p.type,
+             amount = p.amount,
+             refund_amount = f.refund - payer_refund(f.refund, o) } }
+end
+
 --- syntax: r = orders.refund_object(f, o) -- a refund row as the API shows it
+-- amount.from echoes the request's (the stored JSON text, or a table on
+-- the row being made), [] when it had none.
 function _M.refund_object(f, o)
+  local from = f.amount_from
+  if type(from) == "string" then from = json.decode(from) end
+  local payer = payer_refund(f.refund, o)
   local r = {
     refund_id = f.refund_id, out_refund_no = f.out_refund_no,
     transaction_id = o.transaction_id, out_trade_no = o.out_trade_no,
@@ -753,22 +799,27 @@ function _M.refund_object(f, o)
     create_time = rfc3339(f.created_at), status = f.status,
     funds_account = f.funds_account or "UNSETTLED",
     amount = { total = f.total, refund = f.refund,
-               payer_total = o.payer_total or o.total, payer_refund = f.refund,
+               from = type(from) == "table" and from or EMPTY_ARRAY,
+               payer_total = o.payer_total or o.total, payer_refund = payer,
                settlement_total = o.total, settlement_refund = f.refund,
-               discount_refund = 0, refund_fee = 0, currency = f.currency },
+               discount_refund = f.refund - payer, refund_fee = 0,
+               currency = f.currency },
+    promotion_detail = refund_promotions(f, o),
   }
   if f.success_at then r.success_time = rfc3339(f.success_at) end
   return r
 end
 
--- The resource of a refund notification.
+-- The resource of a refund notification: the fields WeChat's refund
+-- notification carries (no amount.from, no promotion_detail there).
 local function refund_resource(f, o)
   local r = {
     out_trade_no = o.out_trade_no, transaction_id = o.transaction_id,
     out_refund_no = f.out_refund_no, refund_id = f.refund_id,
     refund_status = f.status, user_received_account = "支付用户零钱",
     amount = { total = f.total, refund = f.refund,
-               payer_total = o.payer_total or o.total, payer_refund = f.refund },
+               payer_total = o.payer_total or o.total,
+               payer_refund = payer_refund(f.refund, o) },
   }
   if o.sp_mchid then r.sp_mchid, r.sub_mchid = o.sp_mchid, o.owner
   else r.mchid = o.owner end
@@ -891,15 +942,17 @@ local function create_refund(req, c)
           status = "PROCESSING", refund = b.amount.refund,
           total = b.amount.total, currency = "CNY", reason = b.reason,
           notify_url = b.notify_url, funds_account = b.funds_account,
+          amount_from = b.amount.from and json.encode(b.amount.from),
           created_at = c.now,
           settle_after = settle and (c.now + settle) or nil }
     assert(tx:exec("INSERT INTO sim_refunds (owner, sp_mchid, order_id, "
       .. "refund_id, out_refund_no, status, refund, total, currency, reason, "
-      .. "notify_url, funds_account, params_hash, created_at, settle_after) "
-      .. "VALUES ($1, $2, $3, $4, $5, 'PROCESSING', $6, $7, 'CNY', $8, $9, "
-      .. "$10, $11, $12, $13)", { n = 13, owner, f.sp_mchid, o.id,
-        refund_id, no, f.refund, f.total, b.reason, b.notify_url,
-        b.funds_account, hash, c.now, f.settle_after }))
+      .. "notify_url, funds_account, params_hash, created_at, settle_after, "
+      .. "amount_from) VALUES ($1, $2, $3, $4, $5, 'PROCESSING', $6, $7, "
+      .. "'CNY', $8, $9, $10, $11, $12, $13, $14)", { n = 14, owner,
+        f.sp_mchid, o.id, refund_id, no, f.refund, f.total, b.reason,
+        b.notify_url, b.funds_account, hash, c.now, f.settle_after,
+        f.amount_from }))
     assert(tx:exec("UPDATE sim_orders SET refunded = refunded + $1, "
       .. "trade_state = 'REFUND' WHERE id = $2", { f.refund, o.id }))
     o.refunded = o.refunded + f.refund

@@ -1,0 +1,105 @@
+-- The simulator's answers against the protocol's list of what each one
+-- carries: the refund object (create, query), the refund notification's
+-- resource, ... Driven over HTTP by spec/support/simclient (a client made
+-- from the protocol, not from the simulator's code).
+local sc = require "support.simclient"
+
+local srv, c, keys, base
+
+local function signed(res, status) sc.assert_signed(res, keys, status) end
+
+setup(function()
+  srv, base, c = sc.start(1)
+  keys = c:platform_keys()
+end)
+
+teardown(function() if srv then srv:stop() end end)
+
+local function paid_order(no, payer_total)
+  signed(c:prepay(no))
+  local res = c:pay(no, payer_total and { payer_total = payer_total } or nil)
+  assert.equal(200, res.status, res.body)
+end
+
+local function refund(no, out_refund_no, amount, over)
+  local b = { out_trade_no = no, out_refund_no = out_refund_no,
+              amount = { refund = amount, total = 100, currency = "CNY" },
+              notify_url = "https://merchant.example/refund" }
+  for k, v in pairs(over or {}) do b[k] = v end
+  return c:refund(b)
+end
+
+local function get_refund(no)
+  return c:call("GET", "/v3/refund/domestic/refunds/" .. no)
+end
+
+-- the JSON text holds key: [] (an empty array, not {} and not absent)
+local function empty_array(res, key)
+  assert.truthy(res.body:find('"' .. key .. '":[]', 1, true),
+                key .. " is not [] in " .. res.body)
+end
+
+describe("simulator: the refund object", function()
+  it("carries amount.from and promotion_detail ([] for an order paid in "
+     .. "full), payer_refund = refund", function()
+    paid_order("fid-rf-0001")
+    for _, res in ipairs({ refund("fid-rf-0001", "fid-rf-r1", 30),
+                           get_refund("fid-rf-r1") }) do
+      signed(res)
+      empty_array(res, "from")
+      empty_array(res, "promotion_detail")
+      local a = res.json.amount
+      assert.equal(30, a.payer_refund)
+      assert.equal(0, a.discount_refund)
+      assert.equal(30, a.settlement_refund)
+      assert.equal(100, a.settlement_total)
+      assert.equal(100, a.payer_total)
+      assert.equal("CNY", a.currency)
+    end
+  end)
+
+  it("echoes the request's amount.from", function()
+    paid_order("fid-rf-0002")
+    local from = { { account = "AVAILABLE", amount = 20 },
+                   { account = "UNAVAILABLE", amount = 10 } }
+    local r = refund("fid-rf-0002", "fid-rf-r2", 30,
+      { amount = { refund = 30, total = 100, currency = "CNY", from = from } })
+    signed(r)
+    assert.same(from, r.json.amount.from)
+    assert.same(from, get_refund("fid-rf-r2").json.amount.from)
+  end)
+
+  it("gives the payer back its share of an order paid with a discount",
+     function()
+    paid_order("fid-rf-0003", 80)          -- 20 of 100 was a discount
+    local r = refund("fid-rf-0003", "fid-rf-r3", 50)
+    signed(r)
+    local a = r.json.amount
+    assert.equal(80, a.payer_total)
+    assert.equal(40, a.payer_refund)
+    assert.equal(10, a.discount_refund)
+    assert.equal(1, #r.json.promotion_detail)
+    local p = r.json.promotion_detail[1]
+    assert.equal(20, p.amount)
+    assert.equal(10, p.refund_amount)
+    assert.equal("GLOBAL", p.scope)
+    assert.is_string(p.promotion_id)
+    -- the rest: the payer gets back exactly what it paid in all
+    local r2 = refund("fid-rf-0003", "fid-rf-r4", 50)
+    signed(r2)
+    assert.equal(40, r2.json.amount.payer_refund)
+    assert.equal(40, get_refund("fid-rf-r4").json.amount.payer_refund)
+    -- the notification's resource says the same
+    local s = sc.control(base, "POST", "/sim/refunds/fid-rf-r3/settle",
+                         { status = "SUCCESS" })
+    assert.equal(200, s.status, s.body)
+    assert.equal(40, s.json.amount.payer_refund)
+    local n = sc.control(base, "GET", "/sim/notifications?out_refund_no="
+                         .. "fid-rf-r3")
+    assert.equal(200, n.status, n.body)
+    local res = n.json[1].resource
+    assert.equal(80, res.amount.payer_total)
+    assert.equal(40, res.amount.payer_refund)
+    assert.equal(50, res.amount.refund)
+  end)
+end)
