@@ -58,6 +58,28 @@ if not ok then
 end
 
 api.init(cfg)
+
+-- A configured merchant certificate past its notAfter: said at the start
+-- (once, by the first worker to get here), as its requests are refused
+-- (or, with accept_expired_merchant_certificates, accepted all the same).
+do
+  local d = require("paygate.shared").get_dict("paygate")
+  local now = require("paygate.core").time()
+  for _, m in ipairs(cfg.merchants) do
+    for k, na in pairs(m.not_after) do
+      if na <= now and d:add("sim:expired_warned:" .. m.mchid .. ":" .. k,
+                             true, 60) then
+        paygate.log.warn("simulator: merchant " .. m.mchid .. "'s "
+          .. "certificate " .. k .. " expired at " .. api.rfc3339(na) .. "; "
+          .. (cfg.accept_expired_merchant_certificates
+              and "its requests are accepted "
+                  .. "(accept_expired_merchant_certificates)"
+              or "its requests are refused (401 SIGN_ERROR)"),
+          { mchid = m.mchid, serial = k })
+      end
+    end
+  end
+end
 local ctx = { db = db, config = cfg, identity = identity, faults = faults,
               api = api }
 orders.init(ctx)

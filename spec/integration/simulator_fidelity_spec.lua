@@ -103,3 +103,42 @@ describe("simulator: the refund object", function()
     assert.equal(50, res.amount.refund)
   end)
 end)
+
+describe("simulator: an expired merchant certificate", function()
+  local server = require "support.server"
+  -- the A.4 fixture: the merchant's certificate (SERIAL), expired 2025-05-09
+  local function start_with_a4(extra)
+    local dir = server.tmpdir()
+    local conf = sc.config(dir .. "/state", "workers = 1," .. (extra or ""))
+      :gsub('merchant_certificate = "[^"]+"', ('merchant_certificate = %q')
+            :format(sc.abs(sc.FIX .. "a4_merchant_cert.pem")), 1)
+    local s = server.start{ app = "examples/simulator", config = conf }
+    return s, sc.new{ base = "http://127.0.0.1:" .. s.port }
+  end
+
+  it("refuses its requests: 401 SIGN_ERROR naming the serial; warns at "
+     .. "the start", function()
+    local s, a4 = start_with_a4()
+    local res = a4:call("GET", "/v3/certificates")
+    local logs = s:logs()
+    s:stop()
+    sc.assert_err(res, 401, "SIGN_ERROR", "serial_no")
+    assert.truthy(res.json.message:find(sc.SERIAL, 1, true), res.body)
+    assert.truthy(res.json.message:find("2025-05-09", 1, true), res.body)
+    assert.equal("authorization", res.json.detail.location)
+    assert.truthy(logs:find("expired at 2025-05-09", 1, true), logs)
+  end)
+
+  it("accepts them with accept_expired_merchant_certificates = true",
+     function()
+    local s, a4 = start_with_a4("accept_expired_merchant_certificates = true,")
+    local res = a4:call("GET", "/v3/certificates")
+    s:stop()
+    assert.equal(200, res.status, res.body)
+  end)
+
+  it("a certificate valid now passes (the specs' own, made at test time)",
+     function()
+    signed(c:call("GET", "/v3/certificates"))
+  end)
+end)

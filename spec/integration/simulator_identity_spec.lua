@@ -205,7 +205,7 @@ describe("simulator: the SM variant", function()
     return ([[return { merchants = { { mchid = %q,
       merchant_certificate = %q, apiv3_key = %q, appids = { %q } } },
       state_dir = %q, sign_type = "WECHATPAY2-SM2-WITH-SM3", %s }]]):format(
-      sc.MCHID, sc.abs(sc.FIX .. "a10b_sm2_cert.pem"), sc.APIV3, sc.APPID,
+      sc.MCHID, sc.sm2_merchant_cert(), sc.APIV3, sc.APPID,
       state, extra or "")
   end
   setup(function()

@@ -42,6 +42,38 @@ function _M.abs(p)
   return io.popen("pwd"):read("*l") .. "/" .. p
 end
 
+-- The merchant's certificate: the A.4 fixture (SERIAL on the A.3 key)
+-- expired in 2025, and the simulator refuses an expired one. A fresh
+-- self-signed certificate with the same serial and key, valid 2 days,
+-- made once per run (the SM2 one likewise for the A.10a key and A.10b's
+-- serial).
+_M.SM2_SERIAL = "54E7F59ED8DF4570CFB14780EA8152D45A675EE6"
+local made = {}
+local function fresh_cert(key, serial, sm)
+  local id = serial .. (sm and ":sm" or "")
+  if made[id] then return made[id] end
+  local dir = require("support.server").tmpdir()
+  local out = dir .. "/merchant_cert.pem"
+  local cmd = ("openssl req -x509 -new -key %s -out %s -days 2 -subj "
+    .. "/CN=%s -set_serial 0x%s %s >/dev/null 2>&1"):format(_M.abs(key),
+    out, _M.MCHID, serial, sm and "-sm3 -sigopt distid:1234567812345678"
+    or "")
+  local ok = os.execute(cmd)
+  assert(ok == 0 or ok == true, "command failed: " .. cmd)
+  made[id] = out
+  return out
+end
+
+--- path = simclient.merchant_cert() -- SERIAL's certificate, valid now
+function _M.merchant_cert()
+  return fresh_cert(_M.FIX .. "a3_merchant_key.pem", _M.SERIAL)
+end
+
+--- path = simclient.sm2_merchant_cert() -- the SM2 merchant's, valid now
+function _M.sm2_merchant_cert()
+  return fresh_cert(_M.FIX .. "a10a_sm2_key.pem", _M.SM2_SERIAL, true)
+end
+
 --- a config text for the simulator: both merchants, MCHID with a
 --- sub-merchant; extra (a string of "key = value," lines) goes inside.
 function _M.config(state_dir, extra)
@@ -55,7 +87,7 @@ return {
   },
   state_dir = %q,
   %s
-}]]):format(_M.MCHID, _M.abs(_M.FIX .. "a4_merchant_cert.pem"), _M.APIV3,
+}]]):format(_M.MCHID, _M.merchant_cert(), _M.APIV3,
     _M.APPID, _M.SUB, _M.SUB_APPID, _M.MCHID2, _M.abs(_M.FIX .. "a1_pub.pem"),
     _M.SERIAL2, _M.APIV3_2, _M.APPID, state_dir, extra or "")
 end

@@ -35,7 +35,8 @@ local merchant_key, sm2_key
 
 _M.SM2 = "WECHATPAY2-SM2-WITH-SM3"
 _M.SM2_KEY_PATH = abs(FIX .. "a10a_sm2_key.pem")
-_M.SM2_CERT_PATH = abs(FIX .. "a10b_sm2_cert.pem")
+-- (A.10b itself expired in 2023: a fresh one on the same key and serial)
+_M.SM2_CERT_PATH = nil
 _M.SM2_SERIAL = "54E7F59ED8DF4570CFB14780EA8152D45A675EE6"
 
 --- sim = start{ state_dir, workers, time_scale, answer_timeout, sm = true,
@@ -43,6 +44,9 @@ _M.SM2_SERIAL = "54E7F59ED8DF4570CFB14780EA8152D45A675EE6"
 function _M.start(o)
   o = o or {}
   local state = o.state_dir or server.tmpdir()
+  if o.sm and not _M.SM2_CERT_PATH then
+    _M.SM2_CERT_PATH = require("support.simclient").sm2_merchant_cert()
+  end
   local verifier = o.sm and ("merchant_certificate = %q"):format(
                      _M.SM2_CERT_PATH)
                    or ("merchant_public_key = %q, merchant_serial = %q")

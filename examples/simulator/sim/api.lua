@@ -109,6 +109,11 @@ function _M.invalid(field, message, issue, location)
                location = location or "body" })
 end
 
+--- syntax: s = api.rfc3339(t) -- epoch seconds as Beijing time, +08:00
+function _M.rfc3339(t)
+  return os.date("!%Y-%m-%dT%H:%M:%S", math.floor(t) + 8 * 3600) .. "+08:00"
+end
+
 local function request_id(suffix)
   return crypto.hex(crypto.random_bytes(21)):upper() .. "-" .. (suffix or 0)
 end
@@ -290,6 +295,16 @@ function _M.authenticate(req, target, signed_body)
     return nil, sign_error("商户证书序列号有误。请使用签名私钥匹配的证书序列号",
       { field = "serial_no", location = "authorization",
         value = shown(a.serial_no, 64) })
+  end
+  local expired = m.not_after[config.serial_key(a.serial_no)]
+  if expired and expired <= now and not S.cfg.accept_expired_merchant_certificates
+  then
+    local at = _M.rfc3339(expired)
+    return nil, sign_error("商户API证书已过期：证书序列号" .. a.serial_no
+      .. "的有效期至" .. at .. "。请更换有效的商户API证书",
+      { field = "serial_no", location = "authorization",
+        value = shown(a.serial_no, 64),
+        issue = "merchant certificate expired at " .. at })
   end
   local msg = sign.request_message(req.method, target, a.timestamp,
                                    a.nonce_str, signed_body or req.body)
