@@ -142,3 +142,40 @@ describe("simulator: an expired merchant certificate", function()
     signed(c:call("GET", "/v3/certificates"))
   end)
 end)
+
+describe("simulator: the Transaction object", function()
+  it("carries promotion_detail: [] unpaid and paid in full", function()
+    signed(c:prepay("fid-tx-0001"))
+    local q = c:query("fid-tx-0001")
+    signed(q)
+    assert.equal("NOTPAY", q.json.trade_state)
+    empty_array(q, "promotion_detail")
+    assert.equal(200, c:pay("fid-tx-0001").status)
+    q = c:query("fid-tx-0001")
+    signed(q)
+    empty_array(q, "promotion_detail")
+    assert.equal(100, q.json.amount.payer_total)
+  end)
+
+  it("names the discount of an order paid for less than its total, in "
+     .. "the query and the TRANSACTION.SUCCESS resource", function()
+    paid_order("fid-tx-0002", 70)
+    local q = c:query("fid-tx-0002")
+    signed(q)
+    local n = sc.control(base, "GET", "/sim/notifications?out_trade_no="
+                         .. "fid-tx-0002")
+    assert.equal(200, n.status, n.body)
+    for _, t in ipairs({ q.json, n.json[1].resource }) do
+      assert.equal(70, t.amount.payer_total)
+      assert.equal(1, #t.promotion_detail)
+      local p = t.promotion_detail[1]
+      -- what the payer paid and the promotions make the total
+      assert.equal(100, t.amount.payer_total + p.amount)
+      assert.equal("GLOBAL", p.scope)
+      assert.equal("CNY", p.currency)
+      assert.is_string(p.coupon_id)
+      assert.equal(p.amount, p.wechatpay_contribute + p.merchant_contribute
+                             + p.other_contribute)
+    end
+  end)
+end)

@@ -655,6 +655,11 @@ function _M.transaction(o)
     t.success_time = rfc3339(o.success_at)
     t.amount.payer_total = o.payer_total or o.total
   end
+  -- promotion_detail: present in every state, as in WeChat's answers (a
+  -- real NOTPAY one carries "promotion_detail": []); the discount of an
+  -- order paid for less than its total is its one promotion
+  local p = paid and _M.promotion(o)
+  t.promotion_detail = p and { p } or EMPTY_ARRAY
   if type(req.scene_info) == "table" and req.scene_info.device_id then
     t.scene_info = { device_id = req.scene_info.device_id }
   end
