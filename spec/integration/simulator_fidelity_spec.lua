@@ -179,3 +179,23 @@ describe("simulator: the Transaction object", function()
     end
   end)
 end)
+
+describe("simulator: a PAYERROR answer", function()
+  it("leaves payer out when no payer is known (no empty payer {})",
+     function()
+    signed(c:prepay("fid-pe-0001", { payer = false }, "native"))
+    local f = sc.control(base, "POST", "/sim/transactions/fid-pe-0001/fail",
+                         {})
+    assert.equal(200, f.status, f.body)
+    local q = c:query("fid-pe-0001")
+    signed(q)
+    assert.equal("PAYERROR", q.json.trade_state)
+    assert.is_nil(q.json.payer, q.body)
+    -- a JSAPI order knows its payer from the prepay
+    signed(c:prepay("fid-pe-0002"))
+    assert.equal(200, sc.control(base, "POST",
+      "/sim/transactions/fid-pe-0002/fail", {}).status)
+    assert.equal("oUpF8uMuAJO_M2pxb1Q9zNjWeS6o",
+                 c:query("fid-pe-0002").json.payer.openid)
+  end)
+end)

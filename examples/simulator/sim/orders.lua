@@ -645,9 +645,13 @@ function _M.transaction(o)
   if paid or o.trade_state == "PAYERROR" then
     t.trade_type = o.trade_type
     t.bank_type = o.bank_type or "OTHERS"
-    if o.sp_mchid then
+    -- payer only with an openid to show: an order that failed before
+    -- anyone was known (a NATIVE or H5 order, PAYERROR) has none, and an
+    -- empty payer {} is no shape WeChat sends (optional fields are left
+    -- out, not sent empty)
+    if o.sp_mchid and (o.openid or o.sub_openid) then
       t.payer = { sp_openid = o.openid, sub_openid = o.sub_openid }
-    else
+    elseif not o.sp_mchid and o.openid then
       t.payer = { openid = o.openid }
     end
   end
