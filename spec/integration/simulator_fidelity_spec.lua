@@ -199,3 +199,22 @@ describe("simulator: a PAYERROR answer", function()
                  c:query("fid-pe-0002").json.payer.openid)
   end)
 end)
+
+describe("simulator: error faults without a code", function()
+  it("take WeChat's code for the status: 503 SERVICE_UNAVAILABLE, 429 "
+     .. "FREQUENCY_LIMITED with its words", function()
+    signed(c:prepay("fid-ft-0001"))
+    for _, t in ipairs({ { 503, "SERVICE_UNAVAILABLE" },
+                         { 502, "SERVICE_UNAVAILABLE" },
+                         { 500, "SYSTEM_ERROR", "系统繁忙,请稍后重试" },
+                         { 429, "FREQUENCY_LIMITED", "请求频率超过限制" } }) do
+      local f = sc.control(base, "POST", "/sim/faults", { endpoint = "query",
+                           kind = "error", status = t[1], count = 1 })
+      assert.equal(200, f.status, f.body)
+      local res = c:query("fid-ft-0001")
+      sc.assert_err(res, t[1], t[2])
+      if t[3] then assert.equal(t[3], res.json.message) end
+    end
+    signed(c:query("fid-ft-0001"))
+  end)
+end)

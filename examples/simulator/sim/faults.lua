@@ -52,6 +52,14 @@ local DICT = "paygate"
 local K_LIST, K_GEN, K_ID = "sim:faults", "sim:faults:gen", "sim:faults:id"
 
 -- kind -> { phase = "before" | "after" | "notify" | ..., check = fn }
+-- An error fault's message when none is given: WeChat's words where the
+-- protocol notes record them (SYSTEM_ERROR's from a real answer; the
+-- others from the Request-ID code table)
+local DEFAULT_MESSAGE = {
+  SYSTEM_ERROR = "系统繁忙,请稍后重试",
+  FREQUENCY_LIMITED = "请求频率超过限制",
+}
+
 local KINDS = {}
 
 --- syntax: faults.define(kind, phase, check[, fields])
@@ -97,10 +105,12 @@ _M.define("error", "before", function(f)
   if f.after ~= nil and type(f.after) ~= "boolean" then
     return nil, "after must be a boolean"
   end
+  -- WeChat's codes by status: 429 FREQUENCY_LIMITED, 502/503
+  -- SERVICE_UNAVAILABLE, another 5xx SYSTEM_ERROR
   f.code = f.code or (f.status == 429 and "FREQUENCY_LIMITED")
+           or ((f.status == 502 or f.status == 503) and "SERVICE_UNAVAILABLE")
            or (f.status >= 500 and "SYSTEM_ERROR") or "INVALID_REQUEST"
-  f.message = f.message or (f.code == "SYSTEM_ERROR" and "系统繁忙,请稍后重试")
-              or "injected fault"
+  f.message = f.message or DEFAULT_MESSAGE[f.code] or "injected fault"
   if f.after == true then f.phase = "after" end
   return true
 end, { "status", "code", "message", "after" })
