@@ -65,12 +65,13 @@ api.init(cfg)
 do
   local d = require("paygate.shared").get_dict("paygate")
   local now = require("paygate.core").time()
+  local rfc3339 = require("sim.certificates").rfc3339
   for _, m in ipairs(cfg.merchants) do
     for k, na in pairs(m.not_after) do
       if na <= now and d:add("sim:expired_warned:" .. m.mchid .. ":" .. k,
                              true, 60) then
         paygate.log.warn("simulator: merchant " .. m.mchid .. "'s "
-          .. "certificate " .. k .. " expired at " .. api.rfc3339(na) .. "; "
+          .. "certificate " .. k .. " expired at " .. rfc3339(na) .. "; "
           .. (cfg.accept_expired_merchant_certificates
               and "its requests are accepted "
                   .. "(accept_expired_merchant_certificates)"

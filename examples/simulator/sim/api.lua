@@ -18,6 +18,7 @@ local json = require "sim.json"
 local faults = require "sim.faults"
 local config = require "sim.config"
 local identity = require "sim.identity"
+local rfc3339 = require("sim.certificates").rfc3339
 
 local type, tostring, tonumber, setmetatable, pairs =
       type, tostring, tonumber, setmetatable, pairs
@@ -107,11 +108,6 @@ function _M.invalid(field, message, issue, location)
   return err(400, "INVALID_REQUEST", message,
              { field = field, issue = issue or message,
                location = location or "body" })
-end
-
---- syntax: s = api.rfc3339(t) -- epoch seconds as Beijing time, +08:00
-function _M.rfc3339(t)
-  return os.date("!%Y-%m-%dT%H:%M:%S", math.floor(t) + 8 * 3600) .. "+08:00"
 end
 
 local function request_id(suffix)
@@ -297,9 +293,9 @@ function _M.authenticate(req, target, signed_body)
         value = shown(a.serial_no, 64) })
   end
   local expired = m.not_after[config.serial_key(a.serial_no)]
-  if expired and expired <= now and not S.cfg.accept_expired_merchant_certificates
-  then
-    local at = _M.rfc3339(expired)
+  if expired and expired <= now
+     and not S.cfg.accept_expired_merchant_certificates then
+    local at = rfc3339(expired)
     return nil, sign_error("商户API证书已过期：证书序列号" .. a.serial_no
       .. "的有效期至" .. at .. "。请更换有效的商户API证书",
       { field = "serial_no", location = "authorization",
