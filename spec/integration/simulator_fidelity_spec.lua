@@ -102,6 +102,24 @@ describe("simulator: the refund object", function()
     assert.equal(40, res.amount.payer_refund)
     assert.equal(50, res.amount.refund)
   end)
+
+  it("gives back exactly payer_total over partial refunds of the whole "
+     .. "total", function()
+    paid_order("fid-rf-0004", 80)
+    local sum, dsum = 0, 0
+    for i, amount in ipairs({ 33, 33, 34 }) do
+      local r = refund("fid-rf-0004", "fid-rf-p" .. i, amount)
+      signed(r)
+      sum = sum + r.json.amount.payer_refund
+      dsum = dsum + r.json.amount.discount_refund
+      assert.equal(amount, r.json.amount.payer_refund
+                           + r.json.amount.discount_refund)
+    end
+    assert.equal(80, sum)
+    assert.equal(20, dsum)
+    -- each keeps its own: the query says what the create said
+    assert.equal(28, get_refund("fid-rf-p3").json.amount.payer_refund)
+  end)
 end)
 
 describe("simulator: an expired merchant certificate", function()

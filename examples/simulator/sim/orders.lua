@@ -771,15 +771,23 @@ local REFUND_KEYS = set_of({ "sub_mchid", "transaction_id", "out_trade_no",
   "out_refund_no", "reason", "notify_url", "funds_account", "amount",
   "goods_detail" })
 
--- The part of a refund the payer gets back (amount.payer_refund): all of
--- it when the payer paid the total; of an order paid with a discount
--- (the control API's payer_total below the total), the payer's share,
--- rounded down, so that the refunds of an order never give back more
--- than the payer paid. The rest is the discount's (discount_refund).
-local function payer_refund(refund, o)
+-- What the payer paid of the first x fen of an order's total: all of it
+-- when the payer paid the total; of an order paid with a discount (the
+-- control API's payer_total below the total), its share, rounded down.
+local function payer_share(x, o)
   local paid = o.payer_total or o.total
-  if paid >= o.total then return refund end
-  return math_floor(refund * paid / o.total)
+  if paid >= o.total then return x end
+  return math_floor(x * paid / o.total)
+end
+
+-- The part of a refund the payer gets back (amount.payer_refund), fixed
+-- when the refund is made: the payer's share of what the order's refunds
+-- (not CLOSED) come to with it, less its share of what they came to
+-- before it. Refunds that take back the whole total give back exactly
+-- payer_total, never more. The rest is the discount's (discount_refund).
+-- A row made before the column was kept: its own share, rounded down.
+local function payer_refund(f, o)
+  return f.payer_refund or payer_share(f.refund, o)
 end
 _M.payer_refund = payer_refund
 
@@ -791,7 +799,7 @@ local function refund_promotions(f, o)
   if not p then return EMPTY_ARRAY end
   return { { promotion_id = p.coupon_id, scope = p.scope, type = p.type,
              amount = p.amount,
-             refund_amount = f.refund - payer_refund(f.refund, o) } }
+             refund_amount = f.refund - payer_refund(f, o) } }
 end
 
 --- syntax: r = orders.refund_object(f, o) -- a refund row as the API shows it
@@ -800,7 +808,7 @@ end
 function _M.refund_object(f, o)
   local from = f.amount_from
   if type(from) == "string" then from = json.decode(from) end
-  local payer = payer_refund(f.refund, o)
+  local payer = payer_refund(f, o)
   local r = {
     refund_id = f.refund_id, out_refund_no = f.out_refund_no,
     transaction_id = o.transaction_id, out_trade_no = o.out_trade_no,
@@ -828,7 +836,7 @@ local function refund_resource(f, o)
     refund_status = f.status, user_received_account = "支付用户零钱",
     amount = { total = f.total, refund = f.refund,
                payer_total = o.payer_total or o.total,
-               payer_refund = payer_refund(f.refund, o) },
+               payer_refund = payer_refund(f, o) },
   }
   if o.sp_mchid then r.sp_mchid, r.sub_mchid = o.sp_mchid, o.owner
   else r.mchid = o.owner end
@@ -952,16 +960,18 @@ local function create_refund(req, c)
           total = b.amount.total, currency = "CNY", reason = b.reason,
           notify_url = b.notify_url, funds_account = b.funds_account,
           amount_from = b.amount.from and json.encode(b.amount.from),
+          payer_refund = payer_share(o.refunded + b.amount.refund, o)
+                         - payer_share(o.refunded, o),
           created_at = c.now,
           settle_after = settle and (c.now + settle) or nil }
     assert(tx:exec("INSERT INTO sim_refunds (owner, sp_mchid, order_id, "
       .. "refund_id, out_refund_no, status, refund, total, currency, reason, "
       .. "notify_url, funds_account, params_hash, created_at, settle_after, "
-      .. "amount_from) VALUES ($1, $2, $3, $4, $5, 'PROCESSING', $6, $7, "
-      .. "'CNY', $8, $9, $10, $11, $12, $13, $14)", { n = 14, owner,
-        f.sp_mchid, o.id, refund_id, no, f.refund, f.total, b.reason,
-        b.notify_url, b.funds_account, hash, c.now, f.settle_after,
-        f.amount_from }))
+      .. "amount_from, payer_refund) VALUES ($1, $2, $3, $4, $5, "
+      .. "'PROCESSING', $6, $7, 'CNY', $8, $9, $10, $11, $12, $13, $14, $15)",
+      { n = 15, owner, f.sp_mchid, o.id, refund_id, no, f.refund, f.total,
+        b.reason, b.notify_url, b.funds_account, hash, c.now, f.settle_after,
+        f.amount_from, f.payer_refund }))
     assert(tx:exec("UPDATE sim_orders SET refunded = refunded + $1, "
       .. "trade_state = 'REFUND' WHERE id = $2", { f.refund, o.id }))
     o.refunded = o.refunded + f.refund
