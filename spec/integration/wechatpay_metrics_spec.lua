@@ -19,7 +19,9 @@ describe("the certificate metric", function()
     dir = server.tmpdir()
     -- P1 (key A.5) expires in 20 days, P2 (key A.8) in 200
     local certs = { { "a5_platform_key.pem", wxtest.P1, 20, "p1" },
-                    { "a8_go_key.pem", wxtest.P2, 200, "p2" } }
+                    { "a8_go_key.pem", wxtest.P2, 200, "p2" },
+                    -- a merchant certificate (key A.3) ending in 10 days
+                    { "a3_merchant_key.pem", "0ABC", 10, "m10" } }
     for _, c in ipairs(certs) do
       sh(("openssl req -x509 -new -key %s -out %s/%s.pem -days %d "
           .. "-set_serial 0x%s -subj '/CN=Tenpay.com sign'")
@@ -37,10 +39,20 @@ end
 local a = assert(wechatpay.client(conf("1900000001", { %q, %q })))
 -- one that expires soon: a warning
 local b = assert(wechatpay.client(conf("1900000002", { %q })))
+-- merchant certificates: one expired (fixture A.4, 2025-05-09), one that
+-- ends in 10 days: each a warning, and the client still loads
+local function mconf(mchid, cert)
+  local c = conf(mchid, { %q })
+  c.merchant_serial, c.merchant_certificate = nil, cert
+  return c
+end
+local c = assert(wechatpay.client(mconf("1900000003", %q)))
+local d = assert(wechatpay.client(mconf("1900000004", %q)))
 paygate.route("GET", "/", function() return 200, "ok" end)
 ]]):format(FIX .. "a3_merchant_key.pem", wxtest.MERCHANT_SERIAL,
            wxtest.APIV3, dir .. "/p1.pem", dir .. "/p2.pem",
-           dir .. "/p1.pem")
+           dir .. "/p1.pem", dir .. "/p2.pem", FIX .. "a4_merchant_cert.pem",
+           dir .. "/m10.pem")
     s = server.start{ source = app, workers = 2 }
   end)
   teardown(function()
@@ -60,9 +72,9 @@ paygate.route("GET", "/", function() return 200, "ok" end)
       .. '"1900000002",serial="' .. wxtest.P1 .. '"} ([%d.e+-]+)\n')
     assert.is_truthy(b, body)
     assert.is_true(tonumber(b) > 19 and tonumber(b) <= 20)
-    -- one series per merchant, whatever the number of workers
+    -- one series per merchant (four here), whatever the number of workers
     local _, n = body:gsub("paygate_wechatpay_certificate_days_left{", "")
-    assert.equal(2, n)
+    assert.equal(4, n)
   end)
 
   it("warns from 30 days before the newest expires", function()
@@ -72,5 +84,27 @@ paygate.route("GET", "/", function() return 200, "ok" end)
              and log:find("1900000002", 1, true)
     end, 10, "the warning"))
     assert.is_nil(s:logs():match("expires soon[^\n]*1900000001"))
+  end)
+
+  it("warns at start of a merchant_certificate expired or ending within"
+     .. " 30 days", function()
+    local function line(pattern)
+      local found
+      proc.wait_until(function()
+        found = s:logs():match("[^\n]*" .. pattern .. "[^\n]*")
+        return found
+      end, 10, pattern)
+      return found
+    end
+    local expired = line("merchant_certificate has expired[^\n]*1900000003")
+    assert.is_truthy(expired, s:logs())
+    assert.matches(wxtest.MERCHANT_SERIAL, expired, 1, true)
+    assert.matches("2025-05-09", expired, 1, true)
+    assert.matches("401 SIGN_ERROR", expired, 1, true)
+    local soon = line("merchant_certificate expires soon[^\n]*1900000004")
+    assert.is_truthy(soon, s:logs())
+    assert.matches("0ABC", soon, 1, true)
+    -- the merchants whose certificate is fine (or given by serial): none
+    assert.is_nil(s:logs():match("merchant_certificate[^\n]*190000000[12]"))
   end)
 end)

@@ -269,6 +269,9 @@ function _M.check(conf)
                  .. "merchant_certificate (" .. cert:serial() .. ")")
     end
     serial = cert:serial()
+    -- its end, for a warning at start (wechatpay.client): WeChat Pay
+    -- refuses what is signed under an expired one
+    c.merchant_not_after = cert:not_after()
   end
   if type(serial) ~= "string" or not serial:match("^%x+$") or #serial > 64
   then

@@ -8,6 +8,7 @@
 --
 -- One client per signing merchant (the service provider in partner
 -- mode); each has its own key ring.
+local core = require "paygate.core"
 local crypto = require "paygate.crypto"
 local config = require "paygate.wechatpay.config"
 local certs = require "paygate.wechatpay.certs"
@@ -37,6 +38,31 @@ local NAMED_DICTS = { { "shared_dict", "dict", "1m" },
 -- when no platform certificate is held yet: at most startup_timeout
 -- seconds, then it goes on in the background); a download failure is not
 -- fatal (retried in the background) except 404 RESOURCE_NOT_EXISTS.
+-- A merchant_certificate that has expired, or ends within 30 days: a
+-- warning at start (the client still loads: the key signs, and whether
+-- WeChat still takes the serial is WeChat's to say). It is the
+-- merchant's own certificate, renewed in the merchant platform; the
+-- platform certificates have their own warning and gauge (certs.lua).
+local MERCHANT_WARN_DAYS = 30
+local function warn_merchant_expiry(cfg)
+  local na = cfg.merchant_not_after
+  if type(na) ~= "number" or na == 0 then return end
+  local left = na - core.time()
+  if left >= MERCHANT_WARN_DAYS * 86400 then return end
+  local fields = { mchid = cfg.mchid, serial = cfg.merchant_serial,
+                   not_after = os.date("!%Y-%m-%dT%H:%M:%SZ", na) }
+  local log = require("paygate").log
+  if left <= 0 then
+    log.warn("wechatpay: the merchant_certificate has expired: WeChat Pay"
+      .. " refuses requests signed under it (401 SIGN_ERROR); renew the"
+      .. " merchant API certificate in the merchant platform", fields)
+  else
+    fields.days_left = math.floor(left / 86400 * 10) / 10
+    log.warn("wechatpay: the merchant_certificate expires soon: renew the"
+      .. " merchant API certificate in the merchant platform", fields)
+  end
+end
+
 function _M.client(conf)
   local cfg, err = config.check(conf)
   if not cfg then return nil, err end
@@ -60,6 +86,7 @@ function _M.client(conf)
     wx:stop()
     return nil, err
   end
+  warn_merchant_expiry(cfg)
   return wx
 end
 
