@@ -74,7 +74,7 @@ describe("object types", function()
     end
     table.sort(names)
     assert.equal("paygate.abandon_guard paygate.crypto.digest"
-      .. " paygate.crypto.key paygate.event"
+      .. " paygate.crypto.key paygate.event paygate.file_lock"
       .. " paygate.http_stream paygate.keyring.ring paygate.pg.pool"
       .. " paygate.redis.client paygate.redis.sub paygate.sqlite.db"
       .. " paygate.task paygate.x509.cert paygate.zlib_inflate",

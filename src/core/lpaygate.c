@@ -1238,6 +1238,12 @@ lcore_lock_file(lua_State *L)
     if (mode < 0 || mode > 07777) {
         return luaL_argerror(L, 2, "mode must be a file mode (0 .. 07777)");
     }
+    /* the lock first (it may raise: no memory), its fd owned once open,
+     * so nothing leaks whatever raises after */
+    lk = lua_newuserdata(L, sizeof(*lk));
+    lk->fd = -1;
+    luaL_getmetatable(L, LLOCK_MT);
+    lua_setmetatable(L, -2);
     fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, (mode_t) mode);
     if (fd < 0) {
         return gw_push_error(L, "io", 0, "lock_file %s: open: %s", path,
@@ -1257,14 +1263,25 @@ lcore_lock_file(lua_State *L)
         return gw_push_error(L, "io", 0, "lock_file %s: flock: %s", path,
                              strerror(err));
     }
-    lk = lua_newuserdata(L, sizeof(*lk));
     lk->fd = fd;
-    luaL_getmetatable(L, LLOCK_MT);
-    lua_setmetatable(L, -2);
     return 1;
 }
 
-/* lock:unlock() and __gc: releases the lock; safe to call twice */
+/* lock:unlock() and __gc: releases the lock; safe to call twice. As
+ * __gc (reachable with any userdata through getmetatable) it ignores
+ * what is not a lock instead of raising. */
+static int
+llock_gc(lua_State *L)
+{
+    struct gw_file_lock *lk = gw_testudata(L, 1, LLOCK_MT);
+
+    if (lk != NULL && lk->fd >= 0) {
+        close(lk->fd);
+        lk->fd = -1;
+    }
+    return 0;
+}
+
 static int
 llock_unlock(lua_State *L)
 {
@@ -1342,7 +1359,7 @@ luaopen_paygate_core(lua_State *L)
     lua_setfield(L, -2, "__index");
     lua_pop(L, 1);
     luaL_newmetatable(L, LLOCK_MT);
-    lua_pushcfunction(L, llock_unlock);
+    lua_pushcfunction(L, llock_gc);
     lua_setfield(L, -2, "__gc");
     lua_newtable(L);
     luaL_register(L, NULL, llock_methods);
