@@ -379,10 +379,23 @@ local function opened(p, no, pay, ik, status, actor)
       -- found this attempt not yet made at WeChat): nothing to hand out
       return { ended = row }
     end
+    -- the attempt written only while still open: on PostgreSQL (READ
+    -- COMMITTED) a resumed create or a switch can commit between the read
+    -- above and this write (it supersedes the attempt, without moving the
+    -- payment's version), and the transition below would then open the
+    -- payment with this attempt's code handed out. Once written, the
+    -- attempt is held until the commit: whoever supersedes it waits.
     local ok
     ok, err = tx:exec("UPDATE gw_attempts SET prepay = $2 WHERE"
-                      .. " out_trade_no = $1", { no, json.encode(pay) })
+                      .. " out_trade_no = $1 AND state = 'open'",
+                      { no, json.encode(pay) })
     if not ok then return nil, err end
+    if ok.changes ~= 1 then
+      row, err = model.payment(tx, p.id)   -- as it is now
+      if not row then return nil, err end
+      if row.out_trade_no ~= no then return { superseded = row } end
+      return { ended = row }
+    end
     -- created -> paying; unknown (an earlier prepay's outcome was not
     -- known, and the resumed create settled it) -> paying
     local event = row.state == "created" and "opened"

@@ -97,3 +97,96 @@ describe("gateway create racing a resumed create", function()
     end, 10, "the superseded attempt closed at WeChat")
   end)
 end)
+
+-- On PostgreSQL (READ COMMITTED: each statement reads what is committed
+-- when it starts) the first create's last transaction can read the
+-- payment before the second create's resume commits and write after it:
+-- found by model_cluster_spec (seeds 601, 602: "two creates at once: 201
+-- 201"). Made deterministic here with row locks: the spec holds the
+-- payment's row, so the second create's resume stops at its UPDATE of it,
+-- holding attempt 1's row (marked superseded); the first create's prepay
+-- then comes back, its transaction reads the payment (still on attempt 1:
+-- the resume is not committed) and waits for attempt 1's row; then the
+-- spec lets go.
+local servers = require "spec.support.servers"
+if not servers.have_postgres() then
+  describe("gateway create racing a resumed create on PostgreSQL", function()
+    pending("PostgreSQL is not installed")
+  end)
+  return
+end
+
+describe("gateway create racing a resumed create on PostgreSQL", function()
+  local sim, gw
+  local spawn = require("paygate.core").spawn
+
+  setup(function()
+    local pg = servers.postgres()
+    sim = testing.simulator{ time_scale = 100 }
+    gw = core.start(sim, { db = function() return pg.url .. "?pool=6" end,
+                           gateway = { reconcile = { enabled = false } } })
+  end)
+
+  teardown(function()
+    if gw then gw:stop() end
+    testing.stop_all()
+    servers.stop_all()
+  end)
+
+  -- a session of the store waits for a row lock in a statement starting
+  -- with prefix
+  local function waiting(prefix)
+    local rows = assert(gw.db:query("SELECT count(*) AS n FROM"
+      .. " pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE"
+      .. " $1", { prefix .. "%" }))
+    return tonumber(rows[1].n) > 0
+  end
+
+  it("the first create's code is not handed out when the resume commits"
+     .. " between its read and its write", function()
+    local body = { order_id = "race-pg-" .. require("paygate.crypto")
+                     .random_nonce(8), channel = "native", amount = 150,
+                   description = "two creates on PostgreSQL" }
+    sim:fault{ endpoint = "prepay", kind = "latency", seconds = 2,
+               count = 1 }
+    local first, second
+    spawn(function() first = gw:call("POST", "/v1/payments", body) end)
+    local id
+    testing.wait_until(function()
+      local rows = gw.db:query("SELECT p.id FROM gw_attempts a JOIN"
+        .. " gw_payments p ON p.id = a.payment_id WHERE p.order_id = $1",
+        { body.order_id })
+      id = rows and rows[1] and rows[1].id
+      return id ~= nil
+    end, 10, "the first create's attempt")
+    local held, release = false, false
+    spawn(function()
+      assert(gw.db:transaction(function(tx)
+        assert(tx:query("SELECT id FROM gw_payments WHERE id = $1 FOR"
+                        .. " UPDATE", { id }))
+        held = true
+        testing.wait_until(function() return release end, 30, "release")
+      end))
+      held = "done"
+    end)
+    testing.wait_until(function() return held == true end, 10, "the lock")
+    spawn(function() second = gw:call("POST", "/v1/payments", body) end)
+    testing.wait_until(function()
+      return waiting("UPDATE gw_payments SET channel")
+    end, 10, "the second create's resume to wait for the payment's row")
+    testing.wait_until(function()
+      return waiting("UPDATE gw_attempts SET prepay")
+    end, 10, "the first create's prepay recorded, waiting for its attempt")
+    release = true
+    testing.wait_until(function() return first and second end, 20,
+                       "both creates to answer")
+    sim:clear_faults()
+    assert.equal(201, second.status, second.body)
+    assert.equal(id .. "_2", second.json.payment.out_trade_no)
+    assert.equal(409, first.status, first.body)
+    assert.equal("conflict", first.json.error)
+    local rows = assert(gw.db:query("SELECT state FROM gw_attempts"
+      .. " WHERE out_trade_no = $1", { id .. "_1" }))
+    assert.equal("superseded", rows[1].state)
+  end)
+end)
