@@ -1,9 +1,9 @@
--- Shared set-up of the multi-instance and chaos specs: a copy of the app
--- whose gw/hooks.lua records which instance delivered each event, the
--- webhook receiver (spec/support/outbox_receiver), the notification tee
--- (spec/notify_tee), and the checks both specs make on the store: one
--- transition to paid per payment, audit chains that verify, events
--- delivered.
+-- Shared set-up of the multi-instance, model_cluster and chaos specs: a
+-- copy of the app whose gw/hooks.lua records which instance delivered
+-- each event, the webhook receiver (spec/support/outbox_receiver), the
+-- notification tee (spec/notify_tee), and the checks they make on the
+-- store and the sinks: one transition to paid per payment, audit chains
+-- that verify, events delivered (once per sink).
 local testing = require "paygate.testing"
 local audit = require "paygate.audit"
 local json = require "paygate.json"
@@ -73,13 +73,16 @@ function _M.receiver(every)
   return rcv
 end
 
---- syntax: tee = cluster.tee() -- tee.url, tee:targets(list), tee:log()
+--- syntax: tee = cluster.tee() -- tee.url, tee:targets(list[, o]),
+-- tee:log(); o: seed, copy (notify_tee's seeded choice)
 function _M.tee()
   local srv = testing.start_app{ app = "examples/gateway/spec/notify_tee" }
   local tee = { srv = srv, url = srv:url("") }
-  function tee.targets(list)
+  function tee.targets(list, o)
+    local b = { targets = list }
+    for k, v in pairs(o or {}) do b[k] = v end
     local res = assert(srv:request{ method = "POST", path = "/_ctl/targets",
-                                    json = { targets = list } })
+                                    json = b })
     assert(res.status == 200, "tee targets: " .. res.status)
   end
   function tee.log()
@@ -137,6 +140,78 @@ function _M.wait_outbox_drained(db, timeout)
   end, timeout or 20, "every outbox event delivered")
   return assert(db:query("SELECT id, subject, type, state FROM"
                          .. " paygate_outbox ORDER BY id"))
+end
+
+--- syntax: cluster.wait_shards(gws, timeout)
+-- The first instance's dispatchers take every free shard (past their cap
+-- too) before the second starts, and give the extra ones back after
+-- lease_ttl: waits until each instance of gws holds shards, or events
+-- sent sooner could all be dispatched by the first (its /metrics:
+-- paygate_outbox_shards per worker).
+function _M.wait_shards(gws, timeout)
+  testing.wait_until(function()
+    for _, gw in ipairs(gws) do
+      local res = gw.srv:admin_get("/metrics")
+      local held = 0
+      for n in (res.status == 200 and res.body or ""):gmatch(
+          "\npaygate_outbox_shards{[^}]*} (%d+)") do
+        held = held + tonumber(n)
+      end
+      if held == 0 then return false end
+    end
+    return true
+  end, timeout, "both instances' dispatchers to hold outbox shards")
+end
+
+--- syntax: retried, workers, instances = cluster.check_sinks(rows, o)
+-- Each event of rows (outbox rows: id) accepted once by the webhook
+-- receiver o.rcv, run once by the hooks logging to o.hooks_log, and, with
+-- o.redis (a URL), once in the Redis stream o.stream (its length: #rows).
+-- returns: how many events the webhook sink retried, in how many workers
+-- and how many instances the hooks ran.
+function _M.check_sinks(rows, o)
+  local luassert = require "luassert"
+  -- the webhook receiver: each event accepted once, some maybe after a
+  -- refused first attempt
+  local st = o.rcv.stats()
+  local retried = 0
+  for _, r in ipairs(rows) do
+    local k = tostring(r.id)
+    assert(st.ok[k] == 1, "event " .. k .. " accepted "
+           .. tostring(st.ok[k]) .. " times by the webhook receiver")
+    if st.attempts[k] > 1 then retried = retried + 1 end
+  end
+  -- the Redis stream: each event id once
+  if o.redis then
+    local c = assert(require("paygate.redis").connect(o.redis))
+    luassert.equal(#rows, tonumber(assert(c:call("XLEN", o.stream))))
+    local entries = assert(c:call("XRANGE", o.stream, "-", "+"))
+    local seen = {}
+    for _, e in ipairs(entries) do
+      local f = e[2]
+      for j = 1, #f, 2 do
+        if f[j] == "id" then
+          assert(not seen[f[j + 1]], "event " .. f[j + 1] .. " twice in"
+                 .. " the stream")
+          seen[f[j + 1]] = true
+        end
+      end
+    end
+    for _, r in ipairs(rows) do
+      assert(seen[tostring(r.id)], "event " .. r.id .. " not in the stream")
+    end
+    c:close()
+  end
+  -- the in-process hooks: each event once
+  local runs = _M.hook_runs(o.hooks_log)
+  for _, r in ipairs(rows) do
+    assert(runs.by_event[r.id] == 1, "event " .. r.id .. " hooked "
+           .. tostring(runs.by_event[r.id]) .. " times")
+  end
+  local instances, workers = 0, 0
+  for _ in pairs(runs.by_instance) do instances = instances + 1 end
+  for _ in pairs(runs.by_worker) do workers = workers + 1 end
+  return retried, workers, instances
 end
 
 --- syntax: gw = cluster.gateway(sim, o)

@@ -52,23 +52,7 @@ describe("two gateway instances on one PostgreSQL and Redis", function()
         db = function() return pg.url .. "?pool=6" end, gateway = gateway })
     end
     tee.targets({ gws[1].srv:url(""), gws[2].srv:url("") })
-    -- the first instance's dispatchers take every free shard (past their
-    -- cap too) before the second starts, and give the extra ones back
-    -- after lease_ttl: wait until each instance holds shards, or events
-    -- sent sooner could all be dispatched by the first (its /metrics:
-    -- paygate_outbox_shards per worker)
-    testing.wait_until(function()
-      for _, gw in ipairs(gws) do
-        local res = gw.srv:admin_get("/metrics")
-        local held = 0
-        for n in (res.status == 200 and res.body or ""):gmatch(
-            "\npaygate_outbox_shards{[^}]*} (%d+)") do
-          held = held + tonumber(n)
-        end
-        if held == 0 then return false end
-      end
-      return true
-    end, 20, "both instances' dispatchers to hold outbox shards")
+    cluster.wait_shards(gws, 20)
   end)
 
   teardown(function()
@@ -78,51 +62,10 @@ describe("two gateway instances on one PostgreSQL and Redis", function()
     servers.stop_all()
   end)
 
-  -- Each event of rows accepted once by the webhook receiver, once in
-  -- the Redis stream, run once by the hooks, and the hooks run by both
-  -- instances. returns: how many events the webhook sink retried, and in
-  -- how many workers the hooks ran.
   local function check_sinks(rows)
-    -- the webhook receiver: each event accepted once, some after a
-    -- refused first attempt
-    local st = rcv.stats()
-    local retried = 0
-    for _, r in ipairs(rows) do
-      local k = tostring(r.id)
-      assert(st.ok[k] == 1, "event " .. k .. " accepted "
-             .. tostring(st.ok[k]) .. " times by the webhook receiver")
-      if st.attempts[k] > 1 then retried = retried + 1 end
-    end
+    local retried, workers, instances = cluster.check_sinks(rows, {
+      rcv = rcv, hooks_log = hooks_log, redis = rd.url, stream = STREAM })
     assert.is_true(retried > 0)
-    -- the Redis stream: each event id once
-    local c = assert(redis.connect(rd.url))
-    assert.equal(#rows, tonumber(assert(c:call("XLEN", STREAM))))
-    local entries = assert(c:call("XRANGE", STREAM, "-", "+"))
-    local seen = {}
-    for _, e in ipairs(entries) do
-      local f = e[2]
-      for j = 1, #f, 2 do
-        if f[j] == "id" then
-          assert(not seen[f[j + 1]], "event " .. f[j + 1] .. " twice in"
-                 .. " the stream")
-          seen[f[j + 1]] = true
-        end
-      end
-    end
-    for _, r in ipairs(rows) do
-      assert(seen[tostring(r.id)], "event " .. r.id .. " not in the stream")
-    end
-    c:close()
-    -- the in-process hooks: each event once, run by both instances'
-    -- dispatchers (and more than one worker)
-    local runs = cluster.hook_runs(hooks_log)
-    for _, r in ipairs(rows) do
-      assert(runs.by_event[r.id] == 1, "event " .. r.id .. " hooked "
-             .. tostring(runs.by_event[r.id]) .. " times")
-    end
-    local instances, workers = 0, 0
-    for _ in pairs(runs.by_instance) do instances = instances + 1 end
-    for _ in pairs(runs.by_worker) do workers = workers + 1 end
     assert.equal(2, instances)
     assert.is_true(workers >= 3)
     return retried, workers

@@ -7,10 +7,16 @@
 -- notification ids, interleaved, concurrently. A request the primary
 -- acknowledged is sent to it once more, unchanged (a replay).
 --
---   POST /_ctl/targets { targets = { "http://127.0.0.1:P1", ... } }
+--   POST /_ctl/targets { targets = { "http://127.0.0.1:P1", ... }
+--                        [, seed = n, copy = p] }
+--     with a seed, each notification's primary instance is drawn by a
+--     generator of that seed instead (one draw per notification, in
+--     arrival order), and the copy to each other instance is sent with
+--     probability p (another draw; p = 1 unless given)
 --   POST /wechatpay/notify/:mchid      -> the primary instance's answer
 --   GET  /_ctl/log -> [{ id, primary, status, again (the replay's status),
---                         copies = { {target, status} } }]
+--                         copies = { {target, status} } (as answered),
+--                         sent (how many copies were sent) }]
 --
 -- It keeps everything in memory: run it with one worker.
 local paygate = require "paygate"
@@ -21,6 +27,7 @@ local json = require "paygate.json"
 local targets = {}
 local log = {}
 local n = 0
+local draw, copy_p        -- the seeded choice: one draw in [0, 1) each
 
 local FORWARD = { "content-type", "wechatpay-timestamp", "wechatpay-nonce",
                   "wechatpay-signature", "wechatpay-serial",
@@ -34,7 +41,15 @@ local function send(base, path, h, body)
 end
 
 paygate.route("POST", "/_ctl/targets", function(req)
-  targets = req:json().targets or {}
+  local b = req:json()
+  targets = b.targets or {}
+  draw = nil
+  if b.seed then
+    -- (run from the repository's root, as the specs run)
+    local r = dofile("examples/gateway/spec/seeded.lua").rng(b.seed)
+    draw = function() return r.float(0, 1) end
+  end
+  copy_p = b.copy or 1
   return 200, { targets = targets }
 end)
 
@@ -44,9 +59,10 @@ paygate.route("POST", "/wechatpay/notify/:mchid", function(req)
   end
   n = n + 1
   local env = json.decode(req.body or "") or {}
-  local rec = { id = env.id, copies = {} }
+  local rec = { id = env.id, copies = {}, sent = 0 }
   log[#log + 1] = rec
   local first = (n % #targets) + 1
+  if draw then first = math.floor(draw() * #targets) + 1 end
   -- copied now: the request is gone once the handler returned
   local h, body, path = {}, req.body, req.path
   for _, k in ipairs(FORWARD) do
@@ -54,7 +70,8 @@ paygate.route("POST", "/wechatpay/notify/:mchid", function(req)
   end
   rec.primary = targets[first]
   for i, t in ipairs(targets) do
-    if i ~= first then
+    if i ~= first and (not draw or draw() < copy_p) then
+      rec.sent = rec.sent + 1
       core.spawn(function()
         core.sleep(math.random() * 0.02)
         local ok, res, err = pcall(send, t, path, h, body)
