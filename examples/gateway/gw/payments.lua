@@ -437,6 +437,16 @@ end
 -- returns: the payment row as it now is (or nil: the store failed, logged)
 local function outcome_unknown(p, no, werr, actor)
   local row, err = fsm.retry(ctx.db, function(tx)
+    -- (PostgreSQL: the attempt locked first. A resumed create supersedes
+    -- it and moves the payment to its new attempt without changing the
+    -- payment's version: read unlocked, the payment could be read on this
+    -- attempt before that commit and moved to unknown after it. Locked,
+    -- the read below waits for the resume and sees it.)
+    if tx.engine == "postgres" then
+      local locked, lerr = tx:query("SELECT state FROM gw_attempts WHERE"
+        .. " out_trade_no = $1 FOR UPDATE", { no })
+      if not locked then return nil, lerr end
+    end
     local cur, terr = model.payment(tx, p.id)
     if not cur then return nil, terr end
     if not P:can(cur.state, "outcome_unknown")

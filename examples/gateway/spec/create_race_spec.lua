@@ -99,15 +99,16 @@ describe("gateway create racing a resumed create", function()
 end)
 
 -- On PostgreSQL (READ COMMITTED: each statement reads what is committed
--- when it starts) the first create's last transaction can read the
--- payment before the second create's resume commits and write after it:
--- found by model_cluster_spec (seeds 601, 602: "two creates at once: 201
--- 201"). Made deterministic here with row locks: the spec holds the
--- payment's row, so the second create's resume stops at its UPDATE of it,
--- holding attempt 1's row (marked superseded); the first create's prepay
--- then comes back, its transaction reads the payment (still on attempt 1:
--- the resume is not committed) and waits for attempt 1's row; then the
--- spec lets go.
+-- when it starts) the first create's last transaction could read the
+-- payment before the second create's resume committed and write after it
+-- (a resume moves the payment to a new attempt without changing its
+-- version): found by model_cluster_spec (seeds 601, 602: "two creates at
+-- once: 201 201"). Made deterministic here with row locks: the spec holds
+-- the payment's row, so the second create's resume stops at its UPDATE of
+-- it, holding attempt 1's row (marked superseded); the first create's
+-- prepay then comes back, its transaction reads the payment (still on
+-- attempt 1 for it: the resume is not committed) and waits for a row;
+-- then the spec lets go.
 local servers = require "spec.support.servers"
 if not servers.have_postgres() then
   describe("gateway create racing a resumed create on PostgreSQL", function()
@@ -123,8 +124,10 @@ describe("gateway create racing a resumed create on PostgreSQL", function()
   setup(function()
     local pg = servers.postgres()
     sim = testing.simulator{ time_scale = 100 }
+    -- one try per call: a prepay's 5xx is not tried again
     gw = core.start(sim, { db = function() return pg.url .. "?pool=6" end,
-                           gateway = { reconcile = { enabled = false } } })
+                           gateway = { reconcile = { enabled = false } },
+                           merchant = { max_attempts = 1 } })
   end)
 
   teardown(function()
@@ -133,22 +136,27 @@ describe("gateway create racing a resumed create on PostgreSQL", function()
     servers.stop_all()
   end)
 
-  -- a session of the store waits for a row lock in a statement starting
-  -- with prefix
+  after_each(function() sim:clear_faults() end)
+
+  -- how many sessions of the store wait for a lock (in a statement
+  -- starting with prefix, if given)
   local function waiting(prefix)
     local rows = assert(gw.db:query("SELECT count(*) AS n FROM"
       .. " pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE"
-      .. " $1", { prefix .. "%" }))
-    return tonumber(rows[1].n) > 0
+      .. " $1", { (prefix or "") .. "%" }))
+    return tonumber(rows[1].n)
   end
 
-  it("the first create's code is not handed out when the resume commits"
-     .. " between its read and its write", function()
+  -- The race above (the first create's prepay delayed 2 s by the
+  -- simulator, then answered normally or as `fault` says). returns: the
+  -- payment's id, and both answers.
+  local function racing_creates(amount, fault)
     local body = { order_id = "race-pg-" .. require("paygate.crypto")
-                     .random_nonce(8), channel = "native", amount = 150,
+                     .random_nonce(8), channel = "native", amount = amount,
                    description = "two creates on PostgreSQL" }
     sim:fault{ endpoint = "prepay", kind = "latency", seconds = 2,
                count = 1 }
+    if fault then sim:fault(fault) end
     local first, second
     spawn(function() first = gw:call("POST", "/v1/payments", body) end)
     local id
@@ -167,20 +175,29 @@ describe("gateway create racing a resumed create on PostgreSQL", function()
         held = true
         testing.wait_until(function() return release end, 30, "release")
       end))
-      held = "done"
     end)
-    testing.wait_until(function() return held == true end, 10, "the lock")
+    testing.wait_until(function() return held end, 10, "the lock")
     spawn(function() second = gw:call("POST", "/v1/payments", body) end)
     testing.wait_until(function()
-      return waiting("UPDATE gw_payments SET channel")
+      return waiting("UPDATE gw_payments SET channel") == 1
     end, 10, "the second create's resume to wait for the payment's row")
-    testing.wait_until(function()
-      return waiting("UPDATE gw_attempts SET prepay")
-    end, 10, "the first create's prepay recorded, waiting for its attempt")
+    -- the first create's prepay answered, its transaction waits too
+    testing.wait_until(function() return waiting() == 2 end, 10,
+                       "the first create's transaction to wait")
     release = true
     testing.wait_until(function() return first and second end, 20,
                        "both creates to answer")
-    sim:clear_faults()
+    return id, first, second
+  end
+
+  local function events_of(id, etype)
+    return #assert(gw.db:query("SELECT id FROM paygate_outbox WHERE subject"
+      .. " = $1 AND type = $2", { id, etype }))
+  end
+
+  it("the first create's code is not handed out when the resume commits"
+     .. " between its read and its write", function()
+    local id, first, second = racing_creates(150)
     assert.equal(201, second.status, second.body)
     assert.equal(id .. "_2", second.json.payment.out_trade_no)
     assert.equal(409, first.status, first.body)
@@ -188,5 +205,19 @@ describe("gateway create racing a resumed create on PostgreSQL", function()
     local rows = assert(gw.db:query("SELECT state FROM gw_attempts"
       .. " WHERE out_trade_no = $1", { id .. "_1" }))
     assert.equal("superseded", rows[1].state)
+  end)
+
+  it("the first create's unknown outcome is not the payment's when the"
+     .. " resume commits between its read and its write", function()
+    -- WeChat's 5xx: attempt 1 may have been made there (unknown); the
+    -- payment is on attempt 2 by then, which that says nothing about
+    local id, first, second = racing_creates(160, { endpoint = "prepay",
+      kind = "error", status = 500, count = 1 })
+    assert.is_true(first.status >= 500, first.body)
+    assert.equal(201, second.status, second.body)
+    assert.equal(id .. "_2", second.json.payment.out_trade_no)
+    assert.equal("paying", gw:get(id).state)
+    assert.equal(0, events_of(id, "payment.unknown"))
+    assert.equal(1, events_of(id, "payment.paying"))
   end)
 end)
