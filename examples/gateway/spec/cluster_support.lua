@@ -302,4 +302,53 @@ function Gw:kill9()
   return _M.kill9(self.srv)
 end
 
+--- syntax: c = cluster.cluster(); c.start{ stream =, tee = }; c.stop()
+-- Two gateway instances (two workers each) on one PostgreSQL and Redis,
+-- beside the simulator (time_scale 100): reconciliation off (the
+-- notifications alone must do it), events to a webhook receiver that
+-- refuses every 3rd event's first attempt, the Redis stream `stream` and
+-- the hooks; notifications through the tee (`tee`: its options; round
+-- robin without them), and every dispatcher holding shards. c.start
+-- fills c = { pg, rd, sim, rcv, tee, app_dir, hooks_log, gws } as it
+-- goes, so c.stop() (a spec's teardown) stops what a failed start began.
+function _M.cluster()
+  local servers = require "spec.support.servers"
+  local c = {}
+  function c.start(o)
+    c.pg = servers.postgres()
+    c.rd = servers.redis()
+    c.sim = testing.simulator{ time_scale = 100 }
+    c.rcv = _M.receiver(3)        -- every 3rd event's first attempt: 500
+    c.tee = _M.tee()
+    c.app_dir, c.hooks_log = _M.app_copy()
+    local gateway = {
+      public_url = c.tee.url, redis = c.rd.url,
+      redis_stream = { stream = o.stream },
+      webhooks = { { url = c.rcv.url, secret_file = c.rcv.secret_file,
+                     timeout = 2 } },
+      reconcile = { enabled = false }, -- notifications alone must do it
+      -- 8 shards over 4 dispatchers: every dispatcher holds some (the
+      -- lease outlives a webhook's timeout)
+      dispatcher = { interval = 0.05, max_partitions = 2, lease_ttl = 5,
+                     backoff_base = 0.05, backoff_cap = 0.2 },
+    }
+    c.gws = {}
+    for i = 1, 2 do
+      c.gws[i] = core.start(c.sim, { app = c.app_dir, workers = 2,
+        db = function() return c.pg.url .. "?pool=6" end,
+        gateway = gateway })
+    end
+    c.tee.targets({ c.gws[1].srv:url(""), c.gws[2].srv:url("") }, o.tee)
+    _M.wait_shards(c.gws, 20)
+    return c
+  end
+  function c.stop()
+    for _, gw in ipairs(c.gws or {}) do gw:stop() end
+    testing.stop_all()
+    if c.app_dir then testing.server.rmdir(c.app_dir) end
+    servers.stop_all()
+  end
+  return c
+end
+
 return _M

@@ -26,41 +26,16 @@ local N = 40          -- payments
 local STREAM = "gw:events"
 
 describe("two gateway instances on one PostgreSQL and Redis", function()
-  local pg, rd, sim, rcv, tee, app_dir, hooks_log, gws
+  local rd, sim, rcv, tee, hooks_log, gws
+  local c = cluster.cluster()
 
   setup(function()
-    pg = servers.postgres()
-    rd = servers.redis()
-    sim = testing.simulator{ time_scale = 100 }
-    rcv = cluster.receiver(3)       -- every 3rd event's first attempt: 500
-    tee = cluster.tee()
-    app_dir, hooks_log = cluster.app_copy()
-    local gateway = {
-      public_url = tee.url, redis = rd.url,
-      redis_stream = { stream = STREAM },
-      webhooks = { { url = rcv.url, secret_file = rcv.secret_file,
-                     timeout = 2 } },
-      reconcile = { enabled = false },   -- notifications alone must do it
-      -- 8 shards over 4 dispatchers: every dispatcher holds some (the
-      -- lease outlives a webhook's timeout)
-      dispatcher = { interval = 0.05, max_partitions = 2, lease_ttl = 5,
-                     backoff_base = 0.05, backoff_cap = 0.2 },
-    }
-    gws = {}
-    for i = 1, 2 do
-      gws[i] = core.start(sim, { app = app_dir, workers = 2,
-        db = function() return pg.url .. "?pool=6" end, gateway = gateway })
-    end
-    tee.targets({ gws[1].srv:url(""), gws[2].srv:url("") })
-    cluster.wait_shards(gws, 20)
+    c.start{ stream = STREAM }
+    rd, sim, rcv, tee = c.rd, c.sim, c.rcv, c.tee
+    hooks_log, gws = c.hooks_log, c.gws
   end)
 
-  teardown(function()
-    for _, gw in ipairs(gws or {}) do gw:stop() end
-    testing.stop_all()
-    if app_dir then testing.server.rmdir(app_dir) end
-    servers.stop_all()
-  end)
+  teardown(function() c.stop() end)
 
   local function check_sinks(rows)
     local retried, workers, instances = cluster.check_sinks(rows, {
