@@ -437,6 +437,45 @@ describe("paygate.http.request", function()
         local _, first = whoami(dir .. "/pool1.pem", dir .. "/pool1.key")
         assert.is_true(first > conns[17])
       end)
+
+      -- identities in use at once are all pooled (none is idle to close);
+      -- once they are idle, the next new identity closes every idle pool
+      -- beyond the 16 most recently used, not only the oldest
+      it("closes every idle pool beyond 16 after a burst of identities in"
+         .. " use at once", function()
+        local N, conns, done = 20, {}, 0
+        for i = 1, N do
+          local cert, key = dir .. "/burst" .. i .. ".pem",
+                            dir .. "/burst" .. i .. ".key"
+          copy(a_cert, cert)
+          copy(a_key, key)
+        end
+        for i = 1, N do
+          paygate.spawn(function()
+            local ok, _, conn = pcall(whoami, dir .. "/burst" .. i .. ".pem",
+                                      dir .. "/burst" .. i .. ".key")
+            conns[i] = ok and conn or tostring(_)
+            done = done + 1
+          end)
+        end
+        proc.wait_until(function() return done == N end, 20, "the burst")
+        for i = 1, N do
+          assert.equal("number", type(conns[i]), tostring(conns[i]))
+        end
+        local cert, key = dir .. "/burst-next.pem", dir .. "/burst-next.key"
+        copy(a_cert, cert)
+        copy(a_key, key)
+        whoami(cert, key)
+        -- 21 identities, 16 kept: the five least recently used closed
+        for k = 1, 5 do
+          local conn = conns[k]
+          proc.wait_until(function()
+            return proc.read(whoami_log):find("\nclosed " .. conn .. "\n",
+                                              1, true)
+          end, 10, "connection " .. conn .. " (burst identity " .. k
+                   .. ") closed")
+        end
+      end)
     end)
   end)
 end)

@@ -731,7 +731,7 @@ id_add_file(EVP_MD_CTX *md, const char *path)
 /*
  * The pool of the client identity made of cert's and key's files (key
  * NULL: the key is in cert's file, as curl reads it then), made (and
- * the least recently used idle pool beyond POOL_MAX closed) when new.
+ * the least recently used idle pools beyond POOL_MAX closed) when new.
  * Returns the pool, its user count not yet raised, or NULL when it could
  * not be made (no memory).
  */
@@ -758,21 +758,25 @@ pool_get(const char *cert, const char *key)
             return p;
         }
     }
-    /* a new identity: first close the oldest idle pool past the limit */
-    if (npools >= POOL_MAX) {
+    /* a new identity: first close the oldest idle pools past the limit
+     * (all of them: identities in use at once can have taken the count
+     * past POOL_MAX, none of them idle to close then) */
+    while (npools >= POOL_MAX) {
+        lru = NULL;
         for (pp = &pools; *pp != NULL; pp = &(*pp)->next) {
             if ((*pp)->users == 0
                 && (lru == NULL || (*pp)->used < (*lru)->used)) {
                 lru = pp;
             }
         }
-        if (lru != NULL
-            && curl_share_cleanup((*lru)->share) == CURLSHE_OK) {
-            p = *lru;
-            *lru = p->next;
-            free(p);
-            npools--;
+        if (lru == NULL
+            || curl_share_cleanup((*lru)->share) != CURLSHE_OK) {
+            break;                  /* every one in use: kept for now */
         }
+        p = *lru;
+        *lru = p->next;
+        free(p);
+        npools--;
     }
     p = calloc(1, sizeof(*p));
     if (p == NULL || (p->share = curl_share_init()) == NULL
