@@ -120,6 +120,30 @@ describe("simulator: the refund object", function()
     -- each keeps its own: the query says what the create said
     assert.equal(28, get_refund("fid-rf-p3").json.amount.payer_refund)
   end)
+
+  it("never gives back more than payer_total when a refund was closed "
+     .. "between others", function()
+    paid_order("fid-rf-0005", 80)
+    -- 1 fen gives the payer 0 (its share rounds down), the next 1
+    local r1 = refund("fid-rf-0005", "fid-rf-c1", 1)
+    signed(r1)
+    assert.equal(0, r1.json.amount.payer_refund)
+    local r2 = refund("fid-rf-0005", "fid-rf-c2", 1)
+    signed(r2)
+    assert.equal(1, r2.json.amount.payer_refund)
+    -- the first closed: its fen can be refunded again
+    local s = sc.control(base, "POST", "/sim/refunds/fid-rf-c1/settle",
+                         { status = "CLOSED" })
+    assert.equal(200, s.status, s.body)
+    -- the rest of the total: with the second refund, the payer gets back
+    -- what it paid (80), not 81
+    local r3 = refund("fid-rf-0005", "fid-rf-c3", 99)
+    signed(r3)
+    local a = r3.json.amount
+    assert.equal(99, a.payer_refund + a.discount_refund)
+    assert.equal(80, r2.json.amount.payer_refund + a.payer_refund)
+    assert.equal(20, r2.json.amount.discount_refund + a.discount_refund)
+  end)
 end)
 
 describe("simulator: an expired merchant certificate", function()

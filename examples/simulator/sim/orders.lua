@@ -781,15 +781,31 @@ local function payer_share(x, o)
 end
 
 -- The part of a refund the payer gets back (amount.payer_refund), fixed
--- when the refund is made: the payer's share of what the order's refunds
--- (not CLOSED) come to with it, less its share of what they came to
--- before it. Refunds that take back the whole total give back exactly
--- payer_total, never more. The rest is the discount's (discount_refund).
--- A row made before the column was kept: its own share, rounded down.
+-- when the refund is made (new_payer_refund): the payer's share of what
+-- the order's refunds (not CLOSED) come to with it, less what those
+-- refunds give the payer back already. Refunds that take back the whole
+-- total give back exactly payer_total, never more, a refund closed among
+-- them or not. The rest is the discount's (discount_refund). A row made
+-- before the column was kept: its own share, rounded down.
 local function payer_refund(f, o)
   return f.payer_refund or payer_share(f.refund, o)
 end
 _M.payer_refund = payer_refund
+
+-- payer_refund of a new refund of `refund` fen of order o (inside tx,
+-- before the refund's row is written).
+local function new_payer_refund(tx, o, refund)
+  local paid = o.payer_total or o.total
+  if paid >= o.total then return refund end
+  local given = 0
+  for _, f in ipairs(assert(tx:query("SELECT refund, payer_refund FROM "
+      .. "sim_refunds WHERE order_id = $1 AND status <> 'CLOSED'",
+      { o.id }))) do
+    given = given + payer_refund(f, o)
+  end
+  local p = payer_share(o.refunded + refund, o) - given
+  return p < 0 and 0 or p > refund and refund or p
+end
 
 -- promotion_detail of a refund: [] for an order paid in full; for one
 -- paid with a discount, the one promotion that discount stands for
@@ -960,8 +976,7 @@ local function create_refund(req, c)
           total = b.amount.total, currency = "CNY", reason = b.reason,
           notify_url = b.notify_url, funds_account = b.funds_account,
           amount_from = b.amount.from and json.encode(b.amount.from),
-          payer_refund = payer_share(o.refunded + b.amount.refund, o)
-                         - payer_share(o.refunded, o),
+          payer_refund = new_payer_refund(tx, o, b.amount.refund),
           created_at = c.now,
           settle_after = settle and (c.now + settle) or nil }
     assert(tx:exec("INSERT INTO sim_refunds (owner, sp_mchid, order_id, "
