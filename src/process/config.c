@@ -3,7 +3,6 @@
  */
 #include <arpa/inet.h>
 #include <errno.h>
-#include <math.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <stddef.h>
@@ -208,12 +207,8 @@ read_shared(lua_State *L, int t, struct gw_opts *o, char *err, size_t errlen)
         if (lua_type(L, -1) == LUA_TSTRING) {
             ok = gw_shdict_parse_size(lua_tostring(L, -1), &size) == GW_OK;
         } else if (lua_type(L, -1) == LUA_TNUMBER) {
-            double v = lua_tonumber(L, -1);
-
-            /* a byte count: whole, in range (a fraction is no size) */
-            ok = v >= GW_SHD_MIN_SIZE && v <= (double) GW_SHD_MAX_SIZE
-                 && v == floor(v);
-            size = ok ? (size_t) v : 0;
+            ok = gw_shdict_size_of_number(lua_tonumber(L, -1), &size)
+                 == GW_OK;
         }
         if (!ok) {
             snprintf(err, errlen, "config.shared.%.64s must be a size: "

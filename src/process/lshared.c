@@ -10,7 +10,6 @@
  * No call yields; each takes the dictionary's lock for a few microseconds
  * and never runs Lua (nor raises) while holding it.
  */
-#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -309,16 +308,11 @@ lshared_get_dict(lua_State *L)
                               name, name);
         }
         if (lua_type(L, 2) == LUA_TNUMBER) {
-            double v = lua_tonumber(L, 2);
-
-            /* checked before the cast: a negative, fractional, NaN or
-             * huge number is no byte count (and its cast is undefined) */
-            if (!(v >= GW_SHD_MIN_SIZE && v <= (double) GW_SHD_MAX_SIZE
-                  && v == floor(v))) {
+            if (gw_shdict_size_of_number(lua_tonumber(L, 2), &size)
+                != GW_OK) {
                 return luaL_error(L, "shared.get_dict: size must be a whole"
                                      " number of bytes (32k..4g)");
             }
-            size = (size_t) v;
         } else if (lua_type(L, 2) == LUA_TSTRING) {
             if (gw_shdict_parse_size(lua_tostring(L, 2), &size) != GW_OK) {
                 return luaL_error(L, "shared.get_dict: bad size '%s' "

@@ -23,6 +23,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -492,6 +493,20 @@ gw_shdict_parse_size(const char *s, size_t *bytes)
         return GW_ERR;
     }
     *bytes = (size_t) (v * mul);
+    return GW_OK;
+}
+
+/* A size given as a number: a whole number of bytes in range, checked
+ * before the cast (a negative, fractional, NaN or huge one is no byte
+ * count, and its cast undefined). */
+int
+gw_shdict_size_of_number(double v, size_t *bytes)
+{
+    if (!(v >= GW_SHD_MIN_SIZE && v <= (double) GW_SHD_MAX_SIZE
+          && v == floor(v))) {
+        return GW_ERR;
+    }
+    *bytes = (size_t) v;
     return GW_OK;
 }
 

@@ -66,6 +66,10 @@ struct gw_shd_stats {
  * unit k, m or g, nothing else. GW_OK or GW_ERR. */
 int gw_shdict_parse_size(const char *s, size_t *bytes);
 
+/* A size given as a number (config.shared, shared.get_dict): a whole
+ * number of bytes in range, nothing else. GW_OK or GW_ERR. */
+int gw_shdict_size_of_number(double v, size_t *bytes);
+
 /* Maps a new dictionary of about `bytes` and registers it under name in
  * this process (and in children forked later). NULL with a reason in err
  * (bad name or size, duplicate, too many, no memory). */
