@@ -162,8 +162,15 @@ describe("simulator: an expired merchant certificate", function()
      .. "the start", function()
     local s, a4 = start_with_a4()
     local res = a4:call("GET", "/v3/certificates")
+    -- a request that does not prove the key (a bad signature) is told
+    -- so, and nothing of the certificate's end
+    local forged = a4:call("GET", "/v3/certificates", nil,
+      { key = assert(require("paygate.crypto").private_key(
+          sc.read(sc.FIX .. "a1_merchant_key.pem"))) })
     local logs = s:logs()
     s:stop()
+    sc.assert_err(forged, 401, "SIGN_ERROR", "signature")
+    assert.falsy(forged.body:find("2025", 1, true), forged.body)
     sc.assert_err(res, 401, "SIGN_ERROR", "serial_no")
     assert.truthy(res.json.message:find(sc.SERIAL, 1, true), res.body)
     assert.truthy(res.json.message:find("2025-05-09", 1, true), res.body)

@@ -292,16 +292,6 @@ function _M.authenticate(req, target, signed_body)
       { field = "serial_no", location = "authorization",
         value = shown(a.serial_no, 64) })
   end
-  local expired = m.not_after[config.serial_key(a.serial_no)]
-  if expired and expired <= now
-     and not S.cfg.accept_expired_merchant_certificates then
-    local at = rfc3339(expired)
-    return nil, sign_error("商户API证书已过期：证书序列号" .. a.serial_no
-      .. "的有效期至" .. at .. "。请更换有效的商户API证书",
-      { field = "serial_no", location = "authorization",
-        value = shown(a.serial_no, 64),
-        issue = "merchant certificate expired at " .. at })
-  end
   local msg = sign.request_message(req.method, target, a.timestamp,
                                    a.nonce_str, signed_body or req.body)
   local ok = crypto.verify_base64(key, msg, a.signature, S.cfg.sign_type)
@@ -313,6 +303,18 @@ function _M.authenticate(req, target, signed_body)
         sign_message_length = #msg,
         truncated_sign_message = msg:sub(1, _M.ECHO_BYTES),
         url = target } })
+  end
+  -- (after the signature: a request that does not prove the key learns
+  -- nothing of the certificate, its end date included)
+  local expired = m.not_after[config.serial_key(a.serial_no)]
+  if expired and expired <= now
+     and not S.cfg.accept_expired_merchant_certificates then
+    local at = rfc3339(expired)
+    return nil, sign_error("商户API证书已过期：证书序列号" .. a.serial_no
+      .. "的有效期至" .. at .. "。请更换有效的商户API证书",
+      { field = "serial_no", location = "authorization",
+        value = shown(a.serial_no, 64),
+        issue = "merchant certificate expired at " .. at })
   end
   if S.cfg.replay_check then
     local k = "sim:nonce:" .. m.mchid .. ":" .. a.nonce_str
