@@ -454,6 +454,21 @@ local function lock_cache(path)
   end
 end
 
+-- Under the cache's lock: the file replaced unless it holds this revision
+-- or a newer one. returns true (written or newer kept), or nil, err.
+local function replace_cache(src, set, raw, revision, path)
+  local on_disk = read_cache(src, set)
+  if on_disk and on_disk.revision:match("^%d+$")
+     and etcd.rev_cmp(on_disk.revision, revision) >= 0 then
+    return true                     -- as new or newer already
+  end
+  -- whole or not at all, flushed, the owner's alone: a write that fails
+  -- (a full disk) keeps the previous cache, which a worker started with
+  -- etcd down serves from (the secrets in it stay sealed)
+  return core.write_file(path, json.encode({ revision = revision,
+                                             files = raw }), 384)
+end
+
 local function write_cache(src, set, raw, revision)
   local path = cache_path(src, set)
   -- several workers write the same file (all of an instance's, a draining
@@ -467,19 +482,15 @@ local function write_cache(src, set, raw, revision)
                { file = path, error = tostring(err) })
     return
   end
-  local on_disk = read_cache(src, set)
-  if on_disk and on_disk.revision:match("^%d+$")
-     and etcd.rev_cmp(on_disk.revision, revision) >= 0 then
-    lock:unlock()
-    return                          -- as new or newer already
-  end
-  -- whole or not at all, flushed, the owner's alone: a write that fails
-  -- (a full disk) keeps the previous cache, which a worker started with
-  -- etcd down serves from (the secrets in it stay sealed)
-  local ok, werr = core.write_file(path, json.encode({ revision = revision,
-                                                       files = raw }), 384)
+  -- whatever happens under it (a raise included), the lock is given back
+  -- now, not when the collector finds it (the other workers would wait
+  -- for it, then give up)
+  local pok, ok, werr = pcall(replace_cache, src, set, raw, revision, path)
   lock:unlock()
-  if not ok then
+  if not pok then
+    werr = ok
+  end
+  if not (pok and ok) then
     log().warn("credentials: cannot write the cache, the old one kept",
                { file = path, error = tostring(werr) })
   end
