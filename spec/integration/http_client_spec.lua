@@ -351,6 +351,30 @@ describe("paygate.http.request", function()
     -- libcurl matches a pooled connection on the certificate's path, not
     -- on the key: a request whose key is another one must not go out on
     -- a connection the old key authenticated.
+    it("resumes the TLS session on a new connection to the same host",
+       function()
+      -- each answer closes its connection: the next request must make a
+      -- new one, which resumes the first's session (a ticket) instead of
+      -- a full handshake (libcurl keeps sessions per easy handle, and
+      -- ours live for one request: the shared session cache does it)
+      local proc = require "support.proc"
+      local port = core.free_port()
+      local log = dir .. "/resume.log"
+      local srv = proc.spawn({ "python3", "spec/support/tls_resume.py",
+        tostring(port), certs.server_cert, certs.server_key, log })
+      finally(function() srv:stop() end)
+      proc.wait_until(function() return proc.read(log) == "ready\n" end,
+                      10, "the TLS server")
+      local seen = {}
+      for i = 1, 3 do
+        local res = assert(paygate.http.request{
+          url = ("https://127.0.0.1:%d/"):format(port), ca_file = certs.ca })
+        assert.equal(200, res.status)
+        seen[i] = res.body
+      end
+      assert.same({ "reused=False", "reused=True", "reused=True" }, seen)
+    end)
+
     describe("a change of client key", function()
       local proc = require "support.proc"
       local port, whoami_server, whoami_log, a_cert, a_key, b_cert, b_key

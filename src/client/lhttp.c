@@ -106,6 +106,9 @@ struct gw_sock {
 };
 
 static CURLM        *multi;         /* one per process, made on first use */
+static CURLSH       *tls_sessions;  /* owned: the TLS sessions of requests
+                                       made without a client certificate
+                                       (see sessions_share()) */
 static struct event *multi_timer;   /* owned */
 static struct gw_http_pool *pools;  /* owned: the client identities' pools */
 static int           npools;        /* entries in pools */
@@ -781,7 +784,9 @@ pool_get(const char *cert, const char *key)
     p = calloc(1, sizeof(*p));
     if (p == NULL || (p->share = curl_share_init()) == NULL
         || curl_share_setopt(p->share, CURLSHOPT_SHARE,
-                             CURL_LOCK_DATA_CONNECT) != CURLSHE_OK) {
+                             CURL_LOCK_DATA_CONNECT) != CURLSHE_OK
+        || curl_share_setopt(p->share, CURLSHOPT_SHARE,
+                             CURL_LOCK_DATA_SSL_SESSION) != CURLSHE_OK) {
         if (p != NULL && p->share != NULL) {
             curl_share_cleanup(p->share);
         }
@@ -794,6 +799,34 @@ pool_get(const char *cert, const char *key)
     pools = p;
     npools++;
     return p;
+}
+
+/*
+ * The TLS session cache of the requests made without a client
+ * certificate, made on first use (NULL when it cannot be: then each easy
+ * handle keeps its own, as before). libcurl (7.88) keeps TLS sessions per
+ * easy handle, and ours live for one request, so without it every new
+ * connection to the same host (after the pooled one was closed: idle,
+ * reset, a burst) made a full handshake; with it, the next one resumes
+ * the session (a ticket). A client identity's pool shares its sessions
+ * within the pool only (pool_get). libcurl resumes a session only for a
+ * connection of the same host, port and TLS options (CA file included).
+ */
+static CURLSH *
+sessions_share(void)
+{
+    if (tls_sessions == NULL) {
+        CURLSH *sh = curl_share_init();
+
+        if (sh != NULL
+            && curl_share_setopt(sh, CURLSHOPT_SHARE,
+                                 CURL_LOCK_DATA_SSL_SESSION) != CURLSHE_OK) {
+            curl_share_cleanup(sh);
+            sh = NULL;
+        }
+        tls_sessions = sh;
+    }
+    return tls_sessions;
 }
 
 /*
@@ -1031,8 +1064,15 @@ op_setup(lua_State *L, int stream)
             curl_easy_setopt(e, CURLOPT_FRESH_CONNECT, 1L);
             curl_easy_setopt(e, CURLOPT_FORBID_REUSE, 1L);
         }
-    } else if ((s = opt_string(L, 1, "client_key")) != NULL) {
-        curl_easy_setopt(e, CURLOPT_SSLKEY, s);
+    } else {
+        CURLSH *sh = sessions_share();
+
+        if ((s = opt_string(L, 1, "client_key")) != NULL) {
+            curl_easy_setopt(e, CURLOPT_SSLKEY, s);
+        }
+        if (sh != NULL) {
+            curl_easy_setopt(e, CURLOPT_SHARE, sh);  /* resumed sessions */
+        }
     }
     if ((s = opt_string(L, 1, "client_key_password")) != NULL) {
         curl_easy_setopt(e, CURLOPT_KEYPASSWD, s);
