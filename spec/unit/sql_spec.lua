@@ -772,8 +772,8 @@ describe("paygate.sql on sqlite (engine specifics)", function()
   end)
 
   it("writes queued while another process holds the write lock all fail"
-     .. " busy within one busy_timeout (one deadline, not one per write)",
-     function()
+     .. " busy within busy_timeout of their request (not one after"
+     .. " another), and a later one still waits its own", function()
     local proc = require "paygate.testing.proc"
     local core = require "paygate.core"
     local file = tmp .. "/held.db"
@@ -807,6 +807,25 @@ describe("paygate.sql on sqlite (engine specifics)", function()
       assert.truthy(last - t0 >= 0.35, "waited " .. (last - t0) .. " s")
       assert.truthy(last - t0 < 1.2, "the last failed after "
                     .. (last - t0) .. " s (busy_timeout 0.4 s)")
+      -- a write made 0.2 s after another, while that one waits for the
+      -- lock, waits its own whole busy_timeout (a deadline shared with
+      -- the first failed it at the first's, after 0.2 s of waiting)
+      local n2, made, failed = 0, nil, nil
+      paygate.spawn(function()
+        db:exec("INSERT INTO h VALUES (?)", { 20 })
+        n2 = n2 + 1
+      end)
+      paygate.sleep(0.2)
+      paygate.spawn(function()
+        made = core.mono()
+        local r, e = db:exec("INSERT INTO h VALUES (?)", { 21 })
+        assert(not r and e.kind == "busy", tostring(e))
+        failed = core.mono()
+        n2 = n2 + 1
+      end)
+      wait_until(function() return n2 == 2 end, 30, "the later writes")
+      assert.truthy(failed - made >= 0.35, "the later write waited "
+                    .. (failed - made) .. " s (busy_timeout 0.4 s)")
     end)
     os.remove(marker)
     if holder:wait(10) == nil then holder:kill(9) end

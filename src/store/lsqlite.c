@@ -140,6 +140,9 @@ struct lsqlite_job {
     /* LSQLITE_OP_ATOMIC: its statements, and which one failed */
     struct lsqlite_job  *subs;     /* owned array of nsubs STMT jobs */
     int                nsubs;
+    double             made;     /* monotonic s (the loop's) when it was
+                                    made: a wait for the write lock ends
+                                    busy_timeout after it */
     int                failed;   /* 1-based index of the failed one, 0 */
     int                unmet;    /* 1: it ran but missed its expect */
     int64_t            expect;   /* a statement of an ATOMIC job: rows it
@@ -969,8 +972,6 @@ struct lsqlite_batch {
     struct lsqlite_job *done;      /* jobs that wait for COMMIT */
     struct lsqlite_job *done_tail;
     int               began;     /* BEGIN IMMEDIATE is open */
-    double            busy_until;/* monotonic s: the end of this batch's
-                                    wait for the write lock; 0: none */
 };
 
 /* The outer transaction ended underneath us (I/O error, full disk):
@@ -1008,11 +1009,12 @@ batch_check(struct lsqlite_batch *b, struct lsqlite_conn *c)
  * Opens the batch's transaction for j unless it is open. Another
  * process holding the write lock makes BEGIN IMMEDIATE wait, and fail
  * with busy after the wait: each job of the batch then tries in turn.
- * They share one deadline, busy_timeout after the first try, so that k
- * jobs queued behind the lock all fail within busy_timeout, not the k-th
- * after k times it; a try past the deadline does not wait. The deadline
- * ends with the batch or with a BEGIN that succeeds. Fails j (not
- * posted) and returns SQLite's code, or SQLITE_OK.
+ * Each waits only until busy_timeout after it was made (j->made), so k
+ * jobs queued behind the lock all fail within busy_timeout of their
+ * request, not the k-th after k times it, and a job that came late
+ * still gets its whole wait; a job past its own deadline tries once
+ * without waiting. Fails j (not posted) and returns SQLite's code, or
+ * SQLITE_OK.
  */
 static int
 batch_begin(struct lsqlite_db *db, struct lsqlite_batch *b,
@@ -1020,16 +1022,12 @@ batch_begin(struct lsqlite_db *db, struct lsqlite_batch *b,
 {
     char   *msg = NULL;
     int     rc;
-    double  now, left;
+    double  left;
 
     if (b->began) {
         return SQLITE_OK;
     }
-    now = gw_loop_mono_fresh();
-    if (b->busy_until == 0) {
-        b->busy_until = now + db->busy_ms / 1000.0;
-    }
-    left = b->busy_until - now;
+    left = j->made + db->busy_ms / 1000.0 - gw_loop_mono_fresh();
     /* (0 ms: no busy handler, one try) */
     sqlite3_busy_timeout(c->h, left > 0 ? (int) ceil(left * 1000.0) : 0);
     rc = run_fixed(c, "BEGIN IMMEDIATE", &msg);
@@ -1040,7 +1038,6 @@ batch_begin(struct lsqlite_db *db, struct lsqlite_batch *b,
         return rc;
     }
     b->began = 1;
-    b->busy_until = 0;
     return SQLITE_OK;
 }
 
@@ -1269,7 +1266,6 @@ batch_commit(struct lsqlite_db *db, struct lsqlite_conn *c,
     char *msg = NULL;
     int   rc;
 
-    b->busy_until = 0;          /* the next batch waits afresh */
     if (!b->began) {
         post_jobs(b->done);
         b->done = b->done_tail = NULL;
@@ -1436,6 +1432,7 @@ tx_rollback_orphan(struct lsqlite_db *db, long txid)
     }
     j->op = LSQLITE_OP_ROLLBACK;
     j->db = db;
+    j->made = gw_loop_mono();
     j->txid = txid;
     pthread_mutex_lock(&db->mu);
     if (db->active_tx == txid) {
@@ -1519,6 +1516,7 @@ job_new(lua_State *L, struct lsqlite_db *db, enum lsqlite_op op)
     }
     j->op = op;
     j->db = db;
+    j->made = gw_loop_mono();       /* (the loop's time: job_new runs there) */
     return j;
 }
 
