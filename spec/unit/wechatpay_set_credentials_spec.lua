@@ -69,6 +69,24 @@ describe("wx:set_credentials", function()
     assert.equal("0A1B2C", wx.conf.signer.serial)
   end)
 
+  it("warns of a merchant certificate that has expired, as at start",
+     function()
+    local log = require("paygate").log
+    local warn, seen = log.warn, {}
+    log.warn = function(msg, fields) seen[#seen + 1] = { msg, fields } end
+    local ok, err = pcall(function()
+      local wx = client()
+      assert.equal(0, #seen)         -- given by serial: nothing to judge
+      assert.is_true(wx:set_credentials(creds()))  -- A.4: ended 2025-05-09
+    end)
+    log.warn = warn
+    assert(ok, tostring(err))
+    assert.equal(1, #seen)
+    assert.matches("merchant_certificate has expired", seen[1][1], 1, true)
+    assert.equal(SERIAL_A4, seen[1][2].serial)
+    assert.equal("2025-05-09", seen[1][2].not_after:sub(1, 10))
+  end)
+
   it("swaps the signer and serial at once, keeps the old APIv3 key",
      function()
     local wx = client()

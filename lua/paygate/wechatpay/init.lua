@@ -220,7 +220,9 @@ function methods.set_credentials(wx, creds)
     old.public_key, old.public_key_id = cfg.public_key, cfg.public_key_id
     if old.mode == "certificate" then old.mode = "migration" end
   end
+  old.merchant_not_after = cfg.merchant_not_after
   wx.source = conf
+  warn_merchant_expiry(cfg)          -- the new certificate, as at start
   return true
 end
 
