@@ -500,6 +500,21 @@ local function insert_attempt(tx, p, n, channel, now)
     { model.out_trade_no(p.id, n), p.id, n, channel, now })
 end
 
+-- (PostgreSQL: the attempt's row locked first, in the order every
+-- transaction that moves a payment off or onto an attempt takes its rows:
+-- the attempt, then the payment. A resumed create or a switch supersedes
+-- the attempt and moves the payment to a new one without changing the
+-- payment's version, so its version check does not catch a read of the
+-- payment made before that commit and a write made after it (READ
+-- COMMITTED). Locked, the reads that follow wait for a switch or resume
+-- holding the attempt and see it; one that comes after waits for this
+-- transaction. SQLite: one writer at a time already.)
+local function lock_attempt(tx, no)
+  if tx.engine ~= "postgres" then return true end
+  return tx:query("SELECT state FROM gw_attempts WHERE out_trade_no = $1"
+                  .. " FOR UPDATE", { no })
+end
+
 local function load_own(req, q)
   local p, err = model.payment(q or ctx.db, req.params.id)
   if p == nil then return nil, err end
@@ -776,7 +791,10 @@ function _M.new_attempt(req, ik)
   local no = model.out_trade_no(p.id, n)
   local row
   row, err = fsm.retry(ctx.db, function(tx)
-    local res, qerr = tx:exec("UPDATE gw_payments SET channel = $2,"
+    -- (the attempt first, as a close or a refresh takes it: lock_attempt)
+    local res, qerr = lock_attempt(tx, p.out_trade_no)
+    if not res then return nil, qerr end
+    res, qerr = tx:exec("UPDATE gw_payments SET channel = $2,"
       .. " out_trade_no = $3, attempt = $4, updated_at = $5 WHERE id = $1 AND"
       .. " attempt = $6 AND state IN ('created', 'paying', 'unknown')",
       { p.id, o.channel, no, n, now, p.attempt })
@@ -851,7 +869,12 @@ function _M.close(req, ik)
   local confirmed = cb and p.out_trade_no or nil
   local now = model.time()
   local a, b, c = fsm.retry(ctx.db, function(tx)
-    local cur, qerr = model.payment(tx, p.id)
+    -- (the attempt WeChat closed locked first: a switch committed after
+    -- the payment's read below would otherwise go unseen, and this close
+    -- close the payment and the switch's new attempt: lock_attempt)
+    local cur, qerr = lock_attempt(tx, p.out_trade_no)
+    if not cur then return nil, qerr end
+    cur, qerr = model.payment(tx, p.id)
     if not cur then return nil, qerr end
     if cur.attempt ~= p.attempt and OPEN[cur.state] then
       -- a new attempt was opened while WeChat closed the one read above:

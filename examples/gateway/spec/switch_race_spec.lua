@@ -1,0 +1,103 @@
+-- On PostgreSQL (READ COMMITTED: each statement reads what is committed
+-- when it starts) a switch (POST /v1/payments/:id/attempts) moves the
+-- payment to a new attempt without changing its version. A close whose
+-- transaction read the payment before the switch committed and wrote
+-- after it was not caught by the version check: the payment was closed
+-- and so was the switch's new attempt, the switch answering 409 -- an
+-- outcome neither order of the two requests gives. Made deterministic
+-- with row locks (as create_race_spec): the spec holds the payment's row,
+-- the switch waits for it inside its transaction, the close's transaction
+-- reads and waits too; then the spec lets go.
+local testing = require "paygate.testing"
+local core = dofile("examples/gateway/spec/core_support.lua")
+local servers = require "spec.support.servers"
+
+if not servers.have_postgres() then
+  describe("gateway close racing a switch on PostgreSQL", function()
+    pending("PostgreSQL is not installed")
+  end)
+  return
+end
+
+describe("gateway close racing a switch on PostgreSQL", function()
+  local sim, gw
+  local spawn = require("paygate.core").spawn
+
+  setup(function()
+    local pg = servers.postgres()
+    sim = testing.simulator{ time_scale = 100 }
+    gw = core.start(sim, { db = function() return pg.url .. "?pool=6" end,
+                           gateway = { reconcile = { enabled = false } } })
+  end)
+
+  teardown(function()
+    if gw then gw:stop() end
+    testing.stop_all()
+    servers.stop_all()
+  end)
+
+  -- how many sessions of the store wait for a lock (in a statement
+  -- starting with prefix, if given)
+  local function waiting(prefix)
+    local rows = assert(gw.db:query("SELECT count(*) AS n FROM"
+      .. " pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE"
+      .. " $1", { (prefix or "") .. "%" }))
+    return tonumber(rows[1].n)
+  end
+
+  -- Holds the payment's row until the function returned is called.
+  local function hold_payment(id)
+    local held, release = false, false
+    spawn(function()
+      assert(gw.db:transaction(function(tx)
+        assert(tx:query("SELECT id FROM gw_payments WHERE id = $1 FOR"
+                        .. " UPDATE", { id }))
+        held = true
+        testing.wait_until(function() return release end, 30, "release")
+      end))
+    end)
+    testing.wait_until(function() return held end, 10, "the lock")
+    return function() release = true end
+  end
+
+  it("a close whose transaction read the payment before the switch"
+     .. " committed does not close the switch's new attempt", function()
+    local p = gw:create{ amount = 170 }
+    assert.equal("paying", p.state)
+    local release = hold_payment(p.id)
+    local switch, close
+    spawn(function()
+      switch = gw:call("POST", "/v1/payments/" .. p.id .. "/attempts",
+                       { channel = "native" })
+    end)
+    testing.wait_until(function()
+      return waiting("UPDATE gw_payments SET channel") == 1
+    end, 10, "the switch to wait for the payment's row")
+    spawn(function()
+      close = gw:call("POST", "/v1/payments/" .. p.id .. "/close")
+    end)
+    testing.wait_until(function() return waiting() == 2 end, 10,
+                       "the close's transaction to wait")
+    release()
+    testing.wait_until(function() return switch and close end, 20,
+                       "both to answer")
+    -- the switch came first: its attempt is the payment's and open; the
+    -- close, which WeChat made on the previous attempt only, is refused
+    assert.equal(201, switch.status, switch.body)
+    assert.equal(p.id .. "_2", switch.json.payment.out_trade_no)
+    assert.equal(409, close.status, close.body)
+    assert.equal("conflict", close.json.error)
+    local now_p = gw:get(p.id)
+    assert.equal("paying", now_p.state)
+    assert.equal(p.id .. "_2", now_p.out_trade_no)
+    local rows = assert(gw.db:query("SELECT out_trade_no, state FROM"
+      .. " gw_attempts WHERE payment_id = $1 ORDER BY n", { p.id }))
+    assert.equal("superseded", rows[1].state)
+    assert.equal("open", rows[2].state)
+    assert.equal(0, #assert(gw.db:query("SELECT id FROM paygate_outbox"
+      .. " WHERE subject = $1 AND type = 'payment.closed'", { p.id })))
+    -- and the new attempt's code pays the payment
+    sim:pay(p.id .. "_2")
+    gw:wait_state(p.id, "paid", 20)
+  end)
+end)
