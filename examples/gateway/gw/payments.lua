@@ -934,7 +934,13 @@ function _M.refresh(p)
       after = list
       return true
     end
-    local row, rerr = model.payment(tx, p.id)
+    -- (the attempt asked about locked first: a switch committed between
+    -- the payment's read below and the switching() one would otherwise
+    -- pass both, and the answer about the old attempt close or fail the
+    -- payment on its new one: lock_attempt)
+    local row, rerr = lock_attempt(tx, p.out_trade_no)
+    if not row then return nil, rerr end
+    row, rerr = model.payment(tx, p.id)
     if not row then return nil, rerr end
     if row.out_trade_no ~= p.out_trade_no then
       -- moved to a new attempt meanwhile: the answer is about the old one
