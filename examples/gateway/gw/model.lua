@@ -197,6 +197,23 @@ function _M.switching(q, no)
   return rows[1] ~= nil and opt(rows[1].close_check_at) ~= nil
 end
 
+--- syntax: ok, err = model.lock_attempt(tx, out_trade_no)
+-- PostgreSQL: the attempt's row locked (FOR UPDATE), first: every
+-- transaction that moves a payment off or onto an attempt, or decides on
+-- what a read of it says, takes the attempt, then the payment. A resumed
+-- create or a switch supersedes the attempt and moves the payment to a
+-- new one without changing the payment's version, so its version check
+-- does not catch a read of the payment made before that commit and a
+-- write made after it (READ COMMITTED). Locked, the reads that follow
+-- wait for a switch or resume holding the attempt and see it; one that
+-- comes after waits for this transaction. SQLite: one writer at a time
+-- already: nothing done.
+function _M.lock_attempt(tx, no)
+  if tx.engine ~= "postgres" then return true end
+  return tx:query("SELECT state FROM gw_attempts WHERE out_trade_no = $1"
+                  .. " FOR UPDATE", { no })
+end
+
 --- syntax: res, err = model.unmark_switch(q, out_trade_no)
 -- The switch's mark taken off the attempt, still open (the switch did not
 -- happen, or its request died): it stays the payment's.

@@ -364,7 +364,16 @@ local function payment_checks(ctx, conf, sched)
         end)
       end
       return reconcile.apply(db, P, action, {
-        fence = rctx.fence,
+        -- (and the attempt asked about locked before the payment is read:
+        -- a switch committed between that read and the transition, which
+        -- its unchanged version does not catch, would otherwise have the
+        -- answer about the old attempt close or fail the payment on its
+        -- new one: model.lock_attempt)
+        fence = function(tx)
+          local ok, ferr = rctx.fence(tx)
+          if not ok then return nil, ferr end
+          return model.lock_attempt(tx, row.out_trade_no)
+        end,
         current = function(prow, a, tx)
           if prow.out_trade_no ~= a.out_trade_no then return false end
           -- a CLOSED made by a switch's own close, the switch not yet

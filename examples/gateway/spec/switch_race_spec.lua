@@ -101,3 +101,118 @@ describe("gateway close racing a switch on PostgreSQL", function()
     gw:wait_state(p.id, "paid", 20)
   end)
 end)
+
+-- The payment checks (reconcile:payments) racing a switch: the check asks
+-- WeChat about the payment's attempt (PAYERROR: the payer's payment of it
+-- failed), then in its transaction reads the payment and moves it (failed)
+-- under its version check. A switch committed between that read and that
+-- write went unnoticed: the payment failed on the switch's new attempt,
+-- which was closed with it. Held at the check's fence (its transaction's
+-- first statement: a share lock on the runner's lease row) until the
+-- switch waits inside its transaction, then at the attempt's row.
+describe("gateway payment checks racing a switch on PostgreSQL", function()
+  local sim, gw
+  local spawn = require("paygate.core").spawn
+
+  setup(function()
+    local pg = servers.postgres()
+    sim = testing.simulator{ time_scale = 100 }
+    -- lease_ttl 600: the runner does not renew its lease (an UPDATE of
+    -- the row the spec holds) during the spec
+    gw = core.start(sim, { db = function() return pg.url .. "?pool=6" end,
+      gateway = { reconcile = { check_after = 3, first = 30,
+                                interval = 0.1, lease_ttl = 600,
+                                bill = false } } })
+  end)
+
+  teardown(function()
+    if gw then gw:stop() end
+    testing.stop_all()
+    servers.stop_all()
+  end)
+
+  local function waiting(prefix)
+    local rows = assert(gw.db:query("SELECT count(*) AS n FROM"
+      .. " pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE"
+      .. " $1", { (prefix or "") .. "%" }))
+    return tonumber(rows[1].n)
+  end
+
+  -- Holds the row `sql` selects FOR UPDATE until the function returned
+  -- is called.
+  local function hold(sql, args)
+    local held, release = false, false
+    spawn(function()
+      assert(gw.db:transaction(function(tx)
+        assert(tx:query(sql .. " FOR UPDATE", args))
+        held = true
+        testing.wait_until(function() return release end, 30, "release")
+      end))
+    end)
+    testing.wait_until(function() return held end, 10, "the lock")
+    return function() release = true end
+  end
+
+  it("a PAYERROR about the previous attempt does not fail the payment on"
+     .. " the switch's new one", function()
+    testing.wait_until(function()
+      local rows = assert(gw.db:query("SELECT 1 AS x FROM paygate_leases"
+        .. " WHERE name = 'reconcile:payments'"))
+      return rows[1] ~= nil
+    end, 10, "the payment checks' lease")
+    local release_lease = hold("SELECT token FROM paygate_leases WHERE"
+                               .. " name = 'reconcile:payments'")
+    local p = gw:create{ amount = 180 }
+    assert.equal("paying", p.state)
+    -- (the payment's first check is 3 s after its create)
+    sim:fail(p.id .. "_1")
+    testing.wait_until(function()
+      return waiting("SELECT token FROM paygate_leases") == 1
+    end, 20, "the check, told PAYERROR, to wait at its fence")
+    -- the switch: its close of attempt 1 at WeChat waits there while the
+    -- spec takes attempt 1's row, marked by the switch
+    sim:fault{ endpoint = "close", kind = "latency", seconds = 3,
+               count = 1 }
+    local switch
+    spawn(function()
+      switch = gw:call("POST", "/v1/payments/" .. p.id .. "/attempts",
+                       { channel = "native" })
+    end)
+    testing.wait_until(function()
+      local rows = assert(gw.db:query("SELECT 1 AS x FROM gw_attempts"
+        .. " WHERE out_trade_no = $1 AND close_check_at IS NOT NULL",
+        { p.id .. "_1" }))
+      return rows[1] ~= nil
+    end, 10, "the switch's mark")
+    local release_attempt = hold("SELECT state FROM gw_attempts WHERE"
+                                 .. " out_trade_no = $1", { p.id .. "_1" })
+    testing.wait_until(function() return waiting() == 2 end, 20,
+                       "the switch's transaction to wait")
+    release_lease()
+    testing.wait_until(function()
+      return waiting("SELECT token FROM paygate_leases") == 0
+             and waiting() == 2
+    end, 10, "the check's transaction to wait")
+    release_attempt()
+    testing.wait_until(function() return switch ~= nil end, 20,
+                       "the switch to answer")
+    testing.wait_until(function()
+      local rows = assert(gw.db:query("SELECT checks FROM gw_payments"
+                                      .. " WHERE id = $1", { p.id }))
+      return tonumber(rows[1].checks) >= 1
+    end, 10, "the check to commit")
+    sim:clear_faults()
+    assert.equal(201, switch.status, switch.body)
+    local now_p = gw:get(p.id)
+    assert.equal("paying", now_p.state)
+    assert.equal(p.id .. "_2", now_p.out_trade_no)
+    local rows = assert(gw.db:query("SELECT state FROM gw_attempts WHERE"
+      .. " payment_id = $1 ORDER BY n", { p.id }))
+    assert.equal("superseded", rows[1].state)
+    assert.equal("open", rows[2].state)
+    assert.equal(0, #assert(gw.db:query("SELECT id FROM paygate_outbox"
+      .. " WHERE subject = $1 AND type = 'payment.failed'", { p.id })))
+    sim:pay(p.id .. "_2")
+    gw:wait_state(p.id, "paid", 20)
+  end)
+end)
