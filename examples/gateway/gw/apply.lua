@@ -143,6 +143,34 @@ function _M.payment(ctx, tx, o)
     return nil, err or paygate.error("unknown_order", "no payment "
                                      .. a.payment_id)
   end
+  -- (PostgreSQL: and the payment's current attempt, when it is another,
+  -- locked before the payment is read again. A switch moves the payment
+  -- on to a new attempt without changing its version: committed after
+  -- the read above, this payment of an older attempt would pass the
+  -- version check, make the payment paid and supersede the attempt it had
+  -- read as current -- leaving the switch's new one open, payable. Locked,
+  -- a switch holding the current attempt is waited for and seen, one
+  -- coming later waits for this transaction: model.lock_attempt)
+  if tx.engine == "postgres" then
+    local tries = 0
+    while p.out_trade_no ~= no do
+      tries = tries + 1
+      if tries > 5 then
+        return nil, paygate.error("stale_version", "payment " .. p.id
+          .. " keeps moving to new attempts", { retryable = true })
+      end
+      local locked = p.out_trade_no
+      local ok
+      ok, err = model.lock_attempt(tx, locked)
+      if not ok then return nil, err end
+      p, err = model.payment(tx, a.payment_id)
+      if not p then
+        return nil, err or paygate.error("unknown_order", "no payment "
+                                         .. a.payment_id)
+      end
+      if p.out_trade_no == locked then break end
+    end
+  end
   -- the payment must be the one the resource names (mchid, or
   -- sp_mchid/sub_mchid: a resource without a sub_mchid is the provider's
   -- own order, not its sub-merchant's) and the one of the route it came

@@ -1,25 +1,29 @@
 -- On PostgreSQL (READ COMMITTED: each statement reads what is committed
 -- when it starts) a switch (POST /v1/payments/:id/attempts) moves the
--- payment to a new attempt without changing its version. A close whose
--- transaction read the payment before the switch committed and wrote
--- after it was not caught by the version check: the payment was closed
--- and so was the switch's new attempt, the switch answering 409 -- an
--- outcome neither order of the two requests gives. Made deterministic
--- with row locks (as create_race_spec): the spec holds the payment's row,
--- the switch waits for it inside its transaction, the close's transaction
--- reads and waits too; then the spec lets go.
+-- payment to a new attempt without changing its version, so a transaction
+-- that read the payment before the switch committed and wrote after it was
+-- not caught by the version check:
+--   * a close closed the payment and the switch's new attempt, the switch
+--     answering 409 -- an outcome neither order of the two gives;
+--   * a late payment on an older attempt made the payment paid and left
+--     the switch's new attempt open;
+--   * a payment check's PAYERROR about the previous attempt failed the
+--     payment on the new one.
+-- Made deterministic with row locks (as create_race_spec): the spec holds
+-- a row the switch waits for inside its transaction, lets the other
+-- transaction read and wait, then lets go.
 local testing = require "paygate.testing"
 local core = dofile("examples/gateway/spec/core_support.lua")
 local servers = require "spec.support.servers"
 
 if not servers.have_postgres() then
-  describe("gateway close racing a switch on PostgreSQL", function()
+  describe("gateway requests racing a switch on PostgreSQL", function()
     pending("PostgreSQL is not installed")
   end)
   return
 end
 
-describe("gateway close racing a switch on PostgreSQL", function()
+describe("gateway requests racing a switch on PostgreSQL", function()
   local sim, gw
   local spawn = require("paygate.core").spawn
 
@@ -99,6 +103,56 @@ describe("gateway close racing a switch on PostgreSQL", function()
     -- and the new attempt's code pays the payment
     sim:pay(p.id .. "_2")
     gw:wait_state(p.id, "paid", 20)
+  end)
+
+  -- A late payment (on an attempt a switch superseded, still payable at
+  -- WeChat: the switch's close of it was told "no such order") applied
+  -- while a second switch moves the payment on: the payment, read on
+  -- attempt 2 before that switch committed, was made paid after it, and
+  -- attempt 2 (already superseded) was the one superseded -- attempt 3
+  -- stayed open here, payable once the switch's own close of it failed.
+  it("a late payment applied while a switch commits leaves no attempt"
+     .. " open", function()
+    local p = gw:create{ amount = 190 }
+    sim:fault{ endpoint = "close", kind = "error", status = 404,
+               code = "ORDER_NOT_EXIST", count = 1 }
+    local first = gw:call("POST", "/v1/payments/" .. p.id .. "/attempts",
+                          { channel = "native" })
+    assert.equal(201, first.status, first.body)
+    assert.equal(p.id .. "_2", first.json.payment.out_trade_no)
+    local release = hold_payment(p.id)
+    local switch
+    spawn(function()
+      switch = gw:call("POST", "/v1/payments/" .. p.id .. "/attempts",
+                       { channel = "native" })
+    end)
+    testing.wait_until(function()
+      return waiting("UPDATE gw_payments SET channel") == 1
+    end, 10, "the second switch to wait for the payment's row")
+    -- attempt 1 paid at WeChat: its notification's transaction waits too
+    sim:pay(p.id .. "_1")
+    testing.wait_until(function() return waiting() == 2 end, 20,
+                       "the late payment's transaction to wait")
+    release()
+    testing.wait_until(function() return switch ~= nil end, 20,
+                       "the switch to answer")
+    gw:wait_state(p.id, "paid", 20)
+    local rows = assert(gw.db:query("SELECT late FROM gw_payments WHERE"
+                                    .. " id = $1", { p.id }))
+    assert.equal(1, rows[1].late)
+    -- attempt 3 is no payment's to pay: superseded here (and closed at
+    -- WeChat), whichever of the switch's prepay and the payment came first
+    testing.wait_until(function()
+      local open = assert(gw.db:query("SELECT out_trade_no FROM"
+        .. " gw_attempts WHERE payment_id = $1 AND state = 'open'",
+        { p.id }))
+      return open[1] == nil
+    end, 10, "no attempt open")
+    local wx = sim:client()
+    testing.wait_until(function()
+      local t = wx:query_by_out_trade_no(p.id .. "_3")
+      return t == nil or t.trade_state == "CLOSED"
+    end, 10, "attempt 3 closed at WeChat")
   end)
 end)
 
