@@ -214,10 +214,16 @@ function _M.lock_attempt(tx, no)
                   .. " FOR UPDATE", { no })
 end
 
---- syntax: res, err = model.unmark_switch(q, out_trade_no)
+--- syntax: res, err = model.unmark_switch(q, out_trade_no[, due_by])
 -- The switch's mark taken off the attempt, still open (the switch did not
--- happen, or its request died): it stays the payment's.
-function _M.unmark_switch(q, no)
+-- happen, or its request died): it stays the payment's. due_by: only a
+-- mark due by then (close_check_at <= due_by).
+function _M.unmark_switch(q, no, due_by)
+  if due_by then
+    return q:exec("UPDATE gw_attempts SET close_check_at = NULL WHERE"
+                  .. " out_trade_no = $1 AND state = 'open' AND"
+                  .. " close_check_at <= $2", { no, due_by })
+  end
   return q:exec("UPDATE gw_attempts SET close_check_at = NULL WHERE"
                 .. " out_trade_no = $1 AND state = 'open'", { no })
 end

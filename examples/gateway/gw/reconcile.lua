@@ -285,11 +285,14 @@ local function check_attempt(ctx, wx, row, rctx, resched)
   if row.attempt_state == "open" then
     -- marked by a switch (POST attempts) whose request ended without
     -- recording it or unmarking it (a crash, the store): the attempt is
-    -- still the payment's, and its own checks apply what WeChat says
+    -- still the payment's, and its own checks apply what WeChat says.
+    -- Only a mark still due: read due, it may have been replaced since by
+    -- a new switch's (due once that request is over), which a CLOSED read
+    -- before that switch is recorded needs (model.switching)
     return db:transaction(function(tx)
       local f, ferr = rctx.fence(tx)
       if not f then return nil, ferr end
-      return model.unmark_switch(tx, no)
+      return model.unmark_switch(tx, no, model.now())
     end)
   end
   local txn, err = wx:query_by_out_trade_no(no, sub)

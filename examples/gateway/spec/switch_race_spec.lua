@@ -269,4 +269,53 @@ describe("gateway payment checks racing a switch on PostgreSQL", function()
     sim:pay(p.id .. "_2")
     gw:wait_state(p.id, "paid", 20)
   end)
+
+  -- A switch's mark left by a request that died is dropped by the checks
+  -- once due. Read due, it could be replaced by a new switch's mark before
+  -- the check's transaction ran, and that live mark was dropped: a CLOSED
+  -- for the attempt (the new switch's own close) read before the switch
+  -- is recorded then closed the payment (model.switching said no).
+  it("a live switch's mark is not dropped as a dead one's", function()
+    local p = gw:create{ amount = 200 }
+    local no = p.id .. "_1"
+    -- (the payment's own checks out of the way: only the attempt's runs)
+    assert(gw.db:exec("UPDATE gw_payments SET checks = 1, next_check_at ="
+                      .. " $2 WHERE id = $1", { p.id, os.time() + 3600 }))
+    local release_lease = hold("SELECT token FROM paygate_leases WHERE"
+                               .. " name = 'reconcile:payments'")
+    -- a dead switch's mark, due
+    assert(gw.db:exec("UPDATE gw_attempts SET close_check_at = $2 WHERE"
+                      .. " out_trade_no = $1", { no, os.time() - 1 }))
+    testing.wait_until(function()
+      return waiting("SELECT token FROM paygate_leases") == 1
+    end, 20, "the check dropping the mark to wait at its fence")
+    -- a new switch marks the attempt; its close waits at WeChat
+    sim:fault{ endpoint = "close", kind = "latency", seconds = 5,
+               count = 1 }
+    local switch
+    spawn(function()
+      switch = gw:call("POST", "/v1/payments/" .. p.id .. "/attempts",
+                       { channel = "native" })
+    end)
+    local function mark()
+      local rows = assert(gw.db:query("SELECT state, close_check_at FROM"
+        .. " gw_attempts WHERE out_trade_no = $1 AND (close_check_at IS"
+        .. " NULL OR close_check_at > $2)", { no, os.time() }))
+      return rows[1]
+    end
+    testing.wait_until(function() return mark() ~= nil end, 10,
+                       "the new switch's mark")
+    release_lease()
+    -- the check's transaction committed once the lease's row is free
+    hold("SELECT token FROM paygate_leases WHERE"
+         .. " name = 'reconcile:payments'")()
+    local a = mark()
+    assert.equal("open", a.state)          -- the switch not recorded yet
+    assert.truthy(tonumber(a.close_check_at), "the new switch's mark was"
+                  .. " dropped")
+    testing.wait_until(function() return switch ~= nil end, 20,
+                       "the switch to answer")
+    sim:clear_faults()
+    assert.equal(201, switch.status, switch.body)
+  end)
 end)
