@@ -441,12 +441,9 @@ local function outcome_unknown(p, no, werr, actor)
     -- it and moves the payment to its new attempt without changing the
     -- payment's version: read unlocked, the payment could be read on this
     -- attempt before that commit and moved to unknown after it. Locked,
-    -- the read below waits for the resume and sees it.)
-    if tx.engine == "postgres" then
-      local locked, lerr = tx:query("SELECT state FROM gw_attempts WHERE"
-        .. " out_trade_no = $1 FOR UPDATE", { no })
-      if not locked then return nil, lerr end
-    end
+    -- the read below waits for the resume and sees it: model.lock_attempt)
+    local locked, lerr = model.lock_attempt(tx, no)
+    if not locked then return nil, lerr end
     local cur, terr = model.payment(tx, p.id)
     if not cur then return nil, terr end
     if not P:can(cur.state, "outcome_unknown")
@@ -500,20 +497,10 @@ local function insert_attempt(tx, p, n, channel, now)
     { model.out_trade_no(p.id, n), p.id, n, channel, now })
 end
 
--- (PostgreSQL: the attempt's row locked first, in the order every
--- transaction that moves a payment off or onto an attempt takes its rows:
--- the attempt, then the payment. A resumed create or a switch supersedes
--- the attempt and moves the payment to a new one without changing the
--- payment's version, so its version check does not catch a read of the
--- payment made before that commit and a write made after it (READ
--- COMMITTED). Locked, the reads that follow wait for a switch or resume
--- holding the attempt and see it; one that comes after waits for this
--- transaction. SQLite: one writer at a time already.)
-local function lock_attempt(tx, no)
-  if tx.engine ~= "postgres" then return true end
-  return tx:query("SELECT state FROM gw_attempts WHERE out_trade_no = $1"
-                  .. " FOR UPDATE", { no })
-end
+-- (PostgreSQL: a transaction that moves a payment off or onto an attempt,
+-- or decides on what a read of it says, locks the attempt's row first,
+-- then reads the payment: model.lock_attempt says why)
+local lock_attempt = model.lock_attempt
 
 local function load_own(req, q)
   local p, err = model.payment(q or ctx.db, req.params.id)
