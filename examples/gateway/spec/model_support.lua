@@ -14,6 +14,36 @@
 -- own server unless given). m.log(...), m.check(cond, msg) and
 -- m.fail(msg) add to and report with the model's trace; m.posts: every
 -- POST made.
+--
+-- Two options widen it; without them the operations, their draws and
+-- their checks are the same for a seed as before they existed:
+--   reconcile = true   the gateway runs its reconcile runners (give it
+--                      short intervals: model_reconcile_spec.lua). Before
+--                      each step's check the model waits (a condition
+--                      with a deadline) until nothing is left for the
+--                      checks to apply (the payment's current attempt
+--                      paid, failed or closed at WeChat but open here, an
+--                      `unknown` WeChat has an answer for, money on an
+--                      attempt not applied, a refund `created` / `unknown`
+--                      or settled at WeChat but not here), and expects
+--                      what the checks make of it. New operations are
+--                      drawn besides the others: a payment paid with its
+--                      notification dropped (ends paid by query, once);
+--                      a refund (or an abnormal refund applied for)
+--                      settled with its notification dropped (ends
+--                      settled by query); a switch whose prepay answer
+--                      does not verify (`unknown`, then `paying` or, paid
+--                      with the notification dropped, `paid` by query); a
+--                      refund whose answer is lost (`unknown`, then
+--                      `processing` by query, sent again when WeChat does
+--                      not have it); a payment past its expiry (closed at
+--                      both sides by the checks, a payment on it then
+--                      refused; or paid while the checks' close is held
+--                      or failed: paid, once, not late).
+--   sub_mchid = "..."  partner mode: the gateway's merchant is a service
+--                      provider (core.start's partner); every payment is
+--                      made for that sub-merchant, and the model's own
+--                      queries name it.
 local testing = require "paygate.testing"
 local core = require "paygate.core"
 local json = require "paygate.json"
@@ -66,6 +96,8 @@ function _M.new(o)
   local sim, gw, wx, SEED = o.sim, o.gw, o.wx, o.seed
   local NAME = o.name or "model_spec"
   local instances = o.instances or { gw.srv }
+  local REC = o.reconcile and true or false
+  local SUB = o.sub_mchid
   local trace = {}
   local function log(...)
     local parts = {}
@@ -84,6 +116,11 @@ function _M.new(o)
 
   -- every POST made: { path, body, key, status, text }
   local posts = {}
+
+  -- WeChat's word on an order (the sub-merchant's in partner mode)
+  local function trade(no)
+    return wx:query_by_out_trade_no(no, SUB)
+  end
 
   local function shape(what, res)
     check(res, what .. ": no answer")
@@ -197,15 +234,78 @@ function _M.new(o)
   -- operation whose outcome a fault left open)
   local function sync(m, p)
     for _, a in ipairs(p.attempts) do
-      local t = wx:query_by_out_trade_no(a.out_trade_no)
+      local t = trade(a.out_trade_no)
       local ts = t and t.trade_state or "NONE"
       if ts == "REFUND" then ts = "SUCCESS" end
       m.sim[a.out_trade_no] = ts
     end
   end
 
+  -- (reconcile) what the checks still have to apply to the payment, by
+  -- WeChat's word: nil when nothing, else what
+  local OPEN_P = { created = true, paying = true, unknown = true }
+  local PAID_AT = { SUCCESS = true, REFUND = true }
+  local REFUND_AS = { PROCESSING = "processing", SUCCESS = "succeeded",
+                      ABNORMAL = "abnormal", CLOSED = "closed" }
+  local function unsettled(m)
+    local p = get(m.id)
+    for _, a in ipairs(p.attempts) do
+      local t = trade(a.out_trade_no)
+      local ts = t and t.trade_state or "NONE"
+      if a.out_trade_no == p.out_trade_no and OPEN_P[p.state] then
+        if PAID_AT[ts] or ts == "PAYERROR" or ts == "CLOSED" then
+          return p.state .. " on " .. a.out_trade_no .. ", " .. ts
+                 .. " at WeChat"
+        end
+        if p.state == "unknown" and (ts == "NOTPAY" or ts == "USERPAYING")
+        then
+          return "unknown, " .. ts .. " at WeChat"
+        end
+      elseif PAID_AT[ts] and a.state ~= "paid" then
+        return "attempt " .. a.out_trade_no .. " " .. a.state .. ", " .. ts
+               .. " at WeChat"
+      end
+    end
+    for _, r in ipairs(p.refunds) do
+      if r.state == "created" or r.state == "unknown" then
+        return "refund " .. r.id .. " " .. r.state
+      end
+      if r.state == "processing" or r.state == "abnormal" then
+        local x = wx:query_refund(r.out_refund_no, SUB)
+        local want = x and REFUND_AS[x.status]
+        if want and want ~= r.state and not (r.state == "abnormal"
+                                             and want == "processing") then
+          return "refund " .. r.id .. " " .. r.state .. ", " .. x.status
+                 .. " at WeChat"
+        end
+      end
+    end
+  end
+
+  -- (reconcile) waits until the checks have applied what WeChat says;
+  -- the model then expects what they make of it: a payment failed at
+  -- WeChat failed here; an `unknown` (payment or refund) is taken as it
+  -- ends (the final checks judge its transitions)
+  local function settle_checks(m)
+    local why
+    local ok, err = pcall(testing.wait_until, function()
+      why = unsettled(m)
+      return why == nil
+    end, 30, m.id .. ": the reconcile checks")
+    if not ok then fail(tostring(err) .. ": " .. tostring(why)) end
+    if m.state == "unknown" then m.state = nil end
+    if (m.state == "paying" or m.state == "created")
+       and m.sim[m.no] == "PAYERROR" then
+      m.state = "failed"
+    end
+    for _, rf in pairs(m.refunds) do
+      if rf.state == "created" or rf.state == "unknown" then rf.state = nil end
+    end
+  end
+
   local function step_check(m)
     if m.pending then m.state = nil end  -- its notification may come now
+    if REC then settle_checks(m) end
     local p = get(m.id)
     check_money(m, p)
     if m.state then
@@ -267,7 +367,7 @@ function _M.new(o)
     -- money taken at WeChat is never dropped: each attempt paid there is
     -- paid here, and so is the payment
     for _, a in ipairs(p.attempts) do
-      local t = wx:query_by_out_trade_no(a.out_trade_no)
+      local t = trade(a.out_trade_no)
       local ts = t and t.trade_state
       if ts == "SUCCESS" or ts == "REFUND" then
         check(a.state == "paid" and a.transaction_id == t.transaction_id,
@@ -285,7 +385,7 @@ function _M.new(o)
     if p.state == "paying" or p.state == "closed" then
       for _, a in ipairs(p.attempts) do
         if a.out_trade_no ~= p.out_trade_no or p.state == "closed" then
-          local t = wx:query_by_out_trade_no(a.out_trade_no)
+          local t = trade(a.out_trade_no)
           local ts = t and t.trade_state
           check(ts ~= "NOTPAY" and ts ~= "PAYERROR", m.id .. ": attempt "
                 .. a.out_trade_no .. " (" .. a.state .. ") of a " .. p.state
@@ -421,6 +521,18 @@ function _M.new(o)
 
   local held = 0     -- notifications held by an out_of_order fault
 
+  -- (reconcile) no close at WeChat the checks still have to make (of an
+  -- attempt closed here, or marked by a switch): a fault set on `close`
+  -- is then taken by the close the operation makes, not by theirs
+  local function quiet_closes()
+    if not REC then return end
+    testing.wait_until(function()
+      local rows = assert(gw.db:query("SELECT count(*) AS n FROM"
+        .. " gw_attempts WHERE close_check_at IS NOT NULL"))
+      return tonumber(rows[1].n) == 0
+    end, 30, "the checks' closes at WeChat")
+  end
+
   local ops = {}
 
   function ops.switch(r, m)
@@ -453,6 +565,13 @@ function _M.new(o)
     local res = control("POST", "/sim/transactions/" .. m.no .. "/pay"
                         .. wait, body)
     local st = m.sim[m.no]
+    if REC and st == "PAYERROR" and m.state == "failed"
+       and res.status == 409 then
+      -- the checks closed the failed attempt at WeChat meanwhile
+      m.sim[m.no] = "CLOSED"
+      if fault then sim:clear_faults() end
+      return
+    end
     if st == "NOTPAY" or st == "PAYERROR" then
       check(res.status == 200, "sim pay of " .. st .. ": " .. res.status)
     elseif st == "NONE" then       -- its prepay never reached WeChat
@@ -724,7 +843,8 @@ function _M.new(o)
     local x = r.pick(list)
     local rf = m.refunds[x.id]
     local data, err = wx:abnormal_refund{ refund_id = x.refund_id,
-      out_refund_no = x.out_refund_no, type = "MERCHANT_BANK_CARD" }
+      out_refund_no = x.out_refund_no, type = "MERCHANT_BANK_CARD",
+      sub_mchid = SUB }
     log("abnormal_refund", x.id, data and data.status or tostring(err))
     check(data and data.status == "PROCESSING", "abnormal refund: "
           .. tostring(err))
@@ -759,6 +879,7 @@ function _M.new(o)
     if not OPEN[m.state] or m.sim[m.no] ~= "NOTPAY" then
       return ops[what](r, m)
     end
+    quiet_closes()
     local f = sim:fault{ endpoint = "close", kind = "latency", seconds = 1,
                          count = 1 }
     local res, done
@@ -894,6 +1015,261 @@ function _M.new(o)
     end)
   end
 
+  ------------------------------------------- reconciliation and expiry
+  -- (drawn only with o.reconcile: the gateway's checks at work)
+
+  -- the payment's last entry of `what` was made by the checks
+  local function by_checks(m, what)
+    local last
+    for _, e in ipairs(audit.entries(gw.db, "payment:" .. m.id)) do
+      if e.what == what then last = e end
+    end
+    check(last and last.actor == "reconcile", m.id .. ": " .. what
+          .. " by " .. tostring(last and last.actor) .. ", not the checks")
+  end
+
+  local function wait_payment(m, states, what, secs)
+    local p
+    local ok, err = pcall(testing.wait_until, function()
+      p = get(m.id)
+      return states[p.state]
+    end, secs or 30, m.id .. ": " .. what)
+    if not ok then
+      fail(tostring(err) .. " (" .. tostring(p and p.state) .. ")")
+    end
+    log("checks ->", p.state)
+    return p
+  end
+
+  local function dropped(no, rno)
+    testing.wait_until(function()
+      local n = sim:notifications{ out_trade_no = rno and nil or no,
+                                   out_refund_no = rno }
+      return n[#n] and n[#n].state == "dropped"
+    end, 10, "the notification dropped")
+  end
+
+  -- paid at WeChat, every notification of it lost: only the payment
+  -- checks can find it; paid, once, by them
+  function ops.pay_lost(r, m)
+    if not OPEN[m.state] or m.sim[m.no] ~= "NOTPAY" then return pay(r, m) end
+    local body = {}
+    if r.chance(0.3) then body.payer_total = r.int(0, m.amount - 1) end
+    sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }
+    local res = control("POST", "/sim/transactions/" .. m.no .. "/pay", body)
+    check(res.status == 200, "sim pay: " .. res.status .. " " .. res.body)
+    m.sim[m.no] = "SUCCESS"
+    dropped(m.no)
+    wait_payment(m, { paid = true }, "paid by the checks")
+    by_checks(m, "payment.succeeded")
+    m.state = "paid"
+    m.paid_current = m.no
+    m.payer_total = body.payer_total or m.amount
+  end
+
+  -- a refund settled at WeChat (or an abnormal one applied for, then
+  -- settled) with its notification lost: settled by the refund checks
+  function ops.settle_lost(r, m)
+    local open = {}
+    for _, rf in pairs(m.refunds) do
+      if rf.state == "processing" or rf.state == "abnormal" then
+        open[#open + 1] = rf
+      end
+    end
+    table.sort(open, function(a, b) return a.id < b.id end)
+    if not open[1] then return ops.pay_lost(r, m) end
+    local rf = r.pick(open)
+    local status
+    if rf.state == "abnormal" then
+      local x
+      for _, y in ipairs(get(m.id).refunds) do
+        if y.id == rf.id then x = y end
+      end
+      local data, err = wx:abnormal_refund{ refund_id = x.refund_id,
+        out_refund_no = x.out_refund_no, type = "MERCHANT_BANK_CARD",
+        sub_mchid = SUB }
+      log("abnormal_refund", x.id, data and data.status or tostring(err))
+      check(data and data.status == "PROCESSING", "abnormal refund: "
+            .. tostring(err))
+      status = r.pick({ "SUCCESS", "CLOSED" })
+    else
+      status = r.pick({ "SUCCESS", "SUCCESS", "ABNORMAL", "CLOSED" })
+    end
+    sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }
+    local res = control("POST", "/sim/refunds/" .. rf.no .. "/settle",
+                        { status = status })
+    check(res.status == 200, "settle: " .. res.status .. " " .. res.body)
+    dropped(nil, rf.no)
+    local want = REFUND_AS[status]
+    local ok, err = pcall(testing.wait_until, function()
+      for _, y in ipairs(get(m.id).refunds) do
+        if y.id == rf.id then return y.state == want end
+      end
+    end, 30, rf.id .. ": " .. want .. " by the checks")
+    if not ok then fail(tostring(err)) end
+    log("checks ->", rf.id, want)
+    settle_expect(m, rf, status)
+  end
+
+  -- a switch whose prepay answer does not verify: the payment is
+  -- `unknown` (the order was made at WeChat); the checks find it unpaid
+  -- (`paying`) or, paid meanwhile with the notification lost, `paid`
+  function ops.unknown_switch(r, m)
+    if not OPEN[m.state] or m.sim[m.no] == "SUCCESS" then
+      return ops.switch(r, m)
+    end
+    local paid = r.chance(0.5)
+    sim:fault{ endpoint = "prepay", kind = "bad_signature", count = 1 }
+    local res = post("/v1/payments/" .. m.id .. "/attempts",
+                     channel_body(r, {}))
+    sim:clear_faults()
+    check(res.status == 502 and res.json.error == "wechat_error"
+          and res.json.payment and res.json.payment.state == "unknown",
+          "a switch whose prepay answer does not verify: " .. res.status
+          .. " " .. res.body)
+    m.sim[m.no] = "CLOSED"
+    m.no = res.json.payment.out_trade_no
+    m.sim[m.no] = "NOTPAY"
+    if paid then
+      sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }
+      local pr = control("POST", "/sim/transactions/" .. m.no .. "/pay")
+      check(pr.status == 200, "sim pay: " .. pr.status .. " " .. pr.body)
+      m.sim[m.no] = "SUCCESS"
+      dropped(m.no)
+      wait_payment(m, { paid = true }, "paid by the checks")
+      by_checks(m, "payment.succeeded")
+      m.state = "paid"
+      m.paid_current = m.no
+      m.payer_total = m.amount
+    else
+      wait_payment(m, { paying = true }, "open again by the checks")
+      by_checks(m, "payment.still_open")
+      m.state = "paying"
+    end
+  end
+
+  -- a refund whose answer is lost (WeChat's 5xx after or before the
+  -- work, an answer that does not verify): `unknown`, then `processing`
+  -- by the refund checks (sent again when WeChat does not have it)
+  local LOST = {
+    { kind = "bad_signature" }, { kind = "bad_signature" },
+    { kind = "error", status = 500, after = true },
+  }
+  function ops.refund_unknown(r, m)
+    if not PAID[m.state] then return ops.refund(r, m) end
+    local left = m.amount - counted(m)
+    if left < 1 then return ops.refund(r, m) end
+    local amount = r.int(1, left)
+    local f = {}
+    for k, v in pairs(r.pick(LOST)) do f[k] = v end
+    f.endpoint, f.count = "refund", 1
+    sim:fault(f)
+    log("fault", json.encode(f))
+    local res = post("/v1/payments/" .. m.id .. "/refunds", { amount = amount })
+    sim:clear_faults()
+    -- (a 5xx is retried by the client: its answer may be WeChat's)
+    check(res.status == 502 and res.json.refund
+          and res.json.refund.state == "unknown"
+          or f.status and res.status == 201 and res.json.state
+          == "processing", "a refund whose answer is lost: " .. res.status
+          .. " " .. res.body)
+    local j = res.status == 201 and res.json or res.json.refund
+    local rf = { id = j.id, no = j.out_refund_no, amount = amount,
+                 kind = "merchant" }
+    m.refunds[j.id] = rf
+    local ok, err = pcall(testing.wait_until, function()
+      for _, y in ipairs(get(m.id).refunds) do
+        if y.id == j.id then return y.state == "processing" end
+      end
+    end, 30, j.id .. ": processing by the checks")
+    if not ok then fail(tostring(err)) end
+    local x = wx:query_refund(j.out_refund_no, SUB)
+    check(x and x.status == "PROCESSING" and x.amount.refund == amount,
+          j.id .. ": at WeChat " .. json.encode(x or {}))
+    rf.state = "processing"
+  end
+
+  -- the payment past its expiry (the gateway's expires_at moved back:
+  -- expires_in is at least 120 s): the checks close it at WeChat, then
+  -- here (also when their first close fails: retried); a payment on it
+  -- after that is refused. Or the payer pays while the checks' close is
+  -- held at WeChat (then made: ORDER_PAID; or failed: 500), with the
+  -- notification delivered or lost: paid, once, on its current attempt,
+  -- not late.
+  local function fired(f, what)
+    testing.wait_until(function()
+      for _, x in ipairs(sim:control("GET", "/sim/faults")) do
+        if x.id == f.id then return (x.fired or 0) >= 1 end
+      end
+    end, 30, what)
+  end
+  function ops.expire(r, m)
+    if not OPEN[m.state] or (m.sim[m.no] ~= "NOTPAY"
+                             and m.sim[m.no] ~= "NONE") then
+      return ops.close(r, m)
+    end
+    local how = m.sim[m.no] == "NOTPAY"
+                and r.pick({ "plain", "plain", "retry", "held", "failed" })
+                or "plain"
+    local lost = r.chance(0.5)
+    log("expire", how, lost and "lost" or "")
+    local f
+    if how ~= "plain" then
+      quiet_closes()
+      if how ~= "retry" then
+        f = sim:fault{ endpoint = "close", kind = "latency", seconds = 1,
+                       count = 1 }
+      end
+      if how ~= "held" then
+        local e = sim:fault{ endpoint = "close", kind = "error",
+                             status = 500, count = 1 }
+        f = f or e
+      end
+    end
+    assert(gw.db:exec("UPDATE gw_payments SET expires_at = $2 WHERE id = $1",
+                      { m.id, os.time() - 1 }))
+    if how == "plain" or how == "retry" then
+      if f then fired(f, "the checks' close to fail") end
+      local p = wait_payment(m, { closed = true }, "closed by the checks")
+      sim:clear_faults()
+      by_checks(m, "payment.closed")
+      for _, a in ipairs(p.attempts) do
+        check(a.state ~= "open", m.id .. ": attempt " .. a.out_trade_no
+              .. " open in a closed payment")
+      end
+      local t = trade(m.no)
+      local ts = t and t.trade_state or "NONE"
+      check(ts == "CLOSED" or ts == "NONE" and m.sim[m.no] == "NONE",
+            m.id .. ": expired and closed here, " .. ts .. " at WeChat")
+      -- the payer comes too late: WeChat refuses
+      local pr = control("POST", "/sim/transactions/" .. m.no .. "/pay")
+      check(pr.status == (ts == "NONE" and 404 or 409), "a payment after"
+            .. " the expiry's close: " .. pr.status .. " " .. pr.body)
+      m.sim[m.no] = ts
+      m.state = "closed"
+      return
+    end
+    -- the checks' close held at WeChat: the payer pays meanwhile
+    fired(f, "the checks' close at WeChat")
+    if lost then
+      sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }
+    end
+    local pr = control("POST", "/sim/transactions/" .. m.no .. "/pay"
+                       .. (lost and "" or "?wait=5"))
+    check(pr.status == 200, "pay during the checks' close: " .. pr.status
+          .. " " .. pr.body)
+    m.sim[m.no] = "SUCCESS"
+    local p = wait_payment(m, { paid = true, closed = true },
+                           "paid, the close refused")
+    sim:clear_faults()
+    check(p.state == "paid", m.id .. ": paid at WeChat during the"
+          .. " expiry's close, here " .. p.state)
+    if lost then by_checks(m, "payment.succeeded") end
+    m.state = "paid"
+    m.paid_current = m.no
+    m.payer_total = m.amount
+  end
+
   local WEIGHTS = {
     { "switch", 2 }, { "pay", 5 }, { "pay_dup", 2 }, { "pay_reordered", 1 },
     { "fail", 2 }, { "refresh", 2 }, { "close", 1 }, { "refund", 6 },
@@ -904,6 +1280,13 @@ function _M.new(o)
     { "pay_held", 1 }, { "degraded", 2 }, { "refund_same_key", 2 },
     { "abnormal_apply", 3 },
   }
+  if REC then
+    for _, w in ipairs({ { "pay_lost", 4 }, { "settle_lost", 4 },
+                         { "unknown_switch", 2 }, { "refund_unknown", 2 },
+                         { "expire", 3 } }) do
+      WEIGHTS[#WEIGHTS + 1] = w
+    end
+  end
   local TOTAL = 0
   for _, w in ipairs(WEIGHTS) do TOTAL = TOTAL + w[2] end
   local function pick_op(r)
@@ -925,6 +1308,7 @@ function _M.new(o)
       local amount = r.pick({ 1, 2, 3, 10, 99, 100, r.int(1, 100000) })
       local body = channel_body(r, { order_id = "model-" .. SEED .. "-" .. i,
         amount = amount, description = "model " .. i })
+      body.sub_mchid = SUB
       local res
       if r.chance(0.25) then
         -- two creates of one order_id at once (two keys): one payment, one
@@ -971,13 +1355,16 @@ function _M.new(o)
     end
     -- the held notifications released by one more delivered
     if held > 0 then
-      local extra = support.create(gw, { amount = 1 })
+      local extra = support.create(gw, { amount = 1, sub_mchid = SUB })
       control("POST", "/sim/transactions/" .. extra.out_trade_no
               .. "/pay?wait=5")
     end
     testing.wait_until(function()
       for _, n in ipairs(sim:notifications()) do
-        if n.state ~= "delivered" then return false end
+        -- (dropped: the reconcile operations' never_sent)
+        if n.state ~= "delivered" and n.state ~= "dropped" then
+          return false
+        end
       end
       return true
     end, 60, "every notification delivered")
