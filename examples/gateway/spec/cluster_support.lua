@@ -308,7 +308,9 @@ end
 -- notifications alone must do it), events to a webhook receiver that
 -- refuses every 3rd event's first attempt, the Redis stream `stream` and
 -- the hooks; notifications through the tee (`tee`: its options; round
--- robin without them), and every dispatcher holding shards. c.start
+-- robin without them), and every dispatcher holding shards (`reconcile`:
+-- the gateway's reconcile table instead; `merchant`: options of its
+-- merchant, as core.start takes them). c.start
 -- fills c = { pg, rd, sim, rcv, tee, app_dir, hooks_log, gws } as it
 -- goes, so c.stop() (a spec's teardown) stops what a failed start began.
 function _M.cluster()
@@ -326,7 +328,8 @@ function _M.cluster()
       redis_stream = { stream = o.stream },
       webhooks = { { url = c.rcv.url, secret_file = c.rcv.secret_file,
                      timeout = 2 } },
-      reconcile = { enabled = false }, -- notifications alone must do it
+      -- notifications alone must do it, unless told
+      reconcile = o.reconcile or { enabled = false },
       -- 8 shards over 4 dispatchers: every dispatcher holds some (the
       -- lease outlives a webhook's timeout)
       dispatcher = { interval = 0.05, max_partitions = 2, lease_ttl = 5,
@@ -336,7 +339,7 @@ function _M.cluster()
     for i = 1, 2 do
       c.gws[i] = core.start(c.sim, { app = c.app_dir, workers = 2,
         db = function() return c.pg.url .. "?pool=6" end,
-        gateway = gateway })
+        gateway = gateway, merchant = o.merchant })
     end
     c.tee.targets({ c.gws[1].srv:url(""), c.gws[2].srv:url("") }, o.tee)
     _M.wait_shards(c.gws, 20)

@@ -18,6 +18,11 @@
 -- copy, replay) was acknowledged; each event was accepted once by each
 -- sink, and both instances dispatched.
 --
+-- MODEL_RECONCILE=1 runs the gateways' reconcile checks too, on a short
+-- schedule, with the model's reconciliation and expiry operations
+-- (model_support.lua's `reconcile` option, model_reconcile_spec.lua): the
+-- checks of both instances at work beside the calls.
+--
 -- The seed is printed; re-run with MODEL_SEED=<seed> (MODEL_N: payments,
 -- 20 unless given; MODEL_TRACE=<file>: the steps taken, with the instance
 -- each call went to). The operations are the seed's, and so are the
@@ -40,7 +45,9 @@ end
 
 local SEED = seeded.seed("MODEL_SEED", "model_cluster_spec")
 local N = tonumber(os.getenv("MODEL_N")) or 20
-print("model_cluster_spec: MODEL_N=" .. N)
+local REC = os.getenv("MODEL_RECONCILE") == "1"
+print("model_cluster_spec: MODEL_N=" .. N .. (REC and ", MODEL_RECONCILE=1"
+                                              or ""))
 local STREAM = "gw:events"
 
 describe("gateway model on PostgreSQL, two instances (seed " .. SEED .. ")",
@@ -49,7 +56,12 @@ describe("gateway model on PostgreSQL, two instances (seed " .. SEED .. ")",
   local c = cluster.cluster()
 
   setup(function()
-    c.start{ stream = STREAM, tee = { seed = SEED, copy = 0.5 } }
+    c.start{ stream = STREAM, tee = { seed = SEED, copy = 0.5 },
+      reconcile = REC and { check_after = 1, first = 0.5, ceiling = 1,
+                            interval = 0.1, bill = false } or nil,
+      -- (the checks first ask about an attempt closed here, not
+      -- confirmed by WeChat, the client's deadline + 5 s after)
+      merchant = REC and { timeout = 3, deadline = 6 } or nil }
     rd, sim, rcv, tee = c.rd, c.sim, c.rcv, c.tee
     hooks_log, gws = c.hooks_log, c.gws
   end)
@@ -70,7 +82,7 @@ describe("gateway model on PostgreSQL, two instances (seed " .. SEED .. ")",
       return gws[i]:call(method, path, body, headers)
     end
     m = model.new{ sim = sim, gw = api, wx = sim:client(), seed = SEED,
-                   name = "model_cluster_spec",
+                   name = "model_cluster_spec", reconcile = REC,
                    instances = { gws[1].srv, gws[2].srv } }
     m.run(N)
 

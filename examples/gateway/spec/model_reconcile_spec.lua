@@ -11,10 +11,14 @@
 --     ends `paying` (WeChat: NOTPAY) or `paid` (paid there, its
 --     notification dropped) by the checks; an `unknown` refund (its answer
 --     lost) ends `processing`;
+--   - a failed payment paid at WeChat before the checks closed its
+--     attempt there, the notification dropped: found by the checks' close,
+--     paid late, refunded;
 --   - a payment past its expiry is closed at WeChat by the checks (their
---     first close failing too), then here, and a payment on it is refused
---     there; paid while the checks' close is held (or failed) at WeChat,
---     it ends paid, once, not late;
+--     first close failing too; the merchant closing it at the same
+--     moment; a switch then refused), then here, and a payment on it is
+--     refused there; paid while the checks' close is held (or failed) at
+--     WeChat, it ends paid, once, not late;
 -- and every operation of model_spec besides, with the checks running
 -- under them: before each step's check the model waits (a condition with
 -- a deadline) until nothing is left for the checks to apply, then checks
@@ -26,7 +30,7 @@
 -- service provider's sub-merchant (partner mode: sp_mchid / sub_mchid).
 -- The seed is printed; MODEL_SEED=<seed> runs it again (the partner run
 -- takes seed + 1), MODEL_N payments per run (10 unless given),
--- MODEL_TRACE=<file> the steps of the last run.
+-- MODEL_TRACE=<file> the steps (<file>-merchant and <file>-partner).
 local testing = require "paygate.testing"
 local support = dofile("examples/gateway/spec/core_support.lua")
 local model = dofile("examples/gateway/spec/model_support.lua")
@@ -66,7 +70,8 @@ for _, mode in ipairs({ "merchant", "partner" }) do
       model.new{ sim = sim, gw = gw, seed = seed,
                  wx = sim:client(partner and sim.partner or nil),
                  name = "model_reconcile_spec (" .. mode .. ")",
-                 reconcile = true,
+                 reconcile = true, trace = os.getenv("MODEL_TRACE")
+                   and os.getenv("MODEL_TRACE") .. "-" .. mode,
                  sub_mchid = partner and sim.partner.sub_mchid or nil }
         .run(N)
     end)

@@ -40,6 +40,7 @@
 --                      both sides by the checks, a payment on it then
 --                      refused; or paid while the checks' close is held
 --                      or failed: paid, once, not late).
+--   trace = path       where the steps go (default: $MODEL_TRACE)
 --   sub_mchid = "..."  partner mode: the gateway's merchant is a service
 --                      provider (core.start's partner); every payment is
 --                      made for that sub-merchant, and the model's own
@@ -96,6 +97,7 @@ function _M.new(o)
   local sim, gw, wx, SEED = o.sim, o.gw, o.wx, o.seed
   local NAME = o.name or "model_spec"
   local instances = o.instances or { gw.srv }
+  local TRACE = o.trace or os.getenv("MODEL_TRACE")
   local REC = o.reconcile and true or false
   local SUB = o.sub_mchid
   local trace = {}
@@ -105,7 +107,7 @@ function _M.new(o)
     trace[#trace + 1] = table.concat(parts, " ")
   end
   local function fail(msg)
-    local f = io.open(os.getenv("MODEL_TRACE") or "/dev/null", "w")
+    local f = io.open(TRACE or "/dev/null", "w")
     if f then f:write(table.concat(trace, "\n"), "\n") f:close() end
     error(msg .. "\nseed " .. SEED .. "; last steps:\n"
           .. table.concat(trace, "\n", math.max(1, #trace - 40)), 2)
@@ -1052,6 +1054,28 @@ function _M.new(o)
   -- paid at WeChat, every notification of it lost: only the payment
   -- checks can find it; paid, once, by them
   function ops.pay_lost(r, m)
+    if m.state == "failed" and m.sim[m.no] == "PAYERROR" then
+      -- a failed payment paid at WeChat before the checks closed its
+      -- attempt there (or refused: they did), the notification lost: the
+      -- checks' close finds the money, a late payment refunded
+      sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }
+      local res = control("POST", "/sim/transactions/" .. m.no .. "/pay")
+      if res.status == 409 then
+        sim:clear_faults()
+        m.sim[m.no] = "CLOSED"
+        return
+      end
+      check(res.status == 200, "sim pay of a failed payment's attempt: "
+            .. res.status .. " " .. res.body)
+      m.sim[m.no] = "SUCCESS"
+      dropped(m.no)
+      local p = wait_payment(m, { paid = true }, "paid late by the checks")
+      check(p.late == true, m.id .. ": paid after it failed, not late")
+      by_checks(m, "payment.succeeded")
+      m.state = "paid"
+      take_late_refund(m)
+      return
+    end
     if not OPEN[m.state] or m.sim[m.no] ~= "NOTPAY" then return pay(r, m) end
     local body = {}
     if r.chance(0.3) then body.payer_total = r.int(0, m.amount - 1) end
@@ -1209,12 +1233,13 @@ function _M.new(o)
       return ops.close(r, m)
     end
     local how = m.sim[m.no] == "NOTPAY"
-                and r.pick({ "plain", "plain", "retry", "held", "failed" })
-                or "plain"
+                and r.pick({ "plain", "plain", "retry", "held", "failed",
+                             "close", "switch" })
+                or r.pick({ "plain", "close", "switch" })
     local lost = r.chance(0.5)
     log("expire", how, lost and "lost" or "")
     local f
-    if how ~= "plain" then
+    if how == "held" or how == "failed" or how == "retry" then
       quiet_closes()
       if how ~= "retry" then
         f = sim:fault{ endpoint = "close", kind = "latency", seconds = 1,
@@ -1228,11 +1253,24 @@ function _M.new(o)
     end
     assert(gw.db:exec("UPDATE gw_payments SET expires_at = $2 WHERE id = $1",
                       { m.id, os.time() - 1 }))
-    if how == "plain" or how == "retry" then
+    if how == "close" then
+      -- the merchant closes it too, at once: closed, once
+      local res = post("/v1/payments/" .. m.id .. "/close", {})
+      check(res.status == 200 and res.json.state == "closed", "a close of"
+            .. " an expired payment: " .. res.status .. " " .. res.body)
+    elseif how == "switch" then
+      -- a new attempt for it: too late
+      local res = post("/v1/payments/" .. m.id .. "/attempts",
+                       channel_body(r, {}))
+      check(res.status == 409 and (res.json.error == "payment_expired"
+            or res.json.error == "invalid_state"), "a switch of an expired"
+            .. " payment: " .. res.status .. " " .. res.body)
+    end
+    if how ~= "held" and how ~= "failed" then
       if f then fired(f, "the checks' close to fail") end
       local p = wait_payment(m, { closed = true }, "closed by the checks")
       sim:clear_faults()
-      by_checks(m, "payment.closed")
+      if how ~= "close" then by_checks(m, "payment.closed") end
       for _, a in ipairs(p.attempts) do
         check(a.state ~= "open", m.id .. ": attempt " .. a.out_trade_no
               .. " open in a closed payment")
@@ -1302,6 +1340,7 @@ function _M.new(o)
   -- checks
   local function run(N)
     local r = rng(SEED)
+    local rec_pick = rng(SEED + 2)
     local models = {}
     local started = core.time()
     for i = 1, N do
@@ -1348,6 +1387,11 @@ function _M.new(o)
       for k = 1, r.int(4, 14) do
         -- most payments are paid early: refunds are where the money is
         local op = (k == 1 and r.chance(0.5)) and "pay" or pick_op(r)
+        if REC and op == "pay" then
+          -- (reconcile) the early payment lost, or the payment expired,
+          -- half the time: drawn by a generator of their own
+          op = rec_pick.pick({ "pay", "pay", "pay_lost", "expire" })
+        end
         log("op", op, m.id)
         ops[op](r, m)
         step_check(m)
@@ -1377,7 +1421,7 @@ function _M.new(o)
     local code, out = testing.proc.run({ testing.server.bin(), "exec",
       "examples/gateway/scripts/verify.lua", gw.db_url }, { timeout = 60 })
     check(code == 0, "verify.lua: " .. tostring(code) .. " " .. out)
-    local f = io.open(os.getenv("MODEL_TRACE") or "/dev/null", "w")
+    local f = io.open(TRACE or "/dev/null", "w")
     if f then f:write(table.concat(trace, "\n"), "\n") f:close() end
     print((NAME .. ": %d payments, %d POSTs, %d held, %.1f s"):format(N,
       #posts, held, core.time() - started))
