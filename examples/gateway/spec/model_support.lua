@@ -1143,25 +1143,44 @@ function _M.new(o)
       return ops.switch(r, m)
     end
     local paid = r.chance(0.5)
-    sim:fault{ endpoint = "prepay", kind = "bad_signature", count = 1 }
+    -- (a third of the time every prepay attempt refused with a 5xx: the
+    -- order is not at WeChat, the payment stays unknown until it expires)
+    local never = r.chance(0.33)
+    if never then
+      sim:fault{ endpoint = "prepay", kind = "error", status = 500,
+                 count = 60 }
+    else
+      sim:fault{ endpoint = "prepay", kind = "bad_signature", count = 1 }
+    end
     local res = post("/v1/payments/" .. m.id .. "/attempts",
                      channel_body(r, {}))
     sim:clear_faults()
     check(res.status == 502 and res.json.error == "wechat_error"
           and res.json.payment and res.json.payment.state == "unknown",
-          "a switch whose prepay answer does not verify: " .. res.status
+          "a switch whose prepay answer is lost: " .. res.status
           .. " " .. res.body)
     m.sim[m.no] = "CLOSED"
     m.no = res.json.payment.out_trade_no
     m.sim[m.no] = "NOTPAY"
+    if never then
+      m.sim[m.no] = "NONE"
+      check(trade(m.no) == nil, m.id .. ": " .. m.no .. " at WeChat")
+      m.state = "unknown"
+      return
+    end
     if paid then
-      sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }
-      local pr = control("POST", "/sim/transactions/" .. m.no .. "/pay")
+      -- its notification lost, or delivered while the checks are at it
+      local lost = r.chance(0.6)
+      if lost then
+        sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }
+      end
+      local pr = control("POST", "/sim/transactions/" .. m.no .. "/pay"
+                         .. (lost and "" or "?wait=5"))
       check(pr.status == 200, "sim pay: " .. pr.status .. " " .. pr.body)
       m.sim[m.no] = "SUCCESS"
-      dropped(m.no)
+      if lost then dropped(m.no) end
       wait_payment(m, { paid = true }, "paid by the checks")
-      by_checks(m, "payment.succeeded")
+      if lost then by_checks(m, "payment.succeeded") end
       m.state = "paid"
       m.paid_current = m.no
       m.payer_total = m.amount
@@ -1178,6 +1197,9 @@ function _M.new(o)
   local LOST = {
     { kind = "bad_signature" }, { kind = "bad_signature" },
     { kind = "error", status = 500, after = true },
+    -- every attempt within the client's deadline refused: not at WeChat
+    -- (the checks find it not_found and send it)
+    { kind = "error", status = 500, count = 60 },
   }
   function ops.refund_unknown(r, m)
     if not PAID[m.state] then return ops.refund(r, m) end
@@ -1186,7 +1208,7 @@ function _M.new(o)
     local amount = r.int(1, left)
     local f = {}
     for k, v in pairs(r.pick(LOST)) do f[k] = v end
-    f.endpoint, f.count = "refund", 1
+    f.endpoint, f.count = "refund", f.count or 1
     sim:fault(f)
     log("fault", json.encode(f))
     local res = post("/v1/payments/" .. m.id .. "/refunds", { amount = amount })
@@ -1194,9 +1216,9 @@ function _M.new(o)
     -- (a 5xx is retried by the client: its answer may be WeChat's)
     check(res.status == 502 and res.json.refund
           and res.json.refund.state == "unknown"
-          or f.status and res.status == 201 and res.json.state
-          == "processing", "a refund whose answer is lost: " .. res.status
-          .. " " .. res.body)
+          or f.status and f.count == 1 and res.status == 201
+          and res.json.state == "processing", "a refund whose answer is"
+          .. " lost: " .. res.status .. " " .. res.body)
     local j = res.status == 201 and res.json or res.json.refund
     local rf = { id = j.id, no = j.out_refund_no, amount = amount,
                  kind = "merchant" }
