@@ -1146,6 +1146,8 @@ function _M.new(o)
     -- (a third of the time every prepay attempt refused with a 5xx: the
     -- order is not at WeChat, the payment stays unknown until it expires)
     local never = r.chance(0.33)
+    log("unknown_switch", never and "never reaching WeChat" or "",
+        paid and "paid" or "")
     if never then
       sim:fault{ endpoint = "prepay", kind = "error", status = 500,
                  count = 60 }
@@ -1412,7 +1414,8 @@ function _M.new(o)
         if REC and op == "pay" then
           -- (reconcile) the early payment lost, or the payment expired,
           -- half the time: drawn by a generator of their own
-          op = rec_pick.pick({ "pay", "pay", "pay_lost", "expire" })
+          op = rec_pick.pick({ "pay", "pay", "pay_lost", "expire",
+                                "unknown_switch" })
         end
         log("op", op, m.id)
         ops[op](r, m)
