@@ -31,15 +31,22 @@
 --                      notification dropped (ends paid by query, once);
 --                      a refund (or an abnormal refund applied for)
 --                      settled with its notification dropped (ends
---                      settled by query); a switch whose prepay answer
---                      does not verify (`unknown`, then `paying` or, paid
---                      with the notification dropped, `paid` by query); a
---                      refund whose answer is lost (`unknown`, then
---                      `processing` by query, sent again when WeChat does
---                      not have it); a payment past its expiry (closed at
---                      both sides by the checks, a payment on it then
---                      refused; or paid while the checks' close is held
---                      or failed: paid, once, not late).
+--                      settled by query); a failed payment paid before
+--                      the checks closed its attempt, its notification
+--                      dropped (found by them: late, refunded); a switch
+--                      whose prepay answer does not verify (`unknown`,
+--                      then `paying`, or `paid` once paid) or whose
+--                      prepay never reached WeChat (`unknown` until it
+--                      expires); a refund whose answer is lost
+--                      (`unknown`, then `processing` by query, sent again
+--                      when WeChat does not have it); a payment past its
+--                      expiry (closed at both sides by the checks, also
+--                      when their first close fails or the merchant
+--                      closes it at once; a switch refused; a payment on
+--                      it then refused by WeChat; or paid while the
+--                      checks' close is held or failing: paid, once, not
+--                      late). An early payment's first operation is one
+--                      of these half the time (their own generator).
 --   trace = path       where the steps go (default: $MODEL_TRACE)
 --   sub_mchid = "..."  partner mode: the gateway's merchant is a service
 --                      provider (core.start's partner); every payment is
