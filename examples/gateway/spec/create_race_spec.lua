@@ -110,6 +110,7 @@ end)
 -- attempt 1 for it: the resume is not committed) and waits for a row;
 -- then the spec lets go.
 local servers = require "spec.support.servers"
+local locks = dofile("examples/gateway/spec/pg_locks.lua")
 if not servers.have_postgres() then
   describe("gateway create racing a resumed create on PostgreSQL", function()
     pending("PostgreSQL is not installed")
@@ -138,14 +139,8 @@ describe("gateway create racing a resumed create on PostgreSQL", function()
 
   after_each(function() sim:clear_faults() end)
 
-  -- how many sessions of the store wait for a lock (in a statement
-  -- starting with prefix, if given)
-  local function waiting(prefix)
-    local rows = assert(gw.db:query("SELECT count(*) AS n FROM"
-      .. " pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE"
-      .. " $1", { (prefix or "") .. "%" }))
-    return tonumber(rows[1].n)
-  end
+  -- sessions waiting for a lock (in a statement starting with prefix)
+  local function waiting(prefix) return locks.waiting(gw.db, prefix) end
 
   -- The race above (the first create's prepay delayed 2 s by the
   -- simulator, then answered normally or as `fault` says). returns: the
@@ -167,16 +162,7 @@ describe("gateway create racing a resumed create on PostgreSQL", function()
       id = rows and rows[1] and rows[1].id
       return id ~= nil
     end, 10, "the first create's attempt")
-    local held, release = false, false
-    spawn(function()
-      assert(gw.db:transaction(function(tx)
-        assert(tx:query("SELECT id FROM gw_payments WHERE id = $1 FOR"
-                        .. " UPDATE", { id }))
-        held = true
-        testing.wait_until(function() return release end, 30, "release")
-      end))
-    end)
-    testing.wait_until(function() return held end, 10, "the lock")
+    local release = locks.hold_payment(gw.db, id)
     spawn(function() second = gw:call("POST", "/v1/payments", body) end)
     testing.wait_until(function()
       return waiting("UPDATE gw_payments SET channel") == 1
@@ -184,7 +170,7 @@ describe("gateway create racing a resumed create on PostgreSQL", function()
     -- the first create's prepay answered, its transaction waits too
     testing.wait_until(function() return waiting() == 2 end, 10,
                        "the first create's transaction to wait")
-    release = true
+    release()
     testing.wait_until(function() return first and second end, 20,
                        "both creates to answer")
     return id, first, second

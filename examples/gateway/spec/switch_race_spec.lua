@@ -15,6 +15,7 @@
 local testing = require "paygate.testing"
 local core = dofile("examples/gateway/spec/core_support.lua")
 local servers = require "spec.support.servers"
+local locks = dofile("examples/gateway/spec/pg_locks.lua")
 
 if not servers.have_postgres() then
   describe("gateway requests racing a switch on PostgreSQL", function()
@@ -42,27 +43,9 @@ describe("gateway requests racing a switch on PostgreSQL", function()
 
   -- how many sessions of the store wait for a lock (in a statement
   -- starting with prefix, if given)
-  local function waiting(prefix)
-    local rows = assert(gw.db:query("SELECT count(*) AS n FROM"
-      .. " pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE"
-      .. " $1", { (prefix or "") .. "%" }))
-    return tonumber(rows[1].n)
-  end
+  local function waiting(prefix) return locks.waiting(gw.db, prefix) end
 
-  -- Holds the payment's row until the function returned is called.
-  local function hold_payment(id)
-    local held, release = false, false
-    spawn(function()
-      assert(gw.db:transaction(function(tx)
-        assert(tx:query("SELECT id FROM gw_payments WHERE id = $1 FOR"
-                        .. " UPDATE", { id }))
-        held = true
-        testing.wait_until(function() return release end, 30, "release")
-      end))
-    end)
-    testing.wait_until(function() return held end, 10, "the lock")
-    return function() release = true end
-  end
+  local function hold_payment(id) return locks.hold_payment(gw.db, id) end
 
   it("a close whose transaction read the payment before the switch"
      .. " committed does not close the switch's new attempt", function()
@@ -185,27 +168,9 @@ describe("gateway payment checks racing a switch on PostgreSQL", function()
     servers.stop_all()
   end)
 
-  local function waiting(prefix)
-    local rows = assert(gw.db:query("SELECT count(*) AS n FROM"
-      .. " pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE"
-      .. " $1", { (prefix or "") .. "%" }))
-    return tonumber(rows[1].n)
-  end
+  local function waiting(prefix) return locks.waiting(gw.db, prefix) end
 
-  -- Holds the row `sql` selects FOR UPDATE until the function returned
-  -- is called.
-  local function hold(sql, args)
-    local held, release = false, false
-    spawn(function()
-      assert(gw.db:transaction(function(tx)
-        assert(tx:query(sql .. " FOR UPDATE", args))
-        held = true
-        testing.wait_until(function() return release end, 30, "release")
-      end))
-    end)
-    testing.wait_until(function() return held end, 10, "the lock")
-    return function() release = true end
-  end
+  local function hold(sql, args) return locks.hold(gw.db, sql, args) end
 
   it("a PAYERROR about the previous attempt does not fail the payment on"
      .. " the switch's new one", function()
