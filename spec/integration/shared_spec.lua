@@ -159,6 +159,7 @@ describe("config shared", function()
                              dir .. "/c.lua", "--listen", "127.0.0.1:0",
                              "--admin", "off" }, { log = log })
       local code = p:wait(10)
+      if code == nil then p:stop() end     -- it took the size: not left
       local out = proc.read(log)
       os.execute("rm -rf " .. dir)
       assert.equal(2, code, size .. ": " .. out)
