@@ -732,6 +732,27 @@ id_add_file(EVP_MD_CTX *md, const char *path)
 }
 
 /*
+ * A curl share handle holding TLS sessions and, with connections = 1,
+ * connections too (a client identity's pool); NULL when it cannot be made.
+ */
+static CURLSH *
+share_new(int connections)
+{
+    CURLSH *sh = curl_share_init();
+
+    if (sh != NULL
+        && ((connections
+             && curl_share_setopt(sh, CURLSHOPT_SHARE,
+                                  CURL_LOCK_DATA_CONNECT) != CURLSHE_OK)
+            || curl_share_setopt(sh, CURLSHOPT_SHARE,
+                                 CURL_LOCK_DATA_SSL_SESSION) != CURLSHE_OK)) {
+        curl_share_cleanup(sh);
+        sh = NULL;
+    }
+    return sh;
+}
+
+/*
  * The pool of the client identity made of cert's and key's files (key
  * NULL: the key is in cert's file, as curl reads it then), made (and
  * the least recently used idle pools beyond POOL_MAX closed) when new.
@@ -782,14 +803,7 @@ pool_get(const char *cert, const char *key)
         npools--;
     }
     p = calloc(1, sizeof(*p));
-    if (p == NULL || (p->share = curl_share_init()) == NULL
-        || curl_share_setopt(p->share, CURLSHOPT_SHARE,
-                             CURL_LOCK_DATA_CONNECT) != CURLSHE_OK
-        || curl_share_setopt(p->share, CURLSHOPT_SHARE,
-                             CURL_LOCK_DATA_SSL_SESSION) != CURLSHE_OK) {
-        if (p != NULL && p->share != NULL) {
-            curl_share_cleanup(p->share);
-        }
+    if (p == NULL || (p->share = share_new(1)) == NULL) {
         free(p);
         return NULL;
     }
@@ -816,15 +830,7 @@ static CURLSH *
 sessions_share(void)
 {
     if (tls_sessions == NULL) {
-        CURLSH *sh = curl_share_init();
-
-        if (sh != NULL
-            && curl_share_setopt(sh, CURLSHOPT_SHARE,
-                                 CURL_LOCK_DATA_SSL_SESSION) != CURLSHE_OK) {
-            curl_share_cleanup(sh);
-            sh = NULL;
-        }
-        tls_sessions = sh;
+        tls_sessions = share_new(0);
     }
     return tls_sessions;
 }
@@ -1045,13 +1051,13 @@ op_setup(lua_State *L, int stream)
         curl_easy_setopt(e, CURLOPT_CAINFO, s);
         curl_easy_setopt(e, CURLOPT_CAPATH, NULL);
     }
+    if ((s = opt_string(L, 1, "client_key")) != NULL) {
+        curl_easy_setopt(e, CURLOPT_SSLKEY, s);
+    }
     if ((s = opt_string(L, 1, "client_cert")) != NULL) {
         const char *key = opt_string(L, 1, "client_key");
 
         curl_easy_setopt(e, CURLOPT_SSLCERT, s);
-        if (key != NULL) {
-            curl_easy_setopt(e, CURLOPT_SSLKEY, key);
-        }
         /* connections of this client identity only (gw_http_pool) */
         op->pool = pool_get(s, key);
         if (op->pool != NULL
@@ -1064,15 +1070,8 @@ op_setup(lua_State *L, int stream)
             curl_easy_setopt(e, CURLOPT_FRESH_CONNECT, 1L);
             curl_easy_setopt(e, CURLOPT_FORBID_REUSE, 1L);
         }
-    } else {
-        CURLSH *sh = sessions_share();
-
-        if ((s = opt_string(L, 1, "client_key")) != NULL) {
-            curl_easy_setopt(e, CURLOPT_SSLKEY, s);
-        }
-        if (sh != NULL) {
-            curl_easy_setopt(e, CURLOPT_SHARE, sh);  /* resumed sessions */
-        }
+    } else if (sessions_share() != NULL) {
+        curl_easy_setopt(e, CURLOPT_SHARE, tls_sessions);  /* resumed */
     }
     if ((s = opt_string(L, 1, "client_key_password")) != NULL) {
         curl_easy_setopt(e, CURLOPT_KEYPASSWD, s);

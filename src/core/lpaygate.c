@@ -1267,30 +1267,31 @@ lcore_lock_file(lua_State *L)
     return 1;
 }
 
-/* lock:unlock() and __gc: releases the lock; safe to call twice. As
- * __gc (reachable with any userdata through getmetatable) it ignores
- * what is not a lock instead of raising. */
-static int
-llock_gc(lua_State *L)
+/* Releases lk's lock (NULL-safe; safe twice): the last close of the
+ * open drops the flock. */
+static void
+lock_release(struct gw_file_lock *lk)
 {
-    struct gw_file_lock *lk = gw_testudata(L, 1, LLOCK_MT);
-
     if (lk != NULL && lk->fd >= 0) {
         close(lk->fd);
         lk->fd = -1;
     }
+}
+
+/* __gc: reachable with any userdata through getmetatable, so it ignores
+ * what is not a lock instead of raising */
+static int
+llock_gc(lua_State *L)
+{
+    lock_release(gw_testudata(L, 1, LLOCK_MT));
     return 0;
 }
 
+/* lock:unlock() */
 static int
 llock_unlock(lua_State *L)
 {
-    struct gw_file_lock *lk = luaL_checkudata(L, 1, LLOCK_MT);
-
-    if (lk->fd >= 0) {
-        close(lk->fd);          /* the last close of the open drops the lock */
-        lk->fd = -1;
-    }
+    lock_release(luaL_checkudata(L, 1, LLOCK_MT));
     return 0;
 }
 

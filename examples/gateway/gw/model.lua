@@ -219,13 +219,10 @@ end
 -- happen, or its request died): it stays the payment's. due_by: only a
 -- mark due by then (close_check_at <= due_by).
 function _M.unmark_switch(q, no, due_by)
-  if due_by then
-    return q:exec("UPDATE gw_attempts SET close_check_at = NULL WHERE"
-                  .. " out_trade_no = $1 AND state = 'open' AND"
-                  .. " close_check_at <= $2", { no, due_by })
-  end
   return q:exec("UPDATE gw_attempts SET close_check_at = NULL WHERE"
-                .. " out_trade_no = $1 AND state = 'open'", { no })
+                .. " out_trade_no = $1 AND state = 'open'"
+                .. (due_by and " AND close_check_at <= $2" or ""),
+                { no, due_by })
 end
 
 --- syntax: res, err = model.close_confirmed(q, out_trade_no)

@@ -24,6 +24,23 @@ if not servers.have_postgres() then
   return
 end
 
+-- The switch won: the payment is paying on its attempt 2 (open), attempt
+-- 1 superseded, no `event` was raised for it, and attempt 2's code pays
+-- the payment.
+local function switched(gw, sim, p, event)
+  local now_p = gw:get(p.id)
+  assert.equal("paying", now_p.state)
+  assert.equal(p.id .. "_2", now_p.out_trade_no)
+  local rows = assert(gw.db:query("SELECT state FROM gw_attempts WHERE"
+    .. " payment_id = $1 ORDER BY n", { p.id }))
+  assert.equal("superseded", rows[1].state)
+  assert.equal("open", rows[2].state)
+  assert.equal(0, #assert(gw.db:query("SELECT id FROM paygate_outbox"
+    .. " WHERE subject = $1 AND type = $2", { p.id, event })))
+  sim:pay(p.id .. "_2")
+  gw:wait_state(p.id, "paid", 20)
+end
+
 describe("gateway requests racing a switch on PostgreSQL", function()
   local sim, gw
   local spawn = require("paygate.core").spawn
@@ -74,18 +91,7 @@ describe("gateway requests racing a switch on PostgreSQL", function()
     assert.equal(p.id .. "_2", switch.json.payment.out_trade_no)
     assert.equal(409, close.status, close.body)
     assert.equal("conflict", close.json.error)
-    local now_p = gw:get(p.id)
-    assert.equal("paying", now_p.state)
-    assert.equal(p.id .. "_2", now_p.out_trade_no)
-    local rows = assert(gw.db:query("SELECT out_trade_no, state FROM"
-      .. " gw_attempts WHERE payment_id = $1 ORDER BY n", { p.id }))
-    assert.equal("superseded", rows[1].state)
-    assert.equal("open", rows[2].state)
-    assert.equal(0, #assert(gw.db:query("SELECT id FROM paygate_outbox"
-      .. " WHERE subject = $1 AND type = 'payment.closed'", { p.id })))
-    -- and the new attempt's code pays the payment
-    sim:pay(p.id .. "_2")
-    gw:wait_state(p.id, "paid", 20)
+    switched(gw, sim, p, "payment.closed")
   end)
 
   -- A late payment (on an attempt a switch superseded, still payable at
@@ -222,17 +228,7 @@ describe("gateway payment checks racing a switch on PostgreSQL", function()
     end, 10, "the check to commit")
     sim:clear_faults()
     assert.equal(201, switch.status, switch.body)
-    local now_p = gw:get(p.id)
-    assert.equal("paying", now_p.state)
-    assert.equal(p.id .. "_2", now_p.out_trade_no)
-    local rows = assert(gw.db:query("SELECT state FROM gw_attempts WHERE"
-      .. " payment_id = $1 ORDER BY n", { p.id }))
-    assert.equal("superseded", rows[1].state)
-    assert.equal("open", rows[2].state)
-    assert.equal(0, #assert(gw.db:query("SELECT id FROM paygate_outbox"
-      .. " WHERE subject = $1 AND type = 'payment.failed'", { p.id })))
-    sim:pay(p.id .. "_2")
-    gw:wait_state(p.id, "paid", 20)
+    switched(gw, sim, p, "payment.failed")
   end)
 
   -- A switch's mark left by a request that died is dropped by the checks
