@@ -84,6 +84,26 @@ describe("the SM variant against a server", function()
     wx:stop()
   end)
 
+  it("an answer typed RSA (another variant's) is refused as such, "
+     .. "with no certificate download", function()
+    -- an SM merchant answered under an RSA platform certificate: the
+    -- serial is none of its SM2 ones, the header says RSA. The type is
+    -- what is wrong, not a certificate to fetch.
+    local wx = client()
+    assert.equal(1, count(CERTS))
+    local rsa = crypto.private_key(read("spec/fixtures/wechatpay/a1_merchant_key.pem"))
+    wxtest.queue(srv, "GET", "/v3/x", { { body = "{}", sign = {
+      serial = "5157F09EFDC096DE15EBE81A47057A7232F1B8E1",
+      sig_type = "WECHATPAY2-SHA256-RSA2048",
+      signature = crypto.sign_base64(rsa, "1\n2\n{}\n") } } })
+    local _, err = wx:request("GET", "/v3/x")
+    assert.equal("bad_signature", err.kind)
+    assert.matches("WECHATPAY2%-SHA256%-RSA2048", err.message)
+    assert.matches("WECHATPAY2%-SM2%-WITH%-SM3", err.message)
+    assert.equal(1, count(CERTS))
+    wx:stop()
+  end)
+
   it("a download under another APIv3 key is refused (decrypt_failed)",
      function()
     wxtest.certs(srv, { apiv3_key = ("k"):rep(32) })

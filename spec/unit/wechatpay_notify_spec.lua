@@ -381,7 +381,24 @@ describe("parse_notification: SM variant", function()
               sig_type = "WECHATPAY2-SHA256-RSA2048" }
     local _, err = wx:parse_notification(n, NR)
     assert.equal("bad_signature", err.kind)
+    assert.equal("signature_type_mismatch", err.cause_kind)
     os.execute("rm -rf " .. dir)
+  end)
+
+  it("an SM-typed notification to an RSA client is the other variant's, "
+     .. "whatever its serial", function()
+    local wx = client()
+    -- under a certificate serial this client never saw: refused for its
+    -- type, not as a serial to look for
+    local n = note{ alg = "AEAD_SM4_GCM", sig_type = "WECHATPAY2-SM2-WITH-SM3",
+                    serial = "3F1E989910B253E069A11568C91C57CA44568158" }
+    local _, err = wx:parse_notification(n, NR)
+    assert.equal("bad_signature", err.kind)
+    assert.equal("signature_type_mismatch", err.cause_kind)
+    assert.matches("configured for WECHATPAY2%-SHA256%-RSA2048", err.message)
+    -- the RSA type named explicitly is this client's: it verifies
+    n = note{ sig_type = "WECHATPAY2-SHA256-RSA2048" }
+    assert(wx:parse_notification(n, NR))
   end)
 end)
 

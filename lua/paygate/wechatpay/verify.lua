@@ -167,10 +167,25 @@ local RING_KINDS = {
 
 --- syntax: ok, err = verify.signature(h, body, keys[, sig_type[, now]])
 -- h from parse_headers; keys a key ring (ring:verify_lines_base64); sig_type
--- the algorithm expected when the header names none (the configured
--- one). returns: true, or nil, err (bad_signature, unknown_serial with
--- err.serial, cert_expired).
+-- the configured schema (WECHATPAY2-...): used when the header names
+-- none, and a header naming the other one is refused (bad_signature,
+-- err.cause_kind signature_type_mismatch); nil: the header's, else the
+-- key's type (a tool that knows no variant). returns: true, or nil, err
+-- (bad_signature, unknown_serial with err.serial, cert_expired).
 function _M.signature(h, body, keys, sig_type, now)
+  if sig_type and h.sig_type and h.sig_type ~= sig_type then
+    -- an answer of the other variant (an RSA merchant's answer to an SM
+    -- client, or the reverse): the configured algorithm is the one a
+    -- verifier accepts (the Java SDK's notification parser refuses the
+    -- mismatch likewise). Refused before the key ring is asked: its
+    -- serial is none of ours, and would send the client downloading
+    -- certificates of a variant it does not hold.
+    return fail("bad_signature", "Wechatpay-Signature-Type is " .. h.sig_type
+      .. ", but this client is configured for " .. tostring(sig_type)
+      .. " (sign_type): an answer of the other variant (serial "
+      .. printable(h.serial, 64) .. ")", { serial = h.serial,
+      cause_kind = "signature_type_mismatch" })
+  end
   local alg = h.sig_type or sig_type
   -- the signing string's lines go to C as they are: no copy of the body
   local ok, err = keys:verify_lines_base64(h.serial, h.signature, alg, now,
