@@ -75,6 +75,31 @@ describe("paygate certs --download", function()
   end)
 end)
 
+describe("paygate certs --download for an SM merchant", function()
+  it("downloads the SM2 platform certificates with an SM2 key", function()
+    local sm = testing.simulator{ sign_type = testing.SM2 }
+    local c = sm:client_config()
+    local d = server.tmpdir()
+    diagpki.write(d .. "/apiv3", c.apiv3_key)
+    local sm_serial = assert(crypto.certificate(
+      diagpki.read(c.merchant_certificate))):serial()
+    local code, out = diagpki.run(d, { "certs", "--json", "--download",
+      c.base_url, "--mchid", c.mchid, "--key", c.merchant_private_key,
+      "--serial", sm_serial, "--apiv3-key-file", d .. "/apiv3",
+      "--out", d .. "/dl" }, 60)
+    assert.equal(0, code, out)
+    local want = sm:platform_certificates()
+    assert.is_true(#want >= 1)
+    for _, pc in ipairs(want) do
+      local got = assert(crypto.certificate(diagpki.read(d .. "/dl/"
+                                                         .. pc.serial_no .. ".pem")))
+      assert.equal("SM2", got:key_type())
+    end
+    sm:stop()
+    os.execute("rm -rf " .. d)
+  end)
+end)
+
 describe("paygate certs: the time left", function()
   it("a certificate valid 2 days from now: 1 day 23 h, not \"1 days\"",
      function()

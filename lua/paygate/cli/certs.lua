@@ -26,7 +26,9 @@ has expired fails; one expiring within 30 days warns.
 weixin.qq.com, or the simulator), signed with the merchant key; the
 certificates are decrypted with the APIv3 key, their serials checked and
 the answer's signature verified (paygate.wechatpay does all of it), then
-each is written to DIR/SERIAL.pem and listed.
+each is written to DIR/SERIAL.pem and listed. An SM2 key is an SM
+merchant's: the request is signed WECHATPAY2-SM2-WITH-SM3 and asks for
+the SM2 certificates (?algorithm_type=SM2, decrypted with SM4-GCM).
 
 --json prints one JSON object per result line instead of text (status,
 kind, cause, detail, fix and the result's own fields), for scripts. A
@@ -179,11 +181,17 @@ local function download(o, out)
                                           "--apiv3-key-file")
   -- a key that does not load is unusable input (exit 2), named here:
   -- the client would say "cannot load the private key" of no file
-  local _, keypem = common.private_key_file(o["--key"], "--key")
+  local key, keypem = common.private_key_file(o["--key"], "--key")
   out:secret(apiv3)
   out:secret(keypem)
   local wechatpay = require "paygate.wechatpay"
+  local sign = require "paygate.wechatpay.sign"
   local wx, err = wechatpay.client{
+    -- the variant is the key's: an SM2 key is an SM merchant's (its
+    -- requests signed WECHATPAY2-SM2-WITH-SM3, ?algorithm_type=SM2, the
+    -- certificates in AEAD_SM4_GCM); another type is RSA's, refused by
+    -- the client as such when it is not RSA
+    sign_type = key:type() == "SM2" and sign.SM2 or sign.RSA,
     mchid = o["--mchid"], merchant_private_key = keypem,
     merchant_serial = o["--serial"], apiv3_key = apiv3,
     base_url = o["--download"], backup_url = false,
