@@ -104,6 +104,27 @@ describe("the SM variant against a server", function()
     wx:stop()
   end)
 
+  it("an RSA-sized signature with no type header is refused as the other "
+     .. "variant's, with no certificate download", function()
+    -- the same answer as an RSA merchant's usually comes: no
+    -- Wechatpay-Signature-Type. The serial is unknown, and a 256-byte
+    -- signature cannot be SM2's (DER, at most 72 bytes): the answer is
+    -- of the other variant, not signed by a certificate to download.
+    local wx = client()
+    assert.equal(1, count(CERTS))
+    local rsa = crypto.private_key(read("spec/fixtures/wechatpay/a1_merchant_key.pem"))
+    wxtest.queue(srv, "GET", "/v3/x", { { body = "{}", sign = {
+      serial = "5157F09EFDC096DE15EBE81A47057A7232F1B8E1",
+      signature = crypto.sign_base64(rsa, "1\n2\n{}\n") } } })
+    local _, err = wx:request("GET", "/v3/x")
+    assert.equal("bad_signature", err.kind)
+    assert.equal("signature_type_mismatch", err.cause_kind)
+    assert.matches("RSA%-sized", err.message)
+    assert.matches("WECHATPAY2%-SM2%-WITH%-SM3", err.message)
+    assert.equal(1, count(CERTS))
+    wx:stop()
+  end)
+
   it("a download under another APIv3 key is refused (decrypt_failed)",
      function()
     wxtest.certs(srv, { apiv3_key = ("k"):rep(32) })

@@ -165,6 +165,22 @@ local RING_KINDS = {
   cert_not_yet_valid = "cert_expired",
 }
 
+-- The family a base64 signature's size says it is of: "RSA" for 128
+-- bytes and more (RSA-1024 and up), "SM2" for 64 to 72 (an SM2 signature
+-- is DER, two integers of up to 33 bytes), else nil (neither for sure).
+local FAMILY_OF = {
+  ["WECHATPAY2-SHA256-RSA2048"] = "RSA",
+  ["WECHATPAY2-SM2-WITH-SM3"] = "SM2",
+}
+local function sig_family(b64)
+  local n = #b64
+  local pad = b64:sub(-2) == "==" and 2 or (b64:sub(-1) == "=" and 1 or 0)
+  local bytes = (n - n % 4) / 4 * 3 - pad
+  if bytes >= 128 then return "RSA" end
+  if bytes >= 64 and bytes <= 72 then return "SM2" end
+  return nil
+end
+
 --- syntax: ok, err = verify.signature(h, body, keys[, sig_type[, now]])
 -- h from parse_headers; keys a key ring (ring:verify_lines_base64); sig_type
 -- the configured schema (WECHATPAY2-...): used when the header names
@@ -195,6 +211,19 @@ function _M.signature(h, body, keys, sig_type, now)
   local kind = RING_KINDS[ekind] or "bad_signature"
   local msg
   if kind == "unknown_serial" then
+    local family = sig_family(h.signature)
+    if family and FAMILY_OF[alg] and family ~= FAMILY_OF[alg] then
+      -- no key for the serial, and the signature cannot be of the
+      -- variant verified here: an answer of the other variant that came
+      -- with no Wechatpay-Signature-Type (an RSA answer usually has
+      -- none). Said as such, and no certificate download is started
+      -- for a serial of a variant this client does not hold.
+      return fail("bad_signature", "no key for Wechatpay-Serial "
+        .. printable(h.serial, 64) .. ", and the signature is " .. family
+        .. "-sized, while this client verifies " .. tostring(alg)
+        .. " (sign_type): an answer of the other variant",
+        { serial = h.serial, cause_kind = "signature_type_mismatch" })
+    end
     msg = "no key for Wechatpay-Serial " .. printable(h.serial, 64)
   elseif ekind == "signature_mismatch" then
     msg = "signature does not match the body (serial "
