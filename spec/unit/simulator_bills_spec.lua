@@ -84,6 +84,30 @@ describe("bills.trade_csv", function()
     assert.equal("0.76", sum["手续费总金额"])
     assert.is_nil(csv:gsub("\r\n", ""):find("[\r\n]"))
   end)
+  it("shows an order's recharge coupon: 代金券金额, 充值券退款金额 and its "
+     .. "total, 应结 amounts unchanged", function()
+    local t = bills.day_start("2026-11-30") + 3600
+    local paid = { payer_total = 800 }                 -- 10.00 paid 8.00
+    local function refund(at, amount, rno, payer)
+      return order(at, 1000, "D1", { payer_total = 800, refund = amount,
+        refund_id = "50" .. rno, out_refund_no = rno, payer_refund = payer })
+    end
+    local csv = bills.trade_csv({ order(t, 1000, "D1", paid) },
+      { refund(t + 1, 333, "R1", 266),
+        -- a row made before payer_refund was kept: its own share,
+        -- ⌊100 × 0.8⌋ = 80
+        refund(t + 2, 100, "R2", nil) }, { p = true, r = true })
+    local l = {}
+    for line in csv:gmatch("(.-)\r\n") do l[#l + 1] = billcsv.split(line) end
+    assert.equal(6, #l)
+    assert.same({ "10.00", "2.00" }, { l[2][13], l[2][14] })  -- 应结, 代金券
+    assert.equal("10.00", l[2][25])
+    assert.same({ "0.00", "3.33", "0.67", "3.33" },
+                { l[3][14], l[3][17], l[3][18], l[3][26] })
+    assert.same({ "1.00", "0.20" }, { l[4][17], l[4][18] })
+    assert.same({ "3", "10.00", "4.33", "0.87", "0.06", "10.00", "4.33" },
+                l[6])
+  end)
 end)
 
 describe("bills.fund_csv", function()

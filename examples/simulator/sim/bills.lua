@@ -19,6 +19,7 @@ local crypto = require "paygate.crypto"
 local zlib = require "paygate.zlib"
 local json = require "cjson.safe"
 local config = require "sim.config"
+local orders = require "sim.orders"
 local civil = require "paygate.civil"
 
 local type, tostring, ipairs = type, tostring, ipairs
@@ -47,7 +48,7 @@ local BILL_TYPES = {
   ALL = { p = true, r = true }, SUCCESS = { p = true },
   REFUND = { r = true }, ALL_SPECIAL = { p = true, r = true },
   SUC_SPECIAL = { p = true }, REF_SPECIAL = { r = true },
-  RECHARGE_REFUND = {},          -- refunds of recharge coupons: none here
+  RECHARGE_REFUND = {},          -- not modelled: never has records
 }
 local ACCOUNT_TYPES = { BASIC = true, OPERATION = true, FEES = true }
 
@@ -118,7 +119,8 @@ local function payments(db, who, from, to)
   return db:query("SELECT o.owner, o.sp_mchid, o.appid, o.sub_appid, "
     .. "o.out_trade_no, o.trade_type, o.transaction_id, o.description, "
     .. "o.attach, o.total, o.currency, o.openid, o.sub_openid, o.bank_type,"
-    .. " o.success_at, o.request FROM sim_orders o WHERE " .. where
+    .. " o.payer_total, o.success_at, o.request FROM sim_orders o WHERE "
+    .. where
     .. " AND o.success_at IS NOT NULL AND o.success_at >= $2 AND "
     .. "o.success_at < $3 ORDER BY o.success_at, o.id", p)
 end
@@ -129,7 +131,8 @@ local function refunds(db, who, from, to)
   return db:query("SELECT o.owner, o.sp_mchid, o.appid, o.sub_appid, "
     .. "o.out_trade_no, o.trade_type, o.transaction_id, o.description, "
     .. "o.attach, o.total, o.currency, o.openid, o.sub_openid, o.bank_type,"
-    .. " o.request, r.refund_id, r.out_refund_no, r.refund, r.success_at "
+    .. " o.payer_total, o.request, r.refund_id, r.out_refund_no, r.refund,"
+    .. " r.payer_refund, r.success_at "
     .. "FROM sim_refunds r JOIN sim_orders o ON o.id = r.order_id WHERE "
     .. where .. " AND r.status = 'SUCCESS' AND r.success_at >= $2 AND "
     .. "r.success_at < $3 ORDER BY r.success_at, r.id", p)
@@ -140,6 +143,29 @@ local function device_id(o)
   local s = type(req) == "table" and req.scene_info
   return type(s) == "table" and type(s.device_id) == "string"
          and s.device_id or ""
+end
+
+-- Discounts ------------------------------------------------------------------
+
+-- An order paid for less than its total has one promotion
+-- (orders.promotion): a recharge coupon (type CASH; COUPON in WeChat's
+-- older naming), which is settled as cash, so 应结订单金额 stays the total
+-- and 退款金额 the refund, as the API's settlement_total and
+-- settlement_refund do. 代金券金额 is what the order's promotions came to;
+-- 充值券退款金额 what a refund takes back of its recharge coupons (the
+-- refund answer's discount_refund, the promotion's refund_amount).
+local RECHARGE = { CASH = true, COUPON = true }
+
+local function coupon_amount(o)
+  local p = orders.promotion(o)
+  return p and p.amount or 0
+end
+
+-- r: a refund row with its order's fields (payer_total, total)
+local function recharge_refund(r)
+  local p = orders.promotion(r)
+  if not (p and RECHARGE[p.type]) then return 0 end
+  return r.refund - orders.payer_refund(r, r)
 end
 
 -- Trade bill ---------------------------------------------------------------
@@ -164,6 +190,7 @@ function _M.trade_csv(pays, refs, which)
   table.sort(rows, function(a, b) return a.t < b.t end)
   local out = { _M.TRADE_HEADER, "\r\n" }
   local settle, refund_sum, fees, order_sum, applied = 0, 0, 0, 0, 0
+  local recharge_sum = 0
   for _, row in ipairs(rows) do
     local o = row.o
     local mch = o.sp_mchid or o.owner
@@ -173,11 +200,13 @@ function _M.trade_csv(pays, refs, which)
                      o.transaction_id or "", o.out_trade_no, openid,
                      o.trade_type }
     if row.refund then
+      local recharge = recharge_refund(o)
       refund_sum = refund_sum + o.refund
       applied = applied + o.refund
+      recharge_sum = recharge_sum + recharge
       local f = { "REFUND", o.bank_type or "OTHERS", o.currency or "CNY",
                   "0.00", "0.00", o.refund_id, o.out_refund_no,
-                  yuan(o.refund), "0.00", "ORIGINAL", "SUCCESS",
+                  yuan(o.refund), yuan(recharge), "ORIGINAL", "SUCCESS",
                   o.description, o.attach or "", "0.00000", _M.RATE, "0.00",
                   yuan(o.refund), "" }
       for _, v in ipairs(f) do common[#common + 1] = v end
@@ -187,7 +216,8 @@ function _M.trade_csv(pays, refs, which)
       fees = fees + fee
       order_sum = order_sum + o.total
       local f = { "SUCCESS", o.bank_type or "OTHERS", o.currency or "CNY",
-                  yuan(o.total), "0.00", "0", "0", "0.00", "0.00", "", "",
+                  yuan(o.total), yuan(coupon_amount(o)), "0", "0", "0.00",
+                  "0.00", "", "",
                   o.description, o.attach or "", yuan(fee) .. "000", _M.RATE,
                   yuan(o.total), "0.00", "" }
       for _, v in ipairs(f) do common[#common + 1] = v end
@@ -195,7 +225,8 @@ function _M.trade_csv(pays, refs, which)
     out[#out + 1] = line(common)
   end
   out[#out + 1] = _M.TRADE_SUMMARY .. "\r\n"
-  out[#out + 1] = line({ #rows, yuan(settle), yuan(refund_sum), "0.00",
+  out[#out + 1] = line({ #rows, yuan(settle), yuan(refund_sum),
+                         yuan(recharge_sum),
                          yuan(fees), yuan(order_sum), yuan(applied) })
   return concat(out)
 end
