@@ -206,6 +206,31 @@ describe("simulator: the Transaction object", function()
     assert.equal(100, q.json.amount.payer_total)
   end)
 
+  it("carries scene_info unpaid, as a real NOTPAY answer does: device_id "
+     .. "\"\" when the prepay gave none", function()
+    signed(c:prepay("fid-tx-0003"))
+    local q = c:query("fid-tx-0003")
+    signed(q)
+    assert.equal("NOTPAY", q.json.trade_state)
+    assert.same({ device_id = "" }, q.json.scene_info, q.body)
+    -- the prepay's device_id when it gave one (a scene_info without it too)
+    signed(c:prepay("fid-tx-0004", { scene_info = {
+      payer_client_ip = "14.23.150.211", device_id = "013467" } }))
+    assert.same({ device_id = "013467" }, c:query("fid-tx-0004").json
+                                           .scene_info)
+    signed(c:prepay("fid-tx-0005", { scene_info = {
+      payer_client_ip = "14.23.150.211" } }))
+    assert.same({ device_id = "" }, c:query("fid-tx-0005").json.scene_info)
+    -- once paid, only a device_id the prepay gave, as before
+    assert.equal(200, c:pay("fid-tx-0003").status)
+    q = c:query("fid-tx-0003")
+    assert.equal("SUCCESS", q.json.trade_state)
+    assert.is_nil(q.json.scene_info, q.body)
+    assert.equal(200, c:pay("fid-tx-0004").status)
+    assert.same({ device_id = "013467" }, c:query("fid-tx-0004").json
+                                           .scene_info)
+  end)
+
   it("names the discount of an order paid for less than its total, in "
      .. "the query and the TRANSACTION.SUCCESS resource", function()
     paid_order("fid-tx-0002", 70)

@@ -664,8 +664,13 @@ function _M.transaction(o)
   -- order paid for less than its total is its one promotion
   local p = paid and _M.promotion(o)
   t.promotion_detail = p and { p } or EMPTY_ARRAY
-  if type(req.scene_info) == "table" and req.scene_info.device_id then
-    t.scene_info = { device_id = req.scene_info.device_id }
+  -- scene_info: the prepay's device_id; an unpaid order's answer carries
+  -- it in any case, "" when none was given (a real NOTPAY answer holds
+  -- "scene_info": {"device_id": ""}). Other states: only one given.
+  local device = type(req.scene_info) == "table"
+                 and req.scene_info.device_id or nil
+  if device or notpay then
+    t.scene_info = { device_id = device or "" }
   end
   return t
 end
