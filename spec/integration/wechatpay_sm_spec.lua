@@ -125,6 +125,46 @@ describe("the SM variant against a server", function()
     wx:stop()
   end)
 
+  it("a download that brings only certificates of the other variant is "
+     .. "said at once (a warning naming them)", function()
+    -- an SM merchant's /v3/certificates holding RSA certificates only:
+    -- none can join the ring; the warning says so, with their serials
+    -- and why, instead of an unknown_serial on the next answer only
+    local wx = client()
+    local rsa_key, rsa_pem = dir .. "/other_rsa.key", dir .. "/other_rsa.pem"
+    assert(os.execute(("openssl req -x509 -newkey rsa:2048 -nodes -keyout %s"
+      .. " -out %s -days 30 -set_serial 0x7E57 -subj '/CN=Tenpay.com sign'"
+      .. " >/dev/null 2>&1"):format(rsa_key, rsa_pem)))
+    local nonce = crypto.random_nonce(12)
+    local sm4 = crypto.digest("sm3", wxtest.APIV3):sub(1, 16)
+    local ct = assert(crypto.aead_encrypt("AEAD_SM4_GCM", sm4, nonce,
+                                          "certificate", read(rsa_pem)))
+    local body = json.encode({ data = { { serial_no = "7E57",
+      effective_time = "2026-01-01T00:00:00+08:00",
+      expire_time = "2036-01-01T00:00:00+08:00",
+      encrypt_certificate = { algorithm = "AEAD_SM4_GCM", nonce = nonce,
+        associated_data = "certificate",
+        ciphertext = crypto.base64_encode(ct) } } } })
+    wxtest.queue(srv, "GET", "/v3/certificates",
+                 { { body = body, sign = { serial = S1 } } })
+    local paygate = require "paygate"
+    local warned, warn = {}, paygate.log.warn
+    paygate.log.warn = function(msg, f)
+      warned[#warned + 1] = msg
+      return warn(msg, f)
+    end
+    local ok, err = pcall(wx.refresh_certificates, wx)
+    paygate.log.warn = warn
+    assert(ok, err)
+    assert.equal(2, count(CERTS))
+    assert.same({ S1 }, wx:certificate_status().serials)
+    local said = table.concat(warned, "\n")
+    assert.matches("brought no certificate this client can use", said)
+    assert.matches("7E57 %(key type RSA%)", said)
+    assert.matches("needs SM2", said)
+    wx:stop()
+  end)
+
   it("a download under another APIv3 key is refused (decrypt_failed)",
      function()
     wxtest.certs(srv, { apiv3_key = ("k"):rep(32) })

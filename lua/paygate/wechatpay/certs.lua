@@ -205,11 +205,15 @@ end
 -- Whether a platform certificate may join this client's ring: the key type
 -- of the configured variant, not expired, and chained to platform_ca when
 -- one is configured. returns: true; or false and, for a chain failure, a
--- reason (a wrong type or an expired one is skipped quietly).
+-- reason; a wrong type or an expired one is skipped: false, nil, what it
+-- is (for the warning of a download that brought nothing usable).
 acceptable = function(wx, cert, now)
   local want = wx.conf.sm and "SM2" or "RSA"
-  if cert:key_type() ~= want or cert:not_after() <= now then
-    return false
+  if cert:key_type() ~= want then
+    return false, nil, "key type " .. tostring(cert:key_type())
+  end
+  if cert:not_after() <= now then
+    return false, nil, "expired"
   end
   if wx.conf.platform_ca then
     local ok, verr = x509.verify_chain(cert,
@@ -229,7 +233,7 @@ local function decode_download(wx, body, now)
   if type(doc) ~= "table" or type(doc.data) ~= "table" then
     return nil, core.error("bad_response", "/v3/certificates: no data array")
   end
-  local out = {}
+  local out, skipped = {}, {}
   for i, item in ipairs(doc.data) do
     if type(item) ~= "table" then
       return nil, core.error("bad_response", "/v3/certificates: entry " .. i
@@ -251,14 +255,16 @@ local function decode_download(wx, body, now)
         .. ": serial_no " .. printable(item.serial_no, 64)
         .. " differs from the certificate's " .. cert:serial())
     end
-    local ok, why = acceptable(wx, cert, now)
+    local ok, why, what = acceptable(wx, cert, now)
     if ok then
       out[#out + 1] = cert
     elseif why then
       return nil, core.error("bad_response", "/v3/certificates: " .. why)
+    else
+      skipped[#skipped + 1] = cert:serial() .. " (" .. what .. ")"
     end
   end
-  return out
+  return out, skipped
 end
 
 -- One download: request, decrypt, check, verify the response with the new
@@ -284,9 +290,18 @@ local function download(wx)
     return nil, err
   end
   local now = core.time()
-  local list
-  list, err = decode_download(wx, res.body, now)
-  if not list then return nil, err end
+  local list, skipped = decode_download(wx, res.body, now)
+  if not list then return nil, skipped end
+  if #list == 0 and #skipped > 0 then
+    -- nothing this client can use: said now, not only as an
+    -- unknown_serial on the next answer signed with one of them
+    log().warn("wechatpay: /v3/certificates brought no certificate this "
+      .. "client can use (sign_type " .. tostring(wx.conf.signer.schema)
+      .. " needs " .. (wx.conf.sm and "SM2" or "RSA") .. " keys, valid "
+      .. "now): skipped " .. table.concat(skipped, ", ", 1,
+                                          math.min(#skipped, 8)),
+      { mchid = wx.conf.mchid })
+  end
   -- the response must be signed by a key in the new set or one held
   local probe = keyring.new()
   for _, cert in ipairs(list) do probe:put(nil, cert) end
