@@ -650,11 +650,24 @@ function _M.redis_stream(opts)
     error("outbox.redis_stream: opts.maxlen must be a positive number", 2)
   end
   local client = opts.client
+  -- Every failure but REDIS_FATAL's is retried, whether a command or the
+  -- first connect met it: a password Redis refuses (config) at the
+  -- connect of a new worker dead-lettered every event it tried, while the
+  -- same refusal on a later command was retried.
+  local function retryable(err)
+    if type(err) == "table" and not REDIS_FATAL[err.kind]
+       and err.retryable ~= true then
+      -- a copy: paygate.redis may hand one error to several callers
+      return core.error(err.kind, err.message,
+                        { code = err.code, retryable = true })
+    end
+    return err
+  end
   local function deliver(event)
     if not client then
       local c, err = redis.connect(opts.url, opts.connect)
       if not c then
-        return nil, err
+        return nil, retryable(err)
       end
       client = c
     end
@@ -676,13 +689,7 @@ function _M.redis_stream(opts)
     end
     local res, err = client:call(unpack(args))
     if not res then
-      if type(err) == "table" and not REDIS_FATAL[err.kind]
-         and err.retryable ~= true then
-        -- a copy: paygate.redis may hand one error to several callers
-        err = core.error(err.kind, err.message,
-                         { code = err.code, retryable = true })
-      end
-      return nil, err
+      return nil, retryable(err)
     end
     return true
   end
@@ -1245,7 +1252,7 @@ local function deliver_row(self, row, p, l)
     l.renewing = false
   end
   if self.leases[p] ~= l or lease.remaining(l) < l.ttl / 4 then
-    return
+    return false
   end
   local started = core.mono()
   local payload, jerr = json.decode(row.payload)
@@ -1296,12 +1303,14 @@ local function deliver_row(self, row, p, l)
   q[#q + 1] = { row = row, p = p, l = l, token = l.token, mark = mark,
                 outcome = outcome, errs = errs, started = started }
   record_queued(self)
+  return true
 end
 
 -- syntax: n = d:step()
 -- One round: leases, then the due heads of every held shard, delivered
 -- with at most `concurrency` in flight; prunes when due. Returns the
--- number of heads attempted.
+-- number of heads attempted (not one left for a later round because its
+-- shard's lease had too little time left).
 -- yields
 function Dispatcher:step()
   local ok, err = ensure_schema(self.db)
@@ -1353,12 +1362,14 @@ function Dispatcher:step()
       end
     end
   end
-  local i, n = 0, #work
+  local i, n, attempted = 0, #work, 0
   local function worker()
     while i < n do
       i = i + 1
       local w = work[i]
-      deliver_row(self, w[1], w[2], w[3])
+      if deliver_row(self, w[1], w[2], w[3]) then
+        attempted = attempted + 1
+      end
     end
   end
   local tasks = {}
@@ -1420,7 +1431,15 @@ function Dispatcher:step()
       lease.release(self.db, pl)
     end
   end
-  return n
+  return attempted
+end
+
+-- The wait after the k-th round in a row in which the store failed:
+-- interval, doubling, up to ERROR_PAUSE_MAX s (or interval when longer).
+local ERROR_PAUSE_MAX = 10
+local function error_pause(self, k)
+  return min(self.interval * 2 ^ min(k - 1, 30),
+             max(self.interval, ERROR_PAUSE_MAX))
 end
 
 -- syntax: d = d:start()
@@ -1432,15 +1451,29 @@ function Dispatcher:start()
   end
   self.stopping = false
   self.task = core.spawn(function()
+    local failing = 0       -- rounds in a row in which the store failed
     while not self.stopping do
+      local errors = self.stats.errors
       local ok, n = pcall(self.step, self)
       if not ok then
         self.stats.errors = self.stats.errors + 1
         log_warn("outbox: round failed", { error = tostring(n) })
         n = 0
       end
-      if not self.stopping and n == 0 then
-        core.sleep(self.interval)
+      -- A round whose outcomes (or leases, or heads) the store failed
+      -- is no round of work: its events are still pending and due, so
+      -- going again at once delivered them again and again, thousands of
+      -- times a second, for as long as the store refused writes (disk
+      -- full, a read-only standby). It waits, interval doubling with
+      -- each such round in a row, up to ERROR_PAUSE_MAX.
+      if self.stats.errors > errors then
+        failing = failing + 1
+      else
+        failing = 0
+      end
+      if not self.stopping and (n == 0 or failing > 0) then
+        core.sleep(failing > 0 and error_pause(self, failing)
+                   or self.interval)
       end
     end
   end)
