@@ -81,3 +81,93 @@ describe("outbox.redis_stream", function()
     db:close()
   end)
 end)
+
+-- A receiver as hostile as HTTP allows (spec/support/hostile_http.py): one
+-- event per behaviour, through a webhook with a 1 s timeout; each attempt
+-- ends within bounds, never follows a redirect, keeps at most 200 bytes of
+-- a refusal, and is retried or dead-lettered as docs/outbox.md says.
+describe("outbox.webhook facing a hostile receiver", function()
+  local proc = require "paygate.testing.proc"
+  local slow_http = require "support.slow_http"
+  local port, log
+  setup(function()
+    port = servers.free_port()
+    log = tmp .. "/hostile.log"
+    proc.spawn({ "python3", "spec/support/hostile_http.py", tostring(port),
+                 log })
+    proc.wait_until(function() return slow_http.lines(log)[1] == "ready" end,
+                    10, "the hostile HTTP server")
+  end)
+  teardown(function() proc.stop_all() end)
+
+  local function requests(path)
+    local k = 0
+    for _, l in ipairs(slow_http.lines(log)) do
+      if l == path then k = k + 1 end
+    end
+    return k
+  end
+
+  -- path -> state, a piece of last_error (nil: none), requests it gets
+  local cases = {
+    { "/redirect", "dead", "answered 302" },
+    { "/r429", "pending", "answered 429: slow down" },
+    { "/hang500", "pending", "answered 500" },
+    { "/silent", "pending", "timeout" },
+    { "/endless200", "delivered" },
+    { "/endless500", "pending", "answered 500: " .. ("z"):rep(186) },
+    { "/garbage", "pending", "webhook_failed" },
+    { "/hugehead", "pending", "header_too_large" },
+  }
+  for _, c in ipairs(cases) do
+    local path, state, want = c[1], c[2], c[3]
+    it(path .. ": " .. state .. (want and (" (" .. want:sub(1, 24) .. ")")
+                                 or ""), function()
+      local db = sqlite()
+      local d = outbox.dispatcher(db, { random = function() return 0.5 end,
+        backoff_base = 60, sinks = {
+          outbox.webhook{ url = "http://127.0.0.1:" .. port .. path,
+                          secret = "hostile_secret_value", timeout = 1 } } })
+      local id = enqueue(db, "pay" .. path:sub(2), "payment.paid")
+      local t0 = core.mono()
+      assert.equal(1, d:step())
+      local took = core.mono() - t0
+      assert.is_true(took < 3, ("the attempt took %.2f s"):format(took))
+      local r = row(db, id)
+      assert.equal(state, r.state, "last_error: " .. tostring(r.last_error))
+      assert.equal(1, r.attempts)
+      if want then
+        assert.truthy(r.last_error:find(want, 1, true), r.last_error)
+        assert.is_true(#r.last_error <= 500)
+        assert.is_nil(r.last_error:find("hostile_secret_value", 1, true))
+      else
+        assert.is_nil(r.last_error)
+      end
+      if state == "pending" then
+        -- the backoff's, whatever a Retry-After said: 0.5 * 60 s
+        assert.is_true(r.next_at - core.time() > 25, tostring(r.next_at))
+        assert.equal(0, d:step())           -- not due again yet
+      end
+      assert.equal(1, requests(path))
+      if path == "/redirect" then
+        assert.equal(0, requests("/target")) -- never followed
+      end
+      d:stop()
+      db:close()
+    end)
+  end
+
+  it("a receiver that refuses connections: retried with backoff", function()
+    local db = sqlite()
+    local d = outbox.dispatcher(db, { sinks = {
+      outbox.webhook{ url = "http://127.0.0.1:" .. servers.free_port()
+                      .. "/x", secret = "s", timeout = 1 } } })
+    local id = enqueue(db, "pay_refused", "payment.paid")
+    assert.equal(1, d:step())
+    local r = row(db, id)
+    assert.equal("pending", r.state)
+    assert.truthy(r.last_error:find("webhook_failed", 1, true), r.last_error)
+    d:stop()
+    db:close()
+  end)
+end)
