@@ -945,6 +945,34 @@ local function publish_shards(self, held)
   end
 end
 
+-- paygate_outbox_events_total{outbox, outcome}: the outcomes of the
+-- deliveries, summed over the workers: delivered, failed (to be retried),
+-- dead, fenced (dropped: the lease moved on) and unrecorded (dropped: the
+-- store failed), so an operator can alert on dead letters and on a store
+-- that refuses the outcomes without reading the log.
+local events_counter
+local function events_metric()
+  if events_counter == nil then
+    local ok, m = pcall(require, "paygate.metrics")
+    local cok, c
+    if ok and type(m) == "table" and m.counter then
+      cok, c = pcall(m.counter, "paygate_outbox_events_total",
+        "Outbox deliveries by outcome: delivered, failed (retried later),"
+        .. " dead, fenced, unrecorded (the store failed).",
+        { "outbox", "outcome" }, { max_series = 64 })
+    end
+    events_counter = cok and c or false
+  end
+  return events_counter or nil
+end
+
+local function count_outcome(self, outcome)
+  local c = events_metric()
+  if c then
+    pcall(c.inc, c, { outbox = self.name, outcome = outcome })
+  end
+end
+
 local function refresh_leases(self)
   local now = core.mono()            -- since, probe_at: durations
   local held = 0
@@ -1060,6 +1088,8 @@ local function record_done(self, g, ok, err, fenced)
   local now = core.mono()
   for _, o in ipairs(g) do
     lease.measure(name, now - o.started)
+    count_outcome(self, ok and o.outcome
+                        or (fenced and "fenced" or "unrecorded"))
     if ok then
       stats[o.outcome] = stats[o.outcome] + 1
       if o.outcome == "dead" then

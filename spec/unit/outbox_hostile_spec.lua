@@ -61,6 +61,50 @@ describe("outbox dispatcher", function()
   end)
 end)
 
+describe("paygate_outbox_events_total", function()
+  it("counts the outcomes per outbox: delivered, failed, dead,"
+     .. " unrecorded", function()
+    local metrics = require "paygate.metrics"
+    local c = metrics.counter("paygate_outbox_events_total",
+      "Outbox deliveries by outcome: delivered, failed (retried later),"
+      .. " dead, fenced, unrecorded (the store failed).",
+      { "outbox", "outcome" }, { max_series = 64 })
+    local function count(outcome)
+      return c:get({ outbox = "counted", outcome = outcome }) or 0
+    end
+    local db = sqlite()
+    local verdict = {}
+    local d = outbox.dispatcher(db, { name = "counted", sinks = {
+      { name = "s", deliver = function(event)
+          local v = verdict[event.subject]
+          if v == "fatal" then
+            return nil, paygate.error("rejected", "no", { retryable = false })
+          elseif v == "again" then
+            return nil, "later"
+          end
+        end } } })
+    enqueue(db, "pay_ok", "payment.paid")
+    enqueue(db, "pay_dead", "payment.paid")
+    enqueue(db, "pay_again", "payment.paid")
+    verdict.pay_dead, verdict.pay_again = "fatal", "again"
+    assert.equal(3, d:step())
+    assert.equal(1, count("delivered"))
+    assert.equal(1, count("dead"))
+    assert.equal(1, count("failed"))
+    assert.equal(0, count("unrecorded"))
+    enqueue(db, "pay_lost", "payment.paid")
+    db.atomic = function()
+      return nil, paygate.error("io", "disk I/O error")
+    end
+    assert.equal(1, d:step())
+    db.atomic = nil
+    assert.equal(1, count("unrecorded"))
+    assert.equal(1, count("delivered"))
+    d:stop()
+    db:close()
+  end)
+end)
+
 describe("outbox.redis_stream", function()
   it("a password Redis refuses at the first connect is retried with"
      .. " backoff, as on a later command, not dead-lettered", function()
