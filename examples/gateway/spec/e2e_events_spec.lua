@@ -83,9 +83,17 @@ describe("gateway events (webhooks)", function()
       return r and r.state == "dead"
     end, 30, "payment.paid dead-lettered")
     assert.equal(0, #env:events(p.id, "payment.paid"))
+    -- /metrics counts it (summed over the workers), beside deliveries
+    local res = assert(env.gw:admin_get("/metrics"))
+    assert.equal(200, res.status)
+    local dead = res.body:match('\npaygate_outbox_events_total{outbox="'
+      .. '[^"]*",outcome="dead"} (%d+)\n')
+    assert.truthy(tonumber(dead) and tonumber(dead) >= 1, res.body)
+    assert.matches('\npaygate_outbox_events_total{outbox="[^"]*",outcome='
+                   .. '"delivered"} %d+\n', res.body)
     env:hook_mode{}
     -- replay every dead letter
-    local res = env:admin("POST", "/admin/outbox/replay", { dead = true })
+    res = env:admin("POST", "/admin/outbox/replay", { dead = true })
     assert.equal(200, res.status, res.body)
     local e = env:wait_event(p.id, "payment.paid", 30)
     assert.equal(row(p.id, "payment.paid").id, e.id)
