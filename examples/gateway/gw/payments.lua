@@ -582,6 +582,15 @@ function _M.create(req, ik)
       if not rows then return nil, qerr end
       local old = rows[1]
       if old then
+        if old.mchid ~= o.merchant.mchid
+           or model.opt(old.sub_mchid) ~= o.sub_mchid then
+          -- never resumed under another merchant: its attempts are that
+          -- merchant's at WeChat (closed, checked, notified there). Was:
+          -- resumed with the first merchant kept, so a create corrected
+          -- after WeChat refused a wrong sub_mchid was refused again,
+          -- for good
+          return { other_merchant = old }
+        end
         if old.state == "unknown" and old.out_trade_no ~= settled then
           return { unknown = old }
         end
@@ -663,6 +672,15 @@ function _M.create(req, ik)
   if p.exists then
     return 409, err_body("payment_exists", "a payment with this order_id"
       .. " exists", { payment = model.payment_json(p.exists) })
+  end
+  if p.other_merchant then
+    local old = p.other_merchant
+    local sub = model.opt(old.sub_mchid)
+    return 409, err_body("payment_exists", "a payment with this order_id"
+      .. " exists for merchant " .. old.mchid .. (sub and (" sub_mchid "
+      .. sub) or "") .. ": it is never moved to another mchid or"
+      .. " sub_mchid; create the payment under a new order_id",
+      { payment = model.payment_json(old) })
   end
   local pay
   pay, err = prepay(p, p.out_trade_no, o)

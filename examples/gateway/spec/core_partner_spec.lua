@@ -46,4 +46,37 @@ describe("gateway for a service provider", function()
     sim:wait_notification{ out_refund_no = r.json.out_refund_no }
     gw:wait_state(p.id, "refunded")
   end)
+  it("refuses a resumed create for another sub-merchant, so it is never"
+     .. " paid to the first", function()
+    -- was: a create whose prepay WeChat refused (an unknown sub_mchid)
+    -- stays created; the create sent again for the right sub_mchid
+    -- resumed it with the first one kept, so its prepay was refused
+    -- again, and the order could never be paid to the right one
+    local oid = "sp-typo-" .. require("paygate.crypto").random_nonce(6)
+    local typo = "1999999999"
+    local res = gw:call("POST", "/v1/payments", { order_id = oid,
+      channel = "native", amount = 5, description = "x", sub_mchid = typo })
+    assert.equal(502, res.status, res.body)
+    local rows = assert(gw.db:query("SELECT id, state, sub_mchid FROM"
+      .. " gw_payments WHERE order_id = $1", { oid }))
+    assert.equal("created", rows[1].state)
+    res = gw:call("POST", "/v1/payments", { order_id = oid,
+      channel = "native", amount = 5, description = "x",
+      sub_mchid = sim.partner.sub_mchid })
+    assert.equal(409, res.status, res.body)
+    assert.equal("payment_exists", res.json.error, res.body)
+    assert.matches("sub_mchid", res.json.message, 1, true)
+    assert.equal(typo, res.json.payment.sub_mchid)
+    rows = assert(gw.db:query("SELECT state, sub_mchid, attempt FROM"
+      .. " gw_payments WHERE order_id = $1", { oid }))
+    assert.equal(1, #rows)
+    assert.same({ "created", typo, 1 },
+                { rows[1].state, rows[1].sub_mchid, rows[1].attempt })
+    -- the same sub-merchant resumes it as before
+    res = gw:call("POST", "/v1/payments", { order_id = oid,
+      channel = "native", amount = 5, description = "x", sub_mchid = typo })
+    assert.equal(502, res.status, res.body)
+    assert.equal(2, assert(gw.db:query("SELECT attempt FROM gw_payments"
+      .. " WHERE order_id = $1", { oid }))[1].attempt)
+  end)
 end)
