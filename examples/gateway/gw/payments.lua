@@ -23,6 +23,7 @@ local ctx                           -- set by init()
 local CHANNELS = { native = true, h5 = true, jsapi = true, app = true }
 local H5_TYPES = { iOS = true, Android = true, Wap = true }
 local MAX_AMOUNT = 10000000000      -- fen
+_M.MAX_AMOUNT = MAX_AMOUNT
 
 function _M.init(c) ctx = c end
 
@@ -235,7 +236,7 @@ local function check_create(b)
   out.order_id = b.order_id
   check_channel(b, out, bad)
   if not is_int(b.amount, 1, MAX_AMOUNT) then
-    bad.amount = "must be a whole number of fen, at least 1"
+    bad.amount = "must be a whole number of fen, 1 .. " .. MAX_AMOUNT
   end
   out.amount = b.amount
   out.currency = b.currency or "CNY"

@@ -113,8 +113,9 @@ local function check(b)
   local bad = {}
   payments.unknown_fields(b, FIELDS, bad)
   if type(b.amount) ~= "number" or b.amount % 1 ~= 0 or b.amount < 1
-     or b.amount > 10000000000 then
-    bad.amount = "must be a whole number of fen, at least 1"
+     or b.amount > payments.MAX_AMOUNT then
+    bad.amount = "must be a whole number of fen, 1 .. "
+                 .. payments.MAX_AMOUNT
   end
   if b.reason ~= nil and (type(b.reason) ~= "string" or b.reason == ""
                           or (payments.text_len(b.reason) or 81) > 80) then

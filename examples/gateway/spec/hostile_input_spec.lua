@@ -61,6 +61,13 @@ describe("gateway hostile input", function()
     refused(gw:call("POST", "/v1/payments", '{"order_id":"' .. oid
       .. '","channel":"native","amount":1e400,"description":"tea"}'),
       400, "invalid_json", nil, oid)
+    -- the answer names the bounds (was: "at least 1" for 10000000001)
+    oid = order_id()
+    local res = gw:call("POST", "/v1/payments", '{"order_id":"' .. oid
+      .. '","channel":"native","amount":10000000001,"description":"tea"}')
+    refused(res, 400, "invalid_request", "amount", oid)
+    assert.equal("must be a whole number of fen, 1 .. 10000000000",
+                 res.json.fields.amount)
     for _, a in ipairs{ "1", "10000000000" } do
       oid = order_id()
       local res = gw:call("POST", "/v1/payments", '{"order_id":"' .. oid
@@ -392,7 +399,11 @@ describe("gateway hostile input", function()
       refused(gw:call("POST", R, '{"amount":' .. a .. '}'), 400,
               "invalid_request", "amount")
     end
-    local res = gw:call("POST", R, { amount = 101 })
+    local res = gw:call("POST", R, '{"amount":10000000001}')
+    refused(res, 400, "invalid_request", "amount")
+    assert.equal("must be a whole number of fen, 1 .. 10000000000",
+                 res.json.fields.amount)
+    res = gw:call("POST", R, { amount = 101 })
     refused(res, 422, "refund_exceeds_paid")
     assert.equal(100, res.json.refundable)
     assert.equal(201, gw:call("POST", R, { amount = 60 }).status)
