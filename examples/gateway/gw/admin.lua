@@ -95,11 +95,22 @@ local function allowed(ctx, req)
   return true
 end
 
+-- returns: the body's object; or nil and, for a body that is not JSON
+-- (or has a key twice), the 400 answer saying where, as the merchant
+-- API's; nil alone for JSON that is no object (the route's usage)
 local function body(req)
-  local b = req:decode_json()
-  if type(b) ~= "table" then return nil end
+  local b, err = req:decode_json()
+  if b == nil then
+    return nil, { error = "invalid_json", message = err.message }
+  end
+  if type(b) ~= "table" or b[1] ~= nil or req.body:find("^%s*%[") then
+    return nil
+  end
   return b
 end
+
+-- the largest id a JSON number holds exactly: past it another id is read
+local MAX_ID = 2 ^ 53 - 1
 
 --- syntax: admin.guard(ctx, fn) -> a route handler checking the caller
 function _M.guard(ctx, fn)
@@ -141,10 +152,21 @@ function _M.routes(ctx)
     return 200, state()
   end))
   paygate.route("POST", "/admin/degrade", guard(function(req)
-    local b = body(req)
+    local b, jerr = body(req)
+    if jerr then return 400, jerr end
+    local usage = "send {\"on\": true} or {\"on\": false}"
     if not b or type(b.on) ~= "boolean" then
-      return 400, { error = "invalid_request",
-                    message = "send {\"on\": true} or {\"on\": false}" }
+      return 400, { error = "invalid_request", message = usage }
+    end
+    -- another key is refused, not dropped: {"on": true, "ttl": 60}
+    -- must not leave a switch on that its sender thought would end
+    for k in pairs(b) do
+      if k ~= "on" then
+        local name = tostring(k)
+        if #name > 64 then name = name:sub(1, 64) .. "..." end
+        return 400, { error = "invalid_request", message = "unknown field "
+                      .. name .. ": " .. usage }
+      end
     end
     -- written before the switch flips. The switch flips all the same
     -- when the entry cannot be written: it is the lever for an outage,
@@ -165,10 +187,11 @@ function _M.routes(ctx)
     return 200, out
   end))
   paygate.route("POST", "/admin/outbox/replay", guard(function(req)
-    local b = body(req)
+    local b, jerr = body(req)
+    if jerr then return 400, jerr end
     local usage = { error = "invalid_request", message = "send {\"id\": n}"
-                    .. " or {\"dead\": true[, \"subject\": s][, \"type\":"
-                    .. " t]}" }
+                    .. " (1 .. 2^53-1) or {\"dead\": true[, \"subject\":"
+                    .. " s][, \"type\": t]}" }
     if not b then
       return 400, usage
     end
@@ -184,7 +207,7 @@ function _M.routes(ctx)
     end
     local n, err
     if type(b.id) == "number" and b.id % 1 == 0 and b.id > 0
-       and b.dead == nil then
+       and b.id <= MAX_ID and b.dead == nil then
       n, err = outbox.replay(ctx.db, b.id)
     elseif b.dead == true and b.id == nil then
       n, err = outbox.replay(ctx.db, { state = "dead", type = b.type,

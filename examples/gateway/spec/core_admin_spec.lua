@@ -64,6 +64,40 @@ describe("gateway admin and events", function()
     gw:create{ order_id = "deg-x" }
   end)
 
+  it("refuses admin bodies it cannot act on exactly, saying why",
+     function()
+    finally(function()                  -- whatever the outcome: off
+      gw.srv:request{ method = "POST", path = "/admin/degrade",
+                      body = '{"on":false}' }
+    end)
+    local function refused(path, body, want)
+      local res = gw.srv:request{ method = "POST", path = path, body = body }
+      assert.equal(400, res.status, path .. " " .. body .. ": " .. res.body)
+      assert.equal(want or "invalid_request", res.json.error, res.body)
+      return res
+    end
+    -- was: 200, the switch flipped and the unknown key dropped (a caller
+    -- sending {"on": true, "ttl": 60} got a switch that stays on)
+    local res = refused("/admin/degrade", '{"on":true,"ttl":60}')
+    assert.matches("ttl", res.json.message, 1, true)
+    assert.is_false(gw.srv:request("/admin/degrade").json.on)
+    -- was: the usage text ('send {"on": true} or ...') for a body that
+    -- said just that, twice; now what the JSON reader found
+    res = refused("/admin/degrade", '{"on":true,"on":false}', "invalid_json")
+    assert.matches('duplicate key "on"', res.json.message, 1, true)
+    res = refused("/admin/outbox/replay", '{"id":1,"id":2}', "invalid_json")
+    assert.matches('duplicate key "id"', res.json.message, 1, true)
+    refused("/admin/degrade", "{", "invalid_json")
+    assert.is_false(gw.srv:request("/admin/degrade").json.on)
+    -- was: 200 {"replayed":0}: ids past 2^53 are not exact in JSON
+    -- numbers (9007199254740993 reads as ...992: another event)
+    for _, id in ipairs{ "1e300", "9007199254740993", "9007199254740992" } do
+      refused("/admin/outbox/replay", '{"id":' .. id .. '}')
+    end
+    assert.equal(200, gw.srv:request{ method = "POST",
+      path = "/admin/outbox/replay", body = '{"id":9007199254740991}' }.status)
+  end)
+
   it("needs the token when one is configured", function()
     assert.equal(403, admin(gw_token, "GET", "/admin/degrade").status)
     assert.equal(403, admin(gw_token, "GET", "/admin/degrade", nil,
