@@ -18,6 +18,7 @@
 --     schedule = function(tx, action, res) ... end })
 --
 --   reconcile.refund_limit(paid, refunds, amount)  -- nil, refund_exceeds_paid
+--                                                  -- or refund_limit (50)
 --   reconcile.daily_bill{ ... }                    -- paygate.reconcile.bill
 --
 -- Failures: nil, err (core.error). Misuse raises at the caller.
@@ -787,10 +788,15 @@ function _M.refundable(paid, refunds)
   return max(0, p - used)
 end
 
+-- WeChat Pay takes at most this many refunds of one order
+_M.MAX_REFUNDS = 50
+
 -- syntax: left, err = reconcile.refund_limit(paid, refunds, amount)
 -- returns: what stays refundable after `amount` (fen), or nil, err:
 -- invalid_amount (not a positive integer), refund_exceeds_paid (amount
--- above what is left: err.refundable, err.requested)
+-- above what is left: err.refundable, err.requested), refund_limit (the
+-- order has MAX_REFUNDS refunds already, counting all but the failed
+-- ones -- those WeChat refused -- : err.refunds, err.refundable)
 function _M.refund_limit(paid, refunds, amount)
   local left, err = _M.refundable(paid, refunds)
   if not left then
@@ -805,6 +811,15 @@ function _M.refund_limit(paid, refunds, amount)
     return fail("refund_exceeds_paid", "refund: " .. amount .. " fen is"
                 .. " above the " .. left .. " fen still refundable",
                 { refundable = left, requested = amount })
+  end
+  local n = 0
+  for _, r in ipairs(refunds) do
+    if r.state ~= "failed" then n = n + 1 end
+  end
+  if n >= _M.MAX_REFUNDS then
+    return fail("refund_limit", "refund: the order has " .. n .. " refunds,"
+                .. " and WeChat Pay takes at most " .. _M.MAX_REFUNDS
+                .. " of one order", { refunds = n, refundable = left })
   end
   return left - amount
 end

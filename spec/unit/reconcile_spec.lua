@@ -469,6 +469,19 @@ describe("reconcile.refund_limit", function()
                  .. " still refundable", tostring(err))
   end)
 
+  it("refuses a 51st refund of one order (WeChat takes 50)", function()
+    local list = {}
+    for i = 1, 49 do list[i] = { amount = 1, state = "succeeded" } end
+    list[50] = { amount = 1, state = "failed" }     -- refused: not counted
+    assert.equal(950, reconcile.refund_limit(1000, list, 1))
+    list[51] = { amount = 1, state = "closed" }     -- taken: counted
+    local ok, err = reconcile.refund_limit(1000, list, 1)
+    assert.is_nil(ok)
+    assert.equal("refund_limit", err.kind)
+    assert.same({ 50, 951 }, { err.refunds, err.refundable })
+    assert.matches("at most 50", tostring(err))
+  end)
+
   it("refuses amounts that are not whole positive fen", function()
     for _, a in ipairs({ 0, -1, 1.5, 0 / 0, "10" }) do
       local ok, err = reconcile.refund_limit(100, {}, a)

@@ -248,6 +248,21 @@ function _M.refund(q, id)
   return rows[1] or false
 end
 
+-- WeChat Pay takes at most this many refunds of one order (50)
+_M.MAX_REFUNDS = require("paygate.reconcile").MAX_REFUNDS
+
+--- syntax: n, err = model.refund_count(q, payment_id)
+-- The payment's refunds of its paid order that WeChat took or may have
+-- taken: every one but those it refused (failed) and the duplicate
+-- payments' (refunds of another order).
+function _M.refund_count(q, payment_id)
+  local rows, err = q:query("SELECT COUNT(*) AS n FROM gw_refunds WHERE"
+    .. " payment_id = $1 AND kind <> 'duplicate' AND state <> 'failed'",
+    { payment_id })
+  if not rows then return nil, err end
+  return tonumber(rows[1].n) or 0
+end
+
 --- syntax: n, err = model.refund_total(q, payment_id)
 -- The fen of the payment's refunds that count against it: every refund
 -- of its own money (not one returning a duplicate payment) that did not

@@ -232,6 +232,17 @@ function _M.create(req, ik)
         "refunds would reach " .. (total + b.amount) .. " fen of the "
         .. row.amount .. " paid", { refundable = row.amount - total }) }
     end
+    -- WeChat refuses a 51st refund of one order: said here, before the
+    -- refund is made and sent, instead of as its refusal (502)
+    local count
+    count, qerr = model.refund_count(tx, p.id)
+    if not count then return nil, qerr end
+    if count >= model.MAX_REFUNDS then
+      return { status = 422, body = err_body("refund_limit", "payment "
+        .. p.id .. " has " .. count .. " refunds: WeChat Pay takes at most "
+        .. model.MAX_REFUNDS .. " of one payment", { refunds = count,
+        refundable = row.amount - total }) }
+    end
     local id = model.new_refund_id()
     local created
     created, qerr = R:create(tx, {

@@ -283,4 +283,39 @@ describe("gateway core flow", function()
     local one = gw:call("GET", "/v1/refunds/" .. r1.json.id)
     assert.equal("succeeded", one.json.state)
   end)
+  it("refuses a 51st refund of one payment before sending it (refund_limit)",
+     function()
+    -- WeChat Pay takes at most 50 refunds of one order: the 51st is
+    -- refused here, with what is left, not sent to be refused (502)
+    local p = gw:create{ amount = 100 }
+    sim:pay_and_wait(p.out_trade_no)
+    gw:wait_state(p.id, "paid")
+    for i = 1, 50 do
+      local r = gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
+                        { amount = 1 })
+      assert.equal(201, r.status, "refund " .. i .. ": " .. r.body)
+    end
+    local function sent_refunds()
+      local n = 0
+      for _, r in ipairs(sim:requests()) do
+        if r.method == "POST" and r.target == "/v3/refund/domestic/refunds"
+        then
+          n = n + 1
+        end
+      end
+      return n
+    end
+    local sent = sent_refunds()
+    assert.truthy(sent >= 50, "the simulator's log has " .. sent)
+    local over = gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
+                         { amount = 1 })
+    assert.equal(422, over.status, over.body)
+    assert.equal("refund_limit", over.json.error)
+    assert.equal(50, over.json.refunds)
+    assert.equal(50, over.json.refundable)
+    assert.matches("at most 50", over.json.message)
+    assert.equal(sent, sent_refunds())
+    local list = gw:call("GET", "/v1/payments/" .. p.id .. "/refunds")
+    assert.equal(50, #list.json.refunds)
+  end)
 end)
