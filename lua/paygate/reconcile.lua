@@ -475,7 +475,9 @@ end
 -- opts: now (s, default core.time()), close_expired (default true)
 -- Queries WeChat (wx:query_by_out_trade_no, with sub_mchid in partner
 -- mode). An open payment still NOTPAY past expires_at is closed through
--- wx:close first and then means `closed`. An order WeChat does not know
+-- wx:close first and then means `closed`; a close refused ORDER_PAID
+-- (paid in between) is followed by a second query at once, whose SUCCESS
+-- is the action. An order WeChat does not know
 -- (ORDER_NOT_EXIST, remote = "ORDER_NOT_EXIST") means nothing before its
 -- expiry (asked too early) and `closed` after it: nobody can pay it.
 -- returns: action = { kind = "payment", id, out_trade_no, state (local),
@@ -522,17 +524,34 @@ function _M.check_payment(wx, item, opts)
   action.evidence.transaction_id = txn.transaction_id
   if ts == "NOTPAY" and expired and OPEN[item.state]
      and opts.close_expired ~= false then
-    -- a close refused with order_paid (paid in between) is an error
-    -- here: the next round's query sees SUCCESS
     local ok, cerr = wx:close(item.out_trade_no, sub)
-    if not ok then
+    if not ok and cerr.kind == "order_paid" then
+      -- paid in the moment between the query and the close (the payer
+      -- paying as it expired): asked again now and applied in this
+      -- check, not left to the next one on the backoff (up to its
+      -- ceiling later, the notification perhaps lost). An answer still
+      -- not paid (WeChat's views apart a moment) is the close's error.
+      local again, qerr = wx:query_by_out_trade_no(item.out_trade_no, sub)
+      if not again then
+        return nil, qerr
+      end
+      if again.trade_state ~= "SUCCESS" and again.trade_state ~= "REFUND" then
+        return nil, cerr
+      end
+      txn, ts = again, again.trade_state
+      action.remote, action.transaction = ts, txn
+      action.evidence.trade_state = ts
+      action.evidence.transaction_id = txn.transaction_id
+      action.evidence.close = "order_paid"
+    elseif not ok then
       return nil, cerr
+    else
+      count("closed_by_us")
+      action.closed_by_us = true
+      action.remote = "CLOSED"
+      action.evidence.trade_state = "CLOSED"
+      action.evidence.closed_by = "reconcile"
     end
-    count("closed_by_us")
-    action.closed_by_us = true
-    action.remote = "CLOSED"
-    action.evidence.trade_state = "CLOSED"
-    action.evidence.closed_by = "reconcile"
   end
   if ts == "SUCCESS" or ts == "REFUND" then
     local total = type(txn.amount) == "table" and txn.amount.total

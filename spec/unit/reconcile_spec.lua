@@ -209,6 +209,41 @@ describe("reconcile.check_payment with a stand-in client", function()
     assert.equal(1, #calls)
   end)
 
+  it("paid as it expired: a close refused ORDER_PAID is asked again at once"
+     .. " and the payment applied", function()
+    local calls, queries, still = {}, 0, false
+    local wx = {
+      query_by_out_trade_no = function(_, no, sub)
+        calls[#calls + 1] = { "query", no, sub }
+        queries = queries + 1
+        if queries == 1 or still then return { trade_state = "NOTPAY" } end
+        return { trade_state = "SUCCESS", transaction_id = "4200000001",
+                 amount = { total = 100, payer_total = 100 } }
+      end,
+      close = function(_, no, sub)
+        calls[#calls + 1] = { "close", no, sub }
+        return nil, core.error("order_paid", "订单已支付")
+      end,
+    }
+    local a = assert(reconcile.check_payment(wx, { id = "P",
+      state = "paying", out_trade_no = "T0001", amount = 100,
+      expires_at = 100 }, { now = 101 }))
+    assert.same({ { "query", "T0001" }, { "close", "T0001" },
+                  { "query", "T0001" } }, calls)
+    assert.same({ "SUCCESS", "succeeded", "4200000001" },
+                { a.remote, a.event, a.set.transaction_id })
+    assert.is_nil(a.closed_by_us)
+    assert.equal("order_paid", a.evidence.close)
+    -- the second answer not yet SUCCESS (WeChat's views apart): the
+    -- close's error, for the next check
+    still, calls = true, {}
+    local none, err = reconcile.check_payment(wx, { id = "P",
+      state = "paying", out_trade_no = "T0001", expires_at = 100 },
+      { now = 101 })
+    assert.is_nil(none)
+    assert.equal("order_paid", err.kind)
+  end)
+
   it("an order WeChat does not know: closed past expiry, nothing before",
      function()
     local calls = {}

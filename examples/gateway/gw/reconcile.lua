@@ -277,8 +277,8 @@ end
 -- REFUND): applied as a notification would be (a late payment: refunded
 -- or an alarm, by on_late_payment); closed (CLOSED, REVOKED) or never
 -- made (ORDER_NOT_EXIST, asked once its prepay is over): done; else
--- closed at WeChat now (ORDER_PAID: paid in between, the next check
--- applies it). A failed call is rescheduled on the backoff.
+-- closed at WeChat now (ORDER_PAID: paid in between, asked again and
+-- applied at once). A failed call is rescheduled on the backoff.
 local function check_attempt(ctx, wx, row, rctx, resched)
   local db = ctx.db
   local no, sub = row.out_trade_no, model.opt(row.sub_mchid)
@@ -307,6 +307,18 @@ local function check_attempt(ctx, wx, row, rctx, resched)
   end
   if txn and ts ~= "CLOSED" and ts ~= "REVOKED" then
     local ok, cerr = wx:close(no, sub)
+    if not ok and cerr.kind == "order_paid" then
+      -- paid in between: asked again now and applied in this check (an
+      -- answer not yet paid leaves it to the next check)
+      local again = wx:query_by_out_trade_no(no, sub)
+      if again and (again.trade_state == "SUCCESS"
+                    or again.trade_state == "REFUND") then
+        return apply_paid(ctx, rctx, again, function(tx)
+          return resched(tx, no, true)
+        end)
+      end
+      return nil, cerr
+    end
     if not ok and cerr.kind ~= "not_found" then return nil, cerr end
     paygate.log.info("gateway: closed at WeChat an attempt closed here",
                      { out_trade_no = no, trade_state = ts })

@@ -1,0 +1,75 @@
+-- The payer pays just as the payment expires (docs/reconcile.md, payment
+-- checks): the check finds it NOTPAY past its expiry and closes it at
+-- WeChat, but the payer's money arrived in between and the close is
+-- refused ORDER_PAID; the notification is lost. The check asks again at
+-- once and applies the payment (once), rather than leaving it to the
+-- next check on the backoff -- here an hour away.
+local testing = require "paygate.testing"
+local audit = require "paygate.audit"
+local core = dofile("examples/gateway/spec/core_support.lua")
+
+describe("gateway payment checks: paid as it expired", function()
+  local sim, gw
+
+  setup(function()
+    sim = testing.simulator{ time_scale = 100 }
+    -- nothing checked by age, and a failed check's next one up to an
+    -- hour away: only the check this spec makes due runs within it
+    gw = core.start(sim, { gateway = { reconcile = { check_after = 3600,
+      first = 3600, ceiling = 3600, interval = 0.1, bill = false } } })
+  end)
+
+  teardown(function()
+    if gw then gw:stop() end
+    testing.stop_all()
+  end)
+
+  local function fired(id)
+    for _, f in ipairs(sim:control("GET", "/sim/faults")) do
+      if f.id == id then return f.fired or 0 end
+    end
+    return 0
+  end
+
+  it("the close refused ORDER_PAID: asked again and paid in the same"
+     .. " check", function()
+    local p = gw:create{ amount = 70 }
+    sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }
+    -- the checks' close waits at WeChat while the payer pays
+    local slow = sim:fault{ endpoint = "close", kind = "latency",
+                            seconds = 2, count = 1 }
+    -- expired, and due now
+    assert(gw.db:exec("UPDATE gw_payments SET expires_at = $2,"
+      .. " next_check_at = 0 WHERE id = $1", { p.id, os.time() - 1 }))
+    testing.wait_until(function() return fired(slow.id) == 1 end, 10,
+                       "the checks' close at WeChat")
+    sim:pay(p.out_trade_no)
+    local got = gw:wait_state(p.id, "paid", 15)
+    assert.matches("^%d+$", got.transaction_id)
+    -- the close was refused ORDER_PAID
+    local refused = false
+    for _, r in ipairs(sim:requests()) do
+      if r.endpoint == "close" and r.code == "ORDER_PAID" then
+        refused = true
+      end
+    end
+    assert.is_true(refused, "a close answered ORDER_PAID")
+    -- applied once, by the check, not as a late payment
+    local succeeded = 0
+    for _, e in ipairs(audit.entries(gw.db, "payment:" .. p.id)) do
+      if e.what == "payment.succeeded" then
+        succeeded = succeeded + 1
+        assert.equal("reconcile", e.actor)
+        assert.equal("paid", e.cause)
+      end
+    end
+    assert.equal(1, succeeded)
+    local ev = assert(gw.db:query("SELECT type FROM paygate_outbox WHERE"
+      .. " subject = $1 AND type IN ('payment.paid', 'payment.late_paid')",
+      { p.id }))
+    assert.equal(1, #ev)
+    assert.equal("payment.paid", ev[1].type)
+    assert.equal("dropped",
+                 sim:notifications{ out_trade_no = p.out_trade_no }[1].state)
+  end)
+end)
