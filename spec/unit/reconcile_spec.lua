@@ -10,6 +10,7 @@ local fsm = require "paygate.fsm"
 local audit = require "paygate.audit"
 local reconcile = require "paygate.reconcile"
 local bill = require "paygate.reconcile.bill"
+local json = require "paygate.json"
 local servers = require "spec.support.servers"
 
 local tmp = servers.mktemp()
@@ -812,6 +813,61 @@ describe("bill.records", function()
       end })
     assert.same({ "T2" }, asked)
     assert.same({}, report.mismatches)
+    db:close()
+  end)
+
+  it("each finding is in the day's audit entry, not only its count",
+     function()
+    local text = TRADE_HEAD .. "\r\n"
+      .. "`2026-11-29 10:00:00,`wx1,`1900,`0,`,`4200002,`T2,`o1,`NATIVE,"
+      .. "`SUCCESS,`OTHERS,`CNY,`0.29,`0.00,`0,`0,`0.00,`0.00,`,`,`a,`,"
+      .. "`0.00000,`0.60%,`0.29,`0.00,`\r\n"
+      .. "`2026-11-29 10:01:00,`wx1,`1900,`0,`,`4200003,`T3,`o1,`NATIVE,"
+      .. "`SUCCESS,`OTHERS,`CNY,`0.30,`0.00,`0,`0,`0.00,`0.00,`,`,`a,`,"
+      .. "`0.00000,`0.60%,`0.30,`0.00,`\r\n"
+    local wx = {
+      trade_bill = function() return { download_url = "x" } end,
+      download_bill = function(_, _, path)
+        local f = assert(io.open(path, "wb"))
+        f:write(text)
+        f:close()
+        return { path = path }
+      end,
+    }
+    local db = new_db()
+    local dir = tmp .. "/findings"
+    os.execute("mkdir -p " .. dir)
+    local report = assert(bill.daily{ wx = wx, db = db, dir = dir,
+      date = "2026-11-29", local_rows = function()
+        return { { out_trade_no = "T2", amount = 28, state = "paid" },
+                 { out_trade_no = "T4", amount = 40, state = "paid" } }
+      end })
+    assert.equal(3, report.counts.total)
+    local e = audit.entries(db, "reconcile:2026-11-29")
+    local ev = json.decode(e[#e].evidence)
+    -- as the CSV has them: kind, numbers, local and remote state and amount
+    assert.same({
+      { kind = "missing_local", out_trade_no = "T3", remote_state = "SUCCESS",
+        remote_amount = 30 },
+      { kind = "missing_remote", out_trade_no = "T4", local_state = "paid",
+        local_amount = 40 },
+      { kind = "amount", out_trade_no = "T2", local_state = "paid",
+        local_amount = 28, remote_state = "SUCCESS", remote_amount = 29 },
+    }, ev.findings)
+    assert.is_nil(ev.findings_omitted)
+    -- a day with more than the entry holds: the first ones, and how many
+    -- more the CSV (its sha256 in the entry) has
+    local rows = {}
+    for i = 1, bill.AUDIT_FINDINGS + 5 do
+      rows[i] = { out_trade_no = string.format("L%05d", i), amount = 1,
+                  state = "paid" }
+    end
+    assert(bill.daily{ wx = wx, db = db, dir = dir, date = "2026-11-29",
+                       local_rows = function() return rows end })
+    e = audit.entries(db, "reconcile:2026-11-29")
+    ev = json.decode(e[#e].evidence)
+    assert.equal(bill.AUDIT_FINDINGS, #ev.findings)
+    assert.equal(7, ev.findings_omitted)     -- T2 and T3 too
     db:close()
   end)
 

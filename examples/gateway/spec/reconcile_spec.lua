@@ -334,6 +334,14 @@ describe("gateway daily bill: a refund line the gateway has as not"
                   m["local"] and m["local"].state,
                   m["local"] and m["local"].amount, m.remote.state,
                   m.remote.amount })
+    -- and in the day's audit entry, not only counted there
+    local e = audit.entries(gw.db, "reconcile:" .. today)
+    local ev = require("paygate.json").decode(e[#e].evidence)
+    assert.same({ { kind = "state", out_trade_no = p.out_trade_no,
+                    out_refund_no = r.json.out_refund_no,
+                    local_state = "processing", local_amount = 40,
+                    remote_state = "SUCCESS", remote_amount = 40 } },
+                ev.findings)
   end)
 end)
 

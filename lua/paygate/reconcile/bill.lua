@@ -19,6 +19,7 @@ local core = require "paygate.core"
 local crypto = require "paygate.crypto"
 local civil = require "paygate.civil"
 local audit = require "paygate.audit"
+local json = require "paygate.json"
 local wxbill = require "paygate.wechatpay.bill"
 
 local type, pairs, ipairs, tostring, error, tonumber, pcall =
@@ -550,6 +551,10 @@ end
 
 ---------------------------------------------------------------- daily
 
+-- how many of a day's findings its audit entry lists (the rest: counted
+-- in findings_omitted, all of them in the CSV)
+_M.AUDIT_FINDINGS = 500
+
 -- syntax: report, err = bill.daily(opts)
 -- opts: wx (client), db (paygate.sql: the audit entry), dir (the reports'
 -- folder, must exist), local_rows = fn(date, out_trade_nos,
@@ -637,12 +642,28 @@ function _M.daily(opts)
     return nil, werr
   end
   local sha = crypto.hex(crypto.digest("sha256", text))
+  -- the findings themselves, as the CSV has them (the first
+  -- AUDIT_FINDINGS: the CSV, whose hash is here, has them all): the
+  -- report file is on one instance's disk and may be gone, the audit
+  -- chain is in the store
+  local findings = {}
+  for i = 1, math.min(#mismatches, _M.AUDIT_FINDINGS) do
+    local m = mismatches[i]
+    local l, r = m["local"] or {}, m.remote or {}
+    findings[i] = { kind = m.kind, out_trade_no = m.out_trade_no,
+                    out_refund_no = m.out_refund_no,
+                    local_state = l.state, local_amount = l.amount,
+                    remote_state = r.state, remote_amount = r.amount }
+  end
   local entry = { what = "reconcile.bill", cause = "daily_bill",
                   actor = "reconcile", evidence = {
                     date = date, empty = not info, file = path,
                     sha256 = sha, counts = counts, merchant = opts.name,
                     remote_payments = npay, remote_refunds = nref,
-                    local_rows = #rows } }
+                    local_rows = #rows,
+                    findings = findings[1] and findings or json.empty_array,
+                    findings_omitted = #mismatches > #findings
+                      and #mismatches - #findings or nil } }
   local subject = "reconcile:" .. date
   local e, aerr
   if opts.fence then
