@@ -104,6 +104,15 @@ function _M.routes(ctx)
 
   local function key() return D:get(K_KEY) end
 
+  -- Sessions are tied to the token they were opened with: their entries
+  -- are named by an HMAC of it (under the console key, which outlives a
+  -- reload). The shared dictionary outlives a reload too, so without the
+  -- tie a session opened with a token that leaked would outlast the new
+  -- token written to shut it out (and a reload to take it) by up to
+  -- session_ttl; with it, the new workers do not see the old sessions.
+  local sessions = K_SESSION .. (conf.token and crypto.hex(crypto.hmac(
+    "sha256", key(), "session|" .. conf.token)):sub(1, 16) or "") .. ":"
+
   -- The caller: { id, actor } or nil and why ("login": no session,
   -- "forbidden": not a loopback client, "host": addressed to a name that
   -- is not loopback). Loopback mode trusts the client's address, so a
@@ -131,7 +140,7 @@ function _M.routes(ctx)
       -- and a step of the wall clock (NTP, a VM resumed) does not move;
       -- the wall-clock expiry it holds is not compared (a step forward
       -- would end every session at once)
-      local exp = D:get(K_SESSION .. sid)
+      local exp = D:get(sessions .. sid)
       if type(exp) == "number" then
         return { id = sid, actor = "console:session-" .. sid:sub(1, 8) }
       end
@@ -412,7 +421,7 @@ function _M.routes(ctx)
       local sid = crypto.random_nonce(40)
       -- (the value: the wall-clock expiry, which the code before compared:
       -- the workers of the generation before a reload still do)
-      D:set(K_SESSION .. sid, core.time() + conf.session_ttl,
+      D:set(sessions .. sid, core.time() + conf.session_ttl,
             conf.session_ttl)
       paygate.log.info("gateway: console login", {
         remote = req.remote_addr, session = sid:sub(1, 8) })
@@ -422,7 +431,7 @@ function _M.routes(ctx)
           .. " SameSite=Strict" .. (secure(req) and "; Secure" or "") })
     end)
     route("POST", "/console/logout", action(function(req, s)
-      D:delete(K_SESSION .. s.id)
+      D:delete(sessions .. s.id)
       return 303, "", headers({ Location = "/console/login",
         ["Set-Cookie"] = COOKIE .. "=; Path=/console; Max-Age=0; HttpOnly;"
           .. " SameSite=Strict" .. (secure(req) and "; Secure" or "") })
