@@ -102,16 +102,34 @@ function _M.routes(ctx)
   end
   pages.init(ctx)
 
-  local function key() return D:get(K_KEY) end
+  -- The console key: the HMAC key of every CSRF token, login token and
+  -- lever result, one for every worker. The dictionary is LRU and anyone
+  -- who reaches the gateway adds entries to it (a throttling count for
+  -- each address that sends a wrong token), so a key nobody used for a
+  -- while can be evicted: the worker then puts back the one it knows (the
+  -- same for all workers: each took the one in the dictionary), or a new
+  -- one when another worker has not put one back first. The open forms
+  -- stay good, or (a new key) say "reload the page and try again".
+  local known = D:get(K_KEY)
+  local function key()
+    local k = D:get(K_KEY)
+    if k == nil then
+      D:add(K_KEY, known or crypto.hex(crypto.random_bytes(32)))
+      k = D:get(K_KEY) or known
+    end
+    known = k
+    return assert(k, "gw.console: no console key")
+  end
 
   -- Sessions are tied to the token they were opened with: their entries
-  -- are named by an HMAC of it (under the console key, which outlives a
-  -- reload). The shared dictionary outlives a reload too, so without the
-  -- tie a session opened with a token that leaked would outlast the new
-  -- token written to shut it out (and a reload to take it) by up to
-  -- session_ttl; with it, the new workers do not see the old sessions.
+  -- are named by an HMAC keyed with it. The shared dictionary outlives a
+  -- reload, so without the tie a session opened with a token that leaked
+  -- would outlast the new token written to shut it out (and a reload to
+  -- take it) by up to session_ttl; with it, the new workers do not see
+  -- the old sessions. (Not under the console key: a key made again after
+  -- an eviction must not end every session, nor split the generations.)
   local sessions = K_SESSION .. (conf.token and crypto.hex(crypto.hmac(
-    "sha256", key(), "session|" .. conf.token)):sub(1, 16) or "") .. ":"
+    "sha256", conf.token, "gw:console:session")):sub(1, 16) or "") .. ":"
 
   -- The caller: { id, actor } or nil and why ("login": no session,
   -- "forbidden": not a loopback client, "host": addressed to a name that
