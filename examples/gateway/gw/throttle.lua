@@ -9,12 +9,30 @@
 local core = require "paygate.core"
 local shared = require "paygate.shared"
 
-local format, max, ceil = string.format, math.max, math.ceil
+local format, max, ceil, floor = string.format, math.max, math.ceil,
+                                  math.floor
 
 local _M = {}
 
 -- <host> (the window's start), <host>|<start> (the tries counted)
 local K_FAIL = "gw:console:lf:"
+-- <period>: the windows opened in that period (window seconds long)
+local K_OPENED = "gw:console:lo:"
+
+-- The addresses that may have a window open at once: an eighth of the
+-- dictionary at most (two entries of ~300 bytes together per address).
+-- Anyone who reaches the gateway opens windows, one per address it sends
+-- from (an IPv6 /64 has plenty), and the dictionary is LRU: unbounded,
+-- they would push out what the workers keep there -- the degradation
+-- switch, the console's key and sessions, notification replay records.
+-- Past the bound a new address's try cannot be counted, so it is
+-- refused (fail closed) until windows end; addresses with a window open
+-- go on as before.
+local function max_hosts(D)
+  local st = D:stats()
+  return max(64, floor((st.capacity or 0) / 8 / 300))
+end
+_M.max_hosts = max_hosts
 
 --- syntax: host = throttle.host_of(req.remote_addr)
 -- the client's address without its port: "[::1]:5000" -> "::1"
@@ -34,7 +52,21 @@ function _M.reserve(host, limit, window)
   -- is the window's rest, whatever a wall-clock step did meanwhile
   local now = core.mono()
   local k = K_FAIL .. host
-  D:add(k, now, window)               -- false when a window is open: fine
+  if D:get(k) == nil then
+    -- a window opens: within the bound (any window still open was opened
+    -- in this period or the one before)
+    local period = floor(now / window)
+    local opened = (D:get(K_OPENED .. period) or 0)
+                   + (D:get(K_OPENED .. (period - 1)) or 0)
+    if opened >= max_hosts(D) then
+      return nil, nil, core.error("unavailable", "too many client "
+        .. "addresses are trying secrets (" .. opened .. " windows open):"
+        .. " a new address's try cannot be counted now")
+    end
+    if D:add(k, now, window) then     -- false when another worker's won
+      D:incr(K_OPENED .. period, 1, 0, 2 * window)
+    end
+  end
   local start = D:get(k)
   if type(start) ~= "number" then
     start = now

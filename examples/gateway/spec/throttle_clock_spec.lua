@@ -1,7 +1,8 @@
 -- gw.throttle against a wall clock that steps (NTP, a VM resumed): the
 -- wait it tells an address over its limit is the rest of the window,
 -- never the size of the step. No servers: the module alone, with
--- core.time stepped back an hour after the window opened.
+-- core.time stepped back an hour after the window opened. And the bound
+-- on the windows open at once (a flood from many addresses).
 package.path = "examples/gateway/?.lua;" .. package.path
 local pcore = require "paygate.core"
 local throttle = require "gw.throttle"
@@ -33,5 +34,36 @@ describe("gw.throttle", function()
     assert.is_string(ck)
     assert.is_number(wait)
     assert.is_true(wait >= 1 and wait <= 60, "wait " .. wait .. " s")
+  end)
+  it("opens at most max_hosts windows at once: a flood from many addresses"
+     .. " evicts nothing, a new address is refused past the bound, an"
+     .. " address with a window open is still counted", function()
+    local d = require("paygate.shared").get_dict("paygate")
+    d:set("spec:canary", "kept")       -- what the workers keep there
+    local before = d:stats().evictions
+    local max = throttle.max_hosts(d)
+    assert.is_true(max >= 64)
+    local tag = "-" .. pcore.pid() .. "-" .. math.random(1e6)
+    local first = "203.0.113.1" .. tag
+    assert(throttle.reserve(first, 10, 60))
+    local refused, err
+    for i = 2, max + 50 do
+      local ck, _, e = throttle.reserve("2001:db8::" .. i .. tag, 10, 60)
+      if not ck then
+        refused, err = i, e
+        break
+      end
+    end
+    -- (this spec's process may have opened windows before: not more)
+    assert.is_truthy(refused, "no address refused in " .. max + 50)
+    assert.is_true(refused <= max + 1, "refused at " .. tostring(refused))
+    assert.equal("unavailable", err.kind)
+    assert.matches("too many client addresses", err.message)
+    assert.equal(before, d:stats().evictions)
+    assert.equal("kept", d:get("spec:canary"))
+    -- the address whose window is open still counts its tries
+    local ck, wait = throttle.reserve(first, 10, 60)
+    assert.is_string(ck)
+    assert.is_nil(wait)
   end)
 end)
