@@ -85,7 +85,9 @@ end
 --- syntax: keys = testing.merchant_keys([{ mchid, sm2, dir, days }])
 -- yields: runs the openssl command line (RSA-2048, or SM2 with sm2 = true).
 -- returns: { private_key = path (PKCS#8 PEM), certificate = path (self-
--- signed, CN = mchid, valid `days`, default 2), public_key = path, serial
+-- signed, CN = mchid, valid `days`, default 365: paygate.wechatpay warns
+-- at start of a merchant_certificate ending within 30 days), public_key =
+-- path, serial
 -- (40 upper-case hex digits, random) }. Test keys only: made per run.
 function _M.merchant_keys(o)
   o = o or {}
@@ -99,7 +101,7 @@ function _M.merchant_keys(o)
   local b = crypto.random_bytes(20)
   k.serial = ("%X"):format(1 + b:byte(1) % 7) .. crypto.hex(b):sub(2):upper()
   local subj = "/C=CN/O=paygate test merchant/CN=" .. mchid
-  local days = tostring(o.days or 2)
+  local days = tostring(o.days or 365)
   if o.sm2 then
     openssl({ "genpkey", "-algorithm", "SM2", "-out", k.private_key },
             "an SM2 key")

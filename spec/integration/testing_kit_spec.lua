@@ -43,6 +43,18 @@ describe("testing.merchant", function()
                                         "WECHATPAY2-SM2-WITH-SM3"))
   end)
 
+  it("makes a certificate that no client warns about as expiring soon",
+     function()
+    -- paygate.wechatpay warns at start of a merchant_certificate that ends
+    -- within 30 days ("renew the merchant API certificate in the merchant
+    -- platform"): a test merchant's must outlast that, or every spec that
+    -- makes a client, and every app under test, logs that warning
+    local m = testing.merchant()
+    local info = assert(x509.load(testing.read(m.certificate))):info()
+    assert.is_true(info.not_after - os.time() > 60 * 86400,
+                   "not_after " .. tostring(info.not_after))
+  end)
+
   it("gives each merchant its own keys and ids", function()
     local a, b = testing.merchant(), testing.merchant()
     assert.are_not.equal(a.mchid, b.mchid)
