@@ -474,10 +474,50 @@ function Sim:wait_notification(match, opts)
       break
     end
   end
+  -- waiting for an acknowledgement, what the app answered comes first:
+  -- every attempt refused is the app's doing, and a longer wait would
+  -- only see more refusals
+  local answered = ""
+  if not opts.attempts then
+    local labels, all_status, same = {}, true, true
+    for _, sd in ipairs(seen or {}) do
+      for _, a in ipairs(sd.attempts or {}) do
+        local l
+        if a.status ~= nil then l = tostring(a.status)
+        elseif a.error and not tostring(a.error):find("^in_flight") then
+          l = tostring(a.error):match("^[%w_]+") or "error"
+          all_status = false
+        end
+        if l then
+          if labels[1] and labels[1] ~= l then same = false end
+          labels[#labels + 1] = l
+        end
+      end
+    end
+    if #labels > 0 then
+      local what
+      if same and all_status then
+        what = "the app answered " .. labels[1] .. " to every attempt ("
+          .. #labels .. ")"
+      elseif same then
+        what = "the app gave no answer (" .. labels[1]
+          .. ") to every attempt (" .. #labels .. ")"
+      else
+        what = "the app's answers to its " .. #labels .. " attempts: "
+          .. table.concat(labels, ", ")
+      end
+      answered = "; " .. what .. (all_status
+        and ": its notify handler refused or failed the notification;"
+            .. " why is in the app's log (srv:logs(); in the spec,"
+            .. " finally(function() print(app:logs()) end) inside the it)"
+        or ": check that the app runs and that notify_url is its"
+           .. " srv:url(path)")
+    end
+  end
   error("testing: no " .. (opts.attempts and (opts.attempts .. " attempts")
         or "acknowledged delivery") .. " of a notification matching "
-        .. shown(match) .. " in " .. timeout .. " s" .. hint .. "; seen: "
-        .. shown(seen), 2)
+        .. shown(match) .. " in " .. timeout .. " s" .. answered .. hint
+        .. "; seen: " .. shown(seen), 2)
 end
 
 --- syntax: d = sim:pay_and_wait(out_trade_no[, opts])

@@ -299,6 +299,12 @@ paygate.route("POST", "/fail", function() return 500, "no" end)]] }
     assert.is_false(ok)
     assert.matches("no acknowledged delivery", err)
     assert.matches('"status":500', err)
+    -- what the app answered comes first, with where to read why: not only
+    -- the advice to wait longer, which would not help
+    assert.matches("the app answered 500 to every attempt (", err, 1, true)
+    assert.matches("srv:logs()", err, 1, true)
+    assert.truthy(err:find("every attempt", 1, true)
+                  < err:find("seen:", 1, true), err)
     -- the URL the app was called at, as written (no "\/" escapes)
     assert.truthy(err:find("/fail", 1, true), err)
     assert.is_nil(err:find("\\/", 1, true), err)
