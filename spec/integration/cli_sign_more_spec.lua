@@ -9,12 +9,12 @@ local diagpki = require "support.diagpki"
 
 local dir, pki
 
-local function sign(method, body)
+local function sign(method, body, ts)
   local log = dir .. "/out." .. crypto.random_nonce(8)
   local argv = { PAYGATE_BIN, "sign", "--json", "--method", method, "--url",
     "/v3/pay/transactions/jsapi", "--mchid", "1900000001", "--serial",
     "5F1C72E2A8931B72A2E13AF8DEE92471EB397115", "--key", pki.merchant_key,
-    "--timestamp", "1700000000", "--nonce", "ABC" }
+    "--timestamp", ts or "1700000000", "--nonce", "ABC" }
   if body then
     diagpki.write(dir .. "/b", body)
     argv[#argv + 1] = "--body"
@@ -24,13 +24,16 @@ local function sign(method, body)
   local code = p:wait(30)
   if code == nil then p:kill(proc.SIGKILL); p:wait(2) end
   local out = proc.read(log)
-  local warns, sig = {}, nil
+  local warns, sig, fails = {}, nil, {}
   for line in out:gmatch("[^\n]+") do
     local r = json.decode(line)
     if r and r.status == "warn" then warns[#warns + 1] = r end
+    if r and r.status == "fail" and r.kind ~= "signature" then
+      fails[#fails + 1] = r
+    end
     if r and r.kind == "signature" then sig = r end
   end
-  return code, out, warns, sig
+  return code, out, warns, sig, fails
 end
 
 setup(function()
@@ -72,6 +75,27 @@ describe("paygate sign warns", function()
     assert.equal(1, #warns, out)
     assert.matches("ends with a newline", warns[1].cause)
     assert.equal('{"a":1}\n\n', sig.signing_string:sub(-9))
+  end)
+end)
+
+describe("paygate sign fails", function()
+  it("a --timestamp in milliseconds (WeChat's is epoch seconds), and still"
+     .. " shows what it signs", function()
+    -- Date.now() / System.currentTimeMillis() where seconds belong: WeChat
+    -- answers 401 SIGN_ERROR (timestamp) to every such request
+    local code, out, _, sig, fails = sign("POST", '{"a":1}', "1700000000000")
+    assert.equal(1, code, out)
+    assert.equal(1, #fails, out)
+    assert.equal("timestamp", fails[1].kind)
+    assert.matches("milliseconds", fails[1].cause)
+    assert.matches("1700000000", fails[1].fix, 1, true)
+    assert.equal("1700000000000\n", sig.signing_string:match("\n(%d+\n)"))
+  end)
+
+  it("nothing for a timestamp in seconds", function()
+    local code, out, _, _, fails = sign("POST", '{"a":1}', "1700000000")
+    assert.equal(0, code, out)
+    assert.equal(0, #fails, out)
   end)
 end)
 

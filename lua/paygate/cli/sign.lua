@@ -97,6 +97,18 @@ local function main(args)
   if not ts:match("^%d+$") then
     common.usage_error("--timestamp must be epoch seconds")
   end
+  if #ts >= 13 then
+    -- Date.now(), System.currentTimeMillis(): WeChat refuses the request
+    -- (401 SIGN_ERROR naming the timestamp), whatever the signature
+    failed = true
+    out:fail("timestamp", "--timestamp " .. ts .. " has " .. #ts
+             .. " digits: milliseconds, where WeChat takes epoch seconds",
+             "WeChat answers 401 SIGN_ERROR (timestamp) to a timestamp "
+             .. "more than 5 minutes from its clock",
+             "send and sign epoch seconds (10 digits: "
+             .. ts:sub(1, #ts - 3) .. "), in the Authorization header's "
+             .. "timestamp and the signing string alike")
+  end
   local want = o["--sm2"] and "SM2" or "RSA"
   if key:type() ~= want then
     out:fail("key", "the key is " .. key:type() .. "; " .. schema
