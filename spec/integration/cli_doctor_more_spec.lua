@@ -260,6 +260,11 @@ describe("paygate doctor", function()
     assert.equal("fail", r.notify_url.status, out)
     assert.matches("nothing listens there", r.notify_url.fix, 1, true)
     assert.is_nil(r.notify_url.fix:find("DNS", 1, true))
+    -- not the gateway's config: the fixes name this config's keys and the
+    -- app, not the reference gateway and its public_url
+    assert.matches("start the app that serves it", r.notify_url.fix, 1, true)
+    assert.is_nil(r.notify_url.fix:find("gateway", 1, true), r.notify_url.fix)
+    assert.is_nil(r.notify_host.fix:find("gateway", 1, true), r.notify_host.fix)
   end)
 
   it("finds a notify route with a parameter by notify_route", function()

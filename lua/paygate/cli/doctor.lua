@@ -195,7 +195,8 @@ local function from_gateway(conf, pick)
   local cred = conf.credentials
   local etcd = type(cred) == "table" and type(cred.merchants) == "table"
                and cred.merchants[id] or nil
-  local out = { wechatpay = wc, database = g.db or DEFAULT_GATEWAY_DB,
+  local out = { from_gateway = true,
+                wechatpay = wc, database = g.db or DEFAULT_GATEWAY_DB,
                 etcd_prefix = etcd,
                 redis = g.redis, limits = conf.limits,
                 -- doctor's own keys, beside the gateway's at the top level
@@ -992,8 +993,9 @@ local function check_notify(out, conf, metrics)
       out:warn("notify_host", ("notify_url's host %s is %s: WeChat cannot "
                .. "reach it"):format(host, private), "fine for the "
                .. "simulator; WeChat delivers only to a public address",
-               "in production give the public https:// address (the "
-               .. "gateway's public_url)")
+               "in production give the public https:// address"
+               .. (conf.from_gateway and " (the gateway's public_url)"
+                   or " as notify_url"))
     end
     local t0 = core.mono()
     local res, err = http.request{ method = "POST", url = url,
@@ -1030,9 +1032,11 @@ local function check_notify(out, conf, metrics)
                .. "failure and sends the notification again later",
                err.kind == "timeout" and "answer within 5 s: record the "
                .. "notification durably and do the rest afterwards"
-               or private and err.kind == "connect" and "nothing listens "
-               .. "there: start the gateway (paygate run), or fix the "
-               .. "port in notify_url (public_url)"
+               or private and err.kind == "connect" and (conf.from_gateway
+                 and "nothing listens there: start the gateway (paygate "
+                     .. "run), or fix the port in its public_url"
+                 or "nothing listens there: start the app that serves it "
+                    .. "(paygate run APP_DIR), or fix the port in notify_url")
                or "make it reachable from the internet (DNS, firewall, "
                .. "TLS with a public CA)")
     elseif res.status >= 200 and res.status < 300 then
