@@ -1,12 +1,12 @@
 -- shop.orders: the shop's orders in SQLite, and what a payment
--- notification does to them.
+-- notification does to them (refunds: shop.refunds).
 local paygate = require "paygate"
 local crypto = require "paygate.crypto"
 
 local _M = {}
 
 local COLUMNS = "id, amount, description, state, code_url, transaction_id, "
-  .. "paid_amount, paid_at, created_at"
+  .. "paid_amount, paid_at, refunded, created_at"
 
 --- syntax: order, err = orders.create(db, amount, description)
 -- Records a NEW order with a fresh out_trade_no before anything is asked
