@@ -115,8 +115,10 @@ function _M.apply_notification(db, mchid, event)
     if rf.state == status or rf.state == "SUCCESS" or rf.state == "CLOSED" then
       return "duplicate"
     end
-    assert(tx:exec("UPDATE refunds SET state = $2, success_time = $3 "
-      .. "WHERE id = $1", { rf.id, status, r.success_time or sql.null }))
+    -- refund_id too: the answer that carried it may have been lost
+    assert(tx:exec("UPDATE refunds SET state = $2, success_time = $3, "
+      .. "refund_id = coalesce(refund_id, $4) WHERE id = $1",
+      { rf.id, status, r.success_time or sql.null, r.refund_id or sql.null }))
     if status == "SUCCESS" then
       local o = assert(tx:query("SELECT paid_amount, (SELECT sum(amount) FROM "
         .. "refunds WHERE order_id = $1 AND state = 'SUCCESS') AS refunded "

@@ -260,5 +260,20 @@ describe("the shop", function()
         path = "/orders/" .. o.id .. "/refunds/" .. id .. "/retry" })
       assert.equal(409, res.status)               -- nothing left to send
     end)
+
+    it("applies the notification of a refund whose answer was lost",
+       function()
+      local o = paid_order(100)
+      finally(function() sim:clear_faults() end)
+      sim:fault{ endpoint = "refund", kind = "reset", after = true }
+      local res = refund(o.id, 100)
+      assert.equal(503, res.status)
+      sim:clear_faults()
+      settle(res.json.id)                         -- WeChat had taken it
+      local got = order(o.id)
+      assert.equal("REFUNDED", got.state)
+      assert.equal("SUCCESS", got.refunds[1].state)
+      assert.truthy(got.refunds[1].refund_id)     -- from the notification
+    end)
   end)
 end)
