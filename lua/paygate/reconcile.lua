@@ -770,6 +770,13 @@ end
 
 local NOT_COUNTED = { failed = true, closed = true }
 
+-- a refund's state as the limit reads it: in any case (an app's table may
+-- keep WeChat's CLOSED as it came; a FAILED of its own)
+local function state_of(r)
+  local s = r.state
+  return type(s) == "string" and s:lower() or s
+end
+
 local function fen(fname, v, what)
   if type(v) ~= "number" or v % 1 ~= 0 or v < 0 or v > 2 ^ 53 then
     return nil, core.error("invalid_amount", fname .. ": " .. what
@@ -780,8 +787,8 @@ end
 
 -- syntax: left, err = reconcile.refundable(paid, refunds)
 -- paid: the amount paid (fen); refunds: { { amount, state }, ... }.
--- returns: paid minus the refunds not failed / closed (never below 0), or
--- nil, err (invalid_amount)
+-- returns: paid minus the refunds not failed / closed (in any case: CLOSED
+-- too) (never below 0), or nil, err (invalid_amount)
 function _M.refundable(paid, refunds)
   local p, err = fen("reconcile.refundable", paid, "paid")
   if not p then
@@ -795,7 +802,7 @@ function _M.refundable(paid, refunds)
     if type(r) ~= "table" then
       error("reconcile.refundable: refunds[" .. i .. "] must be a table", 2)
     end
-    if not NOT_COUNTED[r.state] then
+    if not NOT_COUNTED[state_of(r)] then
       local a, aerr = fen("reconcile.refundable", r.amount,
                           "refunds[" .. i .. "].amount")
       if not a then
@@ -833,7 +840,7 @@ function _M.refund_limit(paid, refunds, amount)
   end
   local n = 0
   for _, r in ipairs(refunds) do
-    if r.state ~= "failed" then n = n + 1 end
+    if state_of(r) ~= "failed" then n = n + 1 end
   end
   if n >= _M.MAX_REFUNDS then
     return fail("refund_limit", "refund: the order has " .. n .. " refunds,"

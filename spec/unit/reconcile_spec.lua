@@ -505,6 +505,14 @@ describe("reconcile.refund_limit", function()
                  .. " still refundable", tostring(err))
   end)
 
+  it("reads the states in any case (WeChat's CLOSED as it came)", function()
+    local upper = { { amount = 30, state = "SUCCESS" },
+                    { amount = 40, state = "FAILED" },
+                    { amount = 25, state = "CLOSED" } }
+    assert.equal(70, reconcile.refundable(100, upper))
+    assert.equal(0, reconcile.refund_limit(100, upper, 70))
+  end)
+
   it("refuses a 51st refund of one order (WeChat takes 50)", function()
     local list = {}
     for i = 1, 49 do list[i] = { amount = 1, state = "succeeded" } end

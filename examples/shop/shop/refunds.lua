@@ -31,9 +31,8 @@ function _M.create(db, order_id, amount, reason)
       return nil, paygate.error("not_paid", "order " .. o.id .. " is "
                                 .. o.state .. ": only a paid order is refunded")
     end
-    -- refund_limit knows the states in lower case (failed, closed)
-    local refunds = assert(tx:query("SELECT amount, lower(state) AS state "
-      .. "FROM refunds WHERE order_id = $1", { o.id }))
+    local refunds = assert(tx:query("SELECT amount, state FROM refunds "
+                                    .. "WHERE order_id = $1", { o.id }))
     local left, err = reconcile.refund_limit(o.paid_amount, refunds, amount)
     if not left then return nil, err end
     local r = { id = "RF" .. os.date("!%Y%m%d") .. crypto.random_nonce(12),
