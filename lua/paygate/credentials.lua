@@ -655,18 +655,61 @@ function Source:current(name)
   return get_set(self, name).current
 end
 
+-- seconds between reads of a set that cannot be read (etcd refusing,
+-- an answer too large): doubling from 1 to this
+_M.READ_PAUSE_MAX = 30
+
 -- Watches one set until stopped: each change reloads the prefix (one
 -- consistent read) and applies it when newer.
 local function watch_set(src, set)
   local from = set.store_rev or (set.current and set.current.revision)
+  local failures = 0
+  local last_raw                   -- what the last good read found
   local function reread()
     local raw, rev, store_rev = fetch(src, set)
     if raw then
+      if failures > 0 then
+        log().info("credentials: the set is read again", { set = set.name })
+      end
+      failures, set.read_error = 0, nil
       apply(src, set, raw, rev)
-      from = store_rev
+      from, last_raw = store_rev, raw
       return true
     end
+    -- said once per reason (not once per read), and read again after a
+    -- pause that grows: a set that cannot be read (a value too large for
+    -- one answer, a permission taken away) is not read twice a second by
+    -- every worker of every instance, in silence
+    failures = failures + 1
+    local why = tostring(rev)
+    if set.read_error ~= why then
+      set.read_error = why
+      log().warn("credentials: cannot read the set, the one in use kept", {
+        set = set.name, kept = set.current and set.current.revision or nil,
+        reason = why })
+    end
     return false
+  end
+  local function pause()
+    core.sleep(math.min(2 ^ math.max(failures - 1, 0), _M.READ_PAUSE_MAX))
+  end
+  -- A file deleted straight in etcd (publish deletes in the transaction
+  -- that writes the new set) leaves the set's revision (its newest
+  -- mod_revision) where it was: the set in use is kept, and said so.
+  local function deleted(ev)
+    if set.current and etcd.rev_cmp(set.current.revision, ev.revision) >= 0
+    then
+      return                      -- a publish that removed an optional file
+    end
+    local reason
+    if last_raw then
+      local ok, v, err = pcall(open_set, src, set, last_raw, ev.revision)
+      if not (ok and v) then reason = tostring(ok and err or v) end
+    end
+    log().warn("credentials: a file of the set was deleted in etcd, the"
+      .. " set in use kept (publish the whole set)", { set = set.name,
+      file = ev.key:sub(#set.prefix + 1), revision = ev.revision,
+      kept = set.current and set.current.revision or nil, reason = reason })
   end
   while not src.stopped do
     -- nothing read yet (etcd was down and no cache): read first, then
@@ -675,6 +718,7 @@ local function watch_set(src, set)
       local w = src.cli:watch(set.prefix,
                               { from_revision = etcd.rev_next(from) })
       set.watch = w
+      local read_failed = false
       while true do
         local ev, err = w()
         if not ev then
@@ -686,18 +730,20 @@ local function watch_set(src, set)
         end
         -- a read that fails after its event (etcd restarting, no leader)
         -- would lose the change: the watch has moved past it. Watch again
-        -- from the last read instead, and the event comes again.
-        if (not set.current or etcd.rev_cmp(ev.revision,
-                                            set.current.revision) > 0)
-           and not reread() then
+        -- from the last read instead, and the event comes again. An event
+        -- the last read already saw (the other files of one publish)
+        -- needs no read.
+        if etcd.rev_cmp(ev.revision, from) > 0 and not reread() then
+          read_failed = true
           break
         end
+        if ev.type == "delete" then deleted(ev) end
       end
       w:close()
       if src.stopped then break end
-      if not reread() then core.sleep(1) end
+      if read_failed or not reread() then pause() end
     else
-      core.sleep(1)
+      pause()
     end
   end
 end

@@ -1,0 +1,131 @@
+-- paygate.credentials against a real etcd (TLS + auth): what a running
+-- source says when the set in etcd changes in a way it cannot take. A
+-- file deleted straight in etcd (not through `paygate etcd publish`) and
+-- a set that cannot be read (values under the prefix too large for one
+-- answer) each keep the set in use and are named in a log line; failed
+-- reads are retried with a growing pause, not twice a second forever.
+-- (Both failed before their fix: no log line, and a read every 0.5 s.)
+local credentials = require "paygate.credentials"
+local etcdsrv = require "support.etcd"
+local servers = require "support.servers"
+local credsets = require "support.credsets"
+local core = require "paygate.core"
+local paygate = require "paygate"
+
+local MCHID, PREFIX = credsets.MCHID, credsets.PREFIX
+
+describe("watched credentials refusing a change", function()
+  if not etcdsrv.available() then pending("no etcd") return end
+  local creds, env, dir
+  local warns = {}
+  local real_warn
+
+  setup(function()
+    creds = credsets.start()
+    env, dir = creds.env, creds.dir
+    real_warn = paygate.log.warn
+    paygate.log.warn = function(msg, fields)
+      warns[#warns + 1] = { msg = msg, fields = fields or {} }
+      return real_warn(msg, fields)
+    end
+  end)
+  teardown(function()
+    paygate.log.warn = real_warn
+    require("paygate.testing").stop_all()
+    etcdsrv.stop_all()
+  end)
+
+  -- the first warning logged from index i on whose message has text
+  local function warned(i, text)
+    for j = i, #warns do
+      if warns[j].msg:find(text, 1, true) then return warns[j] end
+    end
+  end
+
+  local function watching(cache)
+    local code, out = creds:publish(env.a)
+    assert.equal(0, code, out)
+    local src = creds:source(dir .. "/" .. cache)
+    assert(src:load(MCHID))
+    local wx = creds:client_for(src)
+    src:start()
+    servers.wait_for(function() return src.sets[MCHID].watch ~= nil
+      and src.sets[MCHID].watch.connects >= 1 end, 10, "the watch")
+    return src, wx
+  end
+
+  it("a file deleted straight in etcd is named in a warning; the set in"
+     .. " use is kept and the next publish taken", function()
+    local src, wx = watching("cache_del")
+    local kept = src:current(MCHID).revision
+    local n = #warns + 1
+    local res = assert(creds.cli:delete(PREFIX .. "apiv3_key"))
+    local ok, err = pcall(servers.wait_for, function()
+      return warned(n, "deleted") ~= nil
+    end, 10, "a warning naming the deleted file")
+    local w = warned(n, "deleted")
+    if ok then
+      assert.equal(MCHID, w.fields.set)
+      assert.equal("apiv3_key", w.fields.file)
+      assert.equal(res.revision, w.fields.revision)
+      assert.equal(kept, w.fields.kept)
+      -- what the set left in etcd lacks, as a refusal would say it
+      assert.matches("apiv3_key is missing", tostring(w.fields.reason))
+      assert.equal(kept, src:current(MCHID).revision)
+      assert.equal("AAAA01", wx.conf.signer.serial)
+      local code, out = creds:publish(env.b)
+      assert.equal(0, code, out)
+      ok, err = pcall(servers.wait_for, function()
+        return wx.conf.signer.serial == "BBBB02"
+      end, 10, "the swap to B")
+    end
+    src:stop(); wx:stop()
+    assert(ok, tostring(err))
+  end)
+
+  it("a set too large to read is named in a warning, read again with a"
+     .. " growing pause, and taken once it can be read", function()
+    local src, wx = watching("cache_big")
+    local reads, failed = 0, {}
+    local real = src.cli.get_prefix
+    src.cli.get_prefix = function(...)
+      reads = reads + 1
+      local res, err = real(...)
+      if not res then failed[#failed + 1] = core.mono() end
+      return res, err
+    end
+    local n = #warns + 1
+    -- 14 values of 1.4 MB: more than one answer may hold (16 MiB)
+    local big = ("x"):rep(1400000)
+    for i = 1, 14 do
+      assert(creds.cli:put(PREFIX .. "junk/" .. i, big))
+    end
+    local ok, err = pcall(servers.wait_for, function()
+      return #failed >= 3
+    end, 30, "three failed reads")
+    local w = warned(n, "cannot read")
+    local spread = ok and failed[3] - failed[1]
+    -- the junk removed and a new set published: taken
+    assert(creds.cli:delete(PREFIX .. "junk/", { prefix = true }))
+    if ok then
+      local code, out = creds:publish(env.b)
+      assert.equal(0, code, out)
+      ok, err = pcall(servers.wait_for, function()
+        return wx.conf.signer.serial == "BBBB02"
+      end, 30, "the swap to B once the set reads again")
+    end
+    src:stop(); wx:stop()
+    assert(ok, tostring(err))
+    assert.truthy(w, "no warning about the read")
+    assert.equal(MCHID, w.fields.set)
+    assert.matches("body_too_large", tostring(w.fields.reason))
+    -- one warning for the same reason, not one per read
+    local same = 0
+    for j = n, #warns do
+      if warns[j].msg:find("cannot read", 1, true) then same = same + 1 end
+    end
+    assert.equal(1, same)
+    -- a pause of 1 s, then 2 s: not reads back to back every half second
+    assert.is_true(spread >= 2.5, "3 failed reads within " .. spread .. " s")
+  end)
+end)
