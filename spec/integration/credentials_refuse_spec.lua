@@ -54,6 +54,26 @@ describe("watched credentials refusing a change", function()
     return src, wx
   end
 
+  it("publish refuses a prefix holding a key that is no file of the set"
+     .. " (every worker would refuse the set) and writes nothing",
+     function()
+    local code, out = creds:publish(env.a)
+    assert.equal(0, code, out)
+    local before = assert(creds.cli:get_prefix(PREFIX))
+    assert(creds.cli:put(PREFIX .. "apiclient_key.pem.bak", "old"))
+    local stray = assert(creds.cli:get_prefix(PREFIX))
+    code, out = creds:publish(env.b)
+    local after = assert(creds.cli:get_prefix(PREFIX))
+    assert(creds.cli:delete(PREFIX .. "apiclient_key.pem.bak"))
+    assert.equal(1, code, out)
+    assert.matches("apiclient_key.pem.bak", out, 1, true)
+    assert.equal(stray.revision, after.revision)      -- nothing written
+    assert.equal(#before.kvs + 1, #after.kvs)
+    -- and once the key is gone, the same publish goes through
+    code, out = creds:publish(env.b)
+    assert.equal(0, code, out)
+  end)
+
   it("a file deleted straight in etcd is named in a warning; the set in"
      .. " use is kept and the next publish taken", function()
     local src, wx = watching("cache_del")

@@ -148,6 +148,20 @@ local function publish(o)
     end
   end
   local cli = client(o)
+  -- a key under the prefix that is no file of the set (a copy left
+  -- beside a file, another set's prefix nested in this one) makes every
+  -- worker refuse the set ("unexpected file"): said here, nothing written
+  local cur, rerr = cli:get_prefix(p)
+  if not cur then return fail("read " .. p .. ": " .. tostring(rerr)) end
+  for _, kv in ipairs(cur.kvs) do
+    local name = kv.key:sub(#p + 1)
+    if not spec[name] then
+      return fail(("%s holds %s, which is no file of %s set: every worker"
+        .. " would refuse the set; delete it (or publish under another"
+        .. " prefix) and publish again"):format(p, kv.key, kind == "tls"
+        and "a listener's" or "a merchant's"))
+    end
+  end
   local ops = {}
   local names = {}
   for name in pairs(files) do names[#names + 1] = name end
