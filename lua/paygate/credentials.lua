@@ -658,6 +658,10 @@ end
 -- seconds between reads of a set that cannot be read (etcd refusing,
 -- an answer too large): doubling from 1 to this
 _M.READ_PAUSE_MAX = 30
+-- seconds a watch goes on with no etcd member answering before it ends
+-- (logged: "watch ended") and the set is read again: an etcd down for
+-- good is said, not retried in silence inside the watch
+_M.WATCH_GIVE_UP = 60
 
 -- Watches one set until stopped: each change reloads the prefix (one
 -- consistent read) and applies it when newer.
@@ -715,8 +719,8 @@ local function watch_set(src, set)
     -- nothing read yet (etcd was down and no cache): read first, then
     -- watch from the revision after that read, so nothing falls between
     if from or reread() then
-      local w = src.cli:watch(set.prefix,
-                              { from_revision = etcd.rev_next(from) })
+      local w = src.cli:watch(set.prefix, { from_revision =
+        etcd.rev_next(from), give_up_after = _M.WATCH_GIVE_UP })
       set.watch = w
       local read_failed = false
       while true do

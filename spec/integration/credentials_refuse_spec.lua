@@ -2,9 +2,11 @@
 -- source says when the set in etcd changes in a way it cannot take. A
 -- file deleted straight in etcd (not through `paygate etcd publish`) and
 -- a set that cannot be read (values under the prefix too large for one
--- answer) each keep the set in use and are named in a log line; failed
--- reads are retried with a growing pause, not twice a second forever.
--- (Both failed before their fix: no log line, and a read every 0.5 s.)
+-- answer) or an etcd down for good each keep the set in use and are
+-- named in a log line; failed reads are retried with a growing pause, not
+-- twice a second forever; publish refuses a prefix holding a key that is
+-- no file of the set. (Each failed before its fix: no log line, a read
+-- every 0.5 s, a publish that said "published".)
 local credentials = require "paygate.credentials"
 local etcdsrv = require "support.etcd"
 local servers = require "support.servers"
@@ -98,6 +100,34 @@ describe("watched credentials refusing a change", function()
       ok, err = pcall(servers.wait_for, function()
         return wx.conf.signer.serial == "BBBB02"
       end, 10, "the swap to B")
+    end
+    src:stop(); wx:stop()
+    assert(ok, tostring(err))
+  end)
+
+  it("an etcd down for longer than WATCH_GIVE_UP is named in a warning;"
+     .. " back up, the next publish is taken", function()
+    local src, wx = watching("cache_down")
+    local give_up = credentials.WATCH_GIVE_UP
+    local n = #warns + 1
+    -- (read when the next watch starts: this one runs with 60 s)
+    credentials.WATCH_GIVE_UP = 1
+    src.sets[MCHID].watch:close()
+    for _, m in ipairs(creds.c.members) do m:stop() end
+    local ok, err = pcall(servers.wait_for, function()
+      return warned(n, "watch ended") ~= nil
+    end, 20, "a warning that the watch ended")
+    credentials.WATCH_GIVE_UP = give_up
+    for _, m in ipairs(creds.c.members) do m:start() end
+    for _, m in ipairs(creds.c.members) do m:wait_ready(30) end
+    if ok then
+      assert.matches("no endpoint answered", warned(n, "watch ended")
+                     .fields.reason, 1, true)
+      local code, out = creds:publish(env.b)
+      assert.equal(0, code, out)
+      ok, err = pcall(servers.wait_for, function()
+        return wx.conf.signer.serial == "BBBB02"
+      end, 40, "the swap to B once etcd is back")
     end
     src:stop(); wx:stop()
     assert(ok, tostring(err))
