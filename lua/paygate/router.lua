@@ -137,10 +137,14 @@ end
 
 --- syntax: fn, pattern, params, allowed, bad = router:find(method, path)
 -- fn nil: no route; allowed then lists the methods the path has (405).
+-- A path that does not start with "/" ("*") matches no route.
 -- bad (fn nil too): the route matched, but a parameter, once
 -- percent-decoded, holds a dot-segment or a NUL, or starts with a slash
 -- or backslash: the request is refused (400), never handed to the route.
 function _M:find(method, path)
+  -- every route's path starts with "/": a target that is no path (the
+  -- asterisk-form "*" of OPTIONS) matches none, not even "/:x" or "/*x"
+  if path:byte(1) ~= 47 then return nil end
   local t = self.static[method]
   local fn = t and t[path]
   if fn then return fn, path end

@@ -166,6 +166,12 @@ test_conformance(void)
     assert(parse("GET ftp://h/ HTTP/1.1\r\nHost: h\r\n\r\n") == 400);
     assert(parse("GET http://u@h/ HTTP/1.1\r\nHost: h\r\n\r\n") == 400);
     assert(parse("GET http:///p HTTP/1.1\r\nHost: h\r\n\r\n") == 400);
+    /* asterisk-form: OPTIONS only (RFC 9112 3.2.4) */
+    assert(parse("OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n") == 0
+           && eq(h.path, h.path_len, "*"));
+    assert(parse("GET * HTTP/1.1\r\nHost: h\r\n\r\n") == 400);
+    assert(parse("OPTIONSX * HTTP/1.1\r\nHost: h\r\n\r\n") == 400);
+    assert(gw_http_head_early("GET * HTTP/1.1\r\nHo", 19, 0) == 400);
     /* refused before the head is complete */
     assert(gw_http_head_early("GET / HTTP/1.1\nHo", 17, 0) == 400);
     assert(gw_http_head_early("\x16\x03\x01\x02\x00", 5, 0) == 400);

@@ -408,3 +408,52 @@ describe("HTTP conformance", function()
     assert.equal(200, assert(s:request("/text")).status)
   end)
 end)
+
+-- An app with catch-all routes, as CORS preflight handlers and file
+-- servers have: the asterisk-form target "*" (RFC 9112 3.2.4: OPTIONS
+-- only, about the server as a whole) is no path, and must reach none.
+describe("asterisk-form target (RFC 9112 3.2.4)", function()
+  local s
+
+  setup(function()
+    s = server.start{ workers = 1, source = [[
+local paygate = require "paygate"
+paygate.route("GET", "/*rest", function(req)
+  return 200, { path = req.path, rest = req.params.rest }
+end)
+paygate.route("OPTIONS", "/:any", function(req)
+  return 200, { path = req.path, any = req.params.any }
+end)
+]] }
+  end)
+
+  teardown(function()
+    if s then assert.equal(0, s:stop()) end
+  end)
+
+  local function raw(bytes)
+    local c = assert(rawtcp.connect(s.port, 3))
+    c:send(bytes)
+    local out = c:recv_all()
+    c:close()
+    return out
+  end
+
+  it("is refused with 400 for any method but OPTIONS", function()
+    for _, m in ipairs{ "GET", "POST", "DELETE" } do
+      local out = raw(m .. " * HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+                      .. "Connection: close\r\n\r\n")
+      assert.matches("^HTTP/1.1 400", out, m)
+    end
+  end)
+
+  it("OPTIONS * reaches no route, not even a catch-all", function()
+    local out = raw("OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert.matches("^HTTP/1.1 404", out)
+    -- the catch-alls still serve the paths they are for
+    out = raw("OPTIONS /a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert.matches("^HTTP/1.1 200", out)
+    out = raw("GET /a/b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert.matches("^HTTP/1.1 200.*\"rest\":\"a/b\"", out)
+  end)
+end)

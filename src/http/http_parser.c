@@ -498,7 +498,14 @@ request_line(const char **pp, const char *end, struct gw_http_head *h)
     p++;
     h->target = target;
     h->target_len = target_len;
-    if (target[0] == '/' || (target_len == 1 && target[0] == '*')) {
+    if (target_len == 1 && target[0] == '*') {
+        /* asterisk-form: OPTIONS only (RFC 9112 3.2.4); it names the
+         * server, not a path, and the router matches it to no route */
+        if (!(h->method_len == 7 && memcmp(h->method, "OPTIONS", 7) == 0)) {
+            return 400;
+        }
+        h->path = target;
+    } else if (target[0] == '/') {
         h->path = target;
     } else {
         /* absolute-form (RFC 9112 3.2.2): routed by its path; the

@@ -67,8 +67,9 @@ int gw_http_head_early(const char *buf, size_t len, size_t from);
 /*
  * Parses a complete head of head_len bytes. The request-target may be in
  * origin-form ("/p?q"), absolute-form ("http://host/p?q": path and query
- * taken from it), or "*". Returns 0, or the HTTP status to answer with:
- * 400 malformed (an invalid Host value too), 417 unknown expectation, 431
+ * taken from it), or "*" (OPTIONS only). Returns 0, or the HTTP status
+ * to answer with: 400 malformed (an invalid Host value too, "*" with
+ * another method), 417 unknown expectation, 431
  * more than h->max_headers fields, 501 unknown transfer coding, 505
  * version not supported.
  */
