@@ -250,6 +250,30 @@ test_chunked(void)
         }
     }
     {
+        /* trailer lines are field lines (RFC 9112 7.1.2), refused like
+         * a head's: no name or colon, obs-fold, a NUL or other control */
+        const char *bad[] = { "0\r\nGET /x HTTP/1.1\r\n\r\n",
+                              "0\r\nT: v\r\n folded\r\n\r\n",
+                              "0\r\nT: a\x00b\r\n\r\n",
+                              "0\r\nT : v\r\n\r\n", "0\r\n: v\r\n\r\n",
+                              "0\r\nT: a\x01\r\n\r\n" };
+        const size_t blen[] = { 22, 20, 13, 12, 10, 12 };
+        const char *good[] = { "0\r\nT: v\r\nU:\r\nV: a\tb \xff\r\n\r\n" };
+        char copy[64];
+
+        for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+            memset(&st, 0, sizeof(st));
+            memcpy(copy, bad[i], blen[i]);
+            assert(gw_chunked_decode(&st, copy, blen[i]) == -1);
+        }
+        for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++) {
+            memset(&st, 0, sizeof(st));
+            memcpy(copy, good[i], strlen(good[i]));
+            assert(gw_chunked_decode(&st, copy, strlen(good[i])) == 1);
+            assert(st.in == strlen(good[i]));
+        }
+    }
+    {
         char huge[] = "ffffffffffffffff\r\n";
         memset(&st, 0, sizeof(st));
         assert(gw_chunked_decode(&st, huge, strlen(huge)) == -1);

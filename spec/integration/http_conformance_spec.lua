@@ -220,6 +220,29 @@ describe("HTTP conformance", function()
     end)
   end)
 
+  describe("chunked trailers (RFC 9112 7.1.2)", function()
+    local function post(trailers)
+      return raw("POST /text HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                 .. "Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n"
+                 .. trailers .. "\r\n")
+    end
+
+    it("are field lines: one that is not (a request line, a fold, a NUL)"
+       .. " is 400", function()
+      for _, t in ipairs{ "GET /text HTTP/1.1\r\n", "T: v\r\n fold\r\n",
+                          "T: a\0b\r\n", "T : v\r\n" } do
+        local out = post(t)
+        assert.matches("^HTTP/1.1 400.*malformed chunked body", out, t)
+      end
+    end)
+
+    it("valid ones are read and dropped", function()
+      -- past the body: the route's answer (405: /text is GET's)
+      assert.matches("^HTTP/1.1 405", post("T: v\r\nU:\r\n"))
+      assert.matches("^HTTP/1.1 405", post(""))
+    end)
+  end)
+
   describe("limits", function()
     it("answers 414 to a request line over header_bytes", function()
       local out = raw("GET /info/" .. ("a"):rep(9000) .. " HTTP/1.1\r\n"

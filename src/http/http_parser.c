@@ -2,7 +2,8 @@
  * http_parser.c -- see http_parser.h. Strict where leniency lets requests
  * be smuggled: Content-Length with Transfer-Encoding, Content-Lengths that
  * differ, a transfer coding other than chunked, folded headers, a bare CR
- * or LF, controls in a value, a second Host are all refused. What it
+ * or LF, controls in a value, a second Host, a chunked trailer line that
+ * is no field line are all refused. What it
  * accepts beyond the strict grammar is only what RFC 9112 and RFC 9110
  * allow a server: empty lines before the request line, a Content-Length
  * repeated with the same value, HTTP/1.x for x > 1 (answered as 1.1),
@@ -800,11 +801,25 @@ gw_chunked_decode(struct gw_chunked *st, char *buf, size_t len)
             st->remaining = 0;
             break;
         case CH_TRAILER:
-            /* Trailer fields are read and dropped; the empty line ends. */
+            /* Trailer fields are read and dropped; the empty line ends.
+             * Each is a field line all the same (RFC 9112 7.1.2), held
+             * to a head's rules (header_line_bad): a token, a colon, a
+             * value without controls; no obs-fold. A line that is none
+             * ("GET /x HTTP/1.1") a front proxy may read otherwise.
+             * remaining (0 here) is 1 once the line's colon is in. */
             if (c == '\r') {
+                if (st->line > 0 && st->remaining == 0) {
+                    return -1;      /* no colon */
+                }
                 st->state = CH_TRAILER_LF;
-            } else if (c == '\n' || ++st->line > CH_MAX_LINE) {
-                return -1;
+            } else if (st->remaining == 0 && c == ':' && st->line > 0) {
+                st->remaining = 1;
+                st->line++;
+            } else if ((st->remaining == 0 && !tchar[c])
+                       || (st->remaining == 1
+                           && ((c < 0x20 && c != '\t') || c == 0x7f))
+                       || ++st->line > CH_MAX_LINE) {
+                return -1;          /* obs-fold, a bad name, a control */
             }
             st->in++;
             break;
@@ -817,6 +832,7 @@ gw_chunked_decode(struct gw_chunked *st, char *buf, size_t len)
                 return 1;
             }
             st->line = 0;
+            st->remaining = 0;
             st->state = CH_TRAILER;
             break;
         default:
