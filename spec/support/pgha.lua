@@ -7,6 +7,8 @@
 --   c.kill_primary()        -- immediate stop (no shutdown checkpoint)
 --   c.promote()             -- the standby becomes the primary
 --   c.stop_standby(), c.start_standby()
+--   c.freeze_primary()      -- SIGSTOP to every process of the primary:
+--   c.thaw_primary()        --   it accepts TCP connections, answers none
 --   c.cleanup()
 --
 -- As in servers.lua, the clusters belong to the postgres user when we run
@@ -119,6 +121,28 @@ function _M.start(opts)
     pg_ctl(c.standby.data, "-w", "-t", "30", "promote")
   end
 
+  -- The postmaster and its children (backends, walsender, ...): a host
+  -- that hangs, or one cut off by a firewall that drops its packets. The
+  -- kernel still completes TCP handshakes on its listening socket.
+  local function primary_pids()
+    local f = assert(io.open(c.primary.data .. "/postmaster.pid"))
+    local pm = assert(f:read("*l"))
+    f:close()
+    return pm .. " " .. read_cmd("ps -o pid= --ppid " .. pm):gsub("%s+", " ")
+  end
+
+  function c.freeze_primary()
+    assert(sh("kill -STOP " .. primary_pids()))
+    c.primary.frozen = true
+  end
+
+  function c.thaw_primary()
+    if c.primary.frozen then
+      sh("kill -CONT " .. primary_pids())
+      c.primary.frozen = false
+    end
+  end
+
   function c.stop_standby()
     c.standby.stop("fast")
   end
@@ -128,6 +152,7 @@ function _M.start(opts)
   end
 
   function c.cleanup()
+    c.thaw_primary()
     c.standby.stop("immediate")
     c.primary.stop("immediate")
     sh("rm -rf " .. dir)

@@ -164,6 +164,13 @@ struct lpg_batch {
     struct lpg_op   **ops;       /* delivered ones, by index */
 };
 
+/* One address (and port) a connect tries: what libpq says it tries now
+ * (PQhostaddr(), else PQhost(), and PQport()), or one it was given. */
+struct lpg_addr {
+    char                 addr[64];
+    char                 port[8];
+};
+
 struct lpg_conn {
     struct lpg_pool        *pg;     /* owner */
     enum lpg_conn_state state;
@@ -184,6 +191,9 @@ struct lpg_conn {
     double               sync_at;  /* monotonic s: last check asked */
     int                  nosync;   /* 1: a re-check said no: closed once
                                       idle, serves nothing new */
+    int                  silent;   /* 1: another connection to its server
+                                      got no reply for query_timeout: the
+                                      server may hang; closed once idle */
     int                  readonly; /* 1: the server refused a write as
                                       read-only (25006): it is no longer
                                       the primary; closed once idle */
@@ -191,6 +201,12 @@ struct lpg_conn {
                                       session ends): conn_idle_ok() */
     double               since;  /* monotonic s: last progress */
     double               opened; /* monotonic s: connect started */
+    struct lpg_addr      trying; /* the address libpq tries now */
+    double               try_since; /* monotonic s: since when */
+    struct lpg_addr     *skip;   /* owned: addresses that gave no answer
+                                    within connect_timeout in this
+                                    connect (left out when it restarts) */
+    int                  nskip;
     unsigned             next_name;
     /* Prepared statements, 4-way set-associative by the SQL's hash, least
      * recently used out. One pushed out is deallocated on the server
@@ -229,6 +245,12 @@ struct lpg_pool {
     char             *ci_hosts;  /* owned; ci's host list, split */
     char             *ci_ports;  /* owned; ci's port list, split */
     struct lpg_host   hosts[LPG_MAXHOSTS];
+    int               nlisted;   /* hosts in hosts[], numeric ones too
+                                    (0: hostaddr given, or no host) */
+    struct lpg_addr   slow[LPG_MAXADDRS]; /* addresses whose connect gave
+                                    no answer within connect_timeout:
+                                    tried last, until one connects */
+    int               nslow;
     int               nhosts;    /* 0: libpq resolves nothing (numeric
                                     hosts, sockets, hostaddr given) */
     char              down_kind[16]; /* kind of down_msg */
@@ -754,6 +776,7 @@ conn_reset(struct lpg_conn *c)
     c->sp_failed = 0;
     c->sp_prepared = 0;
     c->readonly = 0;
+    c->silent = 0;
     c->ended = 0;
     c->checking = 0;
     c->inflight = 0;
@@ -898,6 +921,65 @@ conn_poll_check(struct lpg_conn *c, short what)
     return GW_AGAIN;
 }
 
+/* 1 when a and b are the same address: the same text, and the same
+ * port when both name one (an empty port is libpq's default). */
+static int
+addr_same(const struct lpg_addr *a, const struct lpg_addr *b)
+{
+    return strcmp(a->addr, b->addr) == 0
+           && (a->port[0] == '\0' || b->port[0] == '\0'
+               || strcmp(a->port, b->port) == 0);
+}
+
+static void
+addr_set(struct lpg_addr *a, const char *addr, const char *port)
+{
+    snprintf(a->addr, sizeof(a->addr), "%s", addr != NULL ? addr : "");
+    snprintf(a->port, sizeof(a->port), "%s", port != NULL ? port : "");
+}
+
+/* 1 when a is in list[0..n). */
+static int
+addr_in(const struct lpg_addr *list, int n, const struct lpg_addr *a)
+{
+    int i;
+
+    for (i = 0; i < n; i++) {
+        if (addr_same(&list[i], a)) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* The address c's connect tries now (libpq moves on by itself to the
+ * next host after a refused connect, or a server that target_session_attrs
+ * rejects). */
+static void
+conn_trying(struct lpg_conn *c, struct lpg_addr *a)
+{
+    const char *addr = PQhostaddr(c->pc);
+
+    if (addr == NULL || addr[0] == '\0') {
+        addr = PQhost(c->pc);
+    }
+    addr_set(a, addr, PQport(c->pc));
+}
+
+/* Forgets that a is slow: it answered a connect. */
+static void
+pool_slow_clear(struct lpg_pool *pg, const struct lpg_addr *a)
+{
+    int i;
+
+    for (i = 0; i < pg->nslow; i++) {
+        if (addr_same(&pg->slow[i], a)) {
+            pg->slow[i] = pg->slow[--pg->nslow];
+            return;
+        }
+    }
+}
+
 /* Connect state machine step. Returns GW_OK, GW_AGAIN or GW_ERR. */
 static int
 conn_poll_connect(struct lpg_conn *c)
@@ -911,6 +993,10 @@ conn_poll_connect(struct lpg_conn *c)
         return GW_ERR;
     }
     if (st == PGRES_POLLING_OK) {
+        struct lpg_addr a;
+
+        conn_trying(c, &a);
+        pool_slow_clear(c->pg, &a);      /* it answers again */
         PQsetErrorVerbosity(c->pc, PQERRORS_DEFAULT);
         if (PQsetnonblocking(c->pc, 1) != 0) {
             return GW_ERR;
@@ -1117,11 +1203,14 @@ on_notice(void *arg, const PGresult *r)
 }
 
 /* Starts libpq's connect on c: with the URL as given when nothing needs
- * resolving, else with every resolved address as `hostaddr` next to its
- * name as `host` (libpq checks a TLS certificate against host and
- * connects to hostaddr without a lookup of its own; it tries the pairs
- * in order, and target_session_attrs picks among them). Returns GW_OK,
- * GW_ERR (see PQerrorMessage), or LPG_NODNS (no host resolved; *why). */
+ * resolving and no address is slow, else with every resolved address as
+ * `hostaddr` next to its name as `host` (libpq checks a TLS certificate
+ * against host and connects to hostaddr without a lookup of its own; it
+ * tries the pairs in order, and target_session_attrs picks among them).
+ * Addresses that gave no answer within connect_timeout go last
+ * (pg->slow), and those that did so in this connect (c->skip) not at
+ * all. Returns GW_OK, GW_ERR (see PQerrorMessage), or LPG_NODNS (no
+ * address to try; *why). */
 #define LPG_NODNS 2
 static int
 conn_start_libpq(struct lpg_conn *c, const char **why)
@@ -1132,48 +1221,73 @@ conn_start_libpq(struct lpg_conn *c, const char **why)
     char              ports[LPG_MAXADDRS * 8];
     size_t            hl = 0, al = 0, pl = 0;
     PQconninfoOption *o;
-    int               i, k, n = 0, npairs = 0;
+    int               i, k, n = 0, npairs = 0, pass, skipped = 0;
+    int               listed = pg->nhosts;
 
     c->state = LPG_CONN_CONNECTING;
     c->fd = -1;
-    if (pg->nhosts == 0) {
+    c->trying.addr[0] = c->trying.port[0] = '\0';
+    c->try_since = gw_loop_mono_fresh();
+    if (pg->nhosts == 0 && pg->nlisted > 0
+        && (pg->nslow > 0 || c->nskip > 0))
+    {
+        listed = pg->nlisted;            /* numeric hosts, reordered */
+    }
+    if (listed == 0) {
         c->pc = PQconnectStart(pg->conninfo);
         goto started;
     }
     hosts[0] = addrs[0] = ports[0] = '\0';
     *why = "no host";
-    for (i = 0; i < pg->nhosts; i++) {
-        struct lpg_host *h = &pg->hosts[i];
-        int              na = h->dns ? h->addrs.n : 1;
+    for (pass = 0; pass < 2; pass++) {   /* the slow addresses last */
+        for (i = 0; i < listed; i++) {
+            struct lpg_host *h = &pg->hosts[i];
+            int              na = h->dns ? h->addrs.n : 1;
 
-        if (h->dns && h->state != 1) {
-            if (h->state == 0) {         /* still looking (host_awaited) */
-                snprintf(h->err, sizeof(h->err), "%.60s: no answer yet",
-                         h->name);
+            if (h->dns && h->state != 1) {
+                if (pass == 0 && h->state == 0) {   /* host_awaited */
+                    snprintf(h->err, sizeof(h->err), "%.60s: no answer yet",
+                             h->name);
+                }
+                if (pass == 0) {
+                    *why = h->err;
+                }
+                continue;
             }
-            *why = h->err;
-            continue;
-        }
-        for (k = 0; k < na && npairs < LPG_MAXADDRS; k++, npairs++) {
-            const char *a = h->dns ? h->addrs.addr[k]
-                          : gw_dns_is_numeric(h->name) ? h->name : "";
+            for (k = 0; k < na && npairs < LPG_MAXADDRS; k++) {
+                const char     *a = h->dns ? h->addrs.addr[k]
+                                 : gw_dns_is_numeric(h->name) ? h->name : "";
+                struct lpg_addr pa;
 
-            hl += (size_t)snprintf(hosts + hl, sizeof(hosts) - hl, "%s%s",
-                                   npairs ? "," : "", h->name);
-            al += (size_t)snprintf(addrs + al, sizeof(addrs) - al, "%s%s",
-                                   npairs ? "," : "", a);
-            pl += (size_t)snprintf(ports + pl, sizeof(ports) - pl, "%s%s",
-                                   npairs ? "," : "",
-                                   h->port != NULL ? h->port : "");
-            if (hl >= sizeof(hosts) || al >= sizeof(addrs)
-                || pl >= sizeof(ports))
-            {
-                *why = "too many addresses";
-                return LPG_NODNS;
+                addr_set(&pa, a[0] != '\0' ? a : h->name, h->port);
+                if (addr_in(c->skip, c->nskip, &pa)) {
+                    skipped += pass == 0;
+                    continue;
+                }
+                if (addr_in(pg->slow, pg->nslow, &pa) != pass) {
+                    continue;
+                }
+                hl += (size_t)snprintf(hosts + hl, sizeof(hosts) - hl,
+                                       "%s%s", npairs ? "," : "", h->name);
+                al += (size_t)snprintf(addrs + al, sizeof(addrs) - al,
+                                       "%s%s", npairs ? "," : "", a);
+                pl += (size_t)snprintf(ports + pl, sizeof(ports) - pl,
+                                       "%s%s", npairs ? "," : "",
+                                       h->port != NULL ? h->port : "");
+                npairs++;
+                if (hl >= sizeof(hosts) || al >= sizeof(addrs)
+                    || pl >= sizeof(ports))
+                {
+                    *why = "too many addresses";
+                    return LPG_NODNS;
+                }
             }
         }
     }
     if (npairs == 0) {
+        if (skipped > 0) {
+            *why = "every address gave no answer within connect_timeout";
+        }
         return LPG_NODNS;
     }
     for (o = pg->ci; o->keyword != NULL && n < 60; o++) {
@@ -1328,6 +1442,7 @@ conn_start(struct lpg_conn *c, struct lpg_op **out)
 {
     struct lpg_pool *pg = c->pg;
 
+    c->nskip = 0;                        /* a new connect tries them all */
     if (pg->nhosts > 0 && !pool_resolve(pg)) {
         c->fd = -1;
         c->opened = gw_loop_mono_fresh();
@@ -1844,6 +1959,16 @@ same_str(const char *a, const char *b)
     return a == b || (a != NULL && b != NULL && strcmp(a, b) == 0);
 }
 
+/* 1 when c and d are connected to the same server (address and port). */
+static int
+conn_same_server(struct lpg_conn *c, struct lpg_conn *d)
+{
+    return d->state == LPG_CONN_READY && d->pc != NULL && c->pc != NULL
+           && same_str(PQhost(d->pc), PQhost(c->pc))
+           && same_str(PQhostaddr(d->pc), PQhostaddr(c->pc))
+           && same_str(PQport(d->pc), PQport(c->pc));
+}
+
 /* c's server refused a write (25006): it is a standby now, or a primary
  * made read-only. Every connection of the pool to that server is marked,
  * not c alone: each is closed once idle and none gets new statements, so
@@ -1860,12 +1985,60 @@ pool_mark_readonly(struct lpg_conn *c)
     for (i = 0; i < pg->npool; i++) {
         struct lpg_conn *d = &pg->conns[i];
 
-        if (d != c && d->state == LPG_CONN_READY && d->pc != NULL
-            && same_str(PQhost(d->pc), PQhost(c->pc))
-            && same_str(PQhostaddr(d->pc), PQhostaddr(c->pc))
-            && same_str(PQport(d->pc), PQport(c->pc)))
-        {
+        if (d != c && conn_same_server(c, d)) {
             d->readonly = 1;
+        }
+    }
+}
+
+/* c got no reply for query_timeout: its server may hang (stopped, cut
+ * off by a partition that drops packets), and then so do the pool's other
+ * connections to it, which a dead server's would not (their sockets
+ * break). Each of them gets no new statement and is closed once idle, so
+ * that the next statements do not each wait query_timeout on one of them
+ * in turn, but go to a new connection (to the promoted standby, after a
+ * failover; conn_try_next() passes a server that does not answer). Those
+ * with statements in flight keep their own query_timeout. */
+static void
+pool_mark_silent(struct lpg_conn *c)
+{
+    struct lpg_pool *pg = c->pg;
+    int              i;
+
+    for (i = 0; i < pg->npool; i++) {
+        struct lpg_conn *d = &pg->conns[i];
+
+        if (d != c && conn_same_server(c, d)) {
+            d->silent = 1;
+        }
+    }
+}
+
+/* Closes the idle connections marked read-only or silent. */
+static void
+pool_retire_marked(struct lpg_pool *pg, struct lpg_op **out)
+{
+    int i;
+
+    for (i = 0; i < pg->npool; i++) {
+        struct lpg_conn *d = &pg->conns[i];
+
+        if (d->state != LPG_CONN_READY || d->inflight != 0) {
+            continue;
+        }
+        if (d->readonly) {
+            /* A standby now (25006): a new connection finds the primary.
+             * (Its siblings to that server too: pool_mark_readonly().) */
+            gw_log(GW_LOG_INFO, "postgres: server is read-only;"
+                   " reconnecting to find the primary");
+            conn_fail(d, "unavailable", "postgres: server is read-only",
+                      out);
+        } else if (d->silent) {
+            gw_log(GW_LOG_INFO, "postgres: another connection to this"
+                   " server got no reply within query_timeout; closing"
+                   " this idle one too");
+            conn_fail(d, "unavailable", "postgres: server not answering",
+                      out);
         }
     }
 }
@@ -2028,18 +2201,7 @@ conn_event(evutil_socket_t fd, short what, void *arg)
         conn_fail(c, "unavailable", "postgres: the server no longer commits"
                   " with a synchronous standby (require_sync)", &done);
     }
-    for (int i = 0; i < pg->npool; i++) {
-        struct lpg_conn *d = &pg->conns[i];
-
-        if (d->state == LPG_CONN_READY && d->readonly && d->inflight == 0) {
-            /* A standby now (25006): a new connection finds the primary.
-             * (Its siblings to that server too: pool_mark_readonly().) */
-            gw_log(GW_LOG_INFO, "postgres: server is read-only;"
-                   " reconnecting to find the primary");
-            conn_fail(d, "unavailable", "postgres: server is read-only",
-                      &done);
-        }
-    }
+    pool_retire_marked(pg, &done);
     /* done is newest-first: deliver in completion order. */
     for (; done != NULL; done = next) {
         next = done->next;
@@ -2115,7 +2277,7 @@ choose_conn(struct lpg_pool *pg, struct lpg_op *op, int *fail)
             }
             return c->inflight == 0 ? c : NULL;
         }
-        if (c->txid != 0 || c->readonly || c->nosync) {
+        if (c->txid != 0 || c->readonly || c->nosync || c->silent) {
             continue;
         }
         if (c->head != NULL && c->head->kind == LPG_OP_SCRIPT) {
@@ -2252,6 +2414,79 @@ dispatch(struct lpg_pool *pg)
     post_list(done);
 }
 
+/* Whether the address c's connect tries has had connect_timeout to
+ * answer. libpq gives each host of a multi-host URL connect_timeout of
+ * its own only in its blocking connect; with PQconnectPoll the caller
+ * keeps time, so this does, per address: a server that accepts the TCP
+ * connection and then says nothing (stopped with SIGSTOP, a host cut off
+ * behind a firewall that drops packets) must not keep every connect
+ * from the standby promoted behind it. */
+static int
+conn_try_expired(struct lpg_conn *c, double now)
+{
+    struct lpg_addr a;
+
+    if (c->pc == NULL) {
+        return now - c->try_since > c->pg->connect_timeout;
+    }
+    conn_trying(c, &a);
+    if (strcmp(a.addr, c->trying.addr) != 0
+        || strcmp(a.port, c->trying.port) != 0)
+    {
+        c->trying = a;                   /* libpq moved on: a new clock */
+        c->try_since = now;
+    }
+    return now - c->try_since > c->pg->connect_timeout;
+}
+
+/* c's connect got no answer from its address within connect_timeout:
+ * that address goes last for the pool's next connects (pg->slow) until it
+ * answers one, and this connect starts again without it, at the next
+ * address; when none is left (or the URL's hosts cannot be reordered:
+ * hostaddr given), it fails "unavailable". */
+static void
+conn_try_next(struct lpg_conn *c, struct lpg_op **out)
+{
+    struct lpg_pool *pg = c->pg;
+    const char      *why = NULL;
+    char             msg[200];
+    int              rc;
+
+    snprintf(msg, sizeof(msg), "postgres: connect timed out (%s%s%s gave"
+             " no answer within %.3g s)",
+             c->trying.addr[0] != '\0' ? c->trying.addr : "the server",
+             c->trying.port[0] != '\0' ? ":" : "", c->trying.port,
+             pg->connect_timeout);
+    if (pg->nlisted == 0 || c->pc == NULL || c->trying.addr[0] == '\0') {
+        conn_down(c, "unavailable", msg, out, 1);
+        return;
+    }
+    if (!addr_in(pg->slow, pg->nslow, &c->trying)) {
+        if (pg->nslow == LPG_MAXADDRS) {
+            memmove(&pg->slow[0], &pg->slow[1],
+                    sizeof(pg->slow[0]) * (LPG_MAXADDRS - 1));
+            pg->nslow--;
+        }
+        pg->slow[pg->nslow++] = c->trying;
+    }
+    if (c->skip == NULL) {
+        c->skip = calloc(LPG_MAXADDRS, sizeof(*c->skip));
+    }
+    if (c->skip == NULL || c->nskip == LPG_MAXADDRS) {
+        conn_down(c, "unavailable", msg, out, 1);
+        return;
+    }
+    c->skip[c->nskip++] = c->trying;
+    gw_log(GW_LOG_WARN, "%s; trying the next host", msg);
+    conn_reset(c);                       /* connecting: no ops on it */
+    rc = conn_start_libpq(c, &why);
+    if (rc == LPG_NODNS) {
+        conn_down(c, "unavailable", msg, out, 1);
+    } else if (rc != GW_OK) {
+        conn_connect_failed(c, out, 1);
+    }
+}
+
 static void
 on_tick(evutil_socket_t fd, short what, void *arg)
 {
@@ -2284,12 +2519,12 @@ on_tick(evutil_socket_t fd, short what, void *arg)
             /* The lookup goes on; the next connect may use its answer. */
             conn_down(c, "dns", msg, &done, 1);
         } else if (c->state == LPG_CONN_CONNECTING
-            && now - c->opened > pg->connect_timeout)
+                   && conn_try_expired(c, now))
         {
-            conn_down(c, "unavailable", "postgres: connect timed out",
-                      &done, 1);
+            conn_try_next(c, &done);
         } else if (c->state == LPG_CONN_READY && pg->require_sync
                    && c->inflight == 0 && c->txid == 0 && !c->readonly
+                   && !c->silent
                    && !c->nosync && now - c->sync_at > pg->sync_recheck)
         {
             /* require_sync holds on an open connection too: the setting
@@ -2322,9 +2557,11 @@ on_tick(evutil_socket_t fd, short what, void *arg)
             snprintf(msg, sizeof(msg), "postgres: no reply within %.3g s",
                      pg->query_timeout);
             /* an autocommit write among them may commit yet */
+            pool_mark_silent(c);
             conn_lost(c, "timeout", msg, &done);
         }
     }
+    pool_retire_marked(pg, &done);
     dispatch(pg);
     deliver_list(done);
 }
@@ -2689,7 +2926,9 @@ pool_parse_hosts(struct lpg_pool *pg, const char **kind, char *err,
         snprintf(err, errlen, "postgres: %d ports for %d hosts", nports, n);
         return GW_ERR;
     }
-    pg->nhosts = need ? n : 0;           /* all numeric: libpq as before */
+    pg->nlisted = n;
+    pg->nhosts = need ? n : 0;           /* all numeric: libpq as before,
+                                            unless an address is slow */
     return GW_OK;
 }
 
@@ -2701,6 +2940,9 @@ pool_free(struct lpg_pool *pg)
 
     for (i = 0; i < pg->nhosts; i++) {
         gw_dns_cancel(pg->hosts[i].req);
+    }
+    for (i = 0; i < LPG_MAXPOOL; i++) {
+        free(pg->conns[i].skip);
     }
     event_free(pg->tick);
     if (pg->ci != NULL) {
