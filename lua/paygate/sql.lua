@@ -181,12 +181,21 @@ local function open_pg(url, opts)
   qs = qs:sub(2)
   -- Our options leave the URL; the rest (sslmode, ...) goes to libpq.
   local ours = { pool = true, connect_timeout = true, query_timeout = true,
-                 retries = true, down_for = true }
+                 retries = true, down_for = true, require_sync = true,
+                 sync_recheck = true }
+  local BOOL = { ["true"] = true, ["1"] = true, ["false"] = false,
+                 ["0"] = false }
   local keep = {}
   for k, v in qs:gmatch("([^&=]+)=([^&]*)") do
     if ours[k] then
       if opts[k] == nil then
-        opts[k] = tonumber(v) or v
+        if k == "require_sync" then
+          -- true|1 or false|0; another word stays a string, which the
+          -- engine refuses naming the option
+          if BOOL[v] ~= nil then opts[k] = BOOL[v] else opts[k] = v end
+        else
+          opts[k] = tonumber(v) or v
+        end
       end
     else
       keep[#keep + 1] = k .. "=" .. v

@@ -78,6 +78,22 @@ describe("PostgreSQL failover", function()
     assert.equal("unavailable", nerr.kind)
     assert.truthy(tostring(nerr):find("require_sync", 1, true),
                   tostring(nerr))
+    -- in the URL too (an app configured by URL alone, as the gateway's
+    -- gateway.db): true|1, false|0; another word is refused
+    no, nerr = sql.open(loose .. "&require_sync=true")
+    assert.is_nil(no)
+    assert.truthy(tostring(nerr):find("require_sync", 1, true),
+                  tostring(nerr))
+    local loose_ok = assert(sql.open(loose .. "&require_sync=0"))
+    loose_ok:close()
+    local sep = c.url:find("?", 1, true) and "&" or "?"
+    db = assert(sql.open(c.url .. sep .. "require_sync=1&sync_recheck=5"))
+    assert.same({ { one = 1 } }, assert(db:query("SELECT 1 AS one")))
+    db:close()
+    ok, err = pcall(sql.open, c.url .. sep .. "require_sync=yes")
+    assert.is_false(ok)
+    assert.truthy(tostring(err):find("require_sync must be a boolean",
+                                     1, true), tostring(err))
   end)
 
   it("require_sync: an open connection is checked again (sync_recheck):"
