@@ -10,8 +10,10 @@
 --
 -- Failures return nil, err (the core.error shape: tostring gives
 -- "kind: message"); err.kind is one of unavailable, timeout, closed
--- (transport), or for error replies syntax, constraint (WRONGTYPE), busy,
--- noscript, error; err.code holds Redis's error word. Misuse (a wrong
+-- (transport; unknown_outcome for a command that may write whose reply
+-- was lost after it was sent: see outcome()), or for error replies
+-- syntax, constraint (WRONGTYPE), busy, noscript, error; err.code holds
+-- Redis's error word. Misuse (a wrong
 -- argument type, a closed client, a call outside a coroutine) raises.
 --
 -- Commands take the pool's connections in turn. A blocking command
@@ -410,7 +412,53 @@ local function refresh(self)
 end
 
 local function needs_refresh(err)
-  return err and (err.kind == "unavailable" or err.kind == "timeout")
+  return err and (err.kind == "unavailable" or err.kind == "timeout"
+                  or err.kind == "unknown_outcome")
+end
+
+-- Commands that change nothing on the server: when the reply to one is
+-- lost, running it again is safe. Any other command (a write, a script,
+-- a blocking pop, one not listed here) whose reply was lost after it was
+-- sent may have been run: see outcome().
+local READS = {}
+for name in ([[
+  GET MGET GETRANGE SUBSTR STRLEN LCS EXISTS TYPE TTL PTTL EXPIRETIME
+  PEXPIRETIME DUMP OBJECT DBSIZE KEYS SCAN RANDOMKEY TOUCH
+  HGET HMGET HGETALL HKEYS HVALS HLEN HEXISTS HSTRLEN HSCAN HRANDFIELD
+  LRANGE LLEN LINDEX LPOS
+  SMEMBERS SISMEMBER SMISMEMBER SCARD SRANDMEMBER SSCAN SINTER SINTERCARD
+  SUNION SDIFF
+  ZRANGE ZRANGEBYSCORE ZRANGEBYLEX ZREVRANGE ZREVRANGEBYSCORE
+  ZREVRANGEBYLEX ZSCORE ZMSCORE ZCARD ZCOUNT ZLEXCOUNT ZRANK ZREVRANK
+  ZSCAN ZRANDMEMBER ZINTER ZUNION ZDIFF ZINTERCARD
+  XRANGE XREVRANGE XLEN XREAD XPENDING XINFO
+  GETBIT BITCOUNT BITPOS BITFIELD_RO PFCOUNT
+  GEOPOS GEODIST GEOHASH GEOSEARCH GEORADIUS_RO GEORADIUSBYMEMBER_RO
+  SORT_RO EVAL_RO EVALSHA_RO FCALL_RO
+  PING ECHO TIME INFO ROLE LASTSAVE
+]]):gmatch("%S+") do
+  READS[name] = true
+end
+
+local function is_read(name)
+  return READS[tostring(name):upper()] == true
+end
+
+-- A transport failure (connection lost, no reply within timeout, the
+-- client moved to a new master) after the command was sent (err.sent,
+-- from the C client): the server may have read and run it -- a stopped
+-- master runs it when it resumes, a killed one may have passed it to the
+-- replica that is promoted. For a write that is "unknown_outcome", not
+-- retryable: find out before running it again. A read keeps its kind
+-- (retryable); so does a command never sent.
+local function outcome(err, writes)
+  if writes and type(err) == "table" and err.sent
+     and (err.kind == "unavailable" or err.kind == "timeout") then
+    return core.error("unknown_outcome", err.message .. " (the command"
+      .. " was sent: it may have been applied; find out before running it"
+      .. " again)", { retryable = false, sent = true, cause = err.kind })
+  end
+  return err
 end
 
 -- Follows the Sentinels' view of the master until the client closes:
@@ -775,6 +823,9 @@ function Client:call(cmd, ...)
   if res == nil and needs_refresh(err) then
     refresh(self)
   end
+  if res == nil then
+    err = outcome(err, not is_read(cmd))
+  end
   return res, err
 end
 
@@ -817,6 +868,11 @@ function Client:pipeline(cmds)
   local res, err = self.h:pipeline(cmds)
   if res == nil and needs_refresh(err) then
     refresh(self)
+    local writes = false
+    for i = 1, #cmds do
+      writes = writes or not is_read(cmds[i][1])
+    end
+    err = outcome(err, writes)
   elseif res then
     for i = 1, #cmds do
       if core.is_error(res[i]) and needs_refresh(res[i]) then
@@ -882,6 +938,9 @@ function Script:__call(keys, args)
   end
   if res == nil and needs_refresh(err) then
     refresh(self.client)
+  end
+  if res == nil then
+    err = outcome(err, true)            -- a script may write
   end
   return res, err
 end

@@ -33,7 +33,10 @@
  * Timeouts: a once-per-100-ms tick checks each connection; when it has
  * replies outstanding and none arrived for `timeout` seconds (plus the
  * block time on a blocking command's own connection), the connection is
- * dropped and every command on it fails with "timeout". One not connected
+ * dropped and every command on it fails with "timeout". A command given
+ * to a connected context that went away unanswered (timeout, connection
+ * lost, set_addr) carries err.sent: the server may have run it, and
+ * paygate.redis makes a write's error "unknown_outcome". One not connected
  * within connect_timeout is dropped too; its commands, never sent, fail
  * "unavailable" ("connect to ... timed out"), not "no reply".
  *
@@ -169,6 +172,10 @@ struct lredis_op {
                                     (pipeline), LUA_NOREF for one command */
     char             kind[16];   /* first transport error kind, or "" */
     char             msg[160];   /* its message */
+    int              sent;       /* a command of op was given to a
+                                    connected context that went away
+                                    before answering it: the server may
+                                    have read and run it (err.sent) */
 };
 
 struct lredis_ud {
@@ -451,6 +458,11 @@ op_finish(struct lredis_op *op)
     } else {
         n = gw_push_error(L, op->kind, retry, "%s", op->msg);
     }
+    if (op->kind[0] != '\0' && op->sent) {
+        /* paygate.redis makes a write's error unknown_outcome */
+        lua_pushboolean(L, 1);
+        lua_setfield(L, -2, "sent");
+    }
     free(op);
     client_unref(cl);
     gw_co_wake(co, n);
@@ -520,6 +532,12 @@ on_reply(redisAsyncContext *ac, void *reply, void *privdata)
     struct lredis_conn *c = conn_of(ac);
     redisReply      *r = reply;
 
+    if (r == NULL && (ac->c.flags & REDIS_CONNECTED) != 0) {
+        /* Given to hiredis on a connection that was up: it may have been
+         * written, and the server may have run it (a command never
+         * connected, or held behind the setup, is never sent). */
+        op->sent = 1;
+    }
     if (c != NULL && c->ac == ac) {
         c->pending--;
         c->since = gw_loop_mono_fresh();
