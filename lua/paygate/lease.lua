@@ -201,11 +201,16 @@ local function sql_acquire(db, key, ttl, owner)
   end)
 end
 
+-- renew and release match the owner as well as the token (as the Redis
+-- scripts do): a store that lost the grant -- a PostgreSQL failover to a
+-- standby that had not received it, a backup restored, the row deleted
+-- by hand -- starts the key's tokens again, and another owner can then
+-- hold the token an old holder still has.
 local function sql_renew(db, l, token, ttl)
   local now, sent = core.now(), core.mono()
   local res, err = db:exec("UPDATE paygate_leases SET expires_at = $3"
-    .. " WHERE name = $1 AND token = $2 AND expires_at > $4",
-    { l.key, token, now + ttl, now })
+    .. " WHERE name = $1 AND token = $2 AND expires_at > $4 AND owner = $5",
+    { l.key, token, now + ttl, now, l.owner })
   if not res then
     return nil, err
   end
@@ -218,7 +223,8 @@ end
 
 local function sql_release(db, l, token)
   local res, err = db:exec("UPDATE paygate_leases SET expires_at = 0,"
-    .. " owner = NULL WHERE name = $1 AND token = $2", { l.key, token })
+    .. " owner = NULL WHERE name = $1 AND token = $2 AND owner = $3",
+    { l.key, token, l.owner })
   if not res then
     return nil, err
   end
@@ -845,8 +851,8 @@ function _M.renew(store, l, ttl)
 end
 
 -- syntax: ok, err = lease.release(store, l)
--- returns: true, or nil, err ("lost": taken over; on Redis also when it
---          had already expired)
+-- returns: true, or nil, err ("lost": taken over, or released already;
+--          on Redis also when it had already expired)
 -- yields: one statement / one script call
 function _M.release(store, l)
   check_store("lease.release", store)

@@ -136,6 +136,35 @@ for name, new_store in pairs(stores) do
       assert.equal(1, winners)
     end)
 
+    if name ~= "redis" then
+      -- The SQL twin of redis_lease_safety_spec's case: a store that lost
+      -- the grant (a PostgreSQL failover to a standby that had not
+      -- received it, a backup restored, the row deleted by hand to "free"
+      -- a stuck lease) starts the key's tokens again, and another owner
+      -- then holds the token an old holder still has.
+      it("an old lease object neither renews nor releases another owner's"
+         .. " lease with the same token (the store lost the grant)",
+         function()
+        local la = assert(lease.acquire(store, "settle", 10))
+        assert(store:exec("DELETE FROM paygate_leases WHERE name = $1",
+                          { "settle" }))
+        local lb = assert(lease.acquire(store, "settle", 10))
+        assert.equal(la.token, lb.token)
+        assert.are_not.equal(la.owner, lb.owner)
+        local ok, err = lease.renew(store, la)
+        assert.is_nil(ok, "A renewed B's lease")
+        assert.equal("lost", err.kind)
+        ok, err = lease.release(store, la)
+        assert.is_nil(ok, "A released B's lease")
+        assert.equal("lost", err.kind)
+        local l2, herr = lease.acquire(store, "settle", 10)
+        assert.is_nil(l2, "B's lease was free to a third owner")
+        assert.equal("held", herr.kind)
+        assert(lease.renew(store, lb))
+        assert(lease.release(store, lb))
+      end)
+    end
+
     if name == "redis" then
       it("never hands this client a token below one it was granted, even when Redis lost the counter", function()
         local l1 = assert(lease.acquire(store, "lossy", 5, { owner = "a" }))
