@@ -105,6 +105,25 @@ describe("audit.append", function()
                  audit.canonical_json({ b = true, a = { 1, 2,
                    { y = "\0", x = require("paygate.json").null } } }))
   end)
+
+  it("writes evidence's edge values as docs/fsm.md says", function()
+    -- keys by byte, nested empties, -0 kept apart from 0
+    assert.equal('{"A":{},"a":[{}],"b":0,"b\\u0000":-0}',
+                 audit.canonical_json({ a = { {} }, A = {}, b = 0,
+                                        ["b\0"] = -0 }))
+    -- bytes that are not UTF-8 become U+FFFD: such evidences store alike
+    assert.equal(audit.canonical_json({ x = "\255" }),
+                 audit.canonical_json({ x = "\254" }))
+    assert.equal('{"x":"\\ufffd"}', audit.canonical_json({ x = "\255" }))
+    for _, bad in ipairs({ 0 / 0, math.huge, 1LL }) do
+      assert.has_error(function() audit.canonical_json({ v = bad }) end)
+    end
+    -- a string is stored as given: neither checked as JSON nor sorted
+    local e, stmts = audit.plan("s", { what = "w", evidence = '{"b":1,"a":' },
+                                false)
+    assert.equal('{"b":1,"a":', e.evidence)
+    assert.equal('{"b":1,"a":', stmts[2][2][10])
+  end)
 end)
 
 for engine, new_db in pairs(stores) do
