@@ -652,6 +652,20 @@ opt_number(lua_State *L, int t, const char *k, double def, double max)
     return lua_gettop(L);
 }
 
+/* seconds (> 0) as curl's milliseconds: rounded up, never 0 (which
+ * curl reads as no limit at all) */
+static long
+ms_up(double seconds)
+{
+    double ms = seconds * 1000;
+    long v = (long) ms;
+
+    if ((double) v < ms) {
+        v++;
+    }
+    return v < 1 ? 1 : v;
+}
+
 static const char *
 opt_string(lua_State *L, int t, const char *k)
 {
@@ -934,9 +948,10 @@ op_setup(lua_State *L, int stream)
     curl_easy_setopt(e, CURLOPT_HEADERDATA, op);
     curl_easy_setopt(e, CURLOPT_PREREQFUNCTION, prereq_cb);
     curl_easy_setopt(e, CURLOPT_PREREQDATA, op);
-    curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long) (timeout * 1000));
-    curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS,
-                     (long) (connect_timeout * 1000));
+    /* rounded up to whole ms, at least 1: 0 means "no timeout" to curl
+     * (a call with 0.4 ms of its deadline left waited for ever) */
+    curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, ms_up(timeout));
+    curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, ms_up(connect_timeout));
     if (idle > 0) {
         /* below 1 byte/s for that many whole seconds: a stall */
         curl_easy_setopt(e, CURLOPT_LOW_SPEED_LIMIT, 1L);
