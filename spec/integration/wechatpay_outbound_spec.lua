@@ -27,3 +27,95 @@ describe("an attempt with less than a millisecond left", function()
     assert.is_true(took < 1.5, ("took %.2f s"):format(took))
   end)
 end)
+
+-- A WeChat as hostile as HTTP allows (spec/support/hostile_http.py picks
+-- the answer by the path's last segment): every call ends within bounds,
+-- a redirect is not followed, and a POST that may have been received is
+-- unknown_outcome, never a plain failure.
+describe("a hostile upstream", function()
+  local proc = require "paygate.testing.proc"
+  local slow_http = require "support.slow_http"
+  local port, log, hwx
+  setup(function()
+    port = core.free_port()
+    log = dir .. "/hostile.log"
+    proc.spawn({ "python3", "spec/support/hostile_http.py", tostring(port),
+                 log })
+    proc.wait_until(function() return slow_http.lines(log)[1] == "ready" end,
+                    10, "the hostile HTTP server")
+  end)
+  teardown(function() proc.stop_all() end)
+  before_each(function()
+    hwx = client{ base_url = "http://127.0.0.1:" .. port, backup_url = false,
+                  platform_certificates = { keys.p1_cert },
+                  download_certificates = "manual", breaker = false }
+  end)
+  after_each(function() hwx:stop() end)
+
+  local function requests(target)
+    local k = 0
+    for _, l in ipairs(slow_http.lines(log)) do
+      if l == target then k = k + 1 end
+    end
+    return k
+  end
+
+  local function timed(f)
+    local t0 = core.mono()
+    local a, b = f()
+    return a, b, core.mono() - t0
+  end
+
+  it("an error body that never ends is cut at 64 KiB on a streamed "
+     .. "download, not read until the timeout", function()
+    local got = 0
+    local res, err, took = timed(function()
+      return hwx:request("GET", "/v3/billdownload/endless500", nil, {
+        unsigned = true, timeout = 4, max_attempts = 1,
+        sink = function(c) got = got + #c; return true end })
+    end)
+    assert.is_nil(res)
+    assert.equal(0, got)                       -- never the sink's
+    assert.equal("system_error", err.kind, tostring(err))
+    assert.equal(500, err.status)
+    assert.is_true(took < 2, ("took %.2f s"):format(took))
+  end)
+  -- last segment, method, opts -> kind, cause_kind, requests made,
+  -- seconds at most
+  local cases = {
+    { "redirect", "GET", {}, "http_error", nil, 1, 1 },
+    { "redirect", "POST", {}, "http_error", nil, 1, 1 },
+    { "garbage", "GET", { max_attempts = 2 }, "closed", nil, 2, 2 },
+    { "garbage", "POST", {}, "unknown_outcome", "closed", 1, 1 },
+    { "hugehead", "GET", {}, "header_too_large", nil, 1, 1 },
+    { "hugehead", "POST", {}, "unknown_outcome", "header_too_large", 1, 1 },
+    { "endless200", "GET", {}, "body_too_large", nil, 1, 2 },
+    { "endless200", "POST", { idempotent = true }, "unknown_outcome",
+      "body_too_large", 1, 2 },
+    { "hang500", "POST", {}, "unknown_outcome", "timeout", 1, 2 },
+    { "silent", "POST", { idempotent = true, max_attempts = 2 },
+      "unknown_outcome", "timeout", 2, 3.5 },
+    { "endless500", "GET", { max_attempts = 1 }, "body_too_large", nil, 1,
+      2 },
+  }
+  for i, c in ipairs(cases) do
+    it(("%s %s: %s"):format(c[2], c[1], c[4]), function()
+      local target = "/v3/h" .. i .. "/" .. c[1]
+      local o = { timeout = 1, deadline = 4 }
+      for k, v in pairs(c[3]) do o[k] = v end
+      local res, err, took = timed(function()
+        return hwx:request(c[2], target, c[2] == "POST" and "{}" or nil, o)
+      end)
+      assert.is_nil(res)
+      assert.equal(c[4], err.kind, tostring(err))
+      assert.equal(c[5], err.cause_kind)
+      assert.equal(c[6], requests(target))
+      assert.equal(0, requests("/target"))        -- never followed
+      assert.is_true(took < c[7], ("took %.2f s"):format(took))
+      -- the call and what was wrong, printable, bounded
+      assert.matches("^" .. c[2] .. " /v3/h" .. i .. "/", err.message)
+      assert.is_true(#err.message < 1024, #err.message)
+      assert.is_nil(err.message:find("[%z\1-\31\127]"))
+    end)
+  end
+end)

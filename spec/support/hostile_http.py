@@ -1,6 +1,8 @@
 # hostile_http.py PORT LOG: a raw HTTP server that answers each request as
 # its path says, for the specs of a webhook sink facing a hostile
-# receiver. Reads each request whole (head and Content-Length body), logs
+# receiver (and of the WeChat Pay client: the answer is chosen by the
+# path's last segment, the query dropped, so /v3/x/garbage?a=1 is
+# /garbage). Reads each request whole (head and Content-Length body), logs
 # "<path>" per request (flushed), then:
 #   /redirect     302 to http://127.0.0.1:PORT/target (which answers 200)
 #   /target       200
@@ -42,8 +44,9 @@ def serve(c):
             d = c.recv(65536)
             if not d: return
             body += d
-        path = head.split(b" ")[1].decode()
-        note(path)
+        target = head.split(b" ")[1].decode()
+        note(target)
+        path = "/" + target.split("?")[0].rsplit("/", 1)[-1]
         if path == "/redirect":
             c.sendall(b"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:%d"
                       b"/target\r\nContent-Length: 0\r\n\r\n" % port)

@@ -37,7 +37,9 @@
 --     sink             function(chunk) receiving a 2xx body chunk by chunk
 --                      instead of res.body (for files; needs unsigned =
 --                      true); res.body and res.json are then nil. An error
---                      body never reaches the sink (it makes the error).
+--                      body never reaches the sink (it makes the error;
+--                      past 64 KiB the transfer stops, the error made of
+--                      what came).
 --                      No retry once part of the body reached the sink.
 --     wechatpay_serial string: send this Wechatpay-Serial (e.g. the serial
 --                      returned by wx:encrypt_sensitive()); default: the
@@ -94,6 +96,9 @@ function _M.backoff(attempt)
 end
 
 local SAFE_METHODS = { GET = true, HEAD = true }
+
+-- bytes of a streamed (sink) call's error body kept for its error
+local ERRBODY_MAX = 65536
 
 -- kinds of a response error worth repeating (the request was refused
 -- without effect, or WeChat asks for the same request again)
@@ -247,7 +252,7 @@ call = function(wx, method, path, body, opts, ep, what, stat)
   -- with a sink, only a 2xx body goes to it: an error body is kept
   -- (bounded) for the error's code and message
   local sink, delivered = opts.sink, false
-  local wrapped, on_headers, status_seen, errbuf, errlen
+  local wrapped, on_headers, status_seen, headers_seen, errbuf, errlen, errcut
   if sink ~= nil then
     if type(sink) ~= "function" then
       error("wx:request: opts.sink must be a function", 4)
@@ -256,18 +261,25 @@ call = function(wx, method, path, body, opts, ep, what, stat)
       error("wx:request: opts.sink needs opts.unsigned (a streamed body "
             .. "cannot be signature-checked)", 4)
     end
-    on_headers = function(status)
-      status_seen, errbuf, errlen = status, {}, 0
+    on_headers = function(status, hdrs)
+      status_seen, headers_seen, errbuf, errlen = status, hdrs, {}, 0
       return true
     end
+    -- an error body is kept up to ERRBODY_MAX bytes; past that the
+    -- transfer stops there and the error is made of what came (an
+    -- endless error body was read, and thrown away, until the download's
+    -- timeout: 1800 s)
     wrapped = function(chunk)
       if status_seen >= 200 and status_seen < 300 then
         delivered = true
         return sink(chunk)
       end
-      if errlen < 65536 then
-        errbuf[#errbuf + 1] = chunk
-        errlen = errlen + #chunk
+      local room = ERRBODY_MAX - errlen
+      errbuf[#errbuf + 1] = #chunk > room and chunk:sub(1, room) or chunk
+      errlen = errlen + min(#chunk, room)
+      if errlen >= ERRBODY_MAX then
+        errcut = true
+        return false
       end
       return true
     end
@@ -319,6 +331,7 @@ call = function(wx, method, path, body, opts, ep, what, stat)
     -- copy's nonce as a replay (401 SIGN_ERROR): a POST would look
     -- refused though it was applied. The lost answer comes back here as
     -- kind closed, err.sent = true; retries are made here, signed anew.
+    errcut = false
     local res, err = http.request{
       method = method, url = base .. path, headers = headers, body = body,
       timeout = min(opts.timeout or own, remaining),
@@ -326,6 +339,10 @@ call = function(wx, method, path, body, opts, ep, what, stat)
       idle_timeout = opts.idle_timeout,
       sink = wrapped, on_headers = on_headers, resend = false,
     }
+    if not res and errcut then
+      -- an error answer whose body was cut at ERRBODY_MAX: an answer
+      res, err = { status = status_seen, headers = headers_seen or {} }, nil
+    end
     -- latency: answers, and timeouts at the endpoint's own timeout (a
     -- slow endpoint's timeout grows; a shorter opts.timeout or the
     -- deadline's rest says nothing about the endpoint, nor does a timeout
