@@ -35,16 +35,16 @@ end)
 describe("a hostile upstream", function()
   local proc = require "paygate.testing.proc"
   local slow_http = require "support.slow_http"
-  local port, log, hwx
+  local port, log, hwx, hostile
   setup(function()
     port = core.free_port()
     log = dir .. "/hostile.log"
-    proc.spawn({ "python3", "spec/support/hostile_http.py", tostring(port),
-                 log })
+    hostile = proc.spawn({ "python3", "spec/support/hostile_http.py",
+                           tostring(port), log })
     proc.wait_until(function() return slow_http.lines(log)[1] == "ready" end,
                     10, "the hostile HTTP server")
   end)
-  teardown(function() proc.stop_all() end)
+  teardown(function() hostile:stop() end)
   before_each(function()
     hwx = client{ base_url = "http://127.0.0.1:" .. port, backup_url = false,
                   platform_certificates = { keys.p1_cert },
@@ -118,4 +118,62 @@ describe("a hostile upstream", function()
       assert.is_nil(err.message:find("[%z\1-\31\127]"))
     end)
   end
+end)
+
+describe("Retry-After on a 429 or 503", function()
+  local json = require "cjson.safe"
+  local wx
+  before_each(function() wx = client() end)
+  after_each(function() wx:stop() end)
+
+  local function count(method, target)
+    return wxtest.count(srv, method, target)
+  end
+
+  it("longer than the deadline's rest: no retry, err.retry_after says it",
+     function()
+    local r = {}
+    for i = 1, 4 do
+      r[i] = { status = 503, body = "", headers = { ["Retry-After"] = "30" } }
+    end
+    wxtest.queue(srv, "GET", "/v3/ra1", r)
+    local t0 = core.mono()
+    local _, err = wx:request("GET", "/v3/ra1", nil, { deadline = 3 })
+    assert.equal("system_error", err.kind)
+    assert.equal(30, err.retry_after)
+    assert.equal(1, count("GET", "/v3/ra1"))
+    assert.is_true(core.mono() - t0 < 1)
+  end)
+  it("within the deadline: the retry waits that long", function()
+    wxtest.queue(srv, "POST", "/v3/ra2", {
+      { status = 429, body = json.encode{ code = "FREQUENCY_LIMITED",
+        message = "m" }, headers = { ["Retry-After"] = "1" } },
+      { body = "{}" } })
+    local t0 = core.mono()
+    assert(wx:request("POST", "/v3/ra2", "{}", { deadline = 5 }))
+    local took = core.mono() - t0
+    assert.equal(2, count("POST", "/v3/ra2"))
+    assert.is_true(took >= 0.95, ("took %.2f s"):format(took))
+    assert.is_true(took < 3, ("took %.2f s"):format(took))
+  end)
+  it("an HTTP-date or garbage is ignored (the backoff applies)", function()
+    wxtest.queue(srv, "GET", "/v3/ra3", {
+      { status = 503, body = "", headers = { ["Retry-After"] = "soon" } },
+      { status = 503, body = "", headers = {
+        ["Retry-After"] = "Fri, 31 Dec 2099 23:59:59 GMT" } },
+      { body = "{}" } })
+    assert(wx:request("GET", "/v3/ra3", nil, { deadline = 5 }))
+    assert.equal(3, count("GET", "/v3/ra3"))
+  end)
+  it("an idempotent POST that timed out, then was told to wait past the "
+     .. "deadline, is still unknown_outcome", function()
+    wxtest.queue(srv, "POST", "/v3/ra4", { { delay = 1.5, body = "{}" },
+      { status = 429, body = json.encode{ code = "FREQUENCY_LIMITED",
+        message = "m" }, headers = { ["Retry-After"] = "60" } } })
+    local _, err = wx:request("POST", "/v3/ra4", "{}", { idempotent = true,
+      timeout = 0.5, deadline = 4 })
+    assert.equal("unknown_outcome", err.kind, tostring(err))
+    assert.is_true(err.retryable)
+    assert.equal(2, count("POST", "/v3/ra4"))
+  end)
 end)

@@ -14,6 +14,7 @@
 --   request_id  WeChat's Request-ID header, when present
 --   retryable   true when the same request may succeed later
 --   detail      WeChat's detail (decoded JSON, opaque), when present
+--   retry_after seconds from a 429's or 503's Retry-After, when present
 local core = require "paygate.core"
 local json = require "paygate.json"  -- hardened decoder, same null
 local utf8_clean = require("paygate.utf8").clean
@@ -115,6 +116,14 @@ function _M.from_response(what, res)
   end
   -- a 5xx is worth repeating, unless its code says otherwise
   if status >= 500 and not known then retryable = true end
+  -- Retry-After on a 429 or 503, in seconds (delta-seconds only; an
+  -- HTTP-date or anything else is not read)
+  local retry_after
+  if status == 429 or status == 503 then
+    local ra = headers["retry-after"]
+    ra = type(ra) == "string" and ra:match("^[ \t]*(%d+)[ \t]*$")
+    if ra and #ra <= 9 then retry_after = tonumber(ra) end
+  end
   local msg = what .. ": " .. status
   if code then msg = msg .. " " .. printable(code, 64) end
   if wmsg then
@@ -124,7 +133,8 @@ function _M.from_response(what, res)
   end
   return core.error(kind, msg, {
     code = code, wechat_message = wmsg, status = status,
-    request_id = request_id, retryable = retryable, detail = detail })
+    request_id = request_id, retryable = retryable, detail = detail,
+    retry_after = retry_after })
 end
 
 --- syntax: err = errors.wrap(kind, message, cause[, fields])

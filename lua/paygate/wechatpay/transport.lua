@@ -376,7 +376,7 @@ call = function(wx, method, path, body, opts, ep, what, stat)
       err.message = what .. ": " .. tostring(err.message)
       reached = reached or not unsent(err)
     end
-    local retry = false
+    local retry, wait = false, nil
     if not res then
       if unsent(err) and not delivered then
         last = err
@@ -434,6 +434,7 @@ call = function(wx, method, path, body, opts, ep, what, stat)
       if RETRY_ALWAYS[e.kind] or (idempotent and RETRY_IDEMPOTENT[e.kind])
       then
         retry = not delivered
+        wait = e.retry_after      -- the retry waits at least that long
       end
       if not retry and not idempotent and res.status >= 500
          and e.retryable then
@@ -448,6 +449,8 @@ call = function(wx, method, path, body, opts, ep, what, stat)
     if attempt >= max_attempts then break end
     if retry ~= "now" then
       local pause = _M.backoff(attempt)
+      -- a Retry-After past the deadline ends the retries at once
+      if wait and wait > pause then pause = wait end
       if core.mono() + pause >= deadline then break end
       core.sleep(pause)
     end
