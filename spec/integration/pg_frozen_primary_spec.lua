@@ -12,17 +12,7 @@ local sql = require "paygate.sql"
 local servers = require "spec.support.servers"
 local pgha = require "spec.support.pgha"
 
-local function wait_for(fn, secs, what)
-  local deadline = core.mono() + secs
-  while core.mono() < deadline do
-    local v = fn()
-    if v then
-      return v
-    end
-    core.sleep(0.02)
-  end
-  error("timed out waiting for " .. what, 2)
-end
+local wait_for = servers.wait_for
 
 describe("PostgreSQL failover from a frozen primary", function()
   local c

@@ -12,17 +12,7 @@ local redis = require "paygate.redis"
 local servers = require "spec.support.servers"
 local sentinel = require "spec.support.sentinel"
 
-local function wait_for(fn, secs, what)
-  local deadline = core.mono() + secs
-  while core.mono() < deadline do
-    local v = fn()
-    if v then
-      return v
-    end
-    core.sleep(0.02)
-  end
-  error("timed out waiting for " .. what, 2)
-end
+local wait_for = servers.wait_for
 
 local function cli(port, args)
   return servers.read_cmd("redis-cli -h 127.0.0.1 -p " .. port .. " "

@@ -59,11 +59,13 @@ local function pause(s)
 end
 
 -- Waits until check() is true, polling every 20 ms, for at most `secs`.
+-- returns: what check() returned
 function _M.wait_for(check, secs, what)
   local deadline = now() + secs
   while now() < deadline do
-    if check() then
-      return true
+    local v = check()
+    if v then
+      return v
     end
     pause(0.02)
   end
