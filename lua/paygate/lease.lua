@@ -31,8 +31,10 @@
 --
 -- Failures: nil, err (core.error) with kind "held" (someone else holds
 -- it; err.ttl, retryable), "lost" (renew/release after it expired or moved
--- on), "fenced" (err.current), or the store's own kinds (unavailable,
--- timeout, ...). Misuse (wrong argument types) raises.
+-- on, or a release of one released already), "fenced" (err.current), or
+-- the store's own kinds (unavailable, timeout, unknown_outcome on Redis:
+-- a grant may exist under the owner, see release_owner, ...). Misuse
+-- (wrong argument types) raises.
 --
 -- Tokens: a non-negative integer, as a number or a string of its decimal
 -- digits ("42" is token 42: see canon_token).

@@ -411,9 +411,9 @@ local function refresh(self)
   self.refreshing = false
 end
 
+-- (the C client's kinds: outcome() makes unknown_outcome afterwards)
 local function needs_refresh(err)
-  return err and (err.kind == "unavailable" or err.kind == "timeout"
-                  or err.kind == "unknown_outcome")
+  return err and (err.kind == "unavailable" or err.kind == "timeout")
 end
 
 -- Commands that change nothing on the server: when the reply to one is

@@ -2420,7 +2420,9 @@ dispatch(struct lpg_pool *pg)
  * keeps time, so this does, per address: a server that accepts the TCP
  * connection and then says nothing (stopped with SIGSTOP, a host cut off
  * behind a firewall that drops packets) must not keep every connect
- * from the standby promoted behind it. */
+ * from the standby promoted behind it. (Asked on the pool's tick, and a
+ * move to the next address is seen there too: an address may get up to
+ * one tick more than connect_timeout.) */
 static int
 conn_try_expired(struct lpg_conn *c, double now)
 {
