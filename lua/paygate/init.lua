@@ -192,11 +192,12 @@ _M.http = require "paygate.http"
 
 -- config ----------------------------------------------------------------
 
-local function freeze(t, path)
-  for k, v in pairs(t) do
-    if type(v) == "table" then t[k] = freeze(v, path .. "." .. tostring(k)) end
-  end
-  return setmetatable({}, {
+-- A table met again (a config that refers to itself, or holds one table
+-- at two places) gets the proxy or copy already made (seen), so a cycle
+-- is not a stack overflow and one table stays one.
+local function freeze(t, path, seen)
+  if seen[t] then return seen[t] end
+  local proxy = setmetatable({}, {
     __index = t,
     __newindex = function(_, k)
       error("config is read-only (" .. path .. "." .. tostring(k) .. ")", 2)
@@ -204,6 +205,13 @@ local function freeze(t, path)
     __pairs = function() return pairs(t) end,
     __len = function() return #t end,
   })
+  seen[t] = proxy
+  for k, v in pairs(t) do
+    if type(v) == "table" then
+      t[k] = freeze(v, path .. "." .. tostring(k), seen)
+    end
+  end
+  return proxy
 end
 
 do
@@ -221,17 +229,21 @@ do
     end
     conf = chunk()
   end
-  local function copy(t)
+  local function copy(t, seen)
+    if seen[t] then return seen[t] end
     local c = {}
-    for k, v in pairs(t) do c[k] = type(v) == "table" and copy(v) or v end
+    seen[t] = c
+    for k, v in pairs(t) do
+      c[k] = type(v) == "table" and copy(v, seen) or v
+    end
     return c
   end
-  local original = copy(conf)
-  _M.config = freeze(conf, "config")
+  local original = copy(conf, {})
+  _M.config = freeze(conf, "config", {})
   --- syntax: t = paygate.config_copy()
   -- returns: a fresh, writable deep copy of the config, e.g. to iterate:
   -- LuaJIT's pairs() does not see through the read-only paygate.config.
-  function _M.config_copy() return copy(original) end
+  function _M.config_copy() return copy(original, {}) end
 end
 
 -- routing and the request -------------------------------------------------

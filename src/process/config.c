@@ -244,6 +244,29 @@ config_hook(lua_State *L, lua_Debug *ar)
     }
 }
 
+/* os.exit in the config file's state: an error naming the call and the
+ * line, not the end of the process. The master reads the file again on
+ * HUP: a config that ends the process when something is missing (an
+ * environment variable) would otherwise end the master, and every worker
+ * with it, where a broken config must be a refused reload. */
+static int
+config_exit(lua_State *L)
+{
+    luaL_where(L, 1);
+    if (lua_isnoneornil(L, 1) || lua_type(L, 1) == LUA_TBOOLEAN) {
+        lua_pushfstring(L, "it called os.exit(%s) (a config file returns "
+                        "a table, or raises an error saying what is "
+                        "wrong)", lua_isnoneornil(L, 1) ? ""
+                        : lua_toboolean(L, 1) ? "true" : "false");
+    } else {
+        lua_pushfstring(L, "it called os.exit(%d) (a config file returns "
+                        "a table, or raises an error saying what is "
+                        "wrong)", (int) luaL_optinteger(L, 1, 0));
+    }
+    lua_concat(L, 2);
+    return lua_error(L);
+}
+
 int
 gw_opts_load_file(struct gw_opts *o, const char *path, char *err,
                   size_t errlen)
@@ -256,6 +279,10 @@ gw_opts_load_file(struct gw_opts *o, const char *path, char *err,
         return GW_ERR;
     }
     luaL_openlibs(L);
+    lua_getglobal(L, "os");
+    lua_pushcfunction(L, config_exit);
+    lua_setfield(L, -2, "exit");
+    lua_pop(L, 1);
     /* A config that never returns must not hang the start: count hooks
      * only run in the interpreter, so no JIT for this short-lived state. */
     luaJIT_setmode(L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_OFF);
