@@ -317,4 +317,33 @@ describe("paygate CLI", function()
     assert.matches("2\ta1", out)
     os.execute("rm -rf " .. dir)
   end)
+  it("exits 1, saying so, when its output cannot be written", function()
+    -- `paygate version > file` on a full disk, or with stdout closed: the
+    -- output is lost, and exit 0 would say it was written
+    local dir = server.tmpdir()
+    local f = assert(io.open(dir .. "/s.lua", "w"))
+    f:write("print(('x'):rep(100)) return 0")
+    f:close()
+    local bin = "'" .. PAYGATE_BIN .. "'"
+    for _, case in ipairs({
+      { bin .. " version >/dev/full", "paygate: cannot write the output: "
+                                      .. "No space left on device" },
+      { bin .. " --help >/dev/full", "No space left on device" },
+      { bin .. " run --help >&-", "paygate: cannot write the output: Bad "
+                                  .. "file descriptor" },
+      { bin .. " exec " .. dir .. "/s.lua >/dev/full", "No space left" },
+    }) do
+      local p = assert(io.popen("exec 3>&1; (" .. case[1] .. ") 2>&3; "
+                                .. "echo \"rc=$?\""))
+      local out = p:read("*a")
+      p:close()
+      assert.matches("rc=1\n$", out, nil)
+      assert.matches(case[2], out, 1, true)
+    end
+    -- written: 0 as before
+    local p = assert(io.popen(bin .. " version >/dev/null; echo rc=$?"))
+    assert.equal("rc=0\n", p:read("*a"))
+    p:close()
+    os.execute("rm -rf " .. dir)
+  end)
 end)

@@ -553,12 +553,11 @@ no_core_dumps(void)
     (void) setrlimit(RLIMIT_CORE, &rl);
 }
 
-int
-main(int argc, char **argv)
+static int
+dispatch(int argc, char **argv)
 {
     const char *cmd;
 
-    no_core_dumps();
     if (argc < 2) {
         fputs(usage_main, stderr);
         return 2;
@@ -569,7 +568,7 @@ main(int argc, char **argv)
         static char help_flag[] = "--help";
         char *hargv[] = { argv[0], argv[2], help_flag, NULL };
 
-        return main(3, hargv);
+        return dispatch(3, hargv);
     }
     if (is_help(cmd) || strcmp(cmd, "help") == 0) {
         fputs(usage_main, stdout);
@@ -605,4 +604,40 @@ main(int argc, char **argv)
     fprintf(stderr, "paygate: unknown command '%s' (see paygate --help)\n",
             cmd);
     return 2;
+}
+
+/* What a command printed on stdout (help, the version, `paygate reload`'s
+ * outcome, a diagnostic's report, a script's print) is written out here;
+ * a failure to write it (a full disk, stdout closed) is a failure of the
+ * command: its output is lost, and exit 0 would say it was written. A
+ * script's os.exit() ends the process before this point: its status
+ * stands. */
+static int
+output_written(int code)
+{
+    int bad = ferror(stdout), e = 0;
+
+    errno = 0;
+    if (fflush(stdout) != 0) {
+        bad = 1;
+        e = errno;
+    }
+    if (bad) {
+        if (e != 0) {
+            fprintf(stderr, "paygate: cannot write the output: %s\n",
+                    strerror(e));
+        } else {
+            fputs("paygate: cannot write the output (a write to stdout "
+                  "failed)\n", stderr);
+        }
+        return code == 0 ? 1 : code;
+    }
+    return code;
+}
+
+int
+main(int argc, char **argv)
+{
+    no_core_dumps();
+    return output_written(dispatch(argc, argv));
 }

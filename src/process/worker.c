@@ -496,6 +496,6 @@ gw_exec_main(const char *script, int argc, char **argv)
     if (w.exit_code == -1) {
         event_base_dispatch(gw_loop_base());
     }
-    fflush(stdout);
+    /* stdout is flushed, and a failure to write it reported, by main */
     return w.exit_code < 0 ? 1 : w.exit_code;
 }
