@@ -78,6 +78,20 @@ describe("paygate CLI", function()
     assert.matches("bad", out)
     code, out = run({ "reload" })
     assert.equal(2, code)
+    -- reload names the option at fault as run does (was: the usage alone)
+    code, out = run({ "reload", "--pid-flie=s3cret" })
+    assert.equal(2, code)
+    assert.equal("paygate reload: unknown option --pid-flie (see paygate "
+                 .. "reload --help)\n", out)
+    code, out = run({ "reload", "--pid-file", "x", "--timeout" })
+    assert.equal(2, code)
+    assert.equal("paygate reload: --timeout needs a value (see paygate "
+                 .. "reload --help)\n", out)
+    -- --timeout=N as --timeout N (was refused as unknown)
+    code, out = run({ "reload", "--timeout=5", "--pid-file",
+                      "/nonexistent/paygate.pid" })
+    assert.equal(1, code)
+    assert.matches("cannot read /nonexistent/paygate.pid", out, 1, true)
     code, out = run({ "exec", "/nonexistent.lua" })
     assert.equal(2, code)
     -- an unknown option, or one without its value: one line naming it

@@ -423,18 +423,32 @@ cmd_reload(int argc, char **argv)
             pid_file = argv[i] + 11;
         } else if (strcmp(argv[i], "--no-wait") == 0) {
             wait = 0;
-        } else if (strcmp(argv[i], "--timeout") == 0 && i + 1 < argc) {
+        } else if ((strcmp(argv[i], "--timeout") == 0 && i + 1 < argc)
+                   || strncmp(argv[i], "--timeout=", 10) == 0) {
+            const char *v = argv[i][9] == '=' ? argv[i] + 10 : argv[++i];
             char *end;
 
             timeout_given = 1;
-            timeout = strtod(argv[++i], &end);
-            if (*end != '\0' || !(timeout > 0) || timeout > 3600) {
+            timeout = strtod(v, &end);
+            if (end == v || *end != '\0' || !(timeout > 0)
+                || timeout > 3600) {
                 fprintf(stderr, "paygate reload: --timeout must be in "
                                 "(0, 3600] seconds\n");
                 return 2;
             }
+        } else if (strcmp(argv[i], "--pid-file") == 0
+                   || strcmp(argv[i], "--timeout") == 0) {
+            /* one line naming it, as paygate run says it */
+            fprintf(stderr, "paygate reload: %s needs a value (see paygate "
+                    "reload --help)\n", argv[i]);
+            return 2;
         } else {
-            fputs(usage_reload, stderr);
+            /* the option at fault, never a value given with = */
+            int len = (int) strcspn(argv[i], "=");
+
+            fprintf(stderr, "paygate reload: unknown %s %.*s (see paygate "
+                    "reload --help)\n", argv[i][0] == '-' ? "option"
+                    : "argument", len > 100 ? 100 : len, argv[i]);
             return 2;
         }
     }
