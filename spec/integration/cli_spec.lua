@@ -61,6 +61,33 @@ describe("paygate CLI", function()
     assert.matches("lua-busted", out, 1, true)
   end)
 
+  it("run on port 0 says the port the kernel gave (listener and admin)",
+     function()
+    local http = require "paygate.http"
+    local servers = require "support.servers"
+    local dir = server.tmpdir()
+    local log = dir .. "/out"
+    local p = proc.spawn({ PAYGATE_BIN, "run", "examples/hello", "--listen",
+      "127.0.0.1:0", "--admin", "127.0.0.1:0", "--workers", "1" },
+      { log = log })
+    local line = servers.wait_for(function()
+      return proc.read(log):match("paygate: serving [^\n]*")
+    end, 15, "the serving line")
+    local port = tonumber(line:match("on http://127%.0%.0%.1:(%d+) "))
+    local admin = tonumber(line:match("admin on 127%.0%.0%.1:(%d+)"))
+    assert.truthy(port and port > 0, line)       -- was: 127.0.0.1:0
+    assert.truthy(admin and admin > 0, line)
+    local res = http.request{ url = "http://127.0.0.1:" .. port .. "/",
+                              timeout = 5 }
+    assert.truthy(res, "the port it named serves")
+    res = http.request{ url = "http://127.0.0.1:" .. admin .. "/healthz",
+                        timeout = 5 }
+    assert.equal(200, res and res.status)
+    p:kill(proc.SIGTERM)
+    p:wait(10)
+    os.execute("rm -rf " .. dir)
+  end)
+
   it("exits 2 with a reason for usage errors", function()
     local code, out = run({ "frobnicate" })
     assert.equal(2, code)

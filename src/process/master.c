@@ -11,6 +11,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -304,22 +306,60 @@ reload_commit(void)
     }
 }
 
+/* The address fd is bound to, as HOST:PORT ([HOST]:PORT for IPv6): the
+ * port the kernel picked for a listen on port 0 too. spec when it cannot
+ * be told. */
+static const char *
+bound_addr(int fd, const char *spec, char *buf, size_t len)
+{
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof(ss);
+    char host[INET6_ADDRSTRLEN];
+
+    if (getsockname(fd, (struct sockaddr *) &ss, &sl) != 0) {
+        return spec;
+    }
+    if (ss.ss_family == AF_INET) {
+        struct sockaddr_in *a = (struct sockaddr_in *) &ss;
+
+        if (inet_ntop(AF_INET, &a->sin_addr, host, sizeof(host)) == NULL) {
+            return spec;
+        }
+        snprintf(buf, len, "%s:%u", host, (unsigned) ntohs(a->sin_port));
+        return buf;
+    }
+    if (ss.ss_family == AF_INET6) {
+        struct sockaddr_in6 *a = (struct sockaddr_in6 *) &ss;
+
+        if (inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof(host)) == NULL) {
+            return spec;
+        }
+        snprintf(buf, len, "[%s]:%u", host, (unsigned) ntohs(a->sin6_port));
+        return buf;
+    }
+    return spec;
+}
+
 /* The first worker is ready: only now does the master say it is serving,
- * so an app that refuses its configuration leaves just its own line. */
+ * so an app that refuses its configuration leaves just its own line. It
+ * names the addresses as bound (a listen on port 0 gets its port here). */
 static void
 announce(void)
 {
     const struct gw_opts *o = m.o;
+    char lbuf[80], abuf[80];
 
     if (m.served) {
         return;
     }
     m.served = 1;
     gw_log(GW_LOG_INFO, "paygate: serving %s on %s%s with %d worker%s%s%s",
-           o->app_dir, m.ssl_ctx ? "https://" : "http://", o->listen,
+           o->app_dir, m.ssl_ctx ? "https://" : "http://",
+           bound_addr(m.listen_fd, o->listen, lbuf, sizeof(lbuf)),
            o->workers, o->workers == 1 ? "" : "s",
            m.admin_fd >= 0 ? "; admin on " : "",
-           m.admin_fd >= 0 ? o->admin : "");
+           m.admin_fd >= 0 ? bound_addr(m.admin_fd, o->admin, abuf,
+                                        sizeof(abuf)) : "");
 }
 
 static void
