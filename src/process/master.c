@@ -998,7 +998,14 @@ gw_master_main(struct gw_opts *o, const struct gw_opts *file)
         fprintf(stderr, "paygate: %s\n", err);
         return 2;
     }
-    if (o->admin[0] != '\0' && strcmp(o->admin, "off") != 0) {
+    if (o->admin[0] == '\0') {
+        /* an empty value is no address, nor a clear "off" (it turned
+         * the admin listener off without a word) */
+        fprintf(stderr, "paygate: admin is empty: give HOST:PORT, or "
+                        "\"off\" for no admin listener\n");
+        return 2;
+    }
+    if (strcmp(o->admin, "off") != 0) {
         m.admin_fd = gw_listen(o->admin, 64, err, sizeof(err));
         if (m.admin_fd < 0) {
             fprintf(stderr, "paygate: admin: %s\n", err);
