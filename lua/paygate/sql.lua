@@ -174,17 +174,21 @@ local function open_sqlite(rest, opts)
                         retries = opts.retries or DEFAULT_RETRIES }, DB)
 end
 
+-- Our options in a postgres:// URL (they leave it; the rest goes to
+-- libpq), and the words a boolean one takes
+local PG_URL_OPTS = { pool = true, connect_timeout = true,
+  query_timeout = true, retries = true, down_for = true,
+  require_sync = true, sync_recheck = true }
+local BOOL = { ["true"] = true, ["1"] = true, ["false"] = false,
+               ["0"] = false }
+
 local function open_pg(url, opts)
   local pg_core = require "paygate.pg.core"
   -- (a password may hold "?": paygate.redact's reading)
   local base, qs = redact.split_query(url)
   qs = qs:sub(2)
   -- Our options leave the URL; the rest (sslmode, ...) goes to libpq.
-  local ours = { pool = true, connect_timeout = true, query_timeout = true,
-                 retries = true, down_for = true, require_sync = true,
-                 sync_recheck = true }
-  local BOOL = { ["true"] = true, ["1"] = true, ["false"] = false,
-                 ["0"] = false }
+  local ours = PG_URL_OPTS
   local keep = {}
   for k, v in qs:gmatch("([^&=]+)=([^&]*)") do
     if ours[k] then

@@ -723,6 +723,19 @@ local function bill_of(text, name)
   return bill.records(path)
 end
 
+-- a client whose trade bill of any day is text
+local function bill_wx(text)
+  return {
+    trade_bill = function() return { download_url = "x" } end,
+    download_bill = function(_, _, path)
+      local f = assert(io.open(path, "wb"))
+      f:write(text)
+      f:close()
+      return { path = path }
+    end,
+  }
+end
+
 describe("bill.records", function()
   it("reads a trade bill into fen by out_trade_no and out_refund_no",
      function()
@@ -790,15 +803,7 @@ describe("bill.records", function()
       .. "`2026-11-29 11:00:00,`wx1,`1900,`0,`,`4200001,`T1,`o1,`NATIVE,"
       .. "`REFUND,`OTHERS,`CNY,`0.00,`0.00,`5000001,`R1,`0.08,`0.00,"
       .. "`ORIGINAL,`SUCCESS,`a,`,`0.00000,`0.60%,`0.00,`0.10,`\r\n"
-    local wx = {
-      trade_bill = function() return { download_url = "x" } end,
-      download_bill = function(_, _, path)
-        local f = assert(io.open(path, "wb"))
-        f:write(text)
-        f:close()
-        return { path = path }
-      end,
-    }
+    local wx = bill_wx(text)
     local db = new_db()
     local dir = tmp .. "/daily"
     os.execute("mkdir -p " .. dir)
@@ -833,15 +838,7 @@ describe("bill.records", function()
       .. "`2026-11-29 10:01:00,`wx1,`1900,`0,`,`4200003,`T3,`o1,`NATIVE,"
       .. "`SUCCESS,`OTHERS,`CNY,`0.30,`0.00,`0,`0,`0.00,`0.00,`,`,`a,`,"
       .. "`0.00000,`0.60%,`0.30,`0.00,`\r\n"
-    local wx = {
-      trade_bill = function() return { download_url = "x" } end,
-      download_bill = function(_, _, path)
-        local f = assert(io.open(path, "wb"))
-        f:write(text)
-        f:close()
-        return { path = path }
-      end,
-    }
+    local wx = bill_wx(text)
     local db = new_db()
     local dir = tmp .. "/findings"
     os.execute("mkdir -p " .. dir)

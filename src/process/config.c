@@ -252,18 +252,19 @@ config_hook(lua_State *L, lua_Debug *ar)
 static int
 config_exit(lua_State *L)
 {
-    luaL_where(L, 1);
-    if (lua_isnoneornil(L, 1) || lua_type(L, 1) == LUA_TBOOLEAN) {
-        lua_pushfstring(L, "it called os.exit(%s) (a config file returns "
-                        "a table, or raises an error saying what is "
-                        "wrong)", lua_isnoneornil(L, 1) ? ""
-                        : lua_toboolean(L, 1) ? "true" : "false");
-    } else {
-        lua_pushfstring(L, "it called os.exit(%d) (a config file returns "
-                        "a table, or raises an error saying what is "
-                        "wrong)", (int) luaL_optinteger(L, 1, 0));
+    const char *arg = lua_isnoneornil(L, 1) ? ""
+                      : lua_type(L, 1) == LUA_TBOOLEAN
+                      ? (lua_toboolean(L, 1) ? "true" : "false")
+                      : NULL;
+
+    if (arg == NULL) {
+        lua_pushfstring(L, "%d", (int) luaL_optinteger(L, 1, 0));
+        arg = lua_tostring(L, -1);       /* anchored on the stack */
     }
-    lua_concat(L, 2);
+    luaL_where(L, 1);
+    lua_pushfstring(L, "it called os.exit(%s) (a config file returns a "
+                    "table, or raises an error saying what is wrong)", arg);
+    lua_concat(L, 2);                    /* where .. message */
     return lua_error(L);
 }
 

@@ -28,9 +28,12 @@ local K_OPENED = "gw:console:lo:"
 -- Past the bound a new address's try cannot be counted, so it is
 -- refused (fail closed) until windows end; addresses with a window open
 -- go on as before.
+local bound                         -- max_hosts, once per worker
 local function max_hosts(D)
-  local st = D:stats()
-  return max(64, floor((st.capacity or 0) / 8 / 300))
+  if not bound then
+    bound = max(64, floor((D:stats().capacity or 0) / 8 / 300))
+  end
+  return bound
 end
 _M.max_hosts = max_hosts
 
