@@ -191,6 +191,22 @@ function _M.call(gw, method, path, body, headers)
                          headers = h }
 end
 
+-- the message of a failed status assertion: a 5xx answer brings the
+-- gateway log's last lines (what failed inside is there, not in the body)
+local function failed(gw, what, res)
+  local msg = what .. ": " .. res.status .. " " .. res.body
+  if res.status >= 500 then
+    local lines = {}
+    for l in (gw.srv:logs() or ""):gmatch("[^\n]+") do
+      lines[#lines + 1] = l
+      if #lines > 40 then table.remove(lines, 1) end
+    end
+    msg = msg .. "\n-- the gateway's log, last lines:\n"
+      .. table.concat(lines, "\n")
+  end
+  return msg
+end
+
 --- syntax: payment, pay = gw:create(o) -- 201 asserted
 function _M.create(gw, o)
   local body = { order_id = o.order_id or ("o-" .. crypto.random_nonce(10)),
@@ -198,13 +214,13 @@ function _M.create(gw, o)
                  description = o.description or "core spec" }
   for k, v in pairs(o) do body[k] = v end
   local res = gw:call("POST", "/v1/payments", body)
-  assert(res.status == 201, "create: " .. res.status .. " " .. res.body)
+  if res.status ~= 201 then error(failed(gw, "create", res), 2) end
   return res.json.payment, res.json.pay
 end
 
 function _M.get(gw, id, q)
   local res = gw:call("GET", "/v1/payments/" .. id .. (q or ""))
-  assert(res.status == 200, "get: " .. res.status .. " " .. res.body)
+  if res.status ~= 200 then error(failed(gw, "get", res), 2) end
   return res.json
 end
 
