@@ -180,6 +180,22 @@ local function default_lease()
   return t + LEASE_MARGIN
 end
 
+-- A record must outlive its lease: once expires_at passes, begin() treats
+-- the record as absent and starts over whatever its state, so a ttl at or
+-- below the lease would let a repeat run the request again beside a run
+-- still holding its lease (and a done record would have no time left to
+-- be replayed). Refused like any other bad option, at the call.
+local function check_ttl_lease(fname, ttl, lease)
+  local l = lease or default_lease()
+  if (ttl or DEFAULT_TTL) <= l then
+    error(string.format("%s: opts.ttl (%g s) must be longer than the lease"
+      .. " (%g s%s): a record that expires while its run holds the lease"
+      .. " would let a repeat run the request again", fname,
+      ttl or DEFAULT_TTL, l, lease and "" or ", the default:"
+      .. " limits.request_timeout + " .. LEASE_MARGIN), 3)
+  end
+end
+
 -- Headers a replay repeats: string names and values only, names as given.
 local function copy_headers(h)
   local out = {}
@@ -350,6 +366,7 @@ function _M.begin(db, scope, key, fingerprint, opts)
   end
   local ttl = opts.ttl or DEFAULT_TTL
   local lease = opts.lease or default_lease()
+  check_ttl_lease("idempotency.begin", opts.ttl, opts.lease)
   local sok, serr = ensure_schema(db)
   if not sok then
     return nil, serr
@@ -692,6 +709,9 @@ function _M.wrap(db, handler, opts)
   opts = opts or {}
   check_positive("idempotency.wrap", "opts.ttl", opts.ttl)
   check_positive("idempotency.wrap", "opts.lease", opts.lease)
+  -- (the default lease read now, as begin() will: the configuration is
+  -- loaded before the app registers its routes)
+  check_ttl_lease("idempotency.wrap", opts.ttl, opts.lease)
   local scope_of = opts.scope or function(req)
     local a = req.app_id
     return type(a) == "string" and a or ""

@@ -100,6 +100,38 @@ describe("idempotency misuse", function()
                          "idempotency.complete: h must be a handle")
     db:close()
   end)
+
+  -- A record past its ttl is as if absent: with a ttl at or below the
+  -- lease, a repeat arriving after the ttl ran the request a second time
+  -- while the first run still held its lease (was: accepted silently).
+  it("refuses a ttl not longer than the lease, at the call", function()
+    local db = engines.sqlite()()
+    assert.error_matches(function()
+      idem.begin(db, "a", "k", "f", { ttl = 5, lease = 10 })
+    end, "idempotency.begin: opts.ttl %(5 s%) must be longer than the"
+         .. " lease %(10 s%)")
+    assert.error_matches(function()
+      idem.begin(db, "a", "k", "f", { ttl = 10, lease = 10 })
+    end, "opts.ttl %(10 s%) must be longer than the lease")
+    -- the default lease (request timeout + 10 s) counts too
+    assert.error_matches(function()
+      idem.begin(db, "a", "k", "f", { ttl = 20 })
+    end, "opts.ttl %(20 s%) must be longer than the lease %(%d+ s, the"
+         .. " default: limits.request_timeout %+ 10%)")
+    local ok_h = function() return 200, "" end
+    assert.error_matches(function()
+      idem.wrap(db, ok_h, { ttl = 30, lease = 60 })
+    end, "idempotency.wrap: opts.ttl %(30 s%) must be longer than the"
+         .. " lease %(60 s%)")
+    assert.error_matches(function()
+      idem.wrap(db, ok_h, { lease = 86400 })
+    end, "idempotency.wrap: opts.ttl %(86400 s%) must be longer")
+    -- a ttl longer than the lease is fine
+    assert.is_function(idem.wrap(db, ok_h, { ttl = 61, lease = 60 }))
+    local h = assert(idem.begin(db, "a", "k", "f", { ttl = 2, lease = 1 }))
+    assert.equal("new", h.state)
+    db:close()
+  end)
 end)
 
 for name, engine in pairs(engines) do
@@ -236,7 +268,8 @@ for name, engine in pairs(engines) do
     it("forgets records past their ttl; prune() removes them in batches",
        function()
       for i = 1, 7 do
-        local h = assert(idem.begin(db, "a", "k" .. i, "f", { ttl = 0.05 }))
+        local h = assert(idem.begin(db, "a", "k" .. i, "f",
+                                         { ttl = 0.05, lease = 0.01 }))
         assert(idem.complete(db, h, 200, "r" .. i))
       end
       local keep = assert(idem.begin(db, "a", "keep", "f"))
@@ -246,7 +279,8 @@ for name, engine in pairs(engines) do
       -- an expired record is as if absent, even with another body (its
       -- new record lives 1 s: the replay just below must come within its
       -- ttl even on a slow run, e.g. under ASan)
-      local h = assert(idem.begin(db, "a", "k1", "other", { ttl = 1 }))
+      local h = assert(idem.begin(db, "a", "k1", "other",
+                                     { ttl = 1, lease = 0.5 }))
       assert.equal("new", h.state)
       assert.is_false(h.taken_over)
       assert(idem.complete(db, h, 200, "fresh"))
@@ -265,7 +299,8 @@ for name, engine in pairs(engines) do
 
     it("pruner() empties expired records batch after batch", function()
       for i = 1, 5 do
-        local h = assert(idem.begin(db, "a", "p" .. i, "f", { ttl = 0.01 }))
+        local h = assert(idem.begin(db, "a", "p" .. i, "f",
+                                         { ttl = 0.01, lease = 0.005 }))
         assert(idem.complete(db, h, 200, "x"))
       end
       local task = idem.pruner(db, { interval = 0.05, batch = 2 })
