@@ -36,7 +36,8 @@
 -- anchor) and compare.
 --
 -- Failures: nil, err (core.error) with the store's kinds (unavailable,
--- timeout, ...) or "conflict" (retryable: the head kept moving under us).
+-- timeout, ...), "conflict" (retryable: the head kept moving under us) or
+-- "too_large" (an evidence over MAX_EVIDENCE bytes: nothing written).
 -- Misuse raises.
 
 local core = require "paygate.core"
@@ -58,6 +59,14 @@ local APPEND_ATTEMPTS = 16
 local PAGE = 1000
 local ROUNDS = 100                -- verify: reads of a chain that moves on
 local MAX_AT = 253402300799999     -- 9999-12-31T23:59:59.999Z (partitions)
+-- An entry's evidence, as stored, is at most this many bytes: verify and
+-- verify_all read PAGE rows at a time, so with it a page is bounded
+-- (64 MiB at the very worst, 1,000 entries all at the cap; had there been
+-- no cap, one page could be any size). Evidence is identifiers and short
+-- facts: the gateway's own are under 1 KiB; the largest in paygate, a
+-- reconciled day's findings, keeps itself within it (reconcile/bill.lua).
+local MAX_EVIDENCE = 65536
+_M.MAX_EVIDENCE = MAX_EVIDENCE
 
 ------------------------------------------------------------- schema
 
@@ -625,10 +634,13 @@ end
 --      JSON, or a JSON string stored as given) }.
 -- Given a tx (inside db:transaction), the entry commits or rolls back
 -- with it; given a db, it runs in its own transaction.
--- returns: the entry { subject, seq, hash, prev_hash, at, evidence, ... }
+-- returns: the entry { subject, seq, hash, prev_hash, at, evidence, ... },
+--          or nil, err: the store's kinds, "conflict", or "too_large"
+--          (evidence over audit.MAX_EVIDENCE bytes as stored: not written)
 -- yields: until written (with a db: committed and durable)
 -- Checks e (raising at the caller of the public function fname) and
--- returns the entry's fields: at defaulted, evidence as canonical JSON.
+-- returns the entry's fields: at defaulted, evidence as canonical JSON
+-- (or nil, err "too_large").
 local function entry_of(fname, subject, e)
   check_text(fname, "subject", subject, true, 3)
   if type(e) ~= "table" then
@@ -656,6 +668,15 @@ local function entry_of(fname, subject, e)
   elseif evidence ~= nil and type(evidence) ~= "string" then
     error(fname .. ": e.evidence must be a table or a JSON string", 3)
   end
+  -- Returned, not raised: evidence holds data from outside (WeChat's
+  -- fields, error texts), so its size is an outcome of the input, which
+  -- the caller's transaction rolls back on like any other failure.
+  if evidence and #evidence > MAX_EVIDENCE then
+    return nil, core.error("too_large", fname .. ": e.evidence is "
+      .. #evidence .. " bytes of JSON, over the " .. MAX_EVIDENCE
+      .. " an entry holds (keep identifiers and short facts in it)",
+      { retryable = false, size = #evidence, limit = MAX_EVIDENCE })
+  end
   return { what = e.what, ref = e.ref, from = e.from, to = e.to,
            cause = e.cause, actor = e.actor, at = at, evidence = evidence }
 end
@@ -665,7 +686,10 @@ function _M.append(q, subject, e)
   if mt ~= sql.DB and mt ~= sql.TX then
     error("audit.append: q must be a paygate.sql db or tx", 2)
   end
-  local entry = entry_of("audit.append", subject, e)
+  local entry, eerr = entry_of("audit.append", subject, e)
+  if not entry then
+    return nil, eerr
+  end
   if mt == sql.TX then
     return append_tx(q, subject, entry)
   end
@@ -694,13 +718,17 @@ _M.ENTRY_STMT = "audit.entry"
 -- (subject, seq): if another writer appended in between, the job fails
 -- with kind "conflict" (err.name "audit.head" or "audit.entry") and
 -- nothing of it is kept; read the head again and plan again.
--- returns: the entry (as audit.append's), and the statements.
+-- returns: the entry (as audit.append's), and the statements; or nil, err
+--          ("too_large": the evidence is over audit.MAX_EVIDENCE bytes)
 function _M.plan(subject, e, head)
-  local entry = entry_of("audit.plan", subject, e)
+  local entry, eerr = entry_of("audit.plan", subject, e)
   if head ~= false and (type(head) ~= "table" or type(head.hash) ~= "string"
      or type(head.seq) ~= "number") then
     error("audit.plan: head must be audit.head()'s { seq, hash } or false",
           2)
+  end
+  if not entry then
+    return nil, eerr
   end
   entry.subject = subject
   entry.seq = head and head.seq + 1 or 1

@@ -933,6 +933,9 @@ function Machine:plan(q, id, how, opts)
     what = self.name .. "." .. (ctx.event or ("->" .. ctx.to)),
     ref = tostring(id), from = ctx.from, to = ctx.to, cause = opts.cause,
     actor = opts.actor, evidence = opts.evidence, at = opts.at }, head)
+  if not entry then
+    return nil, astmts
+  end
   for _, a in ipairs(astmts) do
     stmts[#stmts + 1] = a
   end

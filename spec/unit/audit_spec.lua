@@ -189,6 +189,54 @@ for engine, new_db in pairs(stores) do
       assert.is_true((verify("payment:T")))
     end)
 
+    -- verify and verify_all read 1,000 entries a page: without a cap on
+    -- evidence, one page could hold any amount of it (was: any size
+    -- written as given)
+    it("refuses evidence over audit.MAX_EVIDENCE bytes: too_large,"
+       .. " nothing written", function()
+      local max = audit.MAX_EVIDENCE
+      assert.equal(65536, max)
+      -- a table: its canonical JSON is what counts
+      local pad = string.rep("x", max - #'{"v":""}')
+      local e = assert(audit.append(db, "payment:B", { what = "at_cap",
+                                                       evidence = { v = pad } }))
+      assert.equal(max, #e.evidence)
+      local e2, err = audit.append(db, "payment:B", { what = "over",
+        evidence = { v = pad .. "y" } })
+      assert.is_nil(e2)
+      assert.equal("too_large", err.kind)
+      assert.is_false(err.retryable)
+      assert.same({ max + 1, max }, { err.size, err.limit })
+      assert.matches("audit.append: e.evidence is " .. (max + 1)
+                     .. " bytes of JSON, over the " .. max, err.message,
+                     1, true)
+      -- a string, stored as given, is held to it as well
+      e2, err = audit.append(db, "payment:B", { what = "over",
+        evidence = '"' .. string.rep("z", max) .. '"' })
+      assert.is_nil(e2)
+      assert.equal("too_large", err.kind)
+      -- in the caller's transaction: the transaction fails with it
+      local res
+      res, err = db:transaction(function(tx)
+        assert(audit.append(tx, "payment:B", { what = "inside" }))
+        return audit.append(tx, "payment:B", { what = "over",
+          evidence = { v = pad .. "y" } })
+      end)
+      assert.is_nil(res)
+      assert.equal("too_large", err.kind)
+      -- plan: no statements
+      local stmts
+      e2, stmts = audit.plan("payment:B", { what = "over",
+        evidence = { v = pad .. "y" } }, assert(audit.head(db, "payment:B")))
+      assert.is_nil(e2)
+      assert.equal("too_large", stmts.kind)
+      assert.matches("^audit.plan: ", stmts.message)
+      local all = assert(audit.entries(db, "payment:B"))
+      assert.equal(1, #all)
+      assert.equal("at_cap", all[1].what)
+      assert.is_true((verify("payment:B")))
+    end)
+
     it("reads through the caller's transaction (one pool connection)",
        function()
       chain("payment:X", 2)

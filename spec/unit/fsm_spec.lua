@@ -301,6 +301,27 @@ for engine, new_db in pairs(stores) do
       assert.equal(1, #assert(audit.entries(db, "payment:C1")))
     end)
 
+    -- the audit entry's evidence is held to audit.MAX_EVIDENCE: the
+    -- transition fails with it, as a plan does, and nothing moves
+    it("fails too_large for evidence over audit.MAX_EVIDENCE, row and chain"
+       .. " untouched", function()
+      put("payments", "E1", "created")
+      local big = { blob = string.rep("x", audit.MAX_EVIDENCE) }
+      local res, err = payments:apply(db, "E1", "opened", { evidence = big })
+      assert.is_nil(res)
+      assert.equal("too_large", err.kind)
+      local plan
+      plan, err = payments:plan(db, "E1", "opened", { evidence = big })
+      assert.is_nil(plan)
+      assert.equal("too_large", err.kind)
+      local row = row_of("payments", "E1")
+      assert.same({ "created", 7 }, { row.state, row.version })
+      assert.same({}, assert(audit.entries(db, "payment:E1")))
+      -- the same transition with evidence of a sane size goes through
+      assert(payments:apply(db, "E1", "opened", { evidence = { n = 1 } }))
+      assert.equal("paying", row_of("payments", "E1").state)
+    end)
+
     it("uses the caller's column names and an eventless transition", function()
       local m = fsm.new({
         name = "order", initial = "new", states = { "new", "done" },

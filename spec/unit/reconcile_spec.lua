@@ -876,6 +876,37 @@ describe("bill.records", function()
     db:close()
   end)
 
+  -- 500 findings with refund numbers as long as WeChat allows (64) pass
+  -- an entry's evidence cap (audit.MAX_EVIDENCE): the entry lists as many
+  -- as fit AUDIT_FINDINGS_BYTES and counts the rest, so the day's audit
+  -- entry is still written
+  it("a day's findings are held within an audit entry's evidence cap",
+     function()
+    local wx = bill_wx(TRADE_HEAD .. "\r\n")
+    local db = new_db()
+    local dir = tmp .. "/findings_cap"
+    os.execute("mkdir -p " .. dir)
+    local rows = {}
+    for i = 1, bill.AUDIT_FINDINGS do
+      rows[i] = { out_trade_no = string.format("T%031d", i),
+                  out_refund_no = string.format("R%063d", i),
+                  amount = 1234567890, state = "succeeded" }
+    end
+    local report = assert(bill.daily{ wx = wx, db = db, dir = dir,
+      date = "2026-11-28", local_rows = function() return rows end })
+    assert.equal(bill.AUDIT_FINDINGS, report.counts.total)
+    local e = audit.entries(db, "reconcile:2026-11-28")
+    assert.truthy(#e[#e].evidence <= audit.MAX_EVIDENCE)
+    local ev = json.decode(e[#e].evidence)
+    assert.truthy(#ev.findings > 100 and #ev.findings < bill.AUDIT_FINDINGS)
+    assert.equal(bill.AUDIT_FINDINGS - #ev.findings, ev.findings_omitted)
+    assert.equal(report.mismatches[1].out_refund_no,
+                 ev.findings[1].out_refund_no)
+    assert.equal(report.mismatches[#ev.findings].out_refund_no,
+                 ev.findings[#ev.findings].out_refund_no)
+    db:close()
+  end)
+
   it("a description holding \",`\" does not shift the amounts; a line cut"
      .. " short is refused", function()
     local path = tmp .. "/shifted.csv"

@@ -554,6 +554,12 @@ end
 -- how many of a day's findings its audit entry lists (the rest: counted
 -- in findings_omitted, all of them in the CSV)
 _M.AUDIT_FINDINGS = 500
+-- and in how many bytes of JSON at most: an entry's evidence is held to
+-- audit.MAX_EVIDENCE, and 500 findings with long refund numbers would
+-- pass it (about 300 bytes each at the longest), which failed the day's
+-- audit entry. The rest of the evidence (counts, the file's path, ...)
+-- gets the 8 KiB left.
+_M.AUDIT_FINDINGS_BYTES = audit.MAX_EVIDENCE - 8192
 
 -- syntax: report, err = bill.daily(opts)
 -- opts: wx (client), db (paygate.sql: the audit entry), dir (the reports'
@@ -646,14 +652,20 @@ function _M.daily(opts)
   -- AUDIT_FINDINGS: the CSV, whose hash is here, has them all): the
   -- report file is on one instance's disk and may be gone, the audit
   -- chain is in the store
-  local findings = {}
+  local findings, bytes = {}, 2
   for i = 1, math.min(#mismatches, _M.AUDIT_FINDINGS) do
     local m = mismatches[i]
     local l, r = m["local"] or {}, m.remote or {}
-    findings[i] = { kind = m.kind, out_trade_no = m.out_trade_no,
-                    out_refund_no = m.out_refund_no,
-                    local_state = l.state, local_amount = l.amount,
-                    remote_state = r.state, remote_amount = r.amount }
+    local f = { kind = m.kind, out_trade_no = m.out_trade_no,
+                out_refund_no = m.out_refund_no,
+                local_state = l.state, local_amount = l.amount,
+                remote_state = r.state, remote_amount = r.amount }
+    -- (its canonical JSON, and the comma before it)
+    bytes = bytes + #audit.canonical_json(f) + 1
+    if bytes > _M.AUDIT_FINDINGS_BYTES then
+      break
+    end
+    findings[i] = f
   end
   local entry = { what = "reconcile.bill", cause = "daily_bill",
                   actor = "reconcile", evidence = {
