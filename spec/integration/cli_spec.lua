@@ -292,6 +292,60 @@ describe("paygate CLI", function()
     os.execute("rm -rf " .. dir)
   end)
 
+  -- A master that died under a parent that does not reap it is a zombie:
+  -- its pid still answers kill(pid, 0), so reload took it for alive and
+  -- waited its whole timeout (here 60 s) for an outcome that could never
+  -- come. It now fails at once, saying so.
+  it("reload fails at once on a master that is a zombie, before and while"
+     .. " it waits", function()
+    local dir = server.tmpdir()
+    local pid_file = dir .. "/p.pid"
+    local port = require("paygate.core").free_port()
+    -- sh starts the master, then becomes `sleep`, which never reaps it
+    local parent = proc.spawn({ "sh", "-c", '"$1" run examples/hello'
+      .. ' --listen "$2" --workers 1 --admin off --pid-file "$3" >"$4" 2>&1'
+      .. ' & exec sleep 120', "sh", PAYGATE_BIN, "127.0.0.1:" .. port,
+      pid_file, dir .. "/log" })
+    local master = tonumber(proc.wait_until(function()
+      return proc.read(pid_file):match("^(%d+)")
+    end, 20, "the master's pid file"))
+    proc.wait_until(function()
+      return proc.read(dir .. "/log"):find("serving", 1, true)
+    end, 20, "the master serving")
+    local function status(field)
+      return proc.read("/proc/" .. master .. "/status")
+        :match("\n" .. field .. ":%s*(%S+)")
+    end
+    -- stopped, it leaves the HUP pending: then it dies, unreaped
+    proc.kill_pid(master, 19)                          -- SIGSTOP
+    local reload = proc.spawn({ PAYGATE_BIN, "reload", "--pid-file",
+      pid_file, "--timeout", "60" }, { log = dir .. "/reload.out" })
+    proc.wait_until(function()
+      local pending = status("ShdPnd")
+      return pending and tonumber(pending, 16) % 2 == 1    -- SIGHUP's bit
+    end, 20, "reload's SIGHUP pending at the master")
+    proc.kill_pid(master, proc.SIGKILL)
+    proc.wait_until(function() return status("State") == "Z" end, 20,
+                    "the master a zombie")
+    local code = reload:wait(10)
+    if code == nil then reload:kill(proc.SIGKILL); reload:wait(2) end
+    local out = proc.read(dir .. "/reload.out")
+    assert.equal(1, code, out)
+    assert.equal("paygate reload: pid " .. master .. " exited before the"
+      .. " reload ended (a zombie: its parent has not reaped it)\n", out)
+    -- and asked again, with the master a zombie from the start: nothing
+    -- signalled (was: called "not a paygate master", its cmdline empty)
+    local out2
+    code, out2 = run({ "reload", "--pid-file", pid_file, "--timeout", "60" })
+    assert.equal(1, code, out2)
+    assert.equal("paygate reload: pid " .. master .. " from " .. pid_file
+      .. " has exited (a zombie: its parent has not reaped it); nothing"
+      .. " signalled\n", out2)
+    parent:kill(proc.SIGKILL)             -- the zombie goes to init, reaped
+    parent:wait(5)
+    os.execute("rm -rf " .. dir)
+  end)
+
   it("reload through a pid file the master did not write: signals, says"
      .. " the outcome is in the log, does not wait", function()
     local s = server.start{ source = "local paygate = require 'paygate'\n"

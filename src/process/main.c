@@ -94,7 +94,9 @@ static const char usage_reload[] =
 "the one after (the one loading read the code before it ran; the default\n"
 "wait is then 150 s). --no-wait only sends the signal. A pid file the\n"
 "server did not write (it writes FILE.reload beside its own) holds no\n"
-"outcome: the signal is sent, and the server's log says how it ended.\n";
+"outcome: the signal is sent, and the server's log says how it ended.\n"
+"A master that has exited, even one its parent has not reaped yet (a\n"
+"zombie), ends the wait at once with exit 1.\n";
 
 /* Reads FILE.reload's outcome counter and line; 0 when there is none. */
 static int
@@ -114,6 +116,32 @@ reload_outcome(const char *pid_file, char *line, size_t len)
     }
     fclose(f);
     return n;
+}
+
+/* Whether pid has exited but its parent has not reaped it yet (state Z,
+ * or X on its way out, in /proc/PID/stat). Such a pid still answers
+ * kill(pid, 0) and takes a signal without error, so that check alone took
+ * a dead master for a live one and waited out the whole timeout for an
+ * outcome that could never come. 0 when /proc cannot say. */
+static int
+is_zombie(int pid)
+{
+    char path[64], buf[256], *p;
+    FILE *f;
+    size_t n;
+
+    snprintf(path, sizeof(path), "/proc/%d/stat", pid);
+    f = fopen(path, "r");
+    if (f == NULL) {
+        return 0;
+    }
+    n = fread(buf, 1, sizeof(buf) - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    /* "PID (COMM) STATE ...": COMM (at most 15 bytes) may hold ')' and
+     * spaces itself, so the state is after the last ')' */
+    p = strrchr(buf, ')');
+    return p != NULL && p[1] == ' ' && (p[2] == 'Z' || p[2] == 'X');
 }
 
 static int
@@ -469,6 +497,14 @@ cmd_reload(int argc, char **argv)
         return 1;
     }
     fclose(f);
+    if (is_zombie(pid)) {
+        /* (its cmdline reads empty: it would be called "not a paygate
+         * master" below, and the reason hidden) */
+        fprintf(stderr, "paygate reload: pid %d from %s has exited (a "
+                        "zombie: its parent has not reaped it); nothing "
+                        "signalled\n", pid, pid_file);
+        return 1;
+    }
     {
         /* a stale pid file may name another process now: HUP ends most */
         char path[64];
@@ -530,6 +566,10 @@ cmd_reload(int argc, char **argv)
     }
     for (double waited = 0; waited < timeout; waited += 0.05) {
         struct timespec ts = { 0, 50 * 1000 * 1000 };
+        /* whether it is gone, asked before the outcome is read: anything
+         * it wrote before it went is in the file by then */
+        int exited = kill(pid, 0) != 0;
+        int zombie = !exited && is_zombie(pid);
 
         if (reload_outcome(pid_file, line, sizeof(line)) > before) {
             const char *what = strchr(line, ' ');
@@ -542,9 +582,10 @@ cmd_reload(int argc, char **argv)
             fprintf(stderr, "paygate reload: %s", what);
             return 1;
         }
-        if (kill(pid, 0) != 0) {
+        if (exited || zombie) {
             fprintf(stderr, "paygate reload: pid %d exited before the "
-                            "reload ended\n", pid);
+                            "reload ended%s\n", pid, zombie ? " (a zombie: "
+                            "its parent has not reaped it)" : "");
             return 1;
         }
         nanosleep(&ts, NULL);
