@@ -1101,6 +1101,7 @@ local function record_done(self, g, ok, err, fenced)
         stats.fenced = stats.fenced + 1
       else
         stats.errors = stats.errors + 1
+        self.unrecorded = true        -- the next round probes first
       end
       log_warn("outbox: outcome not recorded", { id = o.row.id,
         error = fenced and ("fenced: lease " .. lease_key(self, p)
@@ -1336,6 +1337,25 @@ local function deliver_row(self, row, p, l)
   return true
 end
 
+-- Whether the store takes writes again, after an outcome it failed to
+-- write: the held leases are renewed (a fenced write each, due soon
+-- anyway). A lease found lost is dropped, as refresh_leases does.
+-- returns: true, or nil, err (the store's error on a renewal)
+local function probe_writes(self)
+  for p, l in pairs(self.leases) do
+    local ok, err = renew(self, l)
+    if not ok then
+      if err.kind ~= "lost" then
+        return nil, err
+      end
+      if self.leases[p] == l then
+        self.leases[p] = nil
+      end
+    end
+  end
+  return true
+end
+
 -- syntax: n = d:step()
 -- One round: leases, then the due heads of every held shard, delivered
 -- with at most `concurrency` in flight; prunes when due. Returns the
@@ -1353,6 +1373,23 @@ function Dispatcher:step()
   -- queued is recorded with this round's)
   self.recording = false
   refresh_leases(self)
+  -- An outcome the store failed to write (disk full, a read-only standby,
+  -- a lock held elsewhere) left its event pending and due: delivered
+  -- again while the store still refuses writes, each delivery was one
+  -- more duplicate for the receivers, its outcome lost the same way
+  -- (every round, up to every 10 s, for as long as the lease lasted). So
+  -- after one, rounds deliver nothing until a write goes through. The
+  -- failed round counts as an error: start()'s pause keeps doubling.
+  if self.unrecorded then
+    local wok, werr = probe_writes(self)
+    if not wok then
+      self.stats.errors = self.stats.errors + 1
+      log_warn("outbox: the store refuses writes: deliveries paused until"
+               .. " it takes them", { error = tostring(werr) })
+      return 0, werr
+    end
+    self.unrecorded = false
+  end
   local work = {}
   local now = self.now()
   local held = 0

@@ -61,6 +61,71 @@ describe("outbox dispatcher", function()
   end)
 end)
 
+describe("outbox dispatcher, the store refusing writes for real", function()
+  -- Another process holds SQLite's write lock: every write of the
+  -- dispatcher's (outcomes and leases alike) fails busy; reads go on.
+  -- Each delivery whose outcome cannot be written is a duplicate for the
+  -- receiver. Was: the head delivered again every round (the pause
+  -- doubling up to 10 s) for as long as the shard's lease lasted; now the
+  -- rounds deliver nothing until a write goes through, and once the lock
+  -- is let go the event is delivered once more and recorded.
+  it("pauses deliveries after an outcome it could not write, until the"
+     .. " store takes writes", function()
+    local proc = require "support.proc"
+    n = n + 1
+    local path = tmp .. "/locked" .. n .. ".db"
+    local db = assert(sql.open("sqlite:" .. path, { busy_timeout = 100 }))
+    local got = 0
+    local d = outbox.dispatcher(db, { interval = 0.05, sinks = {
+      { name = "s", deliver = function() got = got + 1 end } } })
+    assert.equal(0, d:step())               -- the table, the leases
+    local id = enqueue(db, "pay_locked", "payment.paid")
+    local flag, release = path .. ".locked", path .. ".release"
+    local script = tmp .. "/locker" .. n .. ".lua"
+    proc.write(script, ([[
+local sql, core = require "paygate.sql", require "paygate.core"
+local db = assert(sql.open("sqlite:" .. %q))
+assert(db:transaction(function(tx)
+  assert(tx:exec("CREATE TABLE IF NOT EXISTS lock_holder (x INTEGER)"))
+  assert(tx:exec("INSERT INTO lock_holder VALUES (1)"))
+  local f = io.open(%q, "w"); f:write("locked"); f:close()
+  local deadline = core.mono() + 60
+  local function released()
+    local r = io.open(%q)
+    if r then r:close() end
+    return r ~= nil
+  end
+  while not released() and core.mono() < deadline do core.sleep(0.01) end
+  return true
+end))
+db:close()
+]]):format(path, flag, release))
+    local locker = proc.spawn({ PAYGATE_BIN, "exec", script },
+                              { log = tmp .. "/locker" .. n .. ".out" })
+    wait_until(function() return proc.read(flag) == "locked" end, 20,
+               "the other process holding the write lock")
+    d:start()
+    wait_until(function() return got >= 1 end, 20, "the first delivery")
+    -- then rounds in which the store keeps refusing writes
+    local rounds = d.stats.rounds
+    wait_until(function() return d.stats.rounds >= rounds + 4 end, 30,
+               "four more rounds")
+    assert.equal(1, got)          -- (was: one delivery each round)
+    assert.equal(0, d.stats.delivered)
+    assert.equal("pending", row(db, id).state)
+    -- the lock let go: delivered once more (the unrecorded one was a
+    -- duplicate nothing can prevent) and recorded
+    proc.write(release, "")
+    assert.equal(0, locker:wait(20))
+    wait_until(function() return d.stats.delivered == 1 end, 30,
+               "the delivery recorded")
+    assert.equal(2, got)
+    assert.equal("delivered", row(db, id).state)
+    d:stop()
+    db:close()
+  end)
+end)
+
 describe("paygate_outbox_events_total", function()
   it("counts the outcomes per outbox: delivered, failed, dead,"
      .. " unrecorded", function()
