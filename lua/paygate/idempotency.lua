@@ -184,16 +184,32 @@ end
 -- the record as absent and starts over whatever its state, so a ttl at or
 -- below the lease would let a repeat run the request again beside a run
 -- still holding its lease (and a done record would have no time left to
--- be replayed). Refused like any other bad option, at the call.
+-- be replayed). A ttl given so is refused like any other bad option, at
+-- the call; the default one is made long enough (ttl_for).
 local function check_ttl_lease(fname, ttl, lease)
+  if ttl == nil then
+    return
+  end
   local l = lease or default_lease()
-  if (ttl or DEFAULT_TTL) <= l then
+  if ttl <= l then
     error(string.format("%s: opts.ttl (%g s) must be longer than the lease"
       .. " (%g s%s): a record that expires while its run holds the lease"
-      .. " would let a repeat run the request again", fname,
-      ttl or DEFAULT_TTL, l, lease and "" or ", the default:"
-      .. " limits.request_timeout + " .. LEASE_MARGIN), 3)
+      .. " would let a repeat run the request again", fname, ttl, l,
+      lease and "" or ", the default: limits.request_timeout + "
+      .. LEASE_MARGIN), 3)
   end
+end
+
+-- The ttl of a record: as given, else 24 h, or the lease plus 24 h for a
+-- lease that long (a route, or limits.request_timeout, allowing a day).
+local function ttl_for(ttl, lease)
+  if ttl then
+    return ttl
+  end
+  if lease >= DEFAULT_TTL then
+    return lease + DEFAULT_TTL
+  end
+  return DEFAULT_TTL
 end
 
 -- Headers a replay repeats: string names and values only, names as given.
@@ -341,8 +357,9 @@ local function decode_response(row)
 end
 
 -- syntax: h, err = idempotency.begin(db, scope, key, fingerprint[, opts])
--- opts: ttl (s the record is kept, default 24 h), lease (s the in-flight
---       marker holds, default limits.request_timeout + 10)
+-- opts: ttl (s the record is kept, default 24 h, or lease + 24 h for a
+--       lease that long; longer than the lease, else it raises), lease
+--       (s the in-flight marker holds, default limits.request_timeout + 10)
 -- returns: { state = "new", scope, key, token, fingerprint, taken_over }
 --          (run the request, then complete() or release()), or
 --          { state = "done", response = { status, headers, body } }
@@ -364,9 +381,9 @@ function _M.begin(db, scope, key, fingerprint, opts)
   if not ok then
     error("idempotency.begin: key is not valid (" .. why .. ")", 2)
   end
-  local ttl = opts.ttl or DEFAULT_TTL
-  local lease = opts.lease or default_lease()
   check_ttl_lease("idempotency.begin", opts.ttl, opts.lease)
+  local lease = opts.lease or default_lease()
+  local ttl = ttl_for(opts.ttl, lease)
   local sok, serr = ensure_schema(db)
   if not sok then
     return nil, serr
