@@ -263,6 +263,13 @@ struct lpg_pool {
     double            sync_recheck; /* s between re-checks of a connection */
     double            down_until;/* monotonic s */
     char              down_msg[200];
+    /* The outage as the log tells it (pool_log_down(), pool_log_up()):
+     * statements failed fast say only their own error, and a process
+     * whose pool stays down must say so in its log by itself. */
+    double            down_since;/* monotonic s: first failed connect
+                                    since the last good one; 0: none */
+    double            down_logged; /* monotonic s: last "down" line */
+    unsigned          down_fails;/* failed connects since down_since */
     struct lpg_conn  conns[LPG_MAXPOOL];
     struct lpg_op   *wq, *wq_tail;  /* waiting for a connection */
     struct event     *tick;      /* owned */
@@ -285,6 +292,7 @@ struct lpg_ud {
 static void conn_event(evutil_socket_t fd, short what, void *arg);
 static void dispatch(struct lpg_pool *pg);
 static void tx_forget(long txid);
+static void pool_log_up(struct lpg_pool *pg);
 
 /* conn_read(): the server left c in a transaction state nobody asked
  * for; the connection must go. */
@@ -892,6 +900,7 @@ conn_ready(struct lpg_conn *c)
     c->nosync = 0;
     c->since = gw_loop_mono_fresh();
     c->sync_at = c->since;
+    pool_log_up(c->pg);
     return GW_OK;
 }
 
@@ -1025,6 +1034,48 @@ conn_poll_connect(struct lpg_conn *c)
     return GW_AGAIN;
 }
 
+#define LPG_DOWN_LOG_EVERY 5.0      /* s between "still down" lines */
+
+/* A connect failed (msg) and no connection is open: the first failure
+ * of an outage is logged, then one line every LPG_DOWN_LOG_EVERY s while
+ * connects keep failing, and pool_log_up() says when one serves again.
+ * So a log shows when each process's pool went down and whether it
+ * stayed down, not only the errors of the statements failed meanwhile
+ * (which a best-effort write may not log at all). */
+static void
+pool_log_down(struct lpg_pool *pg, const char *kind, const char *msg)
+{
+    double now = gw_loop_mono_fresh();
+
+    pg->down_fails++;
+    if (pg->down_since == 0) {
+        pg->down_since = now;
+        pg->down_logged = now;
+        gw_log(GW_LOG_WARN, "postgres: pool down (%s): %s; statements fail"
+               " at once for %.3g s after each failed connect while no"
+               " connection is open", kind, msg, pg->down_for);
+    } else if (now - pg->down_logged >= LPG_DOWN_LOG_EVERY) {
+        pg->down_logged = now;
+        gw_log(GW_LOG_WARN, "postgres: pool still down after %.1f s (%u"
+               " failed connects; last (%s): %s)", now - pg->down_since,
+               pg->down_fails, kind, msg);
+    }
+}
+
+/* A connection serves: ends the outage pool_log_down() logged. */
+static void
+pool_log_up(struct lpg_pool *pg)
+{
+    if (pg->down_since == 0) {
+        return;
+    }
+    gw_log(GW_LOG_INFO, "postgres: pool up again after %.1f s down (%u"
+           " failed connects)", gw_loop_mono_fresh() - pg->down_since,
+           pg->down_fails);
+    pg->down_since = 0;
+    pg->down_fails = 0;
+}
+
 static void
 pool_mark_down(struct lpg_pool *pg, const char *kind, const char *msg)
 {
@@ -1076,6 +1127,9 @@ conn_down(struct lpg_conn *c, const char *kind, const char *msg,
 
     conn_fail(c, kind, msg, out);
     pool_mark_down(pg, kind, msg);
+    if (!pool_has_live(pg)) {
+        pool_log_down(pg, kind, msg);    /* nothing open: fails fast */
+    }
     if (fail_waiting && !pool_has_live(pg)) {
         pool_fail_waiting(pg, kind, msg, out);
     }
@@ -2479,9 +2533,12 @@ conn_try_next(struct lpg_conn *c, struct lpg_op **out)
         return;
     }
     c->skip[c->nskip++] = c->trying;
-    gw_log(GW_LOG_WARN, "%s; trying the next host", msg);
     conn_reset(c);                       /* connecting: no ops on it */
     rc = conn_start_libpq(c, &why);
+    /* said after the restart: a URL of one address has no next one, and
+     * the log said "trying the next host" for it */
+    gw_log(GW_LOG_WARN, "%s; %s", msg, rc == LPG_NODNS
+           ? "no other address to try" : "trying the next host");
     if (rc == LPG_NODNS) {
         conn_down(c, "unavailable", msg, out, 1);
     } else if (rc != GW_OK) {
