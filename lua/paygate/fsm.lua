@@ -855,6 +855,12 @@ function Machine:apply(db, id, how, opts)
     if res[1] ~= nil or not is_stale(res[2]) or i == attempts then
       break
     end
+    if opts.version ~= nil and res[2].kind == "stale_version" then
+      -- the row is not at the version the caller expects, and no fresh
+      -- read brings it back there: say so at once (as m:apply_atomic
+      -- does), not after every attempt, each counted as a stale version
+      break
+    end
     pause(i)
   end
   return unpack(res, 1, res.n)

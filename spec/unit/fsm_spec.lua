@@ -481,6 +481,22 @@ for engine, new_db in pairs(stores) do
       assert.equal(1, #assert(audit.entries(db, "payment:S1")))
     end)
 
+    it("apply with an expected version the row is not at fails at once",
+       function()
+      put("payments", "S2", "paying")
+      local before = fsm.stats().stale_versions_total
+      local res, err = payments:apply(db, "S2", "succeeded", { version = 3 })
+      assert.is_nil(res)
+      assert.equal("stale_version", err.kind)
+      -- one refusal, not one per attempt (a fresh read cannot help)
+      assert.equal(before + 1, fsm.stats().stale_versions_total)
+      assert.equal("paying", row_of("payments", "S2").state)
+      -- the version it is at still applies
+      local v = row_of("payments", "S2").version
+      assert(payments:apply(db, "S2", "succeeded", { version = v }))
+      assert.equal("paid", row_of("payments", "S2").state)
+    end)
+
     it("retries a stale transaction a bounded number of times", function()
       local calls = 0
       local res, err = fsm.retry(db, function()
