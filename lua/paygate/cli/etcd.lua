@@ -11,7 +11,7 @@ local sign = require "paygate.wechatpay.sign"
 
 local usage = [[
 usage: paygate etcd publish --prefix PREFIX --dir DIR [--sign-type TYPE]
-                            [--tls] ETCD KEK
+                            [--tls] [--json] ETCD KEK
        paygate etcd show    --prefix PREFIX [--tls] ETCD KEK
 
 ETCD: --endpoints URL[,URL...] --user NAME --password-env VAR
@@ -33,6 +33,8 @@ publish  reads the set from DIR, validates it (the private key matches
          (the HTTPS listener's). --sign-type is the merchant client's
          sign_type (WECHATPAY2-SHA256-RSA2048, the default, or
          WECHATPAY2-SM2-WITH-SM3): a key of another type is refused.
+         --json prints the result as one JSON line (prefix, revision,
+         serial, files).
 show     prints the set's revision, the certificate's serial and dates,
          and which files are sealed (never a secret).
 
