@@ -171,6 +171,10 @@ local RUNNER_DEFAULTS = {
   interval = 5,      -- s between rounds that found nothing (or no lease)
   lease_ttl = 60,    -- s; must exceed the longest single check
 }
+-- every option runner() takes
+local RUNNER_OPTS = { name = true, due = true, check = true,
+  reschedule = true, measure = true, now = true, batch = true,
+  interval = true, lease_ttl = true }
 
 -- syntax: r = reconcile.runner(store, opts)
 -- store: a paygate.sql db or paygate.redis client for the lease.
@@ -197,6 +201,13 @@ function _M.runner(store, opts)
   end
   if type(opts.name) ~= "string" or opts.name == "" then
     error("reconcile.runner: opts.name must be a non-empty string", 2)
+  end
+  -- a misspelt option (intervall) would run at the default unsaid: as
+  -- the outbox's dispatcher and retention do, an unknown one raises
+  for k in pairs(opts) do
+    if RUNNER_OPTS[k] == nil then
+      error("reconcile.runner: unknown option opts." .. tostring(k), 2)
+    end
   end
   for _, k in ipairs({ "due", "check" }) do
     if type(opts[k]) ~= "function" then

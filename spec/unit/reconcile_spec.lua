@@ -380,6 +380,10 @@ describe("reconcile.runner", function()
     assert.has_error(function() reconcile.runner(db, { name = "x",
       due = print, check = print, interval = 2e8 }) end,
       "reconcile.runner: opts.interval must be at most 1e8")
+    -- a misspelt option ran at the default, unsaid
+    assert.has_error(function() reconcile.runner(db, { name = "x",
+      due = print, check = print, intervall = 1 }) end,
+      "reconcile.runner: unknown option opts.intervall")
   end)
 
   it("checks due items in a batch; one failing or raising item is"
