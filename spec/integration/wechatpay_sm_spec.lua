@@ -74,6 +74,26 @@ describe("the SM variant against a server", function()
     wx:stop()
   end)
 
+  it("an answer that names no Wechatpay-Signature-Type is RSA's: refused, "
+     .. "though its SM2 signature verifies", function()
+    -- the header is optional and its absence means
+    -- WECHATPAY2-SHA256-RSA2048: an SM client never takes an untyped
+    -- answer as its own
+    local wx = client()
+    wxtest.queue(srv, "GET", "/v3/x", { { body = "{}",
+                                          sign = { sig_type = false } } })
+    local _, err = wx:request("GET", "/v3/x")
+    assert.equal("bad_signature", err.kind)
+    assert.equal("signature_type_mismatch", err.cause_kind)
+    assert.matches("no Wechatpay%-Signature%-Type, which means "
+                   .. "WECHATPAY2%-SHA256%-RSA2048", err.message)
+    assert.equal(1, count(CERTS))             -- no download for it
+    -- the same answer naming its type verifies
+    wxtest.queue(srv, "GET", "/v3/x", { { body = "{}" } })
+    assert(wx:request("GET", "/v3/x"))
+    wx:stop()
+  end)
+
   it("an answer signed with the wrong SM2 key is bad_signature", function()
     local wx = client()
     wxtest.queue(srv, "GET", "/v3/x", { { body = "{}", sign = {

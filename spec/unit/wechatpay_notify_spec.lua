@@ -373,9 +373,15 @@ describe("parse_notification: SM variant", function()
                     sig_type = "WECHATPAY2-SM2-WITH-SM3" }
     local ev = assert(wx:parse_notification(n, NR))
     assert.equal("T1", ev.resource.out_trade_no)
-    -- without the type header the configured SM2 is assumed
+    -- without the type header the notification is RSA's (the header's
+    -- default), not this SM client's: refused, though the SM2 signature
+    -- itself would verify
     n = note{ key = sm_key, alg = "AEAD_SM4_GCM" }
-    assert(wx:parse_notification(n, NR))
+    local _, terr = wx:parse_notification(n, NR)
+    assert.equal("bad_signature", terr.kind)
+    assert.equal("signature_type_mismatch", terr.cause_kind)
+    assert.matches("no Wechatpay%-Signature%-Type, which means "
+                   .. "WECHATPAY2%-SHA256%-RSA2048", terr.message)
     -- an RSA signature type against the SM2 key is refused
     n = note{ key = sm_key, alg = "AEAD_SM4_GCM",
               sig_type = "WECHATPAY2-SHA256-RSA2048" }

@@ -5,7 +5,9 @@
 -- WeChat signs  TIMESTAMP \n NONCE \n BODY \n  (BODY the raw bytes as
 -- received) and sends Wechatpay-Timestamp, -Nonce, -Signature (base64),
 -- -Serial (a platform certificate serial or a PUB_KEY_ID_...) and, for the
--- SM variant, Wechatpay-Signature-Type.
+-- SM variant, Wechatpay-Signature-Type. That header is optional: absent,
+-- it means WECHATPAY2-SHA256-RSA2048 (the SDKs' default), so a client of
+-- the SM variant refuses an answer that does not name its type.
 local core = require "paygate.core"
 local errors = require "paygate.wechatpay.errors"
 
@@ -181,26 +183,33 @@ local function sig_family(b64)
   return nil
 end
 
+-- The type an answer without Wechatpay-Signature-Type is of.
+_M.DEFAULT_SIG_TYPE = "WECHATPAY2-SHA256-RSA2048"
+
 --- syntax: ok, err = verify.signature(h, body, keys[, sig_type[, now]])
 -- h from parse_headers; keys a key ring (ring:verify_lines_base64); sig_type
--- the configured schema (WECHATPAY2-...): used when the header names
--- none, and a header naming the other one is refused (bad_signature,
--- err.cause_kind signature_type_mismatch); nil: the header's, else the
--- key's type (a tool that knows no variant). returns: true, or nil, err
--- (bad_signature, unknown_serial with err.serial, cert_expired).
+-- the configured schema (WECHATPAY2-...): the answer's type (the header's,
+-- WECHATPAY2-SHA256-RSA2048 when it is absent) must be it, else the answer
+-- is refused (bad_signature, err.cause_kind signature_type_mismatch); nil:
+-- the header's, else the key's type (a tool that knows no variant).
+-- returns: true, or nil, err (bad_signature, unknown_serial with
+-- err.serial, cert_expired).
 function _M.signature(h, body, keys, sig_type, now)
-  if sig_type and h.sig_type and h.sig_type ~= sig_type then
+  local declared = h.sig_type or _M.DEFAULT_SIG_TYPE
+  if sig_type and declared ~= sig_type then
     -- an answer of the other variant (an RSA merchant's answer to an SM
     -- client, or the reverse): the configured algorithm is the one a
     -- verifier accepts (the Java SDK's notification parser refuses the
-    -- mismatch likewise). Refused before the key ring is asked: its
-    -- serial is none of ours, and would send the client downloading
-    -- certificates of a variant it does not hold.
-    return fail("bad_signature", "Wechatpay-Signature-Type is " .. h.sig_type
-      .. ", but this client is configured for " .. tostring(sig_type)
-      .. " (sign_type): an answer of the other variant (serial "
-      .. printable(h.serial, 64) .. ")", { serial = h.serial,
-      cause_kind = "signature_type_mismatch" })
+    -- mismatch likewise, and reads a missing header as RSA). Refused
+    -- before the key ring is asked: its serial is none of ours, and
+    -- would send the client downloading certificates of a variant it
+    -- does not hold.
+    return fail("bad_signature", (h.sig_type and ("Wechatpay-Signature-Type"
+      .. " is " .. h.sig_type) or ("no Wechatpay-Signature-Type, which "
+      .. "means " .. declared)) .. ", but this client is configured for "
+      .. tostring(sig_type) .. " (sign_type): an answer of the other "
+      .. "variant (serial " .. printable(h.serial, 64) .. ")",
+      { serial = h.serial, cause_kind = "signature_type_mismatch" })
   end
   local alg = h.sig_type or sig_type
   -- the signing string's lines go to C as they are: no copy of the body
@@ -214,10 +223,10 @@ function _M.signature(h, body, keys, sig_type, now)
     local family = sig_family(h.signature)
     if family and FAMILY_OF[alg] and family ~= FAMILY_OF[alg] then
       -- no key for the serial, and the signature cannot be of the
-      -- variant verified here: an answer of the other variant that came
-      -- with no Wechatpay-Signature-Type (an RSA answer usually has
-      -- none). Said as such, and no certificate download is started
-      -- for a serial of a variant this client does not hold.
+      -- variant verified here: an answer of the other variant (an SM2
+      -- signature in an answer whose type is RSA's). Said as such, and
+      -- no certificate download is started for a serial of a variant
+      -- this client does not hold.
       return fail("bad_signature", "no key for Wechatpay-Serial "
         .. printable(h.serial, 64) .. ", and the signature is " .. family
         .. "-sized, while this client verifies " .. tostring(alg)

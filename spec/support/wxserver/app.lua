@@ -27,8 +27,9 @@
 --        for that METHOD path (query ignored), in order, then the default
 --        resp: { status, body (string), delay (s),
 --                sign = false | { serial, ts_offset,
---                nonce, signature, sig_type, body (sign these bytes instead
---                of the sent ones) }, headers }
+--                nonce, signature, sig_type (false: no header, also in
+--                SM mode), body (sign these bytes instead of the sent
+--                ones) }, headers }
 --   POST /_ctl/certs  { status = 200|404|500, serials = [...],
 --                       signer = serial, apiv3_key = "...", delay = s }
 --   GET  /_ctl/requests -> [ { method, target, headers, body, auth } ]
@@ -115,7 +116,7 @@ local function signed(req, status, body, s, extra)
   headers["Wechatpay-Serial"] = id
   if s.sig_type then
     headers["Wechatpay-Signature-Type"] = s.sig_type
-  elseif conf.sm then
+  elseif conf.sm and s.sig_type ~= false then
     headers["Wechatpay-Signature-Type"] = "WECHATPAY2-SM2-WITH-SM3"
   end
   return status, body, headers
