@@ -50,6 +50,20 @@ function _M.len(s)
   return n
 end
 
+--- syntax: ok, at = utf8.bmp(s)
+-- Whether s is valid UTF-8 of 1- to 3-byte characters only (U+0000 to
+-- U+FFFF): WeChat Pay takes no 4-byte character, such as an emoji, in a
+-- request field. returns: true; or false and the byte offset of the first
+-- invalid sequence or 4-byte character.
+function _M.bmp(s)
+  local n, bad = _M.len(s)
+  if not n then return false, bad end
+  -- valid UTF-8: a byte F0..F4 only ever leads a 4-byte character
+  local at = s:find("[\240-\244]")
+  if at then return false, at end
+  return true
+end
+
 --- syntax: t, cut = utf8.clean(s, max[, keep_lines])
 -- s as text any store and log takes: each byte that is not part of a
 -- valid character, and each control character (tab and newline kept

@@ -75,4 +75,16 @@ describe("paygate.utf8", function()
       assert.is_nil(t:find("[%z\1-\31\127]"))
     end
   end)
+
+  it("bmp: 1- to 3-byte characters only (what WeChat Pay takes)", function()
+    assert.is_true(utf8.bmp(""))
+    assert.is_true(utf8.bmp("ascii 中文 \239\191\191"))     -- up to U+FFFF
+    -- U+10000 (the first 4-byte character) and an emoji: refused, at
+    -- the byte that starts them
+    assert.same({ false, 2 }, { utf8.bmp("a\240\144\128\128") })
+    assert.same({ false, 3 }, { utf8.bmp("QQ\240\159\152\128") })
+    -- not UTF-8 at all: refused at the bad byte
+    assert.same({ false, 2 }, { utf8.bmp("a\255") })
+    assert.same({ false, 1 }, { utf8.bmp("\237\160\128") })  -- a surrogate
+  end)
 end)

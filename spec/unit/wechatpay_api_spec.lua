@@ -73,6 +73,17 @@ describe("wechatpay api", function()
       { "prepay description that is not UTF-8", function()
           return wx:native_prepay(prepay_p{ description = "ab\255c" }) end,
         "description" },
+      -- WeChat Pay takes 1- to 3-byte UTF-8 characters only: an emoji
+      -- (4 bytes) is refused here, as the server would refuse it
+      { "prepay description with an emoji", function()
+          return wx:native_prepay(prepay_p{
+            description = "QQ\240\159\152\128公仔" }) end, "description" },
+      { "prepay attach with a 4-byte character", function()
+          return wx:native_prepay(prepay_p{ attach = "a\240\160\128\128" })
+        end, "attach" },
+      { "refund reason with an emoji", function()
+          return wx:refund(refund_p{ reason = "\240\159\152\128" }) end,
+        "reason" },
       { "prepay out_trade_no too short", function()
           return wx:native_prepay(prepay_p{ out_trade_no = "12345" }) end,
         "out_trade_no" },

@@ -39,29 +39,11 @@ local function api() return S.api end
 -- helpers -----------------------------------------------------------------
 
 -- Is s UTF-8 of 1- to 3-byte characters (WeChat refuses 4-byte ones such
--- as emoji), with no overlong form and no surrogate?
+-- as emoji), with no overlong form and no surrogate? (paygate.utf8's: the
+-- client refuses the same strings before sending them)
+local utf8_bmp_at = require("paygate.utf8").bmp
 local function utf8_bmp(s)
-  local i, n = 1, #s
-  while i <= n do
-    local b = s:byte(i)
-    if b < 0x80 then
-      i = i + 1
-    elseif b >= 0xC2 and b <= 0xDF then
-      local b2 = s:byte(i + 1)
-      if not b2 or b2 < 0x80 or b2 > 0xBF then return false end
-      i = i + 2
-    elseif b >= 0xE0 and b <= 0xEF then
-      local b2, b3 = s:byte(i + 1, i + 2)
-      if not b3 or b2 < 0x80 or b2 > 0xBF or b3 < 0x80 or b3 > 0xBF
-         or (b == 0xE0 and b2 < 0xA0) or (b == 0xED and b2 > 0x9F) then
-        return false
-      end
-      i = i + 3
-    else
-      return false
-    end
-  end
-  return true
+  return (utf8_bmp_at(s))
 end
 _M.utf8_bmp = utf8_bmp
 

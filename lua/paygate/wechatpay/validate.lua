@@ -15,6 +15,8 @@
 --   enum      { "A", "B" }: the value must be one of them
 --   test      function(v) -> truthy when the string is well-formed
 --   what      text for a pattern/test failure ("6-32 of [0-9A-Za-z_-|*]")
+-- Every string must be valid UTF-8 of 1- to 3-byte characters (WeChat Pay
+-- refuses a 4-byte one, such as an emoji).
 -- Parents of a nested path must be objects when present; a rule on a child
 -- of an absent optional parent is skipped.
 
@@ -38,6 +40,7 @@ _M.fail = fail
 -- Number of UTF-8 characters in s, or nil, byte offset when s is not valid
 -- UTF-8 (overlong forms, surrogates and values past U+10FFFF included).
 local utf8_len = require("paygate.utf8").len
+local utf8_bmp = require("paygate.utf8").bmp
 _M.utf8_len = utf8_len
 
 local function is_array(t)
@@ -114,6 +117,14 @@ local function check_value(call, field, v, r)
     local n, bad = utf8_len(v)
     if not n then
       return fail(call, field, "is not valid UTF-8 (byte " .. bad .. ")")
+    end
+    -- WeChat Pay takes 1- to 3-byte UTF-8 characters only (it refuses an
+    -- emoji with PARAM_ERROR): refused here, before anything is sent
+    local ok4, at = utf8_bmp(v)
+    if not ok4 then
+      return fail(call, field, "holds a 4-byte UTF-8 character (byte " .. at
+                  .. ", such as an emoji): WeChat Pay takes characters up to"
+                  .. " U+FFFF only")
     end
     if r.min and n < r.min then
       if r.min == 1 then return fail(call, field, "must not be empty") end
