@@ -276,12 +276,18 @@ end)
 
 describe("simulator: error faults without a code", function()
   it("take WeChat's code for the status: 503 SERVICE_UNAVAILABLE, 429 "
-     .. "FREQUENCY_LIMITED with its words", function()
+     .. "FREQUENCY_LIMITED with its words, 401 SIGN_ERROR, 403 NO_AUTH, "
+     .. "404 ORDER_NOT_EXIST", function()
     signed(c:prepay("fid-ft-0001"))
     for _, t in ipairs({ { 503, "SERVICE_UNAVAILABLE" },
                          { 502, "SERVICE_UNAVAILABLE" },
                          { 500, "SYSTEM_ERROR", "系统繁忙,请稍后重试" },
-                         { 429, "FREQUENCY_LIMITED", "请求频率超过限制" } }) do
+                         { 429, "FREQUENCY_LIMITED", "请求频率超过限制" },
+                         -- a 401 is only ever SIGN_ERROR; 403 and 404 as
+                         -- WeChat's table of statuses names them
+                         { 401, "SIGN_ERROR" }, { 403, "NO_AUTH" },
+                         { 404, "ORDER_NOT_EXIST" },
+                         { 400, "INVALID_REQUEST" } }) do
       local f = sc.control(base, "POST", "/sim/faults", { endpoint = "query",
                            kind = "error", status = t[1], count = 1 })
       assert.equal(200, f.status, f.body)

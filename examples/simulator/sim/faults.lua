@@ -62,6 +62,11 @@ local DEFAULT_MESSAGE = {
 
 local KINDS = {}
 
+-- An error fault's code when none is given, by its status (see "error")
+local STATUS_CODE = { [401] = "SIGN_ERROR", [403] = "NO_AUTH",
+  [404] = "ORDER_NOT_EXIST", [429] = "FREQUENCY_LIMITED",
+  [502] = "SERVICE_UNAVAILABLE", [503] = "SERVICE_UNAVAILABLE" }
+
 --- syntax: faults.define(kind, phase, check[, fields])
 -- check(f) validates the fault table given to POST /sim/faults (it may
 -- fill defaults) and returns true or nil, why. phase is the default phase
@@ -105,10 +110,11 @@ _M.define("error", "before", function(f)
   if f.after ~= nil and type(f.after) ~= "boolean" then
     return nil, "after must be a boolean"
   end
-  -- WeChat's codes by status: 429 FREQUENCY_LIMITED, 502/503
-  -- SERVICE_UNAVAILABLE, another 5xx SYSTEM_ERROR
-  f.code = f.code or (f.status == 429 and "FREQUENCY_LIMITED")
-           or ((f.status == 502 or f.status == 503) and "SERVICE_UNAVAILABLE")
+  -- WeChat's codes by status: 401 SIGN_ERROR (the only code a 401
+  -- carries), 403 NO_AUTH, 404 ORDER_NOT_EXIST (its table of statuses),
+  -- 429 FREQUENCY_LIMITED, 502/503 SERVICE_UNAVAILABLE, another 5xx
+  -- SYSTEM_ERROR, another 4xx INVALID_REQUEST
+  f.code = f.code or STATUS_CODE[f.status]
            or (f.status >= 500 and "SYSTEM_ERROR") or "INVALID_REQUEST"
   f.message = f.message or DEFAULT_MESSAGE[f.code] or "injected fault"
   if f.after == true then f.phase = "after" end
