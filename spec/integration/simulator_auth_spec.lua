@@ -58,6 +58,19 @@ describe("simulator: request authentication", function()
                       { ts = tostring(os.time() + 310) }), "timestamp")
   end)
 
+  it("takes a timestamp exactly 5 minutes off (whole seconds), either way",
+     function()
+    -- WeChat's words: the timestamp may "not exceed" 5 minutes. Sent
+    -- early in a second, so the server's clock reads the same second
+    local core = require "paygate.core"
+    for _, d in ipairs({ -300, 300 }) do
+      while core.time() % 1 > 0.3 do core.sleep(0.05) end
+      local res = c:call("GET", "/v3/certificates", nil,
+                         { ts = tostring(math.floor(core.time()) + d) })
+      assert.equal(200, res.status, res.body)
+    end
+  end)
+
   it("refuses a serial that is not one of the merchant's", function()
     sign_error(c:call("GET", "/v3/certificates", nil,
                       { serial = sc.SERIAL2 }), "serial_no")

@@ -273,11 +273,14 @@ function _M.authenticate(req, target, signed_body)
   end
   -- WeChat's answer says the timestamp may "not exceed" 5 minutes (不得
   -- 超过): 300 s itself passes here; the client refuses at 300 s (the
-  -- SDKs' >=), the stricter side, so the two never disagree in its favour
+  -- SDKs' >=), the stricter side, so the two never disagree in its favour.
+  -- Judged in whole seconds, as the timestamp is: with the clock's
+  -- fraction a request of exactly 300 s was refused but in the first
+  -- instant of a second
   local ts = a.timestamp:match("^[1-9]%d*$") and tonumber(a.timestamp)
   local now = core.time()
   if not ts or #a.timestamp > 12
-     or math.abs(now - ts) > S.cfg.timestamp_window then
+     or math.abs(math.floor(now) - ts) > S.cfg.timestamp_window then
     return nil, sign_error("Http头Authorization中的timestamp与发起请求的时间"
       .. "不得超过5分钟", { field = "timestamp", location = "authorization",
       value = shown(a.timestamp, 32) })
