@@ -28,7 +28,8 @@
  * sent behind a SELECT the server refuses, they would run on db 0. A
  * refused AUTH or SELECT fails them unsent -- "redis: SELECT 5 refused:
  * <the server's answer>", kind "config", not retryable -- and so are the
- * commands during the wait that follows (on_setup_reply()).
+ * commands during the wait that follows (on_setup_reply()). An AUTH's
+ * answer is shown without the password (auth_answer()).
  *
  * Timeouts: a once-per-100-ms tick checks each connection; when it has
  * replies outstanding and none arrived for `timeout` seconds (plus the
@@ -343,8 +344,8 @@ push_reply_error(lua_State *L, const char *s, size_t len)
 
 /* The server refused the AUTH or SELECT (what) of a connection
  * (answer: WRONGPASS ..., ERR DB index is out of range, ...): the error
- * table for the commands held behind it, never sent. Redis never repeats
- * the password in these answers. */
+ * table for the commands held behind it, never sent. The answer has been
+ * through auth_answer() (no password in it). */
 static void
 push_setup_error(lua_State *L, const char *what, const char *answer)
 {
@@ -671,6 +672,34 @@ conn_current(const struct lredis_conn *c)
     return !c->retired && (!c->alone || c->gen == c->cl->gen);
 }
 
+/* The answer to a refused AUTH as it may be shown (in an error message,
+ * a log line), into out. Redis's refusals of a wrong password do not
+ * repeat it (WRONGPASS ...), but a server that does not know AUTH -- a
+ * Sentinel older than 5.0.1, AUTH renamed away, a proxy -- answers "ERR
+ * unknown command 'AUTH', with args beginning with: '<the password>'":
+ * that part is cut, and an answer that still holds the password (it is
+ * checked whole, before any truncation, which could leave a prefix of it
+ * uncaught) is shown by its first word alone. */
+static void
+auth_answer(const char *answer, const char *password, char *out,
+            size_t outlen)
+{
+    const char *args = strstr(answer, ", with args beginning with");
+    size_t      len = args != NULL ? (size_t)(args - answer)
+                                   : strlen(answer);
+
+    if (password != NULL && password[0] != '\0'
+        && memmem(answer, len, password, strlen(password)) != NULL)
+    {
+        len = strcspn(answer, " ");
+        snprintf(out, outlen, "%.*s (the rest not shown: it holds the"
+                 " password)", (int)len, answer);
+        return;
+    }
+    snprintf(out, outlen, "%.*s%s", (int)len, answer,
+             args != NULL ? " (its arguments not shown)" : "");
+}
+
 /* Internal commands (AUTH, SELECT: privdata names it), sent first on a
  * new connection; the callers' commands wait on c->held until both
  * answered OK. A refusal drops the connection and fails the held
@@ -685,7 +714,7 @@ on_setup_reply(redisAsyncContext *ac, void *reply, void *privdata)
     redisReply      *r = reply;
     int              auth = strcmp((const char *)privdata, "AUTH") == 0;
     int              counted;
-    char             what[24], why[160];
+    char             what[24], why[192];
 
     if (auth) {
         snprintf(what, sizeof(what), "AUTH");
@@ -717,15 +746,20 @@ on_setup_reply(redisAsyncContext *ac, void *reply, void *privdata)
             return;              /* the SELECT behind a refused AUTH */
         }
         snprintf(c->refused, sizeof(c->refused), "%s", what);
-        snprintf(c->answer, sizeof(c->answer), "%s", r->str);
-        snprintf(why, sizeof(why), "%s refused: %s", what, r->str);
+        if (auth) {
+            auth_answer(r->str, c->cl->password, c->answer,
+                        sizeof(c->answer));
+        } else {
+            snprintf(c->answer, sizeof(c->answer), "%s", r->str);
+        }
+        snprintf(why, sizeof(why), "%s refused: %s", what, c->answer);
         counted = !c->settled;
         attempt_failed(c, why);
         if (counted) {
             c->cl->lastkind = "config";
         }
         gw_log(GW_LOG_ERROR, "redis: connection setup failed: %s refused:"
-               " %s", what, r->str);
+               " %s", what, c->answer);
         redisAsyncDisconnect(ac);
         held_fail(c, ac, c->refused, c->answer);
         return;
