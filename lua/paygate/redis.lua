@@ -40,14 +40,17 @@
 -- failover: a background task subscribes to +switch-master on a Sentinel
 -- and moves to the new master it names (never to a server whose ROLE is
 -- not master); once subscribed, after
--- a transport failure or a READONLY answer, and every `sentinel_poll`
--- seconds (default 1), it also asks the Sentinels again. Redis
+-- a transport failure or a READONLY answer (in the background: the
+-- command fails at once), and every `sentinel_poll` seconds (default 1),
+-- it also asks the Sentinels again; a named server whose ROLE check
+-- failed is asked again only after a growing wait (ROLE_WAIT_MIN). Redis
 -- replication is asynchronous: a write the old master acknowledged can
 -- be lost in a failover (see docs/storage.md), which is why paygate.lease
 -- waits for `lease_replicas` replicas (default 1 under Sentinel) before
 -- it grants a lease.
 
 local core = require "paygate.core"
+local crypto = require "paygate.crypto"
 local dns = require "paygate.dns"
 local rcore = require "paygate.redis.core"
 local redact = require "paygate.redact"
@@ -321,26 +324,66 @@ local function is_master(self, ip, port)
   if type(r) == "table" and r[1] == "master" then
     return true
   end
+  if r == nil then                      -- no answer: down, refused, AUTH
+    return false, ip .. ":" .. port .. " did not answer ROLE ("
+      .. tostring(err) .. ")"
+  end
   return false, ip .. ":" .. port .. " is not a master (ROLE "
-    .. tostring(type(r) == "table" and r[1] or err or r) .. ")"
+    .. tostring(type(r) == "table" and r[1] or r) .. ")"
+end
+
+-- A named server whose ROLE check failed (down, refused, no reply, or
+-- not a master) is not asked again until a window has passed: every
+-- failed command asks the Sentinels (at most every 0.1 s) and every poll
+-- too, and while they name a server that is down -- the newest epoch's,
+-- ranked above the current master -- each of those was a connect to it,
+-- about 10 a second, and a log line each. The window doubles from
+-- ROLE_WAIT_MIN to ROLE_WAIT_MAX (drawn between half and all of it, so
+-- that workers do not ask in step), as the C client's reconnect backoff
+-- does; a server that comes up is found within ROLE_WAIT_MAX. A check
+-- that says master forgets the server's failures. A +switch-master is
+-- news: follow_switch asks at once, whatever the window (its own tries
+-- are bounded), and its failures count towards the window.
+local ROLE_WAIT_MIN, ROLE_WAIT_MAX = 0.1, 2
+
+-- A draw in [0, 1) for the jitter: from OpenSSL's generator, not
+-- math.random, whose sequence workers forked from one parent share.
+local function jitter()
+  local b = crypto.random_bytes(2)
+  return (b:byte(1) * 256 + b:byte(2)) / 65536
 end
 
 -- Points the client at ip:port (a new master, a new DNS answer). Under
 -- Sentinel, only if that server's ROLE says master: never a replica.
 -- keep_backoff: the next address of the name, after a failure (see
--- set_addr in lredis.c), not a new master
-local function move(self, ip, port, keep_backoff)
+-- set_addr in lredis.c), not a new master. fresh: a +switch-master's
+-- address, asked whatever its ROLE_WAIT window.
+-- returns: true when moved; false, why when the server was not taken
+local function move(self, ip, port, keep_backoff, fresh)
   if self.closed or (ip == self.addr and port == self.port) then
     return false
   end
   if self.sentinel then
+    local key = ip .. ":" .. port
+    local w = self.role_waits[key]
+    local now = core.mono()
+    if w and not fresh and now < w.next_at then
+      return false, string.format("%s: not asked again for %.2f s (last"
+        .. " check: %s)", key, w.next_at - now, w.why)
+    end
     local ok, why = is_master(self, ip, port)
-    if not ok or self.closed then
-      if why then
-        core.log(1, "redis: not moving: " .. why)
-      end
+    if self.closed then
+      return false
+    end
+    if not ok then
+      local window = math.min(math.max((w and w.window or 0) * 2,
+                                       ROLE_WAIT_MIN), ROLE_WAIT_MAX)
+      self.role_waits[key] = { window = window, why = why,
+        next_at = core.mono() + window * (0.5 + 0.5 * jitter()) }
+      core.log(1, "redis: not moving: " .. why)
       return false, why
     end
+    self.role_waits[key] = nil
     if ip == self.addr and port == self.port then
       return false
     end
@@ -361,7 +404,7 @@ local SWITCH_TRIES = 6
 local function follow_switch(self, ip, port)
   local delay = 0.05
   for try = 1, SWITCH_TRIES do
-    local moved, why = move(self, ip, port)
+    local moved, why = move(self, ip, port, false, true)
     if moved or not why or self.closed or try == SWITCH_TRIES then
       return moved
     end
@@ -385,13 +428,13 @@ local function follow_sentinels(self)
 end
 
 -- After a transport failure: ask DNS / the Sentinels again (at most
--- every 100 ms, one caller at a time).
-local function refresh(self)
-  if self.refreshing or self.closed
-     or core.mono() - (self.refreshed_at or 0) < 0.1 then
-    return
-  end
-  self.refreshing = true
+-- every 100 ms, one task at a time). In a task of its own: the command
+-- that failed returns at once, as commands do while the server is down.
+-- Waited for, a Sentinel that does not answer (stopped, its packets
+-- dropped) held that command for the round (up to SENTINEL_ROUND s),
+-- and a named master that does not answer for its ROLE check (up to 2 s
+-- more, each): commands that fail "at once" failed a second or more late.
+local function refresh_now(self)
   if self.sentinels then
     follow_sentinels(self)
   elseif self.name then
@@ -407,8 +450,23 @@ local function refresh(self)
       move(self, nxt, self.port, true)
     end
   end
-  self.refreshed_at = core.mono()
-  self.refreshing = false
+end
+
+local function refresh(self)
+  if self.refreshing or self.closed
+     or core.mono() - (self.refreshed_at or 0) < 0.1 then
+    return
+  end
+  self.refreshing = true
+  core.spawn(function()
+    -- (a raise must not leave refreshing set: no refresh would run again)
+    local ok, err = pcall(refresh_now, self)
+    if not ok then
+      core.log(3, "redis: refresh failed: " .. tostring(err))
+    end
+    self.refreshed_at = core.mono()
+    self.refreshing = false
+  end)
 end
 
 -- (the C client's kinds: outcome() makes unknown_outcome afterwards)
@@ -741,6 +799,7 @@ function _M.connect(url, opts)
   if target.sentinels then
     self.sentinels, self.master_name = target.sentinels, target.master
     self.sentinel_clients = {}
+    self.role_waits = {}                -- "ip:port" -> see ROLE_WAIT_MIN
     self.sentinel_password = o.sentinel_password
     self.sentinel_poll = o.sentinel_poll or 1
     self.password = o.password
@@ -774,6 +833,14 @@ function _M.connect(url, opts)
         .. ":" .. c[2] .. " is not a master (ROLE "
         .. tostring(type(ok) == "table" and ok[1] or ok) .. ")",
         { retryable = true })
+    elseif not ok and self.sentinel and core.is_error(err) then
+      -- the C client's message names no address ("redis: Connection
+      -- refused"): say it was the master the Sentinels named, and where
+      -- (the kind stays: a refused AUTH is still "config")
+      err = core.error(err.kind, "redis-sentinel: the master "
+        .. self.master_name .. " at " .. c[1] .. ":" .. c[2] .. ", as the"
+        .. " Sentinels name it, did not answer ROLE: " .. err.message,
+        { retryable = err.retryable, code = err.code })
     end
     if ok then
       self.h, self.addr, self.port = h, c[1], c[2]

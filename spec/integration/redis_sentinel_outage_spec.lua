@@ -1,0 +1,279 @@
+-- Redis through Sentinel when what the Sentinels point at does not
+-- answer: a named master that is down is checked with a backoff (its
+-- connects counted by a listener that accepts and closes), a connect
+-- whose named master refuses says which server it was, and with every
+-- Sentinel stopped commands still fail at once; the client recovers by
+-- itself once a master answers again.
+local core = require "paygate.core"
+local redis = require "paygate.redis"
+local servers = require "spec.support.servers"
+local sentinel = require "spec.support.sentinel"
+local proc = require "spec.support.proc"
+
+local function wait_for(fn, secs, what)
+  local deadline = core.mono() + secs
+  while core.mono() < deadline do
+    local v = fn()
+    if v then
+      return v
+    end
+    core.sleep(0.02)
+  end
+  error("timed out waiting for " .. what, 2)
+end
+
+local function have_sentinel()
+  return servers.redis and servers.sh("command -v redis-sentinel"
+                                      .. " >/dev/null 2>&1")
+end
+
+-- The lines of a file (missing: none).
+local function lines(path)
+  local out = {}
+  for line in (proc.read(path) or ""):gmatch("[^\n]+") do
+    out[#out + 1] = line
+  end
+  return out
+end
+
+-- A listener on port that closes every connection it accepts (a server
+-- that is down, but whose connects can be counted). returns: its proc
+-- and a function counting the accepts so far.
+local function closing_listener(port)
+  local log = os.tmpname()
+  local p = proc.spawn({ "python3", "spec/support/closing_listener.py",
+                         tostring(port), log }, { watchdog = true })
+  wait_for(function() return lines(log)[1] == "ready" end, 10,
+           "the closing listener")
+  return p, function() return #lines(log) - 1 end, log
+end
+
+-- A Sentinel that answers SENTINEL MASTER with ip:port at epoch, on a
+-- free port (spec/support/fake_sentinel.py: it ends by itself within
+-- 120 s). returns: its port and a function stopping it.
+local function fake_sentinel(port, mport, epoch)
+  local function bulk(v)
+    return "$" .. #v .. "\r\n" .. v .. "\r\n"
+  end
+  local answer = "*6\r\n" .. bulk("ip") .. bulk("127.0.0.1") .. bulk("port")
+    .. bulk(tostring(mport)) .. bulk("config-epoch") .. bulk(tostring(epoch))
+  local log = os.tmpname()
+  local p = proc.spawn({ "python3", "spec/support/fake_sentinel.py",
+                         tostring(port), answer, log }, { watchdog = true })
+  wait_for(function()
+    return (proc.read(log) or ""):find("ready", 1, true)
+  end, 10, "the fake Sentinel")
+  return function() p:kill() os.remove(log) end
+end
+
+describe("Redis through Sentinel, when the named server does not answer",
+         function()
+  teardown(function()
+    servers.stop_all()
+  end)
+
+  it("a named master that is down is asked for its ROLE with a growing"
+     .. " wait, not at every poll; once it answers the client moves",
+     function()
+    if not servers.redis then
+      pending("redis-server not installed")
+      return
+    end
+    local m = servers.redis()
+    -- the server the newest epoch names: down for now (a listener that
+    -- closes every connection: its accepts are the client's checks)
+    local n = servers.redis()
+    n.stop()
+    local lp, accepts = closing_listener(n.port)
+    -- one Sentinel names the master (epoch 1), the other the down
+    -- server at a newer epoch: ranked first, asked first
+    local taken = { [m.port] = true, [n.port] = true }
+    local s1 = sentinel.free_port_except(taken)
+    local s2 = sentinel.free_port_except(taken)
+    local stop1 = fake_sentinel(s1, m.port, 1)
+    local stop2 = fake_sentinel(s2, n.port, 2)
+    finally(function() stop1() stop2() lp:kill() end)
+    local url = "redis-sentinel://127.0.0.1:" .. s1 .. ",127.0.0.1:" .. s2
+      .. "/mymaster"
+    -- a fast poll: every 0.05 s the Sentinels are asked, and they name
+    -- the down server first (epoch 2)
+    local r = assert(redis.connect(url, { sentinel_poll = 0.05,
+                                          timeout = 1 }))
+    assert.equal(m.port, r.port)
+    wait_for(function() return accepts() >= 3 end, 10,
+             "the client to check the named server")
+    -- over 3 s: at a poll's pace that was about 60 checks (and one log
+    -- line each); with the wait doubling to 2 s, a handful
+    local base, t0 = accepts(), core.mono()
+    local calls = 0
+    while core.mono() - t0 < 3 do
+      assert.equal("OK", r:call("SET", "k", "v"))
+      calls = calls + 1
+      core.sleep(0.01)
+    end
+    local checks = accepts() - base
+    assert.is_true(checks <= 8, checks .. " ROLE checks in 3 s")
+    assert.equal(m.port, r.port)
+    -- the server comes up as a master: found within the longest wait
+    lp:kill()
+    assert(lp:wait(10), "the listener did not end")
+    n.start()
+    local t1 = core.mono()
+    wait_for(function() return r.port == n.port end, 5,
+             "the client to move to the named server")
+    assert.is_true(core.mono() - t1 < 3, "moved after "
+                   .. (core.mono() - t1) .. " s")
+    assert.equal("OK", r:call("SET", "k", "there"))
+    -- its failures are forgotten
+    assert.is_nil(r.role_waits["127.0.0.1:" .. n.port])
+    r:close()
+  end)
+
+  it("a connect whose named master refuses says which server, and"
+     .. " works once it answers", function()
+    if not servers.redis then
+      pending("redis-server not installed")
+      return
+    end
+    local m = servers.redis()
+    m.stop()
+    local sp = sentinel.free_port_except({ [m.port] = true })
+    local stop = fake_sentinel(sp, m.port, 1)
+    finally(stop)
+    local url = "redis-sentinel://127.0.0.1:" .. sp .. "/mymaster"
+    local t0 = core.mono()
+    local c, err = redis.connect(url)
+    assert.is_nil(c)
+    assert.is_true(core.mono() - t0 < 1)
+    assert.equal("unavailable", err.kind)
+    assert.is_true(err.retryable)
+    -- was "redis: Connection refused", naming nothing
+    assert.truthy(tostring(err):find("the master mymaster at 127.0.0.1:"
+                                     .. m.port, 1, true), tostring(err))
+    m.start()
+    local r = assert(redis.connect(url))
+    assert.equal(m.port, r.port)
+    -- down again under a connected client: commands fail at once, and
+    -- it is used again once it is back
+    m.stop()
+    local v, cerr = r:call("GET", "k")
+    assert.is_nil(v)
+    assert.equal("unavailable", cerr.kind)
+    m.start()
+    wait_for(function() return r:call("SET", "k", "1") == "OK" end, 5,
+             "the client to use the master again")
+    r:close()
+  end)
+end)
+
+describe("Redis through Sentinel, with every Sentinel down", function()
+  local g
+
+  setup(function()
+    if have_sentinel() then
+      g = sentinel.start()
+    end
+  end)
+
+  teardown(function()
+    if g then
+      for _, s in ipairs(g.sentinels) do
+        servers.sh("kill -CONT $(cat " .. s.pidfile .. ") 2>/dev/null")
+      end
+      g.cleanup()
+    end
+  end)
+
+  -- The daemon of the server the Sentinels name as master now.
+  local function current_master()
+    local port = g.master_port()
+    return g.master.port == port and g.master or g.replica
+  end
+
+  it("every Sentinel down: commands fail unavailable at once, and the"
+     .. " client follows the failover once they are back", function()
+    if not g then
+      pending("redis-sentinel not installed")
+      return
+    end
+    local r = assert(redis.connect(g.url, { sentinel_poll = 0.2,
+                                            timeout = 1 }))
+    local m = current_master()
+    assert.equal(m.port, r.port)
+    for _, s in ipairs(g.sentinels) do
+      s.kill()
+    end
+    -- the master still answers: nothing is lost by the Sentinels' absence
+    assert.equal("OK", r:call("SET", "k", "no sentinels"))
+    m.kill()
+    local t0 = core.mono()
+    local worst, last = 0, nil
+    while core.mono() - t0 < 2 do
+      local t = core.mono()
+      local v, err = r:call("GET", "k")
+      worst = math.max(worst, core.mono() - t)
+      assert.is_nil(v)
+      last = err
+      core.sleep(0.01)
+    end
+    assert.is_true(worst < 0.3, "a command took " .. worst .. " s to fail")
+    assert.equal("unavailable", last.kind)
+    assert.is_true(last.retryable)
+    for _, s in ipairs(g.sentinels) do
+      s.start()
+    end
+    -- back: they fail the dead master over, and the client follows
+    wait_for(function() return r.port ~= m.port end, 60,
+             "the client to follow the failover")
+    assert.equal(g.master_port(), r.port)
+    assert.equal("OK", r:call("SET", "k", "after"))
+    m.start()                           -- back, as a replica
+    r:close()
+  end)
+
+  -- Last: stopped Sentinels enter TILT mode when they resume (their
+  -- clock jumped), and fail nothing over for 30 s.
+  it("every Sentinel stopped: commands fail unavailable at once, not"
+     .. " after a Sentinel round; a master that is back is used again",
+     function()
+    if not g then
+      pending("redis-sentinel not installed")
+      return
+    end
+    local r = assert(redis.connect(g.url, { sentinel_poll = 0.2,
+                                            timeout = 1 }))
+    local m = current_master()
+    assert.equal(m.port, r.port)
+    -- stopped: their connections are accepted (by the kernel) and never
+    -- answered, as when a partition drops their packets
+    for _, s in ipairs(g.sentinels) do
+      assert(servers.sh("kill -STOP $(cat " .. s.pidfile .. ")"))
+    end
+    m.kill()
+    local t0 = core.mono()
+    local worst, last = 0, nil
+    while core.mono() - t0 < 4 do
+      local t = core.mono()
+      local v, err = r:call("GET", "k")
+      worst = math.max(worst, core.mono() - t)
+      assert.is_nil(v)
+      last = err
+      core.sleep(0.01)
+    end
+    -- the command that set off a question to the Sentinels waited for
+    -- their round: about 1 s (their reply timeout) each time
+    assert.is_true(worst < 0.3, "a command took " .. worst .. " s to fail")
+    assert.equal("unavailable", last.kind)
+    assert.is_true(last.retryable)
+    for _, s in ipairs(g.sentinels) do
+      assert(servers.sh("kill -CONT $(cat " .. s.pidfile .. ")"))
+    end
+    m.start()
+    -- (started as configured: a replica, if it was the first replica)
+    servers.read_cmd("redis-cli -p " .. m.port .. " REPLICAOF NO ONE")
+    wait_for(function() return r:call("SET", "k", "back") == "OK" end, 10,
+             "the client to use the master again")
+    assert.equal(m.port, r.port)
+    r:close()
+  end)
+end)
