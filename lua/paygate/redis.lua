@@ -209,13 +209,14 @@ local SENTINEL_ROUND = 2.5
 
 -- One Sentinel's view of the master: SENTINEL MASTER gives its address
 -- and the config epoch of that view (a failover raises the epoch).
--- returns: { ip =, port =, epoch = } or nil, why
+-- returns: { ip =, port =, epoch = } or nil, why, and true when every
+--          address of the Sentinel refused sentinel_password
 local function ask_sentinel(self, s)
   local addrs, derr = resolve(s.host)
   if not addrs then
     return nil, s.host .. ": " .. tostring(derr)
   end
-  local why = {}
+  local why, refused = {}, true
   for _, a in ipairs(addrs) do
     if self.closed then                -- its Sentinel clients are closed
       return nil, "client closed"
@@ -250,9 +251,11 @@ local function ask_sentinel(self, s)
         err = merr
       end
     end
+    refused = refused and type(err) == "table" and err.kind == "config"
     why[#why + 1] = key .. ": " .. tostring(err)
   end
-  return nil, #why > 0 and table.concat(why, "; ") or s.host .. ": no address"
+  return nil, #why > 0 and table.concat(why, "; ") or s.host .. ": no address",
+    #why > 0 and refused
 end
 
 -- Asks every Sentinel at once (for at most SENTINEL_ROUND s) where the
@@ -264,14 +267,16 @@ end
 --          nil, err (kind "unavailable")
 local function sentinel_masters(self)
   local answers, why, pending = {}, {}, #self.sentinels
+  local refused = 0                     -- Sentinels that refused AUTH
   local done = core.event()
   for _, s in ipairs(self.sentinels) do
     core.spawn(function()
-      local a, err = ask_sentinel(self, s)
+      local a, err, auth = ask_sentinel(self, s)
       if a then
         answers[#answers + 1] = a
       else
         why[#why + 1] = err
+        refused = refused + (auth and 1 or 0)
       end
       pending = pending - 1
       if pending == 0 then
@@ -299,10 +304,14 @@ local function sentinel_masters(self)
       why[#why + 1] = pending .. " did not answer within "
                       .. SENTINEL_ROUND .. " s"
     end
-    return nil, core.error("unavailable", "redis-sentinel: no Sentinel"
+    -- every one refused the password: asking again cannot help until
+    -- sentinel_password is fixed ("config", as a master's refusal is)
+    local config = refused == #self.sentinels
+    return nil, core.error(config and "config" or "unavailable",
+                           "redis-sentinel: no Sentinel"
                            .. " named the master " .. self.master_name
                            .. " (" .. table.concat(why, "; ") .. ")",
-                           { retryable = true })
+                           { retryable = not config })
   end
   table.sort(list, function(x, y)
     if x.epoch ~= y.epoch then

@@ -96,6 +96,11 @@ describe("paygate.redis passwords", function()
       assert.truthy(out:find(what .. ": config: ", 1, true)
                     or out:find(what .. ": unavailable: ", 1, true), out)
     end
+    -- every Sentinel refused its password: not retryable (was
+    -- "unavailable", retryable: a retry loop would never end)
+    assert.truthy(out:find("bad sentinel password: config: redis-sentinel:"
+                           .. " no Sentinel named the master other", 1, true),
+                  out)
     assert.truthy(out:find("connection setup failed: AUTH refused",
                            1, true), out)
     assert.truthy(out:find("ERR unknown command 'AUTH'", 1, true), out)
