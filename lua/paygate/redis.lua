@@ -537,10 +537,17 @@ end
 -- subscription -- would wait for the poll), and a lost subscription is
 -- replaced LOST_WAIT s later (doubling, up to sentinel_poll, while
 -- subscriptions keep ending before a poll's time), not a whole poll later.
+-- A subscription not confirmed within a poll counts as lost too: a
+-- Sentinel that is stopped, or cut off with its packets dropped, holds
+-- the SUBSCRIBE unanswered without ending the connection, and the client
+-- stayed on it (hearing no +switch-master) while the others were fine.
+-- (A refused SUBSCRIBE -- NOAUTH after a refused password -- ends the
+-- connection at once: hiredis 0.14 drops a connection on an error reply
+-- with no command waiting for it.)
 local LOST_WAIT = 0.1
 
 local function watch(self)
-  local sub, i, wait = nil, 0, LOST_WAIT
+  local sub, i, wait, confirmed = nil, 0, LOST_WAIT, false
   while not self.closed do
     if not sub then
       i = i % #self.sentinels + 1
@@ -549,6 +556,7 @@ local function watch(self)
       if addrs then
         sub = rcore.subscribe(addrs[1], s.port, "+switch-master",
                               { password = self.sentinel_password })
+        confirmed = false
       end
     end
     local msg, err
@@ -566,6 +574,7 @@ local function watch(self)
       name, ip, port = msg:match("^(%S+) %S+ %S+ (%S+) (%d+)$")
     end
     if msg == true then                 -- subscribed: what did we miss?
+      confirmed = true
       follow_sentinels(self)
     elseif name == self.master_name then
       local addrs = port_of(port) and resolve(ip)
@@ -573,7 +582,7 @@ local function watch(self)
         follow_switch(self, addrs[1], port_of(port))
       end
     elseif not msg then
-      if err and err.kind ~= "timeout" then
+      if sub and ((err and err.kind ~= "timeout") or not confirmed) then
         sub:close()                     -- lost: the next Sentinel's
         sub = nil
         core.sleep(math.min(wait, self.sentinel_poll))

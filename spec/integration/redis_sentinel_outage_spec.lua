@@ -184,11 +184,56 @@ describe("Redis through Sentinel, with every Sentinel down", function()
     end
   end)
 
-  -- The daemon of the server the Sentinels name as master now.
-  local function current_master()
-    local port = g.master_port()
-    return g.master.port == port and g.master or g.replica
+  -- The daemon of the master client r is on, once Sentinel 1 names it
+  -- too (after a failover, Sentinel 1 may learn of it after the others,
+  -- from which the client may have it)
+  local function current_master(r)
+    wait_for(function() return g.master_port() == r.port end, 30,
+             "Sentinel 1 to name the client's master")
+    return g.master.port == r.port and g.master or g.replica
   end
+
+  -- The ids of Sentinel 1's clients in subscribe mode.
+  local function subscribers()
+    local ids = {}
+    local out = servers.read_cmd("redis-cli -h 127.0.0.1 -p "
+      .. g.sentinels[1].port .. " CLIENT LIST 2>&1")
+    for id in out:gmatch("id=(%d+)[^\n]*cmd=subscribe") do
+      ids[id] = true
+    end
+    return ids
+  end
+
+  it("a Sentinel that holds the SUBSCRIBE unanswered is left for the"
+     .. " next one after a poll", function()
+    if not g then
+      pending("redis-sentinel not installed")
+      return
+    end
+    -- first in the list: a server that is stopped (its connections are
+    -- accepted by the kernel, never answered), as a Sentinel whose
+    -- packets a partition drops would be
+    local hung = g.server()
+    finally(function()
+      servers.sh("kill -CONT $(cat " .. hung.pidfile .. ")")
+      hung.stop()
+    end)
+    assert(servers.sh("kill -STOP $(cat " .. hung.pidfile .. ")"))
+    local url = g.url:gsub("^redis%-sentinel://", "redis-sentinel://"
+                           .. "127.0.0.1:" .. hung.port .. ",")
+    local before = subscribers()
+    local r = assert(redis.connect(url, { sentinel_poll = 0.5 }))
+    -- it subscribed there (the first), and stayed: hearing no
+    -- +switch-master while three Sentinels were fine
+    wait_for(function()
+      for id in pairs(subscribers()) do
+        if not before[id] then
+          return true
+        end
+      end
+    end, 10, "the client to subscribe on the next Sentinel")
+    r:close()
+  end)
 
   it("every Sentinel down: commands fail unavailable at once, and the"
      .. " client follows the failover once they are back", function()
@@ -198,8 +243,7 @@ describe("Redis through Sentinel, with every Sentinel down", function()
     end
     local r = assert(redis.connect(g.url, { sentinel_poll = 0.2,
                                             timeout = 1 }))
-    local m = current_master()
-    assert.equal(m.port, r.port)
+    local m = current_master(r)
     for _, s in ipairs(g.sentinels) do
       s.kill()
     end
@@ -225,7 +269,7 @@ describe("Redis through Sentinel, with every Sentinel down", function()
     -- back: they fail the dead master over, and the client follows
     wait_for(function() return r.port ~= m.port end, 60,
              "the client to follow the failover")
-    assert.equal(g.master_port(), r.port)
+    current_master(r)                   -- where the Sentinels say
     assert.equal("OK", r:call("SET", "k", "after"))
     m.start()                           -- back, as a replica
     r:close()
@@ -242,8 +286,7 @@ describe("Redis through Sentinel, with every Sentinel down", function()
     end
     local r = assert(redis.connect(g.url, { sentinel_poll = 0.2,
                                             timeout = 1 }))
-    local m = current_master()
-    assert.equal(m.port, r.port)
+    local m = current_master(r)
     -- stopped: their connections are accepted (by the kernel) and never
     -- answered, as when a partition drops their packets
     for _, s in ipairs(g.sentinels) do
