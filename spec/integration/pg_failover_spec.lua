@@ -11,17 +11,7 @@ local sql = require "paygate.sql"
 local servers = require "spec.support.servers"
 local pgha = require "spec.support.pgha"
 
-local function wait_for(fn, secs, what)
-  local deadline = core.mono() + secs
-  while core.mono() < deadline do
-    local v = fn()
-    if v then
-      return v
-    end
-    core.sleep(0.02)
-  end
-  error("timed out waiting for " .. what, 2)
-end
+local wait_for = servers.wait_for
 
 describe("PostgreSQL failover", function()
   local c
@@ -346,21 +336,10 @@ describe("PostgreSQL switchover with the old primary kept up, read-only",
     finally(function() db:close() end)
     assert(db:exec("CREATE TABLE sw (id int PRIMARY KEY)"))
     -- four connections open, all to the primary
-    local n = 0
-    for _ = 1, 4 do
-      core.spawn(function()
-        assert(db:query("SELECT pg_sleep(0.1)"))
-        n = n + 1
-      end)
-    end
-    wait_for(function() return n == 4 end, 10, "four connections")
-    local function port()
-      return tonumber(assert(db:query("SELECT inet_server_port() AS p"))[1].p)
-    end
+    pgha.fill(db, 4)
+    local function port() return pgha.port(db) end
     assert.equal(c.primary.port, port())
-    wait_for(function()
-      return c.standby.psql("SELECT count(*) FROM sw") == "0"
-    end, 10, "the table on the standby")
+    c.replicated("sw")
     -- the old primary is fenced (read-only, as a failover manager does
     -- when it cannot stop it), then the standby is promoted
     c.primary.psql("ALTER SYSTEM SET default_transaction_read_only = on")

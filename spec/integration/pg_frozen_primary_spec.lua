@@ -41,21 +41,10 @@ describe("PostgreSQL failover from a frozen primary", function()
     finally(function() db:close() end)
     assert(db:exec("CREATE TABLE fz (id int PRIMARY KEY)"))
     -- four connections open, all to the primary
-    local n = 0
-    for _ = 1, 4 do
-      core.spawn(function()
-        assert(db:query("SELECT pg_sleep(0.1)"))
-        n = n + 1
-      end)
-    end
-    wait_for(function() return n == 4 end, 10, "four connections")
-    local function port()
-      return tonumber(assert(db:query("SELECT inet_server_port() AS p"))[1].p)
-    end
+    pgha.fill(db, 4)
+    local function port() return pgha.port(db) end
     assert.equal(c.primary.port, port())
-    wait_for(function()
-      return c.standby.psql("SELECT count(*) FROM fz") == "0"
-    end, 10, "the table on the standby")
+    c.replicated("fz")
 
     c.freeze_primary()
     c.promote()
@@ -97,7 +86,7 @@ describe("PostgreSQL failover from a frozen primary", function()
     end, 10, "the old primary to answer")
     -- new connections: four at once, each held by a query
     local ports = {}
-    n = 0
+    local n = 0
     for i = 1, 4 do
       core.spawn(function()
         local rows = assert(db:query("SELECT inet_server_port() AS p,"

@@ -10,12 +10,16 @@
 --   c.freeze_primary()      -- SIGSTOP to every process of the primary:
 --   c.thaw_primary()        --   it accepts TCP connections, answers none
 --   c.cleanup()
+--   pgha.fill(db, 4)        -- four pooled connections open at once
+--   pgha.port(db)           -- the port of the server db's next query hits
+--   c.replicated("t")       -- waits until table t (empty) is on the standby
 --
 -- As in servers.lua, the clusters belong to the postgres user when we run
 -- as root (initdb refuses root), and these helpers block the loop while a
 -- server starts or stops.
 local servers = require "spec.support.servers"
 local proc = require "spec.support.proc"
+local core = require "paygate.core"
 
 local _M = {}
 
@@ -158,7 +162,31 @@ function _M.start(opts)
     sh("rm -rf " .. dir)
   end
 
+  function c.replicated(tbl)
+    servers.wait_for(function()
+      return c.standby.psql("SELECT count(*) FROM " .. tbl) == "0"
+    end, 10, "the table on the standby")
+  end
+
   return c
+end
+
+-- n queries held at once, so the pool has n connections open (all to
+-- the server it finds writable first)
+function _M.fill(db, n)
+  local done = 0
+  for _ = 1, n do
+    core.spawn(function()
+      assert(db:query("SELECT pg_sleep(0.1)"))
+      done = done + 1
+    end)
+  end
+  servers.wait_for(function() return done == n end, 10,
+                   n .. " connections")
+end
+
+function _M.port(db)
+  return tonumber(assert(db:query("SELECT inet_server_port() AS p"))[1].p)
 end
 
 return _M
