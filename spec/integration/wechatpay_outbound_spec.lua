@@ -33,16 +33,10 @@ end)
 -- a redirect is not followed, and a POST that may have been received is
 -- unknown_outcome, never a plain failure.
 describe("a hostile upstream", function()
-  local proc = require "paygate.testing.proc"
   local slow_http = require "support.slow_http"
   local port, log, hwx, hostile
   setup(function()
-    port = core.free_port()
-    log = dir .. "/hostile.log"
-    hostile = proc.spawn({ "python3", "spec/support/hostile_http.py",
-                           tostring(port), log })
-    proc.wait_until(function() return slow_http.lines(log)[1] == "ready" end,
-                    10, "the hostile HTTP server")
+    port, log, hostile = slow_http.hostile(dir)
   end)
   teardown(function() hostile:stop() end)
   before_each(function()
@@ -52,13 +46,7 @@ describe("a hostile upstream", function()
   end)
   after_each(function() hwx:stop() end)
 
-  local function requests(target)
-    local k = 0
-    for _, l in ipairs(slow_http.lines(log)) do
-      if l == target then k = k + 1 end
-    end
-    return k
-  end
+  local function requests(target) return slow_http.count(log, target) end
 
   local function timed(f)
     local t0 = core.mono()

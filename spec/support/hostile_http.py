@@ -14,70 +14,43 @@
 #   /garbage      bytes that are no HTTP answer, then close
 #   /hugehead     a 200 head with one header line of 300 KiB
 # Writes "ready" to LOG once listening. Every connection ends within 30 s.
-import socket, sys, threading, time
+import sys, time
+from rawhttp import note, read_request, serve_forever
 port, log = int(sys.argv[1]), sys.argv[2]
-lock = threading.Lock()
-def note(s):
-    with lock:
-        with open(log, "a") as f:
-            f.write(s + "\n")
 def endless(c, status):
     c.sendall(b"HTTP/1.1 " + status + b"\r\nTransfer-Encoding: chunked\r\n\r\n")
     chunk = b"400\r\n" + b"z" * 1024 + b"\r\n"
     deadline = time.time() + 30
     while time.time() < deadline:
         c.sendall(chunk)
-def serve(c):
-    try:
-        c.settimeout(30)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            d = c.recv(65536)
-            if not d: return
-            data += d
-        head, _, body = data.partition(b"\r\n\r\n")
-        n = 0
-        for line in head.split(b"\r\n"):
-            if line.lower().startswith(b"content-length:"):
-                n = int(line.split(b":")[1])
-        while len(body) < n:
-            d = c.recv(65536)
-            if not d: return
-            body += d
-        target = head.split(b" ")[1].decode()
-        note(target)
-        path = "/" + target.split("?")[0].rsplit("/", 1)[-1]
-        if path == "/redirect":
-            c.sendall(b"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:%d"
-                      b"/target\r\nContent-Length: 0\r\n\r\n" % port)
-        elif path == "/target":
-            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-        elif path == "/r429":
-            c.sendall(b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 0\r\n"
-                      b"Content-Length: 9\r\n\r\nslow down")
-        elif path == "/hang500":
-            c.sendall(b"HTTP/1.1 500 Oops\r\nContent-Length: 100\r\n\r\n")
-            time.sleep(30)
-        elif path == "/silent":
-            time.sleep(30)
-        elif path == "/endless200":
-            endless(c, b"200 OK")
-        elif path == "/endless500":
-            endless(c, b"500 Oops")
-        elif path == "/garbage":
-            c.sendall(b"SSH-2.0-OpenSSH_9.0\r\n\x00\xff\xfe garbage\r\n\r\n")
-        elif path == "/hugehead":
-            c.sendall(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (300 * 1024)
-                      + b"\r\nContent-Length: 0\r\n\r\n")
-    except OSError:
-        pass
-    finally:
-        c.close()
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", port))
-s.listen(32)
-note("ready")
-while True:
-    c, _ = s.accept()
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
+def answer(c):
+    c.settimeout(30)
+    req = read_request(c)
+    if req is None: return
+    head, _ = req
+    target = head.split(b" ")[1].decode()
+    note(log, target)
+    path = "/" + target.split("?")[0].rsplit("/", 1)[-1]
+    if path == "/redirect":
+        c.sendall(b"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:%d"
+                  b"/target\r\nContent-Length: 0\r\n\r\n" % port)
+    elif path == "/target":
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    elif path == "/r429":
+        c.sendall(b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 0\r\n"
+                  b"Content-Length: 9\r\n\r\nslow down")
+    elif path == "/hang500":
+        c.sendall(b"HTTP/1.1 500 Oops\r\nContent-Length: 100\r\n\r\n")
+        time.sleep(30)
+    elif path == "/silent":
+        time.sleep(30)
+    elif path == "/endless200":
+        endless(c, b"200 OK")
+    elif path == "/endless500":
+        endless(c, b"500 Oops")
+    elif path == "/garbage":
+        c.sendall(b"SSH-2.0-OpenSSH_9.0\r\n\x00\xff\xfe garbage\r\n\r\n")
+    elif path == "/hugehead":
+        c.sendall(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (300 * 1024)
+                  + b"\r\nContent-Length: 0\r\n\r\n")
+serve_forever(port, 32, log, answer)

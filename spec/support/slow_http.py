@@ -7,55 +7,26 @@
 #           each 0.15 s: 3 s in all, flowing
 #   stall   the same bill's first 100 bytes, then nothing
 # Writes "ready" to LOG once listening and "start" per request (flushed).
-import socket, sys, threading, time
+import sys, time
+from rawhttp import note, read_request, serve_forever
 port, mode, log = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 BILL = b"".join(b"%04d," % i + b"x" * 94 + b"\n" for i in range(20))
-lock = threading.Lock()
-def note(s):
-    with lock:
-        with open(log, "a") as f:
-            f.write(s + "\n")
-def serve(c):
-    try:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            d = c.recv(65536)
-            if not d: return
-            data += d
-        head, _, body = data.partition(b"\r\n\r\n")
-        n = 0
-        for line in head.split(b"\r\n"):
-            if line.lower().startswith(b"content-length:"):
-                n = int(line.split(b":")[1])
-        while len(body) < n:
-            d = c.recv(65536)
-            if not d: return
-            body += d
-        note("start")
-        if mode == "drip":
-            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
-            for _ in range(100):
-                c.sendall(b"x")
-                time.sleep(0.3)
-            return
-        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
-                  b"Content-Length: %d\r\n\r\n" % len(BILL))
-        if mode == "steady":
-            for i in range(20):
-                c.sendall(BILL[i * 100:(i + 1) * 100])
-                time.sleep(0.15)
-        else:
-            c.sendall(BILL[:100])
-            time.sleep(60)
-    except OSError:
-        pass
-    finally:
-        c.close()
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", port))
-s.listen(16)
-note("ready")
-while True:
-    c, _ = s.accept()
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
+def answer(c):
+    if read_request(c) is None: return
+    note(log, "start")
+    if mode == "drip":
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+        for _ in range(100):
+            c.sendall(b"x")
+            time.sleep(0.3)
+        return
+    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(BILL))
+    if mode == "steady":
+        for i in range(20):
+            c.sendall(BILL[i * 100:(i + 1) * 100])
+            time.sleep(0.15)
+    else:
+        c.sendall(BILL[:100])
+        time.sleep(60)
+serve_forever(port, 16, log, answer)

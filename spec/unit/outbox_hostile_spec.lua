@@ -200,22 +200,11 @@ describe("outbox.webhook facing a hostile receiver", function()
   local slow_http = require "support.slow_http"
   local port, log
   setup(function()
-    port = servers.free_port()
-    log = tmp .. "/hostile.log"
-    proc.spawn({ "python3", "spec/support/hostile_http.py", tostring(port),
-                 log })
-    proc.wait_until(function() return slow_http.lines(log)[1] == "ready" end,
-                    10, "the hostile HTTP server")
+    port, log = slow_http.hostile(tmp)
   end)
   teardown(function() proc.stop_all() end)
 
-  local function requests(path)
-    local k = 0
-    for _, l in ipairs(slow_http.lines(log)) do
-      if l == path then k = k + 1 end
-    end
-    return k
-  end
+  local function requests(path) return slow_http.count(log, path) end
 
   -- path -> state, a piece of last_error (nil: none), requests it gets
   local cases = {
