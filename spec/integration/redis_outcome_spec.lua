@@ -14,10 +14,7 @@ local sentinel = require "spec.support.sentinel"
 
 local wait_for = servers.wait_for
 
-local function cli(port, args)
-  return servers.read_cmd("redis-cli -h 127.0.0.1 -p " .. port .. " "
-                          .. args .. " 2>&1")
-end
+local cli = servers.redis_cli
 
 local function signal(pidfile, sig)
   return servers.sh("kill -" .. sig .. " $(cat " .. pidfile .. ")")
@@ -139,17 +136,12 @@ describe("a Redis write whose reply was lost", function()
   end)
 end)
 
-local function have_sentinel()
-  return servers.redis and servers.sh("command -v redis-sentinel"
-                                      .. " >/dev/null 2>&1")
-end
-
 describe("Redis through Sentinel, a command in flight at the failover",
          function()
   local g
 
   setup(function()
-    if have_sentinel() then
+    if sentinel.available() then
       g = sentinel.start()
     end
   end)

@@ -12,6 +12,8 @@ local servers = require "spec.support.servers"
 local sentinel = require "spec.support.sentinel"
 local proc = require "spec.support.proc"
 
+local cli = servers.redis_cli
+
 local function wait_for(fn, secs, what)
   local deadline = core.mono() + secs
   while core.mono() < deadline do
@@ -24,16 +26,11 @@ local function wait_for(fn, secs, what)
   error("timed out waiting for " .. what, 2)
 end
 
-local function have_sentinel()
-  return servers.redis and servers.sh("command -v redis-sentinel"
-                                      .. " >/dev/null 2>&1")
-end
-
 describe("Redis through Sentinel", function()
   local g
 
   setup(function()
-    if have_sentinel() then
+    if sentinel.available() then
       g = sentinel.start()
     end
   end)
@@ -133,8 +130,7 @@ describe("Redis through Sentinel", function()
     for _, epoch in ipairs({ 0, 1000 }) do
       local stale = g.stale_sentinel(sport, epoch)
       finally(function() stale.stop() end)
-      local out = servers.read_cmd("redis-cli -h 127.0.0.1 -p " .. sport
-        .. " SENTINEL get-master-addr-by-name mymaster 2>&1")
+      local out = cli(sport, "SENTINEL get-master-addr-by-name mymaster")
       assert.equal(stale.replica.port, tonumber(out:match("\n(%d+)")), out)
       -- the client asked it a few times (its poll and after a failure)
       local base = calls(sport)
@@ -276,8 +272,7 @@ describe("Redis through Sentinel", function()
   -- The ids of Sentinel 1's clients in subscribe mode.
   local function subscribers()
     local ids = {}
-    local out = servers.read_cmd("redis-cli -h 127.0.0.1 -p "
-      .. g.sentinels[1].port .. " CLIENT LIST 2>&1")
+    local out = cli(g.sentinels[1].port, "CLIENT LIST")
     for id in out:gmatch("id=(%d+)[^\n]*cmd=subscribe") do
       ids[id] = true
     end
@@ -303,8 +298,7 @@ describe("Redis through Sentinel", function()
   local function failover()
     local out
     wait_for(function()
-      out = servers.read_cmd("redis-cli -h 127.0.0.1 -p "
-        .. g.sentinels[1].port .. " SENTINEL failover mymaster 2>&1")
+      out = cli(g.sentinels[1].port, "SENTINEL failover mymaster")
       if not out:match("^INPROG") and not out:match("^NOGOODSLAVE") then
         return true
       end
@@ -364,8 +358,7 @@ describe("Redis through Sentinel", function()
     -- MASTER names. (get-master-addr-by-name, g.master_port(), names the
     -- promoted replica sooner, while the others are reconfigured.)
     wait_for(function()
-      local out = servers.read_cmd("redis-cli -h 127.0.0.1 -p "
-        .. g.sentinels[1].port .. " SENTINEL master mymaster 2>&1")
+      local out = cli(g.sentinels[1].port, "SENTINEL master mymaster")
       local now = tonumber(out:match("\nport\n(%d+)"))
       return now and now ~= from
     end, 60, "Sentinel 1 to switch to the new master")
@@ -396,10 +389,6 @@ describe("Redis through Sentinel", function()
     -- it do. The poll is too slow to matter.
     local pub = g.server()
     local b = g.server(true)               -- ROLE slave, for now
-    local function cli(p, args)
-      return servers.read_cmd("redis-cli -h 127.0.0.1 -p " .. p .. " "
-                              .. args .. " 2>&1")
-    end
     local url = g.url:gsub("^redis%-sentinel://", "redis-sentinel://"
                            .. "127.0.0.1:" .. pub.port .. ",")
     local r = assert(redis.connect(url, { sentinel_poll = 120,
@@ -505,10 +494,6 @@ describe("Redis through Sentinel", function()
     local pub = g.server()
     local b = g.server(true)
     finally(function() pub.stop() b.stop() end)
-    local function cli(p, args)
-      return servers.read_cmd("redis-cli -h 127.0.0.1 -p " .. p .. " "
-                              .. args .. " 2>&1")
-    end
     local url = g.url:gsub("^redis%-sentinel://", "redis-sentinel://"
                            .. "127.0.0.1:" .. pub.port .. ",")
     local r = assert(redis.connect(url, { sentinel_poll = 120,

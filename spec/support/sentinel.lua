@@ -7,6 +7,7 @@
 --   g.url                        -- redis-sentinel://.../mymaster
 --   g.master_port()              -- what the Sentinels say now
 --   g.cleanup()
+--   sentinel.available()         -- false: redis-sentinel not installed
 --
 -- Sentinels call the master down after 1 s without an answer and fail
 -- over at once (quorum 2). Readiness is waited for with deadlines.
@@ -61,6 +62,11 @@ local function daemon(dir, name, port, args)
 end
 
 -- A free port not in the set (which it joins).
+-- redis-server and redis-sentinel both installed? (specs skip when not)
+function _M.available()
+  return servers.redis and sh("command -v redis-sentinel >/dev/null 2>&1")
+end
+
 function _M.free_port_except(ports)
   local p
   repeat

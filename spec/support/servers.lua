@@ -8,6 +8,7 @@
 --   servers.postgres{ password = "pw" }   -- password auth on 127.0.0.1
 --                                          -- (scram-sha-256); url has it
 --   servers.stop_all()               -- in teardown()
+--   servers.redis_cli(port, "PING")  -- redis-cli's output and errors
 --
 -- Readiness is waited for with a deadline (redis-cli PING, pg_ctl -w):
 -- never a fixed sleep. The port is picked free, but another process may
@@ -103,6 +104,12 @@ end
 local function redis_ping(port, password)
   return read_cmd(redis_cli(port, password)
                   .. " PING 2>/dev/null"):match("PONG") ~= nil
+end
+
+-- syntax: out = servers.redis_cli(port, args): redis-cli's output, its
+-- errors included (so an assertion's message shows them)
+function _M.redis_cli(port, args)
+  return read_cmd(redis_cli(port) .. " " .. args .. " 2>&1")
 end
 
 local START_TRIES = 5
