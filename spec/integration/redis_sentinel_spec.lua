@@ -14,17 +14,7 @@ local proc = require "spec.support.proc"
 
 local cli = servers.redis_cli
 
-local function wait_for(fn, secs, what)
-  local deadline = core.mono() + secs
-  while core.mono() < deadline do
-    local v = fn()
-    if v then
-      return v
-    end
-    core.sleep(0.02)
-  end
-  error("timed out waiting for " .. what, 2)
-end
+local wait_for = servers.wait_for
 
 describe("Redis through Sentinel", function()
   local g
