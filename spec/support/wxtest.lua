@@ -14,6 +14,14 @@ _M.P1 = "5157F09EFDC096DE15EBE81A47057A7232F1B8E1"   -- platform cert 1
 _M.P2 = "7132D72A03E93CDDF8C03BBD1F37EEDF77A4F1A2"   -- rotated-in cert 2
 _M.PUB_ID = "PUB_KEY_ID_0114232134912410000000000000000001"
 
+--- text = fixture(name): a file of spec/fixtures/wechatpay/, whole
+function _M.fixture(name)
+  local f = assert(io.open(FIX .. name, "rb"))
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+
 local function sh(cmd)
   local ok = os.execute(cmd .. " >/dev/null 2>&1")
   assert(ok == 0 or ok == true, "command failed: " .. cmd)

@@ -7,14 +7,9 @@ local x509 = require "paygate.x509"
 local keyring = require "paygate.keyring"
 local http = require "paygate.http"
 local zlib = require "paygate.zlib"
+local wxtest = require "support.wxtest"
 
-local FIX = "spec/fixtures/wechatpay/"
-local function read(name)
-  local f = assert(io.open(FIX .. name, "rb"))
-  local s = f:read("*a")
-  f:close()
-  return s
-end
+local read = wxtest.fixture
 
 local cert = assert(crypto.certificate(read("a6_platform_cert.pem")))
 local key = assert(crypto.public_key(read("a7_platform_pubkey.pem")))

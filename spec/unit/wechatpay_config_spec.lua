@@ -3,14 +3,10 @@
 local wechatpay = require "paygate.wechatpay"
 local config = require "paygate.wechatpay.config"
 local core = require "paygate.core"
+local wxtest = require "support.wxtest"
 
 local FIX = "spec/fixtures/wechatpay/"
-local function read(name)
-  local f = assert(io.open(FIX .. name, "rb"))
-  local s = f:read("*a")
-  f:close()
-  return s
-end
+local read = wxtest.fixture
 local APIV3 = "a7cde1ZJB1kG2e7VfTs3jQzaWizur8Gb"
 local PUB_ID = "PUB_KEY_ID_0114232134912410000000000000000001"
 

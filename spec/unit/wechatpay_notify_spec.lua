@@ -7,12 +7,7 @@ local wechatpay = require "paygate.wechatpay"
 local wxtest = require "support.wxtest"
 
 local FIX = "spec/fixtures/wechatpay/"
-local function read(name)
-  local f = assert(io.open(FIX .. name, "rb"))
-  local s = f:read("*a")
-  f:close()
-  return s
-end
+local read = wxtest.fixture
 
 local APIV3 = wxtest.APIV3
 local PUB_ID = wxtest.PUB_ID

@@ -4,13 +4,9 @@ local crypto = require "paygate.crypto"
 local keyring = require "paygate.keyring"
 local sign = require "paygate.wechatpay.sign"
 local verify = require "paygate.wechatpay.verify"
+local wxtest = require "support.wxtest"
 
-local function read(name)
-  local f = assert(io.open("spec/fixtures/wechatpay/" .. name, "rb"))
-  local s = f:read("*a")
-  f:close()
-  return s
-end
+local read = wxtest.fixture
 
 -- WeChat Pay's official request-signing example (its documentation)
 local A1_BODY = '{"appid":"wxd678efh567hg6787","mchid":"1900007291",'
