@@ -18,28 +18,14 @@ local server = require "support.server"
 local proc = require "support.proc"
 local paygate = require "paygate"
 
-for _, decl in ipairs{
-  "struct gw_ra_sockaddr_in { unsigned short family; unsigned short port; "
-    .. "unsigned int addr; char zero[8]; };",
-  "struct gw_ra_pollfd { int fd; short events; short revents; };",
-  "int socket(int domain, int type, int protocol);",
-  "int connect(int fd, const void *addr, unsigned int len);",
-  "long send(int fd, const void *buf, unsigned long len, int flags);",
-  "long recv(int fd, void *buf, unsigned long len, int flags);",
-  "int close(int fd);",
-  "int poll(void *fds, unsigned long nfds, int timeout);",
-  "int getsockopt(int fd, int level, int name, void *val, unsigned int *len);",
-  "unsigned short htons(unsigned short v);",
-} do
-  pcall(ffi.cdef, decl)
-end
-local C = ffi.C
-
-local AF_INET, SOCK_STREAM, SOCK_NONBLOCK = 2, 1, 2048
-local EINTR, EAGAIN, EINPROGRESS = 4, 11, 115
-local POLLIN, POLLOUT = 1, 4
-local SOL_SOCKET, SO_ERROR = 1, 4
-local MSG_NOSIGNAL = 0x4000
+local pn = require "support.pollnet"
+local C, parse = pn.C, pn.parse
+local AF_INET, SOCK_STREAM, SOCK_NONBLOCK = pn.AF_INET, pn.SOCK_STREAM,
+  pn.SOCK_NONBLOCK
+local EINTR, EAGAIN, EINPROGRESS = pn.EINTR, pn.EAGAIN, pn.EINPROGRESS
+local POLLIN, POLLOUT = pn.POLLIN, pn.POLLOUT
+local SOL_SOCKET, SO_ERROR = pn.SOL_SOCKET, pn.SO_ERROR
+local MSG_NOSIGNAL = pn.MSG_NOSIGNAL
 
 local V1 = [[
 local paygate = require "paygate"
@@ -72,18 +58,6 @@ local function write(path, text)
   f:close()
 end
 
--- the answer, once whole: status, body, whether it closes the connection
-local function parse(got)
-  local head_end = got:find("\r\n\r\n", 1, true)
-  if not head_end then return nil end
-  local head = got:sub(1, head_end - 1)
-  local len = tonumber(head:lower():match("\r\ncontent%-length:%s*(%d+)"))
-  if not len or #got < head_end + 3 + len then return nil end
-  return tonumber(head:match("^HTTP/1%.1 (%d%d%d)")),
-         got:sub(head_end + 4, head_end + 3 + len),
-         head:lower():find("\r\nconnection:%s*close") ~= nil
-end
-
 -- One client: GET /version one request at a time, on keep-alive
 -- connections (kept until the server closes them) or fresh ones.
 local Client = {}
@@ -106,8 +80,7 @@ function Client:start(now)
   if self.fd >= 0 then return self:send() end
   local fd = C.socket(AF_INET, SOCK_STREAM + SOCK_NONBLOCK, 0)
   assert(fd >= 0, "socket")
-  local a = ffi.new("struct gw_ra_sockaddr_in")
-  a.family, a.port, a.addr = AF_INET, C.htons(self.port), 0x0100007f
+  local a = pn.loopback(self.port)
   self.fd, self.state = fd, "connecting"
   if C.connect(fd, a, ffi.sizeof(a)) ~= 0 and ffi.errno() ~= EINPROGRESS then
     return self:fail("connect: errno " .. ffi.errno())
@@ -172,7 +145,7 @@ local function hammer(s, o, during)
       fd = -1, state = "idle", failures = failures, answers = answers },
       Client)
   end
-  local pfds = ffi.new("struct gw_ra_pollfd[?]", #clients)
+  local pfds = pn.pollfds(#clients)
   local t0, running = paygate.update_time(), true
   while true do
     local now = paygate.update_time()

@@ -14,28 +14,14 @@ local server = require "support.server"
 local proc = require "support.proc"
 local paygate = require "paygate"
 
-for _, decl in ipairs{
-  "struct gw_rr_sockaddr_in { unsigned short family; unsigned short port; "
-    .. "unsigned int addr; char zero[8]; };",
-  "struct gw_rr_pollfd { int fd; short events; short revents; };",
-  "int socket(int domain, int type, int protocol);",
-  "int connect(int fd, const void *addr, unsigned int len);",
-  "long send(int fd, const void *buf, unsigned long len, int flags);",
-  "long recv(int fd, void *buf, unsigned long len, int flags);",
-  "int close(int fd);",
-  "int poll(void *fds, unsigned long nfds, int timeout);",
-  "int getsockopt(int fd, int level, int name, void *val, unsigned int *len);",
-  "unsigned short htons(unsigned short v);",
-} do
-  pcall(ffi.cdef, decl)
-end
-local C = ffi.C
-
-local AF_INET, SOCK_STREAM, SOCK_NONBLOCK = 2, 1, 2048
-local EINTR, EAGAIN, EINPROGRESS = 4, 11, 115
-local POLLIN, POLLOUT = 1, 4
-local SOL_SOCKET, SO_ERROR = 1, 4
-local MSG_NOSIGNAL = 0x4000
+local pn = require "support.pollnet"
+local C, parse = pn.C, pn.parse
+local AF_INET, SOCK_STREAM, SOCK_NONBLOCK = pn.AF_INET, pn.SOCK_STREAM,
+  pn.SOCK_NONBLOCK
+local EINTR, EAGAIN, EINPROGRESS = pn.EINTR, pn.EAGAIN, pn.EINPROGRESS
+local POLLIN, POLLOUT = pn.POLLIN, pn.POLLOUT
+local SOL_SOCKET, SO_ERROR = pn.SOL_SOCKET, pn.SO_ERROR
+local MSG_NOSIGNAL = pn.MSG_NOSIGNAL
 
 local function app_source(version)
   return ([[
@@ -80,8 +66,7 @@ function Client:start(now)
   if self.fd < 0 then
     local fd = C.socket(AF_INET, SOCK_STREAM + SOCK_NONBLOCK, 0)
     assert(fd >= 0, "socket")
-    local a = ffi.new("struct gw_rr_sockaddr_in")
-    a.family, a.port, a.addr = AF_INET, C.htons(self.port), 0x0100007f
+    local a = pn.loopback(self.port)
     self.fd = fd
     if C.connect(fd, a, ffi.sizeof(a)) ~= 0 and ffi.errno() ~= EINPROGRESS then
       return self:fail("connect: errno " .. ffi.errno())
@@ -100,18 +85,6 @@ function Client:send()
     return self:fail("send: errno " .. ffi.errno())
   end
   self.state = "reading"
-end
-
--- the answer, once whole: status, body, whether it closes the connection
-local function parse(got)
-  local head_end = got:find("\r\n\r\n", 1, true)
-  if not head_end then return nil end
-  local head = got:sub(1, head_end - 1)
-  local len = tonumber(head:lower():match("\r\ncontent%-length:%s*(%d+)"))
-  if not len or #got < head_end + 3 + len then return nil end
-  return tonumber(head:match("^HTTP/1%.1 (%d%d%d)")),
-         got:sub(head_end + 4, head_end + 3 + len),
-         head:lower():find("\r\nconnection:%s*close") ~= nil
 end
 
 function Client:on_event(revents, now)
@@ -193,7 +166,7 @@ local function hammer(s, o)
   add(o.keep, "keep", true)
   add(o.slow or 0, "slow", false, o.pause)
   local limit = o.limit or 120
-  local pfds = ffi.new("struct gw_rr_pollfd[?]", #clients)
+  local pfds = pn.pollfds(#clients)
   local t0 = paygate.update_time()
   local sent_hups, settled_at, done_at = 0, nil, t0
   while true do
@@ -276,7 +249,7 @@ describe("requests sent while reloads happen", function()
     local c = new_client(s.port, false, 3600)
     c.failures, c.done = {}, 0
     c:start(paygate.update_time())
-    local pfd = ffi.new("struct gw_rr_pollfd[1]")
+    local pfd = pn.pollfds(1)
     pfd[0].fd, pfd[0].events = c.fd, POLLOUT
     assert.equal(1, C.poll(pfd, 1, 5000), "connect")
     c:on_event(pfd[0].revents, paygate.update_time())
@@ -331,7 +304,7 @@ describe("requests sent while reloads happen", function()
     local c = new_client(s.port, false, 3600)
     c.failures, c.done = {}, 0
     c:start(paygate.update_time())
-    local pfd = ffi.new("struct gw_rr_pollfd[1]")
+    local pfd = pn.pollfds(1)
     local function wait(events, ms)
       pfd[0].fd, pfd[0].events, pfd[0].revents = c.fd, events, 0
       return C.poll(pfd, 1, ms)
