@@ -405,6 +405,19 @@ function _M.stores(dir, schema, drop, pg_opts)
   return stores
 end
 
+-- syntax: stores.redis = servers.redis_store()
+-- A fresh store per call, as stores() gives: a connection to one Redis
+-- server (started on the first call), emptied (FLUSHALL).
+function _M.redis_store()
+  local srv
+  return function()
+    srv = srv or _M.redis()
+    local c = assert(require("paygate.redis").connect(srv.url))
+    assert(c:call("FLUSHALL"))
+    return c
+  end
+end
+
 -- syntax: ids = servers.acked_ids(out)
 -- The ids a killed ack_writer printed to the file out: its complete
 -- lines only. SIGKILL can cut a write() to a regular file short (the

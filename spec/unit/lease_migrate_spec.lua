@@ -1,13 +1,12 @@
 -- paygate.lease and paygate.migrate on SQLite, PostgreSQL and Redis.
 local sql = require "paygate.sql"
-local redis = require "paygate.redis"
 local lease = require "paygate.lease"
 local migrate = require "paygate.migrate"
 local paygate = require "paygate"
 local servers = require "spec.support.servers"
 
 local tmp = servers.mktemp()
-local pg_srv, redis_srv
+local pg_srv
 local n = 0
 
 teardown(function()
@@ -33,12 +32,7 @@ if servers.have_postgres() then
   end
 end
 if servers.have_redis() then
-  stores.redis = function()
-    redis_srv = redis_srv or servers.redis()
-    local c = assert(redis.connect(redis_srv.url))
-    assert(c:call("FLUSHALL"))
-    return c
-  end
+  stores.redis = servers.redis_store()
 end
 
 for name, new_store in pairs(stores) do

@@ -3,13 +3,11 @@
 -- SQLite, PostgreSQL and Redis.
 local paygate = require "paygate"
 local core = require "paygate.core"
-local sql = require "paygate.sql"
 local redis = require "paygate.redis"
 local lease = require "paygate.lease"
 local servers = require "spec.support.servers"
 
 local tmp = servers.mktemp()
-local redis_srv
 local n = 0
 
 teardown(function()
@@ -163,28 +161,9 @@ describe("lease.ttl_for / lease.measure", function()
   end)
 end)
 
-local stores = {
-  sqlite = function()
-    n = n + 1
-    return assert(sql.open("sqlite:" .. tmp .. "/run" .. n .. ".db"))
-  end,
-}
-if servers.have_postgres() then
-  local pg_srv
-  stores.postgres = function()
-    pg_srv = pg_srv or servers.postgres()
-    local db = assert(sql.open(pg_srv.url))
-    assert(db:exec("DROP TABLE IF EXISTS paygate_leases"))
-    return db
-  end
-end
+local stores = servers.stores(tmp, "", "paygate_leases")
 if servers.have_redis() then
-  stores.redis = function()
-    redis_srv = redis_srv or servers.redis()
-    local c = assert(redis.connect(redis_srv.url))
-    assert(c:call("FLUSHALL"))
-    return c
-  end
+  stores.redis = servers.redis_store()
 end
 
 for engine, new_store in pairs(stores) do

@@ -2,12 +2,10 @@
 -- back from a text column or an HTTP header) is the same token as the
 -- number, on SQLite, PostgreSQL and Redis; anything else that is not a
 -- non-negative integer is misuse and raises.
-local redis = require "paygate.redis"
 local lease = require "paygate.lease"
 local servers = require "spec.support.servers"
 
 local tmp = servers.mktemp()
-local redis_srv
 
 teardown(function()
   servers.stop_all()
@@ -17,12 +15,7 @@ end)
 -- SQLite and PostgreSQL (each call a fresh store), then Redis
 local stores = servers.stores(tmp, "", "paygate_leases")
 if servers.have_redis() then
-  stores.redis = function()
-    redis_srv = redis_srv or servers.redis()
-    local c = assert(redis.connect(redis_srv.url))
-    assert(c:call("FLUSHALL"))
-    return c
-  end
+  stores.redis = servers.redis_store()
 end
 
 -- lease.check inside a transaction (SQL), lease.fenced_call (Redis):
