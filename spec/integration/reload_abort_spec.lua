@@ -20,12 +20,6 @@ local paygate = require "paygate"
 
 local pn = require "support.pollnet"
 local C, parse = pn.C, pn.parse
-local AF_INET, SOCK_STREAM, SOCK_NONBLOCK = pn.AF_INET, pn.SOCK_STREAM,
-  pn.SOCK_NONBLOCK
-local EINTR, EAGAIN, EINPROGRESS = pn.EINTR, pn.EAGAIN, pn.EINPROGRESS
-local POLLIN, POLLOUT = pn.POLLIN, pn.POLLOUT
-local SOL_SOCKET, SO_ERROR = pn.SOL_SOCKET, pn.SO_ERROR
-local MSG_NOSIGNAL = pn.MSG_NOSIGNAL
 
 local V1 = [[
 local paygate = require "paygate"
@@ -78,11 +72,12 @@ end
 function Client:start(now)
   self.got, self.deadline = "", now + 15
   if self.fd >= 0 then return self:send() end
-  local fd = C.socket(AF_INET, SOCK_STREAM + SOCK_NONBLOCK, 0)
+  local fd = C.socket(pn.AF_INET, pn.SOCK_STREAM + pn.SOCK_NONBLOCK, 0)
   assert(fd >= 0, "socket")
   local a = pn.loopback(self.port)
   self.fd, self.state = fd, "connecting"
-  if C.connect(fd, a, ffi.sizeof(a)) ~= 0 and ffi.errno() ~= EINPROGRESS then
+  if C.connect(fd, a, ffi.sizeof(a)) ~= 0
+     and ffi.errno() ~= pn.EINPROGRESS then
     return self:fail("connect: errno " .. ffi.errno())
   end
 end
@@ -90,7 +85,7 @@ end
 function Client:send()
   local req = "GET /version HTTP/1.1\r\nHost: 127.0.0.1\r\n"
               .. (self.keep_alive and "" or "Connection: close\r\n") .. "\r\n"
-  if C.send(self.fd, req, #req, MSG_NOSIGNAL) ~= #req then
+  if C.send(self.fd, req, #req, pn.MSG_NOSIGNAL) ~= #req then
     return self:fail("send: errno " .. ffi.errno())
   end
   self.state = "reading"
@@ -99,7 +94,7 @@ end
 function Client:on_event()
   if self.state == "connecting" then
     local err, len = ffi.new("int[1]"), ffi.new("unsigned int[1]", 4)
-    C.getsockopt(self.fd, SOL_SOCKET, SO_ERROR, err, len)
+    C.getsockopt(self.fd, pn.SOL_SOCKET, pn.SO_ERROR, err, len)
     if err[0] ~= 0 then return self:fail("connect: errno " .. err[0]) end
     return self:send()
   end
@@ -113,8 +108,8 @@ function Client:on_event()
       break
     else
       local e = ffi.errno()
-      if e == EAGAIN then break end
-      if e ~= EINTR then return self:fail("recv: errno " .. e) end
+      if e == pn.EAGAIN then break end
+      if e ~= pn.EINTR then return self:fail("recv: errno " .. e) end
     end
   end
   local status, body, closes = parse(self.got)
@@ -159,7 +154,7 @@ local function hammer(s, o, during)
       end
       busy = busy or c.state ~= "idle"
       pfds[i - 1].fd = c.state == "idle" and -1 or c.fd
-      pfds[i - 1].events = c.state == "connecting" and POLLOUT or POLLIN
+      pfds[i - 1].events = c.state == "connecting" and pn.POLLOUT or pn.POLLIN
       pfds[i - 1].revents = 0
     end
     if not running and not busy then break end

@@ -16,12 +16,6 @@ local paygate = require "paygate"
 
 local pn = require "support.pollnet"
 local C, parse = pn.C, pn.parse
-local AF_INET, SOCK_STREAM, SOCK_NONBLOCK = pn.AF_INET, pn.SOCK_STREAM,
-  pn.SOCK_NONBLOCK
-local EINTR, EAGAIN, EINPROGRESS = pn.EINTR, pn.EAGAIN, pn.EINPROGRESS
-local POLLIN, POLLOUT = pn.POLLIN, pn.POLLOUT
-local SOL_SOCKET, SO_ERROR = pn.SOL_SOCKET, pn.SO_ERROR
-local MSG_NOSIGNAL = pn.MSG_NOSIGNAL
 
 local function app_source(version)
   return ([[
@@ -64,11 +58,12 @@ end
 function Client:start(now)
   self.got, self.deadline = "", now + 15
   if self.fd < 0 then
-    local fd = C.socket(AF_INET, SOCK_STREAM + SOCK_NONBLOCK, 0)
+    local fd = C.socket(pn.AF_INET, pn.SOCK_STREAM + pn.SOCK_NONBLOCK, 0)
     assert(fd >= 0, "socket")
     local a = pn.loopback(self.port)
     self.fd = fd
-    if C.connect(fd, a, ffi.sizeof(a)) ~= 0 and ffi.errno() ~= EINPROGRESS then
+    if C.connect(fd, a, ffi.sizeof(a)) ~= 0
+       and ffi.errno() ~= pn.EINPROGRESS then
       return self:fail("connect: errno " .. ffi.errno())
     end
     self.state = "connecting"
@@ -80,7 +75,7 @@ end
 function Client:send()
   local req = "GET /version HTTP/1.1\r\nHost: 127.0.0.1\r\n"
               .. (self.keep_alive and "" or "Connection: close\r\n") .. "\r\n"
-  local n = C.send(self.fd, req, #req, MSG_NOSIGNAL)
+  local n = C.send(self.fd, req, #req, pn.MSG_NOSIGNAL)
   if n ~= #req then     -- a few bytes into an empty socket buffer
     return self:fail("send: errno " .. ffi.errno())
   end
@@ -90,7 +85,7 @@ end
 function Client:on_event(revents, now)
   if self.state == "connecting" then
     local err, len = ffi.new("int[1]"), ffi.new("unsigned int[1]", 4)
-    C.getsockopt(self.fd, SOL_SOCKET, SO_ERROR, err, len)
+    C.getsockopt(self.fd, pn.SOL_SOCKET, pn.SO_ERROR, err, len)
     if err[0] ~= 0 then
       return self:fail("connect: errno " .. err[0])
     end
@@ -115,8 +110,8 @@ function Client:on_event(revents, now)
       break
     else
       local e = ffi.errno()
-      if e == EAGAIN then break end
-      if e ~= EINTR then return self:fail("recv: errno " .. e) end
+      if e == pn.EAGAIN then break end
+      if e ~= pn.EINTR then return self:fail("recv: errno " .. e) end
     end
   end
   local status, body, closes = parse(self.got)
@@ -192,7 +187,7 @@ local function hammer(s, o)
         c:fail("no answer in time")
       end
       pfds[i - 1].fd = c.fd
-      pfds[i - 1].events = c.state == "connecting" and POLLOUT or POLLIN
+      pfds[i - 1].events = c.state == "connecting" and pn.POLLOUT or pn.POLLIN
       pfds[i - 1].revents = 0
     end
     if C.poll(pfds, #clients, 10) > 0 then
@@ -250,7 +245,7 @@ describe("requests sent while reloads happen", function()
     c.failures, c.done = {}, 0
     c:start(paygate.update_time())
     local pfd = pn.pollfds(1)
-    pfd[0].fd, pfd[0].events = c.fd, POLLOUT
+    pfd[0].fd, pfd[0].events = c.fd, pn.POLLOUT
     assert.equal(1, C.poll(pfd, 1, 5000), "connect")
     c:on_event(pfd[0].revents, paygate.update_time())
     assert.equal("pausing", c.state)
@@ -262,7 +257,7 @@ describe("requests sent while reloads happen", function()
                     "the reload")
     -- generation 2 serves; generation 1 drains and holds our connection:
     -- it must not close it for want of a request within DRAIN_LINGER
-    pfd[0].events, pfd[0].revents = POLLIN, 0
+    pfd[0].events, pfd[0].revents = pn.POLLIN, 0
     assert.equal(0, C.poll(pfd, 1, 2000),
                  "the draining worker closed a connection it accepted")
     c:send()
@@ -309,7 +304,7 @@ describe("requests sent while reloads happen", function()
       pfd[0].fd, pfd[0].events, pfd[0].revents = c.fd, events, 0
       return C.poll(pfd, 1, ms)
     end
-    assert.equal(1, wait(POLLOUT, 5000), "connect")
+    assert.equal(1, wait(pn.POLLOUT, 5000), "connect")
     proc.wait_until(function() return accept_queue(s.port) == 0 end, 10,
                     "the worker to accept the connection")
     s:signal(proc.SIGHUP)
@@ -324,13 +319,13 @@ describe("requests sent while reloads happen", function()
     local r = C.SSL_connect(ssl)
     if r ~= 1 then
       assert.equal(2, C.SSL_get_error(ssl, r))          -- SSL_ERROR_WANT_READ
-      assert.equal(1, wait(POLLIN, 5000), "the server's handshake answer")
+      assert.equal(1, wait(pn.POLLIN, 5000), "the server's handshake answer")
     end
     paygate.sleep(1.5)           -- the slow client (not a wait for a state)
     while r ~= 1 do
       r = C.SSL_connect(ssl)
       if r ~= 1 and (C.SSL_get_error(ssl, r) ~= 2
-                     or wait(POLLIN, 5000) ~= 1) then
+                     or wait(pn.POLLIN, 5000) ~= 1) then
         break
       end
     end
@@ -342,7 +337,7 @@ describe("requests sent while reloads happen", function()
       local n = C.SSL_read(ssl, buf, 4096)
       if n > 0 then
         got = got .. ffi.string(buf, n)
-      elseif C.SSL_get_error(ssl, n) ~= 2 or wait(POLLIN, 10000) ~= 1 then
+      elseif C.SSL_get_error(ssl, n) ~= 2 or wait(pn.POLLIN, 10000) ~= 1 then
         break
       end
     end
