@@ -1,4 +1,4 @@
-# rawhttp.py: what the raw HTTP test servers (hostile_http.py,
+# rawhttp.py: what the raw HTTP test servers (hostile_http.py, huge_head.py,
 # slow_http.py) share: the log, reading a request whole, the accept loop.
 # They import it from their own folder (python puts it on sys.path).
 import socket, threading
