@@ -11,22 +11,7 @@ local servers = require "spec.support.servers"
 local sentinel = require "spec.support.sentinel"
 local proc = require "spec.support.proc"
 
-local function wait_for(fn, secs, what)
-  local deadline = core.mono() + secs
-  while core.mono() < deadline do
-    local v = fn()
-    if v then
-      return v
-    end
-    core.sleep(0.02)
-  end
-  error("timed out waiting for " .. what, 2)
-end
-
-local function have_sentinel()
-  return servers.redis and servers.sh("command -v redis-sentinel"
-                                      .. " >/dev/null 2>&1")
-end
+local wait_for = servers.wait_for
 
 -- The lines of a file (missing: none).
 local function lines(path)
@@ -65,6 +50,22 @@ local function fake_sentinel(port, mport, epoch)
     return (proc.read(log) or ""):find("ready", 1, true)
   end, 10, "the fake Sentinel")
   return function() p:kill() os.remove(log) end
+end
+
+-- GETs on r for secs, every one failing (the server is gone): the
+-- longest any took to fail, and the last error
+local function failing_calls(r, secs)
+  local t0 = core.mono()
+  local worst, last = 0, nil
+  while core.mono() - t0 < secs do
+    local t = core.mono()
+    local v, err = r:call("GET", "k")
+    worst = math.max(worst, core.mono() - t)
+    assert.is_nil(v)
+    last = err
+    core.sleep(0.01)
+  end
+  return worst, last
 end
 
 describe("Redis through Sentinel, when the named server does not answer",
@@ -169,7 +170,7 @@ describe("Redis through Sentinel, with every Sentinel down", function()
   local g
 
   setup(function()
-    if have_sentinel() then
+    if sentinel.available() then
       g = sentinel.start()
     end
   end)
@@ -249,16 +250,7 @@ describe("Redis through Sentinel, with every Sentinel down", function()
     -- the master still answers: nothing is lost by the Sentinels' absence
     assert.equal("OK", r:call("SET", "k", "no sentinels"))
     m.kill()
-    local t0 = core.mono()
-    local worst, last = 0, nil
-    while core.mono() - t0 < 2 do
-      local t = core.mono()
-      local v, err = r:call("GET", "k")
-      worst = math.max(worst, core.mono() - t)
-      assert.is_nil(v)
-      last = err
-      core.sleep(0.01)
-    end
+    local worst, last = failing_calls(r, 2)
     -- (refused at once, these: 0.5 s is room for a loaded machine)
     assert.is_true(worst < 0.5, "a command took " .. worst .. " s to fail")
     assert.equal("unavailable", last.kind)
@@ -293,16 +285,7 @@ describe("Redis through Sentinel, with every Sentinel down", function()
       assert(servers.sh("kill -STOP $(cat " .. s.pidfile .. ")"))
     end
     m.kill()
-    local t0 = core.mono()
-    local worst, last = 0, nil
-    while core.mono() - t0 < 4 do
-      local t = core.mono()
-      local v, err = r:call("GET", "k")
-      worst = math.max(worst, core.mono() - t)
-      assert.is_nil(v)
-      last = err
-      core.sleep(0.01)
-    end
+    local worst, last = failing_calls(r, 4)
     -- the command that set off a question to the Sentinels waited for
     -- their round: about 1 s (their reply timeout) each time. (0.5 s:
     -- room for a loaded machine.)
