@@ -9,30 +9,12 @@
 local core = require "paygate.core"
 local sql = require "paygate.sql"
 local servers = require "spec.support.servers"
+local proc = require "spec.support.proc"
 
 local wait_for = servers.wait_for
 local PG_BIN = os.getenv("PG_BIN") or "/usr/lib/postgresql/15/bin"
 
-local function sh(cmd)
-  local ok, how, code = os.execute(cmd)
-  if type(ok) == "number" then return ok == 0 end
-  return ok == true and how == "exit" and code == 0
-end
-
-local function read(path)
-  local f = io.open(path)
-  if not f then return nil end
-  local s = f:read("*a")
-  f:close()
-  return s
-end
-
-local function is_root()
-  local f = io.popen("id -u")
-  local s = f:read("*a")
-  f:close()
-  return s:match("^0") ~= nil
-end
+local sh, read = servers.sh, proc.read
 
 describe("PostgreSQL restarted under several pools", function()
   local pg
@@ -53,7 +35,7 @@ describe("PostgreSQL restarted under several pools", function()
       pending("postgres not installed")
       return
     end
-    local as = is_root() and "runuser -u postgres -- " or ""
+    local as = servers.is_root() and "runuser -u postgres -- " or ""
     local CONNECT_TIMEOUT, DOWN_FOR = 1, 0.5
     local pools, state = {}, {}
     local BUSY, N = 3, 5                 -- pools 1..3 busy, 4..5 idle

@@ -461,6 +461,7 @@ end
 _M.mktemp = mktemp
 _M.free_port = free_port
 _M.sh = sh
+_M.is_root = is_root
 _M.read_cmd = read_cmd
 _M.now = now
 
