@@ -38,6 +38,12 @@ end)
 paygate.route("GET", "/headers", function(req)
   return 200, { ua = req.headers["x-test"], via_method = req:header("X-TEST") }
 end)
+paygate.route("GET", "/headers2", function(req)
+  local a, na, b, nb, c, nc = req:header("X-Test", "x-absent", "X-OTHER")
+  return 200, { a = a, na = na, b = b or "nil", nb = nb or "nil", c = c,
+                nc = nc, n = select("#", req:header("X-Test", "x-absent",
+                                                    "X-OTHER")) }
+end)
 paygate.route("GET", "/boom", function() error("handler exploded") end)
 paygate.route("GET", "/badstatus", function() return "nope" end)
 paygate.route("GET", "/hugestatus", function() return 4294967496, "x" end)
@@ -180,6 +186,18 @@ describe("paygate run", function()
       -- (req:header gives the first, as documented)
       assert.same({ ua = "a, b, c,d", via_method = "a" },
                   json.decode(out:match("\r\n\r\n(.*)$")))
+    end)
+
+    it("looks several headers up in one req:header call: a value and a"
+       .. " count each, nil, nil for an absent one", function()
+      local c = assert(rawtcp.connect(s.port, 3))
+      c:send("GET /headers2 HTTP/1.1\r\nHost: x\r\nX-Test: a\r\nX-Other: o"
+             .. "\r\nx-test: b\r\nConnection: close\r\n\r\n")
+      local out = c:recv_all()
+      c:close()
+      assert.matches("^HTTP/1.1 200", out)
+      assert.same({ a = "a", na = 2, b = "nil", nb = "nil", c = "o", nc = 1,
+                    n = 6 }, json.decode(out:match("\r\n\r\n(.*)$")))
     end)
 
     it("gives the app its config file, read-only, with a copy to iterate", function()

@@ -100,9 +100,17 @@ describe("parse_notification: known answer", function()
     getmetatable(req).__index = function(_, k)
       if k == "body" then return KAT_BODY end
       if k == "header" then
-        return function(_, name)
-          asked[#asked + 1] = name
-          return given[name:lower()]
+        -- (as the server's: several names in one call, a value and a
+        -- count for each, nil, nil for an absent one)
+        return function(_, ...)
+          local out, n = {}, select("#", ...)
+          for i = 1, n do
+            local name = select(i, ...)
+            asked[#asked + 1] = name
+            local v = given[name:lower()]
+            out[2 * i - 1], out[2 * i] = v, v and 1 or nil
+          end
+          return unpack(out, 1, 2 * n)
         end
       end
       error("req." .. tostring(k) .. " read")   -- req.headers: not built
