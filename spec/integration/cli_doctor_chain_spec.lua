@@ -33,9 +33,11 @@ local function run(args)
   local out = proc.read(log)
   local results = {}
   for line in out:gmatch("[^\n]+") do
-    if line:sub(1, 1) == "{" then
-      local r = json.decode(line)
-      if r then results[r.kind] = results[r.kind] or r end
+    -- (a result has a kind; the runtime's own log lines -- a store's
+    -- "pool down" warning -- are JSON too, and are not results)
+    local r = line:sub(1, 1) == "{" and json.decode(line)
+    if type(r) == "table" and r.kind ~= nil then
+      results[r.kind] = results[r.kind] or r
     end
   end
   return code, out, results

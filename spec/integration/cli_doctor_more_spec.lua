@@ -53,8 +53,10 @@ local function run(args)
   local out = proc.read(log)
   local results = {}
   for line in out:gmatch("[^\n]+") do
-    if line:sub(1, 1) == "{" then
-      local r = json.decode(line)
+    -- (a result has a kind; the runtime's own log lines -- a store's
+    -- "pool down" warning -- are JSON too, and are not results)
+    local r = line:sub(1, 1) == "{" and json.decode(line)
+    if type(r) == "table" and r.kind ~= nil then
       results[#results + 1] = r
       results[r.kind] = r                    -- the last of its kind
     end
