@@ -81,20 +81,23 @@ describe("PostgreSQL restarted under several pools", function()
     end
     finally(function() stop = true end)
 
-    -- pg_ctl in the background: the pools' loop runs meanwhile
+    -- pg_ctl in the background: the pools' loop runs meanwhile. Its end
+    -- is a mark holding a word, as proc.read gives "" (true) for a missing
+    -- file too: a wait for an empty mark's read() went on at once, so the
+    -- start ran while the stop still did, failed, and the server stayed
+    -- down (every pool "still failing")
     local mark = pg.dir .. "/pg_ctl.done"
     local function pg_ctl(args)
       os.remove(mark)
       assert(sh("(" .. as .. PG_BIN .. "/pg_ctl -D " .. pg.data .. " "
-                .. args .. " >/dev/null 2>&1; touch " .. mark .. ") &"))
+                .. args .. " >/dev/null 2>&1; echo done >" .. mark .. ") &"))
     end
     local function pg_ctl_done(what)
-      wait_for(function() return read(mark) end, 60, what)
+      wait_for(function() return read(mark) == "done\n" end, 60, what)
     end
     local function postmaster()
       return wait_for(function()
-        local s = read(pg.data .. "/postmaster.pid")
-        return s and s:match("^(%d+)")
+        return read(pg.data .. "/postmaster.pid"):match("^(%d+)")
       end, 30, "postmaster.pid")
     end
     -- the postmaster stopped for longer than connect_timeout: connects
