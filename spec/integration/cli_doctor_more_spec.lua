@@ -294,6 +294,15 @@ describe("paygate doctor", function()
     assert.matches("POST /notify-by/:mchid", r.notify_latency.cause, 1, true)
   end)
 
+  it("names a missing merchant key as missing", function()
+    local path = dir .. "/doctor.nokey.lua"
+    write(path, 'return { wechatpay = { mchid = "1900000001" } }')
+    local _, out = run({ "doctor", "--config", path })
+    -- (the line read "merchant_key: nil")
+    assert.matches("FAIL  merchant_key: wechatpay.merchant_private_key is"
+                   .. " missing", out, 1, true)
+  end)
+
   it("keeps a driver's multi-line message on one line", function()
     -- libpq's refusal is two lines: "...failed: Connection refused\n\tIs
     -- the server running...?"

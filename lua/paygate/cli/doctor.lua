@@ -385,7 +385,9 @@ local function check_keys(out, wc, now, expiring, conf)
   local pem, why = material(wc.merchant_private_key,
                             prefix .. "merchant_private_key")
   if not pem then
-    out:fail("merchant_key", why, nil, "point it at apiclient_key.pem "
+    -- (absent: material() gives no reason, and the line read "nil")
+    out:fail("merchant_key", why or (prefix .. "merchant_private_key is"
+             .. " missing"), nil, "point it at apiclient_key.pem "
              .. (gateway and "(a path)" or "(a path), or give the PEM with "
                  .. "its BEGIN and END lines"))
   else
