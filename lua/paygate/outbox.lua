@@ -973,18 +973,24 @@ local function count_outcome(self, outcome)
   end
 end
 
-local function refresh_leases(self)
+-- Renews the held leases when half spent (every one with probe: after
+-- an outcome the store failed to write, whether it takes writes again),
+-- drops those found lost, and takes free partitions. returns: the first
+-- renewal's error other than "lost", or nil.
+local function refresh_leases(self, probe)
   local now = core.mono()            -- since, probe_at: durations
-  local held = 0
+  local held, failed = 0, nil
   for p, l in pairs(self.leases) do
     if l.extra and now - l.since > self.lease_ttl then
       self.leases[p] = nil
       self.probe_at[p] = now + PROBE_ROUNDS * self.interval
       lease.release(self.db, l)
-    elseif lease.remaining(l) < l.ttl / 2 then
+    elseif probe or lease.remaining(l) < l.ttl / 2 then
       local ok, err = renew(self, l)
       if not ok and err.kind == "lost" then
         self.leases[p] = nil
+      elseif not ok then
+        failed = failed or err
       end
     end
     if self.leases[p] then
@@ -1012,6 +1018,7 @@ local function refresh_leases(self)
     end
   end
   publish_shards(self, held)
+  return failed
 end
 
 local HEADS = "SELECT id, subject, type, payload, attempts, created_at,"
@@ -1337,25 +1344,6 @@ local function deliver_row(self, row, p, l)
   return true
 end
 
--- Whether the store takes writes again, after an outcome it failed to
--- write: the held leases are renewed (a fenced write each, due soon
--- anyway). A lease found lost is dropped, as refresh_leases does.
--- returns: true, or nil, err (the store's error on a renewal)
-local function probe_writes(self)
-  for p, l in pairs(self.leases) do
-    local ok, err = renew(self, l)
-    if not ok then
-      if err.kind ~= "lost" then
-        return nil, err
-      end
-      if self.leases[p] == l then
-        self.leases[p] = nil
-      end
-    end
-  end
-  return true
-end
-
 -- syntax: n = d:step()
 -- One round: leases, then the due heads of every held shard, delivered
 -- with at most `concurrency` in flight; prunes when due. Returns the
@@ -1372,17 +1360,18 @@ function Dispatcher:step()
   -- (a round that raised may have left the recorder's flag set; what it
   -- queued is recorded with this round's)
   self.recording = false
-  refresh_leases(self)
   -- An outcome the store failed to write (disk full, a read-only standby,
   -- a lock held elsewhere) left its event pending and due: delivered
   -- again while the store still refuses writes, each delivery was one
   -- more duplicate for the receivers, its outcome lost the same way
   -- (every round, up to every 10 s, for as long as the lease lasted). So
-  -- after one, rounds deliver nothing until a write goes through. The
-  -- failed round counts as an error: start()'s pause keeps doubling.
+  -- after one, rounds deliver nothing until a write goes through: every
+  -- held lease is renewed (a fenced write each, due soon anyway) as the
+  -- probe. The failed round counts as an error: start()'s pause keeps
+  -- doubling.
+  local werr = refresh_leases(self, self.unrecorded)
   if self.unrecorded then
-    local wok, werr = probe_writes(self)
-    if not wok then
+    if werr then
       self.stats.errors = self.stats.errors + 1
       log_warn("outbox: the store refuses writes: deliveries paused until"
                .. " it takes them", { error = tostring(werr) })

@@ -50,7 +50,6 @@
 -- it grants a lease.
 
 local core = require "paygate.core"
-local crypto = require "paygate.crypto"
 local dns = require "paygate.dns"
 local rcore = require "paygate.redis.core"
 local redact = require "paygate.redact"
@@ -348,19 +347,14 @@ end
 -- ranked above the current master -- each of those was a connect to it,
 -- about 10 a second, and a log line each. The window doubles from
 -- ROLE_WAIT_MIN to ROLE_WAIT_MAX (drawn between half and all of it, so
--- that workers do not ask in step), as the C client's reconnect backoff
+-- that workers do not ask in step: the runtime seeds each state's
+-- math.random apart), as the C client's reconnect backoff
 -- does; a server that comes up is found within ROLE_WAIT_MAX. A check
 -- that says master forgets the server's failures. A +switch-master is
 -- news: follow_switch asks at once, whatever the window (its own tries
 -- are bounded), and its failures count towards the window.
 local ROLE_WAIT_MIN, ROLE_WAIT_MAX = 0.1, 2
 
--- A draw in [0, 1) for the jitter: from OpenSSL's generator, not
--- math.random, whose sequence workers forked from one parent share.
-local function jitter()
-  local b = crypto.random_bytes(2)
-  return (b:byte(1) * 256 + b:byte(2)) / 65536
-end
 
 -- Points the client at ip:port (a new master, a new DNS answer). Under
 -- Sentinel, only if that server's ROLE says master: never a replica.
@@ -388,7 +382,7 @@ local function move(self, ip, port, keep_backoff, fresh)
       local window = math.min(math.max((w and w.window or 0) * 2,
                                        ROLE_WAIT_MIN), ROLE_WAIT_MAX)
       self.role_waits[key] = { window = window, why = why,
-        next_at = core.mono() + window * (0.5 + 0.5 * jitter()) }
+        next_at = core.mono() + window * (0.5 + 0.5 * math.random()) }
       core.log(1, "redis: not moving: " .. why)
       return false, why
     end

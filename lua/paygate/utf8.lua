@@ -58,10 +58,18 @@ end
 function _M.bmp(s)
   local n, bad = _M.len(s)
   if not n then return false, bad end
-  -- valid UTF-8: a byte F0..F4 only ever leads a 4-byte character
-  local at = s:find("[\240-\244]")
+  local at = _M.four_byte_at(s)
   if at then return false, at end
   return true
+end
+
+--- syntax: at = utf8.four_byte_at(s)
+-- Of s known to be valid UTF-8 (utf8.len said so): the byte offset of its
+-- first 4-byte character, or nil. (For a caller that has measured s
+-- already: utf8.bmp is the whole check.)
+function _M.four_byte_at(s)
+  -- valid UTF-8: a byte F0..F4 only ever leads a 4-byte character
+  return (s:find("[\240-\244]"))
 end
 
 --- syntax: t, cut = utf8.clean(s, max[, keep_lines])

@@ -330,6 +330,7 @@ lreq_header(lua_State *L)
     struct gw_conn *c = lreq_conn(L, 1);
     int             top = lua_gettop(L), i;
 
+    (void) luaL_checklstring(L, 2, NULL);    /* one name at least */
     if (top > 2) {
         luaL_checkstack(L, 2 * (top - 1), "req:header: too many names");
     }

@@ -1129,9 +1129,9 @@ conn_down(struct lpg_conn *c, const char *kind, const char *msg,
     pool_mark_down(pg, kind, msg);
     if (!pool_has_live(pg)) {
         pool_log_down(pg, kind, msg);    /* nothing open: fails fast */
-    }
-    if (fail_waiting && !pool_has_live(pg)) {
-        pool_fail_waiting(pg, kind, msg, out);
+        if (fail_waiting) {
+            pool_fail_waiting(pg, kind, msg, out);
+        }
     }
 }
 

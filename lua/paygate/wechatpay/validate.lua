@@ -40,7 +40,7 @@ _M.fail = fail
 -- Number of UTF-8 characters in s, or nil, byte offset when s is not valid
 -- UTF-8 (overlong forms, surrogates and values past U+10FFFF included).
 local utf8_len = require("paygate.utf8").len
-local utf8_bmp = require("paygate.utf8").bmp
+local four_byte_at = require("paygate.utf8").four_byte_at
 _M.utf8_len = utf8_len
 
 local function is_array(t)
@@ -120,8 +120,9 @@ local function check_value(call, field, v, r)
     end
     -- WeChat Pay takes 1- to 3-byte UTF-8 characters only (it refuses an
     -- emoji with PARAM_ERROR): refused here, before anything is sent
-    local ok4, at = utf8_bmp(v)
-    if not ok4 then
+    -- (v was measured just above: only the 4-byte search is left)
+    local at = four_byte_at(v)
+    if at then
       return fail(call, field, "holds a 4-byte UTF-8 character (byte " .. at
                   .. ", such as an emoji): WeChat Pay takes characters up to"
                   .. " U+FFFF only")
