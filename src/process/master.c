@@ -102,6 +102,7 @@ stop_deadline(void)
 
 static int spawn_worker(int gen);
 static void reload_abort(const char *why);
+static void announce(void);
 
 static int
 count(int gen, enum wstate st)
@@ -159,6 +160,22 @@ drop_ready(struct gw_worker *wk)
     if (wk->ready_fd >= 0) {
         close(wk->ready_fd);
         wk->ready_fd = -1;
+    }
+}
+
+/* A worker still starting may have said 'R' already, unread yet (its
+ * message waits in the socket behind another's, or behind its death):
+ * reads it without waiting, so what is decided next (a kill or a graceful
+ * stop, a refused generation) knows it has loaded. */
+static void
+take_pending_ready(struct gw_worker *wk)
+{
+    char c = 0;
+
+    if (wk->state == W_STARTING && wk->ready_fd >= 0
+        && recv(wk->ready_fd, &c, 1, MSG_DONTWAIT) == 1 && c == 'R') {
+        wk->state = W_READY;
+        announce();
     }
 }
 
@@ -505,6 +522,7 @@ reload_abort(const char *why)
      * still loading may be stuck there: SIGKILL. */
     for (int i = 0; i < MAX_WORKERS; i++) {
         if (m.w[i].pid != 0 && m.w[i].gen == gen) {
+            take_pending_ready(&m.w[i]);
             drop_ready(&m.w[i]);
             if (m.w[i].state != W_READY) {
                 kill(m.w[i].pid, SIGKILL);
@@ -678,14 +696,7 @@ on_chld(evutil_socket_t sig, short what, void *arg)
         }
         describe_exit(status, why, sizeof(why));
         if (wk->ready_ev != NULL) {
-            char c = 0;
-
-            /* it may have said 'R' and died before we read it */
-            if (read(wk->ready_fd, &c, 1) == 1 && c == 'R'
-                && wk->state == W_STARTING) {
-                wk->state = W_READY;
-                announce();
-            }
+            take_pending_ready(wk);     /* it may have said 'R' and died */
         }
         drop_ready(wk);
         gw_metrics_retire(wk->slot);
