@@ -32,22 +32,26 @@ function _M.char_len(s, i)
 end
 local char_len = _M.char_len
 
---- syntax: n, bad = utf8.len(s)
--- returns: the number of characters of s, or nil and the byte offset of
--- the first invalid sequence.
+--- syntax: n, bad, four = utf8.len(s)
+-- returns: the number of characters of s and, as third value, the byte
+-- offset of its first 4-byte character (nil when none: all of s is in
+-- U+0000..U+FFFF); or nil and the byte offset of the first invalid
+-- sequence. One pass: a caller that must refuse 4-byte characters (WeChat
+-- Pay's fields) need not search again.
 function _M.len(s)
-  local i, n, len = 1, 0, #s
+  local i, n, len, four = 1, 0, #s, nil
   while i <= len do
     if byte(s, i) < 0x80 then     -- ASCII: no call (most text is)
       i = i + 1
     else
       local k = char_len(s, i)
       if not k then return nil, i end
+      if k == 4 and not four then four = i end
       i = i + k
     end
     n = n + 1
   end
-  return n
+  return n, nil, four
 end
 
 --- syntax: ok, at = utf8.bmp(s)
@@ -56,20 +60,10 @@ end
 -- request field. returns: true; or false and the byte offset of the first
 -- invalid sequence or 4-byte character.
 function _M.bmp(s)
-  local n, bad = _M.len(s)
+  local n, bad, four = _M.len(s)
   if not n then return false, bad end
-  local at = _M.four_byte_at(s)
-  if at then return false, at end
+  if four then return false, four end
   return true
-end
-
---- syntax: at = utf8.four_byte_at(s)
--- Of s known to be valid UTF-8 (utf8.len said so): the byte offset of its
--- first 4-byte character, or nil. (For a caller that has measured s
--- already: utf8.bmp is the whole check.)
-function _M.four_byte_at(s)
-  -- valid UTF-8: a byte F0..F4 only ever leads a 4-byte character
-  return (s:find("[\240-\244]"))
 end
 
 --- syntax: t, cut = utf8.clean(s, max[, keep_lines])

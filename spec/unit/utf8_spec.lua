@@ -41,6 +41,15 @@ describe("paygate.utf8", function()
     assert.equal(4, at)
   end)
 
+  it("len: the offset of the first 4-byte character, as third value",
+     function()
+    assert.same({ 6, nil, 7 }, { utf8.len("a中é😀\t\n") })
+    assert.same({ 3, nil, 2 }, { utf8.len("a\240\144\128\128😀") })
+    assert.same({ 4, nil, nil }, { utf8.len("ab中\239\191\191") })
+    -- a bad sequence after one: nil and the bad byte, as ever
+    assert.same({ nil, 6 }, { utf8.len("😀a\255") })
+  end)
+
   it("clean: bad bytes and controls as ?, cut at a character's end",
      function()
     -- text that needs nothing is the same string, not cut

@@ -103,5 +103,17 @@ describe("the client's checks and the simulator's agree", function()
                 { validate.notify_url("http://[::1]:9000/n") })
     assert.same({ "https", "pay.example", "" },
                 { validate.notify_url("https://pay.example/n") })
+    -- it remembers its last answer: the same URL again, then another, then
+    -- the first, each gets its own
+    for _, c in ipairs{ { "https://pay.example/n", "https" },
+                        { "https://pay.example/n", "https" },
+                        { "http://pay.example/n", nil, "scheme" },
+                        { "http://pay.example/n", nil, "scheme" },
+                        { "https://pay.example/n", "https" } } do
+      local a, b = validate.notify_url(c[1])
+      assert.equal(c[2], a, c[1])
+      if c[3] then assert.equal(c[3], b, c[1]) end
+    end
+    assert.same({ nil, "length" }, { validate.notify_url(nil) })
   end)
 end)

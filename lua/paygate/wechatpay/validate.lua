@@ -40,7 +40,6 @@ _M.fail = fail
 -- Number of UTF-8 characters in s, or nil, byte offset when s is not valid
 -- UTF-8 (overlong forms, surrogates and values past U+10FFFF included).
 local utf8_len = require("paygate.utf8").len
-local four_byte_at = require("paygate.utf8").four_byte_at
 _M.utf8_len = utf8_len
 
 local function is_array(t)
@@ -114,14 +113,13 @@ local function check_value(call, field, v, r)
   local t = r[2]
   if t == "string" then
     if type(v) ~= "string" then return fail(call, field, "must be a string") end
-    local n, bad = utf8_len(v)
+    local n, bad, at = utf8_len(v)
     if not n then
       return fail(call, field, "is not valid UTF-8 (byte " .. bad .. ")")
     end
     -- WeChat Pay takes 1- to 3-byte UTF-8 characters only (it refuses an
     -- emoji with PARAM_ERROR): refused here, before anything is sent
-    -- (v was measured just above: only the 4-byte search is left)
-    local at = four_byte_at(v)
+    -- (at: where the measuring pass met the first one)
     if at then
       return fail(call, field, "holds a 4-byte UTF-8 character (byte " .. at
                   .. ", such as an emoji): WeChat Pay takes characters up to"
@@ -251,7 +249,9 @@ end
 -- before sending and the simulator when it takes it: one answer.
 -- returns: the scheme, the host (an IPv6 one without its brackets) and
 -- the port ("" when none), or nil and why: "length", "scheme" or "query".
-function _M.notify_url(u)
+local last_url, last_a, last_b, last_c   -- the last answer: a merchant
+                                         -- sends the same URL every time
+local function notify_url(u)
   if type(u) ~= "string" or #u > 255 then return nil, "length" end
   -- one scan for what may not be there: spaces and control characters
   -- (said first), then ? and # (no query or fragment)
@@ -276,6 +276,13 @@ function _M.notify_url(u)
   end
   if at then return nil, "query" end
   return scheme, host, port
+end
+
+function _M.notify_url(u)
+  if u == last_url and u ~= nil then return last_a, last_b, last_c end
+  local a, b, c = notify_url(u)
+  if type(u) == "string" then last_url, last_a, last_b, last_c = u, a, b, c end
+  return a, b, c
 end
 
 --- syntax: ok, err = validate.check(call, p, schema)
