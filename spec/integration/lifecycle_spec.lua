@@ -12,7 +12,9 @@ local function app_source(version)
 local paygate = require "paygate"
 paygate.route("GET", "/version", function() return 200, %q end)
 paygate.route("GET", "/slow", function(req)
-  paygate.sleep(tonumber(req:query().s) or 1)
+  local q = req:query()
+  if q.mark then io.open(q.mark, "w"):close() end
+  paygate.sleep(tonumber(q.s) or 1)
   return 200, "finished"
 end)
 ]]):format(version)
@@ -45,6 +47,18 @@ end
 local function metric(s, name)
   local res = s:admin_get("/metrics")
   return res and tonumber(res.body:match(name .. " (%d+)"))
+end
+
+-- a file the handler of /slow?mark=<path> (or /spin) creates as it starts:
+-- waits until the request is in its handler (the in-flight gauge is
+-- published once a second, after a short /slow may be over; and never by
+-- a worker stuck in /spin)
+local function wait_marked(path, what)
+  proc.wait_until(function()
+    local f = io.open(path)
+    if f then f:close() end
+    return f ~= nil
+  end, 10, what)
 end
 
 -- `paygate reload` as an operator runs it (it waits for the outcome);
@@ -86,7 +100,8 @@ describe("live reload", function()
         end
       end)
     end
-    paygate.sleep(0.3)
+    proc.wait_until(function() return done >= 8 end, 15,
+                    "the clients to be served before the reload")
     write(s.app .. "/app.lua", app_source("v2"))
     reload(s)
     proc.wait_until(function()
@@ -95,7 +110,9 @@ describe("live reload", function()
     end, 15, "the new code to serve")
     proc.wait_until(function() return metric(s, "paygate_reloads_total") == 1 end,
                     10, "reloads_total")
-    paygate.sleep(0.3)
+    local at_reload = done
+    proc.wait_until(function() return done > at_reload + 8 end, 15,
+                    "the clients to be served after the reload")
     stop = true
     for i = 1, #clients do clients[i]:wait() end
     assert.same({}, failures)
@@ -110,9 +127,12 @@ describe("live reload", function()
     -- an answer with Connection: close is the polite way to move it on
     local rawtcp = require "support.rawtcp"
     local c, failures, moved, served = nil, {}, 0, 0
-    local deadline = paygate.update_time() + 2.5
+    -- 2.5 s of requests, and on (30 s at most: a loaded machine serves
+    -- fewer a second) until a reload has moved the connection on
+    local t0 = paygate.update_time()
     local hups = 0
-    while paygate.update_time() < deadline do
+    while paygate.update_time() < t0 + 2.5
+          or (moved == 0 and paygate.update_time() < t0 + 30) do
       c = c or assert(rawtcp.connect(s.port, 5))
       assert(c:send("GET /version HTTP/1.1\r\nHost: x\r\n\r\n"))
       local head = ""
@@ -143,8 +163,11 @@ describe("live reload", function()
   end)
 
   it("finishes in-flight requests on the code they started with", function()
-    local slow = paygate.spawn(function() return s:request("/slow?s=1") end)
-    paygate.sleep(0.2)
+    local mark = s.dir .. "/slow.started"
+    local slow = paygate.spawn(function()
+      return s:request("/slow?s=1&mark=" .. mark)
+    end)
+    wait_marked(mark, "the slow request to be in its handler")
     write(s.app .. "/app.lua", app_source("v2"))
     s:signal(proc.SIGHUP)
     local res = assert(slow:wait())
@@ -206,8 +229,11 @@ end)
 describe("graceful stop", function()
   it("drains in-flight requests, then exits 0", function()
     local s = server.start{ source = app_source("v1"), workers = 1 }
-    local slow = paygate.spawn(function() return s:request("/slow?s=0.8") end)
-    paygate.sleep(0.2)
+    local mark = s.dir .. "/slow.started"
+    local slow = paygate.spawn(function()
+      return s:request("/slow?s=0.8&mark=" .. mark)
+    end)
+    wait_marked(mark, "the slow request to be in its handler")
     s:signal(proc.SIGTERM)
     local res = assert(slow:wait())
     assert.equal("finished", res.body)
@@ -246,8 +272,9 @@ describe("a restart pending across a reload", function()
       proc.kill_pid(kid, proc.SIGKILL)
       return kid
     end
-    -- crashes back to back raise the backoff: 0.1, 0.2, 0.4, 0.8 s
-    for _ = 1, 4 do
+    -- crashes back to back raise the backoff: 0.1, 0.2, 0.4, 0.8, 1.6 s;
+    -- the next one's 3.2 s leave a loaded machine's reload time to finish
+    for _ = 1, 5 do
       local kid = kill_and_replace()
       proc.wait_until(function()
         local now = children(s.pid)
@@ -444,14 +471,20 @@ describe("a drained generation's deadline", function()
     -- shutdown_timeout 1: the deadline is 1 + 5 (on_stop) + 2 s
     local s = server.start{ workers = 1,
       config = "return { shutdown_timeout = 1 }", source = app_source("v1") .. [[
-paygate.route("GET", "/spin", function() while true do end end)
+paygate.route("GET", "/spin", function(req)
+  io.open(req:query().mark, "w"):close()
+  while true do end
+end)
 ]] }
     finally(function() s:stop() end)
     local old = children(s.pid)
     assert.equal(1, #old)
     -- the old worker is stuck in /spin: it will never read its TERM
-    paygate.spawn(function() s:request{ path = "/spin", timeout = 1 } end)
-    paygate.sleep(0.3)
+    local mark = s.dir .. "/spin.started"
+    paygate.spawn(function()
+      s:request{ path = "/spin?mark=" .. mark, timeout = 1 }
+    end)
+    wait_marked(mark, "the worker to be stuck in /spin")
     write(s.app .. "/app.lua", app_source("v2"))
     s:signal(proc.SIGHUP)
     proc.wait_until(function()
