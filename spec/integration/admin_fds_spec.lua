@@ -3,7 +3,6 @@
 -- master closed its end (the reply written, or its 5 s timeout) and the
 -- client saw no EOF for as long as that worker lived, which held the
 -- socket too.
-local paygate = require "paygate"
 local server = require "support.server"
 local proc = require "paygate.testing.proc"
 local rawtcp = require "support.rawtcp"
@@ -19,7 +18,10 @@ paygate.route("GET", "/version", function() return 200, "v1" end)
     local idle = assert(rawtcp.connect(s.admin, 10))
     local half = assert(rawtcp.connect(s.admin, 10))
     assert(half:send("GET /healthz HTTP/1.1\r\n"))
-    paygate.sleep(0.2)
+    -- the master has accepted both and read the half request
+    proc.wait_until(function()
+      return require("support.tcpq").all_read(s.admin, 2)
+    end, 10, "the master to take both connections")
     s:signal(proc.SIGHUP)
     proc.wait_until(function()
       return s:logs():find("generation 2 serving", 1, true) ~= nil

@@ -163,6 +163,11 @@ describe("the connection limit", function()
     -- each is in a request: the start of its head is in
     assert(a:send("GET /reached HTTP/1.1\r\n"))
     assert(b:send("GET /reached HTTP/1.1\r\n"))
+    -- the worker has accepted both and read those bytes (until then a
+    -- connection has sent it nothing: closed to admit the third)
+    require("support.proc").wait_until(function()
+      return require("support.tcpq").all_read(s.port, 2)
+    end, 10, "the worker to read both heads' start")
     -- both held: a third is not served
     local res, err = s:request{ path = "/reached", timeout = 0.5 }
     assert.is_nil(res)
