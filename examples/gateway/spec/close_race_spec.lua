@@ -141,13 +141,17 @@ describe("gateway close finding the payment paid", function()
     end, 10, "the counters on /metrics")
     -- the close of attempt 2 waits at WeChat; meanwhile the payer pays
     -- attempt 1 and its notification is applied: paid, late
-    sim:fault{ endpoint = "close", kind = "latency", seconds = 1.5,
-               count = 1 }
+    local slow = sim:fault{ endpoint = "close", kind = "latency",
+                           seconds = 1.5, count = 1 }
     local closed
     pcore.spawn(function()
       closed = gw:call("POST", "/v1/payments/" .. p.id .. "/close")
     end)
-    pcore.sleep(0.2)
+    testing.wait_until(function()   -- the fault fired: it waits there
+      for _, f in ipairs(sim:control("GET", "/sim/faults")) do
+        if f.id == slow.id then return f.fired >= 1 end
+      end
+    end, 10, "the close to wait at WeChat")
     sim:pay_and_wait(p.id .. "_1")
     assert.equal("paid", gw:get(p.id).state)
     testing.wait_until(function() return closed ~= nil end, 10,

@@ -25,13 +25,17 @@ describe("gateway ?refresh=1 and a new attempt", function()
     assert.equal("paying", p.state)
     -- the refresh's query waits at WeChat; meanwhile a new attempt closes
     -- the first one there and takes its place
-    sim:fault{ endpoint = "query", kind = "latency", seconds = 1.5,
-               count = 1 }
+    local slow = sim:fault{ endpoint = "query", kind = "latency",
+                           seconds = 1.5, count = 1 }
     local got
     pcore.spawn(function()
       got = gw:call("GET", "/v1/payments/" .. p.id .. "?refresh=1")
     end)
-    pcore.sleep(0.3)
+    testing.wait_until(function()   -- the fault fired: it waits there
+      for _, f in ipairs(sim:control("GET", "/sim/faults")) do
+        if f.id == slow.id then return f.fired >= 1 end
+      end
+    end, 10, "the refresh's query to wait at WeChat")
     local res = gw:call("POST", "/v1/payments/" .. p.id .. "/attempts",
                         { channel = "native" })
     assert.equal(201, res.status, res.body)
