@@ -10,8 +10,14 @@ local proc = require "support.proc"
 local APP = [[
 local paygate = require "paygate"
 paygate.route("GET", "/", function() return 200, "hi" end)
-paygate.route("GET", "/slow", function()
-  paygate.sleep(1.5)
+-- in a request until the test creates the file ?go= names (30 s at most)
+paygate.route("GET", "/slow", function(req)
+  local go, t0 = req:query().go, paygate.update_time()
+  while paygate.update_time() - t0 < 30 do
+    local f = io.open(go)
+    if f then f:close() break end
+    paygate.sleep(0.01)
+  end
   return 200, "slow done"
 end)
 ]]
@@ -20,6 +26,17 @@ local CAP = 20
 
 local function get(c, path)
   assert(c:send("GET " .. path .. " HTTP/1.1\r\nHost: x\r\n\r\n"))
+end
+
+-- /slow holds its request until go(s) (was 1.5 s: on a loaded machine it
+-- could end, the connection then idle and closed first, before the new
+-- clients came)
+local function slow_path(s)
+  return "/slow?go=" .. s.dir .. "/go"
+end
+
+local function go(s)
+  io.open(s.dir .. "/go", "w"):close()
 end
 
 -- waits (5 s at most) until /metrics counts at least n connections
@@ -47,10 +64,10 @@ describe("idle keep-alive connections at the connection cap", function()
   end)
 
   it("closes the oldest idle ones to admit new clients at once", function()
-    -- one connection in a request that takes 1.5 s, CAP - 1 idle after one
+    -- one connection in a request (until go), CAP - 1 idle after one
     -- request each (oldest first)
     local busy = assert(rawtcp.connect(s.port, 5))
-    get(busy, "/slow")
+    get(busy, slow_path(s))
     local idle = {}
     for i = 1, CAP - 1 do
       local c = assert(rawtcp.connect(s.port, 5))
@@ -72,6 +89,7 @@ describe("idle keep-alive connections at the connection cap", function()
       fresh[i] = c
     end
     -- the one in a request was not dropped
+    go(s)
     assert.matches("^HTTP/1.1 200.*slow done$", busy:recv_some())
     -- the three oldest idle ones were closed; the newest still serves
     for i = 1, 3 do
@@ -207,13 +225,13 @@ describe("silent new connections at the connection cap", function()
           (", tls = { cert = %q, key = %q }"):format(p.server_cert,
                                                      p.server_key) or "") }
       local ok, err = pcall(function()
-        -- one in a request that takes 1.5 s (plain: a raw socket can ask
+        -- one in a request until go (plain: a raw socket can ask
         -- on plain HTTP only), the rest connected and silent, oldest
         -- first (a short receive timeout: the newest is checked to stay)
         local busy
         if not tls then
           busy = assert(rawtcp.connect(s.port, 5))
-          get(busy, "/slow")
+          get(busy, slow_path(s))
         end
         local silent = {}
         local function add_silent()
@@ -236,6 +254,7 @@ describe("silent new connections at the connection cap", function()
           add_silent()          -- the cap is full again, newest last
         end
         if busy then
+          go(s)
           assert.matches("^HTTP/1.1 200.*slow done$", busy:recv_some())
           busy:close()
         end
