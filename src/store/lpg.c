@@ -1855,11 +1855,17 @@ sent:
     if (op->tx_begin) {
         c->txid = op->txid;
     }
-    /* A failed flush leaves op queued: the read side sees the broken
-     * connection next and fails everything on it. A statement without a
-     * Sync waits in libpq's buffer for its segment's last one. */
-    if (!op->no_sync) {
-        conn_flush(c);
+    /* A statement without a Sync waits in libpq's buffer for its
+     * segment's last one. A failed flush leaves op queued, to fail with
+     * the connection, but no event may come to say it broke: libpq has
+     * usually closed the socket (it read EOF or a reset while the send
+     * was partial), and a closed socket leaves the event loop's set, so
+     * op would wait for query_timeout and fail as a silent server.
+     * Run conn_event() now: it finds the broken connection and fails
+     * everything on it. conn_reset() frees the event, and the pending
+     * run with it, should the connection go first. */
+    if (!op->no_sync && conn_flush(c) != GW_OK && c->rev != NULL) {
+        event_active(c->rev, EV_READ | EV_WRITE, 0);
     }
     return GW_OK;
 }
