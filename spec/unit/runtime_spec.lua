@@ -182,3 +182,20 @@ describe("core.free_port (for specs' servers)", function()
     end)
   end
 end)
+
+describe("core.log_level", function()
+  it("says the level in force; given one, sets it and says the one before",
+     function()
+    local was = core.log_level()
+    assert.is_true(was >= 0 and was <= 3)
+    assert.equal(was, core.log_level(3))
+    assert.equal(3, core.log_level())
+    assert.is_false(core.log_enabled(2))       -- warn is off now
+    assert.is_true(core.log_enabled(3))
+    assert.equal(3, core.log_level(was))
+    assert.equal(was, core.log_level())
+    assert.has_error(function() core.log_level(4) end)
+    assert.has_error(function() core.log_level(-1) end)
+    assert.equal(was, core.log_level())        -- a refused one changes none
+  end)
+end)

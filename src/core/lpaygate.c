@@ -1078,6 +1078,26 @@ lcore_log_enabled(lua_State *L)
     return 1;
 }
 
+/* core.log_level([level]) -> the level in force (0 debug .. 3 error);
+ * given a level, sets it and returns the one before (a command that
+ * reports a failure itself silences the runtime's own line about it). */
+static int
+lcore_log_level(lua_State *L)
+{
+    int prev = (int) gw_log_min;
+
+    if (!lua_isnoneornil(L, 1)) {
+        int level = (int) luaL_checkinteger(L, 1);
+
+        if (level < GW_LOG_DEBUG || level > GW_LOG_ERROR) {
+            return luaL_argerror(L, 1, "level must be 0..3");
+        }
+        gw_log_min = (enum gw_log_level) level;
+    }
+    lua_pushinteger(L, prev);
+    return 1;
+}
+
 static int
 lcore_request_id(lua_State *L)
 {
@@ -1333,6 +1353,7 @@ static const luaL_Reg lcore_funcs[] = {
     { "event", lcore_event },
     { "log", lcore_log },
     { "log_enabled", lcore_log_enabled },
+    { "log_level", lcore_log_level },
     { "request_id", lcore_request_id },
     { "in_coroutine", lcore_in_coroutine },
     { "coroutines", lcore_coroutines },

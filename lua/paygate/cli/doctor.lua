@@ -1151,7 +1151,7 @@ end
 
 -- sql.open makes a missing SQLite file: a check must not (doctor run
 -- from another directory would make an empty store and call it fine)
-local function check_stores(out, conf)
+local function stores(out, conf)
   local missing = conf.database and common.sqlite_missing(conf.database)
   if missing and missing:sub(1, 1) == "/" then
     out:fail("database", "no database file " .. missing, nil, "check the "
@@ -1198,6 +1198,17 @@ local function check_stores(out, conf)
                nil, "check redis (redis://HOST:PORT) and that it runs")
     end
   end
+end
+
+-- A store's client logs its own warning when the server refuses (the
+-- PostgreSQL pool's "pool down" line on stderr): the check's line says it,
+-- alone, so the runtime logs errors only meanwhile.
+local function check_stores(out, conf)
+  local core = require "paygate.core"
+  local level = core.log_level(3)
+  local ok, err = pcall(stores, out, conf)
+  core.log_level(level)
+  if not ok then error(err, 0) end
 end
 
 local function check_leases(out, conf, metrics)
