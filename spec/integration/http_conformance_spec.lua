@@ -188,7 +188,8 @@ describe("HTTP conformance", function()
       for _, c in ipairs(cases) do
         local out, secs = raw(c[1])
         assert.matches("^HTTP/1.1 " .. c[2], out, c[1])
-        assert.is_true(secs < 1, ("%q answered after %.2f s"):format(c[1],
+        -- (the header timeout is 5 s: well before it, even when loaded)
+        assert.is_true(secs < 3, ("%q answered after %.2f s"):format(c[1],
                                                                  secs))
       end
     end)
@@ -199,7 +200,7 @@ describe("HTTP conformance", function()
                               "GET /text HTTP/1.1\r\nHost: x\rA" } do
         local out, secs = raw(bytes)
         assert.matches("^HTTP/1.1 400", out, bytes)
-        assert.is_true(secs < 1, ("%q answered after %.2f s"):format(bytes,
+        assert.is_true(secs < 3, ("%q answered after %.2f s"):format(bytes,
                                                                   secs))
       end
     end)

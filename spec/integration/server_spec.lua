@@ -265,7 +265,9 @@ describe("paygate run", function()
         assert.equal(200, res.status)
       end
       local took = paygate.update_time() - t0
-      assert.is_true(took < 4, "took " .. took .. " s")
+      -- one after another they take 20 s; together, well under half that
+      -- even on a loaded machine
+      assert.is_true(took < 10, "took " .. took .. " s")
     end)
   end)
 
