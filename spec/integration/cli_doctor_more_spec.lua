@@ -53,8 +53,8 @@ local function run(args)
   local out = proc.read(log)
   local results = {}
   for line in out:gmatch("[^\n]+") do
-    -- (a result has a kind; the runtime's own log lines -- a store's
-    -- "pool down" warning -- are JSON too, and are not results)
+    -- (a result has a kind; a log line of the runtime is JSON too, and
+    -- is not a result)
     local r = line:sub(1, 1) == "{" and json.decode(line)
     if type(r) == "table" and r.kind ~= nil then
       results[#results + 1] = r

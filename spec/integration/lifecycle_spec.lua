@@ -54,11 +54,7 @@ end
 -- published once a second, after a short /slow may be over; and never by
 -- a worker stuck in /spin)
 local function wait_marked(path, what)
-  proc.wait_until(function()
-    local f = io.open(path)
-    if f then f:close() end
-    return f ~= nil
-  end, 10, what)
+  proc.wait_until(function() return proc.exists(path) end, 10, what)
 end
 
 -- `paygate reload` as an operator runs it (it waits for the outcome);
@@ -312,11 +308,8 @@ describe("paygate reload while another reload is loading", function()
     write(s.app .. "/app.lua", ("io.open(%q, 'w'):close()\n"):format(marker)
           .. "require('paygate').sleep(3)\n" .. app_source("v2"))
     s:signal(proc.SIGHUP)
-    proc.wait_until(function()
-      local f = io.open(marker)
-      if f then f:close() end
-      return f ~= nil
-    end, 10, "the new generation's worker to run v2")
+    proc.wait_until(function() return proc.exists(marker) end, 10,
+                    "the new generation's worker to run v2")
     -- meanwhile the operator ships code that does not load, and reloads:
     -- the reload in progress (v2) is not the one that loads it
     write(s.app .. "/app.lua", "this is not lua (")

@@ -695,9 +695,7 @@ on_chld(evutil_socket_t sig, short what, void *arg)
             continue;
         }
         describe_exit(status, why, sizeof(why));
-        if (wk->ready_ev != NULL) {
-            take_pending_ready(wk);     /* it may have said 'R' and died */
-        }
+        take_pending_ready(wk);         /* it may have said 'R' and died */
         drop_ready(wk);
         gw_metrics_retire(wk->slot);
         if (wk->state == W_DRAINING || m.stopping) {

@@ -191,6 +191,15 @@ function _M.run(argv, opts)
   return code, out
 end
 
+--- syntax: ok = proc.exists(path) -- whether the file is there (a mark
+-- another process makes: proc.read gives "" for a missing file and an
+-- empty one alike)
+function _M.exists(path)
+  local f = io.open(path, "rb")
+  if f then f:close() end
+  return f ~= nil
+end
+
 --- syntax: s = proc.read(path) -- the file's content, "" when missing
 function _M.read(path)
   local f = io.open(path, "rb")
