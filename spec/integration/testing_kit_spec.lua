@@ -118,6 +118,19 @@ paygate.route("POST", "/echo", function(req) return 200, req:json() end)]],
     assert.is_nil(io.open(dir .. "/paygate.log"))      -- its folder is gone
   end)
 
+  -- A spec that rewrites app.lua to reload it right after the start must
+  -- not race a worker still reading the first one: the start waits for
+  -- every worker. Here the second worker to load takes 1 s longer.
+  it("returns once every worker serves, not the first one only",
+     function()
+    local srv = testing.start_app{ workers = 2, source = [[
+local core = require "paygate.core"
+local d = require("paygate.shared").get_dict("paygate")
+if not d:add("first", true) then core.sleep(1) end]] }
+    local res = assert(srv:admin_get("/healthz"))
+    assert.matches('"workers":2,', res.body)
+  end)
+
   it("stop_all ends every app it started and removes their folders",
      function()
     local a = testing.start_app{ source = "" }

@@ -158,7 +158,7 @@ end
 -- or Lua source); workers (1); args (more CLI arguments); port; scheme
 -- ("http"); ca_file; wait (default true: until /healthz answers 200);
 -- timeout (15 s for it); bin.
--- yields: until the server serves.
+-- yields: until the server serves, with every worker.
 -- returns: the server; raises with its log if it exits or never serves.
 function _M.start(o)
   if type(o) ~= "table" or (o.app == nil and o.source == nil) then
@@ -184,9 +184,13 @@ function _M.start(o)
       if s.proc:poll() then return true end
       local res = http.request{
         url = "http://127.0.0.1:" .. s.admin .. "/healthz", timeout = 1 }
-      -- ours (the master's pid): another server could hold the port
+      -- ours (the master's pid): another server could hold the port; and
+      -- every worker serving, not the first one only: one still loading
+      -- would read an app.lua the spec rewrites next (to reload it) and
+      -- load the new code in the old generation
       local h = res and res.status == 200 and json.decode(res.body)
       return type(h) == "table" and h.pid == s.pid
+             and h.workers == (o.workers or 1)
     end, o.timeout or 15, "paygate to serve " .. app)
     if s.proc:poll() then
       local code = s.proc.status
