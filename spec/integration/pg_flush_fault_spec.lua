@@ -71,6 +71,9 @@ describe("PostgreSQL: the last flush of a send fails", function()
       assert.equal(kind, l.kind, out)
       assert(l.secs < 2, what .. " failed after " .. l.secs .. " s: " .. out)
       assert.is_nil(l.msg:find("no reply within", 1, true), out)
+      -- with libpq's own reason, not only "connection lost"
+      assert.matches("connection lost %(outcome unknown%): server closed "
+                     .. "the connection unexpectedly", l.msg)
     end
     failed_fast("write", "unknown_outcome")
     failed_fast("read", "unavailable")

@@ -318,3 +318,81 @@ describe("paygate.runtime.fail after the worker loaded", function()
     assert.equal("v4", res and res.body, tostring(err))
   end)
 end)
+
+-- A loaded worker's 'R' may still wait in the master's socket when the
+-- master handles another new worker's failure: the master reads it before
+-- it decides, so that worker stops gracefully (its on_stop runs) and is not
+-- killed as one still loading. Made certain here: the first worker to load
+-- stops the master (SIGSTOP) once the second has started, then fails; the
+-- second finishes loading only once the first has exited, so its 'R' comes
+-- after the failure (the master, continued, sees the failure first).
+-- (after a first line that sets MASTER, MARK and READY)
+local V5 = [[
+local paygate = require "paygate"
+local core = require "paygate.core"
+local proc = require "paygate.testing.proc"
+local d = require("paygate.shared").get_dict("paygate")
+paygate.route("GET", "/version", function() return 200, "v5" end)
+local function wait(cond)
+  local deadline = core.mono() + 10
+  while not cond() and core.mono() < deadline do core.sleep(0.01) end
+  assert(cond(), "timed out")
+end
+local function state(pid)      -- /proc's one-letter state: T stopped, Z ended
+  local stat = pid and proc.read("/proc/" .. pid .. "/stat") or ""
+  return stat:match("^%d+ %b() (%a)")
+end
+if d:add("v5_first", true) then
+  wait(function() return d:get("v5_second") end)
+  proc.kill_pid(MASTER, 19)                           -- SIGSTOP
+  wait(function() return state(MASTER) == "T" end)
+  d:set("v5_first_pid", core.pid())
+  error("the first worker cannot load v5")
+end
+d:set("v5_second", true)
+-- until the first worker has exited: its failure was sent before
+wait(function() return state(d:get("v5_first_pid")) == "Z" end)
+paygate.on_stop(function()
+  local f = assert(io.open(MARK, "w"))
+  f:write("stopped\n")
+  f:close()
+end)
+-- (a timer runs once the loading is over: the 'R' is sent by then)
+paygate.timer.at(0, function()
+  local f = assert(io.open(READY, "w"))
+  f:close()
+end)
+]]
+
+describe("a loaded worker's ready message read after another's failure",
+         function()
+  local s
+  after_each(function()
+    if s then
+      proc.kill_pid(s.pid, 18)                          -- SIGCONT
+      s:stop()
+      s = nil
+    end
+  end)
+
+  it("still counts: the worker stops gracefully, not killed", function()
+    s = server.start{ source = V1, workers = 2 }
+    local mark, ready = s.dir .. "/v5.stopped", s.dir .. "/v5.ready"
+    write(s.app .. "/app.lua", ("local MASTER, MARK, READY = %d, %q, %q\n")
+                                 :format(s.pid, mark, ready) .. V5)
+    local out = s.dir .. "/reload.out"
+    local p = proc.spawn({ PAYGATE_BIN, "reload", "--pid-file",
+                           s.dir .. "/paygate.pid" }, { log = out })
+    proc.wait_until(function() return proc.exists(ready) end, 15,
+                    "the second worker to load (the master stopped)")
+    assert.equal(0, proc.kill_pid(s.pid, 18))             -- SIGCONT
+    assert.equal(1, p:wait(30), proc.read(out))
+    assert.matches("the first worker cannot load v5", proc.read(out))
+    local stopped = pcall(proc.wait_until,
+      function() return proc.read(mark) == "stopped\n" end,
+      10, "the loaded worker's on_stop function")
+    assert(stopped, "the loaded worker's on_stop function did not run:\n"
+                    .. s:logs())
+    assert.equal("v1", assert(s:request("/version")).body)
+  end)
+end)

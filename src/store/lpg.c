@@ -790,6 +790,20 @@ conn_reset(struct lpg_conn *c)
     c->inflight = 0;
 }
 
+/* "postgres: connection lost (outcome unknown): <libpq's reason>" in buf
+ * (the first line of PQerrorMessage: libpq adds hints on lines after
+ * it). */
+static const char *
+lost_msg(struct lpg_conn *c, char *buf, size_t len)
+{
+    const char *why = c->pc != NULL ? PQerrorMessage(c->pc) : "";
+    int         n = (int) strcspn(why, "\n");
+
+    snprintf(buf, len, "postgres: connection lost (outcome unknown)%s%.*s",
+             n > 0 ? ": " : "", n, why);
+    return buf;
+}
+
 /* Closes c and moves its in-flight ops to *out with the given error. */
 static void
 conn_fail(struct lpg_conn *c, const char *kind, const char *msg,
@@ -2217,8 +2231,10 @@ conn_event(evutil_socket_t fd, short what, void *arg)
         }
     } else if (c->state == LPG_CONN_READY) {
         if ((what & EV_WRITE) && conn_flush(c) != GW_OK) {
-            conn_lost(c, "unavailable", "postgres: connection lost"
-                      " (outcome unknown)", &done);
+            char msg[200];
+
+            conn_lost(c, "unavailable", lost_msg(c, msg, sizeof(msg)),
+                      &done);
         } else if (what & EV_READ) {
             rc = conn_read(c, &done);
             if (rc == LPG_DISCARD) {
@@ -2229,9 +2245,8 @@ conn_event(evutil_socket_t fd, short what, void *arg)
             } else if (rc != GW_OK) {
                 char msg[200];
 
-                snprintf(msg, sizeof(msg), "postgres: connection lost"
-                         " (outcome unknown): %s", PQerrorMessage(c->pc));
-                conn_lost(c, "unavailable", msg, &done);
+                conn_lost(c, "unavailable", lost_msg(c, msg, sizeof(msg)),
+                          &done);
             }
         }
     }
@@ -2453,13 +2468,14 @@ dispatch(struct lpg_pool *pg)
                 done = op;
             } else if (rc != GW_OK) {
                 struct lpg_op *lost = NULL;
+                char           msg[200];
 
                 /* op was not queued on c: fail it with c's ops. */
                 op_set_error(op, "unavailable", PQerrorMessage(c->pc));
                 op->next = lost;
                 lost = op;
-                conn_lost(c, "unavailable", "postgres: connection lost"
-                          " (outcome unknown)", &lost);
+                conn_lost(c, "unavailable", lost_msg(c, msg, sizeof(msg)),
+                          &lost);
                 while (lost != NULL) {
                     struct lpg_op *l = lost;
 
