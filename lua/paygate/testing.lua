@@ -165,7 +165,8 @@ local APP_OPTIONS = { app = true, source = true, config = true,
 -- function(srv) returning one: srv.port and srv:url(path) are known),
 -- workers, args, port, wait, timeout, scheme, ca_file, bin; another key
 -- raises).
--- yields: until it serves (GET /healthz on its admin port).
+-- yields: until it serves with every worker (GET /healthz on its admin
+-- port).
 -- returns: srv (srv:url(path), srv:request{...}, srv:logs(), srv:stop()).
 function _M.start_app(o)
   check_options("testing.start_app", o, APP_OPTIONS)

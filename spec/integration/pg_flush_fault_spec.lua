@@ -50,7 +50,7 @@ describe("PostgreSQL: the last flush of a send fails", function()
     -- (a sanitizer build wants its runtime first of the preloads: told
     -- not to check, as the shim only wraps two libpq functions)
     local asan = os.getenv("ASAN_OPTIONS")
-    local code, out = proc.run({ "env", "LD_PRELOAD=" .. shim,
+    local code, out = proc.run({ "env", "LC_ALL=C", "LD_PRELOAD=" .. shim,
       "ASAN_OPTIONS=" .. (asan and asan .. ":" or "")
         .. "verify_asan_link_order=0",
       "PQ_FLUSH_FAULT=" .. trigger, PAYGATE_BIN, "exec",
@@ -59,7 +59,7 @@ describe("PostgreSQL: the last flush of a send fails", function()
     assert.equal(0, code, out)
     local lines = {}
     for what, kind, secs, fired, msg in
-        out:gmatch("(%a+) (%S+) ([%d.]+) (%S+) ([^\n]*)\n") do
+        out:gmatch("([%a_]+) (%S+) ([%d.]+) (%S+) ([^\n]*)\n") do
       lines[what] = { kind = kind, secs = tonumber(secs), fired = fired,
                       msg = msg }
     end
@@ -77,6 +77,10 @@ describe("PostgreSQL: the last flush of a send fails", function()
     end
     failed_fast("write", "unknown_outcome")
     failed_fast("read", "unavailable")
+    -- after a statement the server refused: the connection's reason,
+    -- not that statement's error
+    failed_fast("after_error", "unavailable")
+    assert.is_nil(lines.after_error.msg:find("division", 1, true), out)
     -- the pool reconnects and serves
     assert.matches("after ok\n", out, 1, true)
   end)

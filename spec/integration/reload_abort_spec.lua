@@ -340,7 +340,7 @@ local function wait(cond)
 end
 local function state(pid)      -- /proc's one-letter state: T stopped, Z ended
   local stat = pid and proc.read("/proc/" .. pid .. "/stat") or ""
-  return stat:match("^%d+ %b() (%a)")
+  return stat:match("^%d+ %(.*%) (%a)")
 end
 if d:add("v5_first", true) then
   wait(function() return d:get("v5_second") end)

@@ -131,6 +131,27 @@ if not d:add("first", true) then core.sleep(1) end]] }
     assert.matches('"workers":2,', res.body)
   end)
 
+  it("counts the workers a --workers in args asks for (it wins)",
+     function()
+    local srv = testing.start_app{ args = { "--workers", "3" }, source = [[
+local core = require "paygate.core"
+local d = require("paygate.shared").get_dict("paygate")
+if d:incr("loaded", 1, 0) > 1 then core.sleep(1) end]] }
+    local res = assert(srv:admin_get("/healthz"))
+    assert.matches('"workers":3,', res.body)
+  end)
+
+  it("raises at the timeout, saying how many serve, when a worker never"
+     .. " loads", function()
+    local ok, err = pcall(testing.start_app, { workers = 2, timeout = 3,
+      source = [[
+local d = require("paygate.shared").get_dict("paygate")
+if not d:add("first", true) then error("only one worker loads") end]] })
+    assert.is_false(ok)
+    assert.matches("(1 of 2 workers serving)", tostring(err), 1, true)
+    assert.matches("only one worker loads", tostring(err), 1, true)
+  end)
+
   it("stop_all ends every app it started and removes their folders",
      function()
     local a = testing.start_app{ source = "" }

@@ -1,9 +1,10 @@
 -- Child process for pg_flush_fault_spec, run with spec/support's
 -- pq_flush_fault.so preloaded:
 --   paygate exec spec/support/flush_fault_child.lua URL TRIGGER
--- On a pool of one connection (query_timeout 5 s), a write and then a read
--- are sent with TRIGGER created first, so that the flush at the end of
--- their send fails (libpq closed the socket). Prints for each
+-- On a pool of one connection (query_timeout 5 s), a write, a read, and a
+-- read after a statement the server refused are sent with TRIGGER created
+-- first, so that the flush at the end of their send fails (libpq closed
+-- the socket). Prints for each
 -- "<what> <kind or ok> <seconds> <message>", then whether the pool
 -- serves again ("after ok").
 local core = require "paygate.core"
@@ -35,7 +36,19 @@ end)
 faulted("read", function()
   return db:query("SELECT 1 AS one")
 end)
+-- a statement the server refused, then a lost connection: the reason
+-- told is the connection's, not the earlier error (libpq may keep that
+-- text, and a server's DETAIL can quote values)
 local deadline = core.mono() + 10
+repeat
+  local ok = db:query("SELECT 1 AS one")
+  if not ok then core.sleep(0.05) end
+until ok or core.mono() > deadline
+assert(not db:query("SELECT 1 / (0 * length($1)) AS bad", { "s3cret" }))
+faulted("after_error", function()
+  return db:query("SELECT 1 AS one")
+end)
+deadline = core.mono() + 10
 local ok
 repeat
   ok = db:query("SELECT 1 AS one")

@@ -790,17 +790,44 @@ conn_reset(struct lpg_conn *c)
     c->inflight = 0;
 }
 
-/* "postgres: connection lost (outcome unknown): <libpq's reason>" in buf
- * (the first line of PQerrorMessage: libpq adds hints on lines after
- * it). */
+/* libpq's reason for c's failure, one line, in buf ("" when it has none):
+ * the last line of PQerrorMessage that is libpq's own. In pipeline mode
+ * the text may still hold an earlier statement's server error ("ERROR:  "
+ * then "DETAIL:  ", which can quote values) before the reason; and libpq
+ * indents its hints on the lines after it. */
+static const char *
+pq_reason(struct lpg_conn *c, char *buf, size_t len)
+{
+    const char *p = c->pc != NULL ? PQerrorMessage(c->pc) : NULL;
+    const char *line = NULL;
+    int         n = 0;
+
+    for (; p != NULL && *p != '\0'; p += strcspn(p, "\n"), p += *p != '\0') {
+        int k = (int) strcspn(p, "\n");
+        const char *colon = memchr(p, ':', (size_t) k);
+
+        if (k == 0 || *p == ' ' || *p == '\t'
+            || (colon != NULL && colon + 2 < p + k && colon[1] == ' '
+                && colon[2] == ' '))
+        {
+            continue;           /* a hint, or a server's "LABEL:  text" */
+        }
+        line = p;
+        n = k;
+    }
+    snprintf(buf, len, "%.*s", line != NULL ? n : 0, line != NULL ? line : "");
+    return buf;
+}
+
+/* "postgres: connection lost (outcome unknown)[: <libpq's reason>]" */
 static const char *
 lost_msg(struct lpg_conn *c, char *buf, size_t len)
 {
-    const char *why = c->pc != NULL ? PQerrorMessage(c->pc) : "";
-    int         n = (int) strcspn(why, "\n");
+    char why[120];
 
-    snprintf(buf, len, "postgres: connection lost (outcome unknown)%s%.*s",
-             n > 0 ? ": " : "", n, why);
+    pq_reason(c, why, sizeof(why));
+    snprintf(buf, len, "postgres: connection lost (outcome unknown)%s%s",
+             why[0] != '\0' ? ": " : "", why);
     return buf;
 }
 
@@ -855,7 +882,7 @@ conn_lost(struct lpg_conn *c, const char *kind, const char *msg,
             char buf[sizeof(op->errmsg)];
 
             snprintf(buf, sizeof(buf), "postgres: a write was sent but its"
-                     " answer was lost (%.100s): it may or may not be"
+                     " answer was lost (%.112s): it may or may not be"
                      " committed", msg);
             op_set_error(op, "unknown_outcome", buf);
         }
@@ -2471,7 +2498,10 @@ dispatch(struct lpg_pool *pg)
                 char           msg[200];
 
                 /* op was not queued on c: fail it with c's ops. */
-                op_set_error(op, "unavailable", PQerrorMessage(c->pc));
+                if (pq_reason(c, msg, sizeof(msg))[0] == '\0') {
+                    snprintf(msg, sizeof(msg), "postgres: connection lost");
+                }
+                op_set_error(op, "unavailable", msg);
                 op->next = lost;
                 lost = op;
                 conn_lost(c, "unavailable", lost_msg(c, msg, sizeof(msg)),

@@ -152,12 +152,28 @@ local function spawn(o, dir, app)
   return s
 end
 
+-- The worker count `paygate run` gets from o: the last --workers N (or
+-- --workers=N) in o.args, which comes after the kit's own, else o.workers.
+local function workers_of(o)
+  local n = tonumber(o.workers) or 1
+  local args = o.args or {}
+  for i, a in ipairs(args) do
+    if a == "--workers" then
+      n = tonumber(args[i + 1]) or n
+    elseif type(a) == "string" and a:sub(1, 10) == "--workers=" then
+      n = tonumber(a:sub(11)) or n
+    end
+  end
+  return n
+end
+
 --- syntax: srv = server.start(o)
 -- o: app (a directory) or source (app.lua's text); config (a table, a
 -- function(srv) returning one — srv.port and srv:url() are known by then —
 -- or Lua source); workers (1); args (more CLI arguments); port; scheme
--- ("http"); ca_file; wait (default true: until /healthz answers 200);
--- timeout (15 s for it); bin.
+-- ("http"); ca_file; wait (default true: until /healthz answers 200 with
+-- every worker serving -- o.workers, or a --workers in o.args, the last
+-- one given, as `paygate run` reads them); timeout (15 s for it); bin.
 -- yields: until the server serves, with every worker.
 -- returns: the server; raises with its log if it exits or never serves.
 function _M.start(o)
@@ -180,6 +196,7 @@ function _M.start(o)
   for try = 1, PORT_TRIES do
     local s = spawn(o, dir, app)
     if o.wait == false then return s end
+    local want, seen = workers_of(o), nil
     local ok, err = pcall(proc.wait_until, function()
       if s.proc:poll() then return true end
       local res = http.request{
@@ -189,8 +206,9 @@ function _M.start(o)
       -- would read an app.lua the spec rewrites next (to reload it) and
       -- load the new code in the old generation
       local h = res and res.status == 200 and json.decode(res.body)
-      return type(h) == "table" and h.pid == s.pid
-             and h.workers == (o.workers or 1)
+      if type(h) ~= "table" or h.pid ~= s.pid then return false end
+      seen = h.workers
+      return h.workers == want
     end, o.timeout or 15, "paygate to serve " .. app)
     if s.proc:poll() then
       local code = s.proc.status
@@ -208,7 +226,11 @@ function _M.start(o)
     elseif not ok then
       local logs = s:logs()
       s:stop()
-      error(tostring(err) .. ":\n" .. logs, 2)
+      -- serving, but not with every worker (one that fails to load is
+      -- restarted again and again)
+      local short = seen and (" (%s of %d workers serving)"):format(
+        tostring(seen), want) or ""
+      error(tostring(err) .. short .. ":\n" .. logs, 2)
     else
       return s
     end
