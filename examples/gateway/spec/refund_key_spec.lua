@@ -222,8 +222,11 @@ describe("gateway refunds: a refund call that was never made", function()
     gw = core.start(sim, {
       gateway = { reconcile = { check_after = 1, first = 0.5, ceiling = 1,
                                 interval = 0.1, bill = false } },
+      -- (an hour's window: two failed calls count as two unless they
+      -- straddle an hour's edge, not a 30 s one's -- the window's count
+      -- weighs its previous bucket by overlap)
       merchant = { max_attempts = 1, breaker_min_calls = 2,
-                   breaker_failure_ratio = 0.5,
+                   breaker_failure_ratio = 0.5, breaker_window = 3600,
                    breaker_open_for = OPEN_FOR } })
   end)
 
@@ -329,8 +332,11 @@ describe("gateway refunds: a retry whose call is not made, of a refund an "
     sim = testing.simulator{ time_scale = 100 }
     gw = core.start(sim, {
       gateway = { reconcile = { enabled = false } },
+      -- (an hour's window: two failed calls count as two unless they
+      -- straddle an hour's edge, not a 30 s one's -- the window's count
+      -- weighs its previous bucket by overlap)
       merchant = { max_attempts = 1, breaker_min_calls = 2,
-                   breaker_failure_ratio = 0.5,
+                   breaker_failure_ratio = 0.5, breaker_window = 3600,
                    breaker_open_for = OPEN_FOR } })
   end)
 
