@@ -2495,12 +2495,12 @@ dispatch(struct lpg_pool *pg)
                 done = op;
             } else if (rc != GW_OK) {
                 struct lpg_op *lost = NULL;
-                char           msg[200];
+                char           msg[200], why[120];
 
                 /* op was not queued on c: fail it with c's ops. */
-                if (pq_reason(c, msg, sizeof(msg))[0] == '\0') {
-                    snprintf(msg, sizeof(msg), "postgres: connection lost");
-                }
+                pq_reason(c, why, sizeof(why));
+                snprintf(msg, sizeof(msg), "postgres: connection lost%s%s",
+                         why[0] != '\0' ? ": " : "", why);
                 op_set_error(op, "unavailable", msg);
                 op->next = lost;
                 lost = op;
