@@ -146,7 +146,7 @@ if d:incr("loaded", 1, 0) > 1 then core.sleep(1) end]] }
   it("raises at the timeout, saying how many serve, when a worker never"
      .. " finishes loading", function()
     local t0 = require("paygate.core").mono()
-    local ok, err = pcall(testing.start_app, { workers = 2, timeout = 2,
+    local ok, err = pcall(testing.start_app, { workers = 2, timeout = 6,
       source = [[
 local core = require "paygate.core"
 local d = require("paygate.shared").get_dict("paygate")
