@@ -52,6 +52,22 @@ local function write(path, text)
   f:close()
 end
 
+-- After a refused reload: the loaded new worker's on_stop wrote mark, it
+-- exited 0, and the old code serves.
+local function assert_stopped_gracefully(s, mark)
+  local stopped = pcall(proc.wait_until,
+    function() return proc.read(mark) == "stopped\n" end,
+    10, "the loaded worker's on_stop function")
+  assert(stopped, "the loaded worker's on_stop function did not run:\n"
+                  .. s:logs())
+  assert.equal("v1", assert(s:request("/version")).body)
+  -- (the mark is written before the worker exits: wait for the master to
+  -- have seen the exit)
+  proc.wait_until(function()
+    return s:logs():find("worker %d+ %(generation 2%) exited with status 0")
+  end, 10, "the master to log the loaded worker's exit (status 0)")
+end
+
 -- One client: GET /version one request at a time, on keep-alive
 -- connections (kept until the server closes them) or fresh ones.
 local Client = {}
@@ -249,17 +265,7 @@ describe("a refused generation's workers that had loaded", function()
                            s.dir .. "/paygate.pid" }, { log = out })
     assert.equal(1, p:wait(30), proc.read(out))
     assert.matches("the second worker cannot load v3", proc.read(out))
-    local stopped = pcall(proc.wait_until,
-      function() return proc.read(mark) == "stopped\n" end,
-      10, "the loaded worker's on_stop function")
-    assert(stopped, "the loaded worker's on_stop function did not run:\n"
-                    .. s:logs())
-    assert.equal("v1", assert(s:request("/version")).body)
-    -- (the mark is written before the worker exits: wait for the master
-    -- to have seen the exit)
-    proc.wait_until(function()
-      return s:logs():find("worker %d+ %(generation 2%) exited with status 0")
-    end, 10, "the master to log the loaded worker's exit (status 0)")
+    assert_stopped_gracefully(s, mark)
   end)
 end)
 
@@ -388,11 +394,6 @@ describe("a loaded worker's ready message read after another's failure",
     assert.equal(0, proc.kill_pid(s.pid, 18))             -- SIGCONT
     assert.equal(1, p:wait(30), proc.read(out))
     assert.matches("the first worker cannot load v5", proc.read(out))
-    local stopped = pcall(proc.wait_until,
-      function() return proc.read(mark) == "stopped\n" end,
-      10, "the loaded worker's on_stop function")
-    assert(stopped, "the loaded worker's on_stop function did not run:\n"
-                    .. s:logs())
-    assert.equal("v1", assert(s:request("/version")).body)
+    assert_stopped_gracefully(s, mark)
   end)
 end)
