@@ -139,7 +139,10 @@ describe("paygate_outbox_events_total", function()
     end
     local db = sqlite()
     local verdict = {}
-    local d = outbox.dispatcher(db, { name = "counted", sinks = {
+    -- (a backoff of about a minute, without jitter: pay_again is not due
+    -- again in the second step, however slow the machine)
+    local d = outbox.dispatcher(db, { name = "counted",
+      backoff_base = 60, random = function() return 0.99 end, sinks = {
       { name = "s", deliver = function(event)
           local v = verdict[event.subject]
           if v == "fatal" then
