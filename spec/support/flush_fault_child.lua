@@ -36,23 +36,23 @@ end)
 faulted("read", function()
   return db:query("SELECT 1 AS one")
 end)
+-- whether the pool serves again (it reconnects), within 10 s
+local function serves()
+  local deadline, ok = core.mono() + 10, nil
+  repeat
+    ok = db:query("SELECT 1 AS one")
+    if not ok then core.sleep(0.05) end
+  until ok or core.mono() > deadline
+  return ok ~= nil
+end
+
 -- a statement the server refused, then a lost connection: the reason
 -- told is the connection's, not the earlier error (libpq may keep that
 -- text, and a server's DETAIL can quote values)
-local deadline = core.mono() + 10
-repeat
-  local ok = db:query("SELECT 1 AS one")
-  if not ok then core.sleep(0.05) end
-until ok or core.mono() > deadline
+assert(serves(), "the pool does not serve again")
 assert(not db:query("SELECT 1 / (0 * length($1)) AS bad", { "s3cret" }))
 faulted("after_error", function()
   return db:query("SELECT 1 AS one")
 end)
-deadline = core.mono() + 10
-local ok
-repeat
-  ok = db:query("SELECT 1 AS one")
-  if not ok then core.sleep(0.05) end
-until ok or core.mono() > deadline
-io.stdout:write("after ", ok and "ok" or "failed", "\n")
+io.stdout:write("after ", serves() and "ok" or "failed", "\n")
 db:close()

@@ -790,46 +790,42 @@ conn_reset(struct lpg_conn *c)
     c->inflight = 0;
 }
 
-/* libpq's reason for c's failure, one line, in buf ("" when it has none):
- * the last line of PQerrorMessage that is libpq's own. In pipeline mode
- * the text may still hold an earlier statement's server error ("ERROR:  "
- * then "DETAIL:  ", which can quote values) before the reason; and libpq
- * indents its hints on the lines after it. */
+/* libpq's reason for c's failure, one line: the last line of
+ * PQerrorMessage that is libpq's own. In pipeline mode the text may still
+ * hold an earlier statement's server error ("ERROR:  " then "DETAIL:  ",
+ * which can quote values) before the reason; and libpq indents its hints
+ * on the lines after it. Returns "head: reason" in buf, or head alone
+ * when libpq says nothing. */
 static const char *
-pq_reason(struct lpg_conn *c, char *buf, size_t len)
+lost_msg(struct lpg_conn *c, const char *head, char *buf, size_t len)
 {
-    const char *p = c->pc != NULL ? PQerrorMessage(c->pc) : NULL;
+    const char *p = c->pc != NULL ? PQerrorMessage(c->pc) : "";
     const char *line = NULL;
     int         n = 0;
 
-    for (; p != NULL && *p != '\0'; p += strcspn(p, "\n"), p += *p != '\0') {
-        int k = (int) strcspn(p, "\n");
+    while (*p != '\0') {
+        int         k = (int) strcspn(p, "\n");
         const char *colon = memchr(p, ':', (size_t) k);
 
-        if (k == 0 || *p == ' ' || *p == '\t'
-            || (colon != NULL && colon + 2 < p + k && colon[1] == ' '
-                && colon[2] == ' '))
+        /* not a hint, nor a server's "LABEL:  text" */
+        if (k > 0 && *p != ' ' && *p != '\t'
+            && !(colon != NULL && colon + 2 < p + k && colon[1] == ' '
+                 && colon[2] == ' '))
         {
-            continue;           /* a hint, or a server's "LABEL:  text" */
+            line = p;
+            n = k;
         }
-        line = p;
-        n = k;
+        p += k + (p[k] != '\0');
     }
-    snprintf(buf, len, "%.*s", line != NULL ? n : 0, line != NULL ? line : "");
+    if (n > 120) {
+        n = 120;
+    }
+    snprintf(buf, len, "%s%s%.*s", head, line != NULL ? ": " : "", n,
+             line != NULL ? line : "");
     return buf;
 }
 
-/* "postgres: connection lost (outcome unknown)[: <libpq's reason>]" */
-static const char *
-lost_msg(struct lpg_conn *c, char *buf, size_t len)
-{
-    char why[120];
-
-    pq_reason(c, why, sizeof(why));
-    snprintf(buf, len, "postgres: connection lost (outcome unknown)%s%s",
-             why[0] != '\0' ? ": " : "", why);
-    return buf;
-}
+#define LPG_LOST "postgres: connection lost (outcome unknown)"
 
 /* Closes c and moves its in-flight ops to *out with the given error. */
 static void
@@ -2260,8 +2256,8 @@ conn_event(evutil_socket_t fd, short what, void *arg)
         if ((what & EV_WRITE) && conn_flush(c) != GW_OK) {
             char msg[200];
 
-            conn_lost(c, "unavailable", lost_msg(c, msg, sizeof(msg)),
-                      &done);
+            conn_lost(c, "unavailable",
+                      lost_msg(c, LPG_LOST, msg, sizeof(msg)), &done);
         } else if (what & EV_READ) {
             rc = conn_read(c, &done);
             if (rc == LPG_DISCARD) {
@@ -2272,8 +2268,8 @@ conn_event(evutil_socket_t fd, short what, void *arg)
             } else if (rc != GW_OK) {
                 char msg[200];
 
-                conn_lost(c, "unavailable", lost_msg(c, msg, sizeof(msg)),
-                          &done);
+                conn_lost(c, "unavailable",
+                          lost_msg(c, LPG_LOST, msg, sizeof(msg)), &done);
             }
         }
     }
@@ -2495,17 +2491,15 @@ dispatch(struct lpg_pool *pg)
                 done = op;
             } else if (rc != GW_OK) {
                 struct lpg_op *lost = NULL;
-                char           msg[200], why[120];
+                char           msg[200];
 
                 /* op was not queued on c: fail it with c's ops. */
-                pq_reason(c, why, sizeof(why));
-                snprintf(msg, sizeof(msg), "postgres: connection lost%s%s",
-                         why[0] != '\0' ? ": " : "", why);
-                op_set_error(op, "unavailable", msg);
+                op_set_error(op, "unavailable", lost_msg(c, "postgres:"
+                             " connection lost", msg, sizeof(msg)));
                 op->next = lost;
                 lost = op;
-                conn_lost(c, "unavailable", lost_msg(c, msg, sizeof(msg)),
-                          &lost);
+                conn_lost(c, "unavailable",
+                          lost_msg(c, LPG_LOST, msg, sizeof(msg)), &lost);
                 while (lost != NULL) {
                     struct lpg_op *l = lost;
 

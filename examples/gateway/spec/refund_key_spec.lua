@@ -12,6 +12,15 @@
 local testing = require "paygate.testing"
 local core = dofile("examples/gateway/spec/core_support.lua")
 
+-- The merchant of the breaker cases: one attempt per call, the breaker
+-- open for OPEN_FOR s after two failed calls. (An hour's window: two
+-- failed calls count as two unless they straddle an hour's edge, not a
+-- 30 s one's -- the window's count weighs its previous bucket by overlap.)
+local OPEN_FOR = 3
+local BREAKER = { max_attempts = 1, breaker_min_calls = 2,
+                  breaker_failure_ratio = 0.5, breaker_window = 3600,
+                  breaker_open_for = OPEN_FOR }
+
 -- a paid payment of amount (fen), through the simulator
 local function paid(sim, gw, amount)
   local p = gw:create{ amount = amount }
@@ -215,19 +224,13 @@ end)
 -- it too, and the payer would get the money twice.
 describe("gateway refunds: a refund call that was never made", function()
   local sim, gw
-  local OPEN_FOR = 3
 
   setup(function()
     sim = testing.simulator{ time_scale = 100 }
     gw = core.start(sim, {
       gateway = { reconcile = { check_after = 1, first = 0.5, ceiling = 1,
                                 interval = 0.1, bill = false } },
-      -- (an hour's window: two failed calls count as two unless they
-      -- straddle an hour's edge, not a 30 s one's -- the window's count
-      -- weighs its previous bucket by overlap)
-      merchant = { max_attempts = 1, breaker_min_calls = 2,
-                   breaker_failure_ratio = 0.5, breaker_window = 3600,
-                   breaker_open_for = OPEN_FOR } })
+      merchant = BREAKER })
   end)
 
   teardown(function()
@@ -326,18 +329,12 @@ end)
 describe("gateway refunds: a retry whose call is not made, of a refund an "
          .. "earlier run may have sent", function()
   local sim, gw
-  local OPEN_FOR = 3
 
   setup(function()
     sim = testing.simulator{ time_scale = 100 }
     gw = core.start(sim, {
       gateway = { reconcile = { enabled = false } },
-      -- (an hour's window: two failed calls count as two unless they
-      -- straddle an hour's edge, not a 30 s one's -- the window's count
-      -- weighs its previous bucket by overlap)
-      merchant = { max_attempts = 1, breaker_min_calls = 2,
-                   breaker_failure_ratio = 0.5, breaker_window = 3600,
-                   breaker_open_for = OPEN_FOR } })
+      merchant = BREAKER })
   end)
 
   teardown(function()
