@@ -98,7 +98,9 @@ local function outage(srv, s, timeout)
     -- stopped (it may have committed; not acknowledged either way)
     assert.truthy(err.kind == "unavailable" or err.kind == "timeout"
                   or err.kind == "unknown_outcome", tostring(err))
-    assert.truthy(err.elapsed < timeout + 0.5, "slow error: " .. err.elapsed)
+    -- within the configured timeout, not a default (PostgreSQL's
+    -- query_timeout 10 s, Redis's timeout 5 s): room for a loaded machine
+    assert.truthy(err.elapsed < timeout + 2, "slow error: " .. err.elapsed)
   end
 end
 
