@@ -21,9 +21,15 @@
 --     is paid, once. With SQLite it first measures, beside the store, what
 --     one commit (one fsync) per notification allows -- single-row inserts
 --     from BENCH_CONC coroutines without group commit, 3 s -- and prints
---     the gateway's rate against it.
+--     the gateway's rate against it, and after the runs the store's
+--     floor (below) on payments of its own.
 --   paygate exec bench/gateway.lua gen FILE FROM COUNT
 --     signs COUNT notifications for bench payments FROM .. FROM+COUNT-1
+--   paygate exec bench/gateway.lua floor URL FROM COUNT
+--     the store's floor: the gateway's write jobs for payments FROM ..
+--     FROM+COUNT-1 (waiting for their notification), made beforehand by
+--     gw.notify_atomic.statements, run as db:atomic jobs from BENCH_CONC
+--     coroutines; prints jobs/s and the CPU microseconds per job
 --   paygate exec bench/gateway.lua fill URL KIND FROM TO
 --     bulk-inserts payments FROM..TO: KIND "h" paid ones with their
 --     history (attempt, notification, dedupe key, 3 audit entries, a
@@ -34,7 +40,8 @@
 -- medians are printed), BENCH_SECS (wrk's duration per run, default 5),
 -- BENCH_N (distinct
 -- notifications signed per run, default 100000: more than a run can send),
--- BENCH_CONC (wrk connections, default 50), BENCH_FILL (default 1000000),
+-- BENCH_CONC (wrk connections, default 50; the floor's coroutines),
+-- BENCH_FLOOR_N (payments of the floor, default 20000), BENCH_FILL (default 1000000),
 -- BENCH_ENGINES ("sqlite postgres"), BENCH_FILLS ("0 FILL"),
 -- BENCH_COMPARE (a git revision, or an app folder: its gateway runs too,
 -- before the working tree's, on payments of its own), BENCH_GATEWAY (the app,
@@ -86,13 +93,10 @@ end
 
 local platform_key
 
--- TRANSACTION.SUCCESS for bench payment i, as WeChat sends it.
-local function notification(i)
-  platform_key = platform_key or assert(crypto.private_key(
-    assert(io.open(FIX .. "a5_platform_key.pem")):read("*a")))
-  local id = pay_id("b", i)
-  local txn = json.encode({
-    mchid = MCHID, appid = APPID, out_trade_no = id .. "_1",
+-- The resource of bench payment i's TRANSACTION.SUCCESS, decrypted.
+local function resource_of(i)
+  return {
+    mchid = MCHID, appid = APPID, out_trade_no = pay_id("b", i) .. "_1",
     transaction_id = ("4200000%021d"):format(i),
     trade_type = "NATIVE", trade_state = "SUCCESS",
     trade_state_desc = "支付成功", bank_type = "CMC", attach = "",
@@ -100,7 +104,14 @@ local function notification(i)
     payer = { openid = "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o" },
     amount = { total = 100, payer_total = 100, currency = "CNY",
                payer_currency = "CNY" },
-  })
+  }
+end
+
+-- TRANSACTION.SUCCESS for bench payment i, as WeChat sends it.
+local function notification(i)
+  platform_key = platform_key or assert(crypto.private_key(
+    assert(io.open(FIX .. "a5_platform_key.pem")):read("*a")))
+  local txn = json.encode(resource_of(i))
   local nonce = crypto.random_nonce(12)
   local ct = assert(crypto.aead_encrypt("AEAD_AES_256_GCM", APIV3, nonce,
                                         "transaction", txn))
@@ -362,6 +373,55 @@ local function stop(pid)
     paygate.sleep(0.05)
   end
   sh("kill -9 " .. pid .. " 2>/dev/null")
+end
+
+------------------------------------------------------------- floor
+
+-- The store's floor: the write jobs of the notifications of payments
+-- from .. from+count-1, made by the gateway's own code
+-- (gw.notify_atomic.statements: the reads and the plan) before the clock
+-- starts, then run as db:atomic jobs from BENCH_CONC coroutines. What the
+-- store's work alone costs per notification, with no HTTP, signature,
+-- decryption or decision. Prints "jobs/s cpu_us" (the CPU time of this
+-- process, all its threads: the loop's side of the jobs and SQLite's
+-- writer), after checking every job committed.
+local function store_floor(url, from, count)
+  package.path = GATEWAY .. "/?.lua;" .. package.path
+  local notify_atomic = require "gw.notify_atomic"
+  local db = assert(sql.open(url))
+  assert(outbox.setup(db))
+  assert(audit.ensure_schema(db))
+  local jobs = {}
+  for i = from, from + count - 1 do
+    local ev = { id = "EV-floor-" .. i, event_type = "TRANSACTION.SUCCESS",
+                 resource = resource_of(i) }
+    local stmts, err = notify_atomic.statements(db, MCHID, ev)
+    if not stmts then
+      error(("floor: no write job for payment %s (%s)"):format(pay_id("b", i),
+        err and tostring(err) or "not waiting for its notification"), 0)
+    end
+    jobs[#jobs + 1] = stmts
+  end
+  local conc = env_num("BENCH_CONC", 50)
+  local next_job, running, failed = 0, conc, nil
+  local all_done = paygate.event()
+  local c0, t0 = os.clock(), paygate.update_time()
+  for _ = 1, conc do
+    paygate.spawn(function()
+      while next_job < #jobs do
+        next_job = next_job + 1
+        local ok, err = db:atomic(jobs[next_job])
+        if not ok then failed = failed or err end
+      end
+      running = running - 1
+      if running == 0 then all_done:set() end
+    end)
+  end
+  assert(all_done:wait(600), "floor: the jobs did not finish in 600 s")
+  local cpu, wall = os.clock() - c0, paygate.update_time() - t0
+  assert(not failed, "floor: a job failed: " .. tostring(failed))
+  db:close()
+  print(("%.0f %.1f"):format(count / wall, cpu / count * 1e6))
 end
 
 local function baseline(file, n, tmp)
@@ -674,6 +734,29 @@ local function run()
       end
       print(("%-8s %-7s %-24s %s"):format("", "", "  base rounds:",
         rates_of(runs.base)))
+      if engine == "sqlite" then
+        -- the store's floor on payments of its own, after the runs (on
+        -- PostgreSQL the server's CPU would not be counted: SQLite only)
+        local from = N * #modes * rounds + 1
+        local count = env_num("BENCH_FLOOR_N", 20000)
+        fill(url, "b", from, from + count - 1)
+        local out = read_cmd(("%s%s exec bench/gateway.lua floor %s %d %d")
+                             :format(pin0, BIN, gw_url, from, count))
+        local rate, cpu = out:match("^(%S+) (%S+)")
+        rate, cpu = tonumber(rate), tonumber(cpu)
+        if not cpu then
+          print("  store floor: failed: " .. out)
+        else
+          print(("%-8s %-7s %-24s %8.0f %8s %8s %7s %8.0f"):format(engine,
+            fill_label, "store floor (jobs only)", rate, "", "", "", cpu))
+          print(("  (the gateway's write jobs alone, built beforehand, from"
+            .. " %d coroutines: no HTTP, signature, decryption or decision;"
+            .. " a receiver that did these writes and nothing more than"
+            .. " parse_notification could reach at most %.2f x base:"
+            .. " base cpu / (base cpu + floor cpu))"):format(
+            env_num("BENCH_CONC", 50), base.cpu_us / (base.cpu_us + cpu)))
+        end
+      end
       for _, n in ipairs(notes) do
         print("  " .. n)
       end
@@ -713,6 +796,9 @@ local mode = arg and arg[1] or "run"
 if mode == "gen" then
   gen(assert(arg[2], "gen FILE FROM COUNT"), tonumber(arg[3]),
       tonumber(arg[4]))
+elseif mode == "floor" then
+  store_floor(assert(arg[2], "floor URL FROM COUNT"), tonumber(arg[3]),
+        tonumber(arg[4]))
 elseif mode == "fill" then
   fill(assert(arg[2], "fill URL KIND FROM TO"), arg[3], tonumber(arg[4]),
        tonumber(arg[5]))

@@ -140,6 +140,35 @@ describe("gateway notify_atomic", function()
       .. " business_key LIKE $1", { "%" .. a .. "%" })))
   end)
 
+  it("statements: the job process would run, for tools; false when it"
+     .. " would not run one", function()
+    local a = payment("paying")
+    local stmts = assert(notify_atomic.statements(db, "1900000001",
+                                                  paid_event(a .. "_1")))
+    -- reading made no change; the job applies the payment once
+    assert.equal("paying", assert(model.payment(db, a)).state)
+    assert.matches("^INSERT INTO gw_notifications", stmts[1][1])
+    assert(db:atomic(stmts))
+    local p = assert(model.payment(db, a))
+    assert.equal("paid", p.state)
+    assert.equal("42" .. a .. "_1", p.transaction_id)
+    assert.equal(1, #assert(db:query("SELECT id FROM paygate_outbox WHERE"
+                                     .. " subject = $1", { a })))
+    assert.is_true(audit.verify(db, "payment:" .. a))
+    -- run again, its guards refuse it whole: nothing written twice
+    local ok, err = db:atomic(stmts)
+    assert.is_nil(ok)
+    assert.equal("conflict", err.kind)
+    -- paid now, a different case, an unknown order: no job
+    assert.is_false(notify_atomic.statements(db, "1900000001",
+                                             paid_event(a .. "_1", 100, "EV-2")))
+    local ev = paid_event(a .. "_1")
+    ev.event_type = "REFUND.SUCCESS"
+    assert.is_false(notify_atomic.statements(db, "1900000001", ev))
+    assert.is_false(notify_atomic.statements(db, "1900000001",
+                                             paid_event("nope_1")))
+  end)
+
   it("concurrent deliveries: each payment applied exactly once", function()
     local ids, tasks, outcomes = {}, {}, {}
     for i = 1, 10 do
