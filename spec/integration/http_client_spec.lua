@@ -14,6 +14,7 @@ paygate.route("POST", "/echo", function(req)
   return 200, req.method .. ":" .. req.body
 end)
 paygate.route("GET", "/slow", function() paygate.sleep(2) return 200, "late" end)
+paygate.route("GET", "/slower", function() paygate.sleep(6) return 200, "late" end)
 paygate.route("GET", "/big", function() return 200, ("x"):rep(100000) end)
 paygate.route("GET", "/reuse", function() return 200, "ok" end)
 paygate.route("GET", "/whoami", function(req) return 200, req.scheme end)
@@ -64,12 +65,14 @@ describe("paygate.http.request", function()
 
   it("classifies a timeout", function()
     local t0 = paygate.update_time()
-    local res, err = paygate.http.request{ url = plain:url("/slow"), timeout = 0.2 }
+    local res, err = paygate.http.request{ url = plain:url("/slower"),
+                                          timeout = 0.2 }
     assert.is_nil(res)
     assert.equal("timeout", err.kind)
     assert.is_true(err.retryable)
-    -- the 0.2 s timeout, not the default 30 s (without one, /slow's answer
-    -- at 2 s would be a result, not an error): room for a loaded machine
+    -- the 0.2 s timeout, not one applied late (/slower answers at 6 s:
+    -- without a timeout that is a result, not an error): room for a
+    -- loaded machine
     local took = paygate.update_time() - t0
     assert.is_true(took < 5, "took " .. took .. " s")
     assert.matches("^timeout: ", tostring(err))

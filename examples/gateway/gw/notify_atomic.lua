@@ -150,7 +150,10 @@ end
 
 --- syntax: stmts, err = notify_atomic.statements(db, mchid, event)
 -- The one write job process would hand the store for event, as read now
--- (for tools and benchmarks: bench/gateway times these jobs alone).
+-- (for tools and benchmarks: bench/gateway times these jobs alone). The
+-- caller has run outbox.setup(db) and audit.ensure_schema(db) (process
+-- does it; app.lua at start), and a job it commits is not counted as a
+-- transition (fsm's m:applied is process's).
 -- returns: the statements of a payment to apply; false when the event is
 -- not the common case, or its payment is paid already; or nil, err.
 function _M.statements(db, mchid, event)

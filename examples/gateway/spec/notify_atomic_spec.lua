@@ -142,6 +142,9 @@ describe("gateway notify_atomic", function()
 
   it("statements: the job process would run, for tools; false when it"
      .. " would not run one", function()
+    -- (the caller's part; process does it, an earlier case may not have)
+    assert(require("paygate.outbox").setup(db))
+    assert(audit.ensure_schema(db))
     local a = payment("paying")
     local stmts = assert(notify_atomic.statements(db, "1900000001",
                                                   paid_event(a .. "_1")))
@@ -159,6 +162,11 @@ describe("gateway notify_atomic", function()
     local ok, err = db:atomic(stmts)
     assert.is_nil(ok)
     assert.equal("conflict", err.kind)
+    assert.equal(1, #assert(db:query("SELECT id FROM paygate_outbox WHERE"
+                                     .. " subject = $1", { a })))
+    assert.equal(1, #assert(db:query("SELECT id FROM gw_notifications"
+      .. " WHERE business_key LIKE $1", { "%" .. a .. "%" })))
+    assert.is_true(audit.verify(db, "payment:" .. a))
     -- paid now, a different case, an unknown order: no job
     assert.is_false(notify_atomic.statements(db, "1900000001",
                                              paid_event(a .. "_1", 100, "EV-2")))
