@@ -387,6 +387,9 @@ end
 -- process, all its threads: the loop's side of the jobs and SQLite's
 -- writer), after checking every job committed.
 local function store_floor(url, from, count)
+  if not (from and count and count >= 1) then
+    error("usage: bench/gateway.lua floor URL FROM COUNT (COUNT >= 1)", 0)
+  end
   package.path = GATEWAY .. "/?.lua;" .. package.path
   local notify_atomic = require "gw.notify_atomic"
   local db = assert(sql.open(url))
@@ -403,7 +406,6 @@ local function store_floor(url, from, count)
     end
     jobs[#jobs + 1] = stmts
   end
-  assert(count > 0, "floor: COUNT must be 1 or more")
   local next_job, failed, tasks = 0, nil, {}
   local c0, t0 = os.clock(), paygate.update_time()
   for w = 1, math.max(1, env_num("BENCH_CONC", 50)) do

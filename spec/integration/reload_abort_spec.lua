@@ -339,11 +339,7 @@ local core = require "paygate.core"
 local proc = require "paygate.testing.proc"
 local d = require("paygate.shared").get_dict("paygate")
 paygate.route("GET", "/version", function() return 200, "v5" end)
-local function wait(cond)
-  local deadline = core.mono() + 10
-  while not cond() and core.mono() < deadline do core.sleep(0.01) end
-  assert(cond(), "timed out")
-end
+local function wait(cond) return proc.wait_until(cond, 10) end
 local function state(pid)      -- /proc's one-letter state: T stopped, Z ended
   local stat = pid and proc.read("/proc/" .. pid .. "/stat") or ""
   return stat:match("^%d+ %(.*%) (%a)")
