@@ -158,5 +158,28 @@ describe("gateway migrations over an older store", function()
       end
       db:close()
     end)
+    -- 007: three indexes no query reads (each cost every write moving its
+    -- columns) are dropped; those the queries name are kept
+    it("007 on " .. name .. ": the unused indexes are gone, the used ones"
+       .. " stay", function()
+      local db = assert(sql.open(engine[2]()))
+      assert(migrate.run(db, "examples/gateway/migrations"))
+      local rows = assert(db:query(name == "sqlite"
+        and "SELECT name FROM sqlite_master WHERE type = 'index'"
+        or "SELECT indexname AS name FROM pg_indexes"
+           .. " WHERE schemaname = current_schema()"))
+      local have = {}
+      for _, r in ipairs(rows) do have[r.name] = true end
+      for _, gone in ipairs{ "gw_payments_next_check", "gw_payments_state",
+                             "gw_refunds_next_check" } do
+        assert.is_nil(have[gone], gone)
+      end
+      for _, kept in ipairs{ "gw_payments_due", "gw_payments_unchecked",
+                             "gw_payments_state_created",
+                             "gw_payments_created", "gw_refunds_due" } do
+        assert.is_true(have[kept], kept)
+      end
+      db:close()
+    end)
   end
 end)
