@@ -100,6 +100,21 @@ describe("wechatpay.client configuration", function()
               platform_certificates = { gcert },
               merchant_private_key = FIX .. "a8_go_key.pem" }, "merchant_serial",
             "platform")
+    -- a platform serial is a number: the merchant serial written without
+    -- its leading zero (as Java's BigInteger prints it), or with more, is
+    -- that platform serial still
+    local z = os.tmpname()
+    assert(os.execute(("openssl req -x509 -new -key %s -out %s -days 365 "
+      .. "-set_serial 0x0A1E989910B253E069A11568C91C57CA44568101 "
+      .. "-subj '/CN=Tenpay.com sign' >/dev/null 2>&1")
+      :format(FIX .. "a5_platform_key.pem", z)))
+    for _, s in ipairs({ "0A1E989910B253E069A11568C91C57CA44568101",
+                         "A1E989910B253E069A11568C91C57CA44568101",
+                         "000a1e989910b253e069a11568c91c57ca44568101" }) do
+      refused({ merchant_serial = s, platform_certificates = { z } },
+              "merchant_serial", "platform")
+    end
+    os.remove(z)
     -- lower case is accepted and sent upper case
     local wx = assert(wechatpay.client(base{
       merchant_serial = "5f1c72e2a8931b72a2e13af8dee92471eb397115" }))

@@ -354,9 +354,11 @@ function _M.check(conf)
   end
   -- the merchant's serial names the merchant's own certificate: WeChat's
   -- keys never carry it (a copy-paste of the wrong serial otherwise
-  -- fails every call with SIGN_ERROR)
+  -- fails every call with SIGN_ERROR). Serials are numbers: compared
+  -- without their leading zeros ("A1E..." as Java prints "0A1E...")
+  local bare = serial:gsub("^0+(.)", "%1")
   for _, cert in ipairs(c.platform_certs) do
-    if cert:serial() == serial then
+    if cert:serial():gsub("^0+(.)", "%1") == bare then
       return bad("merchant_serial", "is the serial of a platform "
                  .. "certificate; use the merchant API certificate's serial")
     end
