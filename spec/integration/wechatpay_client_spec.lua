@@ -373,6 +373,25 @@ describe("platform certificates", function()
     assert.equal("decrypt_failed", err.kind)
     wx:stop()
   end)
+  it("an unknown serial refused by the rate limit says why the download "
+     .. "that set it failed", function()
+    local wx = client{ apiv3_key = "0123456789abcdef0123456789abcdef" }
+    wxtest.queue(srv, "GET", "/v3/x", { { body = "{}", sign = { serial = P1 } },
+      { body = "{}", sign = { serial = P1 } } })
+    local _, err = wx:request("GET", "/v3/x")
+    assert.equal("unknown_serial", err.kind)
+    assert.matches("decrypt_failed", err.message)
+    local n = count("GET", "/v3/certificates")
+    -- rate-limited: no download, and the cause is still told (it read
+    -- only "downloaded less than 60 s ago", the APIv3 key unnamed)
+    _, err = wx:request("GET", "/v3/x")
+    assert.equal("unknown_serial", err.kind)
+    assert.equal(n, count("GET", "/v3/certificates"))
+    assert.matches("download_min_interval", err.message)
+    assert.matches("decrypt_failed", err.message)
+    assert.matches("wrong APIv3 key", err.message)
+    wx:stop()
+  end)
   it("the previous APIv3 key decrypts the download after a rotation",
      function()
     local wx = client{ apiv3_key = "0123456789abcdef0123456789abcdef",

@@ -484,6 +484,16 @@ local function dl_recent(wx, now)
   return wx.dl.at and now - wx.dl.at < wx.conf.download_min_interval
 end
 
+-- The refusal of a download the rate limit stops, with why the download
+-- that set the limit failed, when it did (else a wrong APIv3 key, told
+-- once, read as "downloaded less than 60 s ago" on every later answer)
+local function rate_limited(wx, last)
+  return nil, core.error("unknown_serial", "certificates were downloaded "
+    .. "less than " .. wx.conf.download_min_interval .. " s ago "
+    .. "(download_min_interval)" .. (type(last) == "string"
+    and ("; that download failed: " .. last) or ""))
+end
+
 function _M.refresh_locked(wx, reason)
   local c = wx.conf
   local dict = wx.dict
@@ -507,15 +517,11 @@ function _M.refresh_locked(wx, reason)
         -- another download ran recently: its set is the result
         dict:delete(K .. "lock")
         import(wx, dict:get(K .. "set"))
-        return nil, core.error("unknown_serial", "certificates were "
-          .. "downloaded less than " .. c.download_min_interval
-          .. " s ago (download_min_interval)")
+        return rate_limited(wx, dict:get(K .. "failed"))
       end
       locked = true
     elseif dl_recent(wx, now) then
-      return nil, core.error("unknown_serial", "certificates were "
-        .. "downloaded less than " .. c.download_min_interval
-        .. " s ago (download_min_interval)")
+      return rate_limited(wx, wx.dl.failed)
     end
   end
   if dict and reason ~= "unknown_serial" and reason ~= "manual" then
@@ -537,10 +543,16 @@ function _M.refresh_locked(wx, reason)
   end
   if reason == "unknown_serial" then wx.dl.at = now end
   local added, err = download(wx)
+  -- why it failed, for the downloads the rate limit refuses meanwhile
+  local failed = not added and printable(tostring(err), 300) or nil
+  wx.dl.failed = failed
   if dict then
     if added then
       dict:set(K .. "set", export(wx))
       dict:set(K .. "at", core.time())
+      dict:delete(K .. "failed")
+    else
+      dict:set(K .. "failed", failed, c.download_min_interval)
     end
     dict:delete(K .. "lock")
   end
