@@ -615,6 +615,30 @@ describe("errors and retries", function()
     assert.equal(1, count("POST", "/v3/echo"))
     wx2:stop()
   end)
+  it("does not use the backup domain once the request was sent", function()
+    -- one server under two names: the Host header tells which domain an
+    -- attempt went to (the primary 127.0.0.1, the backup localhost)
+    local port = srv.base_url:match(":(%d+)$")
+    local wx2 = client{ backup_url = "http://localhost:" .. port }
+    wxtest.fresh(srv, P1)
+    wxtest.queue(srv, "GET", "/v3/x", { { delay = 1.5, body = "{}" },
+                                        { body = "{}" } })
+    -- a GET that timed out after sending is retried, on the primary
+    assert(wx2:request("GET", "/v3/x", nil, { timeout = 0.5 }))
+    -- a POST that timed out after sending is unknown_outcome, sent once
+    wxtest.queue(srv, "POST", "/v3/x", { { delay = 1.5, body = "{}" } })
+    local _, err = wx2:request("POST", "/v3/x", "{}", { timeout = 0.5 })
+    assert.equal("unknown_outcome", err.kind)
+    local hosts = {}
+    for _, r in ipairs(wxtest.requests(srv)) do
+      if r.target == "/v3/x" then
+        hosts[#hosts + 1] = r.method .. " " .. r.headers["host"]
+      end
+    end
+    assert.same({ "GET 127.0.0.1:" .. port, "GET 127.0.0.1:" .. port,
+                  "POST 127.0.0.1:" .. port }, hosts)
+    wx2:stop()
+  end)
 end)
 
 describe("over HTTPS", function()
