@@ -235,6 +235,15 @@ describe("wechatpay.client configuration", function()
     local c = assert(config.check(base{ public_key = NIL, public_key_id = NIL }))
     assert.equal("certificate", c.mode)
     assert.is_true(c.download)
+    -- the public key and certificates to download: either verifies
+    for _, dl in ipairs{ true, "manual" } do
+      c = assert(config.check(base{ download_certificates = dl }))
+      assert.equal("migration", c.mode)
+      assert.is_true(c.download)
+    end
+    c = assert(config.check(base{ download_certificates = false }))
+    assert.equal("public_key", c.mode)
+    assert.is_false(c.download)
   end)
   it("a platform_certificates entry with its CA uses the platform"
      .. " certificate only; a lone CA:TRUE certificate is used", function()

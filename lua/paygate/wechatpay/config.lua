@@ -368,7 +368,10 @@ function _M.check(conf)
   end
   -- mode
   if c.public_key then
-    c.mode = #c.platform_certs > 0 and "migration" or "public_key"
+    -- certificates given, or asked to be downloaded: either key verifies
+    local dl = conf.download_certificates
+    c.mode = (#c.platform_certs > 0 or (dl ~= nil and dl ~= false))
+             and "migration" or "public_key"
   else
     c.mode = "certificate"
   end
