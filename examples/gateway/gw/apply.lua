@@ -265,6 +265,9 @@ function _M.payment(ctx, tx, o)
     end
     paygate.log.warn("gateway: payment on a closed or superseded attempt",
       { payment = p.id, out_trade_no = no, action = policy })
+    -- kept for a person to decide: an alarm, counted like the others
+    -- (what operators alert on), not only an event
+    if policy ~= "refund" then count_alarm("late_payment") end
     ok, err = events.emit(tx, "payment.late_paid", p, refund, {
       out_trade_no = no, transaction_id = r.transaction_id,
       amount = total, duplicate = not pre_paid, action = policy })

@@ -117,6 +117,12 @@ describe("gateway late payments", function()
       if r.type == "payment.late_paid" then late = r.payload end
     end
     assert.matches('"action":"alarm"', late, 1, true)
+    -- kept for a person: counted where an operator alerts on alarms
+    local http = require "paygate.http"
+    local m = assert(http.request{ url = "http://127.0.0.1:"
+                                   .. gw_alarm.srv.admin .. "/metrics" })
+    assert.matches('paygate_gateway_alarms_total{kind="late_payment"} 1',
+                   m.body, 1, true)
   end)
 
   it("raises an alarm for an amount that differs, changing nothing",
