@@ -60,24 +60,25 @@ end
 -- answered FAIL: it may be another instance's, whose transaction has not
 -- committed yet, and WeChat sends it again. But WeChat does so for a day:
 -- an operator must see it. Counted once per notification id, on /metrics
--- as paygate_gateway_unknown_notifications_total{kind} (all workers,
--- since start), and logged once per id at warn.
+-- as the counter paygate_gateway_unknown_notifications_total{kind} (summed
+-- over the workers, kept when one is restarted), and logged once per id
+-- at warn.
 local UNKNOWN = { unknown_order = "payment", unknown_refund = "refund" }
 local RETRY_WINDOW = 25 * 3600        -- WeChat retries for 24 h 4 min
-local unknown_gauge
+local unknown_counter
 
 local function unknown_target(mchid, event, err)
   local kind = UNKNOWN[err.kind]
-  unknown_gauge = unknown_gauge or metrics.gauge(
+  unknown_counter = unknown_counter or metrics.counter(
     "paygate_gateway_unknown_notifications_total",
     "Notifications (distinct ids) for a payment or refund not known here,"
-    .. " answered FAIL, since start.")
+    .. " answered FAIL.", { "kind" })
   local d = shared.get_dict("paygate")
   local first = d:add("gw:unknown_note:" .. tostring(event.id), 1,
                       RETRY_WINDOW)
   if first == false then return end   -- seen already: counted and logged
-  local n = d:incr("gw:unknown_notes:" .. kind, 1, 0) or 0
-  unknown_gauge:set(n, { kind = kind })
+  d:incr("gw:unknown_notes:" .. kind, 1, 0)
+  unknown_counter:inc({ kind = kind })
   local r = type(event.resource) == "table" and event.resource or {}
   paygate.log.warn("gateway: notification for a " .. kind .. " this"
     .. " gateway does not know: answered FAIL (WeChat retries it for a day;"
