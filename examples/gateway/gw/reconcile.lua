@@ -763,7 +763,40 @@ function _M.bill_day(o)
     return nil, err
   end
   bill_failed(mchid, o.date, 0)
+  -- the counts the library's gauge now shows, kept for a worker that
+  -- starts later (republish)
+  local d = require("paygate.shared").get_dict("paygate")
+  local kept = {}
+  for kind, n in pairs(report.counts or {}) do
+    if kind ~= "total" then kept[#kept + 1] = kind .. "=" .. n end
+  end
+  if d then d:set("gw:bill_counts:" .. mchid, table.concat(kept, ",")) end
   return report
+end
+
+-- A gauge lives in the worker that set it: a worker restarted or
+-- reloaded would leave /metrics without the bill's gauges until the next
+-- day's run. Each worker sets them again at start from what the shared
+-- dict kept (the newest day's outcome, the last report's counts).
+local function republish(merchants)
+  local d = require("paygate.shared").get_dict("paygate")
+  if not d then return end
+  local mismatches
+  for _, m in ipairs(merchants or {}) do
+    local mchid = m.mchid
+    local newest = d:get("gw:bill_newest:" .. mchid)
+    local v = type(newest) == "string" and tonumber(newest:match("|(%d+)$"))
+    if v then bill_failed(mchid, nil, v) end
+    local counts = d:get("gw:bill_counts:" .. mchid)
+    if type(counts) == "string" then
+      mismatches = mismatches or metrics.gauge(
+        "paygate_reconcile_bill_mismatches", "Mismatches found by the last"
+        .. " daily bill reconciliation, by kind (and merchant)")
+      for kind, n in counts:gmatch("([%w_]+)=(%d+)") do
+        mismatches:set(tonumber(n), { kind = kind, merchant = mchid })
+      end
+    end
+  end
 end
 
 ----------------------------------------------------------------- start
@@ -805,6 +838,7 @@ function _M.start(ctx)
     end
   end
   if conf.bill then
+    republish(ctx.merchants)
     -- no shell; a folder that cannot be made is said once here (each run
     -- then fails on its report file, counted on /metrics), and payments
     -- go on: the reports are no reason to stop the gateway

@@ -276,6 +276,37 @@ describe("gateway reconciliation", function()
     local path = e[1].evidence:match('"file":"([^"]+)"')
     local f = assert(io.open(path, "rb"))
     f:close()
+    -- a worker restarted (a crash, a reload) sets the bill's gauges again:
+    -- the day is reported, so no run would until tomorrow's
+    local function workers()
+      local pp = assert(io.popen("pgrep -P " .. gw.srv.pid))
+      local list = {}
+      for pid in pp:read("*a"):gmatch("%d+") do list[#list + 1] = pid end
+      pp:close()
+      return list
+    end
+    local old = workers()
+    assert.is_true(#old >= 1)
+    for _, victim in ipairs(old) do
+      testing.proc.kill_pid(tonumber(victim), testing.proc.SIGKILL)
+    end
+    testing.wait_until(function()
+      local now = workers()
+      if #now ~= #old then return false end
+      for _, pid in ipairs(now) do
+        for _, gone in ipairs(old) do
+          if pid == gone then return false end
+        end
+      end
+      return true
+    end, 15, "the workers restarted")
+    testing.wait_until(function()
+      m = gw.srv:admin_get("/metrics")
+      return m and m.body:find('\npaygate_reconcile_bill_mismatches{'
+        .. 'kind="amount",merchant="' .. sim.merchant.mchid .. '"} 0\n', 1,
+        true) and m.body:find('\npaygate_reconcile_bill_failed{merchant="'
+        .. sim.merchant.mchid .. '"} 0\n', 1, true)
+    end, 15, "the bill's gauges after a restart")
     -- and the days before it within bill_days (3): a day whose turn came
     -- while the gateway was down is caught up (before: yesterday only)
     local before = bill.bill_date(os.time() - 2 * 86400)
