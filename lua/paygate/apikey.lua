@@ -6,7 +6,8 @@
 --                  timestamp="1764500000",signature="<64 hex>"
 --
 -- (one line), where signature = hex(HMAC-SHA256(signing_key, message)),
---   message     = METHOD "\n" PATH_WITH_QUERY "\n" TIMESTAMP "\n" BODY
+--   message     = METHOD "\n" PATH_WITH_QUERY "\n" TIMESTAMP "\n"
+--                 IDEMPOTENCY_KEY "\n" BODY   (the header's value, or "")
 --   signing_key = HMAC-SHA256(key = secret, "paygate-apikey-v1")  (32 bytes)
 -- and the timestamp (epoch seconds) is at most WINDOW (300 s) away from
 -- the server's clock, in either direction.
