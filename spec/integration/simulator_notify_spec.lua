@@ -97,6 +97,20 @@ describe("simulator notifications (one worker, time_scale 21660)", function()
     assert.truthy(n.attempts[1].latency >= 0)
   end)
 
+  it("GET /sim/notifications shows the resource as it was sent: an empty "
+     .. "promotion_detail is [], not {}", function()
+    local b, no = box(), order_no()
+    sn.prepay(sim, no, sn.notify_url(recv, b))
+    sn.pay(sim, no)
+    local _, plain = sn.decrypt(got(b, 1)[1])
+    assert.is_table(plain.promotion_detail)
+    local res = assert(paygate.http.request{ url = sim.base
+      .. "/sim/notifications?out_trade_no=" .. no, timeout = 10 })
+    assert.equal(200, res.status)
+    assert.truthy(res.body:find('"promotion_detail":[]', 1, true), res.body)
+    assert.falsy(res.body:find('"promotion_detail":{}', 1, true), res.body)
+  end)
+
   it("no notification for a failed payment", function()
     local b, no = box(), order_no()
     sn.prepay(sim, no, sn.notify_url(recv, b))

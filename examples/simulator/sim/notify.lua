@@ -521,14 +521,17 @@ function _M.list(db, f)
   return out
 end
 
--- cjson encodes an empty table as {}: these fields are arrays.
-local ARRAYS = { attempts = true, faults = true }
+-- An empty table encodes as {}, and the resource read back from its
+-- stored text has lost the [] it was sent with: these fields are arrays
+-- (the list's own, and those of a Transaction or Refund resource).
+local ARRAYS = { attempts = true, faults = true, promotion_detail = true,
+                 goods_detail = true, from = true }
 
 --- syntax: s = notify.encode(list) -- the JSON of notify.list's result
 function _M.encode(list)
   if #list == 0 then return "[]" end
   local s = assert(json.encode(list))
-  return (s:gsub('"(%w+)":{}', function(k)
+  return (s:gsub('"([%w_]+)":{}', function(k)
     if ARRAYS[k] then return '"' .. k .. '":[]' end
   end))
 end
