@@ -582,7 +582,8 @@ end
 
 --- syntax: out_trade_no, data = sim:order(p)
 -- Creates a native-payment order through a paygate.wechatpay client (the
--- kit's own for p.merchant, default sim.merchant, unless p.client). p:
+-- kit's own for p.merchant, default sim.merchant, unless p.client; for
+-- sim.partner, a partner order for its sub-merchant). p:
 -- notify_url (required), total (fen, default 1), out_trade_no,
 -- description, appid, attach, merchant, client.
 -- yields: for the call.
@@ -603,8 +604,14 @@ function Sim:order(p)
     end
   end
   local no = p.out_trade_no or _M.out_trade_no()
+  -- sim.partner orders as a service provider, for its sub-merchant
+  local partner = m == self.partner
+  local appid = p.appid or m.appid
   local data, err = wx:native_prepay{
-    appid = p.appid or m.appid, description = p.description or "test order",
+    appid = not partner and appid or nil,
+    sp_appid = partner and appid or nil,
+    sub_mchid = partner and m.sub_mchid or nil,
+    description = p.description or "test order",
     out_trade_no = no, notify_url = p.notify_url, attach = p.attach,
     amount = { total = p.total or 1, currency = "CNY" } }
   if not data then error("sim:order: " .. tostring(err), 2) end

@@ -461,6 +461,38 @@ paygate.route("POST", "/ok", function() return 204, "" end)]] }
   end)
 end)
 
+-- With partner = true the kit configures a service provider with one
+-- sub-merchant (sim.partner): sim:order places a partner order for it.
+describe("testing.simulator with a service provider", function()
+  local sim, app
+
+  setup(function()
+    sim = testing.simulator{ partner = true, time_scale = 100 }
+    app = testing.start_app{ source = [[
+local paygate = require "paygate"
+paygate.route("POST", "/ok", function() return 204, "" end)]] }
+  end)
+
+  teardown(testing.stop_all)
+
+  it("sim:order{ merchant = sim.partner } orders for the sub-merchant",
+     function()
+    local p = sim.partner
+    local no, data = sim:order{ merchant = p, notify_url = app:url("/ok"),
+                                total = 4 }
+    assert.matches("^weixin://", data.code_url)
+    local d = sim:pay_and_wait(no)
+    assert.equal(p.mchid, d.resource.sp_mchid)
+    assert.equal(p.sub_mchid, d.resource.sub_mchid)
+    assert.equal(p.appid, d.resource.sp_appid)
+    assert.equal(4, d.resource.amount.total)
+    local wx = sim:client(p)
+    local t = assert(wx:query_by_out_trade_no(no, p.sub_mchid))
+    assert.equal("SUCCESS", t.trade_state)
+    wx:stop()
+  end)
+end)
+
 -- The replay check's nonces fill at most NONCE_SHARE of the "paygate"
 -- dictionary: past that they are not recorded (said once in the log),
 -- and the simulator's own state there -- a fault's count -- is never
