@@ -486,6 +486,15 @@ paygate.route("POST", "/ok", function() return 204, "" end)]] }
     assert.equal(p.sub_mchid, d.resource.sub_mchid)
     assert.equal(p.appid, d.resource.sp_appid)
     assert.equal(4, d.resource.amount.total)
+    -- the notification is the provider's; the sub-merchant names it too,
+    -- as ?mchid= does for pay and settle
+    for _, id in ipairs({ p.mchid, p.sub_mchid }) do
+      local l = sim:notifications{ mchid = id, out_trade_no = no }
+      assert.equal(1, #l, id)
+      assert.equal(d.id, l[1].id)
+    end
+    assert.equal(0, #sim:notifications{ mchid = sim.merchant.mchid,
+                                         out_trade_no = no })
     local wx = sim:client(p)
     local t = assert(wx:query_by_out_trade_no(no, p.sub_mchid))
     assert.equal("SUCCESS", t.trade_state)

@@ -437,7 +437,8 @@ end
 -- Read back ---------------------------------------------------------------
 
 --- syntax: list = notify.list(db, filter)
--- filter: { mchid, event_type, out_trade_no, out_refund_no, id, state }
+-- filter: { mchid (the merchant's, or a partner order's sub-merchant's),
+-- event_type, out_trade_no, out_refund_no, id, state }
 -- returns: notifications in enqueue order, each with its attempts.
 function _M.list(db, f)
   f = f or {}
@@ -445,7 +446,16 @@ function _M.list(db, f)
   for _, k in ipairs({ "mchid", "event_type", "id", "state" }) do
     if type(f[k]) == "string" then
       params[#params + 1] = f[k]
-      where[#where + 1] = k .. " = $" .. #params
+      local p = "$" .. #params
+      if k == "mchid" then
+        -- a partner order's notification is its service provider's (the
+        -- provider's key encrypts it); the sub-merchant names it too, as
+        -- the control API's ?mchid= does
+        where[#where + 1] = "(mchid = " .. p .. " OR json_extract("
+          .. "resource, '$.sub_mchid') = " .. p .. ")"
+      else
+        where[#where + 1] = k .. " = " .. p
+      end
     end
   end
   local sql = "SELECT seq, id, mchid, notify_url, event_type, summary, "
