@@ -23,6 +23,16 @@ paygate.route("POST", "/special", function()
   assert(special:set(-1 / 0, { v = "neg" }))
   return 200, pid
 end)
+-- /many/:name/:n: n series of gauge spec_<name> (label i); answers how
+-- many were set
+paygate.route("POST", "/many/:name/:n", function(req)
+  local m = metrics.gauge("spec_" .. req.params.name, "Many series.")
+  local set = 0
+  for i = 1, tonumber(req.params.n) do
+    if m:set(i, { i = tostring(i) }) then set = set + 1 end
+  end
+  return 200, tostring(set)
+end)
 paygate.route("POST", "/remove", function()
   return 200, tostring(g:remove({ site = 'a"b\\c', zone = "1" }))
 end)
@@ -57,6 +67,24 @@ describe("app gauges on /metrics", function()
     assert.is_truthy(body:find(line, 1, true), body)
     local _, count = body:gsub("spec_app_value{", "")
     assert.equal(1, count)
+  end)
+
+  it("show every series a worker holds, up to MAX_SERIES (a report"
+     .. " per merchant needs many); past it one warning", function()
+    -- one connection: one worker holds them all
+    assert.equal("100", call(s, "/many/hundred/100"))
+    local body = assert(s:admin_get("/metrics")).body
+    for i = 1, 100 do
+      assert.is_truthy(body:find('spec_hundred{i="' .. i .. '"} ' .. i
+                                 .. "\n", 1, true), i)
+    end
+    local max = require("paygate.metrics").MAX_SERIES
+    local set = tonumber(call(s, "/many/over/" .. (max + 5)))
+    assert.is_true(set < max)        -- the worker held others already
+    assert.is_truthy(s:logs():find("metrics: gauge spec_over: a series is"
+                                   .. " not shown", 1, true))
+    local _, said = s:logs():gsub("a series is not shown", "")
+    assert.equal(1, said)
   end)
 
   it("spell NaN and infinities as the text format does", function()

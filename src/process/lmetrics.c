@@ -232,6 +232,16 @@ lmetrics_set(lua_State *L)
     v = lua_tonumber(L, 2);
     render_labels(L, 3, "gauge:set", labels, sizeof(labels));
     if (gw_metrics_gauge_set(g->name, g->help, labels, v) != GW_OK) {
+        static int said;
+
+        /* said once per worker: a caller that ignores the error (a
+         * report's gauges) would otherwise lose series in silence */
+        if (!said) {
+            said = 1;
+            gw_log(GW_LOG_WARN, "metrics: gauge %s: a series is not shown:"
+                   " this worker holds %d app series already (said once)",
+                   g->name, GW_METRICS_APP_SERIES);
+        }
         return gw_push_error(L, "full", 0, "gauge %s: this worker holds %d "
                              "app series already", g->name,
                              GW_METRICS_APP_SERIES);

@@ -785,11 +785,15 @@ sample_value(char *out, size_t n, double v)
 static void
 app_metrics(struct buf *b)
 {
-    enum { MAXN = 64 };
-    struct gw_app_series *all = calloc(MAXN, sizeof(*all));
-    int n = 0;
+    struct gw_app_series *all;
+    int n = 0, live = 0, maxn;
 
-    if (all == NULL) {
+    /* room for every series the live workers hold: none left out */
+    for (int i = 0; i < shm->nslots; i++) {
+        live += shm->slots[i].pid > 0;
+    }
+    maxn = live * GW_METRICS_APP_SERIES;
+    if (maxn == 0 || (all = calloc((size_t) maxn, sizeof(*all))) == NULL) {
         return;
     }
     for (int i = 0; i < shm->nslots; i++) {
@@ -814,7 +818,7 @@ app_metrics(struct buf *b)
                     all[k].value = c.value;
                     all[k].at = c.at;
                 }
-            } else if (n < MAXN) {
+            } else if (n < maxn) {
                 all[n++] = c;
             }
         }

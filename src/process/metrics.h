@@ -41,7 +41,7 @@ void gw_metrics_gauges(int64_t lua_bytes, int64_t in_flight,
  * holds at most GW_METRICS_APP_SERIES series (name + label set) in its
  * slot. name and labels are checked and escaped by the caller; labels is
  * the rendered label text ('k="v",...', sorted by key) or "". */
-#define GW_METRICS_APP_SERIES 16
+#define GW_METRICS_APP_SERIES 128
 #define GW_METRICS_NAME_MAX   64
 #define GW_METRICS_HELP_MAX   128
 #define GW_METRICS_LABELS_MAX 256
