@@ -154,6 +154,42 @@ describe("simulator notifications (one worker, time_scale 21660)", function()
     for rno in pairs(want) do assert.truthy(seen[rno]) end
   end)
 
+  it("a refund asked without a notify_url goes to the merchant's"
+     .. " refund_notify_url; one with its own, to that", function()
+    local b, own = box(), box()
+    local sim2 = sn.start{ time_scale = 21660, answer_timeout = 0.5,
+      merchant_extra = ("refund_notify_url = %q"):format(
+        sn.notify_url(recv, b)) }
+    local ok, err = pcall(function()
+      local no = order_no()
+      sn.prepay(sim2, no, sn.notify_url(recv, own), 300)
+      sn.pay(sim2, no)
+      got(own, 1)                              -- the payment's
+      sn.refund(sim2, no, "R1" .. no:sub(1, 20), 100, 300)
+      sn.settle(sim2, "R1" .. no:sub(1, 20), "SUCCESS")
+      sn.refund(sim2, no, "R2" .. no:sub(1, 20), 100, 300,
+                sn.notify_url(recv, own))
+      sn.settle(sim2, "R2" .. no:sub(1, 20), "SUCCESS")
+      local _, res = sn.decrypt(got(b, 1)[1])
+      assert.equal("R1" .. no:sub(1, 20), res.out_refund_no)
+      local list = got(own, 2)
+      _, res = sn.decrypt(list[2])
+      assert.equal("R2" .. no:sub(1, 20), res.out_refund_no)
+      assert.equal(1, #sn.received(recv, b))
+    end)
+    sim2:stop()
+    assert(ok, err)
+  end)
+
+  it("a merchant's refund_notify_url must be a notification URL",
+     function()
+    local ok, err = pcall(sn.start, { merchant_extra =
+      'refund_notify_url = "http://example.com/n"' })
+    assert.is_false(ok)
+    assert.matches("merchants%[1%]%.refund_notify_url: must be an https"
+                   .. " URL", tostring(err))
+  end)
+
   it("200 and 204 count as delivered; 201 and 500 are retried with the "
      .. "same id, a fresh nonce, timestamp and signature", function()
     local b, no = box(), order_no()

@@ -40,7 +40,7 @@ _M.SM2_CERT_PATH = nil
 _M.SM2_SERIAL = "54E7F59ED8DF4570CFB14780EA8152D45A675EE6"
 
 --- sim = start{ state_dir, workers, time_scale, answer_timeout, sm = true,
----              extra = "lua fields" }
+---              extra = "lua fields", merchant_extra = "the merchant's" }
 function _M.start(o)
   o = o or {}
   local state = o.state_dir or server.tmpdir()
@@ -53,9 +53,10 @@ function _M.start(o)
                      :format(_M.PUB_PATH, _M.SERIAL)
   local conf = ("return { state_dir = %q, time_scale = %s, "
     .. "answer_timeout = %s, merchants = { { mchid = %q, apiv3_key = %q, "
-    .. "appids = { %q }, %s } }%s%s }"):format(state,
+    .. "appids = { %q }, %s%s } }%s%s }"):format(state,
     tostring(o.time_scale or 1), tostring(o.answer_timeout or 5), _M.MCHID,
     _M.APIV3, _M.APPID, verifier,
+    o.merchant_extra and (", " .. o.merchant_extra) or "",
     o.sm and (", sign_type = %q"):format(_M.SM2) or "",
     o.extra and (", " .. o.extra) or "")
   local s = server.start{ app = "examples/simulator", config = conf,

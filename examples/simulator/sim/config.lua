@@ -105,6 +105,7 @@ local MERCHANT_KEYS = {
   mchid = true, merchant_certificate = true, merchant_certificates = true,
   merchant_public_key = true, merchant_serial = true, apiv3_key = true,
   appids = true, sub_merchants = true, verifier_mode = true, name = true,
+  refund_notify_url = true,
 }
 
 -- Loads the keys a merchant's requests are checked with into
@@ -203,6 +204,18 @@ local function check_merchant(raw, where, want, seen, c)
                .. "or both")
   end
   m.verifier_mode = raw.verifier_mode or c.verifier_mode
+  -- the merchant platform's refund notification URL: where a refund
+  -- asked without a notify_url is notified (one with its own goes there)
+  if raw.refund_notify_url ~= nil then
+    local scheme, why = require("paygate.wechatpay.validate").notify_url(
+      raw.refund_notify_url)
+    if not scheme then
+      return bad("refund_notify_url", "must be an https URL (http only on"
+                 .. " loopback) without a query, up to 255 bytes ("
+                 .. tostring(why) .. ")")
+    end
+    m.refund_notify_url = raw.refund_notify_url
+  end
   local ok, err = merchant_keys(m, raw, where, want)
   if not ok then return nil, err end
   if raw.sub_merchants ~= nil then

@@ -957,11 +957,14 @@ local function create_refund(req, c)
     local refund_id = "50" .. beijing_stamp(c.now):sub(1, 8)
                       .. random_digits(20)
     local settle = S.config.refund_settle_after
+    -- a refund asked without a notify_url is notified at the merchant's
+    -- platform setting (the Authorization's merchant), when it has one
+    local url = b.notify_url or c.m.refund_notify_url
     f = { owner = owner, sp_mchid = sp,
           order_id = o.id, refund_id = refund_id, out_refund_no = no,
           status = "PROCESSING", refund = b.amount.refund,
           total = b.amount.total, currency = "CNY", reason = b.reason,
-          notify_url = b.notify_url, funds_account = b.funds_account,
+          notify_url = url, funds_account = b.funds_account,
           amount_from = b.amount.from and json.encode(b.amount.from),
           payer_refund = new_payer_refund(tx, o, b.amount.refund),
           created_at = c.now,
@@ -972,7 +975,7 @@ local function create_refund(req, c)
       .. "amount_from, payer_refund) VALUES ($1, $2, $3, $4, $5, "
       .. "'PROCESSING', $6, $7, 'CNY', $8, $9, $10, $11, $12, $13, $14, $15)",
       { n = 15, owner, f.sp_mchid, o.id, refund_id, no, f.refund, f.total,
-        b.reason, b.notify_url, b.funds_account, hash, c.now, f.settle_after,
+        b.reason, url, b.funds_account, hash, c.now, f.settle_after,
         f.amount_from, f.payer_refund }))
     assert(tx:exec("UPDATE sim_orders SET refunded = refunded + $1, "
       .. "trade_state = 'REFUND' WHERE id = $2", { f.refund, o.id }))
