@@ -61,6 +61,9 @@ describe("simulator control API: bodies", function()
               "JSON object")
     end
     assert.equal("NOTPAY", state("cb-pay-0001"))
+    -- what it got, in words
+    assert.equal("body must be a JSON object (got a JSON array)", control(
+      "POST", "/sim/transactions/cb-pay-0001/pay", "[1]").json.message)
   end)
 
   it("pay and fail refuse known fields of the wrong type", function()

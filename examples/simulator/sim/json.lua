@@ -19,13 +19,15 @@ end
 
 --- syntax: t, why = json.object(text)
 -- A request body that must be a JSON object: the table, or nil and why
--- ("not JSON: ...", "not a JSON object"). An array decodes to a table
--- too: the text's first character tells them apart.
+-- ("not JSON: ...", "got a JSON array", ...). An array
+-- decodes to a table too: the text's first character tells them apart.
+local GOT = { table = "got a JSON array", string = "got a JSON string",
+              number = "got a JSON number", boolean = "got a JSON boolean" }
 function _M.object(text)
   local v, err = _M.decode(text)
   if v == nil then return nil, "not JSON: " .. tostring(err) end
   if type(v) ~= "table" or not find(text, "^[ \t\r\n]*{") then
-    return nil, "not a JSON object"
+    return nil, GOT[type(v)] or "got JSON null"
   end
   return v
 end
