@@ -81,6 +81,23 @@ do
     end
   end
 end
+-- No platform certificate valid now (a configured one past its notAfter,
+-- or a state_dir kept too long): /v3/certificates lists none and clients
+-- refuse the answers it signs. Said at the start, once.
+do
+  local now = require("paygate.core").time()
+  local cur = identity.current(now)
+  if cur and cur.not_after <= now and require("paygate.shared")
+       .get_dict("paygate"):add("sim:platform_expired_warned", true, 60) then
+    paygate.log.warn("simulator: no platform certificate is valid now: "
+      .. cur.serial .. " expired at "
+      .. require("sim.certificates").rfc3339(cur.not_after)
+      .. "; /v3/certificates lists none and certificate-mode clients refuse"
+      .. " the answers it signs: rotate it (POST /sim/certificates/rotate)"
+      .. " or configure a valid platform_certificate",
+      { serial = cur.serial })
+  end
+end
 local ctx = { db = db, config = cfg, identity = identity, faults = faults,
               api = api }
 orders.init(ctx)

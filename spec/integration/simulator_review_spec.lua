@@ -108,6 +108,22 @@ describe("platform keys given in the config", function()
     sim:stop()
     assert(ok, err)
   end)
+
+  it("an expired one is said at the start", function()
+    local fx = "spec/fixtures/wechatpay/"
+    local sim = sn.start{ extra = ("platform_private_key = %q, "
+      .. "platform_certificate = %q"):format(fx .. "a5_platform_key.pem",
+                                             fx .. "a6_platform_cert.pem") }
+    local ok, err = pcall(function()
+      local logs = sim:logs()
+      assert.matches("no platform certificate is valid now: %x+ expired at"
+                     .. " 2025%-05%-09", logs)
+      local _, n = logs:gsub("no platform certificate is valid now", "")
+      assert.equal(1, n)
+    end)
+    sim:stop()
+    assert(ok, err)
+  end)
 end)
 
 describe("a bad configuration with two workers", function()
