@@ -507,7 +507,12 @@ function Sim:wait_notification(match, opts)
         what = "the app's answers to its " .. #labels .. " attempts: "
           .. table.concat(labels, ", ")
       end
-      answered = "; " .. what .. (all_status
+      local unrouted = same and (labels[1] == "404" or labels[1] == "405")
+      answered = "; " .. what .. (unrouted
+        and ": no route of the app takes a POST to notify_url's path:"
+            .. " check that notify_url is srv:url(path) of the path its"
+            .. " paygate.route(\"POST\", path, ...) declares"
+        or all_status
         and ": its notify handler refused or failed the notification;"
             .. " why is in the app's log (srv:logs(); in the spec,"
             .. " finally(function() print(app:logs()) end) inside the it)"

@@ -348,6 +348,18 @@ paygate.route("POST", "/fail", function() return 500, "no" end)]] }
     assert.is_nil(err:find("\\/", 1, true), err)
   end)
 
+  it("says a notify_url without a route is the URL's fault", function()
+    local no = sim:order{ notify_url = app:url("/no/such/route") }
+    sim:pay(no)
+    sim:wait_notification(no, { attempts = 2 })
+    local ok, err = pcall(sim.wait_notification, sim, no, { timeout = 0.5 })
+    assert.is_false(ok)
+    assert.matches("the app answered 404 to every attempt (", err, 1, true)
+    assert.matches("no route of the app takes a POST to notify_url's path",
+                   err, 1, true)
+    assert.is_nil(err:find("notify handler refused", 1, true), err)
+  end)
+
   it("waits for the event_type opts names, not the order's payment",
      function()
     local no = sim:order{ notify_url = app:url("/ok"), total = 3 }
