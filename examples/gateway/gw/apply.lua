@@ -399,7 +399,22 @@ function _M.refund(ctx, tx, o)
       notification_id = o.notification_id, source = o.source,
       actor = o.actor }, "merchant_mismatch")
   end
-  local amount = type(r.amount) == "table" and r.amount.refund or nil
+  -- the order it names and that order's total, as the refund was asked:
+  -- another is an alarm too, as a refund amount that differs is
+  local a = type(r.amount) == "table" and r.amount or {}
+  if r.out_trade_no ~= nil and r.out_trade_no ~= rf.out_trade_no then
+    return alarm(tx, p, rf, { expected = rf.out_trade_no,
+      got = r.out_trade_no, out_refund_no = no,
+      notification_id = o.notification_id, source = o.source,
+      actor = o.actor }, "order_mismatch")
+  end
+  if a.total ~= nil and a.total ~= p.amount then
+    return alarm(tx, p, rf, { expected = p.amount, got = a.total,
+      field = "amount.total", out_refund_no = no,
+      notification_id = o.notification_id, source = o.source,
+      actor = o.actor })
+  end
+  local amount = a.refund
   return _M.refund_status(ctx, tx, rf, {
     status = r.refund_status or r.status, refund_id = r.refund_id,
     amount = amount, notification_id = o.notification_id,

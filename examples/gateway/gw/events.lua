@@ -17,7 +17,8 @@ local SHORT = {
   on_closed = "payment.closed", on_failed = "payment.failed",
   on_late_paid = "payment.late_paid",
   on_refund_abnormal = "refund.abnormal",
-  on_alarm = { "alarm.amount_mismatch", "alarm.merchant_mismatch" },
+  on_alarm = { "alarm.amount_mismatch", "alarm.merchant_mismatch",
+               "alarm.order_mismatch" },
 }
 
 -- Every event type the gateway emits (docs/gateway.md, Events): what a
@@ -27,6 +28,7 @@ _M.TYPES = {
   "payment.unknown", "payment.partially_refunded", "payment.refunded",
   "refund.succeeded", "refund.abnormal", "refund.closed",
   "payment.late_paid", "alarm.amount_mismatch", "alarm.merchant_mismatch",
+  "alarm.order_mismatch",
 }
 
 -- type -> whether a sink of this worker's dispatcher takes it (d:wants),

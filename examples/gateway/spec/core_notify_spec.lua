@@ -230,6 +230,39 @@ describe("gateway notify handler on " .. engine, function()
     assert.equal(30, model.payment(db, id).refunded)
   end)
 
+  it("raises an alarm for a refund notification naming another order or"
+     .. " another order total, applies nothing", function()
+    local id = payment("paying")
+    assert.equal(204, (notify.handler(req(paid_event(id .. "_1")))))
+    local rid = accepted_refund(id, 30)
+    for i, c in ipairs({
+      { "order_mismatch", id .. "_2", 100 },       -- another attempt
+      { "amount_mismatch", id .. "_1", 1000 },     -- another total
+    }) do
+      local ev = { id = "EV-om" .. i, event_type = "REFUND.SUCCESS",
+        resource = { mchid = gwcore.MCHID, out_refund_no = rid,
+          out_trade_no = c[2], refund_status = "SUCCESS",
+          amount = { refund = 30, total = c[3] } } }
+      assert.equal(204, (notify.handler(req(ev))))
+      local rows = assert(db:query("SELECT outcome FROM gw_notifications"
+        .. " WHERE id = $1", { ev.id }))
+      assert.equal("alarm", rows[1].outcome)
+      rows = assert(db:query("SELECT count(*) AS n FROM paygate_audit WHERE"
+        .. " subject = $1 AND what = 'payment.alarm' AND cause = $2",
+        { "payment:" .. id, c[1] }))
+      assert.equal(1, rows[1].n)
+    end
+    assert.equal("processing", model.refund(db, rid).state)
+    assert.equal(0, model.payment(db, id).refunded)
+    -- the same, naming its own order and total, applies
+    assert.equal(204, (notify.handler(req({ id = "EV-om-ok",
+      event_type = "REFUND.SUCCESS", resource = { mchid = gwcore.MCHID,
+        out_refund_no = rid, out_trade_no = id .. "_1",
+        refund_status = "SUCCESS", amount = { refund = 30, total = 100 } }
+    }))))
+    assert.equal("succeeded", model.refund(db, rid).state)
+  end)
+
   it("refuses a payment notification on another merchant's route, or"
      .. " naming another owner, on the fast path and the transaction's",
      function()
