@@ -99,6 +99,21 @@ local function check_tx(fname, self)
   end
 end
 
+-- Runs a committed transaction's tx:on_commit functions, in order; one
+-- that raises is logged and the rest still run (the commit stands).
+local function run_on_commit(list)
+  for i = 1, #list do
+    local ok, err = pcall(list[i])
+    if not ok then
+      local lok, pg = pcall(require, "paygate")
+      if lok and pg.log then
+        pg.log.error("sql: a tx:on_commit function raised (the transaction"
+                     .. " is committed)", { error = tostring(err) })
+      end
+    end
+  end
+end
+
 -- A raised value that fn meant as its error: a paygate error, or a table
 -- with a string kind (error({ kind = ..., message = ... })).
 local function is_error_value(v)
@@ -339,6 +354,7 @@ function DB:transaction(fn, opts)
         local ok, cerr = self.h:commit(txid)
         if ok then
           tx.committed = true          -- (for what was written through it)
+          if tx.on_commit_fns then run_on_commit(tx.on_commit_fns) end
           if res.n == 1 then
             return true
           end
@@ -629,6 +645,28 @@ function TX:exec_script(sql)
   check_tx("tx:exec_script", self)
   check_stmt("tx:exec_script", sql)
   return self.h:tx_script(self.id, sql)
+end
+
+-- syntax: tx:on_commit(fn)
+-- fn() runs once the transaction has committed (durable), before
+-- db:transaction returns; never when it rolls back, and a try that is run
+-- again (a busy database, fsm.retry) drops its functions with it: for
+-- what must happen once per committed change (a counter, a cache). An fn
+-- that raises is logged; the commit stands.
+function TX:on_commit(fn)
+  check_tx("tx:on_commit", self)
+  if type(fn) ~= "function" then
+    error("tx:on_commit: fn must be a function", 2)
+  end
+  if self.committed then
+    error("tx:on_commit: the transaction has committed already", 2)
+  end
+  local l = self.on_commit_fns
+  if not l then
+    l = {}
+    self.on_commit_fns = l
+  end
+  l[#l + 1] = fn
 end
 
 function TX:transaction()

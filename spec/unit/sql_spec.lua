@@ -393,6 +393,42 @@ for _, engine in ipairs(engines) do
         assert.equal(0, db:query("SELECT count(*) AS c FROM t")[1].c)
       end)
 
+      it("runs tx:on_commit functions after the commit, in order, never"
+         .. " after a rollback", function()
+        local ran = {}
+        local a = db:transaction(function(tx)
+          assert(tx:exec("INSERT INTO t (v, n) VALUES ($1, $2)", { "oc", 1 }))
+          tx:on_commit(function()
+            -- committed already: another connection sees the row
+            ran[#ran + 1] = db:query("SELECT count(*) AS c FROM t")[1].c
+          end)
+          tx:on_commit(function() error("a raising one: logged") end)
+          tx:on_commit(function() ran[#ran + 1] = "second" end)
+          assert.same({}, ran)                 -- not before the commit
+          return "value"
+        end)
+        assert.equal("value", a)
+        assert.same({ 1, "second" }, ran)
+        -- rolled back: by nil, err and by a raised error table
+        ran = {}
+        assert.is_nil(db:transaction(function(tx)
+          tx:on_commit(function() ran[#ran + 1] = "nil, err" end)
+          return nil, "no"
+        end))
+        assert.is_nil(db:transaction(function(tx)
+          tx:on_commit(function() ran[#ran + 1] = "raised" end)
+          error({ kind = "conflict", message = "no" })
+        end))
+        assert.same({}, ran)
+        -- not a function; after the commit
+        local kept
+        db:transaction(function(tx)
+          assert.has_error(function() tx:on_commit("x") end)
+          kept = tx
+        end)
+        assert.has_error(function() kept:on_commit(function() end) end)
+      end)
+
       it("never reports a commit that did not happen", function()
         -- fn handles a failed statement and goes on: either the commit
         -- succeeds with the good row, or it fails and nothing is there.

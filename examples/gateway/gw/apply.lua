@@ -35,14 +35,19 @@ _M.wx_time = wx_time
 local P, R = model.payments, model.refunds
 
 local alarm_counter
-local function count_alarm(kind)
-  local d = shared.get_dict("paygate")
-  local n = d:incr("gw:alarms:" .. kind, 1, 0) or 0
+local function count_now(kind)
+  shared.get_dict("paygate"):incr("gw:alarms:" .. kind, 1, 0)
   alarm_counter = alarm_counter or metrics.counter(
     "paygate_gateway_alarms_total", "Alarms raised by the gateway (e.g. a"
     .. " notification whose amount differs from the order's).", { "kind" })
   alarm_counter:inc({ kind = kind })
-  return n
+end
+
+-- Counted once the transaction that records the alarm commits: a try
+-- rolled back (a store failure, a version conflict run again) counts
+-- nothing, so the count is the alarms the audit trail holds.
+local function count_alarm(tx, kind)
+  tx:on_commit(function() count_now(kind) end)
 end
 
 --- syntax: n = apply.alarms(kind) -- alarms raised since start (all workers)
@@ -66,7 +71,7 @@ local function alarm(tx, p, refund, ev, kind)
   if not ok then return nil, err end
   ok, err = events.emit(tx, "alarm." .. kind, p, refund, { alarm = ev })
   if not ok then return nil, err end
-  count_alarm(kind)
+  count_alarm(tx, kind)
   return "alarm"
 end
 
@@ -267,7 +272,7 @@ function _M.payment(ctx, tx, o)
       { payment = p.id, out_trade_no = no, action = policy })
     -- kept for a person to decide: an alarm, counted like the others
     -- (what operators alert on), not only an event
-    if policy ~= "refund" then count_alarm("late_payment") end
+    if policy ~= "refund" then count_alarm(tx, "late_payment") end
     ok, err = events.emit(tx, "payment.late_paid", p, refund, {
       out_trade_no = no, transaction_id = r.transaction_id,
       amount = total, duplicate = not pre_paid, action = policy })

@@ -26,7 +26,7 @@ end
 
 for engine, url_of in pairs(engines) do
 describe("gateway notify handler on " .. engine, function()
-  local dir, db, verdict
+  local dir, db, ctx, verdict
 
   local on_query                  -- what wx:query_refund does, if set
   local wx = {
@@ -63,8 +63,8 @@ describe("gateway notify handler on " .. engine, function()
     dir = server.tmpdir()
     -- a second merchant, whose route a notification of the first's must
     -- not be applied through
-    db = gwcore.inproc(url_of(dir), { [gwcore.MCHID] = wx,
-                                      ["1900000002"] = wx })
+    db, ctx = gwcore.inproc(url_of(dir), { [gwcore.MCHID] = wx,
+                                           ["1900000002"] = wx })
   end)
 
   teardown(function()
@@ -228,6 +228,22 @@ describe("gateway notify handler on " .. engine, function()
     assert.equal(204, (notify.handler(req(ev))))
     assert.equal("succeeded", model.refund(db, rid).state)
     assert.equal(30, model.payment(db, id).refunded)
+  end)
+
+  it("counts an alarm once its transaction commits, never for a try"
+     .. " rolled back", function()
+    local apply = require "gw.apply"
+    local id = payment("paying")
+    local ev = paid_event(id .. "_1", 999)        -- the order is 100
+    local before = apply.alarms("amount_mismatch")
+    assert.is_nil(db:transaction(function(tx)
+      assert.equal("alarm", (apply.payment(ctx, tx, { resource = ev.resource,
+        notification_id = ev.id, source = "notification" })))
+      return nil, "rolled back"                  -- as a failed commit is
+    end))
+    assert.equal(before, apply.alarms("amount_mismatch"))
+    assert.equal(204, (notify.handler(req(ev))))
+    assert.equal(before + 1, apply.alarms("amount_mismatch"))
   end)
 
   it("raises an alarm for a refund notification naming another order or"
