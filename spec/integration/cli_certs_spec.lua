@@ -246,3 +246,40 @@ describe("paygate certs: a private key under a passphrase", function()
     assert.equal("ok", kinds.merchant_certificate or kinds.certificate, out)
   end)
 end)
+
+describe("paygate certs: a certificate or key cut short", function()
+  it("fails naming the file and why, named itself or in a directory, and"
+     .. " passes over a block of another kind (a CSR)", function()
+    local k = testing.merchant_keys{ dir = dir, days = 365 }
+    local sub = dir .. "/cut"
+    os.execute("mkdir -p " .. sub)
+    local cert = diagpki.read(k.certificate)
+    diagpki.write(sub .. "/a_cert.pem", cert)
+    diagpki.write(sub .. "/b_cut.pem", cert:sub(1, 400))
+    diagpki.write(sub .. "/c_key.pem",
+                  diagpki.read(k.private_key):sub(1, 300))
+    diagpki.write(sub .. "/d.csr", "-----BEGIN CERTIFICATE REQUEST-----\n"
+                  .. "MIIB\n-----END CERTIFICATE REQUEST-----\n")
+    -- named alone: it said "no certificate or key found" (exit 2)
+    local code, out, r = diagpki.run(dir, { "certs", "--json",
+                                            sub .. "/b_cut.pem" })
+    assert.equal(1, code, out)
+    assert.equal(1, #r, out)
+    assert.equal("fail", r[1].status, out)
+    assert.equal("unreadable", r[1].kind, out)
+    assert.matches("b_cut.pem: ", r[1].cause, 1, true)
+    assert.matches("no -----END line", r[1].cause, 1, true)
+    -- beside a good one, or in a directory: it was passed over (exit 0)
+    code, out, r = diagpki.run(dir, { "certs", "--json", sub })
+    assert.equal(1, code, out)
+    local seen = {}
+    for _, x in ipairs(r) do seen[x.file:match("[^/]+$")] = x end
+    assert.equal("unreadable", seen["b_cut.pem"].kind, out)
+    assert.equal("unreadable", seen["c_key.pem"].kind, out)
+    assert.equal("ok", seen["a_cert.pem"].status, out)
+    assert.is_nil(seen["d.csr"], out)
+    -- nothing of the key is shown
+    local line = diagpki.read(k.private_key):match("\n([^\n-][^\n]+)\n")
+    assert.is_nil(out:find(line:sub(1, 16), 1, true), out)
+  end)
+end)

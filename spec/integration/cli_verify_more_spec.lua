@@ -222,6 +222,28 @@ describe("paygate verify (more causes)", function()
     end
   end)
 
+  it("says why a certificate or public key cut short is no key", function()
+    local cut = file("cut.pem", read(pki.platform):sub(1, 500))
+    -- alone: it read "no usable certificate ... (no PEM found)"
+    local code, out = verify(SORTED, signed(SORTED), { "--certificate", cut })
+    assert.equal(2, code, out)
+    assert.matches("cut.pem: PEM has a -----BEGIN line but no -----END",
+                   out, 1, true)
+    assert.is_nil(out:find("no PEM found", 1, true), out)
+    code, out = verify(SORTED, signed(SORTED), { "--public-key",
+      file("pubcut.pem", read(pki.pub):sub(1, 200)), "--public-key-id",
+      "PUB_KEY_ID_0114232134912410000000000000000001" })
+    assert.equal(2, code, out)
+    assert.matches("--public-key " .. dir .. "/pubcut.pem: PEM has a "
+                   .. "-----BEGIN line but no -----END", out, 1, true)
+    -- beside a usable one: a warning, and the answer verifies
+    local _, jout, r = verify(SORTED, signed(SORTED), { "--certificate", cut,
+      "--certificate", pki.platform })
+    assert.equal("warn", r[1].status, jout)
+    assert.equal("unreadable", r[1].kind, jout)
+    assert.equal("ok", r[#r].status, jout)
+  end)
+
   it("names an expired platform certificate", function()
     local cert = assert(crypto.certificate(read(pki.platform)))
     local at = cert:not_after() + 7200

@@ -41,8 +41,13 @@ A private key under a passphrase (ENCRYPTED PRIVATE KEY, or Proc-Type:
 directory: paygate reads private keys unencrypted only; the fix line
 gives the openssl command that decrypts it.
 
-exit: 0 all valid, 1 a certificate expired, a private key named is
-encrypted or a download failed, 2 usage or unreadable input.
+A file holding a certificate or key block that does not load (cut short,
+damaged) fails, naming why, whether named itself or found in a
+directory.
+
+exit: 0 all valid, 1 a certificate expired, a file's certificate or key
+does not load, a private key named is encrypted or a download failed, 2
+usage or unreadable input.
 ]]
 
 local SPEC = {
@@ -253,6 +258,14 @@ local function main(args)
     for _, e in ipairs(keys.load(p)) do
       n = n + 1
       if e.kind == "certificate" then list_cert(out, e, now)
+      elseif e.kind == "unreadable" then
+        -- a certificate or key cut short: a failure, never passed over
+        -- (a directory checked for expiry by cron would miss it)
+        out:result{ status = "fail", kind = "unreadable",
+                    cause = common.shown(e.file) .. ": " .. e.why,
+                    fix = "copy the file whole again (a certificate or key"
+                      .. " is a PEM block from its -----BEGIN line to its "
+                      .. "-----END line)", file = e.file }
       elseif e.kind == "encrypted_private_key" then
         list_encrypted(out, e, e.file ~= p)
       else list_key(out, e) end

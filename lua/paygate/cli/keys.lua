@@ -6,7 +6,7 @@ local crypto = require "paygate.crypto"
 local x509 = require "paygate.x509"
 local common = require "paygate.cli.common"
 
-local ipairs, pcall = ipairs, pcall
+local ipairs, pcall, type = ipairs, pcall, type
 
 local _M = {}
 
@@ -23,14 +23,31 @@ function _M.role(cert)
   return "other"
 end
 
+-- The PEM labels of what load reads: a file whose blocks are of these
+-- and none loads is broken, not a file without keys.
+local LABELS = {
+  ["CERTIFICATE"] = true, ["PUBLIC KEY"] = true, ["RSA PUBLIC KEY"] = true,
+  ["PRIVATE KEY"] = true, ["RSA PRIVATE KEY"] = true,
+  ["EC PRIVATE KEY"] = true,
+}
+local function loadable_label(data)
+  for label in data:gmatch("%-%-%-%-%-BEGIN ([%u%d ]+)%-%-%-%-%-") do
+    if LABELS[label] then return true end
+  end
+  return false
+end
+
 --- syntax: list = keys.load(path[, id[, option]])
 -- Every PEM object in the file (or each file of the directory):
 -- { kind = "certificate" | "public_key" | "private_key", cert | key,
 --   file, id }, and { kind = "encrypted_private_key", form, file } for a
 -- private key under a passphrase (no key: paygate does not decrypt it,
--- and the caller must say so rather than skip the file as no key). A
--- public key's id is `id`, or else the file name when it is
--- PUB_KEY_ID_... (a --keyring directory names them so). Raises a usage
+-- and the caller must say so rather than skip the file as no key), and
+-- { kind = "unreadable", file, why } for a file that holds a PEM block
+-- of which nothing loads (cut short, a damaged body: why is the loader's
+-- reason, which names it), so that no caller passes it over as a file
+-- without keys. A public key's id is `id`, or else the file name when it
+-- is PUB_KEY_ID_... (a --keyring directory names them so). Raises a usage
 -- error for a path that cannot be read (naming option, the command-line
 -- option that gave it); skips what is not a key.
 function _M.load(path, id, option)
@@ -43,8 +60,10 @@ function _M.load(path, id, option)
   for _, file in ipairs(files) do
     local data = common.read(file, "file")
     local found = false
+    local lerr              -- the first loader's reason, when none loads
     if data:find("BEGIN CERTIFICATE", 1, true) then
-      local chain = x509.chain(data)
+      local chain, cerr = x509.chain(data)
+      lerr = lerr or cerr
       for _, cert in ipairs(chain or {}) do
         out[#out + 1] = { kind = "certificate", cert = cert, file = file,
                           id = cert:serial() }
@@ -53,7 +72,8 @@ function _M.load(path, id, option)
     end
     if not found and (data:find("BEGIN PUBLIC KEY", 1, true)
                       or data:find("BEGIN RSA PUBLIC KEY", 1, true)) then
-      local key = crypto.public_key(data)
+      local key, kerr = crypto.public_key(data)
+      lerr = lerr or kerr
       if key then
         local name = file:match("([^/]+)$"):gsub("%.[%w]+$", "")
         out[#out + 1] = { kind = "public_key", key = key, file = file,
@@ -69,10 +89,12 @@ function _M.load(path, id, option)
       found = true
     end
     if not found and data:find("PRIVATE KEY", 1, true) then
-      local ok, key = pcall(crypto.private_key, data)
+      local ok, key, kerr = pcall(crypto.private_key, data)
       if ok and key then
         out[#out + 1] = { kind = "private_key", key = key, file = file }
         found = true
+      else
+        lerr = lerr or (ok and kerr or nil)
       end
     end
     if not found and #files == 1 then
@@ -81,13 +103,24 @@ function _M.load(path, id, option)
       if cert then
         out[#out + 1] = { kind = "certificate", cert = cert, file = file,
                           id = cert:serial() }
+        found = true
       else
         local key = crypto.public_key(data)
         if key then
           out[#out + 1] = { kind = "public_key", key = key, file = file,
                             id = id }
+          found = true
         end
       end
+    end
+    if not found and loadable_label(data) then
+      -- a block of a kind read here that does not load: said, never
+      -- skipped as no key (the loaders' messages name the cause, never
+      -- the file's bytes); other blocks (a CSR, a CRL) pass over
+      lerr = type(lerr) == "table" and lerr.message or lerr
+      out[#out + 1] = { kind = "unreadable", file = file,
+        why = type(lerr) == "string" and lerr:gsub("^load [%w ]+: ", "")
+              or "its PEM block does not load" }
     end
   end
   return out

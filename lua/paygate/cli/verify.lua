@@ -266,6 +266,10 @@ local function main(args)
     end
     local l = keys.load(o["--public-key"], id, "--public-key")
     if #l == 0 or l[1].kind ~= "public_key" then
+      if l[1] and l[1].kind == "unreadable" then
+        common.usage_error("--public-key %s: %s", common.shown(l[1].file),
+                           l[1].why)
+      end
       if l[1] and l[1].kind == "certificate" then
         common.usage_error("%s holds a certificate, not a public key: give"
           .. " it with --certificate (a platform certificate), or give"
@@ -303,6 +307,7 @@ local function main(args)
   end
   local ring = keyring.new()
   local certs, pubs, merchants, skipped, cas = {}, {}, {}, {}, {}
+  local unreadable = {}
   for _, e in ipairs(given) do
     if e.kind == "certificate" then
       if keys.role(e.cert) == "merchant" then
@@ -329,12 +334,22 @@ local function main(args)
     elseif e.kind == "private_key" or e.kind == "encrypted_private_key" then
       skipped[#skipped + 1] = e.file .. ": a private key, not a certificate "
         .. "(verify needs WeChat's platform certificate or public key)"
+    elseif e.kind == "unreadable" then
+      skipped[#skipped + 1] = e.file .. ": " .. e.why
+      unreadable[#unreadable + 1] = e
     end
   end
   if #certs == 0 and #pubs == 0 then
     common.usage_error("no usable certificate or public key among the "
                        .. "files given%s", #skipped > 0 and ": "
                        .. table.concat(skipped, "; ") or " (no PEM found)")
+  end
+  -- a broken file beside usable ones: said, as the key it holds may be
+  -- the one the answer names
+  for _, e in ipairs(unreadable) do
+    out:warn("unreadable", e.file .. " was not used: " .. e.why, nil,
+             "copy the file whole again (a certificate or key is a PEM "
+             .. "block from its -----BEGIN line to its -----END line)")
   end
 
   local h, err = verify.parse_headers(headers)
