@@ -380,8 +380,13 @@ function _M._dispatch(req, method, path)
     return finish(req, 400, { error = "bad_path", message = bad }, nil,
                   pattern)
   end
-  if allowed and allowed:find("GET", 1, true) and method ~= "HEAD" then
-    allowed = allowed .. ", HEAD"
+  -- (the list is sorted and ", "-joined; an app's own HEAD route is in
+  -- it already, and is not listed twice)
+  if allowed and method ~= "HEAD" then
+    local l = ", " .. allowed .. ","
+    if l:find(", GET,", 1, true) and not l:find(", HEAD,", 1, true) then
+      allowed = allowed .. ", HEAD"
+    end
   end
   if params then req.params = params end
   for i = 1, #before do

@@ -144,6 +144,11 @@ describe("HTTP conformance", function()
                       .. "Connection: close\r\n\r\n")
       assert.matches("^HTTP/1.1 405", out)
       assert.matches("\r\nAllow: GET, HEAD\r\n", out)
+      -- an app's own HEAD route is listed once (it read "GET, HEAD, HEAD")
+      out = raw("DELETE /own-head HTTP/1.1\r\nHost: x\r\n"
+                .. "Connection: close\r\n\r\n")
+      assert.matches("^HTTP/1.1 405", out)
+      assert.matches("\r\nAllow: GET, HEAD\r\n", out)
     end)
   end)
 
