@@ -51,6 +51,10 @@ paygate.route("GET", "/infostatus", function() return 101, "x" end)
 paygate.route("GET", "/badheader", function()
   return 200, "x", { ["X-Evil"] = "a\r\nSet-Cookie: pwned=1" }
 end)
+paygate.route("GET", "/framing", function()
+  return 200, "abc", { ["Transfer-Encoding"] = "chunked",
+                       ["Content-Length"] = "10" }
+end)
 paygate.route("GET", "/sleep", function(req)
   paygate.sleep(tonumber(req:query().s) or 0.2)
   return 200, "slept"
@@ -293,6 +297,21 @@ describe("paygate run", function()
         "Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"))
       assert.matches("^HTTP/1.1 400", raw("POST /echo HTTP/1.1\r\nHost: x\r\n" ..
         "Content-Length: 3\r\nContent-Length: 4\r\n\r\nabcd"))
+    end)
+
+    it("frames an answer by its Content-Length alone, whatever framing"
+       .. " headers the handler returned", function()
+      -- a handler's Transfer-Encoding went out beside the Content-Length:
+      -- the client reads "abc" as a chunk size, and the stream is lost
+      local out = raw("GET /framing HTTP/1.1\r\nHost: x\r\n"
+                      .. "Connection: close\r\n\r\n")
+      assert.matches("^HTTP/1.1 200", out)
+      local head, body = out:match("^(.-\r\n)\r\n(.*)$")
+      assert.is_nil(head:lower():find("transfer-encoding", 1, true), out)
+      local _, n = head:lower():gsub("content%-length:", "")
+      assert.equal(1, n, out)
+      assert.matches("\r\nContent%-Length: 3\r\n", head)
+      assert.equal("abc", body)
     end)
 
     it("answers 505 to another HTTP major version", function()

@@ -247,6 +247,13 @@ req_done(struct gw_co *co, int nres)
                 lua_pop(L, 1);
                 continue;
             }
+            if (kl == 17 && strncasecmp(k, "transfer-encoding", 17) == 0) {
+                /* the body goes out whole, framed by our Content-Length:
+                 * beside it a Transfer-Encoding would frame it otherwise
+                 * for the client (RFC 9112 6.1 forbids sending both) */
+                lua_pop(L, 1);
+                continue;
+            }
             if (kl == 12 && strncasecmp(k, "content-type", 12) == 0) {
                 own_ctype = 1;      /* the handler's wins */
             }
