@@ -278,6 +278,22 @@ test_chunked(void)
         memset(&st, 0, sizeof(st));
         assert(gw_chunked_decode(&st, huge, strlen(huge)) == -1);
     }
+    {
+        /* the bound is on the size, not on its digits: leading zeros
+         * (1*HEXDIG) are fine, 60 bits are, 61 are not */
+        char zeros[] = "00000000000000000000003\r\nabc\r\n0\r\n\r\n";
+        char max[] = "fffffffffffffff\r\n";
+        char over[] = "000001fffffffffffffff\r\n";
+
+        memset(&st, 0, sizeof(st));
+        assert(gw_chunked_decode(&st, zeros, strlen(zeros)) == 1);
+        assert(st.out == 3 && memcmp(zeros, "abc", 3) == 0);
+        memset(&st, 0, sizeof(st));
+        assert(gw_chunked_decode(&st, max, strlen(max)) == 0);
+        assert(st.remaining == 0xfffffffffffffffULL);
+        memset(&st, 0, sizeof(st));
+        assert(gw_chunked_decode(&st, over, strlen(over)) == -1);
+    }
 }
 
 int

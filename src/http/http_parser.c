@@ -718,8 +718,12 @@ gw_chunked_decode(struct gw_chunked *st, char *buf, size_t len)
             int v = hexval(c);
 
             if (v >= 0) {
-                if (st->line >= 15) {
-                    return -1;      /* 60 bits of size is plenty */
+                /* 60 bits of size is plenty; leading zeros are digits
+                 * of no weight (1*HEXDIG: "0000000000000003" is 3), held
+                 * to the line's length only */
+                if ((st->remaining >> 56) != 0
+                    || st->line >= CH_MAX_LINE) {
+                    return -1;
                 }
                 st->remaining = (st->remaining << 4) | (uint64_t) v;
                 st->line++;
