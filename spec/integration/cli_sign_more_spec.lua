@@ -9,12 +9,12 @@ local diagpki = require "support.diagpki"
 
 local dir, pki
 
-local function sign(method, body, ts)
+local function sign(method, body, ts, nonce, url)
   local log = dir .. "/out." .. crypto.random_nonce(8)
   local argv = { PAYGATE_BIN, "sign", "--json", "--method", method, "--url",
-    "/v3/pay/transactions/jsapi", "--mchid", "1900000001", "--serial",
+    url or "/v3/pay/transactions/jsapi", "--mchid", "1900000001", "--serial",
     "5F1C72E2A8931B72A2E13AF8DEE92471EB397115", "--key", pki.merchant_key,
-    "--timestamp", ts or "1700000000", "--nonce", "ABC" }
+    "--timestamp", ts or "1700000000", "--nonce", nonce or "ABC" }
   if body then
     diagpki.write(dir .. "/b", body)
     argv[#argv + 1] = "--body"
@@ -90,6 +90,26 @@ describe("paygate sign fails", function()
     assert.matches("milliseconds", fails[1].cause)
     assert.matches("1700000000", fails[1].fix, 1, true)
     assert.equal("1700000000000\n", sig.signing_string:match("\n(%d+\n)"))
+  end)
+
+  it("refuses, exit 2, what would break the signing string's lines or the"
+     .. " header's quoting, before printing anything", function()
+    -- they were signed: a nonce "a\nb" made a six-line string, and a
+    -- '"' ended the Authorization's nonce_str="..." early
+    for _, c in ipairs({ { "GET\nX" }, { "POST", "a\nb" }, { "POST", 'a"b' },
+                         { "POST", "a b" }, { "POST", "" },
+                         { "POST", nil, "/v3/a\r\nX: y" } }) do
+      local code, out, warns, sig = sign(c[1], nil, nil, c[2], c[3])
+      assert.equal(2, code, out)
+      assert.is_nil(sig, out)
+      assert.equal(0, #warns, out)
+      assert.matches("paygate sign: %-%-%a+ ", out)
+    end
+    -- a space in the URL is still the warning it was, and signed
+    local code, out, warns, sig = sign("GET", nil, nil, nil, "/v3/a b")
+    assert.equal(0, code, out)
+    assert.equal("url", warns[1].kind, out)
+    assert.truthy(sig, out)
   end)
 
   it("nothing for a timestamp in seconds", function()

@@ -46,6 +46,22 @@ local function main(args)
   local nonce = o["--nonce"] or crypto.random_nonce(32)
   local failed = false
 
+  -- a line break would add a line to the signing string, a '"' end the
+  -- header's quoted value: neither can be what the merchant's code sends
+  if not method:match("^[%a]+$") then
+    common.usage_error("--method must be a method name (GET, POST, PUT, "
+                       .. "PATCH, DELETE)")
+  end
+  if nonce == "" or nonce:find('[^\33-\126]') or nonce:find('"', 1, true)
+  then
+    common.usage_error("--nonce must be printable ASCII without spaces or "
+                       .. "'\"' (the SDKs send 32 characters of [0-9A-Za-z])")
+  end
+  if url:find("[%z\1-\31\127]") then
+    common.usage_error("--url holds a line break or another control "
+                       .. "character: give the path and query as sent")
+  end
+
   -- the slips that make WeChat answer 401 SIGN_ERROR
   if method ~= method:upper() then
     out:warn("method", "method " .. method .. " is not upper case",
