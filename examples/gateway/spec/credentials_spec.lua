@@ -253,6 +253,48 @@ describe("gateway credentials from etcd", function()
     gw:stop()
   end)
 
+  it("shows on the console the merchant certificate a swap put in use,"
+     .. " not the one of the start", function()
+    local rev1 = publish("set_long", m.private_key, m.certificate)
+    local db_url
+    local srv = testing.start_app{ app = "examples/gateway", workers = 1,
+      config = function(s)
+        db_url = "sqlite:" .. s.dir .. "/gw.db"
+        return { gateway = { db = db_url, public_url = s:url(""),
+                             console = { access = "loopback" } },
+                 merchants = { merchant_entry() },
+                 credentials = section(s) }
+      end }
+    local gw = gwcore.gateway(srv, db_url)
+    gws[#gws + 1] = gw
+    local function at(rev)
+      local revs, n = revisions(gw)
+      return n == 1 and next(revs) and select(2, next(revs)) == rev
+    end
+    -- the merchant certificate's cell: the last of the certificates row
+    local function merchant_days()
+      local body = srv:request{ path = "/console" }.body
+      local row = assert(body:match("<tr><td>" .. m.mchid
+                                    .. "</td>.-</tr>"), body)
+      return row:match("<td><span class=\"(%w+)\">(%d+) days?</span></td>"
+                       .. "</tr>$")
+    end
+    testing.wait_until(function() return at(rev1) end, 10,
+                       "the instance at revision " .. rev1)
+    local class, days = merchant_days()
+    assert.equal("good", class)
+    assert.equal("364", days)
+    -- a certificate ending in 20 days: the console says so (red) once the
+    -- set is in use
+    local short = testing.merchant_keys{ mchid = m.mchid, days = 20 }
+    local rev2 = publish("set_short", short.private_key, short.certificate)
+    testing.wait_until(function() return at(rev2) end, 10,
+                       "the instance at revision " .. rev2)
+    class, days = merchant_days()
+    assert.equal("bad", class)
+    assert.equal("19", days)
+  end)
+
   describe("the config check", function()
     local function expect_refused(edit, want)
       local fake = { dir = dir }

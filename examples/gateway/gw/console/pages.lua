@@ -9,7 +9,6 @@ local audit = require "paygate.audit"
 local outbox = require "paygate.outbox"
 local json = require "paygate.json"
 local html = require "paygate.html"
-local crypto = require "paygate.crypto"
 local certs = require "paygate.wechatpay.certs"
 local bill = require "paygate.reconcile.bill"
 
@@ -241,26 +240,15 @@ local function degrade_box(view)
                  { on = on and "0" or "1" }, on and "" or "danger") })
 end
 
--- days left on the merchant's own certificate (merchant_certificate: a
--- path or PEM text), read once per worker and hour; nil when not given
-local merchant_days = {}
-local function merchant_cert_days(m, now)
-  local c = merchant_days[m.mchid]
-  if c and now - c.read_at < 3600 then return c.not_after end
-  local v = m.client.merchant_certificate
-  local not_after
-  if type(v) == "string" then
-    local pem = v
-    if not v:find("-----BEGIN", 1, true) then
-      local f = io.open(v, "rb")
-      pem = f and f:read("*a")
-      if f then f:close() end
-    end
-    local cert = pem and crypto.certificate(pem)
-    not_after = cert and cert:not_after() or nil
-  end
-  merchant_days[m.mchid] = { read_at = now, not_after = not_after }
-  return not_after
+-- the end of the merchant's own certificate, as its WeChat Pay client
+-- signs with it now: a set swapped in from etcd (gw.credentials) replaces
+-- it in the running client, so the file or PEM of the config is not read
+-- (it would show the certificate of the start until a restart); nil when
+-- the client was given merchant_serial without the certificate
+local function merchant_cert_not_after(m)
+  local wx = ctx.wx[m.mchid]
+  local conf = wx and wx.conf
+  return type(conf) == "table" and tonumber(conf.merchant_not_after) or nil
 end
 
 -- Whole days left, rounded down; past the end "expired N days ago" (a
@@ -293,7 +281,7 @@ local function certs_box()
     else
       text = "no valid platform certificate loaded"
     end
-    local na = merchant_cert_days(m, now)
+    local na = merchant_cert_not_after(m)
     rows[#rows + 1] = { m.mchid, text,
                         na and days_cell((na - now) / 86400) or "not given" }
   end
