@@ -76,6 +76,22 @@ describe("watched credentials refusing a change", function()
     assert.equal(0, code, out)
   end)
 
+  it("publish refuses a --dir that holds a file no set has, or is no"
+     .. " folder, and writes nothing", function()
+    local d = credsets.set_dir(dir, "set_odd", "a", "a", credsets.APIV3)
+    credsets.write(d .. "/public_key_id.txt", "PUB_KEY_ID_01142320200101")
+    local before = assert(creds.cli:get_prefix(PREFIX))
+    local code, out = creds:publish(d)
+    assert.equal(1, code, out)
+    assert.matches("holds public_key_id.txt, which is no file of a"
+                   .. " merchant's set", out, 1, true)
+    code, out = creds:publish(dir .. "/no_such_dir")
+    assert.equal(1, code, out)
+    assert.matches("--dir [^ ]*no_such_dir: No such file or directory", out)
+    assert.equal(before.revision,
+                 assert(creds.cli:get_prefix(PREFIX)).revision)
+  end)
+
   it("a file deleted straight in etcd is named in a warning; the set in"
      .. " use is kept and the next publish taken", function()
     local src, wx = watching("cache_del")

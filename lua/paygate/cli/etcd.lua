@@ -19,7 +19,8 @@ ETCD: --endpoints URL[,URL...] --user NAME --password-env VAR
 KEK:  --kek-file FILE | --kek-env VAR   (the key-encryption key: 32 bytes,
       raw, 64 hex digits or base64; the one the gateways are given)
 
-publish  reads the set from DIR, validates it (the private key matches
+publish  reads the set from DIR (which holds the set's files and no
+         other), validates it (the private key matches
          the certificate, its dates, the APIv3 key's length, the public
          key and its id), seals the secrets and writes every file under
          PREFIX in one etcd transaction (files of an older set that the
@@ -113,6 +114,23 @@ local function publish(o)
     common.usage_error("--sign-type must be %s or %s", sign.RSA, sign.SM2)
   elseif kind == "tls" and o["--sign-type"] then
     common.usage_error("--sign-type is for a merchant's set, not --tls")
+  end
+  -- the folder, and nothing in it that is no file of the set (a
+  -- misnamed public_key_id.txt would be left out in silence)
+  local listed, lerr = require("paygate.core").listdir(dir)
+  if not listed then
+    return fail("--dir " .. dir .. ": " .. tostring(lerr and lerr.message
+                or lerr):gsub("^listdir .-: ", ""))
+  end
+  for _, name in ipairs(listed) do
+    if not spec[name] then
+      local want = {}
+      for n in pairs(spec) do want[#want + 1] = n end
+      table.sort(want)
+      return fail(("--dir %s holds %s, which is no file of %s set (%s):"
+        .. " rename it, or move it out"):format(dir, name, kind == "tls"
+        and "a listener's" or "a merchant's", table.concat(want, ", ")))
+    end
   end
   local files = {}
   for name in pairs(spec) do
