@@ -118,6 +118,20 @@ describe("paygate decrypt", function()
     local code, out, r = decrypt(res)
     assert.equal(1, code, out)
     assert.equal("unknown_algorithm", r[1].kind, out)
+    -- one that is no string is told by its JSON type, never by a Lua
+    -- table's address; a nonce that is no string likewise
+    res.algorithm = {}
+    code, out, r = decrypt(res)
+    assert.equal(1, code, out)
+    assert.matches("algorithm (an object or array) is not", r[1].cause, 1,
+                   true)
+    assert.is_nil(out:find("table: 0x", 1, true), out)
+    res = aes("abcdefghijkl", "transaction")
+    res.nonce = 12
+    code, out, r = decrypt(res)
+    assert.equal(1, code, out)
+    assert.matches("resource nonce is not a string (a number)", r[1].cause,
+                   1, true)
   end)
 
   it("suggests --notification for a whole notification", function()

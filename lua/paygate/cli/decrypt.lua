@@ -98,8 +98,8 @@ local function main(args)
                .. " of /v3/certificates (or the whole callback body with "
                .. "--notification)")
     elseif alg ~= resource.AES and alg ~= resource.SM4 then
-      out:fail("unknown_algorithm", "algorithm " .. (type(alg) == "string"
-               and alg:sub(1, 40) or tostring(alg)) .. " is not "
+      out:fail("unknown_algorithm", "algorithm " .. resource.shown(alg, 40)
+               .. " is not "
                .. resource.AES .. " or " .. resource.SM4, nil,
                "pass the resource object from a v3 notification (APIv2's "
                .. "req_info uses AES-256-ECB with the MD5 of the APIv2 key)")

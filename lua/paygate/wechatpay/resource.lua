@@ -19,6 +19,16 @@ local printable = errors.printable
 
 local _M = {}
 
+-- A field's value for a message: a string shown (printable, bounded),
+-- anything else by its JSON type (never a Lua "table: 0x..." address)
+local JSON_TYPE = { table = "an object or array", number = "a number",
+                    boolean = "a boolean" }
+function _M.shown(v, max)
+  if type(v) == "string" then return printable(v, max) end
+  if v == nil or v == json.null then return "(none)" end
+  return "(" .. (JSON_TYPE[type(v)] or type(v)) .. ")"
+end
+
 _M.AES = "AEAD_AES_256_GCM"
 _M.SM4 = "AEAD_SM4_GCM"
 
@@ -78,10 +88,16 @@ function _M.decrypt(r, apiv3_keys)
                                 r.ciphertext
   if alg ~= _M.AES and alg ~= _M.SM4 then
     return nil, core.error("malformed", "unknown algorithm "
-                           .. printable(alg, 40))
+                           .. _M.shown(alg, 40))
   end
   if type(nonce) ~= "string" or nonce == "" or #nonce > 128 then
-    return nil, core.error("malformed", "resource nonce missing or too long")
+    local why = "missing"
+    if type(nonce) == "string" then
+      if nonce ~= "" then why = "longer than 128 bytes" end
+    elseif nonce ~= nil and nonce ~= json.null then
+      why = "is not a string " .. _M.shown(nonce)
+    end
+    return nil, core.error("malformed", "resource nonce " .. why)
   end
   if aad == nil or aad == json.null then aad = "" end
   if type(aad) ~= "string" then
