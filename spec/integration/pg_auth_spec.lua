@@ -132,4 +132,20 @@ describe("PostgreSQL refusing the login", function()
     assert.is_true(err.retryable)
     assert.not_matches(WRONG, err.message, 1, true)
   end)
+
+  it("three hosts that cannot be reached: each one's reason, no hints",
+     function()
+    local ports = { servers.free_port(), servers.free_port(),
+                    servers.free_port() }
+    local db, err = sql.open("postgres://postgres@127.0.0.1:" .. ports[1]
+      .. ",127.0.0.1:" .. ports[2] .. ",127.0.0.1:" .. ports[3]
+      .. "/postgres")
+    assert.is_nil(db)
+    assert.equal("unavailable", err.kind, tostring(err))
+    for _, p in ipairs(ports) do
+      assert.matches('"127.0.0.1", port ' .. p .. " failed: Connection"
+                     .. " refused", err.message, 1, true)
+    end
+    assert.not_matches("Is the server running", err.message, 1, true)
+  end)
 end)

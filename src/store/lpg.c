@@ -94,6 +94,9 @@
 #include "runtime.h"
 #include "store.h"
 
+/* a message of ours or libpq's (a connect to several hosts says one
+ * line per host) */
+#define LPG_MSG_MAX 512
 #define LPG_MT        "paygate.pg.pool"
 #define LPG_MAXPOOL   GW_STORE_PG_MAX_POOL
 #define LPG_WAYS      4        /* prepared statements: a set's entries */
@@ -144,7 +147,7 @@ struct lpg_op {
     int               sync_check;/* 1: the pool's own require_sync
                                     re-check (no coroutine waits) */
     char              errkind[16];/* transport error kind or "" */
-    char              errmsg[200];
+    char              errmsg[LPG_MSG_MAX];
     struct lpg_batch *batch;     /* begin_atomic's, or NULL */
     int               batch_i;   /* its index there (0-based) */
     struct lpg_op   *next;
@@ -262,7 +265,7 @@ struct lpg_pool {
                                        synchronous standby */
     double            sync_recheck; /* s between re-checks of a connection */
     double            down_until;/* monotonic s */
-    char              down_msg[200];
+    char              down_msg[LPG_MSG_MAX];
     /* The outage as the log tells it (pool_log_down(), pool_log_up()):
      * statements failed fast say only their own error, and a process
      * whose pool stays down must say so in its log by itself. */
@@ -1238,7 +1241,7 @@ static void
 conn_connect_failed(struct lpg_conn *c, struct lpg_op **out,
                     int fail_waiting)
 {
-    char          msg[200];
+    char          msg[LPG_MSG_MAX];
     const char   *why = c->pc != NULL ? PQerrorMessage(c->pc) : "no memory";
     const char   *line, *eol;
     size_t        n;
@@ -1251,8 +1254,10 @@ conn_connect_failed(struct lpg_conn *c, struct lpg_op **out,
         if (eol == NULL) {
             eol = line + strlen(line);
         }
-        if (strncmp(line, "LOCATION:", 9) == 0) {
-            continue;
+        if (strncmp(line, "LOCATION:", 9) == 0
+            || *line == '\t' || *line == ' ')
+        {
+            continue;            /* (a hint: "Is the server running...") */
         }
         n += (size_t)snprintf(msg + n, sizeof(msg) - n, "%.*s%s",
                               (int)(eol - line), line,
@@ -1478,7 +1483,7 @@ conn_start_resolved(struct lpg_conn *c, struct lpg_op **out,
                     int fail_waiting)
 {
     const char *why = NULL;
-    char        msg[200];
+    char        msg[LPG_MSG_MAX];
     int         rc;
 
     c->opened = gw_loop_mono_fresh();    /* libpq's connect_timeout */
@@ -2254,7 +2259,7 @@ conn_event(evutil_socket_t fd, short what, void *arg)
         }
     } else if (c->state == LPG_CONN_READY) {
         if ((what & EV_WRITE) && conn_flush(c) != GW_OK) {
-            char msg[200];
+            char msg[LPG_MSG_MAX];
 
             conn_lost(c, "unavailable",
                       lost_msg(c, LPG_LOST, msg, sizeof(msg)), &done);
@@ -2266,7 +2271,7 @@ conn_event(evutil_socket_t fd, short what, void *arg)
                           " transaction open, so this one was rolled back",
                           &done);
             } else if (rc != GW_OK) {
-                char msg[200];
+                char msg[LPG_MSG_MAX];
 
                 conn_lost(c, "unavailable",
                           lost_msg(c, LPG_LOST, msg, sizeof(msg)), &done);
@@ -2491,7 +2496,7 @@ dispatch(struct lpg_pool *pg)
                 done = op;
             } else if (rc != GW_OK) {
                 struct lpg_op *lost = NULL;
-                char           msg[200];
+                char           msg[LPG_MSG_MAX];
 
                 /* op was not queued on c: fail it with c's ops. */
                 op_set_error(op, "unavailable", lost_msg(c, "postgres:"
@@ -2551,7 +2556,7 @@ conn_try_next(struct lpg_conn *c, struct lpg_op **out)
 {
     struct lpg_pool *pg = c->pg;
     const char      *why = NULL;
-    char             msg[200];
+    char             msg[LPG_MSG_MAX];
     int              rc;
 
     snprintf(msg, sizeof(msg), "postgres: connect timed out (%s%s%s gave"
