@@ -82,6 +82,17 @@ describe("paygate verify", function()
     assert.equal("whitespace", r.what)
   end)
 
+  it("names a pretty-printed body whose strings hold blanks, quotes and"
+     .. " backslashes (kept as signed)", function()
+    local body = '{"a":"x y\\" z","b":"\\\\","c":"\t  ","d":[1,"e f"]}'
+    local pretty = body:gsub('","', '",\n  "'):gsub("{", "{\n  ", 1)
+                       :gsub("%]}$", "]\n}")
+    assert.equal(0, (verify(body, signed(body))))
+    local r = cause_of(pretty, signed(body))
+    assert.equal("body_reencoded", r.kind)
+    assert.equal("whitespace", r.what)
+  end)
+
   it("names escaped unicode", function()
     local escaped = BODY:gsub("支付成功", "\\u652f\\u4ed8\\u6210\\u529f")
     local r = cause_of(escaped, signed(BODY))

@@ -97,26 +97,30 @@ local function parse_headers(text, name)
   return h, status
 end
 
+-- The end of the JSON string whose opening quote is at q: the index of
+-- its closing quote, or #s when it has none (escapes skipped).
+local function string_end(s, q)
+  local j = q + 1
+  while true do
+    local k = s:find('[\\"]', j)
+    if not k then return #s end
+    if s:byte(k) == 34 then return k end
+    j = k + 2                                  -- an escape: two bytes
+  end
+end
+
 -- Body variants: what a re-encoding did, undone where it can be.
+-- (Runs of text are found with string.find, not walked byte by byte: a
+-- body of megabytes took seconds and a table of one-byte strings.)
 local function minify(s)
-  local out, i, n, in_str = {}, 1, #s, false
+  local out, i, n = {}, 1, #s
   while i <= n do
-    local c = s:sub(i, i)
-    if in_str then
-      out[#out + 1] = c
-      if c == "\\" then
-        out[#out + 1] = s:sub(i + 1, i + 1)
-        i = i + 1
-      elseif c == '"' then
-        in_str = false
-      end
-    elseif c == '"' then
-      in_str = true
-      out[#out + 1] = c
-    elseif not c:match("%s") then
-      out[#out + 1] = c
-    end
-    i = i + 1
+    local q = s:find('"', i, true) or n + 1
+    out[#out + 1] = (s:sub(i, q - 1):gsub("%s+", ""))  -- blanks dropped
+    if q > n then break end
+    local e = string_end(s, q)
+    out[#out + 1] = s:sub(q, e)                -- a string as it is
+    i = e + 1
   end
   return table.concat(out)
 end
@@ -169,17 +173,14 @@ end
 -- The keys of each JSON object in order; true when every object with two
 -- or more keys lists them sorted and at least one has three or more.
 local function keys_sorted(s)
-  local stack, i, n, sorted, big = {}, 1, #s, true, false
+  local stack, i, sorted, big = {}, 1, true, false
   local last_str
-  while i <= n do
+  while true do
+    i = s:find('["{}%[%]:]', i)
+    if not i then break end
     local c = s:sub(i, i)
     if c == '"' then
-      local j = i + 1
-      while j <= n do
-        local d = s:sub(j, j)
-        if d == "\\" then j = j + 1 elseif d == '"' then break end
-        j = j + 1
-      end
+      local j = string_end(s, i)
       last_str = s:sub(i + 1, j - 1)
       i = j
     elseif c == "{" or c == "[" then
@@ -209,8 +210,11 @@ end
 local TRIED_BYTES = 200
 local function shown(s) return (common.visible(s):gsub("\n", "")) end
 local function tried_text(msg, max)
-  if #shown(msg) <= max then return shown(msg) end
-  local lo, hi = 0, #msg                -- the longest prefix that fits
+  if #msg <= max and #shown(msg) <= max then return shown(msg) end
+  -- the longest prefix that fits: each byte shows as one character or
+  -- more, so it is at most max bytes (a body of megabytes was shown
+  -- whole a score of times to find it)
+  local lo, hi = 0, math.min(#msg, max)
   while lo < hi do
     local mid = math.ceil((lo + hi) / 2)
     if #shown(msg:sub(1, mid)) <= max then lo = mid else hi = mid - 1 end
@@ -593,7 +597,10 @@ local function main(args)
     return b
   end
   local found
-  for size = 1, 3 do
+  -- (a body of megabytes -- no API answer or notification is -- is
+  -- searched for one re-encoding at a time: each combination re-encodes
+  -- it whole, 41 of them took seconds)
+  for size = 1, #body > 1048576 and 1 or 3 do
     local function pick(from, mask, n)
       if found then return end
       if n == 0 then
