@@ -273,6 +273,29 @@ describe("testing.wait_until and a process's wait", function()
   end)
 end)
 
+describe("srv:workers", function()
+  it("lists the master's workers; one killed is replaced", function()
+    local app = testing.start_app{ source = [[
+local paygate = require "paygate"
+paygate.route("GET", "/", function() return 200, "ok" end)
+]], workers = 2 }
+    finally(function() app:stop() end)
+    local old = app:workers()
+    assert.equal(2, #old)
+    assert.is_true(old[1] < old[2])
+    for _, pid in ipairs(old) do
+      assert.is_true(alive(pid))
+      assert.not_equal(app.pid, pid)
+    end
+    proc.kill_pid(old[1], proc.SIGKILL)
+    testing.wait_until(function()
+      local now = app:workers()
+      return #now == 2 and now[1] ~= old[1] and now[2] ~= old[1]
+    end, 15, "the killed worker replaced")
+    assert.same({}, proc.children(old[2] + 1e6))     -- no such process
+  end)
+end)
+
 describe("testing.tmpdir", function()
   it("a folder a spec forgot is removed when its busted run ends",
      function()

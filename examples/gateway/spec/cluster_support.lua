@@ -282,9 +282,7 @@ function _M.kill9(srv)
   ffi.C.kill(srv.pid, 19)                   -- SIGSTOP
   proc.wait_until(function() return stopped(srv.pid) end, 5,
                   "the master to stop")
-  local p = io.popen("pgrep -P " .. srv.pid)
-  for pid in p:read("*a"):gmatch("%d+") do pids[#pids + 1] = tonumber(pid) end
-  p:close()
+  for _, pid in ipairs(srv:workers()) do pids[#pids + 1] = pid end
   for i = #pids, 1, -1 do ffi.C.kill(pids[i], 9) end
   assert(srv.proc:wait(5), "the master did not die")
   proc.wait_until(function()

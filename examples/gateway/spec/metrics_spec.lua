@@ -28,14 +28,6 @@ describe("gateway metrics", function()
       '\npaygate_gateway_fsm_transitions_total{machine="payment"} (%d+)\n'))
   end
 
-  local function workers()
-    local p = assert(io.popen("pgrep -P " .. gw.srv.pid))
-    local list = {}
-    for pid in p:read("*a"):gmatch("%d+") do list[#list + 1] = pid end
-    p:close()
-    return list
-  end
-
   it("keeps the counts of a restarted worker, with no pid label", function()
     for i = 1, 3 do
       gw:create{ order_id = "m-" .. i }
@@ -53,12 +45,12 @@ describe("gateway metrics", function()
                    .. '"refund"} %d+\n', text)
     -- each worker killed in turn (one of them counted the creates): the
     -- master restarts it, the counts stay
-    local old = workers()
+    local old = gw.srv:workers()
     assert.equal(2, #old)
     for _, victim in ipairs(old) do
-      testing.proc.kill_pid(tonumber(victim), testing.proc.SIGKILL)
+      testing.proc.kill_pid(victim, testing.proc.SIGKILL)
       testing.wait_until(function()
-        local now = workers()
+        local now = gw.srv:workers()
         return #now == 2 and now[1] ~= victim and now[2] ~= victim
       end, 15, "the worker restarted")
       assert.equal(before, transitions())

@@ -78,19 +78,12 @@ describe("gateway: notifications for unknown orders", function()
     -- restarted: each worker killed in turn, the count stays
     assert.matches("# TYPE paygate_gateway_unknown_notifications_total"
                    .. " counter", metrics(), 1, true)
-    local function workers()
-      local p = assert(io.popen("pgrep -P " .. gw.srv.pid))
-      local list = {}
-      for pid in p:read("*a"):gmatch("%d+") do list[#list + 1] = pid end
-      p:close()
-      return list
-    end
-    local old = workers()
+    local old = gw.srv:workers()
     assert.equal(2, #old)
     for _, victim in ipairs(old) do
-      testing.proc.kill_pid(tonumber(victim), testing.proc.SIGKILL)
+      testing.proc.kill_pid(victim, testing.proc.SIGKILL)
       testing.wait_until(function()
-        local now = workers()
+        local now = gw.srv:workers()
         return #now == 2 and now[1] ~= victim and now[2] ~= victim
       end, 15, "the worker restarted")
       assert.truthy(metrics():find('paygate_gateway_unknown_notifications'

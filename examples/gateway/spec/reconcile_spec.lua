@@ -278,20 +278,13 @@ describe("gateway reconciliation", function()
     f:close()
     -- a worker restarted (a crash, a reload) sets the bill's gauges again:
     -- the day is reported, so no run would until tomorrow's
-    local function workers()
-      local pp = assert(io.popen("pgrep -P " .. gw.srv.pid))
-      local list = {}
-      for pid in pp:read("*a"):gmatch("%d+") do list[#list + 1] = pid end
-      pp:close()
-      return list
-    end
-    local old = workers()
+    local old = gw.srv:workers()
     assert.is_true(#old >= 1)
     for _, victim in ipairs(old) do
-      testing.proc.kill_pid(tonumber(victim), testing.proc.SIGKILL)
+      testing.proc.kill_pid(victim, testing.proc.SIGKILL)
     end
     testing.wait_until(function()
-      local now = workers()
+      local now = gw.srv:workers()
       if #now ~= #old then return false end
       for _, pid in ipairs(now) do
         for _, gone in ipairs(old) do

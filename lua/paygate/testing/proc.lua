@@ -223,6 +223,25 @@ function _M.kill_pid(pid, sig) return C.kill(pid, sig or _M.SIGTERM) end
 --- syntax: proc.getpid() -- this process's pid
 function _M.getpid() return C.getpid() end
 
+--- syntax: pids = proc.children(pid)
+-- The pids (numbers, ascending) of pid's child processes now, read from
+-- /proc (no pgrep needed).
+function _M.children(pid)
+  local list = {}
+  local names = require("paygate.core").listdir("/proc") or {}
+  for _, name in ipairs(names) do
+    if name:match("^%d+$") then
+      -- /proc/N/stat: "N (comm) S PPID ...": comm may hold spaces and
+      -- parentheses, so the fields are read after its last ')'
+      local stat = _M.read("/proc/" .. name .. "/stat")
+      local ppid = stat:match(".*%) %S+ (%d+)")
+      if tonumber(ppid) == pid then list[#list + 1] = tonumber(name) end
+    end
+  end
+  table.sort(list)
+  return list
+end
+
 --- syntax: n = proc.stop_all([timeout])
 -- yields: stops every process spawned here that still runs.
 -- returns: how many it stopped.

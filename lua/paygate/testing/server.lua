@@ -284,6 +284,10 @@ function Server:logs() return proc.read(self.log) end
 --- syntax: srv:signal(sig) -- send a signal to the master
 function Server:signal(sig) proc.kill_pid(self.pid, sig) end
 
+--- syntax: pids = srv:workers() -- the master's worker processes now
+-- (pids, ascending): to kill one and see the master replace it
+function Server:workers() return proc.children(self.pid) end
+
 --- syntax: code = srv:stop([timeout[, keep_dir]])
 -- yields: TERM, wait for the exit (KILL after timeout, default 15 s), then
 -- removes its directory (kept with keep_dir until the busted run ends:
