@@ -109,6 +109,15 @@ describe("HTTP conformance", function()
       assert.equal("http://example.com:8080/info/a/b?x=1", doc.target)
     end)
 
+    it("refuses a fragment in a target with 400 (no form holds one)",
+       function()
+      for _, t in ipairs{ "/info/a#frag", "/info/a?x=1#f", "/#",
+                          "http://h/info/a#f" } do
+        assert.matches("^HTTP/1.1 400", raw("GET " .. t .. " HTTP/1.1\r\n"
+                                             .. "Host: h\r\n\r\n"), t)
+      end
+    end)
+
     it("refuses another scheme or userinfo with 400", function()
       assert.matches("^HTTP/1.1 400", raw("GET ftp://h/info/a HTTP/1.1\r\n"
                                            .. "Host: h\r\n\r\n"))

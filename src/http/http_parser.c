@@ -487,9 +487,11 @@ request_line(const char **pp, const char *end, struct gw_http_head *h)
     }
     p++;
 
-    /* request-target: origin-form, absolute-form, or "*" (OPTIONS) */
+    /* request-target: origin-form, absolute-form, or "*" (OPTIONS). A
+     * fragment ('#') is no part of any (RFC 9112 3.2: a client leaves it
+     * out): the scan stops there, and the line is refused below */
     target = p;
-    while (p < end && (unsigned char) *p > 0x20 && *p != 0x7f) {
+    while (p < end && (unsigned char) *p > 0x20 && *p != 0x7f && *p != '#') {
         p++;
     }
     target_len = (size_t) (p - target);
