@@ -359,6 +359,18 @@ for _, engine in ipairs(engines) do
                                    { 2 }))
         assert.equal(2, res.changes)
       end)
+
+      it("counts no changes for a statement that changes no row", function()
+        -- (SQLite's sqlite3_changes() after DDL is the last write's count,
+        -- maybe another job's of the same batch)
+        assert(db:exec("INSERT INTO t (v, n) VALUES ('a', 1), ('b', 2)"))
+        local res = assert(db:exec("CREATE TABLE IF NOT EXISTS ddl1 (x INT)"))
+        assert.equal(0, res.changes)
+        res = assert(db:atomic({
+          { "CREATE INDEX IF NOT EXISTS ddl1_x ON ddl1 (x)", expect = 0 } }))
+        assert.equal(0, res[1].changes)
+        assert(db:exec_script("DROP TABLE ddl1"))
+      end)
     end)
 
     describe("transaction", function()

@@ -765,10 +765,12 @@ run_stmt(struct lsqlite_conn *c, struct lsqlite_job *j)
 {
     sqlite3_stmt *st = stmt_get(c, j);
     int           rc;
+    sqlite3_int64 total;
 
     if (st == NULL) {
         return j->rc;
     }
+    total = sqlite3_total_changes64(c->h);
     rc = bind_params(st, j);
     if (rc != SQLITE_OK) {
         job_fail_db(j, c->h, rc);
@@ -793,6 +795,11 @@ run_stmt(struct lsqlite_conn *c, struct lsqlite_job *j)
              * write's) */
             if (sqlite3_stmt_readonly(st)) {
                 j->changes = j->nrows;
+            } else if (sqlite3_total_changes64(c->h) == total) {
+                /* it changed no row: DDL leaves sqlite3_changes() at
+                 * the last write's count, maybe another job's of the
+                 * batch (PostgreSQL's tag says none) */
+                j->changes = 0;
             }
         } else {
             job_fail_db(j, c->h, rc);
