@@ -266,7 +266,8 @@ function _M.route(method, path, fn)
 end
 
 --- syntax: paygate.before(fn) -- fn(req) runs before every handler; if it
--- returns a status, that response is sent and the handler is skipped.
+-- returns a status, that response is sent and the handler is skipped;
+-- `return nil, err` is a 500 (err logged), never a pass.
 function _M.before(fn)
   if type(fn) ~= "function" then error("paygate.before: fn must be a function", 2) end
   before[#before + 1] = fn
@@ -344,6 +345,17 @@ local set_route = request_core.set_route
 
 local JSON_CT = "application/json"
 
+-- A before hook or a handler that answered `nil, err` (the convention of
+-- every module's calls) instead of a status: raised as a handler error,
+-- so the log says what err was (kind: message) and the client gets a
+-- 500. A before hook's err would otherwise let the request through to
+-- the handler (an auth hook failing open), a handler's was dropped for
+-- "no valid status".
+local function returned_error(who, err)
+  error(who .. " returned nil, err instead of a status: "
+        .. core.error_string(err), 0)
+end
+
 local function finish(req, status, body, headers, pattern)
   local ctype
   if type(body) == "table" then
@@ -392,6 +404,7 @@ function _M._dispatch(req, method, path)
   for i = 1, #before do
     local s, b, h = before[i](req)
     if s then return finish(req, s, b, h, pattern) end
+    if b ~= nil then returned_error("a before hook", b) end
   end
   if not fn then
     if allowed then
@@ -404,6 +417,7 @@ function _M._dispatch(req, method, path)
                                         .. path:sub(1, 200) })
   end
   local status, body, headers = fn(req)
+  if status == nil and body ~= nil then returned_error("the handler", body) end
   return finish(req, status, body, headers, pattern)
 end
 

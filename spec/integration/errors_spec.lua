@@ -145,6 +145,17 @@ describe("error reporting", function()
         paygate.route("GET", "/teapot", function()
           paygate.abort(418, "teapot", "short and stout")
         end)
+        paygate.route("GET", "/returned", function()
+          return nil, paygate.error("returned_kind", "not stored")
+        end)
+        paygate.before(function(req)
+          if req.path == "/guarded" then
+            return nil, paygate.error("hook_kind", "cannot check the key")
+          end
+        end)
+        paygate.route("GET", "/guarded", function()
+          return 200, "past the hook"
+        end)
       ]] }
     end)
     teardown(function() s:stop() end)
@@ -160,6 +171,22 @@ describe("error reporting", function()
       assert.equal(500, res.status)
       assert.not_matches("handler broke", res.body, 1, true)  -- never to the client
       assert.truthy(wait_log("handler_kind: handler broke"))
+    end)
+
+    it("a handler's returned nil, err", function()
+      local res = assert(s:request("/returned"))
+      assert.equal(500, res.status)
+      assert.not_matches("not stored", res.body, 1, true)
+      assert.truthy(wait_log("the handler returned nil, err instead of a"
+                             .. " status: returned_kind: not stored"))
+    end)
+
+    it("a before hook's returned nil, err fails closed", function()
+      local res = assert(s:request("/guarded"))
+      assert.equal(500, res.status)
+      assert.not_matches("past the hook", res.body, 1, true)
+      assert.truthy(wait_log("a before hook returned nil, err instead of a"
+                             .. " status: hook_kind: cannot check the key"))
     end)
 
     it("a spawned task's error", function()
