@@ -79,6 +79,12 @@ function _M.timer.at(delay, fn, ...)
   end, ...)
 end
 
+-- A tick's error as its text ("kind: message" for an error table) with
+-- where it was raised, as a task's failure is logged
+local function tick_failed(err)
+  return debug.traceback(core.error_string(err), 2)
+end
+
 --- syntax: handle = paygate.timer.every(interval, fn, ...)
 -- Runs fn(...) every interval seconds, never two at once; an error in fn
 -- is logged and the next tick still runs. handle:cancel() stops it.
@@ -94,10 +100,9 @@ function _M.timer.every(interval, fn, ...)
   return core.spawn(function()
     while true do
       core.sleep(interval)
-      local ok, err = pcall(fn, unpack(args, 1, n))
+      local ok, err = xpcall(fn, tick_failed, unpack(args, 1, n))
       if not ok then
-        _M.log.error("timer.every: tick failed",
-                     { error = core.error_string(err) })
+        _M.log.error("timer.every: tick failed", { error = err })
       end
     end
   end)

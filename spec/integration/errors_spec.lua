@@ -108,6 +108,7 @@ describe("error reporting", function()
           t = paygate.timer.every(0.01, function()
             n = n + 1
             if n == 1 then error(paygate.error("timer_kind", "timer broke")) end
+            if n == 2 then error("plain text broke") end
             t:cancel()
           end)
           return 200, "ok"
@@ -198,6 +199,10 @@ describe("error reporting", function()
       assert.equal(200, assert(s:request("/timer")).status)
       assert.truthy(wait_log("timer_kind: timer broke"))
       assert.not_matches('"error":"table', s:logs(), 1, true)
+      -- with where it was raised, as a task's failure is logged
+      assert.truthy(wait_log("plain text broke"))
+      local line = s:logs():match('[^\n]*plain text broke[^\n]*')
+      assert.matches("stack traceback:", line, 1, true)
     end)
 
     it("paygate.abort inside db:transaction rolls back and ends the request",
