@@ -773,6 +773,18 @@ for _, engine in ipairs(engines) do
   end)
 end
 
+describe("sql.open on SQLite without WAL", function()
+  it("refuses :memory: (its readers would be databases of their own),"
+     .. " kind config, naming the journal mode", function()
+    local db, err = sql.open("sqlite::memory:")
+    assert.is_nil(db)
+    assert.equal("config", err.kind, tostring(err))
+    assert.is_false(err.retryable)
+    assert.matches("cannot use WAL journal mode (it stays in memory mode)",
+                   err.message, 1, true)
+  end)
+end)
+
 describe("sql.open options", function()
   local function raises(url, opts, pattern)
     local ok, err = pcall(sql.open, url, opts)

@@ -337,6 +337,10 @@ constraint_name(const char *msg)
 }
 
 /* Pushes nil + a classified error table for a failed job. Returns 2. */
+/* conn_open()'s own failure code (no SQLite code): the database cannot
+ * be in WAL mode, a configuration that no retry mends (kind "config") */
+#define LSQLITE_NO_WAL (-2)
+
 static int
 push_job_error(lua_State *L, struct lsqlite_job *j)
 {
@@ -345,6 +349,9 @@ push_job_error(lua_State *L, struct lsqlite_job *j)
     int         retry = 0;
 
     switch (j->rc) {
+    case LSQLITE_NO_WAL:
+        kind = "config";
+        break;
     case SQLITE_CONSTRAINT:
         kind = "constraint";
         break;
@@ -908,6 +915,38 @@ authorize(void *arg, int action, const char *a, const char *b,
     return SQLITE_OK;
 }
 
+/* The writer's journal mode must be WAL: readers are connections of
+ * their own, which see its commits only through the file. ":memory:"
+ * (each connection a database of its own: writes that reads never see)
+ * or a file system without the shared memory WAL needs keeps another
+ * mode, and PRAGMA journal_mode=WAL says so by its answer, not by an
+ * error. */
+static int
+wal_check(struct lsqlite_conn *c, char **errmsg)
+{
+    sqlite3_stmt *st = NULL;
+    const char   *mode = NULL;
+    char          buf[320];
+    int           rc;
+
+    rc = sqlite3_prepare_v2(c->h, "PRAGMA journal_mode", -1, &st, NULL);
+    if (rc == SQLITE_OK && sqlite3_step(st) == SQLITE_ROW) {
+        mode = (const char *)sqlite3_column_text(st, 0);
+    }
+    if (mode != NULL && strcmp(mode, "wal") == 0) {
+        sqlite3_finalize(st);
+        return SQLITE_OK;
+    }
+    snprintf(buf, sizeof(buf), "the database cannot use WAL journal mode"
+             " (it stays in %s mode): paygate's readers are connections of"
+             " their own, so it needs a file on a local file system, not"
+             " :memory: or a mount without shared memory",
+             mode != NULL ? mode : "an unknown");
+    sqlite3_finalize(st);
+    *errmsg = strdup(buf);
+    return LSQLITE_NO_WAL;
+}
+
 static int
 conn_open(struct lsqlite_conn *c, struct lsqlite_db *db, int readonly,
           char **errmsg)
@@ -955,7 +994,7 @@ conn_open(struct lsqlite_conn *c, struct lsqlite_db *db, int readonly,
     if (rc != SQLITE_OK) {
         goto err;
     }
-    return SQLITE_OK;
+    return wal_check(c, errmsg);
 err:
     *errmsg = strdup(c->h != NULL ? sqlite3_errmsg(c->h) : sqlite3_errstr(rc));
     sqlite3_close(c->h);
