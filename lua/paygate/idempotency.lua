@@ -455,12 +455,18 @@ function _M.begin(db, scope, key, fingerprint, opts)
                   .. " a request still running",
                   { retry_after = row.lease_until - now })
     end
-    -- expired, or a run whose lease ran out: start over under our token
+    -- expired, or a run whose lease ran out: start over under our token.
+    -- A run taken over keeps its created_at, but its record must outlive
+    -- the new lease (as check_ttl_lease makes a new record's): kept to
+    -- its old expires_at, a takeover late in the record's life left it to
+    -- expire under the new run, and a repeat (or prune) then started the
+    -- request again beside it.
     local up, uerr = tx:exec("UPDATE paygate_idempotency SET"
       .. " fingerprint = $3, state = 'running', token = $4,"
       .. " lease_until = $5, status = NULL, headers = NULL, body = NULL,"
       .. " created_at = CASE WHEN $8 = 1 THEN $6 ELSE created_at END,"
-      .. " expires_at = CASE WHEN $8 = 1 THEN $7 ELSE expires_at END"
+      .. " expires_at = CASE WHEN $8 = 1 OR expires_at < $7 THEN $7"
+      .. " ELSE expires_at END"
       .. " WHERE scope = $1 AND idem_key = $2",
       { scope, key, fingerprint, token, now + lease, now, now + ttl,
         expired and 1 or 0 })

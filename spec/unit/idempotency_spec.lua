@@ -270,6 +270,34 @@ for name, engine in pairs(engines) do
       assert.equal("lost", err.kind)
     end)
 
+    it("keeps a record taken over near its expiry for the new run's lease",
+       function()
+      -- a run that died late in its record's life: lease over, the record
+      -- due to expire in 0.3 s
+      local old = assert(idem.begin(db, "a", "k", "f",
+                                    { ttl = 100, lease = 50 }))
+      local now = core.time()
+      assert(db:exec("UPDATE paygate_idempotency SET lease_until = $1,"
+        .. " expires_at = $2 WHERE idem_key = 'k'", { now - 1, now + 0.3 }))
+      local new = assert(idem.begin(db, "a", "k", "f",
+                                    { ttl = 100, lease = 50 }))
+      assert.is_true(new.taken_over)
+      local row = assert(db:query("SELECT lease_until, expires_at FROM"
+        .. " paygate_idempotency WHERE idem_key = 'k'"))[1]
+      assert.is_true(row.expires_at > row.lease_until)
+      -- past the old expiry, while the new run holds its lease: a repeat
+      -- is refused (it ran the request again beside the new run), and
+      -- prune() keeps the record
+      while core.time() < now + 0.35 do paygate.sleep(0.01) end
+      local again, err = idem.begin(db, "a", "k", "f")
+      assert.is_nil(again)
+      assert.equal("in_flight", err.kind)
+      assert.equal(0, idem.prune(db))
+      assert(idem.complete(db, new, 201, "new"))
+      assert.equal("lost", select(2, idem.complete(db, old, 201, "x")).kind)
+      assert.equal("new", assert(idem.begin(db, "a", "k", "f")).response.body)
+    end)
+
     it("forgets records past their ttl; prune() removes them in batches",
        function()
       for i = 1, 7 do
