@@ -799,6 +799,13 @@ function _M.wrap(db, handler, opts)
       error(res[2], 0)
     end
     local status, body, headers = res[2], res[3], res[4]
+    if status == nil and done then
+      -- a failure after ik:respond's transaction committed: the effects
+      -- and the answer are in, and a retry replays that answer. Sent, not
+      -- a 503 saying the request was not applied (a caller believing it
+      -- would send the request again under a new key)
+      return sent(done, false)
+    end
     if status == nil then
       -- the handler failed (its transaction, if any, rolled back, and a
       -- response ik:respond stored in it with it)

@@ -461,6 +461,27 @@ for name, engine in pairs(engines) do
         assert.equal(1, #assert(db:query("SELECT k FROM effects")))
       end)
 
+      it("sends the answer ik:respond committed even when the handler then"
+         .. " fails (not a 503 'not applied')", function()
+        assert(db:exec("CREATE TABLE effects (k TEXT NOT NULL)"))
+        local fn = idem.wrap(db, function(req, ik)
+          assert(db:transaction(function(tx)
+            assert(tx:exec("INSERT INTO effects (k) VALUES ($1)",
+                           { req.body }))
+            return ik:respond(tx, 201, { saved = req.body })
+          end))
+          -- a later step fails: the effects and the answer are committed
+          return nil, paygate.error("unavailable", "audit store down")
+        end)
+        local hdr = { ["Idempotency-Key"] = "tx2" }
+        local s1, b1 = fn(fake_req{ headers = hdr, body = "e2" })
+        assert.equal(201, s1)
+        local s2, b2 = fn(fake_req{ headers = hdr, body = "e2" })
+        assert.equal(201, s2)
+        assert.equal(b1, b2)
+        assert.equal(1, #assert(db:query("SELECT k FROM effects")))
+      end)
+
       it("runs requests without a key unprotected when not required",
          function()
         local calls = 0
