@@ -287,11 +287,9 @@ paygate.route("GET", "/", function() return 200, "ok" end)
       assert.is_true(alive(pid))
       assert.not_equal(app.pid, pid)
     end
-    proc.kill_pid(old[1], proc.SIGKILL)
-    testing.wait_until(function()
-      local now = app:workers()
-      return #now == 2 and now[1] ~= old[1] and now[2] ~= old[1]
-    end, 15, "the killed worker replaced")
+    local now = app:kill_worker(old[1])
+    assert.equal(2, #now)
+    assert.is_true(now[1] ~= old[1] and now[2] ~= old[1])
     assert.same({}, proc.children(old[2] + 1e6))     -- no such process
   end)
 end)

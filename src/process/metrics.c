@@ -786,13 +786,17 @@ static void
 app_metrics(struct buf *b)
 {
     struct gw_app_series *all;
-    int n = 0, live = 0, maxn;
+    int n = 0, maxn = 0;
 
-    /* room for every series the live workers hold: none left out */
+    /* room for every series the live workers hold now (one a worker adds
+     * meanwhile shows at the next scrape) */
     for (int i = 0; i < shm->nslots; i++) {
-        live += shm->slots[i].pid > 0;
+        for (int j = 0; shm->slots[i].pid > 0 && j < GW_METRICS_APP_SERIES;
+             j++) {
+            maxn += __atomic_load_n(&shm->slots[i].app[j].used,
+                                    __ATOMIC_ACQUIRE) != 0;
+        }
     }
-    maxn = live * GW_METRICS_APP_SERIES;
     if (maxn == 0 || (all = calloc((size_t) maxn, sizeof(*all))) == NULL) {
         return;
     }

@@ -36,6 +36,7 @@ local fsm = require "paygate.fsm"
 local audit = require "paygate.audit"
 local reconcile = require "paygate.reconcile"
 local bill = require "paygate.reconcile.bill"
+local json = require "paygate.json"
 local civil = require "paygate.civil"
 local metrics = require "paygate.metrics"
 local model = require "gw.model"
@@ -766,11 +767,9 @@ function _M.bill_day(o)
   -- the counts the library's gauge now shows, kept for a worker that
   -- starts later (republish)
   local d = require("paygate.shared").get_dict("paygate")
-  local kept = {}
-  for kind, n in pairs(report.counts or {}) do
-    if kind ~= "total" then kept[#kept + 1] = kind .. "=" .. n end
+  if d then
+    d:set("gw:bill_counts:" .. mchid, json.encode(report.counts or {}))
   end
-  if d then d:set("gw:bill_counts:" .. mchid, table.concat(kept, ",")) end
   return report
 end
 
@@ -781,21 +780,13 @@ end
 local function republish(merchants)
   local d = require("paygate.shared").get_dict("paygate")
   if not d then return end
-  local mismatches
   for _, m in ipairs(merchants or {}) do
     local mchid = m.mchid
     local newest = d:get("gw:bill_newest:" .. mchid)
     local v = type(newest) == "string" and tonumber(newest:match("|(%d+)$"))
     if v then bill_failed(mchid, nil, v) end
-    local counts = d:get("gw:bill_counts:" .. mchid)
-    if type(counts) == "string" then
-      mismatches = mismatches or metrics.gauge(
-        "paygate_reconcile_bill_mismatches", "Mismatches found by the last"
-        .. " daily bill reconciliation, by kind (and merchant)")
-      for kind, n in counts:gmatch("([%w_]+)=(%d+)") do
-        mismatches:set(tonumber(n), { kind = kind, merchant = mchid })
-      end
-    end
+    local counts = json.decode(d:get("gw:bill_counts:" .. mchid) or "")
+    if type(counts) == "table" then bill.publish(counts, mchid) end
   end
 end
 

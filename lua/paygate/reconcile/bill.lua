@@ -533,8 +533,12 @@ end
 
 local gauge
 
--- (one series per kind, and per merchant where the run has a name: the
--- runs of several merchants do not overwrite one another's counts)
+--- syntax: bill.publish(counts, name)
+-- Sets paygate_reconcile_bill_mismatches to a report's counts (one series
+-- per kind, and per merchant where the run has a name: the runs of
+-- several merchants do not overwrite one another's counts). daily() does
+-- it; an app calls it to show a kept report again (a gauge goes with the
+-- worker that set it).
 local function publish(counts, name)
   if gauge == nil then
     local ok, metrics = pcall(require, "paygate.metrics")
@@ -548,6 +552,7 @@ local function publish(counts, name)
     end
   end
 end
+_M.publish = publish
 
 ---------------------------------------------------------------- daily
 

@@ -288,6 +288,23 @@ function Server:signal(sig) proc.kill_pid(self.pid, sig) end
 -- (pids, ascending): to kill one and see the master replace it
 function Server:workers() return proc.children(self.pid) end
 
+--- syntax: pids = srv:kill_worker(pid[, timeout])
+-- yields: SIGKILL to worker pid, then waits (timeout, default 15 s) until
+-- the master has replaced it: as many workers as before, pid not among
+-- them. returns: the workers' pids then.
+function Server:kill_worker(pid, timeout)
+  local n = #self:workers()
+  proc.kill_pid(pid, proc.SIGKILL)
+  return proc.wait_until(function()
+    local now = self:workers()
+    if #now ~= n then return false end
+    for _, p in ipairs(now) do
+      if p == pid then return false end
+    end
+    return now
+  end, timeout or 15, "worker " .. pid .. " replaced")
+end
+
 --- syntax: code = srv:stop([timeout[, keep_dir]])
 -- yields: TERM, wait for the exit (KILL after timeout, default 15 s), then
 -- removes its directory (kept with keep_dir until the busted run ends:
