@@ -8,7 +8,10 @@
 -- The registry lives in the instance's shared dict (paygate.shared
 -- "paygate"), so a fault set through one worker applies on every worker,
 -- and a fault with a count fires exactly count times across them (an
--- atomic incr per firing). Faults do not survive a restart.
+-- atomic incr per firing). Each fault is a key of its own under an id
+-- from an atomic counter (no list read, changed and written back: two
+-- workers adding at once would lose one); clearing raises a floor under
+-- which ids are gone. Faults do not survive a restart.
 --
 -- faults.take(endpoint[, phase]) -> the fault to apply now, or nil. Every
 -- /v3 route calls it once per request ("before" phase: latency, error,
@@ -49,7 +52,9 @@ local type, tostring, pairs, ipairs, error = type, tostring, pairs, ipairs,
 local _M = {}
 
 local DICT = "paygate"
-local K_LIST, K_GEN, K_ID = "sim:faults", "sim:faults:gen", "sim:faults:id"
+local K_GEN, K_ID, K_FLOOR = "sim:faults:gen", "sim:faults:id",
+                             "sim:faults:floor"
+local function def_key(id) return "sim:faults:def:" .. id end
 
 -- kind -> { phase = "before" | "after" | "notify" | ..., check = fn }
 -- An error fault's message when none is given: WeChat's words where the
@@ -170,12 +175,18 @@ end
 -- per worker: the list as last read and its generation
 local cache = { gen = -1, list = {} }
 
+-- (the generation is read before the faults: an add that lands while
+-- they are read moves it, and the next call reads them again)
 local function list()
   local d = dict()
   local gen = d:get(K_GEN) or 0
   if gen ~= cache.gen then
-    local l = json.decode(d:get(K_LIST) or "[]")
-    cache.list = type(l) == "table" and l or {}
+    local l = {}
+    for id = (d:get(K_FLOOR) or 0) + 1, d:get(K_ID) or 0 do
+      local f = json.decode(d:get(def_key(id)) or "null")
+      if type(f) == "table" then l[#l + 1] = f end
+    end
+    cache.list = l
     cache.gen = gen
   end
   return cache.list, d
@@ -222,20 +233,27 @@ function _M.add(spec)
   f.phase = k.phase
   local ok, why = k.check(f)
   if not ok then return nil, why end
-  local l, d = list()
-  f.id = d:incr(K_ID, 1, 0)
-  local new = {}
-  for _, old in ipairs(l) do new[#new + 1] = old end
-  new[#new + 1] = f
-  d:set(K_LIST, json.encode(new))
+  local d = dict()
+  local id, ierr = d:incr(K_ID, 1, 0)
+  if not id then return nil, "cannot number the fault: " .. tostring(ierr) end
+  f.id = id
+  local ok, serr = d:set(def_key(id), json.encode(f))
   d:incr(K_GEN, 1, 0)
+  if not ok then
+    return nil, "cannot store the fault: " .. tostring(type(serr) == "table"
+      and serr.message or serr)
+  end
   return f
 end
 
 --- syntax: faults.clear() -- removes every fault
 function _M.clear()
   local d = dict()
-  d:set(K_LIST, "[]")
+  local floor, top = d:get(K_FLOOR) or 0, d:get(K_ID) or 0
+  if top > floor then
+    d:set(K_FLOOR, top)
+    for id = floor + 1, top do d:delete(def_key(id)) end
+  end
   d:incr(K_GEN, 1, 0)
 end
 
