@@ -382,6 +382,46 @@ describe("the daily trade bill", function()
     assert.equal(2, waits)
   end)
 
+  it("keeps the lease through a STATEMENT_CREATING pause longer than it:"
+     .. " on_wait at least every second of the pause", function()
+    -- (the pause is 5 s, no jitter; a lease of, say, 2 s held by the
+    -- runner's keepalive must be renewed within it)
+    local slept, calls, gaps = 0, {}, {}
+    local r, err = bill.fetch(wx, beijing_date(core.time() - 86400), {
+      path = dir .. "/x.csv",
+      retry = { attempts = 2, first = 5, jitter = "none" },
+      sleep = function(s) slept = slept + s end,
+      on_wait = function()
+        calls[#calls + 1] = slept
+        return true
+      end })
+    assert.is_nil(r)
+    assert.equal("statement_creating", err.kind)
+    assert.equal(5, slept)
+    -- the sleep between one call of on_wait and the next (or the pause's
+    -- end)
+    calls[#calls + 1] = slept
+    for i = 2, #calls do gaps[#gaps + 1] = calls[i] - calls[i - 1] end
+    for _, g in ipairs(gaps) do
+      assert.is_true(g <= 1, "a sleep of " .. g .. " s without"
+                     .. " on_wait")
+    end
+    -- and a lost lease ends the pause at once
+    local n = 0
+    r, err = bill.fetch(wx, beijing_date(core.time() - 86400), {
+      path = dir .. "/x.csv",
+      retry = { attempts = 2, first = 5, jitter = "none" },
+      sleep = function(s) slept = slept + s end,
+      on_wait = function()
+        n = n + 1
+        if n == 2 then return nil, core.error("lost", "lease lost") end
+        return true
+      end })
+    assert.is_nil(r)
+    assert.equal("lost", err.kind)
+    assert.equal(2, n)
+  end)
+
   it("NO_STATEMENT_EXIST is an empty day: local paid rows are missing"
      .. " remotely", function()
     local day = beijing_date(core.time() - 3 * 86400)

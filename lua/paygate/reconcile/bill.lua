@@ -118,6 +118,10 @@ local function check_date(fname, date)
   end
 end
 
+-- with on_wait, the longest sleep between two calls of it while
+-- STATEMENT_CREATING is waited out (s)
+_M.WAIT_STEP = 1
+
 local function schedule(opts)
   -- required here, not at the top: paygate.reconcile requires this file
   return require("paygate.reconcile").schedule(opts)
@@ -128,9 +132,10 @@ end
 -- ("ALL"), retry = { attempts = 6, first = 60, factor = 2, ceiling = 1800,
 -- jitter = "equal", random } (for STATEMENT_CREATING), sleep (fn(s),
 -- default core.sleep), on_wait (fn() -> ok, err: called before each
--- pause and during the download, e.g. the runner's keepalive, so that a
--- wait or a download longer than the lease keeps it; a failure ends the
--- wait or the download with that error).
+-- pause and at least every WAIT_STEP s of it, and during the download,
+-- e.g. the runner's keepalive, so that a wait or a download longer than
+-- the lease keeps it; a failure ends the wait or the download with that
+-- error).
 -- returns: the download's info ({ path, bytes, sha1, ... }), false for
 -- NO_STATEMENT_EXIST (a day without trades), or nil, err
 -- (statement_creating after the last attempt, retryable; any other)
@@ -161,13 +166,22 @@ function _M.fetch(wx, date, opts)
     if err.kind ~= "statement_creating" or n == attempts then
       return nil, err
     end
-    if opts.on_wait then
-      local ok, werr = opts.on_wait()
-      if not ok then
-        return nil, werr
+    -- with on_wait, the pause is slept in steps of at most WAIT_STEP s,
+    -- on_wait before each: a pause longer than the lease (up to the
+    -- ceiling, 1800 s) would let the lease expire in the middle of it,
+    -- and another instance start the same day's bill
+    local d = s:delay(n)
+    repeat
+      if opts.on_wait then
+        local ok, werr = opts.on_wait()
+        if not ok then
+          return nil, werr
+        end
       end
-    end
-    sleep(s:delay(n))
+      local step = (opts.on_wait and d > _M.WAIT_STEP) and _M.WAIT_STEP or d
+      sleep(step)
+      d = d - step
+    until d <= 0
   end
   local on_wait = opts.on_wait
   return wx:download_bill(b, opts.path, { on_progress = on_wait
