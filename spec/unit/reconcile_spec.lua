@@ -1085,5 +1085,32 @@ describe("bill.records", function()
     assert.is_nil(r)
     assert.equal("bad_amount", err.kind)
     assert.equal(1, err.line)
+    -- the message (what the log and the console show; the bill itself
+    -- is removed once read) names the column and the line
+    assert.equal("bad_amount: bill: amount \"1e2\" is not a yuan amount"
+                 .. " (订单金额 of record 1, line 2 of the file)",
+                 tostring(err))
+    -- a refund line's, a few records down
+    f = assert(io.open(path, "wb"))
+    f:write("\239\187\191商户订单号,交易状态,订单金额,商户退款单号,申请退款金额"
+            .. "\r\n`T1,`SUCCESS,`1.00,`0,`0.00\r\n\r\n`T1,`REFUND,`0.00,`R1,"
+            .. "`1,000.00\r\n")
+    f:close()
+    r, err = bill.records(path)
+    assert.is_nil(r)
+    assert.equal("bad_amount", err.kind)
+    assert.same({ 2, 4, "申请退款金额" }, { err.line, err.file_line,
+                                            err.column })
+    assert.matches("(申请退款金额 of record 2, line 4 of the file)", tostring(err),
+                   1, true)
+    -- a bill without an amount column at all says so
+    f = assert(io.open(path, "wb"))
+    f:write("商户订单号,交易状态,金额\r\n`T1,`SUCCESS,`1.00\r\n")
+    f:close()
+    r, err = bill.records(path)
+    assert.is_nil(r)
+    assert.equal("bad_amount: bill: no amount: the header has no 订单金额 or"
+                 .. " 应结订单金额 of record 1, line 2 of the file",
+                 tostring(err))
   end)
 end)

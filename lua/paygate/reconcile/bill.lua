@@ -188,6 +188,21 @@ function _M.fetch(wx, date, opts)
     and function() return on_wait() end })
 end
 
+-- A bad amount of record n (line file_line of the file), in column col:
+-- the message says where (the bill is removed once read, and a log or
+-- the console shows the message, not the error's fields)
+local function amount_error(err, col, n, file_line, missing)
+  err.line, err.file_line, err.column = n, file_line, col
+  local at = " of record " .. n .. ", line " .. tostring(file_line)
+             .. " of the file"
+  if missing then
+    err.message = "bill: no amount: the header has no " .. missing .. at
+  else
+    err.message = err.message .. " (" .. col .. at .. ")"
+  end
+  return nil, err
+end
+
 -- syntax: remote, err = bill.records(path[, on_wait])
 -- Reads a downloaded trade bill, letting other coroutines run every
 -- YIELD_EVERY records; on_wait (as bill.fetch's) is called there too, and
@@ -266,11 +281,11 @@ function _M.records(path, on_wait)
         -- the amount asked for (申请退款金额), as the local refund
         -- holds it; 退款金额 is that less non-recharge coupons (older
         -- bills have only it)
-        local amount, err = _M.parse_fen(row["申请退款金额"]
-                                         or row["退款金额"])
+        local col = row["申请退款金额"] and "申请退款金额" or "退款金额"
+        local amount, err = _M.parse_fen(row[col])
         if not amount then
-          err.line, err.file_line = n, row.line
-          return nil, err
+          return amount_error(err, col, n, row.line, row[col] == nil
+                              and "申请退款金额 or 退款金额")
         end
         if type(rno) ~= "string" or rno == "" or rno == "0" then
           return fail("bad_bill", "bill: refund line " .. n
@@ -288,11 +303,11 @@ function _M.records(path, on_wait)
           refunds[rno] = rec
         end
       else
-        local amount, err = _M.parse_fen(row["订单金额"]
-                                         or row["应结订单金额"])
+        local col = row["订单金额"] and "订单金额" or "应结订单金额"
+        local amount, err = _M.parse_fen(row[col])
         if not amount then
-          err.line, err.file_line = n, row.line
-          return nil, err
+          return amount_error(err, col, n, row.line, row[col] == nil
+                              and "订单金额 or 应结订单金额")
         end
         local rec = { amount = amount, state = state,
                       transaction_id = row["微信订单号"] }
