@@ -497,7 +497,9 @@ describe("errors and retries", function()
       { 403, "OUT_TRADE_NO_USED", "out_trade_no_used" },
       { 403, "NOTENOUGH", "not_enough" }, { 401, "SIGN_ERROR", "sign_error" },
       { 400, "INVALID_REQUEST", "invalid_request" },
-      { 404, "WHATEVER", "not_found" }, { 418, nil, "http_error" } }
+      { 404, "WHATEVER", "not_found" }, { 418, nil, "http_error" },
+      -- a 404 without WeChat's error shape is no "order does not exist"
+      { 404, nil, "http_error" } }
     local responses = {}
     for i, c in ipairs(cases) do
       responses[i] = { status = c[1], body = c[2] and json.encode{ code = c[2],

@@ -111,6 +111,11 @@ function _M.from_response(what, res)
   local known = code and CODES[code:upper():gsub("_", "")]
   if known then
     kind, retryable = known[1], known[2]
+  elseif status == 404 and not code then
+    -- WeChat's errors carry a code: a bare 404 is a proxy's or a wrong
+    -- base_url's page, never WeChat saying there is no such order (an
+    -- order taken as absent could be closed locally while paid)
+    kind, retryable = "http_error", false
   else
     kind, retryable = by_status(status)
   end
