@@ -14,7 +14,8 @@ local dir, sim, wc, serial
 local function download(o)
   return diagpki.run(dir, { "certs", "--json", "--download", wc.base_url,
     "--mchid", o.mchid or wc.mchid, "--key", o.key or wc.merchant_private_key,
-    "--serial", o.serial or serial, "--apiv3-key-file", dir .. "/apiv3",
+    "--serial", o.serial or serial, "--apiv3-key-file",
+    o.apiv3_file or dir .. "/apiv3",
     "--out", dir .. "/dl" }, 60)
 end
 
@@ -72,6 +73,28 @@ describe("paygate certs --download", function()
     assert.equal(2, code, out)
     assert.matches("no PEM block", out, 1, true)
     assert.is_nil(out:find(wc.apiv3_key, 1, true))
+  end)
+end)
+
+describe("paygate certs --download with an APIv3 key of the wrong length", function()
+  -- named as paygate decrypt names it, by the option given (the client's
+  -- config key wechatpay.apiv3_key was named, with no cause)
+  it("names the option and what the key is", function()
+    diagpki.write(dir .. "/apiv3_hex", crypto.hex(wc.apiv3_key))
+    local code, out, r = download{ apiv3_file = dir .. "/apiv3_hex" }
+    assert.equal(1, code, out)
+    local x = r[#r]
+    assert.equal("apiv3_key_length", x.kind)
+    assert.matches("--apiv3-key-file", x.cause, 1, true)
+    assert.matches("64 hex digits", x.cause, 1, true)
+    assert.matches("never decoded", x.fix, 1, true)
+    assert.is_nil(out:find("wechatpay.apiv3_key", 1, true))
+    assert.is_nil(out:find(crypto.hex(wc.apiv3_key), 1, true))
+    diagpki.write(dir .. "/apiv3_short", "abc")
+    code, out, r = download{ apiv3_file = dir .. "/apiv3_short" }
+    assert.equal(1, code, out)
+    assert.equal("apiv3_key_length", r[#r].kind)
+    assert.matches("3 bytes; it is exactly 32", r[#r].cause, 1, true)
   end)
 end)
 

@@ -189,6 +189,14 @@ local function download(o, out)
   local key, keypem = common.private_key_file(o["--key"], "--key")
   out:secret(apiv3)
   out:secret(keypem)
+  -- named by the option given and by what the key is (hex, base64, a PEM
+  -- file...), as paygate decrypt names it: the client's own check would
+  -- name its config key, wechatpay.apiv3_key, which the user never wrote
+  local cause, fix = common.apiv3_key_problem(apiv3)
+  if cause then
+    out:fail("apiv3_key_length", "--apiv3-key-file: " .. cause, nil, fix)
+    return 1
+  end
   local wechatpay = require "paygate.wechatpay"
   local sign = require "paygate.wechatpay.sign"
   local wx, err = wechatpay.client{
