@@ -96,3 +96,45 @@ return c
     assert.equal("shop", assert(s:request("/name")).body)
   end)
 end)
+
+describe("a top-level key one slip from a runtime key", function()
+  -- `worker = 3` was taken as the app's key without a word, and the
+  -- runtime kept its default (a worker per core): named in a warning now,
+  -- at the start and at a reload; the app still sees the key
+  it("is named with the runtime key it looks like, and left to the app",
+     function()
+    local s = server.start{ source = [[
+local paygate = require "paygate"
+paygate.route("GET", "/worker", function()
+  return 200, tostring(paygate.config.worker)
+end)
+]], config = [[
+return { worker = 3, ["log-level"] = "warn", Listen = "x", limit = {},
+         shutdown_timout = 5, db = "sqlite:x", ttl = 3, gateway = {},
+         merchants = {}, state_dir = "x" }
+]] }
+    finally(function() s:stop() end)
+    assert.equal("3", assert(s:request("/worker")).body)
+    local logs = s:logs()
+    for _, pair in ipairs({ { "worker", "workers" },
+                            { "log-level", "log_level" },
+                            { "Listen", "listen" }, { "limit", "limits" },
+                            { "shutdown_timout", "shutdown_timeout" } }) do
+      assert.matches("'" .. pair[1] .. "' (did you mean '" .. pair[2]
+                     .. "'?)", logs, 1, true)
+    end
+    assert.matches("not runtime keys, so the runtime does not read them",
+                   logs, 1, true)
+    -- an app's own keys are not named: short ones, and ones far from any
+    for _, k in ipairs({ "'db'", "'ttl'", "'gateway'", "'merchants'",
+                         "'state_dir'" }) do
+      assert.is_nil(logs:find(k, 1, true), k)
+    end
+    -- a reload reads the file again, and names a new slip
+    write(s.config_file, "return { worker = 3, admn = 'off' }\n")
+    local code, out = try_reload(s)
+    assert.equal(0, code, out)
+    assert.matches("reload: config " .. s.config_file .. ": 'admn' (did "
+                   .. "you mean 'admin'?)", s:logs(), 1, true)
+  end)
+end)

@@ -2,6 +2,7 @@
  * config.c -- see config.h.
  */
 #include <arpa/inet.h>
+#include <ctype.h>
 #include <errno.h>
 #include <netdb.h>
 #include <netinet/in.h>
@@ -96,6 +97,103 @@ static const struct key limit_keys[] = {
     { "request_timeout", 'n', L_(request_timeout) },
     { NULL, 0, 0, 0 }
 };
+
+/* The top-level keys the runtime reads: top_keys and these. */
+static const char *const other_top_keys[] = {
+    "log_level", "access_log", "tls", "shared", "limits", NULL
+};
+
+/* Whether name is one slip from key (but not key): the same but for case
+ * or '-' for '_', or, for a key of 4 characters or more, one character
+ * left out, added, changed or two swapped (two such for 8 or more). */
+static int
+near_key(const char *name, const char *key)
+{
+    size_t n = strlen(name), k = strlen(key);
+    unsigned char d[66][66];
+    size_t most = k >= 8 ? 2 : k >= 4 ? 1 : 0;
+    int same = n == k;
+
+    if (strcmp(name, key) == 0) {
+        return 0;
+    }
+    for (size_t i = 0; same && i < n; i++) {
+        int a = name[i] == '-' ? '_' : tolower((unsigned char) name[i]);
+
+        same = a == key[i];
+    }
+    if (same) {
+        return 1;
+    }
+    if (most == 0 || n > 64 || (n > k ? n - k : k - n) > most) {
+        return 0;
+    }
+    /* optimal string alignment distance */
+    for (size_t i = 0; i <= n; i++) {
+        d[i][0] = (unsigned char) i;
+    }
+    for (size_t j = 0; j <= k; j++) {
+        d[0][j] = (unsigned char) j;
+    }
+    for (size_t i = 1; i <= n; i++) {
+        for (size_t j = 1; j <= k; j++) {
+            int cost = name[i - 1] != key[j - 1];
+            int v = d[i - 1][j] + 1;
+
+            if (d[i][j - 1] + 1 < v) {
+                v = d[i][j - 1] + 1;
+            }
+            if (d[i - 1][j - 1] + cost < v) {
+                v = d[i - 1][j - 1] + cost;
+            }
+            if (i > 1 && j > 1 && name[i - 1] == key[j - 2]
+                && name[i - 2] == key[j - 1] && d[i - 2][j - 2] + 1 < v) {
+                v = d[i - 2][j - 2] + 1;
+            }
+            d[i][j] = (unsigned char) v;
+        }
+    }
+    return d[n][k] <= most;
+}
+
+/* Names in o->near_miss each top-level key of table t that is not a
+ * runtime key but one slip from one: a typo that would otherwise leave
+ * the runtime's default in place without a word. */
+static void
+find_near_misses(lua_State *L, int t, struct gw_opts *o)
+{
+    o->near_miss[0] = '\0';
+    lua_pushnil(L);
+    while (lua_next(L, t) != 0) {
+        const char *name, *hit = NULL;
+        int known = 0;
+
+        lua_pop(L, 1);
+        if (lua_type(L, -1) != LUA_TSTRING) {
+            continue;
+        }
+        name = lua_tostring(L, -1);
+        for (const struct key *x = top_keys; x->name != NULL; x++) {
+            known = known || strcmp(x->name, name) == 0;
+            if (hit == NULL && near_key(name, x->name)) {
+                hit = x->name;
+            }
+        }
+        for (const char *const *x = other_top_keys; *x != NULL; x++) {
+            known = known || strcmp(*x, name) == 0;
+            if (hit == NULL && near_key(name, *x)) {
+                hit = *x;
+            }
+        }
+        if (!known && hit != NULL) {
+            size_t len = strlen(o->near_miss);
+
+            snprintf(o->near_miss + len, sizeof(o->near_miss) - len,
+                     "%s'%.40s' (did you mean '%s'?)", len ? ", " : "",
+                     name, hit);
+        }
+    }
+}
 
 /* Reads t[k] per keys; strict == 1 rejects unknown keys. */
 static int
@@ -312,6 +410,7 @@ gw_opts_load_file(struct gw_opts *o, const char *path, char *err,
     if (read_keys(L, 1, "config", top_keys, 0, o, err, errlen) != GW_OK) {
         goto done;
     }
+    find_near_misses(L, 1, o);
     lua_pushliteral(L, "workers");
     lua_rawget(L, 1);    /* raw: a metatable must not run here, unprotected */
     if (!lua_isnil(L, -1) && o->workers > GW_MAX_WORKERS) {

@@ -39,6 +39,10 @@ struct gw_opts {
         size_t            size;           /* bytes */
     }                     shared[GW_SHD_MAX_DICTS]; /* config `shared` */
     int                   nshared;
+    char                  near_miss[256]; /* top-level keys of the file
+                                             that look like a misspelt
+                                             runtime key ("'worker' (did
+                                             you mean 'workers'?)"), or "" */
 };
 
 /* The most workers `paygate run` takes (--workers, config workers). */
@@ -50,7 +54,9 @@ void gw_opts_defaults(struct gw_opts *o);
 /*
  * Reads the config file's known keys into o. Unknown top-level keys are
  * the app's (paygate.config); unknown keys inside limits/tls are typos and
- * an error. Returns GW_OK, or GW_ERR with a one-line reason in err.
+ * an error. A top-level key one slip from a runtime key (`worker`,
+ * `log-level`, `Listen`) is still the app's, and named in o->near_miss
+ * for a warning. Returns GW_OK, or GW_ERR with a one-line reason in err.
  */
 int gw_opts_load_file(struct gw_opts *o, const char *path, char *err,
                       size_t errlen);

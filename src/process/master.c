@@ -605,6 +605,12 @@ on_hup(evutil_socket_t sig, short what, void *arg)
             reload_status(0, err);
             return;
         }
+        if (file_now.near_miss[0] != '\0') {
+            gw_log(GW_LOG_WARN, "reload: config %s: %s: not runtime keys, "
+                                "so the runtime does not read them (the app "
+                                "sees them in paygate.config)",
+                   m.o->config_file, file_now.near_miss);
+        }
         if (have_file_start) {
             gw_opts_diff(&file_start, &file_now, m.not_applied,
                          sizeof(m.not_applied));
@@ -971,6 +977,12 @@ gw_master_main(struct gw_opts *o, const struct gw_opts *file)
     m.o = o;
     m.admin_fd = -1;
     gw_log_min = o->log_level;
+    if (o->near_miss[0] != '\0') {
+        gw_log(GW_LOG_WARN, "config %s: %s: not runtime keys, so the "
+                            "runtime does not read them (the app sees them "
+                            "in paygate.config)", o->config_file,
+               o->near_miss);
+    }
     if (file != NULL) {
         file_start = *file;     /* the baseline of a reload's check */
         have_file_start = 1;
