@@ -50,6 +50,9 @@ local function count_alarm(tx, kind)
   tx:on_commit(function() count_now(kind) end)
 end
 
+--- syntax: apply.count_alarm(tx, kind) -- counted once tx commits
+_M.count_alarm = count_alarm
+
 --- syntax: n = apply.alarms(kind) -- alarms raised since start (all workers)
 function _M.alarms(kind)
   return tonumber(shared.get_dict("paygate"):get("gw:alarms:" .. kind)) or 0

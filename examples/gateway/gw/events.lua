@@ -26,7 +26,7 @@ local SHORT = {
 _M.TYPES = {
   "payment.paying", "payment.paid", "payment.closed", "payment.failed",
   "payment.unknown", "payment.partially_refunded", "payment.refunded",
-  "refund.succeeded", "refund.abnormal", "refund.closed",
+  "refund.succeeded", "refund.abnormal", "refund.closed", "refund.failed",
   "payment.late_paid", "alarm.amount_mismatch", "alarm.merchant_mismatch",
   "alarm.order_mismatch",
 }

@@ -7,7 +7,7 @@
 -- Event types: payment.paying, payment.paid, payment.closed,
 -- payment.failed, payment.unknown, payment.refunded,
 -- payment.partially_refunded, payment.late_paid, refund.succeeded,
--- refund.abnormal, refund.closed, alarm.amount_mismatch,
+-- refund.abnormal, refund.closed, refund.failed, alarm.amount_mismatch,
 -- alarm.merchant_mismatch, alarm.order_mismatch (on_alarm: the three
 -- alarms). A function under any
 -- other name (a misspelt on_payed), or a file that does not load, stops

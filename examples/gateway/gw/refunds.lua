@@ -7,6 +7,7 @@ local json = require "paygate.json"
 local model = require "gw.model"
 local apply = require "gw.apply"
 local payments = require "gw.payments"
+local events = require "gw.events"
 
 local type, tostring, ipairs = type, tostring, ipairs
 
@@ -42,6 +43,32 @@ local NOT_SENT = { degraded = true, circuit_open = true }
 -- as its notification would be; any other status as accepted.
 local STATUSES = { SUCCESS = true, PROCESSING = true, CLOSED = true,
                    ABNORMAL = true }
+
+-- Refund row now failed (WeChat refused it, or the merchant API's call of
+-- it was never made: not_sent): no money goes back through it. Said as
+-- refund.failed, as every settled refund has its event: the merchant's
+-- systems may not hear of it
+-- otherwise (an automatic refund of a late payment, announced by
+-- payment.late_paid with action "refund"; a refund the refund checks
+-- sent again after its request died or was answered 504). An automatic
+-- one also raises an alarm (refund_failed): the money stays with the
+-- merchant until a person gives it back.
+local function refund_failed(tx, rf, werr)
+  local p, err = model.payment(tx, rf.payment_id)
+  if not p then return nil, err or paygate.error("not_found", "payment") end
+  if rf.kind ~= "merchant" then
+    tx:on_commit(function()
+      paygate.log.error("gateway: WeChat Pay refused an automatic refund;"
+        .. " the money stays with the merchant until a person returns it", {
+          payment = p.id, refund = rf.id, kind = rf.kind,
+          out_trade_no = rf.out_trade_no, amount = rf.amount,
+          wechat_kind = werr.kind, wechat_code = werr.code })
+    end)
+    apply.count_alarm(tx, "refund_failed")
+  end
+  return events.emit(tx, "refund.failed", p, rf,
+                     { wechat_kind = werr.kind, wechat_code = werr.code })
+end
 
 --- syntax: row, how, err = refunds.send(id[, finish[, actor]])
 -- Sends refund `id` (state created or unknown) to WeChat and applies the
@@ -96,6 +123,11 @@ function _M.send(id, finish, actor)
           evidence = { kind = werr.kind, code = werr.code },
           set = { updated_at = model.time() } })
         if not res then return nil, terr end
+        if event == "rejected" then
+          local ok
+          ok, terr = refund_failed(tx, res.row, werr)
+          if not ok then return nil, terr end
+        end
       end
     end
     row, terr = model.refund(tx, id)
@@ -163,6 +195,9 @@ local function not_sent(tx, row, werr, actor, earlier)
       set = { request_key = json.null, updated_at = model.time() } })
     if not res then return nil, err end
     row = res.row
+    local ok
+    ok, err = refund_failed(tx, row, werr)
+    if not ok then return nil, err end
     eb.message = "WeChat Pay was not called (" .. tostring(werr) .. "):"
       .. " no refund was made, and this one is failed; retry (with any"
       .. " Idempotency-Key) once calls go out again"

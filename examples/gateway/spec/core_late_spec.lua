@@ -101,6 +101,42 @@ describe("gateway late payments", function()
     end, 10, "the automatic refund")
   end)
 
+  it("raises an alarm when WeChat refuses the automatic refund", function()
+    local p = gw:create{ amount = 80 }
+    close_lies(sim)
+    assert.equal(200, gw:call("POST", "/v1/payments/" .. p.id
+                              .. "/close").status)
+    -- WeChat refuses the refund of the money taken after the close: it
+    -- stays with the merchant, and only a person can give it back
+    sim:fault{ endpoint = "refund", kind = "error", status = 403,
+               code = "NOT_ENOUGH", count = 1 }
+    sim:pay_and_wait(p.out_trade_no)
+    gw:wait_state(p.id, "paid")
+    testing.wait_until(function()
+      local r = gw:get(p.id).refunds[1]
+      return r and r.state == "failed"
+    end, 10, "the automatic refund refused")
+    local rf = gw:get(p.id).refunds[1]
+    assert.equal("late_payment", rf.kind)
+    -- the merchant's systems are told (they were told action "refund"
+    -- by payment.late_paid), and so is whoever watches the alarms
+    local types, rows = events_of(gw, p.id)
+    assert.is_true(has(types, "refund.failed"), table.concat(types, " "))
+    for _, r in ipairs(rows) do
+      if r.type == "refund.failed" then
+        assert.matches('"kind":"late_payment"', r.payload, 1, true)
+        assert.matches('"wechat_code":"NOT_ENOUGH"', r.payload, 1, true)
+      end
+    end
+    local http = require "paygate.http"
+    testing.wait_until(function()
+      local m = assert(http.request{ url = "http://127.0.0.1:"
+                                     .. gw.srv.admin .. "/metrics" })
+      return m.body:find('paygate_gateway_alarms_total{kind="refund_failed"}'
+                         .. ' 1', 1, true)
+    end, 10, "the alarm counted")
+  end)
+
   it("raises an alarm event instead with on_late_payment = alarm",
      function()
     local p = gw_alarm:create{ amount = 70 }

@@ -98,7 +98,8 @@ local NOT_TRANSITIONS = { ["payment.attempt"] = true,
 local PAY_EVENTS = { paying = true, paid = true, closed = true, failed = true,
                      unknown = true, partially_refunded = true,
                      refunded = true }
-local REFUND_EVENTS = { succeeded = true, abnormal = true, closed = true }
+local REFUND_EVENTS = { succeeded = true, abnormal = true, closed = true,
+                        failed = true }
 
 function _M.new(o)
   local sim, gw, wx, SEED = o.sim, o.gw, o.wx, o.seed
