@@ -134,7 +134,11 @@ return { worker = 3, ["log-level"] = "warn", Listen = "x", limit = {},
     write(s.config_file, "return { worker = 3, admn = 'off' }\n")
     local code, out = try_reload(s)
     assert.equal(0, code, out)
-    assert.matches("reload: config " .. s.config_file .. ": 'admn' (did "
-                   .. "you mean 'admin'?)", s:logs(), 1, true)
+    -- (the keys are named in the table's order, which Lua does not fix)
+    local line = s:logs():match("reload: config [^\n]*")
+    assert.is_truthy(line, "no reload warning")
+    assert.matches("reload: config " .. s.config_file .. ": ", line, 1, true)
+    assert.matches("'admn' (did you mean 'admin'?)", line, 1, true)
+    assert.matches("'worker' (did you mean 'workers'?)", line, 1, true)
   end)
 end)
