@@ -391,14 +391,20 @@ function _M.verify_webhook(secret, header, body, opts)
   if type(body) ~= "string" then
     return bad("bad_header", "no body")
   end
-  local t, sigs = nil, {}
+  -- t is signed as sent (t_text): a sender's "t=0170..." is not the same
+  -- signed text as "t=170...", and one timestamp only (which of two would
+  -- be the signed one is a guess a receiver in another language may make
+  -- the other way)
+  local t, t_text, sigs = nil, nil, {}
   for part in header:gmatch("[^,]+") do
     local k, v = part:match("^%s*([%w]+)=([^%s]*)%s*$")
     if k == "t" then
+      if t then return bad("bad_header", "more than one timestamp") end
       t = v:match("^%d+$") and tonumber(v) or nil
       if not t or #v > 12 then
         return bad("bad_header", "bad timestamp")
       end
+      t_text = v
     elseif k == "v1" and v:match("^%x+$") and #v == 64 then
       sigs[#sigs + 1] = v:lower()
     end
@@ -411,7 +417,7 @@ function _M.verify_webhook(secret, header, body, opts)
   end
   local matched = false
   for _, s in ipairs(secrets) do
-    local want = hex_hmac(s, t, body)
+    local want = hex_hmac(s, t_text, body)
     for _, got in ipairs(sigs) do
       if crypto.constant_time_equal(want, got) then
         matched = true

@@ -239,6 +239,29 @@ describe("outbox.verify_webhook", function()
     local ok, err = outbox.verify_webhook(secret, nil, body)
     assert.is_nil(ok)
     assert.equal("bad_header", err.kind)
+    -- two timestamps: which one is signed is not guessed
+    local h = outbox.sign_webhook(secret, body, 1700000000)
+    ok, err = outbox.verify_webhook(secret, h .. ",t=1700000000", body,
+                                    { now = 1700000000 })
+    assert.is_nil(ok)
+    assert.equal("bad_header", err.kind)
+  end)
+
+  it("checks the timestamp as sent: a leading zero is another text",
+     function()
+    -- HMAC over "0" .. t .. "." .. body: what a receiver that signs the
+    -- header's text (as docs/gateway.md's Python one does) accepts
+    local crypto = require "paygate.crypto"
+    local v1 = crypto.hex(crypto.hmac("sha256", secret,
+                                      "01700000000." .. body))
+    assert.is_true(outbox.verify_webhook(secret, "t=01700000000,v1=" .. v1,
+                                         body, { now = 1700000000 }))
+    -- and the signature over "1700000000" does not pass as "01700000000"
+    local h = outbox.sign_webhook(secret, body, 1700000000)
+    local ok, err = outbox.verify_webhook(secret, h:gsub("t=", "t=0"), body,
+                                          { now = 1700000000 })
+    assert.is_nil(ok)
+    assert.equal("bad_signature", err.kind)
   end)
 
   it("accepts any of several secrets and several v1 entries (rotation)",
@@ -265,6 +288,10 @@ describe("outbox.verify_webhook", function()
     local snippet = assert(doc:match("```python\n(# the same in Python\n"
                                      .. ".-)```"), "the Python snippet")
     local now = math.floor(core.time())
+    local crypto = require "paygate.crypto"
+    local function crypto_hex_hmac(t)
+      return crypto.hex(crypto.hmac("sha256", secret, t .. "." .. body))
+    end
     local good = outbox.sign_webhook(secret, body, now)
     local sig = good:match("v1=(%x+)")
     local cases = {
@@ -276,6 +303,9 @@ describe("outbox.verify_webhook", function()
       { "t=" .. now .. ",v1=\195\169", false },     -- v1=é
       { json.null, false },                            -- no header
       { "", false }, { "t=,v1=", false }, { ",,,=,=", false },
+      { good .. ",t=" .. now, false },                 -- two timestamps
+      { good:gsub("t=", "t=0"), false },               -- t as sent
+      { "t=0" .. now .. ",v1=" .. crypto_hex_hmac("0" .. now), true },
     }
     local dir = servers.mktemp()
     local input = {}
@@ -307,6 +337,12 @@ for h in cases["headers"]:
                    "case " .. i .. ": " .. tostring(cases[i][1]))
     end
     assert.equal(#cases, i, out)
+    -- and verify_webhook gives each case the same answer
+    for k, c in ipairs(cases) do
+      local h = c[1] ~= json.null and c[1] or nil
+      assert.equal(c[2], outbox.verify_webhook(secret, h, body) == true,
+                   "verify_webhook, case " .. k)
+    end
   end)
 end)
 
