@@ -97,6 +97,17 @@ describe("paygate.shared", function()
       assert.equal(1024 * 1024, #big:get("max"))
     end)
 
+    it("keeps a key's value when a set over it is too_large", function()
+      local d = fresh("256k")
+      assert.is_true(d:set("k", "old"))
+      local ok, err = d:set("k", ("x"):rep(70000))
+      assert.is_nil(ok)
+      assert.equal("too_large", err.kind)
+      assert.equal("old", d:get("k"))
+      assert.equal(1, d:stats().entries)
+    end)
+
+
     it("finds every one of many keys", function()
       local d = fresh("4m")
       for i = 1, 10000 do assert.is_true(d:set("key:" .. i, i)) end

@@ -749,8 +749,12 @@ gw_shdict_set(struct gw_shdict *d, const char *key, size_t klen,
     double now;
     enum gw_shd_rc rc = GW_SHD_OK;
 
+    /* every size check before the old entry goes: a refused value
+     * leaves the key's value as it was */
     if (klen == 0 || klen > GW_SHD_MAX_KEY
-        || (v->type == GW_SHD_STRING && v->len > GW_SHD_MAX_VALUE)) {
+        || (v->type == GW_SHD_STRING && (v->len > GW_SHD_MAX_VALUE
+                                         || cells_for(klen, v->len)
+                                            > d->max_cells))) {
         return GW_SHD_TOO_LARGE;
     }
     h = hash_key(d, key, klen);
