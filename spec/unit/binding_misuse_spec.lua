@@ -85,6 +85,13 @@ local CASES = {
     "http.request: opts.resolve must be an array of strings" },
   { function() http.request{ url = 1 } end,
     "http.request: opts.url must be a string" },
+  -- a NUL would cut the header short in curl's C string: refused as CR
+  { function() http.request{ url = URL, headers = { ["X-A"] = "a\r\nb" } }
+    end, "http.request: header X-A has CR, LF, NUL or a colon in it" },
+  { function() http.request{ url = URL, headers = { ["X-A"] = "a\0b" } } end,
+    "http.request: header X-A has CR, LF, NUL or a colon in it" },
+  { function() http.request{ url = URL, headers = { ["X-A\0B"] = "v" } } end,
+    "http.request: header X-A" },
   { function() http.request{ url = URL, sink = print, timout = 1 } end,
     "http.request: unknown option opts.timout" },
   -- zlib.inflate

@@ -1038,11 +1038,14 @@ op_setup(lua_State *L, int stream)
             }
             k = lua_tolstring(L, -2, &kl);
             v = lua_tolstring(L, -1, &vl);
+            /* a NUL would end the line where curl reads it (a C
+             * string): the value or the header silently cut short */
             if (memchr(k, '\n', kl) || memchr(k, '\r', kl)
                 || memchr(v, '\n', vl) || memchr(v, '\r', vl)
+                || memchr(k, '\0', kl) || memchr(v, '\0', vl)
                 || memchr(k, ':', kl) || kl == 0) {
                 op_free(op);
-                gw_raise(L, "http.request: header %s has CR, LF or a "
+                gw_raise(L, "http.request: header %s has CR, LF, NUL or a "
                          "colon in it", k);
                 return NULL;
             }
