@@ -116,6 +116,34 @@ err:
 }
 
 /*
+ * Puts leaf, chain and pkey in ctx, or (s not NULL) in the connection s
+ * only. 1 when OpenSSL took all of it. The leaf first: OpenSSL drops the
+ * old key when it does not match the new certificate, then the new key
+ * goes in; no handshake can run in between (one thread).
+ */
+static int
+use_set(SSL_CTX *ctx, SSL *s, X509 *leaf, STACK_OF(X509) *chain,
+        EVP_PKEY *pkey)
+{
+    int i, ok;
+
+    ok = (s != NULL ? SSL_use_certificate(s, leaf)
+                      && SSL_clear_chain_certs(s)
+                    : SSL_CTX_use_certificate(ctx, leaf)
+                      && SSL_CTX_clear_chain_certs(ctx)) == 1;
+    for (i = 0; ok && i < sk_X509_num(chain); i++) {
+        ok = (s != NULL ? SSL_add1_chain_cert(s, sk_X509_value(chain, i))
+                        : SSL_CTX_add1_chain_cert(ctx,
+                                                  sk_X509_value(chain, i)))
+             == 1;
+    }
+    return ok && (s != NULL ? SSL_use_PrivateKey(s, pkey) == 1
+                              && SSL_check_private_key(s) == 1
+                            : SSL_CTX_use_PrivateKey(ctx, pkey) == 1
+                              && SSL_CTX_check_private_key(ctx) == 1);
+}
+
+/*
  * syntax: ok, err = tls.set_certificate(cert_pem, key_pem)
  * The certificate chain (leaf first) and its private key become what this
  * worker's listener presents to new handshakes. Checked first (PEM, the
@@ -132,8 +160,9 @@ ltls_set_certificate(lua_State *L)
     STACK_OF(X509) *chain;
     X509 *leaf;
     EVP_PKEY *pkey;
+    SSL *dry;
     char msg[256];
-    int i, ok;
+    int ok;
 
     if (ctx == NULL) {
         return luaL_error(L, "tls.set_certificate: the listener serves "
@@ -143,16 +172,15 @@ ltls_set_certificate(lua_State *L)
                  sizeof(msg)) != GW_OK) {
         return gw_push_error(L, "tls", 0, "tls.set_certificate: %s", msg);
     }
-    /* the leaf first: OpenSSL drops the old key when it does not match
-     * the new certificate, then the new key goes in; no handshake can
-     * run in between (one thread) */
-    ok = SSL_CTX_use_certificate(ctx, leaf) == 1
-         && SSL_CTX_clear_chain_certs(ctx) == 1;
-    for (i = 0; ok && i < sk_X509_num(chain); i++) {
-        ok = SSL_CTX_add1_chain_cert(ctx, sk_X509_value(chain, i)) == 1;
-    }
-    ok = ok && SSL_CTX_use_PrivateKey(ctx, pkey) == 1
-         && SSL_CTX_check_private_key(ctx) == 1;
+    /* OpenSSL may refuse a certificate part-way (one under the security
+     * level: a weak chain certificate), after the leaf went in and the
+     * old key, which does not match it, went out: tried first on a
+     * connection of its own (a copy of the context's certificates), the
+     * context is changed only when all of it is taken there */
+    dry = SSL_new(ctx);
+    ok = dry != NULL && use_set(ctx, dry, leaf, chain, pkey);
+    SSL_free(dry);
+    ok = ok && use_set(ctx, NULL, leaf, chain, pkey);
     pem_free(leaf, chain, pkey);
     ERR_clear_error();
     if (!ok) {
