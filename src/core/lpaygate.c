@@ -204,8 +204,8 @@ lcore_file_type(lua_State *L)
 static int
 lcore_write_file(lua_State *L)
 {
-    size_t      len, off = 0;
-    const char *path = luaL_checkstring(L, 1);
+    size_t      len, plen, off = 0;
+    const char *path = luaL_checklstring(L, 1, &plen);
     const char *data = luaL_checklstring(L, 2, &len);
     lua_Integer mode = luaL_optinteger(L, 3, 0600);
     char        tmp[4096], dir[4096];
@@ -214,6 +214,10 @@ lcore_write_file(lua_State *L)
 
     if (mode < 0 || mode > 07777) {
         return luaL_argerror(L, 3, "mode must be a file mode (0 .. 07777)");
+    }
+    if (memchr(path, '\0', plen) != NULL) {
+        /* cut at the NUL, it would name another file */
+        return gw_push_error(L, "io", 0, "write_file %s: not a path", path);
     }
     if (snprintf(tmp, sizeof(tmp), "%s.%ld.tmp", path, (long) getpid())
         >= (int) sizeof(tmp))
@@ -1250,13 +1254,18 @@ struct gw_file_lock {
 static int
 lcore_lock_file(lua_State *L)
 {
-    const char          *path = luaL_checkstring(L, 1);
+    size_t               plen;
+    const char          *path = luaL_checklstring(L, 1, &plen);
     lua_Integer          mode = luaL_optinteger(L, 2, 0600);
     struct gw_file_lock *lk;
     int                  fd;
 
     if (mode < 0 || mode > 07777) {
         return luaL_argerror(L, 2, "mode must be a file mode (0 .. 07777)");
+    }
+    if (memchr(path, '\0', plen) != NULL) {
+        /* cut at the NUL, it would name another file */
+        return gw_push_error(L, "io", 0, "lock_file %s: not a path", path);
     }
     /* the lock first (it may raise: no memory), its fd owned once open,
      * so nothing leaks whatever raises after */
