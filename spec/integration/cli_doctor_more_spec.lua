@@ -303,6 +303,59 @@ describe("paygate doctor", function()
                    .. " missing", out, 1, true)
   end)
 
+  -- a key file this user may not read was told "point it at
+  -- apiclient_key.pem (a path)": the path was right, the user wrong.
+  -- Root reads a mode-000 file: then doctor runs as nobody (setpriv) on
+  -- root's mode-600 files, or the check is left pending, saying why.
+  it("says a key file it may not read is a matter of user or mode, not"
+     .. " of path", function()
+    local d = server.tmpdir()
+    local key, cert = d .. "/apiclient_key.pem", d .. "/apiclient_cert.pem"
+    write(key, diagpki.read(pki.merchant_key))
+    write(cert, diagpki.read(pki.merchant))
+    local path = d .. "/doctor.lua"
+    write(path, "return " .. lua_literal{ wechatpay = {
+      mchid = "1900000001", merchant_private_key = key,
+      merchant_certificate = cert, base_url = app:url(""),
+      apiv3_key = "0123456789abcdefghijABCDEFGHIJkl" } })
+    local argv = { PAYGATE_BIN, "doctor", "--json", "--config", path }
+    local _, uid = proc.run({ "id", "-u" })
+    if uid:match("^0%s") then
+      if os.execute("command -v setpriv >/dev/null") ~= 0 then
+        pending("running as root without setpriv: root reads a mode-000"
+                .. " file, so there is no EACCES to see")
+        return
+      end
+      -- nobody goes through the folder and reads the configuration only
+      assert(os.execute(("chmod 711 %s && chmod 644 %s && chmod 600 %s %s")
+        :format(d, path, key, cert)) == 0)
+      for i, a in ipairs({ "setpriv", "--reuid=65534", "--regid=65534",
+                           "--clear-groups" }) do
+        table.insert(argv, i, a)
+      end
+    else
+      assert(os.execute(("chmod 000 %s %s"):format(key, cert)) == 0)
+    end
+    local p = proc.spawn(argv, { log = d .. "/out" })
+    local code = p:wait(60)
+    if code == nil then p:kill(proc.SIGKILL); p:wait(2) end
+    local out = proc.read(d .. "/out")
+    local r = {}
+    for line in out:gmatch("[^\n]+") do
+      local x = line:sub(1, 1) == "{" and json.decode(line)
+      if type(x) == "table" and x.kind then r[x.kind] = r[x.kind] or x end
+    end
+    assert.equal(1, code, out)
+    for _, kind in ipairs({ "merchant_key", "merchant_certificate" }) do
+      local x = r[kind]
+      assert.equal("fail", x and x.status, out)
+      assert.matches("Permission denied", x.cause, 1, true)
+      assert.matches("run paygate doctor as the user the gateway runs as",
+                     x.fix, 1, true)
+      assert.is_nil(x.fix:find("point it at", 1, true), x.fix)
+    end
+  end)
+
   it("keeps a driver's multi-line message on one line", function()
     -- libpq's refusal of two hosts is two lines: "...port P1 failed:
     -- Connection refused\n...port P2 failed: Connection refused"

@@ -320,7 +320,7 @@ local function material(v, name)
     return nil, name .. " must be a file path or PEM text"
   end
   if v:find("-----BEGIN", 1, true) then return v end
-  local f, err = io.open(v, "rb")
+  local f, err, errno = io.open(v, "rb")
   local s
   if f then
     s = f:read("*a")
@@ -329,8 +329,10 @@ local function material(v, name)
   if not s then
     local why = tostring(err or "cannot read")
     why = why:sub(1, #v + 2) == v .. ": " and why:sub(#v + 3) or "cannot open"
+    -- EACCES, EPERM: the path may well be right, this user may not read it
     return nil, name .. " is neither PEM text (-----BEGIN...) nor a "
-           .. "readable file (value not shown): " .. why
+           .. "readable file (value not shown): " .. why,
+           (errno == 13 or errno == 1) and "denied" or nil
   end
   if s == "" then return nil, name .. ": the file is empty" end
   return s
@@ -375,6 +377,11 @@ local function apiv3_where(conf)
   return name
 end
 
+-- The fix for a key or certificate file this user may not read
+local DENIED_FIX = "the file is there, but this user may not read it: run "
+  .. "paygate doctor as the user the gateway runs as, or give that user "
+  .. "read access (chown the file to it; chmod 600)"
+
 local function check_keys(out, wc, now, expiring, conf)
   -- where the keys are set: wechatpay.* in a client config, merchants[i].*
   -- in the gateway's (which takes paths only, never PEM text)
@@ -382,12 +389,13 @@ local function check_keys(out, wc, now, expiring, conf)
   local gateway = conf and conf.key_prefix ~= nil
   -- key and certificate
   local key, cert
-  local pem, why = material(wc.merchant_private_key,
-                            prefix .. "merchant_private_key")
+  local pem, why, denied = material(wc.merchant_private_key,
+                                    prefix .. "merchant_private_key")
   if not pem then
     -- (absent: material() gives no reason, and the line read "nil")
     out:fail("merchant_key", why or (prefix .. "merchant_private_key is"
-             .. " missing"), nil, "point it at apiclient_key.pem "
+             .. " missing"), nil, denied and DENIED_FIX
+             or "point it at apiclient_key.pem "
              .. (gateway and "(a path)" or "(a path), or give the PEM with "
                  .. "its BEGIN and END lines"))
   else
@@ -413,13 +421,13 @@ local function check_keys(out, wc, now, expiring, conf)
     end
   end
   if wc.merchant_certificate then
-    pem, why = material(wc.merchant_certificate,
-                        prefix .. "merchant_certificate")
+    pem, why, denied = material(wc.merchant_certificate,
+                                prefix .. "merchant_certificate")
     cert = pem and crypto.certificate(pem)
     if not cert then
       out:fail("merchant_certificate", "merchant_certificate does not load: "
                .. tostring(why or "not a certificate"), nil,
-               "point it at apiclient_cert.pem")
+               denied and DENIED_FIX or "point it at apiclient_cert.pem")
     end
   end
   if key and cert then
