@@ -303,6 +303,32 @@ describe("paygate doctor", function()
                    .. " missing", out, 1, true)
   end)
 
+  -- notify_ulr = ... was passed over: doctor said only "no notify_url in
+  -- the configuration: not checked" and exited 0. A key of the app's own
+  -- (one far from any doctor reads) is left alone.
+  it("names a top-level key one slip from one it reads", function()
+    local path = dir .. "/doctor.typo.lua"
+    write(path, "return " .. lua_literal{ wechatpay = {
+      mchid = "1900000001", merchant_private_key = pki.merchant_key,
+      merchant_certificate = pki.merchant, base_url = app:url(""),
+      apiv3_key = "0123456789abcdefghijABCDEFGHIJkl",
+      platform_certificates = { pki.platform } },
+      notify_ulr = app:url("/notify"),
+      databse = "sqlite:" .. dir .. "/doctor.sqlite",
+      shop_name = "example" })
+    local _, out, r = run({ "doctor", "--json", "--config", path })
+    local seen = {}
+    for _, x in ipairs(all(r, "config_key")) do
+      assert.equal("warn", x.status, out)
+      seen[#seen + 1] = x.cause
+    end
+    table.sort(seen)
+    assert.same({
+      "databse is not a key doctor reads (did you mean database?)",
+      "notify_ulr is not a key doctor reads (did you mean notify_url?)" },
+      seen, out)
+  end)
+
   -- a key file this user may not read was told "point it at
   -- apiclient_key.pem (a path)": the path was right, the user wrong.
   -- Root reads a mode-000 file: then doctor runs as nobody (setpriv) on

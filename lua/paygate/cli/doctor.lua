@@ -1281,12 +1281,48 @@ local function check_expiry(out, expiring, now)
   end
 end
 
+-- The top-level keys doctor reads, by the config's shape; a key one slip
+-- from one of them is named (notify_ulr = ... otherwise left notify_url
+-- "not checked" without a word: the runtime leaves the keys it does not
+-- know to the app, so an unknown key alone says nothing).
+local function key_set(words)
+  local t = {}
+  for k in words:gmatch("%S+") do t[k] = true end
+  return t
+end
+local CLIENT_KEYS = key_set([[wechatpay notify_url notify_ca_file
+  notify_route database redis limits metrics_url leases api_crl_file
+  merchants gateway]])
+local GATEWAY_KEYS = key_set([[gateway merchants credentials limits
+  metrics_url leases api_crl_file notify_ca_file notify_route wechatpay]])
+
+local function check_key_names(out, conf, known)
+  local names = {}
+  for k in pairs(conf) do
+    if type(k) == "string" and not known[k] and #k <= 64
+       and k:match("^[%w_%-]+$") then
+      names[#names + 1] = k
+    end
+  end
+  table.sort(names)
+  for _, k in ipairs(names) do
+    local near = wconfig.nearest(k, known)
+    if near then
+      out:warn("config_key", ("%s is not a key doctor reads (did you mean "
+               .. "%s?)"):format(k, near), "so " .. near .. " is not checked",
+               "rename " .. k .. " to " .. near)
+    end
+  end
+end
+
 local function main(args)
   local o = common.parse_options(args, SPEC)
   if not o["--config"] then common.usage_error("--config FILE is required") end
   local conf = load_config(o["--config"])
   local out = common.output(o["--json"])
-  if conf.wechatpay == nil and conf.merchants ~= nil then
+  local gateway_shape = conf.wechatpay == nil and conf.merchants ~= nil
+  check_key_names(out, conf, gateway_shape and GATEWAY_KEYS or CLIENT_KEYS)
+  if gateway_shape then
     local raw, id, n = conf, nil, nil
     conf, id, n = from_gateway(conf, o["--merchant"])
     if type(conf.wechatpay) == "table" then secrets(out, conf.wechatpay) end

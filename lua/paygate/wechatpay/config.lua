@@ -132,10 +132,12 @@ for k in ([[mchid sp_mchid appid sp_appid merchant_private_key
 end
 _M.KNOWN = KNOWN
 
--- the known key nearest to a typo (at most two edits away), or nil
-local function nearest(key)
+--- syntax: k = config.nearest(key[, known])
+-- The key of the set known (default: the client's keys) nearest to a
+-- typo, at most two edits away, or nil (ties: the first in byte order).
+local function nearest(key, known)
   local best, bd = nil, 3
-  for k in pairs(KNOWN) do
+  for k in pairs(known or KNOWN) do
     if math.abs(#k - #key) < bd then
       -- Levenshtein distance, two rows
       local prev, cur = {}, {}
@@ -155,6 +157,7 @@ local function nearest(key)
   end
   return best
 end
+_M.nearest = nearest
 
 --- syntax: cfg, err = config.check(conf)
 -- returns: the checked configuration with its keys loaded:
