@@ -158,7 +158,25 @@ describe("paygate CLI", function()
     f:close()
     local code, out = run({ "run", "examples/hello", "--config", dir .. "/c.lua" })
     assert.equal(2, code)
-    assert.matches("unknown key 'body_byts'", out)
+    assert.matches("config.limits: unknown key 'body_byts' (did you mean"
+                   .. " 'body_bytes'?)", out, 1, true)
+    -- as for the top-level keys: a slip names the key it looks like, and
+    -- a key far from any is named alone
+    for text, want in pairs{
+      ["limits = { request_timout = 30 }"] = "config.limits: unknown key"
+        .. " 'request_timout' (did you mean 'request_timeout'?)\n",
+      ["tls = { ciphersuite = 'x' }"] = "config.tls: unknown key"
+        .. " 'ciphersuite' (did you mean 'ciphersuites'?)\n",
+      ["limits = { speed = 1 }"] = "config.limits: unknown key 'speed'\n",
+    } do
+      f = assert(io.open(dir .. "/c.lua", "w"))
+      f:write("return { " .. text .. " }")
+      f:close()
+      code, out = run({ "run", "examples/hello", "--config",
+                        dir .. "/c.lua" })
+      assert.equal(2, code, out)
+      assert.matches(want, out, 1, true)
+    end
     f = assert(io.open(dir .. "/c.lua", "w"))
     f:write("return { pid_file = '/tmp/x\\0/etc/passwd' }")
     f:close()

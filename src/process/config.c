@@ -223,7 +223,17 @@ read_keys(lua_State *L, int t, const char *where, const struct key *keys,
         if (k == NULL) {
             lua_pop(L, 1);
             if (strict) {
-                snprintf(err, errlen, "%s: unknown key '%.64s'", where, name);
+                const char *hit = NULL;
+
+                for (const struct key *x = keys; x->name != NULL; x++) {
+                    if (near_key(name, x->name)) {
+                        hit = x->name;
+                        break;
+                    }
+                }
+                snprintf(err, errlen, "%s: unknown key '%.64s'%s%s%s", where,
+                         name, hit ? " (did you mean '" : "", hit ? hit : "",
+                         hit ? "'?)" : "");
                 return GW_ERR;
             }
             continue;
