@@ -92,6 +92,31 @@ describe("paygate sign fails", function()
     assert.equal("1700000000000\n", sig.signing_string:match("\n(%d+\n)"))
   end)
 
+  -- 17000 (an uptime, a counter) passed without a word, and a timestamp
+  -- in microseconds was told to send 13 digits, its milliseconds: every
+  -- timestamp that is not 10 digits is no current time in seconds
+  it("a --timestamp that is not 10 digits of epoch seconds", function()
+    for ts, want in pairs({
+      ["17000"] = { "5 digits: not epoch seconds", "10 digits" },
+      ["170000000"] = { "9 digits: not epoch seconds", "10 digits" },
+      ["17000000000"] = { "11 digits: not epoch seconds", "10 digits" },
+      ["0170000000"] = { "a leading 0: not epoch seconds", "10 digits" },
+      ["1700000000000000"] = { "16 digits: microseconds",
+                               "10 digits: 1700000000)" },
+      ["1700000000000000000"] = { "19 digits: nanoseconds",
+                                  "10 digits: 1700000000)" },
+    }) do
+      local code, out, _, sig, fails = sign("POST", '{"a":1}', ts)
+      assert.equal(1, code, out)
+      assert.equal(1, #fails, out)
+      assert.equal("timestamp", fails[1].kind)
+      assert.matches("--timestamp " .. ts .. " has " .. want[1],
+                     fails[1].cause, 1, true)
+      assert.matches(want[2], fails[1].fix, 1, true)
+      assert.equal(ts .. "\n", sig.signing_string:match("\n(%d+\n)"))
+    end
+  end)
+
   it("refuses, exit 2, what would break the signing string's lines or the"
      .. " header's quoting, before printing anything", function()
     -- they were signed: a nonce "a\nb" made a six-line string, and a

@@ -113,17 +113,32 @@ local function main(args)
   if not ts:match("^%d+$") then
     common.usage_error("--timestamp must be epoch seconds")
   end
-  if #ts >= 13 then
-    -- Date.now(), System.currentTimeMillis(): WeChat refuses the request
-    -- (401 SIGN_ERROR naming the timestamp), whatever the signature
+  -- epoch seconds are 10 digits from 2001 to 2286: WeChat refuses any
+  -- other (401 SIGN_ERROR naming the timestamp), whatever the signature
+  local unit = ({ [13] = "milliseconds", [16] = "microseconds",
+                  [19] = "nanoseconds" })[#ts]
+  if unit then
+    -- Date.now(), System.currentTimeMillis(), time.Now().UnixNano()
     failed = true
     out:fail("timestamp", "--timestamp " .. ts .. " has " .. #ts
-             .. " digits: milliseconds, where WeChat takes epoch seconds",
+             .. " digits: " .. unit .. ", where WeChat takes epoch seconds",
              "WeChat answers 401 SIGN_ERROR (timestamp) to a timestamp "
              .. "more than 5 minutes from its clock",
              "send and sign epoch seconds (10 digits: "
-             .. ts:sub(1, #ts - 3) .. "), in the Authorization header's "
+             .. ts:sub(1, 10) .. "), in the Authorization header's "
              .. "timestamp and the signing string alike")
+  elseif #ts ~= 10 or ts:sub(1, 1) == "0" then
+    -- an uptime, a counter, a date's digits: no time WeChat's clock is at
+    failed = true
+    out:fail("timestamp", "--timestamp " .. ts .. " has "
+             .. (#ts ~= 10 and #ts .. " digits" or "a leading 0")
+             .. ": not epoch seconds, which are 10 digits (now "
+             .. os.time() .. ")",
+             "WeChat answers 401 SIGN_ERROR (timestamp) to a timestamp "
+             .. "more than 5 minutes from its clock",
+             "send and sign the current epoch seconds (10 digits), in the "
+             .. "Authorization header's timestamp and the signing string "
+             .. "alike")
   end
   local want = o["--sm2"] and "SM2" or "RSA"
   if key:type() ~= want then
