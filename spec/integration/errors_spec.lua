@@ -146,6 +146,21 @@ describe("error reporting", function()
         paygate.route("GET", "/teapot", function()
           paygate.abort(418, "teapot", "short and stout")
         end)
+        paygate.route("GET", "/badstatus/:id", function()
+          return { status = 200 }, "a table where the status goes"
+        end)
+        paygate.route("GET", "/badstatus-number", function()
+          return 700, "above 599"
+        end)
+        paygate.route("GET", "/badstatus-text", function()
+          return "2O0", "a letter O"
+        end)
+        paygate.route("GET", "/badstatus-body", function()
+          return '{"code":"SUCCESS","secret":"not for the log"}'
+        end)
+        paygate.route("GET", "/badbody", function()
+          return 200, true
+        end)
         paygate.route("GET", "/returned", function()
           return nil, paygate.error("returned_kind", "not stored")
         end)
@@ -180,6 +195,30 @@ describe("error reporting", function()
       assert.not_matches("not stored", res.body, 1, true)
       assert.truthy(wait_log("the handler returned nil, err instead of a"
                              .. " status: returned_kind: not stored"))
+    end)
+
+    -- "handler returned no valid status (200-599)" said neither what
+    -- came back nor from which route
+    it("a handler's invalid status, with what it was and the route",
+       function()
+      for path, want in pairs({
+        ["/badstatus/7"] = "handler returned no valid status (200-599) for"
+          .. " GET /badstatus/:id: a table",
+        ["/badstatus-number"] = "handler returned no valid status"
+          .. " (200-599) for GET /badstatus-number: the number 700",
+        ["/badstatus-text"] = "handler returned no valid status (200-599)"
+          .. " for GET /badstatus-text: the string '2O0'",
+        -- a string that is no status word is not shown: it may be a body
+        ["/badstatus-body"] = "handler returned no valid status (200-599)"
+          .. " for GET /badstatus-body: a string of 45 bytes",
+        ["/badbody"] = "handler body must be a string or a table (for GET"
+          .. " /badbody: a boolean)",
+      }) do
+        local res = assert(s:request(path))
+        assert.equal(500, res.status)
+        assert.truthy(wait_log(want))
+      end
+      assert.is_nil(s:logs():find("not for the log", 1, true))
     end)
 
     it("a before hook's returned nil, err fails closed", function()

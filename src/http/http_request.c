@@ -172,6 +172,54 @@ header_name_ok(const char *k, size_t kl)
     return 1;
 }
 
+/* A handler's result that is not what the server takes, logged with
+ * the request's method and route pattern (index 4, nil when none
+ * matched) and what came back: its type, a number's value, a string's
+ * only when it is a short word (a string may be a body, or a secret). */
+static void
+bad_result(struct gw_conn *c, lua_State *L, int idx, const char *what,
+           int paren)
+{
+    char line[512], got[96];
+    size_t rl = 0;
+    const char *route = lua_type(L, 4) == LUA_TSTRING
+                        ? lua_tolstring(L, 4, &rl) : NULL;
+    int t = lua_type(L, idx);
+
+    if (t == LUA_TNUMBER) {
+        snprintf(got, sizeof(got), "the number %.14g", lua_tonumber(L, idx));
+    } else if (t == LUA_TSTRING) {
+        size_t n, i;
+        const char *v = lua_tolstring(L, idx, &n);
+
+        for (i = 0; i < n && n <= 16; i++) {
+            unsigned char ch = (unsigned char) v[i];
+
+            if (!((ch >= '0' && ch <= '9') || ((ch | 0x20) >= 'a'
+                  && (ch | 0x20) <= 'z') || ch == ' ' || ch == '.'
+                  || ch == '-' || ch == '+')) {
+                break;
+            }
+        }
+        if (n <= 16 && i == n) {
+            snprintf(got, sizeof(got), "the string '%.*s'", (int) n, v);
+        } else {
+            snprintf(got, sizeof(got), "a string of %zu bytes", n);
+        }
+    } else if (t == LUA_TNIL || t == LUA_TNONE) {
+        snprintf(got, sizeof(got), "nothing");
+    } else {
+        snprintf(got, sizeof(got), "a %s", lua_typename(L, t));
+    }
+    snprintf(line, sizeof(line), "%s %sfor %.*s %.*s: %s%s", what,
+             paren ? "(" : "",
+             (int) (c->head.method_len > 20 ? 20 : c->head.method_len),
+             c->head.method,
+             route ? (int) (rl > 200 ? 200 : rl) : 10,
+             route ? route : "(no route)", got, paren ? ")" : "");
+    req_log(c, GW_LOG_ERROR, line);
+}
+
 /* Turns the handler's results (status, body, headers, route, ctype) on
  * the coroutine's stack into a response. */
 static void
@@ -196,15 +244,13 @@ req_done(struct gw_co *co, int nres)
         status = (st >= 200 && st <= 599 && st == (int) st) ? (int) st : 0;
     }
     if (status < 200 || status > 599) {
-        req_log(c, GW_LOG_ERROR,
-                "handler returned no valid status (200-599)");
+        bad_result(c, L, 1, "handler returned no valid status (200-599)", 0);
         bad = 1;
     }
     if (lua_type(L, 2) == LUA_TSTRING) {
         body = lua_tolstring(L, 2, &body_len);
     } else if (!lua_isnil(L, 2)) {
-        req_log(c, GW_LOG_ERROR,
-                "handler body must be a string or a table");
+        bad_result(c, L, 2, "handler body must be a string or a table", 1);
         bad = 1;
     }
     if (lua_type(L, 4) == LUA_TSTRING) {
