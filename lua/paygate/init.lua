@@ -369,7 +369,9 @@ local function finish(req, status, body, headers, pattern)
     body, ctype = s, JSON_CT
   end
   if after[1] then
-    local res = { status = status, body = body, headers = headers }
+    -- (a table even when the answer had no headers: a hook that sets
+    -- one must not have to make it first)
+    local res = { status = status, body = body, headers = headers or {} }
     for i = 1, #after do after[i](req, res) end
     status, body, headers = res.status, res.body, res.headers
     if type(body) == "table" then body, ctype = json.encode(body), JSON_CT end

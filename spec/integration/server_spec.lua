@@ -11,6 +11,11 @@ paygate.before(function(req)
   if req:header("x-deny") then return 403, { error = "denied" } end
 end)
 paygate.after(function(req, res)
+  -- (the first after hook: res.headers is a table even when the handler
+  -- gave none)
+  if req:header("x-after") then res.headers["X-After"] = "seen" end
+end)
+paygate.after(function(req, res)
   res.headers = res.headers or {}
   res.headers["X-Request-Id"] = req.id
 end)
@@ -123,6 +128,23 @@ describe("paygate run", function()
       assert.equal(403, res.status)
       local ok = assert(s:request("/"))
       assert.matches("^[%x]+$", ok.headers["x-request-id"])
+    end)
+
+    it("gives an after hook a res.headers table when the answer has none",
+       function()
+      -- the handler's, the router's 404 and a before hook's, none with
+      -- headers: indexing res.headers raised, and each became a 500
+      for _, r in ipairs({ { "/", 200 }, { "/missing", 404 },
+                           { "/empty", 204 } }) do
+        local res = assert(s:request{ path = r[1],
+                                      headers = { ["X-After"] = "1" } })
+        assert.equal(r[2], res.status)
+        assert.equal("seen", res.headers["x-after"])
+      end
+      local res = assert(s:request{ path = "/", headers = { ["X-After"] = "1",
+                                                            ["X-Deny"] = "1" } })
+      assert.equal(403, res.status)
+      assert.equal("seen", res.headers["x-after"])
     end)
   end)
 
