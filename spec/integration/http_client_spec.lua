@@ -47,6 +47,34 @@ describe("paygate.http.request", function()
       paygate.http.request{ url = plain:url("/hi"), headers = { ["X-A"] = "a\r\nb" } } end)
   end)
 
+  it("raises on a url that is no URL, and on a header that would not go"
+     .. " out as given", function()
+    -- curl refused each at the transfer: kind closed, retryable (a bad
+    -- URL was tried again and again); a NUL cut the URL or the value
+    -- short and the request went out to, or with, something else
+    local url = plain:url("/hi")
+    for _, u in ipairs({ url .. " x", url .. "\r\nX-B: b", "http://",
+                         "http://[::1", url .. "\0/other" }) do
+      local ok, err = pcall(paygate.http.request, { url = u })
+      assert.is_false(ok)
+      assert.matches("http.request: opts.url is not a valid URL", err, 1,
+                     true)
+      assert.not_matches("X-B", err, 1, true)    -- the value is not shown
+    end
+    for name, value in pairs({ ["X-A"] = "a\0b", ["X A"] = "a",
+                               ["X-A\0B"] = "a", ["X(A)"] = "a" }) do
+      local ok, err = pcall(paygate.http.request,
+                            { url = url, headers = { [name] = value } })
+      assert.is_false(ok)
+      assert.matches("http.request: opts.headers", err, 1, true)
+    end
+    -- a header with an empty value still goes, and a URL with an
+    -- escaped space
+    local res = assert(paygate.http.request{ url = url .. "?a=%20",
+                                             headers = { ["X-Name"] = "" } })
+    assert.equal(200, res.status)
+  end)
+
   it("returns status, lower-case headers and body", function()
     local res = assert(paygate.http.request{ url = plain:url("/hi"),
                                              headers = { ["X-Name"] = "ada" } })

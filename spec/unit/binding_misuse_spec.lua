@@ -87,11 +87,13 @@ local CASES = {
     "http.request: opts.url must be a string" },
   -- a NUL would cut the header short in curl's C string: refused as CR
   { function() http.request{ url = URL, headers = { ["X-A"] = "a\r\nb" } }
-    end, "http.request: header X-A has CR, LF, NUL or a colon in it" },
+    end, "http.request: opts.headers: header X-A has CR, LF or NUL in its"
+         .. " value" },
   { function() http.request{ url = URL, headers = { ["X-A"] = "a\0b" } } end,
-    "http.request: header X-A has CR, LF, NUL or a colon in it" },
+    "http.request: opts.headers: header X-A has CR, LF or NUL in its"
+    .. " value" },
   { function() http.request{ url = URL, headers = { ["X-A\0B"] = "v" } } end,
-    "http.request: header X-A" },
+    "http.request: opts.headers: a name that is not an HTTP field name" },
   { function() http.request{ url = URL, sink = print, timout = 1 } end,
     "http.request: unknown option opts.timout" },
   -- zlib.inflate

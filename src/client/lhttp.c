@@ -6,6 +6,7 @@
  * those made with a client certificate through a pool of their client
  * identity's own (struct gw_http_pool).
  */
+#include <ctype.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -684,6 +685,56 @@ opt_string(lua_State *L, int t, const char *k)
     return v;
 }
 
+/* Raises unless url (opts.url, a string) parses as a URL the way curl
+ * will read it, and holds no NUL (a C string would stop there: the
+ * request would go to the URL's first part). curl refused one with a
+ * space or a CR/LF only at the transfer, as kind closed, retryable. The
+ * URL itself is not shown: it may hold a password or a token. */
+static void
+url_check(lua_State *L, const char *url)
+{
+    CURLU *u;
+    CURLUcode rc;
+    size_t len;
+
+    lua_getfield(L, 1, "url");
+    (void) lua_tolstring(L, -1, &len);
+    lua_pop(L, 1);
+    if (strlen(url) != len) {
+        gw_raise(L, "http.request: opts.url is not a valid URL (a NUL byte"
+                 " in it)");
+    }
+    u = curl_url();
+    if (u == NULL) {
+        luaL_error(L, "http request: no memory");
+    }
+    rc = curl_url_set(u, CURLUPART_URL, url, 0);
+    curl_url_cleanup(u);
+    if (rc != CURLUE_OK) {
+        gw_raise(L, "http.request: opts.url is not a valid URL (%s)",
+                 curl_url_strerror(rc));
+    }
+}
+
+/* 1 when name (len bytes) is an HTTP field name: a token (RFC 9110). */
+static int
+is_token(const char *name, size_t len)
+{
+    static const char *const tchar = "!#$%&'*+-.^_`|~";
+
+    if (len == 0) {
+        return 0;
+    }
+    for (size_t i = 0; i < len; i++) {
+        unsigned char ch = (unsigned char) name[i];
+
+        if (!isalnum(ch) && (ch == '\0' || strchr(tchar, ch) == NULL)) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
 /* Methods a server may receive twice with the effect of once (RFC 9110):
  * curl may send these again by itself unless opts.resend is false. */
 static int
@@ -894,6 +945,7 @@ op_setup(lua_State *L, int stream)
                  "URL");
         return NULL;
     }
+    url_check(L, url);
     method = opt_string(L, 1, "method");
     timeout = lua_tonumber(L, opt_number(L, 1, "timeout", DEFAULT_TIMEOUT,
                                          86400));
@@ -1038,15 +1090,21 @@ op_setup(lua_State *L, int stream)
             }
             k = lua_tolstring(L, -2, &kl);
             v = lua_tolstring(L, -1, &vl);
-            /* a NUL would end the line where curl reads it (a C
-             * string): the value or the header silently cut short */
-            if (memchr(k, '\n', kl) || memchr(k, '\r', kl)
-                || memchr(v, '\n', vl) || memchr(v, '\r', vl)
-                || memchr(k, '\0', kl) || memchr(v, '\0', vl)
-                || memchr(k, ':', kl) || kl == 0) {
+            /* a name that is no token, or a value with CR, LF or NUL,
+             * would not go out as given: split, cut short at the NUL, or
+             * refused by the server (the value is not shown) */
+            if (!is_token(k, kl)) {
                 op_free(op);
-                gw_raise(L, "http.request: header %s has CR, LF, NUL or a "
-                         "colon in it", k);
+                gw_raise(L, "http.request: opts.headers: a name that is not"
+                         " an HTTP field name (a token: no space, colon,"
+                         " CR, LF or NUL)");
+                return NULL;
+            }
+            if (memchr(v, '\n', vl) || memchr(v, '\r', vl)
+                || memchr(v, '\0', vl)) {
+                op_free(op);
+                gw_raise(L, "http.request: opts.headers: header %s has CR,"
+                         " LF or NUL in its value", k);
                 return NULL;
             }
             luaL_buffinit(L, &b);
