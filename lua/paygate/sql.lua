@@ -59,6 +59,21 @@ local function copy(t)
   return c
 end
 
+-- How many of params are bound: params.n when set, else #params. Raises
+-- (at level) on an n that is no count: 1e9 made the driver allocate a
+-- value for each (an "unavailable: out of memory"), NaN reached C.
+local function param_count(where, params, level)
+  local n = params.n
+  if n == nil then
+    return #params
+  end
+  if type(n) ~= "number" or not (n >= 0 and n <= 65535) or n % 1 ~= 0 then
+    error(where .. ": params.n must be a whole number from 0 to 65535",
+          level + 1)
+  end
+  return n
+end
+
 -- Raises at the caller of the public function `fname` (a method: level 3
 -- from here) unless sql is a string and params nil or a bindable array.
 local function check_stmt(fname, sql, params)
@@ -71,10 +86,7 @@ local function check_stmt(fname, sql, params)
   if type(params) ~= "table" then
     error(fname .. ": params must be a table", 3)
   end
-  local n = params.n
-  if type(n) ~= "number" then
-    n = #params
-  end
+  local n = param_count(fname, params, 3)
   for i = 1, n do
     local t = type(params[i])
     if t == "table" or t == "function" or t == "thread" then
@@ -409,10 +421,7 @@ local function check_atomic(stmts)
       if type(params) ~= "table" then
         error(where .. ": params must be a table", 3)
       end
-      local np = params.n
-      if type(np) ~= "number" then
-        np = #params
-      end
+      local np = param_count(where, params, 3)
       for k = 1, np do
         if not bindable(params[k]) then
           error(where .. ": params[" .. k .. "] cannot be bound (a "

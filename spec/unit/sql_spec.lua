@@ -306,6 +306,20 @@ for _, engine in ipairs(engines) do
         assert.same({ { n = 3 }, { n = 4 } }, rows)
       end)
 
+      it("raises on a params.n that is no count", function()
+        for _, n in ipairs({ -1, 1.5, 0 / 0, math.huge, 1e9, "2" }) do
+          assert.has_error(function()
+            db:exec("INSERT INTO t (v) VALUES ($1)", { n = n, "a" })
+          end, "db:exec: params.n must be a whole number from 0 to 65535")
+        end
+        assert.has_error(function()
+          db:atomic({ { "INSERT INTO t (v) VALUES ($1)", { n = 1e9 } } })
+        end, "db:atomic: stmts[1]: params.n must be a whole number from 0"
+             .. " to 65535")
+        assert.same({ { c = 0 } },
+                    assert(db:query("SELECT count(*) AS c FROM t")))
+      end)
+
       it("never truncates a string parameter at a NUL byte", function()
         -- Bound exactly, or refused: never silently cut to "a".
         local res, err = db:exec("INSERT INTO t (v, n) VALUES ($1, $2)",
