@@ -306,6 +306,44 @@ for _, engine in ipairs(engines) do
         assert.same({ { n = 3 }, { n = 4 } }, rows)
       end)
 
+      it("refuses a statement given fewer parameters than it takes"
+         .. " (misuse, nothing written), never binding NULL for them",
+         function()
+        -- { "a", nil, 4 }: # may be 1, and $2, $3 would be NULL (SQLite)
+        -- or the session's end, "unknown_outcome" (PostgreSQL)
+        local params = { "a" }
+        params[3] = 4
+        local res, err = db:exec("INSERT INTO t (v, n) SELECT $1, $3"
+                                 .. " WHERE CAST($2 AS TEXT) IS NULL", params)
+        if #params == 1 then
+          assert.is_nil(res)
+          assert.equal("misuse", err.kind)
+          assert.is_false(err.retryable)
+        end
+        res, err = db:exec("INSERT INTO t (v, n) VALUES ($1, $2)", { "b" })
+        assert.is_nil(res)
+        assert.equal("misuse", err.kind)
+        assert.matches("parameter", err.message)
+        res, err = db:atomic({ { "INSERT INTO t (v, n) VALUES ($1, $2)",
+                                 { "c" } } })
+        assert.is_nil(res)
+        assert.equal("misuse", err.kind)
+        res, err = db:transaction(function(tx)
+          local r, e = tx:exec("INSERT INTO t (v, n) VALUES ($1, $2)",
+                               { "d" })
+          assert.is_nil(r)
+          assert.equal("misuse", e.kind)
+          return "went on"
+        end)
+        assert.equal("went on", res)
+        -- the connection serves on, and nothing of the refused ones ran
+        assert.same({ { c = 0 } },
+                    assert(db:query("SELECT count(*) AS c FROM t")))
+        assert(db:exec("INSERT INTO t (v, n) VALUES ($1, $2)",
+                       { n = 2, "e" }))
+        assert.same({ { v = "e" } }, assert(db:query("SELECT v FROM t")))
+      end)
+
       it("raises on a params.n that is no count", function()
         for _, n in ipairs({ -1, 1.5, 0 / 0, math.huge, 1e9, "2" }) do
           assert.has_error(function()

@@ -341,6 +341,20 @@ op_force_error(struct lpg_op *op, const char *kind, const char *msg)
     op_set_error(op, kind, msg);
 }
 
+/* 1 when r is the server's ERROR (not FATAL) 08P01 protocol violation:
+ * the Bind of a statement given another number of parameters than its
+ * SQL takes ($2 with one value: a nil in the array ended it). The
+ * statement never ran and the session goes on. */
+static int
+pg_bind_refused(const PGresult *r)
+{
+    const char *sev = PQresultErrorField(r, PG_DIAG_SEVERITY_NONLOCALIZED);
+    const char *state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
+
+    return sev != NULL && strcmp(sev, "ERROR") == 0 && state != NULL
+           && strcmp(state, "08P01") == 0;
+}
+
 static int
 push_pg_error(lua_State *L, PGresult *r)
 {
@@ -368,6 +382,8 @@ push_pg_error(lua_State *L, PGresult *r)
          * the current primary (target_session_attrs=read-write). */
         kind = "unavailable";
         retry = 1;
+    } else if (pg_bind_refused(r)) {
+        kind = "misuse";                 /* params do not fit the SQL */
     } else if (strcmp(state, "57014") == 0) {
         kind = "timeout";
         retry = 1;
@@ -466,6 +482,9 @@ err_ends_session(const PGresult *r)
                         || strcmp(sev, "PANIC") == 0))
     {
         return 1;
+    }
+    if (pg_bind_refused(r)) {
+        return 0;
     }
     return state != NULL && (strncmp(state, "08", 2) == 0
                              || strcmp(state, "57P01") == 0

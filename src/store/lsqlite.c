@@ -657,23 +657,54 @@ stmt_get(struct lsqlite_conn *c, struct lsqlite_job *j)
     return st;
 }
 
+/* The Lua position of parameter i of st: $1, $2 ... (the PostgreSQL
+ * spelling) name one; ?, ?NNN, :name and @name their own index. */
+static int
+param_pos(sqlite3_stmt *st, int i)
+{
+    const char *name = sqlite3_bind_parameter_name(st, i);
+
+    if (name != NULL && name[0] == '$' && name[1] >= '0' && name[1] <= '9') {
+        return atoi(name + 1);
+    }
+    return i;
+}
+
+/* Fails j with misuse when st takes a parameter that j's params do not
+ * hold ($2 with one value: a nil in the array ended it): SQLite would
+ * bind NULL for it, and PostgreSQL refuses the statement. Returns 1 then. */
+static int
+params_missing(sqlite3_stmt *st, struct lsqlite_job *j)
+{
+    int i, n = sqlite3_bind_parameter_count(st), k;
+    char msg[200];
+
+    for (i = 1; i <= n; i++) {
+        k = param_pos(st, i);
+        if (k < 1 || k > j->nparams) {
+            snprintf(msg, sizeof(msg), "the statement takes parameter %s,"
+                     " and params holds %d value%s (a nil ends the array:"
+                     " write sql.null, or set params.n)",
+                     sqlite3_bind_parameter_name(st, i) != NULL
+                     ? sqlite3_bind_parameter_name(st, i) : "?",
+                     j->nparams, j->nparams == 1 ? "" : "s");
+            job_fail(j, SQLITE_MISUSE, msg);
+            return 1;
+        }
+    }
+    return 0;
+}
+
 static int
 bind_params(sqlite3_stmt *st, struct lsqlite_job *j)
 {
     int i, n = sqlite3_bind_parameter_count(st);
 
     for (i = 1; i <= n; i++) {
-        const char     *name = sqlite3_bind_parameter_name(st, i);
-        int             k = i;
+        int             k = param_pos(st, i);
         struct gw_store_val *v;
         int             rc;
 
-        /* $1, $2 ... (the PostgreSQL spelling) name a Lua position. */
-        if (name != NULL && name[0] == '$' && name[1] >= '0'
-            && name[1] <= '9')
-        {
-            k = atoi(name + 1);
-        }
         if (k < 1 || k > j->nparams) {
             rc = sqlite3_bind_null(st, i);
         } else {
@@ -778,6 +809,10 @@ run_stmt(struct lsqlite_conn *c, struct lsqlite_job *j)
         return j->rc;
     }
     total = sqlite3_total_changes64(c->h);
+    if (params_missing(st, j)) {
+        rc = j->rc;
+        goto done;
+    }
     rc = bind_params(st, j);
     if (rc != SQLITE_OK) {
         job_fail_db(j, c->h, rc);
