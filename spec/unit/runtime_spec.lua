@@ -68,6 +68,21 @@ describe("paygate.spawn", function()
     assert.is_false(ran)
   end)
 
+  it("a task that waits for itself raises, instead of waiting for ever",
+     function()
+    local t, ok, err
+    local done = paygate.event()
+    t = paygate.spawn(function()
+      paygate.sleep(0)
+      ok, err = pcall(t.wait, t)
+      done:set()
+    end)
+    -- (before, it waited for ever: the spec gives it 2 s)
+    if ok == nil then assert(done:wait(2)) end
+    assert.is_false(ok)
+    assert.matches("task:wait: a task cannot wait for itself", err, 1, true)
+  end)
+
   it("wait() on an ended task takes extra arguments in stride", function()
     local t = paygate.spawn(function() return 1, 2 end)
     local a, b = t:wait("extra", "args")

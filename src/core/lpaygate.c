@@ -583,6 +583,10 @@ ltask_wait(lua_State *L)
         return n;
     }
     co = gw_co_current(L);          /* raises: before any allocation */
+    if (co == t->co) {
+        /* it would wait for its own end, which comes only after the wait */
+        return luaL_error(L, "task:wait: a task cannot wait for itself");
+    }
     w = malloc(sizeof(*w));
     if (w == NULL) {
         return luaL_error(L, "no memory");
