@@ -83,6 +83,22 @@ describe("paygate.spawn", function()
     assert.matches("task:wait: a task cannot wait for itself", err, 1, true)
   end)
 
+  it("wait() gives every result up to the last, whatever nils are among"
+     .. " them, to a waiter and after the end", function()
+    -- (read up to the array's border: 1, nil, 3, nil came back as 1)
+    local function check(...)
+      assert.equal(4, select("#", ...))
+      local a, b, c, d = ...
+      assert.same({ 1, "nil", 3, "nil" }, { a, tostring(b), c, tostring(d) })
+    end
+    local t = paygate.spawn(function()
+      paygate.sleep(0.01)
+      return 1, nil, 3, nil
+    end)
+    check(t:wait())                    -- woken at the end
+    check(t:wait())                    -- already ended
+  end)
+
   it("wait() on an ended task takes extra arguments in stride", function()
     local t = paygate.spawn(function() return 1, 2 end)
     local a, b = t:wait("extra", "args")

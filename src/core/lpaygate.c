@@ -415,6 +415,21 @@ struct gw_task {
 };
 
 
+/* How many results the table at idx holds: its n (task_done sets it),
+ * not its length, which a nil among them may cut short (1, nil, 3, nil
+ * has a border at 1). */
+static int
+results_n(lua_State *L, int idx)
+{
+    int n;
+
+    lua_getfield(L, idx, "n");
+    n = lua_isnumber(L, -1) ? (int) lua_tointeger(L, -1)
+                            : (int) lua_objlen(L, idx < 0 ? idx - 1 : idx);
+    lua_pop(L, 1);
+    return n;
+}
+
 static void
 task_wake_all(struct gw_task *t)
 {
@@ -425,7 +440,7 @@ task_wake_all(struct gw_task *t)
 
         t->waiters = w->next;
         lua_rawgeti(L, LUA_REGISTRYINDEX, t->results);
-        n = (int) lua_objlen(L, -1);
+        n = results_n(L, -1);
         if (!t->ok) {
             lua_pushnil(L);
             lua_rawgeti(L, -2, 1);
@@ -575,7 +590,7 @@ ltask_wait(lua_State *L)
         }
         /* absolute: t:wait(extra) puts the table above index 2 */
         base = lua_gettop(L);
-        n = (int) lua_objlen(L, base);
+        n = results_n(L, base);
         luaL_checkstack(L, n, "too many results");
         for (int i = 1; i <= n; i++) {
             lua_rawgeti(L, base, i);
