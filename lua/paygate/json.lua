@@ -51,7 +51,19 @@ function _M.decode(text, opts)
     if type(opts) ~= "table" then
       error("paygate.json.decode: opts must be a table", 2)
     end
-    unique = opts.unique_keys == true
+    -- (a slip would leave the check asked for unmade without a word)
+    for k in pairs(opts) do
+      if k ~= "unique_keys" then
+        error("paygate.json.decode: unknown option opts." .. tostring(k)
+              .. " (the one option is opts.unique_keys)", 2)
+      end
+    end
+    unique = opts.unique_keys
+    if unique == nil then
+      unique = false
+    elseif type(unique) ~= "boolean" then
+      error("paygate.json.decode: opts.unique_keys must be a boolean", 2)
+    end
   end
   local v, err = jdecode(text, unique)
   if v == nil then

@@ -198,6 +198,19 @@ describe("paygate.json.decode, strictly RFC 8259", function()
       assert.has_error(function() json.decode("{}", true) end,
                        "paygate.json.decode: opts must be a table")
     end)
+
+    it("raises on an option it does not know, or a unique_keys not a"
+       .. " boolean", function()
+      -- a slip (uniq, unique_key, "true") left duplicates accepted
+      -- without a word: the check the caller asked for was not made
+      for _, opts in ipairs({ { uniq = true }, { unique_key = true },
+                              { unique_keys = "true" } }) do
+        local ok, err = pcall(json.decode, '{"a":1,"a":2}', opts)
+        assert.is_false(ok)
+        assert.matches("paygate.json.decode: ", err, 1, true)
+        assert.matches("opts.unique", err, 1, true)
+      end
+    end)
   end)
 
   -- objects are made the size the last object with the same first key
