@@ -141,9 +141,17 @@ describe("paygate.outbox misuse", function()
     long:stop()
     assert.has_error(function() outbox.replay(db, { colour = "x" }) end,
       "outbox.replay: unknown filter key colour")
-    assert.has_error(function() outbox.webhook{ url = "ftp://x",
-                                                secret = "s" } end,
-      "outbox.webhook: opts.url must be an http(s) URL")
+    -- refused when made: no scheme, no host, a blank or a control byte
+    -- (the HTTP client raises on them at each delivery)
+    for _, url in ipairs({ "ftp://x", "http://", "https:///path",
+                           "http://x/a b", "http://x/\r\nX: 1",
+                           "http://x/\0" }) do
+      assert.has_error(function() outbox.webhook{ url = url,
+                                                  secret = "s" } end,
+        "outbox.webhook: opts.url must be an http(s) URL")
+    end
+    assert.is_table(outbox.webhook{ url = "HTTPS://x.example/h?a=1",
+                                    secret = "s" })
     -- a header the webhook sets itself, in other letters, would go out
     -- twice
     assert.has_error(function() outbox.webhook{ url = "http://x",
