@@ -50,6 +50,12 @@ function _M:add(method, path, fn)
         if c == "*" and i ~= #segs then
           error("route: *" .. name .. " must be the last segment", 3)
         end
+        -- (the later one's value would replace the earlier's in params)
+        for j = 1, i - 1 do
+          if spec.names[j] == name then
+            error("route: parameter " .. name .. " twice in " .. path, 3)
+          end
+        end
         spec.segs[i] = c
         spec.names[i] = name
       else
