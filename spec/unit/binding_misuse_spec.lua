@@ -94,6 +94,22 @@ local CASES = {
     .. " value" },
   { function() http.request{ url = URL, headers = { ["X-A\0B"] = "v" } } end,
     "http.request: opts.headers: a name that is not an HTTP field name" },
+  -- curl reads these as C strings: a NUL would cut them short (another
+  -- host, another file), so it is refused
+  { function() http.request{ url = URL .. "\0.example.com/" } end,
+    "http.request: opts.url has a NUL byte in it" },
+  { function() http.request{ url = URL, ca_file = "/tmp/ca.pem\0x" } end,
+    "http.request: opts.ca_file has a NUL byte in it" },
+  { function() http.request{ url = URL, client_cert = "/tmp/c.pem\0x" } end,
+    "http.request: opts.client_cert has a NUL byte in it" },
+  { function() http.request{ url = URL, client_key = "/tmp/k.pem\0x" } end,
+    "http.request: opts.client_key has a NUL byte in it" },
+  { function() http.request{ url = URL, method = "GET\0X" } end,
+    "http.request: opts.method has a NUL byte in it" },
+  { function()
+      http.request{ url = URL, resolve = { "a:80:127.0.0.1",
+                                           "b:80:127.0.0.1\0x" } }
+    end, "http.request: opts.resolve[2] has a NUL byte in it" },
   { function() http.request{ url = URL, sink = print, timout = 1 } end,
     "http.request: unknown option opts.timout" },
   -- zlib.inflate

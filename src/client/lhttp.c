@@ -671,6 +671,7 @@ static const char *
 opt_string(lua_State *L, int t, const char *k)
 {
     const char *v;
+    size_t      len;
 
     lua_getfield(L, t, k);
     if (lua_isnil(L, -1)) {
@@ -680,7 +681,12 @@ opt_string(lua_State *L, int t, const char *k)
     if (lua_type(L, -1) != LUA_TSTRING) {
         gw_raise(L, "http.request: opts.%s must be a string", k);
     }
-    v = lua_tostring(L, -1);
+    v = lua_tolstring(L, -1, &len);
+    /* curl reads it as a C string: a NUL would cut it short (another
+     * URL, another file) */
+    if (memchr(v, '\0', len) != NULL) {
+        gw_raise(L, "http.request: opts.%s has a NUL byte in it", k);
+    }
     lua_pop(L, 1);      /* the table anchors it */
     return v;
 }
@@ -974,6 +980,23 @@ op_setup(lua_State *L, int stream)
     if (!lua_isnil(L, -1) && !lua_istable(L, -1)) {
         gw_raise(L, "http.request: opts.resolve must be an array of "
                  "strings");
+    }
+    if (lua_istable(L, -1)) {
+        int n = (int) lua_objlen(L, -1);
+
+        for (int i = 1; i <= n; i++) {
+            size_t      len;
+            const char *v;
+
+            lua_rawgeti(L, -1, i);
+            v = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &len)
+                                               : NULL;
+            if (v != NULL && memchr(v, '\0', len) != NULL) {
+                gw_raise(L, "http.request: opts.resolve[%d] has a NUL byte "
+                         "in it", i);
+            }
+            lua_pop(L, 1);
+        }
     }
     lua_pop(L, 1);
     if (multi_init() != GW_OK) {
