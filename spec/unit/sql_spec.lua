@@ -277,6 +277,31 @@ for _, engine in ipairs(engines) do
         assert.equal("syntax", qerr.kind)
       end)
 
+      it("refuses SQL with a NUL byte (misuse): it would end there", function()
+        -- each engine reads the text as a C string: the part before the
+        -- NUL ran, the rest was dropped without a word
+        local ins = "INSERT INTO t (v, n) VALUES ('cut', 1)\0; SELECT 1"
+        local function refused(r, err, what)
+          assert.is_nil(r, what)
+          assert.equal("misuse", err.kind, what)
+          assert.matches("NUL byte", err.message, 1, true)
+        end
+        refused(db:exec(ins)); refused(db:query(ins))
+        refused(db:exec_script(ins))
+        refused(db:query("SELECT 1 AS a\0 UNION SELECT 2"))
+        local ok, err = db:transaction(function(tx)
+          refused(tx:exec(ins)); refused(tx:query(ins))
+          refused(tx:exec_script(ins))
+          return true
+        end)
+        assert.is_true(ok, tostring(err))
+        local res, aerr = db:atomic({
+          { "INSERT INTO t (v, n) VALUES ('a', 2)" }, { ins } })
+        refused(res, aerr)
+        assert.equal(2, aerr.index)
+        assert.equal(0, db:query("SELECT count(*) AS c FROM t")[1].c)
+      end)
+
       it("raises on a parameter that cannot be bound", function()
         assert.has_error(function()
           db:exec("INSERT INTO t (v) VALUES ($1)", { {} })

@@ -1870,6 +1870,29 @@ lsqlite_gc(lua_State *L)
     return 0;
 }
 
+/* Does the SQL at idx hold a NUL byte? SQLite reads the text as a C
+ * string: it would end there ("SELECT 1\0; ..." runs "SELECT 1"). */
+static int
+sql_has_nul(lua_State *L, int idx)
+{
+    size_t      len;
+    const char *sql = lua_type(L, idx) == LUA_TSTRING
+                      ? lua_tolstring(L, idx, &len) : NULL;
+
+    return sql != NULL && memchr(sql, '\0', len) != NULL;
+}
+
+/* nil, err (misuse) for SQL with a NUL byte (nothing ran). Returns 2. */
+static int
+push_sql_nul(lua_State *L)
+{
+    gw_push_error(L, "misuse", 0, "sqlite: the SQL has a NUL byte in it "
+                  "(the statement would end there)");
+    lua_pushinteger(L, SQLITE_MISUSE);
+    lua_setfield(L, -2, "code");
+    return 2;
+}
+
 static struct lsqlite_job *
 stmt_job(lua_State *L, struct lsqlite_db *db, int sql_idx, int params_idx,
          enum lsqlite_op op)
@@ -1906,8 +1929,13 @@ static int
 lsqlite_exec(lua_State *L)
 {
     struct lsqlite_db  *db = check_db(L);
-    struct lsqlite_job *j = stmt_job(L, db, 2, 3, LSQLITE_OP_STMT);
+    struct lsqlite_job *j;
 
+    if (sql_has_nul(L, 2)) {
+        gw_co_current(L);
+        return push_sql_nul(L);
+    }
+    j = stmt_job(L, db, 2, 3, LSQLITE_OP_STMT);
     if (j == NULL) {
         return gw_push_error(L, "unavailable", 0, "sqlite: out of memory");
     }
@@ -2062,8 +2090,13 @@ static int
 lsqlite_query(lua_State *L)
 {
     struct lsqlite_db  *db = check_db(L);
-    struct lsqlite_job *j = stmt_job(L, db, 2, 3, LSQLITE_OP_STMT);
+    struct lsqlite_job *j;
 
+    if (sql_has_nul(L, 2)) {
+        gw_co_current(L);
+        return push_sql_nul(L);
+    }
+    j = stmt_job(L, db, 2, 3, LSQLITE_OP_STMT);
     if (j == NULL) {
         return gw_push_error(L, "unavailable", 0, "sqlite: out of memory");
     }
@@ -2083,8 +2116,13 @@ static int
 lsqlite_script(lua_State *L)
 {
     struct lsqlite_db  *db = check_db(L);
-    struct lsqlite_job *j = stmt_job(L, db, 2, 0, LSQLITE_OP_SCRIPT);
+    struct lsqlite_job *j;
 
+    if (sql_has_nul(L, 2)) {
+        gw_co_current(L);
+        return push_sql_nul(L);
+    }
+    j = stmt_job(L, db, 2, 0, LSQLITE_OP_SCRIPT);
     if (j == NULL) {
         return gw_push_error(L, "unavailable", 0, "sqlite: out of memory");
     }
@@ -2163,6 +2201,18 @@ lsqlite_atomic(lua_State *L)
         }
         lua_pop(L, 4);
     }
+    for (i = 1; i <= n; i++) {
+        lua_rawgeti(L, 2, i);
+        lua_rawgeti(L, -1, 1);
+        if (sql_has_nul(L, -1)) {
+            lua_pushnil(L);
+            lua_pushinteger(L, i);
+            push_sql_nul(L);
+            lua_remove(L, -2);           /* push_sql_nul's nil */
+            return 3;
+        }
+        lua_pop(L, 2);
+    }
     j = job_new(L, db, LSQLITE_OP_ATOMIC);
     if (j == NULL) {
         return gw_push_error(L, "unavailable", 0, "sqlite: out of memory");
@@ -2239,6 +2289,12 @@ tx_stmt(lua_State *L, enum lsqlite_op op, int want_rows)
          * (submit() would refuse it): its coroutine's end rolls it back */
         gw_co_current(L);
         return gw_co_unyieldable(L);
+    }
+    if ((op == LSQLITE_OP_STMT || op == LSQLITE_OP_SCRIPT)
+        && sql_has_nul(L, 3))
+    {
+        gw_co_current(L);
+        return push_sql_nul(L);
     }
     if (op == LSQLITE_OP_STMT || op == LSQLITE_OP_SCRIPT) {
         j = stmt_job(L, db, 3, op == LSQLITE_OP_STMT ? 4 : 0, op);
