@@ -146,11 +146,18 @@ lcore_mono(lua_State *L)
 static int
 lcore_listdir(lua_State *L)
 {
-    const char    *path = luaL_checkstring(L, 1);
-    DIR           *d = opendir(path);
+    size_t         len;
+    const char    *path = luaL_checklstring(L, 1, &len);
+    DIR           *d;
     struct dirent *e;
     int            n = 0;
 
+    if (memchr(path, '\0', len) != NULL) {
+        /* cut at the NUL, it would name another folder */
+        return gw_push_error(L, "unavailable", 0, "listdir %s: not a path",
+                             path);
+    }
+    d = opendir(path);
     if (d == NULL) {
         return gw_push_error(L, "unavailable", 0, "listdir %s: %s", path,
                              strerror(errno));
@@ -180,9 +187,15 @@ lcore_listdir(lua_State *L)
 static int
 lcore_file_type(lua_State *L)
 {
-    const char *path = luaL_checkstring(L, 1);
+    size_t      len;
+    const char *path = luaL_checklstring(L, 1, &len);
     struct stat st;
 
+    if (memchr(path, '\0', len) != NULL) {
+        /* cut at the NUL, it would name another file */
+        return gw_push_error(L, "unavailable", 0, "stat %s: not a path",
+                             path);
+    }
     if (stat(path, &st) != 0) {
         return gw_push_error(L, "unavailable", 0, "stat %s: %s", path,
                              strerror(errno));
