@@ -167,4 +167,27 @@ describe("config shared", function()
                      .. " optional unit k, m or g", out, 1, true)
     end
   end)
+
+  -- read as a C string, "cache\0x" was the dictionary "cache" (and beside
+  -- a "cache", refused as "shared dictionary cache exists")
+  it("refuses a name with a NUL byte with exit code 2", function()
+    for _, shared in ipairs({ '{ ["cache\\0x"] = "1m" }',
+                              '{ ["cache\\0x"] = "1m", cache = "1m" }' }) do
+      local dir = server.tmpdir()
+      local f = assert(io.open(dir .. "/c.lua", "w"))
+      f:write("return { shared = " .. shared .. " }")
+      f:close()
+      local log = dir .. "/out"
+      local p = proc.spawn({ PAYGATE_BIN, "run", "examples/hello",
+                             "--config", dir .. "/c.lua", "--listen",
+                             "127.0.0.1:0", "--admin", "off" }, { log = log })
+      local code = p:wait(10)
+      if code == nil then p:stop() end   -- it took the name: not left
+      local out = proc.read(log)
+      os.execute("rm -rf " .. dir)
+      assert.equal(2, code, shared .. ": " .. out)
+      assert.matches('config.shared: the name "cache" has a NUL byte in it',
+                     out, 1, true)
+    end
+  end)
 end)

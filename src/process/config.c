@@ -304,14 +304,20 @@ read_shared(lua_State *L, int t, struct gw_opts *o, char *err, size_t errlen)
     lua_pushnil(L);
     while (lua_next(L, t) != 0) {
         const char *name;
-        size_t size = 0;
+        size_t size = 0, nlen;
         int ok = 0;
 
         if (lua_type(L, -2) != LUA_TSTRING) {
             snprintf(err, errlen, "config.shared: keys must be names");
             return GW_ERR;
         }
-        name = lua_tostring(L, -2);
+        name = lua_tolstring(L, -2, &nlen);
+        if (memchr(name, '\0', nlen) != NULL) {
+            /* cut at the NUL: "a\0x" and "a" would be two "a" */
+            snprintf(err, errlen, "config.shared: the name \"%.64s\" has a "
+                                  "NUL byte in it", name);
+            return GW_ERR;
+        }
         if (lua_type(L, -1) == LUA_TSTRING) {
             ok = gw_shdict_parse_size(lua_tostring(L, -1), &size) == GW_OK;
         } else if (lua_type(L, -1) == LUA_TNUMBER) {
