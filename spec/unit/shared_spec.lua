@@ -201,6 +201,22 @@ describe("paygate.shared", function()
       assert.equal("not_a_number", err.kind)
     end)
 
+    it("raises on a by or init that is NaN or infinite", function()
+      -- stored, it would be the counter for good: every incr after it
+      -- answers NaN (or inf)
+      local d = fresh()
+      assert.equal(1, d:incr("c", 1, 0))
+      for _, x in ipairs({ 0 / 0, 1 / 0, -1 / 0 }) do
+        assert.has_error(function() d:incr("c", x) end,
+                         "shared.incr: by must be a finite number")
+        assert.has_error(function() d:incr("new", 1, x) end,
+                         "shared.incr: init must be a finite number")
+      end
+      assert.equal(1, d:get("c"))
+      assert.is_nil(d:get("new"))
+      assert.equal(2, d:incr("c", 1))
+    end)
+
     it("gives init_ttl to a counter it creates", function()
       local d = fresh()
       assert.equal(1, d:incr("c", 1, 0, 0.02))

@@ -11,6 +11,7 @@
  * and never runs Lua (nor raises) while holding it.
  */
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
 
 #include "lstate.h"
@@ -222,6 +223,12 @@ lshared_incr(lua_State *L)
     by = luaL_checknumber(L, 3);
     if (has_init) {
         init = luaL_checknumber(L, 4);
+    }
+    /* a NaN or an infinity would be the counter for good: every later
+     * incr answers it again */
+    if (!isfinite(by) || !isfinite(init)) {
+        return luaL_error(L, "shared.incr: %s must be a finite number",
+                          !isfinite(by) ? "by" : "init");
     }
     ttl = check_ttl(L, 5, "incr");
     rc = gw_shdict_incr(d, key, klen, by, has_init, init, ttl, &out);
