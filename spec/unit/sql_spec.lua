@@ -302,6 +302,34 @@ for _, engine in ipairs(engines) do
         assert.equal(0, db:query("SELECT count(*) AS c FROM t")[1].c)
       end)
 
+      it("raises on a params.n that is no whole count up to 65535", function()
+        -- the engines cast n to an int: -1 or 1.5 dropped or cut the
+        -- parameters silently, 2^31 wrapped negative (every parameter
+        -- dropped), 1e9 walked a billion slots before a huge calloc
+        local msg = "params.n must be a whole number from 0 to 65535"
+        for _, n in ipairs({ -1, 1.5, 0 / 0, 1 / 0, 65536, 2 ^ 31, 1e9 }) do
+          local p = { n = n, 5 }
+          local ok, err = pcall(db.query, db, "SELECT $1 AS a", p)
+          assert.is_false(ok, tostring(n))
+          assert.matches("db:query: " .. msg, err, 1, true)
+          ok, err = pcall(db.exec, db, "SELECT $1 AS a", p)
+          assert.matches("db:exec: " .. msg, err, 1, true)
+          ok, err = pcall(db.atomic, db, { { "SELECT $1 AS a", p } })
+          assert.matches("db:atomic: stmts[1]: " .. msg, err, 1, true)
+          -- the engine's own check, under paygate.sql's
+          ok, err = pcall(db.h.query, db.h, "SELECT $1 AS a", p)
+          assert.is_false(ok, tostring(n))
+          assert.matches(msg, err, 1, true)
+        end
+        -- (PostgreSQL answers the untyped $1 as text)
+        assert.equal("5", tostring(assert(
+          db:query("SELECT $1 AS a", { n = 1, 5 }))[1].a))
+        if engine == "sqlite" then   -- (PostgreSQL: at most 256)
+          assert.same({ { a = 5 } },
+                      db:query("SELECT $1 AS a", { n = 65535, 5 }))
+        end
+      end)
+
       it("raises on a parameter that cannot be bound", function()
         assert.has_error(function()
           db:exec("INSERT INTO t (v) VALUES ($1)", { {} })

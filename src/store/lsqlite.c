@@ -2146,6 +2146,10 @@ atomic_check_params(lua_State *L, int idx, int stmt)
                    stmt);
     }
     bad = gw_store_vals_unbindable(L, idx);
+    if (bad < 0) {
+        luaL_error(L, "db:atomic: statement %d: params.n must be a whole"
+                   " number from 0 to %d", stmt, GW_STORE_MAX_PARAMS);
+    }
     if (bad > 0) {
         lua_rawgeti(L, idx, bad);
         luaL_error(L, "db:atomic: statement %d: params[%d] cannot be"

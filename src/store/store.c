@@ -15,14 +15,20 @@
 #include "runtime.h"
 #include "store.h"
 
+/* params.n when set, else #params; -1 for an n that is no whole number
+ * in 0..GW_STORE_MAX_PARAMS (cast to int, 2^31 wrapped negative and
+ * every parameter was dropped; 1e9 walked a billion slots) */
 static int
 param_count(lua_State *L, int idx)
 {
-    int n;
+    int    n;
+    double d;
 
     gw_getfield(L, idx, "n");
     if (lua_isnumber(L, -1)) {
-        n = (int)lua_tointeger(L, -1);
+        d = lua_tonumber(L, -1);
+        n = d >= 0 && d <= GW_STORE_MAX_PARAMS && d == floor(d) ? (int)d
+            : -1;
     } else {
         n = (int)lua_objlen(L, idx);
     }
@@ -35,6 +41,9 @@ gw_store_vals_unbindable(lua_State *L, int idx)
 {
     int i, cnt = param_count(L, idx), t;
 
+    if (cnt < 0) {
+        return -1;
+    }
     for (i = 1; i <= cnt; i++) {
         lua_rawgeti(L, idx, i);
         t = lua_type(L, -1);
@@ -61,7 +70,11 @@ gw_store_vals_from_lua(lua_State *L, int idx, struct gw_store_val **out, int *n)
     }
     luaL_checktype(L, idx, LUA_TTABLE);
     cnt = param_count(L, idx);
-    if (cnt <= 0) {
+    if (cnt < 0) {
+        luaL_error(L, "sql params.n must be a whole number from 0 to %d",
+                   GW_STORE_MAX_PARAMS);
+    }
+    if (cnt == 0) {
         return GW_OK;
     }
     /* Check every value first: raising must not leak the copies. */

@@ -32,9 +32,13 @@ struct gw_store_val {
     size_t                 len;  /* GW_STORE_TEXT: bytes, without the NUL */
 };
 
+/* params.n at most: PostgreSQL's protocol counts parameters in 16 bits */
+#define GW_STORE_MAX_PARAMS 65535
+
 /* Copies the parameter array at idx (a table, or nil/none for no
  * parameters) into a malloc'd array; *n gets its length (params.n when
- * set, else #params). Raises on a value that cannot be bound (misuse)
+ * set, else #params). Raises on a value that cannot be bound (misuse),
+ * or a params.n that is no whole number in 0..GW_STORE_MAX_PARAMS,
  * before allocating anything. Returns GW_OK, or GW_ERR when out of
  * memory. Free with gw_store_vals_free(). */
 int gw_store_vals_from_lua(lua_State *L, int idx, struct gw_store_val **out,
@@ -42,7 +46,8 @@ int gw_store_vals_from_lua(lua_State *L, int idx, struct gw_store_val **out,
 
 /* The 1-based index of the first value of the parameter table at idx
  * that cannot be bound (not nil, null, boolean, number or string), or 0
- * when every one can. Never raises. */
+ * when every one can, or -1 when params.n is no whole number in
+ * 0..GW_STORE_MAX_PARAMS. Never raises. */
 int gw_store_vals_unbindable(lua_State *L, int idx);
 
 /* Frees n values and the array. NULL-safe. */
