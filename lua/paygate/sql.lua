@@ -15,7 +15,8 @@
 -- "kind: message") with err.kind one of: constraint (with err.constraint
 -- naming it), unavailable, timeout, serialization, busy, syntax, misuse,
 -- unknown_outcome (PostgreSQL: a COMMIT, or a write outside a transaction,
--- that may have committed: never run again here), closed, error;
+-- that may have committed: never run again here), too_large (SQLite: a
+-- string or blob over its length limit), closed, error;
 -- err.retryable says whether trying again can help.
 -- Misuse raises, naming the function and the argument: wrong argument
 -- types, a bad option, a value that cannot be bound, a closed db.

@@ -948,6 +948,36 @@ describe("paygate.sql on sqlite (engine specifics)", function()
     assert.has_error(function() sql.open("mysql://x") end)
   end)
 
+  it("classifies a string or blob too big as too_large", function()
+    local db = assert(sql.open("sqlite:" .. tmp .. "/toobig.db"))
+    -- over SQLite's length limit (1e9 bytes), refused before allocating
+    local rows, err = db:query("SELECT zeroblob(2000000000) AS b")
+    assert.is_nil(rows)
+    assert.equal("too_large", err.kind)
+    assert.is_false(err.retryable)
+    assert.equal(18, err.code)                 -- SQLITE_TOOBIG
+    db:close()
+  end)
+
+  it("classifies out of memory as unavailable, retryable", function()
+    -- in a process of its own: SQLite's heap limit is the process's and
+    -- the pragma can only lower it
+    local script = tmp .. "/nomem.lua"
+    local f = assert(io.open(script, "w"))
+    f:write(([[
+      local sql = require "paygate.sql"
+      local db = assert(sql.open("sqlite:%s/nomem.db"))
+      assert(db:exec("PRAGMA hard_heap_limit = 8000000"))
+      local rows, err = db:query("SELECT length(randomblob(50000000)) AS n")
+      io.write(rows and "rows" or err.kind .. " " .. tostring(err.retryable)
+               .. " " .. tostring(err.code))
+    ]]):format(tmp))
+    f:close()
+    local out = servers.read_cmd((os.getenv("PAYGATE_BIN") or "build/paygate")
+                                 .. " exec " .. script .. " 2>&1")
+    assert.equal("unavailable true 7", out)    -- SQLITE_NOMEM
+  end)
+
   it("writes queued while another process holds the write lock all fail"
      .. " busy within busy_timeout of their request (not one after"
      .. " another), and a later one still waits its own", function()

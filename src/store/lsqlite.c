@@ -370,6 +370,13 @@ push_job_error(lua_State *L, struct lsqlite_job *j)
         kind = "unavailable";
         retry = j->rc == SQLITE_IOERR || j->rc == SQLITE_FULL;
         break;
+    case SQLITE_NOMEM:
+        kind = "unavailable";            /* as PostgreSQL's class 53 */
+        retry = 1;
+        break;
+    case SQLITE_TOOBIG:
+        kind = "too_large";
+        break;
     case SQLITE_ABORT:
         kind = "timeout";
         retry = 1;
