@@ -742,7 +742,8 @@ bind_params(sqlite3_stmt *st, struct lsqlite_job *j)
 static int
 add_row(struct lsqlite_job *j, sqlite3_stmt *st)
 {
-    int c;
+    struct gw_store_val *row;
+    int                  c;
 
     if (j->nrows == 0 && j->cols == NULL) {
         j->ncols = sqlite3_column_count(st);
@@ -769,8 +770,9 @@ add_row(struct lsqlite_job *j, sqlite3_stmt *st)
         j->cells = cells;
         j->cap = cap;
     }
+    row = &j->cells[j->nrows * j->ncols];
     for (c = 0; c < j->ncols; c++) {
-        struct gw_store_val *v = &j->cells[j->nrows * j->ncols + c];
+        struct gw_store_val *v = &row[c];
 
         memset(v, 0, sizeof(*v));
         switch (sqlite3_column_type(st, c)) {
@@ -787,6 +789,11 @@ add_row(struct lsqlite_job *j, sqlite3_stmt *st)
             v->len = (size_t)sqlite3_column_bytes(st, c);
             v->s = malloc(v->len + 1);
             if (v->s == NULL) {
+                /* the row is not counted (nrows): job_clear() would
+                 * not free the strings copied for it so far */
+                while (c-- > 0) {
+                    free(row[c].s);
+                }
                 return SQLITE_NOMEM;
             }
             if (v->len > 0) {
