@@ -28,6 +28,10 @@ describe("paygate.shared", function()
     assert.has_error(function() d:add("k", nil) end)
     assert.has_error(function() d:incr("k", "x") end)
     assert.has_error(function() shared.get_dict("bad name") end)
+    -- read as a C string, it was the dictionary "paygate"
+    assert.has_error(function() shared.get_dict("paygate\0x") end,
+                     "shared.get_dict: the name 'paygate' has a NUL byte"
+                     .. " in it")
     assert.has_error(function() shared.get_dict("tiny", "1k") end)
     assert.has_error(function() shared.get_dict("odd", "16q") end)
     -- a number must be a whole byte count in range (checked before the

@@ -292,10 +292,16 @@ lshared_stats(lua_State *L)
 static int
 lshared_get_dict(lua_State *L)
 {
-    const char *name = luaL_checkstring(L, 1);
+    size_t nlen;
+    const char *name = luaL_checklstring(L, 1, &nlen);
     struct gw_shdict *d;
     struct gw_lshared *ud;
 
+    if (memchr(name, '\0', nlen) != NULL) {
+        /* cut at the NUL, it would be another dictionary */
+        return luaL_error(L, "shared.get_dict: the name '%s' has a NUL "
+                             "byte in it", name);
+    }
     lua_settop(L, 2);               /* the cache goes at 3 */
     lua_getfield(L, LUA_REGISTRYINDEX, "paygate.shared.cache");
     lua_getfield(L, -1, name);
