@@ -16,7 +16,9 @@
 --                       and gw_refunds: a CSV in bill_dir, a gauge, an
 --                       audit entry reconcile:<date>; older days within
 --                       bill_days still without one at once, whatever
---                       the hour
+--                       the hour; a day still failing, or left behind
+--                       the window unreported, keeps the alarm
+--                       paygate_reconcile_bill_failed up until reported
 --
 -- What WeChat says is applied the way a notification is: SUCCESS and every
 -- refund status through gw.apply (the same dedupe by business key, amount
@@ -632,13 +634,123 @@ function _M.bill_dates(now, conf)
   return dates
 end
 
-local function bill_job(ctx, conf)
+-- The days whose bill the job owes a merchant: tried by it and not
+-- reported yet, each with what its last run said (an error kind;
+-- statement_creating: WeChat still making the bill). In the instance's
+-- shared dict, for every worker (the console's run may come to any, and
+-- settles a day it reports); this worker's own memory without one. A day
+-- that leaves the window (bill_days) still owed is recorded in the store
+-- instead: an audit entry reconcile_missed:<date>.
+local owed_here = {}
+
+local function dict() return require("paygate.shared").get_dict("paygate") end
+
+local function owed_get(mchid)
+  local d = dict()
+  if not d then return owed_here[mchid] or {} end
+  local t = json.decode(d:get("gw:bill_owed:" .. mchid) or "")
+  return type(t) == "table" and t or {}
+end
+
+-- kind: what the day's last run said; nil: the day is no longer owed
+local function owe(mchid, date, kind)
+  local t = owed_get(mchid)
+  t[date] = kind
+  local d = dict()
+  if not d then
+    owed_here[mchid] = t
+  elseif next(t) == nil then
+    d:delete("gw:bill_owed:" .. mchid)
+  else
+    d:set("gw:bill_owed:" .. mchid, json.encode(t))
+  end
+end
+
+-- The merchants whose bill of date is reported (its reconcile.bill
+-- entry exists), as a set; nil, err
+local function reported(db, date)
+  local rows, err = db:query("SELECT evidence FROM paygate_audit WHERE"
+    .. " subject = $1 AND what = 'reconcile.bill'", { "reconcile:" .. date })
+  if not rows then return nil, err end
+  local set = {}
+  for _, r in ipairs(rows) do
+    local ev = json.decode(tostring(r.evidence))
+    if type(ev) == "table" and type(ev.merchant) == "string" then
+      set[ev.merchant] = true
+    end
+  end
+  return set
+end
+
+-- how far back a day left unreconciled keeps the alarm up (days)
+local MISSED_DAYS = 400
+
+-- The days that left the window unreported for mchid (their
+-- reconcile_missed entries, of the last MISSED_DAYS days) and still are:
+-- a sorted list, or nil, err. Read by the subject's range (the audit
+-- table's primary key).
+local function missed_days(db, mchid, now)
+  local rows, err = db:query("SELECT evidence FROM paygate_audit WHERE"
+    .. " subject >= $1 AND subject < $2 AND what = 'reconcile.bill_missed'",
+    { "reconcile_missed:" .. bill.bill_date(now - MISSED_DAYS * 86400),
+      "reconcile_missed;" })
+  if not rows then return nil, err end
+  local open, days = {}, {}
+  for _, r in ipairs(rows) do
+    local ev = json.decode(tostring(r.evidence))
+    local date = type(ev) == "table" and ev.merchant == mchid and ev.date
+    if type(date) == "string" and open[date] == nil then
+      local set, rerr = reported(db, date)
+      if not set then return nil, rerr end
+      open[date] = not set[mchid]
+      if open[date] then days[#days + 1] = date end
+    end
+  end
+  table.sort(days)
+  return days
+end
+
+local failing
+
+local function set_failed(mchid, v)
+  if failing == nil then
+    -- 1 while a day owed is failing or was left unreconciled (not a bill
+    -- still being made): /metrics shows it, where the mismatch gauge
+    -- keeps the last good day's counts
+    failing = metrics.gauge("paygate_reconcile_bill_failed",
+      "1 while a merchant's bill of a day is failing or left unreconciled"
+      .. " (the log says which), 0 once every such day succeeded.")
+  end
+  failing:set(v, { merchant = mchid })
+  local d = dict()
+  if d then d:set("gw:bill_failed:" .. mchid, v) end
+end
+
+-- Sets paygate_reconcile_bill_failed{merchant} from the days owed: 1
+-- while one's last run failed (WeChat still making the bill is not a
+-- failure) or one left the window unreported, else 0. A store that
+-- cannot be read leaves it as it is.
+local function refresh(db, mchid, now)
+  for _, kind in pairs(owed_get(mchid)) do
+    if kind ~= "statement_creating" then return set_failed(mchid, 1) end
+  end
+  local days, err = missed_days(db, mchid, now or core.time())
+  if not days then
+    warn("gateway: the bill days left unreconciled cannot be read",
+         { mchid = mchid, error = tostring(err) })
+    return
+  end
+  set_failed(mchid, days[1] and 1 or 0)
+end
+
+local function bill_job(ctx, conf, clock)
+  clock = clock or core.time
   local db = ctx.db
   -- date|mchid -> when last tried, in the instance's shared dictionary:
   -- the lease may move to another worker, which must not ask WeChat again
   -- before bill_retry (WeChat asks for every 30 minutes while it makes
   -- the bill); this worker's own memory when there is no dictionary
-  local d = require("paygate.shared").get_dict("paygate")
+  local d = dict()
   local mine = {}
   local tried = {
     get = function(key)
@@ -659,43 +771,84 @@ local function bill_job(ctx, conf)
     -- bill_days - 1 days before it not reported yet (the gateway was down
     -- when their turn came): at once, whatever the hour
     local items = {}
+    local owed = {}
+    for _, m in ipairs(ctx.merchants) do owed[m.mchid] = owed_get(m.mchid) end
     for _, date in ipairs(_M.bill_dates(now, conf)) do
       -- a day is done for a merchant when its audit entry exists
-      local rows, err = db:query("SELECT evidence FROM paygate_audit WHERE"
-        .. " subject = $1", { "reconcile:" .. date })
-      if not rows then return nil, err end
+      local done, err = reported(db, date)
+      if not done then return nil, err end
       for _, m in ipairs(ctx.merchants) do
         local key = date .. "|" .. m.mchid
-        local done = false
-        for _, r in ipairs(rows) do
-          if tostring(r.evidence):find('"merchant":"' .. m.mchid .. '"', 1,
-                                       true) then
-            done = true
-          end
-        end
         local last = tried.get(key)
-        if not done and (not last or now - last
-                         >= conf.bill_retry) then
+        if done[m.mchid] then
+          -- (reported by a run elsewhere: the console, another instance)
+          if owed[m.mchid][date] then owe(m.mchid, date, nil) end
+        elseif not last or now - last >= conf.bill_retry then
           items[#items + 1] = { date = date, mchid = m.mchid, key = key }
         end
       end
     end
+    -- the days owed that have left the window: reported since, or
+    -- recorded as left unreconciled (check), once
+    local oldest = bill.bill_date(now - (conf.bill_days - 1) * 86400)
+    for _, m in ipairs(ctx.merchants) do
+      for date, kind in pairs(owed[m.mchid]) do
+        if date < oldest then
+          local done, err = reported(db, date)
+          if not done then return nil, err end
+          if done[m.mchid] then
+            owe(m.mchid, date, nil)
+          else
+            items[#items + 1] = { date = date, mchid = m.mchid,
+                                  missed = true, last = kind }
+          end
+        end
+      end
+      refresh(db, m.mchid, now)
+    end
     return items
+  end
+  -- A day owed that left the window unreported: an audit entry
+  -- reconcile_missed:<date> (under the fence) and an error in the log;
+  -- the alarm stays up until a run of the day succeeds (the console's
+  -- lever), whatever later days do
+  local function left_unreconciled(item, rctx)
+    local ok, err = audit.ensure_schema(db)
+    if not ok then return nil, err end
+    local e
+    e, err = db:transaction(function(tx)
+      local f, ferr = rctx.fence(tx)
+      if not f then return nil, ferr end
+      return audit.append(tx, "reconcile_missed:" .. item.date, {
+        what = "reconcile.bill_missed", cause = "bill_days",
+        actor = "reconcile", evidence = { date = item.date,
+          merchant = item.mchid, last = item.last,
+          bill_days = conf.bill_days } })
+    end)
+    if not e then return nil, err end
+    owe(item.mchid, item.date, nil)
+    paygate.log.error("gateway: a day's bill left the bill job's window"
+      .. " unreconciled: run it from the console (Reconcile)", {
+        date = item.date, mchid = item.mchid, last = item.last })
+    refresh(db, item.mchid, clock())
+    return e
   end
   local ttl, measure = lease_opts("bill", conf)
   return reconcile.runner(db, {
     name = "bill", batch = 20, interval = math.min(60, conf.bill_retry),
-    lease_ttl = ttl,
+    lease_ttl = ttl, now = clock,
     measure = measure,
     due = function(now) return pending(now) end,
     check = function(item, rctx)
-      tried.set(item.key, core.time())
+      if item.missed then return left_unreconciled(item, rctx) end
+      tried.set(item.key, clock())
       local wx = ctx.wx[item.mchid]
       -- a raise (a fault on this side) goes on to the runner, which logs
       -- it as before
       local report, err = _M.bill_day{
         wx = wx, db = db, dir = conf.bill_dir, date = item.date,
-        mchid = item.mchid, fence = rctx.fence, on_wait = rctx.keepalive }
+        mchid = item.mchid, fence = rctx.fence, on_wait = rctx.keepalive,
+        job = true }
       if not report then return nil, err end
       local level = report.counts.total > 0 and "warn" or "info"
       paygate.log[level]("gateway: daily bill reconciled", {
@@ -706,44 +859,25 @@ local function bill_job(ctx, conf)
   })
 end
 
+-- syntax: runner = reconcile.bill_job(ctx, conf[, clock])
+-- The bill job's runner, not started (clock: fn -> epoch s, default
+-- core.time; for the specs)
+_M.bill_job = bill_job
+
 --- syntax: report, err = reconcile.bill_day(o)
 -- One merchant's bill of one day, reconciled (paygate.reconcile.bill's
 -- daily: the report file, its audit entry reconcile:<date>) against this
 -- gateway's rows (local_rows, the refunds the bill names included). The
 -- daily job and the console's lever both run it, so that a day run from
 -- the console reports what the job would. o: { wx, db, dir, date, mchid,
--- fence, on_wait }; one attempt (the job tries again after bill_retry).
--- Its outcome sets paygate_reconcile_bill_failed{merchant} (1 failed, 0
--- succeeded; a bill WeChat is still making changes nothing), whoever ran
--- it: a day the console ran again with success clears the alarm the job's
--- failure raised (the job, finding the day reported, never runs it again).
--- The gauge follows the newest day run for the merchant (the job's or
--- the console's): an older day run from the console, good or bad, neither
--- clears a newer day's failure nor raises the alarm over a newer success.
--- The newest day and its outcome are kept in the shared dict, for every
--- worker (the console's request may come to any).
-local failing
-
-local function bill_failed(mchid, date, v)
-  local d = require("paygate.shared").get_dict("paygate")
-  local key = "gw:bill_newest:" .. mchid
-  local newest = d and d:get(key)
-  if type(date) == "string" and type(newest) == "string"
-     and date < newest:sub(1, 10) then
-    return                                     -- an older day
-  end
-  if d and type(date) == "string" then d:set(key, date .. "|" .. v) end
-  if failing == nil then
-    -- 1 while a merchant's newest day run failed (not a bill still being
-    -- made): /metrics shows it, where the mismatch gauge keeps the last
-    -- good day's counts
-    failing = metrics.gauge("paygate_reconcile_bill_failed",
-      "1 when the newest daily bill run of a merchant failed (its kind in"
-      .. " the log), 0 once that day or a later one succeeds.")
-  end
-  failing:set(v, { merchant = mchid })
-end
-
+-- fence, on_wait, job (the job's run) }; one attempt (the job tries again
+-- after bill_retry).
+-- Its outcome sets paygate_reconcile_bill_failed{merchant}, whoever ran
+-- it (refresh): a day's success settles it (the console's run clears the
+-- alarm the job's failures raised: the job, finding the day reported,
+-- never runs it again); a failure of the job's, or of a day the job owes,
+-- is the day's last outcome. A failure of a day the job does not owe (an
+-- older day run from the console: its page says so) changes nothing.
 function _M.bill_day(o)
   local db, mchid = o.db, o.mchid
   local ok, report, err = pcall(bill.daily, {
@@ -752,21 +886,20 @@ function _M.bill_day(o)
     local_rows = function(date, numbers, refund_numbers)
       return _M.local_rows(db, mchid, date, numbers, refund_numbers)
     end })
-  if not ok then
-    -- a raise (a fault on this side) fails the run all the same
-    bill_failed(mchid, o.date, 1)
-    error(report, 0)
-  end
-  if not report then
-    if err.kind ~= "statement_creating" then
-      bill_failed(mchid, o.date, 1)
+  if not ok or not report then
+    if o.job or owed_get(mchid)[o.date] then
+      -- (a raise: a fault on this side fails the run all the same)
+      owe(mchid, o.date, ok and tostring(err.kind) or "internal")
     end
+    refresh(db, mchid)
+    if not ok then error(report, 0) end
     return nil, err
   end
-  bill_failed(mchid, o.date, 0)
+  owe(mchid, o.date, nil)
+  refresh(db, mchid)
   -- the counts the library's gauge now shows, kept for a worker that
   -- starts later (republish)
-  local d = require("paygate.shared").get_dict("paygate")
+  local d = dict()
   if d then
     d:set("gw:bill_counts:" .. mchid, json.encode(report.counts or {}))
   end
@@ -776,15 +909,14 @@ end
 -- A gauge lives in the worker that set it: a worker restarted or
 -- reloaded would leave /metrics without the bill's gauges until the next
 -- day's run. Each worker sets them again at start from what the shared
--- dict kept (the newest day's outcome, the last report's counts).
+-- dict kept (the alarm's last value, the last report's counts).
 local function republish(merchants)
-  local d = require("paygate.shared").get_dict("paygate")
+  local d = dict()
   if not d then return end
   for _, m in ipairs(merchants or {}) do
     local mchid = m.mchid
-    local newest = d:get("gw:bill_newest:" .. mchid)
-    local v = type(newest) == "string" and tonumber(newest:match("|(%d+)$"))
-    if v then bill_failed(mchid, nil, v) end
+    local v = tonumber(d:get("gw:bill_failed:" .. mchid))
+    if v then set_failed(mchid, v) end
     local counts = json.decode(d:get("gw:bill_counts:" .. mchid) or "")
     if type(counts) == "table" then bill.publish(counts, mchid) end
   end

@@ -525,6 +525,129 @@ describe("gateway daily bill job before bill_hour", function()
   end)
 end)
 
+-- The bill job driven here, on a clock the spec moves: a day no run
+-- reconciled stays on paygate_reconcile_bill_failed until one does.
+-- Before, a day WeChat kept STATEMENT_CREATING dropped out of the window
+-- after bill_days without a word, and an older day still failing had its
+-- alarm cleared by a newer day's success.
+describe("gateway daily bill job: a day never reconciled", function()
+  local sim, gw, bill_dir, gwr, calls
+  local metrics = require "paygate.metrics"
+
+  setup(function()
+    package.path = "examples/gateway/?.lua;" .. package.path
+    gwr = require "gw.reconcile"
+    -- the gateway's own runners off: the spec's runner holds the lease
+    sim, gw, bill_dir = start({}, nil, { enabled = false })
+    os.execute("mkdir -p '" .. bill_dir .. "'")
+    -- what the gauges are set to (every gauge's set, this process)
+    local methods = debug.getmetatable(metrics.gauge("spec_probe", "p"))
+                    .__index
+    calls = spy.on(methods, "set")
+  end)
+
+  teardown(function()
+    calls:revert()
+    stop(gw, bill_dir)
+  end)
+
+  before_each(function() sim:clear_faults() end)
+
+  -- the value paygate_reconcile_bill_failed{merchant} was set to last
+  local function failed()
+    local v
+    for _, c in ipairs(calls.calls) do
+      local labels = c.vals[3]
+      if type(labels) == "table" and labels.kind == nil
+         and labels.merchant == sim.merchant.mchid then
+        v = c.vals[2]
+      end
+    end
+    return v
+  end
+
+  -- a bill job on this clock (epoch s), as gw.reconcile.start makes it
+  local function job(rec, clock)
+    local conf = assert(gwr.check_conf(rec))
+    conf.bill_dir = bill_dir
+    return gwr.bill_job({ db = gw.db, wx = { [sim.merchant.mchid] =
+      sim:client() }, merchants = { { mchid = sim.merchant.mchid } } },
+      conf, function() return clock.now end)
+  end
+
+  local function missed(date)
+    local out = {}
+    for _, e in ipairs(audit.entries(gw.db, "reconcile_missed:" .. date)) do
+      out[#out + 1] = e
+    end
+    return out
+  end
+
+  it("a day still STATEMENT_CREATING when it leaves the window raises the"
+     .. " alarm and is recorded, until a run of it succeeds", function()
+    local clock = { now = os.time() }
+    local yesterday = bill.bill_date(clock.now)
+    local r = job({ bill_days = 1, bill_hour = 0, bill_retry = 60 }, clock)
+    finally(function() r:stop() end)
+    sim:fault{ endpoint = "tradebill", kind = "error", status = 400,
+               code = "STATEMENT_CREATING", count = 1000 }
+    assert.equal(1, r:step())
+    -- WeChat still making it: no alarm yet
+    assert.not_equal(1, failed())
+    assert.same({}, missed(yesterday))
+    -- a day later it has left the window (bill_days = 1), unreconciled
+    clock.now = clock.now + 86400
+    r:step()
+    assert.equal(1, failed())
+    local e = missed(yesterday)
+    assert.equal(1, #e)
+    assert.equal("reconcile.bill_missed", e[1].what)
+    assert.matches('"merchant":"' .. sim.merchant.mchid .. '"', e[1].evidence)
+    assert.matches('"last":"statement_creating"', e[1].evidence)
+    -- recorded once; the alarm stays
+    clock.now = clock.now + 120
+    r:step()
+    assert.equal(1, #missed(yesterday))
+    assert.equal(1, failed())
+    -- run again (the console's lever) with success: cleared
+    sim:clear_faults()
+    assert(gwr.bill_day{ wx = sim:client(), db = gw.db, dir = bill_dir,
+                         date = yesterday, mchid = sim.merchant.mchid })
+    assert.equal(0, failed())
+    clock.now = clock.now + 120
+    r:step()
+    assert.equal(0, failed())
+  end)
+
+  it("an older day still failing keeps the alarm over a newer day's"
+     .. " success", function()
+    local clock = { now = os.time() }
+    local older = bill.bill_date(clock.now - 2 * 86400)
+    -- the window: the older days first, then yesterday; the first bill
+    -- asked for (the oldest) fails
+    local r = job({ bill_days = 3, bill_hour = 0, bill_retry = 60 }, clock)
+    finally(function() r:stop() end)
+    sim:fault{ endpoint = "tradebill", kind = "error", status = 403,
+               code = "NO_AUTH", count = 1 }
+    r:step()
+    assert.equal(1, #audit.entries(gw.db, "reconcile:"
+                                   .. bill.bill_date(clock.now - 86400)))
+    assert.same({}, audit.entries(gw.db, "reconcile:" .. older))
+    assert.equal(1, failed())
+    -- and again: the older day fails, nothing newer runs
+    sim:fault{ endpoint = "tradebill", kind = "error", status = 403,
+               code = "NO_AUTH", count = 1 }
+    clock.now = clock.now + 61
+    assert.equal(1, r:step())
+    assert.equal(1, failed())
+    -- it succeeds: cleared
+    clock.now = clock.now + 61
+    assert.equal(1, r:step())
+    assert.equal(1, #audit.entries(gw.db, "reconcile:" .. older))
+    assert.equal(0, failed())
+  end)
+end)
+
 describe("gateway reconciliation config", function()
   local sim
 
