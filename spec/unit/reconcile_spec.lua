@@ -1085,8 +1085,8 @@ describe("bill.records", function()
     assert.is_nil(r)
     assert.equal("bad_amount", err.kind)
     assert.equal(1, err.line)
-    -- the message (what the log and the console show; the bill itself
-    -- is removed once read) names the column and the line
+    -- the message (what the log and the console show) names the column
+    -- and the line
     assert.equal("bad_amount: bill: amount \"1e2\" is not a yuan amount"
                  .. " (订单金额 of record 1, line 2 of the file)",
                  tostring(err))
@@ -1112,5 +1112,46 @@ describe("bill.records", function()
     assert.equal("bad_amount: bill: no amount: the header has no 订单金额 or"
                  .. " 应结订单金额 of record 1, line 2 of the file",
                  tostring(err))
+  end)
+
+  it("a refused bill is kept beside where it was (the day's last one), the"
+     .. " error naming it; a bill read is removed", function()
+    local dir = tmp .. "/refused"
+    os.execute("mkdir -p " .. dir)
+    local function read(path)
+      local f = assert(io.open(path, "rb"))
+      local text = f:read("*a")
+      f:close()
+      return text
+    end
+    local function run(text, name)
+      return bill.daily{ wx = bill_wx(text), db = new_db(), dir = dir,
+        date = "2026-11-29", name = name,
+        local_rows = function() return {} end }
+    end
+    local kept = dir .. "/tradebill-2026-11-29-m1.csv.refused"
+    local bad = "商户订单号,交易状态,订单金额\r\n`T1,`SUCCESS,`1e2\r\n"
+    local r, err = run(bad, "m1")
+    assert.is_nil(r)
+    assert.equal("bad_amount", err.kind)
+    assert.equal(kept, err.bill)
+    assert.matches("the bill is kept in " .. kept, tostring(err), 1, true)
+    assert.equal(bad, read(kept))
+    -- another refusal of the day takes its place: one kept a day
+    local broken = "商户订单号,交易状态,订单金额\r\n`T1,`SUCCESS\r\n"
+    r, err = run(broken, "m1")
+    assert.is_nil(r)
+    assert.equal("bad_bill", err.kind)
+    assert.equal(broken, read(kept))
+    local names = core.listdir(dir)
+    table.sort(names)
+    assert.same({ "tradebill-2026-11-29-m1.csv.refused" }, names)
+    -- a bill read fine: removed, as before (the refused one stays)
+    assert(run("商户订单号,交易状态,订单金额\r\n`T1,`SUCCESS,`1.00\r\n",
+               "m1"))
+    names = core.listdir(dir)
+    table.sort(names)
+    assert.same({ "reconcile-2026-11-29-m1.csv",
+                  "tradebill-2026-11-29-m1.csv.refused" }, names)
   end)
 end)

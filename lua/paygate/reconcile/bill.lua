@@ -189,8 +189,8 @@ function _M.fetch(wx, date, opts)
 end
 
 -- A bad amount of record n (line file_line of the file), in column col:
--- the message says where (the bill is removed once read, and a log or
--- the console shows the message, not the error's fields)
+-- the message says where (a log or the console shows the message, not
+-- the error's fields)
 local function amount_error(err, col, n, file_line, missing)
   err.line, err.file_line, err.column = n, file_line, col
   local at = " of record " .. n .. ", line " .. tostring(file_line)
@@ -595,6 +595,9 @@ _M.AUDIT_FINDINGS = 500
 -- gets the 8 KiB left.
 _M.AUDIT_FINDINGS_BYTES = audit.MAX_EVIDENCE - 8192
 
+-- the kinds of a bill refused as read (kept as NAME.refused)
+local REFUSED = { bad_bill = true, bad_amount = true }
+
 -- syntax: report, err = bill.daily(opts)
 -- opts: wx (client), db (paygate.sql: the audit entry), dir (the reports'
 -- folder, must exist), local_rows = fn(date, out_trade_nos,
@@ -605,7 +608,10 @@ _M.AUDIT_FINDINGS_BYTES = audit.MAX_EVIDENCE - 8192
 -- bill.bill_date()), name (a suffix for several merchants' reports),
 -- sub_mchid, retry, sleep, on_wait (as bill.fetch), fence (fn(tx) -> ok,
 -- err: checked in the audit entry's transaction), paid_states,
--- refund_states, keep_bill (keep the downloaded bill beside the report).
+-- refund_states, keep_bill (keep the downloaded bill beside the report;
+-- a bill refused as read, bad_bill or bad_amount, is kept anyway: as
+-- tradebill-<date>[-<name>].csv.refused, the day's last refused one,
+-- named in err.bill and the message).
 -- returns: { date, empty (NO_STATEMENT_EXIST), mismatches, counts (by
 -- kind, and total), path (the CSV), sha256 (hex of its bytes), audit (the
 -- entry), remote_payments, remote_refunds, local_rows } or nil, err
@@ -639,7 +645,26 @@ function _M.daily(opts)
   local remote = { payments = {}, refunds = {}, lines = 0 }
   if info then
     remote, err = _M.records(info.path, opts.on_wait)
-    if not opts.keep_bill then
+    if not remote and REFUSED[err.kind] then
+      -- refused: kept for a person to look at, as NAME.refused (the
+      -- day's last refused one: a later one takes its place), and named
+      -- in the error, which the log shows
+      local kept = info.path
+      if not opts.keep_bill then
+        kept = info.path .. ".refused"
+        local ok, rerr = os.rename(info.path, kept)
+        if not ok then
+          os.remove(info.path)
+          kept = nil
+          err.message = err.message .. " (the bill could not be kept: "
+                        .. tostring(rerr) .. ")"
+        end
+      end
+      if kept then
+        err.bill = kept
+        err.message = err.message .. " (the bill is kept in " .. kept .. ")"
+      end
+    elseif not opts.keep_bill then
       os.remove(info.path)
     end
     if not remote then
