@@ -369,6 +369,39 @@ describe("the daily trade bill", function()
     end
   end)
 
+  it("max_bytes bounds the download (a gzip bomb): a bill larger is"
+     .. " too_large, nothing written", function()
+    sim:close_bills(today)
+    local before = #audit.entries(db, "reconcile:" .. today)
+    local r, err = bill.daily{ wx = wx, db = db, dir = dir, date = today,
+      local_rows = local_rows, retry = { attempts = 1 }, max_bytes = 64 }
+    assert.is_nil(r)
+    assert.equal("too_large", err.kind)
+    assert.matches("max_bytes (64)", err.message, 1, true)
+    assert.equal(before, #audit.entries(db, "reconcile:" .. today))
+    for _, name in ipairs(core.listdir(dir)) do
+      assert.is_nil(name:find("tradebill", 1, true))
+    end
+    r, err = bill.fetch(wx, today, { path = dir .. "/x.csv", max_bytes = 64,
+                                     retry = { attempts = 1 } })
+    assert.is_nil(r)
+    assert.equal("too_large", err.kind)
+    -- under the cap, it is read as ever
+    assert(bill.fetch(wx, today, { path = dir .. "/x.csv",
+                                   max_bytes = 1024 * 1024 }))
+    os.remove(dir .. "/x.csv")
+    -- misuse raises
+    assert.has_error(function()
+      bill.daily{ wx = wx, db = db, dir = dir, date = today,
+                  local_rows = local_rows, max_bytes = "64" }
+    end, "bill.daily: opts.max_bytes must be a positive whole number of"
+         .. " bytes")
+    assert.has_error(function()
+      bill.fetch(wx, today, { path = dir .. "/x.csv", max_bytes = 0 })
+    end, "bill.fetch: opts.max_bytes must be a positive whole number of"
+         .. " bytes")
+  end)
+
   it("gives up on STATEMENT_CREATING after the bounded attempts", function()
     -- bills are made 10 days after a day ends here, so yesterday is still
     -- being made

@@ -122,6 +122,16 @@ end
 -- STATEMENT_CREATING is waited out (s)
 _M.WAIT_STEP = 1
 
+-- opts.max_bytes, when given: a positive whole number (raises at the
+-- caller of fname)
+local function check_max_bytes(fname, opts)
+  local m = opts.max_bytes
+  if m ~= nil and (type(m) ~= "number" or not (m >= 1) or m % 1 ~= 0) then
+    error(fname .. ": opts.max_bytes must be a positive whole number of"
+          .. " bytes", 3)
+  end
+end
+
 local function schedule(opts)
   -- required here, not at the top: paygate.reconcile requires this file
   return require("paygate.reconcile").schedule(opts)
@@ -135,7 +145,9 @@ end
 -- pause and at least every WAIT_STEP s of it, and during the download,
 -- e.g. the runner's keepalive, so that a wait or a download longer than
 -- the lease keeps it; a failure ends the wait or the download with that
--- error).
+-- error), max_bytes (the most bytes of content the download takes,
+-- gunzipped: a larger bill, or a gzip bomb, fails as too_large; default
+-- wx:download_bill's, 8 GiB).
 -- returns: the download's info ({ path, bytes, sha1, ... }), false for
 -- NO_STATEMENT_EXIST (a day without trades), or nil, err
 -- (statement_creating after the last attempt, retryable; any other)
@@ -145,6 +157,7 @@ function _M.fetch(wx, date, opts)
   if type(opts) ~= "table" or type(opts.path) ~= "string" then
     error("bill.fetch: opts.path must be a string", 2)
   end
+  check_max_bytes("bill.fetch", opts)
   local retry = opts.retry or {}
   local attempts = retry.attempts or 6
   local s = schedule{ first = retry.first or 60, factor = retry.factor or 2,
@@ -184,8 +197,8 @@ function _M.fetch(wx, date, opts)
     until d <= 0
   end
   local on_wait = opts.on_wait
-  return wx:download_bill(b, opts.path, { on_progress = on_wait
-    and function() return on_wait() end })
+  return wx:download_bill(b, opts.path, { max_bytes = opts.max_bytes,
+    on_progress = on_wait and function() return on_wait() end })
 end
 
 -- A bad amount of record n (line file_line of the file), in column col:
@@ -606,7 +619,7 @@ local REFUSED = { bad_bill = true, bad_amount = true }
 -- refunds that succeeded that day, plus those of the given out_refund_nos
 -- whatever their state, with out_refund_no; see bill.diff), date ("YYYY-MM-DD", default
 -- bill.bill_date()), name (a suffix for several merchants' reports),
--- sub_mchid, retry, sleep, on_wait (as bill.fetch), fence (fn(tx) -> ok,
+-- sub_mchid, retry, sleep, on_wait, max_bytes (as bill.fetch), fence (fn(tx) -> ok,
 -- err: checked in the audit entry's transaction), paid_states,
 -- refund_states, keep_bill (keep the downloaded bill beside the report;
 -- a bill refused as read, bad_bill or bad_amount, is kept anyway: as
@@ -629,6 +642,7 @@ function _M.daily(opts)
   if opts.db == nil or opts.wx == nil then
     error("bill.daily: opts.db and opts.wx are required", 2)
   end
+  check_max_bytes("bill.daily", opts)
   local date = opts.date or _M.bill_date()
   check_date("bill.daily", date)
   local name = opts.name and ("-" .. opts.name) or ""
@@ -638,7 +652,8 @@ function _M.daily(opts)
   local base = opts.dir .. "/tradebill-" .. date .. name .. ".csv"
   local info, err = _M.fetch(opts.wx, date, {
     path = base, sub_mchid = opts.sub_mchid, retry = opts.retry,
-    sleep = opts.sleep, on_wait = opts.on_wait })
+    sleep = opts.sleep, on_wait = opts.on_wait,
+    max_bytes = opts.max_bytes })
   if info == nil then
     return nil, err
   end
