@@ -1114,6 +1114,49 @@ describe("bill.records", function()
                  tostring(err))
   end)
 
+  it("a bill refused, or a reading stopped by on_wait, leaves its file"
+     .. " closed", function()
+    local ffi = require "ffi"
+    pcall(ffi.cdef, "long readlink(const char *path, char *buf,"
+          .. " size_t size);")
+    local function fds_on(path)
+      local n, buf = 0, ffi.new("char[4096]")
+      for _, fd in ipairs(core.listdir("/proc/self/fd") or {}) do
+        local len = ffi.C.readlink("/proc/self/fd/" .. fd, buf, 4095)
+        if len > 0 and ffi.string(buf, len) == path then n = n + 1 end
+      end
+      return n
+    end
+    local path = tmp .. "/closed.csv"
+    local function records(text, on_wait)
+      local f = assert(io.open(path, "wb"))
+      f:write(text)
+      f:close()
+      return bill.records(path, on_wait)
+    end
+    collectgarbage("stop")
+    finally(function() collectgarbage("restart") end)
+    local head = "商户订单号,交易状态,订单金额\r\n"
+    local many = {}
+    for i = 1, 2001 do many[i] = "`T" .. i .. ",`SUCCESS,`1.00\r\n" end
+    for i, case in ipairs({
+      { head .. "`T1,`SUCCESS,`1e2\r\n", "bad_amount" },
+      { head .. "`T1,`SUCCESS\r\n", "bad_bill" },
+      { head .. "`,`SUCCESS,`1.00\r\n", "bad_bill" },
+      { head .. "`T1,`SUCCESS,`1.00\r\n总交易单数,总金额\r\n`2,`1.00\r\n",
+        "bad_bill" },
+      { head .. table.concat(many), "lost", function()
+        return nil, core.error("lost", "the lease was lost")
+      end },
+    }) do
+      local r, err = records(case[1], case[3])
+      assert.is_nil(r, "case " .. i)
+      assert.equal(case[2], err.kind, "case " .. i)
+      assert.equal(0, fds_on(path), "case " .. i .. ": the file is open")
+    end
+    os.remove(path)
+  end)
+
   it("a refused bill is kept beside where it was (the day's last one), the"
      .. " error naming it; a bill read is removed", function()
     local dir = tmp .. "/refused"

@@ -28,6 +28,18 @@ end
 
 local function exists(path) return read(path) ~= nil end
 
+-- how many of this process's file descriptors are open on path
+local ffi = require "ffi"
+pcall(ffi.cdef, "long readlink(const char *path, char *buf, size_t size);")
+local function fds_on(path)
+  local n, buf = 0, ffi.new("char[4096]")
+  for _, fd in ipairs(core.listdir("/proc/self/fd") or {}) do
+    local len = ffi.C.readlink("/proc/self/fd/" .. fd, buf, 4095)
+    if len > 0 and ffi.string(buf, len) == path then n = n + 1 end
+  end
+  return n
+end
+
 -- names in dir (no dot files)
 local function ls(dir) return assert(core.listdir(dir)) end
 
@@ -149,6 +161,27 @@ describe("wechatpay bill", function()
       assert.equal("summary", got[2][1])
       assert.equal("1", got[2][2]["总交易单数"])
       assert.equal("0.01", got[2][2]["订单总金额"])
+      os.remove(path)
+    end)
+
+    it("a reader that stops early closes the file with the close it is"
+       .. " given (not left to the GC)", function()
+      local path = dir .. "/early.csv"
+      write(path, CSV)
+      collectgarbage("stop")
+      finally(function() collectgarbage("restart") end)
+      local it, close = bill.rows(path)
+      assert.equal(1, fds_on(path))
+      assert.equal("record", (it()))
+      close()
+      assert.equal(0, fds_on(path))
+      close()                                     -- twice: nothing
+      assert.is_nil(it())                         -- and the reading over
+      -- read to the end, it closes itself, as before
+      local n = 0
+      for _ in bill.rows(path) do n = n + 1 end
+      assert.equal(2, n)
+      assert.equal(0, fds_on(path))
       os.remove(path)
     end)
   end)

@@ -234,9 +234,19 @@ end
 --   error's line is the record's number (1 = the first record), its
 --   file_line the line of the file.
 function _M.records(path, on_wait)
-  local ok, it = pcall(wxbill.rows, path)
+  local ok, it, close = pcall(wxbill.rows, path)
   if not ok then
     return fail("io", "bill: cannot read " .. tostring(path))
+  end
+  -- a reading stopped early closes the file now, not at the GC's leisure
+  local refuse, refuse_amount = fail, amount_error
+  local function fail(...)
+    close()
+    return refuse(...)
+  end
+  local function amount_error(...)
+    close()
+    return refuse_amount(...)
   end
   local payments, refunds, duplicates, n = {}, {}, {}, 0
   for kind, row, names in it do
@@ -271,6 +281,7 @@ function _M.records(path, on_wait)
       if on_wait and n % YIELD_EVERY == 0 then
         local wok, werr = on_wait()
         if not wok then
+          close()
           return nil, werr or core.error("lost", "bill: on_wait stopped"
                                          .. " the reading")
         end

@@ -283,14 +283,24 @@ local BROKEN = ": a record broken across lines (a line break inside a"
 -- row whose field count is not its header's, a summary header with no
 -- row under it. (A record cut short is left to the caller: row has fewer
 -- fields than names.) Raises if the file cannot be opened (read it after
--- download_bill succeeded).
+-- download_bill succeeded). The file is closed once the reading is over
+-- (its end, or "malformed"); a caller that stops before calls close, the
+-- second value (safe twice; the reading is then over): left open, the
+-- file stayed so until the GC came by.
+--   local it, close = bill.rows(path)
+--   for kind, row, names in it do ... close(); break ... end
 function _M.rows(path)
   local f = assert(io_open(path, "rb"))
   local names, section, first, ln = nil, 0, true, 0
   local summary_at, summary_rows, over = nil, 0, false
+  local function close()
+    if not over then
+      over = true
+      f:close()
+    end
+  end
   local function malformed(at, msg)
-    f:close()
-    over = true
+    close()
     return "malformed", { line = at, message = "line " .. at .. ": " .. msg },
            names
   end
@@ -303,8 +313,7 @@ function _M.rows(path)
           return malformed(summary_at, "a header line with no row under"
                            .. " it" .. BROKEN)
         end
-        f:close()
-        over = true
+        close()
         return nil
       end
       ln = ln + 1
@@ -350,7 +359,7 @@ function _M.rows(path)
         end
       end
     end
-  end
+  end, close
 end
 
 return _M
