@@ -233,8 +233,9 @@ function _M.children(pid)
     if name:match("^%d+$") then
       -- /proc/N/stat: "N (comm) S PPID ...": comm may hold spaces and
       -- parentheses, so the fields are read after its last ')'
+      -- (nil: the process ended since the listing)
       local stat = _M.read("/proc/" .. name .. "/stat")
-      local ppid = stat:match(".*%) %S+ (%d+)")
+      local ppid = stat and stat:match(".*%) %S+ (%d+)")
       if tonumber(ppid) == pid then list[#list + 1] = tonumber(name) end
     end
   end
