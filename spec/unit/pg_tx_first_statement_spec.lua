@@ -161,6 +161,27 @@ for _, engine in ipairs(engines) do
         assert(db:exec("INSERT INTO u VALUES (6)"))
         assert.same({ 1, 6 }, ids(db))
       end)
+
+      it("goes on after a failure, then a statement refused unsent",
+         function()
+        -- the failure's undo was taken by the refused statement (more
+        -- parameters than PostgreSQL takes: nothing sent) and dropped, so
+        -- the next one failed "current transaction is aborted"
+        local many = { n = 300 }
+        for i = 1, 300 do many[i] = i end
+        local ok, err = db:transaction(function(tx)
+          local _, e = tx:exec("INSERT INTO u VALUES (1)")
+          assert.equal("constraint", e.kind)
+          if engine == "postgres" then
+            _, e = tx:query("SELECT $300::int AS x", many)
+            assert.equal("misuse", e.kind)
+          end
+          assert(tx:exec("INSERT INTO u VALUES (7)"))
+          return true
+        end, { retries = 1 })
+        assert.is_true(ok, tostring(err))
+        assert.same({ 1, 7 }, ids(db))
+      end)
     end)
   end
 end

@@ -1841,6 +1841,10 @@ conn_send(struct lpg_conn *c, struct lpg_op *op)
         char msg[80];
 
         if (op_unsendable(op, msg, sizeof(msg))) {
+            /* nothing is sent: an undo still owed goes with the next
+             * command (dropped, every later statement of the transaction
+             * failed "current transaction is aborted") */
+            c->sp_failed = c->sp_failed || undo;
             op_set_error(op, "misuse", msg);
             return GW_AGAIN;
         }
