@@ -110,6 +110,9 @@ local CASES = {
       http.request{ url = URL, resolve = { "a:80:127.0.0.1",
                                            "b:80:127.0.0.1\0x" } }
     end, "http.request: opts.resolve[2] has a NUL byte in it" },
+  -- (a number was passed over without a word)
+  { function() http.request{ url = URL, resolve = { "a:80:127.0.0.1", 5 } }
+    end, "http.request: opts.resolve[2] must be a string" },
   { function() http.request{ url = URL, sink = print, timout = 1 } end,
     "http.request: unknown option opts.timout" },
   -- zlib.inflate

@@ -989,9 +989,12 @@ op_setup(lua_State *L, int stream)
             const char *v;
 
             lua_rawgeti(L, -1, i);
-            v = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &len)
-                                               : NULL;
-            if (v != NULL && memchr(v, '\0', len) != NULL) {
+            if (lua_type(L, -1) != LUA_TSTRING) {
+                gw_raise(L, "http.request: opts.resolve[%d] must be a string"
+                         " (host:port:address)", i);
+            }
+            v = lua_tolstring(L, -1, &len);
+            if (memchr(v, '\0', len) != NULL) {
                 gw_raise(L, "http.request: opts.resolve[%d] has a NUL byte "
                          "in it", i);
             }
