@@ -959,6 +959,20 @@ describe("paygate.sql on sqlite (engine specifics)", function()
     db:close()
   end)
 
+  if servers.have_postgres() then
+    it("classifies PostgreSQL's program limits (class 54) as too_large",
+       function()
+      pg_srv = pg_srv or servers.postgres()
+      local db = assert(sql.open(pg_srv.url, { pool = 1 }))
+      -- "requested length too large" (54000), refused before allocating
+      local rows, err = db:query("SELECT repeat('x', 1100000000) AS s")
+      assert.is_nil(rows)
+      assert.equal("too_large", err.kind)
+      assert.is_false(err.retryable)
+      db:close()
+    end)
+  end
+
   it("classifies out of memory as unavailable, retryable", function()
     -- in a process of its own: SQLite's heap limit is the process's and
     -- the pragma can only lower it

@@ -384,6 +384,8 @@ push_pg_error(lua_State *L, PGresult *r)
         retry = 1;
     } else if (pg_bind_refused(r)) {
         kind = "misuse";                 /* params do not fit the SQL */
+    } else if (strncmp(state, "54", 2) == 0) {
+        kind = "too_large";              /* program limit exceeded */
     } else if (strcmp(state, "57014") == 0) {
         kind = "timeout";
         retry = 1;
