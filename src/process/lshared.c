@@ -70,9 +70,10 @@ push_rc(lua_State *L, struct gw_shdict *d, enum gw_shd_rc rc,
         return gw_push_error(L, "exists", 0, "shared %s %s: the key exists",
                              name, fn);
     case GW_SHD_TOO_LARGE:
-        return gw_push_error(L, "too_large", 0, "shared %s %s: key over %d "
-                             "bytes, or value over %d bytes or a quarter of "
-                             "the dictionary", name, fn, GW_SHD_MAX_KEY,
+        return gw_push_error(L, "too_large", 0, "shared %s %s: key empty or "
+                             "over %d bytes, or value over %d bytes or a "
+                             "quarter of the dictionary", name, fn,
+                             GW_SHD_MAX_KEY,
                              GW_SHD_MAX_VALUE);
     case GW_SHD_NO_MEMORY:
         return gw_push_error(L, "no_memory", 1, "shared %s %s: full of live "
