@@ -36,3 +36,37 @@ paygate.route("GET", "/version", function() return 200, "v1" end)
     half:close()
   end)
 end)
+
+-- A client that sends its request head one byte every second never
+-- finished it, and the read timeout (5 s of silence) started again at
+-- each byte: the connection was held for as long as the client liked.
+-- 64 such clients (the admin listener's limit) took every slot, and
+-- /healthz and /metrics went unanswered until they stopped.
+describe("an admin client that trickles its request head", function()
+  it("is closed 5 s after it connected, bytes or not", function()
+    local core = require "paygate.core"
+    local s = server.start{ source = [[
+local paygate = require "paygate"
+paygate.route("GET", "/version", function() return 200, "v1" end)
+]], workers = 1 }
+    finally(function() s:stop() end)
+    local c = assert(rawtcp.connect(s.admin, 1))
+    finally(function() c:close() end)
+    local t0 = core.mono()
+    assert(c:send("GET /healthz HTTP/1.1\r\n"))
+    local how
+    while core.mono() - t0 < 15 do
+      -- a byte a second, each well inside the 5 s of silence allowed
+      if not c:send("X") then how = "send failed" break end
+      local _, h = c:recv_all()     -- (waits 1 s: the receive timeout)
+      if h ~= "timeout" then how = h break end
+    end
+    local took = core.mono() - t0
+    assert.is_truthy(how == "eof" or how == "reset" or how == "send failed",
+                     "still open after " .. took .. " s")
+    assert.is_true(took < 8, "closed after " .. took .. " s")
+    -- and the listener answers the next client
+    local h = assert(s:admin_get("/healthz"))
+    assert.equal(200, h.status)
+  end)
+end)

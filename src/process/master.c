@@ -36,6 +36,7 @@
 #define MAX_WORKERS (2 * GW_MAX_WORKERS)  /* two generations during a reload */
 #define READY_TIMEOUT 60.0      /* s for a new worker to load the app */
 #define ADMIN_MAX_CONNS 64      /* admin clients at once; more wait */
+#define ADMIN_DEADLINE 5.0      /* s from accept to a whole request head */
 
 enum wstate { W_FREE, W_STARTING, W_READY, W_DRAINING };
 
@@ -84,6 +85,8 @@ static struct {
     int               admin_conns;  /* open admin connections */
     struct bufferevent *admin_bev[ADMIN_MAX_CONNS]; /* them, or NULL: a
                                        worker closes their fds after fork */
+    double            admin_by[ADMIN_MAX_CONNS]; /* each one's deadline for
+                                       its request head (monotonic s) */
 } m;
 
 /* The runtime keys of the config file as the master started with them
@@ -865,6 +868,28 @@ admin_read(struct bufferevent *bev, void *arg)
     buf = (char *) evbuffer_pullup(in, -1);
     end = gw_http_head_end(buf, len, &scanned);
     if (end == 0) {
+        /* the head's deadline counts from accept: the read timeout alone
+         * starts again at each byte, and 64 clients sending one byte
+         * every few seconds held every admin slot (no /healthz) */
+        for (int i = 0; i < ADMIN_MAX_CONNS; i++) {
+            if (m.admin_bev[i] == bev) {
+                double left = m.admin_by[i] - gw_loop_mono_fresh();
+                struct timeval tv, wtv = { 5, 0 };
+
+                if (left <= 0) {
+                    admin_done(bev);
+                    return;
+                }
+                tv.tv_sec = (time_t) left;
+                tv.tv_usec = (suseconds_t) ((left - (double) tv.tv_sec)
+                                            * 1e6);
+                if (tv.tv_sec == 0 && tv.tv_usec == 0) {
+                    tv.tv_usec = 1;     /* a zero one would be no timeout */
+                }
+                bufferevent_set_timeouts(bev, &tv, &wtv);
+                break;
+            }
+        }
         return;
     }
     h = malloc(sizeof(*h) + ADMIN_MAX_FIELDS * sizeof(*h->headers));
@@ -944,6 +969,7 @@ on_admin_accept(evutil_socket_t lfd, short what, void *arg)
     for (int i = 0; i < ADMIN_MAX_CONNS; i++) {
         if (m.admin_bev[i] == NULL) {
             m.admin_bev[i] = bev;
+            m.admin_by[i] = gw_loop_mono_fresh() + ADMIN_DEADLINE;
             break;
         }
     }
