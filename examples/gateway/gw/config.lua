@@ -526,6 +526,13 @@ function _M.check(conf, runtime)
 
   local token, why = secret(g, "admin_token", "gateway.")
   if token == false then return nil, "config." .. why end
+  -- (it guards /admin/* from every address the gateway listens on, and
+  -- guesses are throttled per address only: as long as the console's)
+  if token and #token < 16 then
+    return fail(g.admin_token_env ~= nil and "gateway.admin_token_env"
+                or "gateway.admin_token_file", "the token must be at least"
+                .. " 16 characters")
+  end
   out.admin_token = token
   out.console, why = require("gw.console.check").check(g.console, token,
                                                         secret)

@@ -878,6 +878,32 @@ describe("gateway console config", function()
     end
   end)
 
+  -- The admin token guards /admin/* for every caller, on any address the
+  -- gateway listens on; it was taken at any length ("admin", a file with
+  -- one character), though the same token is refused under 16 characters
+  -- once the console uses it, and its guesses are only throttled per
+  -- address.
+  it("refuses an admin token under 16 characters, console or not",
+     function()
+    write(dir .. "/short", "admin-12345\n")
+    local ffi = require "ffi"
+    pcall(ffi.cdef, "int setenv(const char *, const char *, int);")
+    ffi.C.setenv("GW_SPEC_SHORT_ADMIN", "admin-12345", 1)
+    for _, case in ipairs({
+      { nil, { admin_token_file = dir .. "/short" },
+        "config.gateway.admin_token_file: the token must be at least 16" },
+      { { access = "loopback" }, { admin_token_env = "GW_SPEC_SHORT_ADMIN" },
+        "config.gateway.admin_token_env: the token must be at least 16" },
+    }) do
+      local cfg, why = config.check(conf(case[1], case[2]))
+      assert.is_nil(cfg)
+      assert.equal(1, why:find(case[3], 1, true), why)
+      assert.falsy(why:find("admin-12345", 1, true))
+    end
+    write(dir .. "/long", "admin-0123456789\n")
+    assert(config.check(conf(nil, { admin_token_file = dir .. "/long" })))
+  end)
+
   it("a bad section stops the gateway: exit 2, one line", function()
     local code, out = core.run_config(dir, conf({ access = "open" }))
     assert.equal(2, code, out)
