@@ -47,8 +47,8 @@ function _M.init(c) db = c.db end
 local function drop(what)
   dropped = dropped or metrics.counter(
     "paygate_gateway_history_dropped_total", "Calls to WeChat Pay and "
-    .. "refused notifications not recorded for the console (too many "
-    .. "writes in flight, or refusals over the per-second bound).",
+    .. "refused notifications not recorded (writes in flight, or refusals"
+    .. " a second, over the bound).",
     { "what" })
   dropped:inc({ what = what })
 end

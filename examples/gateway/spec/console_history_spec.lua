@@ -175,4 +175,35 @@ describe("gateway console: a payment's history", function()
     assert.not_matches("<script>", over, 1, true)
     assert.matches("&lt;script&gt;", over, 1, true)
   end)
+
+  -- Past REFUSED_PER_SECOND refusals a second in a worker, a refusal is
+  -- not recorded but counted. The counter's help text was longer than
+  -- paygate.metrics takes (127 bytes): making it raised, so every forged
+  -- notification past the bound was answered 500 (with a traceback in
+  -- the log) and the drop was counted nowhere.
+  it("counts the refusals over the per-second bound, answering them 401",
+     function()
+    local function dropped()
+      local text = assert(gw.srv:admin_get("/metrics")).body
+      return tonumber(text:match('paygate_gateway_history_dropped_total'
+        .. '{what="refused_notification"} (%d+)')) or 0
+    end
+    local statuses = {}
+    testing.wait_until(function()
+      for _ = 1, 60 do
+        local res = gw.srv:request{ method = "POST",
+          path = "/wechatpay/notify/" .. sim.merchant.mchid,
+          headers = { ["Content-Type"] = "application/json",
+            ["Wechatpay-Serial"] = "FLOOD", ["Wechatpay-Timestamp"] =
+            tostring(os.time()), ["Wechatpay-Nonce"] = "n",
+            ["Wechatpay-Signature"] = "AAAA" }, body = '{"id":"x"}' }
+        statuses[res.status] = (statuses[res.status] or 0) + 1
+      end
+      return statuses[500] ~= nil or dropped() > 0
+    end, 20, "a refusal over the bound")
+    assert.is_nil(statuses[500], "answered 500 " .. tostring(statuses[500])
+                  .. " times")
+    assert.is_true(dropped() > 0)
+    assert.not_matches("metrics.counter", gw.srv:logs(), 1, true)
+  end)
 end)
