@@ -30,11 +30,19 @@ local _M = {}
 _M.MAX_IN_FLIGHT = 256
 _M.REFUSED_PER_SECOND = 20
 
--- retention.table specs (app.lua adds them to gateway.retention's tables)
+-- retention.table specs (app.lua adds them to gateway.retention's tables).
+-- A refused notification whose resource did not decrypt (authentic = 0)
+-- may come from anyone who reaches the route: kept 3 days, not 30, so a
+-- flood of forged callbacks (REFUSED_PER_SECOND rows a second per worker,
+-- some 0.8 GB a day) cannot fill the disk over a month. (A wrong APIv3 key
+-- makes WeChat's own notifications such rows too: 3 days to see it.)
 _M.RETENTION = {
   { table = "gw_wechat_calls", column = "at", max_age = 30 * 86400 },
   { table = "gw_notifications_refused", column = "received_at",
     max_age = 30 * 86400 },
+  { table = "gw_notifications_refused", column = "received_at",
+    max_age = 3 * 86400, where = "authentic = 0",
+    name = "gw_notifications_refused_forged" },
 }
 
 local db

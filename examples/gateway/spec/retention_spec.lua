@@ -72,6 +72,18 @@ describe("gateway retention", function()
     end
     idem("ret-expired", -60)
     idem("ret-live", H)
+    -- refused notifications: 30 days, but 3 for those that did not
+    -- decrypt (anyone can send them: a flood must not fill the disk)
+    local function refused(id, age, authentic)
+      assert(db:exec("INSERT INTO gw_notifications_refused (received_at,"
+        .. " mchid, kind, reason, notification_id, authentic) VALUES ($1,"
+        .. " 'm', 'bad_signature', 'spec', $2, $3)",
+        { now - age, id, authentic }))
+    end
+    refused("forged-old", 4 * D, 0)
+    refused("forged-young", 2 * D, 0)
+    refused("real-young", 10 * D, 1)
+    refused("real-old", 31 * D, 1)
     -- a gateway started on these rows: its dispatcher's first round
     -- would prune ret-young at once, if it pruned
     gw.srv:stop()
@@ -89,7 +101,15 @@ describe("gateway retention", function()
                   .. " subject = 'ret-old'") == 0
         and count(db, "SELECT COUNT(*) AS n FROM paygate_idempotency WHERE"
                   .. " idem_key = 'ret-expired'") == 0
+        and count(db, "SELECT COUNT(*) AS n FROM gw_notifications_refused"
+                  .. " WHERE notification_id LIKE '%-old'") == 0
     end, 20, "the old rows pruned")
+    local left = {}
+    for _, r in ipairs(assert(db:query("SELECT notification_id FROM"
+        .. " gw_notifications_refused ORDER BY notification_id"))) do
+      left[#left + 1] = r.notification_id
+    end
+    assert.same({ "forged-young", "real-young" }, left)
     -- a pass ran: the young rows are still there
     assert.equal(2, count(db, "SELECT COUNT(*) AS n FROM gw_notifications"
                           .. " WHERE id LIKE 'young-%'"))
