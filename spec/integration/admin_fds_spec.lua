@@ -70,3 +70,36 @@ paygate.route("GET", "/version", function() return 200, "v1" end)
     assert.equal(200, h.status)
   end)
 end)
+
+-- The admin listener is read-only: it answered every method 200 (a POST
+-- /metrics read as a scrape), and a HEAD got the body too.
+describe("the admin listener's methods", function()
+  it("answers GET and HEAD (no body), 405 to the rest", function()
+    local s = server.start{ source = [[
+local paygate = require "paygate"
+paygate.route("GET", "/version", function() return 200, "v1" end)
+]], workers = 1 }
+    finally(function() s:stop() end)
+    local function raw(method, path)
+      local c = assert(rawtcp.connect(s.admin, 5))
+      assert(c:send(method .. " " .. path .. " HTTP/1.1\r\nHost: x\r\n\r\n"))
+      local got = c:recv_all()
+      c:close()
+      return got
+    end
+    local get = raw("GET", "/healthz")
+    assert.matches("^HTTP/1.1 200 OK\r\n", get)
+    local n = tonumber(get:match("Content%-Length: (%d+)"))
+    assert.is_true(n > 0)
+    assert.equal(n, #get - get:find("\r\n\r\n", 1, true) - 3)
+    local head = raw("HEAD", "/healthz")
+    assert.matches("^HTTP/1.1 200 OK\r\n", head)
+    assert.equal(tostring(n), head:match("Content%-Length: (%d+)"))
+    assert.equal(#head, head:find("\r\n\r\n", 1, true) + 3)   -- no body
+    for _, m in ipairs({ "POST", "DELETE", "PUT" }) do
+      local r = raw(m, "/metrics")
+      assert.matches("^HTTP/1.1 405 Method Not Allowed\r\n", r)
+      assert.matches("Allow: GET, HEAD\r\n", r, 1, true)
+    end
+  end)
+end)

@@ -811,18 +811,22 @@ on_term(evutil_socket_t sig, short what, void *arg)
 /* ---- admin listener -------------------------------------------------- */
 
 static void
-admin_reply(struct bufferevent *bev, int status, const char *ctype,
-            const char *body, size_t len)
+admin_reply(struct bufferevent *bev, int head, int status,
+            const char *ctype, const char *body, size_t len)
 {
     struct evbuffer *out = bufferevent_get_output(bev);
 
     evbuffer_add_printf(out, "HTTP/1.1 %d %s\r\nContent-Type: %s\r\n"
-                             "Content-Length: %zu\r\nConnection: close\r\n"
-                             "\r\n", status,
+                             "Content-Length: %zu\r\n%sConnection: close"
+                             "\r\n\r\n", status,
                         status == 200 ? "OK" : status == 404 ? "Not Found"
                         : status == 503 ? "Service Unavailable"
-                        : "Bad Request", ctype, len);
-    evbuffer_add(out, body, len);
+                        : status == 405 ? "Method Not Allowed"
+                        : "Bad Request", ctype, len,
+                        status == 405 ? "Allow: GET, HEAD\r\n" : "");
+    if (!head) {                        /* a HEAD's answer has no body */
+        evbuffer_add(out, body, len);
+    }
 }
 
 /* Ends an admin connection (the only place that frees one). */
@@ -860,6 +864,7 @@ admin_read(struct bufferevent *bev, void *arg)
     size_t len = evbuffer_get_length(in), scanned = 0, end;
     struct gw_http_head *h;
     char *buf;
+    int head = 0;                       /* a HEAD request */
 
     if (len > 8192) {
         admin_done(bev);
@@ -898,15 +903,22 @@ admin_read(struct bufferevent *bev, void *arg)
         h->max_headers = ADMIN_MAX_FIELDS;
     }
     if (h == NULL || gw_http_parse_head(buf, end, h) != 0) {
-        admin_reply(bev, 400, "text/plain", "bad request\n", 12);
+        admin_reply(bev, head, 400, "text/plain", "bad request\n", 12);
+    } else if (!(h->method_len == 3 && memcmp(h->method, "GET", 3) == 0)
+               && !(head = h->method_len == 4
+                                   && memcmp(h->method, "HEAD", 4) == 0)) {
+        /* read-only: a POST or DELETE here is a mistake, not a read */
+        admin_reply(bev, head, 405, "text/plain", "method not allowed\n",
+                    19);
     } else if (h->path_len == 8 && memcmp(h->path, "/metrics", 8) == 0) {
         size_t n = 0;
         char *text = gw_metrics_render(&n);
 
         if (text == NULL) {
-            admin_reply(bev, 503, "text/plain", "no memory\n", 10);
+            admin_reply(bev, head, 503, "text/plain", "no memory\n", 10);
         } else {
-            admin_reply(bev, 200, "text/plain; version=0.0.4", text, n);
+            admin_reply(bev, head, 200, "text/plain; version=0.0.4", text,
+                        n);
             free(text);
         }
     } else if (h->path_len == 8 && memcmp(h->path, "/healthz", 8) == 0) {
@@ -918,10 +930,10 @@ admin_read(struct bufferevent *bev, void *arg)
                          ready > 0 && !m.stopping ? "ok" : "unavailable",
                          ready, m.gen, (int) getpid());
 
-        admin_reply(bev, ready > 0 && !m.stopping ? 200 : 503,
+        admin_reply(bev, head, ready > 0 && !m.stopping ? 200 : 503,
                     "application/json", body, (size_t) n);
     } else {
-        admin_reply(bev, 404, "text/plain", "not found\n", 10);
+        admin_reply(bev, head, 404, "text/plain", "not found\n", 10);
     }
     free(h);
     bufferevent_disable(bev, EV_READ);
