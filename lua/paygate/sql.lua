@@ -233,7 +233,9 @@ local function open_pg(url, opts)
       keep[#keep + 1] = k .. "=" .. v
     end
   end
-  if opts.connect_timeout then
+  -- (a value that is no number is left to pg_core.open, which raises
+  -- naming the option)
+  if type(opts.connect_timeout) == "number" then
     keep[#keep + 1] = "connect_timeout=" .. math.ceil(opts.connect_timeout)
   end
   local conninfo = base

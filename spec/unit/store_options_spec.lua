@@ -93,6 +93,26 @@ describe("sql.open options", function()
     db:close()
   end)
 
+  it("checks options given in a postgres url's query string", function()
+    if not servers.have_postgres() then
+      pending("PostgreSQL is needed")
+      return
+    end
+    local base = servers.postgres().url
+    -- before: connect_timeout was rounded up for libpq before it was
+    -- checked, so a word raised "bad argument #1 to 'ceil'" from inside
+    -- paygate.sql, naming neither the option nor the caller's line
+    raises(base .. "?connect_timeout=abc", nil,
+           "sql.open: opts.connect_timeout must be")
+    raises(base, { connect_timeout = true },
+           "sql.open: opts.connect_timeout must be")
+    raises(base .. "?pool=four", nil, "sql.open: opts.pool must be")
+    raises(base .. "?query_timeout=x", nil,
+           "sql.open: opts.query_timeout must be")
+    local db = assert(sql.open(base .. "?pool=2&connect_timeout=1.5"))
+    db:close()
+  end)
+
   it("keeps SQLite's savepoint journals in memory (each write job runs in"
      .. " a savepoint; spilled to a temporary file, a notification's job"
      .. " cost ~45 pwrite calls)", function()
