@@ -66,7 +66,10 @@ function _M.reach(what, url, open, key)
   while true do
     local ok, v, err = pcall(open)
     if not ok then
+      -- (without the position it was raised at: the line in gw/boot.lua
+      -- that called open() says nothing about the config)
       local msg = tostring(type(v) == "table" and v.message or v)
+        :gsub("^[^\n]-%.lua:%d+: ", "")
       _M.exit("gw:config_error", "config." .. key .. ": "
               .. _M.redact(msg):match("^[^\n]*"), 2)
     end
