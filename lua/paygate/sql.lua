@@ -210,6 +210,8 @@ local PG_URL_OPTS = { pool = true, connect_timeout = true,
 local BOOL = { ["true"] = true, ["1"] = true, ["false"] = false,
                ["0"] = false }
 
+local pg_keywords                -- libpq's connection options (a set)
+
 local function open_pg(url, opts)
   local pg_core = require "paygate.pg.core"
   -- (a password may hold "?": paygate.redact's reading)
@@ -230,6 +232,18 @@ local function open_pg(url, opts)
         end
       end
     else
+      -- a misspelt option named here, before libpq refuses it in words
+      -- that cannot be shown (they may quote a value)
+      pg_keywords = pg_keywords or pg_core.keywords()
+      if not pg_keywords[k] then
+        local all = {}
+        for name in pairs(pg_keywords) do all[name] = true end
+        for name in pairs(ours) do all[name] = true end
+        local hint = require("paygate.suggest").nearest(k, all)
+        error("sql.open: unknown option " .. k:sub(1, 64):gsub("[^%w_]", "?")
+              .. " in the postgres url" .. (hint and (" (did you mean "
+              .. hint .. "?)") or ""), 3)
+      end
       keep[#keep + 1] = k .. "=" .. v
     end
   end

@@ -111,6 +111,26 @@ describe("sql.open options", function()
            "sql.open: opts.query_timeout must be")
     local db = assert(sql.open(base .. "?pool=2&connect_timeout=1.5"))
     db:close()
+    -- a misspelt option is named, with the one it looks like (libpq's
+    -- own refusal quotes it, and quoted text is blanked: it may be a
+    -- value); the value is not shown
+    for url, want in pairs({
+      [base .. "?requre_sync=secretish"] = "sql.open: unknown option"
+        .. " requre_sync in the postgres url (did you mean require_sync?)",
+      [base .. "?sslmdoe=disable"] = "sql.open: unknown option sslmdoe in"
+        .. " the postgres url (did you mean sslmode?)",
+      [base .. "?colour=blue"] = "sql.open: unknown option colour in the"
+        .. " postgres url" }) do
+      local ok, err = pcall(function() local db = sql.open(url); return db end)
+      assert.is_false(ok, url)
+      err = tostring(err)
+      assert.truthy(err:find(want, 1, true), err .. " lacks " .. want)
+      assert.truthy(err:find("store_options_spec.lua:%d+: "), err)
+      assert.falsy(err:find("secretish", 1, true), err)
+    end
+    -- libpq's own options go through
+    db = assert(sql.open(base .. "?sslmode=disable&application_name=spec"))
+    db:close()
   end)
 
   it("keeps SQLite's savepoint journals in memory (each write job runs in"

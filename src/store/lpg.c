@@ -3746,8 +3746,32 @@ static const luaL_Reg lpg_methods[] = {
     { NULL, NULL }
 };
 
+/*
+ * syntax: set = pg.keywords()
+ * The connection options this libpq knows ({ sslmode = true, ... }), so
+ * that a misspelt one in a URL is named before libpq refuses it (its own
+ * message is quoted text, which is blanked: it may hold a value).
+ */
+static int
+lpg_keywords(lua_State *L)
+{
+    PQconninfoOption *d = PQconndefaults(), *o;
+
+    if (d == NULL) {
+        return luaL_error(L, "postgres: out of memory");
+    }
+    lua_newtable(L);
+    for (o = d; o->keyword != NULL; o++) {
+        lua_pushboolean(L, 1);
+        lua_setfield(L, -2, o->keyword);
+    }
+    PQconninfoFree(d);
+    return 1;
+}
+
 static const luaL_Reg lpg_funcs[] = {
     { "open", lpg_open },
+    { "keywords", lpg_keywords },
     { NULL, NULL }
 };
 

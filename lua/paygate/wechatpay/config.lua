@@ -136,26 +136,7 @@ _M.KNOWN = KNOWN
 -- The key of the set known (default: the client's keys) nearest to a
 -- typo, at most two edits away, or nil (ties: the first in byte order).
 local function nearest(key, known)
-  local best, bd = nil, 3
-  for k in pairs(known or KNOWN) do
-    if math.abs(#k - #key) < bd then
-      -- Levenshtein distance, two rows
-      local prev, cur = {}, {}
-      for j = 0, #k do prev[j] = j end
-      for i = 1, #key do
-        cur[0] = i
-        for j = 1, #k do
-          local cost = key:byte(i) == k:byte(j) and 0 or 1
-          cur[j] = math.min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + cost)
-        end
-        prev, cur = cur, prev
-      end
-      if prev[#k] < bd or (prev[#k] == bd and best and k < best) then
-        best, bd = k, prev[#k]
-      end
-    end
-  end
-  return best
+  return require("paygate.suggest").nearest(key, known or KNOWN)
 end
 _M.nearest = nearest
 
