@@ -247,6 +247,56 @@ require("paygate.core").sleep(60)
     end, 10, "its folder to be removed")
     testing.server.rmdir(dir)
   end)
+
+  -- Ctrl-C in a terminal, or a CI cancelling a job, signals the whole
+  -- process group: the spec run, its apps and their watchdogs alike.
+  -- SIGINT is tried only where it is not ignored here (a job started in
+  -- the background of a shell ignores it, and so would the spec run).
+  local sigs = { TERM = proc.SIGTERM }
+  if not testing.read("/proc/self/status"):match("SigIgn:%s*%x*[2367abef]\n")
+  then
+    sigs.INT = proc.SIGINT
+  end
+  for name, sig in pairs(sigs) do
+    it("leaves no app and no folder behind when SIG" .. name
+       .. " ends its process group", function()
+      local dir = testing.tmpdir()
+      local script = dir .. "/run.lua"
+      testing.write(script, ([[
+local testing = require "paygate.testing"
+local srv = testing.start_app{ source = "" }
+local keys = testing.merchant_keys()
+local own = testing.tmpdir()
+testing.write(own .. "/made", "x")
+testing.write(%q, srv.pid .. "\n" .. srv.dir .. "\n"
+  .. keys.private_key .. "\n" .. own .. "\n")
+require("paygate.core").sleep(60)
+]]):format(dir .. "/out"))
+      -- setsid: the run leads a process group of its own, as a shell's
+      -- foreground job does
+      local p = proc.spawn({ "setsid", testing.server.bin(), "exec",
+                             script }, { log = dir .. "/log" })
+      local out
+      testing.wait_until(function()
+        out = testing.read(dir .. "/out"):match("^(%d+)\n(.-)\n(.-)\n(.-)\n")
+        return out
+      end, 30, "the run's app, keys and folder")
+      local pid, app_dir, key, own =
+        testing.read(dir .. "/out"):match("^(%d+)\n(.-)\n(.-)\n(.-)\n")
+      pid = tonumber(pid)
+      assert.is_true(alive(pid))
+      assert.is_true(proc.exists(key))
+      proc.kill_pid(-p.pid, sig)
+      assert.is_not_nil(p:wait(10), "the spec run did not end")
+      testing.wait_until(function() return not alive(pid) end, 15,
+                         "the app to end")
+      for _, path in ipairs({ app_dir .. "/paygate.log" }) do
+        testing.wait_until(function() return not proc.exists(path) end,
+                           15, path .. " to be removed")
+      end
+      testing.server.rmdir(dir)
+    end)
+  end
 end)
 
 describe("testing.wait_until and a process's wait", function()

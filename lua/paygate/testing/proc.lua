@@ -82,9 +82,12 @@ function _M.spawn(argv, opts)
   if not pid then error(tostring(err), 2) end
   local p = setmetatable({ pid = pid, log = log, argv = argv }, Proc)
   if opts.watchdog then
-    -- ends the child if we die first; stopped (and reaped) by p:kill()
+    -- ends the child if we die first; stopped (and reaped) by p:kill().
+    -- It ignores the INT, TERM and HUP that end the spec run with its
+    -- whole process group (Ctrl-C, a CI's cancel, a closed terminal): it
+    -- has its work to do then.
     local me = tostring(C.getpid())
-    local script = "while kill -0 " .. me .. " 2>/dev/null; do sleep 0.5; "
+    local script = "trap '' INT TERM HUP; while kill -0 " .. me .. " 2>/dev/null; do sleep 0.5; "
       .. "done; kill -TERM " .. pid .. " 2>/dev/null; sleep 3; "
       .. "kill -KILL " .. pid .. " 2>/dev/null"
     local rm = opts.watchdog_rmdir
