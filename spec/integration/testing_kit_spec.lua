@@ -290,7 +290,8 @@ require("paygate.core").sleep(60)
       assert.is_not_nil(p:wait(10), "the spec run did not end")
       testing.wait_until(function() return not alive(pid) end, 15,
                          "the app to end")
-      for _, path in ipairs({ app_dir .. "/paygate.log" }) do
+      for _, path in ipairs({ app_dir .. "/paygate.log", key,
+                              own .. "/made" }) do
         testing.wait_until(function() return not proc.exists(path) end,
                            15, path .. " to be removed")
       end

@@ -103,6 +103,44 @@ function _M.spawn(argv, opts)
   return p
 end
 
+-- The folders to remove once this process is gone, one a line, and the
+-- shell that removes them then (started with the first one).
+local reap_list
+
+--- syntax: proc.remove_when_gone(dir)
+-- dir (a /tmp/paygate-* folder) is removed once this process is gone,
+-- however it ended (Ctrl-C, a CI's cancel, a crash: a run killed before
+-- its own cleanup), by a shell that outlives it. Raises on another path.
+function _M.remove_when_gone(dir)
+  if type(dir) ~= "string" or not dir:match("^/tmp/paygate%-[%w.%-_]+$") then
+    error("proc.remove_when_gone: not a /tmp/paygate-* folder: "
+          .. tostring(dir), 2)
+  end
+  if not reap_list then
+    local p = assert(io.popen("mktemp /tmp/paygate-reap.XXXXXX"))
+    local list = p:read("*l")
+    p:close()
+    assert(list and list ~= "", "mktemp failed")
+    -- as the watchdog, it ignores the signals that end the spec run with
+    -- its process group
+    local script = "trap '' INT TERM HUP; while kill -0 "
+      .. tostring(C.getpid()) .. " 2>/dev/null; do sleep 0.5; done; "
+      .. "while IFS= read -r d; do case \"$d\" in /tmp/paygate-*) "
+      .. "rm -rf \"$d\";; esac; done < '" .. list .. "'; rm -f '" .. list
+      .. "'"
+    if not raw_spawn({ "sh", "-c", script }, "/dev/null") then
+      os.remove(list)
+      return
+    end
+    reap_list = list
+  end
+  local f = io.open(reap_list, "a")
+  if f then
+    f:write(dir, "\n")
+    f:close()
+  end
+end
+
 --- syntax: code = proc:poll()
 -- returns: nil while it runs; its exit code (128 + signal if killed) once
 -- it ended (reaped here).

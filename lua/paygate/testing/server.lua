@@ -80,6 +80,8 @@ function _M.tmpdir()
   assert(d and d ~= "", "mktemp failed")
   made[#made + 1] = d
   if not subscribed then subscribe() end
+  -- and when the run is killed before its end: by a shell outliving it
+  proc.remove_when_gone(d)
   return d
 end
 
