@@ -401,10 +401,16 @@ local function delivered(d)
   return false
 end
 
+-- what a match may name: the simulator's filters
+local MATCH_KEYS = { out_trade_no = true, out_refund_no = true,
+                     event_type = true, mchid = true, id = true,
+                     state = true }
+
 --- syntax: d = sim:wait_notification(match[, { timeout, attempts, event_type
 ---         }])
 -- match: an out_trade_no, or { out_trade_no = , out_refund_no = ,
--- event_type = } (opts.event_type is match's event_type, when match has
+-- event_type = , id = , mchid = , state = } (the simulator's filters: one
+-- at least; another key raises) (opts.event_type is match's event_type, when match has
 -- none: a refund's REFUND.* notification carries its order's
 -- out_trade_no too). Waits (default 15 s) until a matching delivery was
 -- acknowledged (200/204), or, with opts.attempts = n, until it has n
@@ -415,6 +421,24 @@ end
 function Sim:wait_notification(match, opts)
   opts = opts or {}
   if type(match) == "string" then match = { out_trade_no = match } end
+  -- a key it does not know, or no key at all (a nil value), would match
+  -- any delivery: the payment's would pass a wait for a refund's
+  if type(match) ~= "table" then
+    error("sim:wait_notification: match must be an out_trade_no or a"
+          .. " table, not " .. type(match), 2)
+  end
+  for k in pairs(match) do
+    if not MATCH_KEYS[k] then
+      error("sim:wait_notification: unknown key match." .. tostring(k)
+            .. " (known: event_type, id, mchid, out_refund_no,"
+            .. " out_trade_no, state)", 2)
+    end
+  end
+  if next(match) == nil and opts.event_type == nil then
+    error("sim:wait_notification: match names nothing (no out_trade_no,"
+          .. " out_refund_no, event_type, id...: a nil value?): it would"
+          .. " take any delivery", 2)
+  end
   if opts.event_type ~= nil and opts.event_type ~= match.event_type then
     if match.event_type ~= nil then
       error("sim:wait_notification: match.event_type and opts.event_type "

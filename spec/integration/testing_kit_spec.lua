@@ -456,6 +456,32 @@ paygate.route("POST", "/fail", function() return 500, "no" end)]] }
     assert.equal(500, d.attempts[1].status)
   end)
 
+  -- a match naming nothing (its value nil: a field the app's answer named
+  -- otherwise) or a misspelt key would match any delivery: the payment's
+  -- acknowledged one made a wait for a refund never made pass
+  it("refuses a match that names nothing, or a key it does not know",
+     function()
+    local no = sim:order{ notify_url = app:url("/ok") }
+    sim:pay_and_wait(no)
+    local refund = {}
+    local ok, err = pcall(sim.wait_notification, sim,
+                          { out_refund_no = refund.out_refund_no },
+                          { timeout = 0.5 })
+    assert.is_false(ok, "took " .. tostring(ok and err.event_type))
+    assert.matches("sim:wait_notification: match names nothing", err, 1,
+                   true)
+    ok, err = pcall(sim.wait_notification, sim,
+                    { out_trade_no = no, out_refund = "R" .. no },
+                    { timeout = 0.5 })
+    assert.is_false(ok, "took " .. tostring(ok and err.event_type))
+    assert.matches("sim:wait_notification: unknown key match.out_refund "
+                   .. "(known: event_type, id, mchid, out_refund_no,",
+                   err, 1, true)
+    ok, err = pcall(sim.wait_notification, sim, nil)
+    assert.is_false(ok)
+    assert.matches("sim:wait_notification: match must be", err, 1, true)
+  end)
+
   it("makes clients for the merchant it configured", function()
     local wx = sim:client()
     local no = sim:order{ notify_url = app:url("/ok") }
