@@ -402,6 +402,9 @@ local function delivered(d)
 end
 
 -- what a match may name: the simulator's filters
+local WAIT_OPTIONS = { timeout = true, attempts = true, event_type = true,
+                       mchid = true }
+
 local MATCH_KEYS = { out_trade_no = true, out_refund_no = true,
                      event_type = true, mchid = true, id = true,
                      state = true }
@@ -419,6 +422,7 @@ local MATCH_KEYS = { out_trade_no = true, out_refund_no = true,
 -- returns: the delivery (d.attempts, d.last = the last attempt); raises at
 -- the deadline with what was seen.
 function Sim:wait_notification(match, opts)
+  check_options("sim:wait_notification", opts, WAIT_OPTIONS)
   opts = opts or {}
   if type(match) == "string" then match = { out_trade_no = match } end
   -- a key it does not know, or no key at all (a nil value), would match
@@ -554,6 +558,7 @@ end
 -- Pays the order and waits for its TRANSACTION.SUCCESS delivery to be
 -- acknowledged (opts as for wait_notification).
 function Sim:pay_and_wait(no, opts)
+  check_options("sim:pay_and_wait", opts, WAIT_OPTIONS)
   self:pay(no, opts and opts.mchid)
   local m = { out_trade_no = no, event_type = "TRANSACTION.SUCCESS" }
   return self:wait_notification(m, opts)
@@ -609,6 +614,10 @@ function Sim:client(m, over)
   return wx
 end
 
+local ORDER_OPTIONS = { notify_url = true, total = true,
+  out_trade_no = true, description = true, appid = true, attach = true,
+  merchant = true, client = true }
+
 --- syntax: out_trade_no, data = sim:order(p)
 -- Creates a native-payment order through a paygate.wechatpay client (the
 -- kit's own for p.merchant, default sim.merchant, unless p.client; for
@@ -622,6 +631,7 @@ function Sim:order(p)
   if type(p) ~= "table" or type(p.notify_url) ~= "string" then
     error("sim:order: p.notify_url is required", 2)
   end
+  check_options("sim:order", p, ORDER_OPTIONS)
   local m = p.merchant or self.merchant
   local wx = p.client
   if not wx then

@@ -482,6 +482,27 @@ paygate.route("POST", "/fail", function() return 500, "no" end)]] }
     assert.matches("sim:wait_notification: match must be", err, 1, true)
   end)
 
+  -- ignored, totl would order 1 fen, and timout would wait 15 s
+  it("refuses a misspelt option of an order or of a wait, naming it",
+     function()
+    local ok, err = pcall(sim.order, sim,
+                          { notify_url = app:url("/ok"), totl = 500 })
+    assert.is_false(ok)
+    assert.matches("sim:order: unknown option o.totl (known: appid,", err,
+                   1, true)
+    local no = sim:order{ notify_url = app:url("/ok") }
+    ok, err = pcall(sim.pay_and_wait, sim, no, { timout = 30 })
+    assert.is_false(ok)
+    assert.matches("sim:pay_and_wait: unknown option o.timout (known:",
+                   err, 1, true)
+    sim:pay(no)
+    ok, err = pcall(sim.wait_notification, sim, no, { attempt = 1 })
+    assert.is_false(ok)
+    assert.matches("sim:wait_notification: unknown option o.attempt "
+                   .. "(known: attempts, event_type, mchid, timeout)", err,
+                   1, true)
+  end)
+
   it("makes clients for the merchant it configured", function()
     local wx = sim:client()
     local no = sim:order{ notify_url = app:url("/ok") }
