@@ -535,11 +535,29 @@ function Sim:wait_notification(match, opts)
         what = "the app's answers to its " .. #labels .. " attempts: "
           .. table.concat(labels, ", ")
       end
+      -- the log of the app the kit started at notify_url: why it failed
+      local log
+      if all_status then
+        for _, sd in ipairs(seen or {}) do
+          local port = tonumber(tostring(sd.notify_url or ""):match(
+            "^https?://127%.0%.0%.1:(%d+)/"))
+          for _, srv in ipairs(started) do
+            if port and srv.port == port and srv ~= self.srv then
+              log = server.tail(srv:logs()):gsub("%s+$", "")
+            end
+          end
+          if log then break end
+        end
+      end
       local unrouted = same and (labels[1] == "404" or labels[1] == "405")
       answered = "; " .. what .. (unrouted
         and ": no route of the app takes a POST to notify_url's path:"
             .. " check that notify_url is srv:url(path) of the path its"
             .. " paygate.route(\"POST\", path, ...) declares"
+        or all_status and log
+        and ": its notify handler refused or failed the notification;"
+            .. " why is in the app's log (srv:logs()), whose end is:\n"
+            .. log .. "\n"
         or all_status
         and ": its notify handler refused or failed the notification;"
             .. " why is in the app's log (srv:logs(); in the spec,"

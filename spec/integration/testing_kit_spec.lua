@@ -382,7 +382,11 @@ describe("testing.simulator", function()
     app = testing.start_app{ source = [[
 local paygate = require "paygate"
 paygate.route("POST", "/ok", function() return 204, "" end)
-paygate.route("POST", "/fail", function() return 500, "no" end)]] }
+paygate.route("POST", "/fail", function() return 500, "no" end)
+paygate.route("POST", "/raise", function()
+  paygate.log.info(("filler "):rep(2000))
+  error("the handler's own mistake")
+end)]] }
   end)
 
   teardown(testing.stop_all)
@@ -418,6 +422,20 @@ paygate.route("POST", "/fail", function() return 500, "no" end)]] }
     -- the URL the app was called at, as written (no "\/" escapes)
     assert.truthy(err:find("/fail", 1, true), err)
     assert.is_nil(err:find("\\/", 1, true), err)
+  end)
+
+  -- why the app answered 500 is in its log: the message shows its end
+  -- (bounded), so the spec's output says it without a print of its own
+  it("shows the end of the app's log when the app answered 500", function()
+    local no = sim:order{ notify_url = app:url("/raise") }
+    sim:pay(no)
+    sim:wait_notification(no, { attempts = 2 })
+    local ok, err = pcall(sim.wait_notification, sim, no, { timeout = 0.5 })
+    assert.is_false(ok)
+    assert.matches("the app answered 500 to every attempt (", err, 1, true)
+    assert.matches("the handler's own mistake", err, 1, true)
+    assert.matches("bytes before left out", err, 1, true)
+    assert.is_true(#err < 16000, #err .. " bytes")
   end)
 
   it("says a notify_url without a route is the URL's fault", function()

@@ -283,6 +283,17 @@ end
 --- syntax: text = srv:logs() -- what the server wrote so far
 function Server:logs() return proc.read(self.log) end
 
+--- syntax: text = server.tail(text[, n]) -- its last n bytes (default
+-- 4096), from a line's start, saying how many were left out before: a
+-- log shown in a failure message, bounded
+function _M.tail(text, n)
+  n = n or 4096
+  if #text <= n then return text end
+  local t = text:sub(-n)
+  t = t:match("^[^\n]*\n(.+)$") or t
+  return ("(%d bytes before left out)\n"):format(#text - #t) .. t
+end
+
 --- syntax: srv:signal(sig) -- send a signal to the master
 function Server:signal(sig) proc.kill_pid(self.pid, sig) end
 
