@@ -74,6 +74,30 @@ describe("testing.start_app", function()
     assert.matches("boom at start", err)
   end)
 
+  -- the log's end says why; a whole log (a noisy app's, or one logging
+  -- at every retry until the timeout) would bury the spec's output
+  it("shows the end of the app's log, bounded, when it cannot start",
+     function()
+    local ok, err = pcall(testing.start_app, { source = [[
+local log = require("paygate").log
+for i = 1, 400 do log.warn(("noise %d "):format(i):rep(60)) end
+error('boom after the noise')]] })
+    assert.is_false(ok)
+    assert.matches("exited early", err)
+    assert.matches("boom after the noise", err)
+    assert.matches("bytes before left out", err)
+    assert.is_true(#err < 16000, #err .. " bytes")
+    ok, err = pcall(testing.start_app, { timeout = 2, workers = 2, source = [[
+local log = require("paygate").log
+for i = 1, 400 do log.warn(("noise %d "):format(i):rep(60)) end
+local d = require("paygate.shared").get_dict("paygate")
+if not d:add("first", true) then require("paygate.core").sleep(60) end]] })
+    assert.is_false(ok)
+    assert.matches("(1 of 2 workers serving)", err, 1, true)
+    assert.matches("bytes before left out", err)
+    assert.is_true(#err < 16000, #err .. " bytes")
+  end)
+
   it("refuses a misspelt option, naming it, before starting anything",
      function()
     -- ignored, confg would start the app without its config, and

@@ -118,6 +118,7 @@ end
 _M.lua_source = lua_source
 
 local PORT_TRIES = 5
+local LOG_SHOWN = 8192   -- the end of the log a start's failure shows
 
 -- Starts one `paygate run` in dir on freshly picked ports (o.port, when
 -- given, for the main listener); returns the server, not yet waited on.
@@ -223,7 +224,7 @@ function _M.start(o)
       else
         _M.rmdir(dir)
         error("paygate run " .. app .. " exited early (" .. code .. "):\n"
-              .. logs, 2)
+              .. _M.tail(logs, LOG_SHOWN), 2)
       end
     elseif not ok then
       local logs = s:logs()
@@ -232,7 +233,7 @@ function _M.start(o)
       -- restarted again and again)
       local short = seen and (" (%s of %d workers serving)"):format(
         tostring(seen), want) or ""
-      error(tostring(err) .. short .. ":\n" .. logs, 2)
+      error(tostring(err) .. short .. ":\n" .. _M.tail(logs, LOG_SHOWN), 2)
     else
       return s
     end
