@@ -236,7 +236,7 @@ end
 local SIM_OPTIONS = { merchants = true, partner = true,
   verifier_mode = true, sign_type = true, time_scale = true,
   answer_timeout = true, config = true, app = true, workers = true,
-  log_level = true }
+  log_level = true, timeout = true }
 
 --- syntax: sim = testing.simulator([o])
 -- o: merchants (a list of testing.merchant() tables, or a number: how many
@@ -246,7 +246,8 @@ local SIM_OPTIONS = { merchants = true, partner = true,
 -- default; WECHATPAY2-SM2-WITH-SM3 makes SM2 merchant keys), time_scale
 -- (default 1), answer_timeout, config (more simulator config keys), app
 -- (the simulator's directory: $PAYGATE_SIMULATOR or examples/simulator),
--- workers, log_level ("warn"); another key raises.
+-- workers, log_level ("warn"), timeout (s to wait for it to serve, as
+-- start_app's: 15); another key raises.
 -- yields: makes keys, starts the simulator and waits until it serves.
 -- returns: sim: sim.url, sim.merchant (the first), sim.merchants, and the
 -- methods below.
@@ -278,7 +279,7 @@ function _M.simulator(o)
   end
   sim.srv = _M.start_app{
     app = o.app or simulator_dir(), workers = o.workers or 1,
-    args = { "--log-level", o.log_level or "warn" },
+    args = { "--log-level", o.log_level or "warn" }, timeout = o.timeout,
     config = function(srv)
       local c = { merchants = list, state_dir = srv.dir .. "/state",
                   time_scale = o.time_scale or 1,
