@@ -119,6 +119,25 @@ if not d:add("first", true) then require("paygate.core").sleep(60) end]] })
     assert.matches("time_scale", err, 1, true)
   end)
 
+  it("wait_until ends its error with what fn saw last", function()
+    local n = 0
+    local ok, err = pcall(testing.wait_until, function()
+      n = n + 1
+      return false, "try " .. n
+    end, 0.1, "the spec's condition")
+    assert.is_false(ok)
+    assert.matches("timed out waiting for the spec's condition (last seen:"
+                   .. " try " .. n .. ")", tostring(err), 1, true)
+    -- bounded; and without a second value, as before
+    ok, err = pcall(testing.wait_until, function()
+      return nil, ("x"):rep(5000)
+    end, 0.05, "a long one")
+    assert.is_true(#tostring(err) < 600)
+    ok, err = pcall(testing.wait_until, function() return false end, 0.05,
+                    "nothing said")
+    assert.matches("timed out waiting for nothing said$", tostring(err))
+  end)
+
   it("names the spec's line when the app cannot start", function()
     local ok, err = pcall(function()
       testing.start_app{ app = "no/such/app" }

@@ -206,15 +206,25 @@ end
 --- syntax: v = proc.wait_until(fn[, timeout[, what]])
 -- yields: calls fn() every 20 ms until it returns a truthy value.
 -- returns: that value; raises "timed out waiting for WHAT" at the deadline
--- (default 10 s).
+-- (default 10 s), with fn's second result of its last call, when it gave
+-- one, as what it saw: return false, "3 rows of 5".
 function _M.wait_until(fn, timeout, what)
   local deadline = core.mono() + (timeout or 10)
+  local seen
   repeat
-    local v = fn()
+    local v, last = fn()
     if v then return v end
+    seen = last
     core.sleep(0.02)
   until core.mono() > deadline
-  error("timed out waiting for " .. (what or "a condition"), 2)
+  -- what fn said it saw, the last time (its second result), bounded
+  local tail = ""
+  if seen ~= nil then
+    tail = tostring(seen)
+    if #tail > 400 then tail = tail:sub(1, 400) .. "..." end
+    tail = " (last seen: " .. tail .. ")"
+  end
+  error("timed out waiting for " .. (what or "a condition") .. tail, 2)
 end
 
 --- syntax: code, output = proc.run(argv[, { timeout = s, log = path }])

@@ -311,9 +311,10 @@ function Server:kill_worker(pid, timeout)
   proc.kill_pid(pid, proc.SIGKILL)
   return proc.wait_until(function()
     local now = self:workers()
-    if #now ~= n then return false end
+    local seen = "workers " .. table.concat(now, ", ")
+    if #now ~= n then return false, seen end
     for _, p in ipairs(now) do
-      if p == pid then return false end
+      if p == pid then return false, seen end
     end
     return now
   end, timeout or 15, "worker " .. pid .. " replaced")
