@@ -243,6 +243,22 @@ describe("paygate doctor --config <the gateway's config>", function()
     assert.is_nil(io.open(dir .. "/typo"))
   end)
 
+  it("says which option of the database URL is refused", function()
+    -- (an existing file: the check reaches sql.open, which refuses the
+    -- option as the gateway's start does)
+    local db = dir .. "/opts.db"
+    assert(io.open(db, "w")):close()
+    local conf = variant("dbopt", ("c.gateway.db = %q"):format("sqlite:" .. db
+                                                       .. "?readers=many"))
+    local code, out, r = run({ "doctor", "--json", "--config", conf })
+    assert.equal(1, code, out)
+    assert.equal("fail", r.database.status, out)
+    assert.matches("the database URL is refused: sql.open: opts.readers",
+                   r.database.cause, 1, true)
+    assert.is_nil(r.database.cause:find("%.lua:%d+:"), r.database.cause)
+    assert.matches("fix that option", r.database.fix, 1, true)
+  end)
+
   it("measures its notify route and leases from its metrics_url", function()
     -- the gateway's notify route, on an app whose admin listener serves
     -- /metrics as the gateway's does

@@ -1183,9 +1183,19 @@ local function stores(out, conf)
       end
       db:close()
     else
-      out:fail("database", "cannot open the database: "
-               .. tostring(ok and err or db), nil, "check database (sqlite:"
-               .. "PATH or postgres://...) and that the server runs")
+      if not ok then
+        -- raised: an option the URL (or opts) gives that paygate.sql
+        -- refuses, as the gateway refuses it at start (exit 2); said
+        -- without the line of doctor that called it
+        out:fail("database", "the database URL is refused: "
+                 .. tostring(type(db) == "table" and db.message or db)
+                   :gsub("^[^\n]-%.lua:%d+: ", ""):match("^[^\n]*"), nil,
+                 "fix that option of database (docs/storage.md lists them)")
+      else
+        out:fail("database", "cannot open the database: " .. tostring(err),
+                 nil, "check database (sqlite:PATH or postgres://...) and"
+                 .. " that the server runs")
+      end
     end
   else
     out:warn("database", "no database configured: notifications cannot be "
