@@ -210,7 +210,7 @@ describe("paygate verify (more causes)", function()
     assert.equal(2, code, out)
     assert.matches("holds a certificate, not a public key", out, 1, true)
     assert.matches("--certificate", out, 1, true)
-    for _, v in ipairs({ "null", "[1]", "{}", "true" }) do
+    for _, v in ipairs({ "null", "[[1]]", "[]", "{}", "true" }) do
       code, out = verify(SORTED, '{"Wechatpay-Serial":' .. v .. ','
         .. '"Wechatpay-Timestamp":"1","Wechatpay-Nonce":"n",'
         .. '"Wechatpay-Signature":"AA=="}')
@@ -283,6 +283,30 @@ describe("paygate verify (more causes)", function()
       assert.matches("--at must be a number", out, 1, true)
     end
     assert.is_nil((require("paygate.wechatpay.verify").fresh(old, 0 / 0)))
+  end)
+
+  it("takes the headers a server logged: Go's http.Header, a request dump",
+     function()
+    -- json.Marshal(r.Header) in Go writes each header as an array of its
+    -- values; httputil.DumpRequest (or nc -l) starts with the request
+    -- line and ends with the body after a blank line
+    local h = signed(SORTED)
+    local t, lines = {}, {}
+    for k, v in h:gmatch("\n([%w-]+): ([^\r]*)") do
+      t[k] = { v }
+      lines[#lines + 1] = k .. ": " .. v .. "\r\n"
+    end
+    local code, out = verify(SORTED, json.encode(t))
+    assert.equal(0, code, out)
+    local dump = "POST /wechatpay/notify HTTP/1.1\r\nHost: pay.example.com\r\n"
+      .. table.concat(lines) .. "\r\n" .. SORTED
+    code, out = verify(SORTED, dump)
+    assert.equal(0, code, out)
+    -- a header sent twice is no header to verify with: named
+    t["Wechatpay-Nonce"] = { "a", "b" }
+    code, out = verify(SORTED, json.encode(t))
+    assert.equal(2, code, out)
+    assert.matches("Wechatpay-Nonce has 2 values", out, 1, true)
   end)
 
   it("marks a signed string cut short, and never cuts a character",

@@ -33,7 +33,10 @@ WECHATPAY/SIGNTEST/ probe, a captured error answer (unsigned). Sorted
 keys are only mentioned as a possibility: WeChat's answers often are.
 
   --body FILE          the body exactly as received (curl -o FILE)
-  --headers FILE       `Name: value` lines (curl -D FILE) or a JSON object
+  --headers FILE       `Name: value` lines (curl -D FILE; a request as a
+                       server dumps it, from its request line) or a JSON
+                       object (values strings, or arrays of one: Go's
+                       json.Marshal(r.Header))
   -H 'Name: value'     one header (repeatable)
   --certificate PEM    platform certificate(s) (repeatable; a file may hold
                        several; a directory: each file in it)
@@ -54,8 +57,19 @@ local SPEC = {
   ["--at"] = "value", ["--json"] = "flag",
 }
 
+-- t when it is a JSON array with at least one element
+local function array(t)
+  if type(t) ~= "table" or #t == 0 then return nil end
+  local n = 0
+  for _ in pairs(t) do n = n + 1 end
+  return n == #t and t or nil
+end
+
 --- Header files: curl -D output (the last response's block wins: 100
--- Continue and redirects come first) or a JSON object.
+-- Continue and redirects come first), a request as a server dumps it
+-- (its request line, its headers; the body after the blank line is
+-- not read) or a JSON object (a value may be an array of one: Go's
+-- json.Marshal of an http.Header).
 local function parse_headers(text, name)
   local h, status = {}, nil
   local first = text:match("^%s*(.)")
@@ -65,6 +79,14 @@ local function parse_headers(text, name)
       common.usage_error("%s is not a JSON object", name)
     end
     for k, v in pairs(t) do
+      if type(k) == "string" and array(v) then
+        if #v > 1 then
+          common.usage_error("%s: header %s has %d values: a header WeChat "
+                             .. "sends once was received %d times", name, k,
+                             #v, #v)
+        end
+        v = v[1]
+      end
       if type(k) == "string" then
         -- (a header is a string, or a number for a timestamp or status:
         -- null, an array or an object would read "userdata: NULL" or
@@ -80,11 +102,16 @@ local function parse_headers(text, name)
     end
     return h, tonumber(h[":status"] or h["status"])
   end
+  local request = false
   for line in (text .. "\n"):gmatch("([^\n]*)\n") do
     line = line:gsub("\r$", "")
     if line:match("^HTTP/") then
       h = {}
       status = tonumber(line:match("^HTTP/%S+%s+(%d%d%d)"))
+    elseif not next(h) and line:match("^%u+ %S+ HTTP/%d") then
+      h, status, request = {}, nil, true     -- a notification as received
+    elseif line == "" and request and next(h) then
+      break                                  -- its body follows
     elseif line ~= "" then
       local k, v = line:match("^([%w%-_]+):%s*(.-)%s*$")
       if not k then
