@@ -247,6 +247,25 @@ describe("paygate decrypt", function()
     end
   end)
 
+  it("names a key in quotes, or a NAME=VALUE line of an env file",
+     function()
+    local res = resource("abcdefghijkl")
+    local cases = {
+      { '"' .. KEY .. '"\n', "32 characters in quotes" },
+      { "'" .. KEY .. "'", "32 characters in quotes" },
+      { "WECHATPAY_APIV3_KEY=" .. KEY .. "\n", "a NAME=VALUE line" },
+      { 'export APIV3_KEY="' .. KEY .. '"\n', "a NAME=VALUE line" },
+    }
+    for _, c in ipairs(cases) do
+      local code, out, r = run({ "decrypt", "--json", "--apiv3-key-file",
+                                 file("k", c[1]), "--resource", res })
+      assert.equal(1, code, out)
+      assert.equal("apiv3_key_length", r[1].kind)
+      assert.matches(c[2], r[1].cause, 1, true)
+      assert.is_nil(out:find(KEY, 1, true), out)
+    end
+  end)
+
   it("names a tag mismatch: the APIv2 key is also 32 characters", function()
     local res = resource("abcdefghijkl")
     local code, _, r = run({ "decrypt", "--json", "--apiv3-key-file",

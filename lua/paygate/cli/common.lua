@@ -457,6 +457,21 @@ function _M.apiv3_key_problem(key)
   elseif #t == 44 and #(crypto.base64_decode(t) or "") == 32 then
     return "the APIv3 key is base64 of 32 bytes (44 characters)", encoded
   end
+  -- copied with its quotes, or the line of an env file (KEY=..., export
+  -- KEY="..."): the name is not shown either (the file is a secret's)
+  local function unquoted(v)
+    return v:match('^"(.*)"$') or v:match("^'(.*)'$")
+  end
+  local value = t:gsub("^%s+", ""):match("^[%a_][%w_ ]*=%s*(.*)$")
+  if value and #(unquoted(value) or value) == 32 then
+    return "the APIv3 key is a NAME=VALUE line (an environment file's), "
+           .. "not the key alone",
+           "give a file holding only the 32 characters (or the variable: "
+           .. "apiv3_key_env in the gateway)"
+  elseif #(unquoted(t:gsub("^%s+", "")) or "") == 32 then
+    return "the APIv3 key is 32 characters in quotes",
+           "drop the quotes: the key is the 32 characters between them"
+  end
   return "the APIv3 key is " .. #key .. " bytes; it is exactly 32",
          "copy the APIv3 key (not the APIv2 key, not a certificate serial) "
          .. "from the merchant platform, API security; reset it if lost"
