@@ -275,12 +275,28 @@ describe("paygate doctor", function()
     assert.equal(401, res.status)
     -- /metrics labels it /notify-by/:mchid: the URL's path finds nothing
     local _, out, r = run({ "doctor", "--json", "--config", config{
-      metrics_url = metrics, notify_url = app:url("/notify-by/1900000001") } })
-    -- said, as lease_ttl says it, naming the route looked for
+      metrics_url = metrics, notify_url = app:url("/notify-by/1900000001"),
+      leases = { notify = { ttl = 10, route = "POST /notify-by/1900000001" },
+                 other = { ttl = 10, route = "POST /notify-by" } } } })
+    -- said, as lease_ttl says it, naming the route looked for and the
+    -- pattern /metrics measures it under (more traffic would change
+    -- nothing)
     assert.equal("warn", r.notify_latency and r.notify_latency.status, out)
     assert.matches("POST /notify-by/1900000001: nothing measured yet",
                    r.notify_latency.cause, 1, true)
-    assert.matches("notify_route", r.notify_latency.fix, 1, true)
+    assert.matches('notify_route = "/notify-by/:mchid"',
+                   r.notify_latency.fix, 1, true)
+    local leases = {}
+    for line in out:gmatch("[^\n]+") do
+      local l = json.decode(line)
+      if l and l.kind == "lease_ttl" then leases[#leases + 1] = l end
+    end
+    assert.equal(2, #leases, out)
+    for _, l in ipairs(leases) do
+      assert.equal("warn", l.status, out)
+      assert.matches("nothing measured yet", l.cause, 1, true)
+      assert.matches('route = "POST /notify-by/:mchid"', l.fix, 1, true)
+    end
     -- a metrics_url that does not answer: said too
     _, out, r = run({ "doctor", "--json", "--config", config{
       metrics_url = "http://127.0.0.1:9/metrics" } })

@@ -894,6 +894,34 @@ local function measured(text, method, route)
   return count, math.huge
 end
 
+-- The route patterns /metrics measures for method that a route given
+-- as a path (or a prefix of one) would be labelled by: /notify/:mchid
+-- for /notify/1900000001 or /notify. Up to 3, sorted.
+local function measured_as(text, method, route)
+  local found, seen = {}, {}
+  for labels in text:gmatch("paygate_request_duration_seconds_count{(.-)}") do
+    local pattern = labels:match('route="([^"]*)"')
+    if pattern and labels:find('method="' .. method .. '"', 1, true)
+       and pattern ~= route and not seen[pattern] then
+      local p, r = {}, {}
+      for seg in pattern:gmatch("[^/]+") do p[#p + 1] = seg end
+      for seg in route:gmatch("[^/]+") do r[#r + 1] = seg end
+      local fits = #p >= #r
+      for i = 1, #r do
+        if not fits then break end
+        fits = p[i] == r[i] or (#p == #r and p[i]:match("^[:*]") ~= nil)
+      end
+      if fits then
+        seen[pattern] = true
+        found[#found + 1] = pattern
+      end
+    end
+  end
+  table.sort(found)
+  while #found > 3 do found[#found] = nil end
+  return found
+end
+
 -- a 5xx with WeChat's {"code":"FAIL"} body: the handler refusing
 -- (wechatpay.notify_fail), not a proxy or a crash
 local function fail_body(res)
@@ -1139,11 +1167,15 @@ local function check_notify(out, conf, metrics)
                "check metrics_url (the running gateway's admin listener, "
                .. "/metrics) and run doctor again")
     elseif not n then
+      local as = measured_as(metrics, "POST", path)
       out:warn("notify_latency", ("POST %s: nothing measured yet (no "
-               .. "request on that route in /metrics)"):format(path), nil,
-               "run traffic (or the simulator) through that route and run "
-               .. "doctor again; a route with a parameter is labelled by "
-               .. "its pattern: set notify_route (e.g. /notify/:mchid)")
+               .. "request on that route in /metrics)"):format(path),
+               as[1] and "/metrics labels a route by its pattern, and "
+               .. "measures POST " .. table.concat(as, ", POST ") or nil,
+               as[1] and ('set notify_route = "%s"'):format(as[1])
+               or "run traffic (or the simulator) through that route and "
+               .. "run doctor again; a route with a parameter is labelled "
+               .. "by its pattern: set notify_route (e.g. /notify/:mchid)")
     else
       if p99 >= WINDOW then
         out:fail("notify_latency", ("POST %s: 99%% of %d answered within "
@@ -1251,9 +1283,15 @@ local function check_leases(out, conf, metrics)
     else
       local n, p99 = measured(metrics, method, route)
       if not n then
+        local as = measured_as(metrics, method, route)
         out:warn("lease_ttl", ("lease %s: ttl %g s, nothing measured yet "
-                 .. "on %s %s"):format(name, ttl, method, route), nil,
-                 "run traffic through that route and run doctor again")
+                 .. "on %s %s"):format(name, ttl, method, route),
+                 as[1] and "/metrics labels a route by its pattern, and "
+                 .. "measures " .. method .. " " .. table.concat(as, ", "
+                 .. method .. " ") or nil,
+                 as[1] and ('set leases.%s.route = "%s %s" (the route '
+                 .. 'doing its work)'):format(name, method, as[1])
+                 or "run traffic through that route and run doctor again")
       elseif ttl <= p99 then
         out:fail("lease_ttl", ("lease %s: ttl %g s, but 99%% of %d %s %s "
                  .. "take up to %s s"):format(name, ttl, n, method, route,
