@@ -76,6 +76,19 @@ describe("paygate sign warns", function()
     assert.matches("ends with a newline", warns[1].cause)
     assert.equal('{"a":1}\n\n', sig.signing_string:sub(-9))
   end)
+
+  it("of a URL sent percent-encoded, with the form to sign and send",
+     function()
+    -- a space in the path, a Chinese word in the query: what an HTTP
+    -- client sends, and so what WeChat verifies, is the encoded form
+    local code, out, warns = sign("GET", nil, nil, nil,
+      "/v3/pay/transactions/out-trade-no/A 1?mchid=1900000001&q=茶")
+    assert.equal(0, code, out)
+    assert.equal("url", warns[1].kind, out)
+    assert.matches("/v3/pay/transactions/out-trade-no/A%201?mchid="
+                   .. "1900000001&q=%E8%8C%B6", warns[1].fix, 1, true)
+    assert.is_nil(warns[1].fix:find("the query", 1, true), warns[1].fix)
+  end)
 end)
 
 describe("paygate sign fails", function()

@@ -80,11 +80,16 @@ local function main(args)
     out:fail("url", "--url does not start with /", nil,
              "sign the absolute path as sent, query included")
   end
-  if url:find("[^%w%-%._~:/%?#%[%]@!%$&'%(%)%*%+,;=%%]") then
+  local unsafe = "[^%w%-%._~:/%?#%[%]@!%$&'%(%)%*%+,;=%%]"
+  if url:find(unsafe) then
+    local encoded = url:gsub(unsafe, function(c)
+      return ("%%%02X"):format(c:byte())
+    end)
     out:warn("url", "the URL holds characters that are sent percent-"
              .. "encoded", "WeChat verifies the URL as it arrives: sign "
              .. "exactly the encoded form you send",
-             "percent-encode the query before signing, then send that")
+             "percent-encode the URL (UTF-8) before signing, then sign "
+             .. "and send that: " .. encoded)
   end
   if method == "GET" and body ~= "" then
     out:warn("body", "a GET with a body", "GET requests are sent and "
