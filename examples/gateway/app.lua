@@ -63,7 +63,7 @@ end
 
 local wx = {}
 local history = require "gw.history"   -- each call kept for the console
-history.init{ db = db }
+history.init{ db = db, capture_dir = g.capture_dir }
 local creds = require("gw.credentials").start(cfg, wx, fatal) -- etcd keys
 for _, m in ipairs(cfg.merchants) do
   m.client.on_call = history.on_call(m.mchid)

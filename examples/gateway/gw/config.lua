@@ -25,7 +25,7 @@ local GATEWAY_KEYS = {
   admin_token_env = true, webhooks = true, redis_stream = true,
   redis_password_file = true, redis_password_env = true,
   reconcile = true, retention = true, dev_app = true, dispatcher = true,
-  console = true, hooks_timeout = true,
+  console = true, hooks_timeout = true, capture_dir = true,
 }
 
 -- Keys of a merchant the gateway reads itself; the rest go to
@@ -160,6 +160,19 @@ function _M.bill_dir(g)
   local path = sql.sqlite_path(type(g) == "table" and g.db or nil)
   if not path then return nil end
   return (path:match("^(.*)/[^/]*$") or ".") .. "/reconcile"
+end
+
+--- syntax: dir = config.capture_dir(gateway)
+-- Where refused notifications are captured for paygate verify:
+-- gateway.capture_dir, else a folder "refused" beside an SQLite store;
+-- nil with PostgreSQL unless named, or when capture_dir is false.
+function _M.capture_dir(g)
+  local c = type(g) == "table" and g.capture_dir
+  if c == false then return nil end
+  if type(c) == "string" then return c end
+  local path = sql.sqlite_path(type(g) == "table" and g.db or nil)
+  if not path then return nil end
+  return (path:match("^(.*)/[^/]*$") or ".") .. "/refused"
 end
 
 local function check_url(key, v, loopback_http)
@@ -442,6 +455,11 @@ function _M.check(conf, runtime)
     end
   end
   local out = { reconcile = g.reconcile, retention = g.retention }
+  if g.capture_dir ~= nil and g.capture_dir ~= false
+     and (type(g.capture_dir) ~= "string" or g.capture_dir == "") then
+    return fail("gateway.capture_dir", "must be a folder's path, or false")
+  end
+  out.capture_dir = _M.capture_dir(g)
   -- paygate.retention's policy (docs/retention.md); false: no pruning by
   -- retention (the outbox dispatcher then prunes its delivered rows)
   if g.retention ~= nil and g.retention ~= false then

@@ -11,6 +11,7 @@
 -- must not become a flood of writes); what is not recorded is counted in
 -- paygate_gateway_history_dropped_total{what}.
 local paygate = require "paygate"
+local core = require "paygate.core"
 local json = require "paygate.json"
 local metrics = require "paygate.metrics"
 local utf8 = require "paygate.utf8"
@@ -45,12 +46,95 @@ _M.RETENTION = {
     name = "gw_notifications_refused_forged" },
 }
 
-local db
+local db, capture_dir
 local in_flight = 0
 local dropped
 local refused_second, refused_count = 0, 0
 
-function _M.init(c) db = c.db end
+function _M.init(c) db, capture_dir = c.db, c.capture_dir end
+
+-- Refused notifications captured whole (capture_dir), so that one
+-- command checks them: paygate verify --headers F.headers --body F.body
+-- --certificate F.certs.pem. The newest CAPTURE_KEEP are kept (files of
+-- other workers and instances too); a body over CAPTURE_MAX is not
+-- captured. Nothing secret is in them: the headers WeChat sends, the
+-- body (its resource encrypted), the platform certificates held.
+_M.CAPTURE_KEEP = 20
+_M.CAPTURE_MAX = 64 * 1024
+local captured = 0
+
+local function prune_captures(dir)
+  local names = core.listdir(dir)
+  if not names then return end
+  local bases, seen = {}, {}
+  for _, n in ipairs(names) do
+    local b = n:match("^(refused%-[%w%-]+)%.headers$")
+    if b and not seen[b] then seen[b] = true; bases[#bases + 1] = b end
+  end
+  if #bases <= _M.CAPTURE_KEEP then return end
+  table.sort(bases)                           -- oldest first (the time)
+  for i = 1, #bases - _M.CAPTURE_KEEP do
+    for _, ext in ipairs({ ".headers", ".body", ".certs.pem" }) do
+      os.remove(dir .. "/" .. bases[i] .. ext)
+    end
+  end
+end
+
+--- syntax: cmd = history.capture(wx, req) -- the verify command, or nil
+function _M.capture(wx, req)
+  local dir = capture_dir
+  local body = req.body
+  if not dir or type(body) ~= "string" or #body > _M.CAPTURE_MAX then
+    return nil
+  end
+  local hs = req.headers
+  if type(hs) ~= "table" then return nil end
+  local lines = {}
+  for k, v in pairs(hs) do
+    if type(k) == "string" and type(v) == "string" then
+      lines[#lines + 1] = k .. ": " .. v
+    end
+  end
+  table.sort(lines)
+  captured = captured + 1
+  local now = paygate.update_time()
+  local base = dir .. "/refused-" .. os.date("!%Y%m%dT%H%M%S", floor(now))
+    .. ("-%03d-%d-%d"):format(floor(now * 1000) % 1000, core.pid(),
+                               captured)
+  local ok, err = core.write_file(base .. ".headers",
+                                  table.concat(lines, "\n") .. "\n", 416)
+  if not ok then
+    local made = core.mkdir_p(dir)
+    if made then
+      ok, err = core.write_file(base .. ".headers",
+                                table.concat(lines, "\n") .. "\n", 416)
+    end
+  end
+  if ok then ok, err = core.write_file(base .. ".body", body, 416) end
+  if not ok then
+    paygate.log.warn("gateway: cannot capture a refused notification",
+                     { dir = dir, error = tostring(err) })
+    return nil
+  end
+  -- (--at: judged at its receipt, whenever the command is run)
+  local cmd = "paygate verify --headers " .. base .. ".headers --body "
+    .. base .. ".body --at " .. floor(now)
+  local pems = {}
+  for _, cert in pairs(wx.certs or {}) do pems[#pems + 1] = cert:pem() end
+  if #pems > 0 then
+    table.sort(pems)
+    if core.write_file(base .. ".certs.pem", table.concat(pems), 416) then
+      cmd = cmd .. " --certificate " .. base .. ".certs.pem"
+    end
+  end
+  local conf = wx.conf or {}
+  if type(conf.public_key) == "string" and conf.public_key_id then
+    cmd = cmd .. " --public-key " .. conf.public_key .. " --public-key-id "
+      .. tostring(conf.public_key_id)
+  end
+  prune_captures(dir)
+  return cmd
+end
 
 local function drop(what)
   dropped = dropped or metrics.counter(
@@ -123,10 +207,12 @@ function _M.on_call(mchid)
   end
 end
 
---- syntax: recorded = history.refused(wx, mchid, req, err)
+--- syntax: recorded, verify = history.refused(wx, mchid, req, err)
 -- Records a notification that parse_notification refused: the error's
 -- kind and message, and wx:notification_facts(req) (headers, claims and,
--- when its resource decrypts, the order or refund it is about).
+-- when its resource decrypts, the order or refund it is about); and
+-- captures it whole in capture_dir: verify is the paygate verify command
+-- that checks the capture (nil when none was made).
 function _M.refused(wx, mchid, req, err)
   local now = paygate.update_time()
   local second = floor(now)
@@ -138,6 +224,7 @@ function _M.refused(wx, mchid, req, err)
     drop("refused_notification")
     return false
   end
+  local verify = _M.capture(wx, req)
   local f = wx:notification_facts(req)
   local null = json.null
   return write("refused_notification", "INSERT INTO"
@@ -148,7 +235,7 @@ function _M.refused(wx, mchid, req, err)
       now, mchid, tostring(err.kind), text(tostring(err.message), 300),
       f.serial or null, f.timestamp or null, f.id or null,
       f.event_type or null, f.authentic and 1 or 0,
-      f.out_trade_no or null, f.out_refund_no or null })
+      f.out_trade_no or null, f.out_refund_no or null }), verify
 end
 
 return _M

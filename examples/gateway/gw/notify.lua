@@ -162,9 +162,12 @@ function _M.handler(req)
     if err.kind == "replayed" then return replayed(req) end
     -- reason: what was wrong (which header, which check); the message
     -- quotes no secret, and header values only bounded and printable
+    -- recorded for the console (why), and captured whole: verify is the
+    -- one command that checks the capture
+    local _, verify = history.refused(wx, mchid, req, err)
     paygate.log.warn("gateway: notification refused", { kind = err.kind,
-                     mchid = mchid, reason = tostring(err.message) })
-    history.refused(wx, mchid, req, err)   -- for the console: why
+                     mchid = mchid, reason = tostring(err.message),
+                     verify = verify })
     if UNVERIFIED[err.kind] then
       local status, body = wechatpay.notify_fail(err.kind, 401)
       return status, body, { ["WWW-Authenticate"] = wx.conf.signer.schema }

@@ -139,6 +139,40 @@ describe("gateway console: a payment's history", function()
                            .. " 10%)"), 1, true)
   end)
 
+  it("captures a refused notification whole: one paygate verify says why",
+     function()
+    -- before, the log said "signature does not match the body" and kept
+    -- neither the body nor the headers: nothing to check it with
+    local p = gw:create{ description = "captured" }
+    sim:fault{ endpoint = "notify", kind = "bad_signature", count = 1 }
+    sim:pay(p.out_trade_no)
+    gw:wait_state(p.id, "paid", 20)   -- WeChat's retry verified
+    local cmd
+    testing.wait_until(function()
+      for line in gw.srv:logs():gmatch("[^\n]+") do
+        if line:find("notification refused", 1, true) then
+          local doc = require("cjson.safe").decode(line)
+          cmd = doc and doc.verify
+          if cmd then return true end
+        end
+      end
+      return false, "no verify command in the refusal's log line"
+    end, 10, "the capture of the refused notification")
+    assert.matches("^paygate verify %-%-headers ", cmd)
+    assert.matches(" %-%-certificate ", cmd)
+    -- the command, as logged, run: not verified, and why
+    local argv = {}
+    for w in cmd:gmatch("%S+") do argv[#argv + 1] = w end
+    argv[1] = os.getenv("PAYGATE_BIN") or "build/paygate"
+    local code, out = testing.proc.run(argv)
+    assert.equal(1, code, out)
+    assert.matches("signature", out)
+    -- captures are kept under the store's folder, bounded
+    local dir = cmd:match("%-%-headers (.-)/refused%-")
+    local names = assert(require("paygate.core").listdir(dir))
+    assert.is_true(#names >= 2 and #names <= 3 * 20, #names .. " files")
+  end)
+
   it("records a stale timestamp as such", function()
     local p = gw:create{ description = "stale once" }
     sim:fault{ endpoint = "notify", kind = "stale_timestamp", skew = 900,

@@ -206,6 +206,11 @@ describe("gateway config", function()
                                  hooks_timeout = 0 },
                      merchants = { merchant() } },
                    "gateway: config.gateway.hooks_timeout: must be seconds")
+    expect_refused({ gateway = { db = "sqlite:" .. dir .. "/a.db",
+                                 capture_dir = 5 },
+                     merchants = { merchant() } },
+                   "gateway: config.gateway.capture_dir: must be a folder's"
+                   .. " path, or false")
   end)
 
   it("refuses a webhook event type that does not exist, and a name"
