@@ -1056,6 +1056,43 @@ describe("paygate.sql on sqlite (engine specifics)", function()
     db:close()
   end)
 
+  it("refuses writes once its file was deleted or replaced (unavailable,"
+     .. " naming the file): none is acknowledged that a reopen would not"
+     .. " find", function()
+    for _, how in ipairs({ "deleted", "replaced" }) do
+      local file = tmp .. "/moved-" .. how .. ".db"
+      local db = assert(sql.open("sqlite:" .. file))
+      assert(db:exec("CREATE TABLE m (v INTEGER)"))
+      assert(db:exec("INSERT INTO m VALUES (1)"))
+      if how == "deleted" then
+        assert(os.remove(file))
+      else
+        local other = assert(sql.open("sqlite:" .. tmp .. "/other.db"))
+        assert(other:exec("CREATE TABLE m (v INTEGER)"))
+        other:close()
+        assert(os.rename(tmp .. "/other.db", file))
+      end
+      local r, err = db:exec("INSERT INTO m VALUES (2)")
+      assert.is_nil(r, how .. ": a write to the " .. how
+                    .. " file was acknowledged")
+      assert.equal("unavailable", err.kind, tostring(err))
+      assert.is_false(err.retryable)
+      assert.matches("the database file " .. file .. " was deleted or"
+                     .. " replaced", err.message, 1, true)
+      local ok, terr = db:transaction(function(tx)
+        return assert(tx:exec("INSERT INTO m VALUES (3)"))
+      end)
+      assert.is_nil(ok)
+      assert.equal("unavailable", terr.kind, tostring(terr))
+      db:close()
+      -- what is at the path now holds none of the refused writes
+      local again = assert(sql.open("sqlite:" .. file))
+      local rows = again:query("SELECT count(*) AS c FROM m WHERE v > 1")
+      if rows then assert.equal(0, rows[1].c) end
+      again:close()
+    end
+  end)
+
   it("raises on an unknown url scheme without the URL's password",
      function()
     -- a typo'd scheme (postgress://) on a URL that holds a password:

@@ -79,8 +79,10 @@
  * is queued when that BEGIN is delivered.
  */
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -1359,11 +1361,27 @@ batch_commit(struct lsqlite_db *db, struct lsqlite_conn *c,
 {
     struct lsqlite_job *j;
     char *msg = NULL;
-    int   rc;
+    int   rc, moved = 0;
 
     if (!b->began) {
         post_jobs(b->done);
         b->done = b->done_tail = NULL;
+        return;
+    }
+    /* A file deleted (or renamed over) while open takes writes in WAL
+     * mode as before, durable in an inode no name leads to: a restart
+     * finds none of them (or a database missing the pages checkpointed
+     * into the old file). Refused instead, before anything is
+     * acknowledged (one stat per commit). */
+    if (sqlite3_file_control(c->h, "main", SQLITE_FCNTL_HAS_MOVED, &moved)
+            == SQLITE_OK && moved) {
+        char why[PATH_MAX + 160];
+
+        snprintf(why, sizeof(why), "the database file %s was deleted or"
+                 " replaced while open: writes are refused (a restart"
+                 " would not find them)", db->path);
+        run_fixed(c, "ROLLBACK", NULL);
+        batch_abort(b, SQLITE_READONLY, why);
         return;
     }
     rc = run_fixed(c, "COMMIT", &msg);
