@@ -782,6 +782,11 @@ function _M.wrap(db, handler, opts)
                        ["Retry-After"] = tostring(
                          math.max(1, floor(err.retry_after + 0.999))) })
       end
+      -- the cause goes to the log (the answer names its kind only): a
+      -- full disk or a lost database is otherwise nowhere to be seen
+      -- but in the access log's 503s
+      core.log(3, "idempotency: the store failed; answered 503",
+               json.encode({ scope = scope, error = tostring(err) }))
       return reply(503, "unavailable", "idempotency store: "
                    .. tostring(err.kind))
     end

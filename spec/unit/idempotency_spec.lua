@@ -583,3 +583,39 @@ for name, engine in pairs(engines) do
     end)
   end)
 end
+
+describe("idempotency.wrap when the store fails", function()
+  it("answers 503 and logs the store's error (the answer names only its"
+     .. " kind)", function()
+    local db = assert(sql.open("sqlite:" .. tmp .. "/down.db"))
+    local runs = 0
+    local fn = idem.wrap(db, function()
+      runs = runs + 1
+      return 201, "made"
+    end)
+    assert.equal(201, (fn(fake_req{ headers = { ["Idempotency-Key"] = "k0" } })))
+    -- from now on the store refuses the key's record, as a full disk does
+    assert(db:exec("CREATE TRIGGER down BEFORE INSERT ON paygate_idempotency"
+                   .. " BEGIN SELECT RAISE(ABORT, 'the disk is full'); END"))
+    local lines = {}
+    local log = core.log
+    core.log = function(level, msg, fields)
+      lines[#lines + 1] = { level = level, msg = msg, fields = fields }
+    end
+    local ok, s, b = pcall(fn, fake_req{ app_id = "shop",
+                                         headers = { ["Idempotency-Key"] = "k1" } })
+    core.log = log
+    db:close()
+    assert(ok, tostring(s))
+    assert.equal(503, s)
+    assert.equal("unavailable", json.decode(b).error)
+    assert.is_nil(b:find("disk", 1, true), b)
+    assert.equal(1, runs)
+    assert.equal(1, #lines, "log lines: " .. #lines)
+    assert.equal(3, lines[1].level)
+    assert.matches("idempotency: the store failed", lines[1].msg, 1, true)
+    local f = json.decode(lines[1].fields)
+    assert.matches("the disk is full", f.error, 1, true)
+    assert.equal("shop", f.scope)
+  end)
+end)
