@@ -913,6 +913,8 @@ local function renew(self, l)
   return ok, err
 end
 
+-- returns: true when taken; false, err when the store failed (a shard
+-- someone else holds is no failure: false)
 local function take(self, p, now)
   local l, err = lease.acquire(self.db, lease_key(self, p),
                                self:lease_ttl_now(), { owner = self.owner })
@@ -922,7 +924,7 @@ local function take(self, p, now)
     return true
   elseif err.kind ~= "held" then
     self.stats.errors = self.stats.errors + 1
-    log_warn("outbox: lease", { error = tostring(err) })
+    return false, err
   end
   return false
 end
@@ -1007,11 +1009,17 @@ local function refresh_leases(self, probe)
       held = held + 1
     end
   end
+  -- (a store that fails fails every shard alike: one line a round, not
+  -- one per shard)
+  local take_err, take_failed = nil, 0
   for _, p in ipairs(shuffled(self.partitions, self.random)) do
     if not self.leases[p] then
       if held < self.max_partitions then
-        if take(self, p, now) then
+        local ok, err = take(self, p, now)
+        if ok then
           held = held + 1
+        elseif err then
+          take_err, take_failed = take_err or err, take_failed + 1
         end
       else
         local at = self.probe_at[p]
@@ -1019,13 +1027,20 @@ local function refresh_leases(self, probe)
           self.probe_at[p] = now + PROBE_ROUNDS * self.interval
         elseif now >= at then
           self.probe_at[p] = now + PROBE_ROUNDS * self.interval
-          if take(self, p, now) then
+          local ok, err = take(self, p, now)
+          if ok then
             self.leases[p].extra = true
             held = held + 1
+          elseif err then
+            take_err, take_failed = take_err or err, take_failed + 1
           end
         end
       end
     end
+  end
+  if take_err then
+    log_warn("outbox: lease", { error = tostring(take_err),
+                                shards = take_failed })
   end
   publish_shards(self, held)
   return failed
@@ -1415,17 +1430,22 @@ function Dispatcher:step()
       end
     end
   else
+    local head_err, head_failed = nil, 0
     for p, l in pairs(self.leases) do
       local rows, qerr = self.db:query(HEADS, { self.partitions, p, now,
                                                 self.batch })
       if not rows then
         self.stats.errors = self.stats.errors + 1
-        log_warn("outbox: heads", { error = tostring(qerr) })
+        head_err, head_failed = head_err or qerr, head_failed + 1
       else
         for _, row in ipairs(rows) do
           work[#work + 1] = { row, p, l }
         end
       end
+    end
+    if head_err then
+      log_warn("outbox: heads", { error = tostring(head_err),
+                                  shards = head_failed })
     end
   end
   local i, n, attempted = 0, #work, 0

@@ -272,3 +272,38 @@ describe("outbox.webhook facing a hostile receiver", function()
     db:close()
   end)
 end)
+
+describe("outbox dispatcher, a store that fails every shard", function()
+  -- A full disk fails every shard's lease alike: the log said so once per
+  -- shard each round (8 lines every 10 s per worker, for as long as the
+  -- disk stayed full); one line a round now, with the count.
+  it("logs one line a round for the shards it could not take", function()
+    local db = sqlite()
+    local d0 = outbox.dispatcher(db, { partitions = 8, sinks = {
+      { name = "s", deliver = function() end } } })
+    assert.equal(0, d0:step())              -- the tables, the leases
+    d0:stop()                               -- the leases given back
+    assert(db:exec("CREATE TRIGGER full BEFORE UPDATE ON paygate_leases"
+                   .. " BEGIN SELECT RAISE(ABORT, 'the disk is full'); END"))
+    local d = outbox.dispatcher(db, { partitions = 8, sinks = {
+      { name = "s", deliver = function() end } } })
+    local lines = {}
+    local warn = paygate.log.warn
+    paygate.log.warn = function(msg, fields)
+      lines[#lines + 1] = { msg = msg, fields = fields }
+    end
+    local ok, err = pcall(d.step, d)
+    paygate.log.warn = warn
+    assert(ok, tostring(err))
+    local leases = {}
+    for _, l in ipairs(lines) do
+      if l.msg == "outbox: lease" then leases[#leases + 1] = l end
+    end
+    assert.equal(1, #leases, #leases .. " lines for one round")
+    assert.equal(8, leases[1].fields.shards)
+    assert.matches("the disk is full", leases[1].fields.error, 1, true)
+    assert.equal(8, d.stats.errors)
+    d:stop()
+    db:close()
+  end)
+end)
