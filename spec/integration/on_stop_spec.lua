@@ -75,4 +75,21 @@ describe("paygate.on_stop", function()
     testing.server.rmdir(srv.dir)
     testing.server.rmdir(dir)
   end)
+
+  it("past shutdown_timeout while they run, no connection is said to be"
+     .. " left: the drain had ended", function()
+    local dir = testing.tmpdir()
+    local out = dir .. "/out"
+    local srv = testing.start_app{ source = APP, config = {
+      out = out, hang = true, shutdown_timeout = 1 } }
+    srv:signal(testing.proc.SIGTERM)
+    assert.is_number(srv.proc:wait(20))
+    local logs = srv:logs()
+    assert.matches("stop functions still running", logs, 1, true)
+    -- (was: "worker: shutdown deadline passed with 0 connections left;
+    -- closing them" once the stop functions had run 1 s)
+    assert.is_nil(logs:find("shutdown deadline passed", 1, true), logs)
+    testing.server.rmdir(srv.dir)
+    testing.server.rmdir(dir)
+  end)
 end)

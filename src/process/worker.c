@@ -254,6 +254,12 @@ run_stop_hooks(void)
 static void
 on_drained(void)
 {
+    /* the drain is over: its deadline would only say, while the stop
+     * functions run, that 0 connections were left to close (they are
+     * bounded by their own) */
+    if (w.deadline != NULL) {
+        evtimer_del(w.deadline);
+    }
     run_stop_hooks();
 }
 
