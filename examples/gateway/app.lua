@@ -103,6 +103,22 @@ function ctx.set_degraded(on)
   for _, client in pairs(wx) do client:degrade(on) end
   return D:set("gw:degraded", on and 1 or 0)
 end
+-- gateway.degraded as the config last said it: a reload that changes it
+-- sets the switch (an operator may edit the config in an outage and
+-- reload); one that leaves it as it was keeps what /admin/degrade set.
+-- (Every worker of the generation sees the change: the first to claim it
+-- sets the switch and logs it.)
+local cfg_now = g.degraded and 1 or 0
+if not D:add("gw:degraded_config", cfg_now)
+   and D:get("gw:degraded_config") ~= cfg_now
+   and D:add("gw:degraded_config_changed:"
+             .. tostring(paygate.runtime.generation or 0), 1, 60) then
+  ctx.set_degraded(g.degraded)
+  D:set("gw:degraded_config", cfg_now)
+  paygate.log.warn("gateway: gateway.degraded changed in the config: the"
+    .. " degradation switch is now " .. (g.degraded and "on" or "off"),
+    { degraded = g.degraded })
+end
 function ctx.notify_url(mchid)
   return g.public_url .. "/wechatpay/notify/" .. mchid
 end

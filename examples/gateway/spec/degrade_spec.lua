@@ -188,3 +188,65 @@ describe("gateway behind an open circuit breaker", function()
     assert.truthy(m:find('outcome="circuit_open"', 1, true))
   end)
 end)
+
+-- gateway.degraded set in the config and reloaded (an outage: the
+-- operator edits the config, `paygate reload`): the switch took the
+-- config's value only at the server's start, so the reload said "done"
+-- and nothing was switched. A reload that changes the value sets the
+-- switch; one that leaves it as it was keeps what /admin/degrade set.
+describe("gateway.degraded on reload", function()
+  local sim, gw
+
+  setup(function()
+    sim = testing.simulator{ time_scale = 100 }
+    gw = core.start(sim, { workers = 2, gateway = {
+      reconcile = { enabled = false } } })
+  end)
+
+  teardown(function()
+    if gw then gw:stop() end
+    testing.stop_all()
+  end)
+
+  -- the config file as it was, with gateway.degraded = on; then HUP, and
+  -- the reload's outcome
+  local original
+  local function reload_with(on)
+    local srv = gw.srv
+    original = original or testing.proc.read(srv.config_file)
+    testing.write(srv.config_file, "local c = (function() " .. original
+      .. " end)()\nc.gateway.degraded = " .. tostring(on) .. "\nreturn c\n")
+    local before = testing.proc.read(srv.dir .. "/paygate.pid.reload")
+    local n0 = tonumber(before:match("^(%d+)")) or 0
+    srv:signal(testing.proc.SIGHUP)
+    local text
+    testing.wait_until(function()
+      text = testing.proc.read(srv.dir .. "/paygate.pid.reload")
+      return (tonumber(text:match("^(%d+) ")) or 0) > n0
+        and not text:match("^%d+ started")
+    end, 60, "the reload")
+    assert.matches("^%d+ ok", text)
+  end
+
+  it("a reload that changes it sets the switch; one that keeps it leaves"
+     .. " the switch where /admin/degrade put it", function()
+    assert.is_false(admin(gw, "GET").json.on)
+    reload_with(true)
+    for _ = 1, 4 do           -- every worker of the new generation
+      local g = admin(gw, "GET").json
+      assert.is_true(g.on)
+      assert.is_true(g.clients[sim.merchant.mchid])
+    end
+    local _, said = gw.srv:logs():gsub("gateway.degraded changed in the"
+                                       .. " config: the degradation switch"
+                                       .. " is now on", "")
+    assert.equal(1, said)               -- once, not once per worker
+    -- the lever turns it off; a reload of the same config leaves it off
+    assert.equal(200, admin(gw, "POST", { on = false }).status)
+    reload_with(true)
+    assert.is_false(admin(gw, "GET").json.on)
+    -- and the config back to false: off (as it is)
+    reload_with(false)
+    assert.is_false(admin(gw, "GET").json.on)
+  end)
+end)
