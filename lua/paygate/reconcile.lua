@@ -263,6 +263,23 @@ function Runner:ttl()
   return self.lease_ttl
 end
 
+-- A store that refuses the lease (a full disk, a read-only standby) does
+-- so round after round, in every runner of every worker: its error is
+-- logged once, then again only when it changes or LEASE_WARN_EVERY s
+-- later, with how many rounds failed unsaid meanwhile (`repeated`).
+local LEASE_WARN_EVERY = 60
+local function lease_warn(self, err)
+  local text, now = tostring(err), core.mono()
+  local u = self.unsaid
+  if u and u.text == text and now - u.at < LEASE_WARN_EVERY then
+    u.n = u.n + 1
+    return
+  end
+  warn("reconcile: lease", { name = self.name, error = text,
+                             repeated = u and u.n > 0 and u.n or nil })
+  self.unsaid = { text = text, at = now, n = 0 }
+end
+
 function Runner:hold()
   local l = self.lease
   if l and lease.remaining(l) > self.lease_ttl / 2 then
@@ -286,11 +303,12 @@ function Runner:hold()
     if err.kind == "held" then
       self.stats.lease_busy = self.stats.lease_busy + 1
     else
-      warn("reconcile: lease", { name = self.name, error = tostring(err) })
+      lease_warn(self, err)
     end
     return nil, err
   end
   self.lease = nl
+  self.unsaid = nil
   return nl
 end
 

@@ -411,6 +411,44 @@ describe("reconcile.runner", function()
     r:stop()
   end)
 
+  it("a store that keeps refusing the lease is logged once a minute, not"
+     .. " every round (a full disk: every runner of every worker, every"
+     .. " 5 s)", function()
+    local paygate = require "paygate"
+    local db = new_db()
+    local function mk()
+      return reconcile.runner(db, { name = "quiet", due = function()
+        return {} end, check = function() return true end })
+    end
+    local r0 = mk()
+    assert.equal(0, r0:step())          -- the leases' table
+    r0:stop()
+    local function refuse(why)
+      assert(db:exec("DROP TRIGGER IF EXISTS refuse"))
+      assert(db:exec("CREATE TRIGGER refuse BEFORE UPDATE ON paygate_leases"
+                     .. " BEGIN SELECT RAISE(ABORT, '" .. why .. "'); END"))
+    end
+    refuse("the disk is full")
+    local lines = {}
+    local warn = paygate.log.warn
+    paygate.log.warn = function(msg, fields)
+      if msg == "reconcile: lease" then lines[#lines + 1] = fields end
+    end
+    local r = mk()
+    local ok, err = pcall(function()
+      for _ = 1, 5 do assert.equal(0, r:step()) end
+      refuse("an I/O error")            -- another cause: said at once
+      for _ = 1, 3 do assert.equal(0, r:step()) end
+    end)
+    paygate.log.warn = warn
+    r:stop()
+    assert(ok, tostring(err))
+    assert.equal(2, #lines, #lines .. " lines for 8 rounds")
+    assert.matches("the disk is full", lines[1].error, 1, true)
+    assert.matches("an I/O error", lines[2].error, 1, true)
+    assert.equal(4, lines[2].repeated)  -- the first cause's rounds unsaid
+  end)
+
   it("one runner at a time per name: the second waits for the lease",
      function()
     local db = new_db()
