@@ -128,3 +128,26 @@ describe("core.listdir and core.file_type", function()
     assert.is_table(core.listdir(tmp))
   end)
 end)
+
+-- A file size limit (ulimit -f) reached sent SIGXFSZ, whose default is to
+-- kill: a worker whose SQLite WAL reached it died, and each replacement
+-- with it, for ever. Ignored, the write fails EFBIG and is an error.
+describe("a write past the file size limit", function()
+  it("fails as an error; the process lives", function()
+    local script = tmp .. "/fsize.lua"
+    local f = assert(io.open(script, "w"))
+    f:write(([[
+      local core = require "paygate.core"
+      local ok, err = core.write_file(%q, ("x"):rep(65536))
+      io.write(ok and "written" or ("refused: " .. tostring(err)))
+    ]]):format(tmp .. "/big.bin"))
+    f:close()
+    local bin = os.getenv("PAYGATE_BIN") or "build/paygate"
+    local p = io.popen("sh -c 'ulimit -f 8; exec " .. bin .. " exec "
+                       .. script .. "' 2>&1; echo \" exit=$?\"")
+    local out = p:read("*a")
+    p:close()
+    assert.matches("refused: ", out, 1, true)
+    assert.matches(" exit=0", out, 1, true)
+  end)
+end)

@@ -1092,6 +1092,7 @@ gw_master_main(struct gw_opts *o, const struct gw_opts *file)
     }
     gw_shdict_seal();
     signal(SIGPIPE, SIG_IGN);
+    signal(SIGXFSZ, SIG_IGN);       /* a log past ulimit -f: EFBIG, not death */
     hup = evsignal_new(gw_loop_base(), SIGHUP, on_hup, NULL);
     term = evsignal_new(gw_loop_base(), SIGTERM, on_term, NULL);
     intr = evsignal_new(gw_loop_base(), SIGINT, on_term, NULL);

@@ -348,6 +348,10 @@ static int
 runtime_init(const char *app_dir)
 {
     signal(SIGPIPE, SIG_IGN);
+    /* a file size limit (ulimit -f) reached: the write fails EFBIG (the
+     * store answers "disk full", reads go on) instead of the signal
+     * killing the worker, and its replacement, for ever */
+    signal(SIGXFSZ, SIG_IGN);
     gw_loop_forget();               /* a base inherited across fork */
     if (gw_loop_init() != GW_OK) {
         fprintf(stderr, "paygate: cannot create the event loop\n");
