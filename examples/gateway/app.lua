@@ -49,8 +49,20 @@ end
 -- the store -----------------------------------------------------------------
 
 -- unreachable: one line and exit 1, after retrying for a while (gw.boot)
+local new_file = sql.sqlite_path(g.db)
+if new_file and require("paygate.core").file_type(new_file) ~= nil then
+  new_file = nil
+end
 local db = boot.reach("the store", g.db, function() return sql.open(g.db) end,
                       "gateway.db")
+if new_file and shared.get_dict("paygate"):add("gw:new_db:"
+     .. tostring(paygate.runtime.generation or 0), 1, 60) then
+  -- (a file deleted, or a volume not mounted, would be taken for a first
+  -- start without a word, and every payment before it for unknown)
+  paygate.log.warn("gateway: made a new, empty SQLite database: on a first"
+    .. " start that is expected; else check the path and that its volume"
+    .. " is mounted", { db = new_file })
+end
 do
   local ok, merr = migrate.run(db, paygate.app_dir .. "/migrations")
   if not ok then boot.fail("migrations: " .. tostring(merr)) end

@@ -86,11 +86,19 @@ describe("gateway retention", function()
     refused("real-old", 31 * D, 1)
     -- a gateway started on these rows: its dispatcher's first round
     -- would prune ret-young at once, if it pruned
+    -- a new SQLite file is said, once (workers and all); a start on the
+    -- same file is not (a deleted one, or a volume not mounted, would
+    -- otherwise pass for a first start)
+    local _, said = gw.srv:logs():gsub("made a new, empty SQLite database",
+                                       "")
+    assert.equal(1, said)
     gw.srv:stop()
     gw:stop()
     opts.gateway.retention.delay = 0.5
     gw = core.start(sim, opts)
     db = gw.db
+    assert.is_nil(gw.srv:logs():find("made a new, empty SQLite database", 1,
+                                     true))
 
     testing.wait_until(function()
       return count(db, "SELECT COUNT(*) AS n FROM gw_notifications WHERE"
