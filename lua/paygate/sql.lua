@@ -235,14 +235,17 @@ local function open_pg(url, opts)
       -- a misspelt option named here, before libpq refuses it in words
       -- that cannot be shown (they may quote a value)
       pg_keywords = pg_keywords or pg_core.keywords()
-      if not pg_keywords[k] then
+      -- (ssl=true is no keyword: libpq's URL reading takes it, the JDBC
+      -- spelling, for sslmode=require, and no other value of it)
+      if not pg_keywords[k] and not (k == "ssl" and v == "true") then
         local all = {}
         for name in pairs(pg_keywords) do all[name] = true end
         for name in pairs(ours) do all[name] = true end
-        local hint = require("paygate.suggest").nearest(k, all)
+        local hint = k == "ssl" and "sslmode? ssl takes true alone"
+                     or require("paygate.suggest").nearest(k, all)
         error("sql.open: unknown option " .. k:sub(1, 64):gsub("[^%w_]", "?")
               .. " in the postgres url" .. (hint and (" (did you mean "
-              .. hint .. "?)") or ""), 3)
+              .. hint .. (k == "ssl" and ")" or "?)")) or ""), 3)
       end
       keep[#keep + 1] = k .. "=" .. v
     end

@@ -131,6 +131,23 @@ describe("sql.open options", function()
     -- libpq's own options go through
     db = assert(sql.open(base .. "?sslmode=disable&application_name=spec"))
     db:close()
+    -- and so does ssl=true, the JDBC spelling libpq's URL reading takes
+    -- for sslmode=require (no keyword of its own): the server here has
+    -- no TLS, so libpq's refusal of the connection is what says it went
+    -- through (before: raised 'unknown option ssl')
+    local ok, h, err = pcall(sql.open, base .. "?ssl=true")
+    assert.is_true(ok, tostring(h))
+    if h then
+      local _, qerr = h:query("SELECT 1")
+      err = qerr
+      h:close()
+    end
+    assert.truthy(tostring(err):find("SSL", 1, true), tostring(err))
+    -- another value of ssl libpq refuses: named, with what to write
+    local ok2, e2 = pcall(sql.open, base .. "?ssl=1")
+    assert.is_false(ok2)
+    assert.truthy(tostring(e2):find("sql.open: unknown option ssl in the"
+      .. " postgres url (did you mean sslmode?", 1, true), tostring(e2))
   end)
 
   it("keeps SQLite's savepoint journals in memory (each write job runs in"
