@@ -514,7 +514,9 @@ function _M.webhook(opts)
     error("outbox.webhook: opts.secret must be a non-empty string", 2)
   end
   local http = require "paygate.http"
-  local url, secret = opts.url, opts.secret
+  -- (the scheme in lower case: the HTTP client takes http:// and https://
+  -- alone, and HTTPS:// would raise at every delivery)
+  local url, secret = opts.url:gsub("^%a+", string.lower, 1), opts.secret
   local timeout = opts.timeout or 10
   -- (checked here: the HTTP client refuses anything else at each
   -- delivery, and every event would fail until dead-lettered)

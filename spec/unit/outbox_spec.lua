@@ -152,6 +152,16 @@ describe("paygate.outbox misuse", function()
     end
     assert.is_table(outbox.webhook{ url = "HTTPS://x.example/h?a=1",
                                     secret = "s" })
+    -- and a scheme in capitals goes out: the HTTP client takes http://
+    -- and https:// alone, so such a sink raised at every delivery (a
+    -- closed port here: a transport failure, not a raise)
+    local caps = outbox.webhook{ url = "HTTP://127.0.0.1:1/h", secret = "s",
+                                 timeout = 2 }
+    local ok, res, derr = pcall(caps.deliver, { id = 1, type = "t",
+      subject = "s", created_at = 1, attempt = 1, payload_json = "{}" })
+    assert.is_true(ok, tostring(res))
+    assert.is_nil(res)
+    assert.equal("webhook_failed", derr.kind)
     -- a header the webhook sets itself, in other letters, would go out
     -- twice
     assert.has_error(function() outbox.webhook{ url = "http://x",
