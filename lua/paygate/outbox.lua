@@ -506,7 +506,7 @@ function _M.webhook(opts)
   -- (a host, and no blank or control byte: the HTTP client raises on a
   -- URL that does not parse at each delivery, and every event would fail
   -- until dead-lettered)
-  if type(opts.url) ~= "string" or not opts.url:match("^[Hh][Tt][Tt][Pp][Ss]?://[^/?#]")
+  if type(opts.url) ~= "string" or not opts.url:match("^[Hh][Tt][Tt][Pp][Ss]?://[^/?#:]")
      or opts.url:find("[%s%c\127]") then
     error("outbox.webhook: opts.url must be an http(s) URL", 2)
   end

@@ -145,7 +145,7 @@ describe("paygate.outbox misuse", function()
     -- (the HTTP client raises on them at each delivery)
     for _, url in ipairs({ "ftp://x", "http://", "https:///path",
                            "http://x/a b", "http://x/\r\nX: 1",
-                           "http://x/\0" }) do
+                           "http://x/\0", "http://:80/h" }) do
       assert.has_error(function() outbox.webhook{ url = url,
                                                   secret = "s" } end,
         "outbox.webhook: opts.url must be an http(s) URL")
