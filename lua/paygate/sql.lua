@@ -16,7 +16,8 @@
 -- naming it), unavailable, timeout, serialization, busy, syntax, misuse,
 -- unknown_outcome (PostgreSQL: a COMMIT, or a write outside a transaction,
 -- that may have committed: never run again here), too_large (SQLite: a
--- string or blob over its length limit), closed, error;
+-- string or blob over its length limit; PostgreSQL: a program limit,
+-- SQLSTATE class 54), closed, error;
 -- err.retryable says whether trying again can help.
 -- Misuse raises, naming the function and the argument: wrong argument
 -- types, a bad option, a value that cannot be bound, a closed db.

@@ -57,11 +57,25 @@ function _M.init(c) db, capture_dir = c.db, c.capture_dir end
 -- command checks them: paygate verify --headers F.headers --body F.body
 -- --certificate F.certs.pem. The newest CAPTURE_KEEP are kept (files of
 -- other workers and instances too); a body over CAPTURE_MAX is not
--- captured. Nothing secret is in them: the headers WeChat sends, the
--- body (its resource encrypted), the platform certificates held.
+-- captured, nor more than CAPTURE_PER_SECOND a second per worker (anyone
+-- can send refused notifications: a flood costs one capture a second,
+-- and one shows what the rest repeat). Plain writes, never flushed to
+-- the disk: a diagnosis, not a record, and the request waits for them.
+-- Nothing secret is in them: the headers WeChat sends, the body (its
+-- resource encrypted), the platform certificates held.
 _M.CAPTURE_KEEP = 20
 _M.CAPTURE_MAX = 64 * 1024
-local captured = 0
+_M.CAPTURE_PER_SECOND = 1
+local captured, capture_second, capture_count = 0, -1, 0
+
+local function put(path, data)
+  local f, err = io.open(path, "wb")
+  if not f then return nil, err end
+  local ok, werr = f:write(data)
+  f:close()
+  if not ok then os.remove(path) return nil, werr end
+  return true
+end
 
 local function prune_captures(dir)
   local names = core.listdir(dir)
@@ -89,6 +103,12 @@ function _M.capture(wx, req)
   end
   local hs = req.headers
   if type(hs) ~= "table" then return nil end
+  local now = paygate.update_time()
+  if floor(now) ~= capture_second then
+    capture_second, capture_count = floor(now), 0
+  end
+  if capture_count >= _M.CAPTURE_PER_SECOND then return nil end
+  capture_count = capture_count + 1
   local lines = {}
   for k, v in pairs(hs) do
     if type(k) == "string" and type(v) == "string" then
@@ -97,20 +117,15 @@ function _M.capture(wx, req)
   end
   table.sort(lines)
   captured = captured + 1
-  local now = paygate.update_time()
   local base = dir .. "/refused-" .. os.date("!%Y%m%dT%H%M%S", floor(now))
     .. ("-%03d-%d-%d"):format(floor(now * 1000) % 1000, core.pid(),
                                captured)
-  local ok, err = core.write_file(base .. ".headers",
-                                  table.concat(lines, "\n") .. "\n", 416)
-  if not ok then
-    local made = core.mkdir_p(dir)
-    if made then
-      ok, err = core.write_file(base .. ".headers",
-                                table.concat(lines, "\n") .. "\n", 416)
-    end
+  local head = table.concat(lines, "\n") .. "\n"
+  local ok, err = put(base .. ".headers", head)
+  if not ok and core.mkdir_p(dir) then
+    ok, err = put(base .. ".headers", head)
   end
-  if ok then ok, err = core.write_file(base .. ".body", body, 416) end
+  if ok then ok, err = put(base .. ".body", body) end
   if not ok then
     paygate.log.warn("gateway: cannot capture a refused notification",
                      { dir = dir, error = tostring(err) })
@@ -123,7 +138,7 @@ function _M.capture(wx, req)
   for _, cert in pairs(wx.certs or {}) do pems[#pems + 1] = cert:pem() end
   if #pems > 0 then
     table.sort(pems)
-    if core.write_file(base .. ".certs.pem", table.concat(pems), 416) then
+    if put(base .. ".certs.pem", table.concat(pems)) then
       cmd = cmd .. " --certificate " .. base .. ".certs.pem"
     end
   end

@@ -1,0 +1,84 @@
+-- examples/gateway: refused notifications captured whole (gw.history's
+-- capture): at most CAPTURE_PER_SECOND a second per worker (anyone can
+-- send refused notifications), the newest CAPTURE_KEEP kept, a body over
+-- CAPTURE_MAX not captured. The capture's verify command is run end to
+-- end by console_history_spec.
+package.path = "examples/gateway/?.lua;" .. package.path
+local core = require "paygate.core"
+local testing = require "paygate.testing"
+local history = require "gw.history"
+
+local function req(body)
+  return { body = body, headers = { ["wechatpay-serial"] = "S1",
+    ["wechatpay-timestamp"] = "1700000000", ["wechatpay-nonce"] = "n",
+    ["wechatpay-signature"] = "AAAA", ["content-type"] = "application/json" } }
+end
+
+local function bases(dir)
+  local out = {}
+  for _, n in ipairs(core.listdir(dir) or {}) do
+    local b = n:match("^(refused%-.+)%.headers$")
+    if b then out[#out + 1] = b end
+  end
+  table.sort(out)
+  return out
+end
+
+describe("gateway: refused notifications captured", function()
+  local dir, keep, rate
+  local wx = { certs = {}, conf = {} }
+
+  before_each(function()
+    dir = testing.tmpdir() .. "/refused"
+    history.init{ capture_dir = dir }
+    keep, rate = history.CAPTURE_KEEP, history.CAPTURE_PER_SECOND
+  end)
+  after_each(function()
+    history.CAPTURE_KEEP, history.CAPTURE_PER_SECOND = keep, rate
+  end)
+
+  it("writes the headers and the raw body, and names them in the command",
+     function()
+    -- (waits for a new second: the bound is per second)
+    local s = math.floor(require("paygate").update_time())
+    testing.wait_until(function()
+      return math.floor(require("paygate").update_time()) > s
+    end, 3, "the next second")
+    local cmd = assert(history.capture(wx, req('{"id":"1"}')))
+    local b = bases(dir)
+    assert.equal(1, #b)
+    assert.matches("--headers " .. dir .. "/" .. b[1] .. ".headers --body "
+                   .. dir .. "/" .. b[1] .. ".body --at ", cmd, 1, true)
+    assert.matches(" %-%-at %d+$", cmd)
+    assert.equal('{"id":"1"}', testing.read(dir .. "/" .. b[1] .. ".body"))
+    assert.matches("wechatpay-signature: AAAA\n",
+                   testing.read(dir .. "/" .. b[1] .. ".headers"), 1, true)
+    -- one a second: a flood costs one capture
+    assert.is_nil(history.capture(wx, req('{"id":"2"}')))
+    assert.equal(1, #bases(dir))
+  end)
+
+  it("keeps the newest CAPTURE_KEEP, and no body over CAPTURE_MAX",
+     function()
+    history.CAPTURE_PER_SECOND, history.CAPTURE_KEEP = 1000, 3
+    local made = {}
+    for i = 1, 6 do
+      assert(history.capture(wx, req('{"id":"' .. i .. '"}')))
+      made[#made + 1] = bases(dir)[#bases(dir)]
+    end
+    local left = bases(dir)
+    assert.equal(3, #left)
+    -- the newest three (their names sort by time, then the counter)
+    for _, b in ipairs(left) do
+      local body = testing.read(dir .. "/" .. b .. ".body")
+      assert.truthy(body == '{"id":"4"}' or body == '{"id":"5"}'
+                    or body == '{"id":"6"}', body)
+    end
+    for _, n in ipairs(core.listdir(dir)) do
+      assert.truthy(n:match("^refused%-.+%.headers$")
+                    or n:match("^refused%-.+%.body$"), n)
+    end
+    assert.is_nil(history.capture(wx, req(("x"):rep(
+      history.CAPTURE_MAX + 1))))
+  end)
+end)
