@@ -654,9 +654,21 @@ end
 
 -- kind: what the day's last run said; nil: the day is no longer owed
 local function owe(mchid, date, kind)
+  local d = dict()
+  -- the list is read, changed and written back: under a lock in the
+  -- dict, as the job (one worker) and a console run (any) may both
+  -- change it at once and one change would be lost (1 s at most: a
+  -- holder that died frees it by its ttl)
+  local lock = "gw:bill_owed_lock:" .. mchid
+  local locked = false
+  if d then
+    for _ = 1, 200 do
+      if d:add(lock, true, 1) then locked = true break end
+      core.sleep(0.005)
+    end
+  end
   local t = owed_get(mchid)
   t[date] = kind
-  local d = dict()
   if not d then
     owed_here[mchid] = t
   elseif next(t) == nil then
@@ -664,6 +676,7 @@ local function owe(mchid, date, kind)
   else
     d:set("gw:bill_owed:" .. mchid, json.encode(t))
   end
+  if locked then d:delete(lock) end
 end
 
 -- The merchants whose bill of date is reported (its reconcile.bill
