@@ -1168,8 +1168,12 @@ end
 -- payer_total, bank_type, openid. returns the Transaction, or nil,
 -- { status, code, message }.
 function _M.pay(no, opts)
-  local now = core.time()
   return S.db:transaction(function(tx)
+    -- the success time is taken once the transaction holds the database:
+    -- taken before, while another worker wrote, a day closed in between
+    -- (POST /sim/bills/close) would get a cutoff after it and a bill
+    -- without it, then the payment would commit and the bill change
+    local now = core.time()
     local o, err = find_for_control(tx, no, opts.mchid)
     if not o then return nil, err end
     o = expire(tx, o, now)
@@ -1284,12 +1288,14 @@ function _M.start(ctx)
     while true do
       core.sleep(tick)
       local ok, err = pcall(function()
-        local now = core.time()
         local rows = assert(S.db:query("SELECT * FROM sim_refunds WHERE "
-          .. "status = 'PROCESSING' AND settle_after <= $1 LIMIT 50", { now }))
+          .. "status = 'PROCESSING' AND settle_after <= $1 LIMIT 50",
+          { core.time() }))
         for _, f in ipairs(rows) do
           S.db:transaction(function(tx)
-            local r = settle_in(tx, f, "SUCCESS", now)
+            -- (its success time taken inside the transaction, as a
+            -- payment's: see orders.pay)
+            local r = settle_in(tx, f, "SUCCESS", core.time())
             return r and true or false
           end)
         end
