@@ -264,7 +264,10 @@ function _M.list()
   for i, f in ipairs(l) do
     local c = {}
     for k, v in pairs(f) do c[k] = v end
+    -- (two workers may pass the count's check at once: the fault fires
+    -- count times, the counter may say one more)
     c.fired = d:get("sim:fault:" .. f.id) or 0
+    if f.count and c.fired > f.count then c.fired = f.count end
     out[i] = c
   end
   return out

@@ -276,9 +276,14 @@ function _M.init(db, cfg)
       if not ok then return nil, "state: " .. tostring(err) end
     end
   end
+  -- the rotation counter before the keys: a rotation by another worker
+  -- in between then moves it past what is held, and the next use loads
+  -- again (read after, this worker would hold the old keys under the new
+  -- counter until the next rotation)
+  local gen = dict():get(K_GEN) or 0
   ok, err = _M.load()
   if not ok then return nil, "state: " .. tostring(err) end
-  S.gen = dict():get(K_GEN) or 0
+  S.gen = gen
   return true
 end
 
