@@ -7,7 +7,8 @@
 --   if not res then -- err.kind: timeout, connect, dns, tls, closed,
 --                   -- body_too_large, header_too_large (a response
 --                   -- header line past 100 KiB, or past 256 KiB of
---                   -- them); err.retryable; err.sent is false
+--                   -- them); closed also for an answer cut short,
+--                   -- in its head or its body; err.retryable; err.sent is false
 --                   -- when nothing of the request was written (dns,
 --                   -- connect, TLS handshake): safe to retry blindly
 --   end

@@ -77,6 +77,8 @@ struct gw_http_op {
                                        own limit (CURL_MAX_HTTP_HEADER) */
     int                head_done;   /* 1 once the final (>= 200) head was
                                        read, or body bytes came */
+    int                head_cut;    /* 1: the transfer ended before the
+                                       final head did (no blank line) */
     int                sent;        /* 1 once curl was about to send the
                                        request (CURLOPT_PREREQFUNCTION) */
     char              *hdr;         /* owned: raw response header lines */
@@ -522,6 +524,9 @@ push_failure(lua_State *L, struct gw_http_op *op, CURLcode rc)
                           "head is too large (a header line past %d KiB, or "
                           "more than %d KiB of header lines)",
                           CURL_MAX_HTTP_HEADER / 1024, HEAD_MAX / 1024);
+    } else if (op->head_cut) {
+        n = gw_push_error(L, kind, retryable, "http request: the connection"
+                          " closed before the end of the response head");
     } else if (op->refused) {
         kind = "closed";
         n = gw_push_error(L, kind, 1, "http request: the connection was "
@@ -609,6 +614,13 @@ check_done(void)
             continue;
         }
         op->result = msg->data.result;
+        if (op->result == CURLE_OK && !op->head_done) {
+            /* libcurl (7.88) takes a connection closed in the head, after
+             * its status line, for a whole answer: a 200 with the headers
+             * so far and no body. It is no answer. */
+            op->head_cut = 1;
+            op->result = CURLE_RECV_ERROR;
+        }
         if (op->stream) {
             stream_done(op, op->result);    /* wakes on a later turn */
         } else {

@@ -1,0 +1,42 @@
+# broken_http.py PORT LOG: a raw HTTP/1.1 server with keep-alive whose
+# answers break HTTP as the request's path says, for the specs of the
+# HTTP client facing broken servers. Logs "<METHOD> <target>" per request
+# read whole (flushed), then:
+#   /ok          200 "ok"
+#   /cut-<n>     the first n bytes of a 200 head with a header and a
+#                body ("HTTP/1.1 200 OK\r\nX-A: a\r\nContent-Length: 2"
+#                "\r\n\r\nok"), then close
+#   /stale       200 "ok", then 0.1 s later, on the idle connection, a
+#                second answer to no request: 200 "stale"; keeps serving
+#   /late408     200 "ok", then 0.1 s later a 408 with Connection: close
+#                on the idle connection, then close
+# Writes "ready" to LOG once listening; exits after 60 s.
+import os, sys, threading, time
+from rawhttp import note, read_request, serve_forever
+port, log = int(sys.argv[1]), sys.argv[2]
+FULL = b"HTTP/1.1 200 OK\r\nX-A: a\r\nContent-Length: 2\r\n\r\nok"
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+def answer(c):
+    c.settimeout(30)
+    while True:
+        req = read_request(c)
+        if req is None:
+            return
+        method, target = req[0].split(b" ")[:2]
+        note(log, (method + b" " + target).decode())
+        path = target.decode()
+        if path.startswith("/cut-"):
+            c.sendall(FULL[:int(path[5:])])
+            return
+        c.sendall(OK)
+        if path == "/stale":
+            time.sleep(0.1)
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale")
+        elif path == "/late408":
+            time.sleep(0.1)
+            c.sendall(b"HTTP/1.1 408 Request Timeout\r\nConnection: close"
+                      b"\r\nContent-Length: 0\r\n\r\n")
+            return
+threading.Thread(target=lambda: (time.sleep(60), os._exit(0)),
+                 daemon=True).start()
+serve_forever(port, 16, log, answer)
