@@ -21,7 +21,11 @@
 -- pasted where its path belongs never is). A key that does not match its
 -- certificate, or a wrong client_key_password, leaves err.option unset.
 --
--- Connections are kept alive and reused. One made with a client
+-- Connections are kept alive and reused, but not one with bytes waiting
+-- on it when a request would go out (what no request asked for: a 408 a
+-- server left before closing it, a second answer to one request): it is
+-- closed and the request goes out on a new connection, so no request
+-- reads them as its answer. One made with a client
 -- certificate is reused only by a request with the same client identity:
 -- the same client_cert and client_key paths, and the same bytes in those
 -- files (a key replaced, even at the same path, gets a new connection).

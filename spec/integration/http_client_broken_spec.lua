@@ -51,3 +51,63 @@ describe("paygate.http.request facing a broken server", function()
     assert.equal("a", res.headers["x-a"])
   end)
 end)
+
+describe("paygate.http.request on a keep-alive connection with bytes that"
+         .. " answer no request", function()
+  local p, port, log
+
+  before_each(function()
+    port = core.free_port()
+    log = os.tmpname()
+    p = proc.spawn({ "python3", "spec/support/broken_http.py",
+                     tostring(port), log }, { watchdog = true })
+    proc.wait_until(function() return proc.read(log):find("ready") end,
+                    10, "broken_http.py")
+  end)
+
+  after_each(function()
+    if p then p:stop() end
+    os.remove(log)
+  end)
+
+  local function url(path) return "http://127.0.0.1:" .. port .. path end
+
+  local function seen(line)
+    local count = 0
+    for l in (proc.read(log) or ""):gmatch("[^\n]+") do
+      if l == line then count = count + 1 end
+    end
+    return count
+  end
+
+  -- libcurl (7.88) reuses an idle connection with input waiting on it
+  -- (its check only looks for the end of the stream): the next request
+  -- read those bytes as its answer, and every later one on that
+  -- connection the answer to the one before
+  it("sends the next request on a new connection: a stale answer is"
+     .. " nobody's", function()
+    assert.equal("ok", assert(paygate.http.request{ url = url("/stale") })
+                         .body)
+    proc.wait_until(function() return seen("sent stale") == 1 end, 5,
+                    "the stale answer")
+    for i = 1, 3 do
+      local res = assert(paygate.http.request{ url = url("/ok?" .. i),
+                                               body = "x" })
+      assert.equal(200, res.status)
+      assert.equal("ok", res.body, "request " .. i)
+      assert.equal(1, seen("POST /ok?" .. i))
+    end
+  end)
+
+  it("does not hand a POST the 408 a server left on a connection it"
+     .. " closed", function()
+    assert.equal("ok", assert(paygate.http.request{ url = url("/late408") })
+                         .body)
+    proc.wait_until(function() return seen("sent 408") == 1 end, 5,
+                    "the 408")
+    local res, err = paygate.http.request{ url = url("/ok"), body = "x" }
+    assert.is_nil(err)
+    assert.equal(200, res.status)
+    assert.equal(1, seen("POST /ok"))
+  end)
+end)

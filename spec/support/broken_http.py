@@ -7,9 +7,10 @@
 #                body ("HTTP/1.1 200 OK\r\nX-A: a\r\nContent-Length: 2"
 #                "\r\n\r\nok"), then close
 #   /stale       200 "ok", then 0.1 s later, on the idle connection, a
-#                second answer to no request: 200 "stale"; keeps serving
+#                second answer to no request: 200 "stale", and logs
+#                "sent stale"; keeps serving
 #   /late408     200 "ok", then 0.1 s later a 408 with Connection: close
-#                on the idle connection, then close
+#                on the idle connection, logs "sent 408", then closes
 # Writes "ready" to LOG once listening; exits after 60 s.
 import os, sys, threading, time
 from rawhttp import note, read_request, serve_forever
@@ -32,10 +33,12 @@ def answer(c):
         if path == "/stale":
             time.sleep(0.1)
             c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale")
+            note(log, "sent stale")
         elif path == "/late408":
             time.sleep(0.1)
             c.sendall(b"HTTP/1.1 408 Request Timeout\r\nConnection: close"
                       b"\r\nContent-Length: 0\r\n\r\n")
+            note(log, "sent 408")
             return
 threading.Thread(target=lambda: (time.sleep(60), os._exit(0)),
                  daemon=True).start()

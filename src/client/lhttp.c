@@ -6,11 +6,14 @@
  * those made with a client certificate through a pool of their client
  * identity's own (struct gw_http_pool).
  */
+#include <arpa/inet.h>
 #include <ctype.h>
+#include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -18,6 +21,7 @@
 #include <event2/event.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
+#include <openssl/ssl.h>
 
 #include "co.h"
 #include "log.h"
@@ -68,6 +72,12 @@ struct gw_http_op {
     int                prereqs;     /* times the request was about to be
                                        written (more than 1: a re-send) */
     int                refused;     /* 1: a re-send was refused */
+    int                stale;       /* 1: stopped before the request went
+                                       out on a reused connection with
+                                       bytes waiting: to start again */
+    int                restarts;    /* times started again for that */
+    long               no_reuse;    /* CURLOPT_FORBID_REUSE as set up */
+    int                tls;         /* 1: an https:// URL */
     char              *buf;         /* owned: response body */
     size_t             len, cap;    /* bytes */
     size_t             max_body;    /* bytes; more fails body_too_large */
@@ -113,6 +123,16 @@ static CURLSH       *tls_sessions;  /* owned: the TLS sessions of requests
                                        made without a client certificate
                                        (see sessions_share()) */
 static struct event *multi_timer;   /* owned */
+
+/* The sockets curl opened (open_cb) and has not closed, with their local
+ * and peer ports once connected (0: not known yet), to find the socket
+ * of the connection a request is about to go out on (prereq_cb). */
+struct gw_http_sock {
+    curl_socket_t  fd;
+    unsigned short lport, pport;
+};
+static struct gw_http_sock *socks;  /* owned */
+static size_t        nsocks, socks_cap;
 static struct gw_http_pool *pools;  /* owned: the client identities' pools */
 static int           npools;        /* entries in pools */
 static unsigned long pool_clock;    /* counts pool uses (least recently
@@ -287,6 +307,149 @@ write_cb(char *p, size_t size, size_t n, void *arg)
     return len;
 }
 
+/* CURLOPT_OPENSOCKETFUNCTION: the socket, made as curl would (and not
+ * inherited by a child process), remembered in socks. */
+static curl_socket_t
+open_cb(void *arg, curlsocktype purpose, struct curl_sockaddr *a)
+{
+    curl_socket_t fd;
+
+    if (nsocks == socks_cap) {
+        size_t cap = socks_cap ? socks_cap * 2 : 64;
+        struct gw_http_sock *b = realloc(socks, cap * sizeof(*b));
+
+        if (b == NULL) {
+            return CURL_SOCKET_BAD;
+        }
+        socks = b;
+        socks_cap = cap;
+    }
+    fd = socket(a->family, a->socktype | SOCK_CLOEXEC, a->protocol);
+    if (fd != CURL_SOCKET_BAD) {
+        socks[nsocks].fd = fd;
+        socks[nsocks].lport = socks[nsocks].pport = 0;
+        nsocks++;
+    }
+    return fd;
+}
+
+/* CURLOPT_CLOSESOCKETFUNCTION: closes a socket of open_cb's. */
+static int
+close_cb(void *arg, curl_socket_t fd)
+{
+    for (size_t i = 0; i < nsocks; i++) {
+        if (socks[i].fd == fd) {
+            socks[i] = socks[--nsocks];
+            break;
+        }
+    }
+    return close(fd);
+}
+
+/* The port of a socket address, and its address as text in ip (size
+ * INET6_ADDRSTRLEN), or 0 when it is neither IPv4 nor IPv6. */
+static unsigned short
+addr_port(const struct sockaddr_storage *sa, char *ip)
+{
+    if (sa->ss_family == AF_INET) {
+        const struct sockaddr_in *in = (const struct sockaddr_in *) sa;
+
+        if (ip != NULL) {
+            inet_ntop(AF_INET, &in->sin_addr, ip, INET6_ADDRSTRLEN);
+        }
+        return ntohs(in->sin_port);
+    }
+    if (sa->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *) sa;
+
+        if (ip != NULL) {
+            inet_ntop(AF_INET6, &in6->sin6_addr, ip, INET6_ADDRSTRLEN);
+        }
+        return ntohs(in6->sin6_port);
+    }
+    return 0;
+}
+
+/* The socket of curl's connected to ip:port from local port lport, or
+ * CURL_SOCKET_BAD. */
+static curl_socket_t
+sock_find(const char *ip, int port, int lport)
+{
+    for (size_t i = 0; i < nsocks; i++) {
+        struct gw_http_sock *s = &socks[i];
+        struct sockaddr_storage sa;
+        socklen_t len;
+        char peer[INET6_ADDRSTRLEN];
+
+        if (s->lport == 0 || s->pport == 0) {
+            len = sizeof(sa);
+            if (getsockname(s->fd, (struct sockaddr *) &sa, &len) != 0) {
+                continue;
+            }
+            s->lport = addr_port(&sa, NULL);
+            len = sizeof(sa);
+            if (getpeername(s->fd, (struct sockaddr *) &sa, &len) != 0) {
+                s->lport = 0;           /* not connected (yet) */
+                continue;
+            }
+            s->pport = addr_port(&sa, NULL);
+        }
+        if (s->lport != lport || s->pport != port) {
+            continue;
+        }
+        len = sizeof(sa);
+        peer[0] = '\0';
+        if (getpeername(s->fd, (struct sockaddr *) &sa, &len) == 0
+            && addr_port(&sa, peer) != 0 && strcmp(peer, ip) == 0) {
+            return s->fd;
+        }
+    }
+    return CURL_SOCKET_BAD;
+}
+
+/*
+ * 1 when the reused HTTP/1 connection ip:port (local port lport) that
+ * op's request is about to go out on has bytes waiting, or has ended:
+ * bytes no request asked for (a server's 408 before it closed an idle
+ * connection, a second answer to one request). libcurl (7.88) reuses such
+ * a connection, and the request then reads them as its answer, each later
+ * one the answer to the one before it. An HTTP/2 connection is left to
+ * curl (frames come on it between requests).
+ */
+static int
+stale_input(struct gw_http_op *op, const char *ip, int port, int lport)
+{
+    curl_socket_t fd = sock_find(ip, port, lport);
+    ssize_t n;
+    char b;
+
+    if (fd == CURL_SOCKET_BAD) {
+        return 0;
+    }
+    if (op->tls) {
+        struct curl_tlssessioninfo *ti = NULL;
+        const unsigned char *alpn = NULL;
+        unsigned int alen = 0;
+
+        if (curl_easy_getinfo(op->easy, CURLINFO_TLS_SSL_PTR, &ti)
+                != CURLE_OK
+            || ti == NULL || ti->backend != CURLSSLBACKEND_OPENSSL
+            || ti->internals == NULL) {
+            return 0;
+        }
+        SSL_get0_alpn_selected(ti->internals, &alpn, &alen);
+        if (alen == 2 && memcmp(alpn, "h2", 2) == 0) {
+            return 0;
+        }
+        if (SSL_has_pending(ti->internals)) {
+            return 1;
+        }
+    }
+    n = recv(fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+    return n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK
+                      && errno != EINTR);
+}
+
 /*
  * Called by curl when the connection is up (new or reused, TLS done) and
  * the request is about to be written. Before this point no byte of the
@@ -297,7 +460,20 @@ prereq_cb(void *arg, char *conn_primary_ip, char *conn_local_ip,
           int conn_primary_port, int conn_local_port)
 {
     struct gw_http_op *op = arg;
+    long connects = 1;
 
+    if (op->prereqs == 0
+        && curl_easy_getinfo(op->easy, CURLINFO_NUM_CONNECTS, &connects)
+           == CURLE_OK
+        && connects == 0
+        && stale_input(op, conn_primary_ip, conn_primary_port,
+                       conn_local_port)) {
+        /* nothing written: the connection is closed (not put back), and
+         * check_done() starts the request again */
+        op->stale = 1;
+        curl_easy_setopt(op->easy, CURLOPT_FORBID_REUSE, 1L);
+        return CURL_PREREQFUNC_ABORT;
+    }
     op->sent = 1;
     op->prereqs++;
     if (op->prereqs > 1) {
@@ -590,6 +766,28 @@ finish(struct gw_http_op *op, CURLcode rc)
     gw_co_wake(co, n);
 }
 
+/*
+ * Starts op's request again after prereq_cb stopped it before a byte went
+ * out (op->stale); the third time on a new connection whatever the pool
+ * holds. Returns GW_OK, or GW_ERR when it could not be started.
+ */
+static int
+restart(struct gw_http_op *op)
+{
+    curl_multi_remove_handle(multi, op->easy);
+    op->stale = 0;
+    op->restarts++;
+    op->sent = op->prereqs = op->refused = 0;
+    op->body_pos = op->len = op->hlen = 0;
+    op->err[0] = '\0';
+    curl_easy_setopt(op->easy, CURLOPT_FORBID_REUSE, op->no_reuse);
+    if (op->restarts >= 3) {
+        curl_easy_setopt(op->easy, CURLOPT_FRESH_CONNECT, 1L);
+    }
+    return curl_multi_add_handle(multi, op->easy) == CURLM_OK
+           ? GW_OK : GW_ERR;
+}
+
 static void
 check_done(void)
 {
@@ -614,6 +812,10 @@ check_done(void)
             continue;
         }
         op->result = msg->data.result;
+        if (op->stale && op->result == CURLE_ABORTED_BY_CALLBACK
+            && restart(op) == GW_OK) {
+            continue;
+        }
         if (op->result == CURLE_OK && !op->head_done) {
             /* libcurl (7.88) takes a connection closed in the head, after
              * its status line, for a whole answer: a 200 with the headers
@@ -1038,6 +1240,9 @@ op_setup(lua_State *L, int stream)
     curl_easy_setopt(e, CURLOPT_HEADERDATA, op);
     curl_easy_setopt(e, CURLOPT_PREREQFUNCTION, prereq_cb);
     curl_easy_setopt(e, CURLOPT_PREREQDATA, op);
+    curl_easy_setopt(e, CURLOPT_OPENSOCKETFUNCTION, open_cb);
+    curl_easy_setopt(e, CURLOPT_CLOSESOCKETFUNCTION, close_cb);
+    op->tls = strncmp(url, "https://", 8) == 0;
     /* rounded up to whole ms, at least 1: 0 means "no timeout" to curl
      * (a call with 0.4 ms of its deadline left waited for ever) */
     curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, ms_up(timeout));
@@ -1183,6 +1388,7 @@ op_setup(lua_State *L, int stream)
             /* no pool to keep it apart: a connection of its own */
             curl_easy_setopt(e, CURLOPT_FRESH_CONNECT, 1L);
             curl_easy_setopt(e, CURLOPT_FORBID_REUSE, 1L);
+            op->no_reuse = 1;
         }
     } else if (sessions_share() != NULL) {
         curl_easy_setopt(e, CURLOPT_SHARE, tls_sessions);  /* resumed */
