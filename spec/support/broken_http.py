@@ -9,6 +9,8 @@
 #   /stale       200 "ok", then 0.1 s later, on the idle connection, a
 #                second answer to no request: 200 "stale", and logs
 #                "sent stale"; keeps serving
+#   /barecr      200 "ok" with a header line holding a bare CR:
+#                "X-A: a\rX-B: b"
 #   /late408     200 "ok", then 0.1 s later a 408 with Connection: close
 #                on the idle connection, logs "sent 408", then closes
 # Writes "ready" to LOG once listening; exits after 60 s.
@@ -29,6 +31,10 @@ def answer(c):
         if path.startswith("/cut-"):
             c.sendall(FULL[:int(path[5:])])
             return
+        if path == "/barecr":
+            c.sendall(b"HTTP/1.1 200 OK\r\nX-A: a\rX-B: b\r\n"
+                      b"Content-Length: 2\r\n\r\nok")
+            continue
         c.sendall(OK)
         if path == "/stale":
             time.sleep(0.1)

@@ -580,6 +580,23 @@ header_cb(char *p, size_t size, size_t n, void *arg)
     return len;
 }
 
+/* Pushes a header value (len bytes at v), each bare CR in it a space. */
+static void
+push_value(lua_State *L, const char *v, size_t len)
+{
+    luaL_Buffer b;
+
+    if (memchr(v, '\r', len) == NULL) {
+        lua_pushlstring(L, v, len);
+        return;
+    }
+    luaL_buffinit(L, &b);
+    for (size_t i = 0; i < len; i++) {
+        luaL_addchar(&b, v[i] == '\r' ? ' ' : v[i]);
+    }
+    luaL_pushresult(&b);
+}
+
 /* Pushes the response headers as a table with lower-case names. */
 static void
 push_headers(lua_State *L, struct gw_http_op *op)
@@ -612,9 +629,12 @@ push_headers(lua_State *L, struct gw_http_op *op)
             if (nl_ >= sizeof(name)) {
                 continue;
             }
+            /* a bare CR (libcurl 7.88 ends lines at LF alone) becomes a
+             * space, as RFC 9112 2.2 allows: it is no line break */
             for (size_t k = 0; k < nl_; k++) {
                 char ch = line[k];
-                name[k] = (ch >= 'A' && ch <= 'Z') ? (char) (ch + 32) : ch;
+                name[k] = (ch >= 'A' && ch <= 'Z') ? (char) (ch + 32)
+                          : ch == '\r' ? ' ' : ch;
             }
             while (v < ve && (*v == ' ' || *v == '\t')) {
                 v++;
@@ -627,10 +647,10 @@ push_headers(lua_State *L, struct gw_http_op *op)
             lua_rawget(L, -3);
             if (lua_isnil(L, -1)) {
                 lua_pop(L, 1);
-                lua_pushlstring(L, v, (size_t) (ve - v));
+                push_value(L, v, (size_t) (ve - v));
             } else {
                 lua_pushliteral(L, ", ");
-                lua_pushlstring(L, v, (size_t) (ve - v));
+                push_value(L, v, (size_t) (ve - v));
                 lua_concat(L, 3);
             }
             lua_rawset(L, -3);
