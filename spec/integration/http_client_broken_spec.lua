@@ -51,6 +51,23 @@ describe("paygate.http.request facing a broken server", function()
     assert.equal("a", res.headers["x-a"])
   end)
 
+  it("fails an answer with Content-Length values that differ (RFC 9112"
+     .. " 6.3)", function()
+    -- libcurl (7.88) framed it by the last one: a 200 whose body was
+    -- "ok" and the head of another answer
+    for _, sink in ipairs({ false, true }) do
+      local res, err = paygate.http.request{ url = url("/twolengths"),
+        sink = sink and function() end or nil }
+      assert.is_nil(res)
+      assert.equal("closed", err.kind)
+      assert.matches("Content-Length values that differ", err.message, 1,
+                     true)
+      assert.is_false(err.retryable)
+      assert.is_true(err.sent)
+    end
+    assert.equal("ok", assert(paygate.http.request{ url = url("/ok") }).body)
+  end)
+
   it("hands over a bare CR in a header line as a space (RFC 9112 2.2)",
      function()
     -- libcurl (7.88) splits lines at LF alone: "X-A: a\rX-B: b" came as

@@ -11,6 +11,8 @@
 #                "sent stale"; keeps serving
 #   /barecr      200 "ok" with a header line holding a bare CR:
 #                "X-A: a\rX-B: b"
+#   /twolengths  a 200 with Content-Length 2 and Content-Length 40, then
+#                40 bytes ("ok" and a second answer's head)
 #   /late408     200 "ok", then 0.1 s later a 408 with Connection: close
 #                on the idle connection, logs "sent 408", then closes
 # Writes "ready" to LOG once listening; exits after 60 s.
@@ -34,6 +36,11 @@ def answer(c):
         if path == "/barecr":
             c.sendall(b"HTTP/1.1 200 OK\r\nX-A: a\rX-B: b\r\n"
                       b"Content-Length: 2\r\n\r\nok")
+            continue
+        if path == "/twolengths":
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
+                      b"Content-Length: 40\r\n\r\nokHTTP/1.1 200 OK\r\n"
+                      b"Content-Length: 4\r\n\r\n")
             continue
         c.sendall(OK)
         if path == "/stale":

@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -89,6 +90,9 @@ struct gw_http_op {
                                        read, or body bytes came */
     int                head_cut;    /* 1: the transfer ended before the
                                        final head did (no blank line) */
+    int                two_lengths; /* 1: Content-Length values differ */
+    char               clen[24];    /* the head's first Content-Length
+                                       value, trimmed ("" none yet) */
     int                sent;        /* 1 once curl was about to send the
                                        request (CURLOPT_PREREQFUNCTION) */
     char              *hdr;         /* owned: raw response header lines */
@@ -541,6 +545,32 @@ header_cb(char *p, size_t size, size_t n, void *arg)
     /* a new status line (after 100 Continue): keep only the last head */
     if (len >= 5 && memcmp(p, "HTTP/", 5) == 0) {
         op->hlen = 0;
+        op->clen[0] = '\0';
+    }
+    /* Content-Length fields whose values differ: the body's end cannot
+     * be known, the answer is refused (RFC 9112 6.3); libcurl (7.88)
+     * framed it by the last one */
+    if (len > 15 && strncasecmp(p, "content-length:", 15) == 0) {
+        const char *v = p + 15, *ve = p + len;
+
+        while (v < ve && (*v == ' ' || *v == '\t')) {
+            v++;
+        }
+        while (ve > v && (ve[-1] == '\r' || ve[-1] == '\n'
+                          || ve[-1] == ' ' || ve[-1] == '\t')) {
+            ve--;
+        }
+        if (op->clen[0] == '\0') {
+            size_t k = (size_t) (ve - v) < sizeof(op->clen) - 1
+                       ? (size_t) (ve - v) : sizeof(op->clen) - 1;
+
+            memcpy(op->clen, v, k);
+            op->clen[k] = '\0';
+        } else if (strlen(op->clen) != (size_t) (ve - v)
+                   || memcmp(op->clen, v, (size_t) (ve - v)) != 0) {
+            op->two_lengths = 1;
+            return 0;
+        }
     }
     if (op->hlen + len > HEAD_MAX) {
         op->head_too_large = 1;
@@ -662,6 +692,10 @@ static const char *
 classify(CURLcode rc, struct gw_http_op *op, int *retryable)
 {
     *retryable = 1;
+    if (op->two_lengths) {
+        *retryable = 0;
+        return "closed";
+    }
     if (op->too_large) {
         *retryable = 0;
         return "body_too_large";
@@ -720,6 +754,10 @@ push_failure(lua_State *L, struct gw_http_op *op, CURLcode rc)
                           "head is too large (a header line past %d KiB, or "
                           "more than %d KiB of header lines)",
                           CURL_MAX_HTTP_HEADER / 1024, HEAD_MAX / 1024);
+    } else if (op->two_lengths) {
+        n = gw_push_error(L, kind, retryable, "http request: the response"
+                          " has Content-Length values that differ: where"
+                          " its body ends cannot be known");
     } else if (op->head_cut) {
         n = gw_push_error(L, kind, retryable, "http request: the connection"
                           " closed before the end of the response head");
