@@ -1187,10 +1187,13 @@ sessions_share(void)
  *             timeout=, connect_timeout=, ca_file=, client_cert=,
  *             client_key=, client_key_password=, max_body=, resolve=,
  *             resend=, idle_timeout= }
- * idle_timeout: s without a byte coming or going after which the request
- *          fails with kind timeout, whatever is left of timeout (a long
- *          download that keeps flowing gets a long timeout, a stalled one
- *          still ends soon). Default: none.
+ * idle_timeout: s the transfer may move less than a byte a second
+ *          (curl's low-speed check, its speed averaged over the last few
+ *          seconds: a trickle counts as stalled, and after a burst the
+ *          silence is seen a few seconds late) before the request fails
+ *          with kind timeout, whatever is left of timeout (a long download
+ *          that keeps flowing gets a long timeout, a stalled one still
+ *          ends soon). Default: none.
  * resend: whether curl may send the request a second time by itself when
  *          a reused keep-alive connection dies after the request went out
  *          but before any byte of the answer (the server may have acted on
@@ -1478,10 +1481,13 @@ op_setup(lua_State *L, int stream)
  *             timeout=, connect_timeout=, ca_file=, client_cert=,
  *             client_key=, client_key_password=, max_body=, resolve=,
  *             resend=, idle_timeout= }
- * idle_timeout: s without a byte coming or going after which the request
- *          fails with kind timeout, whatever is left of timeout (a long
- *          download that keeps flowing gets a long timeout, a stalled one
- *          still ends soon). Default: none.
+ * idle_timeout: s the transfer may move less than a byte a second
+ *          (curl's low-speed check, its speed averaged over the last few
+ *          seconds: a trickle counts as stalled, and after a burst the
+ *          silence is seen a few seconds late) before the request fails
+ *          with kind timeout, whatever is left of timeout (a long download
+ *          that keeps flowing gets a long timeout, a stalled one still
+ *          ends soon). Default: none.
  * returns: see above.
  * yields: until the response has been read, or the request failed.
  */

@@ -658,8 +658,8 @@ local BILL_DEADLINE, BILL_TIMEOUT, BILL_IDLE = 3600, 1800, 30
 -- gunzipped when it is gzip -- and checks the SHA-1 of the content against
 -- bill.hash_value. The bill is never held in memory whole.
 -- opts: deadline (default 3600 s), timeout (one attempt, default 1800 s),
--- idle_timeout (s without a byte: the attempt fails as a timeout; default
--- 30), max_bytes (default 8 GiB of content), on_progress (fn(received)
+-- idle_timeout (s moving less than a byte a second: the attempt fails
+-- as a timeout; default 30), max_bytes (default 8 GiB of content), on_progress (fn(received)
 -- -> anything but false / nil, err to go on: called after each chunk
 -- written, in the caller's coroutine, may yield; e.g. a lease's
 -- keepalive, so that a download longer than the lease keeps it). A large

@@ -27,7 +27,7 @@
 --                      (default conf.deadline, 30)
 --     timeout          seconds for one attempt (default conf.timeout, 10;
 --                      never past the deadline)
---     idle_timeout     seconds without a byte after which an attempt
+--     idle_timeout     seconds under a byte a second after which an attempt
 --                      fails as a timeout, whatever is left of timeout
 --                      (for a large file: a long timeout that still ends
 --                      soon when the transfer stalls); default none
