@@ -68,6 +68,20 @@ describe("paygate.http.request facing a broken server", function()
     assert.equal("ok", assert(paygate.http.request{ url = url("/ok") }).body)
   end)
 
+  it("fails a 101 Switching Protocols no request asked for", function()
+    -- it was status 101, the other protocol's bytes read as the body
+    -- until the server closed
+    for _, sink in ipairs({ false, true }) do
+      local res, err = paygate.http.request{ url = url("/switch"),
+        timeout = 10, sink = sink and function() end or nil }
+      assert.is_nil(res, res and res.status)
+      assert.equal("closed", err.kind)
+      assert.matches("101 Switching Protocols", err.message, 1, true)
+      assert.is_false(err.retryable)
+    end
+    assert.equal("ok", assert(paygate.http.request{ url = url("/ok") }).body)
+  end)
+
   it("hands over a bare CR in a header line as a space (RFC 9112 2.2)",
      function()
     -- libcurl (7.88) splits lines at LF alone: "X-A: a\rX-B: b" came as

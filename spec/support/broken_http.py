@@ -13,6 +13,8 @@
 #                "X-A: a\rX-B: b"
 #   /twolengths  a 200 with Content-Length 2 and Content-Length 40, then
 #                40 bytes ("ok" and a second answer's head)
+#   /switch      101 Switching Protocols (asked by no request), then
+#                bytes of another protocol; keeps the connection 2 s
 #   /late408     200 "ok", then 0.1 s later a 408 with Connection: close
 #                on the idle connection, logs "sent 408", then closes
 # Writes "ready" to LOG once listening; exits after 60 s.
@@ -42,6 +44,11 @@ def answer(c):
                       b"Content-Length: 40\r\n\r\nokHTTP/1.1 200 OK\r\n"
                       b"Content-Length: 4\r\n\r\n")
             continue
+        if path == "/switch":
+            c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x"
+                      b"\r\nConnection: Upgrade\r\n\r\n\x00\x01binary")
+            time.sleep(2)
+            return
         c.sendall(OK)
         if path == "/stale":
             time.sleep(0.1)

@@ -91,6 +91,7 @@ struct gw_http_op {
     int                head_cut;    /* 1: the transfer ended before the
                                        final head did (no blank line) */
     int                two_lengths; /* 1: Content-Length values differ */
+    int                switched;    /* 1: a 101 no request asks for */
     char               clen[24];    /* the head's first Content-Length
                                        value, trimmed ("" none yet) */
     int                sent;        /* 1 once curl was about to send the
@@ -581,6 +582,13 @@ header_cb(char *p, size_t size, size_t n, void *arg)
 
         /* the blank line ending a head; 1xx heads are followed by more */
         curl_easy_getinfo(op->easy, CURLINFO_RESPONSE_CODE, &code);
+        if (code == 101) {
+            /* Switching Protocols: no request here asks for an upgrade,
+             * and what follows is no HTTP answer (curl would read it as
+             * the body until the server closed) */
+            op->switched = 1;
+            return 0;
+        }
         if (code >= 200) {
             op->head_done = 1;
             if (op->stream) {
@@ -692,7 +700,7 @@ static const char *
 classify(CURLcode rc, struct gw_http_op *op, int *retryable)
 {
     *retryable = 1;
-    if (op->two_lengths) {
+    if (op->two_lengths || op->switched) {
         *retryable = 0;
         return "closed";
     }
@@ -758,6 +766,10 @@ push_failure(lua_State *L, struct gw_http_op *op, CURLcode rc)
         n = gw_push_error(L, kind, retryable, "http request: the response"
                           " has Content-Length values that differ: where"
                           " its body ends cannot be known");
+    } else if (op->switched) {
+        n = gw_push_error(L, kind, retryable, "http request: the server"
+                          " answered 101 Switching Protocols, which no"
+                          " request here asks for");
     } else if (op->head_cut) {
         n = gw_push_error(L, kind, retryable, "http request: the connection"
                           " closed before the end of the response head");
