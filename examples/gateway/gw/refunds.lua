@@ -317,7 +317,8 @@ function _M.create(req, ik)
     if how == "rejected" then
       return ik:respond(tx, 502, err_body("wechat_error", "WeChat Pay"
         .. " refused the refund: " .. tostring(werr),
-        { wechat_kind = werr.kind, refund = model.refund_json(row) }))
+        { wechat_kind = werr.kind, wechat_code = werr.code,
+          refund = model.refund_json(row) }))
     end
     if how == "unknown" and (werr.kind == "timeout"
                              or werr.kind == "unknown_outcome") then

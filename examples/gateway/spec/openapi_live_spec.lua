@@ -164,6 +164,8 @@ describe("the gateway's answers fit openapi.json", function()
     res = env:refund(p.id, 1)
     assert.equal(502, res.status, res.body)
     conforms(res, "POST", "/v1/payments/{id}/refunds")
+    assert.equal("not_enough", res.json.wechat_kind)
+    assert.equal("NOT_ENOUGH", res.json.wechat_code)
     res = env:api("GET", "/v1/payments/" .. p.id .. "/refunds")
     assert.equal(2, #conforms(res, "GET", "/v1/payments/{id}/refunds").refunds)
     conforms(env:api("GET", "/v1/refunds/" .. rf.id), "GET",
