@@ -186,7 +186,7 @@ describe("the gateway's answers fit openapi.json", function()
     assert.equal("INVALID_REQUEST", res.json.wechat_code)
   end)
 
-  it("the request errors: 400, 401, 422", function()
+  it("the request errors: 400, 401, 422, 413", function()
     for _, body in ipairs({ '{"amount":', '{"amount":1,"amount":2}', '[]',
                             '{"order_id":"x","extra":1}' }) do
       local res = env:api("POST", "/v1/payments", body)
@@ -207,5 +207,14 @@ describe("the gateway's answers fit openapi.json", function()
     res = env:api("POST", "/v1/payments", body, { key = "k-reuse" })
     assert.equal(422, res.status, res.body)
     conforms(res, "POST", "/v1/payments")
+    -- past the runtime's limits.body_bytes (5 MiB by default)
+    local big = '{"order_id":"' .. string.rep("a", 5 * 1024 * 1024) .. '"}'
+    for _, path in ipairs({ "/v1/payments", "/v1/payments/pay_x/attempts",
+                            "/v1/payments/pay_x/close",
+                            "/v1/payments/pay_x/refunds" }) do
+      res = env:api("POST", path, big)
+      assert.equal(413, res.status, res.body)
+      conforms(res, "POST", (path:gsub("pay_x", "{id}")))
+    end
   end)
 end)
