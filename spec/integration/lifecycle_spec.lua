@@ -194,6 +194,22 @@ describe("live reload", function()
     assert.equal("v1", assert(s:request("/version")).body)
   end)
 
+  it("says why a module the app requires fails to load", function()
+    -- Lua's require puts the reason on the line after "error loading
+    -- module ... :": the outcome and the master's line must carry it
+    write(s.app .. "/broken_mod.lua", "local M = {}\nM.x = (\nreturn M\n")
+    write(s.app .. "/app.lua", 'require "broken_mod"\n' .. app_source("v2"))
+    local code, out = try_reload(s)
+    assert.equal(1, code)
+    assert.matches("refused: a new worker failed to load the app: error "
+                   .. "loading module 'broken_mod' from file '[^']+': "
+                   .. "[^\n]*broken_mod%.lua:3: unexpected symbol", out)
+    proc.wait_until(function()
+      return s:logs():find("reload refused: [^\n]*broken_mod%.lua:3:")
+    end, 10, "the master's line to give the reason")
+    assert.equal("v1", assert(s:request("/version")).body)
+  end)
+
   it("keeps memory bounded across 50 reloads", function()
     if os.getenv("ASAN_OPTIONS") then
       -- ASan's quarantine holds freed memory: RSS says nothing there

@@ -130,6 +130,22 @@ ready_why(char c, const char *why)
         }
         memcpy(buf + 1, why, len);
         n += len;
+        /* a first line ending in ':' says its reason on the next one:
+         * require's "error loading module 'm' from file 'm.lua':" then
+         * "\tm.lua:3: unexpected symbol ...", which alone named no cause */
+        if (len > 0 && why[len - 1] == ':' && why[len] == '\n') {
+            const char *next = why + len + 1 + strspn(why + len + 1, " \t");
+            size_t more = strcspn(next, "\n");
+
+            if (more > 0 && n < sizeof(buf) - 1) {
+                buf[n++] = ' ';
+                if (more > sizeof(buf) - n) {
+                    more = sizeof(buf) - n;
+                }
+                memcpy(buf + n, next, more);
+                n += more;
+            }
+        }
     }
     if (write(w.ready_fd, buf, n) < 0) {
         /* the master is gone; PDEATHSIG ends us */
