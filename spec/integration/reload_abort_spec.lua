@@ -393,3 +393,108 @@ describe("a loaded worker's ready message read after another's failure",
     assert_stopped_gracefully(s, mark)
   end)
 end)
+
+-- A new worker that says why it cannot load ('F' and a reason) and exits
+-- may be reaped before its message is read: the master's SIGCHLD handling
+-- (waitpid for any child) runs for another child's exit, and the failed
+-- worker has exited by the time it looks again. Its reason must still be
+-- the reload's outcome, not "died while loading". Made certain here: the
+-- master's stderr is a FIFO this spec fills, so the master blocks writing
+-- its line about a serving worker killed here, between two waitpid calls;
+-- meanwhile the new worker says its reason and exits; then the FIFO is
+-- drained.
+local V6 = [[
+local paygate = require "paygate"
+local proc = require "paygate.testing.proc"
+proc.wait_until(function() return proc.exists(GO) end, 30, "go")
+paygate.runtime.fail("v6 needs its setting")
+os.exit(1)
+]]
+
+for _, decl in ipairs{
+  "int open(const char *path, int flags, ...);",
+  "long read(int fd, void *buf, unsigned long len);",
+  "long write(int fd, const void *buf, unsigned long len);",
+} do
+  pcall(ffi.cdef, decl)
+end
+
+describe("a new worker's reason read only after it was reaped", function()
+  it("is the refused reload's outcome", function()
+    local core = require "paygate.core"
+    local dir = server.tmpdir()
+    os.execute("mkdir -p " .. dir .. "/app")
+    write(dir .. "/app/app.lua", V1)
+    local fifo = dir .. "/log"
+    assert(os.execute("mkfifo " .. fifo) == 0)
+    local fd = C.open(fifo, 2 + 2048)               -- O_RDWR | O_NONBLOCK
+    assert(fd >= 0, "open the FIFO")
+    local hold, log, done = false, {}, false
+    local buf = ffi.new("char[65536]")
+    local drain = paygate.spawn(function()
+      while not done do
+        if not hold then
+          local n = tonumber(C.read(fd, buf, 65536))
+          if n > 0 then log[#log + 1] = ffi.string(buf, n) end
+        end
+        paygate.sleep(0.01)
+      end
+    end)
+    local port, admin = core.free_port(), core.free_port()
+    while admin == port do admin = core.free_port() end
+    local pid_file = dir .. "/paygate.pid"
+    local p = proc.spawn({ PAYGATE_BIN, "run", dir .. "/app", "--workers",
+      "1", "--listen", "127.0.0.1:" .. port, "--admin", "127.0.0.1:" .. admin,
+      "--pid-file", pid_file }, { log = fifo })
+    finally(function()
+      hold, done = false, true
+      if not p:poll() then p:kill(proc.SIGKILL); p:wait(5) end
+      drain:wait()
+      C.close(fd)
+    end)
+    local function state(pid)
+      local stat = proc.read("/proc/" .. pid .. "/stat") or ""
+      return stat:match("^%d+ %(.*%) (%a)")
+    end
+    local function in_write(pid)         -- blocked in write(2)
+      local nr = ffi.arch == "arm64" and "64" or "1"
+      local s = proc.read("/proc/" .. pid .. "/syscall") or ""
+      return s:match("^(%d+) ") == nr
+    end
+    proc.wait_until(function()
+      local res = paygate.http.request{
+        url = "http://127.0.0.1:" .. port .. "/version", timeout = 1 }
+      return res and res.body == "v1"
+    end, 15, "paygate to serve")
+    local serving = proc.children(p.pid)[1]
+    local go = dir .. "/go"
+    write(dir .. "/app/app.lua", ("local GO = %q\n"):format(go) .. V6)
+    assert.equal(0, proc.kill_pid(p.pid, proc.SIGHUP))
+    local new
+    proc.wait_until(function()
+      for _, c in ipairs(proc.children(p.pid)) do
+        if c ~= serving then new = c end
+      end
+      return new
+    end, 10, "the new worker")
+    -- fill the FIFO: the master's next line blocks it
+    hold = true
+    local junk = ("#"):rep(4096)
+    while tonumber(C.write(fd, junk, #junk)) > 0 do end
+    assert.equal(0, proc.kill_pid(serving, proc.SIGKILL))
+    proc.wait_until(function() return in_write(p.pid) end, 10,
+                    "the master to block on its line about the killed worker")
+    write(go, "")
+    proc.wait_until(function() return state(new) == "Z" end, 10,
+                    "the new worker to say why and exit")
+    write(dir .. "/app/app.lua", V1)
+    hold = false
+    local line
+    proc.wait_until(function()
+      line = proc.read(pid_file .. ".reload") or ""
+      return line:find("refused")
+    end, 10, "the reload's outcome")
+    assert.matches("refused: a new worker failed to load the app: v6 needs "
+                   .. "its setting", line)
+  end)
+end)

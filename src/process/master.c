@@ -170,15 +170,40 @@ drop_ready(struct gw_worker *wk)
  * message waits in the socket behind another's, or behind its death):
  * reads it without waiting, so what is decided next (a kill or a graceful
  * stop, a refused generation) knows it has loaded. */
-static void
-take_pending_ready(struct gw_worker *wk)
+static ssize_t
+take_pending_ready(struct gw_worker *wk, char *buf, size_t len)
 {
-    char c = 0;
+    ssize_t n;
 
-    if (wk->state == W_STARTING && wk->ready_fd >= 0
-        && recv(wk->ready_fd, &c, 1, MSG_DONTWAIT) == 1 && c == 'R') {
+    if (wk->state != W_STARTING || wk->ready_fd < 0) {
+        return 0;
+    }
+    n = recv(wk->ready_fd, buf, len - 1, MSG_DONTWAIT);
+    if (n == 1 && buf[0] == 'R') {
         wk->state = W_READY;
         announce();
+    }
+    return n > 0 ? n : 0;
+}
+
+/* Why a reload is refused for a new worker that said 'F' (n bytes in buf,
+ * with room for a NUL after them: 'F' and maybe its reason's first line)
+ * or closed its socket. */
+static void
+load_failure(char *buf, ssize_t n, char *why, size_t len)
+{
+    if (n > 1 && buf[0] == 'F') {
+        buf[n] = '\0';
+        for (char *p = buf + 1; *p != '\0'; p++) {
+            if ((unsigned char) *p < 0x20) {
+                *p = ' ';       /* one line in the status file */
+            }
+        }
+        snprintf(why, len, "a new worker failed to load the app: %s",
+                 buf + 1);
+    } else {
+        snprintf(why, len, "a new worker failed to load the app (see its "
+                           "log line)");
     }
 }
 
@@ -411,19 +436,7 @@ on_ready(evutil_socket_t fd, short what, void *arg)
     if (wk->gen == m.next_gen) {
         char why[400];
 
-        if (n > 1 && c == 'F') {
-            buf[n] = '\0';
-            for (char *p = buf + 1; *p != '\0'; p++) {
-                if ((unsigned char) *p < 0x20) {
-                    *p = ' ';       /* one line in the status file */
-                }
-            }
-            snprintf(why, sizeof(why), "a new worker failed to load the "
-                     "app: %s", buf + 1);
-        } else {
-            snprintf(why, sizeof(why), "a new worker failed to load the "
-                     "app (see its log line)");
-        }
+        load_failure(buf, n, why, sizeof(why));
         reload_abort(why);
     } else if (!m.served && !m.stopping) {
         m.failed_start = 1;
@@ -525,7 +538,9 @@ reload_abort(const char *why)
      * still loading may be stuck there: SIGKILL. */
     for (int i = 0; i < MAX_WORKERS; i++) {
         if (m.w[i].pid != 0 && m.w[i].gen == gen) {
-            take_pending_ready(&m.w[i]);
+            char msg[300];
+
+            take_pending_ready(&m.w[i], msg, sizeof(msg));
             drop_ready(&m.w[i]);
             if (m.w[i].state != W_READY) {
                 kill(m.w[i].pid, SIGKILL);
@@ -692,7 +707,8 @@ on_chld(evutil_socket_t sig, short what, void *arg)
     gw_loop_update_time();
     while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
         struct gw_worker *wk = NULL;
-        char why[128];
+        char why[128], msg[300];
+        ssize_t said;
 
         for (int i = 0; i < MAX_WORKERS; i++) {
             if (m.w[i].pid == pid) {
@@ -704,15 +720,26 @@ on_chld(evutil_socket_t sig, short what, void *arg)
             continue;
         }
         describe_exit(status, why, sizeof(why));
-        take_pending_ready(wk);         /* it may have said 'R' and died */
+        /* it may have said 'R' and died, or said 'F' (and why) and exited,
+         * and be reaped here before that was read: waitpid takes every
+         * child that has ended, whichever one's exit brought us here */
+        said = take_pending_ready(wk, msg, sizeof(msg));
         drop_ready(wk);
         gw_metrics_retire(wk->slot);
         if (wk->state == W_DRAINING || m.stopping) {
             gw_log(GW_LOG_INFO, "worker %d (generation %d) %s", (int) pid,
                    wk->gen, why);
         } else if (wk->gen == m.next_gen) {
+            char reason[400];
+
             wk->pid = 0;
-            reload_abort("a new worker died while loading the app");
+            if (said > 0 && msg[0] == 'F') {
+                load_failure(msg, said, reason, sizeof(reason));
+            } else {
+                snprintf(reason, sizeof(reason), "a new worker died while "
+                                                 "loading the app");
+            }
+            reload_abort(reason);
             continue;
         } else if (wk->state == W_STARTING && !m.served) {
             m.failed_start = 1;
