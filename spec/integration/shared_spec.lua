@@ -191,3 +191,25 @@ describe("config shared", function()
     end
   end)
 end)
+
+describe("a dictionary added to the config file for a reload", function()
+  it("is refused saying it takes a restart, not that it is unconfigured",
+     function()
+    local s = server.start{ source = APP, workers = 1, config = CONFIG }
+    finally(function() s:stop() end)
+    local f = assert(io.open(s.config_file, "w"))
+    f:write([[return { shared = { counters = "1m", paygate = "16m",
+                                  sessions = "1m" } }]])
+    f:close()
+    f = assert(io.open(s.app .. "/app.lua", "w"))
+    f:write(APP .. '\nrequire("paygate.shared").get_dict("sessions")\n')
+    f:close()
+    local out = s.dir .. "/reload.out"
+    local p = proc.spawn({ PAYGATE_BIN, "reload", "--pid-file",
+                           s.dir .. "/paygate.pid" }, { log = out })
+    assert.equal(1, p:wait(30), proc.read(out))
+    -- "configure shared = { sessions = ... }" alone sent the operator to
+    -- the line they had just written
+    assert.matches("no dictionary 'sessions'.*a restart", proc.read(out))
+  end)
+end)

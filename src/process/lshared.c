@@ -317,8 +317,13 @@ lshared_get_dict(lua_State *L)
         char err[256];
 
         if (gw_shdict_sealed()) {
+            /* the dictionaries are mapped once, before the first fork:
+             * one written into the config file for a reload is not there
+             * yet, and the hint alone sent the operator to their own line */
             return luaL_error(L, "shared.get_dict: no dictionary '%s' "
-                                 "(configure shared = { %s = \"1m\" })",
+                                 "(configure shared = { %s = \"1m\" }; one "
+                                 "added to the config file since the start "
+                                 "takes a restart, not a reload)",
                               name, name);
         }
         if (lua_type(L, 2) == LUA_TNUMBER) {
