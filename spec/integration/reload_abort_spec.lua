@@ -498,3 +498,32 @@ describe("a new worker's reason read only after it was reaped", function()
                    .. "its setting", line)
   end)
 end)
+
+-- paygate.runtime.fail(why) is for an app that ends its worker itself; one
+-- that goes on loading after it (a return, no os.exit) left a worker the
+-- master had been told failed: it never accepted, and `paygate run` waited
+-- for good without a word (a restarted worker stayed so, one short).
+describe("paygate.runtime.fail with no exit after it", function()
+  it("ends the worker once it has loaded, saying why", function()
+    local core = require "paygate.core"
+    local dir = server.tmpdir()
+    os.execute("mkdir -p " .. dir .. "/app")
+    write(dir .. "/app/app.lua", [[
+local paygate = require "paygate"
+paygate.route("GET", "/version", function() return 200, "v7" end)
+if not os.getenv("PAYGATE_V7_SETTING") then
+  paygate.runtime.fail("v7 needs PAYGATE_V7_SETTING")
+  return
+end
+]])
+    local log = dir .. "/log"
+    local p = proc.spawn({ PAYGATE_BIN, "run", dir .. "/app", "--workers",
+      "1", "--listen", "127.0.0.1:" .. core.free_port(), "--admin", "off" },
+      { log = log })
+    finally(function()
+      if not p:poll() then p:kill(proc.SIGKILL); p:wait(5) end
+    end)
+    assert.equal(1, p:wait(15), proc.read(log))
+    assert.matches("v7 needs PAYGATE_V7_SETTING", proc.read(log), 1, true)
+  end)
+end)

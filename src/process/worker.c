@@ -34,6 +34,8 @@ static struct {
     struct event         *hooks_deadline; /* owned: bounds on_stop fns */
     int                   stopping;
     int                   hooks_started, hooks_done;
+    char                  told_fail[256]; /* why, once paygate.runtime.fail
+                                             told the master, or "" */
 } w;
 
 static int lruntime_fail(lua_State *L);
@@ -185,6 +187,11 @@ lruntime_fail(lua_State *L)
         return 1;
     }
     ready_why('F', why);
+    snprintf(w.told_fail, sizeof(w.told_fail), "%.*s",
+             (int) strcspn(why, "\n"), why);
+    if (w.told_fail[0] == '\0') {
+        snprintf(w.told_fail, sizeof(w.told_fail), "(no reason given)");
+    }
     lua_pushboolean(L, 1);
     return 1;
 }
@@ -325,6 +332,17 @@ app_done(struct gw_co *co, int nres)
     int ref;
 
     gw_co_free(co);
+    if (w.told_fail[0] != '\0') {
+        /* the master was told this worker failed: it would never get its
+         * go, serving nothing while counted (and `paygate run` would wait
+         * for good for its first worker) */
+        gw_log(GW_LOG_ERROR, "app failed to load: %s (it called "
+                             "paygate.runtime.fail, then went on loading "
+                             "instead of exiting)", w.told_fail);
+        w.exit_code = 1;
+        event_base_loopbreak(gw_loop_base());
+        return;
+    }
     lua_getglobal(L, "require");
     lua_pushliteral(L, "paygate");
     if (lua_pcall(L, 1, 1, 0) != 0 || !lua_istable(L, -1)) {
