@@ -130,11 +130,13 @@ static CURLSH       *tls_sessions;  /* owned: the TLS sessions of requests
 static struct event *multi_timer;   /* owned */
 
 /* The sockets curl opened (open_cb) and has not closed, with their local
- * and peer ports once connected (0: not known yet), to find the socket
- * of the connection a request is about to go out on (prereq_cb). */
+ * and peer ports and the peer's address once connected (ports 0: not
+ * known yet), to find the socket of the connection a request is about to
+ * go out on (prereq_cb). */
 struct gw_http_sock {
     curl_socket_t  fd;
     unsigned short lport, pport;
+    char           peer[INET6_ADDRSTRLEN];
 };
 static struct gw_http_sock *socks;  /* owned */
 static size_t        nsocks, socks_cap;
@@ -333,6 +335,7 @@ open_cb(void *arg, curlsocktype purpose, struct curl_sockaddr *a)
     if (fd != CURL_SOCKET_BAD) {
         socks[nsocks].fd = fd;
         socks[nsocks].lport = socks[nsocks].pport = 0;
+        socks[nsocks].peer[0] = '\0';
         nsocks++;
     }
     return fd;
@@ -384,8 +387,9 @@ sock_find(const char *ip, int port, int lport)
         struct gw_http_sock *s = &socks[i];
         struct sockaddr_storage sa;
         socklen_t len;
-        char peer[INET6_ADDRSTRLEN];
 
+        /* learnt once per socket (a connection's ends do not change):
+         * no system call for a socket already known */
         if (s->lport == 0 || s->pport == 0) {
             len = sizeof(sa);
             if (getsockname(s->fd, (struct sockaddr *) &sa, &len) != 0) {
@@ -393,19 +397,15 @@ sock_find(const char *ip, int port, int lport)
             }
             s->lport = addr_port(&sa, NULL);
             len = sizeof(sa);
+            s->peer[0] = '\0';
             if (getpeername(s->fd, (struct sockaddr *) &sa, &len) != 0) {
                 s->lport = 0;           /* not connected (yet) */
                 continue;
             }
-            s->pport = addr_port(&sa, NULL);
+            s->pport = addr_port(&sa, s->peer);
         }
-        if (s->lport != lport || s->pport != port) {
-            continue;
-        }
-        len = sizeof(sa);
-        peer[0] = '\0';
-        if (getpeername(s->fd, (struct sockaddr *) &sa, &len) == 0
-            && addr_port(&sa, peer) != 0 && strcmp(peer, ip) == 0) {
+        if (s->lport == lport && s->pport == port
+            && strcmp(s->peer, ip) == 0) {
             return s->fd;
         }
     }
@@ -976,8 +976,7 @@ opt_string(lua_State *L, int t, const char *k)
 }
 
 /* Raises unless url (opts.url, a string) parses as a URL the way curl
- * will read it, and holds no NUL (a C string would stop there: the
- * request would go to the URL's first part). curl refused one with a
+ * will read it (a NUL in it opt_string refused already). curl refused one with a
  * space or a CR/LF only at the transfer, as kind closed, retryable. The
  * URL itself is not shown: it may hold a password or a token. */
 static void
@@ -985,15 +984,7 @@ url_check(lua_State *L, const char *url)
 {
     CURLU *u;
     CURLUcode rc;
-    size_t len;
 
-    lua_getfield(L, 1, "url");
-    (void) lua_tolstring(L, -1, &len);
-    lua_pop(L, 1);
-    if (strlen(url) != len) {
-        gw_raise(L, "http.request: opts.url is not a valid URL (a NUL byte"
-                 " in it)");
-    }
     u = curl_url();
     if (u == NULL) {
         luaL_error(L, "http request: no memory");

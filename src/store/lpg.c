@@ -3281,17 +3281,6 @@ new_op(lua_State *L, int sql_idx, int params_idx, enum lpg_op_kind kind)
     return op;
 }
 
-/* Does the SQL at idx hold a NUL byte? libpq sends the text as a C
- * string: it would end there ("SELECT 1\0; ..." runs "SELECT 1"). */
-static int
-sql_has_nul(lua_State *L, int idx)
-{
-    size_t      len;
-    const char *sql = lua_type(L, idx) == LUA_TSTRING
-                      ? lua_tolstring(L, idx, &len) : NULL;
-
-    return sql != NULL && memchr(sql, '\0', len) != NULL;
-}
 
 #define LPG_SQL_NUL "postgres: the SQL has a NUL byte in it (the " \
                     "statement would end there)"
@@ -3302,7 +3291,7 @@ run_op(lua_State *L, struct lpg_pool *pg, int sql_idx, int params_idx,
 {
     struct lpg_op *op;
 
-    if (sql_has_nul(L, sql_idx)) {
+    if (gw_store_sql_has_nul(L, sql_idx)) {
         gw_co_current(L);
         return gw_push_error(L, "misuse", 0, LPG_SQL_NUL);
     }
@@ -3420,7 +3409,7 @@ tx_op(lua_State *L, int kind, int want_rows, const char *fixed, int end)
         lua_settop(L, 2);
         lua_pushstring(L, fixed);
         op = new_op(L, 3, 0, LPG_OP_STMT);
-    } else if (sql_has_nul(L, 3)) {
+    } else if (gw_store_sql_has_nul(L, 3)) {
         gw_co_current(L);
         return gw_push_error(L, "misuse", 0, LPG_SQL_NUL);
     } else {
@@ -3605,7 +3594,7 @@ lpg_begin_atomic(lua_State *L)
             return push_refused(L, i + 1, "postgres: transaction control"
                                 " in SQL: it belongs to db:transaction()");
         }
-        if (!bad && sql_has_nul(L, 4)) {
+        if (!bad && gw_store_sql_has_nul(L, 4)) {
             lua_settop(L, 2);
             return push_refused(L, i + 1, LPG_SQL_NUL);
         }

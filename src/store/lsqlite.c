@@ -1902,17 +1902,6 @@ lsqlite_gc(lua_State *L)
     return 0;
 }
 
-/* Does the SQL at idx hold a NUL byte? SQLite reads the text as a C
- * string: it would end there ("SELECT 1\0; ..." runs "SELECT 1"). */
-static int
-sql_has_nul(lua_State *L, int idx)
-{
-    size_t      len;
-    const char *sql = lua_type(L, idx) == LUA_TSTRING
-                      ? lua_tolstring(L, idx, &len) : NULL;
-
-    return sql != NULL && memchr(sql, '\0', len) != NULL;
-}
 
 /* nil, err (misuse) for SQL with a NUL byte (nothing ran). Returns 2. */
 static int
@@ -1963,7 +1952,7 @@ lsqlite_exec(lua_State *L)
     struct lsqlite_db  *db = check_db(L);
     struct lsqlite_job *j;
 
-    if (sql_has_nul(L, 2)) {
+    if (gw_store_sql_has_nul(L, 2)) {
         gw_co_current(L);
         return push_sql_nul(L);
     }
@@ -2124,7 +2113,7 @@ lsqlite_query(lua_State *L)
     struct lsqlite_db  *db = check_db(L);
     struct lsqlite_job *j;
 
-    if (sql_has_nul(L, 2)) {
+    if (gw_store_sql_has_nul(L, 2)) {
         gw_co_current(L);
         return push_sql_nul(L);
     }
@@ -2150,7 +2139,7 @@ lsqlite_script(lua_State *L)
     struct lsqlite_db  *db = check_db(L);
     struct lsqlite_job *j;
 
-    if (sql_has_nul(L, 2)) {
+    if (gw_store_sql_has_nul(L, 2)) {
         gw_co_current(L);
         return push_sql_nul(L);
     }
@@ -2240,7 +2229,7 @@ lsqlite_atomic(lua_State *L)
     for (i = 1; i <= n; i++) {
         lua_rawgeti(L, 2, i);
         lua_rawgeti(L, -1, 1);
-        if (sql_has_nul(L, -1)) {
+        if (gw_store_sql_has_nul(L, -1)) {
             lua_pushnil(L);
             lua_pushinteger(L, i);
             push_sql_nul(L);
@@ -2327,7 +2316,7 @@ tx_stmt(lua_State *L, enum lsqlite_op op, int want_rows)
         return gw_co_unyieldable(L);
     }
     if ((op == LSQLITE_OP_STMT || op == LSQLITE_OP_SCRIPT)
-        && sql_has_nul(L, 3))
+        && gw_store_sql_has_nul(L, 3))
     {
         gw_co_current(L);
         return push_sql_nul(L);

@@ -473,3 +473,13 @@ gw_store_tx_free_owner(void *owner)
         }
     }
 }
+
+int
+gw_store_sql_has_nul(lua_State *L, int idx)
+{
+    size_t      len;
+    const char *sql = lua_type(L, idx) == LUA_TSTRING
+                      ? lua_tolstring(L, idx, &len) : NULL;
+
+    return sql != NULL && memchr(sql, '\0', len) != NULL;
+}

@@ -50,6 +50,11 @@ int gw_store_vals_from_lua(lua_State *L, int idx, struct gw_store_val **out,
  * 0..GW_STORE_MAX_PARAMS. Never raises. */
 int gw_store_vals_unbindable(lua_State *L, int idx);
 
+/* Whether the SQL text at idx (a string; anything else: 0) holds a NUL
+ * byte. Both engines read SQL as a C string, which would end there
+ * ("SELECT 1\0; ..." would run "SELECT 1"): such SQL is refused. */
+int gw_store_sql_has_nul(lua_State *L, int idx);
+
 /* Frees n values and the array. NULL-safe. */
 void gw_store_vals_free(struct gw_store_val *v, int n);
 
