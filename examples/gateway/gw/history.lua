@@ -62,7 +62,8 @@ function _M.init(c) db, capture_dir = c.db, c.capture_dir end
 -- and one shows what the rest repeat). Plain writes, never flushed to
 -- the disk: a diagnosis, not a record, and the request waits for them.
 -- Nothing secret is in them: the headers WeChat sends, the body (its
--- resource encrypted), the platform certificates held.
+-- resource encrypted), the platform certificates held and the WeChat Pay
+-- public key.
 _M.CAPTURE_KEEP = 20
 _M.CAPTURE_MAX = 64 * 1024
 _M.CAPTURE_PER_SECOND = 1
@@ -88,7 +89,8 @@ local function prune_captures(dir)
   if #bases <= _M.CAPTURE_KEEP then return end
   table.sort(bases)                           -- oldest first (the time)
   for i = 1, #bases - _M.CAPTURE_KEEP do
-    for _, ext in ipairs({ ".headers", ".body", ".certs.pem" }) do
+    for _, ext in ipairs({ ".headers", ".body", ".certs.pem",
+                           ".pub.pem" }) do
       os.remove(dir .. "/" .. bases[i] .. ext)
     end
   end
@@ -142,10 +144,16 @@ function _M.capture(wx, req)
       cmd = cmd .. " --certificate " .. base .. ".certs.pem"
     end
   end
+  -- the WeChat Pay public key (public-key and migration mode): the
+  -- client holds it loaded, so its PEM is written beside the capture
   local conf = wx.conf or {}
-  if type(conf.public_key) == "string" and conf.public_key_id then
-    cmd = cmd .. " --public-key " .. conf.public_key .. " --public-key-id "
-      .. tostring(conf.public_key_id)
+  local pub = conf.public_key
+  if pub ~= nil and type(pub) ~= "string" and conf.public_key_id then
+    local pem = pub:public_pem()
+    if type(pem) == "string" and put(base .. ".pub.pem", pem) then
+      cmd = cmd .. " --public-key " .. base .. ".pub.pem --public-key-id "
+        .. tostring(conf.public_key_id)
+    end
   end
   prune_captures(dir)
   return cmd

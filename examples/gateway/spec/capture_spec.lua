@@ -81,4 +81,41 @@ describe("gateway: refused notifications captured", function()
     assert.is_nil(history.capture(wx, req(("x"):rep(
       history.CAPTURE_MAX + 1))))
   end)
+
+  it("names the WeChat Pay public key of a public-key merchant: the"
+     .. " command verifies", function()
+    -- was: the command named --public-key only when wx.conf.public_key
+    -- was a string, and a client's is the loaded key: a public-key
+    -- merchant's command named no key at all (paygate verify: exit 2,
+    -- usage), a migrating one's only the certificates (unknown_serial
+    -- for a notification signed with the public key)
+    local crypto = require "paygate.crypto"
+    local verify = require "paygate.wechatpay.verify"
+    local m = testing.merchant()
+    local pk = testing.merchant_keys()
+    local conf = assert(require("paygate.wechatpay.config").check{
+      mchid = m.mchid, merchant_private_key = m.private_key,
+      merchant_certificate = m.certificate, apiv3_key = m.apiv3_key,
+      public_key = pk.public_key,
+      public_key_id = "PUB_KEY_ID_0114232134912410000000000000000001" })
+    history.CAPTURE_PER_SECOND = 1000
+    local key = assert(crypto.private_key(testing.read(pk.private_key)))
+    local ts, nonce, body = tostring(os.time()), "n0nce", '{"id":"pk"}'
+    local sig = assert(crypto.sign_base64(key, verify.message(ts, nonce,
+                                                               body)))
+    local cmd = assert(history.capture({ certs = {}, conf = conf }, {
+      body = body, headers = {
+        ["wechatpay-serial"] = conf.public_key_id,
+        ["wechatpay-timestamp"] = ts, ["wechatpay-nonce"] = nonce,
+        ["wechatpay-signature"] = sig } }))
+    assert.matches(" %-%-public%-key %S+ %-%-public%-key%-id "
+                   .. conf.public_key_id, cmd)
+    local argv = {}
+    for w in cmd:gmatch("%S+") do argv[#argv + 1] = w end
+    argv[1] = os.getenv("PAYGATE_BIN") or "build/paygate"
+    local code, out = testing.proc.run(argv)
+    assert.equal(0, code, out)
+    conf.public_key:close()
+    testing.stop_all()
+  end)
 end)
