@@ -364,6 +364,24 @@ describe("platform certificates", function()
     assert.equal("public_key", err.key)
     assert.matches("public_key_id", err.message)
   end)
+  it("404 RESOURCE_NOT_EXISTS in migration mode says the certificates are"
+     .. " gone, not to configure the public key it has", function()
+    -- was: "configure public_key and public_key_id" to a client that
+    -- has them (its platform certificates voided after the migration),
+    -- logged at every refresh and given for every unknown serial
+    local wx = client{ public_key = keys.pub_pem, public_key_id = PUB_ID,
+                       platform_certificates = { keys.p1_cert } }
+    wxtest.certs(srv, { status = 404 })
+    local ok, err = wx:refresh_certificates()
+    assert.is_nil(ok)
+    assert.equal("invalid_config", err.kind)
+    assert.equal("download_certificates", err.key)
+    assert.not_matches("configure public_key", err.message, 1, true)
+    assert.matches("public-key mode", err.message, 1, true)
+    -- the public key still verifies
+    assert(wx:request("GET", "/v3/y"))
+    wx:stop()
+  end)
   it("a wrong APIv3 key is decrypt_failed and does not break the start",
      function()
     local wx = client{ apiv3_key = "0123456789abcdef0123456789abcdef" }

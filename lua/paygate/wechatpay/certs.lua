@@ -279,6 +279,19 @@ local function download(wx)
       -- must not stop us fetching the current ones
       wechatpay_serial = wx.conf.mode == "certificate" and false or nil })
   if not res then
+    if err.status == 404 and err.code == "RESOURCE_NOT_EXISTS"
+       and wx.conf.public_key then
+      -- migration mode: the public key is configured already; the
+      -- certificates were voided (the migration's last step)
+      return nil, core.error("invalid_config", "WeChat Pay has no platform "
+        .. "certificate for merchant " .. wx.conf.mchid .. " any more (404 "
+        .. "RESOURCE_NOT_EXISTS: voided in the merchant platform?); the "
+        .. "WeChat Pay public key " .. wx.conf.public_key_id .. " verifies "
+        .. "alone: remove platform_certificates and download_certificates "
+        .. "(public-key mode)",
+        { key = "download_certificates", status = 404, code = err.code,
+          request_id = err.request_id })
+    end
     if err.status == 404 and err.code == "RESOURCE_NOT_EXISTS" then
       return nil, core.error("invalid_config", "WeChat Pay has no platform "
         .. "certificate for merchant " .. wx.conf.mchid .. " (404 "
