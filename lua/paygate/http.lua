@@ -52,6 +52,8 @@
 -- raised). Returning nothing continues. `max_body` does not apply to a
 -- streamed body unless given, then it caps the total (body_too_large).
 -- `timeout` covers the whole transfer, time spent in the sink included.
+-- A head that came whole reaches on_headers even when the body then fails
+-- (cut off, timed out): the request returns that failure after it.
 
 local core = require "paygate.http.core"
 local redact = require "paygate.redact"

@@ -13,6 +13,9 @@
 #   /endless500   a 500 with a chunked body that never ends
 #   /garbage      bytes that are no HTTP answer, then close
 #   /hugehead     a 200 head with one header line of 300 KiB
+#   /cut200       a 200 head with Content-Length 100, 3 bytes, then close
+#   /cut404       a 404 head with Content-Length 100, "unknown order",
+#                 then close
 # Writes "ready" to LOG once listening. Every connection ends within 30 s.
 import sys, time
 from rawhttp import note, read_request, serve_forever
@@ -53,4 +56,9 @@ def answer(c):
     elif path == "/hugehead":
         c.sendall(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (300 * 1024)
                   + b"\r\nContent-Length: 0\r\n\r\n")
+    elif path == "/cut200":
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
+    elif path == "/cut404":
+        c.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 100\r\n\r\n"
+                  b"unknown order")
 serve_forever(port, 32, log, answer)

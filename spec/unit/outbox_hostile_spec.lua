@@ -219,6 +219,9 @@ describe("outbox.webhook facing a hostile receiver", function()
     { "/endless500", "pending", "answered 500: " .. ("z"):rep(186) },
     { "/garbage", "pending", "webhook_failed" },
     { "/hugehead", "pending", "header_too_large" },
+    -- the head came whole, the body was cut: the status is the answer
+    { "/cut200", "delivered" },
+    { "/cut404", "dead", "answered 404: unknown order" },
   }
   for _, c in ipairs(cases) do
     local path, state, want = c[1], c[2], c[3]

@@ -1590,7 +1590,10 @@ stream_try(lua_State *L, struct gw_http_op *op, int want)
     if (want == WANT_HEADERS) {
         long status = 0;
 
-        if (op->done && op->result != CURLE_OK) {
+        /* a head read whole is the answer, though the body then failed
+         * (cut off, timed out) before the reader came: s:read() says so;
+         * failing here hid a 2xx (or a 4xx) behind a transport error */
+        if (op->done && op->result != CURLE_OK && !op->head_done) {
             return push_failure(L, op, op->result);
         }
         if (!op->head_done && !op->done) {
