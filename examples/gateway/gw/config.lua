@@ -78,15 +78,18 @@ local function secret(t, base, where)
     if type(env) ~= "string" or not env:match("^[%a_][%w_]*$") then
       return false, where .. base .. "_env: must name an environment variable"
     end
+    -- surrounding whitespace dropped, as a file's (a variable filled from
+    -- a file, a Kubernetes secret, keeps the file's newline)
     local v = os.getenv(env)
-    if v == nil or v == "" then
+    local s = v and v:gsub("^%s+", ""):gsub("%s+$", "")
+    if s == nil or s == "" then
       -- named only when it looks like a variable's name: the secret itself
       -- may have been written here
       return false, where .. base .. "_env: the environment variable "
         .. (require("paygate.redact").name(env) or "it names")
-        .. " is not set"
+        .. ((v == nil or v == "") and " is not set" or " is empty")
     end
-    return v
+    return s
   end
   return nil
 end

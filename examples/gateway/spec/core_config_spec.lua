@@ -318,6 +318,27 @@ describe("gateway config", function()
                        secret_file = dir .. "/wh.secret" } } },
         merchants = { merchant() } }))
       assert.equal("whsec-1", cfg.gateway.webhooks[1].secret)
+      -- a variable made from a file keeps its newline (a Kubernetes
+      -- secret, an env file): it is dropped as the file's is (before, the
+      -- gateway signed with it and a receiver that stripped it as the
+      -- docs say refused every delivery: bad_signature)
+      local ffi = require "ffi"
+      pcall(ffi.cdef, "int setenv(const char *, const char *, int);")
+      ffi.C.setenv("GW_SPEC_WH_SECRET", " whsec-2\n", 1)
+      cfg = assert(config.check({ gateway = {
+        db = "sqlite:" .. dir .. "/a.db",
+        webhooks = { { url = "http://127.0.0.1:1/h",
+                       secret_env = "GW_SPEC_WH_SECRET" } } },
+        merchants = { merchant() } }))
+      assert.equal("whsec-2", cfg.gateway.webhooks[1].secret)
+      ffi.C.setenv("GW_SPEC_WH_SECRET", " \n", 1)
+      local _, blank = config.check({ gateway = {
+        db = "sqlite:" .. dir .. "/a.db",
+        webhooks = { { url = "http://127.0.0.1:1/h",
+                       secret_env = "GW_SPEC_WH_SECRET" } } },
+        merchants = { merchant() } })
+      assert.equal("config.gateway.webhooks[1].secret_env: the environment"
+                   .. " variable GW_SPEC_WH_SECRET is empty", blank)
       local _, why = config.check({ gateway = { db = "sqlite:" .. dir
         .. "/a.db", webhooks = { { url = "http://127.0.0.1:1/h",
                                    secret = "s3cr3t" } } },
