@@ -66,6 +66,9 @@ local TAKES = {
   prune = { ["keep-days"] = true },
 }
 local NUMERIC = { limit = true, ["keep-days"] = true }
+-- (a state that is none listed nothing: "no events match", said of a store
+-- full of dead letters when --state was misspelt)
+local STATES = { pending = true, delivered = true, dead = true, any = true }
 
 -- nil, or why o and ids do not fit cmd
 local function misfit(cmd, o, ids)
@@ -79,6 +82,9 @@ local function misfit(cmd, o, ids)
     end
     if NUMERIC[k] and not tonumber(v) then
       return "--" .. k .. " must be a number"
+    end
+    if k == "state" and not STATES[v] then
+      return "--state must be pending, delivered, dead or any"
     end
   end
   if #ids > 0 and (not takes.ids or next(o) ~= nil) then

@@ -58,6 +58,10 @@ describe("scripts/outbox.lua", function()
       { "list", "--stat", "dead" },
       { "prune", "--keep-day", "0" },
       { "list", "17" },
+      -- a state that is none (before: "no events match", exit 0: no dead
+      -- letters, said of a store full of them)
+      { "list", "--state", "daed" },
+      { "list", "--state", "Dead" },
     }) do
       local rc, out = cli(url, unpack(argv))
       assert.equal(2, rc, table.concat(argv, " ") .. ": " .. out)
