@@ -1604,9 +1604,8 @@ stream_try(lua_State *L, struct gw_http_op *op, int want)
         push_headers(L, op);
         return 2;
     }
-    if (op->done && op->result != CURLE_OK) {
-        return push_failure(L, op, op->result);
-    }
+    /* what came before a failure is handed over first, then the
+     * failure (a refusal's reason cut short is still its reason) */
     if (op->len > 0) {
         lua_pushlstring(L, op->buf, op->len);
         op->len = 0;
@@ -1616,6 +1615,9 @@ stream_try(lua_State *L, struct gw_http_op *op, int want)
             curl_easy_pause(op->easy, CURLPAUSE_CONT);
         }
         return 1;
+    }
+    if (op->done && op->result != CURLE_OK) {
+        return push_failure(L, op, op->result);
     }
     if (op->done) {
         lua_pushnil(L);
