@@ -606,9 +606,9 @@ function _M.webhook(opts)
       return true
     end
     -- the receiver's words, as printable text (its body is not ours to
-    -- trust)
-    local why = concat(head):gsub("[^\32-\126]", "?"):gsub("^%s+", "")
-                            :gsub("%s+$", "")
+    -- trust), trimmed first: a body's closing newline is no '?'
+    local why = concat(head):gsub("^%s+", ""):gsub("%s+$", "")
+                            :gsub("[^\32-\126]", "?")
     return nil, core.error("webhook_status", "webhook: answered " .. s
                            .. (why ~= "" and (": " .. why) or ""),
                            { status = s,

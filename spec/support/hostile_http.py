@@ -14,6 +14,8 @@
 #   /garbage      bytes that are no HTTP answer, then close
 #   /hugehead     a 200 head with one header line of 300 KiB
 #   /cut200       a 200 head with Content-Length 100, 3 bytes, then close
+#   /r400nl       a 400 whose JSON body ends in a newline (as many
+#                 frameworks write it)
 #   /cut404       a 404 head with Content-Length 100, "unknown order",
 #                 then close
 # Writes "ready" to LOG once listening. Every connection ends within 30 s.
@@ -56,6 +58,9 @@ def answer(c):
     elif path == "/hugehead":
         c.sendall(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (300 * 1024)
                   + b"\r\nContent-Length: 0\r\n\r\n")
+    elif path == "/r400nl":
+        c.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 26\r\n\r\n"
+                  b'{"error":"unknown order"}\n')
     elif path == "/cut200":
         c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
     elif path == "/cut404":

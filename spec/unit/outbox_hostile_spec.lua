@@ -222,6 +222,9 @@ describe("outbox.webhook facing a hostile receiver", function()
     -- the head came whole, the body was cut: the status is the answer
     { "/cut200", "delivered" },
     { "/cut404", "dead", "answered 404: unknown order" },
+    -- the reason whole, its trailing newline dropped (not shown as '?')
+    { "/r400nl", "dead", 'answered 400: {"error":"unknown order"}',
+      exact = true },
   }
   for _, c in ipairs(cases) do
     local path, state, want = c[1], c[2], c[3]
@@ -242,6 +245,10 @@ describe("outbox.webhook facing a hostile receiver", function()
       assert.equal(1, r.attempts)
       if want then
         assert.truthy(r.last_error:find(want, 1, true), r.last_error)
+        if c.exact then
+          assert.equal("webhook: webhook_status: webhook: " .. want,
+                       r.last_error)
+        end
         assert.is_true(#r.last_error <= 500)
         assert.is_nil(r.last_error:find("hostile_secret_value", 1, true))
       else
