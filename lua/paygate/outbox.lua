@@ -686,6 +686,17 @@ function _M.redis_stream(opts)
     local name = stream
     if type(stream) == "function" then
       name = stream(event)
+      -- anything but a name shifted XADD's arguments: Redis refused it
+      -- ("Invalid stream ID") and the event went dead with an error that
+      -- did not point at the app's function. Retried: a fixed function
+      -- (a reload) delivers it.
+      if type(name) ~= "string" or name == "" then
+        return nil, core.error("invalid_stream", "outbox.redis_stream: the"
+          .. " stream function returned " .. (type(name) == "string"
+          and "an empty string" or "a " .. type(name)) .. " for event "
+          .. tostring(event.id) .. " (want a stream name)",
+          { retryable = true })
+      end
     end
     local args = { "XADD", name }
     if opts.maxlen then
@@ -1667,6 +1678,8 @@ local function where(filter, default_state)
   return " WHERE " .. concat(conds, " AND "), params
 end
 
+local STATES = { pending = true, delivered = true, dead = true, any = true }
+
 local function check_filter(fname, filter)
   if type(filter) ~= "table" then
     error(fname .. ": filter must be an event id or a table", 3)
@@ -1679,6 +1692,12 @@ local function check_filter(fname, filter)
     elseif k == "subject" or k == "type" or k == "state" then
       if type(v) ~= "string" then
         error(fname .. ": filter." .. k .. " must be a string", 3)
+      end
+      -- a misspelt state ("Dead", "daed") matched nothing: an operator
+      -- looking for dead letters was told there were none
+      if k == "state" and not STATES[v] then
+        error(fname .. ": filter.state must be pending, delivered, dead or"
+              .. " any (got " .. string.format("%q", v:sub(1, 40)) .. ")", 3)
       end
     else
       error(fname .. ": unknown filter key " .. tostring(k), 3)

@@ -141,6 +141,18 @@ describe("paygate.outbox misuse", function()
     long:stop()
     assert.has_error(function() outbox.replay(db, { colour = "x" }) end,
       "outbox.replay: unknown filter key colour")
+    -- a misspelt state matched nothing ("no dead letters") before
+    for _, st in ipairs({ "Dead", "daed", "" }) do
+      assert.has_error(function() outbox.replay(db, { state = st }) end,
+        ("outbox.replay: filter.state must be pending, delivered, dead or"
+         .. " any (got %q)"):format(st))
+      assert.has_error(function() outbox.list(db, { state = st }) end,
+        ("outbox.list: filter.state must be pending, delivered, dead or"
+         .. " any (got %q)"):format(st))
+    end
+    for _, st in ipairs({ "pending", "delivered", "dead", "any" }) do
+      assert.is_table(assert(outbox.list(db, { state = st })))
+    end
     -- refused when made: no scheme, no host, a blank or a control byte
     -- (the HTTP client raises on them at each delivery)
     for _, url in ipairs({ "ftp://x", "http://", "https:///path",
@@ -1129,6 +1141,24 @@ if servers.have_redis() then
       end, 20, "delivery after redis came back")
       assert.equal(1, #assert(c:call("XRANGE", "later", "-", "+")))
       d2:stop()
+      -- a stream function that answers no name: retried with an error
+      -- naming it (it shifted XADD's arguments: "Invalid stream ID", dead)
+      local d3 = outbox.dispatcher(db, { sinks = {
+        outbox.redis_stream{ client = c, name = "r3", maxlen = 10,
+          stream = function(e)
+            if e.subject == "noname" then return nil end
+            return e.subject
+          end } },
+        backoff_base = 0.001 })
+      local nn = enqueue(db, "noname", "payment.paid")
+      assert.equal(1, d3:step())
+      local nr = row(db, nn)
+      assert.equal("pending", nr.state)
+      assert.truthy(nr.last_error:find("the stream function returned a nil"
+                                       .. " for event " .. nn, 1, true),
+                    nr.last_error)
+      d3:stop()
+      assert(db:exec("DELETE FROM paygate_outbox WHERE subject = 'noname'"))
       c:close()
       db:close()
     end)
