@@ -30,6 +30,10 @@ paygate.route("POST", "/work", function()
   paygate.sleep(0.3)
   return 204, ""
 end)
+paygate.route("POST", "/work-long", function()
+  paygate.sleep(10.2)
+  return 204, ""
+end)
 ]]
 
 local function run(args)
@@ -81,6 +85,7 @@ local function config(o)
     notify_url = o.notify_url or notify:url("/notify"),
     database = "sqlite:" .. dir .. "/doctor.sqlite",
     limits = o.limits, metrics_url = o.metrics_url, leases = o.leases,
+    notify_route = o.notify_route,
     api_crl_file = o.crl,
   }
   local path = dir .. "/doctor." .. crypto.random_nonce(6) .. ".lua"
@@ -229,6 +234,36 @@ describe("paygate doctor", function()
     assert.equal(1, code, out)
     assert.equal("fail", r.lease_ttl.status, out)
     assert.matches("done twice", r.lease_ttl.detail)
+  end)
+
+  it("judges work longer than /metrics' largest bucket (10 s) by that bound,"
+     .. " not as an infinite time", function()
+    local s = tls_server(pki.good_chain, pki.good_key)
+    local metrics = "http://127.0.0.1:" .. notify.admin .. "/metrics"
+    local res = notify:request{ method = "POST", path = "/work-long",
+                                timeout = 20 }
+    assert.equal(204, res.status)
+    local function lease(ttl)
+      local _, out, r = run({ "doctor", "--json", "--config", config{
+        base_url = "https://localhost:" .. s.port, metrics_url = metrics,
+        notify_route = "/work-long",
+        leases = { settle = { ttl = ttl, route = "POST /work-long" } } } })
+      assert.is_nil(out:find("inf", 1, true), out)
+      return r, out
+    end
+    -- a TTL within the bound: shorter than the work, surely
+    local r, out = lease(8)
+    assert.equal("fail", r.lease_ttl.status, out)
+    assert.matches("over 10 s", r.lease_ttl.cause, 1, true)
+    assert.matches("done twice", r.lease_ttl.detail)
+    -- past the bound: /metrics cannot tell how long the work takes, so it
+    -- is no proof of a double charge; said as a warning
+    r, out = lease(60)
+    s:stop()
+    assert.equal("warn", r.lease_ttl.status, out)
+    assert.matches("over 10 s", r.lease_ttl.cause, 1, true)
+    assert.equal("fail", r.notify_latency.status, out)
+    assert.matches("over 10 s", r.notify_latency.cause, 1, true)
   end)
 
   it("checks the key against the certificate, the APIv3 key, the stores",

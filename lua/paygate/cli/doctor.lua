@@ -873,7 +873,9 @@ local function check_signed(out, wc, cfg, clock_bad, dconf, expiring)
 end
 
 -- The request-duration histogram of one route from a /metrics text:
--- returns count, p99 upper bound (s), or nil.
+-- returns count, p99 upper bound (s), or nil. When the 99th percentile
+-- is past the largest finite bucket (10 s: it is only known to be over
+-- it), p99 is that bucket's bound and a third value, true, says so.
 local function measured(text, method, route)
   local buckets, count = {}, 0
   for line in text:gmatch("[^\n]+") do
@@ -891,7 +893,8 @@ local function measured(text, method, route)
   for _, b in ipairs(buckets) do
     if b[2] >= count * 0.99 then return count, b[1] end
   end
-  return count, math.huge
+  if not buckets[1] then return nil end
+  return count, buckets[#buckets][1], true
 end
 
 -- The route patterns /metrics measures for method that a route given
@@ -1159,8 +1162,8 @@ local function check_notify(out, conf, metrics)
   if conf.metrics_url and url and type(url) == "string" then
     local path = type(conf.notify_route) == "string" and conf.notify_route
                  or url:match("^https?://[^/]+(/[^?]*)") or "/"
-    local n, p99
-    if metrics then n, p99 = measured(metrics, "POST", path) end
+    local n, p99, over
+    if metrics then n, p99, over = measured(metrics, "POST", path) end
     if not metrics then
       out:warn("notify_latency", ("POST %s: nothing measured yet"):format(
                path), "no answer from " .. redact_url(conf.metrics_url),
@@ -1177,7 +1180,12 @@ local function check_notify(out, conf, metrics)
                .. "run doctor again; a route with a parameter is labelled "
                .. "by its pattern: set notify_route (e.g. /notify/:mchid)")
     else
-      if p99 >= WINDOW then
+      if over then
+        out:fail("notify_latency", ("POST %s: of %d, more than 1%% took "
+                 .. "over %g s to answer (the largest bucket /metrics "
+                 .. "measures), not within %d s"):format(path, n, p99,
+                 WINDOW), nil, "answer within 5 s: record first, work later")
+      elseif p99 >= WINDOW then
         out:fail("notify_latency", ("POST %s: 99%% of %d answered within "
                  .. "%s s, not within %d s"):format(path, n, tostring(p99),
                  WINDOW), nil, "answer within 5 s: record first, work later")
@@ -1281,7 +1289,7 @@ local function check_leases(out, conf, metrics)
                "run traffic (or the simulator) through the gateway, set "
                .. "metrics_url, and run doctor again")
     else
-      local n, p99 = measured(metrics, method, route)
+      local n, p99, over = measured(metrics, method, route)
       if not n then
         local as = measured_as(metrics, method, route)
         out:warn("lease_ttl", ("lease %s: ttl %g s, nothing measured yet "
@@ -1292,14 +1300,28 @@ local function check_leases(out, conf, metrics)
                  as[1] and ('set leases.%s.route = "%s %s" (the route '
                  .. 'doing its work)'):format(name, method, as[1])
                  or "run traffic through that route and run doctor again")
+      elseif over then
+        -- only known to be over the bound: no proof when ttl is past it
+        local short = ttl <= p99
+        out:result{ status = short and "fail" or "warn", kind = "lease_ttl",
+          cause = ("lease %s: ttl %g s, and of %d %s %s more than 1%% take "
+                   .. "over %g s (the largest bucket /metrics measures)")
+                  :format(name, ttl, n, method, route, p99),
+          detail = (short and "the lease expires while its holder still "
+                    .. "works" or "/metrics cannot tell whether that work "
+                    .. "ends within the ttl; if not, the lease expires "
+                    .. "while its holder still works")
+                   .. ": another worker takes it and the work is done "
+                   .. "twice (a double charge)",
+          fix = "renew the lease while working, or time the work (it is "
+                .. "over " .. p99 .. " s) and set ttl three times above it" }
       elseif ttl <= p99 then
         out:fail("lease_ttl", ("lease %s: ttl %g s, but 99%% of %d %s %s "
                  .. "take up to %s s"):format(name, ttl, n, method, route,
                  tostring(p99)), "the lease expires while its holder still "
                  .. "works: another worker takes it and the work is done "
                  .. "twice (a double charge)", ("set ttl to at least %g s, "
-                 .. "or renew the lease while working"):format(
-                 p99 == math.huge and 60 or p99 * 3))
+                 .. "or renew the lease while working"):format(p99 * 3))
       elseif ttl < p99 * 3 then
         out:warn("lease_ttl", ("lease %s: ttl %g s against a p99 of %g s")
                  :format(name, ttl, p99), "little margin for a slow store",
