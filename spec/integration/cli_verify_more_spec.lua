@@ -329,3 +329,52 @@ describe("paygate verify (more causes)", function()
     assert.is_true(#shown <= 200)
   end)
 end)
+
+describe("paygate verify (a signature damaged on the way)", function()
+  -- a signature with + and / and padding, so that each damage shows
+  local function sample()
+    for _ = 1, 50 do
+      local h = signed(SORTED)
+      local sig = h:match("Wechatpay%-Signature: ([^\r]+)")
+      if sig:find("+", 1, true) and sig:find("/", 1, true)
+         and sig:find("=", 1, true) then
+        return h, sig
+      end
+    end
+    error("no signature with + / and =")
+  end
+  local cases = {
+    { "quoted", function(s) return '"' .. s .. '"' end },
+    { "percent_encoded", function(s)
+        return (s:gsub("[+/=]", function(c)
+          return ("%%%02X"):format(c:byte()) end)) end },
+    { "plus_as_space", function(s) return (s:gsub("%+", " ")) end },
+    { "line_breaks", function(s) return s:sub(1, 76) .. " " .. s:sub(77) end },
+    { "url_safe", function(s)
+        return (s:gsub("[+/=]", { ["+"] = "-", ["/"] = "_", ["="] = "" }))
+      end },
+    { "padding", function(s) return (s:gsub("=", "")) end },
+  }
+  for _, c in ipairs(cases) do
+    it("names a signature " .. c[1] .. " and that it verifies undone",
+       function()
+      local h, sig = sample()
+      local damaged = c[2](sig)
+      local r, out = last(SORTED, (h:gsub("(Wechatpay%-Signature: )[^\r]+",
+        function(p) return p .. damaged end)))
+      assert.equal("signature_encoding", r.kind, out)
+      assert.equal(c[1], r.what, out)
+      assert.matches("undone, the signature verifies", r.detail, 1, true)
+    end)
+  end
+
+  it("says when a signature undone still does not verify", function()
+    local h, sig = sample()
+    local other = sig:sub(1, 10) .. (sig:sub(11, 11) == "A" and "B" or "A")
+                  .. sig:sub(12)
+    local r, out = last(SORTED, (h:gsub("(Wechatpay%-Signature: )[^\r]+",
+      function(p) return p .. (other:gsub("%+", " ")) end)))
+    assert.equal("plus_as_space", r.what, out)
+    assert.matches("still does not verify", r.detail, 1, true)
+  end)
+end)

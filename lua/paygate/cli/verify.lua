@@ -29,8 +29,10 @@ signature made without the trailing newline, the timestamp outside
 the window, a serial not among the keys (a PUB_KEY_ID_ with certificates
 only, or the reverse), the merchant's own certificate given in place of
 WeChat's, a signature type that does not fit the key, a
-WECHATPAY/SIGNTEST/ probe, a captured error answer (unsigned). Sorted
-keys are only mentioned as a possibility: WeChat's answers often are.
+WECHATPAY/SIGNTEST/ probe, a captured error answer (unsigned), a
+signature whose base64 was damaged (quoted, percent-encoded, + turned
+into spaces, wrapped, URL-safe, unpadded). Sorted keys are only
+mentioned as a possibility: WeChat's answers often are.
 
   --body FILE          the body exactly as received (curl -o FILE)
   --headers FILE       `Name: value` lines (curl -D FILE; a request as a
@@ -573,9 +575,54 @@ local function main(args)
   end
   local raw = crypto.base64_decode(h.signature)
   if not raw then
+    -- which damage: undone one at a time, the first that decodes named
+    -- (and whether the signature then verifies)
+    local sig = h.signature
+    local function padded(v) return v .. ("="):rep(-#v % 4) end
+    local damages = {
+      { "quoted", "it is in quotes", function(v)
+          return v:match('^"(.*)"$') or v:match("^'(.*)'$") end },
+      { "percent_encoded", "it was percent-encoded (%2B, %2F, %3D: URL "
+        .. "encoding)", function(v)
+          return v:find("%%%x%x") and (v:gsub("%%(%x%x)", function(x)
+            return string.char(tonumber(x, 16)) end)) end },
+      { "plus_as_space", "its + characters became spaces (URL or form "
+        .. "decoding turns + into a space)", function(v)
+          return v:find(" ", 1, true) and (v:gsub(" ", "+")) end },
+      { "line_breaks", "it holds line breaks or spaces (a base64 encoder "
+        .. "wrapping its output)", function(v)
+          return v:find("%s") and (v:gsub("%s+", "")) end },
+      { "url_safe", "it is in the URL-safe base64 alphabet (- and _ for + "
+        .. "and /)", function(v)
+          return v:find("[-_]") and padded((v:gsub("[-_]", { ["-"] = "+",
+            ["_"] = "/" }))) end },
+      { "padding", "it lost its = padding", function(v)
+          return #v % 4 ~= 0 and not v:find("=", 1, true) and padded(v) end },
+    }
+    local named, verifies
+    for _, d in ipairs(damages) do
+      local v = d[3](sig)
+      if v and crypto.base64_decode(v) then
+        named = d
+        verifies = crypto.verify_base64(key, verify.message(h.timestamp,
+          h.nonce, body), v, h.sig_type)
+        break
+      end
+    end
+    if named then
+      out:result{ status = "fail", kind = "signature_encoding",
+        what = named[1], cause = "Wechatpay-Signature is not valid base64: "
+        .. named[2], detail = verifies and "undone, the signature verifies "
+        .. "with " .. serial .. ": only its encoding was damaged on the way"
+        or "undone, it decodes but still does not verify with " .. serial
+        .. ": the signature was damaged in other ways too, or is not "
+        .. "this answer's", fix = "pass the header exactly as received "
+        .. "(what decoded, quoted or re-encoded it must leave it as is)" }
+      return 1
+    end
     out:fail("signature_encoding", "Wechatpay-Signature is not valid base64",
-             "it holds line breaks, spaces, URL-safe characters or lost its "
-             .. "padding on the way", "pass the header exactly as received")
+             "it holds characters base64 has not, or was cut short",
+             "pass the header exactly as received")
     return 1
   end
   local function try(b, ts_nonce_msg)
