@@ -97,6 +97,28 @@ describe("the diagnostic commands with a secret in place of a path", function()
       assert_hidden(pem, out)
     end)
 
+    it("verify --headers given a key file or an env file does not print "
+       .. "the key, nor binary bytes" .. mode, function()
+      write(dir .. "/b", "{}")
+      for _, c in ipairs({ { APIV3 .. "\n", APIV3 },
+                           { "WECHATPAY_APIV3_KEY=" .. APIV3 .. "\n", APIV3 },
+                           { "\0\1\255\254 junk\27[2J", "\27" } }) do
+        write(dir .. "/h", c[1])
+        local code, out = run(args{ "verify", "--body", dir .. "/b",
+          "--headers", dir .. "/h", "--certificate", pki.platform })
+        assert.equal(2, code, out)
+        assert.matches("line 1", out, 1, true)
+        assert.is_nil(out:find(c[2], 1, true), "printed:\n" .. out)
+      end
+      -- a header line that lost its colon is still shown, to be fixed
+      write(dir .. "/h", "Wechatpay-Nonce: n\nWechatpay-Serial 5F1C\n")
+      local code, out = run(args{ "verify", "--body", dir .. "/b",
+        "--headers", dir .. "/h", "--certificate", pki.platform })
+      assert.equal(2, code, out)
+      assert.matches("line 2: not a `Name: value` line: Wechatpay-Serial 5F1C",
+                     out, 1, true)
+    end)
+
     it("doctor prints no configured secret" .. mode, function()
       local pem = read(pki.merchant_key)
       local b64 = pem:gsub("%-%-%-%-%-[^\n]*%-%-%-%-%-\n?", ""):gsub("\n", "")

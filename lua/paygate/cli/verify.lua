@@ -104,8 +104,9 @@ local function parse_headers(text, name)
     end
     return h, tonumber(h[":status"] or h["status"])
   end
-  local request = false
+  local request, n = false, 0
   for line in (text .. "\n"):gmatch("([^\n]*)\n") do
+    n = n + 1
     line = line:gsub("\r$", "")
     if line:match("^HTTP/") then
       h = {}
@@ -117,8 +118,19 @@ local function parse_headers(text, name)
     elseif line ~= "" then
       local k, v = line:match("^([%w%-_]+):%s*(.-)%s*$")
       if not k then
-        common.usage_error("%s: not a `Name: value` line: %s", name,
-                           line:sub(1, 60))
+        -- shown when it reads as a header that lost its colon; a line
+        -- without a space may be the APIv3 key or an env file's
+        -- NAME=KEY (the wrong file given): not shown. Binary bytes and
+        -- control characters are shown as "?"
+        if line:find("%S%s+%S") then
+          common.usage_error("%s line %d: not a `Name: value` line: %s",
+                             name, n, (require("paygate.utf8").clean(line,
+                             60)))
+        end
+        common.usage_error("%s line %d: not a `Name: value` line (%d "
+                           .. "bytes without a space, not shown: it may be "
+                           .. "a key; is this the headers file?)", name, n,
+                           #line)
       end
       h[k:lower()] = v
     end
