@@ -306,3 +306,30 @@ describe("paygate certs: a certificate or key cut short", function()
     assert.is_nil(out:find(line:sub(1, 16), 1, true), out)
   end)
 end)
+
+describe("paygate certs and verify: a key of a type WeChat Pay does not use",
+         function()
+  it("names an EC key whole, not as a file to copy again, and an EC "
+     .. "certificate given to verify by its key type", function()
+    local sub = dir .. "/ec"
+    os.execute("mkdir -p " .. sub)
+    assert(os.execute(("openssl req -x509 -newkey ec -pkeyopt "
+      .. "ec_paramgen_curve:prime256v1 -nodes -keyout %s/ec.key -out "
+      .. "%s/ec.pem -subj /CN=ec -days 2 2>/dev/null && openssl pkey -in "
+      .. "%s/ec.key -pubout -out %s/ec_pub.pem"):format(sub, sub, sub, sub))
+      == 0)
+    for _, f in ipairs({ "ec.key", "ec_pub.pem" }) do
+      local code, out, r = diagpki.run(dir, { "certs", "--json",
+                                              sub .. "/" .. f })
+      assert.equal(1, code, out)
+      assert.matches("unsupported key type EC", r[1].cause, 1, true)
+      assert.is_nil(r[1].fix:find("copy the file whole", 1, true), out)
+      assert.matches("WeChat Pay issued", r[1].fix, 1, true)
+    end
+    diagpki.write(sub .. "/body", "{}")
+    local code, out = diagpki.run(dir, { "verify", "--body", sub .. "/body",
+      "-H", "Wechatpay-Serial: 01", "--certificate", sub .. "/ec.pem" })
+    assert.equal(2, code, out)
+    assert.matches("its key is EC, not RSA or SM2", out, 1, true)
+  end)
+end)

@@ -271,7 +271,8 @@ local function main(args)
         -- (a directory checked for expiry by cron would miss it)
         out:result{ status = "fail", kind = "unreadable",
                     cause = common.shown(e.file) .. ": " .. e.why,
-                    fix = "copy the file whole again (a certificate or key"
+                    fix = e.unsupported and keys.UNSUPPORTED_FIX
+                      or "copy the file whole again (a certificate or key"
                       .. " is a PEM block from its -----BEGIN line to its "
                       .. "-----END line)", file = e.file }
       elseif e.kind == "encrypted_private_key" then

@@ -37,15 +37,23 @@ local function loadable_label(data)
   return false
 end
 
+-- the fix for a key (or a certificate's key) of a type WeChat Pay does
+-- not use: the file is whole, re-copying it changes nothing
+_M.UNSUPPORTED_FIX = "use the key or certificate WeChat Pay issued: "
+  .. "apiclient_key.pem, the platform certificate or pub_key.pem are RSA "
+  .. "(SM2 in the SM variant)"
+
 --- syntax: list = keys.load(path[, id[, option]])
 -- Every PEM object in the file (or each file of the directory):
 -- { kind = "certificate" | "public_key" | "private_key", cert | key,
 --   file, id }, and { kind = "encrypted_private_key", form, file } for a
 -- private key under a passphrase (no key: paygate does not decrypt it,
 -- and the caller must say so rather than skip the file as no key), and
--- { kind = "unreadable", file, why } for a file that holds a PEM block
--- of which nothing loads (cut short, a damaged body: why is the loader's
--- reason, which names it), so that no caller passes it over as a file
+-- { kind = "unreadable", file, why, unsupported } for a file that holds a
+-- PEM block of which nothing loads (cut short, a damaged body: why is the
+-- loader's reason, which names it; unsupported: true for a whole key of
+-- a type WeChat Pay does not use, EC say), so that no caller passes it
+-- over as a file
 -- without keys. A public key's id is `id`, or else the file name when it
 -- is PUB_KEY_ID_... (a --keyring directory names them so). Raises a usage
 -- error for a path that cannot be read (naming option, the command-line
@@ -117,8 +125,10 @@ function _M.load(path, id, option)
       -- a block of a kind read here that does not load: said, never
       -- skipped as no key (the loaders' messages name the cause, never
       -- the file's bytes); other blocks (a CSR, a CRL) pass over
+      local ltype = type(lerr) == "table" and lerr.kind
       lerr = type(lerr) == "table" and lerr.message or lerr
       out[#out + 1] = { kind = "unreadable", file = file,
+        unsupported = ltype == "unsupported_key_type" or nil,
         why = type(lerr) == "string" and lerr:gsub("^load [%w ]+: ", "")
               or "its PEM block does not load" }
     end

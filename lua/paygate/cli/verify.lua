@@ -366,8 +366,12 @@ local function main(args)
         if e.cert:is_ca() then cas[#cas + 1] = e end
         certs[#certs + 1] = e
       else
+        -- (the key ring takes RSA and SM2 keys only)
+        local ok, t = pcall(e.cert.key_type, e.cert)
         skipped[#skipped + 1] = e.file .. ": certificate " .. e.cert:serial()
-          .. " cannot be used to verify"
+          .. " cannot be used to verify: its key is "
+          .. (ok and t and t .. ", not" or "not") .. " RSA or SM2, the "
+          .. "keys WeChat Pay signs with"
       end
     elseif e.kind == "public_key" and e.id then
       ring:put(e.id, e.key)
@@ -393,6 +397,7 @@ local function main(args)
   -- the one the answer names
   for _, e in ipairs(unreadable) do
     out:warn("unreadable", e.file .. " was not used: " .. e.why, nil,
+             e.unsupported and keys.UNSUPPORTED_FIX or
              "copy the file whole again (a certificate or key is a PEM "
              .. "block from its -----BEGIN line to its -----END line)")
   end
