@@ -368,6 +368,28 @@ describe("paygate verify (a signature damaged on the way)", function()
     end)
   end
 
+  it("names a signature base64-encoded twice, or hex, apart from one cut "
+     .. "short", function()
+    local h, sig = sample()
+    local raw = crypto.base64_decode(sig)
+    for _, c in ipairs({
+      { crypto.base64_encode(sig), "base64-encoded twice" },
+      { (raw:gsub(".", function(b) return ("%02x"):format(b:byte()) end)),
+        "hex-encoded, not base64" },
+      { sig:sub(1, 100), nil } }) do
+      local r, out = last(SORTED, (h:gsub("(Wechatpay%-Signature: )[^\r]+",
+        function(p) return p .. c[1] end)))
+      assert.equal("signature_length", r.kind, out)
+      if c[2] then
+        assert.matches("it was " .. c[2], r.cause, 1, true)
+        assert.is_nil(r.fix:find("whole", 1, true), out)
+      else
+        assert.is_nil(r.cause:find("it was", 1, true), out)
+        assert.matches("whole", r.fix, 1, true)
+      end
+    end
+  end)
+
   it("says when a signature undone still does not verify", function()
     local h, sig = sample()
     local other = sig:sub(1, 10) .. (sig:sub(11, 11) == "A" and "B" or "A")

@@ -744,10 +744,17 @@ local function main(args)
   if #causes == 0 then
     local bits = key.key_bits and key:key_bits() or key:bits()
     if ktype == "RSA" and #raw ~= bits / 8 then
+      -- encoded twice, or hex: not cut short
+      local twice = crypto.base64_decode(raw)
+      local hex = h.signature:match("^%x+$") and #h.signature == bits / 4
+      local enc = twice and #twice == bits / 8 and "base64-encoded twice"
+                  or hex and "hex-encoded, not base64"
       causes[#causes + 1] = { kind = "signature_length", cause = "the "
         .. "signature is " .. #raw .. " bytes; one by this RSA-" .. bits
-        .. " key is " .. bits / 8, fix = "pass Wechatpay-Signature whole, "
-        .. "from the same answer" }
+        .. " key is " .. bits / 8 .. (enc and ": it was " .. enc or ""),
+        fix = enc and "the signer must send the signature's bytes in "
+        .. "base64, once (pass Wechatpay-Signature as received)"
+        or "pass Wechatpay-Signature whole, from the same answer" }
     end
   end
   if #causes == 0 and #merchants > 0 then
