@@ -285,4 +285,19 @@ describe("paygate doctor's signed call (public key)", function()
     assert(ok, r2)
     assert.equal("fail", r2.status, out2)
   end)
+
+  it("in migration mode, a 404 RESOURCE_NOT_EXISTS: the certificates were"
+     .. " voided, the public key verifies: a warning to clean the config",
+     function()
+    local sim = testing.simulator{ verifier_mode = "public_key" }
+    local r, out, code = doctor(sim:client_config(nil, {
+      download_certificates = true }))
+    assert.equal(0, code, out)
+    assert.equal("warn", r.status, out)
+    assert.matches("accepted the signature", r.cause, 1, true)
+    assert.matches("voided", r.detail, 1, true)
+    assert.matches("remove platform_certificates and download_certificates",
+                   r.fix, 1, true)
+    assert.is_nil(r.fix:find("configure public_key", 1, true), r.fix)
+  end)
 end)

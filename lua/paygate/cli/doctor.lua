@@ -852,6 +852,20 @@ local function check_signed(out, wc, cfg, clock_bad, dconf, expiring)
            .. "and the first notification")
     return
   end
+  if cfg.mode == "migration" and err.status == 404
+     and err.code == "RESOURCE_NOT_EXISTS" then
+    -- the certificates were voided (the migration's last step): the
+    -- public key verifies alone; what is left is the config's cleanup
+    out:warn("signed_call", "GET /v3/certificates signed with serial "
+             .. tostring(serial) .. ": WeChat accepted the signature (404 "
+             .. "RESOURCE_NOT_EXISTS: no platform certificate any more)",
+             "the platform certificates were voided (the migration's last "
+             .. "step): WeChat signs with the public key "
+             .. tostring(cfg.public_key_id) .. " alone, which this config "
+             .. "has", "remove platform_certificates and "
+             .. "download_certificates (public-key mode)")
+    return
+  end
   local cause, fix = signed_failure(err, cfg.mode, dconf)
   if err.kind == "sign_error" and clock_bad
      and common.sign_error_blame(err) ~= "timestamp" then
