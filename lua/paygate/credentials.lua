@@ -234,6 +234,19 @@ function _M.validate(files, kind, now)
   for name in pairs(files) do
     if not spec[name] then return invalid("unexpected file " .. name) end
   end
+  -- PEM text, as the WeChat Pay client and the listener take them: a DER
+  -- file loads below too, but every worker's client would refuse it
+  for _, name in ipairs({ "apiclient_cert.pem", "apiclient_key.pem",
+                          "wechatpay_public_key.pem", "cert.pem",
+                          "key.pem" }) do
+    local d = spec[name]
+    local v = d and set[d.field]
+    if v ~= nil and not v:find("-----BEGIN", 1, true) then
+      return invalid(name .. " is not PEM text (no -----BEGIN line: a DER"
+                     .. " file? openssl x509 or pkey -inform DER converts"
+                     .. " it)")
+    end
+  end
   local cert_pem = kind == "tls" and set.cert or set.merchant_certificate
   local key_pem = kind == "tls" and set.key or set.merchant_private_key
   local cert = crypto.certificate(cert_pem)

@@ -64,6 +64,45 @@ describe("watched credentials", function()
     assert.matches("newline", out)
   end)
 
+  it("publish refuses a certificate or key in DER (the workers' client and"
+     .. " listener take PEM only) and writes nothing", function()
+    local d = set_dir(dir, "set_der", "a", "a", APIV3)
+    sh(("openssl x509 -in %s/a.pem -outform DER -out %s/apiclient_cert.pem")
+       :format(dir, d))
+    local code, out = creds:publish(d)
+    assert.equal(1, code, out)
+    assert.matches("apiclient_cert.pem is not PEM text", out, 1, true)
+    assert.same({}, assert(cli:get_prefix(PREFIX)).kvs)
+    -- the key in DER, the certificate in PEM
+    write(d .. "/apiclient_cert.pem", read(dir .. "/a.pem"))
+    sh(("openssl pkey -in %s/a.key -outform DER -out %s/apiclient_key.pem")
+       :format(dir, d))
+    code, out = creds:publish(d)
+    assert.equal(1, code, out)
+    assert.matches("apiclient_key.pem is not PEM text", out, 1, true)
+    assert.same({}, assert(cli:get_prefix(PREFIX)).kvs)
+    -- a listener's set too: paygate.tls reads PEM only
+    local t = dir .. "/set_der_tls"
+    sh("mkdir -p " .. t)
+    sh(("openssl x509 -in %s/a.pem -outform DER -out %s/cert.pem")
+       :format(dir, t))
+    write(t .. "/key.pem", read(dir .. "/a.key"))
+    code, out = creds:publish(t, "--tls", "/paygate/tls_der/")
+    assert.equal(1, code, out)
+    assert.matches("cert.pem is not PEM text", out, 1, true)
+    assert.same({}, assert(cli:get_prefix("/paygate/tls_der/")).kvs)
+    -- and a worker refuses such a set with the same reason (one written
+    -- straight to etcd), before its client's own check
+    sh(("openssl x509 -in %s/a.pem -outform DER -out %s/a.der")
+       :format(dir, dir))
+    local files = { ["apiclient_key.pem"] = read(dir .. "/a.key"),
+                    ["apiclient_cert.pem"] = read(dir .. "/a.der"),
+                    apiv3_key = APIV3 }
+    local set, err = credentials.validate(files, "merchant")
+    assert.is_nil(set)
+    assert.matches("apiclient_cert.pem is not PEM text", err.message, 1, true)
+  end)
+
   it("publish refuses a key the sign_type cannot use and writes nothing",
      function()
     local testing = require "paygate.testing"
