@@ -180,6 +180,27 @@ describe("watched credentials", function()
     assert.equal(2, #src.keks)
   end)
 
+  it("show says a set sealed under another KEK does not open (not that a"
+     .. " file is missing), as a worker would, and prints no secret",
+     function()
+    local code, out = creds:publish(env.a)
+    assert.equal(0, code, out)
+    code, out = creds:show()
+    assert.equal(0, code, out)
+    assert.matches("apiclient_key.pem: sealed, opens", out, 1, true)
+    assert.matches("valid: serial AAAA01", out, 1, true)
+    local other = dir .. "/kek_other"
+    write(other, crypto.hex(crypto.random_bytes(32)))
+    code, out = creds:show(other)
+    assert.equal(1, code, out)
+    assert.matches("invalid: credentials: " .. PREFIX .. "apiclient_key.pem:"
+                   .. " sealed under another key-encryption key", out, 1,
+                   true)
+    assert.is_nil(out:find("is missing", 1, true), out)
+    assert.is_nil(out:find("PRIVATE KEY", 1, true), out)
+    assert.is_nil(out:find(APIV3, 1, true), out)
+  end)
+
   it("a sealed set copied to another merchant's prefix does not open "
      .. "there", function()
     -- someone who may write etcd but has no KEK copies merchant A's

@@ -103,6 +103,24 @@ function Creds:publish(d, extra, prefix)
   return code, (out:gsub("exit=%d+%s*$", ""))
 end
 
+--- syntax: code, out = creds:show([kek_file])
+-- `paygate etcd show` of PREFIX with the KEK in kek_file (the set's own
+-- unless given): its exit status and its output.
+function Creds:show(kek_file)
+  local o = self.c:client_opts()
+  local cmd = ("PAYGATE_SPEC_ETCD_PW=%s %s etcd show --prefix %s "
+    .. "--endpoints %s --user %s --password-env PAYGATE_SPEC_ETCD_PW "
+    .. "--ca-file %s --cert %s --key %s --kek-file %s 2>&1; "
+    .. "echo \"exit=$?\""):format(o.password, PAYGATE_BIN, _M.PREFIX,
+    table.concat(o.endpoints, ","), o.user, o.ca_file, o.client_cert,
+    o.client_key, kek_file or self.kek_file)
+  local p = io.popen(cmd)
+  local out = p:read("*a")
+  p:close()
+  local code = tonumber(out:match("exit=(%d+)%s*$"))
+  return code, (out:gsub("exit=%d+%s*$", ""))
+end
+
 --- syntax: src = creds:source(cache[, extra])
 -- A paygate.credentials source for MCHID at PREFIX with its cache in the
 -- directory cache (made here); extra's fields are added to its config.

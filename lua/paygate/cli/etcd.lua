@@ -219,6 +219,7 @@ local function show(o)
   if not res then return fail("read " .. p .. ": " .. tostring(err)) end
   if #res.kvs == 0 then return fail("nothing under " .. p) end
   local files, rev, lines = {}, "0", {}
+  local sealed_err             -- the first secret that does not open
   for _, kv in ipairs(res.kvs) do
     local name = kv.key:sub(#p + 1)
     if etcd.rev_cmp(kv.mod_revision, rev) > 0 then rev = kv.mod_revision end
@@ -228,13 +229,21 @@ local function show(o)
       local pt, oerr = credentials.open(k, kv.key, v)
       lines[#lines + 1] = name .. ": " .. (pt and "sealed, opens"
                                            or tostring(oerr.message))
+      sealed_err = sealed_err or not pt and oerr
       v = pt
     else
       lines[#lines + 1] = name .. ": " .. #v .. " bytes"
     end
     files[name] = v
   end
-  local set, verr = credentials.validate(files, kind)
+  -- a secret that does not open is the reason, as a worker gives it (not
+  -- "apiclient_key.pem is missing": it is there, sealed)
+  local set, verr
+  if sealed_err then
+    verr = sealed_err
+  else
+    set, verr = credentials.validate(files, kind)
+  end
   io.stdout:write(p, " revision ", rev, "\n")
   for _, l in ipairs(lines) do io.stdout:write("  ", l, "\n") end
   if not set then
