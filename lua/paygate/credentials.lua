@@ -606,13 +606,20 @@ end
 function Source:load(name)
   local set = get_set(self, name)
   if set.current then return set.current end
-  local raw, rev, store_rev
-  local done = core.event()
-  local task = core.spawn(function()
-    raw, rev, store_rev = fetch(self, set)
-    done:set()
-  end)
-  done:wait(self.load_timeout)
+  local raw, rev, store_rev, task
+  -- etcd gave an earlier load of this source no answer within
+  -- load_timeout (a hung member, a cut network): a set with a cached copy
+  -- does not wait for it again, or a start with n sets would take n
+  -- times load_timeout (a reload's workers get 60 s); the watch catches up
+  if not (self.silent and read_cache(self, set)) then
+    local done = core.event()
+    task = core.spawn(function()
+      raw, rev, store_rev = fetch(self, set)
+      done:set()
+    end)
+    done:wait(self.load_timeout)
+    self.silent = not raw and rev == nil or nil
+  end
   if raw then
     set.store_rev = store_rev
     local ok, err = apply(self, set, raw, rev)
@@ -624,8 +631,9 @@ function Source:load(name)
     end
     return nil, err
   end
-  pcall(task.cancel, task)
+  if task then pcall(task.cancel, task) end
   local why = rev or "no answer within " .. self.load_timeout .. " s"
+                     .. (task and "" or " to an earlier set's read")
   local c = read_cache(self, set)
   if c then
     local ok, err = apply(self, set, c.files, c.revision, true)

@@ -316,6 +316,43 @@ describe("watched credentials", function()
     assert.equal(newest, set.revision)
   end)
 
+  it("a start with several sets and a hung etcd waits load_timeout once,"
+     .. " not once per set, and serves each cached set", function()
+    local P2 = "/paygate/merchants/1900000002/"
+    local code, out = creds:publish(env.a)
+    assert.equal(0, code, out)
+    code, out = creds:publish(env.b, nil, P2)
+    assert.equal(0, code, out)
+    local cache = dir .. "/cache_hung"
+    local sets = { [MCHID] = credsets.PREFIX, ["1900000002"] = P2 }
+    local first = creds:source(cache, { merchants = sets })
+    assert(first:load(MCHID))
+    assert(first:load("1900000002"))
+    -- the member hung (SIGSTOP): connections are taken, never answered
+    local m = c.members[1]
+    m.proc:kill(19)
+    local src = creds:source(cache, { merchants = sets, load_timeout = 2 })
+    local t0 = core.mono()
+    local a, aerr = src:load(MCHID)
+    local b, berr = src:load("1900000002")
+    local took = core.mono() - t0
+    m.proc:kill(18)
+    -- the member answers again: the watches take over from the cache
+    src:start()
+    local ok, err = pcall(servers.wait_for, function()
+      return src.sets[MCHID].watch ~= nil
+        and src.sets[MCHID].watch.connects >= 1
+    end, 15, "the watch once the member answers")
+    src:stop()
+    assert(a, tostring(aerr))
+    assert(b, tostring(berr))
+    assert.equal("AAAA01", a.serial)
+    assert.equal("BBBB02", b.serial)
+    assert(took < 3.5, ("two loads took %.1f s (load_timeout 2)"):format(took))
+    assert(ok, tostring(err))
+    assert(creds.cli:delete(P2, { prefix = true }))
+  end)
+
   it("a cache write that fails (disk full) keeps the previous cache",
      function()
     local mnt = dir .. "/tinyfs"
