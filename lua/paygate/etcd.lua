@@ -456,7 +456,10 @@ end
 --    { key = k, value = v }; all must hold for success to run.
 -- op: { put = k, value = v[, lease = id] }, { delete = k[, prefix = true] },
 --    { get = k }.
--- returns: { succeeded = bool, revision } or nil, err. yields.
+-- returns: { succeeded = bool, revision, responses } or nil, err, where
+-- responses[i] answers the i-th operation of the side that ran: a get's
+-- { kv = kv | nil (absent) }, a delete's { deleted = n }, a put's {}.
+-- yields.
 function Client:txn(t)
   if type(t) ~= "table" then
     error("etcd txn: the argument must be a table", 2)
@@ -490,7 +493,33 @@ function Client:txn(t)
   if not doc then return nil, err end
   local rev = header_rev(doc)
   if not rev then return bad_answer("txn") end
-  return { succeeded = doc.succeeded == true, revision = rev }
+  local succeeded = doc.succeeded == true
+  -- each operation's answer, in order (a get's kv was dropped: a get in
+  -- a transaction answered nothing)
+  local ops = t[succeeded and "success" or "failure"] or {}
+  local list = type(doc.responses) == "table" and doc.responses or {}
+  local responses = {}
+  for i, op in ipairs(ops) do
+    local r = type(list[i]) == "table" and list[i] or {}
+    if op.get ~= nil then
+      local range = r.response_range
+      if type(range) ~= "table" then return bad_answer("txn") end
+      local kv
+      if type(range.kvs) == "table" and range.kvs[1] ~= nil then
+        kv = kv_of(range.kvs[1])
+        if not kv then return bad_answer("txn") end
+        kv.revision = rev
+      end
+      responses[i] = { kv = kv }
+    elseif op.delete ~= nil then
+      local d = type(r.response_delete_range) == "table"
+                and r.response_delete_range or {}
+      responses[i] = { deleted = tonumber(rev_of(d.deleted)) or 0 }
+    else
+      responses[i] = {}
+    end
+  end
+  return { succeeded = succeeded, revision = rev, responses = responses }
 end
 
 --- syntax: ok, err = cli:cas(key, expected_mod_revision, value)

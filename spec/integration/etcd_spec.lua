@@ -160,6 +160,27 @@ describe("paygate.etcd", function()
       assert.is_false(r.succeeded)
       assert.equal("A", cli:get("/spec/tx/a").value)
       assert.is_nil(cli:get("/spec/tx/b"))
+      -- each operation's answer, in order: a get's kv (it was dropped)
+      assert(cli:put("/spec/tx/d", "D"))
+      r = assert(cli:txn{
+        compare = { { key = "/spec/tx/guard", value = "g" } },
+        success = { { get = "/spec/tx/a" }, { get = "/spec/tx/none" },
+                    { put = "/spec/tx/c", value = "C" },
+                    { delete = "/spec/tx/d" } } })
+      assert.is_true(r.succeeded)
+      assert.equal(4, #r.responses)
+      assert.equal("A", r.responses[1].kv.value)
+      assert.equal("/spec/tx/a", r.responses[1].kv.key)
+      assert.equal(r.revision, r.responses[1].kv.revision)
+      assert.is_nil(r.responses[2].kv)
+      assert.same({}, r.responses[3])
+      assert.equal(1, r.responses[4].deleted)
+      r = assert(cli:txn{
+        compare = { { key = "/spec/tx/guard", value = "other" } },
+        success = { { put = "/spec/tx/a", value = "Y" } },
+        failure = { { get = "/spec/tx/guard" } } })
+      assert.is_false(r.succeeded)
+      assert.equal("g", r.responses[1].kv.value)
     end)
 
     it("raises on misuse", function()
