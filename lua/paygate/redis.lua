@@ -374,9 +374,10 @@ local function move(self, ip, port, keep_backoff, fresh)
       return false, string.format("%s: not asked again for %.2f s (last"
         .. " check: %s)", key, w.next_at - now, w.why)
     end
+    local moves = self.moves
     local ok, why = is_master(self, ip, port)
-    if self.closed then
-      return false
+    if self.closed or (self.moves ~= moves and not fresh) then
+      return false                      -- overtaken (see follow_sentinels)
     end
     if not ok then
       local window = math.min(math.max((w and w.window or 0) * 2,
@@ -394,6 +395,7 @@ local function move(self, ip, port, keep_backoff, fresh)
   core.log(1, "redis: moving from " .. tostring(self.addr) .. ":"
            .. tostring(self.port) .. " to " .. ip .. ":" .. port)
   self.addr, self.port = ip, port
+  self.moves = (self.moves or 0) + 1
   self.h:set_addr(ip, port, keep_backoff)
   return true
 end
@@ -417,11 +419,18 @@ local function follow_switch(self, ip, port)
 end
 
 -- Moves to the best master the Sentinels name whose ROLE agrees; stays
--- when the current server ranks first among them.
+-- when the current server ranks first among them. A round that a move
+-- overtook (a +switch-master followed while a slow Sentinel was still
+-- answering, or another round) is dropped: its answers predate that
+-- move, and the old master they name may still say ROLE master for a
+-- few seconds after a failover (until the Sentinels demote it), so
+-- acting on them moved the client back to it.
 local function follow_sentinels(self)
+  local moves = self.moves
   local list = sentinel_masters(self)
   for _, c in ipairs(list or {}) do
-    if self.closed or (c.ip == self.addr and c.port == self.port) then
+    if self.closed or self.moves ~= moves
+       or (c.ip == self.addr and c.port == self.port) then
       return
     end
     if move(self, c.ip, c.port) then

@@ -5,6 +5,8 @@
 -- holds the subscription unanswered is left for the next, and with every
 -- Sentinel down (killed, or stopped) commands still fail at once; the
 -- client recovers by itself once a master answers again.
+-- A question to the Sentinels that a +switch-master overtook is not
+-- acted on (its answers name the old master, still up).
 local core = require "paygate.core"
 local redis = require "paygate.redis"
 local servers = require "spec.support.servers"
@@ -50,6 +52,41 @@ local function fake_sentinel(port, mport, epoch)
     return (proc.read(log) or ""):find("ready", 1, true)
   end, 10, "the fake Sentinel")
   return function() p:kill() os.remove(log) end
+end
+
+-- A Sentinel steered by files (spec/support/scripted_sentinel.py): it
+-- answers SENTINEL MASTER with the port and epoch written last, after a
+-- delay, and publishes a +switch-master when asked to. returns: an
+-- object with answer(delay, mport, epoch), publish(payload), asks()
+-- (SENTINEL MASTER questions so far) and stop().
+local function scripted_sentinel(port, delay, mport, epoch)
+  local dir = servers.mktemp()
+  local s = {}
+  local function put(name, text)
+    local f = assert(io.open(dir .. "/" .. name .. ".tmp", "w"))
+    f:write(text)
+    f:close()
+    assert(os.rename(dir .. "/" .. name .. ".tmp", dir .. "/" .. name))
+  end
+  function s.answer(d, p, e)
+    put("answer", d .. " " .. p .. " " .. e)
+  end
+  function s.publish(payload)
+    put("publish", payload)
+  end
+  function s.asks()
+    return #lines(dir .. "/log") - 1
+  end
+  s.answer(delay, mport, epoch)
+  local p = proc.spawn({ "python3", "spec/support/scripted_sentinel.py",
+                         tostring(port), dir }, { watchdog = true })
+  wait_for(function() return lines(dir .. "/log")[1] == "ready" end, 10,
+           "the scripted Sentinel")
+  function s.stop()
+    p:kill()
+    servers.sh("rm -rf " .. dir)
+  end
+  return s
 end
 
 -- GETs on r for secs, every one failing (the server is gone): each fails
@@ -166,6 +203,57 @@ describe("Redis through Sentinel, when the named server does not answer",
     wait_for(function() return r:call("SET", "k", "1") == "OK" end, 5,
              "the client to use the master again")
     r:close()
+  end)
+
+  it("a question to the Sentinels that was under way when the client"
+     .. " followed a +switch-master does not move it back to the old"
+     .. " master", function()
+    if not servers.redis then
+      pending("redis-server not installed")
+      return
+    end
+    -- the old master stays up and says ROLE master (a switchover: the
+    -- Sentinels demote it seconds after they announced the new one)
+    local old, new = servers.redis(), servers.redis()
+    local taken = { [old.port] = true, [new.port] = true }
+    local pa = sentinel.free_port_except(taken)
+    local pb = sentinel.free_port_except(taken)
+    local a = scripted_sentinel(pa, 0, old.port, 1)
+    local b = scripted_sentinel(pb, 0, old.port, 1)
+    finally(function() a.stop() b.stop() end)
+    -- a slow poll: only the subscription (on a, the first) and the
+    -- question after a failed command move the client
+    local r = assert(redis.connect("redis-sentinel://127.0.0.1:" .. pa
+      .. ",127.0.0.1:" .. pb .. "/mymaster", { sentinel_poll = 30,
+                                               timeout = 1 }))
+    finally(function() r:close() end)
+    assert.equal(old.port, r.port)
+    -- connect's question, and the one once a confirmed the subscription
+    wait_for(function() return a.asks() >= 2 and b.asks() >= 2 end, 10,
+             "the question after the subscription")
+    -- b now answers 1 s late (a Sentinel on a loaded or cut-off host);
+    -- a failed command (OOM: "unavailable") sets off a question
+    b.answer(1, old.port, 1)
+    assert.truthy(servers.redis_cli(old.port, "CONFIG SET maxmemory 1")
+                  :match("OK"))
+    local v, err = r:call("SET", "k", "v")
+    assert.is_nil(v)
+    assert.equal("OOM", err.code)
+    wait_for(function() return b.asks() >= 3 end, 10,
+             "the question to reach the slow Sentinel")
+    -- meanwhile: the failover, announced on the subscription
+    a.answer(0, new.port, 2)
+    a.publish("mymaster 127.0.0.1 " .. old.port .. " 127.0.0.1 "
+              .. new.port)
+    wait_for(function() return r.port == new.port end, 10,
+             "the client to follow +switch-master")
+    -- the question under way ends with what the Sentinels said before
+    -- the failover (the old master, epoch 1): the client stays
+    wait_for(function() return not r.refreshing end, 10,
+             "the question under way to end")
+    assert.equal(new.port, r.port)
+    assert.equal("OK", r:call("SET", "k", "v"))
+    assert.truthy(servers.redis_cli(new.port, "GET k"):match("^v"))
   end)
 end)
 
