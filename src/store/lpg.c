@@ -849,7 +849,7 @@ lost_msg(struct lpg_conn *c, const char *head, char *buf, size_t len)
     return buf;
 }
 
-#define LPG_LOST "postgres: connection lost (outcome unknown)"
+#define LPG_LOST "postgres: connection lost"
 
 /* Closes c and moves its in-flight ops to *out with the given error. */
 static void
