@@ -76,8 +76,23 @@ local function param_count(where, params, level)
   return n
 end
 
+-- The first of params' n values that is NaN (a number that is none: 0/0,
+-- math.huge - math.huge), or nil. SQLite binds a NaN as NULL, PostgreSQL
+-- keeps it in a float column: refused as misuse on both, nothing run.
+local function nan_param(where, params, n)
+  for i = 1, n do
+    local v = params[i]
+    if v ~= v then
+      return core.error("misuse", (where and where .. ": " or "")
+        .. "params[" .. i .. "] is NaN"
+        .. " (not a number; SQLite would bind NULL for it): nothing ran")
+    end
+  end
+end
+
 -- Raises at the caller of the public function `fname` (a method: level 3
 -- from here) unless sql is a string and params nil or a bindable array.
+-- returns: a misuse error for a NaN parameter (see nan_param), else nil.
 local function check_stmt(fname, sql, params)
   if type(sql) ~= "string" then
     error(fname .. ": sql must be a string", 3)
@@ -96,6 +111,7 @@ local function check_stmt(fname, sql, params)
             .. "; want a string, number, boolean or sql.null)", 3)
     end
   end
+  return nan_param(fname, params, n)
 end
 
 local function check_db(fname, self)
@@ -313,7 +329,10 @@ end
 -- reader thread; see docs/storage.md)
 function DB:query(sql, params)
   check_db("db:query", self)
-  check_stmt("db:query", sql, params)
+  local perr = check_stmt("db:query", sql, params)
+  if perr then
+    return nil, perr
+  end
   return self.h:query(sql, params)
 end
 
@@ -323,7 +342,10 @@ end
 -- yields: until committed (SQLite: together with its batch)
 function DB:exec(sql, params)
   check_db("db:exec", self)
-  check_stmt("db:exec", sql, params)
+  local perr = check_stmt("db:exec", sql, params)
+  if perr then
+    return nil, perr
+  end
   return self.h:exec(sql, params)
 end
 
@@ -417,7 +439,8 @@ local function bindable(v)
 end
 
 -- Checks db:atomic's statements and returns them in the drivers' shape
--- { { sql, params, expect = n }, ... } (names kept beside, for errors).
+-- { { sql, params, expect = n }, ... } (names kept beside, for errors),
+-- and the index and misuse error of the first with a NaN parameter.
 local function check_atomic(stmts)
   if type(stmts) ~= "table" then
     error("db:atomic: stmts must be an array of statements", 3)
@@ -427,7 +450,7 @@ local function check_atomic(stmts)
     error("db:atomic: want 1 to " .. ATOMIC_MAX .. " statements (got "
           .. n .. ")", 3)
   end
-  local list, names = {}, {}
+  local list, names, nan_at, nan_err = {}, {}, nil, nil
   for i = 1, n do
     local s = stmts[i]
     local where = "db:atomic: stmts[" .. i .. "]"
@@ -450,6 +473,10 @@ local function check_atomic(stmts)
                 .. " sql.null)", 3)
         end
       end
+      if not nan_at then
+        nan_err = nan_param(nil, params, np)
+        nan_at = nan_err and i
+      end
     end
     local expect = s.expect
     if expect ~= nil and (type(expect) ~= "number" or expect < 0
@@ -462,7 +489,7 @@ local function check_atomic(stmts)
     list[i] = { text, params, expect = expect }
     names[i] = s.name
   end
-  return list, names
+  return list, names, nan_at, nan_err
 end
 
 local function is_unique_violation(e)
@@ -565,7 +592,10 @@ end
 -- yields: until committed and durable
 function DB:atomic(stmts)
   check_db("db:atomic", self)
-  local list, names = check_atomic(stmts)
+  local list, names, nan_at, nan_err = check_atomic(stmts)
+  if nan_at then
+    return nil, atomic_error(list, names, nan_at, nan_err)
+  end
   if self.engine ~= "sqlite" then
     return atomic_pg(self, list, names)
   end
@@ -661,13 +691,19 @@ end
 -- transaction (see DB:transaction).
 function TX:query(sql, params)
   check_tx("tx:query", self)
-  check_stmt("tx:query", sql, params)
+  local perr = check_stmt("tx:query", sql, params)
+  if perr then
+    return nil, perr
+  end
   return self.h:tx_query(self.id, sql, params)
 end
 
 function TX:exec(sql, params)
   check_tx("tx:exec", self)
-  check_stmt("tx:exec", sql, params)
+  local perr = check_stmt("tx:exec", sql, params)
+  if perr then
+    return nil, perr
+  end
   return self.h:tx_exec(self.id, sql, params)
 end
 

@@ -424,6 +424,40 @@ for _, engine in ipairs(engines) do
         end
       end)
 
+      it("refuses a NaN parameter (misuse, nothing runs), never binding"
+         .. " NULL for it", function()
+        -- SQLite bound a NaN as NULL without a word; PostgreSQL stored it
+        -- in a float column, or failed an integer one as bad input
+        local nan = 0 / 0
+        local ins = "INSERT INTO t (v, n) VALUES ($1, $2)"
+        local function refused(what, r, err)
+          assert.is_nil(r, what)
+          assert.equal("misuse", err.kind, what)
+          assert.is_false(err.retryable, what)
+          assert.matches("params[2] is NaN", err.message, 1, true)
+        end
+        refused("exec", db:exec(ins, { "a", nan }))
+        refused("query", db:query("SELECT $1 AS a, $2 AS b", { 1, nan }))
+        refused("exec with n", db:exec(ins, { n = 2, sql.null, nan }))
+        local ok, err = db:transaction(function(tx)
+          refused("tx:exec", tx:exec(ins, { "b", nan }))
+          refused("tx:query", tx:query("SELECT $1 AS a, $2 AS b", { 1, nan }))
+          return true
+        end)
+        assert.is_true(ok, tostring(err))
+        local res, aerr = db:atomic({
+          { ins, { "c", 1 } }, { ins, { "d", nan } } })
+        refused("atomic", res, aerr)
+        assert.equal(2, aerr.index)
+        assert.same({ { c = 0 } },
+                    assert(db:query("SELECT count(*) AS c FROM t")))
+        -- the infinities are numbers each engine keeps as they are
+        local rows = assert(db:query("SELECT CAST($1 AS "
+          .. (engine == "sqlite" and "REAL" or "DOUBLE PRECISION")
+          .. ") AS a", { -1 / 0 }))
+        assert.equal(-1 / 0, rows[1].a)
+      end)
+
       it("returns integers past 2^53 exactly, as decimal strings", function()
         -- SQLite's last_id is the rowid: make id that rowid
         assert(db:exec_script("CREATE TABLE big (id "
