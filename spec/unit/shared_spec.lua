@@ -226,6 +226,34 @@ describe("paygate.shared", function()
       assert.equal(2, d:incr("c", 1))
     end)
 
+    it("refuses a sum past the largest number (overflow), the value kept",
+       function()
+      -- 1e308 + 1e308 is an infinity: stored, every incr after it answered
+      -- inf (or NaN) for good, from finite inputs the check above lets by
+      local d = fresh()
+      assert.equal(1e308, d:incr("c", 1e308, 0))
+      for _, by in ipairs({ 1e308, 1.7976931348623157e308 }) do
+        local v, err = d:incr("c", by)
+        assert.is_nil(v)
+        assert.equal("overflow", err.kind)
+        assert.matches("shared unit%d+ incr: the sum is past the largest"
+                       .. " number", err.message)
+        assert.equal(1e308, d:get("c"))
+      end
+      assert.equal(0, d:incr("c", -1e308))
+      assert.equal(-1e308, d:incr("c", -1e308))
+      local v, err = d:incr("c", -1e308)
+      assert.is_nil(v)
+      assert.equal("overflow", err.kind)
+      assert.equal(-1e308, d:get("c"))
+      -- a counter created from init + by is refused the same, and not made
+      v, err = d:incr("new", 1e308, 1e308)
+      assert.is_nil(v)
+      assert.equal("overflow", err.kind)
+      assert.is_nil(d:get("new"))
+      assert.equal(5, d:incr("new", 2, 3))
+    end)
+
     it("gives init_ttl to a counter it creates", function()
       local d = fresh()
       assert.equal(1, d:incr("c", 1, 0, 0.02))

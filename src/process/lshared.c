@@ -81,6 +81,10 @@ push_rc(lua_State *L, struct gw_shdict *d, enum gw_shd_rc rc,
     case GW_SHD_NOT_NUMBER:
         return gw_push_error(L, "not_a_number", 0, "shared %s %s: the value "
                              "is not a number", name, fn);
+    case GW_SHD_OVERFLOW:
+        return gw_push_error(L, "overflow", 0, "shared %s %s: the sum is "
+                             "past the largest number (the value is kept)",
+                             name, fn);
     default:
         return gw_push_error(L, "unavailable", 1, "shared %s %s: the lock is "
                              "broken", name, fn);
@@ -209,7 +213,8 @@ lshared_safe_add(lua_State *L)
 /*
  * syntax: n, err = d:incr(key, by[, init[, init_ttl]])
  * returns: the new number; nil, err (kind not_found without init,
- *          not_a_number). A missing key becomes init + by, with init_ttl.
+ *          not_a_number, overflow: the sum would be an infinity, nothing
+ *          changed). A missing key becomes init + by, with init_ttl.
  */
 static int
 lshared_incr(lua_State *L)

@@ -808,13 +808,19 @@ gw_shdict_incr(struct gw_shdict *d, const char *key, size_t klen, double by,
         } else {
             stream_io(d, e, off, &n, NULL, sizeof(n));
             n += by;
-            stream_io(d, e, off, NULL, &n, sizeof(n));
-            lru_unlink(d, e);
-            lru_push_head(d, e);
-            *out = n;
+            if (!isfinite(n)) {
+                rc = GW_SHD_OVERFLOW;
+            } else {
+                stream_io(d, e, off, NULL, &n, sizeof(n));
+                lru_unlink(d, e);
+                lru_push_head(d, e);
+                *out = n;
+            }
         }
     } else if (!has_init) {
         rc = GW_SHD_NOT_FOUND;
+    } else if (!isfinite(init + by)) {
+        rc = GW_SHD_OVERFLOW;
     } else {
         struct gw_shd_value v = { .type = GW_SHD_NUMBER, .n = init + by };
 

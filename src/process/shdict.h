@@ -42,6 +42,7 @@ enum gw_shd_rc {
     GW_SHD_EXISTS,          /* add: the key is there */
     GW_SHD_TOO_LARGE,       /* key or value over the limits */
     GW_SHD_NOT_NUMBER,      /* incr on a non-number */
+    GW_SHD_OVERFLOW,        /* incr: the sum is not finite */
     GW_SHD_NO_MEMORY,       /* safe add: no room without evicting */
     GW_SHD_BROKEN           /* the lock cannot be taken (never expected) */
 };
@@ -108,7 +109,9 @@ enum gw_shd_rc gw_shdict_set(struct gw_shdict *d, const char *key,
                              double ttl, int add);
 
 /* incr: value += by. A missing key is GW_SHD_NOT_FOUND unless has_init,
- * then it is created as init + by with ttl. The result goes to *out. */
+ * then it is created as init + by with ttl. The result goes to *out. A
+ * sum that is not finite (1e308 + 1e308) is GW_SHD_OVERFLOW: nothing is
+ * changed or created. */
 enum gw_shd_rc gw_shdict_incr(struct gw_shdict *d, const char *key,
                               size_t klen, double by, int has_init,
                               double init, double ttl, double *out);
