@@ -8,6 +8,16 @@ describe("core.event", function()
     assert.has_error(function() ev:wait(-1) end)
     assert.has_error(function() ev:wait("x") end)
     assert.has_error(function() coroutine.wrap(function() ev:wait(1) end)() end)
+    -- the message names the function however it was called (a tail call
+    -- or pcall(ev.wait, ...) gave "bad argument #2 to '?'")
+    for _, t in ipairs({ -1, 0 / 0, 1e9, "x", {} }) do
+      local ok, err = pcall(ev.wait, ev, t)
+      assert.is_false(ok)
+      assert.matches("^ev:wait: timeout must be a number of seconds from 0"
+                     .. " to 1e8", err)
+      ok, err = pcall(function() return ev:wait(t) end)
+      assert.matches("ev:wait: timeout must be", err, 1, true)
+    end
   end)
 
   it("wakes every waiter, on a later loop turn, never in the setter",

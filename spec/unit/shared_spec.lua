@@ -42,6 +42,23 @@ describe("paygate.shared", function()
                        .. " bytes (32k..4g)")
     end
     assert.truthy(shared.get_dict("num_ok", 65536))
+    -- a name that is no string: the message names the function however
+    -- it was called (pcall(shared.get_dict, {}) gave "bad argument #1 to
+    -- '?'")
+    for _, name in ipairs({ {}, true }) do
+      local ok, err = pcall(shared.get_dict, name)
+      assert.is_false(ok)
+      assert.matches("^shared.get_dict: name must be a string %(got a "
+                     .. type(name) .. "%)", err)
+      ok, err = pcall(function() return shared.get_dict(name) end)
+      assert.matches("shared.get_dict: name must be a string", err, 1, true)
+      ok, err = pcall(function() return shared[name] end)
+      assert.matches("shared.get_dict: name must be a string", err, 1, true)
+    end
+    local ok, err = pcall(shared.get_dict)
+    assert.is_false(ok)
+    assert.matches("^shared.get_dict: name must be a string %(got no value%)",
+                   err)
   end)
 
   it("always has the paygate dictionary, 8m by default", function()

@@ -829,9 +829,14 @@ levent_wait(lua_State *L)
     struct gw_evwaiter *w;
 
     if (!lua_isnoneornil(L, 2)) {
-        secs = luaL_checknumber(L, 2);
+        /* named here: luaL_argerror's "bad argument #2 to '?'" did not
+         * say which function, called as a tail call or through pcall */
+        secs = lua_isnumber(L, 2) ? lua_tonumber(L, 2) : -1;
         if (!(secs >= 0) || secs > GW_MAX_WAIT) {
-            return luaL_argerror(L, 2, "timeout must be between 0 and 1e8");
+            return luaL_error(L, "ev:wait: timeout must be a number of "
+                                 "seconds from 0 to 1e8 (got %s)",
+                              lua_isnumber(L, 2) ? lua_tostring(L, 2)
+                              : luaL_typename(L, 2));
         }
     }
     co = gw_co_current(L);          /* raises: before any allocation */

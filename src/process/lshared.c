@@ -299,10 +299,20 @@ static int
 lshared_get_dict(lua_State *L)
 {
     size_t nlen;
-    const char *name = luaL_checklstring(L, 1, &nlen);
+    const char *name;
     struct gw_shdict *d;
     struct gw_lshared *ud;
 
+    /* named here: luaL_checklstring's "bad argument #1 to '?'" did not
+     * say which function, called as a tail call, through pcall or as
+     * shared[name] */
+    if (!lua_isstring(L, 1)) {
+        return luaL_error(L, "shared.get_dict: name must be a string (got "
+                             "%s%s)", lua_isnone(L, 1) ? "" : "a ",
+                          lua_isnone(L, 1) ? "no value"
+                          : luaL_typename(L, 1));
+    }
+    name = lua_tolstring(L, 1, &nlen);
     if (memchr(name, '\0', nlen) != NULL) {
         /* cut at the NUL, it would be another dictionary */
         return luaL_error(L, "shared.get_dict: the name '%s' has a NUL "
