@@ -345,38 +345,30 @@ describe("paygate doctor", function()
       seen, out)
   end)
 
-  -- a key file this user may not read was told "point it at
-  -- apiclient_key.pem (a path)": the path was right, the user wrong.
-  -- Root reads a mode-000 file: then doctor runs as nobody (setpriv) on
-  -- root's mode-600 files, or the check is left pending, saying why.
-  it("says a key file it may not read is a matter of user or mode, not"
-     .. " of path", function()
-    local d = server.tmpdir()
-    local key, cert = d .. "/apiclient_key.pem", d .. "/apiclient_cert.pem"
-    write(key, diagpki.read(pki.merchant_key))
-    write(cert, diagpki.read(pki.merchant))
+  -- Runs doctor --json on wc as a user that may not read `files`: root
+  -- reads a mode-000 file, so then as nobody (setpriv) on root's mode-600
+  -- files (the others in d readable). returns: the exit code, the output and the first result of
+  -- each kind; nil when neither can be arranged (the caller is pending).
+  local function doctor_denied(d, wc, files)
     local path = d .. "/doctor.lua"
-    write(path, "return " .. lua_literal{ wechatpay = {
-      mchid = "1900000001", merchant_private_key = key,
-      merchant_certificate = cert, base_url = app:url(""),
-      apiv3_key = "0123456789abcdefghijABCDEFGHIJkl" } })
+    write(path, "return " .. lua_literal{ wechatpay = wc })
     local argv = { PAYGATE_BIN, "doctor", "--json", "--config", path }
     local _, uid = proc.run({ "id", "-u" })
     if uid:match("^0%s") then
       if os.execute("command -v setpriv >/dev/null") ~= 0 then
-        pending("running as root without setpriv: root reads a mode-000"
-                .. " file, so there is no EACCES to see")
-        return
+        return nil
       end
-      -- nobody goes through the folder and reads the configuration only
-      assert(os.execute(("chmod 711 %s && chmod 644 %s && chmod 600 %s %s")
-        :format(d, path, key, cert)) == 0)
+      -- nobody goes through the folder and reads every file in it but
+      -- `files`
+      assert(os.execute(("chmod 711 %s && chmod 644 %s/* && chmod 600 %s")
+        :format(d, d, table.concat(files, " "))) == 0)
       for i, a in ipairs({ "setpriv", "--reuid=65534", "--regid=65534",
                            "--clear-groups" }) do
         table.insert(argv, i, a)
       end
     else
-      assert(os.execute(("chmod 000 %s %s"):format(key, cert)) == 0)
+      assert(os.execute(("chmod 000 %s"):format(table.concat(files, " ")))
+             == 0)
     end
     local p = proc.spawn(argv, { log = d .. "/out" })
     local code = p:wait(60)
@@ -387,6 +379,27 @@ describe("paygate doctor", function()
       local x = line:sub(1, 1) == "{" and json.decode(line)
       if type(x) == "table" and x.kind then r[x.kind] = r[x.kind] or x end
     end
+    return code, out, r
+  end
+
+  local NO_SETPRIV = "running as root without setpriv: root reads a"
+    .. " mode-000 file, so there is no EACCES to see"
+
+  -- a key file this user may not read was told "point it at
+  -- apiclient_key.pem (a path)": the path was right, the user wrong.
+  -- Root reads a mode-000 file: then doctor runs as nobody (setpriv) on
+  -- root's mode-600 files, or the check is left pending, saying why.
+  it("says a key file it may not read is a matter of user or mode, not"
+     .. " of path", function()
+    local d = server.tmpdir()
+    local key, cert = d .. "/apiclient_key.pem", d .. "/apiclient_cert.pem"
+    write(key, diagpki.read(pki.merchant_key))
+    write(cert, diagpki.read(pki.merchant))
+    local code, out, r = doctor_denied(d, {
+      mchid = "1900000001", merchant_private_key = key,
+      merchant_certificate = cert, base_url = app:url(""),
+      apiv3_key = "0123456789abcdefghijABCDEFGHIJkl" }, { key, cert })
+    if not code then pending(NO_SETPRIV) return end
     assert.equal(1, code, out)
     for _, kind in ipairs({ "merchant_key", "merchant_certificate" }) do
       local x = r[kind]
@@ -396,6 +409,34 @@ describe("paygate doctor", function()
                      x.fix, 1, true)
       assert.is_nil(x.fix:find("point it at", 1, true), x.fix)
     end
+    -- the client's own check of the configuration fails on the same
+    -- file: its fix was a bare "fix wechatpay.merchant_private_key"
+    local x = r.wechatpay_config
+    assert.equal("fail", x and x.status, out)
+    assert.matches("run paygate doctor as the user the gateway runs as",
+                   x.fix, 1, true)
+  end)
+
+  it("says a platform certificate file it may not read is a matter of"
+     .. " user or mode", function()
+    local d = server.tmpdir()
+    local f = {}
+    for _, k in ipairs({ "platform", "merchant_key", "merchant", "root" }) do
+      f[k] = d .. "/" .. k .. ".pem"
+      write(f[k], diagpki.read(pki[k]))
+    end
+    local code, out, r = doctor_denied(d, {
+      mchid = "1900000001", merchant_private_key = f.merchant_key,
+      merchant_certificate = f.merchant, base_url = app:url(""),
+      ca_file = f.root, platform_certificates = { f.platform },
+      apiv3_key = "0123456789abcdefghijABCDEFGHIJkl" }, { f.platform })
+    if not code then pending(NO_SETPRIV) return end
+    assert.equal(1, code, out)
+    local x = r.wechatpay_config
+    assert.equal("fail", x and x.status, out)
+    assert.matches("Permission denied", x.cause, 1, true)
+    assert.matches("run paygate doctor as the user the gateway runs as",
+                   x.fix, 1, true)
   end)
 
   it("keeps a driver's multi-line message on one line", function()

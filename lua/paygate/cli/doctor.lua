@@ -391,6 +391,9 @@ local function check_keys(out, wc, now, expiring, conf)
   local key, cert
   local pem, why, denied = material(wc.merchant_private_key,
                                     prefix .. "merchant_private_key")
+  -- the keys whose file this user may not read: the client's own check
+  -- below fails on them too, and its fix is then DENIED_FIX as well
+  local denied_keys = { merchant_private_key = denied }
   if not pem then
     -- (absent: material() gives no reason, and the line read "nil")
     out:fail("merchant_key", why or (prefix .. "merchant_private_key is"
@@ -423,6 +426,7 @@ local function check_keys(out, wc, now, expiring, conf)
   if wc.merchant_certificate then
     pem, why, denied = material(wc.merchant_certificate,
                                 prefix .. "merchant_certificate")
+    denied_keys.merchant_certificate = denied
     cert = pem and crypto.certificate(pem)
     if not cert then
       out:fail("merchant_certificate", "merchant_certificate does not load: "
@@ -450,8 +454,12 @@ local function check_keys(out, wc, now, expiring, conf)
   end
   -- WeChat Pay's public key, not the merchant's own (both are "a public
   -- key" in a PEM file: the merchant platform offers both for download)
-  local ppem = key and wc.public_key ~= nil
-               and material(wc.public_key, prefix .. "public_key")
+  local ppem
+  if wc.public_key ~= nil then
+    local pp, _, pdenied = material(wc.public_key, prefix .. "public_key")
+    denied_keys.public_key = pdenied
+    ppem = key and pp
+  end
   local pub = ppem and crypto.public_key(ppem)
   if pub and crypto.check_pair(key, pub) then
     out:fail("public_key", "public_key is the merchant's own public key "
@@ -532,7 +540,9 @@ local function check_keys(out, wc, now, expiring, conf)
   local mserial = type(serial) == "string" and serial:upper():gsub("^0+", "")
                   or cert and cert:serial():gsub("^0+", "")
   for i, v in ipairs(type(pcs) == "table" and pcs or {}) do
-    local p = material(v, prefix .. "platform_certificates")
+    local p, _, pdenied = material(v, prefix .. "platform_certificates")
+    denied_keys.platform_certificates = denied_keys.platform_certificates
+                                        or pdenied
     local name = "platform_certificates[" .. i .. "]"
                  .. (type(v) == "string" and not v:find("-----BEGIN", 1, true)
                      and " (" .. common.shown(v) .. ")" or "")
@@ -584,7 +594,8 @@ local function check_keys(out, wc, now, expiring, conf)
           and name .. msg:sub(#("wechatpay." .. tostring(err.key)) + 1)
           or (msg:gsub("^wechatpay%.", prefix))
     out:fail("wechatpay_config", msg, nil,
-             misplaced and "fix platform_certificates (see above)"
+             denied_keys[err.key] and DENIED_FIX
+             or misplaced and "fix platform_certificates (see above)"
              or "fix " .. name)
   end
   return c
