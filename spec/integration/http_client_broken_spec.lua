@@ -98,6 +98,26 @@ describe("paygate.http.request facing a broken server", function()
       assert.is_nil(h["x-b"])
     end
   end)
+
+  it("joins a folded header line (obs-fold) to its field with one space"
+     .. " (RFC 9112 5.2)", function()
+    -- the continuation was dropped ("X-A: one" read as "one"), or read as
+    -- a field of its own when it held a colon ("\tthree: 3" as a header
+    -- named "\tthree")
+    for _, sink in ipairs({ false, true }) do
+      local got
+      local res = assert(paygate.http.request{ url = url("/fold"),
+        sink = sink and function() end or nil,
+        on_headers = sink and function(_, h) got = h end or nil })
+      local h = sink and got or res.headers
+      assert.equal("one two three: 3, again more", h["x-a"])
+      assert.equal("b", h["x-b"])
+      local names = {}
+      for k in pairs(h) do names[#names + 1] = k end
+      table.sort(names)
+      assert.same({ "content-length", "x-a", "x-b" }, names)
+    end
+  end)
 end)
 
 describe("paygate.http.request on a keep-alive connection with bytes that"

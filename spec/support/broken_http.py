@@ -11,6 +11,8 @@
 #                "sent stale"; keeps serving
 #   /barecr      200 "ok" with a header line holding a bare CR:
 #                "X-A: a\rX-B: b"
+#   /fold        200 "ok" with folded header lines (obs-fold): "X-A: one",
+#                "  two", "\tthree: 3", "X-B: b", "X-A: again", " more"
 #   /twolengths  a 200 with Content-Length 2 and Content-Length 40, then
 #                40 bytes ("ok" and a second answer's head)
 #   /switch      101 Switching Protocols (asked by no request), then
@@ -37,6 +39,11 @@ def answer(c):
             return
         if path == "/barecr":
             c.sendall(b"HTTP/1.1 200 OK\r\nX-A: a\rX-B: b\r\n"
+                      b"Content-Length: 2\r\n\r\nok")
+            continue
+        if path == "/fold":
+            c.sendall(b"HTTP/1.1 200 OK\r\nX-A: one\r\n  two\r\n"
+                      b"\tthree: 3\r\nX-B: b\r\nX-A: again\r\n more \r\n"
                       b"Content-Length: 2\r\n\r\nok")
             continue
         if path == "/twolengths":

@@ -640,6 +640,8 @@ static void
 push_headers(lua_State *L, struct gw_http_op *op)
 {
     size_t i = 0;
+    char   last[256];               /* the field a folded line goes on */
+    size_t last_len = 0;            /* 0: none yet */
 
     lua_newtable(L);
     while (i < op->hlen) {
@@ -652,6 +654,31 @@ push_headers(lua_State *L, struct gw_http_op *op)
         if (ll > 0 && line[ll - 1] == '\r') {
             ll--;
         }
+        /* obs-fold: a line that begins with a space or a tab goes on the
+         * field before it, joined with one space (RFC 9112 5.2); libcurl
+         * (7.88) hands it over as a line of its own, which was dropped,
+         * or read as a field when it held a colon */
+        if (ll > 0 && (line[0] == ' ' || line[0] == '\t')) {
+            const char *v = line, *ve = line + ll;
+
+            while (v < ve && (*v == ' ' || *v == '\t')) {
+                v++;
+            }
+            while (ve > v && (ve[-1] == ' ' || ve[-1] == '\t')) {
+                ve--;
+            }
+            if (last_len > 0 && ve > v) {
+                lua_pushlstring(L, last, last_len);
+                lua_pushvalue(L, -1);
+                lua_rawget(L, -3);
+                lua_pushliteral(L, " ");
+                push_value(L, v, (size_t) (ve - v));
+                lua_concat(L, 3);
+                lua_rawset(L, -3);
+            }
+            continue;
+        }
+        last_len = 0;
         /* (a status line; a header line may be shorter than "HTTP/": a
          * last line "a:" at the buffer's end) */
         if (colon == NULL || colon == line
@@ -680,6 +707,8 @@ push_headers(lua_State *L, struct gw_http_op *op)
             while (ve > v && (ve[-1] == ' ' || ve[-1] == '\t')) {
                 ve--;
             }
+            memcpy(last, name, nl_);
+            last_len = nl_;
             lua_pushlstring(L, name, nl_);
             lua_pushvalue(L, -1);
             lua_rawget(L, -3);
