@@ -394,6 +394,47 @@ local function about(d)
   return d.out_trade_no or r.out_trade_no, d.out_refund_no or r.out_refund_no
 end
 
+local SEEN_MAX = 3          -- deliveries a failed wait shows
+local SEEN_ATTEMPTS = 4     -- the last attempts shown of each
+local SEEN_BYTES = 1000     -- of each delivery shown
+local LABELS_MAX = 24       -- answers listed
+
+-- What a failed wait shows of the deliveries it saw: the first
+-- SEEN_MAX, each without its resource (the plaintext transaction), with
+-- its last SEEN_ATTEMPTS attempts (n, when, the answer or the error) and
+-- at most SEEN_BYTES; how many others matched. Whole, every delivery with
+-- its up to 16 attempts ran to pages.
+local function seen_shown(seen)
+  local out = {}
+  for i = 1, math.min(#seen, SEEN_MAX) do
+    local d, c = seen[i], {}
+    for k, v in pairs(d) do
+      if k ~= "resource" and k ~= "payload" and k ~= "attempts" then
+        c[k] = v
+      end
+    end
+    local as = type(d.attempts) == "table" and d.attempts or {}
+    c.attempts = {}
+    for j = math.max(1, #as - SEEN_ATTEMPTS + 1), #as do
+      local a = as[j]
+      c.attempts[#c.attempts + 1] = type(a) ~= "table" and a
+        or { n = a.n, at = a.at, status = a.status, error = a.error,
+             fault = a.fault, duplicate = a.duplicate }
+    end
+    if #as > SEEN_ATTEMPTS then
+      c.attempts_not_shown = #as - SEEN_ATTEMPTS
+    end
+    local one = shown(c)
+    if #one > SEEN_BYTES then
+      one = one:sub(1, SEEN_BYTES) .. "...(cut)"
+    end
+    out[i] = one
+  end
+  return "[" .. table.concat(out, ",") .. "]"
+    .. (#seen > SEEN_MAX and " (" .. (#seen - SEEN_MAX)
+        .. " more matching deliveries not shown)" or "")
+end
+
 local function delivered(d)
   if d.delivered ~= nil then return d.delivered == true end
   for _, a in ipairs(d.attempts or {}) do
@@ -534,7 +575,8 @@ function Sim:wait_notification(match, opts)
           .. ") to every attempt (" .. #labels .. ")"
       else
         what = "the app's answers to its " .. #labels .. " attempts: "
-          .. table.concat(labels, ", ")
+          .. table.concat(labels, ", ", 1, math.min(#labels, LABELS_MAX))
+          .. (#labels > LABELS_MAX and ", ..." or "")
       end
       -- the log of the app the kit started at notify_url: why it failed
       local log
@@ -570,7 +612,7 @@ function Sim:wait_notification(match, opts)
   error("testing: no " .. (opts.attempts and (opts.attempts .. " attempts")
         or "acknowledged delivery") .. " of a notification matching "
         .. shown(match) .. " in " .. timeout .. " s" .. answered .. hint
-        .. "; seen: " .. shown(seen), 2)
+        .. "; seen: " .. seen_shown(seen or {}), 2)
 end
 
 --- syntax: d = sim:pay_and_wait(out_trade_no[, opts])

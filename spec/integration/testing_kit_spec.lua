@@ -487,6 +487,38 @@ end)]] }
     assert.is_true(#err < 16000, #err .. " bytes")
   end)
 
+  -- every matching delivery was shown whole (its resource, each of up to
+  -- 16 attempts): a wait on many pages of output
+  it("shows a bounded part of what it saw when many deliveries match",
+     function()
+    local nos = {}
+    for i = 1, 12 do
+      nos[i] = sim:order{ notify_url = app:url("/fail"), total = 5 }
+      sim:pay(nos[i])
+    end
+    for i = 1, 12 do sim:wait_notification(nos[i], { attempts = 2 }) end
+    local ok, err = pcall(sim.wait_notification, sim,
+      { state = "pending", event_type = "TRANSACTION.SUCCESS" },
+      { timeout = 0.5 })
+    assert.is_false(ok)
+    assert.matches("no acknowledged delivery", err, 1, true)
+    assert.matches('"status":500', err, 1, true)
+    -- (12 of this it's, and any an earlier it left pending)
+    local more = tonumber(err:match("(%d+) more matching deliveries not"
+                                    .. " shown"))
+    assert.is_true(more and more >= 9, err)
+    -- (the end of the app's log before it is bounded on its own: 4 KB)
+    local seen = assert(err:match("; seen: (.*)$"))
+    assert.is_true(#seen < 3500, #seen .. " bytes")
+    -- one delivery with many attempts: its last ones, bounded
+    ok, err = pcall(sim.wait_notification, sim, nos[1], { timeout = 0.5 })
+    assert.is_false(ok)
+    assert.matches('"status":500', err, 1, true)
+    seen = assert(err:match("; seen: (.*)$"))
+    assert.is_true(#seen < 1200, #seen .. " bytes")
+    assert.matches(nos[1], seen, 1, true)
+  end)
+
   it("says a notify_url without a route is the URL's fault", function()
     local no = sim:order{ notify_url = app:url("/no/such/route") }
     sim:pay(no)
