@@ -9,6 +9,7 @@
 --     examples/gateway/spec/openapi_live_spec.lua
 local S = require "examples.gateway.spec.support"
 local json = require "paygate.json"
+local paygate = require "paygate"
 
 local doc = assert(json.decode(S.read("examples/gateway/openapi.json")))
 
@@ -29,7 +30,11 @@ local function validate(v, s, path, errs)
   if v == json.null then
     local ok = s.nullable
     for _, e in ipairs(s.enum or {}) do ok = ok or e == json.null end
-    if not ok and not s.allOf and not s.oneOf then
+    -- (an allOf wrapper takes null when it, or what it wraps, says so)
+    for _, sub in ipairs(s.allOf or {}) do
+      ok = ok or (sub["$ref"] and resolve(sub["$ref"]) or sub).nullable
+    end
+    if not ok and not s.oneOf then
       errs[#errs + 1] = path .. ": null, not nullable"
     end
     return
@@ -92,12 +97,27 @@ local function validate(v, s, path, errs)
   end
 end
 
+-- the gateway's own response headers: an answer that carries one must be
+-- documented with it (a client generated from the contract reads only
+-- those it names)
+local CONTRACT_HEADERS = { "retry-after", "idempotent-replayed" }
+
 -- asserts res is an answer the contract documents for `method template`
 local function conforms(res, method, template)
   local op = assert(doc.paths[template][method:lower()], template)
   local r = op.responses[tostring(res.status)]
   assert(r, method .. " " .. template .. ": status " .. res.status
          .. " is not documented: " .. tostring(res.body))
+  for _, h in ipairs(CONTRACT_HEADERS) do
+    if res.headers[h] then
+      local named = false
+      for name in pairs(r.headers or {}) do
+        named = named or name:lower() == h
+      end
+      assert(named, method .. " " .. template .. " " .. res.status
+             .. ": header " .. h .. " is not documented")
+    end
+  end
   local schema = r.content["application/json"].schema
   assert(res.json, "not JSON: " .. tostring(res.body))
   local errs = {}
@@ -105,6 +125,15 @@ local function conforms(res, method, template)
   assert(#errs == 0, method .. " " .. template .. " " .. res.status .. ": "
          .. table.concat(errs, "; ") .. "\n" .. tostring(res.body))
   return res.json
+end
+
+-- asserts the request body b fits the contract's requestBody schema
+local function request_fits(b, method, template)
+  local op = assert(doc.paths[template][method:lower()], template)
+  local errs = {}
+  validate(b, op.requestBody.content["application/json"].schema, "$", errs)
+  assert(#errs == 0, method .. " " .. template .. " request: "
+         .. table.concat(errs, "; "))
 end
 
 describe("the gateway's answers fit openapi.json", function()
@@ -148,6 +177,76 @@ describe("the gateway's answers fit openapi.json", function()
     conforms(res, "POST", "/v1/payments/{id}/attempts")
     conforms(env:api("GET", "/v1/payments/pay_none"), "GET",
              "/v1/payments/{id}")
+  end)
+
+  -- the gateway takes null for an optional field of another channel (as
+  -- one body sent for every channel has it): the contract says so
+  it("null payer, client_ip and h5_type: taken, and in the contract",
+     function()
+    local nulls = { payer = json.null, client_ip = json.null,
+                    h5_type = json.null }
+    local b = { order_id = S.order_id(), channel = "native", amount = 100,
+                description = "openapi" }
+    for k, v in pairs(nulls) do b[k] = v end
+    request_fits(b, "POST", "/v1/payments")
+    local res = env:api("POST", "/v1/payments", b)
+    assert.equal(201, res.status, res.body)
+    local id = conforms(res, "POST", "/v1/payments").payment.id
+    local a = { channel = "native" }
+    for k, v in pairs(nulls) do a[k] = v end
+    request_fits(a, "POST", "/v1/payments/{id}/attempts")
+    res = env:api("POST", "/v1/payments/" .. id .. "/attempts", a)
+    assert.equal(201, res.status, res.body)
+    conforms(res, "POST", "/v1/payments/{id}/attempts")
+  end)
+
+  it("replays, and the 409 of a key still running, with their headers",
+     function()
+    -- a replay of each kind of kept answer carries Idempotent-Replayed
+    local function twice(path, body, status)
+      local key = "k-" .. S.order_id()
+      local first = env:api("POST", path, body, { key = key })
+      assert.equal(status, first.status, first.body)
+      local again = env:api("POST", path, body, { key = key })
+      assert.equal(first.body, again.body)
+      assert.equal("true", again.headers["idempotent-replayed"])
+      conforms(again, "POST", (path:gsub("pay_[%w_]+", "{id}")))
+    end
+    local p = env:paid_payment()
+    twice("/v1/payments/" .. p.id .. "/refunds", { amount = 1000 }, 422)
+    twice("/v1/payments/" .. p.id .. "/refunds", { amount = 10 }, 201)
+    twice("/v1/payments/" .. p.id .. "/attempts", { channel = "native" },
+          409)
+    twice("/v1/payments/pay_none/close", nil, 404)
+    twice("/v1/payments/pay_none/attempts", { channel = "native" }, 404)
+    twice("/v1/payments", { order_id = p.order_id, channel = "native",
+                            amount = 1, description = "other" }, 409)
+    -- WeChat refusing a refund: the 502 is kept (a fact, not run again)
+    env.sim:fault{ endpoint = "refund", kind = "error", status = 403,
+                   code = "NOT_ENOUGH", count = 1 }
+    twice("/v1/payments/" .. p.id .. "/refunds", { amount = 1 }, 502)
+    -- the same key while the first still runs: 409 with Retry-After
+    local f = env.sim:fault{ endpoint = "prepay", kind = "latency",
+                             seconds = 2, count = 1 }
+    local b = { order_id = S.order_id(), channel = "native", amount = 100,
+                description = "openapi" }
+    local key, first = "k-" .. S.order_id(), nil
+    paygate.spawn(function()
+      first = env:api("POST", "/v1/payments", b, { key = key })
+    end)
+    S.wait_until(function()
+      for _, x in ipairs(env.sim:control("GET", "/sim/faults")) do
+        if x.id == f.id and (x.fired or 0) >= 1 then return true end
+      end
+      return false
+    end, 10, "the slow prepay")
+    local second = env:api("POST", "/v1/payments", b, { key = key })
+    assert.equal(409, second.status, second.body)
+    assert.equal("idempotency_in_flight", second.json.error)
+    assert.matches("^%d+$", second.headers["retry-after"] or "")
+    conforms(second, "POST", "/v1/payments")
+    S.wait_until(function() return first ~= nil end, 15, "the first answer")
+    conforms(first, "POST", "/v1/payments")
   end)
 
   it("refunds: made, refused, listed, got", function()
