@@ -15,7 +15,7 @@ return {
     -- admin_token_file = "/etc/paygate/admin.token",
     webhooks = {
       -- { url = "https://merchant.example/paygate/events",
-      --   secret_env = "PAYGATE_WEBHOOK_SECRET" },
+      --   secret_env = "PAYGATE_WEBHOOK_SECRET" },   -- 32 bytes at least
     },
     -- redis_stream = { stream = "paygate:events" },
     -- dispatcher = { max_attempts = 20 },  -- paygate.outbox dispatcher options

@@ -284,6 +284,7 @@ local function only(t, keys, where)
   return true
 end
 
+local WEBHOOK_SECRET_MIN = 32      -- bytes, without surrounding whitespace
 local WEBHOOK_KEYS = { url = true, secret = true, secret_file = true,
   secret_env = true, types = true, name = true, timeout = true,
   headers = true, ca_file = true }
@@ -341,6 +342,14 @@ local function check_webhooks(list)
     if s == false then return nil, "config." .. why end
     if s == nil then
       return fail(where .. "secret_file", "give secret_file or secret_env")
+    end
+    -- the HMAC-SHA256 key of every delivery: a short one is guessed (its
+    -- length only is told, never the secret)
+    if #s < WEBHOOK_SECRET_MIN then
+      return fail(where .. (w.secret_env ~= nil and "secret_env"
+                            or "secret_file"), "the secret is " .. #s
+        .. " bytes; it must be at least " .. WEBHOOK_SECRET_MIN
+        .. " (e.g. head -c 32 /dev/urandom | base64 > FILE)")
     end
     if w.types ~= nil then
       if type(w.types) ~= "table" then

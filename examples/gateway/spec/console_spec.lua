@@ -137,7 +137,7 @@ describe("gateway console", function()
     sim = testing.simulator{ time_scale = 100 }
     rcv = testing.start_app{ source = RECEIVER }
     local secret = rcv.dir .. "/wh.secret"
-    write(secret, "whsec-spec\n")
+    write(secret, "whsec-spec-0123456789abcdefghijklmn\n")
     gw = core.start(sim, { gateway = {
       console = { access = "loopback" },
       reconcile = { enabled = false },

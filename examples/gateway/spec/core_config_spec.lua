@@ -10,6 +10,10 @@ package.path = "examples/gateway/?.lua;" .. package.path
 local config = require "gw.config"
 
 
+
+-- a webhook secret of the 32 bytes the gateway wants at least
+local WH_SECRET = "whsec-1-0123456789abcdefghijklmnop"
+
 describe("gateway config", function()
   local m, dir, key
 
@@ -215,7 +219,7 @@ describe("gateway config", function()
 
   it("refuses a webhook event type that does not exist, and a name"
      .. " taken twice", function()
-    write(dir .. "/wh.secret", "whsec-1\n")
+    write(dir .. "/wh.secret", WH_SECRET .. "\n")
     -- before: a typo in types silently filtered out every event
     expect_refused({ gateway = { db = "sqlite:" .. dir .. "/a.db",
       webhooks = { { url = "http://127.0.0.1:1/h",
@@ -311,26 +315,37 @@ describe("gateway config", function()
     end)
 
     it("reads webhook secrets from files or the environment", function()
-      write(dir .. "/wh.secret", "whsec-1\n")
+      write(dir .. "/wh.secret", WH_SECRET .. "\n")
       local cfg = assert(config.check({ gateway = {
         db = "sqlite:" .. dir .. "/a.db",
         webhooks = { { url = "http://127.0.0.1:1/h",
                        secret_file = dir .. "/wh.secret" } } },
         merchants = { merchant() } }))
-      assert.equal("whsec-1", cfg.gateway.webhooks[1].secret)
+      assert.equal(WH_SECRET, cfg.gateway.webhooks[1].secret)
+      -- a secret shorter than 32 bytes (the doc's floor for an HMAC-SHA256
+      -- key) was taken, down to one byte: refused, by its length only
+      write(dir .. "/short.secret", "whsec-1\n")
+      local _, short = config.check({ gateway = {
+        db = "sqlite:" .. dir .. "/a.db",
+        webhooks = { { url = "http://127.0.0.1:1/h",
+                       secret_file = dir .. "/short.secret" } } },
+        merchants = { merchant() } })
+      assert.equal("config.gateway.webhooks[1].secret_file: the secret is 7"
+        .. " bytes; it must be at least 32 (e.g. head -c 32 /dev/urandom |"
+        .. " base64 > FILE)", short)
       -- a variable made from a file keeps its newline (a Kubernetes
       -- secret, an env file): it is dropped as the file's is (before, the
       -- gateway signed with it and a receiver that stripped it as the
       -- docs say refused every delivery: bad_signature)
       local ffi = require "ffi"
       pcall(ffi.cdef, "int setenv(const char *, const char *, int);")
-      ffi.C.setenv("GW_SPEC_WH_SECRET", " whsec-2\n", 1)
+      ffi.C.setenv("GW_SPEC_WH_SECRET", " " .. WH_SECRET .. "-2\n", 1)
       cfg = assert(config.check({ gateway = {
         db = "sqlite:" .. dir .. "/a.db",
         webhooks = { { url = "http://127.0.0.1:1/h",
                        secret_env = "GW_SPEC_WH_SECRET" } } },
         merchants = { merchant() } }))
-      assert.equal("whsec-2", cfg.gateway.webhooks[1].secret)
+      assert.equal(WH_SECRET .. "-2", cfg.gateway.webhooks[1].secret)
       ffi.C.setenv("GW_SPEC_WH_SECRET", " \n", 1)
       local _, blank = config.check({ gateway = {
         db = "sqlite:" .. dir .. "/a.db",
@@ -349,7 +364,7 @@ describe("gateway config", function()
 
     it("refuses a sink's unknown key, and a webhook list without its"
        .. " brackets", function()
-      write(dir .. "/wh.secret", "whsec-1\n")
+      write(dir .. "/wh.secret", WH_SECRET .. "\n")
       local function why_of(g)
         g.db = "sqlite:" .. dir .. "/a.db"
         local _, why = config.check({ gateway = g, merchants = { merchant() } })
@@ -394,7 +409,7 @@ describe("gateway config", function()
 
     it("refuses a webhook timeout or a stream maxlen that is not a number"
        .. " in range", function()
-      write(dir .. "/wh.secret", "whsec-1\n")
+      write(dir .. "/wh.secret", WH_SECRET .. "\n")
       for _, t in ipairs({ "5", -1, 0, 1 / 0, 0 / 0 }) do
         local _, why = config.check({ gateway = {
           db = "sqlite:" .. dir .. "/a.db",
@@ -529,7 +544,7 @@ describe("gateway config", function()
 
     it("refuses a URL with user info (a password, or a host that only"
        .. " looks like loopback)", function()
-      write(dir .. "/wh.secret", "whsec-1\n")
+      write(dir .. "/wh.secret", WH_SECRET .. "\n")
       local _, why = config.check({ gateway = {
         db = "sqlite:" .. dir .. "/a.db",
         public_url = "http://localhost:80@pay.example/" },

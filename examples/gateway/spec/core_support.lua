@@ -84,7 +84,7 @@ end
 
 --------------------------------------------------- a webhook receiver
 
--- Checks each delivery's Paygate-Signature against "whsec-spec" (401 if
+-- Checks each delivery's Paygate-Signature against the secret below (401 if
 -- it does not verify) and answers /hook with the status last POSTed to
 -- /mode (204 at first); keeps the events it answered 204.
 --   GET /got: the kept events' bodies, a JSON array, in arrival order.
@@ -97,7 +97,7 @@ paygate.route("POST", "/mode", function(req)
   return 204
 end)
 paygate.route("POST", "/hook", function(req)
-  local ok = outbox.verify_webhook("whsec-spec",
+  local ok = outbox.verify_webhook("whsec-spec-0123456789abcdefghijklmn",
                                    req:header("Paygate-Signature"), req.body)
   if not ok then return 401 end
   local mode = d:get("mode") or 204
@@ -120,7 +120,7 @@ end)
 function _M.receiver()
   local rcv = testing.start_app{ source = RECEIVER }
   rcv.secret_file = rcv.dir .. "/wh.secret"
-  write(rcv.secret_file, "whsec-spec\n")
+  write(rcv.secret_file, "whsec-spec-0123456789abcdefghijklmn\n")
   return rcv
 end
 

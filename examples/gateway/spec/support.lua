@@ -123,7 +123,7 @@ function S.start(o)
                platform_certificate = env.platform.certificate },
   }
   env.m = env.sim.merchant
-  env.hook_secret = "whsec_" .. crypto.random_nonce(24)
+  env.hook_secret = "whsec_" .. crypto.random_nonce(32)
   env.hook = testing.start_app{ source = S.RECEIVER,
                                 config = { secret = env.hook_secret } }
   if o.db == "postgres" then
