@@ -6,6 +6,16 @@ describe("paygate.sleep", function()
   it("rejects a negative or non-number duration", function()
     assert.has_error(function() paygate.sleep(-1) end)
     assert.has_error(function() paygate.sleep("x") end)
+    -- the message names the function however it was called (a tail call
+    -- or pcall(paygate.sleep, ...) gave "bad argument #1 to '?'")
+    for _, t in ipairs({ -1, 0 / 0, 1e9, "x", {} }) do
+      local ok, err = pcall(paygate.sleep, t)
+      assert.is_false(ok)
+      assert.matches("^paygate.sleep: seconds must be a number from 0 to"
+                     .. " 1e8", err)
+      ok, err = pcall(function() return paygate.sleep(t) end)
+      assert.matches("paygate.sleep: seconds must be", err, 1, true)
+    end
   end)
 
   it("raises outside a managed coroutine", function()

@@ -91,14 +91,19 @@ lcore_is_seconds(lua_State *L)
 static int
 lcore_sleep(lua_State *L)
 {
-    double secs = luaL_checknumber(L, 1);
-    struct gw_co *co = gw_co_current(L);
+    /* named here: luaL_argerror's "bad argument #1 to '?'" did not say
+     * which function, called as a tail call or through pcall */
+    double secs = lua_isnumber(L, 1) ? lua_tonumber(L, 1) : -1;
+    struct gw_co *co;
     struct gw_sleep *s;
     struct timeval tv;
 
     if (!(secs >= 0) || secs > GW_MAX_WAIT) {
-        return luaL_argerror(L, 1, "seconds must be between 0 and 1e8");
+        return luaL_error(L, "paygate.sleep: seconds must be a number from"
+                             " 0 to 1e8 (got %s)", lua_isnumber(L, 1)
+                             ? lua_tostring(L, 1) : luaL_typename(L, 1));
     }
+    co = gw_co_current(L);
     s = malloc(sizeof(*s));
     if (s == NULL) {
         return luaL_error(L, "no memory");
