@@ -737,6 +737,37 @@ end
       assert.equal(400, res.status)
       assert.not_matches("<script>", res.body, 1, true)
     end)
+
+    it("show a day's report however many runs were recorded after it, and"
+       .. " say when a day has none", function()
+      -- a day reconciled (its report on disk), then 30 runs of other days:
+      -- the list shows the 30 newest runs, the day's link its rows still
+      local file = rcv.dir .. "/old-report.csv"
+      write(file, "bill_date,kind,out_trade_no\r\n2001-02-03,amount,"
+                  .. "old-row-1\r\n")
+      local function entry(date, f)
+        assert(audit.append(gw.db, "reconcile:" .. date, {
+          what = "reconcile.bill", actor = "reconcile", cause = "daily_bill",
+          evidence = { date = date, merchant = sim.merchant.mchid, file = f,
+                       counts = { total = f and 1 or 0 } } }))
+      end
+      entry("2001-02-03", file)
+      for d = 1, 30 do entry(("2001-03-%02d"):format(d)) end
+      local listing = get(gw, "/console/reconcile").body
+      assert.not_matches("date=2001-02-03", listing, 1, true)
+      local page = get(gw, "/console/reconcile?date=2001-02-03")
+      assert.equal(200, page.status, page.body)
+      assert.matches("Mismatches of 2001-02-03, merchant "
+                     .. sim.merchant.mchid, page.body, 1, true)
+      assert.matches("<td>old-row-1</td>", page.body, 1, true)
+      page = get(gw, "/console/reconcile?date=2001-01-01")
+      assert.equal(200, page.status, page.body)
+      assert.matches("No bill reconciliation of 2001-01-01 is recorded",
+                     page.body, 1, true)
+      page = get(gw, "/console/reconcile?date=%3Cscript%3E&merchant=%22x")
+      assert.matches("No bill reconciliation of &lt;script&gt; for"
+                     .. " merchant &quot;x is recorded", page.body, 1, true)
+    end)
   end)
 end)
 

@@ -702,15 +702,32 @@ function _M.reconcile(q, view)
       .. html.url_encode(tostring(ev.merchant)), tostring(ev.date)),
       tostring(ev.merchant), c.total or "?", ev.empty and "empty bill" or "",
       when((tonumber(r.at) or 0) / 1000) }
-    -- a date's report, of the merchant named (or the first one listed)
-    if q.date == ev.date and detail == html.NONE and type(ev.file) == "string"
-       and (q.merchant == nil or q.merchant == tostring(ev.merchant)) then
-      local head, cells = bill.read_csv(ev.file, 500)
-      detail = head and render("<h2>Mismatches of {{d}}, merchant {{m}}</h2>"
-        .. "{{t}}", { d = ev.date, m = tostring(ev.merchant),
-                      t = table_of(head, cells) }) or render(
-        "<p class=\"bad\">The report {{f}} cannot be read here.</p>",
-        { f = ev.file })
+  end
+  -- a date's report, of the merchant named (or the first one found): read
+  -- from that date's own entries, newest first, not from the list above
+  -- (the 30 newest runs: a day reconciled before them has its report too)
+  if type(q.date) == "string" and q.date ~= "" then
+    local day
+    day, err = ctx.db:query("SELECT evidence FROM paygate_audit WHERE"
+      .. " subject = $1 AND what = 'reconcile.bill' ORDER BY at DESC",
+      { "reconcile:" .. q.date })
+    if not day then return nil, err end
+    for _, r in ipairs(day) do
+      local ev = json.decode(tostring(r.evidence)) or {}
+      if detail == html.NONE and type(ev.file) == "string"
+         and (q.merchant == nil or q.merchant == tostring(ev.merchant)) then
+        local head, cells = bill.read_csv(ev.file, 500)
+        detail = head and render("<h2>Mismatches of {{d}}, merchant {{m}}"
+          .. "</h2>{{t}}", { d = tostring(ev.date), m = tostring(ev.merchant),
+                             t = table_of(head, cells) }) or render(
+          "<p class=\"bad\">The report {{f}} cannot be read here.</p>",
+          { f = ev.file })
+      end
+    end
+    if detail == html.NONE then
+      detail = render("<p class=\"empty\">No bill reconciliation of {{d}}"
+        .. "{{m}} is recorded.</p>", { d = q.date, m = q.merchant
+          and (" for merchant " .. q.merchant) or "" })
     end
   end
   local yesterday = os.date("!%Y-%m-%d", floor(core.time()) + 8 * 3600
