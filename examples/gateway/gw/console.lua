@@ -572,18 +572,27 @@ function _M.routes(ctx)
     if p == false then return refuse(404, "Not found", "no such payment") end
     if not p then return refuse(503, "Unavailable", tostring(err)) end
     local before = p.state
-    local ok, rerr = ctx.payments.refresh(p)
+    -- ok: WeChat's trade state of the attempt (ORDER_NOT_EXIST: it has no
+    -- such order), said on the page and recorded
+    local ok, res = ctx.payments.refresh(p)
+    local said, rerr = ok and res or nil, (not ok) and res or nil
     local after = pages.payment_row(id)
     local e, aerr = audited(s, "console.settle", id, {
       payment = id, from = before, to = after and after.state or nil,
-      error = (not ok) and tostring(rerr) or nil })
+      wechat = said, error = (not ok) and tostring(rerr) or nil })
     if not e then return refuse(503, "Unavailable", tostring(aerr)) end
     local path = "/console/payments/" .. html.url_encode(id)
     if not ok then
       return back(s, path, "WeChat could not be asked: " .. tostring(rerr))
     end
-    return back(s, path, "queried WeChat: " .. tostring(before) .. " -> "
-      .. tostring(after and after.state))
+    local moved = tostring(before) .. " -> " .. tostring(after and after.state)
+    if said == "ORDER_NOT_EXIST" then
+      -- its prepay never reached WeChat (or has not yet): nothing applied
+      return back(s, path, "WeChat has no order " .. tostring(p.out_trade_no)
+        .. " (ORDER_NOT_EXIST): " .. moved)
+    end
+    return back(s, path, "queried WeChat: " .. tostring(said) .. "; "
+      .. moved)
   end))
 
   route("POST", "/console/reconcile", action(function(_, s, form)

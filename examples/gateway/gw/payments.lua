@@ -922,12 +922,14 @@ end
 --- syntax: outcome, err = payments.refresh(p)
 -- Asks WeChat about the payment's current attempt (and its refunds still
 -- under way) and applies the answers through the machines.
--- returns: true, or nil, err (WeChat could not be asked: stale data).
+-- returns: true and WeChat's trade_state of the attempt
+-- ("ORDER_NOT_EXIST" when WeChat has no such order), or nil, err (WeChat
+-- could not be asked: stale data).
 function _M.refresh(p)
   local wx = client_of(p)
   local txn, err = wx:query_by_out_trade_no(p.out_trade_no, sub_of(p))
   if not txn then
-    if err.kind == "not_found" then return true end
+    if err.kind == "not_found" then return true, "ORDER_NOT_EXIST" end
     return nil, err
   end
   local ts = txn.trade_state
@@ -998,7 +1000,7 @@ function _M.refresh(p)
     local rok, rerr = ctx.refunds.refresh_open(p)
     if not rok then return nil, rerr end
   end
-  return true
+  return true, ts
 end
 
 --- syntax: payments.after(list) -- work that waits for a commit

@@ -662,6 +662,39 @@ end
       assert.matches("payment.succeeded", page.body, 1, true)
     end)
 
+    it("settle says what WeChat answered, and when it has no such order",
+       function()
+      -- the prepay never reaches WeChat (every try reset before any work):
+      -- the payment is unknown and WeChat has no order for it
+      sim:fault{ endpoint = "prepay", kind = "reset", count = 20 }
+      local res = gw:call("POST", "/v1/payments", { order_id = "n-"
+        .. os.time() .. math.random(1e6), channel = "native", amount = 44,
+        description = "never made" })
+      sim:clear_faults()
+      local p = assert(res.json.payment, res.body)
+      assert.equal("unknown", p.state)
+      local otn = assert(gw.db:query("SELECT out_trade_no FROM gw_payments"
+        .. " WHERE id = $1", { p.id }))[1].out_trade_no
+      local page = get(gw, "/console/payments/" .. p.id)
+      res = post(gw, "/console/payments/" .. p.id .. "/settle",
+                 { csrf = csrf_of(page.body) })
+      assert.equal(303, res.status, res.body)
+      local back = get(gw, res.headers["location"]).body
+      assert.matches("WeChat has no order " .. otn .. " (ORDER_NOT_EXIST):"
+                     .. " unknown -&gt; unknown", back, 1, true)
+      local e = console_entries(gw)
+      assert_audited(e[#e], "console.settle", p.id)
+      assert.matches('"wechat":"ORDER_NOT_EXIST"', e[#e].evidence, 1, true)
+      -- an order WeChat has: its trade state is said
+      local q = gw:create{ description = "open" }
+      res = post(gw, "/console/payments/" .. q.id .. "/settle",
+                 { csrf = csrf_of(page.body) })
+      assert.equal(303, res.status, res.body)
+      back = get(gw, res.headers["location"]).body
+      assert.matches("queried WeChat: NOTPAY; paying -&gt; paying", back, 1,
+                     true)
+    end)
+
     it("run the bill reconciliation for a date", function()
       -- a refund WeChat paid back whose notification was lost: still
       -- processing here, the bill names it (the daily job's run reports a
