@@ -213,7 +213,11 @@ function _M.routes(ctx)
         .. " X-Real-IP): behind a reverse proxy every visitor would look"
         .. " local. Give the console a token (console.access = \"token\").")
     elseif why == "login" then
-      return refuse(403, "Forbidden", "Log in first.")
+      -- (a lever pulled from a tab left open after the session ended)
+      return 403, tostring(pages.layout("Forbidden", html.render(
+        "<p class=\"error\">Log in first: no session, or it has ended.</p>"
+        .. "<p><a href=\"/console/login\">Log in</a></p>", {}), {})),
+        headers()
     end
     return refuse(403, "Forbidden", "The console answers loopback clients"
       .. " only.")

@@ -341,6 +341,13 @@ end
                        { csrf = csrf_of(page.body) }, cookie)
       assert.equal(303, res.status)
       assert.equal(303, get(gw_tok, "/console/payments", cookie).status)
+      -- a lever pulled from a tab left open (the session over): refused,
+      -- with the way to log in again
+      res = post(gw_tok, "/console/degrade", { on = "1",
+                 csrf = csrf_of(page.body) }, cookie)
+      assert.equal(403, res.status)
+      assert.matches("Log in first", res.body, 1, true)
+      assert.matches('<a href="/console/login">', res.body, 1, true)
     end)
 
     it("answers with strict security headers", function()
