@@ -724,10 +724,15 @@ describe("bill.csv", function()
         "x\r\ny", amount = 5 }, remote = { state = "SUCCESS", amount = 6 } },
       { kind = "amount", out_trade_no = "T2" },
       { kind = "amount", out_trade_no = "T3" } })))
-    local head, rows = bill.read_csv(path, 2)
+    local head, rows, more = bill.read_csv(path, 2)
     assert.equal("bill_date", head[1])
     assert.equal(8, #head)
     assert.equal(2, #rows)
+    assert.is_true(more)               -- T3 was not read: said
+    local _, all, more3 = bill.read_csv(path, 3)
+    assert.equal(3, #all)
+    assert.is_false(more3)
+    assert.is_false(select(3, bill.read_csv(path, 10)))
     assert.same({ "2026-11-29", "state", 'a,"b"', "", "x\r\ny", "5",
                   "SUCCESS", "6" }, rows[1])
     assert.equal("T2", rows[2][3])

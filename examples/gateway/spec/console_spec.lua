@@ -807,6 +807,25 @@ end
       page = get(gw, "/console/reconcile?date=%3Cscript%3E&merchant=%22x")
       assert.matches("No bill reconciliation of &lt;script&gt; for"
                      .. " merchant &quot;x is recorded", page.body, 1, true)
+      -- a report longer than the page shows: said, with where the whole
+      -- is (it was cut at 500 rows without a word)
+      local big, lines = rcv.dir .. "/big-report.csv",
+                         { "bill_date,kind,out_trade_no" }
+      for i = 1, 501 do
+        lines[#lines + 1] = "2001-04-05,amount,big-row-" .. i
+      end
+      write(big, table.concat(lines, "\r\n") .. "\r\n")
+      assert(audit.append(gw.db, "reconcile:2001-04-05", {
+        what = "reconcile.bill", actor = "reconcile", cause = "daily_bill",
+        evidence = { date = "2001-04-05", merchant = sim.merchant.mchid,
+                     file = big, counts = { total = 501 } } }))
+      page = get(gw, "/console/reconcile?date=2001-04-05")
+      assert.matches("<td>big-row-500</td>", page.body, 1, true)
+      assert.not_matches("big-row-501<", page.body, 1, true)
+      assert.matches("The first 500 of 501 mismatches; the whole report is "
+                     .. big, page.body, 1, true)
+      assert.not_matches("The first", get(gw,
+        "/console/reconcile?date=2001-02-03").body, 1, true)
     end)
   end)
 end)

@@ -479,17 +479,19 @@ end
 
 local READ_MAX = 4 * 1024 * 1024
 
---- syntax: head, rows = bill.read_csv(path, limit)
+--- syntax: head, rows, more = bill.read_csv(path, limit)
 -- Reads a report written by bill.csv (RFC 4180: CRLF line ends, a field
 -- quoted when it holds a quote, comma, CR or LF, its quotes doubled): the
 -- header's fields and at most limit rows, each an array of fields (text
--- as written). nil when the file cannot be opened. Reads at most the
--- file's first READ_MAX bytes.
+-- as written); more is true when the file holds rows past those (past
+-- limit, or past the first READ_MAX bytes, which is all it reads). nil
+-- when the file cannot be opened.
 function _M.read_csv(path, limit)
   local f = io.open(path, "rb")
   if not f then return nil end
   -- enough for limit rows of this report, however large the file
   local text = f:read(READ_MAX) or ""
+  local cut = #text == READ_MAX and f:read(1) ~= nil
   f:close()
   local records, cells, pos, n = {}, {}, 1, #text
   while pos <= n and #records <= limit do
@@ -532,7 +534,9 @@ function _M.read_csv(path, limit)
   end
   if cells[1] and #records <= limit then records[#records + 1] = cells end
   local head = remove(records, 1) or {}
-  return head, records
+  -- (the loop stops with limit + 1 records read, the header among them)
+  local more = cut or pos <= n
+  return head, records, more
 end
 
 local HEADER = { "bill_date", "kind", "out_trade_no", "out_refund_no",

@@ -716,10 +716,16 @@ function _M.reconcile(q, view)
       local ev = json.decode(tostring(r.evidence)) or {}
       if detail == html.NONE and type(ev.file) == "string"
          and (q.merchant == nil or q.merchant == tostring(ev.merchant)) then
-        local head, cells = bill.read_csv(ev.file, 500)
+        local head, cells, more = bill.read_csv(ev.file, 500)
+        local c = type(ev.counts) == "table" and ev.counts or {}
+        -- a longer report is cut here: said, with where the whole is
         detail = head and render("<h2>Mismatches of {{d}}, merchant {{m}}"
-          .. "</h2>{{t}}", { d = tostring(ev.date), m = tostring(ev.merchant),
-                             t = table_of(head, cells) }) or render(
+          .. "</h2>{{n}}{{t}}", { d = tostring(ev.date),
+            m = tostring(ev.merchant), t = table_of(head, cells),
+            n = more and render("<p class=\"bad\">The first {{k}} of {{all}}"
+              .. " mismatches; the whole report is {{f}}.</p>", { k = #cells,
+              all = tostring(c.total or "more"), f = ev.file })
+              or html.NONE }) or render(
           "<p class=\"bad\">The report {{f}} cannot be read here.</p>",
           { f = ev.file })
       end
