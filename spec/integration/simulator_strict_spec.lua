@@ -178,3 +178,33 @@ describe("simulator: a refund naming its order twice", function()
     assert.equal("SUCCESS", query("two-ids-b01").json.trade_state)
   end)
 end)
+
+describe("simulator: a refund's notify_url", function()
+  it("is checked as a prepay's is: a UTF-8 string of 1- to 3-byte "
+     .. "characters", function()
+    signed(prepay("rf-url-0001"))
+    assert.equal(200, pay("rf-url-0001").status)
+    local n = 0
+    local function ask(url)
+      n = n + 1
+      return refund({ out_trade_no = "rf-url-0001",
+        out_refund_no = "rf-url-r" .. n, notify_url = url,
+        amount = { refund = 1, total = 100, currency = "CNY" } })
+    end
+    -- not a string: said so, not "at most 255 bytes"
+    for _, v in ipairs({ 123, { a = 1 }, true }) do
+      local res = ask(v)
+      err(res, 400, "PARAM_ERROR", "/notify_url")
+      assert.equal("应为字符串", res.json.detail.issue, res.body)
+    end
+    -- invalid UTF-8 and a 4-byte character are refused, nothing refunded
+    for _, v in ipairs({ "https://merchant.example/n\255",
+                         "https://merchant.example/😀" }) do
+      local res = ask(v)
+      err(res, 400, "PARAM_ERROR", "/notify_url")
+      assert.matches("UTF%-8", res.json.detail.issue)
+    end
+    assert.equal("SUCCESS", query("rf-url-0001").json.trade_state)
+    signed(ask("https://merchant.example/refund-notify"))
+  end)
+end)

@@ -880,6 +880,10 @@ local function create_refund(req, c)
     if not ok then return nil, e end
   end
   if b.notify_url ~= nil then
+    -- a string of UTF-8 first, as a prepay's: check_url alone took any
+    -- bytes (and called a number "longer than 255 bytes")
+    ok, e = str(b, "notify_url", 255, false)
+    if not ok then return nil, e end
     ok, e = check_url(b.notify_url, c)
     if not ok then return nil, a.param_error("/notify_url", e, b.notify_url) end
   end
