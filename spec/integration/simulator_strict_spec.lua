@@ -208,3 +208,21 @@ describe("simulator: a refund's notify_url", function()
     signed(ask("https://merchant.example/refund-notify"))
   end)
 end)
+
+describe("simulator: a notify_url with a space or a control character", function()
+  it("is refused saying so, not as longer than 255 bytes", function()
+    for i, u in ipairs({ "https://merchant.example/notify ",
+                         " https://merchant.example/notify",
+                         "https://merchant.example/no\ttify",
+                         "https://merchant.example/notify\r\n" }) do
+      local res = prepay("sp-url-000" .. i, { notify_url = u })
+      err(res, 400, "PARAM_ERROR", "/notify_url")
+      assert.equal("不能含有空格或控制字符", res.json.detail.issue, res.body)
+    end
+    -- one too long is still told its length
+    local res = prepay("sp-url-0009", { notify_url = "https://merchant.example/"
+                                        .. ("n"):rep(240) })
+    err(res, 400, "PARAM_ERROR", "/notify_url")
+    assert.matches("255", res.json.detail.issue)
+  end)
+end)

@@ -99,7 +99,14 @@ local URL_WHY = { length = "应为不超过255字节的URL",
                   scheme = "应为https://开头的URL", query = "不能携带参数" }
 local function check_url(u, c)
   local scheme, host, port = validate.notify_url(u)
-  if not scheme then return nil, URL_WHY[host] end
+  if not scheme then
+    -- (validate says "length" for a space or a control character too: a
+    -- short URL with one is told what is wrong with it)
+    if host == "length" and type(u) == "string" and #u <= 255 then
+      return nil, "不能含有空格或控制字符"
+    end
+    return nil, URL_WHY[host]
+  end
   if loopback_host(host) and c and c.req then
     local own = (c.req.local_addr or ""):match(":(%d+)$")
     if port == "" then port = scheme == "https" and "443" or "80" end
