@@ -226,3 +226,21 @@ describe("simulator: a notify_url with a space or a control character", function
     assert.matches("255", res.json.detail.issue)
   end)
 end)
+
+describe("simulator: a refund with an empty order id", function()
+  it("is a PARAM_ERROR naming it, not an unknown order", function()
+    signed(prepay("rf-empty-01"))
+    assert.equal(200, pay("rf-empty-01").status)
+    local amount = { refund = 1, total = 100, currency = "CNY" }
+    -- an SDK that sends the id it was not given as "": the order exists
+    local res = refund({ transaction_id = "", out_trade_no = "rf-empty-01",
+                         out_refund_no = "rf-empty-r1", amount = amount })
+    err(res, 400, "PARAM_ERROR", "/transaction_id")
+    res = refund({ out_trade_no = "", out_refund_no = "rf-empty-r2",
+                   amount = amount })
+    err(res, 400, "PARAM_ERROR", "/out_trade_no")
+    assert.equal("SUCCESS", query("rf-empty-01").json.trade_state)
+    signed(refund({ out_trade_no = "rf-empty-01", out_refund_no = "rf-empty-r3",
+                    amount = amount }))
+  end)
+end)

@@ -881,9 +881,11 @@ local function create_refund(req, c)
     return nil, a.param_error("/transaction_id",
       "transaction_id和out_trade_no必须二选一")
   end
-  for _, f in ipairs({ { "transaction_id", 32 }, { "out_trade_no", 32 },
+  -- an id given is not empty: "" was looked up and answered 404 订单不存在
+  -- (a transaction_id "" beside the order's out_trade_no as well)
+  for _, f in ipairs({ { "transaction_id", 32, 1 }, { "out_trade_no", 32, 1 },
                        { "reason", 80 } }) do
-    ok, e = str(b, f[1], f[2], false)
+    ok, e = str(b, f[1], f[2], false, nil, f[3])
     if not ok then return nil, e end
   end
   if b.notify_url ~= nil then
