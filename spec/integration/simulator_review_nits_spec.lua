@@ -52,6 +52,11 @@ describe("simulator review nits", function()
     for _, url in ipairs({
         "http://127.0.0.1:" .. sim.port .. "/sim/transactions/x/pay",
         "http://localhost:" .. sim.port .. "/n",
+        -- the same port with leading zeros: the client connects to it
+        -- all the same, and its /sim/ API took the notification for a
+        -- command (paying another order)
+        "http://127.0.0.1:0" .. sim.port .. "/sim/transactions/x/pay",
+        "http://[::1]:000" .. sim.port .. "/n",
         "http://localhost:1@example.com/n" }) do
       local r, doc = prepay{ notify_url = url }
       assert.equal(400, r.status, url)

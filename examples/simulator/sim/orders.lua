@@ -110,7 +110,10 @@ local function check_url(u, c)
   if loopback_host(host) and c and c.req then
     local own = (c.req.local_addr or ""):match(":(%d+)$")
     if port == "" then port = scheme == "https" and "443" or "80" end
-    if own == port then return nil, "不能指向模拟器自身" end
+    -- as numbers: "09000" is port 9000 to the client that connects
+    if own and tonumber(own) == tonumber(port) then
+      return nil, "不能指向模拟器自身"
+    end
   end
   return true
 end
