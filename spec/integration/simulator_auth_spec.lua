@@ -106,6 +106,16 @@ describe("simulator: request authentication", function()
     sign_error(res, "signature")
   end)
 
+  it("takes a nonce_str of 1 to 64 bytes, refuses an empty or longer one",
+     function()
+    assert.equal(200, c:call("GET", "/v3/certificates", nil,
+                             { nonce = ("n"):rep(64) }).status)
+    sign_error(c:call("GET", "/v3/certificates", nil,
+                      { nonce = ("m"):rep(65) }), "nonce_str")
+    sign_error(c:call("GET", "/v3/certificates", nil, { nonce = "" }),
+               "nonce_str")
+  end)
+
   it("refuses a replayed request (the same nonce twice)", function()
     local auth = c:authorization("GET", "/v3/certificates")
     local res = c:call("GET", "/v3/certificates", nil,
