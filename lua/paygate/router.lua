@@ -179,14 +179,19 @@ function _M:find(method, path)
       end
     end
   end
-  -- does another method have this path? (405 rather than 404)
-  local allowed = {}
+  -- does another method have this path? (405 rather than 404) Each
+  -- method once, though a fixed and a pattern route of it both match
+  -- ("Allow: GET, GET" before)
+  local allowed, seen = {}, {}
   for m, st in pairs(self.static) do
-    if m ~= method and st[path] then allowed[#allowed + 1] = m end
+    if m ~= method and st[path] then
+      allowed[#allowed + 1] = m
+      seen[m] = true
+    end
   end
   segs = segs or split(path)
   for m, l in pairs(self.dynamic) do
-    if m ~= method then
+    if m ~= method and not seen[m] then
       for i = 1, #l do
         if match(l[i], segs) then allowed[#allowed + 1] = m break end
       end
