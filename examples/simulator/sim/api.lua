@@ -496,7 +496,10 @@ function _M.catch_all()
     end
     return error_answer(err(404, "NOT_FOUND", "请求的资源不存在"))
   end
-  for _, m in ipairs({ "GET", "POST", "PUT", "PATCH", "DELETE" }) do
+  -- (OPTIONS too: it got the runtime's own 405 body, without WeChat's
+  -- shape or a Request-ID)
+  for _, m in ipairs({ "GET", "POST", "PUT", "PATCH", "DELETE",
+                       "OPTIONS" }) do
     paygate.route(m, "/v3/*rest", answer)
   end
 end
