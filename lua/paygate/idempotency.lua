@@ -575,9 +575,13 @@ function _M.prune(db, opts)
   if not ok then
     return nil, err
   end
+  -- (the expiry repeated outside the subquery: on PostgreSQL a record
+  -- taken over by begin() while this DELETE waited for its row is checked
+  -- again on its new version, and kept)
   local res, perr = db:exec("DELETE FROM paygate_idempotency WHERE"
     .. " (scope, idem_key) IN (SELECT scope, idem_key FROM"
-    .. " paygate_idempotency WHERE expires_at <= $1 LIMIT $2)",
+    .. " paygate_idempotency WHERE expires_at <= $1 LIMIT $2)"
+    .. " AND expires_at <= $1",
     { opts.now or core.time(), batch })
   if not res then
     return nil, perr

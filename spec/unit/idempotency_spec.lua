@@ -619,3 +619,53 @@ describe("idempotency.wrap when the store fails", function()
     assert.equal("shop", f.scope)
   end)
 end)
+
+-- prune() on PostgreSQL against a begin() that takes an expired record
+-- over and commits while the prune's DELETE waits for the row: the record
+-- now belongs to a running request and must stay. READ COMMITTED rechecks
+-- only the DELETE's own WHERE on the new row version; without the expiry
+-- repeated there, the taken-over record was deleted, and a repeat of the
+-- request ran it again beside the first run.
+if servers.have_postgres() then
+  describe("idempotency.prune on PostgreSQL", function()
+    it("keeps a record taken over while the prune waited for it",
+       function()
+      local open = engines.postgres()
+      local db, other, watch = open(), open(), open()
+      local h = assert(idem.begin(db, "a", "k", "f"))
+      assert(idem.complete(db, h, 201, "old"))
+      assert(idem.prune(other, { now = 0 }))   -- its schema check ran
+      local now = core.time()
+      assert(db:exec("UPDATE paygate_idempotency SET expires_at = $1",
+                     { now - 60 }))
+      local pruning
+      local takeover = paygate.spawn(function()
+        return db:transaction(function(tx)
+          -- what begin() does to an expired record, held open until the
+          -- prune waits for the row
+          assert(tx:exec("UPDATE paygate_idempotency SET state ="
+            .. " 'running', token = 't', lease_until = $1, status = NULL,"
+            .. " body = NULL, created_at = $2, expires_at = $3 WHERE"
+            .. " scope = 'a' AND idem_key = 'k'",
+            { now + 30, now, now + 86400 }))
+          pruning = paygate.spawn(function()
+            return idem.prune(other, { now = now })
+          end)
+          servers.wait_for(function()
+            local rows = assert(watch:query("SELECT count(*)::int AS n FROM"
+              .. " pg_stat_activity WHERE wait_event_type = 'Lock' AND"
+              .. " query LIKE 'DELETE FROM paygate_idempotency%'"))
+            return rows[1].n == 1
+          end, 10, "the prune to wait for the row lock")
+          return true
+        end)
+      end)
+      assert(takeover:wait())
+      assert.equal(0, assert(pruning:wait()))
+      local rows = assert(db:query("SELECT state FROM paygate_idempotency"
+                                   .. " WHERE idem_key = 'k'"))
+      assert.same({ { state = "running" } }, rows)
+      db:close(); other:close(); watch:close()
+    end)
+  end)
+end
