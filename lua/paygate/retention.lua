@@ -388,6 +388,20 @@ local function make_outbox(spec)
 end
 _M.outbox = public(make_outbox)
 
+-- t holds only t[1] .. t[#t] (one spec where a list belongs holds none
+-- of them, and ipairs would make no job of it)
+local function is_array(t)
+  local n = 0
+  for _ in pairs(t) do
+    n = n + 1
+  end
+  return n == #t
+end
+
+-- what a dedupe table's entry may hold (its max age is notification_hours)
+local NOTE_KEYS = { table = true, column = true, where = true, unit = true,
+                    key = true, name = true }
+
 -- The config form (a table without array part) -> jobs, runner options.
 local function from_config(fname, conf)
   local jobs, ropts = {}, {}
@@ -441,7 +455,7 @@ local function from_config(fname, conf)
     notes = POLICY.notifications
   end
   if notes ~= false then
-    if type(notes) ~= "table" then
+    if type(notes) ~= "table" or not is_array(notes) then
       misuse(fname .. ": notifications must be an array of { table, column }"
             .. " (or false)")
     end
@@ -449,13 +463,21 @@ local function from_config(fname, conf)
       if type(n) ~= "table" then
         misuse(fname .. ": notifications[" .. i .. "] must be a table")
       end
+      for k in pairs(n) do
+        if not NOTE_KEYS[k] then
+          misuse(fname .. ": notifications[" .. i .. "]: unknown key "
+                 .. tostring(k) .. " (a dedupe table's rows are kept"
+                 .. " notification_hours)")
+        end
+      end
       jobs[#jobs + 1] = make_notifications({ table = n.table,
         column = n.column, where = n.where, unit = n.unit, key = n.key,
         name = n.name, max_age = hours * HOUR })
     end
   end
   if conf.tables ~= nil then
-    if type(conf.tables) ~= "table" then
+    if type(conf.tables) ~= "table" or getmetatable(conf.tables) == Job
+       or not is_array(conf.tables) then
       misuse(fname .. ": tables must be an array of retention.table specs")
     end
     for _, t in ipairs(conf.tables) do

@@ -117,6 +117,37 @@ describe("retention jobs: misuse", function()
       notifications = { { table = "n", column = "at" } } }))
     assert.is_true(retention.check(nil))
   end)
+
+  it("refuses a dedupe table's key it would ignore, and a list that is one"
+     .. " spec", function()
+    -- before: taken without a word; max_age was dropped (the rows went
+    -- after notification_hours, 25 h, not the 30 days written), a typo'd
+    -- column became received_at, and one spec where the list belongs
+    -- made no job at all (the dedupe rows, or the table, kept forever)
+    assert.same({ nil, "notifications[1]: unknown key max_age (a dedupe"
+                  .. " table's rows are kept notification_hours)" },
+                { retention.check({ notifications = { { table = "notes",
+                  column = "at", max_age = 30 * 86400 } } }) })
+    assert.same({ nil, "notifications[2]: unknown key colum (a dedupe"
+                  .. " table's rows are kept notification_hours)" },
+                { retention.check({ notifications = { { table = "a",
+                  column = "at" }, { table = "notes", colum = "at" } } }) })
+    assert.same({ nil, "notifications must be an array of { table, column }"
+                  .. " (or false)" },
+                { retention.check({ notifications = { table = "notes",
+                                                      column = "at" } }) })
+    assert.same({ nil, "tables must be an array of retention.table specs" },
+                { retention.check({ tables = { table = "gw_sessions",
+                  column = "created_at", max_age = 86400 } }) })
+    local db = assert(sql.open("sqlite:" .. tmp .. "/lists.db"))
+    assert.has_error(function()
+      retention.new(db, { tables = { table = "s", column = "at",
+                                     max_age = 60 } })
+    end, "retention.new: tables must be an array of retention.table specs")
+    db:close()
+    -- an empty list is no job, as before
+    assert.is_true(retention.check({ notifications = {}, tables = {} }))
+  end)
 end)
 
 local engines = {
