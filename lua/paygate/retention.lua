@@ -68,6 +68,9 @@ local RUNNER_KEYS = { interval = true, batch = true, pause = true,
 -- per-worker counters
 local counts = { passes = 0, held = 0, pruned = 0, statements = 0,
                  errors = 0, jobs = {} }
+-- the names of the jobs of this worker's runners: retention.stats()
+-- reads their instance totals even when another worker did the pruning
+local job_names = {}
 
 -- paygate.log (required when first used)
 local function log()
@@ -563,6 +566,9 @@ local function normalize_jobs(fname, jobs)
     end
   end
   unique_names(fname, list)
+  for _, j in ipairs(list) do
+    job_names[j.name] = true
+  end
   return list, ropts
 end
 
@@ -780,7 +786,8 @@ end)
 -- returns: this worker's counters: passes, held (skipped: another
 -- instance held the lease), pruned, statements, errors, jobs = { [name]
 -- = rows }; t.instance = { [name] = rows } across the instance's workers
--- (from the shared dictionary) when there is one.
+-- (from the shared dictionary) when there is one, for every job of this
+-- worker's runners (pruned here or by another worker).
 function _M.stats()
   local t = { passes = counts.passes, held = counts.held,
               pruned = counts.pruned, statements = counts.statements,
@@ -791,7 +798,7 @@ function _M.stats()
   local d = dict()
   if d then
     t.instance = {}
-    for k in pairs(counts.jobs) do
+    for k in pairs(job_names) do
       t.instance[k] = d:get(SHARED_PREFIX .. k)
     end
   end

@@ -150,6 +150,25 @@ describe("retention jobs: misuse", function()
   end)
 end)
 
+describe("retention.stats", function()
+  it("shows the instance's totals of a job this worker did not prune",
+     function()
+    -- another worker of the instance held the lease and pruned 7 rows
+    -- of job "elsewhere" (its counts go to the shared dictionary); this
+    -- worker runs the same jobs but never pruned. Before: instance held
+    -- only the jobs this worker had pruned itself, so here nothing.
+    local d = require("paygate.shared").get_dict("paygate")
+    d:incr("paygate.retention.pruned|elsewhere", 7, 0)
+    local db = assert(sql.open("sqlite:" .. tmp .. "/stats.db"))
+    retention.new(db, { { table = "elsewhere", column = "at",
+                          max_age = 60 } })
+    local t = retention.stats()
+    assert.equal(7, t.instance.elsewhere)
+    assert.is_nil(t.jobs.elsewhere)          -- this worker's: none
+    db:close()
+  end)
+end)
+
 local engines = {
   sqlite = function()
     n = n + 1
