@@ -61,6 +61,8 @@ local DEFAULTS = {
 }
 
 local BOOL = { enabled = true, bill = true }
+-- the runners' own numbers (reconcile.runner holds them to 1e8)
+local RUNNER_MAX = { batch = true, interval = true, lease_ttl = true }
 
 --- syntax: conf, err = reconcile.check_conf(t)
 -- returns: the options with defaults, or nil, "gateway.reconcile.<key>:
@@ -102,6 +104,11 @@ function _M.check_conf(t)
            or (k == "factor" and v < 1) or (k == "batch" and v % 1 ~= 0) then
       return nil, "gateway.reconcile." .. k .. ": must be a positive number"
                   .. (k == "factor" and " (at least 1)" or "")
+    elseif RUNNER_MAX[k] and not core.is_seconds(v) then
+      -- as paygate.reconcile.runner refuses them: past the longest sleep
+      -- the runtime takes (was: accepted here, and every worker then
+      -- failed to load the app on the runner's error)
+      return nil, "gateway.reconcile." .. k .. ": must be at most 1e8"
     end
     out[k] = v
   end

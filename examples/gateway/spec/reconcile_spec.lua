@@ -661,6 +661,15 @@ describe("gateway reconciliation config", function()
       { { bill_hour = 24 }, "gateway: config.gateway.reconcile.bill_hour:" },
       { { nope = 1 }, "gateway: config.gateway.reconcile.nope: unknown key" },
       { { enabled = "yes" }, "config.gateway.reconcile.enabled: must be true" },
+      -- past the longest sleep the runtime takes: the runners refuse them
+      -- at start (before: accepted here, then every worker failed to load
+      -- the app with a stack trace, exit 1)
+      { { interval = 1e9 }, "gateway: config.gateway.reconcile.interval:"
+                            .. " must be at most 1e8" },
+      { { batch = 1e9 }, "gateway: config.gateway.reconcile.batch: must be"
+                         .. " at most 1e8" },
+      { { lease_ttl = 1e9 }, "gateway: config.gateway.reconcile.lease_ttl:"
+                             .. " must be at most 1e8" },
     }
     local server = require "paygate.testing.server"
     local dir = server.tmpdir()
