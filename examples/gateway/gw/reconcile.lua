@@ -61,8 +61,12 @@ local DEFAULTS = {
 }
 
 local BOOL = { enabled = true, bill = true }
--- the runners' own numbers (reconcile.runner holds them to 1e8)
-local RUNNER_MAX = { batch = true, interval = true, lease_ttl = true }
+-- the runners' own numbers (reconcile.runner holds them to 1e8), and the
+-- schedule's seconds: past 1e8 a next check time overflows PostgreSQL's
+-- BIGINT, and the row, due for ever, was queried every round
+local RUNNER_MAX = { batch = true, interval = true, lease_ttl = true,
+                     check_after = true, first = true, ceiling = true,
+                     bill_retry = true }
 
 --- syntax: conf, err = reconcile.check_conf(t)
 -- returns: the options with defaults, or nil, "gateway.reconcile.<key>:

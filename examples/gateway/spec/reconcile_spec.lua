@@ -670,6 +670,11 @@ describe("gateway reconciliation config", function()
                          .. " at most 1e8" },
       { { lease_ttl = 1e9 }, "gateway: config.gateway.reconcile.lease_ttl:"
                              .. " must be at most 1e8" },
+      -- the schedule's seconds: a next check past PostgreSQL's BIGINT
+      { { ceiling = 1e19 }, "gateway: config.gateway.reconcile.ceiling:"
+                            .. " must be at most 1e8" },
+      { { first = 1e12 }, "gateway: config.gateway.reconcile.first:"
+                          .. " must be at most 1e8" },
     }
     local server = require "paygate.testing.server"
     local dir = server.tmpdir()
