@@ -542,6 +542,14 @@ function _M.check_payment(wx, item, opts)
     end
     return nil, err
   end
+  -- the answer is about the order asked for (signed, yet an outside
+  -- input: one about another order would be applied to this payment)
+  if txn.out_trade_no ~= item.out_trade_no then
+    return fail("bad_response", "reconcile: payment " .. tostring(item.id)
+                .. ": WeChat's answer names order "
+                .. tostring(txn.out_trade_no):sub(1, 64) .. ", not "
+                .. item.out_trade_no, { retryable = true })
+  end
   local ts = txn.trade_state
   if not KNOWN_TRADE[ts] then
     return fail("bad_response", "reconcile: payment " .. tostring(item.id)
@@ -563,6 +571,12 @@ function _M.check_payment(wx, item, opts)
       local again, qerr = wx:query_by_out_trade_no(item.out_trade_no, sub)
       if not again then
         return nil, qerr
+      end
+      if again.out_trade_no ~= item.out_trade_no then
+        return fail("bad_response", "reconcile: payment "
+                    .. tostring(item.id) .. ": WeChat's answer names order "
+                    .. tostring(again.out_trade_no):sub(1, 64) .. ", not "
+                    .. item.out_trade_no, { retryable = true })
       end
       if again.trade_state ~= "SUCCESS" and again.trade_state ~= "REFUND" then
         return nil, cerr
@@ -641,6 +655,12 @@ function _M.check_refund(wx, item)
   local r, err = wx:query_refund(item.out_refund_no, sub_mchid(item))
   if not r then
     return nil, err
+  end
+  if r.out_refund_no ~= item.out_refund_no then
+    return fail("bad_response", "reconcile: refund " .. tostring(item.id)
+                .. ": WeChat's answer names refund "
+                .. tostring(r.out_refund_no):sub(1, 64) .. ", not "
+                .. item.out_refund_no, { retryable = true })
   end
   local status = r.status
   if not KNOWN_REFUND[status] then

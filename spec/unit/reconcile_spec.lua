@@ -164,6 +164,8 @@ describe("reconcile.check_payment with a stand-in client", function()
       query_by_out_trade_no = function(_, no, sub)
         calls[#calls + 1] = { "query", no, sub }
         if qerr then return nil, core.error(qerr, "x") end
+        -- (an answer names its order, as WeChat's does)
+        if txn and txn.out_trade_no == nil then txn.out_trade_no = no end
         return txn
       end,
       close = function(_, no, sub)
@@ -217,9 +219,12 @@ describe("reconcile.check_payment with a stand-in client", function()
       query_by_out_trade_no = function(_, no, sub)
         calls[#calls + 1] = { "query", no, sub }
         queries = queries + 1
-        if queries == 1 or still then return { trade_state = "NOTPAY" } end
+        if queries == 1 or still then
+          return { trade_state = "NOTPAY", out_trade_no = no }
+        end
         return { trade_state = "SUCCESS", transaction_id = "4200000001",
-                 amount = { total = 100, payer_total = 100 } }
+                 out_trade_no = no, amount = { total = 100,
+                                               payer_total = 100 } }
       end,
       close = function(_, no, sub)
         calls[#calls + 1] = { "close", no, sub }
@@ -262,6 +267,34 @@ describe("reconcile.check_payment with a stand-in client", function()
       { id = "P", state = "unknown", out_trade_no = "T0001" })
     assert.is_nil(none)
     assert.equal("timeout", err.kind)
+  end)
+
+  it("an answer about another order (or none) is a retryable bad_response,"
+     .. " nothing applied", function()
+    for _, other in ipairs({ "T0002", false }) do
+      local a, err = reconcile.check_payment(client({ trade_state = "SUCCESS",
+        out_trade_no = other or nil, transaction_id = "42",
+        amount = { total = 100 } }, nil, {}), { id = "P", state = "paying",
+        out_trade_no = "T0001", amount = 100 })
+      if not other then
+        -- (the fake client fills a missing one in: send it as absent)
+        a, err = reconcile.check_payment({ query_by_out_trade_no = function()
+          return { trade_state = "SUCCESS", transaction_id = "42",
+                   amount = { total = 100 } } end }, { id = "P",
+          state = "paying", out_trade_no = "T0001", amount = 100 })
+      end
+      assert.is_nil(a)
+      assert.equal("bad_response", err.kind)
+      assert.is_true(err.retryable)
+      assert.matches("names order " .. (other or "nil") .. ", not T0001",
+                     err.message, 1, true)
+    end
+    local r, err = reconcile.check_refund({ query_refund = function()
+      return { status = "SUCCESS", out_refund_no = "R2", refund_id = "5" }
+    end }, { id = "F", state = "processing", out_refund_no = "R1" })
+    assert.is_nil(r)
+    assert.equal("bad_response", err.kind)
+    assert.matches("names refund R2, not R1", err.message, 1, true)
   end)
 
   it("an unexpected trade_state is a retryable bad_response", function()
