@@ -283,6 +283,24 @@ describe("paygate verify (more causes)", function()
       assert.matches("--at must be a number", out, 1, true)
     end
     assert.is_nil((require("paygate.wechatpay.verify").fresh(old, 0 / 0)))
+    -- milliseconds (Date.now()) were read as seconds: the timestamp was
+    -- "20 million days behind"; absurd values printed 'now -922...'
+    code, out = run{ "verify", "--body", file("body", SORTED),
+      "--headers", file("headers", h), "--certificate", pki.platform,
+      "--at", tostring(old + 10) .. "000" }
+    assert.equal(2, code, out)
+    assert.matches("--at " .. (old + 10) .. "000 has 13 digits: "
+      .. "milliseconds, where --at takes epoch seconds (" .. (old + 10)
+      .. ")", out, 1, true)
+    for _, at in ipairs({ "99999999999999999999", "-5", "0", "5",
+                          "1e10", "12345678901" }) do
+      code, out = run{ "verify", "--body", file("body", SORTED),
+        "--headers", file("headers", h), "--certificate", pki.platform,
+        "--at", at }
+      assert.equal(2, code, at .. ": " .. out)
+      assert.matches("--at " .. at .. " is not epoch seconds", out, 1, true)
+      assert.no_match("-9223372036854775808", out, 1, true)
+    end
   end)
 
   it("takes the headers a server logged: Go's http.Header, a request dump",

@@ -46,6 +46,7 @@ mentioned as a possibility: WeChat's answers often are.
   --keyring DIR        a directory of certificates and PUB_KEY_ID_....pem
                        public keys
   --at EPOCH           judge the timestamp and validity at this time
+                       (epoch seconds, 10 digits; milliseconds refused)
   --json               one JSON object per result
 
 exit: 0 verified, 1 not verified (the cause printed), 2 usage or
@@ -293,7 +294,27 @@ local function main(args)
     if not k then common.usage_error("-H wants 'Name: value', not %s", l) end
     headers[k:lower()] = v
   end
-  local now = common.number(o, "--at") or os.time()
+  local now = common.number(o, "--at")
+  if now then
+    -- epoch seconds are 10 digits (2001 to 2286); a 13-digit --at is
+    -- Date.now()'s milliseconds, judged as seconds "20 million days"
+    -- away, and a far value printed as 'now -9223372036854775808'
+    local at = o["--at"]
+    for _, u in ipairs({ { 13, 1e3, "milliseconds" },
+                         { 16, 1e6, "microseconds" },
+                         { 19, 1e9, "nanoseconds" } }) do
+      if now >= 10 ^ (u[1] - 1) and now < 10 ^ u[1] then
+        common.usage_error("--at %s has %d digits: %s, where --at takes "
+                           .. "epoch seconds (%d)", at, u[1], u[3],
+                           math.floor(now / u[2]))
+      end
+    end
+    if now < 1e9 or now >= 1e10 then
+      common.usage_error("--at %s is not epoch seconds, which are 10 digits "
+                         .. "(now %d)", at, os.time())
+    end
+  end
+  now = now or os.time()
   local out = common.output(o["--json"])
 
   -- the keys given
