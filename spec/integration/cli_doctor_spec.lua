@@ -191,12 +191,24 @@ describe("paygate doctor", function()
                                                  "%1probe:S3CRETPW@")
     local code, out = run({ "doctor", "--json", "--config", config{
       base_url = "https://localhost:" .. s.port, notify_url = url } })
-    s:stop()
     assert.equal(1, code, out)
     assert.matches("holds user info", out, 1, true)
     assert.is_nil(out:find("S3CRETPW", 1, true), out)
     -- the probe went on, to the URL without its user info
     assert.matches("accepted an unsigned probe", out, 1, true)
+    -- user info and a query string: both named (the query went unnamed),
+    -- the query's values masked in every line (a token was printed)
+    code, out = run({ "doctor", "--json", "--config", config{
+      base_url = "https://localhost:" .. s.port,
+      notify_url = url .. "?token=T0KENVAL&x=1" } })
+    assert.equal(1, code, out)
+    assert.matches("holds user info", out, 1, true)
+    assert.matches("has a query string", out, 1, true)
+    assert.matches("?token=***&x=***", out, 1, true)
+    assert.matches("accepted an unsigned probe", out, 1, true)
+    assert.is_nil(out:find("S3CRETPW", 1, true), out)
+    assert.is_nil(out:find("T0KENVAL", 1, true), out)
+    s:stop()
   end)
 
   it("fails a notify URL that does not answer within 5 s, and warns of a "

@@ -992,6 +992,12 @@ local NOTIFY_TLS_FIX = {
   hostname_mismatch = "install a certificate that covers the host of "
     .. "notify_url (the gateway's public_url)",
 }
+-- notify_url as doctor prints it: no password, and no query value (a
+-- ?token=... is as secret as a password, and WeChat takes no query)
+local function notify_shown(url)
+  return (redact_url(url):gsub("([?&][^=&#]*=)[^&#]*", "%1***"))
+end
+
 local function notify_tls(out, url, host, port, conf, now)
   if not host:match("^[%w][%w%.%-]*$") or #host > 253 then return end
   local pem = fetch_chain(host, port)
@@ -1015,7 +1021,8 @@ local function notify_tls(out, url, host, port, conf, now)
   if ok or not err or not err.kind then return end
   local c = CHAIN[err.kind] or { "the chain does not verify", nil }
   out:result{ status = "fail", kind = "notify_url", x509_kind = err.kind,
-              cause = redact_url(url) .. ": TLS " .. err.kind .. ": " .. c[1],
+              cause = notify_shown(url) .. ": TLS " .. err.kind .. ": "
+              .. c[1],
               detail = host .. ": " .. tostring(err.message) .. "\nleaf "
               .. chain[1]:subject() .. ", issuer " .. chain[1]:issuer()
               .. "\nWeChat's handshake fails the same way: no notification "
@@ -1034,20 +1041,26 @@ local function check_notify(out, conf, metrics)
     out:fail("notify_url", "notify_url is not a URL", nil,
              "https://your.host/path (no query)")
   else
-    -- shown without a password a URL's user info may hold (WeChat takes
-    -- no user info in notify_url: refused below)
-    local shown = redact_url(url)
-    if url:match("^https?://[^/?#]*@") then
+    -- shown without a password a URL's user info may hold, nor the
+    -- values of its query (?token=...): WeChat takes neither, both
+    -- refused below
+    local shown = notify_shown(url)
+    local userinfo = url:match("^https?://[^/?#]*@")
+    local query = url:find("?", 1, true)
+    if userinfo then
       out:fail("notify_url", "notify_url " .. shown .. " holds user info"
                .. " (user@ or user:password@); WeChat refuses it", nil,
                "https://your.host/path: no user info, no query")
       -- probed without it: no credentials sent to the notify server
       url = url:gsub("^(https?://)[^/?#]*@", "%1")
-      shown = redact_url(url)
-    elseif url:find("?", 1, true) then
-      out:fail("notify_url", "notify_url has a query string; WeChat refuses "
-               .. "it", nil, "put what you need in the path")
-    elseif not url:match("^https://") then
+      shown = notify_shown(url)
+    end
+    if query then
+      out:fail("notify_url", "notify_url " .. shown .. " has a query "
+               .. "string; WeChat refuses it", nil,
+               "put what you need in the path")
+    end
+    if not userinfo and not query and not url:match("^https://") then
       out:warn("notify_url", "notify_url is http://; WeChat delivers only to "
                .. "https://", nil, "serve it over HTTPS with a public CA "
                .. "certificate")
