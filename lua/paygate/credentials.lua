@@ -634,18 +634,28 @@ function Source:load(name)
   if task then pcall(task.cancel, task) end
   local why = rev or "no answer within " .. self.load_timeout .. " s"
                      .. (task and "" or " to an earlier set's read")
+  -- etcd answered no (a wrong password, a user without read access on
+  -- the prefix): not an outage, and not fixed by waiting
+  local kind = type(rev) == "table" and rev.kind
+  local state = kind == "auth" and "etcd refused the credentials"
+    or kind == "permission" and "etcd refused the read (permission)"
+    or "etcd unavailable"
   local c = read_cache(self, set)
   if c then
     local ok, err = apply(self, set, c.files, c.revision, true)
     if ok then
-      log().warn("credentials: etcd unavailable, serving the cached set",
+      log().warn("credentials: " .. state .. ", serving the cached set",
                  { set = name, revision = c.revision, reason = tostring(why) })
+      -- said: the watch's reads and watches refused for the same reason
+      -- (a wrong password) add no line; "the set is read again" ends it
+      set.read_error, set.watch_error = tostring(why), tostring(why)
       return set.current
     end
     return nil, err
   end
-  return nil, core.error("unavailable", "credentials: " .. name
-    .. ": etcd unavailable (" .. tostring(why) .. ") and no cached set")
+  return nil, core.error(state == "etcd unavailable" and "unavailable"
+    or kind, "credentials: " .. name .. ": " .. state .. " ("
+    .. tostring(why) .. ") and no cached set")
 end
 
 --- syntax: src:on_change(name, fn) -- fn(set) --> true | nil, err
@@ -696,7 +706,7 @@ local function watch_set(src, set)
       if failures > 0 then
         log().info("credentials: the set is read again", { set = set.name })
       end
-      failures, set.read_error = 0, nil
+      failures, set.read_error, set.watch_error = 0, nil, nil
       apply(src, set, raw, rev)
       from, last_raw = store_rev, raw
       return true
@@ -747,7 +757,11 @@ local function watch_set(src, set)
       while true do
         local ev, err = w()
         if not ev then
-          if err then
+          -- said once per reason until a read works again: a watch
+          -- refused at once (a wrong password) or given up on (etcd down
+          -- for good) ends again after each pause
+          if err and set.watch_error ~= tostring(err) then
+            set.watch_error = tostring(err)
             log().warn("credentials: watch ended, reading the set again",
                        { set = set.name, reason = tostring(err) })
           end

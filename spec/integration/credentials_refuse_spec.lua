@@ -149,6 +149,52 @@ describe("watched credentials refusing a change", function()
     assert(ok, tostring(err))
   end)
 
+  it("a wrong etcd password is said as such, at start and by the watch,"
+     .. " once: not 'etcd unavailable', not a line per retry", function()
+    -- a cache written by a source with the right password
+    local src0, wx0 = watching("cache_auth")
+    src0:stop(); wx0:stop()
+    local o = creds.c:client_opts()
+    o.password = "not-" .. o.password
+    -- no cache: the start fails, naming the credentials
+    local src = creds:source(dir .. "/cache_auth_none", { etcd = o })
+    local set, err = src:load(MCHID)
+    src:stop()
+    assert.is_nil(set)
+    assert.matches("etcd refused the credentials", err.message, 1, true)
+    assert.no_match("unavailable", err.message, 1, true)
+    assert.no_match(o.password, err.message, 1, true)
+    -- a cache: served, and the warning says why
+    local n = #warns + 1
+    src = creds:source(dir .. "/cache_auth", { etcd = o })
+    assert(src:load(MCHID))
+    local w = warned(n, "serving the cached set")
+    assert.truthy(w, "no warning about the cached set")
+    assert.matches("etcd refused the credentials", w.msg, 1, true)
+    -- the watch: each attempt refused; the pauses (1 s, 2 s) pass
+    local failed = 0
+    local real = src.cli.get_prefix
+    src.cli.get_prefix = function(...)
+      local res, gerr = real(...)
+      if not res then failed = failed + 1 end
+      return res, gerr
+    end
+    src:start()
+    local ok, werr = pcall(servers.wait_for, function()
+      return failed >= 3
+    end, 20, "three refused reads")
+    src:stop()
+    assert(ok, tostring(werr))
+    local ended, unread = 0, 0
+    for j = n, #warns do
+      if warns[j].msg:find("watch ended", 1, true) then ended = ended + 1 end
+      if warns[j].msg:find("cannot read", 1, true) then unread = unread + 1 end
+    end
+    -- the start's line said it: the same refusal adds no line
+    assert.equal(0, ended)
+    assert.equal(0, unread)
+  end)
+
   it("a set too large to read is named in a warning, read again with a"
      .. " growing pause, and taken once it can be read", function()
     local src, wx = watching("cache_big")
