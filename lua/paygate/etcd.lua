@@ -452,8 +452,11 @@ end
 
 --- syntax: res, err = cli:txn{ compare = { c, ... }, success = { op, ... },
 --                              failure = { op, ... } }
--- c: { key = k, mod_revision = rev } (rev "0": the key is absent), or
---    { key = k, value = v }; all must hold for success to run.
+-- c: { key = k, mod_revision = rev } (rev "0": the key is absent),
+--    { key = k, max_mod_revision = rev } (not written after rev), or
+--    { key = k, value = v }; with prefix = true, every key under k
+--    (max_mod_revision: nothing under k written, nor created, after
+--    rev); all must hold for success to run.
 -- op: { put = k, value = v[, lease = id] }, { delete = k[, prefix = true] },
 --    { get = k }.
 -- returns: { succeeded = bool, revision, responses } or nil, err, where
@@ -473,12 +476,21 @@ function Client:txn(t)
     if c.mod_revision ~= nil then
       body.compare[i] = { key = b64(c.key), target = "MOD", result = "EQUAL",
         mod_revision = rev_arg(c.mod_revision, "etcd txn: mod_revision") }
+    elseif c.max_mod_revision ~= nil then
+      -- nothing written after r: mod_revision < r + 1
+      body.compare[i] = { key = b64(c.key), target = "MOD", result = "LESS",
+        mod_revision = rev_next(rev_arg(c.max_mod_revision,
+                                        "etcd txn: max_mod_revision")) }
     elseif type(c.value) == "string" then
       body.compare[i] = { key = b64(c.key), target = "VALUE",
                           result = "EQUAL", value = b64(c.value) }
     else
-      error("etcd txn: a compare needs mod_revision or value", 2)
+      error("etcd txn: a compare needs mod_revision, max_mod_revision or "
+            .. "value", 2)
     end
+    -- every key under c.key (etcd's range compare; no key there: it
+    -- holds, but for a value)
+    if c.prefix then body.compare[i].range_end = b64(prefix_end(c.key)) end
   end
   for _, side in ipairs({ "success", "failure" }) do
     for i, op in ipairs(t[side] or {}) do

@@ -76,6 +76,70 @@ describe("watched credentials refusing a change", function()
     assert.equal(0, code, out)
   end)
 
+  it("publish refuses when the prefix changed between its read and its"
+     .. " write (another operator's publish, a stray key): nothing written",
+     function()
+    local code, out = creds:publish(env.a)
+    assert.equal(0, code, out)
+    -- publish run here, a change made right after its read of the prefix
+    local o = creds.c:client_opts()
+    local meddle
+    local Client = getmetatable(creds.cli)
+    local real_get, real_getenv, real_stderr = Client.get_prefix, os.getenv,
+                                                io.stderr
+    local function publish_a()
+      local errs = {}
+      Client.get_prefix = function(self, ...)
+        local res, err = real_get(self, ...)
+        if meddle then meddle(); meddle = nil end
+        return res, err
+      end
+      os.getenv = function(v)
+        if v == "PAYGATE_SPEC_ETCD_PW" then return o.password end
+        return real_getenv(v)
+      end
+      io.stderr = { write = function(_, ...)
+        for _, x in ipairs({ ... }) do errs[#errs + 1] = x end
+      end }
+      local ok, c = pcall(assert(loadfile("lua/paygate/cli/etcd.lua")),
+        "publish", "--prefix", PREFIX, "--dir", env.a, "--endpoints",
+        table.concat(o.endpoints, ","), "--user", o.user, "--password-env",
+        "PAYGATE_SPEC_ETCD_PW", "--ca-file", o.ca_file, "--cert",
+        o.client_cert, "--key", o.client_key, "--kek-file", creds.kek_file,
+        "--json")
+      Client.get_prefix, os.getenv, io.stderr = real_get, real_getenv,
+                                                real_stderr
+      assert(ok, c)
+      return c, table.concat(errs)
+    end
+    -- another operator publishes B meanwhile: B stays, A is not written
+    local b_code, b_out
+    meddle = function() b_code, b_out = creds:publish(env.b) end
+    local a_code, a_out = publish_a()
+    assert.equal(0, b_code, b_out)
+    local after = assert(creds.cli:get_prefix(PREFIX))
+    assert.equal(1, a_code, a_out)
+    assert.matches(PREFIX .. " changed meanwhile", a_out, 1, true)
+    assert.matches("nothing written; run again", a_out, 1, true)
+    assert.equal(credsets.read(env.b .. "/apiclient_cert.pem"), assert(
+      creds.cli:get(PREFIX .. "apiclient_cert.pem")).value)
+    assert.equal(assert(creds.cli:get_prefix(PREFIX)).revision,
+                 after.revision)
+    -- a stray key put meanwhile: refused too (every worker would refuse)
+    meddle = function()
+      assert(creds.cli:put(PREFIX .. "apiclient_key.pem.bak", "old"))
+    end
+    a_code, a_out = publish_a()
+    assert(creds.cli:delete(PREFIX .. "apiclient_key.pem.bak"))
+    assert.equal(1, a_code, a_out)
+    assert.matches("changed meanwhile", a_out, 1, true)
+    -- run again, nothing in between: published
+    a_code, a_out = publish_a()
+    assert.equal(0, a_code, a_out)
+    assert.equal(credsets.read(env.a .. "/apiclient_cert.pem"), assert(
+      creds.cli:get(PREFIX .. "apiclient_cert.pem")).value)
+  end)
+
   it("publish refuses a --dir that holds a file no set has, or is no"
      .. " folder, and writes nothing", function()
     local d = credsets.set_dir(dir, "set_odd", "a", "a", credsets.APIV3)

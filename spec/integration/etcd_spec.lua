@@ -181,6 +181,22 @@ describe("paygate.etcd", function()
         failure = { { get = "/spec/tx/guard" } } })
       assert.is_false(r.succeeded)
       assert.equal("g", r.responses[1].kv.value)
+      -- nothing under a prefix written since a read: a key put or created
+      -- there later fails it; an empty prefix holds
+      local seen = assert(cli:get_prefix("/spec/tx/")).revision
+      local function since(rev, key)
+        return assert(cli:txn{ compare = { { key = key or "/spec/tx/",
+          prefix = true, max_mod_revision = rev } },
+          success = { { get = "/spec/tx/a" } } }).succeeded
+      end
+      assert.is_true(since(seen))
+      assert.is_true(since(seen, "/spec/tx-none/"))
+      assert(cli:put("/spec/tx/new", "N"))
+      assert.is_false(since(seen))
+      seen = assert(cli:get_prefix("/spec/tx/")).revision
+      assert.is_true(since(seen))
+      assert(cli:put("/spec/tx/a", "Z"))
+      assert.is_false(since(seen))
     end)
 
     it("raises on misuse", function()

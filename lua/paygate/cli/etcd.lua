@@ -24,8 +24,9 @@ publish  reads the set from DIR (which holds the set's files and no
          the certificate, its dates, the APIv3 key's length, the public
          key and its id), seals the secrets and writes every file under
          PREFIX in one etcd transaction (files of an older set that the
-         new one lacks are deleted in it). Every gateway watching PREFIX
-         swaps to it. A merchant's DIR holds apiclient_key.pem,
+         new one lacks are deleted in it; refused, nothing written, if
+         PREFIX changed since publish read it: run again). Every gateway
+         watching PREFIX swaps to it. A merchant's DIR holds apiclient_key.pem,
          apiclient_cert.pem, apiv3_key and optionally
          wechatpay_public_key.pem + public_key_id, and previous_apiv3_key
          (in an APIv3 key rotation: the old key, so that a worker started
@@ -194,9 +195,17 @@ local function publish(o)
   for name in pairs(spec) do
     if not files[name] then ops[#ops + 1] = { delete = p .. name } end
   end
+  -- written only if nothing under the prefix changed since the read
+  -- above (another operator's publish, a stray key): else two publishes
+  -- at once interleave, the later one replacing the other unannounced
   local res
-  res, err = cli:txn{ success = ops }
+  res, err = cli:txn{ compare = { { key = p, prefix = true,
+    max_mod_revision = cur.revision } }, success = ops }
   if not res then return fail("publish " .. p .. ": " .. tostring(err)) end
+  if not res.succeeded then
+    return fail(("publish %s: %s changed meanwhile (another publish?): "
+      .. "nothing written; run again"):format(p, p))
+  end
   if o["--json"] then
     io.stdout:write(json.encode({ prefix = p, revision = res.revision,
       serial = set.serial, files = names }), "\n")
