@@ -65,6 +65,42 @@ describe("paygate.spawn", function()
     assert.equal("fine", ok:wait())
   end)
 
+  it("wait()'s err is a paygate error: the one raised, kind task_failed"
+     .. " for anything else, kind cancelled", function()
+    -- (it was the text of the traceback: err.kind nil, and a task's
+    -- paygate.error("db", ...) seen only as a string)
+    local t = paygate.spawn(function()
+      paygate.sleep(0)
+      error(paygate.error("db", "connection lost", { retryable = true }))
+    end)
+    local v, err = t:wait()
+    assert.is_nil(v)
+    assert.is_true(paygate.is_error(err))
+    assert.equal("db", err.kind)
+    assert.is_true(err.retryable)
+    assert.equal("db: connection lost", tostring(err))
+    for _, raised in ipairs({ "boom", { code = 5 } }) do
+      t = paygate.spawn(function() error(raised) end)
+      v, err = t:wait()
+      assert.is_nil(v)
+      assert.is_true(paygate.is_error(err), tostring(err))
+      assert.equal("task_failed", err.kind)
+      assert.is_false(err.retryable)
+      -- what it raised, without the traceback (that is in the log)
+      assert.is_nil(err.message:find("stack traceback", 1, true))
+    end
+    v, err = paygate.spawn(function() error("boom") end):wait()
+    assert.matches("runtime_spec.lua:%d+: boom$", err.message)
+    t = paygate.spawn(function() paygate.sleep(5) end)
+    local waiter = paygate.spawn(function() return t:wait() end)
+    t:cancel()
+    for _, e in ipairs({ select(2, waiter:wait()), select(2, t:wait()) }) do
+      assert.is_true(paygate.is_error(e), tostring(e))
+      assert.equal("cancelled", e.kind)
+      assert.equal("cancelled: task was cancelled", tostring(e))
+    end
+  end)
+
   it("cancel() stops a waiting task, and its waiters learn it", function()
     local ran = false
     local t = paygate.spawn(function() paygate.sleep(5) ran = true end)

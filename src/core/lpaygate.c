@@ -509,15 +509,44 @@ task_done(struct gw_co *co, int nres)
     task_finish(t);
 }
 
+/* Is the value at idx a paygate error (the shared metatable)? */
+static int
+is_paygate_error(lua_State *L, int idx)
+{
+    int is = 0;
+
+    if (lua_type(L, idx) == LUA_TTABLE && lua_getmetatable(L, idx)) {
+        gw_push_error_mt(L);
+        is = lua_rawequal(L, -1, -2);
+        lua_pop(L, 2);
+    }
+    return is;
+}
+
+/* The task raised; the value it raised is on top of its coroutine's
+ * stack, msg is its text with the traceback. Its waiters get nil and a
+ * paygate error: the one raised (its kind, fields and retryable kept),
+ * or kind task_failed saying what was raised (the traceback is in the
+ * log line, with the request id) -- never a bare string. */
 static void
 task_fail(struct gw_co *co, const char *msg)
 {
     struct gw_task *t = co->data;
+    lua_State *L = gw_co_state(co), *M = gw_co_main();
+    const char *tb = strstr(msg, "\nstack traceback:");
 
     gw_log_line(GW_LOG_ERROR, co->request_id, msg, strlen(msg), NULL, 0);
-    lua_createtable(gw_co_main(), 1, 0);
-    lua_pushstring(gw_co_main(), msg);
-    lua_rawseti(gw_co_main(), -2, 1);
+    lua_createtable(M, 1, 0);
+    if (is_paygate_error(L, -1)) {
+        lua_pushvalue(L, -1);
+        lua_xmove(L, M, 1);
+    } else {
+        gw_push_error(M, "task_failed", 0, "%.*s",
+                      (int) (tb != NULL ? (size_t) (tb - msg) : strlen(msg)),
+                      msg);
+        lua_remove(M, -2);                      /* gw_push_error's nil */
+    }
+    lua_rawseti(M, -2, 1);
     t->results = luaL_ref(gw_co_main(), LUA_REGISTRYINDEX);
     t->ok = 0;
     gw_co_free(co);
@@ -582,7 +611,9 @@ waiter_cancel(void *arg)
 
 /*
  * syntax: ... = task:wait()
- * returns: the task function's results, or nil, err when it raised.
+ * returns: the task function's results, or nil, err when it raised (the
+ * paygate error it raised, else kind task_failed) or was cancelled (kind
+ * cancelled).
  * yields: until the task ends (not when it already has).
  */
 static int
@@ -596,9 +627,7 @@ ltask_wait(lua_State *L)
         int n, base;
 
         if (t->results == LUA_NOREF) {
-            lua_pushnil(L);
-            lua_pushliteral(L, "task was cancelled");
-            return 2;
+            return gw_push_error(L, "cancelled", 0, "task was cancelled");
         }
         lua_rawgeti(L, LUA_REGISTRYINDEX, t->results);
         if (!t->ok) {
@@ -634,7 +663,7 @@ ltask_wait(lua_State *L)
 /*
  * syntax: task:cancel()
  * Stops the task where it waits (its pending operation is cancelled);
- * waiters get nil, "task was cancelled". No effect on an ended task.
+ * waiters get nil, err (kind cancelled). No effect on an ended task.
  */
 static int
 ltask_cancel(lua_State *L)
@@ -651,7 +680,8 @@ ltask_cancel(lua_State *L)
     gw_co_abandon(co);
     gw_co_free(co);
     lua_createtable(L, 1, 0);
-    lua_pushliteral(L, "task was cancelled");
+    gw_push_error(L, "cancelled", 0, "task was cancelled");
+    lua_remove(L, -2);                          /* gw_push_error's nil */
     lua_rawseti(L, -2, 1);
     t->results = luaL_ref(L, LUA_REGISTRYINDEX);
     t->ok = 0;
