@@ -146,30 +146,55 @@ local log = {}
 _M.log = log
 
 -- Fields JSON cannot hold whole (a function, a handle, inf, a sparse
--- array, an error table's metatable is fine) are logged one by one, each
--- that still fails as its tostring(): a field is never silently dropped.
+-- array, a cycle; an error table's metatable is fine) are logged piece by
+-- piece, each that still fails as its text: a field is never dropped.
 local function encodes(v)
   return (pcall(json.encode, v))
+end
+
+-- v as JSON can hold it: a table that does not encode is copied key by
+-- key (keys as text), each value made so in turn, down to what fails; a
+-- table met again (a cycle) or nested past 64 levels, and a value JSON has
+-- no form for, become their text. (A table that failed was shown as
+-- "(error object is a table value)": every field in it lost.)
+local function loggable(v, seen, depth)
+  local t = type(v)
+  if t == "table" then
+    if encodes(v) then return v end
+    if seen[v] then return "(a cycle)" end
+    if depth >= 64 then return "(nested too deep)" end
+    seen[v] = true
+    local safe = {}
+    for k, x in pairs(v) do
+      safe[type(k) == "string" and k or tostring(k)] =
+        loggable(x, seen, depth + 1)
+    end
+    seen[v] = nil
+    return safe
+  elseif t == "string" or t == "boolean" then
+    return v
+  elseif t == "number" and v == v and v ~= math.huge and v ~= -math.huge then
+    return v
+  end
+  return tostring(v)
 end
 
 local function encode_fields(fields)
   local ok, f = pcall(json.encode, fields)
   if ok then return f end
-  local safe = {}
-  for k, v in pairs(fields) do
-    k = tostring(k)
-    local t = type(v)
-    if t == "table" then
-      safe[k] = encodes(v) and v or core.error_string(v)
-    elseif t == "number" and (v ~= v or v == math.huge or v == -math.huge) then
-      safe[k] = tostring(v)
-    elseif t == "string" or t == "number" or t == "boolean" then
-      safe[k] = v
-    else
-      safe[k] = tostring(v)
-    end
+  return json.encode(loggable(fields, {}, 0))
+end
+
+-- The message's text: a paygate error (or a table with kind or message)
+-- as "kind: message", another table as its JSON, never "table: 0x...".
+local function message_text(msg)
+  if type(msg) ~= "table" then return tostring(msg) end
+  local mt = getmetatable(msg)
+  if (type(mt) == "table" and mt.__tostring) or rawget(msg, "kind") ~= nil
+     or rawget(msg, "message") ~= nil then
+    return core.error_string(msg)
   end
-  return json.encode(safe)
+  return json.encode(loggable(msg, {}, 0))
 end
 
 local function emit(level, msg, fields)
@@ -181,7 +206,7 @@ local function emit(level, msg, fields)
     end
     f = encode_fields(fields)
   end
-  core.log(level, tostring(msg), f)
+  core.log(level, message_text(msg), f)
 end
 
 --- syntax: paygate.log.info(msg[, fields]) (also debug, warn, error)

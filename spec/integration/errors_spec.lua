@@ -62,6 +62,31 @@ describe("error reporting", function()
       assert.matches("error object is a table value", out, 1, true)
     end)
 
+    it("paygate.log shows a table message and a table field JSON cannot"
+       .. " hold whole, never 'table: 0x' or the fields lost", function()
+      -- (a table message logged as "table: 0x...", and a field table
+      -- holding a function or a cycle as "(error object is a table
+      -- value)", its other fields gone)
+      local code, out = exec([[
+        local paygate = require "paygate"
+        paygate.log.warn({ order = 7 })
+        local c = { name = "loop" }
+        c.self = c
+        paygate.log.warn("odd", { req = { id = "r1", cb = print },
+                                  c = c, list = { 1, 0 / 0 } })
+      ]])
+      assert.equal(0, code, out)
+      assert.not_matches("table: 0x", out, 1, true)
+      assert.not_matches("error object", out, 1, true)
+      assert.matches('"msg":"{\\"order\\":7}"', out)
+      local line = out:match('[^\n]*"msg":"odd"[^\n]*')
+      assert.matches('"id":"r1"', line, 1, true)
+      assert.matches('"cb":"function', line, 1, true)
+      assert.matches('"name":"loop"', line, 1, true)
+      assert.matches('"self":"(a cycle', line, 1, true)
+      assert.matches('"2":"nan"', line, 1, true)
+    end)
+
     it("sets paygate.app_dir to the script's folder", function()
       local code, out = exec([[
         local paygate = require "paygate"
