@@ -386,9 +386,16 @@ local function returned_error(who, err)
         .. core.error_string(err), 0)
 end
 
+-- A body sent as JSON: a table, or json.empty_array / json.null (not
+-- tables: `return 200, json.empty_array` for an empty list was a 500)
+local EMPTY_ARRAY, NULL = json.empty_array, json.null
+local function json_body(body)
+  return type(body) == "table" or body == EMPTY_ARRAY or body == NULL
+end
+
 local function finish(req, status, body, headers, pattern)
   local ctype
-  if type(body) == "table" then
+  if json_body(body) then
     local ok, s = pcall(json.encode, body)
     if not ok then error("response body: " .. tostring(s), 0) end
     body, ctype = s, JSON_CT
@@ -399,7 +406,7 @@ local function finish(req, status, body, headers, pattern)
     local res = { status = status, body = body, headers = headers or {} }
     for i = 1, #after do after[i](req, res) end
     status, body, headers = res.status, res.body, res.headers
-    if type(body) == "table" then body, ctype = json.encode(body), JSON_CT end
+    if json_body(body) then body, ctype = json.encode(body), JSON_CT end
   end
   return status, body, headers, pattern, ctype
 end

@@ -32,6 +32,11 @@ end)
 paygate.route("POST", "/json", function(req)
   return 201, { got = req:json() }
 end)
+paygate.route("GET", "/empty-list", function(req)
+  -- (json.empty_array and json.null, not tables, were "invalid handler
+  -- response": a 500)
+  return 200, require("paygate.json")[req:query().v or "empty_array"]
+end)
 paygate.route("GET", "/big", function()
   return 200, { n = 123456789012345, m = 2 ^ 53, url = "https://x/y" }
 end)
@@ -161,6 +166,17 @@ describe("paygate run", function()
       assert.equal(201, res.status)
       assert.equal("application/json", res.headers["content-type"])
       assert.same({ got = { a = { 1, 2 } } }, json.decode(res.body))
+    end)
+
+    it("sends json.empty_array and json.null bodies as JSON", function()
+      local res = assert(s:request("/empty-list"))
+      assert.equal(200, res.status, res.body)
+      assert.equal("application/json", res.headers["content-type"])
+      assert.equal("[]", res.body)
+      res = assert(s:request("/empty-list?v=null"))
+      assert.equal(200, res.status, res.body)
+      assert.equal("application/json", res.headers["content-type"])
+      assert.equal("null", res.body)
     end)
 
     it("answers invalid JSON with a clear 400, not a traceback", function()
