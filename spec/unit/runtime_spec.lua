@@ -46,6 +46,17 @@ end)
 describe("paygate.spawn", function()
   it("needs a function", function()
     assert.has_error(function() paygate.spawn(42) end)
+    -- named however it is called ("bad argument #1 to '?'" through pcall)
+    for _, fn in ipairs({ 42, "f", {} }) do
+      local ok, err = pcall(paygate.spawn, fn)
+      assert.is_false(ok)
+      assert.matches("^paygate.spawn: fn must be a function %(got %a+%)",
+                     err)
+    end
+    local ok, err = pcall(paygate.spawn)
+    assert.is_false(ok)
+    assert.matches("paygate.spawn: fn must be a function (got no value)",
+                   err, 1, true)
   end)
 
   it("returns the task's results through wait(), all of them", function()

@@ -568,7 +568,12 @@ lcore_spawn(lua_State *L)
     struct gw_task *t;
     struct gw_co *co;
 
-    luaL_checktype(L, 1, LUA_TFUNCTION);
+    if (lua_type(L, 1) != LUA_TFUNCTION) {
+        /* named here: luaL_checktype's "bad argument #1 to '?'" did not
+         * say which function, called as a tail call or through pcall */
+        return luaL_error(L, "paygate.spawn: fn must be a function (got %s)",
+                          luaL_typename(L, 1));
+    }
     t = lua_newuserdata(L, sizeof(*t));
     memset(t, 0, sizeof(*t));
     t->results = LUA_NOREF;
