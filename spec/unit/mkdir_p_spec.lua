@@ -66,6 +66,21 @@ describe("core.mkdir_p", function()
     assert.equal("io", err.kind)
     assert.has_error(function() core.mkdir_p(tmp .. "/z", -1) end)
   end)
+
+  it("refuses a mode with the sticky bit: a decimal 0755", function()
+    -- (Lua has no octal numbers: mkdir_p(dir, 0755) made d-wxr----t, a
+    -- folder its owner could not list)
+    local ok, err = pcall(core.mkdir_p, tmp .. "/dec", 755)
+    assert.is_false(ok)
+    assert.matches("paygate.mkdir_p: mode 755 is 01363 in octal, with the"
+                   .. " sticky bit 01000 (Lua reads 0755 as the decimal"
+                   .. ' 755): write 493 for 0755, or tonumber("755", 8)',
+                   err, 1, true)
+    assert.is_false(exists(tmp .. "/dec"))
+    ok, err = pcall(core.mkdir_p, 7)
+    assert.matches("^paygate.mkdir_p: dir must be a string %(got number%)",
+                   err)
+  end)
 end)
 
 describe("paygate.mkdir_p", function()

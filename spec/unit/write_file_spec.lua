@@ -51,6 +51,32 @@ describe("core.write_file (paygate.write_file)", function()
     assert.has_error(function() core.write_file(tmp .. "/m", nil) end)
   end)
 
+  it("refuses a mode past 0777, saying what a decimal 0600 is", function()
+    -- (Lua has no octal numbers: write_file(p, data, 0600) made a file
+    -- of mode 01130, which its owner could not read)
+    local p = tmp .. "/decimal"
+    local ok, err = pcall(core.write_file, p, "x", 600)
+    assert.is_false(ok)
+    assert.matches("paygate.write_file: mode 600 is 01130 in octal, past"
+                   .. " 0777 (Lua reads 0600 as the decimal 600): write 384"
+                   .. ' for 0600, or tonumber("600", 8)', err, 1, true)
+    assert.is_nil(read(p))
+    for _, m in ipairs({ 644, 512, 4095, 1.5, 0 / 0, "0644" }) do
+      ok, err = pcall(core.write_file, p, "x", m)
+      assert.is_false(ok, tostring(m))
+      assert.matches("^paygate.write_file: mode ", err)
+    end
+    assert.equal("0", leftovers(tmp))
+    assert.is_true(core.write_file(p, "x", 384))
+    assert.equal("600", mode(p))
+    -- the function is named however it is called
+    ok, err = pcall(core.write_file, nil, "x")
+    assert.matches("^paygate.write_file: path must be a string %(got nil%)",
+                   err)
+    ok, err = pcall(core.write_file, p)
+    assert.matches("^paygate.write_file: data must be a string", err)
+  end)
+
   it("refuses a path with a NUL byte (kind io): it would name another file",
      function()
     local ok, err = core.write_file(tmp .. "/n.json\0.x", "data")

@@ -211,6 +211,72 @@ lcore_file_type(lua_State *L)
 }
 
 /*
+ * The string argument at idx of fn (named: luaL_checklstring's "bad
+ * argument #1 to '?'" did not say which function through pcall). Raises.
+ */
+static const char *
+check_string(lua_State *L, int idx, const char *fn, const char *what,
+           size_t *len)
+{
+    if (lua_type(L, idx) != LUA_TSTRING) {
+        luaL_error(L, "%s: %s must be a string (got %s)", fn, what,
+                   luaL_typename(L, idx));
+    }
+    return lua_tolstring(L, idx, len);
+}
+
+/*
+ * The mode argument at idx of fn (dflt when absent): an integer from 0 to
+ * 0777 for a file, to 07777 without the sticky bit (01000) for a folder.
+ * Lua has no octal numbers: 0600 there is the decimal 600, 01130 in
+ * octal, which made a file its owner cannot read (and 0755 a folder it
+ * cannot list); such a mode is refused, saying what to write. Raises.
+ */
+static mode_t
+check_mode(lua_State *L, int idx, const char *fn, lua_Integer dflt,
+           int folder)
+{
+    lua_Number  n;
+    lua_Integer m, as_octal = 0;
+    char        digits[32], why[256];
+    int         octal_digits = 1, k;
+
+    if (lua_isnoneornil(L, idx)) {
+        return (mode_t) dflt;
+    }
+    n = lua_tonumber(L, idx);
+    if (lua_type(L, idx) != LUA_TNUMBER || !(n >= 0 && n <= 07777)
+        || n != floor(n))
+    {
+        luaL_error(L, "%s: mode must be an integer from 0 to %s (got %s)",
+                   fn, folder ? "07777" : "0777",
+                   lua_type(L, idx) == LUA_TNUMBER ? lua_tostring(L, idx)
+                   : luaL_typename(L, idx));
+    }
+    m = (lua_Integer) n;
+    if (folder ? (m & 01000) == 0 : m <= 0777) {
+        return (mode_t) m;
+    }
+    snprintf(digits, sizeof(digits), "%ld", (long) m);
+    for (const char *d = digits; *d != '\0'; d++) {
+        octal_digits = octal_digits && *d <= '7';
+        as_octal = as_octal * 8 + (*d - '0');
+    }
+    /* (lua_pushfstring has no %o: the text is made here) */
+    k = snprintf(why, sizeof(why), "%s: mode %s is 0%lo in octal, %s", fn,
+                 digits, (unsigned long) m, folder
+                 ? "with the sticky bit 01000" : "past 0777");
+    if (octal_digits && (folder ? (as_octal & 01000) == 0 && as_octal <= 07777
+                                : as_octal <= 0777)) {
+        snprintf(why + k, sizeof(why) - k, " (Lua reads 0%s as the decimal"
+                 " %s): write %ld for 0%s, or tonumber(\"%s\", 8)", digits,
+                 digits, (long) as_octal, digits, digits);
+    }
+    luaL_error(L, "%s", why);
+    return 0;
+}
+
+/*
  * core.write_file(path, data[, mode]) -> true | nil, err (kind io)
  * Replaces path with data whole or not at all: written to a temporary
  * file beside it (mode, default 0600, as created: never readable by others
@@ -223,16 +289,13 @@ static int
 lcore_write_file(lua_State *L)
 {
     size_t      len, plen, off = 0;
-    const char *path = luaL_checklstring(L, 1, &plen);
-    const char *data = luaL_checklstring(L, 2, &len);
-    lua_Integer mode = luaL_optinteger(L, 3, 0600);
+    const char *path = check_string(L, 1, "paygate.write_file", "path", &plen);
+    const char *data = check_string(L, 2, "paygate.write_file", "data", &len);
+    mode_t      mode = check_mode(L, 3, "paygate.write_file", 0600, 0);
     char        tmp[4096], dir[4096];
     int         fd, dfd, err = 0;
     const char *step = "open";
 
-    if (mode < 0 || mode > 07777) {
-        return luaL_argerror(L, 3, "mode must be a file mode (0 .. 07777)");
-    }
     if (memchr(path, '\0', plen) != NULL) {
         /* cut at the NUL, it would name another file */
         return gw_push_error(L, "io", 0, "write_file %s: not a path", path);
@@ -302,16 +365,13 @@ static int
 lcore_mkdir_p(lua_State *L)
 {
     size_t      len;
-    const char *dir = luaL_checklstring(L, 1, &len);
-    lua_Integer mode = luaL_optinteger(L, 2, 0755);
+    const char *dir = check_string(L, 1, "paygate.mkdir_p", "dir", &len);
+    mode_t      mode = check_mode(L, 2, "paygate.mkdir_p", 0755, 1);
     char        path[4096], at[4096];
     struct stat st;
     size_t      i;
     int         err = 0;
 
-    if (mode < 0 || mode > 07777) {
-        return luaL_argerror(L, 2, "mode must be a file mode (0 .. 07777)");
-    }
     if (len == 0 || len >= sizeof(path) || memchr(dir, '\0', len) != NULL) {
         return gw_push_error(L, "io", 0, "cannot create the folder %s: %s",
                              dir, len == 0 ? "empty path"
