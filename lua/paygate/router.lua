@@ -1,6 +1,7 @@
 -- paygate.router: method + path to handler. Static paths are one table
 -- lookup; paths with parameters ("/orders/:id", "/files/*rest") are
--- matched segment by segment, static segments first.
+-- matched segment by segment: more static segments first, then longer
+-- patterns, then a parameter before a rest of the same depth.
 
 local type, error, pairs, concat, sort = type, error, pairs, table.concat,
                                           table.sort
@@ -64,19 +65,35 @@ function _M:add(method, path, fn)
     end
     local list = self.dynamic[method] or {}
     self.dynamic[method] = list
+    local static = 0
+    for _, s in ipairs(spec.segs) do
+      if s ~= ":" and s ~= "*" then static = static + 1 end
+    end
+    spec.static, spec.rest = static, spec.segs[#spec.segs] == "*"
     for _, other in ipairs(list) do
       if other.pattern == path then
         error("route: " .. method .. " " .. path .. " twice", 3)
       end
+      -- the same segments with other names: whichever sorts first would
+      -- take every request, the other never called
+      local same = #other.segs == #spec.segs
+      for j = 1, same and #spec.segs or 0 do
+        if other.segs[j] ~= spec.segs[j] then same = false break end
+      end
+      if same then
+        error("route: " .. method .. " " .. path .. " matches what "
+              .. method .. " " .. other.pattern .. " does", 3)
+      end
     end
     list[#list + 1] = spec
-    -- more static segments first, then longer
+    -- more static segments first, then longer, then a parameter before a
+    -- rest (/c/:id before /c/*rest; sort left such ties in any order),
+    -- then by pattern, so the order never depends on registration
     sort(list, function(a, b)
-      local sa, sb = 0, 0
-      for _, s in ipairs(a.segs) do if #s > 1 or (s ~= ":" and s ~= "*") then sa = sa + 1 end end
-      for _, s in ipairs(b.segs) do if #s > 1 or (s ~= ":" and s ~= "*") then sb = sb + 1 end end
-      if sa ~= sb then return sa > sb end
-      return #a.segs > #b.segs
+      if a.static ~= b.static then return a.static > b.static end
+      if #a.segs ~= #b.segs then return #a.segs > #b.segs end
+      if a.rest ~= b.rest then return b.rest end
+      return a.pattern < b.pattern
     end)
   end
   self.methods[path][method] = true

@@ -28,6 +28,39 @@ describe("paygate.router patterns", function()
     assert.has_error(function() r:add("GET", "/x/:id", function() end) end,
                      "route: GET /x/:id twice")
   end)
+
+  it("a parameter route wins over a rest route of the same depth, in"
+     .. " either order of registration", function()
+    -- (the order sort left them in decided: /c/1 went to /c/*rest, and
+    -- /c/:id was never called)
+    for _, order in ipairs({ { "/c/:id", "/c/*rest" },
+                             { "/c/*rest", "/c/:id" } }) do
+      local r = router.new()
+      for _, p in ipairs(order) do r:add("GET", p, function() end) end
+      local _, pattern, params = r:find("GET", "/c/1")
+      assert.equal("/c/:id", pattern)
+      assert.same({ id = "1" }, params)
+      _, pattern, params = r:find("GET", "/c/1/2")
+      assert.equal("/c/*rest", pattern)
+      assert.same({ rest = "1/2" }, params)
+    end
+  end)
+
+  it("refuses a route of the same shape as another (one never matches)",
+     function()
+    -- (/a/:x and /a/:y were both taken; one of them answered everything)
+    local r = router.new()
+    r:add("GET", "/a/:x", function() end)
+    assert.has_error(function() r:add("GET", "/a/:y", function() end) end,
+                     "route: GET /a/:y matches what GET /a/:x does")
+    r:add("GET", "/b/:x/*rest", function() end)
+    assert.has_error(function() r:add("GET", "/b/:y/*r", function() end) end,
+                     "route: GET /b/:y/*r matches what GET /b/:x/*rest does")
+    -- another method, another static segment or depth: fine
+    r:add("POST", "/a/:y", function() end)
+    r:add("GET", "/a/:x/:y", function() end)
+    r:add("GET", "/a/*rest", function() end)
+  end)
 end)
 
 describe("paygate.router 405", function()
