@@ -541,6 +541,20 @@ describe("paygate.json.encode", function()
     assert.equal("[1,2,3]", json.encode({ 1, 2, 3 }))
     assert.equal("{}", json.encode({}))
     assert.equal('{"a":[]}', json.encode({ a = json.empty_array }))
+    -- an empty array read back is written back as [] (it became {}: a
+    -- WeChat answer's "promotion_detail": [] passed on as an object)
+    local back = json.decode('{"a":[],"b":{},"c":[[]],"d":[1]}')
+    assert.same({ a = {}, b = {}, c = { {} }, d = { 1 } }, back)
+    assert.same({ a = "[]", b = "{}", c = "[[]]", d = "[1]" },
+                { a = json.encode(back.a), b = json.encode(back.b),
+                  c = json.encode(back.c), d = json.encode(back.d) })
+    assert.equal(0, #back.a)
+    -- filled since: what it holds decides
+    back.a.x = 1
+    assert.equal('{"x":1}', json.encode(back.a))
+    local arr = json.decode("[]")
+    arr[1] = "v"
+    assert.equal('["v"]', json.encode(arr))
     assert.equal("[null,true,false]", json.encode({ json.null, true, false }))
     assert.same({ ["1"] = "x", a = 1 },
                 cjson.decode(json.encode({ [1] = "x", a = 1 })))

@@ -42,6 +42,9 @@
 #define JSON_KEEP_BYTES (256 * 1024) /* a bigger buffer is freed after use */
 
 static const char empty_array_key = 'a'; /* address: the [] sentinel */
+/* address: the registry key of the metatable decode gives an empty JSON
+ * array, so that it encodes back as [] (a plain empty table is {}) */
+static const char array_mt_key = 'm';
 
 /* One step of the path from the encoded value to the current one. */
 struct json_step {
@@ -283,6 +286,25 @@ enc_table(lua_State *L, struct json_enc *e, int idx)
         enc_char(L, e, ']');
         e->depth--;
         return;
+    }
+    /* an empty array decoded ([] read back): [] again, while it is
+     * empty (keys set on it since make it an object) */
+    if (lua_getmetatable(L, idx)) {
+        int marked;
+
+        lua_pushlightuserdata(L, (void *) &array_mt_key);
+        lua_rawget(L, LUA_REGISTRYINDEX);
+        marked = lua_rawequal(L, -1, -2);
+        lua_pop(L, 2);
+        if (marked) {
+            lua_pushnil(L);
+            if (lua_next(L, idx) == 0) {
+                enc_add(L, e, "[]", 2);
+                e->depth--;
+                return;
+            }
+            lua_pop(L, 2);
+        }
     }
     enc_char(L, e, '{');
     lua_pushnil(L);
@@ -1008,6 +1030,10 @@ dec_array(lua_State *L, struct json_dec *d)
     dec_ws(d);
     if (d->p < d->end && *d->p == ']') {
         d->p++;
+        /* marked, so that encode writes it back as [] */
+        lua_pushlightuserdata(L, (void *) &array_mt_key);
+        lua_rawget(L, LUA_REGISTRYINDEX);
+        lua_setmetatable(L, -2);
         return 0;
     }
     for (;;) {
@@ -1142,5 +1168,10 @@ luaopen_paygate_json_core(lua_State *L)
     lua_setfield(L, -2, "decode");
     lua_pushlightuserdata(L, (void *) &empty_array_key);
     lua_setfield(L, -2, "empty_array");
+    lua_pushlightuserdata(L, (void *) &array_mt_key);
+    lua_createtable(L, 0, 1);
+    lua_pushliteral(L, "paygate.json.array");
+    lua_setfield(L, -2, "__name");
+    lua_rawset(L, LUA_REGISTRYINDEX);
     return 1;
 }
