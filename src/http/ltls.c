@@ -144,6 +144,35 @@ use_set(SSL_CTX *ctx, SSL *s, X509 *leaf, STACK_OF(X509) *chain,
 }
 
 /*
+ * After a swap, the set swapped in is the only one a handshake may
+ * present. The context keeps one certificate per key type, and a swap
+ * replaces the one of its own type only: on a listener started with an
+ * RSA and an ECDSA certificate, a new RSA one would leave the old ECDSA
+ * one to every client that offers ECDSA. OpenSSL has no call that drops
+ * a context's certificate, so each new connection, before the server
+ * picks its certificate, drops the copies it took and takes the
+ * context's current one (the set swapped in last).
+ */
+static int
+swapped_only(SSL *s, void *arg)
+{
+    SSL_CTX *ctx = SSL_get_SSL_CTX(s);
+    X509 *leaf = SSL_CTX_get0_certificate(ctx);
+    EVP_PKEY *pkey = SSL_CTX_get0_privatekey(ctx);
+    STACK_OF(X509) *chain = NULL;
+
+    (void) arg;
+    if (leaf == NULL || pkey == NULL
+        || SSL_CTX_get0_chain_certs(ctx, &chain) != 1) {
+        return 0;
+    }
+    SSL_certs_clear(s);
+    return SSL_use_certificate(s, leaf) == 1
+           && SSL_set1_chain(s, chain) == 1
+           && SSL_use_PrivateKey(s, pkey) == 1;
+}
+
+/*
  * syntax: ok, err = tls.set_certificate(cert_pem, key_pem)
  * The certificate chain (leaf first) and its private key become what this
  * worker's listener presents to new handshakes. Checked first (PEM, the
@@ -181,6 +210,9 @@ ltls_set_certificate(lua_State *L)
     ok = dry != NULL && use_set(ctx, dry, leaf, chain, pkey);
     SSL_free(dry);
     ok = ok && use_set(ctx, NULL, leaf, chain, pkey);
+    if (ok) {
+        SSL_CTX_set_cert_cb(ctx, swapped_only, NULL);
+    }
     pem_free(leaf, chain, pkey);
     ERR_clear_error();
     if (!ok) {
