@@ -222,7 +222,8 @@ file_reason(char *err, size_t errlen, const char *what, const char *path0)
 {
     char buf[16384];
     size_t n = 0;
-    int is_key = strcmp(what, "key") == 0, has_cert, has_key, e = 0, fd;
+    int is_key = strcmp(what, "key") == 0, has_cert, has_key, encrypted;
+    int e = 0, fd;
     struct stat st;
     /* a value that is no path (PEM text pasted in its place, several
      * lines, very long) is not repeated: it may be the key itself */
@@ -269,6 +270,8 @@ file_reason(char *err, size_t errlen, const char *what, const char *path0)
     buf[n] = 0;
     has_cert = strstr(buf, "-----BEGIN CERTIFICATE-----") != NULL;
     has_key = strstr(buf, "PRIVATE KEY-----") != NULL;
+    encrypted = strstr(buf, "-----BEGIN ENCRYPTED PRIVATE KEY-----") != NULL
+                || strstr(buf, "Proc-Type: 4,ENCRYPTED") != NULL;
     OPENSSL_cleanse(buf, sizeof(buf));
     if (n == 0 && e != 0) {
         snprintf(err, errlen, "tls %s %s: %s", what, path, strerror(e));
@@ -284,6 +287,10 @@ file_reason(char *err, size_t errlen, const char *what, const char *path0)
                  ? "a certificate, not a private key (are the certificate "
                    "and the key swapped?)"
                  : "no PEM private key in it (a BEGIN ... PRIVATE KEY line)");
+    } else if (is_key && encrypted) {
+        snprintf(err, errlen, "tls key %s: encrypted with a pass phrase: "
+                 "paygate reads private keys unencrypted only (decrypt it: "
+                 "umask 077; openssl pkey -in FILE -out key.pem)", path);
     } else {
         unsigned long oe = ERR_peek_last_error();
         const char *r = oe ? ERR_reason_error_string(oe) : NULL;
@@ -292,6 +299,20 @@ file_reason(char *err, size_t errlen, const char *what, const char *path0)
                  r ? r : "malformed PEM");
     }
     ERR_clear_error();
+}
+
+/* The pass-phrase callback of the listener's key: there is none.
+ * Without one OpenSSL asks on the terminal (or stdin), and the master
+ * would stop there, at start or on a reload, for as long as nobody
+ * types: an encrypted key is refused (file_reason() says so). */
+static int
+no_password(char *buf, int size, int rwflag, void *u)
+{
+    (void) buf;
+    (void) size;
+    (void) rwflag;
+    (void) u;
+    return -1;
 }
 
 static int
@@ -378,6 +399,7 @@ gw_tls_server_ctx(const struct gw_tls_conf *conf, char *err, size_t errlen)
      * a new connection's handshake and first request take 2 reads
      * instead of 8. The server then reads on while SSL_has_pending(). */
     SSL_CTX_set_read_ahead(ctx, 1);
+    SSL_CTX_set_default_passwd_cb(ctx, no_password);
     if (load_pair(ctx, conf->cert, conf->key, err, errlen) != 0) {
         goto err;
     }
