@@ -268,6 +268,24 @@ describe("paygate CLI", function()
                       "--tls-key", dir .. "/c.pem" })
     assert.equal(2, code)
     assert.matches("a certificate, not a private key", out, 1, true)
+    -- a key of another certificate (of its type), and a chain file whose
+    -- leaf is not first: each said as such, not "cannot be loaded (key
+    -- values mismatch)"
+    assert(os.execute("openssl req -x509 -newkey rsa:2048 -nodes -keyout "
+      .. dir .. "/k2.pem -out " .. dir .. "/c2.pem -subj /CN=t2 -days 1 "
+      .. "2>/dev/null"))
+    code, out = run({ "run", "examples/hello", "--tls-cert", dir .. "/c.pem",
+                      "--tls-key", dir .. "/k2.pem" })
+    assert.equal(2, code)
+    assert.matches("tls key " .. dir .. "/k2.pem does not match certificate "
+                   .. dir .. "/c.pem", out, 1, true)
+    assert(os.execute(("cat %s/c2.pem %s/c.pem > %s/back.pem"):format(dir,
+                      dir, dir)))
+    code, out = run({ "run", "examples/hello", "--tls-cert",
+                      dir .. "/back.pem", "--tls-key", dir .. "/k.pem" })
+    assert.equal(2, code)
+    assert.matches("the chain is out of order: the certificate of key "
+                   .. dir .. "/k.pem is number 2", out, 1, true)
     -- a FIFO is refused, not opened (with no writer it would block the
     -- start for good); PEM text given for a path is not repeated
     assert(os.execute("mkfifo " .. dir .. "/fifo"))

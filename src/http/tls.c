@@ -18,6 +18,7 @@
 #include <openssl/core_names.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
+#include <openssl/pem.h>
 #include <openssl/rand.h>
 
 #include "tls.h"
@@ -323,6 +324,55 @@ regular_file(const char *path)
     return stat(path, &st) == 0 && S_ISREG(st.st_mode);
 }
 
+/* Why the key at key does not go with the certificate file at cert:
+ * the file's chain in the wrong order (a certificate after the first is
+ * the key's), or a key of another certificate. Both files have loaded. */
+static void
+mismatch_reason(char *err, size_t errlen, const char *cert, const char *key)
+{
+    char buf[16384];
+    ssize_t r = 0;
+    size_t len = 0;
+    int fd = open(key, O_RDONLY | O_CLOEXEC | O_NONBLOCK), n = 0, at = 0;
+    EVP_PKEY *pkey = NULL;
+    BIO *b;
+    X509 *x;
+
+    /* read(2) and a memory BIO: no stdio buffer keeps a copy of the key */
+    while (fd >= 0 && len < sizeof(buf)
+           && ((r = read(fd, buf + len, sizeof(buf) - len)) > 0
+               || (r < 0 && errno == EINTR))) {
+        len += r > 0 ? (size_t) r : 0;
+    }
+    if (fd >= 0) {
+        close(fd);
+    }
+    b = len > 0 ? BIO_new_mem_buf(buf, (int) len) : NULL;
+    pkey = b ? PEM_read_bio_PrivateKey(b, NULL, no_password, NULL) : NULL;
+    BIO_free(b);
+    OPENSSL_cleanse(buf, sizeof(buf));
+    b = pkey ? BIO_new_file(cert, "r") : NULL;
+    while (b != NULL && at == 0
+           && (x = PEM_read_bio_X509(b, NULL, no_password, NULL)) != NULL) {
+        if (++n > 1 && X509_check_private_key(x, pkey) == 1) {
+            at = n;
+        }
+        X509_free(x);
+    }
+    BIO_free(b);
+    EVP_PKEY_free(pkey);
+    ERR_clear_error();
+    if (at > 0) {
+        snprintf(err, errlen, "tls certificate %s: the chain is out of "
+                 "order: the certificate of key %s is number %d in the "
+                 "file, and must be the first (the leaf, then the "
+                 "intermediates)", cert, key, at);
+    } else {
+        snprintf(err, errlen, "tls key %s does not match certificate %s",
+                 key, cert);
+    }
+}
+
 static int
 load_pair(SSL_CTX *ctx, const char *cert, const char *key, char *err,
           size_t errlen)
@@ -342,13 +392,20 @@ load_pair(SSL_CTX *ctx, const char *cert, const char *key, char *err,
         return -1;
     }
     if (SSL_CTX_use_PrivateKey_file(ctx, key, SSL_FILETYPE_PEM) != 1) {
-        file_reason(err, errlen, "key", key);
+        /* a key of the certificate's type that is not its key: OpenSSL
+         * refuses it here ("key values mismatch"), not in the check */
+        unsigned long e = ERR_peek_last_error();
+
+        if (ERR_GET_LIB(e) == ERR_LIB_X509
+            && ERR_GET_REASON(e) == X509_R_KEY_VALUES_MISMATCH) {
+            mismatch_reason(err, errlen, cert, key);
+        } else {
+            file_reason(err, errlen, "key", key);
+        }
         return -1;
     }
     if (SSL_CTX_check_private_key(ctx) != 1) {
-        snprintf(err, errlen, "tls key %s does not match certificate %s",
-                 key, cert);
-        ERR_clear_error();
+        mismatch_reason(err, errlen, cert, key);
         return -1;
     }
     return 0;
