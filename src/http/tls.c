@@ -411,6 +411,50 @@ load_pair(SSL_CTX *ctx, const char *cert, const char *key, char *err,
     return 0;
 }
 
+int
+gw_tls_cert_dates(const char *path, char *msg, size_t msglen)
+{
+    BIO *b;
+    X509 *x;
+    const ASN1_TIME *t = NULL;
+    const char *what = NULL;
+    char when[64] = "";
+    int rc = 0;
+
+    if (path == NULL || path[0] == '\0') {
+        return 0;
+    }
+    b = BIO_new_file(path, "r");
+    x = b ? PEM_read_bio_X509(b, NULL, no_password, NULL) : NULL;
+    BIO_free(b);
+    if (x != NULL) {
+        if (X509_cmp_current_time(X509_get0_notAfter(x)) <= 0) {
+            t = X509_get0_notAfter(x);
+            what = "expired on";
+        } else if (X509_cmp_current_time(X509_get0_notBefore(x)) >= 0) {
+            t = X509_get0_notBefore(x);
+            what = "is not valid yet: from";
+        }
+    }
+    if (t != NULL) {
+        BIO *m = BIO_new(BIO_s_mem());
+        char *p;
+        long n;
+
+        if (m != NULL && ASN1_TIME_print(m, t) == 1
+            && (n = BIO_get_mem_data(m, &p)) > 0) {
+            snprintf(when, sizeof(when), "%.*s", (int) n, p);
+        }
+        BIO_free(m);
+        snprintf(msg, msglen, "tls certificate %s %s %s: clients that verify "
+                 "it refuse every handshake", path, what, when);
+        rc = 1;
+    }
+    X509_free(x);
+    ERR_clear_error();
+    return rc;
+}
+
 SSL_CTX *
 gw_tls_server_ctx(const struct gw_tls_conf *conf, char *err, size_t errlen)
 {

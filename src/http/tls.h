@@ -35,6 +35,11 @@ struct gw_tls_conf {
 SSL_CTX *gw_tls_server_ctx(const struct gw_tls_conf *conf, char *err,
                            size_t errlen);
 
+/* Whether the first certificate of the PEM file at path (the leaf) is
+ * out of its validity now: 1 with why in msg (expired, or not valid yet,
+ * and when), else 0 (a path NULL or "" too). */
+int gw_tls_cert_dates(const char *path, char *msg, size_t msglen);
+
 /* Master, before forking: maps the ticket keys shared with every worker
  * (and every later generation) and makes the first one. GW_OK/GW_ERR. */
 int gw_tls_tickets_init(void);

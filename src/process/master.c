@@ -642,6 +642,15 @@ on_hup(evutil_socket_t sig, short what, void *arg)
     }
     if (m.o->tls_cert[0] != '\0') {
         m.ssl_next = tls_ctx(m.o, err, sizeof(err));
+        /* a certificate out of its dates is refused here, where the one
+         * serving stays (at start it is only a warning: there is none) */
+        if (m.ssl_next != NULL
+            && (gw_tls_cert_dates(m.o->tls_cert, err, sizeof(err))
+                || gw_tls_cert_dates(m.o->tls_ecdsa_cert, err,
+                                     sizeof(err)))) {
+            SSL_CTX_free(m.ssl_next);
+            m.ssl_next = NULL;
+        }
         if (m.ssl_next == NULL) {
             gw_metrics_reload(0);
             gw_log(GW_LOG_ERROR, "reload refused: %s; generation %d keeps "
@@ -1073,6 +1082,12 @@ gw_master_main(struct gw_opts *o, const struct gw_opts *file)
         if (m.ssl_ctx == NULL) {
             fprintf(stderr, "paygate: %s\n", err);
             return 2;
+        }
+        if (gw_tls_cert_dates(o->tls_cert, err, sizeof(err))) {
+            gw_log(GW_LOG_WARN, "%s", err);
+        }
+        if (gw_tls_cert_dates(o->tls_ecdsa_cert, err, sizeof(err))) {
+            gw_log(GW_LOG_WARN, "%s", err);
         }
     } else if (o->tls_client_ca[0] != '\0' || o->tls_ecdsa_cert[0] != '\0') {
         fprintf(stderr, "paygate: --tls-client-ca and tls.ecdsa_cert need "
