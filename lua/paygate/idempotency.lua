@@ -170,10 +170,19 @@ local function check_positive(fname, name, v)
   end
 end
 
+-- The request timeout the server enforces (paygate.runtime's, in a
+-- worker): a reload re-reads paygate.config, but the server keeps the
+-- limits.request_timeout it started with. Read from the config, a reload
+-- that lowered it gave runs still allowed the old timeout a lease shorter
+-- than that, and a retry took over a live run. (paygate exec: the
+-- config's, else 30.)
 local function default_lease()
   local ok, paygate = pcall(require, "paygate")
-  local t = ok and paygate.config and paygate.config.limits
-            and paygate.config.limits.request_timeout
+  local t = ok and paygate.runtime and paygate.runtime.request_timeout
+  if type(t) ~= "number" or t <= 0 then
+    t = ok and paygate.config and paygate.config.limits
+        and paygate.config.limits.request_timeout
+  end
   if type(t) ~= "number" or t <= 0 then
     t = 30
   end

@@ -43,10 +43,13 @@ static int lruntime_fail(lua_State *L);
 /* Sets package.loaded["paygate.runtime"] = { mode, app_dir, config_file,
  * listen ("HOST:PORT" of the public listener; workers only), generation
  * (the code generation the worker runs: 1 at start, one more per reload
- * tried) and fail (lruntime_fail) (workers only) } */
+ * tried), request_timeout (s: the one the server enforces, read at the
+ * start; a reload re-reads paygate.config but not it; workers only: > 0)
+ * and fail (lruntime_fail) (workers only) } */
 static void
 push_runtime_info(lua_State *L, const char *mode, const char *app_dir,
-                  const char *config_file, const char *listen, int gen)
+                  const char *config_file, const char *listen, int gen,
+                  double request_timeout)
 {
     lua_getglobal(L, "package");
     lua_getfield(L, -1, "loaded");
@@ -64,6 +67,10 @@ push_runtime_info(lua_State *L, const char *mode, const char *app_dir,
     if (listen != NULL) {
         lua_pushstring(L, listen);
         lua_setfield(L, -2, "listen");
+    }
+    if (request_timeout > 0) {
+        lua_pushnumber(L, request_timeout);
+        lua_setfield(L, -2, "request_timeout");
     }
     if (gen > 0) {
         lua_pushinteger(L, gen);
@@ -423,7 +430,7 @@ gw_worker_main(const struct gw_opts *o, int listen_fd, SSL_CTX *ctx,
         return 1;
     }
     push_runtime_info(w.L, "worker", o->app_dir, o->config_file,
-                      o->listen, gen);
+                      o->listen, gen, o->server.request_timeout);
     if (o->resolver[0] != '\0') {   /* checked when the config was read */
         gw_dns_configure(o->resolver, -1, -1, -1, path, sizeof(path));
     }
@@ -511,7 +518,8 @@ gw_exec_main(const char *script, int argc, char **argv)
             *slash = '\0';
         }
         push_runtime_info(L, "exec", slash != NULL ? (abs[0] ? abs : "/")
-                                                   : NULL, NULL, NULL, 0);
+                                                   : NULL, NULL, NULL, 0,
+                          0);
         free(abs);
     }
 
