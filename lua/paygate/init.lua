@@ -54,6 +54,7 @@ _M.sleep = core.sleep          -- paygate.sleep(seconds): yields
 _M.spawn = core.spawn          -- task = paygate.spawn(fn, ...)
 _M.event = core.event          -- ev = paygate.event(): ev:wait(t), ev:set()
 _M.now = core.now              -- cached seconds since the epoch
+_M.time_left = core.time_left  -- s to the handler's deadline, or nil
 _M.update_time = core.update_time
 -- ok, err = paygate.write_file(path, data[, mode]): whole or not at all
 _M.write_file = core.write_file

@@ -17,6 +17,9 @@ struct gw_co_owner {
     void (*fail)(struct gw_co *co, const char *msg);
     /* Optional (may be NULL): the coroutine now waits on an operation. */
     void (*suspended)(struct gw_co *co);
+    /* Optional (may be NULL): the monotonic time (s) by which the owner
+     * ends the coroutine (a request's deadline), or 0 for none. */
+    double (*deadline)(struct gw_co *co);
 };
 
 struct gw_co {

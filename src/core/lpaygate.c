@@ -146,6 +146,26 @@ lcore_mono(lua_State *L)
     return 1;
 }
 
+/* core.time_left() -> seconds until the calling coroutine's owner ends
+ * it (a request handler's deadline: 504 then, the handler cancelled), or
+ * nil when nothing will (a task, an exec script, outside a coroutine).
+ * Work that must finish before it (a call whose outcome is to be
+ * recorded) sizes its own timeout from this. */
+static int
+lcore_time_left(lua_State *L)
+{
+    struct gw_co *co = gw_co_find(L);
+    double at;
+
+    if (co == NULL || co->owner == NULL || co->owner->deadline == NULL
+        || (at = co->owner->deadline(co)) <= 0) {
+        lua_pushnil(L);
+        return 1;
+    }
+    lua_pushnumber(L, at - gw_loop_mono_fresh());
+    return 1;
+}
+
 /* core.listdir(path) -> { names } (sorted, no dot files) | nil, err.
  * Blocking: for start-up work (migrations), not for handlers. */
 static int
@@ -613,7 +633,8 @@ task_fail(struct gw_co *co, const char *msg)
     task_finish(t);
 }
 
-static const struct gw_co_owner task_owner = { task_done, task_fail, NULL };
+static const struct gw_co_owner task_owner = { task_done, task_fail, NULL,
+                                                NULL };
 
 /*
  * syntax: task = paygate.spawn(fn, ...)
@@ -1486,6 +1507,7 @@ static const luaL_Reg lcore_funcs[] = {
     { "now", lcore_now },
     { "time", lcore_time },
     { "mono", lcore_mono },
+    { "time_left", lcore_time_left },
     { "listdir", lcore_listdir },
     { "file_type", lcore_file_type },
     { "write_file", lcore_write_file },

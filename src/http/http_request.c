@@ -392,8 +392,17 @@ req_suspended(struct gw_co *co)
     gw_conn_timer(c, c->deadline - gw_loop_mono());
 }
 
+/* The handler's deadline (req:set_deadline moves it): core.time_left() */
+static double
+req_co_deadline(struct gw_co *co)
+{
+    struct gw_conn *c = co->data;
+
+    return c != NULL ? c->deadline : 0;
+}
+
 static const struct gw_co_owner req_owner = {
-    req_done, req_fail, req_suspended
+    req_done, req_fail, req_suspended, req_co_deadline
 };
 
 void

@@ -233,7 +233,8 @@ hooks_fail(struct gw_co *co, const char *msg)
     hooks_end();
 }
 
-static const struct gw_co_owner hooks_owner = { hooks_ok, hooks_fail, NULL };
+static const struct gw_co_owner hooks_owner = { hooks_ok, hooks_fail, NULL,
+                                                 NULL };
 
 static void
 on_hooks_deadline(evutil_socket_t fd, short what, void *arg)
@@ -383,7 +384,7 @@ app_fail(struct gw_co *co, const char *msg)
     event_base_loopbreak(gw_loop_base());
 }
 
-static const struct gw_co_owner app_owner = { app_done, app_fail, NULL };
+static const struct gw_co_owner app_owner = { app_done, app_fail, NULL, NULL };
 
 static int
 runtime_init(const char *app_dir)
@@ -497,7 +498,8 @@ exec_fail(struct gw_co *co, const char *msg)
     event_base_loopbreak(gw_loop_base());
 }
 
-static const struct gw_co_owner exec_owner = { exec_done, exec_fail, NULL };
+static const struct gw_co_owner exec_owner = { exec_done, exec_fail, NULL,
+                                                NULL };
 
 int
 gw_exec_main(const char *script, int argc, char **argv)

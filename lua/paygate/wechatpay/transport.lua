@@ -24,7 +24,9 @@
 --                      it, a POST out of retries after such a failure is
 --                      `unknown_outcome` too, with retryable = true.
 --     deadline         seconds for the whole call, retries included
---                      (default conf.deadline, 30)
+--                      (default conf.deadline, 30); inside a request
+--                      handler never past the handler's own deadline
+--                      less _M.HANDLER_MARGIN (see below)
 --     timeout          seconds for one attempt (default conf.timeout, 10;
 --                      never past the deadline)
 --     idle_timeout     seconds under a byte a second after which an attempt
@@ -69,7 +71,7 @@ local sign = require "paygate.wechatpay.sign"
 local upstream = require "paygate.wechatpay.upstream"
 
 local type, tostring, pairs, error = type, tostring, pairs, error
-local min, random = math.min, math.random
+local min, max, random = math.min, math.max, math.random
 
 local _M = {}
 
@@ -78,6 +80,11 @@ local _M = {}
 -- it; the bytes are signed as sent either way). It raises on a value JSON
 -- cannot hold (a function, NaN, a sparse array), which callers pcall.
 _M.encode = json.encode
+
+-- seconds a call made in a request handler leaves the handler before its
+-- deadline (req:set_deadline, limits.request_timeout): to record what the
+-- call's outcome was and answer
+_M.HANDLER_MARGIN = 2
 
 local USER_AGENT
 local function user_agent()
@@ -238,7 +245,16 @@ call = function(wx, method, path, body, opts, ep, what, stat)
   local idempotent = opts.idempotent
   if idempotent == nil then idempotent = SAFE_METHODS[method] or false end
   local started = core.mono()
-  local deadline = started + (opts.deadline or c.deadline)
+  -- inside a request handler, the call ends HANDLER_MARGIN s before the
+  -- handler's own deadline: past that the client got 504 and the handler
+  -- was cancelled mid-call, so it never recorded what it knew (a payment
+  -- left `created`, not `unknown`; the merchant client's default deadline
+  -- and the server's request_timeout are both 30 s)
+  local budget = opts.deadline or c.deadline
+  local left = core.time_left()
+  local capped = left ~= nil and left - _M.HANDLER_MARGIN < budget
+  if capped then budget = max(0, left - _M.HANDLER_MARGIN) end
+  local deadline = started + budget
   local max_attempts = opts.max_attempts or c.max_attempts
   local headers = {
     ["Accept"] = "application/json",
@@ -457,8 +473,11 @@ call = function(wx, method, path, body, opts, ep, what, stat)
   end
   if last == nil then
     return nil, errors.new("timeout", what .. ": deadline of "
-      .. (opts.deadline or c.deadline) .. " s passed before an attempt",
-      { retryable = true })
+      .. (capped and string.format("%.3g s (what the request handler's own"
+          .. " deadline left)", budget)
+          or (opts.deadline or c.deadline) .. " s")
+      .. " passed before an attempt: nothing was sent",
+      { retryable = true, sent = false })
   end
   if not core.is_error(last) then return nil, last end
   if reached and not SAFE_METHODS[method]
