@@ -54,6 +54,19 @@ paygate.route("GET", "/headers2", function(req)
                 nc = nc, n = select("#", req:header("X-Test", "x-absent",
                                                     "X-OTHER")) }
 end)
+paygate.route("GET", "/headers_misuse", function(req)
+  local out = {}
+  for i, call in ipairs{
+    function() return req:header(5) end,
+    function() return req:header("X-Test", 5) end,
+    function() return req:header_count(5) end,
+    function() return req:header({}) end,
+  } do
+    local ok, err = pcall(call)
+    out[i] = ok and "returned" or tostring(err)
+  end
+  return 200, out
+end)
 paygate.route("GET", "/boom", function() error("handler exploded") end)
 paygate.route("GET", "/badstatus", function() return "nope" end)
 paygate.route("GET", "/hugestatus", function() return 4294967496, "x" end)
@@ -240,6 +253,26 @@ describe("paygate run", function()
       assert.matches("^HTTP/1.1 200", out)
       assert.same({ a = "a", na = 2, b = "nil", nb = "nil", c = "o", nc = 1,
                     n = 6 }, json.decode(out:match("\r\n\r\n(.*)$")))
+    end)
+
+    it("raises on a header name that is not a string (a number too, not"
+       .. " read as its digits)", function()
+      local res = assert(s:request{ path = "/headers_misuse",
+                                    headers = { ["X-Test"] = "v",
+                                                ["5"] = "five" } })
+      assert.equal(200, res.status)
+      local out = json.decode(res.body)
+      assert.equal(4, #out)
+      -- (named however called: these are tail calls through pcall)
+      for i, want in ipairs{ "req:header: name must be a string (got number)",
+                             "req:header: name 2 must be a string (got"
+                               .. " number)",
+                             "req:header_count: name must be a string (got"
+                               .. " number)",
+                             "req:header: name must be a string (got table)",
+                           } do
+        assert.truthy(out[i]:find(want, 1, true), out[i])
+      end
     end)
 
     it("gives the app its config file, read-only, with a copy to iterate", function()

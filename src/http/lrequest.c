@@ -313,6 +313,25 @@ lreq_newindex(lua_State *L)
     return 0;
 }
 
+/* The name argument i of req:fn (i - 1 of several): a string, else this
+ * raises naming the method, however it was called (luaL_checklstring took
+ * a number as its digits, and its "bad argument" says '?' through a tail
+ * call or pcall). */
+static const char *
+check_name(lua_State *L, int i, const char *fn, size_t *len)
+{
+    if (lua_type(L, i) != LUA_TSTRING) {
+        char nth[16] = "";
+
+        if (i > 2) {
+            snprintf(nth, sizeof(nth), " %d", i - 1);
+        }
+        luaL_error(L, "req:%s: name%s must be a string (got %s)", fn, nth,
+                   lua_isnone(L, i) ? "no value" : luaL_typename(L, i));
+    }
+    return lua_tolstring(L, i, len);
+}
+
 /*
  * syntax: value, n = req:header(name)
  *         v1, n1, v2, n2, ... = req:header(name1, name2, ...)
@@ -330,13 +349,13 @@ lreq_header(lua_State *L)
     struct gw_conn *c = lreq_conn(L, 1);
     int             top = lua_gettop(L), i;
 
-    (void) luaL_checklstring(L, 2, NULL);    /* one name at least */
+    (void) check_name(L, 2, "header", NULL);    /* one name at least */
     if (top > 2) {
         luaL_checkstack(L, 2 * (top - 1), "req:header: too many names");
     }
     for (i = 2; i <= top; i++) {
         size_t len;
-        const char *name = luaL_checklstring(L, i, &len);
+        const char *name = check_name(L, i, "header", &len);
         size_t n;
         const struct gw_http_header *h = gw_http_find_count(&c->head, name,
                                                             len, &n);
@@ -366,7 +385,7 @@ lreq_header_count(lua_State *L)
 {
     struct gw_conn *c = lreq_conn(L, 1);
     size_t len;
-    const char *name = luaL_checklstring(L, 2, &len);
+    const char *name = check_name(L, 2, "header_count", &len);
 
     lua_pushinteger(L, (lua_Integer) gw_http_count(&c->head, name, len));
     return 1;
