@@ -61,6 +61,39 @@ describe("paygate.shared", function()
                    err)
   end)
 
+  it("names the method in an error however it was called: a missing or"
+     .. " bad by or init, a dot for a colon", function()
+    local d = fresh()
+    -- through pcall and as tail calls, where "bad argument #2 to '?'" said
+    -- neither which function nor which argument
+    local ok, err = pcall(d.incr, d, "k")
+    assert.is_false(ok)
+    assert.matches("^shared.incr: by must be a number %(got no value%)", err)
+    ok, err = pcall(function() return d:incr("k") end)
+    assert.matches("shared.incr: by must be a number (got no value)", err, 1,
+                   true)
+    ok, err = pcall(function() return d:incr("k", {}) end)
+    assert.matches("shared.incr: by must be a number (got table)", err, 1,
+                   true)
+    ok, err = pcall(function() return d:incr("k", 1, "x") end)
+    assert.matches("shared.incr: init must be a number (got string)", err, 1,
+                   true)
+    -- (a number in a string stays a number, as before)
+    assert.equal(3, d:incr("k", "2", "1"))
+    -- d.get(k): the key taken for the dictionary
+    for _, m in ipairs{ "get", "set", "add", "safe_add", "incr", "delete",
+                        "flush_all", "stats" } do
+      ok, err = pcall(d[m], "k", 1)
+      assert.is_false(ok)
+      assert.matches("^shared." .. m .. ": use d:" .. m .. "%(%.%.%.%), not d%."
+                     .. m .. "%(%.%.%.%)", err)
+      ok, err = pcall(function() return d[m]() end)
+      assert.matches("shared." .. m .. ": use d:" .. m .. "(...)", err, 1,
+                     true)
+    end
+    assert.equal(3, d:get("k"))
+  end)
+
   it("always has the paygate dictionary, 8m by default", function()
     local d = shared.paygate
     assert.equal(d, shared.get_dict("paygate"))

@@ -26,10 +26,33 @@ struct gw_lshared {
 
 static char *value_buf;             /* owned: GW_SHD_MAX_VALUE bytes */
 
+/* The dictionary d:fn(...) was called on. Anything else is d.fn(...)
+ * written for d:fn(...) (its first argument taken for d): said so, naming
+ * the method, where luaL_checkudata's "bad argument #1 to '?'" named none
+ * through a tail call or pcall. */
 static struct gw_shdict *
-check_dict(lua_State *L)
+check_dict(lua_State *L, const char *fn)
 {
-    return ((struct gw_lshared *) gw_checkudata(L, 1, LSHARED_MT))->d;
+    struct gw_lshared *ud = gw_testudata(L, 1, LSHARED_MT);
+
+    if (ud == NULL) {
+        luaL_error(L, "shared.%s: use d:%s(...), not d.%s(...) (got %s for "
+                      "the dictionary)", fn, fn, fn,
+                   lua_isnone(L, 1) ? "no value" : luaL_typename(L, 1));
+    }
+    return ud->d;
+}
+
+/* Argument i of shared.fn, called what: a number (or a string that is
+ * one, as before), else this raises naming both. */
+static double
+check_number(lua_State *L, int i, const char *fn, const char *what)
+{
+    if (!lua_isnumber(L, i)) {
+        luaL_error(L, "shared.%s: %s must be a number (got %s)", fn, what,
+                   lua_isnone(L, i) ? "no value" : luaL_typename(L, i));
+    }
+    return lua_tonumber(L, i);
 }
 
 static const char *
@@ -98,7 +121,7 @@ push_rc(lua_State *L, struct gw_shdict *d, enum gw_shd_rc rc,
 static int
 lshared_get(lua_State *L)
 {
-    struct gw_shdict *d = check_dict(L);
+    struct gw_shdict *d = check_dict(L, "get");
     size_t klen;
     const char *key = check_key(L, "get", &klen);
     struct gw_shd_value v;
@@ -132,7 +155,7 @@ static int
 set_or_add(lua_State *L, int add)
 {
     const char *fn = add == 2 ? "safe_add" : add ? "add" : "set";
-    struct gw_shdict *d = check_dict(L);
+    struct gw_shdict *d = check_dict(L, fn);
     size_t klen;
     const char *key = check_key(L, fn, &klen);
     double ttl = check_ttl(L, 4, fn);
@@ -219,16 +242,16 @@ lshared_safe_add(lua_State *L)
 static int
 lshared_incr(lua_State *L)
 {
-    struct gw_shdict *d = check_dict(L);
+    struct gw_shdict *d = check_dict(L, "incr");
     size_t klen;
     const char *key = check_key(L, "incr", &klen);
     double by, init = 0, ttl, out = 0;
     int has_init = !lua_isnoneornil(L, 4);
     enum gw_shd_rc rc;
 
-    by = luaL_checknumber(L, 3);
+    by = check_number(L, 3, "incr", "by");
     if (has_init) {
-        init = luaL_checknumber(L, 4);
+        init = check_number(L, 4, "incr", "init");
     }
     /* a NaN or an infinity would be the counter for good: every later
      * incr answers it again */
@@ -249,7 +272,7 @@ lshared_incr(lua_State *L)
 static int
 lshared_delete(lua_State *L)
 {
-    struct gw_shdict *d = check_dict(L);
+    struct gw_shdict *d = check_dict(L, "delete");
     size_t klen;
     const char *key = check_key(L, "delete", &klen);
 
@@ -262,7 +285,7 @@ lshared_delete(lua_State *L)
 static int
 lshared_flush_all(lua_State *L)
 {
-    gw_shdict_flush(check_dict(L));
+    gw_shdict_flush(check_dict(L, "flush_all"));
     return 0;
 }
 
@@ -273,7 +296,7 @@ lshared_stats(lua_State *L)
 {
     struct gw_shd_stats st;
 
-    gw_shdict_stats(check_dict(L), &st);
+    gw_shdict_stats(check_dict(L, "stats"), &st);
     lua_createtable(L, 0, 5);
     lua_pushnumber(L, (double) st.capacity);
     lua_setfield(L, -2, "capacity");
