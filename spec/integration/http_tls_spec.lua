@@ -545,6 +545,36 @@ sys.stdout.write("A:" + read_to_end(sock, tls, inb).decode("latin-1") + "\n")
       assert(ok, err)
     end)
 
+    -- a load balancer's TCP health check: connect, then close (or reset)
+    -- without a byte. No handshake was tried: not a failure, or the
+    -- counter would climb with every check and no alert could use it.
+    it("does not count a connection that sent nothing as a failed"
+       .. " handshake", function()
+      local a0, n0 = failures(s, "aborted"), failures(s, "not_tls")
+      local c = assert(rawtcp.connect(s.port, 5))
+      c:close()
+      c = assert(rawtcp.connect(s.port, 5))
+      require("ffi").C.setsockopt(c.fd, 1, 13,          -- SO_LINGER 0
+                                  require("ffi").new("int[2]", { 1, 0 }), 8)
+      c:close()
+      -- then one the server counts (its one worker takes them in order)
+      c = assert(rawtcp.connect(s.port, 5))
+      c:send("GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+      c:recv_all()
+      c:close()
+      proc.wait_until(function()
+        return failures(s, "not_tls") > n0
+      end, 5, "the plain HTTP connection to be counted")
+      assert.equal(a0, failures(s, "aborted"))
+      -- one that began its handshake and left mid-way still counts
+      c = assert(rawtcp.connect(s.port, 3))
+      c:send("\22\3\1\0\200\1\0\0\124\3\3")    -- a ClientHello cut short
+      c:close()
+      proc.wait_until(function()
+        return failures(s, "aborted") > a0
+      end, 5, "the aborted handshake to be counted")
+    end)
+
     it("limits TLS 1.3 to the ciphersuites configured; a bad list is"
        .. " refused at start", function()
       with_tls('ciphersuites = "TLS_CHACHA20_POLY1305_SHA256"', function(cs)

@@ -821,8 +821,15 @@ conn_handshake(struct gw_conn *c)
         }
     } else {
         err = ERR_peek_last_error();
-        tls_failed(c, tls_fail_reason(e, err), err);
         ERR_clear_error();
+        if (BIO_number_read(SSL_get_rbio(c->ssl)) == 0) {
+            /* closed (or reset) before its first byte: a TCP health
+             * check, no handshake tried; counted, it would make the
+             * failures useless to alert on */
+            conn_close(c);
+            return -1;
+        }
+        tls_failed(c, tls_fail_reason(e, err), err);
     }
     conn_close(c);
     return -1;
