@@ -545,6 +545,41 @@ sys.stdout.write("A:" + read_to_end(sock, tls, inb).decode("latin-1") + "\n")
       assert(ok, err)
     end)
 
+    -- curl http://host:443/, a client configured without TLS: as nginx,
+    -- a 400 in plain text saying why (not an empty reply), and a close
+    -- the client reads to its end: no reset, even with the rest of a
+    -- body unread (a GET and a POST are refused by OpenSSL as
+    -- "http request", other methods as "wrong version number")
+    it("answers plain HTTP with a 400 saying so, then closes without a"
+       .. " reset", function()
+      local n0 = failures(s, "not_tls")
+      local body = ("b"):rep(256 * 1024)
+      for _, req in ipairs{
+        "GET /pid HTTP/1.1\r\nHost: x\r\n\r\n",
+        "DELETE /pid HTTP/1.1\r\nHost: x\r\n\r\n",
+        "POST /len HTTP/1.1\r\nHost: x\r\nContent-Length: " .. #body
+          .. "\r\n\r\n" .. body,
+      } do
+        local c = assert(rawtcp.connect(s.port, 5))
+        assert(c:send(req))
+        local out, how = c:recv_all()
+        c:close()
+        local what = req:match("^%u+")
+        assert.matches("^HTTP/1.1 400 Bad Request\r\n", out, nil, what)
+        assert.truthy(out:find("\r\nConnection: close\r\n", 1, true), what)
+        assert.truthy(out:find("\r\n\r\nThe plain HTTP request was sent"
+                               .. " to an HTTPS port", 1, true), out)
+        local len = tonumber(out:match("\r\nContent%-Length: (%d+)\r\n"))
+        assert.equal(len, #out:match("\r\n\r\n(.*)$"), what)
+        assert.equal("eof", how, what)
+      end
+      proc.wait_until(function()
+        return failures(s, "not_tls") >= n0 + 3
+      end, 5, "the three to be counted not_tls")
+      -- and the listener serves TLS on
+      assert.truthy(tls_get(s.port).pid)
+    end)
+
     -- a load balancer's TCP health check: connect, then close (or reset)
     -- without a byte. No handshake was tried: not a failure, or the
     -- counter would climb with every check and no alert could use it.

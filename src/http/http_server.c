@@ -793,12 +793,48 @@ tls_failed(struct gw_conn *c, int reason, unsigned long err)
            gw_edge_event_name(reason), buf[0] ? ": " : "", buf);
 }
 
+static void conn_linger(struct gw_conn *c);
+
+#define PLAIN_HTTP_BODY "The plain HTTP request was sent to an HTTPS port: " \
+                        "use https://\n"
+
+/* Plain HTTP on the TLS port (a client or a health check configured
+ * without TLS, curl http:// to it): OpenSSL has refused its first bytes.
+ * Answered in plain text, as nginx does, rather than by a close the
+ * client reports as "Empty reply from server"; then closed as a refused
+ * upload is (conn_linger): what the client still sends is read and
+ * dropped, so that no reset destroys the answer. The answer is a few
+ * bytes into an empty socket buffer: one send() takes it. */
+static void
+plain_http_refuse(struct gw_conn *c)
+{
+    static const char answer[] =
+        "HTTP/1.1 400 Bad Request\r\n"
+        "Content-Type: text/plain\r\n"
+        "Content-Length: %zu\r\n"
+        "Connection: close\r\n"
+        "\r\n"
+        "%s";
+    char buf[256];
+    int  n = snprintf(buf, sizeof(buf), answer, sizeof(PLAIN_HTTP_BODY) - 1,
+                      PLAIN_HTTP_BODY);
+
+    if (n < 0 || (size_t) n >= sizeof(buf)
+        || send(c->fd, buf, (size_t) n, MSG_NOSIGNAL) != n) {
+        conn_close(c);
+        return;
+    }
+    idle_leave(c);              /* (a new connection is on the idle list) */
+    conn_linger(c);
+}
+
 /* Drives c's handshake: 1 done (counted full or resumed), 0 under way,
- * -1 failed (c closed). */
+ * -1 failed (c closed, or lingering after a plain HTTP answer). */
 static int
 conn_handshake(struct gw_conn *c)
 {
-    int r = SSL_do_handshake(c->ssl), e;
+    int first = SSL_get_state(c->ssl) == TLS_ST_BEFORE;
+    int r = SSL_do_handshake(c->ssl), e, reason;
     unsigned long err;
 
     if (c->idle && tls_started(c)) {
@@ -829,7 +865,17 @@ conn_handshake(struct gw_conn *c)
             conn_close(c);
             return -1;
         }
-        tls_failed(c, tls_fail_reason(e, err), err);
+        reason = tls_fail_reason(e, err);
+        tls_failed(c, reason, err);
+        /* not TLS from its first record (GET, POST, HEAD and PUT have
+         * their own reason, other methods are a "wrong version") */
+        if (reason == GW_EDGE_TLS_FAIL_NOT_TLS && first
+            && (ERR_GET_REASON(err) == SSL_R_HTTP_REQUEST
+                || ERR_GET_REASON(err) == SSL_R_HTTPS_PROXY_REQUEST
+                || ERR_GET_REASON(err) == SSL_R_WRONG_VERSION_NUMBER)) {
+            plain_http_refuse(c);
+            return -1;
+        }
     }
     conn_close(c);
     return -1;

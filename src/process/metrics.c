@@ -706,7 +706,8 @@ edge_metrics(struct buf *b)
     bprintf(b, "# HELP paygate_connections_lingered_total Connections "
                "closed after their answer with the client's further bytes "
                "read and dropped first (a refused body, pipelined "
-               "requests), so that no reset destroys the answer.\n"
+               "requests, plain HTTP on the TLS port), so that no reset "
+               "destroys the answer.\n"
                "# TYPE paygate_connections_lingered_total counter\n"
                "paygate_connections_lingered_total %llu\n",
             edge_sum(GW_EDGE_LINGERED));
