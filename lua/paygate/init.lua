@@ -180,10 +180,39 @@ local function loggable(v, seen, depth)
   return tostring(v)
 end
 
+-- A line holds 16 KiB (log.c), half of it for the fields: fields whose
+-- JSON is longer than FIELDS_MAX have their long strings cut (a body, a
+-- dump), each to cap bytes and "...(N bytes more)", cap made smaller
+-- until they fit, so every key stays (the whole fields were dropped).
+local FIELDS_MAX = 8000
+
+local function shorten(v, cap)
+  local t = type(v)
+  if t == "string" then
+    if #v > cap then
+      return v:sub(1, cap) .. "...(" .. (#v - cap) .. " bytes more)"
+    end
+    return v
+  elseif t == "table" then
+    local out = {}
+    for k, x in pairs(v) do out[k] = shorten(x, cap) end
+    return setmetatable(out, getmetatable(v))
+  end
+  return v
+end
+
 local function encode_fields(fields)
   local ok, f = pcall(json.encode, fields)
-  if ok then return f end
-  return json.encode(loggable(fields, {}, 0))
+  if not ok then
+    fields = loggable(fields, {}, 0)    -- no cycle left to walk
+    f = json.encode(fields)
+  end
+  local cap = 1024
+  while #f > FIELDS_MAX and cap >= 16 do
+    f = json.encode(shorten(fields, cap))
+    cap = cap / 4
+  end
+  return f
 end
 
 -- The message's text: a paygate error (or a table with kind or message)

@@ -87,6 +87,34 @@ describe("error reporting", function()
       assert.matches('"2":"nan"', line, 1, true)
     end)
 
+    it("paygate.log keeps every field of a line past its 16 KiB, long"
+       .. " values shortened, and a long binary message", function()
+      -- (fields whose JSON did not fit the line were all dropped, the
+      -- short ones with the long one: {"msg":"upstream failed"} alone;
+      -- a message of 3 KiB of control bytes was "(message too long)")
+      local code, out = exec([[
+        local paygate = require "paygate"
+        paygate.log.warn("upstream failed", { body = string.rep("x", 20000),
+          status = 502, error = { kind = "closed", message = "reset" },
+          nested = { list = { string.rep("y", 9000), "short" } } })
+        paygate.log.warn(string.rep("\1", 3000), { after = "kept" })
+      ]])
+      assert.equal(0, code, out)
+      local json = require "paygate.json"
+      local line = out:match('[^\n]*"msg":"upstream failed"[^\n]*')
+      assert.truthy(line, out)
+      local t = assert(json.decode(line))
+      assert.equal(502, t.status)
+      assert.same({ kind = "closed", message = "reset" }, t.error)
+      assert.equal("short", t.nested.list[2])
+      assert.matches("^xxxx.*%(%d+ bytes more%)$", t.body)
+      assert.matches("^yyyy.*%(%d+ bytes more%)$", t.nested.list[1])
+      line = out:match('[^\n]*"after":"kept"[^\n]*')
+      assert.truthy(line, out)
+      t = assert(json.decode(line))
+      assert.matches("^\1\1\1\1", t.msg)
+    end)
+
     it("sets paygate.app_dir to the script's folder", function()
       local code, out = exec([[
         local paygate = require "paygate"

@@ -123,7 +123,7 @@ gw_log_line(enum gw_log_level level, const char *request_id,
     char buf[16384];
     struct timeval tv;
     struct tm tm;
-    size_t n, q;
+    size_t n, q, room;
     int w;
 
     if (level < gw_log_min) {
@@ -149,17 +149,28 @@ gw_log_line(enum gw_log_level level, const char *request_id,
     if (msg_len > 4096) {
         msg_len = 4096;     /* a runaway message must not hide the line */
     }
-    q = gw_json_quote(buf + n, sizeof(buf) - n - 64, msg, msg_len);
-    if (q == 0) {
-        q = gw_json_quote(buf + n, 64, "(message too long)", 18);
+    /* quoted, a byte may take 6 (a control byte, one not UTF-8): the
+     * message is cut until it fits rather than lost, in half the line
+     * when fields follow (the other half is theirs) */
+    room = (fields_json != NULL && fields_len > 2 ? sizeof(buf) / 2
+                                                  : sizeof(buf) - 128) - n;
+    while ((q = gw_json_quote(buf + n, room, msg, msg_len)) == 0) {
+        msg_len /= 2;
     }
     n += q;
-    /* fields_json is "{...}": splice its members in. */
+    /* fields_json is "{...}": splice its members in. Fields too long for
+     * the line (paygate.log shortens long values first) are said to be
+     * missing, never dropped without a word. */
     if (fields_json != NULL && fields_len > 2 && fields_json[0] == '{'
         && n + fields_len + 2 < sizeof(buf)) {
         buf[n++] = ',';
         memcpy(buf + n, fields_json + 1, fields_len - 1);
         n += fields_len - 1;
+    } else if (fields_json != NULL && fields_len > 2) {
+        n += (size_t) snprintf(buf + n, sizeof(buf) - n,
+                               ",\"fields_dropped\":\"%zu bytes of fields "
+                               "past the line's %zu\"}", fields_len,
+                               sizeof(buf));
     } else {
         buf[n++] = '}';
     }
