@@ -33,6 +33,15 @@ paygate.route("POST", "/many/:name/:n", function(req)
   end
   return 200, tostring(set)
 end)
+-- label values from outside: bytes that are not UTF-8, a newline
+local hostile = metrics.gauge("spec_hostile", "Labels from a request.")
+local hostile_c = metrics.counter("spec_hostile_total",
+                                  "Labels from a request.", { "v" })
+paygate.route("POST", "/hostile", function(req)
+  assert(hostile:set(1, { v = req.body }))
+  assert(hostile_c:inc({ v = req.body }))
+  return 200, pid
+end)
 paygate.route("POST", "/remove", function()
   return 200, tostring(g:remove({ site = 'a"b\\c', zone = "1" }))
 end)
@@ -90,6 +99,21 @@ describe("app gauges on /metrics", function()
     end)
     full:stop()
     assert(ok, err)
+  end)
+
+  it("spell a label value that is not UTF-8 with U+FFFD", function()
+    -- (the bytes went out raw: a scraper refuses the whole exposition,
+    -- every metric lost, for one bad label value)
+    local res = assert(paygate.http.request{ method = "POST",
+      url = s:url("/hostile"), body = "a\255b\192\128c\n\"",
+      headers = { Connection = "close" }, timeout = 10 })
+    assert.equal(200, res.status, res.body)
+    local body = assert(s:admin_get("/metrics")).body
+    local want = 'v="a\239\191\189b\239\191\189\239\191\189c\\n\\""} 1\n'
+    assert.is_truthy(body:find("\nspec_hostile{" .. want, 1, true), body)
+    assert.is_truthy(body:find("\nspec_hostile_total{" .. want, 1, true),
+                     body)
+    assert.is_nil(body:find("[\192\193\245-\255]"), "a byte never in UTF-8")
   end)
 
   it("spell NaN and infinities as the text format does", function()

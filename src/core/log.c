@@ -59,6 +59,15 @@ utf8_seq(const unsigned char *s, size_t len)
 }
 
 size_t
+gw_utf8_seq(const unsigned char *s, size_t len)
+{
+    if (len == 0) {
+        return 0;
+    }
+    return s[0] < 0x80 ? 1 : utf8_seq(s, len);
+}
+
+size_t
 gw_json_quote(char *buf, size_t cap, const char *s, size_t len)
 {
     static const char hex[] = "0123456789abcdef";

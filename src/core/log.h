@@ -23,6 +23,11 @@ void gw_log_line(enum gw_log_level level, const char *request_id,
                  const char *msg, size_t msg_len, const char *fields_json,
                  size_t fields_len);
 
+/* Length of the valid UTF-8 sequence at s[0..len) (1 for ASCII), or 0 if
+ * none: overlong forms, surrogates and code points past U+10FFFF are not
+ * valid. */
+size_t gw_utf8_seq(const unsigned char *s, size_t len);
+
 /* Appends s as a JSON string (with quotes) to buf; returns bytes written,
  * or 0 when cap is too small (buf content then undefined). */
 size_t gw_json_quote(char *buf, size_t cap, const char *s, size_t len);

@@ -30,6 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "log.h"
 #include "lstate.h"
 #include "metrics.h"
 #include "runtime.h"
@@ -63,14 +64,17 @@ valid_name(const char *s, size_t len, int colon)
     return 1;
 }
 
-/* Appends s to out (capacity cap, used *n) escaped as a label value;
+/* Appends s to out (capacity cap, used *n) escaped as a label value, a
+ * byte that starts no valid UTF-8 sequence as U+FFFD (the text format is
+ * UTF-8: a scraper refuses the whole exposition for one such value);
  * returns 0 when it does not fit. */
 static int
 put_escaped(char *out, size_t cap, size_t *n, const char *s, size_t len)
 {
     for (size_t i = 0; i < len; i++) {
         const char *rep = NULL;
-        char one[2] = { s[i], '\0' };
+        char one[5] = { s[i], '\0' };
+        size_t k;
 
         if (s[i] == '"') {
             rep = "\\\"";
@@ -78,7 +82,13 @@ put_escaped(char *out, size_t cap, size_t *n, const char *s, size_t len)
             rep = "\\\\";
         } else if (s[i] == '\n') {
             rep = "\\n";
+        } else if ((k = gw_utf8_seq((const unsigned char *) s + i,
+                                    len - i)) == 0) {
+            rep = "\xef\xbf\xbd";
         } else {
+            memcpy(one, s + i, k);
+            one[k] = '\0';
+            i += k - 1;
             rep = one;
         }
         if (*n + strlen(rep) + 1 > cap) {
