@@ -129,3 +129,51 @@ describe("app gauges on /metrics", function()
     assert.is_nil(body:find(" %-?inf\n"))
   end)
 end)
+
+-- More (method, route, status) than a worker's table holds (128): the
+-- requests past it were counted nowhere, paygate_requests_total silent on
+-- them (the 5xx of a route that failed late among them).
+local ROUTES_APP = [[
+local paygate = require "paygate"
+for i = 1, 70 do
+  paygate.route("GET", "/r" .. i, function(req)
+    return tonumber(req:query().status) or 200, "ok"
+  end)
+end
+]]
+
+describe("paygate_requests_total past the route table", function()
+  local s
+  setup(function() s = server.start{ source = ROUTES_APP, workers = 1 } end)
+  teardown(function() if s then s:stop() end end)
+
+  it("counts every request, those past it by status class", function()
+    local sent = 0
+    for _, status in ipairs({ 200, 404, 503 }) do
+      for i = 1, 70 do
+        local res = assert(paygate.http.request{
+          url = s:url("/r" .. i .. "?status=" .. status), timeout = 10 })
+        assert.equal(status, res.status)
+        sent = sent + 1
+      end
+    end
+    local body = assert(s:admin_get("/metrics")).body
+    local total, fivexx = 0, 0
+    for labels, v in body:gmatch("\npaygate_requests_total{([^}]*)} (%d+)") do
+      total = total + tonumber(v)
+      if labels:find('status="5', 1, true) then
+        fivexx = fivexx + tonumber(v)
+      end
+    end
+    assert.equal(sent, total, body)
+    assert.equal(70, fivexx, body)
+    assert.is_truthy(body:find('\npaygate_requests_total{method="OTHER",'
+      .. 'route="(overflow)",status="5xx"} ', 1, true), body)
+    local count = 0
+    for v in body:gmatch("\npaygate_request_duration_seconds_count{[^}]*} "
+                         .. "(%d+)") do
+      count = count + tonumber(v)
+    end
+    assert.equal(sent, count, body)
+  end)
+end)

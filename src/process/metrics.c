@@ -19,6 +19,11 @@
 #include "shdict.h"
 
 #define ROUTES  128             /* distinct (method, route, status) */
+/* The last OVERFLOW_ROWS rows of a table are kept for the requests past
+ * the others: one row per status class (1xx .. 5xx), method OTHER, route
+ * OVERFLOW_ROUTE (no route pattern starts with '('), rendered "5xx". */
+#define OVERFLOW_ROWS 5
+static const char OVERFLOW_ROUTE[] = "(overflow)";
 #define BUCKETS 12
 
 static const double bucket_le[BUCKETS] = {
@@ -174,6 +179,15 @@ find_route(struct gw_slot *s, const char *method, const char *route,
             && strcmp(r->route, route) == 0) {
             return r;
         }
+    }
+    if (s->nroutes >= ROUTES - OVERFLOW_ROWS
+        && strcmp(route, OVERFLOW_ROUTE) != 0) {
+        /* full: counted under its status class, never lost (and a
+         * retired worker's counts folded in, so no total goes back) */
+        int cls = status / 100;
+
+        cls = cls < 1 ? 1 : cls > 5 ? 5 : cls;
+        return find_route(s, "OTHER", OVERFLOW_ROUTE, cls * 100);
     }
     if (s->nroutes == ROUTES) {
         return NULL;
@@ -1059,8 +1073,13 @@ gw_metrics_render(size_t *len)
         blabel(&b, r->method);
         bprintf(&b, "\",route=\"");
         blabel(&b, r->route);
-        bprintf(&b, "\",status=\"%d\"} %llu\n", r->status,
-                (unsigned long long) r->count);
+        if (strcmp(r->route, OVERFLOW_ROUTE) == 0) {
+            bprintf(&b, "\",status=\"%dxx\"} %llu\n", r->status / 100,
+                    (unsigned long long) r->count);
+        } else {
+            bprintf(&b, "\",status=\"%d\"} %llu\n", r->status,
+                    (unsigned long long) r->count);
+        }
     }
     bprintf(&b, "# HELP paygate_request_duration_seconds Time from a "
                 "request's first byte to its response.\n"
