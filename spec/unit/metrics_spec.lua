@@ -13,6 +13,26 @@ describe("paygate.metrics.gauge", function()
     assert.is_userdata(metrics.gauge("ns:ok_name_2", "fine"))
   end)
 
+  it("refuses a name /metrics shows already: the runtime's, or one"
+     .. " declared as a counter", function()
+    -- (each went out under a second HELP and TYPE: an exposition a
+    -- scraper refuses, or two samples of one series)
+    for _, name in ipairs({ "paygate_workers", "paygate_requests_total",
+                            "paygate_request_duration_seconds_count",
+                            "paygate_shared_entries" }) do
+      assert.has_error(function() metrics.gauge(name, "h") end,
+        "metrics.gauge: " .. name .. " is one of the runtime's own metrics")
+      assert.has_error(function() metrics.counter(name, "h", {}) end)
+    end
+    metrics.counter("spec_kind_total", "h", { "a" })
+    assert.has_error(function() metrics.gauge("spec_kind_total", "h") end,
+      "metrics.gauge: spec_kind_total is a counter already")
+    metrics.gauge("spec_kind", "h")
+    assert.is_userdata(metrics.gauge("spec_kind", "again"))
+    assert.has_error(function() metrics.counter("spec_kind", "h", {}) end,
+      "metrics.counter: spec_kind is a gauge already")
+  end)
+
   it("refuses bad labels and values", function()
     local g = metrics.gauge("spec_bad_labels", "h")
     assert.has_error(function() g:set("1") end)

@@ -151,6 +151,53 @@ check_name_help(lua_State *L, const char *fn, const char *name, size_t nl,
     }
 }
 
+/* The names metrics.c renders itself (a histogram's with its samples'). */
+static const char *const runtime_names[] = {
+    "paygate_requests_total", "paygate_request_duration_seconds",
+    "paygate_request_duration_seconds_bucket",
+    "paygate_request_duration_seconds_sum",
+    "paygate_request_duration_seconds_count", "paygate_requests_in_flight",
+    "paygate_connections", "paygate_lua_memory_bytes", "paygate_workers",
+    "paygate_reloads_total", "paygate_reload_failures_total",
+    "paygate_worker_restarts_total", "paygate_connections_reclaimed_total",
+    "paygate_connections_lingered_total", "paygate_tls_handshakes_total",
+    "paygate_tls_handshake_failures_total",
+    "paygate_tls_ticket_key_rotations_total",
+    "paygate_shared_capacity_bytes", "paygate_shared_used_bytes",
+    "paygate_shared_entries", "paygate_shared_evictions_total", NULL
+};
+
+/* Claims name for kind ("gauge" or "counter") in this worker: raises if
+ * it is one of the runtime's, or was declared as the other kind. One name
+ * shown twice, under two HELP and TYPE lines, is an exposition a scraper
+ * refuses (or two samples of one series). */
+static void
+claim_name(lua_State *L, const char *fn, const char *name, const char *kind)
+{
+    for (int i = 0; runtime_names[i] != NULL; i++) {
+        if (strcmp(runtime_names[i], name) == 0) {
+            luaL_error(L, "%s: %s is one of the runtime's own metrics", fn,
+                       name);
+        }
+    }
+    lua_getfield(L, LUA_REGISTRYINDEX, "paygate.metrics_kinds");
+    if (!lua_istable(L, -1)) {
+        lua_pop(L, 1);
+        lua_newtable(L);
+        lua_pushvalue(L, -1);
+        lua_setfield(L, LUA_REGISTRYINDEX, "paygate.metrics_kinds");
+    }
+    lua_getfield(L, -1, name);
+    if (lua_isstring(L, -1) && strcmp(lua_tostring(L, -1), kind) != 0) {
+        luaL_error(L, "%s: %s is a %s already", fn, name,
+                   lua_tostring(L, -1));
+    }
+    lua_pop(L, 1);
+    lua_pushstring(L, kind);
+    lua_setfield(L, -2, name);
+    lua_pop(L, 1);
+}
+
 static int
 cmp_str(const void *a, const void *b)
 {
@@ -219,6 +266,7 @@ lmetrics_gauge(lua_State *L)
     struct gw_lgauge *g;
 
     check_name_help(L, "metrics.gauge", name, nl, help, hl);
+    claim_name(L, "metrics.gauge", name, "gauge");
     g = lua_newuserdata(L, sizeof(*g));
     memcpy(g->name, name, nl + 1);
     memcpy(g->help, help, hl + 1);
@@ -296,6 +344,7 @@ lmetrics_counter(lua_State *L)
     size_t on = 0;
 
     check_name_help(L, "metrics.counter", name, nl, help, hl);
+    claim_name(L, "metrics.counter", name, "counter");
     if (!lua_isnoneornil(L, 3) && !lua_istable(L, 3)) {
         return luaL_error(L, "metrics.counter: label_names must be a table");
     }
