@@ -201,7 +201,30 @@ local function shorten(v, cap)
   return v
 end
 
+-- The line's own keys (log.c): a field of one of these names is logged
+-- as field_<name> (a WeChat error logged as the fields brought its own
+-- request_id: two in one line, parsers keep the last, and the line no
+-- longer matched its request's access line).
+local OWN_KEYS = { "ts", "level", "pid", "request_id", "msg" }
+
+local function own_keys_apart(fields)
+  for _, k in ipairs(OWN_KEYS) do
+    if rawget(fields, k) ~= nil then
+      local t = {}
+      for key, v in pairs(fields) do t[key] = v end
+      for _, own in ipairs(OWN_KEYS) do
+        if t[own] ~= nil then
+          t["field_" .. own], t[own] = t[own], nil
+        end
+      end
+      return t
+    end
+  end
+  return fields
+end
+
 local function encode_fields(fields)
+  fields = own_keys_apart(fields)
   local ok, f = pcall(json.encode, fields)
   if not ok then
     fields = loggable(fields, {}, 0)    -- no cycle left to walk

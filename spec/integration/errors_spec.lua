@@ -115,6 +115,33 @@ describe("error reporting", function()
       assert.matches("^\1\1\1\1", t.msg)
     end)
 
+    it("paygate.log keeps the line's own keys: a field named like one"
+       .. " is logged as field_<name>", function()
+      -- (a WeChat error logged as the fields brought its request_id, the
+      -- line then holding two: parsers keep the last, and the line no
+      -- longer matched its request's access line)
+      local code, out = exec([[
+        local paygate = require "paygate"
+        paygate.log.warn("refused", { request_id = "wx-1", level = "debug",
+          msg = "m", ts = 1, pid = 2, kind = "k" })
+      ]])
+      assert.equal(0, code, out)
+      local line = out:match('[^\n]*"kind":"k"[^\n]*')
+      assert.truthy(line, out)
+      for _, key in ipairs({ "ts", "level", "pid", "msg", "request_id" }) do
+        local _, n = line:gsub('"' .. key .. '":', "")
+        assert.is_true(n <= 1, line)
+      end
+      local t = assert(require("paygate.json").decode(line))
+      assert.equal("warn", t.level)
+      assert.equal("refused", t.msg)
+      assert.equal("wx-1", t.field_request_id)
+      assert.equal("debug", t.field_level)
+      assert.equal("m", t.field_msg)
+      assert.equal(1, t.field_ts)
+      assert.equal(2, t.field_pid)
+    end)
+
     it("sets paygate.app_dir to the script's folder", function()
       local code, out = exec([[
         local paygate = require "paygate"
