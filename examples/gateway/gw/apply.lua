@@ -63,10 +63,15 @@ end
 -- alarm.<kind>; the payment's and the refund's states are not touched.
 local function alarm(tx, p, refund, ev, kind)
   kind = kind or "amount_mismatch"
-  paygate.log.error("gateway: " .. kind:gsub("_", " ") .. ": not applied", {
-    payment = p.id, refund = refund and refund.id,
+  -- logged once it commits, as it is counted: a try rolled back and run
+  -- again (a version conflict) logged the alarm twice, counted once
+  local fields = { payment = p.id, refund = refund and refund.id,
     expected = ev.expected, got = ev.got, source = ev.source,
-    notification_id = ev.notification_id })
+    notification_id = ev.notification_id }
+  tx:on_commit(function()
+    paygate.log.error("gateway: " .. kind:gsub("_", " ") .. ": not applied",
+                      fields)
+  end)
   local ok, err = audit.append(tx, "payment:" .. p.id, {
     what = "payment.alarm", ref = refund and refund.id or p.id,
     cause = kind, actor = ev.actor or "wechatpay",
