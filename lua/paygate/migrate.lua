@@ -26,6 +26,11 @@ local sql = require "paygate.sql"
 local _M = { _VERSION = "0.1.0" }
 
 local LOCK_ID = 7217002
+-- PostgreSQL: s a migration's statement (an index built on a big table),
+-- or a run waiting for the lock behind it, may go without a reply: the
+-- pool's query_timeout (10 s) is for a server gone silent, and cut them
+-- at every start
+local RUN_TIMEOUT = 3600
 
 local SCHEMA = [[CREATE TABLE IF NOT EXISTS paygate_migrations (
   version BIGINT PRIMARY KEY, name TEXT NOT NULL,
@@ -184,7 +189,7 @@ function _M.run(db, dir)
       end
     end
     return applied
-  end)
+  end, { query_timeout = RUN_TIMEOUT })
 end
 
 return _M

@@ -358,7 +358,8 @@ function DB:exec_script(sql)
   return self.h:script(sql)
 end
 
--- syntax: ... , err = db:transaction(fn [, { retries = n }])
+-- syntax: ... , err = db:transaction(fn [, { retries = n,
+--                                           query_timeout = s }])
 -- fn(tx) runs with tx:query / tx:exec / tx:exec_script. Rolls back when
 -- fn raises or returns nil, err (err not nil) and returns nil, err; commits
 -- in every other case, `return nil` and returning nothing included (and
@@ -367,6 +368,8 @@ end
 -- times. A raised value that is not an error table (a paygate error, or
 -- a table with a string kind) is a programmer error (error("..."), a
 -- failed assertion): it is raised again after the rollback.
+-- query_timeout (PostgreSQL): s a statement of this transaction may go
+-- without a reply before it fails timeout, instead of the pool's.
 -- yields: until committed and durable
 function DB:transaction(fn, opts)
   check_db("db:transaction", self)
@@ -380,10 +383,19 @@ function DB:transaction(fn, opts)
   if type(attempts) ~= "number" or attempts < 1 or attempts % 1 ~= 0 then
     error("db:transaction: opts.retries must be an integer >= 1", 2)
   end
+  -- PostgreSQL: s the transaction's statements may go without a reply,
+  -- instead of the pool's query_timeout (ignored on SQLite)
+  local wait = opts and opts.query_timeout
+  if wait ~= nil and (type(wait) ~= "number" or not (wait > 0)) then
+    error("db:transaction: opts.query_timeout must be a number > 0", 2)
+  end
+  if self.engine ~= "postgres" then
+    wait = nil
+  end
   local err
   for attempt = 1, attempts do
     local txid
-    txid, err = self.h:begin()
+    txid, err = self.h:begin(wait)
     if txid then
       local tx = setmetatable({ h = self.h, id = txid, db = self,
                                 engine = self.engine }, TX)

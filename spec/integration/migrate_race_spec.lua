@@ -140,5 +140,43 @@ if servers.have_postgres() then
         dbs[i]:close()
       end
     end)
+
+    -- A migration's statement, and a run waiting for the lock behind it,
+    -- are not a server gone silent: neither is cut at the pool's
+    -- query_timeout (an index built on a big store takes minutes; the
+    -- start failed at every try, and the waiting workers with it).
+    it("lets a migration run past the pool's query_timeout, and the runs"
+       .. " waiting for it wait", function()
+      local paygate = require "paygate"
+      local srv = servers.postgres()
+      local dir = tmp .. "/slow"
+      servers.sh("mkdir -p " .. dir .. "/postgres")
+      write(dir .. "/postgres/001_slow.sql", "CREATE TABLE slow (n INTEGER);"
+            .. " SELECT pg_sleep(2.5); INSERT INTO slow (n) VALUES (1)")
+      local url = srv.url .. "?query_timeout=1"
+      local dbs, tasks = {}, {}
+      for i = 1, 2 do
+        dbs[i] = assert(sql.open(url))
+      end
+      for i = 1, 2 do
+        tasks[i] = paygate.spawn(function()
+          return migrate.run(dbs[i], dir)
+        end)
+      end
+      local total = 0
+      for i = 1, 2 do
+        local applied, err = tasks[i]:wait()
+        assert.truthy(applied, tostring(err))
+        total = total + #applied
+      end
+      assert.equal(1, total)
+      assert.equal(1, dbs[1]:query("SELECT count(*) AS c FROM slow")[1].c)
+      -- other statements keep the pool's query_timeout
+      local _, err = dbs[1]:query("SELECT pg_sleep(2)")
+      assert.equal("timeout", err and err.kind)
+      for i = 1, 2 do
+        dbs[i]:close()
+      end
+    end)
   end)
 end

@@ -94,6 +94,9 @@ describe("paygate.sql misuse", function()
       { "transaction retries", function()
           db:transaction(print, { retries = 1.5 })
         end, "db:transaction: opts.retries must be an integer >= 1" },
+      { "transaction query_timeout", function()
+          db:transaction(print, { query_timeout = 0 })
+        end, "db:transaction: opts.query_timeout must be a number > 0" },
       { "transaction self", function() db.transaction(print) end,
         "db:transaction: call it as db:transaction(...)" },
       { "stats self", function() db.stats() end,

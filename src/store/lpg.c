@@ -124,6 +124,8 @@ struct lpg_op {
                                     sql_may_write()) */
     long              txid;      /* transaction this op belongs to, 0 none */
     int               tx_begin;  /* 1: BEGIN, reserves a connection */
+    double            tx_wait;   /* BEGIN: the transaction's own
+                                    query_timeout (s), 0: the pool's */
     int               tx_end;    /* 1: COMMIT/ROLLBACK, releases it */
     char             *sql;       /* owned */
     struct gw_store_val   *params;    /* owned */
@@ -184,6 +186,8 @@ struct lpg_conn {
     struct lpg_op      *head, *tail; /* in flight, in send order */
     int                  inflight;
     long                 txid;   /* reserved by this transaction, 0 none */
+    double               tx_wait; /* txid's own query_timeout (s), 0: the
+                                     pool's (h:begin's argument) */
     int                  sp_failed; /* 1: a statement of txid failed: roll
                                        back to its savepoint before
                                        txid's next command */
@@ -1921,6 +1925,7 @@ sent:
     }
     if (op->tx_begin) {
         c->txid = op->txid;
+        c->tx_wait = op->tx_wait;
     }
     /* A statement without a Sync waits in libpq's buffer for its
      * segment's last one. A failed flush leaves op queued, to fail with
@@ -2622,6 +2627,15 @@ conn_try_next(struct lpg_conn *c, struct lpg_op **out)
     }
 }
 
+/* s c's statements in flight may go without a reply: its transaction's
+ * own query_timeout, else the pool's */
+static double
+conn_wait(const struct lpg_conn *c)
+{
+    return c->txid != 0 && c->tx_wait > 0 ? c->tx_wait
+                                          : c->pg->query_timeout;
+}
+
 static void
 on_tick(evutil_socket_t fd, short what, void *arg)
 {
@@ -2685,12 +2699,12 @@ on_tick(evutil_socket_t fd, short what, void *arg)
                 op_free(op);
             }
         } else if (c->state == LPG_CONN_READY && c->inflight > 0
-                   && now - c->since > pg->query_timeout)
+                   && now - c->since > conn_wait(c))
         {
             char msg[100];
 
             snprintf(msg, sizeof(msg), "postgres: no reply within %.3g s",
-                     pg->query_timeout);
+                     conn_wait(c));
             /* an autocommit write among them may commit yet */
             pool_mark_silent(c);
             conn_lost(c, "timeout", msg, &done);
@@ -3343,13 +3357,16 @@ lpg_connect(lua_State *L)
     return submit(L, pg, op);
 }
 
-/* h:begin() -> txid | nil, err  (reserves an idle connection) */
+/* h:begin([query_timeout]) -> txid | nil, err  (reserves an idle
+ * connection; query_timeout: s the transaction's statements may go
+ * without a reply, instead of the pool's) */
 static int
 lpg_begin(lua_State *L)
 {
     struct lpg_pool   *pg = check_pool(L);
     struct lpg_op     *op;
     struct gw_store_tx *tx;
+    double             wait = luaL_optnumber(L, 2, 0);
 
     if (!lua_isyieldable(L)) {
         /* gw_co_wait would raise after the BEGIN was queued, leaving a
@@ -3373,6 +3390,7 @@ lpg_begin(lua_State *L)
     }
     op->txid = tx->id;
     op->tx_begin = 1;
+    op->tx_wait = wait > 0 ? wait : 0;
     return submit(L, pg, op);
 }
 
