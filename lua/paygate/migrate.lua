@@ -18,6 +18,9 @@
 -- BEGIN IMMEDIATE, which holds the database's write lock from before the
 -- check until the commit, and other processes wait for it (busy_timeout,
 -- then the transaction's retries).
+-- A database holding a version above the folder's newest (a newer app
+-- migrated it) is refused, kind "config": the older code does not know
+-- its schema.
 -- Reading the folder blocks: call it at start, not on a request.
 
 local core = require "paygate.core"
@@ -163,13 +166,30 @@ function _M.run(db, dir)
         return nil, serr
       end
     end
-    local rows, qerr = tx:query("SELECT version FROM paygate_migrations")
+    local rows, qerr = tx:query("SELECT version, name FROM"
+                                .. " paygate_migrations")
     if not rows then
       return nil, qerr
     end
-    local done = {}
+    local done, newest, ahead = {}, list[#list], nil
     for _, r in ipairs(rows) do
-      done[tonumber(r.version)] = true
+      local v = tonumber(r.version)
+      done[v] = true
+      if (not newest or v > newest.version)
+         and (not ahead or v > ahead.version) then
+        ahead = { version = v, name = r.name }
+      end
+    end
+    if ahead then
+      -- an older app on a store a newer one migrated: it does not know
+      -- that schema (and would write rows the newer one reads wrong)
+      return nil, core.error("config", string.format("migrate: the"
+        .. " database holds migration %d (%s), newer than this app's"
+        .. " newest, %s: a newer version of the app migrated it, or"
+        .. " another app's migrations share the database; start the"
+        .. " version that knows its schema", ahead.version,
+        tostring(ahead.name), newest and string.format("%d (%s)",
+        newest.version, newest.name) or "none"), { retryable = false })
     end
     local applied = {}
     for _, m in ipairs(list) do

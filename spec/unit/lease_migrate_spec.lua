@@ -245,6 +245,32 @@ for name, new_store in pairs(stores) do
         assert.equal("syntax", qerr.kind)
         db:close()
       end)
+
+      -- An older app (fewer migrations) started on a store a newer one
+      -- migrated: it does not know that schema, and would write rows the
+      -- newer one reads wrong; it is refused, saying so, nothing written.
+      it("refuses a database migrated past the app's newest migration",
+         function()
+        local db = new_store()
+        assert(migrate.run(db, dir))
+        local old = tmp .. "/old" .. name
+        servers.sh("mkdir -p " .. old .. "/" .. name .. " && cp " .. dir
+                   .. "/" .. name .. "/001_orders.sql " .. old .. "/"
+                   .. name .. "/")
+        local res, err = migrate.run(db, old)
+        assert.is_nil(res)
+        assert.equal("config", err.kind)
+        assert.equal("migrate: the database holds migration 2"
+          .. " (002_refunds.sql), newer than this app's newest, 1"
+          .. " (001_orders.sql): a newer version of the app migrated it,"
+          .. " or another app's migrations share the database; start the"
+          .. " version that knows its schema", err.message)
+        assert.equal(2, db:query("SELECT count(*) AS c FROM"
+                                 .. " paygate_migrations")[1].c)
+        -- the same app again: up to date
+        assert.same({}, assert(migrate.run(db, dir)))
+        db:close()
+      end)
     end)
   end
 end
