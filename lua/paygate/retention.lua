@@ -185,10 +185,37 @@ local function positive(fname, what, v)
   return v
 end
 
+-- The longest a job keeps rows: 100 years. A longer age is a slip (to
+-- keep rows, give no job), and a huge one broke the arithmetic: 1e308
+-- hours overflowed to inf, 1e300 days made a cutoff of -8.64e304.
+local MAX_YEARS = 100
+local MAX_AGE = MAX_YEARS * 365 * DAY
+_M.MAX_AGE = MAX_AGE
+
+-- v, a positive number of units (seconds, hours, days) of at most
+-- MAX_AGE seconds; what names the key, and hint follows the bound
+local function age(fname, what, v, unit, hint)
+  positive(fname, what, v)
+  local most = floor(MAX_AGE / unit)
+  if v > most then
+    misuse(fname .. ": " .. what .. " must be at most " .. most .. " ("
+          .. MAX_YEARS .. " years" .. (hint or "") .. ")")
+  end
+  return v
+end
+
 -- A runner's number (interval, pause, delay, batch, max_batches): also
 -- at most 1e8, the longest sleep the runtime takes (core.sleep raises
--- past it, and the task would end on its first wait)
+-- past it, and the task would end on its first wait). pause may be 0:
+-- batches back to back (each still a statement of its own).
 local function runner_number(fname, what, v)
+  if what:match("pause$") then
+    if not core.is_seconds(v, true) then
+      misuse(fname .. ": " .. what .. " must be a number of seconds,"
+            .. " 0 .. 1e8")
+    end
+    return v
+  end
   positive(fname, what, v)
   if not core.is_seconds(v) then
     misuse(fname .. ": " .. what .. " must be at most 1e8")
@@ -296,7 +323,7 @@ local function make_table(spec, fname)
   local tname = check_ident(fname, "spec.table", spec.table, true)
   refuse_audit(fname, tname)
   check_ident(fname, "spec.column", spec.column)
-  positive(fname, "spec.max_age", spec.max_age)
+  age(fname, "spec.max_age", spec.max_age, 1, ", in seconds")
   if spec.where ~= nil and (type(spec.where) ~= "string"
                             or spec.where:find(";", 1, true)) then
     misuse(fname .. ": spec.where must be one SQL condition (a string"
@@ -380,7 +407,7 @@ local function make_outbox(spec)
     misuse("retention.outbox: spec must be a table")
   end
   local keep_days = spec.keep_days or POLICY.outbox_days
-  positive("retention.outbox", "spec.keep_days", keep_days)
+  age("retention.outbox", "spec.keep_days", keep_days, DAY)
   local outbox = require "paygate.outbox"
   return setmetatable({ name = "outbox", kind = "outbox",
     keep_days = keep_days,
@@ -436,6 +463,7 @@ local function from_config(fname, conf)
       misuse(fname .. ": outbox_days must be a positive number (or false:"
             .. " keep delivered rows)")
     end
+    age(fname, "outbox_days", days, DAY, "; false keeps delivered rows")
     jobs[#jobs + 1] = make_outbox({ keep_days = days })
   end
   local hours = conf.notification_hours
@@ -452,6 +480,11 @@ local function from_config(fname, conf)
           .. " (WeChat retries a notification for 24 h 4 min)"
           .. (hours == false and "; to keep the dedupe rows, set"
               .. " notifications = false" or ""))
+  end
+  if type(hours) == "number" and not (hours <= MAX_AGE / HOUR) then
+    misuse(fname .. ": notification_hours must be at most "
+          .. floor(MAX_AGE / HOUR) .. " (" .. MAX_YEARS .. " years; to keep"
+          .. " the dedupe rows, set notifications = false)")
   end
   local notes = conf.notifications
   if notes == nil then

@@ -118,6 +118,48 @@ describe("retention jobs: misuse", function()
     assert.is_true(retention.check(nil))
   end)
 
+  it("refuses an age past 100 years, naming its key; takes pause = 0",
+     function()
+    -- before: notification_hours = 1e308 overflowed to inf and was refused
+    -- as "retention.notifications: spec.max_age must be a positive
+    -- number" (a key the config does not hold), and outbox_days = 1e300
+    -- was taken: a cutoff of -8.64e304, a job that never prunes
+    assert.same({ nil, "notification_hours must be at most 876000 (100"
+                  .. " years; to keep the dedupe rows, set notifications ="
+                  .. " false)" },
+                { retention.check({ notification_hours = 1e308 }) })
+    assert.same({ nil, "notification_hours must be at most 876000 (100"
+                  .. " years; to keep the dedupe rows, set notifications ="
+                  .. " false)" },
+                { retention.check({ notification_hours = 0 / 0 }) })
+    assert.same({ nil, "outbox_days must be at most 36500 (100 years; false"
+                  .. " keeps delivered rows)" },
+                { retention.check({ outbox_days = 1e300 }) })
+    assert.has_error(function()
+      retention.table({ table = "t", column = "c", max_age = 1e300 })
+    end, "retention.table: spec.max_age must be at most 3153600000 (100"
+      .. " years, in seconds)")
+    assert.has_error(function()
+      retention.outbox({ keep_days = 1e300 })
+    end, "retention.outbox: spec.keep_days must be at most 36500 (100"
+      .. " years)")
+    -- the bounds themselves are taken
+    assert.is_true(retention.check({ notification_hours = 876000,
+                                     outbox_days = 36500 }))
+    assert.equal(3153600000, retention.table({ table = "t", column = "c",
+                   max_age = 3153600000 }).max_age)
+    -- pause = 0: batches back to back (before: refused, "pause must be a
+    -- positive number", which docs/retention.md did not say)
+    assert.is_true(retention.check({ pause = 0 }))
+    local db = assert(sql.open("sqlite:" .. tmp .. "/pause.db"))
+    assert.equal(0, retention.new(db, {}, { pause = 0 }).pause)
+    db:close()
+    assert.same({ nil, "pause must be a number of seconds, 0 .. 1e8" },
+                { retention.check({ pause = -1 }) })
+    assert.same({ nil, "delay must be a positive number" },
+                { retention.check({ delay = 0 }) })
+  end)
+
   it("refuses a dedupe table's key it would ignore, and a list that is one"
      .. " spec", function()
     -- before: taken without a word; max_age was dropped (the rows went
