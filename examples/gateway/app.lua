@@ -249,6 +249,11 @@ if paygate.runtime.mode == "worker" then
     policy.tables = tables
     ctx.retention = require("paygate.retention").start(db, policy,
       { lease = lease_store })
+    -- a graceful stop (a reload, a restart) ends a pass in flight and
+    -- gives its lease back, or the next workers skip passes until its
+    -- ttl (up to 900 s)
+    local r = ctx.retention
+    paygate.on_stop(function() r:stop() end)
   end
   events.start(db, g, { prune = not prunes })
   -- the state machines' counts on /metrics: counters summed over the

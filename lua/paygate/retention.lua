@@ -742,8 +742,10 @@ end
 function Runner:run_once()
   local key = "retention:" .. self.name
   local summary, err = lease.run(self.lease_store, key, function(h)
+    self.held = h               -- r:stop() gives it back mid-pass
     return pass(self, h)
   end, { adaptive = key, floor = 10, ceiling = 900, initial = 120 })
+  self.held = nil
   local st = self.stats
   if not summary then
     if err.kind == "held" then
@@ -800,12 +802,19 @@ function Runner:start()
 end
 
 --- syntax: r:stop()
--- Stops the task (a statement in flight is abandoned; the lease it held
--- expires at its ttl).
+-- Stops the task (a statement in flight is abandoned) and releases the
+-- lease of a pass it cut off, so another instance's runner need not wait
+-- for its ttl: call it from paygate.on_stop.
+-- yields: for the release, when a pass was running
 function Runner:stop()
+  local h = self.held
+  self.held = nil
   if self.task then
     pcall(self.task.cancel, self.task)
     self.task = nil
+  end
+  if h and not h.finished and not h.lost then
+    lease.release(self.lease_store, h.lease)
   end
 end
 

@@ -2,7 +2,8 @@
 -- (paygate.on_stop -> the dispatcher's stop), so after a restart events
 -- are delivered at once, not once the old leases' ttl (30 s) ran out; and
 -- the reconciliation runners' leases (held from round to round), so that
--- a reload or a restart does not pause the checks for up to their ttl.
+-- a reload or a restart does not pause the checks for up to their ttl;
+-- and the lease of a retention pass the stop cut off.
 local testing = require "paygate.testing"
 local core = require "paygate.core"
 local outbox = require "paygate.outbox"
@@ -74,6 +75,42 @@ describe("gateway restart", function()
                        "the reconciliation runners to take their leases")
     assert.equal(0, gw.srv:stop(15, true))
     assert.same({}, reconcile_leases())
+    gw:stop()
+  end)
+
+  it("gives back the retention lease of a pass a graceful stop cut off",
+     function()
+    -- before: the runner was not stopped; the pass's lease stayed held
+    -- for its ttl (120 s at first, up to 900) and the next workers and
+    -- instances skipped their passes meanwhile
+    local gw = gwcore.start(sim, {
+      db = function() return "sqlite:" .. dir .. "/ret.db" end,
+      gateway = { retention = { delay = 0.1, interval = 0.2, batch = 1,
+        pause = 0.5, tables = { { table = "spec_rows", column = "at",
+                                  max_age = 60 } } } } })
+    -- made once the runner runs (a missing table is picked up later):
+    -- 200 rows past their age, one per statement, half a second apart
+    assert(gw.db:exec_script("CREATE TABLE spec_rows (id INTEGER PRIMARY"
+                             .. " KEY, at DOUBLE PRECISION NOT NULL)"))
+    assert(gw.db:transaction(function(tx)
+      for i = 1, 200 do
+        assert(tx:exec("INSERT INTO spec_rows (id, at) VALUES ($1, $2)",
+                       { i, core.time() - 3600 }))
+      end
+    end))
+    local function held()
+      return #assert(gw.db:query("SELECT name FROM paygate_leases WHERE"
+        .. " name = 'retention:default' AND expires_at > $1",
+        { core.time() }))
+    end
+    testing.wait_until(function()
+      return held() == 1 and tonumber(assert(gw.db:query(
+        "SELECT COUNT(*) AS n FROM spec_rows"))[1].n) < 200
+    end, 15, "a retention pass to be pruning spec_rows")
+    assert.equal(0, gw.srv:stop(15, true))
+    assert.equal(0, held())
+    assert.is_true(tonumber(assert(gw.db:query(
+      "SELECT COUNT(*) AS n FROM spec_rows"))[1].n) > 0)
     gw:stop()
   end)
 end)
