@@ -828,8 +828,13 @@ function _M.wrap(db, handler, opts)
       -- the handler failed (its transaction, if any, rolled back, and a
       -- response ik:respond stored in it with it)
       if run.lost then
+        -- Retry-After as on every idempotency_in_flight: 1 s, since the
+        -- run that took over is the one to ask (a retry replays its answer,
+        -- or gets a 409 whose Retry-After is the rest of its lease)
         return reply(409, "idempotency_in_flight", "this run's lease ran"
-                     .. " out and another request with this key took over")
+                     .. " out and another request with this key took over",
+                     { ["Content-Type"] = "application/json",
+                       ["Retry-After"] = "1" })
       end
       _M.release(db, h)
       local kind = core.is_error(body) and body.kind or "error"

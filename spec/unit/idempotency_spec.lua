@@ -548,6 +548,31 @@ for name, engine in pairs(engines) do
         assert.equal("ok", b)
       end)
 
+      it("answers a run whose record was taken over 409 with Retry-After",
+         function()
+        -- before: this 409 had no Retry-After, which docs/idempotency.md
+        -- and the gateway's openapi.json promise on every
+        -- idempotency_in_flight
+        local fp = idem.fingerprint("POST", "/payments", "")
+        local fn = idem.wrap(db, function(_, ik)
+          local t0 = core.time()
+          while core.time() < t0 + 0.06 do paygate.sleep(0.01) end
+          -- the lease ran out: a retry of the key took the record over
+          local other = assert(idem.begin(db, "", "lost-1", fp,
+                                          { lease = 30 }))
+          assert.is_true(other.taken_over)
+          return db:transaction(function(tx)
+            return ik:respond(tx, 201, "late")
+          end)
+        end, { lease = 0.05 })
+        local s, b, h = fn(fake_req{ headers = { ["Idempotency-Key"] =
+                                                   "lost-1" } })
+        assert.equal(409, s)
+        assert.equal("idempotency_in_flight", json.decode(b).error)
+        assert.equal("application/json", h["Content-Type"])
+        assert.equal("1", h["Retry-After"])
+      end)
+
       it("stores no response the server could not send (bad header,"
          .. " 1xx status): it raises and releases the key", function()
         local answer
