@@ -722,6 +722,19 @@ local function sent(r, replayed)
   return r.status, r.body, h
 end
 
+-- release(db, h) for the wrapper: a failure (the store down) leaves the
+-- record running until its lease ends, a retry meanwhile answered 409;
+-- said once, at warn, or nothing would say why
+local function release_run(db, h)
+  local ok, err = _M.release(db, h)
+  if not ok then
+    core.log(2, "idempotency: the key could not be released (the store"
+             .. " failed): a retry gets 409 until the run's lease ends",
+             json.encode({ scope = h.scope, key = h.key,
+                           error = tostring(err) }))
+  end
+end
+
 -- syntax: fn = idempotency.wrap(db, handler[, opts])
 -- handler(req, ik) returns status, body[, headers] as any handler does;
 -- it may store its response in its own transaction with
@@ -812,7 +825,7 @@ function _M.wrap(db, handler, opts)
     local done = stored_response(run)
     if not res[1] then
       if done == nil and not run.lost then
-        _M.release(db, h)
+        release_run(db, h)
       end
       error(res[2], 0)
     end
@@ -836,7 +849,7 @@ function _M.wrap(db, handler, opts)
                      { ["Content-Type"] = "application/json",
                        ["Retry-After"] = "1" })
       end
-      _M.release(db, h)
+      release_run(db, h)
       local kind = core.is_error(body) and body.kind or "error"
       -- unknown_outcome: a write whose answer the store lost may have
       -- committed. Released all the same (a record ik:respond stored in
@@ -857,11 +870,11 @@ function _M.wrap(db, handler, opts)
     local nok, r = pcall(normalize, status, body, headers)
     if not nok then
       -- a response the server cannot send: nothing stored, the key free
-      _M.release(db, h)
+      release_run(db, h)
       error(r, 0)
     end
     if not keep(r.status) then
-      _M.release(db, h)
+      release_run(db, h)
       return sent(r, false)
     end
     local stored, serr = _M.complete(db, h, r.status, r.body, r.headers)

@@ -645,6 +645,47 @@ describe("idempotency.wrap when the store fails", function()
   end)
 end)
 
+describe("idempotency.wrap when the store fails to release a key",
+         function()
+  it("logs it once at warn: the key stays in flight until its lease ends",
+     function()
+    -- before: the failed release was ignored without a word; a retry got
+    -- 409 idempotency_in_flight until the lease ended (40 s by default)
+    -- and no line said why
+    local db = assert(sql.open("sqlite:" .. tmp .. "/norelease.db"))
+    local fn = idem.wrap(db, function() return 502, "upstream" end)
+    assert.equal(502, (fn(fake_req{ headers = { ["Idempotency-Key"] =
+                                                  "k0" } })))
+    -- from now on the store refuses to delete a record
+    assert(db:exec("CREATE TRIGGER down BEFORE DELETE ON"
+                   .. " paygate_idempotency BEGIN SELECT RAISE(ABORT,"
+                   .. " 'the disk is gone'); END"))
+    local lines = {}
+    local log = core.log
+    core.log = function(level, msg, fields)
+      lines[#lines + 1] = { level = level, msg = msg, fields = fields }
+    end
+    local ok, s, b = pcall(fn, fake_req{ app_id = "shop",
+      headers = { ["Idempotency-Key"] = "k1" } })
+    core.log = log
+    assert(ok, tostring(s))
+    assert.equal(502, s)              -- the handler's answer, still sent
+    assert.equal("upstream", b)
+    local rows = assert(db:query("SELECT state FROM paygate_idempotency"
+                                 .. " WHERE idem_key = 'k1'"))
+    db:close()
+    assert.same({ { state = "running" } }, rows)
+    assert.equal(1, #lines, "log lines: " .. #lines)
+    assert.equal(2, lines[1].level)
+    assert.matches("idempotency: the key could not be released",
+                   lines[1].msg, 1, true)
+    local f = json.decode(lines[1].fields)
+    assert.matches("the disk is gone", f.error, 1, true)
+    assert.equal("shop", f.scope)
+    assert.equal("k1", f.key)
+  end)
+end)
+
 -- prune() on PostgreSQL against a begin() that takes an expired record
 -- over and commits while the prune's DELETE waits for the row: the record
 -- now belongs to a running request and must stay. READ COMMITTED rechecks
