@@ -285,6 +285,39 @@ describe("the gateway's answers fit openapi.json", function()
     assert.equal("INVALID_REQUEST", res.json.wechat_code)
   end)
 
+  it("an Idempotency-Key the contract takes is one the gateway takes,"
+     .. " and only those", function()
+    -- before: the contract said 1..255 characters and nothing of which,
+    -- so a generated client sent keys the gateway refused (a tab, a
+    -- non-ASCII letter) or changed (a space at either end is dropped as
+    -- the header is read, and the signature no longer matched)
+    local schema = doc.components.parameters.IdempotencyKey.schema
+    assert.equal("^[!-~]([ -~]*[!-~])?$", schema.pattern)
+    -- that pattern, in Lua: printable ASCII, no space at either end
+    local function fits(k)
+      return #k >= schema.minLength and #k <= schema.maxLength
+        and k:find("^[!-~]") ~= nil and k:find("[!-~]$") ~= nil
+        and k:find("[^ -~]") == nil
+    end
+    for _, k in ipairs({ "k", "a b", "!~", ("x"):rep(255), " lead",
+                         "trail ", " ", "a\tb", "caf\195\169",
+                         ("x"):rep(256) }) do
+      -- (a space at either end is refused as the request is signed:
+      -- apikey.sign, what a merchant's client signs with)
+      local ok, res = pcall(env.api, env, "POST", "/v1/payments",
+        { order_id = S.order_id(), channel = "native", amount = 1,
+          description = "key" }, { key = k })
+      if ok then
+        assert.equal(fits(k), res.status == 201,
+                     ("%q: %d %s"):format(k, res.status, res.body))
+        conforms(res, "POST", "/v1/payments")
+      else
+        assert.matches("apikey.sign: idempotency_key must be", res, 1, true)
+        assert.is_false(fits(k), ("%q"):format(k))
+      end
+    end
+  end)
+
   it("the request errors: 400, 401, 422, 413", function()
     for _, body in ipairs({ '{"amount":', '{"amount":1,"amount":2}', '[]',
                             '{"order_id":"x","extra":1}' }) do
