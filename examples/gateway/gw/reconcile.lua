@@ -767,6 +767,10 @@ local function refresh(db, mchid, now)
   set_failed(mchid, days[1] and 1 or 0)
 end
 
+-- the kinds of a bill run the lease cut off (fenced: its write refused
+-- for a newer holder; lost, held: a renewal found the lease gone)
+local CUT_OFF = { fenced = true, lost = true, held = true }
+
 local function bill_job(ctx, conf, clock)
   clock = clock or core.time
   local db = ctx.db
@@ -783,12 +787,20 @@ local function bill_job(ctx, conf, clock)
     end,
     set = function(key, t)
       if d then
-        d:set("gw:bill_tried:" .. key, t, conf.bill_retry + 60)
+        if t == nil then
+          d:delete("gw:bill_tried:" .. key)
+        else
+          d:set("gw:bill_tried:" .. key, t, conf.bill_retry + 60)
+        end
       else
         mine[key] = t
       end
     end,
   }
+  -- the key of the run in flight: recorded as tried before it runs (the
+  -- lease may move to another worker meanwhile, which must not start it
+  -- too), forgotten again when the run is cut off on nobody's account
+  local running
   local function pending(now)
     if ctx.degraded and ctx.degraded() then return {} end
     -- yesterday's bill (from bill_hour on), and those of the
@@ -858,7 +870,7 @@ local function bill_job(ctx, conf, clock)
     return e
   end
   local ttl, measure = lease_opts("bill", conf)
-  return reconcile.runner(db, {
+  local runner = reconcile.runner(db, {
     name = "bill", batch = 20, interval = math.min(60, conf.bill_retry),
     lease_ttl = ttl, now = clock,
     measure = measure,
@@ -866,14 +878,26 @@ local function bill_job(ctx, conf, clock)
     check = function(item, rctx)
       if item.missed then return left_unreconciled(item, rctx) end
       tried.set(item.key, clock())
+      running = item.key
       local wx = ctx.wx[item.mchid]
       -- a raise (a fault on this side) goes on to the runner, which logs
       -- it as before
-      local report, err = _M.bill_day{
+      local ok, report, err = pcall(_M.bill_day, {
         wx = wx, db = db, dir = conf.bill_dir, date = item.date,
         mchid = item.mchid, fence = rctx.fence, on_wait = rctx.keepalive,
-        job = true }
-      if not report then return nil, err end
+        job = true })
+      running = nil
+      if not ok then error(report, 0) end
+      if not report then
+        -- cut off by the lease (another worker took it over: the audit
+        -- write fenced, a renewal lost): neither WeChat nor the store
+        -- failed, so the day is due again at the next round, not
+        -- bill_retry later
+        if CUT_OFF[err.kind] or lease.fenced(err) then
+          tried.set(item.key, nil)
+        end
+        return nil, err
+      end
       local level = report.counts.total > 0 and "warn" or "info"
       paygate.log[level]("gateway: daily bill reconciled", {
         date = report.date, mchid = item.mchid, path = report.path,
@@ -881,6 +905,16 @@ local function bill_job(ctx, conf, clock)
       return report
     end,
   })
+  -- a graceful stop (a reload, a restart) cuts the run in flight off:
+  -- the next workers try its day at their first round
+  local stop = runner.stop
+  runner.stop = function(self)
+    local key = running
+    running = nil
+    stop(self)
+    if key then tried.set(key, nil) end
+  end
+  return runner
 end
 
 -- syntax: runner = reconcile.bill_job(ctx, conf[, clock])

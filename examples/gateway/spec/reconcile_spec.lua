@@ -648,6 +648,94 @@ describe("gateway daily bill job: a day never reconciled", function()
   end)
 end)
 
+-- A run cut off by the lease (another worker took it over while WeChat
+-- was slow, the run's audit write fenced) or by a graceful stop (a
+-- reload, a restart: its runner stopped mid-run) failed on nobody's
+-- account: the day is tried again at the next round. Before, the day's
+-- try was recorded before the run, so the next try waited bill_retry
+-- (1800 s), whoever held the lease.
+describe("gateway daily bill job: a run the lease or a stop cut off",
+         function()
+  local sim, gw, bill_dir, gwr
+  local lease = require "paygate.lease"
+  local pcore = require "paygate.core"
+
+  setup(function()
+    package.path = "examples/gateway/?.lua;" .. package.path
+    gwr = require "gw.reconcile"
+    sim, gw, bill_dir = start({}, nil, { enabled = false })
+    os.execute("mkdir -p '" .. bill_dir .. "'")
+  end)
+
+  teardown(function() stop(gw, bill_dir) end)
+
+  before_each(function() sim:clear_faults() end)
+
+  local function job(clock)
+    local conf = assert(gwr.check_conf({ bill_days = 1, bill_hour = 0,
+                                         bill_retry = 1800 }))
+    conf.bill_dir = bill_dir
+    return gwr.bill_job({ db = gw.db, wx = { [sim.merchant.mchid] =
+      sim:client() }, merchants = { { mchid = sim.merchant.mchid } } },
+      conf, function() return clock.now end)
+  end
+
+  -- WeChat slow to hand over the bill: returns once the run waits there
+  local function slow_bill()
+    local f = sim:fault{ endpoint = "tradebill", kind = "latency",
+                         seconds = 1, count = 1 }
+    testing.wait_until(function()
+      for _, x in ipairs(sim:control("GET", "/sim/faults")) do
+        if x.id == f.id then return (x.fired or 0) >= 1 end
+      end
+    end, 10, "the bill run to wait at WeChat")
+  end
+
+  local function reported(date)
+    return #audit.entries(gw.db, "reconcile:" .. date)
+  end
+
+  it("a run fenced by a lease handover is tried again at the next round",
+     function()
+    local clock = { now = os.time() - 5 * 86400 }
+    local date = bill.bill_date(clock.now)
+    local r, r2 = job(clock), job(clock)
+    finally(function() r:stop(); r2:stop() end)
+    local n
+    pcore.spawn(function() n = r:step() end)
+    slow_bill()
+    -- meanwhile the run's lease ran out (a stall) and another worker
+    -- took it: the run's audit write is refused
+    assert(gw.db:exec("UPDATE paygate_leases SET expires_at = 0 WHERE"
+                      .. " name = 'reconcile:bill'"))
+    local other = assert(lease.acquire(gw.db, "reconcile:bill", 30))
+    testing.wait_until(function() return n ~= nil end, 15, "the run's end")
+    assert.equal(1, n)
+    assert.equal(0, reported(date))
+    assert(lease.release(gw.db, other))
+    -- the next round, a minute later, by whichever runner holds the lease
+    clock.now = clock.now + 61
+    assert.equal(1, r2:step())
+    assert.equal(1, reported(date))
+  end)
+
+  it("a run a graceful stop cut off is tried again at the next round",
+     function()
+    local clock = { now = os.time() - 8 * 86400 }
+    local date = bill.bill_date(clock.now)
+    local r, r2 = job(clock), job(clock)
+    finally(function() r:stop(); r2:stop() end)
+    r:start()
+    slow_bill()
+    r:stop()                    -- paygate.on_stop, on a reload
+    assert.equal(0, reported(date))
+    -- the next generation's runner, at its first round
+    clock.now = clock.now + 61
+    assert.equal(1, r2:step())
+    assert.equal(1, reported(date))
+  end)
+end)
+
 describe("gateway reconciliation config", function()
   local sim
 
