@@ -296,13 +296,47 @@ function _M.routes(ctx)
     return nil
   end
 
+  -- The page a visitor without a session asked for, carried through the
+  -- login (?next=, then the form's hidden field) and gone to after it: a
+  -- console page of this host only, or nil. It is outside input (a link
+  -- anyone may send), so: "/console", or "/console/..." or "/console?...";
+  -- URL characters only (no backslash, which a browser reads as a slash,
+  -- no space, no control: nothing that ends the Location header); no "//"
+  -- (another host) nor dot segment (out of /console) in its path.
+  local function console_next(v)
+    if type(v) ~= "string" or #v > 2048
+       or not (v == "/console" or v:find("^/console[/?]"))
+       or not v:find("^[%w%-._~!$&'()*+,;=:@/?%%]+$") then
+      return nil
+    end
+    local path = v:match("^[^?]*")
+    if path:find("//", 1, true) or path:find("/%.")
+       or path:lower():find("%2e", 1, true)
+       or path:find("^/console/log[io]") then
+      return nil
+    end
+    return v
+  end
+
+  -- the page asked for: its path and query as sent (an absolute-form
+  -- target's scheme and authority aside)
+  local function asked(req)
+    local q = tostring(req.target or ""):match("^[^?]*%?(.*)$")
+    return console_next(req.path .. ((q and q ~= "") and ("?" .. q) or ""))
+  end
+
   -- GET pages: fn(req, s, view) -> status, markup
   local function page(fn)
     return function(req)
       local s, why = session(req)
       if not s then
         if why == "login" then
-          return 303, "", headers({ Location = "/console/login" })
+          -- (the page asked for goes through the login: a link to a
+          -- payment opened without a session still lands on it)
+          local want = asked(req)
+          return 303, "", headers({ Location = "/console/login"
+            .. ((want and want ~= "/console")
+                and ("?next=" .. html.url_encode(want)) or "") })
         end
         return refuse_caller(why)
       end
@@ -379,15 +413,16 @@ function _M.routes(ctx)
     local function login_csrf(nonce)
       return crypto.hex(crypto.hmac("sha256", key(), "login|" .. nonce))
     end
-    -- the form (status, message) with its token and a fresh cookie lease
-    local function login_page(req, status, msg, extra)
+    -- the form (status, message) with its token and a fresh cookie lease;
+    -- dest: the console page to go to after the login (console_next)
+    local function login_page(req, status, msg, extra, dest)
       local nonce = login_nonce(req) or crypto.random_nonce(40)
       local h = headers(extra)
       h["Set-Cookie"] = LOGIN_COOKIE .. "=" .. nonce .. "; Path=/console/login;"
         .. " Max-Age=" .. LOGIN_COOKIE_TTL .. "; HttpOnly; SameSite=Strict"
         .. (secure(req) and "; Secure" or "")
       return status, tostring(pages.layout("Log in",
-        pages.login(login_csrf(nonce), msg), {})), h
+        pages.login(login_csrf(nonce), msg, dest), {})), h
     end
 
     -- Throttling (gw.throttle): each client address may try
@@ -395,23 +430,28 @@ function _M.routes(ctx)
     -- counted with the admin token's wrong tries; then 429 with
     -- Retry-After until the window ends.
     route("GET", "/console/login", function(req)
-      return login_page(req, 200)
+      return login_page(req, 200, nil, nil, console_next(req:query().next))
     end)
     route("POST", "/console/login", function(req)
       local remote = throttle.host_of(req.remote_addr)
+      local form = html.decode_form(req.body)
+      local dest = console_next(form.next)
+      -- the form again, the page asked for kept
+      local function again(status, msg, extra)
+        return login_page(req, status, msg, extra, dest)
+      end
       if not same_origin(req) then
         paygate.log.warn("gateway: console login refused: cross-origin",
                          { remote = req.remote_addr })
-        return login_page(req, 403, "Cross-origin login refused.")
+        return again(403, "Cross-origin login refused.")
       end
-      local form = html.decode_form(req.body)
       local nonce, got = login_nonce(req), form.csrf
       local want = nonce and login_csrf(nonce)
       if not want or type(got) ~= "string" or #got ~= #want
          or not crypto.constant_time_equal(got, want) then
         paygate.log.warn("gateway: console login refused: the form's login"
           .. " token is missing or wrong", { remote = req.remote_addr })
-        return login_page(req, 403, "The login form's CSRF token is missing"
+        return again(403, "The login form's CSRF token is missing"
           .. " or wrong (the form was too old, or came from elsewhere):"
           .. " try again.")
       end
@@ -427,7 +467,7 @@ function _M.routes(ctx)
       if wait then
         paygate.log.warn("gateway: console login throttled",
                          { remote = req.remote_addr, retry_after = wait })
-        return login_page(req, 429, "Too many wrong tokens from your"
+        return again(429, "Too many wrong tokens from your"
           .. " address: try again in " .. wait .. " s.",
           { ["Retry-After"] = tostring(wait) })
       end
@@ -437,7 +477,7 @@ function _M.routes(ctx)
          or not crypto.constant_time_equal(tok, right) then
         paygate.log.warn("gateway: console login refused: wrong token",
                          { remote = req.remote_addr })
-        return login_page(req, 403, "Wrong token.")
+        return again(403, "Wrong token.")
       end
       throttle.give_back(ck)            -- a success is not counted
       local sid = crypto.random_nonce(40)
@@ -447,7 +487,7 @@ function _M.routes(ctx)
             conf.session_ttl)
       paygate.log.info("gateway: console login", {
         remote = req.remote_addr, session = sid:sub(1, 8) })
-      return 303, "", headers({ Location = "/console",
+      return 303, "", headers({ Location = dest or "/console",
         ["Set-Cookie"] = COOKIE .. "=" .. sid .. "; Path=/console;"
           .. " Max-Age=" .. conf.session_ttl .. "; HttpOnly;"
           .. " SameSite=Strict" .. (secure(req) and "; Secure" or "") })

@@ -169,6 +169,59 @@ describe("gateway console", function()
       assert.matches('type="password" name="token"', res.body, 1, true)
     end)
 
+    it("carries the page asked for through the login, a console page of"
+       .. " this host only", function()
+      local p = gw_tok:create{ description = "asked for" }
+      local want = "/console/payments/" .. p.id
+      local res = get(gw_tok, want)
+      assert.equal(303, res.status)
+      local loc = res.headers["location"]
+      assert.equal("/console/login?next=%2Fconsole%2Fpayments%2F" .. p.id,
+                   loc)
+      -- the form carries it; a wrong token keeps it; the right one goes
+      -- there
+      local page = get(gw_tok, loc)
+      assert.equal(200, page.status)
+      assert.matches('name="next" value="' .. want .. '"', page.body, 1,
+                     true)
+      local sc = page.headers["set-cookie"]
+      local f = { cookie = sc:match("^(pgc_login=%w+);"),
+                  csrf = csrf_of(page.body) }
+      res = post(gw_tok, "/console/login", { token = "wrong", csrf = f.csrf,
+                                             next = want }, f.cookie)
+      assert.equal(403, res.status)
+      assert.matches('name="next" value="' .. want .. '"', res.body, 1, true)
+      res = post(gw_tok, "/console/login", { token = TOKEN, csrf = f.csrf,
+                                             next = want }, f.cookie)
+      assert.equal(303, res.status, res.body)
+      assert.equal(want, res.headers["location"])
+      local cookie = res.headers["set-cookie"]:match("^(pgc_session=%w+);")
+      page = get(gw_tok, want, cookie)
+      assert.equal(200, page.status)
+      assert.matches(p.id, page.body, 1, true)
+      -- a list with its query: kept as it was asked for
+      res = get(gw_tok, "/console/payments?state=unknown&q=x%20y")
+      local html = require "paygate.html"
+      assert.equal("/console/login?next=" .. html.url_encode(
+        "/console/payments?state=unknown&q=x%20y"), res.headers["location"])
+      -- anything but a console page of this host: the overview, and the
+      -- form does not carry it
+      for _, bad in ipairs({ "//evil.example/console",
+        "https://evil.example/console", "http:/console", "/\\evil.example",
+        "/console/../v1/payments", "/console/%2e%2e/v1/payments",
+        "/console//evil.example", "/consolex", "/console\r\nSet-Cookie: a=b",
+        "/console/payments/ x", "javascript:alert(1)", "/console/login",
+        "evil.example/console", "" }) do
+        f = login_form(gw_tok)
+        res = post(gw_tok, "/console/login", { token = TOKEN, csrf = f.csrf,
+                                               next = bad }, f.cookie)
+        assert.equal(303, res.status, bad .. ": " .. res.body)
+        assert.equal("/console", res.headers["location"], bad)
+        page = get(gw_tok, "/console/login?next=" .. html.url_encode(bad))
+        assert.not_matches('name="next"', page.body, 1, true)
+      end
+    end)
+
     it("refuses a wrong or missing token", function()
       local f = login_form(gw_tok)
       for _, t in ipairs({ "", "wrong", TOKEN .. "x", TOKEN:sub(1, -2) }) do

@@ -81,14 +81,17 @@ function _M.failed(err)
                 { e = tostring(err) })
 end
 
--- csrf: the login form's token (bound to its pre-session cookie)
-function _M.login(csrf, msg)
+-- csrf: the login form's token (bound to its pre-session cookie); dest:
+-- the console page to go to after it (checked by the caller), or nil
+function _M.login(csrf, msg, dest)
   return render([[{{msg}}<form method="post" action="/console/login">
-<input type="hidden" name="csrf" value="{{csrf}}">
+<input type="hidden" name="csrf" value="{{csrf}}">{{next}}
 <label>Console token <input type="password" name="token"
 autocomplete="current-password" required></label>
 <button>Log in</button></form>]], { csrf = csrf, msg = msg and render(
-    "<p class=\"error\">{{m}}</p>", { m = msg }) or html.NONE })
+    "<p class=\"error\">{{m}}</p>", { m = msg }) or html.NONE,
+    next = dest and render("<input type=\"hidden\" name=\"next\""
+      .. " value=\"{{n}}\">", { n = dest }) or html.NONE })
 end
 
 -- A POST form with the CSRF token and one button.
