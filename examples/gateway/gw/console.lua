@@ -521,6 +521,10 @@ function _M.routes(ctx)
       return refuse(400, "Bad request", "after must be the cursor of an"
                     .. " \"Older\" link")
     end
+    if q.since ~= nil and not pages.parse_since(q.since) then
+      return refuse(400, "Bad request", "since must be a time in seconds"
+                    .. " since the epoch")
+    end
     local body, err = pages.payments(q, view)
     if not body then return show(503, "Payments", pages.failed(err), view) end
     return show(200, "Payments", body, view)

@@ -115,6 +115,8 @@ local function assert_hostile_refused(gw)
     "/console/payments/%FF", "/console/reconcile?date=%C0%AF",
     "/console/payments?after=garbage", "/console/payments?after=1e999~pay_x",
     "/console/payments?after=1.5~", "/console/payments?after=nan~pay_x",
+    "/console/payments?since=1.5", "/console/payments?since=-1",
+    "/console/payments?since=1e9", "/console/payments?since=9999999999999",
   }) do
     local res = get(gw, path)
     assert.equal(400, res.status, path .. ": " .. res.body)
@@ -560,7 +562,8 @@ end
       gw:create{ description = HOSTILE }
       local body = get(gw, "/console").body
       assert.matches("Payments, last 24 h", body, 1, true)
-      assert.matches('href="/console/payments?state=paying"', body, 1, true)
+      assert.matches('href="/console/payments%?state=paying&amp;since=%d+"',
+                     body)
       assert.matches("<svg", body, 1, true)
       assert.matches("5 s window", body, 1, true)
       assert.matches("Degradation switch", body, 1, true)
@@ -568,6 +571,46 @@ end
       local _, ndays = body:gsub("%d+ days?</span>", "")
       assert.equal(2, ndays)
       assert.not_matches("<script", body, 1, true)
+    end)
+
+    it("link each 24 h count to the list of the same payments", function()
+      -- a payment created three days ago: not in the 24 h counts, and
+      -- not on the list they link to
+      local old = gw:create{ description = "three days old" }
+      assert.equal("paying", old.state)
+      assert(gw.db:exec("UPDATE gw_payments SET created_at = created_at -"
+                        .. " 3 * 86400 WHERE id = $1", { old.id }))
+      local body = get(gw, "/console").body
+      local href, n = body:match('<td><a href="(/console/payments%?state='
+        .. 'paying[^"]*)">paying</a></td><td>(%d+)</td>')
+      assert.truthy(href, body)
+      href = href:gsub("&amp;", "&")
+      assert.matches("&since=%d+$", href)
+      -- the list it links to, every page: the same number, the old one
+      -- not among them
+      local seen, count, path, pages = {}, 0, href, 0
+      while path and pages < 20 do
+        local page = get(gw, path)
+        assert.equal(200, page.status, page.body)
+        if pages == 0 then
+          assert.matches("Created since ", page.body, 1, true)
+        end
+        for id in page.body:gmatch('<a href="/console/payments/(pay_%w+)">')
+        do
+          assert.is_nil(seen[id], "a payment on two pages")
+          seen[id] = true
+          count = count + 1
+        end
+        path = page.body:match('<a href="(/console/payments%?after=[^"]+)">')
+        path = path and path:gsub("&amp;", "&")
+        if path then assert.matches("&since=%d+", path) end
+        pages = pages + 1
+      end
+      assert.equal(tonumber(n), count)
+      assert.is_nil(seen[old.id])
+      -- the state's list of all time has it
+      local all = get(gw, "/console/payments?q=" .. old.id).body
+      assert.matches(old.id, all, 1, true)
     end)
 
     it("draw the notification answer times of the last hour", function()
@@ -1085,8 +1128,9 @@ describe("gateway console on PostgreSQL", function()
       ids[i] = gw:create{ description = i == 1 and HOSTILE or "pg" }
     end
     local body = get(gw, "/console").body
-    assert.matches('href="/console/payments?state=paying">paying</a></td>'
-                   .. "<td>52</td>", body, 1, true)
+    assert.matches('href="/console/payments%?state=paying&amp;since=%d+">'
+                   .. 'paying</a></td>'
+                   .. "<td>52</td>", body)
     local seen, path, n, shown = {}, "/console/payments", 0, 0
     while path do
       local res = get(gw, path)

@@ -296,13 +296,15 @@ end
 function _M.overview(view)
   local db, now = ctx.db, core.time()
   local parts = {}
+  -- each count links to the list of the same payments: that state, created
+  -- since the same moment (since=), not the state's list of all time
+  local since = floor(now) - 86400
   local rows, err = db:query("SELECT state, COUNT(*) AS n FROM gw_payments"
-    .. " WHERE created_at >= $1 GROUP BY state ORDER BY state",
-    { now - 86400 })
+    .. " WHERE created_at >= $1 GROUP BY state ORDER BY state", { since })
   local list = {}
   for _, r in ipairs(rows or {}) do
     list[#list + 1] = { link("/console/payments?state="
-      .. html.url_encode(r.state), r.state), r.n }
+      .. html.url_encode(r.state) .. "&since=" .. since, r.state), r.n }
   end
   parts[#parts + 1] = render("<section><h2>Payments, last 24 h</h2>{{t}}"
     .. "</section>", { t = rows and table_of({ "state", "payments" }, list)
@@ -398,6 +400,16 @@ function _M.parse_cursor(after)
   return at, id
 end
 
+--- syntax: t = pages.parse_since(since)
+-- The payments page's window (since=, the overview's links): whole
+-- seconds since the epoch, or nil for anything else.
+function _M.parse_since(since)
+  if type(since) ~= "string" or not since:match("^%d+$") or #since > 12 then
+    return nil
+  end
+  return tonumber(since)
+end
+
 function _M.payments(q, view)
   local db = ctx.db
   local term = type(q.q) == "string" and q.q:gsub("^%s+", "")
@@ -416,6 +428,11 @@ function _M.payments(q, view)
     if type(q.state) == "string" and q.state ~= "" then
       params[#params + 1] = q.state
       where[#where + 1] = "state = $" .. #params
+    end
+    local since = _M.parse_since(q.since)
+    if since then
+      params[#params + 1] = since
+      where[#where + 1] = "created_at >= $" .. #params
     end
     local at, id = _M.parse_cursor(q.after)
     if at then
@@ -442,13 +459,20 @@ function _M.payments(q, view)
   if more then
     next_link = link("/console/payments?after="
       .. html.url_encode(cursor(rows[PAGE])) .. (q.state and ("&state="
-      .. html.url_encode(q.state)) or ""), "Older")
+      .. html.url_encode(q.state)) or "") .. (q.since and term == ""
+      and ("&since=" .. html.url_encode(q.since)) or ""), "Older")
+  end
+  local window = html.NONE
+  if term == "" and _M.parse_since(q.since) then
+    window = render("<p class=\"note\">Created since {{t}}{{s}}.</p>", {
+      t = when(_M.parse_since(q.since)), s = (type(q.state) == "string"
+        and q.state ~= "") and (", state " .. q.state) or "" })
   end
   return render([[<form method="get" action="/console/payments"><label>
 Search <input name="q" value="{{term}}" placeholder="payment id,
 out_trade_no or transaction_id"></label><button>Find</button></form>
-{{t}}<p class="pager">{{next}}</p>]], {
-    term = term, next = next_link,
+{{window}}{{t}}<p class="pager">{{next}}</p>]], {
+    term = term, next = next_link, window = window,
     t = table_of({ "payment", "out_trade_no", "transaction_id", "state",
                    "amount", "description", "created" }, list) })
 end
