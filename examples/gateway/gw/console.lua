@@ -655,17 +655,32 @@ function _M.routes(ctx)
       return refuse(400, "Bad request", date .. " has not begun in "
                     .. "Beijing: no bill exists for it")
     end
+    -- every merchant is run, whatever another's run did: the entry and
+    -- the page say what each one's did
     local reports, err = pages.run_bill(date)
     local e, aerr = audited(s, "console.reconcile", date, {
       date = date, error = (not reports) and tostring(err) or nil,
-      mismatches = reports and reports.total or nil })
+      mismatches = reports and reports.total or nil,
+      merchants = reports and reports.merchants or nil })
     if not e then return refuse(503, "Unavailable", tostring(aerr)) end
     if not reports then
       return back(s, "/console/reconcile", "reconciliation of " .. date
         .. " failed: " .. tostring(err))
     end
+    local runs = reports.merchants
+    local each = {}
+    for i, r in ipairs(runs) do
+      each[i] = "merchant " .. r.merchant .. ": " .. (r.error
+        and ("failed: " .. r.error) or (r.mismatches .. " mismatches"))
+    end
+    if reports.failed > 0 then
+      return back(s, "/console/reconcile", "reconciliation of " .. date
+        .. ": " .. reports.failed .. " of " .. #runs .. " merchants failed; "
+        .. table.concat(each, "; "))
+    end
     return back(s, "/console/reconcile", "reconciled " .. date .. ": "
-      .. reports.total .. " mismatches")
+      .. reports.total .. " mismatches" .. (#runs > 1
+        and (" (" .. table.concat(each, "; ") .. ")") or ""))
   end))
 
   pages.record_answer_times()

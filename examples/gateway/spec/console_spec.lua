@@ -1205,7 +1205,8 @@ describe("gateway console: the bill reconciliation's folder", function()
                           "sqlite3:" .. dir .. "/b/gw.db",
                           "sqlite:" .. dir .. "/c/gw.db?inline_reads=0" } do
       local sub = dir .. "/" .. ("abc"):sub(i, i)
-      assert.same({ total = 0 }, run(nil, url), url)
+      assert.same({ total = 0, failed = 0, merchants = {} }, run(nil, url),
+                  url)
       local f = assert(io.open(sub .. "/reconcile/.", "rb"), url)
       f:close()
     end
@@ -1216,7 +1217,7 @@ describe("gateway console: the bill reconciliation's folder", function()
 
   it("is made without a shell, whatever its name", function()
     local name = dir .. "/it's $(touch " .. dir .. "/ran) `x`; -a/b"
-    assert.same({ total = 0 }, run(name))
+    assert.same({ total = 0, failed = 0, merchants = {} }, run(name))
     local f = assert(io.open(name .. "/.", "rb"))
     f:close()
     assert.is_nil(io.open(dir .. "/ran", "rb"))
@@ -1233,6 +1234,70 @@ describe("gateway console: the bill reconciliation's folder", function()
     assert.is_nil(none)
     assert.equal("cannot create the folder " .. file .. "/reports/deeper:"
                  .. " Not a directory (making " .. file .. "/reports)", err)
+  end)
+end)
+
+describe("gateway console: the bill reconciliation of two merchants",
+         function()
+  local sim, gw
+
+  setup(function()
+    sim = testing.simulator{ time_scale = 100, merchants = 2 }
+    local db_url
+    local srv = testing.start_app{ app = "examples/gateway",
+      args = { "--log-level", "info" }, config = function(s)
+        local c = core.config(sim, s, { console = { access = "loopback" },
+                                        reconcile = { enabled = false } })
+        local m2 = sim.merchants[2]
+        local key = s.dir .. "/apiv3-2.key"
+        write(key, m2.apiv3_key .. "\n")
+        local mc = sim:client_config(m2, { apiv3_key = false })
+        mc.apiv3_key_file = key
+        c.merchants[2] = mc
+        db_url = c.gateway.db
+        return c
+      end }
+    gw = core.gateway(srv, db_url)
+  end)
+
+  teardown(function() testing.stop_all() end)
+
+  it("runs every merchant when one's run fails, and says each one's outcome",
+     function()
+    local date = os.date("!%Y-%m-%d", os.time() + 8 * 3600)
+    sim:close_bills(date)
+    -- the first merchant's bill download is refused (once): its run fails
+    sim:fault{ endpoint = "tradebill", kind = "error", status = 400,
+               count = 1 }
+    local page = get(gw, "/console/reconcile")
+    local res = post(gw, "/console/reconcile", { date = date,
+                                                 csrf = csrf_of(page.body) })
+    sim:clear_faults()
+    assert.equal(303, res.status, res.body)
+    local a, b = sim.merchants[1].mchid, sim.merchants[2].mchid
+    -- the second merchant was run: its reconcile:<date> entry and report
+    local found
+    for _, e in ipairs(assert(audit.entries(gw.db, "reconcile:" .. date))) do
+      local ev = json.decode(e.evidence)
+      assert.not_equal(a, ev.merchant)
+      if e.what == "reconcile.bill" and ev.merchant == b then found = ev end
+    end
+    assert.truthy(found, "the second merchant was not run")
+    -- the page says which failed and which ran
+    local back = get(gw, res.headers["location"]).body
+    local flash = assert(back:match('<p class="flash">(.-)</p>'), back)
+    assert.matches("reconciliation of " .. date .. ": 1 of 2 merchants"
+                   .. " failed", flash, 1, true)
+    assert.matches("merchant " .. a .. ": failed: ", flash, 1, true)
+    assert.matches("merchant " .. b .. ": 0 mismatches", flash, 1, true)
+    -- and so does the console's entry
+    local e = assert(audit.entries(gw.db, "console:" .. os.date("!%Y-%m-%d")))
+    local ev = json.decode(e[#e].evidence)
+    assert.equal("console.reconcile", e[#e].what)
+    assert.equal(a, ev.merchants[1].merchant)
+    assert.truthy(ev.merchants[1].error)
+    assert.equal(b, ev.merchants[2].merchant)
+    assert.equal(0, ev.merchants[2].mismatches)
   end)
 end)
 

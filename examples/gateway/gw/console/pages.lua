@@ -690,9 +690,15 @@ end
 
 ---------------------------------------------------------- reconciliation
 
---- syntax: res, err = pages.run_bill(date) -- res: { total }
+--- syntax: res, err = pages.run_bill(date)
 -- The day's bill reconciliation for every merchant now (paygate's
--- reconcile.bill: the report, its audit entry reconcile:<date>).
+-- reconcile.bill: the report, its audit entry reconcile:<date>). Each
+-- merchant is run whatever the runs before it did (one whose run fails
+-- must not leave the others unreconciled, unsaid).
+-- returns: res = { total (mismatches of the runs that ended), failed (how
+--   many runs failed), merchants = { { merchant, mismatches } or
+--   { merchant, error } ... } in the config's order }, or nil, err (no
+--   merchant could be run: the folder)
 function _M.run_bill(date)
   local dir = require("gw.config").bill_dir(ctx.gateway)
   if not dir then
@@ -704,15 +710,28 @@ function _M.run_bill(date)
   if not made then return nil, why end
   -- gw.reconcile is the gateway's plug-in: loaded when this lever is used
   local gwr = require "gw.reconcile"
-  local total = 0
+  local total, failed, runs = 0, 0, {}
   for _, m in ipairs(ctx.merchants) do
-    local report, err = gwr.bill_day{ wx = ctx.wx[m.mchid], db = ctx.db,
-                                      dir = dir, date = date,
-                                      mchid = m.mchid }
-    if not report then return nil, err end
-    total = total + report.counts.total
+    -- (a raise, a fault on this side, fails this merchant's run only:
+    -- logged, said, and the next merchant is run)
+    local ok, report, err = pcall(gwr.bill_day, {
+      wx = ctx.wx[m.mchid], db = ctx.db, dir = dir, date = date,
+      mchid = m.mchid })
+    if ok and report then
+      total = total + report.counts.total
+      runs[#runs + 1] = { merchant = m.mchid,
+                          mismatches = report.counts.total }
+    else
+      if not ok then
+        paygate.log.error("gateway: console bill reconciliation failed", {
+          merchant = m.mchid, date = date, error = tostring(report) })
+        err = "internal error (the gateway's log says why)"
+      end
+      failed = failed + 1
+      runs[#runs + 1] = { merchant = m.mchid, error = tostring(err) }
+    end
   end
-  return { total = total }
+  return { total = total, failed = failed, merchants = runs }
 end
 
 function _M.reconcile(q, view)
