@@ -636,6 +636,7 @@ function _M.routes(ctx)
     local moved = tostring(before) .. " -> " .. tostring(after and after.state)
     if said == "ORDER_NOT_EXIST" then
       -- its prepay never reached WeChat (or has not yet): nothing applied
+      -- before its expiry, closed after it (payments.refresh)
       return back(s, path, "WeChat has no order " .. tostring(p.out_trade_no)
         .. " (ORDER_NOT_EXIST): " .. moved)
     end

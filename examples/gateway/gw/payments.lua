@@ -921,18 +921,28 @@ end
 
 --- syntax: outcome, err = payments.refresh(p)
 -- Asks WeChat about the payment's current attempt (and its refunds still
--- under way) and applies the answers through the machines.
+-- under way) and applies the answers through the machines, as the payment
+-- checks (gw.reconcile) would: an order WeChat does not know
+-- (ORDER_NOT_EXIST) means nothing before the payment's expiry (its prepay
+-- may be on the way) and closes an open payment after it (nobody can pay
+-- it any more).
 -- returns: true and WeChat's trade_state of the attempt
 -- ("ORDER_NOT_EXIST" when WeChat has no such order), or nil, err (WeChat
 -- could not be asked: stale data).
 function _M.refresh(p)
   local wx = client_of(p)
   local txn, err = wx:query_by_out_trade_no(p.out_trade_no, sub_of(p))
+  local ts
   if not txn then
-    if err.kind == "not_found" then return true, "ORDER_NOT_EXIST" end
-    return nil, err
+    if err.kind ~= "not_found" then return nil, err end
+    if not (OPEN[p.state]
+            and model.time() >= (tonumber(p.expires_at) or math.huge)) then
+      return true, "ORDER_NOT_EXIST"
+    end
+    ts = "ORDER_NOT_EXIST"
+  else
+    ts = txn.trade_state
   end
-  local ts = txn.trade_state
   local after
   local ok, aerr = fsm.retry(ctx.db, function(tx)
     if ts == "SUCCESS" or ts == "REFUND" then
@@ -955,13 +965,19 @@ function _M.refresh(p)
       -- (CLOSED: the new attempt's request closed it), not this one
       return true
     end
-    if ts == "CLOSED" and model.switching(tx, p.out_trade_no) then
+    if (ts == "CLOSED" or ts == "ORDER_NOT_EXIST")
+       and model.switching(tx, p.out_trade_no) then
       -- a new attempt's request closed it and has not recorded the
       -- switch yet: the payment goes on with that attempt
       return true
     end
     local event
     if ts == "CLOSED" and OPEN[row.state] then
+      event = "closed"
+    elseif ts == "ORDER_NOT_EXIST" and OPEN[row.state]
+           and model.time() >= (tonumber(row.expires_at) or math.huge) then
+      -- never made at WeChat, and past its expiry: closed, as the
+      -- payment checks close it
       event = "closed"
     elseif ts == "PAYERROR" and OPEN[row.state] then
       event = "failed"
@@ -996,6 +1012,7 @@ function _M.refresh(p)
   end)
   if not ok then return nil, aerr end
   if after then _M.after(after) end
+  if ts == "ORDER_NOT_EXIST" then return true, ts end   -- (never paid)
   if ctx.refunds and ctx.refunds.refresh_open then
     local rok, rerr = ctx.refunds.refresh_open(p)
     if not rok then return nil, rerr end

@@ -798,6 +798,69 @@ end
                      true)
     end)
 
+    it("settle closes an expired payment WeChat has no order for, as"
+       .. " reconciliation does; so does ?refresh=1", function()
+      -- prepays that never reach WeChat: unknown, no order at WeChat
+      local function never_made(tag)
+        sim:fault{ endpoint = "prepay", kind = "reset", count = 20 }
+        local res = gw:call("POST", "/v1/payments", { order_id = tag .. "-"
+          .. os.time() .. math.random(1e6), channel = "native", amount = 45,
+          description = "never made, expired" })
+        sim:clear_faults()
+        local p = assert(res.json.payment, res.body)
+        assert.equal("unknown", p.state)
+        local row = assert(gw.db:query("SELECT out_trade_no FROM gw_payments"
+          .. " WHERE id = $1", { p.id }))[1]
+        -- its time is over
+        assert(gw.db:exec("UPDATE gw_payments SET expires_at = $2 WHERE"
+                          .. " id = $1", { p.id, os.time() - 1 }))
+        return p.id, row.out_trade_no
+      end
+      local function assert_closed(id, otn)
+        local row = assert(gw.db:query("SELECT state FROM gw_payments WHERE"
+          .. " id = $1", { id }))[1]
+        assert.equal("closed", row.state)
+        -- the transition in the payment's chain, saying why
+        local e = assert(audit.entries(gw.db, "payment:" .. id))
+        local last = e[#e]
+        assert.equal("closed", last.to)
+        assert.equal("query", last.cause)
+        assert.equal("gateway:query", last.actor)
+        local ev = last.evidence
+        if type(ev) == "string" then ev = json.decode(ev) end
+        assert.equal("ORDER_NOT_EXIST", ev.trade_state)
+        assert.equal(otn, ev.out_trade_no)
+        -- its attempt closed (WeChat has none to close), its event sent
+        local a = assert(gw.db:query("SELECT state, close_check_at FROM"
+          .. " gw_attempts WHERE out_trade_no = $1", { otn }))[1]
+        assert.equal("closed", a.state)
+        assert.is_true(a.close_check_at == nil
+                       or a.close_check_at == require("paygate.core").null)
+        local evs = assert(gw.db:query("SELECT type FROM paygate_outbox"
+          .. " WHERE subject = $1 AND type = 'payment.closed'", { id }))
+        assert.equal(1, #evs)
+      end
+      local id, otn = never_made("x")
+      local page = get(gw, "/console/payments/" .. id)
+      local res = post(gw, "/console/payments/" .. id .. "/settle",
+                       { csrf = csrf_of(page.body) })
+      assert.equal(303, res.status, res.body)
+      local back = get(gw, res.headers["location"]).body
+      assert.matches("WeChat has no order " .. otn .. " (ORDER_NOT_EXIST):"
+                     .. " unknown -&gt; closed", back, 1, true)
+      assert_closed(id, otn)
+      local e = console_entries(gw)
+      assert_audited(e[#e], "console.settle", id)
+      assert.matches('"to":"closed"', e[#e].evidence, 1, true)
+      -- the API's refresh shares it
+      id, otn = never_made("y")
+      res = gw:call("GET", "/v1/payments/" .. id .. "?refresh=1")
+      assert.equal(200, res.status, res.body)
+      assert.equal("closed", res.json.state)
+      assert.is_nil(res.json.stale)
+      assert_closed(id, otn)
+    end)
+
     it("run the bill reconciliation for a date", function()
       -- a refund WeChat paid back whose notification was lost: still
       -- processing here, the bill names it (the daily job's run reports a
