@@ -18,21 +18,7 @@
 #include <openssl/x509.h>
 
 #include "http_conn.h"
-
-/*
- * The password callback for the private key: there is none. Without a
- * callback OpenSSL asks for a pass phrase on the terminal (or stdin), and
- * the worker would block there on an encrypted key.
- */
-static int
-no_password(char *buf, int size, int rwflag, void *u)
-{
-    (void) buf;
-    (void) size;
-    (void) rwflag;
-    (void) u;
-    return -1;
-}
+#include "tls.h"
 
 /* Frees what load_pem() made; safe on a half-made set. */
 static void
@@ -64,7 +50,7 @@ load_pem(const char *cert, size_t cert_len, const char *key, size_t key_len,
         snprintf(msg, msglen, "no memory");
         goto err;
     }
-    *leaf = PEM_read_bio_X509(b, NULL, no_password, NULL);
+    *leaf = PEM_read_bio_X509(b, NULL, gw_tls_no_password, NULL);
     if (*leaf == NULL) {
         snprintf(msg, msglen, "the certificate is not PEM");
         goto err;
@@ -75,7 +61,7 @@ load_pem(const char *cert, size_t cert_len, const char *key, size_t key_len,
         goto err;
     }
     for (;;) {
-        x = PEM_read_bio_X509(b, NULL, no_password, NULL);
+        x = PEM_read_bio_X509(b, NULL, gw_tls_no_password, NULL);
         if (x == NULL) {
             break;
         }
@@ -92,7 +78,7 @@ load_pem(const char *cert, size_t cert_len, const char *key, size_t key_len,
         snprintf(msg, msglen, "no memory");
         goto err;
     }
-    *pkey = PEM_read_bio_PrivateKey(b, NULL, no_password, NULL);
+    *pkey = PEM_read_bio_PrivateKey(b, NULL, gw_tls_no_password, NULL);
     if (*pkey == NULL) {
         snprintf(msg, msglen, "the private key is not PEM (or is "
                  "encrypted)");

@@ -302,12 +302,13 @@ file_reason(char *err, size_t errlen, const char *what, const char *path0)
     ERR_clear_error();
 }
 
-/* The pass-phrase callback of the listener's key: there is none.
- * Without one OpenSSL asks on the terminal (or stdin), and the master
- * would stop there, at start or on a reload, for as long as nobody
- * types: an encrypted key is refused (file_reason() says so). */
-static int
-no_password(char *buf, int size, int rwflag, void *u)
+/* The pass-phrase callback of every key and certificate the listener
+ * reads (tls.h): there is none. Without one OpenSSL asks on the
+ * terminal (or stdin), and the master (at start, on a reload) or a worker
+ * (tls.set_certificate) would stop there for as long as nobody types: an
+ * encrypted key is refused (file_reason() says so). */
+int
+gw_tls_no_password(char *buf, int size, int rwflag, void *u)
 {
     (void) buf;
     (void) size;
@@ -348,12 +349,14 @@ mismatch_reason(char *err, size_t errlen, const char *cert, const char *key)
         close(fd);
     }
     b = len > 0 ? BIO_new_mem_buf(buf, (int) len) : NULL;
-    pkey = b ? PEM_read_bio_PrivateKey(b, NULL, no_password, NULL) : NULL;
+    pkey = b ? PEM_read_bio_PrivateKey(b, NULL, gw_tls_no_password, NULL)
+             : NULL;
     BIO_free(b);
     OPENSSL_cleanse(buf, sizeof(buf));
     b = pkey ? BIO_new_file(cert, "r") : NULL;
     while (b != NULL && at == 0
-           && (x = PEM_read_bio_X509(b, NULL, no_password, NULL)) != NULL) {
+           && (x = PEM_read_bio_X509(b, NULL, gw_tls_no_password,
+                                     NULL)) != NULL) {
         if (++n > 1 && X509_check_private_key(x, pkey) == 1) {
             at = n;
         }
@@ -425,7 +428,7 @@ gw_tls_cert_dates(const char *path, char *msg, size_t msglen)
         return 0;
     }
     b = BIO_new_file(path, "r");
-    x = b ? PEM_read_bio_X509(b, NULL, no_password, NULL) : NULL;
+    x = b ? PEM_read_bio_X509(b, NULL, gw_tls_no_password, NULL) : NULL;
     BIO_free(b);
     if (x != NULL) {
         if (X509_cmp_current_time(X509_get0_notAfter(x)) <= 0) {
@@ -500,7 +503,7 @@ gw_tls_server_ctx(const struct gw_tls_conf *conf, char *err, size_t errlen)
      * a new connection's handshake and first request take 2 reads
      * instead of 8. The server then reads on while SSL_has_pending(). */
     SSL_CTX_set_read_ahead(ctx, 1);
-    SSL_CTX_set_default_passwd_cb(ctx, no_password);
+    SSL_CTX_set_default_passwd_cb(ctx, gw_tls_no_password);
     if (load_pair(ctx, conf->cert, conf->key, err, errlen) != 0) {
         goto err;
     }

@@ -35,6 +35,10 @@ struct gw_tls_conf {
 SSL_CTX *gw_tls_server_ctx(const struct gw_tls_conf *conf, char *err,
                            size_t errlen);
 
+/* The pass-phrase callback for every PEM the listener reads: none (an
+ * encrypted key fails to load instead of prompting on the terminal). */
+int gw_tls_no_password(char *buf, int size, int rwflag, void *u);
+
 /* Whether the first certificate of the PEM file at path (the leaf) is
  * out of its validity now: 1 with why in msg (expired, or not valid yet,
  * and when), else 0 (a path NULL or "" too). */
