@@ -79,3 +79,17 @@ describe("paygate.router 405", function()
     assert.equal("GET, POST", allowed)
   end)
 end)
+
+describe("paygate.router rest", function()
+  it("binds the rest, empty for the bare prefix", function()
+    local r = router.new()
+    r:add("GET", "/f/*rest", function() end)
+    for path, rest in pairs({ ["/f"] = "", ["/f/"] = "", ["/f/a/b"] = "a/b" })
+    do
+      local fn, _, params = r:find("GET", path)
+      assert.is_function(fn, path)
+      assert.equal(rest, params.rest, path)
+    end
+    assert.is_nil((r:find("GET", "/fx")))
+  end)
+end)
