@@ -293,8 +293,12 @@ local REFUND_EVENT = { SUCCESS = "succeeded", CLOSED = "closed",
                        ABNORMAL = "abnormal", PROCESSING = "accepted" }
 local REFUND_TARGET = { SUCCESS = "succeeded", CLOSED = "closed",
                         ABNORMAL = "abnormal", PROCESSING = "processing" }
--- the states WeChat settled a refund in: a PROCESSING report is older
+-- the states WeChat settled a refund in: a PROCESSING report is older,
+-- and so is an ABNORMAL one (an abnormal refund ends SUCCESS or CLOSED
+-- through the abnormal-refund API; WeChat retries a notification for a
+-- day, so its REFUND.ABNORMAL may land after that outcome's)
 local SETTLED = { succeeded = true, closed = true }
+local OLDER = { PROCESSING = true, ABNORMAL = true }
 
 --- syntax: outcome = apply.refund_status(ctx, tx, refund_row, o)
 -- o: { status (SUCCESS, CLOSED, ABNORMAL, PROCESSING), refund_id,
@@ -309,10 +313,10 @@ function _M.refund_status(ctx, tx, rf, o)
     -- abnormal until WeChat says how it ended
     return "duplicate"
   end
-  if status == "PROCESSING" and SETTLED[rf.state] then
-    -- a late report (the refund call's answer, a query) older than the
-    -- settlement a notification applied meanwhile: a race, not an
-    -- illegal transition
+  if OLDER[status] and SETTLED[rf.state] then
+    -- a late report (the refund call's answer, a query, a notification
+    -- WeChat sent again) older than the settlement applied meanwhile: a
+    -- race, not an illegal transition
     paygate.log.debug("gateway: refund report older than its state:"
       .. " ignored", { refund = rf.id, state = rf.state, status = status,
                        source = o.source })

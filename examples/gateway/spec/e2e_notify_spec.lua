@@ -248,6 +248,45 @@ describe("gateway notifications", function()
     assert.equal("paid", env:get(p.id).state)
   end)
 
+  -- WeChat retries a notification for a day: a REFUND.ABNORMAL whose
+  -- delivery failed may land after the outcome of the abnormal-refund
+  -- application (SUCCESS or CLOSED, both reachable from ABNORMAL). It is
+  -- an older report, ignored, as a late PROCESSING is: not an illegal
+  -- transition (logged at warn, counted, what operators alert on).
+  for _, outcome in ipairs({ "SUCCESS", "CLOSED" }) do
+    it("a REFUND.ABNORMAL that lands after the refund ended " .. outcome
+       .. " is an older report, not an illegal transition", function()
+      local p = env:paid_payment{ amount = 50 }
+      local r = S.expect(env:refund(p.id, 20), 201, "refund")
+      -- the ABNORMAL is held back until a later notification went out
+      env.sim:fault{ endpoint = "notify", kind = "out_of_order", count = 1 }
+      env.sim:settle(r.out_refund_no, "ABNORMAL")
+      local wx = env.sim:client()
+      local a, err = wx:abnormal_refund{ refund_id = r.refund_id,
+        out_refund_no = r.out_refund_no, type = "MERCHANT_BANK_CARD" }
+      assert.is_table(a, tostring(err))
+      env.sim:settle(r.out_refund_no, outcome)
+      env.sim:wait_notification{ out_refund_no = r.out_refund_no,
+                                 event_type = "REFUND." .. outcome }
+      local d = env.sim:wait_notification{ out_refund_no = r.out_refund_no,
+        event_type = "REFUND.ABNORMAL" }
+      local want = outcome == "SUCCESS" and "succeeded" or "closed"
+      assert.equal(want, env:get(p.id).refunds[1].state)
+      assert.equal(outcome == "SUCCESS" and 20 or 0, env:get(p.id).refunded)
+      local rows = assert(env.db:query("SELECT outcome FROM gw_notifications"
+                                       .. " WHERE id = $1", { d.id }))
+      assert.equal("duplicate", rows[1] and rows[1].outcome)
+      for line in env.gw:logs():gmatch("[^\n]+") do
+        local rec = json.decode(line)
+        assert.is_false(type(rec) == "table"
+          and rec.msg == "fsm: illegal transition refused"
+          and rec.id == r.id, line)
+      end
+      -- nothing applied: no refund.abnormal for a refund that had ended
+      assert.equal(0, env:count_events(p.id, "refund.abnormal"))
+    end)
+  end
+
   it("an illegal transition (a closed refund reported succeeded) is "
      .. "refused, never applied", function()
     local p = env:paid_payment{ amount = 50 }
