@@ -239,7 +239,9 @@ local function check_create(b)
     bad.amount = "must be a whole number of fen, 1 .. " .. MAX_AMOUNT
   end
   out.amount = b.amount
-  out.currency = b.currency or "CNY"
+  -- (not `or`: false would pass for no currency)
+  out.currency = b.currency
+  if out.currency == nil then out.currency = "CNY" end
   if out.currency ~= "CNY" then bad.currency = "must be CNY" end
   if type(b.description) ~= "string" or b.description == ""
      or utf8_len(b.description) > 127 then

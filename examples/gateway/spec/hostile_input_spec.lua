@@ -3,6 +3,7 @@
 -- store or Lua error text), and good inputs at the edges are taken.
 local testing = require "paygate.testing"
 local core = dofile("examples/gateway/spec/core_support.lua")
+local json = require "paygate.json"
 
 describe("gateway hostile input", function()
   local sim, gw
@@ -263,6 +264,40 @@ describe("gateway hostile input", function()
     res = create_raw(order_id(), ',"client_ip":"203.0.113.7",'
       .. '"payer":{"openid":"o-1"}', "native")
     assert.equal(201, res.status, res.body)
+  end)
+
+  it("refuses false for every field of a create, a switch, a refund",
+     function()
+    -- was: "currency": false was taken for no currency (CNY), where the
+    -- contract says "CNY" and every other field refused it
+    local body = '{"order_id":"%s","channel":"native","amount":1,'
+                 .. '"description":"tea"}'
+    for _, f in ipairs{ "order_id", "channel", "amount", "currency",
+                        "description", "payer", "client_ip", "h5_type",
+                        "expires_in", "attach", "mchid", "sub_mchid",
+                        "appid" } do
+      local oid = order_id()
+      local b = assert(json.decode(body:format(oid)))
+      b[f] = false
+      local res = gw:call("POST", "/v1/payments", b)
+      refused(res, 400, "invalid_request", f, f ~= "order_id" and oid)
+    end
+    local p = gw:create{ amount = 100 }
+    for _, f in ipairs{ "channel", "payer", "client_ip", "h5_type" } do
+      local b = { channel = "h5", client_ip = "203.0.113.7" }
+      b[f] = false
+      refused(gw:call("POST", "/v1/payments/" .. p.id .. "/attempts", b),
+              400, "invalid_request", f)
+    end
+    assert.equal(1, #gw:get(p.id).attempts)
+    sim:pay(p.out_trade_no)
+    gw:wait_state(p.id, "paid")
+    for _, b in ipairs{ { amount = false }, { amount = 1, reason = false } } do
+      refused(gw:call("POST", "/v1/payments/" .. p.id .. "/refunds", b),
+              400, "invalid_request", b.amount and "reason" or "amount")
+    end
+    assert.equal(0, #assert(gw.db:query("SELECT id FROM gw_refunds WHERE"
+      .. " payment_id = $1", { p.id })))
   end)
 
   it("refuses an empty JSON array where an object belongs", function()
