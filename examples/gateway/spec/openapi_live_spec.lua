@@ -318,6 +318,37 @@ describe("the gateway's answers fit openapi.json", function()
     end
   end)
 
+  it("a payer openid the contract takes is one the gateway takes, and only"
+     .. " those", function()
+    -- before: the contract's Payer.openid was any string, so a generated
+    -- client sent openids the gateway refuses (400 payer.openid: empty,
+    -- past 128, a space, a non-ASCII letter)
+    local schema = doc.components.schemas.Payer.properties.openid
+    assert.equal("^[!-~]+$", schema.pattern)
+    local function fits(v)
+      return #v >= schema.minLength and #v <= schema.maxLength
+        and v:find("^[!-~]+$") ~= nil
+    end
+    for _, v in ipairs({ "o", "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o", ("x"):rep(128),
+                         ("x"):rep(129), "", "a b", "caf\195\169",
+                         "a\tb" }) do
+      for _, r in ipairs({ { "/v1/payments", "POST" },
+                           { "/v1/payments/{id}/attempts", "POST" } }) do
+        local path, body = r[1], { channel = "jsapi", payer = { openid = v } }
+        if path == "/v1/payments" then
+          body.order_id, body.amount, body.description = S.order_id(), 1,
+                                                         "openid"
+        else
+          path = "/v1/payments/" .. create().json.payment.id .. "/attempts"
+        end
+        local res = env:api("POST", path, body)
+        assert.equal(fits(v), res.status == 201,
+                     ("%q: %d %s"):format(v, res.status, res.body))
+        conforms(res, "POST", r[1])
+      end
+    end
+  end)
+
   it("an id that decodes to a NUL or a dot-segment: 400 bad_path, on every"
      .. " route", function()
     -- before: the two GET refund routes documented no 400 at all, and no
