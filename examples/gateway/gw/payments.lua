@@ -162,8 +162,14 @@ end
 -- every channel must not carry junk through unseen.
 local function given(v) return v ~= nil and v ~= json.null end
 
+-- (an empty JSON array decodes to an empty table too, marked with a
+-- metatable so that it encodes back as []; an object has none)
+local function is_object(v)
+  return type(v) == "table" and getmetatable(v) == nil
+end
+
 local function check_channel(b, out, bad)
-  if given(b.payer) and type(b.payer) ~= "table" then
+  if given(b.payer) and not is_object(b.payer) then
     bad.payer = "must be an object ({\"openid\": ...})"
   elseif type(b.payer) == "table" then
     unknown_fields(b.payer, PAYER_FIELDS, bad, "payer.")

@@ -250,7 +250,11 @@ describe("gateway hostile input", function()
     -- a body one client sends for every channel: its junk is refused even
     -- where the field is not used (was: a native payment took payer "x",
     -- client_ip 5 and h5_type [])
+    -- (and an empty array, which decodes to an empty table: was taken
+    -- for a payer object, where [1] was refused)
     for _, c in ipairs{ { ',"payer":"x"', "payer" },
+                        { ',"payer":[]', "payer" },
+                        { ',"payer": [ ]', "payer" },
                         { ',"payer":{"openid":5}', "payer.openid" },
                         { ',"client_ip":5', "client_ip" },
                         { ',"h5_type":[]', "h5_type" } } do
@@ -264,6 +268,11 @@ describe("gateway hostile input", function()
     res = create_raw(order_id(), ',"client_ip":"203.0.113.7",'
       .. '"payer":{"openid":"o-1"}', "native")
     assert.equal(201, res.status, res.body)
+    local p = res.json.payment
+    refused(gw:call("POST", "/v1/payments/" .. p.id .. "/attempts",
+      '{"channel":"h5","client_ip":"203.0.113.7","payer":[]}'),
+      400, "invalid_request", "payer")
+    assert.equal(1, #gw:get(p.id).attempts)
   end)
 
   it("refuses false for every field of a create, a switch, a refund",
