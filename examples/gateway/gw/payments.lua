@@ -274,8 +274,12 @@ local function check_create(b)
   end
   out.merchant = m
   if m and m.partner then
-    if type(b.sub_mchid) ~= "string" or not b.sub_mchid:match("^%d+$") then
+    -- (1 to 32 digits, as the WeChat Pay client takes it: one it refused
+    -- only after the payment was stored under it, for good)
+    if type(b.sub_mchid) ~= "string" or #b.sub_mchid > 32
+       or not b.sub_mchid:match("^%d+$") then
       bad.sub_mchid = "a service provider's payment names its sub_mchid"
+        .. " (1 to 32 digits)"
     end
     out.sub_mchid = b.sub_mchid
   elseif b.sub_mchid ~= nil then

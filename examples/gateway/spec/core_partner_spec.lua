@@ -24,6 +24,27 @@ describe("gateway for a service provider", function()
     assert.truthy(res.json.fields.sub_mchid)
   end)
 
+  it("refuses a sub_mchid past 32 digits before storing anything",
+     function()
+    -- was: the WeChat Pay client's own check refused it after the
+    -- payment was stored: 502 wechat_error (invalid_params), the payment
+    -- left created under that sub_mchid, so the create corrected was
+    -- 409 payment_exists for good (never moved to another sub_mchid)
+    for i, sub in ipairs{ string.rep("1", 33), string.rep("9", 5000) } do
+      local oid = "sp-long-" .. i
+      local res = gw:call("POST", "/v1/payments", { order_id = oid,
+        channel = "native", amount = 1, description = "x", sub_mchid = sub })
+      assert.equal(400, res.status, res.body)
+      assert.equal("invalid_request", res.json.error)
+      assert.truthy(res.json.fields.sub_mchid, res.body)
+      assert.equal(0, #assert(gw.db:query("SELECT id FROM gw_payments"
+        .. " WHERE order_id = $1", { oid })))
+      local p = gw:create{ order_id = oid, amount = 1,
+                           sub_mchid = sim.partner.sub_mchid }
+      assert.equal(sim.partner.sub_mchid, p.sub_mchid)
+    end
+  end)
+
   it("pays a sub-merchant's order once", function()
     local p = gw:create{ sub_mchid = sim.partner.sub_mchid, amount = 66 }
     assert.equal(sim.partner.sub_mchid, p.sub_mchid)
