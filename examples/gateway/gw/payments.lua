@@ -433,7 +433,12 @@ local function opened(p, no, pay, ik, status, actor)
       .. " at the same time)", { payment = model.payment_json(a.superseded) })
   end
   if type(a) == "table" and a.ended then
-    close_superseded(p, no)
+    -- (not the attempt the payment was paid through: its notification
+    -- came before the prepay's answer. WeChat refuses to close a paid
+    -- order, and the payment checks have nothing to do about it)
+    if model.opt(a.ended.paid_out_trade_no) ~= no then
+      close_superseded(p, no)
+    end
     local st = a.ended.state
     return 409, err_body((st == "paid" or st == "partially_refunded"
                           or st == "refunded") and "payment_paid"

@@ -6,6 +6,7 @@
 -- applied, then refunded or raised as an alarm (config.on_late_payment).
 local S = require "examples.gateway.spec.support"
 local json = require "cjson.safe"
+local core = require "paygate.core"
 
 local function refused(status) return status >= 400 end
 
@@ -319,6 +320,49 @@ describe("gateway notifications", function()
         .. ' (%d+)')
       return n and tonumber(n) >= 1
     end, 15, "the illegal transition counted on /metrics")
+  end)
+
+  it("a payment notification that lands while its create's prepay waits:"
+     .. " applied, and the paid attempt is not closed at WeChat", function()
+    env.sim:fault{ endpoint = "prepay", kind = "latency", seconds = 1.5,
+                   count = 1 }
+    local order_id = S.order_id("prepay-wait")
+    local created
+    core.spawn(function()
+      created = env:api("POST", "/v1/payments", { order_id = order_id,
+        channel = "native", amount = 90, description = "e2e order" })
+    end)
+    local row
+    S.wait_until(function()
+      local rows = assert(env.db:query("SELECT id, out_trade_no FROM"
+        .. " gw_payments WHERE order_id = $1", { order_id }))
+      row = rows[1]
+      return row ~= nil
+    end, 10, "the payment stored before its prepay")
+    local res = env:post_paid({ out_trade_no = row.out_trade_no,
+                                amount = 90 })
+    assert.equal(204, res.status, res.body)
+    S.wait_until(function() return created ~= nil end, 10,
+                 "the create to answer")
+    assert.equal(409, created.status, created.body)
+    assert.equal("payment_paid", created.json.error)
+    assert.equal("paid", created.json.payment.state)
+    assert.is_nil(created.json.pay)
+    -- WeChat refuses to close a paid order (ORDER_PAID): nothing to close,
+    -- and nothing for the payment checks to do about it
+    for _, r in ipairs(env.sim:requests()) do
+      assert.is_false(r.endpoint == "close"
+                      and r.target:find(row.out_trade_no, 1, true) ~= nil,
+                      "a close of the paid attempt: " .. r.target)
+    end
+    for line in (env.gw:logs() or ""):gmatch("[^\n]+") do
+      assert.is_false(line:find(row.out_trade_no, 1, true) ~= nil
+        and line:find("closing a superseded attempt", 1, true) ~= nil, line)
+    end
+    local rows = assert(env.db:query("SELECT state, close_check_at FROM"
+      .. " gw_attempts WHERE out_trade_no = $1", { row.out_trade_no }))
+    assert.equal("paid", rows[1].state)
+    assert.equal(1, env:count_events(row.id, "payment.paid"))
   end)
 
   it("money on a closed payment is applied, then refunded", function()
