@@ -357,7 +357,14 @@ end
 -- later (money taken on it meanwhile is a late payment, handled as such).
 local function close_superseded(p, no)
   local ok, err = client_of(p):close(no, sub_of(p))
-  if not ok and err.kind ~= "not_found" then
+  if not ok and err.kind == "order_paid" then
+    -- paid before the close: not left open, a payment to apply (its
+    -- notification, or the attempt's check, applies it as late)
+    paygate.log.warn("gateway: a superseded attempt was paid before its"
+      .. " close; its notification or the payment checks apply it as a late"
+      .. " payment", { out_trade_no = no })
+    return
+  elseif not ok and err.kind ~= "not_found" then
     paygate.log.warn("gateway: closing a superseded attempt failed; the"
       .. " payment checks close it later", { out_trade_no = no,
                                              kind = err.kind })
@@ -1068,7 +1075,11 @@ function _M.after(list)
         end
         -- (not_found: maybe its prepay is still on the way; the payment
         -- checks ask again once it is over)
-        if not ok and err.kind ~= "not_found" then
+        if not ok and err.kind == "order_paid" then
+          paygate.log.warn("gateway: a superseded attempt was paid before"
+            .. " its close; its notification or the payment checks apply"
+            .. " it as a late payment", { out_trade_no = w.close })
+        elseif not ok and err.kind ~= "not_found" then
           paygate.log.warn("gateway: closing a superseded attempt failed;"
             .. " the payment checks close it later",
             { out_trade_no = w.close, kind = err.kind })
