@@ -545,7 +545,8 @@ end
 -- most db.retries times, as db:transaction does.
 local function atomic_pg(self, list, names)
   local index, serr, got, err
-  for attempt = 1, self.retries do
+  local attempt, replans = 1, 0
+  while true do
     index, serr, got = nil, nil, nil
     local txid, res, ei, e = self.h:begin_atomic(list)
     if txid == false then            -- refused: nothing was sent
@@ -577,10 +578,19 @@ local function atomic_pg(self, list, names)
         err = serr or core.error("conflict", "expect")
       end
     end
-    if not is_retryable_tx(err) or attempt == self.retries then
-      break
+    if type(err) == "table" and err.code == "0A000" and err.retryable
+       and replans < 32 then
+      -- a statement prepared before a schema change (its connection
+      -- has forgotten them all now): at once, not counted, at most once
+      -- per connection of the pool
+      replans = replans + 1
+    else
+      if not is_retryable_tx(err) or attempt >= self.retries then
+        break
+      end
+      core.sleep(0.002 * attempt * (0.5 + math.random()))
+      attempt = attempt + 1
     end
-    core.sleep(0.002 * attempt * (0.5 + math.random()))
   end
   if index then
     return nil, atomic_error(list, names, index, serr, got)

@@ -510,6 +510,52 @@ for _, engine in ipairs(engines) do
         assert.equal(0, res[1].changes)
         assert(db:exec_script("DROP TABLE ddl1"))
       end)
+
+      it("answers a statement run before a schema change with the new"
+         .. " shape, never a stale cached plan", function()
+        -- one connection: the statements hit its cache of prepared ones
+        local d = open(engine, { pool = 1 })
+        local function q(s, p)
+          local rows, err = d:query(s, p)
+          assert(rows, s .. ": " .. tostring(err))
+          return rows
+        end
+        assert(d:exec_script("CREATE TABLE acct (id INT PRIMARY KEY, a TEXT)"))
+        assert(d:exec("INSERT INTO acct (id, a) VALUES (1, 'x')"))
+        local all = "SELECT * FROM acct WHERE id = $1"
+        assert.same({ { id = 1, a = "x" } }, q(all, { 1 }))
+        assert(d:exec_script("ALTER TABLE acct ADD COLUMN b INT DEFAULT 7"))
+        assert.same({ { id = 1, a = "x", b = 7 } }, q(all, { 1 }))
+        assert.same({ { id = 1, a = "x", b = 7 } }, q(all, { 1 }))
+        assert(d:exec_script("ALTER TABLE acct DROP COLUMN a"))
+        assert.same({ { id = 1, b = 7 } }, q(all, { 1 }))
+        if engine == "postgres" then
+          local one = "SELECT b FROM acct WHERE id = $1"
+          assert.same({ { b = 7 } }, q(one, { 1 }))
+          assert(d:exec_script("ALTER TABLE acct ALTER COLUMN b TYPE TEXT"))
+          assert.same({ { b = "7" } }, q(one, { 1 }))
+        end
+        -- a table dropped and made again, other columns
+        assert(d:exec_script("DROP TABLE acct;"
+                             .. " CREATE TABLE acct (id INT, c TEXT)"))
+        local ins = "INSERT INTO acct (id, c) VALUES ($1, $2) RETURNING *"
+        assert.same({ { id = 2, c = "y" } }, assert(d:exec(ins, { 2, "y" })).rows)
+        assert.same({ { id = 2, c = "y" } }, q(all, { 2 }))
+        -- inside a transaction, and in a db:atomic job
+        assert(d:exec_script("ALTER TABLE acct ADD COLUMN e INT DEFAULT 3"))
+        local got = assert(d:transaction(function(tx)
+          local rows = assert(tx:query(all, { 2 }))
+          assert(tx:exec("INSERT INTO acct (id, c) VALUES (3, 'z')"))
+          return rows
+        end))
+        assert.same({ { id = 2, c = "y", e = 3 } }, got)
+        assert.same({ { id = 3, c = "z", e = 3 } }, q(all, { 3 }))
+        assert(d:exec_script("ALTER TABLE acct ADD COLUMN f INT DEFAULT 4"))
+        local res = assert(d:atomic({ { ins, { 4, "w" } }, { all, { 2 } } }))
+        assert.same({ { id = 4, c = "w", e = 3, f = 4 } }, res[1].rows)
+        assert.same({ { id = 2, c = "y", e = 3, f = 4 } }, res[2].rows)
+        d:close()
+      end)
     end)
 
     describe("transaction", function()

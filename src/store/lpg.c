@@ -152,6 +152,10 @@ struct lpg_op {
     char              errmsg[LPG_MSG_MAX];
     struct lpg_batch *batch;     /* begin_atomic's, or NULL */
     int               batch_i;   /* its index there (0-based) */
+    int               replan;    /* 1: its cached statement no longer
+                                    fits the schema: sent again once,
+                                    prepared anew (op_stale_plan()); 2:
+                                    it was */
     struct lpg_op   *next;
 };
 
@@ -359,6 +363,20 @@ pg_bind_refused(const PGresult *r)
            && strcmp(state, "08P01") == 0;
 }
 
+/* 1 when r is "cached plan must not change result type" (0A000 from
+ * RevalidateCachedQuery): a column was added, dropped or changed its type
+ * (or the table was made again) since the statement was prepared. It did
+ * not run. */
+static int
+pg_stale_plan(const PGresult *r)
+{
+    const char *state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
+    const char *fn = PQresultErrorField(r, PG_DIAG_SOURCE_FUNCTION);
+
+    return state != NULL && strcmp(state, "0A000") == 0 && fn != NULL
+           && strcmp(fn, "RevalidateCachedQuery") == 0;
+}
+
 static int
 push_pg_error(lua_State *L, PGresult *r)
 {
@@ -390,6 +408,8 @@ push_pg_error(lua_State *L, PGresult *r)
         kind = "misuse";                 /* params do not fit the SQL */
     } else if (strncmp(state, "54", 2) == 0) {
         kind = "too_large";              /* program limit exceeded */
+    } else if (pg_stale_plan(r)) {
+        retry = 1;                       /* prepared anew next time */
     } else if (strcmp(state, "57014") == 0) {
         kind = "timeout";
         retry = 1;
@@ -1874,9 +1894,9 @@ conn_send(struct lpg_conn *c, struct lpg_op *op)
             return GW_ERR;
         }
         op->has_prepare = 1;
-        op->cache_name = c->cache[slot].name;
         op->exec_step++;
     }
+    op->cache_name = c->cache[slot].name;
     op->cache_slot = (int)slot;
     snprintf(name, sizeof(name), "gw%u", c->cache[slot].name);
     for (i = 0; i < op->nparams; i++) {
@@ -2084,6 +2104,36 @@ conn_prepared_ok(struct lpg_conn *c, struct lpg_op *op)
     }
 }
 
+/* r answers op's statement: a stale plan (pg_stale_plan()) would fail so
+ * for good on c, as would every other statement c prepared before the
+ * schema changed. c forgets them all (each deallocated behind a later
+ * statement, or once its Parse is answered), so that they are prepared
+ * anew; and op, outside a db:atomic job (which fails as a whole, marked
+ * retryable: sql.lua runs it again), is sent again once (conn_event()). */
+static void
+op_stale_plan(struct lpg_conn *c, struct lpg_op *op, const PGresult *r)
+{
+    if (op->kind != LPG_OP_STMT || op->step != op->exec_step
+        || !pg_stale_plan(r))
+    {
+        return;
+    }
+    for (int i = 0; i < LPG_CACHE; i++) {
+        struct lpg_stmt *e = &c->cache[i];
+
+        if (e->sql != NULL) {
+            if (e->ok) {
+                dealloc_push(c, e->name);
+            }
+            free(e->sql);
+            e->sql = NULL;
+        }
+    }
+    if (op->batch == NULL && op->replan == 0) {
+        op->replan = 1;
+    }
+}
+
 /* 1 when a and b are NULL or equal strings. */
 static int
 same_str(const char *a, const char *b)
@@ -2230,6 +2280,7 @@ conn_read(struct lpg_conn *c, struct lpg_op **out)
                 conn_forget_prepared(c, op);
             }
             if (op->err == NULL && st == PGRES_FATAL_ERROR) {
+                op_stale_plan(c, op, r);
                 op->err = r;
             } else {
                 PQclear(r);
@@ -2329,6 +2380,30 @@ conn_event(evutil_socket_t fd, short what, void *arg)
             pool_mark_down(pg, "unavailable", msg);
         }
         op_free(op);
+    }
+    for (struct lpg_op **pp = &done; *pp != NULL;) {
+        struct lpg_op *op = *pp;
+
+        if (op->replan != 1 || op->co == NULL || op->errkind[0] != '\0') {
+            pp = &op->next;
+            continue;
+        }
+        /* its statement did not run (op_stale_plan()): sent again, first
+         * in line (in a transaction: on its connection, after the undo
+         * of its savepoint) */
+        *pp = op->next;
+        op->replan = 2;
+        PQclear(op->err);
+        op->err = NULL;
+        if (op->res != NULL) {
+            PQclear(op->res);
+            op->res = NULL;
+        }
+        op->next = pg->wq;
+        pg->wq = op;
+        if (pg->wq_tail == NULL) {
+            pg->wq_tail = op;
+        }
     }
     if (c->state == LPG_CONN_READY && c->nosync && c->inflight == 0) {
         conn_fail(c, "unavailable", "postgres: the server no longer commits"
