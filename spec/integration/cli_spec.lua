@@ -209,6 +209,36 @@ describe("paygate CLI", function()
     os.execute("rm -rf " .. dir)
   end)
 
+  it("reads the config file however --config is spelled (--conf FILE, "
+     .. "--conf=FILE)", function()
+    -- getopt takes an abbreviation of --config for it: the file was then
+    -- not read at all (only "--config" was looked for) and the server
+    -- started on the defaults, the file's limits, TLS, listener unapplied
+    local dir = server.tmpdir()
+    local f = assert(io.open(dir .. "/c.lua", "w"))
+    f:write("return { limits = { speed = 1 } }")
+    f:close()
+    for _, args in ipairs({ { "--conf", dir .. "/c.lua" },
+                            { "--confi=" .. dir .. "/c.lua" },
+                            { "--con", dir .. "/c.lua" } }) do
+      local argv = { "run", "examples/hello", "--listen", "127.0.0.1:0",
+                     "--admin", "off" }
+      for _, a in ipairs(args) do argv[#argv + 1] = a end
+      local code, out = run(argv, 5)
+      assert.equal(2, code, out)
+      assert.matches("config.limits: unknown key 'speed'", out, 1, true)
+    end
+    -- the last one given is read, as with --config twice
+    local g = assert(io.open(dir .. "/ok.lua", "w"))
+    g:write("return { limits = { spede = 1 } }")
+    g:close()
+    local code, out = run({ "run", "examples/hello", "--config",
+                            dir .. "/c.lua", "--conf", dir .. "/ok.lua" }, 5)
+    assert.equal(2, code, out)
+    assert.matches("unknown key 'spede'", out, 1, true)
+    os.execute("rm -rf " .. dir)
+  end)
+
   it("exits 2 for a port that only fits after wrapping or truncation", function()
     -- 2^32 + p was bound as port p; 22 digits were cut to 15 (port 0)
     local port = require("paygate.core").free_port()

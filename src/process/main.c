@@ -232,16 +232,29 @@ cmd_run(int argc, char **argv)
     int c;
 
     gw_opts_defaults(&o);
-    /* the config file first, so that flags override it */
+    /* the config file first, so that flags override it: found by getopt
+     * as the pass below finds it (an abbreviation, --conf FILE, was run
+     * without its file when only "--config" was looked for); what is
+     * wrong with an option is said by that pass */
     for (int i = 1; i < argc; i++) {
         if (is_help(argv[i])) {
             fputs(usage_run, stdout);
             return 0;
         }
-        if (strcmp(argv[i], "--config") == 0 && i + 1 < argc) {
-            config = argv[i + 1];
-        } else if (strncmp(argv[i], "--config=", 9) == 0) {
-            config = argv[i] + 9;
+    }
+    {
+        /* on a copy: getopt moves the arguments it passes over, which
+         * would change what the pass below reads (an APP_DIR moved
+         * behind a last option with no value became its value) */
+        char *scan[argc + 1];
+
+        memcpy(scan, argv, sizeof(char *) * (size_t) (argc + 1));
+        optind = 0;         /* a fresh scan (GNU getopt's own state too) */
+        opterr = 0;
+        while ((c = getopt_long(argc, scan, ":h", longopts, NULL)) != -1) {
+            if (c == 'c') {
+                config = optarg;
+            }
         }
     }
     if (config != NULL) {
@@ -252,7 +265,7 @@ cmd_run(int argc, char **argv)
         o.config_file = config;
         file_opts = o;      /* the file over the defaults, before flags */
     }
-    optind = 1;
+    optind = 0;
     opterr = 0;             /* our own one line, below: not getopt's */
     while ((c = getopt_long(argc, argv, ":h", longopts, NULL)) != -1) {
         switch (c) {
