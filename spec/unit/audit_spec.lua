@@ -595,6 +595,27 @@ for engine, new_db in pairs(stores) do
       local f = io.open(tmp .. "/absent.db")
       assert.is_nil(f)
     end)
+
+    it("paygate audit verify --subject on a store with no audit trail "
+       .. "exits 2, as without --subject", function()
+      -- the wrong database (no paygate_audit table) was "0 chains, 0
+      -- entries, 0 broken", exit 0, when a subject was named
+      assert(db:exec("CREATE TABLE IF NOT EXISTS other (a INTEGER)"))
+      local code, out = run_verify({ "verify", url })
+      assert.equal(2, code, out)
+      assert.matches("no audit trail in", out, 1, true)
+      code, out = run_verify({ "verify", url, "--subject", "payment:V1" })
+      assert.equal(2, code, out)
+      assert.matches("no audit trail in", out, 1, true)
+      code, out = run_verify({ "verify", url, "--subject", "payment:V1",
+                               "--json" })
+      assert.equal(2, code, out)
+      -- with the trail there, a subject without a chain is 0 chains
+      chain("payment:V2", 1)
+      code, out = run_verify({ "verify", url, "--subject", "payment:V1" })
+      assert.equal(0, code, out)
+      assert.matches("0 chains, 0 entries, 0 broken", out, 1, true)
+    end)
   end)
 end
 
