@@ -151,6 +151,47 @@ describe("paygate CLI", function()
     assert.equal(2, code)
   end)
 
+  it("apikey and etcd refuse an option of another subcommand, exit 2",
+     function()
+    -- each was dropped in silence: etcd show --json printed text to a
+    -- script reading JSON, apikey list --key K listed every key, revoke
+    -- --json printed text (refused before any store or etcd is opened)
+    for args, want in pairs({
+      [{ "etcd", "show", "--prefix", "/p/", "--json" }] =
+        "paygate etcd: show takes no --json (see --help)\n",
+      [{ "etcd", "show", "--prefix", "/p/", "--dir", "d" }] =
+        "paygate etcd: show takes no --dir (see --help)\n",
+      [{ "etcd", "show", "--prefix", "/p/", "--sign-type=s3cret" }] =
+        "paygate etcd: show takes no --sign-type (see --help)\n",
+      [{ "apikey", "list", "--db", "sqlite:/nonexistent/x.db", "--key",
+         "ak_x" }] = "paygate apikey: list takes no --key (see --help)\n",
+      [{ "apikey", "revoke", "--db", "sqlite:/nonexistent/x.db", "--key",
+         "ak_x", "--json" }] =
+        "paygate apikey: revoke takes no --json (see --help)\n",
+      [{ "apikey", "revoke", "--db", "sqlite:/nonexistent/x.db", "--key",
+         "ak_x", "--app", "shop" }] =
+        "paygate apikey: revoke takes no --app (see --help)\n",
+      [{ "apikey", "create", "--db", "sqlite:/nonexistent/x.db", "--app",
+         "shop", "--key", "s3cret" }] =
+        "paygate apikey: create takes no --key (see --help)\n",
+    }) do
+      local code, out = run(args)
+      assert.equal(2, code, out)
+      assert.equal(want, out)
+    end
+    -- what each subcommand does take still passes this check
+    local code, out = run({ "apikey", "list", "--db",
+                            "sqlite:/nonexistent/x.db", "--app", "shop",
+                            "--json" })
+    assert.equal(2, code, out)
+    assert.matches("no database file /nonexistent/x.db", out, 1, true)
+    code, out = run({ "etcd", "publish", "--prefix", "/p/", "--json",
+                      "--dir", "/nonexistent", "--sign-type",
+                      "WECHATPAY2-SHA256-RSA2048", "--tls" })
+    assert.equal(2, code, out)
+    assert.matches("kek", out, 1, true)
+  end)
+
   it("exits 2 for a bad config file, naming the key", function()
     local dir = server.tmpdir()
     local f = assert(io.open(dir .. "/c.lua", "w"))

@@ -54,6 +54,10 @@ local function main(args)
   if #pos > 1 then
     common.usage_error("argument %d is unexpected (see --help)", pos.at[2])
   end
+  -- an option of another subcommand is refused, not dropped (list --key K
+  -- listed every key, revoke --json printed text)
+  common.only(o, cmd, cmd == "revoke" and { ["--db"] = true, ["--key"] = true }
+              or { ["--db"] = true, ["--app"] = true, ["--json"] = true })
   if cmd == "create" and o["--app"] == nil then
     common.usage_error("create needs --app APP (the app the key is for)")
   end

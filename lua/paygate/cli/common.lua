@@ -96,6 +96,21 @@ function _M.parse(args, spec)
   return opts, pos
 end
 
+--- syntax: common.only(opts, cmd, allowed)
+-- For a command with subcommands sharing one spec: raises a usage error
+-- naming an option given that subcommand cmd does not take (allowed: a
+-- set of option names), rather than doing without it in silence.
+function _M.only(opts, cmd, allowed)
+  local names = {}
+  for name in pairs(opts) do
+    if not allowed[name] then names[#names + 1] = name end
+  end
+  if names[1] then
+    table.sort(names)
+    usage_error("%s takes no %s (see --help)", cmd, names[1])
+  end
+end
+
 --- syntax: opts = common.parse_options(args, spec)
 -- As common.parse, for a command that takes options only: an argument
 -- that is not an option is a usage error (a mistyped option's value, a

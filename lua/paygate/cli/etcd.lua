@@ -270,8 +270,21 @@ local function main(args)
   if #pos > 1 then
     common.usage_error("argument %d is unexpected (see --help)", pos.at[2])
   end
-  if cmd == "publish" then return publish(o) end
-  if cmd == "show" then return show(o) end
+  -- an option of the other subcommand is refused, not dropped (show
+  -- --json printed text where a script read JSON)
+  local takes = { ["--prefix"] = true, ["--tls"] = true,
+    ["--endpoints"] = true, ["--user"] = true, ["--password-env"] = true,
+    ["--ca-file"] = true, ["--cert"] = true, ["--key"] = true,
+    ["--insecure"] = true, ["--kek-file"] = true, ["--kek-env"] = true }
+  if cmd == "publish" then
+    takes["--dir"], takes["--sign-type"], takes["--json"] = true, true, true
+    common.only(o, cmd, takes)
+    return publish(o)
+  end
+  if cmd == "show" then
+    common.only(o, cmd, takes)
+    return show(o)
+  end
   common.usage_error("give publish or show (see --help)")
 end
 
