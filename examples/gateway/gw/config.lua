@@ -450,6 +450,39 @@ local function check_dispatcher(d, retention)
   return d
 end
 
+-- The config's sections the gateway reads at the top level; the runtime
+-- reads its own keys there and leaves the rest to the app, so a slip in
+-- one of these ("gatway") would start the gateway on every default: no
+-- admin token, no webhooks, an SQLite store in the working directory.
+local SECTIONS = { "gateway", "merchants", "credentials" }
+
+-- Whether name is one slip from key (but not key): the same but for case
+-- or '-' for '_', or one character left out, added, changed, or two
+-- swapped (two such for a key of 8 characters or more).
+local function near_key(name, key)
+  if name == key or #name > 64 then return false end
+  if name:lower():gsub("%-", "_") == key then return true end
+  local n, k = #name, #key
+  local most = k >= 8 and 2 or 1
+  if math.abs(n - k) > most then return false end
+  local d = {}
+  for i = 0, n do d[i] = { [0] = i } end
+  for j = 0, k do d[0][j] = j end
+  for i = 1, n do
+    for j = 1, k do
+      local a, b = name:byte(i), key:byte(j)
+      local v = math.min(d[i - 1][j] + 1, d[i][j - 1] + 1,
+                         d[i - 1][j - 1] + (a == b and 0 or 1))
+      if i > 1 and j > 1 and a == key:byte(j - 1)
+         and name:byte(i - 1) == b then
+        v = math.min(v, d[i - 2][j - 2] + 1)
+      end
+      d[i][j] = v
+    end
+  end
+  return d[n][k] <= most
+end
+
 --- syntax: cfg, why = config.check(conf[, runtime])
 -- conf: the whole config file's table; runtime: paygate.runtime (its
 -- listen address is checked against dev_app).
@@ -458,6 +491,16 @@ end
 -- by_mchid }, or nil and the one-line reason "config.<key>: <why>".
 function _M.check(conf, runtime)
   runtime = runtime or {}
+  for k in pairs(conf) do
+    if type(k) == "string" then
+      for _, section in ipairs(SECTIONS) do
+        if near_key(k, section) then
+          return fail(k:sub(1, 64), "unknown key (did you mean " .. section
+                      .. "?)")
+        end
+      end
+    end
+  end
   local g = conf.gateway
   if g == nil then g = {} end
   if type(g) ~= "table" then return fail("gateway", "must be a table") end

@@ -144,6 +144,36 @@ describe("gateway config", function()
                    "gateway: config.merchants: must be a list of merchants")
   end)
 
+  it("refuses a misspelt gateway, merchants or credentials section",
+     function()
+    -- before: the runtime leaves keys it does not read to the app, and the
+    -- gateway read only its own: "gatway" started on every default (no
+    -- admin token, no webhooks, an SQLite store in the working directory)
+    local ms = { merchant() }
+    expect_refused({ gatway = { db = "sqlite:" .. dir .. "/a.db" },
+                     merchants = ms },
+                   "gateway: config.gatway: unknown key (did you mean"
+                   .. " gateway?)")
+    for _, case in ipairs({
+      { { Gateway = {}, gateway = {}, merchants = ms }, "Gateway",
+        "gateway" },
+      { { merchant = ms }, "merchant", "merchants" },
+      { { merchnats = ms, merchants = ms }, "merchnats", "merchants" },
+      { { credentails = {}, merchants = ms }, "credentails",
+        "credentials" },
+    }) do
+      local cfg, why = config.check(case[1], { listen = "127.0.0.1:8099" })
+      assert.is_nil(cfg)
+      assert.equal("config." .. case[2] .. ": unknown key (did you mean "
+                   .. case[3] .. "?)", why)
+    end
+    -- the runtime's keys and other apps' beside them are not the gateway's
+    assert.truthy(config.check({ gateway = { db = "sqlite:" .. dir
+        .. "/a.db" }, merchants = ms, workers = 2, log_level = "info",
+        shared = {}, limits = {}, metrics_url = "http://127.0.0.1:1/m",
+        leases = {} }, { listen = "127.0.0.1:8099" }))
+  end)
+
   it("started without --config, says to give one", function()
     local free_port = core.free_port
     local code, out = testing.proc.run({ server.bin(), "run",
