@@ -265,6 +265,13 @@ local function check_merchant(m, i, seen)
         return fail(where .. "previous_apiv3_key_files[" .. j .. "]",
                     err or "must be a file path")
       end
+      -- named here, by the key the config gives (the client's own check
+      -- would name previous_apiv3_keys, which the config may not hold)
+      if #v ~= 32 then
+        return fail(where .. "previous_apiv3_key_files[" .. j .. "]",
+                    "must hold a 32-character APIv3 key (it holds " .. #v
+                    .. " characters)")
+      end
       keys[j] = v
     end
     client.previous_apiv3_keys = keys

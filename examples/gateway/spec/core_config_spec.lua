@@ -72,6 +72,26 @@ describe("gateway config", function()
     assert.falsy(out:find("0123456789abcdef", 1, true))
   end)
 
+  it("names a previous APIv3 key file of the wrong length by its key, not"
+     .. " its content", function()
+    -- before: config.merchants[1].previous_apiv3_keys: entry 1 must be
+    -- exactly 32 bytes -- a key the config may not hold
+    write(dir .. "/old-short.key", "0123456789abcdef\n")
+    write(dir .. "/old-empty.key", "\n")
+    local out = expect_refused({ gateway = { db = "sqlite:" .. dir
+        .. "/a.db" }, merchants = { merchant{ previous_apiv3_key_files = {
+          dir .. "/apiv3.key", dir .. "/old-short.key" } } } },
+      "config.merchants[1].previous_apiv3_key_files[2]: must hold a"
+      .. " 32-character APIv3 key (it holds 16 characters)")
+    assert.falsy(out:find("0123456789abcdef", 1, true))
+    local cfg, why = config.check({ gateway = { db = "sqlite:" .. dir
+        .. "/a.db" }, merchants = { merchant{ previous_apiv3_key_files = {
+          dir .. "/old-empty.key" } } } }, { listen = "127.0.0.1:8099" })
+    assert.is_nil(cfg)
+    assert.equal("config.merchants[1].previous_apiv3_key_files[1]: must"
+      .. " hold a 32-character APIv3 key (it holds 0 characters)", why)
+  end)
+
   it("says why the SQLite store's folder cannot be made", function()
     write(dir .. "/plain", "a file, not a folder\n")
     expect_refused({ gateway = { db = "sqlite:" .. dir .. "/plain/sub/g.db" },
