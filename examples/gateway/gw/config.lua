@@ -254,7 +254,13 @@ local function check_merchant(m, i, seen)
   client.apiv3_key = key
   if m.previous_apiv3_key_files ~= nil then
     local files = m.previous_apiv3_key_files
-    if type(files) ~= "table" then
+    local n = 0
+    if type(files) == "table" then
+      for _ in pairs(files) do n = n + 1 end
+    end
+    -- a list: { old = PATH } or { [2] = PATH } would be no key at all,
+    -- and the notifications under the old key refused
+    if type(files) ~= "table" or n ~= #files then
       return fail(where .. "previous_apiv3_key_files", "must be a list of"
         .. " file paths")
     end

@@ -92,6 +92,21 @@ describe("gateway config", function()
       .. " hold a 32-character APIv3 key (it holds 0 characters)", why)
   end)
 
+  it("refuses previous_apiv3_key_files that are not a list", function()
+    -- before: { old = PATH } was taken for no previous key at all
+    for _, files in ipairs({ { old = dir .. "/apiv3.key" },
+                             { [2] = dir .. "/apiv3.key" },
+                             dir .. "/apiv3.key" }) do
+      local cfg, why = config.check({ gateway = { db = "sqlite:" .. dir
+          .. "/a.db" }, merchants = { merchant{
+            previous_apiv3_key_files = files } } },
+        { listen = "127.0.0.1:8099" })
+      assert.is_nil(cfg)
+      assert.equal("config.merchants[1].previous_apiv3_key_files: must be"
+                   .. " a list of file paths", why)
+    end
+  end)
+
   it("says why the SQLite store's folder cannot be made", function()
     write(dir .. "/plain", "a file, not a folder\n")
     expect_refused({ gateway = { db = "sqlite:" .. dir .. "/plain/sub/g.db" },
