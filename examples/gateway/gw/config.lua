@@ -50,8 +50,13 @@ local function read_secret(path)
     local why = type(code) == "number" and tostring(err):sub(#path + 3)
     return nil, "cannot read the file it names (" .. (why or "?") .. ")"
   end
-  local s = f:read("*a") or ""
+  -- (a folder opens, and its read fails: "Is a directory")
+  local s, rerr = f:read("*a")
   f:close()
+  if not s then
+    return nil, "cannot read the file it names (" .. tostring(rerr or "?")
+      .. ")"
+  end
   return (s:gsub("^%s+", ""):gsub("%s+$", ""))
 end
 

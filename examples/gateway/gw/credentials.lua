@@ -71,8 +71,14 @@ local function password(e)
     local f = type(e.password_file) == "string"
               and io.open(e.password_file, "rb")
     if not f then return false, "password_file: cannot read it" end
-    local s = (f:read("*a") or ""):gsub("%s+$", "")
+    -- (a folder opens, and its read fails: "Is a directory")
+    local s, rerr = f:read("*a")
     f:close()
+    if not s then
+      return false, "password_file: cannot read it ("
+        .. tostring(rerr or "?") .. ")"
+    end
+    s = s:gsub("%s+$", "")
     if s == "" then return false, "password_file: the file is empty" end
     return s
   end

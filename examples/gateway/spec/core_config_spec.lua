@@ -107,6 +107,41 @@ describe("gateway config", function()
     end
   end)
 
+  it("says a folder named where a file belongs is a folder, not an empty"
+     .. " file", function()
+    -- before: "the file is empty" (a folder opens, and its read fails)
+    local sub = dir .. "/a-folder"
+    assert(core.mkdir_p(sub))
+    local function refused(conf, want)
+      local cfg, why = config.check(conf, { listen = "127.0.0.1:8099" })
+      assert.is_nil(cfg)
+      assert.equal(want, why)
+    end
+    local db = "sqlite:" .. dir .. "/a.db"
+    refused({ gateway = { db = db }, merchants = { merchant{
+                apiv3_key_file = sub } } },
+            "config.merchants[1].apiv3_key_file: cannot read the file it"
+            .. " names (Is a directory)")
+    refused({ gateway = { db = db, admin_token_file = sub },
+              merchants = { merchant() } },
+            "config.gateway.admin_token_file: cannot read the file it names"
+            .. " (Is a directory)")
+    refused({ gateway = { db = db, webhooks = { { url = "https://x.example",
+                secret_file = sub } } }, merchants = { merchant() } },
+            "config.gateway.webhooks[1].secret_file: cannot read the file it"
+            .. " names (Is a directory)")
+    local _, why = require("gw.credentials").section({ credentials = {
+      etcd = { endpoints = { "https://127.0.0.1:2379" }, user = "gw",
+               password_file = sub } } })
+    assert.equal("config.credentials.etcd.password_file: cannot read it"
+                 .. " (Is a directory)", why)
+    -- the merchant's key files, read by the WeChat Pay client's check
+    expect_refused({ gateway = { db = db }, merchants = { merchant{
+                       merchant_private_key = sub } } },
+      "gateway: config.merchants[1].merchant_private_key: cannot read the"
+      .. " file (Is a directory)")
+  end)
+
   it("says why the SQLite store's folder cannot be made", function()
     write(dir .. "/plain", "a file, not a folder\n")
     expect_refused({ gateway = { db = "sqlite:" .. dir .. "/plain/sub/g.db" },

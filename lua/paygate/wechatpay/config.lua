@@ -47,9 +47,13 @@ local function material(v)
     return nil, "not PEM text (no -----BEGIN line) and not a readable file"
                 .. (why and " (" .. why .. ")" or "")
   end
-  local s = f:read("*a")
+  -- (a folder opens, and its read fails: "Is a directory")
+  local s, rerr = f:read("*a")
   f:close()
-  if not s or s == "" then return nil, "the file is empty" end
+  if not s then
+    return nil, "cannot read the file (" .. tostring(rerr or "?") .. ")"
+  end
+  if s == "" then return nil, "the file is empty" end
   return s
 end
 _M.material = material
