@@ -400,12 +400,15 @@ local function check_webhooks(list)
       if not hok then return nil, herr end
     end
     if w.ca_file ~= nil then
+      -- read, not only opened: a folder opens, and so does a file of no
+      -- certificate, then every delivery failed on TLS until dead
       local f = type(w.ca_file) == "string" and io.open(w.ca_file, "rb")
-      if not f then
+      local pem = f and f:read(1048576)
+      if f then f:close() end
+      if not pem or not pem:find("-----BEGIN ", 1, true) then
         return fail(where .. "ca_file", "must name a readable file of CA"
           .. " certificates (PEM)")
       end
-      f:close()
     end
     local sink = { url = w.url, secret = s, types = w.types, name = name,
                    timeout = w.timeout, headers = w.headers,

@@ -483,7 +483,7 @@ describe("gateway config", function()
       -- headers and ca_file are the webhook's (paygate.outbox's options)
       local cfg = assert(config.check({ gateway = { db = "sqlite:" .. dir
         .. "/a.db", webhooks = { { url = "https://127.0.0.1:1/h",
-          secret_file = dir .. "/wh.secret", ca_file = dir .. "/wh.secret",
+          secret_file = dir .. "/wh.secret", ca_file = m.certificate,
           headers = { ["X-Tenant"] = "t-1" } } } },
         merchants = { merchant() } }))
       assert.equal("t-1", cfg.gateway.webhooks[1].headers["X-Tenant"])
@@ -500,6 +500,15 @@ describe("gateway config", function()
         .. " readable file", why_of{ webhooks = { { url =
           "https://127.0.0.1:1/h", secret_file = dir .. "/wh.secret",
           ca_file = dir .. "/nope.pem" } } })
+      -- before: a folder, or a file of no certificate, was taken, and
+      -- every delivery to the receiver then failed on TLS until dead
+      assert(core.mkdir_p(dir .. "/ca-folder"))
+      for _, ca in ipairs({ dir .. "/ca-folder", dir .. "/wh.secret" }) do
+        assert.equal("config.gateway.webhooks[1].ca_file: must name a"
+          .. " readable file of CA certificates (PEM)", why_of{ webhooks = {
+            { url = "https://127.0.0.1:1/h", secret_file = dir
+              .. "/wh.secret", ca_file = ca } } })
+      end
       -- one webhook written without the list's brackets: before, no
       -- webhook ran and the events were marked delivered
       assert.matches("^config.gateway.webhooks: must be a list",
