@@ -48,7 +48,12 @@ local function read_secret(path)
   local f, err, code = io.open(path, "rb")
   if not f then
     local why = type(code) == "number" and tostring(err):sub(#path + 3)
+    -- (the runtime does not change folder: a relative path is the
+    -- working directory's, not the config file's)
+    local rel = path:sub(1, 1) ~= "/" and "; a relative path is taken from"
+      .. " the working directory, not the config file's folder" or ""
     return nil, "cannot read the file it names (" .. (why or "?") .. ")"
+      .. rel
   end
   -- (a folder opens, and its read fails: "Is a directory")
   local s, rerr = f:read("*a")

@@ -166,6 +166,15 @@ describe("gateway config", function()
       "config.merchants[1].apiv3_key_file: cannot read the file it names"
       .. " (No such file or directory)")
     assert.falsy(out:find(key, 1, true), out)
+    -- a relative path: the working directory's, and said so (before: only
+    -- "No such file or directory", the config's folder looked in vain)
+    local cfg, why = config.check({ gateway = { db = "sqlite:" .. dir
+        .. "/a.db" }, merchants = { merchant{
+          apiv3_key_file = "apiv3.key" } } }, { listen = "127.0.0.1:8099" })
+    assert.is_nil(cfg)
+    assert.equal("config.merchants[1].apiv3_key_file: cannot read the file"
+      .. " it names (No such file or directory); a relative path is taken"
+      .. " from the working directory, not the config file's folder", why)
     out = expect_refused({ gateway = { db = "sqlite:" .. dir .. "/a.db" },
       merchants = { merchant{ apiv3_key_file = false,
                               apiv3_key_env = key } } },
