@@ -2,11 +2,12 @@
 -- "did you mean ...?" of a message (config keys, options).
 local _M = {}
 
---- syntax: name = suggest.nearest(key, known)
+--- syntax: name = suggest.nearest(key, known[, most])
 -- known: a set ({ name = true, ... }). The name nearest to key, at most
--- two edits away (Levenshtein), or nil; ties: the first in byte order.
-function _M.nearest(key, known)
-  local best, bd = nil, 3
+-- `most` (default 2) edits away (Levenshtein), or nil; ties: the first in
+-- byte order.
+function _M.nearest(key, known, most)
+  local best, bd = nil, (most or 2) + 1
   for k in pairs(known) do
     if math.abs(#k - #key) < bd then
       -- Levenshtein distance, two rows

@@ -13,6 +13,7 @@ local sql = require "paygate.sql"
 local addr = require "paygate.addr"
 local validate = require "paygate.wechatpay.validate"
 local errors = require "paygate.wechatpay.errors"
+local suggest = require "paygate.suggest"
 
 local type, pairs, ipairs, tostring, tonumber = type, pairs, ipairs,
       tostring, tonumber
@@ -44,6 +45,7 @@ end
 -- The value of a *_file key may be the secret itself, pasted where its
 -- file's path belongs: a reason never repeats it (io.open's message is
 -- "PATH: reason": the reason only; the key at fault names the setting).
+
 local function read_secret(path)
   local f, err, code = io.open(path, "rb")
   if not f then
@@ -480,33 +482,16 @@ end
 -- reads its own keys there and leaves the rest to the app, so a slip in
 -- one of these ("gatway") would start the gateway on every default: no
 -- admin token, no webhooks, an SQLite store in the working directory.
-local SECTIONS = { "gateway", "merchants", "credentials" }
+local SECTIONS = { gateway = true, merchants = true, credentials = true }
 
--- Whether name is one slip from key (but not key): the same but for case
--- or '-' for '_', or one character left out, added, changed, or two
--- swapped (two such for a key of 8 characters or more).
-local function near_key(name, key)
-  if name == key or #name > 64 then return false end
-  if name:lower():gsub("%-", "_") == key then return true end
-  local n, k = #name, #key
-  local most = k >= 8 and 2 or 1
-  if math.abs(n - k) > most then return false end
-  local d = {}
-  for i = 0, n do d[i] = { [0] = i } end
-  for j = 0, k do d[0][j] = j end
-  for i = 1, n do
-    for j = 1, k do
-      local a, b = name:byte(i), key:byte(j)
-      local v = math.min(d[i - 1][j] + 1, d[i][j - 1] + 1,
-                         d[i - 1][j - 1] + (a == b and 0 or 1))
-      if i > 1 and j > 1 and a == key:byte(j - 1)
-         and name:byte(i - 1) == b then
-        v = math.min(v, d[i - 2][j - 2] + 1)
-      end
-      d[i][j] = v
-    end
-  end
-  return d[n][k] <= most
+-- The section name is one slip from (but is not): the same but for case
+-- or '-' for '_', or one edit away (two for a name of 8 characters or
+-- more: paygate.suggest's distance).
+local function near_section(name)
+  if SECTIONS[name] or #name > 64 then return nil end
+  local norm = name:lower():gsub("%-", "_")
+  if SECTIONS[norm] then return norm end
+  return suggest.nearest(norm, SECTIONS, #norm >= 8 and 2 or 1)
 end
 
 --- syntax: cfg, why = config.check(conf[, runtime])
@@ -518,13 +503,9 @@ end
 function _M.check(conf, runtime)
   runtime = runtime or {}
   for k in pairs(conf) do
-    if type(k) == "string" then
-      for _, section in ipairs(SECTIONS) do
-        if near_key(k, section) then
-          return fail(k:sub(1, 64), "unknown key (did you mean " .. section
-                      .. "?)")
-        end
-      end
+    local section = type(k) == "string" and near_section(k)
+    if section then
+      return fail(k, "unknown key (did you mean " .. section .. "?)")
     end
   end
   local g = conf.gateway

@@ -250,7 +250,7 @@ describe("gateway config", function()
     assert.truthy(config.check({ gateway = { db = "sqlite:" .. dir
         .. "/a.db" }, merchants = ms, workers = 2, log_level = "info",
         shared = {}, limits = {}, metrics_url = "http://127.0.0.1:1/m",
-        leases = {} }, { listen = "127.0.0.1:8099" }))
+        leases = {}, getaway = {} }, { listen = "127.0.0.1:8099" }))
   end)
 
   it("started without --config, says to give one", function()
