@@ -400,6 +400,18 @@ function _M.check(conf)
     if conf[k] ~= nil and type(conf[k]) ~= "string" then
       return bad(k, "must be a file path")
     end
+    if conf[k] ~= nil then
+      -- read now: a path that is no file of CA certificates (a typo, a
+      -- folder) was taken, and every HTTPS call failed on TLS
+      local f = io.open(conf[k], "rb")
+      local head, rerr = f and f:read(1048576)
+      if f then f:close() end
+      if not head or not head:find("-----BEGIN ", 1, true) then
+        return bad(k, "must name a readable file of CA certificates (PEM)"
+                   .. (f and rerr and " (" .. tostring(rerr) .. ")" or
+                       not f and " (cannot open it)" or ""))
+      end
+    end
     c[k] = conf[k]
   end
   if conf.platform_ca ~= nil then
