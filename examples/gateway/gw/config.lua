@@ -99,7 +99,7 @@ local function secret(t, base, where)
       -- may have been written here
       return false, where .. base .. "_env: the environment variable "
         .. (require("paygate.redact").name(env) or "it names")
-        .. ((v == nil or v == "") and " is not set" or " is empty")
+        .. (v == nil and " is not set" or " is empty")
     end
     return s
   end

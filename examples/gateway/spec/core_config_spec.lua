@@ -463,6 +463,15 @@ describe("gateway config", function()
         merchants = { merchant() } })
       assert.equal("config.gateway.webhooks[1].secret_env: the environment"
                    .. " variable GW_SPEC_WH_SECRET is empty", blank)
+      -- set to nothing (export X=) is empty too, not "not set"
+      ffi.C.setenv("GW_SPEC_WH_SECRET", "", 1)
+      _, blank = config.check({ gateway = {
+        db = "sqlite:" .. dir .. "/a.db",
+        webhooks = { { url = "http://127.0.0.1:1/h",
+                       secret_env = "GW_SPEC_WH_SECRET" } } },
+        merchants = { merchant() } })
+      assert.equal("config.gateway.webhooks[1].secret_env: the environment"
+                   .. " variable GW_SPEC_WH_SECRET is empty", blank)
       local _, why = config.check({ gateway = { db = "sqlite:" .. dir
         .. "/a.db", webhooks = { { url = "http://127.0.0.1:1/h",
                                    secret = "s3cr3t" } } },
