@@ -1457,6 +1457,64 @@ describe("paygate.sql on sqlite (engine specifics)", function()
     db:close()
   end)
 
+  it("classifies a cached statement that no longer prepares (another"
+     .. " connection dropped its column or table) as syntax, as a fresh"
+     .. " one", function()
+    -- each statement runs once first, so that every connection (the
+    -- writer, the inline one, the readers) holds it prepared; SQLite
+    -- then prepares it again inside its step, and that fails
+    local file = tmp .. "/stale-" .. counter .. ".db"
+    counter = counter + 1
+    local inl = assert(sql.open("sqlite:" .. file, { inline_reads = 200000 }))
+    local rdr = assert(sql.open("sqlite:" .. file, { inline_reads = 0,
+                                                      readers = 1 }))
+    local other = assert(sql.open("sqlite:" .. file))
+    assert(inl:exec_script("CREATE TABLE s (id INTEGER PRIMARY KEY, v TEXT,"
+                           .. " w TEXT); INSERT INTO s VALUES (1, 'a', 'b')"))
+    local READ, WRITE = "SELECT w FROM s WHERE id = $1",
+                        "UPDATE s SET w = $1 WHERE id = 1"
+    local function each(want)
+      local seen = {}
+      local function check(what, r, err)
+        if want == "ok" then
+          assert(r, what .. ": " .. tostring(err))
+        else
+          assert.is_nil(r, what)
+          assert.equal("syntax", err.kind, what .. ": " .. tostring(err))
+          assert.matches("no such column: w", err.message, 1, true)
+        end
+        seen[#seen + 1] = what
+      end
+      check("inline read", inl:query(READ, { 1 }))
+      check("reader", rdr:query(READ, { 1 }))
+      check("write", inl:exec(WRITE, { "c" }))
+      local r, err = inl:transaction(function(tx)
+        local res, e = tx:exec(WRITE, { "d" })
+        if not res then return nil, e end
+        res, e = tx:query(READ, { 1 })
+        if not res then return nil, e end
+        return res
+      end)
+      check("transaction", r, err)
+      local res, aerr = inl:atomic({ { WRITE, { "e" } } })
+      if want ~= "ok" then
+        assert.equal(1, aerr.index)
+        aerr = aerr.cause
+      end
+      check("atomic", res, aerr)
+      return seen
+    end
+    each("ok")
+    assert.equal(1, inl:stats().reads_inline)
+    assert(other:exec_script("ALTER TABLE s DROP COLUMN w"))
+    each("syntax")
+    assert(other:exec_script("ALTER TABLE s ADD COLUMN w TEXT"))
+    each("ok")
+    inl:close()
+    rdr:close()
+    other:close()
+  end)
+
   it("sends a query that ran long in one step to the readers next time",
      function()
     local db = open("sqlite", { inline_reads = 200 })

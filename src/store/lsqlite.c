@@ -813,6 +813,26 @@ add_row(struct lsqlite_job *j, sqlite3_stmt *st)
     return SQLITE_OK;
 }
 
+/* After a cached statement failed in its step with SQLITE_ERROR: SQLite
+ * prepares a statement again inside the step when the schema changed
+ * (another connection dropped a column or a table it uses), and a
+ * failure there is reported by the step, where it would otherwise be
+ * taken for a runtime error ("error"). Prepared afresh, the same SQL
+ * fails to prepare: j's failure is then the prepare's ("syntax"), as
+ * for a statement that was never cached. */
+static void
+stale_check(struct lsqlite_conn *c, struct lsqlite_job *j)
+{
+    sqlite3_stmt *st = NULL;
+    int           rc = sqlite3_prepare_v2(c->h, j->sql, -1, &st, NULL);
+
+    if ((rc & 0xff) == SQLITE_ERROR) {
+        j->at_prepare = 1;
+        job_fail_db(j, c->h, rc);
+    }
+    sqlite3_finalize(st);
+}
+
 /* Runs one statement job on connection c. Returns j->rc. */
 static int
 run_stmt(struct lsqlite_conn *c, struct lsqlite_job *j)
@@ -861,6 +881,9 @@ run_stmt(struct lsqlite_conn *c, struct lsqlite_job *j)
             }
         } else {
             job_fail_db(j, c->h, rc);
+            if (j->rc == SQLITE_ERROR) {
+                stale_check(c, j);
+            }
         }
         break;
     }
