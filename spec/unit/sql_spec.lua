@@ -1515,6 +1515,56 @@ describe("paygate.sql on sqlite (engine specifics)", function()
     other:close()
   end)
 
+  it("gives the log back once a long reader has let it grow: it keeps to"
+     .. " about checkpoint_pages again", function()
+    -- another process reads in one transaction while the writes go on:
+    -- no checkpoint may pass its snapshot, so the log grows far past
+    -- checkpoint_pages; once it is gone, the log must not stay that big
+    local proc = require "paygate.testing.proc"
+    local file = tmp .. "/walgrow.db"
+    local PAGES = 50
+    local db = assert(sql.open("sqlite:" .. file,
+                               { checkpoint_pages = PAGES }))
+    assert(db:exec_script("CREATE TABLE g (id INTEGER PRIMARY KEY, b BLOB);"
+                          .. " INSERT INTO g (b) VALUES (zeroblob(100))"))
+    local function wal_size()
+      local f = assert(io.open(file .. "-wal", "rb"))
+      local n = f:seek("end")
+      f:close()
+      return n
+    end
+    local marker = tmp .. "/walgrow.marker"
+    local reader = proc.spawn({ "sqlite3", file, "BEGIN;",
+      "SELECT count(*) FROM g;", ".shell touch " .. marker,
+      ".shell while [ -e " .. marker .. " ]; do sleep 0.05; done",
+      "COMMIT;" }, { watchdog = true })
+    local ok, err = pcall(function()
+      proc.wait_until(function() return io.open(marker) ~= nil end, 10,
+                      "the other process to hold its snapshot")
+      local blob = ("w"):rep(8000)
+      for _ = 1, 200 do       -- some 400 pages, 8 times checkpoint_pages
+        assert(db:exec("INSERT INTO g (b) VALUES ($1)", { blob }))
+      end
+      assert.truthy(wal_size() > 4 * PAGES * 4096, "the log did not grow")
+    end)
+    os.remove(marker)
+    if reader:wait(10) == nil then reader:kill(9) end
+    assert(ok, tostring(err))
+    -- writes go on: a checkpoint copies the whole log, the next write
+    -- starts it over, and then the file must be cut back
+    local limit = 2 * PAGES * (4096 + 24) + 32
+    local n = 0
+    wait_until(function()
+      n = n + 1
+      assert(db:exec("INSERT INTO g (b) VALUES ($1)", { "x" }))
+      return wal_size() <= limit or n >= 2000
+    end, 30, "writes")
+    assert.truthy(wal_size() <= limit, "the log stayed at " .. wal_size()
+                  .. " bytes after " .. n .. " writes (checkpoint_pages "
+                  .. PAGES .. ": " .. limit .. ")")
+    db:close()
+  end)
+
   it("sends a query that ran long in one step to the readers next time",
      function()
     local db = open("sqlite", { inline_reads = 200 })

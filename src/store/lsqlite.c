@@ -1021,6 +1021,30 @@ wal_check(struct lsqlite_conn *c, char **errmsg)
     return LSQLITE_NO_WAL;
 }
 
+/* A reader that keeps one snapshot for long (a report, another process's
+ * transaction) holds back every checkpoint, and the log grows past
+ * checkpoint_pages meanwhile; SQLite then starts it over from its
+ * beginning but keeps the file at its biggest, for the life of the
+ * connection. journal_size_limit cuts it back when it starts over: to
+ * twice checkpoint_pages, so that a log a little past the threshold (a
+ * batch's pages on top) is not cut and grown again on every cycle. */
+static void
+wal_limit(struct lsqlite_conn *c, struct lsqlite_db *db)
+{
+    sqlite3_stmt *st = NULL;
+    long long     page = 4096;
+    char          sql[64];
+
+    if (sqlite3_prepare_v2(c->h, "PRAGMA page_size", -1, &st, NULL)
+            == SQLITE_OK && sqlite3_step(st) == SQLITE_ROW) {
+        page = sqlite3_column_int64(st, 0);
+    }
+    sqlite3_finalize(st);
+    snprintf(sql, sizeof(sql), "PRAGMA journal_size_limit=%lld",
+             2LL * db->ckpt_pages * (page + 24) + 32);
+    sqlite3_exec(c->h, sql, NULL, NULL, NULL);
+}
+
 static int
 conn_open(struct lsqlite_conn *c, struct lsqlite_db *db, int readonly,
           char **errmsg)
@@ -1068,7 +1092,11 @@ conn_open(struct lsqlite_conn *c, struct lsqlite_db *db, int readonly,
     if (rc != SQLITE_OK) {
         goto err;
     }
-    return wal_check(c, errmsg);
+    rc = wal_check(c, errmsg);
+    if (rc == SQLITE_OK) {
+        wal_limit(c, db);
+    }
+    return rc;
 err:
     *errmsg = strdup(c->h != NULL ? sqlite3_errmsg(c->h) : sqlite3_errstr(rc));
     sqlite3_close(c->h);
