@@ -129,6 +129,15 @@ local function check_tx(fname, self)
   end
 end
 
+-- nil, err (kind closed) for a statement of a transaction whose store was
+-- closed (db:close() during it: rolled back), else nil
+local function tx_closed(fname, self)
+  if self.db and self.db.closed then
+    return core.error("closed", fname .. ": the store was closed during"
+                      .. " the transaction: rolled back")
+  end
+end
+
 -- Runs a committed transaction's tx:on_commit functions, in order; one
 -- that raises is logged and the rest still run (the commit stands).
 local function run_on_commit(list)
@@ -400,6 +409,15 @@ function DB:transaction(fn, opts)
       local tx = setmetatable({ h = self.h, id = txid, db = self,
                                 engine = self.engine }, TX)
       local res = pack(pcall(fn, tx))
+      if self.closed then
+        -- db:close() during fn: the store rolled the transaction back (a
+        -- commit or rollback now would raise on the closed handle)
+        if not res[1] and not is_error_value(res[2]) then
+          error(res[2], 0)
+        end
+        return nil, core.error("closed", "db:transaction: the store was"
+          .. " closed during the transaction: rolled back")
+      end
       if not res[1] then
         self.h:rollback(txid)
         local raised = res[2]
@@ -714,6 +732,7 @@ end
 function TX:query(sql, params)
   check_tx("tx:query", self)
   local perr = check_stmt("tx:query", sql, params)
+    or tx_closed("tx:query", self)
   if perr then
     return nil, perr
   end
@@ -723,6 +742,7 @@ end
 function TX:exec(sql, params)
   check_tx("tx:exec", self)
   local perr = check_stmt("tx:exec", sql, params)
+    or tx_closed("tx:exec", self)
   if perr then
     return nil, perr
   end
@@ -732,6 +752,10 @@ end
 function TX:exec_script(sql)
   check_tx("tx:exec_script", self)
   check_stmt("tx:exec_script", sql)
+  local cerr = tx_closed("tx:exec_script", self)
+  if cerr then
+    return nil, cerr
+  end
   return self.h:tx_script(self.id, sql)
 end
 

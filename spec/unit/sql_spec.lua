@@ -1028,6 +1028,34 @@ describe("paygate.sql on sqlite (engine specifics)", function()
     assert.has_error(function() sql.open("mysql://x") end)
   end)
 
+  it("db:close() during a transaction rolls it back and lets the file go"
+     .. " at once, not at tx_timeout", function()
+    -- (the writer waited in the transaction until tx_timeout: another
+    -- handle's writes failed busy meanwhile, and the transaction's own
+    -- commit raised 'sqlite: database is closed' from inside paygate)
+    local url = "sqlite:" .. tmp .. "/closed_tx.db"
+    local db = assert(sql.open(url .. "?tx_timeout=20000"))
+    assert(db:exec("CREATE TABLE t (x INTEGER)"))
+    local res
+    local task = paygate.spawn(function()
+      res = { db:transaction(function(tx)
+        assert(tx:exec("INSERT INTO t VALUES (1)"))
+        paygate.sleep(0.3)
+        return tx:exec("INSERT INTO t VALUES (2)")
+      end) }
+    end)
+    paygate.sleep(0.05)
+    db:close()
+    local other = assert(sql.open(url .. "?busy_timeout=2000"))
+    assert(other:exec("INSERT INTO t VALUES (3)"))
+    task:wait()
+    assert.is_nil(res[1])
+    assert.equal("closed", res[2].kind)
+    assert.matches("rolled back", res[2].message, 1, true)
+    assert.same({ { x = 3 } }, assert(other:query("SELECT x FROM t")))
+    other:close()
+  end)
+
   it("classifies a string or blob too big as too_large", function()
     local db = assert(sql.open("sqlite:" .. tmp .. "/toobig.db"))
     -- over SQLite's length limit (1e9 bytes), refused before allocating

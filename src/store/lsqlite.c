@@ -1277,19 +1277,29 @@ serve_tx(struct lsqlite_db *db, struct lsqlite_conn *c, struct lsqlite_batch *b,
             deadline.tv_nsec -= 1000000000L;
         }
         rc = 0;
-        while (db->txq == NULL && rc != ETIMEDOUT) {
+        /* (db:close() wakes it too: the transaction can no longer end
+         * by its COMMIT, and the file's write lock must go now, not at
+         * tx_timeout) */
+        while (db->txq == NULL && rc != ETIMEDOUT && !db->closing) {
             rc = pthread_cond_timedwait(&db->wcond, &db->mu, &deadline);
         }
         j = queue_pop(&db->txq, &db->txq_tail);
         if (j == NULL) {
             /* Idle too long (a handler that waits on something slow
              * inside a transaction; abandoned ones are rolled back
-             * by tx_abandon() at once). */
+             * by tx_abandon() at once), or the handle closed. */
+            int closing = db->closing;
+
             stale = tx_close_locked(db);
             pthread_mutex_unlock(&db->mu);
             post_jobs(stale);
-            gw_log(GW_LOG_WARN, "sqlite: transaction %ld idle for %d ms,"
-                   " rolled back", txid, db->tx_timeout_ms);
+            if (closing) {
+                gw_log(GW_LOG_WARN, "sqlite: transaction %ld still open"
+                       " when its store was closed, rolled back", txid);
+            } else {
+                gw_log(GW_LOG_WARN, "sqlite: transaction %ld idle for %d"
+                       " ms, rolled back", txid, db->tx_timeout_ms);
+            }
             savepoint_undo(c);
             batch_check(b, c);
             return;
