@@ -56,10 +56,12 @@
  * lives until all its replies (or NULLs, when a context is freed) came;
  * an abandoned coroutine only clears op->co.
  */
+#include <ctype.h>
 #include <limits.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <event2/event.h>
 #include <hiredis/hiredis.h>
 #include <hiredis/async.h>
@@ -96,6 +98,9 @@
 
 struct lredis_client;
 struct lredis_op;
+
+static void guard_install(redisAsyncContext *ac);
+static void guard_errstr(const redisAsyncContext *ac);
 
 /* A caller's command held until its connection's setup answered
  * (conn_send()): formatted, not yet given to hiredis. */
@@ -134,6 +139,8 @@ struct lredis_conn {
     char                refused[24];  /* "AUTH" or "SELECT <n>" the
                                          server refused, or "" */
     char                answer[128];  /* its answer */
+    char                proto[96];    /* a reply the guard refused
+                                         (guard_refuse()), or "" */
 };
 
 struct lredis_client {
@@ -533,6 +540,9 @@ on_reply(redisAsyncContext *ac, void *reply, void *privdata)
     struct lredis_conn *c = conn_of(ac);
     redisReply      *r = reply;
 
+    if (r == NULL) {
+        guard_errstr(ac);
+    }
     if (r == NULL && (ac->c.flags & REDIS_CONNECTED) != 0) {
         /* Given to hiredis on a connection that was up: it may have been
          * written, and the server may have run it (a command never
@@ -722,6 +732,9 @@ on_setup_reply(redisAsyncContext *ac, void *reply, void *privdata)
         snprintf(what, sizeof(what), "SELECT %d",
                  c != NULL ? c->cl->dbnum : 0);
     }
+    if (r == NULL) {
+        guard_errstr(ac);
+    }
     if (c == NULL || c->ac != ac) {
         if (r != NULL && r->type == REDIS_REPLY_ERROR) {
             redisAsyncDisconnect(ac);
@@ -859,6 +872,7 @@ on_disconnect(const redisAsyncContext *ac, int status)
         return;
     }
     cl = c->cl;
+    guard_errstr(ac);
     if (c->ac == ac) {
         attempt_failed(c, ac->errstr);
         c->ac = NULL;
@@ -895,6 +909,7 @@ conn_open(struct lredis_conn *c, char *err, size_t errlen)
         return GW_ERR;
     }
     ac->data = c;
+    guard_install(ac);
     redisAsyncSetConnectCallback(ac, on_connect);
     redisAsyncSetDisconnectCallback(ac, on_disconnect);
     c->ac = ac;
@@ -906,6 +921,7 @@ conn_open(struct lredis_conn *c, char *err, size_t errlen)
     c->held = NULL;                      /* (failed with the last one) */
     c->refused[0] = '\0';
     c->answer[0] = '\0';
+    c->proto[0] = '\0';
     c->opened = gw_loop_mono_fresh();
     c->since = c->opened;
     cl->refs++;                          /* released in on_disconnect */
@@ -1834,6 +1850,149 @@ lredis_sub_next(lua_State *L)
     return gw_co_wait(L, sub_cancel, s);
 }
 
+/* -------------------------------------------------------- reply guard */
+
+/*
+ * hiredis 0.14 aborts the process (an assert) on a reply it cannot hand
+ * to anyone: on a connection not subscribed, one that no command asked
+ * for (a broken or hostile server, a proxy answering twice); on a
+ * subscribed one, a message that is not an array of at least three
+ * elements whose first two are strings, or an unsubscribe whose count is
+ * not an integer. Its reader builds every reply through the functions
+ * below, which check it first. A reply refused fails the reader as any
+ * protocol error does: the connection is dropped and never used again,
+ * every command on it fails "unavailable" (err.sent: the server may have
+ * run it), a subscription is lost. hiredis calls the failure "Out of
+ * memory": the reason is kept on the record and shown instead
+ * (guard_errstr()). An error reply nobody asked for is let through:
+ * hiredis closes the connection with it as the reason ("ERR max number
+ * of clients reached").
+ */
+static redisReplyObjectFunctions *guard_base;  /* hiredis's own */
+static redisReplyObjectFunctions  guard_fns;   /* ours, over them */
+
+/* Keeps why ac's reply was refused where its errors are told. */
+static void
+guard_refuse(redisAsyncContext *ac, const char *why)
+{
+    if (ac->data == NULL) {
+        return;
+    }
+    if (ac->onConnect == on_sub_connect) {
+        struct lredis_sub *s = ac->data;
+
+        if (s->err[0] == '\0') {
+            snprintf(s->err, sizeof(s->err), "Protocol error: %s", why);
+        }
+    } else {
+        struct lredis_conn *c = ac->data;
+
+        snprintf(c->proto, sizeof(c->proto), "Protocol error: %s", why);
+    }
+}
+
+/* 1 when the reply part task (of type: REDIS_REPLY_*, elements for an
+ * array) may be built, 0 after guard_refuse(). */
+static int
+guard_ok(const redisReadTask *task, int type, long long elements)
+{
+    redisAsyncContext   *ac = task->privdata;
+    const redisReadTask *top = task->parent;
+    const char          *why = NULL;
+
+    if (ac->replies.head != NULL
+        || (ac->c.flags & REDIS_MONITORING) != 0)
+    {
+        return 1;                        /* a command awaits it */
+    }
+    if ((ac->c.flags & REDIS_SUBSCRIBED) == 0) {
+        if (top == NULL && type != REDIS_REPLY_ERROR) {
+            why = "a reply no command asked for";
+        }
+    } else if (top == NULL) {
+        if (type == REDIS_REPLY_ARRAY && elements < 3) {
+            why = "a pub/sub message of fewer than 3 elements";
+        }
+    } else if (top->parent == NULL) {
+        redisReply *m = top->obj;
+        const char *kind;
+
+        if (task->idx < 2 && type != REDIS_REPLY_STRING) {
+            why = "a pub/sub message whose kind or channel is not a"
+                  " bulk string";
+        } else if (task->idx == 2 && type != REDIS_REPLY_INTEGER) {
+            kind = m->element[0]->str;
+            kind += tolower((unsigned char)kind[0]) == 'p';
+            if (strcasecmp(kind, "unsubscribe") == 0) {
+                why = "an unsubscribe whose count is not an integer";
+            }
+        }
+    }
+    if (why == NULL) {
+        return 1;
+    }
+    guard_refuse(ac, why);
+    return 0;
+}
+
+static void *
+guard_string(const redisReadTask *task, char *str, size_t len)
+{
+    return guard_ok(task, task->type, 0)
+           ? guard_base->createString(task, str, len) : NULL;
+}
+
+static void *
+guard_array(const redisReadTask *task, int elements)
+{
+    return guard_ok(task, REDIS_REPLY_ARRAY, elements)
+           ? guard_base->createArray(task, elements) : NULL;
+}
+
+static void *
+guard_integer(const redisReadTask *task, long long value)
+{
+    return guard_ok(task, REDIS_REPLY_INTEGER, 0)
+           ? guard_base->createInteger(task, value) : NULL;
+}
+
+static void *
+guard_nil(const redisReadTask *task)
+{
+    return guard_ok(task, REDIS_REPLY_NIL, 0)
+           ? guard_base->createNil(task) : NULL;
+}
+
+/* Puts the guard on a new context's reader. */
+static void
+guard_install(redisAsyncContext *ac)
+{
+    if (guard_base == NULL) {
+        guard_base = ac->c.reader->fn;
+        guard_fns = *guard_base;
+        guard_fns.createString = guard_string;
+        guard_fns.createArray = guard_array;
+        guard_fns.createInteger = guard_integer;
+        guard_fns.createNil = guard_nil;
+    }
+    ac->c.reader->fn = &guard_fns;
+    redisReaderSetPrivdata(ac->c.reader, ac);
+}
+
+/* A pool or blocking connection's context fails: when the guard refused
+ * a reply, its reason replaces hiredis's "Out of memory" in ac->errstr,
+ * which its commands' errors show. */
+static void
+guard_errstr(const redisAsyncContext *ac)
+{
+    struct lredis_conn *c = ac->data;
+
+    if (c != NULL && c->ac == ac && c->proto[0] != '\0') {
+        snprintf(((redisAsyncContext *)ac)->c.errstr,
+                 sizeof(ac->c.errstr), "%s", c->proto);
+    }
+}
+
 static int
 lredis_subscribe(lua_State *L)
 {
@@ -1879,6 +2038,7 @@ lredis_subscribe(lua_State *L)
         return 1;                        /* next() reports it */
     }
     ac->data = s;
+    guard_install(ac);
     redisAsyncSetConnectCallback(ac, on_sub_connect);
     redisAsyncSetDisconnectCallback(ac, on_sub_disconnect);
     s->ac = ac;
