@@ -20,6 +20,9 @@ REPLIES = {
     "negbulk": b"$-5\r\n",
     "bulkjunk": b"$abc\r\n",
     "hugebulk": b"$2147483648\r\nabc",
+    # lengths that lie: "10" and "100\r\n" were handed to the caller
+    "shortbulk": b"$2\r\n100\r\n",
+    "longbulk": b"$5\r\n100\r\n+OK\r\n",
     "nested": b"*1\r\n" * 10000 + b":1\r\n",
     "intover": b":99999999999999999999999\r\n",
     "intjunk": b":12abc\r\n",

@@ -78,6 +78,10 @@ describe("paygate.redis against a hostile server", function()
     for mode, text in pairs({
       badtype = "Protocol error", negbulk = "out of range",
       bulkjunk = "Bad bulk string length", nested = "nested",
+      shortbulk = "Protocol error: a bulk string not ended where its"
+                  .. " length says",
+      longbulk = "Protocol error: a bulk string not ended where its"
+                 .. " length says",
       intover = "Bad integer value", intjunk = "Bad integer value",
       negarray = "out of range", hugearray = "out of range",
       closemid = "closed", hugebulk = "no reply within 0.5 s",

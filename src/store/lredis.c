@@ -1864,7 +1864,8 @@ lredis_sub_next(lua_State *L)
  * every command on it fails "unavailable" (err.sent: the server may have
  * run it), a subscription is lost. hiredis calls the failure "Out of
  * memory": the reason is kept on the record and shown instead
- * (guard_errstr()). An error reply nobody asked for is let through:
+ * (guard_errstr()). A bulk string must end with CRLF where its length
+ * says. An error reply nobody asked for is let through:
  * hiredis closes the connection with it as the reason ("ERR max number
  * of clients reached").
  */
@@ -1938,6 +1939,17 @@ guard_ok(const redisReadTask *task, int type, long long elements)
 static void *
 guard_string(const redisReadTask *task, char *str, size_t len)
 {
+    /* hiredis 0.14 skips the two bytes after a bulk string unread: a
+     * length that lies (a value cut short, or run into the next reply)
+     * was handed to the caller. They are in the buffer (read before the
+     * string is built). */
+    if (task->type == REDIS_REPLY_STRING
+        && (str[len] != '\r' || str[len + 1] != '\n'))
+    {
+        guard_refuse(task->privdata, "a bulk string not ended where its"
+                     " length says");
+        return NULL;
+    }
     return guard_ok(task, task->type, 0)
            ? guard_base->createString(task, str, len) : NULL;
 }
