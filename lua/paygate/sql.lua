@@ -719,6 +719,25 @@ end
 -- syntax: db:close()  -- safe to call twice; later calls of other methods
 -- raise. SQLite: writes already queued still complete; PostgreSQL:
 -- pending statements fail with kind "closed".
+-- syntax: yes, err = db:has_table(name)
+-- returns: whether the store holds a table (or view) of that name, or
+-- nil, err. Reads only: a tool pointed at the wrong database can say so
+-- without making anything in it.
+local HAS_TABLE = {
+  sqlite = "SELECT 1 AS x FROM sqlite_master WHERE type IN ('table',"
+    .. " 'view') AND name = $1",
+  postgres = "SELECT 1 AS x WHERE to_regclass($1) IS NOT NULL",
+}
+function DB:has_table(name)
+  check_db("db:has_table", self)
+  if type(name) ~= "string" or not name:match("^[%a_][%w_]*$") then
+    error("db:has_table: name must be a table name", 2)
+  end
+  local rows, err = self:query(HAS_TABLE[self.engine], { name })
+  if not rows then return nil, err end
+  return rows[1] ~= nil
+end
+
 function DB:close()
   if getmetatable(self) ~= DB then
     error("db:close: call it as db:close()", 2)

@@ -192,6 +192,30 @@ describe("paygate CLI", function()
     assert.matches("kek", out, 1, true)
   end)
 
+  it("apikey list and revoke on a database without API keys say so, exit 1,"
+     .. " and make nothing there", function()
+    -- (they made paygate_api_keys in whatever database they were given,
+    -- and a wrong one listed nothing, exit 0)
+    local dir = server.tmpdir()
+    local sql = require "paygate.sql"
+    local url = "sqlite:" .. dir .. "/other.db"
+    local db = assert(sql.open(url))
+    assert(db:exec("CREATE TABLE mine (x INTEGER)"))
+    db:close()
+    for _, args in ipairs({ { "apikey", "list", "--db", url },
+                            { "apikey", "revoke", "--db", url, "--key",
+                              "ak_x" } }) do
+      local code, out = run(args)
+      assert.equal(1, code, out)
+      assert.matches("no API keys in this database (it has no"
+                     .. " paygate_api_keys table", out, 1, true)
+    end
+    db = assert(sql.open(url))
+    assert.is_false(db:has_table("paygate_api_keys"))
+    assert.is_true(db:has_table("mine"))
+    db:close()
+  end)
+
   it("exits 2 for a bad config file, naming the key", function()
     local dir = server.tmpdir()
     local f = assert(io.open(dir .. "/c.lua", "w"))

@@ -18,7 +18,9 @@ docs/idempotency.md, "Authentication"). URL is the gateway's store
 create  makes a key for APP_ID and prints app_id, key_id and the secret.
         The secret is shown this once: the store keeps only the signing
         key derived from it, so a lost secret means a new key.
-list    prints the keys (never a secret or a signing key).
+list    prints the keys (never a secret or a signing key); a database with
+        no paygate_api_keys table is said to hold none (exit 1), and
+        nothing is made in it (list and revoke).
 revoke  disables KEY_ID at once in this process, and in running workers
         within their cache time (5 s).
 
@@ -85,6 +87,13 @@ local function main(args)
                       "\nsecret  ", k.secret, "\n\nThe secret is shown"
                       .. " this once; give it to the merchant's system.\n")
     end
+  elseif cmd ~= "create" and db:has_table("paygate_api_keys") == false then
+    -- (read, not made: list and revoke made the table in whatever
+    -- database they were pointed at, and a wrong one listed nothing, 0)
+    io.stderr:write("paygate apikey: no API keys in this database (it has"
+      .. " no paygate_api_keys table: not the gateway's store, or no key"
+      .. " made there yet)\n")
+    code = 1
   elseif cmd == "list" then
     local rows, err = apikey.list(db, o["--app"])
     if not rows then
