@@ -610,11 +610,16 @@ for engine, new_db in pairs(stores) do
       code, out = run_verify({ "verify", url, "--subject", "payment:V1",
                                "--json" })
       assert.equal(2, code, out)
-      -- with the trail there, a subject without a chain is 0 chains
+      -- with the trail there, a subject without a chain (a typo) is
+      -- said, exit 1 (it was "0 chains", exit 0: a check that passed)
       chain("payment:V2", 1)
       code, out = run_verify({ "verify", url, "--subject", "payment:V1" })
-      assert.equal(0, code, out)
+      assert.equal(1, code, out)
       assert.matches("0 chains, 0 entries, 0 broken", out, 1, true)
+      assert.matches("no chain for subject payment:V1", out, 1, true)
+      code, out = run_verify({ "verify", url, "--subject", "payment:V2" })
+      assert.equal(0, code, out)
+      assert.matches("1 chains, 1 entries, 0 broken", out, 1, true)
     end)
   end)
 end

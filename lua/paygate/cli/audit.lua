@@ -31,8 +31,9 @@ then one summary line: CHAINS chains, ENTRIES entries, BROKEN broken.
   --subject S   verify that subject's chain only
   --json        one JSON object per broken chain, then the summary
 
-exit: 0 every chain verified, 1 a chain is broken, 2 usage error, the
-database cannot be read, or it holds no audit trail.
+exit: 0 every chain verified, 1 a chain is broken (or --subject names no
+chain), 2 usage error, the database cannot be read, or it holds no audit
+trail.
 ]]
 
 local SPEC = { ["--subject"] = "value", ["--json"] = "flag" }
@@ -112,6 +113,12 @@ local function main(args)
   else
     io.stdout:write(("%d chains, %d entries, %d broken\n"):format(
       summary.subjects, summary.entries, #summary.broken))
+  end
+  if good and opts["--subject"] and summary.entries == 0 then
+    -- (a typo in the subject verified "0 chains", exit 0)
+    io.stderr:write("paygate audit: no chain for subject ",
+                    one_line(opts["--subject"]), " in ", redact(url), "\n")
+    return 1
   end
   return good and 0 or 1
 end
