@@ -185,6 +185,11 @@ describe("paygate CLI", function()
                             "--json" })
     assert.equal(2, code, out)
     assert.matches("no database file /nonexistent/x.db", out, 1, true)
+    -- no path at all: said so (was "no database file  (check...")
+    code, out = run({ "apikey", "list", "--db", "sqlite:" })
+    assert.equal(2, code, out)
+    assert.matches("the sqlite: URL names no file (sqlite:PATH)", out, 1,
+                   true)
     code, out = run({ "etcd", "publish", "--prefix", "/p/", "--json",
                       "--dir", "/nonexistent", "--sign-type",
                       "WECHATPAY2-SHA256-RSA2048", "--tls" })

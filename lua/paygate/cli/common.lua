@@ -43,7 +43,9 @@ end
 -- SQLite file instead. URLs of other engines pass.
 function _M.sqlite_must_exist(url)
   local path = _M.sqlite_missing(url)
-  if path then
+  if path == "" then
+    usage_error("the sqlite: URL names no file (sqlite:PATH)")
+  elseif path then
     usage_error("no database file %s (check the path: the store is made "
                 .. "by the app that owns it, e.g. the gateway at its first "
                 .. "start)", path)
