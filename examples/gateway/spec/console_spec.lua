@@ -537,6 +537,35 @@ end
       assert_hostile_refused(gw)
     end)
 
+    -- a paid payment of 3.00 with a refund of 1.20, and the refund
+    local function refunded(order)
+      local p = gw:create{ order_id = order, amount = 300 }
+      sim:pay_and_wait(p.out_trade_no)
+      gw:wait_state(p.id, "paid")
+      local rf = gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
+                         { amount = 120 })
+      assert.equal(201, rf.status, rf.body)
+      return p, rf.json
+    end
+
+    it("show a payment's refunds", function()
+      local p, r = refunded("ord-refunds-" .. os.time())
+      local page = get(gw, "/console/payments/" .. p.id)
+      assert.equal(200, page.status)
+      local sec = page.body:match("<h2>Refunds</h2>(.-)</section>")
+      assert.is_truthy(sec, "no refunds section")
+      assert.matches("<td>" .. r.id .. "</td><td>" .. r.out_refund_no
+        .. "</td><td>1.20</td><td>" .. r.state .. "</td><td>merchant</td>",
+        sec, 1, true)
+      assert.matches(os.date("!%Y-%m-%d", math.floor(r.created_at)), sec, 1,
+                     true)
+      -- a payment without refunds says so
+      local other = gw:create{}
+      local none = get(gw, "/console/payments/" .. other.id).body
+      assert.matches("<h2>Refunds</h2><p class=\"empty\">None.</p>", none, 1,
+                     true)
+    end)
+
     it("page payments newest first by keyset", function()
       local ids = {}
       for i = 1, 55 do

@@ -554,12 +554,18 @@ function _M.payment(id, view)
     if not ok then return nil, nerr end
   end
 
-  -- its refunds' numbers, for the notifications, calls and refusals that
-  -- name them
+  -- its refunds, oldest first; their numbers also find the notifications,
+  -- calls and refusals that name them
   local refunds
-  refunds, err = db:query("SELECT out_refund_no FROM gw_refunds WHERE"
-    .. " payment_id = $1", { id })
+  refunds, err = db:query("SELECT id, out_refund_no, amount, state, kind,"
+    .. " created_at, updated_at FROM gw_refunds WHERE payment_id = $1"
+    .. " ORDER BY created_at, id", { id })
   if not refunds then return nil, err end
+  local rfl = {}
+  for i, rf in ipairs(refunds) do
+    rfl[i] = { rf.id, rf.out_refund_no, fen(rf.amount), rf.state, rf.kind,
+               when(rf.created_at), when(rf.updated_at) }
+  end
   for _, rf in ipairs(refunds) do
     local no = rf.out_refund_no
     local ok, nerr = notes_by("refund|" .. no .. "|%", "refund|" .. no .. "|",
@@ -643,6 +649,7 @@ function _M.payment(id, view)
   return render([[<section>{{summary}}<p>{{settle}}</p></section>
 <section><h2>Timeline (audit trail)</h2>{{verify}}{{tl}}</section>
 <section><h2>Attempts</h2>{{at}}</section>
+<section><h2>Refunds</h2>{{rf}}</section>
 <section><h2>Notifications received (verified)</h2>{{notes}}</section>
 <section><h2>Notifications refused</h2><p class="note">Not verified, so not
 applied: listed here when their resource decrypted under the APIv3 key and
@@ -656,6 +663,8 @@ names this payment (WeChat sends a refused notification again).</p>{{refused}}
                     "evidence" }, tl),
     at = table_of({ "n", "out_trade_no", "channel", "state",
                     "transaction_id", "created", "closed" }, at),
+    rf = table_of({ "refund", "out_refund_no", "amount", "state", "kind",
+                    "created", "updated" }, rfl),
     notes = table_of({ "id", "type", "key", "received", "outcome" }, notes),
     refused = table_of({ "received", "id (claimed)", "type (claimed)",
                          "refused as", "why", "serial", "timestamp" }, rl),
