@@ -566,6 +566,20 @@ end
                      true)
     end)
 
+    it("find a payment by its order_id or a refund's out_refund_no",
+       function()
+      local order = "ord-search-" .. os.time()
+      local p, r = refunded(order)
+      for _, term in ipairs({ order, r.out_refund_no }) do
+        local found = get(gw, "/console/payments?q=" .. term)
+        assert.equal(200, found.status)
+        local ids = {}
+        for id in found.body:gmatch('<a href="/console/payments/(pay_%w+)">')
+        do ids[#ids + 1] = id end
+        assert.same({ p.id }, ids, term)
+      end
+    end)
+
     it("page payments newest first by keyset", function()
       local ids = {}
       for i = 1, 55 do

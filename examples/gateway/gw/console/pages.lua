@@ -418,10 +418,15 @@ function _M.payments(q, view)
   local COLS = "SELECT id, out_trade_no, transaction_id, state, amount,"
     .. " description, created_at FROM gw_payments"
   if term ~= "" then
-    -- an exact id, out_trade_no (any attempt) or transaction_id
+    -- an exact id, out_trade_no (any attempt), transaction_id, order_id
+    -- (any app's: several may use the same) or a refund's out_refund_no.
+    -- order_id has no index of its own (only (app_id, order_id)): its
+    -- subquery reads the table once, apart, so the other terms keep theirs
     rows, err = db:query(COLS .. " WHERE id = $1 OR transaction_id = $1"
       .. " OR id IN (SELECT payment_id FROM gw_attempts WHERE out_trade_no"
-      .. " = $1 OR transaction_id = $1) ORDER BY created_at DESC LIMIT "
+      .. " = $1 OR transaction_id = $1) OR id IN (SELECT payment_id FROM"
+      .. " gw_refunds WHERE out_refund_no = $1) OR id IN (SELECT id FROM"
+      .. " gw_payments WHERE order_id = $1) ORDER BY created_at DESC LIMIT "
       .. PAGE, { term })
   else
     local where, params = {}, {}
@@ -470,7 +475,7 @@ function _M.payments(q, view)
   end
   return render([[<form method="get" action="/console/payments"><label>
 Search <input name="q" value="{{term}}" placeholder="payment id,
-out_trade_no or transaction_id"></label><button>Find</button></form>
+out_trade_no, transaction_id, order_id or out_refund_no"></label><button>Find</button></form>
 {{window}}{{t}}<p class="pager">{{next}}</p>]], {
     term = term, next = next_link, window = window,
     t = table_of({ "payment", "out_trade_no", "transaction_id", "state",
