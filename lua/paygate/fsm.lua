@@ -794,6 +794,9 @@ end
 -- Runs db:transaction(fn) and, while it fails with stale_version (or the
 -- audit's conflict), runs it again (fn reads fresh state each time) after
 -- a short random pause, at most opts.attempts times in all (default 10).
+-- opts.retries and opts.query_timeout go to db:transaction (its own
+-- retries of a serialization failure or a busy database, default the
+-- db's): a hot row's writers under REPEATABLE READ want more of them.
 -- fn must have no effect outside its transaction.
 -- returns: what db:transaction returns (the last attempt's failure when
 -- every attempt was stale).
@@ -806,9 +809,13 @@ function _M.retry(db, fn, opts)
     error("fsm.retry: fn must be a function", 2)
   end
   local attempts = opts and opts.attempts or DEFAULT_ATTEMPTS
+  local tx_opts
+  if opts and (opts.retries ~= nil or opts.query_timeout ~= nil) then
+    tx_opts = { retries = opts.retries, query_timeout = opts.query_timeout }
+  end
   local res
   for attempt = 1, attempts do
-    res = pack(db:transaction(fn))
+    res = pack(db:transaction(fn, tx_opts))
     if res[1] ~= nil or not is_stale(res[2]) or attempt == attempts then
       break
     end

@@ -22,6 +22,13 @@ function _M.init(c) ctx = c end
 
 local REFUNDABLE = { paid = true, partially_refunded = true }
 
+-- db:transaction's retries of a refund create's serialization failure
+-- (PostgreSQL under REPEATABLE READ): each refund of the payment that
+-- commits while this one waits on its row fails it once, and a payment
+-- has at most 50 refunds (WeChat's limit), so contention is waited out,
+-- not answered 503 as a store failure.
+local REFUND_TX_RETRIES = 50
+
 -- WeChat answered with a refusal: the refund was not made.
 local function refused(err)
   local k = err.kind
@@ -228,7 +235,9 @@ function _M.create(req, ik)
       -- transaction's snapshot predates the other's commit, and a row
       -- only locked there would let it sum the refunds without the
       -- other's; a row written there fails it (serialization, tried
-      -- again with a fresh snapshot). READ COMMITTED reads anew anyway.
+      -- again with a fresh snapshot: up to REFUND_TX_RETRIES times, as
+      -- many refunds at once of one payment each wait for all those
+      -- ahead). READ COMMITTED reads anew anyway.
       local _, lerr = tx:exec("UPDATE gw_payments SET id = id WHERE id = $1",
                               { p.id })
       if lerr then return nil, lerr end
@@ -289,7 +298,7 @@ function _M.create(req, ik)
       .. tostring(req.app_id), evidence = { amount = b.amount } })
     if not created then return nil, qerr end
     return { refund = created.row }
-  end)
+  end, { retries = REFUND_TX_RETRIES })
   if not res then
     if type(err) == "table" and err.kind == "unknown_outcome" then
       -- the refund may be stored all the same (the refund checks then

@@ -110,4 +110,40 @@ describe("gateway refunds of one payment at once (PostgreSQL, REPEATABLE"
     assert.equal(60, tonumber(rows[1].s))
     assert.equal(1, #sent)
   end)
+  -- Thirty refunds of one payment at once: each waits for the one before
+  -- it on the payment's row and fails its snapshot (serialization) when
+  -- that one commits, again and again while others go first. Contention,
+  -- not a store failure: every one of them is made, none is answered 503.
+  it("thirty refunds at once are all made (no 503 serialization)",
+     function()
+    local refunds = require "gw.refunds"
+    local id = gwcore.payment(db, "paying", 100)
+    assert(db:exec("UPDATE gw_payments SET state = 'paid',"
+                   .. " paid_out_trade_no = out_trade_no WHERE id = $1",
+                   { id }))
+    local before = #sent
+    local answers = {}
+    for i = 1, 30 do
+      core.spawn(function()
+        local st, body = refunds.create(req(id, 1), ik)
+        answers[i] = { status = st, body = body }
+      end)
+    end
+    testing.wait_until(function()
+      for i = 1, 30 do
+        if not answers[i] then return false end
+      end
+      return true
+    end, 60, "thirty answers")
+    local bad = {}
+    for i = 1, 30 do
+      if answers[i].status ~= 201 then bad[#bad + 1] = answers[i] end
+    end
+    assert.same({}, bad)
+    local rows = assert(db:query("SELECT count(*) AS n FROM gw_refunds"
+      .. " WHERE payment_id = $1", { id }))
+    assert.equal(30, tonumber(rows[1].n))
+    testing.wait_until(function() return #sent - before == 30 end, 30,
+                       "thirty refunds sent")
+  end)
 end)
