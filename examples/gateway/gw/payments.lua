@@ -949,7 +949,10 @@ end
 -- checks (gw.reconcile) would: an order WeChat does not know
 -- (ORDER_NOT_EXIST) means nothing before the payment's expiry (its prepay
 -- may be on the way) and closes an open payment after it (nobody can pay
--- it any more).
+-- it any more); an open payment WeChat has NOTPAY past its expiry is
+-- closed at WeChat first (then CLOSED), and a close refused ORDER_PAID
+-- (paid in between) is followed by a second query, whose SUCCESS is
+-- applied.
 -- returns: true and WeChat's trade_state of the attempt
 -- ("ORDER_NOT_EXIST" when WeChat has no such order), or nil, err (WeChat
 -- could not be asked: stale data).
@@ -966,6 +969,30 @@ function _M.refresh(p)
     ts = "ORDER_NOT_EXIST"
   else
     ts = txn.trade_state
+  end
+  local closed_by_us
+  if ts == "NOTPAY" and OPEN[p.state]
+     and model.time() >= (tonumber(p.expires_at) or math.huge) then
+    -- past its expiry and still open at WeChat: closed there first, as
+    -- the payment checks close it (nobody pays it after this answer)
+    local cok, cerr = wx:close(p.out_trade_no, sub_of(p))
+    if cok then
+      ts, closed_by_us = "CLOSED", true
+    elseif cerr.kind == "order_paid" then
+      -- paid in the moment between the query and the close: asked again
+      -- now; an answer still not paid (WeChat's views apart a moment) is
+      -- the close's error
+      local again, qerr = wx:query_by_out_trade_no(p.out_trade_no,
+                                                   sub_of(p))
+      if not again then return nil, qerr end
+      if again.trade_state ~= "SUCCESS" and again.trade_state ~= "REFUND"
+      then
+        return nil, cerr
+      end
+      txn, ts = again, again.trade_state
+    else
+      return nil, cerr
+    end
   end
   local after
   local ok, aerr = fsm.retry(ctx.db, function(tx)
@@ -1013,7 +1040,8 @@ function _M.refresh(p)
     local res
     res, rerr = P:transition(tx, p.id, event, { row = row, cause = "query",
       actor = "gateway:query", evidence = { trade_state = ts,
-      out_trade_no = p.out_trade_no }, set = { updated_at = model.time() } })
+      out_trade_no = p.out_trade_no, closed_by = closed_by_us
+      and "gateway:query" or nil }, set = { updated_at = model.time() } })
     if not res then return nil, rerr end
     if event == "still_open" then
       -- unknown -> paying: its event, like every transition's (a merchant

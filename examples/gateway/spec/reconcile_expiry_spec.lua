@@ -72,4 +72,55 @@ describe("gateway payment checks: paid as it expired", function()
     assert.equal("dropped",
                  sim:notifications{ out_trade_no = p.out_trade_no }[1].state)
   end)
+  -- GET /v1/payments/:id?refresh=1 (the console's "Query WeChat now") on
+  -- an open payment past its expiry that WeChat still has NOTPAY: closed
+  -- at WeChat and here, as a payment check closes it, not left open
+  -- until the next check.
+  local function closes(no)
+    local n, paid = 0, 0
+    for _, r in ipairs(sim:requests()) do
+      if r.endpoint == "close" and r.target:find(no, 1, true) then
+        n = n + 1
+        if r.code == "ORDER_PAID" then paid = paid + 1 end
+      end
+    end
+    return n, paid
+  end
+
+  it("?refresh=1 past the expiry, NOTPAY: closed at WeChat and here",
+     function()
+    local p = gw:create{ amount = 71 }
+    assert(gw.db:exec("UPDATE gw_payments SET expires_at = $2 WHERE"
+      .. " id = $1", { p.id, os.time() - 1 }))
+    local got = gw:get(p.id, "?refresh=1")
+    assert.equal("closed", got.state)
+    assert.equal(1, (closes(p.out_trade_no)))
+    -- asked again: WeChat's CLOSED, and no second close
+    local q = gw:get(p.id, "?refresh=1")
+    assert.equal("closed", q.state)
+    assert.equal(1, (closes(p.out_trade_no)))
+  end)
+
+  it("?refresh=1 past the expiry, the close refused ORDER_PAID: paid",
+     function()
+    local p = gw:create{ amount = 72 }
+    sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }
+    local slow = sim:fault{ endpoint = "close", kind = "latency",
+                            seconds = 2, count = 1 }
+    assert(gw.db:exec("UPDATE gw_payments SET expires_at = $2 WHERE"
+      .. " id = $1", { p.id, os.time() - 1 }))
+    local got
+    require("paygate.core").spawn(function()
+      got = gw:get(p.id, "?refresh=1")
+    end)
+    testing.wait_until(function() return fired(slow.id) == 1 end, 10,
+                       "the refresh's close at WeChat")
+    sim:pay(p.out_trade_no)
+    testing.wait_until(function() return got ~= nil end, 15,
+                       "the refresh's answer")
+    assert.equal("paid", got.state)
+    assert.matches("^%d+$", got.transaction_id)
+    local _, refused = closes(p.out_trade_no)
+    assert.equal(1, refused)
+  end)
 end)
