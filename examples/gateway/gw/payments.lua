@@ -967,6 +967,12 @@ function _M.refresh(p)
       return true, "ORDER_NOT_EXIST"
     end
     ts = "ORDER_NOT_EXIST"
+  elseif txn.out_trade_no ~= p.out_trade_no then
+    -- an answer about another order (signed, yet an outside input): not
+    -- applied to this payment, as the payment checks refuse it
+    return nil, paygate.error("bad_response", "WeChat's answer names order "
+      .. tostring(txn.out_trade_no):sub(1, 64) .. ", not "
+      .. tostring(p.out_trade_no), { retryable = true })
   else
     ts = txn.trade_state
   end

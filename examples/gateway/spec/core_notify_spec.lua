@@ -232,6 +232,25 @@ describe("gateway notify handler on " .. engine, function()
     assert.equal(30, model.payment(db, id).refunded)
   end)
 
+  it("payments.refresh refuses a query answer about another order,"
+     .. " applying nothing", function()
+    -- (it was applied to the payment asked about: a CLOSED or PAYERROR
+    -- of another order closed or failed this one)
+    local payments = require "gw.payments"
+    local id = payment("paying")
+    wx.query_by_out_trade_no = function(_, no)
+      return { out_trade_no = no .. "x", trade_state = "CLOSED" }
+    end
+    local ok, res, rerr = pcall(payments.refresh, model.payment(db, id))
+    wx.query_by_out_trade_no = nil
+    assert(ok, res)
+    assert.is_nil(res)
+    assert.equal("bad_response", rerr and rerr.kind, tostring(rerr))
+    assert.matches("names order " .. id .. "_1x, not " .. id .. "_1",
+                   rerr.message, 1, true)
+    assert.equal("paying", model.payment(db, id).state)
+  end)
+
   it("counts an alarm once its transaction commits, never for a try"
      .. " rolled back", function()
     local apply = require "gw.apply"
