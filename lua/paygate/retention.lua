@@ -263,25 +263,11 @@ local function delete_sql(engine, job)
     .. " AND " .. cond
 end
 
-local EXISTS = {
-  sqlite = "SELECT 1 AS x FROM sqlite_master WHERE type = 'table' AND"
-    .. " name = $1",
-  postgres = "SELECT 1 AS x WHERE to_regclass($1) IS NOT NULL",
-}
-
 function Job:exists(db)
   if not self.table then
     return true
   end
-  local name = self.table
-  if db.engine == "sqlite" then
-    name = name:match("([^.]+)$")
-  end
-  local rows, err = db:query(EXISTS[db.engine], { name })
-  if not rows then
-    return nil, err
-  end
-  return rows[1] ~= nil
+  return db:has_table(self.table)
 end
 
 local function table_prune(self, db, batch, now)

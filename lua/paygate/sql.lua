@@ -76,23 +76,19 @@ local function param_count(where, params, level)
   return n
 end
 
--- The first of params' n values that is NaN (a number that is none: 0/0,
--- math.huge - math.huge), or nil. SQLite binds a NaN as NULL, PostgreSQL
--- keeps it in a float column: refused as misuse on both, nothing run.
-local function nan_param(where, params, n)
-  for i = 1, n do
-    local v = params[i]
-    if v ~= v then
-      return core.error("misuse", (where and where .. ": " or "")
-        .. "params[" .. i .. "] is NaN"
-        .. " (not a number; SQLite would bind NULL for it): nothing ran")
-    end
-  end
+-- The misuse error of a NaN parameter at index i (a number that is none:
+-- 0/0, math.huge - math.huge). SQLite binds a NaN as NULL, PostgreSQL
+-- keeps it in a float column: refused on both, nothing run. (Found by the
+-- loops that check each parameter's type, as they go.)
+local function nan_error(where, i)
+  return core.error("misuse", (where and where .. ": " or "")
+    .. "params[" .. i .. "] is NaN"
+    .. " (not a number; SQLite would bind NULL for it): nothing ran")
 end
 
 -- Raises at the caller of the public function `fname` (a method: level 3
 -- from here) unless sql is a string and params nil or a bindable array.
--- returns: a misuse error for a NaN parameter (see nan_param), else nil.
+-- returns: a misuse error for a NaN parameter (see nan_error), else nil.
 local function check_stmt(fname, sql, params)
   if type(sql) ~= "string" then
     error(fname .. ": sql must be a string", 3)
@@ -104,14 +100,17 @@ local function check_stmt(fname, sql, params)
     error(fname .. ": params must be a table", 3)
   end
   local n = param_count(fname, params, 3)
+  local nan
   for i = 1, n do
-    local t = type(params[i])
+    local v = params[i]
+    local t = type(v)
     if t == "table" or t == "function" or t == "thread" then
       error(fname .. ": params[" .. i .. "] cannot be bound (a " .. t
             .. "; want a string, number, boolean or sql.null)", 3)
     end
+    if v ~= v and not nan then nan = i end
   end
-  return nan_param(fname, params, n)
+  if nan then return nan_error(fname, nan) end
 end
 
 local function check_db(fname, self)
@@ -497,15 +496,15 @@ local function check_atomic(stmts)
       end
       local np = param_count(where, params, 3)
       for k = 1, np do
-        if not bindable(params[k]) then
+        local v = params[k]
+        if not bindable(v) then
           error(where .. ": params[" .. k .. "] cannot be bound (a "
-                .. type(params[k]) .. "; want a string, number, boolean or"
+                .. type(v) .. "; want a string, number, boolean or"
                 .. " sql.null)", 3)
         end
-      end
-      if not nan_at then
-        nan_err = nan_param(nil, params, np)
-        nan_at = nan_err and i
+        if v ~= v and not nan_at then
+          nan_at, nan_err = i, nan_error(nil, k)
+        end
       end
     end
     local expect = s.expect
@@ -716,28 +715,34 @@ function DB:stats()
   return {}
 end
 
--- syntax: db:close()  -- safe to call twice; later calls of other methods
--- raise. SQLite: writes already queued still complete; PostgreSQL:
--- pending statements fail with kind "closed".
 -- syntax: yes, err = db:has_table(name)
--- returns: whether the store holds a table (or view) of that name, or
--- nil, err. Reads only: a tool pointed at the wrong database can say so
--- without making anything in it.
+-- name: a table, or schema.table (on SQLite the table part is looked up).
+-- returns: whether the store holds a table of that name (PostgreSQL: a
+-- relation, a view too), or nil, err. Reads only: a tool pointed at the
+-- wrong database can say so without making anything in it.
 local HAS_TABLE = {
-  sqlite = "SELECT 1 AS x FROM sqlite_master WHERE type IN ('table',"
-    .. " 'view') AND name = $1",
+  sqlite = "SELECT 1 AS x FROM sqlite_master WHERE type = 'table' AND"
+    .. " name = $1",
   postgres = "SELECT 1 AS x WHERE to_regclass($1) IS NOT NULL",
 }
 function DB:has_table(name)
   check_db("db:has_table", self)
-  if type(name) ~= "string" or not name:match("^[%a_][%w_]*$") then
+  if type(name) ~= "string"
+     or not (name:match("^[%a_][%w_]*$")
+             or name:match("^[%a_][%w_]*%.[%a_][%w_]*$")) then
     error("db:has_table: name must be a table name", 2)
+  end
+  if self.engine == "sqlite" then
+    name = name:match("([^.]+)$")
   end
   local rows, err = self:query(HAS_TABLE[self.engine], { name })
   if not rows then return nil, err end
   return rows[1] ~= nil
 end
 
+-- syntax: db:close()  -- safe to call twice; later calls of other methods
+-- raise. SQLite: writes already queued still complete; PostgreSQL:
+-- pending statements fail with kind "closed".
 function DB:close()
   if getmetatable(self) ~= DB then
     error("db:close: call it as db:close()", 2)
