@@ -231,21 +231,6 @@ lcore_file_type(lua_State *L)
 }
 
 /*
- * The string argument at idx of fn (named: luaL_checklstring's "bad
- * argument #1 to '?'" did not say which function through pcall). Raises.
- */
-static const char *
-check_string(lua_State *L, int idx, const char *fn, const char *what,
-           size_t *len)
-{
-    if (lua_type(L, idx) != LUA_TSTRING) {
-        luaL_error(L, "%s: %s must be a string (got %s)", fn, what,
-                   luaL_typename(L, idx));
-    }
-    return lua_tolstring(L, idx, len);
-}
-
-/*
  * The mode argument at idx of fn (dflt when absent): an integer from 0 to
  * 0777 for a file, to 07777 without the sticky bit (01000) for a folder.
  * Lua has no octal numbers: 0600 there is the decimal 600, 01130 in
@@ -309,8 +294,10 @@ static int
 lcore_write_file(lua_State *L)
 {
     size_t      len, plen, off = 0;
-    const char *path = check_string(L, 1, "paygate.write_file", "path", &plen);
-    const char *data = check_string(L, 2, "paygate.write_file", "data", &len);
+    const char *path = gw_arg_string(L, 1, "paygate.write_file", "path",
+                                     &plen);
+    const char *data = gw_arg_string(L, 2, "paygate.write_file", "data",
+                                     &len);
     mode_t      mode = check_mode(L, 3, "paygate.write_file", 0600, 0);
     char        tmp[4096], dir[4096];
     int         fd, dfd, err = 0;
@@ -385,7 +372,7 @@ static int
 lcore_mkdir_p(lua_State *L)
 {
     size_t      len;
-    const char *dir = check_string(L, 1, "paygate.mkdir_p", "dir", &len);
+    const char *dir = gw_arg_string(L, 1, "paygate.mkdir_p", "dir", &len);
     mode_t      mode = check_mode(L, 2, "paygate.mkdir_p", 0755, 1);
     char        path[4096], at[4096];
     struct stat st;

@@ -308,6 +308,27 @@ gw_opt_number(lua_State *L, int idx, const char *fn, const char *name,
 }
 
 const char *
+gw_arg_string(lua_State *L, int idx, const char *fn, const char *what,
+              size_t *len)
+{
+    if (lua_type(L, idx) != LUA_TSTRING) {
+        luaL_error(L, "%s: %s must be a string (got %s)", fn, what,
+                   luaL_typename(L, idx));
+    }
+    return lua_tolstring(L, idx, len);
+}
+
+double
+gw_arg_number(lua_State *L, int idx, const char *fn, const char *what)
+{
+    if (!lua_isnumber(L, idx)) {
+        luaL_error(L, "%s: %s must be a number (got %s)", fn, what,
+                   luaL_typename(L, idx));
+    }
+    return lua_tonumber(L, idx);
+}
+
+const char *
 gw_opt_string(lua_State *L, int idx, const char *fn, const char *name)
 {
     const char *s;

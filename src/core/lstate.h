@@ -88,6 +88,17 @@ int gw_vraise(lua_State *L, const char *fmt, va_list ap);
 void gw_opts_known(lua_State *L, int idx, const char *fn, const char *what,
                    const char *const *names);
 
+/* The argument at idx of fn, named what: a string (gw_arg_string; len
+ * may be NULL) or a number, a numeric string too (gw_arg_number); else
+ * raises "fn: what must be a string (got TYPE)" ("no value" when absent),
+ * naming fn however it was called: luaL_check*'s "bad argument #n to '?'"
+ * names no function through a tail call or pcall, and luaL_checklstring
+ * takes a number as its digits. */
+const char *gw_arg_string(lua_State *L, int idx, const char *fn,
+                          const char *what, size_t *len);
+double gw_arg_number(lua_State *L, int idx, const char *fn,
+                     const char *what);
+
 /* Typed options: idx is an options table (absolute index). Each returns
  * def (NULL) when the field is nil and raises "fn: opts.name must be a
  * number" (a finite number / an integer / a string) otherwise. */

@@ -314,22 +314,20 @@ lreq_newindex(lua_State *L)
 }
 
 /* The name argument i of req:fn (i - 1 of several): a string, else this
- * raises naming the method, however it was called (luaL_checklstring took
- * a number as its digits, and its "bad argument" says '?' through a tail
- * call or pcall). */
+ * raises naming the method (gw_arg_string). */
 static const char *
 check_name(lua_State *L, int i, const char *fn, size_t *len)
 {
-    if (lua_type(L, i) != LUA_TSTRING) {
-        char nth[16] = "";
+    char what[24] = "name", where[32];
 
-        if (i > 2) {
-            snprintf(nth, sizeof(nth), " %d", i - 1);
-        }
-        luaL_error(L, "req:%s: name%s must be a string (got %s)", fn, nth,
-                   lua_isnone(L, i) ? "no value" : luaL_typename(L, i));
+    if (lua_type(L, i) == LUA_TSTRING) {
+        return lua_tolstring(L, i, len);        /* (a hot path) */
     }
-    return lua_tolstring(L, i, len);
+    if (i > 2) {
+        snprintf(what, sizeof(what), "name %d", i - 1);
+    }
+    snprintf(where, sizeof(where), "req:%s", fn);
+    return gw_arg_string(L, i, where, what, len);     /* raises */
 }
 
 /*

@@ -43,18 +43,6 @@ check_dict(lua_State *L, const char *fn)
     return ud->d;
 }
 
-/* Argument i of shared.fn, called what: a number (or a string that is
- * one, as before), else this raises naming both. */
-static double
-check_number(lua_State *L, int i, const char *fn, const char *what)
-{
-    if (!lua_isnumber(L, i)) {
-        luaL_error(L, "shared.%s: %s must be a number (got %s)", fn, what,
-                   lua_isnone(L, i) ? "no value" : luaL_typename(L, i));
-    }
-    return lua_tonumber(L, i);
-}
-
 static const char *
 check_key(lua_State *L, const char *fn, size_t *len)
 {
@@ -249,9 +237,9 @@ lshared_incr(lua_State *L)
     int has_init = !lua_isnoneornil(L, 4);
     enum gw_shd_rc rc;
 
-    by = check_number(L, 3, "incr", "by");
+    by = gw_arg_number(L, 3, "shared.incr", "by");
     if (has_init) {
-        init = check_number(L, 4, "incr", "init");
+        init = gw_arg_number(L, 4, "shared.incr", "init");
     }
     /* a NaN or an infinity would be the counter for good: every later
      * incr answers it again */
