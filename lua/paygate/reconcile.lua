@@ -498,6 +498,16 @@ local function sub_mchid(item)
   return s
 end
 
+-- The error of a query answer naming another order (refund) than the one
+-- asked about: a retryable bad_response, nothing applied (what: "payment"
+-- or "refund", the item's kind; names: "order" or "refund").
+local function answer_about_other(what, id, names, got, want)
+  return fail("bad_response", "reconcile: " .. what .. " " .. tostring(id)
+              .. ": WeChat's answer names " .. names .. " "
+              .. tostring(got):sub(1, 64) .. ", not " .. want,
+              { retryable = true })
+end
+
 -- syntax: action, err = reconcile.check_payment(wx, item[, opts])
 -- item: { id, state, out_trade_no, sub_mchid?, amount? (fen: compared
 --   with WeChat's total), expires_at? (epoch s) }; wx: a client or fn(item)
@@ -545,10 +555,8 @@ function _M.check_payment(wx, item, opts)
   -- the answer is about the order asked for (signed, yet an outside
   -- input: one about another order would be applied to this payment)
   if txn.out_trade_no ~= item.out_trade_no then
-    return fail("bad_response", "reconcile: payment " .. tostring(item.id)
-                .. ": WeChat's answer names order "
-                .. tostring(txn.out_trade_no):sub(1, 64) .. ", not "
-                .. item.out_trade_no, { retryable = true })
+    return answer_about_other("payment", item.id, "order", txn.out_trade_no,
+                              item.out_trade_no)
   end
   local ts = txn.trade_state
   if not KNOWN_TRADE[ts] then
@@ -573,10 +581,8 @@ function _M.check_payment(wx, item, opts)
         return nil, qerr
       end
       if again.out_trade_no ~= item.out_trade_no then
-        return fail("bad_response", "reconcile: payment "
-                    .. tostring(item.id) .. ": WeChat's answer names order "
-                    .. tostring(again.out_trade_no):sub(1, 64) .. ", not "
-                    .. item.out_trade_no, { retryable = true })
+        return answer_about_other("payment", item.id, "order",
+                                  again.out_trade_no, item.out_trade_no)
       end
       if again.trade_state ~= "SUCCESS" and again.trade_state ~= "REFUND" then
         return nil, cerr
@@ -657,10 +663,8 @@ function _M.check_refund(wx, item)
     return nil, err
   end
   if r.out_refund_no ~= item.out_refund_no then
-    return fail("bad_response", "reconcile: refund " .. tostring(item.id)
-                .. ": WeChat's answer names refund "
-                .. tostring(r.out_refund_no):sub(1, 64) .. ", not "
-                .. item.out_refund_no, { retryable = true })
+    return answer_about_other("refund", item.id, "refund", r.out_refund_no,
+                              item.out_refund_no)
   end
   local status = r.status
   if not KNOWN_REFUND[status] then
