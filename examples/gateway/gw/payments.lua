@@ -11,6 +11,7 @@ local validate = require "paygate.wechatpay.validate"
 local model = require "gw.model"
 local events = require "gw.events"
 local apply = require "gw.apply"
+local reconcile = require "paygate.reconcile"
 
 local type, tostring, ipairs, pairs, floor = type, tostring, ipairs, pairs,
       math.floor
@@ -957,48 +958,16 @@ end
 -- ("ORDER_NOT_EXIST" when WeChat has no such order), or nil, err (WeChat
 -- could not be asked: stale data).
 function _M.refresh(p)
-  local wx = client_of(p)
-  local txn, err = wx:query_by_out_trade_no(p.out_trade_no, sub_of(p))
-  local ts
-  if not txn then
-    if err.kind ~= "not_found" then return nil, err end
-    if not (OPEN[p.state]
-            and model.time() >= (tonumber(p.expires_at) or math.huge)) then
-      return true, "ORDER_NOT_EXIST"
-    end
-    ts = "ORDER_NOT_EXIST"
-  elseif txn.out_trade_no ~= p.out_trade_no then
-    -- an answer about another order (signed, yet an outside input): not
-    -- applied to this payment, as the payment checks refuse it
-    return nil, paygate.error("bad_response", "WeChat's answer names order "
-      .. tostring(txn.out_trade_no):sub(1, 64) .. ", not "
-      .. tostring(p.out_trade_no), { retryable = true })
-  else
-    ts = txn.trade_state
-  end
-  local closed_by_us
-  if ts == "NOTPAY" and OPEN[p.state]
-     and model.time() >= (tonumber(p.expires_at) or math.huge) then
-    -- past its expiry and still open at WeChat: closed there first, as
-    -- the payment checks close it (nobody pays it after this answer)
-    local cok, cerr = wx:close(p.out_trade_no, sub_of(p))
-    if cok then
-      ts, closed_by_us = "CLOSED", true
-    elseif cerr.kind == "order_paid" then
-      -- paid in the moment between the query and the close: asked again
-      -- now; an answer still not paid (WeChat's views apart a moment) is
-      -- the close's error
-      local again, qerr = wx:query_by_out_trade_no(p.out_trade_no,
-                                                   sub_of(p))
-      if not again then return nil, qerr end
-      if again.trade_state ~= "SUCCESS" and again.trade_state ~= "REFUND"
-      then
-        return nil, cerr
-      end
-      txn, ts = again, again.trade_state
-    else
-      return nil, cerr
-    end
+  -- WeChat asked as the payment checks ask it (one implementation: the
+  -- query, the answer's order checked, an expired NOTPAY closed there and
+  -- ORDER_PAID asked again); what it answers is applied below
+  local check, err = reconcile.check_payment(client_of(p), p,
+                                             { now = model.time() })
+  if not check then return nil, err end
+  local ts, txn = check.remote, check.transaction
+  local closed_by_us = check.closed_by_us
+  if ts == "ORDER_NOT_EXIST" and not check.event then
+    return true, ts       -- before its expiry: nothing (its prepay may come)
   end
   local after
   local ok, aerr = fsm.retry(ctx.db, function(tx)
