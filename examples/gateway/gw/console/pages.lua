@@ -749,9 +749,11 @@ function _M.run_bill(date)
 end
 
 function _M.reconcile(q, view)
+  -- newest first; runs recorded in the same millisecond (a lever running
+  -- several days, a fast test) by the later day first, then the later run
   local rows, err = ctx.db:query("SELECT subject, at, actor, evidence FROM"
-    .. " paygate_audit WHERE what = 'reconcile.bill' ORDER BY at DESC"
-    .. " LIMIT 30")
+    .. " paygate_audit WHERE what = 'reconcile.bill'"
+    .. " ORDER BY at DESC, subject DESC, seq DESC LIMIT 30")
   if not rows then return nil, err end
   local list, detail = {}, html.NONE
   for _, r in ipairs(rows) do
