@@ -1382,6 +1382,73 @@ describe("paygate.sql on sqlite (engine specifics)", function()
     db:close()
   end)
 
+  -- The writer ran every interactive transaction of a batch inside its
+  -- group commit: a write or a transaction that ended at once was
+  -- acknowledged only at the batch's COMMIT, after a transaction begun
+  -- behind it in the same batch had idled (up to tx_timeout). A
+  -- transaction now has a batch of its own, committed when it ends.
+  describe("a transaction that idles", function()
+    -- Spawns B: a transaction that inserts 2 and then idles until
+    -- released (1.5 s at most: before the change, what came before it
+    -- was acknowledged only then). st.b_done is set once it returned.
+    local function idler(db, st)
+      return paygate.spawn(function()
+        local ok = db:transaction(function(tx)
+          assert(tx:exec("INSERT INTO g VALUES (2)"))
+          local deadline = paygate.update_time() + 1.5
+          while not st.release and paygate.update_time() < deadline do
+            paygate.sleep(0.005)
+          end
+          return true
+        end)
+        st.b_done = true
+        return ok
+      end)
+    end
+
+    -- first() is spawned in the same loop turn as B, and so queued in the
+    -- writer's batch just before B's BEGIN (each spawn runs to its first
+    -- writer job). Its write must be acknowledged, and visible to reads,
+    -- while B is still open.
+    local function not_behind(first)
+      local db = open("sqlite")
+      assert(db:exec_script("CREATE TABLE g (k INTEGER)"))
+      local st = {}
+      local a = paygate.spawn(function()
+        local ok = first(db)
+        st.a_done = true
+        return ok
+      end)
+      local b = idler(db, st)
+      wait_until(function() return st.a_done end, 1,
+                 "the first write's acknowledgement (B idles 1.5 s)")
+      assert.is_nil(st.b_done)
+      assert.truthy(a:wait())
+      -- durable and visible: a read sees it, and not B's uncommitted row
+      assert.same({ { k = 1 } }, db:query("SELECT k FROM g ORDER BY k"))
+      st.release = true
+      assert.truthy(wait_task(b, 5, "B's commit"))
+      assert.same({ { k = 1 }, { k = 2 } },
+                  db:query("SELECT k FROM g ORDER BY k"))
+      db:close()
+    end
+
+    it("does not delay the commit of a transaction begun before it",
+       function()
+      not_behind(function(db)
+        return db:transaction(function(tx)
+          return tx:exec("INSERT INTO g VALUES (1)")
+        end)
+      end)
+    end)
+
+    it("does not delay a write queued before its BEGIN", function()
+      not_behind(function(db)
+        return db:atomic({ { "INSERT INTO g VALUES (1)", expect = 1 } })
+      end)
+    end)
+  end)
+
   it("routes a writing query to the writer", function()
     local db = open("sqlite")
     assert(db:exec_script("CREATE TABLE g (k INTEGER)"))

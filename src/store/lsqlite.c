@@ -14,13 +14,16 @@
  * is rolled back to its savepoint and answered at once with its own
  * error; its neighbours in the batch are not affected.
  *
- * Interactive transactions (db:transaction(fn) in Lua): BEGIN takes a
- * savepoint in the current batch and the writer then serves only that
- * transaction's statements until COMMIT/ROLLBACK (or tx_timeout), so other
- * writers queue up and join the same batch afterwards. COMMIT of such a
- * transaction resumes the coroutine after the batch is durable. A failed
- * statement is undone alone (a script, in a savepoint of its own) and
- * the transaction goes on.
+ * Interactive transactions (db:transaction(fn) in Lua): a BEGIN ends the
+ * current batch (its jobs are committed and answered first) and opens one
+ * of its own, in which it takes a savepoint; the writer then serves only
+ * that transaction's statements until COMMIT/ROLLBACK (or tx_timeout),
+ * and commits its batch as soon as it ends, so other writers queue up
+ * and join the next batch. COMMIT of such a transaction resumes the
+ * coroutine once that batch is durable: it waits for no other job, and
+ * no job waits for its round trips through Lua. A failed statement is
+ * undone alone (a script, in a savepoint of its own) and the transaction
+ * goes on.
  *
  * Atomic jobs (db:atomic in Lua): a list of statements queued as ONE
  * writer job. It runs like any job of the batch, inside its own
@@ -1502,6 +1505,18 @@ writer_main(void *arg)
             } else if (c.h == NULL) {
                 job_fail(j, SQLITE_CANTOPEN, "database is not open");
                 post_one(j);
+            } else if (j->op == LSQLITE_OP_BEGIN) {
+                /* An interactive transaction gets a batch of its own:
+                 * the jobs before it are committed first, and its batch
+                 * ends (commits) as soon as it does. In a shared batch,
+                 * their acknowledgement would wait for its round trips
+                 * through Lua (up to tx_timeout when it idles), and its
+                 * COMMIT for those of a transaction begun behind it. The
+                 * jobs queued meanwhile group-commit in the next batch. */
+                batch_commit(db, &c, &b);
+                batch_run_job(db, &c, &b, j);
+                pthread_mutex_lock(&db->mu);
+                break;
             } else {
                 batch_run_job(db, &c, &b, j);
                 n++;
