@@ -21,9 +21,17 @@
 -- A database holding a version above the folder's newest (a newer app
 -- migrated it) is refused, kind "config": the older code does not know
 -- its schema.
+-- Each applied migration's checksum (a digest of its SQL, comments and
+-- whitespace aside) is recorded with it and compared with the file's at
+-- every run: a file changed after it was applied (the database's schema
+-- no longer what the file says) is logged as a warning, not refused --
+-- the database is migrated already, and a start refused over it would
+-- take the app down. Rows recorded before checksums were (an older
+-- paygate; the column is added in place) get the file's as it is then.
 -- Reading the folder blocks: call it at start, not on a request.
 
 local core = require "paygate.core"
+local crypto = require "paygate.crypto"
 local sql = require "paygate.sql"
 
 local _M = { _VERSION = "0.1.0" }
@@ -37,7 +45,106 @@ local RUN_TIMEOUT = 3600
 
 local SCHEMA = [[CREATE TABLE IF NOT EXISTS paygate_migrations (
   version BIGINT PRIMARY KEY, name TEXT NOT NULL,
-  applied_at DOUBLE PRECISION NOT NULL)]]
+  applied_at DOUBLE PRECISION NOT NULL, checksum TEXT)]]
+
+-- Whether paygate_migrations has its checksum column: a table an older
+-- paygate made has not (the same table the unqualified statements name:
+-- PostgreSQL's search_path resolves both).
+local HAS_CHECKSUM = {
+  sqlite = "SELECT 1 AS x FROM pragma_table_info('paygate_migrations')"
+    .. " WHERE name = 'checksum'",
+  postgres = "SELECT 1 AS x FROM pg_attribute WHERE attrelid ="
+    .. " to_regclass('paygate_migrations') AND attname = 'checksum'"
+    .. " AND NOT attisdropped",
+}
+
+-- paygate.log (required when first used: paygate requires the libraries
+-- an app loads)
+local function log()
+  return require("paygate").log
+end
+
+-- Characters that run together into one token (words, numbers, quoted
+-- text): whitespace between two of them is kept, as one space; beside
+-- anything else (punctuation) it is dropped.
+local STICKY = "[%w_$'\"\128-\255]"
+
+-- The text a migration's checksum is taken over: its SQL with comments
+-- (-- to the line's end, /* */) gone and whitespace only where it
+-- separates two words, so that rewording a comment, re-indenting or
+-- re-wrapping lines, trailing spaces and blank lines are no change (the
+-- project edits comments of migrations long applied). Quoted text ('...',
+-- "...", PostgreSQL's $tag$...$tag$) is kept as it is: a -- in a string
+-- is text, and a change to it is a change.
+local function canonical(s)
+  local out, i, n = {}, 1, #s
+  local last, gap = nil, false
+  local function put(piece)
+    if gap and last and last:match(STICKY)
+       and piece:sub(1, 1):match(STICKY) then
+      out[#out + 1] = " "
+    end
+    gap = false
+    out[#out + 1] = piece
+    last = piece:sub(-1)
+  end
+  while i <= n do
+    local j = s:find("[%s'\"%-/$]", i)
+    if not j then
+      put(s:sub(i))
+      break
+    end
+    if j > i then
+      put(s:sub(i, j - 1))
+    end
+    local c, c2 = s:sub(j, j), s:sub(j + 1, j + 1)
+    -- a dollar quote's opening: $$ or $tag$ (not a $ inside a name)
+    local tag = c == "$" and not (j > 1 and s:sub(j - 1, j - 1):match("[%w_]"))
+      and (s:match("^%$%$", j) or s:match("^%$[%a_][%w_]*%$", j))
+    if c:match("%s") then
+      gap = true
+      i = select(2, s:find("^%s+", j)) + 1
+    elseif c == "'" or c == '"' then
+      -- to the closing quote (a doubled one is a quote inside); an
+      -- unterminated one runs to the end
+      local k = j + 1
+      while true do
+        local q = s:find(c, k, true)
+        if not q then
+          k = n
+          break
+        end
+        if s:sub(q + 1, q + 1) ~= c then
+          k = q
+          break
+        end
+        k = q + 2
+      end
+      put(s:sub(j, k))
+      i = k + 1
+    elseif tag then
+      local _, e = s:find(tag, j + #tag, true)
+      e = e or n
+      put(s:sub(j, e))
+      i = e + 1
+    elseif c == "-" and c2 == "-" then
+      gap = true
+      i = (s:find("\n", j, true) or n) + 1
+    elseif c == "/" and c2 == "*" then
+      gap = true
+      local _, e = s:find("*/", j + 2, true)
+      i = (e or n) + 1
+    else
+      put(c)
+      i = j + 1
+    end
+  end
+  return table.concat(out)
+end
+
+local function checksum(body)
+  return crypto.hex(crypto.digest("sha256", canonical(body)))
+end
 
 -- Raises at `level` (counted from the caller of this function) when two
 -- files share a version; else the sorted list, or nil, err.
@@ -143,6 +250,7 @@ function _M.run(db, dir)
       return nil, rerr
     end
     m.sql = body
+    m.checksum = checksum(body)
   end
   if db.engine == "postgres" then
     local ok, serr = pg_schema(db)
@@ -150,7 +258,11 @@ function _M.run(db, dir)
       return nil, serr
     end
   end
-  return db:transaction(function(tx)
+  -- what the run found, logged once it committed (the transaction may
+  -- run its function again: each run starts them afresh)
+  local changed, filled
+  local applied, terr = db:transaction(function(tx)
+    changed, filled = {}, {}
     if tx.engine == "postgres" then
       -- The lock first: LOCK TABLE takes no snapshot, so even under a
       -- REPEATABLE READ or SERIALIZABLE default the SELECT below (which
@@ -166,7 +278,23 @@ function _M.run(db, dir)
         return nil, serr
       end
     end
-    local rows, qerr = tx:query("SELECT version, name FROM"
+    -- a table an older paygate made: its checksum column added in place
+    -- (nullable: that paygate's INSERT still works, during a rolling
+    -- upgrade too)
+    local has, herr = tx:query(HAS_CHECKSUM[tx.engine])
+    if not has then
+      return nil, herr
+    end
+    if not has[1] then
+      local _, aerr = tx:exec("ALTER TABLE paygate_migrations ADD COLUMN"
+                              .. " checksum TEXT")
+      if aerr then
+        aerr.message = "migrate: adding the checksum column to"
+          .. " paygate_migrations: " .. aerr.message
+        return nil, aerr
+      end
+    end
+    local rows, qerr = tx:query("SELECT version, name, checksum FROM"
                                 .. " paygate_migrations")
     if not rows then
       return nil, qerr
@@ -174,7 +302,7 @@ function _M.run(db, dir)
     local done, newest, ahead = {}, list[#list], nil
     for _, r in ipairs(rows) do
       local v = tonumber(r.version)
-      done[v] = true
+      done[v] = r
       if (not newest or v > newest.version)
          and (not ahead or v > ahead.version) then
         ahead = { version = v, name = r.name }
@@ -193,15 +321,28 @@ function _M.run(db, dir)
     end
     local applied = {}
     for _, m in ipairs(list) do
-      if not done[m.version] then
+      local row = done[m.version]
+      if row and row.checksum == nil then
+        -- recorded before checksums were: what the file says now is all
+        -- there is to go by
+        local _, uerr = tx:exec("UPDATE paygate_migrations SET checksum"
+          .. " = $1 WHERE version = $2", { m.checksum, m.version })
+        if uerr then
+          return nil, uerr
+        end
+        filled[#filled + 1] = m
+      elseif row and row.checksum ~= m.checksum then
+        changed[#changed + 1] = m
+      end
+      if not row then
         local ok, merr = tx:exec_script(m.sql)
         if not ok then
           merr.message = "migration " .. m.name .. ": " .. merr.message
           return nil, merr
         end
         local _, ierr = tx:exec("INSERT INTO paygate_migrations (version,"
-          .. " name, applied_at) VALUES ($1, $2, $3)",
-          { m.version, m.name, core.time() })
+          .. " name, applied_at, checksum) VALUES ($1, $2, $3, $4)",
+          { m.version, m.name, core.time(), m.checksum })
         if ierr then
           return nil, ierr
         end
@@ -210,6 +351,29 @@ function _M.run(db, dir)
     end
     return applied
   end, { query_timeout = RUN_TIMEOUT })
+  if not applied then
+    return nil, terr
+  end
+  if #filled > 0 then
+    local names = {}
+    for i, m in ipairs(filled) do names[i] = m.name end
+    log().info("migrate: recorded the checksums of " .. #filled
+      .. " migration(s) applied before paygate kept them ("
+      .. table.concat(names, ", ") .. "), from the files as they are now:"
+      .. " a change made to them before now cannot be seen")
+  end
+  for _, m in ipairs(changed) do
+    log().warn(string.format("migrate: migration %d (%s) changed after it"
+      .. " was applied to this database (its SQL, not only comments or"
+      .. " whitespace): the schema here is what the file said then. Put"
+      .. " a change in a new migration and restore this file; if the"
+      .. " edit is meant (a new database gets the same schema either"
+      .. " way), clear the recorded checksum (UPDATE paygate_migrations"
+      .. " SET checksum = NULL WHERE version = %d) and the next start"
+      .. " records the file's", m.version, m.name, m.version),
+      { version = m.version, file = m.path })
+  end
+  return applied
 end
 
 return _M

@@ -27,7 +27,8 @@ if servers.have_postgres() then
     local db = assert(sql.open(pg_srv.url))
     assert(db:exec_script("DROP TABLE IF EXISTS paygate_leases;"
       .. " DROP TABLE IF EXISTS refunds; DROP TABLE IF EXISTS orders;"
-      .. " DROP TABLE IF EXISTS paygate_migrations; DROP TABLE IF EXISTS f"))
+      .. " DROP TABLE IF EXISTS paygate_migrations; DROP TABLE IF EXISTS f;"
+      .. " DROP TABLE IF EXISTS m_one; DROP TABLE IF EXISTS m_two"))
     return db
   end
 end
@@ -269,6 +270,159 @@ for name, new_store in pairs(stores) do
                                  .. " paygate_migrations")[1].c)
         -- the same app again: up to date
         assert.same({}, assert(migrate.run(db, dir)))
+        db:close()
+      end)
+
+      -- Checksums: each applied migration's SQL is recorded as a digest
+      -- (comments and whitespace aside) and compared at every run; a real
+      -- change is a warning naming the file, never a refusal (the database
+      -- is migrated already).
+      local ONE = "-- m_one: the first table\n"
+        .. "CREATE TABLE m_one (id TEXT PRIMARY KEY,\n"
+        .. "  note TEXT NOT NULL DEFAULT 'a--b');\n"
+      local TWO = "CREATE TABLE m_two (id TEXT PRIMARY KEY);\n"
+        .. "INSERT INTO m_two (id) VALUES ('x');\n"
+      local HEX64 = "^" .. ("%x"):rep(64) .. "$"
+      local seq = 0
+
+      local function write(path, text)
+        local f = assert(io.open(path, "w"))
+        f:write(text)
+        f:close()
+      end
+
+      -- a migrations folder of its own: dir, and the engine's folder
+      local function mig_dir(files)
+        seq = seq + 1
+        local d = tmp .. "/ck_" .. name .. seq
+        servers.sh("mkdir -p " .. d .. "/" .. name)
+        for fname, text in pairs(files) do
+          write(d .. "/" .. name .. "/" .. fname, text)
+        end
+        return d, d .. "/" .. name
+      end
+
+      -- migrate.run(db, d), and the lines it logged: { warn = {...},
+      -- info = {...} }, each { msg = ..., fields = ... }
+      local function run_logged(db, d)
+        local lines = { warn = {}, info = {} }
+        local saved = { warn = paygate.log.warn, info = paygate.log.info }
+        for level in pairs(lines) do
+          paygate.log[level] = function(msg, fields)
+            table.insert(lines[level], { msg = msg, fields = fields })
+          end
+        end
+        local ok, res, err = pcall(migrate.run, db, d)
+        paygate.log.warn, paygate.log.info = saved.warn, saved.info
+        assert(ok, tostring(res))
+        return res, err, lines
+      end
+
+      local function checksums(db)
+        local t = {}
+        for _, r in ipairs(assert(db:query("SELECT version, checksum FROM"
+                                           .. " paygate_migrations"))) do
+          t[tonumber(r.version)] = r.checksum or false
+        end
+        return t
+      end
+
+      it("does not report a comment or whitespace edit of an applied"
+         .. " migration", function()
+        local d, folder = mig_dir({ ["001_one.sql"] = ONE,
+                                    ["002_two.sql"] = TWO })
+        local db = new_store()
+        assert(migrate.run(db, d))
+        local before = checksums(db)
+        assert.matches(HEX64, before[1])
+        assert.matches(HEX64, before[2])
+        assert.are_not.equal(before[1], before[2])
+        -- what the project did to its own applied migrations: comments
+        -- reworded and moved, lines re-wrapped and re-indented, trailing
+        -- spaces, blank lines, CRLF
+        write(folder .. "/001_one.sql", "-- m_one: the first table, where"
+          .. " notes go\n\n/* a block\n   comment */\nCREATE TABLE m_one (\r\n"
+          .. "    id   TEXT PRIMARY KEY,   \n"
+          .. "    -- note: what the caller said\n"
+          .. "    note TEXT NOT NULL DEFAULT 'a--b'\n);\n\n\n")
+        local res, err, lines = run_logged(db, d)
+        assert.same({}, res, tostring(err))
+        assert.same({}, lines.warn)
+        assert.same(before, checksums(db))
+        db:close()
+      end)
+
+      it("warns, naming the version and file, when an applied migration's"
+         .. " SQL changed, and goes on", function()
+        local d, folder = mig_dir({ ["001_one.sql"] = ONE,
+                                    ["002_two.sql"] = TWO })
+        local db = new_store()
+        assert(migrate.run(db, d))
+        local before = checksums(db)
+        -- inside a string literal, -- is text, not a comment
+        write(folder .. "/001_one.sql", (ONE:gsub("'a%-%-b'", "'a--c'")))
+        write(folder .. "/003_three.sql", "CREATE INDEX m_two_id ON m_two"
+              .. " (id);")
+        for round = 1, 2 do   -- at every run, not once
+          local res, err, lines = run_logged(db, d)
+          assert.truthy(res, tostring(err))
+          assert.equal(round == 1 and 1 or 0, #res)
+          assert.equal(1, #lines.warn)
+          local w = lines.warn[1]
+          assert.truthy(tostring(w.msg):find("migration 1 (001_one.sql)",
+                                             1, true), tostring(w.msg))
+          assert.equal(1, w.fields.version)
+          assert.equal(folder .. "/001_one.sql", w.fields.file)
+        end
+        -- the database keeps the checksum of what was applied
+        assert.equal(before[1], checksums(db)[1])
+        db:close()
+      end)
+
+      it("upgrades an older paygate_migrations table in place and records"
+         .. " the checksums its rows lack, saying so once", function()
+        local d, folder = mig_dir({ ["001_one.sql"] = ONE,
+                                    ["002_two.sql"] = TWO })
+        -- the checksums a fresh database records for these files (on
+        -- PostgreSQL the stores share one database: this one first)
+        local fresh = new_store()
+        assert(migrate.run(fresh, d))
+        local want = checksums(fresh)
+        fresh:close()
+        local db = new_store()
+        -- what an older paygate left: 001 applied, recorded without a
+        -- checksum column
+        assert(db:exec_script("CREATE TABLE paygate_migrations ("
+          .. " version BIGINT PRIMARY KEY, name TEXT NOT NULL,"
+          .. " applied_at DOUBLE PRECISION NOT NULL); " .. ONE))
+        assert(db:exec("INSERT INTO paygate_migrations (version, name,"
+          .. " applied_at) VALUES (1, '001_one.sql', 1)"))
+        local res, err, lines = run_logged(db, d)
+        assert.truthy(res, tostring(err))
+        assert.equal(1, #res)
+        assert.equal(2, res[1].version)
+        assert.same({}, lines.warn)
+        assert.equal(1, #lines.info)
+        assert.truthy(tostring(lines.info[1].msg):find("001_one.sql", 1,
+                                                        true))
+        local sums = checksums(db)
+        assert.matches(HEX64, sums[1])
+        assert.same(want, sums)
+        -- said once: the next run has nothing to record
+        res, err, lines = run_logged(db, d)
+        assert.same({}, res, tostring(err))
+        assert.same({}, lines.info)
+        assert.same({}, lines.warn)
+        -- an older paygate's INSERT (no checksum) still works on the
+        -- upgraded table
+        assert(db:exec("INSERT INTO paygate_migrations (version, name,"
+          .. " applied_at) VALUES (3, '003_x.sql', 1)"))
+        assert(db:exec("DELETE FROM paygate_migrations WHERE version = 3"))
+        -- and a change of 001 is now seen
+        write(folder .. "/001_one.sql", (ONE:gsub("a%-%-b", "b")))
+        res, err, lines = run_logged(db, d)
+        assert.same({}, res, tostring(err))
+        assert.equal(1, #lines.warn)
         db:close()
       end)
     end)
