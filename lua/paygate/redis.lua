@@ -791,7 +791,8 @@ end
 --      redis-sentinel://[password@]s1[:26379][,s2...]/master_name[/db]
 -- opts: pool (connections, default 2), timeout (s without a reply,
 --       default 5), connect_timeout (s, default 2), password, db,
---       max_blocking (blocking commands at once, default 64);
+--       max_blocking (blocking commands at once, default 64),
+--       max_reply (bytes of one reply, default 64 MiB; 0: the default);
 --       Sentinel: sentinel_poll (s, default 1), sentinel_password;
 --       leases (paygate.lease): lease_replicas (replicas a grant waits
 --       for: default 1 under Sentinel, else 0), lease_wait (s, default 1,

@@ -45,6 +45,28 @@ MESSAGES = {
     "good": b"*3\r\n" + bulk(b"message") + bulk(b"good") + bulk(b"hi"),
 }
 
+# Replies that never end: the head, then the chunk again and again until
+# the client closes the connection (or cap bytes were sent: then the
+# connection is held, unanswered, until the client closes it; the caps
+# bound what a client that does not stop reading holds, array elements
+# costing it some 60 bytes each).
+STREAMS = {
+    "streambulk": (b"$1000000000\r\n", b"x" * 65536, 128 << 20),
+    "streamarray": (b"*100000000\r\n", b":1\r\n" * 16384, 8 << 20),
+    "streamline": (b"+", b"a" * 65536, 16 << 20),
+    "streammsg": (b"*3\r\n" + bulk(b"message") + bulk(b"streammsg")
+                  + b"$1000000000\r\n", b"x" * 65536, 128 << 20),
+}
+
+def stream(c, f, mode):
+    head, chunk, cap = STREAMS[mode]
+    c.sendall(head)
+    sent = 0
+    while sent < cap:
+        c.sendall(chunk)
+        sent += len(chunk)
+    f.read()                             # until the client closes
+
 def read_cmd(f):
     line = f.readline()
     if not line.startswith(b"*"):
@@ -71,6 +93,14 @@ def serve(c, cid):
                 ch = args[1].encode()
                 c.sendall(b"*3\r\n" + bulk(b"subscribe") + bulk(ch) + b":1\r\n"
                           + MESSAGES.get(args[1], b""))
+                if args[1] in STREAMS:
+                    stream(c, f, args[1])
+                    note("closed %d" % cid)
+                    return
+            elif cmd in ("GET", "BLPOP") and args[1] in STREAMS:
+                stream(c, f, args[1])
+                note("closed %d" % cid)
+                return
             elif cmd == "GET" and args[1] in REPLIES:
                 c.sendall(REPLIES[args[1]])
             elif cmd == "GET" and args[1] == "split":

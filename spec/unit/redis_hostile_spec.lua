@@ -84,8 +84,10 @@ describe("paygate.redis against a hostile server", function()
                  .. " length says",
       intover = "Bad integer value", intjunk = "Bad integer value",
       negarray = "out of range", hugearray = "out of range",
-      closemid = "closed", hugebulk = "no reply within 0.5 s",
-      never = "no reply within 0.5 s",
+      closemid = "closed", never = "no reply within 0.5 s",
+      -- past max_reply: refused on its header (it waited for the timeout)
+      hugebulk = "Protocol error: a bulk string of 2147483648 bytes,"
+                 .. " past max_reply (67108864 bytes)",
     }) do
       -- a connection that answered once: its loss costs no backoff
       assert.equal("PONG", r:call("PING"), mode)
@@ -105,6 +107,81 @@ describe("paygate.redis against a hostile server", function()
     -- a reply a byte per segment is whole
     assert.equal("hello", r:call("GET", "split"))
     r:close()
+  end)
+
+  -- the process's peak resident memory (VmHWM), in kB
+  local function peak_kb()
+    local f = assert(io.open("/proc/self/status"))
+    local s = f:read("*a")
+    f:close()
+    return assert(tonumber(s:match("VmHWM:%s*(%d+)")))
+  end
+
+  -- the check a refused reply's error passes: kind, message, time taken
+  local function refused(err, t0, text, what)
+    assert.equal("unavailable", err.cause or err.kind, what)
+    assert.truthy(err.message:find("Protocol error: " .. text, 1, true),
+                  what .. ": " .. err.message)
+    -- well within the timeout (10 s), which it once ran to
+    assert.is_true(core.now() - t0 < 3, what)
+  end
+
+  -- A reply that never ends was read until the command's timeout (200 MB
+  -- held after 2 s); now it is refused once what it declares, or what has
+  -- come of it, is past max_reply (64 MiB by default).
+  it("refuses a reply past max_reply as it comes, and reconnects",
+     function()
+    local r = assert(redis.connect("redis://127.0.0.1:" .. port,
+                                   { pool = 1, timeout = 10 }))
+    for _, case in ipairs({
+      { "streambulk", "a bulk string of 1000000000 bytes, past max_reply"
+                      .. " (67108864 bytes)" },
+      { "streamarray", "an array of 100000000 elements, past max_reply"
+                       .. " (67108864 bytes)" },
+    }) do
+      local mode, text = case[1], case[2]
+      assert.equal("PONG", r:call("PING"), mode)
+      local peak, t0 = peak_kb(), core.now()
+      local res, err = r:call("GET", mode)
+      assert.is_nil(res, mode)
+      assert.equal("unavailable", err.kind, mode)
+      assert.is_true(err.sent, mode)
+      refused(err, t0, text, mode)
+      -- refused on its first line, not once held (the stream goes on to
+      -- 128 MB, or 8 MB of array elements: some 500 MB held)
+      assert.is_true(peak_kb() - peak < 32 * 1024, mode)
+      local n = conn_of("GET " .. mode)
+      assert.equal("PONG", r:call("PING"), mode)
+      assert.is_true(conn_of("PING") > n, mode)
+    end
+    -- a blocking command's own connection (BLPOP may write: unknown_outcome)
+    local t0 = core.now()
+    local res, err = r:call("BLPOP", "streambulk", 1)
+    assert.is_nil(res)
+    assert.equal("unknown_outcome", err.kind)
+    refused(err, t0, "a bulk string of 1000000000 bytes", "BLPOP")
+    assert.equal("PONG", r:call("PING"))
+    r:close()
+    -- a line with no end: what has come of it is counted
+    r = assert(redis.connect("redis://127.0.0.1:" .. port,
+                             { pool = 1, timeout = 10,
+                               max_reply = 1048576 }))
+    t0 = core.now()
+    res, err = r:call("GET", "streamline")
+    assert.is_nil(res)
+    refused(err, t0, "a reply past max_reply (1048576 bytes)", "line")
+    assert.equal("PONG", r:call("PING"))
+    r:close()
+    -- a subscription's message
+    local sub = rcore.subscribe("127.0.0.1", port, "streammsg", {})
+    assert.is_true(sub:next(10))
+    t0 = core.now()
+    local msg
+    msg, err = sub:next(10)
+    assert.is_nil(msg)
+    assert.equal("unavailable", err.kind)
+    refused(err, t0, "a bulk string of 1000000000 bytes", "subscription")
+    sub:close()
   end)
 
   -- hiredis 0.14 asserted on each of these (or read past the array):

@@ -29,7 +29,7 @@ describe("paygate.redis", function()
     it("raises on a mistyped option, naming it", function()
       for name, v in pairs({ password = {}, pool = "x", timeout = 0,
                              connect_timeout = "1", db = -1,
-                             max_blocking = 0 }) do
+                             max_blocking = 0, max_reply = -1 }) do
         local ok, err = pcall(redis.connect, srv.url, { [name] = v })
         assert.is_false(ok, name)
         assert.truthy(tostring(err):find("redis.connect: opts." .. name
@@ -139,6 +139,41 @@ describe("paygate.redis", function()
       local v = "a\0b\r\n\255"
       assert(r:call("SET", "bin", v))
       assert.equal(v, r:call("GET", "bin"))
+    end)
+
+    it("refuses a reply past max_reply, and serves on", function()
+      local big = string.rep("v", 2097152)
+      assert.equal("OK", r:call("SET", "max_reply", big))
+      assert.equal(big, r:call("GET", "max_reply"))   -- within 64 MiB
+      local args = { "RPUSH", "max_reply_list" }
+      for i = 1, 1000 do
+        args[#args + 1] = string.rep("x", 60) .. i
+      end
+      assert(r:pipeline({ { "DEL", "max_reply_list" }, args, args }))
+      -- 0: the default
+      local c = assert(redis.connect(srv.url, { max_reply = 0 }))
+      assert.equal(big, c:call("GET", "max_reply"))
+      c:close()
+      c = assert(redis.connect(srv.url .. "?max_reply=65536",
+                               { pool = 1 }))
+      for _, case in ipairs({
+        { { "GET", "max_reply" }, "a bulk string of 2097152 bytes, past"
+                                  .. " max_reply (65536 bytes)" },
+        -- its elements are counted on its header (56 bytes each), and
+        -- then their strings (1000 of some 60 bytes)
+        { { "LRANGE", "max_reply_list", 0, -1 }, "an array of 2000"
+                                  .. " elements, past max_reply (65536 bytes)" },
+        { { "LRANGE", "max_reply_list", 0, 999 }, "a reply past max_reply"
+                                  .. " (65536 bytes)" },
+      }) do
+        local res, err = c:call(table.unpack(case[1]))
+        assert.is_nil(res, case[2])
+        assert.equal("unavailable", err.kind, case[2])
+        assert.equal("redis: Protocol error: " .. case[2], err.message)
+        assert.equal("PONG", c:call("PING"))
+      end
+      assert.equal(100, #c:call("LRANGE", "max_reply_list", 0, 99))
+      c:close()
     end)
 
     it("serves 100 concurrent coroutines", function()

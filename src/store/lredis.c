@@ -80,6 +80,12 @@
 #define LREDIS_MAXARGS  1024
 #define LREDIS_MAXPOOL  16
 #define LREDIS_MAXBLOCKING 64            /* default max_blocking */
+/* Default max_reply: bytes one reply may take (guard_count()). A server
+ * that declares a huge length, or streams a reply that never ends, was
+ * read until the command's timeout, every byte of it held. paygate's own
+ * values (leases, counters, cached answers) are bytes to kilobytes, and
+ * Redis's own bound on a string (proto-max-bulk-len) is 512 MB. */
+#define LREDIS_MAXREPLY (64 * 1024 * 1024)
 
 /* Reconnect backoff. With no connection up, every command would open
  * one: while the server is down that is a connect per command, a burst
@@ -98,6 +104,12 @@
 
 struct lredis_client;
 struct lredis_op;
+
+/* A context's reply bound (guard_count()) */
+struct lredis_guard {
+    size_t           max;        /* max_reply */
+    size_t           used;       /* counted of the reply being read */
+};
 
 static void guard_install(redisAsyncContext *ac);
 static void guard_errstr(const redisAsyncContext *ac);
@@ -139,8 +151,9 @@ struct lredis_conn {
     char                refused[24];  /* "AUTH" or "SELECT <n>" the
                                          server refused, or "" */
     char                answer[128];  /* its answer */
-    char                proto[96];    /* a reply the guard refused
+    char                proto[112];   /* a reply the guard refused
                                          (guard_refuse()), or "" */
+    struct lredis_guard guard;
 };
 
 struct lredis_client {
@@ -156,6 +169,7 @@ struct lredis_client {
     struct lredis_conn *alone;   /* blocking commands' connections */
     int              nalone;     /* records on alone */
     int              max_blocking; /* cap on nalone */
+    size_t           max_reply;  /* bytes of one reply (guard_count()) */
     unsigned         gen;        /* bumped by set_addr */
     double           backoff;    /* s: the last window's length before
                                     jitter; 0 after a success */
@@ -922,6 +936,8 @@ conn_open(struct lredis_conn *c, char *err, size_t errlen)
     c->refused[0] = '\0';
     c->answer[0] = '\0';
     c->proto[0] = '\0';
+    c->guard.max = cl->max_reply;
+    c->guard.used = 0;
     c->opened = gw_loop_mono_fresh();
     c->since = c->opened;
     cl->refs++;                          /* released in on_disconnect */
@@ -1213,7 +1229,8 @@ lredis_set_addr(lua_State *L)
 /*
  * core.new(host, port, opts) -> client (no I/O yet)
  * opts: password, db, pool, timeout (s), connect_timeout (s),
- *       max_blocking (blocking commands at once)
+ *       max_blocking (blocking commands at once), max_reply (bytes of
+ *       one reply; 0: the default)
  */
 static int
 lredis_new(lua_State *L)
@@ -1223,12 +1240,12 @@ lredis_new(lua_State *L)
     struct lredis_client *cl;
     struct lredis_ud   *ud;
     struct timeval   tv = { 0, 100000 };
-    int              i, npool, dbnum, max_blocking;
+    int              i, npool, dbnum, max_blocking, max_reply;
     double           timeout, connect_timeout;
     const char      *password;
     static const char *const known[] = {
         "password", "db", "pool", "timeout", "connect_timeout",
-        "max_blocking", NULL
+        "max_blocking", "max_reply", NULL
     };
 
     /* Checked first: raising must not leak what is allocated below. */
@@ -1246,6 +1263,8 @@ lredis_new(lua_State *L)
     dbnum = gw_store_opt_int(L, 3, "redis.connect", "db", 0, 0, INT_MAX);
     max_blocking = gw_store_opt_int(L, 3, "redis.connect", "max_blocking",
                                     LREDIS_MAXBLOCKING, 1, INT_MAX);
+    max_reply = gw_store_opt_int(L, 3, "redis.connect", "max_reply", 0, 0,
+                                 INT_MAX);
     password = gw_store_opt_str(L, 3, "redis.connect", "password");
     ud = lua_newuserdata(L, sizeof(*ud));
     ud->cl = NULL;
@@ -1264,6 +1283,7 @@ lredis_new(lua_State *L)
     cl->npool = npool;
     cl->dbnum = dbnum;
     cl->max_blocking = max_blocking;
+    cl->max_reply = max_reply > 0 ? (size_t)max_reply : LREDIS_MAXREPLY;
     if (password != NULL) {
         cl->password = strdup(password);
         if (cl->password == NULL) {
@@ -1615,6 +1635,7 @@ struct lredis_sub {
     size_t             qlen[LREDIS_SUB_MAXQ]; /* bytes */
     int                qhead, qn;             /* ring buffer */
     char               err[160]; /* why the connection ended, or "" */
+    struct lredis_guard guard;   /* (the default max_reply) */
 };
 
 struct lredis_sub_ud {
@@ -1868,9 +1889,27 @@ lredis_sub_next(lua_State *L)
  * says. An error reply nobody asked for is let through:
  * hiredis closes the connection with it as the reason ("ERR max number
  * of clients reached").
+ *
+ * A reply may take max_reply bytes (guard_count()): hiredis 0.14 has no
+ * bound of its own, and holds a bulk string until all of it came, so a
+ * server that declares $1000000000 and streams was read until the
+ * command's timeout (200 MB held in 2 s). A reply past it is refused as
+ * above, as soon as that shows: an array on its header (*N), before its
+ * elements are allocated; a bulk string still coming on its header, a
+ * line still coming once what came of it is past the bound
+ * (guard_pending(), after each read: at most one read, 16 KB, past it).
  */
 static redisReplyObjectFunctions *guard_base;  /* hiredis's own */
 static redisReplyObjectFunctions  guard_fns;   /* ours, over them */
+
+/* What one value of a reply costs besides its string: hiredis's
+ * redisReply and its parent array's pointer to it. An array's elements
+ * are counted on its header (elements * GUARD_VALUE): before any of them
+ * came, and before hiredis allocates their pointers. */
+#define GUARD_VALUE (sizeof(redisReply) + sizeof(redisReply *))
+
+/* The context guard_on_read() is reading on; NULL once freed in there. */
+static redisAsyncContext *guard_reading;
 
 /* Keeps why ac's reply was refused where its errors are told. */
 static void
@@ -1890,6 +1929,67 @@ guard_refuse(redisAsyncContext *ac, const char *why)
 
         snprintf(c->proto, sizeof(c->proto), "Protocol error: %s", why);
     }
+}
+
+/* ac's reply bound, or NULL (a context going away) */
+static struct lredis_guard *
+guard_of(const redisAsyncContext *ac)
+{
+    if (ac->data == NULL) {
+        return NULL;
+    }
+    if (ac->onConnect == on_sub_connect) {
+        return &((struct lredis_sub *)ac->data)->guard;
+    }
+    return &((struct lredis_conn *)ac->data)->guard;
+}
+
+/* Refuses ac's reply as past max bytes: for a part past it alone (type
+ * REDIS_REPLY_STRING: a bulk string of n bytes; REDIS_REPLY_ARRAY: an
+ * array of n elements), or the reply as a whole (type 0). why gets the
+ * reason. */
+static void
+guard_too_big(redisAsyncContext *ac, int type, unsigned long long n,
+              size_t max, char *why, size_t len)
+{
+    if (type == REDIS_REPLY_STRING) {
+        snprintf(why, len, "a bulk string of %llu bytes, past max_reply"
+                 " (%zu bytes)", n, max);
+    } else if (type == REDIS_REPLY_ARRAY) {
+        snprintf(why, len, "an array of %llu elements, past max_reply"
+                 " (%zu bytes)", n, max);
+    } else {
+        snprintf(why, len, "a reply past max_reply (%zu bytes)", max);
+    }
+    guard_refuse(ac, why);
+}
+
+/* Counts bytes (a string's length, an array's elements * GUARD_VALUE) of
+ * the reply part task (type, n: see guard_too_big()) against max_reply:
+ * 1 while within it, 0 after a refusal. A reply's first part (no parent:
+ * its array's header, or the reply itself) starts the count. */
+static int
+guard_count(const redisReadTask *task, unsigned long long bytes, int type,
+            unsigned long long n)
+{
+    redisAsyncContext   *ac = task->privdata;
+    struct lredis_guard *g = guard_of(ac);
+    char                 why[96];
+
+    if (g == NULL) {
+        return 1;
+    }
+    if (task->parent == NULL) {
+        g->used = 0;
+        bytes += GUARD_VALUE;
+    }
+    if (bytes <= g->max - g->used) {     /* (used <= max) */
+        g->used += (size_t)bytes;
+        return 1;
+    }
+    guard_too_big(ac, bytes > g->max ? type : 0, n, g->max, why,
+                  sizeof(why));
+    return 0;
 }
 
 /* 1 when the reply part task (of type: REDIS_REPLY_*, elements for an
@@ -1951,13 +2051,17 @@ guard_string(const redisReadTask *task, char *str, size_t len)
         return NULL;
     }
     return guard_ok(task, task->type, 0)
+           && guard_count(task, len, task->type, len)
            ? guard_base->createString(task, str, len) : NULL;
 }
 
 static void *
 guard_array(const redisReadTask *task, int elements)
 {
+    /* (elements is at least 0: hiredis builds no array of -1) */
     return guard_ok(task, REDIS_REPLY_ARRAY, elements)
+           && guard_count(task, (unsigned long long)elements * GUARD_VALUE,
+                          REDIS_REPLY_ARRAY, (unsigned long long)elements)
            ? guard_base->createArray(task, elements) : NULL;
 }
 
@@ -1965,20 +2069,114 @@ static void *
 guard_integer(const redisReadTask *task, long long value)
 {
     return guard_ok(task, REDIS_REPLY_INTEGER, 0)
+           && guard_count(task, 0, 0, 0)
            ? guard_base->createInteger(task, value) : NULL;
 }
 
 static void *
 guard_nil(const redisReadTask *task)
 {
-    return guard_ok(task, REDIS_REPLY_NIL, 0)
+    return guard_ok(task, REDIS_REPLY_NIL, 0) && guard_count(task, 0, 0, 0)
            ? guard_base->createNil(task) : NULL;
 }
 
-/* Puts the guard on a new context's reader. */
+/* The length a bulk string's header declares (r's part being read is a
+ * bulk string, its '$' read: hiredis 0.14 parses the header again at each
+ * read until the whole string came), or 0 while the header's line has
+ * not all come. hiredis took it (a length out of range fails the reply),
+ * so it is digits alone. */
+static unsigned long long
+guard_bulk_len(const redisReader *r)
+{
+    const char         *p = r->buf + r->pos, *end = r->buf + r->len;
+    unsigned long long  n = 0;
+
+    if (memchr(p, '\r', (size_t)(end - p)) == NULL) {
+        return 0;
+    }
+    for (; p < end && isdigit((unsigned char)*p); p++) {
+        if (n > (ULLONG_MAX - 9) / 10) {
+            return ULLONG_MAX;
+        }
+        n = n * 10 + (unsigned long long)(*p - '0');
+    }
+    return n;
+}
+
+/* After a read on ac: refuses the reply being read when its part still
+ * coming (a bulk string: its declared length; a line: what came of it)
+ * takes it past max_reply. It fails ac's context as a refusal by the
+ * builders above does: 1, and the next redisAsyncHandleRead() drops it
+ * (hiredis reads nothing more on a context with an error). */
+static int
+guard_pending(redisAsyncContext *ac)
+{
+    redisReader         *r = ac->c.reader;
+    struct lredis_guard *g = guard_of(ac);
+    unsigned long long   more, declared;
+    size_t               used;
+    int                  type = 0;
+    char                 why[96];
+
+    if (g == NULL || r == NULL || r->ridx < 0 || ac->c.err != 0) {
+        return 0;
+    }
+    /* counted since its array's header; a reply of one part: its own */
+    used = r->ridx > 0 ? g->used : GUARD_VALUE;
+    more = r->len - r->pos;
+    if (r->rstack[r->ridx].type == REDIS_REPLY_STRING) {
+        declared = guard_bulk_len(r);
+        if (declared > more) {
+            more = declared;
+            type = REDIS_REPLY_STRING;
+        }
+    }
+    if (used <= g->max && more <= g->max - used) {
+        return 0;
+    }
+    guard_too_big(ac, more > g->max ? type : 0, more, g->max, why,
+                  sizeof(why));
+    ac->c.err = REDIS_ERR_PROTOCOL;
+    snprintf(ac->c.errstr, sizeof(ac->c.errstr), "Protocol error: %s",
+             why);
+    return 1;
+}
+
+/* The read event of a guarded context: hiredis's, then guard_pending(). */
+static void
+guard_on_read(evutil_socket_t fd, short what, void *arg)
+{
+    redisLibeventEvents *e = arg;
+    redisAsyncContext   *ac = e->context;
+
+    guard_reading = ac;
+    redisLibeventReadEvent(fd, what, arg);
+    /* (the read may have ended the context: guard_cleanup() says so) */
+    if (guard_reading == ac && guard_pending(ac)) {
+        redisAsyncHandleRead(ac);
+    }
+    guard_reading = NULL;
+}
+
+/* hiredis frees a context's events: it is gone */
+static void
+guard_cleanup(void *privdata)
+{
+    redisLibeventEvents *e = privdata;
+
+    if (e->context == guard_reading) {
+        guard_reading = NULL;
+    }
+    redisLibeventCleanup(privdata);
+}
+
+/* Puts the guard on a new context's reader, and guard_on_read() on its
+ * read event (redisLibeventAttach() added it). */
 static void
 guard_install(redisAsyncContext *ac)
 {
+    redisLibeventEvents *e = ac->ev.data;
+
     if (guard_base == NULL) {
         guard_base = ac->c.reader->fn;
         guard_fns = *guard_base;
@@ -1991,6 +2189,11 @@ guard_install(redisAsyncContext *ac)
     /* (what redisReaderSetPrivdata does; its macro casts the pointer to
      * int, which clang warns about) */
     ac->c.reader->privdata = ac;
+    event_del(e->rev);
+    event_assign(e->rev, event_get_base(e->rev), ac->c.fd, EV_READ,
+                 guard_on_read, e);
+    event_add(e->rev, NULL);
+    ac->ev.cleanup = guard_cleanup;
 }
 
 /* A pool or blocking connection's context fails: when the guard refused
@@ -2039,6 +2242,7 @@ lredis_subscribe(lua_State *L)
         return luaL_error(L, "redis: out of memory");
     }
     s->lua_open = 1;
+    s->guard.max = LREDIS_MAXREPLY;
     ud->s = s;
     ac = redisAsyncConnect(host, port);
     if (ac == NULL || ac->err
