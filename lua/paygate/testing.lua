@@ -4,8 +4,9 @@
 -- makes merchants with fresh test keys, builds paygate.wechatpay clients
 -- pointed at the simulator, creates orders, pays them as a payer would and
 -- waits for the notifications to reach the app. Every process it starts
--- is stopped by testing.stop_all() (call it in teardown), and by a
--- watchdog if the spec run itself dies.
+-- is stopped (and reaped) by testing.stop_all() (call it in teardown), at
+-- the latest when the busted run ends, and by a watchdog if the spec run
+-- itself dies; its folders go with them (PAYGATE_TEST_KEEP keeps them).
 --
 --   local testing = require "paygate.testing"
 --   local sim = testing.simulator()

@@ -5,7 +5,9 @@
 -- A process started with { watchdog = true } gets a companion shell that
 -- ends it (TERM, then KILL) if this process dies without stopping it, so a
 -- crashed or killed spec run leaves nothing behind. stop_all() ends every
--- process still registered (what a spec's teardown calls).
+-- process still registered (what a spec's teardown calls), and under
+-- busted it is called when the run ends, whatever its specs did: every
+-- child is reaped before the run exits.
 local ffi = require "ffi"
 local core = require "paygate.core"
 
@@ -16,22 +18,30 @@ int posix_spawn_file_actions_init(posix_spawn_file_actions_t *fa);
 int posix_spawn_file_actions_destroy(posix_spawn_file_actions_t *fa);
 int posix_spawn_file_actions_addopen(posix_spawn_file_actions_t *fa, int fd,
       const char *path, int oflag, unsigned int mode);
+int posix_spawn_file_actions_adddup2(posix_spawn_file_actions_t *fa, int fd,
+      int newfd);
 int posix_spawnp(int *pid, const char *file,
       const posix_spawn_file_actions_t *fa, const void *attr,
       char *const argv[], char *const envp[]);
 int waitpid(int pid, int *status, int options);
 int kill(int pid, int sig);
 int getpid(void);
+int pipe2(int fds[2], int flags);
+int close(int fd);
+char *mkdtemp(char *template);
+int mkstemp(char *template);
+char *strerror(int errnum);
 extern char **environ;
 ]]
 
 local C = ffi.C
 local bit = require "bit"
 local O_WRONLY, O_CREAT, O_APPEND, O_RDONLY = 1, 64, 1024, 0
+local O_CLOEXEC = 524288
 local WNOHANG = 1
 
-local type, error, ipairs, tostring, setmetatable, assert =
-      type, error, ipairs, tostring, setmetatable, assert
+local type, error, ipairs, pairs, tostring, setmetatable, assert, pcall =
+      type, error, ipairs, pairs, tostring, setmetatable, assert, pcall
 
 local _M = { SIGTERM = 15, SIGKILL = 9, SIGHUP = 1, SIGINT = 2,
              SIGUSR1 = 10, SIGUSR2 = 12 }
@@ -41,10 +51,107 @@ local live = {}          -- pid -> proc, for stop_all()
 local Proc = {}
 Proc.__index = Proc
 
-local function raw_spawn(argv, log)
+--- syntax: s = proc.sh_quote(s) -- s as one word of a shell command
+function _M.sh_quote(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
+local sh_quote = _M.sh_quote
+
+--- syntax: root = proc.tmp_root()
+-- returns: where the kit makes its folders and files: $TMPDIR when set to
+-- an absolute path (trailing slashes dropped), else /tmp.
+function _M.tmp_root()
+  local t = os.getenv("TMPDIR")
+  t = t and t:match("^(/.-)/*$")
+  if t and t ~= "" then return t end
+  return "/tmp"
+end
+
+--- syntax: ok = proc.is_kit_path(path[, top])
+-- Whether path is a paygate-* folder (or file) directly under the kit's
+-- temporary root (proc.tmp_root(), or /tmp), or, without top, a path
+-- inside one: what the kit may remove (rm -rf) without removing a
+-- caller's own files by mistake.
+function _M.is_kit_path(path, top)
+  if type(path) ~= "string" or path:find("/%.%.?/") or path:find("/%.%.?$")
+  then
+    return false
+  end
+  for _, base in ipairs({ _M.tmp_root(), "/tmp" }) do
+    local pre = base .. "/paygate-"
+    if path:sub(1, #pre) == pre then
+      local rest = path:sub(#pre + 1)
+      if rest:match("^[%w.%-_]+$") then return true end
+      if not top and rest:match("^[%w.%-_]+/") then return true end
+    end
+  end
+  return false
+end
+
+--- syntax: on = proc.keep()
+-- returns: whether PAYGATE_TEST_KEEP is set (not empty, not "0"): the kit
+-- then removes none of its folders, to look into after a failure (the
+-- run's end lists them); its processes are stopped all the same.
+function _M.keep()
+  local v = os.getenv("PAYGATE_TEST_KEEP")
+  return v ~= nil and v ~= "" and v ~= "0"
+end
+
+-- mkdtemp/mkstemp under the kit's root: no shell started for it (mktemp),
+-- and TMPDIR honoured
+local function make_temp(name, dir)
+  local path = _M.tmp_root() .. "/paygate-" .. name .. ".XXXXXX"
+  local buf = ffi.new("char[?]", #path + 1, path)
+  if dir then
+    if C.mkdtemp(buf) == nil then
+      error("cannot make a folder " .. path .. ": "
+            .. ffi.string(C.strerror(ffi.errno()))
+            .. " (TMPDIR must name a folder this user may write in)", 0)
+    end
+  else
+    local fd = C.mkstemp(buf)
+    if fd < 0 then
+      error("cannot make a file " .. path .. ": "
+            .. ffi.string(C.strerror(ffi.errno()))
+            .. " (TMPDIR must name a folder this user may write in)", 0)
+    end
+    C.close(fd)
+  end
+  return ffi.string(buf)
+end
+
+--- syntax: dir = proc.make_temp_dir(name) -- a fresh private folder
+-- ROOT/paygate-NAME.XXXXXX (ROOT: proc.tmp_root()); raises when it cannot
+-- be made. Nothing removes it by itself: server.tmpdir()'s are removed.
+function _M.make_temp_dir(name) return make_temp(name, true) end
+
+-- This process's life, as a pipe only it holds the writing end of (close
+-- on exec: no child inherits it). A watchdog reads the other end: it sees
+-- the end of the file the moment this process is gone, however it ended,
+-- and no sooner; no polling, no sleeping shell left behind.
+local life
+
+local function life_fd()
+  if not life then
+    local fds = ffi.new("int[2]")
+    if C.pipe2(fds, O_CLOEXEC) ~= 0 then return nil end
+    life = { r = fds[0], w = fds[1] }
+  end
+  return life.r
+end
+
+-- the shell lines that wait until this process is gone (its stdin is the
+-- life pipe's reading end), ignoring the INT, TERM and HUP that end the
+-- spec run with its whole process group (Ctrl-C, a CI's cancel, a closed
+-- terminal): it has its work to do then
+local UNTIL_GONE = "trap '' INT TERM HUP; while read -r _; do :; done; "
+
+local function raw_spawn(argv, log, stdin)
   local fa = ffi.new("posix_spawn_file_actions_t[1]")
   C.posix_spawn_file_actions_init(fa)
-  C.posix_spawn_file_actions_addopen(fa, 0, "/dev/null", O_RDONLY, 0)
+  if stdin then
+    C.posix_spawn_file_actions_adddup2(fa, stdin, 0)
+  else
+    C.posix_spawn_file_actions_addopen(fa, 0, "/dev/null", O_RDONLY, 0)
+  end
   C.posix_spawn_file_actions_addopen(fa, 1, log,
     O_WRONLY + O_CREAT + O_APPEND, 420)
   C.posix_spawn_file_actions_addopen(fa, 2, log,
@@ -66,35 +173,76 @@ local function raw_spawn(argv, log)
   return pid[0]
 end
 
+-- Under busted, the end of the run (its "suite end", after every spec
+-- file, passed or failed or raised) stops every process still running and
+-- then runs the at_run_end functions (server: its folders).
+local at_end = {}
+local subscribed = false
+
+local function subscribe()
+  subscribed = true
+  local ok, busted = pcall(require, "busted")
+  local sub = ok and type(busted) == "table" and busted.subscribe
+  if type(sub) == "function" then
+    pcall(sub, { "suite", "end" }, function()
+      _M.cleanup()
+      return nil, true
+    end)
+  end
+end
+
+--- syntax: proc.at_run_end(fn)
+-- fn() is called once the busted run ends (proc.cleanup()), after every
+-- process was stopped; once however many times it is given.
+function _M.at_run_end(fn)
+  for _, f in ipairs(at_end) do
+    if f == fn then return end
+  end
+  at_end[#at_end + 1] = fn
+  if not subscribed then subscribe() end
+end
+
+-- reaps the processes that ended since (a spec that never waits on what
+-- it started would keep their zombies until the run ends)
+local function reap_ended()
+  for _, p in pairs(live) do p:poll() end
+end
+
 --- syntax: proc = proc.spawn(argv[, { log = path, watchdog = bool,
 ---                                    watchdog_rmdir = dir }])
 -- Starts argv[1] (looked up in PATH) with stdin from /dev/null and stdout
--- and stderr appended to log (default /dev/null). watchdog_rmdir: a
--- /tmp/paygate-* folder the watchdog removes after ending the process.
+-- and stderr appended to log (default /dev/null). watchdog_rmdir: a kit
+-- folder (proc.is_kit_path(dir, true)) the watchdog removes after ending
+-- the process (unless proc.keep()).
 -- returns: a proc (proc.pid, proc.log); raises when it cannot start.
 function _M.spawn(argv, opts)
   if type(argv) ~= "table" or type(argv[1]) ~= "string" then
     error("proc.spawn: argv must be a list of strings", 2)
   end
   opts = opts or {}
+  if not subscribed then subscribe() end
+  reap_ended()
   local log = opts.log or "/dev/null"
   local pid, err = raw_spawn(argv, log)
   if not pid then error(tostring(err), 2) end
   local p = setmetatable({ pid = pid, log = log, argv = argv }, Proc)
-  if opts.watchdog then
-    -- ends the child if we die first; stopped (and reaped) by p:kill().
-    -- It ignores the INT, TERM and HUP that end the spec run with its
-    -- whole process group (Ctrl-C, a CI's cancel, a closed terminal): it
-    -- has its work to do then.
-    local me = tostring(C.getpid())
-    local script = "trap '' INT TERM HUP; while kill -0 " .. me .. " 2>/dev/null; do sleep 0.5; "
-      .. "done; kill -TERM " .. pid .. " 2>/dev/null; sleep 3; "
-      .. "kill -KILL " .. pid .. " 2>/dev/null"
+  local stdin = opts.watchdog and life_fd()
+  if stdin then
+    -- ends the child once we are gone; stopped (and reaped) by p:poll()
+    -- when the child ends first. It waits for the TERM to take (10 s at
+    -- most: a zombie not yet reaped by its new parent counts as ended),
+    -- then kills, then removes the folder.
+    local n = tostring(pid)
+    local script = UNTIL_GONE .. "kill -TERM " .. n .. " 2>/dev/null; "
+      .. "i=0; while [ $i -lt 100 ] && kill -0 " .. n .. " 2>/dev/null; do "
+      .. "s=; read -r _ _ s _ < /proc/" .. n .. "/stat; "
+      .. "[ \"$s\" = Z ] && break; sleep 0.1; i=$((i+1)); done; "
+      .. "[ $i -lt 100 ] || kill -KILL " .. n .. " 2>/dev/null"
     local rm = opts.watchdog_rmdir
-    if type(rm) == "string" and rm:match("^/tmp/paygate%-[%w.%-_]+$") then
-      script = script .. "; rm -rf '" .. rm .. "'"
+    if _M.is_kit_path(rm, true) and not _M.keep() then
+      script = script .. "; rm -rf " .. sh_quote(rm)
     end
-    local wpid = raw_spawn({ "sh", "-c", script }, "/dev/null")
+    local wpid = raw_spawn({ "sh", "-c", script }, "/dev/null", stdin)
     if wpid then
       p.watchdog = setmetatable({ pid = wpid, log = "/dev/null" }, Proc)
     end
@@ -103,36 +251,37 @@ function _M.spawn(argv, opts)
   return p
 end
 
--- The folders to remove once this process is gone, one a line, and the
+-- The paths to remove once this process is gone, one a line, and the
 -- shell that removes them then (started with the first one).
-local reap_list
+local reap_list, reaper
 
---- syntax: proc.remove_when_gone(dir)
--- dir (a /tmp/paygate-* folder) is removed once this process is gone,
--- however it ended (Ctrl-C, a CI's cancel, a crash: a run killed before
--- its own cleanup), by a shell that outlives it. Raises on another path.
+--- syntax: proc.remove_when_gone(path)
+-- path (a kit folder or file: proc.is_kit_path(path, true)) is removed
+-- once this process is gone, however it ended (Ctrl-C, a CI's cancel, a
+-- crash: a run killed before its own cleanup), by a shell that outlives
+-- it. Nothing with proc.keep(). Raises on another path.
 function _M.remove_when_gone(dir)
-  if type(dir) ~= "string" or not dir:match("^/tmp/paygate%-[%w.%-_]+$") then
-    error("proc.remove_when_gone: not a /tmp/paygate-* folder: "
-          .. tostring(dir), 2)
+  if not _M.is_kit_path(dir, true) then
+    error("proc.remove_when_gone: not a " .. _M.tmp_root()
+          .. "/paygate-* folder: " .. tostring(dir), 2)
   end
+  if _M.keep() then return end
   if not reap_list then
-    local p = assert(io.popen("mktemp /tmp/paygate-reap.XXXXXX"))
-    local list = p:read("*l")
-    p:close()
-    assert(list and list ~= "", "mktemp failed")
-    -- as the watchdog, it ignores the signals that end the spec run with
-    -- its process group
-    local script = "trap '' INT TERM HUP; while kill -0 "
-      .. tostring(C.getpid()) .. " 2>/dev/null; do sleep 0.5; done; "
-      .. "while IFS= read -r d; do case \"$d\" in /tmp/paygate-*) "
-      .. "rm -rf \"$d\";; esac; done < '" .. list .. "'; rm -f '" .. list
-      .. "'"
-    if not raw_spawn({ "sh", "-c", script }, "/dev/null") then
+    local stdin = life_fd()
+    if not stdin then return end
+    local list = make_temp("reap", false)
+    local script = UNTIL_GONE
+      .. "while IFS= read -r d; do case \"${d##*/}\" in paygate-*) "
+      .. "rm -rf \"$d\";; esac; done < " .. sh_quote(list) .. "; rm -f "
+      .. sh_quote(list)
+    local pid = raw_spawn({ "sh", "-c", script }, "/dev/null", stdin)
+    if not pid then
       os.remove(list)
       return
     end
+    if not subscribed then subscribe() end
     reap_list = list
+    reaper = setmetatable({ pid = pid, log = "/dev/null" }, Proc)
   end
   local f = io.open(reap_list, "a")
   if f then
@@ -233,7 +382,11 @@ end
 -- the output if it was still running at the deadline (it is killed).
 function _M.run(argv, opts)
   opts = opts or {}
-  local log = opts.log or os.tmpname()
+  local log = opts.log
+  if not log then
+    log = make_temp("run", false)
+    _M.remove_when_gone(log)
+  end
   local p = _M.spawn(argv, { log = log })
   local code = p:wait(opts.timeout or 60)
   if code == nil then p:stop(1) end
@@ -295,15 +448,51 @@ function _M.children(pid)
 end
 
 --- syntax: n = proc.stop_all([timeout])
--- yields: stops every process spawned here that still runs.
+-- yields: stops every process spawned here that still runs: TERM to all
+-- at once, then KILL to those still running after timeout (default 15 s);
+-- each is reaped (and its watchdog with it).
 -- returns: how many it stopped.
 function _M.stop_all(timeout)
-  local n = 0
-  for _, p in pairs(live) do
-    p:stop(timeout)
-    n = n + 1
+  local list = {}
+  for _, p in pairs(live) do list[#list + 1] = p end
+  for _, p in ipairs(list) do p:kill(_M.SIGTERM) end
+  local function running()
+    local n = 0
+    for _, p in ipairs(list) do
+      if p:poll() == nil then n = n + 1 end
+    end
+    return n
   end
-  return n
+  local deadline = core.mono() + (timeout or 15)
+  while running() > 0 and core.mono() < deadline do core.sleep(0.01) end
+  if running() > 0 then
+    for _, p in ipairs(list) do p:kill(_M.SIGKILL) end
+    deadline = core.mono() + 5
+    while running() > 0 and core.mono() < deadline do core.sleep(0.01) end
+  end
+  return #list
+end
+
+--- syntax: proc.cleanup()
+-- yields: what the end of a busted run calls: stop_all(10), then the
+-- at_run_end functions, then ends (and reaps) the shell that would have
+-- removed the folders had this process died first. Nothing this process
+-- started runs after it.
+function _M.cleanup()
+  _M.stop_all(10)
+  for _, fn in ipairs(at_end) do
+    local ok, err = pcall(fn)
+    if not ok then
+      io.stderr:write("paygate.testing: at the run's end: ", tostring(err),
+                      "\n")
+    end
+  end
+  if reaper then
+    reaper:kill(_M.SIGKILL)
+    reaper:wait(5)
+    os.remove(reap_list)
+    reaper, reap_list = nil, nil
+  end
 end
 
 return _M

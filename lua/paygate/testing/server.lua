@@ -29,17 +29,19 @@ function _M.bin()
   return "paygate"
 end
 
-local function sh_quote(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
+local sh_quote = proc.sh_quote
 
 -- Every directory tmpdir() made in this process, removed at the end of
 -- the busted run (a spec that forgot its own, or failed before removing
 -- it, leaves nothing behind: keys and databases included).
 local made = {}
-local subscribed = false
 
---- syntax: server.rmdir(dir) -- removes a directory tmpdir() made
+--- syntax: server.rmdir(dir)
+-- Removes a directory tmpdir() made, or a path inside one (another path
+-- is left alone: proc.is_kit_path); nothing with PAYGATE_TEST_KEEP set
+-- (proc.keep()).
 function _M.rmdir(dir)
-  if type(dir) == "string" and dir:match("^/tmp/paygate%-") then
+  if proc.is_kit_path(dir) and not proc.keep() then
     os.execute("rm -rf " .. sh_quote(dir))
   end
 end
@@ -48,9 +50,7 @@ end
 function _M.cleanup()
   local n = 0
   for i = #made, 1, -1 do
-    local f = io.open(made[i] .. "/.", "rb")
-    if f then
-      f:close()
+    if proc.exists(made[i] .. "/.") then
       _M.rmdir(made[i])
       n = n + 1
     end
@@ -59,27 +59,30 @@ function _M.cleanup()
   return n
 end
 
--- under busted: cleanup() when the run ends (the runner's "suite end")
-local function subscribe()
-  subscribed = true
-  local ok, busted = pcall(require, "busted")
-  local sub = ok and type(busted) == "table" and busted.subscribe
-  if type(sub) == "function" then
-    pcall(sub, { "suite", "end" }, function()
-      _M.cleanup()
-      return nil, true
-    end)
+-- the end of the busted run, once every process is stopped: the folders
+-- go, or, kept, are listed (stderr: a TAP or JSON output stays whole)
+local function run_end()
+  if not proc.keep() then return _M.cleanup() end
+  local kept = {}
+  for i = 1, #made do
+    if proc.exists(made[i] .. "/.") then kept[#kept + 1] = made[i] end
+    made[i] = nil
+  end
+  if #kept > 0 then
+    io.stderr:write(("paygate.testing: PAYGATE_TEST_KEEP is set: kept the"
+      .. " %d folder(s) of this run (logs: paygate.log in an app's;"
+      .. " remove them when done):\n  %s\n"):format(#kept,
+      table.concat(kept, "\n  ")))
   end
 end
 
---- syntax: dir = server.tmpdir() -- a fresh private directory under /tmp
+--- syntax: dir = server.tmpdir()
+-- returns: a fresh private directory, $TMPDIR/paygate-test.XXXXXX (/tmp
+-- without TMPDIR); raises when it cannot be made.
 function _M.tmpdir()
-  local p = assert(io.popen("mktemp -d /tmp/paygate-test.XXXXXX"))
-  local d = p:read("*l")
-  p:close()
-  assert(d and d ~= "", "mktemp failed")
+  local d = proc.make_temp_dir("test")
   made[#made + 1] = d
-  if not subscribed then subscribe() end
+  proc.at_run_end(run_end)
   -- and when the run is killed before its end: by a shell outliving it
   proc.remove_when_gone(d)
   return d
