@@ -414,9 +414,11 @@ describe("simulator: partner (service provider) mode", function()
                   .. sc.SUB))
     err(c:call("GET", "/v3/refund/domestic/refunds/pt-r1"), 404,
         "RESOURCE_NOT_EXISTS")
-    -- another order, closed
-    signed(c:call("POST", "/v3/pay/partner/transactions/native",
-                  partner_body("pt-order-02", { payer = nil })))
+    -- another order, closed (a native one: no payer; { payer = nil }
+    -- as over removed nothing)
+    local native = partner_body("pt-order-02")
+    native.payer = nil
+    signed(c:call("POST", "/v3/pay/partner/transactions/native", native))
     res = c:call("POST",
       "/v3/pay/partner/transactions/out-trade-no/pt-order-02/close",
       { sp_mchid = sc.MCHID, sub_mchid = sc.SUB })

@@ -117,6 +117,28 @@ describe("simulator: unknown keys in nested objects", function()
     signed(c:call("POST", "/v3/pay/partner/transactions/jsapi", b))
   end)
 
+  it("refuses a payer on a native, H5 or App prepay: it is JSAPI's",
+     function()
+    -- payer (the openid of who pays inside WeChat) is in the JSAPI body
+    -- alone; before, the other three took it and kept its openid
+    local h5 = { payer_client_ip = "14.23.150.211",
+                 h5_info = { type = "Wap" } }
+    for i, kind in ipairs({ "native", "h5", "app" }) do
+      local no = "nk-py-000" .. i
+      unknown(prepay(no, { scene_info = h5 }, kind), "/payer")
+      -- nothing was made: the same body without payer is a new order
+      signed(prepay(no, { payer = false, scene_info = h5 }, kind))
+    end
+    local b = sc.prepay_body("nk-py-pt-01")
+    b.appid, b.mchid = nil, nil
+    b.sp_appid, b.sp_mchid, b.sub_mchid = sc.APPID, sc.MCHID, sc.SUB
+    b.payer = { sp_openid = "o1" }
+    unknown(c:call("POST", "/v3/pay/partner/transactions/native", b),
+            "/payer")
+    b.payer = nil
+    signed(c:call("POST", "/v3/pay/partner/transactions/native", b))
+  end)
+
   it("checks a refund's amount, amount.from and goods_detail", function()
     signed(prepay("nk-rf-00001"))
     assert.equal(200, pay("nk-rf-00001").status)

@@ -350,6 +350,18 @@ local PARTNER_KEYS = set_of(PREPAY_COMMON)
 for _, k in ipairs({ "sp_appid", "sp_mchid", "sub_appid", "sub_mchid" }) do
   PARTNER_KEYS[k] = true
 end
+-- payer (who pays, by openid inside WeChat) is in the JSAPI prepay's body
+-- alone: on a native, H5 or App prepay it is a key the API does not
+-- define, refused as any other. PREPAY_KEYS[partner][jsapi]
+local function without(set, key)
+  local t = {}
+  for k in pairs(set) do t[k] = k ~= key or nil end
+  return t
+end
+local PREPAY_KEYS = {
+  [false] = { [true] = DIRECT_KEYS, [false] = without(DIRECT_KEYS, "payer") },
+  [true] = { [true] = PARTNER_KEYS, [false] = without(PARTNER_KEYS, "payer") },
+}
 
 -- The caller may act for mchid: itself, or as service provider for
 -- sub_mchid. returns: owner (the merchant that owns the orders), or nil, e.
@@ -384,7 +396,8 @@ end
 
 local function check_prepay(c, body, trade_type, partner)
   local a = api()
-  local ok, e = only_keys(body, partner and PARTNER_KEYS or DIRECT_KEYS)
+  local ok, e = only_keys(body,
+    PREPAY_KEYS[partner and true or false][trade_type == "JSAPI"])
   if not ok then return nil, e end
   ok, e = nested_objects(body, PREPAY_NESTED[partner and true or false])
   if not ok then return nil, e end
