@@ -233,6 +233,16 @@ describe("simulator /v3: bodies", function()
     from("cb-f1", { { account = "AVAILABLE" } }, "/amount/from/0/amount")
     from("cb-f1", { { account = "AVAILABLE", amount = 0 } },
          "/amount/from/0/amount")
+    -- WeChat's refund API: the accounts' amounts add up to the refund,
+    -- and no account is named twice; before, any were taken and echoed
+    res = from("cb-f1", { { account = "AVAILABLE", amount = 6 },
+                          { account = "UNAVAILABLE", amount = 5 } },
+               "/amount/from")
+    assert.equal("11", res.json.detail.value)
+    from("cb-f1", { { account = "AVAILABLE", amount = 9 } }, "/amount/from")
+    from("cb-f1", { { account = "AVAILABLE", amount = 5 },
+                    { account = "AVAILABLE", amount = 5 } },
+         "/amount/from/1/account")
     res = refund({ out_trade_no = "cb-from-001", out_refund_no = "cb-f1",
       goods_detail = { merchant_goods_id = "g1", unit_price = 10,
                        refund_amount = 10, refund_quantity = 1 },

@@ -927,6 +927,25 @@ local function create_refund(req, c)
     return nil, a.param_error("/amount/currency", "Currency code is invalid",
                               b.amount.currency)
   end
+  -- amount.from (its items' shape checked above): WeChat's refund API
+  -- wants the accounts' amounts to add up to the refund, each account
+  -- named once, and refuses it otherwise
+  if b.amount.from ~= nil then
+    local sum, seen = 0, {}
+    for i, item in ipairs(b.amount.from) do
+      if seen[item.account] then
+        return nil, a.param_error("/amount/from/" .. (i - 1) .. "/account",
+          "出资账户类型不能重复", item.account)
+      end
+      seen[item.account] = true
+      sum = sum + item.amount
+    end
+    if sum ~= b.amount.refund then
+      return nil, a.param_error("/amount/from",
+        "各账户出资金额之和应等于退款金额：" .. string.format("%.0f",
+        b.amount.refund), string.format("%.0f", sum))
+    end
+  end
   local owner
   owner, e = refund_owner(c, b.sub_mchid)
   if not owner then return nil, e end
