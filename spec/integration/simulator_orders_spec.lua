@@ -104,6 +104,44 @@ describe("simulator: prepay", function()
     err(prepay("pp-reentry-1", { payer = false }, "native"), 403,
         "OUT_TRADE_NO_USED")
   end)
+
+  it("ends an error's Request-ID with WeChat's code for it, where known",
+     function()
+    -- the part after the last "-" (WeChat's troubleshooting handbook's
+    -- table); before, these had the catch-all of their code (268435456
+    -- for INVALID_REQUEST, 268435461 for any PARAM_ERROR, 268449538 for
+    -- both ORDER_PAID answers)
+    local function suffix(res, want)
+      assert.matches("^%x+%-" .. want .. "$", res.headers["request-id"],
+                     nil, false, res.body)
+    end
+    suffix(prepay("pp-rid-0001", { colour = "red" }), "270924358")
+    suffix(prepay("pp-rid-0002", { amount = { total = 1, totl = 1 } }),
+           "270924358")
+    suffix(prepay("pp-rid-0003", { payer = false }), "268501013")
+    suffix(prepay("pp-rid-0004", { description = false }), "268435461")
+    local b = sc.prepay_body("pp-rid-0005")
+    b.appid, b.mchid = nil, nil
+    b.sp_appid, b.sp_mchid, b.sub_mchid = sc.APPID, sc.MCHID, "1999999999"
+    b.payer = { sp_openid = "o1" }
+    suffix(c:call("POST", "/v3/pay/partner/transactions/jsapi", b),
+           "268443701")
+    suffix(c:refund({ sub_mchid = "1999999999", out_trade_no = "pp-rid-0006",
+      out_refund_no = "pp-rid-r1",
+      amount = { refund = 1, total = 100, currency = "CNY" } }), "268443701")
+    -- paid: prepay again is 该订单已支付, close is 订单已支付
+    signed(prepay("pp-rid-0007"))
+    assert.equal(200, pay("pp-rid-0007").status)
+    local res = prepay("pp-rid-0007")
+    err(res, 400, "ORDER_PAID")
+    assert.equal("该订单已支付", res.json.message)
+    suffix(res, "268498689")
+    res = c:call("POST", "/v3/pay/transactions/out-trade-no/pp-rid-0007/close",
+                 { mchid = sc.MCHID })
+    err(res, 400, "ORDER_PAID")
+    assert.equal("订单已支付", res.json.message)
+    suffix(res, "268449538")
+  end)
 end)
 
 describe("simulator: order states", function()

@@ -35,12 +35,18 @@ _M.KEEP_REQUESTS = 1000
 _M.ECHO_BYTES = 1024
 
 -- Request-ID suffixes (the internal code after the last "-"), where the
--- meaning is known; 0 on success.
+-- meaning is known; 0 on success. By code, and (the names that are no
+-- code) for the answers WeChat's handbook gives a code of their own, set
+-- as e.suffix where they are made: REENTRY 请求重入时，参数与首次请求时不一致,
+-- EXTRA 参数中含有非法的额外参数, OPENID JSAPI支付必须传openid,
+-- NO_RELATION 受理关系不存在, PAID_AGAIN 该订单已支付 (a prepay of a paid
+-- order; ORDER_PAID's own is 订单已支付, the close's).
 local SUFFIX = {
   ORDER_NOT_EXIST = "268512771", FREQUENCY_LIMITED = "268447840",
   PARAM_ERROR = "268435461", ORDER_PAID = "268449538",
   SIGN_ERROR = "268443699", APPID_MCHID_NOT_MATCH = "268445527",
-  REENTRY = "268498688",
+  REENTRY = "268498688", EXTRA = "270924358", OPENID = "268501013",
+  NO_RELATION = "268443701", PAID_AGAIN = "268498689",
 }
 
 local err_mt = { __tostring = function(e)

@@ -150,10 +150,23 @@ local function int(v, field, min)
   return true
 end
 
+-- e, its Request-ID ending in api.SUFFIX[name]: an answer WeChat gives
+-- a code of its own, not its error code's
+local function with_suffix(e, name)
+  e.suffix = api().SUFFIX[name]
+  return e
+end
+
+-- A key the API does not define, at field
+local function extra(field)
+  return with_suffix(api().param_error(field, "参数中含有非法的额外参数"),
+                     "EXTRA")
+end
+
 local function only_keys(body, allowed)
   for k in pairs(body) do
     if not allowed[k] then
-      return nil, api().param_error("/" .. tostring(k), "参数中含有非法的额外参数")
+      return nil, extra("/" .. tostring(k))
     end
   end
   return true
@@ -305,7 +318,7 @@ local function nested(v, shape, path)
     end
   end
   if bad then
-    return nil, a.param_error(path .. "/" .. bad, "参数中含有非法的额外参数")
+    return nil, extra(path .. "/" .. bad)
   end
   for _, k in ipairs(shape.names) do
     local check = shape.fields[k]
@@ -381,7 +394,8 @@ local function owner_for(c, mchid, sub_mchid, where)
         "sp_mchid与Authorization中的商户号不一致", nil, where)
     end
     if type(sub_mchid) ~= "string" or not m.sub[sub_mchid] then
-      return nil, api().invalid(at("sub_mchid"), "受理关系不存在", nil, where)
+      return nil, with_suffix(api().invalid(at("sub_mchid"), "受理关系不存在",
+                                            nil, where), "NO_RELATION")
     end
     return sub_mchid
   end
@@ -484,7 +498,8 @@ local function check_prepay(c, body, trade_type, partner)
       end
     elseif type(payer.openid) ~= "string" or payer.openid == ""
            or #payer.openid > 128 then
-      return nil, a.param_error("/payer/openid", "JSAPI支付必须传openid")
+      return nil, with_suffix(a.param_error("/payer/openid",
+        "JSAPI支付必须传openid"), "OPENID")
     end
   end
   local scene = body.scene_info
@@ -571,16 +586,15 @@ local function prepay(req, c, trade_type, partner)
                           { field = "/out_trade_no", location = "body" })
       end
       if o.trade_state == "SUCCESS" or o.trade_state == "REFUND" then
-        return nil, a.err(400, "ORDER_PAID", "该订单已支付")
+        return nil, with_suffix(a.err(400, "ORDER_PAID", "该订单已支付"),
+                                "PAID_AGAIN")
       end
       if o.trade_state == "CLOSED" then
         return nil, a.err(400, "ORDER_CLOSED", "订单已关闭")
       end
       if o.params_hash ~= hash then
-        local e = a.invalid("/out_trade_no",
-          "请求重入时，参数与首次请求时不一致")
-        e.suffix = a.SUFFIX.REENTRY
-        return nil, e
+        return nil, with_suffix(a.invalid("/out_trade_no",
+          "请求重入时，参数与首次请求时不一致"), "REENTRY")
       end
       assert(tx:exec("UPDATE sim_orders SET prepay_id = $1 WHERE id = $2",
                      { id, o.id }))
@@ -874,8 +888,8 @@ end
 local function refund_owner(c, sub, where)
   if sub == nil then return c.m.mchid end
   if type(sub) ~= "string" or not c.m.sub[sub] then
-    return nil, api().invalid(field_at(where, "sub_mchid"), "受理关系不存在",
-                              nil, where or "body")
+    return nil, with_suffix(api().invalid(field_at(where, "sub_mchid"),
+      "受理关系不存在", nil, where or "body"), "NO_RELATION")
   end
   return sub
 end
@@ -961,10 +975,8 @@ local function create_refund(req, c)
     end
     if f then
       if f.params_hash ~= hash then
-        local err = a.invalid("/out_refund_no",
-          "请求重入时，参数与首次请求时不一致")
-        err.suffix = a.SUFFIX.REENTRY
-        return nil, err
+        return nil, with_suffix(a.invalid("/out_refund_no",
+          "请求重入时，参数与首次请求时不一致"), "REENTRY")
       end
       local o = assert(tx:query("SELECT * FROM sim_orders WHERE id = $1",
                                 { f.order_id }))[1]
