@@ -8,7 +8,10 @@
 --                   -- body_too_large, header_too_large (a response
 --                   -- header line past 100 KiB, or past 256 KiB of
 --                   -- them); closed also for an answer cut short,
---                   -- in its head or its body; err.retryable; err.sent is false
+--                   -- in its head or its body, and (retryable false)
+--                   -- for one that breaks HTTP: Content-Length values
+--                   -- that differ, an unasked 101, a malformed head
+--                   -- (a folded first header line); err.retryable; err.sent is false
 --                   -- when nothing of the request was written (dns,
 --                   -- connect, TLS handshake): safe to retry blindly
 --   end

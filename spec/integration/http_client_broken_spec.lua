@@ -68,6 +68,26 @@ describe("paygate.http.request facing a broken server", function()
     assert.equal("ok", assert(paygate.http.request{ url = url("/ok") }).body)
   end)
 
+  it("fails an answer whose first header line is folded: a malformed"
+     .. " head, not a dropped connection", function()
+    -- obs-fold with no field before it to go on (RFC 9112 5.2 lets a
+    -- client refuse any obs-fold; this one cannot be joined to anything).
+    -- libcurl (7.88) stops there with CURLE_BAD_FUNCTION_ARGUMENT: it was
+    -- kind closed, retryable, "A libcurl function was given a bad
+    -- argument", as if the network had failed and a resend could help
+    for _, sink in ipairs({ false, true }) do
+      local res, err = paygate.http.request{ url = url("/foldfirst"),
+        timeout = 5, sink = sink and function() end or nil }
+      assert.is_nil(res, res and res.status)
+      assert.equal("closed", err.kind)
+      assert.matches("response head is malformed", err.message, 1, true)
+      assert.is_nil(err.message:find("libcurl", 1, true), err.message)
+      assert.is_false(err.retryable)
+      assert.is_true(err.sent)
+    end
+    assert.equal("ok", assert(paygate.http.request{ url = url("/ok") }).body)
+  end)
+
   it("fails a 101 Switching Protocols no request asked for", function()
     -- it was status 101, the other protocol's bytes read as the body
     -- until the server closed

@@ -13,6 +13,8 @@
 #                "X-A: a\rX-B: b"
 #   /fold        200 "ok" with folded header lines (obs-fold): "X-A: one",
 #                "  two", "\tthree: 3", "X-B: b", "X-A: again", " more"
+#   /foldfirst   200 "ok" whose first header line is folded (obs-fold
+#                with no field before it to go on): "  X-A: a"
 #   /twolengths  a 200 with Content-Length 2 and Content-Length 40, then
 #                40 bytes ("ok" and a second answer's head)
 #   /switch      101 Switching Protocols (asked by no request), then
@@ -44,6 +46,10 @@ def answer(c):
         if path == "/fold":
             c.sendall(b"HTTP/1.1 200 OK\r\nX-A: one\r\n  two\r\n"
                       b"\tthree: 3\r\nX-B: b\r\nX-A: again\r\n more \r\n"
+                      b"Content-Length: 2\r\n\r\nok")
+            continue
+        if path == "/foldfirst":
+            c.sendall(b"HTTP/1.1 200 OK\r\n  X-A: a\r\n"
                       b"Content-Length: 2\r\n\r\nok")
             continue
         if path == "/twolengths":

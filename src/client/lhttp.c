@@ -92,6 +92,8 @@ struct gw_http_op {
                                        final head did (no blank line) */
     int                two_lengths; /* 1: Content-Length values differ */
     int                switched;    /* 1: a 101 no request asks for */
+    int                at_status;   /* 1: the last head line handed over
+                                       was a status line */
     char               clen[24];    /* the head's first Content-Length
                                        value, trimmed ("" none yet) */
     int                sent;        /* 1 once curl was about to send the
@@ -542,12 +544,15 @@ header_cb(char *p, size_t size, size_t n, void *arg)
 {
     struct gw_http_op *op = arg;
     size_t len = size * n;
+    int status_line = len >= 5 && memcmp(p, "HTTP/", 5) == 0;
 
     /* a new status line (after 100 Continue): keep only the last head */
-    if (len >= 5 && memcmp(p, "HTTP/", 5) == 0) {
+    if (status_line) {
         op->hlen = 0;
         op->clen[0] = '\0';
     }
+    /* (push_failure: a transfer that failed right after this line) */
+    op->at_status = status_line;
     /* Content-Length fields whose values differ: the body's end cannot
      * be known, the answer is refused (RFC 9112 6.3); libcurl (7.88)
      * framed it by the last one */
@@ -773,7 +778,7 @@ classify(CURLcode rc, struct gw_http_op *op, int *retryable)
 static int
 push_failure(lua_State *L, struct gw_http_op *op, CURLcode rc)
 {
-    int n, retryable;
+    int n, retryable, bad_fold;
     const char *kind;
 
     /* libcurl (7.88) fails a header line past CURL_MAX_HTTP_HEADER (100
@@ -782,7 +787,18 @@ push_failure(lua_State *L, struct gw_http_op *op, CURLcode rc)
     if (rc == CURLE_OUT_OF_MEMORY && !op->head_done) {
         op->head_too_large = 1;
     }
+    /* libcurl (7.88) fails a folded line (obs-fold) right after the
+     * status line, with no field before it to go on, as
+     * CURLE_BAD_FUNCTION_ARGUMENT ("A libcurl function was given a bad
+     * argument") without handing it over: the head ends at the status
+     * line. It was kind closed, retryable, as a dropped connection: it
+     * is a malformed answer, which a resend does not cure */
+    bad_fold = rc == CURLE_BAD_FUNCTION_ARGUMENT && !op->head_done
+               && op->at_status;
     kind = classify(rc, op, &retryable);
+    if (bad_fold) {
+        retryable = 0;
+    }
     if (op->too_large) {
         n = gw_push_error(L, kind, retryable, "http request: response body "
                           "exceeds max_body (%zu bytes)", op->max_body);
@@ -799,6 +815,11 @@ push_failure(lua_State *L, struct gw_http_op *op, CURLcode rc)
         n = gw_push_error(L, kind, retryable, "http request: the server"
                           " answered 101 Switching Protocols, which no"
                           " request here asks for");
+    } else if (bad_fold) {
+        n = gw_push_error(L, kind, retryable, "http request: the response"
+                          " head is malformed: its first header line is"
+                          " folded (begins with a space or a tab), with no"
+                          " field before it to continue");
     } else if (op->head_cut) {
         n = gw_push_error(L, kind, retryable, "http request: the connection"
                           " closed before the end of the response head");
@@ -878,6 +899,7 @@ restart(struct gw_http_op *op)
     op->restarts++;
     op->sent = op->prereqs = op->refused = 0;
     op->body_pos = op->len = op->hlen = 0;
+    op->at_status = 0;
     op->err[0] = '\0';
     curl_easy_setopt(op->easy, CURLOPT_FORBID_REUSE, op->no_reuse);
     if (op->restarts >= 3) {
