@@ -400,6 +400,8 @@ function _M.verify_webhook(secret, header, body, opts)
     local k, v = part:match("^%s*([%w]+)=([^%s]*)%s*$")
     if k == "t" then
       if t then return bad("bad_header", "more than one timestamp") end
+      -- 12 digits at most (seconds since 1970 have 10 until 2286): no
+      -- sender writes more; docs/gateway.md's Python receiver agrees
       t = v:match("^%d+$") and tonumber(v) or nil
       if not t or #v > 12 then
         return bad("bad_header", "bad timestamp")

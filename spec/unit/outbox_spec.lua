@@ -336,6 +336,9 @@ describe("outbox.verify_webhook", function()
       { good .. ",t=" .. now, false },                 -- two timestamps
       { good:gsub("t=", "t=0"), false },               -- t as sent
       { "t=0" .. now .. ",v1=" .. crypto_hex_hmac("0" .. now), true },
+      -- 12 digits at most: t=000<now> (13) is refused, though signed
+      { "t=00" .. now .. ",v1=" .. crypto_hex_hmac("00" .. now), true },
+      { "t=000" .. now .. ",v1=" .. crypto_hex_hmac("000" .. now), false },
     }
     local dir = servers.mktemp()
     local input = {}
