@@ -24,7 +24,9 @@ paygate.route("GET", "/swap", function(req)
                                       rd(dir .. "/" .. req:query().key))
   return 200, ok and "swapped" or (err.kind .. ": " .. err.message)
 end)
-paygate.route("GET", "/serial", function() return 200, tls.serial() end)
+paygate.route("GET", "/serial", function()
+  return 200, table.concat({ tls.serial() }, " ")
+end)
 ]]
 
 describe("paygate.tls.set_certificate with an RSA and an ECDSA certificate",
@@ -104,6 +106,10 @@ describe("paygate.tls.set_certificate with an RSA and an ECDSA certificate",
     local rsa_only = "RSA-PSS+SHA256:RSA+SHA256"
     assert.equal(serial("ec.pem"), presented(ecdsa))
     assert.equal(serial("rsa.pem"), presented(rsa_only))
+    -- tls.serial() names both, the RSA one first; before, only the ECDSA
+    -- one (the context's "current" certificate: the last loaded)
+    assert.equal(serial("rsa.pem") .. " " .. serial("ec.pem"),
+                 assert(get("/serial", 5)).body)
     -- a new RSA certificate: clients that offer ECDSA get it too
     assert.equal("swapped",
                  assert(get("/swap?cert=rsa2.pem&key=rsa2.key", 5)).body)

@@ -158,6 +158,12 @@ swapped_only(SSL *s, void *arg)
            && SSL_use_PrivateKey(s, pkey) == 1;
 }
 
+/* 1 once tls.set_certificate swapped a set into this worker's context:
+ * from then on only the context's current certificate is presented
+ * (swapped_only), though OpenSSL keeps the other key type's slot. The
+ * context is the worker's own and no other call swaps it. */
+static int swapped;
+
 /*
  * syntax: ok, err = tls.set_certificate(cert_pem, key_pem)
  * The certificate chain (leaf first) and its private key become what this
@@ -198,6 +204,7 @@ ltls_set_certificate(lua_State *L)
     ok = ok && use_set(ctx, NULL, leaf, chain, pkey);
     if (ok) {
         SSL_CTX_set_cert_cb(ctx, swapped_only, NULL);
+        swapped = 1;
     }
     pem_free(leaf, chain, pkey);
     ERR_clear_error();
@@ -209,29 +216,66 @@ ltls_set_certificate(lua_State *L)
     return 1;
 }
 
-/* syntax: serial = tls.serial() -- the listener certificate's serial
- * (uppercase hex), or nil when the listener serves plain HTTP */
+/* Pushes x's serial as uppercase hex; 0 when out of memory. */
 static int
-ltls_serial(lua_State *L)
+push_serial(lua_State *L, X509 *x)
 {
-    X509 *x = gw_srv.ssl_ctx ? SSL_CTX_get0_certificate(gw_srv.ssl_ctx)
-                             : NULL;
-    BIGNUM *bn;
-    char *hex;
+    BIGNUM *bn = ASN1_INTEGER_to_BN(X509_get0_serialNumber(x), NULL);
+    char *hex = bn ? BN_bn2hex(bn) : NULL;
 
-    if (x == NULL) {
-        lua_pushnil(L);
-        return 1;
-    }
-    bn = ASN1_INTEGER_to_BN(X509_get0_serialNumber(x), NULL);
-    hex = bn ? BN_bn2hex(bn) : NULL;
     BN_free(bn);
     if (hex == NULL) {
-        return luaL_error(L, "tls.serial: no memory");
+        return 0;
     }
     lua_pushstring(L, hex);
     OPENSSL_free(hex);
     return 1;
+}
+
+/*
+ * syntax: serial[, serial2] = tls.serial() -- the serial (uppercase hex)
+ * of each certificate the listener presents, or nil when it serves plain
+ * HTTP. Started with tls.cert and tls.ecdsa_cert, it presents both (the
+ * one each client can use): two values, the RSA one first (OpenSSL's
+ * "current" certificate alone would be the last loaded). After
+ * tls.set_certificate, the one swapped in alone.
+ */
+static int
+ltls_serial(lua_State *L)
+{
+    SSL_CTX *ctx = gw_srv.ssl_ctx;
+    X509 *cur = ctx ? SSL_CTX_get0_certificate(ctx) : NULL;
+    int n = 0, more, ok = 1;
+
+    if (cur == NULL) {
+        lua_pushnil(L);
+        return 1;
+    }
+    if (swapped) {
+        ok = push_serial(L, cur);
+        n = 1;
+    } else {
+        /* each slot that holds a certificate and its key, in OpenSSL's
+         * order (RSA before ECDSA); then the current one as it was: a
+         * handshake or a later swap reads it */
+        luaL_checkstack(L, 16, "tls.serial");
+        more = SSL_CTX_set_current_cert(ctx, SSL_CERT_SET_FIRST);
+        while (more == 1 && ok) {
+            ok = push_serial(L, SSL_CTX_get0_certificate(ctx));
+            n++;
+            more = SSL_CTX_set_current_cert(ctx, SSL_CERT_SET_NEXT);
+        }
+        SSL_CTX_select_current_cert(ctx, cur);
+        if (n == 0) {
+            ok = push_serial(L, cur);
+            n = 1;
+        }
+    }
+    ERR_clear_error();
+    if (!ok) {
+        return luaL_error(L, "tls.serial: no memory");
+    }
+    return n;
 }
 
 /* syntax: on = tls.enabled() -- whether the listener serves HTTPS */
