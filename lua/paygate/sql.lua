@@ -231,7 +231,7 @@ end
 -- libpq), and the words a boolean one takes
 local PG_URL_OPTS = { pool = true, connect_timeout = true,
   query_timeout = true, retries = true, down_for = true,
-  require_sync = true, sync_recheck = true }
+  require_sync = true, sync_recheck = true, tx_timeout = true }
 local BOOL = { ["true"] = true, ["1"] = true, ["false"] = false,
                ["0"] = false }
 

@@ -17,7 +17,7 @@ local BAD = {
   readers = { "2", 0, 65 },
   batch_max = { "x", 0, 2.5 },
   busy_timeout = { "5", -1 },
-  tx_timeout = { "x", 0 },
+  tx_timeout = { "x", -1, 1.5 },
   synchronous = { "x", 9, -1 },
   checkpoint_pages = { "x", 0, 1.5 },
   pool = { "x", 0, 1.5, 33, true },
@@ -50,6 +50,13 @@ describe("sql.open options", function()
         end
       end
       raises(url, { pol = 4 }, "sql.open: unknown option opts.pol")
+      if engine == "sqlite" then
+        -- 0 turns PostgreSQL's limit off; SQLite's writer has no "off"
+        raises(url, { tx_timeout = 0 },
+               "sql.open: opts.tx_timeout must be a positive integer")
+      else
+        assert(sql.open(url, { tx_timeout = 0 })):close()
+      end
       -- good values of the other engine's options are accepted
       local db = assert(sql.open(url, { pool = 2, query_timeout = 1,
         connect_timeout = 1, down_for = 0, readers = 1, batch_max = 8,
@@ -109,6 +116,7 @@ describe("sql.open options", function()
     raises(base .. "?pool=four", nil, "sql.open: opts.pool must be")
     raises(base .. "?query_timeout=x", nil,
            "sql.open: opts.query_timeout must be")
+    raises(base .. "?tx_timeout=-5", nil, "sql.open: opts.tx_timeout must be")
     local db = assert(sql.open(base .. "?pool=2&connect_timeout=1.5"))
     db:close()
     -- a misspelt option is named, with the one it looks like (libpq's

@@ -74,6 +74,16 @@
  * (no coroutine waits on it) and then serves others; a connection with a
  * statement of the transaction in flight is closed (the server rolls
  * back) and its slot reconnects on demand.
+ *
+ * Idle transactions: a process that cannot run (frozen) cannot roll back
+ * at all, so each BEGIN carries SET LOCAL idle_in_transaction_session_
+ * timeout = tx_timeout (conn_send()) and the server ends such a session
+ * itself (FATAL 25P03), releasing its locks. The transaction's next
+ * command then fails "timeout": on_notice() marks it when the FATAL is
+ * read on its idle connection, conn_idle_ok() finds it before a command
+ * is sent there, and a command answered by the FATAL is classified so
+ * (pg_idle_tx()), a COMMIT too: it was never read, so it is no
+ * "unknown_outcome".
  */
 #include <ctype.h>
 #include <limits.h>
@@ -135,6 +145,9 @@ struct lpg_op {
     int               exec_step; /* the command that is op's statement */
     int               has_prepare;/* 1: command exec_step-1 is its Parse */
     int               in_sp;     /* 1: runs in savepoint gw_s */
+    int               limit;     /* 1: a BEGIN with the pool's SET LOCAL
+                                    idle_in_transaction_session_timeout
+                                    behind it (tx_timeout) */
     int               no_sync;   /* 1: no Sync behind it (a batch's
                                     statement but the last of a segment):
                                     done after its ncmds commands */
@@ -209,7 +222,9 @@ struct lpg_conn {
                                       read-only (25006): it is no longer
                                       the primary; closed once idle */
     int                  ended;    /* 1: a FATAL came while idle (the
-                                      session ends): conn_idle_ok() */
+                                      session ends): conn_idle_ok();
+                                      LPG_TX_IDLE: it was 25P03, its
+                                      transaction idle past tx_timeout */
     double               since;  /* monotonic s: last progress */
     double               opened; /* monotonic s: connect started */
     struct lpg_addr      trying; /* the address libpq tries now */
@@ -272,6 +287,10 @@ struct lpg_pool {
     int               require_sync; /* 1: only servers that commit with a
                                        synchronous standby */
     double            sync_recheck; /* s between re-checks of a connection */
+    char              tx_limit[80]; /* SET LOCAL of tx_timeout (ms a
+                                     transaction may sit idle before the
+                                     server ends its session), or "": 0,
+                                     no limit of ours */
     double            down_until;/* monotonic s */
     char              down_msg[LPG_MSG_MAX];
     /* The outage as the log tells it (pool_log_down(), pool_log_up()):
@@ -299,6 +318,17 @@ struct lpg_ud {
  * the process, so delivery finds it without touching the pool. */
 #define LPG_TX_OPEN   0
 #define LPG_TX_ENDED  1          /* SQL in it ran COMMIT/ROLLBACK */
+#define LPG_TX_IDLE   2          /* idle past tx_timeout: the server ended
+                                    its session (25P03), rolling it back */
+
+/* A transaction that sat idle past tx_timeout: the server ended its
+ * session (FATAL 25P03), so it was rolled back and its locks released.
+ * Whatever comes next in it -- COMMIT included: the server sends 25P03
+ * only while it waits for the client's next command -- fails with this
+ * ("timeout", retryable: doing it all again is safe). */
+#define LPG_IDLE_TX "postgres: the transaction sat idle longer than" \
+                    " tx_timeout (idle_in_transaction_session_timeout):" \
+                    " the server ended its session and rolled it back"
 
 static void conn_event(evutil_socket_t fd, short what, void *arg);
 static void dispatch(struct lpg_pool *pg);
@@ -377,6 +407,17 @@ pg_stale_plan(const PGresult *r)
            && strcmp(fn, "RevalidateCachedQuery") == 0;
 }
 
+/* 1 when r is the server ending the session of a transaction left idle
+ * past idle_in_transaction_session_timeout (FATAL 25P03): the
+ * transaction was rolled back before any later command of it was read. */
+static int
+pg_idle_tx(const PGresult *r)
+{
+    const char *state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
+
+    return state != NULL && strcmp(state, "25P03") == 0;
+}
+
 static int
 push_pg_error(lua_State *L, PGresult *r)
 {
@@ -388,6 +429,12 @@ push_pg_error(lua_State *L, PGresult *r)
 
     if (state == NULL) {
         state = "";
+    }
+    if (pg_idle_tx(r)) {
+        gw_push_error(L, "timeout", 1, LPG_IDLE_TX);
+        lua_pushstring(L, state);
+        lua_setfield(L, -2, "code");
+        return 2;
     }
     if (strncmp(state, "23", 2) == 0) {
         kind = "constraint";
@@ -596,8 +643,9 @@ push_op_result(lua_State *L, struct lpg_op *op)
     PGresult *r = op->res;
     int       commit = op->tx_end && strcmp(op->sql, "COMMIT") == 0;
 
+    /* (a COMMIT answered by 25P03 was never read: rolled back) */
     if (op->err != NULL && (commit || op_commits_alone(op))
-        && err_ends_session(op->err))
+        && err_ends_session(op->err) && !pg_idle_tx(op->err))
     {
         const char *msg = PQresultErrorField(op->err,
                                              PG_DIAG_MESSAGE_PRIMARY);
@@ -1334,6 +1382,16 @@ on_notice(void *arg, const PGresult *r)
     if (c->head == NULL && err_ends_session(r)) {
         c->ended = 1;                /* libpq passes an idle one here */
     }
+    if (c->head == NULL && c->txid != 0 && pg_idle_tx(r)) {
+        /* its transaction sat idle past tx_timeout: its next command
+         * says so (tx_op(), conn_idle_ok()) */
+        struct gw_store_tx *tx = gw_store_tx_find(NULL, c->txid);
+
+        c->ended = LPG_TX_IDLE;
+        if (tx != NULL && tx->state == LPG_TX_OPEN) {
+            tx->state = LPG_TX_IDLE;
+        }
+    }
     if (state != NULL && c->head != NULL
         && (strcmp(state, "25001") == 0 || strcmp(state, "25P01") == 0))
     {
@@ -1610,15 +1668,17 @@ conn_flush(struct lpg_conn *c)
     return GW_OK;
 }
 
-/* The savepoint commands of a transaction's statements, prepared once
- * per connection (named gw_fN) so that each use is Bind/Execute only.
+/* The savepoint commands of a transaction's statements, and the pool's
+ * SET LOCAL of tx_timeout (pg->tx_limit: NULL here), prepared once per
+ * connection (named gw_fN) so that each use is Bind/Execute only.
  * They are prepared in the pipeline of the first BEGIN on the connection,
  * before anything in a transaction can fail: the server refuses a Parse
  * in a failed transaction ("current transaction is aborted"), so
  * preparing them lazily, at the first undo, would fail the undo. */
-enum { LPG_SP_SET, LPG_SP_RELEASE, LPG_SP_UNDO, LPG_SP_N };
+enum { LPG_SP_SET, LPG_SP_RELEASE, LPG_SP_UNDO, LPG_SP_LIMIT, LPG_SP_N };
 static const char *const lpg_sp_sql[LPG_SP_N] = {
-    "SAVEPOINT gw_s", "RELEASE SAVEPOINT gw_s", "ROLLBACK TO SAVEPOINT gw_s"
+    "SAVEPOINT gw_s", "RELEASE SAVEPOINT gw_s", "ROLLBACK TO SAVEPOINT gw_s",
+    NULL
 };
 /* The undo, as text for a script (simple query protocol). */
 static const char lpg_sp_undo_text[] =
@@ -1636,8 +1696,14 @@ prepare_sp(struct lpg_conn *c, int *ncmd)
         return GW_OK;
     }
     for (i = 0; i < LPG_SP_N; i++) {
+        const char *sql = lpg_sp_sql[i] != NULL ? lpg_sp_sql[i]
+                                                : c->pg->tx_limit;
+
+        if (sql[0] == '\0') {
+            continue;                    /* tx_timeout 0: none */
+        }
         snprintf(name, sizeof(name), "gw_f%d", i);
-        if (PQsendPrepare(c->pc, name, lpg_sp_sql[i], 0, NULL) != 1) {
+        if (PQsendPrepare(c->pc, name, sql, 0, NULL) != 1) {
             return GW_ERR;
         }
         (*ncmd)++;
@@ -1684,11 +1750,11 @@ dealloc_push(struct lpg_conn *c, unsigned name)
 }
 
 /* The command of op's first DEALLOCATE: behind its statement and, in a
- * savepoint, the RELEASE. */
+ * savepoint, the RELEASE (a BEGIN: its SET LOCAL). */
 static int
 dealloc_step(const struct lpg_op *op)
 {
-    return op->exec_step + 1 + (op->in_sp ? 1 : 0);
+    return op->exec_step + 1 + (op->in_sp ? 1 : 0) + op->limit;
 }
 
 /* Queues up to LPG_DEALLOC_OP of the DEALLOCATEs pending on c behind
@@ -1819,6 +1885,14 @@ conn_send(struct lpg_conn *c, struct lpg_op *op)
      * (controls_tx()). */
     op->in_sp = op->txid != 0 && !op->tx_begin && !op->tx_end
                 && op->batch == NULL;
+    /* Every transaction (db:transaction's, db:atomic's) limits how long
+     * it may sit idle, in the BEGIN's own pipeline (no round trip of its
+     * own): an instance that freezes inside one (a VM paused, SIGSTOP)
+     * would otherwise hold its row locks, and every other instance
+     * waiting on them, until it resumes. The server then ends the
+     * session (25P03), which rolls back and releases them. SET LOCAL:
+     * it ends with the transaction. */
+    op->limit = op->tx_begin && c->pg->tx_limit[0] != '\0';
     /* A batch's statements share one Sync per segment -- the last
      * statement, and every LPG_DEPTH-th, since no answer comes before a
      * Sync and the next segment waits for room -- instead of one each:
@@ -1923,6 +1997,7 @@ conn_send(struct lpg_conn *c, struct lpg_op *op)
     if (PQsendQueryPrepared(c->pc, name, op->nparams, values, lengths, NULL,
                             0) != 1
         || (op->in_sp && send_sp(c, LPG_SP_RELEASE, &ncmd) != GW_OK)
+        || (op->limit && send_sp(c, LPG_SP_LIMIT, &ncmd) != GW_OK)
         || (c->ndealloc > 0 && send_dealloc(c, op) != GW_OK)
         || (!op->no_sync && PQpipelineSync(c->pc) != 1))
     {
@@ -1984,7 +2059,15 @@ conn_check_tx(struct lpg_conn *c, struct lpg_op *op)
 
     failed = op->err != NULL || op->errkind[0] != '\0';
     if (op->tx_begin && failed) {
-        return GW_OK;                    /* c->txid is cleared below */
+        /* c->txid is cleared below. A BEGIN that ran but whose SET LOCAL
+         * failed (a server without idle_in_transaction_session_timeout)
+         * left c in a transaction: it must go. (Inside a batch, its
+         * statements in flight behind it: the last of them finds it.) */
+        if (c->inflight == 0) {
+            st = PQtransactionStatus(c->pc);
+        }
+        return st == PQTRANS_INTRANS || st == PQTRANS_INERROR
+               ? LPG_DISCARD : GW_OK;
     }
     in_tx = op->txid != 0 && c->txid == op->txid && !op->tx_end;
     if (c->inflight == 0) {
@@ -2238,6 +2321,12 @@ conn_read(struct lpg_conn *c, struct lpg_op **out)
         return GW_ERR;
     }
     c->since = gw_loop_mono_fresh();
+    if (c->head == NULL) {
+        /* Nothing asked: parses what came (the FATAL that ends an idle
+         * session, to on_notice(), before the EOF behind it closes c:
+         * a reserved connection's transaction learns why it ended). */
+        (void)PQisBusy(c->pc);
+    }
     while ((op = c->head) != NULL && !PQisBusy(c->pc)) {
         ExecStatusType st;
 
@@ -2423,13 +2512,17 @@ conn_event(evutil_socket_t fd, short what, void *arg)
 /* --------------------------------------------------------- dispatching */
 
 /* c is idle, so the server has nothing to say on it; reads what came
- * anyway before a statement is sent there. A session that ended while
+ * anyway before op is sent there. A session that ended while
  * idle (a shutdown, pg_terminate_backend, idle_session_timeout: FATAL,
  * then EOF) is closed here and 0 returned, so the statement goes to a new
  * connection: sent on this one, it would be answered by that FATAL, and
- * a write would read as of unknown outcome though it never ran. */
+ * a write would read as of unknown outcome though it never ran. The same
+ * on the connection op's transaction reserved: the loop of an instance
+ * that froze past tx_timeout may run the transaction's next command (its
+ * COMMIT) before it reads the server's goodbye; op then fails as the
+ * transaction is lost, not of unknown outcome. */
 static int
-conn_idle_ok(struct lpg_conn *c)
+conn_idle_ok(struct lpg_conn *c, struct lpg_op *op)
 {
     struct lpg_op *none = NULL;          /* c has no ops */
 
@@ -2438,6 +2531,11 @@ conn_idle_ok(struct lpg_conn *c)
         if (!c->ended) {
             return 1;
         }
+    }
+    if (c->txid != 0) {
+        op_set_error(op, "timeout", c->ended == LPG_TX_IDLE ? LPG_IDLE_TX
+                     : "postgres: transaction is no longer active (its"
+                       " session ended)");
     }
     gw_log(GW_LOG_INFO, "postgres: the session of an idle connection"
            " ended; reconnecting");
@@ -2564,9 +2662,8 @@ dispatch(struct lpg_pool *pg)
             continue;
         }
         c = choose_conn(pg, op, &fail);
-        while (c != NULL && c->head == NULL && c->txid == 0
-               && !conn_idle_ok(c))
-        {
+        /* (its transaction's connection, or a free one) */
+        while (c != NULL && c->head == NULL && !conn_idle_ok(c, op)) {
             c = choose_conn(pg, op, &fail);  /* c was closed: another */
         }
         if (c == NULL && fail == 0) {
@@ -3180,7 +3277,8 @@ pool_free(struct lpg_pool *pg)
 
 /* core.open(conninfo, opts) -> pool (no I/O yet)
  * opts: pool (connections, default 4), connect_timeout (s, 2),
- * query_timeout (s, 10), down_for (s, 0.5) */
+ * query_timeout (s, 10), down_for (s, 0.5), tx_timeout (ms, 30000; 0:
+ * none) */
 static int
 lpg_open(lua_State *L)
 {
@@ -3190,7 +3288,7 @@ lpg_open(lua_State *L)
     struct timeval  tv = { 0, 50000 };
     int             i, npool;
     double          connect_timeout, query_timeout, down_for, sync_recheck;
-    int             require_sync;
+    int             require_sync, tx_timeout;
     const char     *kind = "misuse";
     char            err[400];
 
@@ -3205,6 +3303,9 @@ lpg_open(lua_State *L)
     down_for = gw_store_opt_num(L, 2, "sql.open", "down_for", 0.5, 1);
     require_sync = gw_store_opt_bool(L, 2, "sql.open", "require_sync", 0);
     sync_recheck = gw_store_opt_num(L, 2, "sql.open", "sync_recheck", 10, 0);
+    /* as SQLite's (which takes no 0) */
+    tx_timeout = gw_store_opt_int(L, 2, "sql.open", "tx_timeout", 30000, 0,
+                                  INT_MAX);
     ud = lua_newuserdata(L, sizeof(*ud));
     ud->pg = NULL;
     luaL_getmetatable(L, LPG_MT);
@@ -3221,6 +3322,10 @@ lpg_open(lua_State *L)
     pg->down_for = down_for;
     pg->require_sync = require_sync;
     pg->sync_recheck = sync_recheck;
+    if (tx_timeout > 0) {
+        snprintf(pg->tx_limit, sizeof(pg->tx_limit), "SET LOCAL"
+                 " idle_in_transaction_session_timeout = %d", tx_timeout);
+    }
     for (i = 0; i < LPG_MAXPOOL; i++) {
         pg->conns[i].pg = pg;
         pg->conns[i].fd = -1;
@@ -3497,6 +3602,15 @@ tx_op(lua_State *L, int kind, int want_rows, const char *fixed, int end)
             tx_forget(txid);
         }
         return push_tx_ended(L);
+    }
+    if (tx != NULL && tx->state == LPG_TX_IDLE) {
+        /* idle past tx_timeout: the server rolled it back (on_notice());
+         * its connection is gone, or goes at the EOF behind the FATAL */
+        gw_co_current(L);
+        if (end) {
+            tx_forget(txid);
+        }
+        return gw_push_error(L, "timeout", 1, LPG_IDLE_TX);
     }
     if (fixed != NULL) {
         lua_settop(L, 2);

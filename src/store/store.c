@@ -223,7 +223,7 @@ static const struct sql_opt {
     { "readers", 'i', 1, GW_STORE_SQLITE_MAX_READERS },
     { "batch_max", 'i', 1, INT_MAX },
     { "busy_timeout", 'i', 0, INT_MAX },
-    { "tx_timeout", 'i', 1, INT_MAX },
+    { "tx_timeout", 'i', 0, INT_MAX },  /* 0: PostgreSQL only */
     { "synchronous", 'i', 0, 3 },
     { "inline_reads", 'i', 0, 1000000 },
     { "checkpoint_pages", 'i', 1, 1000000 },
