@@ -201,8 +201,9 @@ function _M.routes(ctx)
       "<p class=\"error\">{{t}}</p>", { t = text }), {})), headers()
   end
 
-  -- the 403 of a caller session() refused
-  local function refuse_caller(why)
+  -- the 403 of a caller session() refused; dest (why "login"): the console
+  -- page to go to after the login (console_next), or nil
+  local function refuse_caller(why, dest)
     if why == "host" then
       return refuse(403, "Forbidden", "In loopback mode the console answers"
         .. " only requests addressed to localhost, 127.0.0.1 or [::1], not"
@@ -213,10 +214,13 @@ function _M.routes(ctx)
         .. " X-Real-IP): behind a reverse proxy every visitor would look"
         .. " local. Give the console a token (console.access = \"token\").")
     elseif why == "login" then
-      -- (a lever pulled from a tab left open after the session ended)
+      -- (a lever pulled from a tab left open after the session ended: the
+      -- login goes back to the page it was on)
       return 403, tostring(pages.layout("Forbidden", html.render(
         "<p class=\"error\">Log in first: no session, or it has ended.</p>"
-        .. "<p><a href=\"/console/login\">Log in</a></p>", {}), {})),
+        .. "<p><a href=\"/console/login{{q}}\">Log in</a></p>", {
+          q = (dest and dest ~= "/console")
+              and ("?next=" .. html.url_encode(dest)) or "" }), {})),
         headers()
     end
     return refuse(403, "Forbidden", "The console answers loopback clients"
@@ -342,8 +346,10 @@ function _M.routes(ctx)
       end
       local st, b, h = bad_text(req)
       if st then return st, b, h end
+      -- here: this page, which its levers' forms carry (as next) for a
+      -- login should their POST find the session over
       local view = { csrf = csrf_of(s), token_mode = conf.access == "token",
-                     flash = flash_of(req, s) }
+                     flash = flash_of(req, s), here = asked(req) }
       return fn(req, s, view)
     end
   end
@@ -352,7 +358,11 @@ function _M.routes(ctx)
   local function action(fn)
     return function(req)
       local s, why = session(req)
-      if not s then return refuse_caller(why) end
+      if not s then
+        -- (the form's next is outside input too: console_next checks it)
+        return refuse_caller(why, why == "login"
+          and console_next(html.decode_form(req.body).next) or nil)
+      end
       local st, b, h = bad_text(req)
       if st then return st, b, h end
       local form = html.decode_form(req.body)

@@ -405,6 +405,55 @@ end
       assert.matches('<a href="/console/login">', res.body, 1, true)
     end)
 
+    it("sends a lever pulled after the session ended back to its page"
+       .. " through the login, a console page of this host only", function()
+      local html = require "paygate.html"
+      local p = gw_tok:create{ description = "lever after logout" }
+      local here = "/console/payments/" .. p.id
+      local cookie = login(gw_tok)
+      local page = get(gw_tok, here, cookie)
+      assert.equal(200, page.status, page.body)
+      -- the lever's form says which page it is on
+      local settle = assert(page.body:match('action="/console/payments/'
+        .. '[^"]*/settle">.-</form>'), "no settle lever")
+      assert.matches('name="next" value="' .. here .. '"', settle, 1, true)
+      -- (a page's query is kept)
+      local rec = get(gw_tok, "/console/reconcile?date=2024-01-02", cookie)
+      assert.equal(200, rec.status, rec.body)
+      assert.matches('name="next" value="/console/reconcile?date=2024-01-02"',
+                     rec.body, 1, true)
+      local csrf = csrf_of(page.body)
+      local res = post(gw_tok, "/console/logout", { csrf = csrf }, cookie)
+      assert.equal(303, res.status)
+      res = post(gw_tok, here .. "/settle", { csrf = csrf, next = here },
+                 cookie)
+      assert.equal(403, res.status)
+      assert.matches("Log in first", res.body, 1, true)
+      local link = res.body:match('<a href="(/console/login[^"]*)">')
+      assert.equal("/console/login?next=" .. html.url_encode(here), link)
+      -- the login form carries it, and the login lands there
+      page = get(gw_tok, link)
+      assert.equal(200, page.status)
+      assert.matches('name="next" value="' .. here .. '"', page.body, 1,
+                     true)
+      local f = { cookie = page.headers["set-cookie"]:match(
+                    "^(pgc_login=%w+);"), csrf = csrf_of(page.body) }
+      res = post(gw_tok, "/console/login", { token = TOKEN, csrf = f.csrf,
+                                             next = here }, f.cookie)
+      assert.equal(303, res.status, res.body)
+      assert.equal(here, res.headers["location"])
+      -- anything but a console page of this host (or the overview): the
+      -- plain link
+      for _, bad in ipairs({ "//evil.example/console",
+        "https://evil.example/console", "/console/../v1/payments",
+        "/console/login", "/console\r\nSet-Cookie: a=b", "/console" }) do
+        res = post(gw_tok, "/console/degrade", { on = "1", csrf = csrf,
+                                                  next = bad }, cookie)
+        assert.equal(403, res.status, bad)
+        assert.matches('<a href="/console/login">', res.body, 1, true)
+      end
+    end)
+
     it("answers with strict security headers", function()
       local res = get(gw, "/console")
       assert.equal(200, res.status)

@@ -94,9 +94,17 @@ autocomplete="current-password" required></label>
       .. " value=\"{{n}}\">", { n = dest }) or html.NONE })
 end
 
+-- the hidden field naming the page a lever's form is on (view.here): a POST
+-- that finds the session over offers the login with it, so the login goes
+-- back there
+local function here(view)
+  return view.here and render("<input type=\"hidden\" name=\"next\""
+    .. " value=\"{{n}}\">", { n = view.here }) or html.NONE
+end
+
 -- A POST form with the CSRF token and one button.
 local function lever(view, action, label, fields, class)
-  local hidden = {}
+  local hidden = { here(view) }
   for k, v in pairs(fields or {}) do
     hidden[#hidden + 1] = render(
       "<input type=\"hidden\" name=\"{{k}}\" value=\"{{v}}\">",
@@ -801,10 +809,11 @@ function _M.reconcile(q, view)
   local yesterday = os.date("!%Y-%m-%d", floor(core.time()) + 8 * 3600
                             - 86400)
   return render([[<section><form method="post" action="/console/reconcile">
-<input type="hidden" name="csrf" value="{{c}}"><label>Date (Beijing)
+<input type="hidden" name="csrf" value="{{c}}">{{here}}<label>Date (Beijing)
 <input name="date" value="{{y}}" pattern="\d{4}-\d{2}-\d{2}"></label>
 <button>Run the bill reconciliation now</button></form></section>
-{{t}}{{detail}}]], { c = view.csrf, y = yesterday, detail = detail,
+{{t}}{{detail}}]], { c = view.csrf, here = here(view), y = yesterday,
+    detail = detail,
     t = table_of({ "date", "merchant", "mismatches", "", "run at" },
                  list) })
 end
