@@ -162,6 +162,19 @@ if g.dev_app then
 else
   paygate.before(auth)
 end
+-- A POST's body is read as the bytes sent: one with a Content-Encoding
+-- (gzip, br, ...) is not the JSON it would be read as, and JSON sent with
+-- a coding named could be read either way. 415 once the caller is known,
+-- before any handler runs, so no Idempotency-Key keeps it (the request
+-- sent again unencoded under the same key runs).
+paygate.before(function(req)
+  if req.method == "POST" and req.path:sub(1, 4) == "/v1/"
+     and req:header("content-encoding") then
+    return 415, payments.err_body("unsupported_content_encoding",
+      "Content-Encoding is not supported: send the body as plain JSON,"
+      .. " with no Content-Encoding header")
+  end
+end)
 
 payments.init(ctx)
 refunds.init(ctx)

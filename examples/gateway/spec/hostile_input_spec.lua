@@ -404,6 +404,40 @@ describe("gateway hostile input", function()
       "", ak).status)                           -- paid: ran, not 422
   end)
 
+  it("refuses an encoded body with 415, keeping nothing for its key",
+     function()
+    -- was: 400 invalid_json for gzip bytes, and a JSON body sent with
+    -- Content-Encoding: gzip was taken as it stood (201)
+    local oid = order_id()
+    local body = { order_id = oid, channel = "native", amount = 1,
+                   description = "tea" }
+    local key = { ["Idempotency-Key"] = "enc-" .. oid }
+    for _, enc in ipairs{ "gzip", "br", "deflate, gzip", "identity" } do
+      key["Content-Encoding"] = enc
+      local res = gw:call("POST", "/v1/payments", body, key)
+      refused(res, 415, "unsupported_content_encoding", nil, oid)
+      assert.matches("Content-Encoding", res.json.message, 1, true)
+    end
+    -- gzip's own bytes (the magic, then anything)
+    refused(gw:call("POST", "/v1/payments", "\31\139\8\0\0\0\0\0",
+      { ["Content-Encoding"] = "gzip" }), 415, "unsupported_content_encoding",
+      nil, oid)
+    -- not kept: the same request unencoded, under the same key, runs
+    key["Content-Encoding"] = nil
+    local res = gw:call("POST", "/v1/payments", body, key)
+    assert.equal(201, res.status, res.body)
+    local p = res.json.payment
+    -- the payment's other POSTs too, the close's empty body included
+    local gz = { ["Content-Encoding"] = "gzip" }
+    refused(gw:call("POST", "/v1/payments/" .. p.id .. "/attempts",
+      { channel = "native" }, gz), 415, "unsupported_content_encoding")
+    refused(gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
+      { amount = 1, reason = "r" }, gz), 415, "unsupported_content_encoding")
+    refused(gw:call("POST", "/v1/payments/" .. p.id .. "/close", "", gz),
+      415, "unsupported_content_encoding")
+    assert.equal("paying", gw:get(p.id).state)
+  end)
+
   it("takes refresh=1 and no other value of refresh", function()
     -- was: ?refresh=yes (=true, =0) answered local state, nothing asked
     local p = gw:create{ amount = 100 }
