@@ -407,15 +407,20 @@ function req_methods.decode_json(req)
   return v
 end
 
---- syntax: args = req:query()
--- returns: the query string decoded into a table (repeats give the last).
+--- syntax: args, counts = req:query()
+-- returns: the query string decoded into a table (repeats give the last),
+-- and how many times each name came (decoded: a=1&%61=2 is a twice), for
+-- a route whose answer must not hang on which of two values came last.
 function req_methods.query(req)
-  local t = {}
+  local t, n = {}, {}
   for pair in req.query_string:gmatch("[^&]+") do
     local k, v = pair:match("^([^=]*)=?(.*)$")
-    if k ~= "" then t[unescape(k)] = unescape(v) end
+    if k ~= "" then
+      k = unescape(k)
+      t[k], n[k] = unescape(v), (n[k] or 0) + 1
+    end
   end
-  return t
+  return t, n
 end
 
 -- req.params when the route has none: shared, read-only, empty

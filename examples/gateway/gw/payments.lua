@@ -1095,7 +1095,13 @@ end
 function _M.get(req)
   -- (refresh=yes, =true or =0 would otherwise answer local state with no
   -- word that nothing was asked)
-  local refresh = req:query().refresh
+  local q, given = req:query()
+  local refresh = q.refresh
+  -- (given twice, the last would count: refresh=0&refresh=1 asking WeChat
+  -- and refresh=1&refresh=0 refused)
+  if (given.refresh or 0) > 1 then
+    return bad_request({ refresh = "given more than once" })
+  end
   if refresh ~= nil and refresh ~= "1" then
     return bad_request({ refresh = "must be 1 (or left out)" })
   end

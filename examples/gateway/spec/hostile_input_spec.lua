@@ -449,6 +449,20 @@ describe("gateway hostile input", function()
     assert.equal("paying", gw:get(p.id).state)
   end)
 
+  it("refuses refresh given twice, in either order", function()
+    -- was: the last one counted, so refresh=0&refresh=1 asked WeChat and
+    -- refresh=1&refresh=0 was refused
+    local p = gw:create{ amount = 100 }
+    for _, q in ipairs{ "refresh=0&refresh=1", "refresh=1&refresh=0",
+                        "refresh=1&refresh=1", "r%65fresh=1&refresh=1",
+                        "refresh=1&x=2&refresh" } do
+      local res = gw:call("GET", "/v1/payments/" .. p.id .. "?" .. q)
+      refused(res, 400, "invalid_request", "refresh")
+      assert.equal("given more than once", res.json.fields.refresh, q)
+    end
+    assert.equal("paying", gw:get(p.id, "?refresh=1&x=1&x=2").state)
+  end)
+
   it("answers odd payment ids in the path with 400 or 404", function()
     local p = gw:create{ amount = 100 }
     for _, case in ipairs{ { "pay_x%00", 400, "bad_path" },
