@@ -99,12 +99,16 @@ CREATE TABLE IF NOT EXISTS paygate_audit_heads (
   hash TEXT NOT NULL)]],
 }
 
-local EXISTS = {
-  sqlite = "SELECT count(*) AS n FROM sqlite_master WHERE type = 'table'"
-    .. " AND name IN ('paygate_audit', 'paygate_audit_heads')",
-  postgres = "SELECT (to_regclass('paygate_audit') IS NOT NULL)::int"
-    .. " + (to_regclass('paygate_audit_heads') IS NOT NULL)::int AS n",
-}
+-- q: a db or a tx -> both tables are there (true), not (false), or nil, err
+local function both_tables(q)
+  for _, name in ipairs({ "paygate_audit", "paygate_audit_heads" }) do
+    local yes, err = q:has_table(name)
+    if not yes then
+      return yes, err
+    end
+  end
+  return true
+end
 
 local ready = setmetatable({}, { __mode = "k" })     -- db -> true
 local created_in = setmetatable({}, { __mode = "k" }) -- tx -> true
@@ -175,12 +179,11 @@ local function ensure_month(tx, y, m)
     return true
   end
   local name = partition_name(y, m)
-  local rows, err = tx:query("SELECT (to_regclass($1) IS NOT NULL)::int AS e",
-                             { name })
-  if not rows then
+  local yes, err = tx:has_table(name)
+  if yes == nil then
     return nil, err
   end
-  if rows[1].e == 1 then
+  if yes then
     known[key] = true
     return true
   end
@@ -411,11 +414,11 @@ local function ensure_in_tx(tx)
   if ready[db] or created_in[tx] then
     return true
   end
-  local rows, err = tx:query(EXISTS[tx.engine])
-  if not rows then
+  local yes, err = both_tables(tx)
+  if yes == nil then
     return nil, err
   end
-  if rows[1] and rows[1].n == 2 then
+  if yes then
     ready[db] = true
     return true
   end
@@ -434,11 +437,7 @@ local function tables_exist(q)
   if ready[db] then
     return true
   end
-  local rows, err = q:query(EXISTS[q.engine])
-  if not rows then
-    return nil, err
-  end
-  return rows[1] and rows[1].n == 2
+  return both_tables(q)
 end
 
 ---------------------------------------------------- canonical form

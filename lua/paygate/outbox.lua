@@ -211,11 +211,6 @@ local function insert_sql(engine, settled)
     settled == true]
 end
 
-local EXISTS_SQLITE = "SELECT 1 AS x FROM sqlite_master WHERE type ="
-  .. " 'table' AND name = 'paygate_outbox'"
-local EXISTS_PG = "SELECT 1 AS x WHERE to_regclass('paygate_outbox') IS NOT"
-  .. " NULL"
-
 local made_in = setmetatable({}, { __mode = "k" })
 
 -- The schema from inside the caller's transaction. A table that exists
@@ -223,12 +218,11 @@ local made_in = setmetatable({}, { __mode = "k" })
 -- whatever this transaction does, so the handle is ready. One made here
 -- may still be rolled back with the caller's work.
 local function schema_in(tx)
-  local rows, err = tx:query(tx.engine == "postgres" and EXISTS_PG
-                             or EXISTS_SQLITE)
-  if not rows then
+  local yes, err = tx:has_table("paygate_outbox")
+  if yes == nil then
     return nil, err
   end
-  if rows[1] then
+  if yes then
     if not made_in[tx] then
       ready[tx.db] = true
     end

@@ -720,24 +720,30 @@ end
 -- returns: whether the store holds a table of that name (PostgreSQL: a
 -- relation, a view too), or nil, err. Reads only: a tool pointed at the
 -- wrong database can say so without making anything in it.
+-- tx:has_table(name): the same inside a transaction (its own CREATE TABLE
+-- seen): the check of the libraries that make their tables on first use.
 local HAS_TABLE = {
   sqlite = "SELECT 1 AS x FROM sqlite_master WHERE type = 'table' AND"
     .. " name = $1",
   postgres = "SELECT 1 AS x WHERE to_regclass($1) IS NOT NULL",
 }
-function DB:has_table(name)
-  check_db("db:has_table", self)
+-- q: the db or the tx the query goes through; fname: for the misuse error
+local function has_table(fname, q, name)
   if type(name) ~= "string"
      or not (name:match("^[%a_][%w_]*$")
              or name:match("^[%a_][%w_]*%.[%a_][%w_]*$")) then
-    error("db:has_table: name must be a table name", 2)
+    error(fname .. ": name must be a table name", 3)
   end
-  if self.engine == "sqlite" then
+  if q.engine == "sqlite" then
     name = name:match("([^.]+)$")
   end
-  local rows, err = self:query(HAS_TABLE[self.engine], { name })
+  local rows, err = q:query(HAS_TABLE[q.engine], { name })
   if not rows then return nil, err end
   return rows[1] ~= nil
+end
+function DB:has_table(name)
+  check_db("db:has_table", self)
+  return has_table("db:has_table", self, name)
 end
 
 -- syntax: db:close()  -- safe to call twice; later calls of other methods
@@ -781,6 +787,11 @@ function TX:exec_script(sql)
     return nil, cerr
   end
   return self.h:tx_script(self.id, sql)
+end
+
+function TX:has_table(name)
+  check_tx("tx:has_table", self)
+  return has_table("tx:has_table", self, name)
 end
 
 -- syntax: tx:on_commit(fn)

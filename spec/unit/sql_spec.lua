@@ -570,6 +570,25 @@ for _, engine in ipairs(engines) do
         assert.equal(1, db:query("SELECT count(*) AS c FROM t")[1].c)
       end)
 
+      it("tx:has_table answers as db:has_table, a table made in the"
+         .. " transaction included", function()
+        local schema = engine == "postgres" and "public" or "main"
+        assert.is_true(db:has_table("t"))
+        assert.is_true(db:has_table(schema .. ".t"))
+        assert.is_false(db:has_table("made_here"))
+        local seen = assert(db:transaction(function(tx)
+          assert(tx:exec("CREATE TABLE made_here (x INTEGER)"))
+          local ok, msg = pcall(tx.has_table, tx, "a b")
+          assert.is_false(ok)
+          assert.matches("tx:has_table: name must be a table name", msg, 1,
+                         true)
+          return { tx:has_table("t"), tx:has_table(schema .. ".made_here"),
+                   tx:has_table("nope") }
+        end))
+        assert.same({ true, true, false }, seen)
+        assert.is_true(db:has_table("made_here"))
+      end)
+
       it("rolls back when fn raises an error table and returns it", function()
         local ok, err = db:transaction(function(tx)
           assert(tx:exec("INSERT INTO t (v, n) VALUES ($1, $2)", { "t2", 1 }))
