@@ -3,6 +3,8 @@
 -- the value of the worker that set it last.
 local paygate = require "paygate"
 local server = require "support.server"
+local rawtcp = require "support.rawtcp"
+local utf8 = require "paygate.utf8"
 
 local APP = [[
 local paygate = require "paygate"
@@ -175,5 +177,47 @@ describe("paygate_requests_total past the route table", function()
       count = count + tonumber(v)
     end
     assert.equal(sent, count, body)
+  end)
+end)
+
+-- A route pattern longer than a row's label (95 bytes) is cut at a
+-- character boundary: a cut inside a UTF-8 character made the exposition
+-- invalid UTF-8, which a scraper refuses whole. (Statuses 200 and 456
+-- share a slot of the worker's lookup cache: the third request misses it
+-- and finds its row by the label.)
+local LONG = "/" .. string.rep("a", 93) .. "\195\169" .. string.rep("b", 20)
+local LONG_APP = [[
+local paygate = require "paygate"
+paygate.route("GET", "]] .. LONG .. [[", function(req)
+  return tonumber(req:query().status) or 200, "ok"
+end)
+]]
+
+describe("paygate_requests_total of a long route pattern", function()
+  local s
+  setup(function() s = server.start{ source = LONG_APP, workers = 1 } end)
+  teardown(function() if s then s:stop() end end)
+
+  it("cuts its label at a character boundary, one row per status",
+     function()
+    -- (raw bytes: the pattern's static segment is matched as sent, and
+    -- the HTTP client would percent-encode them)
+    for _, status in ipairs({ 200, 456, 200 }) do
+      local c = assert(rawtcp.connect(s.port, 5))
+      c:send("GET " .. LONG .. "?status=" .. status .. " HTTP/1.1\r\n"
+        .. "Host: x\r\nConnection: close\r\n\r\n")
+      local got = c:recv_all()
+      c:close()
+      assert.equal("HTTP/1.1 " .. status, got:sub(1, 12))
+    end
+    local body = assert(s:admin_get("/metrics")).body
+    assert.is_truthy(utf8.len(body), "the exposition is not UTF-8")
+    local cut = LONG:sub(1, 94)
+    local rows = {}
+    for route, status, v in body:gmatch('\npaygate_requests_total{method='
+        .. '"GET",route="([^"]*)",status="(%d+)"} (%d+)') do
+      rows[#rows + 1] = route .. " " .. status .. " " .. v
+    end
+    assert.same({ cut .. " 200 2", cut .. " 456 1" }, rows)
   end)
 end)

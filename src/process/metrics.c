@@ -232,6 +232,31 @@ gw_metrics_retire(int slot)
     memset(s, 0, sizeof(*s));
 }
 
+/* route (len bytes) as a row's label: cut to fit dst (cap bytes with its
+ * NUL) at a character boundary. A cut inside a UTF-8 character left half of
+ * it in the label, and a scraper refuses an exposition that is not UTF-8
+ * whole. The row is found by this label, so a pattern longer than it
+ * finds its own row again (comparing the whole pattern never matched). */
+static void
+route_label(char *dst, size_t cap, const char *route, size_t len)
+{
+    const char *nul = memchr(route, '\0', len);
+
+    if (nul != NULL) {
+        len = (size_t) (nul - route);
+    }
+    if (len > cap - 1) {
+        len = cap - 1;
+        /* route[len], the first byte left out, continues a character:
+         * leave out the bytes of that character before it too */
+        while (len > 0 && ((unsigned char) route[len] & 0xC0) == 0x80) {
+            len--;
+        }
+    }
+    memcpy(dst, route, len);
+    dst[len] = '\0';
+}
+
 void
 gw_metrics_request(const char *method, size_t method_len, const char *route,
                    size_t route_len, int status, double seconds)
@@ -259,6 +284,7 @@ gw_metrics_request(const char *method, size_t method_len, const char *route,
             method_len = 5;
         }
         route = "(unmatched)";
+        route_len = strlen(route);
     }
     h = (unsigned) (((uintptr_t) route >> 3) ^ ((unsigned) status * 31u)
                     ^ ((unsigned char) method[0] * 7u)) & 255u;
@@ -270,10 +296,11 @@ gw_metrics_request(const char *method, size_t method_len, const char *route,
         && mine->routes[cache[h].idx].method[method_len] == '\0') {
         r = &mine->routes[cache[h].idx];
     } else {
-        char m[12];
+        char m[12], label[sizeof(mine->routes[0].route)];
 
         snprintf(m, sizeof(m), "%.*s", (int) method_len, method);
-        r = find_route(mine, m, route, status);
+        route_label(label, sizeof(label), route, route_len);
+        r = find_route(mine, m, label, status);
         if (r == NULL) {
             return;
         }
@@ -290,7 +317,6 @@ gw_metrics_request(const char *method, size_t method_len, const char *route,
             break;
         }
     }
-    (void) route_len;
 }
 
 void
