@@ -190,6 +190,21 @@ function _M.capture_dir(g)
   return (path:match("^(.*)/[^/]*$") or ".") .. "/refused"
 end
 
+-- A folder the gateway writes into (key: its config key) that names
+-- something else, a file: no restart mends it, and every write there (a
+-- bill run, a capture) would fail, said only in the log. Refused at start.
+-- One not there yet is made when first used (one that cannot be is said
+-- then, and the gateway goes on: the reports and captures are no reason to
+-- stop payments).
+local function not_a_folder(key, dir)
+  local kind = dir and core.file_type(dir)
+  if kind and kind ~= "directory" then
+    return fail(key, dir .. " is a " .. (kind == "file" and "file"
+                or "special file") .. ", not a folder")
+  end
+  return nil
+end
+
 local function check_url(key, v, loopback_http)
   if type(v) ~= "string" then return fail(key, "must be a URL string") end
   -- an [IPv6] host first: "[^/:]+" would take "[" of http://[::1]:8080
@@ -539,6 +554,14 @@ function _M.check(conf, runtime)
   local db, err = check_db(g)
   if not db then return nil, err end
   out.db = db
+  -- (the defaults are beside an SQLite store: after check_db; the bill's
+  -- folder is checked whether the job runs or not, the console's lever
+  -- runs it too)
+  local _, ferr = not_a_folder("gateway.reconcile.bill_dir", _M.bill_dir(g))
+  if not ferr then
+    _, ferr = not_a_folder("gateway.capture_dir", out.capture_dir)
+  end
+  if ferr then return nil, ferr end
 
   -- its password, kept out of the URL (from a file or a variable)
   local rpw, rwhy = secret(g, "redis_password", "gateway.")

@@ -150,6 +150,45 @@ describe("gateway config", function()
       .. "/plain/sub: Not a directory")
   end)
 
+  it("refuses a bill_dir or capture_dir that names a file, at start",
+     function()
+    -- before: accepted; every bill run (and every refused notification's
+    -- capture) then failed on it, said only in the log
+    write(dir .. "/not-a-folder", "a file\n")
+    local file = dir .. "/not-a-folder"
+    expect_refused({ gateway = { db = "sqlite:" .. dir .. "/a.db",
+                                 reconcile = { bill_dir = file } },
+                     merchants = { merchant{} } },
+      "gateway: config.gateway.reconcile.bill_dir: " .. file .. " is a"
+      .. " file, not a folder")
+    local function refused(g, want)
+      local cfg, why = config.check({ gateway = g, merchants = { merchant() } },
+                                    { listen = "127.0.0.1:8099" })
+      assert.is_nil(cfg)
+      assert.equal(want, why)
+    end
+    refused({ db = "sqlite:" .. dir .. "/a.db", capture_dir = file },
+            "config.gateway.capture_dir: " .. file .. " is a file, not a"
+            .. " folder")
+    -- the defaults beside an SQLite store too
+    local var = dir .. "/var-files"
+    assert(core.mkdir_p(var))
+    write(var .. "/reconcile", "x\n")
+    refused({ db = "sqlite:" .. var .. "/gw.db" },
+            "config.gateway.reconcile.bill_dir: " .. var .. "/reconcile is a"
+            .. " file, not a folder")
+    os.remove(var .. "/reconcile")
+    write(var .. "/refused", "x\n")
+    refused({ db = "sqlite:" .. var .. "/gw.db" },
+            "config.gateway.capture_dir: " .. var .. "/refused is a file,"
+            .. " not a folder")
+    -- folders, and ones not made yet, are taken
+    assert(config.check({ gateway = { db = "sqlite:" .. var .. "/gw.db",
+      capture_dir = var .. "/new/captures",
+      reconcile = { bill_dir = var } }, merchants = { merchant() } },
+      { listen = "127.0.0.1:8099" }))
+  end)
+
   it("names an unset APIv3 key variable", function()
     expect_refused({ gateway = { db = "sqlite:" .. dir .. "/a.db" },
       merchants = { merchant{ apiv3_key_file = false,
