@@ -202,6 +202,31 @@ describe("paygate verify (more causes)", function()
     assert.matches("a private key, not a certificate", out)
   end)
 
+  it("names a self-signed merchant certificate flagged CA:TRUE as the "
+     .. "merchant's, not a CA", function()
+    -- `openssl req -x509` flags its certificate CA:TRUE by default: a test
+    -- merchant's apiclient_cert.pem made so is still the merchant's own
+    os.execute(("openssl req -x509 -newkey rsa:2048 -nodes -keyout %s/mca.key"
+      .. " -out %s/mca.pem -days 3 -subj '/CN=1900000001/O=test merchant' "
+      .. "-addext basicConstraints=critical,CA:TRUE >/dev/null 2>&1")
+      :format(dir, dir))
+    local mca = dir .. "/mca.pem"
+    assert.is_true(assert(crypto.certificate(read(mca))):is_ca())
+    local r, out = last(SORTED, signed(SORTED), { "--certificate", mca })
+    assert.equal("unknown_serial", r.kind, out)
+    assert.matches("is the merchant's own API certificate", r.cause, 1, true)
+    assert.is_nil(out:find("is a CA certificate", 1, true), out)
+    -- paygate certs lists it as the merchant's, saying the flag is unused
+    local code, cout, c = run{ "certs", "--json", mca }
+    assert.equal(0, code, cout)
+    assert.equal("merchant", c[1].role, cout)
+    assert.equal("merchant_certificate", c[1].kind, cout)
+    assert.matches("self-signed and flagged CA:TRUE", c[1].detail, 1, true)
+    -- a self-signed CA by any other name stays a CA
+    code, cout, c = run{ "certs", "--json", pki.root }
+    assert.equal("CA", c[1].role, cout)
+  end)
+
   it("says a certificate given as --public-key goes to --certificate, and"
      .. " refuses a JSON header that is no string", function()
     local code, out = verify(SORTED, signed(SORTED),

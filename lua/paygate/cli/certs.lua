@@ -70,6 +70,18 @@ local function list_cert(out, e, now)
     or "expired " .. common.days(left * DAY) .. " ago", c:key_type(),
     c:key_bits(),
     e.file)
+  if role == "merchant" and c:is_ca() then
+    -- keys.role names it by its subject; the flag is said, and that it
+    -- changes nothing (paygate and the simulator use only the serial and
+    -- the key), so that no one takes it for a CA or reissues it for that
+    detail = detail .. "\nnote    " .. (c:subject() == c:issuer()
+      and "self-signed and flagged" or "flagged") .. " CA:TRUE (`openssl "
+      .. "req -x509` flags it so by default), which changes nothing: only "
+      .. "its serial and key are used" .. (c:subject() == c:issuer()
+      and ". WeChat's apiclient_cert.pem is issued by WeChat's CA: a "
+          .. "self-signed one is a test merchant's, for the simulator"
+      or "")
+  end
   local name = role == "other" and "" or role .. " "
   local r = { kind = role == "CA" and "ca" or role == "other"
                      and "certificate" or role .. "_certificate",

@@ -14,10 +14,18 @@ local _M = {}
 -- "CA" (a CA certificate), "merchant" (subject CN = a merchant id, as
 -- WeChat issues apiclient_cert.pem), "platform" (WeChat's: subject
 -- O=Tenpay.com, CN=Tenpay.com sign), "other" (anything else: a TLS
--- server certificate, a platform certificate made by hand).
+-- server certificate, a platform certificate made by hand). A CA:TRUE
+-- certificate whose CN is wholly a merchant id is "merchant": a test
+-- merchant's certificate made with `openssl req -x509` is flagged CA:TRUE
+-- by its default config, and no CA is named by a merchant id.
 function _M.role(cert)
-  if cert:is_ca() then return "CA" end
   local subject = cert:subject()
+  if cert:is_ca() then
+    -- (the subject is RFC 2253 text, ", " between its parts; a comma in
+    -- a value is escaped)
+    return ((", " .. subject .. ","):find(", CN=%d+,") and "merchant"
+            or "CA")
+  end
   if subject:match("CN ?= ?%d+%f[^%d]") then return "merchant" end
   if subject:find("Tenpay.com", 1, true) then return "platform" end
   return "other"

@@ -376,7 +376,8 @@ local function main(args)
   local unreadable = {}
   for _, e in ipairs(given) do
     if e.kind == "certificate" then
-      if keys.role(e.cert) == "merchant" then
+      local role = keys.role(e.cert)
+      if role == "merchant" then
         merchants[#merchants + 1] = e
       end
       if issuer[e.cert] then
@@ -384,7 +385,8 @@ local function main(args)
           .. " is the CA certificate (CA:TRUE) of the others in the file,"
           .. " which never signs answers"
       elseif pcall(ring.put, ring, nil, e.cert) then
-        if e.cert:is_ca() then cas[#cas + 1] = e end
+        -- (a merchant certificate flagged CA:TRUE is no CA: keys.role)
+        if role == "CA" then cas[#cas + 1] = e end
         certs[#certs + 1] = e
       else
         -- (the key ring takes RSA and SM2 keys only)
