@@ -164,7 +164,9 @@ end
 --- syntax: res, err = paygate.http.request(opts)
 -- opts: url, method, headers, body, timeout, connect_timeout, ca_file,
 --       client_cert, client_key, client_key_password, max_body, resolve,
---       resend, sink, on_headers
+--       resend, sink, on_headers (timeout: the whole request, 30 s;
+--       connect_timeout: the name's lookup, the TCP connect and the TLS
+--       handshake, 10 s, past it kind timeout with err.sent false)
 -- returns: res { status, headers, body (nil with a sink), time } or
 --          nil, err (kind timeout, connect, dns, tls, closed,
 --          body_too_large, header_too_large, aborted; err.sent,

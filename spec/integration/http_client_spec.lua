@@ -198,6 +198,33 @@ describe("paygate.http.request", function()
     assert.is_true(took < 5, "took " .. took .. " s")
   end)
 
+  it("counts the TLS handshake in connect_timeout: a server that takes the"
+     .. " TCP connect and never answers the ClientHello", function()
+    local proc = require "support.proc"
+    local port = core.free_port()
+    local log = os.tmpname()
+    local p = proc.spawn({ PAYGATE_BIN, "exec", "spec/support/closer.lua",
+                           tostring(port), "30", "silent" }, { log = log })
+    finally(function() p:kill(proc.SIGKILL); p:wait(5); os.remove(log) end)
+    proc.wait_until(function() return proc.read(log):find("listening") end,
+                    10, "the listener")
+    local t0 = paygate.update_time()
+    local res, err = paygate.http.request{
+      url = "https://127.0.0.1:" .. port .. "/", connect_timeout = 0.5,
+      timeout = 20 }
+    local took = paygate.update_time() - t0
+    assert.is_nil(res)
+    -- the connection phase ends with the handshake: past connect_timeout
+    -- it fails timeout, before any request byte (a retry repeats nothing)
+    assert.equal("timeout", err.kind, tostring(err) .. " after " .. took
+                 .. " s")
+    assert.is_false(err.sent)
+    assert.is_true(took >= 0.45, "took " .. took .. " s")
+    -- connect_timeout (0.5 s), not the total timeout (20 s): room for a
+    -- loaded machine
+    assert.is_true(took < 10, "took " .. took .. " s: " .. tostring(err))
+  end)
+
   it("classifies a body over max_body", function()
     local res, err = paygate.http.request{ url = plain:url("/big"), max_body = 1000 }
     assert.is_nil(res)

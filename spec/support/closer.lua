@@ -5,6 +5,10 @@
 --   paygate exec spec/support/closer.lua PORT SECONDS hold
 -- listens with the smallest backlog and never accepts, for SECONDS: once
 -- its queue is full, new connections get no SYN-ACK (a connect timeout).
+--   paygate exec spec/support/closer.lua PORT SECONDS silent
+-- listens (backlog 16) and never accepts, for SECONDS: the kernel completes
+-- each TCP connect, and nothing ever answers on it (a TLS ClientHello sits
+-- unanswered: a handshake that never ends).
 local ffi = require "ffi"
 
 pcall(ffi.cdef, [[
@@ -28,10 +32,11 @@ local a = ffi.new("struct gw_sockaddr_in")
 a.family, a.port, a.addr = 2, C.htons(port), 0x0100007f
 assert(C.bind(fd, a, ffi.sizeof(a)) == 0, "bind")
 local hold = arg[3] == "hold"
+local silent = arg[3] == "silent"
 assert(C.listen(fd, hold and 0 or 16) == 0, "listen")
 io.stdout:write("listening\n")
 io.stdout:flush()
-if hold then
+if hold or silent then
   os.execute("sleep " .. count)   -- never accept; the test kills us sooner
   os.exit(0)
 end

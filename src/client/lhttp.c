@@ -1241,6 +1241,11 @@ sessions_share(void)
  *             timeout=, connect_timeout=, ca_file=, client_cert=,
  *             client_key=, client_key_password=, max_body=, resolve=,
  *             resend=, idle_timeout= }
+ * timeout: s for the whole request (default 30).
+ * connect_timeout: s for the connection phase, CURLOPT_CONNECTTIMEOUT's:
+ *          the name's lookup, the TCP connect (every address tried within
+ *          it) and the TLS handshake (default 10, within timeout); past it
+ *          kind timeout, err.sent false.
  * idle_timeout: s the transfer may move less than a byte a second
  *          (curl's low-speed check, its speed averaged over the last few
  *          seconds: a trickle counts as stalled, and after a burst the
