@@ -2,7 +2,9 @@
 -- says ("Platform certificates", "Notifications"): certificates held at
 -- start are refreshed from the start; a download that times out is
 -- timeout; a configuration error answered to every verification is not
--- grown by each caller. Each case failed before its fix.
+-- grown by each caller; the periodic refresh waits refresh_interval ±10 %
+-- (the jitter is proven by the waits it asks for). Each fix's case failed
+-- before it.
 local core = require "paygate.core"
 local crypto = require "paygate.crypto"
 local json = require "cjson.safe"
@@ -100,5 +102,59 @@ describe("a 404 RESOURCE_NOT_EXISTS seen after startup_timeout", function()
     assert.equal(e1.message, e2.message)
     assert.matches("^notification: WeChat Pay has no platform certificate",
                    msgs[1])
+  end)
+end)
+
+describe("the periodic refresh", function()
+  it("waits refresh_interval ±10 % between downloads, each client a draw of"
+     .. " its own", function()
+    local certs = require "paygate.wechatpay.certs"
+    local sleep, random = core.sleep, math.random
+    -- the waits the refresh loops ask for (the sleep itself runs as ever):
+    -- certs.lua's sleeps of a second or more, the hourly report's left out
+    local asked = {}
+    core.sleep = function(d, ...)
+      if d >= 1 and d ~= certs.REPORT_INTERVAL and debug.getinfo(2, "S")
+           .source:find("wechatpay/certs.lua", 1, true) then
+        asked[#asked + 1] = d
+      end
+      return sleep(d, ...)
+    end
+    local clients = {}
+    finally(function()
+      core.sleep, math.random = sleep, random
+      for _, wx in ipairs(clients) do wx:stop() end
+    end)
+    local I = 1000
+    local function start()
+      local n = #asked
+      clients[#clients + 1] = client{ platform_certificates = { keys.p1_cert },
+                                      refresh_interval = I }
+      -- the refresher downloads at start (certificates held), then waits
+      proc.wait_until(function() return #asked > n end, 10,
+                      "the refresher's wait")
+      assert.equal(n + 1, #asked)
+      return asked[n + 1]
+    end
+    -- the band's edges: the draw fixed at its ends (math.random() only;
+    -- a call with bounds is left to the real one)
+    for _, r in ipairs({ 0, 1 }) do
+      math.random = function(...)
+        if select("#", ...) == 0 then return r end
+        return random(...)
+      end
+      local d = start()
+      math.random = random
+      assert.near(I * (0.9 + 0.2 * r), d, 1e-6)
+    end
+    -- clients started together wait apart, each within the band
+    local seen, distinct = {}, 0
+    for _ = 1, 6 do
+      local d = start()
+      assert.is_true(d >= 0.9 * I and d <= 1.1 * I, "waits " .. d .. " s")
+      if not seen[d] then distinct = distinct + 1 end
+      seen[d] = true
+    end
+    assert.is_true(distinct > 1, "every client waits the same time")
   end)
 end)
