@@ -97,6 +97,49 @@ describe("gateway console: a payment's history", function()
     end
   end)
 
+  -- the notifications of each attempt and refund are found by their
+  -- business key's start (an index range, migration 008): every key of
+  -- those numbers, whatever its state, and none of a number that merely
+  -- begins the same, differs in case or sits elsewhere in a key
+  it("lists the notifications recorded under its numbers' keys, no other",
+     function()
+    local p = gw:create{ description = "keys", amount = 300 }
+    sim:pay_and_wait(p.out_trade_no)
+    gw:wait_state(p.id, "paid")
+    local res = gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
+                        { amount = 300 })
+    assert.equal(201, res.status, res.body)
+    local rno = res.json.out_refund_no
+    sim:settle(rno)
+    gw:wait_state(p.id, "refunded")
+    local m, no = sim.merchant.mchid, p.out_trade_no
+    local keys = {
+      ["own-closed"] = "pay|" .. m .. "|" .. no .. "|CLOSED",
+      ["own-processing"] = "refund|" .. rno .. "|PROCESSING",
+      ["longer-no"] = "pay|" .. m .. "|" .. no .. "0|SUCCESS",
+      ["upper-no"] = "pay|" .. m .. "|" .. no:upper() .. "|SUCCESS",
+      ["longer-rno"] = "refund|" .. rno .. "0|SUCCESS",
+      ["rno-inside"] = "pay|" .. m .. "|refund|" .. rno .. "|SUCCESS",
+      ["no-as-merchant"] = "pay|" .. no .. "|x|SUCCESS",
+    }
+    for id, key in pairs(keys) do
+      assert(gw.db:exec("INSERT INTO gw_notifications (id, event_type,"
+        .. " business_key, received_at, outcome) VALUES ($1, 'X.Y', $2,"
+        .. " $3, 'ignored')", { id, key, os.time() }))
+    end
+    local received = section(get(gw, "/console/payments/" .. p.id).body,
+                             "Notifications received %(verified%)")
+    local shown = {}
+    for key in received:gmatch("<td>([^<]*|[^<]*)</td>") do
+      shown[#shown + 1] = key
+    end
+    table.sort(shown)
+    assert.same({ "pay|" .. m .. "|" .. no .. "|CLOSED",
+                  "pay|" .. m .. "|" .. no .. "|SUCCESS",
+                  "refund|" .. rno .. "|PROCESSING",
+                  "refund|" .. rno .. "|SUCCESS" }, shown)
+  end)
+
   it("records a failed call with its outcome and WeChat's code", function()
     local p = gw:create{ description = "failing query" }
     sim:fault{ endpoint = "*", kind = "error", status = 400,

@@ -1306,10 +1306,16 @@ describe("gateway console on PostgreSQL", function()
     local p = ids[1]
     local res = get(gw, "/console/payments?q=" .. p.out_trade_no)
     assert.matches(p.id, res.body, 1, true)
+    -- its notification, found by its business key (COLLATE "C" range)
+    sim:pay_and_wait(p.out_trade_no)
+    gw:wait_state(p.id, "paid")
     res = get(gw, "/console/payments/" .. p.id)
     assert.equal(200, res.status)
     assert_escaped(res.body)
     assert.matches("hash chain verified", res.body, 1, true)
+    assert.matches("<td>pay|" .. sim.merchant.mchid .. "|" .. p.out_trade_no
+      .. "|SUCCESS</td>", res.body:match("<h2>Notifications received"
+      .. " %(verified%)</h2>(.-)</section>"), 1, true)
     assert.equal(200, get(gw, "/console/outbox").status)
     assert.equal(200, get(gw, "/console/reconcile").status)
     res = post(gw, "/console/degrade", { on = "1",

@@ -9,7 +9,8 @@ describe("gateway for a service provider", function()
 
   setup(function()
     sim = testing.simulator{ time_scale = 100, partner = true }
-    gw = core.start(sim, { partner = true })
+    gw = core.start(sim, { partner = true,
+      gateway = { console = { access = "loopback" } } })
   end)
 
   teardown(function()
@@ -66,6 +67,14 @@ describe("gateway for a service provider", function()
     sim:settle(r.json.out_refund_no)
     sim:wait_notification{ out_refund_no = r.json.out_refund_no }
     gw:wait_state(p.id, "refunded")
+    -- the console's payment page lists them, found by the sp/sub key
+    local page = gw.srv:request{ path = "/console/payments/" .. p.id }
+    assert.equal(200, page.status)
+    local received = assert(page.body:match("<h2>Notifications received"
+      .. " %(verified%)</h2>(.-)</section>"))
+    assert.matches("<td>" .. rows[1].key .. "</td>", received, 1, true)
+    assert.matches("<td>refund|" .. r.json.out_refund_no .. "|SUCCESS</td>",
+                   received, 1, true)
   end)
   it("refuses a resumed create for another sub-merchant, so it is never"
      .. " paid to the first", function()

@@ -11,6 +11,7 @@ local json = require "paygate.json"
 local html = require "paygate.html"
 local certs = require "paygate.wechatpay.certs"
 local bill = require "paygate.reconcile.bill"
+local apply = require "gw.apply"
 
 local type, tostring, tonumber, ipairs, floor, min, max =
       type, tostring, tonumber, ipairs, math.floor, math.min, math.max
@@ -504,6 +505,42 @@ local function verify_box(subject)
     .. "({{m}})</p>", { s = rep.seq, r = rep.reason, m = rep.message })
 end
 
+-- The notifications recorded about an order or a refund, by their
+-- business key (gw.apply's: pay|<merchant>|<out_trade_no>|<trade_state>,
+-- refund|<out_refund_no>|<refund_status>): the keys that begin with a
+-- prefix ending in "|", read as a range of gw_notifications_business
+-- (migration 008) -- from the prefix up to, not including, the prefix
+-- with that "|" made the next byte, "}": exactly the keys that begin with
+-- it. A LIKE '%|<no>|%' read the whole table for each attempt (the table
+-- holds a day of every notification), and SQLite's LIKE, caseless, cannot
+-- use an index even for a prefix. Byte order: PostgreSQL compares the
+-- key COLLATE "C", as the index is built (a locale's order would not keep
+-- one prefix's keys together).
+local NOTES_SQL = {}
+for _, engine in ipairs({ "sqlite", "postgres" }) do
+  local key = engine == "postgres" and 'business_key COLLATE "C"'
+              or "business_key"
+  NOTES_SQL[engine] = "SELECT id, event_type, business_key, received_at,"
+    .. " outcome FROM gw_notifications WHERE " .. key .. " >= $1 AND "
+    .. key .. " < $2"
+end
+_M.NOTES_SQL = NOTES_SQL
+
+local function notes_upto(prefix)
+  return prefix:sub(1, -2) .. "}"
+end
+
+--- syntax: prefix = pages.payment_notes_prefix(p, out_trade_no)
+-- The business key's start of an attempt's notifications: gw.apply's
+-- key with the payment's merchant (a notification naming another one is
+-- refused, merchant_mismatch, and not recorded) and no trade state.
+function _M.payment_notes_prefix(p, no)
+  local sub = null(p.sub_mchid)
+  return apply.payment_key({ mchid = not sub and p.mchid or nil,
+    sp_mchid = sub and p.mchid or nil, sub_mchid = sub,
+    out_trade_no = no, trade_state = "" })
+end
+
 --- syntax: markup, err = pages.payment(id, view) -- false: no such payment
 function _M.payment(id, view)
   local db = ctx.db
@@ -546,24 +583,17 @@ function _M.payment(id, view)
   end
 
   -- the notifications whose business key names one of its attempts (and,
-  -- below, one of its refunds): LIKE narrows, the plain find confirms (a
-  -- number may hold LIKE's wildcards); at_start: part must begin the key
+  -- below, one of its refunds): each a range of the key's index
   local nrows = {}
-  local function notes_by(like, part, at_start)
-    local rows, qerr = db:query("SELECT id, event_type, business_key,"
-      .. " received_at, outcome FROM gw_notifications WHERE business_key"
-      .. " LIKE $1", { like })
+  local function notes_by(prefix)
+    local rows, qerr = db:query(NOTES_SQL[db.engine],
+                                { prefix, notes_upto(prefix) })
     if not rows then return nil, qerr end
-    for _, r in ipairs(rows) do
-      local at = tostring(r.business_key):find(part, 1, true)
-      if at and (at == 1 or not at_start) then
-        nrows[#nrows + 1] = r
-      end
-    end
+    for _, r in ipairs(rows) do nrows[#nrows + 1] = r end
     return true
   end
   for no in pairs(nos) do
-    local ok, nerr = notes_by("pay|%|" .. no .. "|%", "|" .. no .. "|")
+    local ok, nerr = notes_by(_M.payment_notes_prefix(p, no))
     if not ok then return nil, nerr end
   end
 
@@ -581,8 +611,7 @@ function _M.payment(id, view)
   end
   for _, rf in ipairs(refunds) do
     local no = rf.out_refund_no
-    local ok, nerr = notes_by("refund|" .. no .. "|%", "refund|" .. no .. "|",
-                              true)
+    local ok, nerr = notes_by("refund|" .. no .. "|")
     if not ok then return nil, nerr end
   end
   table.sort(nrows, function(a, b)
