@@ -1413,16 +1413,34 @@ function Dispatcher:step()
     end
     self.unrecorded = false
   end
-  local work = {}
   local now = self.now()
   local held = 0
   for _ in pairs(self.leases) do
     held = held + 1
   end
+  -- each held shard's heads, at most `batch` of them, in id order
+  -- (and the lease they were read under)
+  local heads, order = {}, {}
+  local function add(p, rows, l)
+    if not heads[p] then order[#order + 1] = p end
+    heads[p] = { rows = rows, l = l }
+  end
+  local head_err, head_failed = nil, 0
+  local function shard_heads(p, l)
+    local rows, qerr = self.db:query(HEADS, { self.partitions, p, now,
+                                              self.batch })
+    if not rows then
+      self.stats.errors = self.stats.errors + 1
+      head_err, head_failed = head_err or qerr, head_failed + 1
+      return
+    end
+    if rows[1] ~= nil then add(p, rows, l) end
+  end
   if held > 1 and held == self.partitions then
     -- every shard: one query, at most `batch` heads kept per shard (the
     -- first ones in id order, as the query of that shard alone returns)
-    local rows, qerr = self.db:query(HEADS_ALL, { now, self.batch * held })
+    local limit = self.batch * held
+    local rows, qerr = self.db:query(HEADS_ALL, { now, limit })
     if not rows then
       self.stats.errors = self.stats.errors + 1
       log_warn("outbox: heads", { error = tostring(qerr) })
@@ -1430,31 +1448,53 @@ function Dispatcher:step()
       local per = {}
       for _, row in ipairs(rows) do
         local p = tonumber(row.shard) % self.partitions
-        local l, c = self.leases[p], per[p] or 0
-        if l and c < self.batch then
-          per[p] = c + 1
-          row.shard = nil
-          work[#work + 1] = { row, p, l }
+        local l = self.leases[p]
+        if l then
+          local got = per[p] or {}
+          if #got < self.batch then
+            row.shard = nil
+            got[#got + 1] = row
+            if not per[p] then add(p, got, l) end
+            per[p] = got
+          end
+        end
+      end
+      -- A full answer was cut at `limit`: the older heads of one shard
+      -- (a backlog) may fill it, and a shard with fewer than `batch` in
+      -- it may have more past the cut -- or have been left out, round
+      -- after round, until the backlog was worked down. Those shards'
+      -- heads are read on their own (the query of each, as when not
+      -- every shard is held).
+      if #rows >= limit then
+        for p, l in pairs(self.leases) do
+          if #(per[p] or {}) < self.batch then shard_heads(p, l) end
         end
       end
     end
   else
-    local head_err, head_failed = nil, 0
     for p, l in pairs(self.leases) do
-      local rows, qerr = self.db:query(HEADS, { self.partitions, p, now,
-                                                self.batch })
-      if not rows then
-        self.stats.errors = self.stats.errors + 1
-        head_err, head_failed = head_err or qerr, head_failed + 1
-      else
-        for _, row in ipairs(rows) do
-          work[#work + 1] = { row, p, l }
-        end
-      end
+      shard_heads(p, l)
     end
-    if head_err then
-      log_warn("outbox: heads", { error = tostring(head_err),
-                                  shards = head_failed })
+  end
+  if head_err then
+    log_warn("outbox: heads", { error = tostring(head_err),
+                                shards = head_failed })
+  end
+  -- The work, the shards in turn (one head of each, then the next of
+  -- each...): with `concurrency` deliveries in flight, a shard's head
+  -- starts in the round's first wave, not after a whole batch of
+  -- another's to a slow sink. (Heads are of distinct subjects: their
+  -- order is no subject's order.)
+  local work, k, any = {}, 0, true
+  while any do
+    k, any = k + 1, false
+    for _, p in ipairs(order) do
+      local h = heads[p]
+      local row = h.rows[k]
+      if row then
+        any = true
+        work[#work + 1] = { row, p, h.l }
+      end
     end
   end
   local i, n, attempted = 0, #work, 0

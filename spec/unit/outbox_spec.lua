@@ -774,6 +774,57 @@ for engine, open in pairs(stores) do
       db:close()
     end)
 
+    -- A dispatcher holding every shard reads their heads in one query
+    -- (the oldest first, batch x shards of them). A backlog of one shard
+    -- (1,000 subjects, to a slow sink) filled that read: another shard's
+    -- event, newer, was left out of every round until the backlog was
+    -- down to batch x shards, however long that took. Each held shard
+    -- gets its batch every round, and the round takes the shards in turn.
+    it("one dispatcher holding every shard serves each of them every round:"
+       .. " a backlog in one does not hold back another's event", function()
+      local db = open()
+      local got, slow = {}, {}
+      local sink = { name = "slow", deliver = function(event)
+        if slow[event.subject] then paygate.sleep(0.002) end
+        got[#got + 1] = event.subject
+      end }
+      local d = outbox.dispatcher(db, { sinks = { sink }, partitions = 2,
+                                        batch = 5, concurrency = 1 })
+      assert.equal(0, d:step())            -- both shards' leases taken
+      assert.equal(2, count(d.leases))
+      local function subjects(shard, k)
+        local t, i = {}, 0
+        while #t < k do
+          i = i + 1
+          local subj = "pay_" .. shard .. "_" .. i
+          if outbox.shard_of(subj) % 2 == shard then t[#t + 1] = subj end
+        end
+        return t
+      end
+      local backlog = subjects(0, 1000)
+      assert(db:transaction(function(tx)
+        for _, subj in ipairs(backlog) do
+          slow[subj] = true
+          assert(outbox.enqueue(tx, { subject = subj, type = "t" }))
+        end
+        return true
+      end))
+      local other = subjects(1, 1)[1]
+      local id = enqueue(db, other, "payment.paid")
+      -- the first round: the backlog's batch, and the other shard's event
+      -- second (the shards in turn), not after the backlog
+      assert.equal(6, d:step())
+      assert.equal(6, #got)
+      assert.equal(other, got[2])
+      assert.equal("delivered", row(db, id).state)
+      -- the backlog goes on, a batch a round, in id order
+      assert.equal(5, d:step())
+      assert.same({ backlog[6], backlog[7], backlog[8], backlog[9],
+                    backlog[10] }, { unpack(got, 7, 11) })
+      d:stop()
+      db:close()
+    end)
+
     it("stop() abandons a delivery in flight (the row stays pending) and"
        .. " hands the shards over at once", function()
       local db = open()
