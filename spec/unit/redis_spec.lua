@@ -176,6 +176,29 @@ describe("paygate.redis", function()
       c:close()
     end)
 
+    -- A refusal on a connection's first reply counted as a failed
+    -- connect: the client backed off, and every command failed "not
+    -- connected: next attempt in ..." for up to 2 s, though the server
+    -- answered (only our bound refused what it said).
+    it("backs off for no reply past max_reply, even a connection's first",
+       function()
+      assert.equal("OK", r:call("SET", "max_reply_first",
+                                string.rep("v", 4096)))
+      local c = assert(redis.connect(srv.url, { pool = 1,
+                                                max_reply = 1024 }))
+      for i = 1, 3 do
+        -- the second one is the first reply on the connection it opens
+        local res, err = c:call("GET", "max_reply_first")
+        assert.is_nil(res, i)
+        assert.equal("redis: Protocol error: a bulk string of 4096 bytes,"
+                     .. " past max_reply (1024 bytes)", err.message, i)
+      end
+      -- served at once, on a new connection
+      assert.equal("PONG", c:call("PING"))
+      assert.equal(4096, #r:call("GET", "max_reply_first"))
+      c:close()
+    end)
+
     it("serves 100 concurrent coroutines", function()
       local tasks = {}
       for i = 1, 100 do

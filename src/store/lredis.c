@@ -1962,6 +1962,15 @@ guard_too_big(redisAsyncContext *ac, int type, unsigned long long n,
         snprintf(why, len, "a reply past max_reply (%zu bytes)", max);
     }
     guard_refuse(ac, why);
+    /* The server answered: only our bound refused what it said, so the
+     * attempt succeeded. Counted failed (as the context goes, on a
+     * connection's first reply), it made the client back off: every
+     * command failed "not connected" for up to LREDIS_BACKOFF_MAX. */
+    if (ac->data != NULL && ac->onConnect != on_sub_connect
+        && conn_of(ac)->ac == ac)
+    {
+        attempt_ok(conn_of(ac));
+    }
 }
 
 /* Counts bytes (a string's length, an array's elements * GUARD_VALUE) of
