@@ -33,6 +33,11 @@ _M.now = core.now                     -- wall clock, seconds (cached)
 local DEFAULT_RETRIES = 5
 
 local DB = {}
+local co_running = coroutine.running
+-- what check_db refuses inside the store's own transaction (writes)
+local WRITES = { ["db:exec"] = true, ["db:exec_script"] = true,
+  ["db:transaction"] = true, ["db:atomic"] = true,
+  ["db:ensure_schema"] = true }
 DB.__index = DB
 
 local TX = {}
@@ -119,6 +124,22 @@ local function check_db(fname, self)
   end
   if self.closed then
     error(fname .. ": db is closed", 3)
+  end
+  -- A write through db (not tx) from inside one of its own transactions'
+  -- fn: on SQLite the writer serves only that transaction until it ends,
+  -- so the write would wait for the COMMIT that waits for it (a hang of
+  -- tx_timeout, then the transaction rolled back); on PostgreSQL it runs
+  -- outside the transaction, on another connection, and waits on the
+  -- transaction's own row locks. Refused at once, naming the way out.
+  local open = self.tx_open
+  if open and WRITES[fname] and open[co_running() or DB] then
+    error(fname .. ": called inside this store's own transaction (the fn"
+      .. " of db:transaction): write through the tx it was given"
+      .. " (tx:exec; nested transactions are not supported), or after"
+      .. " the transaction; " .. (self.engine == "sqlite"
+        and "on SQLite it would wait for the transaction's COMMIT, which"
+          .. " waits for it" or "through db it would run outside the"
+          .. " transaction, on another connection"), 3)
   end
 end
 
@@ -407,7 +428,15 @@ function DB:transaction(fn, opts)
     if txid then
       local tx = setmetatable({ h = self.h, id = txid, db = self,
                                 engine = self.engine }, TX)
+      local co = co_running() or DB     -- (nil: the main thread)
+      local open = self.tx_open
+      if not open then
+        open = setmetatable({}, { __mode = "k" })
+        self.tx_open = open
+      end
+      open[co] = true
       local res = pack(pcall(fn, tx))
+      open[co] = nil
       if self.closed then
         -- db:close() during fn: the store rolled the transaction back (a
         -- commit or rollback now would raise on the closed handle)

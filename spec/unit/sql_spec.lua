@@ -589,6 +589,50 @@ for _, engine in ipairs(engines) do
         assert.is_true(db:has_table("made_here"))
       end)
 
+      it("refuses a write through db inside its own transaction at once,"
+         .. " naming tx (SQLite would wait for its own COMMIT)", function()
+        local t0 = paygate.update_time()
+        for _, call in ipairs({
+          { "db:exec", function() return db:exec("INSERT INTO t (v, n)"
+              .. " VALUES ('inner', 1)") end },
+          { "db:atomic", function() return db:atomic({ { "INSERT INTO t"
+              .. " (v, n) VALUES ('inner', 1)" } }) end },
+          { "db:transaction", function() return db:transaction(
+              function() return true end) end },
+          { "db:exec_script", function() return db:exec_script(
+              "UPDATE t SET n = 2") end },
+        }) do
+          local ok, err = pcall(db.transaction, db, function(tx)
+            assert(tx:exec("INSERT INTO t (v, n) VALUES ($1, $2)",
+                           { "outer", 1 }))
+            -- a read through db is no write: allowed
+            assert(db:query("SELECT count(*) AS c FROM t"))
+            return call[2]()
+          end)
+          assert.is_false(ok, call[1])
+          assert.matches(call[1] .. ": called inside this store's own"
+                         .. " transaction", tostring(err), 1, true)
+          assert.matches("tx:exec", tostring(err), 1, true)
+          -- rolled back, and nothing of the inner write either
+          assert.equal(0, db:query("SELECT count(*) AS c FROM t")[1].c)
+        end
+        -- at once, not after tx_timeout
+        assert.is_true(paygate.update_time() - t0 < 5)
+        -- after the transaction, the same writes work; so does one from
+        -- another coroutine while a transaction is open
+        assert(db:exec("INSERT INTO t (v, n) VALUES ('after', 1)"))
+        local other
+        assert(db:transaction(function(tx)
+          assert(tx:exec("INSERT INTO t (v, n) VALUES ('in', 1)"))
+          other = paygate.spawn(function()
+            return db:exec("INSERT INTO t (v, n) VALUES ('other', 1)")
+          end)
+          return true
+        end))
+        assert(wait_task(other, 5, "the other coroutine's write"))
+        assert.equal(3, db:query("SELECT count(*) AS c FROM t")[1].c)
+      end)
+
       it("rolls back when fn raises an error table and returns it", function()
         local ok, err = db:transaction(function(tx)
           assert(tx:exec("INSERT INTO t (v, n) VALUES ($1, $2)", { "t2", 1 }))
