@@ -35,7 +35,13 @@ describe("paygate.redis", function()
         assert.truthy(tostring(err):find("redis.connect: opts." .. name
                                          .. " must be", 1, true), err)
       end
-      local ok, err = pcall(redis.connect, srv.url, { passwd = "x" })
+      -- a bound under a value's own cost would refuse every reply
+      local ok, err = pcall(redis.connect, srv.url, { max_reply = 55 })
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find("opts.max_reply must be 0 (the"
+                                       .. " default", 1, true), err)
+      assert(redis.connect(srv.url, { max_reply = 1024 })):close()
+      ok, err = pcall(redis.connect, srv.url, { passwd = "x" })
       assert.is_false(ok)
       assert.truthy(tostring(err):find("unknown option opts.passwd", 1,
                                        true), err)

@@ -86,6 +86,7 @@
  * values (leases, counters, cached answers) are bytes to kilobytes, and
  * Redis's own bound on a string (proto-max-bulk-len) is 512 MB. */
 #define LREDIS_MAXREPLY (64 * 1024 * 1024)
+#define LREDIS_MINREPLY 1024             /* the smallest max_reply taken */
 
 /* Reconnect backoff. With no connection up, every command would open
  * one: while the server is down that is a connect per command, a burst
@@ -1265,6 +1266,13 @@ lredis_new(lua_State *L)
                                     LREDIS_MAXBLOCKING, 1, INT_MAX);
     max_reply = gw_store_opt_int(L, 3, "redis.connect", "max_reply", 0, 0,
                                  INT_MAX);
+    if (max_reply > 0 && max_reply < LREDIS_MINREPLY) {
+        /* (each value counts 56 bytes: a bound this small would refuse
+         * every reply, AUTH's and SELECT's included) */
+        return luaL_error(L, "redis.connect: opts.max_reply must be 0 (the"
+                          " default, %d) or at least %d bytes",
+                          LREDIS_MAXREPLY, LREDIS_MINREPLY);
+    }
     password = gw_store_opt_str(L, 3, "redis.connect", "password");
     ud = lua_newuserdata(L, sizeof(*ud));
     ud->cl = NULL;
