@@ -139,6 +139,24 @@ describe("wechatpay api", function()
       { "jsapi prepay without payer.openid", function()
           return wx:jsapi_prepay(prepay_p{ payer = { sp_openid = "o" } })
         end, "payer.openid" },
+      -- payer is in the JSAPI prepay's body alone: WeChat refuses it on
+      -- the other trade types as a field the API does not define
+      { "native prepay with a payer", function()
+          return wx:native_prepay(prepay_p{ payer = { openid = "o" } }) end,
+        "payer" },
+      { "app prepay with a payer", function()
+          return wx:app_prepay(prepay_p{ payer = { openid = "o" } }) end,
+        "payer" },
+      { "h5 prepay with a payer", function()
+          return wx:h5_prepay(prepay_p{ payer = { openid = "o" },
+            scene_info = { payer_client_ip = "14.23.150.211",
+                           h5_info = { type = "Wap" } } }) end, "payer" },
+      { "native prepay with an empty payer", function()
+          return wx:native_prepay(prepay_p{ payer = {} }) end, "payer" },
+      { "h5 prepay with a payer (prepay_request)", function()
+          return wx:prepay_request("h5", prepay_p{ payer = { openid = "o" },
+            scene_info = { payer_client_ip = "14.23.150.211",
+                           h5_info = { type = "Wap" } } }) end, "payer" },
       { "h5 prepay without scene_info", function()
           return wx:h5_prepay(prepay_p()) end, "scene_info" },
       { "h5 prepay without scene_info.h5_info", function()
@@ -203,6 +221,17 @@ describe("wechatpay api", function()
                               payer = { sub_openid = "oUp" } }
           p.appid = nil
           return pwx:jsapi_prepay(p) end, "sub_appid" },
+      { "partner native prepay with payer.sp_openid", function()
+          local p = prepay_p{ sub_mchid = "1900000109", sp_appid = APPID,
+                              payer = { sp_openid = "oUp" } }
+          p.appid = nil
+          return pwx:native_prepay(p) end, "payer" },
+      { "partner app prepay with payer.sub_openid", function()
+          local p = prepay_p{ sub_mchid = "1900000109", sp_appid = APPID,
+                              sub_appid = APPID,
+                              payer = { sub_openid = "oUp" } }
+          p.appid = nil
+          return pwx:app_prepay(p) end, "payer" },
       { "direct prepay with sub_mchid", function()
           return wx:native_prepay(prepay_p{ sub_mchid = "1900000109" }) end,
         "sub_mchid" },
@@ -346,6 +375,8 @@ describe("wechatpay api", function()
                 p.appid, p.sp_appid, p.sub_mchid = nil, APPID, "1900000109"
                 p.payer = { sp_openid = "o" }
               end
+              -- payer is a JSAPI field: the other kinds refuse it first
+              if kind ~= "jsapi" then p.payer = nil end
               local t = p
               for i = 1, #path - 1 do
                 if type(t[path[i]]) ~= "table" then t[path[i]] = {} end

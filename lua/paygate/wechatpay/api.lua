@@ -296,6 +296,14 @@ local function build_prepay(self, kind, p)
         or "is for partner mode (a client configured with sp_mchid)")
     end
   end
+  -- payer (openid; sp_openid / sub_openid in partner mode) is in the JSAPI
+  -- prepay's body alone: WeChat refuses it on the other trade types as a
+  -- field the API does not define (PARAM_ERROR), so it is said here
+  if kind ~= "jsapi" and body.payer ~= nil then
+    return fail(name, "payer", "is for a JSAPI prepay only (the payer's "
+                .. "openid inside WeChat): leave it out of a " .. kind
+                .. " prepay")
+  end
   if mode == "partner" then
     ok, err = fill(name, body, "sp_mchid", c.mchid)
     if ok then ok, err = fill(name, body, "sp_appid", c.sp_appid) end
