@@ -870,6 +870,12 @@ end
 -- WeChat Pay takes at most this many refunds of one order
 _M.MAX_REFUNDS = 50
 
+-- WeChat Pay takes a refund only within a year of the payment. How it
+-- counts the year is not documented: 366 days is a year by any count (a
+-- leap day included), so a refund this long after the payment's
+-- success_time is one WeChat certainly refuses (seconds)
+_M.REFUND_WINDOW = 366 * 86400
+
 -- syntax: left, err = reconcile.refund_limit(paid, refunds, amount)
 -- returns: what stays refundable after `amount` (fen), or nil, err:
 -- invalid_amount (not a positive integer), refund_exceeds_paid (amount

@@ -371,6 +371,41 @@ describe("simulator: refunds", function()
     assert.equal("rf-order-01", r4.json.out_trade_no)
   end)
 
+  it("refuses a refund more than a year after the payment; pays at a"
+     .. " success_time given to the control API", function()
+    local function ago(days)      -- in Beijing time, as WeChat writes it
+      return os.date("!%Y-%m-%dT%H:%M:%S+08:00",
+                     os.time() - days * 86400 + 8 * 3600)
+    end
+    -- paid 367 days ago: a year ago by any count, so not refundable
+    signed(prepay("rf-old-0001"))
+    local p = pay("rf-old-0001", { success_time = ago(367) })
+    assert.equal(200, p.status, p.body)
+    assert.equal(ago(367):sub(1, 10), p.json.success_time:sub(1, 10))
+    local q = query("rf-old-0001")
+    signed(q)
+    assert.equal(p.json.success_time, q.json.success_time)
+    err(refund("rf-old-0001", "rf-old-r1", 10), 400, "INVALID_REQUEST",
+        "/out_trade_no")
+    err(get_refund("rf-old-r1"), 404, "RESOURCE_NOT_EXISTS")
+    assert.equal("SUCCESS", query("rf-old-0001").json.trade_state)
+    -- paid 200 days ago: refunded
+    signed(prepay("rf-old-0002"))
+    assert.equal(200, pay("rf-old-0002", { success_time = ago(200) }).status)
+    signed(refund("rf-old-0002", "rf-old-r2", 10))
+    -- the time of a payment is in the past, before the days whose bills
+    -- can still be downloaded (92): no bill already made changes
+    for i, bad in ipairs({ ago(-1), ago(10), "2020-01-01", 1700000000 }) do
+      local no = "rf-old-bad" .. i
+      signed(prepay(no))
+      local b = pay(no, { success_time = bad })
+      assert.equal(400, b.status, tostring(bad) .. ": " .. b.body)
+      assert.equal("PARAM_ERROR", b.json.code)
+      assert.matches("success_time", b.json.message)
+      assert.equal("NOTPAY", query(no).json.trade_state)
+    end
+  end)
+
   it("ABNORMAL -> PROCESSING by apply-abnormal-refund", function()
     signed(prepay("rf-abn-0001"))
     assert.equal(200, pay("rf-abn-0001").status)

@@ -75,6 +75,13 @@ function _M.today(now)
   return os.date("!%Y-%m-%d", floor(now) + BEIJING)
 end
 
+--- syntax: yes = bills.kept(start, now)
+-- Whether the bills of the Beijing day starting at `start` can be
+-- downloaded at `now`: they are kept KEEP_DAYS after the day ends.
+function _M.kept(start, now)
+  return start + DAY >= now - _M.KEEP_DAYS * DAY
+end
+
 -- Amounts --------------------------------------------------------------------
 
 local function yuan(fen)
@@ -411,7 +418,7 @@ function _M.ask(ctx, req, m, kind)
   if q.bill_date > _M.today(now) then
     return bad("PARAM_ERROR", "bill_date is in the future", "bill_date")
   end
-  if start + DAY < now - _M.KEEP_DAYS * DAY then
+  if not _M.kept(start, now) then
     return bad("PARAM_ERROR", "bills are kept for 3 months", "bill_date")
   end
   local cut, err = cutoff(ctx, q.bill_date, start, now)

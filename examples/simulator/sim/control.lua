@@ -13,6 +13,8 @@ local faults = require "sim.faults"
 local identity = require "sim.identity"
 local certificates = require "sim.certificates"
 local orders = require "sim.orders"
+local bills = require "sim.bills"
+local civil = require "paygate.civil"
 
 local _M = {}
 
@@ -24,6 +26,7 @@ _M.answer = answer
 
 local loopback = require("paygate.addr").loopback_addr
 local mono = require("paygate.core").mono
+local wall = require("paygate.core").time
 
 -- "[::ffff:1.2.3.4]:p" (a v4 client on a dual-stack socket) -> "1.2.3.4:p"
 local function plain_addr(a)
@@ -153,12 +156,26 @@ function _M.routes(ctx)
       why = bad_string(b, k)
       if why then return bad(why) end
     end
+    -- success_time: an order paid long ago (a refund more than a year
+    -- after its payment is refused). Only a day whose bills can no longer
+    -- be downloaded: a bill made already never changes
+    local paid_at
+    if b.success_time ~= nil then
+      paid_at = type(b.success_time) == "string"
+                and civil.epoch(b.success_time)
+      if not paid_at or bills.kept(bills.day_start(bills.today(paid_at)),
+                                   wall()) then
+        return bad("success_time must be an RFC 3339 time on a day whose"
+                   .. " bills are no longer kept (more than "
+                   .. bills.KEEP_DAYS .. " days back)")
+      end
+    end
     local q = req:query()
     local wait, werr = wait_of(q)
     if werr then return bad(werr) end
     local t, err = orders.pay(req.params.no, {
       mchid = q.mchid, payer_total = b.payer_total,
-      bank_type = b.bank_type, openid = b.openid })
+      bank_type = b.bank_type, openid = b.openid, success_at = paid_at })
     if not t then return answer(err.status or 500, err) end
     return answer_notified(t, err, wait)
   end)

@@ -31,6 +31,9 @@ local DESC = {
 }
 local TYPES = { jsapi = "JSAPI", app = "APP", h5 = "MWEB", native = "NATIVE" }
 local MAX_REFUNDS = 50
+-- a refund this long after the payment is refused: a year by any count
+-- (paygate.reconcile's, the gateway's check too)
+local REFUND_WINDOW = require("paygate.reconcile").REFUND_WINDOW
 local EMPTY = {}                 -- read only
 local EMPTY_ARRAY = require("paygate.json.core").empty_array  -- encodes []
 
@@ -1002,6 +1005,10 @@ local function create_refund(req, c)
     if o.trade_state ~= "SUCCESS" and o.trade_state ~= "REFUND" then
       return nil, a.invalid("/out_trade_no", "订单未支付，不能退款")
     end
+    -- WeChat takes a refund within a year of the payment only
+    if o.success_at and c.now - o.success_at > REFUND_WINDOW then
+      return nil, a.invalid("/out_trade_no", "交易时间超过一年的订单无法退款")
+    end
     if b.amount.total ~= o.total then
       return nil, a.invalid("/amount/total",
         "退款请求中的原订单金额与订单金额不一致")
@@ -1225,7 +1232,8 @@ end
 --- syntax: t, err = orders.pay(out_trade_no, opts)
 -- The payer pays: NOTPAY (or PAYERROR) -> SUCCESS, and the
 -- TRANSACTION.SUCCESS notification is enqueued with it. opts: mchid,
--- payer_total, bank_type, openid. returns the Transaction, or nil,
+-- payer_total, bank_type, openid, success_at (when the payer paid, epoch
+-- seconds: now when absent). returns the Transaction, or nil,
 -- { status, code, message }.
 function _M.pay(no, opts)
   return S.db:transaction(function(tx)
@@ -1251,9 +1259,10 @@ function _M.pay(no, opts)
         "payer_total " .. string.format("%.0f", opts.payer_total)
         .. " exceeds the order's total " .. o.total }
     end
-    o.transaction_id = "4200" .. beijing_stamp(now):sub(1, 8)
+    local paid = opts.success_at or now
+    o.transaction_id = "4200" .. beijing_stamp(paid):sub(1, 8)
                        .. random_digits(16)
-    o.trade_state, o.success_at = "SUCCESS", now
+    o.trade_state, o.success_at = "SUCCESS", paid
     o.payer_total = opts.payer_total or o.total
     o.bank_type = opts.bank_type or "OTHERS"
     if opts.openid then o.openid = opts.openid end
@@ -1263,7 +1272,7 @@ function _M.pay(no, opts)
     assert(tx:exec("UPDATE sim_orders SET trade_state = 'SUCCESS', "
       .. "transaction_id = $1, success_at = $2, payer_total = $3, "
       .. "bank_type = $4, openid = $5 WHERE id = $6",
-      { n = 6, o.transaction_id, now, o.payer_total, o.bank_type, o.openid,
+      { n = 6, o.transaction_id, paid, o.payer_total, o.bank_type, o.openid,
         o.id }))
     local t = _M.transaction(o)
     local note = {
