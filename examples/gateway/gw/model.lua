@@ -5,6 +5,7 @@ local paygate = require "paygate"
 local crypto = require "paygate.crypto"
 local fsm = require "paygate.fsm"
 local json = require "paygate.json"
+local civil = require "paygate.civil"
 
 local type, tostring, ipairs, floor = type, tostring, ipairs, math.floor
 
@@ -250,6 +251,29 @@ end
 
 -- WeChat Pay takes at most this many refunds of one order (50)
 _M.MAX_REFUNDS = require("paygate.reconcile").MAX_REFUNDS
+
+-- WeChat Pay takes a refund only this long after the payment (a year by
+-- any count: 366 days, in seconds)
+_M.REFUND_WINDOW = require("paygate.reconcile").REFUND_WINDOW
+
+--- syntax: t, err = model.paid_at(q, payment_id)
+-- When the payment was paid, from its payment.succeeded audit entry:
+-- WeChat's success_time there (what WeChat counts a refund's year from),
+-- else when the gateway recorded it (later than WeChat's time, never
+-- earlier). returns: epoch seconds, or false when the entry is not there
+-- (an audit month detached from PostgreSQL), or nil, err.
+function _M.paid_at(q, payment_id)
+  local rows, err = q:query("SELECT at, evidence FROM paygate_audit WHERE"
+    .. " subject = $1 AND what = 'payment.succeeded' ORDER BY seq LIMIT 1",
+    { "payment:" .. payment_id })
+  if not rows then return nil, err end
+  local e = rows[1]
+  if not e then return false end
+  local ev = json.decode(tostring(e.evidence))
+  local t = type(ev) == "table" and type(ev.success_time) == "string"
+            and civil.epoch(ev.success_time)
+  return t or (tonumber(e.at) or 0) / 1000
+end
 
 --- syntax: n, err = model.refund_count(q, payment_id)
 -- The payment's refunds of its paid order that WeChat took or may have

@@ -9,7 +9,7 @@ local apply = require "gw.apply"
 local payments = require "gw.payments"
 local events = require "gw.events"
 
-local type, tostring, ipairs = type, tostring, ipairs
+local type, tostring, ipairs, floor = type, tostring, ipairs, math.floor
 
 local _M = {}
 
@@ -286,6 +286,18 @@ function _M.create(req, ik)
         .. p.id .. " has " .. count .. " refunds: WeChat Pay takes at most "
         .. model.MAX_REFUNDS .. " of one payment", { refunds = count,
         refundable = row.amount - total }) }
+    end
+    -- WeChat refuses a refund more than a year after the payment: said
+    -- here too. Without the payment's audit entry (a detached audit
+    -- month) WeChat is left to judge
+    local paid_at
+    paid_at, qerr = model.paid_at(tx, p.id)
+    if paid_at == nil then return nil, qerr end
+    if paid_at and now - paid_at > model.REFUND_WINDOW then
+      return { status = 422, body = err_body("refund_too_late", "payment "
+        .. p.id .. " was paid " .. floor((now - paid_at) / 86400)
+        .. " days ago: WeChat Pay takes a refund within a year of the"
+        .. " payment only", { paid_at = paid_at }) }
     end
     local id = model.new_refund_id()
     local created

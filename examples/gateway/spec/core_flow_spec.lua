@@ -318,4 +318,48 @@ describe("gateway core flow", function()
     local list = gw:call("GET", "/v1/payments/" .. p.id .. "/refunds")
     assert.equal(50, #list.json.refunds)
   end)
+
+  it("refuses a refund more than a year after the payment before sending"
+     .. " it (refund_too_late)", function()
+    -- WeChat Pay takes a refund within a year of the payment only: one of
+    -- a payment WeChat says was paid 400 days ago is refused here, not
+    -- sent to be refused (502); one paid 200 days ago is sent
+    local function paid_days_ago(days)
+      local p = gw:create{ amount = 100 }
+      local at = os.time() - days * 86400
+      sim:control("POST", "/sim/transactions/" .. p.out_trade_no .. "/pay",
+                  { success_time = os.date("!%Y-%m-%dT%H:%M:%S+08:00",
+                                           at + 8 * 3600) })
+      sim:wait_notification(p.out_trade_no)
+      gw:wait_state(p.id, "paid")
+      return p, at
+    end
+    local function sent_refunds()
+      local n = 0
+      for _, r in ipairs(sim:requests()) do
+        if r.method == "POST" and r.target == "/v3/refund/domestic/refunds"
+        then
+          n = n + 1
+        end
+      end
+      return n
+    end
+    local old, at = paid_days_ago(400)
+    local sent = sent_refunds()
+    local over = gw:call("POST", "/v1/payments/" .. old.id .. "/refunds",
+                         { amount = 1 })
+    assert.equal(422, over.status, over.body)
+    assert.equal("refund_too_late", over.json.error)
+    assert.equal(at, over.json.paid_at)
+    assert.matches("within a year", over.json.message)
+    assert.equal(sent, sent_refunds())
+    local list = gw:call("GET", "/v1/payments/" .. old.id .. "/refunds")
+    assert.equal(0, #list.json.refunds)
+    assert.equal("paid", gw:call("GET", "/v1/payments/" .. old.id).json.state)
+    local recent = paid_days_ago(200)
+    local ok = gw:call("POST", "/v1/payments/" .. recent.id .. "/refunds",
+                       { amount = 1 })
+    assert.equal(201, ok.status, ok.body)
+    assert.equal(sent + 1, sent_refunds())
+  end)
 end)
