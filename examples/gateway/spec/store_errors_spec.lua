@@ -32,7 +32,7 @@ describe("gateway store errors", function()
 
   local function req(id)
     return { params = { id = id }, app_id = "a",
-             query = function() return {} end }
+             query = function() return {}, {} end }
   end
 
   local function assert_opaque(status, body)
