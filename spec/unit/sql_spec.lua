@@ -1846,6 +1846,85 @@ describe("paygate.sql on sqlite (engine specifics)", function()
     rdr:close()
   end)
 
+  it("an inline read of a UTF-16 database answers its text in UTF-8, as a"
+     .. " reader does", function()
+    -- SQLite keeps text in the file's encoding; a file made elsewhere may
+    -- be UTF-16. Read straight from the statement, text must be asked for
+    -- as text (converted), not as bytes (the file's UTF-16 as it is).
+    local inl = open("sqlite", { inline_reads = 500000 })
+    local rdr = assert(sql.open("sqlite:" .. tmp .. "/t" .. counter .. ".db",
+                                { inline_reads = 0 }))
+    assert(inl:exec_script("PRAGMA encoding = 'UTF-16le';"
+      .. " CREATE TABLE u (k INTEGER PRIMARY KEY, t TEXT, b BLOB)"))
+    assert.same({ { encoding = "UTF-16le" } },
+                assert(rdr:query("PRAGMA encoding")))
+    assert(inl:exec("INSERT INTO u (k, t, b) VALUES (1, $1, $2)",
+                    { "h\195\169llo \230\148\175\228\187\152", "\0\1raw" }))
+    local before = inl:stats().reads_inline
+    local q = "SELECT k, t, b, t || '!' AS x FROM u"
+    local rows = assert(inl:query(q))
+    assert.equal(1, inl:stats().reads_inline - before)
+    assert.same({ { k = 1, t = "h\195\169llo \230\148\175\228\187\152",
+                    b = "\0\1raw",
+                    x = "h\195\169llo \230\148\175\228\187\152!" } }, rows)
+    assert.same(assert(rdr:query(q)), rows)
+    inl:close()
+    rdr:close()
+  end)
+
+  it("a finalizer that raises during an inline read leaves no read open:"
+     .. " the next reads see every commit", function()
+    -- Building the rows allocates Lua objects, hence GC steps and __gc
+    -- finalizers; LuaJIT raises a finalizer's error through the
+    -- allocation. The statement is then between two steps: left so, it
+    -- would hold its read transaction on the inline connection, and
+    -- every later inline read would see the data of that moment.
+    local db = open("sqlite", { inline_reads = 1000000 })
+    assert(db:exec_script("CREATE TABLE m (k INTEGER PRIMARY KEY, a TEXT,"
+      .. " b TEXT, c TEXT, d TEXT); WITH RECURSIVE c(x) AS (SELECT 1 UNION"
+      .. " ALL SELECT x + 1 FROM c WHERE x < 2000) INSERT INTO m SELECT x,"
+      .. " 'a' || x, 'b' || x, 'c' || x, 'd' || x FROM c;"
+      .. " CREATE TABLE f (k INTEGER PRIMARY KEY); INSERT INTO f VALUES (1)"))
+    local ALL = "SELECT * FROM m ORDER BY k"
+    local COUNT = "SELECT count(*) AS n FROM f"
+    assert.same({ { n = 1 } }, assert(db:query(COUNT)))
+    local armed, raised = false, false
+    collectgarbage()
+    collectgarbage("stop")
+    local ok, err = pcall(function()
+      for _ = 1, 200 do
+        local p = newproxy(true)
+        getmetatable(p).__gc = function()
+          if armed and not raised then
+            raised = true
+            error("finalizer raised")
+          end
+        end
+      end
+      for i = 1, 20000 do
+        local _ = { {}, "garbage" .. i }           -- work for the GC
+      end
+      armed = true
+      collectgarbage("restart")        -- the read's allocations step it
+      local rows = db:query(ALL)
+      collectgarbage()                 -- (if the read was done first)
+      return rows
+    end)
+    collectgarbage("restart")
+    assert.is_true(raised, "the finalizer ran")
+    assert.is_false(ok)
+    assert.matches("finalizer raised", tostring(err))
+    local before = db:stats().reads_inline
+    assert(db:exec("INSERT INTO f VALUES (2)"))
+    assert.same({ { n = 2 } }, assert(db:query(COUNT)))
+    local rows = assert(db:query(ALL))
+    assert.equal(2000, #rows)
+    assert.same({ k = 2000, a = "a2000", b = "b2000", c = "c2000",
+                  d = "d2000" }, rows[2000])
+    assert.equal(2, db:stats().reads_inline - before)
+    db:close()
+  end)
+
   it("a finalizer that closes the db during an inline read frees nothing"
      .. " the read still uses", function()
     -- Building the rows allocates Lua objects, hence GC steps and __gc

@@ -60,6 +60,14 @@
  * table) then goes through a reader, yields, and lets the loop serve
  * others, as before.
  *
+ * An inline read makes its Lua rows while SQLite steps (lua_add_row): no
+ * copy of every value into the job and out again. That runs Lua
+ * allocations, hence GC steps and finalizers, with the statement between
+ * two steps, so it runs under lua_pcall: a raise (no memory, a
+ * finalizer's error) still resets the statement (left open, its read
+ * would pin the connection to an old snapshot), and a finalizer that
+ * closes the handle leaves the inline connection for that read to close.
+ *
  * Opening: the writer creates the file and switches it to WAL. Other
  * processes may do the same at the same moment (workers on a first
  * start): that waits within busy_timeout like any write (conn_open()).
@@ -206,6 +214,12 @@ struct lsqlite_db {
     pid_t              inl_pid;      /* the process that opened it */
     int                inl_off;      /* it could not be opened */
     double             inl_deadline; /* monotonic s: the running read's */
+    int                inl_running;  /* an inline read is making its
+                                        rows (Lua runs: a finalizer may
+                                        close the handle) */
+    int                inl_closed;   /* closed then: that read closes the
+                                        connection and drops the
+                                        handle's reference */
     long               reads_inline; /* loop thread only */
     long               reads_moved;  /* over budget: to the readers */
     /* counters, written by the writer with atomics */
@@ -816,6 +830,94 @@ add_row(struct lsqlite_job *j, sqlite3_stmt *st)
     return SQLITE_OK;
 }
 
+/* An inline read's rows, made as Lua tables while SQLite steps (the loop
+ * thread runs it and the Lua state is at hand): no copy of the values
+ * into the job and out again, and each column name pushed once per
+ * result set. The rows table is at index rows; the names, when the
+ * stack has room for them, from index names on (0: each cell pushes its
+ * name). Lua-visible results are push_rows()'s: a NULL is no key, a
+ * later column of the same name overwrites an earlier one. */
+struct lua_rows {
+    lua_State *L;
+    int        rows;
+    int        names;
+    int        ncols;
+};
+
+/* Pushes the column name c of st (gw_pushshort: most are short and
+ * recur). Returns SQLITE_NOMEM when SQLite could not make it. */
+static int
+push_col_name(lua_State *L, sqlite3_stmt *st, int c)
+{
+    const char *name = sqlite3_column_name(st, c);
+
+    if (name == NULL) {
+        return SQLITE_NOMEM;
+    }
+    gw_pushshort(L, name, strlen(name));
+    return SQLITE_OK;
+}
+
+/* add_row() for an inline read: appends st's row to lr's rows table. May
+ * raise (no memory, a finalizer's error): inline_read() runs it under
+ * lua_pcall. */
+static int
+lua_add_row(struct lua_rows *lr, struct lsqlite_job *j, sqlite3_stmt *st)
+{
+    lua_State *L = lr->L;
+    int        c, rc;
+
+    if (j->nrows == 0) {
+        lr->ncols = sqlite3_column_count(st);
+        if (lua_checkstack(L, lr->ncols + 4)) {
+            lr->names = lua_gettop(L) + 1;
+            for (c = 0; c < lr->ncols; c++) {
+                if ((rc = push_col_name(L, st, c)) != SQLITE_OK) {
+                    return rc;
+                }
+            }
+        }
+    }
+    lua_createtable(L, 0, lr->ncols);
+    for (c = 0; c < lr->ncols; c++) {
+        int type = sqlite3_column_type(st, c);
+
+        if (type == SQLITE_NULL) {
+            continue;
+        }
+        if (lr->names > 0) {
+            lua_pushvalue(L, lr->names + c);
+        } else if ((rc = push_col_name(L, st, c)) != SQLITE_OK) {
+            return rc;
+        }
+        switch (type) {
+        case SQLITE_INTEGER:
+            gw_store_push_int(L, sqlite3_column_int64(st, c));
+            break;
+        case SQLITE_FLOAT:
+            lua_pushnumber(L, sqlite3_column_double(st, c));
+            break;
+        default: {                      /* TEXT, BLOB */
+            /* the bytes first, then their length (SQLite's advice); text
+             * as text: in a UTF-16 file, the blob would be its UTF-16 */
+            const char *p = type == SQLITE_TEXT
+                            ? (const char *) sqlite3_column_text(st, c)
+                            : sqlite3_column_blob(st, c);
+            int         n = sqlite3_column_bytes(st, c);
+
+            if (p == NULL && n > 0) {
+                return SQLITE_NOMEM;
+            }
+            lua_pushlstring(L, p != NULL ? p : "", (size_t)n);
+            break;
+        }
+        }
+        lua_rawset(L, -3);
+    }
+    lua_rawseti(L, lr->rows, ++j->nrows);
+    return SQLITE_OK;
+}
+
 /* After a cached statement failed in its step with SQLITE_ERROR: SQLite
  * prepares a statement again inside the step when the schema changed
  * (another connection dropped a column or a table it uses), and a
@@ -836,9 +938,11 @@ stale_check(struct lsqlite_conn *c, struct lsqlite_job *j)
     sqlite3_finalize(st);
 }
 
-/* Runs one statement job on connection c. Returns j->rc. */
+/* Runs one statement job on connection c; its rows go into j, or with
+ * lr (an inline read) into Lua tables. Returns j->rc. */
 static int
-run_stmt(struct lsqlite_conn *c, struct lsqlite_job *j)
+run_stmt_rows(struct lsqlite_conn *c, struct lsqlite_job *j,
+              struct lua_rows *lr)
 {
     sqlite3_stmt *st = stmt_get(c, j);
     int           rc;
@@ -860,7 +964,7 @@ run_stmt(struct lsqlite_conn *c, struct lsqlite_job *j)
     for (;;) {
         rc = sqlite3_step(st);
         if (rc == SQLITE_ROW) {
-            rc = add_row(j, st);
+            rc = lr != NULL ? lua_add_row(lr, j, st) : add_row(j, st);
             if (rc != SQLITE_OK) {
                 job_fail(j, rc, NULL);
                 goto done;
@@ -894,6 +998,12 @@ done:
     sqlite3_reset(st);
     sqlite3_clear_bindings(st);
     return j->rc;
+}
+
+static int
+run_stmt(struct lsqlite_conn *c, struct lsqlite_job *j)
+{
+    return run_stmt_rows(c, j, NULL);
 }
 
 static int
@@ -1966,7 +2076,10 @@ lsqlite_gc(lua_State *L)
         return 0;                   /* closed, or not ours (gw_testudata) */
     }
     ud->db = NULL;
-    if (db->inl.h != NULL && db->inl_pid == self_pid()) {
+    if (db->inl_running) {
+        db->inl_closed = 1;         /* by Lua an inline read ran: that
+                                       read, stepping on it, closes it */
+    } else if (db->inl.h != NULL && db->inl_pid == self_pid()) {
         conn_close(&db->inl);       /* the loop thread's: closed here */
     }
     pthread_mutex_lock(&db->mu);
@@ -1974,7 +2087,9 @@ lsqlite_gc(lua_State *L)
     pthread_cond_broadcast(&db->wcond);
     pthread_cond_broadcast(&db->rcond);
     pthread_mutex_unlock(&db->mu);
-    db_unref(db);
+    if (!db->inl_closed) {
+        db_unref(db);               /* else the inline read's to drop */
+    }
     return 0;
 }
 
@@ -2106,16 +2221,41 @@ job_unrun(struct lsqlite_job *j)
     j->ncols = j->nrows = j->cap = 0;
 }
 
-/* Runs the query j on the loop thread within the budget. returns: 1 when
- * j holds its outcome (its rows, or its own error), 0 when a reader must
- * run it (over budget, a lock, a statement that writes). */
+/* What inline_read() hands inline_read_run() through lua_pcall. */
+struct inline_run {
+    struct lsqlite_conn *c;
+    struct lsqlite_job  *j;
+};
+
+/* Under inline_read()'s lua_pcall: (inline_run as a light userdata) ->
+ * the rows table (with the outcome in j). */
 static int
-inline_read(struct lsqlite_db *db, struct lsqlite_job *j)
+inline_read_run(lua_State *L)
+{
+    struct inline_run *ir = lua_touserdata(L, 1);
+    struct lua_rows    lr = { L, 0, 0, 0 };
+
+    lua_createtable(L, 1, 0);           /* most reads: one row or none */
+    lr.rows = lua_gettop(L);
+    run_stmt_rows(ir->c, ir->j, &lr);
+    lua_settop(L, lr.rows);             /* the names go */
+    return 1;
+}
+
+/* Runs the query j on the loop thread within the budget, its rows made
+ * straight into Lua (inline_read_run, at stack index run). Returns how
+ * many results it pushed on L (the rows, or nil and j's own error), 0
+ * when a reader must run it (over budget, a lock, a statement that
+ * writes; nothing pushed), -1 when making the rows raised (no memory, a
+ * finalizer's error: the error is on top, the statement reset). */
+static int
+inline_read(lua_State *L, int run, struct lsqlite_db *db,
+            struct lsqlite_job *j)
 {
     struct lsqlite_conn *c = inline_conn(db);
     sqlite3_stmt        *st;
     unsigned             slot;
-    int                  rc;
+    int                  rc, ran = 0;
     double               t0;
 
     if (c == NULL) {
@@ -2147,11 +2287,39 @@ inline_read(struct lsqlite_db *db, struct lsqlite_job *j)
     if (st == NULL) {
         rc = j->rc;                 /* prepare failed */
     } else {
-        double took;
+        double            took;
+        struct inline_run ir = { c, j };
 
         t0 = gw_loop_mono_fresh();
         db->inl_deadline = t0 + db->inline_us / 1e6;
-        rc = run_stmt(c, j);
+        lua_pushvalue(L, run);
+        lua_pushlightuserdata(L, &ir);
+        db->inl_running = 1;
+        rc = lua_pcall(L, 1, 1, 0);
+        db->inl_running = 0;
+        if (rc != 0) {
+            /* raised between two steps: run_stmt_rows() did not end the
+             * statement, and left running it would hold its snapshot
+             * (the next read on this connection would see old data) */
+            sqlite3_reset(st);
+            sqlite3_clear_bindings(st);
+        }
+        if (db->inl_closed) {
+            /* a finalizer the making of the rows ran closed the handle:
+             * what lsqlite_gc() left to us, and db is gone after */
+            conn_close(&db->inl);
+            db_unref(db);
+            if (rc == 0) {
+                lua_pop(L, 1);
+                lua_pushliteral(L, "sqlite: database is closed");
+            }
+            return -1;
+        }
+        if (rc != 0) {
+            return -1;
+        }
+        ran = 1;
+        rc = j->rc;
         took = gw_loop_mono_fresh() - t0;
         inl_spent += took;
         if (rc == SQLITE_INTERRUPT) {
@@ -2174,11 +2342,20 @@ inline_read(struct lsqlite_db *db, struct lsqlite_job *j)
         }
     }
     if (rc == SQLITE_INTERRUPT || rc == SQLITE_BUSY || rc == SQLITE_LOCKED) {
+        if (ran) {
+            lua_pop(L, 1);              /* the rows made before the cut */
+        }
         job_unrun(j);
         db->reads_moved++;
         return 0;
     }
     db->reads_inline++;
+    if (rc != SQLITE_OK) {
+        if (ran) {
+            lua_pop(L, 1);
+        }
+        return push_job_error(L, j);
+    }
     return 1;
 }
 
@@ -2199,11 +2376,13 @@ lsqlite_query(lua_State *L)
     }
     recheck_db(L, db, j);
     j->want_rows = 1;
-    if (lua_isyieldable(L) && inline_read(db, j)) {
-        int n = push_job_result(L, j);
+    if (lua_isyieldable(L)) {
+        int n = inline_read(L, lua_upvalueindex(1), db, j);
 
-        job_free(j);
-        return n;
+        if (n != 0) {
+            job_free(j);
+            return n > 0 ? n : lua_error(L);
+        }
     }
     return submit(L, j, LSQLITE_Q_READER);
 }
@@ -2472,7 +2651,6 @@ lsqlite_stats(lua_State *L)
 static const luaL_Reg lsqlite_methods[] = {
     { "connect", lsqlite_connect },
     { "exec", lsqlite_exec },
-    { "query", lsqlite_query },
     { "script", lsqlite_script },
     { "atomic", lsqlite_atomic },
     { "begin", lsqlite_begin },
@@ -2523,6 +2701,9 @@ luaopen_paygate_sqlite_core(lua_State *L)
     lua_setfield(L, -2, "__gc");
     lua_newtable(L);
     luaL_register(L, NULL, lsqlite_methods);
+    lua_pushcfunction(L, inline_read_run);   /* query's, for lua_pcall */
+    lua_pushcclosure(L, lsqlite_query, 1);
+    lua_setfield(L, -2, "query");
     lua_setfield(L, -2, "__index");
     lua_pop(L, 1);
     lua_newtable(L);
