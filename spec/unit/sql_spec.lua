@@ -1846,6 +1846,36 @@ describe("paygate.sql on sqlite (engine specifics)", function()
     rdr:close()
   end)
 
+  it("an inline read names its columns as the schema now has them, and"
+     .. " each statement its own", function()
+    -- the inline connection keeps each cached statement's column names
+    -- between reads; SQLite prepares a statement again inside its step
+    -- after a schema change, and SELECT * then has other columns
+    local db = open("sqlite", { inline_reads = 1000000 })
+    assert(db:exec_script("CREATE TABLE c (k INTEGER PRIMARY KEY, a TEXT);"
+      .. " INSERT INTO c VALUES (1, 'x'), (2, 'y')"))
+    local ALL = "SELECT * FROM c WHERE k = $1"
+    local before = db:stats().reads_inline
+    assert.same({ { k = 1, a = "x" } }, assert(db:query(ALL, { 1 })))
+    assert.same({ { k = 2, a = "y" } }, assert(db:query(ALL, { 2 })))
+    -- another statement: its own names (a collision keeps the last)
+    assert.same({ { z = 1, k = 1 } },
+                assert(db:query("SELECT a AS z, k, k AS z FROM c WHERE k = 1"
+                  .. " AND a = $1", { "x" })))
+    assert.same({ { z = 1, k = 1 } },
+                assert(db:query("SELECT a AS z, k, k AS z FROM c WHERE k = 1"
+                  .. " AND a = $1", { "x" })))
+    assert(db:exec_script("ALTER TABLE c RENAME COLUMN a TO b;"
+      .. " ALTER TABLE c ADD COLUMN d INTEGER DEFAULT 7"))
+    assert.same({ { k = 1, b = "x", d = 7 } }, assert(db:query(ALL, { 1 })))
+    assert.same({ { k = 2, b = "y", d = 7 } }, assert(db:query(ALL, { 2 })))
+    assert(db:exec_script("DROP TABLE c; CREATE TABLE c (k INTEGER PRIMARY"
+      .. " KEY, e TEXT); INSERT INTO c VALUES (1, 'w')"))
+    assert.same({ { k = 1, e = "w" } }, assert(db:query(ALL, { 1 })))
+    assert.equal(7, db:stats().reads_inline - before)
+    db:close()
+  end)
+
   it("an inline read of a UTF-16 database answers its text in UTF-8, as a"
      .. " reader does", function()
     -- SQLite keeps text in the file's encoding; a file made elsewhere may

@@ -67,6 +67,8 @@
  * finalizer's error) still resets the statement (left open, its read
  * would pin the connection to an old snapshot), and a finalizer that
  * closes the handle leaves the inline connection for that read to close.
+ * Each cached statement's column names are made once, not per read:
+ * the handle's environment table keeps them per cache slot.
  *
  * Opening: the writer creates the file and switches it to WAL. Other
  * processes may do the same at the same moment (workers on a first
@@ -174,6 +176,13 @@ struct lsqlite_cache {
     char          strike[LSQLITE_CACHE];/* interrupted once: once more and
                                           it is slow (the first may have
                                           been a schema reload) */
+    unsigned      gen[LSQLITE_CACHE];  /* bumped by each prepare into the
+                                          slot (never 0 once prepared) */
+    /* inline connection: the statement (gen) and the count of its
+     * automatic re-prepares (a schema change can change its columns)
+     * whose column names the handle's names table holds (lua_add_row) */
+    unsigned      names_gen[LSQLITE_CACHE];   /* 0: none */
+    int           names_reprep[LSQLITE_CACHE];
 };
 
 struct lsqlite_conn {
@@ -675,6 +684,9 @@ stmt_get(struct lsqlite_conn *c, struct lsqlite_job *j)
     c->cache.sql[slot] = strdup(j->sql);
     c->cache.st[slot] = c->cache.sql[slot] != NULL ? st : NULL;
     c->cache.tx[slot] = (char) c->allow_tx;
+    if (++c->cache.gen[slot] == 0) {
+        c->cache.gen[slot] = 1;     /* 0 names no statement */
+    }
     if (c->cache.st[slot] == NULL) {
         sqlite3_finalize(st);
         job_fail(j, SQLITE_NOMEM, NULL);
@@ -832,16 +844,23 @@ add_row(struct lsqlite_job *j, sqlite3_stmt *st)
 
 /* An inline read's rows, made as Lua tables while SQLite steps (the loop
  * thread runs it and the Lua state is at hand): no copy of the values
- * into the job and out again, and each column name pushed once per
- * result set. The rows table is at index rows; the names, when the
- * stack has room for them, from index names on (0: each cell pushes its
- * name). Lua-visible results are push_rows()'s: a NULL is no key, a
- * later column of the same name overwrites an earlier one. */
+ * into the job and out again. The rows table is at index rows; the
+ * column names, when the stack has room for them, from index names on
+ * (0: each cell pushes its name). They are made once per statement, not
+ * per read: the handle keeps them in a table per cache slot (at index
+ * cache: the handle's environment table, 0 if none), valid while the
+ * slot holds the same statement, re-prepared as often (a re-prepare
+ * after a schema change can change the columns). Lua-visible results are
+ * push_rows()'s: a NULL is no key, a later column of the same name
+ * overwrites an earlier one. */
 struct lua_rows {
-    lua_State *L;
-    int        rows;
-    int        names;
-    int        ncols;
+    lua_State            *L;
+    int                   rows;
+    int                   names;
+    int                   ncols;
+    int                   cache;
+    struct lsqlite_cache *c;
+    unsigned              slot;
 };
 
 /* Pushes the column name c of st (gw_pushshort: most are short and
@@ -870,10 +889,42 @@ lua_add_row(struct lua_rows *lr, struct lsqlite_job *j, sqlite3_stmt *st)
     if (j->nrows == 0) {
         lr->ncols = sqlite3_column_count(st);
         if (lua_checkstack(L, lr->ncols + 4)) {
+            struct lsqlite_cache *k = lr->c;
+            unsigned              s = lr->slot;
+            int                   reprep = sqlite3_stmt_status(st,
+                                     SQLITE_STMTSTATUS_REPREPARE, 0);
+            int                   kept = lr->cache > 0
+                                     && k->names_gen[s] == k->gen[s]
+                                     && k->names_reprep[s] == reprep;
+
             lr->names = lua_gettop(L) + 1;
-            for (c = 0; c < lr->ncols; c++) {
-                if ((rc = push_col_name(L, st, c)) != SQLITE_OK) {
-                    return rc;
+            if (kept) {
+                lua_rawgeti(L, lr->cache, (int)s + 1);
+                kept = lua_istable(L, -1);  /* (unless Lua replaced the
+                                               handle's environment) */
+            }
+            if (kept) {
+                for (c = 0; c < lr->ncols; c++) {
+                    lua_rawgeti(L, lr->names, c + 1);
+                }
+                lua_remove(L, lr->names);
+            } else {
+                lua_settop(L, lr->names - 1);
+                for (c = 0; c < lr->ncols; c++) {
+                    if ((rc = push_col_name(L, st, c)) != SQLITE_OK) {
+                        return rc;
+                    }
+                }
+                if (lr->cache > 0) {
+                    k->names_gen[s] = 0;    /* (if the below raises) */
+                    lua_createtable(L, lr->ncols, 0);
+                    for (c = 0; c < lr->ncols; c++) {
+                        lua_pushvalue(L, lr->names + c);
+                        lua_rawseti(L, -2, c + 1);
+                    }
+                    lua_rawseti(L, lr->cache, (int)s + 1);
+                    k->names_gen[s] = k->gen[s];
+                    k->names_reprep[s] = reprep;
                 }
             }
         }
@@ -2022,6 +2073,8 @@ lsqlite_open(lua_State *L)
     ud->db = db;                         /* __gc now owns our reference */
     luaL_getmetatable(L, LSQLITE_MT);
     lua_setmetatable(L, -2);
+    lua_createtable(L, 0, 0);           /* inline reads' column names */
+    lua_setfenv(L, -2);
     if (db->path == NULL) {
         return gw_push_error(L, "unavailable", 0, "sqlite: out of memory");
     }
@@ -2225,16 +2278,19 @@ job_unrun(struct lsqlite_job *j)
 struct inline_run {
     struct lsqlite_conn *c;
     struct lsqlite_job  *j;
+    unsigned             slot;
 };
 
-/* Under inline_read()'s lua_pcall: (inline_run as a light userdata) ->
- * the rows table (with the outcome in j). */
+/* Under inline_read()'s lua_pcall: (inline_run as a light userdata, the
+ * handle) -> the rows table (with the outcome in j). */
 static int
 inline_read_run(lua_State *L)
 {
     struct inline_run *ir = lua_touserdata(L, 1);
-    struct lua_rows    lr = { L, 0, 0, 0 };
+    struct lua_rows    lr = { L, 0, 0, 0, 0, &ir->c->cache, ir->slot };
 
+    lua_getfenv(L, 2);                  /* the names of each statement */
+    lr.cache = lua_istable(L, -1) ? lua_gettop(L) : 0;
     lua_createtable(L, 1, 0);           /* most reads: one row or none */
     lr.rows = lua_gettop(L);
     run_stmt_rows(ir->c, ir->j, &lr);
@@ -2288,14 +2344,15 @@ inline_read(lua_State *L, int run, struct lsqlite_db *db,
         rc = j->rc;                 /* prepare failed */
     } else {
         double            took;
-        struct inline_run ir = { c, j };
+        struct inline_run ir = { c, j, slot };
 
         t0 = gw_loop_mono_fresh();
         db->inl_deadline = t0 + db->inline_us / 1e6;
         lua_pushvalue(L, run);
         lua_pushlightuserdata(L, &ir);
+        lua_pushvalue(L, 1);
         db->inl_running = 1;
-        rc = lua_pcall(L, 1, 1, 0);
+        rc = lua_pcall(L, 2, 1, 0);
         db->inl_running = 0;
         if (rc != 0) {
             /* raised between two steps: run_stmt_rows() did not end the
