@@ -138,6 +138,8 @@ struct lsqlite_job {
     int                want_rows;/* 1: query (rows), 0: exec (changes) */
     long               txid;     /* interactive transaction, 0 if none */
     char              *sql;      /* owned */
+    unsigned           slot1;    /* sql's statement cache slot + 1; 0 until
+                                    hashed (once per job, not per look) */
     struct gw_store_val    *params;   /* owned, nparams values */
     int                nparams;
     /* results, written by the thread that runs the job */
@@ -183,6 +185,9 @@ struct lsqlite_cache {
      * whose column names the handle's names table holds (lua_add_row) */
     unsigned      names_gen[LSQLITE_CACHE];   /* 0: none */
     int           names_reprep[LSQLITE_CACHE];
+    int          *pos[LSQLITE_CACHE];  /* owned: the Lua position of each
+                                          parameter of st (param_pos),
+                                          read from its name once */
 };
 
 struct lsqlite_conn {
@@ -618,8 +623,10 @@ cache_clear(struct lsqlite_cache *c)
     for (i = 0; i < LSQLITE_CACHE; i++) {
         sqlite3_finalize(c->st[i]);
         free(c->sql[i]);
+        free(c->pos[i]);
         c->st[i] = NULL;
         c->sql[i] = NULL;
+        c->pos[i] = NULL;
     }
 }
 
@@ -636,15 +643,28 @@ only_space(const char *s)
     return 1;
 }
 
+/* j->sql's slot in a statement cache (the same on every connection). */
+static unsigned
+job_slot(struct lsqlite_job *j)
+{
+    if (j->slot1 == 0) {
+        j->slot1 = gw_store_hash(j->sql) % LSQLITE_CACHE + 1;
+    }
+    return j->slot1 - 1;
+}
+
+static int param_pos(sqlite3_stmt *st, int i);
+
 /* Returns a cached or newly prepared statement for j->sql, or NULL with
  * the error recorded in j. The cache owns the statement. */
 static sqlite3_stmt *
 stmt_get(struct lsqlite_conn *c, struct lsqlite_job *j)
 {
-    unsigned      slot = gw_store_hash(j->sql) % LSQLITE_CACHE;
+    unsigned      slot = job_slot(j);
     sqlite3_stmt *st = NULL;
     const char   *tail = NULL;
-    int           rc;
+    int           rc, i, n;
+    int          *pos = NULL;
 
     /* our own BEGIN/COMMIT never serves user SQL of the same text */
     int           same = c->cache.sql[slot] != NULL
@@ -674,8 +694,24 @@ stmt_get(struct lsqlite_conn *c, struct lsqlite_job *j)
                  "use a script (no parameters) or one call each");
         return NULL;
     }
+    /* the parameters' positions, for every run of it (a name parsed
+     * per parameter per run was a strtol each) */
+    n = sqlite3_bind_parameter_count(st);
+    if (n > 0) {
+        pos = malloc((size_t)n * sizeof(*pos));
+        if (pos == NULL) {
+            sqlite3_finalize(st);
+            job_fail(j, SQLITE_NOMEM, NULL);
+            return NULL;
+        }
+        for (i = 1; i <= n; i++) {
+            pos[i - 1] = param_pos(st, i);
+        }
+    }
     sqlite3_finalize(c->cache.st[slot]);
     free(c->cache.sql[slot]);
+    free(c->cache.pos[slot]);
+    c->cache.pos[slot] = pos;
     if (!same) {
         c->cache.skip[slot] = 0;
         c->cache.strike[slot] = 0;
@@ -689,6 +725,8 @@ stmt_get(struct lsqlite_conn *c, struct lsqlite_job *j)
     }
     if (c->cache.st[slot] == NULL) {
         sqlite3_finalize(st);
+        free(c->cache.pos[slot]);
+        c->cache.pos[slot] = NULL;
         job_fail(j, SQLITE_NOMEM, NULL);
         return NULL;
     }
@@ -712,13 +750,13 @@ param_pos(sqlite3_stmt *st, int i)
  * hold ($2 with one value: a nil in the array ended it): SQLite would
  * bind NULL for it, and PostgreSQL refuses the statement. Returns 1 then. */
 static int
-params_missing(sqlite3_stmt *st, struct lsqlite_job *j)
+params_missing(sqlite3_stmt *st, const int *pos, struct lsqlite_job *j)
 {
     int i, n = sqlite3_bind_parameter_count(st), k;
     char msg[200];
 
     for (i = 1; i <= n; i++) {
-        k = param_pos(st, i);
+        k = pos[i - 1];
         if (k < 1 || k > j->nparams) {
             snprintf(msg, sizeof(msg), "the statement takes parameter %s,"
                      " and params holds %d value%s (a nil ends the array:"
@@ -734,12 +772,12 @@ params_missing(sqlite3_stmt *st, struct lsqlite_job *j)
 }
 
 static int
-bind_params(sqlite3_stmt *st, struct lsqlite_job *j)
+bind_params(sqlite3_stmt *st, const int *pos, struct lsqlite_job *j)
 {
     int i, n = sqlite3_bind_parameter_count(st);
 
     for (i = 1; i <= n; i++) {
-        int             k = param_pos(st, i);
+        int             k = pos[i - 1];
         struct gw_store_val *v;
         int             rc;
 
@@ -996,18 +1034,20 @@ run_stmt_rows(struct lsqlite_conn *c, struct lsqlite_job *j,
               struct lua_rows *lr)
 {
     sqlite3_stmt *st = stmt_get(c, j);
+    const int    *pos;
     int           rc;
     sqlite3_int64 total;
 
     if (st == NULL) {
         return j->rc;
     }
+    pos = c->cache.pos[job_slot(j)];     /* st's (stmt_get's slot) */
     total = sqlite3_total_changes64(c->h);
-    if (params_missing(st, j)) {
+    if (params_missing(st, pos, j)) {
         rc = j->rc;
         goto done;
     }
-    rc = bind_params(st, j);
+    rc = bind_params(st, pos, j);
     if (rc != SQLITE_OK) {
         job_fail_db(j, c->h, rc);
         goto done;
@@ -2325,7 +2365,7 @@ inline_read(lua_State *L, int run, struct lsqlite_db *db,
     if (inl_spent >= INLINE_TURN * db->inline_us / 1e6) {
         return 0;                   /* enough for this turn: yield */
     }
-    slot = gw_store_hash(j->sql) % LSQLITE_CACHE;
+    slot = job_slot(j);
     if (c->cache.skip[slot] > 0 && c->cache.sql[slot] != NULL
         && strcmp(c->cache.sql[slot], j->sql) == 0)
     {
