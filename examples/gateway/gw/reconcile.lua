@@ -158,15 +158,25 @@ end
 -- (migration 006: their WHERE clauses are the indexes' own): one query
 -- with an OR and ORDER BY COALESCE(...) read every open row to sort them.
 -- SQLite is told the index (without statistics it would rather scan the
--- open rows by state); PostgreSQL's planner has statistics.
+-- open rows by state); PostgreSQL's planner has statistics. On SQLite the
+-- open states are ORs, as its indexes have them (migration 009: an IN list
+-- there cost every state change a temporary table).
 local function due_sqls(engine)
   local function from(tbl, alias, index)
     return " FROM " .. tbl .. " " .. alias
       .. (engine == "sqlite" and (" INDEXED BY " .. index) or "")
   end
-  local pay_open = " p.state IN ('created', 'paying', 'unknown')"
-  local ref_open = " r.state IN ('created', 'processing', 'unknown',"
-    .. " 'abnormal')"
+  local pay_open, ref_open
+  if engine == "sqlite" then
+    pay_open = " (p.state = 'created' OR p.state = 'paying'"
+      .. " OR p.state = 'unknown')"
+    ref_open = " (r.state = 'created' OR r.state = 'processing'"
+      .. " OR r.state = 'unknown' OR r.state = 'abnormal')"
+  else
+    pay_open = " p.state IN ('created', 'paying', 'unknown')"
+    ref_open = " r.state IN ('created', 'processing', 'unknown',"
+      .. " 'abnormal')"
+  end
   local ref = "SELECT r.*, p.mchid AS mchid, p.sub_mchid AS sub_mchid"
   local join = " JOIN gw_payments p ON p.id = r.payment_id WHERE"
   return {
