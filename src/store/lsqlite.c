@@ -259,6 +259,16 @@ static void tx_begin_delivered(struct lsqlite_job *j);
 
 /* ---------------------------------------------------------------- jobs */
 
+/* Frees j's column names: one block, owned by cols[0] (add_row). */
+static void
+cols_free(struct lsqlite_job *j)
+{
+    if (j->cols != NULL) {
+        free(j->cols[0]);
+    }
+    free(j->cols);
+}
+
 static void
 job_clear(struct lsqlite_job *j)
 {
@@ -271,10 +281,7 @@ job_clear(struct lsqlite_job *j)
     free(j->sql);
     gw_store_vals_free(j->params, j->nparams);
     free(j->errmsg);
-    for (i = 0; i < j->ncols; i++) {
-        free(j->cols[i]);
-    }
-    free(j->cols);
+    cols_free(j);
     gw_store_vals_free(j->cells, j->nrows * j->ncols);
 }
 
@@ -815,17 +822,40 @@ add_row(struct lsqlite_job *j, sqlite3_stmt *st)
     int                  c;
 
     if (j->nrows == 0 && j->cols == NULL) {
+        size_t bytes = 0;
+        char  *p;
+
         j->ncols = sqlite3_column_count(st);
         j->cols = calloc((size_t)j->ncols + 1, sizeof(char *));
         if (j->cols == NULL) {
             j->ncols = 0;
             return SQLITE_NOMEM;
         }
+        /* The names are copied into one block, which cols[0] owns (see
+         * cols_free): one allocation and one free for a row of any
+         * width, not one each per column. Until then cols holds
+         * SQLite's own pointers, and is emptied again on a failure. */
         for (c = 0; c < j->ncols; c++) {
-            j->cols[c] = gw_store_strdup(sqlite3_column_name(st, c));
-            if (j->cols[c] == NULL) {
+            const char *name = sqlite3_column_name(st, c);
+
+            if (name == NULL) {
+                memset(j->cols, 0, (size_t)j->ncols * sizeof(char *));
                 return SQLITE_NOMEM;
             }
+            j->cols[c] = (char *)name;
+            bytes += strlen(name) + 1;
+        }
+        p = j->ncols > 0 ? malloc(bytes) : NULL;
+        if (j->ncols > 0 && p == NULL) {
+            memset(j->cols, 0, (size_t)j->ncols * sizeof(char *));
+            return SQLITE_NOMEM;
+        }
+        for (c = 0; c < j->ncols; c++) {
+            size_t n = strlen(j->cols[c]) + 1;
+
+            memcpy(p, j->cols[c], n);
+            j->cols[c] = p;
+            p += n;
         }
     }
     if (j->nrows == j->cap) {
@@ -2298,13 +2328,8 @@ static double        inl_spent;        /* s */
 static void
 job_unrun(struct lsqlite_job *j)
 {
-    int i;
-
     free(j->errmsg);
-    for (i = 0; i < j->ncols; i++) {
-        free(j->cols[i]);
-    }
-    free(j->cols);
+    cols_free(j);
     gw_store_vals_free(j->cells, j->nrows * j->ncols);
     j->errmsg = NULL;
     j->cols = NULL;
