@@ -167,9 +167,14 @@ local function endpoint_names()
   return table.concat(names, ", ")
 end
 
+-- (the handle looked up once: get_dict gives the same one every time,
+-- and take() runs up to three times a request)
+local dict_handle
 local function dict()
-  local shared = require "paygate.shared"
-  return shared.get_dict(DICT)
+  if not dict_handle then
+    dict_handle = require("paygate.shared").get_dict(DICT)
+  end
+  return dict_handle
 end
 
 -- per worker: the list as last read and its generation

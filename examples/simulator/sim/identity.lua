@@ -49,8 +49,14 @@ local S = {                           -- per worker
   pub = nil,                          -- { id, key, pem, pub_pem }
 }
 
+-- (the handle looked up once: get_dict gives the same one every time,
+-- and each signed answer reads the generation through it)
+local dict_handle
 local function dict()
-  return require("paygate.shared").get_dict("paygate")
+  if not dict_handle then
+    dict_handle = require("paygate.shared").get_dict("paygate")
+  end
+  return dict_handle
 end
 
 local function read_file(path)
@@ -287,15 +293,20 @@ function _M.init(db, cfg)
   return true
 end
 
---- syntax: c = identity.current([now]) -- the certificate in use
-function _M.current(now)
-  fresh()
-  now = now or core.time()
+-- the certificate in use at now, of the keys as last loaded (sign_headers
+-- has just refreshed them: one generation read per answer)
+local function current(now)
   local cur
   for _, c in ipairs(S.certs) do
     if c.use_from <= now and c.not_after > now then cur = c end
   end
   return cur or S.certs[#S.certs]
+end
+
+--- syntax: c = identity.current([now]) -- the certificate in use
+function _M.current(now)
+  fresh()
+  return current(now or core.time())
 end
 
 --- syntax: list = identity.certificates([now])
@@ -357,7 +368,7 @@ local function choose(mode, request_serial, now, notification)
       return c.serial, c.key
     end
   end
-  local c = _M.current(now)
+  local c = current(now)
   return c.serial, c.key
 end
 
