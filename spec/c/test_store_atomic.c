@@ -1,8 +1,9 @@
 /*
  * test_store_atomic.c -- db:atomic's jobs as the SQLite file records them:
- * a script run by the runtime (gw_exec_main) queues, in one group commit,
- * an interactive transaction, a good three-statement job and one whose
- * third statement misses its expect; the raw binding (paygate.sqlite.core
+ * a script run by the runtime (gw_exec_main) queues, during an
+ * interactive transaction (committed in a batch of its own), a good
+ * three-statement job and one whose third statement misses its expect
+ * (committed together in the next batch); the raw binding (paygate.sqlite.core
  * h:atomic) is handed hostile shapes, which must raise before anything is
  * queued. Then the file is opened here with SQLite's own API: the good
  * job and the transaction are there, nothing of the failed job or of the
@@ -55,7 +56,8 @@ static const char script[] =
 "assert(#res == 3 and res[3].changes == 1)\n"
 "local r2, err = tasks[2]:wait()\n"
 "assert(r2 == nil and err.kind == 'conflict' and err.index == 3, tostring(err))\n"
-"assert(db:stats().commits - before.commits == 1, 'one group commit')\n"
+"assert(db:stats().commits - before.commits == 2,\n"
+"       'two commits: the transaction, then both jobs in one batch')\n"
 "local h = db.h\n"
 "local bad = { {}, { 5 }, { { 5 } }, { { 'SELECT 1', 5 } },\n"
 "  { { 'SELECT 1', { {} } } }, { { 'SELECT 1', { io.stdout } } },\n"
