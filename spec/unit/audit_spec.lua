@@ -124,6 +124,58 @@ describe("audit.append", function()
     assert.equal('{"b":1,"a":', e.evidence)
     assert.equal('{"b":1,"a":', stmts[2][2][10])
   end)
+
+  -- Chains written by earlier releases must keep verifying, and a new
+  -- entry must hash as before: these are the bytes of a notification's
+  -- entry (gw.notify_atomic's evidence and then some: escapes, UTF-8, a
+  -- fraction, 2^53, a small number, an array of every kind of value).
+  it("keeps an entry's canonical bytes and hash as written before", function()
+    local json = require "paygate.json"
+    local evidence = {
+      notification_id = "EV-2026-11-29-0001", source = "notification",
+      out_trade_no = "pay_b0000000000000001_1",
+      transaction_id = "4200000000000000000000000001",
+      trade_state = "SUCCESS", attempt_state = "open",
+      success_time = "2026-11-29T10:34:56+08:00",
+      note = "caf\195\169 \"q\" \\ /\n\t\1\127", amount = 100.25,
+      ms = 1795919696.123, neg = -3, big = 2^53, small = 1e-7,
+      list = { 1, "two", false, json.null, json.empty_array, {} } }
+    local text = '{"amount":100.25,"attempt_state":"open",'
+      .. '"big":9007199254740992,"list":[1,"two",false,null,[],{}],'
+      .. '"ms":1795919696.123,"neg":-3,'
+      .. '"note":"caf\195\169 \\"q\\" \\\\ /\\n\\t\\u0001\\u007f",'
+      .. '"notification_id":"EV-2026-11-29-0001",'
+      .. '"out_trade_no":"pay_b0000000000000001_1","small":1e-07,'
+      .. '"source":"notification",'
+      .. '"success_time":"2026-11-29T10:34:56+08:00",'
+      .. '"trade_state":"SUCCESS",'
+      .. '"transaction_id":"4200000000000000000000000001"}'
+    assert.equal(text, audit.canonical_json(evidence))
+    local entry, stmts = audit.plan("payment:pay_b0000000000000001", {
+      what = "transition", from = "paying", to = "succeeded",
+      cause = "paid", actor = "wechatpay", at = 1795919696123,
+      evidence = evidence }, { seq = 2, hash = string.rep("ab", 32) })
+    assert.equal(text, stmts[2][2][10])
+    assert.equal(table.concat({ "paygate.audit.v1",
+      "s29:payment:pay_b0000000000000001", "i3", "s10:transition", "n",
+      "s6:paying", "s9:succeeded", "s4:paid", "s9:wechatpay",
+      "i1795919696123", "s" .. #text .. ":" .. text,
+      "s64:" .. string.rep("ab", 32) }, "\n"), audit.canonical(entry))
+    assert.equal(401, #text)
+    assert.equal("dfba80aad93b72dbaee0595e65c1ca7bb97cb5200f2829cea13750239a8c"
+                 .. "87f2", entry.hash)
+    -- and what it refuses, with the same words
+    for _, case in ipairs({ { 0 / 0, "NaN or infinite number" },
+      { -math.huge, "NaN or infinite number" }, { 1LL, "cannot encode a cdata" },
+      { print, "cannot encode a function" } }) do
+      assert.has_error(function() audit.canonical_json({ v = case[1] }) end,
+                       "paygate.json.encode: " .. case[2] .. " at value")
+      assert.has_error(function() audit.canonical_json(case[1]) end,
+                       "paygate.json.encode: " .. case[2] .. " at value")
+    end
+    assert.has_error(function() audit.canonical_json({ [true] = 1 }) end,
+                     "audit: evidence keys must be strings (or 1..n)")
+  end)
 end)
 
 for engine, new_db in pairs(stores) do
