@@ -451,6 +451,89 @@ describe("paygate.json.encode", function()
     assert.equal("0.1", json.encode(0.1))
   end)
 
+  -- A value that is no table is encoded apart (no lua_pcall, no shared
+  -- buffer: audit's canonical JSON encodes its keys and values one by
+  -- one): its bytes and its errors must be those it has inside a table.
+  it("writes a lone value as it writes it inside an array", function()
+    local all = {}
+    for c = 0, 255 do all[#all + 1] = string.char(c) end
+    all = table.concat(all)
+    local values = { "", "plain", "caf\195\169", "\255", "a\"b\\c/\n\t\0\127",
+                     all, ("x"):rep(509), ("x"):rep(510), ("x"):rep(511),
+                     ("x"):rep(5000), ("\1"):rep(84), ("\1"):rep(85),
+                     ("\1"):rep(2000), ("\226\130\172"):rep(200), 0, -0, 1,
+                     -2 ^ 63, 2 ^ 63, 1e300, 0.1, 1795919696.7419429, 1e-7,
+                     true, false, json.null, json.empty_array }
+    for i, v in ipairs(values) do
+      local inside = json.encode({ v })
+      assert.equal(inside:sub(2, -2), json.encode(v), i)
+    end
+    assert.equal("null", json.encode(nil))
+    for _, v in ipairs({ 0 / 0, math.huge, -math.huge, print, 1LL,
+                         coroutine.create(print), newproxy() }) do
+      local ok, lone = pcall(json.encode, v)
+      assert.is_false(ok)
+      local _, inside = pcall(json.encode, { v })
+      assert.equal(inside:gsub(" at value%[1%]$", " at value"), lone)
+    end
+  end)
+
+  -- What an outbox payload's times (ms: epoch seconds to 3 places) and
+  -- amounts write as: webhooks sign those bytes, so the digits of a
+  -- fraction are pinned to printf's %.15g, or %.17g when %.15g does not
+  -- read back the same (whatever way the encoder finds them).
+  it("writes a fraction as %.15g when it reads back, else as %.17g",
+     function()
+    -- (the C library's printf: LuaJIT's own %g rounds ties otherwise)
+    local ffi = require "ffi"
+    pcall(ffi.cdef, "int snprintf(char *, size_t, const char *, ...);")
+    local buf = ffi.new("char[64]")
+    local function printf(x)
+      ffi.C.snprintf(buf, 64, "%.15g", ffi.new("double", x))
+      local s = ffi.string(buf)
+      if tonumber(s) ~= x then
+        ffi.C.snprintf(buf, 64, "%.17g", ffi.new("double", x))
+        s = ffi.string(buf)
+      end
+      return s
+    end
+    local xs = { 1795919696.123, 1795919696.1, 1795919696.12, 0.5, -0.5,
+                 0.0001, 0.00012, 0.00001, 99999999999999.9,
+                 999999999999999.9, 123456789012.345, 1e-7, 0.3, 2.675,
+                 1.005, -1795919696.999, 4503599627370495.5, 1e15 + 0.5,
+                 0.1 + 0.2, 1 / 3, 5e-324, 1.7976931348623157e308,
+                 999999999999999.5, 99999999999999.99, 99999999999999.5,
+                 9999999999999.999, 0.99999999999999999, 0.00009999999999,
+                 1795919696.7419429, 2 ^ 40 + 0.5, 0.625, 1 - 2 ^ -53,
+                 2 ^ 52 - 0.5, 2 ^ -13, 0.1 * 3 }
+    math.randomseed(7)
+    for _ = 1, 2000 do
+      local ms = math.random(0, 4102444800000)
+      xs[#xs + 1] = ms / 1000
+      xs[#xs + 1] = -ms / 1000
+      xs[#xs + 1] = math.random(0, 99999999) / 100
+      xs[#xs + 1] = math.random(1, 999999) / 10 ^ math.random(1, 9)
+      xs[#xs + 1] = math.random() * 10 ^ math.random(-6, 16)
+      -- a time to the microsecond (17 digits: %.17g)
+      xs[#xs + 1] = (math.random(0, 2 ^ 31) * 1e6 + math.random(0, 999999))
+                    / 1e6
+      -- just either side of a power of 10 or of 2; a binary fraction
+      -- (ties in rounding to 15 or 17 digits)
+      local near = 1 + (math.random() - 0.5) * 2 ^ -math.random(40, 52)
+      xs[#xs + 1] = 10 ^ math.random(-4, 14) * near
+      xs[#xs + 1] = 2 ^ math.random(-14, 49) * near
+      local b = math.random(1, 40)
+      xs[#xs + 1] = math.random(0, 2 ^ (52 - b))
+                    + math.random(1, 2 ^ b - 1) / 2 ^ b
+    end
+    for _, x in ipairs(xs) do
+      if x ~= math.floor(x) then
+        assert.equal(printf(x), json.encode(x))
+        assert.equal('{"at":' .. printf(x) .. '}', json.encode({ at = x }))
+      end
+    end
+  end)
+
   -- A finalizer may run inside an encode (the GC step of its final
   -- lua_pushlstring, before the copy) and encode too, e.g. by logging.
   -- It used to write into the same buffer, and free it when large: the

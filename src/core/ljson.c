@@ -142,20 +142,27 @@ enc_add(lua_State *L, struct json_enc *e, const char *s, size_t n)
     e->len += n;
 }
 
-static inline void
-enc_string(lua_State *L, struct json_enc *e, const char *s, size_t n)
+/* Whether s is plain printable ASCII (most keys and values), which JSON
+ * writes as is between quotes. */
+static inline int
+plain_ascii(const char *s, size_t n)
 {
-    size_t q, i;
-
-    /* plain printable ASCII (most keys and values): copied as is */
-    for (i = 0; i < n; i++) {
+    for (size_t i = 0; i < n; i++) {
         unsigned char c = (unsigned char) s[i];
 
         if (c < 0x20 || c >= 0x7f || c == '"' || c == '\\') {
-            break;
+            return 0;
         }
     }
-    if (i == n) {
+    return 1;
+}
+
+static inline void
+enc_string(lua_State *L, struct json_enc *e, const char *s, size_t n)
+{
+    size_t q;
+
+    if (plain_ascii(s, n)) {
         enc_reserve(L, e, n + 2);
         e->buf[e->len] = '"';
         memcpy(e->buf + e->len + 1, s, n);
@@ -546,6 +553,75 @@ ljson_encode_run(lua_State *L)
     return 1;
 }
 
+/* A value that is no table (at 1), encoded on the C stack: no lua_pcall
+ * and no state buffer, as nothing here raises before the result is made
+ * but for a value JSON cannot hold (raised as enc_value raises it, the
+ * path being just "value"); the final lua_pushlstring's allocation may
+ * raise or run a finalizer that encodes, and neither finds state to undo.
+ * Such an encode -- one key or value at a time, as paygate.audit's
+ * canonical JSON makes them -- costs about a third of the general way,
+ * most of which was its lua_pcall. Returns 0 for a string too long for
+ * the buffer (the general way takes it). */
+static int
+enc_scalar(lua_State *L)
+{
+    char buf[512];
+    size_t n;
+    const char *s;
+
+    switch (lua_type(L, 1)) {
+    case LUA_TSTRING:
+        s = lua_tolstring(L, 1, &n);
+        if (n <= sizeof(buf) - 2 && plain_ascii(s, n)) {
+            buf[0] = '"';
+            memcpy(buf + 1, s, n);
+            buf[n + 1] = '"';
+            n += 2;
+        } else {
+            /* 0: too long once escaped (gw_json_quote checks its room) */
+            n = gw_json_quote(buf, sizeof(buf), s, n);
+            if (n == 0) {
+                return 0;
+            }
+        }
+        break;
+    case LUA_TNUMBER:
+        n = format_number(buf, lua_tonumber(L, 1));
+        if (n == 0) {
+            lua_pushliteral(L, "paygate.json.encode: NaN or infinite number"
+                            " at value");
+            return lua_error(L);
+        }
+        break;
+    case LUA_TBOOLEAN:
+        if (lua_toboolean(L, 1)) {
+            lua_pushliteral(L, "true");
+        } else {
+            lua_pushliteral(L, "false");
+        }
+        return 1;
+    case LUA_TNIL:
+        lua_pushliteral(L, "null");
+        return 1;
+    case LUA_TLIGHTUSERDATA:
+        if (lua_touserdata(L, 1) == NULL) {
+            lua_pushliteral(L, "null");
+            return 1;
+        }
+        if (lua_touserdata(L, 1) == (void *) &empty_array_key) {
+            lua_pushliteral(L, "[]");
+            return 1;
+        }
+        /* fall through */
+    default:
+        lua_pushfstring(L, "paygate.json.encode: cannot encode a %s at"
+                        " value", luaL_typename(L, 1));
+        return lua_error(L);
+    }
+    lua_pushlstring(L, buf, n);
+    return 1;
+}
+
 /* paygate.json.core.encode(value) -> text; raises on what JSON cannot
  * hold (see the top of this file). */
 static int
@@ -556,6 +632,9 @@ ljson_encode(lua_State *L)
 
     luaL_checkany(L, 1);
     lua_settop(L, 1);
+    if (lua_type(L, 1) != LUA_TTABLE && enc_scalar(L)) {
+        return 1;
+    }
     if (e->busy) {
         /* Called while an encode is using the state's buffer: by a
          * finalizer that an allocation of that encode ran (the GC step of
