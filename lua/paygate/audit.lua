@@ -442,6 +442,22 @@ end
 
 ---------------------------------------------------- canonical form
 
+-- A key's JSON text, kept: evidence keys are a program's few names
+-- (gw.notify_atomic's seven), encoded again for every entry otherwise.
+-- Bounded, as evidence may carry keys from outside.
+local key_json, key_json_n = {}, 0
+local function encode_key(k)
+  local s = key_json[k]
+  if s == nil then
+    s = json.encode(k)
+    if key_json_n < 1000 and #k <= 64 then
+      key_json[k] = s
+      key_json_n = key_json_n + 1
+    end
+  end
+  return s
+end
+
 -- Canonical JSON: object keys sorted (byte order), integers exact, no
 -- spaces. Only what json.encode accepts is accepted.
 local function canon_json(v, out, depth)
@@ -492,7 +508,7 @@ local function canon_json(v, out, depth)
       if i > 1 then
         out[#out + 1] = ","
       end
-      out[#out + 1] = json.encode(keys[i])
+      out[#out + 1] = key_json[keys[i]] or encode_key(keys[i])
       out[#out + 1] = ":"
       canon_json(v[keys[i]], out, depth + 1)
     end
