@@ -66,7 +66,9 @@
  * two steps, so it runs under lua_pcall: a raise (no memory, a
  * finalizer's error) still resets the statement (left open, its read
  * would pin the connection to an old snapshot), and a finalizer that
- * closes the handle leaves the inline connection for that read to close.
+ * closes the handle leaves the inline connection for that read to close;
+ * a read made meanwhile (by a task such a finalizer started) goes to a
+ * reader: inline, it would reset or finalize the stepping statement.
  * Each cached statement's column names are made once, not per read:
  * the handle's environment table keeps them per cache slot.
  *
@@ -2379,7 +2381,11 @@ inline_read(lua_State *L, int run, struct lsqlite_db *db,
     int                  rc, ran = 0;
     double               t0;
 
-    if (c == NULL) {
+    if (c == NULL || db->inl_running) {
+        /* inl_running: a read called while an inline read makes its rows
+         * (a task a finalizer started): its statement is between two
+         * steps, and this read would reset it (the same SQL) or finalize
+         * it (another of its cache slot) under it. A reader serves. */
         return 0;
     }
     if (!inl_turn_set || gw_loop_turn() != inl_turn) {
