@@ -13,6 +13,7 @@ local sql = require "paygate.sql"
 local addr = require "paygate.addr"
 local validate = require "paygate.wechatpay.validate"
 local errors = require "paygate.wechatpay.errors"
+local wxconfig = require "paygate.wechatpay.config"
 local suggest = require "paygate.suggest"
 
 local type, pairs, ipairs, tostring, tonumber = type, pairs, ipairs,
@@ -423,11 +424,10 @@ local function check_webhooks(list)
     end
     if w.ca_file ~= nil then
       -- read, not only opened: a folder opens, and so does a file of no
-      -- certificate, then every delivery failed on TLS until dead
-      local f = type(w.ca_file) == "string" and io.open(w.ca_file, "rb")
-      local pem = f and f:read(1048576)
-      if f then f:close() end
-      if not pem or not pem:find("-----BEGIN ", 1, true) then
+      -- certificate, then every delivery failed on TLS until dead (the
+      -- client's check of its own ca_file)
+      if type(w.ca_file) ~= "string" or not wxconfig.pem_file(w.ca_file)
+      then
         return fail(where .. "ca_file", "must name a readable file of CA"
           .. " certificates (PEM)")
       end

@@ -58,6 +58,20 @@ local function material(v)
 end
 _M.material = material
 
+--- syntax: ok, why = config.pem_file(path)
+-- Whether path names a readable file with PEM text in it (a -----BEGIN
+-- line in its first MiB): a file of CA certificates, checked at start (a
+-- folder opens, and a file of no certificate reads). why: "cannot open
+-- it", the read's error, or nil (it read, and holds no PEM).
+function _M.pem_file(path)
+  local f = io.open(path, "rb")
+  if not f then return false, "cannot open it" end
+  local head, rerr = f:read(1048576)
+  f:close()
+  if not head then return false, rerr and tostring(rerr) or nil end
+  return head:find("-----BEGIN ", 1, true) ~= nil
+end
+
 -- An http:// URL to a loopback host (127.0.0.0/8, localhost, ::1): the
 -- simulator's and a local spec's. A URL with userinfo (@) is refused, so
 -- "http://localhost:x@elsewhere/" cannot pass for loopback.
@@ -403,13 +417,10 @@ function _M.check(conf)
     if conf[k] ~= nil then
       -- read now: a path that is no file of CA certificates (a typo, a
       -- folder) was taken, and every HTTPS call failed on TLS
-      local f = io.open(conf[k], "rb")
-      local head, rerr = f and f:read(1048576)
-      if f then f:close() end
-      if not head or not head:find("-----BEGIN ", 1, true) then
+      local ok, why = _M.pem_file(conf[k])
+      if not ok then
         return bad(k, "must name a readable file of CA certificates (PEM)"
-                   .. (f and rerr and " (" .. tostring(rerr) .. ")" or
-                       not f and " (cannot open it)" or ""))
+                   .. (why and " (" .. why .. ")" or ""))
       end
     end
     c[k] = conf[k]
