@@ -11,7 +11,8 @@
 --                   -- in its head or its body, and (retryable false)
 --                   -- for one that breaks HTTP: Content-Length values
 --                   -- that differ, an unasked 101, a malformed head
---                   -- (a folded first header line); err.retryable; err.sent is false
+--                   -- (a folded first header line, a header line
+--                   -- with no colon); err.retryable; err.sent is false
 --                   -- when nothing of the request was written (dns,
 --                   -- connect, TLS handshake): safe to retry blindly
 --   end

@@ -88,6 +88,57 @@ describe("paygate.http.request facing a broken server", function()
     assert.equal("ok", assert(paygate.http.request{ url = url("/ok") }).body)
   end)
 
+  it("fails an answer with a header line that holds no colon: a malformed"
+     .. " head, not a dropped connection", function()
+    -- neither a field (RFC 9112 5.1) nor a folded line. libcurl (7.88)
+    -- stops there with CURLE_WEIRD_SERVER_REPLY, the line not handed
+    -- over: it was kind closed, retryable, "Header without colon", so an
+    -- idempotent WeChat call was sent again to a server that had
+    -- answered it. Anywhere in the head, a 1xx one too, and a GET or a
+    -- POST alike; the line itself (here a credential) is never shown
+    for n = 1, 4 do
+      for _, sink in ipairs({ false, true }) do
+        for _, body in ipairs({ false, "x" }) do
+          local what = ("line %d, sink %s, body %s"):format(n,
+            tostring(sink), tostring(body))
+          local heads = 0
+          local res, err = paygate.http.request{ url = url("/nocolon-" .. n),
+            timeout = 5, body = body or nil,
+            sink = sink and function() end or nil,
+            on_headers = sink and function() heads = heads + 1 end or nil }
+          assert.is_nil(res, what)
+          assert.equal("closed", err.kind, what)
+          assert.matches("response head is malformed: a header line"
+                         .. " holds no colon", err.message, 1, true)
+          assert.is_nil(err.message:find("Header without", 1, true),
+                        err.message)
+          assert.is_nil(err.message:find("s3cr3t", 1, true), err.message)
+          assert.is_nil(err.message:find("Bogus", 1, true), err.message)
+          assert.is_false(err.retryable, what)
+          assert.is_true(err.sent, what)
+          assert.equal(0, heads, what)
+        end
+      end
+    end
+    assert.equal("ok", assert(paygate.http.request{ url = url("/ok") }).body)
+  end)
+
+  it("leaves libcurl's other malformed-head failures as they were",
+     function()
+    -- CURLE_WEIRD_SERVER_REPLY has other causes in a head (libcurl 7.88:
+    -- a NUL byte in a line, a Content-Length that is no number): they are
+    -- not a line without a colon, and say what libcurl says
+    for path, says in pairs({ ["/nul"] = "Nul byte in header",
+                              ["/badlength"] = "Invalid Content-Length" }) do
+      local res, err = paygate.http.request{ url = url(path), timeout = 5 }
+      assert.is_nil(res, path)
+      assert.equal("closed", err.kind, path)
+      assert.matches(says, err.message, 1, true)
+      assert.is_nil(err.message:find("no colon", 1, true), err.message)
+      assert.is_true(err.sent, path)
+    end
+  end)
+
   it("fails a 101 Switching Protocols no request asked for", function()
     -- it was status 101, the other protocol's bytes read as the body
     -- until the server closed

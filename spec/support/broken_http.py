@@ -15,6 +15,13 @@
 #                "  two", "\tthree: 3", "X-B: b", "X-A: again", " more"
 #   /foldfirst   200 "ok" whose first header line is folded (obs-fold
 #                with no field before it to go on): "  X-A: a"
+#   /nocolon-<n> 200 "ok" with a header line that holds no colon (neither
+#                a field nor a folded line): n = 1 right after the status
+#                line, 2 after a field ("Authorization Bearer s3cr3t-...",
+#                a secret no error may show), 3 the last before the blank
+#                line, 4 in a 100 Continue head before the 200
+#   /nul         200 "ok" with a NUL byte in a header value
+#   /badlength   200 "ok" with "Content-Length: x2"
 #   /twolengths  a 200 with Content-Length 2 and Content-Length 40, then
 #                40 bytes ("ok" and a second answer's head)
 #   /switch      101 Switching Protocols (asked by no request), then
@@ -27,6 +34,13 @@ from rawhttp import note, read_request, serve_forever
 port, log = int(sys.argv[1]), sys.argv[2]
 FULL = b"HTTP/1.1 200 OK\r\nX-A: a\r\nContent-Length: 2\r\n\r\nok"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+NOCOLON = {
+    "1": b"HTTP/1.1 200 OK\r\nBogus line\r\nContent-Length: 2\r\n\r\nok",
+    "2": b"HTTP/1.1 200 OK\r\nX-A: a\r\nAuthorization Bearer s3cr3t-"
+         + b"t0k3n" * 40 + b"\r\nContent-Length: 2\r\n\r\nok",
+    "3": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nBogus\r\n\r\nok",
+    "4": b"HTTP/1.1 100 Continue\r\nBogus\r\n\r\n" + OK,
+}
 def answer(c):
     c.settimeout(30)
     while True:
@@ -51,6 +65,16 @@ def answer(c):
         if path == "/foldfirst":
             c.sendall(b"HTTP/1.1 200 OK\r\n  X-A: a\r\n"
                       b"Content-Length: 2\r\n\r\nok")
+            continue
+        if path.startswith("/nocolon-"):
+            c.sendall(NOCOLON[path[9:]])
+            continue
+        if path == "/nul":
+            c.sendall(b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\n"
+                      b"Content-Length: 2\r\n\r\nok")
+            continue
+        if path == "/badlength":
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: x2\r\n\r\nok")
             continue
         if path == "/twolengths":
             c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"

@@ -778,7 +778,7 @@ classify(CURLcode rc, struct gw_http_op *op, int *retryable)
 static int
 push_failure(lua_State *L, struct gw_http_op *op, CURLcode rc)
 {
-    int n, retryable, bad_fold;
+    int n, retryable, bad_fold, no_colon;
     const char *kind;
 
     /* libcurl (7.88) fails a header line past CURL_MAX_HTTP_HEADER (100
@@ -795,8 +795,19 @@ push_failure(lua_State *L, struct gw_http_op *op, CURLcode rc)
      * is a malformed answer, which a resend does not cure */
     bad_fold = rc == CURLE_BAD_FUNCTION_ARGUMENT && !op->head_done
                && op->at_status;
+    /* libcurl (7.88) fails a head line that holds no colon (neither a
+     * field nor a folded line) as CURLE_WEIRD_SERVER_REPLY before the
+     * line is handed over, so nothing here sees it: only the error
+     * buffer's words tell it from that code's other causes in a head (a
+     * NUL byte in a line, a Content-Length that is no number), left as
+     * they were. It was kind closed, retryable, as a dropped connection:
+     * the server read the request and answered it wrongly, which a
+     * resend does not cure. (A libcurl that words it otherwise would
+     * fail it as before, retryable: http_client_broken_spec would fail) */
+    no_colon = rc == CURLE_WEIRD_SERVER_REPLY && !op->head_done
+               && strcmp(op->err, "Header without colon") == 0;
     kind = classify(rc, op, &retryable);
-    if (bad_fold) {
+    if (bad_fold || no_colon) {
         retryable = 0;
     }
     if (op->too_large) {
@@ -820,6 +831,11 @@ push_failure(lua_State *L, struct gw_http_op *op, CURLcode rc)
                           " head is malformed: its first header line is"
                           " folded (begins with a space or a tab), with no"
                           " field before it to continue");
+    } else if (no_colon) {
+        /* (the line is not shown: it may be anything, a credential) */
+        n = gw_push_error(L, kind, retryable, "http request: the response"
+                          " head is malformed: a header line holds no colon"
+                          " (it is neither a field nor a folded line)");
     } else if (op->head_cut) {
         n = gw_push_error(L, kind, retryable, "http request: the connection"
                           " closed before the end of the response head");
