@@ -28,6 +28,8 @@
 -- the database is migrated already, and a start refused over it would
 -- take the app down. Rows recorded before checksums were (an older
 -- paygate; the column is added in place) get the file's as it is then.
+-- migrate.status (`paygate migrate status`) shows, without writing, each
+-- version's state: applied, pending, changed, missing or unchecked.
 -- Reading the folder blocks: call it at start, not on a request.
 
 local core = require "paygate.core"
@@ -229,6 +231,20 @@ local function read_file(path)
   return s
 end
 
+-- Each file's SQL and checksum (m.sql, m.checksum); nil, err when one
+-- cannot be read.
+local function read_all(list)
+  for _, m in ipairs(list) do
+    local body, rerr = read_file(m.path)
+    if not body then
+      return nil, rerr
+    end
+    m.sql = body
+    m.checksum = checksum(body)
+  end
+  return true
+end
+
 -- syntax: applied, err = migrate.run(db, dir)
 -- returns: the list of { version, name } applied by this call (maybe
 --          empty), or nil, err (the failing file named in err.message)
@@ -244,13 +260,9 @@ function _M.run(db, dir)
   if not list then
     return nil, err
   end
-  for _, m in ipairs(list) do
-    local body, rerr = read_file(m.path)
-    if not body then
-      return nil, rerr
-    end
-    m.sql = body
-    m.checksum = checksum(body)
+  local ok, rerr = read_all(list)
+  if not ok then
+    return nil, rerr
   end
   if db.engine == "postgres" then
     local ok, serr = pg_schema(db)
@@ -374,6 +386,97 @@ function _M.run(db, dir)
       { version = m.version, file = m.path })
   end
   return applied
+end
+
+-- syntax: entries, err = migrate.status(db, dir)
+-- returns: one entry per version in dir's folder for db.engine or in
+--          paygate_migrations, sorted by version:
+--          { version, name, file, applied_at, state }
+--          name: the file's (a row's recorded name when it has no file);
+--          file: its path, nil when "missing"; applied_at: the row's
+--          (epoch seconds), nil when "pending"; state: "applied",
+--          "pending" (no row yet), "changed" (the file's checksum is not
+--          the one recorded when it was applied), "missing" (a row with
+--          no file: a file deleted or renamed to another version, or a
+--          newer app migrated the database), "unchecked" (a row with no
+--          checksum: applied by a paygate that kept none, or one cleared
+--          by hand; the next run records the file's).
+--          nil, err when the folder, a file or the table cannot be read.
+-- Reads only: nothing is made or changed in the database (one never
+-- migrated has every file pending; an older paygate's table, without its
+-- checksum column, is left so). Reading the folder blocks: for tools.
+function _M.status(db, dir)
+  if getmetatable(db) ~= sql.DB then
+    error("migrate.status: db must be a paygate.sql db", 2)
+  end
+  if type(dir) ~= "string" then
+    error("migrate.status: dir must be a string", 2)
+  end
+  local list, err = scan(dir, db.engine, "migrate.status", 2)
+  if not list then
+    return nil, err
+  end
+  local ok, rerr = read_all(list)
+  if not ok then
+    return nil, rerr
+  end
+  local rows = {}
+  local has, herr = db:has_table("paygate_migrations")
+  if has == nil then
+    return nil, herr
+  end
+  if has then
+    local col, cerr = db:query(HAS_CHECKSUM[db.engine])
+    if not col then
+      return nil, cerr
+    end
+    local qerr
+    rows, qerr = db:query("SELECT version, name, applied_at"
+      .. (col[1] and ", checksum" or "") .. " FROM paygate_migrations")
+    if not rows then
+      return nil, qerr
+    end
+  end
+  local out, by = {}, {}
+  for _, m in ipairs(list) do
+    local e = { version = m.version, name = m.name, file = m.path,
+                state = "pending", checksum = m.checksum }
+    out[#out + 1] = e
+    by[m.version] = e
+  end
+  for _, r in ipairs(rows) do
+    -- (on SQLite a row written by hand may hold a version that is no
+    -- number: it is reported as it is, never dropped)
+    local v = tonumber(r.version)
+    local e = v and by[v]
+    if not e then
+      out[#out + 1] = { version = v or r.version, name = r.name,
+                        applied_at = r.applied_at, state = "missing" }
+    else
+      e.applied_at = r.applied_at
+      if r.checksum == nil then
+        e.state = "unchecked"
+      elseif r.checksum == e.checksum then
+        e.state = "applied"
+      else
+        e.state = "changed"
+      end
+    end
+  end
+  for _, e in ipairs(out) do
+    e.checksum = nil
+  end
+  table.sort(out, function(a, b)
+    local na, nb = type(a.version) == "number", type(b.version) == "number"
+    if na ~= nb then
+      return na
+    end
+    if na then
+      return a.version < b.version
+    end
+    return tostring(a.version) < tostring(b.version)
+  end)
+  return out
 end
 
 return _M

@@ -4,6 +4,8 @@ local lease = require "paygate.lease"
 local migrate = require "paygate.migrate"
 local paygate = require "paygate"
 local servers = require "spec.support.servers"
+local proc = require "support.proc"
+local json = require "paygate.json"
 
 local tmp = servers.mktemp()
 local pg_srv
@@ -423,6 +425,225 @@ for name, new_store in pairs(stores) do
         res, err, lines = run_logged(db, d)
         assert.same({}, res, tostring(err))
         assert.equal(1, #lines.warn)
+        db:close()
+      end)
+
+      -- migrate.status: each version's state at a glance (the warning
+      -- above is a log line at start, the only sign there was), read only.
+      -- { version, name, state, file? (basename), applied? } per entry
+      local function states(list)
+        local t = {}
+        for i, e in ipairs(list) do
+          t[i] = { version = e.version, name = e.name, state = e.state,
+                   file = e.file and e.file:match("[^/]+$"),
+                   applied = type(e.applied_at) == "number" or nil }
+        end
+        return t
+      end
+
+      local function row_count(db)
+        return tonumber(db:query("SELECT count(*) AS c FROM"
+                                 .. " paygate_migrations")[1].c)
+      end
+
+      it("status: every file's and every recorded version's state, and"
+         .. " nothing written", function()
+        local d, folder = mig_dir({ ["001_one.sql"] = ONE,
+                                    ["002_two.sql"] = TWO })
+        local db = new_store()
+        -- a database never migrated: all pending, and no table made
+        assert.same({
+          { version = 1, name = "001_one.sql", file = "001_one.sql",
+            state = "pending" },
+          { version = 2, name = "002_two.sql", file = "002_two.sql",
+            state = "pending" },
+        }, states(assert(migrate.status(db, d))))
+        assert.is_false(db:has_table("paygate_migrations"))
+        assert(migrate.run(db, d))
+        local list = assert(migrate.status(db, d))
+        assert.same({
+          { version = 1, name = "001_one.sql", file = "001_one.sql",
+            state = "applied", applied = true },
+          { version = 2, name = "002_two.sql", file = "002_two.sql",
+            state = "applied", applied = true },
+        }, states(list))
+        assert.equal(folder .. "/001_one.sql", list[1].file)
+        assert.truthy(math.abs(list[1].applied_at - paygate.now()) < 60)
+        -- a comment reworded: still applied; a string changed: changed; a
+        -- new file: pending; a file gone: missing; a version recorded by
+        -- a newer app: missing
+        write(folder .. "/002_two.sql", "-- two\n" .. TWO)
+        write(folder .. "/001_one.sql", (ONE:gsub("'a%-%-b'", "'a--c'")))
+        write(folder .. "/003_three.sql", "CREATE INDEX m_two_id ON m_two"
+              .. " (id);")
+        write(folder .. "/004_four.sql", "SELECT 1;")
+        assert(run_logged(db, d))          -- (its warning not printed)
+        os.remove(folder .. "/004_four.sql")
+        write(folder .. "/005_five.sql", "SELECT 5;")
+        assert(db:exec("INSERT INTO paygate_migrations (version, name,"
+          .. " applied_at, checksum) VALUES (9, '009_future.sql', 1, 'x')"))
+        local before = checksums(db)
+        assert.same({
+          { version = 1, name = "001_one.sql", file = "001_one.sql",
+            state = "changed", applied = true },
+          { version = 2, name = "002_two.sql", file = "002_two.sql",
+            state = "applied", applied = true },
+          { version = 3, name = "003_three.sql", file = "003_three.sql",
+            state = "applied", applied = true },
+          { version = 4, name = "004_four.sql", state = "missing",
+            applied = true },
+          { version = 5, name = "005_five.sql", file = "005_five.sql",
+            state = "pending" },
+          { version = 9, name = "009_future.sql", state = "missing",
+            applied = true },
+        }, states(assert(migrate.status(db, d))))
+        -- nothing recorded nor applied by it
+        assert.same(before, checksums(db))
+        assert.equal(5, row_count(db))
+        db:close()
+      end)
+
+      it("status: a version applied with no checksum is unchecked, and an"
+         .. " older paygate's table is left as it is", function()
+        local d = mig_dir({ ["001_one.sql"] = ONE, ["002_two.sql"] = TWO })
+        local db = new_store()
+        assert(db:exec_script("CREATE TABLE paygate_migrations ("
+          .. " version BIGINT PRIMARY KEY, name TEXT NOT NULL,"
+          .. " applied_at DOUBLE PRECISION NOT NULL); " .. ONE))
+        assert(db:exec("INSERT INTO paygate_migrations (version, name,"
+          .. " applied_at) VALUES (1, '001_one.sql', 1)"))
+        assert.same({
+          { version = 1, name = "001_one.sql", file = "001_one.sql",
+            state = "unchecked", applied = true },
+          { version = 2, name = "002_two.sql", file = "002_two.sql",
+            state = "pending" },
+        }, states(assert(migrate.status(db, d))))
+        -- no checksum column added (a status writes nothing)
+        local _, qerr = db:query("SELECT checksum FROM paygate_migrations")
+        assert.truthy(qerr, "status added the checksum column")
+        -- a checksum cleared by hand (an edit meant to stay) is unchecked
+        -- until the next run records the file's
+        assert(run_logged(db, d))          -- (its info line not printed)
+        assert(db:exec("UPDATE paygate_migrations SET checksum = NULL"
+                       .. " WHERE version = 2"))
+        assert.same({ "applied", "unchecked" }, {
+          migrate.status(db, d)[1].state, migrate.status(db, d)[2].state })
+        assert(run_logged(db, d))
+        assert.equal("applied", migrate.status(db, d)[2].state)
+        db:close()
+      end)
+
+      it("status: misuse raises; a missing folder is unavailable", function()
+        local db = new_store()
+        assert.has_error(function() migrate.status({}, dir) end,
+                         "migrate.status: db must be a paygate.sql db")
+        assert.has_error(function() migrate.status(db, 1) end,
+                         "migrate.status: dir must be a string")
+        local res, err = migrate.status(db, tmp .. "/nope")
+        assert.is_nil(res)
+        assert.equal("unavailable", err.kind)
+        db:close()
+      end)
+
+      -- paygate migrate status: the command an operator runs
+      local PASSWORD = "Pw-not-shown-7781"
+      -- a store and its URL (PostgreSQL's with a password in it: the
+      -- test server trusts, so it is never asked for, only carried)
+      local function store_url()
+        if name == "sqlite" then
+          n = n + 1
+          local url = "sqlite:" .. tmp .. "/cli" .. n .. ".db"
+          return assert(sql.open(url)), url
+        end
+        local db = new_store()
+        return db, (pg_srv.url:gsub("^postgres://postgres@",
+                                    "postgres://postgres:" .. PASSWORD .. "@"))
+      end
+
+      local function cli(args)
+        local argv = { PAYGATE_BIN, "migrate" }
+        for _, a in ipairs(args) do argv[#argv + 1] = a end
+        local code, out = proc.run(argv, { timeout = 30 })
+        assert.is_nil(out:find(PASSWORD, 1, true), out)
+        assert.is_nil(out:find("CREATE", 1, true), out)
+        return code, out
+      end
+
+      it("paygate migrate status prints the table, exit 1 when a migration"
+         .. " changed or is missing, without SQL or the URL's password",
+         function()
+        local d, folder = mig_dir({ ["001_one.sql"] = ONE,
+                                    ["002_two.sql"] = TWO })
+        local db, url = store_url()
+        local code, out = cli({ "status", url, d })
+        assert.equal(0, code, out)
+        assert.matches("2 migrations: 0 applied, 2 pending, 0 changed, 0"
+                       .. " missing, 0 unchecked", out, 1, true)
+        assert.matches("no paygate_migrations table", out, 1, true)
+        assert.is_false(db:has_table("paygate_migrations"))
+        assert(migrate.run(db, d))
+        write(folder .. "/003_three.sql", "CREATE INDEX m_two_id ON m_two"
+              .. " (id);")
+        code, out = cli({ "status", url, d })
+        assert.equal(0, code, out)
+        assert.matches("\n%s*1  001_one%.sql%s+%d%d%d%d%-%d%d%-%d%d"
+                       .. " %d%d:%d%d:%d%dZ  applied\n", out)
+        assert.matches("\n%s*3  003_three%.sql%s+%-%s+pending\n", out)
+        assert.matches("3 migrations: 2 applied, 1 pending, 0 changed", out,
+                       1, true)
+        assert.is_nil(out:find("no paygate_migrations table", 1, true))
+        -- an applied file's SQL changed, a recorded version's file gone
+        write(folder .. "/001_one.sql", (ONE:gsub("'a%-%-b'", "'a--c'")))
+        os.remove(folder .. "/002_two.sql")
+        code, out = cli({ "status", url, d })
+        assert.equal(1, code, out)
+        assert.matches("001_one%.sql%s+%S+ %S+  changed\n", out)
+        assert.matches("002_two%.sql%s+%S+ %S+  missing\n", out)
+        assert.matches("3 migrations: 0 applied, 1 pending, 1 changed, 1"
+                       .. " missing, 0 unchecked", out, 1, true)
+        code, out = cli({ "status", url, d, "--json" })
+        assert.equal(1, code, out)
+        local lines = {}
+        for l in out:gmatch("[^\n]+") do lines[#lines + 1] = json.decode(l) end
+        assert.equal(4, #lines, out)
+        assert.same({ 1, "001_one.sql", "changed" }, { lines[1].version,
+                    lines[1].name, lines[1].state })
+        assert.equal(folder .. "/001_one.sql", lines[1].file)
+        assert.same({ 2, "002_two.sql", "missing" }, { lines[2].version,
+                    lines[2].name, lines[2].state })
+        assert.is_nil(lines[2].file)
+        assert.equal("number", type(lines[2].applied_at))
+        assert.same({ status = "fail", migrations = 3, applied = 0,
+                      pending = 1, changed = 1, missing = 1, unchecked = 0 },
+                    lines[4])
+        -- nothing written by any of it
+        assert.equal(2, row_count(db))
+        db:close()
+      end)
+
+      it("paygate migrate status: usage and unreadable input exit 2",
+         function()
+        local d = mig_dir({ ["001_one.sql"] = ONE })
+        local db, url = store_url()
+        local code, out = cli({ "status", url })
+        assert.equal(2, code, out)
+        assert.matches("status takes DB_URL and DIR", out, 1, true)
+        code, out = cli({ "status", url, tmp .. "/nope" })
+        assert.equal(2, code, out)
+        assert.matches("cannot read the migrations of", out, 1, true)
+        code, out = cli({ "show", url, d })
+        assert.equal(2, code, out)
+        code, out = cli({ "--help" })
+        assert.equal(0, code, out)
+        assert.matches("usage: paygate migrate status", out, 1, true)
+        if name == "sqlite" then
+          -- no SQLite file made where there was none
+          local absent = tmp .. "/absent" .. n .. ".db"
+          code, out = cli({ "status", "sqlite:" .. absent, d })
+          assert.equal(2, code, out)
+          assert.matches("no database file", out, 1, true)
+          assert.is_nil(io.open(absent))
+        end
         db:close()
       end)
     end)
