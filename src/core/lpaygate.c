@@ -230,6 +230,171 @@ lcore_file_type(lua_State *L)
     return 1;
 }
 
+/* The most core.read_file reads unless told otherwise, and the most it
+ * may be told: a key, a certificate chain or a secret is a few KiB, and a
+ * file past this is the wrong one (a log, a database, a disk image). */
+#define READ_FILE_MAX      (1024 * 1024)
+#define READ_FILE_MAX_MAX  (64 * 1024 * 1024)
+
+/* nil, err for core.read_file: kind, "NAME: REASON", err.key = name and
+ * err.reason = reason (for a caller that words its own message) */
+static int
+read_file_refused(lua_State *L, const char *kind, const char *name,
+                  const char *reason)
+{
+    gw_push_error(L, kind, 0, "%s: %s", name, reason);
+    lua_pushstring(L, name);
+    lua_setfield(L, -2, "key");
+    lua_pushstring(L, reason);
+    lua_setfield(L, -2, "reason");
+    return 2;
+}
+
+/* the kind of an errno from stat(2), open(2) or read(2) */
+static const char *
+read_file_kind(int e)
+{
+    return e == ENOENT || e == ENOTDIR ? "not_found"
+           : e == EACCES || e == EPERM ? "denied" : "io";
+}
+
+/*
+ * core.read_file(path, name[, max]) -> bytes | nil, err
+ * A small file read whole: a secret, a key, a certificate a config names.
+ * name is what the messages call it (the config key that named it); they
+ * never hold the path (a secret may have been pasted where its path
+ * belongs) nor a byte of the file. err.kind:
+ *   not_found   ENOENT, ENOTDIR ("No such file or directory")
+ *   denied      EACCES, EPERM ("Permission denied")
+ *   not_a_file  a folder ("Is a directory": it opens, and its read fails),
+ *               a FIFO, a socket, a device: never read (a FIFO's open
+ *               waits for a writer, /dev/zero's read never ends)
+ *   empty       "the file is empty"
+ *   too_large   over max bytes (default 1 MiB, at most 64 MiB)
+ *   io          another error, in strerror's words
+ * err.message is "NAME: REASON"; err.key is name, err.reason REASON.
+ * read(2), no stdio: no buffer but the result keeps a copy of a secret.
+ * Blocking: for start-up and command-line work.
+ */
+static int
+lcore_read_file(lua_State *L)
+{
+    size_t      plen, cap, n = 0;
+    const char *path = gw_arg_string(L, 1, "paygate.read_file", "path",
+                                     &plen);
+    const char *name = gw_arg_string(L, 2, "paygate.read_file", "name",
+                                     NULL);
+    lua_Number  m = READ_FILE_MAX;
+    size_t      max;
+    struct stat st;
+    char       *buf, *more;
+    int         fd, e = 0;
+    char        why[64];
+
+    if (!lua_isnoneornil(L, 3)) {
+        /* a number only: "64" is not a size */
+        m = lua_type(L, 3) == LUA_TNUMBER ? lua_tonumber(L, 3) : 0;
+    }
+    if (!(m >= 1 && m <= READ_FILE_MAX_MAX) || m != floor(m)) {
+        return luaL_error(L, "paygate.read_file: max must be a whole number"
+                          " of bytes from 1 to %d", READ_FILE_MAX_MAX);
+    }
+    max = (size_t) m;
+    if (memchr(path, '\0', plen) != NULL) {
+        /* cut at the NUL, it would name another file */
+        return read_file_refused(L, "not_found", name,
+                                 "not a path (it holds a NUL byte)");
+    }
+    /* stat first: a FIFO or a device is never opened (an open can have
+     * effects of its own: a FIFO's waits for a writer) */
+    if (stat(path, &st) != 0) {
+        e = errno;
+        return read_file_refused(L, read_file_kind(e), name, strerror(e));
+    }
+    if (S_ISDIR(st.st_mode)) {
+        return read_file_refused(L, "not_a_file", name, strerror(EISDIR));
+    }
+    if (!S_ISREG(st.st_mode)) {
+        return read_file_refused(L, "not_a_file", name, "not a regular file"
+                                 " (a FIFO, a socket or a device)");
+    }
+    /* O_NONBLOCK: should the path become a FIFO after the stat, the open
+     * does not wait; the fstat below then refuses it */
+    fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+    if (fd < 0) {
+        e = errno;
+        return read_file_refused(L, read_file_kind(e), name, strerror(e));
+    }
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        close(fd);
+        return read_file_refused(L, "not_a_file", name, "not a regular file"
+                                 " (a FIFO, a socket or a device)");
+    }
+    if (st.st_size > (off_t) max) {
+        close(fd);
+        snprintf(why, sizeof(why), "the file is over %zu bytes", max);
+        return read_file_refused(L, "too_large", name, why);
+    }
+    /* room for the size fstat gave and one byte more, to see the end (a
+     * file that grows meanwhile, one of /proc that says 0, reads on) */
+    cap = (size_t) st.st_size + 1;
+    if (cap < 4096) {
+        cap = max + 1 < 4096 ? max + 1 : 4096;
+    }
+    buf = malloc(cap);
+    while (buf != NULL) {
+        ssize_t r;
+
+        if (n == cap) {
+            if (n > max) {
+                break;
+            }
+            /* a new buffer, the old one wiped: realloc would leave a copy */
+            cap = cap > (max + 1) / 2 ? max + 1 : cap * 2;
+            more = malloc(cap);
+            if (more != NULL) {
+                memcpy(more, buf, n);
+            }
+            explicit_bzero(buf, n);
+            free(buf);
+            buf = more;
+            continue;
+        }
+        r = read(fd, buf + n, cap - n);
+        if (r < 0 && errno == EINTR) {
+            continue;
+        }
+        if (r < 0) {
+            e = errno;
+            break;
+        }
+        if (r == 0) {
+            break;
+        }
+        n += (size_t) r;
+    }
+    close(fd);
+    if (buf == NULL) {
+        return read_file_refused(L, "io", name, strerror(ENOMEM));
+    }
+    if (e == 0 && n > 0 && n <= max) {
+        lua_pushlstring(L, buf, n);
+    }
+    explicit_bzero(buf, cap);
+    free(buf);
+    if (e != 0) {
+        return read_file_refused(L, read_file_kind(e), name, strerror(e));
+    }
+    if (n == 0) {
+        return read_file_refused(L, "empty", name, "the file is empty");
+    }
+    if (n > max) {
+        snprintf(why, sizeof(why), "the file is over %zu bytes", max);
+        return read_file_refused(L, "too_large", name, why);
+    }
+    return 1;
+}
+
 /*
  * The mode argument at idx of fn (dflt when absent): an integer from 0 to
  * 0777 for a file, to 07777 without the sticky bit (01000) for a folder.
@@ -1497,6 +1662,7 @@ static const luaL_Reg lcore_funcs[] = {
     { "time_left", lcore_time_left },
     { "listdir", lcore_listdir },
     { "file_type", lcore_file_type },
+    { "read_file", lcore_read_file },
     { "write_file", lcore_write_file },
     { "mkdir_p", lcore_mkdir_p },
     { "lock_file", lcore_lock_file },
