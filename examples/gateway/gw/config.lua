@@ -294,11 +294,12 @@ local function check_merchant(m, i, seen)
     end
     local keys = {}
     for j, path in ipairs(files) do
-      local v, err = type(path) == "string" and read_secret(path)
-      if not v then
-        return fail(where .. "previous_apiv3_key_files[" .. j .. "]",
-                    err or "must be a file path")
-      end
+      local k = where .. "previous_apiv3_key_files[" .. j .. "]"
+      -- (not "type(path) == 'string' and read_secret(path)": an and keeps
+      -- one value, and every reason read "must be a file path")
+      if type(path) ~= "string" then return fail(k, "must be a file path") end
+      local v, err = read_secret(path)
+      if not v then return fail(k, err) end
       -- named here, by the key the config gives (the client's own check
       -- would name previous_apiv3_keys, which the config may not hold)
       if #v ~= 32 then

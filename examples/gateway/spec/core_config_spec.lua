@@ -92,6 +92,25 @@ describe("gateway config", function()
       .. " hold a 32-character APIv3 key (it holds 0 characters)", why)
   end)
 
+  it("says why a previous APIv3 key file cannot be read", function()
+    -- before: "must be a file path" for a path that was one (the reason
+    -- was lost on the way)
+    local function refused(files, want)
+      local cfg, why = config.check({ gateway = { db = "sqlite:" .. dir
+          .. "/a.db" }, merchants = { merchant{
+            previous_apiv3_key_files = files } } },
+        { listen = "127.0.0.1:8099" })
+      assert.is_nil(cfg)
+      assert.equal(want, why)
+    end
+    refused({ dir .. "/apiv3.key", dir .. "/no-such.key" },
+            "config.merchants[1].previous_apiv3_key_files[2]: cannot read"
+            .. " the file it names (No such file or directory)")
+    refused({ dir .. "/apiv3.key", 7 },
+            "config.merchants[1].previous_apiv3_key_files[2]: must be a"
+            .. " file path")
+  end)
+
   it("refuses previous_apiv3_key_files that are not a list", function()
     -- before: { old = PATH } was taken for no previous key at all
     for _, files in ipairs({ { old = dir .. "/apiv3.key" },
