@@ -102,14 +102,19 @@ function _M.read_kek(conf)
     if type(conf.kek_file) ~= "string" then
       return bad("kek_file must be a file path")
     end
-    local f = io.open(conf.kek_file, "rb")
     local name = _M.shown_name(conf.kek_file)
-    if not f then
-      return bad("kek_file: cannot read " .. (name or "the file it names"))
-    end
-    raw = f:read("*a")
-    f:close()
     from = "kek_file" .. (name and " " .. name or "")
+    -- (a folder, a FIFO, an empty or a huge file refused: the reason
+    -- holds neither the path, which may be the key itself, nor a byte)
+    local rerr
+    raw, rerr = core.read_file(conf.kek_file, "kek_file")
+    if not raw then
+      if rerr.kind == "empty" or rerr.kind == "too_large" then
+        return bad(from .. ": " .. rerr.reason)
+      end
+      return bad("kek_file: cannot read " .. (name or "the file it names")
+                 .. " (" .. rerr.reason .. ")")
+    end
   elseif conf.kek_env ~= nil then
     if type(conf.kek_env) ~= "string" then
       return bad("kek_env must be an environment variable's name")

@@ -4,6 +4,7 @@
 local crypto = require "paygate.crypto"
 local json = require "paygate.json"
 local credentials = require "paygate.credentials"
+local core = require "paygate.core"
 
 local KEY = "/paygate/merchants/1900000001/apiclient_key.pem"
 
@@ -100,6 +101,33 @@ describe("credentials envelopes", function()
       assert.equal("invalid_config", err.kind)
     end
     assert.has_error(function() credentials.seal("short", KEY, "x") end)
+  end)
+
+  it("says why a kek_file cannot be read: a folder, a device, too big",
+     function()
+    -- before: a folder or a device read as no key at all ("not a 32-byte
+    -- key"), and a huge file was read whole
+    local dir = os.tmpname()
+    os.remove(dir)
+    assert(core.mkdir_p(dir .. "/folder"))
+    local f = assert(io.open(dir .. "/big", "wb"))
+    f:write(("0"):rep(2 * 1048576))
+    f:close()
+    local function refused(path, want)
+      local k, err = credentials.read_kek{ kek_file = path }
+      assert.is_nil(k, path)
+      assert.equal("invalid_config", err.kind)
+      assert.equal(want, err.message)
+    end
+    refused(dir .. "/folder", "credentials: kek_file: cannot read " .. dir
+            .. "/folder (Is a directory)")
+    refused("/dev/zero", "credentials: kek_file: cannot read /dev/zero (not"
+            .. " a regular file (a FIFO, a socket or a device))")
+    refused(dir .. "/big", "credentials: kek_file " .. dir .. "/big: the"
+            .. " file is over 1048576 bytes")
+    refused(dir .. "/none", "credentials: kek_file: cannot read " .. dir
+            .. "/none (No such file or directory)")
+    os.execute("rm -rf " .. dir)
   end)
 end)
 

@@ -81,6 +81,40 @@ describe("wechatpay.client configuration", function()
     refused({ merchant_private_key = NIL }, "merchant_private_key",
             "is required %(a file path or PEM text%)")
   end)
+  it("a key or certificate file that is a folder, a device, a FIFO, empty"
+     .. " or past 1 MiB is refused unread, its path not shown", function()
+    -- before: a 2 MiB file was read whole (then "cannot load the private
+    -- key"), /dev/null read as an empty file and a FIFO's open waited for a
+    -- writer (so it comes last)
+    local dir = os.tmpname()
+    os.remove(dir)
+    assert(core.mkdir_p(dir .. "/folder"))
+    local f = assert(io.open(dir .. "/big.pem", "wb"))
+    f:write(("k"):rep(2 * 1048576))
+    f:close()
+    f = assert(io.open(dir .. "/empty.pem", "wb"))
+    f:close()
+    local function no_path(err)
+      assert.is_nil(err.message:find(dir, 1, true), err.message)
+    end
+    no_path(refused({ merchant_private_key = dir .. "/big.pem" },
+                    "merchant_private_key",
+                    ": the file is over 1048576 bytes$"))
+    local special = "not a regular file %(a FIFO, a socket or a device%)"
+    no_path(refused({ public_key = "/dev/null" }, "public_key",
+                    ": cannot read the file %(" .. special .. "%)$"))
+    no_path(refused({ merchant_private_key = dir .. "/folder" },
+                    "merchant_private_key",
+                    ": cannot read the file %(Is a directory%)$"))
+    no_path(refused({ merchant_private_key = dir .. "/empty.pem" },
+                    "merchant_private_key", ": the file is empty$"))
+    assert(os.execute("mkfifo " .. dir .. "/fifo") == 0)
+    no_path(refused({ platform_certificates = { dir .. "/fifo" } },
+                    "platform_certificates",
+                    ": entry 1: cannot read the file %(" .. special .. "%)$"))
+    os.execute("rm -rf " .. dir)
+  end)
+
   it("the private key must match the merchant certificate", function()
     local wx = assert(wechatpay.client(base{ merchant_serial = NIL,
       merchant_certificate = FIX .. "a4_merchant_cert.pem" }))

@@ -44,26 +44,22 @@ local function fail(key, reason)
 end
 
 -- The value of a *_file key may be the secret itself, pasted where its
--- file's path belongs: a reason never repeats it (io.open's message is
--- "PATH: reason": the reason only; the key at fault names the setting).
-
-local function read_secret(path)
-  local f, err, code = io.open(path, "rb")
-  if not f then
-    local why = type(code) == "number" and tostring(err):sub(#path + 3)
+-- file's path belongs: paygate.read_file's reason never repeats it (nor
+-- the file's bytes); the key at fault names the setting. A folder, a FIFO
+-- or a device, an empty file or one past 1 MiB is refused there.
+-- returns: the bytes, surrounding whitespace dropped, or nil, reason.
+local function read_secret(path, key)
+  local s, err = core.read_file(path, key)
+  if not s then
+    if err.kind == "empty" or err.kind == "too_large" then
+      return nil, err.reason
+    end
     -- (the runtime does not change folder: a relative path is the
     -- working directory's, not the config file's)
-    local rel = path:sub(1, 1) ~= "/" and "; a relative path is taken from"
-      .. " the working directory, not the config file's folder" or ""
-    return nil, "cannot read the file it names (" .. (why or "?") .. ")"
-      .. rel
-  end
-  -- (a folder opens, and its read fails: "Is a directory")
-  local s, rerr = f:read("*a")
-  f:close()
-  if not s then
-    return nil, "cannot read the file it names (" .. tostring(rerr or "?")
-      .. ")"
+    local rel = err.kind ~= "not_a_file" and path:sub(1, 1) ~= "/"
+      and "; a relative path is taken from the working directory, not the"
+      .. " config file's folder" or ""
+    return nil, "cannot read the file it names (" .. err.reason .. ")" .. rel
   end
   return (s:gsub("^%s+", ""):gsub("%s+$", ""))
 end
@@ -80,7 +76,7 @@ local function secret(t, base, where)
     if type(file) ~= "string" or file == "" then
       return false, where .. base .. "_file: must be a file path"
     end
-    local v, err = read_secret(file)
+    local v, err = read_secret(file, where .. base .. "_file")
     if not v then return false, where .. base .. "_file: " .. err end
     if v == "" then
       return false, where .. base .. "_file: the file is empty"
@@ -298,7 +294,7 @@ local function check_merchant(m, i, seen)
       -- (not "type(path) == 'string' and read_secret(path)": an and keeps
       -- one value, and every reason read "must be a file path")
       if type(path) ~= "string" then return fail(k, "must be a file path") end
-      local v, err = read_secret(path)
+      local v, err = read_secret(path, k)
       if not v then return fail(k, err) end
       -- named here, by the key the config gives (the client's own check
       -- would name previous_apiv3_keys, which the config may not hold)

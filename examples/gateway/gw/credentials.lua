@@ -68,15 +68,17 @@ local function password(e)
     return false, "give one of password, password_file, password_env"
   end
   if e.password_file ~= nil then
-    local f = type(e.password_file) == "string"
-              and io.open(e.password_file, "rb")
-    if not f then return false, "password_file: cannot read it" end
-    -- (a folder opens, and its read fails: "Is a directory")
-    local s, rerr = f:read("*a")
-    f:close()
+    if type(e.password_file) ~= "string" then
+      return false, "password_file: must be a file path"
+    end
+    -- (paygate.read_file: a folder, a FIFO, an empty or a huge file
+    -- refused; the reason never holds the path, which may be the password)
+    local s, err = paygate.read_file(e.password_file, "password_file")
     if not s then
-      return false, "password_file: cannot read it ("
-        .. tostring(rerr or "?") .. ")"
+      if err.kind == "empty" or err.kind == "too_large" then
+        return false, "password_file: " .. err.reason
+      end
+      return false, "password_file: cannot read it (" .. err.reason .. ")"
     end
     s = s:gsub("%s+$", "")
     if s == "" then return false, "password_file: the file is empty" end

@@ -45,6 +45,13 @@ describe("gateway config", function()
     return gwcore.expect_refused(dir, conf, want, listen)
   end
 
+  -- config.check's reason for refusing conf, in this process
+  local function check_refused(conf, want)
+    local cfg, why = config.check(conf, { listen = "127.0.0.1:8099" })
+    assert.is_nil(cfg)
+    assert.equal(want, why)
+  end
+
   it("refuses an APIv3 key written in the config, without printing it",
      function()
     local out = expect_refused({ gateway = { db = "sqlite:" .. dir
@@ -131,11 +138,7 @@ describe("gateway config", function()
     -- before: "the file is empty" (a folder opens, and its read fails)
     local sub = dir .. "/a-folder"
     assert(core.mkdir_p(sub))
-    local function refused(conf, want)
-      local cfg, why = config.check(conf, { listen = "127.0.0.1:8099" })
-      assert.is_nil(cfg)
-      assert.equal(want, why)
-    end
+    local refused = check_refused
     local db = "sqlite:" .. dir .. "/a.db"
     refused({ gateway = { db = db }, merchants = { merchant{
                 apiv3_key_file = sub } } },
@@ -159,6 +162,49 @@ describe("gateway config", function()
                        merchant_private_key = sub } } },
       "gateway: config.merchants[1].merchant_private_key: cannot read the"
       .. " file (Is a directory)")
+  end)
+
+  it("refuses a secret file past 1 MiB, a device or a FIFO, unread",
+     function()
+    -- before: the 2 MiB file was read whole and taken as the admin token,
+    -- /dev/null read as "the file is empty", and a FIFO held the check
+    -- waiting for a writer (io.open), so the FIFO comes last here
+    local big = dir .. "/big-token"
+    write(big, ("t"):rep(2 * 1048576))
+    local refused = check_refused
+    local db = "sqlite:" .. dir .. "/a.db"
+    refused({ gateway = { db = db, admin_token_file = big },
+              merchants = { merchant() } },
+            "config.gateway.admin_token_file: the file is over 1048576"
+            .. " bytes")
+    local special = "not a regular file (a FIFO, a socket or a device)"
+    refused({ gateway = { db = db }, merchants = { merchant{
+                apiv3_key_file = "/dev/null" } } },
+            "config.merchants[1].apiv3_key_file: cannot read the file it"
+            .. " names (" .. special .. ")")
+    local _, why = require("gw.credentials").section({ credentials = {
+      etcd = { endpoints = { "https://127.0.0.1:2379" }, user = "gw",
+               password_file = "/dev/null" } } })
+    assert.equal("config.credentials.etcd.password_file: cannot read it ("
+                 .. special .. ")", why)
+    local fifo = dir .. "/fifo"
+    assert(os.execute("mkfifo " .. fifo) == 0)
+    refused({ gateway = { db = db, webhooks = { { url = "https://x.example",
+                secret_file = fifo } } }, merchants = { merchant() } },
+            "config.gateway.webhooks[1].secret_file: cannot read the file it"
+            .. " names (" .. special .. ")")
+    refused({ gateway = { db = db }, merchants = { merchant{
+                previous_apiv3_key_files = { fifo } } } },
+            "config.merchants[1].previous_apiv3_key_files[1]: cannot read"
+            .. " the file it names (" .. special .. ")")
+    expect_refused({ gateway = { db = db }, merchants = { merchant{
+                       merchant_private_key = big } } },
+      "gateway: config.merchants[1].merchant_private_key: the file is over"
+      .. " 1048576 bytes")
+    expect_refused({ gateway = { db = db }, merchants = { merchant{
+                       merchant_private_key = fifo } } },
+      "gateway: config.merchants[1].merchant_private_key: cannot read the"
+      .. " file (" .. special .. ")")
   end)
 
   it("says why the SQLite store's folder cannot be made", function()

@@ -25,9 +25,10 @@ end
 -- its PEM lines, the APIv3 key in a key field): a reason never repeats
 -- it, not even as a path, and calls it a path only when it can be one
 -- (one line, and no run of 32 base64 characters as a key body or the
--- APIv3 key has).
+-- APIv3 key has). key: the configuration key, for paygate.read_file's
+-- err (a folder, a FIFO, an empty or a huge file are refused there).
 -- returns: the bytes, or nil, reason.
-local function material(v)
+local function material(v, key)
   if v == nil then
     return nil, "is required (a file path or PEM text)"
   end
@@ -35,26 +36,20 @@ local function material(v)
     return nil, "must be a file path or PEM text"
   end
   if v:find("-----BEGIN", 1, true) then return v end
-  local oneline = #v <= 4096 and not v:find("[%z\r\n]")
-  local f, err, code
-  if oneline then f, err, code = io.open(v, "rb") end
-  if not f then
-    -- io.open's message is "PATH: reason": keep the reason only
-    local why = type(code) == "number" and tostring(err):sub(#v + 3)
-    if oneline and not v:find(("[%w+=]"):rep(32)) then
-      return nil, "cannot read the file (" .. (why or "?") .. ")"
-    end
+  if #v > 4096 or v:find("[%z\r\n]") then
     return nil, "not PEM text (no -----BEGIN line) and not a readable file"
-                .. (why and " (" .. why .. ")" or "")
   end
-  -- (a folder opens, and its read fails: "Is a directory")
-  local s, rerr = f:read("*a")
-  f:close()
-  if not s then
-    return nil, "cannot read the file (" .. tostring(rerr or "?") .. ")"
+  local s, err = core.read_file(v, key or "file")
+  if s then return s end
+  if err.kind == "empty" or err.kind == "too_large" then
+    return nil, err.reason
   end
-  if s == "" then return nil, "the file is empty" end
-  return s
+  -- (something is there when it is a folder or a FIFO: a path)
+  if err.kind == "not_a_file" or not v:find(("[%w+=]"):rep(32)) then
+    return nil, "cannot read the file (" .. err.reason .. ")"
+  end
+  return nil, "not PEM text (no -----BEGIN line) and not a readable file ("
+              .. err.reason .. ")"
 end
 _M.material = material
 
@@ -238,7 +233,7 @@ function _M.check(conf)
   c.sm = schema == sign.SM2
   local key_type = c.sm and "SM2" or "RSA"
   -- merchant private key
-  local pem, why = material(conf.merchant_private_key)
+  local pem, why = material(conf.merchant_private_key, "merchant_private_key")
   if not pem then return bad("merchant_private_key", why) end
   local key, kerr = crypto.private_key(pem)
   if not key then
@@ -252,7 +247,7 @@ function _M.check(conf)
   -- merchant serial, or the certificate it comes from
   local serial = conf.merchant_serial
   if conf.merchant_certificate ~= nil then
-    pem, why = material(conf.merchant_certificate)
+    pem, why = material(conf.merchant_certificate, "merchant_certificate")
     if not pem then return bad("merchant_certificate", why) end
     local cert, cerr = crypto.certificate(pem)
     if not cert then
@@ -310,7 +305,7 @@ function _M.check(conf)
       return bad("platform_certificates", "must be an array of paths or PEM")
     end
     for i, v in ipairs(pcs) do
-      pem, why = material(v)
+      pem, why = material(v, "platform_certificates")
       if not pem then
         return bad("platform_certificates", "entry " .. i .. ": " .. why)
       end
@@ -341,7 +336,7 @@ function _M.check(conf)
       return bad("public_key_id", "must be the id shown beside the key: "
                  .. "PUB_KEY_ID_ and digits")
     end
-    pem, why = material(conf.public_key)
+    pem, why = material(conf.public_key, "public_key")
     if not pem then return bad("public_key", why) end
     local pub, perr = crypto.public_key(pem)
     if not pub then
@@ -426,7 +421,7 @@ function _M.check(conf)
     c[k] = conf[k]
   end
   if conf.platform_ca ~= nil then
-    pem, why = material(conf.platform_ca)
+    pem, why = material(conf.platform_ca, "platform_ca")
     if not pem then return bad("platform_ca", why) end
     c.platform_ca = pem
   end
