@@ -12,7 +12,9 @@
 --                   -- for one that breaks HTTP: Content-Length values
 --                   -- that differ, an unasked 101, a malformed head
 --                   -- (a folded first header line, a header line
---                   -- with no colon); err.retryable; err.sent is false
+--                   -- with no colon, a NUL byte in a head line, a
+--                   -- Content-Length that is no number of bytes);
+--                   -- err.retryable; err.sent is false
 --                   -- when nothing of the request was written (dns,
 --                   -- connect, TLS handshake): safe to retry blindly
 --   end

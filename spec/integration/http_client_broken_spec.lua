@@ -123,20 +123,76 @@ describe("paygate.http.request facing a broken server", function()
     assert.equal("ok", assert(paygate.http.request{ url = url("/ok") }).body)
   end)
 
-  it("leaves libcurl's other malformed-head failures as they were",
+  it("fails an answer with a NUL byte in its head or a Content-Length that"
+     .. " is no number: a malformed head, not a dropped connection",
      function()
-    -- CURLE_WEIRD_SERVER_REPLY has other causes in a head (libcurl 7.88:
-    -- a NUL byte in a line, a Content-Length that is no number): they are
-    -- not a line without a colon, and say what libcurl says
-    for path, says in pairs({ ["/nul"] = "Nul byte in header",
-                              ["/badlength"] = "Invalid Content-Length" }) do
-      local res, err = paygate.http.request{ url = url(path), timeout = 5 }
+    -- libcurl (7.88) stops at either with CURLE_WEIRD_SERVER_REPLY, the
+    -- line not handed over: it was kind closed, retryable, "Nul byte in
+    -- header" or "Invalid Content-Length: value", so an idempotent WeChat
+    -- call was sent again to a server that had read and answered it. A
+    -- NUL anywhere (a field, one with a credential that is never shown,
+    -- the status line, a 100 head); a Content-Length that is a word,
+    -- negative or empty, alone or beside a valid one; GET and POST alike
+    local cases = {
+      ["/nul-1"] = "a line of it holds a NUL byte",
+      ["/nul-2"] = "a line of it holds a NUL byte",
+      ["/nul-3"] = "a line of it holds a NUL byte",
+      ["/nul-4"] = "a line of it holds a NUL byte",
+    }
+    for _, name in ipairs({ "word", "negative", "empty", "then-bad",
+                            "bad-then" }) do
+      cases["/badlength-" .. name] = "its Content-Length is not a number"
+                                     .. " of bytes"
+    end
+    for path, says in pairs(cases) do
+      for _, sink in ipairs({ false, true }) do
+        for _, body in ipairs({ false, "x" }) do
+          local what = ("%s, sink %s, body %s"):format(path,
+            tostring(sink), tostring(body))
+          local heads = 0
+          local res, err = paygate.http.request{ url = url(path),
+            timeout = 5, body = body or nil,
+            sink = sink and function() end or nil,
+            on_headers = sink and function() heads = heads + 1 end or nil }
+          assert.is_nil(res, what)
+          assert.equal("closed", err.kind, what)
+          assert.matches("response head is malformed: " .. says,
+                         err.message, 1, true)
+          assert.is_nil(err.message:find("Nul byte", 1, true), err.message)
+          assert.is_nil(err.message:find("Invalid", 1, true), err.message)
+          assert.is_nil(err.message:find("s3cr3t", 1, true), err.message)
+          assert.is_false(err.retryable, what)
+          assert.is_true(err.sent, what)
+          assert.equal(0, heads, what)
+        end
+      end
+    end
+    assert.equal("ok", assert(paygate.http.request{ url = url("/ok") }).body)
+  end)
+
+  it("tells libcurl's malformed-head failures apart, and leaves a"
+     .. " malformed status line as it was", function()
+    -- each cause says its own words: a NUL byte in a line without a
+    -- colon is told as the NUL (libcurl checks it first). libcurl (7.88)
+    -- has no other CURLE_WEIRD_SERVER_REPLY cause in an HTTP/1 head; a
+    -- status line it cannot read fails with another code
+    -- (CURLE_UNSUPPORTED_PROTOCOL), which none of these words match
+    local res, err = paygate.http.request{ url = url("/nul-nocolon"),
+                                           timeout = 5 }
+    assert.is_nil(res)
+    assert.matches("malformed: a line of it holds a NUL byte", err.message,
+                   1, true)
+    assert.is_nil(err.message:find("no colon", 1, true), err.message)
+    for path, says in pairs({
+        ["/badstatus"] = "Unsupported response code in HTTP response",
+        ["/badversion"] = "Unsupported HTTP version (1.2) in response" }) do
+      res, err = paygate.http.request{ url = url(path), timeout = 5 }
       assert.is_nil(res, path)
       assert.equal("closed", err.kind, path)
-      assert.matches(says, err.message, 1, true)
-      assert.is_nil(err.message:find("no colon", 1, true), err.message)
+      assert.equal("http request: " .. says, err.message)
       assert.is_true(err.sent, path)
     end
+    assert.equal("ok", assert(paygate.http.request{ url = url("/ok") }).body)
   end)
 
   it("fails a 101 Switching Protocols no request asked for", function()

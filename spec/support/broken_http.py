@@ -20,8 +20,19 @@
 #                line, 2 after a field ("Authorization Bearer s3cr3t-...",
 #                a secret no error may show), 3 the last before the blank
 #                line, 4 in a 100 Continue head before the 200
-#   /nul         200 "ok" with a NUL byte in a header value
-#   /badlength   200 "ok" with "Content-Length: x2"
+#   /nul-<n>     200 "ok" with a NUL byte in its head: n = 1 in a header
+#                value, 2 in a field holding a credential ("Authorization:
+#                Bearer s3cr3t-...", a secret no error may show), 3 in the
+#                status line's reason, 4 in a 100 Continue head before
+#                the 200
+#   /badlength-<name>  200 "ok" whose Content-Length is no number of
+#                bytes: name = word ("x2"), negative ("-2"), empty (""),
+#                then-bad ("2", then a second one "-2"), bad-then ("x2",
+#                then "2")
+#   /nul-nocolon 200 "ok" with a header line holding a NUL byte and no
+#                colon: "Bo\0gus"
+#   /badstatus   "HTTP/1.1 20 OK" (a status code of two digits), "ok"
+#   /badversion  "HTTP/1.2 200 OK", "ok"
 #   /twolengths  a 200 with Content-Length 2 and Content-Length 40, then
 #                40 bytes ("ok" and a second answer's head)
 #   /switch      101 Switching Protocols (asked by no request), then
@@ -40,6 +51,26 @@ NOCOLON = {
          + b"t0k3n" * 40 + b"\r\nContent-Length: 2\r\n\r\nok",
     "3": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nBogus\r\n\r\nok",
     "4": b"HTTP/1.1 100 Continue\r\nBogus\r\n\r\n" + OK,
+}
+NUL = {
+    "1": b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 2\r\n\r\nok",
+    "2": b"HTTP/1.1 200 OK\r\nAuthorization: Bearer s3cr3t-\x00"
+         + b"t0k3n" * 40 + b"\r\nContent-Length: 2\r\n\r\nok",
+    "3": b"HTTP/1.1 200 O\x00K\r\nContent-Length: 2\r\n\r\nok",
+    "4": b"HTTP/1.1 100 Continue\r\nX-A: a\x00b\r\n\r\n" + OK,
+}
+OTHER = {
+    "/nul-nocolon": b"HTTP/1.1 200 OK\r\nBo\x00gus\r\n"
+                    b"Content-Length: 2\r\n\r\nok",
+    "/badstatus": b"HTTP/1.1 20 OK\r\nContent-Length: 2\r\n\r\nok",
+    "/badversion": b"HTTP/1.2 200 OK\r\nContent-Length: 2\r\n\r\nok",
+}
+BADLENGTH = {
+    "word": b"Content-Length: x2\r\n",
+    "negative": b"Content-Length: -2\r\n",
+    "empty": b"Content-Length: \r\n",
+    "then-bad": b"Content-Length: 2\r\nContent-Length: -2\r\n",
+    "bad-then": b"Content-Length: x2\r\nContent-Length: 2\r\n",
 }
 def answer(c):
     c.settimeout(30)
@@ -69,12 +100,15 @@ def answer(c):
         if path.startswith("/nocolon-"):
             c.sendall(NOCOLON[path[9:]])
             continue
-        if path == "/nul":
-            c.sendall(b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\n"
-                      b"Content-Length: 2\r\n\r\nok")
+        if path in OTHER:
+            c.sendall(OTHER[path])
             continue
-        if path == "/badlength":
-            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: x2\r\n\r\nok")
+        if path.startswith("/nul-"):
+            c.sendall(NUL[path[5:]])
+            continue
+        if path.startswith("/badlength-"):
+            c.sendall(b"HTTP/1.1 200 OK\r\n" + BADLENGTH[path[11:]]
+                      + b"\r\nok")
             continue
         if path == "/twolengths":
             c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"

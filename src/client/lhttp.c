@@ -774,12 +774,37 @@ classify(CURLcode rc, struct gw_http_op *op, int *retryable)
     }
 }
 
+/* libcurl (7.88) fails these malformed heads as CURLE_WEIRD_SERVER_REPLY
+ * before the line is handed over, so nothing here sees the line: only the
+ * error buffer's words tell them apart (they are that code's only causes
+ * in an HTTP/1 head). Each was kind closed, retryable, as a dropped
+ * connection, with libcurl's words: the server read the request and
+ * answered it wrongly, which a resend does not cure (a resent POST may
+ * apply twice). Our words never show the line: it may be anything, a
+ * credential. (A libcurl that words one otherwise fails it as before,
+ * retryable: http_client_broken_spec would fail) */
+static const struct {
+    const char *curl;           /* libcurl's error buffer, exactly */
+    const char *ours;           /* what is malformed */
+} weird_heads[] = {
+    /* neither a field nor a folded line */
+    { "Header without colon",
+      "a header line holds no colon (it is neither a field nor a folded"
+      " line)" },
+    /* in any line of any head, the status line and a 1xx head too */
+    { "Nul byte in header", "a line of it holds a NUL byte" },
+    /* not digits: a word, a negative or an empty value, in any of the
+     * Content-Length fields (values that differ are two_lengths) */
+    { "Invalid Content-Length: value",
+      "its Content-Length is not a number of bytes" },
+};
+
 /* Pushes nil, err for a failed transfer; returns 2. */
 static int
 push_failure(lua_State *L, struct gw_http_op *op, CURLcode rc)
 {
-    int n, retryable, bad_fold, no_colon;
-    const char *kind;
+    int n, retryable, bad_fold;
+    const char *kind, *malformed = NULL;
 
     /* libcurl (7.88) fails a header line past CURL_MAX_HTTP_HEADER (100
      * KiB) as CURLE_OUT_OF_MEMORY, with no message: "Out of memory" was
@@ -795,19 +820,17 @@ push_failure(lua_State *L, struct gw_http_op *op, CURLcode rc)
      * is a malformed answer, which a resend does not cure */
     bad_fold = rc == CURLE_BAD_FUNCTION_ARGUMENT && !op->head_done
                && op->at_status;
-    /* libcurl (7.88) fails a head line that holds no colon (neither a
-     * field nor a folded line) as CURLE_WEIRD_SERVER_REPLY before the
-     * line is handed over, so nothing here sees it: only the error
-     * buffer's words tell it from that code's other causes in a head (a
-     * NUL byte in a line, a Content-Length that is no number), left as
-     * they were. It was kind closed, retryable, as a dropped connection:
-     * the server read the request and answered it wrongly, which a
-     * resend does not cure. (A libcurl that words it otherwise would
-     * fail it as before, retryable: http_client_broken_spec would fail) */
-    no_colon = rc == CURLE_WEIRD_SERVER_REPLY && !op->head_done
-               && strcmp(op->err, "Header without colon") == 0;
+    if (rc == CURLE_WEIRD_SERVER_REPLY && !op->head_done) {
+        for (size_t i = 0; i < sizeof(weird_heads) / sizeof(weird_heads[0]);
+             i++) {
+            if (strcmp(op->err, weird_heads[i].curl) == 0) {
+                malformed = weird_heads[i].ours;
+                break;
+            }
+        }
+    }
     kind = classify(rc, op, &retryable);
-    if (bad_fold || no_colon) {
+    if (bad_fold || malformed != NULL) {
         retryable = 0;
     }
     if (op->too_large) {
@@ -831,11 +854,9 @@ push_failure(lua_State *L, struct gw_http_op *op, CURLcode rc)
                           " head is malformed: its first header line is"
                           " folded (begins with a space or a tab), with no"
                           " field before it to continue");
-    } else if (no_colon) {
-        /* (the line is not shown: it may be anything, a credential) */
+    } else if (malformed != NULL) {
         n = gw_push_error(L, kind, retryable, "http request: the response"
-                          " head is malformed: a header line holds no colon"
-                          " (it is neither a field nor a folded line)");
+                          " head is malformed: %s", malformed);
     } else if (op->head_cut) {
         n = gw_push_error(L, kind, retryable, "http request: the connection"
                           " closed before the end of the response head");
