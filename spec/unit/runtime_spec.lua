@@ -184,6 +184,138 @@ describe("paygate.spawn", function()
     assert.same({ "a1", "b1", "a2" }, order)
   end)
 
+  -- Waits (with a deadline) until every task in list has ended.
+  local function wait_ended(list, secs)
+    local deadline = paygate.update_time() + secs
+    for _, t in ipairs(list) do
+      while not t:finished() and paygate.update_time() < deadline do
+        paygate.sleep(0.005)
+      end
+    end
+  end
+
+  it("runs a task at once, until it first waits", function()
+    local steps = {}
+    local t = paygate.spawn(function()
+      steps[#steps + 1] = "ran"; paygate.sleep(0); steps[#steps + 1] = "woke"
+    end)
+    assert.same({ "ran" }, steps)
+    t:wait()
+    assert.same({ "ran", "woke" }, steps)
+  end)
+
+  it("a task spawned by a __gc finalizer starts on the next loop turn, and"
+     .. " waits and ends like any other", function()
+    -- A finalizer runs inside whatever allocation stepped the collector,
+    -- with LuaJIT's hooks marked active: a coroutine resumed there that
+    -- waits is suspended as if by a hook (a pseudo-frame), and its next
+    -- resume crashed the worker (SIGSEGV in lua_resume).
+    local tasks, ran_inside = {}, {}
+    local function arm(p, n)
+      getmetatable(p).__gc = function()
+        if tasks[n] ~= nil then return end
+        local ran = false
+        tasks[n] = paygate.spawn(function(a)
+          ran = true
+          paygate.sleep(0.01)
+          return a * 2
+        end, n)
+        ran_inside[n] = ran
+      end
+    end
+    -- a full collection calls the finalizer from collectgarbage()
+    local p = newproxy(true)
+    arm(p, 1)
+    p = nil
+    collectgarbage()
+    -- an allocation's GC step calls it (as in a handler)
+    collectgarbage()
+    collectgarbage("stop")
+    for _ = 1, 200 do arm(newproxy(true), 2) end
+    for i = 1, 20000 do local _ = { {}, "garbage" .. i } end
+    collectgarbage("restart")
+    local deadline = paygate.update_time() + 5
+    local acc, i = {}, 0
+    while tasks[2] == nil and paygate.update_time() < deadline do
+      i = i + 1
+      acc[i % 100 + 1] = { i }                  -- steps the collector
+    end
+    assert.is_not_nil(tasks[1], "the full collection's finalizer ran")
+    assert.is_not_nil(tasks[2], "an allocation's finalizer ran")
+    wait_ended(tasks, 5)
+    for n, t in ipairs(tasks) do
+      assert.is_true(t:finished(), "task " .. n .. " ended")
+      assert.equal(n * 2, t:wait())
+    end
+    assert.same({ false, false }, ran_inside)
+  end)
+
+  it("a waiter woken by a cancel in a __gc finalizer goes on next turn,"
+     .. " and may wait again", function()
+    -- task:cancel() wakes the task's waiters: inside a finalizer, a woken
+    -- waiter that waited again crashed the worker when resumed.
+    local sleeper = paygate.spawn(function() paygate.sleep(5) end)
+    local waiter = paygate.spawn(function()
+      local v, err = sleeper:wait()
+      paygate.sleep(0.01)
+      return v, err and err.kind
+    end)
+    local woke_inside
+    local p = newproxy(true)
+    getmetatable(p).__gc = function()
+      sleeper:cancel()
+      woke_inside = waiter:finished()
+    end
+    p = nil
+    collectgarbage()
+    assert.is_true(sleeper:finished())
+    assert.is_false(woke_inside)
+    wait_ended({ waiter }, 5)
+    assert.is_true(waiter:finished())
+    local v, kind = waiter:wait()
+    assert.is_nil(v)
+    assert.equal("cancelled", kind)
+  end)
+
+  it("a task spawned by a finalizer and cancelled before its turn never"
+     .. " runs", function()
+    local t, ran = nil, false
+    local p = newproxy(true)
+    getmetatable(p).__gc = function()
+      t = paygate.spawn(function() ran = true end)
+    end
+    p = nil
+    collectgarbage()
+    assert.is_false(t:finished())
+    t:cancel()
+    local v, err = t:wait()
+    assert.is_nil(v)
+    assert.equal("cancelled", err.kind)
+    paygate.sleep(0.01)
+    assert.is_false(ran)
+  end)
+
+  it("while the collector is stopped a task starts on the next turn, and"
+     .. " every wait still ends", function()
+    -- (inside a finalizer the collector reads as stopped: the runtime
+    -- cannot tell collectgarbage("stop") from it, so it defers both)
+    collectgarbage("stop")
+    local ok, err = pcall(function()
+      local steps = {}
+      local t = paygate.spawn(function()
+        steps[#steps + 1] = "ran"
+        paygate.sleep(0.01)
+        steps[#steps + 1] = "woke"
+        return "done"
+      end)
+      assert.same({}, steps)
+      assert.equal("done", t:wait())
+      assert.same({ "ran", "woke" }, steps)
+    end)
+    collectgarbage("restart")
+    assert(ok, err)
+  end)
+
   it("does not leak coroutines", function()
     local before = core.coroutines()
     for _ = 1, 200 do paygate.spawn(function() paygate.sleep(0) end):wait() end

@@ -73,17 +73,64 @@ gw_co_state(struct gw_co *co)
     return co->L;
 }
 
-static void co_resume(struct gw_co *co, int nargs);
+static void co_run(struct gw_co *co, int nargs);
+static void co_fail(struct gw_co *co);
 
+/* A loop callback: no finalizer is running (see co_resume). */
 static void
 co_tick(evutil_socket_t fd, short what, void *arg)
 {
-    co_resume(arg, 0);
+    struct gw_co *co = arg;
+
+    co_run(co, co->tick_nargs);
+}
+
+/* co_resume's rare way: resumes co on the next loop turn. co->L's stack
+ * keeps the function and arguments, or the wake values, until then;
+ * gw_co_abandon() drops the timer with the coroutine. */
+static void
+co_defer(struct gw_co *co, int nargs)
+{
+    struct timeval zero = { 0, 0 };
+
+    if (co->tick == NULL) {
+        co->tick = evtimer_new(gw_loop_base(), co_tick, co);
+    }
+    if (co->tick == NULL) {
+        lua_pushliteral(co->L, "no memory to defer a coroutine resumed in"
+                               " a __gc finalizer");
+        co->ended = 1;
+        co_fail(co);
+        return;
+    }
+    co->tick_nargs = nargs;
+    evtimer_add(co->tick, &zero);
+}
+
+/*
+ * Runs co now, or on the next loop turn when called inside a __gc
+ * finalizer (paygate.spawn, or task:cancel() waking waiters, there).
+ * LuaJIT runs a finalizer inside whatever allocation stepped the
+ * collector, with its hooks marked active: a coroutine resumed there that
+ * waits is suspended as if from a hook (lua_yield adds a pseudo-frame),
+ * and resuming it later crashed the process in lua_resume. The collector
+ * reads as not running inside a finalizer (its threshold is held at the
+ * maximum), and also while stopped by collectgarbage("stop"): those
+ * resumes wait one turn too.
+ */
+static inline void
+co_resume(struct gw_co *co, int nargs)
+{
+    if (lua_gc(co->L, LUA_GCISRUNNING, 0)) {
+        co_run(co, nargs);
+    } else {
+        co_defer(co, nargs);
+    }
 }
 
 /* Runs co until it waits, yields bare or ends. */
 static void
-co_resume(struct gw_co *co, int nargs)
+co_run(struct gw_co *co, int nargs)
 {
     lua_State *L = co->L;
     int rc;
@@ -105,6 +152,7 @@ co_resume(struct gw_co *co, int nargs)
         }
         if (co->tick != NULL) {
             struct timeval zero = { 0, 0 };
+            co->tick_nargs = 0;
             evtimer_add(co->tick, &zero);
             return;
         }
@@ -117,22 +165,27 @@ co_resume(struct gw_co *co, int nargs)
         co->owner->done(co, lua_gettop(L));
         return;
     }
-    {
-        /* The error value stays on L (paygate.abort's table is read by
-         * the owner); its text is made on the main state: an error
-         * raised as a table logs as "kind: message", not "table". */
-        lua_State *top = main_L;
-        int base = lua_gettop(top);
-        const char *msg, *tb;
+    co_fail(co);
+}
 
-        lua_pushvalue(L, -1);
-        lua_xmove(L, top, 1);
-        msg = gw_error_string(top, -1);
-        luaL_traceback(top, L, msg, 0);
-        tb = lua_tostring(top, -1);
-        co->owner->fail(co, tb != NULL ? tb : msg);
-        lua_settop(top, base);
-    }
+/* co ended raising: its error value is on top of its stack. The value
+ * stays on L (paygate.abort's table is read by the owner); its text is
+ * made on the main state: an error raised as a table logs as "kind:
+ * message", not "table". */
+static void
+co_fail(struct gw_co *co)
+{
+    lua_State *L = co->L, *top = main_L;
+    int base = lua_gettop(top);
+    const char *msg, *tb;
+
+    lua_pushvalue(L, -1);
+    lua_xmove(L, top, 1);
+    msg = gw_error_string(top, -1);
+    luaL_traceback(top, L, msg, 0);
+    tb = lua_tostring(top, -1);
+    co->owner->fail(co, tb != NULL ? tb : msg);
+    lua_settop(top, base);
 }
 
 struct gw_co *

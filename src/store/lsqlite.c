@@ -2383,9 +2383,11 @@ inline_read(lua_State *L, int run, struct lsqlite_db *db,
 
     if (c == NULL || db->inl_running) {
         /* inl_running: a read called while an inline read makes its rows
-         * (a task a finalizer started): its statement is between two
-         * steps, and this read would reset it (the same SQL) or finalize
-         * it (another of its cache slot) under it. A reader serves. */
+         * (a task a finalizer started, when paygate.spawn ran it at once
+         * there; it now waits for the next loop turn): its statement is
+         * between two steps, and this read would reset it (the same SQL)
+         * or finalize it (another of its cache slot) under it. A reader
+         * serves. */
         return 0;
     }
     if (!inl_turn_set || gw_loop_turn() != inl_turn) {
