@@ -23,6 +23,7 @@
 #include <event2/event.h>
 
 #include "co.h"
+#include "fdio.h"
 #include "log.h"
 #include "loop.h"
 #include "lstate.h"
@@ -343,35 +344,19 @@ lcore_read_file(lua_State *L)
     }
     buf = malloc(cap);
     while (buf != NULL) {
-        ssize_t r;
-
-        if (n == cap) {
-            if (n > max) {
-                break;
-            }
-            /* a new buffer, the old one wiped: realloc would leave a copy */
-            cap = cap > (max + 1) / 2 ? max + 1 : cap * 2;
-            more = malloc(cap);
-            if (more != NULL) {
-                memcpy(more, buf, n);
-            }
-            explicit_bzero(buf, n);
-            free(buf);
-            buf = more;
-            continue;
+        n += gw_read_full(fd, buf + n, cap - n, &e);
+        if (e != 0 || n < cap || n > max) {
+            break;      /* a read failed, the file ended, or it is too long */
         }
-        r = read(fd, buf + n, cap - n);
-        if (r < 0 && errno == EINTR) {
-            continue;
+        /* a new buffer, the old one wiped: realloc would leave a copy */
+        cap = cap > (max + 1) / 2 ? max + 1 : cap * 2;
+        more = malloc(cap);
+        if (more != NULL) {
+            memcpy(more, buf, n);
         }
-        if (r < 0) {
-            e = errno;
-            break;
-        }
-        if (r == 0) {
-            break;
-        }
-        n += (size_t) r;
+        explicit_bzero(buf, n);
+        free(buf);
+        buf = more;
     }
     close(fd);
     if (buf == NULL) {

@@ -21,6 +21,7 @@
 #include <openssl/pem.h>
 #include <openssl/rand.h>
 
+#include "fdio.h"
 #include "tls.h"
 
 struct tkey {
@@ -252,21 +253,7 @@ file_reason(char *err, size_t errlen, const char *what, const char *path0)
         ERR_clear_error();
         return;
     }
-    while (n < sizeof(buf) - 1) {
-        ssize_t r = read(fd, buf + n, sizeof(buf) - 1 - n);
-
-        if (r < 0 && errno == EINTR) {
-            continue;
-        }
-        if (r < 0) {
-            e = errno;
-            break;
-        }
-        if (r == 0) {
-            break;
-        }
-        n += (size_t) r;
-    }
+    n = gw_read_full(fd, buf, sizeof(buf) - 1, &e);
     close(fd);
     buf[n] = 0;
     has_cert = strstr(buf, "-----BEGIN CERTIFICATE-----") != NULL;
@@ -332,20 +319,16 @@ static void
 mismatch_reason(char *err, size_t errlen, const char *cert, const char *key)
 {
     char buf[16384];
-    ssize_t r = 0;
     size_t len = 0;
-    int fd = open(key, O_RDONLY | O_CLOEXEC | O_NONBLOCK), n = 0, at = 0;
+    int e, fd = open(key, O_RDONLY | O_CLOEXEC | O_NONBLOCK), n = 0, at = 0;
     EVP_PKEY *pkey = NULL;
     BIO *b;
     X509 *x;
 
-    /* read(2) and a memory BIO: no stdio buffer keeps a copy of the key */
-    while (fd >= 0 && len < sizeof(buf)
-           && ((r = read(fd, buf + len, sizeof(buf) - len)) > 0
-               || (r < 0 && errno == EINTR))) {
-        len += r > 0 ? (size_t) r : 0;
-    }
+    /* read(2) and a memory BIO: no stdio buffer keeps a copy of the key
+     * (a read that fails ends it: what it read is all there is to load) */
     if (fd >= 0) {
+        len = gw_read_full(fd, buf, sizeof(buf), &e);
         close(fd);
     }
     b = len > 0 ? BIO_new_mem_buf(buf, (int) len) : NULL;
