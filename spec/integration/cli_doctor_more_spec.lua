@@ -439,6 +439,49 @@ describe("paygate doctor", function()
                    x.fix, 1, true)
   end)
 
+  -- doctor read a key or certificate file with io.open + read("*a"): a
+  -- FIFO named as the key held it for good (the open waits for a writer),
+  -- a folder said only "cannot open", a wrong 2 MiB file was read whole
+  -- and said "does not load (not_pem)". It now reads them as the gateway
+  -- does (paygate.read_file): refused unread, saying why.
+  it("refuses a key file that is a FIFO, a folder or past 1 MiB, unread,"
+     .. " saying why", function()
+    local d = server.tmpdir()
+    assert(os.execute(("mkfifo %s/key.pem && mkdir %s/cert.pem")
+      :format(d, d)) == 0)
+    local wc = { mchid = "1900000001", merchant_private_key = d .. "/key.pem",
+      merchant_certificate = d .. "/cert.pem", base_url = app:url(""),
+      apiv3_key = "0123456789abcdefghijABCDEFGHIJkl" }
+    local path = d .. "/doctor.lua"
+    write(path, "return " .. lua_literal{ wechatpay = wc })
+    local code, out, r = run({ "doctor", "--json", "--config", path })
+    assert.equal(1, code, out)              -- (nil: it waited on the FIFO)
+    local x = r.merchant_key
+    assert.equal("fail", x and x.status, out)
+    assert.matches("wechatpay.merchant_private_key is neither PEM text"
+      .. " (-----BEGIN...) nor a readable file (value not shown): not a"
+      .. " regular file (a FIFO, a socket or a device)", x.cause, 1, true)
+    assert.matches("point it at apiclient_key.pem", x.fix, 1, true)
+    x = r.merchant_certificate
+    assert.equal("fail", x and x.status, out)
+    assert.matches("nor a readable file (value not shown): Is a directory",
+                   x.cause, 1, true)
+    assert.matches("point it at apiclient_cert.pem", x.fix, 1, true)
+    assert.is_nil(out:find(d, 1, true), out)    -- the path is not said
+    -- a file past 1 MiB: the wrong one, not read
+    local f = assert(io.open(d .. "/big.pem", "wb"))
+    f:write(("x"):rep(1024 * 1024 + 1))
+    f:close()
+    wc.merchant_private_key, wc.merchant_certificate = d .. "/big.pem", nil
+    write(path, "return " .. lua_literal{ wechatpay = wc })
+    code, out, r = run({ "doctor", "--json", "--config", path })
+    assert.equal(1, code, out)
+    x = r.merchant_key
+    assert.equal("fail", x and x.status, out)
+    assert.matches("wechatpay.merchant_private_key: the file is over"
+                   .. " 1048576 bytes", x.cause, 1, true)
+  end)
+
   it("keeps a driver's multi-line message on one line", function()
     -- libpq's refusal of two hosts is two lines: "...port P1 failed:
     -- Connection refused\n...port P2 failed: Connection refused"

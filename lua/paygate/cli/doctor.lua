@@ -312,30 +312,26 @@ local function gateway_check(out, conf, dir)
   end
 end
 
--- A key or certificate given as PEM text or a file path. The reason never
--- holds the value: a secret may have been pasted where a path belongs.
+-- A key or certificate given as PEM text or a file path, the file read as
+-- the gateway reads it (paygate.read_file: a folder, a FIFO, a device or a
+-- file past 1 MiB is refused unread). The reason never holds the value: a
+-- secret may have been pasted where a path belongs. returns: the PEM, or
+-- nil, why, "denied" when this user may not read the file.
 local function material(v, name)
   if v == nil then return nil end
   if type(v) ~= "string" or v == "" then
     return nil, name .. " must be a file path or PEM text"
   end
   if v:find("-----BEGIN", 1, true) then return v end
-  local f, err, errno = io.open(v, "rb")
-  local s
-  if f then
-    s = f:read("*a")
-    f:close()
+  local s, err = core.read_file(v, name)
+  if s then return s end
+  if err.kind == "empty" or err.kind == "too_large" then
+    return nil, name .. ": " .. err.reason
   end
-  if not s then
-    local why = tostring(err or "cannot read")
-    why = why:sub(1, #v + 2) == v .. ": " and why:sub(#v + 3) or "cannot open"
-    -- EACCES, EPERM: the path may well be right, this user may not read it
-    return nil, name .. " is neither PEM text (-----BEGIN...) nor a "
-           .. "readable file (value not shown): " .. why,
-           (errno == 13 or errno == 1) and "denied" or nil
-  end
-  if s == "" then return nil, name .. ": the file is empty" end
-  return s
+  -- EACCES, EPERM: the path may well be right, this user may not read it
+  return nil, name .. " is neither PEM text (-----BEGIN...) nor a "
+         .. "readable file (value not shown): " .. err.reason,
+         err.kind == "denied" and "denied" or nil
 end
 
 -- Every secret of the configuration, never printed: doctor's results are
@@ -348,11 +344,8 @@ local function secrets(out, wc)
   local k = wc.merchant_private_key
   out:secret(k)
   if type(k) == "string" and not k:find("-----BEGIN", 1, true) then
-    local f = io.open(k, "rb")
-    if f then
-      out:secret(f:read("*a"))
-      f:close()
-    end
+    -- (what read_file refuses is not read, so there is nothing to scrub)
+    out:secret((core.read_file(k, "merchant_private_key")))
   end
 end
 
