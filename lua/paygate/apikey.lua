@@ -24,7 +24,9 @@
 -- A refused request gets 401 { error = reason, message } with reason
 -- one of missing_signature, malformed_signature, unknown_app,
 -- stale_timestamp, bad_signature; each is counted (apikey.stats()) and
--- logged with app_id and key_id, never with the signature or a key.
+-- logged with app_id and key_id, never with the signature or a key. A
+-- bad_signature's answer also carries string_to_sign (the message the
+-- server signed over; absent for a body past 8 KiB) and body_sha256.
 
 local core = require "paygate.core"
 local crypto = require "paygate.crypto"
@@ -40,6 +42,7 @@ local SCHEME = "PAYGATE-HMAC-SHA256"
 local KDF_LABEL = "paygate-apikey-v1"
 local WINDOW = 300              -- s a timestamp may be off, either way
 local CACHE_TTL = 5             -- s a looked-up key is trusted per worker
+local STS_BODY_MAX = 8192      -- bytes of body a 401's string_to_sign holds
 
 _M.SCHEME = SCHEME
 _M.WINDOW = WINDOW
@@ -387,11 +390,25 @@ function _M.verify(db, r, opts)
                   .. " for app " .. f.app_id:sub(1, 64),
                   { app_id = f.app_id, key_id = f.key_id })
   end
-  local want = crypto.hex(crypto.hmac("sha256", k.key,
-    _M.message(r.method, r.path, f.timestamp, r.body, r.idempotency_key)))
+  local msg = _M.message(r.method, r.path, f.timestamp, r.body,
+                         r.idempotency_key)
+  local want = crypto.hex(crypto.hmac("sha256", k.key, msg))
   if not crypto.constant_time_equal(want, f.signature:lower()) then
+    -- What was signed over goes back to the caller (as AWS's
+    -- StringToSign does), so it can compare with what it signed: a path
+    -- without its query, another Idempotency-Key, a body re-serialised.
+    -- It holds no secret: never the key, the signature sent or the one
+    -- expected. The body by its SHA-256 always (its bytes exactly, a
+    -- non-UTF-8 one too); in the string only up to STS_BODY_MAX, so a
+    -- forged request's large body is not sent back (several times over,
+    -- with JSON's escapes). Not logged: a body is the caller's data.
+    local body = r.body or ""
     return refuse("bad_signature", "the signature does not match the"
-                  .. " request", { app_id = f.app_id, key_id = f.key_id })
+                  .. " request: compare string_to_sign (and body_sha256)"
+                  .. " with what your client signed", {
+                    app_id = f.app_id, key_id = f.key_id,
+                    string_to_sign = #body <= STS_BODY_MAX and msg or nil,
+                    body_sha256 = crypto.hex(crypto.digest("sha256", body)) })
   end
   counts.ok = counts.ok + 1
   return f.app_id
@@ -458,7 +475,9 @@ function _M.before_hook(db, opts)
     if opts.on_reject then
       opts.on_reject(err.kind, req)
     end
-    return 401, { error = err.kind, message = err.message },
+    return 401, { error = err.kind, message = err.message,
+                  string_to_sign = err.string_to_sign,
+                  body_sha256 = err.body_sha256 },
            { ["WWW-Authenticate"] = SCHEME }
   end
 end

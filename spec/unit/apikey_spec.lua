@@ -198,6 +198,50 @@ describe("apikey.verify and before_hook", function()
     end)
   end
 
+  it("a bad_signature answer carries the string signed over and the body's"
+     .. " SHA-256, never the secret, a key or a signature", function()
+    -- signed over another path and key than sent: the answer shows what
+    -- the server signed, for the caller to compare with its own
+    local req = signed{ sign_path = "/v1/payments", sign_ik = "k-1",
+                        ik = "k-2" }
+    local s, body = run(req)
+    assert.equal(401, s)
+    assert.equal("bad_signature", body.error)
+    assert.equal("POST\n/v1/payments?x=1\n" .. T .. "\nk-2\n{\"total\":100}",
+                 body.string_to_sign)
+    assert.equal(apikey.message("POST", "/v1/payments?x=1", T,
+                                req.body, "k-2"), body.string_to_sign)
+    assert.equal(crypto.hex(crypto.digest("sha256", req.body)),
+                 body.body_sha256)
+    assert.matches("string_to_sign", body.message, 1, true)
+    local text = json.encode(body)
+    local sent = req:header("authorization"):match('signature="(%x+)"')
+    local want = crypto.hex(crypto.hmac("sha256",
+      apikey.signing_key(key.secret), body.string_to_sign))
+    for _, sec in ipairs({ key.secret, key.secret:sub(4), sent, want,
+        crypto.hex(apikey.signing_key(key.secret)) }) do
+      assert.is_nil(text:find(sec, 1, true), sec)
+    end
+    -- nor is the body (the caller's data) logged
+    assert.equal(1, #logged)
+    assert.is_nil(logged[1]:find("total", 1, true), logged[1])
+    -- a body past 8 KiB: its digest only, not sent back
+    local big = ("x"):rep(8193)
+    local hdr = apikey.sign{ app_id = key.app_id, key_id = key.key_id,
+      secret = "sk_wrong", method = "POST", path = "/v1/payments",
+      body = big, timestamp = T }
+    s, body = run(fake_req{ headers = hdr, body = big })
+    assert.equal(401, s)
+    assert.equal("bad_signature", body.error)
+    assert.is_nil(body.string_to_sign)
+    assert.equal(crypto.hex(crypto.digest("sha256", big)), body.body_sha256)
+    -- other refusals carry neither
+    s, body = run(signed{ ts = T - 1000 })
+    assert.equal("stale_timestamp", body.error)
+    assert.is_nil(body.string_to_sign)
+    assert.is_nil(body.body_sha256)
+  end)
+
   it("accepts timestamps 299 and 300 s off, not 301", function()
     for _, d in ipairs({ -300, -299, 0, 299, 300 }) do
       assert.is_nil((run(signed{ ts = T + d })), d)

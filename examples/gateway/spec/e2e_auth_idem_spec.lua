@@ -4,6 +4,7 @@
 local S = require "examples.gateway.spec.support"
 local core = require "paygate.core"
 local apikey = require "paygate.apikey"
+local crypto = require "paygate.crypto"
 local http = require "paygate.http"
 
 describe("gateway API keys", function()
@@ -47,10 +48,23 @@ describe("gateway API keys", function()
       secret = env.key.secret, method = "POST", path = "/v1/payments",
       body = require("cjson").encode(b), idempotency_key = "k-body" }
     b.amount = 1
-    res = env:api("POST", "/v1/payments", b, { sign = false, key = "k-body",
+    local sent = require("cjson").encode(b)
+    res = env:api("POST", "/v1/payments", sent, { sign = false, key = "k-body",
       headers = { Authorization = h.Authorization } })
     assert.equal(401, res.status)
     assert.equal("bad_signature", res.json.error)
+    -- the answer shows what the gateway signed over (the body it read),
+    -- for the caller to compare; never the signature or a key
+    local ts = h.Authorization:match('timestamp="(%d+)"')
+    assert.equal("POST\n/v1/payments\n" .. ts .. "\nk-body\n" .. sent,
+                 res.json.string_to_sign)
+    assert.equal(crypto.hex(crypto.digest("sha256", sent)),
+                 res.json.body_sha256)
+    local sig = h.Authorization:match('signature="(%x+)"')
+    for _, sec in ipairs({ sig, env.key.secret,
+        crypto.hex(apikey.signing_key(env.key.secret)) }) do
+      assert.is_nil(res.body:find(sec, 1, true), sec)
+    end
   end)
 
   it("a signed request sent again under another Idempotency-Key: 401, it"
