@@ -192,6 +192,11 @@ function _M.parse(header)
   if not f.timestamp:match("^%d+$") or #f.timestamp > 12 then
     return nil, "malformed_signature"
   end
+  -- a signature is 64 hex digits (any case): anything else is a header
+  -- built wrong (a base64 one, a truncated one), not a key that differs
+  if #f.signature ~= 64 or not f.signature:match("^%x+$") then
+    return nil, "malformed_signature"
+  end
   return f
 end
 

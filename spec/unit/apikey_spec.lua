@@ -82,18 +82,37 @@ describe("apikey.parse", function()
       'PAYGATE-HMAC-SHA256 app_id="a",key_id="k",timestamp="1",'
         .. 'signature="s",x="y"',
       'PAYGATE-HMAC-SHA256 ' .. ("x"):rep(2000),
+      -- a signature that is not 64 hex digits: short, long, not hex,
+      -- empty, base64 of the 32 bytes
+      'PAYGATE-HMAC-SHA256 app_id="a",key_id="k",timestamp="1",'
+        .. 'signature="abc"',
+      'PAYGATE-HMAC-SHA256 app_id="a",key_id="k",timestamp="1",'
+        .. 'signature="' .. ("a"):rep(63) .. '"',
+      'PAYGATE-HMAC-SHA256 app_id="a",key_id="k",timestamp="1",'
+        .. 'signature="' .. ("a"):rep(65) .. '"',
+      'PAYGATE-HMAC-SHA256 app_id="a",key_id="k",timestamp="1",'
+        .. 'signature="' .. ("a"):rep(63) .. 'g"',
+      'PAYGATE-HMAC-SHA256 app_id="a",key_id="k",timestamp="1",'
+        .. 'signature=""',
+      'PAYGATE-HMAC-SHA256 app_id="a",key_id="k",timestamp="1",'
+        .. 'signature="' .. crypto.base64_encode(("\171"):rep(32)) .. '"',
     }) do
       assert.same({ nil, "malformed_signature" }, { apikey.parse(h) }, h)
     end
+    local sig = ("0123456789abcdef"):rep(4)
     local f = assert(apikey.parse('PAYGATE-HMAC-SHA256 app_id="a", '
-      .. 'key_id="k",timestamp="12",signature="ab"'))
+      .. 'key_id="k",timestamp="12",signature="' .. sig .. '"'))
     assert.same({ app_id = "a", key_id = "k", timestamp = "12",
-                  signature = "ab" }, f)
+                  signature = sig }, f)
     -- the scheme in any case (RFC 9110: a case-insensitive token)
     for _, scheme in ipairs({ "paygate-hmac-sha256", "Paygate-Hmac-Sha256" }) do
       assert.same(f, apikey.parse(scheme .. ' app_id="a",key_id="k",'
-        .. 'timestamp="12",signature="ab"'), scheme)
+        .. 'timestamp="12",signature="' .. sig .. '"'), scheme)
     end
+    -- hex in upper case is a signature too
+    assert.equal(sig:upper(), assert(apikey.parse('PAYGATE-HMAC-SHA256 '
+      .. 'app_id="a",key_id="k",timestamp="12",signature="' .. sig:upper()
+      .. '"')).signature)
   end)
 end)
 
@@ -159,6 +178,14 @@ describe("apikey.verify and before_hook", function()
     { "malformed_signature", function()
         return fake_req{ headers = {
           Authorization = "PAYGATE-HMAC-SHA256 nonsense" } } end },
+    -- a signature that is not 64 hex digits, from a known key: the
+    -- header's format, not the key, is at fault
+    { "malformed_signature", function()
+        local req = signed{}
+        local a = req:header("authorization")
+                    :gsub('signature="%x+"', 'signature="abc"')
+        return fake_req{ headers = { Authorization = a },
+                         query = "x=1", body = req.body } end },
     { "unknown_app", function() return signed{ key_id = "ak_nope" } end },
     { "unknown_app", function() return signed{ app_id = "shop2" } end },
     { "stale_timestamp", function() return signed{ ts = T - 301 } end },

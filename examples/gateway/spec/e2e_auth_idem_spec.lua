@@ -35,6 +35,15 @@ describe("gateway API keys", function()
       headers = { Authorization = apikey.SCHEME .. ' app_id="shop"' } })
     assert.equal(401, res.status)
     assert.equal("malformed_signature", res.json.error)
+    -- a signature that is not 64 hex digits is the header's format at
+    -- fault, from a key the gateway knows too
+    local h = apikey.sign{ app_id = env.key.app_id, key_id = env.key.key_id,
+      secret = env.key.secret, method = "GET", path = "/v1/payments/pay_x" }
+    res = env:api("GET", "/v1/payments/pay_x", nil, { sign = false,
+      headers = { Authorization = h.Authorization:gsub('signature="%x+"',
+                                                       'signature="abc"') } })
+    assert.equal(401, res.status)
+    assert.equal("malformed_signature", res.json.error)
   end)
 
   it("a wrong secret, or a changed body: 401 bad_signature", function()
