@@ -163,6 +163,35 @@ describe("wechatpay.client configuration", function()
     refused({ base_url = "http://api.mch.weixin.qq.com" }, "base_url", "https")
     refused({ base_url = "ftp://x" }, "base_url")
     refused({ base_url = "https://x/v3" }, "base_url")
+    -- each message names what is wrong: a path is a path (http:// to a
+    -- loopback address is no fault), a scheme a scheme
+    local function says(over, key, want)
+      local err = refused(over, key)
+      assert.equal("wechatpay." .. key .. ": " .. want, err.message)
+    end
+    local PATH = "): give scheme, host and port only (https://host[:port];"
+                 .. " the client adds /v3/...)"
+    local SCHEME = "must be https:// (http:// only for a loopback address"
+                   .. " such as the simulator's)"
+    says({ base_url = "http://127.0.0.1:18490/v3" }, "base_url",
+         "has a path (/v3" .. PATH)
+    says({ base_url = "https://api.mch.weixin.qq.com/v3/" }, "base_url",
+         "has a path (/v3" .. PATH)
+    says({ base_url = "http://[::1]/v3/pay" }, "base_url",
+         "has a path (/v3/pay" .. PATH)
+    says({ backup_url = "https://api2.mch.weixin.qq.com:443/v3" },
+         "backup_url", "has a path (/v3" .. PATH)
+    says({ base_url = "http://api.mch.weixin.qq.com" }, "base_url", SCHEME)
+    says({ base_url = "ftp://x" }, "base_url", SCHEME .. ", then host[:port]")
+    says({ base_url = "api.mch.weixin.qq.com" }, "base_url",
+         SCHEME .. ", then host[:port]")
+    says({ base_url = "https://api.mch.weixin.qq.com?x=1" }, "base_url",
+         "must be https://host[:port]: a host name or address, then :port"
+         .. " if any, and nothing after (no query, fragment or user info)")
+    -- user info is never repeated, even before a path
+    local err = refused({ base_url = "https://u:pw9@h.example/v3" },
+                        "base_url")
+    assert.is_nil(err.message:find("pw9", 1, true))
     -- a query, a fragment or a stray byte after the host would be glued
     -- to every path ("https://h?x=1/v3/pay/...": all requests to "/")
     refused({ base_url = "https://api.mch.weixin.qq.com?x=1" }, "base_url")

@@ -392,6 +392,13 @@ describe("gateway config", function()
                      merchants = { merchant{
                        merchant_private_key = dir .. "/none.pem" } } },
                    "gateway: config.merchants[1].merchant_private_key: ")
+    -- a base URL with a path is told so: http:// to loopback is no fault
+    -- (was "must be https://host[:port] with no path")
+    expect_refused({ gateway = { db = "sqlite:" .. dir .. "/a.db" },
+                     merchants = { merchant{
+                       base_url = "http://127.0.0.1:18490/v3" } } },
+                   "gateway: config.merchants[1].base_url: has a path (/v3):"
+                   .. " give scheme, host and port only")
     -- a misspelt client option stops the start too (it kept its default)
     expect_refused({ gateway = { db = "sqlite:" .. dir .. "/a.db" },
                      merchants = { merchant{ timout = 5 } } },

@@ -89,12 +89,28 @@ local function check_url(key, url)
   if not host then
     host, port = (hostport or ""):match("^(%[[%x:%.]+%])(.*)$")
   end
+  local HTTPS = "must be https:// (http:// only for a loopback address"
+                .. " such as the simulator's)"
+  if not scheme then
+    -- say what is wrong: the scheme, not the rest
+    return bad(key, HTTPS .. ", then host[:port]")
+  end
   if not host or (port ~= "" and not port:match("^:%d+$")) then
-    return bad(key, "must be https://host[:port] with no path")
+    -- a path (the client adds /v3/... itself): named, as the user wrote
+    -- it, so "http://127.0.0.1:18490/v3" is not called a scheme problem
+    local path = host and port:match("^:?%d*(/.*)$")
+    if path then
+      path = path:sub(1, 64):gsub("[^\33-\126]", "?")
+      return bad(key, "has a path (" .. path .. "): give scheme, host and"
+                 .. " port only (https://host[:port]; the client adds"
+                 .. " /v3/...)")
+    end
+    return bad(key, "must be https://host[:port]: a host name or address,"
+               .. " then :port if any, and nothing after (no query,"
+               .. " fragment or user info)")
   end
   if scheme == "https" or is_loopback_url(url) then return url end
-  return bad(key, "must be https:// (http:// only for a loopback "
-             .. "address such as the simulator's)")
+  return bad(key, HTTPS)
 end
 
 --- syntax: used, issuers = config.platform_certs_of(chain)
