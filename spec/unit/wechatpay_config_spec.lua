@@ -76,8 +76,22 @@ describe("wechatpay.client configuration", function()
     assert(wechatpay.client(base{ merchant_private_key = read("a3_merchant_key.pem") }))
     refused({ merchant_private_key = "/nonexistent/key.pem" },
             "merchant_private_key", "cannot read")
-    refused({ merchant_private_key = read("a4_merchant_cert.pem") },
-            "merchant_private_key")
+    -- a certificate where the key belongs is named as such (as paygate
+    -- doctor names it), given as text or as a file
+    for _, v in ipairs({ read("a4_merchant_cert.pem"),
+                         FIX .. "a4_merchant_cert.pem" }) do
+      local err = refused({ merchant_private_key = v },
+                          "merchant_private_key")
+      assert.equal("wechatpay.merchant_private_key: cannot load the private"
+        .. " key (malformed): this is a certificate, not a private key:"
+        .. " point merchant_private_key at apiclient_key.pem", err.message)
+    end
+    -- PEM text that is not a key: the fallback advice, nothing of the text
+    local err = refused({ merchant_private_key = "-----BEGIN PRIVATE KEY-----"
+      .. "\nQUJD\n-----END PRIVATE KEY-----\n" }, "merchant_private_key")
+    local tail = "): use apiclient_key.pem as downloaded (PKCS#8 PEM)"
+    assert.equal(tail, err.message:sub(-#tail))
+    assert.is_nil(err.message:find("QUJD", 1, true))
     refused({ merchant_private_key = NIL }, "merchant_private_key",
             "is required %(a file path or PEM text%)")
   end)

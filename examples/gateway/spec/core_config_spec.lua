@@ -392,6 +392,15 @@ describe("gateway config", function()
                      merchants = { merchant{
                        merchant_private_key = dir .. "/none.pem" } } },
                    "gateway: config.merchants[1].merchant_private_key: ")
+    -- a certificate where the private key belongs: the cause, as paygate
+    -- doctor names it (was only "cannot load the private key (malformed)")
+    expect_refused({ gateway = { db = "sqlite:" .. dir .. "/a.db" },
+                     merchants = { merchant{
+                       merchant_private_key = m.certificate } } },
+                   "gateway: config.merchants[1].merchant_private_key:"
+                   .. " cannot load the private key (malformed): this is a"
+                   .. " certificate, not a private key: point"
+                   .. " merchant_private_key at apiclient_key.pem")
     -- a base URL with a path is told so: http:// to loopback is no fault
     -- (was "must be https://host[:port] with no path")
     expect_refused({ gateway = { db = "sqlite:" .. dir .. "/a.db" },

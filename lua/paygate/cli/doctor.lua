@@ -400,20 +400,8 @@ local function check_keys(out, wc, now, expiring, conf)
     if not key then
       local kind = tostring(kerr and kerr.kind)
       out:fail("merchant_key", "the merchant private key does not load ("
-               .. kind .. ")", nil,
-               pem:find("-----BEGIN CERTIFICATE", 1, true)
-                 and "this is a certificate, not a private key: point "
-                     .. prefix .. "merchant_private_key at apiclient_key.pem"
-               or kind == "bad_password"
-                 and "the key is encrypted with a passphrase, and WeChat's "
-                     .. "apiclient_key.pem is not: decrypt it (openssl pkey "
-                     .. "-in KEY -out PLAIN_KEY) and point "
-                     .. prefix .. "merchant_private_key at the result"
-               or kind == "unsupported_key_type"
-                 and "WeChat Pay needs the merchant's RSA key (an SM2 key "
-                     .. "for the SM variant), and this is another type: "
-                     .. "use apiclient_key.pem as downloaded"
-               or "use apiclient_key.pem as downloaded (PKCS#8 PEM)")
+               .. kind .. ")", nil, wconfig.private_key_hint(pem, kind,
+                 prefix .. "merchant_private_key"))
     end
   end
   if wc.merchant_certificate then

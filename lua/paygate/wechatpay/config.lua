@@ -77,6 +77,30 @@ local function is_loopback_url(url)
 end
 _M.is_loopback_url = is_loopback_url
 
+--- syntax: hint = config.private_key_hint(pem, kind, option)
+-- What to do about a merchant private key that did not load: pem the
+-- bytes read, kind the crypto.private_key error's kind, option the name
+-- the user gave it under (e.g. "merchant_private_key"). Names the cause
+-- when it can tell (a certificate, a key under a passphrase, another key
+-- type). config.check and `paygate doctor` both say it. Never any of
+-- pem's bytes.
+function _M.private_key_hint(pem, kind, option)
+  if pem:find("-----BEGIN CERTIFICATE", 1, true) then
+    return "this is a certificate, not a private key: point " .. option
+           .. " at apiclient_key.pem"
+  elseif kind == "bad_password" then
+    return "the key is encrypted with a passphrase, and WeChat's "
+           .. "apiclient_key.pem is not: decrypt it (openssl pkey "
+           .. "-in KEY -out PLAIN_KEY) and point " .. option
+           .. " at the result"
+  elseif kind == "unsupported_key_type" then
+    return "WeChat Pay needs the merchant's RSA key (an SM2 key for the SM"
+           .. " variant), and this is another type: use apiclient_key.pem"
+           .. " as downloaded"
+  end
+  return "use apiclient_key.pem as downloaded (PKCS#8 PEM)"
+end
+
 local function check_url(key, url)
   if type(url) ~= "string" or url == "" then
     return bad(key, "must be a URL string")
@@ -253,8 +277,12 @@ function _M.check(conf)
   if not pem then return bad("merchant_private_key", why) end
   local key, kerr = crypto.private_key(pem)
   if not key then
+    -- the cause too (a certificate named here is the common slip), as
+    -- paygate doctor says it
+    local kind = tostring(kerr and kerr.kind)
     return bad("merchant_private_key", "cannot load the private key ("
-               .. tostring(kerr and kerr.kind) .. ")")
+               .. kind .. "): " .. _M.private_key_hint(pem, kind,
+                                                      "merchant_private_key"))
   end
   if key:type() ~= key_type then
     return bad("merchant_private_key", "is an " .. key:type() .. " key; "
