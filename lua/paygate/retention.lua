@@ -427,7 +427,12 @@ local function from_config(fname, conf)
     elseif k ~= "idempotency" and k ~= "outbox_days"
            and k ~= "notification_hours" and k ~= "notifications"
            and k ~= "tables" then
-      misuse(fname .. ": unknown retention option " .. tostring(k))
+      local known = { idempotency = true, outbox_days = true,
+                      notification_hours = true, notifications = true,
+                      tables = true }
+      for rk in pairs(RUNNER_KEYS) do known[rk] = true end
+      misuse(fname .. ": unknown retention option " .. tostring(k)
+             .. require("paygate.suggest").hint(k, known))
     end
   end
   local idem = conf.idempotency

@@ -29,4 +29,16 @@ function _M.nearest(key, known, most)
   return best
 end
 
+--- syntax: s = suggest.hint(key, known)
+-- " (did you mean NAME?)" when key is a string of at most 64 bytes within
+-- nearest's two edits of NAME in the set known, else "": for an "unknown
+-- key" message ("gateway.payment_tl: unknown key (did you mean
+-- payment_ttl?)"). known: a set, as nearest's. (A longer key is not
+-- searched: each distance costs its length times the name's.)
+function _M.hint(key, known)
+  if type(key) ~= "string" or #key > 64 then return "" end
+  local near = _M.nearest(key, known)
+  return near and " (did you mean " .. near .. "?)" or ""
+end
+
 return _M

@@ -92,8 +92,11 @@ describe("retention jobs: misuse", function()
     assert.has_error(function()
       retention.table({ table = "t", column = "c", max_age = 1, age = 2 })
     end, "retention.table: unknown key spec.age")
-    assert.same({ nil, "unknown retention option outbox_dayz" },
+    assert.same({ nil, "unknown retention option outbox_dayz (did you mean"
+                  .. " outbox_days?)" },
                 { retention.check({ outbox_dayz = 3 }) })
+    assert.same({ nil, "unknown retention option speed" },
+                { retention.check({ speed = 3 }) })
     assert.same({ nil, "outbox_days must be a positive number (or false:"
                   .. " keep delivered rows)" },
                 { retention.check({ outbox_days = "7" }) })

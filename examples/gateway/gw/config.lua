@@ -230,6 +230,18 @@ local function check_merchant(m, i, seen)
   if type(m) ~= "table" then
     return fail("merchants[" .. i .. "]", "must be a table")
   end
+  -- a key neither the gateway's nor the client's, with the one of either
+  -- it is a slip from: the client's own check knows only its keys, and a
+  -- previous_apiv3_key_files misspelt got no suggestion
+  for k in pairs(m) do
+    if not OWN_MERCHANT_KEYS[k] and not wxconfig.KNOWN[k] then
+      local known = {}
+      for n in pairs(OWN_MERCHANT_KEYS) do known[n] = true end
+      for n in pairs(wxconfig.KNOWN) do known[n] = true end
+      return fail(where .. tostring(k):sub(1, 64), "unknown key"
+                  .. suggest.hint(k, known))
+    end
+  end
   if m.apiv3_key ~= nil then
     return fail(where .. "apiv3_key", "the APIv3 key may not be written in"
       .. " the config; give apiv3_key_file or apiv3_key_env")
@@ -316,7 +328,8 @@ end
 local function only(t, keys, where)
   for k in pairs(t) do
     if type(k) ~= "string" or not keys[k] then
-      return fail(where .. tostring(k):sub(1, 64), "unknown key")
+      return fail(where .. tostring(k):sub(1, 64), "unknown key"
+                  .. suggest.hint(k, keys))
     end
   end
   return true
@@ -483,8 +496,11 @@ local function check_dispatcher(d, retention)
         return bad(where, "must be a whole number")
       end
     else
-      return bad(where, "unknown key (the outbox dispatcher's options:"
-        .. " docs/outbox.md)")
+      local known = { name = true, max_partitions = true }
+      for dk in pairs(defaults) do known[dk] = true end
+      local hint = suggest.hint(k, known)
+      return bad(where, hint ~= "" and "unknown key" .. hint
+        or "unknown key (the outbox dispatcher's options: docs/outbox.md)")
     end
   end
   return d
@@ -525,7 +541,10 @@ function _M.check(conf, runtime)
   if type(g) ~= "table" then return fail("gateway", "must be a table") end
   for k in pairs(g) do
     if not GATEWAY_KEYS[k] then
-      return fail("gateway." .. tostring(k), "unknown key")
+      -- the key it is a slip from, as the runtime's limits and a
+      -- merchant's client keys say
+      return fail("gateway." .. tostring(k), "unknown key"
+                  .. suggest.hint(k, GATEWAY_KEYS))
     end
   end
   local out = { reconcile = g.reconcile, retention = g.retention }

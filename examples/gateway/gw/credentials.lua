@@ -16,6 +16,7 @@
 local paygate = require "paygate"
 local credentials = require "paygate.credentials"
 local wxconfig = require "paygate.wechatpay.config"
+local suggest = require "paygate.suggest"
 
 local type, pairs, ipairs, tostring = type, pairs, ipairs, tostring
 
@@ -112,7 +113,8 @@ function _M.section(conf)
   end
   for k in pairs(c) do
     if not SECTION_KEYS[k] then
-      return false, reason(tostring(k), "unknown key")
+      return false, reason(tostring(k), "unknown key"
+                           .. suggest.hint(k, SECTION_KEYS))
     end
   end
   local e = c.etcd
@@ -122,7 +124,8 @@ function _M.section(conf)
   end
   for k in pairs(e) do
     if not ETCD_KEYS[k] then
-      return false, reason("etcd." .. tostring(k), "unknown key")
+      return false, reason("etcd." .. tostring(k), "unknown key"
+                           .. suggest.hint(k, ETCD_KEYS))
     end
   end
   if type(e.endpoints) ~= "table" or e.endpoints[1] == nil then

@@ -80,6 +80,7 @@ function _M.check_conf(t)
   for k, v in pairs(t) do
     if DEFAULTS[k] == nil then
       return nil, "gateway.reconcile." .. tostring(k) .. ": unknown key"
+                  .. require("paygate.suggest").hint(k, DEFAULTS)
     end
   end
   for k, d in pairs(DEFAULTS) do

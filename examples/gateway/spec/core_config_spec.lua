@@ -357,6 +357,57 @@ describe("gateway config", function()
         leases = {}, getaway = {} }, { listen = "127.0.0.1:8099" }))
   end)
 
+  it("names the key a misspelt one is a slip from, in every table of the"
+     .. " gateway's", function()
+    -- before: "unknown key" alone inside gateway = {...} and its tables,
+    -- while the runtime's limits and a merchant's client keys said which
+    local db = "sqlite:" .. dir .. "/a.db"
+    local function says(g, want, m, extra)
+      g.db = g.db or db
+      local conf = { gateway = g, merchants = { merchant(m) } }
+      for k, v in pairs(extra or {}) do conf[k] = v end
+      local cfg, why = config.check(conf, { listen = "127.0.0.1:8099" })
+      assert.is_nil(cfg, want)
+      assert.equal(want, why)
+    end
+    says({ payment_tl = 600 }, "config.gateway.payment_tl: unknown key"
+         .. " (did you mean payment_ttl?)")
+    says({ webhooks = { { url = "http://127.0.0.1:9/h", secert = "x" } } },
+         "config.gateway.webhooks[1].secert: unknown key (did you mean"
+         .. " secret?)")
+    says({ redis = "redis://127.0.0.1:9", redis_stream = { maxln = 5 } },
+         "config.gateway.redis_stream.maxln: unknown key (did you mean"
+         .. " maxlen?)")
+    says({ dispatcher = { concurency = 4 } }, "config.gateway.dispatcher."
+         .. "concurency: unknown key (did you mean concurrency?)")
+    says({ reconcile = { bill_huor = 9 } }, "config.gateway.reconcile."
+         .. "bill_huor: unknown key (did you mean bill_hour?)")
+    says({ console = { sesion_ttl = 60 } }, "config.gateway.console."
+         .. "sesion_ttl: unknown key (did you mean session_ttl?)")
+    says({ retention = { outbox_dys = 3 } }, "config.gateway.retention:"
+         .. " unknown retention option outbox_dys (did you mean"
+         .. " outbox_days?)")
+    says({}, "config.merchants[1].previous_apiv3_key_fils: unknown key (did"
+         .. " you mean previous_apiv3_key_files?)",
+         { previous_apiv3_key_fils = { dir .. "/apiv3.key" } })
+    -- a client key's slip, as before
+    says({}, "config.merchants[1].timout: unknown key (did you mean"
+         .. " timeout?)", { timout = 5 })
+    -- the credentials section, and its etcd table
+    local c, why = require("gw.credentials").section({ credentials = {
+      cache_dri = dir, etcd = { endpoints = { "https://127.0.0.1:9" } } } })
+    assert.is_false(c)
+    assert.equal("config.credentials.cache_dri: unknown key (did you mean"
+                 .. " cache_dir?)", why)
+    c, why = require("gw.credentials").section({ credentials = {
+      etcd = { endpionts = { "https://127.0.0.1:9" } } } })
+    assert.is_false(c)
+    assert.equal("config.credentials.etcd.endpionts: unknown key (did you"
+                 .. " mean endpoints?)", why)
+    -- nothing near: no guess
+    says({ zzzzzz = 1 }, "config.gateway.zzzzzz: unknown key")
+  end)
+
   it("started without --config, says to give one", function()
     local free_port = core.free_port
     local code, out = testing.proc.run({ server.bin(), "run",
@@ -609,13 +660,15 @@ describe("gateway config", function()
         return why
       end
       -- before: each started, the key silently dropped
-      assert.equal("config.gateway.webhooks[1].secert_file: unknown key",
+      assert.equal("config.gateway.webhooks[1].secert_file: unknown key"
+        .. " (did you mean secret_file?)",
         why_of{ webhooks = { { url = "http://127.0.0.1:1/h",
                                secert_file = dir .. "/wh.secret" } } })
       assert.equal("config.gateway.webhooks[1].retries: unknown key",
         why_of{ webhooks = { { url = "http://127.0.0.1:1/h", retries = 3,
                                secret_file = dir .. "/wh.secret" } } })
-      assert.equal("config.gateway.redis_stream.max_len: unknown key",
+      assert.equal("config.gateway.redis_stream.max_len: unknown key (did"
+        .. " you mean maxlen?)",
         why_of{ redis = "redis://127.0.0.1:1",
                 redis_stream = { max_len = 1000 } })
       -- headers and ca_file are the webhook's (paygate.outbox's options)
@@ -740,7 +793,8 @@ describe("gateway config", function()
       -- the gateway accepts its configuration); gw.reconcile.start then
       -- refused it in every worker
       for _, case in ipairs({
-        { { bil = true }, "config.gateway.reconcile.bil: unknown key" },
+        { { bil = true }, "config.gateway.reconcile.bil: unknown key (did"
+          .. " you mean bill?)" },
         { { bill_hour = 25 }, "config.gateway.reconcile.bill_hour: must be"
           .. " a whole hour, 0 .. 23" },
         { false, "config.gateway.reconcile: must be a table" },

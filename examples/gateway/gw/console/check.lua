@@ -40,6 +40,7 @@ function _M.check(t, admin_token, secret)
   for k in pairs(t) do
     if not KEYS[k] then
       return nil, "config." .. where .. "." .. tostring(k) .. ": unknown key"
+                  .. require("paygate.suggest").hint(k, KEYS)
     end
   end
   if t.token ~= nil then
