@@ -13,7 +13,9 @@
 --                   -- that differ, an unasked 101, a malformed head
 --                   -- (a folded first header line, a header line
 --                   -- with no colon, a NUL byte in a head line, a
---                   -- Content-Length that is no number of bytes);
+--                   -- Content-Length that is no number of bytes or
+--                   -- past 2^63 - 1); body_too_large also at once for
+--                   -- a Content-Length past max_body;
 --                   -- err.retryable; err.sent is false
 --                   -- when nothing of the request was written (dns,
 --                   -- connect, TLS handshake): safe to retry blindly

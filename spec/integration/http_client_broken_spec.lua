@@ -170,6 +170,86 @@ describe("paygate.http.request facing a broken server", function()
     assert.equal("ok", assert(paygate.http.request{ url = url("/ok") }).body)
   end)
 
+  it("fails an answer whose Content-Length is past any body: malformed"
+     .. " past 2^63 - 1, body_too_large past max_body, both at once",
+     function()
+    -- libcurl (7.88) took a value past 2^63 - 1 as no length and read the
+    -- body until the server closed, and a fitting one past max_body as a
+    -- body still to come: this server keeps the connection open after
+    -- "ok", so each ended in kind timeout, retryable, as if the network
+    -- had stalled (a server that closed had "ok" taken as the whole
+    -- body). A GET, a POST and a HEAD alike (libcurl refuses a word in a
+    -- HEAD answer's Content-Length too); the value is never shown
+    for _, name in ipairs({ "big", "2p63", "plus" }) do
+      for _, sink in ipairs({ false, true }) do
+        for _, method in ipairs({ "GET", "POST", "HEAD" }) do
+          local what = ("%s, sink %s, %s"):format(name, tostring(sink),
+                                                  method)
+          local heads = 0
+          local res, err = paygate.http.request{
+            url = url("/biglength-" .. name), timeout = 3, method = method,
+            body = method == "POST" and "x" or nil,
+            sink = sink and function() end or nil,
+            on_headers = sink and function() heads = heads + 1 end or nil }
+          assert.is_nil(res, what)
+          assert.equal("closed", err.kind, what .. ": " .. err.message)
+          assert.equal("http request: the response head is malformed: its"
+                       .. " Content-Length is too large (past 2^63 - 1"
+                       .. " bytes)", err.message)
+          assert.is_false(err.retryable, what)
+          assert.is_true(err.sent, what)
+          assert.equal(0, heads, what)
+        end
+      end
+    end
+    -- a length that fits but is past max_body: the default one, or one
+    -- given with a sink; with a sink and no max_body nothing bounds it
+    for _, name in ipairs({ "max", "tera" }) do
+      for _, method in ipairs({ "GET", "POST" }) do
+        local body = method == "POST" and "x" or nil
+        local res, err = paygate.http.request{
+          url = url("/biglength-" .. name), timeout = 3, body = body }
+        assert.is_nil(res, name)
+        assert.equal("body_too_large", err.kind, err.message)
+        assert.equal("http request: response body exceeds max_body"
+                     .. " (16777216 bytes): its Content-Length is "
+                     .. (name == "max" and "9223372036854775807"
+                         or "1000000000000"), err.message)
+        assert.is_false(err.retryable)
+        assert.is_true(err.sent)
+        local heads = 0
+        res, err = paygate.http.request{ url = url("/biglength-" .. name),
+          timeout = 3, body = body, max_body = 1000,
+          sink = function() end,
+          on_headers = function() heads = heads + 1 end }
+        assert.is_nil(res, name)
+        assert.equal("body_too_large", err.kind, err.message)
+        assert.equal(0, heads)
+        local status
+        res, err = paygate.http.request{ url = url("/biglength-" .. name),
+          timeout = 3, body = body, sink = function() end,
+          on_headers = function(s) status = s; return false end }
+        assert.is_nil(res, name)
+        assert.equal("aborted", err.kind, err.message)
+        assert.equal(200, status)
+      end
+      -- a HEAD answer's length is the resource's: there is no body
+      local res = assert(paygate.http.request{
+        url = url("/biglength-" .. name), method = "HEAD", timeout = 3 })
+      assert.equal(200, res.status)
+      assert.equal("", res.body)
+    end
+    -- neither leading zeros nor a 204's length (no body: libcurl does
+    -- not read it) is refused
+    local res = assert(paygate.http.request{ url = url("/biglength-zeros"),
+                                             timeout = 3 })
+    assert.equal("ok", res.body)
+    res = assert(paygate.http.request{ url = url("/biglength-204"),
+                                       timeout = 3 })
+    assert.equal(204, res.status)
+    assert.equal("ok", assert(paygate.http.request{ url = url("/ok") }).body)
+  end)
+
   it("tells libcurl's malformed-head failures apart, and leaves a"
      .. " malformed status line as it was", function()
     -- each cause says its own words: a NUL byte in a line without a

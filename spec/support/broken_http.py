@@ -29,6 +29,12 @@
 #                bytes: name = word ("x2"), negative ("-2"), empty (""),
 #                then-bad ("2", then a second one "-2"), bad-then ("x2",
 #                then "2")
+#   /biglength-<name>  a 200 whose Content-Length no body can have, then
+#                "ok" on the connection kept open (to a HEAD: no "ok"):
+#                name = big (twenty nines), 2p63 (2^63, one past the most
+#                a signed 64-bit number holds), plus ("+" and twenty
+#                nines), max (2^63 - 1), tera (10^12), zeros (2, written
+#                with 25 leading zeros), 204 (a 204 with twenty nines)
 #   /nul-nocolon 200 "ok" with a header line holding a NUL byte and no
 #                colon: "Bo\0gus"
 #   /badstatus   "HTTP/1.1 20 OK" (a status code of two digits), "ok"
@@ -72,6 +78,14 @@ BADLENGTH = {
     "then-bad": b"Content-Length: 2\r\nContent-Length: -2\r\n",
     "bad-then": b"Content-Length: x2\r\nContent-Length: 2\r\n",
 }
+BIGLENGTH = {
+    "big": b"99999999999999999999",
+    "2p63": b"9223372036854775808",
+    "plus": b"+99999999999999999999",
+    "max": b"9223372036854775807",
+    "tera": b"1000000000000",
+    "zeros": b"0" * 25 + b"2",
+}
 def answer(c):
     c.settimeout(30)
     while True:
@@ -109,6 +123,16 @@ def answer(c):
         if path.startswith("/badlength-"):
             c.sendall(b"HTTP/1.1 200 OK\r\n" + BADLENGTH[path[11:]]
                       + b"\r\nok")
+            continue
+        if path.startswith("/biglength-"):
+            name = path[11:]
+            if name == "204":
+                c.sendall(b"HTTP/1.1 204 No Content\r\nContent-Length: "
+                          + BIGLENGTH["big"] + b"\r\n\r\n")
+                continue
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: "
+                      + BIGLENGTH[name] + b"\r\n\r\n"
+                      + (b"" if method == b"HEAD" else b"ok"))
             continue
         if path == "/twolengths":
             c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"

@@ -83,6 +83,9 @@ struct gw_http_op {
     size_t             len, cap;    /* bytes */
     size_t             max_body;    /* bytes; more fails body_too_large */
     int                too_large;
+    curl_off_t         declared;    /* the Content-Length that was past
+                                       max_body (too_large), or 0 */
+    int                nobody;      /* 1: a HEAD request */
     int                head_too_large;  /* 1: the response head went past
                                        HEAD_MAX, or a line past curl's
                                        own limit (CURL_MAX_HTTP_HEADER) */
@@ -91,6 +94,7 @@ struct gw_http_op {
     int                head_cut;    /* 1: the transfer ended before the
                                        final head did (no blank line) */
     int                two_lengths; /* 1: Content-Length values differ */
+    int                big_length;  /* 1: a Content-Length past 2^63 - 1 */
     int                switched;    /* 1: a 101 no request asks for */
     int                at_status;   /* 1: the last head line handed over
                                        was a status line */
@@ -539,6 +543,29 @@ seek_cb(void *arg, curl_off_t offset, int origin)
     return CURL_SEEKFUNC_OK;
 }
 
+/* 1 when the Content-Length value at v (ve its end, blanks trimmed), read
+ * as libcurl (7.88) reads it -- an optional '+', then the digits up to
+ * the first byte that is none -- is past 2^63 - 1, the most libcurl holds;
+ * 0 otherwise (a value that is no number at all libcurl refuses itself) */
+static int
+length_overflows(const char *v, const char *ve)
+{
+    static const char max[] = "9223372036854775807";
+    const char *d;
+
+    if (v < ve && *v == '+') {
+        v++;
+    }
+    while (v < ve && *v == '0') {
+        v++;
+    }
+    for (d = v; d < ve && *d >= '0' && *d <= '9'; d++) {
+    }
+    return (size_t) (d - v) > sizeof(max) - 1
+           || ((size_t) (d - v) == sizeof(max) - 1
+               && memcmp(v, max, sizeof(max) - 1) > 0);
+}
+
 static size_t
 header_cb(char *p, size_t size, size_t n, void *arg)
 {
@@ -565,6 +592,22 @@ header_cb(char *p, size_t size, size_t n, void *arg)
         while (ve > v && (ve[-1] == '\r' || ve[-1] == '\n'
                           || ve[-1] == ' ' || ve[-1] == '\t')) {
             ve--;
+        }
+        if (length_overflows(v, ve)) {
+            long code = 0;
+
+            /* libcurl (7.88) fails a word or a negative value itself
+             * (push_failure) but reads this one as no length at all and
+             * the body as lasting until the server closes: a keep-alive
+             * server's answer ended in kind timeout, retryable, and one
+             * that closed had whatever came taken as the whole body.
+             * Refused where libcurl reads the field: not in a 1xx, 204 or
+             * 304 head, which has no body */
+            curl_easy_getinfo(op->easy, CURLINFO_RESPONSE_CODE, &code);
+            if (code >= 200 && code != 204 && code != 304) {
+                op->big_length = 1;
+                return 0;
+            }
         }
         if (op->clen[0] == '\0') {
             size_t k = (size_t) (ve - v) < sizeof(op->clen) - 1
@@ -595,6 +638,25 @@ header_cb(char *p, size_t size, size_t n, void *arg)
             return 0;
         }
         if (code >= 200) {
+            curl_off_t cl = -1;
+
+            /* a body declared past max_body is refused now, as its bytes
+             * would be (write_cb): not read up to max_body first, nor
+             * waited for when fewer come (a keep-alive server that sent
+             * 2 bytes under a Content-Length of a terabyte held the
+             * request to its timeout, retryable). libcurl's reading of
+             * the head says -1 when the body is chunked or has no length,
+             * 0 for a 204 or 304; a HEAD answer's is the resource's, with
+             * no body */
+            if (!op->nobody
+                && curl_easy_getinfo(op->easy,
+                                     CURLINFO_CONTENT_LENGTH_DOWNLOAD_T, &cl)
+                   == CURLE_OK
+                && cl > 0 && (unsigned long long) cl > op->max_body) {
+                op->too_large = 1;
+                op->declared = cl;
+                return 0;
+            }
             op->head_done = 1;
             if (op->stream) {
                 stream_kick(op);
@@ -820,7 +882,9 @@ push_failure(lua_State *L, struct gw_http_op *op, CURLcode rc)
      * is a malformed answer, which a resend does not cure */
     bad_fold = rc == CURLE_BAD_FUNCTION_ARGUMENT && !op->head_done
                && op->at_status;
-    if (rc == CURLE_WEIRD_SERVER_REPLY && !op->head_done) {
+    if (op->big_length) {
+        malformed = "its Content-Length is too large (past 2^63 - 1 bytes)";
+    } else if (rc == CURLE_WEIRD_SERVER_REPLY && !op->head_done) {
         for (size_t i = 0; i < sizeof(weird_heads) / sizeof(weird_heads[0]);
              i++) {
             if (strcmp(op->err, weird_heads[i].curl) == 0) {
@@ -833,7 +897,11 @@ push_failure(lua_State *L, struct gw_http_op *op, CURLcode rc)
     if (bad_fold || malformed != NULL) {
         retryable = 0;
     }
-    if (op->too_large) {
+    if (op->too_large && op->declared > 0) {
+        n = gw_push_error(L, kind, retryable, "http request: response body "
+                          "exceeds max_body (%zu bytes): its Content-Length"
+                          " is %lld", op->max_body, (long long) op->declared);
+    } else if (op->too_large) {
         n = gw_push_error(L, kind, retryable, "http request: response body "
                           "exceeds max_body (%zu bytes)", op->max_body);
     } else if (op->head_too_large) {
@@ -1446,6 +1514,7 @@ op_setup(lua_State *L, int stream)
             curl_easy_setopt(e, CURLOPT_HTTPGET, 1L);
         } else if (strcmp(method, "HEAD") == 0) {
             curl_easy_setopt(e, CURLOPT_NOBODY, 1L);
+            op->nobody = 1;
         } else {
             if (strspn(method, "ABCDEFGHIJKLMNOPQRSTUVWXYZ") != strlen(method)
                 || method[0] == '\0' || strlen(method) > 16) {
