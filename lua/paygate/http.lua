@@ -14,7 +14,9 @@
 --                   -- (a folded first header line, a header line
 --                   -- with no colon, a NUL byte in a head line, a
 --                   -- Content-Length that is no number of bytes or
---                   -- past 2^63 - 1); body_too_large also at once for
+--                   -- past 2^63 - 1, a status line that cannot be
+--                   -- read, an answer that is no HTTP at all: another
+--                   -- protocol's server); body_too_large also at once for
 --                   -- a Content-Length past max_body;
 --                   -- err.retryable; err.sent is false
 --                   -- when nothing of the request was written (dns,

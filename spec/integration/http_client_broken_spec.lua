@@ -250,27 +250,65 @@ describe("paygate.http.request facing a broken server", function()
     assert.equal("ok", assert(paygate.http.request{ url = url("/ok") }).body)
   end)
 
-  it("tells libcurl's malformed-head failures apart, and leaves a"
-     .. " malformed status line as it was", function()
+  it("tells libcurl's malformed-head failures apart", function()
     -- each cause says its own words: a NUL byte in a line without a
-    -- colon is told as the NUL (libcurl checks it first). libcurl (7.88)
-    -- has no other CURLE_WEIRD_SERVER_REPLY cause in an HTTP/1 head; a
-    -- status line it cannot read fails with another code
-    -- (CURLE_UNSUPPORTED_PROTOCOL), which none of these words match
+    -- colon is told as the NUL (libcurl checks it first)
     local res, err = paygate.http.request{ url = url("/nul-nocolon"),
                                            timeout = 5 }
     assert.is_nil(res)
     assert.matches("malformed: a line of it holds a NUL byte", err.message,
                    1, true)
     assert.is_nil(err.message:find("no colon", 1, true), err.message)
-    for path, says in pairs({
-        ["/badstatus"] = "Unsupported response code in HTTP response",
-        ["/badversion"] = "Unsupported HTTP version (1.2) in response" }) do
-      res, err = paygate.http.request{ url = url(path), timeout = 5 }
-      assert.is_nil(res, path)
-      assert.equal("closed", err.kind, path)
-      assert.equal("http request: " .. says, err.message)
-      assert.is_true(err.sent, path)
+    assert.equal("ok", assert(paygate.http.request{ url = url("/ok") }).body)
+  end)
+
+  it("fails an answer whose status line cannot be read, or that is not"
+     .. " HTTP: not a dropped connection", function()
+    -- libcurl (7.88) fails each with CURLE_UNSUPPORTED_PROTOCOL: it was
+    -- kind closed, retryable, with libcurl's words ("Unsupported response
+    -- code in HTTP response", "Received HTTP/0.9 when not allowed"), so
+    -- an idempotent WeChat call was sent again to a server that had read
+    -- it and will answer the same. A status line that begins "HTTP/" is
+    -- a server's that speaks HTTP; one that does not is another
+    -- protocol's server: a resend meets the same peer either way, and
+    -- whether it acted nothing here can tell (err.sent stays true)
+    local version = "the response head is malformed: its status line"
+                    .. " cannot be read (an HTTP version this client does"
+                    .. " not speak)"
+    local code = "the response head is malformed: its status line cannot"
+                 .. " be read (no status code of three digits)"
+    local other = "the response head is malformed: it is not HTTP: no"
+                  .. " status line begins it"
+    local cases = {
+      ["/badstatus"] = code, ["/badcode"] = code, ["/nospace"] = code,
+      ["/badstatus-100"] = code,
+      ["/badversion"] = version, ["/http3"] = version,
+      ["/nothttp-ssh"] = other, ["/nothttp-tls"] = other,
+      ["/nothttp-redis"] = other,
+    }
+    for path, says in pairs(cases) do
+      for _, sink in ipairs({ false, true }) do
+        for _, body in ipairs({ false, "x" }) do
+          local what = ("%s, sink %s, body %s"):format(path,
+            tostring(sink), tostring(body))
+          local heads = 0
+          local res, err = paygate.http.request{ url = url(path),
+            timeout = 5, body = body or nil,
+            sink = sink and function() end or nil,
+            on_headers = sink and function() heads = heads + 1 end or nil }
+          assert.is_nil(res, what)
+          assert.equal("closed", err.kind, what)
+          assert.equal("http request: " .. says,
+                       err.message:sub(1, #says + 14), what)
+          for _, shown in ipairs({ "Unsupported", "HTTP/0.9", "SSH", "ERR",
+                                   "1.2", "2000" }) do
+            assert.is_nil(err.message:find(shown, 1, true), err.message)
+          end
+          assert.is_false(err.retryable, what)
+          assert.is_true(err.sent, what)
+          assert.equal(0, heads, what)
+        end
+      end
     end
     assert.equal("ok", assert(paygate.http.request{ url = url("/ok") }).body)
   end)

@@ -39,6 +39,14 @@
 #                colon: "Bo\0gus"
 #   /badstatus   "HTTP/1.1 20 OK" (a status code of two digits), "ok"
 #   /badversion  "HTTP/1.2 200 OK", "ok"
+#   /badcode     "HTTP/1.1 2000 OK", "ok"
+#   /http3       "HTTP/3 200 OK", "ok"
+#   /nospace     "HTTP/1.1200 OK", "ok"
+#   /badstatus-100  a 100 Continue head, then "HTTP/1.1 20 OK", "ok"
+#   /nothttp-<name>  an answer that is not HTTP, what a server of another
+#                protocol sends: name = ssh (its banner, "SSH-2.0-..."),
+#                tls (a TLS alert record, as some TLS servers answer a
+#                request in plain text), redis (an error line)
 #   /twolengths  a 200 with Content-Length 2 and Content-Length 40, then
 #                40 bytes ("ok" and a second answer's head)
 #   /switch      101 Switching Protocols (asked by no request), then
@@ -70,6 +78,14 @@ OTHER = {
                     b"Content-Length: 2\r\n\r\nok",
     "/badstatus": b"HTTP/1.1 20 OK\r\nContent-Length: 2\r\n\r\nok",
     "/badversion": b"HTTP/1.2 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    "/badcode": b"HTTP/1.1 2000 OK\r\nContent-Length: 2\r\n\r\nok",
+    "/http3": b"HTTP/3 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    "/nospace": b"HTTP/1.1200 OK\r\nContent-Length: 2\r\n\r\nok",
+    "/badstatus-100": b"HTTP/1.1 100 Continue\r\n\r\n"
+                      b"HTTP/1.1 20 OK\r\nContent-Length: 2\r\n\r\nok",
+    "/nothttp-ssh": b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n",
+    "/nothttp-tls": b"\x15\x03\x03\x00\x02\x02\x46",
+    "/nothttp-redis": b"-ERR unknown command 'GET'\r\n",
 }
 BADLENGTH = {
     "word": b"Content-Length: x2\r\n",

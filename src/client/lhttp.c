@@ -836,29 +836,53 @@ classify(CURLcode rc, struct gw_http_op *op, int *retryable)
     }
 }
 
-/* libcurl (7.88) fails these malformed heads as CURLE_WEIRD_SERVER_REPLY
- * before the line is handed over, so nothing here sees the line: only the
- * error buffer's words tell them apart (they are that code's only causes
- * in an HTTP/1 head). Each was kind closed, retryable, as a dropped
+/* libcurl (7.88) fails these malformed heads before the line is handed
+ * over, so nothing here sees the line: only the code and the error
+ * buffer's words tell them apart (CURLE_WEIRD_SERVER_REPLY's only causes
+ * in an HTTP/1 head; CURLE_UNSUPPORTED_PROTOCOL's only ones once the
+ * request went out: a URL scheme libcurl lacks cannot get past op_setup's
+ * check, nor past CURLOPT_PROTOCOLS_STR, and an unknown proxy scheme is
+ * CURLE_COULDNT_CONNECT). Each was kind closed, retryable, as a dropped
  * connection, with libcurl's words: the server read the request and
  * answered it wrongly, which a resend does not cure (a resent POST may
  * apply twice). Our words never show the line: it may be anything, a
  * credential. (A libcurl that words one otherwise fails it as before,
  * retryable: http_client_broken_spec would fail) */
 static const struct {
-    const char *curl;           /* libcurl's error buffer, exactly */
+    CURLcode    rc;             /* what libcurl fails it with */
+    const char *curl;           /* libcurl's error buffer begins so */
     const char *ours;           /* what is malformed */
 } weird_heads[] = {
     /* neither a field nor a folded line */
-    { "Header without colon",
+    { CURLE_WEIRD_SERVER_REPLY, "Header without colon",
       "a header line holds no colon (it is neither a field nor a folded"
       " line)" },
     /* in any line of any head, the status line and a 1xx head too */
-    { "Nul byte in header", "a line of it holds a NUL byte" },
+    { CURLE_WEIRD_SERVER_REPLY, "Nul byte in header",
+      "a line of it holds a NUL byte" },
     /* not digits: a word, a negative or an empty value, in any of the
      * Content-Length fields (values that differ are two_lengths) */
-    { "Invalid Content-Length: value",
+    { CURLE_WEIRD_SERVER_REPLY, "Invalid Content-Length: value",
       "its Content-Length is not a number of bytes" },
+    /* a status line that begins "HTTP/", so from a server that speaks
+     * HTTP, but whose version libcurl does not take ("HTTP/1.2",
+     * "HTTP/3", no space after it), or whose status code is not three
+     * digits ("20", "2000"), in any head, a 1xx one too */
+    { CURLE_UNSUPPORTED_PROTOCOL, "Unsupported HTTP version",
+      "its status line cannot be read (an HTTP version this client does"
+      " not speak)" },
+    { CURLE_UNSUPPORTED_PROTOCOL, "Unsupported response code",
+      "its status line cannot be read (no status code of three digits)" },
+    /* an answer that does not begin "HTTP/": HTTP/0.9 to libcurl, but
+     * in practice a server of another protocol at that port (an SSH or
+     * mail banner, a TLS alert to a request in plain text). Such a peer
+     * most likely did not act on the request, but nothing here can know
+     * it (a broken server or proxy may have): err.sent stays true. Not
+     * retryable either: a resend reaches the same peer and gets the
+     * same answer; the URL is what to fix */
+    { CURLE_UNSUPPORTED_PROTOCOL, "Received HTTP/0.9",
+      "it is not HTTP: no status line begins it (a server of another"
+      " protocol at that port? an https:// one asked with http://?)" },
 };
 
 /* Pushes nil, err for a failed transfer; returns 2. */
@@ -884,10 +908,12 @@ push_failure(lua_State *L, struct gw_http_op *op, CURLcode rc)
                && op->at_status;
     if (op->big_length) {
         malformed = "its Content-Length is too large (past 2^63 - 1 bytes)";
-    } else if (rc == CURLE_WEIRD_SERVER_REPLY && !op->head_done) {
+    } else if (!op->head_done && op->sent) {
         for (size_t i = 0; i < sizeof(weird_heads) / sizeof(weird_heads[0]);
              i++) {
-            if (strcmp(op->err, weird_heads[i].curl) == 0) {
+            if (rc == weird_heads[i].rc
+                && strncmp(op->err, weird_heads[i].curl,
+                           strlen(weird_heads[i].curl)) == 0) {
                 malformed = weird_heads[i].ours;
                 break;
             }
