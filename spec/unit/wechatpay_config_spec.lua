@@ -230,6 +230,55 @@ describe("wechatpay.client configuration", function()
                                              .. "a6_platform_cert.pem" }))
     assert.equal(FIX .. "a6_platform_cert.pem", wx.conf.ca_file)
   end)
+  -- pem_file read ca_file with io.open + read(1 MiB): a FIFO's open
+  -- waited for a writer (the client's check, and the gateway's start with
+  -- a webhook's ca_file, held for good), /dev/null read as a file of no
+  -- PEM, and a 2 MiB file was taken for the PEM in its first MiB. It now
+  -- reads it as paygate.read_file does: refused unread, saying why.
+  it("ca_file that is a FIFO, a device, a folder, empty or past 1 MiB is"
+     .. " refused unread, saying why", function()
+    local proc = require "support.proc"
+    local dir = os.tmpname()
+    os.remove(dir)
+    assert(core.mkdir_p(dir .. "/folder"))
+    local pem = read("a6_platform_cert.pem")
+    local f = assert(io.open(dir .. "/big.pem", "wb"))
+    f:write(pem, ("x"):rep(1048576 - #pem + 1))
+    f:close()
+    f = assert(io.open(dir .. "/empty.pem", "wb"))
+    f:close()
+    local MSG = "must name a readable file of CA certificates %(PEM%) %("
+    local function no_path(err)
+      assert.is_nil(err.message:find(dir, 1, true), err.message)
+    end
+    no_path(refused({ ca_file = dir .. "/big.pem" }, "ca_file",
+                    MSG .. "the file is over 1048576 bytes%)$"))
+    no_path(refused({ ca_file = "/dev/null" }, "ca_file", MSG .. "not a"
+                    .. " regular file %(a FIFO, a socket or a device%)%)$"))
+    no_path(refused({ ca_file = dir .. "/folder" }, "ca_file",
+                    MSG .. "Is a directory%)$"))
+    no_path(refused({ ca_file = dir .. "/empty.pem" }, "ca_file",
+                    MSG .. "the file is empty%)$"))
+    no_path(refused({ ca_file = dir .. "/none.pem" }, "ca_file",
+                    MSG .. "cannot open it: No such file or directory%)$"))
+    -- a FIFO in another process, waited on with a deadline (before, the
+    -- check never returned)
+    assert(os.execute("mkfifo " .. dir .. "/fifo") == 0)
+    local script, log = dir .. "/fifo.lua", dir .. "/fifo.out"
+    f = assert(io.open(script, "w"))
+    f:write(("local ok, why = require('paygate.wechatpay.config')"
+             .. ".pem_file(%q)\nio.write(tostring(ok), ' ', tostring(why))\n")
+            :format(dir .. "/fifo"))
+    f:close()
+    local p = proc.spawn({ PAYGATE_BIN, "exec", script }, { log = log })
+    local code = p:wait(20)
+    if code == nil then p:kill(proc.SIGKILL); p:wait(2) end
+    local out = proc.read(log)
+    os.execute("rm -rf " .. dir)
+    assert.equal(0, code, out)              -- (nil: it waited on the FIFO)
+    assert.equal("false not a regular file (a FIFO, a socket or a device)",
+                 out)
+  end)
   it("the default base URL brings the backup domain", function()
     local wx = assert(wechatpay.client(base{ base_url = NIL }))
     assert.equal("https://api.mch.weixin.qq.com", wx.conf.base_url)

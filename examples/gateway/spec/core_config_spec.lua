@@ -205,6 +205,20 @@ describe("gateway config", function()
                        merchant_private_key = fifo } } },
       "gateway: config.merchants[1].merchant_private_key: cannot read the"
       .. " file (" .. special .. ")")
+    -- a webhook's ca_file (paygate.wechatpay.config.pem_file, as the
+    -- client's own): before, its io.open waited on the FIFO for good
+    write(dir .. "/fifo-wh.secret", ("w"):rep(32) .. "\n")
+    expect_refused({ gateway = { db = db, webhooks = { { url =
+                       "https://127.0.0.1:1/h", secret_file = dir
+                       .. "/fifo-wh.secret", ca_file = fifo } } },
+                     merchants = { merchant() } },
+      "gateway: config.gateway.webhooks[1].ca_file: must name a readable"
+      .. " file of CA certificates (PEM)")
+    -- and a merchant's (the WeChat Pay client's check at start)
+    expect_refused({ gateway = { db = db }, merchants = { merchant{
+                       ca_file = fifo } } },
+      "gateway: config.merchants[1].ca_file: must name a readable file of"
+      .. " CA certificates (PEM) (" .. special .. ")")
   end)
 
   it("says why the SQLite store's folder cannot be made", function()

@@ -55,16 +55,23 @@ _M.material = material
 
 --- syntax: ok, why = config.pem_file(path)
 -- Whether path names a readable file with PEM text in it (a -----BEGIN
--- line in its first MiB): a file of CA certificates, checked at start (a
--- folder opens, and a file of no certificate reads). why: "cannot open
--- it", the read's error, or nil (it read, and holds no PEM).
+-- line): a file of CA certificates, checked at start. Read as
+-- paygate.read_file reads it, so a FIFO is refused unread (its open
+-- would wait for a writer, holding the start for good), as are a folder,
+-- a device, an empty file and one past 1 MiB (a CA bundle is a few
+-- hundred KiB: past that it is the wrong file). why: "cannot open it: "
+-- and the reason when it is missing or may not be read, read_file's
+-- reason for the rest (never the path nor a byte of the file), or nil
+-- (it read, and holds no PEM).
 function _M.pem_file(path)
-  local f = io.open(path, "rb")
-  if not f then return false, "cannot open it" end
-  local head, rerr = f:read(1048576)
-  f:close()
-  if not head then return false, rerr and tostring(rerr) or nil end
-  return head:find("-----BEGIN ", 1, true) ~= nil
+  local s, err = core.read_file(path, "ca_file")
+  if not s then
+    if err.kind == "not_found" or err.kind == "denied" then
+      return false, "cannot open it: " .. err.reason
+    end
+    return false, err.reason
+  end
+  return s:find("-----BEGIN ", 1, true) ~= nil
 end
 
 -- An http:// URL to a loopback host (127.0.0.0/8, localhost, ::1): the
