@@ -9,8 +9,9 @@ local proc = require "support.proc"
 local dir
 
 -- runs paygate with args (from the folder cwd when given); returns its
--- exit code, output and the JSON results by kind
-local function run(args, cwd)
+-- exit code (nil when still running after deadline seconds, default 60:
+-- it is killed), output and the JSON results by kind
+local function run(args, cwd, deadline)
   local log = dir .. "/out"
   os.remove(log)
   local argv = { PAYGATE_BIN }
@@ -25,7 +26,7 @@ local function run(args, cwd)
              .. table.concat(q, " ") }
   end
   local p = proc.spawn(argv, { log = log })
-  local code = p:wait(60)
+  local code = p:wait(deadline or 60)
   if code == nil then p:kill(proc.SIGKILL); p:wait(2) end
   local out = proc.read(log)
   local results = {}
@@ -190,6 +191,49 @@ describe("paygate doctor --config <the gateway's config>", function()
     assert.matches("merchants[1].merchant_private_key",
                    r.merchant_key.cause, 1, true)
     assert.is_nil(r.merchant_key.fix:find("BEGIN", 1, true))
+  end)
+
+  -- doctor read apiv3_key_file and previous_apiv3_key_files with the
+  -- command-line reader, which takes a pipe (--apiv3-key-file <(...)): a
+  -- FIFO named in the config held it for good, waiting for a writer,
+  -- while the gateway refuses it at start. It now reads them as the
+  -- gateway does, and says so in the gateway's words.
+  it("refuses a FIFO as the APIv3 key file unread, as the gateway does",
+     function()
+    local fifo = dir .. "/apiv3.fifo"
+    assert(os.execute("mkfifo " .. fifo) == 0)
+    local special = "cannot read the file it names (not a regular file (a"
+                    .. " FIFO, a socket or a device))"
+    local conf = variant("fifokey", ("c.merchants[1].apiv3_key_file = %q")
+                                    :format(fifo))
+    local code, out = run({ "doctor", "--json", "--config", conf }, nil, 20)
+    assert.equal(2, code, out)              -- (nil: it waited on the FIFO)
+    assert.matches("paygate doctor: config.merchants[1].apiv3_key_file: "
+                   .. special, out, 1, true)
+    assert.is_nil(out:find(fifo, 1, true), out) -- the path is not said
+    conf = variant("fifoprev", ("c.merchants[1].previous_apiv3_key_files"
+      .. " = { c.merchants[1].apiv3_key_file, %q }"):format(fifo))
+    code, out = run({ "doctor", "--json", "--config", conf }, nil, 20)
+    assert.equal(2, code, out)
+    assert.matches("paygate doctor: config.merchants[1]."
+                   .. "previous_apiv3_key_files[2]: " .. special, out, 1,
+                   true)
+    -- a path that is no string: the gateway's words (before, doctor
+    -- looked for a file named "7")
+    conf = variant("prevnum", "c.merchants[1].previous_apiv3_key_files"
+      .. " = { c.merchants[1].apiv3_key_file, 7 }")
+    code, out = run({ "doctor", "--json", "--config", conf }, nil, 20)
+    assert.equal(2, code, out)
+    assert.matches("paygate doctor: config.merchants[1]."
+                   .. "previous_apiv3_key_files[2]: must be a file path",
+                   out, 1, true)
+    -- a file that is there reads as before: its newline dropped
+    conf = variant("prevok", "c.merchants[1].previous_apiv3_key_files"
+      .. " = { c.merchants[1].apiv3_key_file }")
+    local r
+    code, out, r = run({ "doctor", "--json", "--config", conf }, nil, 20)
+    assert.equal("ok", r.gateway_config and r.gateway_config.status, out)
+    assert.equal("ok", r.apiv3_key and r.apiv3_key.status, out)
   end)
 
   it("finds the gateway app from another folder", function()

@@ -43,26 +43,13 @@ local function fail(key, reason)
   return nil, "config." .. key .. ": " .. reason
 end
 
--- The value of a *_file key may be the secret itself, pasted where its
--- file's path belongs: paygate.read_file's reason never repeats it (nor
--- the file's bytes); the key at fault names the setting. A folder, a FIFO
--- or a device, an empty file or one past 1 MiB is refused there.
+-- The file a *_file key names: the runtime's reader of a config's secret
+-- files (paygate.wechatpay.config.read_secret, which `paygate doctor`
+-- reads this config with too): a folder, a FIFO or a device, an empty
+-- file or one past 1 MiB is refused there; the reason never repeats the
+-- value (it may be the secret itself, pasted where its path belongs).
 -- returns: the bytes, surrounding whitespace dropped, or nil, reason.
-local function read_secret(path, key)
-  local s, err = core.read_file(path, key)
-  if not s then
-    if err.kind == "empty" or err.kind == "too_large" then
-      return nil, err.reason
-    end
-    -- (the runtime does not change folder: a relative path is the
-    -- working directory's, not the config file's)
-    local rel = err.kind ~= "not_a_file" and path:sub(1, 1) ~= "/"
-      and "; a relative path is taken from the working directory, not the"
-      .. " config file's folder" or ""
-    return nil, "cannot read the file it names (" .. err.reason .. ")" .. rel
-  end
-  return (s:gsub("^%s+", ""):gsub("%s+$", ""))
-end
+local read_secret = wxconfig.read_secret
 
 -- A secret named by <base>_file or <base>_env in table t.
 -- returns: the value, or nil (neither given), or false, reason.

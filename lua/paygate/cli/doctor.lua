@@ -176,17 +176,29 @@ local function from_gateway(conf, pick)
   for k, v in pairs(m) do
     if not GATEWAY_OWN[k] then wc[k] = v end
   end
+  -- the key files read with the gateway's own reader, its words in the
+  -- usage error (not common.read_secret, the command line's, which takes
+  -- a pipe: a FIFO named in the config held doctor for good, waiting for
+  -- a writer, where the gateway refuses it at start)
+  local function key_file(path, key)
+    local v, why = wconfig.read_secret(path, key)
+    if not v then common.usage_error("config.%s: %s", key, why) end
+    return v
+  end
+  local where = "merchants[" .. at .. "]."
   if type(m.apiv3_key_file) == "string" then
-    wc.apiv3_key = common.read_apiv3_key_file(m.apiv3_key_file,
-                                              "merchants apiv3_key_file")
+    wc.apiv3_key = key_file(m.apiv3_key_file, where .. "apiv3_key_file")
   elseif type(m.apiv3_key_env) == "string" then
     wc.apiv3_key = os.getenv(m.apiv3_key_env)
   end
   if type(m.previous_apiv3_key_files) == "table" then
     local keys = {}
     for j, path in ipairs(m.previous_apiv3_key_files) do
-      keys[j] = common.read_apiv3_key_file(tostring(path),
-                                           "merchants previous_apiv3_key_files")
+      local k = where .. "previous_apiv3_key_files[" .. j .. "]"
+      if type(path) ~= "string" then
+        common.usage_error("config.%s: must be a file path", k)
+      end
+      keys[j] = key_file(path, k)
     end
     wc.previous_apiv3_keys = keys
   end
