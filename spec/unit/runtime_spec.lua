@@ -295,6 +295,46 @@ describe("paygate.spawn", function()
     assert.is_false(ran)
   end)
 
+  it("a task spawned, or a waiter woken, in a debug hook goes on next turn"
+     .. " and may wait", function()
+    -- LuaJIT runs a debug.sethook function with its hooks marked active,
+    -- as it does a finalizer: a coroutine resumed there that waited was
+    -- suspended as if by a hook and crashed the worker (SIGSEGV in
+    -- lua_resume) on its next resume
+    local sleeper = paygate.spawn(function() paygate.sleep(5) end)
+    local waiter = paygate.spawn(function()
+      local _, err = sleeper:wait()
+      paygate.sleep(0.01)
+      return err and err.kind
+    end)
+    local tasks, ran_inside, fired = {}, {}, 0
+    debug.sethook(function()
+      fired = fired + 1
+      if fired > 3 then return end
+      local ran = false
+      tasks[fired] = paygate.spawn(function(a)
+        ran = true
+        paygate.sleep(0.01)
+        return a * 2
+      end, fired)
+      ran_inside[fired] = ran
+      if fired == 1 then sleeper:cancel() end
+    end, "", 100)
+    -- (interpreted: compiled code calls no hook)
+    local function busy() for i = 1, 2000 do local _ = { i } end end
+    jit.off(busy)
+    busy()
+    debug.sethook()
+    assert.equal(3, #tasks)
+    assert.same({ false, false, false }, ran_inside)
+    wait_ended(tasks, 5)
+    for n, t in ipairs(tasks) do
+      assert.equal(n * 2, t:wait())
+    end
+    wait_ended({ waiter }, 5)
+    assert.equal("cancelled", waiter:wait())
+  end)
+
   it("while the collector is stopped a task starts on the next turn, and"
      .. " every wait still ends", function()
     -- (inside a finalizer the collector reads as stopped: the runtime

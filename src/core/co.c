@@ -109,19 +109,22 @@ co_defer(struct gw_co *co, int nargs)
 
 /*
  * Runs co now, or on the next loop turn when called inside a __gc
- * finalizer (paygate.spawn, or task:cancel() waking waiters, there).
- * LuaJIT runs a finalizer inside whatever allocation stepped the
- * collector, with its hooks marked active: a coroutine resumed there that
- * waits is suspended as if from a hook (lua_yield adds a pseudo-frame),
- * and resuming it later crashed the process in lua_resume. The collector
- * reads as not running inside a finalizer (its threshold is held at the
- * maximum), and also while stopped by collectgarbage("stop"): those
- * resumes wait one turn too.
+ * finalizer or a debug hook (paygate.spawn, or task:cancel() waking
+ * waiters, there). LuaJIT runs a finalizer inside whatever allocation
+ * stepped the collector, with its hooks marked active, and a debug.sethook
+ * function with them active too: a coroutine resumed there that waits is
+ * suspended as if from a hook (lua_yield adds a pseudo-frame), and
+ * resuming it later crashed the process in lua_resume. Whether hooks are
+ * active is not in LuaJIT's API: the collector reads as not running
+ * inside a finalizer (its threshold is held at the maximum), and also
+ * while stopped by collectgarbage("stop"); a debug hook is seen only as
+ * installed (lua_gethook), inside it or not. Those resumes wait one turn
+ * too.
  */
 static inline void
 co_resume(struct gw_co *co, int nargs)
 {
-    if (lua_gc(co->L, LUA_GCISRUNNING, 0)) {
+    if (lua_gc(co->L, LUA_GCISRUNNING, 0) && lua_gethook(co->L) == NULL) {
         co_run(co, nargs);
     } else {
         co_defer(co, nargs);

@@ -36,7 +36,7 @@ struct gw_co {
     const char               *request_id; /* owner's; for logs, or NULL */
     struct event             *tick;     /* owned; resumes a bare yield,
                                            or a resume deferred out of a
-                                           __gc finalizer */
+                                           __gc finalizer or a hook */
     int                       tick_nargs; /* values tick resumes with */
     struct gw_co_cleanup     *cleanups; /* attached; storage is the
                                            callers'; run when co ends */
@@ -47,9 +47,9 @@ void gw_co_init(lua_State *L);
 
 /* Starts a coroutine running the function at L's stack index -(nargs+1)
  * with nargs arguments above it (both popped). Runs it now, until it
- * first waits or ends -- or, inside a __gc finalizer (or while the
- * collector is stopped), on the next loop turn. Returns NULL when out of
- * memory (values popped).*/
+ * first waits or ends -- or, inside a __gc finalizer or a debug hook (or
+ * while the collector is stopped or a hook is installed), on the next loop
+ * turn. Returns NULL when out of memory (values popped).*/
 struct gw_co *gw_co_start(lua_State *L, int nargs,
                           const struct gw_co_owner *owner, void *data,
                           const char *request_id);

@@ -776,7 +776,8 @@ static const struct gw_co_owner task_owner = { task_done, task_fail, NULL,
 /*
  * syntax: task = paygate.spawn(fn, ...)
  * Runs fn(...) in a new coroutine, now, until it first waits (called in
- * a __gc finalizer: on the next loop turn, see co.c's co_resume).
+ * a __gc finalizer or a debug hook: on the next loop turn, see co.c's
+ * co_resume).
  * returns: a task handle (task:wait(), task:cancel(), task:finished()).
  */
 static int

@@ -85,8 +85,9 @@ lua_State *gw_co_state(struct gw_co *co);
 
 /* Resumes a waiting coroutine with the top nargs values of its stack.
  * Call only from loop callbacks (never from inside a running coroutine).
- * Inside a __gc finalizer (or while the collector is stopped) the resume
- * happens on the next loop turn instead. */
+ * Inside a __gc finalizer or a debug hook (or while the collector is
+ * stopped or a hook is installed) the resume happens on the next loop
+ * turn instead. */
 void gw_co_wake(struct gw_co *co, int nargs);
 
 /* A cleanup for state a coroutine holds across waits. The caller owns
