@@ -335,6 +335,56 @@ describe("paygate.spawn", function()
     assert.equal("cancelled", waiter:wait())
   end)
 
+  it("a task:cancel() in a __gc finalizer that runs while the task ends"
+     .. " has no effect", function()
+    -- task_done / task_fail allocate (the results table, the error)
+    -- after the coroutine returned and before the task reads as ended: a
+    -- finalizer there that cancelled the task freed (or pooled) its
+    -- coroutine, which the ending then freed again (heap-use-after-free;
+    -- the pool held it twice, the count of coroutines went below zero)
+    local before = core.coroutines()
+    local live = {}
+    local function arm()
+      getmetatable(newproxy(true)).__gc = function()
+        for t in pairs(live) do pcall(t.cancel, t) end
+      end
+    end
+    local outcomes = {}
+    local ok, err = pcall(function()
+      -- the collector steps on every allocation: finalizers run anywhere
+      collectgarbage("setpause", 1)
+      collectgarbage("setstepmul", 100000)
+      for _ = 1, 60 do
+        local batch = {}
+        for i = 1, 20 do
+          local t = paygate.spawn(function(fail)
+            paygate.sleep(0)
+            for _ = 1, 5 do arm() end
+            if fail then error("x") end
+            return 1
+          end, i % 4 == 0)
+          live[t] = true
+          batch[#batch + 1] = t
+        end
+        for _, t in ipairs(batch) do
+          local v, e = t:wait()
+          live[t] = nil
+          local o = v == 1 and "returned" or e.kind
+          outcomes[o] = (outcomes[o] or 0) + 1
+        end
+      end
+    end)
+    collectgarbage("setpause", 200)
+    collectgarbage("setstepmul", 200)
+    assert(ok, err)
+    collectgarbage()
+    collectgarbage()
+    paygate.sleep(0.01)
+    assert.equal(before, core.coroutines())
+    assert.equal(1200, (outcomes.returned or 0) + (outcomes.task_failed or 0)
+                       + (outcomes.cancelled or 0))
+  end)
+
   it("while the collector is stopped a task starts on the next turn, and"
      .. " every wait still ends", function()
     -- (inside a finalizer the collector reads as stopped: the runtime

@@ -896,12 +896,17 @@ ltask_cancel(lua_State *L)
     struct gw_task *t = gw_checkudata(L, 1, LTASK_MT);
     struct gw_co *co = t->co;
 
-    if (t->ended || co == NULL) {
+    /* co->ended: it returned or raised, and task_done / task_fail are at
+     * work (they allocate: a __gc finalizer may run there); it has ended */
+    if (t->ended || co == NULL || co->ended) {
         return 0;
     }
     if (co->running) {
         return luaL_error(L, "a task cannot cancel itself");
     }
+    /* before anything below allocates: a finalizer that cancels t again
+     * then finds nothing to cancel, not the coroutine freed here */
+    t->co = NULL;
     gw_co_abandon(co);
     gw_co_free(co);
     lua_createtable(L, 1, 0);
