@@ -357,7 +357,10 @@ end
 --   merchants = { [mchid] = prefix, ... }, tls = prefix (the HTTPS
 --   listener's; optional), load_timeout (seconds,
 --   default 3), insecure_etcd (false; true only where etcd's TLS and auth
---   are provided another way: never with secrets on a shared network).
+--   are provided another way: never with secrets on a shared network),
+--   write_cache (true; false: the cache is read, never written -- a
+--   check such as paygate doctor, run as another user, must not leave a
+--   file or lock there the gateway's workers cannot replace).
 -- returns: a source, or nil, err (invalid_config); refuses an etcd
 -- reached without TLS and user/password auth.
 function _M.new(conf)
@@ -415,7 +418,8 @@ function _M.new(conf)
     sets.tls = { name = "tls", kind = "tls", prefix = p }
   end
   return setmetatable({ cli = cli, keks = keks, cache_dir = conf.cache_dir,
-    sets = sets, load_timeout = conf.load_timeout or 3, tasks = {} }, Source)
+    sets = sets, load_timeout = conf.load_timeout or 3, tasks = {},
+    write_cache = conf.write_cache ~= false }, Source)
 end
 
 local function cache_path(src, set)
@@ -591,7 +595,9 @@ local function apply(src, set, raw, rev, from_cache)
     return nil, err
   end
   set.current = v
-  if not from_cache then write_cache(src, set, raw, rev) end
+  if not from_cache and src.write_cache then
+    write_cache(src, set, raw, rev)
+  end
   publish_metric(set)
   log().info("credentials: new set in use", { set = set.name,
              revision = rev, serial = v.serial })
@@ -628,10 +634,16 @@ function Source:load(name)
   if raw then
     set.store_rev = store_rev
     local ok, err = apply(self, set, raw, rev)
-    if ok then return set.current end
+    if ok then
+      set.origin = { "etcd" }
+      return set.current
+    end
     -- an invalid set in etcd: serve the cached one if there is one
     local c = read_cache(self, set)
     if c and apply(self, set, c.files, c.revision, true) then
+      set.origin = { "cache", "the set in etcd (revision " .. rev
+        .. ") is refused: " .. tostring(err.message):gsub("^credentials: ",
+        ""), "invalid_credentials" }
       return set.current
     end
     return nil, err
@@ -654,6 +666,8 @@ function Source:load(name)
       -- said: the watch's reads and watches refused for the same reason
       -- (a wrong password) add no line; "the set is read again" ends it
       set.read_error, set.watch_error = tostring(why), tostring(why)
+      set.origin = { "cache", state .. " (" .. tostring(why) .. ")",
+                     state == "etcd unavailable" and "unavailable" or kind }
       return set.current
     end
     return nil, err
@@ -661,6 +675,18 @@ function Source:load(name)
   return nil, core.error(state == "etcd unavailable" and "unavailable"
     or kind, "credentials: " .. name .. ": " .. state .. " ("
     .. tostring(why) .. ") and no cached set")
+end
+
+--- syntax: from, why, kind = src:origin(name)
+-- Where the set load gave came from: "etcd", or "cache" with why etcd's
+-- was not taken (one line, no secret) and its kind: unavailable (no
+-- answer), auth or permission (etcd refused the user or the read),
+-- invalid_credentials (the set etcd holds was refused). nil before a
+-- load that gave a set.
+function Source:origin(name)
+  local o = get_set(self, name).origin
+  if not o then return nil end
+  return o[1], o[2], o[3]
 end
 
 --- syntax: src:on_change(name, fn) -- fn(set) --> true | nil, err

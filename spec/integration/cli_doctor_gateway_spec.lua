@@ -244,7 +244,10 @@ describe("paygate doctor --config <the gateway's config>", function()
     assert.equal("ok", r.gateway_config.status, out)
   end)
 
-  it("a merchant whose keys come from etcd: said, not failed", function()
+  -- (spec/integration/cli_doctor_etcd_spec.lua reads a set from a real
+  -- etcd; here no member answers and no set was cached)
+  it("a merchant whose keys come from etcd, neither etcd nor a cached set"
+     .. " giving them: failed", function()
     local kek = dir .. "/kek"
     local f = assert(io.open(kek, "w"))
     f:write(("ab"):rep(32), "\n")
@@ -256,12 +259,19 @@ describe("paygate doctor --config <the gateway's config>", function()
           .. " user = 'paygate', password = 'pw' },"
           .. " kek_file = %q, cache_dir = %q, merchants = { [m.mchid] ="
           .. " '/paygate/m/' } }"):format(kek, dir .. "/cache"))
-    local _, out, r = run({ "doctor", "--json", "--config", conf })
+    local code, out, r = run({ "doctor", "--json", "--config", conf })
+    -- before: warned "doctor does not read them there", exit 0
+    assert.equal(1, code, out)
     assert.equal("ok", r.gateway_config.status, out)
-    assert.equal("warn", r.wechatpay_config.status, out)
-    assert.matches("come from etcd (/paygate/m/)", r.wechatpay_config.cause,
+    assert.equal("fail", r.credentials and r.credentials.status, out)
+    assert.matches("(the set at /paygate/m/ in etcd)", r.credentials.cause,
                    1, true)
-    assert.is_nil(r.merchant_key, out)       -- no check of keys not here
+    assert.matches("etcd unavailable", r.credentials.cause, 1, true)
+    assert.matches("no cached set", r.credentials.cause, 1, true)
+    assert.is_nil(r.merchant_key, out)       -- no keys to check
+    assert.is_nil(r.wechatpay_config, out)
+    -- nor was the cache folder made (the gateway's check runs dry)
+    assert.is_nil(io.open(dir .. "/cache"))
   end)
 
   it("says a SQLite database is missing, and makes no file", function()

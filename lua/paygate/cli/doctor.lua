@@ -52,7 +52,11 @@ of the checkout this paygate comes from), and each merchant's WeChat Pay
 client check: what the gateway would refuse to start with; then
 its merchant (the first, or --merchant MCHID) is checked with its APIv3
 key file, its notify URL (public_url), its database and Redis, and the
-config's limits.
+config's limits. A merchant whose keys come from etcd (the credentials
+section) is checked with the set the gateway would start with, read by
+the gateway's own code: from etcd (the password from the variable or
+file the section names), else the cached set (said: the credentials
+line); with neither, the check fails. Nothing is written there.
 
 --json prints one JSON object per result line instead of text (status,
 kind, cause, detail, fix and the result's own fields), for scripts.
@@ -240,7 +244,8 @@ end
 
 -- The gateway's own check of its config (gw.config.check of the gateway
 -- app in dir, default examples/gateway when present): what the gateway
--- would refuse at start, doctor fails too.
+-- would refuse at start, doctor fails too. returns: the checked config
+-- (nil when refused), and the app's folder when its gw.config loaded.
 -- The checkout this doctor comes from (lua/paygate/cli/doctor.lua in it),
 -- or nil: its examples/gateway is the default app from anywhere.
 local function checkout()
@@ -314,7 +319,7 @@ local function gateway_check(out, conf, dir)
   if cok and cfg then
     out:ok("gateway_config", "the gateway (" .. app .. ") accepts its "
            .. "configuration")
-    return cfg
+    return cfg, dir
   else
     local why = cok and (type(err) == "table" and err.message
                          or tostring(err)) or tostring(cfg)
@@ -322,6 +327,118 @@ local function gateway_check(out, conf, dir)
              .. "to start: " .. tostring(why), nil, "fix the key it names "
              .. "(docs/gateway.md lists them)")
   end
+  return nil, dir
+end
+
+-- A merchant whose keys the gateway takes from etcd (the credentials
+-- section, docs/etcd.md): its set read as the gateway's start reads it,
+-- by the gateway's own code -- gw/credentials.lua of the app (the
+-- section checked, the etcd password read from password / _file / _env,
+-- the KEK) and paygate.credentials (etcd, the envelopes opened with the
+-- KEK and the set validated, else the cached set in cache_dir) -- and
+-- merged into the merchant's client config as the start merges it.
+-- Nothing is written: not cache_dir (the gateway's check runs dry), not
+-- the cache (the gateway's workers own it; a file or lock left by
+-- another user would stop them replacing it). returns: the merged
+-- config, or nil when no set can be had (a failed line said why).
+local function etcd_keys(out, raw, conf, id, app)
+  local prefix = tostring(conf.etcd_prefix)
+  local what = "merchant " .. id .. "'s keys (the set at "
+               .. common.shown(prefix) .. " in etcd)"
+  local gwcred
+  if app then
+    local saved = package.path
+    package.path = app .. "/?.lua;" .. package.path
+    local ok, m = pcall(require, "gw.credentials")
+    package.path = saved
+    gwcred = ok and type(m) == "table" and type(m.section) == "function"
+             and m or nil
+  end
+  if not gwcred then
+    out:fail("credentials", what .. " not read: the gateway app's "
+             .. "gw/credentials.lua did not load (see gateway_config)", nil,
+             "give the gateway app's folder: --app DIR")
+    return nil
+  end
+  local opts, why = gwcred.section(raw)
+  if type(opts) == "table" and type(opts.etcd) == "table" then
+    out:secret(opts.etcd.password)
+  end
+  if not opts then
+    out:fail("credentials", what .. " not read: " .. tostring(why), nil,
+             "fix the key it names (docs/etcd.md)")
+    return nil
+  end
+  opts.write_cache = false
+  local src, err = require("paygate.credentials").new(opts)
+  if not src then
+    out:fail("credentials", what .. " not read: config.credentials: "
+             .. tostring(err and err.message or err):gsub("^credentials: ",
+             ""), nil, "fix the key it names (docs/etcd.md)")
+    return nil
+  end
+  -- the source's own log lines (serving the cached set, a set refused)
+  -- are said by the line below
+  local pg = require "paygate"
+  local log = pg.log
+  local function quiet() end
+  pg.log = setmetatable({}, { __index = function() return quiet end })
+  local lok, set, lerr = pcall(src.load, src, id)
+  pg.log = log
+  src:stop()
+  if not lok then error(set, 0) end
+  if not set then
+    local kind = type(lerr) == "table" and lerr.kind
+    local msg = tostring(type(lerr) == "table" and lerr.message or lerr)
+                :gsub("^credentials: ", ""):gsub("^" .. id .. ": ", "")
+    out:fail("credentials", what .. ": " .. msg,
+             "the gateway would not start: it needs the set from etcd or "
+             .. "its cached copy", kind == "auth"
+             and "etcd refused the user or its password: check "
+             .. "credentials.etcd.user and the password it is given"
+             or kind == "permission" and "grant the user read access to "
+             .. "the prefix (docs/etcd.md, Users and roles)"
+             or kind == "invalid_credentials" and "publish a valid set: "
+             .. "paygate etcd publish validates it first; paygate etcd show "
+             .. "--prefix " .. prefix .. " says what the set holds"
+             or "check credentials.etcd.endpoints and that etcd runs; "
+             .. "paygate etcd show --prefix " .. prefix .. " reads it")
+    return nil
+  end
+  local from, cause, kind = src:origin(id)
+  local which = ("(revision %s, merchant certificate %s)"):format(
+                tostring(set.revision), tostring(set.serial))
+  local cached = "the cached set in " .. common.shown(opts.cache_dir)
+                 .. " is checked " .. which
+  if from == "etcd" then
+    out:ok("credentials", what .. ": read from etcd " .. which
+           .. ", the envelopes opened with the KEK")
+  elseif kind == "unavailable" then
+    out:warn("credentials", what .. ": " .. tostring(cause) .. "; "
+             .. cached, "as the "
+             .. "gateway starts with it: the set in use stays until etcd "
+             .. "answers", "check credentials.etcd.endpoints and that etcd "
+             .. "runs, then run doctor again to check the set in etcd")
+  else
+    out:fail("credentials", what .. ": " .. tostring(cause) .. "; "
+             .. cached, "the gateway "
+             .. "starts with the cached set, and takes no new set until "
+             .. "this is fixed", kind == "auth"
+             and "etcd refused the user or its password: check "
+             .. "credentials.etcd.user and the password it is given"
+             or kind == "permission" and "grant the user read access to "
+             .. "the prefix (docs/etcd.md, Users and roles)"
+             or "publish a valid set: paygate etcd publish validates it "
+             .. "first")
+  end
+  local wc = src:wechatpay_conf(id, conf.wechatpay)
+  -- where a fix goes: the set's files, not keys of the config
+  local names = {}
+  for file, d in pairs(require("paygate.credentials").MERCHANT_FILES) do
+    names[d.field] = prefix .. file
+  end
+  conf.key_names = names
+  return wc
 end
 
 -- A key or certificate given as PEM text or a file path, the file read as
@@ -378,6 +495,8 @@ local function apiv3_where(conf)
     return "the variable " .. name .. " names"
   elseif name:find("apiv3_key_file$") then
     return "the file " .. name .. " names"
+  elseif conf and conf.etcd_prefix then
+    return "the set's " .. name .. " in etcd (paygate etcd publish)"
   end
   return name
 end
@@ -1429,7 +1548,7 @@ local function main(args)
     if type(conf.wechatpay) == "table" then secrets(out, conf.wechatpay) end
     -- Redis's password as the gateway's own check read it (from
     -- redis_password_file / _env: kept out of the URL)
-    local gcfg = gateway_check(out, raw, o["--app"])
+    local gcfg, app = gateway_check(out, raw, o["--app"])
     local ropts = gcfg and gcfg.gateway and gcfg.gateway.redis_opts
     conf.redis_password = ropts and ropts.password
     local g = type(raw.gateway) == "table" and raw.gateway or {}
@@ -1442,6 +1561,13 @@ local function main(args)
     end
     out:ok("config", ("the gateway's config: merchant %s (%d of them%s)")
            :format(id, n, n > 1 and "; --merchant MCHID picks another" or ""))
+    if conf.etcd_prefix then
+      -- its keys come from etcd: checked as a file-configured merchant's
+      -- once read there (or from the cache), and not at all when neither
+      -- gives them (failed: the gateway would not start)
+      local wc = etcd_keys(out, raw, conf, id, app)
+      if wc then conf.wechatpay = wc else conf.etcd_unread = true end
+    end
   elseif o["--merchant"] or o["--app"] then
     common.usage_error("%s is for the gateway's config (merchants)",
                        o["--merchant"] and "--merchant" or "--app")
@@ -1454,14 +1580,9 @@ local function main(args)
     out:fail("wechatpay_config", "no wechatpay table in the configuration",
              nil, "add wechatpay = { mchid = ..., ... }")
     wc = {}
-  elseif conf.etcd_prefix then
-    -- its keys and APIv3 key come from etcd: not read here, and what the
-    -- file-based checks would say of their absence is not so
-    out:warn("wechatpay_config", "the merchant's keys and APIv3 key come "
-             .. "from etcd (" .. common.shown(tostring(conf.etcd_prefix))
-             .. "): doctor does not read them there", nil,
-             "paygate etcd show --prefix PREFIX ... shows the set the "
-             .. "gateway gets (docs/etcd.md)")
+  elseif conf.etcd_unread then
+    -- an etcd merchant whose set could not be had (failed above): no key
+    -- to check; the API host is still checked, with the merchant's entry
   else
     secrets(out, wc)
     cfg = check_keys(out, wc, now, expiring, conf)
