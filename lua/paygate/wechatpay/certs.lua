@@ -386,6 +386,7 @@ _M.WARN_DAYS = 30
 -- and logs a warning from WARN_DAYS days before it expires.
 function _M.report(wx, now)
   local st = _M.status(wx, now)
+  wx.reported = st.newest      -- import reports again when this changes
   local g = gauge()
   if g then
     local mchid = wx.conf.mchid
@@ -424,7 +425,12 @@ local function export(wx)
 end
 
 -- Takes the set another worker downloaded, checked as this client checks
--- its own downloads.
+-- its own downloads, and publishes the gauge when the newest certificate
+-- is not the one this worker shows: the workers of a reload (or one
+-- restarted) take the set the old ones downloaded, and the old workers'
+-- series leave with them, so without this /metrics had no series until
+-- the hourly report. A set taken again unchanged (a rate-limited unknown
+-- serial) publishes nothing, nor logs the expiry warning again.
 local function import(wx, pem)
   local chain = type(pem) == "string" and pem ~= "" and x509.chain(pem)
   if not chain then return end
@@ -433,6 +439,7 @@ local function import(wx, pem)
     if acceptable(wx, cert, now) then ok[#ok + 1] = cert end
   end
   adopt(wx, ok, now)
+  if _M.status(wx, now).newest ~= wx.reported then _M.report(wx, now) end
 end
 
 -- Waits until cond() holds, for a condition another *process* changes
