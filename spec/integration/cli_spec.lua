@@ -221,6 +221,33 @@ describe("paygate CLI", function()
     db:close()
   end)
 
+  it("a store it cannot reach: the one-line reason alone on stderr, not the"
+     .. " PostgreSQL pool's own warning before it", function()
+    -- (the pool's JSON "postgres: pool down (unavailable) ..." line came
+    -- first: two lines, one of them a log record, where README promises a
+    -- one-line reason)
+    local url = "postgres://gw:SECRETMARKER@127.0.0.1:"
+                .. require("paygate.core").free_port() .. "/gw"
+    for _, c in ipairs({
+      { { "migrate", "status", url, "examples/gateway/migrations" }, 2,
+        "paygate migrate: cannot open postgres://gw@127.0.0.1:" },
+      { { "audit", "verify", url }, 2,
+        "paygate audit: cannot open postgres://gw@127.0.0.1:" },
+      { { "apikey", "list", "--db", url }, 1, "paygate apikey: unavailable:" },
+      { { "apikey", "revoke", "--db", url, "--key", "ak_x" }, 1,
+        "paygate apikey: unavailable:" },
+    }) do
+      local code, out = run(c[1])
+      local what = table.concat(c[1], " ", 1, 2)
+      assert.equal(c[2], code, what .. ": " .. out)
+      assert.equal(c[3], out:sub(1, #c[3]), what .. ": " .. out)
+      assert.matches("Connection refused\n$", out, 1, false)
+      local _, lines = out:gsub("\n", "")
+      assert.equal(1, lines, what .. ": " .. out)
+      assert.is_nil(out:find("SECRETMARKER", 1, true), out)
+    end
+  end)
+
   it("exits 2 for a bad config file, naming the key", function()
     local dir = server.tmpdir()
     local f = assert(io.open(dir .. "/c.lua", "w"))

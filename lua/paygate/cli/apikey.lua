@@ -3,7 +3,6 @@
 -- keeps only the key derived from it.
 local common = require "paygate.cli.common"
 local apikey = require "paygate.apikey"
-local sql = require "paygate.sql"
 local json = require "paygate.json"
 
 local usage = [[
@@ -34,7 +33,7 @@ local function open(o)
   if not o["--db"] then common.usage_error("--db URL is required") end
   -- the keys belong in the gateway's store: never in a new empty file
   common.sqlite_must_exist(o["--db"])
-  local ok, db, err = pcall(sql.open, o["--db"])
+  local ok, db, err = common.open_store(o["--db"])
   if not ok then common.usage_error("%s", tostring(db)) end
   if not db then
     io.stderr:write("paygate apikey: ", tostring(err), "\n")

@@ -4,7 +4,6 @@
 --   paygate audit verify DB_URL [--subject S] [--json]
 --   (also: paygate exec lua/paygate/cli/audit.lua verify DB_URL ...)
 local common = require "paygate.cli.common"
-local sql = require "paygate.sql"
 local audit = require "paygate.audit"
 local json = require "paygate.json"
 
@@ -56,7 +55,7 @@ local function main(args)
   end
   -- sql.open creates a missing SQLite file: a verifier must not
   common.sqlite_must_exist(url)
-  local ok, db, err = pcall(sql.open, url)
+  local ok, db, err = common.open_store(url)
   if not ok then
     common.usage_error("bad DB_URL %s: %s", redact(url), tostring(db))
   end

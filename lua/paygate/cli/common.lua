@@ -52,6 +52,18 @@ function _M.sqlite_must_exist(url)
   end
 end
 
+--- syntax: ok, db, err = common.open_store(url)
+-- pcall(sql.open, url), for a command that says in its own line why a
+-- store failed: the runtime's log is set to errors only for the rest of
+-- the command, since the store's client logs its own warning of the same
+-- failure (the PostgreSQL pool's JSON "pool down" line on stderr, at the
+-- open and at any statement after it) and README promises a one-line
+-- reason. The command ends with the store, so the level is left so.
+function _M.open_store(url)
+  require("paygate.core").log_level(3)
+  return pcall(require("paygate.sql").open, url)
+end
+
 --- syntax: opts, positional = common.parse(args, spec)
 -- spec maps an option name ("--json", "-H") to "flag" (boolean), "value"
 -- (string, the last one given wins) or "list" (every value, in order).

@@ -4,7 +4,6 @@
 --   paygate migrate status DB_URL DIR [--json]
 --   (also: paygate exec lua/paygate/cli/migrate.lua status DB_URL DIR ...)
 local common = require "paygate.cli.common"
-local sql = require "paygate.sql"
 local migrate = require "paygate.migrate"
 local json = require "paygate.json"
 
@@ -91,7 +90,7 @@ local function main(args)
   end
   -- sql.open creates a missing SQLite file: a status must not
   common.sqlite_must_exist(url)
-  local ok, db, err = pcall(sql.open, url)
+  local ok, db, err = common.open_store(url)
   if not ok then
     common.usage_error("bad DB_URL %s: %s", redact(url), one_line(db))
   end
