@@ -76,6 +76,54 @@ describe("watched credentials refusing a change", function()
     assert.equal(0, code, out)
   end)
 
+  it("etcd delete removes the stray key publish names, and only such a key"
+     .. " under the prefix", function()
+    local code, out = creds:publish(env.a)
+    assert.equal(0, code, out)
+    assert(creds.cli:put(PREFIX .. "apiclient_key.pem.bak", "old"))
+    -- another merchant's set beside this prefix: never reached from it
+    local OTHER = "/paygate/merchants/1900000002/"
+    assert(creds.cli:put(OTHER .. "apiclient_key.pem.bak", "theirs"))
+    local before = assert(creds.cli:get_prefix("/paygate/"))
+    -- a file of the set, the prefix itself, a key outside it, or an
+    -- option delete does not take: refused, exit 2, nothing deleted
+    for _, c in ipairs({
+      { PREFIX .. "apiclient_key.pem", "is a file of a merchant's set" },
+      { PREFIX, "is not a key under --prefix " .. PREFIX },
+      { OTHER .. "apiclient_key.pem.bak", "is not a key under --prefix" },
+      { "/paygate/merchants/1900000001", "is not a key under --prefix" },
+      { PREFIX .. "x", "delete takes no --kek-file",
+        "--kek-file " .. creds.kek_file },
+    }) do
+      code, out = creds:delete(c[1], c[3])
+      assert.equal(2, code, c[1] .. ": " .. out)
+      assert.matches(c[2], out, 1, true)
+    end
+    local after = assert(creds.cli:get_prefix("/paygate/"))
+    assert.equal(before.revision, after.revision)
+    assert.equal(#before.kvs, #after.kvs)
+    -- publish names the stray key; delete removes it, and it alone
+    code, out = creds:publish(env.b)
+    assert.equal(1, code, out)
+    assert.matches(PREFIX .. "apiclient_key.pem.bak", out, 1, true)
+    code, out = creds:delete(PREFIX .. "apiclient_key.pem.bak")
+    assert.equal(0, code, out)
+    assert.matches("^deleted " .. PREFIX .. "apiclient_key.pem.bak at "
+                   .. "revision %d+\n$", out)
+    assert.is_nil((creds.cli:get(PREFIX .. "apiclient_key.pem.bak")))
+    assert.equal(3, #assert(creds.cli:get_prefix(PREFIX)).kvs)
+    assert.equal("theirs",
+      assert(creds.cli:get(OTHER .. "apiclient_key.pem.bak")).value)
+    -- gone already: said, exit 1
+    code, out = creds:delete(PREFIX .. "apiclient_key.pem.bak")
+    assert.equal(1, code, out)
+    assert.matches("no such key (nothing deleted)", out, 1, true)
+    -- and the publish it stopped now goes through
+    code, out = creds:publish(env.b)
+    assert.equal(0, code, out)
+    assert(creds.cli:delete(OTHER, { prefix = true }))
+  end)
+
   it("publish refuses when the prefix changed between its read and its"
      .. " write (another operator's publish, a stray key): nothing written",
      function()

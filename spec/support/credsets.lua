@@ -121,6 +121,24 @@ function Creds:show(kek_file)
   return code, (out:gsub("exit=%d+%s*$", ""))
 end
 
+--- syntax: code, out = creds:delete(key[, extra])
+-- `paygate etcd delete` of key under PREFIX, extra (a string) appended
+-- to its arguments: its exit status and its output.
+function Creds:delete(key, extra)
+  local o = self.c:client_opts()
+  local cmd = ("PAYGATE_SPEC_ETCD_PW=%s %s etcd delete --prefix %s "
+    .. "--endpoints %s --user %s --password-env PAYGATE_SPEC_ETCD_PW "
+    .. "--ca-file %s --cert %s --key %s '%s' %s 2>&1; "
+    .. "echo \"exit=$?\""):format(o.password, PAYGATE_BIN, _M.PREFIX,
+    table.concat(o.endpoints, ","), o.user, o.ca_file, o.client_cert,
+    o.client_key, key, extra or "")
+  local p = io.popen(cmd)
+  local out = p:read("*a")
+  p:close()
+  local code = tonumber(out:match("exit=(%d+)%s*$"))
+  return code, (out:gsub("exit=%d+%s*$", ""))
+end
+
 --- syntax: src = creds:source(cache[, extra])
 -- A paygate.credentials source for MCHID at PREFIX with its cache in the
 -- directory cache (made here); extra's fields are added to its config.

@@ -1,7 +1,8 @@
 -- paygate etcd: publishes a merchant's credentials (or the HTTPS
 -- listener's certificate) to etcd in one transaction, after validating
 -- them, sealing the secrets under the key-encryption key
--- (paygate.credentials); shows what a prefix holds without its secrets.
+-- (paygate.credentials); shows what a prefix holds without its secrets;
+-- deletes a stray key under a prefix (one that is no file of the set).
 local common = require "paygate.cli.common"
 local credentials = require "paygate.credentials"
 local etcd = require "paygate.etcd"
@@ -13,6 +14,7 @@ local usage = [[
 usage: paygate etcd publish --prefix PREFIX --dir DIR [--sign-type TYPE]
                             [--tls] [--json] ETCD KEK
        paygate etcd show    --prefix PREFIX [--tls] ETCD KEK
+       paygate etcd delete  --prefix PREFIX [--tls] ETCD KEY
 
 ETCD: --endpoints URL[,URL...] --user NAME --password-env VAR
       [--ca-file FILE] [--cert FILE --key FILE] [--insecure]
@@ -39,6 +41,11 @@ publish  reads the set from DIR (which holds the set's files and no
          serial, files).
 show     prints the set's revision, the certificate's serial and dates,
          and which files are sealed (never a secret).
+delete   deletes KEY (the whole key, as publish names it) under PREFIX:
+         a key that is no file of the set, which makes every worker
+         refuse the set and publish refuse PREFIX. A file of the set
+         (with --tls, of a listener's) is refused: publish replaces
+         those. Needs no KEK.
 
 Without --insecure, etcd must be https:// with a user: the files are
 secrets. The password is read from the environment variable named by
@@ -178,9 +185,11 @@ local function publish(o)
     local name = kv.key:sub(#p + 1)
     if not spec[name] then
       return fail(("%s holds %s, which is no file of %s set: every worker"
-        .. " would refuse the set; delete it (or publish under another"
-        .. " prefix) and publish again"):format(p, kv.key, kind == "tls"
-        and "a listener's" or "a merchant's"))
+        .. " would refuse the set; delete it (paygate etcd delete --prefix"
+        .. " %s%s KEY, with the same etcd options) or publish under another"
+        .. " prefix, and publish again"):format(p, kv.key, kind == "tls"
+        and "a listener's" or "a merchant's", p, kind == "tls"
+        and " --tls" or ""))
     end
   end
   local ops = {}
@@ -264,11 +273,50 @@ local function show(o)
   return 0
 end
 
+-- Deletes one key under the prefix that is no file of the set: the
+-- stray key publish names ("delete it") and every worker refuses the set
+-- for. Not a file of the set (a set without its key is refused by every
+-- worker too: publish replaces those, deleting what the new set lacks),
+-- not the prefix itself nor a key outside it (a typo must not delete
+-- another merchant's set's file).
+local function delete(o, key)
+  local p = prefix(o)
+  local kind = o["--tls"] and "tls" or "merchant"
+  local spec = kind == "tls" and credentials.TLS_FILES
+               or credentials.MERCHANT_FILES
+  local shown = common.visible(key)
+  local name = key:sub(#p + 1)
+  if key:sub(1, #p) ~= p or name == "" then
+    common.usage_error("%s is not a key under --prefix %s", shown,
+                       common.visible(p))
+  end
+  if spec[name] then
+    common.usage_error("%s is a file of %s set: publish the set to change"
+      .. " it (a file the new set lacks is deleted then)", shown,
+      kind == "tls" and "a listener's" or "a merchant's")
+  end
+  local cli = client(o)
+  local res, err = cli:delete(key)
+  if not res then return fail("delete " .. shown .. ": " .. tostring(err)) end
+  if res.deleted == 0 then
+    return fail(("delete %s: no such key (nothing deleted)"):format(shown))
+  end
+  io.stdout:write(("deleted %s at revision %s\n"):format(shown,
+                                                        res.revision))
+  return 0
+end
+
 local function main(args)
   local o, pos = common.parse(args, SPEC)
   local cmd = pos[1]
-  if #pos > 1 then
-    common.usage_error("argument %d is unexpected (see --help)", pos.at[2])
+  -- delete's one argument is the key
+  local nargs = cmd == "delete" and 2 or 1
+  if cmd == "delete" and not pos[2] then
+    common.usage_error("delete takes the KEY to delete (see --help)")
+  end
+  if #pos > nargs then
+    common.usage_error("argument %d is unexpected (see --help)",
+                       pos.at[nargs + 1])
   end
   -- an option of the other subcommand is refused, not dropped (show
   -- --json printed text where a script read JSON)
@@ -285,7 +333,12 @@ local function main(args)
     common.only(o, cmd, takes)
     return show(o)
   end
-  common.usage_error("give publish or show (see --help)")
+  if cmd == "delete" then
+    takes["--kek-file"], takes["--kek-env"] = nil, nil
+    common.only(o, cmd, takes)
+    return delete(o, pos[2])
+  end
+  common.usage_error("give publish, show or delete (see --help)")
 end
 
 return common.run("etcd", usage, main, { ... })
