@@ -496,6 +496,12 @@ local function bindable(v)
     or v == core.null
 end
 
+-- Where a misuse of statement i is: made only for an error (the loop
+-- below runs for every statement of every job).
+local function atomic_where(i)
+  return "db:atomic: stmts[" .. i .. "]"
+end
+
 -- Checks db:atomic's statements and returns them in the drivers' shape
 -- { { sql, params, expect = n }, ... } (names kept beside, for errors),
 -- and the index and misuse error of the first with a NaN parameter.
@@ -511,25 +517,27 @@ local function check_atomic(stmts)
   local list, names, nan_at, nan_err = {}, {}, nil, nil
   for i = 1, n do
     local s = stmts[i]
-    local where = "db:atomic: stmts[" .. i .. "]"
     if type(s) ~= "table" then
-      error(where .. " must be a table { sql, params, expect = n }", 3)
+      error(atomic_where(i) .. " must be a table { sql, params, expect = n }",
+            3)
     end
     local text, params = s[1] or s.sql, s[2] or s.params
     if type(text) ~= "string" then
-      error(where .. ": sql must be a string", 3)
+      error(atomic_where(i) .. ": sql must be a string", 3)
     end
     if params ~= nil then
       if type(params) ~= "table" then
-        error(where .. ": params must be a table", 3)
+        error(atomic_where(i) .. ": params must be a table", 3)
       end
-      local np = param_count(where, params, 3)
+      -- (params.n checked, with the where of its error, when there is one)
+      local np = params.n == nil and #params
+                 or param_count(atomic_where(i), params, 3)
       for k = 1, np do
         local v = params[k]
         if not bindable(v) then
-          error(where .. ": params[" .. k .. "] cannot be bound (a "
-                .. type(v) .. "; want a string, number, boolean or"
-                .. " sql.null)", 3)
+          error(atomic_where(i) .. ": params[" .. k .. "] cannot be bound"
+                .. " (a " .. type(v) .. "; want a string, number, boolean"
+                .. " or sql.null)", 3)
         end
         if v ~= v and not nan_at then
           nan_at, nan_err = i, nan_error(nil, k)
@@ -539,12 +547,18 @@ local function check_atomic(stmts)
     local expect = s.expect
     if expect ~= nil and (type(expect) ~= "number" or expect < 0
                           or expect % 1 ~= 0) then
-      error(where .. ": expect must be a whole number >= 0", 3)
+      error(atomic_where(i) .. ": expect must be a whole number >= 0", 3)
     end
     if s.name ~= nil and type(s.name) ~= "string" then
-      error(where .. ": name must be a string", 3)
+      error(atomic_where(i) .. ": name must be a string", 3)
     end
-    list[i] = { text, params, expect = expect }
+    if getmetatable(s) == nil and s[1] == text and s[2] == params then
+      -- in the drivers' shape already (what paygate's modules build): the
+      -- drivers read [1], [2] and expect, and nothing writes to it
+      list[i] = s
+    else
+      list[i] = { text, params, expect = expect }
+    end
     names[i] = s.name
   end
   return list, names, nan_at, nan_err
