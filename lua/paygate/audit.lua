@@ -49,6 +49,9 @@ local civil = require "paygate.civil"
 local type, pairs, ipairs, tostring, error, getmetatable, floor, sort,
       concat = type, pairs, ipairs, tostring, error, getmetatable,
       math.floor, table.sort, table.concat
+-- LuaJIT's table.new(narray, nhash): a table made at the size it will
+-- have, where one grown key by key is rehashed at every power of two
+local new_tab = require "table.new"
 
 local _M = { _VERSION = "0.1.0" }
 
@@ -470,7 +473,8 @@ local function canon_json(v, out, depth)
     return
   end
   if t == "table" and v ~= json.null then
-    local n, keys, is_array = 0, {}, true
+    -- (room for evidence's usual few keys: see canonical_json)
+    local n, keys, is_array = 0, new_tab(8, 0), true
     for k in pairs(v) do
       n = n + 1
       keys[n] = k
@@ -521,7 +525,10 @@ end
 --- syntax: s = audit.canonical_json(v)
 -- returns: v as JSON with sorted keys (the text stored as evidence).
 function _M.canonical_json(v)
-  local out = {}
+  -- room for an object of ten keys with plain values ("{", and a key's
+  -- ",", name and ":" and value): what evidence mostly is; a bigger one
+  -- grows as any table does
+  local out = new_tab(41, 0)
   canon_json(v, out, 0)
   return concat(out)
 end
@@ -555,8 +562,10 @@ end
 --- syntax: s = audit.canonical(entry)
 -- returns: the bytes the entry's hash covers.
 function _M.canonical(e)
-  local parts = { FORMAT }
-  for i, name in ipairs(FIELDS) do
+  local parts = new_tab(#FIELDS + 1, 0)
+  parts[1] = FORMAT
+  for i = 1, #FIELDS do
+    local name = FIELDS[i]
     parts[i + 1] = field(e[name], INTEGER[name])
   end
   return concat(parts, "\n")
@@ -643,6 +652,14 @@ local function append_tx(tx, subject, e)
     .. subject .. " kept moving", { retryable = true, subject = subject })
 end
 
+-- e's optional text fields, and their names in errors (made once here,
+-- not for every entry)
+local OPTIONAL_TEXT = { "ref", "from", "to", "cause", "actor" }
+local OPTIONAL_NAME = {}
+for _, k in ipairs(OPTIONAL_TEXT) do
+  OPTIONAL_NAME[k] = "e." .. k
+end
+
 --- syntax: entry, err = audit.append(tx_or_db, subject, e)
 -- e: { what (string, required), ref, from, to, cause, actor (strings),
 --      at (epoch ms; default now), evidence (a table, stored as canonical
@@ -662,8 +679,9 @@ local function entry_of(fname, subject, e)
     error(fname .. ": e must be a table", 3)
   end
   check_text(fname, "e.what", e.what, true, 3)
-  for _, k in ipairs({ "ref", "from", "to", "cause", "actor" }) do
-    check_text(fname, "e." .. k, e[k], false, 3)
+  for i = 1, #OPTIONAL_TEXT do
+    local k = OPTIONAL_TEXT[i]
+    check_text(fname, OPTIONAL_NAME[k], e[k], false, 3)
   end
   local at = e.at
   if at == nil then
