@@ -42,6 +42,9 @@ local type, pairs, ipairs, tostring, error, getmetatable, setmetatable,
       select, unpack, concat, sort, random, min =
       type, pairs, ipairs, tostring, error, getmetatable, setmetatable,
       select, unpack, table.concat, table.sort, math.random, math.min
+-- LuaJIT's table.new(narray, nhash): a table made at the size it will
+-- have, where one grown key by key is rehashed at every power of two
+local new_tab = require "table.new"
 
 local _M = { _VERSION = "0.1.0" }
 
@@ -301,8 +304,9 @@ end
 function Store:save_stmt(id, version, to, set)
   local keys = sorted_keys(set)
   local text = save_text(self, keys)
-  local params = { to, version + 1 }
   local n = #keys
+  local params = new_tab(n + 4, 1)           -- (and params.n)
+  params[1], params[2] = to, version + 1
   for i = 1, n do
     params[i + 2] = set[keys[i]]
   end
@@ -666,7 +670,7 @@ local function decide(self, fname, q, id, how, opts, row)
                 event = event, set = set, cause = opts.cause,
                 actor = opts.actor, evidence = opts.evidence,
                 data = opts.data }
-  local chosen, reasons = nil, {}
+  local chosen, reasons = nil, nil    -- (reasons: made for a refusal)
   for _, t in ipairs(candidates) do
     ctx.to = t.to
     local ok, why = guards_pass(self, t, ctx)
@@ -674,9 +678,11 @@ local function decide(self, fname, q, id, how, opts, row)
       chosen = t
       break
     end
+    reasons = reasons or {}
     reasons[#reasons + 1] = tostring(why)
   end
   if not chosen then
+    reasons = reasons or {}
     -- reason: the last candidate's (the most general one, declared last)
     local reason = reasons[#reasons]
     count("guard_refused", name, from, what_of(how))
@@ -693,7 +699,16 @@ end
 
 -- The row after the transition ctx.
 local function row_after(ctx)
-  local after = {}
+  -- made at its size (a row has a few dozen columns: grown key by key,
+  -- it would be rehashed five or six times)
+  local n = 2
+  for _ in pairs(ctx.row) do
+    n = n + 1
+  end
+  for _ in pairs(ctx.set) do
+    n = n + 1
+  end
+  local after = new_tab(0, n)
   for k, v in pairs(ctx.row) do
     after[k] = v
   end
