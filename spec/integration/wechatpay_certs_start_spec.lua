@@ -3,8 +3,9 @@
 -- start are refreshed from the start; a download that times out is
 -- timeout; a configuration error answered to every verification is not
 -- grown by each caller; the periodic refresh waits refresh_interval ±10 %
--- (the jitter is proven by the waits it asks for). Each fix's case failed
--- before it.
+-- (the jitter is proven by the waits it asks for); the certificate gauge
+-- is recomputed every hour in "manual" mode too, with no download. Each
+-- fix's case failed before it.
 local core = require "paygate.core"
 local crypto = require "paygate.crypto"
 local json = require "cjson.safe"
@@ -156,5 +157,41 @@ describe("the periodic refresh", function()
       seen[d] = true
     end
     assert.is_true(distinct > 1, "every client waits the same time")
+  end)
+end)
+
+describe('download_certificates = "manual"', function()
+  it("recomputes the certificate gauge every REPORT_INTERVAL, downloading"
+     .. " nothing", function()
+    local certs = require "paygate.wechatpay.certs"
+    local sleep, report = core.sleep, certs.report
+    -- the hourly report's waits are asked for as ever and cut to 10 ms
+    -- (the loop waits certs.REPORT_INTERVAL each time), and the reports
+    -- of this client are counted
+    local waits, reports, wx = 0, 0, nil
+    core.sleep = function(d, ...)
+      if d == certs.REPORT_INTERVAL and debug.getinfo(2, "S")
+           .source:find("wechatpay/certs.lua", 1, true) then
+        waits = waits + 1
+        return sleep(0.01)
+      end
+      return sleep(d, ...)
+    end
+    certs.report = function(w, ...)
+      if w == wx then reports = reports + 1 end
+      return report(w, ...)
+    end
+    finally(function()
+      core.sleep, certs.report = sleep, report
+      if wx then wx:stop() end
+    end)
+    wx = client{ platform_certificates = { keys.p1_cert },
+                 download_certificates = "manual" }
+    local before = reports
+    local ok = pcall(proc.wait_until, function()
+      return reports >= before + 2 end, 5, "two hourly reports")
+    assert.is_true(ok, "the gauge was not recomputed after start (" .. waits
+                   .. " hourly waits, " .. reports - before .. " reports)")
+    assert.equal(0, downloads())
   end)
 end)

@@ -637,18 +637,21 @@ function _M.verify(wx, headers, body, now)
 end
 
 --- syntax: certs.start(wx)
--- The first download (waited for, at most startup_timeout seconds, when
--- no certificate is held yet and we can wait; it goes on in the
--- background past that) and the jittered periodic refresh. A failure is
+-- The hourly recompute of the certificate gauge (in every mode that holds
+-- or downloads certificates, "manual" too) and, unless downloads are off
+-- or "manual", the first download (waited for, at most startup_timeout
+-- seconds, when no certificate is held yet and we can wait; it goes on in
+-- the background past that) and the jittered periodic refresh. A failure is
 -- logged and retried, never fatal, except 404 RESOURCE_NOT_EXISTS seen
 -- within startup_timeout: returned as invalid_config (later, it is logged
 -- and every verification answers it).
 function _M.start(wx)
   local c = wx.conf
   _M.report(wx)
-  if c.download_manual then return true end
   if next(wx.certs) ~= nil or c.download then
-    -- the days left shrink between downloads: recompute them hourly
+    -- the days left shrink between downloads: recompute them hourly (in
+    -- "manual" mode too: no download runs by itself there, so without it
+    -- the gauge would move only on wx:refresh_certificates())
     wx.reporter = core.spawn(function()
       while true do
         core.sleep(_M.REPORT_INTERVAL)
@@ -656,7 +659,7 @@ function _M.start(wx)
       end
     end)
   end
-  if not c.download then return true end
+  if not c.download or c.download_manual then return true end
   local held = next(wx.certs) ~= nil     -- from the config or state_dir
   if not held and core.in_coroutine() then
     -- a blackholed WeChat must not hold a worker's start for a whole
