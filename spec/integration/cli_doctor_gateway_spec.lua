@@ -236,6 +236,23 @@ describe("paygate doctor --config <the gateway's config>", function()
     assert.equal("ok", r.apiv3_key and r.apiv3_key.status, out)
   end)
 
+  -- an empty apiv3_key_file (or one that is no string) is no path: the
+  -- gateway says "must be a file path"; doctor read "" as a file and said
+  -- "cannot read the file it names (No such file or directory)", and
+  -- passed a number over, running its checks without the key
+  it("says an APIv3 key file that is no path is none, in the gateway's"
+     .. " words", function()
+    for name, v in pairs({ emptykey = '""', numkey = "7" }) do
+      local conf = variant(name, "c.merchants[1].apiv3_key_file = " .. v)
+      local code, out = run({ "doctor", "--json", "--config", conf }, nil,
+                            20)
+      assert.equal(2, code, out)
+      assert.matches("paygate doctor: config.merchants[1].apiv3_key_file: "
+                     .. "must be a file path\n", out, 1, true)
+      assert.is_nil(out:find("cannot read", 1, true), out)
+    end
+  end)
+
   it("finds the gateway app from another folder", function()
     -- run outside the checkout: its examples/gateway is still the app
     local _, out, r = run({ "doctor", "--json", "--config",

@@ -190,7 +190,12 @@ local function from_gateway(conf, pick)
     return v
   end
   local where = "merchants[" .. at .. "]."
-  if type(m.apiv3_key_file) == "string" then
+  if m.apiv3_key_file ~= nil and (type(m.apiv3_key_file) ~= "string"
+                                  or m.apiv3_key_file == "") then
+    -- no path at all: the gateway's words, not a missing file's (an empty
+    -- one was read as a file named "" and "No such file or directory")
+    common.usage_error("config.%sapiv3_key_file: must be a file path", where)
+  elseif type(m.apiv3_key_file) == "string" then
     wc.apiv3_key = key_file(m.apiv3_key_file, where .. "apiv3_key_file")
   elseif type(m.apiv3_key_env) == "string" then
     wc.apiv3_key = os.getenv(m.apiv3_key_env)
