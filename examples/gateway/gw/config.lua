@@ -422,11 +422,16 @@ local function check_webhooks(list)
     if w.ca_file ~= nil then
       -- read, not only opened: a folder opens, and so does a file of no
       -- certificate, then every delivery failed on TLS until dead (the
-      -- client's check of its own ca_file)
-      if type(w.ca_file) ~= "string" or not wxconfig.pem_file(w.ca_file)
-      then
+      -- client's check of its own ca_file); why it was refused is
+      -- said in the client's words (pem_file's why never holds the path
+      -- nor a byte of the file; nil when it read and holds no PEM)
+      local ok, why = false, nil
+      if type(w.ca_file) == "string" then
+        ok, why = wxconfig.pem_file(w.ca_file)
+      end
+      if not ok then
         return fail(where .. "ca_file", "must name a readable file of CA"
-          .. " certificates (PEM)")
+          .. " certificates (PEM)" .. (why and " (" .. why .. ")" or ""))
       end
     end
     local sink = { url = w.url, secret = s, types = w.types, name = name,

@@ -213,7 +213,7 @@ describe("gateway config", function()
                        .. "/fifo-wh.secret", ca_file = fifo } } },
                      merchants = { merchant() } },
       "gateway: config.gateway.webhooks[1].ca_file: must name a readable"
-      .. " file of CA certificates (PEM)")
+      .. " file of CA certificates (PEM) (" .. special .. ")")
     -- and a merchant's (the WeChat Pay client's check at start)
     expect_refused({ gateway = { db = db }, merchants = { merchant{
                        ca_file = fifo } } },
@@ -701,18 +701,21 @@ describe("gateway config", function()
         .. " set by the webhook itself", why_of{ webhooks = { { url =
           "http://127.0.0.1:1/h", secret_file = dir .. "/wh.secret",
           headers = { ["Paygate-Signature"] = "x" } } } })
-      assert.matches("^config.gateway.webhooks%[1%].ca_file: must name a"
-        .. " readable file", why_of{ webhooks = { { url =
-          "https://127.0.0.1:1/h", secret_file = dir .. "/wh.secret",
-          ca_file = dir .. "/nope.pem" } } })
       -- before: a folder, or a file of no certificate, was taken, and
-      -- every delivery to the receiver then failed on TLS until dead
+      -- every delivery to the receiver then failed on TLS until dead.
+      -- Each refusal says why, as a merchant's ca_file does (before: the
+      -- webhook's said only "must name a readable file ... (PEM)"); a
+      -- file that reads and holds no PEM has no more to say
       assert(core.mkdir_p(dir .. "/ca-folder"))
-      for _, ca in ipairs({ dir .. "/ca-folder", dir .. "/wh.secret" }) do
+      for ca, why in pairs({
+          [dir .. "/nope.pem"] = " (cannot open it: No such file or"
+                                 .. " directory)",
+          [dir .. "/ca-folder"] = " (Is a directory)",
+          [dir .. "/wh.secret"] = "" }) do
         assert.equal("config.gateway.webhooks[1].ca_file: must name a"
-          .. " readable file of CA certificates (PEM)", why_of{ webhooks = {
-            { url = "https://127.0.0.1:1/h", secret_file = dir
-              .. "/wh.secret", ca_file = ca } } })
+          .. " readable file of CA certificates (PEM)" .. why,
+          why_of{ webhooks = { { url = "https://127.0.0.1:1/h",
+            secret_file = dir .. "/wh.secret", ca_file = ca } } })
       end
       -- one webhook written without the list's brackets: before, no
       -- webhook ran and the events were marked delivered
