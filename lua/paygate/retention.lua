@@ -28,6 +28,7 @@
 local core = require "paygate.core"
 local sql = require "paygate.sql"
 local lease = require "paygate.lease"
+local suggest = require "paygate.suggest"
 
 local type, pairs, ipairs, tostring, error, getmetatable, setmetatable =
       type, pairs, ipairs, tostring, error, getmetatable, setmetatable
@@ -292,6 +293,10 @@ local function table_prune(self, db, batch, now)
   return res.changes
 end
 
+-- what a retention.table spec may hold
+local TABLE_KEYS = { table = true, column = true, max_age = true,
+                     where = true, unit = true, key = true, name = true }
+
 --- syntax: job = retention.table(spec)
 -- spec: { table = "name" (or schema.name), column = "time column",
 --         max_age = s, name = (default: the table), where = "extra SQL
@@ -305,6 +310,14 @@ local function make_table(spec, fname)
   fname = fname or "retention.table"
   if type(spec) ~= "table" then
     misuse(fname .. ": spec must be a table")
+  end
+  -- before the other checks: a misspelt required key (colum) is named,
+  -- with the key meant, not said to be missing (spec.column)
+  for k in pairs(spec) do
+    if not TABLE_KEYS[k] then
+      misuse(fname .. ": unknown key spec." .. tostring(k)
+             .. suggest.hint(k, TABLE_KEYS))
+    end
   end
   local tname = check_ident(fname, "spec.table", spec.table, true)
   refuse_audit(fname, tname)
@@ -329,12 +342,6 @@ local function make_table(spec, fname)
   if spec.name ~= nil and (type(spec.name) ~= "string" or spec.name == "")
   then
     misuse(fname .. ": spec.name must be a non-empty string")
-  end
-  for k in pairs(spec) do
-    if k ~= "table" and k ~= "column" and k ~= "max_age" and k ~= "where"
-       and k ~= "unit" and k ~= "key" and k ~= "name" then
-      misuse(fname .. ": unknown key spec." .. tostring(k))
-    end
   end
   return setmetatable({
     name = spec.name or spec.table, kind = "table", table = spec.table,
@@ -432,7 +439,7 @@ local function from_config(fname, conf)
                       tables = true }
       for rk in pairs(RUNNER_KEYS) do known[rk] = true end
       misuse(fname .. ": unknown retention option " .. tostring(k)
-             .. require("paygate.suggest").hint(k, known))
+             .. suggest.hint(k, known))
     end
   end
   local idem = conf.idempotency
@@ -492,9 +499,12 @@ local function from_config(fname, conf)
       end
       for k in pairs(n) do
         if not NOTE_KEYS[k] then
+          -- a misspelt key: the one meant; else (max_age...) why a
+          -- dedupe table takes no such key
+          local hint = suggest.hint(k, NOTE_KEYS)
           misuse(fname .. ": notifications[" .. i .. "]: unknown key "
-                 .. tostring(k) .. " (a dedupe table's rows are kept"
-                 .. " notification_hours)")
+                 .. tostring(k) .. (hint ~= "" and hint
+                 or " (a dedupe table's rows are kept notification_hours)"))
         end
       end
       jobs[#jobs + 1] = make_notifications({ table = n.table,
