@@ -507,7 +507,8 @@ describe("errors and retries", function()
     assert.matches("^param_error: POST /v3/x: 400 PARAM_ERROR", tostring(err))
     assert.is_true(core.is_error(err))
   end)
-  it("old and new spellings map alike; unknown codes map by status",
+  it("old and new spellings map alike; unknown codes map by status, a 404"
+     .. " only by WeChat's two does-not-exist codes",
      function()
     local cases = { { 403, "ORDERPAID", "order_paid" },
       { 400, "ORDER_CLOSED", "order_closed" },
@@ -515,9 +516,14 @@ describe("errors and retries", function()
       { 403, "OUT_TRADE_NO_USED", "out_trade_no_used" },
       { 403, "NOTENOUGH", "not_enough" }, { 401, "SIGN_ERROR", "sign_error" },
       { 400, "INVALID_REQUEST", "invalid_request" },
-      { 404, "WHATEVER", "not_found" }, { 418, nil, "http_error" },
-      -- a 404 without WeChat's error shape is no "order does not exist"
-      { 404, nil, "http_error" } }
+      { 404, "RESOURCE_NOT_EXISTS", "not_found" },
+      { 418, nil, "http_error" },
+      -- a 404 without WeChat's error shape, or with another code than
+      -- its two "does not exist" ones (a proxy's page, a wrong path, the
+      -- NOT_FOUND some SDKs expect, an empty or unknown code) is no
+      -- "order does not exist": a caller may close the order on that
+      { 404, nil, "http_error" }, { 404, "WHATEVER", "http_error" },
+      { 404, "NOT_FOUND", "http_error" }, { 404, "", "http_error" } }
     local responses = {}
     for i, c in ipairs(cases) do
       responses[i] = { status = c[1], body = c[2] and json.encode{ code = c[2],

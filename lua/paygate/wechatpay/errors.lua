@@ -42,9 +42,12 @@ local CODES = {
   INVALIDREQUEST = { "invalid_request", false },
   SIGNERROR = { "sign_error", false },
   NOAUTH = { "no_auth", false },
+  -- not_found is only these: WeChat saying the order or refund does not
+  -- exist. A caller may act on it (close the order locally), so a 404
+  -- with any other code (NOT_FOUND, a proxy's, an unknown one) is
+  -- http_error (by_status), never taken as "no such order"
   ORDERNOTEXIST = { "not_found", false },
   RESOURCENOTEXISTS = { "not_found", false },
-  NOTFOUND = { "not_found", false },
   ORDERPAID = { "order_paid", false },
   ORDERCLOSED = { "order_closed", false },
   OUTTRADENOUSED = { "out_trade_no_used", false },
@@ -72,7 +75,7 @@ _M.CODES = CODES
 local function by_status(status)
   if status == 401 then return "sign_error", false end
   if status == 403 then return "no_auth", false end
-  if status == 404 then return "not_found", false end
+  if status == 404 then return "http_error", false end  -- see CODES
   if status == 429 then return "frequency_limited", true end
   if status >= 500 then return "system_error", true end
   if status == 400 then return "invalid_request", false end
@@ -111,11 +114,6 @@ function _M.from_response(what, res)
   local known = code and CODES[code:upper():gsub("_", "")]
   if known then
     kind, retryable = known[1], known[2]
-  elseif status == 404 and not code then
-    -- WeChat's errors carry a code: a bare 404 is a proxy's or a wrong
-    -- base_url's page, never WeChat saying there is no such order (an
-    -- order taken as absent could be closed locally while paid)
-    kind, retryable = "http_error", false
   else
     kind, retryable = by_status(status)
   end
