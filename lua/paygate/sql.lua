@@ -758,6 +758,33 @@ function DB:stats()
   return {}
 end
 
+-- syntax: info, err = db:backup(path [, { replace = true }])
+-- SQLite only: a consistent copy of the database, made while it is in
+-- use (writes go on meanwhile), at path: one file, in journal mode DELETE
+-- (sql.open switches it back to WAL), mode 0600. Copied by a reader
+-- thread with SQLite's online backup (the -wal's committed pages
+-- included), checked (PRAGMA quick_check) and only then renamed to path
+-- from path.tmp: path is never a partial copy. An existing path (or
+-- path.tmp) is refused unless replace.
+-- returns: { pages, page_size, bytes } of the copy, or nil, err (kind
+-- "unavailable": the file cannot be made or written, or the copy fails
+-- its check; "busy")
+-- yields: until the copy is renamed (seconds for a big store; one reader
+-- thread is busy meanwhile)
+function DB:backup(path, opts)
+  check_db("db:backup", self)
+  if self.engine ~= "sqlite" then
+    error("db:backup: SQLite only (back up PostgreSQL with pg_dump)", 2)
+  end
+  if type(path) ~= "string" or path == "" then
+    error("db:backup: path must be a file name", 2)
+  end
+  if opts ~= nil and type(opts) ~= "table" then
+    error("db:backup: opts must be a table", 2)
+  end
+  return self.h:backup(path, opts ~= nil and opts.replace == true)
+end
+
 -- syntax: yes, err = db:has_table(name)
 -- name: a table, or schema.table (on SQLite the table part is looked up).
 -- returns: whether the store holds a table of that name (PostgreSQL: a

@@ -1091,6 +1091,44 @@ describe("paygate.sql on sqlite (engine specifics)", function()
     assert.has_error(function() sql.open("mysql://x") end)
   end)
 
+  it("db:backup copies the database to a file, checked, never over one",
+     function()
+    local db = open("sqlite")
+    assert(db:exec_script("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT)"))
+    for k = 1, 50 do
+      assert(db:exec("INSERT INTO t (k, v) VALUES ($1, $2)",
+                     { k, ("v"):rep(300) }))
+    end
+    local dest = tmp .. "/backup_unit.db"
+    local info = assert(db:backup(dest))
+    assert.equal(4096, info.page_size)
+    assert.equal(info.pages * info.page_size, info.bytes)
+    -- the rows (in the -wal: the file itself has none yet) are there
+    local copy = assert(sql.open("sqlite:" .. dest))
+    assert.equal(50, copy:query("SELECT count(*) AS c FROM t")[1].c)
+    copy:close()
+    assert(db:exec("INSERT INTO t (k, v) VALUES (51, 'x')"))
+    local r, err = db:backup(dest)
+    assert.is_nil(r)
+    assert.equal("unavailable", err.kind)
+    assert.equal("sqlite: backup: " .. dest .. " exists (not replaced)",
+                 err.message)
+    assert(db:backup(dest, { replace = true }))
+    copy = assert(sql.open("sqlite:" .. dest))
+    assert.equal(51, copy:query("SELECT count(*) AS c FROM t")[1].c)
+    copy:close()
+    r, err = db:backup(tmp .. "/no-such-dir/x.db")
+    assert.is_nil(r)
+    assert.equal("unavailable", err.kind)
+    assert.matches("cannot make .*/no%-such%-dir/x%.db%.tmp: No such file",
+                   err.message)
+    assert.has_error(function() db:backup() end,
+                     "db:backup: path must be a file name")
+    assert.has_error(function() db:backup(dest, true) end,
+                     "db:backup: opts must be a table")
+    db:close()
+  end)
+
   it("db:close() during a transaction rolls it back and lets the file go"
      .. " at once, not at tx_timeout", function()
     -- (the writer waited in the transaction until tx_timeout: another
@@ -2125,6 +2163,13 @@ if servers.have_postgres() then
     local function other()
       return assert(sql.open(pg_srv.url))
     end
+
+    it("db:backup is refused: pg_dump backs PostgreSQL up", function()
+      local db = open("postgres", { pool = 1 })
+      assert.has_error(function() db:backup(tmp .. "/pg.db") end,
+        "db:backup: SQLite only (back up PostgreSQL with pg_dump)")
+      db:close()
+    end)
 
     it("runs ordinary SQL that merely contains transaction words", function()
       local db = open("postgres", { pool = 1 })

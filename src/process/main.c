@@ -33,6 +33,7 @@ static const char usage_main[] =
 "  apikey          create, list and revoke merchant-API keys\n"
 "  audit           verify the audit trail's hash chains in a database\n"
 "  migrate         show which migrations a database has applied\n"
+"  backup          copy a live SQLite store to a file, consistently\n"
 "  etcd            publish credentials to etcd (sealed), show a set\n"
 "\n"
 "diagnostics (WeChat Pay; each names the cause of a failure):\n"
@@ -426,7 +427,7 @@ cmd_exec(int argc, char **argv)
  * lua/paygate/cli/NAME.lua with the command's arguments. */
 static const char *const lua_cmds[] = {
     "sign", "verify", "decrypt", "certs", "doctor", "apikey", "audit",
-    "etcd", "migrate", NULL
+    "etcd", "migrate", "backup", NULL
 };
 
 static int

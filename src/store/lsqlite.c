@@ -94,12 +94,15 @@
  * is queued when that BEGIN is delivered.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <math.h>
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 #include <sqlite3.h>
@@ -129,8 +132,10 @@ enum lsqlite_op {
     LSQLITE_OP_BEGIN,     /* start an interactive transaction */
     LSQLITE_OP_COMMIT,    /* end it, durable on return */
     LSQLITE_OP_ROLLBACK,  /* end it, discarding its effects */
-    LSQLITE_OP_ATOMIC     /* several statements, all or none, one job of
+    LSQLITE_OP_ATOMIC,    /* several statements, all or none, one job of
                              the group commit (db:atomic) */
+    LSQLITE_OP_BACKUP     /* a reader: copy the database to a file
+                             (h:backup; sql is the file's path) */
 };
 
 struct lsqlite_job {
@@ -167,6 +172,11 @@ struct lsqlite_job {
     int64_t            expect;   /* a statement of an ATOMIC job: rows it
                                     must change (a write) or return (a
                                     read); -1: any */
+    /* LSQLITE_OP_BACKUP: replace an existing file; what was written */
+    int                replace;
+    int64_t            pages;
+    int64_t            page_size;
+    int64_t            bytes;
     struct lsqlite_job  *next;     /* queue / delivery list link */
 };
 
@@ -563,6 +573,15 @@ push_job_result(lua_State *L, struct lsqlite_job *j)
             return 1;
         }
         push_stmt_result(L, j);
+        return 1;
+    case LSQLITE_OP_BACKUP:
+        lua_createtable(L, 0, 3);
+        gw_store_push_int(L, j->pages);
+        gw_setfield(L, -2, "pages");
+        gw_store_push_int(L, j->page_size);
+        gw_setfield(L, -2, "page_size");
+        gw_store_push_int(L, j->bytes);
+        gw_setfield(L, -2, "bytes");
         return 1;
     default:
         lua_pushboolean(L, 1);
@@ -1768,6 +1787,284 @@ writer_main(void *arg)
     return NULL;
 }
 
+/* ------------------------------------------------- backup (a reader) */
+
+/*
+ * h:backup(path): a consistent copy of the database, taken while the
+ * writer goes on writing. It runs on a reader thread, never the loop:
+ * copying a big store takes seconds of I/O, which would stop the worker
+ * (an app may call it from a task); that reader serves no other read
+ * meanwhile, the other readers and inline reads do.
+ *
+ * The copy is SQLite's online backup (sqlite3_backup_*) from the
+ * reader's read-only connection, in one step: a single read transaction,
+ * so the copy is the database as one snapshot, the committed pages still
+ * in the -wal included (the connection reads through the WAL). WAL lets
+ * the writer commit meanwhile; in steps, each commit by another
+ * connection would restart the copy, forever under a steady write load.
+ *
+ * It is written to PATH.tmp (made here, mode 0600: a store holds
+ * payments; an existing one is refused, another backup may be writing
+ * it, unless replace), switched to journal_mode DELETE (one file,
+ * no -wal beside it; sql.open switches it back to WAL), checked on a new
+ * read-only connection (PRAGMA quick_check), flushed (fsync), and only
+ * then renamed to PATH and the folder flushed: PATH is the whole checked
+ * copy or is left as it was. Any failure removes PATH.tmp.
+ */
+static int
+backup_fail(struct lsqlite_job *j, int rc, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static int
+backup_fail(struct lsqlite_job *j, int rc, const char *fmt, ...)
+{
+    char    msg[1200];
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    job_fail(j, rc, msg);
+    return -1;
+}
+
+/* The tmp file's own journal (a crash of ours mid-copy) goes with it. */
+static void
+backup_unlink(const char *tmp)
+{
+    char journal[4216];     /* tmp (at most 4200) and "-journal" */
+
+    unlink(tmp);
+    snprintf(journal, sizeof(journal), "%s-journal", tmp);
+    unlink(journal);
+}
+
+/* Copies c's database into tmp (made empty by the caller). */
+static int
+backup_copy(struct lsqlite_conn *c, struct lsqlite_db *db,
+            struct lsqlite_job *j, const char *tmp)
+{
+    sqlite3         *dh = NULL;
+    sqlite3_backup  *b;
+    int              rc, frc;
+    double           deadline = gw_loop_mono_fresh() + db->busy_ms / 1000.0;
+    struct timespec  pause = { 0, 0 };
+
+    rc = sqlite3_open_v2(tmp, &dh, SQLITE_OPEN_READWRITE
+                         | SQLITE_OPEN_NOMUTEX, NULL);
+    if (rc != SQLITE_OK) {
+        goto fail_dest;
+    }
+    /* its commit needs no fsync of its own: the file is flushed whole
+     * before the rename, and a failure discards it */
+    sqlite3_exec(dh, "PRAGMA synchronous=OFF", NULL, NULL, NULL);
+    b = sqlite3_backup_init(dh, "main", c->h, "main");
+    if (b == NULL) {
+        rc = sqlite3_errcode(dh);
+        goto fail_dest;
+    }
+    for (;;) {
+        rc = sqlite3_backup_step(b, -1);
+        /* (BUSY: another process recovering the WAL index, say; as any
+         * wait for a lock, within busy_timeout) */
+        if (((rc & 0xff) != SQLITE_BUSY && (rc & 0xff) != SQLITE_LOCKED)
+            || gw_loop_mono_fresh() >= deadline)
+        {
+            break;
+        }
+        pause.tv_nsec = 1000000L + (long)(random() % 9000000L);
+        nanosleep(&pause, NULL);
+    }
+    j->pages = sqlite3_backup_pagecount(b);
+    frc = sqlite3_backup_finish(b);
+    if (rc != SQLITE_DONE) {
+        /* finish leaves the step's error on dh (a read error of the
+         * source's included) */
+        rc = frc != SQLITE_OK ? frc : rc;
+        goto fail_dest;
+    }
+    /* the source's header says WAL: the copy is one file instead */
+    rc = sqlite3_exec(dh, "PRAGMA journal_mode=DELETE", NULL, NULL, NULL);
+    if (rc != SQLITE_OK) {
+        goto fail_dest;
+    }
+    rc = sqlite3_close(dh);
+    dh = NULL;
+    if (rc != SQLITE_OK) {
+        return backup_fail(j, rc, "backup: closing %s: %s", tmp,
+                           sqlite3_errstr(rc));
+    }
+    return 0;
+fail_dest:
+    backup_fail(j, rc & 0xff, "backup: copying into %s: %s", tmp,
+                dh != NULL ? sqlite3_errmsg(dh) : sqlite3_errstr(rc));
+    j->xrc = dh != NULL ? sqlite3_extended_errcode(dh) : rc;
+    sqlite3_close(dh);
+    return -1;
+}
+
+/* Opens the copy read-only: quick_check, then its page count and size. */
+static int
+backup_check(struct lsqlite_job *j, const char *tmp)
+{
+    sqlite3      *h = NULL;
+    sqlite3_stmt *st = NULL;
+    int           rc;
+    char          first[512] = "";
+
+    rc = sqlite3_open_v2(tmp, &h, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX,
+                         NULL);
+    if (rc == SQLITE_OK) {
+        rc = sqlite3_prepare_v2(h, "PRAGMA quick_check(1)", -1, &st, NULL);
+    }
+    if (rc == SQLITE_OK) {
+        rc = sqlite3_step(st);
+        if (rc == SQLITE_ROW) {
+            const unsigned char *t = sqlite3_column_text(st, 0);
+
+            snprintf(first, sizeof(first), "%s", t != NULL ? (char *) t : "");
+            rc = SQLITE_OK;
+        }
+        sqlite3_finalize(st);
+        st = NULL;
+    }
+    if (rc != SQLITE_OK) {
+        backup_fail(j, rc & 0xff, "backup: checking %s: %s", tmp,
+                    h != NULL ? sqlite3_errmsg(h) : sqlite3_errstr(rc));
+        sqlite3_close(h);
+        return -1;
+    }
+    if (strcmp(first, "ok") != 0) {
+        sqlite3_close(h);
+        return backup_fail(j, SQLITE_CORRUPT, "backup: the copy fails "
+                           "quick_check (the source store may be damaged:"
+                           " PRAGMA integrity_check on it): %s", first);
+    }
+    if (sqlite3_prepare_v2(h, "PRAGMA page_size", -1, &st, NULL) == SQLITE_OK
+        && sqlite3_step(st) == SQLITE_ROW)
+    {
+        j->page_size = sqlite3_column_int64(st, 0);
+    }
+    sqlite3_finalize(st);
+    if (sqlite3_prepare_v2(h, "PRAGMA page_count", -1, &st, NULL)
+        == SQLITE_OK && sqlite3_step(st) == SQLITE_ROW)
+    {
+        j->pages = sqlite3_column_int64(st, 0);
+    }
+    sqlite3_finalize(st);
+    sqlite3_close(h);
+    return 0;
+}
+
+/* 1 when path is the store's file or one of its -wal, -shm, -journal:
+ * replacing it (or removing it as a stale PATH.tmp) would destroy the
+ * live store. */
+static int
+backup_is_store(struct lsqlite_db *db, const char *path)
+{
+    static const char *const sfx[] = { "", "-wal", "-shm", "-journal" };
+    char        p[4200];
+    struct stat a, b;
+    size_t      i;
+
+    if (stat(path, &a) != 0) {
+        return 0;
+    }
+    for (i = 0; i < sizeof(sfx) / sizeof(sfx[0]); i++) {
+        snprintf(p, sizeof(p), "%s%s", db->path, sfx[i]);
+        if (stat(p, &b) == 0 && a.st_dev == b.st_dev
+            && a.st_ino == b.st_ino)
+        {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static void
+run_backup(struct lsqlite_conn *c, struct lsqlite_db *db,
+           struct lsqlite_job *j)
+{
+    const char  *path = j->sql;
+    char         tmp[4200], dir[4200], *slash;
+    int          fd, err;
+    struct stat  sb, other;
+
+    if (snprintf(tmp, sizeof(tmp), "%s.tmp", path) >= (int) sizeof(tmp)) {
+        backup_fail(j, SQLITE_CANTOPEN, "backup: path too long");
+        return;
+    }
+    if (backup_is_store(db, path) || backup_is_store(db, tmp)) {
+        backup_fail(j, SQLITE_CANTOPEN, "backup: %s is the store being "
+                    "copied (or its -wal, -shm, -journal): give another "
+                    "path", backup_is_store(db, path) ? path : tmp);
+        return;
+    }
+    if (!j->replace && lstat(path, &other) == 0) {
+        backup_fail(j, SQLITE_CANTOPEN, "backup: %s exists (not replaced)",
+                    path);
+        return;
+    }
+    fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (fd < 0 && errno == EEXIST && j->replace) {
+        backup_unlink(tmp);
+        fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    }
+    if (fd < 0) {
+        err = errno;
+        backup_fail(j, SQLITE_CANTOPEN, "backup: cannot make %s: %s%s", tmp,
+                    strerror(err), err == EEXIST ? " (another backup "
+                    "writing it, or one interrupted: remove it, or "
+                    "replace it)" : "");
+        return;
+    }
+    close(fd);
+    if (backup_copy(c, db, j, tmp) != 0 || backup_check(j, tmp) != 0) {
+        backup_unlink(tmp);
+        return;
+    }
+    fd = open(tmp, O_RDONLY | O_CLOEXEC);
+    err = fd < 0 ? errno : 0;
+    if (err == 0 && (fsync(fd) != 0 || fstat(fd, &sb) != 0)) {
+        err = errno;
+    }
+    if (fd >= 0) {
+        close(fd);
+    }
+    /* (checked again: made meanwhile, by another backup say) */
+    if (err == 0 && !j->replace && lstat(path, &other) == 0) {
+        backup_unlink(tmp);
+        backup_fail(j, SQLITE_CANTOPEN, "backup: %s exists (not replaced)",
+                    path);
+        return;
+    }
+    if (err == 0) {
+        j->bytes = (int64_t) sb.st_size;
+    }
+    if (err == 0 && rename(tmp, path) != 0) {
+        err = errno;
+    }
+    if (err != 0) {
+        backup_unlink(tmp);
+        backup_fail(j, SQLITE_IOERR, "backup: writing %s: %s", path,
+                    strerror(err));
+        return;
+    }
+    /* the rename itself, durable: the folder's entry */
+    snprintf(dir, sizeof(dir), "%s", path);
+    slash = strrchr(dir, '/');
+    if (slash == NULL) {
+        snprintf(dir, sizeof(dir), ".");
+    } else {
+        slash[slash == dir ? 1 : 0] = '\0';
+    }
+    fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd >= 0) {
+        (void) fsync(fd);
+        close(fd);
+    }
+}
+
 /* ------------------------------------------------------- reader threads */
 
 static void *
@@ -1800,6 +2097,12 @@ reader_main(void *arg)
                 pthread_mutex_lock(&db->mu);
                 continue;
             }
+        }
+        if (j->op == LSQLITE_OP_BACKUP) {
+            run_backup(&c, db, j);
+            post_one(j);
+            pthread_mutex_lock(&db->mu);
+            continue;
         }
         st = stmt_get(&c, j);
         if (st != NULL && !sqlite3_stmt_readonly(st)) {
@@ -2757,6 +3060,31 @@ lsqlite_rollback(lua_State *L)
     return tx_stmt(L, LSQLITE_OP_ROLLBACK, 0);
 }
 
+/* h:backup(path [, replace]) -> { pages, page_size, bytes } | nil, err
+ * (see run_backup: a reader thread copies; the caller yields) */
+static int
+lsqlite_backup(lua_State *L)
+{
+    struct lsqlite_db  *db = check_db(L);
+    size_t              len;
+    const char         *path = luaL_checklstring(L, 2, &len);
+    int                 replace = lua_toboolean(L, 3);
+    struct lsqlite_job *j;
+
+    gw_co_current(L);
+    if (len == 0 || memchr(path, '\0', len) != NULL) {
+        /* cut at the NUL, it would name another file */
+        return gw_push_error(L, "misuse", 0, "sqlite: backup: not a path");
+    }
+    j = job_new(L, db, LSQLITE_OP_BACKUP);
+    if (j == NULL || (j->sql = strdup(path)) == NULL) {
+        job_free(j);
+        return gw_push_error(L, "unavailable", 0, "sqlite: out of memory");
+    }
+    j->replace = replace;
+    return submit(L, j, LSQLITE_Q_READER);
+}
+
 /* h:stats() -> { commits = n, writes = n, reads_inline = n,
  *                reads_moved = n } */
 static int
@@ -2790,6 +3118,7 @@ static const luaL_Reg lsqlite_methods[] = {
     { "commit", lsqlite_commit },
     { "rollback", lsqlite_rollback },
     { "stats", lsqlite_stats },
+    { "backup", lsqlite_backup },
     { "close", lsqlite_gc },
     { NULL, NULL }
 };

@@ -1,0 +1,105 @@
+-- paygate backup: a consistent copy of a SQLite store, taken while the
+-- gateway (or any app) goes on writing to it.
+--
+--   paygate backup SQLITE_URL DEST [--force] [--json]
+--   (also: paygate exec lua/paygate/cli/backup.lua SQLITE_URL DEST ...)
+local common = require "paygate.cli.common"
+local core = require "paygate.core"
+local json = require "paygate.json"
+
+local tostring = tostring
+
+local usage = [[
+usage: paygate backup SQLITE_URL DEST [--force] [--json]
+
+Copies the SQLite store at SQLITE_URL (sqlite:PATH, as the gateway's
+config names it) to the file DEST while the gateway runs: one consistent
+snapshot of what was committed when the copy began, the committed data
+still in PATH-wal included, with SQLite's online backup. Writers go on
+meanwhile (the copy holds a read snapshot, not a lock).
+
+DEST is one file (journal mode DELETE, no -wal beside it; mode 0600),
+written as DEST.tmp, checked (opened read-only, PRAGMA quick_check),
+flushed to the disk and only then renamed to DEST: DEST is never a
+partial copy. To restore: stop the gateway, delete PATH-wal and
+PATH-shm, put DEST in PATH's place (docs/gateway.md, Backups).
+
+  --force   replace an existing DEST (and a DEST.tmp left by an
+            interrupted backup)
+  --json    one JSON object: status, source, dest, pages, page_size,
+            bytes, check, seconds
+
+A PostgreSQL store is refused: back it up with pg_dump -Fc.
+
+exit: 0 the copy is at DEST and passed its check, 1 the copy failed (a
+full disk, the check failed: DEST was left as it was), 2 usage error,
+the store cannot be opened, or DEST exists.
+]]
+
+local SPEC = { ["--force"] = "flag", ["--json"] = "flag" }
+
+-- A URL without its password (postgres://user:secret@host -> user@host).
+local redact = require("paygate.redact").url
+
+local function one_line(v)
+  return (tostring(v):gsub("%s*\n%s*", " "))
+end
+
+local function main(args)
+  local opts, pos = common.parse(args, SPEC)
+  local url, dest = pos[1], pos[2]
+  if not dest or pos[3] then
+    common.usage_error("backup takes SQLITE_URL and DEST (see --help)")
+  end
+  if url:match("^postgres") then
+    common.usage_error("%s is a PostgreSQL store: paygate backup copies "
+      .. "a SQLite one; back PostgreSQL up with pg_dump -Fc (docs/"
+      .. "gateway.md, Backups)", redact(url))
+  end
+  if not url:match("^sqlite3?:") then
+    common.usage_error("SQLITE_URL must be sqlite:PATH, not %s",
+                       common.shown(redact(url)))
+  end
+  -- sql.open creates a missing SQLite file: a backup of nothing must
+  -- not make one
+  common.sqlite_must_exist(url)
+  local kind = core.file_type(dest)
+  if kind == "directory" then
+    common.usage_error("DEST %s is a folder: give the backup file's name",
+                       common.shown(dest))
+  elseif kind and not opts["--force"] then
+    common.usage_error("DEST %s exists: give another name, or --force to "
+                       .. "replace it", common.shown(dest))
+  end
+  local t0 = core.mono()
+  local ok, db, err = common.open_store(url)
+  if not ok then
+    common.usage_error("bad SQLITE_URL %s: %s", redact(url), one_line(db))
+  end
+  if not db then
+    common.usage_error("cannot open %s: %s", redact(url), one_line(err))
+  end
+  local info, berr = db:backup(dest, { replace = opts["--force"] })
+  db:close()
+  if not info then
+    io.stderr:write("paygate backup: ", redact(url), " not copied (",
+      common.shown(dest), " left as it was): ",
+      one_line(tostring(berr.message or berr):gsub("^sqlite: ", "")),
+      "\n")
+    return 1
+  end
+  local seconds = core.mono() - t0
+  if opts["--json"] then
+    io.stdout:write(json.encode({ status = "ok", source = redact(url),
+      dest = dest, pages = info.pages, page_size = info.page_size,
+      bytes = info.bytes, check = "ok",
+      seconds = math.floor(seconds * 1000 + 0.5) / 1000 }), "\n")
+  else
+    io.stdout:write(("%s copied to %s: %d pages of %d bytes (%d bytes),"
+      .. " quick_check ok, in %.1f s\n"):format(redact(url),
+      common.shown(dest), info.pages, info.page_size, info.bytes, seconds))
+  end
+  return 0
+end
+
+return common.run("backup", usage, main, { ... })
