@@ -639,11 +639,18 @@ function Sim:client_config(m, over)
               merchant_certificate = m.certificate,
               apiv3_key = m.apiv3_key, base_url = self.url,
               backup_url = false, timeout = 5, deadline = 15 }
-  -- the merchant's appid is the client's default for prepay calls
+  -- the merchant's appid is the client's default for prepay calls; its
+  -- other appids (the simulator takes them all) are the client's appids,
+  -- so that a prepay naming one is not refused before it is sent
+  local others
+  if #(m.appids or {}) > 1 then
+    others = {}
+    for i = 2, #m.appids do others[#others + 1] = m.appids[i] end
+  end
   if m == self.partner then
-    c.sp_mchid, c.sp_appid = m.mchid, m.appid
+    c.sp_mchid, c.sp_appid, c.sp_appids = m.mchid, m.appid, others
   else
-    c.mchid, c.appid = m.mchid, m.appid
+    c.mchid, c.appid, c.appids = m.mchid, m.appid, others
   end
   if self.sign_type ~= RSA_TYPE then c.sign_type = self.sign_type end
   if self.verifier_mode ~= "platform_certificates" then

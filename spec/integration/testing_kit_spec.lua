@@ -614,6 +614,27 @@ end)]] }
   end)
 end)
 
+describe("testing.simulator with a merchant of two appids", function()
+  teardown(testing.stop_all)
+
+  it("its client takes both: an order under the second is placed",
+     function()
+    local A, B = "wx1111111111111111", "wx2222222222222222"
+    local sim = testing.simulator{ merchants = {
+      testing.merchant{ appids = { A, B } } } }
+    local c = sim:client_config()
+    assert.equal(A, c.appid)
+    assert.same({ B }, c.appids)
+    local no = sim:order{ notify_url = "http://127.0.0.1:1/notify",
+                          appid = B }
+    local wx = sim:client()
+    local t = assert(wx:query_by_out_trade_no(no))
+    wx:stop()
+    assert.equal(B, t.appid)
+    assert.equal("NOTPAY", t.trade_state)
+  end)
+end)
+
 describe("testing.simulator on WeChat's own retry schedule", function()
   teardown(testing.stop_all)
 

@@ -512,6 +512,68 @@ describe("wechatpay api", function()
       assert.equal(APPID, stub:last().json.sp_appid)
     end)
 
+    it("refuses an appid the client does not list, and says how to allow"
+       .. " it; sends one it lists", function()
+      local APP = "wxd678efh567hg6787"          -- an App's, beside APPID
+      -- only the default configured: another appid is refused, unsent
+      local one = stub:client({ appid = APPID })
+      local before = #stub:requests()
+      local m, err = one:prepay_request("app", prepay_p{ appid = APP })
+      assert.is_nil(m)
+      assert.equal("invalid_params", err.kind)
+      assert.equal("appid", err.field)
+      assert.equal("app_prepay: appid: must be the client's appid ("
+                   .. APPID .. ") or omitted; to pay under another too, "
+                   .. "list it in the client's appids", err.message)
+      local data
+      data, err = one:app_prepay(prepay_p{ appid = APP })
+      one:close()
+      assert.is_nil(data)
+      assert.equal("appid", err.field)
+      assert.equal(before, #stub:requests())
+      -- listed: both go out as given, the default still fills a body
+      -- naming none; an appid outside the list is refused, naming the list
+      local two = stub:client({ appid = APPID, appids = { APP } })
+      stub:can("POST", "/v3/pay/transactions/app", 200,
+               { prepay_id = "wx201410272009395522657a690389285100" })
+      stub:can("POST", "/v3/pay/transactions/native", 200,
+               { code_url = "weixin://wxpay/bizpayurl?pr=z" })
+      data, err = two:app_prepay(prepay_p{ appid = APP })
+      assert.is_table(data, tostring(err))
+      assert.equal(APP, stub:last().json.appid)
+      local p = prepay_p()
+      p.appid = nil
+      data, err = two:native_prepay(p)
+      assert.is_table(data, tostring(err))
+      assert.equal(APPID, stub:last().json.appid)
+      local n = #stub:requests()
+      data, err = two:native_prepay(prepay_p{ appid = "wx0000000000000000" })
+      two:close()
+      assert.is_nil(data)
+      assert.equal("appid", err.field)
+      assert.equal("native_prepay: appid: must be one of the client's appids"
+                   .. " (" .. APPID .. ", " .. APP .. ") or omitted; to pay "
+                   .. "under another, add it to the client's appids",
+                   err.message)
+      assert.equal(n, #stub:requests())
+      -- a service provider's sp_appids alike
+      local pwx2 = stub:partner_client({ sp_appid = APPID,
+                                         sp_appids = { APP } })
+      stub:can("POST", "/v3/pay/partner/transactions/native", 200,
+               { code_url = "weixin://wxpay/bizpayurl?pr=w" })
+      p = prepay_p({ sub_mchid = "1900000109", sp_appid = APP })
+      p.appid = nil
+      data, err = pwx2:native_prepay(p)
+      assert.is_table(data, tostring(err))
+      assert.equal(APP, stub:last().json.sp_appid)
+      p.sp_appid = "wx0000000000000000"
+      data, err = pwx2:native_prepay(p)
+      pwx2:close()
+      assert.is_nil(data)
+      assert.equal("sp_appid", err.field)
+      assert.matches("add it to the client's sp_appids", err.message, 1, true)
+    end)
+
     it("repeats a prepay after SYSTEM_ERROR with the same bytes "
        .. "(same out_trade_no: idempotent)", function()
       stub:can("POST", "/v3/pay/transactions/app", 500,

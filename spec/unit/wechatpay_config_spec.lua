@@ -323,6 +323,44 @@ describe("wechatpay.client configuration", function()
     refused({ sp_appid = "wx8888888888888888" }, "sp_appid")
     refused({ mchid = NIL, sp_mchid = "1900000100", appid = "wx1" }, "appid")
   end)
+  it("appids / sp_appids list the other appids a client may name",
+     function()
+    -- an official account's appid (the default) and an App's
+    local wx = assert(wechatpay.client(base{ appid = "wx2421b1c4370ec43b",
+      appids = { "wxd678efh567hg6787" } }))
+    assert.same({ wx2421b1c4370ec43b = true, wxd678efh567hg6787 = true },
+                wx.conf.appids)
+    wx:stop()
+    -- without a default: every call names one of the list
+    wx = assert(wechatpay.client(base{ appids = { "wxd678efh567hg6787" } }))
+    assert.is_nil(wx.conf.appid)
+    assert.same({ wxd678efh567hg6787 = true }, wx.conf.appids)
+    wx:stop()
+    wx = assert(wechatpay.client(base{ mchid = NIL, sp_mchid = "1900000100",
+      sp_appid = "wx8888888888888888", sp_appids = { "wx9999999999999999" } }))
+    assert.same({ wx8888888888888888 = true, wx9999999999999999 = true },
+                wx.conf.appids)
+    wx:stop()
+    wx = assert(wechatpay.client(base{ appid = "wx2421b1c4370ec43b" }))
+    assert.is_nil(wx.conf.appids)        -- none listed: the default alone
+    wx:stop()
+    local LIST = "^wechatpay%.appids: must be a non%-empty list of appids"
+    refused({ appids = {} }, "appids", LIST)
+    refused({ appids = "wxd678efh567hg6787" }, "appids", LIST)
+    refused({ appids = { app = "wxd678efh567hg6787" } }, "appids", LIST)
+    refused({ appids = { "wx1", nil, "wx3" } }, "appids", LIST)
+    local err = refused({ appids = { "wx1", "" } }, "appids")
+    assert.equal("wechatpay.appids: item 2 must be an appid (at most 32 "
+                 .. "letters, digits, _ and -)", err.message)
+    refused({ appids = { "wx1", 7 } }, "appids", "item 2 must be an appid")
+    refused({ appids = { ("w"):rep(33) } }, "appids", "item 1 must be")
+    refused({ appids = { "wx 1" } }, "appids", "item 1 must be")
+    -- the other mode's list, as for the single key
+    refused({ sp_appids = { "wx1" } }, "sp_appids",
+            "a direct merchant gives appid, appids")
+    refused({ mchid = NIL, sp_mchid = "1900000100", appids = { "wx1" } },
+            "appids", "a service provider gives sp_appid, sp_appids")
+  end)
   it("numbers must be positive", function()
     refused({ timeout = -1 }, "timeout")
     refused({ refresh_interval = "12h" }, "refresh_interval")

@@ -204,15 +204,28 @@ end
 
 -- Fills a config-given id into the body: the caller may repeat it, but not
 -- contradict it.
-local function fill(call, body, key, value)
+-- allowed: for an appid, the set the client may name (config.check's
+-- appids: the default and the appids / sp_appids listed), or nil.
+local function fill(call, body, key, value, allowed)
   local v = body[key]
   if v == nil then
     body[key] = value
     return true
   end
+  if allowed then
+    if allowed[v] then return true end
+    local names = {}
+    for a in pairs(allowed) do names[#names + 1] = a end
+    table.sort(names)
+    return fail(call, key, "must be one of the client's " .. key .. "s ("
+                .. table.concat(names, ", ") .. ") or omitted; to pay "
+                .. "under another, add it to the client's " .. key .. "s")
+  end
   if value ~= nil and v ~= value then
     return fail(call, key, "must be the client's " .. key .. " (" .. value
-                .. ") or omitted")
+                .. ") or omitted" .. (key:find("appid", 1, true)
+                and "; to pay under another too, list it in the client's "
+                    .. key .. "s" or ""))
   end
   return true
 end
@@ -306,11 +319,12 @@ local function build_prepay(self, kind, p)
   end
   if mode == "partner" then
     ok, err = fill(name, body, "sp_mchid", c.mchid)
-    if ok then ok, err = fill(name, body, "sp_appid", c.sp_appid) end
+    if ok then ok, err = fill(name, body, "sp_appid", c.sp_appid,
+                                    c.appids) end
     if ok then ok, err = check(name, body, PARTNER_IDS) end
   else
     ok, err = fill(name, body, "mchid", c.mchid)
-    if ok then ok, err = fill(name, body, "appid", c.appid) end
+    if ok then ok, err = fill(name, body, "appid", c.appid, c.appids) end
     if ok then ok, err = check(name, body, DIRECT_IDS) end
   end
   if not ok then return nil, err end

@@ -206,7 +206,7 @@ end
 -- Every key config.check reads: any other is refused (a typo such as
 -- timout = 5 would otherwise keep the default without a word).
 local KNOWN = {}
-for k in ([[mchid sp_mchid appid sp_appid merchant_private_key
+for k in ([[mchid sp_mchid appid sp_appid appids sp_appids merchant_private_key
     merchant_certificate merchant_serial apiv3_key previous_apiv3_keys
     platform_certificates public_key public_key_id sign_type base_url
     backup_url download_certificates state_dir ca_file platform_ca
@@ -230,7 +230,9 @@ _M.nearest = nearest
 --- syntax: cfg, err = config.check(conf)
 -- returns: the checked configuration with its keys loaded:
 --   mchid (the signing merchant: sp_mchid in partner mode), partner,
---   appid or sp_appid (the prepay default, when given),
+--   appid or sp_appid (the prepay default, when given), appids (nil, or
+--   the set of appids a prepay may name: the default and the list of
+--   appids / sp_appids),
 --   signer { key, schema, mchid, serial }, sm (SM variant), apiv3_keys
 --   (current first, then previous), platform_certs (handles), public_key
 --   (handle) and public_key_id, mode ("certificate" | "public_key" |
@@ -285,19 +287,52 @@ function _M.check(conf)
   -- gives none): appid for a direct merchant, sp_appid for a provider
   local appid_key = c.partner and "sp_appid" or "appid"
   local other_key = c.partner and "appid" or "sp_appid"
-  if conf[other_key] ~= nil then
-    return bad(other_key, c.partner
-      and "is for a direct merchant (mchid); a service provider gives sp_appid"
-      or "is for a service provider (sp_mchid); a direct merchant gives appid")
+  for _, k in ipairs({ other_key, other_key .. "s" }) do
+    if conf[k] ~= nil then
+      return bad(k, c.partner
+        and "is for a direct merchant (mchid); a service provider gives "
+            .. "sp_appid, sp_appids"
+        or "is for a service provider (sp_mchid); a direct merchant gives "
+           .. "appid, appids")
+    end
+  end
+  local function is_appid(v)
+    return type(v) == "string" and #v <= 32 and v:match("^[%w_%-]+$") ~= nil
   end
   local appid = conf[appid_key]
   if appid ~= nil then
-    if type(appid) ~= "string" or not appid:match("^[%w_%-]+$")
-       or #appid > 32 then
+    if not is_appid(appid) then
       return bad(appid_key, "must be an appid (at most 32 letters, digits, "
                  .. "_ and -)")
     end
     c[appid_key] = appid
+  end
+  -- the other appids a prepay may name (a merchant paying under an
+  -- official account's appid and an App's): api.lua refuses any appid
+  -- outside these and the default before it is sent, where WeChat would
+  -- answer appid_mchid_not_match (or, worse, pay under the wrong app)
+  local list_key = appid_key .. "s"
+  local list = conf[list_key]
+  if list ~= nil then
+    local n = 0
+    if type(list) == "table" then
+      for _ in pairs(list) do n = n + 1 end
+    end
+    -- a list, not a map: { app = "wx..." } would read as no appid at all
+    if type(list) ~= "table" or n == 0 or n ~= #list then
+      return bad(list_key, "must be a non-empty list of appids (the ones "
+                 .. "besides " .. appid_key .. " a call may name)")
+    end
+    local set = {}
+    if appid then set[appid] = true end
+    for i, v in ipairs(list) do
+      if not is_appid(v) then
+        return bad(list_key, "item " .. i .. " must be an appid (at most "
+                   .. "32 letters, digits, _ and -)")
+      end
+      set[v] = true
+    end
+    c.appids = set
   end
   -- signature type
   local schema = conf.sign_type or sign.RSA
