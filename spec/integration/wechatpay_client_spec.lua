@@ -382,6 +382,38 @@ describe("platform certificates", function()
     assert(wx:request("GET", "/v3/y"))
     wx:stop()
   end)
+  it("refresh_certificates in a client that downloads none says why, as "
+     .. "invalid_config", function()
+    -- was: nil, unknown_serial "certificate download is off" (no serial
+    -- was unknown), and public-key mode, where nothing is downloaded by
+    -- design, unnamed
+    local n = count("GET", "/v3/certificates")
+    local wx = client{ public_key = keys.pub_pem, public_key_id = PUB_ID }
+    local ok, err = wx:refresh_certificates()
+    wx:stop()
+    assert.is_nil(ok)
+    assert.equal("invalid_config", err.kind)
+    assert.equal("download_certificates", err.key)
+    assert.equal("wx:refresh_certificates: a public-key mode client "
+      .. "downloads no certificates: the WeChat Pay public key verifies "
+      .. "WeChat, and it is configured, not downloaded (give "
+      .. "download_certificates = true for migration mode)", err.message)
+    -- (client's over drops a key set to false)
+    local conf = wxtest.client_conf(srv, keys,
+                                    { platform_certificates = { keys.p1_cert } })
+    conf.download_certificates = false
+    wx = assert(require("paygate.wechatpay").client(conf))
+    ok, err = wx:refresh_certificates()
+    wx:stop()
+    assert.is_nil(ok)
+    assert.equal("invalid_config", err.kind)
+    assert.equal("download_certificates", err.key)
+    assert.equal("wx:refresh_certificates: download_certificates is false:"
+      .. " the client verifies with the keys configured only (give "
+      .. "\"manual\" to download on this call and on an unknown serial)",
+      err.message)
+    assert.equal(n, count("GET", "/v3/certificates"))   -- nothing sent
+  end)
   it("a wrong APIv3 key is decrypt_failed and does not break the start",
      function()
     local wx = client{ apiv3_key = "0123456789abcdef0123456789abcdef" }

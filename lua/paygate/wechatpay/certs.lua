@@ -470,7 +470,19 @@ end
 -- after it the caller gets timeout and the download goes on.
 function _M.refresh(wx, reason, wait)
   if not wx.conf.download then
-    return nil, core.error("unknown_serial", "certificate download is off")
+    -- reached by wx:refresh_certificates alone (the start, the timer and
+    -- an unknown serial do not ask for a download the client does not
+    -- make): the client's configuration forbids it, no serial was unknown
+    local c = wx.conf
+    return nil, core.error("invalid_config", "wx:refresh_certificates: "
+      .. (c.mode == "public_key" and "a public-key mode client downloads "
+          .. "no certificates: the WeChat Pay public key verifies WeChat, "
+          .. "and it is configured, not downloaded (give "
+          .. "download_certificates = true for migration mode)"
+          or "download_certificates is false: the client verifies with "
+          .. "the keys configured only (give \"manual\" to download on "
+          .. "this call and on an unknown serial)"),
+      { key = "download_certificates", retryable = false })
   end
   local dl = wx.dl
   local gen = dl.gen          -- before the spawn: the task may finish in it

@@ -234,6 +234,9 @@ end
 
 --- syntax: ok, err = wx:refresh_certificates()
 -- Downloads the platform certificates now (single-flight). yields.
+-- returns: true, or nil, err; invalid_config (key download_certificates)
+-- from a client that downloads none (public-key mode,
+-- download_certificates = false), nothing sent.
 function methods.refresh_certificates(wx)
   return certs.refresh(wx, "manual")
 end
