@@ -37,6 +37,9 @@ end
 
 -- WeChat codes, compared without underscores (older docs spell ORDERPAID
 -- what newer ones spell ORDER_PAID), to kind and retryable.
+-- Internal (errors.CODES: nothing outside this module reads it, and its
+-- keys and shape may change); the public list is KINDS, documented in
+-- docs/wechatpay.md's Errors with each kind's row.
 local CODES = {
   PARAMERROR = { "param_error", false },
   INVALIDREQUEST = { "invalid_request", false },
@@ -152,6 +155,7 @@ end
 
 -- Every kind this client returns, with its likely cause (docs/wechatpay.md
 -- explains the fix). Kept here so a test can check the docs cover them.
+-- Public: wechatpay.errors.KINDS (upstream.lua's kind label takes these).
 _M.KINDS = {
   "invalid_config", "invalid_params", "param_error", "invalid_request",
   "sign_error", "no_auth", "not_found", "order_paid", "order_closed",

@@ -25,6 +25,11 @@ local _M = { errors = errors }
 
 local methods = {}
 local client_mt = { __index = methods }
+-- Internal: the clients' method table (every client's __index), kept
+-- reachable for inspection (which methods a client has); not an
+-- extension point (a function set here becomes a method of every
+-- client of the worker), so docs/wechatpay.md does not list it. Nothing
+-- outside this file reads it.
 _M.methods = methods
 
 -- the config keys that name a paygate.shared dict: the client's field
@@ -116,9 +121,11 @@ function methods.notification_facts(wx, req)
   return notify.facts(wx, req)
 end
 
---- syntax: ok, err = wx:verify_response(headers, body)
+--- syntax: h, err = wx:verify_response(headers, body)
 -- The check every signed response gets (downloads certificates once for
--- an unknown serial). returns the parsed headers, or nil, err.
+-- an unknown serial: may yield). returns the parsed headers (verify.
+-- parse_headers: timestamp, ts, nonce, signature, serial, sig_type), or
+-- nil, err. Public: docs/wechatpay.md, Requests and their verification.
 function methods.verify_response(wx, headers, body)
   return certs.verify(wx, headers, body)
 end
@@ -126,7 +133,8 @@ end
 --- syntax: serial = wx:request_serial()
 -- The Wechatpay-Serial requests carry: the public key id in public-key
 -- and migration mode (WeChat then signs with that key), else the newest
--- platform certificate's serial when one is held.
+-- platform certificate's serial when one is held (else nil). No I/O.
+-- Public: docs/wechatpay.md, Requests and their verification.
 function methods.request_serial(wx)
   if wx.conf.public_key_id then return wx.conf.public_key_id end
   return wx.ring:newest()
