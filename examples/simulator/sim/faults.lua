@@ -33,12 +33,20 @@
 --                    key the client cannot know
 --   reset            before: the connection is reset (req:drop()), nothing
 --                    done; with after = true: the work is done first
+--   expired_certificate  after: signed with a platform certificate of its
+--                    own whose notAfter is `expires_in` (2) s after the
+--                    fault was set (sim/identity.lua defines it)
+--   bad_body         after: the 2xx carries `body` (an HTML page) instead
+--                    of the API's JSON, signed over it
+--   oversize_body    after: the answer padded with JSON whitespace to
+--                    `bytes` (past the client's 16 MiB), signed over it
 --
 -- The endpoint of a fault must be a registered name (faults.endpoint(),
 -- called by api.route for every /v3 route), "*", or "notify"; the
 -- notification-only kinds (phase "notify") only go to "notify", and
--- latency, error and reset never to "notify". "*" is every /v3 endpoint,
--- not "notify". The signature kinds act on a signed answer only: "*"
+-- latency, error, reset and the kinds that change an answer (bad_body,
+-- oversize_body) never to "notify". "*" is every /v3 endpoint, not
+-- "notify". The signature kinds act on a signed answer only: "*"
 -- passes over an endpoint whose answers are unsigned (the bill file), and
 -- they cannot be set on one.
 -- Other modules may add kinds (faults.define); simB adds the
@@ -135,6 +143,27 @@ _M.define("stale_timestamp", "after", function(f)
   return num(f, "skew", 600, -86400 * 365, 86400 * 365)
 end, { "skew" })
 _M.define("unknown_serial", "after", function() return true end)
+-- What a proxy, a captive portal or a misrouted base_url answers with a
+-- 200: a page, not the API's JSON
+local BAD_BODY = "<html><head><title>200 OK</title></head><body>OK</body>"
+                 .. "</html>"
+_M.define("bad_body", "after", function(f)
+  if f.body == nil then f.body = BAD_BODY; return true end
+  if type(f.body) ~= "string" or #f.body > 65536 then
+    return nil, "body must be a string of at most 65536 bytes"
+  end
+  return true
+end, { "body" })
+-- The default is one byte past paygate.wechatpay's limit (16 MiB of
+-- body: docs/wechatpay.md); the ceiling keeps a worker's answer within
+-- what it can hold. (No fault makes a head past the client's 256 KiB: the
+-- runtime sends at most 4 KiB of a handler's header lines.)
+_M.define("oversize_body", "after", function(f)
+  local ok, why = num(f, "bytes", 16 * 1024 * 1024 + 1, 1, 64 * 1024 * 1024)
+  if not ok then return nil, why end
+  if f.bytes ~= math.floor(f.bytes) then return nil, "bytes: integer" end
+  return true
+end, { "bytes" })
 _M.define("reset", "before", function(f)
   if f.after ~= nil and type(f.after) ~= "boolean" then
     return nil, "after must be a boolean"
@@ -145,9 +174,12 @@ end, { "after" })
 
 local NOTIFY = "notify"
 local ENDPOINTS = { ["*"] = true, [NOTIFY] = true }
-local REQUEST_ONLY = { latency = true, error = true, reset = true }
+-- (the answer kinds change a /v3 answer; a notification's body is what
+-- the merchant verifies and decrypts, and its size is the receiver's)
+local REQUEST_ONLY = { latency = true, error = true, reset = true,
+                       bad_body = true, oversize_body = true }
 local SIGNATURE = { bad_signature = true, stale_timestamp = true,
-                    unknown_serial = true }
+                    unknown_serial = true, expired_certificate = true }
 local UNSIGNED = {}             -- endpoints whose success is not signed
 
 --- syntax: faults.endpoint(name[, unsigned]) -- a name faults may be set

@@ -30,6 +30,7 @@ local json = require "cjson.safe"
 local resource = require "paygate.wechatpay.resource"
 local verify = require "paygate.wechatpay.verify"
 local exec = require "sim.exec"
+local faults = require "sim.faults"
 
 local type, tostring, ipairs, pairs, error = type, tostring, ipairs, pairs,
                                               error
@@ -83,10 +84,56 @@ local function new_pub_id()
   return "PUB_KEY_ID_" .. d
 end
 
+local EXTENSIONS = "keyUsage=critical,digitalSignature,nonRepudiation,"
+                   .. "keyEncipherment"
+
+-- The certificate of generate() with dates of the second (the expired
+-- certificate fault): openssl req -x509 counts whole days from now, openssl
+-- ca takes -startdate/-enddate, so the key signs a request for itself
+-- (-selfsign) under a throwaway CA config. The policy keeps the subject as
+-- it is (preserve, every field of SUBJECT optional).
+-- returns: true, or nil, err
+local function dated_certificate(dir, kf, cf, algo, serial, from, to)
+  local cnf, csr = dir .. "/ca.cnf", dir .. "/req.csr"
+  local ok, err = core.write_file(cnf, ("[ca]\ndefault_ca = d\n[d]\n"
+    .. "database = %s/index.txt\nnew_certs_dir = %s\nserial = %s/serial\n"
+    .. "policy = p\nunique_subject = no\npreserve = yes\ndefault_md = %s\n"
+    .. "[p]\ncountryName = optional\norganizationName = optional\n"
+    .. "organizationalUnitName = optional\nlocalityName = optional\n"
+    .. "commonName = supplied\n[x]\nbasicConstraints = critical,CA:FALSE\n"
+    .. "%s\n"):format(dir, dir, dir, algo == "SM2" and "sm3" or "sha256",
+                      EXTENSIONS), 384)
+  if ok then ok, err = core.write_file(dir .. "/index.txt", "", 384) end
+  if ok then
+    ok, err = core.write_file(dir .. "/serial", serial .. "\n", 384)
+  end
+  if not ok then return nil, tostring(err) end
+  local req = { "openssl", "req", "-new", "-key", kf, "-subj", SUBJECT,
+                "-out", csr, algo == "SM2" and "-sm3" or "-sha256" }
+  if algo == "SM2" then
+    req[#req + 1] = "-sigopt"
+    req[#req + 1] = "distid:1234567812345678"
+  end
+  ok, err = exec.run(req)
+  if not ok then return nil, err end
+  local stamp = function(t) return os.date("!%Y%m%d%H%M%SZ", t) end
+  local ca = { "openssl", "ca", "-batch", "-notext", "-selfsign", "-config",
+               cnf, "-keyfile", kf, "-in", csr, "-startdate", stamp(from),
+               "-enddate", stamp(to), "-extensions", "x", "-out", cf }
+  if algo == "SM2" then
+    for _, a in ipairs({ "-sigopt", "distid:1234567812345678", "-vfyopt",
+                         "distid:1234567812345678" }) do
+      ca[#ca + 1] = a
+    end
+  end
+  return exec.run(ca)
+end
+
 -- Makes a key (and a self-signed certificate when serial is given) with
--- the openssl CLI in a temporary folder under state_dir.
+-- the openssl CLI in a temporary folder under state_dir. dates: { from,
+-- to } (epoch seconds) for a certificate of those dates; nil: DAYS from now.
 -- returns: key_pem, cert_pem (or nil), or nil, nil, err
-local function generate(algo, serial)
+local function generate(algo, serial, dates)
   local dir = S.cfg.state_dir .. "/keygen-" .. crypto.random_nonce(12)
   local ok, err = exec.run({ "mkdir", "-p", dir })
   if not ok then return nil, nil, err end
@@ -98,15 +145,17 @@ local function generate(algo, serial)
     ok, err = exec.run({ "openssl", "genpkey", "-quiet", "-algorithm", "RSA",
                          "-pkeyopt", "rsa_keygen_bits:2048", "-out", kf })
   end
-  if ok and serial then
+  if ok and serial and dates then
+    ok, err = dated_certificate(dir, kf, cf, algo, serial, dates[1],
+                                dates[2])
+  elseif ok and serial then
     -- a leaf, like WeChat's own (openssl req -x509 makes a CA by default,
     -- which the diagnosing CLI rightly refuses as an answer's signer)
     local argv = { "openssl", "req", "-x509", "-new", "-key", kf,
                    "-out", cf, "-days", tostring(DAYS), "-subj", SUBJECT,
                    "-set_serial", "0x" .. serial,
                    "-addext", "basicConstraints=critical,CA:FALSE",
-                   "-addext", "keyUsage=critical,digitalSignature,"
-                              .. "nonRepudiation,keyEncipherment" }
+                   "-addext", EXTENSIONS }
     if algo == "SM2" then
       argv[#argv + 1] = "-sm3"
       argv[#argv + 1] = "-sigopt"
@@ -346,6 +395,48 @@ function _M.rotate(delay)
   return S.by_serial[row.id]
 end
 
+--- syntax: c, err = identity.expiring(expires_in)
+-- A platform certificate for the expired_certificate fault, valid from a
+-- minute ago until expires_in seconds from now. It is kept beside the
+-- others, so /v3/certificates lists it while it is valid and a client
+-- takes it as it takes any of WeChat's. It is never in use (its use_from
+-- is its notAfter): only the fault signs with it, so a client that took
+-- it holds a certificate that expires under it, which is what its
+-- cert_expired is about.
+function _M.expiring(expires_in)
+  local now = core.time()
+  local to = math.ceil(now + expires_in)
+  local kp, cp, err = generate(algo(), new_serial(),
+                               { math.floor(now) - 60, to })
+  if not kp then return nil, err end
+  local row
+  row, err = cert_row(kp, cp, to)
+  if not row then return nil, err end
+  local ok
+  ok, err = insert(row, false)
+  if not ok then return nil, err end
+  dict():incr(K_GEN, 1, 0)
+  fresh()
+  return S.by_serial[row.id]
+end
+
+-- The fault's certificate is made when the fault is set (the control
+-- route may yield for openssl), so every answer it spoils is signed by
+-- the same one, whichever worker signs.
+faults.define("expired_certificate", "after", function(f)
+  local v = f.expires_in
+  if v == nil then v = 2; f.expires_in = v end
+  if type(v) ~= "number" or v ~= v or v < 0 or v > 86400 then
+    return nil, "expires_in must be a number from 0 to 86400"
+  end
+  local c, err = _M.expiring(v)
+  if not c then
+    return nil, "cannot make the certificate: " .. tostring(err)
+  end
+  f.serial, f.not_after = c.serial, c.not_after
+  return true
+end, { "expires_in" })
+
 -- The key a response (or a notification) is signed with. returns: id,
 -- private key handle
 local function choose(mode, request_serial, now, notification)
@@ -376,16 +467,21 @@ end
 -- opts: merchant (from the config; its verifier_mode), request_serial (the
 -- request's Wechatpay-Serial or nil), notification (true for a
 -- notification), fault (from sim.faults, after phase:
--- bad_signature, stale_timestamp, unknown_serial) and extra headers to
--- merge. returns: the Wechatpay-* headers, exact spellings.
+-- bad_signature, stale_timestamp, unknown_serial, expired_certificate)
+-- and extra headers to merge. returns: the Wechatpay-* headers, exact
+-- spellings.
 function _M.sign_headers(body, opts)
   fresh()
   local now = core.time()
   local mode = opts.merchant and opts.merchant.verifier_mode
                or S.cfg.verifier_mode
   local id, key = choose(mode, opts.request_serial, now, opts.notification)
-  local ts = math.floor(now)
   local fault = opts.fault
+  if fault and fault.kind == "expired_certificate" then
+    local c = S.by_serial[fault.serial]
+    if c then id, key = c.serial, c.key end
+  end
+  local ts = math.floor(now)
   if fault and fault.kind == "stale_timestamp" then
     ts = ts - math.floor(fault.skew or 600)
   end

@@ -51,8 +51,8 @@ local GRACE = 2                -- s past answer_timeout an attempt is owned
 --   out_of_order     held until a later notification of the same
 --                    merchant was delivered (at most HOLD_MAX seconds)
 --   bad_signature    (signtest = true: WECHATPAY/SIGNTEST/...),
---   stale_timestamp, unknown_serial: the first attempt carries it; the
---                    retries are signed correctly
+--   stale_timestamp, unknown_serial, expired_certificate: the first
+--                    attempt carries it; the retries are signed correctly
 _M.ENDPOINT = "notify"
 
 local function beijing(t)
@@ -79,7 +79,7 @@ end
 -- The notification faults that apply to the next notification: a
 -- delivery fault and a signature fault (each consumes one firing).
 local SIGNATURE_FAULTS = { bad_signature = true, stale_timestamp = true,
-                           unknown_serial = true }
+                           unknown_serial = true, expired_certificate = true }
 local function take_faults()
   local got = {}
   local f = faults.take(_M.ENDPOINT, "notify")
