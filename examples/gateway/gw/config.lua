@@ -212,6 +212,30 @@ local function check_url(key, v, loopback_http)
   return v
 end
 
+--- syntax: set = config.merchant_appids(m)
+-- The appids a payment of merchant entry m may name, as a set: its appid
+-- (sp_appid for a service provider) and its appids (sp_appids) list, the
+-- ones its WeChat Pay client sends (a merchant paying under an official
+-- account's appid and an App's). nil when it gives neither: any appid is
+-- then sent as given. The list itself is the client's to check (a
+-- non-empty list of appids: a bad one stops the start naming
+-- merchants[i].appids); here its strings are taken, nothing refused.
+function _M.merchant_appids(m)
+  local key = m.sp_mchid ~= nil and "sp_appid" or "appid"
+  local set
+  if type(m[key]) == "string" then set = { [m[key]] = true } end
+  local list = m[key .. "s"]
+  if type(list) == "table" then
+    for _, v in ipairs(list) do
+      if type(v) == "string" then
+        set = set or {}
+        set[v] = true
+      end
+    end
+  end
+  return set
+end
+
 local function check_merchant(m, i, seen)
   local where = "merchants[" .. i .. "]."
   if type(m) ~= "table" then
@@ -307,7 +331,7 @@ local function check_merchant(m, i, seen)
     client.previous_apiv3_keys = keys
   end
   return { mchid = id, partner = m.sp_mchid ~= nil, client = client,
-           appid = m.appid or m.sp_appid }
+           appid = m.appid or m.sp_appid, appids = _M.merchant_appids(m) }
 end
 
 -- nil, reason for the first key of t not in keys (a typo would leave a

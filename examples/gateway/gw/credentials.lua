@@ -248,7 +248,8 @@ function _M.check_merchant(conf, m, i, seen, check)
   local client = {}
   for k, v in pairs(m) do client[k] = v end
   return { mchid = id, partner = m.sp_mchid ~= nil, client = client,
-           appid = m.appid or m.sp_appid, etcd = prefix }
+           appid = m.appid or m.sp_appid,
+           appids = require("gw.config").merchant_appids(m), etcd = prefix }
 end
 
 --- syntax: src = credentials.start(cfg, wx, fatal)

@@ -288,10 +288,21 @@ local function check_create(b)
   end
   if b.appid ~= nil and (type(b.appid) ~= "string" or #b.appid > 32) then
     bad.appid = "must be an appid"
-  elseif b.appid ~= nil and m and m.appid and b.appid ~= m.appid then
-    -- the WeChat Pay client pays with its configured appid only
-    bad.appid = "must be the merchant's appid (" .. m.appid
-                .. ") or omitted"
+  elseif b.appid ~= nil and m and m.appids and not m.appids[b.appid] then
+    -- the merchant's WeChat Pay client sends its appid and the appids it
+    -- lists only (it would refuse the prepay once the payment is stored:
+    -- a 502 for what is the caller's slip, or the operator's); another
+    -- is allowed in the merchant's entry
+    local names = {}
+    for a in pairs(m.appids) do names[#names + 1] = a end
+    table.sort(names)
+    local list = "config.merchants[" .. m.index .. "]."
+                 .. (m.partner and "sp_appids" or "appids")
+    bad.appid = #names == 1
+      and "must be the merchant's appid (" .. names[1] .. ") or omitted;"
+          .. " to pay under another too, list it in " .. list
+      or "must be one of the merchant's appids (" .. table.concat(names,
+          ", ") .. ") or omitted; to pay under another, add it to " .. list
   end
   out.appid = b.appid or (m and m.appid)
   if m and not out.appid then

@@ -2,6 +2,7 @@
 -- "gateway: config.<key>: <reason>", exit status 2, no secret in it.
 local testing = require "paygate.testing"
 local core = require "paygate.core"
+local crypto = require "paygate.crypto"
 local server = require "paygate.testing.server"
 local gwcore = dofile("examples/gateway/spec/core_support.lua")
 local write, read = gwcore.write, gwcore.read
@@ -51,6 +52,61 @@ describe("gateway config", function()
     assert.is_nil(cfg)
     assert.equal(want, why)
   end
+
+  it("carries a merchant's appids in its record: file, partner and etcd"
+     .. " merchants alike", function()
+    -- the set a payment's appid is checked against (gw/payments.lua):
+    -- the default and the list the WeChat Pay client takes. Was: the
+    -- record carried the default only, so the list reached the client
+    -- and no payment could name one of it.
+    local A, B = "wx1111111111111111", "wx2222222222222222"
+    local db = "sqlite:" .. dir .. "/a.db"
+    local cfg = assert(config.check({ gateway = { db = db },
+      merchants = { merchant{ appid = A, appids = { B } } } },
+      { listen = "127.0.0.1:8099" }))
+    local mm = cfg.merchants[1]
+    assert.equal(A, mm.appid)
+    assert.same({ [A] = true, [B] = true }, mm.appids)
+    assert.same({ B }, mm.client.appids)
+    -- the default alone: a set of one; none: nil (any appid is sent)
+    cfg = assert(config.check({ gateway = { db = db },
+      merchants = { merchant{ appid = A } } }, { listen = "127.0.0.1:8099" }))
+    assert.same({ [A] = true }, cfg.merchants[1].appids)
+    cfg = assert(config.check({ gateway = { db = db },
+      merchants = { merchant{ appid = false } } },
+      { listen = "127.0.0.1:8099" }))
+    assert.is_nil(cfg.merchants[1].appids)
+    -- a service provider: sp_appid and sp_appids
+    cfg = assert(config.check({ gateway = { db = db }, merchants = {
+      merchant{ mchid = false, appid = false, sp_mchid = m.mchid,
+                sp_appid = A, sp_appids = { B } } } },
+      { listen = "127.0.0.1:8099" }))
+    assert.is_true(cfg.merchants[1].partner)
+    assert.same({ [A] = true, [B] = true }, cfg.merchants[1].appids)
+    -- a merchant whose keys come from etcd (the section is checked, not
+    -- reached)
+    write(dir .. "/kek", crypto.hex(crypto.random_bytes(32)) .. "\n")
+    write(dir .. "/etcd-pw", "secret\n")
+    cfg = assert(config.check({ gateway = { db = db },
+      merchants = { { mchid = m.mchid, appid = A, appids = { B },
+                      base_url = "http://127.0.0.1:9", backup_url = false } },
+      credentials = { etcd = { endpoints = { "https://127.0.0.1:9" },
+                               user = "gw", password_file = dir
+                               .. "/etcd-pw" },
+                      kek_file = dir .. "/kek",
+                      cache_dir = dir .. "/credentials",
+                      merchants = { [m.mchid] = "/paygate/m1/" } } },
+      { listen = "127.0.0.1:8099" }))
+    mm = cfg.merchants[1]
+    assert.truthy(mm.etcd)
+    assert.equal(A, mm.appid)
+    assert.same({ [A] = true, [B] = true }, mm.appids)
+    -- a list that is none stops the start, named by the client's check
+    expect_refused({ gateway = { db = db }, merchants = { merchant{
+                       appid = A, appids = { app = B } } } },
+      "gateway: config.merchants[1].appids: must be a non-empty list of"
+      .. " appids")
+  end)
 
   it("refuses an APIv3 key written in the config, without printing it",
      function()

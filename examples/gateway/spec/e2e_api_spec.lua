@@ -519,3 +519,82 @@ describe("gateway merchant API", function()
     assert.equal(read("examples/gateway/openapi.json"), res.body)
   end)
 end)
+
+describe("gateway merchant API, a merchant paying under two appids",
+         function()
+  -- an official account's appid (JSAPI) and an App's, under one mchid:
+  -- config.merchants[1] gives the first as appid, the second in appids
+  -- (sim:client_config). Was: any appid but the default was refused
+  -- (400 "must be the merchant's appid (...) or omitted"), so such a
+  -- merchant needed one gateway merchant per appid, which one mchid
+  -- cannot be.
+  local A, B = "wx1111111111111111", "wx2222222222222222"
+  local env
+
+  setup(function() env = S.start{ appids = { A, B } } end)
+  teardown(S.stop)
+
+  -- the appid the order was placed under at WeChat
+  local function wechat_appid(no)
+    local wx = env.sim:client()
+    local t = assert(wx:query_by_out_trade_no(no))
+    wx:stop()
+    return t.appid
+  end
+
+  it("creates, and pays, a JSAPI payment under the second appid: its"
+     .. " pay-sign parameters carry it", function()
+    local b = env:create{ channel = "jsapi", appid = B,
+                          payer = { openid = "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o" } }
+    local p = b.pay
+    assert.equal(B, p.appId)
+    local pub = assert(crypto.public_key(read(env.m.public_key)))
+    assert.is_true(crypto.verify_base64(pub, p.appId .. "\n" .. p.timeStamp
+      .. "\n" .. p.nonceStr .. "\n" .. p.package .. "\n", p.paySign,
+      "sha256-rsa"))
+    assert.equal(B, wechat_appid(b.payment.out_trade_no))
+    local rows = assert(env.db:query("SELECT appid FROM gw_payments WHERE"
+      .. " id = $1", { b.payment.id }))
+    assert.equal(B, rows[1].appid)
+    -- the notification applied
+    env.sim:pay_and_wait(b.payment.out_trade_no)
+    assert.equal("paid", env:wait_state(b.payment.id, "paid").state)
+  end)
+
+  it("an App payment under the second appid, and a new attempt of it,"
+     .. " carry it; one naming none takes the default", function()
+    local b = env:create{ channel = "app", appid = B }
+    assert.equal(B, b.pay.appid)
+    assert.equal(env.m.mchid, b.pay.partnerid)
+    -- a new attempt (another channel) stays under the payment's appid
+    local res = env:api("POST", "/v1/payments/" .. b.payment.id
+                        .. "/attempts", { channel = "native" })
+    assert.equal(201, res.status, res.body)
+    local no = res.json.payment.out_trade_no
+    assert.not_equal(b.payment.out_trade_no, no)
+    assert.equal(B, wechat_appid(no))
+    res = env:api("POST", "/v1/payments/" .. b.payment.id .. "/attempts",
+                  { channel = "app" })
+    assert.equal(201, res.status, res.body)
+    assert.equal(B, res.json.pay.appid)
+    -- none named: the merchant's appid
+    local d = env:create{ channel = "app" }
+    assert.equal(A, d.pay.appid)
+    assert.equal(A, wechat_appid(d.payment.out_trade_no))
+  end)
+
+  it("refuses an appid the merchant does not list, saying how to allow"
+     .. " it, and stores nothing", function()
+    local oid = S.order_id()
+    local res = env:api("POST", "/v1/payments", { order_id = oid,
+      channel = "native", amount = 1, description = "x",
+      appid = "wx3333333333333333" })
+    assert.equal(400, res.status, res.body)
+    assert.equal("invalid_request", res.json.error)
+    assert.equal("must be one of the merchant's appids (" .. A .. ", " .. B
+      .. ") or omitted; to pay under another, add it to"
+      .. " config.merchants[1].appids", res.json.fields.appid)
+    assert.equal(0, #assert(env.db:query("SELECT id FROM gw_payments WHERE"
+      .. " order_id = $1", { oid })))
+  end)
+end)

@@ -108,7 +108,9 @@ S.default_db = nil
 -- o: db ("sqlite" default, or "postgres": a PostgreSQL server of
 -- spec/support/servers.lua, shared by the file's envs), gateway (more
 -- config.gateway keys), admin_token (written to a file named by
--- admin_token_file), time_scale (the simulator's), workers.
+-- admin_token_file), time_scale (the simulator's), workers, appids (the
+-- simulator merchant's appids, the first its default: a list of two
+-- makes a merchant paying under two apps; default one made up).
 -- yields: makes keys, starts simulator, receiver and gateway.
 function S.start(o)
   o = o or {}
@@ -119,6 +121,7 @@ function S.start(o)
   env.platform_key = assert(crypto.private_key(read(env.platform.private_key)))
   env.sim = testing.simulator{
     time_scale = o.time_scale or 100,
+    merchants = o.appids and { testing.merchant{ appids = o.appids } },
     config = { platform_private_key = env.platform.private_key,
                platform_certificate = env.platform.certificate },
   }
