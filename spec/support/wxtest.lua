@@ -189,6 +189,12 @@ function _M.client(srv, keys, over)
   return wx
 end
 
+-- In over, a key set to NONE is removed from the configuration; false is
+-- passed on as false (download_certificates = false, backup_url = false
+-- mean something: they were dropped once, and the client then did what
+-- the spec had turned off).
+_M.NONE = setmetatable({}, { __tostring = function() return "NONE" end })
+
 --- conf = client_conf(srv, keys, over): a client configuration for it
 function _M.client_conf(srv, k, over)
   local c = { mchid = _M.MCHID, merchant_private_key = k.merchant_key,
@@ -198,7 +204,7 @@ function _M.client_conf(srv, k, over)
               base_url = srv and srv.base_url or "http://127.0.0.1:1",
               timeout = 5, deadline = 10 }
   for kk, v in pairs(over or {}) do
-    if v == false then c[kk] = nil else c[kk] = v end
+    if v == _M.NONE then c[kk] = nil else c[kk] = v end
   end
   return c
 end
