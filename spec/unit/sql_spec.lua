@@ -181,6 +181,48 @@ for _, engine in ipairs(engines) do
       watch:close()
     end)
 
+    it("the engine reads a params table's n once: its answer is what is"
+       .. " bound, and a job is checked and copied in one pass", function()
+      -- A metamethod's n that changes between reads: read once, the
+      -- statement binds that count. (SQLite's h:atomic read it three
+      -- times: its check saw 1, its copy 2, and the copy raised "cannot
+      -- bind a table" with the job's earlier statements copied, never
+      -- freed.) The values are read raw: [2] is never bound.
+      local reads = 0
+      local function shifty(v)
+        return setmetatable({ v, {} }, { __index = function(_, k)
+          if k == "n" then
+            reads = reads + 1
+            return reads == 1 and 1 or 2
+          end
+        end })
+      end
+      local h = db.h
+      local function once(call)
+        reads = 0
+        local res = assert(call())
+        assert.equal(1, reads)
+        return res
+      end
+      assert.same({ { a = "one" } }, once(function()
+        return h:query("SELECT $1 AS a", shifty("one"))
+      end))
+      once(function()
+        return h:exec("INSERT INTO t (v, n) VALUES ($1, 1)", shifty("one"))
+      end)
+      local want = { { v = "one" } }
+      if engine == "sqlite" then
+        local res = once(function()
+          return h:atomic({ { "SELECT 1" },
+                            { "INSERT INTO t (v, n) VALUES ($1, 2)",
+                              shifty("two") } })
+        end)
+        assert.equal(1, res[2].changes)
+        want[2] = { v = "two" }
+      end
+      assert.same(want, assert(db:query("SELECT v FROM t ORDER BY id")))
+    end)
+
     -- A write from a coroutine that cannot yield (inside string.gsub's
     -- callback, table.sort's comparator, require) used to be queued (or
     -- sent) before the yield was refused: it committed while the caller

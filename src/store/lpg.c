@@ -138,7 +138,8 @@ struct lpg_op {
                                     query_timeout (s), 0: the pool's */
     int               tx_end;    /* 1: COMMIT/ROLLBACK, releases it */
     char             *sql;       /* owned */
-    struct gw_store_val   *params;    /* owned */
+    struct gw_store_val   *params;    /* owned: one block with their
+                                       strings (free()) */
     int               nparams;
     /* progress on the connection */
     int               step;      /* command whose results come next */
@@ -346,7 +347,7 @@ static void
 op_free(struct lpg_op *op)
 {
     free(op->sql);
-    gw_store_vals_free(op->params, op->nparams);
+    free(op->params);                    /* one block: gw_store_vals_copy */
     if (op->res != NULL) {
         PQclear(op->res);
     }
@@ -3461,7 +3462,7 @@ new_op(lua_State *L, int sql_idx, int params_idx, enum lpg_op_kind kind)
     }
     op = calloc(1, sizeof(*op));
     if (op == NULL) {
-        gw_store_vals_free(params, n);
+        free(params);
         return NULL;
     }
     op->kind = kind;

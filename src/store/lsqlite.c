@@ -147,7 +147,8 @@ struct lsqlite_job {
     char              *sql;      /* owned */
     unsigned           slot1;    /* sql's statement cache slot + 1; 0 until
                                     hashed (once per job, not per look) */
-    struct gw_store_val    *params;   /* owned, nparams values */
+    struct gw_store_val    *params;   /* owned, nparams values: one block
+                                         with their strings (free()) */
     int                nparams;
     /* results, written by the thread that runs the job */
     int                rc;       /* SQLITE_OK or a primary result code */
@@ -291,7 +292,7 @@ job_clear(struct lsqlite_job *j)
     }
     free(j->subs);
     free(j->sql);
-    gw_store_vals_free(j->params, j->nparams);
+    free(j->params);                     /* one block: gw_store_vals_copy */
     free(j->errmsg);
     cols_free(j);
     gw_store_vals_free(j->cells, j->nrows * j->ncols);
@@ -2551,7 +2552,7 @@ stmt_job(lua_State *L, struct lsqlite_db *db, int sql_idx, int params_idx,
     }
     j = job_new(L, db, op);
     if (j == NULL) {
-        gw_store_vals_free(params, nparams);
+        free(params);
         return NULL;
     }
     j->params = params;
@@ -2839,31 +2840,20 @@ lsqlite_script(lua_State *L)
     return submit(L, j, LSQLITE_Q_WRITER);
 }
 
-/* Raises unless the value at idx can be bound (before anything of an
- * ATOMIC job is allocated: gw_store_vals_from_lua() checks too, but a
- * raise from it for the 3rd statement would leak the first two). */
-static void
-atomic_check_params(lua_State *L, int idx, int stmt)
+/* Frees the ATOMIC job j being built and raises the misuse fmt names
+ * (as luaL_error would: nothing of a refused call may stay allocated). */
+static int
+atomic_misuse(lua_State *L, struct lsqlite_job *j, const char *fmt, ...)
 {
-    int bad;
+    va_list ap;
 
-    if (lua_isnil(L, idx)) {
-        return;
-    }
-    if (!lua_istable(L, idx)) {
-        luaL_error(L, "db:atomic: statement %d: params must be a table",
-                   stmt);
-    }
-    bad = gw_store_vals_unbindable(L, idx);
-    if (bad < 0) {
-        luaL_error(L, "db:atomic: statement %d: params.n must be a whole"
-                   " number from 0 to %d", stmt, GW_STORE_MAX_PARAMS);
-    }
-    if (bad > 0) {
-        lua_rawgeti(L, idx, bad);
-        luaL_error(L, "db:atomic: statement %d: params[%d] cannot be"
-                   " bound (a %s)", stmt, bad, luaL_typename(L, -1));
-    }
+    job_free(j);
+    luaL_where(L, 1);
+    va_start(ap, fmt);
+    lua_pushvfstring(L, fmt, ap);
+    va_end(ap);
+    lua_concat(L, 2);
+    return lua_error(L);
 }
 
 #define LSQLITE_ATOMIC_MAX 1000   /* statements in one db:atomic() */
@@ -2882,7 +2872,7 @@ lsqlite_atomic(lua_State *L)
 {
     struct lsqlite_db  *db = check_db(L);
     struct lsqlite_job *j;
-    int                 i, n;
+    int                 i, n, nul_at = 0;
 
     luaL_checktype(L, 2, LUA_TTABLE);
     gw_co_current(L);
@@ -2891,71 +2881,79 @@ lsqlite_atomic(lua_State *L)
         return luaL_error(L, "db:atomic: want 1 to %d statements (got %d)",
                           LSQLITE_ATOMIC_MAX, n);
     }
-    /* Everything that can raise, first. */
-    for (i = 1; i <= n; i++) {
-        lua_rawgeti(L, 2, i);
-        if (!lua_istable(L, -1)) {
-            return luaL_error(L, "db:atomic: statement %d must be a table",
-                              i);
-        }
-        lua_rawgeti(L, -1, 1);
-        if (lua_type(L, -1) != LUA_TSTRING) {
-            return luaL_error(L, "db:atomic: statement %d: sql must be a"
-                              " string", i);
-        }
-        lua_rawgeti(L, -2, 2);
-        atomic_check_params(L, lua_gettop(L), i);
-        gw_getfield(L, -3, "expect");
-        if (!lua_isnil(L, -1) && (!lua_isnumber(L, -1)
-                                  || lua_tonumber(L, -1) < 0))
-        {
-            return luaL_error(L, "db:atomic: statement %d: expect must be"
-                              " a count >= 0", i);
-        }
-        lua_pop(L, 4);
-    }
-    for (i = 1; i <= n; i++) {
-        lua_rawgeti(L, 2, i);
-        lua_rawgeti(L, -1, 1);
-        if (gw_store_sql_has_nul(L, -1)) {
-            lua_pushnil(L);
-            lua_pushinteger(L, i);
-            push_sql_nul(L);
-            lua_remove(L, -2);           /* push_sql_nul's nil */
-            return 3;
-        }
-        lua_pop(L, 2);
-    }
     j = job_new(L, db, LSQLITE_OP_ATOMIC);
-    if (j == NULL) {
-        return gw_push_error(L, "unavailable", 0, "sqlite: out of memory");
-    }
-    j->subs = calloc((size_t)n, sizeof(*j->subs));
-    if (j->subs == NULL) {
+    if (j == NULL
+        || (j->subs = calloc((size_t)n, sizeof(*j->subs))) == NULL)
+    {
         job_free(j);
         return gw_push_error(L, "unavailable", 0, "sqlite: out of memory");
     }
     j->nsubs = n;
-    for (i = 0; i < n; i++) {
-        struct lsqlite_job *s = &j->subs[i];
-        int                 rc;
+    /* One pass over the statements: each is checked and copied at once
+     * (its parameters by gw_store_vals_copy, which reads and converts
+     * each value once); a misuse frees what was copied, then raises. */
+    for (i = 1; i <= n; i++) {
+        struct lsqlite_job *s = &j->subs[i - 1];
+        int                 rc = 0;
 
         s->op = LSQLITE_OP_STMT;
         s->db = db;
-        lua_rawgeti(L, 2, i + 1);
+        lua_rawgeti(L, 2, i);
+        if (!lua_istable(L, -1)) {
+            return atomic_misuse(L, j, "db:atomic: statement %d must be a"
+                                 " table", i);
+        }
         lua_rawgeti(L, -1, 1);
+        if (lua_type(L, -1) != LUA_TSTRING) {
+            return atomic_misuse(L, j, "db:atomic: statement %d: sql must"
+                                 " be a string", i);
+        }
+        if (nul_at == 0 && gw_store_sql_has_nul(L, -1)) {
+            nul_at = i;                  /* refused once all are checked */
+        }
         s->sql = strdup(lua_tostring(L, -1));
         lua_rawgeti(L, -2, 2);
-        rc = gw_store_vals_from_lua(L, lua_gettop(L), &s->params,
-                                    &s->nparams);
+        if (!lua_isnil(L, -1)) {
+            if (!lua_istable(L, -1)) {
+                return atomic_misuse(L, j, "db:atomic: statement %d: params"
+                                     " must be a table", i);
+            }
+            rc = gw_store_vals_copy(L, -1, &s->params, &s->nparams);
+            if (rc == GW_STORE_BAD_N) {
+                return atomic_misuse(L, j, "db:atomic: statement %d:"
+                                     " params.n must be a whole number"
+                                     " from 0 to %d", i,
+                                     GW_STORE_MAX_PARAMS);
+            }
+            if (rc > 0) {
+                lua_rawgeti(L, -1, rc);
+                return atomic_misuse(L, j, "db:atomic: statement %d:"
+                                     " params[%d] cannot be bound (a %s)",
+                                     i, rc, luaL_typename(L, -1));
+            }
+        }
         gw_getfield(L, -3, "expect");
+        if (!lua_isnil(L, -1) && (!lua_isnumber(L, -1)
+                                  || lua_tonumber(L, -1) < 0))
+        {
+            return atomic_misuse(L, j, "db:atomic: statement %d: expect"
+                                 " must be a count >= 0", i);
+        }
         s->expect = lua_isnil(L, -1) ? -1 : (int64_t)lua_tonumber(L, -1);
         lua_pop(L, 4);
-        if (s->sql == NULL || rc != GW_OK) {
+        if (s->sql == NULL || rc == GW_STORE_NOMEM) {
             job_free(j);
             return gw_push_error(L, "unavailable", 0,
                                  "sqlite: out of memory");
         }
+    }
+    if (nul_at != 0) {
+        job_free(j);
+        lua_pushnil(L);
+        lua_pushinteger(L, nul_at);
+        push_sql_nul(L);
+        lua_remove(L, -2);               /* push_sql_nul's nil */
+        return 3;
     }
     recheck_db(L, db, j);
     return submit(L, j, LSQLITE_Q_WRITER);

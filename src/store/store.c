@@ -5,6 +5,7 @@
 #include <limits.h>
 #include <math.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -57,11 +58,106 @@ gw_store_vals_unbindable(lua_State *L, int idx)
     return 0;
 }
 
+/* Values read on the C stack before their block is made: a statement's
+ * parameters are seldom more (more: a calloc'd scratch array) */
+#define GW_STORE_FEW 32
+
+int
+gw_store_vals_copy(lua_State *L, int idx, struct gw_store_val **out, int *n)
+{
+    struct gw_store_val  few[GW_STORE_FEW], *tmp, *v;
+    int                  i, cnt, rc = 0;
+    size_t               bytes = 0;     /* the strings', NULs included */
+    char                *p;
+
+    *out = NULL;
+    *n = 0;
+    if (idx < 0 && idx > LUA_REGISTRYINDEX) {
+        idx = lua_gettop(L) + idx + 1;  /* (values are pushed below) */
+    }
+    cnt = param_count(L, idx);          /* (the one read that may run Lua) */
+    if (cnt <= 0) {
+        return cnt < 0 ? GW_STORE_BAD_N : 0;
+    }
+    if (cnt <= GW_STORE_FEW) {
+        tmp = few;
+        memset(tmp, 0, (size_t)cnt * sizeof(*tmp));
+    } else if ((tmp = calloc((size_t)cnt, sizeof(*tmp))) == NULL) {
+        return GW_STORE_NOMEM;
+    }
+    /* One pass: check and convert each value into tmp, summing the bytes
+     * of the strings; then one block of the size it found. Till then a
+     * string's s points at the Lua string's own bytes: the table holds
+     * it, and nothing from here to the copy runs Lua or allocates in it
+     * (raw reads only), so no metamethod or finalizer can drop it. */
+    for (i = 0; i < cnt && rc == 0; i++) {
+        double d;
+
+        lua_rawgeti(L, idx, i + 1);
+        switch (lua_type(L, -1)) {
+        case LUA_TBOOLEAN:
+            tmp[i].type = GW_STORE_INT;
+            tmp[i].i = lua_toboolean(L, -1);
+            break;
+        case LUA_TNUMBER:
+            d = lua_tonumber(L, -1);
+            if (d == floor(d) && fabs(d) < 9.2e18) {
+                tmp[i].type = GW_STORE_INT;
+                tmp[i].i = (int64_t)d;
+            } else {
+                tmp[i].type = GW_STORE_REAL;
+                tmp[i].d = d;
+            }
+            break;
+        case LUA_TSTRING:
+            tmp[i].type = GW_STORE_TEXT;
+            tmp[i].s = (char *)lua_tolstring(L, -1, &tmp[i].len);
+            if (bytes > SIZE_MAX - tmp[i].len - 1) {
+                rc = GW_STORE_NOMEM;
+            }
+            bytes += tmp[i].len + 1;
+            break;
+        case LUA_TNIL:
+        case LUA_TLIGHTUSERDATA:        /* sql.null */
+            break;                      /* GW_STORE_NULL (zeroed) */
+        default:
+            rc = i + 1;                 /* cannot be bound */
+            break;
+        }
+        lua_pop(L, 1);
+    }
+    v = NULL;
+    if (rc == 0) {
+        if (bytes > SIZE_MAX - (size_t)cnt * sizeof(*v)
+            || (v = malloc((size_t)cnt * sizeof(*v) + bytes)) == NULL)
+        {
+            rc = GW_STORE_NOMEM;
+        }
+    }
+    if (rc == 0) {
+        memcpy(v, tmp, (size_t)cnt * sizeof(*v));
+        p = (char *)(v + cnt);          /* the strings, after the values */
+        for (i = 0; i < cnt; i++) {
+            if (v[i].type == GW_STORE_TEXT) {
+                memcpy(p, v[i].s, v[i].len);
+                p[v[i].len] = '\0';
+                v[i].s = p;
+                p += v[i].len + 1;
+            }
+        }
+        *out = v;
+        *n = cnt;
+    }
+    if (tmp != few) {
+        free(tmp);
+    }
+    return rc;
+}
+
 int
 gw_store_vals_from_lua(lua_State *L, int idx, struct gw_store_val **out, int *n)
 {
-    struct gw_store_val *v;
-    int             i, cnt, bad;
+    int rc;
 
     *out = NULL;
     *n = 0;
@@ -69,67 +165,17 @@ gw_store_vals_from_lua(lua_State *L, int idx, struct gw_store_val **out, int *n)
         return GW_OK;
     }
     luaL_checktype(L, idx, LUA_TTABLE);
-    cnt = param_count(L, idx);
-    if (cnt < 0) {
+    rc = gw_store_vals_copy(L, idx, out, n);
+    if (rc == GW_STORE_BAD_N) {
         luaL_error(L, "sql params.n must be a whole number from 0 to %d",
                    GW_STORE_MAX_PARAMS);
     }
-    if (cnt == 0) {
-        return GW_OK;
-    }
-    /* Check every value first: raising must not leak the copies. */
-    bad = gw_store_vals_unbindable(L, idx);
-    if (bad > 0) {
-        lua_rawgeti(L, idx, bad);
-        luaL_error(L, "sql parameter %d: cannot bind a %s", bad,
+    if (rc > 0) {
+        lua_rawgeti(L, idx, rc);
+        luaL_error(L, "sql parameter %d: cannot bind a %s", rc,
                    luaL_typename(L, -1));
     }
-    v = calloc((size_t)cnt, sizeof(*v));
-    if (v == NULL) {
-        return GW_ERR;
-    }
-    for (i = 0; i < cnt; i++) {
-        const char *s;
-        size_t      len;
-        double      d;
-
-        lua_rawgeti(L, idx, i + 1);
-        switch (lua_type(L, -1)) {
-        case LUA_TBOOLEAN:
-            v[i].type = GW_STORE_INT;
-            v[i].i = lua_toboolean(L, -1);
-            break;
-        case LUA_TNUMBER:
-            d = lua_tonumber(L, -1);
-            if (d == floor(d) && fabs(d) < 9.2e18) {
-                v[i].type = GW_STORE_INT;
-                v[i].i = (int64_t)d;
-            } else {
-                v[i].type = GW_STORE_REAL;
-                v[i].d = d;
-            }
-            break;
-        case LUA_TSTRING:
-            s = lua_tolstring(L, -1, &len);
-            v[i].s = malloc(len + 1);
-            if (v[i].s == NULL) {
-                lua_pop(L, 1);
-                gw_store_vals_free(v, cnt);
-                return GW_ERR;
-            }
-            memcpy(v[i].s, s, len + 1);
-            v[i].len = len;
-            v[i].type = GW_STORE_TEXT;
-            break;
-        default:
-            v[i].type = GW_STORE_NULL;
-            break;
-        }
-        lua_pop(L, 1);
-    }
-    *out = v;
-    *n = cnt;
-    return GW_OK;
+    return rc == 0 ? GW_OK : GW_ERR;
 }
 
 void

@@ -28,19 +28,39 @@ struct gw_store_val {
     enum gw_store_val_type type; /* which of the fields below is set */
     int64_t                i;    /* GW_STORE_INT (booleans become 0/1) */
     double                 d;    /* GW_STORE_REAL */
-    char                  *s;    /* GW_STORE_TEXT: owned, NUL-terminated */
+    char                  *s;    /* GW_STORE_TEXT: NUL-terminated; a result
+                                    cell's is its own malloc, a parameter's
+                                    lies in its array's block (see
+                                    gw_store_vals_copy) */
     size_t                 len;  /* GW_STORE_TEXT: bytes, without the NUL */
 };
 
 /* params.n at most: PostgreSQL's protocol counts parameters in 16 bits */
 #define GW_STORE_MAX_PARAMS 65535
 
-/* Copies the parameter array at idx (a table, or nil/none for no
- * parameters) into a malloc'd array; *n gets its length (params.n when
- * set, else #params). Raises on a value that cannot be bound (misuse),
- * or a params.n that is no whole number in 0..GW_STORE_MAX_PARAMS,
- * before allocating anything. Returns GW_OK, or GW_ERR when out of
- * memory. Free with gw_store_vals_free(). */
+/* gw_store_vals_copy's answers other than 0 and an index */
+#define GW_STORE_BAD_N  (-1)   /* params.n: no whole number in
+                                  0..GW_STORE_MAX_PARAMS */
+#define GW_STORE_NOMEM  (-2)   /* out of memory */
+
+/* Copies the parameter table at idx (a table) into ONE malloc'd block:
+ * the values, then the bytes of their strings, each value's s pointing
+ * there (a statement's parameters are one allocation, not one per
+ * string). Free it with free(), never gw_store_vals_free(). *n gets the
+ * count (params.n when set, else #params); with none, *out is NULL.
+ * params.n is read once, first (its metamethod may run Lua); then one
+ * pass reads each value raw, checks and converts it, with no Lua
+ * running until the strings are copied.
+ * Never raises: returns 0, else (nothing allocated) the 1-based index
+ * of the first value that cannot be bound (not nil, null, boolean,
+ * number or string), GW_STORE_BAD_N or GW_STORE_NOMEM. */
+int gw_store_vals_copy(lua_State *L, int idx, struct gw_store_val **out,
+                       int *n);
+
+/* gw_store_vals_copy() for a table, or nil/none for no parameters, that
+ * raises on misuse (a value that cannot be bound, a params.n out of
+ * range; nothing allocated then) and on any other type. Returns GW_OK,
+ * or GW_ERR when out of memory. Free *out with free(). */
 int gw_store_vals_from_lua(lua_State *L, int idx, struct gw_store_val **out,
                            int *n);
 
@@ -55,7 +75,8 @@ int gw_store_vals_unbindable(lua_State *L, int idx);
  * ("SELECT 1\0; ..." would run "SELECT 1"): such SQL is refused. */
 int gw_store_sql_has_nul(lua_State *L, int idx);
 
-/* Frees n values and the array. NULL-safe. */
+/* Frees n result cells (each string its own malloc) and the array.
+ * NULL-safe. Not for parameters: see gw_store_vals_copy(). */
 void gw_store_vals_free(struct gw_store_val *v, int n);
 
 /* Pushes the value; NULL becomes nil, an integer as gw_store_push_int()
