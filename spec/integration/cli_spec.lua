@@ -151,6 +151,32 @@ describe("paygate CLI", function()
     assert.equal(2, code)
   end)
 
+  it("etcd delete refuses a file of a set inside a wider --prefix, exit 2,"
+     .. " before reaching etcd", function()
+    -- --prefix /paygate/ for /paygate/merchants/1900000001/'s set: its
+    -- files are keys under the prefix that are no file of a set there,
+    -- and were deleted (the endpoint here answers nothing: a refusal is
+    -- exit 2 before any connection, a delete tried is exit 1)
+    local function del(prefix, key)
+      return run({ "etcd", "delete", "--prefix", prefix, "--endpoints",
+                   "https://127.0.0.1:1", "--user", "u", "--password-env",
+                   "HOME", key })
+    end
+    for _, key in ipairs({ "/paygate/merchants/1900000001/apiclient_key.pem",
+                           "/paygate/merchants/1900000001/apiv3_key",
+                           "/paygate/tls/key.pem" }) do
+      local code, out = del("/paygate/", key)
+      assert.equal(2, code, key .. ": " .. out)
+      assert.matches("is a file of the set at " .. key:match("^(.*/)"),
+                     out, 1, true)
+    end
+    -- a stray key deeper under the prefix is still deletable (tried: the
+    -- endpoint refuses the connection, exit 1)
+    local code, out = del("/paygate/", "/paygate/old/apiclient_key.pem.bak")
+    assert.equal(1, code, out)
+    assert.no.matches("is a file of", out, 1, true)
+  end)
+
   it("apikey and etcd refuse an option of another subcommand, exit 2",
      function()
     -- each was dropped in silence: etcd show --json printed text to a

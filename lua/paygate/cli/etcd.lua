@@ -295,6 +295,17 @@ local function delete(o, key)
       .. " it (a file the new set lacks is deleted then)", shown,
       kind == "tls" and "a listener's" or "a merchant's")
   end
+  -- a key deeper under the prefix whose last part is a file of a set (of
+  -- either kind) is that file of the set at its folder: a --prefix wider
+  -- than the set's (/paygate/ for /paygate/merchants/1900000001/) must
+  -- not let a slip take another set's file
+  local leaf = name:match("([^/]*)$")
+  if leaf ~= name and (credentials.MERCHANT_FILES[leaf]
+                       or credentials.TLS_FILES[leaf]) then
+    common.usage_error("%s is a file of the set at %s (inside --prefix %s):"
+      .. " give that set's prefix, and publish the set to change it",
+      shown, common.visible(key:sub(1, #key - #leaf)), common.visible(p))
+  end
   local cli = client(o)
   local res, err = cli:delete(key)
   if not res then return fail("delete " .. shown .. ": " .. tostring(err)) end
