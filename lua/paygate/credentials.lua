@@ -237,7 +237,15 @@ function _M.validate(files, kind, now)
     set[d.field] = v
   end
   for name in pairs(files) do
-    if not spec[name] then return invalid("unexpected file " .. name) end
+    if not spec[name] then
+      -- (a key's name in etcd, as anyone who may write there wrote it:
+      -- shown without its control bytes, which paygate doctor printed
+      -- raw to the operator's terminal, and cut)
+      local shown = tostring(name):sub(1, 128):gsub("[%z\1-\31\127]",
+        function(c) return ("\\x%02X"):format(c:byte()) end)
+      return invalid("unexpected file " .. shown
+                     .. (#tostring(name) > 128 and "..." or ""))
+    end
   end
   -- PEM text, as the WeChat Pay client and the listener take them: a DER
   -- file loads below too, but every worker's client would refuse it

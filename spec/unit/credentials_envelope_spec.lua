@@ -76,6 +76,26 @@ describe("credentials envelopes", function()
     end
   end)
 
+  it("names an unexpected file of a set without its control bytes, cut",
+     function()
+    -- a key's name in etcd is input: paygate doctor printed the reason
+    -- to the terminal as it came (an escape sequence, a line break)
+    local files = { ["apiclient_key.pem"] = "k", ["apiclient_cert.pem"] = "c",
+                    apiv3_key = ("k"):rep(32) }
+    files["x\27[2J\27]0;pwned\7\r\nok  done"] = "v"
+    local set, err = credentials.validate(files, "merchant")
+    assert.is_nil(set)
+    assert.equal("invalid_credentials", err.kind)
+    assert.equal("credentials: unexpected file x\\x1B[2J\\x1B]0;pwned"
+                 .. "\\x07\\x0D\\x0Aok  done", err.message)
+    files = { ["apiclient_key.pem"] = "k", ["apiclient_cert.pem"] = "c",
+              apiv3_key = ("k"):rep(32), [("n"):rep(5000)] = "v" }
+    set, err = credentials.validate(files, "merchant")
+    assert.is_nil(set)
+    assert.equal("credentials: unexpected file " .. ("n"):rep(128) .. "...",
+                 err.message)
+  end)
+
   it("refuses a key-encryption key of the wrong length", function()
     local raw = crypto.random_bytes(32)
     local good = {

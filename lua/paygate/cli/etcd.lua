@@ -187,7 +187,8 @@ local function publish(o)
       return fail(("%s holds %s, which is no file of %s set: every worker"
         .. " would refuse the set; delete it (paygate etcd delete --prefix"
         .. " %s%s KEY, with the same etcd options) or publish under another"
-        .. " prefix, and publish again"):format(p, kv.key, kind == "tls"
+        .. " prefix, and publish again"):format(p, common.visible(kv.key),
+        kind == "tls"
         and "a listener's" or "a merchant's", p, kind == "tls"
         and " --tls" or ""))
     end
