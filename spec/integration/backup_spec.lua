@@ -143,9 +143,14 @@ INSERT INTO pad (n, v) SELECT n, hex(randomblob(100)) FROM c]]))
     assert.not_equal(was, digest(dest))
   end)
 
-  it("never replaces the store itself, nor its -wal, even with --force",
+  it("never replaces the store itself, nor its -wal, even with --force;"
+     .. " nor writes its -journal or -shm, which a WAL store may not have",
      function()
-    for _, dest in ipairs({ store, store .. "-wal" }) do
+    -- (a copy written as the store's -journal would be taken for a hot
+    -- journal at the store's next open, and removed)
+    for _, dest in ipairs({ store, store .. "-wal", store .. "-journal",
+                            tmp .. "/./" .. store:match("[^/]+$")
+                              .. "-journal" }) do
       local code, out = backup(url, dest, "--force")
       assert.equal(1, code)
       assert.equal(1, lines(out), out)

@@ -1960,6 +1960,28 @@ backup_check(struct lsqlite_job *j, const char *tmp)
 /* 1 when path is the store's file or one of its -wal, -shm, -journal:
  * replacing it (or removing it as a stale PATH.tmp) would destroy the
  * live store. */
+/* 1 when paths a and b name the same entry of the same folder (the
+ * folders compared by inode, the last parts by name): for files that need
+ * not exist yet. */
+static int
+backup_same_name(const char *a, const char *b)
+{
+    const char  *sa = strrchr(a, '/'), *sb = strrchr(b, '/');
+    const char  *na = sa != NULL ? sa + 1 : a, *nb = sb != NULL ? sb + 1 : b;
+    char         da[4200], dbuf[4200];
+    struct stat  x, y;
+
+    if (strcmp(na, nb) != 0) {
+        return 0;
+    }
+    snprintf(da, sizeof(da), "%.*s", sa == NULL ? 1 : sa == a ? 1
+             : (int) (sa - a), sa == NULL ? "." : a);
+    snprintf(dbuf, sizeof(dbuf), "%.*s", sb == NULL ? 1 : sb == b ? 1
+             : (int) (sb - b), sb == NULL ? "." : b);
+    return stat(da, &x) == 0 && stat(dbuf, &y) == 0 && x.st_dev == y.st_dev
+           && x.st_ino == y.st_ino;
+}
+
 static int
 backup_is_store(struct lsqlite_db *db, const char *path)
 {
@@ -1967,14 +1989,17 @@ backup_is_store(struct lsqlite_db *db, const char *path)
     char        p[4200];
     struct stat a, b;
     size_t      i;
+    int         exists = stat(path, &a) == 0;
 
-    if (stat(path, &a) != 0) {
-        return 0;
-    }
     for (i = 0; i < sizeof(sfx) / sizeof(sfx[0]); i++) {
         snprintf(p, sizeof(p), "%s%s", db->path, sfx[i]);
-        if (stat(p, &b) == 0 && a.st_dev == b.st_dev
-            && a.st_ino == b.st_ino)
+        /* an existing file by inode (another name, a link); by name too:
+         * a store in WAL mode has no -journal, and a copy written there
+         * would be taken for a hot journal at the store's next open and
+         * removed (the backup lost) */
+        if ((exists && stat(p, &b) == 0 && a.st_dev == b.st_dev
+             && a.st_ino == b.st_ino)
+            || backup_same_name(path, p))
         {
             return 1;
         }
