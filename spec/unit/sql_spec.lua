@@ -185,9 +185,10 @@ for _, engine in ipairs(engines) do
        .. " bound, and a job is checked and copied in one pass", function()
       -- A metamethod's n that changes between reads: read once, the
       -- statement binds that count. (SQLite's h:atomic read it three
-      -- times: its check saw 1, its copy 2, and the copy raised "cannot
-      -- bind a table" with the job's earlier statements copied, never
-      -- freed.) The values are read raw: [2] is never bound.
+      -- times, PostgreSQL's h:begin_atomic twice: the check saw 1, the
+      -- copy 2, and the copy raised "cannot bind a table" with the job's
+      -- earlier statements copied, never freed.) The values are read raw:
+      -- [2] is never bound.
       local reads = 0
       local function shifty(v)
         return setmetatable({ v, {} }, { __index = function(_, k)
@@ -210,17 +211,50 @@ for _, engine in ipairs(engines) do
       once(function()
         return h:exec("INSERT INTO t (v, n) VALUES ($1, 1)", shifty("one"))
       end)
-      local want = { { v = "one" } }
+      local job = { { "SELECT 1" },
+                    { "INSERT INTO t (v, n) VALUES ($1, 2)", shifty("two") } }
       if engine == "sqlite" then
-        local res = once(function()
-          return h:atomic({ { "SELECT 1" },
-                            { "INSERT INTO t (v, n) VALUES ($1, 2)",
-                              shifty("two") } })
-        end)
+        local res = once(function() return h:atomic(job) end)
         assert.equal(1, res[2].changes)
-        want[2] = { v = "two" }
+      else
+        -- PostgreSQL's h:begin_atomic read it twice: its check saw 1, its
+        -- copy 2 and raised from there, with BEGIN and statement 1 copied
+        -- and never freed
+        reads = 0
+        local txid, res, ei, e = h:begin_atomic(job)
+        assert(txid, tostring(res))
+        assert.equal(1, reads)
+        assert.is_nil(ei, tostring(e))
+        assert.equal(1, res[2].changes)
+        assert(h:commit(txid))
       end
-      assert.same(want, assert(db:query("SELECT v FROM t ORDER BY id")))
+      -- a misuse found after earlier statements were copied answers as
+      -- ever (what was copied is freed: the ASan build's leak check)
+      local bad = { { "SELECT 1" }, { "SELECT $1", { {} } } }
+      if engine == "sqlite" then
+        local ok, err = pcall(h.atomic, h, bad)
+        assert.is_false(ok)
+        assert.matches("statement 2: params%[1%] cannot be bound %(a table%)",
+                       tostring(err))
+      else
+        local txid, err = h:begin_atomic(bad)
+        assert.is_nil(txid)
+        assert.equal("misuse", err.kind)
+        assert.matches("statement 2 of the batch is not", err.message)
+      end
+      -- an n whose metamethod raises once earlier statements are copied:
+      -- the call raises that error and nothing is sent (the copies are
+      -- freed: the ASan build's leak check)
+      local raising = setmetatable({ "three" }, { __index = function(_, k)
+        if k == "n" then error("n refused") end
+      end })
+      local ok, err = pcall(engine == "sqlite" and h.atomic or h.begin_atomic,
+        h, { { "INSERT INTO t (v, n) VALUES ('three', 3)" },
+             { "SELECT $1", raising } })
+      assert.is_false(ok)
+      assert.matches("n refused", tostring(err))
+      assert.same({ { v = "one" }, { v = "two" } },
+                  assert(db:query("SELECT v FROM t ORDER BY id")))
     end)
 
     -- A write from a coroutine that cannot yield (inside string.gsub's

@@ -108,6 +108,7 @@
  * line per host) */
 #define LPG_MSG_MAX 512
 #define LPG_MT        "paygate.pg.pool"
+#define LPG_BUILD_MT  "paygate.pg.atomic_build"   /* struct lpg_build */
 #define LPG_MAXPOOL   GW_STORE_PG_MAX_POOL
 #define LPG_WAYS      4        /* prepared statements: a set's entries */
 #define LPG_SETS      16
@@ -3747,6 +3748,49 @@ push_refused(lua_State *L, int index, const char *why)
     return 3;
 }
 
+/* begin_atomic's statements while they are copied, held by a userdata
+ * on the Lua stack (LPG_BUILD_MT): copying a statement's parameters can
+ * run Lua (a metamethod of the params table for its n, a finalizer run by
+ * an allocation), and Lua that raises there leaves the statements copied
+ * so far to this userdata's finalizer instead of leaking them. */
+struct lpg_build {
+    struct lpg_op *first;
+};
+
+static void
+ops_free(struct lpg_op *first)
+{
+    struct lpg_op *next;
+
+    for (; first != NULL; first = next) {
+        next = first->next;
+        op_free(first);
+    }
+}
+
+/* Frees the statements bd holds and drops what begin_atomic pushed: a
+ * refused job leaves nothing allocated */
+static void
+build_drop(lua_State *L, struct lpg_build *bd, struct gw_store_val *params)
+{
+    free(params);                        /* one not yet in an op */
+    ops_free(bd->first);
+    bd->first = NULL;
+    lua_settop(L, 2);
+}
+
+static int
+build_gc(lua_State *L)
+{
+    struct lpg_build *bd = gw_testudata(L, 1, LPG_BUILD_MT);
+
+    if (bd != NULL) {
+        ops_free(bd->first);
+        bd->first = NULL;
+    }
+    return 0;
+}
+
 /* h:begin_atomic({ { sql, params }, ... })
  *   -> txid, results, index, err  |  false, index, err  |  nil, err
  * db:atomic's transaction: BEGIN and the job's statements sent back to
@@ -3768,9 +3812,10 @@ lpg_begin_atomic(lua_State *L)
     struct lpg_pool    *pg = check_pool(L);
     struct gw_store_tx *tx;
     struct lpg_batch   *b;
-    struct lpg_op      *first = NULL, *last = NULL, *op;
+    struct lpg_build   *bd;
+    struct lpg_op      *begin, *last = NULL, *op;
     char                msg[80];
-    int                 i, n;
+    int                 i, n, unsendable = 0;
 
     if (!lua_isyieldable(L)) {
         /* as h:begin(): refuse before a transaction is queued */
@@ -3784,97 +3829,110 @@ lpg_begin_atomic(lua_State *L)
         return i;
     }
     lua_settop(L, 2);
-    for (i = 0; i < n; i++) {            /* nothing raises past here */
-        int bad = 0;
+    bd = lua_newuserdata(L, sizeof(*bd));          /* 3 */
+    bd->first = NULL;
+    luaL_getmetatable(L, LPG_BUILD_MT);
+    lua_setmetatable(L, 3);
+    msg[0] = '\0';
+    /* One pass: each statement is checked and copied at once, its
+     * parameters by gw_store_vals_copy (params.n read once: what was
+     * checked is what is bound). A refusal frees what was copied, then
+     * answers as the checks always did, in their order: per statement
+     * its shape, transaction control, a NUL in its SQL; past them all,
+     * the first statement PostgreSQL cannot take (op_unsendable()). */
+    for (i = 0; i < n; i++) {
+        struct gw_store_val *params = NULL;
+        int                  np = 0, rc = 0, bad;
 
-        lua_rawgeti(L, 2, i + 1);
-        if (lua_istable(L, 3)) {
-            lua_rawgeti(L, 3, 1);
-            lua_rawgeti(L, 3, 2);
-            bad = !lua_isstring(L, 4)
-                  || !(lua_isnil(L, 5) || lua_istable(L, 5))
-                  || (lua_istable(L, 5) && gw_store_vals_unbindable(L, 5));
+        lua_rawgeti(L, 2, i + 1);                  /* 4 */
+        if (lua_istable(L, 4)) {
+            lua_rawgeti(L, 4, 1);                  /* 5: sql */
+            lua_rawgeti(L, 4, 2);                  /* 6: params */
+            bad = !lua_isstring(L, 5)
+                  || !(lua_isnil(L, 6) || lua_istable(L, 6));
+            if (!bad && lua_istable(L, 6)) {
+                rc = gw_store_vals_copy(L, 6, &params, &np);
+                bad = rc > 0 || rc == GW_STORE_BAD_N;
+            }
         } else {
             bad = 1;
         }
-        if (!bad && controls_tx(lua_tostring(L, 4))) {
-            lua_settop(L, 2);
-            return push_refused(L, i + 1, "postgres: transaction control"
-                                " in SQL: it belongs to db:transaction()");
-        }
-        if (!bad && gw_store_sql_has_nul(L, 4)) {
-            lua_settop(L, 2);
-            return push_refused(L, i + 1, LPG_SQL_NUL);
-        }
-        lua_settop(L, 2);
         if (bad) {
+            build_drop(L, bd, params);
             return gw_push_error(L, "misuse", 0, "postgres: statement %d"
                                  " of the batch is not { sql, params }"
                                  " with bindable params", i + 1);
         }
-    }
-    b = calloc(1, sizeof(*b));
-    if (b == NULL
-        || (b->ops = calloc((size_t)n + 1, sizeof(*b->ops))) == NULL)
-    {
-        free(b);
-        return gw_push_error(L, "unavailable", 0, "postgres: out of memory");
-    }
-    lua_pushliteral(L, "BEGIN");         /* 3 */
-    first = last = new_op(L, 3, 0, LPG_OP_STMT);
-    lua_settop(L, 2);
-    msg[0] = '\0';
-    for (i = 0; first != NULL && i < n; i++) {  /* each checked above */
-        lua_rawgeti(L, 2, i + 1);
-        lua_rawgeti(L, 3, 1);              /* 4: sql */
-        lua_rawgeti(L, 3, 2);              /* 5: params */
-        op = new_op(L, 4, 5, LPG_OP_STMT); /* NULL: out of memory */
-        lua_settop(L, 2);
+        if (controls_tx(lua_tostring(L, 5))) {
+            build_drop(L, bd, params);
+            return push_refused(L, i + 1, "postgres: transaction control"
+                                " in SQL: it belongs to db:transaction()");
+        }
+        if (gw_store_sql_has_nul(L, 5)) {
+            build_drop(L, bd, params);
+            return push_refused(L, i + 1, LPG_SQL_NUL);
+        }
+        op = rc == GW_STORE_NOMEM ? NULL : new_op(L, 5, 0, LPG_OP_STMT);
+        lua_settop(L, 3);
         if (op == NULL) {
-            break;
-        }
-        last->next = op;
-        last = op;
-        op->batch_i = i + 1;
-        if (op_unsendable(op, msg, sizeof(msg))) {
-            break;
-        }
-    }
-    if (pool_gone(L, pg)) {
-        while (first != NULL) {
-            op = first->next;
-            op_free(first);
-            first = op;
-        }
-        free(b->ops);
-        free(b);
-        return luaL_error(L, "postgres: pool is closed");
-    }
-    tx = i == n && first != NULL
-         ? gw_store_tx_new(gw_co_current(L), pg, tx_abandon) : NULL;
-    if (tx == NULL) {
-        /* nothing queued: a segment's statements are all sent */
-        while (first != NULL) {
-            op = first->next;
-            op_free(first);
-            first = op;
-        }
-        free(b->ops);
-        free(b);
-        if (msg[0] == '\0') {
+            build_drop(L, bd, params);
             return gw_push_error(L, "unavailable", 0, "postgres: out of"
                                  " memory");
         }
-        return push_refused(L, i + 1, msg);
+        op->params = params;
+        op->nparams = np;
+        op->batch_i = i + 1;
+        if (last == NULL) {
+            bd->first = op;
+        } else {
+            last->next = op;
+        }
+        last = op;
+        if (unsendable == 0 && op_unsendable(op, msg, sizeof(msg))) {
+            unsendable = i + 1;
+        }
     }
-    first->tx_begin = 1;
-    for (op = first; op != NULL; op = op->next) {
+    /* nothing raises past here but "pool is closed" (its ops freed) */
+    op = bd->first;
+    bd->first = NULL;
+    lua_settop(L, 2);
+    if (pool_gone(L, pg)) {
+        ops_free(op);
+        return luaL_error(L, "postgres: pool is closed");
+    }
+    if (unsendable != 0) {
+        ops_free(op);
+        return push_refused(L, unsendable, msg);
+    }
+    lua_pushliteral(L, "BEGIN");         /* 3 */
+    begin = new_op(L, 3, 0, LPG_OP_STMT);
+    lua_settop(L, 2);
+    b = calloc(1, sizeof(*b));
+    tx = NULL;
+    if (begin == NULL || b == NULL
+        || (b->ops = calloc((size_t)n + 1, sizeof(*b->ops))) == NULL
+        || (tx = gw_store_tx_new(gw_co_current(L), pg, tx_abandon)) == NULL)
+    {
+        /* nothing queued: a segment's statements are all sent */
+        if (begin != NULL) {
+            op_free(begin);
+        }
+        ops_free(op);
+        if (b != NULL) {
+            free(b->ops);
+            free(b);
+        }
+        return gw_push_error(L, "unavailable", 0, "postgres: out of memory");
+    }
+    begin->next = op;
+    begin->tx_begin = 1;
+    for (op = begin; op != NULL; op = op->next) {
         op->txid = tx->id;
         op->batch = b;
     }
     b->n = b->left = n + 1;
     b->co = gw_co_current(L);
-    wq_append(pg, first, last);
+    wq_append(pg, begin, last);
     dispatch(pg);                        /* answers come on later turns */
     return gw_co_wait(L, batch_cancel, b);
 }
@@ -3975,6 +4033,10 @@ static const luaL_Reg lpg_funcs[] = {
 int
 luaopen_paygate_pg_core(lua_State *L)
 {
+    luaL_newmetatable(L, LPG_BUILD_MT);
+    lua_pushcfunction(L, build_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pop(L, 1);
     luaL_newmetatable(L, LPG_MT);
     lua_pushcfunction(L, lpg_gc);
     lua_setfield(L, -2, "__gc");

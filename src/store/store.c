@@ -37,27 +37,6 @@ param_count(lua_State *L, int idx)
     return n;
 }
 
-int
-gw_store_vals_unbindable(lua_State *L, int idx)
-{
-    int i, cnt = param_count(L, idx), t;
-
-    if (cnt < 0) {
-        return -1;
-    }
-    for (i = 1; i <= cnt; i++) {
-        lua_rawgeti(L, idx, i);
-        t = lua_type(L, -1);
-        lua_pop(L, 1);
-        if (t != LUA_TLIGHTUSERDATA && t != LUA_TNIL && t != LUA_TBOOLEAN
-            && t != LUA_TNUMBER && t != LUA_TSTRING)
-        {
-            return i;
-        }
-    }
-    return 0;
-}
-
 /* Values read on the C stack before their block is made: a statement's
  * parameters are seldom more (more: a calloc'd scratch array) */
 #define GW_STORE_FEW 32

@@ -64,12 +64,6 @@ int gw_store_vals_copy(lua_State *L, int idx, struct gw_store_val **out,
 int gw_store_vals_from_lua(lua_State *L, int idx, struct gw_store_val **out,
                            int *n);
 
-/* The 1-based index of the first value of the parameter table at idx
- * that cannot be bound (not nil, null, boolean, number or string), or 0
- * when every one can, or -1 when params.n is no whole number in
- * 0..GW_STORE_MAX_PARAMS. Never raises. */
-int gw_store_vals_unbindable(lua_State *L, int idx);
-
 /* Whether the SQL text at idx (a string; anything else: 0) holds a NUL
  * byte. Both engines read SQL as a C string, which would end there
  * ("SELECT 1\0; ..." would run "SELECT 1"): such SQL is refused. */
