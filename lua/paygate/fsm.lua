@@ -243,10 +243,18 @@ function Store:load(q, id)
   return rows[1] or false
 end
 
+-- A table's keys in order, in a list made at its size (grown key by
+-- key, a set's list is resized four times).
 local function sorted_keys(t)
-  local keys = {}
+  local n = 0
+  for _ in pairs(t) do
+    n = n + 1
+  end
+  local keys = new_tab(n, 0)
+  n = 0
   for k in pairs(t) do
-    keys[#keys + 1] = k
+    n = n + 1
+    keys[n] = k
   end
   sort(keys)
   return keys
@@ -312,7 +320,10 @@ function Store:save_stmt(id, version, to, set)
   end
   n = n + 2
   params[n + 1], params[n + 2], params.n = id, version, n + 2
-  return { text, params }
+  -- (with room for the expect and name m:plan gives it)
+  local st = new_tab(2, 2)
+  st[1], st[2] = text, params
+  return st
 end
 
 function Store:save(tx, id, version, to, set)
@@ -950,7 +961,9 @@ function Machine:plan(q, id, how, opts)
   end
   local st = store:save_stmt(id, ctx.version, ctx.to, ctx.set)
   st.expect, st.name = 1, _M.VERSION_STMT
-  local stmts = { st }
+  -- (room for it and the audit's two)
+  local stmts = new_tab(3, 0)
+  stmts[1] = st
   ctx.statements = stmts
   local ok
   ok, err = run_hooks(self.leave[ctx.from], ctx)

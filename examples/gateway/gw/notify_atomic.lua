@@ -36,6 +36,7 @@ local apply = require "gw.apply"
 local events = require "gw.events"
 
 local type = type
+local new_tab = require "table.new"
 
 local _M = {}
 
@@ -82,8 +83,8 @@ local function build(db, mchid, event, key)
   then
     return nil, NOT_MINE                  -- the alarm
   end
-  local a = { state = p.gw_a_state, payment_id = p.gw_a_payment }
-  if a.state == "paid" then
+  local a_state = p.gw_a_state          -- the attempt's
+  if a_state == "paid" then
     -- a repeat of what is applied: record it, if the key was claimed
     return {
       { INSERT_NOTIFICATION, { event.id, event.event_type, key, model.now(),
@@ -93,7 +94,7 @@ local function build(db, mchid, event, key)
         expect = 1, name = "claimed" },
     }, "duplicate"
   end
-  if a.state ~= "open" then return nil, NOT_MINE end
+  if a_state ~= "open" then return nil, NOT_MINE end
   local head = p.gw_h_seq and { seq = p.gw_h_seq, hash = p.gw_h_hash }
                or false
   p.gw_a_state, p.gw_a_payment, p.gw_h_seq, p.gw_h_hash = nil, nil, nil, nil
@@ -102,7 +103,7 @@ local function build(db, mchid, event, key)
   local now = model.time()
   local evidence = { notification_id = event.id, source = "notification",
                      out_trade_no = no, transaction_id = r.transaction_id,
-                     trade_state = r.trade_state, attempt_state = a.state,
+                     trade_state = r.trade_state, attempt_state = a_state,
                      success_time = apply.wx_time(r.success_time) }
   local plan
   plan, err = P:plan(db, p.id, "succeeded", {
@@ -112,24 +113,27 @@ local function build(db, mchid, event, key)
             paid_out_trade_no = no, updated_at = now, late = 0,
             notified_at = now } })
   if not plan then return nil, err end
-  local stmts = {
-    { INSERT_NOTIFICATION, { event.id, event.event_type, key, model.now(),
-                             "applied" }, expect = 1, name = "notification" },
-    { "INSERT INTO gw_notification_effects (key, notification_id,"
-      .. " applied_at) VALUES ($1, $2, $3) ON CONFLICT (key) DO NOTHING",
-      { key, event.id, model.now() }, expect = 1, name = "effect" },
-    -- (as gw.apply does it: a switch's close mark goes with it)
-    { "UPDATE gw_attempts SET state = 'paid', transaction_id = $2,"
-      .. " closed_at = COALESCE(closed_at, $3), close_check_at = NULL"
-      .. " WHERE out_trade_no = $1 AND state = 'open'",
-      { no, r.transaction_id or json.null, now },
-      expect = 1, name = "attempt" },
-  }
-  for _, st in ipairs(plan.statements) do
-    stmts[#stmts + 1] = st
+  -- made at its size: three, the plan's, the outbox's (a list grown one
+  -- by one from three would be resized twice per notification)
+  local pstmts = plan.statements
+  local n = #pstmts
+  local stmts = new_tab(n + 4, 0)
+  stmts[1] = { INSERT_NOTIFICATION, { event.id, event.event_type, key,
+    model.now(), "applied" }, expect = 1, name = "notification" }
+  stmts[2] = { "INSERT INTO gw_notification_effects (key, notification_id,"
+    .. " applied_at) VALUES ($1, $2, $3) ON CONFLICT (key) DO NOTHING",
+    { key, event.id, model.now() }, expect = 1, name = "effect" }
+  -- (as gw.apply does it: a switch's close mark goes with it)
+  stmts[3] = { "UPDATE gw_attempts SET state = 'paid', transaction_id = $2,"
+    .. " closed_at = COALESCE(closed_at, $3), close_check_at = NULL"
+    .. " WHERE out_trade_no = $1 AND state = 'open'",
+    { no, r.transaction_id or json.null, now },
+    expect = 1, name = "attempt" }
+  for i = 1, n do
+    stmts[i + 3] = pstmts[i]
   end
-  stmts[#stmts + 1] = outbox.statement(db, events.event("payment.paid",
-                                                         plan.row))
+  stmts[n + 4] = outbox.statement(db, events.event("payment.paid",
+                                                    plan.row))
   return stmts, plan
 end
 
