@@ -243,8 +243,11 @@ function Store:load(q, id)
   return rows[1] or false
 end
 
--- A table's keys in order, in a list made at its size (grown key by
--- key, a set's list is resized four times).
+-- A table's keys in order. Made at its size (grown key by key, a set's
+-- list is resized four times); a short list is put in order here, by
+-- insertion, which the JIT compiles: table.sort is C that it does not,
+-- calling back through Lua's C API for every comparison.
+local SORT_HERE = 16            -- keys sorted by insertion (then table.sort)
 local function sorted_keys(t)
   local n = 0
   for _ in pairs(t) do
@@ -256,7 +259,18 @@ local function sorted_keys(t)
     n = n + 1
     keys[n] = k
   end
-  sort(keys)
+  if n > SORT_HERE then
+    sort(keys)
+    return keys
+  end
+  for i = 2, n do
+    local k, j = keys[i], i - 1
+    while j > 0 and k < keys[j] do
+      keys[j + 1] = keys[j]
+      j = j - 1
+    end
+    keys[j + 1] = k
+  end
   return keys
 end
 

@@ -119,6 +119,39 @@ describe("fsm.new", function()
   end)
 end)
 
+describe("a store's save_stmt", function()
+  -- the columns of set go in byte order of their names, each with its
+  -- value: a short set is put in order by fsm itself, a long one by
+  -- table.sort; both are checked against an order made here
+  local function check(n)
+    local set, names = {}, {}
+    for i = 1, n do
+      -- (c1 before c10 before c2: byte order, prefixes first)
+      local name = ("c%d"):format(i) .. ("_"):rep(i % 3)
+      set[name] = "v" .. name
+      names[#names + 1] = name
+    end
+    table.sort(names)
+    local st = fsm.sql_store{ table = "t" }:save_stmt("X1", 4, "paid", set)
+    local cols = { "state = $1", "version = $2" }
+    for i, name in ipairs(names) do
+      cols[#cols + 1] = name .. " = $" .. (i + 2)
+    end
+    assert.equal("UPDATE t SET " .. table.concat(cols, ", ")
+      .. " WHERE id = $" .. (n + 3) .. " AND version = $" .. (n + 4),
+      st[1])
+    local params = { "paid", 5 }
+    for _, name in ipairs(names) do params[#params + 1] = "v" .. name end
+    params[#params + 1], params[#params + 2] = "X1", 4
+    params.n = n + 4
+    assert.same(params, st[2])
+  end
+
+  it("puts the columns of set in name order, few or many", function()
+    for n = 0, 40 do check(n) end
+  end)
+end)
+
 describe("an illegal transition", function()
   it("is logged as one warn line naming machine, id, from and event",
      function()
