@@ -115,6 +115,7 @@
 #include "store.h"
 
 #define LSQLITE_MT        "paygate.sqlite.db"
+#define LSQLITE_BUILD_MT  "paygate.sqlite.atomic_build" /* lsqlite_build */
 #define LSQLITE_CACHE     64      /* prepared statements per connection */
 #define LSQLITE_READERS   2
 #define LSQLITE_MAX_READERS GW_STORE_SQLITE_MAX_READERS /* threads */
@@ -2865,14 +2866,43 @@ lsqlite_script(lua_State *L)
     return submit(L, j, LSQLITE_Q_WRITER);
 }
 
-/* Frees the ATOMIC job j being built and raises the misuse fmt names
- * (as luaL_error would: nothing of a refused call may stay allocated). */
+/* h:atomic's job while its statements are copied, held by a userdata on
+ * the Lua stack (LSQLITE_BUILD_MT): reading a statement's params.n or its
+ * expect can run Lua (a metamethod, a finalizer run by an allocation),
+ * and Lua that raises there leaves the job, and all it copied so far, to
+ * this userdata's finalizer instead of leaking it. */
+struct lsqlite_build {
+    struct lsqlite_job *j;
+};
+
 static int
-atomic_misuse(lua_State *L, struct lsqlite_job *j, const char *fmt, ...)
+build_gc(lua_State *L)
+{
+    struct lsqlite_build *bd = gw_testudata(L, 1, LSQLITE_BUILD_MT);
+
+    if (bd != NULL) {
+        job_free(bd->j);
+        bd->j = NULL;
+    }
+    return 0;
+}
+
+/* Frees the job bd holds now (a refused call leaves nothing allocated) */
+static void
+build_drop(struct lsqlite_build *bd)
+{
+    job_free(bd->j);
+    bd->j = NULL;
+}
+
+/* Frees the ATOMIC job bd holds and raises the misuse fmt names (as
+ * luaL_error would: nothing of a refused call may stay allocated). */
+static int
+atomic_misuse(lua_State *L, struct lsqlite_build *bd, const char *fmt, ...)
 {
     va_list ap;
 
-    job_free(j);
+    build_drop(bd);
     luaL_where(L, 1);
     va_start(ap, fmt);
     lua_pushvfstring(L, fmt, ap);
@@ -2895,9 +2925,10 @@ atomic_misuse(lua_State *L, struct lsqlite_job *j, const char *fmt, ...)
 static int
 lsqlite_atomic(lua_State *L)
 {
-    struct lsqlite_db  *db = check_db(L);
-    struct lsqlite_job *j;
-    int                 i, n, nul_at = 0;
+    struct lsqlite_db   *db = check_db(L);
+    struct lsqlite_build *bd;
+    struct lsqlite_job  *j;
+    int                  i, n, nul_at = 0;
 
     luaL_checktype(L, 2, LUA_TTABLE);
     gw_co_current(L);
@@ -2906,11 +2937,16 @@ lsqlite_atomic(lua_State *L)
         return luaL_error(L, "db:atomic: want 1 to %d statements (got %d)",
                           LSQLITE_ATOMIC_MAX, n);
     }
-    j = job_new(L, db, LSQLITE_OP_ATOMIC);
+    /* made before the job: what may raise runs while the job is held */
+    bd = lua_newuserdata(L, sizeof(*bd));
+    bd->j = NULL;
+    luaL_getmetatable(L, LSQLITE_BUILD_MT);
+    lua_setmetatable(L, -2);
+    j = bd->j = job_new(L, db, LSQLITE_OP_ATOMIC);
     if (j == NULL
         || (j->subs = calloc((size_t)n, sizeof(*j->subs))) == NULL)
     {
-        job_free(j);
+        build_drop(bd);
         return gw_push_error(L, "unavailable", 0, "sqlite: out of memory");
     }
     j->nsubs = n;
@@ -2925,12 +2961,12 @@ lsqlite_atomic(lua_State *L)
         s->db = db;
         lua_rawgeti(L, 2, i);
         if (!lua_istable(L, -1)) {
-            return atomic_misuse(L, j, "db:atomic: statement %d must be a"
+            return atomic_misuse(L, bd, "db:atomic: statement %d must be a"
                                  " table", i);
         }
         lua_rawgeti(L, -1, 1);
         if (lua_type(L, -1) != LUA_TSTRING) {
-            return atomic_misuse(L, j, "db:atomic: statement %d: sql must"
+            return atomic_misuse(L, bd, "db:atomic: statement %d: sql must"
                                  " be a string", i);
         }
         if (nul_at == 0 && gw_store_sql_has_nul(L, -1)) {
@@ -2940,19 +2976,19 @@ lsqlite_atomic(lua_State *L)
         lua_rawgeti(L, -2, 2);
         if (!lua_isnil(L, -1)) {
             if (!lua_istable(L, -1)) {
-                return atomic_misuse(L, j, "db:atomic: statement %d: params"
+                return atomic_misuse(L, bd, "db:atomic: statement %d: params"
                                      " must be a table", i);
             }
             rc = gw_store_vals_copy(L, -1, &s->params, &s->nparams);
             if (rc == GW_STORE_BAD_N) {
-                return atomic_misuse(L, j, "db:atomic: statement %d:"
+                return atomic_misuse(L, bd, "db:atomic: statement %d:"
                                      " params.n must be a whole number"
                                      " from 0 to %d", i,
                                      GW_STORE_MAX_PARAMS);
             }
             if (rc > 0) {
                 lua_rawgeti(L, -1, rc);
-                return atomic_misuse(L, j, "db:atomic: statement %d:"
+                return atomic_misuse(L, bd, "db:atomic: statement %d:"
                                      " params[%d] cannot be bound (a %s)",
                                      i, rc, luaL_typename(L, -1));
             }
@@ -2961,17 +2997,21 @@ lsqlite_atomic(lua_State *L)
         if (!lua_isnil(L, -1) && (!lua_isnumber(L, -1)
                                   || lua_tonumber(L, -1) < 0))
         {
-            return atomic_misuse(L, j, "db:atomic: statement %d: expect"
+            return atomic_misuse(L, bd, "db:atomic: statement %d: expect"
                                  " must be a count >= 0", i);
         }
         s->expect = lua_isnil(L, -1) ? -1 : (int64_t)lua_tonumber(L, -1);
         lua_pop(L, 4);
         if (s->sql == NULL || rc == GW_STORE_NOMEM) {
-            job_free(j);
+            build_drop(bd);
             return gw_push_error(L, "unavailable", 0,
                                  "sqlite: out of memory");
         }
     }
+    /* copied: nothing raises past here but recheck_db and submit, which
+     * free the job themselves */
+    bd->j = NULL;
+    lua_pop(L, 1);
     if (nul_at != 0) {
         job_free(j);
         lua_pushnil(L);
@@ -3178,6 +3218,10 @@ luaopen_paygate_sqlite_core(lua_State *L)
     static pthread_once_t once = PTHREAD_ONCE_INIT;
 
     pthread_once(&once, lsqlite_configure);
+    luaL_newmetatable(L, LSQLITE_BUILD_MT);
+    lua_pushcfunction(L, build_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pop(L, 1);
     luaL_newmetatable(L, LSQLITE_MT);
     lua_pushcfunction(L, lsqlite_gc);
     lua_setfield(L, -2, "__gc");

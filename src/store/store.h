@@ -51,9 +51,11 @@ struct gw_store_val {
  * params.n is read once, first (its metamethod may run Lua); then one
  * pass reads each value raw, checks and converts it, with no Lua
  * running until the strings are copied.
- * Never raises: returns 0, else (nothing allocated) the 1-based index
- * of the first value that cannot be bound (not nil, null, boolean,
- * number or string), GW_STORE_BAD_N or GW_STORE_NOMEM. */
+ * Raises only from that read (Lua it runs: the metamethod, a finalizer),
+ * before anything is allocated: a caller holding earlier copies holds
+ * them where a raise frees them. Returns 0, else (nothing allocated) the
+ * 1-based index of the first value that cannot be bound (not nil, null,
+ * boolean, number or string), GW_STORE_BAD_N or GW_STORE_NOMEM. */
 int gw_store_vals_copy(lua_State *L, int idx, struct gw_store_val **out,
                        int *n);
 
