@@ -556,6 +556,14 @@ describe("wechatpay api", function()
                    .. "under another, add it to the client's appids",
                    err.message)
       assert.equal(n, #stub:requests())
+      -- with no default appid, omitting it is no way out: not offered
+      local nodef = stub:client({ appid = false, appids = { APP } })
+      data, err = nodef:native_prepay(prepay_p{ appid = "wx0000000000000000" })
+      nodef:close()
+      assert.is_nil(data)
+      assert.equal("native_prepay: appid: must be one of the client's appids"
+                   .. " (" .. APP .. "); to pay under another, add it to the"
+                   .. " client's appids", err.message)
       -- a service provider's sp_appids alike
       local pwx2 = stub:partner_client({ sp_appid = APPID,
                                          sp_appids = { APP } })

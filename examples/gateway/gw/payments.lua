@@ -298,11 +298,13 @@ local function check_create(b)
     table.sort(names)
     local list = "config.merchants[" .. m.index .. "]."
                  .. (m.partner and "sp_appids" or "appids")
+    -- ("or omitted" only where omitting it fills the default in)
+    local omit = m.appid and " or omitted" or ""
     bad.appid = #names == 1
-      and "must be the merchant's appid (" .. names[1] .. ") or omitted;"
-          .. " to pay under another too, list it in " .. list
+      and "must be the merchant's appid (" .. names[1] .. ")" .. omit
+          .. "; to pay under another too, list it in " .. list
       or "must be one of the merchant's appids (" .. table.concat(names,
-          ", ") .. ") or omitted; to pay under another, add it to " .. list
+          ", ") .. ")" .. omit .. "; to pay under another, add it to " .. list
   end
   out.appid = b.appid or (m and m.appid)
   if m and not out.appid then

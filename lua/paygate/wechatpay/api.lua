@@ -217,8 +217,10 @@ local function fill(call, body, key, value, allowed)
     local names = {}
     for a in pairs(allowed) do names[#names + 1] = a end
     table.sort(names)
+    -- ("or omitted" only where omitting it fills the default in)
     return fail(call, key, "must be one of the client's " .. key .. "s ("
-                .. table.concat(names, ", ") .. ") or omitted; to pay "
+                .. table.concat(names, ", ") .. ")"
+                .. (value ~= nil and " or omitted" or "") .. "; to pay "
                 .. "under another, add it to the client's " .. key .. "s")
   end
   if value ~= nil and v ~= value then
