@@ -79,7 +79,10 @@ INSERT INTO pad (n, v) SELECT n, hex(randomblob(100)) FROM c]]))
   it("copies the live store, -wal included, while the writer commits",
      function()
     -- the marker: committed (and acknowledged) before the backup begins
-    local db = assert(sql.open(url))
+    -- (the writer process commits without a pause, and SQLite's lock
+    -- waits are not fair: on a loaded machine, under ASan, the default
+    -- 5 s was seen to run out)
+    local db = assert(sql.open(url .. "?busy_timeout=60000"))
     local marker = "marker-" .. crypto.random_nonce(12)
     assert(db:exec("INSERT INTO acks (id) VALUES ($1)", { marker }))
     db:close()

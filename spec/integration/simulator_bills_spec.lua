@@ -376,7 +376,11 @@ describe("simulator bills with two workers", function()
                               .. day)
         assert.equal(200, res.status, res.body)
         local asked = json.decode(res.body)
-        for _, t in ipairs(tasks) do t:wait() end
+        for _, t in ipairs(tasks) do
+          -- (a payment that failed says why, not only that one did)
+          local done, werr = t:wait()
+          assert(done ~= nil or werr == nil, tostring(werr))
+        end
         assert.is_true(#pool == 0 and paid == 160, "every order paid")
         local file = sn.signed(s, "GET",
           asked.download_url:match("^https?://[^/]+(/.*)$"))

@@ -75,8 +75,9 @@ describe("object types", function()
     table.sort(names)
     assert.equal("paygate.abandon_guard paygate.crypto.digest"
       .. " paygate.crypto.key paygate.event paygate.file_lock"
-      .. " paygate.http_stream paygate.keyring.ring paygate.pg.pool"
-      .. " paygate.redis.client paygate.redis.sub paygate.sqlite.db"
+      .. " paygate.http_stream paygate.keyring.ring paygate.pg.atomic_build"
+      .. " paygate.pg.pool paygate.redis.client paygate.redis.sub"
+      .. " paygate.sqlite.atomic_build paygate.sqlite.db"
       .. " paygate.task paygate.x509.cert paygate.zlib_inflate",
       table.concat(names, " "))
     for _, name in ipairs(names) do
