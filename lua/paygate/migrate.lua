@@ -231,9 +231,21 @@ local function read_file(path)
   return s
 end
 
--- Each file's SQL and checksum (m.sql, m.checksum); nil, err when one
--- cannot be read.
-local function read_all(list)
+-- run's and status's start: their arguments checked (raising at their
+-- caller's caller, as misuse), then dir's files for db.engine with each
+-- one's SQL and checksum (m.sql, m.checksum); nil, err when the folder or
+-- a file cannot be read.
+local function load_files(db, dir, fname)
+  if getmetatable(db) ~= sql.DB then
+    error(fname .. ": db must be a paygate.sql db", 3)
+  end
+  if type(dir) ~= "string" then
+    error(fname .. ": dir must be a string", 3)
+  end
+  local list, err = scan(dir, db.engine, fname, 3)
+  if not list then
+    return nil, err
+  end
   for _, m in ipairs(list) do
     local body, rerr = read_file(m.path)
     if not body then
@@ -242,7 +254,7 @@ local function read_all(list)
     m.sql = body
     m.checksum = checksum(body)
   end
-  return true
+  return list
 end
 
 -- syntax: applied, err = migrate.run(db, dir)
@@ -250,19 +262,9 @@ end
 --          empty), or nil, err (the failing file named in err.message)
 -- yields: one transaction
 function _M.run(db, dir)
-  if getmetatable(db) ~= sql.DB then
-    error("migrate.run: db must be a paygate.sql db", 2)
-  end
-  if type(dir) ~= "string" then
-    error("migrate.run: dir must be a string", 2)
-  end
-  local list, err = scan(dir, db.engine, "migrate.run", 2)
+  local list, err = load_files(db, dir, "migrate.run")
   if not list then
     return nil, err
-  end
-  local ok, rerr = read_all(list)
-  if not ok then
-    return nil, rerr
   end
   if db.engine == "postgres" then
     local ok, serr = pg_schema(db)
@@ -406,19 +408,9 @@ end
 -- migrated has every file pending; an older paygate's table, without its
 -- checksum column, is left so). Reading the folder blocks: for tools.
 function _M.status(db, dir)
-  if getmetatable(db) ~= sql.DB then
-    error("migrate.status: db must be a paygate.sql db", 2)
-  end
-  if type(dir) ~= "string" then
-    error("migrate.status: dir must be a string", 2)
-  end
-  local list, err = scan(dir, db.engine, "migrate.status", 2)
+  local list, err = load_files(db, dir, "migrate.status")
   if not list then
     return nil, err
-  end
-  local ok, rerr = read_all(list)
-  if not ok then
-    return nil, rerr
   end
   local rows = {}
   local has, herr = db:has_table("paygate_migrations")

@@ -380,12 +380,11 @@ end
 --- syntax: c, err = identity.rotate([delay])
 -- A new platform certificate, served at once, used for responses from
 -- now + delay (default: the config's rotation_delay).
-function _M.rotate(delay)
-  local serial = new_serial()
-  local kp, cp, err = generate(algo(), serial)
-  if not kp then return nil, err end
-  local row
-  row, err = cert_row(kp, cp, core.time() + (delay or S.cfg.rotation_delay))
+-- A new platform certificate of a key and certificate just generated
+-- (kp, cp), in use from use_from, stored beside the others; every
+-- worker sees it at its next look (the generation counter).
+local function add_cert(kp, cp, use_from)
+  local row, err = cert_row(kp, cp, use_from)
   if not row then return nil, err end
   local ok
   ok, err = insert(row, false)
@@ -393,6 +392,13 @@ function _M.rotate(delay)
   dict():incr(K_GEN, 1, 0)
   fresh()
   return S.by_serial[row.id]
+end
+
+function _M.rotate(delay)
+  local serial = new_serial()     -- (one value: generate's third is dates)
+  local kp, cp, err = generate(algo(), serial)
+  if not kp then return nil, err end
+  return add_cert(kp, cp, core.time() + (delay or S.cfg.rotation_delay))
 end
 
 --- syntax: c, err = identity.expiring(expires_in)
@@ -409,15 +415,7 @@ function _M.expiring(expires_in)
   local kp, cp, err = generate(algo(), new_serial(),
                                { math.floor(now) - 60, to })
   if not kp then return nil, err end
-  local row
-  row, err = cert_row(kp, cp, to)
-  if not row then return nil, err end
-  local ok
-  ok, err = insert(row, false)
-  if not ok then return nil, err end
-  dict():incr(K_GEN, 1, 0)
-  fresh()
-  return S.by_serial[row.id]
+  return add_cert(kp, cp, to)
 end
 
 -- The fault's certificate is made when the fault is set (the control
