@@ -40,9 +40,7 @@ local SPEC = { ["--subject"] = "value", ["--json"] = "flag" }
 -- A URL without its password (postgres://user:secret@host -> user@host).
 local redact = require("paygate.redact").url
 
-local function one_line(v)
-  return (tostring(v):gsub("%s*\n%s*", " "))
-end
+local one_line = common.one_line
 
 local function main(args)
   local opts, pos = common.parse(args, SPEC)
@@ -53,16 +51,8 @@ local function main(args)
   if not url or pos[3] then
     common.usage_error("verify takes one DB_URL (see --help)")
   end
-  -- sql.open creates a missing SQLite file: a verifier must not
-  common.sqlite_must_exist(url)
-  local ok, db, err = common.open_store(url)
-  if not ok then
-    common.usage_error("bad DB_URL %s: %s", redact(url), tostring(db))
-  end
-  if not db then
-    common.usage_error("cannot open %s: %s", redact(url),
-                       one_line(err))
-  end
+  -- (sql.open creates a missing SQLite file: a verifier must not)
+  local db = common.open_existing(url, "DB_URL")
   local line = function(b)
     if opts["--json"] then
       io.stdout:write(json.encode({ status = "broken", subject = b.subject,

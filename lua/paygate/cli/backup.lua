@@ -41,9 +41,7 @@ local SPEC = { ["--force"] = "flag", ["--json"] = "flag" }
 -- A URL without its password (postgres://user:secret@host -> user@host).
 local redact = require("paygate.redact").url
 
-local function one_line(v)
-  return (tostring(v):gsub("%s*\n%s*", " "))
-end
+local one_line = common.one_line
 
 local function main(args)
   local opts, pos = common.parse(args, SPEC)
@@ -72,13 +70,7 @@ local function main(args)
                        .. "replace it", common.shown(dest))
   end
   local t0 = core.mono()
-  local ok, db, err = common.open_store(url)
-  if not ok then
-    common.usage_error("bad SQLITE_URL %s: %s", redact(url), one_line(db))
-  end
-  if not db then
-    common.usage_error("cannot open %s: %s", redact(url), one_line(err))
-  end
+  local db = common.open_existing(url, "SQLITE_URL")
   local info, berr = db:backup(dest, { replace = opts["--force"] })
   db:close()
   if not info then

@@ -64,6 +64,31 @@ function _M.open_store(url)
   return pcall(require("paygate.sql").open, url)
 end
 
+--- syntax: text = common.one_line(v)
+-- tostring(v) with its line breaks (and the blanks around them) folded
+-- to one space: a driver's error in a one-line reason.
+function _M.one_line(v)
+  return (tostring(v):gsub("%s*\n%s*", " "))
+end
+
+--- syntax: db = common.open_existing(url, name)
+-- The store a tool reads or edits: a missing SQLite file is a usage error
+-- (never made empty), as is a URL sql.open refuses ("bad NAME URL: why")
+-- or a store that does not open ("cannot open URL: why"); the URL's
+-- password never shown. name: how the usage calls it (DB_URL, ...).
+function _M.open_existing(url, name)
+  _M.sqlite_must_exist(url)
+  local redact = require("paygate.redact").url
+  local ok, db, err = _M.open_store(url)
+  if not ok then
+    usage_error("bad %s %s: %s", name, redact(url), _M.one_line(db))
+  end
+  if not db then
+    usage_error("cannot open %s: %s", redact(url), _M.one_line(err))
+  end
+  return db
+end
+
 --- syntax: opts, positional = common.parse(args, spec)
 -- spec maps an option name ("--json", "-H") to "flag" (boolean), "value"
 -- (string, the last one given wins) or "list" (every value, in order).

@@ -88,17 +88,9 @@ local function main(args)
   if not dir or pos[4] then
     common.usage_error("status takes DB_URL and DIR (see --help)")
   end
-  -- sql.open creates a missing SQLite file: a status must not
-  common.sqlite_must_exist(url)
-  local ok, db, err = common.open_store(url)
-  if not ok then
-    common.usage_error("bad DB_URL %s: %s", redact(url), one_line(db))
-  end
-  if not db then
-    common.usage_error("cannot open %s: %s", redact(url), one_line(err))
-  end
-  local list, serr
-  ok, list, serr = pcall(migrate.status, db, dir)
+  -- (sql.open creates a missing SQLite file: a status must not)
+  local db = common.open_existing(url, "DB_URL")
+  local ok, list, serr = pcall(migrate.status, db, dir)
   if not ok then
     -- two files with one version: the folder's fault, said as such
     db:close()
