@@ -346,6 +346,26 @@ end
 -- the cache (the gateway's workers own it; a file or lock left by
 -- another user would stop them replacing it). returns: the merged
 -- config, or nil when no set can be had (a failed line said why).
+-- The fix for a set etcd did not give, by its error's kind. none: no
+-- set at all (else the cached one is in use, and etcd answered).
+local function etcd_fix(kind, prefix, none)
+  if kind == "auth" then
+    return "etcd refused the user or its password: check "
+           .. "credentials.etcd.user and the password it is given"
+  elseif kind == "permission" then
+    return "grant the user read access to the prefix (docs/etcd.md, Users"
+           .. " and roles)"
+  elseif not none then
+    return "publish a valid set: paygate etcd publish validates it first"
+  elseif kind == "invalid_credentials" then
+    return "publish a valid set: paygate etcd publish validates it first;"
+           .. " paygate etcd show --prefix " .. prefix .. " says what the"
+           .. " set holds"
+  end
+  return "check credentials.etcd.endpoints and that etcd runs; paygate etcd"
+         .. " show --prefix " .. prefix .. " reads it"
+end
+
 local function etcd_keys(out, raw, conf, id, app)
   local prefix = tostring(conf.etcd_prefix)
   local what = "merchant " .. id .. "'s keys (the set at "
@@ -398,16 +418,7 @@ local function etcd_keys(out, raw, conf, id, app)
                 :gsub("^credentials: ", ""):gsub("^" .. id .. ": ", "")
     out:fail("credentials", what .. ": " .. msg,
              "the gateway would not start: it needs the set from etcd or "
-             .. "its cached copy", kind == "auth"
-             and "etcd refused the user or its password: check "
-             .. "credentials.etcd.user and the password it is given"
-             or kind == "permission" and "grant the user read access to "
-             .. "the prefix (docs/etcd.md, Users and roles)"
-             or kind == "invalid_credentials" and "publish a valid set: "
-             .. "paygate etcd publish validates it first; paygate etcd show "
-             .. "--prefix " .. prefix .. " says what the set holds"
-             or "check credentials.etcd.endpoints and that etcd runs; "
-             .. "paygate etcd show --prefix " .. prefix .. " reads it")
+             .. "its cached copy", etcd_fix(kind, prefix, true))
     return nil
   end
   local from, cause, kind = src:origin(id)
@@ -428,13 +439,7 @@ local function etcd_keys(out, raw, conf, id, app)
     out:fail("credentials", what .. ": " .. tostring(cause) .. "; "
              .. cached, "the gateway "
              .. "starts with the cached set, and takes no new set until "
-             .. "this is fixed", kind == "auth"
-             and "etcd refused the user or its password: check "
-             .. "credentials.etcd.user and the password it is given"
-             or kind == "permission" and "grant the user read access to "
-             .. "the prefix (docs/etcd.md, Users and roles)"
-             or "publish a valid set: paygate etcd publish validates it "
-             .. "first")
+             .. "this is fixed", etcd_fix(kind, prefix, false))
   end
   local wc = src:wechatpay_conf(id, conf.wechatpay)
   -- where a fix goes: the set's files, not keys of the config
