@@ -2,6 +2,9 @@
  * fdio.c -- see fdio.h.
  */
 #include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
 #include <unistd.h>
 
 #include "fdio.h"
@@ -29,4 +32,25 @@ gw_read_full(int fd, void *buf, size_t len, int *err)
         n += (size_t) r;
     }
     return n;
+}
+
+void
+gw_fsync_parent(const char *path)
+{
+    char        dir[4200];
+    char       *slash;
+    int         fd;
+
+    snprintf(dir, sizeof(dir), "%s", path);
+    slash = strrchr(dir, '/');
+    if (slash == NULL) {
+        snprintf(dir, sizeof(dir), ".");
+    } else {
+        slash[slash == dir ? 1 : 0] = '\0';
+    }
+    fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd >= 0) {
+        (void) fsync(fd);
+        close(fd);
+    }
 }

@@ -16,4 +16,9 @@
  * it are in buf, and counted). */
 size_t gw_read_full(int fd, void *buf, size_t len, int *err);
 
+/* Flushes the folder that holds path (its entries: a rename into it made
+ * durable). Best effort: a folder that cannot be opened or flushed is
+ * passed over, as the file itself was flushed already. */
+void gw_fsync_parent(const char *path);
+
 #endif

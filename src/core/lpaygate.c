@@ -8,7 +8,6 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <libgen.h>
 #include <math.h>
 #include <netinet/in.h>
 #include <sys/file.h>
@@ -449,8 +448,8 @@ lcore_write_file(lua_State *L)
     const char *data = gw_arg_string(L, 2, "paygate.write_file", "data",
                                      &len);
     mode_t      mode = check_mode(L, 3, "paygate.write_file", 0600, 0);
-    char        tmp[4096], dir[4096];
-    int         fd, dfd, err = 0;
+    char        tmp[4096];
+    int         fd, err = 0;
     const char *step = "open";
 
     if (memchr(path, '\0', plen) != NULL) {
@@ -498,13 +497,7 @@ lcore_write_file(lua_State *L)
         return gw_push_error(L, "io", 0, "write_file %s: %s: %s", path, step,
                              strerror(err));
     }
-    /* the rename itself, durable: the folder's entry */
-    snprintf(dir, sizeof(dir), "%s", path);
-    dfd = open(dirname(dir), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dfd >= 0) {
-        (void) fsync(dfd);
-        close(dfd);
-    }
+    gw_fsync_parent(path);          /* the rename itself, durable */
     lua_pushboolean(L, 1);
     return 1;
 }

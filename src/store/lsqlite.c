@@ -109,6 +109,7 @@
 #include <event2/event.h>
 #include <lauxlib.h>
 
+#include "fdio.h"
 #include "loop.h"
 #include "lstate.h"
 #include "runtime.h"
@@ -2013,7 +2014,7 @@ run_backup(struct lsqlite_conn *c, struct lsqlite_db *db,
            struct lsqlite_job *j)
 {
     const char  *path = j->sql;
-    char         tmp[4200], dir[4200], *slash;
+    char         tmp[4200];
     int          fd, err;
     struct stat  sb, other;
 
@@ -2077,19 +2078,7 @@ run_backup(struct lsqlite_conn *c, struct lsqlite_db *db,
                     strerror(err));
         return;
     }
-    /* the rename itself, durable: the folder's entry */
-    snprintf(dir, sizeof(dir), "%s", path);
-    slash = strrchr(dir, '/');
-    if (slash == NULL) {
-        snprintf(dir, sizeof(dir), ".");
-    } else {
-        slash[slash == dir ? 1 : 0] = '\0';
-    }
-    fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd >= 0) {
-        (void) fsync(fd);
-        close(fd);
-    }
+    gw_fsync_parent(path);          /* the rename itself, durable */
 }
 
 /* ------------------------------------------------------- reader threads */
