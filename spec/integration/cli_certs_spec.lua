@@ -55,6 +55,24 @@ describe("paygate certs --download", function()
     assert.matches("check --serial", r[#r].fix, 1, true)
   end)
 
+  it("a key of the other variant (SM2 against RSA): the signature type",
+     function()
+    -- WeChat refuses the Authorization's scheme before it looks at the
+    -- mchid or the serial: the fix names the variant, not those
+    local sm = testing.merchant_keys{ sm2 = true, mchid = wc.mchid }
+    local sm_serial = assert(crypto.certificate(diagpki.read(sm.certificate)))
+                      :serial()
+    local code, out, r = download{ key = sm.private_key, serial = sm_serial }
+    assert.equal(1, code, out)
+    local x = r[#r]
+    assert.matches("SIGN_ERROR", x.cause, 1, true)
+    assert.matches("WECHATPAY2-SM2-WITH-SM3", x.fix, 1, true)
+    assert.matches("WeChat expects WECHATPAY2-SHA256-RSA2048", x.fix, 1,
+                   true)
+    assert.is_nil(x.fix:find("check --mchid", 1, true), x.fix)
+    assert.is_nil(x.fix:find("check --serial", 1, true), x.fix)
+  end)
+
   it("a certificate given as --key: exit 2, the file and why", function()
     local code, out = download{ key = wc.merchant_certificate }
     assert.equal(2, code, out)

@@ -104,6 +104,24 @@ describe("paygate doctor's signed call (platform certificate mode)", function()
     assert.is_nil(r.fix:find("merchant_serial", 1, true), r.fix)
   end)
 
+  it("a SIGN_ERROR for the signature type names sign_type", function()
+    -- an SM merchant's keys against a WeChat that expects RSA (or the
+    -- reverse): WeChat refuses the scheme before the mchid and the serial
+    local sm = testing.merchant_keys{ sm2 = true, mchid = sim.merchant.mchid }
+    local r, out, code = doctor(sim:client_config(nil, {
+      merchant_private_key = sm.private_key,
+      merchant_certificate = sm.certificate,
+      sign_type = "WECHATPAY2-SM2-WITH-SM3" }))
+    assert.equal(1, code, out)
+    assert.equal("fail", r.status, out)
+    assert.matches("SIGN_ERROR", r.cause, 1, true)
+    assert.matches("sign_type", r.fix, 1, true)
+    assert.matches("WeChat expects WECHATPAY2-SHA256-RSA2048", r.fix, 1,
+                   true)
+    assert.is_nil(r.fix:find("merchant_serial", 1, true), r.fix)
+    assert.is_nil(r.fix:find("check mchid", 1, true), r.fix)
+  end)
+
   it("fails when the APIv3 key is wrong", function()
     local key = testing.apiv3_key()
     local r, out, code = doctor(sim:client_config(nil, { apiv3_key = key }))

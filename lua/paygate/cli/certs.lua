@@ -169,9 +169,17 @@ local function list_encrypted(out, e, in_dir)
 end
 
 -- A 401 SIGN_ERROR's fix, after what WeChat blamed (common.sign_error_blame)
-local function sign_error_fix(err)
-  local blame = common.sign_error_blame(err)
-  if blame == "mchid" then
+local function sign_error_fix(err, schema)
+  local blame, expected = common.sign_error_blame(err)
+  if blame == "scheme" then
+    -- the variant follows --key: an SM2 key signs WECHATPAY2-SM2-WITH-SM3
+    return (expected and ("WeChat expects " .. expected .. " requests, "
+      .. "and ") or "WeChat refused the signature type: ") .. "--key (an "
+      .. (schema == "WECHATPAY2-SM2-WITH-SM3" and "SM2" or "RSA") .. " key) "
+      .. "signs " .. schema .. ": give the key and serial of the "
+      .. "variant the merchant signed up for (RSA for "
+      .. "WECHATPAY2-SHA256-RSA2048, SM2 for WECHATPAY2-SM2-WITH-SM3)"
+  elseif blame == "mchid" then
     return "WeChat does not know this merchant id: check --mchid (the CN "
       .. "of apiclient_cert.pem's subject: paygate certs apiclient_cert.pem)"
   elseif blame == "serial" then
@@ -211,12 +219,13 @@ local function download(o, out)
   end
   local wechatpay = require "paygate.wechatpay"
   local sign = require "paygate.wechatpay.sign"
+  -- the variant is the key's: an SM2 key is an SM merchant's (its
+  -- requests signed WECHATPAY2-SM2-WITH-SM3, ?algorithm_type=SM2, the
+  -- certificates in AEAD_SM4_GCM); another type is RSA's, refused by
+  -- the client as such when it is not RSA
+  local schema = key:type() == "SM2" and sign.SM2 or sign.RSA
   local wx, err = wechatpay.client{
-    -- the variant is the key's: an SM2 key is an SM merchant's (its
-    -- requests signed WECHATPAY2-SM2-WITH-SM3, ?algorithm_type=SM2, the
-    -- certificates in AEAD_SM4_GCM); another type is RSA's, refused by
-    -- the client as such when it is not RSA
-    sign_type = key:type() == "SM2" and sign.SM2 or sign.RSA,
+    sign_type = schema,
     mchid = o["--mchid"], merchant_private_key = keypem,
     merchant_serial = o["--serial"], apiv3_key = apiv3,
     base_url = o["--download"], backup_url = false,
@@ -238,7 +247,7 @@ local function download(o, out)
              err.request_id and "request id " .. err.request_id,
              err.kind == "decrypt_failed" and "the APIv3 key is wrong "
              .. "(paygate decrypt names why)" or err.kind == "sign_error"
-             and sign_error_fix(err) or nil)
+             and sign_error_fix(err, schema) or nil)
     return 1
   end
   local made, merr = core.mkdir_p(o["--out"])

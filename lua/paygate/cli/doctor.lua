@@ -852,13 +852,23 @@ end
 -- What a failed signed call means, by the client's error kind: the cause
 -- in words and the fix. mode: the client's (certificate, migration,
 -- public_key).
-local function signed_failure(err, mode, conf)
+local function signed_failure(err, mode, conf, sign_type)
   local k = err.kind
   if k == "sign_error" then
     -- what WeChat blamed, as paygate certs --download reads it
-    local blame = common.sign_error_blame(err)
+    local blame, expected = common.sign_error_blame(err)
     local cause = "WeChat refused the request's signature"
-    if blame == "mchid" then
+    if blame == "scheme" then
+      -- an SM merchant's keys against a WeChat that holds an RSA one for
+      -- this mchid, or the reverse: no serial or mchid to check
+      return cause, (expected and ("WeChat expects " .. expected
+        .. " requests, and ") or "WeChat refused the signature type: ")
+        .. key_name(conf, "sign_type") .. " is " .. tostring(sign_type)
+        .. ": set it to the variant the merchant signed up for, with that "
+        .. "variant's merchant_private_key and merchant_certificate (RSA "
+        .. "keys for WECHATPAY2-SHA256-RSA2048, the default; SM2 keys for "
+        .. "WECHATPAY2-SM2-WITH-SM3)"
+    elseif blame == "mchid" then
       return cause, "WeChat does not know this merchant id: check mchid "
         .. "(the CN of merchant_certificate's subject: paygate certs "
         .. "prints it)"
@@ -999,7 +1009,8 @@ local function check_signed(out, wc, cfg, clock_bad, dconf, expiring)
              .. "download_certificates (public-key mode)")
     return
   end
-  local cause, fix = signed_failure(err, cfg.mode, dconf)
+  local cause, fix = signed_failure(err, cfg.mode, dconf,
+    cfg.sm and "WECHATPAY2-SM2-WITH-SM3" or "WECHATPAY2-SHA256-RSA2048")
   if err.kind == "sign_error" and clock_bad
      and common.sign_error_blame(err) ~= "timestamp" then
     -- WeChat refuses a timestamp 5 minutes off as a bad signature
