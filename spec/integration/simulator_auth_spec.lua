@@ -253,6 +253,29 @@ describe("simulator: configuration", function()
                    .. "character APIv3 key", log)
   end)
 
+  it("exits 2 for a sub-merchant listed twice, or sub_merchants not an "
+     .. "array", function()
+    -- the second entry would silently replace the first's appids; keyed
+    -- by mchid, ipairs saw none, and the provider had no sub-merchant
+    local sub = ("{ mchid = %q, appids = { %q } }"):format(sc.SUB,
+                                                         sc.SUB_APPID)
+    local conf = sc.config("/tmp/never-made")
+    local twice = conf:gsub("sub_merchants = { ", "sub_merchants = { "
+                            .. sub:gsub("%%", "%%%%") .. ", ", 1)
+    assert.is_not.equal(conf, twice)
+    local code, log = run(twice)
+    assert.equal(2, code, log)
+    assert.matches("config.merchants[1].sub_merchants[2].mchid: "
+                   .. sc.SUB .. " is listed twice", log, 1, true)
+    local keyed = conf:gsub("sub_merchants = { {", "sub_merchants = { ['"
+                            .. sc.SUB .. "'] = {", 1)
+    assert.is_not.equal(conf, keyed)
+    code, log = run(keyed)
+    assert.equal(2, code, log)
+    assert.matches("config.merchants[1].sub_merchants: must be an array",
+                   log, 1, true)
+  end)
+
   it("lets the runtime's own keys sit beside its own", function()
     local code, log = run(sc.config("/tmp/never-made",
       "workers = 1, log_level = 'info', shared = { x = '1m' }, " ..

@@ -222,6 +222,15 @@ local function check_merchant(raw, where, want, seen, c)
     if type(raw.sub_merchants) ~= "table" then
       return bad("sub_merchants", "must be an array of { mchid, appids }")
     end
+    -- an array only: ipairs passes over other keys, so sub-merchants keyed
+    -- by their mchid (["1900000101"] = {...}) left the provider with none
+    local ns = #raw.sub_merchants
+    for k in pairs(raw.sub_merchants) do
+      if type(k) ~= "number" or k < 1 or k > ns or k ~= math.floor(k) then
+        return bad("sub_merchants", "must be an array of { mchid, appids }"
+                   .. " (a key " .. tostring(k) .. " found)")
+      end
+    end
     for i, s in ipairs(raw.sub_merchants) do
       local sw = where .. ".sub_merchants[" .. i .. "]"
       if type(s) ~= "table" then return nil, sw .. ": must be a table" end
@@ -235,6 +244,11 @@ local function check_merchant(raw, where, want, seen, c)
       if id == m.mchid then
         return nil, sw .. ".mchid: a sub-merchant cannot be its service "
                     .. "provider"
+      end
+      -- a second entry would replace the first's appids without a word
+      if m.sub[id] then
+        return nil, sw .. ".mchid: " .. id .. " is listed twice (give one "
+                    .. "entry with all its appids)"
       end
       local sa
       sa, why = string_list(s.appids or {}, "appids")
