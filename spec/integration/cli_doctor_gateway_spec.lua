@@ -371,4 +371,24 @@ describe("paygate doctor --config <the gateway's config>", function()
     assert.equal(2, code, out)
     assert.matches("--merchant is for the gateway's config", out, 1, true)
   end)
+
+  it("--merchant naming a sub-merchant of a service provider: says the "
+     .. "provider is the one to check", function()
+    -- the dev merchant as a service provider: its sub-merchants are named
+    -- by each payment, never listed in the config
+    local conf = variant("partner", [[
+      local m = c.merchants[1]
+      m.sp_mchid, m.mchid = m.mchid, nil
+      m.sp_appid, m.appid = m.appid, nil]])
+    local code, out = run({ "doctor", "--config", conf, "--merchant",
+                            "1900000109" })
+    assert.equal(2, code, out)
+    assert.matches("no merchant 1900000109 in the gateway config", out, 1,
+                   true)
+    assert.matches("service provider", out, 1, true)
+    assert.matches("sub-merchants are not listed in the config", out, 1,
+                   true)
+    assert.matches("--merchant " .. assert(out:match("sp_mchid (%d+)")),
+                   out, 1, true)
+  end)
 end)

@@ -173,6 +173,22 @@ local function from_gateway(conf, pick)
     end
   end
   if not m then
+    -- a service provider's sub-merchants are named by each payment, never
+    -- listed in the config: doctor checks the provider, whose keys sign
+    -- their calls (a sub-merchant's id alone said only "no merchant")
+    local sp = {}
+    for _, cand in ipairs(list) do
+      if type(cand) == "table" and cand.sp_mchid ~= nil then
+        sp[#sp + 1] = tostring(cand.sp_mchid)
+      end
+    end
+    if #sp > 0 then
+      common.usage_error("no merchant %s in the gateway config: a service "
+        .. "provider's sub-merchants are not listed in the config (each "
+        .. "payment names its sub_mchid), and the provider's keys sign for "
+        .. "them: check it with --merchant %s (sp_mchid %s)", pick, sp[1],
+        table.concat(sp, ", "))
+    end
     common.usage_error("no merchant %s in the gateway config", pick)
   end
   local id = tostring(m.mchid or m.sp_mchid)
