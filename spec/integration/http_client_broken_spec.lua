@@ -68,6 +68,33 @@ describe("paygate.http.request facing a broken server", function()
     assert.equal("ok", assert(paygate.http.request{ url = url("/ok") }).body)
   end)
 
+  it("takes Content-Length fields that repeat one value as one, however"
+     .. " long it is written (RFC 9110 8.6)", function()
+    -- a value written with 28 leading zeros was cut to its first 23
+    -- characters before the second field was compared with it: two
+    -- identical fields were refused as values that differ
+    for _, sink in ipairs({ false, true }) do
+      for _, name in ipairs({ "same", "samelong" }) do
+        local got = {}
+        local res, err = paygate.http.request{ url = url("/twolengths-"
+          .. name), timeout = 5,
+          sink = sink and function(chunk) got[#got + 1] = chunk end or nil }
+        assert.is_not_nil(res, name .. ": " .. tostring(err and err.message))
+        assert.equal(200, res.status)
+        assert.equal("ok", sink and table.concat(got) or res.body)
+      end
+      -- values that differ past the 23rd character still differ
+      local res, err = paygate.http.request{ url = url("/twolengths-difflong"),
+        timeout = 5, sink = sink and function() end or nil }
+      assert.is_nil(res)
+      assert.equal("closed", err.kind)
+      assert.matches("Content-Length values that differ", err.message, 1,
+                     true)
+      assert.is_false(err.retryable)
+    end
+    assert.equal("ok", assert(paygate.http.request{ url = url("/ok") }).body)
+  end)
+
   it("fails an answer whose first header line is folded: a malformed"
      .. " head, not a dropped connection", function()
     -- obs-fold with no field before it to go on (RFC 9112 5.2 lets a

@@ -49,6 +49,10 @@
 #                request in plain text), redis (an error line)
 #   /twolengths  a 200 with Content-Length 2 and Content-Length 40, then
 #                40 bytes ("ok" and a second answer's head)
+#   /twolengths-<name>  a 200 with two Content-Length fields, then "ok":
+#                name = same ("2" twice), samelong (2 written with 28
+#                leading zeros, twice), difflong (2, then 4, each written
+#                with 28 leading zeros)
 #   /switch      101 Switching Protocols (asked by no request), then
 #                bytes of another protocol; keeps the connection 2 s
 #   /late408     200 "ok", then 0.1 s later a 408 with Connection: close
@@ -102,6 +106,12 @@ BIGLENGTH = {
     "tera": b"1000000000000",
     "zeros": b"0" * 25 + b"2",
 }
+LONG2 = b"0" * 28 + b"2"
+TWOLENGTHS = {
+    "same": (b"2", b"2"),
+    "samelong": (LONG2, LONG2),
+    "difflong": (LONG2, b"0" * 28 + b"4"),
+}
 def answer(c):
     c.settimeout(30)
     while True:
@@ -154,6 +164,11 @@ def answer(c):
             c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
                       b"Content-Length: 40\r\n\r\nokHTTP/1.1 200 OK\r\n"
                       b"Content-Length: 4\r\n\r\n")
+            continue
+        if path.startswith("/twolengths-"):
+            first, second = TWOLENGTHS[path[12:]]
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: " + first
+                      + b"\r\nContent-Length: " + second + b"\r\n\r\nok")
             continue
         if path == "/switch":
             c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x"

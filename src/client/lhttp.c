@@ -98,8 +98,12 @@ struct gw_http_op {
     int                switched;    /* 1: a 101 no request asks for */
     int                at_status;   /* 1: the last head line handed over
                                        was a status line */
-    char               clen[24];    /* the head's first Content-Length
-                                       value, trimmed ("" none yet) */
+    int                has_clen;    /* 1: the head had a Content-Length */
+    size_t             clen_at;     /* its first one's value, trimmed:
+                                       where it begins in hdr, */
+    size_t             clen_len;    /* and its length (a copy cut to a
+                                       fixed size made two identical
+                                       long values look different) */
     int                sent;        /* 1 once curl was about to send the
                                        request (CURLOPT_PREREQFUNCTION) */
     char              *hdr;         /* owned: raw response header lines */
@@ -576,7 +580,7 @@ header_cb(char *p, size_t size, size_t n, void *arg)
     /* a new status line (after 100 Continue): keep only the last head */
     if (status_line) {
         op->hlen = 0;
-        op->clen[0] = '\0';
+        op->has_clen = 0;
     }
     /* (push_failure: a transfer that failed right after this line) */
     op->at_status = status_line;
@@ -609,14 +613,16 @@ header_cb(char *p, size_t size, size_t n, void *arg)
                 return 0;
             }
         }
-        if (op->clen[0] == '\0') {
-            size_t k = (size_t) (ve - v) < sizeof(op->clen) - 1
-                       ? (size_t) (ve - v) : sizeof(op->clen) - 1;
-
-            memcpy(op->clen, v, k);
-            op->clen[k] = '\0';
-        } else if (strlen(op->clen) != (size_t) (ve - v)
-                   || memcmp(op->clen, v, (size_t) (ve - v)) != 0) {
+        /* the first value is compared where it is kept, in hdr (this
+         * line is appended to it below, or the transfer fails): whole,
+         * however long (leading zeros), so identical repeats are one
+         * field (RFC 9110 8.6 lets a recipient take them so) */
+        if (!op->has_clen) {
+            op->has_clen = 1;
+            op->clen_at = op->hlen + (size_t) (v - p);
+            op->clen_len = (size_t) (ve - v);
+        } else if (op->clen_len != (size_t) (ve - v)
+                   || memcmp(op->hdr + op->clen_at, v, op->clen_len) != 0) {
             op->two_lengths = 1;
             return 0;
         }
@@ -1030,7 +1036,7 @@ restart(struct gw_http_op *op)
     op->restarts++;
     op->sent = op->prereqs = op->refused = 0;
     op->body_pos = op->len = op->hlen = 0;
-    op->at_status = 0;
+    op->at_status = op->has_clen = 0;
     op->err[0] = '\0';
     curl_easy_setopt(op->easy, CURLOPT_FORBID_REUSE, op->no_reuse);
     if (op->restarts >= 3) {
