@@ -76,7 +76,8 @@ describe("object types", function()
     assert.equal("paygate.abandon_guard paygate.crypto.digest"
       .. " paygate.crypto.key paygate.event paygate.file_lock"
       .. " paygate.http_stream paygate.keyring.ring paygate.pg.atomic_build"
-      .. " paygate.pg.pool paygate.redis.client paygate.redis.sub"
+      .. " paygate.pg.pool paygate.read_buffer paygate.redis.client"
+      .. " paygate.redis.sub"
       .. " paygate.sqlite.atomic_build paygate.sqlite.db"
       .. " paygate.task paygate.x509.cert paygate.zlib_inflate",
       table.concat(names, " "))

@@ -31,6 +31,7 @@
 #define LEVENT_MT "paygate.event"
 #define LGUARD_MT "paygate.abandon_guard"
 #define LLOCK_MT "paygate.file_lock"
+#define LREADBUF_MT "paygate.read_buffer"
 
 /* ---- sleep ---------------------------------------------------------- */
 
@@ -236,6 +237,35 @@ lcore_file_type(lua_State *L)
 #define READ_FILE_MAX      (1024 * 1024)
 #define READ_FILE_MAX_MAX  (64 * 1024 * 1024)
 
+/* core.read_file's heap buffer, owned by a userdata made before it: the
+ * push of the file's bytes may raise (no memory), and the buffer (a
+ * private key, often) is then wiped and freed by __gc, not lost. p and
+ * cap follow each new buffer. */
+struct gw_read_buf {
+    char   *p;                  /* owned, or NULL */
+    size_t  cap;
+};
+
+/* Wipes and frees rb's buffer (NULL-safe; safe twice). */
+static void
+read_buf_release(struct gw_read_buf *rb)
+{
+    if (rb != NULL && rb->p != NULL) {
+        explicit_bzero(rb->p, rb->cap);
+        free(rb->p);
+        rb->p = NULL;
+    }
+}
+
+/* __gc: reachable with any userdata through getmetatable, so it ignores
+ * what is not a read buffer instead of raising */
+static int
+lreadbuf_gc(lua_State *L)
+{
+    read_buf_release(gw_testudata(L, 1, LREADBUF_MT));
+    return 0;
+}
+
 /* nil, err for core.read_file: kind, "NAME: REASON", err.key = name and
  * err.reason = reason (for a caller that words its own message) */
 static int
@@ -290,6 +320,7 @@ lcore_read_file(lua_State *L)
     char       *buf, *more;
     int         fd, e = 0;
     char        why[64];
+    struct gw_read_buf *rb;
 
     if (!lua_isnoneornil(L, 3)) {
         /* a number only: "64" is not a size */
@@ -305,6 +336,13 @@ lcore_read_file(lua_State *L)
         return read_file_refused(L, "not_found", name,
                                  "not a path (it holds a NUL byte)");
     }
+    /* the buffer's owner first (it may raise: no memory), before the fd
+     * and the buffer are, so neither leaks whatever raises after */
+    rb = lua_newuserdata(L, sizeof(*rb));
+    rb->p = NULL;
+    rb->cap = 0;
+    luaL_getmetatable(L, LREADBUF_MT);
+    lua_setmetatable(L, -2);
     /* stat first: a FIFO or a device is never opened (an open can have
      * effects of its own: a FIFO's waits for a writer) */
     if (stat(path, &st) != 0) {
@@ -341,7 +379,8 @@ lcore_read_file(lua_State *L)
     if (cap < 4096) {
         cap = max + 1 < 4096 ? max + 1 : 4096;
     }
-    buf = malloc(cap);
+    buf = rb->p = malloc(cap);
+    rb->cap = cap;
     while (buf != NULL) {
         n += gw_read_full(fd, buf + n, cap - n, &e);
         if (e != 0 || n < cap || n > max) {
@@ -355,17 +394,17 @@ lcore_read_file(lua_State *L)
         }
         explicit_bzero(buf, n);
         free(buf);
-        buf = more;
+        buf = rb->p = more;
+        rb->cap = cap;
     }
     close(fd);
     if (buf == NULL) {
         return read_file_refused(L, "io", name, strerror(ENOMEM));
     }
     if (e == 0 && n > 0 && n <= max) {
-        lua_pushlstring(L, buf, n);
+        lua_pushlstring(L, buf, n);     /* may raise: rb frees buf then */
     }
-    explicit_bzero(buf, cap);
-    free(buf);
+    read_buf_release(rb);
     if (e != 0) {
         return read_file_refused(L, read_file_kind(e), name, strerror(e));
     }
@@ -1692,6 +1731,10 @@ luaopen_paygate_core(lua_State *L)
     lua_newtable(L);
     luaL_register(L, NULL, llock_methods);
     lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
+    luaL_newmetatable(L, LREADBUF_MT);
+    lua_pushcfunction(L, lreadbuf_gc);
+    lua_setfield(L, -2, "__gc");
     lua_pop(L, 1);
     luaL_newmetatable(L, LGUARD_MT);
     lua_pushcfunction(L, lguard_gc);
