@@ -75,7 +75,7 @@ describe("object types", function()
     table.sort(names)
     assert.equal("paygate.abandon_guard paygate.crypto.digest"
       .. " paygate.crypto.key paygate.event paygate.file_lock"
-      .. " paygate.http_stream paygate.keyring.ring paygate.pg.atomic_build"
+      .. " paygate.http_stream paygate.json.encoder paygate.keyring.ring paygate.pg.atomic_build"
       .. " paygate.pg.pool paygate.read_buffer paygate.redis.client"
       .. " paygate.redis.sub"
       .. " paygate.sqlite.atomic_build paygate.sqlite.db"

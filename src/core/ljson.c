@@ -40,6 +40,7 @@
 
 #define JSON_MAX_DEPTH 1000
 #define JSON_KEEP_BYTES (256 * 1024) /* a bigger buffer is freed after use */
+#define JSON_ENC_MT "paygate.json.encoder"
 
 static const char empty_array_key = 'a'; /* address: the [] sentinel */
 /* address: the registry key of the metatable decode gives an empty JSON
@@ -670,11 +671,17 @@ ljson_encode(lua_State *L)
     return 1;
 }
 
+/* __gc: reachable with any userdata (debug.getupvalue(encode, 1), then
+ * getmetatable), so it ignores what is not an encoder instead of freeing
+ * a pointer read from another's bytes */
 static int
 ljson_enc_gc(lua_State *L)
 {
-    struct json_enc *e = lua_touserdata(L, 1);
+    struct json_enc *e = gw_testudata(L, 1, JSON_ENC_MT);
 
+    if (e == NULL) {
+        return 0;
+    }
     free(e->buf);
     e->buf = NULL;
     e->cap = 0;
@@ -1371,7 +1378,7 @@ luaopen_paygate_json_core(lua_State *L)
     lua_createtable(L, 0, 3);
     e = lua_newuserdata(L, sizeof(*e));
     memset(e, 0, sizeof(*e));
-    lua_createtable(L, 0, 1);
+    luaL_newmetatable(L, JSON_ENC_MT);
     lua_pushcfunction(L, ljson_enc_gc);
     lua_setfield(L, -2, "__gc");
     lua_setmetatable(L, -2);
