@@ -129,6 +129,7 @@ function _M.payment_json(p, attempts, refunds)
               out_trade_no = p.out_trade_no,
               transaction_id = opt(p.transaction_id) or json.null,
               mchid = p.mchid, sub_mchid = opt(p.sub_mchid),
+              appid = p.appid,
               description = p.description, attach = opt(p.attach),
               attempt = p.attempt, late = (p.late == 1 or p.late == true)
                                           or nil,

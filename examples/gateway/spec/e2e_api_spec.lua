@@ -556,6 +556,10 @@ describe("gateway merchant API, a merchant paying under two appids",
     local rows = assert(env.db:query("SELECT appid FROM gw_payments WHERE"
       .. " id = $1", { b.payment.id }))
     assert.equal(B, rows[1].appid)
+    -- the payment shows it: in the create's answer and in GET (a
+    -- merchant of several appids sees which one a payment is under)
+    assert.equal(B, b.payment.appid)
+    assert.equal(B, env:get(b.payment.id).appid)
     -- the notification applied
     env.sim:pay_and_wait(b.payment.out_trade_no)
     assert.equal("paid", env:wait_state(b.payment.id, "paid").state)
@@ -580,6 +584,7 @@ describe("gateway merchant API, a merchant paying under two appids",
     -- none named: the merchant's appid
     local d = env:create{ channel = "app" }
     assert.equal(A, d.pay.appid)
+    assert.equal(A, d.payment.appid)
     assert.equal(A, wechat_appid(d.payment.out_trade_no))
   end)
 

@@ -203,7 +203,7 @@ describe("examples/gateway/openapi.json", function()
     has(s.Payment, { "id", "order_id", "state", "version", "channel",
       "amount", "currency", "refunded", "out_trade_no", "transaction_id",
       "attempts", "refunds", "created_at", "updated_at", "expires_at",
-      "stale" }, "Payment")
+      "stale", "mchid", "appid" }, "Payment")
     has(s.Refund, { "id", "payment_id", "out_refund_no", "refund_id",
       "amount", "reason", "state" }, "Refund")
     has(s.Error, { "error", "message" }, "Error")
