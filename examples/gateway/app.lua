@@ -187,8 +187,12 @@ ctx.fatal = fatal   -- for the plug-ins' config checks (gw.reconcile)
 -- unknown field): it is not kept, so the request corrected can be sent
 -- again under the same Idempotency-Key, as after paygate.idempotency's
 -- own refusals. Kept, the fix was 422 idempotency_key_reused for 24 h.
-local keep = { keep = function(status)
+-- Nor is a 409 appid_not_configured (a new attempt of a payment under an
+-- appid taken out of the config): the appid listed again, the same
+-- request under the same key runs.
+local keep = { keep = function(status, body)
   return status < 500 and status ~= 400
+    and not (type(body) == "table" and body.error == "appid_not_configured")
 end }
 -- Responses committed with their effects are kept whatever their status
 -- (a refund refused by WeChat is a fact to replay, not to run again).

@@ -743,9 +743,9 @@ end
 -- and no key, ik:respond stores nothing.)
 -- opts: ttl, lease (see begin), scope = function(req) -> string (default
 --       req.app_id or ""), required (default true: no key -> 400),
---       keep = function(status) -> boolean: which responses to store
---       (default status < 500; another status releases the key so a
---       retry runs again)
+--       keep = function(status, body) -> boolean: which responses to
+--       store (default status < 500; another releases the key so a retry
+--       runs again); body as the handler returned it
 -- returns: a route handler
 function _M.wrap(db, handler, opts)
   check_store("idempotency.wrap", db)
@@ -873,7 +873,7 @@ function _M.wrap(db, handler, opts)
       release_run(db, h)
       error(r, 0)
     end
-    if not keep(r.status) then
+    if not keep(r.status, body) then
       release_run(db, h)
       return sent(r, false)
     end

@@ -233,6 +233,13 @@ local function body_of(req)
 end
 _M.body_of = body_of
 
+-- The config key that lists the other appids merchant record m may pay
+-- under: what a refusal of an appid tells the operator to edit.
+local function appids_key(m)
+  return "config.merchants[" .. m.index .. "]."
+         .. (m.partner and "sp_appids" or "appids")
+end
+
 local function check_create(b)
   local bad, out = {}, {}
   unknown_fields(b, CREATE_FIELDS, bad)
@@ -296,8 +303,7 @@ local function check_create(b)
     local names = {}
     for a in pairs(m.appids) do names[#names + 1] = a end
     table.sort(names)
-    local list = "config.merchants[" .. m.index .. "]."
-                 .. (m.partner and "sp_appids" or "appids")
+    local list = appids_key(m)
     -- ("or omitted" only where omitting it fills the default in)
     local omit = m.appid and " or omitted" or ""
     bad.appid = #names == 1
@@ -796,6 +802,20 @@ function _M.new_attempt(req, ik)
       .. " too soon for a new attempt (WeChat wants its time_expire at"
       .. " least a minute ahead); create a new one"):format(p.id,
       floor(p.expires_at - now)))
+  end
+  -- every attempt of a payment is made under its appid: one its merchant
+  -- no longer lists (taken out of the config since) is refused by the
+  -- merchant's WeChat Pay client. Checked before anything is touched: the
+  -- prepay refused after the close below left the payer's code closed at
+  -- WeChat for nothing, and answered 502 wechat_error (invalid_params)
+  local m = ctx.by_mchid[p.mchid]
+  if m and m.appids and not m.appids[p.appid] then
+    return 409, err_body("appid_not_configured", ("payment %s is under"
+      .. " appid %s, which merchant %s no longer lists: every attempt of a"
+      .. " payment is made under its appid. List %s in %s (and reload), or"
+      .. " create a new payment under a new order_id; the current attempt"
+      .. " stays as it is"):format(p.id, p.appid, p.mchid, p.appid,
+      appids_key(m)), { appid = p.appid, payment = model.payment_json(p) })
   end
   if ctx.degraded() then return degraded() end
   -- the attempt marked as being closed for this switch first, if the

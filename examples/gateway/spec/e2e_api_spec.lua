@@ -603,3 +603,98 @@ describe("gateway merchant API, a merchant paying under two appids",
       .. " order_id = $1", { oid })))
   end)
 end)
+
+describe("gateway merchant API, an appid taken out of the config",
+         function()
+  -- A payment made under the merchant's second appid, then that appid
+  -- removed from config.merchants[1].appids and the gateway reloaded: a
+  -- new attempt of the payment (made under its own appid) cannot be
+  -- placed. Was: the current attempt closed at WeChat, the switch
+  -- recorded, then the prepay refused by the merchant's WeChat Pay client
+  -- ("invalid_params appid: must be the client's appid ... or omitted"),
+  -- answered 502 wechat_error: the payer's code closed for nothing, and
+  -- no word on what to do.
+  local testing = require "paygate.testing"
+  local A, B = "wx1111111111111111", "wx2222222222222222"
+  local env, original
+
+  setup(function() env = S.start{ appids = { A, B } } end)
+  teardown(S.stop)
+
+  -- the config file as written, with edit(c) applied to its table; then
+  -- HUP, and waits until the reload is done and the old workers are gone
+  -- (a draining one still answers the kept-alive connection of the spec)
+  local function reload_with(edit)
+    local srv = env.gw
+    local old = {}
+    for _, pid in ipairs(srv:workers()) do old[pid] = true end
+    original = original or testing.proc.read(srv.config_file)
+    testing.write(srv.config_file, "local c = (function() " .. original
+      .. " end)()\n" .. edit .. "\nreturn c\n")
+    local n0 = tonumber(testing.proc.read(srv.dir .. "/paygate.pid.reload")
+                        :match("^(%d+)")) or 0
+    srv:signal(testing.proc.SIGHUP)
+    local text
+    testing.wait_until(function()
+      text = testing.proc.read(srv.dir .. "/paygate.pid.reload")
+      return (tonumber(text:match("^(%d+) ")) or 0) > n0
+        and not text:match("^%d+ started")
+    end, 60, "the reload")
+    assert.matches("^%d+ ok", text)
+    testing.wait_until(function()
+      for _, pid in ipairs(srv:workers()) do
+        if old[pid] then return false end
+      end
+      return true
+    end, 30, "the old workers to exit")
+  end
+
+  local function trade_state(no)
+    local wx = env.sim:client()
+    local t = assert(wx:query_by_out_trade_no(no))
+    wx:stop()
+    return t.trade_state
+  end
+
+  it("refuses a new attempt with 409 appid_not_configured, touching"
+     .. " nothing; the payments under the appid still listed go on",
+     function()
+    local b = env:create{ appid = B }
+    local other = env:create{}                 -- under A, the default
+    reload_with("c.merchants[1].appids = nil")
+    local path = "/v1/payments/" .. b.payment.id .. "/attempts"
+    local key = "k-" .. S.order_id()
+    local res = env:api("POST", path, { channel = "native" }, { key = key })
+    assert.equal(409, res.status, res.body)
+    assert.equal("appid_not_configured", res.json.error)
+    assert.equal(B, res.json.appid)
+    assert.equal("payment " .. b.payment.id .. " is under appid " .. B
+      .. ", which merchant " .. env.m.mchid .. " no longer lists: every"
+      .. " attempt of a payment is made under its appid. List " .. B
+      .. " in config.merchants[1].appids (and reload), or create a new"
+      .. " payment under a new order_id; the current attempt stays as it"
+      .. " is", res.json.message)
+    assert.equal(b.payment.id, res.json.payment.id)
+    -- nothing changed: the attempt is the payment's, open here and at
+    -- WeChat (the payer's code still pays it)
+    local p = env:get(b.payment.id)
+    assert.equal(1, p.attempt)
+    assert.equal("paying", p.state)
+    assert.equal(1, #p.attempts)
+    assert.equal("open", p.attempts[1].state)
+    assert.equal("NOTPAY", trade_state(b.payment.out_trade_no))
+    -- a payment under the appid still configured switches as before
+    res = env:api("POST", "/v1/payments/" .. other.payment.id
+                  .. "/attempts", { channel = "native" })
+    assert.equal(201, res.status, res.body)
+    assert.equal(A, res.json.payment.appid)
+    -- not kept for the Idempotency-Key: the appid listed again, the same
+    -- request with the same key runs
+    reload_with("")
+    res = env:api("POST", path, { channel = "native" }, { key = key })
+    assert.equal(201, res.status, res.body)
+    assert.is_nil(res.headers["idempotent-replayed"])
+    assert.equal(B, res.json.payment.appid)
+    assert.equal("CLOSED", trade_state(b.payment.out_trade_no))
+  end)
+end)
