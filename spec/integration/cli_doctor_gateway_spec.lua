@@ -197,7 +197,9 @@ describe("paygate doctor --config <the gateway's config>", function()
   -- command-line reader, which takes a pipe (--apiv3-key-file <(...)): a
   -- FIFO named in the config held it for good, waiting for a writer,
   -- while the gateway refuses it at start. It now reads them as the
-  -- gateway does, and says so in the gateway's words.
+  -- gateway does, and says so in the gateway's words (a failed apiv3_key
+  -- check, the others run: see "fails the check of an APIv3 key file it
+  -- cannot read").
   it("refuses a FIFO as the APIv3 key file unread, as the gateway does",
      function()
     local fifo = dir .. "/apiv3.fifo"
@@ -206,16 +208,17 @@ describe("paygate doctor --config <the gateway's config>", function()
                     .. " FIFO, a socket or a device))"
     local conf = variant("fifokey", ("c.merchants[1].apiv3_key_file = %q")
                                     :format(fifo))
-    local code, out = run({ "doctor", "--json", "--config", conf }, nil, 20)
-    assert.equal(2, code, out)              -- (nil: it waited on the FIFO)
-    assert.matches("paygate doctor: config.merchants[1].apiv3_key_file: "
-                   .. special, out, 1, true)
+    local code, out, r = run({ "doctor", "--json", "--config", conf }, nil,
+                             20)
+    assert.equal(1, code, out)              -- (nil: it waited on the FIFO)
+    assert.equal("config.merchants[1].apiv3_key_file: " .. special,
+                 r.apiv3_key and r.apiv3_key.cause, out)
     assert.is_nil(out:find(fifo, 1, true), out) -- the path is not said
     conf = variant("fifoprev", ("c.merchants[1].previous_apiv3_key_files"
       .. " = { c.merchants[1].apiv3_key_file, %q }"):format(fifo))
     code, out = run({ "doctor", "--json", "--config", conf }, nil, 20)
-    assert.equal(2, code, out)
-    assert.matches("paygate doctor: config.merchants[1]."
+    assert.equal(1, code, out)
+    assert.matches("config.merchants[1]."
                    .. "previous_apiv3_key_files[2]: " .. special, out, 1,
                    true)
     -- a path that is no string: the gateway's words (before, doctor
@@ -234,6 +237,53 @@ describe("paygate doctor --config <the gateway's config>", function()
     code, out, r = run({ "doctor", "--json", "--config", conf }, nil, 20)
     assert.equal("ok", r.gateway_config and r.gateway_config.status, out)
     assert.equal("ok", r.apiv3_key and r.apiv3_key.status, out)
+  end)
+
+  -- an APIv3 key file the gateway's reader refuses (missing, a folder;
+  -- mode 000 too, but the suite may run as root, who reads it) stopped
+  -- doctor with exit 2 and one line, where an unreadable
+  -- apiclient_key.pem is a failed check and the others run: it is now a
+  -- failed apiv3_key check with its fix, exit 1
+  it("fails the check of an APIv3 key file it cannot read, and goes on",
+     function()
+    local cases = {
+      missing = { dir .. "/no-such.key", "No such file or directory" },
+      folder = { dir, "Is a directory" } }
+    for name, c in pairs(cases) do
+      local conf = variant("unread" .. name, ("c.merchants[1]"
+        .. ".apiv3_key_file = %q"):format(c[1]))
+      local code, out, r = run({ "doctor", "--json", "--config", conf }, nil,
+                               20)
+      assert.equal(1, code, out)
+      local x = r.apiv3_key
+      assert.equal("fail", x and x.status, out)
+      assert.equal("config.merchants[1].apiv3_key_file: cannot read the"
+        .. " file it names (" .. c[2] .. ")", x.cause)
+      assert.matches("point merchants[1].apiv3_key_file at the file holding"
+        .. " the 32-character APIv3 key", x.fix, 1, true)
+      -- the other checks ran
+      assert.equal("fail", r.gateway_config.status, out)
+      assert.equal("ok", r.key_certificate and r.key_certificate.status, out)
+      assert.truthy(r.database, out)
+      assert.is_nil(out:find(c[1], 1, true), out) -- the path is not said
+    end
+    -- one of previous_apiv3_key_files: its own failed line; the current
+    -- key is checked as ever
+    local conf = variant("unreadprev", ("c.merchants[1]"
+      .. ".previous_apiv3_key_files = { %q }"):format(dir))
+    local code, out, r = run({ "doctor", "--json", "--config", conf }, nil,
+                             20)
+    assert.equal(1, code, out)
+    local causes = {}
+    for _, x in ipairs(r) do
+      if x.kind == "apiv3_key" then causes[#causes + 1] = x.status .. " "
+                                                         .. x.cause end
+    end
+    table.sort(causes)
+    assert.same({ "fail config.merchants[1].previous_apiv3_key_files[1]:"
+      .. " cannot read the file it names (Is a directory)",
+      "ok the APIv3 key (merchants[1].apiv3_key_file) is 32 bytes" },
+      causes, out)
   end)
 
   -- an empty apiv3_key_file (or one that is no string) is no path: the

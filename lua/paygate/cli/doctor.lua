@@ -196,13 +196,18 @@ local function from_gateway(conf, pick)
   for k, v in pairs(m) do
     if not GATEWAY_OWN[k] then wc[k] = v end
   end
-  -- the key files read with the gateway's own reader, its words in the
-  -- usage error (not common.read_secret, the command line's, which takes
-  -- a pipe: a FIFO named in the config held doctor for good, waiting for
-  -- a writer, where the gateway refuses it at start)
+  -- the key files read with the gateway's own reader, in its words (not
+  -- common.read_secret, the command line's, which takes a pipe: a FIFO
+  -- named in the config held doctor for good, waiting for a writer, where
+  -- the gateway refuses it at start). One it refuses is a failed check
+  -- (check_keys: apiv3_key), as an unreadable apiclient_key.pem is, and
+  -- the other checks run: it stopped doctor with exit 2 and one line.
+  local unread = {}
   local function key_file(path, key)
-    local v, why = wconfig.read_secret(path, key)
-    if not v then common.usage_error("config.%s: %s", key, why) end
+    local v, why, kind = wconfig.read_secret(path, key)
+    if not v then
+      unread[#unread + 1] = { key = key, why = why, denied = kind == "denied" }
+    end
     return v
   end
   local where = "merchants[" .. at .. "]."
@@ -223,7 +228,7 @@ local function from_gateway(conf, pick)
       if type(path) ~= "string" then
         common.usage_error("config.%s: must be a file path", k)
       end
-      keys[j] = key_file(path, k)
+      keys[#keys + 1] = key_file(path, k)
     end
     wc.previous_apiv3_keys = keys
   end
@@ -232,7 +237,7 @@ local function from_gateway(conf, pick)
   local cred = conf.credentials
   local etcd = type(cred) == "table" and type(cred.merchants) == "table"
                and cred.merchants[id] or nil
-  local out = { from_gateway = true,
+  local out = { from_gateway = true, unread_keys = unread,
                 wechatpay = wc, database = g.db or DEFAULT_GATEWAY_DB,
                 etcd_prefix = etcd,
                 redis = g.redis, limits = conf.limits,
@@ -656,6 +661,16 @@ local function check_keys(out, wc, now, expiring, conf)
   local cause, fix = common.apiv3_key_problem(wc.apiv3_key)
   if gateway then
     local name = key_name(conf, "apiv3_key")
+    -- the key files the gateway's reader refused (from_gateway), each a
+    -- failed line; the current key's stands for its "missing"
+    for _, u in ipairs(conf.unread_keys or {}) do
+      if u.key == name then cause = nil end
+      out:fail("apiv3_key", "config." .. u.key .. ": " .. u.why, nil,
+               u.denied and DENIED_FIX or "point " .. u.key .. " at the"
+               .. " file holding the 32-character APIv3 key (merchant"
+               .. " platform, API security)")
+    end
+    local said = cause == nil and wc.apiv3_key == nil
     if cause then
       cause = cause .. " (" .. name .. ")"
       if wc.apiv3_key == nil then
@@ -665,7 +680,8 @@ local function check_keys(out, wc, now, expiring, conf)
       end
     end
     if cause then out:fail("apiv3_key", cause, nil, fix)
-    else out:ok("apiv3_key", "the APIv3 key (" .. name .. ") is 32 bytes")
+    elseif not said then
+      out:ok("apiv3_key", "the APIv3 key (" .. name .. ") is 32 bytes")
     end
   elseif cause then out:fail("apiv3_key", cause, nil, fix)
   else out:ok("apiv3_key", "apiv3_key is 32 bytes") end

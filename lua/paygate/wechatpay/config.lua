@@ -53,7 +53,7 @@ local function material(v, key)
 end
 _M.material = material
 
---- syntax: s, why = config.read_secret(path, key)
+--- syntax: s, why, kind = config.read_secret(path, key)
 -- The file a config's secret key names (the gateway's apiv3_key_file,
 -- previous_apiv3_key_files, every *_file secret of its config), read as
 -- the gateway reads it at start; `paygate doctor` reads the gateway's
@@ -63,19 +63,21 @@ _M.material = material
 -- bytes). A folder, a FIFO or a device (a FIFO's open would wait for a
 -- writer), an empty file or one past 1 MiB is refused there, unread.
 -- returns: the bytes, surrounding whitespace dropped (a file's trailing
--- newline), or nil, reason (without the key: the caller names it).
+-- newline), or nil, reason (without the key: the caller names it) and
+-- paygate.read_file's kind (denied: the path may be right, the user not).
 function _M.read_secret(path, key)
   local s, err = core.read_file(path, key)
   if not s then
     if err.kind == "empty" or err.kind == "too_large" then
-      return nil, err.reason
+      return nil, err.reason, err.kind
     end
     -- (the runtime does not change folder: a relative path is the
     -- working directory's, not the config file's)
     local rel = err.kind ~= "not_a_file" and path:sub(1, 1) ~= "/"
       and "; a relative path is taken from the working directory, not the"
       .. " config file's folder" or ""
-    return nil, "cannot read the file it names (" .. err.reason .. ")" .. rel
+    return nil, "cannot read the file it names (" .. err.reason .. ")" .. rel,
+           err.kind
   end
   return (s:gsub("^%s+", ""):gsub("%s+$", ""))
 end
