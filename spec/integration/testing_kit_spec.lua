@@ -422,6 +422,20 @@ end)
     assert.is_nil(io.open(made .. "/key.pem"), "left behind: " .. made)
     testing.server.rmdir(dir)
   end)
+
+  it("names its folder after the name given (the project's spec helpers"
+     .. " say spec); a name that is no plain word is refused", function()
+    local d = testing.tmpdir("spec")
+    assert.equal(proc.tmp_root() .. "/paygate-spec.",
+                 d:sub(1, #proc.tmp_root() + 14))
+    assert.is_true(proc.exists(d .. "/."))
+    testing.server.rmdir(d)
+    assert.is_false(proc.exists(d .. "/."))
+    for _, bad in ipairs({ "../x", "a/b", "", 5 }) do
+      assert.error_matches(function() testing.tmpdir(bad) end,
+                           "name must be letters")
+    end
+  end)
 end)
 
 describe("testing.simulator", function()

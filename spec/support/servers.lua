@@ -21,6 +21,9 @@
 -- These helpers block the loop while a server starts or stops (os.execute);
 -- that is fine in specs, never in the runtime.
 
+local kit = require "paygate.testing.server"
+local proc = require "paygate.testing.proc"
+
 local _M = {}
 
 local PG_BIN = os.getenv("PG_BIN") or "/usr/lib/postgresql/15/bin"
@@ -77,8 +80,11 @@ local function is_root()
   return read_cmd("id -u"):match("^0") ~= nil
 end
 
+-- A fresh private folder, $TMPDIR/paygate-spec.XXXXXX (/tmp without
+-- TMPDIR), the test kit's: removed when the busted run ends, passed,
+-- failed or raised (or is killed), whether or not the spec removed it.
 local function mktemp(owner)
-  local dir = read_cmd("mktemp -d /tmp/paygate-spec.XXXXXX"):gsub("%s+$", "")
+  local dir = kit.tmpdir("spec")
   if owner then
     assert(sh("chown " .. owner .. " " .. dir), "chown " .. dir)
   end
@@ -261,7 +267,7 @@ function _M.redis(opts)
 
   function srv.cleanup()
     srv.stop()
-    sh("rm -rf " .. srv.dir)
+    kit.rmdir(srv.dir)
   end
 
   srv.start()
@@ -347,7 +353,7 @@ function _M.postgres(opts)
 
   function srv.cleanup()
     srv.stop("immediate")
-    sh("rm -rf " .. srv.dir)
+    kit.rmdir(srv.dir)
   end
 
   srv.start()
@@ -370,6 +376,13 @@ function _M.stop_all()
     started[i] = nil
   end
 end
+
+-- A spec that only stopped its server, or failed before its teardown,
+-- would leave the server running and its folder behind: the end of the
+-- busted run stops what is left. Registered now, before any folder of
+-- ours is made, so it runs before the kit removes its folders (a
+-- server's pid file is in its folder).
+proc.at_run_end(_M.stop_all)
 
 -- syntax: stores = servers.stores(dir, schema[, drop[, pg_opts]])
 -- A fresh store per call on each engine installed, keyed by engine:
@@ -457,7 +470,7 @@ function _M.kill_writer(url, out, mode)
   return _M.acked_ids(out)
 end
 
--- A fresh temporary directory (removed by the caller).
+-- A fresh temporary directory (removed by the caller, or at the run's end).
 _M.mktemp = mktemp
 _M.free_port = free_port
 _M.sh = sh

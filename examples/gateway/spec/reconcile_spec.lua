@@ -17,8 +17,9 @@ local function start(gateway, db, rec, pre)
   local sim = testing.simulator{ time_scale = 100,
                                  config = { bill_ready_after = 0 } }
   if pre then pre(sim) end
-  local bill_dir = "/tmp/paygate-gw-reconcile-"
-                   .. require("paygate.crypto").random_nonce(8)
+  -- not made yet (the gateway makes it); under TMPDIR, and gone at the
+  -- run's end even when stop() is not reached
+  local bill_dir = testing.tmpdir() .. "/bills"
   gateway.reconcile = { check_after = 1, first = 0.5, ceiling = 1,
     interval = 0.1, bill_hour = 0, bill_dir = bill_dir }
   for k, v in pairs(rec or {}) do gateway.reconcile[k] = v end

@@ -76,11 +76,16 @@ local function run_end()
   end
 end
 
---- syntax: dir = server.tmpdir()
--- returns: a fresh private directory, $TMPDIR/paygate-test.XXXXXX (/tmp
--- without TMPDIR); raises when it cannot be made.
-function _M.tmpdir()
-  local d = proc.make_temp_dir("test")
+--- syntax: dir = server.tmpdir([name])
+-- returns: a fresh private directory, $TMPDIR/paygate-NAME.XXXXXX (/tmp
+-- without TMPDIR; NAME "test" unless given: letters, digits, _ or -);
+-- raises when it cannot be made.
+function _M.tmpdir(name)
+  if name ~= nil and (type(name) ~= "string"
+                      or not name:match("^[%w_-]+$")) then
+    error("tmpdir: name must be letters, digits, _ or -", 2)
+  end
+  local d = proc.make_temp_dir(name or "test")
   made[#made + 1] = d
   proc.at_run_end(run_end)
   -- and when the run is killed before its end: by a shell outliving it
