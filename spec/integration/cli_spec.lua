@@ -17,18 +17,57 @@ local function run(args, timeout)
   return code, out
 end
 
+-- The commands `paygate --help` lists (its "  NAME  what it does" lines),
+-- in its order: every check below runs on each, so a command added to the
+-- binary is checked as soon as its help names it.
+local function listed_commands()
+  local code, out = run({ "--help" })
+  assert.equal(0, code, out)
+  local cmds = {}
+  for name in out:gmatch("\n  (%l+) ") do cmds[#cmds + 1] = name end
+  return cmds, out
+end
+
 describe("paygate CLI", function()
+  it("the help lists every command: each command script of"
+     .. " lua/paygate/cli/ and the binary's own run, exec, reload and"
+     .. " version", function()
+    local cmds, out = listed_commands()
+    local set = {}
+    for _, c in ipairs(cmds) do set[c] = true end
+    local want = { "run", "exec", "reload", "version" }
+    -- a command's script ends by running as one (common.run("NAME", ...));
+    -- the others (common, keys) are the commands' shared code
+    for _, f in ipairs(assert(require("paygate.core").listdir(
+                                "lua/paygate/cli"))) do
+      local name = f:match("^(%l+)%.lua$")
+      if name and proc.read("lua/paygate/cli/" .. f):find(
+                    "common.run(\"" .. name .. "\"", 1, true) then
+        want[#want + 1] = name
+      end
+    end
+    assert.is_true(#want > 10)
+    for _, c in ipairs(want) do
+      assert.is_true(set[c], "paygate --help does not list " .. c .. ":\n"
+                     .. out)
+    end
+  end)
+
   it("prints help for every command, exit 0", function()
-    for _, args in ipairs({ { "--help" }, { "run", "--help" }, { "exec", "--help" },
-                            { "reload", "--help" }, { "version", "--help" } }) do
+    local all = { { "--help" }, { "help" } }
+    for _, cmd in ipairs((listed_commands())) do
+      all[#all + 1] = { cmd, "--help" }
+    end
+    for _, args in ipairs(all) do
       local code, out = run(args)
-      assert.equal(0, code)
-      assert.matches("usage: paygate", out)
+      assert.equal(0, code, table.concat(args, " ") .. ": " .. out)
+      assert.matches("usage: paygate" .. (args[2] and " " .. args[1] or ""),
+                     out, 1, true)
     end
   end)
 
   it("help COMMAND is COMMAND --help", function()
-    for _, cmd in ipairs({ "run", "reload", "version", "doctor", "apikey" }) do
+    for _, cmd in ipairs((listed_commands())) do
       local code, out = run({ "help", cmd })
       local want_code, want = run({ cmd, "--help" })
       assert.equal(0, want_code, want)
