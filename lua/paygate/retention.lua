@@ -65,6 +65,9 @@ _M.POLICY = POLICY
 
 local RUNNER_KEYS = { interval = true, batch = true, pause = true,
                       max_batches = true, delay = true }
+-- retention.new's opts: the runner's numbers, and lease, name and now
+local OPTS_KEYS = { lease = true, name = true, now = true }
+for k in pairs(RUNNER_KEYS) do OPTS_KEYS[k] = true end
 
 -- per-worker counters
 local counts = { passes = 0, held = 0, pruned = 0, statements = 0,
@@ -644,9 +647,9 @@ local function new(db, jobs, opts, fname)
   end
   whole_batches(fname, r.batch, r.max_batches, "opts.")
   for k in pairs(opts) do
-    if DEFAULTS[k] == nil and k ~= "lease" and k ~= "name" and k ~= "now"
-    then
-      misuse(fname .. ": unknown option opts." .. tostring(k))
+    if not OPTS_KEYS[k] then
+      misuse(fname .. ": unknown option opts." .. tostring(k)
+             .. suggest.hint(k, OPTS_KEYS))
     end
   end
   r.lease_store = opts.lease or db

@@ -171,6 +171,20 @@ describe("retention jobs: misuse", function()
     assert.is_true(retention.check({ pause = 0 }))
     local db = assert(sql.open("sqlite:" .. tmp .. "/pause.db"))
     assert.equal(0, retention.new(db, {}, { pause = 0 }).pause)
+    -- a misspelt option of the runner names the one meant, as a job's
+    -- keys do (before: "unknown option opts.intervall" alone)
+    for key, want in pairs({ intervall = " (did you mean interval?)",
+                             max_batch = " (did you mean max_batches?)",
+                             batches = " (did you mean max_batches?)",
+                             leas = " (did you mean lease?)",
+                             speed = "" }) do
+      assert.has_error(function()
+        retention.new(db, {}, { [key] = 1 })
+      end, "retention.new: unknown option opts." .. key .. want)
+    end
+    assert.has_error(function()
+      retention.start(db, {}, { nam = "x" })
+    end, "retention.start: unknown option opts.nam (did you mean name?)")
     db:close()
     assert.same({ nil, "pause must be a number of seconds, 0 .. 1e8" },
                 { retention.check({ pause = -1 }) })
