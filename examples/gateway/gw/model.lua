@@ -105,6 +105,7 @@ function _M.attempt_json(a)
   local prepay = opt(a.prepay)
   if type(prepay) == "string" then prepay = json.decode(prepay) end
   return { out_trade_no = a.out_trade_no, n = a.n, channel = a.channel,
+           sub_appid = opt(a.sub_appid),
            state = a.state, transaction_id = opt(a.transaction_id),
            pay = prepay, created_at = a.created_at,
            closed_at = opt(a.closed_at) }
@@ -130,6 +131,7 @@ function _M.payment_json(p, attempts, refunds)
               transaction_id = opt(p.transaction_id) or json.null,
               mchid = p.mchid, sub_mchid = opt(p.sub_mchid),
               appid = p.appid,
+              sub_appid = opt(p.sub_appid),
               description = p.description, attach = opt(p.attach),
               attempt = p.attempt, late = (p.late == 1 or p.late == true)
                                           or nil,

@@ -212,6 +212,60 @@ describe("gateway migrations over an older store", function()
       db:close()
     end)
   end
+  -- 010 on each engine: a store made before it (its payments and attempts
+  -- all under the provider's sp_appid) takes sub_appid, NULL on the rows
+  -- it has, and the rows written after it carry one
+  for _, engine in ipairs(engines) do
+    local name = engine[1]
+    it("010 on " .. name .. ": payments and attempts take sub_appid, the"
+       .. " older ones NULL", function()
+      local old = dir .. "/old010"
+      assert(os.execute("rm -rf " .. old .. " && mkdir -p " .. old .. "/"
+                        .. name))
+      local ls = assert(io.popen("ls examples/gateway/migrations/" .. name))
+      for f in ls:lines() do
+        if f < "010" then
+          assert(os.execute("cp examples/gateway/migrations/" .. name .. "/"
+                            .. f .. " " .. old .. "/" .. name .. "/"))
+        end
+      end
+      ls:close()
+      local url = name == "sqlite" and "sqlite:" .. dir .. "/gw010.db"
+                  or engine[2]()
+      local db = assert(sql.open(url))
+      if name == "postgres" then
+        -- (the shared server: the tables the earlier cases made go first)
+        assert(db:exec("DROP SCHEMA public CASCADE"))
+        assert(db:exec("CREATE SCHEMA public"))
+      end
+      assert(migrate.run(db, old))
+      assert(db:exec("INSERT INTO gw_payments (id, app_id, order_id, mchid,"
+        .. " sub_mchid, appid, channel, amount, currency, description, state,"
+        .. " version, out_trade_no, attempt, expires_at, created_at,"
+        .. " updated_at) VALUES ('pay_o', 'a', 'o', '1900', '1600', 'wx1',"
+        .. " 'native', 100, 'CNY', 'd', 'paying', 2, 'pay_o_1', 1, 0, 0, 0)"))
+      assert(db:exec("INSERT INTO gw_attempts (out_trade_no, payment_id, n,"
+        .. " channel, state, created_at) VALUES ('pay_o_1', 'pay_o', 1,"
+        .. " 'native', 'open', 0)"))
+      local applied = assert(migrate.run(db, "examples/gateway/migrations"))
+      assert.equal(1, #applied)
+      assert.equal("010_sub_appid.sql", applied[1].name)
+      local rows = assert(db:query("SELECT COUNT(*) AS n FROM gw_payments p"
+        .. " JOIN gw_attempts a ON a.payment_id = p.id WHERE p.sub_appid IS"
+        .. " NULL AND a.sub_appid IS NULL"))
+      assert.equal(1, tonumber(rows[1].n))
+      assert(db:exec("UPDATE gw_payments SET sub_appid = 'wxsub' WHERE id ="
+                     .. " 'pay_o'"))
+      assert(db:exec("INSERT INTO gw_attempts (out_trade_no, payment_id, n,"
+        .. " channel, state, created_at, sub_appid) VALUES ('pay_o_2',"
+        .. " 'pay_o', 2, 'jsapi', 'open', 0, 'wxsub')"))
+      rows = assert(db:query("SELECT p.sub_appid AS p, a.sub_appid AS a"
+        .. " FROM gw_payments p JOIN gw_attempts a ON a.payment_id = p.id"
+        .. " WHERE a.n = 2"))
+      assert.same({ { p = "wxsub", a = "wxsub" } }, rows)
+      db:close()
+    end)
+  end
   -- 009 (SQLite): a state change of a payment or a refund (the fsm's
   -- version-guarded UPDATE) checks the open-state partial indexes' WHERE
   -- for the old and the new row in place: 006's IN lists made SQLite
