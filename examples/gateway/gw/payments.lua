@@ -288,6 +288,10 @@ local function check_create(b)
        or not b.sub_mchid:match("^%d+$") then
       bad.sub_mchid = "a service provider's payment names its sub_mchid"
         .. " (1 to 32 digits)"
+    elseif b.sub_mchid == m.mchid then
+      -- (WeChat refuses it, a 502 once the payment was stored under it)
+      bad.sub_mchid = "is the service provider's own mchid (sp_mchid):"
+        .. " name the sub-merchant the payment is for"
     end
     out.sub_mchid = b.sub_mchid
   elseif b.sub_mchid ~= nil then

@@ -2,6 +2,7 @@
 -- the partner prepay, and the notification deduped by (sp/sub,
 -- out_trade_no, trade_state).
 local testing = require "paygate.testing"
+local crypto = require "paygate.crypto"
 local core = dofile("examples/gateway/spec/core_support.lua")
 
 describe("gateway for a service provider", function()
@@ -108,5 +109,19 @@ describe("gateway for a service provider", function()
     assert.equal(502, res.status, res.body)
     assert.equal(2, assert(gw.db:query("SELECT attempt FROM gw_payments"
       .. " WHERE order_id = $1", { oid }))[1].attempt)
+  end)
+
+  it("refuses a sub_mchid that is the provider's own mchid, before"
+     .. " storing anything", function()
+    -- was: sent to WeChat, which refused it: 502 wechat_error, the
+    -- payment left created under that sub_mchid
+    local oid = "sp-self-" .. crypto.random_nonce(6)
+    local res = gw:call("POST", "/v1/payments", { order_id = oid,
+      channel = "native", amount = 1, description = "x",
+      sub_mchid = sim.partner.mchid })
+    assert.equal(400, res.status, res.body)
+    assert.matches("provider", res.json.fields.sub_mchid, 1, true)
+    assert.equal(0, #assert(gw.db:query("SELECT id FROM gw_payments"
+      .. " WHERE order_id = $1", { oid })))
   end)
 end)
