@@ -119,7 +119,7 @@ end
 -- typo ("expire_in", "amout") does not silently leave a default in place.
 local CREATE_FIELDS = set_of{ "order_id", "channel", "amount", "currency",
   "description", "payer", "client_ip", "h5_type", "expires_in", "attach",
-  "mchid", "sub_mchid", "appid" }
+  "mchid", "sub_mchid", "sub_appid", "appid" }
 -- s a payment must have left for a new attempt (its time_expire: WeChat
 -- is reported to want one at least 60 s ahead; 30 s of margin)
 local ATTEMPT_MIN_LEFT = 90
@@ -294,8 +294,22 @@ local function check_create(b)
         .. " name the sub-merchant the payment is for"
     end
     out.sub_mchid = b.sub_mchid
+    -- the sub-merchant's own appid (its mini program, official account or
+    -- App), checked as the WeChat Pay client checks it (one it refused
+    -- would be refused after the payment was stored). Whether it is bound
+    -- to the sub-merchant only WeChat knows: APPID_MCHID_NOT_MATCH, a 502
+    -- that leaves the payment created, so the create corrected resumes it
+    if b.sub_appid ~= nil and not validate.appid(b.sub_appid) then
+      bad.sub_appid = "must be an appid (1 to 32 letters, digits, _ and -)"
+    end
+    out.sub_appid = b.sub_appid
   elseif b.sub_mchid ~= nil then
     bad.sub_mchid = "only for a service provider's merchant"
+  end
+  if b.sub_appid ~= nil and m and not m.partner then
+    bad.sub_appid = "only for a service provider's merchant (a"
+      .. " sub-merchant's own appid); a direct merchant names another of"
+      .. " its appids with appid"
   end
   if b.appid ~= nil and (type(b.appid) ~= "string" or #b.appid > 32) then
     bad.appid = "must be an appid"
@@ -347,15 +361,21 @@ local function prepay(p, no, o)
                 notify_url = ctx.notify_url(p.mchid),
                 amount = { total = p.amount, currency = p.currency },
                 time_expire = rfc3339_beijing(p.expires_at) }
+  local sub_appid = model.opt(p.sub_appid)
   if partner then
-    req.sp_appid, req.sub_mchid = p.appid, sub_of(p)
+    req.sp_appid, req.sub_mchid, req.sub_appid = p.appid, sub_of(p),
+                                                 sub_appid
   else
     req.appid = p.appid
   end
   if model.opt(p.attach) then req.attach = p.attach end
   local ch = o.channel
   if ch == "jsapi" then
-    req.payer = partner and { sp_openid = o.openid } or { openid = o.openid }
+    -- an openid is the payer's under one appid: under the sub-merchant's
+    -- own (sub_appid given) it is that appid's, sub_openid
+    req.payer = not partner and { openid = o.openid }
+                or sub_appid and { sub_openid = o.openid }
+                or { sp_openid = o.openid }
   elseif ch == "h5" then
     req.scene_info = { payer_client_ip = o.client_ip,
                        h5_info = { type = o.h5_type or "Wap" } }
@@ -364,11 +384,15 @@ local function prepay(p, no, o)
   if not data then return nil, err end
   if ch == "native" then return { code_url = data.code_url } end
   if ch == "h5" then return { h5_url = data.h5_url } end
+  -- signed for the appid that ordered, the one whose page, mini program
+  -- or App opens the payment: the sub-merchant's own when given (WeChat
+  -- refuses a paySign made for another)
+  local appid = sub_appid or p.appid
   local params
   if ch == "jsapi" then
-    params, err = wx:jsapi_pay_params(p.appid, data.prepay_id)
+    params, err = wx:jsapi_pay_params(appid, data.prepay_id)
   else
-    params, err = wx:app_pay_params(p.appid, data.prepay_id, sub_of(p))
+    params, err = wx:app_pay_params(appid, data.prepay_id, sub_of(p))
   end
   if not params then return nil, err end
   return params
@@ -540,10 +564,13 @@ local function actor_of(req)
   return "app:" .. tostring(req.app_id)
 end
 
-local function insert_attempt(tx, p, n, channel, now)
+-- (sub_appid: the one its order at WeChat is made under, nil for none)
+local function insert_attempt(tx, p, n, channel, now, sub_appid)
   return tx:exec("INSERT INTO gw_attempts (out_trade_no, payment_id, n,"
-    .. " channel, state, created_at) VALUES ($1, $2, $3, $4, 'open', $5)",
-    { model.out_trade_no(p.id, n), p.id, n, channel, now })
+    .. " channel, state, created_at, sub_appid) VALUES ($1, $2, $3, $4,"
+    .. " 'open', $5, $6)",
+    { model.out_trade_no(p.id, n), p.id, n, channel, now,
+      sub_appid or json.null, n = 6 })
 end
 
 -- (PostgreSQL: a transaction that moves a payment off or onto an attempt,
@@ -655,20 +682,23 @@ function _M.create(req, ik)
           .. " AND state = 'open'",
           { old.id, now, model.close_check_at(ctx, old.mchid) })
         if not res then return nil, qerr end
+        -- (sub_appid too: a create corrected after WeChat refused one not
+        -- bound to the sub-merchant resumes the payment under the right one)
         res, qerr = tx:exec("UPDATE gw_payments SET channel = $2, amount = $3,"
           .. " currency = $4, description = $5, attach = $6, appid = $7,"
           .. " out_trade_no = $8, attempt = $9, expires_at = $10, updated_at"
-          .. " = $11 WHERE id = $1 AND state = $13 AND attempt = $12",
+          .. " = $11, sub_appid = $14 WHERE id = $1 AND state = $13 AND"
+          .. " attempt = $12",
           { old.id, o.channel, o.amount, o.currency, o.description,
             o.attach or json.null, o.appid,
             model.out_trade_no(old.id, n), n, floor(now) + o.expires_in, now,
-            old.attempt, old.state, n = 13 })
+            old.attempt, old.state, o.sub_appid or json.null, n = 14 })
         if not res then return nil, qerr end
         if res.changes ~= 1 then
           return nil, paygate.error("stale_version", "payment moved",
                                     { retryable = true })
         end
-        res, qerr = insert_attempt(tx, old, n, o.channel, now)
+        res, qerr = insert_attempt(tx, old, n, o.channel, now, o.sub_appid)
         if not res then return nil, qerr end
         local ok
         ok, qerr = audit.append(tx, "payment:" .. old.id, {
@@ -683,6 +713,7 @@ function _M.create(req, ik)
       local row = {
         id = id, app_id = req.app_id, order_id = o.order_id,
         mchid = o.merchant.mchid, sub_mchid = o.sub_mchid or json.null,
+        sub_appid = o.sub_appid or json.null,
         appid = o.appid, channel = o.channel, amount = o.amount,
         currency = o.currency, description = o.description,
         attach = o.attach or json.null,
@@ -696,7 +727,7 @@ function _M.create(req, ik)
                      channel = o.channel } })
       if not res then return nil, qerr end
       local ok
-      ok, qerr = insert_attempt(tx, res.row, 1, o.channel, now)
+      ok, qerr = insert_attempt(tx, res.row, 1, o.channel, now, o.sub_appid)
       if not ok then return nil, qerr end
       return model.payment(tx, id)
     end)
@@ -880,7 +911,9 @@ function _M.new_attempt(req, ik)
       .. " state = 'open'",
       { p.id, now, confirmed, model.close_check_at(ctx, p.mchid) })
     if not res then return nil, qerr end
-    res, qerr = insert_attempt(tx, p, n, o.channel, now)
+    -- (under the payment's sub_appid: a switch keeps the appids)
+    res, qerr = insert_attempt(tx, p, n, o.channel, now,
+                               model.opt(p.sub_appid))
     if not res then return nil, qerr end
     local ok
     ok, qerr = audit.append(tx, "payment:" .. p.id, {

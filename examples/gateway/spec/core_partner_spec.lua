@@ -19,6 +19,25 @@ describe("gateway for a service provider", function()
     testing.stop_all()
   end)
 
+  -- the order as WeChat holds it (asked as the provider)
+  local function wechat_order(no)
+    local wx = sim:client(sim.partner)
+    local t = assert(wx:query_by_out_trade_no(no, sim.partner.sub_mchid))
+    wx:stop()
+    return t
+  end
+
+  -- the JSAPI pay parameters verify over appid with the provider's key
+  local function assert_pay_sign(pay, appid)
+    assert.equal(appid, pay.appId)
+    local f = assert(io.open(sim.partner.public_key, "rb"))
+    local pub = assert(crypto.public_key(f:read("*a")))
+    f:close()
+    assert.is_true(crypto.verify_base64(pub, appid .. "\n" .. pay.timeStamp
+      .. "\n" .. pay.nonceStr .. "\n" .. pay.package .. "\n", pay.paySign,
+      "sha256-rsa"))
+  end
+
   it("needs the sub_mchid", function()
     local res = gw:call("POST", "/v1/payments", { order_id = "sp-0",
       channel = "native", amount = 1, description = "x" })
@@ -123,5 +142,178 @@ describe("gateway for a service provider", function()
     assert.matches("provider", res.json.fields.sub_mchid, 1, true)
     assert.equal(0, #assert(gw.db:query("SELECT id FROM gw_payments"
       .. " WHERE order_id = $1", { oid })))
+  end)
+
+  it("pays a JSAPI payment under the sub-merchant's own appid: the payer"
+     .. " is its sub_openid, the pay parameters are signed for it",
+     function()
+    -- was: 400 {"sub_appid": "unknown field"}, and a JSAPI payer's openid
+    -- always went to WeChat as sp_openid (the provider's appid)
+    local sub_appid = sim.partner.sub_appid
+    local openid = "oSub_" .. crypto.random_nonce(20)
+    local p, pay = gw:create{ channel = "jsapi", amount = 30,
+      sub_mchid = sim.partner.sub_mchid, sub_appid = sub_appid,
+      payer = { openid = openid } }
+    assert.equal(sub_appid, p.sub_appid)
+    assert_pay_sign(pay, sub_appid)
+    sim:pay(p.out_trade_no, sim.partner.sub_mchid)
+    sim:wait_notification(p.out_trade_no)
+    gw:wait_state(p.id, "paid")
+    local t = wechat_order(p.out_trade_no)
+    assert.equal(sim.partner.appid, t.sp_appid)
+    assert.equal(sub_appid, t.sub_appid)
+    assert.same({ sub_openid = openid }, t.payer)
+    local got = gw:get(p.id)
+    assert.equal(sub_appid, got.sub_appid)
+    assert.equal(sub_appid, got.attempts[1].sub_appid)
+    local rows = assert(gw.db:query("SELECT a.sub_appid AS a, p.sub_appid"
+      .. " AS p FROM gw_attempts a JOIN gw_payments p ON p.id ="
+      .. " a.payment_id WHERE p.id = $1", { p.id }))
+    assert.same({ a = sub_appid, p = sub_appid }, rows[1])
+    local r = gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
+                      { amount = 30 })
+    assert.equal(201, r.status, r.body)
+    sim:settle(r.json.out_refund_no)
+    sim:wait_notification{ out_refund_no = r.json.out_refund_no }
+    gw:wait_state(p.id, "refunded")
+  end)
+
+  it("without sub_appid, a JSAPI payer is the provider appid's sp_openid",
+     function()
+    local openid = "oSp_" .. crypto.random_nonce(20)
+    local p, pay = gw:create{ channel = "jsapi", amount = 2,
+      sub_mchid = sim.partner.sub_mchid, payer = { openid = openid } }
+    assert.is_nil(p.sub_appid)
+    assert_pay_sign(pay, sim.partner.appid)
+    sim:pay(p.out_trade_no, sim.partner.sub_mchid)
+    gw:wait_state(p.id, "paid")
+    local t = wechat_order(p.out_trade_no)
+    assert.is_nil(t.sub_appid)
+    assert.same({ sp_openid = openid }, t.payer)
+  end)
+
+  it("keeps sub_appid through a channel switch, and signs the App"
+     .. " parameters for it", function()
+    local sub_appid = sim.partner.sub_appid
+    local p = gw:create{ channel = "native", amount = 3,
+      sub_mchid = sim.partner.sub_mchid, sub_appid = sub_appid }
+    local openid = "oSw_" .. crypto.random_nonce(20)
+    local res = gw:call("POST", "/v1/payments/" .. p.id .. "/attempts",
+      { channel = "jsapi", payer = { openid = openid } })
+    assert.equal(201, res.status, res.body)
+    assert.equal(sub_appid, res.json.payment.sub_appid)
+    assert_pay_sign(res.json.pay, sub_appid)
+    res = gw:call("POST", "/v1/payments/" .. p.id .. "/attempts",
+                  { channel = "app" })
+    assert.equal(201, res.status, res.body)
+    assert.equal(sub_appid, res.json.pay.appid)
+    assert.equal(sim.partner.sub_mchid, res.json.pay.partnerid)
+    local got = gw:get(p.id)
+    assert.equal(3, #got.attempts)
+    for _, a in ipairs(got.attempts) do
+      assert.equal(sub_appid, a.sub_appid)
+    end
+    sim:pay(res.json.payment.out_trade_no, sim.partner.sub_mchid)
+    gw:wait_state(p.id, "paid")
+    assert.equal(sub_appid, wechat_order(res.json.payment.out_trade_no)
+                              .sub_appid)
+  end)
+
+  it("a sub_appid not bound to the sub-merchant: WeChat's refusal, and the"
+     .. " create corrected resumes the payment under the right one",
+     function()
+    local oid = "sp-subapp-" .. crypto.random_nonce(6)
+    local body = { order_id = oid, channel = "jsapi", amount = 4,
+      description = "x", sub_mchid = sim.partner.sub_mchid,
+      sub_appid = "wx00000000000000ff", payer = { openid = "oX" } }
+    local res = gw:call("POST", "/v1/payments", body)
+    assert.equal(502, res.status, res.body)
+    assert.equal("APPID_MCHID_NOT_MATCH", res.json.wechat_code, res.body)
+    body.sub_appid = sim.partner.sub_appid
+    res = gw:call("POST", "/v1/payments", body)
+    assert.equal(201, res.status, res.body)
+    assert.equal(2, res.json.payment.attempt)
+    assert.equal(sim.partner.sub_appid, res.json.payment.sub_appid)
+    assert_pay_sign(res.json.pay, sim.partner.sub_appid)
+    local got = gw:get(res.json.payment.id)
+    assert.equal("wx00000000000000ff", got.attempts[1].sub_appid)
+    assert.equal(sim.partner.sub_appid, got.attempts[2].sub_appid)
+  end)
+
+  it("refuses a malformed sub_appid before storing anything", function()
+    for i, v in ipairs{ "", string.rep("w", 33), "wx 1", 7 } do
+      local oid = "sp-badapp-" .. i
+      local res = gw:call("POST", "/v1/payments", { order_id = oid,
+        channel = "native", amount = 1, description = "x",
+        sub_mchid = sim.partner.sub_mchid, sub_appid = v })
+      assert.equal(400, res.status, res.body)
+      assert.truthy(res.json.fields.sub_appid, res.body)
+      assert.equal(0, #assert(gw.db:query("SELECT id FROM gw_payments"
+        .. " WHERE order_id = $1", { oid })))
+    end
+  end)
+end)
+
+-- the same on PostgreSQL: sub_appid written with the payment and each
+-- attempt (create, a resumed create, a switch), then paid and refunded
+local servers = require "spec.support.servers"
+if not servers.have_postgres() then
+  describe("gateway for a service provider on PostgreSQL", function()
+    pending("PostgreSQL is not installed")
+  end)
+  return
+end
+
+describe("gateway for a service provider on PostgreSQL", function()
+  local sim, gw
+
+  setup(function()
+    local pg = servers.postgres()
+    sim = testing.simulator{ time_scale = 100, partner = true }
+    gw = core.start(sim, { partner = true,
+                           db = function() return pg.url end })
+  end)
+
+  teardown(function()
+    if gw then gw:stop() end
+    testing.stop_all()
+    servers.stop_all()
+  end)
+
+  it("pays under a sub_appid corrected on a resumed create, after a"
+     .. " switch", function()
+    local sub_appid = sim.partner.sub_appid
+    local body = { order_id = "pg-sub-" .. crypto.random_nonce(6),
+      channel = "native", amount = 8, description = "x",
+      sub_mchid = sim.partner.sub_mchid, sub_appid = "wx00000000000000ff" }
+    local res = gw:call("POST", "/v1/payments", body)
+    assert.equal(502, res.status, res.body)
+    body.sub_appid = sub_appid
+    res = gw:call("POST", "/v1/payments", body)
+    assert.equal(201, res.status, res.body)
+    local p = res.json.payment
+    assert.equal(sub_appid, p.sub_appid)
+    local openid = "oPg_" .. crypto.random_nonce(20)
+    res = gw:call("POST", "/v1/payments/" .. p.id .. "/attempts",
+      { channel = "jsapi", payer = { openid = openid } })
+    assert.equal(201, res.status, res.body)
+    assert.equal(sub_appid, res.json.pay.appId)
+    local no = res.json.payment.out_trade_no
+    sim:pay(no, sim.partner.sub_mchid)
+    gw:wait_state(p.id, "paid")
+    local got = gw:get(p.id)
+    assert.equal(sub_appid, got.sub_appid)
+    local list = {}
+    for i, a in ipairs(got.attempts) do list[i] = a.sub_appid end
+    assert.same({ "wx00000000000000ff", sub_appid, sub_appid }, list)
+    local wx = sim:client(sim.partner)
+    local t = assert(wx:query_by_out_trade_no(no, sim.partner.sub_mchid))
+    wx:stop()
+    assert.same({ sub_openid = openid }, t.payer)
+    local r = gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
+                      { amount = 8 })
+    assert.equal(201, r.status, r.body)
+    sim:settle(r.json.out_refund_no)
+    gw:wait_state(p.id, "refunded")
   end)
 end)

@@ -102,6 +102,21 @@ describe("gateway merchant API", function()
       assert.equal(400, res.status, res.body)
     end)
 
+    it("a direct merchant's sub_appid: 400 naming it, nothing stored",
+       function()
+      -- (a sub-merchant's own appid is a service provider's: a direct
+      -- merchant names its other appids with appid)
+      local oid = S.order_id()
+      local res = env:api("POST", "/v1/payments", { order_id = oid,
+        channel = "native", amount = 1, description = "x",
+        sub_appid = env.m.appid })
+      assert.equal(400, res.status, res.body)
+      assert.matches("service provider", res.json.fields.sub_appid, 1, true)
+      assert.is_nil(next(res.json.fields, next(res.json.fields)), res.body)
+      assert.equal(0, #assert(env.db:query("SELECT id FROM gw_payments"
+        .. " WHERE order_id = $1", { oid })))
+    end)
+
     it("the same order_id again (another Idempotency-Key): 409 payment_exists",
        function()
       local oid = S.order_id()

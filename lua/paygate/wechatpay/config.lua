@@ -298,9 +298,7 @@ function _M.check(conf)
            .. "appid, appids")
     end
   end
-  local function is_appid(v)
-    return type(v) == "string" and #v <= 32 and v:match("^[%w_%-]+$") ~= nil
-  end
+  local is_appid = require("paygate.wechatpay.validate").appid
   local appid = conf[appid_key]
   if appid ~= nil then
     if not is_appid(appid) then

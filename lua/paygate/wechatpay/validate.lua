@@ -94,6 +94,13 @@ local function ipv6_groups(part, tail_ok)
   return n
 end
 
+--- syntax: ok = validate.appid(s)
+-- true when s is an appid as the client sends it: 1 to 32 letters,
+-- digits, _ and - (the config's appids, a prepay's appid and sub_appid).
+function _M.appid(s)
+  return type(s) == "string" and #s <= 32 and s:match("^[%w_%-]+$") ~= nil
+end
+
 --- syntax: ok = validate.ip_address(s)
 -- true when s is an IPv4 or IPv6 address as text (see above).
 function _M.ip_address(s)
