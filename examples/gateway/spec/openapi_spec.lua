@@ -203,13 +203,15 @@ describe("examples/gateway/openapi.json", function()
     has(s.Payment, { "id", "order_id", "state", "version", "channel",
       "amount", "currency", "refunded", "out_trade_no", "transaction_id",
       "attempts", "refunds", "created_at", "updated_at", "expires_at",
-      "stale", "mchid", "appid" }, "Payment")
+      "stale", "mchid", "appid", "sub_mchid", "sub_appid" }, "Payment")
+    has(s.Attempt, { "out_trade_no", "n", "channel", "state", "sub_appid",
+      "pay" }, "Attempt")
     has(s.Refund, { "id", "payment_id", "out_refund_no", "refund_id",
       "amount", "reason", "state" }, "Refund")
     has(s.Error, { "error", "message" }, "Error")
     has(s.CreatePayment, { "order_id", "channel", "amount", "currency",
       "description", "payer", "client_ip", "expires_in", "attach",
-      "mchid" }, "CreatePayment")
+      "mchid", "sub_mchid", "sub_appid", "appid" }, "CreatePayment")
     local states = {}
     for _, st in ipairs(s.Payment.properties.state.enum) do
       states[st] = true
