@@ -568,6 +568,23 @@ end
       assert.matches("payment.created", page.body, 1, true)
     end)
 
+    it("show the payment's ids, its appid among them", function()
+      -- was: merchant, order_id and out_trade_no, not the appid the
+      -- payment JSON carries (every attempt is made under it)
+      local p = gw:create{}
+      assert.is_string(p.appid)
+      local page = get(gw, "/console/payments/" .. p.id)
+      assert.equal(200, page.status)
+      local sec = assert(page.body:match("<section>(.-)</section>"))
+      assert.matches("<tr><td>merchant</td><td>" .. p.mchid .. "</td></tr>"
+        .. "<tr><td>appid</td><td>" .. p.appid .. "</td></tr>", sec, 1, true)
+      -- a direct merchant's payment has no sub-merchant ids to show
+      assert.not_matches("<td>sub_mchid</td>", sec, 1, true)
+      assert.not_matches("<td>sub_appid</td>", sec, 1, true)
+      local att = assert(page.body:match("<h2>Attempts</h2>(.-)</section>"))
+      assert.not_matches("<th>sub_appid</th>", att, 1, true)
+    end)
+
     it("escape a hostile search term and answer 404 for no payment",
        function()
       local res = get(gw, "/console/payments?q=%3Cscript%3Ealert(1)%3C%2F"

@@ -238,6 +238,23 @@ describe("gateway for a service provider", function()
     local got = gw:get(res.json.payment.id)
     assert.equal("wx00000000000000ff", got.attempts[1].sub_appid)
     assert.equal(sim.partner.sub_appid, got.attempts[2].sub_appid)
+    -- the console's payment page shows the ids the payment JSON has
+    -- (was: merchant alone), and each attempt's sub_appid
+    local page = gw.srv:request{ path = "/console/payments/" .. got.id }
+    assert.equal(200, page.status)
+    local sec = assert(page.body:match("<section>(.-)</section>"))
+    assert.matches("<tr><td>merchant</td><td>" .. sim.partner.mchid
+      .. "</td></tr><tr><td>sub_mchid</td><td>" .. sim.partner.sub_mchid
+      .. "</td></tr><tr><td>appid</td><td>" .. sim.partner.appid
+      .. "</td></tr><tr><td>sub_appid</td><td>" .. sim.partner.sub_appid
+      .. "</td></tr>", sec, 1, true)
+    local att = assert(page.body:match("<h2>Attempts</h2>(.-)</section>"))
+    assert.matches("<th>sub_appid</th>", att, 1, true)
+    for _, a in ipairs(got.attempts) do
+      assert.matches("<td>" .. a.out_trade_no .. "</td><td>jsapi</td><td>"
+        .. a.state .. "</td><td></td><td>" .. a.sub_appid .. "</td>", att,
+        1, true)
+    end
   end)
 
   it("refuses a malformed sub_appid before storing anything", function()

@@ -546,15 +546,27 @@ function _M.payment(id, view)
   local db = ctx.db
   local p, err = _M.payment_row(id)
   if not p then return p, err end
-  local summary = table_of({ "field", "value" }, {
+  -- the ids the payment JSON carries: a service provider's sub-merchant
+  -- and its own appid only when the payment names them (the row left out,
+  -- not shown empty: a direct merchant's payment has neither)
+  local fields = {
     { "state", p.state }, { "amount", fen(p.amount) .. " " .. p.currency },
     { "description", p.description }, { "order_id", p.order_id },
-    { "app", p.app_id }, { "merchant", p.mchid },
+    { "app", p.app_id }, { "merchant", p.mchid } }
+  if null(p.sub_mchid) then
+    fields[#fields + 1] = { "sub_mchid", p.sub_mchid }
+  end
+  fields[#fields + 1] = { "appid", p.appid }
+  if null(p.sub_appid) then
+    fields[#fields + 1] = { "sub_appid", p.sub_appid }
+  end
+  for _, f in ipairs({
     { "out_trade_no", p.out_trade_no },
     { "transaction_id", null(p.transaction_id) or "" },
     { "refunded", fen(p.refunded) }, { "created", when(p.created_at) },
     { "updated", when(p.updated_at) }, { "expires", when(p.expires_at) },
-  })
+  }) do fields[#fields + 1] = f end
+  local summary = table_of({ "field", "value" }, fields)
   local settle = lever(view, "/console/payments/" .. html.url_encode(id)
     .. "/settle", "Query WeChat now", {})
 
@@ -571,14 +583,25 @@ function _M.payment(id, view)
 
   local attempts
   attempts, err = db:query("SELECT out_trade_no, n, channel, state,"
-    .. " transaction_id, created_at, closed_at FROM gw_attempts WHERE"
-    .. " payment_id = $1 ORDER BY n", { id })
+    .. " transaction_id, created_at, closed_at, sub_appid FROM gw_attempts"
+    .. " WHERE payment_id = $1 ORDER BY n", { id })
   if not attempts then return nil, err end
+  -- each attempt's sub_appid, when one has any: a create resumed after
+  -- WeChat refused one (not the sub-merchant's) made its attempts under
+  -- two, and the refused one is the attempt to look at
+  local sub_appids = false
+  for _, a in ipairs(attempts) do
+    sub_appids = sub_appids or null(a.sub_appid) ~= nil
+  end
+  local at_heads = { "n", "out_trade_no", "channel", "state",
+                     "transaction_id", "created", "closed" }
+  if sub_appids then table.insert(at_heads, 6, "sub_appid") end
   local at, nos = {}, {}
   for i, a in ipairs(attempts) do
     at[i] = { a.n, a.out_trade_no, a.channel, a.state,
               null(a.transaction_id) or "", when(a.created_at),
               when(a.closed_at) }
+    if sub_appids then table.insert(at[i], 6, null(a.sub_appid) or "") end
     nos[a.out_trade_no] = true
   end
 
@@ -703,8 +726,7 @@ names this payment (WeChat sends a refused notification again).</p>{{refused}}
     verify = verify_box("payment:" .. id),
     tl = table_of({ "seq", "at", "what", "transition", "cause", "actor",
                     "evidence" }, tl),
-    at = table_of({ "n", "out_trade_no", "channel", "state",
-                    "transaction_id", "created", "closed" }, at),
+    at = table_of(at_heads, at),
     rf = table_of({ "refund", "out_refund_no", "amount", "state", "kind",
                     "created", "updated" }, rfl),
     notes = table_of({ "id", "type", "key", "received", "outcome" }, notes),
