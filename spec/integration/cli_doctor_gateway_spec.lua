@@ -286,6 +286,28 @@ describe("paygate doctor --config <the gateway's config>", function()
       causes, out)
   end)
 
+  -- the previous key files doctor could read go to the client's check
+  -- without the one it could not: the client's "entry N" counted them
+  -- alone, so a short key in file [2] after an unreadable [1] was blamed
+  -- on entry 1, the file already reported unreadable
+  it("names the previous APIv3 key file that is wrong by its place in the"
+     .. " config, past one it cannot read", function()
+    local short = dir .. "/short-prev.key"
+    local f = assert(io.open(short, "w"))
+    f:write(string.rep("k", 31), "\n")
+    f:close()
+    local conf = variant("unreadprevshort", ("c.merchants[1]"
+      .. ".previous_apiv3_key_files = { %q, %q }"):format(dir, short))
+    local code, out, r = run({ "doctor", "--json", "--config", conf }, nil,
+                             20)
+    assert.equal(1, code, out)
+    local x = r.wechatpay_config
+    assert.equal("fail", x and x.status, out)
+    assert.equal("merchants[1].previous_apiv3_key_files: entry 2 must be"
+                 .. " exactly 32 bytes", x.cause, out)
+    assert.equal("fix merchants[1].previous_apiv3_key_files", x.fix, out)
+  end)
+
   -- an empty apiv3_key_file (or one that is no string) is no path: the
   -- gateway says "must be a file path"; doctor read "" as a file and said
   -- "cannot read the file it names (No such file or directory)", and

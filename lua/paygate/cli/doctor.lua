@@ -221,6 +221,10 @@ local function from_gateway(conf, pick)
   elseif type(m.apiv3_key_env) == "string" then
     wc.apiv3_key = os.getenv(m.apiv3_key_env)
   end
+  -- (the keys read go to the client's check without the unread ones,
+  -- failed lines of their own: prev_at maps its "entry N" back to the
+  -- file's place in the config)
+  local prev_at = {}
   if type(m.previous_apiv3_key_files) == "table" then
     local keys = {}
     for j, path in ipairs(m.previous_apiv3_key_files) do
@@ -229,6 +233,7 @@ local function from_gateway(conf, pick)
         common.usage_error("config.%s: must be a file path", k)
       end
       keys[#keys + 1] = key_file(path, k)
+      prev_at[#keys] = j
     end
     wc.previous_apiv3_keys = keys
   end
@@ -238,6 +243,7 @@ local function from_gateway(conf, pick)
   local etcd = type(cred) == "table" and type(cred.merchants) == "table"
                and cred.merchants[id] or nil
   local out = { from_gateway = true, unread_keys = unread,
+                previous_key_at = prev_at,
                 wechatpay = wc, database = g.db or DEFAULT_GATEWAY_DB,
                 etcd_prefix = etcd,
                 redis = g.redis, limits = conf.limits,
@@ -743,6 +749,13 @@ local function check_keys(out, wc, now, expiring, conf)
   else
     local name = key_name(conf, tostring(err.key))
     local msg = tostring(err.message)
+    if err.key == "previous_apiv3_keys" and conf and conf.previous_key_at
+    then
+      -- the entry's place among the config's files, unread ones counted
+      msg = msg:gsub("entry (%d+)", function(i)
+        return "entry " .. (conf.previous_key_at[tonumber(i)] or i)
+      end, 1)
+    end
     msg = msg:sub(1, #("wechatpay." .. tostring(err.key)) + 1)
           == "wechatpay." .. tostring(err.key) .. ":"
           and name .. msg:sub(#("wechatpay." .. tostring(err.key)) + 1)
