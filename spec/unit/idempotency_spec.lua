@@ -548,6 +548,43 @@ for name, engine in pairs(engines) do
         assert.equal("ok", b)
       end)
 
+      it("passes keep the handler's body: one it refuses releases the key,"
+         .. " and the same request runs again", function()
+        -- (the gateway leaves a 409 appid_not_configured or
+        -- merchant_not_configured unkept this way: the config fixed, the
+        -- same request under the same key runs)
+        local calls, seen, fixed = 0, {}, false
+        local fn = idem.wrap(db, function()
+          calls = calls + 1
+          return 409, { error = fixed and "conflict" or "not_configured",
+                        run = calls }
+        end, { keep = function(status, body)
+          seen[#seen + 1] = { status, body }
+          return not (type(body) == "table"
+                      and body.error == "not_configured")
+        end })
+        local hdr = { ["Idempotency-Key"] = "kb1" }
+        local s, b, h = fn(fake_req{ headers = hdr, body = "{}" })
+        assert.equal(409, s)
+        assert.equal(1, json.decode(b).run)
+        -- the body as the handler returned it (a table), not its JSON
+        assert.same({ 409, { error = "not_configured", run = 1 } }, seen[1])
+        -- not stored: the same key and body run again, unreplayed
+        s, b, h = fn(fake_req{ headers = hdr, body = "{}" })
+        assert.equal(409, s)
+        assert.equal(2, json.decode(b).run)
+        assert.is_nil(h and h["Idempotent-Replayed"])
+        -- a body keep takes is stored, and replayed without a run
+        fixed = true
+        s, b = fn(fake_req{ headers = hdr, body = "{}" })
+        assert.equal(3, json.decode(b).run)
+        local s2, b2, h2 = fn(fake_req{ headers = hdr, body = "{}" })
+        assert.equal(s, s2)
+        assert.equal(b, b2)
+        assert.equal("true", h2["Idempotent-Replayed"])
+        assert.equal(3, calls)
+      end)
+
       it("answers a run whose record was taken over 409 with Retry-After",
          function()
         -- before: this 409 had no Retry-After, which docs/idempotency.md
