@@ -261,6 +261,14 @@ describe("paygate doctor --config <the gateway's config>", function()
         .. " file it names (" .. c[2] .. ")", x.cause)
       assert.matches("point merchants[1].apiv3_key_file at the file holding"
         .. " the 32-character APIv3 key", x.fix, 1, true)
+      -- the client configuration's check does not blame the key it could
+      -- not read: the rest of it is checked (was: a second failed line,
+      -- "merchants[1].apiv3_key: must be exactly 32 bytes")
+      local w = r.wechatpay_config
+      assert.equal("ok", w and w.status, out)
+      assert.matches("the APIv3 key not read (see apiv3_key)", w.cause, 1,
+                     true)
+      assert.is_nil(out:find("32 bytes", 1, true), out)
       -- the other checks ran
       assert.equal("fail", r.gateway_config.status, out)
       assert.equal("ok", r.key_certificate and r.key_certificate.status, out)

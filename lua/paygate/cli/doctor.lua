@@ -665,12 +665,13 @@ local function check_keys(out, wc, now, expiring, conf)
   end
   -- the APIv3 key
   local cause, fix = common.apiv3_key_problem(wc.apiv3_key)
+  local unread_key                  -- the current key's file was not read
   if gateway then
     local name = key_name(conf, "apiv3_key")
     -- the key files the gateway's reader refused (from_gateway), each a
     -- failed line; the current key's stands for its "missing"
     for _, u in ipairs(conf.unread_keys or {}) do
-      if u.key == name then cause = nil end
+      if u.key == name then cause, unread_key = nil, true end
       out:fail("apiv3_key", "config." .. u.key .. ": " .. u.why, nil,
                u.denied and DENIED_FIX or "point " .. u.key .. " at the"
                .. " file holding the 32-character APIv3 key (merchant"
@@ -741,11 +742,24 @@ local function check_keys(out, wc, now, expiring, conf)
       end
     end
   end
-  -- the whole configuration, as the client checks it
-  local c, err = wconfig.check(wc)
+  -- the whole configuration, as the client checks it. Without the APIv3
+  -- key (its file not read: a failed apiv3_key above) the rest of it, with
+  -- a stand-in key: the client refused the missing key as "must be exactly
+  -- 32 bytes", a second failed line blaming a length the key in the file
+  -- may well have. Nothing is returned then (the checks that use the
+  -- configuration would use the stand-in).
+  local checked = wc
+  if unread_key then
+    checked = {}
+    for k, v in pairs(wc) do checked[k] = v end
+    checked.apiv3_key = string.rep("0", 32)
+  end
+  local c, err = wconfig.check(checked)
   if c then
     out:ok("wechatpay_config", "paygate.wechatpay accepts the configuration "
-           .. "(" .. c.mode .. " mode)")
+           .. "(" .. c.mode .. " mode)" .. (unread_key and "; the APIv3"
+           .. " key not read (see apiv3_key)" or ""))
+    if unread_key then return nil end
   else
     local name = key_name(conf, tostring(err.key))
     local msg = tostring(err.message)
