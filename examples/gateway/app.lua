@@ -188,16 +188,21 @@ ctx.fatal = fatal   -- for the plug-ins' config checks (gw.reconcile)
 -- again under the same Idempotency-Key, as after paygate.idempotency's
 -- own refusals. Kept, the fix was 422 idempotency_key_reused for 24 h.
 -- Nor is a 409 appid_not_configured (a new attempt of a payment under an
--- appid taken out of the config): the appid listed again, the same
--- request under the same key runs.
+-- appid taken out of the config) or merchant_not_configured (a call to
+-- WeChat for a payment of a merchant taken out of it): the appid or the
+-- merchant configured again, the same request under the same key runs.
+local NOT_KEPT = { appid_not_configured = true,
+                   merchant_not_configured = true }
+local function not_kept(body)
+  return type(body) == "table" and NOT_KEPT[body.error] == true
+end
 local keep = { keep = function(status, body)
-  return status < 500 and status ~= 400
-    and not (type(body) == "table" and body.error == "appid_not_configured")
+  return status < 500 and status ~= 400 and not not_kept(body)
 end }
 -- Responses committed with their effects are kept whatever their status
 -- (a refund refused by WeChat is a fact to replay, not to run again).
-local keep_all = { keep = function(status)
-  return status ~= 503 and status ~= 400
+local keep_all = { keep = function(status, body)
+  return status ~= 503 and status ~= 400 and not not_kept(body)
 end }
 
 paygate.route("POST", "/v1/payments", idem.wrap(db, payments.create, keep))

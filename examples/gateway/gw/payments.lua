@@ -12,6 +12,7 @@ local model = require "gw.model"
 local events = require "gw.events"
 local apply = require "gw.apply"
 local reconcile = require "paygate.reconcile"
+local metrics = require "paygate.metrics"
 
 local type, tostring, ipairs, pairs, floor = type, tostring, ipairs, pairs,
       math.floor
@@ -346,6 +347,44 @@ end
 
 local function client_of(p)
   return ctx.wx[p.mchid]
+end
+
+-- A payment whose merchant was taken out of config.merchants since (and
+-- the gateway reloaded) has no WeChat Pay client: nothing it needs from
+-- WeChat can be done (was: the call raised on the missing client, a 500,
+-- and a switch left its attempt marked as closing). Its local state stays
+-- readable; each call that needs WeChat is refused before it touches
+-- anything, and counted on /metrics per merchant, so an operator sees
+-- what still needs the merchant configured.
+local unconfigured_counter
+
+--- syntax: err = payments.merchant_not_configured(p[, what])
+-- returns: nil when payment (or refund row) p's merchant is configured,
+-- else a paygate error of kind merchant_not_configured naming the mchid
+-- and the config key (counted). what: the row's name (default "payment").
+function _M.merchant_not_configured(p, what)
+  if ctx.wx[p.mchid] then return nil end
+  unconfigured_counter = unconfigured_counter or metrics.counter(
+    "paygate_gateway_merchant_not_configured_total",
+    "Calls to WeChat Pay not made (merchant API refusals, checks skipped)"
+    .. " for payments of a merchant no longer in config.merchants.",
+    { "merchant" })
+  unconfigured_counter:inc({ merchant = tostring(p.mchid) })
+  return paygate.error("merchant_not_configured", ("%s %s is under"
+    .. " merchant %s, which is no longer in config.merchants: WeChat Pay"
+    .. " cannot be called for it. Add the merchant to config.merchants again"
+    .. " (and reload) to close, switch or refund it; its state can still be"
+    .. " read"):format(what or "payment", tostring(p.id), tostring(p.mchid)))
+end
+
+-- The merchant API's answer when payment p's merchant is not configured
+-- (409, nothing touched; not kept for the Idempotency-Key: the merchant
+-- configured again, the same request runs), else nil.
+function _M.unconfigured(p)
+  local err = _M.merchant_not_configured(p)
+  if not err then return nil end
+  return 409, err_body("merchant_not_configured", err.message,
+                       { mchid = p.mchid, payment = model.payment_json(p) })
 end
 
 local function sub_of(p)
@@ -843,6 +882,8 @@ function _M.new_attempt(req, ik)
   -- merchant's WeChat Pay client. Checked before anything is touched: the
   -- prepay refused after the close below left the payer's code closed at
   -- WeChat for nothing, and answered 502 wechat_error (invalid_params)
+  local us, ub = _M.unconfigured(p)
+  if us then return us, ub end
   local m = ctx.by_mchid[p.mchid]
   if m and m.appids and not m.appids[p.appid] then
     return 409, err_body("appid_not_configured", ("payment %s is under"
@@ -963,6 +1004,8 @@ function _M.close(req, ik)
     return 200, model.payment_json(p)
   end
   if not OPEN[p.state] then return state_conflict(p) end
+  local us, ub = _M.unconfigured(p)
+  if us then return us, ub end
   if ctx.degraded() then return degraded() end
   local cs, cb = close_current(p, "the payment was paid; its notification"
                                .. " applies it")
@@ -1028,6 +1071,10 @@ end
 -- ("ORDER_NOT_EXIST" when WeChat has no such order), or nil, err (WeChat
 -- could not be asked: stale data).
 function _M.refresh(p)
+  -- (its merchant taken out of the config: nothing can be asked, the
+  -- caller answers the local state)
+  local merr = _M.merchant_not_configured(p)
+  if merr then return nil, merr end
   -- WeChat asked as the payment checks ask it (one implementation: the
   -- query, the answer's order checked, an expired NOTPAY closed there and
   -- ORDER_PAID asked again); what it answers is applied below
@@ -1140,6 +1187,12 @@ function _M.after(list)
           paygate.log.error("gateway: late refund failed",
                             { refund = w.refund, error = tostring(err) })
         end
+      elseif w.close and not ctx.wx[w.mchid] then
+        -- (its merchant taken out of the config: the payment checks skip
+        -- it too, until the merchant is configured again)
+        paygate.log.warn("gateway: a superseded attempt of a merchant no"
+          .. " longer configured left open at WeChat", { out_trade_no =
+          w.close, mchid = w.mchid })
       elseif w.close then
         local wx = ctx.wx[w.mchid]
         local ok, err = wx:close(w.close, w.sub_mchid)

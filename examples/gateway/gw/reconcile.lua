@@ -225,18 +225,48 @@ end
 ------------------------------------------------------------- payments
 
 -- The WeChat Pay client of a checked row (a payment, or a refund joined
--- with its payment's mchid), or nil, err: its merchant is not configured,
--- or calls to WeChat are switched off.
-local function client_for(ctx, what, row)
-  local wx = ctx.wx[row.mchid]
-  if not wx then
-    return nil, paygate.error("unknown_merchant", what .. " " .. row.id
-      .. ": merchant " .. tostring(row.mchid) .. " is not configured")
-  end
+-- with its payment's mchid), or nil, err: calls to WeChat are switched
+-- off. (A row whose merchant is not configured is skipped before: skip.)
+local function client_for(ctx, row)
   if ctx.degraded and ctx.degraded() then
     return nil, paygate.error("degraded", "WeChat calls are switched off")
   end
-  return wx
+  return ctx.wx[row.mchid]
+end
+
+-- A row whose merchant was taken out of config.merchants (and the
+-- gateway reloaded): nothing can be asked. Its check is skipped, its next
+-- one moved on its backoff by resched(tx) under the runner's fence (left
+-- due, such rows would fill every batch ahead of the others), and a
+-- warning logged once per merchant per SKIP_WARN_EVERY s in this worker.
+-- Was: a failed check per row per round, each logged ("reconcile: check
+-- failed ... unknown_merchant") and counted as an error. They are counted
+-- on paygate_gateway_merchant_not_configured_total{merchant} instead.
+-- returns: true once skipped (the check's outcome), nil when the row's
+-- merchant is configured.
+local SKIP_WARN_EVERY = 600
+local skip_warned = {}            -- mchid -> when last warned (monotonic)
+
+local function skip(ctx, what, row, rctx, resched)
+  if ctx.wx[row.mchid] then return nil end
+  local err = ctx.payments.merchant_not_configured(row, what)
+  local mchid = tostring(row.mchid)
+  local now = core.mono()
+  if not skip_warned[mchid] or now - skip_warned[mchid] >= SKIP_WARN_EVERY
+  then
+    skip_warned[mchid] = now
+    warn("gateway: reconcile skips the payments and refunds of a merchant"
+      .. " no longer configured (until it is in config.merchants again;"
+      .. " said once per " .. SKIP_WARN_EVERY .. " s)", { mchid = mchid,
+      [what] = row.id, error = err.message })
+  end
+  local ok, serr = ctx.db:transaction(function(tx)
+    local f, ferr = rctx.fence(tx)
+    if not f then return nil, ferr end
+    return resched(tx)
+  end)
+  if not ok then return nil, serr end
+  return true
 end
 
 -- The runner's reschedule of a row whose check failed: its next check.
@@ -386,7 +416,14 @@ local function payment_checks(ctx, conf, sched)
       return rows
     end,
     check = function(row, rctx)
-      local wx, werr = client_for(ctx, "payment", row)
+      local skipped, serr = skip(ctx, "payment", row, rctx, function(tx)
+        if row.gw_check == "attempt" then
+          return aresched(tx, row.out_trade_no)
+        end
+        return resched(tx, row.id)
+      end)
+      if skipped ~= nil or serr then return skipped, serr end
+      local wx, werr = client_for(ctx, row)
       if not wx then return nil, werr end
       if row.gw_check == "attempt" then
         return check_attempt(ctx, wx, row, rctx, aresched)
@@ -474,7 +511,11 @@ local function refund_checks(ctx, conf, sched)
                       limit)
     end,
     check = function(row, rctx)
-      local wx, werr = client_for(ctx, "refund", row)
+      local skipped, serr = skip(ctx, "refund", row, rctx, function(tx)
+        return resched(tx, row.id)
+      end)
+      if skipped ~= nil or serr then return skipped, serr end
+      local wx, werr = client_for(ctx, row)
       if not wx then return nil, werr end
       local action, err = reconcile.check_refund(wx, {
         id = row.id, state = row.state, out_refund_no = row.out_refund_no,

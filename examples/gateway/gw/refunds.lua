@@ -95,6 +95,7 @@ function _M.send(id, finish, actor)
   p, err = model.payment(db, rf.payment_id)
   if not p then return nil, err or paygate.error("not_found", "payment") end
   local wx = ctx.wx[p.mchid]
+  if not wx then return nil, payments.merchant_not_configured(p) end
   local req = { out_trade_no = rf.out_trade_no,
                 out_refund_no = rf.out_refund_no,
                 notify_url = ctx.notify_url(p.mchid),
@@ -222,6 +223,8 @@ function _M.create(req, ik)
   local p, err = payments.load_own(req)
   if p == nil then return store_failed(err) end
   if not p then return payments.not_found("payment") end
+  local us, ub = payments.unconfigured(p)
+  if us then return us, ub end
   if ctx.degraded() then return payments.degraded() end
   local key = req:header("Idempotency-Key")
   local request_key = key and (tostring(req.app_id) .. "|" .. key) or nil

@@ -629,40 +629,13 @@ describe("gateway merchant API, an appid taken out of the config",
   -- ("invalid_params appid: must be the client's appid ... or omitted"),
   -- answered 502 wechat_error: the payer's code closed for nothing, and
   -- no word on what to do.
-  local testing = require "paygate.testing"
   local A, B = "wx1111111111111111", "wx2222222222222222"
-  local env, original
+  local env
 
   setup(function() env = S.start{ appids = { A, B } } end)
   teardown(S.stop)
 
-  -- the config file as written, with edit(c) applied to its table; then
-  -- HUP, and waits until the reload is done and the old workers are gone
-  -- (a draining one still answers the kept-alive connection of the spec)
-  local function reload_with(edit)
-    local srv = env.gw
-    local old = {}
-    for _, pid in ipairs(srv:workers()) do old[pid] = true end
-    original = original or testing.proc.read(srv.config_file)
-    testing.write(srv.config_file, "local c = (function() " .. original
-      .. " end)()\n" .. edit .. "\nreturn c\n")
-    local n0 = tonumber(testing.proc.read(srv.dir .. "/paygate.pid.reload")
-                        :match("^(%d+)")) or 0
-    srv:signal(testing.proc.SIGHUP)
-    local text
-    testing.wait_until(function()
-      text = testing.proc.read(srv.dir .. "/paygate.pid.reload")
-      return (tonumber(text:match("^(%d+) ")) or 0) > n0
-        and not text:match("^%d+ started")
-    end, 60, "the reload")
-    assert.matches("^%d+ ok", text)
-    testing.wait_until(function()
-      for _, pid in ipairs(srv:workers()) do
-        if old[pid] then return false end
-      end
-      return true
-    end, 30, "the old workers to exit")
-  end
+  local function reload_with(edit) S.reload_with(env, edit) end
 
   local function trade_state(no)
     local wx = env.sim:client()
@@ -711,5 +684,90 @@ describe("gateway merchant API, an appid taken out of the config",
     assert.is_nil(res.headers["idempotent-replayed"])
     assert.equal(B, res.json.payment.appid)
     assert.equal("CLOSED", trade_state(b.payment.out_trade_no))
+  end)
+end)
+
+describe("gateway merchant API, a merchant taken out of the config",
+         function()
+  -- Payments of a second merchant, then that merchant removed from
+  -- config.merchants and the gateway reloaded. Was: a switch or a close
+  -- raised on the missing WeChat Pay client (500, the switch's mark left
+  -- on the attempt), a refund likewise, ?refresh=1 too; and each payment
+  -- check failed, logged and counted as an error every time it was due.
+  local env
+
+  setup(function()
+    env = S.start{ merchants = 2, workers = 1, gateway = { reconcile = {
+      check_after = 1, first = 1, interval = 0.2, bill = false } } }
+  end)
+  teardown(S.stop)
+
+  it("reads its payments from local state, refuses what needs WeChat with"
+     .. " 409 merchant_not_configured touching nothing, and the checks skip"
+     .. " them with one warning", function()
+    local m2 = env.m2.mchid
+    local open = env:create{ mchid = m2 }.payment
+    local paid = env:paid_payment{ mchid = m2 }
+    S.reload_with(env, "table.remove(c.merchants, 2)")
+    local mark = #env.gw:logs()
+    -- reads: local state, a refresh marked stale
+    assert.equal("paying", env:get(open.id).state)
+    local r = env:get(open.id, true)
+    assert.equal("paying", r.state)
+    assert.is_true(r.stale)
+    assert.equal("paid", env:get(paid.id).state)
+    local res = env:api("GET", "/v1/payments/" .. paid.id .. "/refunds")
+    assert.equal(200, res.status, res.body)
+    -- calls that need WeChat: 409 naming the merchant and the config key
+    local function refused(path, body, key)
+      local rr = env:api("POST", path, body, { key = key })
+      assert.equal(409, rr.status, rr.body)
+      assert.equal("merchant_not_configured", rr.json.error)
+      assert.equal(m2, rr.json.mchid)
+      assert.matches("merchant " .. m2 .. ", which is no longer in"
+        .. " config.merchants", rr.json.message, 1, true)
+      return rr
+    end
+    local key = "k-" .. S.order_id()
+    local apath = "/v1/payments/" .. open.id .. "/attempts"
+    refused(apath, { channel = "native" }, key)
+    refused("/v1/payments/" .. open.id .. "/close", {})
+    refused("/v1/payments/" .. paid.id .. "/refunds", { amount = 10 })
+    -- nothing touched: the attempt open and unmarked, here and at WeChat
+    local rows = assert(env.db:query("SELECT state FROM gw_attempts WHERE"
+      .. " payment_id = $1 AND close_check_at IS NULL", { open.id }))
+    assert.equal(1, #rows)
+    assert.equal("open", rows[1].state)
+    assert.equal("paying", env:get(open.id).state)
+    assert.equal(0, #assert(env.db:query("SELECT id FROM gw_refunds WHERE"
+      .. " payment_id = $1", { paid.id })))
+    local wx = env.sim:client(env.m2)
+    assert.equal("NOTPAY", assert(wx:query_by_out_trade_no(
+      open.out_trade_no)).trade_state)
+    wx:stop()
+    -- WeChat's notification for it: 404 FAIL (docs/gateway.md)
+    res = env:post_paid(open, m2)
+    assert.equal(404, res.status, res.body)
+    assert.equal("FAIL", res.json.code)
+    -- the checks: skipped, on their backoff, one warning for the merchant
+    S.wait_until(function()
+      local c = assert(env.db:query("SELECT checks FROM gw_payments WHERE"
+                                    .. " id = $1", { open.id }))
+      return tonumber(c[1].checks) >= 3
+    end, 30, "the open payment's checks skipped three times")
+    local logs = env.gw:logs():sub(mark + 1)
+    local _, warned = logs:gsub("reconcile skips the payments and refunds"
+                                .. " of a merchant no longer configured", "")
+    assert.equal(1, warned, logs)
+    assert.is_nil(logs:find("check failed", 1, true), logs)
+    local m = assert(env.gw:admin_get("/metrics"))
+    assert.matches('paygate_gateway_merchant_not_configured_total{merchant="'
+      .. m2 .. '"} %d+', m.body)
+    -- not kept for the Idempotency-Key: the merchant configured again, the
+    -- same request under the same key runs
+    S.reload_with(env, "")
+    res = env:api("POST", apath, { channel = "native" }, { key = key })
+    assert.equal(201, res.status, res.body)
+    assert.is_nil(res.headers["idempotent-replayed"])
   end)
 end)

@@ -110,7 +110,9 @@ S.default_db = nil
 -- config.gateway keys), admin_token (written to a file named by
 -- admin_token_file), time_scale (the simulator's), workers, appids (the
 -- simulator merchant's appids, the first its default: a list of two
--- makes a merchant paying under two apps; default one made up).
+-- makes a merchant paying under two apps; default one made up),
+-- merchants (2: a second simulator merchant, env.m2, configured as
+-- config.merchants[2] with its APIv3 key in its own file).
 -- yields: makes keys, starts simulator, receiver and gateway.
 function S.start(o)
   o = o or {}
@@ -121,11 +123,13 @@ function S.start(o)
   env.platform_key = assert(crypto.private_key(read(env.platform.private_key)))
   env.sim = testing.simulator{
     time_scale = o.time_scale or 100,
-    merchants = o.appids and { testing.merchant{ appids = o.appids } },
+    merchants = o.appids and { testing.merchant{ appids = o.appids } }
+                or o.merchants,
     config = { platform_private_key = env.platform.private_key,
                platform_certificate = env.platform.certificate },
   }
   env.m = env.sim.merchant
+  env.m2 = env.sim.merchants[2]
   env.hook_secret = "whsec_" .. crypto.random_nonce(32)
   env.hook = testing.start_app{ source = S.RECEIVER,
                                 config = { secret = env.hook_secret } }
@@ -154,7 +158,14 @@ function S.start(o)
         g.admin_token_file = srv.dir .. "/admin.token"
       end
       for k, v in pairs(o.gateway or {}) do g[k] = v end
-      return { gateway = g, merchants = { m } }
+      local ms = { m }
+      if env.m2 then
+        local key = srv.dir .. "/apiv3-2.key"
+        write(key, env.m2.apiv3_key .. "\n")
+        ms[2] = env.sim:client_config(env.m2, { apiv3_key = false })
+        ms[2].apiv3_key_file = key
+      end
+      return { gateway = g, merchants = ms }
     end }
   -- an API key for the app "shop", made in the gateway's store the way
   -- docs/gateway.md says (paygate.apikey's table)
@@ -409,6 +420,39 @@ end
 function Env:post_paid(p, mchid)
   local body, h = self:notification("TRANSACTION.SUCCESS", self:transaction(p))
   return self:post_notify(body, h, mchid)
+end
+
+-- syntax: S.reload_with(env, edit)
+-- The gateway's config file as first written, with the Lua statements
+-- edit applied to its table c ("c.merchants[1].appids = nil"; "" for the
+-- file as written); then HUP, and waits until the reload is done and the
+-- old workers are gone (a draining one still answers the kept-alive
+-- connection of the spec).
+function S.reload_with(env, edit)
+  local luassert = require "luassert"
+  local srv = env.gw
+  local old = {}
+  for _, pid in ipairs(srv:workers()) do old[pid] = true end
+  env.original_config = env.original_config
+                        or testing.proc.read(srv.config_file)
+  testing.write(srv.config_file, "local c = (function() "
+    .. env.original_config .. " end)()\n" .. edit .. "\nreturn c\n")
+  local n0 = tonumber(testing.proc.read(srv.dir .. "/paygate.pid.reload")
+                      :match("^(%d+)")) or 0
+  srv:signal(testing.proc.SIGHUP)
+  local text
+  testing.wait_until(function()
+    text = testing.proc.read(srv.dir .. "/paygate.pid.reload")
+    return (tonumber(text:match("^(%d+) ")) or 0) > n0
+      and not text:match("^%d+ started")
+  end, 60, "the reload")
+  luassert.matches("^%d+ ok", text)
+  testing.wait_until(function()
+    for _, pid in ipairs(srv:workers()) do
+      if old[pid] then return false end
+    end
+    return true
+  end, 30, "the old workers to exit")
 end
 
 function S.ok2xx(status) return status >= 200 and status < 300 end
