@@ -232,13 +232,18 @@ describe("paygate.shared", function()
       -- reclaimed them and held more than one dict's worth of entries)
       -- The fill must end before its first entry expires: on a machine
       -- slower than that, again in a fresh dict with twice the TTL.
-      local ttl, i, t0 = 0.25, 0, nil
+      -- Then wait for the LAST entry of the fill to expire (from the fill's
+      -- end, not its start: under load a fill of 50 ms left its last
+      -- entries live when the first ones' time was up, and the new adds
+      -- found them: "full of live entries").
+      local ttl, i, t0, t1 = 0.25, 0, nil, nil
       repeat
         ttl, i, t0 = ttl * 2, 0, core.mono()
         d = fresh("64k")
         repeat i = i + 1 until not d:safe_add("old" .. i, v, ttl)
-      until core.mono() - t0 < ttl or ttl > 60
-      assert.is_true(wait_for(function() return core.mono() - t0 > ttl + 0.01
+        t1 = core.mono()
+      until t1 - t0 < ttl or ttl > 60
+      assert.is_true(wait_for(function() return core.mono() - t1 > ttl + 0.01
                               end, 130))
       for j = 1, i - 1 do assert.is_true(d:safe_add("new" .. j, v)) end
       assert.equal(0, d:stats().evictions)
