@@ -60,12 +60,23 @@ describe("gateway restart", function()
     gw2:stop()
   end)
 
+  -- The leases' rows; none while the lease table is not made yet (the
+  -- first lease taken makes it: a query before that, on a loaded
+  -- machine, found "no such table: paygate_leases" and failed the wait).
+  local function leases(db, q, params)
+    local rows, err = db:query(q, params)
+    if not rows and tostring(err):find("no such table", 1, true) then
+      return {}
+    end
+    return assert(rows, err)
+  end
+
   it("gives back the reconciliation leases on a graceful stop", function()
     local gw = start()
     local function reconcile_leases()
-      local rows = assert(gw.db:query("SELECT name FROM paygate_leases"
+      local rows = leases(gw.db, "SELECT name FROM paygate_leases"
         .. " WHERE name LIKE 'reconcile:%' AND expires_at > $1",
-        { core.time() }))
+        { core.time() })
       local names = {}
       for _, r in ipairs(rows) do names[#names + 1] = r.name end
       table.sort(names)
@@ -99,9 +110,9 @@ describe("gateway restart", function()
       end
     end))
     local function held()
-      return #assert(gw.db:query("SELECT name FROM paygate_leases WHERE"
+      return #leases(gw.db, "SELECT name FROM paygate_leases WHERE"
         .. " name = 'retention:default' AND expires_at > $1",
-        { core.time() }))
+        { core.time() })
     end
     testing.wait_until(function()
       return held() == 1 and tonumber(assert(gw.db:query(
