@@ -312,8 +312,13 @@ local function check_create(b)
       .. " sub-merchant's own appid); a direct merchant names another of"
       .. " its appids with appid"
   end
-  if b.appid ~= nil and (type(b.appid) ~= "string" or #b.appid > 32) then
-    bad.appid = "must be an appid"
+  -- (checked as sub_appid is, and as the WeChat Pay client checks it:
+  -- was type and length only, so an appid of a merchant that lists none
+  -- (any appid sent as given) such as "wx 1" was stored with the payment,
+  -- then refused by the client at the prepay, a 502 for good; and one
+  -- not in the merchant's list was told to be another appid)
+  if b.appid ~= nil and not validate.appid(b.appid) then
+    bad.appid = "must be an appid (1 to 32 letters, digits, _ and -)"
   elseif b.appid ~= nil and m and m.appids and not m.appids[b.appid] then
     -- the merchant's WeChat Pay client sends its appid and the appids it
     -- lists only (it would refuse the prepay once the payment is stored:

@@ -275,6 +275,26 @@ describe("gateway hostile input", function()
     assert.equal(1, #gw:get(p.id).attempts)
   end)
 
+  it("refuses an appid that is not one as the WeChat Pay client sends it,"
+     .. " as it does a sub_appid", function()
+    -- was: type and length only ("must be an appid" for false or 33
+    -- characters; "wx 1" or "" told to be the merchant's appid, and
+    -- stored as given for a merchant that lists none)
+    for _, a in ipairs{ '""', '"wx 1"', '"wx1<b>"', '"wx\\u00e91"',
+                        '"' .. ("w"):rep(33) .. '"', "false", "1" } do
+      local oid = order_id()
+      local res = create_raw(oid, ',"appid":' .. a)
+      refused(res, 400, "invalid_request", "appid", oid)
+      assert.equal("must be an appid (1 to 32 letters, digits, _ and -)",
+                   res.json.fields.appid, a)
+    end
+    -- the merchant's own, given: taken
+    local oid = order_id()
+    local res = create_raw(oid, ',"appid":"' .. sim.merchant.appid .. '"')
+    assert.equal(201, res.status, res.body)
+    assert.equal(sim.merchant.appid, res.json.payment.appid)
+  end)
+
   it("refuses false for every field of a create, a switch, a refund",
      function()
     -- was: "currency": false was taken for no currency (CNY), where the
