@@ -192,6 +192,55 @@ describe("examples/gateway/openapi.json", function()
     assert.truthy(n > 20)
   end)
 
+  it("Payment's required fields are those model.payment_json always sends",
+     function()
+    -- a client generated from the contract treats a field not required
+    -- as maybe absent (and one required as always there): was appid,
+    -- mchid, description and attempt sent with every payment and not
+    -- required. "Always": present for any row the migrations' table
+    -- holds, its NOT NULL columns at two sample values each and every
+    -- nullable one NULL (the same in PostgreSQL's migrations)
+    package.path = "examples/gateway/?.lua;" .. package.path
+    local model = require "gw.model"
+    local sql = require "paygate.sql"
+    local migrate = require "paygate.migrate"
+    local servers = require "spec.support.servers"
+    local dir = servers.mktemp()
+    finally(function() servers.sh("rm -rf " .. dir) end)
+    local db = assert(sql.open("sqlite:" .. dir .. "/gw.db"))
+    assert(migrate.run(db, "examples/gateway/migrations"))
+    local cols = assert(db:query("PRAGMA table_info(gw_payments)"))
+    assert.is_true(#cols > 10)
+    local always
+    for _, sample in ipairs{ { 0, "" }, { 1, "x" } } do
+      local row = {}
+      for _, c in ipairs(cols) do
+        -- (the primary key too: SQLite reports a TEXT one as nullable)
+        if tonumber(c.notnull) == 1 or tonumber(c.pk) > 0 then
+          row[c.name] = tostring(c.type):upper():find("INT") and sample[1]
+                        or sample[2]
+        end
+      end
+      local keys = {}
+      for k in pairs(model.payment_json(row)) do keys[k] = true end
+      if always then
+        for k in pairs(always) do always[k] = keys[k] end
+      else
+        always = keys
+      end
+    end
+    local want = {}
+    for k in pairs(always) do want[#want + 1] = k end
+    table.sort(want)
+    local got = {}
+    for _, k in ipairs(doc.components.schemas.Payment.required) do
+      got[#got + 1] = k
+    end
+    table.sort(got)
+    assert.same(want, got)
+    db:close()
+  end)
+
   it("the payment, refund and error schemas have the contract's fields",
      function()
     local s = doc.components.schemas
