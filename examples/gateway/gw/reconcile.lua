@@ -416,6 +416,15 @@ local function payment_checks(ctx, conf, sched)
       return rows
     end,
     check = function(row, rctx)
+      if row.gw_check == "attempt" and row.attempt_state == "open" then
+        -- a switch's mark left by a request that died: dropped here, with
+        -- no call to WeChat, whether its merchant is configured or not.
+        -- Was: skipped with the merchant's other rows, the mark pushed on
+        -- its backoff for as long as the merchant stayed out of
+        -- config.merchants, and a CLOSED for the attempt taken for the
+        -- switch's close (model.switching) once it was configured again
+        return check_attempt(ctx, nil, row, rctx, aresched)
+      end
       local skipped, serr = skip(ctx, "payment", row, rctx, function(tx)
         if row.gw_check == "attempt" then
           return aresched(tx, row.out_trade_no)

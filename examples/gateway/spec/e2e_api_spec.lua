@@ -770,4 +770,28 @@ describe("gateway merchant API, a merchant taken out of the config",
     assert.equal(201, res.status, res.body)
     assert.is_nil(res.headers["idempotent-replayed"])
   end)
+
+  it("drops a switch's mark left by a request that died, the merchant not"
+     .. " configured", function()
+    -- was: skipped like the merchant's other rows, the mark pushed on its
+    -- backoff for as long as the merchant was out of the config
+    local m2 = env.m2.mchid
+    local p = env:create{ mchid = m2 }.payment
+    S.reload_with(env, "table.remove(c.merchants, 2)")
+    finally(function() S.reload_with(env, "") end)
+    -- the mark a switch sets before its close at WeChat, its request gone
+    -- (due: its time is past; set once the merchant is out, or the checks
+    -- of the merchant configured drop it first)
+    assert(env.db:exec("UPDATE gw_attempts SET close_check_at = $2 WHERE"
+      .. " out_trade_no = $1", { p.out_trade_no, os.time() - 1 }))
+    S.wait_until(function()
+      return #assert(env.db:query("SELECT n FROM gw_attempts WHERE"
+        .. " out_trade_no = $1 AND state = 'open' AND close_check_at IS"
+        .. " NULL", { p.out_trade_no })) == 1
+    end, 10, "the mark dropped, the attempt still open")
+    -- the payment still on it; its own checks wait for the merchant
+    local got = env:get(p.id)
+    assert.equal("paying", got.state)
+    assert.equal(p.out_trade_no, got.out_trade_no)
+  end)
 end)
