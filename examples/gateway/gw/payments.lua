@@ -241,6 +241,9 @@ local function appids_key(m)
          .. (m.partner and "sp_appids" or "appids")
 end
 
+-- what an appid or sub_appid that validate.appid refuses is told
+local BAD_APPID = "must be an appid (1 to 32 letters, digits, _ and -)"
+
 local function check_create(b)
   local bad, out = {}, {}
   unknown_fields(b, CREATE_FIELDS, bad)
@@ -301,7 +304,7 @@ local function check_create(b)
     -- to the sub-merchant only WeChat knows: APPID_MCHID_NOT_MATCH, a 502
     -- that leaves the payment created, so the create corrected resumes it
     if b.sub_appid ~= nil and not validate.appid(b.sub_appid) then
-      bad.sub_appid = "must be an appid (1 to 32 letters, digits, _ and -)"
+      bad.sub_appid = BAD_APPID
     end
     out.sub_appid = b.sub_appid
   elseif b.sub_mchid ~= nil then
@@ -318,7 +321,7 @@ local function check_create(b)
   -- then refused by the client at the prepay, a 502 for good; and one
   -- not in the merchant's list was told to be another appid)
   if b.appid ~= nil and not validate.appid(b.appid) then
-    bad.appid = "must be an appid (1 to 32 letters, digits, _ and -)"
+    bad.appid = BAD_APPID
   elseif b.appid ~= nil and m and m.appids and not m.appids[b.appid] then
     -- the merchant's WeChat Pay client sends its appid and the appids it
     -- lists only (it would refuse the prepay once the payment is stored:

@@ -248,8 +248,8 @@ local SKIP_WARN_EVERY = 600
 local skip_warned = {}            -- mchid -> when last warned (monotonic)
 
 local function skip(ctx, what, row, rctx, resched)
-  if ctx.wx[row.mchid] then return nil end
   local err = ctx.payments.merchant_not_configured(row, what)
+  if not err then return nil end
   local mchid = tostring(row.mchid)
   local now = core.mono()
   if not skip_warned[mchid] or now - skip_warned[mchid] >= SKIP_WARN_EVERY
