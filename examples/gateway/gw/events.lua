@@ -22,7 +22,9 @@ local SHORT = {
 }
 
 -- Every event type the gateway emits (docs/gateway.md, Events): what a
--- webhook's `types` may name.
+-- webhook's `types` may name, and openapi.json's EventType enum (a
+-- receiver generated from the contract knows these; openapi_spec checks
+-- the two lists are the same).
 _M.TYPES = {
   "payment.paying", "payment.paid", "payment.closed", "payment.failed",
   "payment.unknown", "payment.partially_refunded", "payment.refunded",

@@ -383,6 +383,98 @@ describe("the gateway's answers fit openapi.json", function()
     end
   end)
 
+  it("the webhook deliveries fit x-webhooks: headers and body, of every"
+     .. " kind of event", function()
+    -- before: the events the gateway POSTs were in no contract. Here the
+    -- deliveries the spec's receiver took, as they came (the raw body,
+    -- its Paygate-* headers), against x-webhooks' entry: the envelope,
+    -- the payload's payment (Payment), refund (Refund) and each type's
+    -- fields, no field the schema does not name
+    local op = doc["x-webhooks"].event.post
+    local schema = op.requestBody.content["application/json"].schema
+    -- paid, then partly refunded: payment.paying, payment.paid,
+    -- refund.succeeded, payment.partially_refunded
+    local p = env:paid_payment{ amount = 50 }
+    local r = env:refund(p.id, 10)
+    assert.equal(201, r.status, r.body)
+    env.sim:settle(r.json.out_refund_no)
+    -- money on a closed payment: payment.paid (late), payment.late_paid
+    -- with its automatic refund (on_late_payment = "refund"), which the
+    -- simulator refuses (nothing to give back on a closed order):
+    -- refund.failed with wechat_kind
+    local c = conforms(create{ amount = 70 }, "POST", "/v1/payments").payment
+    assert.equal(200, env:api("POST", "/v1/payments/" .. c.id .. "/close")
+                      .status)
+    local res = env:post_paid(c)
+    assert.is_true(S.ok2xx(res.status), res.status .. " " .. res.body)
+    -- an amount that does not match: alarm.amount_mismatch
+    local a = conforms(create{ amount = 30 }, "POST", "/v1/payments").payment
+    local body, h = env:notification("TRANSACTION.SUCCESS",
+      env:transaction(a, { amount = { total = 31, payer_total = 31,
+        currency = "CNY", payer_currency = "CNY" } }))
+    env:post_notify(body, h)
+    local want = {
+      [p.id] = { "payment.paying", "payment.paid", "refund.succeeded",
+                 "payment.partially_refunded" },
+      [c.id] = { "payment.paying", "payment.closed", "payment.paid",
+                 "payment.late_paid", "refund.failed" },
+      [a.id] = { "payment.paying", "alarm.amount_mismatch" },
+    }
+    for subject, types in pairs(want) do
+      for _, t in ipairs(types) do env:wait_event(subject, t, 30) end
+    end
+    -- the signature's pattern, a regular expression, in Lua
+    local params = {}
+    for _, prm in ipairs(op.parameters) do params[prm.name:lower()] = prm end
+    assert.equal("^t=[0-9]+,v1=[0-9a-f]{64}$",
+                 params["paygate-signature"].schema.pattern)
+    local sig = "^t=%d+,v1=" .. ("[0-9a-f]"):rep(64) .. "$"
+    local seen, n = {}, 0
+    for _, e in ipairs(env:events()) do
+      if want[e.subject] then
+        n = n + 1
+        local b = assert(json.decode(e.body), e.body)
+        local errs = {}
+        validate(b, schema, "$", errs)
+        for name, prm in pairs(params) do
+          local v = e.headers[name]
+          if v == nil then
+            if prm.required then errs[#errs + 1] = name .. ": missing" end
+          elseif name == "paygate-signature" then
+            if not v:match(sig) then errs[#errs + 1] = name .. ": " .. v end
+          else
+            validate(v, prm.schema, name, errs)
+          end
+        end
+        -- every Paygate-* header sent is one the contract names
+        for name in pairs(e.headers) do
+          if name:sub(1, 8) == "paygate-" and not params[name] then
+            errs[#errs + 1] = name .. ": not in x-webhooks"
+          end
+        end
+        assert(#errs == 0, b.type .. ": " .. table.concat(errs, "; ")
+               .. "\n" .. e.body)
+        assert.equal(tostring(b.id), e.headers["paygate-event-id"])
+        assert.equal(b.type, e.headers["paygate-event-type"])
+        assert.equal(b.type, b.data.type)
+        assert.matches("^application/json", e.headers["content-type"])
+        seen[b.type] = b.data
+      end
+    end
+    assert.is_true(n >= 11, n)
+    for _, types in pairs(want) do
+      for _, t in ipairs(types) do assert.is_table(seen[t], t) end
+    end
+    -- each type's fields came with it (the schema names them, optional)
+    assert.is_true(seen["payment.late_paid"].payment.late)
+    assert.equal(c.out_trade_no, seen["payment.late_paid"].out_trade_no)
+    assert.equal("refund", seen["payment.late_paid"].action)
+    assert.is_table(seen["payment.late_paid"].refund)
+    assert.is_string(seen["refund.failed"].wechat_kind)
+    assert.equal(31, seen["alarm.amount_mismatch"].alarm.got)
+    assert.equal(10, seen["refund.succeeded"].refund.amount)
+  end)
+
   -- (last: after the answers above; its own too, run alone). A field
   -- required and missing fails where the answer is checked (conforms);
   -- here the other way: one every payment had is required, or a client

@@ -1,7 +1,9 @@
 -- examples/gateway/openapi.json: it parses, it is OpenAPI 3.0, every
 -- route of the gateway's contract is in it with the method, the
--- Idempotency-Key and the security it takes, every $ref resolves, and
--- the payment / refund / error schemas carry the contract's fields.
+-- Idempotency-Key and the security it takes, every $ref resolves, the
+-- payment / refund / error schemas carry the contract's fields, and the
+-- webhook deliveries (x-webhooks) name every event type the gateway
+-- emits and the envelope outbox.webhook_body makes.
 local json = require "cjson.safe"
 
 local function load()
@@ -188,8 +190,77 @@ describe("examples/gateway/openapi.json", function()
       end
     end
     walk(doc.paths)
+    walk(doc["x-webhooks"])
     walk(doc.components)
     assert.truthy(n > 20)
+  end)
+
+  it("x-webhooks describes a delivery: its headers, the envelope"
+     .. " outbox.webhook_body makes, every type gw/events.lua emits",
+     function()
+    -- before: nothing the gateway POSTs to a webhook was in the contract
+    -- (OpenAPI 3.0 has no webhooks: x-webhooks, as Redocly reads it); a
+    -- merchant generating its receiver had no schema. The type enum is
+    -- events.TYPES both ways: a type added to one and not the other
+    -- fails here
+    package.path = "examples/gateway/?.lua;" .. package.path
+    local events = require "gw.events"
+    local outbox = require "paygate.outbox"
+    local hooks = doc["x-webhooks"]
+    assert.is_table(hooks, "no x-webhooks")
+    local op = hooks.event and hooks.event.post
+    assert.is_table(op, "x-webhooks.event.post")
+    assert.is_string(op.operationId)
+    -- no API key: the delivery is signed with the webhook's secret
+    assert.same({}, op.security)
+    local s = doc.components.schemas
+    local want, got = {}, {}
+    for i, t in ipairs(events.TYPES) do want[i] = t end
+    for i, t in ipairs(s.EventType.enum) do got[i] = t end
+    table.sort(want)
+    table.sort(got)
+    assert.same(want, got)
+    local ref = "#/components/schemas/"
+    assert.equal(ref .. "WebhookEvent",
+      op.requestBody.content["application/json"].schema["$ref"])
+    assert.is_true(op.requestBody.required)
+    assert.is_table(op.responses["2XX"])
+    assert.equal(ref .. "EventType", s.WebhookEvent.properties.type["$ref"])
+    assert.equal(ref .. "EventData", s.WebhookEvent.properties.data["$ref"])
+    assert.equal(ref .. "EventType", s.EventData.properties.type["$ref"])
+    assert.equal(ref .. "Payment", s.EventData.properties.payment["$ref"])
+    assert.equal(ref .. "Refund", s.EventData.properties.refund["$ref"])
+    assert.equal(ref .. "EventAlarm", s.EventData.properties.alarm["$ref"])
+    assert.same({ "at", "payment", "type" }, (function()
+      local r = {}
+      for i, k in ipairs(s.EventData.required) do r[i] = k end
+      table.sort(r)
+      return r
+    end)())
+    -- the headers outbox's webhook sink sends, each required
+    local headers = {}
+    for _, prm in ipairs(op.parameters) do
+      assert.equal("header", prm["in"], prm.name)
+      assert.is_true(prm.required, prm.name)
+      headers[prm.name] = prm.schema
+    end
+    assert.equal(ref .. "EventType", headers["Paygate-Event-Type"]["$ref"])
+    assert.is_table(headers["Paygate-Event-Id"])
+    assert.is_table(headers["Paygate-Signature"])
+    -- the envelope's fields are webhook_body's, every one required
+    local body = assert(json.decode(outbox.webhook_body{ id = 7,
+      type = "payment.paid", subject = "pay_x", created_at = 1.5,
+      attempt = 1, payload_json = "{}" }))
+    local keys = {}
+    for k in pairs(body) do keys[#keys + 1] = k end
+    table.sort(keys)
+    local props, req = {}, {}
+    for k in pairs(s.WebhookEvent.properties) do props[#props + 1] = k end
+    for i, k in ipairs(s.WebhookEvent.required) do req[i] = k end
+    table.sort(props)
+    table.sort(req)
+    assert.same(keys, props)
+    assert.same(keys, req)
   end)
 
   it("Payment's required fields are those model.payment_json always sends",

@@ -50,8 +50,10 @@ end
 --                              | 500 (failing on purpose)
 --   POST /_ctl/mode {reject = {subject = true}, fail_first = bool}
 --   GET  /_ctl/events          {events = [{id, type, subject, data,
---                               attempt, tenant (X-Tenant)}], attempts = {[id] = n},
---                               refused = {kind = n}}
+--                               attempt, tenant (X-Tenant), body (as it
+--                               came), headers (its Paygate-* and
+--                               Content-Type, lower-case names)}],
+--                               attempts = {[id] = n}, refused = {kind = n}}
 -- Everything in memory: one worker.
 S.RECEIVER = [[
 local paygate = require "paygate"
@@ -74,9 +76,14 @@ paygate.route("POST", "/hook", function(req)
   if fail_first and attempts[id] == 1 then
     return 500, { error = "first attempt fails" }
   end
+  local h = {}
+  for k, v in pairs(req.headers) do
+    if k:sub(1, 8) == "paygate-" or k == "content-type" then h[k] = v end
+  end
   events[#events + 1] = { id = e.id, type = e.type, subject = e.subject,
                           data = e.data, attempt = e.attempt,
-                          tenant = req:header("X-Tenant") }
+                          tenant = req:header("X-Tenant"),
+                          body = req.body, headers = h }
   return 204
 end)
 paygate.route("POST", "/_ctl/mode", function(req)
