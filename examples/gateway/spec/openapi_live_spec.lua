@@ -383,6 +383,43 @@ describe("the gateway's answers fit openapi.json", function()
     end
   end)
 
+  it("a path of the contract with a method it does not take: 405"
+     .. " method_not_allowed, Allow naming the contract's methods",
+     function()
+    -- before: the gateway answered it (paygate's router) and neither the
+    -- contract nor docs/gateway.md's table named it
+    local kinds = doc.components.schemas.Error.properties.error.description
+    assert.matches("405: method_not_allowed", kinds, 1, true)
+    local n = 0
+    for template, item in pairs(doc.paths) do
+      local want = {}
+      for m in pairs(item) do want[#want + 1] = m:upper() end
+      if item.get and not item.head then want[#want + 1] = "HEAD" end
+      table.sort(want)
+      local path = template:gsub("{id}", template:find("^/v1/refunds")
+                                          and "ref_none" or "pay_none")
+                           :gsub("{mchid}", env.m.mchid)
+      -- (signed on /v1/: an unsigned request is a 401 first)
+      local res = path:sub(1, 4) == "/v1/" and env:api("DELETE", path)
+                  or env:admin("DELETE", path)
+      assert.equal(405, res.status, template .. " " .. res.body)
+      assert.equal("method_not_allowed", res.json and res.json.error,
+                   res.body)
+      local errs = {}
+      validate(res.json, { ["$ref"] = "#/components/schemas/Error" }, "$",
+               errs)
+      assert(#errs == 0, template .. ": " .. table.concat(errs, "; "))
+      local allow = {}
+      for m in (res.headers.allow or ""):gmatch("[^,%s]+") do
+        allow[#allow + 1] = m
+      end
+      table.sort(allow)
+      assert.same(want, allow, template)
+      n = n + 1
+    end
+    assert.is_true(n >= 9, n)
+  end)
+
   it("the webhook deliveries fit x-webhooks: headers and body, of every"
      .. " kind of event", function()
     -- before: the events the gateway POSTs were in no contract. Here the
