@@ -96,7 +96,22 @@ local function prune_captures(dir)
   end
 end
 
---- syntax: cmd = history.capture(wx, req) -- the verify command, or nil
+-- The command that says why a client holds no key to verify with: its
+-- merchant checked by paygate doctor on this gateway's config and code
+-- (doctor's signed call downloads the certificates as the client does,
+-- and names what fails: the APIv3 key, the serial, WeChat unreachable).
+local function doctor_command(wx)
+  local rt = paygate.runtime or {}
+  local conf = wx.conf or {}
+  return "paygate doctor --config " .. tostring(rt.config_file or "FILE")
+    .. " --app " .. tostring(paygate.app_dir) .. " --merchant "
+    .. tostring(conf.mchid)
+end
+
+--- syntax: cmd[, doctor] = history.capture(wx, req)
+-- cmd: the verify command, or nil (not captured); when the capture was
+-- made but the client holds no key (no platform certificate, no public
+-- key), nil and the doctor command instead.
 function _M.capture(wx, req)
   local dir = capture_dir
   local body = req.body
@@ -136,12 +151,14 @@ function _M.capture(wx, req)
   -- (--at: judged at its receipt, whenever the command is run)
   local cmd = "paygate verify --headers " .. base .. ".headers --body "
     .. base .. ".body --at " .. floor(now)
+  local keyed = false                 -- a key named for verify to use
   local pems = {}
   for _, cert in pairs(wx.certs or {}) do pems[#pems + 1] = cert:pem() end
   if #pems > 0 then
     table.sort(pems)
     if put(base .. ".certs.pem", table.concat(pems)) then
       cmd = cmd .. " --certificate " .. base .. ".certs.pem"
+      keyed = true
     end
   end
   -- the WeChat Pay public key (public-key and migration mode): the
@@ -153,9 +170,18 @@ function _M.capture(wx, req)
     if type(pem) == "string" and put(base .. ".pub.pem", pem) then
       cmd = cmd .. " --public-key " .. base .. ".pub.pem --public-key-id "
         .. tostring(conf.public_key_id)
+      keyed = true
     end
   end
   prune_captures(dir)
+  if not keyed then
+    -- no key held: certificate mode, and no download has succeeded (a
+    -- wrong APIv3 key, a serial WeChat does not hold, WeChat not reached).
+    -- paygate verify without a key is a usage error (exit 2); what to fix
+    -- is why none is held, which doctor names. The capture stays, for a
+    -- verify once the keys are held.
+    return nil, doctor_command(wx)
+  end
   return cmd
 end
 
@@ -230,12 +256,13 @@ function _M.on_call(mchid)
   end
 end
 
---- syntax: recorded, verify = history.refused(wx, mchid, req, err)
+--- syntax: recorded, verify, doctor = history.refused(wx, mchid, req, err)
 -- Records a notification that parse_notification refused: the error's
 -- kind and message, and wx:notification_facts(req) (headers, claims and,
 -- when its resource decrypts, the order or refund it is about); and
 -- captures it whole in capture_dir: verify is the paygate verify command
--- that checks the capture (nil when none was made).
+-- that checks the capture (nil when none was made), doctor the paygate
+-- doctor command instead when the client holds no key (history.capture).
 function _M.refused(wx, mchid, req, err)
   local now = paygate.update_time()
   local second = floor(now)
@@ -247,7 +274,7 @@ function _M.refused(wx, mchid, req, err)
     drop("refused_notification")
     return false
   end
-  local verify = _M.capture(wx, req)
+  local verify, doctor = _M.capture(wx, req)
   local f = wx:notification_facts(req)
   local null = json.null
   return write("refused_notification", "INSERT INTO"
@@ -258,7 +285,7 @@ function _M.refused(wx, mchid, req, err)
       now, mchid, tostring(err.kind), text(tostring(err.message), 300),
       f.serial or null, f.timestamp or null, f.id or null,
       f.event_type or null, f.authentic and 1 or 0,
-      f.out_trade_no or null, f.out_refund_no or null }), verify
+      f.out_trade_no or null, f.out_refund_no or null }), verify, doctor
 end
 
 return _M

@@ -163,11 +163,12 @@ function _M.handler(req)
     -- reason: what was wrong (which header, which check); the message
     -- quotes no secret, and header values only bounded and printable
     -- recorded for the console (why), and captured whole: verify is the
-    -- one command that checks the capture
-    local _, verify = history.refused(wx, mchid, req, err)
+    -- one command that checks the capture; doctor instead when the client
+    -- holds no key to check it with (doctor names why)
+    local _, verify, doctor = history.refused(wx, mchid, req, err)
     paygate.log.warn("gateway: notification refused", { kind = err.kind,
                      mchid = mchid, reason = tostring(err.message),
-                     verify = verify })
+                     verify = verify, doctor = doctor })
     if UNVERIFIED[err.kind] then
       local status, body = wechatpay.notify_fail(err.kind, 401)
       return status, body, { ["WWW-Authenticate"] = wx.conf.signer.schema }

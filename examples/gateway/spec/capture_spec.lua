@@ -1,8 +1,9 @@
 -- examples/gateway: refused notifications captured whole (gw.history's
 -- capture): at most CAPTURE_PER_SECOND a second per worker (anyone can
 -- send refused notifications), the newest CAPTURE_KEEP kept, a body over
--- CAPTURE_MAX not captured. The capture's verify command is run end to
--- end by console_history_spec.
+-- CAPTURE_MAX not captured. The capture's verify command (or, when the
+-- client holds no key, the doctor command) is run end to end by
+-- console_history_spec.
 package.path = "examples/gateway/?.lua;" .. package.path
 local core = require "paygate.core"
 local testing = require "paygate.testing"
@@ -26,7 +27,11 @@ end
 
 describe("gateway: refused notifications captured", function()
   local dir, keep, rate
-  local wx = { certs = {}, conf = {} }
+  -- a client holding one platform certificate (a certificate-mode
+  -- merchant's, once downloaded): the command verifies with it
+  local cert = assert(require("paygate.x509").load(
+    testing.read(testing.merchant().certificate)))
+  local wx = { certs = { [cert:serial()] = cert }, conf = {} }
 
   before_each(function()
     dir = testing.tmpdir() .. "/refused"
@@ -49,7 +54,10 @@ describe("gateway: refused notifications captured", function()
     assert.equal(1, #b)
     assert.matches("--headers " .. dir .. "/" .. b[1] .. ".headers --body "
                    .. dir .. "/" .. b[1] .. ".body --at ", cmd, 1, true)
-    assert.matches(" %-%-at %d+$", cmd)
+    assert.matches(" %-%-at %d+ %-%-certificate ", cmd)
+    assert.equal(dir .. "/" .. b[1] .. ".certs.pem",
+                 cmd:match("%-%-certificate (%S+)$"))
+    assert.equal(cert:pem(), testing.read(dir .. "/" .. b[1] .. ".certs.pem"))
     assert.equal('{"id":"1"}', testing.read(dir .. "/" .. b[1] .. ".body"))
     assert.matches("wechatpay-signature: AAAA\n",
                    testing.read(dir .. "/" .. b[1] .. ".headers"), 1, true)
@@ -76,10 +84,34 @@ describe("gateway: refused notifications captured", function()
     end
     for _, n in ipairs(core.listdir(dir)) do
       assert.truthy(n:match("^refused%-.+%.headers$")
-                    or n:match("^refused%-.+%.body$"), n)
+                    or n:match("^refused%-.+%.body$")
+                    or n:match("^refused%-.+%.certs%.pem$"), n)
     end
     assert.is_nil(history.capture(wx, req(("x"):rep(
       history.CAPTURE_MAX + 1))))
+  end)
+
+  it("names paygate doctor, not a verify without a key, when the client"
+     .. " holds none", function()
+    -- was: the command named the capture and no key (certificate mode, no
+    -- download succeeded: a wrong APIv3 key, say): paygate verify exited
+    -- 2, a usage error. console_history_spec runs the doctor command.
+    history.CAPTURE_PER_SECOND = 1000
+    local rt = require("paygate").runtime
+    local was = rt.config_file
+    rt.config_file = "/etc/gw/gateway.lua"
+    local cmd, doctor = history.capture({ certs = {},
+      conf = { mchid = "1900000001" } }, req('{"id":"none"}'))
+    rt.config_file = was
+    assert.is_nil(cmd)
+    assert.equal("paygate doctor --config /etc/gw/gateway.lua --app "
+      .. tostring(require("paygate").app_dir) .. " --merchant 1900000001",
+      doctor)
+    -- captured all the same: it verifies once the keys are held
+    local b = bases(dir)
+    assert.equal(1, #b)
+    assert.equal('{"id":"none"}', testing.read(dir .. "/" .. b[1]
+                                                .. ".body"))
   end)
 
   it("names the WeChat Pay public key of a public-key merchant: the"

@@ -284,3 +284,60 @@ describe("gateway console: a payment's history", function()
     assert.not_matches("metrics.counter", gw.srv:logs(), 1, true)
   end)
 end)
+
+describe("gateway: a refused notification when no key is held", function()
+  local sim, gw
+
+  setup(function()
+    sim = testing.simulator{ time_scale = 100 }
+    -- an APIv3 key that is not the merchant's: the platform certificates
+    -- do not decrypt, so the gateway holds no key to verify with
+    local wrong = testing.tmpdir() .. "/wrong-apiv3.key"
+    core.write(wrong, testing.apiv3_key() .. "\n")
+    gw = core.start(sim, { merchant = { apiv3_key_file = wrong },
+                           gateway = { reconcile = { enabled = false } } })
+  end)
+  teardown(function()
+    if gw then gw:stop() end
+    testing.stop_all()
+  end)
+
+  it("names paygate doctor, which says why, not a verify that cannot run",
+     function()
+    -- was: the log line's verify named the capture and no key (none was
+    -- held): paygate verify exited 2, "give --certificate, --public-key
+    -- with --public-key-id, or --keyring", and the wrong APIv3 key was
+    -- named by nothing that command says
+    local mchid = sim.merchant.mchid
+    local no = sim:order{ notify_url = gw.srv:url("/wechatpay/notify/"
+                                                  .. mchid) }
+    sim:pay(no)
+    local doc
+    testing.wait_until(function()
+      for line in gw.srv:logs():gmatch("[^\n]+") do
+        if line:find("notification refused", 1, true) then
+          local d = require("cjson.safe").decode(line)
+          if d and (d.verify or d.doctor) then doc = d return true end
+        end
+      end
+      return false, "no command in the refusal's log line"
+    end, 10, "the refusal of the notification")
+    assert.is_nil(doc.verify)
+    local cmd = doc.doctor
+    assert.matches("^paygate doctor %-%-config %S+ %-%-app %S+ %-%-merchant "
+                   .. mchid .. "$", cmd)
+    -- the command, as logged, run: the cause and its fix
+    local argv = {}
+    for w in cmd:gmatch("%S+") do argv[#argv + 1] = w end
+    argv[1] = os.getenv("PAYGATE_BIN") or "build/paygate"
+    local code, out = testing.proc.run(argv, { timeout = 60 })
+    assert.equal(1, code, out)
+    assert.matches("FAIL  signed_call: the APIv3 key does not decrypt the"
+                   .. " certificates WeChat sent", out, 1, true)
+    assert.matches("merchants[1].apiv3_key_file", out, 1, true)
+    -- the capture is kept all the same, for a verify once keys are held
+    local dir = gw.srv.dir .. "/refused"
+    local names = assert(require("paygate.core").listdir(dir))
+    assert.is_true(#names >= 2, #names .. " files")
+  end)
+end)
