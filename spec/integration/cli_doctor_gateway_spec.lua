@@ -437,6 +437,51 @@ describe("paygate doctor --config <the gateway's config>", function()
     assert(ok, err)
   end)
 
+  it("says a gateway answering 'unknown merchant' runs an older config,"
+     .. " and a 404 elsewhere that public_url does not reach it", function()
+    -- was: both "no handler at this path", fix "route POST
+    -- /wechatpay/notify/<mchid> to the notification handler (or fix
+    -- notify_url)": the gateway has that route, and its config has no
+    -- notify_url. A merchant added to the config, the gateway not
+    -- reloaded (or the reload refused), is answered 404 unknown merchant:
+    -- every notification of it is lost until a reload.
+    local gw = server.start{ app = "examples/gateway",
+      config = ("return dofile(%q)\n"):format(dir .. "/dev/gateway.lua") }
+    local ok, err = pcall(function()
+      local res = gw:request{ method = "POST",
+                              path = "/wechatpay/notify/1900000002" }
+      assert.equal(404, res.status)
+      -- (the dev merchant's keys under another mchid: the running gateway
+      -- serves only 1900000001)
+      local function notify_fail(name, body)
+        local _, out, r = run({ "doctor", "--json", "--config",
+                                variant(name, body) })
+        for _, x in ipairs(r) do
+          if x.kind == "notify_url" and x.status == "fail" then
+            return x, out
+          end
+        end
+        error("no failed notify_url in:\n" .. out)
+      end
+      local x, out = notify_fail("added", ("c.merchants[1].mchid ="
+        .. " '1900000002'\nc.gateway.public_url = %q"):format(gw:url("")))
+      assert.matches("answered HTTP 404: the gateway there does not serve"
+                     .. " merchant 1900000002 (unknown merchant)", x.cause,
+                     1, true)
+      assert.matches("reload the gateway", x.fix, 1, true)
+      assert.is_nil(x.fix:find("route POST", 1, true), out)
+      -- a path in public_url the gateway does not serve: its router's 404
+      x, out = notify_fail("prefixed", ("c.gateway.public_url = %q")
+                           :format(gw:url("/pay")))
+      assert.matches("answered HTTP 404: no handler at this path", x.cause,
+                     1, true)
+      assert.matches("public_url", x.fix, 1, true)
+      assert.is_nil(x.fix:find("notify_url", 1, true), out)
+    end)
+    gw:stop()
+    assert(ok, err)
+  end)
+
   it("refuses --merchant for a merchant it does not list, and for a"
      .. " config of its own shape", function()
     local conf = dir .. "/dev/gateway.lua"

@@ -1149,6 +1149,14 @@ local function fail_body(res)
   return type(t) == "table" and t.code == "FAIL"
 end
 
+-- Whether res is the reference gateway's answer to a notification for a
+-- merchant it does not serve (gw/notify.lua: 404, FAIL, unknown merchant)
+local function unknown_merchant(res)
+  local t = json.decode(res.body or "")
+  return type(t) == "table" and t.code == "FAIL"
+         and t.message == "unknown merchant"
+end
+
 -- What kind of address host is when WeChat cannot reach it ("a loopback
 -- address", "a private address"), or nil.
 local function local_host(host)
@@ -1316,15 +1324,38 @@ local function check_notify(out, conf, metrics)
                .. "without verifying the signature accepts forged payments",
                "verify every notification (wx:parse_notification) and answer"
                .. " 4xx/5xx when it fails")
+    elseif res.status == 404 and unknown_merchant(res) then
+      -- the reference gateway's answer for a merchant its running config
+      -- does not list: the route is there, the config it runs is older
+      -- (the merchant added, the gateway not reloaded or the reload
+      -- refused), or public_url reaches another gateway
+      out:fail("notify_url", ("%s answered HTTP 404: the gateway there "
+               .. "does not serve merchant %s (unknown merchant)"):format(
+               shown, url:match("/wechatpay/notify/([^/?#]+)$")
+                      or "of this config"), "a gateway answers so for a "
+               .. "merchant not in the config it runs: WeChat's "
+               .. "notifications of this merchant are refused (and sent "
+               .. "again for a day) until it is", "reload the gateway so "
+               .. "that it runs this config (paygate reload --pid-file F, "
+               .. "or kill -HUP its master; a refused reload leaves the "
+               .. "old config serving, its log says why); if it still "
+               .. "answers so, " .. (conf.from_gateway and "public_url"
+               or "notify_url") .. " reaches another gateway")
     elseif res.status == 404 or res.status == 405 or (res.status >= 300
            and res.status < 400) then
       out:fail("notify_url", ("%s answered HTTP %d: no handler at this "
                .. "path"):format(shown, res.status), res.status >= 300
                and res.status < 400 and "WeChat does not follow redirects"
                or "WeChat's notifications would be refused the same way "
-               .. "and never reach a handler", "route POST "
-               .. (url:match("^https?://[^/]+(/[^?]*)") or "/")
-               .. " to the notification handler (or fix notify_url)")
+               .. "and never reach a handler", conf.from_gateway
+               -- the gateway routes POST /wechatpay/notify/:mchid itself:
+               -- what is wrong is where public_url leads
+               and "make public_url the address that reaches this gateway:"
+               .. " WeChat POSTs to public_url + /wechatpay/notify/MCHID, "
+               .. "so a proxy in front must pass that path on to it as is"
+               or "route POST " .. (url:match("^https?://[^/]+(/[^?]*)")
+               or "/") .. " to the notification handler (or fix "
+               .. "notify_url)")
     elseif res.status >= 500 and not fail_body(res) then
       out:fail("notify_url", ("%s answered HTTP %d: %s"):format(shown,
                res.status, (res.status == 502 or res.status == 503
