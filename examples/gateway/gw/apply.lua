@@ -83,6 +83,47 @@ local function alarm(tx, p, refund, ev, kind)
   return "alarm"
 end
 
+-- A payment paid, or a refund settled, by a query (o.source "query") whose
+-- business key no notification had claimed: WeChat's notification of that
+-- state never arrived here (a notification applied first makes the
+-- query's claim a duplicate, and one arriving later is a duplicate of the
+-- query's). That is the lost callback an operator must see -- a notify URL
+-- WeChat cannot reach, a network dropping it -- so it is one warning and a
+-- count, made once the transaction commits: a try rolled back counts
+-- nothing, and of two workers or instances settling it at once only the
+-- one whose claim committed gets here (the other's is a duplicate).
+-- o.via says who asked: "reconcile" (the checks, which ask only once a
+-- payment went check_after s without a notification) or "refresh"
+-- (?refresh=1, the console's Query WeChat now: a merchant may ask seconds
+-- after the payer paid, while the notification is on its way, so a
+-- success_time younger than reconcile.check_after is not called lost;
+-- the notification then arrives as a duplicate).
+local unnotified_counter
+local function settled_unnotified(ctx, tx, o, kind, p, fields)
+  if o.source ~= "query" then return end
+  local via = o.via or "query"
+  local st = civil.epoch(fields.success_time)
+  local after = st and math.floor(model.time() - st) or nil
+  if via == "refresh" and after then
+    local conf = require("gw.reconcile").check_conf(ctx.gateway.reconcile)
+    if conf and after < conf.check_after then return end
+  end
+  fields.source, fields.after_s = via, after
+  fields.payment, fields.mchid = p.id, tostring(p.mchid)
+  fields.sub_mchid = model.opt(p.sub_mchid)
+  tx:on_commit(function()
+    paygate.log.warn("gateway: " .. (kind == "payment" and "paid"
+      or "refund outcome") .. " found by query, no notification had"
+      .. " arrived", fields)
+    unnotified_counter = unnotified_counter or metrics.counter(
+      "paygate_gateway_settled_without_notification_total", "Payments paid"
+      .. " and refunds settled by a query (reconcile, ?refresh=1) whose"
+      .. " notification had not arrived.", { "merchant", "kind", "source" })
+    unnotified_counter:inc({ merchant = tostring(p.mchid), kind = kind,
+                             source = via })
+  end)
+end
+
 -- "sp_mchid/sub_mchid" or "mchid" of a resource or a payment row
 local function merchant_of(mchid, sp_mchid, sub_mchid)
   if sp_mchid ~= nil or sub_mchid ~= nil then
@@ -128,7 +169,8 @@ end
 --- syntax: outcome, after = apply.payment(ctx, tx, o)
 -- o: { resource (WeChat's transaction object), mchid (the merchant whose
 -- route or client it came through), notification_id (or nil for a
--- query), source ("notification" | "query"), actor }
+-- query), source ("notification" | "query"), via (a query's asker:
+-- "reconcile" | "refresh"), actor }
 function _M.payment(ctx, tx, o)
   local r = o.resource
   local now = model.time()
@@ -286,6 +328,9 @@ function _M.payment(ctx, tx, o)
       amount = total, duplicate = not pre_paid, action = policy })
     if not ok then return nil, err end
   end
+  settled_unnotified(ctx, tx, o, "payment", p, { out_trade_no = no,
+    transaction_id = r.transaction_id, success_time = wx_time(r.success_time),
+    late = late or nil })
   return "applied", after
 end
 
@@ -303,7 +348,7 @@ local OLDER = { PROCESSING = true, ABNORMAL = true }
 --- syntax: outcome = apply.refund_status(ctx, tx, refund_row, o)
 -- o: { status (SUCCESS, CLOSED, ABNORMAL, PROCESSING), refund_id,
 -- amount (WeChat's refund amount, checked when given), notification_id,
--- source, actor }
+-- source, via (as for apply.payment), success_time, actor }
 function _M.refund_status(ctx, tx, rf, o)
   local status, now = o.status, model.time()
   local event = REFUND_EVENT[status]
@@ -383,11 +428,18 @@ function _M.refund_status(ctx, tx, rf, o)
     ok, err = events.emit(tx, "refund." .. event, p, rf)
     if not ok then return nil, err end
   end
+  if status ~= "PROCESSING" then
+    -- (PROCESSING: WeChat sends no notification of it)
+    settled_unnotified(ctx, tx, o, "refund", p, { refund = rf.id,
+      out_refund_no = rf.out_refund_no, refund_id = rf.refund_id,
+      status = status, success_time = wx_time(o.success_time) })
+  end
   return "applied"
 end
 
 --- syntax: outcome, after = apply.refund(ctx, tx, o)
--- o: { resource (WeChat's refund object), notification_id, source, actor }
+-- o: { resource (WeChat's refund object), notification_id, source, via,
+-- actor }
 function _M.refund(ctx, tx, o)
   local r = o.resource
   local no = r.out_refund_no
@@ -435,7 +487,8 @@ function _M.refund(ctx, tx, o)
   return _M.refund_status(ctx, tx, rf, {
     status = r.refund_status or r.status, refund_id = r.refund_id,
     amount = amount, notification_id = o.notification_id,
-    success_time = r.success_time, source = o.source, actor = o.actor })
+    success_time = r.success_time, source = o.source, via = o.via,
+    actor = o.actor })
 end
 
 return _M

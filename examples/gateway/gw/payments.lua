@@ -1098,7 +1098,8 @@ function _M.refresh(p)
   local ok, aerr = fsm.retry(ctx.db, function(tx)
     if ts == "SUCCESS" or ts == "REFUND" then
       local outcome, list = apply.payment(ctx, tx, {
-        resource = txn, source = "query", actor = "gateway:query" })
+        resource = txn, source = "query", via = "refresh",
+        actor = "gateway:query" })
       if not outcome then return nil, list end
       after = list
       return true

@@ -299,7 +299,8 @@ local function apply_paid(ctx, rctx, txn, resched)
     local f, ferr = rctx.fence(tx)
     if not f then return nil, ferr end
     local outcome, list = apply.payment(ctx, tx, {
-      resource = txn, source = "query", actor = "reconcile" })
+      resource = txn, source = "query", via = "reconcile",
+      actor = "reconcile" })
     if not outcome then return nil, list end
     after = list
     return resched(tx, outcome)
@@ -561,7 +562,7 @@ local function refund_checks(ctx, conf, sched)
         local outcome, aerr = apply.refund_status(ctx, tx, rf, {
           status = action.remote, refund_id = action.refund.refund_id,
           amount = amount, success_time = action.refund.success_time,
-          source = "query", actor = "reconcile" })
+          source = "query", via = "reconcile", actor = "reconcile" })
         if not outcome then return nil, aerr end
         -- an amount mismatch was raised (audit, event, gauge) and the
         -- refund left as it is: asking again would only repeat it

@@ -386,7 +386,7 @@ function _M.refresh_open(p)
           status = data.status, refund_id = data.refund_id,
           amount = type(data.amount) == "table" and data.amount.refund
                    or nil, success_time = data.success_time,
-          source = "query", actor = "gateway:query" })
+          source = "query", via = "refresh", actor = "gateway:query" })
       end)
       if not ok then return nil, aerr end
     end

@@ -313,6 +313,170 @@ describe("gateway reconciliation", function()
   end)
 end)
 
+-- The warnings "... found by query, no notification had arrived" of the
+-- gateway's log about payment (or refund) id, decoded.
+local function unnotified_lines(gw, key, id)
+  local out = {}
+  for line in (gw.srv:logs() or ""):gmatch("[^\n]+") do
+    if line:find("no notification had arrived", 1, true) then
+      local rec = require("cjson.safe").decode(line)
+      if rec and rec[key] == id then out[#out + 1] = rec end
+    end
+  end
+  return out
+end
+
+-- paygate_gateway_settled_without_notification_total of the simulator's
+-- merchant for kind and source (0 when absent)
+local function unnotified_count(gw, sim, kind, source)
+  local text = assert(gw.srv:admin_get("/metrics")).body
+  return tonumber(text:match(
+    'paygate_gateway_settled_without_notification_total{merchant="'
+    .. sim.merchant.mchid .. '",kind="' .. kind .. '",source="' .. source
+    .. '"} (%d+)')) or 0
+end
+
+-- A lost notification settled by a query is one warning and one count
+-- (what an operator sees of WeChat's callbacks not arriving); a payment
+-- whose notification arrived is neither. Before: the payment ended paid
+-- with no log line and nothing counted.
+describe("gateway reconciliation: settled without a notification",
+         function()
+  local sim, gw, bill_dir
+
+  setup(function()
+    sim, gw, bill_dir = start({}, nil, { bill = false })
+  end)
+
+  teardown(function() stop(gw, bill_dir) end)
+
+  it("a lost notification found by the checks is one warning and one"
+     .. " count; a notified payment none", function()
+    sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }
+    local lost = gw:create{ amount = 211 }
+    sim:pay(lost.out_trade_no)
+    local got = gw:wait_state(lost.id, "paid", 20)
+    testing.wait_until(function()
+      return unnotified_count(gw, sim, "payment", "reconcile") == 1
+    end, 10, "the settlement counted")
+    local lines = unnotified_lines(gw, "payment", lost.id)
+    assert.equal(1, #lines)
+    local l = lines[1]
+    assert.equal("warn", l.level)
+    assert.equal("gateway: paid found by query, no notification had"
+                 .. " arrived", l.msg)
+    assert.same({ sim.merchant.mchid, lost.out_trade_no, got.transaction_id,
+                  "reconcile" },
+                { l.mchid, l.out_trade_no, l.transaction_id, l.source })
+    local st = require("paygate.civil").epoch(l.success_time)
+    assert.is_number(st)
+    -- WeChat's success_time to the query that found it: the checks wait
+    -- check_after (1 s) after the payment's creation
+    assert.is_true(l.after_s >= 0 and l.after_s < 20, tostring(l.after_s))
+
+    -- notified: neither, and a query after it (?refresh=1) is a duplicate
+    local ok = gw:create{ amount = 212 }
+    sim:pay_and_wait(ok.out_trade_no)
+    gw:wait_state(ok.id, "paid")
+    assert.equal("paid", gw:get(ok.id, "?refresh=1").state)
+    assert.same({}, unnotified_lines(gw, "payment", ok.id))
+
+    -- a notification held back past the checks (out_of_order: until a
+    -- later one is delivered): the checks settle the payment first and
+    -- count it (it had not come when they asked); the notification, once
+    -- it arrives, is a duplicate and counts nothing more
+    sim:fault{ endpoint = "notify", kind = "out_of_order", count = 1 }
+    local held = gw:create{ amount = 213 }
+    sim:pay(held.out_trade_no)
+    gw:wait_state(held.id, "paid", 20)
+    local later = gw:create{ amount = 214 }
+    sim:pay_and_wait(later.out_trade_no)
+    testing.wait_until(function()
+      local n = sim:notifications{ out_trade_no = held.out_trade_no }[1]
+      return n and n.state == "delivered"
+    end, 20, "the held notification delivered")
+    local dup = assert(gw.db:query("SELECT outcome FROM gw_notifications"
+      .. " WHERE business_key LIKE $1", { "%|" .. held.out_trade_no
+      .. "|SUCCESS" }))
+    assert.equal("duplicate", dup[1] and dup[1].outcome)
+    testing.wait_until(function()
+      return unnotified_count(gw, sim, "payment", "reconcile") == 2
+    end, 10, "the held one counted")
+    assert.equal(1, #unnotified_lines(gw, "payment", held.id))
+    assert.same({}, unnotified_lines(gw, "payment", later.id))
+    assert.equal(2, unnotified_count(gw, sim, "payment", "reconcile"))
+    assert.equal(0, unnotified_count(gw, sim, "payment", "refresh"))
+  end)
+
+  it("a refund whose notification is lost: one warning, counted as a"
+     .. " refund", function()
+    local p = gw:create{ amount = 300 }
+    sim:pay_and_wait(p.out_trade_no)
+    gw:wait_state(p.id, "paid")
+    local r = gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
+                      { amount = 100 })
+    assert.equal(201, r.status, r.body)
+    sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }
+    sim:settle(r.json.out_refund_no, "SUCCESS")
+    testing.wait_until(function()
+      return unnotified_count(gw, sim, "refund", "reconcile") == 1
+    end, 20, "the refund settled by query, counted")
+    local lines = unnotified_lines(gw, "refund", r.json.id)
+    assert.equal(1, #lines)
+    assert.same({ "gateway: refund outcome found by query, no notification"
+                  .. " had arrived", p.id, r.json.out_refund_no, "SUCCESS" },
+                { lines[1].msg, lines[1].payment, lines[1].out_refund_no,
+                  lines[1].status })
+  end)
+end)
+
+-- ?refresh=1 asks when the merchant wants, perhaps while the notification
+-- is on its way: a success_time younger than reconcile.check_after is not
+-- called lost; older, it is (source "refresh").
+describe("gateway ?refresh=1: settled without a notification", function()
+  local sim, gw, bill_dir
+
+  setup(function()
+    sim, gw, bill_dir = start({}, nil, { enabled = false, check_after = 5,
+                                         bill = false })
+  end)
+
+  teardown(function() stop(gw, bill_dir) end)
+
+  it("counts a payment paid check_after ago, not one paid just now",
+     function()
+    sim:fault{ endpoint = "notify", kind = "never_sent", count = 2 }
+    local old = gw:create{ amount = 221 }
+    sim:pay(old.out_trade_no)
+    local fresh = gw:create{ amount = 222 }
+    sim:pay(fresh.out_trade_no)
+    testing.wait_until(function()
+      local n = sim:notifications{ out_trade_no = fresh.out_trade_no }[1]
+      return n and n.state == "dropped"
+    end, 10, "the notifications dropped")
+    local civil = require "paygate.civil"
+    local wx = sim:client()
+    assert.equal("paid", gw:get(fresh.id, "?refresh=1").state)
+    -- (asked within check_after of its payment: a machine that stalled
+    -- for seconds is named as the cause, not the gateway)
+    local txn = assert(wx:query_by_out_trade_no(fresh.out_trade_no))
+    assert.is_true(os.time() - civil.epoch(txn.success_time) < 5,
+                   "the refresh came 5 s or more after the payment")
+    assert.same({}, unnotified_lines(gw, "payment", fresh.id))
+    txn = assert(wx:query_by_out_trade_no(old.out_trade_no))
+    local st = civil.epoch(txn.success_time)
+    testing.wait_until(function() return os.time() >= st + 6 end, 10,
+                       "check_after past the payment")
+    assert.equal("paid", gw:get(old.id, "?refresh=1").state)
+    local lines = unnotified_lines(gw, "payment", old.id)
+    assert.equal(1, #lines)
+    assert.equal("refresh", lines[1].source)
+    assert.is_true(lines[1].after_s >= 5, tostring(lines[1].after_s))
+    assert.equal(1, unnotified_count(gw, sim, "payment", "refresh"))
+    assert.equal(0, unnotified_count(gw, sim, "payment", "reconcile"))
+  end)
+end)
+
 describe("gateway daily bill: a refund line the gateway has as not"
          .. " settled", function()
   local sim, gw, bill_dir
