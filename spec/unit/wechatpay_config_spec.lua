@@ -173,6 +173,34 @@ describe("wechatpay.client configuration", function()
     refused({ apiv3_key = APIV3 .. "x" }, "apiv3_key")
     refused({ previous_apiv3_keys = { "short" } }, "previous_apiv3_keys")
   end)
+  it("key_names: how the owner's config names the APIv3 keys", function()
+    -- default: the client's own keys
+    local wx = assert(wechatpay.client(base()))
+    assert.same({ apiv3_key = "apiv3_key",
+                  previous_apiv3_keys = "previous_apiv3_keys" },
+                wx.conf.key_names)
+    wx = assert(wechatpay.client(base{ key_names = {
+      apiv3_key = "merchants[2].apiv3_key_file" } }))
+    assert.same({ apiv3_key = "merchants[2].apiv3_key_file",
+                  previous_apiv3_keys = "previous_apiv3_keys" },
+                wx.conf.key_names)
+    refused({ key_names = "apiv3_key_file" }, "key_names", "must be a table")
+    -- its own keys are checked as the client's are
+    refused({ key_names = { apiv3_keys = "x" } }, "key_names",
+            "unknown key apiv3_keys %(did you mean apiv3_key%?%)")
+    refused({ key_names = { apiv3_key = "" } }, "key_names")
+    refused({ key_names = { apiv3_key = "a\nb" } }, "key_names")
+    refused({ key_names = { apiv3_key = 1 } }, "key_names")
+    -- the key itself where its name belongs: refused, never repeated
+    -- (refused checks that the message does not hold it)
+    refused({ key_names = { apiv3_key = APIV3 } }, "key_names",
+            "holds an APIv3 key")
+    local old = "OLDKEY0123456789abcdef0123456789"
+    local err = refused({ previous_apiv3_keys = { old },
+      key_names = { previous_apiv3_keys = "file:" .. old } }, "key_names",
+      "holds an APIv3 key")
+    assert.is_nil(err.message:find(old, 1, true))
+  end)
   it("the base URL is https, or http only for loopback", function()
     refused({ base_url = "http://api.mch.weixin.qq.com" }, "base_url", "https")
     refused({ base_url = "ftp://x" }, "base_url")

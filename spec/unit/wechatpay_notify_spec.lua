@@ -202,6 +202,24 @@ describe("parse_notification: failures", function()
       apiv3 = "0123456789abcdef0123456789abcdef" }, NR)
     assert.equal("decrypt_failed", err.kind)
     assert.matches("APIv3 key", err.message)
+    -- by the client's own option names when nothing else is said
+    assert.matches("wrong APIv3 key (apiv3_key, previous_apiv3_keys)",
+                   err.message, 1, true)
+  end)
+  it("a wrong APIv3 key is named as the owner's config names it "
+     .. "(key_names)", function()
+    -- was: always "(apiv3_key, previous_apiv3_keys)", options the
+    -- reference gateway's config refuses (it has apiv3_key_file)
+    local wx2 = client{ key_names = {
+      apiv3_key = "merchants[2].apiv3_key_file",
+      previous_apiv3_keys = "merchants[2].previous_apiv3_key_files" } }
+    local _, err = wx2:parse_notification(note{
+      apiv3 = "0123456789abcdef0123456789abcdef" }, NR)
+    assert.equal("decrypt_failed", err.kind)
+    assert.matches("wrong APIv3 key (merchants[2].apiv3_key_file, "
+                   .. "merchants[2].previous_apiv3_key_files)", err.message,
+                   1, true)
+    assert.is_nil(err.message:find(APIV3, 1, true))
   end)
   it("the previous APIv3 key still decrypts after a rotation", function()
     local new = "NEWKEY0123456789abcdef0123456789"

@@ -261,6 +261,11 @@ local function check_merchant(m, i, seen)
     return fail(where .. "previous_apiv3_keys", "keys may not be written in"
       .. " the config; give previous_apiv3_key_files")
   end
+  if m.key_names ~= nil then
+    -- the client's, for names like these: the gateway gives its own
+    return fail(where .. "key_names", "unknown key: the gateway names this"
+      .. " entry's keys itself (apiv3_key_file, previous_apiv3_key_files)")
+  end
   local pk = m.merchant_private_key
   if type(pk) ~= "string" or pk == "" then
     return fail(where .. "merchant_private_key", "must be the path of"
@@ -299,6 +304,13 @@ local function check_merchant(m, i, seen)
     if not OWN_MERCHANT_KEYS[k] then client[k] = v end
   end
   client.apiv3_key = key
+  -- the client's messages name the keys of this entry (a wrong APIv3 key
+  -- named apiv3_key, which this config refuses)
+  client.key_names = { apiv3_key = where .. (m.apiv3_key_file ~= nil
+                                             and "apiv3_key_file"
+                                             or "apiv3_key_env"),
+                       previous_apiv3_keys = where
+                         .. "previous_apiv3_key_files" }
   if m.previous_apiv3_key_files ~= nil then
     local files = m.previous_apiv3_key_files
     local n = 0

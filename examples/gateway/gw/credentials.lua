@@ -247,6 +247,11 @@ function _M.check_merchant(conf, m, i, seen, check)
   seen[id] = true
   local client = {}
   for k, v in pairs(m) do client[k] = v end
+  -- the client's messages name the set's files, where its keys are (in
+  -- the printable bytes a client's key_names takes)
+  local shown = prefix:sub(1, 200):gsub("[^\33-\126]", "?")
+  client.key_names = { apiv3_key = shown .. "apiv3_key",
+                       previous_apiv3_keys = shown .. "previous_apiv3_key" }
   return { mchid = id, partner = m.sp_mchid ~= nil, client = client,
            appid = m.appid or m.sp_appid,
            appids = require("gw.config").merchant_appids(m), etcd = prefix }

@@ -286,14 +286,15 @@ describe("gateway console: a payment's history", function()
 end)
 
 describe("gateway: a refused notification when no key is held", function()
-  local sim, gw
+  local sim, gw, key
 
   setup(function()
     sim = testing.simulator{ time_scale = 100 }
     -- an APIv3 key that is not the merchant's: the platform certificates
     -- do not decrypt, so the gateway holds no key to verify with
     local wrong = testing.tmpdir() .. "/wrong-apiv3.key"
-    core.write(wrong, testing.apiv3_key() .. "\n")
+    key = testing.apiv3_key()
+    core.write(wrong, key .. "\n")
     gw = core.start(sim, { merchant = { apiv3_key_file = wrong },
                            gateway = { reconcile = { enabled = false } } })
   end)
@@ -339,5 +340,42 @@ describe("gateway: a refused notification when no key is held", function()
     local dir = gw.srv.dir .. "/refused"
     local names = assert(require("paygate.core").listdir(dir))
     assert.is_true(#names >= 2, #names .. " files")
+  end)
+
+  it("names the key to fix as the gateway's config names it: the start "
+     .. "warning, the 502 body, the refusal's reason", function()
+    -- was: "wrong APIv3 key (apiv3_key, previous_apiv3_keys)" in all
+    -- three, options this config refuses (it gives apiv3_key_file)
+    local NAMED = "wrong APIv3 key (merchants[1].apiv3_key_file, "
+                  .. "merchants[1].previous_apiv3_key_files)"
+    local function logged(msg)
+      for line in gw.srv:logs():gmatch("[^\n]+") do
+        if line:find(msg, 1, true) and line:find(NAMED, 1, true) then
+          return true
+        end
+      end
+      return false
+    end
+    testing.wait_until(function()
+      return logged("platform certificate download failed")
+    end, 10, "the start's warning naming apiv3_key_file")
+    local res = gw:call("POST", "/v1/payments", { order_id = "o-"
+      .. require("paygate.crypto").random_nonce(10), channel = "native",
+      amount = 100, description = "wrong key" })
+    assert.equal(502, res.status, res.body)
+    assert.matches(NAMED, res.body, 1, true)
+    local mchid = sim.merchant.mchid
+    local no = sim:order{ notify_url = gw.srv:url("/wechatpay/notify/"
+                                                  .. mchid) }
+    sim:pay(no)
+    testing.wait_until(function()
+      return logged("notification refused")
+    end, 10, "a refusal naming apiv3_key_file")
+    local logs = gw.srv:logs()
+    assert.not_matches("(apiv3_key, previous_apiv3_keys)", logs, 1, true)
+    assert.not_matches("(apiv3_key, previous_apiv3_keys)", res.body, 1, true)
+    -- never the key itself
+    assert.not_matches(key, logs, 1, true)
+    assert.not_matches(key, res.body, 1, true)
   end)
 end)

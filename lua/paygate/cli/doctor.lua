@@ -995,6 +995,13 @@ local function check_signed(out, wc, cfg, clock_bad, dconf, expiring)
   conf.max_attempts = 2   -- one retry: a failing host is named, not waited out
   conf.state_dir, conf.shared_dict = nil, nil
   if cfg.mode ~= "public_key" then conf.download_certificates = "manual" end
+  if dconf and dconf.key_names then
+    -- the client's messages (a wrong APIv3 key) name the keys of the
+    -- config checked: the gateway's merchants[i].apiv3_key_file, an etcd
+    -- set's file -- the gateway's own client names them so too
+    conf.key_names = { apiv3_key = key_name(dconf, "apiv3_key"),
+      previous_apiv3_keys = key_name(dconf, "previous_apiv3_keys") }
+  end
   -- the client's own log lines (a certificate expiring soon...) are the
   -- other checks' business here: doctor prints its lines only
   local pg = require "paygate"
@@ -1077,15 +1084,7 @@ local function check_signed(out, wc, cfg, clock_bad, dconf, expiring)
           .. "timestamp 5 minutes off with SIGN_ERROR; then, if it stays, "
           .. fix
   end
-  local msg = tostring(err.message)
-  if dconf and dconf.key_names then
-    -- the client names its own keys; the gateway's config has others
-    msg = msg:gsub("%(apiv3_key, previous_apiv3_keys%)", function()
-      return "(" .. key_name(dconf, "apiv3_key") .. ", "
-             .. key_name(dconf, "previous_apiv3_keys") .. ")"
-    end)
-  end
-  out:fail("signed_call", cause .. ": " .. msg,
+  out:fail("signed_call", cause .. ": " .. tostring(err.message),
            err.request_id and "Request-ID " .. err.request_id or nil, fix)
 end
 

@@ -199,7 +199,7 @@ end
 -- APIv3 keys (paygate.wechatpay.resource). returns: plaintext, or nil,
 -- err (malformed, decrypt_failed).
 function _M.decrypt(wx, r)
-  return resource.decrypt(r, wx.conf.apiv3_keys)
+  return resource.decrypt(r, wx.conf.apiv3_keys, wx.conf.key_names)
 end
 
 -- Whether a platform certificate may join this client's ring: the key type

@@ -216,7 +216,7 @@ for k in ([[mchid sp_mchid appid sp_appid appids sp_appids merchant_private_key
     startup_timeout latency_window timeout_samples breaker_window
     breaker_min_calls breaker_open_for breaker_failure_ratio timeout_floor
     timeout_ceiling adaptive_timeout breaker degraded on_call shared_dict
-    replay_dict]]):gmatch("%S+") do
+    replay_dict key_names]]):gmatch("%S+") do
   KNOWN[k] = true
 end
 _M.KNOWN = KNOWN
@@ -229,6 +229,49 @@ local function nearest(key, known)
 end
 _M.nearest = nearest
 
+-- The keys key_names may name, and their default: the client's own
+local KEY_NAMES = { apiv3_key = "apiv3_key",
+                    previous_apiv3_keys = "previous_apiv3_keys" }
+
+-- key_names checked against the APIv3 keys (a name holding one would put
+-- the secret in every message that names it). returns: { apiv3_key,
+-- previous_apiv3_keys } (the defaults for the ones not given), or nil,
+-- err. No reason repeats a value given: it may be the key itself.
+local function key_names(given, keys)
+  local names = {}
+  for k, v in pairs(KEY_NAMES) do names[k] = v end
+  if given == nil then return names end
+  if type(given) ~= "table" then
+    return bad("key_names", "must be a table { apiv3_key = NAME, "
+               .. "previous_apiv3_keys = NAME }")
+  end
+  for k, v in pairs(given) do
+    if not KEY_NAMES[k] then
+      local name = type(k) == "string" and #k <= 64
+                   and k:match("^[%w_]+$") and k or nil
+      return bad("key_names", "unknown key " .. (name and name
+                 .. require("paygate.suggest").hint(name, KEY_NAMES)
+                 or "(not a plain name)") .. ": it names apiv3_key and "
+                 .. "previous_apiv3_keys only")
+    end
+    -- a config key's name: merchants[1].apiv3_key_file, an etcd path
+    -- (printable, for a log line and a terminal)
+    if type(v) ~= "string" or v == "" or #v > 256
+       or not v:match("^[\33-\126]+$") then
+      return bad("key_names", k .. " must be the name of a config key (at"
+                 .. " most 256 printable ASCII characters, no spaces)")
+    end
+    for _, key in ipairs(keys) do
+      if v:find(key, 1, true) then
+        return bad("key_names", k .. " holds an APIv3 key: give the name"
+                   .. " of the config key that holds it, not the key")
+      end
+    end
+    names[k] = v
+  end
+  return names
+end
+
 --- syntax: cfg, err = config.check(conf)
 -- returns: the checked configuration with its keys loaded:
 --   mchid (the signing merchant: sp_mchid in partner mode), partner,
@@ -236,7 +279,8 @@ _M.nearest = nearest
 --   the set of appids a prepay may name: the default and the list of
 --   appids / sp_appids),
 --   signer { key, schema, mchid, serial }, sm (SM variant), apiv3_keys
---   (current first, then previous), platform_certs (handles), public_key
+--   (current first, then previous), key_names (how the APIv3 keys are
+--   named in messages: { apiv3_key, previous_apiv3_keys }), platform_certs (handles), public_key
 --   (handle) and public_key_id, mode ("certificate" | "public_key" |
 --   "migration"), download (whether /v3/certificates is used), base_url,
 --   backup_url, state_dir, refresh_interval, timeout, deadline,
@@ -409,6 +453,14 @@ function _M.check(conf)
       c.apiv3_keys[#c.apiv3_keys + 1] = k
     end
   end
+  -- how the APIv3 keys are named in messages (a decrypt failure's "wrong
+  -- APIv3 key (...)"): the owner's config names them otherwise (the
+  -- reference gateway's merchants[1].apiv3_key_file, an etcd set's file),
+  -- and a message naming apiv3_key sent its operator to a key that
+  -- config refuses
+  local names, nerr = key_names(conf.key_names, c.apiv3_keys)
+  if not names then return nil, nerr end
+  c.key_names = names
   -- platform certificates given in the configuration
   c.platform_certs = {}
   local pcs = conf.platform_certificates

@@ -152,7 +152,7 @@ local function parse(wx, req, opts)
     return fail("malformed", "no resource object in the notification")
   end
   local plain
-  plain, err = resource.decrypt(r, wx.conf.apiv3_keys)
+  plain, err = resource.decrypt(r, wx.conf.apiv3_keys, wx.conf.key_names)
   if not plain then return nil, err end
   -- an array is a table too, [] an empty one: its fields would all read
   -- absent, and a handler would fail on it instead of the parse. Told by

@@ -76,11 +76,14 @@ function _M.encrypt(apiv3_key, plaintext, aad, opts)
            nonce = nonce }
 end
 
---- syntax: plain, err = resource.decrypt(r, apiv3_keys)
+--- syntax: plain, err = resource.decrypt(r, apiv3_keys[, names])
 -- r: the resource table as received (hostile); apiv3_keys: an array of
 -- APIv3 keys, tried in order (the current one first, then previous ones).
+-- names: how the keys' owner names them, for the wrong-key message
+-- ({ apiv3_key, previous_apiv3_keys }: a client's key_names, as
+-- paygate.wechatpay.config checks it; default the client's own keys).
 -- returns: the plaintext, or nil, err (malformed, decrypt_failed).
-function _M.decrypt(r, apiv3_keys)
+function _M.decrypt(r, apiv3_keys, names)
   if type(r) ~= "table" then
     return nil, core.error("malformed", "encrypted resource is not an object")
   end
@@ -124,8 +127,10 @@ function _M.decrypt(r, apiv3_keys)
   end
   if last == nil or last.kind == "decrypt_failed" then
     return nil, core.error("decrypt_failed", "cannot decrypt the resource: "
-      .. "wrong APIv3 key (apiv3_key, previous_apiv3_keys) or altered "
-      .. "ciphertext, nonce or associated_data")
+      .. "wrong APIv3 key (" .. (names and names.apiv3_key or "apiv3_key")
+      .. ", " .. (names and names.previous_apiv3_keys
+                  or "previous_apiv3_keys")
+      .. ") or altered ciphertext, nonce or associated_data")
   end
   return nil, core.error("decrypt_failed", "cannot decrypt the resource: "
                          .. tostring(last))
