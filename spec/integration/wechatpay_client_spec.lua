@@ -213,9 +213,39 @@ describe("platform certificates", function()
     local _, err = wx:request("GET", "/v3/x")
     assert.equal("unknown_serial", err.kind)
     assert.equal(2, count("GET", "/v3/certificates"))
+    -- a download ran, and brought no key for it
+    assert.matches("no key for Wechatpay-Serial " .. P2 .. " even after "
+                   .. "downloading the platform certificates", err.message,
+                   1, true)
     -- rate-limited: the next unknown serial does not download again
     _, err = wx:request("GET", "/v3/x")
     assert.equal("unknown_serial", err.kind)
+    assert.equal(2, count("GET", "/v3/certificates"))
+    -- and says so, with when the next may run (was: "even after
+    -- downloading the platform certificates (certificates were downloaded
+    -- less than 60 s ago ...)", of a download that did not run)
+    assert.not_matches("even after downloading", err.message, 1, true)
+    local ago, next_in = err.message:match("no key for Wechatpay%-Serial "
+      .. P2 .. ": the platform certificates were not downloaded again: the"
+      .. " last download for an unknown serial was (%d+) s ago, the next is"
+      .. " allowed in (%d+) s %(download_min_interval 60 s%)")
+    assert.truthy(ago, err.message)
+    ago, next_in = tonumber(ago), tonumber(next_in)
+    assert.is_true(ago < 30 and next_in > 30 and next_in <= 60
+                   and math.abs(ago + next_in - 60) <= 1, err.message)
+    -- a notification's says that WeChat tries it again (the key may be
+    -- there by then); a response's does not (nothing retries it)
+    assert.not_matches("WeChat retries", err.message, 1, true)
+    local ts = tostring(os.time())
+    local _, nerr = wx:parse_notification({ headers = {
+      ["Wechatpay-Timestamp"] = ts, ["Wechatpay-Nonce"] = "n1",
+      ["Wechatpay-Serial"] = P2, ["Wechatpay-Signature"] = "AAAA" },
+      body = '{"id":"EV-1"}' }, { replay = false })
+    assert.equal("unknown_serial", nerr.kind)
+    assert.matches("not downloaded again: the last download for an unknown"
+                   .. " serial was %d+ s ago, the next is allowed in %d+ s"
+                   .. " %(download_min_interval 60 s%); WeChat retries the"
+                   .. " notification$", nerr.message)
     assert.equal(2, count("GET", "/v3/certificates"))
     wx:stop()
   end)
@@ -431,6 +461,10 @@ describe("platform certificates", function()
     local _, err = wx:request("GET", "/v3/x")
     assert.equal("unknown_serial", err.kind)
     assert.matches("decrypt_failed", err.message)
+    -- the download ran and failed: said so, not "even after downloading"
+    assert.matches(": the platform certificate download failed "
+                   .. "(decrypt_failed: ", err.message, 1, true)
+    assert.not_matches("even after downloading", err.message, 1, true)
     local n = count("GET", "/v3/certificates")
     -- rate-limited: no download, and the cause is still told (it read
     -- only "downloaded less than 60 s ago", the APIv3 key unnamed)
@@ -438,7 +472,10 @@ describe("platform certificates", function()
     assert.equal("unknown_serial", err.kind)
     assert.equal(n, count("GET", "/v3/certificates"))
     assert.matches("download_min_interval", err.message)
-    assert.matches("decrypt_failed", err.message)
+    assert.matches("not downloaded again", err.message, 1, true)
+    assert.not_matches("even after downloading", err.message, 1, true)
+    assert.matches("; that download failed: decrypt_failed", err.message,
+                   1, true)
     assert.matches("wrong APIv3 key", err.message)
     wx:stop()
   end)

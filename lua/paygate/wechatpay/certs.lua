@@ -516,14 +516,22 @@ local function dl_recent(wx, now)
   return wx.dl.at and now - wx.dl.at < wx.conf.download_min_interval
 end
 
--- The refusal of a download the rate limit stops, with why the download
--- that set the limit failed, when it did (else a wrong APIv3 key, told
--- once, read as "downloaded less than 60 s ago" on every later answer)
-local function rate_limited(wx, last)
-  return nil, core.error("unknown_serial", "certificates were downloaded "
-    .. "less than " .. wx.conf.download_min_interval .. " s ago "
-    .. "(download_min_interval)" .. (type(last) == "string"
-    and ("; that download failed: " .. last) or ""))
+-- The refusal of a download the rate limit stops: no download ran. It
+-- says when the last one (for an unknown serial) was and when the next
+-- may run -- certs.verify told it as "even after downloading", though
+-- nothing was downloaded -- and why that download failed, when it did
+-- (else a wrong APIv3 key, told once, was lost on every later answer).
+-- ago: seconds since that download. err.rate_limited, err.retry_in (s).
+local function rate_limited(wx, last, ago)
+  local min = wx.conf.download_min_interval
+  ago = math.max(0, math.min(ago or 0, min))
+  local next_in = math.max(1, math.ceil(min - ago))
+  return nil, core.error("unknown_serial", "the platform certificates were"
+    .. " not downloaded again: the last download for an unknown serial was "
+    .. math.floor(ago) .. " s ago, the next is allowed in " .. next_in
+    .. " s (download_min_interval " .. min .. " s)"
+    .. (type(last) == "string" and ("; that download failed: " .. last)
+        or ""), { rate_limited = true, retry_in = next_in })
 end
 
 function _M.refresh_locked(wx, reason)
@@ -545,15 +553,19 @@ function _M.refresh_locked(wx, reason)
         import(wx, dict:get(K .. "set"))
         return true
       end
-      if not dict:add(K .. "rate", true, c.download_min_interval) then
+      -- (its value: when, for the refusals' "N s ago")
+      if not dict:add(K .. "rate", core.time(), c.download_min_interval)
+      then
         -- another download ran recently: its set is the result
         dict:delete(K .. "lock")
         import(wx, dict:get(K .. "set"))
-        return rate_limited(wx, dict:get(K .. "failed"))
+        local at = dict:get(K .. "rate")
+        return rate_limited(wx, dict:get(K .. "failed"),
+                            type(at) == "number" and core.time() - at)
       end
       locked = true
     elseif dl_recent(wx, now) then
-      return rate_limited(wx, wx.dl.failed)
+      return rate_limited(wx, wx.dl.failed, now - wx.dl.at)
     end
   end
   if dict and reason ~= "unknown_serial" and reason ~= "manual" then
@@ -642,8 +654,18 @@ function _M.verify(wx, headers, body, now)
       .. ")", { serial = h.serial, cause = rerr.kind, retryable = true })
   end
   if err.kind == "unknown_serial" then
-    err.message = err.message .. " even after downloading the platform "
-      .. "certificates" .. (rerr and (" (" .. tostring(rerr) .. ")") or "")
+    -- what became of the download, as it was: "even after downloading"
+    -- only when one ran and brought no key for this serial
+    if rerr and rerr.rate_limited then
+      err.message = err.message .. ": " .. rerr.message
+      err.retry_in = rerr.retry_in
+    elseif rerr then
+      err.message = err.message .. ": the platform certificate download "
+        .. "failed (" .. tostring(rerr) .. ")"
+    else
+      err.message = err.message .. " even after downloading the platform "
+        .. "certificates"
+    end
   end
   return nil, err
 end

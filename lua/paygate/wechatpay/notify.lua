@@ -134,7 +134,13 @@ local function parse(wx, req, opts)
     return fail("malformed", "empty body")
   end
   local h, err = certs.verify(wx, headers, body, opts and opts.now)
-  if not h then return nil, err end
+  if not h then
+    if err.retry_in then
+      -- no download ran (the rate limit): a later try may find the key
+      err.message = err.message .. "; WeChat retries the notification"
+    end
+    return nil, err
+  end
   local doc = decode(body)
   if type(doc) ~= "table" then
     return fail("malformed", "body is not a JSON object")
