@@ -287,6 +287,79 @@ describe("paygate verify (more causes)", function()
     assert.equal("unknown_serial", r.kind)
     assert.matches("is not among the keys given", r.cause)
     assert.matches("keys given: ", r.detail)
+    -- why it can be so (was the key list alone)
+    assert.matches("WeChat rotated its certificates", r.detail, 1, true)
+    assert.matches("the files given are another merchant's, or the message"
+                   .. " is another merchant's", r.detail, 1, true)
+  end)
+
+  -- A serial naming no key given, and a signature that verifies with one
+  -- given: the body and the signature are one message's. It was always
+  -- "the headers and the body come from different captures", though a
+  -- capture the gateway wrote (NAME.headers beside NAME.body, one
+  -- notification) cannot be that.
+  describe("a serial naming no key given, the signature verifying with one",
+           function()
+    local function capture(body, headers, keys)
+      local args = { "verify", "--json",
+        "--headers", file("refused-1.headers", headers),
+        "--body", file("refused-1.body", body) }
+      for _, a in ipairs(keys) do args[#args + 1] = a end
+      local code, out, r = run(args)
+      assert.equal(1, code, out)
+      assert.equal("unknown_serial", r[#r].kind, out)
+      assert.matches("names no key given, but the signature verifies with",
+                     r[#r].cause, 1, true)
+      assert.not_matches("different captures", r[#r].detail, 1, true)
+      return r[#r]
+    end
+
+    it("the public key given under another id than WeChat's", function()
+      local key = assert(crypto.private_key(read(pki.pub_key)))
+      local right = "PUB_KEY_ID_0114232134912410000000000000000009"
+      local r = capture(SORTED, signed(SORTED, { key = key, serial = right }),
+        { "--public-key", pki.pub, "--public-key-id",
+          "PUB_KEY_ID_0114232134912410000000000000000001" })
+      assert.matches("the public key is right and the id given with it is "
+                     .. "not: WeChat names it " .. right, r.detail, 1, true)
+      assert.matches("--public-key-id " .. right, r.fix, 1, true)
+      assert.matches("public_key_id", r.fix, 1, true)
+    end)
+
+    it("WeChat's certificate re-issued under the key of one given",
+       function()
+      local other = "5157F09EFDC096DE15EBE81A47057A7232F1B8E1"
+      local r = capture(SORTED, signed(SORTED, { serial = other }),
+                        { "--certificate", pki.platform })
+      assert.matches("WeChat's platform certificate " .. other .. " holds "
+                     .. "the key of ", r.detail, 1, true)
+      assert.matches("the Wechatpay-Serial header was altered", r.detail,
+                     1, true)
+      assert.matches("paygate certs --download", r.fix, 1, true)
+    end)
+
+    it("keeps different captures for headers given one by one (-H)",
+       function()
+      local h = signed(SORTED, { serial =
+        "5157F09EFDC096DE15EBE81A47057A7232F1B8E1" })
+      local args = { "verify", "--json", "--body", file("body", SORTED) }
+      for line in h:gmatch("[^\r\n]+") do
+        local k = line:match("^(Wechatpay%-%w+):")
+        if k then
+          args[#args + 1] = "-H"
+          args[#args + 1] = line
+        end
+      end
+      args[#args + 1] = "--certificate"
+      args[#args + 1] = pki.platform
+      local code, out, r = run(args)
+      assert.equal(1, code, out)
+      assert.equal("unknown_serial", r[#r].kind, out)
+      assert.matches("the headers given with -H come from different "
+                     .. "captures", r[#r].detail, 1, true)
+      assert.equal("capture the headers and body of the same answer",
+                   r[#r].fix)
+    end)
   end)
 
   it("judges the time at --at", function()

@@ -510,9 +510,34 @@ local function main(args)
       cause = "Wechatpay-Serial " .. serial .. " names no key given, but "
               .. "the signature verifies with " .. tostring(other.id)
               .. " (" .. other.file .. ")"
-      detail = "the headers and the body come from different captures, or "
-               .. "the serial header was altered"
-      fix = "capture the headers and body of the same answer"
+      -- the signature verified over this body with a key given: the body
+      -- and the signature are one message's, and only the serial can be
+      -- another's -- when the headers were given one by one (-H). A
+      -- headers file (curl -D, a capture the gateway wrote beside its
+      -- body) holds one message's: the key is given under another name.
+      local why = {}
+      if o["-H"] then
+        why[#why + 1] = "the headers given with -H come from different "
+          .. "captures (the Wechatpay-Serial of one message, the signature"
+          .. " of another)"
+        fix = "capture the headers and body of the same answer"
+      end
+      if is_pub and other.kind == "public_key" then
+        why[#why + 1] = "the public key is right and the id given with it "
+          .. "is not: WeChat names it " .. serial
+        fix = fix or ("check the id shown beside the key in the merchant "
+          .. "platform (API security) and give it: --public-key-id "
+          .. serial .. " (in the gateway: public_key_id)")
+      elseif not is_pub and other.kind == "certificate" then
+        why[#why + 1] = "WeChat's platform certificate " .. serial
+          .. " holds the key of " .. tostring(other.id) .. " and is not "
+          .. "among those given: a certificate re-issued (rotation)"
+        fix = fix or "download the current platform certificates "
+          .. "(paygate certs --download)"
+      end
+      why[#why + 1] = "the Wechatpay-Serial header was altered on the way"
+      detail = table.concat(why, "; or ")
+      fix = fix or ("give the key WeChat names " .. serial)
     elseif is_pub and #pubs == 0 then
       cause = "signed with the WeChat Pay public key " .. serial
               .. ", but only platform certificates were given"
@@ -547,7 +572,12 @@ local function main(args)
       for _, e in ipairs(certs) do ids[#ids + 1] = e.id end
       for _, e in ipairs(pubs) do ids[#ids + 1] = e.id end
       cause = "Wechatpay-Serial " .. serial .. " is not among the keys given"
-      detail = "keys given: " .. table.concat(ids, ", ")
+      -- (none of them verifies the signature either)
+      detail = "keys given: " .. table.concat(ids, ", ") .. "; the "
+        .. "platform certificate with that serial is not among them: WeChat"
+        .. " rotated its certificates (one newer than those given or "
+        .. "downloaded), the files given are another merchant's, or the "
+        .. "message is another merchant's"
       for _, e in ipairs(cas) do
         detail = detail .. "; " .. e.id .. " (" .. e.cert:subject()
           .. ") is a CA certificate (CA:TRUE): a CA issues platform "
@@ -555,7 +585,8 @@ local function main(args)
           .. "certificates are not CA certificates)"
       end
       fix = "download the current platform certificates (paygate certs "
-            .. "--download): WeChat rotates them"
+            .. "--download) with this merchant's credentials: WeChat "
+            .. "rotates them"
     end
     out:fail("unknown_serial", cause, detail, fix)
     return 1
