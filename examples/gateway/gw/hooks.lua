@@ -1,9 +1,14 @@
 -- gw.hooks: logic that lives in the gateway itself, run by the outbox
 -- dispatcher after each state change committed (at least once: make them
 -- idempotent; one that raises or returns nil, err is retried with
--- backoff). Edit this file: each function gets the event
+-- backoff, unless err.retryable is false: then the event is dead-lettered
+-- at once. paygate.error(kind, msg) is not retryable: for "try again
+-- later" return nil, paygate.error(kind, msg, { retryable = true })).
+-- Edit this file (or a copy of examples/gateway): each function gets the
+-- event
 --   { id, subject (the payment id), type, payload = { type, payment,
 --     refund?, at }, attempt }
+-- docs/gateway.md (Writing a hook, Testing your hooks) has an example.
 -- Event types: payment.paying, payment.paid, payment.closed,
 -- payment.failed, payment.unknown, payment.refunded,
 -- payment.partially_refunded, payment.late_paid, refund.succeeded,
