@@ -1135,7 +1135,10 @@ local function record_done(self, g, ok, err, fenced)
       stats[o.outcome] = stats[o.outcome] + 1
       if o.outcome == "dead" then
         log_warn("outbox: dead letter", { id = o.row.id, type = o.row.type,
-                                          error = concat(o.errs, "; ") })
+                                          error = concat(o.errs, "; "),
+                                          reason = o.why,
+                                          attempts = o.attempts,
+                                          max_attempts = self.max_attempts })
       end
     else
       if fenced then
@@ -1353,7 +1356,7 @@ local function deliver_row(self, row, p, l)
       end
     end
   end
-  local outcome, mark
+  local outcome, mark, why
   local now = self.now()
   if #errs == 0 then
     outcome = "delivered"
@@ -1363,6 +1366,11 @@ local function deliver_row(self, row, p, l)
     local state, next_at = "pending", now
     if fatal or attempts >= self.max_attempts then
       state, outcome = "dead", "dead"
+      -- the dead letter's line says which: a sink's error with retryable
+      -- = false (paygate.error's default) dead-letters at the first
+      -- attempt, which read like a dispatcher that never retried
+      why = payload == nil and "bad_payload"
+            or fatal and "not_retryable" or "max_attempts"
     else
       outcome = "failed"
       next_at = now + _M.backoff(attempts, self.backoff_base,
@@ -1373,7 +1381,8 @@ local function deliver_row(self, row, p, l)
   end
   local q = self.queued
   q[#q + 1] = { row = row, p = p, l = l, token = l.token, mark = mark,
-                outcome = outcome, errs = errs, started = started }
+                outcome = outcome, errs = errs, started = started,
+                attempts = row.attempts + 1, why = why }
   record_queued(self)
   return true
 end

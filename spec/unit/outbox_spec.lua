@@ -561,6 +561,41 @@ for engine, open in pairs(stores) do
       db:close()
     end)
 
+    it("says in its dead letter line why: not retryable at the first"
+       .. " attempt, or max_attempts reached", function()
+      local db = open()
+      local clock = new_clock()
+      local rec = recorder()
+      local d = outbox.dispatcher(db, { sinks = { rec.sink }, now = clock.now,
+                                        max_attempts = 2, backoff_base = 1 })
+      local a = enqueue(db, "pay_a", "payment.paid")
+      local c = enqueue(db, "pay_c", "payment.paid")
+      rec.fail[a] = 99
+      rec.fail[c] = "fatal"
+      local lines = {}
+      local warn = paygate.log.warn
+      paygate.log.warn = function(msg, fields)
+        if msg == "outbox: dead letter" then lines[fields.id] = fields end
+      end
+      local ok, err = pcall(function()
+        for _ = 1, 2 do
+          d:step()
+          clock.advance(5)
+        end
+      end)
+      paygate.log.warn = warn
+      assert(ok, tostring(err))
+      assert.equal("dead", row(db, a).state)
+      assert.equal("dead", row(db, c).state)
+      assert.same({ "not_retryable", 1, 2 }, { lines[c].reason,
+        lines[c].attempts, lines[c].max_attempts })
+      assert.truthy(lines[c].error:find("rejected", 1, true))
+      assert.same({ "max_attempts", 2, 2 }, { lines[a].reason,
+        lines[a].attempts, lines[a].max_attempts })
+      d:stop()
+      db:close()
+    end)
+
     it("retries only the sinks that failed; hooks are keyed by type",
        function()
       local db = open()
