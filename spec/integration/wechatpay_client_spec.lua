@@ -453,6 +453,33 @@ describe("platform certificates", function()
     assert.equal("decrypt_failed", err.kind)
     wx:stop()
   end)
+  it("an unknown serial that waited for another worker's download says"
+     .. " that download failed, when it did", function()
+    -- Another worker of the instance holds the download's lock; it ends
+    -- with the download failed (a wrong APIv3 key). Was: the waiter took
+    -- the set as it was and said "even after downloading the platform
+    -- certificates", as if a download had brought no key for the serial.
+    local wx = client()
+    local K = wx.certs_prefix
+    local n = count("GET", "/v3/certificates")
+    assert(wx.dict:set(K .. "lock", 999999, 30))
+    core.spawn(function()
+      core.sleep(0.2)
+      assert(wx.dict:set(K .. "failed", "decrypt_failed: wrong APIv3 key"
+                         .. " (apiv3_key)", 60))
+      wx.dict:delete(K .. "lock")
+    end)
+    wxtest.queue(srv, "GET", "/v3/x", { { body = "{}",
+                                          sign = { serial = P2 } } })
+    local _, err = wx:request("GET", "/v3/x")
+    assert.equal("unknown_serial", err.kind)
+    assert.equal(n, count("GET", "/v3/certificates"))    -- none of its own
+    assert.not_matches("even after downloading", err.message, 1, true)
+    assert.matches(": the platform certificate download failed "
+      .. "(decrypt_failed: wrong APIv3 key (apiv3_key) (another worker's"
+      .. " download))", err.message, 1, true)
+    wx:stop()
+  end)
   it("an unknown serial refused by the rate limit says why the download "
      .. "that set it failed", function()
     local wx = client{ apiv3_key = "0123456789abcdef0123456789abcdef" }

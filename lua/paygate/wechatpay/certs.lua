@@ -547,10 +547,18 @@ function _M.refresh_locked(wx, reason)
       -- still runs (the other order left a moment with the mark set and
       -- no lock yet, and that worker took the old set as the result)
       if not dict:add(K .. "lock", core.pid(), c.timeout + 5) then
-        -- a download runs: take its result
+        -- a download runs: take its result, and its failure when it
+        -- failed (a success deletes the mark), for certs.verify to say
+        -- so, not "even after downloading"
         wait_for(function() return not dict:get(K .. "lock") end,
                  c.timeout + 5)
         import(wx, dict:get(K .. "set"))
+        local failed = dict:get(K .. "failed")
+        if type(failed) == "string" then
+          local kind, msg = failed:match("^([%w_]+): (.*)$")
+          return nil, core.error(kind or "download_failed", (msg or failed)
+                                 .. " (another worker's download)")
+        end
         return true
       end
       -- (its value: when, for the refusals' "N s ago")
