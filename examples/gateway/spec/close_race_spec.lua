@@ -193,7 +193,8 @@ describe("gateway attempt whose close at WeChat failed on " .. engine[1],
       db = engine[2],
       -- a short deadline: the checks take up a close left open once the
       -- calls that might still make the attempt (its prepay) are over
-      merchant = { deadline = 3 },
+      -- (long enough for the prepay's 3 s wait below)
+      merchant = { deadline = 5 },
       gateway = { reconcile = { check_after = 1, first = 0.5, ceiling = 1,
                                 interval = 0.1, bill = false } } })
   end)
@@ -208,7 +209,9 @@ describe("gateway attempt whose close at WeChat failed on " .. engine[1],
      .. " payment and refunded", function()
     local pcore = require "paygate.core"
     local p = gw:create{ amount = 223 }
-    sim:fault{ endpoint = "prepay", kind = "latency", seconds = 1.5,
+    -- (3 s: the close below must land within it, after the spec saw the
+    -- attempt recorded; 1.5 s was not always enough on a loaded machine)
+    sim:fault{ endpoint = "prepay", kind = "latency", seconds = 3,
                count = 1 }
     local attempt
     pcore.spawn(function()
@@ -220,11 +223,16 @@ describe("gateway attempt whose close at WeChat failed on " .. engine[1],
                                .. " out_trade_no = $1", { p.id .. "_2" })
       return rows and rows[1] ~= nil
     end, 10, "the new attempt recorded")
-    -- the close finds attempt 2 not yet made at WeChat: closed here
+    -- the close finds attempt 2 not yet made at WeChat: closed here; then
+    -- the close of attempt 2, made after all, fails at WeChat. Both set
+    -- before the close: the 500 set after it could come too late on a
+    -- loaded machine (the attempt's own close of attempt 2, after its
+    -- prepay, went through: CLOSED at WeChat)
+    sim:fault{ endpoint = "close", kind = "error", status = 404,
+               code = "ORDER_NOT_EXIST", count = 1 }
+    sim:fault{ endpoint = "close", kind = "error", status = 500 }
     local closed = gw:call("POST", "/v1/payments/" .. p.id .. "/close")
     assert.equal(200, closed.status, closed.body)
-    -- then the close of attempt 2, made after all, fails at WeChat
-    sim:fault{ endpoint = "close", kind = "error", status = 500 }
     testing.wait_until(function() return attempt ~= nil end, 15,
                        "the attempt to answer")
     assert.equal(409, attempt.status, attempt.body)
