@@ -192,6 +192,13 @@ describe("gateway payment checks racing a switch on PostgreSQL", function()
     end, 30, "the payment checks' lease")
     local release_lease = hold("SELECT token FROM paygate_leases WHERE"
                                .. " name = 'reconcile:payments'")
+    local release_attempt
+    -- a failure below must not leave the rows held (for up to 30 s): the
+    -- next test holds the lease's row too, and timed out waiting for it
+    finally(function()
+      release_lease()
+      if release_attempt then release_attempt() end
+    end)
     local p = gw:create{ amount = 180 }
     assert.equal("paying", p.state)
     -- (the payment's first check is 3 s after its create)
@@ -214,8 +221,8 @@ describe("gateway payment checks racing a switch on PostgreSQL", function()
         { p.id .. "_1" }))
       return rows[1] ~= nil
     end, 10, "the switch's mark")
-    local release_attempt = hold("SELECT state FROM gw_attempts WHERE"
-                                 .. " out_trade_no = $1", { p.id .. "_1" })
+    release_attempt = hold("SELECT state FROM gw_attempts WHERE"
+                           .. " out_trade_no = $1", { p.id .. "_1" })
     testing.wait_until(function() return waiting() == 2 end, 20,
                        "the switch's transaction to wait")
     release_lease()
