@@ -45,7 +45,7 @@ describe("gateway close racing a new attempt", function()
     local closed = gw:call("POST", "/v1/payments/" .. p.id .. "/close")
     assert.equal(200, closed.status, closed.body)
     assert.equal("closed", closed.json.state)
-    testing.wait_until(function() return attempt ~= nil end, 10,
+    testing.wait_until(function() return attempt ~= nil end, 30,
                        "the attempt to answer")
     -- the payment is closed: no code of it is handed out
     assert.equal(409, attempt.status, attempt.body)
@@ -85,7 +85,7 @@ describe("gateway close racing a new attempt", function()
     local closed = gw:call("POST", "/v1/payments/" .. id .. "/close")
     assert.equal(200, closed.status, closed.body)
     assert.equal("closed", closed.json.state)
-    testing.wait_until(function() return second ~= nil end, 10,
+    testing.wait_until(function() return second ~= nil end, 30,
                        "the resumed create to answer")
     assert.equal(409, second.status, second.body)
     assert.is_nil(second.json.pay)
@@ -154,7 +154,7 @@ describe("gateway close finding the payment paid", function()
     end, 10, "the close to wait at WeChat")
     sim:pay_and_wait(p.id .. "_1")
     assert.equal("paid", gw:get(p.id).state)
-    testing.wait_until(function() return closed ~= nil end, 10,
+    testing.wait_until(function() return closed ~= nil end, 30,
                        "the close to answer")
     assert.equal(409, closed.status, closed.body)
     assert.equal("payment_paid", closed.json.error)
