@@ -178,8 +178,11 @@ describe("gateway payment checks racing a switch on PostgreSQL", function()
 
   local function hold(sql, args) return locks.hold(gw.db, sql, args) end
 
-  it("a PAYERROR about the previous attempt does not fail the payment on"
-     .. " the switch's new one", function()
+  -- The checks' lease row, which the cases hold to stop the checks at
+  -- their fence: taken by the first run of the checks after the start
+  -- (holding a row not there yet holds nothing). Each case waits for it
+  -- itself, so it does not rely on an earlier case having waited.
+  local function wait_lease()
     testing.wait_until(function()
       -- (no lease table until the first lease taken makes it: on a
       -- loaded machine the first poll can come before that)
@@ -190,6 +193,11 @@ describe("gateway payment checks racing a switch on PostgreSQL", function()
       end
       return assert(rows, err)[1] ~= nil
     end, 30, "the payment checks' lease")
+  end
+
+  it("a PAYERROR about the previous attempt does not fail the payment on"
+     .. " the switch's new one", function()
+    wait_lease()
     local release_lease = hold("SELECT token FROM paygate_leases WHERE"
                                .. " name = 'reconcile:payments'")
     local release_attempt
@@ -254,6 +262,7 @@ describe("gateway payment checks racing a switch on PostgreSQL", function()
     -- (the payment's own checks out of the way: only the attempt's runs)
     assert(gw.db:exec("UPDATE gw_payments SET checks = 1, next_check_at ="
                       .. " $2 WHERE id = $1", { p.id, os.time() + 3600 }))
+    wait_lease()
     local release_lease = hold("SELECT token FROM paygate_leases WHERE"
                                .. " name = 'reconcile:payments'")
     -- a dead switch's mark, due
