@@ -793,7 +793,7 @@ describe("gateway merchant API, a merchant taken out of the config",
       return #assert(env.db:query("SELECT n FROM gw_attempts WHERE"
         .. " out_trade_no = $1 AND state = 'open' AND close_check_at IS"
         .. " NULL", { p.out_trade_no })) == 1
-    end, 10, "the mark dropped, the attempt still open")
+    end, 30, "the mark dropped, the attempt still open")
     -- the payment still on it; its own checks wait for the merchant
     local got = env:get(p.id)
     assert.equal("paying", got.state)
