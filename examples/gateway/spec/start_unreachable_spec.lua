@@ -20,6 +20,9 @@ describe("gateway start with its stores unreachable", function()
     servers.stop_all()
   end)
 
+  -- (the waits below for a start to log or to serve are 30 s, as
+  -- support.lua gives a gateway's start: one under ASan on a loaded
+  -- machine can take several seconds; nothing is spent when it is quick)
   local function start(over, workers)
     return testing.start_app{ app = "examples/gateway", wait = false,
       workers = workers,
@@ -103,12 +106,12 @@ describe("gateway start with its stores unreachable", function()
     local srv = start({ redis = rs.url })
     testing.wait_until(function()
       return srv:logs():find("cannot reach redis; trying again", 1, true)
-    end, 10, "a retry logged")
+    end, 30, "a retry logged")
     rs.start()
     testing.wait_until(function()
       local res = srv:admin_get("/healthz")
       return res and res.status == 200
-    end, 15, "the gateway to serve")
+    end, 30, "the gateway to serve")
     assert.is_nil(srv.proc:poll())
     srv:stop()
   end)
@@ -124,7 +127,7 @@ describe("gateway start with its stores unreachable", function()
     testing.wait_until(function()
       local res = srv:admin_get("/healthz")
       return res and res.status == 200
-    end, 15, "the gateway to serve")
+    end, 30, "the gateway to serve")
     assert.is_nil(srv:logs():find("NOAUTH", 1, true))
     srv:stop()
     -- the wrong one: refused at once, one line, the password not in it
