@@ -41,10 +41,11 @@ describe("gateway payment checks: paid as it expired", function()
     -- expired, and due now
     assert(gw.db:exec("UPDATE gw_payments SET expires_at = $2,"
       .. " next_check_at = 0 WHERE id = $1", { p.id, os.time() - 1 }))
-    testing.wait_until(function() return fired(slow.id) == 1 end, 10,
+    -- (30 s: made by the checks' next run, a background loop)
+    testing.wait_until(function() return fired(slow.id) == 1 end, 30,
                        "the checks' close at WeChat")
     sim:pay(p.out_trade_no)
-    local got = gw:wait_state(p.id, "paid", 15)
+    local got = gw:wait_state(p.id, "paid", 30)
     assert.matches("^%d+$", got.transaction_id)
     -- the close was refused ORDER_PAID
     local refused = false
