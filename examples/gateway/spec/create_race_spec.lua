@@ -43,7 +43,7 @@ describe("gateway create racing a resumed create", function()
     end, 10, "the first create's attempt")
     local second = gw:call("POST", "/v1/payments", body)
     if after_second then after_second() end
-    testing.wait_until(function() return first ~= nil end, 10,
+    testing.wait_until(function() return first ~= nil end, 30,
                        "the first create to answer")
     return first, second
   end
@@ -168,7 +168,7 @@ describe("gateway create racing a resumed create on PostgreSQL", function()
       return waiting("UPDATE gw_payments SET channel") == 1
     end, 10, "the second create's resume to wait for the payment's row")
     -- the first create's prepay answered, its transaction waits too
-    testing.wait_until(function() return waiting() == 2 end, 10,
+    testing.wait_until(function() return waiting() == 2 end, 30,
                        "the first create's transaction to wait")
     release()
     testing.wait_until(function() return first and second end, 20,
