@@ -37,6 +37,11 @@ describe("two gateway instances on one PostgreSQL and Redis", function()
 
   teardown(function() c.stop() end)
 
+  -- Each case sets the notification faults it wants: a fault without a
+  -- count stays set, and one left by a case (or not used up when it
+  -- failed) would change the next case's notifications.
+  after_each(function() sim:clear_faults() end)
+
   local function check_sinks(rows)
     local retried, workers, instances = cluster.check_sinks(rows, {
       rcv = rcv, hooks_log = hooks_log, redis = rd.url, stream = STREAM })
@@ -143,6 +148,8 @@ describe("two gateway instances on one PostgreSQL and Redis", function()
     local M = 12
     local db = gws[1].db
     local from = #tee.log() + 1
+    -- each notification sent again twice, as in the case above
+    sim:fault{ endpoint = "notify", kind = "duplicate", times = 2 }
     local ids, nos, amounts = {}, {}, {}
     for i = 1, M do
       local p = gws[i % 2 + 1]:create{ amount = 100 + i }
@@ -234,6 +241,7 @@ describe("two gateway instances on one PostgreSQL and Redis", function()
      .. " SIGKILL mid-stream", function()
     local M = 30
     local db = gws[1].db
+    sim:fault{ endpoint = "notify", kind = "duplicate", times = 2 }
     local ids, nos = {}, {}
     for i = 1, M do
       local p = gws[i % 2 + 1]:create{ amount = 500 + i }
