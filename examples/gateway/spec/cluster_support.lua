@@ -279,18 +279,21 @@ function _M.kill9(srv)
   -- its children and the kill (a worker forked then would outlive it and
   -- keep the port)
   local pids = { srv.pid }
+  -- (each wait is on a condition, 30 s: an ASan process, its shadow
+  -- memory unmapped by the kernel, can take seconds to be gone on a
+  -- loaded machine; nothing is spent when it is quick)
   ffi.C.kill(srv.pid, 19)                   -- SIGSTOP
-  proc.wait_until(function() return stopped(srv.pid) end, 5,
+  proc.wait_until(function() return stopped(srv.pid) end, 30,
                   "the master to stop")
   for _, pid in ipairs(srv:workers()) do pids[#pids + 1] = pid end
   for i = #pids, 1, -1 do ffi.C.kill(pids[i], 9) end
-  assert(srv.proc:wait(5), "the master did not die")
+  assert(srv.proc:wait(30), "the master did not die")
   proc.wait_until(function()
     for _, pid in ipairs(pids) do
       if alive(pid) then return false end
     end
     return true
-  end, 5, "the killed workers to be gone")
+  end, 30, "the killed workers to be gone")
   testing.server.rmdir(srv.dir)
   return #pids
 end
