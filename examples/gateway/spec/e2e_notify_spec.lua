@@ -342,7 +342,7 @@ describe("gateway notifications", function()
     local res = env:post_paid({ out_trade_no = row.out_trade_no,
                                 amount = 90 })
     assert.equal(204, res.status, res.body)
-    S.wait_until(function() return created ~= nil end, 10,
+    S.wait_until(function() return created ~= nil end, 30,
                  "the create to answer")
     assert.equal(409, created.status, created.body)
     assert.equal("payment_paid", created.json.error)
