@@ -230,7 +230,7 @@ function _M.wait_state(gw, id, state, timeout)
   testing.wait_until(function()
     p = gw:get(id)
     return p.state == state
-  end, timeout or 10, "payment " .. id .. " to be " .. state)
+  end, timeout or 30, "payment " .. id .. " to be " .. state)
   return p
 end
 

@@ -63,7 +63,9 @@ describe("gateway start with its stores unreachable", function()
     local took = core.mono() - t0
     local logs = srv:logs()
     assert.equal(1, code, logs)
-    assert.is_true(took < 4, "took " .. took .. " s: " .. logs)
+    -- (a start under ASan on a loaded machine takes seconds; a retried
+    -- one would take the whole wait and log "trying again", checked next)
+    assert.is_true(took < 8, "took " .. took .. " s: " .. logs)
     assert.not_matches("trying again", logs, 1, true)
     assert.equal(1, lines(logs, "gateway: cannot reach"), logs)
     assert.matches(want, logs, 1, true)
