@@ -105,33 +105,45 @@ describe("outbox", function()
     local db = sqlite()
     local inflight, most, calls = 0, 0, 0
     -- two receivers, each answering in 35% of the lease ttl (as two
-    -- webhooks answering in 10.5 s under the default lease_ttl of 30 s)
+    -- webhooks answering in 10.5 s under the default lease_ttl of 30 s).
+    -- A renewal comes when less than half of the ttl is left, checked
+    -- every eighth of it: a stall of the whole process longer than 3/8 of
+    -- the ttl can let b take the shard while a still delivers. That was
+    -- 0.75 s of a 2 s ttl, too close for a loaded CI run; 1.5 s of 4 s.
     local function slow(name)
       return { name = name, deliver = function()
         calls = calls + 1
         inflight = inflight + 1
         most = math.max(most, inflight)
-        paygate.sleep(0.7)
+        paygate.sleep(1.4)
         inflight = inflight - 1
       end }
     end
     local sinks = { slow("webhook1"), slow("webhook2") }
     local a = outbox.dispatcher(db, { sinks = sinks, partitions = 1,
-                                      lease_ttl = 2 })
+                                      lease_ttl = 4 })
     local b = outbox.dispatcher(db, { sinks = sinks, partitions = 1,
-                                      lease_ttl = 2 })
+                                      lease_ttl = 4 })
     assert.equal(0, a:step())                 -- a takes the shard
     local la = assert(a.leases[0])
-    -- a's next round starts with just over half its lease left (no renewal)
-    wait_until(function() return core.time() >= la.expires_at - 1.1 end, 5,
+    -- a's next round starts with just over half its lease left (no
+    -- renewal): without one during the round, the lease would end in the
+    -- second delivery
+    wait_until(function() return core.time() >= la.expires_at - 2.2 end, 10,
                "the next round")
     enqueue(db, "pay_l", "payment.paid")
-    local ta = paygate.spawn(function() return a:step() end)
-    wait_until(function() return calls >= 1 end, 5, "a to deliver")
-    -- b, a standby worker, takes the shard once a's lease expired
+    local a_done = false
+    local ta = paygate.spawn(function()
+      local n = a:step()
+      a_done = true
+      return n
+    end)
+    wait_until(function() return calls >= 1 end, 10, "a to deliver")
+    -- b, a standby worker, takes the shard once a's lease expired; it
+    -- tries for as long as a delivers (only then could both deliver)
     local tb = paygate.spawn(function()
-      local deadline = core.time() + 5
-      while core.time() < deadline do
+      local deadline = core.time() + 30
+      while not a_done and core.time() < deadline do
         if b:step() > 0 then return true end
         paygate.sleep(0.05)
       end
