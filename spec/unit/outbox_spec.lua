@@ -728,8 +728,11 @@ for engine, open in pairs(stores) do
         wait_until(function() return release end, 20, "release")
       end }
       local fast = recorder("slow")   -- same sink name: same destination
+      -- a's lease must still be live at b's first step below, after a's
+      -- acquisition, its read and b's attempt (commits, fsync'd on a
+      -- loaded machine), so it is not short: its expiry is played below
       local a = outbox.dispatcher(db, { sinks = { slow }, partitions = 1,
-                                        lease_ttl = 0.5 })
+                                        lease_ttl = 5 })
       local b = outbox.dispatcher(db, { sinks = { fast.sink }, partitions = 1,
                                         lease_ttl = 5 })
       local id = enqueue(db, "pay_f", "payment.paid")
