@@ -890,7 +890,10 @@ function _M.new(o)
       return ops[what](r, m)
     end
     quiet_closes()
-    local f = sim:fault{ endpoint = "close", kind = "latency", seconds = 1,
+    -- the pay below must reach WeChat while the close is held: 2 s from
+    -- when the close came (a few loopback calls, but a model run makes
+    -- many of these races, each a chance for a stall on a loaded machine)
+    local f = sim:fault{ endpoint = "close", kind = "latency", seconds = 2,
                          count = 1 }
     local res, done
     core.spawn(function()
@@ -1274,7 +1277,8 @@ function _M.new(o)
     if how == "held" or how == "failed" or how == "retry" then
       quiet_closes()
       if how ~= "retry" then
-        f = sim:fault{ endpoint = "close", kind = "latency", seconds = 1,
+        -- held 2 s: the payer's pay must come within it (as in race())
+        f = sim:fault{ endpoint = "close", kind = "latency", seconds = 2,
                        count = 1 }
       end
       if how ~= "held" then
