@@ -87,8 +87,9 @@ end
 -- business key no notification had claimed: WeChat's notification of that
 -- state never arrived here (a notification applied first makes the
 -- query's claim a duplicate, and one arriving later is a duplicate of the
--- query's). That is the lost callback an operator must see -- a notify URL
--- WeChat cannot reach, a network dropping it -- so it is one warning and a
+-- query's: notified_after_query says it came late). That is the lost
+-- callback an operator must see -- a notify URL WeChat cannot reach, a
+-- network dropping it -- so it is one warning and a
 -- count, made once the transaction commits: a try rolled back counts
 -- nothing, and of two workers or instances settling it at once only the
 -- one whose claim committed gets here (the other's is a duplicate).
@@ -122,6 +123,63 @@ local function settled_unnotified(ctx, tx, o, kind, p, fields)
     unnotified_counter:inc({ merchant = tostring(p.mchid), kind = kind,
                              source = via })
   end)
+end
+
+-- A notification whose business key a query had claimed already (the
+-- claim's notification_id is "query:<out_trade_no>", or
+-- "query:<out_refund_no>": claim's mark when no notification applied it)
+-- arrived after the checks or ?refresh=1 settled what it reports: late,
+-- not lost. settled_unnotified said "no notification had arrived" then;
+-- this says it did in the end, and how late, so an operator tells a slow
+-- network or WeChat's retry schedule (this line follows) from a notify URL
+-- WeChat does not reach (none follows). One info line and a count; a
+-- repeat of what another notification applied (WeChat's retry, a
+-- duplicate) says nothing. claim: the key's row { notification_id,
+-- applied_at } (nil: nothing to say); mark: the query's claim for this
+-- payment or refund; fields name it, success_time among them.
+local after_query_counter
+local function notified_after_query(claim, mark, kind, mchid, fields)
+  if type(claim) ~= "table" or claim.notification_id ~= mark then return end
+  local now = model.time()
+  local at = tonumber(claim.applied_at)
+  local st = civil.epoch(fields.success_time)
+  fields.mchid = tostring(mchid)
+  fields.after_query_s = at and math.floor(now - at) or nil
+  fields.after_success_s = st and math.floor(now - st) or nil
+  paygate.log.info("gateway: notification arrived after a query had"
+                   .. " settled it", fields)
+  after_query_counter = after_query_counter or metrics.counter(
+    "paygate_gateway_notification_after_query_total", "Notifications that"
+    .. " came after a query (reconcile, ?refresh=1) had settled their"
+    .. " payment or refund: late, not lost.",
+    { "merchant", "kind" })
+  after_query_counter:inc({ merchant = tostring(mchid), kind = kind })
+end
+
+--- syntax: apply.notified_after_query(claim, mark, kind, mchid, fields)
+-- (gw.notify_atomic's repeats of a paid payment: said here, as gw.apply's)
+_M.notified_after_query = notified_after_query
+
+-- Who claimed a business key, and when: read on a notification's
+-- duplicate path only (rare: WeChat's repeats and late ones)
+local CLAIM_OF = "SELECT notification_id, applied_at FROM"
+  .. " gw_notification_effects WHERE key = $1"
+
+-- A notification o found its key claimed: said once tx commits (a try
+-- rolled back says nothing) if a query's claim it was. returns: true, or
+-- nil, err (the read failed: the notification is not recorded, and WeChat
+-- sends it again).
+local function duplicate_of(tx, o, key, mark, kind, p, fields)
+  if o.source ~= "notification" then return true end
+  local rows, err = tx:query(CLAIM_OF, { key })
+  if not rows then return nil, err end
+  local claim = rows[1]
+  if not claim or claim.notification_id ~= mark then return true end
+  fields.payment, fields.notification_id = p.id, o.notification_id
+  tx:on_commit(function()
+    notified_after_query(claim, mark, kind, p.mchid, fields)
+  end)
+  return true
 end
 
 -- "sp_mchid/sub_mchid" or "mchid" of a resource or a payment row
@@ -251,11 +309,17 @@ function _M.payment(ctx, tx, o)
       out_trade_no = no, notification_id = o.notification_id,
       source = o.source, actor = o.actor })
   end
+  local key = _M.payment_key(r)
   local fresh
-  fresh, err = claim(tx, _M.payment_key(r), o.notification_id
-                     or ("query:" .. no), now)
+  fresh, err = claim(tx, key, o.notification_id or ("query:" .. no), now)
   if fresh == nil then return nil, err end
   if not fresh or a.state == "paid" then
+    if not fresh then
+      local ok
+      ok, err = duplicate_of(tx, o, key, "query:" .. no, "payment", p, {
+        out_trade_no = no, success_time = wx_time(r.success_time) })
+      if not ok then return nil, err end
+    end
     return "duplicate"
   end
   local late = a.state ~= "open"
@@ -375,12 +439,23 @@ function _M.refund_status(ctx, tx, rf, o)
       source = o.source, actor = o.actor })
   end
   if status ~= "PROCESSING" then
+    -- (claimed by the refund call's own answer: "refund_call:", not a
+    -- query's mark, so its notification is not said to come late)
+    local key = "refund|" .. rf.out_refund_no .. "|" .. status
+    local mark = (o.source == "refund_call" and "refund_call:" or "query:")
+                 .. rf.out_refund_no
     local fresh
-    fresh, err = claim(tx, "refund|" .. rf.out_refund_no .. "|" .. status,
-                       o.notification_id or ("query:" .. rf.out_refund_no),
-                       now)
+    fresh, err = claim(tx, key, o.notification_id or mark, now)
     if fresh == nil then return nil, err end
-    if not fresh then return "duplicate" end
+    if not fresh then
+      local ok
+      ok, err = duplicate_of(tx, o, key, "query:" .. rf.out_refund_no,
+        "refund", p, { refund = rf.id, out_refund_no = rf.out_refund_no,
+                       status = status,
+                       success_time = wx_time(o.success_time) })
+      if not ok then return nil, err end
+      return "duplicate"
+    end
   end
   if rf.state == REFUND_TARGET[status] then return "duplicate" end
   if not R:can(rf.state, event) then

@@ -20,7 +20,9 @@
 -- gw.notify records it); a concurrent writer makes 3.-5. fail and the
 -- job is rebuilt from fresh reads (fsm.atomic). A repeat that finds the
 -- attempt paid is recorded as a duplicate in a job of its own (its key
--- must have been claimed: a read with expect = 1).
+-- must have been claimed: a read with expect = 1, which also says who
+-- claimed it -- a query's claim makes the notification a late one, said
+-- in a line and counted, as gw.apply says it).
 --
 -- Everything else -- refunds, other states, late or duplicate payments,
 -- amount mismatches, another owner (a partner's payment, another route),
@@ -47,6 +49,25 @@ local NOT_MINE = {}                -- build's verdict: the transaction's case
 local INSERT_NOTIFICATION = "INSERT INTO gw_notifications (id, event_type,"
   .. " business_key, received_at, outcome) VALUES ($1, $2, $3, $4, $5)"
   .. " ON CONFLICT (id) DO NOTHING"
+
+-- The business key's claim and the attempt's payment, for a repeat of a
+-- paid payment: a claim that is a query's makes the notification late
+-- (apply.notified_after_query). Only the repeats pay for it.
+local CLAIM = "SELECT e.notification_id, e.applied_at, a.payment_id FROM"
+  .. " gw_notification_effects e LEFT JOIN gw_attempts a ON"
+  .. " a.out_trade_no = $2 WHERE e.key = $1"
+
+-- A repeat of a paid payment committed as a duplicate, its key's claim
+-- read (nil when not): said if a query had claimed it.
+local function repeated(mchid, event, claim)
+  if not claim then return end
+  local r = event.resource
+  local no = r.out_trade_no
+  apply.notified_after_query(claim, "query:" .. no, "payment", mchid, {
+    payment = claim.payment_id, out_trade_no = no,
+    notification_id = event.id, success_time = apply.wx_time(r.success_time)
+  })
+end
 
 -- One read for the attempt, its payment and the payment's audit head
 -- (one trip to a reader thread instead of three).
@@ -86,12 +107,12 @@ local function build(db, mchid, event, key)
   local a_state = p.gw_a_state          -- the attempt's
   if a_state == "paid" then
     -- a repeat of what is applied: record it, if the key was claimed
+    -- (the claim read back: who claimed it, repeated)
     return {
       { INSERT_NOTIFICATION, { event.id, event.event_type, key, model.now(),
                                "duplicate" }, expect = 1,
         name = "notification" },
-      { "SELECT key FROM gw_notification_effects WHERE key = $1", { key },
-        expect = 1, name = "claimed" },
+      { CLAIM, { key, no }, expect = 1, name = "claimed" },
     }, "duplicate"
   end
   if a_state ~= "open" then return nil, NOT_MINE end
@@ -184,7 +205,11 @@ function _M.process(db, mchid, event)
   local results, plan = fsm.atomic(db, build_job, RETRY, db, mchid, event,
                                    key)
   if results then
-    if plan == "duplicate" then return "duplicate" end
+    if plan == "duplicate" then
+      repeated(mchid, event, results[2] and results[2].rows
+                             and results[2].rows[1])
+      return "duplicate"
+    end
     P:applied(plan)
     return "applied"
   end
@@ -197,10 +222,15 @@ function _M.process(db, mchid, event)
     return "duplicate"                 -- this notification id was recorded
   end
   if err.kind == "conflict" and err.name == "effect" then
-    -- the business key was applied by another notification (or a query)
+    -- the business key was applied by another notification (or a query:
+    -- read first, so a failed read records nothing and WeChat sends it
+    -- again)
+    local rows, rerr = db:query(CLAIM, { key, event.resource.out_trade_no })
+    if not rows then return nil, rerr end
     local ok, ierr = db:exec(INSERT_NOTIFICATION, { event.id,
       event.event_type, key, model.now(), "duplicate" })
     if not ok then return nil, ierr end
+    repeated(mchid, event, rows[1])
     return "duplicate"
   end
   return nil, err

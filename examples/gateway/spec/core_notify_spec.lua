@@ -111,6 +111,49 @@ describe("gateway notify handler on " .. engine, function()
     assert.equal(3, model.payment(db, id).version)
   end)
 
+  -- A notification whose key a query claimed came late: one info line
+  -- (reconcile_spec counts it end to end); one whose key another
+  -- notification (a new id) claimed is a plain duplicate: none.
+  it("says a notification came after a query's settlement, not after"
+     .. " another notification's", function()
+    local apply = require "gw.apply"
+    local lines, info_was = {}, paygate.log.info
+    paygate.log.info = function(msg, fields, ...)
+      if tostring(msg):find("arrived after a query", 1, true) then
+        lines[#lines + 1] = fields
+      end
+      return info_was(msg, fields, ...)
+    end
+    local ok, err = pcall(function()
+      local by_note = payment("paying")
+      local ev = paid_event(by_note .. "_1")
+      assert.equal(204, (notify.handler(req(ev))))
+      ev.id = "EV-other-" .. by_note
+      assert.equal(204, (notify.handler(req(ev))))
+      assert.same({}, lines)
+      -- settled by a query (as ?refresh=1 does), then notified
+      local by_query = payment("paying")
+      ev = paid_event(by_query .. "_1")
+      ev.resource.success_time = "2026-01-02T03:04:05+08:00"
+      assert.equal("applied", (assert(db:transaction(function(tx)
+        return apply.payment(ctx, tx, { resource = ev.resource,
+          source = "query", via = "refresh", actor = "gateway:query" })
+      end))))
+      assert.equal(204, (notify.handler(req(ev))))
+      assert.equal(1, #lines)
+      local l = lines[1]
+      assert.same({ by_query, by_query .. "_1", ev.id, gwcore.MCHID },
+                  { l.payment, l.out_trade_no, l.notification_id, l.mchid })
+      assert.is_true(l.after_query_s >= 0 and l.after_query_s < 60)
+      assert.is_true(l.after_success_s > 86400)
+      -- sent again (the same id): the line was once
+      assert.equal(204, (notify.handler(req(ev))))
+      assert.equal(1, #lines)
+    end)
+    paygate.log.info = info_was
+    assert(ok, err)
+  end)
+
   it("ignores a trade state other than success, and unknown types",
      function()
     local id = payment("paying")

@@ -430,6 +430,135 @@ describe("gateway reconciliation: settled without a notification",
   end)
 end)
 
+-- The info lines "gateway: notification arrived after a query had settled
+-- it" of the gateway's log about payment (or refund) id, decoded.
+local function late_lines(gw, key, id)
+  local out = {}
+  for line in (gw.srv:logs() or ""):gmatch("[^\n]+") do
+    if line:find("notification arrived after a query", 1, true) then
+      local rec = require("cjson.safe").decode(line)
+      if rec and rec[key] == id then out[#out + 1] = rec end
+    end
+  end
+  return out
+end
+
+-- paygate_gateway_notification_after_query_total of the simulator's
+-- merchant for kind (0 when absent)
+local function late_count(gw, sim, kind)
+  local text = assert(gw.srv:admin_get("/metrics")).body
+  return tonumber(text:match(
+    'paygate_gateway_notification_after_query_total{merchant="'
+    .. sim.merchant.mchid .. '",kind="' .. kind .. '"} (%d+)')) or 0
+end
+
+-- the simulator's notification of a payment (f: { out_trade_no = ... })
+-- or a refund ({ out_refund_no = ... }), once delivered
+local function delivered(sim, f, what)
+  local n
+  testing.wait_until(function()
+    n = sim:notifications(f)[1]
+    return n and n.state == "delivered"
+  end, 20, what .. " delivered")
+  return n
+end
+
+-- A notification WeChat sends after the checks settled what it reports
+-- came late, not lost: one info line and one count, after the query's
+-- warning. A notification sent again (WeChat's duplicate of one applied)
+-- says nothing. Before: the late one was recorded as a duplicate with
+-- nothing said, and a late callback looked like a lost one.
+describe("gateway reconciliation: a notification after the query",
+         function()
+  local sim, gw, bill_dir
+
+  setup(function()
+    sim, gw, bill_dir = start({}, nil, { bill = false })
+  end)
+
+  teardown(function() stop(gw, bill_dir) end)
+
+  after_each(function() sim:clear_faults() end)
+
+  it("a payment's notification held past the checks is one line and one"
+     .. " count; a duplicate none", function()
+    -- applied in time, then sent again (the same id): nothing said
+    sim:fault{ endpoint = "notify", kind = "duplicate", count = 1 }
+    local dup = gw:create{ amount = 231 }
+    sim:pay_and_wait(dup.out_trade_no)
+    gw:wait_state(dup.id, "paid")
+    testing.wait_until(function()
+      local n = sim:notifications{ out_trade_no = dup.out_trade_no }[1]
+      for _, a in ipairs(n and n.attempts or {}) do
+        if a.duplicate and a.status == 204 then return true end
+      end
+    end, 20, "the duplicate answered 204")
+
+    -- held (out_of_order: until a later one is delivered) past the
+    -- checks, which settle the payment first
+    sim:fault{ endpoint = "notify", kind = "out_of_order", count = 1 }
+    local held = gw:create{ amount = 232 }
+    sim:pay(held.out_trade_no)
+    gw:wait_state(held.id, "paid", 20)
+    testing.wait_until(function()
+      return unnotified_count(gw, sim, "payment", "reconcile") == 1
+    end, 10, "the checks' settlement counted")
+    local later = gw:create{ amount = 233 }
+    sim:pay_and_wait(later.out_trade_no)
+    local n = delivered(sim, { out_trade_no = held.out_trade_no },
+                        "the held notification")
+    testing.wait_until(function()
+      return late_count(gw, sim, "payment") == 1
+    end, 10, "the late notification counted")
+    local lines = late_lines(gw, "payment", held.id)
+    assert.equal(1, #lines)
+    local l = lines[1]
+    assert.same({ "info", "gateway: notification arrived after a query had"
+                  .. " settled it", sim.merchant.mchid, held.out_trade_no,
+                  n.id },
+                { l.level, l.msg, l.mchid, l.out_trade_no,
+                  l.notification_id })
+    -- after the query's settlement, and after WeChat's success_time
+    -- (which came before the query)
+    assert.is_true(l.after_query_s >= 0 and l.after_query_s < 60,
+                   tostring(l.after_query_s))
+    assert.is_true(l.after_success_s >= l.after_query_s,
+                   tostring(l.after_success_s))
+    assert.same({}, late_lines(gw, "payment", dup.id))
+    assert.same({}, late_lines(gw, "payment", later.id))
+    assert.equal(1, late_count(gw, sim, "payment"))
+    assert.equal(0, late_count(gw, sim, "refund"))
+  end)
+
+  it("a refund's notification held past the checks: one line, counted as"
+     .. " a refund", function()
+    local p = gw:create{ amount = 300 }
+    sim:pay_and_wait(p.out_trade_no)
+    gw:wait_state(p.id, "paid")
+    local r = gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
+                      { amount = 100 })
+    assert.equal(201, r.status, r.body)
+    sim:fault{ endpoint = "notify", kind = "out_of_order", count = 1 }
+    sim:settle(r.json.out_refund_no, "SUCCESS")
+    testing.wait_until(function()
+      return unnotified_count(gw, sim, "refund", "reconcile") == 1
+    end, 20, "the refund settled by query, counted")
+    local later = gw:create{ amount = 301 }
+    sim:pay_and_wait(later.out_trade_no)
+    local n = delivered(sim, { out_refund_no = r.json.out_refund_no },
+                        "the held refund notification")
+    testing.wait_until(function()
+      return late_count(gw, sim, "refund") == 1
+    end, 10, "the late refund notification counted")
+    local lines = late_lines(gw, "refund", r.json.id)
+    assert.equal(1, #lines)
+    assert.same({ p.id, r.json.out_refund_no, "SUCCESS", n.id },
+                { lines[1].payment, lines[1].out_refund_no, lines[1].status,
+                  lines[1].notification_id })
+    assert.equal(1, late_count(gw, sim, "payment"))
+  end)
+end)
+
 -- ?refresh=1 asks when the merchant wants, perhaps while the notification
 -- is on its way: a success_time younger than reconcile.check_after is not
 -- called lost; older, it is (source "refresh").
