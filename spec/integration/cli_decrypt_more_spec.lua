@@ -168,6 +168,24 @@ describe("paygate decrypt", function()
     assert.equal("string", type(r[1].plaintext))
   end)
 
+  -- decrypt takes its key through its own option: a wrong key's fix names
+  -- it, not the client's config keys (a client's key_names may call them
+  -- otherwise; the gateway's are files). Before: "previous_apiv3_keys
+  -- (paygate.wechatpay's config), previous_apiv3_key_files (the gateway's)".
+  it("a wrong key's fix names its own option, --apiv3-key-file", function()
+    local code, out, r = decrypt(aes("abcdefghijkl", "transaction"),
+                                 ("x"):rep(32))
+    assert.equal(1, code, out)
+    assert.equal("tag_mismatch", r[1].kind, out)
+    assert.matches("--apiv3-key-file", r[1].fix, 1, true)
+    for _, name in ipairs({ "apiv3_key", "previous_apiv3_keys",
+                            "previous_apiv3_key_files" }) do
+      assert.is_nil(r[1].fix:find(name, 1, true), r[1].fix)
+      assert.is_nil(r[1].detail:find(name, 1, true), r[1].detail)
+      assert.is_nil(r[1].cause:find(name, 1, true), r[1].cause)
+    end
+  end)
+
   it("names an associated_data or an algorithm changed on the way, not "
      .. "the key", function()
     local res = assert(resource.encrypt(KEY, '{"out_refund_no":"R-1"}',

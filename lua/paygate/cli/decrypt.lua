@@ -160,11 +160,15 @@ local function main(args)
                .. "check which one you copied — or an altered ciphertext, "
                .. "nonce or associated_data (" .. #r.nonce .. "-byte nonce, "
                .. "associated_data \"" .. tostring(aad):sub(1, 80) .. "\")",
-               "set the current APIv3 key (merchant platform, API security);"
-               .. " after changing it, keep the old one while notifications "
-               .. "encrypted with it may still arrive: previous_apiv3_keys "
-               .. "(paygate.wechatpay's config), previous_apiv3_key_files "
-               .. "(the gateway's)")
+               -- (the key came through this command's option: named so,
+               -- not as a config names its keys -- the client's
+               -- key_names, the gateway's files -- which decrypt never saw)
+               "give --apiv3-key-file the file of the APIv3 key set in the "
+               .. "merchant platform (API security); a notification "
+               .. "encrypted before that key was changed decrypts only with "
+               .. "the old one: give --apiv3-key-file the old key's file "
+               .. "(and keep the old key configured as a previous APIv3 key "
+               .. "while such notifications may still arrive)")
     end
     return 1
   end
