@@ -138,8 +138,7 @@ end
 -- applied_at } (nil: nothing to say); mark: the query's claim for this
 -- payment or refund; fields name it, success_time among them.
 local after_query_counter
-local function notified_after_query(claim, mark, kind, mchid, fields)
-  if type(claim) ~= "table" or claim.notification_id ~= mark then return end
+local function say_after_query(claim, kind, mchid, fields)
   local now = model.time()
   local at = tonumber(claim.applied_at)
   local st = civil.epoch(fields.success_time)
@@ -154,6 +153,18 @@ local function notified_after_query(claim, mark, kind, mchid, fields)
     .. " payment or refund: late, not lost.",
     { "merchant", "kind" })
   after_query_counter:inc({ merchant = tostring(mchid), kind = kind })
+end
+
+local function notified_after_query(claim, mark, kind, mchid, fields)
+  if type(claim) ~= "table" or claim.notification_id ~= mark then return end
+  -- said after the commit (gw.notify_atomic calls it outside any
+  -- transaction): a fault here must not turn the recorded duplicate's
+  -- answer into a 500
+  local ok, err = pcall(say_after_query, claim, kind, mchid, fields)
+  if not ok then
+    paygate.log.error("gateway: could not say a notification came after"
+                      .. " a query", { error = tostring(err) })
+  end
 end
 
 --- syntax: apply.notified_after_query(claim, mark, kind, mchid, fields)
