@@ -106,7 +106,7 @@ local function settled_unnotified(ctx, tx, o, kind, p, fields)
   local st = civil.epoch(fields.success_time)
   local after = st and math.floor(model.time() - st) or nil
   if via == "refresh" and after then
-    local conf = require("gw.reconcile").check_conf(ctx.gateway.reconcile)
+    local conf = require("gw.reconcile").conf(ctx)
     if conf and after < conf.check_after then return end
   end
   fields.source, fields.after_s = via, after
@@ -177,7 +177,8 @@ local CLAIM_OF = "SELECT notification_id, applied_at FROM"
   .. " gw_notification_effects WHERE key = $1"
 
 -- A notification o found its key claimed: said once tx commits (a try
--- rolled back says nothing) if a query's claim it was. returns: true, or
+-- rolled back says nothing) if a query's claim it was
+-- (notified_after_query tells). returns: true, or
 -- nil, err (the read failed: the notification is not recorded, and WeChat
 -- sends it again).
 local function duplicate_of(tx, o, key, mark, kind, p, fields)
@@ -185,7 +186,7 @@ local function duplicate_of(tx, o, key, mark, kind, p, fields)
   local rows, err = tx:query(CLAIM_OF, { key })
   if not rows then return nil, err end
   local claim = rows[1]
-  if not claim or claim.notification_id ~= mark then return true end
+  if not claim then return true end
   fields.payment, fields.notification_id = p.id, o.notification_id
   tx:on_commit(function()
     notified_after_query(claim, mark, kind, p.mchid, fields)

@@ -1047,6 +1047,18 @@ end
 --- syntax: runners = reconcile.start(ctx)
 -- Starts the runners in a worker (nothing under paygate exec or when
 -- gateway.reconcile.enabled is false). Raises on a bad config.
+--- syntax: conf = reconcile.conf(ctx)
+-- ctx.gateway.reconcile as check_conf reads it, checked once per ctx
+-- (start keeps it), or nil when it is refused.
+function _M.conf(ctx)
+  local c = ctx.reconcile_conf
+  if c == nil then
+    c = _M.check_conf(ctx.gateway.reconcile) or false
+    ctx.reconcile_conf = c
+  end
+  return c or nil
+end
+
 function _M.start(ctx)
   local conf, why = _M.check_conf(ctx.gateway.reconcile)
   if not conf then
@@ -1054,6 +1066,7 @@ function _M.start(ctx)
     if ctx.fatal then ctx.fatal("config." .. why) end
     error("gateway: config." .. why, 0)
   end
+  ctx.reconcile_conf = conf
   if not conf.enabled or paygate.runtime.mode ~= "worker" then
     return {}
   end
