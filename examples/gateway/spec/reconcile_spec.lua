@@ -340,6 +340,25 @@ end
 -- (what an operator sees of WeChat's callbacks not arriving); a payment
 -- whose notification arrived is neither. Before: the payment ended paid
 -- with no log line and nothing counted.
+-- A paid payment and a refund of 100 of it that WeChat settles with its
+-- notification held back by the simulator's fault kind (never_sent,
+-- out_of_order): the refund checks settle it by query, and count it.
+-- returns: the payment, the refund's create answer
+local function refund_settled_by_query(gw, sim, kind)
+  local p = gw:create{ amount = 300 }
+  sim:pay_and_wait(p.out_trade_no)
+  gw:wait_state(p.id, "paid")
+  local r = gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
+                    { amount = 100 })
+  assert.equal(201, r.status, r.body)
+  sim:fault{ endpoint = "notify", kind = kind, count = 1 }
+  sim:settle(r.json.out_refund_no, "SUCCESS")
+  testing.wait_until(function()
+    return unnotified_count(gw, sim, "refund", "reconcile") == 1
+  end, 20, "the refund settled by query, counted")
+  return p, r
+end
+
 describe("gateway reconciliation: settled without a notification",
          function()
   local sim, gw, bill_dir
@@ -410,17 +429,7 @@ describe("gateway reconciliation: settled without a notification",
 
   it("a refund whose notification is lost: one warning, counted as a"
      .. " refund", function()
-    local p = gw:create{ amount = 300 }
-    sim:pay_and_wait(p.out_trade_no)
-    gw:wait_state(p.id, "paid")
-    local r = gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
-                      { amount = 100 })
-    assert.equal(201, r.status, r.body)
-    sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }
-    sim:settle(r.json.out_refund_no, "SUCCESS")
-    testing.wait_until(function()
-      return unnotified_count(gw, sim, "refund", "reconcile") == 1
-    end, 20, "the refund settled by query, counted")
+    local p, r = refund_settled_by_query(gw, sim, "never_sent")
     local lines = unnotified_lines(gw, "refund", r.json.id)
     assert.equal(1, #lines)
     assert.same({ "gateway: refund outcome found by query, no notification"
@@ -532,17 +541,7 @@ describe("gateway reconciliation: a notification after the query",
 
   it("a refund's notification held past the checks: one line, counted as"
      .. " a refund", function()
-    local p = gw:create{ amount = 300 }
-    sim:pay_and_wait(p.out_trade_no)
-    gw:wait_state(p.id, "paid")
-    local r = gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
-                      { amount = 100 })
-    assert.equal(201, r.status, r.body)
-    sim:fault{ endpoint = "notify", kind = "out_of_order", count = 1 }
-    sim:settle(r.json.out_refund_no, "SUCCESS")
-    testing.wait_until(function()
-      return unnotified_count(gw, sim, "refund", "reconcile") == 1
-    end, 20, "the refund settled by query, counted")
+    local p, r = refund_settled_by_query(gw, sim, "out_of_order")
     local later = gw:create{ amount = 301 }
     sim:pay_and_wait(later.out_trade_no)
     local n = delivered(sim, { out_refund_no = r.json.out_refund_no },
