@@ -116,6 +116,91 @@ describe("gateway notify_atomic", function()
                                      .. " subject = $1", { a })))
   end)
 
+  -- The race branch: the key or the id is claimed by another writer
+  -- between this path's read and its write (a claim made here, in the
+  -- one db:atomic call the job makes, just before it runs). The job fails
+  -- on that statement and writes nothing; the notification is recorded
+  -- as a duplicate; a query's claim (not another notification's) makes it
+  -- a late one, said in one line.
+  local function claimed_before_write(claim)
+    local real = db.atomic
+    db.atomic = function(self, ...)
+      db.atomic = nil                    -- the handle's own method again
+      claim()
+      return real(self, ...)
+    end
+  end
+  local function said(fn)
+    local log = require("paygate").log
+    local info, lines = log.info, {}
+    log.info = function(msg, fields)
+      lines[#lines + 1] = { msg = msg, fields = fields }
+      return info(msg, fields)
+    end
+    local ok, a, b = pcall(fn)
+    log.info = info
+    assert(ok, a)
+    return a, b, lines
+  end
+  local function late_lines(lines)
+    local n = 0
+    for _, l in ipairs(lines) do
+      if l.msg:find("after a query", 1, true) then n = n + 1 end
+    end
+    return n
+  end
+
+  it("a key claimed between the read and the write: a duplicate, nothing"
+     .. " written; late when a query claimed it", function()
+    for _, who in ipairs({ "notification", "query" }) do
+      local a = payment("paying")
+      local no = a .. "_1"
+      local ev = paid_event(no)
+      local key = require("gw.apply").payment_key(ev.resource)
+      local v = assert(model.payment(db, a)).version
+      claimed_before_write(function()
+        assert(db:exec("INSERT INTO gw_notification_effects (key,"
+          .. " notification_id, applied_at) VALUES ($1, $2, $3)", { key,
+          who == "query" and ("query:" .. no) or ("EV-first-" .. a),
+          model.now() }))
+      end)
+      local outcome, err, lines = said(function()
+        return notify_atomic.process(db, "1900000001", ev)
+      end)
+      assert.is_nil(err)
+      assert.equal("duplicate", outcome)
+      assert.is_nil(rawget(db, "atomic"))
+      local p = assert(model.payment(db, a))
+      assert.equal("paying", p.state)            -- nothing of the job
+      assert.equal(v, p.version)
+      assert.equal("open", assert(db:query("SELECT state FROM gw_attempts"
+        .. " WHERE out_trade_no = $1", { no }))[1].state)
+      assert.equal(0, #assert(db:query("SELECT id FROM paygate_outbox"
+        .. " WHERE subject = $1", { a })))
+      assert.equal("duplicate", assert(db:query("SELECT outcome FROM"
+        .. " gw_notifications WHERE id = $1", { ev.id }))[1].outcome)
+      assert.equal(who == "query" and 1 or 0, late_lines(lines), who)
+    end
+  end)
+
+  it("its id recorded between the read and the write: a duplicate, nothing"
+     .. " written", function()
+    local a = payment("paying")
+    local ev = paid_event(a .. "_1")
+    local v = assert(model.payment(db, a)).version
+    claimed_before_write(function()
+      assert(db:exec("INSERT INTO gw_notifications (id, event_type,"
+        .. " business_key, received_at, outcome) VALUES ($1, $2, $3, $4,"
+        .. " 'applied')", { ev.id, ev.event_type, "other", model.now() }))
+    end)
+    assert.equal("duplicate", notify_atomic.process(db, "1900000001", ev))
+    local p = assert(model.payment(db, a))
+    assert.equal("paying", p.state)
+    assert.equal(v, p.version)
+    assert.equal(0, #assert(db:query("SELECT key FROM"
+      .. " gw_notification_effects WHERE notification_id = $1", { ev.id })))
+  end)
+
   it("hands every other case back to the transaction", function()
     local a = payment("paying", 200)
     assert.is_false(notify_atomic.process(db, "1900000001",
