@@ -558,6 +558,37 @@ describe("platform certificates", function()
       body))
     wx2:stop()
   end)
+  it("public-key mode leaves the certificates kept in state_dir unused",
+     function()
+    -- the migration's last step: the merchant drops download_certificates
+    -- and keeps state_dir. Was: the certificates saved there in
+    -- certificate mode were loaded all the same, so this client verified
+    -- what a voided certificate signed (a fresh instance, with nothing in
+    -- state_dir, refused it: unknown_serial), and it published
+    -- paygate_wechatpay_certificate_days_left (and its 30-day warning)
+    -- for a certificate it no longer uses
+    local state = dir .. "/state_pk"
+    local wx = client{ state_dir = state }
+    assert.same({ P1 }, wx:certificate_status().serials)
+    wx:stop()
+    local pk = client{ state_dir = state, public_key = keys.pub_pem,
+                       public_key_id = PUB_ID }
+    local st = pk:certificate_status()
+    assert.equal("public_key", st.mode)
+    assert.same({}, st.serials)
+    assert.is_nil(st.newest)
+    assert.is_nil(st.days_left)
+    wxtest.queue(srv, "GET", "/v3/x", { { body = "{}", sign = { serial = P1 } } })
+    local _, err = pk:request("GET", "/v3/x")
+    assert.equal("unknown_serial", err.kind)
+    assert(pk:request("GET", "/v3/y"))           -- the public key verifies
+    pk:stop()
+    -- the file stays for a client that downloads again (migration mode)
+    local mig = client{ state_dir = state, public_key = keys.pub_pem,
+                        public_key_id = PUB_ID, download_certificates = "manual" }
+    assert.same({ P1 }, mig:certificate_status().serials)
+    mig:stop()
+  end)
   it("a slow WeChat holds the start for startup_timeout only; the "
      .. "download finishes in the background", function()
     wxtest.certs(srv, { delay = 6 })

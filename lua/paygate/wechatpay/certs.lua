@@ -111,7 +111,11 @@ function _M.init(wx)
       wx.replay_dict_name, wx.replay_dict = c.shared_dict, wx.dict
     end
   end
-  if c.state_dir then _M.load_state(wx) end
+  -- public-key mode verifies with the public key alone: the certificates
+  -- a certificate or migration mode client saved there before (voided at
+  -- the migration's end) would verify beside it, and count down on
+  -- /metrics, where a fresh instance with an empty state_dir refuses them
+  if c.state_dir and c.mode ~= "public_key" then _M.load_state(wx) end
 end
 
 -- one file per mchid and variant (an RSA and an SM client of one mchid
