@@ -281,6 +281,27 @@ describe("paygate doctor's signed call (public key)", function()
     assert.matches("merchant's own public key", all.public_key.cause, 1, true)
   end)
 
+  it("a public_key_id that is not the key's: names public_key_id and the id"
+     .. " WeChat gives it, not public_key", function()
+    -- was: "fix: public_key must be the WeChat Pay public key shown beside
+    -- public_key_id", sending the operator to replace a key that was
+    -- right; paygate verify on the gateway's capture named the id
+    local sim = testing.simulator{ verifier_mode = "both" }
+    local conf = sim:client_config()
+    local real = conf.public_key_id
+    local wrong = real:sub(1, -3) .. (real:sub(-2) == "00" and "01" or "00")
+    local r, out, code = doctor(sim:client_config(nil,
+                                                  { public_key_id = wrong }))
+    assert.equal(1, code, out)
+    assert.equal("fail", r.status, out)
+    assert.matches("public_key_id " .. wrong, r.cause, 1, true)
+    assert.matches("verifies with the configured public_key", r.cause, 1,
+                   true)
+    assert.matches("set public_key_id to " .. real, r.fix, 1, true)
+    assert.is_nil(r.fix:find("public_key must be", 1, true), r.fix)
+    sim:stop()
+  end)
+
   it("in public-key mode, checks the signature and says what it cannot",
      function()
     local sim = testing.simulator{ verifier_mode = "public_key" }

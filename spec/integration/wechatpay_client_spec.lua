@@ -377,6 +377,34 @@ describe("platform certificates", function()
     assert(wx:request("GET", "/v3/y"))
     wx:stop()
   end)
+  it("a public_key_id that is not the key's: the message names the id"
+     .. " WeChat gives the configured key", function()
+    -- was: "no key for Wechatpay-Serial X: not the configured
+    -- public_key_id Y", which left open whether the key or the id was
+    -- wrong (doctor's fix then blamed the key)
+    local other = "PUB_KEY_ID_0114232134912410000000000000000002"
+    local wx = client{ public_key = keys.pub_pem, public_key_id = other }
+    wxtest.queue(srv, "GET", "/v3/x", { { body = "{}", sign = { serial = PUB_ID } } })
+    local _, err = wx:request("GET", "/v3/x")
+    wx:stop()
+    assert.equal("unknown_serial", err.kind)
+    assert.equal(PUB_ID, err.wechat_public_key_id)
+    assert.matches("not the configured public_key_id " .. other, err.message,
+                   1, true)
+    assert.matches("verifies with the configured public_key", err.message,
+                   1, true)
+    assert.matches("set public_key_id to " .. PUB_ID, err.message, 1, true)
+    -- a key that does not verify it either: no id offered
+    wx = client{ public_key = keys.merchant_pub, public_key_id = other }
+    wxtest.queue(srv, "GET", "/v3/x", { { body = "{}", sign = { serial = PUB_ID } } })
+    _, err = wx:request("GET", "/v3/x")
+    wx:stop()
+    assert.equal("unknown_serial", err.kind)
+    assert.is_nil(err.wechat_public_key_id)
+    assert.matches("not the configured public_key_id " .. other, err.message,
+                   1, true)
+    assert.is_nil(err.message:find("set public_key_id", 1, true))
+  end)
   it("migration mode: either serial verifies", function()
     local wx = client{ public_key = keys.pub_pem, public_key_id = PUB_ID,
                        platform_certificates = { keys.p1_cert } }

@@ -959,6 +959,13 @@ local function signed_failure(err, mode, conf, sign_type)
       .. "); paygate decrypt names why a ciphertext fails"
       or "set apiv3_key to the APIv3 key set in the merchant platform (API "
       .. "security); paygate decrypt names why a ciphertext fails"
+  elseif k == "unknown_serial" and err.wechat_public_key_id then
+    -- the configured public key verified the answer under another id:
+    -- the id is what is wrong, not the key
+    return "WeChat's answer does not verify with the keys configured",
+      "set public_key_id to " .. err.wechat_public_key_id .. ", the id "
+      .. "shown beside the WeChat Pay public key in the merchant platform "
+      .. "(API security): public_key is right"
   elseif k == "bad_signature" or k == "unknown_serial" then
     return "WeChat's answer does not verify with the keys configured",
       mode == "certificate" and "platform_certificates must be WeChat's "

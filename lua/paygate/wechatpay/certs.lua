@@ -230,6 +230,32 @@ acceptable = function(wx, cert, now)
   return true
 end
 
+-- A Wechatpay-Serial naming a public key id other than the configured one
+-- (h: parsed headers). When the configured public_key verifies the
+-- signature all the same, the key is right and the id given with it is
+-- not (a typo, an id copied from elsewhere): said with the id WeChat gives
+-- that key, so the fix is public_key_id, not the key. It stays refused:
+-- the header is not signed, so it may also have been altered on the way,
+-- and only an id of WeChat's form (PUB_KEY_ID_ and digits) is offered as
+-- the fix. returns: the words to add to the unknown_serial message, and
+-- that id when the key verified.
+local function other_pub_id(wx, h, body, now)
+  local c = wx.conf
+  local more = ": not the configured public_key_id " .. c.public_key_id
+  if not h.serial:match("^PUB_KEY_ID_%d+$") then return more end
+  local t = {}
+  for k, v in pairs(h) do t[k] = v end
+  t.serial = c.public_key_id
+  if not verify.signature(t, body, wx.ring, c.signer.schema, now) then
+    return more
+  end
+  return more .. ", yet the signature verifies with the configured "
+    .. "public_key: the key is right and its id is not (or the "
+    .. "Wechatpay-Serial header was altered on the way): set public_key_id "
+    .. "to " .. h.serial .. ", the id shown beside the key in the merchant "
+    .. "platform (API security)", h.serial
+end
+
 -- Decrypts and checks the certificates of a /v3/certificates body.
 -- returns: an array of certificate handles, or nil, err.
 local function decode_download(wx, body, now)
@@ -334,8 +360,15 @@ local function download(wx)
   h, err = verify.check(res.headers, res.body, probe, now, wx.conf.signer.schema)
   probe:close()
   if not h then
+    local ph = err.kind == "unknown_serial" and wx.conf.public_key
+               and verify.parse_headers(res.headers)
+    local more, id = "", nil
+    if ph and is_pub_id(ph.serial) then
+      more, id = other_pub_id(wx, ph, res.body, now)
+    end
     return nil, core.error(err.kind, "/v3/certificates response: "
-                           .. err.message)
+                           .. err.message .. more,
+                           { serial = err.serial, wechat_public_key_id = id })
   end
   local added = adopt(wx, list, now)
   local ok, serr = _M.save_state(wx)
@@ -640,8 +673,9 @@ function _M.verify(wx, headers, body, now)
       err.message = err.message .. ": a WeChat Pay public key id, and no "
         .. "public_key is configured: configure public_key and public_key_id"
     else
-      err.message = err.message .. ": not the configured public_key_id "
-        .. c.public_key_id
+      local more, id = other_pub_id(wx, h, body, now)
+      err.message = err.message .. more
+      err.wechat_public_key_id = id
     end
     return nil, err
   end
