@@ -1,8 +1,9 @@
 -- The project's own spec helpers (spec/support/servers.lua) leave nothing
 -- behind a spec run, as paygate.testing does: a spec file using them is
 -- run here as a child `paygate exec busted`, and once it has ended, with
--- a test that errored and no teardown, no server it started runs and no
--- folder it made remains; every folder was made in its TMPDIR.
+-- a test that errored and no teardown, or killed with its whole process
+-- group, no server it started runs and no folder it made remains; every
+-- folder was made in its TMPDIR.
 local testing = require "paygate.testing"
 local proc = require "paygate.testing.proc"
 local core = require "paygate.core"
@@ -50,15 +51,66 @@ local function alive(pid)
   return servers.sh("kill -0 " .. pid .. " 2>/dev/null")
 end
 
+-- a folder for a child run, its TMPDIR inside: as root, PostgreSQL's
+-- folder belongs to the postgres user, who must reach it through these
+-- (mkdtemp made them 0700)
+local function child_dirs()
+  local dir = testing.tmpdir()
+  local tmp = dir .. "/tmp"
+  assert(core.mkdir_p(tmp))
+  assert(servers.sh("chmod 711 " .. dir .. " " .. tmp))
+  return dir, tmp
+end
+
+-- what the child reported: its folders, its servers' pids
+local function reported(report)
+  local dirs, pids = {}, {}
+  for k, v in testing.read(report):gmatch("(%S+) ([^\n]+)") do
+    if k == "dir" then dirs[#dirs + 1] = v
+    elseif k == "pid" then pids[#pids + 1] = v end
+  end
+  return dirs, pids
+end
+
+-- the child's spec for a run that is killed: a Redis stopped by the spec
+-- itself, a Redis and a PostgreSQL running; it reports each, then
+-- "ready", then waits to be killed
+local KILLED = [[
+local servers = require "spec.support.servers"
+local function report(line)
+  local f = assert(io.open(os.getenv("REPORT"), "a"))
+  f:write(line, "\n")
+  f:close()
+end
+local function first_line(path)
+  local f = assert(io.open(path))
+  local l = f:read("*l")
+  f:close()
+  return l
+end
+it("is killed with its servers running", function()
+  if servers.have_redis() then
+    local stopped = servers.redis()
+    stopped.stop()
+    report("dir " .. stopped.dir)
+    local r = servers.redis()
+    report("dir " .. r.dir)
+    report("pid " .. first_line(r.pidfile))
+  end
+  if servers.have_postgres() then
+    local pg = servers.postgres()
+    report("dir " .. pg.dir)
+    report("pid " .. first_line(pg.data .. "/postmaster.pid"))
+  end
+  report("ready -")
+  require("paygate.core").sleep(300)
+end)
+]]
+
 describe("a spec run using spec/support/servers.lua", function()
   it("that errors with no teardown leaves no server running and no"
      .. " folder behind, and made its folders in TMPDIR", function()
-    local dir = testing.tmpdir()
-    local tmp = dir .. "/tmp"
-    assert(core.mkdir_p(tmp))
-    -- as root, PostgreSQL's folder belongs to the postgres user, who must
-    -- reach it through these (mkdtemp made them 0700)
-    assert(servers.sh("chmod 711 " .. dir .. " " .. tmp))
+    local dir, tmp = child_dirs()
     local spec = dir .. "/child_spec.lua"
     testing.write(spec, CHILD)
     local report = dir .. "/report"
@@ -69,10 +121,7 @@ describe("a spec run using spec/support/servers.lua", function()
     local code = p:wait(180)
     if code == nil then p:stop(5) end
     local log = testing.read(dir .. "/log")
-    local dirs, pids = {}, {}
-    for k, v in testing.read(report):gmatch("(%S+) ([^\n]+)") do
-      if k == "dir" then dirs[#dirs + 1] = v else pids[#pids + 1] = v end
-    end
+    local dirs, pids = reported(report)
     -- whatever this spec finds, nothing of the child outlives it
     finally(function()
       for _, pid in ipairs(pids) do servers.sh("kill -9 " .. pid .. " 2>/dev/null") end
@@ -97,5 +146,73 @@ describe("a spec run using spec/support/servers.lua", function()
                          "server " .. pid .. " to be gone")
     end
     assert.same({}, core.listdir(tmp))
+  end)
+
+  -- A CI's timeout (timeout(1), a runner cancelling a job) SIGKILLs the
+  -- whole process group: busted and everything in its group get no
+  -- chance to clean up. Redis and PostgreSQL run daemonized, outside it.
+  it("that is killed with its process group (SIGKILL) leaves no server"
+     .. " running and no folder behind", function()
+    local dir, tmp = child_dirs()
+    local spec = dir .. "/killed_spec.lua"
+    testing.write(spec, KILLED)
+    local report = dir .. "/report"
+    -- setsid: the run leads a process group of its own, as a CI's job does
+    local p = proc.spawn({ "setsid", "env", "TMPDIR=" .. tmp,
+      "REPORT=" .. report, "PAYGATE_TEST_KEEP=", testing.server.bin(),
+      "exec", BUSTED, "--helper=spec/helpers.lua", "-o", "TAP", spec },
+      { log = dir .. "/log" })
+    local dirs, pids = {}, {}
+    finally(function()
+      p:stop(5)
+      for _, pid in ipairs(pids) do servers.sh("kill -9 " .. pid .. " 2>/dev/null") end
+      for _, d in ipairs(dirs) do servers.sh("rm -rf '" .. d .. "'") end
+    end)
+    testing.wait_until(function()
+      if p:poll() then error("the run ended: " .. testing.read(dir .. "/log")) end
+      return testing.read(report):find("ready", 1, true)
+    end, 120, "the run's servers")
+    dirs, pids = reported(report)
+    assert.equal(2 * (servers.have_redis() and 1 or 0)
+                 + (servers.have_postgres() and 1 or 0), #dirs)
+    for _, pid in ipairs(pids) do assert.is_true(alive(pid)) end
+    proc.kill_pid(-p.pid, proc.SIGKILL)
+    assert.is_not_nil(p:wait(10), "the spec run did not end")
+    for _, pid in ipairs(pids) do
+      testing.wait_until(function() return not alive(pid) end, 30,
+                         "server " .. pid .. " to be gone")
+    end
+    for _, d in ipairs(dirs) do
+      assert.equal(tmp .. "/paygate-spec.", d:sub(1, #tmp + 14))
+      testing.wait_until(function() return not proc.exists(d .. "/.") end,
+                         30, d .. " to be removed")
+    end
+    testing.wait_until(function()
+      local left = core.listdir(tmp)
+      return #left == 0, table.concat(left, " ")
+    end, 30, "the run's TMPDIR to be empty")
+  end)
+
+  -- a stopped server's guard is ended with it: it could otherwise, once
+  -- the run is gone, signal another process given the same pid
+  it("ends a server's guard when the spec stops the server, and guards"
+     .. " it again when it starts again", function()
+    local list = {}
+    if servers.have_redis() then list[#list + 1] = servers.redis() end
+    if servers.have_postgres() then list[#list + 1] = servers.postgres() end
+    for _, srv in ipairs(list) do
+      local g = srv.guard
+      assert.is_not_nil(g, srv.kind)
+      assert.is_nil(g:poll(), srv.kind .. "'s guard runs")
+      srv.stop()
+      assert.is_nil(srv.guard)
+      assert.is_not_nil(g:poll(), srv.kind .. "'s guard was not ended")
+      srv.start()
+      assert.is_not_nil(srv.guard, srv.kind)
+      assert.are_not.equal(g.pid, srv.guard.pid)
+      local again = srv.guard
+      srv.cleanup()
+      assert.is_not_nil(again:poll(), srv.kind .. "'s guard was not ended")
+    end
   end)
 end)

@@ -162,3 +162,69 @@ describe("a failing spec run", function()
     assert.is_true(#core.listdir(tmp) >= 3)
   end)
 end)
+
+-- A CI's timeout (timeout(1), a runner cancelling a job) SIGKILLs the
+-- whole process group of the spec run: busted, the kit's apps and any
+-- shell in that group die at once, and nothing of the run gets to clean
+-- up after itself.
+describe("a spec run killed with its process group (SIGKILL)", function()
+  it("leaves no process and no folder behind", function()
+    local dir = testing.tmpdir()
+    local tmp = dir .. "/tmp"
+    assert(core.mkdir_p(tmp))
+    local spec = dir .. "/user_spec.lua"
+    testing.write(spec, HEAD .. [[
+it("is killed mid-way", function()
+  local sim = testing.simulator()
+  local app = testing.start_app{ source = "",
+                                 config = { wechatpay = sim:client_config() } }
+  local own = testing.tmpdir()
+  testing.write(own .. "/state", "x")
+  report("dir " .. sim.dir, "dir " .. app.dir, "dir " .. own,
+         "file " .. sim.merchant.private_key,
+         "children " .. table.concat(app:workers(), " ") .. " "
+         .. table.concat(proc.children(sim.srv.pid), " "), "ready")
+  require("paygate.core").sleep(300)
+end)
+]])
+    local report = dir .. "/report"
+    -- setsid: the run leads a process group of its own, as a CI's job does
+    local p = proc.spawn({ "setsid", "env", "TMPDIR=" .. tmp,
+      "REPORT=" .. report, "PAYGATE_TEST_KEEP=", testing.server.bin(),
+      "exec", BUSTED, "-o", "TAP", spec }, { log = dir .. "/log" })
+    finally(function()
+      proc.kill_pid(-p.pid, proc.SIGKILL)
+      p:wait(5)
+    end)
+    testing.wait_until(function()
+      if p:poll() then error("the run ended: " .. testing.read(dir .. "/log")) end
+      return testing.read(report):find("\nready\n", 1, true)
+    end, 60, "the run's simulator and app")
+    local dirs, files, pids = reported(report)
+    assert.equal(3, #dirs)
+    proc.kill_pid(-p.pid, proc.SIGKILL)
+    assert.is_not_nil(p:wait(10), "the spec run did not end")
+    for pid in pairs(pids) do
+      testing.wait_until(function()
+        return testing.read("/proc/" .. pid .. "/stat") == ""
+      end, 15, "process " .. pid .. " of the run to be gone")
+    end
+    testing.wait_until(function()
+      local left = naming(dirs)
+      return #left == 0, table.concat(left, "; ")
+    end, 15, "no process naming the run's folders")
+    for _, d in ipairs(dirs) do
+      assert.equal(tmp .. "/paygate-", d:sub(1, #tmp + 9))
+      testing.wait_until(function() return not proc.exists(d .. "/.") end,
+                         15, d .. " to be removed")
+    end
+    for _, f in ipairs(files) do
+      testing.wait_until(function() return not proc.exists(f) end, 15,
+                         f .. " to be removed")
+    end
+    testing.wait_until(function()
+      local left = core.listdir(tmp)
+      return #left == 0, table.concat(left, " ")
+    end, 15, "the run's TMPDIR to be empty")
+  end)
+end)

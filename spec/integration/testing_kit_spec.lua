@@ -298,6 +298,33 @@ require("paygate.core").sleep(60)
     testing.server.rmdir(dir)
   end)
 
+  it("is guarded only as asked: proc.guard refuses a folder outside the"
+     .. " kit's, a signal it does not send, and guards no ended process",
+     function()
+    local p = proc.spawn({ "sleep", "30" })
+    finally(function() p:stop(1) end)
+    local function refused(opts, what)
+      local ok, err = pcall(proc.guard, p.pid, opts)
+      assert.is_false(ok)
+      assert.matches(what, err, 1, true)
+    end
+    refused({ rmdir = "/tmp" }, "rmdir is not a")
+    refused({ rmdir = proc.tmp_root() .. "/paygate-x/../.." },
+            "rmdir is not a")
+    refused({ signal = "KILL" }, "signal must be")
+    refused({ grace = -1 }, "grace must be")
+    local ok, err = pcall(proc.guard, "1; rm -rf /", {})
+    assert.is_false(ok)
+    assert.matches("pid must be a process id", err, 1, true)
+    local done = proc.spawn({ "true" })
+    assert.equal(0, done:wait(5))
+    assert.is_nil(proc.guard(done.pid))
+    local g = assert(proc.guard(p.pid))
+    g:cancel()
+    assert.is_not_nil(g:poll())
+    assert.is_nil(p:poll(), "a cancelled guard ended its process")
+  end)
+
   -- Ctrl-C in a terminal, or a CI cancelling a job, signals the whole
   -- process group: the spec run, its apps and their watchdogs alike.
   -- SIGINT is tried only where it is not ignored here (a job started in

@@ -93,7 +93,10 @@ function Member:start()
     end
   end
   assert(scheme)
-  self.proc = proc.spawn(argv, { log = self.dir .. ".log", watchdog = true })
+  -- the watchdog removes the cluster's folder once the member is gone
+  -- (the last member's, once every member is)
+  self.proc = proc.spawn(argv, { log = self.dir .. ".log", watchdog = true,
+                                 watchdog_rmdir = c.dir })
 end
 
 -- Waits (with a deadline) until this member answers healthy.

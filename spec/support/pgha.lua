@@ -26,7 +26,11 @@ local _M = {}
 local PG_BIN = os.getenv("PG_BIN") or "/usr/lib/postgresql/15/bin"
 local sh, read_cmd = servers.sh, servers.read_cmd
 
-local function node(dir, as, port)
+-- A node in dir (a folder in top, the cluster's). While it runs, a guard
+-- stops it (QUIT: an immediate shutdown) and removes top once the spec run
+-- is gone, however it ended (servers.guard); the last node's guard to end
+-- removes top after every node is gone.
+local function node(top, dir, as, port)
   local n = { dir = dir, data = dir .. "/data", port = port }
 
   function n.start()
@@ -36,12 +40,15 @@ local function node(dir, as, port)
               .. "/pg.log -o \"" .. o .. "\" -w -t 30 start >/dev/null 2>&1"),
            "pg_ctl start failed, see " .. dir .. "/pg.log")
     n.running = true
+    servers.guard(n, proc.read(n.data .. "/postmaster.pid"):match("^%d+"),
+                  "QUIT", top)
   end
 
   function n.stop(mode)
     if n.running then
       sh(as .. PG_BIN .. "/pg_ctl -D " .. n.data .. " -m " .. (mode or "fast")
          .. " -w -t 30 stop >/dev/null 2>&1")
+      servers.unguard(n)
       n.running = false
     end
   end
@@ -77,8 +84,8 @@ function _M.start(opts)
   end
   assert(sh((root and "runuser -u postgres -- " or "") .. "mkdir -p " .. dir
             .. "/p " .. dir .. "/s"))
-  c.primary = node(dir .. "/p", as, p1)
-  c.standby = node(dir .. "/s", as, p2)
+  c.primary = node(dir, dir .. "/p", as, p1)
+  c.standby = node(dir, dir .. "/s", as, p2)
   assert(sh(as .. PG_BIN .. "/initdb -D " .. c.primary.data
             .. " -A trust -U postgres --no-sync -E UTF8 >/dev/null 2>&1"),
          "initdb failed")
@@ -118,6 +125,7 @@ function _M.start(opts)
 
   function c.kill_primary()
     pg_ctl(c.primary.data, "-m", "immediate", "-w", "-t", "30", "stop")
+    servers.unguard(c.primary)
     c.primary.running = false
   end
 

@@ -31,9 +31,12 @@ local function pid_of(file)
   return pid
 end
 
--- A redis-server (or sentinel, when conf is given) daemon in dir.
+-- A redis-server (or sentinel, when conf is given) daemon in dir. While
+-- it runs, a guard stops it (and removes dir) once the spec run is gone,
+-- however it ended (servers.guard).
 local function daemon(dir, name, port, args)
-  local d = { port = port, pidfile = dir .. "/" .. name .. ".pid" }
+  local d = { port = port, pidfile = dir .. "/" .. name .. ".pid",
+              dir = dir }
 
   function d.start()
     assert(sh(args() .. " --daemonize yes --pidfile " .. d.pidfile
@@ -43,6 +46,7 @@ local function daemon(dir, name, port, args)
       return cli(port, "PING"):match("PONG") ~= nil
     end, 10, name .. " on port " .. port)
     d.running = true
+    servers.guard(d, pid_of(d.pidfile))
   end
 
   -- SIGKILL: no goodbye to replicas or Sentinels
@@ -55,6 +59,7 @@ local function daemon(dir, name, port, args)
       end, 10, name .. " to exit")
     end
     os.remove(d.pidfile)
+    servers.unguard(d)
     d.running = false
   end
 

@@ -20,6 +20,12 @@
 --
 -- These helpers block the loop while a server starts or stops (os.execute);
 -- that is fine in specs, never in the runtime.
+--
+-- Both servers run daemonized, outside the spec run's process group: each
+-- running server has a guard (paygate.testing.proc.guard) that stops it
+-- and removes its folder once the spec run is gone, however it ended (a
+-- SIGKILL, a CI's timeout killing its whole group), and that a stop here
+-- cancels (srv.guard: nil while it is stopped).
 
 local kit = require "paygate.testing.server"
 local proc = require "paygate.testing.proc"
@@ -78,6 +84,23 @@ end
 
 local function is_root()
   return read_cmd("id -u"):match("^0") ~= nil
+end
+
+-- syntax: servers.guard(srv, pid[, signal[, dir]])
+-- Once this process is gone, however it ended, srv's server (pid, from its
+-- pid file) is ended (signal, default TERM; KILL after 10 s) and dir
+-- (default srv.dir, a kit folder) removed; servers.unguard(srv) once it
+-- was stopped here. srv.guard is the guard.
+function _M.unguard(srv)
+  if srv.guard then
+    srv.guard:cancel()
+    srv.guard = nil
+  end
+end
+
+function _M.guard(srv, pid, signal, dir)
+  _M.unguard(srv)
+  srv.guard = proc.guard(pid, { signal = signal, rmdir = dir or srv.dir })
 end
 
 -- A fresh private folder, $TMPDIR/paygate-spec.XXXXXX (/tmp without
@@ -246,6 +269,7 @@ function _M.redis(opts)
       srv.started_once = true
     end
     srv.running = true
+    _M.guard(srv, read_file(srv.pidfile):match("%d+"))
   end
 
   function srv.stop()
@@ -262,6 +286,7 @@ function _M.redis(opts)
       _M.wait_for(function() return not sh("kill -0 " .. pid .. " 2>/dev/null") end,
                   10, "redis to exit")
     end
+    _M.unguard(srv)
     srv.running = false
   end
 
@@ -340,6 +365,10 @@ function _M.postgres(opts)
       srv.started_once = true
     end
     srv.running = true
+    -- QUIT: an immediate shutdown, what pg_ctl stop -m immediate sends
+    -- (pg_ctl itself, as root, would need runuser in the guard)
+    _M.guard(srv, read_file(srv.data .. "/postmaster.pid"):match("^%d+"),
+             "QUIT")
   end
 
   function srv.stop(mode)
@@ -348,6 +377,7 @@ function _M.postgres(opts)
     end
     sh(as .. PG_BIN .. "/pg_ctl -D " .. srv.data .. " -m " .. (mode or "fast")
        .. " -w -t 30 stop >/dev/null 2>&1")
+    _M.unguard(srv)
     srv.running = false
   end
 

@@ -4,7 +4,11 @@
 --
 -- A process started with { watchdog = true } gets a companion shell that
 -- ends it (TERM, then KILL) if this process dies without stopping it, so a
--- crashed or killed spec run leaves nothing behind. stop_all() ends every
+-- crashed or killed spec run leaves nothing behind; proc.guard(pid) gives
+-- any other process (a daemon a spec started: Redis, PostgreSQL) the same
+-- companion. Those shells run in a process group of their own: a SIGKILL
+-- to the spec run's whole group (a CI's timeout) leaves them to do their
+-- work. stop_all() ends every
 -- process still registered (what a spec's teardown calls), and under
 -- busted it is called when the run ends, whatever its specs did: every
 -- child is reaped before the run exits.
@@ -20,8 +24,16 @@ int posix_spawn_file_actions_addopen(posix_spawn_file_actions_t *fa, int fd,
       const char *path, int oflag, unsigned int mode);
 int posix_spawn_file_actions_adddup2(posix_spawn_file_actions_t *fa, int fd,
       int newfd);
+typedef struct { short __flags; int __pgrp;
+  struct { unsigned long __val[16]; } __sd, __ss;
+  struct { int sched_priority; } __sp; int __policy; int __pad[16]; }
+  posix_spawnattr_t;
+int posix_spawnattr_init(posix_spawnattr_t *attr);
+int posix_spawnattr_destroy(posix_spawnattr_t *attr);
+int posix_spawnattr_setflags(posix_spawnattr_t *attr, short flags);
+int posix_spawnattr_setpgroup(posix_spawnattr_t *attr, int pgroup);
 int posix_spawnp(int *pid, const char *file,
-      const posix_spawn_file_actions_t *fa, const void *attr,
+      const posix_spawn_file_actions_t *fa, const posix_spawnattr_t *attr,
       char *const argv[], char *const envp[]);
 int waitpid(int pid, int *status, int options);
 int kill(int pid, int sig);
@@ -39,6 +51,7 @@ local bit = require "bit"
 local O_WRONLY, O_CREAT, O_APPEND, O_RDONLY = 1, 64, 1024, 0
 local O_CLOEXEC = 524288
 local WNOHANG = 1
+local POSIX_SPAWN_SETPGROUP = 2
 
 local type, error, ipairs, pairs, tostring, setmetatable, assert, pcall =
       type, error, ipairs, pairs, tostring, setmetatable, assert, pcall
@@ -144,7 +157,9 @@ end
 -- terminal): it has its work to do then
 local UNTIL_GONE = "trap '' INT TERM HUP; while read -r _; do :; done; "
 
-local function raw_spawn(argv, log, stdin)
+-- own_group: the child leads a process group of its own (setpgid(0, 0)
+-- before exec)
+local function raw_spawn(argv, log, stdin, own_group)
   local fa = ffi.new("posix_spawn_file_actions_t[1]")
   C.posix_spawn_file_actions_init(fa)
   if stdin then
@@ -163,14 +178,115 @@ local function raw_spawn(argv, log, stdin)
     cargv[i - 1] = keep[i]
   end
   cargv[#argv] = nil
+  local attr
+  if own_group then
+    attr = ffi.new("posix_spawnattr_t[1]")
+    C.posix_spawnattr_init(attr)
+    C.posix_spawnattr_setflags(attr, POSIX_SPAWN_SETPGROUP)
+    C.posix_spawnattr_setpgroup(attr, 0)
+  end
   local pid = ffi.new("int[1]")
-  local rc = C.posix_spawnp(pid, argv[1], fa, nil, cargv, C.environ)
+  local rc = C.posix_spawnp(pid, argv[1], fa, attr, cargv, C.environ)
   C.posix_spawn_file_actions_destroy(fa)
+  if attr then C.posix_spawnattr_destroy(attr) end
   if rc ~= 0 then
     return nil, core.error("spawn", "cannot start " .. argv[1]
                            .. " (errno " .. rc .. ")")
   end
   return pid[0]
+end
+
+-- Starts a shell that runs script once this process is gone (it waits on
+-- the life pipe first). It leads a process group of its own: what ends
+-- this run's whole group (Ctrl-C, a CI's cancel, a CI's timeout sending
+-- SIGKILL to the group) does not end it before its work.
+-- returns: its proc, or nil when no pipe could be made or it could not
+-- start.
+local function spawn_when_gone(script)
+  local stdin = life_fd()
+  if not stdin then return nil end
+  local pid = raw_spawn({ "sh", "-c", UNTIL_GONE .. script }, "/dev/null",
+                        stdin, true)
+  return pid and setmetatable({ pid = pid, log = "/dev/null" }, Proc)
+end
+
+-- A process's start time (/proc/PID/stat's 22nd field, clock ticks since
+-- boot): with its pid it names one process, where the pid alone may name
+-- a later one once the first has been reaped. nil when pid does not run
+-- (or is a zombie).
+local function start_time(pid)
+  -- after comm's last ')': state ppid ... starttime (the 20th)
+  local rest = _M.read("/proc/" .. pid .. "/stat"):match("^.*%) (.+)$")
+  local f = {}
+  for w in (rest or ""):gmatch("%S+") do f[#f + 1] = w end
+  if f[1] == nil or f[1] == "Z" or not f[20] then return nil end
+  return f[20]
+end
+
+local GUARD_SIGNALS = { TERM = true, QUIT = true, INT = true, HUP = true }
+
+local Guard = setmetatable({}, { __index = Proc })
+Guard.__index = Guard
+
+--- syntax: g = proc.guard(pid[, { signal = "TERM", grace = 10,
+---                                rmdir = dir }])
+-- Ends process pid once this process is gone, however it ends (a crash,
+-- SIGKILL, a SIGKILL to its whole process group): a shell outliving it
+-- sends it signal ("TERM", "QUIT", "INT" or "HUP") and CONT (a stopped
+-- process acts on it then), waits up to grace seconds for it to end, then
+-- KILLs it, then removes rmdir (a kit folder, proc.is_kit_path(dir, true);
+-- kept with proc.keep()). pid need not be this process's child: a daemon
+-- (Redis, PostgreSQL's postmaster) is guarded by its pid file's pid. The
+-- shell signals pid only while it names the process it named here (its
+-- start time), never a later process given the same pid.
+-- returns: g, or nil when pid does not run (nothing to guard) or the
+-- shell could not start. g:cancel() ends the shell (and reaps it): call it
+-- once the process was stopped otherwise, so that nothing signals its pid
+-- again. Raises on a bad signal, grace or rmdir.
+function _M.guard(pid, opts)
+  opts = opts or {}
+  local sig, grace, rm = opts.signal or "TERM", opts.grace or 10, opts.rmdir
+  if not GUARD_SIGNALS[sig] then
+    error("proc.guard: signal must be TERM, QUIT, INT or HUP: "
+          .. tostring(sig), 2)
+  end
+  if type(grace) ~= "number" or not (grace >= 0 and grace <= 600) then
+    error("proc.guard: grace must be seconds (0 to 600): "
+          .. tostring(grace), 2)
+  end
+  if rm ~= nil and not _M.is_kit_path(rm, true) then
+    error("proc.guard: rmdir is not a " .. _M.tmp_root()
+          .. "/paygate-* folder: " .. tostring(rm), 2)
+  end
+  local id = tonumber(pid)
+  if not id or id <= 0 or id % 1 ~= 0 then
+    error("proc.guard: pid must be a process id: " .. tostring(pid), 2)
+  end
+  pid = id
+  local start = start_time(pid)
+  if not start then return nil end
+  local n = tostring(pid)
+  -- ours: pid is still the process guarded, and not a zombie (one not
+  -- yet reaped by its new parent has ended)
+  local script = "ours() { l=; read -r l 2>/dev/null < /proc/" .. n
+    .. "/stat || return 1; l=${l##*) }; set -- $l; [ \"$1\" != Z ]"
+    .. " && [ \"${20}\" = " .. start .. " ]; }; "
+    .. "ours && kill -" .. sig .. " " .. n .. " 2>/dev/null && kill -CONT "
+    .. n .. " 2>/dev/null; "
+    .. "i=0; while [ $i -lt " .. math.ceil(grace * 10) .. " ] && ours; do "
+    .. "sleep 0.1; i=$((i+1)); done; "
+    .. "ours && kill -KILL " .. n .. " 2>/dev/null"
+  if rm and not _M.keep() then
+    script = script .. "; rm -rf " .. sh_quote(rm)
+  end
+  local g = spawn_when_gone(script)
+  return g and setmetatable(g, Guard)
+end
+
+--- syntax: g:cancel() -- the guard ends (and is reaped) without acting
+function Guard:cancel()
+  self:kill(_M.SIGKILL)
+  self:wait(5)
 end
 
 -- Under busted, the end of the run (its "suite end", after every spec
@@ -226,26 +342,13 @@ function _M.spawn(argv, opts)
   local pid, err = raw_spawn(argv, log)
   if not pid then error(tostring(err), 2) end
   local p = setmetatable({ pid = pid, log = log, argv = argv }, Proc)
-  local stdin = opts.watchdog and life_fd()
-  if stdin then
-    -- ends the child once we are gone; stopped (and reaped) by p:poll()
-    -- when the child ends first. It waits for the TERM to take (10 s at
-    -- most: a zombie not yet reaped by its new parent counts as ended),
-    -- then kills, then removes the folder.
-    local n = tostring(pid)
-    local script = UNTIL_GONE .. "kill -TERM " .. n .. " 2>/dev/null; "
-      .. "i=0; while [ $i -lt 100 ] && kill -0 " .. n .. " 2>/dev/null; do "
-      .. "s=; read -r _ _ s _ < /proc/" .. n .. "/stat; "
-      .. "[ \"$s\" = Z ] && break; sleep 0.1; i=$((i+1)); done; "
-      .. "[ $i -lt 100 ] || kill -KILL " .. n .. " 2>/dev/null"
+  if opts.watchdog then
+    -- ends the child once we are gone (TERM, then KILL after 10 s), then
+    -- removes the folder; cancelled (and reaped) by p:poll() when the
+    -- child ends first
     local rm = opts.watchdog_rmdir
-    if _M.is_kit_path(rm, true) and not _M.keep() then
-      script = script .. "; rm -rf " .. sh_quote(rm)
-    end
-    local wpid = raw_spawn({ "sh", "-c", script }, "/dev/null", stdin)
-    if wpid then
-      p.watchdog = setmetatable({ pid = wpid, log = "/dev/null" }, Proc)
-    end
+    p.watchdog = _M.guard(pid, { rmdir = _M.is_kit_path(rm, true) and rm
+                                         or nil })
   end
   live[pid] = p
   return p
@@ -267,21 +370,18 @@ function _M.remove_when_gone(dir)
   end
   if _M.keep() then return end
   if not reap_list then
-    local stdin = life_fd()
-    if not stdin then return end
     local list = make_temp("reap", false)
-    local script = UNTIL_GONE
-      .. "while IFS= read -r d; do case \"${d##*/}\" in paygate-*) "
+    local sh = spawn_when_gone(
+      "while IFS= read -r d; do case \"${d##*/}\" in paygate-*) "
       .. "rm -rf \"$d\";; esac; done < " .. sh_quote(list) .. "; rm -f "
-      .. sh_quote(list)
-    local pid = raw_spawn({ "sh", "-c", script }, "/dev/null", stdin)
-    if not pid then
+      .. sh_quote(list))
+    if not sh then
       os.remove(list)
       return
     end
     if not subscribed then subscribe() end
     reap_list = list
-    reaper = setmetatable({ pid = pid, log = "/dev/null" }, Proc)
+    reaper = sh
   end
   local f = io.open(reap_list, "a")
   if f then
@@ -312,8 +412,7 @@ function Proc:poll()
     if self.watchdog then
       local w = self.watchdog
       self.watchdog = nil
-      w:kill(_M.SIGKILL)
-      w:wait(2)
+      w:cancel()
     end
   end
   return self.status
