@@ -125,7 +125,11 @@ local CREATE_FIELDS = set_of{ "order_id", "channel", "amount", "currency",
 -- is reported to want one at least 60 s ahead; 30 s of margin)
 local ATTEMPT_MIN_LEFT = 90
 local ATTEMPT_FIELDS = set_of{ "channel", "payer", "client_ip", "h5_type" }
-local PAYER_FIELDS = set_of{ "openid" }
+-- a payer's openid: openid (under the appid the payment is made under),
+-- or, for a service provider, the field WeChat's partner prepay names:
+-- sp_openid (under sp_appid) or sub_openid (under sub_appid); one of them
+local PAYER_KEYS = { "openid", "sp_openid", "sub_openid" }
+local PAYER_FIELDS = set_of(PAYER_KEYS)
 local NO_FIELDS = {}
 
 --- syntax: payments.unknown_fields(b, known, bad[, prefix])
@@ -175,8 +179,20 @@ local function check_channel(b, out, bad)
     bad.payer = "must be an object ({\"openid\": ...})"
   elseif type(b.payer) == "table" then
     unknown_fields(b.payer, PAYER_FIELDS, bad, "payer.")
-    if given(b.payer.openid) and not is_openid(b.payer.openid) then
-      bad["payer.openid"] = "must be 1..128 printable ASCII characters"
+    local named = {}
+    for _, k in ipairs(PAYER_KEYS) do
+      if given(b.payer[k]) then
+        named[#named + 1] = k
+        if not is_openid(b.payer[k]) then
+          bad["payer." .. k] = "must be 1..128 printable ASCII characters"
+        end
+      end
+    end
+    if #named > 1 then
+      bad.payer = "names the payer once: one of openid, sp_openid and"
+        .. " sub_openid (got " .. table.concat(named, " and ") .. ")"
+    elseif named[1] then
+      out.payer_as = named[1]
     end
   end
   if given(b.client_ip) and not validate.ip_address(b.client_ip) then
@@ -191,11 +207,15 @@ local function check_channel(b, out, bad)
   end
   out.channel = b.channel
   if b.channel == "jsapi" then
-    if type(b.payer) ~= "table" or not is_openid(b.payer.openid) then
-      bad["payer.openid"] = "a jsapi payment needs the payer's openid (1..128"
-        .. " printable ASCII characters)"
-    else
-      out.openid = b.payer.openid
+    if not out.payer_as then
+      -- (a payer named twice is told so, not that it names none)
+      if not (bad.payer and is_object(b.payer)) then
+        bad["payer.openid"] = "a jsapi payment needs the payer's openid"
+          .. " (1..128 printable ASCII characters; a service provider's"
+          .. " payment may name sp_openid or sub_openid instead)"
+      end
+    elseif not bad["payer." .. out.payer_as] then
+      out.openid = b.payer[out.payer_as]
     end
   end
   if b.channel == "h5" then
@@ -206,6 +226,25 @@ local function check_channel(b, out, bad)
       out.client_ip = b.client_ip
     end
     out.h5_type = given(b.h5_type) and b.h5_type or "Wap"
+  end
+end
+
+-- The payer fields that depend on the merchant: sp_openid and sub_openid
+-- are a service provider's (a direct merchant's WeChat Pay client refuses
+-- them), and a sub_openid is the payer's under sub_appid, which the
+-- payment must name (WeChat refuses it without). o: check_channel's out;
+-- partner: the merchant is a service provider; sub_appid: the payment's.
+-- Checked for every channel, as the payer is.
+local function check_payer_of(o, partner, sub_appid, bad)
+  local as = o.payer_as
+  if as == nil or as == "openid" or bad["payer." .. as] then return end
+  if not partner then
+    bad["payer." .. as] = "only for a service provider's merchant (a"
+      .. " partner prepay's payer); a direct merchant's payer is openid"
+  elseif as == "sub_openid" and not sub_appid then
+    bad["payer.sub_openid"] = "needs sub_appid: a sub_openid is the"
+      .. " payer's openid under the sub-merchant's own appid; under the"
+      .. " provider's, name it sp_openid"
   end
 end
 
@@ -339,6 +378,7 @@ local function check_create(b)
       or "must be one of the merchant's appids (" .. table.concat(names,
           ", ") .. ")" .. omit .. "; to pay under another, add it to " .. list
   end
+  if m then check_payer_of(out, m.partner, out.sub_appid, bad) end
   out.appid = b.appid or (m and m.appid)
   if m and not out.appid then
     bad.appid = "the merchant has no appid configured: give one"
@@ -417,12 +457,15 @@ local function prepay(p, no, o)
   end
   if model.opt(p.attach) then req.attach = p.attach end
   local ch = o.channel
+  -- the field the payer goes as: a partner prepay's payer is sp_openid
+  -- or sub_openid, as named; an openid is the payer's under one appid:
+  -- under the sub-merchant's own (sub_appid given) it is that appid's,
+  -- sub_openid
+  local payer_as = not partner and "openid"
+                   or o.payer_as ~= "openid" and o.payer_as
+                   or sub_appid and "sub_openid" or "sp_openid"
   if ch == "jsapi" then
-    -- an openid is the payer's under one appid: under the sub-merchant's
-    -- own (sub_appid given) it is that appid's, sub_openid
-    req.payer = not partner and { openid = o.openid }
-                or sub_appid and { sub_openid = o.openid }
-                or { sp_openid = o.openid }
+    req.payer = { [payer_as] = o.openid }
   elseif ch == "h5" then
     req.scene_info = { payer_client_ip = o.client_ip,
                        h5_info = { type = o.h5_type or "Wap" } }
@@ -433,10 +476,13 @@ local function prepay(p, no, o)
   if ch == "h5" then return { h5_url = data.h5_url } end
   -- signed for the appid that ordered, the one whose page, mini program
   -- or App opens the payment: the sub-merchant's own when given (WeChat
-  -- refuses a paySign made for another)
+  -- refuses a paySign made for another); for a JSAPI payer, sub_appid
+  -- only when the payer went as its sub_openid: an sp_openid is the
+  -- payer's under sp_appid, whose page opens the payment
   local appid = sub_appid or p.appid
   local params
   if ch == "jsapi" then
+    if payer_as ~= "sub_openid" then appid = p.appid end
     params, err = wx:jsapi_pay_params(appid, data.prepay_id)
   else
     params, err = wx:app_pay_params(appid, data.prepay_id, sub_of(p))
@@ -870,6 +916,11 @@ function _M.new_attempt(req, ik)
   local p, err = load_own(req)
   if p == nil then return store_failed(err) end
   if not p then return not_found("payment") end
+  -- (a service provider's payment is the one with a sub_mchid: known
+  -- even when its merchant was taken out of the config since)
+  check_payer_of(o, model.opt(p.sub_mchid) ~= nil, model.opt(p.sub_appid),
+                 bad)
+  if next(bad) then return bad_request(bad) end
   if not OPEN[p.state] then return state_conflict(p) end
   local now = model.time()
   if p.expires_at <= now then

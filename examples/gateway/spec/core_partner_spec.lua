@@ -192,6 +192,83 @@ describe("gateway for a service provider", function()
     assert.same({ sp_openid = openid }, t.payer)
   end)
 
+  it("a JSAPI payer named sp_openid beside sub_appid goes to WeChat as"
+     .. " sp_openid, the pay parameters signed for sp_appid", function()
+    -- was: 400 {"payer.sp_openid": "unknown field"}; the payer's openid
+    -- went as sub_openid whenever sub_appid was given, so a payer known
+    -- only under the provider's appid could not pay a payment naming
+    -- the sub-merchant's own appid, which WeChat allows
+    local sub_appid = sim.partner.sub_appid
+    local openid = "oSpSub_" .. crypto.random_nonce(20)
+    local p, pay = gw:create{ channel = "jsapi", amount = 9,
+      sub_mchid = sim.partner.sub_mchid, sub_appid = sub_appid,
+      payer = { sp_openid = openid } }
+    assert.equal(sub_appid, p.sub_appid)
+    assert_pay_sign(pay, sim.partner.appid)
+    sim:pay(p.out_trade_no, sim.partner.sub_mchid)
+    gw:wait_state(p.id, "paid")
+    local t = wechat_order(p.out_trade_no)
+    assert.equal(sim.partner.appid, t.sp_appid)
+    assert.equal(sub_appid, t.sub_appid)
+    assert.same({ sp_openid = openid }, t.payer)
+    assert.equal(sub_appid, gw:get(p.id).attempts[1].sub_appid)
+    -- sub_openid named: as openid with sub_appid, signed for sub_appid;
+    -- then a switch naming sp_openid: signed for sp_appid, sub_appid kept
+    local sub_openid = "oSubX_" .. crypto.random_nonce(20)
+    p, pay = gw:create{ channel = "jsapi", amount = 10,
+      sub_mchid = sim.partner.sub_mchid, sub_appid = sub_appid,
+      payer = { sub_openid = sub_openid } }
+    assert_pay_sign(pay, sub_appid)
+    local res = gw:call("POST", "/v1/payments/" .. p.id .. "/attempts",
+      { channel = "jsapi", payer = { sp_openid = openid } })
+    assert.equal(201, res.status, res.body)
+    assert_pay_sign(res.json.pay, sim.partner.appid)
+    assert.equal(sub_appid, res.json.payment.sub_appid)
+    sim:pay(res.json.payment.out_trade_no, sim.partner.sub_mchid)
+    gw:wait_state(p.id, "paid")
+    t = wechat_order(res.json.payment.out_trade_no)
+    assert.equal(sub_appid, t.sub_appid)
+    assert.same({ sp_openid = openid }, t.payer)
+  end)
+
+  it("refuses a payer named twice, a sub_openid without sub_appid and a"
+     .. " bad sp_openid or sub_openid, before storing anything", function()
+    local sub = sim.partner.sub_mchid
+    local cases = {
+      { { sp_openid = "oA", openid = "oB" }, nil, "payer", "one of" },
+      { { sp_openid = "oA", sub_openid = "oB" }, sim.partner.sub_appid,
+        "payer", "one of" },
+      { { sub_openid = "oA" }, nil, "payer.sub_openid", "sub_appid" },
+      { { sp_openid = "" }, nil, "payer.sp_openid", "printable ASCII" },
+      { { sp_openid = 5 }, nil, "payer.sp_openid", "printable ASCII" },
+      { { sp_openid = ("x"):rep(129) }, nil, "payer.sp_openid",
+        "printable ASCII" },
+      { { sub_openid = "o p" }, sim.partner.sub_appid, "payer.sub_openid",
+        "printable ASCII" },
+      { { sub_openid = "o\195\169" }, sim.partner.sub_appid, "payer.sub_openid",
+        "printable ASCII" },
+    }
+    for i, c in ipairs(cases) do
+      local oid = "sp-payer-" .. i .. "-" .. crypto.random_nonce(6)
+      local res = gw:call("POST", "/v1/payments", { order_id = oid,
+        channel = "jsapi", amount = 1, description = "x", sub_mchid = sub,
+        sub_appid = c[2], payer = c[1] })
+      assert.equal(400, res.status, res.body)
+      assert.equal("invalid_request", res.json.error, res.body)
+      assert.matches(c[4], res.json.fields[c[3]] or "", 1, true, res.body)
+      assert.equal(0, #assert(gw.db:query("SELECT id FROM gw_payments"
+        .. " WHERE order_id = $1", { oid })))
+    end
+    -- a switch of a payment without sub_appid: sub_openid refused, the
+    -- attempt left as it was
+    local p = gw:create{ amount = 1, sub_mchid = sub }
+    local res = gw:call("POST", "/v1/payments/" .. p.id .. "/attempts",
+      { channel = "jsapi", payer = { sub_openid = "oA" } })
+    assert.equal(400, res.status, res.body)
+    assert.matches("sub_appid", res.json.fields["payer.sub_openid"], 1, true)
+    assert.equal(1, #gw:get(p.id).attempts)
+  end)
+
   it("keeps sub_appid through a channel switch, and signs the App"
      .. " parameters for it", function()
     local sub_appid = sim.partner.sub_appid

@@ -222,6 +222,25 @@ describe("gateway hostile input", function()
     assert.equal(201, res.status, res.body)
   end)
 
+  it("refuses a service provider's payer fields for a direct merchant",
+     function()
+    -- sp_openid and sub_openid are a partner prepay's payer (a direct
+    -- merchant's WeChat Pay client would refuse them after the payment
+    -- was stored): 400 naming the field, on a create and a switch
+    for _, f in ipairs{ "sp_openid", "sub_openid" } do
+      local oid = order_id()
+      local res = create_raw(oid, ',"payer":{"' .. f .. '":"o-1"}', "jsapi")
+      refused(res, 400, "invalid_request", "payer." .. f, oid)
+      assert.matches("service provider", res.json.fields["payer." .. f], 1,
+                     true)
+      local p = gw:create{ amount = 100 }
+      refused(gw:call("POST", "/v1/payments/" .. p.id .. "/attempts",
+        '{"channel":"jsapi","payer":{"' .. f .. '":"o-1"}}'),
+        400, "invalid_request", "payer." .. f)
+      assert.equal(1, #gw:get(p.id).attempts)
+    end
+  end)
+
   it("takes an h5 client_ip only as an IPv4 or IPv6 address", function()
     -- was: any run of hex digits, dots and colons (":::", "1.2.3",
     -- "999.1.1.1") went to WeChat, which refused the prepay: a 502

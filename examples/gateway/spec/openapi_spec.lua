@@ -332,6 +332,7 @@ describe("examples/gateway/openapi.json", function()
     has(s.CreatePayment, { "order_id", "channel", "amount", "currency",
       "description", "payer", "client_ip", "expires_in", "attach",
       "mchid", "sub_mchid", "sub_appid", "appid" }, "CreatePayment")
+    has(s.Payer, { "openid", "sp_openid", "sub_openid" }, "Payer")
     local states = {}
     for _, st in ipairs(s.Payment.properties.state.enum) do
       states[st] = true
