@@ -1275,19 +1275,27 @@ function _M.after(list)
   end)
 end
 
-function _M.get(req)
+--- syntax: asked, status, body = payments.refresh_asked(req)
+-- The ?refresh of a GET (the payment's, the refunds'): true for
+-- refresh=1, false without it, else nil and the 400 to answer.
+function _M.refresh_asked(req)
   -- (refresh=yes, =true or =0 would otherwise answer local state with no
   -- word that nothing was asked)
   local q, given = req:query()
-  local refresh = q.refresh
   -- (given twice, the last would count: refresh=0&refresh=1 asking WeChat
   -- and refresh=1&refresh=0 refused)
   if (given.refresh or 0) > 1 then
-    return bad_request({ refresh = "given more than once" })
+    return nil, bad_request({ refresh = "given more than once" })
   end
-  if refresh ~= nil and refresh ~= "1" then
-    return bad_request({ refresh = "must be 1 (or left out)" })
+  if q.refresh ~= nil and q.refresh ~= "1" then
+    return nil, bad_request({ refresh = "must be 1 (or left out)" })
   end
+  return q.refresh == "1"
+end
+
+function _M.get(req)
+  local refresh, st, eb = _M.refresh_asked(req)
+  if refresh == nil then return st, eb end
   local p, err = load_own(req)
   if p == nil then return store_failed(err) end
   if not p then return not_found("payment") end

@@ -363,14 +363,15 @@ function _M.create(req, ik)
   return a, c, d
 end
 
---- syntax: ok, err = refunds.refresh_open(p)
+--- syntax: ok, err = refunds.refresh_open(p[, refund_id])
 -- Queries the payment's refunds still under way (processing, unknown,
--- created, abnormal: an abnormal-refund application may have ended) and
--- applies what WeChat says.
-function _M.refresh_open(p)
-  local rows, err = ctx.db:query("SELECT * FROM gw_refunds WHERE"
-    .. " payment_id = $1 AND state IN ('processing', 'unknown', 'created',"
-    .. " 'abnormal')", { p.id })
+-- created, abnormal: an abnormal-refund application may have ended), or
+-- only refund_id's, and applies what WeChat says.
+function _M.refresh_open(p, refund_id)
+  local q, args = "SELECT * FROM gw_refunds WHERE payment_id = $1 AND state"
+    .. " IN ('processing', 'unknown', 'created', 'abnormal')", { p.id }
+  if refund_id then q, args[2] = q .. " AND id = $2", refund_id end
+  local rows, err = ctx.db:query(q, args)
   if not rows then return nil, err end
   local wx = ctx.wx[p.mchid]
   for _, rf in ipairs(rows) do
@@ -396,19 +397,46 @@ end
 
 -- GET /v1/payments/:id/refunds, GET /v1/refunds/:id -------------------------
 
+-- ?refresh=1 of the refund routes: asks WeChat about payment p's refunds
+-- under way (only refund_id's, when given) and applies the answers, as the
+-- payment's ?refresh=1 does for its refunds. returns: true when the local
+-- state is stale (degraded: nothing is asked; WeChat could not be asked).
+-- Was: refresh taken and ignored, a refund settled at WeChat whose
+-- notification was lost answered processing with no word that nothing
+-- was asked.
+local function refreshed(p, refund_id)
+  if ctx.degraded() then return true end
+  -- (its merchant taken out of the config: nothing can be asked)
+  if payments.merchant_not_configured(p) then return true end
+  local ok, err = _M.refresh_open(p, refund_id)
+  if not ok then
+    paygate.log.warn("gateway: refund refresh failed; answering local"
+      .. " state", { payment = p.id, refund = refund_id,
+                     kind = type(err) == "table" and err.kind or nil })
+    return true
+  end
+  return nil
+end
+
 function _M.list(req)
+  local refresh, st, eb = payments.refresh_asked(req)
+  if refresh == nil then return st, eb end
   local p, err = payments.load_own(req)
   if p == nil then return store_failed(err) end
   if not p then return payments.not_found("payment") end
+  local stale = ctx.degraded() or nil
+  if refresh then stale = refreshed(p) end
   local rows
   rows, err = model.refunds_of(ctx.db, p.id)
   if not rows then return store_failed(err) end
   local list = {}
   for i, r in ipairs(rows) do list[i] = model.refund_json(r) end
-  return 200, { refunds = model.list(list), stale = ctx.degraded() or nil }
+  return 200, { refunds = model.list(list), stale = stale }
 end
 
 function _M.get(req)
+  local refresh, st, eb = payments.refresh_asked(req)
+  if refresh == nil then return st, eb end
   local rows, err = ctx.db:query("SELECT r.*, p.app_id AS app_id FROM"
     .. " gw_refunds r JOIN gw_payments p ON p.id = r.payment_id WHERE"
     .. " r.id = $1", { req.params.id })
@@ -417,8 +445,21 @@ function _M.get(req)
   if not r or r.app_id ~= req.app_id then
     return payments.not_found("refund")
   end
+  local stale = ctx.degraded() or nil
+  if refresh then
+    local p
+    p, err = model.payment(ctx.db, r.payment_id)
+    if p == nil then return store_failed(err) end
+    if p then
+      stale = refreshed(p, r.id)
+      local now
+      now, err = model.refund(ctx.db, r.id)     -- as the answer left it
+      if now == nil then return store_failed(err) end
+      r = now or r
+    end
+  end
   local t = model.refund_json(r)
-  if ctx.degraded() then t.stale = true end
+  if stale then t.stale = true end
   return 200, t
 end
 

@@ -461,6 +461,57 @@ describe("gateway merchant API", function()
       assert.equal(40, env:wait_state(p.id, "partially_refunded").refunded)
     end)
 
+    it("?refresh=1 on a refund asks WeChat about it, as the payment's"
+       .. " does; another value is 400", function()
+      -- was: taken and ignored, the refund answered from local state
+      -- (processing, after WeChat had settled it and its notification
+      -- was lost) with no word that nothing was asked
+      local p = env:paid_payment{ amount = 70 }
+      local r1 = S.expect(env:refund(p.id, 30), 201, "refund 30")
+      local r2 = S.expect(env:refund(p.id, 20), 201, "refund 20")
+      env.sim:fault{ endpoint = "notify", kind = "never_sent", count = 2 }
+      env.sim:settle(r1.out_refund_no)
+      env.sim:settle(r2.out_refund_no)
+      local r = env:api("GET", "/v1/refunds/" .. r1.id)
+      assert.equal("processing", r.json.state, r.body)
+      r = env:api("GET", "/v1/refunds/" .. r1.id .. "?refresh=1")
+      assert.equal(200, r.status, r.body)
+      assert.equal("succeeded", r.json.state, r.body)
+      assert.is_nil(r.json.stale)
+      -- the other is left to its own ask: the payment's list asks
+      assert.equal("processing",
+                   env:api("GET", "/v1/refunds/" .. r2.id).json.state)
+      r = env:api("GET", "/v1/payments/" .. p.id .. "/refunds?refresh=1")
+      assert.equal(200, r.status, r.body)
+      assert.equal(2, #r.json.refunds)
+      for _, x in ipairs(r.json.refunds) do
+        assert.equal("succeeded", x.state, r.body)
+      end
+      assert.equal(50, env:get(p.id).refunded)
+      for _, q in ipairs{ "?refresh=yes", "?refresh=0",
+                          "?refresh=1&refresh=1" } do
+        for _, path in ipairs{ "/v1/refunds/" .. r1.id,
+                               "/v1/payments/" .. p.id .. "/refunds" } do
+          r = env:api("GET", path .. q)
+          assert.equal(400, r.status, path .. q .. " " .. r.body)
+          assert.truthy(r.json.fields.refresh, r.body)
+        end
+      end
+    end)
+
+    it("?refresh=1 on a refund with WeChat failing: the local state,"
+       .. " stale", function()
+      local p = env:paid_payment{ amount = 10 }
+      local r1 = S.expect(env:refund(p.id, 10), 201, "refund 10")
+      env.sim:fault{ endpoint = "refund_query", kind = "error",
+                     status = 500 }
+      local r = env:api("GET", "/v1/refunds/" .. r1.id .. "?refresh=1")
+      assert.equal(200, r.status, r.body)
+      assert.equal("processing", r.json.state)
+      assert.is_true(r.json.stale, r.body)
+      env.sim:clear_faults()
+    end)
+
     it("a closed refund gives its amount back", function()
       local p = env:paid_payment{ amount = 60 }
       local r1 = S.expect(env:refund(p.id, 60), 201, "refund 60")
