@@ -358,6 +358,68 @@ end
 function Sim:fault(spec) return self:control("POST", "/sim/faults", spec) end
 function Sim:clear_faults() return self:control("DELETE", "/sim/faults") end
 
+-- A hold the spec releases (the simulator's "hold" fault): a window that
+-- stays open until the spec has done what it must do while the call is
+-- at WeChat, however slow the machine, and costs nothing once it has.
+local Hold = {}
+Hold.__index = Hold
+
+local HOLD_OPTIONS = { count = true, seconds = true }
+
+--- syntax: h = sim:hold(endpoint[, { count = 1, seconds = 60 }])
+-- Holds the next count (default 1) requests to endpoint until
+-- h:release() (or sim:clear_faults()), at most seconds each (the
+-- simulator's cap: a hold a spec forgot ends by itself); another option
+-- raises. returns: h (h.id, h.fault: the fault as set).
+function Sim:hold(endpoint, o)
+  check_options("sim:hold", o, HOLD_OPTIONS)
+  o = o or {}
+  local f = self:control("POST", "/sim/faults", { endpoint = endpoint,
+    kind = "hold", count = o.count or 1, seconds = o.seconds })
+  return setmetatable({ sim = self, id = f.id, fault = f }, Hold)
+end
+
+-- the fault as GET /sim/faults lists it now (held, fired, released), or
+-- nil when it was cleared
+local function hold_state(h)
+  for _, f in ipairs(h.sim:control("GET", "/sim/faults")) do
+    if f.id == h.id then return f end
+  end
+end
+
+--- syntax: h:wait_held([n[, timeout]])
+-- yields: until n requests (default 1) are held now, at most timeout
+-- seconds (default 10).
+-- returns: the fault as listed then; raises at the deadline with how many
+-- are held and were taken, or at once when the hold was released or
+-- cleared (nothing more will be held).
+function Hold:wait_held(n, timeout)
+  n = n or 1
+  local f
+  proc.wait_until(function()
+    f = hold_state(self)
+    if not f then
+      error("sim:hold: fault " .. self.id .. " was cleared: it holds"
+            .. " nothing", 0)
+    end
+    if f.released then
+      error("sim:hold: fault " .. self.id .. " was released: it holds"
+            .. " nothing", 0)
+    end
+    return f.held >= n, ("%d held of %d wanted, %d taken in all; each"
+      .. " is held at most %s s"):format(f.held, n, f.fired or 0,
+      tostring(f.seconds))
+  end, timeout or 10, "requests to " .. self.fault.endpoint
+                      .. " held by fault " .. self.id)
+  return f
+end
+
+--- syntax: f = h:release() -- the held requests go on, none more is held
+-- returns: the fault as listed then (f.held: those not yet gone)
+function Hold:release()
+  return (self.sim:control("POST", "/sim/faults/" .. self.id .. "/release"))
+end
+
 --- syntax: list = sim:requests() -- the requests the simulator received
 function Sim:requests()
   local t = self:control("GET", "/sim/requests")

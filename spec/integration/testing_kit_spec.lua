@@ -653,6 +653,47 @@ end)]] }
     assert.equal("PAYERROR", assert(wx:query_by_out_trade_no(no)).trade_state)
     wx:stop()
   end)
+
+  it("sim:hold keeps a call at WeChat until the spec releases it",
+     function()
+    local wx = sim:client()
+    local no = sim:order{ notify_url = app:url("/ok") }
+    local h = sim:hold("query")
+    local got
+    require("paygate.core").spawn(function()
+      got = { wx:query_by_out_trade_no(no) }
+    end)
+    local f = h:wait_held(1, 10)
+    assert.equal(1, f.held)
+    assert.is_nil(got, "answered while held")
+    -- what the spec does while the call is in flight comes first
+    sim:pay(no)
+    assert.is_true(h:release().released)
+    testing.wait_until(function() return got ~= nil end, 5, "the query")
+    assert.equal("SUCCESS", assert(got[1], tostring(got[2])).trade_state)
+    -- count 1: the next query is not held
+    assert.equal("SUCCESS", assert(wx:query_by_out_trade_no(no)).trade_state)
+    wx:stop()
+  end)
+
+  it("h:wait_held says how far it got, and a hold released holds nothing",
+     function()
+    local h = sim:hold("close", { seconds = 5 })
+    local ok, err = pcall(h.wait_held, h, 1, 0.3)
+    assert.is_false(ok)
+    assert.matches("timed out waiting for requests to close held by fault "
+      .. h.id .. " (last seen: 0 held of 1 wanted, 0 taken in all; each"
+      .. " is held at most 5 s)", err, 1, true)
+    h:release()
+    ok, err = pcall(h.wait_held, h, 1, 5)
+    assert.is_false(ok)
+    assert.matches("was released: it holds nothing", err, 1, true)
+    ok, err = pcall(sim.hold, sim, "query", { cout = 1 })
+    assert.is_false(ok)
+    assert.matches("sim:hold: unknown option o.cout (known: count, seconds)",
+                   err, 1, true)
+    sim:clear_faults()
+  end)
 end)
 
 describe("testing.simulator with a merchant of two appids", function()

@@ -373,7 +373,7 @@ function _M.route(method, pattern, endpoint, fn, opts)
       target = target:gsub("^%a[%w+.-]*://[^/?]*", "")
     end
     local entry = { time = core.time(), method = req.method, target = target,
-                    endpoint = endpoint }
+                    endpoint = endpoint, worker = core.pid() }
     local status, body, headers = _M.handle(req, target, endpoint, fn, opts,
                                             entry)
     entry.status = status
@@ -400,12 +400,13 @@ local function spoil_body(f, status, body)
   return status, body
 end
 
-local LATENCY = { latency = true }
+local LATENCY = { latency = true, hold = true }
 local NOT_LATENCY = { error = true, reset = true }
 local WORK_TIME = 30        -- s the work after a latency fault may take
 
 function _M.handle(req, target, endpoint, fn, opts, entry)
-  -- a latency fault delays, then an error or reset fault may still apply.
+  -- a latency fault delays (a hold: until released, at most its seconds),
+  -- then an error or reset fault may still apply.
   -- The work after the delay is done, as WeChat does it after a slow
   -- answer, however long the delay: the request's deadline (the server's
   -- limits.request_timeout, 30 s by default) is moved past it, or a
@@ -413,9 +414,14 @@ function _M.handle(req, target, endpoint, fn, opts, entry)
   -- depending on which timer fires first
   local fault = faults.take(endpoint, "before", LATENCY)
   if fault then
-    entry.latency_fault = fault.id
     req:set_deadline(fault.seconds + WORK_TIME)
-    paygate.sleep(fault.seconds)
+    if fault.kind == "hold" then
+      entry.hold_fault = fault.id
+      entry.hold_ended = faults.hold(fault)
+    else
+      entry.latency_fault = fault.id
+      paygate.sleep(fault.seconds)
+    end
   end
   fault = faults.take(endpoint, "before", NOT_LATENCY)
   if fault and fault.kind == "reset" then

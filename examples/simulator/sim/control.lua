@@ -281,6 +281,24 @@ function _M.routes(ctx)
     faults.clear()
     return 204, ""
   end)
+
+  route("POST", "/sim/faults/:id/release", function(req)
+    local raw = req.params.id
+    -- (a fault's id: digits; anything else names no fault)
+    if not raw:match("^%d+$") or #raw > 15 then
+      return answer(404, { code = "NOT_FOUND",
+                           message = "a fault's id is its number" })
+    end
+    local b, bwhy = body_of(req)
+    if not b then return bad(bwhy) end
+    local f, status, why = faults.release(tonumber(raw))
+    if not f then
+      return answer(status, { code = status == 404 and "NOT_FOUND"
+        or status == 400 and "PARAM_ERROR" or "SYSTEM_ERROR",
+        message = why })
+    end
+    return answer(200, f)
+  end)
 end
 
 return _M

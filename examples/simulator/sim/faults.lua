@@ -4,6 +4,7 @@
 --                        "status": 500, "code": "SYSTEM_ERROR",
 --                        "count": 2 }            -> { "id": 3, ... }
 --   DELETE /sim/faults                           -> removes every fault
+--   POST /sim/faults/{id}/release                -> lets a hold's requests go
 --
 -- The registry lives in the instance's shared dict (paygate.shared
 -- "paygate"), so a fault set through one worker applies on every worker,
@@ -21,6 +22,11 @@
 -- A fault: { id, endpoint, kind, count (nil: every time), phase, and the
 -- kind's fields }. Kinds (docs/simulator.md lists them with examples):
 --   latency          before: sleep `seconds`, then answer normally
+--   hold             before: wait until the fault is released (or
+--                    cleared), at most `seconds` (60), then answer
+--                    normally: a window a spec closes itself, seeing the
+--                    request held (`held` in the list) instead of
+--                    guessing how long it needs
 --   error            before: answer `status` (500) with `code`
 --                    (SYSTEM_ERROR) and `message`, doing nothing; with
 --                    after = true: do the work (the order IS created),
@@ -44,8 +50,8 @@
 -- The endpoint of a fault must be a registered name (faults.endpoint(),
 -- called by api.route for every /v3 route), "*", or "notify"; the
 -- notification-only kinds (phase "notify") only go to "notify", and
--- latency, error, reset and the kinds that change an answer (bad_body,
--- oversize_body) never to "notify". "*" is every /v3 endpoint, not
+-- latency, hold, error, reset and the kinds that change an answer
+-- (bad_body, oversize_body) never to "notify". "*" is every /v3 endpoint, not
 -- "notify". The signature kinds act on a signed answer only: "*"
 -- passes over an endpoint whose answers are unsigned (the bill file), and
 -- they cannot be set on one.
@@ -63,6 +69,10 @@ local DICT = "paygate"
 local K_GEN, K_ID, K_FLOOR = "sim:faults:gen", "sim:faults:id",
                              "sim:faults:floor"
 local function def_key(id) return "sim:faults:def:" .. id end
+-- a hold's state, beside its definition: requests it holds now, and
+-- whether it was released
+local function held_key(id) return "sim:fault:held:" .. id end
+local function released_key(id) return "sim:fault:released:" .. id end
 
 -- kind -> { phase = "before" | "after" | "notify" | ..., check = fn }
 -- An error fault's message when none is given: WeChat's words where the
@@ -108,6 +118,14 @@ end
 
 _M.define("latency", "before", function(f)
   return num(f, "seconds", 1, 0, 600)
+end, { "seconds" })
+-- (the cap is what ends a hold a spec forgot to release, or one whose
+-- spec died: long enough for a loaded machine, short enough that a run
+-- is not left hanging)
+_M.define("hold", "before", function(f)
+  local ok, why = num(f, "seconds", 60, 0, 600)
+  if not ok then return nil, why end
+  return true
 end, { "seconds" })
 _M.define("error", "before", function(f)
   local ok, why = num(f, "status", 500, 400, 599)
@@ -176,8 +194,8 @@ local NOTIFY = "notify"
 local ENDPOINTS = { ["*"] = true, [NOTIFY] = true }
 -- (the answer kinds change a /v3 answer; a notification's body is what
 -- the merchant verifies and decrypts, and its size is the receiver's)
-local REQUEST_ONLY = { latency = true, error = true, reset = true,
-                       bad_body = true, oversize_body = true }
+local REQUEST_ONLY = { latency = true, hold = true, error = true,
+                       reset = true, bad_body = true, oversize_body = true }
 local SIGNATURE = { bad_signature = true, stale_timestamp = true,
                     unknown_serial = true, expired_certificate = true }
 local UNSIGNED = {}             -- endpoints whose success is not signed
@@ -289,7 +307,12 @@ function _M.clear()
   local floor, top = d:get(K_FLOOR) or 0, d:get(K_ID) or 0
   if top > floor then
     d:set(K_FLOOR, top)
-    for id = floor + 1, top do d:delete(def_key(id)) end
+    -- (a hold's held requests see its definition gone and go; its held
+    -- count is theirs to bring back to 0 as they leave)
+    for id = floor + 1, top do
+      d:delete(def_key(id))
+      d:delete(released_key(id))
+    end
   end
   d:incr(K_GEN, 1, 0)
 end
@@ -305,6 +328,10 @@ function _M.list()
     -- count times, the counter may say one more)
     c.fired = d:get("sim:fault:" .. f.id) or 0
     if f.count and c.fired > f.count then c.fired = f.count end
+    if f.kind == "hold" then
+      c.held = math.max(0, d:get(held_key(f.id)) or 0)
+      c.released = d:get(released_key(f.id)) ~= nil
+    end
     out[i] = c
   end
   return out
@@ -324,7 +351,9 @@ function _M.take(endpoint, phase, kinds)
     if f.phase == phase and (f.endpoint == endpoint
                              or (f.endpoint == "*" and endpoint ~= NOTIFY))
        and (kinds == nil or kinds[f.kind])
-       and not (unsigned and SIGNATURE[f.kind]) then
+       and not (unsigned and SIGNATURE[f.kind])
+       -- (a hold released is spent: what comes after it goes through)
+       and not (f.kind == "hold" and d:get(released_key(f.id))) then
       local key = "sim:fault:" .. f.id
       if not f.count then
         d:incr(key, 1, 0)
@@ -337,6 +366,61 @@ function _M.take(endpoint, phase, kinds)
     end
   end
   return nil
+end
+
+--- syntax: f, status, why = faults.release(id)
+-- Releases a hold: the requests it holds, on any worker, go on within a
+-- poll (HOLD_POLL), and it holds no more. Releasing one already released
+-- does nothing. returns: the fault as list() shows it, or nil, 404 (no
+-- such fault: never set, or cleared) or 400 (not a hold), why.
+function _M.release(id)
+  local d = dict()
+  local f = json.decode(d:get(def_key(id)) or "null")
+  if type(f) ~= "table" then
+    return nil, 404, "no fault " .. id .. " (never set, or cleared)"
+  end
+  if f.kind ~= "hold" then
+    return nil, 400, "fault " .. id .. " is a " .. tostring(f.kind)
+                     .. " fault: only a hold is released"
+  end
+  local ok, err = d:set(released_key(id), 1)
+  if not ok then
+    return nil, 500, "cannot release the fault: " .. tostring(
+      type(err) == "table" and err.message or err)
+  end
+  for _, c in ipairs(_M.list()) do
+    if c.id == id then return c end
+  end
+  return nil, 404, "no fault " .. id .. " (cleared meanwhile)"
+end
+
+-- How often a held request looks whether it was let go: a release is
+-- seen within this (on any worker: the flag is in the shared dict), and
+-- the read is one dict lookup, so a held request costs next to nothing
+local HOLD_POLL = 0.01
+
+--- syntax: how = faults.hold(f) -- f: a hold fault take() gave
+-- yields: until f is released ("released"), cleared ("cleared"), or its
+-- seconds have passed ("cap"); counted in f's held meanwhile.
+-- returns: how the hold ended.
+function _M.hold(f)
+  local d = dict()
+  local deadline = core.mono() + f.seconds
+  d:incr(held_key(f.id), 1, 0)
+  -- (protected: whatever ends the wait, the count comes back down, or a
+  -- spec waiting on it would see a request held that has gone)
+  local ok, how = pcall(function()
+    while true do
+      if d:get(released_key(f.id)) then return "released" end
+      if not d:get(def_key(f.id)) then return "cleared" end
+      local left = deadline - core.mono()
+      if left <= 0 then return "cap" end
+      core.sleep(left < HOLD_POLL and left or HOLD_POLL)
+    end
+  end)
+  d:incr(held_key(f.id), -1, 0)
+  if not ok then error(how, 0) end
+  return how
 end
 
 _M.now = core.now
