@@ -20,29 +20,24 @@ describe("gateway create racing a resumed create", function()
     testing.stop_all()
   end)
 
-  -- A create of a fresh order whose prepay waits at WeChat (a latency
-  -- fault), then a second create of the same order_id under another key,
-  -- sent once the first's attempt is recorded (its prepay is on the way).
-  -- after_second(): run once the second answered. returns: the body, and
-  -- a function giving the first's answer once it came.
+  -- A create of a fresh order whose prepay waits at WeChat (held there),
+  -- then a second create of the same order_id under another key, sent
+  -- once the first's prepay is held; the first's prepay is answered once
+  -- the second has answered. after_second(): run once the second
+  -- answered. returns: both answers.
   local function racing_creates(amount, description, after_second)
     local body = { order_id = "race-" .. require("paygate.crypto")
                      .random_nonce(8), channel = "native", amount = amount,
                    description = description }
-    sim:fault{ endpoint = "prepay", kind = "latency", seconds = 1.5,
-               count = 1 }
+    local h = sim:hold("prepay")
     local first
     require("paygate.core").spawn(function()
       first = gw:call("POST", "/v1/payments", body)
     end)
-    testing.wait_until(function()
-      local rows = gw.db:query("SELECT 1 AS x FROM gw_attempts a JOIN"
-        .. " gw_payments p ON p.id = a.payment_id WHERE p.order_id = $1",
-        { body.order_id })
-      return rows and rows[1] ~= nil
-    end, 10, "the first create's attempt")
+    h:wait_held()                        -- the first's prepay at WeChat
     local second = gw:call("POST", "/v1/payments", body)
     if after_second then after_second() end
+    h:release()
     testing.wait_until(function() return first ~= nil end, 30,
                        "the first create to answer")
     return first, second
@@ -142,15 +137,15 @@ describe("gateway create racing a resumed create on PostgreSQL", function()
   -- sessions waiting for a lock (in a statement starting with prefix)
   local function waiting(prefix) return locks.waiting(gw.db, prefix) end
 
-  -- The race above (the first create's prepay delayed 2 s by the
-  -- simulator, then answered normally or as `fault` says). returns: the
-  -- payment's id, and both answers.
+  -- The race above (the first create's prepay held by the simulator
+  -- until the second create waits for the payment's row, then answered
+  -- normally or as `fault` says). returns: the payment's id, and both
+  -- answers.
   local function racing_creates(amount, fault)
     local body = { order_id = "race-pg-" .. require("paygate.crypto")
                      .random_nonce(8), channel = "native", amount = amount,
                    description = "two creates on PostgreSQL" }
-    sim:fault{ endpoint = "prepay", kind = "latency", seconds = 2,
-               count = 1 }
+    local h = sim:hold("prepay")
     if fault then sim:fault(fault) end
     local first, second
     spawn(function() first = gw:call("POST", "/v1/payments", body) end)
@@ -162,12 +157,14 @@ describe("gateway create racing a resumed create on PostgreSQL", function()
       id = rows and rows[1] and rows[1].id
       return id ~= nil
     end, 10, "the first create's attempt")
+    h:wait_held()                        -- its prepay at WeChat
     local release = locks.hold_payment(gw.db, id)
     spawn(function() second = gw:call("POST", "/v1/payments", body) end)
     testing.wait_until(function()
       return waiting("UPDATE gw_payments SET channel") == 1
     end, 10, "the second create's resume to wait for the payment's row")
-    -- the first create's prepay answered, its transaction waits too
+    -- the first create's prepay answered now: its transaction waits too
+    h:release()
     testing.wait_until(function() return waiting() == 2 end, 30,
                        "the first create's transaction to wait")
     release()

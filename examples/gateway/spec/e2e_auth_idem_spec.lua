@@ -207,25 +207,21 @@ describe("gateway idempotency", function()
 
   it("a repeat while the first still runs: 409, then the replay",
      function()
-    -- WeChat answers the prepay after 2 s: the first request is in flight
-    local f = env.sim:fault{ endpoint = "prepay", kind = "latency",
-                             seconds = 2, count = 1 }
+    -- WeChat holds the prepay until the repeat has been answered: the
+    -- first request is in flight for as long as the spec needs
+    local h = env.sim:hold("prepay")
     local b = body()
     local first
     core.spawn(function()
       first = env:api("POST", "/v1/payments", b, { key = "slow-1" })
     end)
-    -- wait until the simulator holds the slow prepay: the gateway began it
-    S.wait_until(function()
-      for _, x in ipairs(env.sim:control("GET", "/sim/faults")) do
-        if x.id == f.id and (x.fired or 0) >= 1 then return true end
-      end
-      return false
-    end, 10, "the slow prepay")
+    -- the simulator holds the prepay: the gateway began it
+    h:wait_held()
     local second = env:api("POST", "/v1/payments", b, { key = "slow-1" })
     assert.equal(409, second.status, second.body)
     assert.equal("idempotency_in_flight", second.json.error)
     assert.matches("^%d+$", second.headers["retry-after"] or "")
+    h:release()
     S.wait_until(function() return first ~= nil end, 15, "the first answer")
     assert.equal(201, first.status, first.body)
     local third = env:api("POST", "/v1/payments", b, { key = "slow-1" })

@@ -235,25 +235,21 @@ describe("the gateway's answers fit openapi.json", function()
                    code = "NOT_ENOUGH", count = 1 }
     twice("/v1/payments/" .. p.id .. "/refunds", { amount = 1 }, 502)
     -- the same key while the first still runs: 409 with Retry-After
-    local f = env.sim:fault{ endpoint = "prepay", kind = "latency",
-                             seconds = 2, count = 1 }
+    -- (WeChat holds the first's prepay until the second was answered)
+    local h = env.sim:hold("prepay")
     local b = { order_id = S.order_id(), channel = "native", amount = 100,
                 description = "openapi" }
     local key, first = "k-" .. S.order_id(), nil
     paygate.spawn(function()
       first = env:api("POST", "/v1/payments", b, { key = key })
     end)
-    S.wait_until(function()
-      for _, x in ipairs(env.sim:control("GET", "/sim/faults")) do
-        if x.id == f.id and (x.fired or 0) >= 1 then return true end
-      end
-      return false
-    end, 10, "the slow prepay")
+    h:wait_held()
     local second = env:api("POST", "/v1/payments", b, { key = key })
     assert.equal(409, second.status, second.body)
     assert.equal("idempotency_in_flight", second.json.error)
     assert.matches("^%d+$", second.headers["retry-after"] or "")
     conforms(second, "POST", "/v1/payments")
+    h:release()
     S.wait_until(function() return first ~= nil end, 15, "the first answer")
     conforms(first, "POST", "/v1/payments")
   end)

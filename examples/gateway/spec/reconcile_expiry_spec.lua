@@ -24,27 +24,19 @@ describe("gateway payment checks: paid as it expired", function()
     testing.stop_all()
   end)
 
-  local function fired(id)
-    for _, f in ipairs(sim:control("GET", "/sim/faults")) do
-      if f.id == id then return f.fired or 0 end
-    end
-    return 0
-  end
-
   it("the close refused ORDER_PAID: asked again and paid in the same"
      .. " check", function()
     local p = gw:create{ amount = 70 }
     sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }
-    -- the checks' close waits at WeChat while the payer pays
-    local slow = sim:fault{ endpoint = "close", kind = "latency",
-                            seconds = 2, count = 1 }
+    -- the checks' close waits at WeChat until the payer has paid
+    local slow = sim:hold("close")
     -- expired, and due now
     assert(gw.db:exec("UPDATE gw_payments SET expires_at = $2,"
       .. " next_check_at = 0 WHERE id = $1", { p.id, os.time() - 1 }))
     -- (30 s: made by the checks' next run, a background loop)
-    testing.wait_until(function() return fired(slow.id) == 1 end, 30,
-                       "the checks' close at WeChat")
+    slow:wait_held(1, 30)
     sim:pay(p.out_trade_no)
+    slow:release()
     local got = gw:wait_state(p.id, "paid", 30)
     assert.matches("^%d+$", got.transaction_id)
     -- the close was refused ORDER_PAID
@@ -106,17 +98,16 @@ describe("gateway payment checks: paid as it expired", function()
      function()
     local p = gw:create{ amount = 72 }
     sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }
-    local slow = sim:fault{ endpoint = "close", kind = "latency",
-                            seconds = 2, count = 1 }
+    local slow = sim:hold("close")
     assert(gw.db:exec("UPDATE gw_payments SET expires_at = $2 WHERE"
       .. " id = $1", { p.id, os.time() - 1 }))
     local got
     require("paygate.core").spawn(function()
       got = gw:get(p.id, "?refresh=1")
     end)
-    testing.wait_until(function() return fired(slow.id) == 1 end, 10,
-                       "the refresh's close at WeChat")
+    slow:wait_held()                        -- the refresh's close at WeChat
     sim:pay(p.out_trade_no)
+    slow:release()
     testing.wait_until(function() return got ~= nil end, 15,
                        "the refresh's answer")
     assert.equal("paid", got.state)
