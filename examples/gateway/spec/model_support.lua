@@ -890,11 +890,8 @@ function _M.new(o)
       return ops[what](r, m)
     end
     quiet_closes()
-    -- the pay below must reach WeChat while the close is held: 2 s from
-    -- when the close came (a few loopback calls, but a model run makes
-    -- many of these races, each a chance for a stall on a loaded machine)
-    local f = sim:fault{ endpoint = "close", kind = "latency", seconds = 2,
-                         count = 1 }
+    -- the close is held at WeChat until the pay below has reached it
+    local h = sim:hold("close")
     local res, done
     core.spawn(function()
       if what == "switch" then
@@ -905,12 +902,9 @@ function _M.new(o)
       end
       done = true
     end)
-    testing.wait_until(function()
-      for _, x in ipairs(sim:control("GET", "/sim/faults")) do
-        if x.id == f.id then return (x.fired or 0) >= 1 end
-      end
-    end, 10, "the close to be held")
+    h:wait_held()                         -- the close at WeChat
     local pr = control("POST", "/sim/transactions/" .. m.no .. "/pay?wait=5")
+    h:release()
     check(pr.status == 200, "pay during the close: " .. pr.status)
     testing.wait_until(function() return done end, 15, what)
     check(res.status == 409 and res.json.error == "payment_paid",
@@ -1273,18 +1267,16 @@ function _M.new(o)
                 or r.pick({ "plain", "close", "switch" })
     local lost = r.chance(0.5)
     log("expire", how, lost and "lost" or "")
-    local f
+    local f, h
     if how == "held" or how == "failed" or how == "retry" then
       quiet_closes()
       if how ~= "retry" then
-        -- held 2 s: the payer's pay must come within it (as in race())
-        f = sim:fault{ endpoint = "close", kind = "latency", seconds = 2,
-                       count = 1 }
+        -- held until the payer's pay has reached WeChat (as in race())
+        h = sim:hold("close")
       end
       if how ~= "held" then
-        local e = sim:fault{ endpoint = "close", kind = "error",
-                             status = 500, count = 1 }
-        f = f or e
+        f = sim:fault{ endpoint = "close", kind = "error", status = 500,
+                       count = 1 }
       end
     end
     assert(gw.db:exec("UPDATE gw_payments SET expires_at = $2 WHERE id = $1",
@@ -1324,12 +1316,13 @@ function _M.new(o)
       return
     end
     -- the checks' close held at WeChat: the payer pays meanwhile
-    fired(f, "the checks' close at WeChat")
+    h:wait_held(1, 30)
     if lost then
       sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }
     end
     local pr = control("POST", "/sim/transactions/" .. m.no .. "/pay"
                        .. (lost and "" or "?wait=5"))
+    h:release()
     check(pr.status == 200, "pay during the checks' close: " .. pr.status
           .. " " .. pr.body)
     m.sim[m.no] = "SUCCESS"
