@@ -163,15 +163,19 @@ describe("simulator hold fault", function()
 
   it("a release through one worker lets go what both workers hold",
      function()
-    -- (the kernel hands connections to either worker: a round whose
-    -- requests all landed on one is made again, so the release is shown
-    -- reaching the other worker's)
-    local N, spanned = 12, false
-    for round = 1, 5 do
+    -- (the kernel hands connections to either worker, and a worker woken
+    -- by a burst accepts the whole burst: the requests go one at a time,
+    -- each held before the next connects, so each is a fresh race between
+    -- the two workers; a round whose requests all landed on one is made
+    -- again, so the release is shown reaching the other worker's)
+    local N, spanned = 16, false
+    for round = 1, 10 do
       local f = fault{ endpoint = "query", kind = "hold", count = N }
       local ts = {}
-      for i = 1, N do ts[i] = query(order_no()) end
-      wait_held(f.id, N)
+      for i = 1, N do
+        ts[i] = query(order_no())
+        wait_held(f.id, i)
+      end
       local t0 = core.mono()
       release(f.id)
       sn.wait_until(function()
