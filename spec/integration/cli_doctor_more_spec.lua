@@ -43,9 +43,12 @@ paygate.route("POST", "/notify-late", function()
 end)
 ]]
 
-local function run(args)
+-- (pre: a command line run before paygate's, e.g. env setting variables)
+local function run(args, pre)
   local log = dir .. "/out." .. crypto.random_nonce(8)
-  local argv = { PAYGATE_BIN }
+  local argv = {}
+  for _, a in ipairs(pre or {}) do argv[#argv + 1] = a end
+  argv[#argv + 1] = PAYGATE_BIN
   for _, a in ipairs(args) do argv[#argv + 1] = a end
   local p = proc.spawn(argv, { log = log })
   local code = p:wait(60)
@@ -498,6 +501,61 @@ describe("paygate doctor", function()
     -- the pool's own warning is not printed beside it (stdout and stderr)
     assert.is_nil(out:find("pool down", 1, true), out)
   end)
+
+  if require("spec.support.servers").have_postgres() then
+    it("names what a PostgreSQL server refused the login for, and where"
+       .. " the password comes from", function()
+      -- before: every failed open, a refused login included, was fixed
+      -- with "check database ... and that the server runs": an operator
+      -- running doctor from a shell without the service's PGPASSFILE
+      -- (libpq's "no password supplied") was sent to check a server that
+      -- was up
+      local servers = require "spec.support.servers"
+      local srv = servers.postgres{ password = "doctorpw" }
+      local ok, err = pcall(function()
+        local base = "127.0.0.1:" .. srv.port
+        -- libpq takes the password from PGPASSWORD or PGPASSFILE: neither
+        local env = { "/usr/bin/env", "-u", "PGPASSWORD",
+                      "PGPASSFILE=" .. dir .. "/no-pgpass" }
+        local function doctor(url)
+          return run({ "doctor", "--json", "--config",
+                       config{ database = url } }, env)
+        end
+        local code, out, r = doctor("postgres://postgres@" .. base
+                                    .. "/postgres")
+        assert.equal(1, code, out)
+        assert.equal("fail", r.database.status, out)
+        assert.matches("no password supplied", r.database.cause, 1, true)
+        assert.is_nil(r.database.fix:find("that the server runs", 1, true),
+                      r.database.fix)
+        assert.matches("PGPASSFILE", r.database.fix, 1, true)
+        assert.matches("environment the gateway runs with", r.database.fix,
+                       1, true)
+        -- a wrong password: the password, never shown
+        code, out, r = doctor("postgres://postgres:wrongpw@" .. base
+                              .. "/postgres")
+        assert.equal(1, code, out)
+        assert.matches("28P01", r.database.cause, 1, true)
+        assert.matches("refused the password", r.database.fix, 1, true)
+        assert.is_nil(out:find("wrongpw", 1, true), out)
+        -- a database that does not exist
+        code, out, r = doctor("postgres://postgres:doctorpw@" .. base
+                              .. "/gatewy")
+        assert.equal(1, code, out)
+        assert.matches("3D000", r.database.cause, 1, true)
+        assert.matches("no database gatewy", r.database.fix, 1, true)
+        assert.is_nil(out:find("doctorpw", 1, true), out)
+        -- the server down: what it said before
+        srv.stop()
+        code, out, r = doctor("postgres://postgres:doctorpw@" .. base
+                              .. "/postgres")
+        assert.equal(1, code, out)
+        assert.matches("that the server runs", r.database.fix, 1, true)
+      end)
+      servers.stop_all()
+      assert(ok, err)
+    end)
+  end
 
   it("names a SHA-1 signed TLS certificate on the API host", function()
     -- paygate's own server refuses to load a SHA-1 certificate: openssl
