@@ -196,4 +196,21 @@ INSERT INTO pad (n, v) SELECT n, hex(randomblob(100)) FROM c]]))
     assert.equal(("not a database\n"):rep(400), proc.read(junk))
     assert.is_nil(size(tmp .. "/absent.db"))
   end)
+
+  it("gives PostgreSQL's command with a dump only its owner reads",
+     function()
+    -- before: "back PostgreSQL up with pg_dump -Fc", and pg_dump under
+    -- the usual umask 022 writes a dump every local user reads: it holds
+    -- paygate_api_keys' verifiers, the keys that sign merchant-API
+    -- requests (a refund among them), where paygate backup makes its
+    -- SQLite copy 0600
+    local code, out = backup("postgres://gw:s3cr3t-pw@db.example/gw",
+                             tmp .. "/none.db")
+    assert.equal(2, code, out)
+    assert.equal(1, lines(out), out)
+    assert.matches("umask 077; pg_dump -Fc -f DEST postgres://gw@db.example"
+                   .. "/gw", out, 1, true)
+    assert.matches("signing keys", out, 1, true)
+    assert.not_matches("s3cr3t", out, 1, true)
+  end)
 end)

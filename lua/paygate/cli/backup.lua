@@ -29,7 +29,9 @@ PATH-shm, put DEST in PATH's place (docs/gateway.md, Backups).
   --json    one JSON object: status, source, dest, pages, page_size,
             bytes, check, seconds
 
-A PostgreSQL store is refused: back it up with pg_dump -Fc.
+A PostgreSQL store is refused: back it up with pg_dump, under umask 077
+(the dump holds the API keys' signing keys): umask 077; pg_dump -Fc -f
+DEST URL.
 
 exit: 0 the copy is at DEST and passed its check, 1 the copy failed (a
 full disk, the check failed: DEST was left as it was), 2 usage error,
@@ -50,9 +52,15 @@ local function main(args)
     common.usage_error("backup takes SQLITE_URL and DEST (see --help)")
   end
   if url:match("^postgres") then
+    -- the command to run instead, under umask 077: pg_dump writes with
+    -- the shell's umask (022: every local user reads the dump), and the
+    -- dump holds paygate_api_keys' verifiers, which sign merchant-API
+    -- requests; the copy this command makes is 0600 for the same reason
     common.usage_error("%s is a PostgreSQL store: paygate backup copies "
-      .. "a SQLite one; back PostgreSQL up with pg_dump -Fc (docs/"
-      .. "gateway.md, Backups)", redact(url))
+      .. "a SQLite one; back PostgreSQL up with pg_dump, the dump readable "
+      .. "by its owner only (it holds the API keys' signing keys): umask "
+      .. "077; pg_dump -Fc -f DEST %s (docs/gateway.md, Backups)",
+      redact(url), redact(url))
   end
   if not url:match("^sqlite3?:") then
     common.usage_error("SQLITE_URL must be sqlite:PATH, not %s",
