@@ -8,7 +8,6 @@
 --   prune  [--keep-days N]            delete delivered rows now
 -- Exit: 0 done, 1 the store failed, 2 usage (an option or event ids the
 -- command does not take included: nothing is changed).
-local sql = require "paygate.sql"
 local outbox = require "paygate.outbox"
 local json = require "paygate.json"
 
@@ -118,7 +117,10 @@ local function main()
     io.stderr:write("outbox: no database file ", missing, "\n")
     return 2
   end
-  local db, err = sql.open(url)
+  -- (quietly: the PostgreSQL pool's own "pool down" line would stand
+  -- beside this one-line reason)
+  local opened, db, err = require("paygate.cli.common").open_store(url)
+  if not opened then db, err = nil, db end
   if not db then
     io.stderr:write("outbox: cannot open the store: ", tostring(err), "\n")
     return 1

@@ -27,6 +27,14 @@ local function cli(url, ...)
 end
 
 describe("scripts/outbox.lua", function()
+  it("a store it cannot open: exit 1, said in one line", function()
+    local rc, out = cli("postgres://nobody@127.0.0.1:1/x", "list")
+    assert.equal(1, rc)
+    -- (not beside the PostgreSQL pool's own "pool down" log line)
+    assert.matches("^outbox: cannot open the store: unavailable: [^\n]*\n$",
+                   out)
+  end)
+
   it("refuses an option its command does not take, and replays nothing",
      function()
     local path = tmp .. "/cli.db"

@@ -21,7 +21,6 @@
 -- A renamed chain is one "broken SUBJECT ... renamed" line; neither of
 -- its names is held against a row.
 -- Exit: 0 nothing found, 1 a finding, 2 usage or the store failed.
-local sql = require "paygate.sql"
 local audit = require "paygate.audit"
 local fsm = require "paygate.fsm"
 
@@ -144,7 +143,9 @@ Exit: 0 nothing found, 1 a finding, 2 usage or the store failed.
     return 2
   end
   -- (a URL of no known scheme raises: a usage error all the same)
-  local opened, db, err = pcall(sql.open, url)
+  -- (quietly: the PostgreSQL pool's own "pool down" line would stand
+  -- beside this one-line reason)
+  local opened, db, err = require("paygate.cli.common").open_store(url)
   if not opened then db, err = nil, db end
   if not db then
     io.stderr:write("verify: cannot open the store: ", tostring(err), "\n")

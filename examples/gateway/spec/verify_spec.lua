@@ -153,10 +153,13 @@ describe("gateway verify script", function()
     assert.matches(", 1 findings\n", out, 1, true)
   end)
 
-  it("exits 2 on a store it cannot open", function()
-    local rc = sh(BIN .. " exec " .. SCRIPT
-                  .. " postgres://nobody@127.0.0.1:1/x")
+  it("exits 2 on a store it cannot open, said in one line", function()
+    local rc, out = sh(BIN .. " exec " .. SCRIPT
+                       .. " postgres://nobody@127.0.0.1:1/x")
     assert.equal(2, rc)
+    -- (not beside the PostgreSQL pool's own "pool down" log line)
+    assert.matches("^verify: cannot open the store: unavailable: [^\n]*\n$",
+                   out)
   end)
 
   it("--help says what it checks (exit 0); an unknown option or URL"
