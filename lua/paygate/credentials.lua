@@ -206,8 +206,11 @@ function _M.open(kek, key, text)
   if not kek then
     local id = type(env.kek) == "string" and #env.kek <= 16
                and env.kek:match("^%x+$") or "unknown"
+    -- err.kek_id: the id the envelope names, for `paygate etcd publish`
+    -- to tell a set sealed under another KEK from one that is broken
     return invalid(key .. ": sealed under another key-encryption key (id "
-                   .. id .. ", ours " .. table.concat(ids, ", ") .. ")")
+                   .. id .. ", ours " .. table.concat(ids, ", ") .. ")",
+                   { kek_id = id })
   end
   local dek = gcm_open(kek, DEK_AAD .. "\0" .. key, env.dek)
   local pt = dek and #dek == 32

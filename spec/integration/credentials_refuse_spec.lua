@@ -12,6 +12,7 @@ local etcdsrv = require "support.etcd"
 local servers = require "support.servers"
 local credsets = require "support.credsets"
 local core = require "paygate.core"
+local crypto = require "paygate.crypto"
 local paygate = require "paygate"
 
 local MCHID, PREFIX = credsets.MCHID, credsets.PREFIX
@@ -202,6 +203,58 @@ describe("watched credentials refusing a change", function()
     assert.matches("--dir [^ ]*no_such_dir: No such file or directory", out)
     assert.equal(before.revision,
                  assert(creds.cli:get_prefix(PREFIX)).revision)
+  end)
+
+  it("publish refuses a KEK other than the one the set in etcd is sealed"
+     .. " under (every worker would refuse the new set) and writes nothing;"
+     .. " --replace-kek ID seals it under the new one", function()
+    local code, out = creds:publish(env.a)
+    assert.equal(0, code, out)
+    local rev = require("paygate.json").decode(out).revision
+    local other = dir .. "/kek_publish_other"
+    credsets.write(other, crypto.hex(crypto.random_bytes(32)) .. "\n")
+    local ours = credentials.kek_id(assert(credentials.read_kek{
+      kek_file = creds.kek_file }))
+    local theirs = credentials.kek_id(assert(credentials.read_kek{
+      kek_file = other }))
+    local before = assert(creds.cli:get_prefix(PREFIX))
+    -- the operator's KEK is not the gateways': said, nothing written
+    code, out = creds:publish(env.b, "--kek-file " .. other)
+    assert.equal(1, code, out)
+    assert.matches(PREFIX .. " (revision " .. rev .. ") is"
+      .. " sealed under the key-encryption key id " .. ours, out, 1, true)
+    assert.matches("--kek-file's is id " .. theirs, out, 1, true)
+    assert.matches("--replace-kek " .. ours, out, 1, true)
+    assert.matches("nothing written", out, 1, true)
+    assert.equal(before.revision,
+                 assert(creds.cli:get_prefix(PREFIX)).revision)
+    code, out = creds:show()
+    assert.equal(0, code, out)
+    assert.matches("valid: serial AAAA01", out, 1, true)
+    -- what --replace-kek takes is a KEK id: anything else is a usage error
+    for _, bad in ipairs({ "nothex", ours .. "0", "-" }) do
+      code, out = creds:publish(env.b, "--kek-file " .. other
+                                .. " --replace-kek '" .. bad .. "'")
+      assert.equal(2, code, out)
+      assert.matches("--replace-kek", out, 1, true)
+    end
+    -- a change of KEK names the id it replaces: published under the new
+    code, out = creds:publish(env.b, "--kek-file " .. other
+                              .. " --replace-kek " .. ours)
+    assert.equal(0, code, out)
+    code, out = creds:show(other)
+    assert.equal(0, code, out)
+    assert.matches("valid: serial BBBB02", out, 1, true)
+    -- and back, the way a set published under a wrong KEK is put right
+    code, out = creds:publish(env.a)
+    assert.equal(1, code, out)
+    assert.matches("sealed under the key-encryption key id " .. theirs, out,
+                   1, true)
+    code, out = creds:publish(env.a, "--replace-kek " .. theirs)
+    assert.equal(0, code, out)
+    code, out = creds:show()
+    assert.equal(0, code, out)
+    assert.matches("valid: serial AAAA01", out, 1, true)
   end)
 
   it("a file deleted straight in etcd is named in a warning; the set in"

@@ -12,7 +12,7 @@ local sign = require "paygate.wechatpay.sign"
 
 local usage = [[
 usage: paygate etcd publish --prefix PREFIX --dir DIR [--sign-type TYPE]
-                            [--tls] [--json] ETCD KEK
+                            [--tls] [--json] [--replace-kek ID] ETCD KEK
        paygate etcd show    --prefix PREFIX [--tls] ETCD KEK
        paygate etcd delete  --prefix PREFIX [--tls] ETCD KEY
 
@@ -38,7 +38,11 @@ publish  reads the set from DIR (which holds the set's files and no
          sign_type (WECHATPAY2-SHA256-RSA2048, the default, or
          WECHATPAY2-SM2-WITH-SM3): a key of another type is refused.
          --json prints the result as one JSON line (prefix, revision,
-         serial, files).
+         serial, files). A set in etcd sealed under another KEK than
+         the one given is not replaced (the gateways open it with
+         theirs, and would refuse the new set): publish names that
+         KEK's id; --replace-kek ID replaces it all the same (a change
+         of KEK, or a set sealed under a wrong one put right).
 show     prints the set's revision, the certificate's serial and dates,
          and which files are sealed (never a secret).
 delete   deletes KEY (the whole key, as publish names it) under PREFIX:
@@ -60,7 +64,7 @@ local SPEC = {
   ["--password-env"] = "value", ["--ca-file"] = "value",
   ["--cert"] = "value", ["--key"] = "value", ["--insecure"] = "flag",
   ["--kek-file"] = "value", ["--kek-env"] = "value", ["--json"] = "flag",
-  ["--sign-type"] = "value",
+  ["--sign-type"] = "value", ["--replace-kek"] = "list",
 }
 
 local function fail(msg)
@@ -117,6 +121,14 @@ local function publish(o)
   local kind = o["--tls"] and "tls" or "merchant"
   local spec = kind == "tls" and credentials.TLS_FILES
                or credentials.MERCHANT_FILES
+  local replace = {}             -- KEK ids the set in etcd may be under
+  for _, id in ipairs(o["--replace-kek"] or {}) do
+    if not id:match("^" .. ("%x"):rep(16) .. "$") then
+      common.usage_error("--replace-kek takes the 16 hex digits of a KEK"
+                         .. " id, as publish names it")
+    end
+    replace[id:lower()] = true
+  end
   local schema = o["--sign-type"] or sign.RSA
   if schema ~= sign.RSA and schema ~= sign.SM2 then
     common.usage_error("--sign-type must be %s or %s", sign.RSA, sign.SM2)
@@ -192,6 +204,38 @@ local function publish(o)
         and "a listener's" or "a merchant's", p, kind == "tls"
         and " --tls" or ""))
     end
+  end
+  -- The gateways open the set with the KEK they were given, which
+  -- publish cannot see; the set in etcd names it (each envelope carries
+  -- its KEK's id). Sealed here under another one, the new set would be
+  -- refused by every worker ("sealed under another key-encryption key")
+  -- and fail the start of a gateway without a cached set, while publish
+  -- said "published". A change of KEK, or a set sealed under a wrong one
+  -- put right, names the id it replaces. (A secret that does not open
+  -- for another reason, not sealed or altered, is what publish repairs.)
+  local mine, theirs, seen, rev = credentials.kek_id(k), {}, {}, "0"
+  for _, kv in ipairs(cur.kvs) do
+    if etcd.rev_cmp(kv.mod_revision, rev) > 0 then rev = kv.mod_revision end
+    if spec[kv.key:sub(#p + 1)].secret then
+      local _, oerr = credentials.open(k, kv.key, kv.value)
+      local id = oerr and oerr.kek_id
+      if id and id:match("^%x+$") and not replace[id] and not seen[id] then
+        seen[id] = true
+        theirs[#theirs + 1] = id
+      end
+    end
+  end
+  if #theirs > 0 then
+    table.sort(theirs)
+    local ids = table.concat(theirs, ", ")
+    return fail(("publish %s: %s (revision %s) is sealed under the"
+      .. " key-encryption key id %s, and %s's is id %s: every gateway that"
+      .. " opens it would refuse this set; nothing written. Give the"
+      .. " gateways' KEK; when changing it (the gateways given the new one"
+      .. " and the old in previous_kek_files), or putting right a set"
+      .. " sealed under a wrong one, add --replace-kek %s"):format(p, p, rev,
+      ids, o["--kek-file"] and "--kek-file" or "--kek-env", mine,
+      table.concat(theirs, " --replace-kek ")))
   end
   local ops = {}
   local names = {}
@@ -338,6 +382,7 @@ local function main(args)
     ["--insecure"] = true, ["--kek-file"] = true, ["--kek-env"] = true }
   if cmd == "publish" then
     takes["--dir"], takes["--sign-type"], takes["--json"] = true, true, true
+    takes["--replace-kek"] = true
     common.only(o, cmd, takes)
     return publish(o)
   end
