@@ -53,11 +53,13 @@ describe("paygate doctor, a merchant whose keys come from etcd", function()
       o.client_cert, "--key", o.client_key, "--kek-file", kek_file,
       "--json" }, { timeout = 30 })
     assert.equal(0, code, out)
+    return assert(json.decode(out)).revision
   end
 
   -- the gateway's config for the simulator merchant, its keys from etcd
-  -- (endpoints: the cluster's unless given), its cache in cache_dir
-  local function config(name, cache_dir, endpoints)
+  -- (endpoints: the cluster's unless given), its cache in cache_dir;
+  -- extra's keys added at its top level (doctor's own: metrics_url)
+  local function config(name, cache_dir, endpoints, extra)
     local o = c:client_opts()
     local e = sim:client_config(m)
     for _, k in ipairs({ "merchant_private_key", "merchant_certificate",
@@ -73,6 +75,7 @@ describe("paygate doctor, a merchant whose keys come from etcd", function()
                  client_cert = o.client_cert, client_key = o.client_key },
         kek_file = kek_file, cache_dir = cache_dir,
         merchants = { [m.mchid] = prefix } } }
+    for k, v in pairs(extra or {}) do conf[k] = v end
     local path = dir .. "/" .. name .. ".lua"
     proc.write(path, "return " .. literal(conf) .. "\n")
     return path
@@ -153,6 +156,50 @@ describe("paygate doctor, a merchant whose keys come from etcd", function()
     assert.matches(prefix .. "apiv3_key", r.signed_call.fix, 1, true)
     assert.is_nil(r.signed_call.fix:find("apiv3_key_file", 1, true), out)
     assert.is_nil(out:find(wrong, 1, true), out)
+  end)
+
+  it("says which revision the running gateway's workers use (metrics_url),"
+     .. " and names the workers serving another than the set checked",
+     function()
+    local rev = publish("inuse", m.apiv3_key)
+    local cache = dir .. "/cache-inuse"
+    assert(os.execute("mkdir -p " .. cache) == 0)
+    -- two workers that load the set at their start and watch nothing: a
+    -- publish after it leaves them on the revision they loaded, as a
+    -- worker whose watch is stuck is
+    local app = server.start{ workers = 2, source = [[
+      local paygate = require "paygate"
+      local credentials = require "paygate.credentials"
+      local src = assert(credentials.new(paygate.config.creds))
+      assert(src:load(paygate.config.mchid))
+      paygate.route("GET", "/", function() return 200, "ok" end)
+    ]], config = "return " .. literal{ mchid = m.mchid, creds = {
+      etcd = c:client_opts(), kek_file = kek_file, cache_dir = cache,
+      merchants = { [m.mchid] = prefix } } } .. "\n" }
+    local extra = { metrics_url = "http://127.0.0.1:" .. app.admin
+                                  .. "/metrics" }
+    local code, out, r = doctor(config("inuse", cache, nil, extra))
+    assert.equal(0, code, out)
+    assert.equal("ok", r.credentials_in_use and r.credentials_in_use.status,
+                 out)
+    assert.matches("the running gateway's 2 workers use revision " .. rev
+                   .. ", the set in etcd checked above",
+                   r.credentials_in_use.cause, 1, true)
+    -- a new set the workers have not applied: named, with their pids
+    local rev2 = publish("inuse2", m.apiv3_key)
+    code, out, r = doctor(config("inuse", cache, nil, extra))
+    assert.equal(0, code, out)
+    assert.equal("warn", r.credentials_in_use.status, out)
+    assert.matches("serves revision " .. rev .. " %(workers %d+, %d+%), not"
+                   .. " revision " .. rev2 .. ", the set in etcd checked",
+                   r.credentials_in_use.cause)
+    -- the running gateway not answering: said, not passed
+    app:stop()
+    code, out, r = doctor(config("inuse", cache, nil, extra))
+    assert.equal("warn", r.credentials_in_use.status, out)
+    assert.matches("not known", r.credentials_in_use.cause, 1, true)
+    assert.matches("no answer from", r.credentials_in_use.detail, 1, true)
+    assert.is_nil(out:find(c.password, 1, true), out)
   end)
 
   it("checks the cached set when etcd does not answer, and says so",

@@ -468,6 +468,9 @@ local function etcd_keys(out, raw, conf, id, app)
              .. "starts with the cached set, and takes no new set until "
              .. "this is fixed", etcd_fix(kind, prefix, false))
   end
+  -- for credentials_in_use: what the running workers use beside it
+  conf.etcd_checked = { set = id, revision = tostring(set.revision),
+                        from_etcd = from == "etcd" }
   local wc = src:wechatpay_conf(id, conf.wechatpay)
   -- where a fix goes: the set's files, not keys of the config
   local names = {}
@@ -1575,6 +1578,69 @@ local function check_stores(out, conf)
   if not ok then error(err, 0) end
 end
 
+-- The set the running gateway's workers use, from metrics_url's
+-- paygate_credentials_revision{set=,pid=} (one series per worker),
+-- beside the set the credentials line checked: that line says what a
+-- start would take (etcd's set, else the cache), not what serves now. A
+-- worker that has not applied etcd's set (its watch stuck, the set
+-- refused by its client) serves another revision than the one checked.
+local function check_in_use(out, conf, metrics)
+  local c = conf.etcd_checked
+  if not c or not conf.metrics_url then return end
+  local url = redact_url(conf.metrics_url)
+  if not metrics then
+    out:warn("credentials_in_use", "merchant " .. c.set .. ": the set the"
+             .. " running gateway uses is not known", "no answer from " .. url,
+             "check metrics_url (the running gateway's admin listener, "
+             .. "/metrics) and run doctor again")
+    return
+  end
+  local by, n, others = {}, 0, {}
+  for labels, v in metrics:gmatch("paygate_credentials_revision{(.-)} (%S+)") do
+    if labels:find('set="' .. c.set .. '"', 1, true) then
+      local pid = labels:match('pid="([^"]*)"') or "?"
+      n = n + 1
+      if tonumber(v) ~= tonumber(c.revision) then
+        by[v] = by[v] or {}
+        table.insert(by[v], pid)
+      end
+    end
+  end
+  if n == 0 then
+    out:warn("credentials_in_use", "merchant " .. c.set .. ": " .. url
+             .. " shows no worker using a set for it", "no "
+             .. 'paygate_credentials_revision series with set="' .. c.set
+             .. '"' .. ": not this gateway's admin listener, or its workers"
+             .. " did not load the set", "check metrics_url")
+    return
+  end
+  local checked = c.from_etcd and "the set in etcd checked above"
+                  or "the cached set checked above"
+  if not next(by) then
+    out:ok("credentials_in_use", ("merchant %s: the running gateway's %d"
+           .. " worker%s use%s revision %s, %s"):format(c.set, n,
+           n == 1 and "" or "s", n == 1 and "s" or "", c.revision, checked))
+    return
+  end
+  for v, pids in pairs(by) do
+    table.sort(pids)
+    others[#others + 1] = ("revision %s (worker%s %s)"):format(v,
+      #pids == 1 and "" or "s", table.concat(pids, ", "))
+  end
+  table.sort(others)
+  out:warn("credentials_in_use", ("merchant %s: the running gateway serves"
+           .. " %s, not revision %s, %s"):format(c.set,
+           table.concat(others, "; "), c.revision, checked),
+           c.from_etcd and "a worker takes etcd's set within moments of"
+           .. " its publish; one still on another has not (its log says"
+           .. " why: credentials: set refused, cannot read the set, watch"
+           .. " ended)" or "etcd gave no set this doctor could use: the"
+           .. " workers keep theirs (see the credentials line)",
+           c.from_etcd and "read the workers' credentials log lines;"
+           .. " restarting the gateway makes every worker read etcd's set"
+           or nil)
+end
+
 local function check_leases(out, conf, metrics)
   if type(conf.leases) ~= "table" then return end
   local names = {}
@@ -1758,6 +1824,7 @@ local function main(args)
     local res = http.request{ url = conf.metrics_url, timeout = 5 }
     metrics = res and res.status == 200 and res.body or nil
   end
+  check_in_use(out, conf, metrics)
   check_notify(out, conf, metrics)
   check_stores(out, conf)
   check_leases(out, conf, metrics)
