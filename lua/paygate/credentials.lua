@@ -257,6 +257,9 @@ function _M.validate(files, kind, now)
                           "key.pem" }) do
     local d = spec[name]
     local v = d and set[d.field]
+    if v == "" then
+      return invalid(name .. " is empty")
+    end
     if v ~= nil and not v:find("-----BEGIN", 1, true) then
       return invalid(name .. " is not PEM text (no -----BEGIN line: a DER"
                      .. " file? openssl x509 or pkey -inform DER converts"

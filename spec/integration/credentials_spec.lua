@@ -101,6 +101,13 @@ describe("watched credentials", function()
     local set, err = credentials.validate(files, "merchant")
     assert.is_nil(set)
     assert.matches("apiclient_cert.pem is not PEM text", err.message, 1, true)
+    -- an empty value (a key written by hand with nothing in it) is said
+    -- to be empty, not taken for a DER file
+    files["apiclient_cert.pem"] = ""
+    set, err = credentials.validate(files, "merchant")
+    assert.is_nil(set)
+    assert.matches("apiclient_cert.pem is empty", err.message, 1, true)
+    assert.not_matches("DER", err.message, 1, true)
   end)
 
   it("publish refuses a key the sign_type cannot use and writes nothing",
