@@ -585,7 +585,10 @@ local function apply(src, set, raw, rev, from_cache)
       src.refusals = (src.refusals or 0) + 1
       local g = metrics()
       if g then g.refused:set(src.refusals, { pid = tostring(core.pid()) }) end
-      log().warn("credentials: set refused, the old one kept", {
+      -- (at a start there is no old one: load then says which set
+      -- serves, the cached one or none)
+      log().warn(set.current and "credentials: set refused, the old one"
+        .. " kept" or "credentials: set refused", {
         set = set.name, revision = rev, kept = set.current
         and set.current.revision or nil, reason = tostring(err) })
     end
@@ -655,6 +658,9 @@ function Source:load(name)
     -- an invalid set in etcd: serve the cached one if there is one
     local c = read_cache(self, set)
     if c and apply(self, set, c.files, c.revision, true) then
+      log().warn("credentials: the set in etcd is refused, serving the"
+                 .. " cached set", { set = name, revision = c.revision,
+                                     refused = rev })
       set.origin = { "cache", "the set in etcd (revision " .. rev
         .. ") is refused: " .. tostring(err.message):gsub("^credentials: ",
         ""), "invalid_credentials" }

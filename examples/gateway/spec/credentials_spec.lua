@@ -259,6 +259,10 @@ describe("gateway credentials from etcd", function()
     gw:create{}                        -- signs with the good, cached set
     local logs = srv:logs()
     assert.truthy(logs:find("set refused", 1, true), logs)
+    -- said which set serves (at a start no old one is kept)
+    assert.truthy(logs:find("the set in etcd is refused, serving the"
+                            .. " cached set", 1, true), logs)
+    assert.falsy(logs:find("the old one kept", 1, true), logs)
     local now = assert(require("cjson").decode(read(srv.dir
       .. "/credentials/" .. m.mchid .. ".json")))
     assert.equal(good_rev, now.revision)
