@@ -508,7 +508,7 @@ local function close_superseded(p, no)
   elseif not ok and err.kind ~= "not_found" then
     paygate.log.warn("gateway: closing a superseded attempt failed; the"
       .. " payment checks close it later", { out_trade_no = no,
-                                             kind = err.kind })
+      kind = err.kind, reason = tostring(err.message) })
     return
   end
   -- (its prepay has answered: an order WeChat does not know is never made)
@@ -641,9 +641,13 @@ end
 -- The answer to a failed prepay of attempt `no`.
 local function prepay_failed(p, no, err, actor)
   local unknown = _M.maybe_sent(err)
+  -- reason: why (the client's message, which quotes no secret: "configure
+  -- public_key and public_key_id", "not the configured public_key_id ...",
+  -- WeChat's code and message); the kind alone left the operator reading
+  -- the log unable to tell, when only the 502 body had it
   paygate.log.warn("gateway: prepay failed", { payment = p.id,
-                   kind = err.kind, outcome = unknown and "unknown"
-                   or "not_sent" })
+                   kind = err.kind, reason = tostring(err.message),
+                   outcome = unknown and "unknown" or "not_sent" })
   local extra
   if unknown then
     local row = outcome_unknown(p, no, err, actor)
@@ -1268,7 +1272,8 @@ function _M.after(list)
         elseif not ok and err.kind ~= "not_found" then
           paygate.log.warn("gateway: closing a superseded attempt failed;"
             .. " the payment checks close it later",
-            { out_trade_no = w.close, kind = err.kind })
+            { out_trade_no = w.close, kind = err.kind,
+              reason = tostring(err.message) })
         end
       end
     end
@@ -1306,7 +1311,8 @@ function _M.get(req)
     local ok, rerr = _M.refresh(p)
     if not ok then
       paygate.log.warn("gateway: refresh failed; answering local state",
-                       { payment = p.id, kind = rerr and rerr.kind })
+                       { payment = p.id, kind = rerr and rerr.kind,
+                         reason = rerr and tostring(rerr.message) })
       stale = true
     end
     p = model.payment(ctx.db, p.id) or p

@@ -69,7 +69,8 @@ local function refund_failed(tx, rf, werr)
         .. " the money stays with the merchant until a person returns it", {
           payment = p.id, refund = rf.id, kind = rf.kind,
           out_trade_no = rf.out_trade_no, amount = rf.amount,
-          wechat_kind = werr.kind, wechat_code = werr.code })
+          wechat_kind = werr.kind, wechat_code = werr.code,
+          reason = tostring(werr.message) })
     end)
     apply.count_alarm(tx, "refund_failed")
   end
@@ -109,7 +110,8 @@ function _M.send(id, finish, actor)
               or refused(werr) and "rejected" or "unknown"
   if not data then
     paygate.log.warn("gateway: refund call failed", { refund = id,
-                     kind = werr.kind, how = how })
+                     kind = werr.kind, reason = tostring(werr.message),
+                     how = how })
   end
   return fsm.retry(db, function(tx)
     local row, terr = model.refund(tx, id)

@@ -226,6 +226,56 @@ describe("gateway core flow", function()
     assert.equal("CLOSED", q.trade_state)
   end)
 
+  it("logs why a call to WeChat Pay failed, not only its kind", function()
+    -- the operator reads the log, not the 502 body the merchant's systems
+    -- got: each failed call's line carries the error's message (reason)
+    local json = require "paygate.json"
+    local function logged(msg, field, value)
+      local rec
+      testing.wait_until(function()
+        for line in (gw.srv:logs() or ""):gmatch("[^\n]+") do
+          local r = json.decode(line)
+          if type(r) == "table" and r.msg == msg and r[field] == value then
+            rec = r
+          end
+        end
+        return rec ~= nil
+      end, 10, "the line " .. msg)
+      return rec
+    end
+    -- a prepay answer signed under a key the client does not hold (the
+    -- trial: a public key under an id the config does not name)
+    sim:fault{ endpoint = "prepay", kind = "unknown_serial", count = 1 }
+    local res = gw:call("POST", "/v1/payments", { order_id = "o-why-1",
+      channel = "native", amount = 10, description = "why" })
+    assert.equal(502, res.status, res.body)
+    local rec = logged("gateway: prepay failed", "kind",
+                       "unverified_response")
+    assert.is_string(rec.reason, json.encode(rec))
+    assert.matches("Wechatpay-Serial", rec.reason, 1, true)
+    -- a refund WeChat refuses
+    local p = gw:create{ amount = 40 }
+    sim:pay_and_wait(p.out_trade_no)
+    gw:wait_state(p.id, "paid")
+    sim:fault{ endpoint = "refund", kind = "error", status = 403,
+               code = "NOT_ENOUGH", message = "spec: balance too low",
+               count = 1 }
+    res = gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
+                  { amount = 10 })
+    assert.equal(502, res.status, res.body)
+    rec = logged("gateway: refund call failed", "kind", "not_enough")
+    assert.matches("spec: balance too low", rec.reason, 1, true)
+    -- a query (refresh) WeChat refuses
+    sim:fault{ endpoint = "query", kind = "error", status = 403,
+               code = "NO_AUTH", message = "spec: no right to ask",
+               count = 1 }
+    res = gw:call("GET", "/v1/payments/" .. p.id .. "?refresh=1")
+    assert.equal(200, res.status, res.body)
+    rec = logged("gateway: refresh failed; answering local state",
+                 "payment", p.id)
+    assert.matches("spec: no right to ask", rec.reason, 1, true)
+  end)
+
   it("refuses changes that the payment's state does not allow", function()
     local p = gw:create{ amount = 50 }
     local r = gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
