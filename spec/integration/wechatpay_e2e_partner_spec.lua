@@ -174,3 +174,73 @@ end)]], config = { wechatpay = sim:client_config() } }
     assert.is_nil(before[rot.serial_no])
   end)
 end)
+
+describe("a platform certificate rotation in the log", function()
+  local sim
+
+  setup(function()
+    sim = testing.simulator()
+  end)
+
+  teardown(function()
+    testing.stop_all()
+  end)
+
+  it("says a new certificate once per instance, with its dates, and a"
+     .. " download that works again after failures", function()
+    local app = testing.start_app{ workers = 2,
+      args = { "--log-level", "info" }, source = [[
+local paygate = require "paygate"
+local wechatpay = require "paygate.wechatpay"
+local wx = assert(wechatpay.client(paygate.config_copy().wechatpay))
+paygate.route("GET", "/", function() return 200, "ok" end)]],
+      config = { wechatpay = sim:client_config(nil,
+                                               { refresh_interval = 1 }) } }
+    local function lines(text)
+      local found = {}
+      for line in (app:logs() or ""):gmatch("[^\n]+") do
+        if line:find(text, 1, true) then found[#found + 1] = line end
+      end
+      return found
+    end
+    local function downloads()
+      local n = 0
+      for _, r in ipairs(sim:requests()) do
+        if r.endpoint == "certificates" then n = n + 1 end
+      end
+      return n
+    end
+    -- the start's download (one for both workers) says what it brought
+    testing.wait_until(function() return #lines(" added (valid from ") > 0
+                       end, 10, "the first set said")
+    local rot = sim:rotate{ delay = 3600 }     -- listed, not yet used
+    local info = x509.load(rot.certificate):info()
+    local said = "platform certificate " .. rot.serial_no .. " added"
+    testing.wait_until(function() return #lines(said) > 0 end, 10,
+                       "the rotated-in certificate said")
+    local line = lines(said)[1]
+    local function utc(t) return os.date("!%Y-%m-%dT%H:%M:%SZ", t) end
+    assert.matches("(valid from " .. utc(info.not_before) .. " to "
+                   .. utc(info.not_after) .. "), "
+                   .. #sim:platform_certificates() .. " in the ring",
+                   line, 1, true)
+    assert.matches(sim.merchant.mchid, line, 1, true)
+    -- the downloads that follow (both workers' timers) hold it already
+    local n = downloads()
+    testing.wait_until(function() return downloads() >= n + 4 end, 20,
+                       "four more downloads")
+    assert.equal(1, #lines(said), table.concat(lines(said), "\n"))
+    -- WeChat refuses two downloads (each logged), then answers again
+    assert.same({}, lines("downloaded again"))
+    sim:fault{ endpoint = "certificates", kind = "error", status = 403,
+               code = "NO_AUTH", count = 2 }
+    testing.wait_until(function() return #lines("downloaded again") > 0 end,
+                       20, "the recovery said")
+    local back = lines("downloaded again")
+    assert.equal(1, #back, table.concat(back, "\n"))
+    assert.matches("platform certificates downloaded again after 2"
+                   .. " failures", back[1], 1, true)
+    assert.matches('"level":"info"', back[1], 1, true)
+    assert.is_true(#lines("platform certificate refresh failed") > 0)
+  end)
+end)

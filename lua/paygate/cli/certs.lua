@@ -240,7 +240,11 @@ local function download(o, out)
     return 1
   end
   local n
+  -- (the client's info line per certificate added would repeat, as a JSON
+  -- log line, the listing this command prints: warnings only)
+  local level = core.log_level(2)
   n, err = wx:refresh_certificates()
+  core.log_level(level)
   if not n and err then
     wx:stop()
     out:fail("download", "/v3/certificates failed: " .. tostring(err),

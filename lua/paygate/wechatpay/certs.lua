@@ -129,13 +129,16 @@ end
 _M.state_path = state_path
 
 -- Adds certificate handles to the ring (beside older ones) and drops
--- expired entries. returns: the number added.
+-- expired entries. returns: the number added, and those certificates.
 local function adopt(wx, list, now)
-  local added = 0
+  local added, new = 0, {}
   for _, cert in ipairs(list) do
     if cert:not_after() > now then
       local serial = cert:serial()
-      if not wx.certs[serial] then added = added + 1 end
+      if not wx.certs[serial] then
+        added = added + 1
+        new[#new + 1] = cert
+      end
       wx.ring:put(nil, cert)
       wx.certs[serial] = cert
     end
@@ -146,8 +149,10 @@ local function adopt(wx, list, now)
       wx.certs[serial] = nil
     end
   end
-  return added
+  return added, new
 end
+
+local function utc(t) return os.date("!%Y-%m-%dT%H:%M:%SZ", t) end
 
 --- syntax: n = certs.load_state(wx) -- the certificates last saved
 function _M.load_state(wx)
@@ -370,7 +375,27 @@ local function download(wx)
                            .. err.message .. more,
                            { serial = err.serial, wechat_public_key_id = id })
   end
-  local added = adopt(wx, list, now)
+  local added, new = adopt(wx, list, now)
+  -- WeChat's rotation seen as it happens: one line per certificate new to
+  -- the ring, said by the download that brought it. Once per instance
+  -- with paygate.shared (a mark per serial, kept until the certificate
+  -- ends): a worker whose timer came too late to take another's set
+  -- downloads it again, and would say it again; else once per worker. A
+  -- fresh start says its first set this way too
+  if added > 0 then
+    local held = 0
+    for _ in pairs(wx.certs) do held = held + 1 end
+    for _, cert in ipairs(new) do
+      local serial = cert:serial()
+      if not wx.dict or wx.dict:add(wx.certs_prefix .. "added:" .. serial,
+                                    true, cert:not_after() - now) then
+        log().info("wechatpay: platform certificate " .. serial
+          .. " added (valid from " .. utc(cert:not_before()) .. " to "
+          .. utc(cert:not_after()) .. "), " .. held .. " in the ring",
+          { mchid = wx.conf.mchid })
+      end
+    end
+  end
   local ok, serr = _M.save_state(wx)
   if not ok then
     log().warn("wechatpay: cannot save platform certificates",
@@ -635,6 +660,28 @@ function _M.refresh_locked(wx, reason)
   -- why it failed, for the downloads the rate limit refuses meanwhile
   local failed = not added and printable(tostring(err), 300) or nil
   wx.dl.failed = failed
+  -- failed downloads counted (across the instance's workers with
+  -- paygate.shared) until one succeeds, which says so: each failure is
+  -- logged ("download failed; retrying"), and without this line the
+  -- recovery was not
+  local failures
+  if dict then
+    if added then
+      failures = dict:get(K .. "failures")
+      dict:delete(K .. "failures")
+    else
+      dict:incr(K .. "failures", 1, 0)
+    end
+  elseif added then
+    failures, wx.dl.failures = wx.dl.failures, nil
+  else
+    wx.dl.failures = (wx.dl.failures or 0) + 1
+  end
+  if type(failures) == "number" and failures > 0 then
+    log().info("wechatpay: platform certificates downloaded again after "
+      .. failures .. (failures == 1 and " failure" or " failures"),
+      { mchid = c.mchid })
+  end
   if dict then
     if added then
       dict:set(K .. "set", export(wx))
