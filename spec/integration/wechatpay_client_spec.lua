@@ -586,6 +586,40 @@ describe("platform certificates", function()
       body))
     wx2:stop()
   end)
+  it("a state_dir that cannot be written: the warning names the merchant"
+     .. " and the config key", function()
+    -- was: "cannot save platform certificates" and the OS's reason, with
+    -- no mchid and no key, in a log shared by every merchant
+    local file = dir .. "/not_a_folder"
+    local f = assert(io.open(file, "w")); f:close()
+    local paygate = require "paygate"
+    local warned, warn = {}, paygate.log.warn
+    paygate.log.warn = function(msg, fields)
+      if msg:find("cannot save", 1, true) then
+        warned[#warned + 1] = { msg = msg, fields = fields }
+      end
+      return warn(msg, fields)
+    end
+    local ok, err = pcall(function()
+      local wx = client{ state_dir = file .. "/state", key_names = {
+        state_dir = "merchants[2].state_dir" } }
+      wx:stop()
+      -- (a download of its own: the start took the set just downloaded)
+      wx = client{ state_dir = file .. "/state" }
+      assert(wx:refresh_certificates())
+      wx:stop()
+    end)
+    paygate.log.warn = warn
+    assert(ok, err)
+    assert.equal(2, #warned)
+    assert.matches("merchant " .. wxtest.MCHID .. " in merchants[2].state_dir"
+                   .. " (" .. file .. "/state)", warned[1].msg, 1, true)
+    assert.equal(wxtest.MCHID, warned[1].fields.mchid)
+    assert.is_string(warned[1].fields.why)
+    -- the client's own key when its owner names none
+    assert.matches("in state_dir (" .. file .. "/state)", warned[2].msg, 1,
+                   true)
+  end)
   it("public-key mode leaves the certificates kept in state_dir unused",
      function()
     -- the migration's last step: the merchant drops download_certificates

@@ -177,12 +177,15 @@ describe("wechatpay.client configuration", function()
     -- default: the client's own keys
     local wx = assert(wechatpay.client(base()))
     assert.same({ apiv3_key = "apiv3_key",
-                  previous_apiv3_keys = "previous_apiv3_keys" },
+                  previous_apiv3_keys = "previous_apiv3_keys",
+                  state_dir = "state_dir" },
                 wx.conf.key_names)
     wx = assert(wechatpay.client(base{ key_names = {
-      apiv3_key = "merchants[2].apiv3_key_file" } }))
+      apiv3_key = "merchants[2].apiv3_key_file",
+      state_dir = "merchants[2].state_dir" } }))
     assert.same({ apiv3_key = "merchants[2].apiv3_key_file",
-                  previous_apiv3_keys = "previous_apiv3_keys" },
+                  previous_apiv3_keys = "previous_apiv3_keys",
+                  state_dir = "merchants[2].state_dir" },
                 wx.conf.key_names)
     refused({ key_names = "apiv3_key_file" }, "key_names", "must be a table")
     -- its own keys are checked as the client's are

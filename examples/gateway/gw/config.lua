@@ -310,7 +310,8 @@ local function check_merchant(m, i, seen)
                                              and "apiv3_key_file"
                                              or "apiv3_key_env"),
                        previous_apiv3_keys = where
-                         .. "previous_apiv3_key_files" }
+                         .. "previous_apiv3_key_files",
+                       state_dir = where .. "state_dir" }
   if m.previous_apiv3_key_files ~= nil then
     local files = m.previous_apiv3_key_files
     local n = 0

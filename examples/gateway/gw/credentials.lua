@@ -251,7 +251,9 @@ function _M.check_merchant(conf, m, i, seen, check)
   -- the printable bytes a client's key_names takes)
   local shown = prefix:sub(1, 200):gsub("[^\33-\126]", "?")
   client.key_names = { apiv3_key = shown .. "apiv3_key",
-                       previous_apiv3_keys = shown .. "previous_apiv3_key" }
+                       previous_apiv3_keys = shown .. "previous_apiv3_key",
+                       -- (state_dir is the config entry's, not the set's)
+                       state_dir = "merchants[" .. i .. "].state_dir" }
   return { mchid = id, partner = m.sp_mchid ~= nil, client = client,
            appid = m.appid or m.sp_appid,
            appids = require("gw.config").merchant_appids(m), etcd = prefix }

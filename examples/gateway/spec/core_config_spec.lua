@@ -117,18 +117,20 @@ describe("gateway config", function()
     assert.falsy(out:find(key, 1, true))
   end)
 
-  it("gives the client the names of the entry's APIv3 keys, for its "
-     .. "messages; key_names itself is the gateway's", function()
+  it("gives the client the names of the entry's APIv3 keys and state_dir,"
+     .. " for its messages; key_names itself is the gateway's", function()
     -- (the client named apiv3_key, which this config refuses)
     local other = testing.merchant()
     local cfg = assert(config.check({ gateway = { db = "sqlite:" .. dir
         .. "/a.db" }, merchants = { merchant(), merchant{
           mchid = other.mchid } } }, { listen = "127.0.0.1:8099" }))
     assert.same({ apiv3_key = "merchants[1].apiv3_key_file",
-                  previous_apiv3_keys = "merchants[1].previous_apiv3_key_files" },
+                  previous_apiv3_keys = "merchants[1].previous_apiv3_key_files",
+                  state_dir = "merchants[1].state_dir" },
                 cfg.merchants[1].client.key_names)
     assert.same({ apiv3_key = "merchants[2].apiv3_key_file",
-                  previous_apiv3_keys = "merchants[2].previous_apiv3_key_files" },
+                  previous_apiv3_keys = "merchants[2].previous_apiv3_key_files",
+                  state_dir = "merchants[2].state_dir" },
                 cfg.merchants[2].client.key_names)
     check_refused({ gateway = { db = "sqlite:" .. dir .. "/a.db" },
       merchants = { merchant{ key_names = { apiv3_key = "x" } } } },

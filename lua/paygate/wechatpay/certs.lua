@@ -398,8 +398,14 @@ local function download(wx)
   end
   local ok, serr = _M.save_state(wx)
   if not ok then
-    log().warn("wechatpay: cannot save platform certificates",
-               { why = serr.message })
+    -- which merchant, and the config key to fix (the owner's name for it:
+    -- merchants[N].state_dir in the gateway); paygate doctor checks it
+    local c = wx.conf
+    log().warn("wechatpay: cannot save the platform certificates of "
+      .. "merchant " .. c.mchid .. " in " .. c.key_names.state_dir .. " ("
+      .. tostring(c.state_dir) .. "): a restart while WeChat Pay is "
+      .. "unreachable will not find them", { mchid = c.mchid,
+      why = tostring(serr.message) })
   end
   _M.report(wx, now)
   return added

@@ -231,7 +231,8 @@ _M.nearest = nearest
 
 -- The keys key_names may name, and their default: the client's own
 local KEY_NAMES = { apiv3_key = "apiv3_key",
-                    previous_apiv3_keys = "previous_apiv3_keys" }
+                    previous_apiv3_keys = "previous_apiv3_keys",
+                    state_dir = "state_dir" }
 
 -- key_names checked against the APIv3 keys (a name holding one would put
 -- the secret in every message that names it). returns: { apiv3_key,
@@ -243,7 +244,7 @@ local function key_names(given, keys)
   if given == nil then return names end
   if type(given) ~= "table" then
     return bad("key_names", "must be a table { apiv3_key = NAME, "
-               .. "previous_apiv3_keys = NAME }")
+               .. "previous_apiv3_keys = NAME, state_dir = NAME }")
   end
   for k, v in pairs(given) do
     if not KEY_NAMES[k] then
@@ -251,8 +252,8 @@ local function key_names(given, keys)
                    and k:match("^[%w_]+$") and k or nil
       return bad("key_names", "unknown key " .. (name and name
                  .. require("paygate.suggest").hint(name, KEY_NAMES)
-                 or "(not a plain name)") .. ": it names apiv3_key and "
-                 .. "previous_apiv3_keys only")
+                 or "(not a plain name)") .. ": it names apiv3_key, "
+                 .. "previous_apiv3_keys and state_dir only")
     end
     -- a config key's name: merchants[1].apiv3_key_file, an etcd path
     -- (printable, for a log line and a terminal)
@@ -279,8 +280,9 @@ end
 --   the set of appids a prepay may name: the default and the list of
 --   appids / sp_appids),
 --   signer { key, schema, mchid, serial }, sm (SM variant), apiv3_keys
---   (current first, then previous), key_names (how the APIv3 keys are
---   named in messages: { apiv3_key, previous_apiv3_keys }), platform_certs (handles), public_key
+--   (current first, then previous), key_names (how the APIv3 keys and
+--   state_dir are named in messages: { apiv3_key, previous_apiv3_keys,
+--   state_dir }), platform_certs (handles), public_key
 --   (handle) and public_key_id, mode ("certificate" | "public_key" |
 --   "migration"), download (whether /v3/certificates is used), base_url,
 --   backup_url, state_dir, refresh_interval, timeout, deadline,
