@@ -98,7 +98,7 @@ local function config(o)
     apiv3_key = "0123456789abcdefghijABCDEFGHIJkl",
     base_url = o.base_url or app:url(""), ca_file = pki.root,
     platform_certificates = o.platform or { pki.platform },
-    merchant_serial = o.serial }
+    merchant_serial = o.serial, state_dir = o.state_dir }
   local t = { wechatpay = wc, notify_url = o.notify_url or app:url("/notify"),
     database = o.database or ("sqlite:" .. dir .. "/doctor.sqlite"),
     limits = o.limits, metrics_url = o.metrics_url,
@@ -416,6 +416,97 @@ describe("paygate doctor", function()
     -- file: its fix was a bare "fix wechatpay.merchant_private_key"
     local x = r.wechatpay_config
     assert.equal("fail", x and x.status, out)
+    assert.matches("run paygate doctor as the user the gateway runs as",
+                   x.fix, 1, true)
+  end)
+
+  it("checks state_dir: a folder this user can write, and what it holds"
+     .. " for the merchant", function()
+    -- was: no check at all; a state_dir the gateway could not write was
+    -- one warning in its log per download, and a restart while WeChat Pay
+    -- was unreachable had nothing to verify with
+    local function state(o)
+      local _, out, r = run({ "doctor", "--json", "--config", config(o) })
+      assert.truthy(r.state_dir, out)
+      return r.state_dir, out
+    end
+    local base = server.tmpdir()
+    -- missing: made at the first download (the folder above is writable)
+    local x, out = state{ state_dir = base .. "/a/b" }
+    assert.equal("warn", x.status, out)
+    assert.matches("wechatpay.state_dir (" .. base .. "/a/b) does not exist"
+                   .. " yet", x.cause, 1, true)
+    assert.is_nil(core.file_type(base .. "/a"), "doctor made it")
+    -- a file where the folder belongs
+    write(base .. "/file", "x")
+    x, out = state{ state_dir = base .. "/file" }
+    assert.equal("fail", x.status, out)
+    assert.matches("is a file, not a folder", x.cause, 1, true)
+    assert.matches("point wechatpay.state_dir at a folder", x.fix, 1, true)
+    x, out = state{ state_dir = base .. "/file/under" }
+    assert.equal("fail", x.status, out)
+    assert.matches("cannot be made: " .. base .. "/file is not a folder",
+                   x.cause, 1, true)
+    -- a folder holding nothing for this merchant
+    local sd = base .. "/state"
+    assert(core.mkdir_p(sd))
+    x, out = state{ state_dir = sd }
+    assert.equal("warn", x.status, out)
+    assert.matches("holds no platform certificate of merchant 1900000001"
+                   .. " yet", x.cause, 1, true)
+    local names = assert(core.listdir(sd))
+    assert.same({}, names)                    -- the probe file removed
+    -- the certificates kept, when they end, how old the file is
+    local file = sd .. "/wechatpay-1900000001-platform-certificates.pem"
+    write(file, diagpki.read(pki.platform))
+    local serial = assert(crypto.certificate(diagpki.read(pki.platform)))
+                   :serial()
+    x, out = state{ state_dir = sd }
+    assert.equal("ok", x.status, out)
+    assert.matches("1 platform certificate of merchant 1900000001 ("
+                   .. serial .. " until ", x.cause, 1, true)
+    assert.matches("written %d+ s ago", x.cause)
+    -- one expired: the file is not rewritten by downloads
+    write(file, diagpki.read(pki.platform) .. diagpki.read(pki.expired))
+    x, out = state{ state_dir = sd }
+    assert.equal("warn", x.status, out)
+    assert.matches("2 platform certificates", x.cause, 1, true)
+    assert.matches("1 expired", x.cause, 1, true)
+    assert.matches("cannot save the platform certificates", x.fix, 1, true)
+    -- old: no download saved it for more than two refresh intervals
+    write(file, diagpki.read(pki.platform))
+    local t = os.time() - 3 * 86400
+    assert.truthy(os.execute("touch -m -d @" .. t .. " " .. file))
+    x, out = state{ state_dir = sd }
+    assert.equal("warn", x.status, out)
+    assert.matches("written 3 days ago", x.cause, 1, true)
+    assert.matches("older than two refresh intervals (24 h 0 min)",
+                   x.cause, 1, true)
+    -- only expired ones: none to verify with after a restart
+    write(file, diagpki.read(pki.expired))
+    x, out = state{ state_dir = sd }
+    assert.equal("fail", x.status, out)
+    assert.matches("none valid", x.cause, 1, true)
+    os.execute("rm -rf " .. base)
+  end)
+
+  it("says a state_dir it may not write is a matter of user or mode",
+     function()
+    local d = server.tmpdir()
+    local key, cert = d .. "/apiclient_key.pem", d .. "/apiclient_cert.pem"
+    write(key, diagpki.read(pki.merchant_key))
+    write(cert, diagpki.read(pki.merchant))
+    assert(core.mkdir_p(d .. "/state"))
+    local code, out, r = doctor_denied(d, {
+      mchid = "1900000001", merchant_private_key = key,
+      merchant_certificate = cert, base_url = app:url(""),
+      apiv3_key = "0123456789abcdefghijABCDEFGHIJkl",
+      state_dir = d .. "/state" }, { d .. "/state" })
+    if not code then pending(NO_SETPRIV) return end
+    local x = r.state_dir
+    assert.equal("fail", x and x.status, out)
+    assert.matches("is not writable by this user", x.cause, 1, true)
+    assert.matches("Permission denied", x.cause, 1, true)
     assert.matches("run paygate doctor as the user the gateway runs as",
                    x.fix, 1, true)
   end)

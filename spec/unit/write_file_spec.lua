@@ -153,6 +153,15 @@ describe("core.listdir and core.file_type", function()
     assert.equal("directory", core.file_type(tmp))
     assert.is_table(core.listdir(tmp))
   end)
+  it("file_type gives the modification time too", function()
+    local path = tmp .. "/mtime.txt"
+    assert(core.write_file(path, "x"))
+    local ok = os.execute("touch -m -d @1700000000 " .. path)
+    assert(ok == 0 or ok == true)
+    local t, mtime = core.file_type(path)
+    assert.equal("file", t)
+    assert.equal(1700000000, mtime)
+  end)
 end)
 
 -- A file size limit (ulimit -f) reached sent SIGXFSZ, whose default is to

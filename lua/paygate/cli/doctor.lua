@@ -40,7 +40,9 @@ paygate.wechatpay: WeChat's verdict on the signature, the APIv3 key
 decrypting what it sends, the answer verified), the notify URL reachable, refusing an unsigned probe and
 answering within WeChat's 5 s, the server's timeouts (request, header,
 body) against that window, the database and Redis, lease TTLs against
-the measured processing time, certificates expiring within 30 days.
+the measured processing time, certificates expiring within 30 days, the
+client's state_dir (writable: a probe file written and removed; the
+certificates it keeps for the merchant, and how old the file is).
 
 FILE is a Lua file returning { wechatpay = {...}, notify_url = ...,
 database = ..., redis = ..., limits = {...}, metrics_url = ...,
@@ -1723,6 +1725,162 @@ local function check_expiry(out, expiring, now)
   end
 end
 
+-- state_dir: where the client keeps the platform certificates it last
+-- downloaded, read at start so that a restart while WeChat Pay is
+-- unreachable still verifies. Checked as the client uses it: a folder (or
+-- one that can be made where it is missing), writable by this user (a
+-- probe file written as the client writes, and removed), and what it holds
+-- for this merchant: the certificates, those expired, how old the file is
+-- (the client rewrites it after each download, so an expired certificate
+-- still there, or a file older than two refresh intervals, is a set no
+-- longer saved). cfg: the client's checked configuration.
+local STATE_FIX = "the gateway's log says why (\"cannot save the platform"
+  .. " certificates\", \"platform certificate download failed\"); the next"
+  .. " download that works writes it again"
+
+local function check_state_dir(out, cfg, conf, now)
+  local dir = cfg.state_dir
+  if dir == nil then return end
+  local name = key_name(conf, "state_dir")
+  local shown = name .. " (" .. dir .. ")"
+  if cfg.mode == "public_key" then
+    out:ok("state_dir", shown .. ": public-key mode neither reads nor "
+           .. "writes it")
+    return
+  end
+  local writable_fix = "run paygate doctor as the user the gateway runs as;"
+    .. " give that user write access (chown the folder to it), or point "
+    .. name .. " at a folder it can write"
+  local function writable(folder)
+    local probe = folder:gsub("/+$", "") .. "/.paygate-doctor-"
+                  .. crypto.random_nonce(8)
+    local ok, err = core.write_file(probe, "", 384)       -- 0600
+    if ok then os.remove(probe) end
+    return ok, err
+  end
+  local kind = core.file_type(dir)
+  if kind == nil then
+    -- not there: the client makes it (mkdir -p) at its first save, which
+    -- needs the nearest folder above it to be writable
+    local up = dir:gsub("/+$", "")
+    local above
+    repeat
+      up = up:match("^(.*)/[^/]*$")
+      if up == "" then up = "/" end
+      local k = core.file_type(up or ".")
+      if k then above = { path = up or ".", kind = k } end
+    until above or not up or up == "/"
+    if not above or above.kind ~= "directory" then
+      out:fail("state_dir", shown .. " cannot be made: "
+               .. (above and (above.path .. " is not a folder")
+                   or "no folder above it"), nil,
+               "point " .. name .. " at a folder the gateway's user can "
+               .. "write")
+      return
+    end
+    local ok, err = writable(above.path)
+    if not ok then
+      out:fail("state_dir", shown .. " does not exist and cannot be made "
+               .. "by this user: " .. tostring(err.message), nil,
+               writable_fix)
+      return
+    end
+    if not cfg.download then
+      out:ok("state_dir", shown .. " does not exist: nothing is saved "
+             .. "there with download_certificates = false")
+      return
+    end
+    out:warn("state_dir", shown .. " does not exist yet: the first "
+             .. "certificate download makes it, and until then a restart "
+             .. "while WeChat Pay is unreachable has no certificate to "
+             .. "verify with", nil, "start the gateway with WeChat Pay "
+             .. "reachable; if it does not appear, " .. STATE_FIX)
+    return
+  elseif kind ~= "directory" then
+    out:fail("state_dir", shown .. " is a " .. (kind == "file" and "file"
+             or "special file") .. ", not a folder: the certificates "
+             .. "cannot be saved", nil, "point " .. name .. " at a folder "
+             .. "the gateway's user can write")
+    return
+  end
+  local ok, err = writable(dir)
+  if not ok then
+    out:fail("state_dir", shown .. " is not writable by this user: "
+             .. tostring(err.message), nil, writable_fix)
+    return
+  end
+  -- what it holds for this merchant (the file the client reads)
+  local certs = require "paygate.wechatpay.certs"
+  local wx = { conf = cfg }
+  local path = certs.state_path(wx)
+  local pem, rerr = core.read_file(path, "the state file")
+  if not pem and rerr.kind == "not_found" and cfg.sm then
+    -- (an SM client reads the RSA name when its own is missing)
+    path = certs.state_path(wx, true)
+    pem, rerr = core.read_file(path, "the state file")
+  end
+  if not pem then
+    if rerr.kind == "not_found" and not cfg.download then
+      out:ok("state_dir", shown .. " is writable; nothing is saved there "
+             .. "with download_certificates = false")
+    elseif rerr.kind == "not_found" then
+      out:warn("state_dir", shown .. " is writable and holds no platform "
+               .. "certificate of merchant " .. cfg.mchid .. " yet: a "
+               .. "restart while WeChat Pay is unreachable has none to "
+               .. "verify with", nil, "it is written at each certificate "
+               .. "download; if it does not appear once the gateway runs, "
+               .. STATE_FIX)
+    else
+      out:fail("state_dir", path .. " cannot be read: "
+               .. tostring(rerr.reason), nil, writable_fix)
+    end
+    return
+  end
+  local chain = x509.chain(pem)
+  if not chain then
+    out:warn("state_dir", path .. " holds no certificate doctor can read:"
+             .. " the gateway ignores it at start", nil, "remove it; "
+             .. STATE_FIX)
+    return
+  end
+  local _, mtime = core.file_type(path)
+  local age = type(mtime) == "number" and math.max(0, now - mtime) or nil
+  local held, expired = {}, {}
+  for _, c in ipairs(chain) do
+    if c:not_after() <= now then
+      expired[#expired + 1] = c:serial() .. " ended "
+        .. os.date("!%Y-%m-%d", c:not_after())
+    else
+      held[#held + 1] = c:serial() .. " until "
+        .. os.date("!%Y-%m-%d", c:not_after())
+    end
+  end
+  local what = ("%s: %d platform certificate%s of merchant %s (%s)%s"):format(
+    shown, #chain, #chain == 1 and "" or "s", cfg.mchid,
+    table.concat(held, ", ") .. ((#held > 0 and #expired > 0) and ", "
+                                 or "") .. table.concat(expired, ", "),
+    age and (", written " .. duration(age) .. " ago") or "")
+  -- the client rewrites the file after each download that works (at
+  -- start, every refresh_interval): a file much older, or holding an
+  -- expired certificate, is not being saved
+  local stale = cfg.download and not cfg.download_manual and age
+                and age > 2 * cfg.refresh_interval
+  if #held == 0 then
+    out:fail("state_dir", what .. ": none valid, a restart while WeChat "
+             .. "Pay is unreachable has none to verify with", nil,
+             STATE_FIX)
+  elseif #expired > 0 or stale then
+    out:warn("state_dir", what .. ": " .. (#expired > 0 and (#expired
+             .. " expired") or "") .. ((#expired > 0 and stale) and "; "
+             or "") .. (stale and ("older than two refresh intervals ("
+             .. duration(2 * cfg.refresh_interval) .. ")") or "")
+             .. ": the gateway's downloads are not saved there, or it has"
+             .. " not run since", nil, STATE_FIX)
+  else
+    out:ok("state_dir", what)
+  end
+end
+
 -- The top-level keys doctor reads, by the config's shape; a key one slip
 -- from one of them is named (notify_ulr = ... otherwise left notify_url
 -- "not checked" without a word: the runtime leaves the keys it does not
@@ -1813,6 +1971,7 @@ local function main(args)
   if reached and cfg then
     check_signed(out, wc, cfg, clock_bad, conf, expiring)
   end
+  if cfg then check_state_dir(out, cfg, conf, now) end
   local metrics
   if conf.metrics_url ~= nil and type(conf.metrics_url) ~= "string" then
     out:fail("metrics_url", "metrics_url is a " .. type(conf.metrics_url)
