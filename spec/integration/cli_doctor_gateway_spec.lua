@@ -482,6 +482,91 @@ describe("paygate doctor --config <the gateway's config>", function()
     assert(ok, err)
   end)
 
+  it("its unsigned notify probe is named in the gateway's refusal line, and"
+     .. " not kept as a refused WeChat notification", function()
+    -- was: each doctor run left a "notification refused" warning, a row in
+    -- the console's refused notifications and a capture for paygate
+    -- verify, none saying they came from doctor. Told apart by the whole
+    -- request (doctor's User-Agent, its fixed body, no Wechatpay-*
+    -- header): the same bytes from anyone carry nothing, and the answer
+    -- is the refusal every unsigned request gets
+    local sql = require "paygate.sql"
+    local gw = server.start{ app = "examples/gateway",
+      args = { "--log-level", "info" },
+      config = ("return dofile(%q)\n"):format(dir .. "/dev/gateway.lua") }
+    local db = assert(sql.open("sqlite:" .. dir .. "/dev/gateway.db"))
+    local ok, err = pcall(function()
+      local function refused_rows()
+        return assert(db:query("SELECT COUNT(*) AS n FROM"
+                               .. " gw_notifications_refused"))[1].n
+      end
+      local function captures()
+        local n = 0
+        for _, name in ipairs(require("paygate.core").listdir(dir
+                              .. "/dev/refused") or {}) do
+          if name:match("%.body$") then n = n + 1 end
+        end
+        return n
+      end
+      local function lines()
+        local l = {}
+        for line in (gw:logs() or ""):gmatch("[^\n]+") do
+          local rec = json.decode(line)
+          if type(rec) == "table"
+             and rec.msg == "gateway: notification refused" then
+            l[#l + 1] = rec
+          end
+        end
+        return l
+      end
+      local rows0, caps0 = refused_rows(), captures()
+      local conf = variant("probe", ("c.gateway.public_url = %q")
+                           :format(gw:url("")))
+      local _, out, r = run({ "doctor", "--json", "--config", conf })
+      local answered
+      for _, x in ipairs(r) do
+        if x.kind == "notify_url" and x.status == "ok" then answered = x end
+      end
+      assert.truthy(answered, out)         -- refused, as it should be
+      proc.wait_until(function() return #lines() >= 1 end, 10,
+                      "the gateway's refusal line")
+      local rec = lines()[1]
+      assert.equal("paygate doctor", rec.probe, json.encode(rec))
+      assert.equal("info", rec.level)
+      assert.equal("1900000001", rec.mchid)
+      assert.is_string(rec.reason)
+      -- (a capture is written before the answer: none)
+      assert.equal(caps0, captures())
+      -- the same body from another client: a refused notification as
+      -- ever, recorded (and captured), no probe named
+      local probe = '{"id":"paygate-doctor-probe","event_type":"DOCTOR.PROBE"}'
+      local res = gw:request{ method = "POST", body = probe,
+        path = "/wechatpay/notify/1900000001",
+        headers = { ["content-type"] = "application/json" } }
+      assert.equal(401, res.status)
+      proc.wait_until(function() return refused_rows() == rows0 + 1 end, 10,
+                      "the other client's refusal recorded")
+      -- doctor's User-Agent on another body: the same
+      res = gw:request{ method = "POST", body = '{"id":"x"}',
+        path = "/wechatpay/notify/1900000001",
+        headers = { ["content-type"] = "application/json",
+                    ["user-agent"] = "paygate-doctor/0.1.0" } }
+      assert.equal(401, res.status)
+      proc.wait_until(function() return refused_rows() == rows0 + 2 end, 10,
+                      "the other body's refusal recorded")
+      local l = lines()
+      assert.equal(3, #l)
+      assert.is_nil(l[2].probe)
+      assert.is_nil(l[3].probe)
+      assert.equal("warn", l[3].level)
+      -- (the rows counted exactly: doctor's probe added none)
+      assert.equal(rows0 + 2, refused_rows())
+    end)
+    db:close()
+    gw:stop()
+    assert(ok, err)
+  end)
+
   it("refuses --merchant for a merchant it does not list, and for a"
      .. " config of its own shape", function()
     local conf = dir .. "/dev/gateway.lua"

@@ -1288,9 +1288,14 @@ local function check_notify(out, conf, metrics)
                    or " as notify_url"))
     end
     local t0 = core.mono()
+    -- (its User-Agent and body name it: the gateway's refusal line says
+    -- it came from doctor, wechatpay.is_doctor_probe)
+    local wechatpay = require "paygate.wechatpay"
     local res, err = http.request{ method = "POST", url = url,
-      body = '{"id":"paygate-doctor-probe","event_type":"DOCTOR.PROBE"}',
-      headers = { ["content-type"] = "application/json" },
+      body = wechatpay.DOCTOR_PROBE,
+      headers = { ["content-type"] = "application/json",
+                  ["user-agent"] = wechatpay.DOCTOR_AGENT
+                                   .. require("paygate").version },
       ca_file = conf.notify_ca_file, timeout = WINDOW, connect_timeout = 3 }
     local took = core.mono() - t0
     local plain

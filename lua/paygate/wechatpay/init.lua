@@ -306,6 +306,33 @@ for name, fn in pairs(api) do
   if methods[name] == nil then methods[name] = fn end
 end
 
+-- paygate doctor's unsigned notify probe (lua/paygate/cli/doctor.lua):
+-- its body, and its User-Agent ("paygate-doctor/" and the version).
+_M.DOCTOR_PROBE = '{"id":"paygate-doctor-probe","event_type":"DOCTOR.PROBE"}'
+_M.DOCTOR_AGENT = "paygate-doctor/"
+
+--- syntax: yes = wechatpay.is_doctor_probe(req)
+-- Whether a request is paygate doctor's notify probe: told by the whole
+-- request (its User-Agent, its fixed body, no Wechatpay-* header), never
+-- by a header alone. For the WORDING of a refusal only (a log line that
+-- says where it came from): call it on a request parse_notification has
+-- refused, and refuse it all the same. Anyone can send those bytes; they
+-- carry nothing to accept.
+function _M.is_doctor_probe(req)
+  if req.body ~= _M.DOCTOR_PROBE then return false end
+  local ua = req:header("user-agent")
+  if type(ua) ~= "string" or ua:sub(1, #_M.DOCTOR_AGENT) ~= _M.DOCTOR_AGENT
+  then
+    return false
+  end
+  for name in pairs(req.headers) do
+    if type(name) == "string" and name:sub(1, 10) == "wechatpay-" then
+      return false
+    end
+  end
+  return true
+end
+
 --- syntax: return wechatpay.notify_ack()
 -- returns: 204, "" — what WeChat Pay counts as a received notification.
 function _M.notify_ack() return 204, "" end
