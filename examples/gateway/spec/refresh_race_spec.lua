@@ -23,21 +23,18 @@ describe("gateway ?refresh=1 and a new attempt", function()
     local pcore = require "paygate.core"
     local p = gw:create{ amount = 321 }
     assert.equal("paying", p.state)
-    -- the refresh's query waits at WeChat; meanwhile a new attempt closes
-    -- the first one there and takes its place
-    local slow = sim:fault{ endpoint = "query", kind = "latency",
-                           seconds = 1.5, count = 1 }
+    -- the refresh's query is held at WeChat until a new attempt has
+    -- closed the first one there and taken its place
+    local slow = sim:hold("query")
     local got
     pcore.spawn(function()
       got = gw:call("GET", "/v1/payments/" .. p.id .. "?refresh=1")
     end)
-    testing.wait_until(function()   -- the fault fired: it waits there
-      for _, f in ipairs(sim:control("GET", "/sim/faults")) do
-        if f.id == slow.id then return f.fired >= 1 end
-      end
-    end, 10, "the refresh's query to wait at WeChat")
+    finally(function() slow:release() end)
+    slow:wait_held()                -- the refresh's query at WeChat
     local res = gw:call("POST", "/v1/payments/" .. p.id .. "/attempts",
                         { channel = "native" })
+    slow:release()
     assert.equal(201, res.status, res.body)
     testing.wait_until(function() return got ~= nil end, 10,
                        "the refresh to answer")
@@ -60,26 +57,28 @@ describe("gateway ?refresh=1 and a new attempt", function()
      .. " recorded, does not close the payment", function()
     local p = gw:create{ amount = 322 }
     -- the switch's close of attempt 1: done at WeChat, then answered 500;
-    -- its retry (after the same delay) answers 204. Between the two the
-    -- attempt is CLOSED at WeChat and still the current one here
-    sim:fault{ endpoint = "close", kind = "latency", seconds = 1.5,
-               count = 2 }
-    local failed = sim:fault{ endpoint = "close", kind = "error",
-                              status = 500, after = true, count = 1 }
+    -- its retry is held there until the spec has looked. Between the two
+    -- the attempt is CLOSED at WeChat and still the current one here.
+    -- (Two holds, taken in turn: the first, let go at once, keeps the
+    -- second for the retry.)
+    local first = sim:hold("close")
+    local retry = sim:hold("close")
+    sim:fault{ endpoint = "close", kind = "error", status = 500,
+               after = true, count = 1 }
     local res
     require("paygate.core").spawn(function()
       res = gw:call("POST", "/v1/payments/" .. p.id .. "/attempts",
                     { channel = "native" })
     end)
-    testing.wait_until(function()
-      for _, f in ipairs(sim:control("GET", "/sim/faults")) do
-        if f.id == failed.id and (f.fired or 0) >= 1 then return true end
-      end
-    end, 10, "the first close done at WeChat")
-    assert.equal("CLOSED", assert(sim:client():query_by_out_trade_no(
-      p.id .. "_1")).trade_state)
+    finally(function() first:release(); retry:release() end)
+    first:wait_held()
+    first:release()
+    retry:wait_held()               -- the retry at WeChat: the 500 answered
+    local closed = sim:client():query_by_out_trade_no(p.id .. "_1")
     -- a refresh now reads CLOSED for the payment's current attempt
     local got = gw:get(p.id, "?refresh=1")
+    retry:release()
+    assert.equal("CLOSED", assert(closed).trade_state)
     assert.equal("paying", got.state)
     testing.wait_until(function() return res ~= nil end, 15,
                        "the switch to answer")
