@@ -33,16 +33,20 @@ describe("gateway close racing a new attempt", function()
      .. " handed out, the attempt is closed at WeChat", function()
     local p = gw:create{ amount = 217 }
     assert.equal("paying", p.state)
-    sim:fault{ endpoint = "prepay", kind = "latency", seconds = 1.5,
-               count = 1 }
+    -- the new attempt's prepay held at WeChat until the close answered
+    local h = sim:hold("prepay")
+    finally(function() h:release() end)
     local attempt
     require("paygate.core").spawn(function()
       attempt = gw:call("POST", "/v1/payments/" .. p.id .. "/attempts",
                         { channel = "native" })
     end)
-    testing.wait_until(attempt_recorded(p.id .. "_2"), 10,
-                       "the new attempt recorded")
+    h:wait_held()
+    local recorded = attempt_recorded(p.id .. "_2")()
     local closed = gw:call("POST", "/v1/payments/" .. p.id .. "/close")
+    h:release()
+    assert.truthy(recorded, "the new attempt not recorded before its"
+                  .. " prepay")
     assert.equal(200, closed.status, closed.body)
     assert.equal("closed", closed.json.state)
     testing.wait_until(function() return attempt ~= nil end, 30,
@@ -74,15 +78,18 @@ describe("gateway close racing a new attempt", function()
                                     .. " WHERE order_id = $1", { order_id }))
     local id = rows[1].id
     assert.equal("created", rows[1].state)
-    sim:fault{ endpoint = "prepay", kind = "latency", seconds = 1.5,
-               count = 1 }
+    local h = sim:hold("prepay")
+    finally(function() h:release() end)
     local second
     require("paygate.core").spawn(function()
       second = gw:call("POST", "/v1/payments", body)
     end)
-    testing.wait_until(attempt_recorded(id .. "_2"), 10,
-                       "the resumed create's attempt recorded")
+    h:wait_held()
+    local recorded = attempt_recorded(id .. "_2")()
     local closed = gw:call("POST", "/v1/payments/" .. id .. "/close")
+    h:release()
+    assert.truthy(recorded, "the resumed create's attempt not recorded"
+                  .. " before its prepay")
     assert.equal(200, closed.status, closed.body)
     assert.equal("closed", closed.json.state)
     testing.wait_until(function() return second ~= nil end, 30,
@@ -139,21 +146,19 @@ describe("gateway close finding the payment paid", function()
     local before = testing.wait_until(function()
       return counter("paygate_gateway_fsm_illegal_transitions_total")
     end, 10, "the counters on /metrics")
-    -- the close of attempt 2 waits at WeChat; meanwhile the payer pays
+    -- the close of attempt 2 is held at WeChat until the payer has paid
     -- attempt 1 and its notification is applied: paid, late
-    local slow = sim:fault{ endpoint = "close", kind = "latency",
-                           seconds = 1.5, count = 1 }
+    local slow = sim:hold("close")
+    finally(function() slow:release() end)
     local closed
     pcore.spawn(function()
       closed = gw:call("POST", "/v1/payments/" .. p.id .. "/close")
     end)
-    testing.wait_until(function()   -- the fault fired: it waits there
-      for _, f in ipairs(sim:control("GET", "/sim/faults")) do
-        if f.id == slow.id then return f.fired >= 1 end
-      end
-    end, 10, "the close to wait at WeChat")
+    slow:wait_held()                -- the close at WeChat
     sim:pay_and_wait(p.id .. "_1")
-    assert.equal("paid", gw:get(p.id).state)
+    local now = gw:get(p.id)
+    slow:release()
+    assert.equal("paid", now.state)
     testing.wait_until(function() return closed ~= nil end, 30,
                        "the close to answer")
     assert.equal(409, closed.status, closed.body)
@@ -193,7 +198,7 @@ describe("gateway attempt whose close at WeChat failed on " .. engine[1],
       db = engine[2],
       -- a short deadline: the checks take up a close left open once the
       -- calls that might still make the attempt (its prepay) are over
-      -- (long enough for the prepay's 3 s wait below)
+      -- (long enough for the prepay's hold below, a few loopback calls)
       merchant = { deadline = 5 },
       gateway = { reconcile = { check_after = 1, first = 0.5, ceiling = 1,
                                 interval = 0.1, bill = false } } })
@@ -209,20 +214,20 @@ describe("gateway attempt whose close at WeChat failed on " .. engine[1],
      .. " payment and refunded", function()
     local pcore = require "paygate.core"
     local p = gw:create{ amount = 223 }
-    -- (3 s: the close below must land within it, after the spec saw the
-    -- attempt recorded; 1.5 s was not always enough on a loaded machine)
-    sim:fault{ endpoint = "prepay", kind = "latency", seconds = 3,
-               count = 1 }
+    -- the new attempt's prepay held at WeChat until the close below has
+    -- answered (a latency fault's window of 1.5 s, then 3 s, was not
+    -- always enough on a loaded machine)
+    -- (no finally releasing it: the case clears the faults below, and a
+    -- release of a cleared fault is refused; the checks come after it)
+    local h = sim:hold("prepay")
     local attempt
     pcore.spawn(function()
       attempt = gw:call("POST", "/v1/payments/" .. p.id .. "/attempts",
                         { channel = "native" })
     end)
-    testing.wait_until(function()
-      local rows = gw.db:query("SELECT 1 AS x FROM gw_attempts WHERE"
-                               .. " out_trade_no = $1", { p.id .. "_2" })
-      return rows and rows[1] ~= nil
-    end, 10, "the new attempt recorded")
+    h:wait_held()
+    local rows = gw.db:query("SELECT 1 AS x FROM gw_attempts WHERE"
+                             .. " out_trade_no = $1", { p.id .. "_2" })
     -- the close finds attempt 2 not yet made at WeChat: closed here; then
     -- the close of attempt 2, made after all, fails at WeChat. Both set
     -- before the close: the 500 set after it could come too late on a
@@ -232,6 +237,9 @@ describe("gateway attempt whose close at WeChat failed on " .. engine[1],
                code = "ORDER_NOT_EXIST", count = 1 }
     sim:fault{ endpoint = "close", kind = "error", status = 500 }
     local closed = gw:call("POST", "/v1/payments/" .. p.id .. "/close")
+    h:release()
+    assert.truthy(rows and rows[1], "the new attempt not recorded before"
+                  .. " its prepay")
     assert.equal(200, closed.status, closed.body)
     testing.wait_until(function() return attempt ~= nil end, 15,
                        "the attempt to answer")
