@@ -327,27 +327,20 @@ describe("gateway merchant API", function()
        .. " without closing it at WeChat", function()
       local core = require "paygate.core"
       local p = env:create().payment
-      -- the close's call to WeChat is held 2 s; meanwhile a new attempt
-      -- closes attempt 1 (fast) and opens attempt 2
-      local f = env.sim:fault{ endpoint = "close", kind = "latency",
-                               seconds = 2, count = 1 }
+      -- the close's call to WeChat is held until a new attempt has closed
+      -- attempt 1 (not held: the hold takes one call) and opened attempt 2
+      local h = env.sim:hold("close")
       local closing
       core.spawn(function()
         closing = env:api("POST", "/v1/payments/" .. p.id .. "/close")
       end)
-      local deadline = core.mono() + 10
-      repeat
-        core.sleep(0.02)
-        local fired = 0
-        for _, x in ipairs(env.sim:control("GET", "/sim/faults")) do
-          if x.id == f.id then fired = x.fired or 0 end
-        end
-      until fired > 0 or core.mono() > deadline
-      local a = S.expect(env:api("POST", "/v1/payments/" .. p.id
-        .. "/attempts", { channel = "native" }), 201, "attempt")
-      deadline = core.mono() + 20
-      while not closing and core.mono() < deadline do core.sleep(0.02) end
-      assert.truthy(closing, "the close did not answer")
+      h:wait_held()                     -- the close at WeChat
+      local res = env:api("POST", "/v1/payments/" .. p.id .. "/attempts",
+                          { channel = "native" })
+      h:release()
+      local a = S.expect(res, 201, "attempt")
+      S.wait_until(function() return closing ~= nil end, 20,
+                   "the close to answer")
       -- attempt 2 was opened after the close began: the close must not
       -- claim it (before: 200 closed, attempt 2 'closed' here but open
       -- at WeChat, so paying it was a late payment, refunded)
