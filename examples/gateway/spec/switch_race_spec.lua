@@ -214,10 +214,9 @@ describe("gateway payment checks racing a switch on PostgreSQL", function()
     testing.wait_until(function()
       return waiting("SELECT token FROM paygate_leases") == 1
     end, 20, "the check, told PAYERROR, to wait at its fence")
-    -- the switch: its close of attempt 1 at WeChat waits there while the
-    -- spec takes attempt 1's row, marked by the switch
-    sim:fault{ endpoint = "close", kind = "latency", seconds = 3,
-               count = 1 }
+    -- the switch: its close of attempt 1 is held at WeChat until the
+    -- spec has taken attempt 1's row, marked by the switch
+    local h = sim:hold("close")
     local switch
     spawn(function()
       switch = gw:call("POST", "/v1/payments/" .. p.id .. "/attempts",
@@ -229,8 +228,10 @@ describe("gateway payment checks racing a switch on PostgreSQL", function()
         { p.id .. "_1" }))
       return rows[1] ~= nil
     end, 10, "the switch's mark")
+    h:wait_held()                         -- the switch's close at WeChat
     release_attempt = hold("SELECT state FROM gw_attempts WHERE"
                            .. " out_trade_no = $1", { p.id .. "_1" })
+    h:release()
     testing.wait_until(function() return waiting() == 2 end, 20,
                        "the switch's transaction to wait")
     release_lease()
@@ -271,9 +272,10 @@ describe("gateway payment checks racing a switch on PostgreSQL", function()
     testing.wait_until(function()
       return waiting("SELECT token FROM paygate_leases") == 1
     end, 20, "the check dropping the mark to wait at its fence")
-    -- a new switch marks the attempt; its close waits at WeChat
-    sim:fault{ endpoint = "close", kind = "latency", seconds = 5,
-               count = 1 }
+    -- a new switch marks the attempt; its close is held at WeChat until
+    -- the spec has read the mark after the check's commit (the switch
+    -- recorded only once its close answered)
+    local h = sim:hold("close")
     local switch
     spawn(function()
       switch = gw:call("POST", "/v1/payments/" .. p.id .. "/attempts",
@@ -287,11 +289,13 @@ describe("gateway payment checks racing a switch on PostgreSQL", function()
     end
     testing.wait_until(function() return mark() ~= nil end, 10,
                        "the new switch's mark")
+    h:wait_held()                         -- the switch's close at WeChat
     release_lease()
     -- the check's transaction committed once the lease's row is free
     hold("SELECT token FROM paygate_leases WHERE"
          .. " name = 'reconcile:payments'")()
     local a = mark()
+    h:release()
     assert.equal("open", a.state)          -- the switch not recorded yet
     assert.truthy(tonumber(a.close_check_at), "the new switch's mark was"
                   .. " dropped")
