@@ -324,23 +324,21 @@ describe("gateway notifications", function()
 
   it("a payment notification that lands while its create's prepay waits:"
      .. " applied, and the paid attempt is not closed at WeChat", function()
-    env.sim:fault{ endpoint = "prepay", kind = "latency", seconds = 1.5,
-                   count = 1 }
+    -- the create's prepay held at WeChat until the notification is in
+    local h = env.sim:hold("prepay")
     local order_id = S.order_id("prepay-wait")
     local created
     core.spawn(function()
       created = env:api("POST", "/v1/payments", { order_id = order_id,
         channel = "native", amount = 90, description = "e2e order" })
     end)
-    local row
-    S.wait_until(function()
-      local rows = assert(env.db:query("SELECT id, out_trade_no FROM"
-        .. " gw_payments WHERE order_id = $1", { order_id }))
-      row = rows[1]
-      return row ~= nil
-    end, 10, "the payment stored before its prepay")
+    h:wait_held()
+    local row = assert(env.db:query("SELECT id, out_trade_no FROM"
+      .. " gw_payments WHERE order_id = $1", { order_id }))[1]
+    assert(row, "the payment not stored before its prepay")
     local res = env:post_paid({ out_trade_no = row.out_trade_no,
                                 amount = 90 })
+    h:release()
     assert.equal(204, res.status, res.body)
     S.wait_until(function() return created ~= nil end, 30,
                  "the create to answer")
