@@ -34,22 +34,26 @@ local function refund(gw, id, amount, key)
 end
 
 -- A refund of 30 fen of payment p under key whose answer the store failed
--- to record: the call waits at WeChat (which makes the refund), and
--- meanwhile the store loses gw_refunds, so the transaction that records
--- WeChat's answer fails. returns: the merchant API's answer
+-- to record: the call is held at WeChat (which makes the refund once it
+-- is let go) while the store loses gw_refunds, so the transaction that
+-- records WeChat's answer fails. returns: the merchant API's answer
 local function refund_answer_lost(sim, gw, p, key)
-  sim:fault{ endpoint = "refund", kind = "latency", seconds = 1.5,
-             count = 1 }
+  local h = sim:hold("refund")
   local res
   require("paygate.core").spawn(function()
     res = refund(gw, p.id, 30, key)
   end)
-  testing.wait_until(function()
-    local rows = assert(gw.db:query("SELECT id FROM gw_refunds WHERE"
-                                    .. " payment_id = $1", { p.id }))
-    return rows[1] ~= nil
-  end, 10, "the refund stored")
-  assert(gw.db:exec("ALTER TABLE gw_refunds RENAME TO gw_refunds_away"))
+  h:wait_held()                    -- its call at WeChat
+  local rows = gw.db:query("SELECT id FROM gw_refunds WHERE"
+                           .. " payment_id = $1", { p.id })
+  local stored, ok, err = rows and rows[1], nil, nil
+  if stored then
+    ok, err = gw.db:exec("ALTER TABLE gw_refunds RENAME TO"
+                         .. " gw_refunds_away")
+  end
+  h:release()
+  assert(stored, "the refund not stored before its call")
+  assert(ok, err)
   testing.wait_until(function() return res ~= nil end, 20, "the answer")
   assert(gw.db:exec("ALTER TABLE gw_refunds_away RENAME TO gw_refunds"))
   return res
