@@ -408,7 +408,10 @@ function _M.hold(f)
   local deadline = core.mono() + f.seconds
   d:incr(held_key(f.id), 1, 0)
   -- (protected: whatever ends the wait, the count comes back down, or a
-  -- spec waiting on it would see a request held that has gone)
+  -- spec waiting on it would see a request held that has gone. A worker
+  -- killed meanwhile never brings it down: the fault's held stays one
+  -- too high for each request it held, until the fault is cleared;
+  -- docs/simulator.md says so)
   local ok, how = pcall(function()
     while true do
       if d:get(released_key(f.id)) then return "released" end
