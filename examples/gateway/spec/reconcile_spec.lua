@@ -973,17 +973,6 @@ describe("gateway daily bill job: a run the lease or a stop cut off",
       conf, function() return clock.now end)
   end
 
-  -- WeChat slow to hand over the bill: returns once the run waits there
-  local function slow_bill()
-    local f = sim:fault{ endpoint = "tradebill", kind = "latency",
-                         seconds = 1, count = 1 }
-    testing.wait_until(function()
-      for _, x in ipairs(sim:control("GET", "/sim/faults")) do
-        if x.id == f.id then return (x.fired or 0) >= 1 end
-      end
-    end, 10, "the bill run to wait at WeChat")
-  end
-
   local function reported(date)
     return #audit.entries(gw.db, "reconcile:" .. date)
   end
@@ -995,13 +984,19 @@ describe("gateway daily bill job: a run the lease or a stop cut off",
     local r, r2 = job(clock), job(clock)
     finally(function() r:stop(); r2:stop() end)
     local n
+    -- WeChat holds the bill back until the lease has moved
+    local h = sim:hold("tradebill")
     pcore.spawn(function() n = r:step() end)
-    slow_bill()
+    h:wait_held()                         -- the run waits at WeChat
     -- meanwhile the run's lease ran out (a stall) and another worker
     -- took it: the run's audit write is refused
-    assert(gw.db:exec("UPDATE paygate_leases SET expires_at = 0 WHERE"
-                      .. " name = 'reconcile:bill'"))
-    local other = assert(lease.acquire(gw.db, "reconcile:bill", 30))
+    local ok, err = gw.db:exec("UPDATE paygate_leases SET expires_at = 0"
+                               .. " WHERE name = 'reconcile:bill'")
+    local other, lerr
+    if ok then other, lerr = lease.acquire(gw.db, "reconcile:bill", 30) end
+    h:release()
+    assert(ok, err)
+    assert(other, lerr)
     testing.wait_until(function() return n ~= nil end, 15, "the run's end")
     assert.equal(1, n)
     assert.equal(0, reported(date))
@@ -1018,9 +1013,12 @@ describe("gateway daily bill job: a run the lease or a stop cut off",
     local date = bill.bill_date(clock.now)
     local r, r2 = job(clock), job(clock)
     finally(function() r:stop(); r2:stop() end)
+    -- WeChat holds the bill back until the run was stopped
+    local h = sim:hold("tradebill")
     r:start()
-    slow_bill()
+    h:wait_held()                         -- the run waits at WeChat
     r:stop()                    -- paygate.on_stop, on a reload
+    h:release()
     assert.equal(0, reported(date))
     -- the next generation's runner, at its first round
     clock.now = clock.now + 61
