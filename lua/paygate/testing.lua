@@ -415,9 +415,22 @@ function Hold:wait_held(n, timeout)
 end
 
 --- syntax: f = h:release() -- the held requests go on, none more is held
--- returns: the fault as listed then (f.held: those not yet gone)
+-- returns: the fault as listed then (f.held: those not yet gone); nil
+-- when the faults were cleared meanwhile (which let them go already), so
+-- a spec may release in a `finally` whatever its body did
 function Hold:release()
-  return (self.sim:control("POST", "/sim/faults/" .. self.id .. "/release"))
+  local path = "/sim/faults/" .. self.id .. "/release"
+  local res, err = self.sim.srv:request{ method = "POST", path = path,
+                                         timeout = 10 }
+  if res and res.status == 404 then return nil end
+  if not res then
+    error("simulator POST " .. path .. ": " .. tostring(err), 2)
+  end
+  if res.status ~= 200 then
+    error("simulator POST " .. path .. ": " .. res.status .. " "
+          .. tostring(res.body), 2)
+  end
+  return res.json
 end
 
 --- syntax: list = sim:requests() -- the requests the simulator received

@@ -692,7 +692,12 @@ end)]] }
     assert.is_false(ok)
     assert.matches("sim:hold: unknown option o.cout (known: count, seconds)",
                    err, 1, true)
+    -- released after the faults were cleared (which let its requests go):
+    -- nothing to do, and no error (a release in a `finally`)
+    assert.equal(h.id, h:release().id)            -- a second release
+    local h2 = sim:hold("close")
     sim:clear_faults()
+    assert.is_nil(h2:release())
   end)
 end)
 
