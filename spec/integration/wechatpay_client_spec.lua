@@ -405,6 +405,31 @@ describe("platform certificates", function()
                    1, true)
     assert.is_nil(err.message:find("set public_key_id", 1, true))
   end)
+  it("a notification under another public key id that the configured key"
+     .. " verifies: no id offered (its headers come from whoever POSTs)",
+     function()
+    -- a WeChat-signed message replayed with a Wechatpay-Serial of the
+    -- sender's choosing must not have that id offered as the fix
+    local other = "PUB_KEY_ID_0114232134912410000000000000000002"
+    local wx = client{ public_key = keys.pub_pem, public_key_id = other }
+    local ts, nonce, body = tostring(os.time()), "n-pubid", '{"id":"EV-1"}'
+    local key = assert(crypto.private_key(assert(io.open(keys.pub_key))
+                                          :read("*a")))
+    local sig = assert(crypto.sign_base64(key, ts .. "\n" .. nonce .. "\n"
+                                          .. body .. "\n"))
+    local _, err = wx:parse_notification({ headers = {
+      ["Wechatpay-Timestamp"] = ts, ["Wechatpay-Nonce"] = nonce,
+      ["Wechatpay-Serial"] = PUB_ID, ["Wechatpay-Signature"] = sig },
+      body = body }, { replay = false })
+    wx:stop()
+    assert.equal("unknown_serial", err.kind)
+    assert.is_nil(err.wechat_public_key_id)
+    assert.matches("verifies with the configured public_key", err.message,
+                   1, true)
+    assert.matches("paygate doctor's signed call names the id", err.message,
+                   1, true)
+    assert.is_nil(err.message:find("set public_key_id to", 1, true))
+  end)
   it("migration mode: either serial verifies", function()
     local wx = client{ public_key = keys.pub_pem, public_key_id = PUB_ID,
                        platform_certificates = { keys.p1_cert } }

@@ -242,9 +242,15 @@ end
 -- that key, so the fix is public_key_id, not the key. It stays refused:
 -- the header is not signed, so it may also have been altered on the way,
 -- and only an id of WeChat's form (PUB_KEY_ID_ and digits) is offered as
--- the fix. returns: the words to add to the unknown_serial message, and
--- that id when the key verified.
-local function other_pub_id(wx, h, body, now)
+-- the fix -- and only where the headers came from WeChat over the
+-- client's own TLS connection (an answer, a download): a notification's
+-- come from whoever POSTs, and a replayed WeChat message with a header of
+-- the sender's choosing would have its id offered to the operator as the
+-- fix (untrusted: the message then sends to paygate doctor, whose signed
+-- call asks WeChat itself). returns: the words to add to the
+-- unknown_serial message, and that id when the key verified (never for
+-- untrusted headers).
+local function other_pub_id(wx, h, body, now, untrusted)
   local c = wx.conf
   local more = ": not the configured public_key_id " .. c.public_key_id
   if not h.serial:match("^PUB_KEY_ID_%d+$") then return more end
@@ -253,6 +259,12 @@ local function other_pub_id(wx, h, body, now)
   t.serial = c.public_key_id
   if not verify.signature(t, body, wx.ring, c.signer.schema, now) then
     return more
+  end
+  if untrusted then
+    return more .. ", yet the signature verifies with the configured "
+      .. "public_key: the key is right and its id is likely not (or the "
+      .. "Wechatpay-Serial header was altered on the way): paygate doctor"
+      .. "'s signed call names the id WeChat gives the key"
   end
   return more .. ", yet the signature verifies with the configured "
     .. "public_key: the key is right and its id is not (or the "
@@ -702,11 +714,14 @@ function _M.refresh_locked(wx, reason)
   return true
 end
 
---- syntax: h, err = certs.verify(wx, headers, body[, now])
+--- syntax: h, err = certs.verify(wx, headers, body[, now[, untrusted]])
 -- verify.check, plus one certificate download when the serial is unknown
 -- and could be a platform certificate. now: the clock to judge by
 -- (default the current time; tools and known-answer tests pass another).
-function _M.verify(wx, headers, body, now)
+-- untrusted: the headers may come from anyone (a notification), not from
+-- WeChat over our own connection (an answer): no id they name is offered
+-- as a fix.
+function _M.verify(wx, headers, body, now, untrusted)
   local c = wx.conf
   now = now or core.time()
   local h, err = verify.parse_headers(headers)
@@ -726,7 +741,7 @@ function _M.verify(wx, headers, body, now)
       err.message = err.message .. ": a WeChat Pay public key id, and no "
         .. "public_key is configured: configure public_key and public_key_id"
     else
-      local more, id = other_pub_id(wx, h, body, now)
+      local more, id = other_pub_id(wx, h, body, now, untrusted)
       err.message = err.message .. more
       err.wechat_public_key_id = id
     end
