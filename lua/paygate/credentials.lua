@@ -207,10 +207,13 @@ function _M.open(kek, key, text)
     local id = type(env.kek) == "string" and #env.kek <= 16
                and env.kek:match("^%x+$") or "unknown"
     -- err.kek_id: the id the envelope names, for `paygate etcd publish`
-    -- to tell a set sealed under another KEK from one that is broken
+    -- to tell a set sealed under another KEK from one that is broken:
+    -- only an id of kek_id's form (16 lower-case hex digits); another
+    -- (an envelope edited by hand) is no KEK's, and publish may replace it
+    local kek_id = #id == 16 and id:match("^[0-9a-f]+$") or nil
     return invalid(key .. ": sealed under another key-encryption key (id "
                    .. id .. ", ours " .. table.concat(ids, ", ") .. ")",
-                   { kek_id = id })
+                   { kek_id = kek_id })
   end
   local dek = gcm_open(kek, DEK_AAD .. "\0" .. key, env.dek)
   local pt = dek and #dek == 32

@@ -255,6 +255,24 @@ describe("watched credentials refusing a change", function()
     code, out = creds:show()
     assert.equal(0, code, out)
     assert.matches("valid: serial AAAA01", out, 1, true)
+    -- an envelope edited by hand to name an id no KEK has (not 16
+    -- lower-case hex digits, which --replace-kek could not name either):
+    -- a broken secret, which publish replaces, not a set to keep
+    local pj = require "paygate.json"
+    for _, bad in ipairs({ "abc", ("ABCDEF0123456789") }) do
+      local kv
+      for _, x in ipairs(assert(creds.cli:get_prefix(PREFIX)).kvs) do
+        if x.key == PREFIX .. "apiclient_key.pem" then kv = x end
+      end
+      local e = assert(pj.decode(kv.value))
+      e.kek = bad
+      assert(creds.cli:put(kv.key, pj.encode(e)))
+      code, out = creds:publish(env.a)
+      assert.equal(0, code, bad .. ": " .. out)
+    end
+    code, out = creds:show()
+    assert.equal(0, code, out)
+    assert.matches("valid: serial AAAA01", out, 1, true)
   end)
 
   it("a file deleted straight in etcd is named in a warning; the set in"
