@@ -255,6 +255,9 @@ local PG_URL_OPTS = { pool = true, connect_timeout = true,
   require_sync = true, sync_recheck = true, tx_timeout = true }
 local BOOL = { ["true"] = true, ["1"] = true, ["false"] = false,
                ["0"] = false }
+-- (for tools that hand the URL to libpq's own programs: pg_dump refuses
+-- a parameter it does not know)
+_M.PG_URL_OPTS = PG_URL_OPTS
 
 local pg_keywords                -- libpq's connection options (a set)
 

@@ -208,9 +208,20 @@ INSERT INTO pad (n, v) SELECT n, hex(randomblob(100)) FROM c]]))
                              tmp .. "/none.db")
     assert.equal(2, code, out)
     assert.equal(1, lines(out), out)
-    assert.matches("umask 077; pg_dump -Fc -f DEST postgres://gw@db.example"
-                   .. "/gw", out, 1, true)
+    assert.matches("(umask 077; pg_dump -Fc -f DEST 'postgres://gw@db."
+                   .. "example/gw')", out, 1, true)
     assert.matches("signing keys", out, 1, true)
+    assert.not_matches("s3cr3t", out, 1, true)
+    -- the command runs as printed: paygate's own options (pg_dump refuses
+    -- them) and a password parameter (its *** would be sent as the
+    -- password) left out, the URL quoted for the shell (an & would end
+    -- the command)
+    code, out = backup("postgres://gw@db.example/gw?pool=8&password=s3cr3t"
+                       .. "&sslmode=require&query_timeout=5", tmp
+                       .. "/none.db")
+    assert.equal(2, code, out)
+    assert.matches("(umask 077; pg_dump -Fc -f DEST 'postgres://gw@db."
+                   .. "example/gw?sslmode=require')", out, 1, true)
     assert.not_matches("s3cr3t", out, 1, true)
   end)
 end)

@@ -30,8 +30,9 @@ PATH-shm, put DEST in PATH's place (docs/gateway.md, Backups).
             bytes, check, seconds
 
 A PostgreSQL store is refused: back it up with pg_dump, under umask 077
-(the dump holds the API keys' signing keys): umask 077; pg_dump -Fc -f
-DEST URL.
+(the dump holds the API keys' signing keys): (umask 077; pg_dump -Fc -f
+DEST 'URL'), the URL without paygate's own options (pool, ...) and its
+password (pg_dump reads it from PGPASSFILE); the refusal prints it so.
 
 exit: 0 the copy is at DEST and passed its check, 1 the copy failed (a
 full disk, the check failed: DEST was left as it was), 2 usage error,
@@ -41,9 +42,27 @@ the store cannot be opened, or DEST exists.
 local SPEC = { ["--force"] = "flag", ["--json"] = "flag" }
 
 -- A URL without its password (postgres://user:secret@host -> user@host).
-local redact = require("paygate.redact").url
+local redact_mod = require "paygate.redact"
+local redact = redact_mod.url
 
 local one_line = common.one_line
+
+-- url as pg_dump takes it, quoted for a shell: without paygate's own
+-- options (pg_dump refuses a parameter libpq does not know) and without
+-- its password (user info or a *password parameter: pg_dump reads it from
+-- PGPASSFILE, and a masked *** would be sent as the password)
+local function pg_dump_url(url)
+  local main, query = redact_mod.split_query(redact(url))
+  local ours, kept = require("paygate.sql").PG_URL_OPTS, {}
+  for pair in query:sub(2):gmatch("[^&]+") do
+    local name = pair:match("^([^=]*)")
+    if not ours[name] and not name:lower():match("password$") then
+      kept[#kept + 1] = pair
+    end
+  end
+  local u = main .. (#kept > 0 and "?" .. table.concat(kept, "&") or "")
+  return "'" .. u:gsub("'", "'\\''") .. "'"
+end
 
 local function main(args)
   local opts, pos = common.parse(args, SPEC)
@@ -52,15 +71,16 @@ local function main(args)
     common.usage_error("backup takes SQLITE_URL and DEST (see --help)")
   end
   if url:match("^postgres") then
-    -- the command to run instead, under umask 077: pg_dump writes with
-    -- the shell's umask (022: every local user reads the dump), and the
-    -- dump holds paygate_api_keys' verifiers, which sign merchant-API
-    -- requests; the copy this command makes is 0600 for the same reason
+    -- the command to run instead, under umask 077 (in a subshell: the
+    -- operator's shell keeps its own): pg_dump writes with the shell's
+    -- umask (022: every local user reads the dump), and the dump holds
+    -- paygate_api_keys' verifiers, which sign merchant-API requests; the
+    -- copy this command makes is 0600 for the same reason
     common.usage_error("%s is a PostgreSQL store: paygate backup copies "
       .. "a SQLite one; back PostgreSQL up with pg_dump, the dump readable "
-      .. "by its owner only (it holds the API keys' signing keys): umask "
-      .. "077; pg_dump -Fc -f DEST %s (docs/gateway.md, Backups)",
-      redact(url), redact(url))
+      .. "by its owner only (it holds the API keys' signing keys): (umask "
+      .. "077; pg_dump -Fc -f DEST %s) (docs/gateway.md, Backups)",
+      redact(url), pg_dump_url(url))
   end
   if not url:match("^sqlite3?:") then
     common.usage_error("SQLITE_URL must be sqlite:PATH, not %s",
