@@ -636,6 +636,30 @@ describe("paygate doctor", function()
         assert.matches("3D000", r.database.cause, 1, true)
         assert.matches("no database gatewy", r.database.fix, 1, true)
         assert.is_nil(out:find("doctorpw", 1, true), out)
+        -- a role without CONNECT on the database
+        local sql = require "paygate.sql"
+        local adm = assert(sql.open("postgres://postgres:doctorpw@" .. base
+                                    .. "/postgres"))
+        for _, q in ipairs({ "CREATE ROLE docrole LOGIN PASSWORD 'rolepw'",
+                             "CREATE DATABASE docdb",
+                             "REVOKE CONNECT ON DATABASE docdb FROM PUBLIC" })
+        do
+          assert(adm:exec(q))
+        end
+        adm:close()
+        code, out, r = doctor("postgres://docrole:rolepw@" .. base
+                              .. "/docdb")
+        assert.equal(1, code, out)
+        assert.matches("42501", r.database.cause, 1, true)
+        assert.matches("GRANT CONNECT", r.database.fix, 1, true)
+        -- refused by libpq before any server (no such service file): not
+        -- a login the server refused
+        code, out, r = doctor("postgres://postgres:doctorpw@" .. base
+                              .. "/postgres?service=nosuchservice")
+        assert.equal(1, code, out)
+        assert.is_nil(r.database.fix:find("refused the login", 1, true),
+                      r.database.fix)
+        assert.matches("fix what the cause names", r.database.fix, 1, true)
         -- the server down: what it said before
         srv.stop()
         code, out, r = doctor("postgres://postgres:doctorpw@" .. base

@@ -1509,9 +1509,16 @@ local function database_fix(url, err)
     return "the role may not connect to that database: GRANT CONNECT on it"
            .. " to the role, or make the role its owner"
   end
-  return "the server refused the login (no such role, a role that may not"
-         .. " log in, or no pg_hba.conf line for this client and"
-         .. " authentication): the server's log says which"
+  if state and state:sub(1, 2) == "28" then       -- invalid authorization
+    return "the server refused the login (no such role, a role that may not"
+           .. " log in, or no pg_hba.conf line for this client and"
+           .. " authentication): the server's log says which"
+  end
+  -- (no SQLSTATE: libpq refused before asking a server, e.g. a service
+  -- file that is not there, an option it does not know)
+  return "fix what the cause names (the URL, its options, or libpq's"
+         .. " environment: PGSERVICEFILE, PGSSLMODE...); no server may have"
+         .. " been asked"
 end
 
 -- sql.open makes a missing SQLite file: a check must not (doctor run
