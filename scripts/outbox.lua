@@ -119,11 +119,12 @@ local function main()
   end
   -- (quietly: the PostgreSQL pool's own "pool down" line would stand
   -- beside this one-line reason)
-  local opened, db, err = require("paygate.cli.common").open_store(url)
-  if not opened then db, err = nil, db end
+  local db, why, bad_url = require("paygate.cli.common").open_for_script(url)
   if not db then
-    io.stderr:write("outbox: cannot open the store: ", tostring(err), "\n")
-    return 1
+    -- (a URL sql.open refuses is a usage error, exit 2)
+    io.stderr:write("outbox: ", bad_url and "bad store URL: " or
+                    "cannot open the store: ", why, "\n")
+    return bad_url and 2 or 1
   end
   if cmd == "list" then
     local rows, lerr = outbox.list(db, { state = o.state

@@ -33,6 +33,12 @@ describe("scripts/outbox.lua", function()
     -- (not beside the PostgreSQL pool's own "pool down" log line)
     assert.matches("^outbox: cannot open the store: unavailable: [^\n]*\n$",
                    out)
+    -- a URL sql.open refuses is a usage error (exit 2), said without the
+    -- code position of the raise
+    rc, out = cli("postgres://nobody@127.0.0.1:1/x?pool=abc", "list")
+    assert.equal(2, rc, out)
+    assert.equal("outbox: bad store URL: sql.open: opts.pool must be an"
+                 .. " integer from 1 to 32\n", out)
   end)
 
   it("refuses an option its command does not take, and replays nothing",

@@ -145,11 +145,12 @@ Exit: 0 nothing found, 1 a finding, 2 usage or the store failed.
   -- (a URL of no known scheme raises: a usage error all the same)
   -- (quietly: the PostgreSQL pool's own "pool down" line would stand
   -- beside this one-line reason)
-  local opened, db, err = require("paygate.cli.common").open_store(url)
-  if not opened then db, err = nil, db end
+  local db, why, bad_url = require("paygate.cli.common").open_for_script(url)
   if not db then
-    io.stderr:write("verify: cannot open the store: ", tostring(err), "\n")
-    return 2
+    -- (a URL sql.open refuses is a usage error, exit 2)
+    io.stderr:write("verify: ", bad_url and "bad store URL: " or
+                    "cannot open the store: ", why, "\n")
+    return bad_url and 2 or 2
   end
   local ok, summary = audit.verify_all(db, { on_broken = function(b)
     if b.reason == "renamed" then

@@ -64,6 +64,23 @@ function _M.open_store(url)
   return pcall(require("paygate.sql").open, url)
 end
 
+--- syntax: db, why, usage = common.open_for_script(url)
+-- open_store for an exec script (one that prints its own one-line
+-- reason and picks its own exit codes): db, or nil, why (one line, the
+-- URL's password never in it) and usage = true when sql.open refused the
+-- URL itself (a bad option, an unknown scheme: the caller's usage error,
+-- its code position left out) rather than the store failing to open.
+function _M.open_for_script(url)
+  local ok, db, err = _M.open_store(url)
+  if not ok then
+    -- (a raise names where it was raised: "scripts/x.lua:12: sql.open:
+    -- ..."; the operator wants the why)
+    return nil, _M.one_line(tostring(db):gsub("^[^:\n]+:%d+: ", "")), true
+  end
+  if not db then return nil, _M.one_line(err), false end
+  return db
+end
+
 --- syntax: text = common.one_line(v)
 -- tostring(v) with its line breaks (and the blanks around them) folded
 -- to one space: a driver's error in a one-line reason.
