@@ -408,13 +408,17 @@ end
 -- was asked.
 local function refreshed(p, refund_id)
   if ctx.degraded() then return true end
-  -- (its merchant taken out of the config: nothing can be asked)
-  if payments.merchant_not_configured(p) then return true end
-  local ok, err = _M.refresh_open(p, refund_id)
+  -- (its merchant taken out of the config: nothing can be asked, said
+  -- as the payment's ?refresh=1 says it)
+  local ok
+  local err = payments.merchant_not_configured(p)
+  if not err then ok, err = _M.refresh_open(p, refund_id) end
   if not ok then
     paygate.log.warn("gateway: refund refresh failed; answering local"
       .. " state", { payment = p.id, refund = refund_id,
-                     kind = type(err) == "table" and err.kind or nil })
+                     kind = type(err) == "table" and err.kind or nil,
+                     reason = type(err) == "table" and tostring(err.message)
+                              or tostring(err) })
     return true
   end
   return nil

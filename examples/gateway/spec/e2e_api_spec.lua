@@ -498,11 +498,22 @@ describe("gateway merchant API", function()
       local r1 = S.expect(env:refund(p.id, 10), 201, "refund 10")
       env.sim:fault{ endpoint = "refund_query", kind = "error",
                      status = 500 }
+      local mark = #env.gw:logs()
       local r = env:api("GET", "/v1/refunds/" .. r1.id .. "?refresh=1")
       assert.equal(200, r.status, r.body)
       assert.equal("processing", r.json.state)
       assert.is_true(r.json.stale, r.body)
       env.sim:clear_faults()
+      -- the log says why, not only the kind (as the payment's refresh)
+      local line
+      for l in env.gw:logs():sub(mark + 1):gmatch("[^\n]+") do
+        if l:find("refund refresh failed", 1, true)
+           and l:find(r1.id, 1, true) then
+          line = l
+        end
+      end
+      assert.truthy(line, "no refund refresh failed line")
+      assert.matches('"reason":"[^"]+', line)
     end)
 
     it("a closed refund gives its amount back", function()
