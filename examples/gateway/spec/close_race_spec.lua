@@ -197,8 +197,10 @@ describe("gateway attempt whose close at WeChat failed on " .. engine[1],
     gw = core.start(sim, {
       db = engine[2],
       -- a short deadline: the checks take up a close left open once the
-      -- calls that might still make the attempt (its prepay) are over
-      -- (long enough for the prepay's hold below, a few loopback calls)
+      -- calls that might still make the attempt (its prepay) are over.
+      -- It also bounds the prepay's hold below: held past it, the
+      -- gateway's call would time out (5 s for a close and a few
+      -- loopback calls)
       merchant = { deadline = 5 },
       gateway = { reconcile = { check_after = 1, first = 0.5, ceiling = 1,
                                 interval = 0.1, bill = false } } })
@@ -217,9 +219,8 @@ describe("gateway attempt whose close at WeChat failed on " .. engine[1],
     -- the new attempt's prepay held at WeChat until the close below has
     -- answered (a latency fault's window of 1.5 s, then 3 s, was not
     -- always enough on a loaded machine)
-    -- (no finally releasing it: the case clears the faults below, and a
-    -- release of a cleared fault is refused; the checks come after it)
     local h = sim:hold("prepay")
+    finally(function() h:release() end)   -- (nil once the faults cleared)
     local attempt
     pcore.spawn(function()
       attempt = gw:call("POST", "/v1/payments/" .. p.id .. "/attempts",
