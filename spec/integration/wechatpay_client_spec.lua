@@ -533,6 +533,35 @@ describe("platform certificates", function()
       .. " download))", err.message, 1, true)
     wx:stop()
   end)
+  it("a refresh asked for that waited for another worker's download says"
+     .. " that download failed, when it did", function()
+    -- was: the set taken as it was and true returned, as if the refresh
+    -- had worked
+    local wx = client()
+    local K = wx.certs_prefix
+    local n = count("GET", "/v3/certificates")
+    assert(wx.dict:set(K .. "lock", 999999, 30))
+    core.spawn(function()
+      core.sleep(0.2)
+      assert(wx.dict:set(K .. "failed", "decrypt_failed: wrong APIv3 key"
+                         .. " (apiv3_key)", 60))
+      wx.dict:delete(K .. "lock")
+    end)
+    local ok, err = wx:refresh_certificates()
+    assert.is_nil(ok)
+    assert.equal("decrypt_failed", err.kind)
+    assert.matches("(another worker's download)", err.message, 1, true)
+    assert.equal(n, count("GET", "/v3/certificates"))    -- none of its own
+    -- a success of that worker's (the mark deleted): true
+    assert(wx.dict:set(K .. "lock", 999999, 30))
+    wx.dict:delete(K .. "failed")
+    core.spawn(function()
+      core.sleep(0.2)
+      wx.dict:delete(K .. "lock")
+    end)
+    assert.is_true(wx:refresh_certificates())
+    wx:stop()
+  end)
   it("an unknown serial refused by the rate limit says why the download "
      .. "that set it failed", function()
     local wx = client{ apiv3_key = "0123456789abcdef0123456789abcdef" }

@@ -614,6 +614,22 @@ local function rate_limited(wx, last, ago)
         or ""), { rate_limited = true, retry_in = next_in })
 end
 
+-- Waits for the download another worker of the instance runs (its lock
+-- held), then takes its set: true, or that download's failure when it
+-- failed (a success deletes the mark), named as another worker's.
+local function await_other(wx, dict, K)
+  wait_for(function() return not dict:get(K .. "lock") end,
+           wx.conf.timeout + 5)
+  import(wx, dict:get(K .. "set"))
+  local failed = dict:get(K .. "failed")
+  if type(failed) == "string" then
+    local kind, msg = failed:match("^([%w_]+): (.*)$")
+    return nil, core.error(kind or "download_failed", (msg or failed)
+                           .. " (another worker's download)")
+  end
+  return true
+end
+
 function _M.refresh_locked(wx, reason)
   local c = wx.conf
   local dict = wx.dict
@@ -628,18 +644,9 @@ function _M.refresh_locked(wx, reason)
       -- no lock yet, and that worker took the old set as the result)
       if not dict:add(K .. "lock", core.pid(), c.timeout + 5) then
         -- a download runs: take its result, and its failure when it
-        -- failed (a success deletes the mark), for certs.verify to say
-        -- so, not "even after downloading"
-        wait_for(function() return not dict:get(K .. "lock") end,
-                 c.timeout + 5)
-        import(wx, dict:get(K .. "set"))
-        local failed = dict:get(K .. "failed")
-        if type(failed) == "string" then
-          local kind, msg = failed:match("^([%w_]+): (.*)$")
-          return nil, core.error(kind or "download_failed", (msg or failed)
-                                 .. " (another worker's download)")
-        end
-        return true
+        -- failed, for certs.verify to say so, not "even after
+        -- downloading"
+        return await_other(wx, dict, K)
       end
       -- (its value: when, for the refusals' "N s ago")
       if not dict:add(K .. "rate", core.time(), c.download_min_interval)
@@ -667,10 +674,9 @@ function _M.refresh_locked(wx, reason)
   end
   if dict and not locked then
     if not dict:add(K .. "lock", core.pid(), c.timeout + 5) then
-      wait_for(function() return not dict:get(K .. "lock") end,
-               c.timeout + 5)
-      import(wx, dict:get(K .. "set"))
-      return true
+      -- (its failure too: a refresh asked for -- wx:refresh_certificates,
+      -- paygate doctor -- said success of a download that had failed)
+      return await_other(wx, dict, K)
     end
   end
   if reason == "unknown_serial" then wx.dl.at = now end
