@@ -506,6 +506,19 @@ describe("platform certificates", function()
     assert.equal("decrypt_failed", err.kind)
     wx:stop()
   end)
+  -- Another worker of the instance holds the download's lock, and ends
+  -- its download 0.2 s later: failed with failure (the mark it leaves),
+  -- or a success (failure nil: the mark deleted).
+  local function another_worker_downloads(wx, failure)
+    local K = wx.certs_prefix
+    assert(wx.dict:set(K .. "lock", 999999, 30))
+    if not failure then wx.dict:delete(K .. "failed") end
+    core.spawn(function()
+      core.sleep(0.2)
+      if failure then assert(wx.dict:set(K .. "failed", failure, 60)) end
+      wx.dict:delete(K .. "lock")
+    end)
+  end
   it("an unknown serial that waited for another worker's download says"
      .. " that download failed, when it did", function()
     -- Another worker of the instance holds the download's lock; it ends
@@ -513,15 +526,9 @@ describe("platform certificates", function()
     -- the set as it was and said "even after downloading the platform
     -- certificates", as if a download had brought no key for the serial.
     local wx = client()
-    local K = wx.certs_prefix
     local n = count("GET", "/v3/certificates")
-    assert(wx.dict:set(K .. "lock", 999999, 30))
-    core.spawn(function()
-      core.sleep(0.2)
-      assert(wx.dict:set(K .. "failed", "decrypt_failed: wrong APIv3 key"
-                         .. " (apiv3_key)", 60))
-      wx.dict:delete(K .. "lock")
-    end)
+    another_worker_downloads(wx, "decrypt_failed: wrong APIv3 key"
+                                 .. " (apiv3_key)")
     wxtest.queue(srv, "GET", "/v3/x", { { body = "{}",
                                           sign = { serial = P2 } } })
     local _, err = wx:request("GET", "/v3/x")
@@ -538,27 +545,16 @@ describe("platform certificates", function()
     -- was: the set taken as it was and true returned, as if the refresh
     -- had worked
     local wx = client()
-    local K = wx.certs_prefix
     local n = count("GET", "/v3/certificates")
-    assert(wx.dict:set(K .. "lock", 999999, 30))
-    core.spawn(function()
-      core.sleep(0.2)
-      assert(wx.dict:set(K .. "failed", "decrypt_failed: wrong APIv3 key"
-                         .. " (apiv3_key)", 60))
-      wx.dict:delete(K .. "lock")
-    end)
+    another_worker_downloads(wx, "decrypt_failed: wrong APIv3 key"
+                                 .. " (apiv3_key)")
     local ok, err = wx:refresh_certificates()
     assert.is_nil(ok)
     assert.equal("decrypt_failed", err.kind)
     assert.matches("(another worker's download)", err.message, 1, true)
     assert.equal(n, count("GET", "/v3/certificates"))    -- none of its own
     -- a success of that worker's (the mark deleted): true
-    assert(wx.dict:set(K .. "lock", 999999, 30))
-    wx.dict:delete(K .. "failed")
-    core.spawn(function()
-      core.sleep(0.2)
-      wx.dict:delete(K .. "lock")
-    end)
+    another_worker_downloads(wx, nil)
     assert.is_true(wx:refresh_certificates())
     wx:stop()
   end)
