@@ -293,6 +293,63 @@ describe("paygate verify (more causes)", function()
                    .. " is another merchant's", r.detail, 1, true)
   end)
 
+  -- A message of the other variant than every key given (an SM merchant's
+  -- notification checked with the RSA platform certificates of an RSA
+  -- set-up, or the reverse): its serial is none of theirs, and it was told
+  -- as a rotation, whose fix (download the certificates with this
+  -- merchant's credentials) fetches the same variant's again.
+  describe("a serial naming no key given, every key of the other variant",
+           function()
+    local sm_key, sm_cert, sm_other
+    setup(function()
+      sm_key, sm_cert = dir .. "/smp.key", dir .. "/smp.pem"
+      sm_other = dir .. "/smo.key"   -- signs the rotated-to certificate
+      assert(os.execute(("openssl genpkey -algorithm SM2 -out %s 2>/dev/null"
+        .. " && openssl genpkey -algorithm SM2 -out %s 2>/dev/null"
+        .. " && openssl req -x509 -new -key %s -sm3 -sigopt distid:"
+        .. "1234567812345678 -days 3 -subj '/CN=Tenpay.com sign/O=Tenpay.com'"
+        .. " -addext basicConstraints=CA:FALSE -out %s 2>/dev/null")
+        :format(sm_key, sm_other, sm_key, sm_cert)))
+    end)
+
+    it("an SM2-signed message, RSA keys given", function()
+      local sm = assert(crypto.private_key(read(sm_key)))
+      local r = last(SORTED, signed(SORTED, { key = sm,
+        alg = "WECHATPAY2-SM2-WITH-SM3",
+        serial = "3F1E989910B253E069A11568C91C57CA44568158",
+        extra = "Wechatpay-Signature-Type: WECHATPAY2-SM2-WITH-SM3\r\n" }))
+      assert.equal("algorithm", r.kind)
+      assert.matches("signed WECHATPAY2-SM2-WITH-SM3", r.cause, 1, true)
+      assert.matches("every key given is RSA", r.cause, 1, true)
+      assert.matches("algorithm_type=SM2", r.fix, 1, true)
+      assert.matches("SM2 merchant key", r.fix, 1, true)
+      assert.not_matches("rotated", r.detail, 1, true)
+    end)
+
+    it("an RSA-signed message without its type header, SM2 keys given",
+       function()
+      local r = last(SORTED, signed(SORTED, {
+        serial = "5157F09EFDC096DE15EBE81A47057A7232F1B8E1" }),
+        { "--certificate", sm_cert })
+      assert.equal("algorithm", r.kind)
+      assert.matches("signed WECHATPAY2-SHA256-RSA2048", r.cause, 1, true)
+      assert.matches("every key given is SM2", r.cause, 1, true)
+      assert.matches("RSA merchant key", r.fix, 1, true)
+    end)
+
+    it("a key of the message's variant among them: a rotation still",
+       function()
+      local sm = assert(crypto.private_key(read(sm_other)))
+      local r = last(SORTED, signed(SORTED, { key = sm,
+        alg = "WECHATPAY2-SM2-WITH-SM3",
+        serial = "3F1E989910B253E069A11568C91C57CA44568158",
+        extra = "Wechatpay-Signature-Type: WECHATPAY2-SM2-WITH-SM3\r\n" }),
+        { "--certificate", pki.platform, "--certificate", sm_cert })
+      assert.equal("unknown_serial", r.kind)
+      assert.matches("WeChat rotated its certificates", r.detail, 1, true)
+    end)
+  end)
+
   -- A serial naming no key given, and a signature that verifies with one
   -- given: the body and the signature are one message's. It was always
   -- "the headers and the body come from different captures", though a

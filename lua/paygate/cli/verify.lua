@@ -28,7 +28,8 @@ unicode, a BOM, a final newline, line endings; several at once), a
 signature made without the trailing newline, the timestamp outside
 the window, a serial not among the keys (a PUB_KEY_ID_ with certificates
 only, or the reverse), the merchant's own certificate given in place of
-WeChat's, a signature type that does not fit the key, a
+WeChat's, a signature type that does not fit the key (or a message of
+the SM2 variant when every key given is RSA, or the reverse), a
 WECHATPAY/SIGNTEST/ probe, a captured error answer (unsigned), a
 signature whose base64 was damaged (quoted, percent-encoded, + turned
 into spaces, wrapped, URL-safe, unpadded). Sorted keys are only
@@ -571,6 +572,50 @@ local function main(args)
       local ids = {}
       for _, e in ipairs(certs) do ids[#ids + 1] = e.id end
       for _, e in ipairs(pubs) do ids[#ids + 1] = e.id end
+      -- The variant the message is of: its Wechatpay-Signature-Type (none
+      -- means RSA) where the signature's size does not say otherwise. When
+      -- every key given is of the other one (an SM merchant's notification
+      -- checked with an RSA set-up's certificates, or the reverse), that
+      -- is the cause: a rotation's fix would fetch the same variant again.
+      local declared = verify.FAMILY_OF[h.sig_type or verify.DEFAULT_SIG_TYPE]
+      local sized = verify.sig_family(h.signature)
+      local family
+      if not h.sig_type then
+        family = sized or declared
+      elseif sized == nil or sized == declared then
+        family = declared        -- (nil for a type that is neither)
+      end
+      local other_types = family ~= nil
+      for _, e in ipairs(certs) do
+        if e.cert:key_type() == family then other_types = false end
+      end
+      for _, e in ipairs(pubs) do
+        if e.key:type() == family then other_types = false end
+      end
+      if other_types then
+        local sm = family == "SM2"
+        local given_type = sm and "RSA" or "SM2"
+        local signed_as = h.sig_type or (sm and "with an SM2-sized "
+          .. "signature and no Wechatpay-Signature-Type (a verifier then "
+          .. "assumes RSA)" or verify.DEFAULT_SIG_TYPE .. " (no "
+          .. "Wechatpay-Signature-Type, which means it)")
+        out:fail("algorithm", "Wechatpay-Serial " .. serial .. " is not "
+          .. "among the keys given, and they are of the other variant: the "
+          .. "message is signed " .. signed_as .. ", every key given is "
+          .. given_type, "keys given: " .. table.concat(ids, ", ") .. " ("
+          .. given_type .. "); a merchant of the national-crypto variant "
+          .. "(WECHATPAY2-SM2-WITH-SM3) is answered and notified under "
+          .. "WeChat's SM2 platform certificates, an RSA merchant under RSA"
+          .. " ones or an RSA public key: these are the other variant's "
+          .. "(another merchant's, or an earlier set-up's)", sm
+          and ("give the SM2 platform certificates: paygate certs "
+               .. "--download with the SM2 merchant key fetches them "
+               .. "(/v3/certificates?algorithm_type=SM2)")
+          or ("give the RSA platform certificates (paygate certs "
+              .. "--download with the RSA merchant key fetches them) or "
+              .. "the WeChat Pay public key"))
+        return 1
+      end
       cause = "Wechatpay-Serial " .. serial .. " is not among the keys given"
       -- (none of them verifies the signature either)
       detail = "keys given: " .. table.concat(ids, ", ") .. "; the "

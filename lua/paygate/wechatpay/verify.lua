@@ -191,6 +191,9 @@ local function sig_family(b64)
   if bytes >= 64 and bytes <= 72 then return "SM2" end
   return nil
 end
+-- (paygate verify names a message of the other variant than its keys by
+-- them too)
+_M.FAMILY_OF, _M.sig_family = FAMILY_OF, sig_family
 
 -- The type an answer without Wechatpay-Signature-Type is of.
 _M.DEFAULT_SIG_TYPE = "WECHATPAY2-SHA256-RSA2048"
