@@ -354,6 +354,24 @@ describe("wechatpay.client configuration", function()
     refused({ sp_appid = "wx8888888888888888" }, "sp_appid")
     refused({ mchid = NIL, sp_mchid = "1900000100", appid = "wx1" }, "appid")
   end)
+  -- An SM merchant's SM2 key under the default sign_type is a sign_type
+  -- left out far more often than a wrong key: the message said only that
+  -- RSA needs an RSA key, and doctor's fix pointed at the key.
+  it("a key of the other variant names the sign_type that takes it",
+     function()
+    local err = refused({ merchant_private_key = FIX .. "a10a_sm2_key.pem" },
+                        "merchant_private_key")
+    assert.matches("is an SM2 key; sign_type WECHATPAY2-SHA256-RSA2048 (the "
+      .. "default) needs an RSA key", err.message, 1, true)
+    assert.matches('a merchant of the national-crypto variant sets sign_type'
+      .. ' = "WECHATPAY2-SM2-WITH-SM3"', err.message, 1, true)
+    err = refused({ sign_type = "WECHATPAY2-SM2-WITH-SM3" },
+                  "merchant_private_key")
+    assert.matches("is an RSA key; sign_type WECHATPAY2-SM2-WITH-SM3 needs "
+      .. "an SM2 key", err.message, 1, true)
+    assert.matches("an RSA merchant leaves sign_type out", err.message, 1,
+                   true)
+  end)
   it("appids / sp_appids list the other appids a client may name",
      function()
     -- an official account's appid (the default) and an App's

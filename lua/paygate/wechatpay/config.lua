@@ -400,8 +400,16 @@ function _M.check(conf)
                                                       "merchant_private_key"))
   end
   if key:type() ~= key_type then
+    -- an SM merchant's SM2 key under the default is sign_type left out
+    -- far more often than a wrong key: the sign_type that takes the key
+    -- is said too (doctor's fix points at the key named)
     return bad("merchant_private_key", "is an " .. key:type() .. " key; "
-               .. "sign_type " .. schema .. " needs an " .. key_type .. " key")
+               .. "sign_type " .. schema .. (conf.sign_type == nil
+                 and " (the default)" or "") .. " needs an " .. key_type
+               .. " key: " .. (c.sm and "an RSA merchant leaves sign_type "
+                 .. "out (" .. sign.RSA .. " is the default)"
+                 or "a merchant of the national-crypto variant sets "
+                 .. 'sign_type = "' .. sign.SM2 .. '"'))
   end
   -- merchant serial, or the certificate it comes from
   local serial = conf.merchant_serial
