@@ -270,9 +270,9 @@ end
 --               sub (sub_mchid -> { mchid, appids (set) }), verifier_mode }
 --   cfg.state_dir, time_scale, answer_timeout, verifier_mode, sign_type,
 --   sm (boolean), control, rotation_delay, refund_settle_after,
---   timestamp_window, time_expire_min, platform_private_key, platform_certificate,
---   public_key_id, public_key_private_key (PEM texts or nil), and every
---   key added with config.define.
+--   timestamp_window, time_expire_min, notify_ca_file, platform_private_key,
+--   platform_certificate, public_key_id, public_key_private_key (PEM
+--   texts or nil), and every key added with config.define.
 function _M.check(raw)
   if type(raw) ~= "table" then
     return nil, "config: must be a table (the config file returns one)"
@@ -367,6 +367,22 @@ end)
 
 _M.define("time_scale", number_check(0, true), 1)
 _M.define("answer_timeout", number_check(0, true), 5)
+-- The CA certificates an https notify_url's server must chain to, instead
+-- of the system store: a merchant trialled on HTTPS with a test CA's
+-- certificate. Read now, as the WeChat Pay client reads its ca_file: a
+-- path that is no file of CA certificates (a typo, a folder) would
+-- otherwise be taken and every notification fail on TLS.
+_M.define("notify_ca_file", function(v)
+  local ok, why = false, nil
+  if type(v) == "string" then
+    ok, why = require("paygate.wechatpay.config").pem_file(v)
+  end
+  if not ok then
+    return nil, "must name a readable file of CA certificates (PEM)"
+                .. (why and " (" .. why .. ")" or "")
+  end
+  return v
+end)
 -- A rotation's delay: at most a year (the new certificate is valid for
 -- five; a delay past its end, or an infinite one, would never switch)
 _M.ROTATION_DELAY_MAX = 365 * 86400

@@ -330,6 +330,7 @@ function D:deliver(row, n, fault, dups)
     local res, err = http.request{ method = "POST", url = row.notify_url,
       headers = h, body = body, timeout = answer_timeout(ctx),
       connect_timeout = min(answer_timeout(ctx), 5),
+      ca_file = ctx.config.notify_ca_file,   -- nil: the system store
       sink = function() end }
     rec.latency = core.mono() - t0
     if res then
