@@ -498,3 +498,69 @@ end)
     assert.matches("^HTTP/1.1 200.*\"rest\":\"a/b\"", out)
   end)
 end)
+
+-- A request refused at the edge, before any handler (a malformed or
+-- smuggling head, one too large, a body over the limit, a head or body not
+-- received in time), has an access line like any other: without it an
+-- operator facing a client that says "400" or "413" found nothing in the
+-- log. Its method and path are not shown: a head refused unread has none,
+-- and the connection's may be its previous request's.
+describe("a request refused at the edge", function()
+  local proc = require "support.proc"
+  local s
+
+  setup(function()
+    s = server.start{ workers = 1, source = [[
+local paygate = require "paygate"
+paygate.route("POST", "/in", function() return 204 end)
+]], config = [[return { limits = { header_bytes = 1024, body_bytes = 100,
+                                     header_timeout = 1 } }]] }
+  end)
+
+  teardown(function()
+    if s then assert.equal(0, s:stop()) end
+  end)
+
+  -- the access lines of refusals with this status and kind so far
+  local function refusals(status, kind)
+    local out = {}
+    for line in s:logs():gmatch("[^\n]+") do
+      local ok, l = pcall(json.decode, line)
+      if ok and type(l) == "table" and l.msg == "access"
+         and l.status == status and l.error == kind then
+        out[#out + 1] = l
+      end
+    end
+    return out
+  end
+
+  it("has one access line: status, error kind and the client's address",
+     function()
+    for _, case in ipairs{
+      { 400, "bad_request", "POST /in HTTP/1.1\r\nHost: x\r\nContent-Length:"
+        .. " 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" },
+      { 431, "header_too_large", "GET /in HTTP/1.1\r\nHost: x\r\nX-Big: "
+        .. ("a"):rep(2000) .. "\r\n\r\n" },
+      { 413, "body_too_large", "POST /in HTTP/1.1\r\nHost: x\r\n"
+        .. "Content-Length: 101\r\n\r\n" },
+      { 408, "timeout", "POST /in HTTP/1.1\r\nHost: x\r\n" },
+    } do
+      local status, kind, bytes = case[1], case[2], case[3]
+      local c = assert(rawtcp.connect(s.port, 3))
+      c:send(bytes)
+      local out = c:recv_all()
+      c:close()
+      assert.matches("^HTTP/1.1 " .. status, out, kind)
+      local lines
+      proc.wait_until(function()
+        lines = refusals(status, kind)
+        return #lines == 1
+      end, 5, "the access line of the " .. status)
+      local l = lines[1]
+      assert.matches("^127%.0%.0%.1:%d+$", l.remote)
+      assert.equal("info", l.level)
+      assert.is_nil(l.method)
+      assert.is_nil(l.path)
+    end
+  end)
+end)

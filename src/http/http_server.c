@@ -447,6 +447,21 @@ conn_bad(struct gw_conn *c, int status, const char *kind, const char *msg)
     if (gw_srv.conf.on_request != NULL) {
         gw_srv.conf.on_request("-", 1, NULL, 0, status, 0);
     }
+    /* its access line, as a request that reached a handler has: else a
+     * client refused here (a smuggling head, a body over the limit, a
+     * slow head) left nothing in the log to find it by. No method nor
+     * path: a head refused unread has none, and c->head may still hold
+     * the connection's previous request */
+    if (gw_srv.conf.access_log && gw_log_min <= GW_LOG_INFO) {
+        char fields[192];
+        int n = snprintf(fields, sizeof(fields),
+                         "{\"status\":%d,\"error\":\"%s\",\"remote\":\"%s\"}",
+                         status, kind, c->peer);
+
+        if (n > 0 && (size_t) n < sizeof(fields)) {
+            gw_log_line(GW_LOG_INFO, NULL, "access", 6, fields, (size_t) n);
+        }
+    }
     c->state = ST_CLOSING;
 }
 
