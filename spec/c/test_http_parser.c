@@ -117,6 +117,25 @@ test_rejects(void)
                  "Transfer-Encoding: chunked\r\n\r\n") == 400);
     assert(parse("POST / HTTP/1.1\r\nHost: a\r\n"
                  "Transfer-Encoding: gzip\r\n\r\n") == 501);
+    /* RFC 9112 6.3: chunked not the final coding, in one line or over
+     * two, is 400 (a MUST); another coding with chunked last is 501 */
+    assert(parse("POST / HTTP/1.1\r\nHost: a\r\n"
+                 "Transfer-Encoding: chunked, identity\r\n\r\n") == 400);
+    assert(parse("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: "
+                 "chunked\r\nTransfer-Encoding: gzip\r\n\r\n") == 400);
+    assert(parse("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: "
+                 "chunked\r\nTransfer-Encoding: chunked\r\n\r\n") == 400);
+    assert(parse("POST / HTTP/1.1\r\nHost: a\r\n"
+                 "Transfer-Encoding: gzip, chunked\r\n\r\n") == 501);
+    assert(parse("POST / HTTP/1.1\r\nHost: a\r\n"
+                 "Transfer-Encoding: xchunked\r\n\r\n") == 501);
+    assert(parse("POST / HTTP/1.1\r\nHost: a\r\n"
+                 "Transfer-Encoding: \r\n\r\n") == 501);
+    assert(parse("POST / HTTP/1.1\r\nHost: a\r\n"
+                 "Transfer-Encoding: Chunked\r\n\r\n") == 0 && h.chunked);
+    assert(parse("POST / HTTP/1.1\r\nHost: a\r\n"
+                 "Transfer-Encoding: , chunked ,\r\n\r\n") == 0
+           && h.chunked);
     assert(parse("POST / HTTP/1.1\r\nHost: a\r\nExpect: magic\r\n\r\n")
            == 417);
     /* bare LF ends no line; a 101st field is 431 (the 100th is fine) */

@@ -454,6 +454,31 @@ struct conn_flags {
     int keep_alive;
 };
 
+/* The transfer codings of a request, over all its Transfer-Encoding
+ * lines in order (RFC 9112 6.1, 6.3): whether the last one so far is
+ * chunked, whether one is another coding (not implemented: 501), and
+ * whether chunked came before another (the body's length cannot be known:
+ * 400, a MUST). */
+struct te_state {
+    int last_chunked;
+    int other;
+    int not_final;
+};
+
+static void
+te_token(void *arg, const char *t, size_t len)
+{
+    struct te_state *s = arg;
+
+    if (s->last_chunked) {
+        s->not_final = 1;
+    }
+    s->last_chunked = ieq(t, len, "chunked", 7);
+    if (!s->last_chunked) {
+        s->other = 1;
+    }
+}
+
 static void
 conn_token(void *arg, const char *t, size_t len)
 {
@@ -573,6 +598,7 @@ gw_http_parse_head(const char *buf, size_t head_len, struct gw_http_head *h)
     const char *p = buf, *end = buf + head_len, *eol;
     struct conn_flags cf = { 0, 0 };
     int te_seen = 0, host_seen = 0, rc;
+    struct te_state te = { 0, 0, 0 };
 
     /* every result; the caller's headers and max_headers stay */
     memset(h, 0, offsetof(struct gw_http_head, headers));
@@ -652,11 +678,17 @@ gw_http_parse_head(const char *buf, size_t head_len, struct gw_http_head *h)
             }
             h->content_length = n;
         } else if (ieq(x->name, x->name_len, "transfer-encoding", 17)) {
-            if (te_seen || !ieq(x->value, x->value_len, "chunked", 7)) {
-                return 501;
+            struct te_state before = te;
+
+            each_token(x->value, x->value_len, te_token, &te);
+            if (te.not_final) {
+                return 400;     /* chunked, then another coding */
+            }
+            if (te.last_chunked == before.last_chunked
+                && te.other == before.other) {
+                te.other = 1;   /* a line with no coding at all */
             }
             te_seen = 1;
-            h->chunked = 1;
         } else if (ieq(x->name, x->name_len, "connection", 10)) {
             each_token(x->value, x->value_len, conn_token, &cf);
         } else if (ieq(x->name, x->name_len, "expect", 6)) {
@@ -671,6 +703,12 @@ gw_http_parse_head(const char *buf, size_t head_len, struct gw_http_head *h)
             host_seen = 1;
         }
         p = eol + 1;
+    }
+    if (te_seen) {
+        if (te.other) {
+            return 501;         /* a coding only chunked is implemented */
+        }
+        h->chunked = 1;         /* chunked, once, the last coding */
     }
     if (h->chunked && (h->content_length >= 0 || h->minor == 0)) {
         return 400;                 /* request smuggling shapes */
