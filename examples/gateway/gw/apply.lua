@@ -514,6 +514,23 @@ function _M.refund_status(ctx, tx, rf, o)
     local ok
     ok, err = events.emit(tx, "refund." .. event, p, rf)
     if not ok then return nil, err end
+    if event == "abnormal" then
+      -- the money is owed to the payer until someone applies for it (the
+      -- abnormal-refund API, or the merchant platform): said here, however
+      -- the ABNORMAL came (notification, query, a refund sent again), so
+      -- an operator without a consumer of refund.abnormal hears of it too;
+      -- once the transition committed (a transaction retried says nothing
+      -- twice)
+      local fields = { refund = rf.id, refund_id = rf.refund_id,
+        out_refund_no = rf.out_refund_no, payment = p.id,
+        mchid = tostring(p.mchid), sub_mchid = model.opt(p.sub_mchid),
+        amount = rf.amount,
+        source = o.source == "query" and o.via or o.source }
+      tx:on_commit(function()
+        paygate.log.warn("gateway: refund ABNORMAL: apply for the"
+          .. " abnormal-refund API", fields)
+      end)
+    end
   end
   if status ~= "PROCESSING" then
     -- (PROCESSING: WeChat sends no notification of it)

@@ -547,11 +547,8 @@ local function refund_checks(ctx, conf, sched)
         return true
       end
       if not action then return nil, err end
-      if action.abnormal and row.state ~= "abnormal" then
-        paygate.log.warn("gateway: refund ABNORMAL: apply for the"
-          .. " abnormal-refund API", { refund = row.id,
-          refund_id = action.refund.refund_id })
-      end
+      -- (an ABNORMAL applied is logged by apply.refund_status, with the
+      -- refund_id the abnormal-refund API needs)
       return fsm.retry(db, function(tx)
         local f, ferr = rctx.fence(tx)
         if not f then return nil, ferr end

@@ -247,6 +247,23 @@ describe("gateway notifications", function()
     assert.equal(1, env:count_events(p.id, "refund.abnormal"))
     assert.equal(1, env:count_events(p.id, "refund.closed"))
     assert.equal("paid", env:get(p.id).state)
+    -- the abnormal refund waits for a person to apply for it: the log says
+    -- so once, with the refund_id the abnormal-refund API needs (before,
+    -- only the refund checks said it, and a notified refund never reaches
+    -- them as abnormal: an operator without a webhook heard nothing)
+    local said = {}
+    for line in env.gw:logs():gmatch("[^\n]+") do
+      local rec = json.decode(line)
+      if type(rec) == "table" and rec.level == "warn" and rec.msg
+         == "gateway: refund ABNORMAL: apply for the abnormal-refund API" then
+        said[#said + 1] = rec
+      end
+    end
+    assert.equal(1, #said, "one warning for the abnormal refund")
+    assert.equal(r1.id, said[1].refund)
+    assert.equal(r1.refund_id, said[1].refund_id)
+    assert.equal(p.id, said[1].payment)
+    assert.equal("notification", said[1].source)
   end)
 
   -- WeChat retries a notification for a day: a REFUND.ABNORMAL whose
@@ -283,8 +300,15 @@ describe("gateway notifications", function()
           and rec.msg == "fsm: illegal transition refused"
           and rec.id == r.id, line)
       end
-      -- nothing applied: no refund.abnormal for a refund that had ended
+      -- nothing applied: no refund.abnormal for a refund that had ended,
+      -- and no call to apply for it
       assert.equal(0, env:count_events(p.id, "refund.abnormal"))
+      for line in env.gw:logs():gmatch("[^\n]+") do
+        local rec = json.decode(line)
+        assert.is_false(type(rec) == "table" and rec.refund == r.id
+          and rec.msg == "gateway: refund ABNORMAL: apply for the"
+          .. " abnormal-refund API", line)
+      end
     end)
   end
 

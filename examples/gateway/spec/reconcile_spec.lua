@@ -193,6 +193,18 @@ describe("gateway reconciliation", function()
     local ev = assert(gw.db:query("SELECT type FROM paygate_outbox WHERE"
       .. " subject = $1 AND type = 'refund.abnormal'", { p.id }))
     assert.equal(1, #ev)
+    -- and said once in the log, with what the application needs
+    local said = {}
+    for line in (gw.srv:logs() or ""):gmatch("[^\n]+") do
+      local rec = require("cjson.safe").decode(line)
+      if type(rec) == "table" and rec.refund == r2.json.id and rec.msg
+         == "gateway: refund ABNORMAL: apply for the abnormal-refund API" then
+        said[#said + 1] = rec
+      end
+    end
+    assert.equal(1, #said)
+    assert.equal("reconcile", said[1].source)
+    assert.equal(refund(r2.json.id).refund_id, said[1].refund_id)
     -- the merchant applies through the abnormal-refund API; WeChat pays it
     -- to the bank card, and that notification is lost too: the checks,
     -- which keep asking about an abnormal refund, see it succeed
