@@ -1094,6 +1094,42 @@ end
                      .. big, page.body, 1, true)
       assert.not_matches("The first", get(gw,
         "/console/reconcile?date=2001-02-03").body, 1, true)
+      -- a report file this instance cannot read (another instance ran the
+      -- day, the disk was replaced): the rows the day's audit entry keeps
+      -- are shown, not only "cannot be read here"
+      local gone = rcv.dir .. "/gone-report.csv"
+      assert(audit.append(gw.db, "reconcile:2001-05-06", {
+        what = "reconcile.bill", actor = "reconcile", cause = "daily_bill",
+        evidence = { date = "2001-05-06", merchant = sim.merchant.mchid,
+          file = gone, counts = { total = 3 }, findings_omitted = 1,
+          findings = {
+            { kind = "missing_local", out_trade_no = "kept-row-1",
+              remote_state = "SUCCESS", remote_amount = 4321 },
+            { kind = "amount", out_trade_no = "kept-row-2",
+              local_state = "paid", local_amount = 1501,
+              remote_state = "SUCCESS", remote_amount = 1500 } } } }))
+      page = get(gw, "/console/reconcile?date=2001-05-06")
+      assert.equal(200, page.status, page.body)
+      assert.matches("Mismatches of 2001-05-06, merchant "
+                     .. sim.merchant.mchid, page.body, 1, true)
+      assert.matches("<th>remote_amount</th>", page.body, 1, true)
+      assert.matches("<td>2001-05-06</td><td>missing_local</td><td>"
+        .. "kept-row-1</td><td></td><td></td><td></td><td>SUCCESS</td>"
+        .. "<td>4321</td>", page.body, 1, true)
+      assert.matches("<td>2001-05-06</td><td>amount</td><td>kept-row-2"
+        .. "</td><td></td><td>paid</td><td>1501</td><td>SUCCESS</td>"
+        .. "<td>1500</td>", page.body, 1, true)
+      assert.matches("The report " .. gone .. " cannot be read here: these"
+        .. " are the 2 of 3 mismatches its audit entry keeps.", page.body,
+        1, true)
+      -- an entry that keeps no findings (made before they were kept)
+      assert(audit.append(gw.db, "reconcile:2001-05-07", {
+        what = "reconcile.bill", actor = "reconcile", cause = "daily_bill",
+        evidence = { date = "2001-05-07", merchant = sim.merchant.mchid,
+                     file = gone, counts = { total = 1 } } }))
+      page = get(gw, "/console/reconcile?date=2001-05-07")
+      assert.matches("The report " .. gone .. " cannot be read here.",
+                     page.body, 1, true)
     end)
   end)
 end)

@@ -542,6 +542,9 @@ end
 local HEADER = { "bill_date", "kind", "out_trade_no", "out_refund_no",
                  "local_state", "local_amount", "remote_state",
                  "remote_amount" }
+-- the report's columns, for a reader that lays out an audit entry's
+-- findings as the CSV has them (its file gone, or on another instance)
+_M.HEADER = HEADER
 
 -- syntax: text = bill.csv(date, mismatches)
 -- returns: the report as CSV text (header line, one line per mismatch,

@@ -807,6 +807,39 @@ function _M.run_bill(date)
   return { total = total, failed = failed, merchants = runs }
 end
 
+-- A day's report whose file cannot be read on this instance (another
+-- instance ran the day, the file was removed): the findings its audit
+-- entry keeps (the first 500 at most, findings_omitted the rest), laid
+-- out as the CSV's rows, rather than nothing. An entry that keeps none
+-- (made before they were kept) says only that the file cannot be read.
+local function kept_findings(ev)
+  local fs = ev.findings
+  if type(fs) ~= "table" then
+    return render("<p class=\"bad\">The report {{f}} cannot be read"
+      .. " here.</p>", { f = ev.file })
+  end
+  local rows = {}
+  for i, f in ipairs(fs) do
+    if type(f) ~= "table" then f = {} end
+    local row = { ev.date, f.kind, f.out_trade_no, f.out_refund_no,
+                  f.local_state, f.local_amount, f.remote_state,
+                  f.remote_amount }
+    for j = 1, #bill.HEADER do
+      row[j] = row[j] ~= nil and tostring(row[j]) or ""
+    end
+    rows[i] = row
+  end
+  local c = type(ev.counts) == "table" and ev.counts or {}
+  local all = tonumber(c.total)
+  return render("<h2>Mismatches of {{d}}, merchant {{m}}</h2><p class="
+    .. "\"bad\">The report {{f}} cannot be read here: these are the {{k}}"
+    .. "{{of}} mismatches its audit entry keeps.</p>{{t}}", {
+      d = tostring(ev.date), m = tostring(ev.merchant), f = ev.file,
+      k = tostring(#rows), of = all and all > #rows
+        and (" of " .. tostring(all)) or "",
+      t = table_of(bill.HEADER, rows) })
+end
+
 function _M.reconcile(q, view)
   -- newest first; runs recorded in the same millisecond (a lever running
   -- several days, a fast test) by the later day first, then the later run
@@ -846,9 +879,7 @@ function _M.reconcile(q, view)
             n = more and render("<p class=\"bad\">The first {{k}} of {{all}}"
               .. " mismatches; the whole report is {{f}}.</p>", { k = #cells,
               all = tostring(c.total or "more"), f = ev.file })
-              or html.NONE }) or render(
-          "<p class=\"bad\">The report {{f}} cannot be read here.</p>",
-          { f = ev.file })
+              or html.NONE }) or kept_findings(ev)
       end
     end
     if detail == html.NONE then
