@@ -193,6 +193,50 @@ describe("paygate doctor --config <the gateway's config>", function()
     assert.is_nil(r.merchant_key.fix:find("BEGIN", 1, true))
   end)
 
+  -- a key of the other variant than sign_type's: the message named the
+  -- sign_type that takes it, the fixes still sent the user to the key
+  -- ("fix the key it names", "fix merchants[1].merchant_private_key")
+  -- where an SM merchant has most often left sign_type out
+  it("names sign_type in the fix for a merchant key of the other variant",
+     function()
+    local sm2 = dir .. "/sm2_key.pem"
+    assert(os.execute("openssl genpkey -algorithm SM2 -out " .. sm2
+                      .. " 2>/dev/null"))
+    local conf = variant("sm2key", ("c.merchants[1].merchant_private_key"
+                                    .. " = %q"):format(sm2))
+    local code, out, r = run({ "doctor", "--json", "--config", conf })
+    assert.equal(1, code, out)
+    local want = 'set merchants[1].sign_type = "WECHATPAY2-SM2-WITH-SM3"'
+    for _, k in ipairs({ "gateway_config", "wechatpay_config" }) do
+      assert.equal("fail", r[k] and r[k].status, k .. ": " .. out)
+      assert.equal(1, r[k].fix:find(want, 1, true), k .. ": " .. out)
+      assert.matches("or give merchants[1].merchant_private_key the "
+                     .. "merchant's RSA key", r[k].fix, 1, true)
+    end
+    -- the reverse: the dev merchant's RSA key under the SM sign_type
+    conf = variant("rsaundersm", 'c.merchants[1].sign_type = '
+                                 .. '"WECHATPAY2-SM2-WITH-SM3"')
+    code, out, r = run({ "doctor", "--json", "--config", conf })
+    assert.equal(1, code, out)
+    want = "leave merchants[1].sign_type out"
+    for _, k in ipairs({ "gateway_config", "wechatpay_config" }) do
+      assert.equal("fail", r[k] and r[k].status, k .. ": " .. out)
+      assert.equal(1, r[k].fix:find(want, 1, true), k .. ": " .. out)
+      assert.matches("merchant's SM2 key", r[k].fix, 1, true)
+    end
+    -- another failure of the key keeps the fix naming the key
+    local ec = dir .. "/ec_key2.pem"
+    assert(os.execute("openssl genpkey -algorithm EC -pkeyopt "
+      .. "ec_paramgen_curve:P-256 -out " .. ec .. " 2>/dev/null"))
+    conf = variant("eckey2", ("c.merchants[1].merchant_private_key = %q")
+                             :format(ec))
+    code, out, r = run({ "doctor", "--json", "--config", conf })
+    assert.equal("fix the key it names (docs/gateway.md lists them)",
+                 r.gateway_config.fix, out)
+    assert.equal("fix merchants[1].merchant_private_key",
+                 r.wechatpay_config.fix, out)
+  end)
+
   -- doctor read apiv3_key_file and previous_apiv3_key_files with the
   -- command-line reader, which takes a pipe (--apiv3-key-file <(...)): a
   -- FIFO named in the config held it for good, waiting for a writer,

@@ -18,6 +18,7 @@ local keys = require "paygate.cli.keys"
 local http = require("paygate").http
 local wconfig = require "paygate.wechatpay.config"
 local verify = require "paygate.wechatpay.verify"
+local wsign = require "paygate.wechatpay.sign"
 local json = require "cjson.safe"
 -- a URL as a message may show it (metrics_url may hold user:password@)
 local redact_url = require("paygate.redact").url
@@ -288,6 +289,21 @@ local function checkout()
          and src:match("^@(.+)/lua/paygate/cli/doctor%.lua$") or nil
 end
 
+-- The fix for a merchant key of the other variant than sign_type's: the
+-- client check's err.key_sign_type is the sign_type that takes the key.
+-- sign_type left out by an SM merchant is the usual slip, a wrong key the
+-- other: both are named, sign_type first (the fix named the key alone).
+-- st, mk: the names of sign_type and merchant_private_key in the config.
+local function variant_fix(takes, st, mk)
+  if takes == wsign.SM2 then
+    return "set " .. st .. ' = "' .. takes .. '" (a merchant of the '
+           .. "national-crypto variant), or give " .. mk .. " the "
+           .. "merchant's RSA key (apiclient_key.pem)"
+  end
+  return "leave " .. st .. " out (" .. wsign.RSA .. " is the default: an "
+         .. "RSA merchant), or give " .. mk .. " the merchant's SM2 key"
+end
+
 local function gateway_check(out, conf, dir)
   local given = dir ~= nil
   dir = dir or "examples/gateway"
@@ -327,6 +343,7 @@ local function gateway_check(out, conf, dir)
     return t
   end
   local cok, cfg, err = pcall(gwc.check, copy(conf, 0))
+  local fix               -- the failure's own fix, when it has one
   package.path = saved
   if cok and cfg and type(cfg.merchants) == "table" then
     -- then, as the gateway's start does, each merchant's WeChat Pay
@@ -341,8 +358,13 @@ local function gateway_check(out, conf, dir)
           local msg = e and tostring(e.message or e)
                       :gsub("^wechatpay%.[%w_.%[%]]*: ", "")
                       or tostring(wc)
-          cok, cfg, err = true, nil, "config.merchants[" .. tostring(m.index)
-            .. "]." .. tostring(e and e.key or "?") .. ": " .. msg
+          local at = "merchants[" .. tostring(m.index) .. "]."
+          cok, cfg, err = true, nil, "config." .. at
+            .. tostring(e and e.key or "?") .. ": " .. msg
+          if type(e) == "table" and e.key_sign_type then
+            fix = variant_fix(e.key_sign_type, at .. "sign_type",
+                              at .. "merchant_private_key")
+          end
           break
         end
       end
@@ -358,8 +380,8 @@ local function gateway_check(out, conf, dir)
     local why = cok and (type(err) == "table" and err.message
                          or tostring(err)) or tostring(cfg)
     out:fail("gateway_config", "the gateway (" .. app .. ") would refuse "
-             .. "to start: " .. tostring(why), nil, "fix the key it names "
-             .. "(docs/gateway.md lists them)")
+             .. "to start: " .. tostring(why), nil, fix or "fix the key it "
+             .. "names (docs/gateway.md lists them)")
   end
   return nil, dir
 end
@@ -782,6 +804,8 @@ local function check_keys(out, wc, now, expiring, conf)
     out:fail("wechatpay_config", msg, nil,
              denied_keys[err.key] and DENIED_FIX
              or misplaced and "fix platform_certificates (see above)"
+             or err.key_sign_type and variant_fix(err.key_sign_type,
+                  key_name(conf, "sign_type"), name)
              or "fix " .. name)
   end
   return c

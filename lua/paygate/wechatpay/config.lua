@@ -1,6 +1,9 @@
 -- paygate.wechatpay.config: checks a client configuration and loads its
 -- keys once. Each failure is an invalid_config error whose err.key names
--- the configuration key at fault (and whose message never holds a key).
+-- the configuration key at fault (and whose message never holds a key);
+-- a merchant key of the other variant than sign_type's also has
+-- err.key_sign_type, the sign_type that takes that key (a fix may name
+-- sign_type rather than the key).
 local addr = require "paygate.addr"
 local core = require "paygate.core"
 local crypto = require "paygate.crypto"
@@ -15,9 +18,12 @@ local _M = {}
 _M.DEFAULT_BASE_URL = "https://api.mch.weixin.qq.com"
 _M.DEFAULT_BACKUP_URL = "https://api2.mch.weixin.qq.com"
 
-local function bad(key, msg)
+-- more: further fields of the error (besides key), or nil
+local function bad(key, msg, more)
+  local fields = { key = key }
+  for k, v in pairs(more or {}) do fields[k] = v end
   return nil, core.error("invalid_config", "wechatpay." .. key .. ": " .. msg,
-                         { key = key })
+                         fields)
 end
 
 -- A value given as PEM text (it holds "-----BEGIN") or as a file path.
@@ -402,14 +408,16 @@ function _M.check(conf)
   if key:type() ~= key_type then
     -- an SM merchant's SM2 key under the default is sign_type left out
     -- far more often than a wrong key: the sign_type that takes the key
-    -- is said too (doctor's fix points at the key named)
+    -- is said too, and is err.key_sign_type (paygate doctor's fix names
+    -- sign_type by it, where err.key alone pointed at the key)
     return bad("merchant_private_key", "is an " .. key:type() .. " key; "
                .. "sign_type " .. schema .. (conf.sign_type == nil
                  and " (the default)" or "") .. " needs an " .. key_type
                .. " key: " .. (c.sm and "an RSA merchant leaves sign_type "
                  .. "out (" .. sign.RSA .. " is the default)"
                  or "a merchant of the national-crypto variant sets "
-                 .. 'sign_type = "' .. sign.SM2 .. '"'))
+                 .. 'sign_type = "' .. sign.SM2 .. '"'),
+               { key_sign_type = c.sm and sign.RSA or sign.SM2 })
   end
   -- merchant serial, or the certificate it comes from
   local serial = conf.merchant_serial
