@@ -1,6 +1,7 @@
 -- paygate sign: its warnings (a lower-case method, a GET with a body, a
 -- body file ending in a newline), each with what it then signs; a key
--- encrypted with a passphrase, in either PEM form, named as such.
+-- encrypted with a passphrase, in either PEM form, named as such; the
+-- variant taken from the key (an SM2 key signs the SM variant).
 local crypto = require "paygate.crypto"
 local json = require "cjson.safe"
 local server = require "support.server"
@@ -9,12 +10,16 @@ local diagpki = require "support.diagpki"
 
 local dir, pki
 
-local function sign(method, body, ts, nonce, url)
+-- (key: another key file than the test PKI's RSA one; more: further
+-- arguments)
+local function sign(method, body, ts, nonce, url, key, more)
   local log = dir .. "/out." .. crypto.random_nonce(8)
   local argv = { PAYGATE_BIN, "sign", "--json", "--method", method, "--url",
     url or "/v3/pay/transactions/jsapi", "--mchid", "1900000001", "--serial",
-    "5F1C72E2A8931B72A2E13AF8DEE92471EB397115", "--key", pki.merchant_key,
+    "5F1C72E2A8931B72A2E13AF8DEE92471EB397115", "--key",
+    key or pki.merchant_key,
     "--timestamp", ts or "1700000000", "--nonce", nonce or "ABC" }
+  for _, a in ipairs(more or {}) do argv[#argv + 1] = a end
   if body then
     diagpki.write(dir .. "/b", body)
     argv[#argv + 1] = "--body"
@@ -186,5 +191,50 @@ describe("paygate sign and doctor name an encrypted key", function()
       assert.equal("fail", r[1].status, dout)
       assert.matches("encrypted with a passphrase", r[1].fix, 1, true)
     end
+  end)
+end)
+
+-- an SM2 key was refused without --sm2 ("the key is SM2; ... add --sm2")
+-- while paygate certs --download takes the variant from the key: so does
+-- sign now; --sm2 is still taken, and against an RSA key it is an error
+-- naming both
+describe("paygate sign takes the variant from the key", function()
+  it("signs WECHATPAY2-SM2-WITH-SM3 with an SM2 key, --sm2 or not, and"
+     .. " refuses --sm2 with an RSA key", function()
+    local sm2 = dir .. "/sm2.key"
+    assert(os.execute("openssl genpkey -algorithm SM2 -out " .. sm2
+                      .. " 2>/dev/null"))
+    local key = assert(crypto.private_key(diagpki.read(sm2)))
+    local want = 'POST\n/v3/pay/transactions/jsapi\n1700000000\nABC\n'
+                 .. '{"a":1}\n'
+    for _, more in ipairs({ {}, { "--sm2" } }) do
+      local code, out, warns, sig, fails = sign("POST", '{"a":1}', nil, nil,
+                                                nil, sm2, more)
+      assert.equal(0, code, out)
+      assert.equal(0, #warns + #fails, out)
+      assert.equal("signed with WECHATPAY2-SM2-WITH-SM3", sig.cause, out)
+      assert.equal(want, sig.signing_string)
+      assert.matches('^WECHATPAY2%-SM2%-WITH%-SM3 mchid="1900000001",',
+                     sig.authorization)
+      -- the signature is the key's, over that string (SM2 with SM3)
+      local b64 = sig.authorization:match('signature="([^"]+)"')
+      assert.is_true(crypto.verify(key, want,
+                                   crypto.base64_decode(b64)), out)
+    end
+    -- an RSA key: RSA without the flag (as ever), refused with it
+    local code, out, _, sig = sign("POST", '{"a":1}')
+    assert.equal(0, code, out)
+    assert.equal("signed with WECHATPAY2-SHA256-RSA2048", sig.cause, out)
+    local fails
+    code, out, _, sig, fails = sign("POST", '{"a":1}', nil, nil, nil, nil,
+                                    { "--sm2" })
+    assert.equal(1, code, out)
+    assert.is_nil(sig, out)
+    assert.equal(1, #fails, out)
+    assert.equal("key", fails[1].kind, out)
+    assert.matches("--sm2 asks for WECHATPAY2-SM2-WITH-SM3", fails[1].cause,
+                   1, true)
+    assert.matches("the key is RSA", fails[1].cause, 1, true)
+    assert.matches("drop --sm2", fails[1].fix, 1, true)
   end)
 end)

@@ -16,7 +16,10 @@ Authorization header to send. Compare it byte for byte with what your
 code signs. --url is the path and query exactly as sent (no scheme, no
 host). --body FILE is the body exactly as sent (no body: GET). Without
 --timestamp and --nonce the current time and a random nonce are used.
---sm2 signs with WECHATPAY2-SM2-WITH-SM3 (an SM2 key).
+The variant is the key's, as for paygate certs --download: an SM2 key (an
+SM merchant's) signs WECHATPAY2-SM2-WITH-SM3, an RSA key
+WECHATPAY2-SHA256-RSA2048. --sm2 is still taken, and with an RSA key is
+refused.
 
 --json prints one JSON object per result line instead of text (status,
 kind, cause, detail, fix and the result's own fields), for scripts.
@@ -41,7 +44,10 @@ local function main(args)
   local method, url = o["--method"], o["--url"]
   local body = o["--body"] and common.read(o["--body"], "body file") or ""
   local key = common.private_key_file(o["--key"], "--key")
-  local schema = o["--sm2"] and sign.SM2 or sign.RSA
+  -- the variant is the key's (an SM2 key is an SM merchant's), as for
+  -- paygate certs --download: an SM2 key without --sm2 was refused, with
+  -- "add --sm2" as the fix, where the key already said it
+  local schema = key:type() == "SM2" and sign.SM2 or sign.RSA
   local ts = o["--timestamp"] or tostring(os.time())
   local nonce = o["--nonce"] or crypto.random_nonce(32)
   local failed = false
@@ -145,11 +151,13 @@ local function main(args)
              .. "Authorization header's timestamp and the signing string "
              .. "alike")
   end
-  local want = o["--sm2"] and "SM2" or "RSA"
-  if key:type() ~= want then
-    out:fail("key", "the key is " .. key:type() .. "; " .. schema
-             .. " needs " .. want, nil, o["--sm2"] and "give the SM2 key"
-             or "give the RSA key (apiclient_key.pem), or add --sm2")
+  -- --sm2 (kept for the scripts that pass it) against an RSA key: the
+  -- two contradict, and which one is wrong only the user knows
+  if o["--sm2"] and schema ~= sign.SM2 then
+    out:fail("key", "--sm2 asks for " .. sign.SM2 .. ", which needs an SM2"
+             .. " key, and the key is " .. key:type(), nil, "drop --sm2 to"
+             .. " sign " .. sign.RSA .. " with this key, or give the SM"
+             .. " merchant's SM2 key")
     return 1
   end
   local msg = sign.request_message(method, url, ts, nonce, body)
