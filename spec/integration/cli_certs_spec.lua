@@ -116,6 +116,24 @@ describe("paygate certs --download with an APIv3 key of the wrong length", funct
   end)
 end)
 
+describe("paygate certs --download with a wrong APIv3 key", function()
+  -- the certificates did not decrypt: the message named the client's
+  -- options, "wrong APIv3 key (apiv3_key, previous_apiv3_keys)", where
+  -- the user gave --apiv3-key-file (and no previous key at all)
+  it("names the option the key came through", function()
+    diagpki.write(dir .. "/apiv3_wrong", "0123456789abcdef0123456789abcdef")
+    local code, out, r = download{ apiv3_file = dir .. "/apiv3_wrong" }
+    assert.equal(1, code, out)
+    local x = r[#r]
+    assert.equal("download", x.kind, out)
+    assert.matches("wrong APIv3 key (--apiv3-key-file) or altered",
+                   x.cause, 1, true)
+    assert.matches("the APIv3 key is wrong", x.fix, 1, true)
+    assert.is_nil(out:find("apiv3_key", 1, true), out)
+    assert.is_nil(out:find("0123456789abcdef", 1, true), out)
+  end)
+end)
+
 describe("paygate certs --download for an SM merchant", function()
   it("downloads the SM2 platform certificates with an SM2 key", function()
     local sm = testing.simulator{ sign_type = testing.SM2 }

@@ -203,6 +203,14 @@ describe("wechatpay.client configuration", function()
       key_names = { previous_apiv3_keys = "file:" .. old } }, "key_names",
       "holds an APIv3 key")
     assert.is_nil(err.message:find(old, 1, true))
+    -- previous_apiv3_keys false: no place for previous keys (a command's
+    -- one key option); false for another name is no name
+    wx = assert(wechatpay.client(base{ key_names = {
+      apiv3_key = "--apiv3-key-file", previous_apiv3_keys = false } }))
+    assert.is_false(wx.conf.key_names.previous_apiv3_keys)
+    refused({ key_names = { apiv3_key = false } }, "key_names",
+            "must be the name of a config key")
+    refused({ key_names = { state_dir = false } }, "key_names")
   end)
   it("the base URL is https, or http only for loopback", function()
     refused({ base_url = "http://api.mch.weixin.qq.com" }, "base_url", "https")

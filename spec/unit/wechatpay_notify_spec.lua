@@ -220,6 +220,14 @@ describe("parse_notification: failures", function()
                    .. "merchants[2].previous_apiv3_key_files)", err.message,
                    1, true)
     assert.is_nil(err.message:find(APIV3, 1, true))
+    -- no place for previous keys (paygate certs --download): none named
+    local wx3 = client{ key_names = { apiv3_key = "--apiv3-key-file",
+                                      previous_apiv3_keys = false } }
+    _, err = wx3:parse_notification(note{
+      apiv3 = "0123456789abcdef0123456789abcdef" }, NR)
+    assert.equal("decrypt_failed", err.kind)
+    assert.matches("wrong APIv3 key (--apiv3-key-file) or altered",
+                   err.message, 1, true)
   end)
   it("the previous APIv3 key still decrypts after a rotation", function()
     local new = "NEWKEY0123456789abcdef0123456789"

@@ -233,6 +233,10 @@ local function download(o, out)
     -- one download, the one below: none at start, none in the background
     -- (a failure is this command's answer, not a retry logged after it)
     download_certificates = "manual",
+    -- a wrong APIv3 key is named by this command's option (the client's
+    -- own names, apiv3_key and previous_apiv3_keys, were never given)
+    key_names = { apiv3_key = "--apiv3-key-file",
+                  previous_apiv3_keys = false },
   }
   if not wx then
     out:fail("download", tostring(err.message), nil,

@@ -241,9 +241,12 @@ local KEY_NAMES = { apiv3_key = "apiv3_key",
                     state_dir = "state_dir" }
 
 -- key_names checked against the APIv3 keys (a name holding one would put
--- the secret in every message that names it). returns: { apiv3_key,
--- previous_apiv3_keys } (the defaults for the ones not given), or nil,
--- err. No reason repeats a value given: it may be the key itself.
+-- the secret in every message that names it). previous_apiv3_keys may be
+-- false: the owner has no place for previous keys (paygate certs
+-- --download's one --apiv3-key-file), and the message names none.
+-- returns: { apiv3_key, previous_apiv3_keys } (the defaults for the ones
+-- not given), or nil, err. No reason repeats a value given: it may be
+-- the key itself.
 local function key_names(given, keys)
   local names = {}
   for k, v in pairs(KEY_NAMES) do names[k] = v end
@@ -261,17 +264,20 @@ local function key_names(given, keys)
                  or "(not a plain name)") .. ": it names apiv3_key, "
                  .. "previous_apiv3_keys and state_dir only")
     end
-    -- a config key's name: merchants[1].apiv3_key_file, an etcd path
-    -- (printable, for a log line and a terminal)
-    if type(v) ~= "string" or v == "" or #v > 256
-       or not v:match("^[\33-\126]+$") then
-      return bad("key_names", k .. " must be the name of a config key (at"
-                 .. " most 256 printable ASCII characters, no spaces)")
-    end
-    for _, key in ipairs(keys) do
-      if v:find(key, 1, true) then
-        return bad("key_names", k .. " holds an APIv3 key: give the name"
-                   .. " of the config key that holds it, not the key")
+    if not (v == false and k == "previous_apiv3_keys") then
+      -- a config key's name: merchants[1].apiv3_key_file, an etcd path
+      -- (printable, for a log line and a terminal)
+      if type(v) ~= "string" or v == "" or #v > 256
+         or not v:match("^[\33-\126]+$") then
+        return bad("key_names", k .. " must be the name of a config key"
+                   .. " (at most 256 printable ASCII characters, no spaces)"
+                   .. (k == "previous_apiv3_keys" and ", or false" or ""))
+      end
+      for _, key in ipairs(keys) do
+        if v:find(key, 1, true) then
+          return bad("key_names", k .. " holds an APIv3 key: give the name"
+                     .. " of the config key that holds it, not the key")
+        end
       end
     end
     names[k] = v

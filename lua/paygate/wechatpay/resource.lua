@@ -81,7 +81,8 @@ end
 -- APIv3 keys, tried in order (the current one first, then previous ones).
 -- names: how the keys' owner names them, for the wrong-key message
 -- ({ apiv3_key, previous_apiv3_keys }: a client's key_names, as
--- paygate.wechatpay.config checks it; default the client's own keys).
+-- paygate.wechatpay.config checks it; default the client's own keys;
+-- previous_apiv3_keys false: the owner has none to name).
 -- returns: the plaintext, or nil, err (malformed, decrypt_failed).
 function _M.decrypt(r, apiv3_keys, names)
   if type(r) ~= "table" then
@@ -126,10 +127,11 @@ function _M.decrypt(r, apiv3_keys, names)
     if err.kind ~= "decrypt_failed" then break end
   end
   if last == nil or last.kind == "decrypt_failed" then
+    local prev = names and names.previous_apiv3_keys
+    if prev == nil then prev = "previous_apiv3_keys" end
     return nil, core.error("decrypt_failed", "cannot decrypt the resource: "
       .. "wrong APIv3 key (" .. (names and names.apiv3_key or "apiv3_key")
-      .. ", " .. (names and names.previous_apiv3_keys
-                  or "previous_apiv3_keys")
+      .. (prev and ", " .. prev or "")
       .. ") or altered ciphertext, nonce or associated_data")
   end
   return nil, core.error("decrypt_failed", "cannot decrypt the resource: "
