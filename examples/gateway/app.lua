@@ -8,8 +8,9 @@
 -- notification route, the events and the admin routes.
 --
 -- Top level (runs once per worker, in a coroutine): the config check,
--- the store and its migrations, one paygate.wechatpay client per
--- merchant, the routes, the outbox dispatcher.
+-- the merchants' keys (etcd sets loaded, each client config checked), the
+-- store and its migrations, one paygate.wechatpay client per merchant,
+-- the routes, the outbox dispatcher.
 local paygate = require "paygate"
 local sql = require "paygate.sql"
 local migrate = require "paygate.migrate"
@@ -46,6 +47,33 @@ do
   if not hooks then fatal(hwhy) end
 end
 
+-- the merchants' keys ------------------------------------------------------
+
+-- Before the store: a start refused for its config (exit 2) makes nothing,
+-- not even the empty SQLite file of a first start (the next start, the
+-- config fixed, said no more that it made a new database). An etcd
+-- merchant's keys are its set's (from etcd, else the cached set), merged
+-- into its client config here; the watch starts once the clients are
+-- made, from the set's revision.
+local wx = {}
+local creds = require("gw.credentials").start(cfg, wx, fatal) -- etcd keys
+-- a client config the WeChat Pay client refuses, in the config's terms
+local function client_refused(m, cerr)
+  local msg = tostring(cerr.message):gsub("^wechatpay%.[%w_.%[%]]*: ", "")
+  fatal("config.merchants[" .. m.index .. "]." .. tostring(cerr.key)
+        .. ": " .. msg)
+end
+-- each merchant's client config as wechatpay.client checks it first (its
+-- keys loaded, the pair matched: no I/O but the files); what can fail
+-- only with WeChat (a certificate download) is the client's, below
+do
+  local wxconfig = require "paygate.wechatpay.config"
+  for _, m in ipairs(cfg.merchants) do
+    local ok, cerr = wxconfig.check(m.client)
+    if not ok then client_refused(m, cerr) end
+  end
+end
+
 -- the store -----------------------------------------------------------------
 
 -- unreachable: one line and exit 1, after retrying for a while (gw.boot)
@@ -73,19 +101,13 @@ end
 
 -- WeChat Pay clients, one per merchant --------------------------------------
 
-local wx = {}
 local history = require "gw.history"   -- each call kept for the console
 history.init{ db = db, capture_dir = g.capture_dir }
-local creds = require("gw.credentials").start(cfg, wx, fatal) -- etcd keys
 for _, m in ipairs(cfg.merchants) do
   m.client.on_call = history.on_call(m.mchid)
   local client, cerr = wechatpay.client(m.client)
   if not client then
-    if cerr.kind == "invalid_config" then
-      local msg = tostring(cerr.message):gsub("^wechatpay%.[%w_.%[%]]*: ", "")
-      fatal("config.merchants[" .. m.index .. "]." .. tostring(cerr.key)
-            .. ": " .. msg)
-    end
+    if cerr.kind == "invalid_config" then client_refused(m, cerr) end
     error("gateway: merchant " .. m.mchid .. ": " .. tostring(cerr), 0)
   end
   wx[m.mchid] = client

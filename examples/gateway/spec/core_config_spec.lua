@@ -557,6 +557,28 @@ describe("gateway config", function()
                    .. " you mean timeout?)")
   end)
 
+  -- the store was opened (and its SQLite file made, "made a new, empty
+  -- SQLite database" logged) before the merchants' clients were made: a
+  -- start refused for a merchant key left an empty database behind, and
+  -- the next start, the key fixed, no longer said it made a new one
+  it("refuses a bad merchant key before it makes the SQLite database",
+     function()
+    local sm2 = dir .. "/sm2.pem"
+    assert(os.execute("openssl genpkey -algorithm SM2 -out " .. sm2
+                      .. " 2>/dev/null"))
+    for i, mk in ipairs({ m.certificate, sm2 }) do
+      local state = dir .. "/fresh" .. i
+      local db = state .. "/gateway.db"
+      local out = expect_refused({ gateway = { db = "sqlite:" .. db },
+        merchants = { merchant{ merchant_private_key = mk } } },
+        "gateway: config.merchants[1].merchant_private_key: ")
+      for _, f in ipairs({ db, db .. "-wal", db .. "-shm" }) do
+        assert.is_nil(core.file_type(f), f .. ": " .. out)
+      end
+      assert.is_nil(out:find("new, empty SQLite database", 1, true), out)
+    end
+  end)
+
   it("refuses a bad gateway.dispatcher option in one line", function()
     -- before: the outbox dispatcher raised it in every worker (exit 1,
     -- a stack trace) after the store was opened
