@@ -682,12 +682,21 @@ function _M.routes(ctx)
     local each = {}
     for i, r in ipairs(runs) do
       each[i] = "merchant " .. r.merchant .. ": " .. (r.error
-        and ("failed: " .. r.error) or (r.mismatches .. " mismatches"))
+        and ("failed: " .. r.error) or r.not_ready
+        and ("not ready yet: " .. r.advice) or (r.mismatches
+        .. " mismatches"))
     end
     if reports.failed > 0 then
       return back(s, "/console/reconcile", "reconciliation of " .. date
         .. ": " .. reports.failed .. " of " .. #runs .. " merchants failed; "
         .. table.concat(each, "; "))
+    end
+    -- (WeChat still making the bill is no failure: said as not ready,
+    -- with when to try again)
+    if reports.not_ready > 0 then
+      return back(s, "/console/reconcile", "reconciliation of " .. date
+        .. ": the bill is not ready yet for " .. reports.not_ready .. " of "
+        .. #runs .. " merchants; " .. table.concat(each, "; "))
     end
     return back(s, "/console/reconcile", "reconciled " .. date .. ": "
       .. reports.total .. " mismatches" .. (#runs > 1

@@ -704,6 +704,42 @@ function _M.bill_dates(now, conf)
   return dates
 end
 
+-- WeChat makes a day's bill during the next morning (Beijing), by about
+-- 10:00, and advises asking from then on, every half hour, until the bill
+-- is there (or NO_STATEMENT_EXIST: no trade that day)
+local BILL_READY_HOUR, ASK_EVERY = 10, 1800
+
+--- syntax: text = reconcile.not_ready_advice(date, now, conf)
+-- What an operator is told when WeChat answered STATEMENT_CREATING for
+-- date's bill at now (epoch s): not a failure, the bill is not made yet;
+-- when to ask again, and whether the daily job (conf: reconcile.conf, or
+-- nil) will ask by itself. The console's run says it.
+function _M.not_ready_advice(date, now, conf)
+  local ready = bill.day_start(date) + 86400 + BILL_READY_HOUR * 3600
+  local when
+  if now < ready then
+    when = ("try again after %02d:00 Beijing on %s"):format(BILL_READY_HOUR,
+      bill.bill_date(ready + 86400))
+  else
+    when = ("try again in %d minutes (WeChat advises asking every %d"
+      .. " minutes until the bill is there)"):format(ASK_EVERY / 60,
+      ASK_EVERY / 60)
+  end
+  local job
+  if not (conf and conf.enabled and conf.bill) then
+    job = "the daily bill job is off here, so nothing asks for it by itself"
+  elseif date < bill.bill_date(now - (conf.bill_days - 1) * 86400) then
+    job = ("the daily bill job does not ask for it (older than its %d"
+      .. " days, bill_days)"):format(conf.bill_days)
+  else
+    job = ("the daily bill job asks for it by itself, from %02d:00 Beijing"
+      .. " (bill_hour) on the day after it, then every %d s (bill_retry)"
+      .. " until WeChat has made it"):format(conf.bill_hour, conf.bill_retry)
+  end
+  return "WeChat is still making the bill of " .. date
+    .. " (STATEMENT_CREATING): " .. when .. "; " .. job
+end
+
 -- The days whose bill the job owes a merchant: tried by it and not
 -- reported yet, each with what its last run said (an error kind;
 -- statement_creating: WeChat still making the bill). In the instance's

@@ -1476,6 +1476,38 @@ describe("gateway console: the bill reconciliation of two merchants",
 
   teardown(function() testing.stop_all() end)
 
+  it("says a bill WeChat is still making (STATEMENT_CREATING) is not ready"
+     .. " yet, with when to try again, not that the run failed", function()
+    -- today's bill, not closed: WeChat answers STATEMENT_CREATING
+    local date = os.date("!%Y-%m-%d", os.time() + 8 * 3600)
+    local tomorrow = os.date("!%Y-%m-%d", os.time() + 8 * 3600 + 86400)
+    local page = get(gw, "/console/reconcile")
+    local res = post(gw, "/console/reconcile", { date = date,
+                                                 csrf = csrf_of(page.body) })
+    assert.equal(303, res.status, res.body)
+    local back = get(gw, res.headers["location"]).body
+    local flash = assert(back:match('<p class="flash">(.-)</p>'), back)
+    assert.not_matches("failed", flash, 1, true)
+    assert.matches("reconciliation of " .. date .. ": the bill is not ready"
+                   .. " yet for 2 of 2 merchants", flash, 1, true)
+    local a = sim.merchants[1].mchid
+    assert.matches("merchant " .. a .. ": not ready yet: WeChat is still"
+      .. " making the bill of " .. date .. " (STATEMENT_CREATING): try"
+      .. " again after 10:00 Beijing on " .. tomorrow .. "; the daily bill"
+      .. " job is off here", flash, 1, true)
+    -- the console's entry says the same, as no failure
+    local e = assert(audit.entries(gw.db, "console:" .. os.date("!%Y-%m-%d")))
+    local ev = json.decode(e[#e].evidence)
+    assert.equal("console.reconcile", e[#e].what)
+    assert.is_true(ev.merchants[1].not_ready)
+    assert.is_nil(ev.merchants[1].error)
+    assert.matches("STATEMENT_CREATING", ev.merchants[1].advice, 1, true)
+    -- and nothing was reported for the day
+    for _, r in ipairs(assert(audit.entries(gw.db, "reconcile:" .. date))) do
+      assert.not_equal("reconcile.bill", r.what)
+    end
+  end)
+
   it("runs every merchant when one's run fails, and says each one's outcome",
      function()
     local date = os.date("!%Y-%m-%d", os.time() + 8 * 3600)

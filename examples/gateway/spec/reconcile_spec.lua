@@ -790,6 +790,35 @@ describe("gateway daily bill: which days before bill_hour", function()
     assert.same({ "2026-11-29" },
                 gwr.bill_dates(two, { bill_hour = 2, bill_days = 1 }))
   end)
+
+  it("a bill WeChat is still making is not ready yet: when to ask again,"
+     .. " and whether the job will", function()
+    local conf = { enabled = true, bill = true, bill_hour = 10,
+                   bill_retry = 1800, bill_days = 3 }
+    -- yesterday's, asked at 02:00: after 10:00 today; the job asks
+    local a = gwr.not_ready_advice("2026-11-29", two, conf)
+    assert.matches("WeChat is still making the bill of 2026-11-29"
+      .. " (STATEMENT_CREATING): try again after 10:00 Beijing on"
+      .. " 2026-11-30; the daily bill job asks for it by itself, from 10:00"
+      .. " Beijing (bill_hour) on the day after it, then every 1800 s"
+      .. " (bill_retry) until WeChat has made it", a, 1, true)
+    -- asked after 10:00: every half hour, as WeChat advises
+    assert.matches("try again in 30 minutes (WeChat advises asking every"
+      .. " 30 minutes until the bill is there)",
+      gwr.not_ready_advice("2026-11-29", ten + 60, conf), 1, true)
+    -- today's: after 10:00 tomorrow
+    assert.matches("try again after 10:00 Beijing on 2026-12-01",
+      gwr.not_ready_advice("2026-11-30", ten + 60, conf), 1, true)
+    -- a day older than the job's window, or the job off: nothing asks
+    assert.matches("the daily bill job does not ask for it (older than its"
+      .. " 3 days, bill_days)",
+      gwr.not_ready_advice("2026-11-20", ten, conf), 1, true)
+    assert.matches("the daily bill job is off here",
+      gwr.not_ready_advice("2026-11-29", two, nil), 1, true)
+    conf.bill = false
+    assert.matches("the daily bill job is off here",
+      gwr.not_ready_advice("2026-11-29", two, conf), 1, true)
+  end)
 end)
 
 -- The same, by the job of a running gateway: bill_hour is set to the

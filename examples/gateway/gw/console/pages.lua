@@ -769,9 +769,10 @@ end
 -- merchant is run whatever the runs before it did (one whose run fails
 -- must not leave the others unreconciled, unsaid).
 -- returns: res = { total (mismatches of the runs that ended), failed (how
---   many runs failed), merchants = { { merchant, mismatches } or
---   { merchant, error } ... } in the config's order }, or nil, err (no
---   merchant could be run: the folder)
+--   many runs failed), not_ready (how many found WeChat still making the
+--   bill), merchants = { { merchant, mismatches } or { merchant,
+--   not_ready = true, advice } or { merchant, error } ... } in the
+--   config's order }, or nil, err (no merchant could be run: the folder)
 function _M.run_bill(date)
   local dir = require("gw.config").bill_dir(ctx.gateway)
   if not dir then
@@ -783,7 +784,7 @@ function _M.run_bill(date)
   if not made then return nil, why end
   -- gw.reconcile is the gateway's plug-in: loaded when this lever is used
   local gwr = require "gw.reconcile"
-  local total, failed, runs = 0, 0, {}
+  local total, failed, not_ready, runs = 0, 0, 0, {}
   for _, m in ipairs(ctx.merchants) do
     -- (a raise, a fault on this side, fails this merchant's run only:
     -- logged, said, and the next merchant is run)
@@ -794,6 +795,13 @@ function _M.run_bill(date)
       total = total + report.counts.total
       runs[#runs + 1] = { merchant = m.mchid,
                           mismatches = report.counts.total }
+    elseif ok and type(err) == "table" and err.kind == "statement_creating"
+    then
+      -- WeChat has not made the day's bill yet: not a failure (it does
+      -- not raise the bill alarm either); when to ask again is said
+      not_ready = not_ready + 1
+      runs[#runs + 1] = { merchant = m.mchid, not_ready = true,
+        advice = gwr.not_ready_advice(date, core.time(), gwr.conf(ctx)) }
     else
       if not ok then
         paygate.log.error("gateway: console bill reconciliation failed", {
@@ -804,7 +812,8 @@ function _M.run_bill(date)
       runs[#runs + 1] = { merchant = m.mchid, error = tostring(err) }
     end
   end
-  return { total = total, failed = failed, merchants = runs }
+  return { total = total, failed = failed, not_ready = not_ready,
+           merchants = runs }
 end
 
 -- A day's report whose file cannot be read on this instance (another
