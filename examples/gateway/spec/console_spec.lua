@@ -1025,6 +1025,17 @@ end
                      page.body, 1, true)
       assert.matches("<td>amount</td><td>" .. paid.paid_out_trade_no
                      .. "</td>", page.body, 1, true)
+      -- each row known here links to its payment's page (a refund's: the
+      -- payment it returns), where the operator can ask WeChat now
+      local function row_of(no)
+        return page.body:match("<tr>[^\n]-<td>" .. no:gsub("%p", "%%%0")
+                               .. "</td>.-</tr>")
+      end
+      assert.matches('<td><a href="/console/payments/' .. rp.id .. '">'
+        .. rp.id .. "</a></td></tr>", row_of(rf.json.out_refund_no), 1, true)
+      assert.matches('<td><a href="/console/payments/' .. paid.id .. '">'
+        .. paid.id .. "</a></td></tr>", row_of(paid.paid_out_trade_no), 1,
+        true)
       -- the list's link names the merchant; another merchant's: no rows
       local listing = get(gw, "/console/reconcile").body
       assert.matches("?date=" .. date .. "&amp;merchant="
@@ -1098,11 +1109,18 @@ end
       -- day, the disk was replaced): the rows the day's audit entry keeps
       -- are shown, not only "cannot be read here"
       local gone = rcv.dir .. "/gone-report.csv"
+      -- (a payment of this gateway's: its row links to its page)
+      local known = gw:create{ description = "kept" }
+      local att = assert(gw.db:query("SELECT out_trade_no FROM gw_attempts"
+        .. " WHERE payment_id = $1", { known.id }))[1].out_trade_no
       assert(audit.append(gw.db, "reconcile:2001-05-06", {
         what = "reconcile.bill", actor = "reconcile", cause = "daily_bill",
         evidence = { date = "2001-05-06", merchant = sim.merchant.mchid,
-          file = gone, counts = { total = 3 }, findings_omitted = 1,
+          file = gone, counts = { total = 4 }, findings_omitted = 1,
           findings = {
+            { kind = "state", out_trade_no = att, local_state = "paying",
+              local_amount = 1, remote_state = "SUCCESS",
+              remote_amount = 1 },
             { kind = "missing_local", out_trade_no = "kept-row-1",
               remote_state = "SUCCESS", remote_amount = 4321 },
             { kind = "amount", out_trade_no = "kept-row-2",
@@ -1115,12 +1133,16 @@ end
       assert.matches("<th>remote_amount</th>", page.body, 1, true)
       assert.matches("<td>2001-05-06</td><td>missing_local</td><td>"
         .. "kept-row-1</td><td></td><td></td><td></td><td>SUCCESS</td>"
-        .. "<td>4321</td>", page.body, 1, true)
+        .. "<td>4321</td><td></td></tr>", page.body, 1, true)
       assert.matches("<td>2001-05-06</td><td>amount</td><td>kept-row-2"
         .. "</td><td></td><td>paid</td><td>1501</td><td>SUCCESS</td>"
-        .. "<td>1500</td>", page.body, 1, true)
+        .. "<td>1500</td><td></td></tr>", page.body, 1, true)
+      assert.matches("<td>" .. att .. "</td><td></td><td>paying</td><td>1"
+        .. "</td><td>SUCCESS</td><td>1</td><td><a href=\"/console/payments/"
+        .. known.id .. "\">" .. known.id .. "</a></td></tr>", page.body, 1,
+        true)
       assert.matches("The report " .. gone .. " cannot be read here: these"
-        .. " are the 2 of 3 mismatches its audit entry keeps.", page.body,
+        .. " are the 3 of 4 mismatches its audit entry keeps.", page.body,
         1, true)
       -- an entry that keeps no findings (made before they were kept)
       assert(audit.append(gw.db, "reconcile:2001-05-07", {

@@ -816,6 +816,80 @@ function _M.run_bill(date)
            merchants = runs }
 end
 
+-- The payments of a report's rows, where known here: a map from each row
+-- (its index) to the payment id of its refund (out_refund_no), else of
+-- its attempt (out_trade_no), for the merchant's rows only; nil, err.
+-- rows are the CSV's cells in head's columns. The numbers come from
+-- WeChat's bill (outside input): bound as parameters, never spliced in.
+local function row_payments(mchid, head, rows)
+  local found = {}
+  if type(mchid) ~= "string" then return found end
+  local col = {}
+  for i, h in ipairs(head) do col[h] = i end
+  -- the CSV puts a ' before a text starting as a formula would: taken off
+  local function number(v)
+    if type(v) ~= "string" or v == "" then return nil end
+    local plain = v:match("^'([=+%-@\t\r].*)$")
+    return plain or v
+  end
+  local function lookup(c, sql)
+    if not c then return {} end
+    local by, list, seen = {}, {}, {}
+    for _, r in ipairs(rows) do
+      local no = number(r[c])
+      if no and not seen[no] then
+        seen[no] = true
+        list[#list + 1] = no
+      end
+    end
+    for i = 1, #list, 200 do
+      local ph, args = {}, { mchid }
+      for j = i, min(#list, i + 199) do
+        args[#args + 1] = list[j]
+        ph[#ph + 1] = "$" .. #args
+      end
+      local got, err = ctx.db:query(sql .. " IN (" .. table.concat(ph, ",")
+                                    .. ")", args)
+      if not got then return nil, err end
+      for _, g in ipairs(got) do by[g.no] = g.payment_id end
+    end
+    return by
+  end
+  local refunds, err = lookup(col.out_refund_no, "SELECT r.out_refund_no AS"
+    .. " no, r.payment_id FROM gw_refunds r JOIN gw_payments p ON p.id ="
+    .. " r.payment_id WHERE p.mchid = $1 AND r.out_refund_no")
+  if not refunds then return nil, err end
+  local attempts
+  attempts, err = lookup(col.out_trade_no, "SELECT a.out_trade_no AS no,"
+    .. " a.payment_id FROM gw_attempts a JOIN gw_payments p ON p.id ="
+    .. " a.payment_id WHERE p.mchid = $1 AND a.out_trade_no")
+  if not attempts then return nil, err end
+  for i, r in ipairs(rows) do
+    local no = number(r[col.out_refund_no or 0])
+    found[i] = (no and refunds[no])
+      or attempts[number(r[col.out_trade_no or 0]) or false]
+  end
+  return found
+end
+
+-- A report's rows, each known here with a last cell linking to its
+-- payment's page (where its refunds are, and "Query WeChat now"); nil,
+-- err
+local function mismatch_table(mchid, head, rows)
+  local ids, err = row_payments(mchid, head, rows)
+  if not ids then return nil, err end
+  local heads, out = {}, {}
+  for i, h in ipairs(head) do heads[i] = h end
+  heads[#heads + 1] = "payment here"
+  for i, r in ipairs(rows) do
+    local row = {}
+    for j = 1, #head do row[j] = r[j] end
+    row[#head + 1] = ids[i] and payment_link(ids[i]) or ""
+    out[i] = row
+  end
+  return table_of(heads, out)
+end
+
 -- A day's report whose file cannot be read on this instance (another
 -- instance ran the day, the file was removed): the findings its audit
 -- entry keeps (the first 500 at most, findings_omitted the rest), laid
@@ -840,13 +914,15 @@ local function kept_findings(ev)
   end
   local c = type(ev.counts) == "table" and ev.counts or {}
   local all = tonumber(c.total)
+  local t, err = mismatch_table(ev.merchant, bill.HEADER, rows)
+  if not t then return _M.failed(err) end
   return render("<h2>Mismatches of {{d}}, merchant {{m}}</h2><p class="
     .. "\"bad\">The report {{f}} cannot be read here: these are the {{k}}"
     .. "{{of}} mismatches its audit entry keeps.</p>{{t}}", {
       d = tostring(ev.date), m = tostring(ev.merchant), f = ev.file,
       k = tostring(#rows), of = all and all > #rows
         and (" of " .. tostring(all)) or "",
-      t = table_of(bill.HEADER, rows) })
+      t = t })
 end
 
 function _M.reconcile(q, view)
@@ -881,10 +957,15 @@ function _M.reconcile(q, view)
          and (q.merchant == nil or q.merchant == tostring(ev.merchant)) then
         local head, cells, more = bill.read_csv(ev.file, 500)
         local c = type(ev.counts) == "table" and ev.counts or {}
+        local t
+        if head then
+          t, err = mismatch_table(ev.merchant, head, cells)
+          if not t then return nil, err end
+        end
         -- a longer report is cut here: said, with where the whole is
         detail = head and render("<h2>Mismatches of {{d}}, merchant {{m}}"
           .. "</h2>{{n}}{{t}}", { d = tostring(ev.date),
-            m = tostring(ev.merchant), t = table_of(head, cells),
+            m = tostring(ev.merchant), t = t,
             n = more and render("<p class=\"bad\">The first {{k}} of {{all}}"
               .. " mismatches; the whole report is {{f}}.</p>", { k = #cells,
               all = tostring(c.total or "more"), f = ev.file })
