@@ -679,12 +679,20 @@ function _M.routes(ctx)
         .. " failed: " .. tostring(err))
     end
     local runs = reports.merchants
+    -- a run that ended: its mismatches, and what was compared (an empty
+    -- bill, or how many of its lines with how many rows of ours)
+    local function ran(r)
+      return r.mismatches .. " mismatches" .. (r.empty and " (an empty"
+        .. " bill: WeChat has no trade that day, NO_STATEMENT_EXIST; "
+        .. tostring(r.local_rows) .. " local rows compared)" or (" ("
+        .. tostring(r.lines) .. " bill lines compared with "
+        .. tostring(r.local_rows) .. " local rows)"))
+    end
     local each = {}
     for i, r in ipairs(runs) do
       each[i] = "merchant " .. r.merchant .. ": " .. (r.error
         and ("failed: " .. r.error) or r.not_ready
-        and ("not ready yet: " .. r.advice) or (r.mismatches
-        .. " mismatches"))
+        and ("not ready yet: " .. r.advice) or ran(r))
     end
     if reports.failed > 0 then
       return back(s, "/console/reconcile", "reconciliation of " .. date
@@ -699,8 +707,8 @@ function _M.routes(ctx)
         .. #runs .. " merchants; " .. table.concat(each, "; "))
     end
     return back(s, "/console/reconcile", "reconciled " .. date .. ": "
-      .. reports.total .. " mismatches" .. (#runs > 1
-        and (" (" .. table.concat(each, "; ") .. ")") or ""))
+      .. (#runs == 1 and ran(runs[1]) or (reports.total .. " mismatches"
+        .. (#runs > 1 and (" (" .. table.concat(each, "; ") .. ")") or ""))))
   end))
 
   pages.record_answer_times()

@@ -1013,6 +1013,12 @@ end
       assert.equal("reconcile.bill", r[#r].what)
       local ev = json.decode(r[#r].evidence)
       assert.equal(sim.merchant.mchid, ev.merchant)
+      -- the page says what was compared: the bill's lines, our rows
+      local flash = get(gw, res.headers["location"]).body:match(
+        '<p class="flash">(.-)</p>')
+      assert.matches("reconciled " .. date .. ": 2 mismatches ("
+        .. (ev.remote_payments + ev.remote_refunds) .. " bill lines compared"
+        .. " with " .. ev.local_rows .. " local rows)", flash, 1, true)
       local e = console_entries(gw)
       assert_audited(e[#e], "console.reconcile", date)
       page = get(gw, "/console/reconcile?date=" .. date)
@@ -1527,6 +1533,23 @@ describe("gateway console: the bill reconciliation of two merchants",
     -- and nothing was reported for the day
     for _, r in ipairs(assert(audit.entries(gw.db, "reconcile:" .. date))) do
       assert.not_equal("reconcile.bill", r.what)
+    end
+  end)
+
+  it("says a day's bill was empty (NO_STATEMENT_EXIST: no trade that day)",
+     function()
+    -- ten days ago: its bills made long ago, no trade in them
+    local date = os.date("!%Y-%m-%d", os.time() + 8 * 3600 - 10 * 86400)
+    local page = get(gw, "/console/reconcile")
+    local res = post(gw, "/console/reconcile", { date = date,
+                                                 csrf = csrf_of(page.body) })
+    assert.equal(303, res.status, res.body)
+    local back = get(gw, res.headers["location"]).body
+    local flash = assert(back:match('<p class="flash">(.-)</p>'), back)
+    for _, m in ipairs(sim.merchants) do
+      assert.matches("merchant " .. m.mchid .. ": 0 mismatches (an empty"
+        .. " bill: WeChat has no trade that day, NO_STATEMENT_EXIST; 0 local"
+        .. " rows compared)", flash, 1, true)
     end
   end)
 

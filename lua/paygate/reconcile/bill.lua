@@ -645,7 +645,9 @@ local REFUSED = { bad_bill = true, bad_amount = true }
 -- named in err.bill and the message).
 -- returns: { date, empty (NO_STATEMENT_EXIST), mismatches, counts (by
 -- kind, and total), path (the CSV), sha256 (hex of its bytes), audit (the
--- entry), remote_payments, remote_refunds, local_rows } or nil, err
+-- entry), remote_payments, remote_refunds, lines (the bill's records
+-- compared, duplicates included; 0 for an empty day), local_rows } or
+-- nil, err
 -- yields
 function _M.daily(opts)
   if type(opts) ~= "table" then
@@ -792,7 +794,7 @@ function _M.daily(opts)
   return { date = date, empty = not info, mismatches = mismatches,
            counts = counts, path = path, sha256 = sha, audit = e,
            remote_payments = npay, remote_refunds = nref,
-           local_rows = #rows }
+           lines = remote.lines, local_rows = #rows }
 end
 
 return _M

@@ -770,7 +770,8 @@ end
 -- must not leave the others unreconciled, unsaid).
 -- returns: res = { total (mismatches of the runs that ended), failed (how
 --   many runs failed), not_ready (how many found WeChat still making the
---   bill), merchants = { { merchant, mismatches } or { merchant,
+--   bill), merchants = { { merchant, mismatches, empty, lines,
+--   local_rows } or { merchant,
 --   not_ready = true, advice } or { merchant, error } ... } in the
 --   config's order }, or nil, err (no merchant could be run: the folder)
 function _M.run_bill(date)
@@ -793,8 +794,12 @@ function _M.run_bill(date)
       mchid = m.mchid })
     if ok and report then
       total = total + report.counts.total
+      -- (empty: WeChat has no trade of the day, NO_STATEMENT_EXIST;
+      -- lines: the bill's lines compared with local_rows of ours)
       runs[#runs + 1] = { merchant = m.mchid,
-                          mismatches = report.counts.total }
+                          mismatches = report.counts.total,
+                          empty = report.empty, lines = report.lines,
+                          local_rows = report.local_rows }
     elseif ok and type(err) == "table" and err.kind == "statement_creating"
     then
       -- WeChat has not made the day's bill yet: not a failure (it does
