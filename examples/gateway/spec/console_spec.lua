@@ -1447,8 +1447,8 @@ describe("gateway console: the bill reconciliation's folder", function()
                           "sqlite3:" .. dir .. "/b/gw.db",
                           "sqlite:" .. dir .. "/c/gw.db?inline_reads=0" } do
       local sub = dir .. "/" .. ("abc"):sub(i, i)
-      assert.same({ total = 0, failed = 0, merchants = {} }, run(nil, url),
-                  url)
+      assert.same({ total = 0, failed = 0, not_ready = 0, merchants = {} },
+                  run(nil, url), url)
       local f = assert(io.open(sub .. "/reconcile/.", "rb"), url)
       f:close()
     end
@@ -1459,7 +1459,8 @@ describe("gateway console: the bill reconciliation's folder", function()
 
   it("is made without a shell, whatever its name", function()
     local name = dir .. "/it's $(touch " .. dir .. "/ran) `x`; -a/b"
-    assert.same({ total = 0, failed = 0, merchants = {} }, run(name))
+    assert.same({ total = 0, failed = 0, not_ready = 0, merchants = {} },
+                run(name))
     local f = assert(io.open(name .. "/.", "rb"))
     f:close()
     assert.is_nil(io.open(dir .. "/ran", "rb"))
