@@ -558,6 +558,30 @@ describe("platform certificates", function()
     assert.is_true(wx:refresh_certificates())
     wx:stop()
   end)
+  it("a worker that waited for another's download failed as invalid_config"
+     .. " gets the error whole (its key), not rebuilt from text", function()
+    -- the downloading worker: a public-key-only merchant's 404 (its
+    -- marks are what a waiting worker reads)
+    local wx = client()
+    wxtest.certs(srv, { status = 404 })
+    local ok, err = wx:refresh_certificates()
+    assert.is_nil(ok)
+    assert.equal("public_key", err.key)
+    -- a waiting worker of the same instance (its lock held meanwhile)
+    local K = wx.certs_prefix
+    assert(wx.dict:set(K .. "lock", 999999, 30))
+    core.spawn(function()
+      core.sleep(0.2)
+      wx.dict:delete(K .. "lock")
+    end)
+    local ok2, err2 = wx:refresh_certificates()
+    assert.is_nil(ok2)
+    assert.equal("invalid_config", err2.kind)
+    assert.equal("public_key", err2.key)          -- was nil
+    assert.equal(false, err2.retryable)
+    assert.matches("(another worker's download)", err2.message, 1, true)
+    wx:stop()
+  end)
   it("an unknown serial refused by the rate limit says why the download "
      .. "that set it failed", function()
     local wx = client{ apiv3_key = "0123456789abcdef0123456789abcdef" }

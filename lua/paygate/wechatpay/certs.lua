@@ -623,6 +623,14 @@ local function await_other(wx, dict, K)
   import(wx, dict:get(K .. "set"))
   local failed = dict:get(K .. "failed")
   if type(failed) == "string" then
+    -- the error as that worker had it (its key, status, code: an
+    -- invalid_config names the config key to fix), else its text
+    local ok, e = pcall(json.decode, dict:get(K .. "failed_err") or "null")
+    if ok and type(e) == "table" and type(e.kind) == "string" then
+      return nil, core.error(e.kind, tostring(e.message)
+        .. " (another worker's download)", { key = e.key, status = e.status,
+        code = e.code, retryable = e.retryable })
+    end
     local kind, msg = failed:match("^([%w_]+): (.*)$")
     return nil, core.error(kind or "download_failed", (msg or failed)
                            .. " (another worker's download)")
@@ -711,8 +719,19 @@ function _M.refresh_locked(wx, reason)
       dict:set(K .. "set", export(wx))
       dict:set(K .. "at", core.time())
       dict:delete(K .. "failed")
+      dict:delete(K .. "failed_err")
     else
       dict:set(K .. "failed", failed, c.download_min_interval)
+      -- (the fields the waiting workers rebuild the error from: no
+      -- secret is in a download's error)
+      if type(err) == "table" then
+        dict:set(K .. "failed_err", json.encode({ kind = err.kind,
+          message = printable(tostring(err.message), 300), key = err.key,
+          status = err.status, code = err.code, retryable = err.retryable }),
+          c.download_min_interval)
+      else
+        dict:delete(K .. "failed_err")
+      end
     end
     dict:delete(K .. "lock")
   end
