@@ -456,9 +456,10 @@ struct conn_flags {
 
 /* The transfer codings of a request, over all its Transfer-Encoding
  * lines in order (RFC 9112 6.1, 6.3): whether the last one so far is
- * chunked, whether one is another coding (not implemented: 501), and
- * whether chunked came before another (the body's length cannot be known:
- * 400, a MUST). */
+ * chunked, whether one is another coding, and whether chunked came before
+ * another. chunked not the final coding (after another, or absent) makes
+ * the body's length unknowable: 400, a MUST (6.3); another coding before
+ * a final chunked is one not implemented: 501 (6.1). */
 struct te_state {
     int last_chunked;
     int other;
@@ -705,8 +706,11 @@ gw_http_parse_head(const char *buf, size_t head_len, struct gw_http_head *h)
         p = eol + 1;
     }
     if (te_seen) {
+        if (!te.last_chunked) {
+            return 400;         /* chunked not the final coding: 6.3 */
+        }
         if (te.other) {
-            return 501;         /* a coding only chunked is implemented */
+            return 501;         /* another coding before chunked: 6.1 */
         }
         h->chunked = 1;         /* chunked, once, the last coding */
     }
