@@ -804,13 +804,14 @@ describe("gateway config", function()
       -- every delivery to the receiver then failed on TLS until dead.
       -- Each refusal says why, as a merchant's ca_file does (before: the
       -- webhook's said only "must name a readable file ... (PEM)"); a
-      -- file that reads and holds no PEM has no more to say
+      -- file that reads and holds no certificate says so
       assert(core.mkdir_p(dir .. "/ca-folder"))
       for ca, why in pairs({
           [dir .. "/nope.pem"] = " (cannot open it: No such file or"
                                  .. " directory)",
           [dir .. "/ca-folder"] = " (Is a directory)",
-          [dir .. "/wh.secret"] = "" }) do
+          [dir .. "/wh.secret"] = " (no -----BEGIN CERTIFICATE----- block"
+                                  .. " in it)" }) do
         assert.equal("config.gateway.webhooks[1].ca_file: must name a"
           .. " readable file of CA certificates (PEM)" .. why,
           why_of{ webhooks = { { url = "https://127.0.0.1:1/h",

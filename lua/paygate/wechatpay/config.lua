@@ -89,15 +89,17 @@ function _M.read_secret(path, key)
 end
 
 --- syntax: ok, why = config.pem_file(path)
--- Whether path names a readable file with PEM text in it (a -----BEGIN
--- line): a file of CA certificates, checked at start. Read as
+-- Whether path names a readable file with a PEM certificate in it (a
+-- -----BEGIN CERTIFICATE----- or TRUSTED CERTIFICATE block): a file of
+-- CA certificates, checked at start. Read as
 -- paygate.read_file reads it, so a FIFO is refused unread (its open
 -- would wait for a writer, holding the start for good), as are a folder,
 -- a device, an empty file and one past 1 MiB (a CA bundle is a few
 -- hundred KiB: past that it is the wrong file). why: "cannot open it: "
 -- and the reason when it is missing or may not be read, read_file's
--- reason for the rest (never the path nor a byte of the file), or nil
--- (it read, and holds no PEM).
+-- reason for the rest (never the path nor a byte of the file), or what
+-- it holds instead of a certificate (a private key: every TLS check with
+-- it failed; no certificate block).
 function _M.pem_file(path)
   local s, err = core.read_file(path, "ca_file")
   if not s then
@@ -106,7 +108,14 @@ function _M.pem_file(path)
     end
     return false, err.reason
   end
-  return s:find("-----BEGIN ", 1, true) ~= nil
+  if s:find("-----BEGIN CERTIFICATE-----", 1, true)
+     or s:find("-----BEGIN TRUSTED CERTIFICATE-----", 1, true) then
+    return true
+  end
+  if s:find("PRIVATE KEY-----", 1, true) then
+    return false, "it holds a private key, not a certificate"
+  end
+  return false, "no -----BEGIN CERTIFICATE----- block in it"
 end
 
 -- An http:// URL to a loopback host (127.0.0.0/8, localhost, ::1): the
