@@ -263,7 +263,8 @@ end
 -- In a worker, before the WeChat Pay clients are made: loads every etcd
 -- merchant's set (etcd, else the cached set after load_timeout) into its
 -- client config, swaps each later set into wx[mchid] (bound lazily: the
--- clients are made right after this returns) and into the HTTPS
+-- clients are made after this returns, once app.lua has checked each
+-- merchant's client config and opened the store) and into the HTTPS
 -- listener when `tls` is given. fatal(msg) ends the start with the
 -- one-line reason (a set that cannot be had). The caller starts the
 -- watches (src:start()) once the clients are made: a set that came while
