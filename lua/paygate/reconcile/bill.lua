@@ -546,6 +546,29 @@ local HEADER = { "bill_date", "kind", "out_trade_no", "out_refund_no",
 -- findings as the CSV has them (its file gone, or on another instance)
 _M.HEADER = HEADER
 
+--- syntax: f = bill.finding(m)
+-- A mismatch as a finding: flat, keyed by the report's column names
+-- (HEADER's but bill_date). The one mapping of a mismatch to the
+-- report's columns: the CSV's lines and the audit entry's findings.
+function _M.finding(m)
+  local l, r = m["local"] or {}, m.remote or {}
+  return { kind = m.kind, out_trade_no = m.out_trade_no,
+           out_refund_no = m.out_refund_no,
+           local_state = l.state, local_amount = l.amount,
+           remote_state = r.state, remote_amount = r.amount }
+end
+
+--- syntax: row = bill.row(date, f)
+-- Finding f (bill.finding's, or one an audit entry keeps) as the
+-- report's line: its values in HEADER's order (nil where absent).
+function _M.row(date, f)
+  local row = {}
+  for j, h in ipairs(HEADER) do
+    if h == "bill_date" then row[j] = date else row[j] = f[h] end
+  end
+  return row
+end
+
 -- syntax: text = bill.csv(date, mismatches)
 -- returns: the report as CSV text (header line, one line per mismatch,
 -- CRLF line ends; amounts in fen)
@@ -554,10 +577,9 @@ function _M.csv(date, mismatches)
   local f = _M.csv_field
   for i, m in ipairs(mismatches) do
     pause(i)
-    local l, r = m["local"] or {}, m.remote or {}
-    lines[#lines + 1] = concat({
-      f(date), f(m.kind), f(m.out_trade_no), f(m.out_refund_no),
-      f(l.state), f(l.amount), f(r.state), f(r.amount) }, ",")
+    local row = _M.row(date, _M.finding(m))
+    for j = 1, #HEADER do row[j] = f(row[j]) end
+    lines[#lines + 1] = concat(row, ",")
   end
   return concat(lines, "\r\n") .. "\r\n"
 end
@@ -748,12 +770,7 @@ function _M.daily(opts)
   -- chain is in the store
   local findings, bytes = {}, 2
   for i = 1, math.min(#mismatches, _M.AUDIT_FINDINGS) do
-    local m = mismatches[i]
-    local l, r = m["local"] or {}, m.remote or {}
-    local f = { kind = m.kind, out_trade_no = m.out_trade_no,
-                out_refund_no = m.out_refund_no,
-                local_state = l.state, local_amount = l.amount,
-                remote_state = r.state, remote_amount = r.amount }
+    local f = _M.finding(mismatches[i])
     -- (its canonical JSON, and the comma before it)
     bytes = bytes + #audit.canonical_json(f) + 1
     if bytes > _M.AUDIT_FINDINGS_BYTES then

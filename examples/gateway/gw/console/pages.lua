@@ -909,9 +909,7 @@ local function kept_findings(ev)
   local rows = {}
   for i, f in ipairs(fs) do
     if type(f) ~= "table" then f = {} end
-    local row = { ev.date, f.kind, f.out_trade_no, f.out_refund_no,
-                  f.local_state, f.local_amount, f.remote_state,
-                  f.remote_amount }
+    local row = bill.row(ev.date, f)
     for j = 1, #bill.HEADER do
       row[j] = row[j] ~= nil and tostring(row[j]) or ""
     end
