@@ -878,21 +878,26 @@ local function row_payments(mchid, head, rows)
 end
 
 -- A report's rows, each known here with a last cell linking to its
--- payment's page (where its refunds are, and "Query WeChat now"); nil,
--- err
+-- payment's page (where its refunds are, and "Query WeChat now"). The
+-- rows are shown whatever the links' lookup does: a store that fails it
+-- leaves them without links, said above the table (the report is read;
+-- only the links are missing).
 local function mismatch_table(mchid, head, rows)
   local ids, err = row_payments(mchid, head, rows)
-  if not ids then return nil, err end
   local heads, out = {}, {}
   for i, h in ipairs(head) do heads[i] = h end
   heads[#heads + 1] = "payment here"
   for i, r in ipairs(rows) do
     local row = {}
     for j = 1, #head do row[j] = r[j] end
-    row[#head + 1] = ids[i] and payment_link(ids[i]) or ""
+    row[#head + 1] = ids and ids[i] and payment_link(ids[i]) or ""
     out[i] = row
   end
-  return table_of(heads, out)
+  local t = table_of(heads, out)
+  if ids then return t end
+  return render("<p class=\"bad\">The payments of these rows could not be"
+    .. " looked up ({{e}}): no links.</p>{{t}}",
+    { e = tostring(type(err) == "table" and err.message or err), t = t })
 end
 
 -- A day's report whose file cannot be read on this instance (another
