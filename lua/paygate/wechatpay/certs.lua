@@ -614,6 +614,32 @@ local function rate_limited(wx, last, ago)
         or ""), { rate_limited = true, retry_in = next_in })
 end
 
+-- The failure mark a worker's failed download leaves in the shared dict:
+-- the error's fields as JSON (its kind, message, and the key, status,
+-- code and retryable a waiting worker rebuilds it with: an invalid_config
+-- names the config key to fix). No secret is in a download's error.
+local function failure_mark(err)
+  return json.encode({ kind = err.kind,
+    message = printable(tostring(err.message), 300), key = err.key,
+    status = err.status, code = err.code, retryable = err.retryable })
+end
+
+-- The mark read back: the error's fields, or nil (none). A mark of text,
+-- "kind: message" (what a worker of the version before left: the shared
+-- dict outlives a reload), gives those two.
+local function failure_of(mark)
+  if type(mark) ~= "string" then return nil end
+  local ok, e = pcall(json.decode, mark)
+  if ok and type(e) == "table" and type(e.kind) == "string" then return e end
+  local kind, msg = mark:match("^([%w_]+): (.*)$")
+  return { kind = kind or "download_failed", message = msg or mark }
+end
+
+-- The failure's one-line text, as a refusal of the rate limit quotes it
+local function failure_text(e)
+  return e and (e.kind .. ": " .. tostring(e.message)) or nil
+end
+
 -- Waits for the download another worker of the instance runs (its lock
 -- held), then takes its set: true, or that download's failure when it
 -- failed (a success deletes the mark), named as another worker's.
@@ -621,19 +647,12 @@ local function await_other(wx, dict, K)
   wait_for(function() return not dict:get(K .. "lock") end,
            wx.conf.timeout + 5)
   import(wx, dict:get(K .. "set"))
-  local failed = dict:get(K .. "failed")
-  if type(failed) == "string" then
-    -- the error as that worker had it (its key, status, code: an
-    -- invalid_config names the config key to fix), else its text
-    local ok, e = pcall(json.decode, dict:get(K .. "failed_err") or "null")
-    if ok and type(e) == "table" and type(e.kind) == "string" then
-      return nil, core.error(e.kind, tostring(e.message)
-        .. " (another worker's download)", { key = e.key, status = e.status,
-        code = e.code, retryable = e.retryable })
-    end
-    local kind, msg = failed:match("^([%w_]+): (.*)$")
-    return nil, core.error(kind or "download_failed", (msg or failed)
-                           .. " (another worker's download)")
+  local e = failure_of(dict:get(K .. "failed"))
+  if e then
+    -- the error as that worker had it, named as its
+    return nil, core.error(e.kind, tostring(e.message)
+      .. " (another worker's download)", { key = e.key, status = e.status,
+      code = e.code, retryable = e.retryable })
   end
   return true
 end
@@ -663,7 +682,8 @@ function _M.refresh_locked(wx, reason)
         dict:delete(K .. "lock")
         import(wx, dict:get(K .. "set"))
         local at = dict:get(K .. "rate")
-        return rate_limited(wx, dict:get(K .. "failed"),
+        return rate_limited(wx, failure_text(failure_of(dict:get(K
+                                                  .. "failed"))),
                             type(at) == "number" and core.time() - at)
       end
       locked = true
@@ -719,19 +739,10 @@ function _M.refresh_locked(wx, reason)
       dict:set(K .. "set", export(wx))
       dict:set(K .. "at", core.time())
       dict:delete(K .. "failed")
-      dict:delete(K .. "failed_err")
     else
-      dict:set(K .. "failed", failed, c.download_min_interval)
-      -- (the fields the waiting workers rebuild the error from: no
-      -- secret is in a download's error)
-      if type(err) == "table" then
-        dict:set(K .. "failed_err", json.encode({ kind = err.kind,
-          message = printable(tostring(err.message), 300), key = err.key,
-          status = err.status, code = err.code, retryable = err.retryable }),
-          c.download_min_interval)
-      else
-        dict:delete(K .. "failed_err")
-      end
+      dict:set(K .. "failed", failure_mark(type(err) == "table" and err
+        or core.error("download_failed", tostring(err))),
+        c.download_min_interval)
     end
     dict:delete(K .. "lock")
   end
