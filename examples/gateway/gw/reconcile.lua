@@ -1077,9 +1077,6 @@ end
 
 ----------------------------------------------------------------- start
 
---- syntax: runners = reconcile.start(ctx)
--- Starts the runners in a worker (nothing under paygate exec or when
--- gateway.reconcile.enabled is false). Raises on a bad config.
 --- syntax: conf = reconcile.conf(ctx)
 -- ctx.gateway.reconcile as check_conf reads it, checked once per ctx
 -- (start keeps it), or nil when it is refused.
@@ -1092,6 +1089,9 @@ function _M.conf(ctx)
   return c or nil
 end
 
+--- syntax: runners = reconcile.start(ctx)
+-- Starts the runners in a worker (nothing under paygate exec or when
+-- gateway.reconcile.enabled is false). Raises on a bad config.
 function _M.start(ctx)
   local conf, why = _M.check_conf(ctx.gateway.reconcile)
   if not conf then

@@ -218,8 +218,9 @@ local function publish(o)
     if etcd.rev_cmp(kv.mod_revision, rev) > 0 then rev = kv.mod_revision end
     if spec[kv.key:sub(#p + 1)].secret then
       local _, oerr = credentials.open(k, kv.key, kv.value)
+      -- (kek_id: only an id of a KEK's form; another is a broken secret)
       local id = oerr and oerr.kek_id
-      if id and id:match("^%x+$") and not replace[id] and not seen[id] then
+      if id and not replace[id] and not seen[id] then
         seen[id] = true
         theirs[#theirs + 1] = id
       end
