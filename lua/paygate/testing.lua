@@ -303,19 +303,28 @@ end
 -- A call to the simulator's /sim/ control API. Raises unless the answer
 -- has want_status (default any 2xx).
 -- returns: the decoded JSON answer ({} for an empty one) and res.
-function Sim:control(method, path, body, want)
-  local res, err = self.srv:request{ method = method, path = path,
-                                     json = body, timeout = 10 }
+-- The call behind sim:control: raises (at the caller's caller) unless
+-- accept(status) says the answer is one the caller takes.
+local function control_call(sim, method, path, body, accept)
+  local res, err = sim.srv:request{ method = method, path = path,
+                                    json = body, timeout = 10 }
   if not res then
-    error("simulator " .. method .. " " .. path .. ": " .. tostring(err), 2)
+    error("simulator " .. method .. " " .. path .. ": " .. tostring(err), 3)
   end
-  local ok = want and res.status == want
-             or (not want and res.status >= 200 and res.status < 300)
-  if not ok then
+  if not accept(res.status) then
     error("simulator " .. method .. " " .. path .. ": " .. res.status
-          .. " " .. tostring(res.body), 2)
+          .. " " .. tostring(res.body), 3)
   end
   return res.json or {}, res
+end
+
+local function is_2xx(status) return status >= 200 and status < 300 end
+
+function Sim:control(method, path, body, want)
+  -- (not a tail call: the error's level names this method's caller)
+  local data, res = control_call(self, method, path, body, want
+    and function(status) return status == want end or is_2xx)
+  return data, res
 end
 
 local function q(mchid) return mchid and ("?mchid=" .. mchid) or "" end
@@ -418,19 +427,15 @@ end
 -- returns: the fault as listed then (f.held: those not yet gone); nil
 -- when the faults were cleared meanwhile (which let them go already), so
 -- a spec may release in a `finally` whatever its body did
+local function released_or_gone(status)
+  return status == 200 or status == 404
+end
+
 function Hold:release()
-  local path = "/sim/faults/" .. self.id .. "/release"
-  local res, err = self.sim.srv:request{ method = "POST", path = path,
-                                         timeout = 10 }
-  if res and res.status == 404 then return nil end
-  if not res then
-    error("simulator POST " .. path .. ": " .. tostring(err), 2)
-  end
-  if res.status ~= 200 then
-    error("simulator POST " .. path .. ": " .. res.status .. " "
-          .. tostring(res.body), 2)
-  end
-  return res.json
+  local f, res = control_call(self.sim, "POST", "/sim/faults/" .. self.id
+                              .. "/release", nil, released_or_gone)
+  if res.status == 404 then return nil end
+  return f
 end
 
 --- syntax: list = sim:requests() -- the requests the simulator received
