@@ -11,11 +11,9 @@ local servers = require "spec.support.servers"
 
 local BUSTED = assert(io.popen("command -v busted")):read("*l")
 
--- the child's spec: a folder of its own, a Redis it stopped itself (what
--- a teardown calling srv.stop() and not servers.stop_all() did), a Redis
--- and a PostgreSQL left running; it reports each folder and each running
--- server's pid, then errors
-local CHILD = [[
+-- what both child specs start with: the helpers, report(line) to the
+-- REPORT file, first_line(path)
+local PRELUDE = [[
 local servers = require "spec.support.servers"
 local function report(line)
   local f = assert(io.open(os.getenv("REPORT"), "a"))
@@ -28,6 +26,13 @@ local function first_line(path)
   f:close()
   return l
 end
+]]
+
+-- the child's spec: a folder of its own, a Redis it stopped itself (what
+-- a teardown calling srv.stop() and not servers.stop_all() did), a Redis
+-- and a PostgreSQL left running; it reports each folder and each running
+-- server's pid, then errors
+local CHILD = PRELUDE .. [[
 it("errors with its servers running", function()
   report("dir " .. servers.mktemp())
   if servers.have_redis() then
@@ -75,19 +80,7 @@ end
 -- the child's spec for a run that is killed: a Redis stopped by the spec
 -- itself, a Redis and a PostgreSQL running; it reports each, then
 -- "ready", then waits to be killed
-local KILLED = [[
-local servers = require "spec.support.servers"
-local function report(line)
-  local f = assert(io.open(os.getenv("REPORT"), "a"))
-  f:write(line, "\n")
-  f:close()
-end
-local function first_line(path)
-  local f = assert(io.open(path))
-  local l = f:read("*l")
-  f:close()
-  return l
-end
+local KILLED = PRELUDE .. [[
 it("is killed with its servers running", function()
   if servers.have_redis() then
     local stopped = servers.redis()
