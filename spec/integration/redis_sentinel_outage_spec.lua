@@ -37,21 +37,30 @@ local function closing_listener(port)
 end
 
 -- A Sentinel that answers SENTINEL MASTER with ip:port at epoch, on a
--- free port (spec/support/fake_sentinel.py: it ends by itself within
--- 120 s). returns: its port and a function stopping it.
-local function fake_sentinel(port, mport, epoch)
+-- free port none of taken's (spec/support/fake_sentinel.py: it ends by
+-- itself within 120 s). A port another process took between its pick and
+-- the bind (the script then exits unready) is picked again, three times
+-- at most. returns: a function stopping it, and its port.
+local function fake_sentinel(taken, mport, epoch)
   local function bulk(v)
     return "$" .. #v .. "\r\n" .. v .. "\r\n"
   end
   local answer = "*6\r\n" .. bulk("ip") .. bulk("127.0.0.1") .. bulk("port")
     .. bulk(tostring(mport)) .. bulk("config-epoch") .. bulk(tostring(epoch))
-  local log = os.tmpname()
-  local p = proc.spawn({ "python3", "spec/support/fake_sentinel.py",
-                         tostring(port), answer, log }, { watchdog = true })
-  wait_for(function()
-    return (proc.read(log) or ""):find("ready", 1, true)
-  end, 10, "the fake Sentinel")
-  return function() p:kill() os.remove(log) end
+  for try = 1, 3 do
+    local port = sentinel.free_port_except(taken)
+    local log = os.tmpname()
+    local p = proc.spawn({ "python3", "spec/support/fake_sentinel.py",
+                           tostring(port), answer, log }, { watchdog = true })
+    wait_for(function()
+      return (proc.read(log) or ""):find("ready", 1, true)
+             or (try < 3 and p:poll() ~= nil)
+    end, 10, "the fake Sentinel")
+    if (proc.read(log) or ""):find("ready", 1, true) then
+      return function() p:kill() os.remove(log) end, port
+    end
+    os.remove(log)
+  end
 end
 
 -- A Sentinel steered by files (spec/support/scripted_sentinel.py): it
@@ -130,10 +139,8 @@ describe("Redis through Sentinel, when the named server does not answer",
     -- one Sentinel names the master (epoch 1), the other the down
     -- server at a newer epoch: ranked first, asked first
     local taken = { [m.port] = true, [n.port] = true }
-    local s1 = sentinel.free_port_except(taken)
-    local s2 = sentinel.free_port_except(taken)
-    local stop1 = fake_sentinel(s1, m.port, 1)
-    local stop2 = fake_sentinel(s2, n.port, 2)
+    local stop1, s1 = fake_sentinel(taken, m.port, 1)
+    local stop2, s2 = fake_sentinel(taken, n.port, 2)
     finally(function() stop1() stop2() lp:kill() end)
     local url = "redis-sentinel://127.0.0.1:" .. s1 .. ",127.0.0.1:" .. s2
       .. "/mymaster"
@@ -177,8 +184,7 @@ describe("Redis through Sentinel, when the named server does not answer",
     end
     local m = servers.redis()
     m.stop()
-    local sp = sentinel.free_port_except({ [m.port] = true })
-    local stop = fake_sentinel(sp, m.port, 1)
+    local stop, sp = fake_sentinel({ [m.port] = true }, m.port, 1)
     finally(stop)
     local url = "redis-sentinel://127.0.0.1:" .. sp .. "/mymaster"
     local t0 = core.mono()

@@ -619,6 +619,9 @@ end
 -- code and retryable a waiting worker rebuilds it with: an invalid_config
 -- names the config key to fix). No secret is in a download's error.
 local function failure_mark(err)
+  if type(err) ~= "table" then         -- (download gives core.error's)
+    err = { kind = "internal", message = tostring(err) }
+  end
   return json.encode({ kind = err.kind,
     message = printable(tostring(err.message), 300), key = err.key,
     status = err.status, code = err.code, retryable = err.retryable })
@@ -740,9 +743,7 @@ function _M.refresh_locked(wx, reason)
       dict:set(K .. "at", core.time())
       dict:delete(K .. "failed")
     else
-      dict:set(K .. "failed", failure_mark(type(err) == "table" and err
-        or core.error("download_failed", tostring(err))),
-        c.download_min_interval)
+      dict:set(K .. "failed", failure_mark(err), c.download_min_interval)
     end
     dict:delete(K .. "lock")
   end
