@@ -2,8 +2,8 @@
  * fuzz_http_parser.c -- the request parser and the chunked decoder, fed
  * hostile bytes. Properties checked beyond "no crash": finding the head's
  * end incrementally (in two pieces) agrees with finding it at once; every
- * parsed field lies inside the head; the chunked decoder never writes past
- * what it read.
+ * parsed field lies inside the head (a refused head's method too, when
+ * known); the chunked decoder never writes past what it read.
  */
 #include <assert.h>
 #include <stdint.h>
@@ -97,6 +97,11 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 free(body);
             }
         }
+        assert(h->refusal == NULL);
+    } else if (h->method_len > 0) {
+        /* the server counts and logs a refused head's method */
+        assert(h->method_len <= 20);
+        inside(buf, end, h->method, h->method_len);
     }
     free(h);
     return 0;

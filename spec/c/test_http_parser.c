@@ -102,6 +102,8 @@ static void
 test_rejects(void)
 {
     assert(parse("GET / HTTP/1.1\r\n\r\n") == 400);            /* no Host */
+    assert(strcmp(h.refusal, "missing Host header") == 0);
+    assert(eq(h.method, h.method_len, "GET"));
     assert(parse("GET / HTTP/2.0\r\nHost: a\r\n\r\n") == 505);
     assert(parse("GET x HTTP/1.1\r\nHost: a\r\n\r\n") == 400);
     assert(parse("GET  / HTTP/1.1\r\nHost: a\r\n\r\n") == 400);
@@ -113,8 +115,23 @@ test_rejects(void)
            == 400);
     assert(parse("GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n"
                  "Content-Length: 2\r\n\r\n") == 400);
+    assert(strcmp(h.refusal, "conflicting Content-Length values") == 0);
+    assert(parse("GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n"
+                 "Content-Length: 1\r\n\r\n") == 0 && h.refusal == NULL);
     assert(parse("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n"
                  "Transfer-Encoding: chunked\r\n\r\n") == 400);
+    assert(strcmp(h.refusal, "both Content-Length and Transfer-Encoding")
+           == 0);
+    assert(eq(h.method, h.method_len, "POST"));
+    assert(parse("POST / HTTP/1.0\r\n"
+                 "Transfer-Encoding: chunked\r\n\r\n") == 400);
+    assert(strcmp(h.refusal, "Transfer-Encoding on HTTP/1.0") == 0);
+    /* the other refusals name none (the status says enough); a method
+     * is known only when read whole, followed by its space */
+    assert(parse("GET  / HTTP/1.1\r\nHost: a\r\n\r\n") == 400
+           && h.refusal == NULL && eq(h.method, h.method_len, "GET"));
+    assert(parse("GET\tx / HTTP/1.1\r\nHost: a\r\n\r\n") == 400
+           && h.method_len == 0);
     /* RFC 9112 6.3: chunked not the final coding (absent, or followed by
      * another, in one line or over two) is 400, a MUST; another coding
      * before a final chunked is 501 (6.1) */

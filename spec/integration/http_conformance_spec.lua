@@ -503,8 +503,11 @@ end)
 -- smuggling head, one too large, a body over the limit, a head or body not
 -- received in time), has an access line like any other: without it an
 -- operator facing a client that says "400" or "413" found nothing in the
--- log. Its method and path are not shown: a head refused unread has none,
--- and the connection's may be its previous request's.
+-- log. The line and the answer name the reason (a smuggling shape was
+-- "malformed or unsupported request" like any other 400), and the line
+-- and paygate_requests_total the method when the head was read that far
+-- (they said "OTHER" of every refusal). No path: a head refused in its
+-- request line may have half of one.
 describe("a request refused at the edge", function()
   local proc = require "support.proc"
   local s
@@ -514,53 +517,105 @@ describe("a request refused at the edge", function()
 local paygate = require "paygate"
 paygate.route("POST", "/in", function() return 204 end)
 ]], config = [[return { limits = { header_bytes = 1024, body_bytes = 100,
-                                     header_timeout = 1 } }]] }
+                                     header_timeout = 1,
+                                     body_timeout = 1 } }]] }
   end)
 
   teardown(function()
     if s then assert.equal(0, s:stop()) end
   end)
 
-  -- the access lines of refusals with this status and kind so far
-  local function refusals(status, kind)
+  -- the access lines of refusals with this status, kind and message
+  local function refusals(status, kind, message)
     local out = {}
     for line in s:logs():gmatch("[^\n]+") do
       local ok, l = pcall(json.decode, line)
       if ok and type(l) == "table" and l.msg == "access"
-         and l.status == status and l.error == kind then
+         and l.status == status and l.error == kind
+         and l.message == message then
         out[#out + 1] = l
       end
     end
     return out
   end
 
-  it("has one access line: status, error kind and the client's address",
+  -- paygate_requests_total of these labels, or nil
+  local function count(labels)
+    local body = assert(s:admin_get("/metrics")).body
+    return tonumber(body:match("\npaygate_requests_total{"
+                               .. labels:gsub("%p", "%%%0") .. "} (%d+)"))
+  end
+
+  it("has one access line: status, error kind, message, the method when"
+     .. " known and the client's address; the answer has the same message",
      function()
     for _, case in ipairs{
-      { 400, "bad_request", "POST /in HTTP/1.1\r\nHost: x\r\nContent-Length:"
-        .. " 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" },
-      { 431, "header_too_large", "GET /in HTTP/1.1\r\nHost: x\r\nX-Big: "
-        .. ("a"):rep(2000) .. "\r\n\r\n" },
-      { 413, "body_too_large", "POST /in HTTP/1.1\r\nHost: x\r\n"
-        .. "Content-Length: 101\r\n\r\n" },
-      { 408, "timeout", "POST /in HTTP/1.1\r\nHost: x\r\n" },
+      { 400, "bad_request", "both Content-Length and Transfer-Encoding",
+        "POST", "POST /in HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n"
+        .. "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n" },
+      { 400, "bad_request", "Transfer-Encoding on HTTP/1.0", "POST",
+        "POST /in HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"
+        .. "0\r\n\r\n" },
+      { 400, "bad_request", "missing Host header", "PUT",
+        "PUT /in HTTP/1.1\r\nContent-Length: 0\r\n\r\n" },
+      { 400, "bad_request", "conflicting Content-Length values", "PATCH",
+        "PATCH /in HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
+        .. "Content-Length: 2\r\n\r\nab" },
+      { 431, "header_too_large", "request head exceeds the limit", nil,
+        "GET /in HTTP/1.1\r\nHost: x\r\nX-Big: " .. ("a"):rep(2000)
+        .. "\r\n\r\n" },
+      { 413, "body_too_large", "request body exceeds the limit", "POST",
+        "POST /in HTTP/1.1\r\nHost: x\r\nContent-Length: 101\r\n\r\n" },
+      { 408, "timeout", "request head not received in time", nil,
+        "POST /in HTTP/1.1\r\nHost: x\r\n" },
+      { 408, "timeout", "request body not received in time", "DELETE",
+        "DELETE /in HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n" },
     } do
-      local status, kind, bytes = case[1], case[2], case[3]
+      local status, kind, message, method, bytes = unpack(case, 1, 5)
       local c = assert(rawtcp.connect(s.port, 3))
       c:send(bytes)
       local out = c:recv_all()
       c:close()
-      assert.matches("^HTTP/1.1 " .. status, out, kind)
+      assert.matches("^HTTP/1.1 " .. status, out, message)
+      local answer = json.decode(out:match("\r\n\r\n(.*)$"))
+      assert.same({ error = kind, message = message }, answer)
       local lines
       proc.wait_until(function()
-        lines = refusals(status, kind)
+        lines = refusals(status, kind, message)
         return #lines == 1
-      end, 5, "the access line of the " .. status)
+      end, 5, "the access line of " .. message)
       local l = lines[1]
       assert.matches("^127%.0%.0%.1:%d+$", l.remote)
       assert.equal("info", l.level)
-      assert.is_nil(l.method)
+      assert.equal(method, l.method, message)
       assert.is_nil(l.path)
     end
+    -- counted under the method the head named (a standard one: a made-up
+    -- method is OTHER, as on any unmatched request), else OTHER
+    for _, row in ipairs{
+      { 'method="POST",route="(unmatched)",status="400"', 2 },
+      { 'method="PUT",route="(unmatched)",status="400"', 1 },
+      { 'method="PATCH",route="(unmatched)",status="400"', 1 },
+      { 'method="POST",route="(unmatched)",status="413"', 1 },
+      { 'method="DELETE",route="(unmatched)",status="408"', 1 },
+      { 'method="OTHER",route="(unmatched)",status="408"', 1 },
+      { 'method="OTHER",route="(unmatched)",status="431"', 1 },
+    } do
+      assert.equal(row[2], count(row[1]), row[1])
+    end
+  end)
+
+  it("counts a made-up method as OTHER", function()
+    local c = assert(rawtcp.connect(s.port, 3))
+    c:send("BREW /in HTTP/1.1\r\n\r\n")
+    local out = c:recv_all()
+    c:close()
+    assert.matches("^HTTP/1.1 400.*missing Host header", out)
+    proc.wait_until(function()
+      for _, l in ipairs(refusals(400, "bad_request", "missing Host header")) do
+        if l.method == "BREW" then return true end
+      end
+    end, 5, "the access line of BREW")
+    assert.equal(1, count('method="OTHER",route="(unmatched)",status="400"'))
   end)
 end)

@@ -502,15 +502,15 @@ request_line(const char **pp, const char *end, struct gw_http_head *h)
     const char *target;
     size_t target_len;
 
-    /* method */
+    /* method: known (method_len) only when read whole */
     h->method = p;
     while (p < end && tchar[(unsigned char) *p]) {
         p++;
     }
-    h->method_len = (size_t) (p - h->method);
-    if (h->method_len == 0 || h->method_len > 20 || p >= end || *p != ' ') {
+    if (p == h->method || p - h->method > 20 || p >= end || *p != ' ') {
         return 400;
     }
+    h->method_len = (size_t) (p - h->method);
     p++;
 
     /* request-target: origin-form, absolute-form, or "*" (OPTIONS). A
@@ -675,6 +675,7 @@ gw_http_parse_head(const char *buf, size_t head_len, struct gw_http_head *h)
                 n = n * 10 + (x->value[i] - '0');
             }
             if (h->content_length >= 0 && h->content_length != n) {
+                h->refusal = "conflicting Content-Length values";
                 return 400;
             }
             h->content_length = n;
@@ -714,10 +715,17 @@ gw_http_parse_head(const char *buf, size_t head_len, struct gw_http_head *h)
         }
         h->chunked = 1;         /* chunked, once, the last coding */
     }
-    if (h->chunked && (h->content_length >= 0 || h->minor == 0)) {
-        return 400;                 /* request smuggling shapes */
+    /* request smuggling shapes */
+    if (h->chunked && h->content_length >= 0) {
+        h->refusal = "both Content-Length and Transfer-Encoding";
+        return 400;
+    }
+    if (h->chunked && h->minor == 0) {
+        h->refusal = "Transfer-Encoding on HTTP/1.0";
+        return 400;
     }
     if (h->minor == 1 && !host_seen) {
+        h->refusal = "missing Host header";
         return 400;
     }
     h->keep_alive = h->minor == 1 ? !cf.close : (cf.keep_alive && !cf.close);

@@ -37,6 +37,9 @@ struct gw_http_head {
     int         chunked;        /* Transfer-Encoding: chunked */
     int         keep_alive;     /* connection persists after this one */
     int         expect_continue;/* Expect: 100-continue */
+    const char *refusal;        /* static: why a refused head is refused
+                                   when its status alone does not say
+                                   (a smuggling shape, no Host), or NULL */
     /* set by the caller before parsing; not cleared by the parser */
     struct gw_http_header *headers; /* caller's array, in order */
     size_t      max_headers;    /* entries of headers */
@@ -71,7 +74,9 @@ int gw_http_head_early(const char *buf, size_t len, size_t from);
  * to answer with: 400 malformed (an invalid Host value too, "*" with
  * another method), 417 unknown expectation, 431
  * more than h->max_headers fields, 501 unknown transfer coding, 505
- * version not supported.
+ * version not supported. A refused head's h->method_len is not 0 when
+ * its method token was read whole (followed by its space); h->refusal
+ * names some refusals' reason.
  */
 int gw_http_parse_head(const char *buf, size_t head_len,
                        struct gw_http_head *h);

@@ -435,31 +435,57 @@ head_rebase(struct gw_http_head *h, const char *from, const char *to)
 }
 
 /* A request that cannot be served (malformed, over a limit, too slow):
- * answers it and closes after. It reaches no handler, so it has no id;
- * the hook counts it with method "-". */
+ * answers it with msg and closes after. It reaches no handler, so it has
+ * no id nor route; the hook counts it with its method when its head was
+ * read that far (c->head.method_len), else with method "-". */
 static void
 conn_bad(struct gw_conn *c, int status, const char *kind, const char *msg)
 {
+    const char *method = c->head.method_len > 0 ? c->head.method : "-";
+    size_t method_len = c->head.method_len > 0 ? c->head.method_len : 1;
+
     c->request_id[0] = '\0';
     c->head.keep_alive = 0;
     c->close_after = 1;
     gw_resp_error(c, status, kind, msg);
     if (gw_srv.conf.on_request != NULL) {
-        gw_srv.conf.on_request("-", 1, NULL, 0, status, 0);
+        gw_srv.conf.on_request(method, method_len, NULL, 0, status, 0);
     }
     /* its access line, as a request that reached a handler has: else a
      * client refused here (a smuggling head, a body over the limit, a
-     * slow head) left nothing in the log to find it by. No method nor
-     * path: a head refused unread has none, and c->head may still hold
-     * the connection's previous request */
+     * slow head) left nothing in the log to find it by. The message its
+     * answer carries says why. Its method when known (a head refused
+     * unread has none; gw_conn_advance cleared the previous request's),
+     * no path: a head refused in its request line may have half of one */
     if (gw_srv.conf.access_log && gw_log_min <= GW_LOG_INFO) {
-        char fields[192];
-        int n = snprintf(fields, sizeof(fields),
-                         "{\"status\":%d,\"error\":\"%s\",\"remote\":\"%s\"}",
-                         status, kind, c->peer);
+        /* the method (<= 20 bytes) quoted takes 6 bytes per byte at worst
+         * (\u00XX); msg is one of this file's short phrases */
+        char fields[512];
+        size_t n = 1, q = 1;
 
-        if (n > 0 && (size_t) n < sizeof(fields)) {
-            gw_log_line(GW_LOG_INFO, NULL, "access", 6, fields, (size_t) n);
+        fields[0] = '{';
+        if (c->head.method_len > 0) {
+            memcpy(fields + n, "\"method\":", 9);
+            n += 9;
+            q = gw_json_quote(fields + n, sizeof(fields) - n,
+                              c->head.method, c->head.method_len);
+            n += q;
+            fields[n++] = ',';
+        }
+        n += (size_t) snprintf(fields + n, sizeof(fields) - n,
+                               "\"status\":%d,\"error\":\"%s\",\"message\":",
+                               status, kind);
+        if (q > 0 && n < sizeof(fields)) {
+            q = gw_json_quote(fields + n, sizeof(fields) - n, msg,
+                              strlen(msg));
+            n += q;
+        }
+        if (q > 0 && n < sizeof(fields)) {
+            n += (size_t) snprintf(fields + n, sizeof(fields) - n,
+                                   ",\"remote\":\"%s\"}", c->peer);
+        }
+        if (q > 0 && n < sizeof(fields)) {
+            gw_log_line(GW_LOG_INFO, NULL, "access", 6, fields, n);
         }
     }
     c->state = ST_CLOSING;
@@ -604,7 +630,8 @@ gw_conn_process(struct gw_conn *c)
             if (rc != 0) {
                 conn_bad(c, rc, rc == 400 ? "bad_request" : rc == 503
                          ? "unavailable" : "unsupported",
-                         rc == 431 ? "too many header fields" : rc == 503
+                         c->head.refusal != NULL ? c->head.refusal
+                         : rc == 431 ? "too many header fields" : rc == 503
                          ? "no memory" : "malformed or unsupported request");
                 continue;
             }
