@@ -208,4 +208,26 @@ describe("a spec run using spec/support/servers.lua", function()
       assert.is_not_nil(again:poll(), srv.kind .. "'s guard was not ended")
     end
   end)
+
+  -- the kill -9 durability specs' writer (servers.kill_writer) runs
+  -- detached: a writer that never acknowledged anything (its store
+  -- refusing every write) was left spinning after the spec failed
+  it("kill_writer that sees no acknowledgement raises and leaves no"
+     .. " writer running", function()
+    local dir = servers.mktemp()
+    local path = "sqlite:" .. dir .. "/refusing.db"
+    local sql = require "paygate.sql"
+    local db = assert(sql.open(path))
+    assert(db:exec_script([[
+CREATE TABLE acks (id TEXT PRIMARY KEY);
+CREATE TRIGGER acks_refused BEFORE INSERT ON acks
+  BEGIN SELECT RAISE(ABORT, 'refused by the spec'); END]]))
+    db:close()
+    local ok, err = pcall(servers.kill_writer, path, dir .. "/w.out")
+    assert.is_false(ok)
+    assert.matches("the writer's first acknowledgements", tostring(err))
+    local left = servers.read_cmd("pgrep -f '[a]ck_writer.lua " .. path
+                                  .. "' || true")
+    assert.equal("", left or "", "a writer still runs: " .. tostring(left))
+  end)
 end)

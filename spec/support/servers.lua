@@ -491,12 +491,18 @@ function _M.kill_writer(url, out, mode)
     .. url .. " " .. (mode or "") .. " >" .. out .. " 2>" .. out
     .. ".err & echo $!'"):match("%d+")
   assert(pid, "writer did not start")
-  _M.wait_for(function() return #_M.acked_ids(out) > 5 end, 20,
-              "the writer's first acknowledgements")
-  pause(math.random() * 0.3)
+  -- guarded: a spec that fails (or a run killed) before the SIGKILL below
+  -- leaves no writer running
+  local g = proc.guard(pid, { signal = "TERM", grace = 1 })
+  local ok, err = pcall(_M.wait_for, function()
+    return #_M.acked_ids(out) > 5
+  end, 20, "the writer's first acknowledgements")
+  if ok then pause(math.random() * 0.3) end
   sh("kill -9 " .. pid)
   _M.wait_for(function() return not sh("kill -0 " .. pid .. " 2>/dev/null") end,
               10, "writer exit")
+  if g then g:cancel() end
+  if not ok then error(err, 0) end
   return _M.acked_ids(out)
 end
 
