@@ -19,7 +19,6 @@
 local core = require "paygate.core"
 local crypto = require "paygate.crypto"
 local http = require "paygate.http"
-local json = require "cjson.safe"
 local proc = require "paygate.testing.proc"
 local server = require "paygate.testing.server"
 

@@ -167,6 +167,30 @@ paygate.route("POST", "/echo", function(req) return 200, req:json() end)]],
     assert.is_nil(io.open(dir .. "/paygate.log"))      -- its folder is gone
   end)
 
+  -- srv:request spoke cjson: a 16-digit integer went out as
+  -- 1.2345678901235e+15 (another number), "/" as "\/", and an empty array
+  -- the app answered came back as a table that encodes as {}. It speaks
+  -- the runtime's JSON (paygate.json), as the app under test does.
+  it("sends and reads JSON as the app does: integers exact, [] kept",
+     function()
+    local json = require "paygate.json"
+    local srv = testing.start_app{ source = [[
+local paygate = require "paygate"
+paygate.route("POST", "/raw", function(req) return 200, { raw = req.body } end)
+paygate.route("GET", "/empty", function()
+  return 200, { items = require("paygate.json").empty_array }
+end)]] }
+    local res = assert(srv:request{ path = "/raw",
+      json = { id = 1234567890123456, url = "https://a/b" } })
+    assert.equal(200, res.status)
+    assert.same({ id = 1234567890123456, url = "https://a/b" },
+                json.decode(res.json.raw))
+    assert.is_nil(res.json.raw:find("\\/", 1, true), res.json.raw)
+    res = assert(srv:request("/empty"))
+    assert.equal('{"items":[]}', json.encode(res.json))
+    srv:stop()
+  end)
+
   -- A spec that rewrites app.lua to reload it right after the start must
   -- not race a worker still reading the first one: the start waits for
   -- every worker. Here the second worker to load takes 1 s longer.

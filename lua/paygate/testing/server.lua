@@ -3,7 +3,7 @@
 local ffi = require "ffi"
 local core = require "paygate.core"
 local http = require "paygate.http"
-local json = require "cjson.safe"
+local json = require "paygate.json"   -- the app's own: integers exact, [] kept, "/" unescaped
 local proc = require "paygate.testing.proc"
 
 ffi.cdef [[
