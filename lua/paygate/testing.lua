@@ -343,8 +343,12 @@ end
 --- syntax: sim:settle(out_refund_no[, status]) -- SUCCESS (default),
 -- ABNORMAL or CLOSED
 function Sim:settle(no, status, mchid)
-  return self:control("POST", "/sim/refunds/" .. no .. "/settle" .. q(mchid),
-                      { status = status or "SUCCESS" })
+  local data, res = self:control("POST", "/sim/refunds/" .. no .. "/settle"
+                                 .. q(mchid), { status = status or "SUCCESS" })
+  -- a wait for its notification that finds none says the refund settled
+  self.settled = self.settled or {}
+  self.settled[no] = true
+  return data, res
 end
 
 --- syntax: sim:rotate([body]) -- rotate the platform certificate
@@ -689,10 +693,35 @@ function Sim:wait_notification(match, opts)
            .. " srv:url(path)")
     end
   end
+  -- none matched at all: say what makes one (a refund made without a
+  -- notify_url is never notified, a payment only once paid)
+  local none = ""
+  if not seen or #seen == 0 then
+    local rno = match.out_refund_no
+    if rno and self.settled and self.settled[rno] then
+      none = "; the simulator made no notification for refund " .. rno
+        .. ", which sim:settle settled: a refund is notified only when it"
+        .. " was made with a notify_url (wx:refund{ ..., notify_url ="
+        .. " app:url(path) }) or its merchant has a refund_notify_url in"
+        .. " the simulator's config"
+    elseif rno or tostring(match.event_type or ""):find("^REFUND%.") then
+      none = "; the simulator made no notification matching it: a refund"
+        .. " is notified once it settles (sim:settle(out_refund_no), or the"
+        .. " simulator's refund_settle_after), and only when it was made"
+        .. " with a notify_url or its merchant has a refund_notify_url"
+    elseif match.out_trade_no then
+      none = "; the simulator made no notification matching it: a payment"
+        .. " is notified once the payer pays (sim:pay(out_trade_no) or"
+        .. " sim:pay_and_wait; sim:fail sends none), for an order placed"
+        .. " at this simulator (sim.url)"
+    else
+      none = "; the simulator made no notification matching it"
+    end
+  end
   error("testing: no " .. (opts.attempts and (opts.attempts .. " attempts")
         or "acknowledged delivery") .. " of a notification matching "
         .. shown(match) .. " in " .. timeout .. " s" .. answered .. hint
-        .. "; seen: " .. seen_shown(seen or {}), 2)
+        .. none .. "; seen: " .. seen_shown(seen or {}), 2)
 end
 
 --- syntax: d = sim:pay_and_wait(out_trade_no[, opts])

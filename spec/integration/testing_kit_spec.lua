@@ -622,6 +622,36 @@ end)]] }
     assert.equal(500, d.attempts[1].status)
   end)
 
+  -- nothing matched at all: the wait ended with "seen: []" and no word of
+  -- why. A payment is notified once paid; a refund once settled, and only
+  -- when it was made with a notify_url (a spec's refund without one was
+  -- waited for in vain)
+  it("says why no notification was made when none matches", function()
+    local no = sim:order{ notify_url = app:url("/ok"), total = 4 }
+    local ok, err = pcall(sim.wait_notification, sim, no, { timeout = 0.3 })
+    assert.is_false(ok)
+    assert.matches("the simulator made no notification matching it",
+                   err, 1, true)
+    assert.matches("sim:pay(out_trade_no)", err, 1, true)
+    sim:pay_and_wait(no)
+    local wx = sim:client()
+    local rno = "R" .. no
+    assert(wx:refund{ out_trade_no = no, out_refund_no = rno,   -- no notify_url
+      amount = { refund = 4, total = 4, currency = "CNY" } })
+    wx:stop()
+    ok, err = pcall(sim.wait_notification, sim, { out_refund_no = rno },
+                    { timeout = 0.3 })
+    assert.is_false(ok)
+    assert.matches("a refund is notified once it settles", err, 1, true)
+    sim:settle(rno)
+    ok, err = pcall(sim.wait_notification, sim, { out_refund_no = rno },
+                    { timeout = 0.3 })
+    assert.is_false(ok)
+    assert.matches("no notification for refund " .. rno
+                   .. ", which sim:settle settled", err, 1, true)
+    assert.matches("made with a notify_url", err, 1, true)
+  end)
+
   -- a match naming nothing (its value nil: a field the app's answer named
   -- otherwise) or a misspelt key would match any delivery: the payment's
   -- acknowledged one made a wait for a refund never made pass
