@@ -677,16 +677,25 @@ function Sim:wait_notification(match, opts)
         end
       end
       local unrouted = same and (labels[1] == "404" or labels[1] == "405")
+      -- an auth hook answers before the handler runs, and logs nothing
+      local refused = "its notify handler refused or failed the"
+        .. " notification"
+      if same and (labels[1] == "401" or labels[1] == "403") then
+        refused = "its notify handler refused the notification, or a"
+          .. " paygate.before hook did before the handler ran (an auth"
+          .. " check: WeChat signs its notifications and sends no"
+          .. " credentials of yours, so keep the notify route out of it)"
+      end
       answered = "; " .. what .. (unrouted
         and ": no route of the app takes a POST to notify_url's path:"
             .. " check that notify_url is srv:url(path) of the path its"
             .. " paygate.route(\"POST\", path, ...) declares"
         or all_status and log
-        and ": its notify handler refused or failed the notification;"
+        and ": " .. refused .. ";"
             .. " why is in the app's log (srv:logs()), whose end is:\n"
             .. log .. "\n"
         or all_status
-        and ": its notify handler refused or failed the notification;"
+        and ": " .. refused .. ";"
             .. " why is in the app's log (srv:logs(); in the spec,"
             .. " finally(function() print(app:logs()) end) inside the it)"
         or ": check that the app runs and that notify_url is its"

@@ -598,6 +598,27 @@ end)]] }
     assert.is_nil(err:find("notify handler refused", 1, true), err)
   end)
 
+  -- an auth hook (README's paygate.before example) answers WeChat's
+  -- notifications 401 before the notify handler runs: the message sent the
+  -- reader to a handler that never ran and a log with no word of it
+  it("names a before hook when the app answered 401 to every attempt",
+     function()
+    local hooked = testing.start_app{ source = [[
+local paygate = require "paygate"
+paygate.before(function(req)
+  if not req:header("authorization") then return 401, { error = "unauthorized" } end
+end)
+paygate.route("POST", "/notify", function() return 204, "" end)]] }
+    local no = sim:order{ notify_url = hooked:url("/notify") }
+    sim:pay(no)
+    sim:wait_notification(no, { attempts = 2 })
+    local ok, err = pcall(sim.wait_notification, sim, no, { timeout = 0.3 })
+    assert.is_false(ok)
+    assert.matches("the app answered 401 to every attempt (", err, 1, true)
+    assert.matches("paygate.before hook", err, 1, true)
+    hooked:stop()
+  end)
+
   it("waits for the event_type opts names, not the order's payment",
      function()
     local no = sim:order{ notify_url = app:url("/ok"), total = 3 }
