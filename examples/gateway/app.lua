@@ -51,12 +51,12 @@ end
 
 -- Before the store: a start refused for its config (exit 2) makes nothing,
 -- not even the empty SQLite file of a first start (the next start, the
--- config fixed, said no more that it made a new database). An etcd
--- merchant's keys are its set's (from etcd, else the cached set), merged
--- into its client config here; the watch starts once the clients are
--- made, from the set's revision.
+-- config fixed, said no more that it made a new database), nor its
+-- folder, nor the credentials cache's (gw.config checks them; they are
+-- made below). An etcd merchant's keys are its set's (from etcd, else the
+-- cached set), merged into its client config here; the watch starts once
+-- the clients are made, from the set's revision.
 local wx = {}
-local creds = require("gw.credentials").start(cfg, wx, fatal) -- etcd keys
 -- a client config the WeChat Pay client refuses, in the config's terms
 local function client_refused(m, cerr)
   local msg = tostring(cerr.message):gsub("^wechatpay%.[%w_.%[%]]*: ", "")
@@ -65,17 +65,31 @@ local function client_refused(m, cerr)
 end
 -- each merchant's client config as wechatpay.client checks it first (its
 -- keys loaded, the pair matched: no I/O but the files); what can fail
--- only with WeChat (a certificate download) is the client's, below
-do
+-- only with WeChat (a certificate download) is the client's, below. The
+-- merchants with keys in files first: an etcd merchant's are had only
+-- from etcd (or the cache, made for it), below.
+local function check_clients(etcd)
   local wxconfig = require "paygate.wechatpay.config"
   for _, m in ipairs(cfg.merchants) do
-    local ok, cerr = wxconfig.check(m.client)
-    if not ok then client_refused(m, cerr) end
+    if (m.etcd ~= nil) == etcd then
+      local ok, cerr = wxconfig.check(m.client)
+      if not ok then client_refused(m, cerr) end
+    end
   end
 end
+check_clients(false)
+local creds = require("gw.credentials").start(cfg, wx, fatal) -- etcd keys
+check_clients(true)
 
 -- the store -----------------------------------------------------------------
 
+-- its folder, checked with the config, made now
+do
+  local dir = config.db_dir(g.db)
+  local made, merr = true, nil
+  if dir then made, merr = config.mkdir_p(dir) end
+  if not made then fatal("config.gateway.db: " .. merr) end
+end
 -- unreachable: one line and exit 1, after retrying for a while (gw.boot)
 local new_file = sql.sqlite_path(g.db)
 if new_file and require("paygate.core").file_type(new_file) ~= nil then

@@ -109,21 +109,55 @@ function _M.proxied(req)
          or req:header("x-real-ip") ~= nil
 end
 
+--- syntax: ok, why = config.can_make(dir)
+-- Whether config.mkdir_p(dir) can make dir, making nothing: dir, or the
+-- nearest of its parents that is there, is a folder. (What mkdir(2) alone
+-- can tell -- a folder not writable, a full disk -- mkdir_p says when the
+-- gateway starts.) returns: true, or nil, "cannot create the folder <dir>:
+-- Not a directory[ (making <parent>)]", as core.mkdir_p words it.
+local function can_make(dir)
+  local p, below = dir, nil
+  while core.file_type(p) == nil do
+    local up = p:match("^(.*[^/])/+[^/]+/*$")
+    if not up then
+      -- a name at the top: the working directory's, or the root's
+      up = p:sub(1, 1) == "/" and "/" or "."
+      if up == p then return true end
+    end
+    below, p = p, up
+  end
+  if core.file_type(p) == "directory" then return true end
+  return nil, "cannot create the folder " .. dir .. ": Not a directory"
+    .. ((below and below ~= dir) and (" (making " .. below .. ")") or "")
+end
+_M.can_make = can_make
+
 --- syntax: ok, why = config.mkdir_p(dir[, mode])
 -- Creates the folders of dir (core.mkdir_p: mkdir(2), never a shell --
 -- the path comes from the config; mode default 0755, an existing one is
--- fine): the default SQLite store under var/, the bill reports, the
--- credentials cache (0700). returns: true when dir exists, else nil,
--- "cannot create the folder <dir>: <why>". config.dry_run = true (paygate
--- doctor): check only, create nothing -- the folders are made when the
--- gateway starts.
+-- fine): the default SQLite store under var/ (app.lua, once the config is
+-- checked: a start refused for its config makes nothing), the bill
+-- reports, the credentials cache (0700). returns: true when dir exists,
+-- else nil, "cannot create the folder <dir>: <why>". config.dry_run =
+-- true (paygate doctor): check only (can_make), create nothing -- the
+-- folders are made when the gateway starts.
 local function mkdir_p(dir, mode)
-  if _M.dry_run then return true end
+  if _M.dry_run then return can_make(dir) end
   local ok, err = core.mkdir_p(dir, mode)
   if not ok then return nil, err.message end
   return true
 end
 _M.mkdir_p = mkdir_p
+
+--- syntax: dir = config.db_dir(db)
+-- The folder of an SQLite store's file ("sqlite:var/gw.db" -> "var"), nil
+-- for one in the working directory or a PostgreSQL URL.
+function _M.db_dir(db)
+  local path = sql.sqlite_path(db)
+  local dir = path and path:match("^(.*)/[^/]*$")
+  if dir == "" then return nil end
+  return dir
+end
 
 local function check_db(g)
   local db = g.db
@@ -134,10 +168,11 @@ local function check_db(g)
   if db:match("^sqlite3?:") then
     local path = sql.sqlite_path(db)
     if not path then return fail("gateway.db", "sqlite: needs a path") end
-    local dir = path:match("^(.*)/[^/]*$")
-    if dir and dir ~= "" then
-      local made, why = mkdir_p(dir)
-      if not made then return fail("gateway.db", why) end
+    -- (made by app.lua once the whole config is checked)
+    local dir = _M.db_dir(db)
+    if dir then
+      local ok, why = can_make(dir)
+      if not ok then return fail("gateway.db", why) end
     end
   elseif not (db:match("^postgres://") or db:match("^postgresql://")) then
     -- sql.open's two schemes: postgress:// passed here and raised there

@@ -102,7 +102,8 @@ end
 
 --- syntax: conf, why = credentials.section(conf)
 -- conf: the whole config. returns: nil (no credentials section), or the
--- options paygate.credentials.new takes (secrets read, cache_dir made),
+-- options paygate.credentials.new takes (secrets read, cache_dir checked:
+-- credentials.start makes it),
 -- or false and the one-line reason "config.credentials.<key>: ...".
 -- Never connects to etcd and never names a secret.
 function _M.section(conf)
@@ -168,8 +169,10 @@ function _M.section(conf)
     return false, reason("cache_dir", "must be a folder for the"
       .. " last good sets (kept sealed)")
   end
-  local made, why = require("gw.config").mkdir_p(c.cache_dir, 448) -- 0700
-  if not made then
+  -- (made by credentials.start: a start refused for its config makes
+  -- nothing)
+  local can, why = require("gw.config").can_make(c.cache_dir)
+  if not can then
     return false, reason("cache_dir", why)
   end
   if c.load_timeout ~= nil and (type(c.load_timeout) ~= "number"
@@ -209,7 +212,7 @@ local checked = setmetatable({}, { __mode = "k" })  -- conf -> { section }
 
 function _M.check_merchant(conf, m, i, seen, check)
   -- the section once per config, not once per merchant (it reads the
-  -- password and the KEK, and makes the cache folder)
+  -- password and the KEK, and checks the cache folder)
   local c = checked[conf]
   if not c then
     c = { _M.section(conf) }
@@ -277,6 +280,9 @@ function _M.start(cfg, wx, fatal)
   local opts, why = _M.section(paygate.config_copy())
   if opts == false then return fatal(why) end
   if not opts then return nil end
+  local made, merr = require("gw.config").mkdir_p(opts.cache_dir,
+                                                  448) -- 0700
+  if not made then return fatal("config.credentials.cache_dir: " .. merr) end
   local src, err = credentials.new(opts)
   if not src then return fatal("config.credentials: " .. tostring(err)) end
   for _, m in ipairs(cfg.merchants) do

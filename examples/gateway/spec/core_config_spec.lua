@@ -579,6 +579,75 @@ describe("gateway config", function()
     end
   end)
 
+  -- the config check made the SQLite store's folder (and the credentials
+  -- cache's) as it checked them: a start refused later in the check, or
+  -- by a merchant's client config, left them behind
+  it("a start refused for its config makes no folder", function()
+    write(dir .. "/kek", crypto.hex(crypto.random_bytes(32)) .. "\n")
+    write(dir .. "/etcd-pw", "secret\n")
+    local function section(cache)
+      return { etcd = { endpoints = { "https://127.0.0.1:9" }, user = "gw",
+                        password_file = dir .. "/etcd-pw" },
+               kek_file = dir .. "/kek", cache_dir = cache,
+               merchants = { ["1900000109"] = "/paygate/m1/" } }
+    end
+    local cases = {
+      -- refused by the config check, after it checked gateway.db
+      { function(state)
+          return { gateway = { db = "sqlite:" .. state .. "/var/gw.db",
+                               public_url = "ftp://x" },
+                   merchants = { merchant() } }
+        end, "gateway: config.gateway.public_url: " },
+      -- by a merchant's client config, after the config check
+      { function(state)
+          return { gateway = { db = "sqlite:" .. state .. "/var/gw.db" },
+                   merchants = { merchant{
+                     merchant_private_key = m.certificate } } }
+        end, "gateway: config.merchants[1].merchant_private_key: " },
+      -- after the credentials section was checked (its cache folder)
+      { function(state)
+          return { gateway = { db = "sqlite:" .. state .. "/var/gw.db" },
+                   merchants = { merchant{ merchant_private_key =
+                                           m.certificate },
+                                 { mchid = "1900000109",
+                                   appid = "wx1111111111111111",
+                                   base_url = "http://127.0.0.1:9",
+                                   backup_url = false } },
+                   credentials = section(state .. "/creds") }
+        end, "gateway: config.merchants[1].merchant_private_key: " },
+    }
+    for i, case in ipairs(cases) do
+      local state = dir .. "/untouched" .. i
+      local out = expect_refused(case[1](state), case[2])
+      assert.is_nil(core.file_type(state), state .. ": " .. out)
+    end
+    -- the check goes on saying what no start could make
+    write(dir .. "/plain", "a file, not a folder\n")
+    check_refused({ gateway = { db = "sqlite:" .. dir .. "/plain/a/b/g.db" },
+                    merchants = { merchant() } },
+      "config.gateway.db: cannot create the folder " .. dir .. "/plain/a/b:"
+      .. " Not a directory (making " .. dir .. "/plain/a)")
+    local c = section(dir .. "/plain/creds")
+    check_refused({ gateway = { db = "sqlite:" .. dir .. "/a.db" },
+                    merchants = { { mchid = "1900000109",
+                                    appid = "wx1111111111111111" } },
+                    credentials = c },
+      "config.credentials.cache_dir: cannot create the folder " .. dir
+      .. "/plain/creds: Not a directory")
+  end)
+
+  it("makes the store's folder when it starts", function()
+    local sim = testing.simulator()
+    local state
+    local gw = gwcore.start(sim, { db = function(srv)
+      state = srv.dir .. "/made/var"
+      return "sqlite:" .. state .. "/gw.db"
+    end })
+    assert.equal("directory", core.file_type(state))
+    assert.equal("file", core.file_type(state .. "/gw.db"))
+    gwcore.stop(gw)
+  end)
+
   it("refuses a bad gateway.dispatcher option in one line", function()
     -- before: the outbox dispatcher raised it in every worker (exit 1,
     -- a stack trace) after the store was opened
@@ -671,7 +740,7 @@ describe("gateway config", function()
   end)
 
   describe("check()", function()
-    it("fills the defaults and makes the store's folder", function()
+    it("fills the defaults and makes no folder", function()
       local cfg = assert(config.check({
         gateway = { db = "sqlite:" .. dir .. "/sub/var/gw.db" },
         merchants = { merchant() } }, { listen = "127.0.0.1:8099" }))
@@ -682,7 +751,8 @@ describe("gateway config", function()
       assert.equal("http://127.0.0.1:8099", g.public_url)
       assert.equal(key, cfg.merchants[1].client.apiv3_key)
       assert.is_nil(cfg.merchants[1].client.apiv3_key_file)
-      assert.truthy(io.open(dir .. "/sub/var/."))
+      -- (the gateway makes it once the whole config is checked)
+      assert.is_nil(core.file_type(dir .. "/sub"))
       local def = assert(config.check({ merchants = { merchant() } },
                                       { listen = "127.0.0.1:8099" }))
       assert.equal("sqlite:var/gateway.db", def.gateway.db)
