@@ -58,8 +58,9 @@ describe("paygate doctor, a merchant whose keys come from etcd", function()
 
   -- the gateway's config for the simulator merchant, its keys from etcd
   -- (endpoints: the cluster's unless given), its cache in cache_dir;
-  -- extra's keys added at its top level (doctor's own: metrics_url)
-  local function config(name, cache_dir, endpoints, extra)
+  -- extra's keys added at its top level (doctor's own: metrics_url), and
+  -- cred's to its credentials section
+  local function config(name, cache_dir, endpoints, extra, cred)
     local o = c:client_opts()
     local e = sim:client_config(m)
     for _, k in ipairs({ "merchant_private_key", "merchant_certificate",
@@ -76,6 +77,7 @@ describe("paygate doctor, a merchant whose keys come from etcd", function()
         kek_file = kek_file, cache_dir = cache_dir,
         merchants = { [m.mchid] = prefix } } }
     for k, v in pairs(extra or {}) do conf[k] = v end
+    for k, v in pairs(cred or {}) do conf.credentials[k] = v end
     local path = dir .. "/" .. name .. ".lua"
     proc.write(path, "return " .. literal(conf) .. "\n")
     return path
@@ -249,5 +251,137 @@ describe("paygate doctor, a merchant whose keys come from etcd", function()
     assert.matches("no cached set", r.credentials.cause, 1, true)
     assert.is_nil(r.signed_call, out)
     assert.is_nil(r.key_certificate, out)
+  end)
+
+  -- a listener's pair: dir/NAME/cert.pem (serial, valid for days) and
+  -- dir/NAME/key.pem, a publishable set directory. ec: a P-256 key (the
+  -- listener takes ECDSA too), else RSA
+  local function listener_pair(name, serial, days, ec)
+    local d = dir .. "/" .. name
+    assert(os.execute(("mkdir -p %s && openssl req -x509 -newkey %s -nodes"
+      .. " -keyout %s/key.pem -out %s/cert.pem -days %d -set_serial 0x%s"
+      .. " -subj /CN=localhost >/dev/null 2>&1"):format(d, ec
+      and "ec -pkeyopt ec_paramgen_curve:P-256" or "rsa:2048", d, d, days,
+      serial)) == 0)
+    return d
+  end
+
+  -- `paygate etcd publish --tls` of the set directory d to tls_prefix
+  local function publish_tls(d, tls_prefix)
+    local o = c:client_opts()
+    local code, out = proc.run({ "/usr/bin/env", PW_ENV .. "=" .. o.password,
+      PAYGATE_BIN, "etcd", "publish", "--tls", "--prefix", tls_prefix,
+      "--dir", d, "--endpoints", table.concat(o.endpoints, ","), "--user",
+      o.user, "--password-env", PW_ENV, "--ca-file", o.ca_file, "--cert",
+      o.client_cert, "--key", o.client_key, "--kek-file", kek_file },
+      { timeout = 30 })
+    assert.equal(0, code, out)
+  end
+
+  -- doctor's results of kind, in order
+  local function all(out, kind)
+    local r = {}
+    for line in out:gmatch("[^\n]+") do
+      local x = line:sub(1, 1) == "{" and json.decode(line)
+      if type(x) == "table" and x.kind == kind then r[#r + 1] = x end
+    end
+    return r
+  end
+
+  -- the one result of kind whose cause holds s
+  local function about(out, kind, s)
+    local found
+    for _, x in ipairs(all(out, kind)) do
+      if tostring(x.cause):find(s, 1, true) then
+        assert.is_nil(found, "two " .. kind .. " lines about " .. s .. ": "
+                      .. out)
+        found = x
+      end
+    end
+    assert.truthy(found, "no " .. kind .. " line about " .. s .. ": " .. out)
+    return found
+  end
+
+  -- Before, doctor read neither the HTTPS listener's certificate set in
+  -- etcd (credentials.tls) nor the config's tls files: a set about to
+  -- expire, or a key that is not the certificate's, passed unsaid
+  it("checks the HTTPS listener's certificate from etcd (credentials.tls)"
+     .. " as it checks the tls section's files", function()
+    local tls_prefix = "/paygate/tls/"
+    publish("tls-merchant", m.apiv3_key)
+    local web = listener_pair("web", "7777", 400)
+    publish_tls(web, tls_prefix)
+    local file = listener_pair("file", "6666", 400, true)
+    local cache = dir .. "/cache-tls"
+    assert(os.execute("mkdir -p " .. cache) == 0)
+    local files = { tls = { cert = file .. "/cert.pem",
+                            key = file .. "/key.pem" } }
+    local set = "the set at " .. tls_prefix .. " in etcd"
+    local code, out = doctor(config("tls", cache, nil, files,
+                                    { tls = tls_prefix }))
+    assert.equal(0, code, out)
+    assert.equal("ok", about(out, "credentials", set).status, out)
+    assert.matches("read from etcd", about(out, "credentials", set).cause,
+                   1, true)
+    local l = about(out, "tls_certificate", set)
+    assert.equal("ok", l.status, out)
+    assert.matches("the key matches the certificate 7777", l.cause, 1, true)
+    l = about(out, "tls_certificate", "(tls.cert)")
+    assert.equal("ok", l.status, out)
+    assert.matches("the key matches the certificate 6666", l.cause, 1, true)
+    for _, s in ipairs({ set .. ") 7777", "(tls.cert) 6666" }) do
+      l = about(out, "cert_expiry", s)
+      assert.equal("ok", l.status, out)
+      assert.matches("399 days left", l.cause, 1, true)
+    end
+    -- no key material printed, nor the set's
+    for _, k in ipairs({ web .. "/key.pem", file .. "/key.pem" }) do
+      for line in proc.read(k):gmatch("[^\n]+") do
+        if not line:find("-----", 1, true) then
+          assert.is_nil(out:find(line, 1, true), out)
+        end
+      end
+    end
+
+    -- a set expiring in 10 days: warned, naming the set
+    publish_tls(listener_pair("web-short", "7778", 10), tls_prefix)
+    code, out = doctor(config("tls", cache, nil, files,
+                              { tls = tls_prefix }))
+    assert.equal(0, code, out)
+    l = about(out, "cert_expiry", set .. ") 7778")
+    assert.equal("warn", l.status, out)
+    assert.matches("expires in 9 days", l.cause, 1, true)
+    assert.matches("paygate etcd publish --tls --prefix " .. tls_prefix,
+                   l.fix, 1, true)
+
+    -- the tls section's key not the certificate's: failed, as the
+    -- merchant's pair is
+    files.tls.key = web .. "/key.pem"
+    code, out = doctor(config("tls", cache, nil, files,
+                              { tls = tls_prefix }))
+    assert.equal(1, code, out)
+    l = about(out, "tls_certificate", "(tls.cert)")
+    assert.equal("fail", l.status, out)
+    assert.matches("(tls.cert): tls.key: the private key does not match"
+                   .. " the certificate 6666", l.cause, 1, true)
+
+    -- a key written into etcd unsealed: the set is refused, said naming
+    -- its key, and the key is not printed
+    files.tls.key = file .. "/key.pem"
+    local cli = require("paygate.etcd").new(c:client_opts())
+    local raw_key = proc.read(web .. "/key.pem")
+    assert(cli:put(tls_prefix .. "key.pem", raw_key))
+    code, out = doctor(config("tls", cache, nil, files,
+                              { tls = tls_prefix }))
+    assert.equal(1, code, out)
+    l = about(out, "credentials", set)
+    assert.equal("fail", l.status, out)
+    assert.matches(tls_prefix .. "key.pem: not an envelope", l.cause, 1, true)
+    assert.matches("--tls", l.fix, 1, true)
+    for line in raw_key:gmatch("[^\n]+") do
+      if not line:find("-----", 1, true) then
+        assert.is_nil(out:find(line, 1, true), out)
+      end
+    end
   end)
 end)

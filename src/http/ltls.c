@@ -216,6 +216,34 @@ ltls_set_certificate(lua_State *L)
     return 1;
 }
 
+/*
+ * syntax: ok, err = tls.check(cert_pem, key_pem)
+ * Whether the listener would take this pair, as tls.set_certificate
+ * checks it (load_pem: the chain is PEM, the key loads, it matches the
+ * leaf; RSA or ECDSA), changing nothing: paygate doctor's check of the
+ * listener's certificate, the tls section's files or the set in etcd.
+ * Needs no listener. true, or nil, err (kind "tls"; never key material).
+ */
+static int
+ltls_check(lua_State *L)
+{
+    size_t cert_len, key_len;
+    const char *cert = luaL_checklstring(L, 1, &cert_len);
+    const char *key = luaL_checklstring(L, 2, &key_len);
+    STACK_OF(X509) *chain;
+    X509 *leaf;
+    EVP_PKEY *pkey;
+    char msg[256];
+
+    if (load_pem(cert, cert_len, key, key_len, &leaf, &chain, &pkey, msg,
+                 sizeof(msg)) != GW_OK) {
+        return gw_push_error(L, "tls", 0, "%s", msg);
+    }
+    pem_free(leaf, chain, pkey);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
 /* Pushes x's serial as uppercase hex; 0 when out of memory. */
 static int
 push_serial(lua_State *L, X509 *x)
@@ -288,6 +316,7 @@ ltls_enabled(lua_State *L)
 
 static const luaL_Reg ltls_funcs[] = {
     { "set_certificate", ltls_set_certificate },
+    { "check", ltls_check },
     { "serial", ltls_serial },
     { "enabled", ltls_enabled },
     { NULL, NULL }

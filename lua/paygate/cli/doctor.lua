@@ -43,10 +43,13 @@ answering within WeChat's 5 s, the server's timeouts (request, header,
 body) against that window, the database and Redis, lease TTLs against
 the measured processing time, certificates expiring within 30 days, the
 client's state_dir (writable: a probe file written and removed; the
-certificates it keeps for the merchant, and how old the file is).
+certificates it keeps for the merchant, and how old the file is), the
+HTTPS listener's certificate and key (the config's tls section and, in
+the gateway's, the set credentials.tls names in etcd: the pair as the
+listener checks it, its days left; the key never printed).
 
 FILE is a Lua file returning { wechatpay = {...}, notify_url = ...,
-database = ..., redis = ..., limits = {...}, metrics_url = ...,
+database = ..., redis = ..., limits = {...}, tls = {...}, metrics_url = ...,
 leases = {...}, api_crl_file = ... } (see docs/troubleshooting.md), or
 the reference gateway's own config ({ gateway = {...}, merchants = {...} },
 docs/gateway.md): first the gateway's own check of it (gw/config.lua
@@ -386,17 +389,6 @@ local function gateway_check(out, conf, dir)
   return nil, dir
 end
 
--- A merchant whose keys the gateway takes from etcd (the credentials
--- section, docs/etcd.md): its set read as the gateway's start reads it,
--- by the gateway's own code -- gw/credentials.lua of the app (the
--- section checked, the etcd password read from password / _file / _env,
--- the KEK) and paygate.credentials (etcd, the envelopes opened with the
--- KEK and the set validated, else the cached set in cache_dir) -- and
--- merged into the merchant's client config as the start merges it.
--- Nothing is written: not cache_dir (the gateway's check runs dry), not
--- the cache (the gateway's workers own it; a file or lock left by
--- another user would stop them replacing it). returns: the merged
--- config, or nil when no set can be had (a failed line said why).
 -- The fix for a set etcd did not give, by its error's kind. none: no
 -- set at all (else the cached one is in use, and etcd answered).
 local function etcd_fix(kind, prefix, none)
@@ -417,10 +409,18 @@ local function etcd_fix(kind, prefix, none)
          .. " show --prefix " .. prefix .. " reads it"
 end
 
-local function etcd_keys(out, raw, conf, id, app)
-  local prefix = tostring(conf.etcd_prefix)
-  local what = "merchant " .. id .. "'s keys (the set at "
-               .. common.shown(prefix) .. " in etcd)"
+-- A set of the credentials section read as the gateway's start reads it
+-- (gw/credentials.lua of the app: the section; paygate.credentials: etcd,
+-- else the cache, nothing written), and one `credentials` line saying
+-- which set that is: from etcd (ok), the cached one (warn when etcd did
+-- not answer, fail when it refused), or none (fail). name: the set's
+-- name (a merchant's mchid, "tls"); what: the line's words for it;
+-- prefix: the set's, as the fixes' `paygate etcd show --prefix` takes it
+-- (with --tls after it for the listener's); fields(set): how the line
+-- names the set read ("merchant certificate 5A3F..."). returns: the
+-- set, where it came from ("etcd" or "cache") and the source (stopped)
+-- it was read with, or nil (a failed line said why).
+local function etcd_set(out, raw, app, name, what, prefix, fields)
   local gwcred
   if app then
     local saved = package.path
@@ -459,22 +459,22 @@ local function etcd_keys(out, raw, conf, id, app)
   local log = pg.log
   local function quiet() end
   pg.log = setmetatable({}, { __index = function() return quiet end })
-  local lok, set, lerr = pcall(src.load, src, id)
+  local lok, set, lerr = pcall(src.load, src, name)
   pg.log = log
   src:stop()
   if not lok then error(set, 0) end
   if not set then
     local kind = type(lerr) == "table" and lerr.kind
     local msg = tostring(type(lerr) == "table" and lerr.message or lerr)
-                :gsub("^credentials: ", ""):gsub("^" .. id .. ": ", "")
+                :gsub("^credentials: ", ""):gsub("^" .. name .. ": ", "")
     out:fail("credentials", what .. ": " .. msg,
              "the gateway would not start: it needs the set from etcd or "
              .. "its cached copy", etcd_fix(kind, prefix, true))
     return nil
   end
-  local from, cause, kind = src:origin(id)
-  local which = ("(revision %s, merchant certificate %s)"):format(
-                tostring(set.revision), tostring(set.serial))
+  local from, cause, kind = src:origin(name)
+  local which = ("(revision %s, %s)"):format(tostring(set.revision),
+                                             fields(set))
   local cached = "the cached set in " .. common.shown(opts.cache_dir)
                  .. " is checked " .. which
   if from == "etcd" then
@@ -492,6 +492,29 @@ local function etcd_keys(out, raw, conf, id, app)
              .. "starts with the cached set, and takes no new set until "
              .. "this is fixed", etcd_fix(kind, prefix, false))
   end
+  return set, from, src
+end
+
+-- A merchant whose keys the gateway takes from etcd (the credentials
+-- section, docs/etcd.md): its set read as the gateway's start reads it,
+-- by the gateway's own code -- gw/credentials.lua of the app (the
+-- section checked, the etcd password read from password / _file / _env,
+-- the KEK) and paygate.credentials (etcd, the envelopes opened with the
+-- KEK and the set validated, else the cached set in cache_dir) -- and
+-- merged into the merchant's client config as the start merges it.
+-- Nothing is written: not cache_dir (the gateway's check runs dry), not
+-- the cache (the gateway's workers own it; a file or lock left by
+-- another user would stop them replacing it). returns: the merged
+-- config, or nil when no set can be had (a failed line said why).
+local function etcd_keys(out, raw, conf, id, app)
+  local prefix = tostring(conf.etcd_prefix)
+  local what = "merchant " .. id .. "'s keys (the set at "
+               .. common.shown(prefix) .. " in etcd)"
+  local set, from, src = etcd_set(out, raw, app, id, what, prefix,
+    function(v)
+      return "merchant certificate " .. tostring(v.serial)
+    end)
+  if not set then return nil end
   -- for credentials_in_use: what the running workers use beside it
   conf.etcd_checked = { set = id, revision = tostring(set.revision),
                         from_etcd = from == "etcd" }
@@ -809,6 +832,82 @@ local function check_keys(out, wc, now, expiring, conf)
              or "fix " .. name)
   end
   return c
+end
+
+-- The HTTPS listener's certificate and key, wherever they come from (the
+-- runtime's tls section: files; the set credentials.tls names in etcd),
+-- checked one way: by the listener's own check (paygate.tls.check, what
+-- a swap to them checks: the chain is PEM, the key loads, RSA or ECDSA,
+-- and matches the leaf), and the certificate's time left said with the
+-- others' (cert_expiry), as the merchant's pair is. l: what (the line's
+-- words for the pair), cert and key (PEM text or a file's path),
+-- cert_name and key_name (where each is set, for the messages), fix (how
+-- to replace the pair). No line holds the key: it is scrubbed from all.
+local function check_listener(out, l, expiring)
+  local SERVER = "the server would not start with it"
+  local cpem, cwhy, cdenied = material(l.cert, l.cert_name)
+  local kpem, kwhy, kdenied = material(l.key, l.key_name)
+  out:secret(kpem)
+  if not cpem or not kpem then
+    local name = not cpem and l.cert_name or l.key_name
+    out:fail("tls_certificate", l.what .. ": " .. ((not cpem and cwhy)
+             or (cpem and kwhy) or (name .. " is missing")), SERVER,
+             (not cpem and cdenied or cpem and kdenied) and DENIED_FIX
+             or l.fix)
+    return
+  end
+  local cert = crypto.certificate(cpem)
+  local ok, err = require("paygate.tls").check(cpem, kpem)
+  if ok and cert then
+    out:ok("tls_certificate", l.what .. ": the key matches the "
+           .. "certificate " .. cert:serial())
+  else
+    local why = tostring(err and err.message or "not a certificate")
+    out:fail("tls_certificate", l.what .. ": " .. (why:find("^the cert")
+             and l.cert_name or l.key_name) .. ": " .. why
+             .. (cert and why:find("match", 1, true) and (" "
+                 .. cert:serial()) or ""), SERVER, l.fix)
+  end
+  if cert then
+    expiring[#expiring + 1] = { l.what, cert, "renew it before then; "
+                                .. l.fix }
+  end
+end
+
+-- The HTTPS listener's certificates doctor can see: the config's tls
+-- section (cert and key, ecdsa_cert and ecdsa_key: as paygate run takes
+-- them; --tls-cert on its command line is not in the config) and, in the
+-- gateway's config, the set credentials.tls names in etcd, read as the
+-- gateway's start reads it (etcd_set: from etcd, else the cached set).
+local function check_https(out, tls, raw, app, expiring)
+  if type(tls) == "table" then
+    for _, p in ipairs({ { "cert", "key" },
+                         { "ecdsa_cert", "ecdsa_key" } }) do
+      if tls[p[1]] ~= nil or tls[p[2]] ~= nil then
+        local cn, kn = "tls." .. p[1], "tls." .. p[2]
+        check_listener(out, { what = "the HTTPS listener's certificate ("
+          .. cn .. ")", cert = tls[p[1]], key = tls[p[2]], cert_name = cn,
+          key_name = kn, fix = "give " .. cn .. " and " .. kn .. " the "
+          .. "listener's certificate chain and its key (PEM files)" },
+          expiring)
+      end
+    end
+  end
+  local c = type(raw) == "table" and raw.credentials
+  if type(c) ~= "table" or c.tls == nil then return end
+  local prefix = tostring(c.tls)
+  local shown = common.shown(prefix)
+  local what = "the HTTPS listener's certificate (the set at " .. shown
+               .. " in etcd)"
+  local set = etcd_set(out, raw, app, "tls", what, prefix .. " --tls",
+                       function(v)
+                         return "certificate " .. tostring(v.serial)
+                       end)
+  if not set then return end
+  check_listener(out, { what = what, cert = set.cert, key = set.key,
+    cert_name = shown .. "cert.pem", key_name = shown .. "key.pem",
+    fix = "publish the listener's certificate and key: paygate etcd "
+          .. "publish --tls --prefix " .. shown .. " --dir DIR" }, expiring)
 end
 
 -- The TLS chain the server sends, as PEM, through openssl s_client (the
@@ -1927,9 +2026,9 @@ local function key_set(words)
   return t
 end
 local CLIENT_KEYS = key_set([[wechatpay notify_url notify_ca_file
-  notify_route database redis limits metrics_url leases api_crl_file
+  notify_route database redis limits tls metrics_url leases api_crl_file
   merchants gateway]])
-local GATEWAY_KEYS = key_set([[gateway merchants credentials limits
+local GATEWAY_KEYS = key_set([[gateway merchants credentials limits tls
   metrics_url leases api_crl_file notify_ca_file notify_route wechatpay]])
 
 local function check_key_names(out, conf, known)
@@ -1958,6 +2057,8 @@ local function main(args)
   local out = common.output(o["--json"])
   local gateway_shape = conf.wechatpay == nil and conf.merchants ~= nil
   check_key_names(out, conf, gateway_shape and GATEWAY_KEYS or CLIENT_KEYS)
+  -- the runtime's tls section, and the gateway's credentials (tls)
+  local https = { tls = conf.tls }
   if gateway_shape then
     local raw, id, n = conf, nil, nil
     conf, id, n = from_gateway(conf, o["--merchant"])
@@ -1965,6 +2066,7 @@ local function main(args)
     -- Redis's password as the gateway's own check read it (from
     -- redis_password_file / _env: kept out of the URL)
     local gcfg, app = gateway_check(out, raw, o["--app"])
+    https.raw, https.app = raw, app
     local ropts = gcfg and gcfg.gateway and gcfg.gateway.redis_opts
     conf.redis_password = ropts and ropts.password
     local g = type(raw.gateway) == "table" and raw.gateway or {}
@@ -2008,6 +2110,7 @@ local function main(args)
     check_signed(out, wc, cfg, clock_bad, conf, expiring)
   end
   if cfg then check_state_dir(out, cfg, conf, now) end
+  check_https(out, https.tls, https.raw, https.app, expiring)
   local metrics
   if conf.metrics_url ~= nil and type(conf.metrics_url) ~= "string" then
     out:fail("metrics_url", "metrics_url is a " .. type(conf.metrics_url)
