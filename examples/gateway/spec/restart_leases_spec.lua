@@ -31,9 +31,20 @@ describe("gateway restart", function()
                   dispatcher = { interval = 0.05, lease_ttl = 30 } } })
   end
 
+  -- The leases' rows; none while the lease table is not made yet (the
+  -- first lease taken makes it: a query before that, on a loaded
+  -- machine, found "no such table: paygate_leases" and failed the wait).
+  local function leases(db, q, params)
+    local rows, err = db:query(q, params)
+    if not rows and tostring(err):find("no such table", 1, true) then
+      return {}
+    end
+    return assert(rows, err)
+  end
+
   local function live_leases(db)
-    return #assert(db:query("SELECT name FROM paygate_leases WHERE name"
-      .. " LIKE 'outbox:gateway:%' AND expires_at > $1", { core.time() }))
+    return #leases(db, "SELECT name FROM paygate_leases WHERE name"
+      .. " LIKE 'outbox:gateway:%' AND expires_at > $1", { core.time() })
   end
 
   it("delivers events at once after a graceful restart", function()
@@ -59,17 +70,6 @@ describe("gateway restart", function()
     gw2.srv:stop()
     gw2:stop()
   end)
-
-  -- The leases' rows; none while the lease table is not made yet (the
-  -- first lease taken makes it: a query before that, on a loaded
-  -- machine, found "no such table: paygate_leases" and failed the wait).
-  local function leases(db, q, params)
-    local rows, err = db:query(q, params)
-    if not rows and tostring(err):find("no such table", 1, true) then
-      return {}
-    end
-    return assert(rows, err)
-  end
 
   it("gives back the reconciliation leases on a graceful stop", function()
     local gw = start()
