@@ -377,9 +377,11 @@ describe("simulator: refunds", function()
       return os.date("!%Y-%m-%dT%H:%M:%S+08:00",
                      os.time() - days * 86400 + 8 * 3600)
     end
-    -- paid 367 days ago: a year ago by any count, so not refundable
+    -- paid 367 days ago (and made then: an order is never paid before it
+    -- is made): a year ago by any count, so not refundable
     signed(prepay("rf-old-0001"))
-    local p = pay("rf-old-0001", { success_time = ago(367) })
+    local p = pay("rf-old-0001", { create_time = ago(368),
+                                   success_time = ago(367) })
     assert.equal(200, p.status, p.body)
     assert.equal(ago(367):sub(1, 10), p.json.success_time:sub(1, 10))
     local q = query("rf-old-0001")
@@ -391,7 +393,8 @@ describe("simulator: refunds", function()
     assert.equal("SUCCESS", query("rf-old-0001").json.trade_state)
     -- paid 200 days ago: refunded
     signed(prepay("rf-old-0002"))
-    assert.equal(200, pay("rf-old-0002", { success_time = ago(200) }).status)
+    assert.equal(200, pay("rf-old-0002", { create_time = ago(201),
+                                           success_time = ago(200) }).status)
     signed(refund("rf-old-0002", "rf-old-r2", 10))
     -- the time of a payment is in the past, before the days whose bills
     -- can still be downloaded (92): no bill already made changes
@@ -404,6 +407,46 @@ describe("simulator: refunds", function()
       assert.matches("success_time", b.json.message)
       assert.equal("NOTPAY", query(no).json.trade_state)
     end
+  end)
+
+  it("refuses a success_time before the order was made, naming its create"
+     .. " time", function()
+    local function ago(days)      -- in Beijing time, as WeChat writes it
+      return os.date("!%Y-%m-%dT%H:%M:%S+08:00",
+                     os.time() - days * 86400 + 8 * 3600)
+    end
+    -- made now (its prepay), paid 200 days ago: WeChat never does that
+    -- (the times taken once: a second may pass during the case)
+    local paid, later, earlier = ago(200), ago(199), ago(201)
+    local t0 = os.time()
+    signed(prepay("st-early-01"))
+    local b = pay("st-early-01", { success_time = paid })
+    assert.equal(400, b.status, b.body)
+    assert.equal("PARAM_ERROR", b.json.code)
+    assert.matches("success_time " .. paid .. " is before the order's"
+                   .. " create time", b.json.message, 1, true)
+    local made = b.json.message:match("create time (%S+):")
+    local at = require("paygate.civil").epoch(made)
+    assert.is_true(at >= t0 - 1 and at <= os.time(), made)
+    assert.equal("NOTPAY", query("st-early-01").json.trade_state)
+    -- create_time moved back, but still after the success_time: refused,
+    -- naming that create time
+    b = pay("st-early-01", { create_time = later, success_time = paid })
+    assert.equal(400, b.status, b.body)
+    assert.matches("create time " .. later, b.json.message, 1, true)
+    -- create_time alone, or not a time: refused
+    for _, body in ipairs({ { create_time = earlier },
+                            { create_time = "yesterday",
+                              success_time = paid } }) do
+      b = pay("st-early-01", body)
+      assert.equal(400, b.status, b.body)
+      assert.matches("create_time", b.json.message)
+    end
+    assert.equal("NOTPAY", query("st-early-01").json.trade_state)
+    -- made the same second it is paid, or before: taken
+    local p = pay("st-early-01", { create_time = paid, success_time = paid })
+    assert.equal(200, p.status, p.body)
+    assert.equal(paid, p.json.success_time)
   end)
 
   it("ABNORMAL -> PROCESSING by apply-abnormal-refund", function()

@@ -158,8 +158,11 @@ function _M.routes(ctx)
     end
     -- success_time: an order paid long ago (a refund more than a year
     -- after its payment is refused). Only a day whose bills can no longer
-    -- be downloaded: a bill made already never changes
-    local paid_at
+    -- be downloaded: a bill made already never changes. No earlier than
+    -- the order was made (orders.pay), which create_time moves back: an
+    -- order made long ago too, as WeChat never pays an order before it
+    -- exists
+    local paid_at, made_at
     if b.success_time ~= nil then
       paid_at = type(b.success_time) == "string"
                 and civil.epoch(b.success_time)
@@ -170,12 +173,23 @@ function _M.routes(ctx)
                    .. bills.KEEP_DAYS .. " days back)")
       end
     end
+    if b.create_time ~= nil then
+      made_at = type(b.create_time) == "string"
+                and civil.epoch(b.create_time)
+      if not made_at then
+        return bad("create_time must be an RFC 3339 time")
+      elseif not paid_at then
+        return bad("create_time is for an order made and paid long ago:"
+                   .. " give success_time too")
+      end
+    end
     local q = req:query()
     local wait, werr = wait_of(q)
     if werr then return bad(werr) end
     local t, err = orders.pay(req.params.no, {
       mchid = q.mchid, payer_total = b.payer_total,
-      bank_type = b.bank_type, openid = b.openid, success_at = paid_at })
+      bank_type = b.bank_type, openid = b.openid, success_at = paid_at,
+      created_at = made_at })
     if not t then return answer(err.status or 500, err) end
     return answer_notified(t, err, wait)
   end)

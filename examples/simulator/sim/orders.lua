@@ -1233,7 +1233,10 @@ end
 -- The payer pays: NOTPAY (or PAYERROR) -> SUCCESS, and the
 -- TRANSACTION.SUCCESS notification is enqueued with it. opts: mchid,
 -- payer_total, bank_type, openid, success_at (when the payer paid, epoch
--- seconds: now when absent). returns the Transaction, or nil,
+-- seconds: now when absent; never before the order was made: 400
+-- PARAM_ERROR naming success_time and the create time), created_at (when
+-- the order was made, epoch seconds, earlier than its prepay: an order
+-- made long ago). returns the Transaction, or nil,
 -- { status, code, message }.
 function _M.pay(no, opts)
   return S.db:transaction(function(tx)
@@ -1259,7 +1262,19 @@ function _M.pay(no, opts)
         "payer_total " .. string.format("%.0f", opts.payer_total)
         .. " exceeds the order's total " .. o.total }
     end
+    -- paid no earlier than made (in whole seconds, as success_time is
+    -- given: the same second is taken), as at WeChat
+    local made = opts.created_at or o.created_at
     local paid = opts.success_at or now
+    if opts.success_at and paid < math.floor(made) then
+      return nil, { status = 400, code = "PARAM_ERROR", message =
+        "success_time " .. rfc3339(paid) .. " is before the order's create"
+        .. " time " .. rfc3339(made) .. ": an order is paid after it is"
+        .. " made (give create_time too, for an order made long ago)" }
+    end
+    if opts.created_at and opts.created_at < o.created_at then
+      o.created_at = opts.created_at
+    end
     o.transaction_id = "4200" .. beijing_stamp(paid):sub(1, 8)
                        .. random_digits(16)
     o.trade_state, o.success_at = "SUCCESS", paid
@@ -1271,9 +1286,9 @@ function _M.pay(no, opts)
     end
     assert(tx:exec("UPDATE sim_orders SET trade_state = 'SUCCESS', "
       .. "transaction_id = $1, success_at = $2, payer_total = $3, "
-      .. "bank_type = $4, openid = $5 WHERE id = $6",
-      { n = 6, o.transaction_id, paid, o.payer_total, o.bank_type, o.openid,
-        o.id }))
+      .. "bank_type = $4, openid = $5, created_at = $6 WHERE id = $7",
+      { n = 7, o.transaction_id, paid, o.payer_total, o.bank_type, o.openid,
+        o.created_at, o.id }))
     local t = _M.transaction(o)
     local note = {
       mchid = o.sp_mchid or o.owner, sub_mchid = o.sp_mchid and o.owner,
