@@ -229,8 +229,8 @@ function _M.runner(store, opts)
     store = store, name = opts.name, key = "reconcile:" .. opts.name,
     due = opts.due, check = opts.check, reschedule = opts.reschedule,
     measure = opts.measure, ttl_fn = ttl_fn, now = opts.now or core.time,
-    stats = { rounds = 0, items = 0, ok = 0, errors = 0, lease_busy = 0,
-              lost = 0 },
+    stats = { rounds = 0, items = 0, ok = 0, waiting = 0, errors = 0,
+              lease_busy = 0, lost = 0 },
   }, Runner)
   for k, v in pairs(RUNNER_DEFAULTS) do
     if k == "lease_ttl" and ttl_fn then
@@ -334,10 +334,24 @@ local function context(self, l)
   }
 end
 
+-- reschedule(item, err, ctx), if given; a raise there is logged
+local function reschedule(self, item, err, ctx)
+  if self.reschedule then
+    local rok, rerr = pcall(self.reschedule, item, err, ctx)
+    if not rok then
+      warn("reconcile: reschedule failed", { name = self.name,
+                                             error = tostring(rerr) })
+    end
+  end
+end
+
 -- syntax: n, err = r:step()
 -- One round: take (or keep) the lease, ask due(now, batch), check each
 -- item in turn. A check that fails or raises is logged and counted, and
--- reschedule(item, err, ctx) is called; the round goes on.
+-- reschedule(item, err, ctx) is called; the round goes on. A check that
+-- returns false, why is not done yet and nothing failed (a bill WeChat
+-- has not made yet): counted as waiting, not logged (the check says
+-- what it needs to), and rescheduled the same way.
 -- returns: the number of items checked (0 without the lease: nil, err)
 -- yields
 function Runner:step()
@@ -366,7 +380,10 @@ function Runner:step()
     if self.measure then
       pcall(self.measure, core.mono() - t0)
     end
-    if pok and res ~= nil then
+    if pok and res == false then
+      self.stats.waiting = self.stats.waiting + 1
+      reschedule(self, item, err, ctx)
+    elseif pok and res ~= nil then
       self.stats.ok = self.stats.ok + 1
     else
       err = pok and err or core.error("internal", tostring(res))
@@ -374,13 +391,7 @@ function Runner:step()
       count("errors")
       warn("reconcile: check failed", { name = self.name,
                                         error = tostring(err) })
-      if self.reschedule then
-        local rok, rerr = pcall(self.reschedule, item, err, ctx)
-        if not rok then
-          warn("reconcile: reschedule failed", { name = self.name,
-                                                 error = tostring(rerr) })
-        end
-      end
+      reschedule(self, item, err, ctx)
     end
     -- let requests run between items; renew when half the lease is spent
     core.sleep(0)

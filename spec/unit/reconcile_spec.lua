@@ -444,6 +444,38 @@ describe("reconcile.runner", function()
     r:stop()
   end)
 
+  it("a check not done yet (false, why) is rescheduled, counted as"
+     .. " waiting and not logged as a failure", function()
+    local paygate = require "paygate"
+    local db = new_db()
+    local resched, warned = {}, {}
+    local r = reconcile.runner(db, { name = "w1", batch = 3,
+      due = function() return { "made", "not_made", "broken" } end,
+      check = function(item)
+        if item == "not_made" then
+          return false, core.error("statement_creating", "not made yet")
+        elseif item == "broken" then
+          return nil, core.error("timeout", "slow")
+        end
+        return true
+      end,
+      reschedule = function(item, err) resched[item] = err.kind end })
+    local warn = paygate.log.warn
+    paygate.log.warn = function(msg, fields)
+      warned[#warned + 1] = msg .. " " .. tostring(fields and fields.error)
+    end
+    local ok, n = pcall(r.step, r)
+    paygate.log.warn = warn
+    r:stop()
+    assert(ok, tostring(n))
+    assert.equal(3, n)
+    assert.same({ not_made = "statement_creating", broken = "timeout" },
+                resched)
+    assert.same({ 3, 1, 1, 1 }, { r.stats.items, r.stats.ok,
+                                  r.stats.waiting, r.stats.errors })
+    assert.same({ "reconcile: check failed timeout: slow" }, warned)
+  end)
+
   it("a store that keeps refusing the lease is logged once a minute, not"
      .. " every round (a full disk: every runner of every worker, every"
      .. " 5 s)", function()

@@ -686,6 +686,11 @@ local function beijing_hour(t)
   return floor(((t + 8 * 3600) % 86400) / 3600)
 end
 
+-- t (epoch s) as an operator reads it: "2026-03-02 10:30 Beijing"
+local function beijing_time(t)
+  return os.date("!%Y-%m-%d %H:%M", floor(t) + 8 * 3600) .. " Beijing"
+end
+
 --- syntax: dates = reconcile.bill_dates(now, conf)
 -- The days whose bill the job may fetch at now (epoch s), oldest first:
 -- the conf.bill_days - 1 days before yesterday (Beijing), whatever the
@@ -972,7 +977,10 @@ local function bill_job(ctx, conf, clock)
     due = function(now) return pending(now) end,
     check = function(item, rctx)
       if item.missed then return left_unreconciled(item, rctx) end
-      tried.set(item.key, clock())
+      local at = clock()
+      -- what the day's last run said (statement_creating: said already)
+      local said = owed_get(item.mchid)[item.date]
+      tried.set(item.key, at)
       running = item.key
       local wx = ctx.wx[item.mchid]
       -- a raise (a fault on this side) goes on to the runner, which logs
@@ -990,6 +998,18 @@ local function bill_job(ctx, conf, clock)
         -- bill_retry later
         if CUT_OFF[err.kind] or lease.fenced(err) then
           tried.set(item.key, nil)
+        end
+        if err.kind == "statement_creating" then
+          -- WeChat has not made the bill yet: expected (it makes it
+          -- during the morning), no failure. Said once, at info, until
+          -- the day's outcome changes; the runner does not warn (false)
+          if said ~= "statement_creating" then
+            paygate.log.info("gateway: bill for " .. item.date .. " not"
+              .. " ready yet, next try at " .. beijing_time(at
+              + conf.bill_retry), { date = item.date, mchid = item.mchid,
+                bill_retry = conf.bill_retry })
+          end
+          return false, err
         end
         return nil, err
       end

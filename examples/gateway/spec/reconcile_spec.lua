@@ -953,6 +953,53 @@ describe("gateway daily bill job: a day never reconciled", function()
     assert.equal(0, failed())
   end)
 
+  it("a bill WeChat is still making is said once at info with the next"
+     .. " try, not warned as a failure at every bill_retry; a real failure"
+     .. " stays a warning", function()
+    local paygate = require "paygate"
+    -- (a day the cases above did not reconcile)
+    local clock = { now = os.time() - 12 * 86400 }
+    local yesterday = bill.bill_date(clock.now)
+    local r = job({ bill_days = 1, bill_hour = 0, bill_retry = 60 }, clock)
+    local lines = {}
+    local info, warn = paygate.log.info, paygate.log.warn
+    paygate.log.info = function(msg, fields)
+      lines[#lines + 1] = "info " .. msg
+    end
+    paygate.log.warn = function(msg, fields)
+      lines[#lines + 1] = "warn " .. msg .. " "
+                          .. tostring(fields and fields.error)
+    end
+    finally(function()
+      paygate.log.info, paygate.log.warn = info, warn
+      r:stop()
+    end)
+    sim:fault{ endpoint = "tradebill", kind = "error", status = 400,
+               code = "STATEMENT_CREATING", count = 1000 }
+    local t0 = clock.now
+    for _ = 1, 3 do              -- asked again every bill_retry
+      assert.equal(1, r:step())
+      clock.now = clock.now + 61
+    end
+    assert.equal(3, r.stats.waiting)
+    assert.equal(0, r.stats.errors)
+    assert.same({ "info gateway: bill for " .. yesterday .. " not ready"
+      .. " yet, next try at " .. os.date("!%Y-%m-%d %H:%M", t0 + 60
+      + 8 * 3600) .. " Beijing" }, lines)
+    -- a real failure (WeChat refuses it) is still a warning
+    sim:clear_faults()
+    sim:fault{ endpoint = "tradebill", kind = "error", status = 403,
+               code = "NO_AUTH", count = 1 }
+    assert.equal(1, r:step())
+    assert.equal(2, #lines)
+    assert.matches("^warn reconcile: check failed ", lines[2])
+    assert.equal(1, r.stats.errors)
+    -- made at last: reconciled (the day owed no more, for the next case)
+    clock.now = clock.now + 61
+    assert.equal(1, r:step())
+    assert.equal(1, #audit.entries(gw.db, "reconcile:" .. yesterday))
+  end)
+
   it("an older day still failing keeps the alarm over a newer day's"
      .. " success", function()
     local clock = { now = os.time() }
