@@ -714,12 +714,15 @@ end
 -- is there (or NO_STATEMENT_EXIST: no trade that day)
 local BILL_READY_HOUR, ASK_EVERY = 10, 1800
 
---- syntax: text = reconcile.not_ready_advice(date, now, conf)
+--- syntax: text = reconcile.not_ready_advice(date, now, conf[, last])
 -- What an operator is told when WeChat answered STATEMENT_CREATING for
 -- date's bill at now (epoch s): not a failure, the bill is not made yet;
--- when to ask again, and whether the daily job (conf: reconcile.conf, or
--- nil) will ask by itself. The console's run says it.
-function _M.not_ready_advice(date, now, conf)
+-- when WeChat says to ask again, and when the daily job (conf:
+-- reconcile.conf, or nil) asks next by its own config (bill_hour,
+-- bill_retry), or that it does not. last: when the job last asked for
+-- that merchant's bill (epoch s, reconcile.last_asked), nil if unknown.
+-- The console's run says it.
+function _M.not_ready_advice(date, now, conf, last)
   local ready = bill.day_start(date) + 86400 + BILL_READY_HOUR * 3600
   local when
   if now < ready then
@@ -737,9 +740,25 @@ function _M.not_ready_advice(date, now, conf)
     job = ("the daily bill job does not ask for it (older than its %d"
       .. " days, bill_days)"):format(conf.bill_days)
   else
-    job = ("the daily bill job asks for it by itself, from %02d:00 Beijing"
-      .. " (bill_hour) on the day after it, then every %d s (bill_retry)"
-      .. " until WeChat has made it"):format(conf.bill_hour, conf.bill_retry)
+    local every = (", then every %d s (bill_retry) until WeChat has made"
+      .. " it"):format(conf.bill_retry)
+    local due = false
+    for _, d in ipairs(_M.bill_dates(now, conf)) do
+      if d == date then due = true end
+    end
+    if not due then
+      -- (yesterday's before bill_hour, or today's: from bill_hour on the
+      -- day after it)
+      job = ("the daily bill job asks for it by itself at %02d:00 Beijing"
+        .. " on %s (bill_hour)"):format(conf.bill_hour,
+        bill.bill_date(bill.day_start(date) + 86400 + 86400)) .. every
+    elseif last and last + conf.bill_retry > now then
+      job = "the daily bill job asks for it by itself next at "
+        .. beijing_time(last + conf.bill_retry) .. every
+    else
+      job = ("the daily bill job asks for it by itself at its next round"
+        .. " (within %d s)"):format(math.min(60, conf.bill_retry)) .. every
+    end
   end
   return "WeChat is still making the bill of " .. date
     .. " (STATEMENT_CREATING): " .. when .. "; " .. job
@@ -755,6 +774,15 @@ end
 local owed_here = {}
 
 local function dict() return require("paygate.shared").get_dict("paygate") end
+
+--- syntax: t = reconcile.last_asked(date, mchid)
+-- When the bill job last asked WeChat for mchid's bill of date (epoch s),
+-- from the instance's shared dictionary (kept bill_retry + 60 s); nil
+-- when it did not lately, or without a dictionary.
+function _M.last_asked(date, mchid)
+  local d = dict()
+  return d and tonumber(d:get("gw:bill_tried:" .. date .. "|" .. mchid))
+end
 
 local function owed_get(mchid)
   local d = dict()

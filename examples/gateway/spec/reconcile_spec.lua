@@ -799,15 +799,30 @@ describe("gateway daily bill: which days before bill_hour", function()
     local a = gwr.not_ready_advice("2026-11-29", two, conf)
     assert.matches("WeChat is still making the bill of 2026-11-29"
       .. " (STATEMENT_CREATING): try again after 10:00 Beijing on"
-      .. " 2026-11-30; the daily bill job asks for it by itself, from 10:00"
-      .. " Beijing (bill_hour) on the day after it, then every 1800 s"
+      .. " 2026-11-30; the daily bill job asks for it by itself at 10:00"
+      .. " Beijing on 2026-11-30 (bill_hour), then every 1800 s"
       .. " (bill_retry) until WeChat has made it", a, 1, true)
-    -- asked after 10:00: every half hour, as WeChat advises
+    -- the job's hour is the gateway's bill_hour, not WeChat's 10:00
+    conf.bill_hour = 12
+    assert.matches("try again after 10:00 Beijing on 2026-11-30; the daily"
+      .. " bill job asks for it by itself at 12:00 Beijing on 2026-11-30"
+      .. " (bill_hour), then every 1800 s (bill_retry)",
+      gwr.not_ready_advice("2026-11-29", two, conf), 1, true)
+    conf.bill_hour = 10
+    -- asked after 10:00: every half hour, as WeChat advises; the job asks
+    -- at its next round, or bill_retry after it last asked
+    a = gwr.not_ready_advice("2026-11-29", ten + 60, conf)
     assert.matches("try again in 30 minutes (WeChat advises asking every"
-      .. " 30 minutes until the bill is there)",
-      gwr.not_ready_advice("2026-11-29", ten + 60, conf), 1, true)
-    -- today's: after 10:00 tomorrow
-    assert.matches("try again after 10:00 Beijing on 2026-12-01",
+      .. " 30 minutes until the bill is there); the daily bill job asks for"
+      .. " it by itself at its next round (within 60 s), then every 1800 s",
+      a, 1, true)
+    assert.matches("the daily bill job asks for it by itself next at"
+      .. " 2026-11-30 10:30 Beijing, then every 1800 s (bill_retry)",
+      gwr.not_ready_advice("2026-11-29", ten + 60, conf, ten), 1, true)
+    -- today's: after 10:00 tomorrow, and the job from bill_hour tomorrow
+    assert.matches("try again after 10:00 Beijing on 2026-12-01; the daily"
+      .. " bill job asks for it by itself at 10:00 Beijing on 2026-12-01"
+      .. " (bill_hour)",
       gwr.not_ready_advice("2026-11-30", ten + 60, conf), 1, true)
     -- a day older than the job's window, or the job off: nothing asks
     assert.matches("the daily bill job does not ask for it (older than its"

@@ -806,7 +806,8 @@ function _M.run_bill(date)
       -- not raise the bill alarm either); when to ask again is said
       not_ready = not_ready + 1
       runs[#runs + 1] = { merchant = m.mchid, not_ready = true,
-        advice = gwr.not_ready_advice(date, core.time(), gwr.conf(ctx)) }
+        advice = gwr.not_ready_advice(date, core.time(), gwr.conf(ctx),
+                                      gwr.last_asked(date, m.mchid)) }
     else
       if not ok then
         paygate.log.error("gateway: console bill reconciliation failed", {
