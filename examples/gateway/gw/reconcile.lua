@@ -1079,6 +1079,38 @@ _M.bill_job = bill_job
 -- never runs it again); a failure of the job's, or of a day the job owes,
 -- is the day's last outcome. A failure of a day the job does not owe (an
 -- older day run from the console: its page says so) changes nothing.
+-- A run of o (bill_day's) that did not reconcile its day, kind: WeChat
+-- still making the bill (statement_creating) or a failure (err, or a
+-- raise: internal). An audit entry reconcile_run:<date> (what
+-- reconcile.bill_unreconciled, under o.fence), so that the console's list
+-- of runs shows it beside the reconciled ones. A cannot-write is logged:
+-- the run's own outcome stands.
+local function record_unreconciled(o, kind, err)
+  local ev = { date = o.date, merchant = o.mchid, kind = kind,
+    outcome = kind == "statement_creating" and "not_ready" or "failed",
+    by = o.job and "job" or "console",
+    error = kind == "internal" and "internal error (the gateway's log"
+      .. " says why)" or tostring(err) }
+  local db = o.db
+  local e, aerr = audit.ensure_schema(db)
+  if e then
+    e, aerr = db:transaction(function(tx)
+      if o.fence then
+        local f, ferr = o.fence(tx)
+        if not f then return nil, ferr end
+      end
+      return audit.append(tx, "reconcile_run:" .. o.date, {
+        what = "reconcile.bill_unreconciled", cause = "daily_bill",
+        actor = o.job and "reconcile" or "console", evidence = ev })
+    end)
+  end
+  if not e then
+    warn("gateway: a bill run's outcome cannot be recorded", {
+      date = o.date, mchid = o.mchid, outcome = ev.outcome,
+      error = tostring(aerr) })
+  end
+end
+
 function _M.bill_day(o)
   local db, mchid = o.db, o.mchid
   local ok, report, err = pcall(bill.daily, {
@@ -1088,9 +1120,17 @@ function _M.bill_day(o)
       return _M.local_rows(db, mchid, date, numbers, refund_numbers)
     end })
   if not ok or not report then
-    if o.job or owed_get(mchid)[o.date] then
-      -- (a raise: a fault on this side fails the run all the same)
-      owe(mchid, o.date, ok and tostring(err.kind) or "internal")
+    -- (a raise: a fault on this side fails the run all the same)
+    local kind = ok and tostring(err.kind) or "internal"
+    local last = owed_get(mchid)[o.date]
+    if o.job or last then owe(mchid, o.date, kind) end
+    -- recorded for the console's list: a run the lease or a stop cut
+    -- off is nobody's outcome (tried again at once); the job's only when
+    -- the day's outcome changed, not at every bill_retry of a bill
+    -- WeChat keeps making or of a store down for hours
+    if not (ok and (CUT_OFF[kind] or lease.fenced(err)))
+       and not (o.job and last == kind) then
+      record_unreconciled(o, kind, ok and err or report)
     end
     refresh(db, mchid)
     if not ok then error(report, 0) end

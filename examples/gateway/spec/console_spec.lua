@@ -1505,6 +1505,17 @@ describe("gateway console: the bill reconciliation of two merchants",
 
   teardown(function() testing.stop_all() end)
 
+  -- the reconcile page's row of a run of date for merchant m whose cells
+  -- hold text, or nil
+  local function run_row(listing, date, m, text)
+    for tr in listing:gmatch("<tr>(.-)</tr>") do
+      if tr:find(">" .. date .. "</a></td><td>" .. m .. "</td>", 1, true)
+         and tr:find(text, 1, true) then
+        return tr
+      end
+    end
+  end
+
   -- runs the console's reconciliation of date; returns the page's flash
   local function reconcile_flash(date)
     local page = get(gw, "/console/reconcile")
@@ -1539,6 +1550,13 @@ describe("gateway console: the bill reconciliation of two merchants",
     -- and nothing was reported for the day
     for _, r in ipairs(assert(audit.entries(gw.db, "reconcile:" .. date))) do
       assert.not_equal("reconcile.bill", r.what)
+    end
+    -- the page's list of runs has these runs, not ready yet, by the
+    -- console
+    local listing = get(gw, "/console/reconcile").body
+    for _, m in ipairs(sim.merchants) do
+      assert.truthy(run_row(listing, date, m.mchid, "<td>not ready yet"
+        .. " (STATEMENT_CREATING)</td><td>console</td>"), listing)
     end
   end)
 
@@ -1590,6 +1608,10 @@ describe("gateway console: the bill reconciliation of two merchants",
     assert.truthy(ev.merchants[1].error)
     assert.equal(b, ev.merchants[2].merchant)
     assert.equal(0, ev.merchants[2].mismatches)
+    -- the page's list of runs has the failed run too, with its outcome
+    local listing = get(gw, "/console/reconcile").body
+    assert.truthy(run_row(listing, date, a, "<td>failed: "), listing)
+    assert.truthy(run_row(listing, date, b, "<td>reconciled"), listing)
   end)
 end)
 

@@ -1001,6 +1001,17 @@ describe("gateway daily bill job: a day never reconciled", function()
     assert.same({ "info gateway: bill for " .. yesterday .. " not ready"
       .. " yet, next try at " .. os.date("!%Y-%m-%d %H:%M", t0 + 60
       + 8 * 3600) .. " Beijing" }, lines)
+    -- and recorded once for the console's list of runs
+    local function runs()
+      local out = {}
+      for _, e in ipairs(audit.entries(gw.db, "reconcile_run:"
+                                              .. yesterday)) do
+        local ev = require("paygate.json").decode(e.evidence)
+        out[#out + 1] = e.what .. " " .. ev.outcome .. " " .. ev.by
+      end
+      return out
+    end
+    assert.same({ "reconcile.bill_unreconciled not_ready job" }, runs())
     -- a real failure (WeChat refuses it) is still a warning
     sim:clear_faults()
     sim:fault{ endpoint = "tradebill", kind = "error", status = 403,
@@ -1009,6 +1020,8 @@ describe("gateway daily bill job: a day never reconciled", function()
     assert.equal(2, #lines)
     assert.matches("^warn reconcile: check failed ", lines[2])
     assert.equal(1, r.stats.errors)
+    assert.same({ "reconcile.bill_unreconciled not_ready job",
+                  "reconcile.bill_unreconciled failed job" }, runs())
     -- made at last: reconciled (the day owed no more, for the next case)
     clock.now = clock.now + 61
     assert.equal(1, r:step())

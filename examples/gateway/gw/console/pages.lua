@@ -933,21 +933,37 @@ local function kept_findings(ev)
       t = t })
 end
 
+-- What a run in the list did: reconciled (an empty bill said), WeChat
+-- not ready yet, or failed and why (reconcile.bill_unreconciled, by
+-- the job or the console: gw.reconcile.bill_day records those)
+local function run_outcome(what, ev)
+  if what == "reconcile.bill" then
+    return ev.empty and "reconciled (empty bill)" or "reconciled"
+  elseif ev.outcome == "not_ready" then
+    return "not ready yet (STATEMENT_CREATING)"
+  end
+  return "failed: " .. tostring(ev.error)
+end
+
 function _M.reconcile(q, view)
-  -- newest first; runs recorded in the same millisecond (a lever running
-  -- several days, a fast test) by the later day first, then the later run
-  local rows, err = ctx.db:query("SELECT subject, at, actor, evidence FROM"
-    .. " paygate_audit WHERE what = 'reconcile.bill'"
+  -- every run, reconciled or not, newest first; runs recorded in the same
+  -- millisecond (a lever running several days, a fast test) by the later
+  -- day first, then the later run
+  local rows, err = ctx.db:query("SELECT subject, at, what, actor, evidence"
+    .. " FROM paygate_audit WHERE what IN ('reconcile.bill',"
+    .. " 'reconcile.bill_unreconciled')"
     .. " ORDER BY at DESC, subject DESC, seq DESC LIMIT 30")
   if not rows then return nil, err end
   local list, detail = {}, html.NONE
   for _, r in ipairs(rows) do
     local ev = json.decode(tostring(r.evidence)) or {}
     local c = type(ev.counts) == "table" and ev.counts or {}
+    local done = r.what == "reconcile.bill"
     list[#list + 1] = { link("/console/reconcile?date="
       .. html.url_encode(tostring(ev.date)) .. "&merchant="
       .. html.url_encode(tostring(ev.merchant)), tostring(ev.date)),
-      tostring(ev.merchant), c.total or "?", ev.empty and "empty bill" or "",
+      tostring(ev.merchant), done and (c.total or "?") or "",
+      run_outcome(r.what, ev), tostring(r.actor),
       when((tonumber(r.at) or 0) / 1000) }
   end
   -- a date's report, of the merchant named (or the first one found): read
@@ -990,8 +1006,8 @@ function _M.reconcile(q, view)
 <button>Run the bill reconciliation now</button></form></section>
 {{t}}{{detail}}]], { c = view.csrf, here = here(view), y = yesterday,
     detail = detail,
-    t = table_of({ "date", "merchant", "mismatches", "", "run at" },
-                 list) })
+    t = table_of({ "date", "merchant", "mismatches", "outcome", "by",
+                   "run at" }, list) })
 end
 
 return _M
