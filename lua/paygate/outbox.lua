@@ -446,9 +446,14 @@ _M.webhook_body = webhook_body
 
 local REASON_MAX = 200     -- bytes of a refusing webhook's answer kept
 local OK_BODY_MAX = 65536  -- bytes of an accepting answer read (then dropped)
--- Status codes after which trying again may help.
-local RETRY_STATUS = { [408] = true, [409] = true, [425] = true,
-                       [429] = true }
+-- Status codes after which trying again may help. 401 and 403 refuse the
+-- sender's credentials, not the event: a receiver whose secret (or token,
+-- allow-list) is not yet the sender's, mid-rotation. Dead-lettered at
+-- once, every event of that window went dead at its first attempt and the
+-- next event of each subject overtook it; retried, the fix delivers them
+-- in order.
+local RETRY_STATUS = { [401] = true, [403] = true, [408] = true,
+                       [409] = true, [425] = true, [429] = true }
 
 local function check_sink_opts(fname, opts)
   if type(opts) ~= "table" then
@@ -495,8 +500,9 @@ end
 --       types (array: only these event types), ca_file, resolve
 -- POSTs the JSON envelope { id, type, subject, created_at, attempt, data }
 -- with Paygate-Signature (see sign_webhook), Paygate-Event-Id and
--- Paygate-Event-Type. 2xx is delivered; 5xx, 408, 409, 425, 429 and
--- transport failures are retried; any other status dead-letters at once.
+-- Paygate-Event-Type. 2xx is delivered; 5xx, 401, 403, 408, 409, 425, 429
+-- and transport failures are retried; any other status dead-letters at
+-- once.
 function _M.webhook(opts)
   check_sink_opts("outbox.webhook", opts)
   -- (a host, and no blank or control byte: the HTTP client raises on a

@@ -7,6 +7,8 @@
 #   /redirect     302 to http://127.0.0.1:PORT/target (which answers 200)
 #   /target       200
 #   /r429         429 with Retry-After: 0 and a short body
+#   /r401, /r403  401 (403) refusing the signature, as a receiver whose
+#                 secret is not the sender's answers
 #   /hang500      a 500 head with Content-Length 100, then nothing
 #   /silent       nothing at all (the connection stays open)
 #   /endless200   a 200 with a chunked body that never ends (1 KiB chunks)
@@ -44,6 +46,9 @@ def answer(c):
     elif path == "/r429":
         c.sendall(b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 0\r\n"
                   b"Content-Length: 9\r\n\r\nslow down")
+    elif path in ("/r401", "/r403"):
+        c.sendall(b"HTTP/1.1 %s Refused\r\nContent-Length: 27\r\n\r\n"
+                  b'{"error":"bad_signature"}\r\n' % path[2:].encode())
     elif path == "/hang500":
         c.sendall(b"HTTP/1.1 500 Oops\r\nContent-Length: 100\r\n\r\n")
         time.sleep(30)

@@ -213,6 +213,12 @@ describe("outbox.webhook facing a hostile receiver", function()
   local cases = {
     { "/redirect", "dead", "answered 302" },
     { "/r429", "pending", "answered 429: slow down" },
+    -- the receiver refuses our credentials, not the event (its secret not
+    -- yet the sender's, mid-rotation): retried, so the fix delivers it in
+    -- order; dead-lettered at once, every event of the outage went dead
+    -- and the later events of each payment overtook it
+    { "/r401", "pending", 'answered 401: {"error":"bad_signature"}' },
+    { "/r403", "pending", 'answered 403: {"error":"bad_signature"}' },
     { "/hang500", "pending", "answered 500" },
     { "/silent", "pending", "timeout" },
     { "/endless200", "delivered" },
