@@ -339,18 +339,37 @@ local function hex_hmac(secret, t, body)
   return crypto.hex(crypto.hmac("sha256", secret, t .. "." .. body))
 end
 
+-- A webhook's secret: a non-empty string, or a non-empty array of them
+-- (a rotation: the new one and the old). returns: the array, or nil.
+local function secret_list(secret)
+  local list = type(secret) == "table" and secret or { secret }
+  if #list == 0 then return nil end
+  for i = 1, #list do
+    if type(list[i]) ~= "string" or list[i] == "" then return nil end
+  end
+  return list
+end
+
 -- syntax: header = outbox.sign_webhook(secret, body [, t])
+-- secret: the shared secret, or an array of them (a rotation: one v1 each,
+--         so a receiver holding any one of them verifies)
 -- returns: "t=<unix seconds>,v1=<hex HMAC-SHA256(secret, t .. "." ..
---          body)>", the value of the Paygate-Signature header
+--          body)>[,v1=...]", the value of the Paygate-Signature header
 function _M.sign_webhook(secret, body, t)
-  if type(secret) ~= "string" or secret == "" then
-    error("outbox.sign_webhook: secret must be a non-empty string", 2)
+  local secrets = secret_list(secret)
+  if not secrets then
+    error("outbox.sign_webhook: secret must be a non-empty string or an"
+          .. " array of them", 2)
   end
   if type(body) ~= "string" then
     error("outbox.sign_webhook: body must be a string", 2)
   end
   t = floor(t or core.time())
-  return "t=" .. t .. ",v1=" .. hex_hmac(secret, t, body)
+  local out = { "t=" .. t }
+  for i = 1, #secrets do
+    out[i + 1] = "v1=" .. hex_hmac(secrets[i], t, body)
+  end
+  return concat(out, ",")
 end
 
 local function bad(kind, message)
@@ -496,7 +515,8 @@ function _M.header_problem(name, value)
 end
 
 -- syntax: sink = outbox.webhook(opts)
--- opts: url, secret, name ("webhook"), timeout (s, 10), headers (extra),
+-- opts: url, secret (or an array of them: each signs, for a rotation),
+--       name ("webhook"), timeout (s, 10), headers (extra),
 --       types (array: only these event types), ca_file, resolve
 -- POSTs the JSON envelope { id, type, subject, created_at, attempt, data }
 -- with Paygate-Signature (see sign_webhook), Paygate-Event-Id and
@@ -512,13 +532,21 @@ function _M.webhook(opts)
      or opts.url:find("[%s%c\127]") then
     error("outbox.webhook: opts.url must be an http(s) URL", 2)
   end
-  if type(opts.secret) ~= "string" or opts.secret == "" then
-    error("outbox.webhook: opts.secret must be a non-empty string", 2)
+  -- (an array: a rotation, every one of them signs each delivery)
+  if not secret_list(opts.secret) then
+    error("outbox.webhook: opts.secret must be a non-empty string or an"
+          .. " array of them", 2)
   end
   local http = require "paygate.http"
   -- (the scheme in lower case: the HTTP client takes http:// and https://
   -- alone, and HTTPS:// would raise at every delivery)
-  local url, secret = opts.url:gsub("^%a+", string.lower, 1), opts.secret
+  local url = opts.url:gsub("^%a+", string.lower, 1)
+  local secret = secret_list(opts.secret)
+  if type(opts.secret) == "table" then
+    local copy = {}                    -- the caller's table may change
+    for i = 1, #secret do copy[i] = secret[i] end
+    secret = copy
+  end
   local timeout = opts.timeout or 10
   -- (checked here: the HTTP client refuses anything else at each
   -- delivery, and every event would fail until dead-lettered)

@@ -302,6 +302,50 @@ describe("outbox.verify_webhook", function()
                                          { now = 1700000000 }))
   end)
 
+  -- The sender's side of a rotation: a webhook given its new and old
+  -- secrets signs with both, so a receiver holding either verifies and
+  -- the two sides change their secret when each is ready. Before, a
+  -- webhook took one secret: the receiver had to learn the new one first,
+  -- and a delivery signed with a secret it did not hold yet was refused.
+  it("a webhook given several secrets signs with each (rotation)",
+     function()
+    local h = outbox.sign_webhook({ "new", "old" }, body, 1700000000)
+    assert.truthy(h:match("^t=1700000000,v1=%x+,v1=%x+$"), h)
+    for _, s in ipairs({ "new", "old", { "old" }, { "x", "new" } }) do
+      assert.is_true(outbox.verify_webhook(s, h, body,
+                                           { now = 1700000000 }))
+    end
+    local _, err = outbox.verify_webhook("other", h, body,
+                                         { now = 1700000000 })
+    assert.equal("bad_signature", err.kind)
+    -- and what the sink sends: its header verifies under either secret
+    local sent
+    local real = package.loaded["paygate.http"]
+    package.loaded["paygate.http"] = { request = function(req)
+      sent = req
+      req.on_headers(204)
+      return { status = 204 }
+    end }
+    local ok, sink = pcall(outbox.webhook, { url = "http://127.0.0.1:1/h",
+                                             secret = { "new", "old" } })
+    package.loaded["paygate.http"] = real
+    assert.is_true(ok, tostring(sink))
+    assert.is_true(sink.deliver({ id = 1, type = "t", subject = "s",
+      created_at = 1, attempt = 1, payload_json = "{}" }))
+    local sig = sent.headers["Paygate-Signature"]
+    assert.is_true(outbox.verify_webhook("old", sig, sent.body))
+    assert.is_true(outbox.verify_webhook("new", sig, sent.body))
+    for _, bad in ipairs({ {}, { "a", "" }, { "a", 1 } }) do
+      assert.has_error(function()
+        outbox.webhook{ url = "http://x", secret = bad }
+      end, "outbox.webhook: opts.secret must be a non-empty string or an"
+        .. " array of them")
+      assert.has_error(function() outbox.sign_webhook(bad, body) end,
+        "outbox.sign_webhook: secret must be a non-empty string or an"
+        .. " array of them")
+    end
+  end)
+
   -- The Python receiver docs/gateway.md gives merchants to copy: it must
   -- agree with verify_webhook, and answer a hostile or missing header
   -- with False, never an exception (a 500 from the merchant's receiver).
@@ -356,6 +400,9 @@ for h in cases["headers"]:
         print(verify(cases["secret"].encode(), h, cases["body"].encode()))
     except Exception as e:
         print("raised " + type(e).__name__)
+# a rotation: a list of secrets, any may match (the first case is good)
+s, h, b = cases["secret"].encode(), cases["headers"][0], cases["body"].encode()
+print(verify([b"other", s], h, b), verify([b"other"], h, b))
 ]])
     pf:close()
     local p = assert(io.popen("python3 " .. dir .. "/run.py " .. dir
@@ -366,10 +413,14 @@ for h in cases["headers"]:
     local i = 0
     for line in out:gmatch("[^\n]+") do
       i = i + 1
-      assert.equal(tostring(cases[i][2]):gsub("^%l", string.upper), line,
-                   "case " .. i .. ": " .. tostring(cases[i][1]))
+      if i > #cases then
+        assert.equal("True False", line, "a list of secrets")
+      else
+        assert.equal(tostring(cases[i][2]):gsub("^%l", string.upper), line,
+                     "case " .. i .. ": " .. tostring(cases[i][1]))
+      end
     end
-    assert.equal(#cases, i, out)
+    assert.equal(#cases + 1, i, out)
     -- and verify_webhook gives each case the same answer
     for k, c in ipairs(cases) do
       local h = c[1] ~= json.null and c[1] or nil

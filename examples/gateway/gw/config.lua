@@ -396,7 +396,8 @@ end
 
 local WEBHOOK_SECRET_MIN = 32      -- bytes, without surrounding whitespace
 local WEBHOOK_KEYS = { url = true, secret = true, secret_file = true,
-  secret_env = true, types = true, name = true, timeout = true,
+  secret_env = true, previous_secret_file = true,
+  previous_secret_env = true, types = true, name = true, timeout = true,
   headers = true, ca_file = true }
 
 -- A webhook's extra headers, by paygate.outbox's rule (header_problem),
@@ -455,11 +456,25 @@ local function check_webhooks(list)
     end
     -- the HMAC-SHA256 key of every delivery: a short one is guessed (its
     -- length only is told, never the secret)
-    if #s < WEBHOOK_SECRET_MIN then
-      return fail(where .. (w.secret_env ~= nil and "secret_env"
-                            or "secret_file"), "the secret is " .. #s
-        .. " bytes; it must be at least " .. WEBHOOK_SECRET_MIN
-        .. " (e.g. head -c 32 /dev/urandom | base64 > FILE)")
+    local function short(v, base)
+      if #v < WEBHOOK_SECRET_MIN then
+        return fail(where .. base .. (w[base .. "_env"] ~= nil and "_env"
+                                      or "_file"), "the secret is " .. #v
+          .. " bytes; it must be at least " .. WEBHOOK_SECRET_MIN
+          .. " (e.g. head -c 32 /dev/urandom | base64 > FILE)")
+      end
+    end
+    local _, serr = short(s, "secret")
+    if serr then return nil, serr end
+    -- a rotation from the sender's side: the old secret signs beside the
+    -- new one (two v1 entries), so each receiver moves to the new secret
+    -- when it is ready; dropped once they all have
+    local prev, pwhy = secret(w, "previous_secret", where)
+    if prev == false then return nil, "config." .. pwhy end
+    if prev ~= nil then
+      _, serr = short(prev, "previous_secret")
+      if serr then return nil, serr end
+      s = { s, prev }
     end
     if w.types ~= nil then
       if type(w.types) ~= "table" then

@@ -834,6 +834,47 @@ describe("gateway config", function()
       assert.falsy(why:find("s3cr3t", 1, true))
     end)
 
+    -- a rotation from the sender's side: the old secret beside the new,
+    -- each delivery signed with both, so receivers move to the new one
+    -- when they are ready (before, previous_secret_file was an unknown
+    -- key: the receivers had to hold the new secret before the gateway)
+    it("signs with a webhook's previous secret too, while it is given",
+       function()
+      write(dir .. "/wh.secret", WH_SECRET .. "\n")
+      write(dir .. "/wh.old", WH_SECRET .. "-old\n")
+      local cfg = assert(config.check({ gateway = {
+        db = "sqlite:" .. dir .. "/a.db",
+        webhooks = { { url = "http://127.0.0.1:1/h",
+                       secret_file = dir .. "/wh.secret",
+                       previous_secret_file = dir .. "/wh.old" } } },
+        merchants = { merchant() } }))
+      assert.same({ WH_SECRET, WH_SECRET .. "-old" },
+                  cfg.gateway.webhooks[1].secret)
+      local outbox = require "paygate.outbox"
+      local sig = outbox.sign_webhook(cfg.gateway.webhooks[1].secret, "{}")
+      assert.is_true(outbox.verify_webhook(WH_SECRET .. "-old", sig, "{}"))
+      assert.is_true(outbox.verify_webhook(WH_SECRET, sig, "{}"))
+      write(dir .. "/short.secret", "whsec-1\n")
+      local _, short = config.check({ gateway = {
+        db = "sqlite:" .. dir .. "/a.db",
+        webhooks = { { url = "http://127.0.0.1:1/h",
+                       secret_file = dir .. "/wh.secret",
+                       previous_secret_file = dir .. "/short.secret" } } },
+        merchants = { merchant() } })
+      assert.equal("config.gateway.webhooks[1].previous_secret_file: the"
+        .. " secret is 7 bytes; it must be at least 32 (e.g. head -c 32"
+        .. " /dev/urandom | base64 > FILE)", short)
+      local _, both = config.check({ gateway = {
+        db = "sqlite:" .. dir .. "/a.db",
+        webhooks = { { url = "http://127.0.0.1:1/h",
+                       secret_file = dir .. "/wh.secret",
+                       previous_secret_file = dir .. "/wh.old",
+                       previous_secret_env = "HOME" } } },
+        merchants = { merchant() } })
+      assert.equal("config.gateway.webhooks[1].previous_secret_file: give"
+        .. " previous_secret_file or previous_secret_env, not both", both)
+    end)
+
     it("refuses a sink's unknown key, and a webhook list without its"
        .. " brackets", function()
       write(dir .. "/wh.secret", WH_SECRET .. "\n")
