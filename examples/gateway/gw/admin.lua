@@ -205,6 +205,18 @@ function _M.routes(ctx)
         return 400, usage
       end
     end
+    -- a type the gateway never emits matches nothing: a misspelt one
+    -- answered {"replayed": 0}, as if no dead letter of it were there
+    if b.type ~= nil then
+      local known = {}
+      for _, t in ipairs(require("gw.events").TYPES) do known[t] = true end
+      if not known[b.type] then
+        return 400, { error = "invalid_request", message = "type: "
+          .. b.type:sub(1, 64):gsub("[^\32-\126]", "?")
+          .. " is no event type of the gateway"
+          .. require("paygate.suggest").hint(b.type, known) }
+      end
+    end
     local n, err
     if type(b.id) == "number" and b.id % 1 == 0 and b.id > 0
        and b.id <= MAX_ID and b.dead == nil then

@@ -96,6 +96,15 @@ describe("gateway admin and events", function()
     end
     assert.equal(200, gw.srv:request{ method = "POST",
       path = "/admin/outbox/replay", body = '{"id":9007199254740991}' }.status)
+    -- was: 200 {"replayed":0} for a misspelt type: "nothing dead of that
+    -- type" to an operator whose dead letters were all still there
+    res = refused("/admin/outbox/replay",
+                  '{"dead":true,"type":"payment.payed"}')
+    assert.equal("type: payment.payed is no event type of the gateway (did"
+                 .. " you mean payment.paid?)", res.json.message)
+    assert.equal(200, gw.srv:request{ method = "POST",
+      path = "/admin/outbox/replay",
+      body = '{"dead":true,"type":"payment.paid"}' }.status)
   end)
 
   it("needs the token when one is configured", function()
