@@ -22,6 +22,7 @@ local core = require "paygate.core"
 local crypto = require "paygate.crypto"
 local json = require "paygate.json"
 local etcd = require "paygate.etcd"
+local tls = require "paygate.tls"
 
 local type, tostring, ipairs, pairs, pcall, setmetatable, getmetatable, error =
       type, tostring, ipairs, pairs, pcall, setmetatable, getmetatable, error
@@ -276,14 +277,29 @@ function _M.validate(files, kind, now)
     return invalid((kind == "tls" and "cert.pem" or "apiclient_cert.pem")
                    .. " is not a certificate")
   end
-  local key = crypto.private_key(key_pem)
-  if not key then
-    return invalid((kind == "tls" and "key.pem" or "apiclient_key.pem")
-                   .. " is not a private key")
-  end
-  if not crypto.check_pair(key, cert) then
-    return invalid("the private key does not match the certificate "
-                   .. "(serial " .. cert:serial() .. ")")
+  if kind == "tls" then
+    -- the listener's own test of a pair (paygate.tls.check, what its
+    -- swap checks): RSA or ECDSA, as the server serves them. The
+    -- merchant's test below takes RSA and SM2 keys only, and refused an
+    -- ECDSA pair the listener serves.
+    local ok, terr = tls.check(cert_pem, key_pem)
+    if not ok then
+      local why = tostring(terr and terr.message or terr)
+      if why:find("match", 1, true) then
+        return invalid(why .. " (serial " .. cert:serial() .. ")")
+      end
+      return invalid((why:find("^the cert") and "cert.pem" or "key.pem")
+                     .. ": " .. why)
+    end
+  else
+    local key = crypto.private_key(key_pem)
+    if not key then
+      return invalid("apiclient_key.pem is not a private key")
+    end
+    if not crypto.check_pair(key, cert) then
+      return invalid("the private key does not match the certificate "
+                     .. "(serial " .. cert:serial() .. ")")
+    end
   end
   if cert:not_before() > now then
     return invalid("the certificate (serial " .. cert:serial()
