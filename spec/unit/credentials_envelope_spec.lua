@@ -188,3 +188,60 @@ describe("credentials.new", function()
     assert.equal("/paygate/tls/", src.sets.tls.prefix)
   end)
 end)
+
+-- A TLS set (the HTTPS listener's) is validated as the listener takes a
+-- pair (paygate.tls.check): an ECDSA pair, which the listener serves,
+-- was refused ("key.pem is not a private key"); a 1024-bit RSA pair,
+-- which the listener refuses (its start: "ee key too small"), was taken,
+-- published and then refused by every worker's swap.
+describe("credentials.validate of a TLS set", function()
+  local server = require "paygate.testing.server"
+  local dir
+
+  local function pair(name, newkey)
+    assert(os.execute(("cd %s && openssl req -x509 -newkey %s -nodes "
+      .. "-keyout %s.key -out %s.pem -days 2 -subj /CN=localhost "
+      .. ">/dev/null 2>&1"):format(dir, newkey, name, name)) == 0)
+    local function rd(p)
+      local f = assert(io.open(dir .. "/" .. p, "rb"))
+      local s = f:read("*a")
+      f:close()
+      return s
+    end
+    return rd(name .. ".pem"), rd(name .. ".key")
+  end
+
+  setup(function() dir = server.tmpdir() end)
+  teardown(function() server.cleanup() end)
+
+  it("refuses a pair the listener refuses, naming the file", function()
+    local cert, key = pair("weak", "rsa:1024")
+    local set, err = credentials.validate({ ["cert.pem"] = cert,
+                                            ["key.pem"] = key }, "tls")
+    assert.is_nil(set)
+    assert.equal("invalid_credentials", err.kind)
+    assert.matches("^credentials: cert.pem: the certificate chain is "
+                   .. "refused by OpenSSL %(ee key too small", err.message)
+    local _, other = pair("other", "ec -pkeyopt ec_paramgen_curve:P-256")
+    set, err = credentials.validate({ ["cert.pem"] = cert,
+                                      ["key.pem"] = other }, "tls")
+    assert.is_nil(set)
+    assert.matches("^credentials: the private key does not match the "
+                   .. "certificate %(serial %x+%)$", err.message)
+    set, err = credentials.validate({ ["cert.pem"] = cert,
+      ["key.pem"] = "-----BEGIN PRIVATE KEY-----\nAAAA\n" }, "tls")
+    assert.is_nil(set)
+    assert.equal("credentials: key.pem: the private key is not PEM (or is "
+                 .. "encrypted)", err.message)
+    assert.not_matches("AAAA", err.message, 1, true)
+  end)
+
+  it("takes an ECDSA pair, as the listener serves it", function()
+    local cert, key = pair("ec", "ec -pkeyopt ec_paramgen_curve:P-256")
+    local set = assert(credentials.validate({ ["cert.pem"] = cert,
+                                              ["key.pem"] = key }, "tls"))
+    assert.equal(cert, set.cert)
+    assert.equal(key, set.key)
+    assert.matches("^%x+$", set.serial)
+  end)
+end)

@@ -220,9 +220,13 @@ ltls_set_certificate(lua_State *L)
  * syntax: ok, err = tls.check(cert_pem, key_pem)
  * Whether the listener would take this pair, as tls.set_certificate
  * checks it (load_pem: the chain is PEM, the key loads, it matches the
- * leaf; RSA or ECDSA), changing nothing: paygate doctor's check of the
- * listener's certificate, the tls section's files or the set in etcd.
- * Needs no listener. true, or nil, err (kind "tls"; never key material).
+ * leaf; RSA or ECDSA; then OpenSSL takes all of it into a context of the
+ * listener's kind, at the default security level: a 1024-bit RSA key or a
+ * SHA-1-signed chain certificate is refused, as a start or a swap refuses
+ * it), changing nothing: paygate doctor's check of the listener's
+ * certificate, the tls section's files or the set in etcd, and the
+ * validation of a set for etcd (paygate.credentials). Needs no listener.
+ * true, or nil, err (kind "tls"; never key material).
  */
 static int
 ltls_check(lua_State *L)
@@ -233,13 +237,30 @@ ltls_check(lua_State *L)
     STACK_OF(X509) *chain;
     X509 *leaf;
     EVP_PKEY *pkey;
+    SSL_CTX *ctx;
+    const char *why;
     char msg[256];
+    int ok;
 
     if (load_pem(cert, cert_len, key, key_len, &leaf, &chain, &pkey, msg,
                  sizeof(msg)) != GW_OK) {
         return gw_push_error(L, "tls", 0, "%s", msg);
     }
+    ctx = SSL_CTX_new(TLS_server_method());
+    ok = ctx != NULL && use_set(ctx, NULL, leaf, chain, pkey);
+    /* OpenSSL's reason ("ee key too small", "ca md too weak"): names a
+     * check, never holds key material */
+    why = ERR_reason_error_string(ERR_peek_last_error());
+    snprintf(msg, sizeof(msg), "the certificate chain is refused by "
+             "OpenSSL (%s: most often a key or a signature below its "
+             "security level, such as RSA under 2048 bits or SHA-1)",
+             why != NULL ? why : ctx == NULL ? "no memory" : "no reason");
+    SSL_CTX_free(ctx);
     pem_free(leaf, chain, pkey);
+    ERR_clear_error();
+    if (!ok) {
+        return gw_push_error(L, "tls", 0, "%s", msg);
+    }
     lua_pushboolean(L, 1);
     return 1;
 }

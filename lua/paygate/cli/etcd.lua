@@ -24,7 +24,8 @@ KEK:  --kek-file FILE | --kek-env VAR   (the key-encryption key: 32 bytes,
 publish  reads the set from DIR (which holds the set's files and no
          other), validates it (the private key matches
          the certificate, its dates, the APIv3 key's length, the public
-         key and its id), seals the secrets and writes every file under
+         key and its id; with --tls, as the listener takes a pair: RSA
+         or ECDSA, at OpenSSL's security level), seals the secrets and writes every file under
          PREFIX in one etcd transaction (files of an older set that the
          new one lacks are deleted in it; refused, nothing written, if
          PREFIX changed since publish read it: run again). Every gateway
