@@ -168,6 +168,21 @@ describe("wechatpay.client configuration", function()
       merchant_serial = "5f1c72e2a8931b72a2e13af8dee92471eb397115" }))
     assert.equal("5F1C72E2A8931B72A2E13AF8DEE92471EB397115", wx.conf.signer.serial)
   end)
+  it("says the APIv3 key is required when there is none", function()
+    -- (os.getenv of an unset variable gives nil; false, a key removed)
+    -- the message said "must be exactly 32 bytes", as for a key too short
+    for _, v in ipairs({ NIL, false }) do
+      local err = refused({ apiv3_key = v }, "apiv3_key",
+                          "^wechatpay%.apiv3_key: is required ")
+      assert.matches("got " .. (v == false and "false" or "nil"),
+                     err.message, 1, true)
+      assert.matches("file or an environment variable", err.message, 1,
+                     true)
+      assert.not_matches("must be exactly", err.message, 1, true)
+    end
+    refused({ apiv3_key = "" }, "apiv3_key", "is empty")
+    refused({ apiv3_key = 12345 }, "apiv3_key", "got a number")
+  end)
   it("the APIv3 key is exactly 32 bytes", function()
     refused({ apiv3_key = "short" }, "apiv3_key", "32")
     refused({ apiv3_key = APIV3 .. "x" }, "apiv3_key")

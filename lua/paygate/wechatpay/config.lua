@@ -469,7 +469,27 @@ function _M.check(conf)
   c.merchant_serial = serial
   c.signer = { key = key, schema = schema, mchid = c.mchid, serial = serial }
   -- APIv3 keys
-  if type(conf.apiv3_key) ~= "string" or #conf.apiv3_key ~= 32 then
+  -- (none at all is said as such: "must be exactly 32 bytes" sent the
+  -- reader to count the bytes of a key that never arrived, most often an
+  -- unset environment variable; no message holds a byte of the key)
+  local k = conf.apiv3_key
+  if k == nil or k == false then
+    return bad("apiv3_key", "is required (got " .. tostring(k) .. "): the "
+               .. "APIv3 key set in the merchant platform, 32 bytes, the key"
+               .. " itself; read it from a file or an environment variable"
+               .. " where the config is built (os.getenv of a variable"
+               .. " that is not set gives nil)")
+  end
+  if type(k) ~= "string" then
+    return bad("apiv3_key", "must be the APIv3 key itself, a string of 32 "
+               .. "bytes (got a " .. type(k) .. ")")
+  end
+  if k == "" then
+    return bad("apiv3_key", "is empty (an environment variable set to "
+               .. "nothing? an empty file?): give the APIv3 key set in the "
+               .. "merchant platform, 32 bytes")
+  end
+  if #k ~= 32 then
     return bad("apiv3_key", "must be exactly 32 bytes (the APIv3 key set in "
                .. "the merchant platform)")
   end
