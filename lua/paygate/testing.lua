@@ -164,7 +164,8 @@ local APP_OPTIONS = { app = true, source = true, config = true,
 -- paygate.testing.server.start: app | source, config (a table, or a
 -- function(srv) returning one: srv.port and srv:url(path) are known),
 -- workers, args, port, wait, timeout, scheme, ca_file, bin; another key
--- raises).
+-- raises). A relative app is taken from the current directory; one with
+-- no app.lua raises, naming that directory.
 -- yields: until it serves with every worker (GET /healthz on its admin
 -- port).
 -- returns: srv (srv:url(path), srv:request{...}, srv:logs(), srv:stop()).

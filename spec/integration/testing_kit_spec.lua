@@ -140,11 +140,36 @@ if not d:add("first", true) then require("paygate.core").sleep(60) end]] })
 
   it("names the spec's line when the app cannot start", function()
     local ok, err = pcall(function()
+      testing.start_app{ source = "error('boom')" }
+    end)
+    assert.is_false(ok)
+    assert.matches("^[^\n]*testing_kit_spec%.lua:%d+: paygate run /%S+"
+                   .. " exited early", err)
+    ok, err = pcall(function()
       testing.start_app{ app = "no/such/app" }
     end)
     assert.is_false(ok)
-    assert.matches("^[^\n]*testing_kit_spec%.lua:%d+: paygate run no/such/app"
-                   .. " exited early", err)
+    assert.matches("^[^\n]*testing_kit_spec%.lua:%d+: testing.start_app: "
+                   .. "no/such/app/app.lua not found", err)
+  end)
+
+  -- o.app is taken from the current directory (busted's), not the spec
+  -- file's folder: run from another folder, the message said only
+  -- "myapp/app.lua not found", and the reader looked for it in vain
+  it("says which folder a relative app was looked for in", function()
+    local here = assert(proc.cwd())
+    local ok, err = pcall(testing.start_app, { app = "myapp" })
+    assert.is_false(ok)
+    assert.matches("testing.start_app: myapp/app.lua not found: o.app is "
+                   .. "taken from the current directory, " .. here .. " (",
+                   err, 1, true)
+    assert.not_matches("exited early", err, 1, true)
+    -- an absolute path: no folder to name
+    ok, err = pcall(testing.start_app, { app = "/nonexistent/myapp" })
+    assert.is_false(ok)
+    assert.matches("testing.start_app: /nonexistent/myapp/app.lua not "
+                   .. "found (an app is a folder with an app.lua)", err, 1,
+                   true)
   end)
 
   it("serves an app with a config made from its own port", function()

@@ -43,6 +43,7 @@ int close(int fd);
 char *mkdtemp(char *template);
 int mkstemp(char *template);
 char *strerror(int errnum);
+char *getcwd(char *buf, size_t size);
 extern char **environ;
 ]]
 
@@ -518,6 +519,16 @@ function _M.write(path, data)
   local f = assert(io.open(path, "wb"))
   f:write(data)
   f:close()
+end
+
+--- syntax: dir, err = proc.cwd() -- this process's current directory
+-- (where a relative path is taken from), or nil, err
+function _M.cwd()
+  local buf = ffi.new("char[4096]")
+  if C.getcwd(buf, 4096) == nil then
+    return nil, ffi.string(C.strerror(ffi.errno()))
+  end
+  return ffi.string(buf)
 end
 
 --- syntax: proc.kill_pid(pid[, sig]) -- kill(2) by pid

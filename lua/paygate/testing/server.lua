@@ -191,6 +191,22 @@ function _M.start(o)
   if type(o) ~= "table" or (o.app == nil and o.source == nil) then
     error("testing.start_app: give app (a directory) or source", 2)
   end
+  if o.source == nil and type(o.app) ~= "string" then
+    error("testing.start_app: app must be a folder's path (got a "
+          .. type(o.app) .. ")", 2)
+  end
+  if o.source == nil and not proc.exists(o.app .. "/app.lua") then
+    -- (paygate run says "APP/app.lua not found", and a relative APP is
+    -- taken from the current directory -- busted's, not the spec file's
+    -- folder -- which it does not name)
+    local rel = o.app:sub(1, 1) ~= "/"
+    local here = rel and proc.cwd()
+    error("testing.start_app: " .. o.app .. "/app.lua not found"
+          .. (rel and ": o.app is taken from the current directory, "
+              .. tostring(here) .. " (run busted from the folder that "
+              .. "holds it, or give an absolute path)"
+              or " (an app is a folder with an app.lua)"), 2)
+  end
   local dir = _M.tmpdir()
   local app = o.app
   if o.source then
