@@ -31,6 +31,9 @@ return {
       -- base_url = "http://127.0.0.1:9000",        -- the simulator
     },
   },
-  -- the runtime's own keys may sit here too, e.g. the replay cache of
-  -- notifications: shared = { wechatpay_replay = "4m" },
+  -- the runtime's own keys sit here too: the notification replay cache's
+  -- own dictionary (without it the cache shares paygate's, where other
+  -- entries can evict its records; a warning at start says so). 4m: about
+  -- 100 notifications a second (docs/wechatpay.md, The replay cache)
+  shared = { wechatpay_replay = "4m" },
 }

@@ -144,6 +144,56 @@ describe("boot with WeChat unreachable", function()
   end)
 end)
 
+-- Under paygate run the dictionaries are the config's: without a
+-- wechatpay_replay one the replay cache shares paygate's, where other
+-- writers' entries can evict its records (a replay then gets through),
+-- and nothing said so.
+describe("the replay cache's dictionary", function()
+  local LINE = "wechatpay: the notification replay cache shares the "
+               .. "paygate dictionary"
+
+  local function conf(extra)
+    return ("return { %s wechatpay = { mchid = %q, merchant_private_key = "
+      .. "%q, merchant_serial = %q, apiv3_key = %q, public_key = %q, "
+      .. "public_key_id = %q, base_url = 'http://127.0.0.1:1' } }")
+      :format(extra, wxtest.MCHID, abs(FIX .. "a3_merchant_key.pem"),
+              wxtest.MERCHANT_SERIAL, wxtest.APIV3, abs(FIX .. "a1_pub.pem"),
+              PUB_ID)
+  end
+
+  it("is named at start when it shares paygate's, with the fix", function()
+    -- srv: two workers, no shared section
+    local lines = proc.wait_until(function()
+      local found = {}
+      for l in srv:logs():gmatch("[^\n]+") do
+        if l:find(LINE, 1, true) then found[#found + 1] = l end
+      end
+      return #found == 2 and found, #found .. " lines"
+    end, 10, "the replay cache's warning from each worker")
+    for _, l in ipairs(lines) do
+      local e = assert(json.decode(l), l)
+      assert.equal("warn", e.level)
+      assert.equal("paygate", e.dict)
+      assert.matches('shared = { wechatpay_replay = "4m" }', e.msg, 1, true)
+      assert.not_matches(wxtest.APIV3, l, 1, true)
+    end
+  end)
+
+  it("says nothing when it has a dictionary of its own", function()
+    for _, extra in ipairs({ "shared = { wechatpay_replay = '1m' },",
+                             "shared = { mine = '1m' }," }) do
+      local c = conf(extra)
+      if extra:find("mine", 1, true) then
+        c = c:gsub("base_url", "replay_dict = 'mine', base_url")
+      end
+      local s = server.start{ app = "spec/support/wxnotify", config = c }
+      local logs = s:logs()
+      s:stop()
+      assert.not_matches("replay cache", logs, 1, true)
+    end
+  end)
+end)
+
 describe("a dict the instance does not have", function()
   -- under paygate run dicts are configured, not made on use
   for _, key in ipairs{ "replay_dict", "shared_dict" } do

@@ -68,6 +68,30 @@ local function warn_merchant_expiry(cfg)
   end
 end
 
+-- The replay cache left on the client's own dictionary (no replay_dict,
+-- and no wechatpay_replay dictionary: paygate run makes only the
+-- config's): said at start, once per worker and dictionary, for other
+-- writers' entries there can evict its records early, and a replay of an
+-- evicted notification is then accepted. Nothing said when the owner
+-- named that dictionary as replay_dict: a choice.
+local replay_said = {}
+local function warn_replay_dict(wx)
+  local c = wx.conf
+  if c.replay_dict or wx.replay_dict == nil or wx.replay_dict ~= wx.dict
+     or replay_said[wx.replay_dict_name] then
+    return
+  end
+  replay_said[wx.replay_dict_name] = true
+  require("paygate").log.warn("wechatpay: the notification replay cache "
+    .. "shares the " .. wx.replay_dict_name .. " dictionary (no "
+    .. "wechatpay_replay dictionary is configured): other entries there "
+    .. "can evict its records, and a replayed notification whose record "
+    .. "was evicted is accepted; give it its own in the config, shared = "
+    .. '{ wechatpay_replay = "4m" } (a restart makes it; sizing: '
+    .. "docs/wechatpay.md, The replay cache)", { dict = wx.replay_dict_name,
+    mchid = c.mchid })
+end
+
 function _M.client(conf)
   local cfg, err = config.check(conf)
   if not cfg then return nil, err end
@@ -92,6 +116,7 @@ function _M.client(conf)
     return nil, err
   end
   warn_merchant_expiry(cfg)
+  warn_replay_dict(wx)
   return wx
 end
 
