@@ -253,6 +253,34 @@ describe("paygate.wechatpay against a slow or failing WeChat", function()
     assert.equal(fail0 + 7, calls:get({ EP, "http_5xx", "system_error" }))
   end)
 
+  -- upstream_status() listed only the endpoints the asking worker had
+  -- called: an operator asking a worker that had not (GET /admin/upstream
+  -- lands on any) saw no breaker at all while another worker's calls had
+  -- opened it, and nothing said when a probe would go
+  it("lists every breaker of the shared dict, whichever client asks, "
+     .. "with the seconds until a probe may go", function()
+    n = n + 1
+    local conf = { shared_dict = "spec_upstream_" .. n, max_attempts = 1,
+                   breaker_min_calls = 2, breaker_failure_ratio = 0.5,
+                   breaker_window = 3600, breaker_open_for = 30 }
+    local a, b = stub:client(conf), stub:client(conf)  -- two workers
+    local P = "/v3/pay/transactions/out-trade-no/PG9"
+    local EP = "GET /v3/pay/transactions/out-trade-no/{}"
+    stub:can("GET", P, 500, { code = "SYSTEM_ERROR", message = "busy" })
+    for _ = 1, 3 do get(a, P) end
+    assert.equal("open", a:upstream_status().endpoints[EP].breaker)
+    local e = b:upstream_status().endpoints[EP]
+    assert.truthy(e, "the other client does not list " .. EP)
+    assert.equal("open", e.breaker)
+    assert.is_true(e.retry_after > 25 and e.retry_after <= 30,
+                   tostring(e.retry_after))
+    assert.is_true(e.failures >= 2)
+    -- b's own view of the timeout: it saw no answer of it
+    assert.equal(0, e.samples)
+    assert.equal("configured", e.timeout_source)
+    a:stop(); b:stop()
+  end)
+
   it("a 500 whose code says the request is wrong (OPENID_MISMATCH) is an "
      .. "answer: it does not open the breaker", function()
     local wx = client{ breaker_min_calls = 4, breaker_failure_ratio = 0.5,

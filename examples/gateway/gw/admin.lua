@@ -4,6 +4,11 @@
 -- every caller, loopback included, sends Authorization: Bearer <token>,
 -- and wrong tokens are throttled per address with the console's logins.
 --   GET  /admin/degrade            -> { on, clients = { [mchid] = on } }
+--   GET  /admin/upstream           -> { degraded, worker, merchants =
+--                                     { [mchid] = { [endpoint] = { breaker,
+--                                     retry_after, calls, failures,
+--                                     timeout, timeout_source, p95,
+--                                     samples } } } }
 --   POST /admin/degrade {on}       -> the same; every worker sees it, and
 --                                     the WeChat Pay clients' switch flips
 --   POST /admin/outbox/replay {id | dead = true[, type, subject]}
@@ -185,6 +190,19 @@ function _M.routes(ctx)
       out.audited = false
     end
     return 200, out
+  end))
+  -- What each merchant's WeChat Pay client sees of WeChat, per endpoint:
+  -- the circuit breaker (shared by the workers: every endpoint any of
+  -- them called) and the attempt timeout (the answering worker's own:
+  -- `worker` is its pid). The log says when a breaker opens and closes;
+  -- this says where each one is now.
+  paygate.route("GET", "/admin/upstream", guard(function()
+    local merchants = {}
+    for mchid, client in pairs(ctx.wx) do
+      merchants[mchid] = client:upstream_status().endpoints
+    end
+    return 200, { degraded = ctx.degraded(), worker = core.pid(),
+                  merchants = merchants }
   end))
   paygate.route("POST", "/admin/outbox/replay", guard(function(req)
     local b, jerr = body(req)

@@ -38,7 +38,7 @@ local function err_body(kind, message, extra)
 end
 _M.err_body = err_body
 
---- syntax: status, body = payments.wx_failure(err[, extra])
+--- syntax: status, body[, headers] = payments.wx_failure(err[, extra])
 -- A failed WeChat call as the merchant API answers it; extra: more
 -- fields of the body (the payment as it now is).
 function _M.wx_failure(err, extra)
@@ -47,9 +47,19 @@ function _M.wx_failure(err, extra)
     return 504, err_body("timeout", "WeChat Pay did not answer in time ("
                          .. tostring(err) .. ")", extra)
   end
-  if kind == "degraded" or kind == "circuit_open" then
+  if kind == "degraded" then
     return 503, err_body("degraded", "calls to WeChat Pay are switched off"
                          .. " for now (" .. tostring(err) .. ")", extra)
+  end
+  if kind == "circuit_open" then
+    -- not the switch: WeChat failed most recent calls of this endpoint,
+    -- and its breaker sends nothing until a probe may go (retry_after)
+    local wait = math.max(1, math.ceil(tonumber(err.retry_after) or 1))
+    return 503, err_body("degraded", "WeChat Pay is failing: most recent"
+                         .. " calls to this endpoint failed, so its circuit"
+                         .. " breaker sends nothing for now; retry in "
+                         .. wait .. " s (" .. tostring(err) .. ")", extra),
+           { ["Retry-After"] = tostring(wait) }
   end
   local b = err_body("wechat_error", "WeChat Pay: " .. tostring(err),
                      { wechat_kind = kind, wechat_code = err.code })
@@ -975,8 +985,8 @@ function _M.new_attempt(req, ik)
   end
   -- close the previous attempt at WeChat first: a payer holding its
   -- code must not be able to pay it once another is out
-  local cs, cb = close_current(p, "the previous attempt was paid; its"
-                               .. " notification applies it")
+  local cs, cb, ch = close_current(p, "the previous attempt was paid; its"
+                                   .. " notification applies it")
   if cs then
     -- no switch: the attempt stays the payment's (a crash before this
     -- leaves the mark to the payment checks, which drop it)
@@ -986,7 +996,7 @@ function _M.new_attempt(req, ik)
         .. " switch; the payment checks do", { out_trade_no = p.out_trade_no,
                                                error = tostring(uerr) })
     end
-    return cs, cb
+    return cs, cb, ch
   end
   local confirmed = cb and p.out_trade_no or ""
   local actor = actor_of(req)
@@ -1070,9 +1080,9 @@ function _M.close(req, ik)
   local us, ub = _M.unconfigured(p)
   if us then return us, ub end
   if ctx.degraded() then return degraded() end
-  local cs, cb = close_current(p, "the payment was paid; its notification"
-                               .. " applies it")
-  if cs then return cs, cb end
+  local cs, cb, ch = close_current(p, "the payment was paid; its"
+                                   .. " notification applies it")
+  if cs then return cs, cb, ch end
   local confirmed = cb and p.out_trade_no or nil
   local now = model.time()
   local a, b, c = fsm.retry(ctx.db, function(tx)

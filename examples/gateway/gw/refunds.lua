@@ -191,7 +191,7 @@ end
 -- It stays as it is, counted (the refund checks settle it), and the
 -- answer says to retry with the same key.
 local function not_sent(tx, row, werr, actor, earlier)
-  local st, eb = payments.wx_failure(werr)
+  local st, eb, hd = payments.wx_failure(werr)
   if earlier then
     eb.message = "WeChat Pay was not called now (" .. tostring(werr)
       .. "); this refund was stored by an earlier run of this request and"
@@ -213,7 +213,7 @@ local function not_sent(tx, row, werr, actor, earlier)
       .. " Idempotency-Key) once calls go out again"
   end
   eb.refund = model.refund_json(row)
-  return st, eb
+  return st, eb, hd
 end
 
 function _M.create(req, ik)

@@ -104,7 +104,7 @@ describe("gateway behind an open circuit breaker", function()
 
   setup(function()
     sim = testing.simulator{ time_scale = 100 }
-    gw = core.start(sim, {
+    gw = core.start(sim, { workers = 2,
       gateway = { reconcile = { enabled = false } },
       merchant = { max_attempts = 1, breaker_min_calls = 2,
                    breaker_failure_ratio = 0.5, breaker_open_for = 60 } })
@@ -170,6 +170,34 @@ describe("gateway behind an open circuit breaker", function()
       channel = "native", amount = 6, description = "breaker" })
     assert.equal(503, c.status, c.body)
     assert.equal("degraded", c.json.error)
+    -- the answers name the breaker, not the switch (which is off: its
+    -- "switched off" sent the operator to /admin/degrade), and say when
+    -- a call may go again (Retry-After: the breaker's cool-down left)
+    for _, a in ipairs({ c, r }) do
+      assert.truthy(a.json.message:find("circuit", 1, true),
+                    a.json.message)
+      assert.is_nil(a.json.message:find("switched off", 1, true),
+                    a.json.message)
+      local wait = tonumber(a.headers["retry-after"])
+      assert.is_true(wait ~= nil and wait >= 1 and wait <= 60,
+                     tostring(a.headers["retry-after"]))
+    end
+    -- /admin/upstream shows where each breaker is, whichever worker
+    -- answers (the breakers are shared; each worker lists them all)
+    for _ = 1, 4 do
+      local u = gw.srv:request{ method = "GET", path = "/admin/upstream" }
+      assert.equal(200, u.status, u.body)
+      assert.is_false(u.json.degraded)
+      local eps = u.json.merchants[sim.merchant.mchid]
+      for _, ep in ipairs(ENDPOINTS) do
+        local e = eps and eps[ep]
+        assert.truthy(e, ep .. ": " .. u.body)
+        assert.equal("open", e.breaker)
+        assert.is_true(e.retry_after > 0 and e.retry_after <= 60, u.body)
+        assert.is_true(e.failures >= 1, u.body)
+        assert.is_number(e.timeout)
+      end
+    end
     local row = assert(gw.db:query("SELECT state FROM gw_payments WHERE"
                                    .. " order_id = $1", { order_id }))[1]
     assert.equal("created", row.state)

@@ -25,6 +25,7 @@ local ROUTES = {
   { "POST", "/wechatpay/notify/{mchid}", false, false },
   { "GET", "/openapi.json", false, false },
   { "GET", "/admin/degrade", false, false },
+  { "GET", "/admin/upstream", false, false },
   { "POST", "/admin/degrade", false, false },
   { "POST", "/admin/outbox/replay", false, false },
 }

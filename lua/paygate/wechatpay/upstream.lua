@@ -30,8 +30,9 @@ local metrics = require "paygate.metrics"
 local json = require "paygate.json"
 local errors = require "paygate.wechatpay.errors"
 
-local type, tostring, floor, ceil, min, max, sort =
-      type, tostring, math.floor, math.ceil, math.min, math.max, table.sort
+local type, tostring, tonumber, floor, ceil, min, max, sort =
+      type, tostring, tonumber, math.floor, math.ceil, math.min, math.max,
+      table.sort
 
 local _M = {}
 
@@ -266,12 +267,15 @@ function _M.observe(wx, ep, seconds)
   end
 end
 
---- syntax: t = upstream.timeout(wx, ep) -- seconds for the next attempt
+--- syntax: t, source = upstream.timeout(wx, ep)
+-- returns: the seconds for the next attempt, and where they come from:
+-- "adaptive" (the endpoint's recent answers) or "configured" (`timeout`)
 function _M.timeout(wx, ep)
   local c = wx.conf
-  if not c.adaptive_timeout then return c.timeout end
+  if not c.adaptive_timeout then return c.timeout, "configured" end
   local s = wx.upstream.eps[ep]
-  return s and s.timeout or c.timeout
+  if s and s.timeout then return s.timeout, "adaptive" end
+  return c.timeout, "configured"
 end
 
 ------------------------------------------------------------ breaker
@@ -280,12 +284,26 @@ end
 -- endpoint (not per attempt): k (the prefix), s (state), at (opened at),
 -- p (the probe), and the counters' keys of bucket b (c, f), remade when
 -- the bucket changes.
+-- The endpoints with a breaker, listed in the dict once each (whichever
+-- worker meets one first adds it), so status() names every breaker of
+-- the instance, not only those of endpoints the asking worker called:
+-- "<prefix>cb:n" counts them, "<prefix>cb:ep:<i>" names the i-th.
+local function register(wx, ep)
+  local d = wx.updict
+  local prefix = (wx.key_prefix or "wechatpay:") .. "cb:"
+  if d:add(prefix .. "known:" .. ep, true) then
+    local i = d:incr(prefix .. "n", 1, 0)
+    if i then d:set(prefix .. "ep:" .. i, ep) end
+  end
+end
+
 local function bkeys(wx, ep)
   local ks = wx.upstream.keys[ep]
   if not ks then
     local k = (wx.key_prefix or "wechatpay:") .. "cb:" .. ep .. ":"
     ks = { k = k, s = k .. "s", at = k .. "at", p = k .. "p" }
     wx.upstream.keys[ep] = ks
+    register(wx, ep)
   end
   return ks
 end
@@ -393,20 +411,44 @@ function _M.degraded_error(what)
 end
 
 --- syntax: st = upstream.status(wx)
--- returns: { degraded, endpoints = { [endpoint] = { timeout, p95,
--- samples, breaker = "closed" | "open" | "half_open", calls, failures }
--- } }: this worker's latency view, the instance's breaker view.
+-- returns: { degraded, endpoints = { [endpoint] = { timeout,
+-- timeout_source = "adaptive" | "configured", p95, samples, breaker =
+-- "closed" | "open" | "half_open", retry_after, calls, failures } } }:
+-- this worker's latency view (endpoints it called), the instance's
+-- breaker view (every endpoint any worker called). retry_after: for an
+-- open breaker, the seconds until a call may go through as its probe
+-- (0: the next call is the probe).
 function _M.status(wx)
   local c = wx.conf
   local d = wx.updict
   local out = { degraded = d:get(DEGRADED_KEY) == true, endpoints = {} }
-  for ep, s in pairs(wx.upstream.eps) do
-    if s.since > 0 and s.n >= c.timeout_samples then recompute(wx, s) end
+  local eps = {}
+  for ep in pairs(wx.upstream.eps) do eps[ep] = true end
+  local prefix = (wx.key_prefix or "wechatpay:") .. "cb:"
+  for i = 1, tonumber(d:get(prefix .. "n")) or 0 do
+    local ep = d:get(prefix .. "ep:" .. i)
+    if type(ep) == "string" then eps[ep] = true end
+  end
+  local now = core.mono()
+  for ep in pairs(eps) do
+    local s = wx.upstream.eps[ep]
+    if s and s.since > 0 and s.n >= c.timeout_samples then
+      recompute(wx, s)
+    end
     local ks = bkeys(wx, ep)
-    local n, f = window_counts(d, ks.k, c, core.mono())
-    out.endpoints[ep] = { timeout = _M.timeout(wx, ep), p95 = s.p95,
-      samples = s.n, breaker = d:get(ks.s) or "closed",
-      calls = n, failures = f }
+    local n, f = window_counts(d, ks.k, c, now)
+    local st = d:get(ks.s) or "closed"
+    local t, source = _M.timeout(wx, ep)
+    local e = { timeout = t, timeout_source = source,
+      p95 = s and s.p95, samples = s and s.n or 0,
+      -- (the previous bucket weighed by its overlap: one decimal)
+      breaker = st, calls = floor(n * 10 + 0.5) / 10,
+      failures = floor(f * 10 + 0.5) / 10 }
+    if st == "open" then
+      local left = (d:get(ks.at) or 0) + c.breaker_open_for - now
+      e.retry_after = max(0, floor(left * 10 + 0.5) / 10)
+    end
+    out.endpoints[ep] = e
   end
   return out
 end
