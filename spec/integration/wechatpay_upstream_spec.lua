@@ -148,6 +148,44 @@ describe("paygate.wechatpay against a slow or failing WeChat", function()
     assert.equal(200, res.status)
   end)
 
+  -- A POST cut short by its timeout said only "timeout after the request
+  -- may have been received": an operator could not tell WeChat answering
+  -- in 1 s from an adaptive timeout of 0.3 s learnt on fast answers, nor
+  -- how often the call had tried
+  it("an unknown outcome says the attempt's timeout, whose it was, and "
+     .. "the attempts", function()
+    local wx = client{ timeout = 5, timeout_samples = 5, latency_window = 10,
+                       timeout_floor = 0.3, timeout_ceiling = 4,
+                       breaker = false, max_attempts = 2 }
+    local P = "/v3/pay/transactions/native"
+    local EP = "POST " .. P
+    local body = '{"mchid":"' .. MCHID .. '"}'
+    stub:can("POST", P, 200, { code_url = "weixin://x" })
+    for _ = 1, 5 do
+      assert(wx:request("POST", P, body, { idempotent = true }))
+    end
+    local s = wx:upstream_status().endpoints[EP]
+    assert.equal("adaptive", s.timeout_source)
+    assert.equal(0.3, s.timeout)
+    stub:reset()
+    stub:can("POST", P, 200, { code_url = "weixin://x" }, { delay = 1 })
+    local _, err = wx:request("POST", P, body, { idempotent = true })
+    assert.equal("unknown_outcome", err.kind)
+    local m = err.message
+    assert.truthy(m:find("timed out", 1, true), m)
+    assert.truthy(m:find("the attempt's timeout was 0.3 s: adaptive", 1,
+                         true), m)
+    assert.truthy(m:find("2 attempts", 1, true), m)
+    -- a call's own timeout is named as such
+    _, err = wx:request("POST", P, body, { timeout = 0.2 })
+    assert.equal("unknown_outcome", err.kind)
+    assert.truthy(err.message:find("the attempt's timeout was 0.2 s: the"
+                                   .. " call's own timeout", 1, true),
+                  err.message)
+    assert.truthy(err.message:find("1 attempt)", 1, true), err.message)
+    wx:stop()
+  end)
+
   it("a timeout before the request was sent (a TLS handshake that never "
      .. "ends) is no latency sample", function()
     -- a listener that never accepts: the kernel completes the TCP

@@ -44,8 +44,15 @@ _M.err_body = err_body
 function _M.wx_failure(err, extra)
   local kind = type(err) == "table" and err.kind or "error"
   if kind == "timeout" or kind == "unknown_outcome" then
-    return 504, err_body("timeout", "WeChat Pay did not answer in time ("
-                         .. tostring(err) .. ")", extra)
+    -- a lost connection (reset, closed after sending) is no slow answer:
+    -- said as what it was, the kind and status kept (the outcome is as
+    -- unknown either way)
+    local lost = kind == "unknown_outcome" and err.cause_kind ~= nil
+                 and err.cause_kind ~= "timeout"
+    return 504, err_body("timeout", (lost and "the connection to WeChat"
+                         .. " Pay was lost before its answer, the outcome"
+                         .. " is unknown (" or "WeChat Pay did not answer"
+                         .. " in time (") .. tostring(err) .. ")", extra)
   end
   if kind == "degraded" then
     return 503, err_body("degraded", "calls to WeChat Pay are switched off"

@@ -118,6 +118,24 @@ local function cases(db_for)
     gw_rec:wait_state(p.id, "paying", 20)
   end)
 
+  -- A connection reset after the prepay was sent was answered "WeChat
+  -- Pay did not answer in time": an operator read a slow WeChat into a
+  -- connection that was cut at once
+  it("a connection lost after sending: unknown, and said as lost, not as"
+     .. " slow", function()
+    sim:fault{ endpoint = "prepay", kind = "reset", after = true,
+               count = 1 }
+    local order_id = new_order()
+    local res = gw:call("POST", "/v1/payments", { order_id = order_id,
+      channel = "native", amount = 44, description = "reset" })
+    assert.equal(504, res.status, res.body)
+    assert.equal("timeout", res.json.error)
+    assert.is_nil(res.json.message:find("in time", 1, true), res.body)
+    assert.truthy(res.json.message:find("connection to WeChat Pay was lost",
+                                        1, true), res.body)
+    assert.equal("unknown", row_of(gw, order_id).state)
+  end)
+
   it("no answer within the timeout: unknown; a resumed create queries,"
      .. " closes the order WeChat made, and opens a new attempt", function()
     sim:fault{ endpoint = "prepay", kind = "latency", seconds = 1.5,
@@ -128,6 +146,13 @@ local function cases(db_for)
     local res = gw:call("POST", "/v1/payments", body)
     assert.equal(504, res.status, res.body)
     assert.equal("timeout", res.json.error)
+    -- the message says the timeout the attempt had and whose it was (the
+    -- configured 0.5 s here), and how many attempts the call made
+    assert.truthy(res.json.message:find("did not answer in time", 1, true),
+                  res.body)
+    assert.truthy(res.json.message:find("the attempt's timeout was 0.5 s:"
+                  .. " the configured timeout", 1, true), res.body)
+    assert.truthy(res.json.message:find("1 attempt)", 1, true), res.body)
     local p = row_of(gw, order_id)
     assert.equal("unknown", p.state)
     assert.equal(1, count(events_of(gw, p.id), "payment.unknown"))

@@ -120,13 +120,41 @@ local function unsent(err)
   return err.kind == "dns" or err.kind == "connect"
 end
 
+-- Where an attempt's timeout came from, as its error says it.
+local TIMEOUT_FROM = {
+  adaptive = "adaptive: p95 x 1.8 + 0.2 s of this endpoint's recent answers"
+    .. ", within timeout_floor .. timeout_ceiling",
+  configured = "the configured timeout",
+  call = "the call's own timeout",
+  deadline = "what was left of the call's deadline",
+}
+
+-- What the last failure was, for the operator: the transport's own words
+-- (curl's "Operation timed out after 1000 milliseconds", "Connection
+-- reset by peer"; for a timeout, the timeout the attempt had and where it
+-- came from, added in the loop), and how many attempts the call made.
+-- Without them "timeout after the request may have been received" could
+-- not be told from WeChat answering slower than an adaptive timeout
+-- learnt on a fast day, nor a reset from a slow answer.
+local function failure_detail(what, err, attempts)
+  local m = tostring(err.message or "")
+  if m:sub(1, #what + 2) == what .. ": " then m = m:sub(#what + 3) end
+  local parts = { m }
+  if attempts then
+    parts[#parts + 1] = attempts .. (attempts == 1 and " attempt"
+                                     or " attempts")
+  end
+  return table.concat(parts, "; ")
+end
+
 -- The error for a call that failed at the transport level after the
 -- request may have reached WeChat (err.sent not false): WeChat may have
 -- acted. retryable: whether repeating it is safe (an idempotent call: the
 -- same out_trade_no / out_refund_no, the same bytes).
 local function outcome_unknown(what, err, retryable, attempts)
   return errors.wrap("unknown_outcome", what .. ": " .. tostring(err.kind)
-    .. " after the request may have been received; query to learn the "
+    .. " after the request may have been received ("
+    .. failure_detail(what, err, attempts) .. "); query to learn the "
     .. "outcome" .. (retryable and " (repeating it with the same "
     .. "out_trade_no / out_refund_no is safe)" or ""), err,
     { retryable = retryable and true or false, attempts = attempts })
@@ -340,7 +368,7 @@ call = function(wx, method, path, body, opts, ep, what, stat)
     headers["Authorization"] = auth
     stat.attempts = attempt
     local sent_at = core.mono()
-    local own = upstream.timeout(wx, ep)
+    local own, own_from = upstream.timeout(wx, ep)
     -- resend = false: the HTTP client never sends these bytes a second
     -- time by itself (its retry when a reused connection dies before the
     -- answer). WeChat may have acted on the first copy, and refuses the
@@ -391,6 +419,16 @@ call = function(wx, method, path, body, opts, ep, what, stat)
     if not res and core.is_error(err) then
       err.message = what .. ": " .. tostring(err.message)
       reached = reached or not unsent(err)
+      if err.kind == "timeout" and err.sent ~= false then
+        -- the timeout the attempt had, and whose it was
+        local t = opts.timeout or own
+        local from = t > remaining and "deadline"
+                     or (opts.timeout and "call" or own_from)
+        err.attempt_timeout, err.timeout_source = min(t, remaining), from
+        err.message = err.message .. string.format(" (the attempt's"
+          .. " timeout was %.3g s: %s)", err.attempt_timeout,
+          TIMEOUT_FROM[from])
+      end
     end
     local retry, wait = false, nil
     if not res then
