@@ -10,7 +10,11 @@
 -- Loopback: the name localhost, 127.0.0.0/8, ::1, and an IPv4 loopback
 -- address mapped into IPv6 (::ffff:127.0.0.1: what a listener on [::]
 -- reports for a client that connected to 127.0.0.1).
-local type, tonumber = type, tonumber
+--
+-- A loopback peer is not always someone on this machine acting on
+-- purpose: a browser on it runs pages from anywhere. browser_elsewhere
+-- tells such a page apart, for whatever trusts a loopback address.
+local type, tonumber, tostring = type, tonumber, tostring
 
 local _M = {}
 
@@ -43,6 +47,28 @@ function _M.loopback_addr(a)
   local host = a:match("^(%[[^%]]*%]):%d+$") or a:match("^([^:]*):%d+$")
                or a
   return _M.loopback_host(host)
+end
+
+--- syntax: yes = addr.browser_elsewhere(req)
+-- Whether a request on a loopback connection is a browser page from
+-- another site rather than a local program: a Host that is not a
+-- loopback name (a page whose own name was rebound to 127.0.0.1: DNS
+-- rebinding), or an Origin or Sec-Fetch-Site naming another site (a
+-- cross-site form or fetch; a text/plain form body can be JSON). curl and
+-- scripts send neither Origin nor Sec-Fetch-Site. The one check behind
+-- the gateway's admin routes and dev_app, and the simulator's control API.
+function _M.browser_elsewhere(req)
+  local host = req:header("host")
+  if host ~= nil and not _M.loopback_addr(tostring(host):lower()) then
+    return true
+  end
+  local origin = req:header("origin")
+  if origin ~= nil and origin ~= "http://" .. tostring(host)
+     and origin ~= "https://" .. tostring(host) then
+    return true
+  end
+  local site = req:header("sec-fetch-site")
+  return site ~= nil and site ~= "same-origin" and site ~= "none"
 end
 
 return _M

@@ -511,3 +511,62 @@ return { state_dir = %q, merchants = { { mchid = %q, apiv3_key = %q,
     assert.equal(200, res.status)
   end)
 end)
+
+describe("the control API and a browser page from elsewhere", function()
+  -- A page the developer opens while scripts/run runs could POST a form
+  -- (or a no-cors fetch) to http://127.0.0.1:9000/sim/...: the browser is
+  -- on loopback, so the address check alone let it pay orders, rotate
+  -- the platform certificate or inject faults; a DNS-rebound page (its
+  -- own name pointed at 127.0.0.1, Host: evil.example) could read it too.
+  local sim
+  setup(function() sim = sn.start{} end)
+  teardown(function() if sim then sim:stop() end end)
+
+  local function ctl(method, path, headers)
+    local h = { ["Content-Type"] = "text/plain" }
+    for k, v in pairs(headers or {}) do h[k] = v end
+    local res, err = paygate.http.request{ method = method,
+      url = sim.base .. path, body = method == "POST" and "{}" or nil,
+      timeout = 10, headers = h }
+    assert(res, tostring(err))
+    return res.status, json.decode(res.body) or res.body
+  end
+
+  it("refuses a cross-site Origin or Sec-Fetch-Site and a foreign Host,"
+     .. " and pays nothing", function()
+    local no = order_no()
+    sn.prepay(sim, no, "http://127.0.0.1:9/notify")
+    for _, h in ipairs({
+      { Origin = "https://evil.example" },
+      { Origin = "null" },
+      { ["Sec-Fetch-Site"] = "cross-site" },
+      { ["Sec-Fetch-Site"] = "same-site" },
+      { Host = "evil.example" },
+      { Host = "evil.example:" .. sim.port },
+    }) do
+      local k, v = next(h)
+      local st, doc = ctl("POST", "/sim/transactions/" .. no .. "/pay", h)
+      assert.equal(403, st, k .. ": " .. v)
+      assert.equal("FORBIDDEN", doc.code)
+      assert.truthy(doc.message:find("browser page from elsewhere", 1, true),
+                    doc.message)
+      st = ctl("GET", "/sim/public-key", h)
+      assert.equal(403, st, "GET with " .. k .. ": " .. v)
+    end
+    local res = sn.signed(sim, "GET", "/v3/pay/transactions/out-trade-no/"
+                          .. no .. "?mchid=" .. sn.MCHID)
+    assert.equal(200, res.status, res.body)
+    assert.equal("NOTPAY", json.decode(res.body).trade_state)
+  end)
+
+  it("takes curl, scripts and its own origin as before", function()
+    local no = order_no()
+    sn.prepay(sim, no, "http://127.0.0.1:9/notify")
+    local origin = "http://127.0.0.1:" .. sim.port
+    assert.equal(200, (ctl("GET", "/sim/public-key",
+      { Origin = origin, ["Sec-Fetch-Site"] = "same-origin" })))
+    assert.equal(200, (ctl("GET", "/sim/public-key",
+      { Host = "localhost:" .. sim.port, ["Sec-Fetch-Site"] = "none" })))
+    assert.equal(200, (ctl("POST", "/sim/transactions/" .. no .. "/pay")))
+  end)
+end)

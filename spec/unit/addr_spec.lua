@@ -55,4 +55,29 @@ describe("paygate.addr", function()
     assert.is_false(wxconfig.is_loopback_url("http://127.0.0.1:1@evil/"))
     assert.is_false(wxconfig.is_loopback_url("http://10.0.0.1:9000"))
   end)
+
+  it("browser_elsewhere: a foreign Host, a cross-site Origin or"
+     .. " Sec-Fetch-Site; and the gateway's admin check is it", function()
+    local function req(h)
+      return { header = function(_, name) return h[name] end }
+    end
+    assert.is_false(addr.browser_elsewhere(req{}))
+    assert.is_false(addr.browser_elsewhere(req{ host = "127.0.0.1:9000" }))
+    assert.is_false(addr.browser_elsewhere(req{ host = "localhost:9000",
+      origin = "http://localhost:9000", ["sec-fetch-site"] = "same-origin" }))
+    assert.is_false(addr.browser_elsewhere(req{ host = "[::1]:9000",
+      ["sec-fetch-site"] = "none" }))
+    assert.is_true(addr.browser_elsewhere(req{ host = "evil.example" }))
+    assert.is_true(addr.browser_elsewhere(req{ host = "127.0.0.1:9000",
+      origin = "https://evil.example" }))
+    assert.is_true(addr.browser_elsewhere(req{ host = "127.0.0.1:9000",
+      origin = "null" }))
+    assert.is_true(addr.browser_elsewhere(req{ host = "127.0.0.1:9000",
+      ["sec-fetch-site"] = "cross-site" }))
+    assert.is_true(addr.browser_elsewhere(req{ host = "127.0.0.1:9000",
+      ["sec-fetch-site"] = "same-site" }))
+    package.path = "examples/gateway/?.lua;" .. package.path
+    assert.equal(addr.browser_elsewhere,
+                 require("gw.admin").from_browser_elsewhere)
+  end)
 end)

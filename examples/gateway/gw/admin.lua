@@ -32,21 +32,8 @@ local _M = {}
 -- A browser on the gateway's host must not be a way in without the
 -- token: a page whose name was rebound to 127.0.0.1 (its Host is not a
 -- loopback name), or a cross-site form (a text/plain body can be JSON)
--- whose Origin or Sec-Fetch-Site names another site. curl and scripts
--- send neither Origin nor Sec-Fetch-Site.
-function _M.from_browser_elsewhere(req)
-  local host = req:header("host")
-  if host ~= nil and not config.is_loopback_addr(tostring(host):lower()) then
-    return true
-  end
-  local origin = req:header("origin")
-  if origin ~= nil and origin ~= "http://" .. tostring(host)
-     and origin ~= "https://" .. tostring(host) then
-    return true
-  end
-  local site = req:header("sec-fetch-site")
-  return site ~= nil and site ~= "same-origin" and site ~= "none"
-end
+-- whose Origin or Sec-Fetch-Site names another site (paygate.addr).
+_M.from_browser_elsewhere = require("paygate.addr").browser_elsewhere
 
 -- Why a caller is refused (the 403's message): a caller on loopback that
 -- is refused for one of its headers must learn which, or it is left

@@ -1,8 +1,10 @@
 -- sim.control: the control API under /sim/ (off with control = false):
 -- act as the payer and as WeChat's back office, read back what happened,
 -- inject faults. Requests need no signature; they are accepted from
--- loopback addresses only, and, with control_listen = "IP:PORT", only on
--- connections made to that local address (the runtime has one listener:
+-- loopback addresses only, never from a browser page of another site
+-- (paygate.addr.browser_elsewhere), and, with control_listen =
+-- "IP:PORT", only on connections made to that local address (the
+-- runtime has one listener:
 -- this picks one of its addresses when it listens on a wildcard; it
 -- opens no port of its own). docs/simulator.md lists every route.
 local paygate = require "paygate"
@@ -25,6 +27,7 @@ end
 _M.answer = answer
 
 local loopback = require("paygate.addr").loopback_addr
+local browser_elsewhere = require("paygate.addr").browser_elsewhere
 local mono = require("paygate.core").mono
 local wall = require("paygate.core").time
 
@@ -57,6 +60,15 @@ function _M.route(method, pattern, fn)
     if not loopback(req.remote_addr) then
       return answer(403, { code = "FORBIDDEN",
                            message = "the control API answers loopback only" })
+    end
+    -- a browser on this machine is a loopback client too: a page from
+    -- another site (a form, a fetch, a name rebound to 127.0.0.1) must not
+    -- pay orders, rotate keys or inject faults
+    if browser_elsewhere(req) then
+      return answer(403, { code = "FORBIDDEN", message = "the control API"
+        .. " refuses a browser page from elsewhere: a Host that is not a"
+        .. " loopback name, or an Origin or Sec-Fetch-Site of another site"
+        .. " (use curl or a script)" })
     end
     return fn(req)
   end)
