@@ -1,7 +1,8 @@
--- gw.throttle: wrong secrets per client address, counted together by
--- every worker (the shared dictionary) for the console's login and the
--- admin token alike: an address may try `limit` wrong secrets per window
--- of `window` seconds, the window starting at its first counted try;
+-- gw.throttle: wrong secrets per client address (an IPv6 client's /64:
+-- host_of), counted together by every worker (the shared dictionary) for
+-- the console's login and the admin token alike: an address may try
+-- `limit` wrong secrets per window of `window` seconds, the window
+-- starting at its first counted try;
 -- after that every try, the right secret too, is refused until the window
 -- ends. A try is counted BEFORE the secret is compared and given back
 -- when it was right, so concurrent tries on several workers can never
@@ -11,6 +12,7 @@ local shared = require "paygate.shared"
 
 local format, max, ceil, floor = string.format, math.max, math.ceil,
                                   math.floor
+local tostring, tonumber, ipairs = tostring, tonumber, ipairs
 
 local _M = {}
 
@@ -22,9 +24,10 @@ local K_OPENED = "gw:console:lo:"
 -- The addresses that may have a window open at once: an eighth of the
 -- dictionary at most (two entries of ~300 bytes together per address).
 -- Anyone who reaches the gateway opens windows, one per address it sends
--- from (an IPv6 /64 has plenty), and the dictionary is LRU: unbounded,
--- they would push out what the workers keep there -- the degradation
--- switch, the console's key and sessions, notification replay records.
+-- from (an IPv6 client one per /64: host_of), and the dictionary is LRU:
+-- unbounded, they would push out what the workers keep there -- the
+-- degradation switch, the console's key and sessions, notification
+-- replay records.
 -- Past the bound a new address's try cannot be counted, so it is
 -- refused (fail closed) until windows end; addresses with a window open
 -- go on as before.
@@ -37,12 +40,56 @@ local function max_hosts(D)
 end
 _M.max_hosts = max_hosts
 
+-- An IPv6 address's /64 as "a:b:c:d::/64" (its first four groups), or
+-- nil when h is not an IPv6 address written out; an IPv4 one mapped into
+-- IPv6 (a v4 client through a [::] listener) as the IPv4 address.
+local function v6_net(h)
+  local v4 = h:lower():match("^::ffff:(%d+%.%d+%.%d+%.%d+)$")
+  if v4 then return v4 end
+  if not h:find(":", 1, true) or h:find("[^%x:%.]") then return nil end
+  -- a dotted IPv4 tail is the last two groups
+  local lead, a, b, c, d = h:match("^(.*:)(%d+)%.(%d+)%.(%d+)%.(%d+)$")
+  if lead then
+    h = lead .. ("%x:%x"):format(tonumber(a) * 256 + tonumber(b),
+                                 tonumber(c) * 256 + tonumber(d))
+  end
+  local function groups(s)
+    local t = {}
+    for g in s:gmatch("[^:]+") do t[#t + 1] = g end
+    return t
+  end
+  local g
+  local head, tail = h:match("^(.-)::(.*)$")
+  if head then
+    if tail:find("::", 1, true) then return nil end
+    local hs, ts = groups(head), groups(tail)
+    g = hs
+    for _ = 1, 8 - #hs - #ts do g[#g + 1] = "0" end
+    for _, x in ipairs(ts) do g[#g + 1] = x end
+  else
+    g = groups(h)
+  end
+  if #g ~= 8 then return nil end
+  for i = 1, 4 do
+    local n = #g[i] <= 4 and tonumber(g[i], 16)
+    if not n then return nil end
+    g[i] = ("%x"):format(n)
+  end
+  return g[1] .. ":" .. g[2] .. ":" .. g[3] .. ":" .. g[4] .. "::/64"
+end
+
 --- syntax: host = throttle.host_of(req.remote_addr)
--- the client's address without its port: "[::1]:5000" -> "::1"
+-- who is counted: the client's address without its port ("192.0.2.7:5000"
+-- -> "192.0.2.7"), an IPv6 client by its /64 ("[2001:db8:1:2::9]:5000" ->
+-- "2001:db8:1:2::/64"): one subscriber is given a /64 and may send each
+-- try from another of its 2^64 addresses, which counted one by one
+-- multiplied its tries and, opening a window each, filled the bound
+-- (max_hosts) that then refused every new address, the operator's too
 function _M.host_of(addr)
   addr = tostring(addr)
-  return addr:match("^%[([^%]]*)%]:%d+$") or addr:match("^([^:]*):%d+$")
-         or addr
+  local host = addr:match("^%[([^%]]*)%]:%d+$") or addr:match("^([^:]*):%d+$")
+               or addr
+  return v6_net(host) or host
 end
 
 --- syntax: ck, wait = throttle.reserve(host, limit, window)

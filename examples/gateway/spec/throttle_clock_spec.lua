@@ -35,6 +35,42 @@ describe("gw.throttle", function()
     assert.is_number(wait)
     assert.is_true(wait >= 1 and wait <= 60, "wait " .. wait .. " s")
   end)
+  it("counts an IPv6 client by its /64: an address of its own for each"
+     .. " try does not multiply its tries, nor open a window each",
+     function()
+    local of = throttle.host_of
+    -- one subscriber's /64, however its addresses are written
+    local net = of("[2001:db8:1:2::1]:5000")
+    for _, a in ipairs({ "[2001:db8:1:2::2]:6000",
+                         "[2001:DB8:1:2:ffff:ffff:ffff:ffff]:1",
+                         "[2001:0db8:0001:0002:0:0:0:9]:2",
+                         "[2001:db8:1:2:a:b:1.2.3.4]:3" }) do
+      assert.equal(net, of(a), a)
+    end
+    -- another /64 (the next one, a /48 apart) is another count
+    assert.are_not.equal(net, of("[2001:db8:1:3::1]:5000"))
+    assert.are_not.equal(net, of("[2001:db9:1:2::1]:5000"))
+    -- IPv4, an IPv4 client through a [::] listener, and a host alone
+    assert.equal("192.0.2.7", of("192.0.2.7:5000"))
+    assert.equal("192.0.2.7", of("[::ffff:192.0.2.7]:5000"))
+    assert.equal("192.0.2.7", of("192.0.2.7"))
+    -- the tries of the /64's addresses share one window: the limit holds
+    -- (before the flood case below, which fills the bound on windows)
+    local tag = math.random(1, 65535)
+    local function addr(i)
+      return ("[2001:db8:%x:%x::%x]:4000"):format(tag, pcore.pid() % 65536,
+                                                   i)
+    end
+    for i = 1, 3 do
+      local ck, wait = throttle.reserve(of(addr(i)), 3, 60)
+      assert.is_string(ck)
+      assert.is_nil(wait, "try " .. i)
+    end
+    local ck, wait = throttle.reserve(of(addr(4)), 3, 60)
+    assert.is_string(ck)
+    assert.is_number(wait, "a 4th address of the /64 was not throttled")
+  end)
+
   it("opens at most max_hosts windows at once: a flood from many addresses"
      .. " evicts nothing, a new address is refused past the bound, an"
      .. " address with a window open is still counted", function()
@@ -66,4 +102,5 @@ describe("gw.throttle", function()
     assert.is_string(ck)
     assert.is_nil(wait)
   end)
+
 end)
