@@ -94,7 +94,7 @@ CREATE TABLE IF NOT EXISTS paygate_outbox (
   attempts INTEGER NOT NULL DEFAULT 0,
   next_at DOUBLE PRECISION NOT NULL, created_at DOUBLE PRECISION NOT NULL,
   delivered_at DOUBLE PRECISION, sinks_done TEXT NOT NULL DEFAULT '',
-  last_error TEXT);
+  last_error TEXT, prior_attempts INTEGER NOT NULL DEFAULT 0);
 ]]
 
 local PG_SCHEMA = [[
@@ -105,7 +105,7 @@ CREATE TABLE IF NOT EXISTS paygate_outbox (
   attempts INTEGER NOT NULL DEFAULT 0,
   next_at DOUBLE PRECISION NOT NULL, created_at DOUBLE PRECISION NOT NULL,
   delivered_at DOUBLE PRECISION, sinks_done TEXT NOT NULL DEFAULT '',
-  last_error TEXT);
+  last_error TEXT, prior_attempts INTEGER NOT NULL DEFAULT 0);
 ]]
 
 -- Partial indexes (both engines): pending rows by subject for the head
@@ -124,16 +124,58 @@ CREATE INDEX IF NOT EXISTS paygate_outbox_dead ON paygate_outbox
 
 local ready = setmetatable({}, { __mode = "k" })
 
+-- prior_attempts (the attempts made before the event's last replay, which
+-- set attempts back to 0: a delivery's `attempt` is prior_attempts +
+-- attempts + 1, so a replayed event never goes out as a first delivery)
+-- came after the table: a table an older paygate made gets it in place.
+-- (NOT NULL DEFAULT 0: that paygate's INSERT still works, during a rolling
+-- upgrade too; its rows had no replay counted.)
+local HAS_PRIOR = {
+  sqlite = "SELECT 1 AS x FROM pragma_table_info('paygate_outbox')"
+    .. " WHERE name = 'prior_attempts'",
+  postgres = "SELECT 1 AS x FROM pg_attribute WHERE attrelid ="
+    .. " to_regclass('paygate_outbox') AND attname = 'prior_attempts'"
+    .. " AND NOT attisdropped",
+}
+
+local function has_prior(tx)
+  local rows, err = tx:query(HAS_PRIOR[tx.engine == "postgres" and "postgres"
+                                       or "sqlite"])
+  if not rows then
+    return nil, err
+  end
+  return rows[1] ~= nil
+end
+
 local function create_in(tx)
+  local _, err
   if tx.engine == "postgres" then
     -- CREATE ... IF NOT EXISTS races between sessions in PostgreSQL.
-    local _, lerr = tx:exec("SELECT pg_advisory_xact_lock(7217002)")
-    if lerr then
-      return nil, lerr
+    _, err = tx:exec("SELECT pg_advisory_xact_lock(7217002)")
+    if err then
+      return nil, err
     end
-    return tx:exec_script(PG_SCHEMA .. INDEXES)
+    _, err = tx:exec_script(PG_SCHEMA .. INDEXES)
+  else
+    _, err = tx:exec_script(SQLITE_SCHEMA .. INDEXES)
   end
-  return tx:exec_script(SQLITE_SCHEMA .. INDEXES)
+  if err then
+    return nil, err
+  end
+  local has, herr = has_prior(tx)
+  if has == nil then
+    return nil, herr
+  end
+  if not has then
+    local _, aerr = tx:exec("ALTER TABLE paygate_outbox ADD COLUMN"
+                            .. " prior_attempts INTEGER NOT NULL DEFAULT 0")
+    if aerr then
+      aerr.message = "outbox: adding the prior_attempts column to"
+        .. " paygate_outbox: " .. tostring(aerr.message)
+      return nil, aerr
+    end
+  end
+  return true
 end
 
 local function ensure_schema(db)
@@ -224,7 +266,16 @@ local function schema_in(tx)
   end
   if yes then
     if not made_in[tx] then
-      ready[tx.db] = true
+      -- (one an older paygate made lacks prior_attempts: the INSERT does
+      -- not need it, and setup or the dispatcher adds it, in a
+      -- transaction of their own, not under the caller's)
+      local has, herr = has_prior(tx)
+      if has == nil then
+        return nil, herr
+      end
+      if has then
+        ready[tx.db] = true
+      end
     end
     return true
   end
@@ -1089,8 +1140,8 @@ local function refresh_leases(self, probe)
   return failed
 end
 
-local HEADS = "SELECT id, subject, type, payload, attempts, created_at,"
-  .. " sinks_done FROM paygate_outbox o WHERE state = 'pending'"
+local HEADS = "SELECT id, subject, type, payload, attempts, prior_attempts,"
+  .. " created_at, sinks_done FROM paygate_outbox o WHERE state = 'pending'"
   .. " AND shard % $1 = $2 AND next_at <= $3 AND NOT EXISTS (SELECT 1"
   .. " FROM paygate_outbox e WHERE e.state = 'pending'"
   .. " AND e.subject = o.subject AND e.id < o.id) ORDER BY id LIMIT $4"
@@ -1098,8 +1149,8 @@ local HEADS = "SELECT id, subject, type, payload, attempts, created_at,"
 -- The heads of every shard at once (a dispatcher holding all of them):
 -- one scan of the pending rows instead of one per shard, each of which
 -- read past the other shards' rows; the rows are split by shard after.
-local HEADS_ALL = "SELECT id, subject, type, payload, attempts, created_at,"
-  .. " sinks_done, shard FROM paygate_outbox o WHERE state = 'pending'"
+local HEADS_ALL = "SELECT id, subject, type, payload, attempts,"
+  .. " prior_attempts, created_at, sinks_done, shard FROM paygate_outbox o WHERE state = 'pending'"
   .. " AND next_at <= $1 AND NOT EXISTS (SELECT 1"
   .. " FROM paygate_outbox e WHERE e.state = 'pending'"
   .. " AND e.subject = o.subject AND e.id < o.id) ORDER BY id LIMIT $2"
@@ -1367,7 +1418,9 @@ local function deliver_row(self, row, p, l)
   local payload, jerr = json.decode(row.payload)
   local event = { id = row.id, subject = row.subject, type = row.type,
                   payload = payload, payload_json = row.payload,
-                  created_at = row.created_at, attempt = row.attempts + 1 }
+                  created_at = row.created_at,
+                  -- every delivery of the event counts, a replay's too
+                  attempt = row.prior_attempts + row.attempts + 1 }
   local done = split_set(row.sinks_done)
   local errs, fatal = {}, false
   if payload == nil then
@@ -1785,8 +1838,10 @@ local function check_filter(fname, filter)
 end
 
 -- syntax: n, err = outbox.replay(db, id | filter)
--- Sets the chosen events pending again with a fresh attempt count, due
--- now. An id picks that event whatever its state (a pending one is left
+-- Sets the chosen events pending again with a fresh attempt count (for
+-- max_attempts; the attempts made so far are added to prior_attempts, so
+-- the deliveries' `attempt` goes on counting: a receiver tells a replay
+-- from a first delivery), due now. An id picks that event whatever its state (a pending one is left
 -- alone); a filter { subject, type, state } picks dead letters unless
 -- state says "delivered" or "any". A replayed delivered event goes to
 -- every sink again; a replayed dead letter only to the sinks it had not
@@ -1808,7 +1863,8 @@ function _M.replay(db, filter)
   params[n + 1] = core.time()
   local stmt = "UPDATE paygate_outbox SET sinks_done = CASE WHEN state ="
     .. " 'delivered' THEN '' ELSE sinks_done END, state = 'pending',"
-    .. " attempts = 0, next_at = $" .. (n + 1) .. ", last_error = NULL,"
+    .. " prior_attempts = prior_attempts + attempts, attempts = 0,"
+    .. " next_at = $" .. (n + 1) .. ", last_error = NULL,"
     .. " delivered_at = NULL"
     .. (w == "" and " WHERE" or w .. " AND") .. " state <> 'pending'"
   local res, uerr = db:exec(stmt, params)
@@ -1820,8 +1876,9 @@ end
 
 -- syntax: rows, err = outbox.list(db [, filter])
 -- filter: { id, subject, type, state ("any" by default), limit (100) }
--- returns: rows { id, subject, type, payload (JSON text), state, attempts,
---          next_at, created_at, delivered_at, sinks_done, last_error }
+-- returns: rows { id, subject, type, payload (JSON text), state, attempts
+--          (since the last replay), prior_attempts (before it), next_at,
+--          created_at, delivered_at, sinks_done, last_error }
 --          in id order
 function _M.list(db, filter)
   check_db("outbox.list", db)
@@ -1834,7 +1891,8 @@ function _M.list(db, filter)
   local w, params = where(filter, "any")
   params[#params + 1] = filter.limit or 100
   return db:query("SELECT id, subject, type, payload, state, attempts,"
-    .. " next_at, created_at, delivered_at, sinks_done, last_error FROM"
+    .. " prior_attempts, next_at, created_at, delivered_at, sinks_done,"
+    .. " last_error FROM"
     .. " paygate_outbox" .. w .. " ORDER BY id LIMIT $" .. #params, params)
 end
 

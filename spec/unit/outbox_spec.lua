@@ -477,6 +477,47 @@ for engine, open in pairs(stores) do
       db:close()
     end)
 
+    it("a table an older paygate made gains prior_attempts in place: its"
+       .. " events are enqueued, delivered and replayed", function()
+      local db = open()
+      -- the table as paygate made it before prior_attempts, one event in
+      assert(db:exec_script("CREATE TABLE paygate_outbox (id "
+        .. (engine == "postgres" and "BIGSERIAL" or "INTEGER") .. " PRIMARY"
+        .. " KEY" .. (engine == "postgres" and "" or " AUTOINCREMENT")
+        .. ", subject TEXT NOT NULL, type TEXT NOT NULL, payload TEXT NOT"
+        .. " NULL, shard INTEGER NOT NULL, state TEXT NOT NULL DEFAULT"
+        .. " 'pending', attempts INTEGER NOT NULL DEFAULT 0, next_at DOUBLE"
+        .. " PRECISION NOT NULL, created_at DOUBLE PRECISION NOT NULL,"
+        .. " delivered_at DOUBLE PRECISION, sinks_done TEXT NOT NULL"
+        .. " DEFAULT '', last_error TEXT)"))
+      assert(db:exec("INSERT INTO paygate_outbox (subject, type, payload,"
+        .. " shard, next_at, created_at, attempts) VALUES ('pay_old', 't',"
+        .. " '{}', $1, $2, $2, 2)", { outbox.shard_of("pay_old"),
+                                      core.time() }))
+      -- an enqueue into it leaves the table as it is (no ALTER under the
+      -- caller's transaction)
+      local id = enqueue(db, "pay_new", "t")
+      assert.is_nil(db:query("SELECT prior_attempts FROM paygate_outbox"))
+      assert(outbox.setup(db))
+      local rows = assert(outbox.list(db))
+      assert.same({ 0, 0 }, { rows[1].prior_attempts,
+                              rows[2].prior_attempts })
+      local rec = recorder()
+      local clock = new_clock()
+      local d = outbox.dispatcher(db, { sinks = { rec.sink },
+                                        now = clock.now })
+      assert.equal(2, d:step())
+      local attempt = {}
+      for _, e in ipairs(rec.got) do attempt[e.subject] = e.attempt end
+      assert.same({ pay_old = 3, pay_new = 1 }, attempt)
+      assert.equal(1, assert(outbox.replay(db, id)))
+      clock.advance(1)
+      assert.equal(1, d:step())
+      assert.equal(2, rec.got[3].attempt)
+      d:stop()
+      db:close()
+    end)
+
     it("records a round's outcomes in a few write jobs, not one each"
        .. " (nor one per shard)", function()
       local db = open()
@@ -592,13 +633,19 @@ for engine, open in pairs(stores) do
       assert.equal(1, assert(outbox.replay(db, a1)))
       local r = row(db, a1)
       assert.equal("pending", r.state)
-      assert.equal(0, r.attempts)
+      assert.equal(0, r.attempts)            -- max_attempts afresh
+      assert.equal(3, r.prior_attempts)      -- the ones before, kept
       assert.equal(0, assert(outbox.replay(db, a1)))   -- already pending
       assert.equal(1, assert(outbox.replay(db, { subject = "pay_c" })))
       clock.advance(1)
       assert.equal(2, d:step())
       assert.same(sorted({ a2, a1, c1 }), sorted(rec.ids()))
       assert.equal("delivered", row(db, a1).state)
+      -- each delivery's attempt counts on across the replay: a receiver
+      -- tells a replayed event from a first delivery (was: 1 again)
+      local attempt = {}
+      for _, e in ipairs(rec.got) do attempt[e.id] = e.attempt end
+      assert.same({ [a2] = 1, [a1] = 4, [c1] = 2 }, attempt)
       -- a delivered event is replayed only when asked for by id or state
       assert.equal(0, assert(outbox.replay(db, { subject = "pay_a" })))
       assert.equal(2, assert(outbox.replay(db, { subject = "pay_a",
@@ -608,6 +655,7 @@ for engine, open in pairs(stores) do
       assert.equal(1, d:step())
       local got = rec.ids()
       assert.same({ a1, a2 }, { got[4], got[5] })
+      assert.same({ 5, 2 }, { rec.got[4].attempt, rec.got[5].attempt })
       d:stop()
       db:close()
     end)
