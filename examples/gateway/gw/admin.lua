@@ -13,7 +13,8 @@
 --                                     the WeChat Pay clients' switch flips
 --   POST /admin/outbox/replay {id | dead = true[, type, subject]}
 --                                  -> { replayed = n }; any other key,
---                                     or a filter that is no string: 400
+--                                     or a filter that is no string: 400;
+--                                     an id no event has: 404 not_found
 -- Each lever that changes something writes an audit entry, as the
 -- console's do: subject admin:<YYYY-MM-DD> (UTC), actor "admin:token" or
 -- "admin:loopback", the caller's address in the evidence.
@@ -234,6 +235,20 @@ function _M.routes(ctx)
     end
     if not n then
       return 503, { error = "unavailable", message = tostring(err) }
+    end
+    -- an id that names no event is said so, as the merchant API's 404:
+    -- {"replayed": 0} read as "it is pending already" (a typo, or an
+    -- event pruned, looked like one on its way)
+    if n == 0 and b.id then
+      local rows, lerr = outbox.list(ctx.db, { id = b.id })
+      if not rows then
+        return 503, { error = "unavailable", message = tostring(lerr) }
+      end
+      if rows[1] == nil then
+        return 404, { error = "not_found", message = ("outbox event %d not"
+          .. " found (never enqueued, or delivered and pruned since)")
+          :format(b.id) }
+      end
     end
     if n > 0 then
       local e, aerr = audited(req, "admin.replay", b.id and ("%d"):format(b.id)

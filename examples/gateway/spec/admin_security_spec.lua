@@ -119,9 +119,11 @@ describe("gateway admin routes", function()
     assert.equal("admin.replay", e[#e].what)
     assert.equal(tostring(ev.id), e[#e].ref)
     assert.equal("admin:loopback", e[#e].actor)
+    -- (no such event: 404, nothing replayed, nothing audited)
     res = gw.srv:request{ method = "POST", path = "/admin/outbox/replay",
                           json = { id = 999999999 } }
-    assert.equal(0, res.json.replayed)
+    assert.equal(404, res.status, res.body)
+    assert.equal("not_found", res.json.error)
     assert.equal(before + 1, #admin_entries(gw))
     assert.is_true(audit.verify(gw.db, "admin:" .. os.date("!%Y-%m-%d")))
   end)

@@ -94,8 +94,17 @@ describe("gateway admin and events", function()
     for _, id in ipairs{ "1e300", "9007199254740993", "9007199254740992" } do
       refused("/admin/outbox/replay", '{"id":' .. id .. '}')
     end
-    assert.equal(200, gw.srv:request{ method = "POST",
-      path = "/admin/outbox/replay", body = '{"id":9007199254740991}' }.status)
+    -- the largest id is taken (no 400); no event has it: 404, saying so
+    -- (was: 200 {"replayed":0}, as for an event still pending)
+    res = gw.srv:request{ method = "POST", path = "/admin/outbox/replay",
+                          body = '{"id":9007199254740991}' }
+    assert.equal(404, res.status, res.body)
+    assert.same({ error = "not_found", message = "outbox event"
+      .. " 9007199254740991 not found (never enqueued, or delivered and"
+      .. " pruned since)" }, res.json)
+    res = gw.srv:request{ method = "POST", path = "/admin/outbox/replay",
+                          body = '{"id":999999}' }
+    assert.equal(404, res.status, res.body)
     -- was: 200 {"replayed":0} for a misspelt type: "nothing dead of that
     -- type" to an operator whose dead letters were all still there
     res = refused("/admin/outbox/replay",
@@ -144,15 +153,23 @@ describe("gateway admin and events", function()
     local res = admin(gw, "POST", "/admin/outbox/replay", { dead = true })
     assert.equal(200, res.status, res.body)
     assert.is_true(res.json.replayed >= 1)
+    local paid
     testing.wait_until(function()
       for _, e in ipairs(received()) do
         if e.type == "payment.paid" and e.subject == p.id then
           assert.equal("paid", e.data.payment.state)
           assert.equal(42, e.data.payment.amount)
+          paid = e
           return true
         end
       end
     end, 10, "payment.paid at the webhook after the replay")
+    -- the replay is the event's second delivery, and says so (was: 1,
+    -- as a first delivery)
+    assert.equal(2, paid.attempt)
+    -- an event that exists, pending or delivered, is no 404
+    res = admin(gw, "POST", "/admin/outbox/replay", { id = paid.id })
+    assert.equal(200, res.status, res.body)
   end)
 
   if servers.have_redis() then
