@@ -1219,7 +1219,12 @@ local function record_done(self, g, ok, err, fenced)
     if ok then
       stats[o.outcome] = stats[o.outcome] + 1
       if o.outcome == "dead" then
+        -- (subject: the payment, so an operator finds what the event was
+        -- about; sinks: the ones it did not reach, which a replay sends
+        -- it to)
         log_warn("outbox: dead letter", { id = o.row.id, type = o.row.type,
+                                          subject = o.row.subject,
+                                          sinks = o.owed,
                                           error = concat(o.errs, "; "),
                                           reason = o.why,
                                           attempts = o.attempts,
@@ -1443,7 +1448,7 @@ local function deliver_row(self, row, p, l)
       end
     end
   end
-  local outcome, mark, why
+  local outcome, mark, why, owed
   local now = self.now()
   if #errs == 0 then
     outcome = "delivered"
@@ -1458,6 +1463,14 @@ local function deliver_row(self, row, p, l)
       -- attempt, which read like a dispatcher that never retried
       why = payload == nil and "bad_payload"
             or fatal and "not_retryable" or "max_attempts"
+      local left = {}
+      for _, sink in ipairs(self.sinks) do
+        if not done[sink.name]
+           and (not sink.types or sink.types[event.type]) then
+          left[#left + 1] = sink.name
+        end
+      end
+      owed = concat(left, ",")
     else
       outcome = "failed"
       next_at = now + _M.backoff(attempts, self.backoff_base,
@@ -1469,7 +1482,7 @@ local function deliver_row(self, row, p, l)
   local q = self.queued
   q[#q + 1] = { row = row, p = p, l = l, token = l.token, mark = mark,
                 outcome = outcome, errs = errs, started = started,
-                attempts = row.attempts + 1, why = why }
+                attempts = row.attempts + 1, why = why, owed = owed }
   record_queued(self)
   return true
 end

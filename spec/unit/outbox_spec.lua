@@ -665,7 +665,10 @@ for engine, open in pairs(stores) do
       local db = open()
       local clock = new_clock()
       local rec = recorder()
-      local d = outbox.dispatcher(db, { sinks = { rec.sink }, now = clock.now,
+      -- (a second sink that takes everything: not among the line's sinks)
+      local d = outbox.dispatcher(db, { sinks = { rec.sink,
+                                          { name = "ok", deliver = function()
+                                          end } }, now = clock.now,
                                         max_attempts = 2, backoff_base = 1 })
       local a = enqueue(db, "pay_a", "payment.paid")
       local c = enqueue(db, "pay_c", "payment.paid")
@@ -691,6 +694,11 @@ for engine, open in pairs(stores) do
       assert.truthy(lines[c].error:find("rejected", 1, true))
       assert.same({ "max_attempts", 2, 2 }, { lines[a].reason,
         lines[a].attempts, lines[a].max_attempts })
+      -- the payment it was about, and the sink it did not reach, so an
+      -- operator goes from the line to the payment (was: neither)
+      assert.same({ "pay_a", "payment.paid", "rec" }, { lines[a].subject,
+        lines[a].type, lines[a].sinks })
+      assert.same({ "pay_c", "rec" }, { lines[c].subject, lines[c].sinks })
       d:stop()
       db:close()
     end)
