@@ -1150,7 +1150,8 @@ local HEADS = "SELECT id, subject, type, payload, attempts, prior_attempts,"
 -- one scan of the pending rows instead of one per shard, each of which
 -- read past the other shards' rows; the rows are split by shard after.
 local HEADS_ALL = "SELECT id, subject, type, payload, attempts,"
-  .. " prior_attempts, created_at, sinks_done, shard FROM paygate_outbox o WHERE state = 'pending'"
+  .. " prior_attempts, created_at, sinks_done, shard FROM paygate_outbox o"
+  .. " WHERE state = 'pending'"
   .. " AND next_at <= $1 AND NOT EXISTS (SELECT 1"
   .. " FROM paygate_outbox e WHERE e.state = 'pending'"
   .. " AND e.subject = o.subject AND e.id < o.id) ORDER BY id LIMIT $2"
@@ -1854,8 +1855,8 @@ end
 -- Sets the chosen events pending again with a fresh attempt count (for
 -- max_attempts; the attempts made so far are added to prior_attempts, so
 -- the deliveries' `attempt` goes on counting: a receiver tells a replay
--- from a first delivery), due now. An id picks that event whatever its state (a pending one is left
--- alone); a filter { subject, type, state } picks dead letters unless
+-- from a first delivery), due now. An id picks that event whatever its
+-- state (a pending one is left alone); a filter { subject, type, state } picks dead letters unless
 -- state says "delivered" or "any". A replayed delivered event goes to
 -- every sink again; a replayed dead letter only to the sinks it had not
 -- reached. It is the head of its subject again: later pending events of
