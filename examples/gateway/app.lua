@@ -171,6 +171,17 @@ function ctx.notify_url(mchid)
   return g.public_url .. "/wechatpay/notify/" .. mchid
 end
 
+-- several webhooks, some known by their place alone: said once per start
+-- or reload (every worker checks the config; the first to claim it logs)
+do
+  local msg, fields = config.unnamed_webhooks(g)
+  if msg and paygate.runtime.mode == "worker"
+     and D:add("gw:unnamed_webhooks:"
+               .. tostring(paygate.runtime.generation or 0), 1, 60) then
+    paygate.log.warn(msg, fields)
+  end
+end
+
 if g.dev_app and paygate.runtime.mode == "worker" then
   if D:add("gw:dev_app_warned", 1) then
     paygate.log.warn("gateway: dev_app is set: unsigned /v1/ requests from"

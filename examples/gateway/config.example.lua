@@ -13,8 +13,11 @@ return {
     on_late_payment = "refund",            -- or "alarm"
     degraded = false,                      -- start value of /admin/degrade
     -- admin_token_file = "/etc/paygate/admin.token",
+    -- each webhook named: the outbox records by name which webhooks have
+    -- an event (an unnamed one is webhook1, webhook2... by its place, and
+    -- reordering the list would hand one's events to another)
     webhooks = {
-      -- { url = "https://merchant.example/paygate/events",
+      -- { name = "erp", url = "https://merchant.example/paygate/events",
       --   secret_env = "PAYGATE_WEBHOOK_SECRET" },   -- 32 bytes at least
     },
     -- redis_stream = { stream = "paygate:events" },

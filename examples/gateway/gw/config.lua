@@ -523,7 +523,7 @@ local function check_webhooks(list)
     end
     local sink = { url = w.url, secret = s, types = w.types, name = name,
                    timeout = w.timeout, headers = w.headers,
-                   ca_file = w.ca_file }
+                   ca_file = w.ca_file, unnamed = w.name == nil or nil }
     -- what paygate.outbox itself refuses (a header it sets), said here
     local wok, werr = pcall(require("paygate.outbox").webhook, sink)
     if not wok then
@@ -533,6 +533,32 @@ local function check_webhooks(list)
     out[i] = sink
   end
   return out
+end
+
+--- syntax: msg, fields = config.unnamed_webhooks(gateway)
+-- The start's warn line when there are several webhooks and some have no
+-- name (nil otherwise). An unnamed one is known by its place (webhookN),
+-- and the outbox records with each pending or dead event the names of
+-- the sinks that have it: removing or reordering entries gives one
+-- webhook's name to another, and an event the old one had is never sent
+-- to the new one. (Not refused: a config that ran yesterday must still
+-- start; the danger is in the next edit of the list.)
+function _M.unnamed_webhooks(g)
+  local hooks, which, first = g.webhooks or {}, {}, nil
+  for i, w in ipairs(hooks) do
+    if w.unnamed then
+      which[#which + 1] = "gateway.webhooks[" .. i .. "] (" .. w.name .. ")"
+      first = first or w.name
+    end
+  end
+  if #hooks < 2 or first == nil then return nil end
+  return "gateway: " .. table.concat(which, ", ") .. (#which > 1
+    and " have" or " has") .. " no name: a webhook without one is known by"
+    .. " its place, and the outbox records by name which webhooks have an"
+    .. " event, so removing or reordering entries hands one webhook's"
+    .. " events to another, which then never gets them; give each a name"
+    .. " (name = \"" .. first .. "\" keeps what is recorded)",
+    { unnamed = #which, webhooks = #hooks }
 end
 
 -- gateway.dispatcher: paygate.outbox dispatcher options (docs/outbox.md),

@@ -172,6 +172,43 @@ describe("gateway admin and events", function()
     assert.equal(200, res.status, res.body)
   end)
 
+  it("says once at start that several webhooks without a name are known"
+     .. " by their place", function()
+    -- was: nothing; removing or reordering entries renamed webhook2 to
+    -- webhook1, and the events the old webhook1 had were never sent to it
+    local hook = { url = rcv:url("/hook"), secret_file = rcv.secret_file }
+    local g3 = core.start(sim, { workers = 2, gateway = { webhooks = {
+      { url = hook.url, secret_file = hook.secret_file, name = "erp" },
+      hook, hook } } })
+    local want = "gateway: gateway.webhooks[2] (webhook2),"
+      .. " gateway.webhooks[3] (webhook3) have no name: a webhook without"
+      .. " one is known by its place, and the outbox records by name which"
+      .. " webhooks have an event, so removing or reordering entries hands"
+      .. " one webhook's events to another, which then never gets them;"
+      .. " give each a name (name = \"webhook2\" keeps what is recorded)"
+    -- the log's lines (JSON) whose msg is want
+    local function said(logs)
+      local n = 0
+      for line in logs:gmatch("[^\n]+") do
+        local ok, t = pcall(json.decode, line)
+        if ok and type(t) == "table" and t.msg == want then
+          n = n + 1
+          assert.same({ 2, 3 }, { t.unnamed, t.webhooks })
+        end
+      end
+      return n
+    end
+    local ok, err = pcall(testing.wait_until, function()
+      return said(g3.srv:logs()) > 0
+    end, 10, "the unnamed webhooks' line")
+    local logs = g3.srv:logs()
+    g3:stop()
+    assert(ok, tostring(err) .. "\n" .. logs)
+    assert.equal(1, said(logs))               -- two workers, one line
+    -- one webhook alone (this spec's gateway) is not warned about
+    assert.is_nil(gw.srv:logs():find("no name: a webhook without", 1, true))
+  end)
+
   if servers.have_redis() then
     it("adds events to a Redis stream when configured", function()
       local rd = servers.redis()
