@@ -6,6 +6,9 @@
 --
 --   local s = reconcile.schedule{ first = 30, factor = 2, ceiling = 3600 }
 --   s:next(now, checks)                 -- when to look again
+--   s:retry_delay(checks + 1, err)      -- WeChat did not answer
+--                                       -- (reconcile.unanswered(err)):
+--                                       -- again soon, checks unchanged
 --
 --   local r = reconcile.runner(db, { name = "payments",
 --     due = function(now, limit) return rows end,
@@ -97,9 +100,10 @@ end
 
 -- syntax: s = reconcile.schedule([opts])
 -- opts: first (s, 30: the ceiling of the first delay), factor (2), ceiling
--- (s, 3600: no delay above it), jitter ("full": uniform in [0, d);
--- "equal": [d/2, d); "none": d), random (function -> [0, 1), default
--- math.random; inject one for specs).
+-- (s, 3600: no delay above it), retry (s, 60: the ceiling of the wait
+-- after a try WeChat did not answer, s:retry_delay), jitter ("full":
+-- uniform in [0, d); "equal": [d/2, d); "none": d), random (function ->
+-- [0, 1), default math.random; inject one for specs).
 -- Delay of check n (n = 1, 2, ...): d = min(ceiling, first * factor^(n-1)),
 -- then the jitter.
 function _M.schedule(opts)
@@ -111,6 +115,7 @@ function _M.schedule(opts)
     first = positive("reconcile.schedule", opts, "first", 30),
     factor = positive("reconcile.schedule", opts, "factor", 2),
     ceiling = positive("reconcile.schedule", opts, "ceiling", 3600),
+    retry = positive("reconcile.schedule", opts, "retry", 60),
     jitter = opts.jitter or "full",
     random = opts.random or math.random,
   }, Schedule)
@@ -136,10 +141,7 @@ function Schedule:ceiling_of(n)
   return min(self.ceiling, self.first * self.factor ^ (n - 1))
 end
 
--- syntax: seconds = s:delay(n)
--- The delay before check n (n counts the checks already made + 1).
-function Schedule:delay(n)
-  local d = self:ceiling_of(n)
+local function jittered(self, d)
   if self.jitter == "none" then
     return d
   end
@@ -153,12 +155,64 @@ function Schedule:delay(n)
   return r * d
 end
 
+-- syntax: seconds = s:delay(n)
+-- The delay before check n (n counts the checks already made + 1).
+function Schedule:delay(n)
+  return jittered(self, self:ceiling_of(n))
+end
+
+-- syntax: seconds = s:retry_delay(n[, err])
+-- The wait before check n is tried again after a try that WeChat did not
+-- answer (reconcile.unanswered(err): its circuit breaker open, no
+-- connection, a timeout, a 5xx, a 429): such a try is no check, so n
+-- stays what it was and the wait does not grow with an outage. It is
+-- min(retry, s:ceiling_of(n)) jittered as delay is, after err.retry_after
+-- when the error has one (an open breaker's cool-down left, a
+-- Retry-After; at most ceiling): once WeChat answers again, a row is
+-- asked within about retry seconds, the breaker's half-open probe first.
+function Schedule:retry_delay(n, err)
+  local wait = type(err) == "table" and err.retry_after
+  if type(wait) ~= "number" or not (wait > 0) then
+    wait = 0
+  end
+  return min(wait, self.ceiling)
+         + jittered(self, min(self.retry, self:ceiling_of(n)))
+end
+
 -- syntax: t = s:next(now, n) -- now + s:delay(n)
 function Schedule:next(now, n)
   if type(now) ~= "number" then
     error("schedule:next: now must be a number", 2)
   end
   return now + self:delay(n)
+end
+
+-- What a failed try's error says of WeChat's answer: none. The request
+-- was not sent (the circuit breaker open, the degradation switch on, no
+-- connection, DNS, TLS) or no answer came (a timeout, a connection lost
+-- after sending, an unknown outcome), or WeChat failed it without a word
+-- on the order (a 5xx, SYSTEM_ERROR, a 429 FREQUENCY_LIMITED). An answer
+-- (NOTPAY, ORDER_NOT_EXIST, a 4xx refusal, a body that does not verify)
+-- is none of these.
+local UNANSWERED = { circuit_open = true, degraded = true, connect = true,
+  dns = true, tls = true, closed = true, timeout = true,
+  unknown_outcome = true, system_error = true, frequency_limited = true }
+
+-- syntax: yes = reconcile.unanswered(err)
+-- Whether a check failed because WeChat could not be asked or did not
+-- answer (see UNANSWERED above; also any status of 500 and up, or 429,
+-- not marked retryable = false). Such a try is no check: the app retries
+-- it after s:retry_delay(n, err), its count of checks unchanged.
+function _M.unanswered(err)
+  if type(err) ~= "table" then
+    return false
+  end
+  if UNANSWERED[err.kind] then
+    return true
+  end
+  local st = err.status
+  return type(st) == "number" and (st >= 500 or st == 429)
+         and err.retryable ~= false
 end
 
 --------------------------------------------------------------- runner

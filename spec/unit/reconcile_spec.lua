@@ -62,6 +62,7 @@ describe("reconcile.schedule", function()
     assert.has_error(function() reconcile.schedule{ first = 0 } end)
     assert.has_error(function() reconcile.schedule{ factor = 0.5 } end)
     assert.has_error(function() reconcile.schedule{ ceiling = -1 } end)
+    assert.has_error(function() reconcile.schedule{ retry = 0 } end)
     assert.has_error(function() reconcile.schedule{ jitter = "some" } end)
     assert.has_error(function() reconcile.schedule{ random = 1 } end)
     assert.has_error(function() reconcile.schedule(5) end)
@@ -98,6 +99,55 @@ describe("reconcile.schedule", function()
   it("a random() out of [0, 1) counts as 0", function()
     local s = reconcile.schedule{ first = 8, random = function() return 7 end }
     assert.equal(0, s:delay(1))
+  end)
+
+  -- A check WeChat did not answer is no check: tried again within `retry`
+  -- (60 s) however many checks the row had, after the open breaker's
+  -- cool-down. Before there was no such wait: the app counted the failure
+  -- (checks + 1) and the wait doubled up to the ceiling (1 h).
+  it("retry_delay: at most retry (or the step, when shorter), after"
+     .. " err.retry_after, jittered", function()
+    local s = reconcile.schedule{ first = 30, factor = 2, ceiling = 3600,
+                                  jitter = "none" }
+    assert.equal(60, s.retry)
+    assert.equal(30, s:retry_delay(1))            -- the first step is less
+    assert.equal(60, s:retry_delay(12))           -- not 3600
+    assert.equal(60, s:retry_delay(12, { kind = "timeout" }))
+    -- the breaker's cool-down left first
+    assert.equal(7.5 + 60, s:retry_delay(12, { kind = "circuit_open",
+                                                retry_after = 7.5 }))
+    -- a Retry-After past the ceiling waits the ceiling, not longer
+    assert.equal(3600 + 60, s:retry_delay(12, { kind = "frequency_limited",
+                                                 retry_after = 86400 }))
+    assert.equal(60, s:retry_delay(12, { retry_after = -5 }))
+    local j = reconcile.schedule{ first = 30, ceiling = 3600, retry = 20,
+                                  random = seq(0.5, 0.25) }
+    assert.equal(10, j:retry_delay(9))            -- 0.5 * 20
+    assert.equal(2 + 5, j:retry_delay(9, { retry_after = 2 }))
+  end)
+end)
+
+describe("reconcile.unanswered", function()
+  it("is true when WeChat could not be asked or did not answer, false for"
+     .. " an answer", function()
+    for _, k in ipairs({ "circuit_open", "degraded", "connect", "dns", "tls",
+                         "closed", "timeout", "unknown_outcome",
+                         "system_error", "frequency_limited" }) do
+      assert.is_true(reconcile.unanswered({ kind = k }), k)
+    end
+    assert.is_true(reconcile.unanswered({ kind = "http_error", status = 502,
+                                          retryable = true }))
+    assert.is_true(reconcile.unanswered({ kind = "other", status = 429 }))
+    for _, e in ipairs({
+        { kind = "not_found", status = 404 },     -- ORDER_NOT_EXIST
+        { kind = "param_error", status = 500, retryable = false },
+        { kind = "invalid_request", status = 400 },
+        { kind = "bad_response" },                -- an unknown trade_state
+        { kind = "bad_signature" },
+        { kind = "fenced" }, { kind = "internal" }, "text" }) do
+      assert.is_false(reconcile.unanswered(e), require("cjson").encode(e))
+    end
+    assert.is_false(reconcile.unanswered(nil))
   end)
 end)
 

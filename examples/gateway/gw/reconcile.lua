@@ -28,7 +28,10 @@
 --
 -- config.gateway.reconcile (all optional):
 --   { enabled = true, check_after = 60, first = 30, factor = 2,
---     ceiling = 3600, batch = 20, interval = 5, lease_ttl = 60,
+--     ceiling = 3600, retry = 60 (the longest wait after a check WeChat
+--     did not answer, past an open breaker's cool-down: such a try is no
+--     check and does not grow the wait), batch = 20, interval = 5,
+--     lease_ttl = 60,
 --     bill = true, bill_dir (default: "reconcile" beside an SQLite store;
 --     required for the bill with PostgreSQL), bill_hour = 10,
 --     bill_retry = 1800, bill_days = 3 }
@@ -56,6 +59,7 @@ local P, R = model.payments, model.refunds
 
 local DEFAULTS = {
   enabled = true, check_after = 60, first = 30, factor = 2, ceiling = 3600,
+  retry = 60,
   batch = 20, interval = 5, lease_ttl = 60, bill = true,
   bill_dir = "reconcile", bill_hour = 10, bill_retry = 1800, bill_days = 3,
 }
@@ -66,6 +70,7 @@ local BOOL = { enabled = true, bill = true }
 -- BIGINT, and the row, due for ever, was queried every round
 local RUNNER_MAX = { batch = true, interval = true, lease_ttl = true,
                      check_after = true, first = true, ceiling = true,
+                     retry = true,
                      bill_retry = true }
 
 --- syntax: conf, err = reconcile.check_conf(t)
@@ -135,18 +140,33 @@ local function warn(msg, fields)
 end
 
 -- the row's next check, in the transaction that applied the check's
--- outcome: none once it is final, else the schedule's next
+-- outcome: none once it is final, else the schedule's next. unanswered:
+-- the error of a try WeChat did not answer (reconcile.unanswered: its
+-- breaker open, no connection, a timeout, a 5xx, a 429), which is no
+-- check: the row's checks stay as they were and it is tried again after
+-- sched:retry_delay (the breaker's cool-down left, then at most
+-- conf.retry s), so a long outage does not leave it waiting up to the
+-- ceiling once WeChat is back. (Was: checks + 1 for every failure, a
+-- refusal of the open breaker included, each one doubling the wait.)
 local function schedule_sql(tbl, open, sched)
-  return function(tx, id, stop)
+  return function(tx, id, stop, unanswered)
     local rows, err = tx:query("SELECT state, checks FROM " .. tbl
                                .. " WHERE id = $1", { id })
     if not rows then return nil, err end
     local row = rows[1]
     if not row then return true end
-    local checks = (tonumber(row.checks) or 0) + 1
+    local checks = tonumber(row.checks) or 0
     local next_at
-    if open[row.state] and not stop then
-      next_at = floor(sched:next(core.time(), checks)) + 1
+    if unanswered then
+      if open[row.state] and not stop then
+        next_at = floor(core.time() + sched:retry_delay(checks + 1,
+                                                        unanswered)) + 1
+      end
+    else
+      checks = checks + 1
+      if open[row.state] and not stop then
+        next_at = floor(sched:next(core.time(), checks)) + 1
+      end
     end
     return tx:exec("UPDATE " .. tbl .. " SET checks = $2, next_check_at = $3"
                    .. " WHERE id = $1", { id, checks, next_at or core.null })
@@ -269,11 +289,13 @@ local function skip(ctx, what, row, rctx, resched)
   return true
 end
 
--- The runner's reschedule of a row whose check failed: its next check.
+-- The runner's reschedule of a row whose check failed: its next check
+-- (soon, and not counted, when WeChat did not answer: schedule_sql).
 local function rescheduler(db, resched, what)
-  return function(row)
+  return function(row, err)
+    local unanswered = reconcile.unanswered(err) and err or nil
     local ok, serr = db:transaction(function(tx)
-      return resched(tx, row.id)
+      return resched(tx, row.id, false, unanswered)
     end)
     if not ok then
       warn("gateway: reconcile reschedule failed", { [what] = row.id,
@@ -314,19 +336,47 @@ end
 
 -- An attempt closed or superseded here whose close WeChat has not
 -- confirmed (gw_attempts.close_check_at): its next check on the schedule,
--- or none once confirmed (done).
+-- or none once confirmed (done); unanswered: as schedule_sql's (soon, not
+-- counted).
 local function attempt_resched(sched)
-  return function(tx, no, done)
+  return function(tx, no, done, unanswered)
     if done then return model.close_confirmed(tx, no) end
     local rows, err = tx:query("SELECT close_checks FROM gw_attempts WHERE"
                                .. " out_trade_no = $1", { no })
     if not rows then return nil, err end
     if not rows[1] then return true end
-    local checks = (tonumber(rows[1].close_checks) or 0) + 1
+    local checks = tonumber(rows[1].close_checks) or 0
+    local next_at
+    if unanswered then
+      next_at = core.time() + sched:retry_delay(checks + 1, unanswered)
+    else
+      checks = checks + 1
+      next_at = sched:next(core.time(), checks)
+    end
     return tx:exec("UPDATE gw_attempts SET close_checks = $2, close_check_at"
       .. " = $3 WHERE out_trade_no = $1 AND close_check_at IS NOT NULL",
-      { no, checks, floor(sched:next(core.time(), checks)) + 1 })
+      { no, checks, floor(next_at) + 1 })
   end
+end
+
+-- A check refused before anything was sent (the endpoint's circuit
+-- breaker open, the degradation switch turned on meanwhile) is no
+-- failure of the check: the breaker said once that it opened, and a
+-- warning per row refused would fill the log during an outage. It is
+-- the runner's "not done yet" (false, err: counted as waiting, not
+-- logged), rescheduled as a try WeChat did not answer.
+local NOT_SENT = { circuit_open = true, degraded = true }
+
+local function not_sent(res, err)
+  if res == nil and type(err) == "table" and NOT_SENT[err.kind] then
+    return false, err
+  end
+  return res, err
+end
+
+-- a runner's check(row, rctx), its refusals made "not done yet"
+local function checked(check)
+  return function(row, rctx) return not_sent(check(row, rctx)) end
 end
 
 -- The check of such an attempt: asks WeChat about it. Paid (SUCCESS,
@@ -416,7 +466,7 @@ local function payment_checks(ctx, conf, sched)
       for _, a in ipairs(arows) do rows[#rows + 1] = a end
       return rows
     end,
-    check = function(row, rctx)
+    check = checked(function(row, rctx)
       if row.gw_check == "attempt" and row.attempt_state == "open" then
         -- a switch's mark left by a request that died: dropped here, with
         -- no call to WeChat, whether its merchant is configured or not.
@@ -489,11 +539,12 @@ local function payment_checks(ctx, conf, sched)
         end,
         schedule = function(tx, a) return resched(tx, a.id) end,
       })
-    end,
+    end),
     reschedule = function(row, err)
       if row.gw_check == "attempt" then
+        local unanswered = reconcile.unanswered(err) and err or nil
         local ok, serr = db:transaction(function(tx)
-          return aresched(tx, row.out_trade_no)
+          return aresched(tx, row.out_trade_no, false, unanswered)
         end)
         if not ok then
           warn("gateway: reconcile reschedule failed", {
@@ -520,7 +571,7 @@ local function refund_checks(ctx, conf, sched)
       return due_rows(db, DUE[db.engine].ref, floor(now), conf.check_after,
                       limit)
     end,
-    check = function(row, rctx)
+    check = checked(function(row, rctx)
       local skipped, serr = skip(ctx, "refund", row, rctx, function(tx)
         return resched(tx, row.id)
       end)
@@ -565,7 +616,7 @@ local function refund_checks(ctx, conf, sched)
         -- refund left as it is: asking again would only repeat it
         return resched(tx, row.id, outcome == "alarm")
       end)
-    end,
+    end),
     reschedule = rescheduler(db, resched, "refund"),
   })
 end
@@ -1192,7 +1243,8 @@ function _M.start(ctx)
     return {}
   end
   local sched = reconcile.schedule{ first = conf.first, factor = conf.factor,
-                                    ceiling = conf.ceiling }
+                                    ceiling = conf.ceiling,
+                                    retry = conf.retry }
   local runners = {
     payments = payment_checks(ctx, conf, sched):start(),
     refunds = refund_checks(ctx, conf, sched):start(),
