@@ -221,3 +221,98 @@ describe("paygate_requests_total of a long route pattern", function()
     assert.same({ cut .. " 200 2", cut .. " 456 1" }, rows)
   end)
 end)
+
+-- paygate.metrics.histogram: there was none (an app could not show how
+-- long its calls took, e.g. to WeChat Pay, but as a counter per guessed
+-- bucket). One on /metrics: cumulative buckets with the bounds spelt
+-- short, +Inf, _sum and _count, summed over the workers and kept when a
+-- worker dies.
+local HIST_APP = [[
+local paygate = require "paygate"
+local metrics = require "paygate.metrics"
+local ffi = require "ffi"
+pcall(ffi.cdef, "int getpid(void);")
+local pid = tostring(ffi.C.getpid())
+local h = metrics.histogram("spec_call_seconds", "Calls, by endpoint.",
+  { "endpoint" }, { buckets = { 0.01, 0.025, 0.1, 2.5, 30 },
+                    max_series = 2 })
+local bare = metrics.histogram("spec_bare_seconds", "No labels.")
+paygate.route("POST", "/observe/:ep/:v", function(req)
+  assert(h:observe(tonumber(req.params.v), { endpoint = req.params.ep }))
+  assert(bare:observe(tonumber(req.params.v)))
+  return 200, pid
+end)
+]]
+
+describe("app histograms on /metrics", function()
+  local s
+  setup(function() s = server.start{ source = HIST_APP, workers = 2 } end)
+  teardown(function() if s then s:stop() end end)
+
+  local function bucket(body, labels)
+    return tonumber(body:match("\nspec_call_seconds_bucket{"
+      .. labels:gsub("%p", "%%%0") .. "} (%S+)\n"))
+  end
+
+  it("show cumulative buckets, sum and count, summed over the workers"
+     .. " and kept when a worker dies", function()
+    -- new connections until both workers observed (bounded)
+    local pids, n, i = {}, 0, 0
+    while (n < 2 or i < 6) and i < 400 do
+      i = i + 1
+      local v = i % 2 == 0 and "0.02" or "3"
+      local pid = call(s, "/observe/a/" .. v)
+      if not pids[pid] then pids[pid] = true; n = n + 1 end
+    end
+    assert.equal(2, n)
+    local small, large = math.floor(i / 2), i - math.floor(i / 2)
+    local body = assert(s:admin_get("/metrics")).body
+    assert.is_truthy(body:find("# HELP spec_call_seconds Calls, by endpoint."
+      .. "\n# TYPE spec_call_seconds histogram\n", 1, true), body)
+    assert.equal(0, bucket(body, 'endpoint="a",le="0.01"'))
+    assert.equal(small, bucket(body, 'endpoint="a",le="0.025"'))
+    assert.equal(small, bucket(body, 'endpoint="a",le="2.5"'))
+    assert.equal(i, bucket(body, 'endpoint="a",le="30"'))
+    assert.equal(i, bucket(body, 'endpoint="a",le="+Inf"'))
+    assert.is_truthy(body:find('\nspec_call_seconds_count{endpoint="a"} '
+                               .. i .. "\n", 1, true), body)
+    local sum = tonumber(body:match(
+      '\nspec_call_seconds_sum{endpoint="a"} (%S+)\n'))
+    assert.is_true(math.abs(sum - (small * 0.02 + large * 3)) < 1e-9,
+                   tostring(sum))
+    -- no labels: name_bucket{le=...}, name_sum, name_count
+    assert.is_truthy(body:find('\nspec_bare_seconds_bucket{le="+Inf"} ' .. i
+                               .. "\n", 1, true), body)
+    assert.is_truthy(body:find("\nspec_bare_seconds_count " .. i .. "\n", 1,
+                               true), body)
+    -- the workers die in turn: their counts stay
+    for _, victim in ipairs(s:workers()) do
+      s:kill_worker(victim)
+    end
+    body = assert(s:admin_get("/metrics")).body
+    assert.equal(i, bucket(body, 'endpoint="a",le="+Inf"'), body)
+    assert.equal(small, bucket(body, 'endpoint="a",le="0.025"'), body)
+    local _, once = body:gsub("# TYPE spec_call_seconds histogram", "")
+    assert.equal(1, once)
+  end)
+
+  it("cap label sets: the rest go to the _overflow series", function()
+    -- one connection: one worker, cap 2 (a, then b, c, d: b is the
+    -- second; c and d overflow)
+    local res = assert(paygate.http.request{ method = "POST",
+      url = s:url("/observe/b/0.05"), timeout = 10 })
+    assert.equal(200, res.status)
+    for _, ep in ipairs({ "b", "c", "d" }) do
+      call(s, "/observe/" .. ep .. "/0.05")
+    end
+    local body = assert(s:admin_get("/metrics")).body
+    local eps = {}
+    for ep in body:gmatch('\nspec_call_seconds_count{endpoint="([^"]*)"}')
+    do
+      eps[#eps + 1] = ep
+    end
+    assert.is_true(#eps <= 3, body)     -- two held, the overflow
+    assert.is_truthy(body:find('\nspec_call_seconds_count{endpoint='
+                               .. '"_overflow"} ', 1, true), body)
+  end)
+end)

@@ -133,3 +133,42 @@ describe("paygate.metrics.counter", function()
     assert.equal(5008, c:get("overflow"))
   end)
 end)
+
+describe("paygate.metrics.histogram", function()
+  it("refuses bad names, buckets and values (misuse raises)", function()
+    assert.has_error(function() metrics.histogram("9x", "h") end)
+    -- room for _bucket in a name
+    assert.has_error(function() metrics.histogram(("x"):rep(60), "h") end)
+    -- one of the runtime's, and its samples' names
+    assert.has_error(function()
+      metrics.histogram("paygate_request_duration_seconds", "h")
+    end)
+    for _, b in ipairs({ {}, { 1, 1 }, { 2, 1 }, { 1, 1 / 0 }, { "1" },
+                         { 0 / 0 }, "1" }) do
+      assert.has_error(function()
+        metrics.histogram("spec_bad_seconds", "h", {}, { buckets = b })
+      end)
+    end
+    local h = metrics.histogram("spec_misuse_seconds", "h", { "a" },
+                                { buckets = { 0.1, 1 } })
+    assert.has_error(function() h:observe(0 / 0, { a = "x" }) end)
+    assert.has_error(function() h:observe("1", { a = "x" }) end)
+    assert.has_error(function() h:observe(1) end)                 -- a missing
+    -- its samples' names are its own: no counter or gauge takes them
+    assert.has_error(function()
+      metrics.counter("spec_misuse_seconds_count", "h", {})
+    end, "metrics.counter: spec_misuse_seconds_count is a histogram already")
+    assert.has_error(function() metrics.gauge("spec_misuse_seconds_sum") end)
+  end)
+
+  it("counts per label set: count and sum", function()
+    local h = metrics.histogram("spec_count_seconds", "h", { "a" },
+                                { buckets = { 0.1, 1 } })
+    assert.same({ 0, 0 }, { h:get({ a = "x" }) })
+    assert.is_true(h:observe(0.05, { a = "x" }))
+    assert.is_true(h:observe(5, { "x" }))
+    assert.is_true(h:observe(-1, { a = "y" }))
+    assert.same({ 2, 5.05 }, { h:get({ a = "x" }) })
+    assert.same({ 1, -1 }, { h:get({ a = "y" }) })
+  end)
+end)

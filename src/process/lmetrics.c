@@ -1,5 +1,6 @@
 /*
- * lmetrics.c -- paygate.metrics: gauges an app publishes on /metrics.
+ * lmetrics.c -- paygate.metrics: gauges, counters and histograms an app
+ * publishes on /metrics.
  *
  *   local metrics = require "paygate.metrics"
  *   local g = metrics.gauge("myapp_queue_depth", "Jobs waiting.")
@@ -25,6 +26,16 @@
  * label table holds) go to one overflow series whose every label is
  * "_overflow". A worker holds GW_METRICS_FAMILIES counter names and
  * GW_METRICS_COUNTERS series at most; past that, counts go to overflow.
+ *
+ *   local h = metrics.histogram("myapp_job_seconds", "Job time.",
+ *                               { "queue" }, { buckets = { 0.1, 1, 10 } })
+ *   h:observe(0.42, { queue = "mail" })
+ *   count, sum = h:get({ queue = "mail" })     -- this worker's
+ *
+ * Histograms are summed and capped as counters are (default max_series
+ * 32), shown as myapp_job_seconds_bucket{queue,le}, _sum and _count. A
+ * worker holds GW_METRICS_HFAMILIES names and GW_METRICS_HISTOGRAMS
+ * series at most.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -39,6 +50,7 @@
 #define LMETRICS_MAX_LABELS 8
 #define LMETRICS_CTR_MT "paygate.metrics_counter"
 #define LMETRICS_CTR_DEFAULT_SERIES 100
+#define LMETRICS_HIST_MT "paygate.metrics_histogram"
 
 struct gw_lgauge {
     char name[GW_METRICS_NAME_MAX];     /* checked [a-z_:][a-z0-9_:]* */
@@ -331,42 +343,40 @@ struct gw_lcounter {
     char     overflow[GW_METRICS_LABELS_MAX];   /* every label _overflow */
 };
 
-/* syntax: c = metrics.counter(name, help, label_names[, opts])
- * opts.max_series: label sets shown (default 100). Raises on misuse. */
-static int
-lmetrics_counter(lua_State *L)
+/* Fills c (a new userdata) from the arguments of metrics.counter or
+ * metrics.histogram (fn): name (1), help (2), label_names (3) and
+ * opts.max_series (4, default max_default, at most max_limit - 1).
+ * Raises on misuse. */
+static void
+init_counter(lua_State *L, const char *fn, struct gw_lcounter *c,
+             int max_default, int max_limit)
 {
     size_t nl, hl;
     const char *name = luaL_checklstring(L, 1, &nl);
     const char *help = luaL_optlstring(L, 2, "", &hl);
-    struct gw_lcounter *c;
-    int nlab = 0, max = LMETRICS_CTR_DEFAULT_SERIES, w;
+    int nlab = 0, max = max_default, w;
     size_t on = 0;
 
-    check_name_help(L, "metrics.counter", name, nl, help, hl);
-    claim_name(L, "metrics.counter", name, "counter");
     if (!lua_isnoneornil(L, 3) && !lua_istable(L, 3)) {
-        return luaL_error(L, "metrics.counter: label_names must be a table");
+        luaL_error(L, "%s: label_names must be a table", fn);
     }
     if (!lua_isnoneornil(L, 4)) {
         if (!lua_istable(L, 4)) {
-            return luaL_error(L, "metrics.counter: opts must be a table");
+            luaL_error(L, "%s: opts must be a table", fn);
         }
         lua_getfield(L, 4, "max_series");
         if (!lua_isnil(L, -1)) {
             double m = lua_tonumber(L, -1);
 
             if (lua_type(L, -1) != LUA_TNUMBER || m != (int) m || m < 1
-                || m >= GW_METRICS_COUNTERS) {
-                return luaL_error(L, "metrics.counter: opts.max_series must "
-                                  "be an integer from 1 to %d",
-                                  GW_METRICS_COUNTERS - 1);
+                || m >= max_limit) {
+                luaL_error(L, "%s: opts.max_series must be an integer from "
+                           "1 to %d", fn, max_limit - 1);
             }
             max = (int) m;
         }
         lua_pop(L, 1);
     }
-    c = lua_newuserdata(L, sizeof(*c));
     memset(c, 0, sizeof(*c));
     memcpy(c->name, name, nl + 1);
     memcpy(c->help, help, hl + 1);
@@ -375,8 +385,7 @@ lmetrics_counter(lua_State *L)
     if (lua_istable(L, 3)) {
         nlab = (int) lua_objlen(L, 3);
         if (nlab > LMETRICS_MAX_LABELS) {
-            return luaL_error(L, "metrics.counter: at most %d labels",
-                              LMETRICS_MAX_LABELS);
+            luaL_error(L, "%s: at most %d labels", fn, LMETRICS_MAX_LABELS);
         }
         for (int i = 0; i < nlab; i++) {
             size_t kl;
@@ -385,13 +394,12 @@ lmetrics_counter(lua_State *L)
             lua_rawgeti(L, 3, i + 1);
             k = lua_tolstring(L, -1, &kl);
             if (lua_type(L, -1) != LUA_TSTRING || !valid_label(k, kl)) {
-                return luaL_error(L, "metrics.counter: bad label name (want "
-                                  "[a-z_][a-z0-9_]*)");
+                luaL_error(L, "%s: bad label name (want [a-z_][a-z0-9_]*)",
+                           fn);
             }
             for (int j = 0; j < i; j++) {
                 if (strcmp(c->label[j], k) == 0) {
-                    return luaL_error(L, "metrics.counter: label %s twice",
-                                      k);
+                    luaL_error(L, "%s: label %s twice", fn, k);
                 }
             }
             memcpy(c->label[i], k, kl + 1);
@@ -401,15 +409,33 @@ lmetrics_counter(lua_State *L)
             if (w < 0 || (size_t) w >= sizeof(c->overflow) - on) {
                 /* the overflow series must fit a series' labels: past
                  * it, on would pass the buffer's end */
-                return luaL_error(L, "metrics.counter: label names too long"
-                                  " (their overflow series takes over %d "
-                                  "bytes)", (int) sizeof(c->overflow) - 1);
+                luaL_error(L, "%s: label names too long (their overflow "
+                           "series takes over %d bytes)", fn,
+                           (int) sizeof(c->overflow) - 1);
             }
             on += (size_t) w;
             lua_pop(L, 1);
         }
     }
     c->nlabels = nlab;
+}
+
+/* syntax: c = metrics.counter(name, help, label_names[, opts])
+ * opts.max_series: label sets shown (default 100). Raises on misuse. */
+static int
+lmetrics_counter(lua_State *L)
+{
+    size_t nl, hl;
+    const char *name = luaL_checklstring(L, 1, &nl);
+    const char *help = luaL_optlstring(L, 2, "", &hl);
+    struct gw_lcounter *c;
+
+    check_name_help(L, "metrics.counter", name, nl, help, hl);
+    claim_name(L, "metrics.counter", name, "counter");
+    lua_settop(L, 4);               /* the userdata comes after the args */
+    c = lua_newuserdata(L, sizeof(*c));
+    init_counter(L, "metrics.counter", c, LMETRICS_CTR_DEFAULT_SERIES,
+                 GW_METRICS_COUNTERS);
     luaL_getmetatable(L, LMETRICS_CTR_MT);
     lua_setmetatable(L, -2);
     return 1;
@@ -546,6 +572,157 @@ lmetrics_get(lua_State *L)
     return 1;
 }
 
+struct gw_lhist {
+    struct gw_lcounter c;       /* name, help, labels, cap, family */
+    int                nle;     /* bounds in le */
+    double             le[GW_METRICS_HBUCKETS];  /* ascending, finite */
+};
+
+/* The default bounds (seconds), as Prometheus' client libraries have. */
+static const double lmetrics_default_le[] = {
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10
+};
+
+/* syntax: h = metrics.histogram(name, help, label_names[, opts])
+ * opts.buckets: upper bounds, ascending and finite (at most
+ * GW_METRICS_HBUCKETS; +Inf is always there); default 0.005 .. 10.
+ * opts.max_series: label sets shown (default 32). Shown as name_bucket,
+ * name_sum and name_count, which are claimed with name. Raises on
+ * misuse. */
+static int
+lmetrics_histogram(lua_State *L)
+{
+    static const char *const suffix[] = { "_bucket", "_sum", "_count" };
+    size_t nl, hl;
+    const char *name = luaL_checklstring(L, 1, &nl);
+    const char *help = luaL_optlstring(L, 2, "", &hl);
+    char full[GW_METRICS_NAME_MAX + 8];
+    struct gw_lhist *h;
+
+    check_name_help(L, "metrics.histogram", name, nl, help, hl);
+    if (nl + strlen("_bucket") >= GW_METRICS_NAME_MAX) {
+        return luaL_error(L, "metrics.histogram: name must leave room for "
+                          "_bucket (at most %d bytes)",
+                          GW_METRICS_NAME_MAX - 1 - (int) strlen("_bucket"));
+    }
+    claim_name(L, "metrics.histogram", name, "histogram");
+    for (int i = 0; i < 3; i++) {
+        snprintf(full, sizeof(full), "%s%s", name, suffix[i]);
+        claim_name(L, "metrics.histogram", full, "histogram");
+    }
+    lua_settop(L, 4);               /* the userdata comes after the args */
+    h = lua_newuserdata(L, sizeof(*h));
+    init_counter(L, "metrics.histogram", &h->c, 32, GW_METRICS_HISTOGRAMS);
+    h->nle = (int) (sizeof(lmetrics_default_le)
+                    / sizeof(lmetrics_default_le[0]));
+    memcpy(h->le, lmetrics_default_le, sizeof(lmetrics_default_le));
+    if (lua_istable(L, 4)) {
+        lua_getfield(L, 4, "buckets");
+        if (!lua_isnil(L, -1)) {
+            int n = lua_istable(L, -1) ? (int) lua_objlen(L, -1) : -1;
+
+            if (n < 1 || n > GW_METRICS_HBUCKETS) {
+                return luaL_error(L, "metrics.histogram: opts.buckets must "
+                                  "be a list of 1 to %d upper bounds",
+                                  GW_METRICS_HBUCKETS);
+            }
+            for (int i = 0; i < n; i++) {
+                double v;
+
+                lua_rawgeti(L, -1, i + 1);
+                v = lua_tonumber(L, -1);
+                if (lua_type(L, -1) != LUA_TNUMBER || v != v
+                    || v - v != 0 || (i > 0 && v <= h->le[i - 1])) {
+                    return luaL_error(L, "metrics.histogram: opts.buckets "
+                                      "must be finite numbers, ascending "
+                                      "(+Inf is added)");
+                }
+                h->le[i] = v;
+                lua_pop(L, 1);
+            }
+            h->nle = n;
+        }
+        lua_pop(L, 1);
+    }
+    luaL_getmetatable(L, LMETRICS_HIST_MT);
+    lua_setmetatable(L, -2);
+    return 1;
+}
+
+/* This worker's family index for h (registered on first use). */
+static int
+hist_family(struct gw_lhist *h)
+{
+    struct gw_lcounter *c = &h->c;
+
+    if (c->family < 0 || c->gen != gw_metrics_generation()) {
+        c->family = gw_metrics_histogram_family(c->name, c->help,
+                                                c->overflow,
+                                                c->max_series + 1, h->le,
+                                                h->nle);
+        c->gen = gw_metrics_generation();
+    }
+    return c->family;
+}
+
+/* syntax: ok, err = h:observe(value[, labels]) -- value a number, not
+ * NaN. err kind "full" when this worker holds GW_METRICS_HFAMILIES
+ * histogram names. */
+static int
+lmetrics_observe(lua_State *L)
+{
+    struct gw_lhist *h = gw_checkudata(L, 1, LMETRICS_HIST_MT);
+    char labels[GW_METRICS_LABELS_MAX];
+    double v = lua_tonumber(L, 2);
+    int fits, f;
+
+    if (lua_type(L, 2) != LUA_TNUMBER || v != v) {
+        return luaL_error(L, "histogram:observe: value must be a number "
+                          "(not NaN)");
+    }
+    fits = counter_labels(L, &h->c, 3, "histogram:observe", labels,
+                          sizeof(labels));
+    f = hist_family(h);
+    if (f < 0 || gw_metrics_histogram_observe(f, fits ? labels : NULL, v)
+                 != GW_OK) {
+        return gw_push_error(L, "full", 0, "histogram %s: this worker holds "
+                             "%d histogram names already", h->c.name,
+                             GW_METRICS_HFAMILIES);
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* syntax: count, sum = h:get([labels]) -- this worker's (0, 0 when
+ * none); labels "overflow" reads the overflow series. */
+static int
+lmetrics_hist_get(lua_State *L)
+{
+    struct gw_lhist *h = gw_checkudata(L, 1, LMETRICS_HIST_MT);
+    char labels[GW_METRICS_LABELS_MAX];
+    double count = 0, sum = 0;
+    int fits = 0, f;
+
+    if (lua_type(L, 2) != LUA_TSTRING
+        || strcmp(lua_tostring(L, 2), "overflow") != 0) {
+        fits = counter_labels(L, &h->c, 2, "histogram:get", labels,
+                              sizeof(labels));
+    }
+    f = hist_family(h);
+    if (f >= 0) {
+        gw_metrics_histogram_get(f, fits ? labels : NULL, &count, &sum);
+    }
+    lua_pushnumber(L, count);
+    lua_pushnumber(L, sum);
+    return 2;
+}
+
+static const luaL_Reg lmetrics_hist_methods[] = {
+    { "observe", lmetrics_observe },
+    { "get", lmetrics_hist_get },
+    { NULL, NULL }
+};
+
 static const luaL_Reg lmetrics_ctr_methods[] = {
     { "inc", lmetrics_inc },
     { "get", lmetrics_get },
@@ -561,6 +738,7 @@ static const luaL_Reg lmetrics_methods[] = {
 static const luaL_Reg lmetrics_funcs[] = {
     { "gauge", lmetrics_gauge },
     { "counter", lmetrics_counter },
+    { "histogram", lmetrics_histogram },
     { NULL, NULL }
 };
 
@@ -577,6 +755,11 @@ luaopen_paygate_metrics(lua_State *L)
     luaL_register(L, NULL, lmetrics_ctr_methods);
     lua_setfield(L, -2, "__index");
     lua_pop(L, 1);
+    luaL_newmetatable(L, LMETRICS_HIST_MT);
+    lua_newtable(L);
+    luaL_register(L, NULL, lmetrics_hist_methods);
+    lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
     lua_newtable(L);
     luaL_register(L, NULL, lmetrics_funcs);
     lua_pushinteger(L, GW_METRICS_APP_SERIES);
@@ -585,5 +768,11 @@ luaopen_paygate_metrics(lua_State *L)
     lua_setfield(L, -2, "MAX_COUNTERS");
     lua_pushinteger(L, GW_METRICS_COUNTERS);
     lua_setfield(L, -2, "MAX_COUNTER_SERIES");
+    lua_pushinteger(L, GW_METRICS_HFAMILIES);
+    lua_setfield(L, -2, "MAX_HISTOGRAMS");
+    lua_pushinteger(L, GW_METRICS_HISTOGRAMS);
+    lua_setfield(L, -2, "MAX_HISTOGRAM_SERIES");
+    lua_pushinteger(L, GW_METRICS_HBUCKETS);
+    lua_setfield(L, -2, "MAX_BUCKETS");
     return 1;
 }

@@ -75,6 +75,33 @@ struct gw_counter_series {
     char     labels[GW_METRICS_LABELS_MAX];     /* k="v",... escaped */
 };
 
+/* One histogram name in a slot, published as a counter family is (used
+ * stored last). */
+struct gw_hist_family {
+    uint32_t used;                              /* 1 once filled */
+    int32_t  max_series;                        /* cap incl. overflow */
+    int32_t  nseries;                           /* label sets held */
+    int32_t  overflow;                          /* series index */
+    int32_t  nle;                               /* bounds in le */
+    double   le[GW_METRICS_HBUCKETS];           /* upper bounds, ascending */
+    char     name[GW_METRICS_NAME_MAX];         /* NUL-terminated */
+    char     help[GW_METRICS_HELP_MAX];         /* NUL-terminated */
+};
+
+/* One histogram series: (family, label set), its counts and sum. Labels
+ * are written before used and never change; the numbers are written only
+ * by the slot's worker (aligned 8-byte stores: a reader may see one
+ * observation in a bucket and not yet in the sum, never a torn number). */
+struct gw_hist_series {
+    uint32_t used;                              /* 1 once filled */
+    int32_t  family;                            /* index in the slot */
+    double   sum;                               /* of the values observed */
+    double   n[GW_METRICS_HBUCKETS + 1];        /* per bucket, not
+                                                   cumulative; the last
+                                                   past every bound */
+    char     labels[GW_METRICS_LABELS_MAX];     /* k="v",... escaped */
+};
+
 struct gw_slot {
     pid_t                pid;       /* worker owning it; 0 when free */
     int                  nroutes;   /* entries used */
@@ -89,6 +116,10 @@ struct gw_slot {
     int32_t              nctr;      /* counter series used */
     struct gw_counter_family fam[GW_METRICS_FAMILIES];
     struct gw_counter_series ctr[GW_METRICS_COUNTERS];
+    int32_t              nhfam;     /* histogram families used */
+    int32_t              nhist;     /* histogram series used */
+    struct gw_hist_family hfam[GW_METRICS_HFAMILIES];
+    struct gw_hist_series hist[GW_METRICS_HISTOGRAMS];
 };
 
 struct gw_shm {
@@ -130,6 +161,9 @@ gw_metrics_init(int max_slots)
  * are series index + 1; 0 is empty. */
 #define CTR_INDEX (GW_METRICS_COUNTERS * 2)
 static int32_t  ctr_index[CTR_INDEX];
+/* The same over this worker's histogram series. */
+#define HIST_INDEX (GW_METRICS_HISTOGRAMS * 2)
+static int32_t  hist_index[HIST_INDEX];
 static unsigned generation;
 
 void
@@ -137,6 +171,7 @@ gw_metrics_attach(int slot)
 {
     memset(cache, 0, sizeof(cache));
     memset(ctr_index, 0, sizeof(ctr_index));
+    memset(hist_index, 0, sizeof(hist_index));
     generation++;
     if (shm == NULL || slot < 0 || slot >= shm->nslots) {
         mine = calloc(1, sizeof(*mine));    /* exec: private counters */
@@ -167,6 +202,7 @@ gw_metrics_free_slot(void)
 }
 
 static void ctr_fold(struct gw_slot *to, const struct gw_slot *from);
+static void hist_fold(struct gw_slot *to, const struct gw_slot *from);
 
 static struct gw_route_stat *
 find_route(struct gw_slot *s, const char *method, const char *route,
@@ -226,6 +262,7 @@ gw_metrics_retire(int slot)
         }
     }
     ctr_fold(&shm->retired, s);
+    hist_fold(&shm->retired, s);
     for (int e = 0; e < GW_EDGE_NEVENTS; e++) {
         shm->retired.edge[e] += s->edge[e];
     }
@@ -664,6 +701,259 @@ ctr_fold(struct gw_slot *to, const struct gw_slot *from)
     }
 }
 
+/* The histogram family named name in slot s, or -1. */
+static int
+hfam_find(const struct gw_slot *s, const char *name)
+{
+    for (int i = 0; i < s->nhfam; i++) {
+        if (s->hfam[i].used && strcmp(s->hfam[i].name, name) == 0) {
+            return i;
+        }
+    }
+    return -1;
+}
+
+/* Appends a histogram series (family f, labels) to slot s; its index, or
+ * -1 when the table is full. Published as ctr_new publishes. */
+static int
+hist_new(struct gw_slot *s, int f, const char *labels)
+{
+    struct gw_hist_series *h;
+    int i = s->nhist;
+
+    if (i >= GW_METRICS_HISTOGRAMS) {
+        return -1;
+    }
+    h = &s->hist[i];
+    h->family = f;
+    h->sum = 0;
+    memset(h->n, 0, sizeof(h->n));
+    snprintf(h->labels, sizeof(h->labels), "%s", labels);
+    __atomic_store_n(&h->used, 1, __ATOMIC_RELEASE);
+    __atomic_store_n(&s->nhist, i + 1, __ATOMIC_RELEASE);
+    return i;
+}
+
+/* Registers histogram name in slot s (with its overflow series); its
+ * index, or -1 when the slot has no room. nle is clamped to
+ * GW_METRICS_HBUCKETS (the binding checks it). */
+static int
+hfam_new(struct gw_slot *s, const char *name, const char *help,
+         const char *overflow_labels, int max_series, const double *le,
+         int nle)
+{
+    struct gw_hist_family *f;
+    int i = s->nhfam;
+
+    if (i >= GW_METRICS_HFAMILIES || s->nhist >= GW_METRICS_HISTOGRAMS) {
+        return -1;
+    }
+    f = &s->hfam[i];
+    snprintf(f->name, sizeof(f->name), "%s", name);
+    snprintf(f->help, sizeof(f->help), "%s", help);
+    f->max_series = max_series < 1 ? 1 : max_series;
+    f->nseries = 1;
+    f->nle = nle < 0 ? 0 : nle > GW_METRICS_HBUCKETS ? GW_METRICS_HBUCKETS
+             : nle;
+    memcpy(f->le, le, (size_t) f->nle * sizeof(f->le[0]));
+    f->overflow = hist_new(s, i, overflow_labels);
+    __atomic_store_n(&f->used, 1, __ATOMIC_RELEASE);
+    __atomic_store_n(&s->nhfam, i + 1, __ATOMIC_RELEASE);
+    return i;
+}
+
+int
+gw_metrics_histogram_family(const char *name, const char *help,
+                            const char *overflow_labels, int max_series,
+                            const double *le, int nle)
+{
+    int f;
+
+    if (mine == NULL) {
+        return -1;
+    }
+    f = hfam_find(mine, name);
+    if (f >= 0) {
+        return f;
+    }
+    return hfam_new(mine, name, help, overflow_labels, max_series, le, nle);
+}
+
+/* The series of (f, labels) in this worker's slot, made when new and
+ * under the caps; else the family's overflow series (-1 with create 0
+ * when not held). */
+static int
+hist_series(int f, const char *labels, int create)
+{
+    struct gw_hist_family *fm = &mine->hfam[f];
+    uint32_t h;
+    int i;
+
+    if (labels == NULL) {
+        return fm->overflow;
+    }
+    h = ctr_hash(f, labels) % HIST_INDEX;
+    for (int probes = 0; probes < HIST_INDEX; probes++) {
+        int32_t e = hist_index[h];
+
+        if (e == 0) {
+            break;
+        }
+        if (mine->hist[e - 1].family == f
+            && strcmp(mine->hist[e - 1].labels, labels) == 0) {
+            return e - 1;
+        }
+        h = (h + 1) % HIST_INDEX;
+    }
+    if (!create) {
+        return -1;
+    }
+    if (fm->nseries >= fm->max_series) {
+        return fm->overflow;
+    }
+    i = hist_new(mine, f, labels);
+    if (i < 0) {
+        return fm->overflow;
+    }
+    fm->nseries++;
+    hist_index[h] = i + 1;
+    return i;
+}
+
+/* The bucket of v among nle ascending bounds le: the first bound v is
+ * not above, or nle (+Inf). NaN counts in +Inf. */
+static int
+hist_bucket(const double *le, int nle, double v)
+{
+    int lo = 0, hi = nle;
+
+    while (lo < hi) {
+        int mid = (lo + hi) / 2;
+
+        if (v <= le[mid]) {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    return lo;
+}
+
+int
+gw_metrics_histogram_observe(int family, const char *labels, double v)
+{
+    struct gw_hist_family *fm;
+    struct gw_hist_series *h;
+    double x;
+    int i, b;
+
+    if (mine == NULL || family < 0 || family >= mine->nhfam) {
+        return GW_ERR;
+    }
+    i = hist_series(family, labels, 1);
+    if (i < 0) {
+        return GW_ERR;
+    }
+    fm = &mine->hfam[family];
+    h = &mine->hist[i];
+    b = isnan(v) ? fm->nle : hist_bucket(fm->le, fm->nle, v);
+    x = h->n[b] + 1;
+    __atomic_store(&h->n[b], &x, __ATOMIC_RELAXED);
+    x = h->sum + v;
+    __atomic_store(&h->sum, &x, __ATOMIC_RELAXED);
+    return GW_OK;
+}
+
+void
+gw_metrics_histogram_get(int family, const char *labels, double *count,
+                         double *sum)
+{
+    int i;
+
+    *count = 0;
+    *sum = 0;
+    if (mine == NULL || family < 0 || family >= mine->nhfam) {
+        return;
+    }
+    i = hist_series(family, labels, 0);
+    if (i < 0) {
+        return;
+    }
+    for (int b = 0; b <= mine->hfam[family].nle; b++) {
+        *count += mine->hist[i].n[b];
+    }
+    *sum = mine->hist[i].sum;
+}
+
+/* Adds the bucket counts n (bounds from_le, from_nle of them) into to
+ * (bounds to_le, to_nle): each bucket into the first of to whose bound
+ * is not below its own (+Inf past them), so counts under a bound stay
+ * under it. The same bounds (the usual case) add bucket by bucket; other
+ * bounds are a histogram of one name changed by a reload. */
+static void
+hist_add(const double *from_le, int from_nle, const double *n,
+         const double *to_le, int to_nle, double *to)
+{
+    for (int b = 0; b <= from_nle; b++) {
+        int j = b == from_nle ? to_nle
+                : hist_bucket(to_le, to_nle, from_le[b]);
+
+        to[j] += n[b];
+    }
+}
+
+/* Master: adds the histograms of slot from into slot to (the retired
+ * totals), as ctr_fold does the counters. */
+static void
+hist_fold(struct gw_slot *to, const struct gw_slot *from)
+{
+    int nhist = from->nhist < GW_METRICS_HISTOGRAMS ? from->nhist
+                : GW_METRICS_HISTOGRAMS;
+
+    for (int i = 0; i < nhist; i++) {
+        const struct gw_hist_series *h = &from->hist[i];
+        const struct gw_hist_family *ff;
+        struct gw_hist_family *tf;
+        int f, j;
+
+        if (!h->used || h->family < 0 || h->family >= from->nhfam) {
+            continue;
+        }
+        ff = &from->hfam[h->family];
+        f = hfam_find(to, ff->name);
+        if (f < 0) {
+            f = hfam_new(to, ff->name, ff->help,
+                         from->hist[ff->overflow].labels, ff->max_series,
+                         ff->le, ff->nle);
+            if (f < 0) {
+                continue;           /* no room: dropped */
+            }
+        }
+        tf = &to->hfam[f];
+        j = -1;
+        if (i != ff->overflow) {
+            for (j = 0; j < to->nhist; j++) {
+                if (to->hist[j].family == f
+                    && strcmp(to->hist[j].labels, h->labels) == 0) {
+                    break;
+                }
+            }
+            if (j == to->nhist) {
+                j = tf->nseries < tf->max_series
+                    ? hist_new(to, f, h->labels) : -1;
+                if (j >= 0) {
+                    tf->nseries++;
+                }
+            }
+        }
+        if (j < 0) {
+            j = tf->overflow;
+        }
+        hist_add(ff->le, ff->nle, h->n, tf->le, tf->nle, to->hist[j].n);
+        to->hist[j].sum += h->sum;
+    }
+}
+
 struct buf {
     char  *p;
     size_t len, cap;
@@ -1053,6 +1343,220 @@ counter_metrics(struct buf *b)
     free(fams);
 }
 
+/* A copy of one histogram series for rendering. */
+struct hist_row {
+    const char   *name;             /* the family's, in a copy */
+    const char   *help;
+    const double *le;               /* the family's bounds, in a copy */
+    int           nle;
+    int           max_series;
+    int           overflow;         /* 1: the family's overflow series */
+    double        sum;
+    double        n[GW_METRICS_HBUCKETS + 1];
+    char          labels[GW_METRICS_LABELS_MAX];
+};
+
+struct hist_fam_copy {
+    char   name[GW_METRICS_NAME_MAX];
+    char   help[GW_METRICS_HELP_MAX];
+    int    nle;
+    double le[GW_METRICS_HBUCKETS];
+};
+
+static int
+hist_row_cmp(const void *a, const void *b)
+{
+    const struct hist_row *x = a, *y = b;
+    int c = strcmp(x->name, y->name);
+
+    if (c != 0) {
+        return c;
+    }
+    if (x->overflow != y->overflow) {
+        return x->overflow - y->overflow;
+    }
+    return strcmp(x->labels, y->labels);
+}
+
+/* A bucket bound as le's value: the shortest %g that reads back as v,
+ * without an exponent where one is not needed ("0.01", "2.5", "30", not
+ * "3e+01"). Writes into out (at least 32 bytes). */
+static const char *
+le_text(char *out, size_t n, double v)
+{
+    int plain = fabs(v) >= 1e-4 && fabs(v) < 1e15;
+
+    for (int p = 1; p <= 17; p++) {
+        snprintf(out, n, "%.*g", p, v);
+        if (strtod(out, NULL) == v && !(plain && strchr(out, 'e') != NULL)) {
+            break;
+        }
+    }
+    return out;
+}
+
+/* One histogram series: its cumulative buckets, sum and count. */
+static void
+hist_print(struct buf *b, const char *name, const char *labels,
+           const double *le, int nle, const double *n, double sum)
+{
+    char num[32], bound[32];
+    const char *sep = labels[0] != '\0' ? "," : "";
+    double acc = 0;
+
+    for (int x = 0; x <= nle; x++) {
+        acc += n[x];
+        bprintf(b, "%s_bucket{%s%sle=\"%s\"} %s\n", name, labels, sep,
+                x == nle ? "+Inf" : le_text(bound, sizeof(bound), le[x]),
+                sample_value(num, sizeof(num), acc));
+    }
+    if (labels[0] != '\0') {
+        bprintf(b, "%s_sum{%s} %s\n", name, labels,
+                sample_value(num, sizeof(num), sum));
+        bprintf(b, "%s_count{%s} %s\n", name, labels,
+                sample_value(bound, sizeof(bound), acc));
+    } else {
+        bprintf(b, "%s_sum %s\n", name, sample_value(num, sizeof(num), sum));
+        bprintf(b, "%s_count %s\n", name,
+                sample_value(bound, sizeof(bound), acc));
+    }
+}
+
+/* The histograms apps observe into: per (name, labels) the sum over the
+ * retired totals and every live worker, in the bounds of the first
+ * series of the name met (hist_add); past a name's cap of label sets,
+ * into its overflow series (shown once it holds a count). */
+static void
+hist_metrics(struct buf *b)
+{
+    int cap = 0, capf = 0, n = 0, nf = 0;
+    struct hist_row *rows;
+    struct hist_fam_copy *fams;
+
+    for (int i = -1; i < shm->nslots; i++) {
+        struct gw_slot *s = i < 0 ? &shm->retired : &shm->slots[i];
+
+        if (i < 0 || s->pid > 0) {
+            cap += GW_METRICS_HISTOGRAMS;
+            capf += GW_METRICS_HFAMILIES;
+        }
+    }
+    rows = calloc((size_t) cap, sizeof(*rows));
+    fams = calloc((size_t) capf, sizeof(*fams));
+    if (rows == NULL || fams == NULL) {
+        free(rows);
+        free(fams);
+        return;
+    }
+    for (int i = -1; i < shm->nslots; i++) {
+        struct gw_slot *s = i < 0 ? &shm->retired : &shm->slots[i];
+        int nfam, nhist, base = nf;
+
+        if (i >= 0 && s->pid <= 0) {
+            continue;
+        }
+        if (nf + GW_METRICS_HFAMILIES > capf
+            || n + GW_METRICS_HISTOGRAMS > cap) {
+            break;                  /* a worker started since the count */
+        }
+        nfam = __atomic_load_n(&s->nhfam, __ATOMIC_ACQUIRE);
+        nhist = __atomic_load_n(&s->nhist, __ATOMIC_ACQUIRE);
+        nfam = nfam > GW_METRICS_HFAMILIES ? GW_METRICS_HFAMILIES : nfam;
+        nhist = nhist > GW_METRICS_HISTOGRAMS ? GW_METRICS_HISTOGRAMS
+                : nhist;
+        for (int f = 0; f < nfam; f++) {
+            struct gw_hist_family *fm = &s->hfam[f];
+            struct hist_fam_copy *c = &fams[nf++];
+
+            if (!__atomic_load_n(&fm->used, __ATOMIC_ACQUIRE)) {
+                c->name[0] = '\0';
+                continue;
+            }
+            memcpy(c->name, fm->name, sizeof(c->name));
+            memcpy(c->help, fm->help, sizeof(c->help));
+            c->name[sizeof(c->name) - 1] = '\0';
+            c->help[sizeof(c->help) - 1] = '\0';
+            c->nle = fm->nle < 0 ? 0 : fm->nle > GW_METRICS_HBUCKETS
+                     ? GW_METRICS_HBUCKETS : fm->nle;
+            memcpy(c->le, fm->le, sizeof(c->le));
+        }
+        for (int j = 0; j < nhist; j++) {
+            struct gw_hist_series *h = &s->hist[j];
+            struct hist_row *r = &rows[n];
+            struct hist_fam_copy *c;
+            int f;
+
+            if (!__atomic_load_n(&h->used, __ATOMIC_ACQUIRE)) {
+                continue;
+            }
+            f = h->family;
+            if (f < 0 || f >= nfam || fams[base + f].name[0] == '\0') {
+                continue;
+            }
+            c = &fams[base + f];
+            r->name = c->name;
+            r->help = c->help;
+            r->le = c->le;
+            r->nle = c->nle;
+            r->max_series = s->hfam[f].max_series;
+            r->overflow = s->hfam[f].overflow == j && h->labels[0] != '\0';
+            for (int x = 0; x <= c->nle; x++) {
+                __atomic_load(&h->n[x], &r->n[x], __ATOMIC_RELAXED);
+            }
+            __atomic_load(&h->sum, &r->sum, __ATOMIC_RELAXED);
+            memcpy(r->labels, h->labels, sizeof(r->labels));
+            r->labels[sizeof(r->labels) - 1] = '\0';
+            n++;
+        }
+    }
+    qsort(rows, (size_t) n, sizeof(*rows), hist_row_cmp);
+    for (int k = 0; k < n;) {
+        const struct hist_row *first = &rows[k];
+        int held = 1, end = k;      /* the overflow series counts as one */
+        double extra[GW_METRICS_HBUCKETS + 1] = { 0 }, extra_sum = 0;
+
+        while (end < n && strcmp(rows[end].name, first->name) == 0) {
+            end++;
+        }
+        bprintf(b, "# HELP %s %s\n# TYPE %s histogram\n", first->name,
+                first->help, first->name);
+        for (int x = k; x < end;) {
+            double acc[GW_METRICS_HBUCKETS + 1] = { 0 }, sum = 0, total = 0;
+            int y = x;
+
+            while (y < end && rows[y].overflow == rows[x].overflow
+                   && strcmp(rows[y].labels, rows[x].labels) == 0) {
+                hist_add(rows[y].le, rows[y].nle, rows[y].n, first->le,
+                         first->nle, acc);
+                sum += rows[y++].sum;
+            }
+            if (rows[x].overflow) {
+                for (int z = 0; z <= first->nle; z++) {
+                    acc[z] += extra[z];
+                    total += acc[z];
+                }
+                if (total > 0) {
+                    hist_print(b, first->name, rows[x].labels, first->le,
+                               first->nle, acc, sum + extra_sum);
+                }
+            } else if (held < rows[x].max_series) {
+                held++;
+                hist_print(b, first->name, rows[x].labels, first->le,
+                           first->nle, acc, sum);
+            } else {
+                for (int z = 0; z <= first->nle; z++) {
+                    extra[z] += acc[z];     /* past the cap: overflow */
+                }
+                extra_sum += sum;
+            }
+            x = y;
+        }
+        k = end;
+    }
+    free(rows);
+    free(fams);
+}
+
 char *
 gw_metrics_render(size_t *len)
 {
@@ -1213,6 +1717,7 @@ gw_metrics_render(size_t *len)
     shared_metrics(&b);
     app_metrics(&b);
     counter_metrics(&b);
+    hist_metrics(&b);
     free(sum);
     if (b.p != NULL) {
         *len = b.len;

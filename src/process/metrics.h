@@ -81,6 +81,35 @@ int gw_metrics_counter_add(int family, const char *labels, double n);
 /* Worker: this worker's count of (family, labels); 0 when not held. */
 double gw_metrics_counter_get(int family, const char *labels);
 
+/* Histograms an app observes into from Lua (paygate.metrics.histogram):
+ * each worker holds at most GW_METRICS_HFAMILIES names and
+ * GW_METRICS_HISTOGRAMS series (one per name and label set) in its slot.
+ * A series keeps a count per bucket (at most GW_METRICS_HBUCKETS upper
+ * bounds, ascending, and +Inf) and the sum of the values. The master
+ * renders them as the counters: summed over live workers and the retired
+ * totals, with a per-name cap of label sets and an overflow series. */
+#define GW_METRICS_HFAMILIES  16
+#define GW_METRICS_HISTOGRAMS 64
+#define GW_METRICS_HBUCKETS   16
+
+/* Worker: the index of histogram name in this worker's slot (registered
+ * on first use with help, max_series, the labels of its overflow series
+ * and its nle bounds le, ascending), or -1 when the slot holds
+ * GW_METRICS_HFAMILIES names already (or there is no slot). */
+int gw_metrics_histogram_family(const char *name, const char *help,
+                                const char *overflow_labels, int max_series,
+                                const double *le, int nle);
+
+/* Worker: counts v into the series (family, labels); labels NULL (or a
+ * new label set past the cap) counts into the overflow series. GW_OK, or
+ * GW_ERR for a bad family. */
+int gw_metrics_histogram_observe(int family, const char *labels, double v);
+
+/* Worker: this worker's count and sum of (family, labels); 0 and 0 when
+ * not held. */
+void gw_metrics_histogram_get(int family, const char *labels, double *count,
+                              double *sum);
+
 /* A number that changes whenever this process attaches to a slot (cached
  * family indices are valid while it is the same). */
 unsigned gw_metrics_generation(void);
