@@ -63,6 +63,23 @@ describe("upstream.endpoint", function()
                                 { status = 200 })) })
     assert.same({ "error", "other" },
       { upstream.outcome(nil, e("made_up_" .. ("z"):rep(99), "x")) })
+    -- an unknown outcome's kind is what left it unknown: a timeout, or a
+    -- connection lost after sending (kind="unknown_outcome" said neither)
+    assert.same({ "unknown_outcome", "timeout" },
+      { upstream.outcome(nil, e("unknown_outcome", "x",
+                                { cause_kind = "timeout" })) })
+    assert.same({ "unknown_outcome", "closed" },
+      { upstream.outcome(nil, e("unknown_outcome", "x",
+                                { cause_kind = "closed" })) })
+    assert.same({ "unverified_response", "bad_signature" },
+      { upstream.outcome(nil, e("unverified_response", "x",
+        { status = 200, cause_kind = "bad_signature" })) })
+    -- bounded: a cause of no known kind is "other"
+    assert.same({ "unknown_outcome", "other" },
+      { upstream.outcome(nil, e("unknown_outcome", "x",
+                                { cause_kind = "made_up" })) })
+    assert.same({ "unknown_outcome", "unknown_outcome" },
+      { upstream.outcome(nil, e("unknown_outcome", "x")) })
   end)
 
   it("computes p95 x 1.8 + 0.2 within the floor and the ceiling",
@@ -432,6 +449,13 @@ local wx
 paygate.route("POST", "/degrade/:on", function(req)
   return 200, tostring(wechatpay.degrade(req.params.on == "on"))
 end)
+-- a POST whose answer takes longer than its timeout: unknown_outcome
+paygate.route("POST", "/post", function()
+  wx = wx or assert(wechatpay.client(conf))
+  local res, err = wx:request("POST", "/v3/pay/transactions/native",
+    '{"mchid":"' .. conf.mchid .. '"}', { timeout = 0.2 })
+  return 200, pid .. " " .. (res and "ok" or err.kind)
+end)
 paygate.route("GET", "/call", function()
   wx = wx or assert(wechatpay.client(conf))
   local res, err = wx:request("GET", "/v3/pay/transactions/out-trade-no/"
@@ -506,5 +530,46 @@ end)
       .. ',outcome="ok",kind=""} ' .. ok_calls .. "\n", 1, true), body)
     assert.equal("true", call("/degrade/off", "POST"))
     assert.equal("ok", call("/call"):match(" (%S+)$"))
+  end)
+
+  -- on call: WeChat slow or gone showed as outcome="unknown_outcome",
+  -- kind="unknown_outcome" (a timeout? a reset?), and how long calls took
+  -- was on no metric
+  it("says what left an outcome unknown, and times each call that made"
+     .. " an attempt, by endpoint", function()
+    local NATIVE = 'endpoint="POST /v3/pay/transactions/native"'
+    local QUERY = 'endpoint="GET /v3/pay/transactions/out-trade-no/{}"'
+    local function scrape() return assert(s:admin_get("/metrics")).body end
+    local function count(body, ep)
+      return tonumber(body:match("\npaygate_wechatpay_call_duration_"
+        .. "seconds_count{" .. ep:gsub("%p", "%%%0") .. "} (%S+)\n")) or 0
+    end
+    local before = scrape()
+    stub:can("POST", "/v3/pay/transactions/native", 200,
+             { code_url = "weixin://x" }, { delay = 1 })
+    assert.equal("unknown_outcome", call("/post", "POST"):match(" (%S+)$"))
+    local body = scrape()
+    assert.is_truthy(body:find("\npaygate_wechatpay_calls_total{" .. NATIVE
+      .. ',outcome="unknown_outcome",kind="timeout"} 1\n', 1, true), body)
+    assert.is_nil(body:find('kind="unknown_outcome"', 1, true), body)
+    assert.is_truthy(body:find("# TYPE paygate_wechatpay_call_duration_"
+                               .. "seconds histogram\n", 1, true), body)
+    -- the POST's 0.2 s: not under 0.1 s, under 0.25 s (its timeout)
+    assert.equal(1, count(body, NATIVE))
+    assert.is_truthy(body:find("\npaygate_wechatpay_call_duration_seconds_"
+      .. "bucket{" .. NATIVE .. ',le="0.1"} 0\n', 1, true), body)
+    assert.is_truthy(body:find("\npaygate_wechatpay_call_duration_seconds_"
+      .. "bucket{" .. NATIVE .. ',le="0.25"} 1\n', 1, true), body)
+    assert.is_truthy(body:find("\npaygate_wechatpay_call_duration_seconds_"
+      .. "bucket{" .. NATIVE .. ',le="30"} 1\n', 1, true), body)
+    -- a query answered is timed; one refused by the switch (nothing
+    -- tried) is not
+    local q0 = count(body, QUERY)
+    assert.equal("ok", call("/call"):match(" (%S+)$"))
+    assert.equal("true", call("/degrade/on", "POST"))
+    assert.equal("degraded", call("/call"):match(" (%S+)$"))
+    assert.equal("true", call("/degrade/off", "POST"))
+    assert.equal(q0 + 1, count(scrape(), QUERY))
+    assert.is_true(q0 >= count(before, QUERY))
   end)
 end)

@@ -188,8 +188,9 @@ end
 local call, tell
 
 --- syntax: res, err = transport.request(wx, method, path, body, opts)
--- See the top of this file. Counted once in paygate_wechatpay_calls_total
--- (upstream.lua). yields.
+-- See the top of this file. Counted once in paygate_wechatpay_calls_total,
+-- and timed in paygate_wechatpay_call_duration_seconds when an attempt
+-- was made (upstream.lua). yields.
 function _M.request(wx, method, path, body, opts)
   if type(method) ~= "string" or not method:match("^[A-Z]+$") then
     error("wx:request: method must be an upper-case HTTP method", 3)
@@ -202,7 +203,7 @@ function _M.request(wx, method, path, body, opts)
     error("wx:request: opts must be a table", 3)
   end
   local ep, what = upstream.endpoint(method, path)
-  local started = wx.conf.on_call and core.mono()
+  local started = core.mono()
   local stat = { attempts = 0 }           -- attempts made (sent or tried)
   local res, err = call(wx, method, path, body, opts or {}, ep, what, stat)
   if res then
@@ -210,8 +211,9 @@ function _M.request(wx, method, path, body, opts)
   elseif core.is_error(err) and err.attempts == nil then
     err.attempts = stat.attempts
   end
-  upstream.count(ep, res, err)
-  if started then tell(wx, method, path, body, res, err, started) end
+  upstream.count(ep, res, err, stat.attempts > 0
+                               and core.mono() - started or nil)
+  if wx.conf.on_call then tell(wx, method, path, body, res, err, started) end
   return res, err
 end
 

@@ -24,7 +24,9 @@
 --                 opens again. A failure is an attempt without an answer
 --                 (timeout, connect, reset...), a 5xx or a 429.
 --   counting      paygate_wechatpay_calls_total{endpoint,outcome,kind} on
---                 /metrics, one per call (retries are inside one call)
+--                 /metrics, one per call (retries are inside one call),
+--                 and paygate_wechatpay_call_duration_seconds{endpoint},
+--                 the time of each call that made an attempt
 local core = require "paygate.core"
 local metrics = require "paygate.metrics"
 local json = require "paygate.json"
@@ -109,6 +111,16 @@ local calls = metrics.counter("paygate_wechatpay_calls_total",
   { max_series = 256 })
 _M.calls = calls
 
+-- Bounds for a call's seconds: 10 ms (a local answer) to 30 s (the
+-- default deadline; its attempts' timeouts 10 s).
+_M.DURATION_BUCKETS = { 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
+                        20, 30 }
+local durations = metrics.histogram("paygate_wechatpay_call_duration_seconds",
+  "Time of calls to WeChat Pay that made an attempt, by endpoint (retries "
+  .. "and their waits included).", { "endpoint" },
+  { buckets = _M.DURATION_BUCKETS, max_series = 40 })
+_M.durations = durations
+
 local KNOWN = {}
 for _, k in ipairs(errors.KINDS) do KNOWN[k] = true end
 
@@ -120,13 +132,20 @@ local OWN = { timeout = true, tls = true, circuit_open = true,
               unverified_response = true, invalid_params = true,
               body_too_large = true, header_too_large = true }
 
+-- Outcomes that judge another failure: their kind label is that
+-- failure's (err.cause_kind: a timeout or a connection lost after
+-- sending, a signature that did not verify), which the outcome alone hid.
+local VERDICT = { unknown_outcome = true, unverified_response = true }
+
 --- syntax: outcome, kind = upstream.outcome(res, err)
 -- returns: the labels of a call's result: outcome ok, http_4xx,
 -- http_5xx, timeout, unavailable (connect, dns, reset), tls,
 -- circuit_open, degraded, unknown_outcome, unverified_response,
 -- invalid_params, body_too_large, header_too_large or error; kind:
--- err.kind when it is one
--- of errors.KINDS (else "other"), "" for ok.
+-- err.kind when it is one of errors.KINDS (else "other"), "" for ok;
+-- for unknown_outcome and unverified_response, the kind of the failure
+-- that left the outcome unknown (err.cause_kind: timeout, closed, ...;
+-- one of errors.KINDS, else "other"; the outcome's own without one).
 function _M.outcome(res, err)
   if res then return "ok", "" end
   local kind = type(err) == "table" and err.kind or nil
@@ -137,6 +156,9 @@ function _M.outcome(res, err)
     return status >= 500 and "http_5xx" or "http_4xx", k
   end
   if UNAVAILABLE[kind] then return "unavailable", k end
+  if VERDICT[kind] and err.cause_kind ~= nil then
+    return kind, KNOWN[err.cause_kind] and err.cause_kind or "other"
+  end
   if OWN[kind] then return kind, k end
   return "error", k
 end
@@ -144,11 +166,19 @@ end
 -- one labels table for every call: inc reads it at once (no yield)
 local labels = {}
 
---- syntax: upstream.count(endpoint, res, err) -- one call's result
-function _M.count(endpoint, res, err)
+local ep_labels = {}
+
+--- syntax: upstream.count(endpoint, res, err[, seconds]) -- one call's
+-- result; seconds: its time, when it made an attempt (a call refused
+-- before trying -- degraded, circuit_open, invalid_params -- has none)
+function _M.count(endpoint, res, err, seconds)
   local outcome, kind = _M.outcome(res, err)
   labels[1], labels[2], labels[3] = endpoint, outcome, kind
   calls:inc(labels)
+  if seconds then
+    ep_labels[1] = endpoint
+    durations:observe(seconds, ep_labels)
+  end
 end
 
 --------------------------------------------------------- degradation
