@@ -328,6 +328,9 @@ if paygate.runtime.mode == "worker" then
   -- the state machines' counts on /metrics: counters summed over the
   -- workers and kept when one is restarted (gw.model.publish_fsm_counts)
   require("gw.model").publish_fsm_counts()
+  -- WeChat's health on /metrics: the switch and each circuit breaker,
+  -- from the shared dict every second (gw.upstream.publish)
+  require("gw.upstream").publish(ctx)
 end
 
 -- other helpers' parts (reconciliation) plug in here when present

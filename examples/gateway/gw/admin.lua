@@ -25,6 +25,7 @@ local audit = require "paygate.audit"
 local outbox = require "paygate.outbox"
 local config = require "gw.config"
 local throttle = require "gw.throttle"
+local upstream = require "gw.upstream"
 
 local type = type
 
@@ -185,12 +186,7 @@ function _M.routes(ctx)
   -- `worker` is its pid). The log says when a breaker opens and closes;
   -- this says where each one is now.
   paygate.route("GET", "/admin/upstream", guard(function()
-    local merchants = {}
-    for mchid, client in pairs(ctx.wx) do
-      merchants[mchid] = client:upstream_status().endpoints
-    end
-    return 200, { degraded = ctx.degraded(), worker = core.pid(),
-                  merchants = merchants }
+    return 200, upstream.status(ctx)
   end))
   paygate.route("POST", "/admin/outbox/replay", guard(function(req)
     local b, jerr = body(req)

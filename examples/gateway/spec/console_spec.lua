@@ -1162,6 +1162,58 @@ end
   end)
 end)
 
+-- On call in a WeChat outage the overview showed the switch (off) and
+-- nothing else of WeChat: the open circuit breakers that refused every
+-- create were on /admin/upstream only.
+describe("gateway console: WeChat's health on the overview", function()
+  local sim, gw
+  local QUERY = "GET /v3/pay/transactions/out-trade-no/{}"
+
+  setup(function()
+    sim = testing.simulator{ time_scale = 100 }
+    gw = core.start(sim, { workers = 2, gateway = {
+      console = { access = "loopback" }, reconcile = { enabled = false } },
+      merchant = { max_attempts = 1, breaker_min_calls = 2,
+                   breaker_failure_ratio = 0.5, breaker_open_for = 60 } })
+  end)
+
+  teardown(function()
+    if gw then gw:stop() end
+    testing.stop_all()
+  end)
+
+  it("shows the breakers that are not closed, whichever worker draws it",
+     function()
+    local p = gw:create{}
+    local body = get(gw, "/console").body
+    assert.matches("<h2>Circuit breakers</h2>", body, 1, true)
+    assert.matches('<p class="good">all %d+ closed</p>', body)
+    sim:fault{ endpoint = "query", kind = "error", status = 500 }
+    testing.wait_until(function()
+      gw:call("GET", "/v1/payments/" .. p.id .. "?refresh=1")
+      local u = gw.srv:request{ method = "GET", path = "/admin/upstream" }
+      local e = u.json.merchants[sim.merchant.mchid][QUERY]
+      return e and e.breaker == "open"
+    end, 30, "the query breaker open")
+    sim:clear_faults()
+    -- (new connections: either worker draws the page)
+    for _ = 1, 4 do
+      body = get(gw, "/console").body
+      assert.matches('<p class="bad">1 of %d+ not closed', body)
+      local row = assert(body:match("<tr><td>" .. sim.merchant.mchid
+        .. "</td>(.-)</tr>"), body)
+      assert.matches("<td>" .. QUERY:gsub("%p", "%%%0") .. "</td>", row)
+      assert.matches('<span class="bad">open</span>', row, 1, true)
+      local wait = tonumber(row:match("<td>([%d.]+) s</td>"))
+      assert.is_true(wait ~= nil and wait > 0 and wait <= 60, row)
+      -- the switch is shown beside it (off: it is the breaker, not the
+      -- switch, that refuses calls)
+      assert.matches("Degradation switch</h2>\n<p class=\"good\">off</p>",
+                     body, 1, true)
+    end
+  end)
+end)
+
 describe("gateway console login throttling", function()
   local server = require "paygate.testing.server"
   local sim, gw, dir

@@ -58,3 +58,88 @@ describe("gateway metrics", function()
     end, 15, "the new worker's transitions added")
   end)
 end)
+
+-- On call in a WeChat outage nothing on /metrics said the degradation
+-- switch was on (a switch left on could not be alerted on), nor which
+-- circuit breakers were open.
+describe("gateway metrics of WeChat's health", function()
+  local sim, gw
+  local QUERY = "GET /v3/pay/transactions/out-trade-no/{}"
+  local NATIVE = "POST /v3/pay/transactions/native"
+
+  setup(function()
+    sim = testing.simulator{ time_scale = 100 }
+    gw = gwcore.start(sim, { workers = 2,
+      gateway = { reconcile = { enabled = false } },
+      merchant = { max_attempts = 1, breaker_min_calls = 2,
+                   breaker_failure_ratio = 0.5, breaker_open_for = 60 } })
+  end)
+
+  teardown(function()
+    if gw then
+      gw.srv:request{ method = "POST", path = "/admin/degrade",
+        body = '{"on":false}',
+        headers = { ["Content-Type"] = "application/json" } }
+      gw:stop()
+    end
+    testing.stop_all()
+  end)
+
+  local function metrics()
+    local res = gw.srv:admin_get("/metrics")
+    return res and res.status == 200 and res.body or ""
+  end
+
+  -- the value of a series, waited for (the gauges are set every second)
+  local function wait_value(series, want)
+    local pat = "\n" .. series:gsub("%p", "%%%0") .. " (%S+)\n"
+    return testing.wait_until(function()
+      return tonumber(metrics():match(pat)) == want
+    end, 10, series .. " = " .. want)
+  end
+
+  local function degrade(on)
+    local res = gw.srv:request{ method = "POST", path = "/admin/degrade",
+      body = '{"on":' .. tostring(on) .. "}",
+      headers = { ["Content-Type"] = "application/json" } }
+    assert.equal(200, res.status, res.body)
+  end
+
+  it("paygate_gateway_degraded follows the switch", function()
+    assert.matches("# TYPE paygate_gateway_degraded gauge", metrics(), 1,
+                   true)
+    wait_value("paygate_gateway_degraded", 0)
+    degrade(true)
+    wait_value("paygate_gateway_degraded", 1)
+    degrade(false)
+    wait_value("paygate_gateway_degraded", 0)
+  end)
+
+  it("paygate_gateway_circuit_breaker_state: 0 closed, 1 open, per"
+     .. " merchant and endpoint", function()
+    local mchid = sim.merchant.mchid
+    local function series(ep)
+      return 'paygate_gateway_circuit_breaker_state{endpoint="' .. ep
+             .. '",merchant="' .. mchid .. '"}'
+    end
+    local p = gw:create{}                       -- a prepay: its breaker
+    wait_value(series(NATIVE), 0)
+    -- WeChat fails every query: its breaker opens
+    sim:fault{ endpoint = "query", kind = "error", status = 500 }
+    testing.wait_until(function()
+      gw:call("GET", "/v1/payments/" .. p.id .. "?refresh=1")
+      local u = gw.srv:request{ method = "GET", path = "/admin/upstream" }
+      local e = u.json.merchants[mchid][QUERY]
+      return e and e.breaker == "open"
+    end, 30, "the query breaker open")
+    wait_value(series(QUERY), 1)
+    assert.equal(0, tonumber(metrics():match("\n" .. series(NATIVE):gsub(
+      "%p", "%%%0") .. " (%S+)\n")))
+    -- once each, whichever worker set it
+    for _, ep in ipairs({ QUERY, NATIVE }) do
+      local _, n = metrics():gsub("\n" .. series(ep):gsub("%p", "%%%0"), "")
+      assert.equal(1, n, ep)
+    end
+    sim:clear_faults()
+  end)
+end)

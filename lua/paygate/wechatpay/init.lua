@@ -314,6 +314,14 @@ function methods.upstream_status(wx)
   return upstream.status(wx)
 end
 
+--- syntax: bs = wx:breakers()
+-- returns: { ["GET /v3/..."] = { breaker, retry_after, calls, failures } }:
+-- upstream_status()'s breakers alone, read from the shared dict (no
+-- latency work: cheap enough for a gauge refreshed every second)
+function methods.breakers(wx)
+  return upstream.breakers(wx)
+end
+
 --- syntax: ok, err = wechatpay.degrade(on[, dict])
 -- The same switch without a client (an admin endpoint): dict is the
 -- paygate.shared dict or its name (default "paygate", the clients'

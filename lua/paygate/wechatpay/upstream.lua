@@ -440,18 +440,10 @@ function _M.degraded_error(what)
     .. "switched off (degraded mode); not sent", { retryable = true })
 end
 
---- syntax: st = upstream.status(wx)
--- returns: { degraded, endpoints = { [endpoint] = { timeout,
--- timeout_source = "adaptive" | "configured", p95, samples, breaker =
--- "closed" | "open" | "half_open", retry_after, calls, failures } } }:
--- this worker's latency view (endpoints it called), the instance's
--- breaker view (every endpoint any worker called). retry_after: for an
--- open breaker, the seconds until a call may go through as its probe
--- (0: the next call is the probe).
-function _M.status(wx)
-  local c = wx.conf
+-- The endpoints with a breaker: every one any worker's client on the
+-- dict registered, and those this worker called (a set).
+local function known_endpoints(wx)
   local d = wx.updict
-  local out = { degraded = d:get(DEGRADED_KEY) == true, endpoints = {} }
   local eps = {}
   for ep in pairs(wx.upstream.eps) do eps[ep] = true end
   local prefix = (wx.key_prefix or "wechatpay:") .. "cb:"
@@ -459,25 +451,63 @@ function _M.status(wx)
     local ep = d:get(prefix .. "ep:" .. i)
     if type(ep) == "string" then eps[ep] = true end
   end
+  return eps
+end
+
+-- One breaker as the instance shares it: { breaker, calls, failures,
+-- retry_after (open only) }.
+local function breaker_of(wx, ep, now)
+  local c = wx.conf
+  local d = wx.updict
+  local ks = bkeys(wx, ep)
+  local n, f = window_counts(d, ks.k, c, now)
+  local st = d:get(ks.s) or "closed"
+  -- (the previous bucket weighed by its overlap: one decimal)
+  local e = { breaker = st, calls = floor(n * 10 + 0.5) / 10,
+              failures = floor(f * 10 + 0.5) / 10 }
+  if st == "open" then
+    local left = (d:get(ks.at) or 0) + c.breaker_open_for - now
+    e.retry_after = max(0, floor(left * 10 + 0.5) / 10)
+  end
+  return e
+end
+
+--- syntax: bs = upstream.breakers(wx)
+-- returns: { [endpoint] = { breaker = "closed" | "open" | "half_open",
+-- retry_after, calls, failures } }: the instance's breakers (every
+-- endpoint any client on the shared dict called), read from the dict
+-- only (no latency work: cheap enough to read every second)
+function _M.breakers(wx)
   local now = core.mono()
-  for ep in pairs(eps) do
+  local out = {}
+  for ep in pairs(known_endpoints(wx)) do
+    out[ep] = breaker_of(wx, ep, now)
+  end
+  return out
+end
+
+--- syntax: st = upstream.status(wx)
+-- returns: { degraded, endpoints = { [endpoint] = { timeout,
+-- timeout_source = "adaptive" | "configured", p95, samples, breaker =
+-- "closed" | "open" | "half_open", retry_after, calls, failures } } }:
+-- this worker's latency view (endpoints it called), the instance's
+-- breaker view (every endpoint any worker called: upstream.breakers).
+-- retry_after: for an open breaker, the seconds until a call may go
+-- through as its probe (0: the next call is the probe).
+function _M.status(wx)
+  local c = wx.conf
+  local d = wx.updict
+  local out = { degraded = d:get(DEGRADED_KEY) == true, endpoints = {} }
+  local now = core.mono()
+  for ep in pairs(known_endpoints(wx)) do
     local s = wx.upstream.eps[ep]
     if s and s.since > 0 and s.n >= c.timeout_samples then
       recompute(wx, s)
     end
-    local ks = bkeys(wx, ep)
-    local n, f = window_counts(d, ks.k, c, now)
-    local st = d:get(ks.s) or "closed"
+    local e = breaker_of(wx, ep, now)
     local t, source = _M.timeout(wx, ep)
-    local e = { timeout = t, timeout_source = source,
-      p95 = s and s.p95, samples = s and s.n or 0,
-      -- (the previous bucket weighed by its overlap: one decimal)
-      breaker = st, calls = floor(n * 10 + 0.5) / 10,
-      failures = floor(f * 10 + 0.5) / 10 }
-    if st == "open" then
-      local left = (d:get(ks.at) or 0) + c.breaker_open_for - now
-      e.retry_after = max(0, floor(left * 10 + 0.5) / 10)
-    end
+    e.timeout, e.timeout_source = t, source
+    e.p95, e.samples = s and s.p95, s and s.n or 0
     out.endpoints[ep] = e
   end
   return out

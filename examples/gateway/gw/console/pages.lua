@@ -12,6 +12,7 @@ local html = require "paygate.html"
 local certs = require "paygate.wechatpay.certs"
 local bill = require "paygate.reconcile.bill"
 local apply = require "gw.apply"
+local upstream = require "gw.upstream"
 
 local type, tostring, tonumber, ipairs, floor, min, max =
       type, tostring, tonumber, ipairs, math.floor, math.min, math.max
@@ -242,14 +243,40 @@ end
 
 ---------------------------------------------------------------- overview
 
-local function degrade_box(view)
-  local on = ctx.degraded()
+-- st: gw.upstream.status (GET /admin/upstream's answer)
+local function degrade_box(view, st)
+  local on = st.degraded
   return render([[<section><h2>Degradation switch</h2>
 <p class="{{cl}}">{{state}}</p>{{form}}</section>]], {
     cl = on and "bad" or "good",
     state = on and "ON: calls to WeChat fail at once" or "off",
     form = lever(view, "/console/degrade", on and "Switch off" or "Switch on",
                  { on = on and "0" or "1" }, on and "" or "danger") })
+end
+
+-- WeChat's endpoints whose circuit breaker is not closed (shared by the
+-- workers: the same on every page, whichever worker draws it)
+local function breakers_box(st)
+  local list, total = upstream.not_closed(st)
+  if #list == 0 then
+    return render([[<section><h2>Circuit breakers</h2>
+<p class="good">all {{n}} closed</p></section>]], { n = total })
+  end
+  local rows = {}
+  for i, b in ipairs(list) do
+    rows[i] = { b.mchid, b.endpoint, render("<span class=\"bad\">{{s}}"
+      .. "</span>", { s = b.breaker == "half_open" and "half-open (a probe"
+        .. " is out)" or "open" }),
+      b.retry_after and (b.retry_after > 0 and b.retry_after .. " s"
+                         or "the next call") or "",
+      b.failures .. " of " .. b.calls }
+  end
+  return render([[<section><h2>Circuit breakers</h2>
+<p class="bad">{{n}} of {{t}} not closed: calls to these endpoints fail at
+once (writes answer 503, reads are stale) until a probe is answered</p>
+{{tab}}</section>]], {
+    n = #list, t = total, tab = table_of({ "merchant", "endpoint", "state",
+      "probe in", "failures (window)" }, rows) })
 end
 
 -- the end of the merchant's own certificate, as its WeChat Pay client
@@ -377,7 +404,9 @@ function _M.overview(view)
   parts[#parts + 1] = render("<section><h2>Last reconciliations</h2>{{t}}"
     .. "</section>", { t = rows and table_of({ "date", "merchant",
       "mismatches" }, list) or _M.failed(err) })
-  parts[#parts + 1] = degrade_box(view)
+  local st = upstream.status(ctx)
+  parts[#parts + 1] = degrade_box(view, st)
+  parts[#parts + 1] = breakers_box(st)
   parts[#parts + 1] = certs_box()
   return join(parts)
 end
