@@ -3,7 +3,8 @@
  * hostile bytes. Properties checked beyond "no crash": finding the head's
  * end incrementally (in two pieces) agrees with finding it at once; every
  * parsed field lies inside the head (a refused head's method too, when
- * known); the chunked decoder never writes past what it read.
+ * known, whether refused whole or early, and the same method both ways);
+ * the chunked decoder never writes past what it read.
  */
 #include <assert.h>
 #include <stdint.h>
@@ -27,7 +28,8 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     const char *buf = (const char *) data;
     size_t scanned = 0, scanned2 = 0, end, end2, split;
-    struct gw_http_head *h;
+    struct gw_http_head *h, eh;
+    int erc;
 
     if (size == 0) {
         return 0;
@@ -42,7 +44,14 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (end == 0) {
         return 0;
     }
-    (void) gw_http_head_early(buf, size, data[0] % size);
+    erc = gw_http_head_early(buf, size, data[0] % size, &eh);
+    if (erc == 0) {
+        assert(eh.method_len == 0 && eh.refusal == NULL);
+    } else if (eh.method_len > 0) {
+        /* the server counts and logs an early refused head's method */
+        assert(eh.method_len <= 20);
+        inside(buf, size, eh.method, eh.method_len);
+    }
     h = malloc(sizeof(*h) + 64 * sizeof(struct gw_http_header));
     if (h == NULL) {
         return 0;
@@ -56,8 +65,9 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             size_t sc = 0;
 
             if (gw_http_head_end(buf, cut, &sc) == 0) {
-                assert(gw_http_head_early(buf, cut, 0) == 0);
-                assert(gw_http_head_early(buf, cut, split % cut) == 0);
+                assert(gw_http_head_early(buf, cut, 0, &eh) == 0);
+                assert(gw_http_head_early(buf, cut, split % cut, &eh)
+                       == 0);
             }
         }
         inside(buf, end, h->method, h->method_len);
@@ -98,10 +108,17 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             }
         }
         assert(h->refusal == NULL);
-    } else if (h->method_len > 0) {
-        /* the server counts and logs a refused head's method */
-        assert(h->method_len <= 20);
-        inside(buf, end, h->method, h->method_len);
+    } else {
+        if (h->method_len > 0) {
+            /* the server counts and logs a refused head's method */
+            assert(h->method_len <= 20);
+            inside(buf, end, h->method, h->method_len);
+        }
+        /* refused early too: told the same method */
+        if (erc != 0) {
+            assert(eh.method_len == h->method_len);
+            assert(eh.method_len == 0 || eh.method == h->method);
+        }
     }
     free(h);
     return 0;

@@ -337,6 +337,7 @@ describe("HTTP conformance", function()
                           "/info/%2e%2e/%2E./x", "/.." } do
         local out = raw("GET " .. t .. " HTTP/1.1\r\nHost: x\r\n\r\n")
         assert.matches("^HTTP/1.1 400", out, t)
+        assert.matches('"message":"path climbs above the root"', out, 1, true)
       end
     end)
   end)
@@ -561,6 +562,27 @@ paygate.route("POST", "/in", function() return 204 end)
       { 400, "bad_request", "conflicting Content-Length values", "PATCH",
         "PATCH /in HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
         .. "Content-Length: 2\r\n\r\nab" },
+      { 400, "bad_request", "invalid Host header", "OPTIONS",
+        "OPTIONS /in HTTP/1.1\r\nHost: a b\r\n\r\n" },
+      { 400, "bad_request", "more than one Host header", "GET",
+        "GET /in HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n" },
+      { 400, "bad_request", "chunked not the final transfer coding", "POST",
+        "POST /in HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n" },
+      { 400, "bad_request", "chunked applied more than once", "PUT",
+        "PUT /in HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        .. "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n" },
+      { 501, "unsupported", "unsupported transfer coding", "POST",
+        "POST /in HTTP/1.1\r\nHost: x\r\n"
+        .. "Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n" },
+      { 417, "unsupported", "unsupported expectation", "PATCH",
+        "PATCH /in HTTP/1.1\r\nHost: x\r\nExpect: magic\r\n"
+        .. "Content-Length: 0\r\n\r\n" },
+      { 505, "unsupported", "HTTP version not supported", "GET",
+        "GET /in HTTP/2.0\r\nHost: x\r\n\r\n" },
+      -- refused before the head's end (a complete line the full parse
+      -- refuses), its method read whole
+      { 400, "bad_request", "malformed request head", "DELETE",
+        "DELETE /in HTTP/1.1\r\nBad Name: v\r\n" },
       { 431, "header_too_large", "request head exceeds the limit", nil,
         "GET /in HTTP/1.1\r\nHost: x\r\nX-Big: " .. ("a"):rep(2000)
         .. "\r\n\r\n" },
@@ -593,9 +615,15 @@ paygate.route("POST", "/in", function() return 204 end)
     -- counted under the method the head named (a standard one: a made-up
     -- method is OTHER, as on any unmatched request), else OTHER
     for _, row in ipairs{
-      { 'method="POST",route="(unmatched)",status="400"', 2 },
-      { 'method="PUT",route="(unmatched)",status="400"', 1 },
+      { 'method="POST",route="(unmatched)",status="400"', 3 },
+      { 'method="PUT",route="(unmatched)",status="400"', 2 },
       { 'method="PATCH",route="(unmatched)",status="400"', 1 },
+      { 'method="OPTIONS",route="(unmatched)",status="400"', 1 },
+      { 'method="GET",route="(unmatched)",status="400"', 1 },
+      { 'method="DELETE",route="(unmatched)",status="400"', 1 },
+      { 'method="POST",route="(unmatched)",status="501"', 1 },
+      { 'method="PATCH",route="(unmatched)",status="417"', 1 },
+      { 'method="GET",route="(unmatched)",status="505"', 1 },
       { 'method="POST",route="(unmatched)",status="413"', 1 },
       { 'method="DELETE",route="(unmatched)",status="408"', 1 },
       { 'method="OTHER",route="(unmatched)",status="408"', 1 },
@@ -603,6 +631,50 @@ paygate.route("POST", "/in", function() return 204 end)
     } do
       assert.equal(row[2], count(row[1]), row[1])
     end
+  end)
+
+  -- A head is refused early, on its first complete bad line, when its end
+  -- has not arrived; whole, by the full parse. Before, the early answer
+  -- had no method (counted OTHER) and said "malformed or unsupported
+  -- request" where the whole head's named the method (and for a 400 said
+  -- another message): one request, told two ways by how it was split.
+  it("tells a request the same, refused whole or before its end",
+     function()
+    for _, case in ipairs{
+      { 505, "unsupported", "HTTP version not supported", "PUT",
+        "PUT /in HTTP/3.0\r\n", "Host: x\r\n\r\n" },
+      { 400, "bad_request", "malformed request head", "HEAD",
+        "HEAD /in HTTP/1.1\r\nHost: x\r\n\tfolded\r\n", "\r\n" },
+      { 400, "bad_request", "malformed request head", "TRACE",
+        "TRACE /in\x01 HTTP/1.1\r\n", "Host: x\r\n\r\n" },
+    } do
+      local status, kind, message, method, first, rest = unpack(case, 1, 6)
+      local function mine()
+        local n = 0
+        for _, l in ipairs(refusals(status, kind, message)) do
+          if l.method == method then n = n + 1 end
+        end
+        return n
+      end
+      local before = mine()
+      local outs = {}
+      for i, bytes in ipairs{ first .. rest, first } do
+        local c = assert(rawtcp.connect(s.port, 3))
+        c:send(bytes)             -- the second: the rest is never sent
+        outs[i] = c:recv_all()
+        c:close()
+        assert.matches("^HTTP/1.1 " .. status, outs[i], message)
+        local body = outs[i]:match("\r\n\r\n(.*)$")
+        if method ~= "HEAD" then
+          assert.same({ error = kind, message = message }, json.decode(body))
+        end
+      end
+      proc.wait_until(function() return mine() == before + 2 end, 5,
+                      "two access lines of " .. method .. " " .. message)
+    end
+    assert.equal(2, count('method="PUT",route="(unmatched)",status="505"'))
+    assert.equal(2, count('method="HEAD",route="(unmatched)",status="400"'))
+    assert.equal(2, count('method="TRACE",route="(unmatched)",status="400"'))
   end)
 
   it("counts a made-up method as OTHER", function()

@@ -111,11 +111,15 @@ header_line_bad(const char *p, const char *eol)
 }
 
 int
-gw_http_head_early(const char *buf, size_t len, size_t from)
+gw_http_head_early(const char *buf, size_t len, size_t from,
+                   struct gw_http_head *h)
 {
     size_t i = 0, m, line0, ls;
-    struct gw_http_head h;
+    struct gw_http_head line;
+    int rc = 400;
 
+    /* every result; the caller's headers and max_headers stay */
+    memset(h, 0, offsetof(struct gw_http_head, headers));
     /* empty lines before the request line (RFC 9112 2.2) */
     while (i < len && buf[i] == '\r') {
         if (i + 1 < len && buf[i + 1] != '\n') {
@@ -135,6 +139,9 @@ gw_http_head_early(const char *buf, size_t len, size_t from)
     if (i + m < len && (m == 0 || buf[i + m] != ' ')) {
         return 400;                 /* cannot start a request line */
     }
+    if (i + m == len) {
+        m = 0;                      /* the method is not whole yet */
+    }
     if (from < line0) {
         from = line0;
     }
@@ -149,41 +156,46 @@ gw_http_head_early(const char *buf, size_t len, size_t from)
 
         if (memchr(buf + i, '\0', (q != NULL ? (size_t) (q - buf) + 1 : len)
                    - i) != NULL) {
-            return 400;             /* a NUL is in no valid head */
+            goto refuse;            /* a NUL is in no valid head */
         }
         cr = memchr(buf + i, '\r', (q != NULL ? (size_t) (q - buf) : len) - i);
         if (cr != NULL && (size_t) (cr - buf) + 1 < len && cr[1] != '\n') {
-            return 400;             /* a bare CR */
+            goto refuse;            /* a bare CR */
         }
         if (q == NULL) {
             break;
         }
         i = (size_t) (q - buf);
         if (i == 0 || buf[i - 1] != '\r') {
-            return 400;             /* a bare LF ends no line */
+            goto refuse;            /* a bare LF ends no line */
         }
         /* a complete line [ls, i]: refused now if the full parse would
          * refuse it (the blank line that ends the head is not seen here:
          * the caller has the whole head then) */
         if (ls == line0) {
             const char *p = buf + ls;
-            int rc;
 
-            memset(&h, 0, sizeof(h));
-            rc = request_line(&p, buf + i + 1, &h);
+            memset(&line, 0, sizeof(line));
+            rc = request_line(&p, buf + i + 1, &line);
             if (rc != 0) {
-                return rc;
+                h->refusal = line.refusal;
+                goto refuse;
             }
-        } else if (i - ls > 1) {
-            int rc = header_line_bad(buf + ls, buf + i);
-
-            if (rc != 0) {
-                return rc;
-            }
+            rc = 400;
+        } else if (i - ls > 1 && header_line_bad(buf + ls, buf + i) != 0) {
+            goto refuse;
         }
         ls = i + 1;
     }
     return 0;
+refuse:
+    /* its method when read whole (followed by its space), as the full
+     * parse knows it: the same request split otherwise is told the same */
+    if (m > 0) {
+        h->method = buf + line0;
+        h->method_len = m;
+    }
+    return rc;
 }
 
 /* A dot-segment: 1 ".", 2 "..", 0 neither (also %2e, any case). */
@@ -457,13 +469,15 @@ struct conn_flags {
 /* The transfer codings of a request, over all its Transfer-Encoding
  * lines in order (RFC 9112 6.1, 6.3): whether the last one so far is
  * chunked, whether one is another coding, and whether chunked came before
- * another. chunked not the final coding (after another, or absent) makes
- * the body's length unknowable: 400, a MUST (6.3); another coding before
- * a final chunked is one not implemented: 501 (6.1). */
+ * another (before chunked again: twice). chunked not the final coding
+ * (after another, or absent) makes the body's length unknowable: 400, a
+ * MUST (6.3); another coding before a final chunked is one not
+ * implemented: 501 (6.1). */
 struct te_state {
     int last_chunked;
     int other;
     int not_final;
+    int twice;
 };
 
 static void
@@ -473,6 +487,9 @@ te_token(void *arg, const char *t, size_t len)
 
     if (s->last_chunked) {
         s->not_final = 1;
+    }
+    if (s->last_chunked && ieq(t, len, "chunked", 7)) {
+        s->twice = 1;
     }
     s->last_chunked = ieq(t, len, "chunked", 7);
     if (!s->last_chunked) {
@@ -582,6 +599,7 @@ request_line(const char **pp, const char *end, struct gw_http_head *h)
         return 400;
     }
     if (p[5] != '1') {
+        h->refusal = "HTTP version not supported";
         return 505;
     }
     h->minor = p[7] - '0';
@@ -599,7 +617,7 @@ gw_http_parse_head(const char *buf, size_t head_len, struct gw_http_head *h)
     const char *p = buf, *end = buf + head_len, *eol;
     struct conn_flags cf = { 0, 0 };
     int te_seen = 0, host_seen = 0, rc;
-    struct te_state te = { 0, 0, 0 };
+    struct te_state te = { 0, 0, 0, 0 };
 
     /* every result; the caller's headers and max_headers stay */
     memset(h, 0, offsetof(struct gw_http_head, headers));
@@ -684,7 +702,10 @@ gw_http_parse_head(const char *buf, size_t head_len, struct gw_http_head *h)
 
             each_token(x->value, x->value_len, te_token, &te);
             if (te.not_final) {
-                return 400;     /* chunked, then another coding */
+                /* chunked, then another coding */
+                h->refusal = te.twice ? "chunked applied more than once"
+                             : "chunked not the final transfer coding";
+                return 400;
             }
             if (te.last_chunked == before.last_chunked
                 && te.other == before.other) {
@@ -695,12 +716,19 @@ gw_http_parse_head(const char *buf, size_t head_len, struct gw_http_head *h)
             each_token(x->value, x->value_len, conn_token, &cf);
         } else if (ieq(x->name, x->name_len, "expect", 6)) {
             if (!ieq(x->value, x->value_len, "100-continue", 12)) {
+                h->refusal = "unsupported expectation";
                 return 417;
             }
             h->expect_continue = 1;
         } else if (ieq(x->name, x->name_len, "host", 4)) {
-            if (host_seen || !host_valid(x->value, x->value_len)) {
-                return 400;     /* RFC 9112 3.2: a MUST */
+            /* RFC 9112 3.2: a MUST */
+            if (host_seen) {
+                h->refusal = "more than one Host header";
+                return 400;
+            }
+            if (!host_valid(x->value, x->value_len)) {
+                h->refusal = "invalid Host header";
+                return 400;
             }
             host_seen = 1;
         }
@@ -708,10 +736,14 @@ gw_http_parse_head(const char *buf, size_t head_len, struct gw_http_head *h)
     }
     if (te_seen) {
         if (!te.last_chunked) {
-            return 400;         /* chunked not the final coding: 6.3 */
+            /* chunked not the final coding: 6.3 */
+            h->refusal = "chunked not the final transfer coding";
+            return 400;
         }
         if (te.other) {
-            return 501;         /* another coding before chunked: 6.1 */
+            /* another coding before chunked: 6.1 */
+            h->refusal = "unsupported transfer coding";
+            return 501;
         }
         h->chunked = 1;         /* chunked, once, the last coding */
     }

@@ -38,8 +38,9 @@ struct gw_http_head {
     int         keep_alive;     /* connection persists after this one */
     int         expect_continue;/* Expect: 100-continue */
     const char *refusal;        /* static: why a refused head is refused
-                                   when its status alone does not say
-                                   (a smuggling shape, no Host), or NULL */
+                                   (a smuggling shape, no Host, a
+                                   transfer coding, 417, 505), or NULL:
+                                   a malformed head */
     /* set by the caller before parsing; not cleared by the parser */
     struct gw_http_header *headers; /* caller's array, in order */
     size_t      max_headers;    /* entries of headers */
@@ -63,9 +64,14 @@ size_t gw_http_count_fields(const char *buf, size_t head_len);
  * anywhere, or a complete line the full parse would refuse (the request
  * line: 400 or 505; a header line: 400). Bytes before `from` passed
  * already: only the lines that end from there on are checked. Returns
- * the status then, 0 when more bytes may still make a request.
+ * the status then, 0 when more bytes may still make a request. h is
+ * cleared as gw_http_parse_head clears it (its headers and max_headers
+ * stay, unused); a refusal sets h->method_len (and h->method, into buf)
+ * when the method token was read whole, followed by its space, and
+ * h->refusal as the full parse would name it (505's).
  */
-int gw_http_head_early(const char *buf, size_t len, size_t from);
+int gw_http_head_early(const char *buf, size_t len, size_t from,
+                       struct gw_http_head *h);
 
 /*
  * Parses a complete head of head_len bytes. The request-target may be in
@@ -76,7 +82,7 @@ int gw_http_head_early(const char *buf, size_t len, size_t from);
  * more than h->max_headers fields, 501 unknown transfer coding, 505
  * version not supported. A refused head's h->method_len is not 0 when
  * its method token was read whole (followed by its space); h->refusal
- * names some refusals' reason.
+ * names the reason of every refusal but a malformed head's and 431.
  */
 int gw_http_parse_head(const char *buf, size_t head_len,
                        struct gw_http_head *h);

@@ -533,6 +533,22 @@ conn_too_large(struct gw_conn *c, size_t avail)
     }
 }
 
+/* A head refused with status rc, by the parse of a whole head or early
+ * (c->head holds what either found: its refusal, its method), answered
+ * with its reason, the same however its bytes were split. */
+static void
+conn_refuse_head(struct gw_conn *c, int rc)
+{
+    const char *msg = c->head.refusal;
+
+    if (msg == NULL) {
+        msg = rc == 431 ? "too many header fields" : rc == 503
+              ? "no memory" : "malformed request head";
+    }
+    conn_bad(c, rc, rc == 400 ? "bad_request" : rc == 503 ? "unavailable"
+             : "unsupported", msg);
+}
+
 /* Parses the head of `end` bytes at req_start; resolves the path's
  * dot-segments. 0 or the status to refuse it with. */
 static int
@@ -559,7 +575,8 @@ conn_parse(struct gw_conn *c, size_t end)
         return 503;
     }
     if (gw_http_path_resolve(h->path, h->path_len, c->rpath, &n) != 0) {
-        return 400;         /* would climb out of the root */
+        h->refusal = "path climbs above the root";
+        return 400;
     }
     h->path = c->rpath;
     h->path_len = n;
@@ -608,12 +625,9 @@ gw_conn_process(struct gw_conn *c)
                 /* refuse at once what cannot become a request (a bare
                  * LF, a TLS ClientHello), not after header_timeout */
                 rc = gw_http_head_early(c->in + c->req_start, avail,
-                                        from > 0 ? from - 1 : 0);
+                                        from > 0 ? from - 1 : 0, &c->head);
                 if (rc != 0) {
-                    conn_bad(c, rc, rc == 400 ? "bad_request"
-                             : "unsupported", rc == 400
-                             ? "malformed request head"
-                             : "malformed or unsupported request");
+                    conn_refuse_head(c, rc);
                     continue;
                 }
                 if (avail > gw_srv.conf.max_header_bytes) {
@@ -628,11 +642,7 @@ gw_conn_process(struct gw_conn *c)
             }
             rc = conn_parse(c, end);
             if (rc != 0) {
-                conn_bad(c, rc, rc == 400 ? "bad_request" : rc == 503
-                         ? "unavailable" : "unsupported",
-                         c->head.refusal != NULL ? c->head.refusal
-                         : rc == 431 ? "too many header fields" : rc == 503
-                         ? "no memory" : "malformed or unsupported request");
+                conn_refuse_head(c, rc);
                 continue;
             }
             c->head_len = end;
