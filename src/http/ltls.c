@@ -130,6 +130,24 @@ use_set(SSL_CTX *ctx, SSL *s, X509 *leaf, STACK_OF(X509) *chain,
 }
 
 /*
+ * Why OpenSSL did not take a set use_set() tried, into msg: its last
+ * error's reason ("ee key too small", "ca md too weak": names a check,
+ * never holds key material); "no memory" when made_ctx is 0 (no context
+ * or connection to try it in). tls.check and tls.set_certificate say it
+ * alike.
+ */
+static void
+refused_reason(char *msg, size_t msglen, int made_ctx)
+{
+    const char *why = ERR_reason_error_string(ERR_peek_last_error());
+
+    snprintf(msg, msglen, "the certificate chain is refused by OpenSSL "
+             "(%s: most often a key or a signature below its security "
+             "level, such as RSA under 2048 bits or SHA-1)",
+             why != NULL ? why : !made_ctx ? "no memory" : "no reason");
+}
+
+/*
  * After a swap, the set swapped in is the only one a handshake may
  * present. The context keeps one certificate per key type, and a swap
  * replaces the one of its own type only: on a listener started with an
@@ -168,7 +186,8 @@ static int swapped;
  * syntax: ok, err = tls.set_certificate(cert_pem, key_pem)
  * The certificate chain (leaf first) and its private key become what this
  * worker's listener presents to new handshakes. Checked first (PEM, the
- * key matches); on failure nothing changes: nil, err (kind "tls").
+ * key matches); on failure nothing changes: nil, err (kind "tls"; when
+ * OpenSSL refuses the chain, its reason, as tls.check gives it).
  * Raises when the listener serves plain HTTP (nothing to swap).
  */
 static int
@@ -183,7 +202,7 @@ ltls_set_certificate(lua_State *L)
     EVP_PKEY *pkey;
     SSL *dry;
     char msg[256];
-    int ok;
+    int made, ok;
 
     if (ctx == NULL) {
         return luaL_error(L, "tls.set_certificate: the listener serves "
@@ -198,19 +217,22 @@ ltls_set_certificate(lua_State *L)
      * old key, which does not match it, went out: tried first on a
      * connection of its own (a copy of the context's certificates), the
      * context is changed only when all of it is taken there */
+    ERR_clear_error();
     dry = SSL_new(ctx);
-    ok = dry != NULL && use_set(ctx, dry, leaf, chain, pkey);
+    made = dry != NULL;
+    ok = made && use_set(ctx, dry, leaf, chain, pkey);
     SSL_free(dry);
     ok = ok && use_set(ctx, NULL, leaf, chain, pkey);
     if (ok) {
         SSL_CTX_set_cert_cb(ctx, swapped_only, NULL);
         swapped = 1;
+    } else {
+        refused_reason(msg, sizeof(msg), made);
     }
     pem_free(leaf, chain, pkey);
     ERR_clear_error();
     if (!ok) {
-        return gw_push_error(L, "tls", 0, "tls.set_certificate: OpenSSL "
-                             "refused the certificate or key");
+        return gw_push_error(L, "tls", 0, "tls.set_certificate: %s", msg);
     }
     lua_pushboolean(L, 1);
     return 1;
@@ -238,7 +260,6 @@ ltls_check(lua_State *L)
     X509 *leaf;
     EVP_PKEY *pkey;
     SSL_CTX *ctx;
-    const char *why;
     char msg[256];
     int ok;
 
@@ -246,15 +267,12 @@ ltls_check(lua_State *L)
                  sizeof(msg)) != GW_OK) {
         return gw_push_error(L, "tls", 0, "%s", msg);
     }
+    ERR_clear_error();
     ctx = SSL_CTX_new(TLS_server_method());
     ok = ctx != NULL && use_set(ctx, NULL, leaf, chain, pkey);
-    /* OpenSSL's reason ("ee key too small", "ca md too weak"): names a
-     * check, never holds key material */
-    why = ERR_reason_error_string(ERR_peek_last_error());
-    snprintf(msg, sizeof(msg), "the certificate chain is refused by "
-             "OpenSSL (%s: most often a key or a signature below its "
-             "security level, such as RSA under 2048 bits or SHA-1)",
-             why != NULL ? why : ctx == NULL ? "no memory" : "no reason");
+    if (!ok) {
+        refused_reason(msg, sizeof(msg), ctx != NULL);
+    }
     SSL_CTX_free(ctx);
     pem_free(leaf, chain, pkey);
     ERR_clear_error();
