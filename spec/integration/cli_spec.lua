@@ -136,6 +136,21 @@ describe("paygate CLI", function()
     code, out = run({ "run", "/nonexistent-app" })
     assert.equal(2, code)
     assert.matches("app.lua not found", out)
+    -- a relative APP_DIR: says where it was looked for (it said only
+    -- "no-such-app/app.lua not found", whatever the current directory)
+    code, out = run({ "run", "no-such-app" })
+    assert.equal(2, code)
+    assert.matches("paygate run: no-such-app/app.lua not found: no-such-app"
+                   .. " is taken from the current directory, "
+                   .. assert(proc.cwd()) .. " (run from the folder that "
+                   .. "holds it, or give an absolute path; an app is a "
+                   .. "folder with an app.lua)\n", out, 1, true)
+    code, out = run({ "run", "spec" })   -- a folder, without an app.lua
+    assert.equal(2, code)
+    assert.matches("paygate run: spec/app.lua not found: spec is taken from"
+                   .. " the current directory, " .. assert(proc.cwd())
+                   .. " (an app is a folder with an app.lua)\n", out, 1,
+                   true)
     code, out = run({ "run", "examples/hello", "--workers", "zero" })
     assert.equal(2, code)
     assert.matches("--workers", out)

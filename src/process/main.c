@@ -50,6 +50,7 @@ static const char usage_run[] =
 "usage: paygate run APP_DIR [options]\n"
 "\n"
 "Serve APP_DIR/app.lua with a master process and N worker processes.\n"
+"A relative APP_DIR is taken from the current directory.\n"
 "\n"
 "options:\n"
 "  --listen HOST:PORT    public listener (default 127.0.0.1:8080)\n"
@@ -209,6 +210,31 @@ run_option_error(const char *last, const struct option *longopts)
     }
 }
 
+/* `paygate run DIR` with no DIR/app.lua: says so, and for a relative DIR
+ * which folder it was taken from (the current directory, named), as the
+ * test kit's start_app does: "myapp/app.lua not found" alone left a user
+ * who ran it from another folder guessing. found: DIR exists. */
+static void
+app_not_found(const char *dir, int found)
+{
+    char cwd[4096];
+    const char *hint = found ? "" : "run from the folder that holds it, "
+                                    "or give an absolute path; ";
+
+    if (dir[0] == '/') {
+        fprintf(stderr, "paygate run: %s/app.lua not found (an app is a "
+                        "folder with an app.lua)\n", dir);
+    } else if (getcwd(cwd, sizeof(cwd)) == NULL) {
+        fprintf(stderr, "paygate run: %s/app.lua not found: %s is taken "
+                        "from the current directory (%san app is a folder "
+                        "with an app.lua)\n", dir, dir, hint);
+    } else {
+        fprintf(stderr, "paygate run: %s/app.lua not found: %s is taken "
+                        "from the current directory, %s (%san app is a "
+                        "folder with an app.lua)\n", dir, dir, cwd, hint);
+    }
+}
+
 static int
 cmd_run(int argc, char **argv)
 {
@@ -352,8 +378,7 @@ cmd_run(int argc, char **argv)
              o.app_dir != NULL ? o.app_dir : argv[optind]);
     if (o.app_dir == NULL || stat(app_lua, &st) != 0
         || !S_ISREG(st.st_mode)) {
-        fprintf(stderr, "paygate run: %s not found (an app is a folder "
-                        "with an app.lua)\n", app_lua);
+        app_not_found(argv[optind], o.app_dir != NULL);
         return 2;
     }
     return gw_master_main(&o, config != NULL ? &file_opts : NULL);
