@@ -41,6 +41,26 @@ describe("core.write_file (paygate.write_file)", function()
     assert.equal(core.write_file, require("paygate").write_file)
   end)
 
+  it("opts.sync = false: whole and with its mode all the same, not"
+     .. " flushed; another opts raises", function()
+    local p = tmp .. "/nosync.headers"
+    assert.is_true(core.write_file(p, "a: b\n", 384, { sync = false }))
+    assert.equal("a: b\n", read(p))
+    assert.equal("600", mode(p))
+    assert.is_true(core.write_file(p, "c", nil, { sync = true }))
+    assert.equal("c", read(p))
+    assert.equal("0", leftovers(tmp))
+    local ok, err = pcall(core.write_file, p, "x", 384, "nosync")
+    assert.is_false(ok)
+    assert.matches("paygate.write_file: opts must be a table (got string)",
+                   err, 1, true)
+    ok, err = pcall(core.write_file, p, "x", 384, { sync = "no" })
+    assert.is_false(ok)
+    assert.matches("paygate.write_file: opts.sync must be a boolean (got"
+                   .. " string)", err, 1, true)
+    assert.equal("c", read(p))
+  end)
+
   it("fails with kind io and leaves nothing where it cannot write",
      function()
     local ok, err = core.write_file(tmp .. "/no/such/dir/x", "data")

@@ -472,13 +472,15 @@ check_mode(lua_State *L, int idx, const char *fn, lua_Integer dflt,
 }
 
 /*
- * core.write_file(path, data[, mode]) -> true | nil, err (kind io)
+ * core.write_file(path, data[, mode[, opts]]) -> true | nil, err (kind io)
  * Replaces path with data whole or not at all: written to a temporary
  * file beside it (mode, default 0600, as created: never readable by others
  * meanwhile), flushed to the disk (fsync), renamed over path, and the
  * folder flushed so the rename lasts. On any failure (a full disk, say)
- * the temporary file is removed and path is left as it was. Blocking: for
- * small files written now and then (a cache, a state file).
+ * the temporary file is removed and path is left as it was. opts.sync =
+ * false: neither fsync (whole and private all the same, but a crash may
+ * lose it: for a diagnosis written while a request waits, not a record).
+ * Blocking: for small files written now and then (a cache, a state file).
  */
 static int
 lcore_write_file(lua_State *L)
@@ -490,8 +492,22 @@ lcore_write_file(lua_State *L)
                                      &len);
     mode_t      mode = check_mode(L, 3, "paygate.write_file", 0600, 0);
     char        tmp[4096];
-    int         fd, err = 0;
+    int         fd, err = 0, sync = 1;
     const char *step = "open";
+
+    if (!lua_isnoneornil(L, 4)) {
+        if (lua_type(L, 4) != LUA_TTABLE) {
+            return luaL_error(L, "paygate.write_file: opts must be a table"
+                              " (got %s)", luaL_typename(L, 4));
+        }
+        lua_getfield(L, 4, "sync");
+        if (!lua_isnil(L, -1) && lua_type(L, -1) != LUA_TBOOLEAN) {
+            return luaL_error(L, "paygate.write_file: opts.sync must be a"
+                              " boolean (got %s)", luaL_typename(L, -1));
+        }
+        sync = lua_isnil(L, -1) || lua_toboolean(L, -1);
+        lua_pop(L, 1);
+    }
 
     if (memchr(path, '\0', plen) != NULL) {
         /* cut at the NUL, it would name another file */
@@ -521,7 +537,7 @@ lcore_write_file(lua_State *L)
         }
         off += (size_t) n;
     }
-    if (err == 0 && fsync(fd) != 0) {
+    if (err == 0 && sync && fsync(fd) != 0) {
         err = errno;
         step = "fsync";
     }
@@ -538,7 +554,9 @@ lcore_write_file(lua_State *L)
         return gw_push_error(L, "io", 0, "write_file %s: %s: %s", path, step,
                              strerror(err));
     }
-    gw_fsync_parent(path);          /* the rename itself, durable */
+    if (sync) {
+        gw_fsync_parent(path);      /* the rename itself, durable */
+    }
     lua_pushboolean(L, 1);
     return 1;
 }

@@ -59,22 +59,23 @@ function _M.init(c) db, capture_dir = c.db, c.capture_dir end
 -- other workers and instances too); a body over CAPTURE_MAX is not
 -- captured, nor more than CAPTURE_PER_SECOND a second per worker (anyone
 -- can send refused notifications: a flood costs one capture a second,
--- and one shows what the rest repeat). Plain writes, never flushed to
--- the disk: a diagnosis, not a record, and the request waits for them.
--- Nothing secret is in them: the headers WeChat sends, the body (its
--- resource encrypted), the platform certificates held and the WeChat Pay
--- public key.
+-- and one shows what the rest repeat). Never flushed to the disk: a
+-- diagnosis, not a record, and the request waits for them. Nothing
+-- secret is in them (the resource stays encrypted), but every header of
+-- the request is, what a proxy added too: each file is its owner's alone
+-- (0600, made so: never readable by others meanwhile, whatever the
+-- umask) and so is a folder made for them (0700; one already there keeps
+-- its mode).
 _M.CAPTURE_KEEP = 20
 _M.CAPTURE_MAX = 64 * 1024
 _M.CAPTURE_PER_SECOND = 1
 local captured, capture_second, capture_count = 0, -1, 0
+local FILE_MODE, DIR_MODE = 384, 448        -- 0600, 0700
+local NO_SYNC = { sync = false }
 
 local function put(path, data)
-  local f, err = io.open(path, "wb")
-  if not f then return nil, err end
-  local ok, werr = f:write(data)
-  f:close()
-  if not ok then os.remove(path) return nil, werr end
+  local ok, err = core.write_file(path, data, FILE_MODE, NO_SYNC)
+  if not ok then return nil, err.message end
   return true
 end
 
@@ -139,7 +140,7 @@ function _M.capture(wx, req)
                                captured)
   local head = table.concat(lines, "\n") .. "\n"
   local ok, err = put(base .. ".headers", head)
-  if not ok and core.mkdir_p(dir) then
+  if not ok and core.mkdir_p(dir, DIR_MODE) then
     ok, err = put(base .. ".headers", head)
   end
   if ok then ok, err = put(base .. ".body", body) end

@@ -66,6 +66,35 @@ describe("gateway: refused notifications captured", function()
     assert.equal(1, #bases(dir))
   end)
 
+  it("writes each file 0600 in a folder it makes 0700, under umask 022",
+     function()
+    -- was: io.open and a folder made 0755: under a service's umask of 022
+    -- every header of a refused request (and what a proxy added) was
+    -- readable by any local user
+    local ffi = require "ffi"
+    pcall(ffi.cdef, "unsigned int umask(unsigned int mask);")
+    history.CAPTURE_PER_SECOND = 1000
+    local was = ffi.C.umask(18)                          -- 022
+    local ok, cmd = pcall(history.capture, wx, req('{"id":"private"}'))
+    ffi.C.umask(was)
+    assert(ok, cmd)
+    assert.is_string(cmd)
+    local function mode(p)
+      local f = assert(io.popen("stat -c %a '" .. p .. "'"))
+      local m = f:read("*l")
+      f:close()
+      return m
+    end
+    assert.equal("700", mode(dir))
+    local b = bases(dir)
+    assert.equal(1, #b)
+    for _, ext in ipairs({ ".headers", ".body", ".certs.pem" }) do
+      assert.equal("600", mode(dir .. "/" .. b[1] .. ext), ext)
+    end
+    -- nothing left beside them (each written whole, then renamed)
+    assert.equal(3, #core.listdir(dir))
+  end)
+
   it("keeps the newest CAPTURE_KEEP, and no body over CAPTURE_MAX",
      function()
     history.CAPTURE_PER_SECOND, history.CAPTURE_KEEP = 1000, 3
