@@ -192,7 +192,9 @@ end
 
 -- merchant API --------------------------------------------------------------
 
-local auth = apikey.before_hook(db, { prefix = "/v1/" })
+-- (its 401 lines bounded per reason by gateway.refusal_log)
+local auth = apikey.before_hook(db, { prefix = "/v1/",
+                                      log_limit = g.refusal_log })
 if g.dev_app then
   paygate.before(function(req)
     -- (a browser page from elsewhere -- a rebound name, a cross-site

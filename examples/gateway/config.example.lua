@@ -23,6 +23,7 @@ return {
     -- redis_stream = { stream = "paygate:events" },
     -- dispatcher = { max_attempts = 20 },  -- paygate.outbox dispatcher options
     -- hooks_timeout = 10,                  -- s a gw/hooks.lua hook may take per event
+    -- refusal_log = { lines = 10, window = 60 },  -- refusal lines a window
     -- paygate.retention's policy (docs/retention.md); false: no pruning
     -- retention = { outbox_days = 7, notification_hours = 25 },
   },

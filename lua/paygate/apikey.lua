@@ -424,7 +424,11 @@ end
 -- sets req.app_id; a refusal answers 401 { error = reason, message }.
 -- opts: as verify, plus prefix (a path prefix to guard, default all) or
 --       match = function(req) -> boolean (which requests to guard),
---       on_reject = function(reason, req) (e.g. to feed a metric)
+--       on_reject = function(reason, req) (e.g. to feed a metric),
+--       log_limit = { lines, window } (the "apikey: request refused"
+--       warn lines: the first lines (10) of each reason in each window
+--       (60 s) of all workers, then one line saying how many more;
+--       paygate.log.limiter) or false (a line for every refusal)
 -- returns: a function for paygate.before
 function _M.before_hook(db, opts)
   check_db("apikey.before_hook", db)
@@ -440,6 +444,16 @@ function _M.before_hook(db, opts)
     error("apikey.before_hook: opts.match must be a function", 2)
   end
   local log = require("paygate").log
+  -- a 401 is one warn line; anyone can send requests that get one, so
+  -- the lines are bounded per reason (paygate.log.limiter; the counters
+  -- and the metric count every refusal)
+  local lok, refused_log = pcall(log.limiter, "apikey: request refused",
+                                 opts.log_limit)
+  if not lok then
+    -- ("opts.lines must be ..." is said of opts.log_limit.lines here)
+    error("apikey.before_hook: opts.log_limit" .. tostring(refused_log)
+          :gsub("^.-paygate%.log%.limiter: opts", ""), 2)
+  end
   return function(req)
     local path = req.path
     if prefix and path:sub(1, #prefix) ~= prefix then
@@ -474,9 +488,10 @@ function _M.before_hook(db, opts)
       return 503, { error = "unavailable", message = "authentication is"
                     .. " unavailable; retry" }
     end
-    log.warn("apikey: request refused", { reason = err.kind,
-             app_id = err.app_id, key_id = err.key_id,
-             path = req.path:sub(1, 200) })
+    -- (keyed by the reason alone: app_id, key_id and path are the
+    -- caller's to choose)
+    refused_log:warn({ reason = err.kind }, { app_id = err.app_id,
+                     key_id = err.key_id, path = req.path:sub(1, 200) })
     if opts.on_reject then
       opts.on_reject(err.kind, req)
     end

@@ -272,6 +272,181 @@ function log.info(msg, fields) emit(1, msg, fields) end
 function log.warn(msg, fields) emit(2, msg, fields) end
 function log.error(msg, fields) emit(3, msg, fields) end
 
+-- lines that anyone can cause, bounded ------------------------------------
+
+-- A line each request from outside can cause (a refusal: a forged
+-- notification, a bad API key) is one line per request, and a flood of
+-- them fills the disk even at log level warn (access lines dropped). A
+-- limiter logs the first `lines` of each key in a window in full, counts
+-- the rest, and says how many it did not log in one line once the window
+-- is over. The counts are in the "paygate" shared dictionary, so the
+-- bound holds for the server, not per worker (per worker when there is no
+-- dictionary, or a key past its 250 bytes).
+
+local LIMIT_LEVELS = { debug = 0, info = 1, warn = 2, error = 3 }
+local LIMIT_PREFIX = "paygate.log.limit|"
+
+local limit_dict
+local function limit_shared()
+  if limit_dict == nil then
+    local ok, d = pcall(function()
+      return require("paygate.shared").get_dict("paygate")
+    end)
+    limit_dict = ok and d or false
+  end
+  return limit_dict
+end
+
+-- the key's fields as text, in a stable order: "kind=x|mchid=y"
+local function limit_key_text(key)
+  local parts = {}
+  for k, v in pairs(key) do
+    parts[#parts + 1] = tostring(k) .. "=" .. tostring(v)
+  end
+  table.sort(parts)
+  return table.concat(parts, "|")
+end
+
+local limiter = {}
+limiter.__index = limiter
+
+-- n: the how-manyth line of key in window w (all workers, or this one)
+local function limit_count(lim, ktext, w)
+  local k = LIMIT_PREFIX .. lim.msg .. "|" .. ktext .. "|" .. w
+  local d = limit_shared()
+  if d and #k <= 250 then
+    -- (kept past the window's end: the summary reads it then)
+    local n = d:incr(k, 1, 0, lim.window * 2 + 60)
+    if n then return n, k end
+  end
+  local own = lim.own
+  if own.w ~= w then
+    -- windows before the last are summarised already
+    own.w, own.prev, own.now = w, own.w == w - 1 and own.now or nil, {}
+  end
+  own.now[ktext] = (own.now[ktext] or 0) + 1
+  return own.now[ktext], nil
+end
+
+-- how many lines of key window w counted so far
+local function limit_total(lim, ktext, w, k)
+  local d = limit_shared()
+  if k and d then return tonumber(d:get(k)) or 0 end
+  local own = lim.own
+  local t = (own.w == w and own.now) or (own.w == w + 1 and own.prev)
+  return t and t[ktext] or 0
+end
+
+-- The summary of key's window w: its lines past lim.lines, if any.
+local function limit_summary(lim, s)
+  if s.done then return end
+  s.done = true
+  lim.pending[s] = nil
+  local n = limit_total(lim, s.ktext, s.w, s.k) - lim.lines
+  if n <= 0 then return end
+  local f = {}
+  for k, v in pairs(s.key) do f[k] = v end
+  f.suppressed, f.window, f.lines = n, lim.window, lim.lines
+  log[s.level](lim.msg .. ": more lines like it not logged", f)
+end
+
+-- A graceful stop says what each pending summary has counted so far (the
+-- window's end would come after the worker is gone).
+local limiters_stopping
+local function limit_on_stop(lim)
+  if limiters_stopping == nil then
+    limiters_stopping = {}
+    _M.on_stop(function()
+      for l in pairs(limiters_stopping) do
+        for s in pairs(l.pending) do limit_summary(l, s) end
+      end
+    end)
+  end
+  limiters_stopping[lim] = true
+end
+
+local function limit_log(lim, level, key, fields)
+  if type(key) ~= "table" then
+    error("paygate.log.limiter: key must be a table of fields", 3)
+  end
+  if fields ~= nil and type(fields) ~= "table" then
+    error("paygate.log: fields must be a table", 3)
+  end
+  if not core.log_enabled(LIMIT_LEVELS[level]) then return false end
+  local line = {}
+  for k, v in pairs(fields or {}) do line[k] = v end
+  for k, v in pairs(key) do line[k] = v end
+  if lim.off then
+    log[level](lim.msg, line)
+    return true
+  end
+  local now = core.now()
+  local w = math.floor(now / lim.window)
+  local ktext = limit_key_text(key)
+  local n, k = limit_count(lim, ktext, w)
+  if n <= lim.lines then
+    log[level](lim.msg, line)
+    return true
+  end
+  if n == lim.lines + 1 then
+    -- the first not logged (once for all workers): this worker says how
+    -- many there were once the window is over
+    local s = { key = key, ktext = ktext, w = w, k = k, level = level }
+    lim.pending[s] = true
+    limit_on_stop(lim)
+    _M.timer.at(math.max(0, (w + 1) * lim.window - now) + 0.1,
+                limit_summary, lim, s)
+  end
+  return false
+end
+
+for level in pairs(LIMIT_LEVELS) do
+  limiter[level] = function(lim, key, fields)
+    return limit_log(lim, level, key, fields)
+  end
+end
+
+--- syntax: lim = paygate.log.limiter(msg[, opts])
+-- For a line that each request from outside can cause: lim:warn(key[,
+-- fields]) (also debug, info, error) logs msg with key's and fields'
+-- fields, the first opts.lines (default 10) of each key in a window of
+-- opts.window seconds (default 60; windows start at multiples of it) in
+-- full, for all workers together; past that it counts them, and after the
+-- window one line says how many were not logged: msg .. ": more lines
+-- like it not logged", with key's fields, suppressed (the count), window
+-- and lines. key: the fields that tell the lines apart (a merchant, a
+-- kind, a reason), each value from a small set (never a value the
+-- request chose: every new key gets its own lines). opts false: every
+-- line logged.
+-- returns: the limiter; lim:warn(...) returns true when the line was
+-- logged, false when not (over the limit, or below the log level)
+function log.limiter(msg, opts)
+  if type(msg) ~= "string" or msg == "" then
+    error("paygate.log.limiter: msg must be a non-empty string", 2)
+  end
+  local lim = setmetatable({ msg = msg, own = {}, pending = {} }, limiter)
+  if opts == false then
+    lim.off = true
+    return lim
+  end
+  if opts ~= nil and type(opts) ~= "table" then
+    error("paygate.log.limiter: opts must be a table or false", 2)
+  end
+  opts = opts or {}
+  local lines, window = opts.lines or 10, opts.window or 60
+  if type(lines) ~= "number" or lines % 1 ~= 0 or lines < 1
+     or lines > 1e6 then
+    error("paygate.log.limiter: opts.lines must be a whole number,"
+          .. " 1 .. 1000000", 2)
+  end
+  if not core.is_seconds(window) or window < 1 or window > 86400 then
+    error("paygate.log.limiter: opts.window must be seconds, 1 .. 86400",
+          2)
+  end
+  lim.lines, lim.window = lines, window
+  return lim
+end
+
 -- HTTP client -----------------------------------------------------------
 
 _M.http = require "paygate.http"

@@ -6,6 +6,7 @@ local core = require "paygate.core"
 local crypto = require "paygate.crypto"
 local sql = require "paygate.sql"
 local json = require "paygate.json"
+local testing = require "paygate.testing"
 local apikey = require "paygate.apikey"
 local servers = require "spec.support.servers"
 
@@ -149,8 +150,11 @@ describe("apikey.verify and before_hook", function()
     return fake_req{ headers = hdr, query = "x=1", body = "{\"total\":100}" }
   end
 
+  -- (every line logged: these cases look at each refusal's line; the
+  -- bound on them is a case of its own below)
   local function run(req, now)
-    local h = apikey.before_hook(db, { now = clock(now or T) })
+    local h = apikey.before_hook(db, { now = clock(now or T),
+                                       log_limit = false })
     local s, body, headers = h(req)
     return s, body, headers, req
   end
@@ -224,6 +228,61 @@ describe("apikey.verify and before_hook", function()
       assert.matches(c[1], logged[1], 1, true)
     end)
   end
+
+  it("bounds its lines per reason (opts.log_limit), counting every"
+     .. " refusal", function()
+    -- was: one warn line per 401, without limit: anyone can send
+    -- requests with a bad key, and at log level warn a flood filled the
+    -- disk
+    local h = apikey.before_hook(db, { now = clock(T),
+      log_limit = { lines = 2, window = 1 } })
+    local before = apikey.stats()
+    local w0 = math.floor(paygate.update_time())
+    testing.wait_until(function()
+      return math.floor(paygate.update_time()) > w0
+    end, 3, "a window to begin")
+    for _ = 1, 12 do
+      assert.equal(401, (h(signed{ secret = "sk_wrong" })))
+    end
+    -- key ids of the caller's choosing: one reason, not a line each
+    for i = 1, 5 do
+      assert.equal(401, (h(signed{ key_id = "ak_flood" .. i })))
+    end
+    local full, summaries = {}, {}
+    testing.wait_until(function()
+      full, summaries = {}, {}
+      for _, l in ipairs(logged) do
+        local msg, f = l:match("^(.-) ({.*})$")
+        f = json.decode(f)
+        if msg == "apikey: request refused" then
+          full[#full + 1] = f
+        elseif msg == "apikey: request refused: more lines like it not"
+                      .. " logged" then
+          summaries[f.reason] = f
+        end
+      end
+      return summaries.bad_signature and summaries.unknown_app
+    end, 5, "the summary lines")
+    -- two of each reason in full
+    assert.equal(4, #full)
+    local n = {}
+    for _, f in ipairs(full) do n[f.reason] = (n[f.reason] or 0) + 1 end
+    assert.same({ bad_signature = 2, unknown_app = 2 }, n)
+    assert.equal(10, summaries.bad_signature.suppressed)
+    assert.equal(3, summaries.unknown_app.suppressed)
+    assert.is_nil(summaries.unknown_app.key_id)
+    -- counted all the same
+    assert.equal(before.bad_signature + 12, apikey.stats().bad_signature)
+    assert.equal(before.unknown_app + 5, apikey.stats().unknown_app)
+    -- a log_limit it cannot use is refused, in its terms
+    assert.has_error(function()
+      apikey.before_hook(db, { log_limit = { lines = 0 } })
+    end, "apikey.before_hook: opts.log_limit.lines must be a whole number,"
+         .. " 1 .. 1000000")
+    assert.has_error(function()
+      apikey.before_hook(db, { log_limit = "off" })
+    end, "apikey.before_hook: opts.log_limit must be a table or false")
+  end)
 
   it("a bad_signature answer carries the string signed over and the body's"
      .. " SHA-256, never the secret, a key or a signature", function()

@@ -28,6 +28,7 @@ local GATEWAY_KEYS = {
   redis_password_file = true, redis_password_env = true,
   reconcile = true, retention = true, dev_app = true, dispatcher = true,
   console = true, hooks_timeout = true, capture_dir = true,
+  refusal_log = true,
 }
 
 -- Keys of a merchant the gateway reads itself; the rest go to
@@ -735,6 +736,34 @@ function _M.check(conf, runtime)
                 .. " at most 86400")
   end
   out.hooks_timeout = ht
+
+  -- the refusals anyone can cause (a forged notification, a bad API
+  -- key): the first `lines` of each merchant and kind (each reason) in a
+  -- window logged, then one line saying how many more (paygate.log.limiter)
+  local rl = g.refusal_log
+  if rl == nil then rl = {} end
+  if rl ~= false then
+    if type(rl) ~= "table" then
+      return fail("gateway.refusal_log", "must be a table { lines = ...,"
+                  .. " window = ... }, or false")
+    end
+    local kok, kerr = only(rl, { lines = true, window = true },
+                           "gateway.refusal_log.")
+    if not kok then return nil, kerr end
+    local lines, window = rl.lines or 10, rl.window or 60
+    if type(lines) ~= "number" or lines % 1 ~= 0 or lines < 1
+       or lines > 1e6 then
+      return fail("gateway.refusal_log.lines", "must be a whole number,"
+                  .. " 1 .. 1000000")
+    end
+    if type(window) ~= "number" or not (window >= 1 and window <= 86400)
+    then
+      return fail("gateway.refusal_log.window", "must be seconds, 1 .."
+                  .. " 86400")
+    end
+    rl = { lines = lines, window = window }
+  end
+  out.refusal_log = rl
 
   local late = g.on_late_payment
   if late == nil then late = "refund" end

@@ -25,7 +25,23 @@ local _M = {}
 
 local ctx
 
-function _M.init(c) ctx = c end
+-- Refusals: anyone who reaches the route can send a notification that is
+-- refused, so their lines are bounded (gateway.refusal_log: the first
+-- lines of each merchant and kind in a window, for all workers, then one
+-- line saying how many more; paygate.log.limiter), and each is counted on
+-- /metrics as paygate_gateway_notifications_refused_total{merchant,kind}
+-- (merchant: a configured one, kind: parse_notification's, a small set).
+local refused_log, refused_counter
+
+function _M.init(c)
+  ctx = c
+  refused_log = paygate.log.limiter("gateway: notification refused",
+                                    c.gateway and c.gateway.refusal_log)
+  refused_counter = refused_counter or metrics.counter(
+    "paygate_gateway_notifications_refused_total",
+    "Notifications refused (not verified, malformed), each one, logged"
+    .. " or not.", { "merchant", "kind" })
+end
 
 local function fail(message)
   return wechatpay.notify_fail(message)
@@ -160,6 +176,7 @@ function _M.handler(req)
   local event, err = wx:parse_notification(req)
   if not event then
     if err.kind == "replayed" then return replayed(req) end
+    refused_counter:inc({ merchant = mchid, kind = err.kind })
     if wechatpay.is_doctor_probe(req) then
       -- paygate doctor's unsigned probe, refused as any unsigned request
       -- below (the same answer): only its line differs. Said at info and
@@ -167,9 +184,9 @@ function _M.handler(req)
       -- notifications and the newest captures are kept for WeChat's (a
       -- doctor run left a warning, a row and a capture naming nothing),
       -- and the probe's fixed bytes hold nothing to verify
-      paygate.log.info("gateway: notification refused", { kind = err.kind,
-                       mchid = mchid, reason = tostring(err.message),
-                       probe = "paygate doctor" })
+      refused_log:info({ mchid = mchid, kind = err.kind,
+                         probe = "paygate doctor" },
+                       { reason = tostring(err.message) })
     else
       -- reason: what was wrong (which header, which check); the message
       -- quotes no secret, and header values only bounded and printable
@@ -177,9 +194,9 @@ function _M.handler(req)
       -- one command that checks the capture; doctor instead when the
       -- client holds no key to check it with (doctor names why)
       local _, verify, doctor = history.refused(wx, mchid, req, err)
-      paygate.log.warn("gateway: notification refused", { kind = err.kind,
-                       mchid = mchid, reason = tostring(err.message),
-                       verify = verify, doctor = doctor })
+      refused_log:warn({ mchid = mchid, kind = err.kind },
+                       { reason = tostring(err.message), verify = verify,
+                         doctor = doctor })
     end
     if UNVERIFIED[err.kind] then
       local status, body = wechatpay.notify_fail(err.kind, 401)

@@ -306,6 +306,37 @@ describe("gateway config", function()
       .. "/plain/sub: Not a directory")
   end)
 
+  it("takes refusal_log { lines, window } or false, its defaults 10 a"
+     .. " minute; refuses anything else", function()
+    local function check(rl)
+      return config.check({ gateway = { db = "sqlite:" .. dir .. "/a.db",
+        refusal_log = rl }, merchants = { merchant() } },
+        { listen = "127.0.0.1:8099" })
+    end
+    assert.same({ lines = 10, window = 60 }, check(nil).gateway.refusal_log)
+    assert.same({ lines = 3, window = 60 },
+                check({ lines = 3 }).gateway.refusal_log)
+    assert.is_false(check(false).gateway.refusal_log)
+    for _, c in ipairs({
+      { "on", "config.gateway.refusal_log: must be a table { lines = ...,"
+        .. " window = ... }, or false" },
+      { { line = 3 }, "config.gateway.refusal_log.line: unknown key (did"
+        .. " you mean lines?)" },
+      { { lines = 0 }, "config.gateway.refusal_log.lines: must be a whole"
+        .. " number, 1 .. 1000000" },
+      { { lines = 2.5 }, "config.gateway.refusal_log.lines: must be a"
+        .. " whole number, 1 .. 1000000" },
+      { { window = 0.5 }, "config.gateway.refusal_log.window: must be"
+        .. " seconds, 1 .. 86400" },
+      { { window = 0 / 0 }, "config.gateway.refusal_log.window: must be"
+        .. " seconds, 1 .. 86400" },
+    }) do
+      local cfg, why = check(c[1])
+      assert.is_nil(cfg)
+      assert.equal(c[2], why)
+    end
+  end)
+
   it("refuses a bill_dir or capture_dir that names a file, at start",
      function()
     -- before: accepted; every bill run (and every refused notification's
