@@ -41,18 +41,25 @@ _M.err_body = err_body
 --- syntax: status, body[, headers] = payments.wx_failure(err[, extra])
 -- A failed WeChat call as the merchant API answers it; extra: more
 -- fields of the body (the payment as it now is).
+--- syntax: text = payments.unknown_words(err)
+-- The 504 timeout's message for a WeChat call whose outcome is unknown
+-- (err: kind timeout or unknown_outcome), payments' and refunds' alike: a
+-- lost connection (reset, closed after sending) is no slow answer, and is
+-- said as what it was, with the client's words for the failure (the
+-- attempt's timeout and whose it was, the attempts made).
+function _M.unknown_words(err)
+  local lost = err.kind == "unknown_outcome" and err.cause_kind ~= nil
+               and err.cause_kind ~= "timeout"
+  return (lost and "the connection to WeChat Pay was lost before its"
+          .. " answer, the outcome is unknown (" or "WeChat Pay did not"
+          .. " answer in time (") .. tostring(err) .. ")"
+end
+
 function _M.wx_failure(err, extra)
   local kind = type(err) == "table" and err.kind or "error"
   if kind == "timeout" or kind == "unknown_outcome" then
-    -- a lost connection (reset, closed after sending) is no slow answer:
-    -- said as what it was, the kind and status kept (the outcome is as
-    -- unknown either way)
-    local lost = kind == "unknown_outcome" and err.cause_kind ~= nil
-                 and err.cause_kind ~= "timeout"
-    return 504, err_body("timeout", (lost and "the connection to WeChat"
-                         .. " Pay was lost before its answer, the outcome"
-                         .. " is unknown (" or "WeChat Pay did not answer"
-                         .. " in time (") .. tostring(err) .. ")", extra)
+    -- (the kind and status kept: the outcome is as unknown either way)
+    return 504, err_body("timeout", _M.unknown_words(err), extra)
   end
   if kind == "degraded" then
     return 503, err_body("degraded", "calls to WeChat Pay are switched off"

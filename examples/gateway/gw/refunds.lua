@@ -348,9 +348,10 @@ function _M.create(req, ik)
     end
     if how == "unknown" and (werr.kind == "timeout"
                              or werr.kind == "unknown_outcome") then
-      return ik:respond(tx, 504, err_body("timeout", "WeChat Pay did not"
-        .. " answer in time; the refund is checked again later",
-        { refund = model.refund_json(row) }))
+      -- (payments' words: a lost connection said as such, not as slow)
+      return ik:respond(tx, 504, err_body("timeout",
+        payments.unknown_words(werr) .. "; the refund is checked again"
+        .. " later", { refund = model.refund_json(row) }))
     end
     if how == "unknown" then
       -- WeChat failed it (a 5xx, an answer that does not verify) or it

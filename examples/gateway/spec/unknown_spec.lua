@@ -136,6 +136,29 @@ local function cases(db_for)
     assert.equal("unknown", row_of(gw, order_id).state)
   end)
 
+  -- The same for a refund: its 504 said "WeChat Pay did not answer in
+  -- time" whatever was lost, with nothing of the failure (the payment's
+  -- said which since the fix above; two wordings of one answer)
+  it("a refund whose connection is lost after sending: said as lost, not"
+     .. " as slow, with what failed", function()
+    local p = gw:create{ amount = 45 }
+    sim:pay_and_wait(p.out_trade_no)
+    gw:wait_state(p.id, "paid")
+    sim:fault{ endpoint = "refund", kind = "reset", after = true,
+               count = 1 }
+    local res = gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
+                        { amount = 5 })
+    assert.equal(504, res.status, res.body)
+    assert.equal("timeout", res.json.error)
+    assert.is_nil(res.json.message:find("in time", 1, true), res.body)
+    assert.truthy(res.json.message:find("connection to WeChat Pay was lost",
+                                        1, true), res.body)
+    assert.truthy(res.json.message:find("1 attempt)", 1, true), res.body)
+    assert.truthy(res.json.message:find("the refund is checked again later",
+                                        1, true), res.body)
+    assert.equal("unknown", res.json.refund.state)
+  end)
+
   it("no answer within the timeout: unknown; a resumed create queries,"
      .. " closes the order WeChat made, and opens a new attempt", function()
     sim:fault{ endpoint = "prepay", kind = "latency", seconds = 1.5,
