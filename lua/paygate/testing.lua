@@ -344,8 +344,10 @@ end
 --- syntax: sim:settle(out_refund_no[, status]) -- SUCCESS (default),
 -- ABNORMAL or CLOSED
 function Sim:settle(no, status, mchid)
-  local data, res = self:control("POST", "/sim/refunds/" .. no .. "/settle"
-                                 .. q(mchid), { status = status or "SUCCESS" })
+  -- (control_call itself: its error's level names this method's caller,
+  -- the spec's line, as through sim:control's tail calls)
+  local data, res = control_call(self, "POST", "/sim/refunds/" .. no
+    .. "/settle" .. q(mchid), { status = status or "SUCCESS" }, is_2xx)
   -- a wait for its notification that finds none says the refund settled
   self.settled = self.settled or {}
   self.settled[no] = true

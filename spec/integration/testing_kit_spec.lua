@@ -698,6 +698,18 @@ paygate.route("POST", "/notify", function() return 204, "" end)]] }
     assert.matches("made with a notify_url", err, 1, true)
   end)
 
+  -- sim:settle, made to remember what it settled, stopped tail-calling
+  -- sim:control: its failure named a line of paygate/testing.lua instead
+  -- of the spec's, as sim:pay's and every other control call's name it.
+  -- And a refund it could not settle is not taken as settled.
+  it("sim:settle's failure names the spec's line", function()
+    local ok, err = pcall(function() sim:settle("Rnone") end)
+    assert.is_false(ok)
+    assert.matches("^[^\n]*testing_kit_spec%.lua:%d+: simulator POST"
+                   .. " /sim/refunds/Rnone/settle: 404", err)
+    assert.is_nil(sim.settled and sim.settled.Rnone)
+  end)
+
   -- a match naming nothing (its value nil: a field the app's answer named
   -- otherwise) or a misspelt key would match any delivery: the payment's
   -- acknowledged one made a wait for a refund never made pass
