@@ -38,23 +38,34 @@ local function err_body(kind, message, extra)
 end
 _M.err_body = err_body
 
---- syntax: status, body[, headers] = payments.wx_failure(err[, extra])
--- A failed WeChat call as the merchant API answers it; extra: more
--- fields of the body (the payment as it now is).
 --- syntax: text = payments.unknown_words(err)
 -- The 504 timeout's message for a WeChat call whose outcome is unknown
 -- (err: kind timeout or unknown_outcome), payments' and refunds' alike: a
--- lost connection (reset, closed after sending) is no slow answer, and is
--- said as what it was, with the client's words for the failure (the
--- attempt's timeout and whose it was, the attempts made).
+-- lost connection (cause closed: a reset, a close after sending) is no
+-- slow answer, and is said as what it was; another cause (the last retry
+-- could not connect, or was refused 429, after an earlier attempt may
+-- have arrived) is neither, and is said as no answer on the request.
+-- Each with the client's words for the failure (the attempt's timeout
+-- and whose it was, the attempts made).
 function _M.unknown_words(err)
-  local lost = err.kind == "unknown_outcome" and err.cause_kind ~= nil
-               and err.cause_kind ~= "timeout"
-  return (lost and "the connection to WeChat Pay was lost before its"
-          .. " answer, the outcome is unknown (" or "WeChat Pay did not"
-          .. " answer in time (") .. tostring(err) .. ")"
+  local cause = err.kind == "unknown_outcome" and err.cause_kind or nil
+  local words
+  if cause == nil or cause == "timeout" then
+    words = "WeChat Pay did not answer in time ("
+  elseif cause == "closed" then
+    words = "the connection to WeChat Pay was lost before its answer, the"
+            .. " outcome is unknown ("
+  else
+    -- (was: "the connection ... was lost" for these too, which it was not)
+    words = "WeChat Pay gave no answer on the request (an earlier attempt"
+            .. " may have reached it), the outcome is unknown ("
+  end
+  return words .. tostring(err) .. ")"
 end
 
+--- syntax: status, body[, headers] = payments.wx_failure(err[, extra])
+-- A failed WeChat call as the merchant API answers it; extra: more
+-- fields of the body (the payment as it now is).
 function _M.wx_failure(err, extra)
   local kind = type(err) == "table" and err.kind or "error"
   if kind == "timeout" or kind == "unknown_outcome" then

@@ -263,6 +263,40 @@ end
 
 describe("gateway: prepay outcome unknown", function() cases(nil) end)
 
+-- The 504's words name the cause the client gave. A call out of retries
+-- whose last attempt could not connect, or was refused 429, after an
+-- earlier one may have arrived is unknown_outcome too, with cause_kind
+-- connect or frequency_limited: it was said "the connection to WeChat Pay
+-- was lost before its answer" as a reset is, which it was not.
+describe("gateway: an unknown outcome's words", function()
+  package.path = "examples/gateway/?.lua;" .. package.path
+  local payments = require "gw.payments"
+  local errors = require "paygate.wechatpay.errors"
+  local function unknown(cause)
+    return errors.wrap("unknown_outcome", "POST /v3/refund/domestic/refunds: "
+      .. cause .. " after the request may have been received",
+      require("paygate.core").error(cause, "failed"), { retryable = true })
+  end
+
+  it("says a lost connection only for one that was lost", function()
+    local w = payments.unknown_words(unknown("closed"))
+    assert.truthy(w:find("connection to WeChat Pay was lost", 1, true), w)
+    w = payments.unknown_words(unknown("timeout"))
+    assert.truthy(w:find("did not answer in time", 1, true), w)
+    w = payments.unknown_words(require("paygate.core").error("timeout",
+                                                             "slow"))
+    assert.truthy(w:find("did not answer in time", 1, true), w)
+    for _, cause in ipairs({ "connect", "frequency_limited" }) do
+      w = payments.unknown_words(unknown(cause))
+      assert.is_nil(w:find("was lost", 1, true), w)
+      assert.is_nil(w:find("in time", 1, true), w)
+      assert.truthy(w:find("the outcome is unknown (unknown_outcome: ", 1,
+                           true), w)
+      assert.truthy(w:find(cause .. " after the request", 1, true), w)
+    end
+  end)
+end)
+
 local servers = require "spec.support.servers"
 if servers.have_postgres() then
   -- each gateway a database of its own on one PostgreSQL server (as each
