@@ -316,3 +316,56 @@ describe("app histograms on /metrics", function()
                                .. '"_overflow"} ', 1, true), body)
   end)
 end)
+
+-- A histogram whose buckets a reload changed: the retired totals (the
+-- first generation's counts, kept when its workers stopped) held the old
+-- bounds, and theirs were the ones shown -- the first series of the name
+-- met -- for as long as the server ran: the new buckets never appeared.
+-- Shown now in the bounds of the code running, the older counts merged
+-- upwards into them.
+describe("an app histogram whose buckets a reload changed", function()
+  local proc = require "paygate.testing.proc"
+  local function source(buckets)
+    return ([[
+local paygate = require "paygate"
+local h = require("paygate.metrics").histogram("spec_rebucketed_seconds",
+  "Rebucketed.", { "q" }, { buckets = %s })
+paygate.route("POST", "/observe/:v", function(req)
+  assert(h:observe(tonumber(req.params.v), { q = "a" }))
+  return 200, "ok"
+end)
+paygate.route("GET", "/buckets", function() return 200, %q end)
+]]):format(buckets, buckets)
+  end
+
+  it("shows the new bounds once the new workers run, the old counts"
+     .. " merged", function()
+    local s = server.start{ source = source("{ 0.1, 1, 10 }"), workers = 2 }
+    finally(function() s:stop() end)
+    for _ = 1, 4 do call(s, "/observe/0.5") end
+    local f = assert(io.open(s.app .. "/app.lua", "w"))
+    f:write(source("{ 0.05, 0.5, 5 }"))
+    f:close()
+    s:signal(proc.SIGHUP)
+    proc.wait_until(function()
+      local res = paygate.http.request{ url = s:url("/buckets"),
+        headers = { Connection = "close" }, timeout = 5 }
+      return res and res.body == "{ 0.05, 0.5, 5 }"
+    end, 10, "the reload")
+    -- every old worker gone: their counts are the retired totals
+    proc.wait_until(function() return #s:workers() == 2 end, 10)
+    paygate.sleep(0.5)
+    for _ = 1, 3 do call(s, "/observe/0.3") end
+    local body = assert(s:admin_get("/metrics")).body
+    local function bucket(le)
+      return tonumber(body:match('\nspec_rebucketed_seconds_bucket{q="a",le="'
+                                 .. le:gsub("%p", "%%%0") .. '"} (%S+)\n'))
+    end
+    assert.equal(0, bucket("0.05"), body)
+    assert.equal(3, bucket("0.5"), body)     -- the old 0.5 s were <= 1 only
+    assert.equal(7, bucket("5"), body)
+    assert.equal(7, bucket("+Inf"), body)
+    assert.is_nil(bucket("0.1"), body)
+    assert.is_nil(bucket("10"), body)
+  end)
+end)

@@ -1351,6 +1351,7 @@ struct hist_row {
     int           nle;
     int           max_series;
     int           overflow;         /* 1: the family's overflow series */
+    int           live;             /* 1: a live worker's, 0: retired */
     double        sum;
     double        n[GW_METRICS_HBUCKETS + 1];
     char          labels[GW_METRICS_LABELS_MAX];
@@ -1423,9 +1424,13 @@ hist_print(struct buf *b, const char *name, const char *labels,
 }
 
 /* The histograms apps observe into: per (name, labels) the sum over the
- * retired totals and every live worker, in the bounds of the first
- * series of the name met (hist_add); past a name's cap of label sets,
- * into its overflow series (shown once it holds a count). */
+ * retired totals and every live worker, in the bounds of the name's first
+ * series held by a live worker (the retired totals' only when no live
+ * worker holds it: buckets changed by a reload are shown once its
+ * workers run, the older counts merged into them by hist_add, not the
+ * first generation's for as long as the server runs); past a name's cap
+ * of label sets, into its overflow series (shown once it holds a
+ * count). */
 static void
 hist_metrics(struct buf *b)
 {
@@ -1500,6 +1505,7 @@ hist_metrics(struct buf *b)
             r->nle = c->nle;
             r->max_series = s->hfam[f].max_series;
             r->overflow = s->hfam[f].overflow == j && h->labels[0] != '\0';
+            r->live = i >= 0;
             for (int x = 0; x <= c->nle; x++) {
                 __atomic_load(&h->n[x], &r->n[x], __ATOMIC_RELAXED);
             }
@@ -1517,6 +1523,13 @@ hist_metrics(struct buf *b)
 
         while (end < n && strcmp(rows[end].name, first->name) == 0) {
             end++;
+        }
+        /* the bounds shown: a live worker's (the code running now) */
+        for (int x = k; x < end; x++) {
+            if (rows[x].live) {
+                first = &rows[x];
+                break;
+            }
         }
         bprintf(b, "# HELP %s %s\n# TYPE %s histogram\n", first->name,
                 first->help, first->name);
