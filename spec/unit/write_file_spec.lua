@@ -61,6 +61,31 @@ describe("core.write_file (paygate.write_file)", function()
     assert.equal("c", read(p))
   end)
 
+  it("makes its temporary file afresh: one a crash left keeps neither its"
+     .. " mode nor a link", function()
+    local proc = require "paygate.testing.proc"
+    local p = tmp .. "/stale.json"
+    local t = p .. "." .. proc.getpid() .. ".tmp"
+    local f = assert(io.open(t, "wb"))
+    f:write("left by a crash")
+    f:close()
+    servers.sh("chmod 644 " .. t)
+    assert.is_true(core.write_file(p, "secret"))
+    assert.equal("secret", read(p))
+    assert.equal("600", mode(p))
+    -- a link planted at the temporary name is replaced, not written through
+    local victim = tmp .. "/victim"
+    f = assert(io.open(victim, "wb"))
+    f:write("untouched")
+    f:close()
+    servers.sh("ln -s " .. victim .. " " .. t)
+    assert.is_true(core.write_file(p, "again"))
+    assert.equal("again", read(p))
+    assert.equal("untouched", read(victim))
+    assert.equal("600", mode(p))
+    os.remove(victim)
+  end)
+
   it("fails with kind io and leaves nothing where it cannot write",
      function()
     local ok, err = core.write_file(tmp .. "/no/such/dir/x", "data")

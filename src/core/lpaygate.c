@@ -474,8 +474,8 @@ check_mode(lua_State *L, int idx, const char *fn, lua_Integer dflt,
 /*
  * core.write_file(path, data[, mode[, opts]]) -> true | nil, err (kind io)
  * Replaces path with data whole or not at all: written to a temporary
- * file beside it (mode, default 0600, as created: never readable by others
- * meanwhile), flushed to the disk (fsync), renamed over path, and the
+ * file beside it (made afresh with mode, default 0600: never readable by
+ * others meanwhile, whatever a crash left there), flushed to the disk (fsync), renamed over path, and the
  * folder flushed so the rename lasts. On any failure (a full disk, say)
  * the temporary file is removed and path is left as it was. opts.sync =
  * false: neither fsync (whole and private all the same, but a crash may
@@ -519,7 +519,13 @@ lcore_write_file(lua_State *L)
         return gw_push_error(L, "io", 0, "write_file %s: path too long",
                              path);
     }
-    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, (mode_t) mode);
+    /* made afresh: a temporary file a crash left (same pid) would keep its
+     * old mode through O_TRUNC, and a link planted there is not followed */
+    if (unlink(tmp) != 0 && errno != ENOENT) {
+        return gw_push_error(L, "io", 0, "write_file %s: unlink: %s", tmp,
+                             strerror(errno));
+    }
+    fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, (mode_t) mode);
     if (fd < 0) {
         return gw_push_error(L, "io", 0, "write_file %s: open: %s", tmp,
                              strerror(errno));
