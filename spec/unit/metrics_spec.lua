@@ -152,6 +152,9 @@ describe("paygate.metrics.histogram", function()
     local h = metrics.histogram("spec_misuse_seconds", "h", { "a" },
                                 { buckets = { 0.1, 1 } })
     assert.has_error(function() h:observe(0 / 0, { a = "x" }) end)
+    -- an infinity would leave the sum infinite for good
+    assert.has_error(function() h:observe(math.huge, { a = "x" }) end)
+    assert.has_error(function() h:observe(-math.huge, { a = "x" }) end)
     assert.has_error(function() h:observe("1", { a = "x" }) end)
     assert.has_error(function() h:observe(1) end)                 -- a missing
     -- its samples' names are its own: no counter or gauge takes them

@@ -37,6 +37,7 @@
  * worker holds GW_METRICS_HFAMILIES names and GW_METRICS_HISTOGRAMS
  * series at most.
  */
+#include <float.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -665,8 +666,8 @@ hist_family(struct gw_lhist *h)
     return c->family;
 }
 
-/* syntax: ok, err = h:observe(value[, labels]) -- value a number, not
- * NaN. err kind "full" when this worker holds GW_METRICS_HFAMILIES
+/* syntax: ok, err = h:observe(value[, labels]) -- value a finite
+ * number. err kind "full" when this worker holds GW_METRICS_HFAMILIES
  * histogram names. */
 static int
 lmetrics_observe(lua_State *L)
@@ -676,9 +677,12 @@ lmetrics_observe(lua_State *L)
     double v = lua_tonumber(L, 2);
     int fits, f;
 
-    if (lua_type(L, 2) != LUA_TNUMBER || v != v) {
-        return luaL_error(L, "histogram:observe: value must be a number "
-                          "(not NaN)");
+    /* an infinity would leave the series' sum infinite for good */
+    if (lua_type(L, 2) != LUA_TNUMBER || v != v || v > DBL_MAX
+        || v < -DBL_MAX)
+    {
+        return luaL_error(L, "histogram:observe: value must be a finite "
+                          "number");
     }
     fits = counter_labels(L, &h->c, 3, "histogram:observe", labels,
                           sizeof(labels));
