@@ -53,7 +53,7 @@ end)
 ]]
 
 local function alive(pid)
-  return servers.sh("kill -0 " .. pid .. " 2>/dev/null")
+  return proc.running(pid)
 end
 
 -- a folder for a child run, its TMPDIR inside: as root, PostgreSQL's

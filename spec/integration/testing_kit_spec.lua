@@ -347,6 +347,24 @@ require("paygate.core").sleep(60)
     testing.server.rmdir(dir)
   end)
 
+  -- kill -0 says yes to a zombie; a daemon's parent (init) may reap it
+  -- seconds later: a wait for a stopped server timed out on a loaded run
+  it("proc.running: false for a process that ended, reaped or not",
+     function()
+    local p = proc.spawn({ "sh", "-c", "exit 0" })
+    testing.wait_until(function()
+      local st = proc.read("/proc/" .. p.pid .. "/stat")
+      return st:match("^.*%) (%S)") == "Z"
+    end, 10, "the child to end (a zombie until reaped)")
+    local zombie = os.execute("kill -0 " .. p.pid .. " 2>/dev/null")
+    assert.is_true(zombie == 0 or zombie == true, "kill -0 of a zombie")
+    assert.is_false(proc.running(p.pid))
+    assert.equal(0, p:wait(5))
+    assert.is_false(proc.running(p.pid))
+    assert.is_true(proc.running(proc.getpid()))
+    assert.is_false(proc.running("x"))
+  end)
+
   it("is guarded only as asked: proc.guard refuses a folder outside the"
      .. " kit's, a signal it does not send, and guards no ended process",
      function()

@@ -12,6 +12,7 @@
 -- Sentinels call the master down after 1 s without an answer and fail
 -- over at once (quorum 2). Readiness is waited for with deadlines.
 local servers = require "spec.support.servers"
+local proc = require "paygate.testing.proc"
 
 local _M = {}
 
@@ -55,7 +56,7 @@ local function daemon(dir, name, port, args)
     if pid and d.running then
       sh("kill -9 " .. pid)
       servers.wait_for(function()
-        return not sh("kill -0 " .. pid .. " 2>/dev/null")
+        return not proc.running(pid)
       end, 10, name .. " to exit")
     end
     os.remove(d.pidfile)

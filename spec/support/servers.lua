@@ -202,7 +202,7 @@ function _M.redis(opts)
 
   local function pid_alive()
     local pid = read_file(srv.pidfile):match("%d+")
-    return pid ~= nil and sh("kill -0 " .. pid .. " 2>/dev/null")
+    return pid ~= nil and proc.running(pid)
   end
 
   -- true once our server answers on the port (a PONG from another
@@ -283,8 +283,8 @@ function _M.redis(opts)
     end
     if pid then
       sh("kill " .. pid)
-      _M.wait_for(function() return not sh("kill -0 " .. pid .. " 2>/dev/null") end,
-                  10, "redis to exit")
+      _M.wait_for(function() return not proc.running(pid) end, 10,
+                  "redis to exit")
     end
     _M.unguard(srv)
     srv.running = false
@@ -499,8 +499,8 @@ function _M.kill_writer(url, out, mode)
   end, 20, "the writer's first acknowledgements")
   if ok then pause(math.random() * 0.3) end
   sh("kill -9 " .. pid)
-  _M.wait_for(function() return not sh("kill -0 " .. pid .. " 2>/dev/null") end,
-              10, "writer exit")
+  _M.wait_for(function() return not proc.running(pid) end, 10,
+              "writer exit")
   if g then g:cancel() end
   if not ok then error(err, 0) end
   return _M.acked_ids(out)

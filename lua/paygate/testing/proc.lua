@@ -229,6 +229,15 @@ local GUARD_SIGNALS = { TERM = true, QUIT = true, INT = true, HUP = true }
 local Guard = setmetatable({}, { __index = Proc })
 Guard.__index = Guard
 
+--- syntax: yes = proc.running(pid)
+-- Whether process pid runs: false once it has ended, even before it is
+-- reaped. `kill -0` says yes to a zombie, and a daemon's (Redis's,
+-- PostgreSQL's) parent is the machine's init, which may reap it seconds
+-- later (about 2 s on some container runtimes, more under load).
+function _M.running(pid)
+  return start_time(tonumber(pid) or -1) ~= nil
+end
+
 --- syntax: g = proc.guard(pid[, { signal = "TERM", grace = 10,
 ---                                rmdir = dir }])
 -- Ends process pid once this process is gone, however it ends (a crash,
