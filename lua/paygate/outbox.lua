@@ -127,7 +127,9 @@ local ready = setmetatable({}, { __mode = "k" })
 -- prior_attempts (the attempts made before the event's last replay, which
 -- set attempts back to 0: a delivery's `attempt` is prior_attempts +
 -- attempts + 1, so a replayed event never goes out as a first delivery)
--- came after the table: a table an older paygate made gets it in place.
+-- came after the table: a table an older paygate made gets it in place,
+-- by outbox.setup and the dispatcher only (a read, a replay or a prune
+-- never alters the table: a role that may only read lists an old one).
 -- (NOT NULL DEFAULT 0: that paygate's INSERT still works, during a rolling
 -- upgrade too; its rows had no replay counted.)
 local HAS_PRIOR = {
@@ -138,16 +140,33 @@ local HAS_PRIOR = {
     .. " AND NOT attisdropped",
 }
 
-local function has_prior(tx)
-  local rows, err = tx:query(HAS_PRIOR[tx.engine == "postgres" and "postgres"
-                                       or "sqlite"])
+-- On PostgreSQL the ALTER takes an ACCESS EXCLUSIVE lock: it waits behind
+-- any open transaction that touched the table, and every enqueue (the
+-- notification path) would queue behind the waiting ALTER. So the
+-- schema's own transaction waits for a lock at most this long, and a
+-- lock it did not get defers the column: the table works without it
+-- (a replay then starts the count over, as before the column), and the
+-- dispatcher tries again UPGRADE_RETRY s later.
+local LOCK_TIMEOUT = "SET LOCAL lock_timeout = '1s'"
+local UPGRADE_RETRY = 30
+
+-- db -> true: the table is there, the column not yet (its ALTER waited
+-- past the lock timeout); setup and enqueue do not try again, the
+-- dispatcher does
+local deferred = setmetatable({}, { __mode = "k" })
+
+local function has_prior(q)
+  local rows, err = q:query(HAS_PRIOR[q.engine == "postgres" and "postgres"
+                                      or "sqlite"])
   if not rows then
     return nil, err
   end
   return rows[1] ~= nil
 end
 
-local function create_in(tx)
+-- alter: add prior_attempts to a table that lacks it (only in a
+-- transaction of the schema's own: never under an enqueue's)
+local function create_in(tx, alter)
   local _, err
   if tx.engine == "postgres" then
     -- CREATE ... IF NOT EXISTS races between sessions in PostgreSQL.
@@ -161,6 +180,9 @@ local function create_in(tx)
   end
   if err then
     return nil, err
+  end
+  if not alter then
+    return true
   end
   local has, herr = has_prior(tx)
   if has == nil then
@@ -178,16 +200,107 @@ local function create_in(tx)
   return true
 end
 
-local function ensure_schema(db)
+local function schema_tx(tx)
+  if tx.engine == "postgres" then
+    local _, err = tx:exec(LOCK_TIMEOUT)
+    if err then
+      return nil, err
+    end
+  end
+  return create_in(tx, true)
+end
+
+local function log_at(level, msg, fields)
+  local ok, paygate = pcall(require, "paygate")
+  if ok and paygate.log then
+    paygate.log[level](msg, fields)
+  end
+end
+
+-- The table, its indexes and prior_attempts, once per handle. A lock the
+-- schema's transaction could not get in time (55P03; 40P01, a deadlock)
+-- on a table that is there defers the column: true (the table works
+-- without it; deferred[db] set, said once in the log). Once deferred,
+-- only `retry` tries again.
+-- returns: true, or nil, err
+local function ensure_schema(db, retry)
+  if ready[db] or (deferred[db] and not retry) then
+    return true
+  end
+  -- (PostgreSQL: one attempt; db:transaction's retries of a busy store
+  -- would wait for the lock again and again)
+  local ok, err = db:transaction(schema_tx, db.engine == "postgres"
+                                            and { retries = 1 } or nil)
+  if ok then
+    if deferred[db] then
+      log_at("info", "outbox: paygate_outbox has its prior_attempts column"
+             .. " now")
+    end
+    deferred[db] = nil
+    ready[db] = true
+    return true
+  end
+  local code = type(err) == "table" and err.code
+  if code ~= "55P03" and code ~= "40P01" then
+    return nil, err
+  end
+  -- the table may be there, with the column or without it (someone else
+  -- held the lock: another session's upgrade, a long transaction)
+  local has, herr = has_prior(db)
+  if has == nil then
+    return nil, herr
+  end
+  if has then
+    deferred[db] = nil
+    ready[db] = true
+    return true
+  end
+  local there, terr = db:has_table("paygate_outbox")
+  if not there then
+    return nil, there == nil and terr or err
+  end
+  if not deferred[db] then
+    log_at("warn", "outbox: paygate_outbox made by an older paygate lacks"
+      .. " the prior_attempts column, and another transaction held the"
+      .. " table past the lock timeout: deferred, the dispatcher tries"
+      .. " again (meanwhile a replay counts the attempts from 1 again)",
+      { error = tostring(err) })
+  end
+  deferred[db] = true
+  return true
+end
+
+-- The schema as a read, a replay or a prune needs it: whether the table
+-- has prior_attempts. The table is made when missing (with the column),
+-- never altered. returns: true or false, or nil, err
+local function prior_of(db)
   if ready[db] then
     return true
   end
-  local ok, err = db:transaction(create_in)
-  if not ok then
+  local has, err = has_prior(db)
+  if has == nil then
     return nil, err
   end
-  ready[db] = true
-  return true
+  if has then
+    ready[db] = true
+    return true
+  end
+  local there, terr = db:has_table("paygate_outbox")
+  if there == nil then
+    return nil, terr
+  end
+  if there then
+    return false
+  end
+  local ok, cerr = db:transaction(create_in)
+  if not ok then
+    return nil, cerr
+  end
+  has, err = has_prior(db)
+  if has then
+    ready[db] = true
+  end
+  return has, err
 end
 
 local function check_db(fname, db)
@@ -197,8 +310,11 @@ local function check_db(fname, db)
 end
 
 -- syntax: ok, err = outbox.setup(db)
--- Creates the table and its indexes unless they exist (once per handle;
--- enqueue and the dispatcher call it too).
+-- Creates the table and its indexes unless they exist, and adds
+-- prior_attempts to a table an older paygate made (once per handle;
+-- enqueue and the dispatcher call it too). PostgreSQL: a lock on the
+-- table not had within 1 s defers the column (true; the dispatcher tries
+-- again), so an upgrade never holds up the enqueues.
 -- yields: one transaction, the first time
 function _M.setup(db)
   check_db("outbox.setup", db)
@@ -346,7 +462,7 @@ function _M.enqueue(tx, event)
     error("outbox.enqueue: tx must be the tx of a db:transaction", 2)
   end
   local params = params_of("outbox.enqueue", event)
-  if not ready[tx.db] then
+  if not ready[tx.db] and not deferred[tx.db] then
     local _, serr = schema_in(tx)
     if serr then
       return nil, serr
@@ -949,10 +1065,7 @@ function _M.dispatcher(db, opts)
 end
 
 local function log_warn(msg, fields)
-  local ok, paygate = pcall(require, "paygate")
-  if ok and paygate.log then
-    paygate.log.warn(msg, fields)
-  end
+  log_at("warn", msg, fields)
 end
 
 local function lease_key(self, p)
@@ -1140,21 +1253,27 @@ local function refresh_leases(self, probe)
   return failed
 end
 
-local HEADS = "SELECT id, subject, type, payload, attempts, prior_attempts,"
-  .. " created_at, sinks_done FROM paygate_outbox o WHERE state = 'pending'"
-  .. " AND shard % $1 = $2 AND next_at <= $3 AND NOT EXISTS (SELECT 1"
-  .. " FROM paygate_outbox e WHERE e.state = 'pending'"
-  .. " AND e.subject = o.subject AND e.id < o.id) ORDER BY id LIMIT $4"
+-- (each [true] reads prior_attempts, [false] a 0 in its place: a table
+-- whose column is deferred)
+local PRIOR = { [true] = "prior_attempts", [false] = "0 AS prior_attempts" }
 
--- The heads of every shard at once (a dispatcher holding all of them):
--- one scan of the pending rows instead of one per shard, each of which
--- read past the other shards' rows; the rows are split by shard after.
-local HEADS_ALL = "SELECT id, subject, type, payload, attempts,"
-  .. " prior_attempts, created_at, sinks_done, shard FROM paygate_outbox o"
-  .. " WHERE state = 'pending'"
-  .. " AND next_at <= $1 AND NOT EXISTS (SELECT 1"
-  .. " FROM paygate_outbox e WHERE e.state = 'pending'"
-  .. " AND e.subject = o.subject AND e.id < o.id) ORDER BY id LIMIT $2"
+local HEADS, HEADS_ALL = {}, {}
+for has, col in pairs(PRIOR) do
+  HEADS[has] = "SELECT id, subject, type, payload, attempts, " .. col .. ","
+    .. " created_at, sinks_done FROM paygate_outbox o WHERE state ="
+    .. " 'pending' AND shard % $1 = $2 AND next_at <= $3 AND NOT EXISTS"
+    .. " (SELECT 1 FROM paygate_outbox e WHERE e.state = 'pending'"
+    .. " AND e.subject = o.subject AND e.id < o.id) ORDER BY id LIMIT $4"
+  -- The heads of every shard at once (a dispatcher holding all of them):
+  -- one scan of the pending rows instead of one per shard, each of which
+  -- read past the other shards' rows; the rows are split by shard after.
+  HEADS_ALL[has] = "SELECT id, subject, type, payload, attempts, " .. col
+    .. ", created_at, sinks_done, shard FROM paygate_outbox o"
+    .. " WHERE state = 'pending'"
+    .. " AND next_at <= $1 AND NOT EXISTS (SELECT 1"
+    .. " FROM paygate_outbox e WHERE e.state = 'pending'"
+    .. " AND e.subject = o.subject AND e.id < o.id) ORDER BY id LIMIT $2"
+end
 
 local MARK_DONE = "UPDATE paygate_outbox SET state = 'delivered',"
   .. " delivered_at = $2, attempts = attempts + 1, sinks_done = $3,"
@@ -1495,11 +1614,19 @@ end
 -- shard's lease had too little time left).
 -- yields
 function Dispatcher:step()
-  local ok, err = ensure_schema(self.db)
-  if not ok then
-    self.stats.errors = self.stats.errors + 1
-    return 0, err
+  -- (prior_attempts deferred: tried again every UPGRADE_RETRY s)
+  if not ready[self.db] and (not deferred[self.db]
+                             or self.now() >= (self.upgrade_at or 0)) then
+    local ok, err = ensure_schema(self.db, true)
+    if not ok then
+      self.stats.errors = self.stats.errors + 1
+      return 0, err
+    end
+    if not ready[self.db] then
+      self.upgrade_at = self.now() + UPGRADE_RETRY
+    end
   end
+  local prior = ready[self.db] == true
   self.stats.rounds = self.stats.rounds + 1
   -- (a round that raised may have left the recorder's flag set; what it
   -- queued is recorded with this round's)
@@ -1537,8 +1664,8 @@ function Dispatcher:step()
   end
   local head_err, head_failed = nil, 0
   local function shard_heads(p, l)
-    local rows, qerr = self.db:query(HEADS, { self.partitions, p, now,
-                                              self.batch })
+    local rows, qerr = self.db:query(HEADS[prior], { self.partitions, p,
+                                                     now, self.batch })
     if not rows then
       self.stats.errors = self.stats.errors + 1
       head_err, head_failed = head_err or qerr, head_failed + 1
@@ -1550,7 +1677,7 @@ function Dispatcher:step()
     -- every shard: one query, at most `batch` heads kept per shard (the
     -- first ones in id order, as the query of that shard alone returns)
     local limit = self.batch * held
-    local rows, qerr = self.db:query(HEADS_ALL, { now, limit })
+    local rows, qerr = self.db:query(HEADS_ALL[prior], { now, limit })
     if not rows then
       self.stats.errors = self.stats.errors + 1
       log_warn("outbox: heads", { error = tostring(qerr) })
@@ -1776,8 +1903,8 @@ local PRUNE = "DELETE FROM paygate_outbox WHERE id IN (SELECT id FROM"
 function _M.prune(db, opts)
   check_db("outbox.prune", db)
   opts = opts or {}
-  local ok, err = ensure_schema(db)
-  if not ok then
+  local ok, err = prior_of(db)
+  if ok == nil then
     return nil, err
   end
   local before = (opts.now or core.time())
@@ -1860,7 +1987,9 @@ end
 -- state says "delivered" or "any". A replayed delivered event goes to
 -- every sink again; a replayed dead letter only to the sinks it had not
 -- reached. It is the head of its subject again: later pending events of
--- the subject wait for it.
+-- the subject wait for it. It never alters the table: on one an older
+-- paygate made, whose prior_attempts is not added yet, the count starts
+-- over.
 -- returns: the number of events replayed
 function _M.replay(db, filter)
   check_db("outbox.replay", db)
@@ -1868,8 +1997,8 @@ function _M.replay(db, filter)
     filter = { id = filter, state = "any" }
   end
   check_filter("outbox.replay", filter)
-  local ok, err = ensure_schema(db)
-  if not ok then
+  local prior, err = prior_of(db)
+  if prior == nil then
     return nil, err
   end
   local w, params = where(filter, "dead")
@@ -1877,7 +2006,8 @@ function _M.replay(db, filter)
   params[n + 1] = core.time()
   local stmt = "UPDATE paygate_outbox SET sinks_done = CASE WHEN state ="
     .. " 'delivered' THEN '' ELSE sinks_done END, state = 'pending',"
-    .. " prior_attempts = prior_attempts + attempts, attempts = 0,"
+    .. (prior and " prior_attempts = prior_attempts + attempts," or "")
+    .. " attempts = 0,"
     .. " next_at = $" .. (n + 1) .. ", last_error = NULL,"
     .. " delivered_at = NULL"
     .. (w == "" and " WHERE" or w .. " AND") .. " state <> 'pending'"
@@ -1893,19 +2023,20 @@ end
 -- returns: rows { id, subject, type, payload (JSON text), state, attempts
 --          (since the last replay), prior_attempts (before it), next_at,
 --          created_at, delivered_at, sinks_done, last_error }
---          in id order
+--          in id order (prior_attempts 0 on a table an older paygate made
+--          and nothing upgraded yet: a read never alters the table)
 function _M.list(db, filter)
   check_db("outbox.list", db)
   filter = filter or {}
   check_filter("outbox.list", filter)
-  local ok, err = ensure_schema(db)
-  if not ok then
+  local prior, err = prior_of(db)
+  if prior == nil then
     return nil, err
   end
   local w, params = where(filter, "any")
   params[#params + 1] = filter.limit or 100
-  return db:query("SELECT id, subject, type, payload, state, attempts,"
-    .. " prior_attempts, next_at, created_at, delivered_at, sinks_done,"
+  return db:query("SELECT id, subject, type, payload, state, attempts, "
+    .. PRIOR[prior] .. ", next_at, created_at, delivered_at, sinks_done,"
     .. " last_error FROM"
     .. " paygate_outbox" .. w .. " ORDER BY id LIMIT $" .. #params, params)
 end
