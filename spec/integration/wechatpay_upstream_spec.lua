@@ -336,6 +336,46 @@ describe("paygate.wechatpay against a slow or failing WeChat", function()
     a:stop(); b:stop()
   end)
 
+  -- The breakers' registry is in the dict, which is LRU, and no call
+  -- reads it: evicted, its endpoints were never listed again (each worker
+  -- registered an endpoint once, when it first met it; an evicted counter
+  -- restarted the numbering over the first entry)
+  it("lists the breakers again after the dict evicted their registry, at "
+     .. "the endpoints' next calls", function()
+    n = n + 1
+    local name = "spec_upstream_" .. n
+    -- small, so that other entries evict the registry
+    local d = require("paygate.shared").get_dict(name, "128k")
+    local conf = { shared_dict = name, max_attempts = 1, breaker_window = 1 }
+    local a, b = stub:client(conf), stub:client(conf)  -- two workers
+    local EP1 = "GET /v3/pay/transactions/out-trade-no/{}"
+    local EP2 = "GET /v3/refund/domestic/refunds/{}"
+    local function call_both()
+      get(a, "/v3/pay/transactions/out-trade-no/PG7")
+      get(a, "/v3/refund/domestic/refunds/RF7")
+    end
+    local function listed()
+      local eps = b:upstream_status().endpoints
+      return eps[EP1] ~= nil and eps[EP2] ~= nil
+    end
+    call_both()
+    assert.is_true(listed())
+    -- other entries fill the dict: everything older is evicted
+    local fill = ("x"):rep(1000)
+    for i = 1, 400 do assert(d:set("spec:fill:" .. i, fill)) end
+    assert.is_false(listed())
+    call_both()
+    assert.is_true(listed(), "not listed after the next calls")
+    -- the registry alone evicted (the breakers' counts kept, as a
+    -- registry nobody reads goes first): listed again within a breaker
+    -- window of calls
+    d:delete("wechatpay:" .. MCHID .. ":cb:eps")
+    assert.is_false(listed())
+    proc.wait_until(function() call_both(); return listed() end, 10,
+                    "the endpoints listed again")
+    a:stop(); b:stop()
+  end)
+
   it("a 500 whose code says the request is wrong (OPENID_MISMATCH) is an "
      .. "answer: it does not open the breaker", function()
     local wx = client{ breaker_min_calls = 4, breaker_failure_ratio = 0.5,

@@ -314,16 +314,26 @@ end
 -- endpoint (not per attempt): k (the prefix), s (state), at (opened at),
 -- p (the probe), and the counters' keys of bucket b (c, f), remade when
 -- the bucket changes.
--- The endpoints with a breaker, listed in the dict once each (whichever
--- worker meets one first adds it), so status() names every breaker of
--- the instance, not only those of endpoints the asking worker called:
--- "<prefix>cb:n" counts them, "<prefix>cb:ep:<i>" names the i-th.
+-- The endpoints with a breaker, listed in the dict, so status() names
+-- every breaker of the instance, not only those of endpoints the asking
+-- worker called: one key, "<prefix>cb:eps", holds them ("\n" before and
+-- after each name). The dict is LRU and nothing reads the key on a call:
+-- it may be evicted. So an endpoint is checked in it, and added again
+-- when missing, not only when a worker first meets it but each time a
+-- worker's attempt starts a new bucket of its breaker's counts (once per
+-- breaker_window per endpoint, no dict write on other calls) and when its
+-- breaker opens. (Two workers adding at the same moment may lose one
+-- name; its next check adds it again.)
+local REGISTRY_MAX = 16384       -- bytes of names: some 300 endpoints
+
 local function register(wx, ep)
   local d = wx.updict
-  local prefix = (wx.key_prefix or "wechatpay:") .. "cb:"
-  if d:add(prefix .. "known:" .. ep, true) then
-    local i = d:incr(prefix .. "n", 1, 0)
-    if i then d:set(prefix .. "ep:" .. i, ep) end
+  local key = (wx.key_prefix or "wechatpay:") .. "cb:eps"
+  local list = d:get(key)
+  if type(list) ~= "string" then list = "\n" end
+  if not list:find("\n" .. ep .. "\n", 1, true)
+     and #list + #ep < REGISTRY_MAX then
+    d:set(key, list .. ep .. "\n")
   end
 end
 
@@ -384,6 +394,7 @@ local function open(wx, ep, ks, d, now)
   d:set(ks.at, now)
   d:set(ks.s, "open")
   d:delete(ks.p)
+  register(wx, ep)               -- (listed while open, evicted or not)
   core.log(2, "wechatpay: circuit opened", json.encode({ endpoint = ep,
     mchid = wx.conf.mchid, open_for = wx.conf.breaker_open_for }))
 end
@@ -411,7 +422,9 @@ function _M.record(wx, ep, failed, probe)
   end
   local ck, fk = bucket_keys(ks, floor(now / c.breaker_window))
   local ttl = 2 * c.breaker_window + 1
-  d:incr(ck, 1, 0, ttl)
+  if d:incr(ck, 1, 0, ttl) == 1 then
+    register(wx, ep)             -- a new bucket: still listed?
+  end
   if not failed then return end
   d:incr(fk, 1, 0, ttl)
   local n, f = window_counts(d, ks.k, c, now)
@@ -446,10 +459,9 @@ local function known_endpoints(wx)
   local d = wx.updict
   local eps = {}
   for ep in pairs(wx.upstream.eps) do eps[ep] = true end
-  local prefix = (wx.key_prefix or "wechatpay:") .. "cb:"
-  for i = 1, tonumber(d:get(prefix .. "n")) or 0 do
-    local ep = d:get(prefix .. "ep:" .. i)
-    if type(ep) == "string" then eps[ep] = true end
+  local list = d:get((wx.key_prefix or "wechatpay:") .. "cb:eps")
+  if type(list) == "string" then
+    for ep in list:gmatch("[^\n]+") do eps[ep] = true end
   end
   return eps
 end
