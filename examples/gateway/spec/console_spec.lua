@@ -831,6 +831,39 @@ end
       assert.equal(#e, #console_entries(gw))
     end)
 
+    it("counts an event's deliveries across its replays, as its receivers"
+       .. " do", function()
+      -- the deliveries' `attempt` goes on across a replay (outbox's
+      -- prior_attempts); the pages showed the count since the last one
+      local outbox = require "paygate.outbox"
+      rcv:request{ method = "POST", path = "/mode", body = "500" }
+      local p = gw:create{ description = "dead twice" }
+      local id
+      local function state_is(want)
+        return function()
+          local rows = assert(gw.db:query("SELECT id, state FROM"
+            .. " paygate_outbox WHERE subject = $1", { p.id }))
+          id = rows[1] and rows[1].id
+          return rows[1] and rows[1].state == want
+        end
+      end
+      testing.wait_until(state_is("dead"), 10, "the first dead letter")
+      assert.equal(1, assert(outbox.replay(gw.db, id)))
+      testing.wait_until(state_is("dead"), 10, "the replay dead again")
+      local cell = "<td>2 (1 since its last replay)</td>"
+      local page = get(gw, "/console/outbox")
+      assert.equal(200, page.status)
+      assert.matches(cell, page.body, 1, true)
+      rcv:request{ method = "POST", path = "/mode", body = "204" }
+      assert.equal(1, assert(outbox.replay(gw.db, id)))
+      testing.wait_until(state_is("delivered"), 10, "the delivery")
+      page = get(gw, "/console/payments/" .. p.id)
+      assert.equal(200, page.status)
+      assert.matches("<td>" .. id .. "</td><td>payment.paying</td><td>"
+                     .. "delivered</td><td>3 (1 since its last replay)</td>",
+                     page.body, 1, true)
+    end)
+
     it("names paygate doctor's unsigned probe among refused notifications",
        function()
       local res = gw.srv:request{ method = "POST", path = "/wechatpay/notify/"

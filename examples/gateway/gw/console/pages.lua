@@ -44,6 +44,18 @@ local function when(t)
   return os.date("!%Y-%m-%d %H:%M:%S", floor(t)) .. "Z"
 end
 
+-- An event's deliveries, as its receivers count them: the `attempt` of
+-- its last delivery, a replay's too (outbox: prior_attempts + attempts).
+-- `attempts` alone restarts at each replay (what max_attempts counts),
+-- so an event delivered on attempt 4 after a replay showed 1. With a
+-- replay behind it: "4 (1 since its last replay)".
+local function deliveries(e)
+  local since = tonumber(e.attempts) or 0
+  local prior = tonumber(e.prior_attempts) or 0
+  if prior <= 0 then return since end
+  return (prior + since) .. " (" .. since .. " since its last replay)"
+end
+
 local function fen(n)
   n = tonumber(null(n))
   if not n then return "" end
@@ -734,7 +746,7 @@ function _M.payment(id, view)
   if not evs then return nil, err end
   local el = {}
   for i, e in ipairs(evs) do
-    el[i] = { e.id, e.type, e.state, e.attempts, when(e.created_at),
+    el[i] = { e.id, e.type, e.state, deliveries(e), when(e.created_at),
               when(null(e.delivered_at)), null(e.last_error) or "",
               e.state == "dead" and lever(view, "/console/outbox/" .. e.id
                 .. "/replay", "Replay", {}) or "" }
@@ -772,13 +784,14 @@ end
 function _M.dead_letters(q, view)
   local after = tonumber(q.after) or 0
   local rows, err = ctx.db:query("SELECT id, subject, type, attempts,"
-    .. " created_at, last_error FROM paygate_outbox WHERE state = 'dead'"
+    .. " prior_attempts, created_at, last_error FROM paygate_outbox WHERE"
+    .. " state = 'dead'"
     .. " AND id > $1 ORDER BY id LIMIT " .. (PAGE + 1), { after })
   if not rows then return nil, err end
   local list = {}
   for i = 1, min(#rows, PAGE) do
     local e = rows[i]
-    list[i] = { e.id, payment_link(e.subject), e.type, e.attempts,
+    list[i] = { e.id, payment_link(e.subject), e.type, deliveries(e),
                 when(e.created_at), null(e.last_error) or "",
                 lever(view, "/console/outbox/" .. e.id .. "/replay",
                       "Replay", {}) }
