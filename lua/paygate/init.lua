@@ -9,6 +9,23 @@
 -- kind, message, retryable); misuse raises; I/O yields the coroutine.
 
 local core = require "paygate.core"
+
+-- The level of C primitives these modules call (the binary's core.api,
+-- GW_LUA_API in src/core/lpaygate.c; raised with it). A binary built from
+-- an older checkout than these modules (the checkout updated under a
+-- running paygate, then a reload or a worker restart) is refused here,
+-- saying so, instead of failing at the first primitive it lacks.
+local API = 1
+if (tonumber(core.api) or 0) < API then
+  local here = debug.getinfo(1, "S").source:match("^@(.*)/paygate/init%.lua$")
+  -- (what to do first: a reload's outcome keeps the first 255 bytes)
+  error("paygate: these Lua modules need a newer paygate binary: build it"
+        .. " again (cmake --build build) and restart paygate; a reload keeps"
+        .. " the running binary (primitives level " .. API .. ", the binary"
+        .. " gives " .. (tonumber(core.api) or 0) .. "; modules in "
+        .. tostring(here or "lua/") .. ")", 0)
+end
+
 local json = require "paygate.json"
 local router = require "paygate.router"
 

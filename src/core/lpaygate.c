@@ -1734,6 +1734,16 @@ static const luaL_Reg lcore_funcs[] = {
     { NULL, NULL }
 };
 
+/* The level of the primitives this binary gives Lua (core.api). Raise it
+ * whenever a primitive the Lua modules call is added or changed, and
+ * lua/paygate/init.lua's API with it: Lua modules newer than the binary
+ * (a checkout updated under a running paygate: a reload, or a worker
+ * restarted, loads them into the old binary) then stop at once with what
+ * to do, not at the first missing call ("attempt to call field
+ * 'histogram' (a nil value)"). Level 1: metrics.histogram, write_file's
+ * opts.sync, tls.set_certificate's reasons. */
+#define GW_LUA_API 1
+
 int
 luaopen_paygate_core(lua_State *L)
 {
@@ -1773,5 +1783,7 @@ luaopen_paygate_core(lua_State *L)
     luaL_register(L, NULL, lcore_funcs);
     lua_pushlightuserdata(L, NULL);   /* == cjson.null, SQL NULL, nil reply */
     lua_setfield(L, -2, "null");
+    lua_pushinteger(L, GW_LUA_API);
+    lua_setfield(L, -2, "api");
     return 1;
 }
