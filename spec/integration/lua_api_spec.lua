@@ -61,4 +61,60 @@ describe("the Lua modules and the binary", function()
                    .. " binary gives " .. core.api .. "; modules in " .. dir
                    .. "/lua)", out, 1, true)
   end)
+
+  -- The level is raised by hand; this keeps it honest for the primitives'
+  -- names: the binary's C functions (the paygate.* modules it preloads,
+  -- and the methods of the paygate.* userdata it registers) are listed in
+  -- spec/fixtures/lua_api.txt under the level they belong to. A C change
+  -- that adds, renames or removes one fails here until the level is
+  -- raised (GW_LUA_API and init.lua's API) and the list written again.
+  it("names its primitives under its level (spec/fixtures/lua_api.txt)",
+     function()
+    for name in pairs(package.preload) do
+      if name:match("^paygate") then require(name) end
+    end
+    local seen = {}
+    local function add(prefix, t)
+      for k, v in pairs(t) do
+        if type(v) == "function" then
+          seen[#seen + 1] = prefix .. tostring(k)
+        end
+      end
+    end
+    for name in pairs(package.preload) do
+      if name:match("^paygate") and type(package.loaded[name]) == "table" then
+        add(name .. ".", package.loaded[name])
+      end
+    end
+    for name, mt in pairs(debug.getregistry()) do
+      if type(name) == "string" and name:match("^paygate")
+         and type(mt) == "table" then
+        add(name .. ":", mt)
+        if type(mt.__index) == "table" and mt.__index ~= mt then
+          add(name .. ":", mt.__index)
+        end
+      end
+    end
+    table.sort(seen)
+    local src = debug.getinfo(1, "S").source:match("^@(.*)/spec/") or "."
+    local path = src .. "/spec/fixtures/lua_api.txt"
+    local f = assert(io.open(path))
+    local level = tonumber(f:read("*l"):match("^level (%d+)$"))
+    local listed = {}
+    for l in f:lines() do listed[#listed + 1] = l end
+    f:close()
+    local want, have = {}, {}
+    for _, n in ipairs(listed) do want[n] = true end
+    for _, n in ipairs(seen) do have[n] = true end
+    local added, gone = {}, {}
+    for _, n in ipairs(seen) do if not want[n] then added[#added + 1] = n end end
+    for _, n in ipairs(listed) do if not have[n] then gone[#gone + 1] = n end end
+    assert.equal(level, core.api, "spec/fixtures/lua_api.txt's level is"
+                 .. " the binary's (core.api)")
+    assert.is_true(#added == 0 and #gone == 0, "the binary's primitives"
+      .. " changed (added: " .. table.concat(added, ", ") .. "; gone: "
+      .. table.concat(gone, ", ") .. "): raise GW_LUA_API"
+      .. " (src/core/lpaygate.c) and API (lua/paygate/init.lua), and"
+      .. " write the list again in spec/fixtures/lua_api.txt")
+  end)
 end)
