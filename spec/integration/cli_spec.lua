@@ -151,6 +151,15 @@ describe("paygate CLI", function()
                    .. " the current directory, " .. assert(proc.cwd())
                    .. " (an app is a folder with an app.lua)\n", out, 1,
                    true)
+    -- a trailing slash: one '/' before app.lua (was: "spec//app.lua")
+    code, out = run({ "run", "spec/" })
+    assert.equal(2, code)
+    assert.matches("paygate run: spec/app.lua not found: spec/ is taken"
+                   .. " from the current directory, ", out, 1, true)
+    code, out = run({ "run", "/nonexistent-app//" })
+    assert.equal(2, code)
+    assert.matches("paygate run: /nonexistent-app/app.lua not found (",
+                   out, 1, true)
     code, out = run({ "run", "examples/hello", "--workers", "zero" })
     assert.equal(2, code)
     assert.matches("--workers", out)

@@ -210,6 +210,20 @@ run_option_error(const char *last, const struct option *longopts)
     }
 }
 
+/* DIR's app.lua into buf, one '/' between them whatever DIR ends with
+ * ("myapp/" gave "myapp//app.lua"; "/" gives "/app.lua"). */
+static void
+app_lua_path(char *buf, size_t size, const char *dir)
+{
+    size_t n = strlen(dir);
+
+    while (n > 1 && dir[n - 1] == '/') {
+        n--;
+    }
+    snprintf(buf, size, "%.*s%sapp.lua", (int) n, dir,
+             n > 0 && dir[n - 1] == '/' ? "" : "/");
+}
+
 /* `paygate run DIR` with no DIR/app.lua: says so, and for a relative DIR
  * which folder it was taken from (the current directory, named), as the
  * test kit's start_app does: "myapp/app.lua not found" alone left a user
@@ -217,21 +231,22 @@ run_option_error(const char *last, const struct option *longopts)
 static void
 app_not_found(const char *dir, int found)
 {
-    char cwd[4096];
+    char cwd[4096], app_lua[4096];
     const char *hint = found ? "" : "run from the folder that holds it, "
                                     "or give an absolute path; ";
 
+    app_lua_path(app_lua, sizeof(app_lua), dir);
     if (dir[0] == '/') {
-        fprintf(stderr, "paygate run: %s/app.lua not found (an app is a "
-                        "folder with an app.lua)\n", dir);
+        fprintf(stderr, "paygate run: %s not found (an app is a "
+                        "folder with an app.lua)\n", app_lua);
     } else if (getcwd(cwd, sizeof(cwd)) == NULL) {
-        fprintf(stderr, "paygate run: %s/app.lua not found: %s is taken "
+        fprintf(stderr, "paygate run: %s not found: %s is taken "
                         "from the current directory (%san app is a folder "
-                        "with an app.lua)\n", dir, dir, hint);
+                        "with an app.lua)\n", app_lua, dir, hint);
     } else {
-        fprintf(stderr, "paygate run: %s/app.lua not found: %s is taken "
+        fprintf(stderr, "paygate run: %s not found: %s is taken "
                         "from the current directory, %s (%san app is a "
-                        "folder with an app.lua)\n", dir, dir, cwd, hint);
+                        "folder with an app.lua)\n", app_lua, dir, cwd, hint);
     }
 }
 
@@ -374,8 +389,8 @@ cmd_run(int argc, char **argv)
     /* Absolute, so paygate.app_dir names the app's folder wherever the
      * app looks from (realpath's buffer lives until exit). */
     o.app_dir = realpath(argv[optind], NULL);
-    snprintf(app_lua, sizeof(app_lua), "%s/app.lua",
-             o.app_dir != NULL ? o.app_dir : argv[optind]);
+    app_lua_path(app_lua, sizeof(app_lua),
+                 o.app_dir != NULL ? o.app_dir : argv[optind]);
     if (o.app_dir == NULL || stat(app_lua, &st) != 0
         || !S_ISREG(st.st_mode)) {
         app_not_found(argv[optind], o.app_dir != NULL);
