@@ -423,6 +423,25 @@ for level in pairs(LIMIT_LEVELS) do
   end
 end
 
+--- syntax: o, why, key = paygate.log.limiter_opts(opts)
+-- The check of a limiter's opts (a table), for a config that takes them
+-- (gateway.refusal_log) to refuse at start what paygate.log.limiter would
+-- raise on, with the same limits. Other keys are not looked at.
+-- returns: { lines = ..., window = ... } with the defaults (10, 60) put
+-- in; or nil, why ("must be a whole number, 1 .. 1000000") and the key at
+-- fault ("lines" or "window")
+function log.limiter_opts(opts)
+  local lines, window = opts.lines or 10, opts.window or 60
+  if type(lines) ~= "number" or lines % 1 ~= 0 or lines < 1
+     or lines > 1e6 then
+    return nil, "must be a whole number, 1 .. 1000000", "lines"
+  end
+  if not core.is_seconds(window) or window < 1 or window > 86400 then
+    return nil, "must be seconds, 1 .. 86400", "window"
+  end
+  return { lines = lines, window = window }
+end
+
 --- syntax: lim = paygate.log.limiter(msg[, opts])
 -- For a line that each request from outside can cause: lim:warn(key[,
 -- fields]) (also debug, info, error) logs msg with key's and fields'
@@ -449,18 +468,11 @@ function log.limiter(msg, opts)
   if opts ~= nil and type(opts) ~= "table" then
     error("paygate.log.limiter: opts must be a table or false", 2)
   end
-  opts = opts or {}
-  local lines, window = opts.lines or 10, opts.window or 60
-  if type(lines) ~= "number" or lines % 1 ~= 0 or lines < 1
-     or lines > 1e6 then
-    error("paygate.log.limiter: opts.lines must be a whole number,"
-          .. " 1 .. 1000000", 2)
+  local o, why, key = log.limiter_opts(opts or {})
+  if not o then
+    error("paygate.log.limiter: opts." .. key .. " " .. why, 2)
   end
-  if not core.is_seconds(window) or window < 1 or window > 86400 then
-    error("paygate.log.limiter: opts.window must be seconds, 1 .. 86400",
-          2)
-  end
-  lim.lines, lim.window = lines, window
+  lim.lines, lim.window = o.lines, o.window
   return lim
 end
 

@@ -56,6 +56,14 @@ describe("paygate.log.limiter", function()
         paygate.log.limiter("m", { window = bad })
       end, "paygate.log.limiter: opts.window must be seconds, 1 .. 86400")
     end
+    -- the same check, for a config that takes a limiter's opts
+    assert.same({ lines = 10, window = 60 }, paygate.log.limiter_opts({}))
+    assert.same({ lines = 3, window = 5 },
+                paygate.log.limiter_opts({ lines = 3, window = 5 }))
+    assert.same({ nil, "must be a whole number, 1 .. 1000000", "lines" },
+                { paygate.log.limiter_opts({ lines = 0 }) })
+    assert.same({ nil, "must be seconds, 1 .. 86400", "window" },
+                { paygate.log.limiter_opts({ window = 0 / 0 }) })
     local lim = paygate.log.limiter("m")
     assert.has_error(function() lim:warn("kind") end,
       "paygate.log.limiter: key must be a table of fields")

@@ -15,6 +15,7 @@ local validate = require "paygate.wechatpay.validate"
 local errors = require "paygate.wechatpay.errors"
 local wxconfig = require "paygate.wechatpay.config"
 local suggest = require "paygate.suggest"
+local log = require("paygate").log
 
 local type, pairs, ipairs, tostring, tonumber = type, pairs, ipairs,
       tostring, tonumber
@@ -750,18 +751,10 @@ function _M.check(conf, runtime)
     local kok, kerr = only(rl, { lines = true, window = true },
                            "gateway.refusal_log.")
     if not kok then return nil, kerr end
-    local lines, window = rl.lines or 10, rl.window or 60
-    if type(lines) ~= "number" or lines % 1 ~= 0 or lines < 1
-       or lines > 1e6 then
-      return fail("gateway.refusal_log.lines", "must be a whole number,"
-                  .. " 1 .. 1000000")
-    end
-    if type(window) ~= "number" or not (window >= 1 and window <= 86400)
-    then
-      return fail("gateway.refusal_log.window", "must be seconds, 1 .."
-                  .. " 86400")
-    end
-    rl = { lines = lines, window = window }
+    -- the limits (and defaults) are the limiter's own
+    local o, why, key = log.limiter_opts(rl)
+    if not o then return fail("gateway.refusal_log." .. key, why) end
+    rl = o
   end
   out.refusal_log = rl
 
