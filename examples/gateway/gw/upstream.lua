@@ -10,7 +10,8 @@
 --   publish(ctx)  -> in a worker: the gauges, every second
 --     paygate_gateway_degraded                 1 while the switch is on
 --     paygate_gateway_circuit_breaker_state{merchant,endpoint}
---                                              0 closed, 1 open, 2 half_open
+--                                              upstream.state: 0 closed,
+--                                              1 open, 2 half-open
 --     Each worker sets them from the shared dict (the switch, the
 --     breakers), so /metrics shows them whichever worker set them last
 --     and whether or not a worker died or was reloaded meanwhile. No
@@ -61,6 +62,20 @@ end
 
 _M.STATE = { closed = 0, open = 1, half_open = 2 }
 
+--- syntax: n = upstream.state(e)
+-- e: a breaker of upstream.status (or wx:breakers()).
+-- returns: 0 closed, 1 open, 2 half-open: a probe is out, or the
+-- cool-down is over (an open breaker with retry_after 0, as GET
+-- /admin/upstream says it: the next call goes through as the probe).
+-- The breaker stays "open" in the shared dict until a call probes; an
+-- alert on 1 kept firing after WeChat recovered, with no call refused.
+function _M.state(e)
+  if e.breaker == "open" and e.retry_after == 0 then
+    return _M.STATE.half_open
+  end
+  return _M.STATE[e.breaker] or _M.STATE.open
+end
+
 -- A worker holds 128 gauge series for every gauge of the app (the bill
 -- reconciliation's, the certificates'...): this one takes at most
 -- MAX_BREAKERS of them, the breakers that are not closed first.
@@ -81,7 +96,7 @@ function _M.publish(ctx)
     for mchid, client in pairs(ctx.wx) do
       for ep, e in pairs(client:breakers()) do
         list[#list + 1] = { mchid = mchid, endpoint = ep,
-                            state = _M.STATE[e.breaker] or 1 }
+                            state = _M.state(e) }
       end
     end
     sort(list, function(a, b)

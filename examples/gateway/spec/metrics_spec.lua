@@ -143,3 +143,66 @@ describe("gateway metrics of WeChat's health", function()
     sim:clear_faults()
   end)
 end)
+
+-- Once an open breaker's cool-down was over the gauge still said 1 (open)
+-- until a call probed: an alert kept firing after WeChat recovered,
+-- though the next call would go through. It says 2 (half-open) then, as
+-- GET /admin/upstream says "open" with retry_after 0 (the next call is
+-- the probe). A short cool-down (real seconds: the breaker's clock).
+describe("gateway metrics: a breaker past its cool-down", function()
+  local sim, gw
+  local QUERY = "GET /v3/pay/transactions/out-trade-no/{}"
+  local OPEN_FOR = 2
+
+  setup(function()
+    sim = testing.simulator{ time_scale = 100 }
+    gw = gwcore.start(sim, { workers = 1,
+      gateway = { reconcile = { enabled = false } },
+      merchant = { max_attempts = 1, breaker_min_calls = 2,
+                   breaker_failure_ratio = 0.5,
+                   breaker_open_for = OPEN_FOR } })
+  end)
+
+  teardown(function()
+    if gw then gw:stop() end
+    testing.stop_all()
+  end)
+
+  local function gauge(series)
+    local res = gw.srv:admin_get("/metrics")
+    local body = res and res.status == 200 and res.body or ""
+    return tonumber(body:match("\n" .. series:gsub("%p", "%%%0")
+                               .. " (%S+)\n"))
+  end
+
+  local function breaker()
+    local u = gw.srv:request{ method = "GET", path = "/admin/upstream" }
+    return u.json.merchants[sim.merchant.mchid][QUERY]
+  end
+
+  it("says 2 (half-open) once a probe may go, 0 once it is answered",
+     function()
+    local series = 'paygate_gateway_circuit_breaker_state{endpoint="'
+      .. QUERY .. '",merchant="' .. sim.merchant.mchid .. '"}'
+    local p = gw:create{}
+    sim:fault{ endpoint = "query", kind = "error", status = 500 }
+    testing.wait_until(function()
+      gw:call("GET", "/v1/payments/" .. p.id .. "?refresh=1")
+      local e = breaker()
+      return e and e.breaker == "open"
+    end, 30, "the query breaker open")
+    -- no call meanwhile: the cool-down passes, nothing probes
+    testing.wait_until(function() return gauge(series) == 2 end,
+                       OPEN_FOR + 10, series .. " = 2 after the cool-down")
+    local e = breaker()
+    assert.equal("open", e.breaker)          -- nothing probed yet
+    assert.equal(0, e.retry_after)           -- the next call is the probe
+    -- WeChat is back: the next call probes, is answered, closes it
+    sim:clear_faults()
+    local res = gw:call("GET", "/v1/payments/" .. p.id .. "?refresh=1")
+    assert.equal(200, res.status, res.body)
+    assert.equal("closed", breaker().breaker)
+    testing.wait_until(function() return gauge(series) == 0 end, 10,
+                       series .. " = 0 once the probe was answered")
+  end)
+end)

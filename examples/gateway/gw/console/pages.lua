@@ -276,9 +276,11 @@ local function breakers_box(st)
   end
   local rows = {}
   for i, b in ipairs(list) do
+    -- (the gauge's state: half-open once the cool-down is over)
     rows[i] = { b.mchid, b.endpoint, render("<span class=\"bad\">{{s}}"
       .. "</span>", { s = b.breaker == "half_open" and "half-open (a probe"
-        .. " is out)" or "open" }),
+        .. " is out)" or upstream.state(b) == upstream.STATE.half_open
+        and "half-open (the next call is the probe)" or "open" }),
       b.retry_after and (b.retry_after > 0 and b.retry_after .. " s"
                          or "the next call") or "",
       b.failures .. " of " .. b.calls }
