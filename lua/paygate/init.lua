@@ -77,6 +77,8 @@ _M.update_time = core.update_time
 _M.write_file = core.write_file
 -- ok, err = paygate.mkdir_p(dir[, mode]): a folder and its parents, no shell
 _M.mkdir_p = core.mkdir_p
+-- ok, err = paygate.chmod(path, mode): a mode set, a symbolic link refused
+_M.chmod = core.chmod
 -- s, err = paygate.read_file(path, name[, max]): a small file whole; err
 -- names name (the config key), never the path or a byte of the file
 _M.read_file = core.read_file

@@ -209,6 +209,42 @@ describe("core.listdir and core.file_type", function()
   end)
 end)
 
+describe("core.chmod (paygate.chmod)", function()
+  it("sets a file's or a folder's mode", function()
+    local p = tmp .. "/open.txt"
+    assert.is_true(core.write_file(p, "x", 420))             -- 0644
+    assert.is_true(core.chmod(p, 384))                       -- 0600
+    assert.equal("600", mode(p))
+    assert(core.mkdir_p(tmp .. "/d", 493))
+    assert.is_true(core.chmod(tmp .. "/d", 448))
+    assert.equal("700", mode(tmp .. "/d"))
+  end)
+
+  it("refuses a symbolic link, a missing file, a bad mode", function()
+    local target = tmp .. "/target.txt"
+    assert.is_true(core.write_file(target, "x", 420))
+    servers.sh("ln -sf " .. target .. " " .. tmp .. "/link")
+    local ok, err = core.chmod(tmp .. "/link", 511)          -- 0777
+    assert.is_nil(ok)
+    assert.equal("io", err.kind)
+    assert.equal("chmod " .. tmp .. "/link: a symbolic link (not followed)",
+                 err.message)
+    assert.equal("644", mode(target))                        -- untouched
+    ok, err = core.chmod(tmp .. "/no-such", 384)
+    assert.is_nil(ok)
+    assert.equal("io: chmod " .. tmp .. "/no-such: No such file or"
+                 .. " directory", tostring(err))
+    assert.has_error(function() core.chmod(target) end,
+      "paygate.chmod: mode must be an integer from 0 to 0777 (got nil)")
+    assert.has_error(function() core.chmod(target, 600) end,
+      "paygate.chmod: mode 600 is 01130 in octal, past 0777 (Lua reads"
+      .. " 0600 as the decimal 600): write 384 for 0600, or"
+      .. ' tonumber("600", 8)')
+    assert.has_error(function() core.chmod(nil, 384) end)
+    assert.equal(core.chmod, require("paygate").chmod)
+  end)
+end)
+
 -- A file size limit (ulimit -f) reached sent SIGXFSZ, whose default is to
 -- kill: a worker whose SQLite WAL reached it died, and each replacement
 -- with it, for ever. Ignored, the write fails EFBIG and is an error.

@@ -624,6 +624,46 @@ lcore_mkdir_p(lua_State *L)
 }
 
 /*
+ * core.chmod(path, mode) -> true | nil, err (kind io)
+ * Sets path's mode (0 .. 0777, checked as core.write_file's): to make a
+ * file written before under a looser mode its owner's alone. A symbolic
+ * link is not followed (refused: it would change what it points to,
+ * wherever that is). Blocking: for start-up work.
+ */
+static int
+lcore_chmod(lua_State *L)
+{
+    size_t      len;
+    const char *path = gw_arg_string(L, 1, "paygate.chmod", "path", &len);
+    mode_t      mode;
+    struct stat st;
+
+    if (lua_isnoneornil(L, 2)) {
+        return luaL_error(L, "paygate.chmod: mode must be an integer from 0"
+                          " to 0777 (got nil)");
+    }
+    mode = check_mode(L, 2, "paygate.chmod", 0, 0);
+    if (memchr(path, '\0', len) != NULL) {
+        /* cut at the NUL, it would name another file */
+        return gw_push_error(L, "io", 0, "chmod %s: not a path", path);
+    }
+    if (lstat(path, &st) != 0) {
+        return gw_push_error(L, "io", 0, "chmod %s: %s", path,
+                             strerror(errno));
+    }
+    if (S_ISLNK(st.st_mode)) {
+        return gw_push_error(L, "io", 0, "chmod %s: a symbolic link (not"
+                             " followed)", path);
+    }
+    if (chmod(path, mode) != 0) {
+        return gw_push_error(L, "io", 0, "chmod %s: %s", path,
+                             strerror(errno));
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/*
  * core.error(kind, message[, fields]) -> err: the one error shape. fields
  * (a table, may be nil) becomes the error itself, so extra fields (code,
  * status, detail, ...) stay; kind and message are set, retryable defaults
@@ -1715,6 +1755,7 @@ static const luaL_Reg lcore_funcs[] = {
     { "read_file", lcore_read_file },
     { "write_file", lcore_write_file },
     { "mkdir_p", lcore_mkdir_p },
+    { "chmod", lcore_chmod },
     { "lock_file", lcore_lock_file },
     { "error", lcore_error },
     { "is_error", lcore_is_error },

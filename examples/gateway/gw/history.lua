@@ -51,7 +51,26 @@ local in_flight = 0
 local dropped
 local refused_second, refused_count = 0, 0
 
-function _M.init(c) db, capture_dir = c.db, c.capture_dir end
+local tighten_captures                  -- (below)
+
+--- syntax: history.init{ db = db, capture_dir = dir } -- at start
+-- Also makes the captures an earlier gateway wrote world-readable its
+-- own (tighten_captures), once per instance and folder.
+function _M.init(c)
+  db, capture_dir = c.db, c.capture_dir
+  if not capture_dir then return end
+  local ok, d = pcall(function()
+    return require("paygate.shared").get_dict("paygate")
+  end)
+  -- (a key past the dictionary's 250 bytes: each worker does it)
+  local err
+  if ok and d then
+    err = select(2, d:add("gw:captures_tightened:" .. capture_dir, 1))
+  end
+  if not (err and err.kind == "exists") then
+    tighten_captures(capture_dir)
+  end
+end
 
 -- Refused notifications captured whole (capture_dir), so that one
 -- command checks them: paygate verify --headers F.headers --body F.body
@@ -72,6 +91,8 @@ _M.CAPTURE_PER_SECOND = 1
 local captured, capture_second, capture_count = 0, -1, 0
 local FILE_MODE, DIR_MODE = 384, 448        -- 0600, 0700
 local NO_SYNC = { sync = false }
+-- a capture's files: BASE .. each ("refused-TIME-MS-PID-N")
+local CAPTURE_EXTS = { ".headers", ".body", ".certs.pem", ".pub.pem" }
 
 local function put(path, data)
   local ok, err = core.write_file(path, data, FILE_MODE, NO_SYNC)
@@ -90,10 +111,51 @@ local function prune_captures(dir)
   if #bases <= _M.CAPTURE_KEEP then return end
   table.sort(bases)                           -- oldest first (the time)
   for i = 1, #bases - _M.CAPTURE_KEEP do
-    for _, ext in ipairs({ ".headers", ".body", ".certs.pem",
-                           ".pub.pem" }) do
+    for _, ext in ipairs(CAPTURE_EXTS) do
       os.remove(dir .. "/" .. bases[i] .. ext)
     end
+  end
+end
+
+-- Captures written before they were made private (plain io.open: 0644
+-- in a folder made 0755 under a umask of 022) stayed readable by every
+-- local user until CAPTURE_KEEP new ones replaced them: at start each
+-- file named as a capture is made 0600, and the folder 0700 when it holds
+-- nothing else (the folder made for them; one a capture_dir names that
+-- holds other files too keeps its mode). A listing and a chmod a file:
+-- at most CAPTURE_KEEP captures of 4 files, and a few over from a flood
+-- of workers. A file that cannot be changed (another user's) is said
+-- once, in a warn line; the start goes on.
+local function is_capture(name)
+  for _, ext in ipairs(CAPTURE_EXTS) do
+    if name:sub(-#ext) == ext
+       and name:sub(1, -#ext - 1):match("^refused%-[%w%-]+$") then
+      return true
+    end
+  end
+  return false
+end
+
+function tighten_captures(dir)
+  local names = core.listdir(dir)
+  if not names then return end           -- none yet: made 0700 when needed
+  local only_captures, failed, n = true, nil, 0
+  for _, name in ipairs(names) do
+    if is_capture(name) then
+      local ok, err = core.chmod(dir .. "/" .. name, FILE_MODE)
+      if ok then n = n + 1 else failed = failed or err end
+    else
+      only_captures = false
+    end
+  end
+  if only_captures and n > 0 then
+    local ok, err = core.chmod(dir, DIR_MODE)
+    if not ok then failed = failed or err end
+  end
+  if failed then
+    paygate.log.warn("gateway: cannot make the captures of refused"
+      .. " notifications private (0600)", { dir = dir,
+        error = tostring(failed.message) })
   end
 end
 

@@ -95,6 +95,52 @@ describe("gateway: refused notifications captured", function()
     assert.equal(3, #core.listdir(dir))
   end)
 
+  it("makes the captures an earlier gateway left 0644 0600 at start, and"
+     .. " their folder 0700", function()
+    -- was: captures written before they were made private stayed
+    -- readable by every local user until CAPTURE_KEEP new ones replaced
+    -- them
+    local function mode(p)
+      local f = assert(io.popen("stat -c %a '" .. p .. "'"))
+      local m = f:read("*l")
+      f:close()
+      return m
+    end
+    local function make(d, names)
+      assert(core.mkdir_p(d, 493))                          -- 0755
+      assert(core.chmod(d, 493))
+      for _, n in ipairs(names) do
+        assert(core.write_file(d .. "/" .. n, "x", 420))    -- 0644
+      end
+    end
+    local old = { "refused-20260101T000000-001-42-1.headers",
+                  "refused-20260101T000000-001-42-1.body",
+                  "refused-20260101T000000-001-42-1.certs.pem",
+                  "refused-20260101T000000-001-42-1.pub.pem" }
+    local left = testing.tmpdir() .. "/refused"
+    make(left, old)
+    history.init{ capture_dir = left }                      -- a start
+    assert.equal("700", mode(left))
+    for _, n in ipairs(old) do
+      assert.equal("600", mode(left .. "/" .. n), n)
+    end
+    -- a folder the config named that holds other files too keeps its
+    -- mode, and so do they: only the captures are made private
+    local shared = testing.tmpdir() .. "/shared"
+    make(shared, { old[1], old[2], "notes.txt", "refused-x.headers.bak" })
+    history.init{ capture_dir = shared }
+    assert.equal("755", mode(shared))
+    assert.equal("600", mode(shared .. "/" .. old[1]))
+    assert.equal("600", mode(shared .. "/" .. old[2]))
+    assert.equal("644", mode(shared .. "/notes.txt"))
+    assert.equal("644", mode(shared .. "/refused-x.headers.bak"))
+    -- once per instance (and folder): a second worker's start leaves one
+    -- the operator opened again as it is
+    assert(core.chmod(shared .. "/" .. old[1], 416))         -- 0640
+    history.init{ capture_dir = shared }
+    assert.equal("640", mode(shared .. "/" .. old[1]))
+  end)
+
   it("keeps the newest CAPTURE_KEEP, and no body over CAPTURE_MAX",
      function()
     history.CAPTURE_PER_SECOND, history.CAPTURE_KEEP = 1000, 3
