@@ -13,7 +13,10 @@
 --   local r = reconcile.runner(db, { name = "payments",
 --     due = function(now, limit) return rows end,
 --     check = function(row, ctx) ... end,       -- ctx.fence(tx)
---     reschedule = function(row, err, ctx) ... end })
+--     reschedule = function(row, err, ctx) ... end,
+--     group = function(row) return row.mchid end,    -- optional: a
+--     hold = function(row, err) return secs end })   -- refusal holds
+--                                                    -- its group
 --   r:start()                                    -- or r:step() in specs
 --
 --   local action = reconcile.check_payment(wx, row)  -- what WeChat says
@@ -228,7 +231,7 @@ local RUNNER_DEFAULTS = {
 -- every option runner() takes
 local RUNNER_OPTS = { name = true, due = true, check = true,
   reschedule = true, measure = true, now = true, batch = true,
-  interval = true, lease_ttl = true }
+  interval = true, lease_ttl = true, group = true, hold = true }
 
 -- syntax: r = reconcile.runner(store, opts)
 -- store: a paygate.sql db or paygate.redis client for the lease.
@@ -239,7 +242,10 @@ local RUNNER_OPTS = { name = true, due = true, check = true,
 --   lease_ttl (s, or a function returning s, asked at each acquire and
 --   renewal: e.g. derived from measured check durations); measure =
 --   fn(seconds) (each check's duration); now (fn -> s, default core.time)
---   for specs.
+--   for specs; group = fn(item) -> key | nil and hold = fn(item, err) ->
+--   seconds | nil (both or neither): a check not done yet (false, err)
+--   for which hold answers a number holds the item's group that long
+--   (see Runner:step).
 -- ctx = { key, token, lease, fence = fn(tx) -> true | nil, err
 --   (lease.check inside the caller's transaction), keepalive = fn() ->
 --   true | nil, err (renews the lease when half spent) }.
@@ -268,10 +274,13 @@ function _M.runner(store, opts)
       error("reconcile.runner: opts." .. k .. " must be a function", 2)
     end
   end
-  for _, k in ipairs({ "reschedule", "measure" }) do
+  for _, k in ipairs({ "reschedule", "measure", "group", "hold" }) do
     if opts[k] ~= nil and type(opts[k]) ~= "function" then
       error("reconcile.runner: opts." .. k .. " must be a function", 2)
     end
+  end
+  if (opts.group == nil) ~= (opts.hold == nil) then
+    error("reconcile.runner: opts.group and opts.hold go together", 2)
   end
   local ttl_fn = opts.lease_ttl
   if type(ttl_fn) == "function" then
@@ -283,8 +292,9 @@ function _M.runner(store, opts)
     store = store, name = opts.name, key = "reconcile:" .. opts.name,
     due = opts.due, check = opts.check, reschedule = opts.reschedule,
     measure = opts.measure, ttl_fn = ttl_fn, now = opts.now or core.time,
+    group = opts.group, hold_for = opts.hold, held = {},
     stats = { rounds = 0, items = 0, ok = 0, waiting = 0, errors = 0,
-              lease_busy = 0, lost = 0 },
+              lease_busy = 0, lost = 0, held = 0, skipped = 0 },
   }, Runner)
   for k, v in pairs(RUNNER_DEFAULTS) do
     if k == "lease_ttl" and ttl_fn then
@@ -399,14 +409,45 @@ local function reschedule(self, item, err, ctx)
   end
 end
 
+-- The groups held now (a list, for due), the expired ones dropped
+local function held_groups(self, now)
+  local list = {}
+  for g, till in pairs(self.held) do
+    if till <= now then
+      self.held[g] = nil
+    else
+      list[#list + 1] = g
+    end
+  end
+  table.sort(list, function(a, b) return tostring(a) < tostring(b) end)
+  return list
+end
+
+-- The item's group when the runner has groups (nil: none, or group
+-- raised)
+local function group_of(self, item)
+  if not self.group then return nil end
+  local ok, g = pcall(self.group, item)
+  if ok then return g end
+  return nil
+end
+
 -- syntax: n, err = r:step()
--- One round: take (or keep) the lease, ask due(now, batch), check each
--- item in turn. A check that fails or raises is logged and counted, and
--- reschedule(item, err, ctx) is called; the round goes on. A check that
--- returns false, why is not done yet and nothing failed (a bill WeChat
--- has not made yet): counted as waiting, not logged (the check says
--- what it needs to), and rescheduled the same way.
--- returns: the number of items checked (0 without the lease: nil, err)
+-- One round: take (or keep) the lease, ask due(now, batch, held), check
+-- each item in turn. A check that fails or raises is logged and counted,
+-- and reschedule(item, err, ctx) is called; the round goes on. A check
+-- that returns false, why is not done yet and nothing failed (a bill
+-- WeChat has not made yet): counted as waiting, not logged (the check
+-- says what it needs to), and rescheduled the same way -- unless hold
+-- (item, why) answers seconds (WeChat's circuit breaker refused the
+-- item's query, nothing sent): then the item's group is held that long
+-- (at least the rest of the round), the item is left as it is (no
+-- reschedule: still due, the first asked once the hold is over), and
+-- the round skips the group's other items, untouched (stats.skipped);
+-- due's third argument lists the groups held, for it to leave out.
+-- returns: the number of items checked, the ones refused and held or
+-- skipped left out: a round with a hold is never "full", so start waits
+-- its interval after it (0 without the lease: nil, err)
 -- yields
 function Runner:step()
   self.stats.rounds = self.stats.rounds + 1
@@ -414,7 +455,9 @@ function Runner:step()
   if not l then
     return 0, lerr
   end
-  local ok, items, derr = pcall(self.due, self.now(), self.batch)
+  local now = self.now()
+  local ok, items, derr = pcall(self.due, now, self.batch,
+                                self.group and held_groups(self, now) or nil)
   if not ok or not items then
     self.stats.errors = self.stats.errors + 1
     warn("reconcile: due", { name = self.name,
@@ -423,9 +466,16 @@ function Runner:step()
   end
   local ctx = context(self, l)
   local n = 0
+  local held, this_round = self.held, {}
   for _, item in ipairs(items) do
     if self.stopping or self.lease ~= l then
       break
+    end
+    local g = group_of(self, item)
+    if g ~= nil and (this_round[g] or (held[g] and held[g] > self.now()))
+    then
+      self.stats.skipped = self.stats.skipped + 1
+      goto continue
     end
     n = n + 1
     self.stats.items = self.stats.items + 1
@@ -434,7 +484,21 @@ function Runner:step()
     if self.measure then
       pcall(self.measure, core.mono() - t0)
     end
-    if pok and res == false then
+    local secs
+    if pok and res == false and g ~= nil then
+      local hok, h = pcall(self.hold_for, item, err)
+      if hok and type(h) == "number" and h == h then
+        secs = min(max(h, 0), 1e8)
+      end
+    end
+    if secs then
+      -- held: the item left due, the group's others skipped
+      n = n - 1
+      self.stats.waiting = self.stats.waiting + 1
+      self.stats.held = self.stats.held + 1
+      held[g] = self.now() + secs
+      this_round[g] = true
+    elseif pok and res == false then
       self.stats.waiting = self.stats.waiting + 1
       reschedule(self, item, err, ctx)
     elseif pok and res ~= nil then
@@ -452,13 +516,15 @@ function Runner:step()
     if lease.remaining(l) < self.lease_ttl / 2 then
       ctx.keepalive()
     end
+    ::continue::
   end
   return n
 end
 
 -- syntax: r = r:start()
--- Rounds in a task until r:stop(): the next at once after a full batch,
--- after `interval` seconds otherwise.
+-- Rounds in a task until r:stop(): the next at once after a full batch
+-- (of checks: a round with a hold is none), after `interval` seconds
+-- otherwise.
 function Runner:start()
   if self.task then
     return self

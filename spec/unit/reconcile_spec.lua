@@ -526,6 +526,100 @@ describe("reconcile.runner", function()
     assert.same({ "reconcile: check failed timeout: slow" }, warned)
   end)
 
+  it("a refusal hold answers seconds for holds its group: the item left"
+     .. " due, the group's others skipped untouched, the rest go on; due"
+     .. " is told the groups held until the hold is over", function()
+    local db = new_db()
+    local clock = 1000
+    local checked, resched, held_seen = {}, {}, {}
+    local items = { { "A", 1 }, { "A", 2 }, { "B", 1 }, { "A", 3 },
+                    { "B", 2 }, { "-", 1 } }
+    local r = reconcile.runner(db, { name = "h1", batch = 6,
+      now = function() return clock end,
+      due = function(_, _, held)
+        held_seen[#held_seen + 1] = table.concat(held or { "nil" }, ",")
+        return items
+      end,
+      group = function(item)
+        if item[1] ~= "-" then return item[1] end
+      end,
+      hold = function(item, err)
+        if err.kind == "circuit_open" then return err.retry_after end
+      end,
+      check = function(item)
+        checked[#checked + 1] = item[1] .. item[2]
+        if item[1] == "A" then
+          return false, core.error("circuit_open", "open",
+                                   { retry_after = 5 })
+        end
+        if item[1] == "B" and item[2] == 2 then
+          return false, core.error("statement_creating", "not yet")
+        end
+        return true
+      end,
+      reschedule = function(item, err)
+        resched[#resched + 1] = item[1] .. item[2] .. ":" .. err.kind
+      end })
+    -- A1 refused and held (not rescheduled, not counted as checked), A2
+    -- and A3 skipped; B's go on (B2's not-done rescheduled: no hold
+    -- answered); an item of no group too
+    assert.equal(3, r:step())
+    assert.same({ "A1", "B1", "B2", "-1" }, checked)
+    assert.same({ "B2:statement_creating" }, resched)
+    assert.same({ 1, 2, 2 }, { r.stats.held, r.stats.skipped,
+                               r.stats.waiting })
+    assert.same({ "" }, held_seen)
+    -- within the hold: due is told A is held; A's items are skipped even
+    -- if due hands them back
+    checked = {}
+    clock = clock + 4
+    assert.equal(3, r:step())
+    assert.same({ "", "A" }, held_seen)
+    assert.same({ "B1", "B2", "-1" }, checked)
+    assert.equal(5, r.stats.skipped)
+    -- the hold over: A's first item is asked again (the probe)
+    checked = {}
+    clock = clock + 1
+    r:step()
+    assert.same({ "", "A", "" }, held_seen)
+    assert.same("A1", checked[1])
+    r:stop()
+    -- group and hold go together
+    assert.has_error(function() reconcile.runner(db, { name = "x",
+      due = print, check = print, group = print }) end,
+      "reconcile.runner: opts.group and opts.hold go together")
+  end)
+
+  it("a round whose check was refused and held does not start the next at"
+     .. " once, even a full batch of a zero hold (no spin)", function()
+    local db = new_db()
+    local rounds, asked = 0, 0
+    local r = reconcile.runner(db, { name = "h2", batch = 2,
+      interval = 0.2,
+      due = function()
+        rounds = rounds + 1
+        return { "a", "b" }
+      end,
+      group = function(item) return item end,
+      hold = function() return 0 end,
+      check = function()
+        asked = asked + 1
+        return false, core.error("circuit_open", "open")
+      end })
+    -- a full batch, every check refused: the next round after interval,
+    -- not at once
+    local t0 = core.mono()
+    r:start()
+    local deadline = t0 + 10
+    while rounds < 3 and core.mono() < deadline do core.sleep(0.01) end
+    local took = core.mono() - t0
+    r:stop()
+    assert.is_true(rounds >= 3, rounds .. " rounds")
+    assert.is_true(took >= 0.35, "3 rounds in " .. took .. " s")
+    assert.is_true(asked <= 2 * rounds, asked .. " checks in " .. rounds
+                   .. " rounds")
+  end)
+
   it("a store that keeps refusing the lease is logged once a minute, not"
      .. " every round (a full disk: every runner of every worker, every"
      .. " 5 s)", function()

@@ -229,11 +229,38 @@ end
 
 local function by_due(a, b) return due_at(a) < due_at(b) end
 
-local function due_rows(db, sqls, now, check_after, limit)
-  local rows, err = db:query(sqls[1], { now, limit })
+-- A due query leaving out the merchants in held (the runner's groups
+-- held: their query's breaker is open): "AND p.mchid NOT IN ($3, ...)"
+-- before its ORDER BY; the query and its params (none held: as it is).
+-- The rows held are still read past in the index, not written.
+local excluded = {}             -- sql -> { [n] = that sql excluding n }
+
+local function excluding(sql, params, held)
+  local n = held and #held or 0
+  if n == 0 then return sql, params end
+  local by = excluded[sql]
+  if not by then by = {}; excluded[sql] = by end
+  local q = by[n]
+  if not q then
+    local marks = {}
+    for i = 1, n do marks[i] = "$" .. (#params + i) end
+    local at = assert(sql:find(" ORDER BY ", 1, true))
+    q = sql:sub(1, at - 1) .. " AND p.mchid NOT IN ("
+        .. table.concat(marks, ", ") .. ")" .. sql:sub(at)
+    if n <= 16 then by[n] = q end
+  end
+  local all = {}
+  for i = 1, #params do all[i] = params[i] end
+  for i = 1, n do all[#params + i] = held[i] end
+  return q, all
+end
+
+local function due_rows(db, sqls, now, check_after, limit, held)
+  local rows, err = db:query(excluding(sqls[1], { now, limit }, held))
   if not rows then return nil, err end
   local fresh
-  fresh, err = db:query(sqls[2], { now - check_after, limit })
+  fresh, err = db:query(excluding(sqls[2], { now - check_after, limit },
+                                  held))
   if not fresh then return nil, err end
   if fresh[1] == nil then return rows end
   for _, r in ipairs(fresh) do rows[#rows + 1] = r end
@@ -379,6 +406,38 @@ local function checked(check)
   return function(row, rctx) return not_sent(check(row, rctx)) end
 end
 
+-- The runners' group of a row: its merchant, whose client (and so whose
+-- breakers) its checks use (nil: no call to WeChat, see the attempt
+-- marks below).
+local function merchant_of(row)
+  if row.gw_check == "attempt" and row.attempt_state == "open" then
+    return nil
+  end
+  local m = model.opt(row.mchid)
+  return m ~= nil and tostring(m) or nil
+end
+
+-- The runners' hold: a check the open breaker refused at the row's query
+-- (each runner's first call for a row, and its only GET: a close or a
+-- refund sent again is a POST, met only after a query's answer) holds
+-- the row's merchant for the breaker's cool-down left (err.retry_after,
+-- at most conf.retry): the row is left due, untouched, the merchant's
+-- other rows are not asked (nor read by due) meanwhile, and the first
+-- one due after it is the breaker's probe. Was: each refused row
+-- rescheduled, one write each, every open row of the merchant about
+-- once per cool-down for the whole outage, with nothing sent.
+local function hold_for(conf)
+  return function(_, err)
+    if type(err) ~= "table" or err.kind ~= "circuit_open"
+       or type(err.endpoint) ~= "string"
+       or err.endpoint:sub(1, 4) ~= "GET " then
+      return nil
+    end
+    local wait = tonumber(err.retry_after) or 1
+    return math.min(math.max(wait, 0), conf.retry)
+  end
+end
+
 -- The check of such an attempt: asks WeChat about it. Paid (SUCCESS,
 -- REFUND): applied as a notification would be (a late payment: refunded
 -- or an alarm, by on_late_payment); closed (CLOSED, REVOKED) or never
@@ -447,21 +506,25 @@ local function payment_checks(ctx, conf, sched)
   return reconcile.runner(db, {
     name = "payments", batch = conf.batch, interval = conf.interval,
     lease_ttl = ttl, measure = measure,
-    due = function(now, limit)
+    group = merchant_of, hold = hold_for(conf),
+    due = function(now, limit, held)
       if ctx.degraded and ctx.degraded() then return {} end
       now = floor(now)
       local rows, err = due_rows(db, DUE[db.engine].pay, now,
-                                 conf.check_after, limit)
+                                 conf.check_after, limit, held)
       if not rows or #rows >= limit then return rows, err end
       -- and the attempts closed here that WeChat may still take money on
+      -- (a held merchant's left out, its open marks too, which ask
+      -- nothing: they wait for the hold's few seconds)
       local arows
-      arows, err = db:query("SELECT a.out_trade_no AS out_trade_no,"
-        .. " a.payment_id AS id, p.mchid AS mchid, p.sub_mchid AS sub_mchid,"
-        .. " a.state AS attempt_state, 'attempt' AS gw_check FROM gw_attempts"
+      arows, err = db:query(excluding("SELECT a.out_trade_no AS"
+        .. " out_trade_no, a.payment_id AS id, p.mchid AS mchid,"
+        .. " p.sub_mchid AS sub_mchid, a.state AS attempt_state,"
+        .. " 'attempt' AS gw_check FROM gw_attempts"
         .. " a JOIN gw_payments p ON p.id = a.payment_id WHERE"
         .. " a.close_check_at <= $1 AND a.state IN ('open', 'closed',"
         .. " 'superseded') ORDER BY a.close_check_at LIMIT $2",
-        { now, limit - #rows })
+        { now, limit - #rows }, held))
       if not arows then return nil, err end
       for _, a in ipairs(arows) do rows[#rows + 1] = a end
       return rows
@@ -566,10 +629,11 @@ local function refund_checks(ctx, conf, sched)
   return reconcile.runner(db, {
     name = "refunds", batch = conf.batch, interval = conf.interval,
     lease_ttl = ttl, measure = measure,
-    due = function(now, limit)
+    group = merchant_of, hold = hold_for(conf),
+    due = function(now, limit, held)
       if ctx.degraded and ctx.degraded() then return {} end
       return due_rows(db, DUE[db.engine].ref, floor(now), conf.check_after,
-                      limit)
+                      limit, held)
     end,
     check = checked(function(row, rctx)
       local skipped, serr = skip(ctx, "refund", row, rctx, function(tx)

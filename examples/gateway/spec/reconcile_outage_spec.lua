@@ -31,6 +31,21 @@ local function checks(gw, tbl, id)
   return tonumber(row.checks)
 end
 
+-- the sum of paygate_wechatpay_calls_total for endpoint ep and outcome
+local function calls(gw, ep, outcome)
+  local m = assert(gw.srv:admin_get("/metrics")).body
+  local n = 0
+  for line in m:gmatch("[^\n]+") do
+    if line:find('endpoint="' .. ep .. '"', 1, true)
+       and line:find('outcome="' .. outcome .. '"', 1, true) then
+      n = n + tonumber(line:match(" (%d+)$"))
+    end
+  end
+  return n
+end
+
+local QUERY = "GET /v3/pay/transactions/out-trade-no/{}"
+
 describe("gateway reconciliation through a WeChat outage", function()
   local sim, gw
 
@@ -118,5 +133,60 @@ describe("gateway reconciliation through a WeChat outage", function()
         sim:notifications{ out_refund_no = r.out_refund_no }[1] }) do
       assert.equal("dropped", n.state)
     end
+  end)
+  -- Before: every row the open breaker refused was rescheduled (one
+  -- write each) and the runner, its batch full, started its next round at
+  -- once: during a long outage every open row was written about once per
+  -- cool-down, with nothing sent (10,000 open rows: ~250 writes/s).
+  it("while the breaker stays open, the open rows are left untouched:"
+     .. " about one write per probe, not one per row; all checked after",
+     function()
+    -- a spec table counting the writes of the payments' next checks
+    assert(gw.db:exec("CREATE TABLE IF NOT EXISTS spec_writes"
+                      .. " (id TEXT, at REAL)"))
+    assert(gw.db:exec("DROP TRIGGER IF EXISTS spec_writes_pay"))
+    assert(gw.db:exec("CREATE TRIGGER spec_writes_pay AFTER UPDATE OF"
+      .. " next_check_at ON gw_payments BEGIN INSERT INTO spec_writes"
+      .. " VALUES (new.id, julianday('now')); END"))
+    local function writes()
+      return tonumber(assert(gw.db:query(
+        "SELECT count(*) AS n FROM spec_writes"))[1].n)
+    end
+    -- WeChat's queries fail from before the rows are due: none answered
+    sim:fault{ endpoint = "query", kind = "error", status = 500 }
+    local N = 30
+    for i = 1, N do gw:create{ amount = 100 + i } end
+    -- the breaker opens, and the probes after its cool-downs keep failing
+    local fails0 = calls(gw, QUERY, "http_5xx")
+    testing.wait_until(function()
+      return calls(gw, QUERY, "circuit_open") > 0
+             and calls(gw, QUERY, "http_5xx") >= fails0 + 2
+    end, 30, "the query breaker open")
+    local w0, f0 = writes(), calls(gw, QUERY, "http_5xx")
+    local refused0 = calls(gw, QUERY, "circuit_open")
+    -- three more cool-downs (2 s each), each ended by a failed probe
+    testing.wait_until(function()
+      return calls(gw, QUERY, "http_5xx") >= f0 + 3
+    end, 30, "three failed probes")
+    local probes = calls(gw, QUERY, "http_5xx") - f0
+    local w = writes() - w0
+    local refused = calls(gw, QUERY, "circuit_open") - refused0
+    -- each probe's failure reschedules its row (one write); the rows the
+    -- breaker refused are not written (was: each of the 30, each time)
+    assert.is_true(w <= probes + 2, w .. " writes for " .. probes
+      .. " probes and " .. refused .. " refusals, " .. N .. " open rows")
+    -- nor were they asked: the first refused holds the merchant's queries
+    -- for the cool-down left, the first due after it is the probe (rounds
+    -- every 0.1 s here; was: every row due refused, each time)
+    assert.is_true(refused <= 2 * probes + 4, refused .. " refusals for "
+                   .. probes .. " probes")
+    -- WeChat is back: every open row is checked soon (NOTPAY: a check)
+    sim:clear_faults()
+    testing.wait_until(function()
+      local r = assert(gw.db:query("SELECT count(*) AS n FROM gw_payments"
+        .. " WHERE checks = 0 AND state = 'paying'"))
+      return tonumber(r[1].n) == 0
+    end, 10, "every open row checked after the recovery")
+    assert(gw.db:exec("DROP TRIGGER spec_writes_pay"))
   end)
 end)

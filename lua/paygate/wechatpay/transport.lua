@@ -356,7 +356,7 @@ call = function(wx, method, path, body, opts, ep, what, stat)
     end
     if not allowed then
       if last == nil then
-        return nil, upstream.circuit_open_error(what, retry_after)
+        return nil, upstream.circuit_open_error(what, retry_after, ep)
       end
       break                     -- opened by this call's own failures
     end

@@ -440,11 +440,14 @@ function _M.release(wx, ep)
   wx.updict:delete(bkeys(wx, ep).p)
 end
 
---- syntax: err = upstream.circuit_open_error(what, retry_after)
-function _M.circuit_open_error(what, retry_after)
+--- syntax: err = upstream.circuit_open_error(what, retry_after[, ep])
+-- err.endpoint: ep, the endpoint whose breaker refused the call (e.g.
+-- for the reconciliation to hold that merchant's queries, not its other
+-- calls)
+function _M.circuit_open_error(what, retry_after, ep)
   return errors.new("circuit_open", what .. ": circuit open (too many "
     .. "recent failures at this endpoint); not sent", {
-      retryable = true, retry_after = retry_after })
+      retryable = true, retry_after = retry_after, endpoint = ep })
 end
 
 --- syntax: err = upstream.degraded_error(what)
