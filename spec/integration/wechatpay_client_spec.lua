@@ -976,4 +976,17 @@ describe("wx:encrypt_sensitive", function()
     assert.equal("张三", crypto.oaep_decrypt(key, crypto.base64_decode(ct)))
     wx:stop()
   end)
+  it("says a text too long for the key is invalid_params, a kind of the"
+     .. " client's", function()
+    local errors = require "paygate.wechatpay.errors"
+    local wx = client{ public_key = keys.pub_pem, public_key_id = PUB_ID }
+    local ct, err = wx:encrypt_sensitive(string.rep("x", 300))
+    assert.is_nil(ct)
+    assert.equal("invalid_params", err.kind)
+    assert.matches("^plaintext: oaep encrypt: at most %d+ bytes", err.message)
+    local known = {}
+    for _, k in ipairs(errors.KINDS) do known[k] = true end
+    assert.is_true(known[err.kind])
+    wx:stop()
+  end)
 end)

@@ -169,7 +169,8 @@ end
 -- Encrypts a sensitive request field for WeChat (RSA-OAEP with SHA-1
 -- under the public key or the newest platform certificate; SM2 with SM3,
 -- DER C1C3C2, in the SM variant), base64. Send serial as Wechatpay-Serial (opts.wechatpay_serial).
--- returns: nil, err when no key is held or the text is too long.
+-- returns: nil, err when no key is held (unknown_serial) or the text is too
+-- long for the key (invalid_params).
 function methods.encrypt_sensitive(wx, plaintext)
   if type(plaintext) ~= "string" then
     error("wx:encrypt_sensitive: plaintext must be a string", 2)
@@ -194,7 +195,14 @@ function methods.encrypt_sensitive(wx, plaintext)
   else
     ct, err = crypto.oaep_encrypt(key, plaintext)
   end
-  if not ct then return nil, err end
+  if not ct then
+    -- a text too long for the key is the caller's: a kind of the client's
+    -- (errors.KINDS), not the crypto layer's too_long
+    if type(err) == "table" and err.kind == "too_long" then
+      return nil, errors.invalid_params("plaintext", err.message)
+    end
+    return nil, err
+  end
   return crypto.base64_encode(ct), id
 end
 
