@@ -447,13 +447,17 @@ function _M.before_hook(db, opts)
   -- a 401 is one warn line; anyone can send requests that get one, so
   -- the lines are bounded per reason (paygate.log.limiter; the counters
   -- and the metric count every refusal)
-  local lok, refused_log = pcall(log.limiter, "apikey: request refused",
-                                 opts.log_limit)
-  if not lok then
-    -- ("opts.lines must be ..." is said of opts.log_limit.lines here)
-    error("apikey.before_hook: opts.log_limit" .. tostring(refused_log)
-          :gsub("^.-paygate%.log%.limiter: opts", ""), 2)
+  local ll = opts.log_limit
+  if ll ~= nil and ll ~= false then
+    if type(ll) ~= "table" then
+      error("apikey.before_hook: opts.log_limit must be a table or false", 2)
+    end
+    local o, why, k = log.limiter_opts(ll)
+    if not o then
+      error("apikey.before_hook: opts.log_limit." .. k .. " " .. why, 2)
+    end
   end
+  local refused_log = log.limiter("apikey: request refused", ll)
   return function(req)
     local path = req.path
     if prefix and path:sub(1, #prefix) ~= prefix then

@@ -384,6 +384,16 @@ local function limit_on_stop(lim)
   limiters_stopping[lim] = true
 end
 
+-- A line logged: key's and fields' fields in one table, made only for a
+-- line logged (never for the lines of a flood held back)
+local function limit_logged(lim, level, key, fields)
+  local line = {}
+  for k, v in pairs(fields or {}) do line[k] = v end
+  for k, v in pairs(key) do line[k] = v end
+  log[level](lim.msg, line)
+  return true
+end
+
 local function limit_log(lim, level, key, fields)
   if type(key) ~= "table" then
     error("paygate.log.limiter: key must be a table of fields", 3)
@@ -392,21 +402,12 @@ local function limit_log(lim, level, key, fields)
     error("paygate.log: fields must be a table", 3)
   end
   if not core.log_enabled(LIMIT_LEVELS[level]) then return false end
-  local line = {}
-  for k, v in pairs(fields or {}) do line[k] = v end
-  for k, v in pairs(key) do line[k] = v end
-  if lim.off then
-    log[level](lim.msg, line)
-    return true
-  end
+  if lim.off then return limit_logged(lim, level, key, fields) end
   local now = core.now()
   local w = math.floor(now / lim.window)
   local ktext = limit_key_text(key)
   local n, k = limit_count(lim, ktext, w)
-  if n <= lim.lines then
-    log[level](lim.msg, line)
-    return true
-  end
+  if n <= lim.lines then return limit_logged(lim, level, key, fields) end
   if n == lim.lines + 1 then
     -- the first not logged (once for all workers): this worker says how
     -- many there were once the window is over

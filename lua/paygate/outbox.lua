@@ -507,12 +507,15 @@ local function hex_hmac(secret, t, body)
 end
 
 -- A webhook's secret: a non-empty string, or a non-empty array of them
--- (a rotation: the new one and the old). returns: the array, or nil.
+-- (a rotation: the new one and the old). returns: a new array (the
+-- caller's table may change later), or nil.
 local function secret_list(secret)
-  local list = type(secret) == "table" and secret or { secret }
-  if #list == 0 then return nil end
-  for i = 1, #list do
-    if type(list[i]) ~= "string" or list[i] == "" then return nil end
+  local given = type(secret) == "table" and secret or { secret }
+  if #given == 0 then return nil end
+  local list = {}
+  for i = 1, #given do
+    if type(given[i]) ~= "string" or given[i] == "" then return nil end
+    list[i] = given[i]
   end
   return list
 end
@@ -700,7 +703,8 @@ function _M.webhook(opts)
     error("outbox.webhook: opts.url must be an http(s) URL", 2)
   end
   -- (an array: a rotation, every one of them signs each delivery)
-  if not secret_list(opts.secret) then
+  local secret = secret_list(opts.secret)
+  if not secret then
     error("outbox.webhook: opts.secret must be a non-empty string or an"
           .. " array of them", 2)
   end
@@ -708,12 +712,6 @@ function _M.webhook(opts)
   -- (the scheme in lower case: the HTTP client takes http:// and https://
   -- alone, and HTTPS:// would raise at every delivery)
   local url = opts.url:gsub("^%a+", string.lower, 1)
-  local secret = secret_list(opts.secret)
-  if type(opts.secret) == "table" then
-    local copy = {}                    -- the caller's table may change
-    for i = 1, #secret do copy[i] = secret[i] end
-    secret = copy
-  end
   local timeout = opts.timeout or 10
   -- (checked here: the HTTP client refuses anything else at each
   -- delivery, and every event would fail until dead-lettered)
