@@ -870,8 +870,8 @@ function _M.create(req, ik)
       return 409, err_body("conflict", "the payment was resumed at the"
         .. " same time", { payment = model.payment_json(p.unknown) })
     end
-    local s1, s2 = settle_unknown(p.unknown)
-    if s1 then return s1, s2 end
+    local s1, s2, s3 = settle_unknown(p.unknown)
+    if s1 then return s1, s2, s3 end
     settled = p.unknown.out_trade_no
   end
   if not p then
