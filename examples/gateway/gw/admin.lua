@@ -210,8 +210,7 @@ function _M.routes(ctx)
     -- a type the gateway never emits matches nothing: a misspelt one
     -- answered {"replayed": 0}, as if no dead letter of it were there
     if b.type ~= nil then
-      local known = {}
-      for _, t in ipairs(require("gw.events").TYPES) do known[t] = true end
+      local known = require("gw.events").KNOWN
       if not known[b.type] then
         return 400, { error = "invalid_request", message = "type: "
           .. b.type:sub(1, 64):gsub("[^\32-\126]", "?")

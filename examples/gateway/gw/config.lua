@@ -434,8 +434,7 @@ local function check_webhooks(list)
       .. " | secret_env } (one webhook is webhooks = { { url = ... } })")
   end
   local out = {}
-  local known = {}
-  for _, t in ipairs(require("gw.events").TYPES) do known[t] = true end
+  local known = require("gw.events").KNOWN
   -- the other sinks' names (gw.events): hooks, and redis (the stream)
   local names = { hooks = true, redis = true }
   for i, w in ipairs(list) do

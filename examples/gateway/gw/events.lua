@@ -32,6 +32,9 @@ _M.TYPES = {
   "payment.late_paid", "alarm.amount_mismatch", "alarm.merchant_mismatch",
   "alarm.order_mismatch",
 }
+-- the same as a set (read only: the config's and the admin's checks)
+_M.KNOWN = {}
+for _, t in ipairs(_M.TYPES) do _M.KNOWN[t] = true end
 
 -- type -> whether a sink of this worker's dispatcher takes it (d:wants),
 -- asked once per type; reset by start()
@@ -120,7 +123,7 @@ function _M.load_hooks()
   -- a misspelt name (on_payed) is a hook that never runs while the hooks
   -- sink counts its events as done, as a webhook's misspelt type is
   local known = { ["*"] = true }
-  for _, t in ipairs(_M.TYPES) do known[t] = true end
+  for t in pairs(_M.KNOWN) do known[t] = true end
   for k, v in pairs(hooks) do
     local name = tostring(k)
     if type(k) ~= "string" or not (SHORT[k] or known[k]) then
