@@ -148,6 +148,16 @@ end
 -- conf.retry s), so a long outage does not leave it waiting up to the
 -- ceiling once WeChat is back. (Was: checks + 1 for every failure, a
 -- refusal of the open breaker included, each one doubling the wait.)
+-- A row's checks and next check time after a try: an answered one is a
+-- check (checks + 1, the schedule's next); one WeChat did not answer
+-- (unanswered, its error) is none (checks kept, sched:retry_delay)
+local function next_check(sched, checks, unanswered)
+  if unanswered then
+    return checks, core.time() + sched:retry_delay(checks + 1, unanswered)
+  end
+  return checks + 1, sched:next(core.time(), checks + 1)
+end
+
 local function schedule_sql(tbl, open, sched)
   return function(tx, id, stop, unanswered)
     local rows, err = tx:query("SELECT state, checks FROM " .. tbl
@@ -155,19 +165,10 @@ local function schedule_sql(tbl, open, sched)
     if not rows then return nil, err end
     local row = rows[1]
     if not row then return true end
-    local checks = tonumber(row.checks) or 0
+    local checks, at = next_check(sched, tonumber(row.checks) or 0,
+                                  unanswered)
     local next_at
-    if unanswered then
-      if open[row.state] and not stop then
-        next_at = floor(core.time() + sched:retry_delay(checks + 1,
-                                                        unanswered)) + 1
-      end
-    else
-      checks = checks + 1
-      if open[row.state] and not stop then
-        next_at = floor(sched:next(core.time(), checks)) + 1
-      end
-    end
+    if open[row.state] and not stop then next_at = floor(at) + 1 end
     return tx:exec("UPDATE " .. tbl .. " SET checks = $2, next_check_at = $3"
                    .. " WHERE id = $1", { id, checks, next_at or core.null })
   end
@@ -372,14 +373,9 @@ local function attempt_resched(sched)
                                .. " out_trade_no = $1", { no })
     if not rows then return nil, err end
     if not rows[1] then return true end
-    local checks = tonumber(rows[1].close_checks) or 0
-    local next_at
-    if unanswered then
-      next_at = core.time() + sched:retry_delay(checks + 1, unanswered)
-    else
-      checks = checks + 1
-      next_at = sched:next(core.time(), checks)
-    end
+    local checks, next_at = next_check(sched,
+                                       tonumber(rows[1].close_checks) or 0,
+                                       unanswered)
     return tx:exec("UPDATE gw_attempts SET close_checks = $2, close_check_at"
       .. " = $3 WHERE out_trade_no = $1 AND close_check_at IS NOT NULL",
       { no, checks, floor(next_at) + 1 })
