@@ -283,7 +283,9 @@ function _M.redis(opts)
     end
     if pid then
       sh("kill " .. pid)
-      _M.wait_for(function() return not proc.running(pid) end, 10,
+      -- (30 s: a Redis asked to stop on a loaded machine -- the suite's
+      -- own parallel files -- was seen taking over 10 s, zombies aside)
+      _M.wait_for(function() return not proc.running(pid) end, 30,
                   "redis to exit")
     end
     _M.unguard(srv)
