@@ -7,7 +7,9 @@
 --                                     replay the matching dead letters
 --   prune  [--keep-days N]            delete delivered rows now
 -- Exit: 0 done, 1 the store failed, 2 usage (an option or event ids the
--- command does not take included: nothing is changed).
+-- command does not take included: nothing is changed), 3 an event id
+-- given to replay is not in the store (said on stderr; the others given
+-- were replayed).
 local outbox = require "paygate.outbox"
 local json = require "paygate.json"
 
@@ -145,12 +147,29 @@ local function main()
     return 0
   elseif cmd == "replay" then
     local total = 0
+    local missing = 0
     if #ids > 0 then
       for _, id in ipairs(ids) do
         local n, rerr = outbox.replay(db, id)
         if not n then
           io.stderr:write("outbox: ", tostring(rerr), "\n")
           return 1
+        end
+        if n == 0 then
+          -- none changed: the id is not in the store, or its event is
+          -- pending already (replay leaves a pending one alone)
+          local rows, lerr = outbox.list(db, { id = id })
+          if not rows then
+            io.stderr:write("outbox: ", tostring(lerr), "\n")
+            return 1
+          end
+          if rows[1] then
+            io.stderr:write("outbox: event ", id, " is pending already:"
+                            .. " left as it is\n")
+          else
+            io.stderr:write("outbox: no event ", id, " in the store\n")
+            missing = missing + 1
+          end
         end
         total = total + n
       end
@@ -167,7 +186,7 @@ local function main()
       return usage("replay needs event ids or --dead")
     end
     io.stdout:write("replayed ", total, "\n")
-    return 0
+    return missing > 0 and 3 or 0
   elseif cmd == "prune" then
     local n, perr = outbox.prune(db, { keep_days = tonumber(o["keep-days"]),
                                        max_batches = 1e9 })

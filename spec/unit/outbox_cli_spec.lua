@@ -89,4 +89,35 @@ describe("scripts/outbox.lua", function()
     assert.same({ "pending", "dead" }, states())
     db:close()
   end)
+
+  it("replay of an id not in the store says so and exits 3", function()
+    local path = tmp .. "/cli_ids.db"
+    local url = "sqlite:" .. path
+    local db = assert(sql.open(url))
+    local id = kit.enqueue(db, "pay_1", "payment.paid")
+    local d = outbox.dispatcher(db, { sinks = { function()
+      return nil, paygate.error("rejected", "no", { retryable = false })
+    end } })
+    assert.equal(1, d:step())
+    d:stop()
+    assert.equal("dead", assert(outbox.list(db, { id = id }))[1].state)
+    -- before: "replayed 0", exit 0, as if the id were there and done
+    local rc, out = cli(url, "replay", tostring(id + 100))
+    assert.equal(3, rc, out)
+    assert.matches("outbox: no event " .. (id + 100) .. " in the store\n",
+                   out, 1, true)
+    assert.matches("replayed 0", out, 1, true)
+    -- a missing id beside a real one: the real one is replayed
+    rc, out = cli(url, "replay", tostring(id + 100), tostring(id))
+    assert.equal(3, rc, out)
+    assert.matches("replayed 1", out, 1, true)
+    assert.equal("pending", assert(outbox.list(db, { id = id }))[1].state)
+    -- a pending one again: left as it is, said, not an error
+    rc, out = cli(url, "replay", tostring(id))
+    assert.equal(0, rc, out)
+    assert.matches("outbox: event " .. id .. " is pending already: left as"
+                   .. " it is", out, 1, true)
+    assert.matches("replayed 0", out, 1, true)
+    db:close()
+  end)
 end)
