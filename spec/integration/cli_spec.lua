@@ -214,6 +214,28 @@ describe("paygate CLI", function()
     assert.equal(2, code)
   end)
 
+  it("version names the commit the binary was built from", function()
+    local code, out = run({ "version" })
+    assert.equal(0, code, out)
+    local commit = out:match("^paygate %d+%.%d+%.%d+ %(build ([%w._-]+)%)\n$")
+    assert.is_string(commit, out)
+    -- built from this checkout: one of its commits (abbreviated), never
+    -- "unknown" (before: "paygate 0.1.0" for every build, none told apart)
+    local p = assert(io.popen("git rev-parse --git-dir >/dev/null 2>&1"
+                              .. " && echo yes"))
+    local in_git = p:read("*l") == "yes"
+    p:close()
+    if in_git then
+      local hash = commit:match("^(%x+)")
+      assert.is_string(hash, commit)
+      assert.is_true(#hash >= 7, commit)
+      p = assert(io.popen("git cat-file -e " .. hash .. "^{commit}"
+                          .. " 2>/dev/null && echo yes"))
+      assert.equal("yes", p:read("*l"), commit .. " is no commit here")
+      p:close()
+    end
+  end)
+
   it("etcd delete refuses a file of a set inside a wider --prefix, exit 2,"
      .. " before reaching etcd", function()
     -- --prefix /paygate/ for /paygate/merchants/1900000001/'s set: its

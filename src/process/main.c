@@ -17,6 +17,7 @@
 #include "lstate.h"
 #include "master.h"
 #include "worker.h"
+#include "paygate_build.h"  /* PAYGATE_BUILD: generated at every build */
 
 #define PAYGATE_VERSION "0.1.0"
 
@@ -687,14 +688,17 @@ dispatch(int argc, char **argv)
     if (strcmp(cmd, "version") == 0 || strcmp(cmd, "--version") == 0) {
         if (argc > 2 && is_help(argv[2])) {
             puts("usage: paygate version\n\nPrints the version of this "
-                 "binary: paygate X.Y.Z.");
+                 "binary and the commit it was built from:\n"
+                 "paygate X.Y.Z (build COMMIT), COMMIT ending in -dirty "
+                 "when the\nsource tree had changes, \"unknown\" when it "
+                 "was built outside a git\ncheckout.");
             return 0;
         }
         if (argc > 2) {
             fprintf(stderr, "paygate version: takes no arguments\n");
             return 2;
         }
-        printf("paygate %s\n", PAYGATE_VERSION);
+        printf("paygate %s (build %s)\n", PAYGATE_VERSION, PAYGATE_BUILD);
         return 0;
     }
     if (strcmp(cmd, "run") == 0) {
