@@ -1697,6 +1697,13 @@ describe("gateway console: the bill reconciliation of two merchants",
     local listing = get(gw, "/console/reconcile").body
     assert.truthy(run_row(listing, date, a, "<td>failed: "), listing)
     assert.truthy(run_row(listing, date, b, "<td>reconciled"), listing)
+    -- the overview's last reconciliations have the failed run too (before:
+    -- successful runs only, the failure seen nowhere on the home page)
+    local home = get(gw, "/console").body
+    local box = assert(home:match("<h2>Last reconciliations</h2>(.-)"
+                                  .. "</section>"), home)
+    assert.truthy(run_row(box, date, a, "<td>failed: "), box)
+    assert.truthy(run_row(box, date, b, "<td>reconciled"), box)
   end)
 end)
 

@@ -343,6 +343,34 @@ local function certs_box()
                      "merchant certificate" }, rows) })
 end
 
+-- What a run in the list did: reconciled (an empty bill said), WeChat
+-- not ready yet, or failed and why (reconcile.bill_unreconciled, by
+-- the job or the console: gw.reconcile.bill_day records those)
+local function run_outcome(what, ev)
+  if what == "reconcile.bill" then
+    return ev.empty and "reconciled (empty bill)" or "reconciled"
+  elseif ev.outcome == "not_ready" then
+    return "not ready yet (STATEMENT_CREATING)"
+  end
+  return "failed: " .. tostring(ev.error)
+end
+
+-- The bill reconciliation's runs, newest first: reconciled (entries
+-- reconcile.bill under reconcile:<date>) or not (reconcile.bill_unreconciled
+-- under reconcile_run:<date>), read through the primary key's subject
+-- ranges -- the audit table holds every payment's history and `what` has
+-- no index of its own: a scan of it would grow with the payments. Runs
+-- recorded in the same millisecond (a lever running several days, a fast
+-- test): the later day first, then the later run.
+local function bill_runs(limit)
+  return ctx.db:query("SELECT subject, at, what, actor, evidence"
+    .. " FROM paygate_audit WHERE ((subject >= 'reconcile:' AND subject <"
+    .. " 'reconcile;') OR (subject >= 'reconcile_run:' AND subject <"
+    .. " 'reconcile_run;')) AND what IN ('reconcile.bill',"
+    .. " 'reconcile.bill_unreconciled')"
+    .. " ORDER BY at DESC, subject DESC, seq DESC LIMIT $1", { limit })
+end
+
 function _M.overview(view)
   local db, now = ctx.db, core.time()
   local parts = {}
@@ -406,18 +434,22 @@ function _M.overview(view)
   parts[#parts + 1] = render("<section><h2>Outbox</h2>{{t}}</section>",
     { t = rows and table_of({ "state", "events" }, list) or _M.failed(err) })
 
-  rows, err = db:query("SELECT subject, at, evidence FROM paygate_audit"
-    .. " WHERE what = 'reconcile.bill' ORDER BY at DESC LIMIT 3")
+  -- the last runs, reconciled or not (a failed run is what the operator
+  -- must see here; it was left out, only successful ones were listed)
+  rows, err = bill_runs(3)
   list = {}
   for _, r in ipairs(rows or {}) do
     local ev = json.decode(tostring(r.evidence)) or {}
+    local c = type(ev.counts) == "table" and ev.counts or {}
     list[#list + 1] = { link("/console/reconcile?date=" .. html.url_encode(
-      tostring(ev.date)), tostring(ev.date)), tostring(ev.merchant),
-      ev.counts and ev.counts.total or "?" }
+      tostring(ev.date)) .. "&merchant=" .. html.url_encode(
+      tostring(ev.merchant)), tostring(ev.date)), tostring(ev.merchant),
+      r.what == "reconcile.bill" and (c.total or "?") or "",
+      run_outcome(r.what, ev) }
   end
   parts[#parts + 1] = render("<section><h2>Last reconciliations</h2>{{t}}"
     .. "</section>", { t = rows and table_of({ "date", "merchant",
-      "mismatches" }, list) or _M.failed(err) })
+      "mismatches", "outcome" }, list) or _M.failed(err) })
   local st = upstream.status(ctx)
   parts[#parts + 1] = degrade_box(view, st)
   parts[#parts + 1] = breakers_box(st)
@@ -977,26 +1009,9 @@ local function kept_findings(ev)
       t = t })
 end
 
--- What a run in the list did: reconciled (an empty bill said), WeChat
--- not ready yet, or failed and why (reconcile.bill_unreconciled, by
--- the job or the console: gw.reconcile.bill_day records those)
-local function run_outcome(what, ev)
-  if what == "reconcile.bill" then
-    return ev.empty and "reconciled (empty bill)" or "reconciled"
-  elseif ev.outcome == "not_ready" then
-    return "not ready yet (STATEMENT_CREATING)"
-  end
-  return "failed: " .. tostring(ev.error)
-end
-
 function _M.reconcile(q, view)
-  -- every run, reconciled or not, newest first; runs recorded in the same
-  -- millisecond (a lever running several days, a fast test) by the later
-  -- day first, then the later run
-  local rows, err = ctx.db:query("SELECT subject, at, what, actor, evidence"
-    .. " FROM paygate_audit WHERE what IN ('reconcile.bill',"
-    .. " 'reconcile.bill_unreconciled')"
-    .. " ORDER BY at DESC, subject DESC, seq DESC LIMIT 30")
+  -- every run, reconciled or not, newest first
+  local rows, err = bill_runs(30)
   if not rows then return nil, err end
   local list, detail = {}, html.NONE
   for _, r in ipairs(rows) do
