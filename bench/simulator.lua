@@ -11,6 +11,8 @@
 --   sign DIR SECS          crypto.sign per second, in process, of what the
 --                          simulator signs for one answer (timestamp, nonce,
 --                          the body) with an RSA-2048 key like its own
+--   keys DIR               prints the merchant's public key file, private
+--                          key file and serial (for simulator_floor.c)
 local crypto = require "paygate.crypto"
 local testing = require "paygate.testing"
 local sign = require "paygate.wechatpay.sign"
@@ -107,8 +109,12 @@ elseif mode == "sign" then
   end)
   print(("sign %.0f"):format(rate))
 
+elseif mode == "keys" then
+  local m = merchant(arg[2])
+  print(m.public_key .. " " .. m.private_key .. " " .. m.serial)
+
 else
   io.stderr:write("usage: paygate exec bench/simulator.lua "
-                  .. "setup|order|gen|sign ...\n")
+                  .. "setup|order|gen|sign|keys ...\n")
   os.exit(2)
 end
