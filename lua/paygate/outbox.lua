@@ -899,9 +899,12 @@ function _M.redis_stream(opts)
       args[#args + 1] = "~"
       args[#args + 1] = floor(opts.maxlen)
     end
+    -- attempt: this delivery's number, a replay's counting on (as the
+    -- webhook's); a consumer tells a redelivery from a first one by it
     for _, v in ipairs({ "*", "id", string.format("%d", event.id), "type",
                          event.type, "subject", event.subject, "created_at",
-                         string.format("%.3f", event.created_at), "payload",
+                         string.format("%.3f", event.created_at), "attempt",
+                         string.format("%d", event.attempt or 1), "payload",
                          event.payload_json }) do
       args[#args + 1] = v
     end

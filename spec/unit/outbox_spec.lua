@@ -1307,8 +1307,21 @@ if servers.have_redis() then
         assert.equal(tostring(ids[i]), f.id)
         assert.equal("payment.paid", f.type)
         assert.equal("pay_r", f.subject)
+        assert.equal("1", f.attempt)
         assert.equal('{"n":' .. i .. '}', f.payload)
       end
+      -- a replayed event comes again with its attempt counting on (before:
+      -- no attempt field, a redelivery looked like a first delivery)
+      assert.equal(1, assert(outbox.replay(db, ids[2])))
+      d:step()
+      entries = assert(c:call("XRANGE", "evts", "-", "+"))
+      assert.equal(6, #entries)
+      local f = {}
+      for k = 1, #entries[6][2], 2 do
+        f[entries[6][2][k]] = entries[6][2][k + 1]
+      end
+      assert.equal(tostring(ids[2]), f.id)
+      assert.equal("2", f.attempt)
       d:stop()
       -- a stream name from the event; a wrong-type key is a command error
       -- that no retry fixes: a dead letter
