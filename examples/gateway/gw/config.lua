@@ -55,26 +55,29 @@ local read_secret = wxconfig.read_secret
 
 -- A secret named by <base>_file or <base>_env in table t.
 -- returns: the value, or nil (neither given), or false, reason.
-local function secret(t, base, where)
-  local file, env = t[base .. "_file"], t[base .. "_env"]
+-- (fkey, ekey: the keys' own names when they are not base_file and
+-- base_env, e.g. a header value's { file = ... } or { env = ... })
+local function secret(t, base, where, fkey, ekey)
+  fkey, ekey = fkey or (base .. "_file"), ekey or (base .. "_env")
+  local file, env = t[fkey], t[ekey]
   if file ~= nil and env ~= nil then
-    return false, where .. base .. "_file: give " .. base .. "_file or "
-      .. base .. "_env, not both"
+    return false, where .. fkey .. ": give " .. fkey .. " or "
+      .. ekey .. ", not both"
   end
   if file ~= nil then
     if type(file) ~= "string" or file == "" then
-      return false, where .. base .. "_file: must be a file path"
+      return false, where .. fkey .. ": must be a file path"
     end
-    local v, err = read_secret(file, where .. base .. "_file")
-    if not v then return false, where .. base .. "_file: " .. err end
+    local v, err = read_secret(file, where .. fkey)
+    if not v then return false, where .. fkey .. ": " .. err end
     if v == "" then
-      return false, where .. base .. "_file: the file is empty"
+      return false, where .. fkey .. ": the file is empty"
     end
     return v
   end
   if env ~= nil then
     if type(env) ~= "string" or not env:match("^[%a_][%w_]*$") then
-      return false, where .. base .. "_env: must name an environment variable"
+      return false, where .. ekey .. ": must name an environment variable"
     end
     -- surrounding whitespace dropped, as a file's (a variable filled from
     -- a file, a Kubernetes secret, keeps the file's newline)
@@ -83,7 +86,7 @@ local function secret(t, base, where)
     if s == nil or s == "" then
       -- named only when it looks like a variable's name: the secret itself
       -- may have been written here
-      return false, where .. base .. "_env: the environment variable "
+      return false, where .. ekey .. ": the environment variable "
         .. (require("paygate.redact").name(env) or "it names")
         .. (v == nil and " is not set" or " is empty")
     end
@@ -404,21 +407,45 @@ local WEBHOOK_KEYS = { url = true, secret = true, secret_file = true,
 
 -- A webhook's extra headers, by paygate.outbox's rule (header_problem),
 -- named with the config's key; the ones the webhook sets itself are
--- paygate.outbox's to refuse.
+-- paygate.outbox's to refuse. A value is a string, or { file = PATH } /
+-- { env = NAME } for a receiver's token kept out of the config text (read
+-- as a secret is: surrounding whitespace dropped, never shown).
+-- returns: the headers with every value a string, or nil, err
 local function check_headers(h, where)
   if type(h) ~= "table" then
     return fail(where .. "headers", "must be a table of name = value")
   end
+  local out = {}
   for k, v in pairs(h) do
+    local from_secret = false
+    if type(v) == "table" and type(k) == "string" then
+      local hw = where .. "headers." .. k .. "."
+      for key in pairs(v) do
+        if key ~= "file" and key ~= "env" then
+          return fail(hw .. tostring(key):sub(1, 32), "unknown key (a"
+            .. " header's value is a string, { file = PATH } or"
+            .. " { env = NAME })")
+        end
+      end
+      local s, why = secret(v, "", hw, "file", "env")
+      if s == false then return nil, "config." .. why end
+      if s == nil then
+        return fail(where .. "headers." .. k, "give file or env")
+      end
+      v, from_secret = s, true
+    end
     local bad = require("paygate.outbox").header_problem(k, v)
     if bad == "name" then
       return fail(where .. "headers", "names must be HTTP header names")
     elseif bad == "value" then
-      return fail(where .. "headers." .. k, "must be a string without"
-        .. " control characters")
+      -- (what a file or variable held is never shown)
+      return fail(where .. "headers." .. k, from_secret and "the value"
+        .. " read holds control characters (one line, please)"
+        or "must be a string without control characters")
     end
+    out[k] = v
   end
-  return true
+  return out
 end
 
 local function check_webhooks(list)
@@ -503,9 +530,11 @@ local function check_webhooks(list)
       return fail(where .. "timeout", "must be seconds, more than 0 and at"
         .. " most 300")
     end
+    local headers = nil
     if w.headers ~= nil then
-      local hok, herr = check_headers(w.headers, where)
-      if not hok then return nil, herr end
+      local herr
+      headers, herr = check_headers(w.headers, where)
+      if not headers then return nil, herr end
     end
     if w.ca_file ~= nil then
       -- read, not only opened: a folder opens, and so does a file of no
@@ -523,7 +552,7 @@ local function check_webhooks(list)
       end
     end
     local sink = { url = w.url, secret = s, types = w.types, name = name,
-                   timeout = w.timeout, headers = w.headers,
+                   timeout = w.timeout, headers = headers,
                    ca_file = w.ca_file, unnamed = w.name == nil or nil }
     -- what paygate.outbox itself refuses (a header it sets), said here
     local wok, werr = pcall(require("paygate.outbox").webhook, sink)

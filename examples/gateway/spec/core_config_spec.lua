@@ -942,6 +942,43 @@ describe("gateway config", function()
         .. " set by the webhook itself", why_of{ webhooks = { { url =
           "http://127.0.0.1:1/h", secret_file = dir .. "/wh.secret",
           headers = { ["Paygate-Signature"] = "x" } } } })
+      -- a receiver's token kept out of the config text: { file = PATH } or
+      -- { env = NAME }, read as a secret is (before: a string only, the
+      -- token written in the config; a table was refused as no string)
+      write(dir .. "/erp.token", "Bearer erp-token-1\n")
+      cfg = assert(config.check({ gateway = { db = "sqlite:" .. dir
+        .. "/a.db", webhooks = { { url = "https://127.0.0.1:1/h",
+          secret_file = dir .. "/wh.secret", headers = {
+            Authorization = { file = dir .. "/erp.token" },
+            ["X-Home"] = { env = "HOME" }, ["X-Tenant"] = "t-1" } } } },
+        merchants = { merchant() } }))
+      local hh = cfg.gateway.webhooks[1].headers
+      assert.equal("Bearer erp-token-1", hh.Authorization)
+      assert.equal(os.getenv("HOME"), hh["X-Home"])
+      assert.equal("t-1", hh["X-Tenant"])
+      -- each refusal names the key, never what the file held
+      write(dir .. "/two.token", "line one\nline two\n")
+      for hv, why in pairs({
+        [{ file = dir .. "/nope.token" }] = "^config%.gateway%.webhooks%[1%]"
+          .. "%.headers%.Authorization%.file: cannot",
+        [{ file = dir .. "/two.token" }] = "^config%.gateway%.webhooks%[1%]"
+          .. "%.headers%.Authorization: the value read holds control"
+          .. " characters %(one line, please%)$",
+        [{ env = "PAYGATE_SPEC_NO_SUCH_VAR" }] = "^config%.gateway%.webhooks"
+          .. "%[1%]%.headers%.Authorization%.env: the environment variable"
+          .. " PAYGATE_SPEC_NO_SUCH_VAR is not set$",
+        [{ file = dir .. "/erp.token", env = "HOME" }] = "give file or env,"
+          .. " not both$",
+        [{ path = dir .. "/erp.token" }] = "^config%.gateway%.webhooks%[1%]"
+          .. "%.headers%.Authorization%.path: unknown key",
+        [{}] = "^config%.gateway%.webhooks%[1%]%.headers%.Authorization:"
+          .. " give file or env$",
+      }) do
+        local w = why_of{ webhooks = { { url = "http://127.0.0.1:1/h",
+          secret_file = dir .. "/wh.secret", headers = { Authorization = hv } } } }
+        assert.matches(why, w)
+        assert.not_matches("line one", w, 1, true)
+      end
       -- before: a folder, or a file of no certificate, was taken, and
       -- every delivery to the receiver then failed on TLS until dead.
       -- Each refusal says why, as a merchant's ca_file does (before: the
