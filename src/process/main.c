@@ -35,6 +35,7 @@ static const char usage_main[] =
 "  audit           verify the audit trail's hash chains in a database\n"
 "  migrate         show which migrations a database has applied\n"
 "  backup          copy a live SQLite store to a file, consistently\n"
+"  restore         put a backup back in place of a SQLite store\n"
 "  etcd            publish credentials to etcd (sealed), show a set\n"
 "\n"
 "diagnostics (WeChat Pay; each names the cause of a failure):\n"
@@ -468,7 +469,7 @@ cmd_exec(int argc, char **argv)
  * lua/paygate/cli/NAME.lua with the command's arguments. */
 static const char *const lua_cmds[] = {
     "sign", "verify", "decrypt", "certs", "doctor", "apikey", "audit",
-    "etcd", "migrate", "backup", NULL
+    "etcd", "migrate", "backup", "restore", NULL
 };
 
 static int

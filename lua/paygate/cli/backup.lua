@@ -21,8 +21,8 @@ meanwhile (the copy holds a read snapshot, not a lock).
 DEST is one file (journal mode DELETE, no -wal beside it; mode 0600),
 written as DEST.tmp, checked (opened read-only, PRAGMA quick_check),
 flushed to the disk and only then renamed to DEST: DEST is never a
-partial copy. To restore: stop the gateway, delete PATH-wal and
-PATH-shm, put DEST in PATH's place (docs/gateway.md, Backups).
+partial copy. To restore: stop the gateway, then paygate restore DEST
+SQLITE_URL --force (docs/gateway.md, Backups and recovery).
 
   --force   replace an existing DEST (and a DEST.tmp left by an
             interrupted backup)
@@ -79,7 +79,7 @@ local function main(args)
     common.usage_error("%s is a PostgreSQL store: paygate backup copies "
       .. "a SQLite one; back PostgreSQL up with pg_dump, the dump readable "
       .. "by its owner only (it holds the API keys' signing keys): (umask "
-      .. "077; pg_dump -Fc -f DEST %s) (docs/gateway.md, Backups)",
+      .. "077; pg_dump -Fc -f DEST %s) (docs/gateway.md, Backups and recovery)",
       redact(url), pg_dump_url(url))
   end
   if not url:match("^sqlite3?:") then
