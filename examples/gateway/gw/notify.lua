@@ -98,7 +98,8 @@ local function unknown_target(mchid, event, err)
   local r = type(event.resource) == "table" and event.resource or {}
   paygate.log.warn("gateway: notification for a " .. kind .. " this"
     .. " gateway does not know: answered FAIL (WeChat retries it for a day;"
-    .. " another instance's, not committed yet? a wrong notify_url?)", {
+    .. " another instance's, not committed yet? made after the backup this"
+    .. " store was restored from? a wrong notify_url?)", {
       id = event.id, event_type = event.event_type, mchid = mchid,
       out_trade_no = r.out_trade_no, out_refund_no = r.out_refund_no })
 end
