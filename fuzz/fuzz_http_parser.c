@@ -44,6 +44,14 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (end == 0) {
         return 0;
     }
+    {
+        size_t at = 0, m = gw_http_method_of(buf, size, &at);
+
+        assert(m <= 20);
+        if (m > 0) {
+            inside(buf, size, buf + at, m);
+        }
+    }
     erc = gw_http_head_early(buf, size, data[0] % size, &eh);
     if (erc == 0) {
         assert(eh.method_len == 0 && eh.refusal == NULL);

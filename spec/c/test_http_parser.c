@@ -277,6 +277,23 @@ test_conformance(void)
     assert(eh.method_len == 0 && eh.refusal == NULL);
     assert(early("GE") == 0 && eh.method_len == 0);
     assert(early("\r") == 0);
+    /* a head refused before its parse (over the limit, too slow) names
+     * the method its request line holds whole */
+    {
+        size_t at = 99;
+
+        assert(gw_http_method_of("\r\nPOST /a HTTP/1.1\r\nX", 22, &at) == 4
+               && at == 2);
+        assert(gw_http_method_of("GET / HTTP/1.1", 14, &at) == 3 && at == 0);
+        assert(gw_http_method_of("GET", 3, &at) == 0);
+        assert(gw_http_method_of("GE T", 4, &at) == 2 && at == 0);
+        assert(gw_http_method_of(" GET /", 6, &at) == 0);
+        assert(gw_http_method_of("G\x01T /", 6, &at) == 0);
+        assert(gw_http_method_of("ABCDEFGHIJKLMNOPQRSTU /", 23, &at) == 0);
+        assert(gw_http_method_of("ABCDEFGHIJKLMNOPQRST /", 22, &at) == 20);
+        assert(gw_http_method_of("", 0, &at) == 0);
+        assert(gw_http_method_of("\r\n", 2, &at) == 0);
+    }
     /* dot-segments */
     assert(gw_http_path_has_dots("/a/b.c/..d", 10) == 0);
     assert(gw_http_path_has_dots("/a/%2E%2e/b", 11) == 1);

@@ -110,6 +110,24 @@ header_line_bad(const char *p, const char *eol)
     return 0;
 }
 
+size_t
+gw_http_method_of(const char *buf, size_t len, size_t *at)
+{
+    size_t i = 0, m;
+
+    while (i + 1 < len && buf[i] == '\r' && buf[i + 1] == '\n') {
+        i += 2;
+    }
+    for (m = 0; m < 20 && i + m < len && tchar[(unsigned char) buf[i + m]];
+         m++) {
+    }
+    if (m == 0 || i + m >= len || buf[i + m] != ' ') {
+        return 0;
+    }
+    *at = i;
+    return m;
+}
+
 int
 gw_http_head_early(const char *buf, size_t len, size_t from,
                    struct gw_http_head *h)

@@ -57,6 +57,14 @@ size_t gw_http_head_end(const char *buf, size_t len, size_t *scanned);
  * upper bound of its header fields, to size h->headers. */
 size_t gw_http_count_fields(const char *buf, size_t head_len);
 
+/* The method of the request line at buf (after the empty lines before
+ * it), when it is read whole: 1 to 20 token bytes followed by a space.
+ * Returns its length and sets *at to its offset; 0 when there is none
+ * yet (or none at all). For refusals made before the head is parsed (a
+ * head over the limit, one not received in time): counted and logged
+ * under the method the client named. */
+size_t gw_http_method_of(const char *buf, size_t len, size_t *at);
+
 /*
  * An incomplete head buf[0..len) that already cannot become a valid
  * request: a first byte that cannot start a method (a TLS ClientHello on

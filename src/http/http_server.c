@@ -513,6 +513,22 @@ conn_hdrs(struct gw_conn *c, size_t n)
     return GW_OK;
 }
 
+/* Before a refusal of a head not parsed (over the limit, not received in
+ * time): its method, when its request line names one whole, so that the
+ * refusal is counted and logged under it as a parsed head's is (it was
+ * counted "-"/OTHER). The pointers are into c->in and are read by
+ * conn_bad at once. */
+static void
+conn_name_method(struct gw_conn *c, size_t avail)
+{
+    size_t at = 0, m = gw_http_method_of(c->in + c->req_start, avail, &at);
+
+    if (m > 0) {
+        c->head.method = c->in + c->req_start + at;
+        c->head.method_len = m;
+    }
+}
+
 /* A head too large: 414 when its request line alone does not fit. */
 static void
 conn_too_large(struct gw_conn *c, size_t avail)
@@ -525,6 +541,7 @@ conn_too_large(struct gw_conn *c, size_t avail)
         p += 2;             /* empty lines before the request line */
         n -= 2;
     }
+    conn_name_method(c, avail);
     if (memchr(p, '\n', n) == NULL) {
         conn_bad(c, 414, "uri_too_long", "request line exceeds the limit");
     } else {
@@ -546,7 +563,7 @@ conn_refuse_head(struct gw_conn *c, int rc)
               ? "no memory" : "malformed request head";
     }
     conn_bad(c, rc, rc == 400 ? "bad_request" : rc == 503 ? "unavailable"
-             : "unsupported", msg);
+             : rc == 431 ? "header_too_large" : "unsupported", msg);
 }
 
 /* Parses the head of `end` bytes at req_start; resolves the path's
@@ -1424,6 +1441,7 @@ conn_on_timer(evutil_socket_t fd, short what, void *arg)
         return;
     }
     if (c->state == ST_HEAD && c->in_len > 0) {
+        conn_name_method(c, c->in_len - c->req_start);
         conn_bad(c, 408, "timeout", "request head not received in time");
         conn_read_on(c, 0);
         conn_flush(c);
