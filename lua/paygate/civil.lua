@@ -4,6 +4,8 @@
 --   civil.days(2026, 11, 30)   -- days from 1970-01-01 (may be < 0)
 --   civil.date("2026-11-30")   -- the same, or nil for no such date
 --   civil.epoch("2026-06-08T10:34:56+08:00")   -- its epoch seconds
+--   civil.http_date("Mon, 07 Dec 2026 06:38:48 GMT")   -- the same for
+--                                 -- an HTTP Date header (IMF-fixdate)
 
 local floor = math.floor
 
@@ -83,6 +85,33 @@ function _M.epoch(s)
     end
   end
   return _M.days(y, mo, d) * 86400 + h * 3600 + mi * 60 + sec - off
+end
+
+local MONTHS = { Jan = 1, Feb = 2, Mar = 3, Apr = 4, May = 5, Jun = 6,
+                 Jul = 7, Aug = 8, Sep = 9, Oct = 10, Nov = 11, Dec = 12 }
+
+--- syntax: t = civil.http_date(s)
+-- s: an HTTP date in the form servers send (RFC 9110's IMF-fixdate, "Mon,
+-- 07 Dec 2026 06:38:48 GMT"; the weekday is not checked). returns: its
+-- epoch seconds, or nil when s is not one. A server's Date header gives
+-- its clock to the second (paygate doctor's clock check, the WeChat Pay
+-- client's errors that blame the clock).
+function _M.http_date(s)
+  if type(s) ~= "string" or #s > 40 then
+    return nil
+  end
+  local d, mon, y, h, mi, sec = s:match(
+    "^%a%a%a, (%d%d?) (%a%a%a) (%d%d%d%d) (%d%d):(%d%d):(%d%d) GMT$")
+  local mo = mon and MONTHS[mon]
+  if not mo then
+    return nil
+  end
+  y, d = tonumber(y), tonumber(d)
+  h, mi, sec = tonumber(h), tonumber(mi), tonumber(sec)
+  if not valid(y, mo, d) or h > 23 or mi > 59 or sec > 60 then
+    return nil
+  end
+  return _M.days(y, mo, d) * 86400 + h * 3600 + mi * 60 + sec
 end
 
 return _M

@@ -71,3 +71,26 @@ describe("paygate.civil.date", function()
     assert.is_nil(civil.date(20260101))
   end)
 end)
+
+describe("paygate.civil.http_date", function()
+  it("reads an HTTP Date header (IMF-fixdate) as epoch seconds", function()
+    assert.equal(0, civil.http_date("Thu, 01 Jan 1970 00:00:00 GMT"))
+    assert.equal(civil.epoch("2026-12-07T06:38:48Z"),
+                 civil.http_date("Mon, 07 Dec 2026 06:38:48 GMT"))
+    assert.equal(civil.epoch("2028-02-29T23:59:59Z"),
+                 civil.http_date("Tue, 29 Feb 2028 23:59:59 GMT"))
+  end)
+
+  it("is nil for what is no such date", function()
+    for _, s in ipairs({ "Mon, 07 Dec 2026 06:38:48 UTC",
+                         "Mon, 07 Foo 2026 06:38:48 GMT",
+                         "Mon, 31 Nov 2026 06:38:48 GMT",
+                         "Mon, 07 Dec 2026 24:00:00 GMT",
+                         "Monday, 07-Dec-26 06:38:48 GMT",
+                         "2026-12-07T06:38:48Z", "" }) do
+      assert.is_nil(civil.http_date(s), s)
+    end
+    assert.is_nil(civil.http_date(nil))
+    assert.is_nil(civil.http_date(1796625528))
+  end)
+end)

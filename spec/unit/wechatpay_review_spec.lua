@@ -205,3 +205,49 @@ describe("5xx codes WeChat says not to retry (nit)", function()
       body = "bad gateway" }).retryable)
   end)
 end)
+
+describe("a refusal that blames the clock says by how much it is off", function()
+  local date = "Mon, 07 Dec 2026 06:38:48 GMT"    -- 1796625528
+  local function refused(status, code, message, detail, now)
+    return errors.from_response("POST /v3/pay/transactions/native", {
+      status = status, headers = { date = date },
+      body = json.encode({ code = code, message = message, detail = detail })
+    }, now)
+  end
+
+  it("a SIGN_ERROR over the timestamp: this host 400 s behind", function()
+    local err = refused(401, "SIGN_ERROR", "Http头Authorization中的timestamp"
+      .. "与发起请求的时间不得超过5分钟", nil, 1796625528.5 - 400)
+    assert.equal("sign_error", err.kind)
+    assert.equal(-400, err.clock_skew)
+    assert.matches("this host's clock is 400 s behind WeChat's, by its Date"
+                   .. " header: sync it, NTP", err.message, 1, true)
+  end)
+
+  it("a time_expire refused: this host 200 s ahead", function()
+    local err = refused(400, "PARAM_ERROR", "输入源“/body/time_expire”映射到"
+      .. "值字段“/time_expire”校验失败：订单失效时间应晚于当前时间",
+      { field = "/time_expire", location = "body" }, 1796625528.5 + 200)
+    assert.equal("param_error", err.kind)
+    assert.equal(200, err.clock_skew)
+    assert.matches("this host's clock is 200 s ahead of WeChat's",
+                   err.message, 1, true)
+  end)
+
+  it("says the clocks agree when they do", function()
+    local err = refused(401, "SIGN_ERROR", "timestamp too old", nil,
+                        1796625529)
+    assert.matches("agrees with WeChat's Date header", err.message, 1, true)
+  end)
+
+  it("says nothing of the clock for another refusal, or without a Date",
+     function()
+    local err = refused(401, "SIGN_ERROR", "签名错误", { field = "signature" },
+                        1796625528.5 - 400)
+    assert.is_nil(err.clock_skew)
+    assert.is_nil(err.message:find("clock", 1, true))
+    err = errors.from_response("POST /v3/x", { status = 401,
+      body = '{"code":"SIGN_ERROR","message":"timestamp"}' }, 1)
+    assert.is_nil(err.clock_skew)
+  end)
+end)

@@ -570,35 +570,11 @@ function _M.number(opts, name)
 end
 
 --- syntax: what, expected = common.sign_error_blame(err)
--- What a 401 SIGN_ERROR (err.kind "sign_error" of paygate.wechatpay)
--- blames, from WeChat's detail.field or message: "scheme" (the
--- Authorization's signature type is not the variant WeChat holds for the
--- merchant: RSA against SM, or the reverse; expected is the type WeChat
--- names, when it names one), "mchid", "serial", "timestamp", "signature",
--- or nil when it says nothing more. paygate certs and paygate doctor word
+-- What a 401 SIGN_ERROR blames ("scheme", "mchid", "serial", "timestamp",
+-- "signature" or nil): paygate.wechatpay.errors.sign_error_blame, which
+-- the client's own errors use too. paygate certs and paygate doctor word
 -- the fix each with their own names.
-function _M.sign_error_blame(err)
-  local d = type(err.detail) == "table" and err.detail or {}
-  local field = type(d.field) == "string" and d.field or ""
-  local m = tostring(err.wechat_message or err.message)
-  -- first: the scheme is refused before the mchid and the serial are
-  -- read, and its message ("Authorization中的认证类型有误") would otherwise
-  -- pass for no blame at all, whose fix points at the serial and the mchid
-  if field == "schema" or m:find("认证类型", 1, true) then
-    return "scheme", m:match("WECHATPAY2%-[%w%-]+")
-  elseif field == "mchid" or m:find("mchid", 1, true)
-     or m:find("商户号", 1, true) then
-    return "mchid"
-  elseif field == "serial_no" or m:find("序列号", 1, true)
-         or m:lower():find("serial", 1, true) then
-    return "serial"
-  elseif field == "timestamp" or m:find("timestamp", 1, true) then
-    return "timestamp"
-  elseif field == "signature" or m:find("验签", 1, true) then
-    return "signature"
-  end
-  return nil
-end
+_M.sign_error_blame = require("paygate.wechatpay.errors").sign_error_blame
 
 --- syntax: s = common.days(seconds) -- a certificate's time left (or
 -- since it expired), rounded down as the gateway's console does: "12

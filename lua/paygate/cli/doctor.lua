@@ -10,6 +10,7 @@
 --     metrics_url = "http://127.0.0.1:9090/metrics",
 --     leases = { NAME = { ttl = s, route = "POST /path" } },
 --     api_crl_file = PEM }
+local civil = require "paygate.civil"
 local common = require "paygate.cli.common"
 local core = require "paygate.core"
 local crypto = require "paygate.crypto"
@@ -993,26 +994,7 @@ local function check_api(out, wc, conf, now, expiring)
   end
   out:ok("reachability", ("%s answers (HTTP %d in %d ms)"):format(base,
          res.status, took * 1000))
-  local date = res.headers and res.headers["date"]
-  local t
-  if date then
-    local d, mon, y, hh, mm, ss = date:match(
-      "%a+, (%d+) (%a+) (%d+) (%d+):(%d+):(%d+) GMT")
-    local M = { Jan = 1, Feb = 2, Mar = 3, Apr = 4, May = 5, Jun = 6,
-                Jul = 7, Aug = 8, Sep = 9, Oct = 10, Nov = 11, Dec = 12 }
-    if d and M[mon] then
-      -- days from the civil date (UTC, no time zone involved)
-      local yy, mm2 = tonumber(y), M[mon]
-      if mm2 <= 2 then yy = yy - 1 end
-      local era = math.floor(yy / 400)
-      local yoe = yy - era * 400
-      local mp = (mm2 + 9) % 12
-      local doy = math.floor((153 * mp + 2) / 5) + tonumber(d) - 1
-      local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
-      local days = era * 146097 + doe - 719468
-      t = days * DAY + tonumber(hh) * 3600 + tonumber(mm) * 60 + tonumber(ss)
-    end
-  end
+  local t = civil.http_date(res.headers and res.headers["date"])
   if not t then
     out:warn("clock", "the API host sent no Date header: skew not measured")
     return true

@@ -15,6 +15,10 @@
 --   retryable   true when the same request may succeed later
 --   detail      WeChat's detail (decoded JSON, opaque), when present
 --   retry_after seconds from a 429's or 503's Retry-After, when present
+--   clock_skew  s this host's clock is ahead of WeChat's (negative:
+--               behind), by the answer's Date header, when WeChat's
+--               refusal blames the clock (from_response)
+local civil = require "paygate.civil"
 local core = require "paygate.core"
 local json = require "paygate.json"  -- hardened decoder, same null
 local utf8_clean = require("paygate.utf8").clean
@@ -95,11 +99,85 @@ local function printable(s, max)
 end
 _M.printable = printable
 
---- syntax: err = errors.from_response(what, res)
+--- syntax: what, expected = errors.sign_error_blame(err)
+-- What a 401 SIGN_ERROR (err.kind "sign_error" of paygate.wechatpay)
+-- blames, from WeChat's detail.field or message: "scheme" (the
+-- Authorization's signature type is not the variant WeChat holds for the
+-- merchant: RSA against SM, or the reverse; expected is the type WeChat
+-- names, when it names one), "mchid", "serial", "timestamp", "signature",
+-- or nil when it says nothing more.
+function _M.sign_error_blame(err)
+  local d = type(err.detail) == "table" and err.detail or {}
+  local field = type(d.field) == "string" and d.field or ""
+  local m = tostring(err.wechat_message or err.message)
+  -- first: the scheme is refused before the mchid and the serial are
+  -- read, and its message ("Authorization中的认证类型有误") would otherwise
+  -- pass for no blame at all, whose fix points at the serial and the mchid
+  if field == "schema" or m:find("认证类型", 1, true) then
+    return "scheme", m:match("WECHATPAY2%-[%w%-]+")
+  elseif field == "mchid" or m:find("mchid", 1, true)
+     or m:find("商户号", 1, true) then
+    return "mchid"
+  elseif field == "serial_no" or m:find("序列号", 1, true)
+         or m:lower():find("serial", 1, true) then
+    return "serial"
+  elseif field == "timestamp" or m:find("timestamp", 1, true) then
+    return "timestamp"
+  elseif field == "signature" or m:find("验签", 1, true) then
+    return "signature"
+  end
+  return nil
+end
+
+
+-- Whether WeChat refused by its own clock: a SIGN_ERROR over the
+-- Authorization's timestamp (5 minutes or more off WeChat's), or a
+-- time_expire WeChat takes as not ahead of its now (PARAM_ERROR naming
+-- it): what this host's clock, when off, makes WeChat answer.
+local function blames_clock(err)
+  if err.kind == "sign_error" then
+    return _M.sign_error_blame(err) == "timestamp"
+  end
+  if err.kind == "param_error" or err.kind == "invalid_request" then
+    local d = type(err.detail) == "table" and err.detail or {}
+    return type(d.field) == "string" and d.field:find("time_expire", 1, true)
+           ~= nil or tostring(err.wechat_message):find("time_expire", 1,
+                                                      true) ~= nil
+  end
+  return false
+end
+
+-- The refusal that blames the clock, measured: this host's clock against
+-- the answer's Date header (WeChat's, to the second), in err.clock_skew
+-- (s, positive: this host ahead) and said in the message, so an operator
+-- reads by how much the clock is off where WeChat says only that the
+-- timestamp is (or that time_expire is not in its future).
+local function measure_clock(err, headers, now)
+  if not blames_clock(err) then return end
+  local date = civil.http_date(headers["date"])
+  if not date then return end
+  -- the Date header truncates WeChat's clock to its second
+  local skew = now - (date + 0.5)
+  err.clock_skew = skew
+  local s = math.floor(math.abs(skew) + 0.5)
+  if s < 2 then
+    err.message = err.message .. " (this host's clock agrees with WeChat's"
+      .. " Date header, within 2 s)"
+  else
+    err.message = err.message .. (" (this host's clock is %d s %s WeChat's,"
+      .. " by its Date header: sync it, NTP)"):format(s, skew > 0
+      and "ahead of" or "behind")
+  end
+end
+
+--- syntax: err = errors.from_response(what, res[, now])
 -- what: "METHOD /path" for the message; res: { status, headers, body }.
 -- returns: the error for a non-2xx response (never verified: WeChat does
--- not sign them).
-function _M.from_response(what, res)
+-- not sign them). One that blames the clock (a SIGN_ERROR over the
+-- timestamp, a time_expire refused) also says by how much this host's
+-- clock (now: epoch s, default core.time()) is off WeChat's Date header,
+-- in err.clock_skew and the message.
+function _M.from_response(what, res, now)
   local status = res.status
   local headers = res.headers or {}
   local request_id = headers["request-id"]
@@ -137,10 +215,12 @@ function _M.from_response(what, res)
   elseif not code and #body > 0 then
     msg = msg .. ": " .. printable(body, 200)
   end
-  return core.error(kind, msg, {
+  local err = core.error(kind, msg, {
     code = code, wechat_message = wmsg, status = status,
     request_id = request_id, retryable = retryable, detail = detail,
     retry_after = retry_after })
+  measure_clock(err, headers, now or core.time())
+  return err
 end
 
 --- syntax: err = errors.wrap(kind, message, cause[, fields])
