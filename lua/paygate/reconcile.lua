@@ -639,6 +639,18 @@ local function answer_about_other(what, id, names, got, want)
               { retryable = true })
 end
 
+-- syntax: t = reconcile.answered_at(meta)
+-- meta: a WeChat Pay call's second value on success. returns: WeChat's
+-- clock when it answered (the answer's signed Wechatpay-Timestamp, epoch
+-- s), or nil when meta has none. How long after WeChat's success_time a
+-- query found a payment is measured on it: both ends on WeChat's clock,
+-- whatever this host's is.
+function _M.answered_at(meta)
+  local h = type(meta) == "table" and meta.headers
+  local t = type(h) == "table" and tonumber(h["wechatpay-timestamp"])
+  return t and t == t and t ~= math.huge and t ~= -math.huge and t or nil
+end
+
 -- syntax: action, err = reconcile.check_payment(wx, item[, opts])
 -- item: { id, state, out_trade_no, sub_mchid?, amount? (fen: compared
 --   with WeChat's total), expires_at? (epoch s) }; wx: a client or fn(item)
@@ -651,7 +663,8 @@ end
 -- (ORDER_NOT_EXIST, remote = "ORDER_NOT_EXIST") means nothing before its
 -- expiry (asked too early) and `closed` after it: nobody can pay it.
 -- returns: action = { kind = "payment", id, out_trade_no, state (local),
---   remote (trade_state), event (or nil: nothing to apply), closed_by_us,
+--   remote (trade_state), answered_at (WeChat's clock at its answer, or
+--   nil: reconcile.answered_at), event (or nil: nothing to apply), closed_by_us,
 --   alarm ("amount_mismatch": WeChat's total differs; no event), set
 --   (transaction_id, payer_total), evidence, transaction (WeChat's) }
 --   or nil, err (the query's or the close's error: reschedule)
@@ -683,6 +696,8 @@ function _M.check_payment(wx, item, opts)
     end
     return nil, err
   end
+  -- (on success the second value is the answer's meta)
+  action.answered_at = _M.answered_at(err)
   -- the answer is about the order asked for (signed, yet an outside
   -- input: one about another order would be applied to this payment)
   if txn.out_trade_no ~= item.out_trade_no then
@@ -719,6 +734,7 @@ function _M.check_payment(wx, item, opts)
         return nil, cerr
       end
       txn, ts = again, again.trade_state
+      action.answered_at = _M.answered_at(qerr)
       action.remote, action.transaction = ts, txn
       action.evidence.trade_state = ts
       action.evidence.transaction_id = txn.transaction_id
@@ -783,7 +799,8 @@ local KNOWN_REFUND = { PROCESSING = true, SUCCESS = true, CLOSED = true,
 -- returns: action = { kind = "refund", id, out_refund_no, state, remote
 --   (status), event (or nil: PROCESSING stays), abnormal (true when
 --   WeChat says ABNORMAL: for the abnormal-refund API), refund (WeChat's),
---   set (refund_id), evidence } or nil, err
+--   answered_at (as check_payment's), set (refund_id), evidence } or nil,
+--   err
 -- yields: one WeChat call
 function _M.check_refund(wx, item)
   check_item("reconcile.check_refund", item, "out_refund_no")
@@ -807,7 +824,8 @@ function _M.check_refund(wx, item)
                    out_refund_no = item.out_refund_no, remote = status,
                    refund = r, set = { refund_id = r.refund_id },
                    evidence = { out_refund_no = item.out_refund_no,
-                                refund_id = r.refund_id, status = status } }
+                                refund_id = r.refund_id, status = status },
+                   answered_at = _M.answered_at(err) }
   action.event = _M.refund_event(item.state, status)
   if status == "ABNORMAL" then
     action.abnormal = true

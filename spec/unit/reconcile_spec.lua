@@ -206,6 +206,33 @@ describe("reconcile.payment_event / refund_event", function()
   end)
 end)
 
+describe("reconcile.answered_at", function()
+  it("is WeChat's clock at its answer: the signed Wechatpay-Timestamp",
+     function()
+    assert.equal(1796625528, reconcile.answered_at({ headers = {
+      ["wechatpay-timestamp"] = "1796625528" } }))
+    for _, m in ipairs({ nil, {}, { headers = {} }, { headers = {
+      ["wechatpay-timestamp"] = "soon" } }, { headers = {
+      ["wechatpay-timestamp"] = "inf" } } }) do
+      assert.is_nil(reconcile.answered_at(m))
+    end
+  end)
+
+  it("comes with check_payment's and check_refund's action", function()
+    local meta = { headers = { ["wechatpay-timestamp"] = "1796625528" } }
+    local a = assert(reconcile.check_payment({
+      query_by_out_trade_no = function(_, no)
+        return { out_trade_no = no, trade_state = "NOTPAY" }, meta
+      end }, { id = "P", state = "paying", out_trade_no = "T0001" }))
+    assert.equal(1796625528, a.answered_at)
+    a = assert(reconcile.check_refund({
+      query_refund = function(_, no)
+        return { out_refund_no = no, status = "PROCESSING" }, meta
+      end }, { id = "R", state = "processing", out_refund_no = "R0001" }))
+    assert.equal(1796625528, a.answered_at)
+  end)
+end)
+
 describe("reconcile.check_payment with a stand-in client", function()
   -- A table with the two methods: the real calls are in the integration
   -- spec; here the decisions around them.

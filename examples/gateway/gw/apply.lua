@@ -104,7 +104,12 @@ local function settled_unnotified(ctx, tx, o, kind, p, fields)
   if o.source ~= "query" then return end
   local via = o.via or "query"
   local st = civil.epoch(fields.success_time)
-  local after = st and math.floor(model.time() - st) or nil
+  -- how long after WeChat's success_time, on WeChat's clock at both ends
+  -- when the answer said when it was made (o.answered_at): this host's
+  -- clock minutes ahead of WeChat's (within WeChat's 5) called a payment
+  -- paid a moment ago one whose notification was lost, at every refresh
+  local now = tonumber(o.answered_at) or model.time()
+  local after = st and math.floor(now - st) or nil
   if via == "refresh" and after then
     local conf = require("gw.reconcile").conf(ctx)
     if conf and after < conf.check_after then return end
@@ -240,7 +245,8 @@ end
 -- o: { resource (WeChat's transaction object), mchid (the merchant whose
 -- route or client it came through), notification_id (or nil for a
 -- query), source ("notification" | "query"), via (a query's asker:
--- "reconcile" | "refresh"), actor }
+-- "reconcile" | "refresh"), actor, answered_at (a query's: WeChat's clock
+-- at its answer, paygate.reconcile.answered_at; or nil) }
 function _M.payment(ctx, tx, o)
   local r = o.resource
   local now = model.time()
@@ -424,7 +430,7 @@ local OLDER = { PROCESSING = true, ABNORMAL = true }
 --- syntax: outcome = apply.refund_status(ctx, tx, refund_row, o)
 -- o: { status (SUCCESS, CLOSED, ABNORMAL, PROCESSING), refund_id,
 -- amount (WeChat's refund amount, checked when given), notification_id,
--- source, via (as for apply.payment), success_time, actor }
+-- source, via, answered_at (as for apply.payment), success_time, actor }
 function _M.refund_status(ctx, tx, rf, o)
   local status, now = o.status, model.time()
   local event = REFUND_EVENT[status]

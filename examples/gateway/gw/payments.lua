@@ -1189,7 +1189,7 @@ function _M.refresh(p)
     if ts == "SUCCESS" or ts == "REFUND" then
       local outcome, list = apply.payment(ctx, tx, {
         resource = txn, source = "query", via = "refresh",
-        actor = "gateway:query" })
+        actor = "gateway:query", answered_at = check.answered_at })
       if not outcome then return nil, list end
       after = list
       return true

@@ -342,15 +342,16 @@ local OPEN_REF = { created = true, processing = true, unknown = true,
 -- as a notification would (dedupe, amount, late payment, events), under
 -- the runner's fence; resched(tx, outcome) ends or moves the row's checks
 -- in the same transaction. The work after the commit (a late payment's
--- refund, closes) is started then.
-local function apply_paid(ctx, rctx, txn, resched)
+-- refund, closes) is started then. at: WeChat's clock at its answer
+-- (reconcile.answered_at), or nil.
+local function apply_paid(ctx, rctx, txn, resched, at)
   local after
   local ok, err = fsm.retry(ctx.db, function(tx)
     local f, ferr = rctx.fence(tx)
     if not f then return nil, ferr end
     local outcome, list = apply.payment(ctx, tx, {
       resource = txn, source = "query", via = "reconcile",
-      actor = "reconcile" })
+      actor = "reconcile", answered_at = at })
     if not outcome then return nil, list end
     after = list
     return resched(tx, outcome)
@@ -464,19 +465,19 @@ local function check_attempt(ctx, wx, row, rctx, resched)
     -- amount mismatch raised as an alarm): nothing left to ask
     return apply_paid(ctx, rctx, txn, function(tx)
       return resched(tx, no, true)
-    end)
+    end, reconcile.answered_at(err))
   end
   if txn and ts ~= "CLOSED" and ts ~= "REVOKED" then
     local ok, cerr = wx:close(no, sub)
     if not ok and cerr.kind == "order_paid" then
       -- paid in between: asked again now and applied in this check (an
       -- answer not yet paid leaves it to the next check)
-      local again = wx:query_by_out_trade_no(no, sub)
+      local again, ameta = wx:query_by_out_trade_no(no, sub)
       if again and (again.trade_state == "SUCCESS"
                     or again.trade_state == "REFUND") then
         return apply_paid(ctx, rctx, again, function(tx)
           return resched(tx, no, true)
-        end)
+        end, reconcile.answered_at(ameta))
       end
       return nil, cerr
     end
@@ -557,7 +558,7 @@ local function payment_checks(ctx, conf, sched)
         return apply_paid(ctx, rctx, action.transaction,
                           function(tx, outcome)
           return resched(tx, row.id, outcome == "alarm")
-        end)
+        end, action.answered_at)
       end
       return reconcile.apply(db, P, action, {
         -- (and the attempt asked about locked before the payment is read:
@@ -670,7 +671,8 @@ local function refund_checks(ctx, conf, sched)
         local outcome, aerr = apply.refund_status(ctx, tx, rf, {
           status = action.remote, refund_id = action.refund.refund_id,
           amount = amount, success_time = action.refund.success_time,
-          source = "query", via = "reconcile", actor = "reconcile" })
+          source = "query", via = "reconcile", actor = "reconcile",
+          answered_at = action.answered_at })
         if not outcome then return nil, aerr end
         -- an amount mismatch was raised (audit, event, gauge) and the
         -- refund left as it is: asking again would only repeat it

@@ -3,6 +3,7 @@
 -- API and for the automatic refund of a late payment.
 local paygate = require "paygate"
 local fsm = require "paygate.fsm"
+local reconcile = require "paygate.reconcile"
 local json = require "paygate.json"
 local model = require "gw.model"
 local apply = require "gw.apply"
@@ -378,6 +379,7 @@ function _M.refresh_open(p, refund_id)
   if not rows then return nil, err end
   local wx = ctx.wx[p.mchid]
   for _, rf in ipairs(rows) do
+    -- (on success the second value is the answer's meta)
     local data, qerr = wx:query_refund(rf.out_refund_no,
                                        model.opt(p.sub_mchid))
     if not data then
@@ -390,7 +392,8 @@ function _M.refresh_open(p, refund_id)
           status = data.status, refund_id = data.refund_id,
           amount = type(data.amount) == "table" and data.amount.refund
                    or nil, success_time = data.success_time,
-          source = "query", via = "refresh", actor = "gateway:query" })
+          source = "query", via = "refresh", actor = "gateway:query",
+          answered_at = reconcile.answered_at(qerr) })
       end)
       if not ok then return nil, aerr end
     end

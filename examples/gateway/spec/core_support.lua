@@ -131,6 +131,7 @@ function _M.start_srv(sim, o)
   local db_url
   local srv = testing.start_app{ app = o.app or "examples/gateway",
     port = o.port, workers = o.workers, args = { "--log-level", "info" },
+    bin = o.bin,
     config = function(srv)
       local c = _M.config(sim, srv, o.gateway, o.merchant,
                           o.partner and sim.partner)
@@ -154,9 +155,38 @@ end
 
 --- syntax: gw = core.start(sim[, o]) -- o: gateway, merchant (overrides),
 -- db (a function(srv) -> url), workers, partner (the simulator's service
--- provider as the merchant), app (another copy of the app's folder)
+-- provider as the merchant), app (another copy of the app's folder), bin
+-- (the paygate to run it with: a wrapper, e.g. core.shifted_bin's)
 function _M.start(sim, o)
   return _M.gateway(_M.start_srv(sim, o or {}))
+end
+
+--- syntax: bin = core.shifted_bin(seconds)
+-- A paygate whose wall clock runs `seconds` ahead (negative: behind) of
+-- this host's, and so of the simulator's: a script in a fresh folder that
+-- runs the spec's paygate under spec/support/clock_shift.c (built here
+-- with cc), for core.start's bin. nil when cc is missing.
+function _M.shifted_bin(seconds)
+  local server = require "paygate.testing.server"
+  if os.execute("command -v cc >/dev/null 2>&1") ~= 0 then return nil end
+  local dir = testing.tmpdir()
+  local shim = dir .. "/clock_shift.so"
+  assert(os.execute("cc -shared -fPIC -O1 -o '" .. shim
+                    .. "' spec/support/clock_shift.c -ldl") == 0,
+         "cannot build spec/support/clock_shift.c")
+  local p = assert(io.popen("realpath '" .. server.bin() .. "'"))
+  local real = p:read("*l")
+  p:close()
+  -- (a sanitizer build wants its runtime first of the preloads: told not
+  -- to check, as the shim only wraps the clock's functions)
+  local asan = os.getenv("ASAN_OPTIONS")
+  local bin = dir .. "/paygate"
+  write(bin, "#!/bin/sh\nCLOCK_SHIFT=" .. math.floor(seconds)
+        .. " LD_PRELOAD='" .. shim .. "' ASAN_OPTIONS='"
+        .. (asan and asan .. ":" or "") .. "verify_asan_link_order=0'"
+        .. " exec '" .. real .. "' \"$@\"\n")
+  assert(os.execute("chmod 700 '" .. bin .. "'") == 0)
+  return bin
 end
 
 --- syntax: sim, gw = core.start_loopback()

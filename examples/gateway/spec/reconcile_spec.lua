@@ -617,6 +617,49 @@ describe("gateway ?refresh=1: settled without a notification", function()
   end)
 end)
 
+-- A gateway whose clock runs 200 s ahead of WeChat's (within WeChat's 5
+-- minutes: every call verifies both ways). A payment paid a moment ago
+-- and asked about with ?refresh=1 is not one whose notification was lost:
+-- how long after its success_time is read on WeChat's clock (the
+-- answer's Wechatpay-Timestamp). Before: from WeChat's success_time to
+-- this host's clock, 200 s, past check_after: a warning and a count of
+-- paygate_gateway_settled_without_notification_total at every refresh.
+describe("gateway ?refresh=1 on a clock 200 s ahead of WeChat's", function()
+  local sim, gw, bin
+
+  setup(function()
+    bin = core.shifted_bin(200)
+    if not bin then return end
+    sim = testing.simulator{ time_scale = 100 }
+    gw = core.start(sim, { bin = bin, gateway = { reconcile = {
+      enabled = false, check_after = 60, bill = false } } })
+  end)
+
+  teardown(function() stop(gw) end)
+
+  it("does not count a payment paid a moment ago as unnotified",
+     function()
+    if not bin then
+      pending("cc not installed")
+      return
+    end
+    sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }
+    local p = gw:create{ amount = 223 }
+    sim:pay(p.out_trade_no)
+    testing.wait_until(function()
+      local n = sim:notifications{ out_trade_no = p.out_trade_no }[1]
+      return n and n.state == "dropped"
+    end, 10, "the notification dropped")
+    local paid = gw:get(p.id, "?refresh=1")
+    assert.equal("paid", paid.state)
+    -- (the gateway's own stamps are on its clock: 200 s ahead of this one)
+    assert.is_true(paid.updated_at - os.time() > 150,
+                   "the gateway's clock is not ahead: " .. paid.updated_at)
+    assert.same({}, unnotified_lines(gw, "payment", p.id))
+    assert.equal(0, unnotified_count(gw, sim, "payment", "refresh"))
+  end)
+end)
+
 describe("gateway daily bill: a refund line the gateway has as not"
          .. " settled", function()
   local sim, gw, bill_dir
