@@ -6,6 +6,7 @@ local crypto = require "paygate.crypto"
 local fsm = require "paygate.fsm"
 local json = require "paygate.json"
 local civil = require "paygate.civil"
+local reconcile = require "paygate.reconcile"
 
 local type, tostring, ipairs, floor = type, tostring, ipairs, math.floor
 
@@ -121,8 +122,29 @@ function _M.refund_json(r)
            created_at = r.created_at, updated_at = r.updated_at }
 end
 
+-- the payment states a refund is made from
+local REFUNDABLE = { paid = true, partially_refunded = true }
+_M.REFUNDABLE = REFUNDABLE
+
+--- syntax: n = model.refundable(p, refunds)
+-- The fen still refundable of payment row p, from its refund rows: what
+-- a refund create's check (refund_total) leaves. Those that failed or
+-- closed give their amount back; the rest count, under way or abnormal
+-- (owed to the payer); a duplicate payment's refund returns money the
+-- payment never counted. 0 for a payment that is not paid (nothing can
+-- be refunded from its state).
+function _M.refundable(p, refunds)
+  if not REFUNDABLE[p.state] then return 0 end
+  local own = {}
+  for _, r in ipairs(refunds) do
+    if r.kind ~= "duplicate" then own[#own + 1] = r end
+  end
+  return reconcile.refundable(p.amount, own) or 0
+end
+
 --- syntax: t = model.payment_json(row[, attempts[, refunds]])
--- The <payment> of the API: attempts and refunds are rows (or nil).
+-- The <payment> of the API: attempts and refunds are rows (or nil); with
+-- refunds, also refundable (model.refundable).
 function _M.payment_json(p, attempts, refunds)
   local t = { id = p.id, order_id = p.order_id, state = p.state,
               version = p.version, channel = p.channel, amount = p.amount,
@@ -147,6 +169,7 @@ function _M.payment_json(p, attempts, refunds)
     local list = {}
     for i, r in ipairs(refunds) do list[i] = _M.refund_json(r) end
     t.refunds = #list > 0 and list or json.empty_array
+    t.refundable = _M.refundable(p, refunds)
   end
   return t
 end

@@ -21,7 +21,7 @@ local ctx
 
 function _M.init(c) ctx = c end
 
-local REFUNDABLE = { paid = true, partially_refunded = true }
+local REFUNDABLE = model.REFUNDABLE
 
 -- db:transaction's retries of a refund create's serialization failure
 -- (PostgreSQL under REPEATABLE READ): each refund of the payment that

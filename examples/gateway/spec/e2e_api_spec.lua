@@ -516,6 +516,34 @@ describe("gateway merchant API", function()
       assert.matches('"reason":"[^"]+', line)
     end)
 
+    it("the payment says what is left to refund (refundable): refunds"
+       .. " under way and abnormal ones count, a closed one does not",
+       function()
+      -- was: only `refunded` (the fen of refunds that succeeded), so a
+      -- payment with a refund processing and one abnormal read "30
+      -- refunded" of 100 while 40 were left, and the 422 was the first
+      -- place an agent learnt it
+      local p = env:paid_payment{ amount = 100 }
+      assert.equal(100, env:get(p.id).refundable)
+      local r1 = S.expect(env:refund(p.id, 30), 201, "refund 30")
+      local r2 = S.expect(env:refund(p.id, 30), 201, "refund 30")
+      local r3 = S.expect(env:refund(p.id, 40), 201, "refund 40")
+      assert.equal(0, env:get(p.id).refundable)
+      env.sim:settle(r1.out_refund_no)
+      env.sim:settle(r2.out_refund_no, "ABNORMAL")
+      env.sim:settle(r3.out_refund_no, "CLOSED")
+      env:wait_refund(r3.id, "closed")
+      env:wait_refund(r2.id, "abnormal")
+      local now = env:wait_state(p.id, "partially_refunded")
+      assert.equal(30, now.refunded)
+      assert.equal(40, now.refundable)
+      local over = env:refund(p.id, 41)
+      assert.equal(422, over.status, over.body)
+      assert.equal(now.refundable, over.json.refundable)
+      -- nothing to refund before the payment is paid
+      assert.equal(0, env:get(env:create().payment.id).refundable)
+    end)
+
     it("a closed refund gives its amount back", function()
       local p = env:paid_payment{ amount = 60 }
       local r1 = S.expect(env:refund(p.id, 60), 201, "refund 60")
