@@ -7,7 +7,7 @@ local paygate = require "paygate"
 local outbox = require "paygate.outbox"
 local model = require "gw.model"
 
-local pairs, type = pairs, type
+local pairs, ipairs, type = pairs, ipairs, type
 
 local _M = {}
 
@@ -68,11 +68,34 @@ function _M.event(etype, payment, refund, extra)
            settled = settled(etype) }
 end
 
+-- paygate_gateway_events_total{type}: the events emitted, by type, once
+-- their change committed (whether a sink takes the type or not), so
+-- /metrics says how many refunds succeeded, ended abnormal (money owed
+-- to a payer until a person applies for it), closed or failed, ...
+local counter
+local function counter_of()
+  if not counter then
+    counter = require("paygate.metrics").counter(
+      "paygate_gateway_events_total", "Events the gateway emitted (a"
+      .. " state change committed: payment.paid, refund.abnormal, ...),"
+      .. " by type.", { "type" })
+    for _, t in ipairs(_M.TYPES) do counter:inc({ type = t }, 0) end
+  end
+  return counter
+end
+
+--- syntax: events.count(type) -- one event of type emitted (committed)
+function _M.count(etype)
+  counter_of():inc({ type = etype })
+end
+
 --- syntax: id, err = events.emit(tx, type, payment_row[, refund_row[, extra]])
 -- Enqueues events.event(...) for the payment's subject (delivered in
--- order per payment).
+-- order per payment), counted once tx commits.
 function _M.emit(tx, etype, payment, refund, extra)
-  return outbox.enqueue(tx, _M.event(etype, payment, refund, extra))
+  local id, err = outbox.enqueue(tx, _M.event(etype, payment, refund, extra))
+  if id then tx:on_commit(function() _M.count(etype) end) end
+  return id, err
 end
 
 --- syntax: sinks = events.sinks(gateway_cfg[, hooks])
@@ -155,6 +178,7 @@ function _M.start(db, g, over)
   local opts = { sinks = _M.sinks(g, hooks), name = "gateway" }
   for k, v in pairs(g.dispatcher or {}) do opts[k] = v end
   for k, v in pairs(over or {}) do opts[k] = v end
+  counter_of()                  -- every type on /metrics, from 0
   local d = outbox.dispatcher(db, opts)
   d:start()
   _M.dispatcher = d

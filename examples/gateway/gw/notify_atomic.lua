@@ -211,6 +211,7 @@ function _M.process(db, mchid, event)
       return "duplicate"
     end
     P:applied(plan)
+    events.count("payment.paid")
     return "applied"
   end
   local err = plan

@@ -57,6 +57,45 @@ describe("gateway metrics", function()
       return n and n >= before + 1
     end, 15, "the new worker's transitions added")
   end)
+
+  it("counts the events by type: refunds succeeded, abnormal, closed, the"
+     .. " payment refunded", function()
+    -- was: nothing on /metrics counted them (only the fsm's transitions
+    -- by machine, and deliveries when a sink took them): an abnormal
+    -- refund, money owed to a payer until a person applies for it, could
+    -- not be alerted on
+    local function count(t)
+      return tonumber(metrics():match('\npaygate_gateway_events_total{type="'
+        .. t:gsub("%.", "%%.") .. '"} (%d+)\n'))
+    end
+    -- every type is there from the start, at 0 or more
+    assert.is_number(count("refund.abnormal"))
+    local before = {}
+    for _, t in ipairs{ "payment.paid", "refund.succeeded", "refund.abnormal",
+                        "refund.closed", "payment.partially_refunded" } do
+      before[t] = count(t)
+    end
+    local p = gw:create{ order_id = "m-refunds", amount = 100 }
+    sim:pay_and_wait(p.out_trade_no)
+    gw:wait_state(p.id, "paid")
+    local rf = {}
+    for i, st in ipairs{ "SUCCESS", "ABNORMAL", "CLOSED" } do
+      local res = gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
+                          { amount = 10 })
+      assert.equal(201, res.status, res.body)
+      rf[i] = res.json
+      sim:settle(res.json.out_refund_no, st)
+      sim:wait_notification({ out_refund_no = res.json.out_refund_no,
+                              event_type = "REFUND." .. st })
+    end
+    testing.wait_until(function()
+      return count("refund.closed") == before["refund.closed"] + 1
+    end, 15, "the events counted")
+    for _, t in ipairs{ "payment.paid", "refund.succeeded", "refund.abnormal",
+                        "refund.closed", "payment.partially_refunded" } do
+      assert.equal(before[t] + 1, count(t), t)
+    end
+  end)
 end)
 
 -- On call in a WeChat outage nothing on /metrics said the degradation
