@@ -621,8 +621,8 @@ end
       local sec = page.body:match("<h2>Refunds</h2>(.-)</section>")
       assert.is_truthy(sec, "no refunds section")
       assert.matches("<td>" .. r.id .. "</td><td>" .. r.out_refund_no
-        .. "</td><td>1.20</td><td>" .. r.state .. "</td><td>merchant</td>",
-        sec, 1, true)
+        .. "</td><td>" .. r.refund_id .. "</td><td>1.20</td><td>" .. r.state
+        .. "</td><td>merchant</td>", sec, 1, true)
       assert.matches(os.date("!%Y-%m-%d", math.floor(r.created_at)), sec, 1,
                      true)
       -- a payment without refunds says so
@@ -630,6 +630,39 @@ end
       local none = get(gw, "/console/payments/" .. other.id).body
       assert.matches("<h2>Refunds</h2><p class=\"empty\">None.</p>", none, 1,
                      true)
+    end)
+
+    it("show what is left to refund, and the abnormal refunds to apply for"
+       .. " on the payment and the overview", function()
+      -- was: the payment showed only "refunded" (succeeded refunds), the
+      -- refunds table no refund_id (what the abnormal-refund application
+      -- names), and nothing outside the payment's own page listed an
+      -- abnormal refund: an operator without a consumer of refund.abnormal
+      -- could not find the money owed to payers
+      local p, r = refunded("ord-abnormal-" .. os.time())
+      sim:settle(r.out_refund_no, "ABNORMAL")
+      sim:wait_notification({ out_refund_no = r.out_refund_no,
+                              event_type = "REFUND.ABNORMAL" })
+      local page = get(gw, "/console/payments/" .. p.id).body
+      -- 3.00 paid, 1.20 abnormal (owed, so counted): 1.80 left
+      assert.matches("<td>refundable</td><td>1.80</td>", page, 1, true)
+      local sec = page:match("<h2>Refunds</h2>(.-)</section>")
+      assert.matches("<td>" .. r.refund_id .. "</td><td>1.20</td><td>"
+        .. "abnormal: owed to the payer; apply for the abnormal refund",
+        sec, 1, true)
+      local body = get(gw, "/console").body
+      local box = body:match("<h2>Abnormal refunds[^<]*</h2>(.-)</section>")
+      assert.is_truthy(box, "no abnormal refunds on the overview")
+      assert.matches('<a href="/console/payments/' .. p.id .. '">', box, 1,
+                     true)
+      assert.matches("<td>" .. r.out_refund_no .. "</td><td>" .. r.refund_id
+        .. "</td>", box, 1, true)
+      -- once it is paid back (an application made), it leaves the list
+      assert(gw.db:exec("UPDATE gw_refunds SET state = 'succeeded' WHERE"
+                        .. " id = $1", { r.id }))
+      box = get(gw, "/console").body:match(
+        "<h2>Abnormal refunds[^<]*</h2>(.-)</section>")
+      assert.not_matches(r.out_refund_no, box, 1, true)
     end)
 
     it("find a payment by its order_id or a refund's out_refund_no",

@@ -248,7 +248,7 @@ describe("gateway migrations over an older store", function()
         .. " channel, state, created_at) VALUES ('pay_o_1', 'pay_o', 1,"
         .. " 'native', 'open', 0)"))
       local applied = assert(migrate.run(db, "examples/gateway/migrations"))
-      assert.equal(1, #applied)
+      -- (010, and those after it)
       assert.equal("010_sub_appid.sql", applied[1].name)
       local rows = assert(db:query("SELECT COUNT(*) AS n FROM gw_payments p"
         .. " JOIN gw_attempts a ON a.payment_id = p.id WHERE p.sub_appid IS"

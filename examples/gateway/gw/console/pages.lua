@@ -12,6 +12,7 @@ local html = require "paygate.html"
 local certs = require "paygate.wechatpay.certs"
 local bill = require "paygate.reconcile.bill"
 local apply = require "gw.apply"
+local model = require "gw.model"
 local upstream = require "gw.upstream"
 
 local type, tostring, tonumber, ipairs, floor, min, max =
@@ -157,6 +158,15 @@ end
 
 local function payment_link(id)
   return link("/console/payments/" .. html.url_encode(id), id)
+end
+
+-- A refund's state as the console says it: an abnormal one with what a
+-- person must do (WeChat could not pay it back; the gateway has no lever
+-- for the application, which needs the payer's bank details)
+local function refund_state(rf)
+  if rf.state ~= "abnormal" then return rf.state end
+  return "abnormal: owed to the payer; apply for the abnormal refund with"
+    .. " its refund_id (merchant platform, or wx:abnormal_refund)"
 end
 
 ------------------------------------------------ notification answer times
@@ -424,6 +434,30 @@ function _M.overview(view)
       "received", "merchant", "refused as", "why", "serial",
       "decrypts (order)" }, list) or _M.failed(err) })
 
+  -- refunds WeChat could not pay back (abnormal): owed to the payer until a
+  -- person applies for them, whatever their age (index gw_refunds_abnormal)
+  rows, err = db:query("SELECT r.id, r.payment_id, r.out_refund_no,"
+    .. " r.refund_id, r.amount, r.updated_at, p.mchid FROM gw_refunds r"
+    .. " JOIN gw_payments p ON p.id = r.payment_id WHERE r.state ="
+    .. " 'abnormal' ORDER BY r.updated_at DESC LIMIT 11")
+  list = {}
+  for i, r in ipairs(rows or {}) do
+    if i <= 10 then
+      list[i] = { payment_link(r.payment_id), r.out_refund_no,
+                  null(r.refund_id) or "", r.mchid, fen(r.amount),
+                  when(r.updated_at) }
+    end
+  end
+  parts[#parts + 1] = render("<section><h2>Abnormal refunds (to apply"
+    .. " for)</h2><p class=\"note\">WeChat could not pay these back (the"
+    .. " payer's card closed, ...): the money is owed to the payer until"
+    .. " someone applies for it with the refund_id, in the merchant"
+    .. " platform or through WeChat's abnormal-refund API.{{more}}</p>{{t}}"
+    .. "</section>", { more = rows and rows[11] and " The newest 10 are"
+      .. " shown; more are waiting." or "", t = rows and table_of({
+      "payment", "out_refund_no", "refund_id", "merchant", "amount",
+      "abnormal since" }, list) or _M.failed(err) })
+
   rows, err = db:query("SELECT state, COUNT(*) AS n FROM paygate_outbox"
     .. " GROUP BY state ORDER BY state")
   list = {}
@@ -621,6 +655,14 @@ function _M.payment(id, view)
   local db = ctx.db
   local p, err = _M.payment_row(id)
   if not p then return p, err end
+  -- its refunds, oldest first (what is left to refund is read from them);
+  -- their numbers also find the notifications, calls and refusals that
+  -- name them
+  local refunds
+  refunds, err = db:query("SELECT id, out_refund_no, refund_id, amount,"
+    .. " state, kind, created_at, updated_at FROM gw_refunds WHERE"
+    .. " payment_id = $1 ORDER BY created_at, id", { id })
+  if not refunds then return nil, err end
   -- the ids the payment JSON carries: a service provider's sub-merchant
   -- and its own appid only when the payment names them (the row left out,
   -- not shown empty: a direct merchant's payment has neither)
@@ -638,7 +680,9 @@ function _M.payment(id, view)
   for _, f in ipairs({
     { "out_trade_no", p.out_trade_no },
     { "transaction_id", null(p.transaction_id) or "" },
-    { "refunded", fen(p.refunded) }, { "created", when(p.created_at) },
+    { "refunded", fen(p.refunded) },
+    { "refundable", fen(model.refundable(p, refunds)) },
+    { "created", when(p.created_at) },
     { "updated", when(p.updated_at) }, { "expires", when(p.expires_at) },
   }) do fields[#fields + 1] = f end
   local summary = table_of({ "field", "value" }, fields)
@@ -695,16 +739,10 @@ function _M.payment(id, view)
     if not ok then return nil, nerr end
   end
 
-  -- its refunds, oldest first; their numbers also find the notifications,
-  -- calls and refusals that name them
-  local refunds
-  refunds, err = db:query("SELECT id, out_refund_no, amount, state, kind,"
-    .. " created_at, updated_at FROM gw_refunds WHERE payment_id = $1"
-    .. " ORDER BY created_at, id", { id })
-  if not refunds then return nil, err end
   local rfl = {}
   for i, rf in ipairs(refunds) do
-    rfl[i] = { rf.id, rf.out_refund_no, fen(rf.amount), rf.state, rf.kind,
+    rfl[i] = { rf.id, rf.out_refund_no, null(rf.refund_id) or "",
+               fen(rf.amount), refund_state(rf), rf.kind,
                when(rf.created_at), when(rf.updated_at) }
   end
   for _, rf in ipairs(refunds) do
@@ -802,8 +840,8 @@ names this payment (WeChat sends a refused notification again).</p>{{refused}}
     tl = table_of({ "seq", "at", "what", "transition", "cause", "actor",
                     "evidence" }, tl),
     at = table_of(at_heads, at),
-    rf = table_of({ "refund", "out_refund_no", "amount", "state", "kind",
-                    "created", "updated" }, rfl),
+    rf = table_of({ "refund", "out_refund_no", "refund_id", "amount",
+                    "state", "kind", "created", "updated" }, rfl),
     notes = table_of({ "id", "type", "key", "received", "outcome" }, notes),
     refused = table_of({ "received", "id (claimed)", "type (claimed)",
                          "refused as", "why", "serial", "timestamp" }, rl),
