@@ -354,6 +354,16 @@ function Sim:settle(no, status, mchid)
   return data, res
 end
 
+--- syntax: refund = sim:refund_outside(out_trade_no[, body[, mchid]])
+-- A refund of a paid order made in WeChat's merchant platform, not
+-- through the app: body { amount (default what is left), out_refund_no
+-- (default one the platform makes), reason }. PROCESSING: sim:settle it.
+function Sim:refund_outside(no, body, mchid)
+  local data, res = control_call(self, "POST", "/sim/transactions/" .. no
+    .. "/refund" .. q(mchid), body or {}, is_2xx)
+  return data, res
+end
+
 --- syntax: sim:rotate([body]) -- rotate the platform certificate
 function Sim:rotate(body)
   return self:control("POST", "/sim/certificates/rotate", body or {})

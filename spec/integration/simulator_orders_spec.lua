@@ -371,6 +371,41 @@ describe("simulator: refunds", function()
     assert.equal("rf-order-01", r4.json.out_trade_no)
   end)
 
+  it("makes a refund in the merchant platform (control API): the order"
+     .. " REFUND, the refund queried and settled as any", function()
+    local function outside(no, body)
+      return sc.control(base, "POST", "/sim/transactions/" .. no
+                        .. "/refund", body)
+    end
+    signed(prepay("rf-mp-order1"))
+    -- not paid: nothing to refund
+    assert.equal(409, outside("rf-mp-order1", {}).status)
+    assert.equal(404, outside("rf-mp-none01", {}).status)
+    assert.equal(200, pay("rf-mp-order1").status)
+    assert.equal(400, outside("rf-mp-order1", { amount = 0 }).status)
+    assert.equal(400, outside("rf-mp-order1",
+                              { out_refund_no = "bad no" }).status)
+    local r = outside("rf-mp-order1", { amount = 40 })
+    assert.equal(200, r.status, r.body)
+    assert.matches("^MP%d+$", r.json.out_refund_no)
+    assert.equal("PROCESSING", r.json.status)
+    assert.equal(40, r.json.amount.refund)
+    assert.equal("REFUND", query("rf-mp-order1").json.trade_state)
+    -- the merchant's API sees what is left: 60, not 100
+    err(refund("rf-mp-order1", "rf-mp-api-01", 61), 400, "INVALID_REQUEST",
+        "/amount/refund")
+    assert.equal(409, outside("rf-mp-order1", { amount = 61 }).status)
+    -- a number of the caller's, queried and settled as any refund
+    r = outside("rf-mp-order1", { amount = 60, out_refund_no = "mp-own-1" })
+    assert.equal(200, r.status, r.body)
+    assert.equal(409, outside("rf-mp-order1", { amount = 1,
+                              out_refund_no = "mp-own-1" }).status)
+    assert.equal(200, settle("mp-own-1", "SUCCESS").status)
+    local q = get_refund("mp-own-1")
+    signed(q)
+    assert.equal("SUCCESS", q.json.status)
+  end)
+
   it("refuses a refund more than a year after the payment; pays at a"
      .. " success_time given to the control API", function()
     local function ago(days)      -- in Beijing time, as WeChat writes it

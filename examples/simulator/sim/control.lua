@@ -218,6 +218,29 @@ function _M.routes(ctx)
     return answer(200, t)
   end)
 
+  -- a refund made in the merchant platform, not through the merchant's
+  -- API client: PROCESSING, settled as any refund
+  route("POST", "/sim/transactions/:no/refund", function(req)
+    local b, why = body_of(req)
+    if not b then return bad(why) end
+    if b.amount ~= nil and (type(b.amount) ~= "number" or b.amount < 1
+                            or b.amount ~= math.floor(b.amount)) then
+      return bad("amount must be an integer >= 1 (fen)")
+    end
+    if b.out_refund_no ~= nil and (type(b.out_refund_no) ~= "string"
+       or #b.out_refund_no > 64
+       or not b.out_refund_no:match("^[%w_%-|*@]+$")) then
+      return bad("out_refund_no must be 1 to 64 of [0-9A-Za-z_-|*@]")
+    end
+    why = bad_string(b, "reason")
+    if why then return bad(why) end
+    local r, err = orders.refund_outside(req.params.no, {
+      mchid = req:query().mchid, amount = b.amount,
+      out_refund_no = b.out_refund_no, reason = b.reason })
+    if not r then return answer(err.status or 500, err) end
+    return answer(200, r)
+  end)
+
   -- the refund settles: PROCESSING -> SUCCESS | ABNORMAL | CLOSED
   route("POST", "/sim/refunds/:no/settle", function(req)
     local b, why = body_of(req)

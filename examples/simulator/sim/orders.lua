@@ -897,6 +897,35 @@ local function refund_owner(c, sub, where)
   return sub
 end
 
+-- Makes refund f of order o (inside tx, its checks passed: paid, within
+-- a year, at most what is left, fewer than 50 refunds), PROCESSING, and
+-- moves the order to REFUND. f: owner, sp_mchid, out_refund_no, refund
+-- (fen), reason, notify_url, funds_account, amount_from (JSON text),
+-- params_hash. The refund API's and the control API's (a refund made in
+-- the merchant platform) alike. returns: f, completed as a refund row.
+local function insert_refund(tx, o, f, now)
+  local settle = S.config.refund_settle_after
+  f.order_id, f.status, f.total, f.currency = o.id, "PROCESSING", o.total,
+                                               "CNY"
+  f.refund_id = "50" .. beijing_stamp(now):sub(1, 8) .. random_digits(20)
+  f.payer_refund = new_payer_refund(tx, o, f.refund)
+  f.created_at = now
+  f.settle_after = settle and (now + settle) or nil
+  assert(tx:exec("INSERT INTO sim_refunds (owner, sp_mchid, order_id, "
+    .. "refund_id, out_refund_no, status, refund, total, currency, reason, "
+    .. "notify_url, funds_account, params_hash, created_at, settle_after, "
+    .. "amount_from, payer_refund) VALUES ($1, $2, $3, $4, $5, "
+    .. "'PROCESSING', $6, $7, 'CNY', $8, $9, $10, $11, $12, $13, $14, $15)",
+    { n = 15, f.owner, f.sp_mchid, o.id, f.refund_id, f.out_refund_no,
+      f.refund, f.total, f.reason, f.notify_url, f.funds_account,
+      f.params_hash, now, f.settle_after, f.amount_from, f.payer_refund }))
+  assert(tx:exec("UPDATE sim_orders SET refunded = refunded + $1, "
+    .. "trade_state = 'REFUND' WHERE id = $2", { f.refund, o.id }))
+  o.refunded = o.refunded + f.refund
+  o.trade_state = "REFUND"
+  return f
+end
+
 local function create_refund(req, c)
   local a = api()
   local b = c.body
@@ -1021,32 +1050,14 @@ local function create_refund(req, c)
     if n >= MAX_REFUNDS then
       return nil, a.invalid("/out_trade_no", "退款次数超过限制")
     end
-    local refund_id = "50" .. beijing_stamp(c.now):sub(1, 8)
-                      .. random_digits(20)
-    local settle = S.config.refund_settle_after
     -- a refund asked without a notify_url is notified at the merchant's
     -- platform setting (the Authorization's merchant), when it has one
-    local url = b.notify_url or c.m.refund_notify_url
-    f = { owner = owner, sp_mchid = sp,
-          order_id = o.id, refund_id = refund_id, out_refund_no = no,
-          status = "PROCESSING", refund = b.amount.refund,
-          total = b.amount.total, currency = "CNY", reason = b.reason,
-          notify_url = url, funds_account = b.funds_account,
-          amount_from = b.amount.from and json.encode(b.amount.from),
-          payer_refund = new_payer_refund(tx, o, b.amount.refund),
-          created_at = c.now,
-          settle_after = settle and (c.now + settle) or nil }
-    assert(tx:exec("INSERT INTO sim_refunds (owner, sp_mchid, order_id, "
-      .. "refund_id, out_refund_no, status, refund, total, currency, reason, "
-      .. "notify_url, funds_account, params_hash, created_at, settle_after, "
-      .. "amount_from, payer_refund) VALUES ($1, $2, $3, $4, $5, "
-      .. "'PROCESSING', $6, $7, 'CNY', $8, $9, $10, $11, $12, $13, $14, $15)",
-      { n = 15, owner, f.sp_mchid, o.id, refund_id, no, f.refund, f.total,
-        b.reason, url, b.funds_account, hash, c.now, f.settle_after,
-        f.amount_from, f.payer_refund }))
-    assert(tx:exec("UPDATE sim_orders SET refunded = refunded + $1, "
-      .. "trade_state = 'REFUND' WHERE id = $2", { f.refund, o.id }))
-    o.refunded = o.refunded + f.refund
+    f = insert_refund(tx, o, { owner = owner, sp_mchid = sp,
+      out_refund_no = no, refund = b.amount.refund, reason = b.reason,
+      notify_url = b.notify_url or c.m.refund_notify_url,
+      funds_account = b.funds_account,
+      amount_from = b.amount.from and json.encode(b.amount.from),
+      params_hash = hash }, c.now)
     return 200, _M.refund_object(f, o)
   end)
 end
@@ -1321,6 +1332,61 @@ function _M.fail(no, opts)
     assert(tx:exec("UPDATE sim_orders SET trade_state = 'PAYERROR', "
       .. "bank_type = $1 WHERE id = $2", { o.bank_type, o.id }))
     return _M.transaction(o)
+  end)
+end
+
+--- syntax: r, err = orders.refund_outside(out_trade_no, opts)
+-- A refund made in the merchant platform (by hand, or by another system
+-- of the merchant): the order's money goes back without the merchant's
+-- API client asking, so the merchant's own records do not have it.
+-- PROCESSING, as a refund API call makes it (settle it with
+-- orders.settle); notified, once it settles, at the merchant's
+-- refund_notify_url when it has one. opts: mchid (which merchant's order,
+-- as for pay), amount (fen; default what is left to refund),
+-- out_refund_no (default one the platform makes, "MP" and 30 digits),
+-- reason. returns: the Refund object, or nil, { status, code, message }.
+function _M.refund_outside(no, opts)
+  return S.db:transaction(function(tx)
+    local now = core.time()
+    local o, err = find_for_control(tx, no, opts.mchid)
+    if not o then return nil, err end
+    o = expire(tx, o, now)
+    if o.trade_state ~= "SUCCESS" and o.trade_state ~= "REFUND" then
+      return nil, { status = 409, code = "ORDER_" .. o.trade_state,
+        message = "order " .. no .. " is " .. o.trade_state .. ", not paid" }
+    end
+    if o.success_at and now - o.success_at > REFUND_WINDOW then
+      return nil, { status = 409, code = "INVALID_REQUEST", message = "order "
+        .. no .. " was paid more than a year ago" }
+    end
+    local left = o.total - o.refunded
+    local amount = opts.amount or left
+    if amount < 1 or amount > left then
+      return nil, { status = 409, code = "NOT_ENOUGH", message = "order "
+        .. no .. " has " .. left .. " fen left to refund, not "
+        .. string.format("%.0f", amount) }
+    end
+    local n = assert(tx:query("SELECT COUNT(*) AS n FROM sim_refunds WHERE "
+                              .. "order_id = $1", { o.id }))[1].n
+    if n >= MAX_REFUNDS then
+      return nil, { status = 409, code = "REFUND_LIMIT", message = "order "
+        .. no .. " has " .. n .. " refunds" }
+    end
+    local rno = opts.out_refund_no
+                or ("MP" .. beijing_stamp(now):sub(1, 14) .. random_digits(16))
+    if assert(tx:query("SELECT 1 AS x FROM sim_refunds WHERE owner = $1 AND"
+        .. " out_refund_no = $2", { o.owner, rno }))[1] then
+      return nil, { status = 409, code = "OUT_REFUND_NO_USED", message =
+        "refund " .. rno .. " exists already" }
+    end
+    local m = S.config.by_mchid[o.sp_mchid or o.owner]
+    local f = insert_refund(tx, o, { owner = o.owner, sp_mchid = o.sp_mchid,
+      out_refund_no = rno, refund = amount, reason = opts.reason,
+      notify_url = m and m.refund_notify_url,
+      params_hash = digest({ out_trade_no = no, out_refund_no = rno,
+        amount = { refund = amount, total = o.total, currency = "CNY" },
+        reason = opts.reason, merchant_platform = true }) }, now)
+    return _M.refund_object(f, o)
   end)
 end
 
