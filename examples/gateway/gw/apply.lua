@@ -25,7 +25,7 @@ local function wx_time(v)
   return civil.epoch(v) and v or nil
 end
 
-local type, tostring, tonumber = type, tostring, tonumber
+local type, tostring, tonumber, pairs = type, tostring, tonumber, pairs
 
 local _M = {}
 
@@ -81,6 +81,75 @@ local function alarm(tx, p, refund, ev, kind)
   if not ok then return nil, err end
   count_alarm(tx, kind)
   return "alarm"
+end
+
+-- Money of payment p refunded outside this gateway: in WeChat Pay's
+-- merchant platform by hand, by another system on the merchant number, or
+-- after the backup this store was restored from. Seen by o.source:
+-- "refresh" / "reconcile" (a query answered REFUND that no refund here
+-- explains), "refund_call" (WeChat refused a refund as more than what is
+-- left of the order) or "bill" (a day's bill has a refund line of an
+-- out_refund_no unknown here). The payment is flagged
+-- (gw_payments.refunded_elsewhere_at), once: the first to flag it (the
+-- conditional UPDATE, one row changed) writes the audit entry (what
+-- payment.alarm, cause refunded_elsewhere), the alarm.refunded_elsewhere
+-- event, counts the alarm and logs the warning once the transaction
+-- commits; a later sighting changes nothing. No state changes and no
+-- refund row is made: WeChat's query names no refund (no out_refund_no,
+-- no amount), and the payment's refunds are what this gateway made. o:
+-- { source, actor, out_trade_no, trade_state, out_refund_no,
+-- refund_amount, date, wechat_code }.
+-- returns: true (flagged now or before), or nil, err.
+local function refunded_elsewhere(tx, p, o)
+  local now = model.time()
+  local res, err = tx:exec("UPDATE gw_payments SET refunded_elsewhere_at ="
+    .. " $2 WHERE id = $1 AND refunded_elsewhere_at IS NULL", { p.id, now })
+  if not res then return nil, err end
+  if res.changes ~= 1 then return true end
+  local ev = { source = o.source, out_trade_no = o.out_trade_no,
+    trade_state = o.trade_state, out_refund_no = o.out_refund_no,
+    refund_amount = o.refund_amount, date = o.date,
+    wechat_code = o.wechat_code, amount = p.amount,
+    refunded = p.refunded or 0 }
+  local ok
+  ok, err = audit.append(tx, "payment:" .. p.id, {
+    what = "payment.alarm", ref = p.id, cause = "refunded_elsewhere",
+    actor = o.actor or "gateway", evidence = ev })
+  if not ok then return nil, err end
+  local row = {}
+  for k, v in pairs(p) do row[k] = v end
+  row.refunded_elsewhere_at = now
+  ok, err = events.emit(tx, "alarm.refunded_elsewhere", row, nil,
+                        { alarm = ev })
+  if not ok then return nil, err end
+  count_alarm(tx, "refunded_elsewhere")
+  local fields = { payment = p.id, mchid = tostring(p.mchid),
+    sub_mchid = model.opt(p.sub_mchid), out_trade_no = o.out_trade_no,
+    source = o.source, amount = p.amount, refunded = p.refunded or 0,
+    out_refund_no = o.out_refund_no, refund_amount = o.refund_amount,
+    date = o.date }
+  tx:on_commit(function()
+    paygate.log.warn("gateway: money refunded outside this gateway: the"
+      .. " payment is flagged refunded_elsewhere; the day's trade bill"
+      .. " lists the refund (its out_refund_no), before any refund here",
+      fields)
+  end)
+  return true
+end
+
+--- syntax: ok, err = apply.refunded_elsewhere(tx, payment_row, o)
+_M.refunded_elsewhere = refunded_elsewhere
+
+-- A query's REFUND for attempt `no` of payment p: explained when a refund
+-- of this gateway on that order may have reached WeChat (any state but
+-- failed: refused by WeChat, or never sent). returns: true, false, or
+-- nil, err.
+local function refund_explained(tx, p, no)
+  local rows, err = tx:query("SELECT id FROM gw_refunds WHERE payment_id ="
+    .. " $1 AND out_trade_no = $2 AND state <> 'failed' LIMIT 1",
+    { p.id, no })
+  if not rows then return nil, err end
+  return rows[1] ~= nil
 end
 
 -- A payment paid, or a refund settled, by a query (o.source "query") whose
@@ -326,6 +395,21 @@ function _M.payment(ctx, tx, o)
       expected_currency = p.currency, got_currency = currency,
       out_trade_no = no, notification_id = o.notification_id,
       source = o.source, actor = o.actor })
+  end
+  if state == "REFUND" and o.source == "query" then
+    -- WeChat says the order has a refund: one made here, or money given
+    -- back behind this gateway's back (a query answer carries no refund
+    -- detail, so "less refunded here than there" is seen by a refund
+    -- WeChat refuses, or by the bill)
+    local known
+    known, err = refund_explained(tx, p, no)
+    if known == nil then return nil, err end
+    if not known then
+      local ok
+      ok, err = refunded_elsewhere(tx, p, { source = o.via or "query",
+        actor = o.actor, out_trade_no = no, trade_state = state })
+      if not ok then return nil, err end
+    end
   end
   local key = _M.payment_key(r)
   local fresh

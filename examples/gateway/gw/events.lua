@@ -18,7 +18,7 @@ local SHORT = {
   on_late_paid = "payment.late_paid",
   on_refund_abnormal = "refund.abnormal",
   on_alarm = { "alarm.amount_mismatch", "alarm.merchant_mismatch",
-               "alarm.order_mismatch" },
+               "alarm.order_mismatch", "alarm.refunded_elsewhere" },
 }
 
 -- Every event type the gateway emits (docs/gateway.md, Events): what a
@@ -30,7 +30,7 @@ _M.TYPES = {
   "payment.unknown", "payment.partially_refunded", "payment.refunded",
   "refund.succeeded", "refund.abnormal", "refund.closed", "refund.failed",
   "payment.late_paid", "alarm.amount_mismatch", "alarm.merchant_mismatch",
-  "alarm.order_mismatch",
+  "alarm.order_mismatch", "alarm.refunded_elsewhere",
 }
 -- the same as a set (read only: the config's and the admin's checks)
 _M.KNOWN = {}

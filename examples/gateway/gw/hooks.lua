@@ -13,8 +13,8 @@
 -- payment.failed, payment.unknown, payment.refunded,
 -- payment.partially_refunded, payment.late_paid, refund.succeeded,
 -- refund.abnormal, refund.closed, refund.failed, alarm.amount_mismatch,
--- alarm.merchant_mismatch, alarm.order_mismatch (on_alarm: the three
--- alarms). A function under any
+-- alarm.merchant_mismatch, alarm.order_mismatch, alarm.refunded_elsewhere
+-- (on_alarm: the four alarms). A function under any
 -- other name (a misspelt on_payed), or a file that does not load, stops
 -- the gateway at start with one line: keep helpers local.
 local _M = {}

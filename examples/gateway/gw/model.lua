@@ -158,6 +158,10 @@ function _M.payment_json(p, attempts, refunds)
               attempt = p.attempt, late = (p.late == 1 or p.late == true)
                                           or nil,
               payer_total = opt(p.payer_total),
+              -- money refunded outside this gateway (gw.apply's
+              -- refunded_elsewhere): shown only when seen
+              refunded_elsewhere = opt(p.refunded_elsewhere_at) and true
+                                   or nil,
               created_at = p.created_at, updated_at = p.updated_at,
               expires_at = p.expires_at }
   if attempts then

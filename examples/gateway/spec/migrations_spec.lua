@@ -266,6 +266,50 @@ describe("gateway migrations over an older store", function()
       db:close()
     end)
   end
+  -- 012 on each engine: a store made before it takes
+  -- refunded_elsewhere_at, NULL (not flagged) on the payments it has
+  for _, engine in ipairs(engines) do
+    local name = engine[1]
+    it("012 on " .. name .. ": payments take refunded_elsewhere_at, the"
+       .. " older ones NULL", function()
+      local old = dir .. "/old012"
+      assert(os.execute("rm -rf " .. old .. " && mkdir -p " .. old .. "/"
+                        .. name))
+      local ls = assert(io.popen("ls examples/gateway/migrations/" .. name))
+      for f in ls:lines() do
+        if f < "012" then
+          assert(os.execute("cp examples/gateway/migrations/" .. name .. "/"
+                            .. f .. " " .. old .. "/" .. name .. "/"))
+        end
+      end
+      ls:close()
+      local url = name == "sqlite" and "sqlite:" .. dir .. "/gw012.db"
+                  or engine[2]()
+      local db = assert(sql.open(url))
+      if name == "postgres" then
+        assert(db:exec("DROP SCHEMA public CASCADE"))
+        assert(db:exec("CREATE SCHEMA public"))
+      end
+      assert(migrate.run(db, old))
+      assert(db:exec("INSERT INTO gw_payments (id, app_id, order_id, mchid,"
+        .. " appid, channel, amount, currency, description, state,"
+        .. " version, out_trade_no, attempt, expires_at, created_at,"
+        .. " updated_at) VALUES ('pay_e', 'a', 'o', '1900', 'wx1',"
+        .. " 'native', 100, 'CNY', 'd', 'paid', 3, 'pay_e_1', 1, 0, 0, 0)"))
+      local applied = assert(migrate.run(db, "examples/gateway/migrations"))
+      assert.equal("012_refunded_elsewhere.sql", applied[1].name)
+      local rows = assert(db:query("SELECT refunded_elsewhere_at AS at FROM"
+        .. " gw_payments WHERE id = 'pay_e'"))
+      assert.equal(1, #rows)
+      assert.is_true(rows[1].at == nil or rows[1].at == json.null)
+      assert(db:exec("UPDATE gw_payments SET refunded_elsewhere_at = 1.5"
+                     .. " WHERE id = 'pay_e'"))
+      rows = assert(db:query("SELECT refunded_elsewhere_at AS at FROM"
+        .. " gw_payments WHERE id = 'pay_e'"))
+      assert.equal(1.5, tonumber(rows[1].at))
+      db:close()
+    end)
+  end
   -- 009 (SQLite): a state change of a payment or a refund (the fsm's
   -- version-guarded UPDATE) checks the open-state partial indexes' WHERE
   -- for the old and the new row in place: 006's IN lists made SQLite

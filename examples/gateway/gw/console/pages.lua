@@ -686,6 +686,23 @@ function _M.payment(id, view)
     { "updated", when(p.updated_at) }, { "expires", when(p.expires_at) },
   }) do fields[#fields + 1] = f end
   local summary = table_of({ "field", "value" }, fields)
+  -- money refunded outside this gateway (gw.apply's refunded_elsewhere):
+  -- said above all, with where its details are, before someone refunds
+  -- it again here
+  local elsewhere = ""
+  if null(p.refunded_elsewhere_at) then
+    elsewhere = render([[<p class="bad">Money of this payment was
+refunded outside this gateway (in the merchant platform, by another system
+on the merchant number, or after the backup its store was restored from),
+first seen {{at}}: the refunds and the refunded total here are only those
+made here. WeChat's order query names no refund, and its refund query needs an
+out_refund_no this gateway does not have: the day's trade bill lists the
+refund (Reconcile: a <code>missing_local</code> refund line of this
+payment's out_trade_no); the timeline's <code>refunded_elsewhere</code>
+entry says how it was seen. Refund here no more than WeChat has
+left.</p>]], { at = when(p.refunded_elsewhere_at) })
+  end
+  summary = join({ elsewhere, summary })
   local settle = lever(view, "/console/payments/" .. html.url_encode(id)
     .. "/settle", "Query WeChat now", {})
 

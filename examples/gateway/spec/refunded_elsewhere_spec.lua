@@ -1,0 +1,124 @@
+-- examples/gateway: money refunded outside the gateway (in WeChat Pay's
+-- merchant platform by hand, by another system on the merchant number, or
+-- after the backup the store was restored from) is seen, not reported as
+-- "paid" with nothing refunded. A query answer REFUND with no refund here
+-- that explains it, a refund WeChat refuses as more than what is left of
+-- the order, and a bill's refund line of an out_refund_no unknown here
+-- each flag the payment once: a warning, a count, an audit entry, an
+-- event; the payment's answer and its console page say so.
+-- Was: ?refresh=1 read REFUND, applied it as a duplicate of the payment
+-- and answered "paid", refunded 0, no word; a refund then asked through
+-- the gateway was a bare 502 "WeChat Pay refused the refund".
+local testing = require "paygate.testing"
+local audit = require "paygate.audit"
+local json = require "paygate.json"
+local core = dofile("examples/gateway/spec/core_support.lua")
+
+local WARN = "gateway: money refunded outside this gateway"
+
+describe("gateway: a refund made outside it", function()
+  local sim, gw
+
+  setup(function()
+    sim, gw = core.start_loopback()
+  end)
+
+  teardown(function()
+    if gw then gw.srv:stop() core.stop(gw) end
+    testing.stop_all()
+  end)
+
+  local function paid()
+    local p = gw:create{}
+    sim:pay_and_wait(p.out_trade_no)
+    return gw:wait_state(p.id, "paid")
+  end
+
+  local function alarms()
+    local res = gw.srv:admin_get("/metrics")
+    local body = res and res.status == 200 and res.body or ""
+    return tonumber(body:match('\npaygate_gateway_alarms_total{kind='
+      .. '"refunded_elsewhere"} (%d+)\n')) or 0
+  end
+
+  -- the payment's audit entries of the flag
+  local function flags(id)
+    local out = {}
+    for _, e in ipairs(assert(audit.entries(gw.db, "payment:" .. id))) do
+      if e.what == "payment.alarm" and e.cause == "refunded_elsewhere" then
+        out[#out + 1] = json.decode(e.evidence)
+      end
+    end
+    return out
+  end
+
+  local function warnings(id)
+    local n = 0
+    for line in (gw.srv:logs() or ""):gmatch("[^\n]+") do
+      if line:find(WARN, 1, true) and line:find(id, 1, true) then
+        n = n + 1
+      end
+    end
+    return n
+  end
+
+  local function events(id, etype)
+    local n = 0
+    for _, r in ipairs(assert(gw.db:query("SELECT type FROM paygate_outbox"
+        .. " WHERE subject = $1", { id }))) do
+      if r.type == etype then n = n + 1 end
+    end
+    return n
+  end
+
+  it("a refund made through the gateway explains WeChat's REFUND: no flag",
+     function()
+    local p = paid()
+    local res = gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
+                        { amount = 30 })
+    assert.equal(201, res.status, res.body)
+    local got = gw:get(p.id, "?refresh=1")
+    assert.is_nil(got.stale)
+    assert.is_nil(got.refunded_elsewhere)
+    assert.same({}, flags(p.id))
+  end)
+
+  it("?refresh=1 that reads REFUND with no refund here flags the payment,"
+     .. " once: a warning, a count, an audit entry, an event; its answer"
+     .. " and its console page say so", function()
+    local p = paid()
+    local before = alarms()
+    local r = sim:refund_outside(p.out_trade_no, { amount = 30 })
+    local got = gw:get(p.id, "?refresh=1")
+    assert.is_nil(got.stale)
+    -- the state machine stays honest: nothing refunded here, no invented
+    -- refund row (WeChat's answer names no refund)
+    assert.equal("paid", got.state)
+    assert.equal(0, got.refunded)
+    assert.same({}, got.refunds)
+    assert.is_true(got.refunded_elsewhere)
+    -- again: still flagged, said once
+    got = gw:get(p.id, "?refresh=1")
+    assert.is_true(got.refunded_elsewhere)
+    assert.is_true(gw:get(p.id).refunded_elsewhere)
+    local f = flags(p.id)
+    assert.equal(1, #f)
+    assert.equal("refresh", f[1].source)
+    assert.equal("REFUND", f[1].trade_state)
+    assert.equal(p.out_trade_no, f[1].out_trade_no)
+    assert.equal(1, events(p.id, "alarm.refunded_elsewhere"))
+    testing.wait_until(function() return alarms() == before + 1 end, 10,
+                       "the alarm counted")
+    testing.wait_until(function() return warnings(p.id) == 1 end, 10,
+                       "the warning logged")
+    assert.equal(1, warnings(p.id))
+    -- the console's payment page: the flag and where the details are
+    local page = gw.srv:request{ path = "/console/payments/" .. p.id }
+    assert.equal(200, page.status, page.body)
+    assert.matches("refunded outside this gateway", page.body, 1, true)
+    assert.matches("trade bill", page.body, 1, true)
+    -- the refund WeChat has is not one of the gateway's
+    assert.is_nil(gw.db:query("SELECT id FROM gw_refunds WHERE"
+      .. " out_refund_no = $1", { r.out_refund_no })[1])
+  end)
+end)
