@@ -40,6 +40,26 @@ local function refused(err)
          and k ~= "unknown_outcome" and k ~= "unverified_response"
 end
 
+-- WeChat refused a refund as more than what is left to refund of the
+-- order. The gateway sends none above what its own refunds leave, so
+-- WeChat counts more refunded than this gateway made: money refunded
+-- outside it (gw.apply's refunded_elsewhere). WeChat's words for it are
+-- not documented: 400 INVALID_REQUEST naming /amount/refund (the
+-- simulator's, with "申请退款金额超过订单可退金额"), or a refusal whose
+-- message speaks of what can be refunded (可退: "refund_fee大于可退金额")
+-- or of an order refunded in full (全额退款: "订单已全额退款").
+local function exceeds_left(err)
+  if not refused(err) or err.kind == "invalid_params" then return false end
+  local d = err.detail
+  if err.kind == "invalid_request" and type(d) == "table"
+     and d.field == "/amount/refund" then
+    return true
+  end
+  local m = err.wechat_message
+  return type(m) == "string" and (m:find("可退", 1, true) ~= nil
+                                  or m:find("全额退款", 1, true) ~= nil)
+end
+
 -- The call was not made: the degradation switch is on, or the refund
 -- endpoint's circuit breaker is open. send() leaves the refund as it was
 -- (created: the refund checks send it once calls go out again); the
@@ -138,6 +158,17 @@ function _M.send(id, finish, actor)
           local ok
           ok, terr = refund_failed(tx, res.row, werr)
           if not ok then return nil, terr end
+          if exceeds_left(werr) then
+            local p2
+            p2, terr = model.payment(tx, row.payment_id)
+            if not p2 then
+              return nil, terr or paygate.error("not_found", "payment")
+            end
+            ok, terr = apply.refunded_elsewhere(tx, p2, {
+              source = "refund_call", actor = actor,
+              out_trade_no = row.out_trade_no, wechat_code = werr.code })
+            if not ok then return nil, terr end
+          end
         end
       end
     end
@@ -340,6 +371,28 @@ function _M.create(req, ik)
   local a, c, d = _M.send(res.refund.id, function(tx, row, how, werr)
     if how == "not_sent" then
       return not_sent(tx, row, werr, actor, res.earlier)
+    end
+    if how == "rejected" and exceeds_left(werr) then
+      -- (was a bare 502: an agent refunding money already given back
+      -- elsewhere learnt nothing of why)
+      local p2, qerr = model.payment(tx, row.payment_id)
+      if not p2 then
+        return nil, qerr or paygate.error("not_found", "payment")
+      end
+      local total
+      total, qerr = model.refund_total(tx, row.payment_id)
+      if not total then return nil, qerr end
+      return ik:respond(tx, 409, err_body("refunded_elsewhere", "WeChat"
+        .. " Pay refused the refund as more than what is left to refund of"
+        .. " the order (" .. tostring(werr) .. "), while the refunds made"
+        .. " here come to " .. total .. " fen of the " .. p2.amount
+        .. " paid: money was most likely refunded outside this gateway (in"
+        .. " the merchant platform, by another system on the merchant"
+        .. " number, or after the backup its store was restored from). The"
+        .. " payment is flagged refunded_elsewhere; the day's trade bill"
+        .. " lists that refund. Refund at most what WeChat Pay has left",
+        { wechat_kind = werr.kind, wechat_code = werr.code,
+          refund = model.refund_json(row) }))
     end
     if how == "rejected" then
       return ik:respond(tx, 502, err_body("wechat_error", "WeChat Pay"

@@ -121,4 +121,33 @@ describe("gateway: a refund made outside it", function()
     assert.is_nil(gw.db:query("SELECT id FROM gw_refunds WHERE"
       .. " out_refund_no = $1", { r.out_refund_no })[1])
   end)
+
+  it("a refund WeChat refuses as more than what is left: 409"
+     .. " refunded_elsewhere naming the likely cause, the payment flagged",
+     function()
+    local p = paid()
+    sim:refund_outside(p.out_trade_no, { amount = 80 })
+    -- no refresh first: the refusal itself is the evidence
+    local res = gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
+                        { amount = 30 })
+    assert.equal(409, res.status, res.body)
+    assert.equal("refunded_elsewhere", res.json.error)
+    assert.matches("refunded outside this gateway", res.json.message, 1,
+                   true)
+    assert.matches("refunds made here come to 0 fen of the 100 paid",
+                   res.json.message, 1, true)
+    assert.equal("invalid_request", res.json.wechat_kind)
+    assert.equal("failed", res.json.refund.state)
+    local got = gw:get(p.id)
+    assert.is_true(got.refunded_elsewhere)
+    assert.equal("paid", got.state)
+    local f = flags(p.id)
+    assert.equal(1, #f)
+    assert.equal("refund_call", f[1].source)
+    -- what is left at WeChat is still refunded through the gateway
+    res = gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
+                  { amount = 20 })
+    assert.equal(201, res.status, res.body)
+    assert.equal(1, #flags(p.id))
+  end)
 end)
