@@ -1224,6 +1224,66 @@ local function record_unreconciled(o, kind, err)
   end
 end
 
+-- The refund lines of a reconciled day's bill whose out_refund_no this
+-- gateway does not know (missing_local) on an order it made (one of its
+-- attempts, of merchant o.mchid): money refunded outside it, in the
+-- merchant platform, by another system, or after the backup its store was
+-- restored from. Each flags its payment (gw.apply's refunded_elsewhere,
+-- once, under o.fence) with the line's out_refund_no, amount and day: the
+-- same flag a query's REFUND or WeChat's refusal of a refund raises. A
+-- line of an order not made here (another system's) is the report's
+-- alone. A failure is logged: the report stands, and the next run of the
+-- day flags what this one could not.
+local function flag_refunded_elsewhere(o, mismatches)
+  local lines, nos = {}, {}
+  for _, m in ipairs(mismatches or {}) do
+    if m.kind == "missing_local" and m.out_refund_no
+       and type(m.out_trade_no) == "string" then
+      if not lines[m.out_trade_no] then nos[#nos + 1] = m.out_trade_no end
+      lines[m.out_trade_no] = lines[m.out_trade_no] or m
+    end
+  end
+  local db = o.db
+  for i = 1, #nos, 200 do
+    local ph, args = {}, { o.mchid }
+    for j = i, math.min(#nos, i + 199) do
+      args[#args + 1] = nos[j]
+      ph[#ph + 1] = "$" .. #args
+    end
+    local rows, err = db:query("SELECT a.out_trade_no AS attempt_no,"
+      .. " a.payment_id FROM gw_attempts a JOIN gw_payments p ON p.id ="
+      .. " a.payment_id WHERE p.mchid = $1 AND a.out_trade_no IN ("
+      .. table.concat(ph, ",") .. ")", args)
+    if not rows then
+      warn("gateway: a bill's refunds unknown here cannot be looked up",
+           { date = o.date, mchid = o.mchid, error = tostring(err) })
+      return
+    end
+    for _, a in ipairs(rows) do
+      local m = lines[a.attempt_no]
+      local ok
+      ok, err = db:transaction(function(tx)
+        if o.fence then
+          local f, ferr = o.fence(tx)
+          if not f then return nil, ferr end
+        end
+        local p, perr = model.payment(tx, a.payment_id)
+        if not p then return nil, perr end
+        return apply.refunded_elsewhere(tx, p, { source = "bill",
+          actor = o.job and "reconcile" or "console",
+          out_trade_no = a.attempt_no, out_refund_no = m.out_refund_no,
+          refund_amount = type(m.remote) == "table" and m.remote.amount
+                          or nil, date = o.date })
+      end)
+      if not ok then
+        warn("gateway: a payment refunded outside this gateway cannot be"
+          .. " flagged", { date = o.date, mchid = o.mchid,
+          payment = a.payment_id, error = tostring(err) })
+      end
+    end
+  end
+end
+
 function _M.bill_day(o)
   local db, mchid = o.db, o.mchid
   local ok, report, err = pcall(bill.daily, {
@@ -1251,6 +1311,7 @@ function _M.bill_day(o)
   end
   owe(mchid, o.date, nil)
   refresh(db, mchid)
+  flag_refunded_elsewhere(o, report.mismatches)
   -- the counts the library's gauge now shows, kept for a worker that
   -- starts later (republish)
   local d = dict()

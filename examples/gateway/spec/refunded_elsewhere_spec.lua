@@ -150,4 +150,40 @@ describe("gateway: a refund made outside it", function()
     assert.equal(201, res.status, res.body)
     assert.equal(1, #flags(p.id))
   end)
+
+  it("a bill's refund line of an out_refund_no unknown here flags its"
+     .. " payment and says so", function()
+    local p = paid()
+    local r = sim:refund_outside(p.out_trade_no, {})
+    sim:settle(r.out_refund_no, "SUCCESS")
+    local date = os.date("!%Y-%m-%d", os.time() + 8 * 3600)
+    sim:close_bills(date)
+    local page = gw.srv:request{ path = "/console/reconcile" }
+    assert.equal(200, page.status, page.body)
+    local csrf = assert(page.body:match('name="csrf" value="(%x+)"'))
+    local res = gw.srv:request{ method = "POST", path = "/console/reconcile",
+      body = "date=" .. date .. "&csrf=" .. csrf, headers = {
+        ["Content-Type"] = "application/x-www-form-urlencoded" } }
+    assert.equal(303, res.status, res.body)
+    -- the report: the refund line is missing here
+    local e = assert(audit.entries(gw.db, "reconcile:" .. date))
+    local ev = json.decode(e[#e].evidence)
+    local found
+    for _, m in ipairs(ev.findings) do
+      if m.out_refund_no == r.out_refund_no then found = m end
+    end
+    assert.equal("missing_local", found and found.kind)
+    assert.equal(p.out_trade_no, found.out_trade_no)
+    -- and the payment it names is flagged, pointing at the bill's line
+    local got = gw:get(p.id)
+    assert.is_true(got.refunded_elsewhere)
+    local f = flags(p.id)
+    assert.equal(1, #f)
+    assert.equal("bill", f[1].source)
+    assert.equal(r.out_refund_no, f[1].out_refund_no)
+    assert.equal(date, f[1].date)
+    assert.equal(100, f[1].refund_amount)
+    testing.wait_until(function() return warnings(p.id) == 1 end, 10,
+                       "the warning logged")
+  end)
 end)
