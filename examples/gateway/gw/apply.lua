@@ -396,20 +396,18 @@ function _M.payment(ctx, tx, o)
       out_trade_no = no, notification_id = o.notification_id,
       source = o.source, actor = o.actor })
   end
-  if state == "REFUND" and o.source == "query" then
-    -- WeChat says the order has a refund: one made here, or money given
-    -- back behind this gateway's back (a query answer carries no refund
-    -- detail, so "less refunded here than there" is seen by a refund
-    -- WeChat refuses, or by the bill)
-    local known
-    known, err = refund_explained(tx, p, no)
-    if known == nil then return nil, err end
-    if not known then
-      local ok
-      ok, err = refunded_elsewhere(tx, p, { source = o.via or "query",
-        actor = o.actor, out_trade_no = no, trade_state = state })
-      if not ok then return nil, err end
-    end
+  -- WeChat says the order has a refund (REFUND): one made here, or money
+  -- given back behind this gateway's back (a query answer carries no
+  -- refund detail, so "less refunded here than there" is seen by a refund
+  -- WeChat refuses, or by the bill). Flagged once the payment is as this
+  -- answer leaves it (its events after the payment's own)
+  local function flag_refund(row)
+    if state ~= "REFUND" or o.source ~= "query" then return true end
+    local known, ferr = refund_explained(tx, row, no)
+    if known == nil then return nil, ferr end
+    if known then return true end
+    return refunded_elsewhere(tx, row, { source = o.via or "query",
+      actor = o.actor, out_trade_no = no, trade_state = state })
   end
   local key = _M.payment_key(r)
   local fresh
@@ -422,6 +420,9 @@ function _M.payment(ctx, tx, o)
         out_trade_no = no, success_time = wx_time(r.success_time) })
       if not ok then return nil, err end
     end
+    local ok
+    ok, err = flag_refund(p)
+    if not ok then return nil, err end
     return "duplicate"
   end
   local late = a.state ~= "open"
@@ -494,6 +495,8 @@ function _M.payment(ctx, tx, o)
       amount = total, duplicate = not pre_paid, action = policy })
     if not ok then return nil, err end
   end
+  ok, err = flag_refund(p)
+  if not ok then return nil, err end
   settled_unnotified(ctx, tx, o, "payment", p, { out_trade_no = no,
     transaction_id = r.transaction_id, success_time = wx_time(r.success_time),
     late = late or nil })

@@ -122,6 +122,30 @@ describe("gateway: a refund made outside it", function()
       .. " out_refund_no = $1", { r.out_refund_no })[1])
   end)
 
+  it("a query that finds the money paid and refunded (its notification"
+     .. " lost) makes the payment paid, then flags it", function()
+    local p = gw:create{}
+    sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }
+    sim:pay(p.out_trade_no)
+    testing.wait_until(function()
+      local n = sim:notifications{ out_trade_no = p.out_trade_no }
+      return n[1] and n[1].state == "dropped"
+    end, 10, "the payment's notification dropped")
+    sim:refund_outside(p.out_trade_no, {})
+    local got = gw:get(p.id, "?refresh=1")
+    assert.equal("paid", got.state)
+    assert.is_true(got.refunded_elsewhere)
+    assert.equal(1, #flags(p.id))
+    -- the events in the order of what happened: paid, then the alarm
+    local types = {}
+    for _, r in ipairs(assert(gw.db:query("SELECT type FROM paygate_outbox"
+        .. " WHERE subject = $1 ORDER BY id", { p.id }))) do
+      types[#types + 1] = r.type
+    end
+    assert.same({ "payment.paying", "payment.paid",
+                  "alarm.refunded_elsewhere" }, types)
+  end)
+
   it("a refund WeChat refuses as more than what is left: 409"
      .. " refunded_elsewhere naming the likely cause, the payment flagged",
      function()
