@@ -44,7 +44,16 @@ describe("paygate.keyring", function()
       -- explicit window for a public key
       keyring.put("PUB_KEY_ID_1", wxpub, { not_before = 100, not_after = 200 })
       fails_with("cert_expired", keyring.get("PUB_KEY_ID_1", 201))
-      fails_with("cert_not_yet_valid", keyring.get("PUB_KEY_ID_1", 99))
+      local nyv = fails_with("cert_not_yet_valid",
+                             keyring.get("PUB_KEY_ID_1", 99))
+      -- (it said "is valid from 100: check the clock")
+      assert.equal("verifier PUB_KEY_ID_1 is valid from"
+        .. " 1970-01-01T00:01:40Z, 1 s after this host's clock: check the"
+        .. " clock (NTP); a certificate is used from its start", nyv.message)
+      local exp = fails_with("cert_expired", keyring.get("PUB_KEY_ID_1", 260))
+      assert.equal("verifier PUB_KEY_ID_1 expired at 1970-01-01T00:03:20Z"
+        .. " (60 s before this host's clock): download the current platform"
+        .. " certificate", exp.message)
       assert.is_not_nil(keyring.get("PUB_KEY_ID_1", 150))
     end)
 
@@ -77,8 +86,11 @@ describe("paygate.keyring", function()
       -- (it showed 1: 1970-01-01T00:00:01Z)
       assert.equal(c:not_after(), keyring.list()[1].not_after)
       assert.equal(c:not_before(), keyring.list()[1].not_before)
-      assert.truthy(err.message:find(("expired at %.0f"):format(
-        c:not_after()), 1, true), err.message)
+      -- in words an operator reads: the date, and how long ago by this
+      -- host's clock (it said "expired at -315619200")
+      assert.truthy(err.message:find("expired at 1965-01-01T00:00:00Z (",
+                                     1, true), err.message)
+      assert.matches("%(%d+ s before this host's clock%)", err.message)
     end)
 
     it("classifies bad signatures and algorithm mismatches", function()

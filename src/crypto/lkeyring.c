@@ -539,6 +539,25 @@ gw_kr_op_replace(lua_State *L, struct gw_keyring *kr, int b)
     return 1;
 }
 
+/* t (epoch seconds) as 2026-12-07T06:39:55Z into buf, for a message; the
+ * number itself when gmtime cannot place it */
+static void
+kr_utc(double t, char *buf, size_t len)
+{
+    time_t s;
+    struct tm tm;
+
+    if (t >= -6e10 && t <= 2.5e11) {      /* (NaN is neither) */
+        s = (time_t) t;
+        if (gmtime_r(&s, &tm) != NULL
+            && strftime(buf, len, "%Y-%m-%dT%H:%M:%SZ", &tm) != 0)
+        {
+            return;
+        }
+    }
+    snprintf(buf, len, "%.0f", t);
+}
+
 /* Looks up and checks the validity window; pushes an error and returns
  * NULL on failure (*nret = 2). */
 static struct gw_kr_entry *
@@ -561,15 +580,24 @@ gw_kr_lookup(lua_State *L, struct gw_keyring *kr, int idx, int at_idx,
     now = lua_isnoneornil(L, at_idx) ? (double)time(NULL)
                                      : luaL_checknumber(L, at_idx);
     if (e->has_end && now > e->not_after) {
+        char at[32];
+
+        kr_utc(e->not_after, at, sizeof(at));
         *nret = gw_push_error(L, "cert_expired", 0, "verifier %s expired "
-                              "at %.0f: download the current platform "
-                              "certificate", e->id, e->not_after);
+                              "at %s (%.0f s before this host's clock): "
+                              "download the current platform certificate",
+                              e->id, at, now - e->not_after);
         return NULL;
     }
     if (e->not_before > 0 && now < e->not_before) {
+        char at[32];
+
+        kr_utc(e->not_before, at, sizeof(at));
         *nret = gw_push_error(L, "cert_not_yet_valid", 0, "verifier %s is "
-                              "valid from %.0f: check the clock", e->id,
-                              e->not_before);
+                              "valid from %s, %.0f s after this host's "
+                              "clock: check the clock (NTP); a certificate "
+                              "is used from its start", e->id, at,
+                              e->not_before - now);
         return NULL;
     }
     return e;
