@@ -301,9 +301,15 @@ function _M.create(req, ik)
     local row, qerr = model.payment(tx, p.id)
     if not row then return nil, qerr end
     if not REFUNDABLE[row.state] then
+      -- (what to do next said where there is something to do: an unknown
+      -- payment may well be paid, and a query settles it)
       return { status = 409, body = err_body("invalid_state", "payment "
         .. p.id .. " is " .. row.state .. ": only a paid payment is"
-        .. " refunded") }
+        .. " refunded" .. (row.state == "unknown" and "; its outcome is"
+        .. " not known yet: ask WeChat Pay first (GET /v1/payments/" .. p.id
+        .. "?refresh=1, or the console's Query WeChat now), then refund"
+        .. " once it is paid" or row.state == "paying" and "; it is not"
+        .. " paid yet (close it instead to stop the payer paying)" or "")) }
     end
     local total
     total, qerr = model.refund_total(tx, p.id)
@@ -395,8 +401,12 @@ function _M.create(req, ik)
           refund = model.refund_json(row) }))
     end
     if how == "rejected" then
+      -- (the key keeps this answer: a retry must be a new request)
       return ik:respond(tx, 502, err_body("wechat_error", "WeChat Pay"
-        .. " refused the refund: " .. tostring(werr),
+        .. " refused the refund: " .. tostring(werr) .. ". The refund is"
+        .. " failed; this Idempotency-Key keeps this answer: to try again"
+        .. " once the cause is mended, send a new request with a new"
+        .. " Idempotency-Key",
         { wechat_kind = werr.kind, wechat_code = werr.code,
           refund = model.refund_json(row) }))
     end

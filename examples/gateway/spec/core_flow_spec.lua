@@ -282,6 +282,8 @@ describe("gateway core flow", function()
                       { amount = 10 })
     assert.equal(409, r.status)
     assert.equal("invalid_state", r.json.error)
+    assert.matches("it is not paid yet (close it instead", r.json.message,
+                   1, true)
     sim:pay_and_wait(p.out_trade_no)
     gw:wait_state(p.id, "paid")
     local c = gw:call("POST", "/v1/payments/" .. p.id .. "/close")

@@ -130,6 +130,10 @@ describe("gateway refunds: the Idempotency-Key and the answer", function()
                code = "NOT_ENOUGH", count = 1 }
     local first = refund(gw, p.id, 30, key)
     assert.equal(502, first.status, first.body)
+    -- the key keeps this answer: said, with how to try again (before: the
+    -- same request replayed the 502, and nothing said why)
+    assert.matches("send a new request with a new Idempotency-Key",
+                   first.json.message, 1, true)
     local rf = first.json.refund
     assert.equal("failed", rf.state)
     expire(key)

@@ -252,6 +252,15 @@ local function cases(db_for)
     assert.equal("unknown", res.json.payment.state)
     assert.equal("unknown", gw:get(p.id).state)
     assert.equal(1, count(events_of(gw, p.id), "payment.unknown"))
+    -- a refund of it is refused, saying to ask WeChat first (before: only
+    -- "only a paid payment is refunded", for a payment that may be paid)
+    local rf = gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
+                       { amount = 10 })
+    assert.equal(409, rf.status, rf.body)
+    assert.equal("invalid_state", rf.json.error)
+    assert.matches("its outcome is not known yet: ask WeChat Pay first (GET"
+      .. " /v1/payments/" .. p.id .. "?refresh=1, or the console's Query"
+      .. " WeChat now)", rf.json.message, 1, true)
     -- another attempt closes the lost one first, and opens the payment
     res = gw:call("POST", "/v1/payments/" .. p.id .. "/attempts",
                   { channel = "native" })
