@@ -909,9 +909,11 @@ end
         body = get(gw, "/console").body
         return body:find("claims to be paygate doctor", 1, true)
       end, 10, "the refused probe on the overview")
-      -- the chart names its percentiles by their histogram buckets
-      assert.matches("notifications, p50 under [%d.]+ s, p99 under [%d.]+ s"
-                     .. " %(histogram buckets%)", body)
+      -- the chart names its percentiles by their histogram buckets, and
+      -- its minutes as UTC (they read as a local 23:30 before)
+      assert.matches("<title>%d%d:%d%dZ: %d+ notifications, p50 under"
+                     .. " [%d.]+ s, p99 under [%d.]+ s %(histogram buckets%)",
+                     body)
     end)
 
     it("settle an unknown payment now by a query", function()

@@ -245,7 +245,7 @@ local function chart(points)
         .. " width=\"{{w}}\" height=\"{{h}}\"><title>{{t}}</title></rect>",
         { x = ("%.1f"):format(x), y = ("%.1f"):format(H - h),
           w = ("%.1f"):format(bw - 1), h = ("%.1f"):format(h),
-          t = os.date("!%H:%M", p.minute * 60) .. ": " .. p.n
+          t = os.date("!%H:%M", p.minute * 60) .. "Z: " .. p.n
             .. " notifications, p50 " .. bound(p.p50) .. ", p99 "
             .. bound(p.p99) .. " (histogram buckets)" })
       for _, q in ipairs({ { "p50", p.p50 }, { "p99", p.p99 } }) do
