@@ -30,6 +30,7 @@ local outbox = require "paygate.outbox"
 local html = require "paygate.html"
 local config = require "gw.config"
 local pages = require "gw.console.pages"
+local model = require "gw.model"
 local throttle = require "gw.throttle"
 local utf8 = require "paygate.utf8"
 
@@ -630,6 +631,9 @@ function _M.routes(ctx)
     if p == false then return refuse(404, "Not found", "no such payment") end
     if not p then return refuse(503, "Unavailable", tostring(err)) end
     local before = p.state
+    -- the refunds' states before: the query asks about the open ones too,
+    -- and what it changed of them is said beside the payment's
+    local rb = model.refunds_of(ctx.db, id) or {}
     -- ok: WeChat's trade state of the attempt (ORDER_NOT_EXIST: it has no
     -- such order), said on the page and recorded
     local ok, res = ctx.payments.refresh(p)
@@ -644,6 +648,26 @@ function _M.routes(ctx)
       return back(s, path, "WeChat could not be asked: " .. tostring(rerr))
     end
     local moved = tostring(before) .. " -> " .. tostring(after and after.state)
+    -- its refunds: each one the query moved, or how many open ones stayed
+    if rb[1] then
+      local was, open, changed = {}, 0, {}
+      for _, r in ipairs(rb) do was[r.id] = r.state end
+      for _, r in ipairs(model.refunds_of(ctx.db, id) or {}) do
+        if was[r.id] and was[r.id] ~= r.state then
+          changed[#changed + 1] = "refund " .. tostring(r.out_refund_no)
+            .. " " .. was[r.id] .. " -> " .. r.state
+        elseif r.state == "processing" or r.state == "unknown"
+               or r.state == "created" then
+          open = open + 1
+        end
+      end
+      if changed[1] then
+        moved = moved .. "; " .. table.concat(changed, ", ")
+      elseif open > 0 then
+        moved = moved .. "; " .. open .. " open refund" .. (open > 1 and "s"
+          or "") .. " unchanged"
+      end
+    end
     if said == "ORDER_NOT_EXIST" then
       -- its prepay never reached WeChat (or has not yet): nothing applied
       -- before its expiry, closed after it (payments.refresh)

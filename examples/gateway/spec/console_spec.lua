@@ -975,6 +975,35 @@ end
                      true)
     end)
 
+    it("settle says what the query changed of the payment's refunds",
+       function()
+      local p = gw:create{ amount = 60, description = "refund queried" }
+      sim:pay_and_wait(p.out_trade_no)
+      gw:wait_state(p.id, "paid")
+      local rf = gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
+                         { amount = 20 })
+      assert.equal(201, rf.status, rf.body)
+      local no = rf.json.out_refund_no
+      local page = get(gw, "/console/payments/" .. p.id)
+      -- still processing at WeChat: said as an open refund unchanged
+      local res = post(gw, "/console/payments/" .. p.id .. "/settle",
+                       { csrf = csrf_of(page.body) })
+      assert.equal(303, res.status, res.body)
+      local back = get(gw, res.headers["location"]).body
+      assert.matches("paid -&gt; paid; 1 open refund unchanged", back, 1,
+                     true)
+      -- settled at WeChat, its notification lost: the query settles it
+      -- here, and the page says so (before: only the payment's states)
+      sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }
+      sim:settle(no)
+      page = get(gw, "/console/payments/" .. p.id)
+      res = post(gw, "/console/payments/" .. p.id .. "/settle",
+                 { csrf = csrf_of(page.body) })
+      back = get(gw, res.headers["location"]).body
+      assert.matches("; refund " .. no .. " processing -&gt; succeeded",
+                     back, 1, true)
+    end)
+
     it("settle closes an expired payment WeChat has no order for, as"
        .. " reconciliation does; so does ?refresh=1", function()
       -- prepays that never reach WeChat: unknown, no order at WeChat
