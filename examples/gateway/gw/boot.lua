@@ -89,47 +89,61 @@ end
 -- A store put back from a backup (`paygate restore` records it: chain
 -- "store", store.restored) knows nothing done after its copy: payments
 -- and refunds made since are at WeChat only, and only the bills of those
--- days name them. Said at every start (once per generation) until each
--- Beijing day from the copy's to the restore's has been reconciled after
--- the restore (the bill job reaches back bill_days only).
---- syntax: boot.say_restored(db)
-function _M.say_restored(db)
+-- days name them.
+
+--- syntax: info = boot.restored(db)
+-- nil for a store never restored (or that cannot be read now), else
+-- { copy_newest, restored_at (epoch s), days = { "YYYY-MM-DD", ... } }:
+-- the Beijing days from the copy's to the restore's not reconciled since
+-- the restore (empty once each was: the bill job reaches back bill_days
+-- only, so older ones are the operator's to run). Read by the start's
+-- warning and the console's overview.
+function _M.restored(db)
   local rows = db:query("SELECT at, evidence FROM paygate_audit WHERE"
     .. " subject = 'store' AND what = 'store.restored' ORDER BY seq DESC"
     .. " LIMIT 1")
   local r = rows and rows[1]
   local ev = r and require("paygate.json").decode(r.evidence or "")
-  if type(ev) == "table" and paygate.runtime.mode == "worker"
-     and shared.get_dict("paygate"):add("gw:restored:"
-           .. tostring(paygate.runtime.generation or 0), 1, 60) then
-    local bill = require "paygate.reconcile.bill"
-    local newest = tonumber(ev.copy_newest) or r.at / 1000
-    local restored = tonumber(ev.restored_at) or r.at / 1000
-    local open_days = {}
-    local first = bill.bill_date(newest + 86400)
-    local last = bill.bill_date(restored + 86400)
-    local t = bill.day_start(first)
-    while #open_days < 92 do
-      local d = bill.bill_date(t + 86400)
-      local done = db:query("SELECT 1 AS x FROM paygate_audit WHERE"
-        .. " subject = $1 AND what = 'reconcile.bill' AND at > $2 LIMIT 1",
-        { "reconcile:" .. d, r.at })
-      if not (done and done[1]) then open_days[#open_days + 1] = d end
-      if d >= last then break end
-      t = t + 86400
-    end
-    if #open_days > 0 then
-      paygate.log.warn("gateway: this store was restored from a backup: it"
-        .. " knows nothing done after " .. os.date("!%Y-%m-%dT%H:%M:%SZ",
-        math.floor(newest)) .. ". Payments and refunds made since are at"
-        .. " WeChat only (their notifications are answered FAIL): run the"
-        .. " bill reconciliation of " .. table.concat(open_days, ", ")
-        .. " (the console's Reconcile, once WeChat has made each bill);"
-        .. " their missing_local lines are those (docs/gateway.md, Backups"
-        .. " and recovery)", { copy_newest = newest, restored_at = restored,
-                              days = open_days })
-    end
+  if type(ev) ~= "table" then return nil end
+  local bill = require "paygate.reconcile.bill"
+  local newest = tonumber(ev.copy_newest) or r.at / 1000
+  local restored = tonumber(ev.restored_at) or r.at / 1000
+  local open_days = {}
+  local first = bill.bill_date(newest + 86400)
+  local last = bill.bill_date(restored + 86400)
+  local t = bill.day_start(first)
+  while #open_days < 92 do
+    local d = bill.bill_date(t + 86400)
+    local done = db:query("SELECT 1 AS x FROM paygate_audit WHERE"
+      .. " subject = $1 AND what = 'reconcile.bill' AND at > $2 LIMIT 1",
+      { "reconcile:" .. d, r.at })
+    if not (done and done[1]) then open_days[#open_days + 1] = d end
+    if d >= last then break end
+    t = t + 86400
   end
+  return { copy_newest = newest, restored_at = restored, days = open_days }
+end
+
+--- syntax: boot.say_restored(db)
+-- Said at every start (once per generation) while boot.restored names
+-- days to reconcile.
+function _M.say_restored(db)
+  if paygate.runtime.mode ~= "worker" then return end
+  local info = _M.restored(db)
+  if not (info and info.days[1]) or not shared.get_dict("paygate"):add(
+       "gw:restored:" .. tostring(paygate.runtime.generation or 0), 1, 60)
+  then
+    return
+  end
+  paygate.log.warn("gateway: this store was restored from a backup: it"
+    .. " knows nothing done after " .. os.date("!%Y-%m-%dT%H:%M:%SZ",
+    math.floor(info.copy_newest)) .. ". Payments and refunds made since are"
+    .. " at WeChat only (their notifications are answered FAIL): run the"
+    .. " bill reconciliation of " .. table.concat(info.days, ", ")
+    .. " (the console's Reconcile, once WeChat has made each bill);"
+    .. " their missing_local lines are those (docs/gateway.md, Backups"
+    .. " and recovery)", { copy_newest = info.copy_newest,
+                          restored_at = info.restored_at, days = info.days })
 end
 
 return _M

@@ -25,7 +25,8 @@ describe("gateway on a restored store", function()
   local function start()
     return gwcore.start(sim, {
       db = function() url = "sqlite:" .. dir .. "/gw.db" return url end,
-      gateway = { reconcile = { enabled = false } } })
+      gateway = { reconcile = { enabled = false },
+                  console = { access = "loopback" } } })
   end
 
   local MSG = "gateway: this store was restored from a backup"
@@ -44,6 +45,8 @@ describe("gateway on a restored store", function()
                                          dir .. "/copy.db" })))
     gw:create{ order_id = "after-copy" }        -- lost with the machine
     assert.is_nil(restored_line(gw))           -- never restored: silent
+    assert.is_nil(gw.srv:request{ path = "/console" }.body:find(
+      "Restored store", 1, true))
     gw:stop()
     assert.equal(0, gw.srv:stop(15, true))
 
@@ -65,6 +68,16 @@ describe("gateway on a restored store", function()
     assert.matches("run the bill reconciliation of " .. today, e.msg, 1, true)
     assert.is_number(e.copy_newest)
     assert.is_number(e.restored_at)
+    -- the console's overview says it too, first, each day linking to its
+    -- reconciliation (before: the log only)
+    local home = gw.srv:request{ path = "/console" }.body
+    local box = home:match("<h2>Restored store</h2>(.-)</section>")
+    assert.truthy(box, home)
+    assert.matches("knows nothing done%s+after %d%d%d%d%-", box)
+    assert.matches('href="/console/reconcile?date=' .. today .. '"', box, 1,
+                   true)
+    assert.truthy(home:find("<h2>Restored store</h2>", 1, true)
+                  < home:find("<h2>Payments, last 24 h</h2>", 1, true))
     -- the copy's payment is there, the later one is not
     assert.equal(p.id, gw:get(p.id).id)
     local n = gw.db:query("SELECT count(*) AS n FROM gw_payments")[1].n

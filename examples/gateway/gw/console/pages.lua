@@ -384,6 +384,22 @@ end
 function _M.overview(view)
   local db, now = ctx.db, core.time()
   local parts = {}
+  -- a store put back from a backup, with days still to reconcile: first,
+  -- as the start's warning says it (gw.boot.restored)
+  local restored = require("gw.boot").restored(db)
+  if restored and restored.days[1] then
+    local days = {}
+    for i, d in ipairs(restored.days) do
+      days[i] = link("/console/reconcile?date=" .. html.url_encode(d), d)
+    end
+    parts[#parts + 1] = render([[<section><h2>Restored store</h2>
+<p class="bad">This store was restored from a backup: it knows nothing done
+after {{t}}. Payments and refunds made since are at WeChat only. Run the bill
+reconciliation of {{days}} (once WeChat has made each bill): their
+missing_local lines are those. See docs/gateway.md, Backups and
+recovery.</p></section>]], { t = when(restored.copy_newest),
+      days = join(days, ", ") })
+  end
   -- each count links to the list of the same payments: that state, created
   -- since the same moment (since=), not the state's list of all time
   local since = floor(now) - 86400
