@@ -135,6 +135,24 @@ local function lease_opts(name, conf)
          function(s) lease.measure(key, s) end
 end
 
+-- Rows of sql for the values of list, 200 at a time: sql is called with
+-- the IN list's placeholders ("$2,$3,...": after mchid, $1) and run with
+-- { mchid, values... }; each batch's rows go to each(rows). nil, err on
+-- the first query that fails.
+local function by_numbers(db, mchid, list, sql, each)
+  for i = 1, #list, 200 do
+    local ph, args = {}, { mchid }
+    for j = i, math.min(#list, i + 199) do
+      args[#args + 1] = list[j]
+      ph[#ph + 1] = "$" .. #args
+    end
+    local rows, err = db:query(sql(table.concat(ph, ",")), args)
+    if not rows then return nil, err end
+    each(rows)
+  end
+  return true
+end
+
 local function warn(msg, fields)
   paygate.log.warn(msg, fields)
 end
@@ -737,25 +755,20 @@ function _M.local_rows(db, mchid, date, numbers, refund_numbers)
     end
   end
   -- the attempts the bill names (paid on another day here, or not at all)
-  for i = 1, #numbers, 200 do
-    local ph, args = {}, { mchid }
-    for j = i, math.min(#numbers, i + 199) do
-      args[#args + 1] = numbers[j]
-      ph[#ph + 1] = "$" .. #args
-    end
-    local arows, aerr = db:query("SELECT a.out_trade_no AS attempt_no,"
+  local aok, aerr = by_numbers(db, mchid, numbers, function(ph)
+    return "SELECT a.out_trade_no AS attempt_no,"
       .. " a.state AS attempt_state, p.amount AS amount"
       .. " FROM gw_attempts a JOIN gw_payments p ON p.id = a.payment_id"
-      .. " WHERE p.mchid = $1 AND a.out_trade_no IN (" .. table.concat(ph, ",")
-      .. ")", args)
-    if not arows then return nil, aerr end
+      .. " WHERE p.mchid = $1 AND a.out_trade_no IN (" .. ph .. ")"
+  end, function(arows)
     for _, p in ipairs(arows) do
       -- an attempt holds money when it is paid (a late or duplicate
       -- payment on it too: refunded separately)
       add_payment(p.attempt_no, p.amount, p.attempt_state == "paid"
                   and "paid" or "attempt_" .. tostring(p.attempt_state))
     end
-  end
+  end)
+  if not aok then return nil, aerr end
   -- refunds that succeeded that day (their audit entries are in their own
   -- chain refund:<id>)
   local rrows, rerr = db:query("SELECT r.out_trade_no, r.out_refund_no,"
@@ -779,19 +792,15 @@ function _M.local_rows(db, mchid, date, numbers, refund_numbers)
   -- the refunds the bill names (settled on another day here, or not yet:
   -- a lost notification): a state mismatch, not one "missing" here
   refund_numbers = refund_numbers or {}
-  for i = 1, #refund_numbers, 200 do
-    local ph, args = {}, { mchid }
-    for j = i, math.min(#refund_numbers, i + 199) do
-      args[#args + 1] = refund_numbers[j]
-      ph[#ph + 1] = "$" .. #args
-    end
-    local frows, ferr = db:query("SELECT r.out_trade_no, r.out_refund_no,"
+  local fok, ferr = by_numbers(db, mchid, refund_numbers, function(ph)
+    return "SELECT r.out_trade_no, r.out_refund_no,"
       .. " r.amount, r.state FROM gw_refunds r JOIN gw_payments p ON p.id ="
-      .. " r.payment_id WHERE p.mchid = $1 AND r.out_refund_no IN ("
-      .. table.concat(ph, ",") .. ")", args)
-    if not frows then return nil, ferr end
+      .. " r.payment_id WHERE p.mchid = $1 AND r.out_refund_no IN (" .. ph
+      .. ")"
+  end, function(frows)
     for _, r in ipairs(frows) do add_refund(r) end
-  end
+  end)
+  if not fok then return nil, ferr end
   return out
 end
 
@@ -1244,25 +1253,15 @@ local function flag_refunded_elsewhere(o, mismatches)
     end
   end
   local db = o.db
-  for i = 1, #nos, 200 do
-    local ph, args = {}, { o.mchid }
-    for j = i, math.min(#nos, i + 199) do
-      args[#args + 1] = nos[j]
-      ph[#ph + 1] = "$" .. #args
-    end
-    local rows, err = db:query("SELECT a.out_trade_no AS attempt_no,"
+  local qok, qerr = by_numbers(db, o.mchid, nos, function(ph)
+    return "SELECT a.out_trade_no AS attempt_no,"
       .. " a.payment_id FROM gw_attempts a JOIN gw_payments p ON p.id ="
-      .. " a.payment_id WHERE p.mchid = $1 AND a.out_trade_no IN ("
-      .. table.concat(ph, ",") .. ")", args)
-    if not rows then
-      warn("gateway: a bill's refunds unknown here cannot be looked up",
-           { date = o.date, mchid = o.mchid, error = tostring(err) })
-      return
-    end
+      .. " a.payment_id WHERE p.mchid = $1 AND a.out_trade_no IN (" .. ph
+      .. ")"
+  end, function(rows)
     for _, a in ipairs(rows) do
       local m = lines[a.attempt_no]
-      local ok
-      ok, err = db:transaction(function(tx)
+      local ok, err = db:transaction(function(tx)
         if o.fence then
           local f, ferr = o.fence(tx)
           if not f then return nil, ferr end
@@ -1281,6 +1280,10 @@ local function flag_refunded_elsewhere(o, mismatches)
           payment = a.payment_id, error = tostring(err) })
       end
     end
+  end)
+  if not qok then
+    warn("gateway: a bill's refunds unknown here cannot be looked up",
+         { date = o.date, mchid = o.mchid, error = tostring(qerr) })
   end
 end
 
