@@ -101,14 +101,33 @@ function _M.list(list)
   return list[1] ~= nil and list or json.empty_array
 end
 
---- syntax: t = model.attempt_json(row)
-function _M.attempt_json(a)
+-- How long WeChat honours what a prepay handed out, whatever the order's
+-- time_expire: a prepay_id (jsapi, app) and a code_url 2 hours, an h5_url
+-- 5 minutes. Past it the payer's client refuses the pay; a new attempt
+-- (the same channel again) hands out a fresh one.
+local PAY_VALID = { native = 7200, jsapi = 7200, app = 7200, h5 = 300 }
+
+--- syntax: t = model.pay_expires_at(channel, since, expires_at)
+-- Whole seconds: when the pay of an attempt made at `since` (its row's
+-- created_at, a little before the prepay: never later than WeChat's own
+-- end) stops working, or the payment's expires_at if that comes first.
+function _M.pay_expires_at(channel, since, expires_at)
+  local t = floor(since) + (PAY_VALID[channel] or 300)
+  if expires_at and expires_at < t then t = expires_at end
+  return t
+end
+
+--- syntax: t = model.attempt_json(row[, expires_at])
+-- expires_at: the payment's (pay_expires_at is never later)
+function _M.attempt_json(a, expires_at)
   local prepay = opt(a.prepay)
   if type(prepay) == "string" then prepay = json.decode(prepay) end
   return { out_trade_no = a.out_trade_no, n = a.n, channel = a.channel,
            sub_appid = opt(a.sub_appid),
            state = a.state, transaction_id = opt(a.transaction_id),
            pay = prepay, created_at = a.created_at,
+           pay_expires_at = prepay and _M.pay_expires_at(a.channel,
+                                         a.created_at, expires_at) or nil,
            closed_at = opt(a.closed_at) }
 end
 
@@ -166,7 +185,9 @@ function _M.payment_json(p, attempts, refunds)
               expires_at = p.expires_at }
   if attempts then
     local list = {}
-    for i, a in ipairs(attempts) do list[i] = _M.attempt_json(a) end
+    for i, a in ipairs(attempts) do
+      list[i] = _M.attempt_json(a, p.expires_at)
+    end
     t.attempts = #list > 0 and list or json.empty_array
   end
   if refunds then

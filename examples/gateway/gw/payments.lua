@@ -606,8 +606,15 @@ local function opened(p, no, pay, ik, status, actor)
       ok, err = events.emit(tx, "payment.paying", row)
       if not ok then return nil, err end
     end
+    -- when the pay stops working: from the attempt's row, as a GET of
+    -- the payment's attempts says it
+    local at
+    at, err = tx:query("SELECT channel, created_at FROM gw_attempts WHERE"
+                       .. " out_trade_no = $1", { no })
+    if not at then return nil, err end
     return ik:respond(tx, status, { payment = model.payment_json(row),
-                                    pay = pay })
+      pay = pay, pay_expires_at = model.pay_expires_at(at[1].channel,
+                                    at[1].created_at, row.expires_at) })
   end)
   if type(a) == "table" and a.superseded then
     close_superseded(p, no)

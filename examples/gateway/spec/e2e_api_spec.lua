@@ -72,6 +72,56 @@ describe("gateway merchant API", function()
       assert.is_string(p.prepayid)
       assert.equal("Sign=WXPay", p.package)
       assert.is_string(p.sign)
+      -- the App SDK's signing string: the bare prepay id, no prefix
+      local pub = assert(crypto.public_key(read(env.m.public_key)))
+      assert.is_true(crypto.verify_base64(pub, p.appid .. "\n" .. p.timestamp
+        .. "\n" .. p.noncestr .. "\n" .. p.prepayid .. "\n", p.sign,
+        "sha256-rsa"))
+    end)
+
+    -- was: nothing said when what was handed out stops working. WeChat
+    -- honours a prepay_id and a code_url for 2 hours, an h5_url for 5
+    -- minutes, whatever the order's time_expire: a payment made with an
+    -- expires_in past 2 h stayed paying with a pay no payer could use,
+    -- and its front end could not tell
+    it("pay_expires_at: when the pay handed out stops working; a new"
+       .. " attempt on the same channel hands out a fresh one", function()
+      local now = os.time()
+      local cases = {
+        { { channel = "jsapi", payer = { openid = "o-exp" },
+            expires_in = 86400 }, 7200 },
+        { { channel = "app", expires_in = 86400 }, 7200 },
+        { { channel = "native", expires_in = 86400 }, 7200 },
+        { { channel = "h5", client_ip = "203.0.113.7", expires_in = 86400 },
+          300 },
+        -- the payment's own expiry comes first
+        { { channel = "jsapi", payer = { openid = "o-exp" },
+            expires_in = 600 }, 600 },
+      }
+      for i, c in ipairs(cases) do
+        local b = env:create(c[1])
+        local p = b.payment
+        assert.is_number(b.pay_expires_at, "case " .. i)
+        assert.equal(0, b.pay_expires_at % 1, "case " .. i)
+        assert.truthy(b.pay_expires_at <= p.expires_at, "case " .. i)
+        assert.truthy(b.pay_expires_at >= now + c[2] - 5
+                      and b.pay_expires_at <= p.created_at + c[2],
+                      "case " .. i .. ": " .. b.pay_expires_at)
+        -- the payment's attempts say the same of their pay
+        local got = env:get(p.id)
+        assert.equal(b.pay_expires_at, got.attempts[1].pay_expires_at)
+      end
+      -- the fresh pay: the same channel again
+      local b = env:create(cases[1][1])
+      local res = env:api("POST", "/v1/payments/" .. b.payment.id
+        .. "/attempts", { channel = "jsapi", payer = { openid = "o-exp" } })
+      assert.equal(201, res.status, res.body)
+      assert.are_not.equal(b.pay.package, res.json.pay.package)
+      assert.is_number(res.json.pay_expires_at)
+      local got = env:get(b.payment.id)
+      assert.equal("superseded", got.attempts[1].state)
+      assert.equal("open", got.attempts[2].state)
+      assert.equal(res.json.pay_expires_at, got.attempts[2].pay_expires_at)
     end)
 
     it("400 for bad input, naming the field", function()
