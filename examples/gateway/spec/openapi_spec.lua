@@ -348,4 +348,67 @@ describe("examples/gateway/openapi.json", function()
     assert.is_table(body.properties.payment)
     assert.is_table(body.properties.pay)
   end)
+
+  -- was: PayJsapi and PayApp were seven untyped strings, without an
+  -- example: nothing said what the payer's client checks (the signing
+  -- string, signType, the package's form, the timestamp a string of
+  -- seconds, partnerid in partner mode), nor let a front end check its
+  -- own verification against a known answer
+  it("the pay schemas pin what the payer's client checks, and their"
+     .. " examples verify", function()
+    local crypto = require "paygate.crypto"
+    local s = doc.components.schemas
+    local function matches(v, pat, what)
+      assert.is_string(pat, what .. ": no pattern")
+      assert.truthy(v:match(pat), what .. ": " .. v .. " vs " .. pat)
+    end
+    -- the example fits its schema: every field required, none other,
+    -- each value of its pattern or enum
+    local function fits(name)
+      local sc = s[name]
+      assert.is_false(sc.additionalProperties, name)
+      assert.is_table(sc.example, name .. ": no example")
+      for _, k in ipairs(sc.required) do
+        assert.is_string(sc.example[k], name .. ".example." .. k)
+      end
+      for k, v in pairs(sc.example) do
+        local p = assert(sc.properties[k], name .. ": " .. k)
+        if p.enum then
+          local ok = false
+          for _, e in ipairs(p.enum) do ok = ok or e == v end
+          assert.is_true(ok, name .. "." .. k .. ": " .. v)
+        else
+          matches(v, p.pattern, name .. "." .. k)
+        end
+      end
+      return sc.example, sc.properties
+    end
+    local f = assert(io.open("spec/fixtures/wechatpay/a1_pub.pem", "rb"))
+    local pub = assert(crypto.public_key(f:read("*a")))
+    f:close()
+    local j, jp = fits("PayJsapi")
+    assert.same({ "RSA", "SM2" }, jp.signType.enum)
+    matches("prepay_id=wx201410272009395522657a690389285100",
+            jp.package.pattern, "PayJsapi.package")
+    assert.falsy(("wx2014"):match(jp.package.pattern))
+    assert.falsy(("1554208460.5"):match(jp.timeStamp.pattern))
+    assert.is_true(crypto.verify_base64(pub, j.appId .. "\n" .. j.timeStamp
+      .. "\n" .. j.nonceStr .. "\n" .. j.package .. "\n", j.paySign,
+      "sha256-rsa"), "PayJsapi.example does not verify")
+    assert.matches("appId\\ntimeStamp\\nnonceStr\\npackage\\n",
+                   s.PayJsapi.description, 1, true)
+    local a, ap = fits("PayApp")
+    assert.same({ "Sign=WXPay" }, ap.package.enum)
+    assert.falsy(("prepay_id=wx2014"):match(ap.prepayid.pattern))
+    assert.falsy(("1554208460.5"):match(ap.timestamp.pattern))
+    assert.is_true(crypto.verify_base64(pub, a.appid .. "\n" .. a.timestamp
+      .. "\n" .. a.noncestr .. "\n" .. a.prepayid .. "\n", a.sign,
+      "sha256-rsa"), "PayApp.example does not verify")
+    assert.matches("appid\\ntimestamp\\nnoncestr\\nprepayid\\n",
+                   s.PayApp.description, 1, true)
+    assert.matches("sub_mchid", ap.partnerid.description, 1, true)
+    -- a create answer's pay fits exactly one of the four
+    fits("PayNative")
+    fits("PayH5")
+  end)
 end)
