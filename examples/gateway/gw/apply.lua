@@ -607,6 +607,23 @@ function _M.refund_status(ctx, tx, rf, o)
     local ok
     ok, err = events.emit(tx, "refund." .. event, p, rf)
     if not ok then return nil, err end
+    if event == "closed" and rf.kind ~= "merchant" then
+      -- an automatic refund (a late or duplicate payment's) that WeChat
+      -- closed gave nothing back: the money stays with the merchant, as
+      -- when WeChat refuses one (gw.refunds' refund_failed), and is the
+      -- same alarm. Was: only refund.closed, which no one is told to
+      -- watch for a refund the merchant's systems never asked for
+      local fields = { payment = p.id, refund = rf.id, kind = rf.kind,
+        out_trade_no = rf.out_trade_no, out_refund_no = rf.out_refund_no,
+        amount = rf.amount, mchid = tostring(p.mchid),
+        source = o.source == "query" and o.via or o.source }
+      tx:on_commit(function()
+        paygate.log.error("gateway: WeChat Pay closed an automatic refund;"
+          .. " the money stays with the merchant until a person returns"
+          .. " it", fields)
+      end)
+      count_alarm(tx, "refund_failed")
+    end
     if event == "abnormal" then
       -- the money is owed to the payer until someone applies for it (the
       -- abnormal-refund API, or the merchant platform): said here, however

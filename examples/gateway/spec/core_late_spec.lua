@@ -28,6 +28,15 @@ local function has(list, v)
   return false
 end
 
+-- the value of paygate_gateway_alarms_total{kind=...} on gw's /metrics
+local function alarms(gw, kind)
+  local http = require "paygate.http"
+  local m = assert(http.request{ url = "http://127.0.0.1:" .. gw.srv.admin
+                                 .. "/metrics" })
+  return tonumber(m.body:match('paygate_gateway_alarms_total{kind="'
+                               .. kind .. '"} (%d+)')) or 0
+end
+
 describe("gateway late payments", function()
   local sim, gw, gw_alarm
 
@@ -135,6 +144,48 @@ describe("gateway late payments", function()
       return m.body:find('paygate_gateway_alarms_total{kind="refund_failed"}'
                          .. ' 1', 1, true)
     end, 10, "the alarm counted")
+  end)
+
+  it("raises an alarm when WeChat closes the automatic refund", function()
+    local p = gw:create{ amount = 60 }
+    close_lies(sim)
+    assert.equal(200, gw:call("POST", "/v1/payments/" .. p.id
+                              .. "/close").status)
+    local before = alarms(gw, "refund_failed")
+    sim:pay_and_wait(p.out_trade_no)
+    gw:wait_state(p.id, "paid")
+    testing.wait_until(function()
+      local r = gw:get(p.id).refunds[1]
+      return r and r.state == "processing"
+    end, 10, "the automatic refund sent")
+    local rf = gw:get(p.id).refunds[1]
+    assert.equal("late_payment", rf.kind)
+    -- WeChat closes it: nothing went back, the 60 fen stay with the
+    -- merchant, so whoever watches the alarms must hear of it
+    sim:settle(rf.out_refund_no, "CLOSED")
+    sim:wait_notification{ out_refund_no = rf.out_refund_no }
+    testing.wait_until(function()
+      return gw:get(p.id).refunds[1].state == "closed"
+    end, 10, "the refund closed")
+    local got = gw:get(p.id)
+    assert.equal("paid", got.state)
+    assert.equal(60, got.refundable)          -- a person may refund it
+    testing.wait_until(function()
+      return alarms(gw, "refund_failed") == before + 1
+    end, 10, "the alarm counted")
+    local line
+    testing.wait_until(function()
+      for l in (gw.srv:logs() or ""):gmatch("[^\n]+") do
+        if l:find("closed an automatic refund", 1, true)
+           and l:find(rf.id, 1, true) then
+          line = l
+        end
+      end
+      return line
+    end, 10, "the error line")
+    assert.matches('"level":"error"', line, 1, true)
+    assert.matches('"amount":60', line, 1, true)
+    assert.matches('"kind":"late_payment"', line, 1, true)
   end)
 
   it("raises an alarm event instead with on_late_payment = alarm",
