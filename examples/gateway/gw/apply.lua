@@ -485,8 +485,21 @@ function _M.payment(ctx, tx, o)
       if not refund then return nil, err end
       after[#after + 1] = { refund = refund.id }
     end
-    paygate.log.warn("gateway: payment on a closed or superseded attempt",
-      { payment = p.id, out_trade_no = no, action = policy })
+    -- said once it commits (a try rolled back, or run again after a
+    -- version conflict, said it for nothing, or twice), with what finance
+    -- needs to account for the money: how much, where, and what became
+    -- of it (refunded by which refund, or kept for a person: at error,
+    -- as the other alarms)
+    local fields = { payment = p.id, mchid = tostring(p.mchid),
+      out_trade_no = no, transaction_id = r.transaction_id, amount = total,
+      duplicate = not pre_paid, action = policy,
+      refund = refund and refund.id or nil,
+      source = o.source == "query" and (o.via or "query") or o.source }
+    tx:on_commit(function()
+      local say = policy == "refund" and paygate.log.warn
+                  or paygate.log.error
+      say("gateway: payment on a closed or superseded attempt", fields)
+    end)
     -- kept for a person to decide: an alarm, counted like the others
     -- (what operators alert on), not only an event
     if policy ~= "refund" then count_alarm(tx, "late_payment") end

@@ -210,6 +210,27 @@ describe("gateway late payments", function()
                                    .. gw_alarm.srv.admin .. "/metrics" })
     assert.matches('paygate_gateway_alarms_total{kind="late_payment"} 1',
                    m.body, 1, true)
+    -- and said once in the log, with what finance accounts for: how
+    -- much, on which order and transaction, and that it is kept
+    local lines = {}
+    testing.wait_until(function()
+      lines = {}
+      for l in (gw_alarm.srv:logs() or ""):gmatch("[^\n]+") do
+        if l:find("payment on a closed or superseded attempt", 1, true)
+           and l:find(p.id, 1, true) then
+          lines[#lines + 1] = l
+        end
+      end
+      return #lines > 0
+    end, 10, "the late payment's line")
+    assert.equal(1, #lines, table.concat(lines, "\n"))
+    local line = lines[1]
+    assert.matches('"level":"error"', line, 1, true)
+    assert.matches('"amount":70', line, 1, true)
+    assert.matches('"duplicate":false', line, 1, true)
+    assert.matches('"action":"alarm"', line, 1, true)
+    assert.matches('"transaction_id":"' .. got.transaction_id .. '"', line,
+                   1, true)
   end)
 
   it("raises an alarm for an amount that differs, changing nothing",
