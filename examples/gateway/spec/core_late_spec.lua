@@ -37,13 +37,21 @@ local function alarms(gw, kind)
                                .. kind .. '"} (%d+)')) or 0
 end
 
+-- the console's page of payment id, as text: what an operator reads
+local function console_page(gw, id)
+  local res = gw.srv:request{ path = "/console/payments/" .. id }
+  assert.equal(200, res.status, res.body)
+  return (res.body:gsub("<[^>]*>", " "):gsub("%s+", " ")), res.body
+end
+
 describe("gateway late payments", function()
   local sim, gw, gw_alarm
 
   setup(function()
     sim = testing.simulator{ time_scale = 100 }
-    gw = core.start(sim)
-    gw_alarm = core.start(sim, { gateway = { on_late_payment = "alarm" } })
+    gw = core.start(sim, { gateway = { console = { access = "loopback" } } })
+    gw_alarm = core.start(sim, { gateway = { on_late_payment = "alarm",
+                                 console = { access = "loopback" } } })
   end)
 
   teardown(function()
@@ -89,6 +97,16 @@ describe("gateway late payments", function()
     assert.equal("refunded", got.state)       -- unchanged by the duplicate
     assert.equal("duplicate", got.refunds[2].kind)
     assert.equal(p.id .. "_2", got.refunds[2].out_trade_no)
+    -- the console says where each fen went: both payments, each refunded
+    -- (or on its way back), nothing kept
+    local text, markup = console_page(gw, p.id)
+    assert.matches("Money taken on a closed or superseded attempt", text,
+                   1, true)
+    assert.matches(p.id .. "_1 (paid late), 1.20 CNY", text, 1, true)
+    assert.matches("refunded automatically (" .. rf.id .. ")", text, 1, true)
+    assert.matches(p.id .. "_2 (paid twice), 1.20 CNY", text, 1, true)
+    assert.matches("refunded automatically", text, 1, true)
+    assert.is_nil(markup:find('<div class="bad">', 1, true))
     local types = events_of(gw, p.id)
     assert.is_true(has(types, "payment.late_paid"))
     assert.is_true(has(types, "payment.refunded"))
@@ -186,6 +204,11 @@ describe("gateway late payments", function()
     assert.matches('"level":"error"', line, 1, true)
     assert.matches('"amount":60', line, 1, true)
     assert.matches('"kind":"late_payment"', line, 1, true)
+    -- and the console's page of the payment says the money stayed
+    local text, markup = console_page(gw, p.id)
+    assert.matches("its automatic refund " .. rf.id .. " ended closed:"
+                   .. " nothing went back", text, 1, true)
+    assert.matches('<div class="bad">', markup, 1, true)
   end)
 
   it("raises an alarm event instead with on_late_payment = alarm",
@@ -231,6 +254,12 @@ describe("gateway late payments", function()
     assert.matches('"action":"alarm"', line, 1, true)
     assert.matches('"transaction_id":"' .. got.transaction_id .. '"', line,
                    1, true)
+    -- the console's page of the payment: kept for a person
+    local text, markup = console_page(gw_alarm, p.id)
+    assert.matches(p.out_trade_no .. " (paid late), 0.70 CNY, transaction "
+                   .. got.transaction_id .. ": kept for a person", text, 1,
+                   true)
+    assert.matches('<div class="bad">', markup, 1, true)
   end)
 
   it("raises an alarm for an amount that differs, changing nothing",

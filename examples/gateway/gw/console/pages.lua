@@ -169,6 +169,71 @@ local function refund_state(rf)
     .. " its refund_id (merchant platform, or wx:abnormal_refund)"
 end
 
+-- Money taken on an attempt the payment no longer counted on (gw.apply's
+-- late and duplicate payments): the paid attempt of a payment paid late
+-- (closed, or on a superseded attempt), and every other attempt paid (money
+-- taken twice), each with what became of it: refunded automatically
+-- (on_late_payment = "refund", the refund of kind late_payment or
+-- duplicate on that out_trade_no) or kept with the merchant (the alarm
+-- mode, or an automatic refund WeChat refused or closed). Said above the
+-- payment's fields, as money refunded elsewhere is: finance accounts for
+-- it here. p: the payment row; attempts, refunds: its rows (refunds with
+-- out_trade_no). returns: markup, "" when there is none.
+local KEPT = { failed = true, closed = true }
+local function late_money(p, attempts, refunds)
+  local paid_no = null(p.paid_out_trade_no)
+  local late = p.late == 1 or p.late == true
+  local items, kept = {}, false
+  for _, a in ipairs(attempts) do
+    local twice = a.state == "paid" and a.out_trade_no ~= paid_no
+    if twice or (late and a.out_trade_no == paid_no) then
+      local auto
+      for _, rf in ipairs(refunds) do
+        if rf.kind ~= "merchant" and rf.out_trade_no == a.out_trade_no then
+          auto = rf
+        end
+      end
+      local what, held
+      if not auto then
+        held = true
+        what = twice and "kept for a person (on_late_payment = alarm): a"
+          .. " refund made here returns the payment's own order, not this"
+          .. " one; return it in the merchant platform"
+          or "kept for a person (on_late_payment = alarm): a refund made"
+          .. " here returns it"
+      elseif KEPT[auto.state] then
+        held = true
+        what = "its automatic refund " .. auto.id .. " ended " .. auto.state
+          .. ": nothing went back, the money stays with the merchant until"
+          .. " a person returns it"
+      elseif auto.state == "succeeded" then
+        what = "refunded automatically (" .. auto.id .. ")"
+      else
+        what = "being refunded automatically (" .. auto.id .. ", "
+          .. refund_state(auto) .. ")"
+      end
+      if not twice and (not auto or KEPT[auto.state])
+         and (tonumber(p.refunded) or 0) >= (tonumber(p.amount) or 0) then
+        -- the payment's own order, refunded in full through the merchant
+        -- API since: a person returned it
+        held = false
+        what = what .. "; since refunded in full here (see Refunds)"
+      end
+      kept = kept or held
+      items[#items + 1] = render("<li>{{no}} ({{n}}), {{amount}}, transaction"
+        .. " {{tx}}: {{what}}</li>", { no = a.out_trade_no,
+        n = twice and "paid twice" or "paid late",
+        amount = fen(p.amount) .. " " .. p.currency,
+        tx = null(a.transaction_id) or "?", what = what })
+    end
+  end
+  if not items[1] then return "" end
+  return render([[<div class="{{cls}}"><p>Money taken on a closed or
+superseded attempt (a late payment, or a payment made twice):</p>
+<ul>{{items}}</ul></div>]], { cls = kept and "bad" or "note",
+    items = join(items) })
+end
+
 ------------------------------------------------ notification answer times
 
 -- Histogram buckets (seconds) of the notification route's answer time,
@@ -676,8 +741,8 @@ function _M.payment(id, view)
   -- name them
   local refunds
   refunds, err = db:query("SELECT id, out_refund_no, refund_id, amount,"
-    .. " state, kind, created_at, updated_at FROM gw_refunds WHERE"
-    .. " payment_id = $1 ORDER BY created_at, id", { id })
+    .. " state, kind, out_trade_no, created_at, updated_at FROM gw_refunds"
+    .. " WHERE payment_id = $1 ORDER BY created_at, id", { id })
   if not refunds then return nil, err end
   -- the ids the payment JSON carries: a service provider's sub-merchant
   -- and its own appid only when the payment names them (the row left out,
@@ -718,7 +783,12 @@ payment's out_trade_no); the timeline's <code>refunded_elsewhere</code>
 entry says how it was seen. Refund here no more than WeChat has
 left.</p>]], { at = when(p.refunded_elsewhere_at) })
   end
-  summary = join({ elsewhere, summary })
+  local attempts
+  attempts, err = db:query("SELECT out_trade_no, n, channel, state,"
+    .. " transaction_id, created_at, closed_at, sub_appid FROM gw_attempts"
+    .. " WHERE payment_id = $1 ORDER BY n", { id })
+  if not attempts then return nil, err end
+  summary = join({ elsewhere, late_money(p, attempts, refunds), summary })
   local settle = lever(view, "/console/payments/" .. html.url_encode(id)
     .. "/settle", "Query WeChat now", {})
 
@@ -733,11 +803,6 @@ left.</p>]], { at = when(p.refunded_elsewhere_at) })
               null(e.evidence) or "" }
   end
 
-  local attempts
-  attempts, err = db:query("SELECT out_trade_no, n, channel, state,"
-    .. " transaction_id, created_at, closed_at, sub_appid FROM gw_attempts"
-    .. " WHERE payment_id = $1 ORDER BY n", { id })
-  if not attempts then return nil, err end
   -- each attempt's sub_appid, when one has any: a create resumed after
   -- WeChat refused one (not the sub-merchant's) made its attempts under
   -- two, and the refused one is the attempt to look at
