@@ -1472,21 +1472,37 @@ local function record_queued(self)
   self.recording = false
 end
 
--- Runs sink.deliver(event) as pcall would. With sink.timeout (a hook's),
--- in a task of its own: still running after that many seconds, the task
--- is cancelled where it waits (d:stop() cancels it too) and the attempt
--- fails with kind timeout, so a hung hook costs one attempt, not the
--- round and the shard's lease.
+-- sink.deliver(event) as pcall runs it; one that raises (a bug in a
+-- hook, or a hook raising to be retried) is logged where it raised, with
+-- its traceback: the attempt fails and is retried like any failure, and
+-- last_error keeps the message only. (Was: no line at all until the
+-- event was dead-lettered, hours later, and the stack nowhere.) A sink
+-- that returns nil, err is not logged: its error is the row's last_error.
+local function deliver_logged(sink, event)
+  return xpcall(sink.deliver, function(e)
+    log_at("warn", "outbox: sink " .. sink.name .. " raised (the attempt"
+      .. " failed; retried with backoff)", { id = event.id,
+      type = event.type, subject = event.subject, attempt = event.attempt,
+      sink = sink.name, error = debug.traceback(err_text(e), 2) })
+    return e
+  end, event)
+end
+
+-- Runs sink.deliver(event) as pcall would (deliver_logged). With
+-- sink.timeout (a hook's), in a task of its own: still running after that
+-- many seconds, the task is cancelled where it waits (d:stop() cancels it
+-- too) and the attempt fails with kind timeout, so a hung hook costs one
+-- attempt, not the round and the shard's lease.
 local function call_sink(self, sink, event)
   -- (a hooks sink with no hook for this type: its deliver returns true
   -- at once, so it cannot time out and needs no task of its own)
   if not sink.timeout or (sink.hooked and not sink.hooked(event.type)) then
-    return pcall(sink.deliver, event)
+    return deliver_logged(sink, event)
   end
   local res
   local done = core.event()
   local task = core.spawn(function()
-    res = pack(pcall(sink.deliver, event))
+    res = pack(deliver_logged(sink, event))
     done:set()
   end)
   if not res then

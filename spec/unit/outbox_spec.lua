@@ -742,6 +742,57 @@ for engine, open in pairs(stores) do
       db:close()
     end)
 
+    it("logs a hook that raises with its traceback, once per failed"
+       .. " attempt; a hook returning nil, err is not logged", function()
+      local db = open()
+      local clock = new_clock()
+      -- the raise is two calls deep in the hook, as a bug in a helper is
+      local function fulfil_helper(e)
+        if e.payload.boom then error("fulfil bug") end
+        return nil, paygate.error("busy", "later", { retryable = true })
+      end
+      local function on_paid(e)
+        local r, herr = fulfil_helper(e)
+        return r, herr
+      end
+      local d = outbox.dispatcher(db, { sinks = { outbox.hooks{
+                                          ["payment.paid"] = on_paid } },
+                                        now = clock.now,
+                                        random = function() return 0 end })
+      local a = enqueue(db, "pay_r", "payment.paid", { boom = true })
+      local b = enqueue(db, "pay_s", "payment.paid")
+      local lines = {}
+      local warn = paygate.log.warn
+      paygate.log.warn = function(msg, fields)
+        if tostring(msg):find("^outbox: sink hooks raised") then
+          lines[#lines + 1] = fields
+        end
+      end
+      local ok, err = pcall(function()
+        d:step()
+        clock.advance(5)
+        d:step()
+      end)
+      paygate.log.warn = warn
+      assert(ok, tostring(err))
+      -- was: nothing in the log (the message alone in last_error)
+      assert.equal(2, #lines)           -- a's two attempts; b's none
+      assert.same({ a, "payment.paid", "pay_r", 1, "hooks" },
+        { lines[1].id, lines[1].type, lines[1].subject, lines[1].attempt,
+          lines[1].sink })
+      assert.equal(2, lines[2].attempt)
+      local tb = lines[1].error
+      assert.truthy(tb:find("fulfil bug", 1, true), tb)
+      assert.truthy(tb:find("stack traceback:", 1, true), tb)
+      assert.truthy(tb:find("fulfil_helper", 1, true), tb)
+      -- the rows as before: pending, the message in last_error
+      assert.equal("pending", row(db, a).state)
+      assert.truthy(row(db, a).last_error:find("fulfil bug", 1, true))
+      assert.equal("pending", row(db, b).state)
+      d:stop()
+      db:close()
+    end)
+
     it("an event no sink takes (settled) is written delivered: never"
        .. " dispatched, still listed and replayable", function()
       local db = open()
