@@ -821,13 +821,24 @@ function _M.wrap(db, handler, opts)
     end
 
     local run = setmetatable({ h = h }, Run)
-    local res = { pcall(handler, req, run) }
+    -- a raised string is raised on with the traceback of where it was
+    -- raised: the request's log line then shows the handler's frames, not
+    -- only this error() below (the server adds none to a message that has
+    -- one). Was: the stack began here, the handler's call chain lost.
+    local traced
+    local res = { xpcall(handler, function(e)
+      if type(e) == "string"
+         and not e:find("\nstack traceback:\n", 1, true) then
+        traced = debug.traceback(e, 2)
+      end
+      return e
+    end, req, run) }
     local done = stored_response(run)
     if not res[1] then
       if done == nil and not run.lost then
         release_run(db, h)
       end
-      error(res[2], 0)
+      error(traced or res[2], 0)
     end
     local status, body, headers = res[2], res[3], res[4]
     if status == nil and done then

@@ -211,6 +211,13 @@ describe("error reporting", function()
           end)
           return 200, { after_transaction = true, err = tostring(err) }
         end)
+        -- a bug two calls deep in an idempotent handler
+        local function price_of(order) return order.items.total end
+        paygate.route("POST", "/idem_raise", require("paygate.idempotency")
+          .wrap(db, function(req)
+            local n = price_of(req:json())
+            return 200, { n = n }
+          end))
         paygate.route("GET", "/rows", function()
           return 200, { n = assert(db:query("SELECT count(*) AS n FROM t"))[1].n }
         end)
@@ -267,6 +274,27 @@ describe("error reporting", function()
       assert.equal(500, res.status)
       assert.not_matches("handler broke", res.body, 1, true)  -- never to the client
       assert.truthy(wait_log("handler_kind: handler broke"))
+    end)
+
+    it("an idempotent handler's raised error: the stack is the handler's,"
+       .. " once, and the key is free again", function()
+      for _ = 1, 2 do
+        local res = assert(s:request{ method = "POST", path = "/idem_raise",
+          headers = { ["Idempotency-Key"] = "k-raise",
+                      ["Content-Type"] = "application/json" },
+          body = '{"items":null,"card":"4111-secret"}' })
+        assert.equal(500, res.status)
+        assert.matches('"request_id"', res.body, 1, true)
+        assert.not_matches("items", res.body, 1, true)
+      end
+      assert.truthy(wait_log("attempt to index field 'items'"))
+      local line = s:logs():match("[^\n]*attempt to index field 'items'[^\n]*")
+      -- where it was raised and the handler that called it (was: a stack
+      -- beginning at idempotency.lua's error(), the handler's frames lost)
+      assert.matches("in function 'price_of'", line, 1, true)
+      local _, n = line:gsub("stack traceback:", "")
+      assert.equal(1, n, line)
+      assert.not_matches("4111-secret", s:logs(), 1, true)
     end)
 
     it("a handler's returned nil, err", function()

@@ -174,7 +174,10 @@ co_run(struct gw_co *co, int nargs)
 /* co ended raising: its error value is on top of its stack. The value
  * stays on L (paygate.abort's table is read by the owner); its text is
  * made on the main state: an error raised as a table logs as "kind:
- * message", not "table". */
+ * message", not "table". A message that carries a traceback already (a
+ * wrapper that caught the error raised it on with the traceback of where
+ * it was raised: paygate.idempotency's wrap) is given as it is: the
+ * stack here would begin at the wrapper's error(), not the handler's. */
 static void
 co_fail(struct gw_co *co)
 {
@@ -185,6 +188,11 @@ co_fail(struct gw_co *co)
     lua_pushvalue(L, -1);
     lua_xmove(L, top, 1);
     msg = gw_error_string(top, -1);
+    if (msg != NULL && strstr(msg, "\nstack traceback:\n") != NULL) {
+        co->owner->fail(co, msg);
+        lua_settop(top, base);
+        return;
+    }
     luaL_traceback(top, L, msg, 0);
     tb = lua_tostring(top, -1);
     co->owner->fail(co, tb != NULL ? tb : msg);
