@@ -335,6 +335,33 @@ function Sim:pay(no, mchid)
                       .. q(mchid))
 end
 
+local PAY_WITH_OPTIONS = { status = true, wait = true }
+
+--- syntax: t, res = sim:pay_with(params[, opts])
+-- The payer's WeChat client pays with what a front end hands it
+-- (POST /sim/pay): the JSAPI call's parameters (wx:jsapi_pay_params, a
+-- gateway's jsapi pay), the App SDK's (wx:app_pay_params), { code_url }
+-- or { h5_url }, checked as WeChat checks them (the prepay they name and
+-- its age, the appid and merchant, the signature) before the order is
+-- paid as sim:pay pays it. opts: status (the status expected, e.g. 400
+-- to see a refusal; default any 2xx: another raises with the answer),
+-- wait (seconds: answer once the notification's first delivery was
+-- answered, ?wait=); another key raises.
+-- returns: the Transaction (or the refusal: { code, message, field }) and
+-- the response.
+function Sim:pay_with(params, opts)
+  check_options("sim:pay_with", opts, PAY_WITH_OPTIONS)
+  if type(params) ~= "table" then
+    error("sim:pay_with: params must be a table", 2)
+  end
+  local want = opts and opts.status
+  local wait = opts and opts.wait
+  local data, res = control_call(self, "POST", "/sim/pay"
+    .. (wait and ("?wait=" .. tostring(wait)) or ""), params, want
+    and function(status) return status == want end or is_2xx)
+  return data, res
+end
+
 --- syntax: sim:fail(out_trade_no[, mchid]) -- PAYERROR, no notification
 function Sim:fail(no, mchid)
   return self:control("POST", "/sim/transactions/" .. no .. "/fail"

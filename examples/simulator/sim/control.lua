@@ -15,6 +15,7 @@ local faults = require "sim.faults"
 local identity = require "sim.identity"
 local certificates = require "sim.certificates"
 local orders = require "sim.orders"
+local payer = require "sim.payer"
 local bills = require "sim.bills"
 local civil = require "paygate.civil"
 
@@ -202,6 +203,20 @@ function _M.routes(ctx)
       mchid = q.mchid, payer_total = b.payer_total,
       bank_type = b.bank_type, openid = b.openid, success_at = paid_at,
       created_at = made_at })
+    if not t then return answer(err.status or 500, err) end
+    return answer_notified(t, err, wait)
+  end)
+
+  -- the payer's WeChat client pays through what the front end handed it
+  -- (the JSAPI call's or the App SDK's parameters, a code_url, an
+  -- h5_url), checked as WeChat checks them (sim.payer); the same effects
+  -- as the pay above
+  route("POST", "/sim/pay", function(req)
+    local b, why = body_of(req)
+    if not b then return bad(why) end
+    local wait, werr = wait_of(req:query())
+    if werr then return bad(werr) end
+    local t, err = payer.pay(ctx, b)
     if not t then return answer(err.status or 500, err) end
     return answer_notified(t, err, wait)
   end)

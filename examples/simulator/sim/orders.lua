@@ -555,6 +555,14 @@ local function new_prepay(trade_type, now)
   return id, { prepay_id = id }
 end
 
+-- What a prepay handed out, kept for the payer's client (sim.payer): its
+-- prepay_id, and the code_url or h5_url when it answered one.
+local function record_link(tx, order_id, prepay_id, answer, now)
+  assert(tx:exec("INSERT INTO sim_pay_links (order_id, prepay_id, url, "
+    .. "created_at) VALUES ($1, $2, $3, $4)", { n = 4, order_id, prepay_id,
+    answer.code_url or answer.h5_url, now }))
+end
+
 -- Closes an order whose time_expire passed (inside tx). returns the row.
 local function expire(tx, o, now)
   if (o.trade_state == "NOTPAY" or o.trade_state == "PAYERROR")
@@ -601,10 +609,11 @@ local function prepay(req, c, trade_type, partner)
       end
       assert(tx:exec("UPDATE sim_orders SET prepay_id = $1 WHERE id = $2",
                      { id, o.id }))
+      record_link(tx, o.id, id, answer, c.now)
       return 200, answer
     end
-    assert(tx:exec("INSERT INTO sim_orders (owner, sp_mchid, appid, "
-      .. "sub_appid, out_trade_no, trade_type, trade_state, prepay_id, "
+    local ins = assert(tx:exec("INSERT INTO sim_orders (owner, sp_mchid, "
+      .. "appid, sub_appid, out_trade_no, trade_type, trade_state, prepay_id, "
       .. "description, attach, notify_url, total, currency, openid, "
       .. "sub_openid, time_expire, params_hash, request, created_at) VALUES "
       .. "($1, $2, $3, $4, $5, $6, 'NOTPAY', $7, $8, $9, $10, $11, $12, $13, "
@@ -614,6 +623,7 @@ local function prepay(req, c, trade_type, partner)
         body.notify_url, body.amount.total, body.amount.currency or "CNY",
         partner and payer.sp_openid or payer.openid, payer.sub_openid,
         expire_at, hash, c.req.body, c.now }))
+    record_link(tx, ins.last_id, id, answer, c.now)
     return 200, answer
   end)
 end
@@ -1247,8 +1257,9 @@ end
 -- seconds: now when absent; never before the order was made: 400
 -- PARAM_ERROR naming success_time and the create time), created_at (when
 -- the order was made, epoch seconds, earlier than its prepay: an order
--- made long ago). returns the Transaction, or nil,
--- { status, code, message }.
+-- made long ago), order_id (the order by its row id instead, as the
+-- payer's client found it: sim.payer; out_trade_no is then only named in
+-- messages). returns the Transaction, or nil, { status, code, message }.
 function _M.pay(no, opts)
   return S.db:transaction(function(tx)
     -- the success time is taken once the transaction holds the database:
@@ -1256,8 +1267,18 @@ function _M.pay(no, opts)
     -- (POST /sim/bills/close) would get a cutoff after it and a bill
     -- without it, then the payment would commit and the bill change
     local now = core.time()
-    local o, err = find_for_control(tx, no, opts.mchid)
-    if not o then return nil, err end
+    local o, err
+    if opts.order_id then
+      o = assert(tx:query("SELECT * FROM sim_orders WHERE id = $1",
+                          { opts.order_id }))[1]
+      if not o then
+        return nil, { status = 404, code = "ORDER_NOT_EXIST",
+                      message = "no order " .. tostring(no) }
+      end
+    else
+      o, err = find_for_control(tx, no, opts.mchid)
+      if not o then return nil, err end
+    end
     o = expire(tx, o, now)
     if o.trade_state == "SUCCESS" or o.trade_state == "REFUND" then
       return nil, { status = 409, code = "ORDER_PAID", message = "order "

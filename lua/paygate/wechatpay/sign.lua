@@ -79,12 +79,21 @@ function _M.parse_authorization(value)
   return t
 end
 
+--- syntax: msg = sign.pay_message(lines)
+-- The client-side payment signing string: each element of lines followed
+-- by "\n" (JSAPI: appId, timeStamp, nonceStr, package; App: appid,
+-- timestamp, noncestr, prepayid). The one builder: the client signs it,
+-- the simulator verifies it.
+function _M.pay_message(lines)
+  return table.concat(lines, "\n") .. "\n"
+end
+
 --- syntax: sig = sign.pay_sign(signer, lines)
--- The client-side payment signature: each element of lines followed by
--- "\n", signed with the merchant key, base64.
+-- The client-side payment signature: pay_message(lines) signed with the
+-- merchant key, base64.
 function _M.pay_sign(signer, lines)
-  local msg = table.concat(lines, "\n") .. "\n"
-  return crypto.sign_base64(signer.key, msg, signer.schema)
+  return crypto.sign_base64(signer.key, _M.pay_message(lines),
+                            signer.schema)
 end
 
 return _M
