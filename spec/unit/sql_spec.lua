@@ -1180,6 +1180,39 @@ describe("paygate.sql on sqlite (engine specifics)", function()
     assert.equal("unavailable", err.kind)
   end)
 
+  it("makes a new database file, its -wal and -shm 0600 under umask 022",
+     function()
+    -- was: SQLite's 0644 less the umask: a service's store (payments,
+    -- what payers bought, the API keys' signing keys) readable by every
+    -- local user, while its backups were kept 0600
+    local ffi = require "ffi"
+    pcall(ffi.cdef, "unsigned int umask(unsigned int mask);")
+    local function mode(p)
+      local f = assert(io.popen("stat -c %a '" .. p .. "'"))
+      local m = f:read("*l")
+      f:close()
+      return m
+    end
+    local path = tmp .. "/private.db"
+    local was = ffi.C.umask(18)                          -- 022
+    local ok, db, err = pcall(sql.open, "sqlite:" .. path)
+    ffi.C.umask(was)
+    assert(ok, db)
+    assert(db, err)
+    assert(db:exec_script("CREATE TABLE t (k INTEGER PRIMARY KEY)"))
+    assert(db:exec("INSERT INTO t (k) VALUES (1)"))
+    for _, p in ipairs({ path, path .. "-wal", path .. "-shm" }) do
+      assert.equal("600", mode(p), p)
+    end
+    db:close()
+    -- a file already there keeps the mode its owner gave it
+    servers.sh("chmod 640 '" .. path .. "'")
+    db = assert(sql.open("sqlite:" .. path))
+    assert.equal(1, db:query("SELECT count(*) AS c FROM t")[1].c)
+    assert.equal("640", mode(path))
+    db:close()
+  end)
+
   it("raises on an unknown url scheme", function()
     assert.has_error(function() sql.open("mysql://x") end)
   end)

@@ -1303,6 +1303,29 @@ wal_limit(struct lsqlite_conn *c, struct lsqlite_db *db)
     sqlite3_exec(c->h, sql, NULL, NULL, NULL);
 }
 
+/* Makes a missing database file empty and 0600, whatever the umask, before
+ * SQLite opens it: SQLite would make it 0644 less the umask (0644 under a
+ * service's 022: every local user reads the payments, what payers bought and
+ * the API keys' signing keys), and it gives the -wal and -shm it makes later
+ * the file's own mode. An empty file is an empty database. A file already
+ * there keeps the mode its owner gave it; a path that cannot be made here is
+ * left to sqlite3_open_v2, which says why. */
+static void
+create_private(const char *path)
+{
+    int fd;
+
+    if (path[0] == '\0' || strcmp(path, ":memory:") == 0) {
+        return;
+    }
+    fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (fd < 0) {
+        return;
+    }
+    (void) fchmod(fd, 0600);        /* a umask of 0277 would leave 0400 */
+    close(fd);
+}
+
 static int
 conn_open(struct lsqlite_conn *c, struct lsqlite_db *db, int readonly,
           char **errmsg)
@@ -1315,6 +1338,9 @@ conn_open(struct lsqlite_conn *c, struct lsqlite_db *db, int readonly,
     struct timespec  pause = { 0, 0 };
 
     flags |= SQLITE_OPEN_NOMUTEX;
+    if (!readonly) {
+        create_private(db->path);
+    }
     rc = sqlite3_open_v2(db->path, &c->h, flags, NULL);
     if (rc != SQLITE_OK) {
         goto err;
