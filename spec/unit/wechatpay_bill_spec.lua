@@ -64,6 +64,31 @@ describe("wechatpay bill", function()
   teardown(function() os.execute("rm -rf " .. dir) end)
 
   describe("writer", function()
+    it("writes the bill 0600 under umask 022", function()
+      -- was: io.open's 0644 less the umask: a trade bill (each payer's
+      -- openid, what was bought, attach) kept (keep_bill, a refused
+      -- bill's NAME.refused) readable by every local user
+      local ffi = require "ffi"
+      pcall(ffi.cdef, "unsigned int umask(unsigned int mask);")
+      local function mode(p)
+        local f = assert(io.popen("stat -c %a '" .. p .. "'"))
+        local m = f:read("*l")
+        f:close()
+        return m
+      end
+      local path = dir .. "/w0.csv"
+      local was = ffi.C.umask(18)                        -- 022
+      local ok, w, werr = pcall(bill.writer, path)
+      ffi.C.umask(was)
+      assert(ok, w)
+      assert(w, werr)
+      assert.equal("600", mode(w.tmp))
+      assert.truthy(w:feed(CSV))
+      assert(w:finish(sha1(CSV)))
+      assert.equal("600", mode(path))
+      os.remove(path)
+    end)
+
     it("refuses a wrong SHA-1 and removes the partial file", function()
       local path = dir .. "/w1.csv"
       local w = assert(bill.writer(path))

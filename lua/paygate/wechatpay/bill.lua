@@ -6,7 +6,8 @@
 -- decompressed into pieces of at most PIECE bytes, each hashed and written,
 -- then dropped. The file appears under its name only once the hash matched
 -- (written as NAME.part-XXXX, then renamed); on any failure the partial
--- file is removed.
+-- file is removed. The file is 0600 whatever the umask: a trade bill names
+-- each payer (openid).
 --
 -- File writes are plain blocking write(2)s of at most a piece
 -- (they land in the page cache); paygate has no asynchronous file API yet.
@@ -49,6 +50,15 @@ function _M.writer(path, o)
   local f, ferr = io_open(tmp, "wb")
   if not f then
     return nil, err_("io", "cannot create " .. tmp .. ": " .. tostring(ferr))
+  end
+  -- the owner's alone before a byte is in it, whatever the umask: a trade
+  -- bill names each payer (openid), what was bought and its attach
+  local cok, cerr = core.chmod(tmp, 384)                -- 0600
+  if not cok then
+    f:close()
+    os_remove(tmp)
+    return nil, err_("io", "cannot make " .. tmp .. " private (0600): "
+                     .. tostring(cerr and cerr.message or cerr))
   end
   return setmetatable({
     path = path, tmp = tmp, f = f, sha = crypto.digest_new("sha1"),
