@@ -80,8 +80,9 @@ end
 -- can send refused notifications: a flood costs one capture a second,
 -- and one shows what the rest repeat). Never flushed to the disk: a
 -- diagnosis, not a record, and the request waits for them. Nothing
--- secret is in them (the resource stays encrypted), but every header of
--- the request is, what a proxy added too: each file is its owner's alone
+-- secret is in them (the resource stays encrypted; a credential header's
+-- value is not kept, CREDENTIALS), but every other header of the request
+-- is, what a proxy added too: each file is its owner's alone
 -- (0600, made so: never readable by others meanwhile, whatever the
 -- umask) and so is a folder made for them (0700; one already there keeps
 -- its mode).
@@ -93,6 +94,11 @@ local FILE_MODE, DIR_MODE = 384, 448        -- 0600, 0700
 local NO_SYNC = { sync = false }
 -- a capture's files: BASE .. each ("refused-TIME-MS-PID-N")
 local CAPTURE_EXTS = { ".headers", ".body", ".certs.pem", ".pub.pem" }
+-- headers that carry a credential (a proxy's, a browser's sent astray):
+-- named in the capture, their value not kept. WeChat sends none of them,
+-- and verify reads none.
+local CREDENTIALS = { authorization = true, ["proxy-authorization"] = true,
+                      cookie = true }
 
 local function put(path, data)
   local ok, err = core.write_file(path, data, FILE_MODE, NO_SYNC)
@@ -192,6 +198,7 @@ function _M.capture(wx, req)
   local lines = {}
   for k, v in pairs(hs) do
     if type(k) == "string" and type(v) == "string" then
+      if CREDENTIALS[k] then v = "(not kept)" end
       lines[#lines + 1] = k .. ": " .. v
     end
   end

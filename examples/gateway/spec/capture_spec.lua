@@ -66,6 +66,32 @@ describe("gateway: refused notifications captured", function()
     assert.equal(1, #bases(dir))
   end)
 
+  it("keeps no credential a request carried: authorization, cookies",
+     function()
+    -- was: every header written as it came, a bearer token or a session
+    -- cookie (a proxy's, a browser's sent astray) kept on disk in clear
+    history.CAPTURE_PER_SECOND = 1000
+    local r = req('{"id":"creds"}')
+    r.headers["authorization"] = "Bearer s3cr3t-token"
+    r.headers["proxy-authorization"] = "Basic dXNlcjpzM2NyM3Q="
+    r.headers["cookie"] = "paygate_console=s3cr3t-session"
+    assert(history.capture(wx, r))
+    local b = bases(dir)
+    assert.equal(1, #b)
+    local head = testing.read(dir .. "/" .. b[#b] .. ".headers")
+    assert.is_nil(head:find("s3cr3t", 1, true))
+    assert.is_nil(head:find("dXNlcjpzM2NyM3Q", 1, true))
+    -- the header is named, so a reader knows it came
+    for _, name in ipairs({ "authorization", "cookie",
+                            "proxy-authorization" }) do
+      assert.truthy(("\n" .. head):find("\n" .. name .. ": (not kept)\n",
+                                         1, true), name)
+    end
+    -- what verify reads is kept as it came
+    assert.matches("wechatpay-signature: AAAA\n", head, 1, true)
+    assert.matches("wechatpay-serial: S1\n", head, 1, true)
+  end)
+
   it("writes each file 0600 in a folder it makes 0700, under umask 022",
      function()
     -- was: io.open and a folder made 0755: under a service's umask of 022
