@@ -23,7 +23,7 @@
 --
 -- A refused request gets 401 { error = reason, message } with reason
 -- one of missing_signature, malformed_signature, unknown_app,
--- stale_timestamp, bad_signature; each is counted (apikey.stats()) and
+-- revoked_key, stale_timestamp, bad_signature; each is counted (apikey.stats()) and
 -- logged with app_id and key_id, never with the signature or a key. A
 -- bad_signature's answer also carries string_to_sign (the message the
 -- server signed over; absent for a body past 8 KiB) and body_sha256.
@@ -48,7 +48,7 @@ _M.SCHEME = SCHEME
 _M.WINDOW = WINDOW
 
 local REASONS = { "missing_signature", "malformed_signature", "unknown_app",
-                  "stale_timestamp", "bad_signature" }
+                  "revoked_key", "stale_timestamp", "bad_signature" }
 local counts = { ok = 0 }
 for _, r in ipairs(REASONS) do
   counts[r] = 0
@@ -295,9 +295,10 @@ local function lookup(db, key_id, cache_ttl, now)
   if not ok then
     return nil, err
   end
-  local rows, qerr = db:query("SELECT app_id, verifier FROM"
-    .. " paygate_api_keys WHERE key_id = $1 AND revoked_at IS NULL",
-    { key_id })
+  -- a revoked key is read too: refused as revoked_key, which tells the
+  -- caller to move to the app's current key, not that its ids are wrong
+  local rows, qerr = db:query("SELECT app_id, verifier, revoked_at FROM"
+    .. " paygate_api_keys WHERE key_id = $1", { key_id })
   if not rows then
     return nil, qerr
   end
@@ -311,6 +312,13 @@ local function lookup(db, key_id, cache_ttl, now)
     if not m.ids[key_id] then m.n = m.n + 1 end
     m.ids[key_id] = now + cache_ttl
     return false
+  end
+  local revoked_at = tonumber(row.revoked_at)
+  if revoked_at then
+    hit = { app_id = row.app_id, revoked_at = revoked_at,
+            until_ = now + cache_ttl }
+    c[key_id] = hit
+    return hit
   end
   local key = crypto.hex_decode(row.verifier)
   if not key then
@@ -393,6 +401,13 @@ function _M.verify(db, r, opts)
   if not k or k.app_id ~= f.app_id then
     return refuse("unknown_app", "no active key " .. f.key_id:sub(1, 64)
                   .. " for app " .. f.app_id:sub(1, 64),
+                  { app_id = f.app_id, key_id = f.key_id })
+  end
+  if k.revoked_at then
+    return refuse("revoked_key", "key " .. f.key_id .. " of app "
+                  .. f.app_id .. " was revoked at "
+                  .. os.date("!%Y-%m-%dT%H:%M:%SZ", math.floor(k.revoked_at))
+                  .. ": sign with one of the app's current keys",
                   { app_id = f.app_id, key_id = f.key_id })
   end
   local msg = _M.message(r.method, r.path, f.timestamp, r.body,

@@ -391,6 +391,17 @@ describe("apikey.verify and before_hook", function()
     assert.is_false(apikey.revoke(db, k2.key_id))
     local s, body = run(req)
     assert.equal(401, s)
+    -- said as revoked, with when: not as ids that were never valid
+    assert.equal("revoked_key", body.error)
+    assert.matches("key " .. k2.key_id .. " of app shop1 was revoked at"
+      .. " %d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%dZ: sign with one of the"
+      .. " app's current keys", body.message)
+    -- another app naming that key id learns nothing of it
+    req = fake_req{ headers = apikey.sign{ app_id = "shop2",
+      key_id = k2.key_id, secret = k2.secret, method = "GET",
+      path = "/v1/x", timestamp = T }, method = "GET", path = "/v1/x" }
+    s, body = run(req)
+    assert.equal(401, s)
     assert.equal("unknown_app", body.error)
   end)
 
@@ -413,7 +424,7 @@ describe("apikey.verify and before_hook", function()
     h = apikey.before_hook(db, { now = clock(T - 234), mono = clock(506) })
     local s, body = h(req(T - 234))
     assert.equal(401, s)
-    assert.equal("unknown_app", body.error)
+    assert.equal("revoked_key", body.error)
   end)
 
   it("never puts a secret, key or signature in a log line or error",

@@ -107,7 +107,8 @@ describe("gateway API keys", function()
     assert.equal("stale_timestamp", res.json.error)
   end)
 
-  it("an unknown key or app, a revoked key: 401 unknown_app", function()
+  it("an unknown key or app: 401 unknown_app; a revoked key: 401"
+     .. " revoked_key, saying so", function()
     local res = env:api("GET", "/v1/payments/pay_x", nil,
                         { key_id = "ak_nosuchkey" })
     assert.equal(401, res.status)
@@ -120,9 +121,14 @@ describe("gateway API keys", function()
     assert.equal(404, env:api("GET", "/v1/payments/pay_x", nil, o).status)
     assert.is_true(apikey.revoke(env.db, k.key_id))
     -- a worker trusts a looked-up key for a few seconds (apikey's cache)
+    local res
     S.wait_until(function()
-      return env:api("GET", "/v1/payments/pay_x", nil, o).status == 401
+      res = env:api("GET", "/v1/payments/pay_x", nil, o)
+      return res.status == 401
     end, 15, "the revoked key refused")
+    assert.equal("revoked_key", res.json.error)
+    assert.matches("key " .. k.key_id .. " of app shop was revoked at ",
+                   res.json.message, 1, true)
   end)
 
   it("the notification route and /openapi.json need no key", function()

@@ -21,7 +21,8 @@ list    prints the keys (never a secret or a signing key); a database with
         no paygate_api_keys table is said to hold none (exit 1), and
         nothing is made in it (list and revoke).
 revoke  disables KEY_ID at once in this process, and in running workers
-        within their cache time (5 s).
+        within their cache time (5 s): requests signed with it are then
+        refused 401 revoked_key.
 
 exit: 0 done, 1 store failure or nothing to revoke, 2 usage error.
 ]]
@@ -119,7 +120,8 @@ local function main(args)
       io.stderr:write("paygate apikey: no active key ", o["--key"], "\n")
       code = 1
     else
-      io.stdout:write("revoked ", o["--key"], "\n")
+      io.stdout:write("revoked ", o["--key"], ": running workers refuse it"
+                      .. " within 5 s (401 revoked_key)\n")
     end
   end
   db:close()
