@@ -337,6 +337,19 @@ if paygate.runtime.mode == "worker" then
   -- WeChat's health on /metrics: the switch and each circuit breaker,
   -- from the shared dict every second (gw.upstream.publish)
   require("gw.upstream").publish(ctx)
+  -- merchants taken out of config.merchants with payments still open or
+  -- refunds under way: said once per generation, and their notifications
+  -- (refused 404) logged and counted by gw.notify (ctx.unconfigured)
+  paygate.spawn(function()
+    local found, uerr = boot.unconfigured(db, cfg.by_mchid)
+    if not found then
+      paygate.log.warn("gateway: cannot check for open payments of"
+        .. " merchants no longer configured", { error = tostring(uerr) })
+      return
+    end
+    ctx.unconfigured = found
+    boot.say_unconfigured(found)
+  end)
 end
 
 -- other helpers' parts (reconciliation) plug in here when present

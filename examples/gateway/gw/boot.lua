@@ -146,4 +146,62 @@ function _M.say_restored(db)
                           restored_at = info.restored_at, days = info.days })
 end
 
+--- syntax: found = boot.unconfigured(db, by_mchid)
+-- The merchants this store has open work of that the config no longer
+-- lists (taken out of config.merchants): { [mchid] = { payments = n,
+-- refunds = m } }, payments created, paying or unknown and refunds under
+-- way; nil, err when the store fails. One indexed read of the open
+-- payments, one read of the refunds.
+function _M.unconfigured(db, by_mchid)
+  local found = {}
+  local rows, err = db:query("SELECT mchid, COUNT(*) AS n FROM gw_payments"
+    .. " WHERE state IN ('created', 'paying', 'unknown') GROUP BY mchid")
+  if not rows then return nil, err end
+  for _, r in ipairs(rows) do
+    if not by_mchid[r.mchid] then
+      found[r.mchid] = { payments = tonumber(r.n), refunds = 0 }
+    end
+  end
+  rows, err = db:query("SELECT p.mchid AS mchid, COUNT(*) AS n FROM"
+    .. " gw_refunds r JOIN gw_payments p ON p.id = r.payment_id WHERE"
+    .. " r.state IN ('created', 'processing', 'unknown', 'abnormal')"
+    .. " GROUP BY p.mchid")
+  if not rows then return nil, err end
+  for _, r in ipairs(rows) do
+    if not by_mchid[r.mchid] then
+      found[r.mchid] = found[r.mchid] or { payments = 0, refunds = 0 }
+      found[r.mchid].refunds = tonumber(r.n)
+    end
+  end
+  return found
+end
+
+--- syntax: boot.say_unconfigured(found)
+-- A merchant taken out of config.merchants while it still has open
+-- payments or refunds under way is said at every start and reload (once
+-- per generation): WeChat can still pay them, and their notifications
+-- are now refused (404) while nothing here can close, query or refund
+-- them.
+function _M.say_unconfigured(found)
+  if paygate.runtime.mode ~= "worker" or not next(found)
+     or not shared.get_dict("paygate"):add("gw:unconfigured:"
+          .. tostring(paygate.runtime.generation or 0), 1, 60) then
+    return
+  end
+  local ids = {}
+  for mchid in pairs(found) do ids[#ids + 1] = mchid end
+  table.sort(ids)
+  for _, mchid in ipairs(ids) do
+    local f = found[mchid]
+    paygate.log.warn("gateway: merchant " .. mchid .. " is no longer in"
+      .. " config.merchants but has " .. f.payments .. " open payments and "
+      .. f.refunds .. " refunds under way: WeChat may still pay or settle"
+      .. " them, and their notifications are now refused (404, WeChat"
+      .. " retries for a day), while nothing here can query, close or"
+      .. " refund them. Add the merchant again and reload to take them up"
+      .. " (docs/gateway.md, Adding and taking out a merchant)",
+      { mchid = mchid, payments = f.payments, refunds = f.refunds })
+  end
+end
+
 return _M

@@ -172,6 +172,18 @@ function _M.handler(req)
   local mchid = req.params.mchid
   local wx = ctx.wx[mchid]
   if not wx then
+    -- a merchant taken out of config.merchants with payments or refunds
+    -- still open (gw.boot.unconfigured): WeChat may be telling of money
+    -- taken, so it is said (bounded) and counted; any other mchid is junk
+    -- anyone can send, answered alike without a word
+    if ctx.unconfigured and ctx.unconfigured[mchid] then
+      refused_counter:inc({ merchant = mchid,
+                            kind = "merchant_not_configured" })
+      refused_log:warn({ mchid = mchid, kind = "merchant_not_configured" },
+        { reason = "merchant " .. mchid .. " is no longer in"
+          .. " config.merchants: answered 404 (WeChat retries for a day);"
+          .. " add it again and reload to take its notifications" })
+    end
     return 404, { code = "FAIL", message = "unknown merchant" }
   end
   local event, err = wx:parse_notification(req)

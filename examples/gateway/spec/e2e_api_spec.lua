@@ -847,6 +847,12 @@ describe("gateway merchant API, a merchant taken out of the config",
     S.reload_with(env, "table.remove(c.merchants, 2)")
     local restored = false
     finally(function() if not restored then S.reload_with(env, "") end end)
+    -- the reload says what was left open under it (was: not a word)
+    S.wait_until(function()
+      return env.gw:logs():sub(mark + 1):find("merchant " .. m2 .. " is no"
+        .. " longer in config.merchants but has 1 open payments and 0"
+        .. " refunds under way", 1, true)
+    end, 10, "the warning naming the merchant's open payments")
     -- reads: local state, a refresh marked stale
     assert.equal("paying", env:get(open.id).state)
     local r = env:get(open.id, true)
@@ -886,6 +892,18 @@ describe("gateway merchant API, a merchant taken out of the config",
     res = env:post_paid(open, m2)
     assert.equal(404, res.status, res.body)
     assert.equal("FAIL", res.json.code)
+    -- said and counted: money may have been taken (was: only the access
+    -- line)
+    local nlogs = env.gw:logs():sub(mark + 1)
+    assert.truthy(nlogs:find('"kind":"merchant_not_configured"', 1, true)
+                  and nlogs:find("gateway: notification refused", 1, true),
+                  nlogs)
+    local mm = assert(env.gw:admin_get("/metrics"))
+    assert.truthy(mm.body:find('paygate_gateway_notifications_refused_total{'
+      .. 'merchant="' .. m2 .. '",kind="merchant_not_configured"} 1', 1,
+      true) or mm.body:find('paygate_gateway_notifications_refused_total{'
+      .. 'kind="merchant_not_configured",merchant="' .. m2 .. '"} 1', 1,
+      true), mm.body)
     -- the checks: skipped, on their backoff, one warning for the merchant
     S.wait_until(function()
       local c = assert(env.db:query("SELECT checks FROM gw_payments WHERE"
