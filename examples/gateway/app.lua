@@ -232,6 +232,12 @@ end)
 payments.init(ctx)
 refunds.init(ctx)
 notify.init(ctx)
+do   -- the counters alerted on, at 0 from the start (gw.apply)
+  local mchids = {}
+  for mchid in pairs(wx) do mchids[#mchids + 1] = mchid end
+  table.sort(mchids)
+  require("gw.apply").init_metrics(mchids)
+end
 ctx.refunds = refunds
 ctx.payments = payments
 ctx.fatal = fatal   -- for the plug-ins' config checks (gw.reconcile)

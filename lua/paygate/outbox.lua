@@ -1186,6 +1186,19 @@ local function events_metric()
   return events_counter or nil
 end
 
+-- every outcome of a dispatcher's outbox has a series from its start, at
+-- 0: one that appeared with its first count (the first dead letter) shows
+-- Prometheus no increase, and an alert on it did not fire
+local OUTCOMES = { "delivered", "failed", "dead", "fenced", "unrecorded" }
+local function init_outcomes(self)
+  local c = events_metric()
+  if c then
+    for _, outcome in ipairs(OUTCOMES) do
+      pcall(c.inc, c, { outbox = self.name, outcome = outcome }, 0)
+    end
+  end
+end
+
 local function count_outcome(self, outcome)
   local c = events_metric()
   if c then
@@ -1839,6 +1852,7 @@ function Dispatcher:start()
     return self
   end
   self.stopping = false
+  init_outcomes(self)
   self.task = core.spawn(function()
     local failing = 0       -- rounds in a row in which the store failed
     while not self.stopping do

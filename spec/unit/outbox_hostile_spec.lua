@@ -171,6 +171,39 @@ describe("paygate_outbox_events_total", function()
     d:stop()
     db:close()
   end)
+
+  -- was: a series appeared with its first count, and Prometheus sees no
+  -- increase in a series' first sample: an alert on the increase of dead
+  -- letters stayed silent for the first one
+  it("has every outcome of a started dispatcher at 0", function()
+    local metrics = require "paygate.metrics"
+    local c = metrics.counter("paygate_outbox_events_total",
+      "Outbox deliveries by outcome: delivered, failed (retried later),"
+      .. " dead, fenced, unrecorded (the store failed).",
+      { "outbox", "outcome" }, { max_series = 64 })
+    -- (c:get says 0 for a series never made too: what the dispatcher
+    -- made is seen through the counters' inc)
+    local methods = getmetatable(c).__index
+    local inc, made = methods.inc, {}
+    methods.inc = function(self, labels, n)
+      if labels.outbox == "fresh" then made[labels.outcome] = n end
+      return inc(self, labels, n)
+    end
+    local db = sqlite()
+    local d = outbox.dispatcher(db, { name = "fresh", sinks = {
+      { name = "s", deliver = function() end } } })
+    local ok, err = pcall(function()
+      d:start()
+      for _, o in ipairs{ "delivered", "failed", "dead", "fenced",
+                          "unrecorded" } do
+        assert.equal(0, made[o], o)
+      end
+    end)
+    methods.inc = inc
+    d:stop()
+    db:close()
+    assert(ok, err)
+  end)
 end)
 
 describe("outbox.redis_stream", function()

@@ -25,7 +25,8 @@ local function wx_time(v)
   return civil.epoch(v) and v or nil
 end
 
-local type, tostring, tonumber, pairs = type, tostring, tonumber, pairs
+local type, tostring, tonumber, pairs, ipairs = type, tostring, tonumber,
+      pairs, ipairs
 
 local _M = {}
 
@@ -34,13 +35,56 @@ _M.wx_time = wx_time
 
 local P, R = model.payments, model.refunds
 
-local alarm_counter
-local function count_now(kind)
-  shared.get_dict("paygate"):incr("gw:alarms:" .. kind, 1, 0)
+-- The counters an operator alerts on. Each is declared here once, and
+-- apply.init_metrics gives every series of a known label set a 0 at start:
+-- a series that appears only with its first count shows Prometheus no
+-- increase (increase() and rate() need two samples), so an alert on the
+-- first alarm, or the first payment whose notification never came, did not
+-- fire until the second.
+local ALARM_KINDS = { "amount_mismatch", "merchant_mismatch",
+                      "order_mismatch", "late_payment", "refunded_elsewhere",
+                      "refund_failed" }
+local alarm_counter, unnotified_counter, after_query_counter
+local function alarms_metric()
   alarm_counter = alarm_counter or metrics.counter(
     "paygate_gateway_alarms_total", "Alarms raised by the gateway (e.g. a"
     .. " notification whose amount differs from the order's).", { "kind" })
-  alarm_counter:inc({ kind = kind })
+  return alarm_counter
+end
+local function unnotified_metric()
+  unnotified_counter = unnotified_counter or metrics.counter(
+    "paygate_gateway_settled_without_notification_total", "Payments paid"
+    .. " and refunds settled by a query (reconcile, ?refresh=1) whose"
+    .. " notification had not arrived.", { "merchant", "kind", "source" })
+  return unnotified_counter
+end
+local function after_query_metric()
+  after_query_counter = after_query_counter or metrics.counter(
+    "paygate_gateway_notification_after_query_total", "Notifications that"
+    .. " came after a query (reconcile, ?refresh=1) had settled their"
+    .. " payment or refund: late, not lost.",
+    { "merchant", "kind" })
+  return after_query_counter
+end
+
+--- syntax: apply.init_metrics(mchids) -- at start: every alarm kind, and
+-- for each merchant (mchids: a list) each kind and source, at 0
+function _M.init_metrics(mchids)
+  for _, k in ipairs(ALARM_KINDS) do alarms_metric():inc({ kind = k }, 0) end
+  for _, m in ipairs(mchids) do
+    for _, kind in ipairs{ "payment", "refund" } do
+      for _, source in ipairs{ "reconcile", "refresh" } do
+        unnotified_metric():inc({ merchant = tostring(m), kind = kind,
+                                  source = source }, 0)
+      end
+      after_query_metric():inc({ merchant = tostring(m), kind = kind }, 0)
+    end
+  end
+end
+
+local function count_now(kind)
+  shared.get_dict("paygate"):incr("gw:alarms:" .. kind, 1, 0)
+  alarms_metric():inc({ kind = kind })
 end
 
 -- Counted once the transaction that records the alarm commits: a try
@@ -168,7 +212,6 @@ end
 -- after the payer paid, while the notification is on its way, so a
 -- success_time younger than reconcile.check_after is not called lost;
 -- the notification then arrives as a duplicate).
-local unnotified_counter
 local function settled_unnotified(ctx, tx, o, kind, p, fields)
   if o.source ~= "query" then return end
   local via = o.via or "query"
@@ -190,12 +233,8 @@ local function settled_unnotified(ctx, tx, o, kind, p, fields)
     paygate.log.warn("gateway: " .. (kind == "payment" and "paid"
       or "refund outcome") .. " found by query, no notification had"
       .. " arrived", fields)
-    unnotified_counter = unnotified_counter or metrics.counter(
-      "paygate_gateway_settled_without_notification_total", "Payments paid"
-      .. " and refunds settled by a query (reconcile, ?refresh=1) whose"
-      .. " notification had not arrived.", { "merchant", "kind", "source" })
-    unnotified_counter:inc({ merchant = tostring(p.mchid), kind = kind,
-                             source = via })
+    unnotified_metric():inc({ merchant = tostring(p.mchid), kind = kind,
+                              source = via })
   end)
 end
 
@@ -211,7 +250,6 @@ end
 -- duplicate) says nothing. claim: the key's row { notification_id,
 -- applied_at } (nil: nothing to say); mark: the query's claim for this
 -- payment or refund; fields name it, success_time among them.
-local after_query_counter
 local function say_after_query(claim, kind, mchid, fields)
   local now = model.time()
   local at = tonumber(claim.applied_at)
@@ -221,12 +259,7 @@ local function say_after_query(claim, kind, mchid, fields)
   fields.after_success_s = st and math.floor(now - st) or nil
   paygate.log.info("gateway: notification arrived after a query had"
                    .. " settled it", fields)
-  after_query_counter = after_query_counter or metrics.counter(
-    "paygate_gateway_notification_after_query_total", "Notifications that"
-    .. " came after a query (reconcile, ?refresh=1) had settled their"
-    .. " payment or refund: late, not lost.",
-    { "merchant", "kind" })
-  after_query_counter:inc({ merchant = tostring(mchid), kind = kind })
+  after_query_metric():inc({ merchant = tostring(mchid), kind = kind })
 end
 
 local function notified_after_query(claim, mark, kind, mchid, fields)

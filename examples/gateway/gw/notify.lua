@@ -33,6 +33,16 @@ local ctx
 -- (merchant: a configured one, kind: parse_notification's, a small set).
 local refused_log, refused_counter
 
+-- paygate_gateway_unknown_notifications_total{kind}: see unknown_target
+local unknown_counter
+local function unknown_metric()
+  unknown_counter = unknown_counter or metrics.counter(
+    "paygate_gateway_unknown_notifications_total",
+    "Notifications (distinct ids) for a payment or refund not known here,"
+    .. " answered FAIL.", { "kind" })
+  return unknown_counter
+end
+
 function _M.init(c)
   ctx = c
   refused_log = paygate.log.limiter("gateway: notification refused",
@@ -41,6 +51,11 @@ function _M.init(c)
     "paygate_gateway_notifications_refused_total",
     "Notifications refused (not verified, malformed), each one, logged"
     .. " or not.", { "merchant", "kind" })
+  -- at 0 from the start: the first one raises an alert on its increase
+  -- (a series that appears at 1 shows Prometheus none)
+  for _, kind in ipairs{ "payment", "refund" } do
+    unknown_metric():inc({ kind = kind }, 0)
+  end
 end
 
 local function fail(message)
@@ -81,20 +96,15 @@ end
 -- at warn.
 local UNKNOWN = { unknown_order = "payment", unknown_refund = "refund" }
 local RETRY_WINDOW = 25 * 3600        -- WeChat retries for 24 h 4 min
-local unknown_counter
 
 local function unknown_target(mchid, event, err)
   local kind = UNKNOWN[err.kind]
-  unknown_counter = unknown_counter or metrics.counter(
-    "paygate_gateway_unknown_notifications_total",
-    "Notifications (distinct ids) for a payment or refund not known here,"
-    .. " answered FAIL.", { "kind" })
   local d = shared.get_dict("paygate")
   local first = d:add("gw:unknown_note:" .. tostring(event.id), 1,
                       RETRY_WINDOW)
   if first == false then return end   -- seen already: counted and logged
   d:incr("gw:unknown_notes:" .. kind, 1, 0)
-  unknown_counter:inc({ kind = kind })
+  unknown_metric():inc({ kind = kind })
   local r = type(event.resource) == "table" and event.resource or {}
   paygate.log.warn("gateway: notification for a " .. kind .. " this"
     .. " gateway does not know: answered FAIL (WeChat retries it for a day;"

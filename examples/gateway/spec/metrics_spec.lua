@@ -28,6 +28,36 @@ describe("gateway metrics", function()
       '\npaygate_gateway_fsm_transitions_total{machine="payment"} (%d+)\n'))
   end
 
+  -- was: these series appeared with their first count, at 1, and
+  -- Prometheus sees no increase in a series' first sample: an alert on
+  -- increase() of dead letters, alarms or payments settled without their
+  -- notification stayed silent for the first one (until a second came)
+  it("has every counter alerted on at 0 from the start", function()
+    local mchid = sim.merchant.mchid
+    local want = {
+      'paygate_outbox_events_total{outbox="gateway",outcome="dead"}',
+      'paygate_outbox_events_total{outbox="gateway",outcome="unrecorded"}',
+      'paygate_gateway_alarms_total{kind="amount_mismatch"}',
+      'paygate_gateway_alarms_total{kind="refund_failed"}',
+      'paygate_gateway_settled_without_notification_total{merchant="'
+        .. mchid .. '",kind="payment",source="reconcile"}',
+      'paygate_gateway_settled_without_notification_total{merchant="'
+        .. mchid .. '",kind="refund",source="refresh"}',
+      'paygate_gateway_notification_after_query_total{merchant="'
+        .. mchid .. '",kind="payment"}',
+      'paygate_gateway_unknown_notifications_total{kind="payment"}',
+      'paygate_gateway_unknown_notifications_total{kind="refund"}',
+    }
+    -- (the dispatcher publishes its outcomes once its task starts)
+    local text = testing.wait_until(function()
+      local t = metrics()
+      return t:find(want[1], 1, true) and t
+    end, 10, "the outbox's outcomes on /metrics")
+    for _, series in ipairs(want) do
+      assert.truthy(text:find("\n" .. series .. " 0\n", 1, true), series)
+    end
+  end)
+
   it("keeps the counts of a restarted worker, with no pid label", function()
     for i = 1, 3 do
       gw:create{ order_id = "m-" .. i }
