@@ -312,6 +312,19 @@ end
 function _M.on_call(mchid)
   return function(call)
     local trade, refund = _M.subject(call.path, call.body)
+    -- one debug line per call, in the caller's coroutine: it carries the
+    -- request_id of the request that made it, so the log leads from an
+    -- access line to the WeChat call (and its order, as the outbox's
+    -- events name it) without the console. No body, no header: no secret.
+    -- (WeChat's Request-ID as wechat_request_id: request_id is the line's)
+    paygate.log.debug("gateway: wechat pay call", { mchid = mchid,
+      method = call.method, path = call.path:sub(1, 256),
+      outcome = tostring(call.outcome), status = call.status,
+      code = type(call.code) == "string" and text(call.code, 64) or nil,
+      wechat_request_id = type(call.request_id) == "string"
+        and text(call.request_id, 128) or nil,
+      attempts = call.attempts, ms = floor(call.seconds * 1000 + 0.5),
+      out_trade_no = trade, out_refund_no = refund })
     write("call", "INSERT INTO gw_wechat_calls (at, mchid, method, path,"
       .. " outcome, status, code, request_id, attempts, ms, out_trade_no,"
       .. " out_refund_no) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,"

@@ -238,8 +238,13 @@ function _M.handler(req)
       error = tostring(after) })
     return fail(after and after.kind or "error")
   end
+  -- the order (and refund) it was about, as the unknown-target line and
+  -- the WeChat call lines name them: was only the notification's id
+  local r = type(event.resource) == "table" and event.resource or {}
   paygate.log.info("gateway: notification " .. outcome, { id = event.id,
-                   event_type = event.event_type })
+                   event_type = event.event_type, mchid = mchid,
+                   out_trade_no = r.out_trade_no,
+                   out_refund_no = r.out_refund_no })
   if after then payments.after(after) end
   return wechatpay.notify_ack()
 end

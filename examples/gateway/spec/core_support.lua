@@ -130,7 +130,8 @@ end
 function _M.start_srv(sim, o)
   local db_url
   local srv = testing.start_app{ app = o.app or "examples/gateway",
-    port = o.port, workers = o.workers, args = { "--log-level", "info" },
+    port = o.port, workers = o.workers,
+    args = { "--log-level", o.log_level or "info" },
     bin = o.bin,
     config = function(srv)
       local c = _M.config(sim, srv, o.gateway, o.merchant,
@@ -154,7 +155,7 @@ function _M.gateway(srv, db_url)
 end
 
 --- syntax: gw = core.start(sim[, o]) -- o: gateway, merchant (overrides),
--- db (a function(srv) -> url), workers, partner (the simulator's service
+-- db (a function(srv) -> url), workers, log_level ("info"), partner (the simulator's service
 -- provider as the merchant), app (another copy of the app's folder), bin
 -- (the paygate to run it with: a wrapper, e.g. core.shifted_bin's)
 function _M.start(sim, o)
