@@ -126,6 +126,43 @@ describe("gateway metrics", function()
       assert.equal(before[t] + 1, count(t), t)
     end
   end)
+
+  -- was: the runtime's own metrics (requests, durations, workers,
+  -- reloads, shared dictionaries, idempotency, ...) were in no table of
+  -- the docs, and the docs had no alert rules to check against the names
+  it("names every metric it shows in docs/gateway.md, and its alert rules"
+     .. " name only metrics it shows", function()
+    local f = assert(io.open("docs/gateway.md"))
+    local doc = f:read("*a")
+    f:close()
+    local from = assert(doc:find("\n### Metrics and health\n", 1, true))
+    local to = assert(doc:find("\n## On PostgreSQL\n", from, true))
+    local section = doc:sub(from, to)
+    local rules = assert(section:match("%*%*Alert rules%.%*%*.-```yaml\n"
+                                       .. "(.-)```"), "the alert rules")
+    -- a refused notification (its counter appears with the first one)
+    gw.srv:request{ method = "POST", path = "/wechatpay/notify/"
+      .. sim.merchant.mchid, body = "{}",
+      headers = { ["Content-Type"] = "application/json" } }
+    local families
+    testing.wait_until(function()
+      families = {}
+      for name in metrics():gmatch("# TYPE (paygate_[%w_]+) ") do
+        families[name] = true
+      end
+      return families.paygate_gateway_notifications_refused_total
+        and families.paygate_reconcile_bill_failed
+    end, 15, "the refusal and the bill job's gauge on /metrics")
+    for name in pairs(families) do
+      assert.truthy(section:find(name .. "[^%w_]"), name .. " documented")
+    end
+    local HIST = { _bucket = true, _sum = true, _count = true }
+    for name in rules:gmatch("paygate_[%w_]+") do
+      local base, suffix = name:match("^(.-)(_%a+)$")
+      if not families[name] and HIST[suffix] then name = base end
+      assert.truthy(families[name], name .. " (alert rules) on /metrics")
+    end
+  end)
 end)
 
 -- On call in a WeChat outage nothing on /metrics said the degradation
