@@ -127,9 +127,25 @@ describe("scripts/run", function()
     -- the user's own settings, kept across runs: here the console off
     -- (the written config turns it on)
     local f = assert(io.open(dir .. "/dev/gateway.local.lua", "w"))
-    f:write('return { gateway = { console = false } }\n')
+    f:write('return { gateway = { console = false }, workers = 2 }\n')
     f:close()
     local p, out, lines = launch()
+    -- its top-level keys too: two workers (before: scripts/run's
+    -- --workers 1 on the command line won over the file's workers)
+    local master = pid_of(dir .. "/dev/gateway.pid")
+    local function children(ppid)   -- from /proc (no procps needed)
+      local n = 0
+      for _, e in ipairs(require("paygate.core").listdir("/proc") or {}) do
+        if e:match("^%d+$") then
+          local stat = proc.read("/proc/" .. e .. "/stat")
+          -- "pid (comm) state ppid ...": the comm may hold spaces
+          if tonumber(stat:match("%) %S+ (%d+)")) == ppid then n = n + 1 end
+        end
+      end
+      return n
+    end
+    testing.wait_until(function() return children(master) == 2 end, 20,
+                       "the gateway's two workers")
     assert.equal(before, proc.read(dir .. "/dev/merchant.json"))
     -- not printed again: where it is kept
     assert.is_nil(out:find("sk_", 1, true), out)
