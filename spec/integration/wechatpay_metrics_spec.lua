@@ -77,6 +77,28 @@ paygate.route("GET", "/", function() return 200, "ok" end)
     assert.equal(4, n)
   end)
 
+  it("shows the merchant certificate's days left, where it was given as a"
+     .. " certificate", function()
+    -- (before: only the console and a start warning said it; nothing to
+    -- alert on)
+    local body = assert(s:admin_get("/metrics")).body
+    assert.is_truthy(body:find("# TYPE paygate_wechatpay_merchant_certificate"
+                               .. "_days_left gauge\n", 1, true), body)
+    local d = body:match('paygate_wechatpay_merchant_certificate_days_left{'
+      .. 'mchid="1900000004",serial="0ABC"} ([%d.e+-]+)\n')
+    assert.is_truthy(d, body)
+    assert.is_true(tonumber(d) > 9 and tonumber(d) <= 10)
+    -- the expired one: negative days, still shown (an alert fires on it)
+    local e = body:match('paygate_wechatpay_merchant_certificate_days_left{'
+      .. 'mchid="1900000003",serial="' .. wxtest.MERCHANT_SERIAL
+      .. '"} ([%d.e+-]+)\n')
+    assert.is_truthy(e, body)
+    assert.is_true(tonumber(e) < 0)
+    -- a merchant given by serial alone (no certificate, no end): none
+    assert.is_nil(body:find('merchant_certificate_days_left{mchid="1900000001"',
+                            1, true))
+  end)
+
   it("warns from 30 days before the newest expires", function()
     assert.is_truthy(proc.wait_until(function()
       local log = s:logs()

@@ -456,6 +456,42 @@ local function gauge()
   return days_gauge or nil
 end
 
+-- The merchant's own API certificate's days left (the certificate this
+-- client signs with, when it was given as a certificate: a serial alone
+-- says no end), beside the platform one's: renewed by the merchant in the
+-- merchant platform, and WeChat refuses requests signed under it once it
+-- ends (401 SIGN_ERROR). nil without paygate.metrics.
+local merchant_gauge
+local function mgauge()
+  if merchant_gauge == nil then
+    local ok, metrics = pcall(require, "paygate.metrics")
+    merchant_gauge = ok and type(metrics) == "table"
+      and metrics.gauge("paygate_wechatpay_merchant_certificate_days_left",
+        "Days left on the merchant API certificate a WeChat Pay client"
+        .. " signs with.")
+      or false
+  end
+  return merchant_gauge or nil
+end
+
+-- Sets the merchant certificate's series (the one of a serial no longer
+-- signing, after a swap of credentials, is removed).
+local function report_merchant(wx, now)
+  local g = mgauge()
+  local c = wx.conf
+  if not g then return end
+  local na, serial = c.merchant_not_after, c.merchant_serial
+  if wx.mgauge_serial and wx.mgauge_serial ~= serial then
+    g:remove({ mchid = c.mchid, serial = wx.mgauge_serial })
+    wx.mgauge_serial = nil
+  end
+  if type(na) == "number" and na ~= 0 and type(serial) == "string" then
+    if g:set((na - now) / 86400, { mchid = c.mchid, serial = serial }) then
+      wx.mgauge_serial = serial
+    end
+  end
+end
+
 -- A warning is logged from this many days before the newest expires.
 _M.WARN_DAYS = 30
 
@@ -466,6 +502,7 @@ _M.WARN_DAYS = 30
 -- and logs a warning from WARN_DAYS days before it expires.
 function _M.report(wx, now)
   local st = _M.status(wx, now)
+  report_merchant(wx, now or core.time())
   wx.reported = st.newest      -- import reports again when this changes
   local g = gauge()
   if g then
@@ -833,10 +870,13 @@ end
 function _M.start(wx)
   local c = wx.conf
   _M.report(wx)
-  if next(wx.certs) ~= nil or c.download then
+  if next(wx.certs) ~= nil or c.download
+     or (type(c.merchant_not_after) == "number" and c.merchant_not_after ~= 0)
+  then
     -- the days left shrink between downloads: recompute them hourly (in
     -- "manual" mode too: no download runs by itself there, so without it
-    -- the gauge would move only on wx:refresh_certificates())
+    -- the gauge would move only on wx:refresh_certificates(); and in
+    -- public-key mode for the merchant certificate's own gauge)
     wx.reporter = core.spawn(function()
       while true do
         core.sleep(_M.REPORT_INTERVAL)
