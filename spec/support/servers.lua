@@ -509,6 +509,25 @@ function _M.kill_writer(url, out, mode)
 end
 
 -- A fresh temporary directory (removed by the caller, or at the run's end).
+--- syntax: m = servers.file_mode(path) -- "600", "644", ...
+function _M.file_mode(path)
+  return (read_cmd("stat -c %a '" .. path .. "'"):gsub("%s+$", ""))
+end
+
+--- syntax: ... = servers.under_umask(mask, fn, ...)
+-- fn(...) run with the process's umask set to mask (e.g. 18: 022, a
+-- service's), the umask put back after it, however fn ends; returns
+-- pcall's results.
+function _M.under_umask(mask, fn, ...)
+  local ffi = require "ffi"
+  pcall(ffi.cdef, "unsigned int umask(unsigned int mask);")
+  local function pack(...) return { n = select("#", ...), ... } end
+  local was = ffi.C.umask(mask)
+  local res = pack(pcall(fn, ...))
+  ffi.C.umask(was)
+  return unpack(res, 1, res.n)
+end
+
 _M.mktemp = mktemp
 _M.free_port = free_port
 _M.sh = sh

@@ -1185,18 +1185,10 @@ describe("paygate.sql on sqlite (engine specifics)", function()
     -- was: SQLite's 0644 less the umask: a service's store (payments,
     -- what payers bought, the API keys' signing keys) readable by every
     -- local user, while its backups were kept 0600
-    local ffi = require "ffi"
-    pcall(ffi.cdef, "unsigned int umask(unsigned int mask);")
-    local function mode(p)
-      local f = assert(io.popen("stat -c %a '" .. p .. "'"))
-      local m = f:read("*l")
-      f:close()
-      return m
-    end
+    local mode = servers.file_mode
     local path = tmp .. "/private.db"
-    local was = ffi.C.umask(18)                          -- 022
-    local ok, db, err = pcall(sql.open, "sqlite:" .. path)
-    ffi.C.umask(was)
+    local ok, db, err = servers.under_umask(18, sql.open,      -- 022
+                                            "sqlite:" .. path)
     assert(ok, db)
     assert(db, err)
     assert(db:exec_script("CREATE TABLE t (k INTEGER PRIMARY KEY)"))

@@ -9,6 +9,7 @@ local zlib = require "paygate.zlib"
 local bill = require "paygate.wechatpay.bill"
 local wxapi = require "support.wxapi"
 local server = require "support.server"
+local servers = require "spec.support.servers"
 
 local function sha1(s) return crypto.hex(crypto.digest("sha1", s)) end
 
@@ -68,18 +69,9 @@ describe("wechatpay bill", function()
       -- was: io.open's 0644 less the umask: a trade bill (each payer's
       -- openid, what was bought, attach) kept (keep_bill, a refused
       -- bill's NAME.refused) readable by every local user
-      local ffi = require "ffi"
-      pcall(ffi.cdef, "unsigned int umask(unsigned int mask);")
-      local function mode(p)
-        local f = assert(io.popen("stat -c %a '" .. p .. "'"))
-        local m = f:read("*l")
-        f:close()
-        return m
-      end
+      local mode = servers.file_mode
       local path = dir .. "/w0.csv"
-      local was = ffi.C.umask(18)                        -- 022
-      local ok, w, werr = pcall(bill.writer, path)
-      ffi.C.umask(was)
+      local ok, w, werr = servers.under_umask(18, bill.writer, path)  -- 022
       assert(ok, w)
       assert(w, werr)
       assert.equal("600", mode(w.tmp))

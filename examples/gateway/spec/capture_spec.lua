@@ -8,6 +8,7 @@ package.path = "examples/gateway/?.lua;" .. package.path
 local core = require "paygate.core"
 local testing = require "paygate.testing"
 local history = require "gw.history"
+local servers = require "spec.support.servers"
 
 local function req(body)
   return { body = body, headers = { ["wechatpay-serial"] = "S1",
@@ -97,20 +98,12 @@ describe("gateway: refused notifications captured", function()
     -- was: io.open and a folder made 0755: under a service's umask of 022
     -- every header of a refused request (and what a proxy added) was
     -- readable by any local user
-    local ffi = require "ffi"
-    pcall(ffi.cdef, "unsigned int umask(unsigned int mask);")
     history.CAPTURE_PER_SECOND = 1000
-    local was = ffi.C.umask(18)                          -- 022
-    local ok, cmd = pcall(history.capture, wx, req('{"id":"private"}'))
-    ffi.C.umask(was)
+    local ok, cmd = servers.under_umask(18, history.capture, wx,    -- 022
+                                        req('{"id":"private"}'))
     assert(ok, cmd)
     assert.is_string(cmd)
-    local function mode(p)
-      local f = assert(io.popen("stat -c %a '" .. p .. "'"))
-      local m = f:read("*l")
-      f:close()
-      return m
-    end
+    local mode = servers.file_mode
     assert.equal("700", mode(dir))
     local b = bases(dir)
     assert.equal(1, #b)
@@ -126,12 +119,7 @@ describe("gateway: refused notifications captured", function()
     -- was: captures written before they were made private stayed
     -- readable by every local user until CAPTURE_KEEP new ones replaced
     -- them
-    local function mode(p)
-      local f = assert(io.popen("stat -c %a '" .. p .. "'"))
-      local m = f:read("*l")
-      f:close()
-      return m
-    end
+    local mode = servers.file_mode
     local function make(d, names)
       assert(core.mkdir_p(d, 493))                          -- 0755
       assert(core.chmod(d, 493))
