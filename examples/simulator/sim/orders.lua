@@ -913,6 +913,24 @@ end
 -- (fen), reason, notify_url, funds_account, amount_from (JSON text),
 -- params_hash. The refund API's and the control API's (a refund made in
 -- the merchant platform) alike. returns: f, completed as a refund row.
+-- Why order o (its expiry applied) takes no refund of amount now, as
+-- WeChat judges one whoever asks (the refund API, the merchant platform):
+-- "unpaid", "too_old" (past REFUND_WINDOW after the payment), "exceeds"
+-- (more than is left), "too_many" (MAX_REFUNDS made), or nil.
+local function refund_refusal(tx, o, amount, now)
+  if o.trade_state ~= "SUCCESS" and o.trade_state ~= "REFUND" then
+    return "unpaid"
+  end
+  if o.success_at and now - o.success_at > REFUND_WINDOW then
+    return "too_old"
+  end
+  if amount > o.total - o.refunded then return "exceeds" end
+  local n = assert(tx:query("SELECT COUNT(*) AS n FROM sim_refunds WHERE "
+                            .. "order_id = $1", { o.id }))[1].n
+  if n >= MAX_REFUNDS then return "too_many" end
+  return nil
+end
+
 local function insert_refund(tx, o, f, now)
   local settle = S.config.refund_settle_after
   f.order_id, f.status, f.total, f.currency = o.id, "PROCESSING", o.total,
@@ -1041,23 +1059,20 @@ local function create_refund(req, c)
         .. "对应的不是同一笔订单")
     end
     o = expire(tx, o, c.now)
-    if o.trade_state ~= "SUCCESS" and o.trade_state ~= "REFUND" then
+    -- (WeChat takes a refund within a year of the payment only)
+    local why = refund_refusal(tx, o, b.amount.refund, c.now)
+    if why == "unpaid" then
       return nil, a.invalid("/out_trade_no", "订单未支付，不能退款")
-    end
-    -- WeChat takes a refund within a year of the payment only
-    if o.success_at and c.now - o.success_at > REFUND_WINDOW then
+    elseif why == "too_old" then
       return nil, a.invalid("/out_trade_no", "交易时间超过一年的订单无法退款")
     end
     if b.amount.total ~= o.total then
       return nil, a.invalid("/amount/total",
         "退款请求中的原订单金额与订单金额不一致")
     end
-    if b.amount.refund > o.total - o.refunded then
+    if why == "exceeds" then
       return nil, a.invalid("/amount/refund", "申请退款金额超过订单可退金额")
-    end
-    local n = assert(tx:query("SELECT COUNT(*) AS n FROM sim_refunds WHERE "
-                              .. "order_id = $1", { o.id }))[1].n
-    if n >= MAX_REFUNDS then
+    elseif why == "too_many" then
       return nil, a.invalid("/out_trade_no", "退款次数超过限制")
     end
     -- a refund asked without a notify_url is notified at the merchant's
@@ -1372,26 +1387,22 @@ function _M.refund_outside(no, opts)
     local o, err = find_for_control(tx, no, opts.mchid)
     if not o then return nil, err end
     o = expire(tx, o, now)
-    if o.trade_state ~= "SUCCESS" and o.trade_state ~= "REFUND" then
-      return nil, { status = 409, code = "ORDER_" .. o.trade_state,
-        message = "order " .. no .. " is " .. o.trade_state .. ", not paid" }
-    end
-    if o.success_at and now - o.success_at > REFUND_WINDOW then
-      return nil, { status = 409, code = "INVALID_REQUEST", message = "order "
-        .. no .. " was paid more than a year ago" }
-    end
     local left = o.total - o.refunded
     local amount = opts.amount or left
-    if amount < 1 or amount > left then
+    local why = refund_refusal(tx, o, amount, now)
+    if why == "unpaid" then
+      return nil, { status = 409, code = "ORDER_" .. o.trade_state,
+        message = "order " .. no .. " is " .. o.trade_state .. ", not paid" }
+    elseif why == "too_old" then
+      return nil, { status = 409, code = "INVALID_REQUEST", message = "order "
+        .. no .. " was paid more than a year ago" }
+    elseif why == "exceeds" or amount < 1 then
       return nil, { status = 409, code = "NOT_ENOUGH", message = "order "
         .. no .. " has " .. left .. " fen left to refund, not "
         .. string.format("%.0f", amount) }
-    end
-    local n = assert(tx:query("SELECT COUNT(*) AS n FROM sim_refunds WHERE "
-                              .. "order_id = $1", { o.id }))[1].n
-    if n >= MAX_REFUNDS then
+    elseif why == "too_many" then
       return nil, { status = 409, code = "REFUND_LIMIT", message = "order "
-        .. no .. " has " .. n .. " refunds" }
+        .. no .. " has " .. MAX_REFUNDS .. " refunds" }
     end
     local rno = opts.out_refund_no
                 or ("MP" .. beijing_stamp(now):sub(1, 14) .. random_digits(16))

@@ -213,17 +213,14 @@ local function main(args)
   local audit = require "paygate.audit"
   local res, werr = db:transaction(function(tx)
     if has.paygate_outbox then
-      local _, e = tx:exec("UPDATE sqlite_sequence SET seq = $1 WHERE name"
-        .. " = 'paygate_outbox'", { next_id - 1 })
-      if e then return nil, e end
-      local r, e2 = tx:query("SELECT seq FROM sqlite_sequence WHERE name ="
+      -- the table's AUTOINCREMENT counter, whether it has a row yet or not
+      -- (sqlite_sequence has no key to upsert on)
+      local _, e = tx:exec("DELETE FROM sqlite_sequence WHERE name ="
         .. " 'paygate_outbox'")
-      if not r then return nil, e2 end
-      if not r[1] then
-        local _, e3 = tx:exec("INSERT INTO sqlite_sequence (name, seq)"
-          .. " VALUES ('paygate_outbox', $1)", { next_id - 1 })
-        if e3 then return nil, e3 end
-      end
+      if e then return nil, e end
+      _, e = tx:exec("INSERT INTO sqlite_sequence (name, seq) VALUES"
+        .. " ('paygate_outbox', $1)", { next_id - 1 })
+      if e then return nil, e end
     end
     local _, e = audit.append(tx, "store", {
       what = "store.restored", actor = "paygate restore",

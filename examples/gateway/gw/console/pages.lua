@@ -740,9 +740,7 @@ function _M.payment(id, view)
   -- their numbers also find the notifications, calls and refusals that
   -- name them
   local refunds
-  refunds, err = db:query("SELECT id, out_refund_no, refund_id, amount,"
-    .. " state, kind, out_trade_no, created_at, updated_at FROM gw_refunds"
-    .. " WHERE payment_id = $1 ORDER BY created_at, id", { id })
+  refunds, err = model.refunds_of(db, id)
   if not refunds then return nil, err end
   -- the ids the payment JSON carries: a service provider's sub-merchant
   -- and its own appid only when the payment names them (the row left out,
