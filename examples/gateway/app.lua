@@ -337,6 +337,8 @@ if paygate.runtime.mode == "worker" then
     paygate.on_stop(function() r:stop() end)
   end
   events.start(db, g, { prune = not prunes })
+  -- the captures of refused notifications: none past their age
+  history.start()
   -- the state machines' counts on /metrics: counters summed over the
   -- workers and kept when one is restarted (gw.model.publish_fsm_counts)
   require("gw.model").publish_fsm_counts()

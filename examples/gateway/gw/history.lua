@@ -12,6 +12,7 @@
 -- paygate_gateway_history_dropped_total{what}.
 local paygate = require "paygate"
 local core = require "paygate.core"
+local civil = require "paygate.civil"
 local json = require "paygate.json"
 local metrics = require "paygate.metrics"
 local utf8 = require "paygate.utf8"
@@ -87,6 +88,13 @@ end
 -- umask) and so is a folder made for them (0700; one already there keeps
 -- its mode).
 _M.CAPTURE_KEEP = 20
+-- and none older than the refused notification's own row (RETENTION):
+-- a genuine one refused holds a payer's openid and amounts under the
+-- APIv3 key, kept no longer than the console's record of it. Pruned at
+-- each capture, at start and every CAPTURE_PRUNE_EVERY seconds (a quiet
+-- gateway makes no new capture to prune at).
+_M.CAPTURE_MAX_AGE = 30 * 86400
+_M.CAPTURE_PRUNE_EVERY = 3600
 _M.CAPTURE_MAX = 64 * 1024
 _M.CAPTURE_PER_SECOND = 1
 local captured, capture_second, capture_count = 0, -1, 0
@@ -106,19 +114,46 @@ local function put(path, data)
   return true
 end
 
-local function prune_captures(dir)
+local function is_capture(name)
+  for _, ext in ipairs(CAPTURE_EXTS) do
+    if name:sub(-#ext) == ext
+       and name:sub(1, -#ext - 1):match("^refused%-[%w%-]+$") then
+      return true
+    end
+  end
+  return false
+end
+
+-- A capture's time, from its name (refused-YYYYMMDDTHHMMSS-...: UTC), or
+-- nil for a name that holds none.
+local function capture_time(base)
+  local y, mo, d, h, mi, sec = base:match(
+    "^refused%-(%d%d%d%d)(%d%d)(%d%d)T(%d%d)(%d%d)(%d%d)%-")
+  if not y then return nil end
+  return civil.days(tonumber(y), tonumber(mo), tonumber(d)) * 86400
+    + tonumber(h) * 3600 + tonumber(mi) * 60 + tonumber(sec)
+end
+
+-- The newest CAPTURE_KEEP, none older than CAPTURE_MAX_AGE at now (each
+-- capture's files: one named only by a suffix is left alone).
+local function prune_captures(dir, now)
   local names = core.listdir(dir)
   if not names then return end
   local bases, seen = {}, {}
   for _, n in ipairs(names) do
-    local b = n:match("^(refused%-[%w%-]+)%.headers$")
-    if b and not seen[b] then seen[b] = true; bases[#bases + 1] = b end
+    if is_capture(n) then
+      local b = n:match("^(refused%-[%w%-]+)%.")
+      if b and not seen[b] then seen[b] = true; bases[#bases + 1] = b end
+    end
   end
-  if #bases <= _M.CAPTURE_KEEP then return end
   table.sort(bases)                           -- oldest first (the time)
-  for i = 1, #bases - _M.CAPTURE_KEEP do
-    for _, ext in ipairs(CAPTURE_EXTS) do
-      os.remove(dir .. "/" .. bases[i] .. ext)
+  local cut = now - _M.CAPTURE_MAX_AGE
+  for i = 1, #bases do
+    local t = capture_time(bases[i])
+    if i <= #bases - _M.CAPTURE_KEEP or (t and t < cut) then
+      for _, ext in ipairs(CAPTURE_EXTS) do
+        os.remove(dir .. "/" .. bases[i] .. ext)
+      end
     end
   end
 end
@@ -132,16 +167,6 @@ end
 -- at most CAPTURE_KEEP captures of 4 files, and a few over from a flood
 -- of workers. A file that cannot be changed (another user's) is said
 -- once, in a warn line; the start goes on.
-local function is_capture(name)
-  for _, ext in ipairs(CAPTURE_EXTS) do
-    if name:sub(-#ext) == ext
-       and name:sub(1, -#ext - 1):match("^refused%-[%w%-]+$") then
-      return true
-    end
-  end
-  return false
-end
-
 function tighten_captures(dir)
   local names = core.listdir(dir)
   if not names then return end           -- none yet: made 0700 when needed
@@ -162,6 +187,23 @@ function tighten_captures(dir)
     paygate.log.warn("gateway: cannot make the captures of refused"
       .. " notifications private (0600)", { dir = dir,
         error = tostring(failed.message) })
+  end
+end
+
+--- syntax: history.start() -- in a worker, after init
+-- Prunes the captures now and every CAPTURE_PRUNE_EVERY seconds (by age
+-- and number, as a capture does): a gateway that stopped receiving
+-- refused notifications keeps none past CAPTURE_MAX_AGE.
+function _M.start()
+  if not capture_dir then return end
+  _M.prune_captures()
+  paygate.timer.every(_M.CAPTURE_PRUNE_EVERY, _M.prune_captures)
+end
+
+--- syntax: history.prune_captures([now]) -- what start does each time
+function _M.prune_captures(now)
+  if capture_dir then
+    prune_captures(capture_dir, now or paygate.update_time())
   end
 end
 
@@ -243,7 +285,7 @@ function _M.capture(wx, req)
       keyed = true
     end
   end
-  prune_captures(dir)
+  prune_captures(dir, now)
   if not keyed then
     -- no key held: certificate mode, and no download has succeeded (a
     -- wrong APIv3 key, a serial WeChat does not hold, WeChat not reached).

@@ -180,6 +180,45 @@ describe("gateway: refused notifications captured", function()
       history.CAPTURE_MAX + 1))))
   end)
 
+  it("drops captures older than CAPTURE_MAX_AGE, at a capture and when"
+     .. " pruned with none made", function()
+    -- was: the newest CAPTURE_KEEP kept whatever their age: a gateway
+    -- that stopped being sent refused notifications kept a payer's
+    -- encrypted notification on disk for good, past its row's 30 days
+    history.CAPTURE_PER_SECOND = 1000
+    local now = require("paygate").update_time()
+    local function old_one(base)
+      assert(core.mkdir_p(dir, 448))
+      for _, ext in ipairs{ ".headers", ".body", ".certs.pem" } do
+        assert(core.write_file(dir .. "/" .. base .. ext, "x", 384))
+      end
+    end
+    -- 31 days old, and one a day inside the limit
+    local stamp = function(t)
+      return "refused-" .. os.date("!%Y%m%dT%H%M%S", t) .. "-000-1-1"
+    end
+    local gone = stamp(now - 31 * 86400)
+    local kept = stamp(now - 29 * 86400)
+    old_one(gone)
+    old_one(kept)
+    -- a file of the operator's in the folder, named like none: left
+    assert(core.write_file(dir .. "/notes.txt", "mine", 384))
+    assert(history.capture(wx, req('{"id":"new"}')))
+    local b = bases(dir)
+    assert.equal(2, #b)
+    assert.equal(kept, b[1])
+    for _, ext in ipairs{ ".headers", ".body", ".certs.pem" } do
+      assert.is_nil(io.open(dir .. "/" .. gone .. ext))
+    end
+    assert.equal("mine", testing.read(dir .. "/notes.txt"))
+    -- no capture made: the periodic prune (history.start's) drops the
+    -- one whose time has come
+    history.prune_captures(now + 2 * 86400)
+    b = bases(dir)
+    assert.equal(1, #b)
+    assert.equal('{"id":"new"}', testing.read(dir .. "/" .. b[1] .. ".body"))
+  end)
+
   it("names paygate doctor, not a verify without a key, when the client"
      .. " holds none", function()
     -- was: the command named the capture and no key (certificate mode, no
