@@ -105,6 +105,11 @@ if new_file and shared.get_dict("paygate"):add("gw:new_db:"
     .. " start that is expected; else check the path and that its volume"
     .. " is mounted", { db = new_file })
 end
+-- A store made by an earlier version (0644 under a umask of 022) is
+-- readable by every local user: payers' openids, amounts, the audit
+-- trail. Said at each start (the mode is the operator's to change: a
+-- backup agent's group may be meant; the others' bits are not).
+boot.say_store_mode(sql.sqlite_path(g.db))
 do
   local ok, merr = migrate.run(db, paygate.app_dir .. "/migrations")
   if not ok then boot.fail("migrations: " .. tostring(merr)) end

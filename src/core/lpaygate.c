@@ -206,8 +206,9 @@ lcore_listdir(lua_State *L)
 }
 
 /* core.file_type(path) -> "file" | "directory" | "other" (a FIFO, a
- * socket, a device), and its modification time (seconds since 1970: how
- * old a state file is, for paygate doctor) | nil, err (kind unavailable:
+ * socket, a device), its modification time (seconds since 1970: how
+ * old a state file is, for paygate doctor) and its permission bits (a
+ * number: 420 is 0644) | nil, err (kind unavailable:
  * it cannot be stat'd). A symbolic link is followed. Needs no read
  * permission on path itself, so a folder that cannot be opened is still a
  * "directory". Blocking: for command-line and start-up work. */
@@ -230,7 +231,8 @@ lcore_file_type(lua_State *L)
     lua_pushstring(L, S_ISREG(st.st_mode) ? "file"
                       : S_ISDIR(st.st_mode) ? "directory" : "other");
     lua_pushnumber(L, (lua_Number) st.st_mtime);
-    return 2;
+    lua_pushinteger(L, (lua_Integer) (st.st_mode & 07777));
+    return 3;
 }
 
 /* The most core.read_file reads unless told otherwise, and the most it

@@ -124,6 +124,30 @@ function _M.restored(db)
   return { copy_newest = newest, restored_at = restored, days = open_days }
 end
 
+--- syntax: boot.say_store_mode(path) -- path: the SQLite file, or nil
+-- A warn line (once per generation) when others than its owner and
+-- group may read or write the store or its WAL: with the chmod that ends
+-- it. The start goes on.
+function _M.say_store_mode(path)
+  if not path or paygate.runtime.mode ~= "worker" then return end
+  local open = {}
+  for _, f in ipairs{ path, path .. "-wal", path .. "-shm" } do
+    local _, _, mode = core.file_type(f)
+    if mode and mode % 8 ~= 0 then
+      open[#open + 1] = ("%s (%o)"):format(f, mode)
+    end
+  end
+  if not open[1] or not shared.get_dict("paygate"):add(
+       "gw:store_mode:" .. tostring(paygate.runtime.generation or 0), 1, 60)
+  then
+    return
+  end
+  paygate.log.warn("gateway: the SQLite store can be read by every local"
+    .. " user (payers' openids, amounts, the audit trail): made so by an"
+    .. " earlier version, or by hand. Run: chmod o-rwx " .. path .. " "
+    .. path .. "-wal " .. path .. "-shm", { files = open })
+end
+
 --- syntax: boot.say_restored(db)
 -- Said at every start (once per generation) while boot.restored names
 -- days to reconcile.
