@@ -1477,3 +1477,30 @@ describe("bill.records", function()
                   "tradebill-2026-11-29-m1.csv.refused" }, names)
   end)
 end)
+
+describe("bill.write_atomic", function()
+  it("writes the report its owner's alone (0600), whatever the umask, and"
+     .. " replaces it whole", function()
+    -- was: io.open under the process's umask: 0644 under a service's 022,
+    -- every local user could read the day's order numbers and amounts
+    local path = tmp .. "/reconcile-2026-11-30.csv"
+    local ok, w, werr = servers.under_umask(18, bill.write_atomic, path,
+                                            "a,b\r\n")
+    assert(ok, w)
+    assert(w, werr)
+    assert.equal("600", servers.file_mode(path))
+    assert(bill.write_atomic(path, "c,d\r\n"))
+    local f = assert(io.open(path, "rb"))
+    assert.equal("c,d\r\n", f:read("*a"))
+    f:close()
+    for _, name in ipairs(core.listdir(tmp)) do
+      assert.is_nil(name:find(".part", 1, true), name)
+    end
+    -- a folder that is not there: a classified io error naming the path
+    local bad, err = bill.write_atomic(tmp .. "/no/such/r.csv", "x")
+    assert.is_nil(bad)
+    assert.equal("io", err.kind)
+    assert.matches("reconcile: ", err.message, 1, true)
+    assert.matches("/no/such/r.csv", err.message, 1, true)
+  end)
+end)

@@ -585,28 +585,14 @@ function _M.csv(date, mismatches)
 end
 
 -- syntax: ok, err = bill.write_atomic(path, text)
--- Writes text to path.part-XXXXXXXX, then renames it over path: a reader
--- sees the old file or the whole new one, never a part.
+-- Replaces path with text whole (core.write_file: a temporary file beside
+-- it, flushed, renamed over it): a reader sees the old file or the whole
+-- new one, never a part. 0600 whatever the umask: a report names the
+-- day's order numbers and amounts.
 function _M.write_atomic(path, text)
-  local tmp = path .. ".part-" .. crypto.random_nonce(8)
-  local f, err = io.open(tmp, "wb")
-  if not f then
-    return fail("io", "reconcile: cannot create " .. tmp .. ": "
-                .. tostring(err))
-  end
-  local ok, werr = f:write(text)
-  if ok then
-    ok, werr = f:flush()
-  end
-  f:close()
+  local ok, err = core.write_file(path, text, 384)        -- 0600
   if not ok then
-    os.remove(tmp)
-    return fail("io", "reconcile: writing " .. tmp .. ": " .. tostring(werr))
-  end
-  local rok, rerr = os.rename(tmp, path)
-  if not rok then
-    os.remove(tmp)
-    return fail("io", "reconcile: renaming " .. tmp .. ": " .. tostring(rerr))
+    return fail("io", "reconcile: " .. tostring(err and err.message or err))
   end
   return true
 end
