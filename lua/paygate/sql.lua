@@ -438,13 +438,23 @@ function DB:transaction(fn, opts)
         self.tx_open = open
       end
       open[co] = true
-      local res = pack(pcall(fn, tx))
+      -- (a raised string is raised on below with the traceback of where
+      -- it was raised: the request's log line then shows fn's frames, not
+      -- only the error() below; was: the stack began at that error())
+      local traced
+      local res = pack(xpcall(fn, function(e)
+        if type(e) == "string"
+           and not e:find("\nstack traceback:\n", 1, true) then
+          traced = debug.traceback(e, 2)
+        end
+        return e
+      end, tx))
       open[co] = nil
       if self.closed then
         -- db:close() during fn: the store rolled the transaction back (a
         -- commit or rollback now would raise on the closed handle)
         if not res[1] and not is_error_value(res[2]) then
-          error(res[2], 0)
+          error(traced or res[2], 0)
         end
         return nil, core.error("closed", "db:transaction: the store was"
           .. " closed during the transaction: rolled back")
@@ -455,7 +465,7 @@ function DB:transaction(fn, opts)
         if not is_error_value(raised) or raised.abort == true then
           -- a programmer error, or paygate.abort(): raised on, after
           -- the rollback, so the request ends as the caller meant
-          error(raised, 0)
+          error(traced or raised, 0)
         end
         if not core.is_error(raised) then
           -- error({ kind = ..., message = ... }): the one error shape

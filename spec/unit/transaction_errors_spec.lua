@@ -49,4 +49,28 @@ describe("db:transaction errors", function()
     assert.matches("oops", err)
     assert.equal(0, assert(db:query("SELECT count(*) AS n FROM t"))[1].n)
   end)
+
+  it("a programmer error keeps the frames of where it was raised", function()
+    -- was: raised on by db:transaction's own error(): the log's traceback
+    -- began there, the frames inside fn (which helper, which line) lost
+    local function deep_helper_in_fn()
+      local t = nil
+      return t.field                    -- indexes a nil
+    end
+    local ok, err = pcall(db.transaction, db, function(tx)
+      assert(tx:exec("INSERT INTO t (id) VALUES (4)"))
+      local v = deep_helper_in_fn()
+      return v
+    end)
+    assert.is_false(ok)
+    assert.equal("string", type(err))
+    local msg, trace = err:match("^(.-)\nstack traceback:\n(.*)$")
+    assert.truthy(msg, err)
+    assert.matches("attempt to index", msg)
+    assert.matches("in function 'deep_helper_in_fn'", trace, 1, true)
+    -- once: the wrappers and the server add none to a message with one
+    local _, n = err:gsub("stack traceback:", "")
+    assert.equal(1, n)
+    assert.equal(0, assert(db:query("SELECT count(*) AS n FROM t"))[1].n)
+  end)
 end)
