@@ -24,6 +24,7 @@ local config = require "gw.config"
 local events = require "gw.events"
 local payments = require "gw.payments"
 local refunds = require "gw.refunds"
+local refunds_abnormal = require "gw.refunds_abnormal"
 local notify = require "gw.notify"
 local admin = require "gw.admin"
 
@@ -236,6 +237,7 @@ end)
 
 payments.init(ctx)
 refunds.init(ctx)
+refunds_abnormal.init(ctx)
 notify.init(ctx)
 do   -- the counters alerted on, at 0 from the start (gw.apply)
   local mchids = {}
@@ -279,6 +281,8 @@ paygate.route("POST", "/v1/payments/:id/refunds",
               idem.wrap(db, refunds.create, keep_all))
 paygate.route("GET", "/v1/payments/:id/refunds", refunds.list)
 paygate.route("GET", "/v1/refunds/:id", refunds.get)
+paygate.route("POST", "/v1/refunds/:id/abnormal",
+              idem.wrap(db, refunds_abnormal.handler, keep))
 
 -- WeChat's notifications ----------------------------------------------------
 

@@ -681,7 +681,8 @@ function _M.refund_status(ctx, tx, rf, o)
         out_refund_no = rf.out_refund_no, payment = p.id,
         mchid = tostring(p.mchid), sub_mchid = model.opt(p.sub_mchid),
         amount = rf.amount,
-        source = o.source == "query" and o.via or o.source }
+        source = o.source == "query" and o.via or o.source,
+        apply = "POST /v1/refunds/" .. rf.id .. "/abnormal" }
       tx:on_commit(function()
         paygate.log.warn("gateway: refund ABNORMAL: apply for the"
           .. " abnormal-refund API", fields)

@@ -264,6 +264,8 @@ describe("gateway notifications", function()
     assert.equal(r1.refund_id, said[1].refund_id)
     assert.equal(p.id, said[1].payment)
     assert.equal("notification", said[1].source)
+    -- and where to apply for it
+    assert.equal("POST /v1/refunds/" .. r1.id .. "/abnormal", said[1].apply)
   end)
 
   -- WeChat retries a notification for a day: a REFUND.ABNORMAL whose

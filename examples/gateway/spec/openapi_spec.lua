@@ -22,6 +22,7 @@ local ROUTES = {
   { "POST", "/v1/payments/{id}/refunds", true, true },
   { "GET", "/v1/payments/{id}/refunds", true, false },
   { "GET", "/v1/refunds/{id}", true, false },
+  { "POST", "/v1/refunds/{id}/abnormal", true, true },
   { "POST", "/wechatpay/notify/{mchid}", false, false },
   { "GET", "/openapi.json", false, false },
   { "GET", "/admin/degrade", false, false },
