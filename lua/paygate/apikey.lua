@@ -154,48 +154,71 @@ end
 
 -- syntax: fields = apikey.parse(header)
 -- returns: { app_id, key_id, timestamp, signature }, or nil, reason
+--          (and for malformed_signature, what is wrong with the header,
+--          for the 401's message: it names the part, never a value)
+local FIELD_ORDER = { "app_id", "key_id", "timestamp", "signature" }
+local FIELDS = {}
+for _, k in ipairs(FIELD_ORDER) do FIELDS[k] = true end
+
 function _M.parse(header)
   if type(header) ~= "string" or header == "" then
     return nil, "missing_signature"
   end
   if #header > 1024 then
-    return nil, "malformed_signature"
+    return nil, "malformed_signature", "it is over 1024 bytes"
   end
   local scheme, rest = header:match("^%s*(%S+)%s+(.-)%s*$")
   -- the scheme is a case-insensitive token (RFC 9110, 11.1)
-  if scheme == nil or scheme:upper() ~= SCHEME then
-    return nil, scheme == nil and "malformed_signature" or
-           "missing_signature"
+  if scheme == nil then
+    return nil, "malformed_signature", "no fields after the scheme"
   end
-  local f, n = {}, 0
+  if scheme:upper() ~= SCHEME then
+    return nil, "missing_signature"
+  end
+  local f = {}
   local pos = 1
   while pos <= #rest do
     local k, v, e = rest:match('^%s*([%a_]+)="([^"]*)"%s*()', pos)
     if not k then
-      return nil, "malformed_signature"
+      return nil, "malformed_signature", "expected name=\"value\" (the"
+        .. " value in double quotes) at byte " .. pos .. " after the scheme"
+    end
+    if not FIELDS[k] then
+      return nil, "malformed_signature", "unknown field " .. k:sub(1, 32)
+        .. " (the fields are app_id, key_id, timestamp and signature)"
     end
     if f[k] ~= nil then
-      return nil, "malformed_signature"
+      return nil, "malformed_signature", "field " .. k .. " given twice"
     end
-    f[k], n = v, n + 1
+    f[k] = v
     pos = e
     if rest:sub(pos, pos) == "," then
       pos = pos + 1
     elseif pos <= #rest then
-      return nil, "malformed_signature"
+      return nil, "malformed_signature", "fields must be separated by"
+        .. " commas (at byte " .. pos .. " after the scheme)"
     end
   end
-  if n ~= 4 or not f.app_id or not f.key_id or not f.timestamp
-     or not f.signature then
-    return nil, "malformed_signature"
+  for _, k in ipairs(FIELD_ORDER) do
+    if f[k] == nil then
+      return nil, "malformed_signature", "field " .. k .. " is missing"
+    end
   end
-  if not f.timestamp:match("^%d+$") or #f.timestamp > 12 then
-    return nil, "malformed_signature"
+  if not f.timestamp:match("^%d+$") then
+    return nil, "malformed_signature", "timestamp must be whole seconds"
+      .. " since 1970, digits only (no fraction, sign or date)"
+  end
+  if #f.timestamp > 12 then
+    return nil, "malformed_signature", "timestamp has " .. #f.timestamp
+      .. " digits: give whole seconds since 1970 (10 digits), not"
+      .. " milliseconds"
   end
   -- a signature is 64 hex digits (any case): anything else is a header
   -- built wrong (a base64 one, a truncated one), not a key that differs
   if #f.signature ~= 64 or not f.signature:match("^%x+$") then
-    return nil, "malformed_signature"
+    return nil, "malformed_signature", "signature must be the"
+      .. " HMAC-SHA256 as 64 hex digits, not " .. (f.signature:match(
+      "^%x*$") and #f.signature .. " of them" or "base64 or other text")
   end
   return f
 end
@@ -379,11 +402,13 @@ function _M.verify(db, r, opts)
     error("apikey.verify: r must be a table with method and path", 2)
   end
   opts = opts or {}
-  local f, reason = _M.parse(r.authorization)
+  local f, reason, detail = _M.parse(r.authorization)
   if not f then
     return refuse(reason, reason == "missing_signature"
       and "no Authorization header of scheme " .. SCHEME
-      or "the Authorization header is not in the documented format")
+      or "the Authorization header is not in the documented format ("
+         .. SCHEME .. ' app_id="...",key_id="...",timestamp="...",'
+         .. 'signature="..."): ' .. detail)
   end
   local now = (opts.now or core.time)()
   local ts = tonumber(f.timestamp)

@@ -98,7 +98,8 @@ describe("apikey.parse", function()
       'PAYGATE-HMAC-SHA256 app_id="a",key_id="k",timestamp="1",'
         .. 'signature="' .. crypto.base64_encode(("\171"):rep(32)) .. '"',
     }) do
-      assert.same({ nil, "malformed_signature" }, { apikey.parse(h) }, h)
+      local f, reason = apikey.parse(h)
+      assert.same({ nil, "malformed_signature" }, { f, reason }, h)
     end
     local sig = ("0123456789abcdef"):rep(4)
     local f = assert(apikey.parse('PAYGATE-HMAC-SHA256 app_id="a", '
@@ -114,6 +115,46 @@ describe("apikey.parse", function()
     assert.equal(sig:upper(), assert(apikey.parse('PAYGATE-HMAC-SHA256 '
       .. 'app_id="a",key_id="k",timestamp="12",signature="' .. sig:upper()
       .. '"')).signature)
+  end)
+
+  it("says which part of a malformed header is wrong", function()
+    -- was: one message for every malformed header ("not in the
+    -- documented format"): a caller signing with milliseconds, an
+    -- unquoted value or a base64 signature had to guess which
+    local sig = ("0123456789abcdef"):rep(4)
+    local function h(fields)
+      return "PAYGATE-HMAC-SHA256 " .. fields
+    end
+    local ok = 'app_id="a",key_id="k",timestamp="1764500000",signature="'
+               .. sig .. '"'
+    for _, c in ipairs({
+      { "PAYGATE-HMAC-SHA256", "no fields after the scheme" },
+      { h(("x"):rep(1100)), "over 1024 bytes" },
+      { h(ok:gsub('"k"', "k")), 'expected name="value" (the value in'
+          .. ' double quotes) at byte 12 after the scheme' },
+      { h(ok .. ',region="cn"'), "unknown field region (the fields are"
+          .. " app_id, key_id, timestamp and signature)" },
+      { h('app_id="a",' .. ok), "field app_id given twice" },
+      { h(ok:gsub('",key_id', '" key_id')),
+        "fields must be separated by commas" },
+      { h(ok:gsub('key_id="k",', "")), "field key_id is missing" },
+      { h(ok:gsub('"1764500000"', '"1764500000.25"')),
+        "timestamp must be whole seconds since 1970, digits only" },
+      { h(ok:gsub('"1764500000"', '"1764500000123"')), "timestamp has 13"
+          .. " digits: give whole seconds since 1970 (10 digits), not"
+          .. " milliseconds" },
+      { h(ok:gsub(sig, sig:sub(1, 40))), "signature must be the"
+          .. " HMAC-SHA256 as 64 hex digits, not 40 of them" },
+      { h(ok:gsub(sig, crypto.base64_encode(("\171"):rep(32)))),
+        "signature must be the HMAC-SHA256 as 64 hex digits, not base64" },
+    }) do
+      local f, reason, detail = apikey.parse(c[1])
+      assert.is_nil(f, c[1])
+      assert.equal("malformed_signature", reason, c[1])
+      assert.is_string(detail, c[1])
+      assert.matches(c[2], detail, 1, true)
+    end
+    assert.is_table(apikey.parse(h(ok)))
   end)
 end)
 
@@ -326,6 +367,22 @@ describe("apikey.verify and before_hook", function()
     assert.equal("stale_timestamp", body.error)
     assert.is_nil(body.string_to_sign)
     assert.is_nil(body.body_sha256)
+  end)
+
+  it("a malformed_signature answer names the format and what is wrong",
+     function()
+    -- a timestamp in milliseconds (JavaScript's Date.now())
+    local req = signed{}
+    local a = req:header("authorization")
+                :gsub('timestamp="(%d+)"', 'timestamp="%1000"')
+    local s, body = run(fake_req{ headers = { Authorization = a },
+                                  query = "x=1", body = req.body })
+    assert.equal(401, s)
+    assert.equal("malformed_signature", body.error)
+    assert.equal('the Authorization header is not in the documented format'
+      .. ' (PAYGATE-HMAC-SHA256 app_id="...",key_id="...",timestamp="...",'
+      .. 'signature="..."): timestamp has 13 digits: give whole seconds'
+      .. ' since 1970 (10 digits), not milliseconds', body.message)
   end)
 
   it("accepts timestamps 299 and 300 s off, not 301", function()
