@@ -414,9 +414,14 @@ function _M.verify(db, r, opts)
   local ts = tonumber(f.timestamp)
   local window = opts.window or WINDOW
   if ts < now - window or ts > now + window then
-    return refuse("stale_timestamp", "timestamp is more than " .. window
-                  .. " s away from the server's clock",
-                  { app_id = f.app_id, key_id = f.key_id })
+    -- by how much, which way, and the server's clock (no secret: the
+    -- Date header says it too), so a caller sees whose clock is off
+    return refuse("stale_timestamp", string.format("timestamp %s is %.0f"
+      .. " s %s the server's clock (%.0f); it must be within %d s:"
+      .. " synchronise the client's clock (NTP) and sign each request as"
+      .. " it is sent", f.timestamp, math.ceil(math.abs(ts - now)),
+      ts < now and "behind" or "ahead of", math.floor(now), window),
+      { app_id = f.app_id, key_id = f.key_id })
   end
   local k, err = lookup(db, f.key_id, opts.cache_ttl or CACHE_TTL,
                         (opts.mono or core.mono)())
@@ -450,7 +455,10 @@ function _M.verify(db, r, opts)
     local body = r.body or ""
     return refuse("bad_signature", "the signature does not match the"
                   .. " request: compare string_to_sign (and body_sha256)"
-                  .. " with what your client signed", {
+                  .. " with what your client signed; if they are the same,"
+                  .. " the key is wrong: sign with HMAC-SHA256(secret,"
+                  .. " \"" .. KDF_LABEL .. "\") as 32 raw bytes (not its"
+                  .. " hex text) of this key_id's secret", {
                     app_id = f.app_id, key_id = f.key_id,
                     string_to_sign = #body <= STS_BODY_MAX and msg or nil,
                     body_sha256 = crypto.hex(crypto.digest("sha256", body)) })

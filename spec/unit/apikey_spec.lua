@@ -385,6 +385,44 @@ describe("apikey.verify and before_hook", function()
       .. ' since 1970 (10 digits), not milliseconds', body.message)
   end)
 
+  it("a stale_timestamp answer says by how much, which way, and the"
+     .. " server's clock", function()
+    -- was: "timestamp is more than 300 s away from the server's clock",
+    -- the same for a client 6 minutes behind and one a day ahead
+    local s, body = run(signed{ ts = T - 400 })
+    assert.equal(401, s)
+    assert.equal("stale_timestamp", body.error)
+    assert.equal("timestamp " .. (T - 400) .. " is 400 s behind the"
+      .. " server's clock (" .. T .. "); it must be within 300 s:"
+      .. " synchronise the client's clock (NTP) and sign each request as"
+      .. " it is sent", body.message)
+    s, body = run(signed{ ts = T + 86400 }, T + 0.5)
+    assert.equal(401, s)
+    assert.matches("^timestamp " .. (T + 86400) .. " is 86400 s ahead of"
+      .. " the server's clock %(" .. T .. "%)", body.message)
+    -- 300.5 s off is refused, and not said to be 300
+    s, body = run(signed{ ts = T - 300 }, T + 0.5)
+    assert.equal(401, s)
+    assert.matches(" is 301 s behind ", body.message, 1, true)
+  end)
+
+  it("a bad_signature message says what to check when string_to_sign"
+     .. " matches: the key", function()
+    -- was: only "compare string_to_sign ... with what your client
+    -- signed", which matches exactly when the key is what is wrong (the
+    -- secret used as the HMAC key, or the signing key's hex text)
+    for _, secret in ipairs({ "sk_wrong",
+        crypto.hex(apikey.signing_key(key.secret)) }) do
+      local s, body = run(signed{ secret = secret })
+      assert.equal(401, s)
+      assert.equal("bad_signature", body.error)
+      assert.matches("; if they are the same, the key is wrong: sign with"
+        .. ' HMAC-SHA256(secret, "paygate-apikey-v1") as 32 raw bytes (not'
+        .. " its hex text) of this key_id's secret", body.message, 1, true)
+      assert.is_nil(body.message:find(key.secret, 1, true))
+    end
+  end)
+
   it("accepts timestamps 299 and 300 s off, not 301", function()
     for _, d in ipairs({ -300, -299, 0, 299, 300 }) do
       assert.is_nil((run(signed{ ts = T + d })), d)
