@@ -419,7 +419,7 @@ function _M.verify(db, r, opts)
     return refuse("stale_timestamp", string.format("timestamp %s is %.0f"
       .. " s %s the server's clock (%.0f); it must be within %d s:"
       .. " synchronise the client's clock (NTP) and sign each request as"
-      .. " it is sent", f.timestamp, math.ceil(math.abs(ts - now)),
+      .. " it is sent", f.timestamp, math.floor(math.abs(ts - now) + 0.5),
       ts < now and "behind" or "ahead of", math.floor(now), window),
       { app_id = f.app_id, key_id = f.key_id })
   end

@@ -400,6 +400,10 @@ describe("apikey.verify and before_hook", function()
     assert.equal(401, s)
     assert.matches("^timestamp " .. (T + 86400) .. " is 86400 s ahead of"
       .. " the server's clock %(" .. T .. "%)", body.message)
+    -- the server's clock has a fraction: a whole-second timestamp 400 s
+    -- behind its second is said to be 400, not 401
+    s, body = run(signed{ ts = T - 400 }, T + 0.3)
+    assert.matches(" is 400 s behind ", body.message, 1, true)
     -- 300.5 s off is refused, and not said to be 300
     s, body = run(signed{ ts = T - 300 }, T + 0.5)
     assert.equal(401, s)
