@@ -526,6 +526,66 @@ describe("apikey.verify and before_hook", function()
     assert.equal("revoked_key", body.error)
   end)
 
+  -- The Python client docs/gateway.md gives merchants to copy: what it
+  -- sends must verify, its POST and its GET with a query alike. Run with
+  -- urlopen replaced by a recorder (no gateway needed).
+  local have_python = os.execute("command -v python3 >/dev/null 2>&1")
+  have_python = have_python == 0 or have_python == true
+  ;(have_python and it or pending)("the Python client in docs/gateway.md"
+     .. " signs requests that verify", function()
+    local f = assert(io.open("docs/gateway.md", "rb"))
+    local doc = f:read("*a")
+    f:close()
+    local snippet = assert(doc:match("```python\n(# a client in Python 3,"
+                                     .. ".-)```"), "the Python client")
+    local dir = servers.mktemp()
+    servers.sh("mkdir -p " .. dir .. "/var/dev")
+    local kf = assert(io.open(dir .. "/var/dev/apikey.json", "wb"))
+    kf:write(json.encode({ app_id = key.app_id, key_id = key.key_id,
+                           secret = key.secret }))
+    kf:close()
+    local pf = assert(io.open(dir .. "/run.py", "wb"))
+    pf:write([[
+import io, json, urllib.request
+sent = []
+class Answer(io.BytesIO):
+    status = 200
+    def __enter__(self): return self
+    def __exit__(self, *a): pass
+def record(req, timeout=None):
+    sent.append({"method": req.get_method(), "url": req.full_url,
+                 "headers": dict(req.header_items()),
+                 "body": (req.data or b"").decode()})
+    return Answer(json.dumps({"payment": {"id": "pay_x"}, "state": "paying",
+                              "attempts": []}).encode())
+urllib.request.urlopen = record
+]], snippet, [[
+
+print("SENT " + json.dumps(sent))
+]])
+    pf:close()
+    local p = assert(io.popen("cd " .. dir .. " && python3 run.py 2>&1"))
+    local out = p:read("*a")
+    p:close()
+    servers.sh("rm -rf " .. dir)
+    local sent = json.decode((assert(out:match("SENT (%[.*%])"), out)))
+    assert.equal(2, #sent)
+    assert.equal("POST", sent[1].method)
+    assert.equal("GET", sent[2].method)
+    for _, r in ipairs(sent) do
+      local path = r.url:gsub("^https?://[^/]+", "")
+      local h = {}
+      for k, v in pairs(r.headers) do h[k:lower()] = v end
+      local app_id, err = apikey.verify(db, { method = r.method,
+        path = path, body = r.body, authorization = h.authorization,
+        idempotency_key = h["idempotency-key"] })
+      assert.equal(key.app_id, app_id, tostring(err))
+    end
+    assert.equal("/v1/payments/pay_x?expand=attempts",
+                 (sent[2].url:gsub("^https?://[^/]+", "")))
+    assert.truthy(sent[1].headers["Idempotency-key"])
+  end)
+
   it("never puts a secret, key or signature in a log line or error",
      function()
     local reqs = { signed{}, signed{ secret = "sk_wrong" },
