@@ -266,6 +266,9 @@ describe("HTTP conformance", function()
       local out = raw("GET /info/" .. ("a"):rep(9000) .. " HTTP/1.1\r\n"
                       .. "Host: x\r\n\r\n")
       assert.matches("^HTTP/1.1 414", out)
+      -- the limit and its key: what a client may send instead
+      assert.matches('"request line exceeds the limit of 8192 bytes'
+                     .. ' (limits.header_bytes)"', out, 1, true)
     end)
 
     it("answers 431 to a head over header_bytes in its fields", function()
@@ -586,12 +589,12 @@ paygate.route("POST", "/in", function() return 204 end)
         "DELETE /in HTTP/1.1\r\nBad Name: v\r\n" },
       -- refused before a parse, its method read from the request line
       -- (before: none, counted OTHER)
-      { 431, "header_too_large", "request head exceeds the limit", "GET",
+      { 431, "header_too_large", "request head exceeds the limit of 1024 bytes (limits.header_bytes)", "GET",
         "GET /in HTTP/1.1\r\nHost: x\r\nX-Big: " .. ("a"):rep(2000)
         .. "\r\n\r\n" },
-      { 431, "header_too_large", "request head exceeds the limit", "PUT",
+      { 431, "header_too_large", "request head exceeds the limit of 1024 bytes (limits.header_bytes)", "PUT",
         "\r\nPUT /in HTTP/1.1\r\nHost: x\r\nX-Big: " .. ("a"):rep(2000) },
-      { 413, "body_too_large", "request body exceeds the limit", "POST",
+      { 413, "body_too_large", "request body exceeds the limit of 100 bytes (limits.body_bytes)", "POST",
         "POST /in HTTP/1.1\r\nHost: x\r\nContent-Length: 101\r\n\r\n" },
       { 408, "timeout", "request head not received in time", "POST",
         "POST /in HTTP/1.1\r\nHost: x\r\n" },

@@ -529,6 +529,20 @@ conn_name_method(struct gw_conn *c, size_t avail)
     }
 }
 
+/* A refusal for a limit of the config, saying the limit and its key (a
+ * client sending 6 MiB could not tell what it may send instead): "request
+ * body exceeds the limit of 5242880 bytes (limits.body_bytes)". */
+static void
+conn_bad_limit(struct gw_conn *c, int status, const char *kind,
+               const char *what, size_t limit, const char *key)
+{
+    char msg[128];
+
+    snprintf(msg, sizeof(msg), "%s exceeds the limit of %zu bytes"
+             " (limits.%s)", what, limit, key);
+    conn_bad(c, status, kind, msg);
+}
+
 /* A head too large: 414 when its request line alone does not fit. */
 static void
 conn_too_large(struct gw_conn *c, size_t avail)
@@ -543,10 +557,11 @@ conn_too_large(struct gw_conn *c, size_t avail)
     }
     conn_name_method(c, avail);
     if (memchr(p, '\n', n) == NULL) {
-        conn_bad(c, 414, "uri_too_long", "request line exceeds the limit");
+        conn_bad_limit(c, 414, "uri_too_long", "request line",
+                       gw_srv.conf.max_header_bytes, "header_bytes");
     } else {
-        conn_bad(c, 431, "header_too_large",
-                 "request head exceeds the limit");
+        conn_bad_limit(c, 431, "header_too_large", "request head",
+                       gw_srv.conf.max_header_bytes, "header_bytes");
     }
 }
 
@@ -667,8 +682,8 @@ gw_conn_process(struct gw_conn *c)
             c->body_len = 0;
             memset(&c->chunk, 0, sizeof(c->chunk));
             if (c->head.content_length > (int64_t) gw_srv.conf.max_body_bytes) {
-                conn_bad(c, 413, "body_too_large",
-                         "request body exceeds the limit");
+                conn_bad_limit(c, 413, "body_too_large", "request body",
+                               gw_srv.conf.max_body_bytes, "body_bytes");
                 continue;
             }
             c->state = ST_BODY;
@@ -692,8 +707,9 @@ gw_conn_process(struct gw_conn *c)
                  * too: the raw body must fit the input buffer's limit */
                 if (c->chunk.out > gw_srv.conf.max_body_bytes
                     || c->chunk.in >= gw_srv.conf.max_body_bytes + 64 * 1024) {
-                    conn_bad(c, 413, "body_too_large",
-                             "request body exceeds the limit");
+                    conn_bad_limit(c, 413, "body_too_large", "request body",
+                                   gw_srv.conf.max_body_bytes,
+                                   "body_bytes");
                     continue;
                 }
                 if (rc == 0) {
