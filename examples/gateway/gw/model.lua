@@ -135,7 +135,8 @@ end
 function _M.refund_json(r)
   return { id = r.id, payment_id = r.payment_id,
            out_refund_no = r.out_refund_no, refund_id = opt(r.refund_id),
-           amount = r.amount, reason = opt(r.reason), state = r.state,
+           amount = r.amount, reason = opt(r.reason),
+           reference = opt(r.reference), state = r.state,
            version = r.version, kind = r.kind,
            out_trade_no = r.out_trade_no,
            created_at = r.created_at, updated_at = r.updated_at }
@@ -324,6 +325,19 @@ function _M.paid_at(q, payment_id)
   local t = type(ev) == "table" and type(ev.success_time) == "string"
             and civil.epoch(ev.success_time)
   return t or (tonumber(e.at) or 0) / 1000
+end
+
+--- syntax: row|false, err = model.refund_by_reference(q, payment_id,
+--   reference)
+-- The payment's refund that holds the merchant's reference: the one of
+-- that reference that did not fail or close (migration 013's unique
+-- index keeps it one), or false.
+function _M.refund_by_reference(q, payment_id, reference)
+  local rows, err = q:query("SELECT * FROM gw_refunds WHERE payment_id = $1"
+    .. " AND reference = $2 AND state <> 'failed' AND state <> 'closed'",
+    { payment_id, reference })
+  if not rows then return nil, err end
+  return rows[1] or false
 end
 
 --- syntax: n, err = model.refund_count(q, payment_id)

@@ -181,7 +181,19 @@ end
 
 -- POST /v1/payments/:id/refunds ---------------------------------------------
 
-local FIELDS = { amount = true, reason = true }
+local FIELDS = { amount = true, reason = true, reference = true }
+
+-- The merchant's reference of a refund (its return, RMA or ticket id): an
+-- id, compared byte for byte, so no spaces (a "RMA-7 " that reads as
+-- "RMA-7" would be another reference, and another refund of it)
+local MAX_REFERENCE = 64
+local BAD_REFERENCE = "must be 1.." .. MAX_REFERENCE .. " printable ASCII"
+  .. " characters, no spaces (the merchant's return, RMA or ticket id)"
+
+local function is_reference(v)
+  return type(v) == "string" and v ~= "" and #v <= MAX_REFERENCE
+         and not v:find("[^\33-\126]")
+end
 
 local function check(b)
   local bad = {}
@@ -196,7 +208,30 @@ local function check(b)
     bad.reason = "must be 1..80 characters of UTF-8 text (no emoji, no"
       .. " control characters)"
   end
+  if b.reference ~= nil and not is_reference(b.reference) then
+    bad.reference = BAD_REFERENCE
+  end
   return next(bad) == nil, bad
+end
+
+-- The answer to a refund asked with a reference that refund rf of the
+-- payment holds already (not failed or closed): it is not made again,
+-- whatever the amount or the Idempotency-Key; the caller follows rf.
+local function reference_used(rf)
+  return 409, err_body("refund_reference_used", "refund " .. rf.id
+    .. " (" .. rf.state .. ", " .. rf.amount .. " fen) of payment "
+    .. rf.payment_id .. " has this reference already: a reference is"
+    .. " refunded once; follow that refund (GET /v1/refunds/" .. rf.id
+    .. ")", { refund = model.refund_json(rf) })
+end
+
+-- The store refused a refund's insert by the unique index of references
+-- (migration 013): another request of the same reference committed its
+-- refund first (a race the read inside the transaction did not see).
+local function reference_taken(err)
+  return type(err) == "table" and err.kind == "constraint"
+         and type(err.constraint) == "string"
+         and err.constraint:find("reference", 1, true) ~= nil
 end
 
 -- The store failed once the refund was (or may have been) stored, and
@@ -290,13 +325,25 @@ function _M.create(req, ik)
       local found = rows[1]
       if found then
         if found.payment_id ~= p.id or found.amount ~= b.amount
-           or model.opt(found.reason) ~= b.reason then
+           or model.opt(found.reason) ~= b.reason
+           or model.opt(found.reference) ~= b.reference then
           return { status = 422, body = err_body("idempotency_key_reused",
             "this Idempotency-Key was used with another refund ("
             .. found.id .. ")") }
         end
         return { refund = found, earlier = true }
       end
+    end
+    -- the merchant's reference refunded already: that refund is the
+    -- answer, before what the payment's state or total would say (a
+    -- payment the first refund emptied is no reason to the caller).
+    -- Refunds of one payment take turns (above; SQLite: one writer), so
+    -- this read sees one committed before; the unique index holds it
+    -- whatever the order (reference_taken below)
+    if b.reference then
+      local held, herr = model.refund_by_reference(tx, p.id, b.reference)
+      if held == nil then return nil, herr end
+      if held then return { held = held } end
     end
     local row, qerr = model.payment(tx, p.id)
     if not row then return nil, qerr end
@@ -348,12 +395,27 @@ function _M.create(req, ik)
       id = id, payment_id = p.id, out_refund_no = model.out_refund_no(id),
       out_trade_no = model.opt(row.paid_out_trade_no) or row.out_trade_no,
       kind = "merchant", amount = b.amount, reason = b.reason or json.null,
+      reference = b.reference or json.null,
       request_key = request_key or json.null, created_at = now,
       updated_at = now }, { cause = "refund", actor = "app:"
-      .. tostring(req.app_id), evidence = { amount = b.amount } })
+      .. tostring(req.app_id), evidence = { amount = b.amount,
+                                           reference = b.reference } })
     if not created then return nil, qerr end
     return { refund = created.row }
   end, { retries = REFUND_TX_RETRIES })
+  if not res and b.reference and reference_taken(err) then
+    local held
+    held, err = model.refund_by_reference(db, p.id, b.reference)
+    if held then return reference_used(held) end
+    if held == false then
+      -- (the refund that held it failed or closed since: the reference
+      -- is free again, and a retry makes the refund; a 503 is not kept
+      -- for the Idempotency-Key)
+      return 503, err_body("unavailable", "another refund of this"
+        .. " reference was made at the same time and has ended since:"
+        .. " nothing was made; retry")
+    end
+  end
   if not res then
     if type(err) == "table" and err.kind == "unknown_outcome" then
       -- the refund may be stored all the same (the refund checks then
@@ -363,6 +425,7 @@ function _M.create(req, ik)
     return store_failed(err)
   end
   if res.status then return res.status, res.body end
+  if res.held then return reference_used(res.held) end
   local rf = res.refund
   if rf.state ~= "created" and rf.state ~= "unknown" then
     -- the request ran before and its refund went on (or ended): answered

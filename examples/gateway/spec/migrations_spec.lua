@@ -310,6 +310,75 @@ describe("gateway migrations over an older store", function()
       db:close()
     end)
   end
+  -- 013 on each engine: a store made before it keeps its refunds (no
+  -- reference); after it a reference is held by one refund of a payment
+  -- that did not fail or close: a second such row is refused by the
+  -- index, one beside a failed or closed one of it, or of another
+  -- payment, is not
+  for _, engine in ipairs(engines) do
+    local name = engine[1]
+    it("013 on " .. name .. ": refunds take a reference, unique per payment"
+       .. " among those that did not fail or close", function()
+      local old = dir .. "/old013"
+      assert(os.execute("rm -rf " .. old .. " && mkdir -p " .. old .. "/"
+                        .. name))
+      local ls = assert(io.popen("ls examples/gateway/migrations/" .. name))
+      for f in ls:lines() do
+        if f < "013" then
+          assert(os.execute("cp examples/gateway/migrations/" .. name .. "/"
+                            .. f .. " " .. old .. "/" .. name .. "/"))
+        end
+      end
+      ls:close()
+      local url = name == "sqlite" and "sqlite:" .. dir .. "/gw013.db"
+                  or engine[2]()
+      local db = assert(sql.open(url))
+      if name == "postgres" then
+        assert(db:exec("DROP SCHEMA public CASCADE"))
+        assert(db:exec("CREATE SCHEMA public"))
+      end
+      assert(migrate.run(db, old))
+      for _, id in ipairs({ "pay_r", "pay_s" }) do
+        assert(db:exec("INSERT INTO gw_payments (id, app_id, order_id,"
+          .. " mchid, appid, channel, amount, currency, description, state,"
+          .. " version, out_trade_no, attempt, expires_at, created_at,"
+          .. " updated_at) VALUES ($1, 'a', $1, '1900', 'wx1', 'native',"
+          .. " 100, 'CNY', 'd', 'paid', 3, $1 || '_1', 1, 0, 0, 0)", { id }))
+      end
+      local function refund(id, pay, state, reference)
+        return db:exec("INSERT INTO gw_refunds (id, payment_id,"
+          .. " out_refund_no, out_trade_no, kind, amount, state, version,"
+          .. " created_at, updated_at, reference) VALUES ($1, $2, $1,"
+          .. " $2 || '_1', 'merchant', 10, $3, 1, 0, 0, $4)",
+          { id, pay, state, reference or json.null })
+      end
+      -- (before 013: no reference column)
+      assert(db:exec("INSERT INTO gw_refunds (id, payment_id, out_refund_no,"
+        .. " out_trade_no, kind, amount, state, version, created_at,"
+        .. " updated_at) VALUES ('ref_old', 'pay_r', 'ref_old', 'pay_r_1',"
+        .. " 'merchant', 10, 'succeeded', 3, 0, 0)"))
+      local applied = assert(migrate.run(db, "examples/gateway/migrations"))
+      assert.equal("013_refund_reference.sql", applied[1].name)
+      local rows = assert(db:query("SELECT reference FROM gw_refunds"))
+      assert.equal(1, #rows)
+      assert.is_true(rows[1].reference == nil
+                     or rows[1].reference == json.null)
+      -- refunds without a reference: as many as there are
+      assert(refund("ref_n1", "pay_r", "processing"))
+      assert(refund("ref_n2", "pay_r", "processing"))
+      -- one that failed and one that closed, then the one that holds it
+      assert(refund("ref_f", "pay_r", "failed", "RMA-1"))
+      assert(refund("ref_c", "pay_r", "closed", "RMA-1"))
+      assert(refund("ref_a", "pay_r", "processing", "RMA-1"))
+      local ok, err = refund("ref_b", "pay_r", "created", "RMA-1")
+      assert.is_nil(ok)
+      assert.equal("constraint", err.kind)
+      assert.matches("reference", err.constraint, 1, true)
+      -- another payment's refund of RMA-1 is its own
+      assert(refund("ref_s", "pay_s", "processing", "RMA-1"))
+      db:close()
+    end)
+  end
   -- 009 (SQLite): a state change of a payment or a refund (the fsm's
   -- version-guarded UPDATE) checks the open-state partial indexes' WHERE
   -- for the old and the new row in place: 006's IN lists made SQLite

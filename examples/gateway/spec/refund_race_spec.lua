@@ -8,7 +8,8 @@
 -- gateway does not set), the waiting transaction's snapshot is taken
 -- when its lock statement starts, before the other commits, and the row
 -- it waited for is unchanged; so it summed the refunds without the
--- other's and both were made: 60 + 60 fen of a 100 fen payment.
+-- other's and both were made: 60 + 60 fen of a 100 fen payment. And two
+-- refunds of one merchant reference: one is made.
 local core = require "paygate.core"
 local json = require "paygate.json"
 local sql = require "paygate.sql"
@@ -53,10 +54,11 @@ describe("gateway refunds of one payment at once (PostgreSQL, REPEATABLE"
     servers.stop_all()
   end)
 
-  -- the merchant API's request for a refund of amount (fen)
-  local function req(id, amount)
+  -- the merchant API's request for a refund of amount (fen)[, of the
+  -- merchant's reference]
+  local function req(id, amount, reference)
     return { params = { id = id }, app_id = "a",
-             body = json.encode({ amount = amount }),
+             body = json.encode({ amount = amount, reference = reference }),
              decode_json = function(self) return json.decode(self.body) end,
              header = function() return nil end }
   end
@@ -109,6 +111,56 @@ describe("gateway refunds of one payment at once (PostgreSQL, REPEATABLE"
       .. " ('failed', 'closed')", { id }))
     assert.equal(60, tonumber(rows[1].s))
     assert.equal(1, #sent)
+  end)
+  -- Two refunds of one merchant reference at once (two agents, each with
+  -- an Idempotency-Key of their own), well within the paid amount: the
+  -- one that waited is the 409 refund_reference_used with the other's
+  -- refund, and one refund is sent (was: both made and sent)
+  it("of two refunds of one reference at once, one is made", function()
+    local refunds = require "gw.refunds"
+    local id = gwcore.payment(db, "paying", 100)
+    assert(db:exec("UPDATE gw_payments SET state = 'paid',"
+                   .. " paid_out_trade_no = out_trade_no WHERE id = $1",
+                   { id }))
+    local before = #sent
+    local new_id = model.new_refund_id
+    local held, go = false, false
+    model.new_refund_id = function()
+      if not held then
+        held = true
+        testing.wait_until(function() return go end, 20,
+                           "the second request to wait on the first")
+      end
+      return new_id()
+    end
+    local a, b = {}, {}
+    core.spawn(function()
+      a.status, a.body = refunds.create(req(id, 30, "RMA-9"), ik)
+    end)
+    testing.wait_until(function() return held end, 10,
+                       "the first request in its transaction")
+    core.spawn(function()
+      b.status, b.body = refunds.create(req(id, 20, "RMA-9"), ik)
+    end)
+    local ok, err = pcall(testing.wait_until, function()
+      local rows = assert(admin:query("SELECT count(*) AS n FROM"
+        .. " pg_stat_activity WHERE datname = 'refund_rr' AND"
+        .. " wait_event_type = 'Lock'"))
+      return tonumber(rows[1].n) > 0
+    end, 10, "the second request waiting for the payment's row")
+    go = true
+    testing.wait_until(function() return a.status and b.status end, 20,
+                       "both answers")
+    model.new_refund_id = new_id
+    assert(ok, err)
+    assert.equal(201, a.status, json.encode(a.body))
+    assert.equal(409, b.status, json.encode(b.body))
+    assert.equal("refund_reference_used", b.body.error)
+    assert.equal(a.body.id, b.body.refund.id)
+    local rows = assert(db:query("SELECT count(*) AS n FROM gw_refunds"
+      .. " WHERE payment_id = $1", { id }))
+    assert.equal(1, tonumber(rows[1].n))
+    assert.equal(1, #sent - before)
   end)
   -- Thirty refunds of one payment at once: each waits for the one before
   -- it on the payment's row and fails its snapshot (serialization) when

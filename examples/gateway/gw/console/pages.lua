@@ -839,7 +839,8 @@ left.</p>]], { at = when(p.refunded_elsewhere_at) })
   for i, rf in ipairs(refunds) do
     rfl[i] = { rf.id, rf.out_refund_no, null(rf.refund_id) or "",
                fen(rf.amount), refund_state(rf), rf.kind,
-               when(rf.created_at), when(rf.updated_at) }
+               null(rf.reference) or "", when(rf.created_at),
+               when(rf.updated_at) }
   end
   for _, rf in ipairs(refunds) do
     local no = rf.out_refund_no
@@ -937,7 +938,8 @@ names this payment (WeChat sends a refused notification again).</p>{{refused}}
                     "evidence" }, tl),
     at = table_of(at_heads, at),
     rf = table_of({ "refund", "out_refund_no", "refund_id", "amount",
-                    "state", "kind", "created", "updated" }, rfl),
+                    "state", "kind", "reference", "created", "updated" },
+                  rfl),
     notes = table_of({ "id", "type", "key", "received", "outcome" }, notes),
     refused = table_of({ "received", "id (claimed)", "type (claimed)",
                          "refused as", "why", "serial", "timestamp" }, rl),
