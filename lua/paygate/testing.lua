@@ -384,7 +384,9 @@ end
 --- syntax: refund = sim:refund_outside(out_trade_no[, body[, mchid]])
 -- A refund of a paid order made in WeChat's merchant platform, not
 -- through the app: body { amount (default what is left), out_refund_no
--- (default one the platform makes), reason }. PROCESSING: sim:settle it.
+-- (default one the platform makes), reason, notify_url (where its
+-- notification goes once settled: a refund notification URL set in the
+-- platform) }. PROCESSING: sim:settle it.
 function Sim:refund_outside(no, body, mchid)
   local data, res = control_call(self, "POST", "/sim/transactions/" .. no
     .. "/refund" .. q(mchid), body or {}, is_2xx)

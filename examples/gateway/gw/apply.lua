@@ -131,7 +131,8 @@ end
 -- merchant platform by hand, by another system on the merchant number, or
 -- after the backup this store was restored from. Seen by o.source:
 -- "refresh" / "reconcile" (a query answered REFUND that no refund here
--- explains), "refund_call" (WeChat refused a refund as more than what is
+-- explains), "notification" (a refund notification of an out_refund_no
+-- unknown here, for one of its orders), "refund_call" (WeChat refused a refund as more than what is
 -- left of the order) or "bill" (a day's bill has a refund line of an
 -- out_refund_no unknown here). The payment is flagged
 -- (gw_payments.refunded_elsewhere_at), once: the first to flag it (the
@@ -142,7 +143,7 @@ end
 -- refund row is made: WeChat's query names no refund (no out_refund_no,
 -- no amount), and the payment's refunds are what this gateway made. o:
 -- { source, actor, out_trade_no, trade_state, out_refund_no,
--- refund_amount, date, wechat_code }.
+-- refund_amount, refund_status, date, wechat_code }.
 -- returns: true (flagged now or before), or nil, err.
 local function refunded_elsewhere(tx, p, o)
   local now = model.time()
@@ -152,7 +153,8 @@ local function refunded_elsewhere(tx, p, o)
   if res.changes ~= 1 then return true end
   local ev = { source = o.source, out_trade_no = o.out_trade_no,
     trade_state = o.trade_state, out_refund_no = o.out_refund_no,
-    refund_amount = o.refund_amount, date = o.date,
+    refund_amount = o.refund_amount, refund_status = o.refund_status,
+    date = o.date,
     wechat_code = o.wechat_code, amount = p.amount,
     refunded = p.refunded or 0 }
   local ok
@@ -698,6 +700,41 @@ function _M.refund_status(ctx, tx, rf, o)
   return "applied"
 end
 
+-- A refund notification of an out_refund_no unknown here: when its order
+-- is an attempt of a payment of the notifying merchant, money of that
+-- payment went back outside this gateway (SUCCESS, PROCESSING, ABNORMAL:
+-- flagged refunded_elsewhere, outcome "refunded_elsewhere", answered SUCCESS
+-- so WeChat stops sending it); CLOSED moved none ("ignored"). Another
+-- merchant's order, or an order unknown here: false (unknown_refund).
+-- returns: outcome, false, or nil, err.
+local function refund_outside(tx, r, o)
+  local no = r.out_trade_no
+  if type(no) ~= "string" then return false end
+  local rows, err = tx:query("SELECT payment_id FROM gw_attempts WHERE"
+                             .. " out_trade_no = $1", { no })
+  if not rows then return nil, err end
+  if not rows[1] then return false end
+  local p
+  p, err = model.payment(tx, rows[1].payment_id)
+  if p == nil then return nil, err end
+  if not p then return false end
+  local want = merchant_of(p.mchid, model.opt(p.sub_mchid) and p.mchid,
+                           model.opt(p.sub_mchid))
+  if merchant_of(r.mchid, r.sp_mchid, r.sub_mchid) ~= want
+     or (o.mchid ~= nil and o.mchid ~= p.mchid) then
+    return false
+  end
+  local status = r.refund_status or r.status
+  if status == "CLOSED" then return "ignored" end
+  local a = type(r.amount) == "table" and r.amount or {}
+  local ok
+  ok, err = refunded_elsewhere(tx, p, { source = o.source or "notification",
+    actor = o.actor, out_trade_no = no, out_refund_no = r.out_refund_no,
+    refund_amount = a.refund, refund_status = status })
+  if not ok then return nil, err end
+  return "refunded_elsewhere"
+end
+
 --- syntax: outcome, after = apply.refund(ctx, tx, o)
 -- o: { resource (WeChat's refund object), notification_id, source, via,
 -- actor }
@@ -712,6 +749,13 @@ function _M.refund(ctx, tx, o)
   if not rows then return nil, err end
   local rf = rows[1]
   if not rf then
+    -- none of this gateway's (each refund's row commits before WeChat is
+    -- asked for it): one made outside it, in the merchant platform (its
+    -- refund notification URL set to this gateway's) or after the backup
+    -- this store was restored from, of an order it may know
+    local out, oerr = refund_outside(tx, r, o)
+    if out == nil then return nil, oerr end
+    if out then return out end
     return nil, paygate.error("unknown_refund", "no refund " .. no)
   end
   -- the refund's payment must be the notifying merchant's (a payment's

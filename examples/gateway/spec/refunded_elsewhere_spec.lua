@@ -122,6 +122,64 @@ describe("gateway: a refund made outside it", function()
       .. " out_refund_no = $1", { r.out_refund_no })[1])
   end)
 
+  it("a refund notification of an out_refund_no unknown here, for one of"
+     .. " its orders, flags the payment and is acknowledged; a CLOSED one"
+     .. " flags nothing", function()
+    -- was: FAIL (unknown refund) for a day of WeChat's retries, counted
+    -- as a notification for a refund the gateway does not know, while it
+    -- said outright that money of a known payment went back elsewhere
+    -- (the merchant platform's refund notification URL set to this
+    -- gateway's, as docs/gateway.md suggests)
+    local function delivered(no)
+      local st
+      testing.wait_until(function()
+        local n = sim:notifications{ out_refund_no = no }[1]
+        for _, a in ipairs(n and n.attempts or {}) do
+          if a.status ~= nil then st = a.status end
+        end
+        return st ~= nil
+      end, 15, "the refund notification answered")
+      return st
+    end
+    local url = gw.srv:url("/wechatpay/notify/" .. sim.merchant.mchid)
+    local p = paid()
+    local before = alarms()
+    local r = sim:refund_outside(p.out_trade_no, { amount = 20,
+                                                   notify_url = url })
+    sim:settle(r.out_refund_no)
+    local st = delivered(r.out_refund_no)
+    assert.truthy(st >= 200 and st < 300, st)
+    local got = gw:get(p.id)
+    assert.is_true(got.refunded_elsewhere)
+    assert.equal("paid", got.state)           -- no refund row invented
+    assert.same({}, got.refunds)
+    local f = flags(p.id)
+    assert.equal(1, #f)
+    assert.equal("notification", f[1].source)
+    assert.equal(r.out_refund_no, f[1].out_refund_no)
+    assert.equal(20, f[1].refund_amount)
+    assert.equal("SUCCESS", f[1].refund_status)
+    assert.equal(1, events(p.id, "alarm.refunded_elsewhere"))
+    testing.wait_until(function() return alarms() == before + 1 end, 10,
+                       "the alarm counted")
+    local rec = gw.db:query("SELECT outcome FROM gw_notifications WHERE"
+      .. " business_key = $1", { "refund|" .. r.out_refund_no .. "|SUCCESS" })
+    assert.equal("refunded_elsewhere", rec[1] and rec[1].outcome)
+    -- not counted as a notification for an unknown refund
+    local m = gw.srv:admin_get("/metrics").body
+    assert.matches('paygate_gateway_unknown_notifications_total{kind="refund"}'
+                   .. ' 0\n', m, 1, true)
+    -- closed outside: no money moved, nothing flagged, acknowledged
+    local p2 = paid()
+    local r2 = sim:refund_outside(p2.out_trade_no, { amount = 5,
+                                                     notify_url = url })
+    sim:settle(r2.out_refund_no, "CLOSED")
+    st = delivered(r2.out_refund_no)
+    assert.truthy(st >= 200 and st < 300, st)
+    assert.is_nil(gw:get(p2.id).refunded_elsewhere)
+    assert.same({}, flags(p2.id))
+  end)
+
   it("a query that finds the money paid and refunded (its notification"
      .. " lost) makes the payment paid, then flags it", function()
     local p = gw:create{}

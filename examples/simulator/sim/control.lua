@@ -249,9 +249,20 @@ function _M.routes(ctx)
     end
     why = bad_string(b, "reason")
     if why then return bad(why) end
+    -- where the platform notifies it (the merchant's refund notification
+    -- URL, set in the platform; default the merchant's refund_notify_url)
+    if b.notify_url ~= nil then
+      local ok, nwhy = require("paygate.wechatpay.validate").notify_url(
+        b.notify_url)
+      if not ok then
+        return bad("notify_url must be an https URL (http only on"
+                   .. " loopback) without a query (" .. tostring(nwhy) .. ")")
+      end
+    end
     local r, err = orders.refund_outside(req.params.no, {
       mchid = req:query().mchid, amount = b.amount,
-      out_refund_no = b.out_refund_no, reason = b.reason })
+      out_refund_no = b.out_refund_no, reason = b.reason,
+      notify_url = b.notify_url })
     if not r then return answer(err.status or 500, err) end
     return answer(200, r)
   end)

@@ -1377,10 +1377,10 @@ end
 -- API client asking, so the merchant's own records do not have it.
 -- PROCESSING, as a refund API call makes it (settle it with
 -- orders.settle); notified, once it settles, at the merchant's
--- refund_notify_url when it has one. opts: mchid (which merchant's order,
--- as for pay), amount (fen; default what is left to refund),
--- out_refund_no (default one the platform makes, "MP" and 30 digits),
--- reason. returns: the Refund object, or nil, { status, code, message }.
+-- refund_notify_url when it has one, or at opts.notify_url. opts: mchid
+-- (which merchant's order, as for pay), amount (fen; default what is left
+-- to refund), out_refund_no (default one the platform makes, "MP" and 30
+-- digits), reason, notify_url. returns: the Refund object, or nil, { status, code, message }.
 function _M.refund_outside(no, opts)
   return S.db:transaction(function(tx)
     local now = core.time()
@@ -1414,7 +1414,7 @@ function _M.refund_outside(no, opts)
     local m = S.config.by_mchid[o.sp_mchid or o.owner]
     local f = insert_refund(tx, o, { owner = o.owner, sp_mchid = o.sp_mchid,
       out_refund_no = rno, refund = amount, reason = opts.reason,
-      notify_url = m and m.refund_notify_url,
+      notify_url = opts.notify_url or (m and m.refund_notify_url),
       params_hash = digest({ out_trade_no = no, out_refund_no = rno,
         amount = { refund = amount, total = o.total, currency = "CNY" },
         reason = opts.reason, merchant_platform = true }) }, now)
